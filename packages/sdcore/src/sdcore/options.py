@@ -1,0 +1,33 @@
+"""Declaring options once: a dataclass field with metadata becomes a CLI flag and a TOML key.
+
+``sdcore train <method>`` builds its click options from the method's options dataclass, and
+``--config file.toml`` fills the same fields, so the CLI, config files and the Python API can not
+drift apart. Use :func:`option` instead of ``dataclasses.field`` in option dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    group: str = "options",
+    cli: bool = True,
+    default_factory: Any = dataclasses.MISSING,
+    metavar: str | None = None,
+) -> Any:
+    """A dataclass field that also describes its command-line flag.
+
+    ``flag`` overrides the generated ``--field-name``; for booleans the generated flag is the pair
+    ``--name/--no-name``. ``group`` only orders ``--help``; ``cli=False`` keeps a field config-only.
+    """
+    metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "cli": cli, "metavar": metavar}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)

@@ -1,0 +1,1 @@
+"""The training runtime: one loop every method plugin trains through."""

@@ -1,0 +1,164 @@
+"""The method contract: the small part of training that differs between LoRA, TI, DreamBooth...
+
+A plugin subclasses :class:`TrainingMethod`, sets ``name`` and ``options_class`` and implements
+``prepare`` and ``save`` (and overrides the other hooks only when it must). The runtime in
+:mod:`sdcore.train.loop` owns everything else: data, buckets, caching, noise and timesteps,
+v-prediction, min-SNR, mixed precision, optimizer and schedule, accelerate, checkpoints and resume,
+sampling, progress and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .options import TrainOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.bundle import ModelBundle
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch.
+
+    ``hidden_states`` is ``encoder_hidden_states`` [B, 77*k, C]; ``pooled`` is SDXL's pooled
+    text embedding (``text_embeds``), ``None`` for SD1/SD2.
+    """
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, device: Any = None, dtype: Any = None) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
+        return Conditioning(self.hidden_states.to(device=device, dtype=dtype), pooled)
+
+
+@dataclass
+class Batch:
+    """One training batch as the runtime hands it to a method.
+
+    ``latents`` are already scaled by the VAE scaling factor. ``pixels`` ([-1, 1]) are present
+    only when the method sets ``needs_pixels``. ``loss_weights`` carries per-sample weights
+    (the prior-preservation weight for class images, 1.0 otherwise). SDXL size conditioning is in
+    ``original_sizes``/``crop_coords``/``target_sizes`` as (h, w) pairs.
+    """
+
+    latents: torch.Tensor
+    captions: list[str]
+    is_class: torch.Tensor
+    loss_weights: torch.Tensor
+    original_sizes: list[tuple[int, int]]
+    crop_coords: list[tuple[int, int]]
+    target_sizes: list[tuple[int, int]]
+    pixels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    conditioning: Conditioning | None = None  # set by the runtime from the text-encoder cache
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """Everything a method's custom loss may need for one micro-batch."""
+
+    bundle: ModelBundle
+    batch: Batch
+    noisy_latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    step: int
+    conditioning: Conditioning
+    predict: Any  # predict(conditioning) -> model output, for methods needing several passes (APT)
+
+
+@dataclass
+class SaveInfo:
+    """Passed to ``save``: where the runtime wants the result and what to put in its metadata."""
+
+    path: Path
+    step: int
+    epoch: int
+    metadata: dict[str, str]
+    final: bool
+
+
+class TrainingMethod:
+    """Base class of every training method.
+
+    Subclasses set the class attributes and implement :meth:`prepare` and :meth:`save`.
+    """
+
+    name: ClassVar[str] = ""
+    options_class: ClassVar[type[TrainOptions]] = TrainOptions
+    #: default output name suffix when ``--output`` names a folder
+    output_suffix: ClassVar[str] = ".safetensors"
+    #: the runtime passes decoded pixels in the batch (APT reconstruction loss)
+    needs_pixels: ClassVar[bool] = False
+
+    def __init__(self, options: TrainOptions) -> None:
+        self.options = options
+
+    # --- setup -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`sdcore.errors.ConfigError` for contradictory options (before any model loads)."""
+
+    def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
+        """Freeze, inject or unfreeze, then return optimizer parameter groups.
+
+        Each group is a dict with ``params`` and optionally ``lr`` (otherwise ``options.lr``) and
+        ``name`` (shown in logs). Called once, after the model is loaded and before caching.
+        """
+        raise NotImplementedError
+
+    @property
+    def text_encoder_frozen(self) -> bool:
+        """True when nothing in the text encoders trains, so their outputs may be cached."""
+        return True
+
+    @property
+    def vae_frozen(self) -> bool:
+        return True
+
+    def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
+        """Turn a dataset caption into the prompt used for training (TI templates do more)."""
+        return caption
+
+    # --- per step ----------------------------------------------------------------------------
+    def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
+        """Encode captions to conditioning; the default runs the text encoders with clip skip."""
+        from ..models.text import encode_prompts
+
+        return encode_prompts(bundle, captions, clip_skip=self.options.clip_skip)
+
+    def compute_loss(self, ctx: StepContext) -> torch.Tensor | None:
+        """Return a custom per-sample loss [B], or ``None`` for the runtime's denoising MSE."""
+        return None
+
+    def on_step_end(self, bundle: ModelBundle, step: int) -> None:
+        """Called after each optimizer step (e.g. stop text-encoder training at step N)."""
+
+    @contextlib.contextmanager
+    def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:
+        """Context for sample images during training; yields extra pipeline kwargs.
+
+        The default yields nothing extra: injected modules are already active in the bundle.
+        """
+        yield {}
+
+    # --- state -------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, for resumable state (full precision, stable names)."""
+        raise NotImplementedError
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
+        """Write the result in the user-facing format (atomically) and return its path."""
+        raise NotImplementedError

@@ -1,0 +1,3 @@
+"""Import-light registration of sdplugin-ti (no torch here)."""
+
+from __future__ import annotations

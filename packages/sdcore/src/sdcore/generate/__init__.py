@@ -1,0 +1,1 @@
+"""Generation: diffusers pipelines over a ModelBundle, with the A1111 prompt syntax routed to plugins."""

@@ -1,0 +1,97 @@
+"""The contract between ``sdcore generate`` and the plugins that apply networks from the prompt.
+
+A prompt such as ``"a cat <lora:style:0.8> <hypernet:anime:1>, mychar-embedding"`` is parsed by
+the core into :class:`NetworkRef` items. Each registered handler (see
+:class:`sdcore.specs.PromptNetworkSpec`) whose ``tag`` matches receives its refs, applies them to
+the bundle for one generation and returns an :class:`Activation` whose ``undo`` restores the
+model exactly. Handlers with ``tag = None`` (textual-inversion embeddings) receive no refs but may
+rewrite the prompt text (for example, register embedding tokens found in it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import NetworkMismatchError
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelBundle
+
+
+@dataclass(frozen=True)
+class NetworkRef:
+    """One ``<tag:name:w1[:w2...]>`` occurrence. A1111 allows a second weight (LoRA: text encoder
+    weight first, UNet weight second); :attr:`weight` is the first, default 1.0."""
+
+    tag: str
+    name: str
+    weights: tuple[float, ...] = ()
+    text: str = ""
+
+    @property
+    def weight(self) -> float:
+        return self.weights[0] if self.weights else 1.0
+
+
+def _noop() -> None:
+    return None
+
+
+@dataclass
+class Activation:
+    """What a handler did: the (possibly rewritten) prompts, how to undo it, and PNG info fields."""
+
+    prompt: str
+    negative_prompt: str
+    undo: Callable[[], None] = _noop
+    info: dict[str, str] = field(default_factory=dict)
+
+
+class PromptNetworkHandler:
+    """Base class for prompt-network handlers (LoRA, hypernetworks, embeddings).
+
+    ``directory`` is where the user keeps these files (``--lora-dir`` ...); ``None`` means only
+    explicit paths work.
+    """
+
+    tag: ClassVar[str | None] = None
+    suffixes: ClassVar[tuple[str, ...]] = (".safetensors", ".pt", ".ckpt", ".bin")
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+
+    def available(self) -> list[Path]:
+        """Files this handler could load from its directory (recursively)."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file())
+
+    def find(self, name: str) -> Path:
+        """Resolve a prompt name to a file: an existing path, or ``<directory>/**/<name><suffix>``."""
+        direct = Path(name)
+        if direct.is_file():
+            return direct
+        for path in self.available():
+            if path.stem == name or path.name == name:
+                return path
+        known = ", ".join(p.stem for p in self.available()[:20]) or "none"
+        where = self.directory or "(no directory set)"
+        raise NetworkMismatchError(f"{self.tag or 'network'} {name!r} not found in {where}; available: {known}")
+
+    def activate(
+        self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str
+    ) -> Activation:
+        """Apply ``refs`` to ``bundle`` (or rewrite the prompts) and say how to undo it."""
+        raise NotImplementedError
+
+
+def undo_all(activations: Iterable[Activation]) -> None:
+    """Undo activations in reverse order (later handlers may depend on earlier ones)."""
+    for activation in reversed(list(activations)):
+        activation.undo()
+
+
+__all__: list[str] = ["Activation", "NetworkRef", "PromptNetworkHandler", "undo_all"]

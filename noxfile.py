@@ -1,0 +1,103 @@
+"""Every check of the monorepo, with sessions generated from ``packages/*``.
+
+- ``nox -s ci``: what CI runs (lint + every test suite, in the current environment, fast);
+- ``nox -s tests``: each package's tests in its own virtualenv (proves it installs on its own);
+- ``nox -s integration``: all packages installed, the root ``tests/``;
+- ``nox -s lint`` / ``typecheck`` / ``demo`` / ``bench``.
+
+Installs always go through ``constraints.txt`` (torch pinned to the local CPU build).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml") if not p.parent.name.startswith("_"))
+nox.options.sessions = ["lint", "integration"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _local_requirements(package: str, seen: set[str] | None = None) -> list[str]:
+    """The package and every first-party package it depends on, dependencies first."""
+    seen = set() if seen is None else seen
+    if package in seen:
+        return []
+    seen.add(package)
+    data = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
+    order: list[str] = []
+    for requirement in data["project"].get("dependencies", []):
+        name = requirement.split(";")[0].split("[")[0]
+        for sep in "<>=!~ ":
+            name = name.split(sep)[0]
+        if name in PACKAGES:
+            order += _local_requirements(name, seen)
+    return [*order, package]
+
+
+def _install(session: nox.Session, *packages: str) -> None:
+    session.install(*CONSTRAINTS, "torch==2.13.0")
+    editable: list[str] = []
+    for package in packages:
+        for name in _local_requirements(package):
+            spec = f"packages/{name}[test]"
+            if spec not in editable:
+                editable += [spec]
+    args = [arg for spec in editable for arg in ("-e", spec)]
+    session.install(*CONSTRAINTS, *args, "-r", "requirements-dev.txt")
+
+
+@nox.session(python=False)
+def ci(session: nox.Session) -> None:
+    """Lint, then every package's tests and the integration tests, in the current environment."""
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    suites = [f"packages/{p}/tests" for p in PACKAGES] + ["tests"]
+    session.run("python", "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES, ids=PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """One package in its own environment: catches undeclared dependencies between packages."""
+    _install(session, package)
+    session.run("pytest", f"packages/{package}/tests", "-q", *session.posargs)
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Every package installed together: the CLI surface, name conflicts, interop."""
+    _install(session, *PACKAGES)
+    session.run("pytest", "tests", "-q", *session.posargs)
+    session.run("sdcore", "plugins")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    _install(session, *PACKAGES)
+    session.run("mypy", *[f"packages/{p}/src" for p in PACKAGES])
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main job on the built-in tiny model (tag, train a LoCon, render samples)."""
+    _install(session, *PACKAGES)
+    session.run("python", "scripts/demo.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmarks (never part of the test suite); see benchmarks/README.md."""
+    _install(session, *PACKAGES)
+    session.run("python", "-m", "benchmarks", *session.posargs)

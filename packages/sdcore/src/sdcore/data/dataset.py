@@ -1,0 +1,532 @@
+"""Finding the training images: kohya folders or a kohya dataset TOML, into one flat index.
+
+The index is built before any model loads, reads only image headers (plus an integrity check)
+and caption files, and never drops a file silently: everything it cannot use is listed in
+``skipped`` with the reason, and captions that are missing or empty are listed too, so that
+``sdcore data check`` and the trainer's start-up summary can show them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DataError
+from .buckets import BucketAssignment, assign_bucket, make_buckets, square_assignment
+from .captions import CAPTION_EXTENSIONS, read_caption
+from .images import ImageError, is_image_path, probe_image, verify_image
+
+if TYPE_CHECKING:
+    from ..train.options import TrainOptions
+
+#: kohya folder names: ``<repeats>_<class tokens>``, e.g. ``10_mychar woman``.
+_FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
+
+#: Files that legitimately sit beside images and are not reported as skipped.
+_SIDECAR_SUFFIXES = frozenset(CAPTION_EXTENSIONS) | {".npz", ".json", ".toml", ".yaml", ".yml", ".md", ".db", ".ini"}
+
+
+@dataclass(frozen=True)
+class SubsetOptions:
+    """One folder of images and how to use it (a kohya ``[[datasets.subsets]]`` entry).
+
+    Defaults come from :class:`~sdcore.train.options.TrainOptions` (see :func:`subset_defaults`).
+    The bucket fields are per dataset in kohya's TOML, so each subset carries its own copy.
+    """
+
+    image_dir: Path
+    repeats: int = 1
+    is_class: bool = False
+    caption_extension: str = ".txt"
+    keep_tokens: int = 0
+    shuffle_caption: bool = False
+    caption_dropout: float = 0.0
+    tag_dropout: float = 0.0
+    flip: bool = False
+    class_tokens: str | None = None
+    resolution: int = 512
+    # additions beyond the shared brief (all optional)
+    batch_size: int | None = None
+    buckets: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_step: int = 64
+    bucket_no_upscale: bool = False
+    keep_tokens_separator: str | None = None
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One usable image. ``caption`` is the raw caption (file, else class tokens, else ``""``);
+    ``size`` is (w, h) after EXIF rotation."""
+
+    path: Path
+    caption: str
+    repeats: int
+    is_class: bool
+    size: tuple[int, int]
+    subset: SubsetOptions
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file (or folder) the index did not use, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class DatasetIndex:
+    """The usable images plus everything that was wrong with the dataset."""
+
+    entries: list[ImageEntry] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    missing_captions: list[Path] = field(default_factory=list)
+    empty_captions: list[Path] = field(default_factory=list)
+    #: images without a caption file whose caption came from the folder's class tokens
+    class_token_captions: list[Path] = field(default_factory=list)
+    subsets: list[SubsetOptions] = field(default_factory=list)
+    source: Path | None = None
+
+    @property
+    def instance_entries(self) -> list[ImageEntry]:
+        return [e for e in self.entries if not e.is_class]
+
+    @property
+    def class_entries(self) -> list[ImageEntry]:
+        return [e for e in self.entries if e.is_class]
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Images with repeats expanded (instance and class images)."""
+        return sum(e.repeats for e in self.entries)
+
+    def summary(self) -> str:
+        """A few lines for the start of a run: counts and every category of problem."""
+        instance = self.instance_entries
+        klass = self.class_entries
+        lines = [
+            f"dataset {self.source or ''}".rstrip() + ":",
+            f"  {len(instance)} training images ({sum(e.repeats for e in instance)} with repeats)"
+            + (f", {len(klass)} class images ({sum(e.repeats for e in klass)} with repeats)" if klass else ""),
+        ]
+        if self.class_token_captions:
+            lines.append(f"  {len(self.class_token_captions)} without caption file: captioned with class tokens")
+        if self.missing_captions:
+            lines.append(f"  {len(self.missing_captions)} without caption file and no class tokens: trained uncaptioned")
+        if self.empty_captions:
+            lines.append(f"  {len(self.empty_captions)} with an empty caption file")
+        if self.skipped:
+            lines.append(f"  {len(self.skipped)} files skipped:")
+            for item in self.skipped[:20]:
+                lines.append(f"    {item.path}: {item.reason}")
+            if len(self.skipped) > 20:
+                lines.append(f"    ... and {len(self.skipped) - 20} more (run `sdcore data check` for all)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# subsets from folders
+
+
+def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
+    """The :class:`SubsetOptions` field values implied by the run's options."""
+    if options is None:
+        from ..train.options import TrainOptions
+
+        options = TrainOptions()
+    return {
+        "caption_extension": options.caption_extension,
+        "keep_tokens": options.keep_tokens,
+        "shuffle_caption": options.shuffle_caption,
+        "caption_dropout": options.caption_dropout,
+        "tag_dropout": options.tag_dropout,
+        "flip": options.flip,
+        "resolution": options.resolution,
+        "buckets": options.buckets,
+        "min_bucket_reso": options.min_bucket_reso,
+        "max_bucket_reso": options.max_bucket_reso,
+        "bucket_step": options.bucket_step,
+        "bucket_no_upscale": options.bucket_no_upscale,
+    }
+
+
+def folder_subsets(
+    root: str | os.PathLike[str], *, is_class: bool, defaults: dict[str, Any], skipped: list[SkippedFile] | None = None
+) -> list[SubsetOptions]:
+    """Subsets of a kohya dataset folder.
+
+    Sub-folders named ``N_tokens`` become subsets with ``N`` repeats and class tokens
+    ``tokens``; images directly inside ``root`` form a subset with 1 repeat. Other sub-folders
+    are reported in ``skipped`` (kohya ignores them silently, which hides mistakes).
+    """
+    root = Path(root)
+    subsets: list[SubsetOptions] = []
+    has_direct_images = False
+    for child in sorted(root.iterdir()):
+        if child.is_dir():
+            if child.name.startswith("."):
+                continue
+            match = _FOLDER_RE.match(child.name)
+            if not match:
+                if skipped is not None:
+                    skipped.append(SkippedFile(child, "folder name does not start with '<repeats>_' (e.g. 10_name); ignored"))
+                continue
+            repeats = int(match.group(1))
+            if repeats < 1:
+                if skipped is not None:
+                    skipped.append(SkippedFile(child, "folder has 0 repeats; ignored"))
+                continue
+            tokens = match.group(2).strip() or None
+            subsets.append(SubsetOptions(image_dir=child, repeats=repeats, is_class=is_class, class_tokens=tokens, **defaults))
+        elif is_image_path(child):
+            has_direct_images = True
+    if has_direct_images:
+        subsets.insert(0, SubsetOptions(image_dir=root, repeats=1, is_class=is_class, class_tokens=None, **defaults))
+    return subsets
+
+
+# --------------------------------------------------------------------------------------------
+# subsets from a kohya dataset TOML
+
+_DATASET_KEYS = {
+    "resolution",
+    "batch_size",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+}
+_SUBSET_KEYS = {
+    "image_dir",
+    "num_repeats",
+    "class_tokens",
+    "caption_extension",
+    "caption_extention",  # kohya keeps the old misspelling
+    "is_reg",
+    "shuffle_caption",
+    "keep_tokens",
+    "keep_tokens_separator",
+    "flip_aug",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
+    "caption_prefix",
+    "caption_suffix",
+}
+#: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
+_UNSUPPORTED_KEYS = {
+    "color_aug",
+    "random_crop",
+    "face_crop_aug_range",
+    "enable_wildcard",
+    "secondary_separator",
+    "caption_separator",
+    "token_warmup_min",
+    "token_warmup_step",
+    "caption_dropout_every_n_epochs",
+    "alpha_mask",
+    "cache_info",
+    "metadata_file",
+    "network_multiplier",
+    "validation_split",
+    "validation_seed",
+    "resize_interpolation",
+    "conditioning_data_dir",
+    "debug_dataset",
+}
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"{path}: dataset config not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DataError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read dataset config: {exc.strerror or exc}") from None
+
+
+def _check_keys(table: Any, allowed: set[str], where: str, path: Path) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise DataError(f"{path}: {where} must be a table")
+    for key in table:
+        if key in allowed:
+            continue
+        if key in _UNSUPPORTED_KEYS:
+            raise DataError(f"{path}: {where}: kohya key '{key}' is not supported by sdcore")
+        raise DataError(f"{path}: {where}: unknown key '{key}'")
+    return table
+
+
+def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
+    bad = DataError(f"{path}: {where}: '{key}' must be {kind}, got {value!r}")
+    if kind == "a boolean":
+        if not isinstance(value, bool):
+            raise bad
+    elif kind == "a string":
+        if not isinstance(value, str):
+            raise bad
+    elif kind == "a positive integer":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad
+    elif kind == "a non-negative integer":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad
+    elif kind == "a probability (0..1)":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise bad
+        value = float(value)
+    return value
+
+
+def _resolution(value: Any, where: str, path: Path) -> int:
+    """kohya accepts ``512`` or ``[w, h]``; buckets are area-based, so ``[w, h]`` means sqrt(w*h)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return int(math.isqrt(value[0] * value[1]))
+    raise DataError(f"{path}: {where}: 'resolution' must be a positive integer or [width, height], got {value!r}")
+
+
+_FIELD_OF = {
+    "num_repeats": ("repeats", "a positive integer"),
+    "class_tokens": ("class_tokens", "a string"),
+    "caption_extension": ("caption_extension", "a string"),
+    "caption_extention": ("caption_extension", "a string"),
+    "is_reg": ("is_class", "a boolean"),
+    "shuffle_caption": ("shuffle_caption", "a boolean"),
+    "keep_tokens": ("keep_tokens", "a non-negative integer"),
+    "keep_tokens_separator": ("keep_tokens_separator", "a string"),
+    "flip_aug": ("flip", "a boolean"),
+    "caption_dropout_rate": ("caption_dropout", "a probability (0..1)"),
+    "caption_tag_dropout_rate": ("tag_dropout", "a probability (0..1)"),
+    "caption_prefix": ("caption_prefix", "a string"),
+    "caption_suffix": ("caption_suffix", "a string"),
+    "batch_size": ("batch_size", "a positive integer"),
+    "enable_bucket": ("buckets", "a boolean"),
+    "min_bucket_reso": ("min_bucket_reso", "a positive integer"),
+    "max_bucket_reso": ("max_bucket_reso", "a positive integer"),
+    "bucket_reso_steps": ("bucket_step", "a positive integer"),
+    "bucket_no_upscale": ("bucket_no_upscale", "a boolean"),
+}
+
+
+def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
+    out = dict(values)
+    for key, value in table.items():
+        if key in ("subsets", "datasets", "image_dir"):
+            continue
+        if key == "resolution":
+            out["resolution"] = _resolution(value, where, path)
+            continue
+        name, kind = _FIELD_OF[key]
+        out[name] = _typed(value, kind, key, where, path)
+    return out
+
+
+def _resolve_dir(raw: str, config: Path) -> Path:
+    """Absolute paths as given; relative ones against the config's folder, else the working dir (kohya)."""
+    candidate = Path(raw).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    beside = config.parent / candidate
+    if beside.exists() or not candidate.exists():
+        return beside
+    return candidate.resolve()
+
+
+def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOptions | None = None) -> list[SubsetOptions]:
+    """Subsets of a kohya dataset TOML (``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]``).
+
+    Lower levels override higher ones, and the file overrides ``defaults`` (the run's options).
+    Unknown keys, kohya keys sdcore does not implement and wrongly typed values raise
+    :class:`DataError` naming the key and the file. Relative ``image_dir`` are resolved against
+    the config file's folder (falling back to the working directory, as kohya does).
+    """
+    path = Path(path)
+    data = _load_toml(path)
+    _check_keys(data, {"general", "datasets"}, "top level", path)
+    base = subset_defaults(defaults)
+    general = _check_keys(data.get("general", {}), _DATASET_KEYS | (_SUBSET_KEYS - {"image_dir"}), "[general]", path)
+    base = _apply(base, general, "[general]", path)
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise DataError(f"{path}: no [[datasets]] defined")
+    subsets: list[SubsetOptions] = []
+    for d_index, dataset in enumerate(datasets):
+        where = f"datasets[{d_index}]"
+        dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - {"image_dir"}) | {"subsets"}, where, path)
+        level = _apply(base, dataset, where, path)
+        entries = dataset.get("subsets")
+        if not isinstance(entries, list) or not entries:
+            raise DataError(f"{path}: {where}: no [[datasets.subsets]] defined")
+        for s_index, subset in enumerate(entries):
+            s_where = f"{where}.subsets[{s_index}]"
+            subset = _check_keys(subset, _SUBSET_KEYS, s_where, path)
+            if "image_dir" not in subset:
+                raise DataError(f"{path}: {s_where}: 'image_dir' is required")
+            image_dir = _resolve_dir(_typed(subset["image_dir"], "a string", "image_dir", s_where, path), path)
+            values = _apply(level, subset, s_where, path)
+            subsets.append(SubsetOptions(image_dir=image_dir, **values))
+    return subsets
+
+
+# --------------------------------------------------------------------------------------------
+# scanning
+
+
+def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool) -> None:
+    directory = subset.image_dir
+    if not directory.is_dir():
+        index.skipped.append(SkippedFile(directory, "image folder does not exist"))
+        return
+    try:
+        children = sorted(directory.iterdir())
+    except OSError as exc:
+        index.skipped.append(SkippedFile(directory, f"cannot list folder: {exc.strerror or exc}"))
+        return
+    for path in children:
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if not is_image_path(path):
+            if path.suffix.lower() not in _SIDECAR_SUFFIXES and path.suffix.lower() != subset.caption_extension.lower():
+                index.skipped.append(SkippedFile(path, f"not an image (suffix '{path.suffix}')"))
+            continue
+        try:
+            size = verify_image(path) if verify else probe_image(path)
+        except ImageError as exc:
+            index.skipped.append(SkippedFile(path, _reason(exc, path)))
+            continue
+        if subset.bucket_no_upscale and min(size) < subset.bucket_step:
+            index.skipped.append(
+                SkippedFile(path, f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)")
+            )
+            continue
+        try:
+            caption = read_caption(path, subset.caption_extension)
+        except DataError as exc:
+            index.skipped.append(SkippedFile(path, _reason(exc, path)))
+            continue
+        if caption is None:
+            if subset.class_tokens:
+                index.class_token_captions.append(path)
+                caption = subset.class_tokens
+            else:
+                index.missing_captions.append(path)
+                caption = ""
+        elif caption == "":
+            index.empty_captions.append(path)
+            caption = subset.class_tokens or ""
+        if subset.caption_prefix or subset.caption_suffix:
+            caption = f"{subset.caption_prefix}{caption}{subset.caption_suffix}"
+        index.entries.append(
+            ImageEntry(path=path, caption=caption, repeats=subset.repeats, is_class=subset.is_class, size=size, subset=subset)
+        )
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    """The error text without the leading ``<path>: `` (the report shows the path already)."""
+    text = str(exc)
+    prefix = f"{path}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _subsets_for(source: Path, *, is_class: bool, defaults: dict[str, Any], options: TrainOptions | None,
+                 skipped: list[SkippedFile]) -> list[SubsetOptions]:
+    if not source.exists():
+        raise DataError(f"{source}: dataset path does not exist")
+    if source.is_file():
+        if source.suffix.lower() != ".toml":
+            raise DataError(f"{source}: a dataset is a folder or a .toml dataset config")
+        subsets = load_toml_dataset_config(source, options)
+        if is_class:
+            subsets = [replace(s, is_class=True) for s in subsets]
+        return subsets
+    return folder_subsets(source, is_class=is_class, defaults=defaults, skipped=skipped)
+
+
+def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
+    """Build the index without judging it (used by ``sdcore data check``, which reports an empty dataset)."""
+    if not options.data:
+        raise DataError("no dataset given (--data: a folder or a .toml dataset config)")
+    source = Path(options.data).expanduser()
+    defaults = subset_defaults(options)
+    index = DatasetIndex(source=source)
+    index.subsets = _subsets_for(source, is_class=False, defaults=defaults, options=options, skipped=index.skipped)
+    if options.reg_data:
+        reg = Path(options.reg_data).expanduser()
+        index.subsets += _subsets_for(reg, is_class=True, defaults=defaults, options=options, skipped=index.skipped)
+    for subset in index.subsets:
+        _scan_subset(subset, index, verify=verify)
+    return index
+
+
+def build_dataset_index(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
+    """Index ``options.data`` (and ``options.reg_data`` as class images).
+
+    ``verify`` checks each image's data is complete (cheap: PNG chunk CRCs, 1/8-scale JPEG
+    decode), so a truncated download is skipped up front instead of failing mid-run. Raises
+    :class:`DataError` when the dataset is missing or has no usable training image.
+    """
+    index = scan_dataset(options, verify=verify)
+    if not index.instance_entries:
+        where = options.data
+        detail = f" ({len(index.skipped)} files skipped: {index.skipped[0].path}: {index.skipped[0].reason} ...)" if index.skipped else ""
+        raise DataError(f"{where}: no usable training images found{detail}")
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# buckets for an index
+
+
+def assign_buckets(index: DatasetIndex) -> list[BucketAssignment]:
+    """One :class:`BucketAssignment` per entry of ``index`` (same order), using each entry's
+    subset settings (resolution, bucket sides and step, no-upscale, buckets on/off)."""
+    cache: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
+    out: list[BucketAssignment] = []
+    for entry in index.entries:
+        s = entry.subset
+        if not s.buckets:
+            out.append(square_assignment(entry.size, s.resolution))
+            continue
+        key = (s.resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
+        if key not in cache:
+            cache[key] = make_buckets(s.resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step)
+        out.append(
+            assign_bucket(entry.size, cache[key], no_upscale=s.bucket_no_upscale, resolution=s.resolution, step=s.bucket_step)
+        )
+    return out
+
+
+__all__ = [
+    "DatasetIndex",
+    "ImageEntry",
+    "SkippedFile",
+    "SubsetOptions",
+    "assign_buckets",
+    "build_dataset_index",
+    "folder_subsets",
+    "load_toml_dataset_config",
+    "scan_dataset",
+    "subset_defaults",
+]

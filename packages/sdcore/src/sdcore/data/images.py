@@ -1,0 +1,181 @@
+"""Reading training images safely: sizes without decoding, pixels as plain 8-bit RGB.
+
+Real datasets are messy (phone photos with EXIF rotation, CMYK scans, 16-bit PNGs, transparent
+stickers, half-downloaded files). Every image goes through here so that one bad file becomes a
+counted, explained skip (:class:`ImageError`) instead of a crash hours into a run, and so that
+the size used for bucketing is the size the pixels will have after EXIF rotation.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+#: Largest image (in pixels) we agree to decode: 16k x 16k is far beyond any training need and
+#: still bounded in memory (~0.8 GB RGB). Larger declared sizes are treated as decompression bombs.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+#: EXIF orientations (tag 0x0112) that swap width and height.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageError(DataError):
+    """An image file cannot be used for training (unreadable, truncated, too large, not an image)."""
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    """True when the file name has one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _open(path: Path) -> PILImage.Image:
+    """Open lazily (header only) and refuse absurd declared sizes before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: declared size too large (decompression bomb?): {_describe(exc)}") from None
+    except Image.DecompressionBombWarning as exc:
+        raise ImageError(f"{path}: declared size too large (decompression bomb?): {_describe(exc)}") from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        raise ImageError(f"{path}: unreadable image: {_describe(exc)}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        image.close()
+        raise ImageError(f"{path}: invalid image size {width}x{height}")
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise ImageError(
+            f"{path}: declared size {width}x{height} exceeds the {MAX_IMAGE_PIXELS} pixel limit (decompression bomb?)"
+        )
+    return image
+
+
+def _orientation(image: PILImage.Image) -> int:
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value) if value else 1
+    except Exception:  # a broken EXIF block must not make the image unusable
+        return 1
+
+
+def probe_image(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` as the image will look after EXIF rotation, read from the header only."""
+    path = Path(path)
+    image = _open(path)
+    try:
+        width, height = image.size
+        if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        return width, height
+    finally:
+        image.close()
+
+
+def verify_image(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Like :func:`probe_image` but also proves the pixel data is complete (truncation, bad CRCs).
+
+    Cheaper than a full decode: PNGs are checked chunk by chunk (``verify``), JPEGs are decoded
+    at 1/8 scale (``draft``), which still reads every entropy-coded byte. Other formats are
+    decoded fully. Returns the oriented size.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    size = probe_image(path)
+    image = _open(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+                image.load()
+    except Exception as exc:
+        raise ImageError(f"{path}: damaged image data: {_describe(exc)}") from None
+    finally:
+        image.close()
+    return size
+
+
+def _to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white (what a viewer shows)."""
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (or 32-bit int) grayscale: scale the 0..65535 range down instead of clipping at 255.
+        values = np.asarray(image, dtype=np.float64)
+        values = np.clip(values, 0, 65535) / 257.0
+        gray = Image.fromarray(np.round(values).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        values = np.nan_to_num(np.clip(values, 0, 255))
+        return Image.fromarray(np.round(values).astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image_rgb(path: str | os.PathLike[str]) -> PILImage.Image:
+    """Decode ``path`` fully, apply EXIF orientation and return an 8-bit RGB image.
+
+    Raises :class:`ImageError` (with the reason) for missing, truncated, corrupt, oversized and
+    non-image files.
+    """
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    image = _open(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            oriented = ImageOps.exif_transpose(image)
+            if oriented is None:  # older Pillow returns None when in_place is used; be defensive
+                oriented = image
+            rgb = _to_rgb(oriented)
+            if rgb is image:  # closing ``image`` below would destroy the pixels we return
+                rgb = image.copy()
+            rgb.load()
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"{path}: damaged image data: {_describe(exc)}") from None
+    finally:
+        image.close()
+    return rgb

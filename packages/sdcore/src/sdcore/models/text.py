@@ -1,0 +1,163 @@
+"""Prompt -> UNet conditioning, the way A1111 and kohya do it, for training and generation alike.
+
+Training and sampling must encode prompts identically, otherwise a LoRA learns one conditioning
+and is judged on another. The rules (see docs/research ``lora.md`` §4.1 and ``ti_hn_apt_aesthetic.md``):
+
+- a prompt is tokenized without special tokens and cut into chunks of 75 tokens; each chunk becomes
+  ``BOS + 75 tokens + EOS`` padded to 77 with the tokenizer's pad token (EOS for OpenAI CLIP, ``!``
+  for OpenCLIP), and the chunks' hidden states are concatenated: ``[B, 77 * k, C]``. Every prompt of a
+  batch gets the same ``k`` (the longest prompt's, at most ``max_chunks``); shorter prompts get empty
+  chunks, as A1111 pads. Tokens past ``75 * max_chunks`` are dropped.
+- SD1/SD2: ``clip_skip=1`` is the last layer (with the final LayerNorm, i.e. ``last_hidden_state``);
+  ``clip_skip=n`` takes ``hidden_states[-n]`` and applies the final LayerNorm (kohya and A1111 both do
+  this for SD1 and SD2; SD2's diffusers text encoder already stops at OpenCLIP's penultimate layer).
+- SDXL: both towers use ``hidden_states[-(clip_skip + 1)]`` (penultimate for the default ``clip_skip=1``)
+  *without* the final LayerNorm and are concatenated on the channel axis; the pooled ``text_embeds``
+  is the second tower's projection of its last layer at the first chunk's EOS (kohya takes the
+  first chunk's pool too). kohya warns that clip skip has no effect on SDXL; we shift the layer so
+  the option is never silently ignored.
+
+Nothing here disables gradients: when a method trains a text encoder, gradients flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..train.method import Conditioning
+    from .bundle import ModelBundle
+
+CHUNK_TOKENS = 75
+
+
+def final_layer_norm(text_encoder: Any) -> Any:
+    """The final LayerNorm of a CLIP text encoder, whatever the transformers module layout."""
+    if hasattr(text_encoder, "final_layer_norm"):
+        return text_encoder.final_layer_norm
+    return text_encoder.text_model.final_layer_norm
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt without BOS/EOS and without truncation."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False, truncation=False, padding=False, verbose=False)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def chunk_count(tokenizer: Any, prompts: Sequence[str], *, max_chunks: int = 3) -> int:
+    """How many 77-token chunks the batch needs (at least 1, at most ``max_chunks``)."""
+    longest = max((len(ids) for ids in prompt_token_ids(tokenizer, prompts)), default=0)
+    return max(1, min(max_chunks, -(-longest // CHUNK_TOKENS)))
+
+
+def chunked_input_ids(tokenizer: Any, prompts: Sequence[str], *, chunks: int) -> torch.Tensor:
+    """``[B, chunks, 77]`` ids: each chunk is ``BOS + up to 75 tokens + EOS`` then pad tokens."""
+    import torch
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows = []
+    for ids in prompt_token_ids(tokenizer, prompts):
+        prompt_chunks = []
+        for index in range(chunks):
+            part = ids[index * CHUNK_TOKENS : (index + 1) * CHUNK_TOKENS]
+            row = [bos, *part, eos]
+            row += [pad] * (CHUNK_TOKENS + 2 - len(row))
+            prompt_chunks.append(row)
+        rows.append(prompt_chunks)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _encoder_device(text_encoder: Any) -> Any:
+    return next(text_encoder.parameters()).device
+
+
+def _run_encoder(text_encoder: Any, ids: torch.Tensor) -> Any:
+    return text_encoder(ids.to(_encoder_device(text_encoder)), output_hidden_states=True, return_dict=True)
+
+
+def encode_prompts(
+    bundle: ModelBundle,
+    prompts: Sequence[str],
+    *,
+    clip_skip: int = 1,
+    max_chunks: int = 3,
+    chunks: int | None = None,
+) -> Conditioning:
+    """Encode ``prompts`` into UNet conditioning for ``bundle``'s family.
+
+    ``chunks`` forces the chunk count (text-encoder caches use it to make batches line up);
+    by default it is the longest prompt's, capped at ``max_chunks``.
+    """
+    import torch
+
+    from ..train.method import Conditioning
+
+    if clip_skip < 1:
+        raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+    prompts = list(prompts)
+    tokenizers, encoders = bundle.tokenizers, bundle.text_encoders
+    if chunks is None:
+        chunks = chunk_count(tokenizers[0], prompts, max_chunks=max_chunks)
+    batch = len(prompts)
+
+    if not bundle.is_sdxl:
+        ids = chunked_input_ids(tokenizers[0], prompts, chunks=chunks).reshape(batch * chunks, -1)
+        out = _run_encoder(encoders[0], ids)
+        if clip_skip == 1:
+            hidden = out.last_hidden_state
+        else:
+            hidden = final_layer_norm(encoders[0])(out.hidden_states[-clip_skip])
+        return Conditioning(hidden.reshape(batch, chunks * hidden.shape[1], hidden.shape[-1]))
+
+    layer = -(clip_skip + 1)
+    states = []
+    pooled = None
+    for index, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders, strict=True)):
+        ids = chunked_input_ids(tokenizer, prompts, chunks=chunks).reshape(batch * chunks, -1)
+        out = _run_encoder(encoder, ids)
+        hidden = out.hidden_states[layer]
+        states.append(hidden.reshape(batch, chunks * hidden.shape[1], hidden.shape[-1]))
+        if index == len(encoders) - 1:
+            embeds = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            pooled = embeds.reshape(batch, chunks, -1)[:, 0]
+    return Conditioning(torch.cat(states, dim=-1), pooled)
+
+
+def sdxl_time_ids(
+    original_sizes: Sequence[tuple[int, int]],
+    crop_coords: Sequence[tuple[int, int]],
+    target_sizes: Sequence[tuple[int, int]],
+    *,
+    device: Any = None,
+    dtype: Any = None,
+) -> torch.Tensor:
+    """SDXL micro-conditioning ``[B, 6]``: original (h, w), crop (top, left), target (h, w)."""
+    import torch
+
+    rows = [
+        [float(o[0]), float(o[1]), float(c[0]), float(c[1]), float(t[0]), float(t[1])]
+        for o, c, t in zip(original_sizes, crop_coords, target_sizes, strict=True)
+    ]
+    return torch.tensor(rows, device=device, dtype=dtype or torch.float32)
+
+
+def pad_conditioning(conditioning: Conditioning, chunks: int, empty_chunk: torch.Tensor) -> Conditioning:
+    """Append copies of ``empty_chunk`` ([77, C], an encoded empty prompt) up to ``chunks`` chunks.
+
+    Chunks are encoded independently, so this equals encoding the prompt with ``chunks`` chunks;
+    cached single prompts of different lengths can then share a batch.
+    """
+    import torch
+
+    from ..train.method import Conditioning
+
+    hidden = conditioning.hidden_states
+    have = hidden.shape[-2] // empty_chunk.shape[0]
+    if have >= chunks:
+        return conditioning
+    extra = empty_chunk.to(hidden).unsqueeze(0).expand(hidden.shape[0], -1, -1).repeat(1, chunks - have, 1)
+    return Conditioning(torch.cat([hidden, extra], dim=-2), conditioning.pooled)

@@ -1,0 +1,141 @@
+"""``sdcore.testing``: an opt-in pytest plugin for plugin authors.
+
+Enable it in a ``conftest.py`` with ``pytest_plugins = ["sdcore.testing"]``. It adds fixtures:
+
+- ``sd_pm_factory(plugins=(), builtins=True, entrypoints=False)``: a fresh plugin manager;
+- ``sd_cli``: ``sd_cli(args, pm=None)`` runs the CLI in-process and returns click's result;
+- ``temp_plugin``: ``with temp_plugin(pm, obj):`` registers an object for the block only;
+- ``fake_distribution``: writes an installed distribution with ``sdcore`` entry points into a
+  temporary ``site-packages`` on ``sys.path``, so the real entry-point loader runs;
+- ``tiny_model``: ``tiny_model("sd1" | "sd2" | "sdxl")`` builds a tiny random ModelBundle (cached);
+- ``tiny_dataset``: ``tiny_dataset(n=4, size=64)`` writes a kohya-style dataset folder.
+
+Nothing here imports torch until a fixture that needs it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..plugins import SdPluginManager, get_plugin_manager
+
+
+@pytest.fixture
+def sd_pm_factory() -> Callable[..., SdPluginManager]:
+    """Return a factory of fresh managers holding exactly the chosen plugins."""
+
+    def factory(plugins: tuple[Any, ...] | list[Any] = (), *, builtins: bool = True, entrypoints: bool = False) -> SdPluginManager:
+        return get_plugin_manager(builtins=builtins, entrypoints=entrypoints, extra=plugins)
+
+    return factory
+
+
+@pytest.fixture
+def sd_cli() -> Callable[..., Any]:
+    """Run ``sdcore`` in-process: ``result = sd_cli(["plugins"], pm=pm)``."""
+    from click.testing import CliRunner
+
+    from ..cli import build_cli
+
+    def run(args: list[str], pm: SdPluginManager | None = None, **kwargs: Any) -> Any:
+        manager = pm if pm is not None else get_plugin_manager(entrypoints=False)
+        return CliRunner().invoke(build_cli(manager), args, catch_exceptions=kwargs.pop("catch_exceptions", True), **kwargs)
+
+    return run
+
+
+@pytest.fixture
+def temp_plugin() -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def register(pm: SdPluginManager, plugin: object, name: str | None = None) -> Iterator[object]:
+        pm.register(plugin, name=name)
+        pm._registries = None
+        try:
+            yield plugin
+        finally:
+            pm.unregister(plugin)
+            pm._registries = None
+
+    return register
+
+
+@pytest.fixture
+def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """Install a fake distribution: ``fake_distribution("sdplugin-x", {"x": "sdplugin_x.plugin"}, modules={...})``.
+
+    ``modules`` maps dotted module names to source code, written under the same temporary
+    ``site-packages``. The folder is put first on ``sys.path`` and import caches are cleared.
+    """
+    site = tmp_path / "fake-site-packages"
+    site.mkdir(exist_ok=True)
+    monkeypatch.syspath_prepend(str(site))
+    created_modules: list[str] = []
+
+    def install(
+        name: str, entry_points: dict[str, str], *, modules: dict[str, str] | None = None, version: str = "0.1.0"
+    ) -> Path:
+        normalized = name.replace("-", "_")
+        dist_info = site / f"{normalized}-{version}.dist-info"
+        dist_info.mkdir(parents=True, exist_ok=True)
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
+        lines = ["[sdcore]"] + [f"{key} = {value}" for key, value in entry_points.items()]
+        (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for module_name, source in (modules or {}).items():
+            parts = module_name.split(".")
+            folder = site.joinpath(*parts[:-1])
+            folder.mkdir(parents=True, exist_ok=True)
+            for depth in range(1, len(parts)):
+                init = site.joinpath(*parts[:depth], "__init__.py")
+                if not init.exists():
+                    init.write_text("", encoding="utf-8")
+            (folder / f"{parts[-1]}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+            created_modules.append(module_name)
+        importlib.invalidate_caches()
+        return dist_info
+
+    yield install
+    for module_name in created_modules:
+        for loaded in [m for m in sys.modules if m == module_name or m.startswith(module_name.split(".")[0])]:
+            sys.modules.pop(loaded, None)
+    importlib.invalidate_caches()
+
+
+_TINY_CACHE: dict[tuple[str, int], Any] = {}
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., Any]:
+    """``tiny_model(family="sd1", seed=0)`` -> a fresh deep copy of a cached tiny ModelBundle."""
+    import copy
+
+    from ..models.tiny import create_tiny_bundle
+
+    def make(family: str = "sd1", seed: int = 0) -> Any:
+        key = (family, seed)
+        if key not in _TINY_CACHE:
+            _TINY_CACHE[key] = create_tiny_bundle(family, seed=seed)
+        return copy.deepcopy(_TINY_CACHE[key])
+
+    return make
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """``tiny_dataset(n=4, size=64, repeats=1, captions=True)`` -> the dataset root folder."""
+    from .datasets import make_tiny_dataset
+
+    counter = {"n": 0}
+
+    def make(**kwargs: Any) -> Path:
+        counter["n"] += 1
+        return make_tiny_dataset(tmp_path / f"dataset-{counter['n']}", **kwargs)
+
+    return make

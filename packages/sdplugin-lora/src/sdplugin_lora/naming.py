@@ -1,0 +1,317 @@
+"""kohya module names, both ways, for SD1/SD2 (diffusers-style) and SDXL (SGM/ldm-style).
+
+Every LoRA file in the wild names a module by flattening a module path with ``_``:
+``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``. The path is the one of
+the UNet the trainer used: sd-scripts trains SD1/SD2 on a UNet with diffusers names but SDXL on a
+UNet with Stability's SGM (ldm) names (``lora_unet_input_blocks_4_1_...``). Text encoders keep the
+``text_model_`` segment that transformers 4 had, even though transformers 5 dropped that level
+from :class:`CLIPTextModel`.
+
+Flattened names cannot be un-flattened (``to_out_0`` vs ``transformer_blocks``), so the reverse
+direction is a table built from the loaded model: :class:`ModuleIndex`. The SGM numbering is
+derived from the UNet config (:func:`sgm_block_table`), so tiny and real layouts are named alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+UNET_PREFIX = "lora_unet"
+TE_PREFIXES = {1: ("lora_te",), 2: ("lora_te1", "lora_te2")}
+
+#: kohya's target classes (networks/lora.py)
+UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+#: ResNet sub-module names: diffusers -> SGM
+_RESNET_TO_SGM = {
+    "conv1": "in_layers.2",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+    "norm1": "in_layers.0",
+    "norm2": "out_layers.0",
+}
+#: top-level UNet modules: diffusers -> SGM (only LyCORIS "full" preset files use them)
+_TOP_TO_SGM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def flatten(prefix: str, path: str) -> str:
+    """``("lora_unet", "a.b.c") -> "lora_unet_a_b_c"`` (kohya's ``replace(".", "_")``)."""
+    return f"{prefix}_{path}".replace(".", "_") if path else prefix
+
+
+def _per_block(value: Any, count: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * count
+    return [int(v) for v in value]
+
+
+def _has_attention(block_type: str) -> bool:
+    return "Attn" in block_type
+
+
+def sgm_block_table(unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """Map diffusers block prefixes to SGM prefixes, numbered as ldm/kohya number them.
+
+    ``input_blocks`` index = 1 + sum over earlier blocks of (layers + 1 for a downsampler) + layer;
+    sub-index 0 is the ResNet, 1 the attention; the downsampler is ``input_blocks.K.0.op``.
+    Output blocks have layers+1 layers per block; an upsampler sits at sub-index 2 (1 when the
+    block has no attention) of the block's last layer: ``output_blocks.2.2.conv`` for SDXL.
+    """
+    down_types = list(unet_config["down_block_types"])
+    up_types = list(unet_config["up_block_types"])
+    count = len(down_types)
+    layers = _per_block(unet_config.get("layers_per_block", 2), count)
+    table: dict[str, str] = {}
+    index = 1
+    for i, block_type in enumerate(down_types):
+        for j in range(layers[i]):
+            table[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{index}.0"
+            if _has_attention(block_type):
+                table[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{index}.1"
+            index += 1
+        if i < count - 1:
+            table[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+    table["mid_block.resnets.0"] = "middle_block.0"
+    table["mid_block.attentions.0"] = "middle_block.1"
+    table["mid_block.resnets.1"] = "middle_block.2"
+    up_layers = list(reversed(layers))
+    index = 0
+    for i, block_type in enumerate(up_types):
+        attention = _has_attention(block_type)
+        for j in range(up_layers[i] + 1):
+            table[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{index}.0"
+            if attention:
+                table[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{index}.1"
+            if j == up_layers[i] and i < len(up_types) - 1:
+                table[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{index}.{2 if attention else 1}.conv"
+            index += 1
+    table.update(_TOP_TO_SGM)
+    return table
+
+
+def _split_prefix(path: str, table: Mapping[str, str]) -> tuple[str, str] | None:
+    """Longest table key that is ``path`` or a dotted prefix of it -> (key, rest)."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in table:
+            return head, ".".join(parts[cut:])
+    return None
+
+
+def unet_path_to_sgm(path: str, table: Mapping[str, str]) -> str | None:
+    """A diffusers UNet module path in SGM names (``None`` when it has no SGM equivalent)."""
+    found = _split_prefix(path, table)
+    if found is None:
+        return None
+    head, rest = found
+    mapped = table[head]
+    if ".resnets." in head and rest:
+        first, _, tail = rest.partition(".")
+        rest = _RESNET_TO_SGM.get(first, first) + (f".{tail}" if tail else "")
+    return f"{mapped}.{rest}" if rest else mapped
+
+
+def te_relative_path(path: str) -> str:
+    """Path inside the text transformer, without the ``text_model.`` level either way round."""
+    return path[len("text_model.") :] if path.startswith("text_model.") else path
+
+
+def te_name(prefix: str, path: str) -> str:
+    """kohya name of a text-encoder module: always ``<prefix>_text_model_...``."""
+    return flatten(prefix, "text_model." + te_relative_path(path))
+
+
+def unet_name(path: str, *, sgm_table: Mapping[str, str] | None) -> str:
+    """kohya name of a UNet module: SGM-flattened for SDXL (``sgm_table`` given), else diffusers."""
+    if sgm_table is not None:
+        sgm = unet_path_to_sgm(path, sgm_table)
+        if sgm is not None:
+            return flatten(UNET_PREFIX, sgm)
+    return flatten(UNET_PREFIX, path)
+
+
+def te_prefixes(family: str, count: int) -> tuple[str, ...]:
+    """``("lora_te",)`` for one encoder, ``("lora_te1", "lora_te2")`` for SDXL; refiner: te2 only."""
+    if family == "sdxl-refiner":
+        return ("lora_te2",)
+    return TE_PREFIXES[2] if count == 2 else TE_PREFIXES[1]
+
+
+@dataclass
+class Target:
+    """One Linear/Conv2d a LoRA can patch."""
+
+    name: str  # canonical kohya name (what we write)
+    component: str  # "unet", "text_encoder", "text_encoder_2"
+    path: str  # module path inside the component (this transformers/diffusers version)
+    module: Any
+    group: str  # "transformer", "resnet", "te", "other"
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_conv(self) -> bool:
+        return type(self.module).__name__ == "Conv2d" or hasattr(self.module, "kernel_size")
+
+    @property
+    def is_conv3x3(self) -> bool:
+        """kohya's test: a Conv2d whose kernel is not 1x1 (it gets the conv rank)."""
+        return self.is_conv and tuple(self.module.kernel_size) != (1, 1)
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.component != "unet"
+
+
+def _linear_or_conv(module: Any) -> bool:
+    return type(module).__name__ in ("Linear", "Conv2d") or (
+        hasattr(module, "weight") and type(module).__name__ in ("LoRACompatibleLinear", "LoRACompatibleConv")
+    )
+
+
+def _groups(root: Any, classes: Mapping[str, str]) -> dict[str, str]:
+    """Every Linear/Conv2d under a module of a class in ``classes`` -> that class's group name."""
+    found: dict[str, str] = {}
+    for parent_name, parent in root.named_modules():
+        group = classes.get(type(parent).__name__)
+        if group is None:
+            continue
+        for child_name, child in parent.named_modules():
+            if child_name and _linear_or_conv(child):
+                path = f"{parent_name}.{child_name}" if parent_name else child_name
+                found.setdefault(path, group)
+    return found
+
+
+@dataclass
+class ModuleIndex:
+    """Every patchable module of a bundle, by canonical kohya name and by every alias.
+
+    Aliases make foreign files resolvable: SGM names on SD1, diffusers-style names on SDXL,
+    ``unet.<path>`` / ``text_encoder.<path>`` dotted paths (diffusers/PEFT).
+    """
+
+    family: str
+    targets: dict[str, Target] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    paths: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> ModuleIndex:
+        components = bundle.components()
+        encoders = [(name, module) for name, module in components.items() if name.startswith("text_encoder")]
+        return cls.build(bundle.family, components["unet"], encoders)
+
+    @classmethod
+    def build(cls, family: str, unet: Any, encoders: Iterable[tuple[str, Any]]) -> ModuleIndex:
+        index = cls(family=family)
+        table = sgm_block_table(unet.config)
+        sdxl = family.startswith("sdxl")
+        groups = _groups(unet, {name: "transformer" for name in UNET_TARGETS})
+        for name, group in _groups(unet, {name: "resnet" for name in UNET_CONV_TARGETS}).items():
+            groups.setdefault(name, group)
+        for path, module in unet.named_modules():
+            if not path or not _linear_or_conv(module):
+                continue
+            diffusers_name = flatten(UNET_PREFIX, path)
+            sgm = unet_path_to_sgm(path, table)
+            sgm_name = flatten(UNET_PREFIX, sgm) if sgm is not None else None
+            canonical = (sgm_name or diffusers_name) if sdxl else diffusers_name
+            aliases = tuple(n for n in (diffusers_name, sgm_name) if n and n != canonical)
+            index._add(Target(canonical, "unet", path, module, groups.get(path, "other"), aliases))
+        encoders = list(encoders)
+        prefixes = te_prefixes(family, len(encoders))
+        for (component, encoder), prefix in zip(encoders, prefixes, strict=False):
+            te_groups = _groups(encoder, {name: "te" for name in TE_TARGETS})
+            for path, module in encoder.named_modules():
+                if not path or not _linear_or_conv(module):
+                    continue
+                canonical = te_name(prefix, path)
+                aliases: tuple[str, ...] = ()
+                if prefix == "lora_te1":  # some trainers write SDXL's first encoder as plain lora_te
+                    aliases = (te_name("lora_te", path),)
+                index._add(Target(canonical, component, path, module, te_groups.get(path, "other"), aliases))
+        return index
+
+    def _add(self, target: Target) -> None:
+        self.targets[target.name] = target
+        for alias in target.aliases:
+            self.aliases.setdefault(alias, target.name)
+        self.paths[(target.component, target.path)] = target.name
+        if target.component != "unet":
+            self.paths[(target.component, te_relative_path(target.path))] = target.name
+            self.paths[(target.component, "text_model." + te_relative_path(target.path))] = target.name
+
+    # --- lookups --------------------------------------------------------------------------
+    def resolve(self, name: str) -> Target | None:
+        """A kohya-flattened name (canonical or alias) -> its target."""
+        if name in self.targets:
+            return self.targets[name]
+        canonical = self.aliases.get(name)
+        return self.targets[canonical] if canonical else None
+
+    def resolve_path(self, component: str, path: str) -> Target | None:
+        """A dotted module path (``unet`` / ``text_encoder`` / ``text_encoder_2``) -> its target."""
+        name = self.paths.get((component, path))
+        return self.targets[name] if name else None
+
+    def name_of(self, component: str, path: str) -> str:
+        """Module path -> canonical kohya name (``KeyError`` when the module is not patchable)."""
+        name = self.paths.get((component, path))
+        if name is None:
+            raise KeyError(f"{component}.{path} is not a Linear/Conv2d of this model")
+        return name
+
+    def select(self, *, unet: bool = True, text_encoder: bool = True, conv: bool = False) -> list[Target]:
+        """kohya's default targets (LoRA-LierLa), plus ResNet/down/upsampler modules with ``conv``
+        (LoRA-C3Lier: 3x3 convs at the conv rank, ``time_emb_proj``/``conv_shortcut`` at the linear rank)."""
+        chosen = []
+        for target in self.targets.values():
+            if target.component == "unet":
+                if not unet:
+                    continue
+                if target.group == "transformer" or (conv and target.group == "resnet"):
+                    chosen.append(target)
+            elif text_encoder and target.group == "te":
+                chosen.append(target)
+        return chosen
+
+
+_KOHYA_PREFIX = re.compile(r"^(lora_unet|lora_te[12]?)_")
+
+
+def kohya_component(name: str) -> str | None:
+    """Which part a kohya name belongs to: ``unet``, ``te``, ``te1``, ``te2`` or ``None``."""
+    match = _KOHYA_PREFIX.match(name)
+    if not match:
+        return None
+    return {"lora_unet": "unet", "lora_te": "te", "lora_te1": "te1", "lora_te2": "te2"}[match.group(1)]
+
+
+__all__ = [
+    "ModuleIndex",
+    "Target",
+    "flatten",
+    "kohya_component",
+    "sgm_block_table",
+    "te_name",
+    "te_prefixes",
+    "te_relative_path",
+    "unet_name",
+    "unet_path_to_sgm",
+]

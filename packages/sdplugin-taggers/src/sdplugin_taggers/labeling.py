@@ -1,0 +1,100 @@
+"""Label a folder: list images, tag them with any tagger, write captions/JSONL, summarise.
+
+Shared by every ``sdcore tag <name>`` command so skip/overwrite/append, progress and the summary
+behave the same whichever model produced the tags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .images import list_images
+from .tags import TagResult
+from .writer import CaptionWriter, jsonl_output
+
+
+class Tagger(Protocol):
+    def iter_tag(self, images: Iterable[Any]) -> Iterator[TagResult]: ...
+
+
+@dataclass
+class Summary:
+    """Counts for one run plus the tag frequency (for the report users read after a long run)."""
+
+    found: int = 0
+    tagged: int = 0
+    skipped: int = 0
+    unreadable: int = 0
+    kept: int = 0
+    frequency: Counter[str] = field(default_factory=Counter)
+    unreadable_files: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self, top: int = 20) -> list[str]:
+        out = [
+            f"images found: {self.found}, tagged: {self.tagged}, skipped (caption exists): {self.skipped}, "
+            f"unreadable: {self.unreadable}" + (f", existing caption kept: {self.kept}" if self.kept else "")
+        ]
+        for name in self.unreadable_files[:10]:
+            out.append(f"  unreadable: {name}")
+        if len(self.unreadable_files) > 10:
+            out.append(f"  ... and {len(self.unreadable_files) - 10} more")
+        out.extend(f"  {p}" for p in self.problems[:10])
+        if self.frequency:
+            out.append(f"top {min(top, len(self.frequency))} tags:")
+            width = max(len(t) for t, _ in self.frequency.most_common(top))
+            out.extend(f"  {tag:<{width}}  {count}" for tag, count in self.frequency.most_common(top))
+        return out
+
+
+def label_folder(
+    tagger: Tagger,
+    folder: str | os.PathLike[str],
+    *,
+    writer: CaptionWriter,
+    recursive: bool = False,
+    json_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    render: Callable[[TagResult], list[str]] | None = None,
+) -> Summary:
+    """Tag every image in ``folder`` and write captions; returns the :class:`Summary`.
+
+    In ``skip`` mode images that already have a caption are not decoded or tagged at all.
+    ``render`` turns a result into the caption's parts (default: ``result.tags()``).
+    """
+    from tqdm import tqdm
+
+    summary = Summary()
+    images = list_images(folder, recursive=recursive)
+    summary.found = len(images)
+    todo: list[Path] = []
+    for image in images:
+        if writer.skips(image):
+            summary.skipped += 1
+        else:
+            todo.append(image)
+    render = render or (lambda r: r.tags())
+    with jsonl_output(json_path) as jsonl, tqdm(total=len(todo), unit="img", disable=not progress) as bar:
+        for result in tagger.iter_tag(todo):
+            bar.update(1)
+            if result.error is not None:
+                summary.unreadable += 1
+                summary.unreadable_files.append(f"{result.path} ({result.error})")
+                continue
+            parts = render(result)
+            status = writer.write(result.path or "", parts)
+            if status == "kept":
+                summary.kept += 1
+            elif status == "skipped":
+                summary.skipped += 1
+            summary.tagged += 1
+            summary.frequency.update(parts)
+            if jsonl is not None:
+                jsonl.write(result.to_json())
+    summary.problems.extend(writer.problems)
+    return summary

@@ -1,0 +1,116 @@
+"""Caption files next to images, written so an existing caption is never lost by accident.
+
+Modes: ``skip`` leaves images that already have a caption alone (they are not even tagged),
+``overwrite`` replaces, ``append`` keeps the existing tags first and adds only new ones,
+``prepend`` puts the new tags first and keeps the existing ones not repeated. Tags compare by
+:func:`~sdplugin_taggers.tags.normalize_tag`, so ``long_hair`` and ``long hair`` are one tag.
+Every write is atomic (:mod:`sdcore.io`); an unreadable existing caption is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from sdcore.errors import ConfigError
+from sdcore.io import atomic_open, atomic_write_text
+
+from .tags import normalize_tag
+
+WRITE_MODES = ("skip", "overwrite", "append", "prepend")
+
+
+def normalize_ext(ext: str) -> str:
+    ext = ext.strip()
+    if not ext or ext in (".", "/") or "/" in ext or os.sep in ext:
+        raise ConfigError(f"invalid caption extension {ext!r} (use e.g. .txt or .caption)")
+    return ext if ext.startswith(".") else "." + ext
+
+
+def caption_path(image: str | os.PathLike[str], ext: str = ".txt") -> Path:
+    """``photo.png`` -> ``photo.txt`` (the sd-scripts / kohya convention)."""
+    return Path(image).with_suffix(normalize_ext(ext))
+
+
+def merge_tags(existing: list[str], new: list[str], mode: str) -> list[str]:
+    """Combine tag lists for ``append`` (existing first) or ``prepend`` (new first), de-duplicated."""
+    if mode not in ("append", "prepend"):
+        raise ConfigError(f"merge mode must be append or prepend (got {mode!r})")
+    first, second = (existing, new) if mode == "append" else (new, existing)
+    out: list[str] = []
+    seen: set[str] = set()
+    for tag in [*first, *second]:
+        key = normalize_tag(tag)
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        out.append(tag.strip())
+    return out
+
+
+def split_caption(text: str) -> list[str]:
+    return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
+
+
+class CaptionWriter:
+    """Writes one caption file per image according to ``mode``; counts what it did."""
+
+    def __init__(self, mode: str = "skip", ext: str = ".txt", separator: str = ", ") -> None:
+        if mode not in WRITE_MODES:
+            raise ConfigError(f"caption mode must be one of {', '.join(WRITE_MODES)} (got {mode!r})")
+        self.mode = mode
+        self.ext = normalize_ext(ext)
+        self.separator = separator
+        self.counts = {"written": 0, "skipped": 0, "kept": 0}
+        self.problems: list[str] = []
+
+    def path_for(self, image: str | os.PathLike[str]) -> Path:
+        return caption_path(image, self.ext)
+
+    def skips(self, image: str | os.PathLike[str]) -> bool:
+        """True when ``skip`` mode and a caption already exists (the image need not be tagged)."""
+        return self.mode == "skip" and self.path_for(image).exists()
+
+    def write(self, image: str | os.PathLike[str], tags: list[str]) -> str:
+        """Write the caption for ``image``; returns ``written``, ``skipped`` or ``kept``."""
+        target = self.path_for(image)
+        if target.exists() and self.mode == "skip":
+            self.counts["skipped"] += 1
+            return "skipped"
+        if target.exists() and self.mode in ("append", "prepend"):
+            try:
+                existing = split_caption(target.read_text(encoding="utf-8-sig"))
+            except (OSError, UnicodeDecodeError) as exc:
+                self.problems.append(f"{target}: existing caption unreadable ({exc}); left as is")
+                self.counts["kept"] += 1
+                return "kept"
+            tags = merge_tags(existing, tags, self.mode)
+        atomic_write_text(target, self.separator.join(tags) + "\n")
+        self.counts["written"] += 1
+        return "written"
+
+
+class JsonlWriter:
+    """One JSON object per line (sd-scripts ``image_path``/``caption``/``image_size`` plus probabilities)."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self.handle = handle
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.count += 1
+
+
+@contextmanager
+def jsonl_output(path: str | os.PathLike[str] | None) -> Iterator[JsonlWriter | None]:
+    """Stream records into ``path`` atomically (the file appears when the run finishes)."""
+    if path is None:
+        yield None
+        return
+    with atomic_open(path, "w") as handle:
+        yield JsonlWriter(handle)

@@ -1,0 +1,207 @@
+"""Reading and writing embedding files: A1111 ``.pt``, ``.safetensors`` (kohya ``emb_params`` or
+SDXL ``clip_l``/``clip_g``), diffusers ``.bin`` and A1111 PNG embeddings.
+
+Pickle files are opened with ``torch.load(weights_only=True)``: a file that wants to build any
+object outside torch's tensor allow-list is refused with :class:`UnsafeFileError` before anything
+in it runs. Every write is atomic (:mod:`sdcore.io`).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sdcore.errors import ModelFormatError, UnsafeFileError
+from sdcore.io import atomic_path
+
+from .embedding import CLIP_G, CLIP_L, SINGLE, Embedding
+
+#: A1111 writes the CLIP id of "*" here; it is a constant that loaders ignore
+A1111_STAR_TOKEN = 265
+FORMATS = ("pt", "safetensors", "bin", "png")
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt")
+IMAGE_SUFFIXES = (".png", ".webp")
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", *IMAGE_SUFFIXES)
+
+
+def load_pickle(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; anything else is UnsafeFileError."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeFileError(f"{path}: refused to unpickle (only tensors and plain data are allowed): {first}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ModelFormatError(f"{path}: not a readable torch file: {exc}") from exc
+
+
+def _as_tensor(value: Any, where: str) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    raise ModelFormatError(f"{where}: expected a tensor, found {type(value).__name__}")
+
+
+def embedding_from_dict(data: Any, name: str, *, source: Path | None = None) -> Embedding:
+    """Interpret a loaded dict in any of the layouts A1111 accepts (see research 1.1)."""
+    where = str(source or name)
+    if not isinstance(data, Mapping):
+        import torch
+
+        if isinstance(data, torch.Tensor):  # a raw tensor: diffusers accepts it with a token
+            return Embedding(name=name, vectors={SINGLE: data.detach().cpu()}, source=source)
+        raise ModelFormatError(f"{where}: not an embedding (top level is {type(data).__name__}, want a dict)")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)  # rinongal's ParameterDict files
+        if not isinstance(params, Mapping) or len(params) != 1:
+            count = len(params) if isinstance(params, Mapping) else "no"
+            raise ModelFormatError(f"{where}: embedding file has {count} terms in string_to_param (want exactly one)")
+        tensor = _as_tensor(next(iter(params.values())), where)
+        step = data.get("step")
+        return Embedding(
+            name=name,
+            vectors={SINGLE: tensor},
+            step=int(step) if isinstance(step, int) else None,
+            sd_checkpoint=_str_or_none(data.get("sd_checkpoint")),
+            sd_checkpoint_name=_str_or_none(data.get("sd_checkpoint_name")),
+            stored_name=_str_or_none(data.get("name")),
+            source=source,
+        )
+    if CLIP_L in data or CLIP_G in data:
+        vectors = {key: _as_tensor(data[key], f"{where} [{key}]") for key in (CLIP_L, CLIP_G) if key in data}
+        return Embedding(name=name, vectors=vectors, source=source, stored_name=_str_or_none(data.get("name")))
+    if "emb_params" in data:
+        return Embedding(name=name, vectors={SINGLE: _as_tensor(data["emb_params"], where)}, source=source)
+    tensors = {k: v for k, v in data.items() if not isinstance(v, (str, int, float, type(None)))}
+    if len(tensors) == 1:  # diffusers {token: tensor}
+        token, value = next(iter(tensors.items()))
+        return Embedding(name=name, vectors={SINGLE: _as_tensor(value, where)}, source=source, stored_name=str(token))
+    keys = ", ".join(map(str, list(data)[:8])) or "none"
+    raise ModelFormatError(f"{where}: unknown embedding layout (keys: {keys})")
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def load_embedding(path: str | Path, *, name: str | None = None) -> Embedding:
+    """Read an embedding file of any supported kind; ``name`` defaults to the file stem (A1111)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such embedding file")
+    if path.stat().st_size == 0:
+        raise ModelFormatError(f"{path}: empty file")
+    suffix = path.suffix.lower()
+    stem = name or path.stem
+    if suffix == ".safetensors":
+        return _load_safetensors(path, stem)
+    if suffix in IMAGE_SUFFIXES:
+        from .png import read_image_embedding
+
+        data = read_image_embedding(path)
+        # image embeddings are the one case where the stored name wins (A1111)
+        stored = data.get("name") if isinstance(data, Mapping) else None
+        emb = embedding_from_dict(data, name or str(stored or path.stem), source=path)
+        return emb
+    if suffix in PICKLE_SUFFIXES:
+        return embedding_from_dict(load_pickle(path), stem, source=path)
+    raise ModelFormatError(f"{path}: unsupported embedding file type {suffix!r} (want {', '.join(EMBEDDING_SUFFIXES)})")
+
+
+def _load_safetensors(path: Path, name: str) -> Embedding:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            data = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelFormatError(f"{path}: not a readable safetensors file: {exc}") from exc
+    emb = embedding_from_dict(data, name, source=path)
+    emb.metadata = metadata
+    if "step" in metadata and metadata["step"].isdigit():
+        emb.step = int(metadata["step"])
+    emb.sd_checkpoint = metadata.get("sd_checkpoint") or emb.sd_checkpoint
+    emb.sd_checkpoint_name = metadata.get("sd_checkpoint_name") or emb.sd_checkpoint_name
+    emb.stored_name = metadata.get("name") or emb.stored_name
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _clean(tensor: Any) -> Any:
+    import torch
+
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+
+def a1111_dict(emb: Embedding) -> dict[str, Any]:
+    """The dict A1111 pickles: ``string_to_param`` for SD1/SD2; for SDXL only ``clip_l``/``clip_g``
+    tensors (A1111 converts every value of an SDXL dict to a tensor, so extra keys would break it)."""
+    if emb.is_sdxl:
+        return {key: _clean(t) for key, t in emb.vectors.items()}
+    return {
+        "string_to_token": {"*": A1111_STAR_TOKEN},
+        "string_to_param": {"*": _clean(emb.vectors[SINGLE])},
+        "name": emb.name,
+        "step": emb.step,
+        "sd_checkpoint": emb.sd_checkpoint,
+        "sd_checkpoint_name": emb.sd_checkpoint_name,
+    }
+
+
+def _header(emb: Embedding) -> dict[str, str]:
+    meta = {"name": emb.name, "format": "pt"}
+    if emb.step is not None:
+        meta["step"] = str(emb.step)
+    if emb.sd_checkpoint:
+        meta["sd_checkpoint"] = emb.sd_checkpoint
+    if emb.sd_checkpoint_name:
+        meta["sd_checkpoint_name"] = emb.sd_checkpoint_name
+    meta.update({k: str(v) for k, v in emb.metadata.items() if k not in meta})
+    return meta
+
+
+def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = None, preview: Any = None) -> Path:
+    """Write ``emb`` atomically; ``format`` (pt, safetensors, bin, png) defaults from the suffix.
+
+    - ``pt``: the A1111 dict (readable by A1111, ComfyUI, diffusers with ``token=``).
+    - ``safetensors``: kohya ``emb_params`` (SD1/SD2) or ``clip_l``/``clip_g`` (SDXL), metadata in the header.
+    - ``bin``: diffusers ``{name: tensor}`` (SDXL: ``clip_l``/``clip_g``).
+    - ``png``: the A1111 ``sd-ti-embedding`` text chunk on ``preview`` (a PIL image) or a generated picture.
+    """
+    import torch
+
+    path = Path(path)
+    fmt = (format or path.suffix.lstrip(".")).lower()
+    if fmt not in FORMATS:
+        raise ModelFormatError(f"{path}: unknown embedding format {fmt!r} (want {', '.join(FORMATS)})")
+    if fmt == "pt":
+        data = a1111_dict(emb)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
+    elif fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        tensors = (
+            {k: _clean(t) for k, t in emb.vectors.items()} if emb.is_sdxl else {"emb_params": _clean(emb.vectors[SINGLE])}
+        )
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=_header(emb))
+    elif fmt == "bin":
+        tensors = {k: _clean(t) for k, t in emb.vectors.items()} if emb.is_sdxl else {emb.name: _clean(emb.vectors[SINGLE])}
+        with atomic_path(path) as tmp:
+            torch.save(tensors, tmp)
+    else:
+        from .png import write_png_embedding
+
+        write_png_embedding(emb, path, preview=preview)
+    return path

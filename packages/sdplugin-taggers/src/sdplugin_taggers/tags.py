@@ -265,7 +265,7 @@ class TagResult:
 
     ``general`` and ``character`` hold only the selected tags; ``rating`` holds every rating.
     ``tags()`` returns the ordered, rendered caption tags for the tagger's :class:`TagFormat`
-    (or another one passed in).
+    (or another one passed in). Captioners set ``text`` (a prompt) instead of tag dicts.
     """
 
     path: str | None
@@ -275,11 +275,16 @@ class TagResult:
     fmt: TagFormat = field(default_factory=TagFormat)
     size: tuple[int, int] | None = None
     error: str | None = None
+    text: str | None = None
 
     def tags(self, fmt: TagFormat | None = None) -> list[str]:
+        if self.text is not None:  # a captioner's prompt: its comma-separated phrases
+            return split_tag_list(self.text)
         return format_tags(self.rating, self.general, self.character, fmt or self.fmt)
 
     def caption(self, fmt: TagFormat | None = None) -> str:
+        if self.text is not None:
+            return self.text
         return ", ".join(self.tags(fmt))
 
     def to_json(self) -> dict[str, object]:

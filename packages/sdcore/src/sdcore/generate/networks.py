@@ -30,10 +30,26 @@ class NetworkRef:
     name: str
     weights: tuple[float, ...] = ()
     text: str = ""
+    named: tuple[tuple[str, float], ...] = ()
+    """A1111's named arguments in prompt order: ``<lora:x:te=0.5:unet=1>`` gives
+    ``(("te", 0.5), ("unet", 1.0))``. Positional weights, if any, come before them."""
 
     @property
     def weight(self) -> float:
         return self.weights[0] if self.weights else 1.0
+
+    def arg(self, index: int, name: str, default: float) -> float:
+        """The ``index``-th positional weight or the argument called ``name``, else ``default``.
+
+        LoRA reads ``te = ref.arg(0, "te", 1.0)`` and ``unet = ref.arg(1, "unet", te)``, which covers
+        ``<lora:x:0.5:1>`` and ``<lora:x:te=0.5:unet=1>`` alike.
+        """
+        for key, value in self.named:
+            if key == name:
+                return value
+        if index < len(self.weights):
+            return self.weights[index]
+        return default
 
 
 def _noop() -> None:
@@ -62,6 +78,9 @@ class PromptNetworkHandler:
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        # Extra generation options (``sdcore generate -O key=value`` and plugin-added flags), set by
+        # :func:`sdcore.generate.session.handlers_from_plugin_manager`; handlers read what they need.
+        self.options: dict[str, Any] = {}
 
     def available(self) -> list[Path]:
         """Files this handler could load from its directory (recursively)."""

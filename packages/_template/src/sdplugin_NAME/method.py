@@ -1,0 +1,43 @@
+"""The heavy part: imported only when the method runs."""
+
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdcore.io import atomic_save
+from sdcore.options import option
+from sdcore.train.method import TrainingMethod
+from sdcore.train.options import TrainOptions
+
+
+@dataclass
+class Options(TrainOptions):
+    bias_scale: float = option(1.0, "Multiply the learned bias by this when saving.")
+
+
+class Method(TrainingMethod):
+    name = "NAME"
+    options_class = Options
+
+    def prepare(self, bundle):
+        for module in bundle.components().values():
+            module.requires_grad_(False)
+        self.bias = bundle.unet.conv_out.bias
+        self.bias.requires_grad_(True)
+        return [{"params": [self.bias], "name": "conv_out.bias"}]
+
+    def trainable_state_dict(self):
+        return {"conv_out.bias": self.bias.detach().clone()}
+
+    def load_trainable_state_dict(self, state):
+        with torch.no_grad():
+            self.bias.copy_(state["conv_out.bias"])
+
+    def save(self, bundle, info):
+        tensors = {"conv_out.bias": (self.bias.detach().float().cpu() * self.options.bias_scale).contiguous()}
+        return atomic_save(info.path, lambda tmp: save_file(tensors, str(tmp)))
+
+    def load_result(self, bundle, path):
+        with torch.no_grad():
+            bundle.unet.conv_out.bias.copy_(load_file(str(path))["conv_out.bias"])

@@ -1,0 +1,81 @@
+"""Epoch plans: which images go together in which batch, one bucket per batch.
+
+Deterministic for ``(seed, epoch)`` so a resumed run sees exactly the batches it would have seen,
+and a partial last batch in a bucket is kept (kohya-derived trainers that drop small buckets
+silently lose images). With ``balance_class`` (DreamBooth prior preservation) class images are
+drawn to match the number of instance samples, cycling through all class images across epochs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from ..errors import DataError
+from .buckets import BucketAssignment
+from .dataset import DatasetIndex
+
+
+class BucketBatchSampler:
+    """Batches of indices into ``index.entries``; repeats expanded; every batch from one bucket."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        assignments: Sequence[BucketAssignment],
+        batch_size: int,
+        seed: int,
+        balance_class: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if len(assignments) != len(index.entries):
+            raise DataError(f"{len(assignments)} bucket assignments for {len(index.entries)} images")
+        self.index = index
+        self.assignments = list(assignments)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.balance_class = balance_class
+        self._instance = [i for i, e in enumerate(index.entries) for _ in range(e.repeats) if not e.is_class]
+        self._class = [i for i, e in enumerate(index.entries) for _ in range(e.repeats) if e.is_class]
+        self._len: int | None = None
+
+    def _rng(self, epoch: int, purpose: str) -> random.Random:
+        # str seeds hash with SHA-512: stable across processes and Python versions (no PYTHONHASHSEED)
+        return random.Random(f"sdcore-sampler:{self.seed}:{epoch}:{purpose}")
+
+    def epoch_samples(self, epoch: int) -> list[int]:
+        """The entry indices used in ``epoch`` (with repeats), before batching."""
+        samples = list(self._instance)
+        if not self._class:
+            return samples
+        if not self.balance_class:
+            return samples + self._class
+        # Cycle through a seed-fixed permutation of the class pool, one window per epoch, so that
+        # over several epochs every class image is used about equally often.
+        pool = list(self._class)
+        random.Random(f"sdcore-sampler:{self.seed}:class-order").shuffle(pool)
+        want = len(self._instance)
+        start = (epoch * want) % len(pool)
+        return samples + [pool[(start + k) % len(pool)] for k in range(want)]
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Shuffled batches for ``epoch`` (0-based); same result for the same seed and epoch."""
+        rng = self._rng(epoch, "batches")
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in self.epoch_samples(epoch):
+            by_bucket.setdefault(self.assignments[i].bucket, []).append(i)
+        batches: list[list[int]] = []
+        for bucket in sorted(by_bucket):
+            members = by_bucket[bucket]
+            rng.shuffle(members)
+            batches.extend(members[k : k + self.batch_size] for k in range(0, len(members), self.batch_size))
+        rng.shuffle(batches)
+        return batches
+
+    def __len__(self) -> int:
+        """Batches per epoch (of epoch 0; with ``balance_class`` later epochs can differ by a few
+        batches when class images of different buckets are drawn)."""
+        if self._len is None:
+            self._len = len(self.epoch_batches(0))
+        return self._len

@@ -26,6 +26,7 @@ class TrainOptions:
     data: str = option("", "Dataset folder (kohya N_name subfolders or plain images) or a TOML dataset config.", group="data")
     output: str = option("", "Where to write the result (a file or a folder, per method).", group="output")
     reg_data: str | None = option(None, "Regularisation/class images folder (kohya N_name subfolders).", group="data")
+    prior_loss_weight: float = option(1.0, "Loss weight of regularisation/class images (prior preservation).", group="loss")
     # data handling
     resolution: int = option(512, "Training resolution (side of the square area buckets are built around).", group="data")
     caption_extension: str = option(".txt", "Caption file extension (.txt or .caption).", group="data")

@@ -1,0 +1,145 @@
+"""DreamBooth: fine-tune the whole UNet (and optionally the text encoders) on a subject.
+
+Prior preservation uses the runtime's class-image support: class images (generated here when
+fewer than ``num_class_images`` exist) enter the dataset as regularisation images, the sampler
+balances them against the instance images (kohya's scheme) and the runtime weights their loss by
+``prior_loss_weight``. The result is a full checkpoint (single file or diffusers folder) that keeps
+the base model's family and prediction type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdcore.errors import ConfigError
+from sdcore.train.method import SaveInfo, TrainingMethod
+
+from .class_images import ensure_class_images
+from .ema import ParameterEMA
+from .options import DreamBoothOptions
+
+
+class DreamBoothMethod(TrainingMethod):
+    name = "dreambooth"
+    options_class = DreamBoothOptions
+    output_suffix = ".safetensors"
+    options: DreamBoothOptions
+
+    def __init__(self, options: DreamBoothOptions) -> None:
+        super().__init__(options)
+        self._text_encoder_training = options.train_text_encoder
+        self._trainables: dict[str, Any] = {}
+        self.ema: ParameterEMA | None = None
+
+    # --- setup -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        o = self.options
+        if o.class_prompt and not (o.class_data or o.reg_data):
+            raise ConfigError("--class-prompt needs --class-data (the folder to keep class images in)")
+        if o.class_data and not o.class_prompt and not Path(o.class_data).is_dir():
+            raise ConfigError(f"--class-data {o.class_data} does not exist and no --class-prompt was given to generate it")
+        if o.stop_text_encoder_at is not None and not o.train_text_encoder:
+            raise ConfigError("--stop-text-encoder-at needs --train-text-encoder")
+        if o.class_data and o.reg_data and Path(o.class_data) != Path(o.reg_data):
+            raise ConfigError("give either --class-data or --reg-data, not both")
+
+    @property
+    def text_encoder_frozen(self) -> bool:
+        return not self.options.train_text_encoder
+
+    def prepare(self, bundle: Any) -> list[dict[str, Any]]:
+        o = self.options
+        if o.class_data and o.class_prompt:
+            ensure_class_images(
+                bundle,
+                o.class_data,
+                o.class_prompt,
+                o.num_class_images,
+                batch_size=o.class_batch_size,
+                steps=o.class_steps,
+                sampler=o.class_sampler,
+                seed=o.seed,
+                progress=o.progress,
+            )
+        if o.class_data and not o.reg_data:
+            o.reg_data = o.class_data
+        for module in bundle.components().values():
+            module.requires_grad_(False)
+        bundle.unet.requires_grad_(True)
+        unet_params = [p for p in bundle.unet.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": unet_params, "lr": o.lr, "name": "unet"}]
+        self._trainables = {"unet": bundle.unet}
+        if o.train_text_encoder:
+            te_params: list[torch.nn.Parameter] = []
+            for index, encoder in enumerate(bundle.text_encoders):
+                encoder.requires_grad_(True)
+                self._trainables[f"text_encoder_{index}"] = encoder
+                te_params += list(encoder.parameters())
+            groups.append({"params": te_params, "lr": o.te_lr if o.te_lr is not None else o.lr, "name": "text_encoder"})
+        if o.ema:
+            self.ema = ParameterEMA([p for g in groups for p in g["params"]], decay=o.ema_decay)
+        self._bundle = bundle
+        return groups
+
+    def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
+        if is_class and self.options.class_prompt:
+            return self.options.class_prompt
+        if not is_class and self.options.instance_prompt:
+            return self.options.instance_prompt
+        return caption
+
+    # --- per step ----------------------------------------------------------------------------
+    def on_step_end(self, bundle: Any, step: int) -> None:
+        stop = self.options.stop_text_encoder_at
+        if self._text_encoder_training and stop is not None and step >= stop:
+            for encoder in bundle.text_encoders:
+                encoder.requires_grad_(False)
+                for param in encoder.parameters():
+                    param.grad = None
+            self._text_encoder_training = False
+        if self.ema is not None:
+            self.ema.update()
+
+    # --- state -------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for prefix, module in self._trainables.items():
+            for key, value in module.state_dict().items():
+                state[f"{prefix}.{key}"] = value.detach().clone()
+        if self.ema is not None:
+            state.update(self.ema.state_dict())
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for prefix, module in self._trainables.items():
+            own = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(own)
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
+        stop = self.options.stop_text_encoder_at
+        step = int(state["__step__"]) if "__step__" in state else None
+        if stop is not None and step is not None and step >= stop:
+            self.on_step_end(self._bundle, step)
+
+    def save(self, bundle: Any, info: SaveInfo) -> Path:
+        o = self.options
+        fmt = o.save_format or ("single-file" if info.path.suffix in (".safetensors", ".ckpt") else "diffusers")
+        metadata = dict(info.metadata)
+        metadata.setdefault("sdcore.method", "dreambooth")
+        if self.ema is not None:
+            with self.ema.applied():
+                return bundle.save(info.path, format=fmt, dtype=o.save_dtype, prune=True, metadata=metadata)
+        return bundle.save(info.path, format=fmt, dtype=o.save_dtype, prune=True, metadata=metadata)
+
+    def load_result(self, bundle: Any, path: str | Path) -> None:
+        """Load a saved DreamBooth checkpoint's weights into ``bundle`` (same architecture)."""
+        from sdcore.models.load import load_model
+
+        trained = load_model(str(path))
+        with torch.no_grad():
+            bundle.unet.load_state_dict(trained.unet.state_dict())
+            for mine, theirs in zip(bundle.text_encoders, trained.text_encoders, strict=True):
+                mine.load_state_dict(theirs.state_dict())

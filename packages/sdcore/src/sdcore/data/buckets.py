@@ -36,10 +36,14 @@ def _check_bucket_settings(resolution: int, min_reso: int, max_reso: int, step: 
     if min_reso <= 0 or max_reso < min_reso:
         raise ConfigError(f"bucket sides need 0 < min_bucket_reso <= max_bucket_reso, got {min_reso} and {max_reso}")
     if min_reso % step or max_reso % step:
-        raise ConfigError(f"min_bucket_reso {min_reso} and max_bucket_reso {max_reso} must be multiples of the step {step}")
+        raise ConfigError(
+            f"min_bucket_reso {min_reso} and max_bucket_reso {max_reso} must be multiples of the step {step}"
+        )
 
 
-def make_buckets(resolution: int, *, min_reso: int = 256, max_reso: int = 1024, step: int = 64) -> list[tuple[int, int]]:
+def make_buckets(
+    resolution: int, *, min_reso: int = 256, max_reso: int = 1024, step: int = 64
+) -> list[tuple[int, int]]:
     """All buckets for ``resolution`` (sorted, unique), as kohya's ``make_bucket_resolutions``.
 
     The square bucket ``floor(resolution / step) * step`` is always present; then for each width
@@ -83,7 +87,8 @@ def assign_bucket(
     Normally the bucket with the nearest aspect ratio (compared in log space, so portrait and
     landscape errors weigh the same) is chosen. With ``no_upscale`` the image gets a bucket of
     its own: if its area exceeds ``resolution**2`` it is first scaled down to that area; the
-    sides are then rounded *down* to ``step`` so the image is never enlarged. An image smaller
+    sides are then rounded *down* to ``step`` so the image is never enlarged (an image within
+    the area is not resampled at all, only center-cropped to the rounded size). An image smaller
     than ``step`` on a side raises :class:`ImageTooSmallError` (the dataset index counts it).
     """
     width, height = size
@@ -97,6 +102,12 @@ def assign_bucket(
         if bucket_w < step or bucket_h < step:
             raise ImageTooSmallError(
                 f"image of {width}x{height} is smaller than the bucket step {step} on a side (bucket_no_upscale)"
+            )
+        if scale >= 1.0:  # within the area: no resampling at all, only crop the remainder (as kohya)
+            return BucketAssignment(
+                bucket=(bucket_w, bucket_h),
+                resized=(width, height),
+                crop=((width - bucket_w) // 2, (height - bucket_h) // 2),
             )
         return _cover(size, (bucket_w, bucket_h))
     if not buckets:

@@ -64,8 +64,9 @@ class SubsetOptions:
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One usable image. ``caption`` is the raw caption (file, else class tokens, else ``""``);
-    ``size`` is (w, h) after EXIF rotation."""
+    """One usable image. ``caption`` is the raw caption (file, else class tokens, else ``""``;
+    the subset's ``caption_prefix``/``caption_suffix`` are NOT applied: the runtime adds them
+    before caption processing, as kohya does); ``size`` is (w, h) after EXIF rotation."""
 
     path: Path
     caption: str
@@ -121,7 +122,9 @@ class DatasetIndex:
         if self.class_token_captions:
             lines.append(f"  {len(self.class_token_captions)} without caption file: captioned with class tokens")
         if self.missing_captions:
-            lines.append(f"  {len(self.missing_captions)} without caption file and no class tokens: trained uncaptioned")
+            lines.append(
+                f"  {len(self.missing_captions)} without caption file and no class tokens: trained uncaptioned"
+            )
         if self.empty_captions:
             lines.append(f"  {len(self.empty_captions)} with an empty caption file")
         if self.skipped:
@@ -165,8 +168,9 @@ def folder_subsets(
     """Subsets of a kohya dataset folder.
 
     Sub-folders named ``N_tokens`` become subsets with ``N`` repeats and class tokens
-    ``tokens``; images directly inside ``root`` form a subset with 1 repeat. Other sub-folders
-    are reported in ``skipped`` (kohya ignores them silently, which hides mistakes).
+    ``tokens``; images directly inside ``root`` form a subset with 1 repeat (or, when ``root``
+    itself is named ``N_tokens``, with its repeats and class tokens). Other sub-folders are
+    reported in ``skipped`` (kohya ignores them silently, which hides mistakes).
     """
     root = Path(root)
     subsets: list[SubsetOptions] = []
@@ -178,7 +182,9 @@ def folder_subsets(
             match = _FOLDER_RE.match(child.name)
             if not match:
                 if skipped is not None:
-                    skipped.append(SkippedFile(child, "folder name does not start with '<repeats>_' (e.g. 10_name); ignored"))
+                    skipped.append(
+                        SkippedFile(child, "folder name does not start with '<repeats>_' (e.g. 10_name); ignored")
+                    )
                 continue
             repeats = int(match.group(1))
             if repeats < 1:
@@ -186,11 +192,19 @@ def folder_subsets(
                     skipped.append(SkippedFile(child, "folder has 0 repeats; ignored"))
                 continue
             tokens = match.group(2).strip() or None
-            subsets.append(SubsetOptions(image_dir=child, repeats=repeats, is_class=is_class, class_tokens=tokens, **defaults))
+            subsets.append(
+                SubsetOptions(image_dir=child, repeats=repeats, is_class=is_class, class_tokens=tokens, **defaults)
+            )
         elif is_image_path(child):
             has_direct_images = True
     if has_direct_images:
-        subsets.insert(0, SubsetOptions(image_dir=root, repeats=1, is_class=is_class, class_tokens=None, **defaults))
+        # Pointing at a concept folder itself (``data/10_sks``) means what its name says.
+        own = _FOLDER_RE.match(root.resolve().name)
+        repeats = int(own.group(1)) if own and int(own.group(1)) > 0 else 1
+        tokens = (own.group(2).strip() or None) if own and int(own.group(1)) > 0 else None
+        subsets.insert(
+            0, SubsetOptions(image_dir=root, repeats=repeats, is_class=is_class, class_tokens=tokens, **defaults)
+        )
     return subsets
 
 
@@ -303,7 +317,7 @@ def _resolution(value: Any, where: str, path: Path) -> int:
         and len(value) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
-        return int(math.isqrt(value[0] * value[1]))
+        return math.isqrt(value[0] * value[1])
     raise DataError(f"{path}: {where}: 'resolution' must be a positive integer or [width, height], got {value!r}")
 
 
@@ -394,7 +408,26 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
 # scanning
 
 
-def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool) -> None:
+def _probe_all(paths: list[Path], verify: bool) -> list[tuple[int, int] | ImageError]:
+    """Sizes (or the error) of ``paths``, in order; threads overlap file I/O and decoding (PIL
+    releases the GIL while decoding)."""
+    check = verify_image if verify else probe_image
+
+    def one(path: Path) -> tuple[int, int] | ImageError:
+        try:
+            return check(path)
+        except ImageError as exc:
+            return exc
+
+    if len(paths) < 16:
+        return [one(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, paths))
+
+
+def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, roots: set[Path]) -> None:
     directory = subset.image_dir
     if not directory.is_dir():
         index.skipped.append(SkippedFile(directory, "image folder does not exist"))
@@ -404,21 +437,31 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool) ->
     except OSError as exc:
         index.skipped.append(SkippedFile(directory, f"cannot list folder: {exc.strerror or exc}"))
         return
+    images: list[Path] = []
     for path in children:
-        if path.name.startswith(".") or path.is_dir():
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            # the children of a kohya root were judged by folder_subsets already
+            if directory not in roots:
+                index.skipped.append(
+                    SkippedFile(path, "sub-folder not scanned (images must sit directly in the folder)")
+                )
             continue
         if not is_image_path(path):
             if path.suffix.lower() not in _SIDECAR_SUFFIXES and path.suffix.lower() != subset.caption_extension.lower():
                 index.skipped.append(SkippedFile(path, f"not an image (suffix '{path.suffix}')"))
             continue
-        try:
-            size = verify_image(path) if verify else probe_image(path)
-        except ImageError as exc:
-            index.skipped.append(SkippedFile(path, _reason(exc, path)))
+        images.append(path)
+    for path, size in zip(images, _probe_all(images, verify), strict=True):
+        if isinstance(size, ImageError):
+            index.skipped.append(SkippedFile(path, _reason(size, path)))
             continue
         if subset.bucket_no_upscale and min(size) < subset.bucket_step:
             index.skipped.append(
-                SkippedFile(path, f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)")
+                SkippedFile(
+                    path, f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)"
+                )
             )
             continue
         try:
@@ -436,10 +479,10 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool) ->
         elif caption == "":
             index.empty_captions.append(path)
             caption = subset.class_tokens or ""
-        if subset.caption_prefix or subset.caption_suffix:
-            caption = f"{subset.caption_prefix}{caption}{subset.caption_suffix}"
         index.entries.append(
-            ImageEntry(path=path, caption=caption, repeats=subset.repeats, is_class=subset.is_class, size=size, subset=subset)
+            ImageEntry(
+                path=path, caption=caption, repeats=subset.repeats, is_class=subset.is_class, size=size, subset=subset
+            )
         )
 
 
@@ -450,8 +493,9 @@ def _reason(exc: Exception, path: Path) -> str:
     return text[len(prefix) :] if text.startswith(prefix) else text
 
 
-def _subsets_for(source: Path, *, is_class: bool, defaults: dict[str, Any], options: TrainOptions | None,
-                 skipped: list[SkippedFile]) -> list[SubsetOptions]:
+def _subsets_for(
+    source: Path, *, is_class: bool, defaults: dict[str, Any], options: TrainOptions | None, skipped: list[SkippedFile]
+) -> list[SubsetOptions]:
     if not source.exists():
         raise DataError(f"{source}: dataset path does not exist")
     if source.is_file():
@@ -475,8 +519,9 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     if options.reg_data:
         reg = Path(options.reg_data).expanduser()
         index.subsets += _subsets_for(reg, is_class=True, defaults=defaults, options=options, skipped=index.skipped)
+    roots = {p for p in (source, Path(options.reg_data).expanduser() if options.reg_data else None) if p and p.is_dir()}
     for subset in index.subsets:
-        _scan_subset(subset, index, verify=verify)
+        _scan_subset(subset, index, verify=verify, roots=roots)
     return index
 
 
@@ -490,7 +535,11 @@ def build_dataset_index(options: TrainOptions, *, verify: bool = True) -> Datase
     index = scan_dataset(options, verify=verify)
     if not index.instance_entries:
         where = options.data
-        detail = f" ({len(index.skipped)} files skipped: {index.skipped[0].path}: {index.skipped[0].reason} ...)" if index.skipped else ""
+        detail = (
+            f" ({len(index.skipped)} files skipped: {index.skipped[0].path}: {index.skipped[0].reason} ...)"
+            if index.skipped
+            else ""
+        )
         raise DataError(f"{where}: no usable training images found{detail}")
     return index
 
@@ -511,9 +560,13 @@ def assign_buckets(index: DatasetIndex) -> list[BucketAssignment]:
             continue
         key = (s.resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
         if key not in cache:
-            cache[key] = make_buckets(s.resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step)
+            cache[key] = make_buckets(
+                s.resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step
+            )
         out.append(
-            assign_bucket(entry.size, cache[key], no_upscale=s.bucket_no_upscale, resolution=s.resolution, step=s.bucket_step)
+            assign_bucket(
+                entry.size, cache[key], no_upscale=s.bucket_no_upscale, resolution=s.resolution, step=s.bucket_step
+            )
         )
     return out
 

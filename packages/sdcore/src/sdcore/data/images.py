@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-#: Largest image (in pixels) we agree to decode: 16k x 16k is far beyond any training need and
-#: still bounded in memory (~0.8 GB RGB). Larger declared sizes are treated as decompression bombs.
-MAX_IMAGE_PIXELS = 16384 * 16384
+#: Largest image (in pixels) we agree to decode: 80 MP (e.g. 10000x8000) is far beyond any training
+#: need and bounded in memory (~240 MB RGB). Larger declared sizes are treated as decompression
+#: bombs. It sits below Pillow's own warning threshold (~89 MP), which we also turn into an error.
+MAX_IMAGE_PIXELS = 80_000_000
 
 #: EXIF orientations (tag 0x0112) that swap width and height.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -134,14 +135,14 @@ def _to_rgb(image: PILImage.Image) -> PILImage.Image:
         # 16-bit (or 32-bit int) grayscale: scale the 0..65535 range down instead of clipping at 255.
         values = np.asarray(image, dtype=np.float64)
         values = np.clip(values, 0, 65535) / 257.0
-        gray = Image.fromarray(np.round(values).astype(np.uint8), mode="L")
+        gray = Image.fromarray(np.round(values).astype(np.uint8))
         return gray.convert("RGB")
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
         if values.size and np.nanmax(values) <= 1.0:
             values = values * 255.0
         values = np.nan_to_num(np.clip(values, 0, 255))
-        return Image.fromarray(np.round(values).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.round(values).astype(np.uint8)).convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")

@@ -1,0 +1,195 @@
+"""``sdcore data check``: everything wrong or notable about a dataset, before any model loads.
+
+Covers the failures users meet most often with kohya-style trainers: unreadable files, wrong
+caption extension (missing captions), empty captions, tiny images that get blown up, and how the
+images spread over buckets; plus a tag overview (frequencies and which images carry each tag).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DataError
+from .captions import split_tags, tag_frequencies
+from .dataset import assign_buckets, scan_dataset
+
+if TYPE_CHECKING:
+    from ..train.options import TrainOptions
+
+#: An image enlarged by more than this factor to reach its bucket is reported (it will look soft).
+UPSCALE_WARNING = 2.0
+
+
+@dataclass
+class DatasetReport:
+    """Counts and lists describing a dataset (``to_text`` for people, ``to_dict`` for tools)."""
+
+    path: str
+    images: int = 0
+    instance_images: int = 0
+    class_images: int = 0
+    samples_per_epoch: int = 0
+    batch_size: int = 1
+    batches_per_epoch: int = 0
+    captions_from_files: int = 0
+    class_token_captions: list[str] = field(default_factory=list)
+    missing_captions: list[str] = field(default_factory=list)
+    empty_captions: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    upscaled: list[tuple[str, float]] = field(default_factory=list)
+    buckets: dict[str, int] = field(default_factory=dict)
+    unique_tags: int = 0
+    tag_frequencies: dict[str, int] = field(default_factory=dict)
+    images_per_tag: dict[str, list[str]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> int:
+        """Number of things a user should look at (0 for a clean dataset)."""
+        return (
+            len(self.errors)
+            + len(self.skipped)
+            + len(self.missing_captions)
+            + len(self.empty_captions)
+            + len(self.upscaled)
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "images": self.images,
+            "instance_images": self.instance_images,
+            "class_images": self.class_images,
+            "samples_per_epoch": self.samples_per_epoch,
+            "batch_size": self.batch_size,
+            "batches_per_epoch": self.batches_per_epoch,
+            "captions": {
+                "from_files": self.captions_from_files,
+                "from_class_tokens": len(self.class_token_captions),
+                "missing": len(self.missing_captions),
+                "empty": len(self.empty_captions),
+            },
+            "class_token_captions": self.class_token_captions,
+            "missing_captions": self.missing_captions,
+            "empty_captions": self.empty_captions,
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "upscaled": [{"path": p, "factor": round(f, 2)} for p, f in self.upscaled],
+            "buckets": self.buckets,
+            "unique_tags": self.unique_tags,
+            "tag_frequencies": self.tag_frequencies,
+            "images_per_tag": self.images_per_tag,
+            "errors": self.errors,
+            "problems": self.problems,
+        }
+
+    def to_text(self, *, max_list: int = 50, max_images_per_tag: int = 5) -> str:
+        def listing(title: str, items: list[str]) -> list[str]:
+            if not items:
+                return []
+            out = [f"  {title} ({len(items)}):"]
+            out += [f"    {item}" for item in items[:max_list]]
+            if len(items) > max_list:
+                out.append(f"    ... and {len(items) - max_list} more (use --json for all)")
+            return out
+
+        lines = [f"Dataset {self.path}"]
+        lines += [f"  ERROR: {error}" for error in self.errors]
+        lines.append(
+            f"  images: {self.images} usable ({self.instance_images} training, {self.class_images} class), "
+            f"{self.samples_per_epoch} samples per epoch with repeats"
+        )
+        lines.append(
+            f"  captions: {self.captions_from_files} from files, {len(self.class_token_captions)} from class tokens, "
+            f"{len(self.missing_captions)} missing, {len(self.empty_captions)} empty"
+        )
+        lines += listing("skipped files", [f"{p}: {r}" for p, r in self.skipped])
+        lines += listing(
+            "missing captions (no caption file, no class tokens: trained uncaptioned)", self.missing_captions
+        )
+        lines += listing("empty caption files", self.empty_captions)
+        lines += listing(
+            f"small images (enlarged more than {UPSCALE_WARNING:g}x)", [f"{p}: x{f:.1f}" for p, f in self.upscaled]
+        )
+        if self.buckets:
+            lines.append(f"  buckets ({len(self.buckets)}; images per bucket):")
+            for name, count in sorted(self.buckets.items(), key=lambda item: (-item[1], item[0])):
+                lines.append(f"    {name:>10}  {count}")
+            lines.append(f"  batches per epoch at batch size {self.batch_size}: {self.batches_per_epoch}")
+        if self.tag_frequencies:
+            lines.append(f"  tags: {self.unique_tags} unique; most frequent (images):")
+            for tag, count in self.tag_frequencies.items():
+                images = self.images_per_tag.get(tag, [])
+                shown = ", ".join(images[:max_images_per_tag]) + (" ..." if len(images) > max_images_per_tag else "")
+                lines.append(f"    {count:>5}  {tag}  [{shown}]")
+        lines.append("  OK: no problems found" if self.ok else f"  {self.problems} problem(s) found")
+        return "\n".join(lines)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = None, *, top: int = 30) -> DatasetReport:
+    """Scan ``path`` (folder or dataset TOML) with ``options`` (bucket and caption settings).
+
+    Raises :class:`DataError` only when the dataset cannot be read at all (missing path, broken
+    TOML); an empty dataset is reported as an error inside the report.
+    """
+    from ..train.options import TrainOptions
+
+    options = replace(options or TrainOptions(), data=str(path))
+    index = scan_dataset(options, verify=True)
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    rel = lambda p: _relative(p, root)  # noqa: E731
+
+    report = DatasetReport(path=str(path), batch_size=options.batch_size)
+    report.images = len(index.entries)
+    report.instance_images = len(index.instance_entries)
+    report.class_images = len(index.class_entries)
+    report.samples_per_epoch = index.samples_per_epoch
+    no_file = {*index.missing_captions, *index.class_token_captions, *index.empty_captions}
+    report.captions_from_files = sum(1 for e in index.entries if e.path not in no_file)
+    report.class_token_captions = [rel(p) for p in index.class_token_captions]
+    report.missing_captions = [rel(p) for p in index.missing_captions]
+    report.empty_captions = [rel(p) for p in index.empty_captions]
+    report.skipped = [(rel(s.path), s.reason) for s in index.skipped]
+    if not index.instance_entries:
+        report.errors.append("no usable training images")
+
+    if index.entries:
+        try:
+            assignments = assign_buckets(index)
+        except DataError as exc:
+            report.errors.append(f"bucket settings: {exc}")
+            assignments = []
+        for entry, assignment in zip(index.entries, assignments, strict=False):
+            name = f"{assignment.bucket[0]}x{assignment.bucket[1]}"
+            report.buckets[name] = report.buckets.get(name, 0) + 1
+            factor = assignment.resized[0] / entry.size[0]
+            if factor > UPSCALE_WARNING:
+                report.upscaled.append((rel(entry.path), factor))
+        if assignments:
+            from .sampler import BucketBatchSampler
+
+            report.batches_per_epoch = len(BucketBatchSampler(index, assignments, options.batch_size, options.seed))
+
+    captions = [e.caption for e in index.entries]
+    frequencies = tag_frequencies(captions)
+    report.unique_tags = len(frequencies)
+    report.tag_frequencies = dict(list(frequencies.items())[:top])
+    wanted = set(report.tag_frequencies)
+    for entry in index.entries:
+        for tag in dict.fromkeys(split_tags(entry.caption)):
+            if tag in wanted:
+                report.images_per_tag.setdefault(tag, []).append(rel(entry.path))
+    return report

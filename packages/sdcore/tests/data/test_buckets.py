@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sdcore.data.buckets import ImageTooSmallError, assign_bucket, make_buckets, square_assignment
+from sdcore.errors import ConfigError
+
+KOHYA_512 = {
+    (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576), (512, 512),
+}  # fmt: skip
+
+
+def test_512_matches_kohya():
+    buckets = make_buckets(512)
+    expected = KOHYA_512 | {(h, w) for w, h in KOHYA_512}
+    assert set(buckets) == expected
+    assert len(buckets) == 17
+
+
+@pytest.mark.parametrize(
+    "resolution, lo, hi, step", [(512, 256, 1024, 64), (1024, 512, 2048, 32), (768, 256, 1024, 64)]
+)
+def test_bucket_invariants(resolution, lo, hi, step):
+    buckets = make_buckets(resolution, min_reso=lo, max_reso=hi, step=step)
+    assert buckets == sorted(set(buckets))
+    for w, h in buckets:
+        assert w % step == 0 and h % step == 0
+        assert w * h <= resolution * resolution
+        assert lo <= w <= hi and lo <= h <= hi
+    assert (resolution // step * step,) * 2 in buckets
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError):
+        make_buckets(512, min_reso=250)
+    with pytest.raises(ConfigError):
+        make_buckets(512, min_reso=1024, max_reso=256)
+    with pytest.raises(ConfigError):
+        make_buckets(512, step=0)
+
+
+BUCKETS_512 = make_buckets(512)
+sizes = st.tuples(st.integers(16, 4000), st.integers(16, 4000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=sizes)
+def test_assignment_covers_bucket_and_picks_nearest_aspect(size):
+    a = assign_bucket(size, BUCKETS_512, resolution=512)
+    bw, bh = a.bucket
+    rw, rh = a.resized
+    assert a.bucket in BUCKETS_512
+    assert rw >= bw and rh >= bh
+    left, top = a.crop
+    assert 0 <= left <= rw - bw and 0 <= top <= rh - bh
+    # centered crop
+    assert abs(left - (rw - bw - left)) <= 1 and abs(top - (rh - bh - top)) <= 1
+    # resize keeps the aspect ratio (up to rounding)
+    assert abs(rw / rh - size[0] / size[1]) <= 2.0 / min(rw, rh) * max(rw / rh, 1)
+    # nearest aspect ratio among all buckets
+    err = abs(math.log(bw / bh) - math.log(size[0] / size[1]))
+    assert err <= min(abs(math.log(w / h) - math.log(size[0] / size[1])) for w, h in BUCKETS_512) + 1e-12
+
+
+def test_aspect_error_small_within_bucket_range():
+    for w, h in [(1000, 1000), (1200, 800), (800, 1200), (1920, 1080), (600, 1500), (512, 700)]:
+        a = assign_bucket((w, h), BUCKETS_512, resolution=512)
+        assert abs(math.log(a.bucket[0] / a.bucket[1]) - math.log(w / h)) < 0.12
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=sizes)
+def test_no_upscale_never_enlarges(size):
+    try:
+        a = assign_bucket(size, BUCKETS_512, resolution=512, no_upscale=True, step=64)
+    except ImageTooSmallError:
+        assert min(size) < 64 or size[0] * size[1] > 512 * 512
+        return
+    bw, bh = a.bucket
+    assert bw % 64 == 0 and bh % 64 == 0 and bw >= 64 and bh >= 64
+    assert bw * bh <= 512 * 512
+    assert a.resized[0] <= size[0] and a.resized[1] <= size[1], "never upscaled"
+    assert a.resized[0] >= bw and a.resized[1] >= bh
+    if size[0] * size[1] <= 512 * 512:
+        assert a.bucket == (size[0] // 64 * 64, size[1] // 64 * 64)
+        assert a.resized == size
+
+
+def test_no_upscale_tiny_image_is_refused():
+    with pytest.raises(ImageTooSmallError):
+        assign_bucket((10, 10), BUCKETS_512, resolution=512, no_upscale=True)
+    with pytest.raises(ImageTooSmallError):
+        assign_bucket((500, 40), BUCKETS_512, resolution=512, no_upscale=True)
+
+
+def test_square_assignment():
+    a = square_assignment((200, 100), 64)
+    assert a.bucket == (64, 64) and a.resized == (128, 64) and a.crop == (32, 0)

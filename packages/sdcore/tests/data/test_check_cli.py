@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+
+import click
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+from sdcore.builtin.data_commands import data_group, sdcore_register_commands
+from sdcore.data.check import check_dataset
+from sdcore.data.dedupe import dhash, find_duplicates, list_images
+from sdcore.train.options import TrainOptions
+
+
+def test_check_report_lists_every_problem(messy_dataset):
+    opts = TrainOptions(resolution=64, min_bucket_reso=64, max_bucket_reso=128, batch_size=2)
+    report = check_dataset(messy_dataset["root"], opts)
+    assert report.images == 9 and report.instance_images == 9 and report.class_images == 0
+    assert report.samples_per_epoch == 41
+    assert {p.split("/")[-1] for p, _ in report.skipped} == messy_dataset["skipped"]
+    assert report.missing_captions == ["direct.png"]
+    assert report.empty_captions == ["5_sks dog/empty.png"]
+    assert "5_sks dog/nocap.png" in report.class_token_captions
+    assert report.captions_from_files == 1  # only good.png has a caption file
+    assert len(report.class_token_captions) == 6
+    assert [p for p, _ in report.upscaled] == ["5_sks dog/sixteen.png", "5_sks dog/tiny.png"]  # 48x16, 10x10
+    assert sum(report.buckets.values()) == 9
+    assert report.batches_per_epoch >= 41 // 2
+    assert report.tag_frequencies["sks dog"] == 8  # 1 caption file + 6 class-token + 1 empty file (class tokens)
+    assert report.images_per_tag["sitting"] == ["5_sks dog/good.png"]
+    assert not report.ok and report.problems == 6 + 1 + 1 + 2
+    text = report.to_text()
+    for needle in ("truncated.jpg", "bomb.png", "fake.jpg", "direct.png", "empty.png", "tiny.png", "skipped files (6)"):
+        assert needle in text
+    data = report.to_dict()
+    json.dumps(data)
+    assert data["captions"] == {"from_files": 1, "from_class_tokens": 6, "missing": 1, "empty": 1}
+
+
+def test_cli_check_json_and_text(messy_dataset):
+    runner = CliRunner()
+    root = str(messy_dataset["root"])
+    result = runner.invoke(
+        data_group,
+        ["check", root, "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "128", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["images"] == 9 and len(data["skipped"]) == 6
+    assert any("decompression bomb" in s["reason"] for s in data["skipped"])
+    strict = runner.invoke(
+        data_group,
+        ["check", root, "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "128", "--strict"],
+    )
+    assert strict.exit_code == 1 and "problem(s) found" in strict.output
+    no_up = runner.invoke(
+        data_group,
+        [
+            "check",
+            root,
+            "--resolution",
+            "64",
+            "--bucket-step",
+            "16",
+            "--min-bucket-reso",
+            "64",
+            "--max-bucket-reso",
+            "128",
+            "--no-upscale",
+            "--json",
+        ],
+    )
+    assert any(s["path"].endswith("tiny.png") for s in json.loads(no_up.output)["skipped"])
+
+
+def test_cli_check_empty_dataset_fails(tmp_path):
+    result = CliRunner().invoke(data_group, ["check", str(tmp_path)])
+    assert result.exit_code == 1 and "no usable training images" in result.output
+
+
+def test_clean_dataset_is_ok(tmp_path):
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    make_tiny_dataset(tmp_path, n=3, size=64, repeats=2)
+    report = check_dataset(tmp_path, TrainOptions(resolution=64, min_bucket_reso=64, max_bucket_reso=128))
+    assert report.ok and report.images == 3 and report.samples_per_epoch == 6
+    assert report.buckets == {"64x64": 3}
+    assert "OK: no problems found" in report.to_text()
+
+
+def test_command_registration():
+    cli = click.Group()
+    sdcore_register_commands(cli)
+    assert cli.commands["data"] is data_group
+    assert set(data_group.commands) == {"check", "dedupe"}
+
+
+# ------------------------------------------------------------------------------------- dedupe
+
+
+def _scene(seed: int, size: int = 96) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR)
+
+
+def test_dhash_survives_resize_and_jpeg(tmp_path):
+    _scene(1).save(tmp_path / "a.png")
+    _scene(1).resize((64, 64)).save(tmp_path / "b.jpg", quality=70)
+    _scene(2).save(tmp_path / "c.png")
+    ha, hb, hc = (dhash(tmp_path / n) for n in ("a.png", "b.jpg", "c.png"))
+    assert bin(ha ^ hb).count("1") <= 6
+    assert bin(ha ^ hc).count("1") > 12
+
+
+def test_dedupe_groups_and_moves_only_when_asked(tmp_path):
+    data = tmp_path / "data" / "1_x"
+    data.mkdir(parents=True)
+    _scene(1).save(data / "big.png")
+    (data / "big.txt").write_text("a", encoding="utf-8")
+    _scene(1).resize((48, 48)).save(data / "small.png")
+    (data / "small.txt").write_text("b", encoding="utf-8")
+    _scene(2).save(data / "other.png")
+    (data / "broken.png").write_text("nope", encoding="utf-8")
+    groups, unreadable = find_duplicates(list_images(tmp_path / "data"))
+    assert len(groups) == 1 and groups[0].keep.name == "big.png" and [p.name for p in groups[0].others] == ["small.png"]
+    assert [p.name for p, _ in unreadable] == ["broken.png"]
+
+    runner = CliRunner()
+    listed = runner.invoke(data_group, ["dedupe", str(tmp_path / "data")])
+    assert listed.exit_code == 0 and "dup   1_x/small.png" in listed.output and "nothing moved" in listed.output
+    assert (data / "small.png").exists()
+
+    moved_to = tmp_path / "dups"
+    result = runner.invoke(data_group, ["dedupe", str(tmp_path / "data"), "--move-to", str(moved_to), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["groups"][0]["duplicates"] == ["1_x/small.png"]
+    assert not (data / "small.png").exists() and not (data / "small.txt").exists()
+    assert (moved_to / "small.png").exists() and (moved_to / "small.txt").read_text(encoding="utf-8") == "b"
+    assert (data / "big.png").exists() and (data / "other.png").exists()

@@ -1,1 +1,276 @@
-"""Placeholder until this built-in lands."""
+"""``sdcore generate``: txt2img / img2img with A1111 prompt syntax and plugin networks.
+
+Import-light on purpose (click only; torch, diffusers and the model loader are imported when the
+command runs) so ``sdcore --help`` stays fast.
+
+Plugins that need their own generation options (aesthetic gradients: ``--aesthetic``) have two
+ways in, neither needing a new hook:
+
+- every user can pass ``-O key=value`` (repeatable); the pairs reach every prompt-network handler
+  as ``handler.options`` (strings);
+- a plugin can add a real flag from its ``sdcore_register_commands`` hook with
+  :func:`add_generate_option` (``add_generate_option("--aesthetic", help=..., default=None)``); its
+  value lands in ``handler.options`` under the parameter name (``"aesthetic"``), typed by click.
+  Options whose name ends in ``_dir`` are also offered as handler folders (like ``--lora-dir``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..hookspecs import hookimpl
+
+_SAMPLER_HELP = (
+    "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
+)
+_DIRECTORY_OPTIONS = ("lora_dir", "embeddings_dir", "hypernetwork_dir")
+
+
+def _parse_size(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    text = value.lower().replace(" ", "")
+    width, sep, height = text.partition("x")
+    if not sep:
+        width = height = text
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT (for example 512x768) or a single number") from None
+
+
+def _parse_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        pairs[key.strip().replace("-", "_")] = value
+    return pairs
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}") for index in range(count)]
+
+
+@click.command("generate")
+@click.argument("prompt")
+@click.option(
+    "-m", "--model", required=True, help="Model: diffusers folder, .safetensors/.ckpt file, or tiny:sd1|sd2|sdxl."
+)
+@click.option("-n", "--negative", default="", help="Negative prompt.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
+@click.option("--cfg", default=7.0, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option(
+    "--seed", default=-1, show_default=True, type=int, help="Seed (-1: random); image i of a batch uses seed+i."
+)
+@click.option("--size", default=None, callback=_parse_size, help="WIDTHxHEIGHT (default: the model's native size).")
+@click.option("--sampler", default="euler_a", show_default=True, help=_SAMPLER_HELP)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
+@click.option(
+    "--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="img2img source image."
+)
+@click.option(
+    "--strength",
+    default=0.75,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="img2img denoising strength.",
+)
+@click.option("--clip-skip", default=1, show_default=True, type=click.IntRange(1, 12), help="1 = last CLIP layer.")
+@click.option(
+    "--models-dir",
+    default="models",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A1111-style models folder: Lora/, embeddings/, hypernetworks/ are looked up below it.",
+)
+@click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of <lora:...> files.")
+@click.option("--embeddings-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of embeddings.")
+@click.option(
+    "--hypernetwork-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of <hypernet:...> files."
+)
+@click.option(
+    "-O",
+    "--option",
+    "extra_pairs",
+    multiple=True,
+    callback=_parse_pairs,
+    metavar="KEY=VALUE",
+    help="Extra option for network plugins (repeatable).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps ...")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    help="auto: fp16 on GPUs, fp32 on CPU.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default="output.png",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output PNG (a batch writes NAME-0.png, NAME-1.png ...).",
+)
+def generate(**params: Any) -> None:
+    """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
+    _run_generate(params)
+
+
+_CORE_PARAMS = frozenset(p.name for p in generate.params if p.name)
+
+
+def add_generate_option(*param_decls: str, **attrs: Any) -> click.Option:
+    """Add a flag to ``sdcore generate`` for a plugin (call it from ``sdcore_register_commands``).
+
+    The parsed value reaches every prompt-network handler as ``handler.options[name]``.
+    Adding the same option twice is a no-op; clashing with a core option is an error.
+    """
+    option = click.Option(list(param_decls), **attrs)
+    if option.name in _CORE_PARAMS:
+        raise click.UsageError(f"generate option {option.name!r} belongs to sdcore; choose another name")
+    for existing in generate.params:
+        if existing.name == option.name:
+            return existing  # type: ignore[return-value]
+    generate.params.append(option)
+    return option
+
+
+def _plugin_manager() -> Any:
+    ctx = click.get_current_context(silent=True)
+    pm = getattr(ctx.obj, "pm", None) if ctx is not None else None
+    if pm is None:
+        from ..plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    return pm
+
+
+def _load_bundle(source: str, pm: Any) -> Any:
+    """``load_model`` when available; ``tiny:<family>`` always works (tests, demos)."""
+    if source.startswith("tiny:"):
+        from ..models.tiny import create_tiny_bundle
+
+        family = source.split(":", 1)[1] or "sd1"
+        if family not in ("sd1", "sd2", "sdxl"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"unknown tiny model {source!r}: use tiny:sd1, tiny:sd2 or tiny:sdxl")
+        return create_tiny_bundle(family)
+    try:
+        from ..models.load import load_model
+    except ImportError as exc:  # the loader ships with sdcore; this only happens in broken installs
+        from ..errors import ConfigError
+
+        raise ConfigError(f"cannot load {source}: sdcore.models.load is unavailable ({exc})") from exc
+    import inspect
+
+    if "pm" in inspect.signature(load_model).parameters:
+        return load_model(source, pm=pm)
+    return load_model(source)
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        chosen = torch.float16 if device != "cpu" else torch.float32
+    else:
+        chosen = dtypes[dtype]
+    return torch.device(device), chosen
+
+
+def _run_generate(params: dict[str, Any]) -> None:
+    import random
+
+    from .. import __version__
+    from ..generate.pipeline import generate_images, sampler_id
+    from ..generate.pnginfo import format_parameters, model_short_hash, save_png
+    from ..generate.session import NetworkSession, handlers_from_plugin_manager
+
+    extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
+    extra_options.update(params["extra_pairs"])
+    sampler = sampler_id(params["sampler"])
+    seed = params["seed"] if params["seed"] >= 0 else random.randrange(2**32)
+
+    pm = _plugin_manager()
+    directories: dict[str, Any] = {name: params[name] for name in _DIRECTORY_OPTIONS if params.get(name)}
+    directories.update({k: v for k, v in extra_options.items() if k.endswith("_dir") and v})
+    handlers = handlers_from_plugin_manager(pm, directories, models_dir=params["models_dir"], options=extra_options)
+    session = NetworkSession(handlers)
+    # Fail on unknown tags and malformed syntax before spending time on loading the model.
+    session.parse(params["prompt"], params["negative"])
+
+    bundle = _load_bundle(params["model"], pm)
+    device, dtype = _device_and_dtype(params["device"], params["dtype"])
+    if bundle.device != device or bundle.unet.dtype != dtype:
+        bundle.to(device=device, dtype=dtype if bundle.unet.dtype != dtype else None)
+
+    width, height = params["size"] or (None, None)
+    infos: list[dict[str, str]] = []
+    prompts = [params["prompt"]] * params["batch"]
+    images = generate_images(
+        bundle,
+        prompts,
+        negative_prompt=params["negative"],
+        steps=params["steps"],
+        cfg=params["cfg"],
+        seed=seed,
+        width=width,
+        height=height,
+        sampler=sampler,
+        init_image=params["init_image"],
+        strength=params["strength"],
+        clip_skip=params["clip_skip"],
+        networks=session,
+        info=infos,
+    )
+    source = bundle.source or params["model"]
+    model_hash = model_short_hash(source)
+    model_name = Path(str(source)).stem if not str(source).startswith("tiny:") else str(source)
+    for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
+        extra: dict[str, Any] = {}
+        if params["init_image"] is not None:
+            extra["Denoising strength"] = params["strength"]
+        if params["clip_skip"] > 1:
+            extra["Clip skip"] = params["clip_skip"]
+        extra.update(infos[index] if index < len(infos) else {})
+        extra["Version"] = f"sdcore {__version__}"
+        text = format_parameters(
+            params["prompt"],
+            params["negative"],
+            params["steps"],
+            sampler,
+            params["cfg"],
+            seed + index,
+            image.size,
+            model_hash,
+            model_name,
+            extra,
+        )
+        save_png(image, path, text)
+        click.echo(str(path))
+
+
+@hookimpl
+def sdcore_register_commands(cli: click.Group) -> None:
+    cli.add_command(generate)
+
+
+__all__ = ["add_generate_option", "generate", "sdcore_register_commands"]

@@ -100,9 +100,7 @@ class PromptNetworkHandler:
         where = self.directory or "(no directory set)"
         raise NetworkMismatchError(f"{self.tag or 'network'} {name!r} not found in {where}; available: {known}")
 
-    def activate(
-        self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str
-    ) -> Activation:
+    def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         """Apply ``refs`` to ``bundle`` (or rewrite the prompts) and say how to undo it."""
         raise NotImplementedError
 

@@ -32,7 +32,7 @@ _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
 # A tag is a word followed by ':' and anything up to the next '>' (no nested '<').
 _NETWORK_RE = re.compile(r"<(\w+):([^<>]*)>")
-_NAMED_ARG_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(.*?)\s*$", re.S)
+_NAMED_ARG_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(.*?)\s*$", re.DOTALL)
 
 # Emphasis tokens: escapes, brackets, a weighted close ``:1.3)``, plain text runs, lone ':' or '\'.
 _EMPHASIS_TOKEN_RE = re.compile(
@@ -155,7 +155,7 @@ def parse_emphasis(text: str, *, strict: bool = False) -> list[Chunk]:
         elif token == "]" and square_open:
             _scale(square_open.pop(), SQUARE_MULTIPLIER)
         else:
-            if strict and token[0] in ")]" or (strict and weight is not None):
+            if (strict and token[0] in ")]") or (strict and weight is not None):
                 raise ConfigError(f"unbalanced {token[-1]!r} at character {match.start()} in prompt {text!r}")
             for index, part in enumerate(_BREAK_RE.split(token)):
                 if index:

@@ -1,0 +1,346 @@
+"""diffusers pipelines over a :class:`~sdcore.models.bundle.ModelBundle`, and ``generate_images``.
+
+The pipeline is built around the bundle's own modules (no copies), so a LoRA a plugin patches
+into ``bundle.unet`` or a training step that just changed the weights is what generates. The
+prompt is encoded by :mod:`.conditioning` (A1111 emphasis, long prompts) and handed to the
+pipeline as ``prompt_embeds``. Samplers use A1111's names and are configured from the bundle's
+training noise schedule, so the prediction type (epsilon or v) always matches the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..models.bundle import ModelBundle
+    from .networks import NetworkRef
+    from .session import NetworkSession
+
+# id -> (diffusers scheduler class, config overrides, A1111 display name)
+SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "dpm++2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+_ALIASES = {
+    "eulera": "euler_a",
+    "keulera": "euler_a",
+    "keuler": "euler",
+    "dpm++2m": "dpm++2m",
+    "dpmpp2m": "dpm++2m",
+    "dpm++2mkarras": "dpm++2m_karras",
+    "dpmpp2mkarras": "dpm++2m_karras",
+    "klms": "lms",
+    "kheun": "heun",
+    "plms": "pndm",
+}
+
+
+def sampler_id(name: str) -> str:
+    """Normalise a sampler name (``"Euler a"``, ``"k_euler_a"``, ``"DPM++ 2M Karras"``) to an id."""
+    if name in SAMPLERS:
+        return name
+    key = "".join(ch for ch in name.lower() if ch.isalnum() or ch == "+")
+    if key in _ALIASES:
+        return _ALIASES[key]
+    for sid, (_, _, label) in SAMPLERS.items():
+        if key == "".join(ch for ch in (sid + label).lower() if ch.isalnum() or ch == "+"):
+            return sid
+        if key == "".join(ch for ch in label.lower() if ch.isalnum() or ch == "+") or key == sid.replace("_", ""):
+            return sid
+    raise ConfigError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+def sampler_label(name: str) -> str:
+    """A1111's display name for a sampler (what PNG infotext says)."""
+    return SAMPLERS[sampler_id(name)][2]
+
+
+def make_scheduler(bundle: ModelBundle, sampler: str = "euler_a") -> Any:
+    """A fresh diffusers scheduler for ``sampler`` with the bundle's noise schedule and prediction type."""
+    import diffusers
+
+    class_name, overrides, _ = SAMPLERS[sampler_id(sampler)]
+    config = dict(bundle.noise_scheduler.config)
+    config["prediction_type"] = bundle.prediction_type
+    config.update(overrides)
+    cls = getattr(diffusers, class_name)
+    if cls.__module__.startswith("diffusers.utils.dummy"):  # a backend (scipy for LMS) is missing
+        raise ConfigError(f"sampler {sampler!r} needs scipy, which is not installed (pip install scipy)")
+    return cls.from_config(config)
+
+
+def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler_a") -> Any:
+    """A diffusers pipeline sharing the bundle's modules (safety checker off, no watermark)."""
+    import diffusers
+
+    if bundle.inpainting:
+        raise ConfigError(
+            f"{bundle.source or 'this model'} is an inpainting model; generate does not support masks yet"
+        )
+    scheduler = make_scheduler(bundle, sampler)
+    if bundle.is_sdxl:
+        if bundle.family == "sdxl-refiner":
+            if not img2img:
+                raise ConfigError("the SDXL refiner only refines images: pass an init image (--init-image)")
+            return diffusers.StableDiffusionXLImg2ImgPipeline(
+                vae=bundle.vae,
+                text_encoder=None,
+                text_encoder_2=bundle.text_encoders[0],
+                tokenizer=None,
+                tokenizer_2=bundle.tokenizers[0],
+                unet=bundle.unet,
+                scheduler=scheduler,
+                requires_aesthetics_score=True,
+                force_zeros_for_empty_prompt=False,
+                add_watermarker=False,
+            )
+        xl_cls: Any = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
+        return xl_cls(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoders[0],
+            text_encoder_2=bundle.text_encoders[1],
+            tokenizer=bundle.tokenizers[0],
+            tokenizer_2=bundle.tokenizers[1],
+            unet=bundle.unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )
+    sd_cls: Any = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+    return sd_cls(
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoders[0],
+        tokenizer=bundle.tokenizers[0],
+        unet=bundle.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def default_size(bundle: ModelBundle) -> int:
+    """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64."""
+    native = int(bundle.unet.config.sample_size) * bundle.vae_scale_factor
+    if bundle.source_format == "tiny" or native < 256:
+        return 64
+    if bundle.is_sdxl:
+        return 1024
+    if bundle.family == "sd2" and bundle.is_v_prediction:
+        return 768
+    return 512
+
+
+def _check_size(value: int, what: str, factor: int) -> int:
+    if value <= 0 or value % factor:
+        raise ConfigError(f"{what} {value} must be a positive multiple of {factor}")
+    return value
+
+
+@contextlib.contextmanager
+def _eval_mode(bundle: ModelBundle) -> Iterator[None]:
+    """Generate in eval mode (no dropout) and give training back its modes afterwards."""
+    modules = list(bundle.components().values())
+    modes = [module.training for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+def _load_init_image(init_image: Any) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(init_image, (str, Path)):
+        try:
+            with Image.open(init_image) as opened:
+                return opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ConfigError(f"cannot read init image {init_image}: {exc}") from exc
+    if isinstance(init_image, Image.Image):
+        return init_image.convert("RGB")
+    raise ConfigError(f"init_image must be a path or a PIL image, not {type(init_image).__name__}")
+
+
+def _network_key(prompt: str) -> tuple[NetworkRef, ...]:
+    from .prompt_syntax import parse_networks
+
+    return tuple(ref for ref in parse_networks(prompt)[1])
+
+
+def generate_images(
+    bundle: ModelBundle,
+    prompts: list[str],
+    *,
+    negative_prompt: str | Sequence[str] = "",
+    steps: int = 20,
+    cfg: float = 7.0,
+    seed: int = 0,
+    width: int | None = None,
+    height: int | None = None,
+    sampler: str = "euler_a",
+    init_image: Any = None,
+    strength: float = 0.75,
+    clip_skip: int = 1,
+    networks: NetworkSession | None = None,
+    info: list[dict[str, str]] | None = None,
+) -> list[Image.Image]:
+    """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
+
+    Prompts may carry ``<tag:name:w>`` network tags: with a ``networks`` session they are applied
+    for the prompts that name them and removed afterwards; without one, a tag is an error. The
+    result depends only on the seed, not on the batch composition or the device's RNG state.
+    ``info``, when given, is filled with one dict per image of infotext fields the handlers
+    reported (``Lora hashes`` ...).
+    """
+    import torch
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        return []
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ConfigError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}")
+    if init_image is not None and not 0.0 < strength <= 1.0:
+        raise ConfigError(f"strength must be in (0, 1], got {strength}")
+    factor = bundle.vae_scale_factor
+    image = _load_init_image(init_image) if init_image is not None else None
+    if image is not None and width is None and height is None:
+        width, height = image.width - image.width % factor, image.height - image.height % factor
+    size = default_size(bundle)
+    width = _check_size(width or size, "width", factor)
+    height = _check_size(height or size, "height", factor)
+    if image is not None and image.size != (width, height):
+        from PIL import Image as PILImage
+
+        image = image.resize((width, height), PILImage.Resampling.LANCZOS)
+
+    from .session import NetworkSession
+
+    session = networks if networks is not None else NetworkSession({})
+    # Networks apply to a whole pipeline call, so prompts naming the same networks share a call.
+    groups: dict[tuple[NetworkRef, ...], list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(_network_key(prompt), []).append(index)
+
+    pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
+    pipe.set_progress_bar_config(disable=True)
+    results: dict[int, Image.Image] = {}
+    with _eval_mode(bundle), torch.no_grad():
+        for indices in groups.values():
+            group_prompts: list[str] = []
+            group_negatives: list[str] = []
+            group_info: dict[str, str] = {}
+            with contextlib.ExitStack() as stack:
+                for position, i in enumerate(indices):
+                    # The first prompt activates the group's networks; the others only let the
+                    # untagged handlers (embeddings) rewrite their text.
+                    applied = stack.enter_context(
+                        session.apply(bundle, prompts[i], negatives[i], networks=position == 0)
+                    )
+                    group_prompts.append(applied.prompt)
+                    group_negatives.append(applied.negative_prompt)
+                    for key, value in applied.info.items():
+                        group_info.setdefault(key, value)
+                images = _run(
+                    pipe,
+                    bundle,
+                    group_prompts,
+                    group_negatives,
+                    seeds=[seed + i for i in indices],
+                    steps=steps,
+                    cfg=cfg,
+                    width=width,
+                    height=height,
+                    image=image,
+                    strength=strength,
+                    clip_skip=clip_skip,
+                )
+            for i, generated in zip(indices, images, strict=True):
+                results[i] = generated
+                if info is not None:
+                    while len(info) <= i:
+                        info.append({})
+                    info[i] = dict(group_info)
+    return [results[i] for i in range(len(prompts))]
+
+
+def _run(
+    pipe: Any,
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    seeds: list[int],
+    steps: int,
+    cfg: float,
+    width: int,
+    height: int,
+    image: Any,
+    strength: float,
+    clip_skip: int,
+) -> list[Image.Image]:
+    import torch
+
+    from .conditioning import encode_cond_uncond
+
+    cond, uncond = encode_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": cond.embeds,
+        "negative_prompt_embeds": uncond.embeds,
+        "num_inference_steps": steps,
+        "guidance_scale": cfg,
+        "generator": generators,
+        "output_type": "pil",
+    }
+    if bundle.is_sdxl:
+        kwargs["pooled_prompt_embeds"] = cond.pooled
+        kwargs["negative_pooled_prompt_embeds"] = uncond.pooled
+    if image is not None:
+        # one init image per prompt so the batch sizes agree
+        kwargs["image"] = [image] * len(prompts)
+        kwargs["strength"] = strength
+    else:
+        kwargs["width"] = width
+        kwargs["height"] = height
+    if bundle.is_sdxl and bundle.family != "sdxl-refiner":
+        kwargs["original_size"] = (height, width)
+        kwargs["target_size"] = (height, width)
+    output = pipe(**kwargs)
+    return list(output.images)
+
+
+__all__ = [
+    "SAMPLERS",
+    "build_pipeline",
+    "default_size",
+    "generate_images",
+    "make_scheduler",
+    "sampler_id",
+    "sampler_label",
+]

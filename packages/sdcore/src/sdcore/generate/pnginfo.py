@@ -1,0 +1,255 @@
+"""A1111's ``parameters`` PNG text chunk ("infotext"), written and read back.
+
+The layout is what A1111, Civitai and most image browsers read::
+
+    a photo of a cat, (masterpiece:1.2)
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: abcdef1234, Model: name, Lora hashes: "x: 0123456789ab"
+
+Values containing ``,``, ``:`` or ``"`` are written as JSON strings, the way A1111 quotes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..io import atomic_save
+
+PARAMETERS_KEY = "parameters"
+_NEGATIVE_PREFIX = "Negative prompt:"
+_FIELD_RE = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+@dataclass
+class GenerationParameters:
+    """Everything the infotext holds; ``extra`` keeps other fields in order (``Clip skip``, hashes ...)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    sampler: str | None = None
+    cfg: float | None = None
+    seed: int | None = None
+    size: tuple[int, int] | None = None
+    model_hash: str | None = None
+    model_name: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def format(self) -> str:
+        return format_parameters(
+            self.prompt,
+            self.negative_prompt,
+            self.steps,
+            self.sampler,
+            self.cfg,
+            self.seed,
+            self.size,
+            self.model_hash,
+            self.model_name,
+            self.extra,
+        )
+
+
+def _number(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if any(ch in text for ch in ',:"') or text != text.strip() or "\n" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _size_text(size: tuple[int, int] | str) -> str:
+    if isinstance(size, str):
+        return size
+    width, height = size
+    return f"{int(width)}x{int(height)}"
+
+
+def format_parameters(
+    prompt: str,
+    negative: str = "",
+    steps: int | None = None,
+    sampler: str | None = None,
+    cfg: float | None = None,
+    seed: int | None = None,
+    size: tuple[int, int] | str | None = None,
+    model_hash: str | None = None,
+    model_name: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Build the infotext. ``sampler`` may be an id (``euler_a``) or A1111 label (``Euler a``);
+    ``None`` fields are left out."""
+    from .pipeline import SAMPLERS, sampler_label
+
+    fields: list[tuple[str, str]] = []
+    if steps is not None:
+        fields.append(("Steps", str(int(steps))))
+    if sampler is not None:
+        try:
+            label = sampler_label(sampler) if sampler in SAMPLERS else sampler
+        except ConfigError:
+            label = sampler
+        fields.append(("Sampler", label))
+    if cfg is not None:
+        fields.append(("CFG scale", _number(cfg)))
+    if seed is not None:
+        fields.append(("Seed", str(int(seed))))
+    if size is not None:
+        fields.append(("Size", _size_text(size)))
+    if model_hash:
+        fields.append(("Model hash", model_hash))
+    if model_name:
+        fields.append(("Model", model_name))
+    for key, value in (extra or {}).items():
+        if value is None:
+            continue
+        if not re.fullmatch(r"\w[\w \-/]*", key) or key != key.strip():
+            raise ConfigError(f"infotext field name {key!r} must be letters, digits, spaces, '-', '/' or '_'")
+        fields.append(
+            (key, value if isinstance(value, str) else _number(value) if isinstance(value, float) else str(value))
+        )
+    lines = [prompt]
+    if negative:
+        lines.append(f"{_NEGATIVE_PREFIX} {negative}")
+    if fields:
+        lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def _parse_fields(line: str) -> list[tuple[str, str]] | None:
+    fields: list[tuple[str, str]] = []
+    position = 0
+    while position < len(line):
+        match = _FIELD_RE.match(line, position)
+        if match is None or match.end() == position:
+            return None
+        key, value = match.group(1).strip(), match.group(2).strip()
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = value[1:-1]
+        fields.append((key, value))
+        position = match.end()
+    return fields
+
+
+def parse_parameters(text: str) -> GenerationParameters:
+    """Read an infotext back (inverse of :func:`format_parameters`).
+
+    The last line is the field line when it reads as at least three ``key: value`` pairs (as in
+    A1111); prompt and negative prompt may span several lines.
+    """
+    from .pipeline import sampler_id
+
+    lines = text.split("\n")
+    fields: list[tuple[str, str]] = []
+    if lines:
+        parsed = _parse_fields(lines[-1])
+        if parsed is not None and len(parsed) >= 3 and not lines[-1].startswith(_NEGATIVE_PREFIX):
+            fields = parsed
+            lines = lines[:-1]
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        if not in_negative and line.startswith(_NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(_NEGATIVE_PREFIX) :].removeprefix(" ")
+        (negative_lines if in_negative else prompt_lines).append(line)
+    result = GenerationParameters(prompt="\n".join(prompt_lines), negative_prompt="\n".join(negative_lines))
+    for key, value in fields:
+        try:
+            if key == "Steps":
+                result.steps = int(value)
+            elif key == "Sampler":
+                try:
+                    result.sampler = sampler_id(value)
+                except ConfigError:
+                    result.sampler = value
+            elif key == "CFG scale":
+                result.cfg = float(value)
+            elif key == "Seed":
+                result.seed = int(value)
+            elif key == "Size":
+                width, _, height = value.partition("x")
+                result.size = (int(width), int(height))
+            elif key == "Model hash":
+                result.model_hash = value
+            elif key == "Model":
+                result.model_name = value
+            else:
+                result.extra[key] = value
+        except ValueError as exc:
+            raise ConfigError(f"infotext field {key!r} has an invalid value {value!r}") from exc
+    return result
+
+
+def read_png_parameters(path: str | os.PathLike[str]) -> GenerationParameters | None:
+    """The infotext of a PNG, or ``None`` when it has none."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get(PARAMETERS_KEY)
+    return parse_parameters(text) if isinstance(text, str) else None
+
+
+def save_png(image: Any, path: str | os.PathLike[str], parameters: str | GenerationParameters | None) -> Path:
+    """Write ``image`` as PNG with the ``parameters`` text chunk, atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters is not None:
+        text = parameters.format() if isinstance(parameters, GenerationParameters) else parameters
+        info.add_itxt(PARAMETERS_KEY, text) if not text.isascii() else info.add_text(PARAMETERS_KEY, text)
+    return atomic_save(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, cached per (path, size, mtime) in this process."""
+    file = Path(path)
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASH_CACHE[key] = digest.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:
+    """A1111's "Model hash" (first 10 hex digits of the file's sha256), ``None`` for folders and tiny models."""
+    if source is None:
+        return None
+    path = Path(source)
+    if not path.is_file():
+        return None
+    return file_sha256(path)[:10]
+
+
+__all__ = [
+    "PARAMETERS_KEY",
+    "GenerationParameters",
+    "file_sha256",
+    "format_parameters",
+    "model_short_hash",
+    "parse_parameters",
+    "read_png_parameters",
+    "save_png",
+]

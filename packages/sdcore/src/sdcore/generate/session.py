@@ -1,0 +1,192 @@
+"""Route a prompt's ``<tag:name:w>`` networks to the plugin handlers, and undo them afterwards.
+
+A :class:`NetworkSession` holds one handler per tag (``"lora"``, ``"hypernet"``) plus any number
+of untagged handlers (``None``: textual-inversion embeddings, aesthetic gradients). For one
+prompt it parses the tags, refuses tags nobody handles (a silently ignored ``<lora:...>`` is the
+worst kind of bug: the image looks plausible), calls the tagged handlers with their refs, then
+the untagged ones, each seeing the prompt as the previous handler left it, and undoes all of
+them in reverse order when the generation ends, also when it fails.
+
+Extra generation options (``sdcore generate -O key=value`` and flags that plugins add to the
+command) reach handlers as ``handler.options``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, NetworkMismatchError, PluginError
+from .networks import Activation, NetworkRef, PromptNetworkHandler, undo_all
+from .prompt_syntax import parse_networks
+
+DEFAULT_MODELS_DIR = Path("models")
+
+
+@dataclass
+class AppliedNetworks:
+    """What generation uses while a session is active: the final prompts and infotext fields."""
+
+    prompt: str
+    negative_prompt: str
+    refs: list[NetworkRef] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)
+
+
+class NetworkSession:
+    """Handlers by tag; ``None`` (or any key given a list) may hold several untagged handlers."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str | None, PromptNetworkHandler | Sequence[PromptNetworkHandler]] | None = None,
+        *,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tagged: dict[str, PromptNetworkHandler] = {}
+        self.untagged: list[PromptNetworkHandler] = []
+        for tag, value in (handlers or {}).items():
+            items = list(value) if isinstance(value, Sequence) else [value]
+            if tag is None:
+                self.untagged.extend(items)
+            else:
+                if len(items) != 1:
+                    raise PluginError(f"tag {tag!r} is claimed by {len(items)} handlers; exactly one may handle it")
+                self.tagged[tag] = items[0]
+        if options is not None:
+            for handler in self.handlers():
+                handler.options = dict(options)
+
+    def handlers(self) -> list[PromptNetworkHandler]:
+        return [*self.tagged.values(), *self.untagged]
+
+    @property
+    def known_tags(self) -> list[str]:
+        return sorted(self.tagged)
+
+    def parse(self, prompt: str, negative_prompt: str = "") -> tuple[str, str, list[NetworkRef]]:
+        """Strip the tags and check each has a handler; nothing is applied yet."""
+        clean, refs = parse_networks(prompt)
+        clean_negative, negative_refs = parse_networks(negative_prompt)
+        if negative_refs:
+            raise ConfigError(
+                f"the negative prompt contains {negative_refs[0].text}: networks apply to the whole image, "
+                "put the tag in the prompt"
+            )
+        unknown = sorted({ref.tag for ref in refs if ref.tag not in self.tagged})
+        if unknown:
+            first = next(ref for ref in refs if ref.tag == unknown[0])
+            known = ", ".join(self.known_tags) or "none (no network plugin is installed or enabled)"
+            raise NetworkMismatchError(f"no handler for {first.text} (tag {unknown[0]!r}); known tags: {known}")
+        return clean, clean_negative, refs
+
+    @contextlib.contextmanager
+    def apply(
+        self, bundle: Any, prompt: str, negative_prompt: str = "", *, networks: bool = True
+    ) -> Iterator[AppliedNetworks]:
+        """Activate the prompt's networks for the duration of the ``with`` block.
+
+        ``networks=False`` runs only the untagged handlers (prompt rewriting): for further prompts
+        of a batch whose networks an outer ``apply`` already activated.
+        """
+        clean, clean_negative, refs = self.parse(prompt, negative_prompt)
+        grouped: dict[str, list[NetworkRef]] = {}
+        for ref in refs:
+            grouped.setdefault(ref.tag, []).append(ref)
+        activations: list[Activation] = []
+        current = AppliedNetworks(prompt=clean, negative_prompt=clean_negative, refs=refs)
+        try:
+            steps: list[tuple[PromptNetworkHandler, list[NetworkRef]]] = []
+            if networks:
+                steps += [(self.tagged[tag], tag_refs) for tag, tag_refs in grouped.items()]
+            steps += [(handler, []) for handler in self.untagged]
+            for handler, handler_refs in steps:
+                activation = handler.activate(bundle, handler_refs, current.prompt, current.negative_prompt)
+                if not isinstance(activation, Activation):
+                    raise PluginError(
+                        f"{type(handler).__name__}.activate returned {type(activation).__name__}, not an Activation"
+                    )
+                activations.append(activation)
+                current.prompt = activation.prompt
+                current.negative_prompt = activation.negative_prompt
+                for key, value in activation.info.items():
+                    current.info[key] = f"{current.info[key]}, {value}" if key in current.info else value
+            yield current
+        finally:
+            undo_all(activations)
+
+
+def collect_prompt_network_specs(pm: Any) -> list[Any]:
+    """The PromptNetworkSpecs every plugin registers.
+
+    Uses the manager's checked registry (``SdPluginManager.prompt_networks()``: duplicate names
+    are errors naming both plugins) when there is one, else calls the hook directly.
+    """
+    registry = getattr(pm, "prompt_networks", None)
+    if callable(registry):
+        return list(registry().values())
+    specs: list[Any] = []
+    pm.hook.sdcore_register_prompt_networks(register=specs.append)
+    return specs
+
+
+def handlers_from_plugin_manager(
+    pm: Any,
+    directories: Mapping[str, str | Path | None] | None = None,
+    *,
+    models_dir: str | Path = DEFAULT_MODELS_DIR,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str | None, PromptNetworkHandler | list[PromptNetworkHandler]]:
+    """Instantiate each registered handler with its folder.
+
+    ``directories`` maps a spec's ``directory_option`` (``"lora_dir"``) to the folder the user
+    chose; otherwise the folder is ``models_dir / spec.default_subdir`` (A1111 layout:
+    ``models/Lora``, ``models/hypernetworks``; ``embeddings`` is relative to ``models_dir`` too).
+    Two plugins claiming the same tag is a :class:`~sdcore.errors.PluginError`.
+    """
+    chosen = dict(directories or {})
+    handlers: dict[str | None, Any] = {}
+    owners: dict[str, str] = {}
+    for spec in collect_prompt_network_specs(pm):
+        cls = spec.load()
+        if not (isinstance(cls, type) and issubclass(cls, PromptNetworkHandler)):
+            raise PluginError(f"prompt network {spec.name!r}: {spec.handler} is not a PromptNetworkHandler subclass")
+        directory = chosen.get(spec.directory_option) if spec.directory_option else None
+        if directory is None and spec.default_subdir:
+            directory = Path(models_dir) / spec.default_subdir
+        handler = cls(directory)
+        handler.suffixes = tuple(spec.file_suffixes)  # type: ignore[misc]
+        handler.options = dict(options or {})
+        if spec.tag is None:
+            handlers.setdefault(None, []).append(handler)
+        elif spec.tag in handlers:
+            raise PluginError(
+                f"prompt network tag {spec.tag!r} is claimed by both {owners[spec.tag]!r} and {spec.name!r}"
+            )
+        else:
+            handlers[spec.tag] = handler
+            owners[spec.tag] = spec.name
+    return handlers
+
+
+def session_from_plugin_manager(
+    pm: Any,
+    directories: Mapping[str, str | Path | None] | None = None,
+    *,
+    models_dir: str | Path = DEFAULT_MODELS_DIR,
+    options: Mapping[str, Any] | None = None,
+) -> NetworkSession:
+    """Shortcut: :func:`handlers_from_plugin_manager` wrapped in a :class:`NetworkSession`."""
+    return NetworkSession(handlers_from_plugin_manager(pm, directories, models_dir=models_dir, options=options))
+
+
+__all__ = [
+    "DEFAULT_MODELS_DIR",
+    "AppliedNetworks",
+    "NetworkSession",
+    "collect_prompt_network_specs",
+    "handlers_from_plugin_manager",
+    "session_from_plugin_manager",
+]

@@ -1,0 +1,38 @@
+"""Shared tiny models for the generation tests (built once per session: they are read-only here)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("SDCORE_CACHE_DIR", "/tmp/sdcore-cache-tests")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles():
+    from sdcore.models.tiny import create_tiny_bundle
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = create_tiny_bundle(family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sd1(tiny_bundles):
+    return tiny_bundles("sd1")
+
+
+@pytest.fixture(scope="session")
+def sd2(tiny_bundles):
+    return tiny_bundles("sd2")
+
+
+@pytest.fixture(scope="session")
+def sdxl(tiny_bundles):
+    return tiny_bundles("sdxl")

@@ -1,0 +1,185 @@
+"""``sdcore generate`` end to end on a tiny model (CliRunner, fake plugin manager)."""
+
+from __future__ import annotations
+
+import types
+from typing import ClassVar
+
+import pytest
+import sdcore
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from sdcore.builtin import generate_command
+from sdcore.builtin.generate_command import add_generate_option, generate
+from sdcore.generate.networks import Activation, PromptNetworkHandler
+from sdcore.generate.pnginfo import parse_parameters
+
+
+class OptionEcho(PromptNetworkHandler):
+    """Untagged handler that records the extra options it was given; tag 'test' shifts the UNet."""
+
+    tag = "test"
+    seen: ClassVar[list[dict]] = []
+
+    def activate(self, bundle, refs, prompt, negative_prompt):
+        OptionEcho.seen.append(dict(self.options))
+        bias = bundle.unet.conv_out.bias
+        saved = bias.detach().clone()
+        with torch.no_grad():
+            bias += sum(r.weight for r in refs)
+        return Activation(prompt, negative_prompt, lambda: bias.data.copy_(saved), {"Test hashes": refs[0].name})
+
+
+def _pm():
+    from sdcore.plugins import get_plugin_manager
+
+    plugin = types.SimpleNamespace(__name__="fake_cli_networks")
+
+    @sdcore.hookimpl
+    def sdcore_register_prompt_networks(register):
+        register(
+            sdcore.PromptNetworkSpec(
+                name="echo",
+                handler=f"{__name__}:OptionEcho",
+                tag="test",
+                directory_option="lora_dir",
+                default_subdir="Lora",
+            )
+        )
+
+    plugin.sdcore_register_prompt_networks = sdcore_register_prompt_networks
+    return get_plugin_manager(builtins=False, entrypoints=False, extra=[plugin])
+
+
+def _invoke(args):
+    result = CliRunner().invoke(generate, args, obj=types.SimpleNamespace(pm=_pm()), catch_exceptions=True)
+    return result
+
+
+def test_generate_writes_pngs_with_parameters(tmp_path):
+    out = tmp_path / "img.png"
+    result = _invoke(
+        [
+            "-m",
+            "tiny:sd1",
+            "a (cat:1.2) <test:shift:0.5>",
+            "-n",
+            "ugly",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--batch",
+            "2",
+            "--sampler",
+            "DPM++ 2M",
+            "--clip-skip",
+            "2",
+            "--device",
+            "cpu",
+            "-O",
+            "aesthetic=foo",
+            "-o",
+            str(out),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
+    assert result.stdout.split() == [str(p) for p in paths]
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+            params = parse_parameters(image.info["parameters"])
+        assert params.prompt == "a (cat:1.2) <test:shift:0.5>" and params.negative_prompt == "ugly"
+        assert (params.steps, params.sampler, params.cfg, params.seed) == (2, "dpm++2m", 7.0, 7 + index)
+        assert params.size == (64, 64) and params.model_name == "tiny:sd1"
+        assert params.extra["Clip skip"] == "2" and params.extra["Test hashes"] == "shift"
+        assert params.extra["Version"].startswith("sdcore ")
+    assert OptionEcho.seen[-1]["aesthetic"] == "foo"
+
+
+def test_img2img_and_size(tmp_path):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(init)
+    out = tmp_path / "x.png"
+    result = _invoke(
+        [
+            "-m",
+            "tiny:sd1",
+            "cat",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--init-image",
+            str(init),
+            "--strength",
+            "0.5",
+            "--size",
+            "64x128",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.size == (64, 128)
+        params = parse_parameters(image.info["parameters"])
+    assert params.extra["Denoising strength"] == "0.5" and params.size == (64, 128)
+
+
+def test_unknown_tag_fails_before_loading(tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(generate_command, "_load_bundle", no_load)
+    result = _invoke(["-m", "tiny:sd1", "a <lora:x:1>", "-o", str(tmp_path / "o.png")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, sdcore.NetworkMismatchError)
+    assert "known tags: test" in str(result.exception)
+
+
+def test_bad_size_and_sampler(tmp_path):
+    assert _invoke(["-m", "tiny:sd1", "a", "--size", "abc"]).exit_code == 2
+    result = _invoke(["-m", "tiny:sd1", "a", "--sampler", "nope", "-o", str(tmp_path / "o.png")])
+    assert isinstance(result.exception, sdcore.ConfigError)
+
+
+@pytest.fixture
+def plugin_option():
+    before = list(generate.params)
+    yield
+    generate.params[:] = before
+
+
+def test_plugins_can_add_options(tmp_path, plugin_option):
+    option = add_generate_option("--test-strength", type=float, default=0.25, help="for tests")
+    assert add_generate_option("--test-strength", type=float) is option  # idempotent
+    with pytest.raises(Exception, match="belongs to sdcore"):
+        add_generate_option("--steps", type=int)
+    result = _invoke(
+        [
+            "-m",
+            "tiny:sd1",
+            "<test:a:0>",
+            "--steps",
+            "1",
+            "--test-strength",
+            "0.75",
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / "o.png"),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert OptionEcho.seen[-1]["test_strength"] == 0.75
+
+
+def test_registered_through_the_hook():
+    group = __import__("click").Group("root")
+    generate_command.sdcore_register_commands(group)
+    assert group.commands["generate"] is generate

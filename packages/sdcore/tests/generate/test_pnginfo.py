@@ -1,0 +1,117 @@
+"""A1111 infotext: layout, round trip, PNG chunk readable by PIL, atomic save."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sdcore.errors import ConfigError
+from sdcore.generate.pnginfo import (
+    GenerationParameters,
+    format_parameters,
+    model_short_hash,
+    parse_parameters,
+    read_png_parameters,
+    save_png,
+)
+
+
+def test_a1111_layout():
+    text = format_parameters(
+        "a cat, (masterpiece:1.2)",
+        "blurry",
+        20,
+        "euler_a",
+        7.0,
+        1,
+        (512, 512),
+        "abcdef1234",
+        "name",
+        {"Lora hashes": "x: 0123456789ab, y: ba9876543210"},
+    )
+    assert text == (
+        "a cat, (masterpiece:1.2)\n"
+        "Negative prompt: blurry\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: abcdef1234, Model: name, "
+        'Lora hashes: "x: 0123456789ab, y: ba9876543210"'
+    )
+    assert "Negative prompt" not in format_parameters("p", "", 20, "ddim", 7.5, 2, (64, 64), None, None, {})
+    assert format_parameters("p", "", 20, "ddim", 7.5, 2, (64, 64), None, None, {}).endswith(
+        "Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 2, Size: 64x64"
+    )
+
+
+def test_parse_a1111_text():
+    text = (
+        "masterpiece, 1girl\nsecond line\nNegative prompt: lowres,\nbad hands\n"
+        "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, "
+        'Model: anything-v3, Clip skip: 2, Lora hashes: "a: 1, b: 2", Version: v1.9.4'
+    )
+    params = parse_parameters(text)
+    assert params.prompt == "masterpiece, 1girl\nsecond line"
+    assert params.negative_prompt == "lowres,\nbad hands"
+    assert (params.steps, params.sampler, params.cfg, params.seed) == (28, "dpm++2m_karras", 7.5, 1234)
+    assert params.size == (512, 768) and params.model_hash == "6ce0161689" and params.model_name == "anything-v3"
+    assert params.extra == {"Clip skip": "2", "Lora hashes": "a: 1, b: 2", "Version": "v1.9.4"}
+    assert parse_parameters("just a prompt") == GenerationParameters(prompt="just a prompt")
+    with pytest.raises(ConfigError):
+        parse_parameters("p\nSteps: many, Sampler: x, Seed: 1")
+
+
+_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt=_TEXT.filter(lambda t: not t.startswith("Negative prompt:") and "\nNegative prompt:" not in t),
+    negative=_TEXT,
+    steps=st.integers(1, 150),
+    sampler=st.sampled_from(["euler_a", "dpm++2m_karras", "ddim", "heun"]),
+    cfg=st.floats(0, 30, allow_nan=False),
+    seed=st.integers(0, 2**32),
+    size=st.tuples(st.integers(8, 4096), st.integers(8, 4096)),
+    model_hash=st.none() | st.text(alphabet="0123456789abcdef", min_size=10, max_size=10),
+    model_name=st.none() | st.text(alphabet='abc-_. :,"', min_size=1, max_size=10).filter(lambda t: t.strip() == t),
+    extra=st.dictionaries(
+        st.sampled_from(["Lora hashes", "Clip skip", "TI hashes", "Denoising strength"]), _TEXT, max_size=3
+    ),
+)
+def test_round_trip(prompt, negative, steps, sampler, cfg, seed, size, model_hash, model_name, extra):
+    original = GenerationParameters(prompt, negative, steps, sampler, cfg, seed, size, model_hash, model_name, extra)
+    parsed = parse_parameters(original.format())
+    assert parsed == original
+
+
+def test_png_chunk_is_readable_by_pil(tmp_path):
+    image = Image.new("RGB", (16, 16), (10, 20, 30))
+    text = format_parameters("a ünïcode cat", "bad", 2, "euler", 7, 3, image.size, None, "tiny", {"Clip skip": 2})
+    path = save_png(image, tmp_path / "out" / "a.png", text)
+    with Image.open(path) as reopened:
+        assert reopened.info["parameters"] == text
+        assert reopened.size == (16, 16)
+    assert read_png_parameters(path).prompt == "a ünïcode cat"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.png"]  # no temp files left
+    save_png(image, tmp_path / "plain.png", GenerationParameters("x", steps=1, sampler="ddim", seed=0))
+    assert read_png_parameters(tmp_path / "plain.png").sampler == "ddim"
+    save_png(image, tmp_path / "none.png", None)
+    assert read_png_parameters(tmp_path / "none.png") is None
+
+
+def test_model_short_hash(tmp_path):
+    import hashlib
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"weights" * 1000)
+    assert model_short_hash(path) == hashlib.sha256(b"weights" * 1000).hexdigest()[:10]
+    assert (
+        model_short_hash(tmp_path) is None and model_short_hash("tiny:sd1") is None and model_short_hash(None) is None
+    )
+
+
+def test_bad_extra_key():
+    with pytest.raises(ConfigError):
+        format_parameters("p", extra={"bad:key": "1"})

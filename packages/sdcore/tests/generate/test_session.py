@@ -1,0 +1,209 @@
+"""NetworkSession: tag routing, prompt rewriting, exact undo (also on errors), plugin wiring."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import sdcore
+import torch
+from sdcore.errors import ConfigError, NetworkMismatchError, PluginError
+from sdcore.generate.networks import Activation, PromptNetworkHandler
+from sdcore.generate.pipeline import generate_images
+from sdcore.generate.session import NetworkSession, handlers_from_plugin_manager
+
+
+class ShiftUnet(PromptNetworkHandler):
+    """Changes the UNet output: adds the ref's weight to ``conv_out.bias``."""
+
+    tag = "test"
+
+    def __init__(self, directory=None):
+        super().__init__(directory)
+        self.calls = []
+
+    def activate(self, bundle, refs, prompt, negative_prompt):
+        self.calls.append((list(refs), prompt, negative_prompt))
+        bias = bundle.unet.conv_out.bias
+        saved = bias.detach().clone()
+        with torch.no_grad():
+            bias += sum(ref.weight for ref in refs)
+
+        def undo():
+            with torch.no_grad():
+                bias.copy_(saved)
+
+        return Activation(prompt, negative_prompt, undo, {"Test hashes": ", ".join(r.name for r in refs)})
+
+
+class Rewrite(PromptNetworkHandler):
+    """Untagged: replaces the word 'mytoken' (like an embedding handler would)."""
+
+    tag = None
+
+    def __init__(self, directory=None):
+        super().__init__(directory)
+        self.seen = []
+
+    def activate(self, bundle, refs, prompt, negative_prompt):
+        self.seen.append((refs, prompt))
+        return Activation(prompt.replace("mytoken", "cat"), negative_prompt.replace("mytoken", "dog"))
+
+
+class Boom(PromptNetworkHandler):
+    tag = "boom"
+
+    def activate(self, bundle, refs, prompt, negative_prompt):
+        raise RuntimeError("handler failed")
+
+
+def _arr(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_handler_changes_the_image_and_undo_restores_it_bit_for_bit(sd1):
+    handler = ShiftUnet()
+    session = NetworkSession({"test": handler})
+    state = {k: v.clone() for k, v in sd1.unet.state_dict().items()}
+    before = generate_images(sd1, ["a cat"], steps=2, seed=3, networks=session)[0]
+    info: list[dict[str, str]] = []
+    during = generate_images(sd1, ["a cat <test:x:0.5>"], steps=2, seed=3, networks=session, info=info)[0]
+    after = generate_images(sd1, ["a cat"], steps=2, seed=3, networks=session)[0]
+    assert not np.array_equal(_arr(before), _arr(during))
+    assert np.array_equal(_arr(before), _arr(after))
+    assert all(torch.equal(v, state[k]) for k, v in sd1.unet.state_dict().items())
+    # the handler saw the cleaned prompt and its refs; PNG info comes back
+    refs, prompt, negative = handler.calls[-1]
+    assert [(r.tag, r.name, r.weight) for r in refs] == [("test", "x", 0.5)]
+    assert prompt == "a cat " and negative == ""
+    assert info == [{"Test hashes": "x"}]
+
+
+def test_tags_are_grouped_per_handler(sd1):
+    handler = ShiftUnet()
+    session = NetworkSession({"test": handler})
+    original = sd1.unet.conv_out.bias.detach().clone()
+    with session.apply(sd1, "<test:a:1> x <test:b:2>") as applied:
+        assert applied.prompt == " x "
+        assert torch.allclose(sd1.unet.conv_out.bias, original + 3)
+    assert torch.equal(sd1.unet.conv_out.bias, original)
+    assert len(handler.calls) == 1 and [r.name for r in handler.calls[0][0]] == ["a", "b"]
+
+
+def test_batch_with_different_networks(sd1):
+    session = NetworkSession({"test": ShiftUnet()})
+    plain, shifted = generate_images(sd1, ["a cat", "a cat <test:x:1>"], steps=2, seed=3, networks=session)
+    alone_plain = generate_images(sd1, ["a cat"], steps=2, seed=3)[0]
+    alone_shifted = generate_images(sd1, ["a cat <test:x:1>"], steps=2, seed=4, networks=session)[0]
+    assert np.array_equal(_arr(plain), _arr(alone_plain))
+    assert np.array_equal(_arr(shifted), _arr(alone_shifted))  # second image: seed + 1
+
+
+def test_unknown_tag_is_an_error_listing_known_tags(sd1):
+    session = NetworkSession({"test": ShiftUnet()})
+    with pytest.raises(NetworkMismatchError, match=r"<lora:style:1>.*known tags: test"):
+        generate_images(sd1, ["a <lora:style:1>"], steps=1, networks=session)
+    with pytest.raises(NetworkMismatchError, match="known tags: none"):
+        generate_images(sd1, ["a <lora:style:1>"], steps=1)
+
+
+def test_negative_prompt_tags_are_refused(sd1):
+    session = NetworkSession({"test": ShiftUnet()})
+    with pytest.raises(ConfigError, match="negative prompt"):
+        generate_images(sd1, ["a"], negative_prompt="<test:x:1>", steps=1, networks=session)
+
+
+def test_untagged_handler_rewrites_prompts(sd1):
+    rewrite = Rewrite()
+    shift = ShiftUnet()
+    session = NetworkSession({None: rewrite, "test": shift})
+    with session.apply(sd1, "a mytoken <test:x:0>", "ugly mytoken") as applied:
+        assert (applied.prompt, applied.negative_prompt) == ("a cat ", "ugly dog")
+    assert rewrite.seen == [([], "a mytoken ")]  # tagged handlers run first, untagged see their output
+    rewritten = generate_images(sd1, ["a mytoken"], negative_prompt="mytoken", steps=2, seed=1, networks=session)[0]
+    direct = generate_images(sd1, ["a cat"], negative_prompt="dog", steps=2, seed=1)[0]
+    assert np.array_equal(_arr(rewritten), _arr(direct))
+    # every prompt of a batch is rewritten, networks are activated once per group
+    generate_images(sd1, ["mytoken a", "mytoken b"], steps=1, networks=session)
+    assert [p for _, p in rewrite.seen[-2:]] == ["mytoken a", "mytoken b"]
+
+
+def test_undo_runs_when_a_later_handler_fails(sd1):
+    original = sd1.unet.conv_out.bias.detach().clone()
+    session = NetworkSession({"test": ShiftUnet(), "boom": Boom()})
+    with pytest.raises(RuntimeError, match="handler failed"):
+        generate_images(sd1, ["<test:x:3> <boom:y>"], steps=1, networks=session)
+    assert torch.equal(sd1.unet.conv_out.bias, original)
+    # and when generation itself fails inside the block
+    with pytest.raises(ValueError), NetworkSession({"test": ShiftUnet()}).apply(sd1, "<test:x:3>"):
+        assert not torch.equal(sd1.unet.conv_out.bias, original)
+        raise ValueError("generation failed")
+    assert torch.equal(sd1.unet.conv_out.bias, original)
+
+
+def test_handler_must_return_an_activation(sd1):
+    class Bad(PromptNetworkHandler):
+        tag = "bad"
+
+        def activate(self, bundle, refs, prompt, negative_prompt):
+            return prompt
+
+    with pytest.raises(PluginError, match="not an Activation"), NetworkSession({"bad": Bad()}).apply(sd1, "<bad:x>"):
+        pass
+
+
+# --- plugin wiring ------------------------------------------------------------------------
+
+
+def _pm_with(*specs):
+    from sdcore.plugins import get_plugin_manager
+
+    plugin = types.SimpleNamespace(__name__="fake_networks")
+
+    @sdcore.hookimpl
+    def sdcore_register_prompt_networks(register):
+        for spec in specs:
+            register(spec)
+
+    plugin.sdcore_register_prompt_networks = sdcore_register_prompt_networks
+    return get_plugin_manager(builtins=False, entrypoints=False, extra=[plugin])
+
+
+HERE = __name__
+
+
+def test_handlers_from_plugin_manager(tmp_path):
+    pm = _pm_with(
+        sdcore.PromptNetworkSpec(
+            name="shift", handler=f"{HERE}:ShiftUnet", tag="test", directory_option="lora_dir", default_subdir="Lora"
+        ),
+        sdcore.PromptNetworkSpec(
+            name="rewrite", handler=f"{HERE}:Rewrite", default_subdir="embeddings", file_suffixes=(".pt",)
+        ),
+    )
+    handlers = handlers_from_plugin_manager(pm, {}, models_dir=tmp_path / "models", options={"aesthetic": "x"})
+    assert isinstance(handlers["test"], ShiftUnet)
+    assert handlers["test"].directory == tmp_path / "models" / "Lora"
+    (untagged,) = handlers[None]
+    assert isinstance(untagged, Rewrite) and untagged.directory == tmp_path / "models" / "embeddings"
+    assert untagged.suffixes == (".pt",) and untagged.options == {"aesthetic": "x"}
+    chosen = handlers_from_plugin_manager(pm, {"lora_dir": tmp_path / "mine"})
+    assert chosen["test"].directory == tmp_path / "mine"
+    session = NetworkSession(chosen)
+    assert session.known_tags == ["test"] and len(session.untagged) == 1
+
+
+def test_two_plugins_claiming_one_tag(tmp_path):
+    pm = _pm_with(
+        sdcore.PromptNetworkSpec(name="one", handler=f"{HERE}:ShiftUnet", tag="test"),
+        sdcore.PromptNetworkSpec(name="two", handler=f"{HERE}:ShiftUnet", tag="test"),
+    )
+    with pytest.raises(PluginError, match="'one' and 'two'"):
+        handlers_from_plugin_manager(pm)
+
+
+def test_spec_must_point_at_a_handler():
+    pm = _pm_with(sdcore.PromptNetworkSpec(name="bad", handler=f"{HERE}:Activation", tag="bad"))
+    with pytest.raises(PluginError, match="not a PromptNetworkHandler"):
+        handlers_from_plugin_manager(pm)

@@ -242,10 +242,10 @@ class ModuleIndex:
                 if not path or not _linear_or_conv(module):
                     continue
                 canonical = te_name(prefix, path)
-                aliases: tuple[str, ...] = ()
+                te_aliases: tuple[str, ...] = ()
                 if prefix == "lora_te1":  # some trainers write SDXL's first encoder as plain lora_te
-                    aliases = (te_name("lora_te", path),)
-                index._add(Target(canonical, component, path, module, te_groups.get(path, "other"), aliases))
+                    te_aliases = (te_name("lora_te", path),)
+                index._add(Target(canonical, component, path, module, te_groups.get(path, "other"), te_aliases))
         return index
 
     def _add(self, target: Target) -> None:

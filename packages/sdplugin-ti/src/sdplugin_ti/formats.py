@@ -34,7 +34,9 @@ def load_pickle(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeFileError(f"{path}: refused to unpickle (only tensors and plain data are allowed): {first}") from exc
+        raise UnsafeFileError(
+            f"{path}: refused to unpickle (only tensors and plain data are allowed): {first}"
+        ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise ModelFormatError(f"{path}: not a readable torch file: {exc}") from exc
 
@@ -120,7 +122,7 @@ def _load_safetensors(path: Path, name: str) -> Embedding:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            data = {key: handle.get_tensor(key) for key in handle.keys()}
+            data = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError) as exc:
         raise ModelFormatError(f"{path}: not a readable safetensors file: {exc}") from exc
     emb = embedding_from_dict(data, name, source=path)
@@ -131,6 +133,22 @@ def _load_safetensors(path: Path, name: str) -> Embedding:
     emb.sd_checkpoint_name = metadata.get("sd_checkpoint_name") or emb.sd_checkpoint_name
     emb.stored_name = metadata.get("name") or emb.stored_name
     return emb
+
+
+def embeddings_in_lora(state: Mapping[str, Any], *, source: Path | None = None) -> list[Embedding]:
+    """Embeddings bundled in a LoRA state dict (OneTrainer writes them; A1111 1.7+ and ComfyUI read them):
+    ``bundle_emb.<name>.string_to_param.*`` or ``bundle_emb.<name>.clip_l`` / ``.clip_g``."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        if not key.startswith("bundle_emb."):
+            continue
+        name, _, rest = key[len("bundle_emb.") :].partition(".")
+        if rest == "string_to_param.*":
+            rest = SINGLE
+        if rest not in (SINGLE, CLIP_L, CLIP_G):
+            raise ModelFormatError(f"{source or 'LoRA file'}: unknown bundled embedding key {key!r}")
+        grouped.setdefault(name, {})[rest] = _as_tensor(value, f"{source or 'LoRA file'} [{key}]")
+    return [Embedding(name=name, vectors=vectors, source=source) for name, vectors in grouped.items()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,12 +210,16 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
         from safetensors.torch import save_file
 
         tensors = (
-            {k: _clean(t) for k, t in emb.vectors.items()} if emb.is_sdxl else {"emb_params": _clean(emb.vectors[SINGLE])}
+            {k: _clean(t) for k, t in emb.vectors.items()}
+            if emb.is_sdxl
+            else {"emb_params": _clean(emb.vectors[SINGLE])}
         )
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=_header(emb))
     elif fmt == "bin":
-        tensors = {k: _clean(t) for k, t in emb.vectors.items()} if emb.is_sdxl else {emb.name: _clean(emb.vectors[SINGLE])}
+        tensors = (
+            {k: _clean(t) for k, t in emb.vectors.items()} if emb.is_sdxl else {emb.name: _clean(emb.vectors[SINGLE])}
+        )
         with atomic_path(path) as tmp:
             torch.save(tensors, tmp)
     else:

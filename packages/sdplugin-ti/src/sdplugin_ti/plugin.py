@@ -1,3 +1,34 @@
 """Import-light registration of sdplugin-ti (no torch here)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+import sdcore
+from sdcore import MethodSpec, PromptNetworkSpec
+
+
+@sdcore.hookimpl
+def sdcore_register_methods(register: Callable[[MethodSpec], None]) -> None:
+    register(
+        MethodSpec(
+            name="ti",
+            summary="Textual Inversion: train a new prompt word (A1111 .pt embedding; SD1, SD2, SDXL).",
+            method="sdplugin_ti.method:TIMethod",
+            aliases=("textual-inversion", "embedding"),
+        )
+    )
+
+
+@sdcore.hookimpl
+def sdcore_register_prompt_networks(register: Callable[[PromptNetworkSpec], None]) -> None:
+    register(
+        PromptNetworkSpec(
+            name="embeddings",
+            tag=None,
+            handler="sdplugin_ti.apply:EmbeddingHandler",
+            directory_option="embeddings_dir",
+            default_subdir="embeddings",
+            file_suffixes=(".pt", ".bin", ".safetensors", ".png", ".webp"),
+        )
+    )

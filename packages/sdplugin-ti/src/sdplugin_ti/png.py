@@ -122,10 +122,10 @@ def embed_in_pixels(image: Any, data: dict[str, Any]) -> Any:
 
     payload = np.frombuffer(zlib.compress(data_to_json(data).encode("utf-8"), level=9), dtype=np.uint8)
     height = image.size[1]
-    unit = height * 3
-    size = -(-len(payload) // unit) * unit
-    if size == len(payload):
-        size += unit  # A1111 always pads by at least one row (padding is ignored when reading)
+    # A1111's padding: up to the next multiple of h, then to the next multiple of 3h (both steps
+    # always add something); the padding repeats the data and is ignored after the zlib stream
+    size = len(payload) + height - len(payload) % height
+    size += 3 * height - size % (3 * height)
     low = np.resize(payload & 0x0F, size).reshape(height, -1, 3)
     high = np.resize(payload >> 4, size).reshape(height, -1, 3)
     shades = _style_shades(data)

@@ -1,0 +1,326 @@
+"""``sdcore train apt``: DreamArtist (contrastive positive/negative prompt tuning).
+
+Two ordinary TI embeddings train together: ``name`` (the positive) and ``name-neg``. For each
+sample the UNet predicts noise once with the positive prompt and once with the same prompt where
+the name is replaced by ``name-neg``; the loss compares the CFG combination
+``eps_neg + scale * (eps_pos - eps_neg)`` with the target. Options mirror the DreamArtist
+extension (defaults from its UI): an L1 reconstruction loss on the VAE-decoded predicted x0,
+attention-mask weighting, EMA of the vectors, and an optional "good image" classifier whose score
+replaces the loss (as in DreamArtist). The results are two A1111 ``.pt`` files.
+
+Unlike DreamArtist, v-prediction models are supported (the combination is linear, so it applies
+to a v prediction the same way) and the cfg curve is never ``eval``-ed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sdcore.errors import ConfigError
+from sdcore.options import option
+from sdcore.train.method import SaveInfo, StepContext
+from sdcore.train.options import TrainOptions
+from sdplugin_ti.method import TIMethod, TIOptions, TrainedEmbedding
+from sdplugin_ti.templates import load_template, pick_line, render
+
+from .guidance import GuidanceSchedule, parse_guidance
+
+if TYPE_CHECKING:
+    import torch
+    from sdcore.models.bundle import ModelBundle
+
+NEG_SUFFIX = "-neg"
+
+
+@dataclass
+class APTOptions(TIOptions):
+    """DreamArtist options on top of TI's (defaults from the DreamArtist extension's UI)."""
+
+    lr: float = option(3e-3, "Learning rate of the positive embedding (DreamArtist default 0.003).", group="training")
+    vectors: int = option(3, "Vectors of the positive embedding.", group="ti")
+    template: str = option(
+        "subject", "Prompt template (DreamArtist default subject; training without filewords is advised).", group="ti"
+    )
+    neg_vectors: int = option(6, "Vectors of the negative embedding <name>-neg.", group="apt")
+    neg_init_text: str = option("*", "Init text of the negative embedding.", group="apt")
+    neg_lr_weight: float = option(1.0, "The negative embedding's lr is lr * this.", group="apt")
+    cfg_scale: str = option(
+        "3.0", "Training CFG scale: '3', 'low-high' or 'low-high:ln|cos|cos2' over timesteps.", group="apt"
+    )
+    positive_filewords_only: bool = option(
+        False,
+        "The negative prompt uses the template without [filewords] (same line of the '_filewords'-less file).",
+        group="apt",
+    )
+    reconstruction: bool = option(
+        False, "Add an L1 loss between the VAE-decoded predicted x0 and the image (heavy).", group="apt"
+    )
+    rec_loss_weight: float = option(1.0, "Weight of the reconstruction loss.", group="apt")
+    ema: float = option(1.0, "EMA decay of the positive vectors (1 = off; DreamArtist suggests 0.97).", group="apt")
+    ema_neg: float = option(1.0, "EMA decay of the negative vectors (1 = off).", group="apt")
+    ema_replace_every: int = option(25, "Replace the live vectors by their EMA every N steps.", group="apt")
+    discriminator: str = option(
+        "",
+        "ConvNeXt 'good image' classifier weights (.safetensors or .pt); when set its score REPLACES the "
+        "diffusion loss, as in DreamArtist.",
+        group="apt",
+    )
+    discriminator_size: int = option(384, "Input size of the classifier (pixels).", group="apt")
+
+
+class APTMethod(TIMethod):
+    """DreamArtist: a positive and a negative embedding trained through a CFG-combined loss."""
+
+    name: ClassVar[str] = "apt"
+    options_class: ClassVar[type[TrainOptions]] = APTOptions
+    output_suffix: ClassVar[str] = ".pt"
+
+    def __init__(self, options: TrainOptions) -> None:
+        super().__init__(options)
+        o = self.apt_options
+        # the runtime reads this per instance: pixels only when the reconstruction loss needs them
+        self.needs_pixels = bool(o.reconstruction)  # type: ignore[misc]
+        self.guidance: GuidanceSchedule | None = None
+        self._negatives: dict[str, str] = {}
+        self._ema: dict[str, torch.Tensor] = {}
+        self._discriminator: Any = None
+
+    @property
+    def apt_options(self) -> APTOptions:
+        return self.options  # type: ignore[return-value]
+
+    @property
+    def neg_name(self) -> str:
+        return self.apt_options.name + NEG_SUFFIX
+
+    def trained_embeddings(self) -> list[TrainedEmbedding]:
+        o = self.apt_options
+        return [
+            TrainedEmbedding(o.name, o.init_text, o.vectors),
+            TrainedEmbedding(self.neg_name, o.neg_init_text, o.neg_vectors),
+        ]
+
+    # --- setup -------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        super().validate()
+        o = self.apt_options
+        self.guidance = parse_guidance(o.cfg_scale)
+        if o.neg_lr_weight <= 0:
+            raise ConfigError("--neg-lr-weight must be positive")
+        for flag, value in (("--ema", o.ema), ("--ema-neg", o.ema_neg)):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"{flag} must be in (0, 1], got {value}")
+        if o.ema_replace_every < 1:
+            raise ConfigError("--ema-replace-every must be at least 1")
+        if o.rec_loss_weight < 0:
+            raise ConfigError("--rec-loss-weight must be >= 0")
+        if o.discriminator and not Path(o.discriminator).is_file():
+            raise ConfigError(f"--discriminator {o.discriminator}: no such file")
+        if o.positive_filewords_only:
+            self._negative_template_lines()
+
+    def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
+        import torch
+
+        super().prepare(bundle)
+        assert self.handle is not None
+        # DreamArtist adds N(0, 1e-3) noise to a fresh "-neg" embedding so it does not start as a copy
+        generator = torch.Generator().manual_seed(int(self.options.seed))
+        with torch.no_grad():
+            for table in self.handle.tables[self.neg_name].values():
+                table.add_(torch.randn(table.shape, generator=generator).to(table) * 1e-3)
+        if self.apt_options.discriminator:
+            from .discriminator import load_discriminator
+
+            self._discriminator = load_discriminator(self.apt_options.discriminator).to(bundle.device).eval()
+            self._discriminator.requires_grad_(False)
+        self._reset_ema()
+        return self.param_groups()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        assert self.handle is not None
+        o = self.apt_options
+        positive = list(self.handle.tables[o.name].values())
+        negative = list(self.handle.tables[self.neg_name].values())
+        return [
+            {"params": positive, "name": "positive", "weight_decay": 0.0},
+            {"params": negative, "name": "negative", "weight_decay": 0.0, "lr": o.lr * o.neg_lr_weight},
+        ]
+
+    # --- prompts -------------------------------------------------------------------------------------
+    def _negative_template_lines(self) -> tuple[str, ...]:
+        template = self.apt_options.template
+        base = template[:-4] if template.endswith(".txt") else template
+        plain = base.replace("_filewords", "")
+        if plain == base:
+            raise ConfigError(f"--positive-filewords-only needs a '*_filewords' template, not {template!r}")
+        suffix = ".txt" if template.endswith(".txt") else ""
+        return load_template(plain + suffix)
+
+    def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
+        if is_class:
+            return caption
+        o = self.apt_options
+        lines = load_template(o.template)
+        line = pick_line(lines, rng)
+        positive = render(line, o.name, caption)
+        if o.positive_filewords_only:
+            negative_lines = self._negative_template_lines()
+            negative = render(negative_lines[lines.index(line) % len(negative_lines)], self.neg_name, "")
+        else:
+            negative = render(line, self.neg_name, caption)
+        if len(self._negatives) > 4096:
+            self._negatives.clear()
+        self._negatives[positive] = negative
+        return positive
+
+    def negative_caption(self, positive: str) -> str:
+        """The negative prompt for a training prompt: the same line with ``name`` -> ``name-neg``."""
+        known = self._negatives.get(positive)
+        if known is not None:
+            return known
+        from sdplugin_ti.apply import expand_prompt
+
+        return expand_prompt(positive, {self.apt_options.name: [self.neg_name]})
+
+    # --- loss --------------------------------------------------------------------------------------------
+    def compute_loss(self, ctx: StepContext) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if self.guidance is None:
+            self.guidance = parse_guidance(self.apt_options.cfg_scale)
+        bundle = ctx.bundle
+        eps_pos = ctx.predict(ctx.conditioning).float()
+        if self.guidance.disabled:
+            combined = eps_pos
+        else:
+            negative = self.encode(bundle, [self.negative_caption(c) for c in ctx.batch.captions])
+            eps_neg = ctx.predict(negative).float()
+            steps = int(bundle.noise_scheduler.config.num_train_timesteps)
+            scale = self.guidance.scale(ctx.timesteps, steps).to(eps_pos.device).view(-1, *([1] * (eps_pos.ndim - 1)))
+            combined = eps_neg + scale * (eps_pos - eps_neg)
+        if self._discriminator is not None:
+            image = self.decode_predicted(ctx, combined)
+            return 1.0 - self._discriminator.score(image, size=self.apt_options.discriminator_size)
+        loss = F.mse_loss(combined, ctx.target.float(), reduction="none")
+        if ctx.batch.masks is not None:
+            loss = loss * ctx.batch.masks.to(loss)
+        loss = loss.mean(dim=tuple(range(1, loss.ndim)))
+        if self.apt_options.reconstruction:
+            pixels = ctx.batch.pixels
+            if pixels is None:
+                raise ConfigError(
+                    "the reconstruction loss needs pixels: the runtime gave none (use --no-cache-latents)"
+                )
+            image = self.decode_predicted(ctx, combined)
+            pixels = pixels.to(image)
+            if pixels.shape[-2:] != image.shape[-2:]:
+                pixels = F.interpolate(pixels, size=image.shape[-2:], mode="bilinear", align_corners=False)
+            rec = (image - pixels).abs().mean(dim=(1, 2, 3))
+            loss = loss + self.apt_options.rec_loss_weight * rec
+        return loss
+
+    def decode_predicted(self, ctx: StepContext, prediction: torch.Tensor) -> torch.Tensor:
+        """Predicted clean image in [-1, 1], decoded with gradients (for reconstruction/classifier)."""
+        bundle = ctx.bundle
+        alphas = bundle.noise_scheduler.alphas_cumprod.to(ctx.noisy_latents.device)[ctx.timesteps].float()
+        alphas = alphas.view(-1, *([1] * (prediction.ndim - 1)))
+        noisy = ctx.noisy_latents.float()
+        if bundle.is_v_prediction:
+            x0 = alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
+        else:
+            x0 = (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
+        vae = bundle.vae
+        dtype = next(vae.parameters()).dtype
+        return vae.decode((x0 / bundle.vae_scaling_factor).to(dtype)).sample.float()
+
+    # --- EMA -----------------------------------------------------------------------------------------------
+    def _ema_decay(self, name: str) -> float:
+        o = self.apt_options
+        return o.ema_neg if name == self.neg_name else o.ema
+
+    def _reset_ema(self) -> None:
+        assert self.handle is not None
+        self._ema = {
+            f"{name}/{key}": t.detach().clone()
+            for name, per in self.handle.tables.items()
+            for key, t in per.items()
+            if self._ema_decay(name) < 1.0
+        }
+
+    def on_step_end(self, bundle: ModelBundle, step: int) -> None:
+        import torch
+
+        super().on_step_end(bundle, step)
+        if not self._ema or self.handle is None:
+            return
+        with torch.no_grad():
+            for name, per in self.handle.tables.items():
+                decay = self._ema_decay(name)
+                for key, table in per.items():
+                    ema_key = f"{name}/{key}"
+                    if ema_key not in self._ema:
+                        continue
+                    self._ema[ema_key].mul_(decay).add_(table.detach(), alpha=1 - decay)
+                    if step % self.apt_options.ema_replace_every == 0:
+                        table.copy_(self._ema[ema_key])
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().trainable_state_dict()
+        state.update({f"ema/{k}": v.detach().float().cpu().clone() for k, v in self._ema.items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_trainable_state_dict({k: v for k, v in state.items() if not k.startswith("ema/")})
+        for key, value in state.items():
+            if key.startswith("ema/") and key[4:] in self._ema:
+                self._ema[key[4:]].copy_(value.to(self._ema[key[4:]]))
+
+    # --- files -----------------------------------------------------------------------------------------------
+    def result_files(self, path: str | Path) -> list[Path]:
+        path = Path(path)
+        return [path, path.with_name(f"{path.stem}{NEG_SUFFIX}{path.suffix}")]
+
+    def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
+        folder = self.output_dir(info)
+        o = self.apt_options
+        positive = self.current_embedding(o.name, info.step)
+        negative = self.current_embedding(self.neg_name, info.step)
+        for emb in (positive, negative):
+            emb.metadata.update({k: str(v) for k, v in info.metadata.items()})
+            emb.metadata["apt.cfg_scale"] = o.cfg_scale
+        if info.final:
+            self.release()
+            output = Path(self.options.output) if self.options.output else None
+            if output is not None and output.suffix.lower() == ".pt":
+                folder, stem = output.parent, output.stem
+            else:
+                stem = o.name
+            self.write(negative, folder, f"{stem}{NEG_SUFFIX}")
+            return self.write(positive, folder, stem)
+        folder = folder / "embeddings"
+        negative.name = f"{o.name}-{info.step}{NEG_SUFFIX}"
+        self.write(negative, folder, negative.name)
+        return self.write(positive, folder, f"{o.name}-{info.step}")
+
+    def sampling(self, bundle: ModelBundle) -> Any:
+        """Samples use ``name-neg`` as the negative prompt, as DreamArtist's previews do."""
+        import contextlib
+
+        parent = super().sampling(bundle)
+
+        @contextlib.contextmanager
+        def with_negative() -> Any:
+            with parent as extra:
+                if extra:
+                    extra = {**extra, "negative_prompt": self.neg_name}
+                    if self.guidance is not None:
+                        extra["cfg"] = self.guidance.high
+                yield extra
+
+        return with_negative()
+
+
+__all__ = ["APTMethod", "APTOptions"]

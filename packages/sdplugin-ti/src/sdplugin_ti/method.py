@@ -1,0 +1,335 @@
+"""``sdcore train ti``: Textual Inversion as A1111 trains it, on SD1, SD2 and SDXL.
+
+Only the new embedding vectors train: they live in small tables looked up next to the frozen
+input embedding (see :mod:`.apply`), so there is no full-matrix copy or row restore per step. The
+runtime does data, noise, loss and optimizer; this module adds the placeholder tokens, builds the
+template prompts and writes A1111 files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sdcore.errors import ConfigError, NetworkMismatchError
+from sdcore.options import option
+from sdcore.train.method import Conditioning, SaveInfo, TrainingMethod
+from sdcore.train.options import TrainOptions
+
+from .schedule import LearnSchedule, parse_schedule
+from .templates import load_template, pick_line, render
+
+if TYPE_CHECKING:
+    import torch
+    from sdcore.models.bundle import ModelBundle
+
+    from .apply import EmbeddingHandle
+    from .embedding import Embedding
+
+EXTRA_FORMATS = ("pt", "safetensors", "bin")
+LATENT_SAMPLING = ("once", "deterministic", "random")
+_VALID_NAME = re.compile(r"^[\w.\- ]+$")
+
+
+@dataclass
+class TIOptions(TrainOptions):
+    """Textual-inversion options (A1111's train tab) on top of the runtime's."""
+
+    lr: float = option(5e-3, "Learning rate (A1111's TI default 0.005).", group="training")
+    name: str = option("", "Embedding name: the word used in prompts and the output file stem.", group="ti")
+    init_text: str = option("*", "Text whose token embeddings initialise the vectors ('' = zeros).", group="ti")
+    vectors: int = option(1, "Vectors per token (1-75): how many prompt tokens the embedding uses.", group="ti")
+    template: str = option(
+        "style_filewords",
+        "Prompt template: style, subject, style_filewords, subject_filewords, none, or a .txt file "
+        "with one prompt per line using [name] and [filewords].",
+        group="ti",
+    )
+    format: str = option(
+        "pt", "Extra file format written next to the A1111 .pt (always written).", choices=EXTRA_FORMATS, group="ti"
+    )
+    lr_schedule: str = option(
+        "",
+        "A1111 schedule 'rate:step, rate:step, rate' with absolute steps (replaces --lr-scheduler when set; "
+        "the last rate continues after the last step).",
+        group="ti",
+    )
+    latent_sampling: str = option(
+        "once",
+        "once: one cached posterior sample per image (A1111's default); random: a new sample each step "
+        "(needs --no-cache-latents); deterministic: the posterior mean (not supported by the runtime's cache yet).",
+        choices=LATENT_SAMPLING,
+        group="ti",
+    )
+
+
+@dataclass(frozen=True)
+class TrainedEmbedding:
+    """One embedding a method trains: prompt word, init text and vector count."""
+
+    name: str
+    init_text: str
+    vectors: int
+
+
+class TIMethod(TrainingMethod):
+    """Train one embedding (``--name``) with A1111 templates, schedule and file format."""
+
+    name: ClassVar[str] = "ti"
+    options_class: ClassVar[type[TrainOptions]] = TIOptions
+    output_suffix: ClassVar[str] = ".pt"
+    random_captions: ClassVar[bool] = True  # a random template line per use
+
+    def __init__(self, options: TrainOptions) -> None:
+        super().__init__(options)
+        self.handle: EmbeddingHandle | None = None
+        self.bundle: ModelBundle | None = None
+        self.schedule: LearnSchedule | None = None
+        self.completed_steps = 0
+        self._schedule_hook: Any = None
+
+    @property
+    def ti_options(self) -> TIOptions:
+        return self.options  # type: ignore[return-value]
+
+    def trained_embeddings(self) -> list[TrainedEmbedding]:
+        o = self.ti_options
+        return [TrainedEmbedding(o.name, o.init_text, o.vectors)]
+
+    # --- setup ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        o = self.ti_options
+        for item in self.trained_embeddings():
+            if not item.name.strip():
+                raise ConfigError("--name is required: the embedding's prompt word and file name")
+            if not _VALID_NAME.match(item.name):
+                raise ConfigError(f"--name {item.name!r}: use letters, digits, '.', '_', '-' and spaces only")
+            if not 1 <= item.vectors <= 75:
+                raise ConfigError(f"embedding {item.name!r}: vectors must be between 1 and 75, got {item.vectors}")
+        self.schedule = parse_schedule(o.lr_schedule) if o.lr_schedule.strip() else None
+        if self.schedule is not None and o.lr <= 0:
+            raise ConfigError("--lr must be positive when --lr-schedule is used")
+        load_template(o.template)
+        if o.latent_sampling == "random" and o.cache_latents:
+            raise ConfigError("--latent-sampling random draws a new latent each step: also pass --no-cache-latents")
+        if o.latent_sampling == "deterministic":
+            raise ConfigError(
+                "--latent-sampling deterministic is not supported: the runtime caches one seeded posterior sample "
+                "per image (that is 'once'); use once or random"
+            )
+
+    def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
+        from .apply import apply_embeddings, init_vectors
+        from .embedding import Embedding
+
+        self.validate()
+        for module in bundle.components().values():
+            module.requires_grad_(False)
+        embeddings = []
+        for item in self.trained_embeddings():
+            vectors = init_vectors(bundle, item.init_text, item.vectors)
+            embeddings.append(Embedding(name=item.name, vectors=vectors, step=0))
+        self.bundle = bundle
+        self.handle = apply_embeddings(bundle, embeddings, trainable=True)
+        groups = self.param_groups()
+        if self.schedule is not None:
+            self._install_schedule_hook(groups)
+        return groups
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group over every trained table; weight decay 0 as A1111 (decay would pull vectors to 0)."""
+        assert self.handle is not None
+        return [{"params": self.handle.parameters(), "name": "embedding", "weight_decay": 0.0}]
+
+    @property
+    def text_encoder_frozen(self) -> bool:
+        return False  # the prompts contain trainable tokens: never cache their encodings
+
+    def lr_lambda(self) -> Any:
+        if self.schedule is None and self.ti_options.lr_schedule.strip():
+            self.schedule = parse_schedule(self.ti_options.lr_schedule)
+        if self.schedule is None:
+            return None
+        schedule, base = self.schedule, float(self.ti_options.lr)
+        return lambda step: schedule.rate_at(int(step)) / base
+
+    def _install_schedule_hook(self, groups: list[dict[str, Any]]) -> None:
+        """Apply ``--lr-schedule`` right before every optimizer step.
+
+        The runtime honours :meth:`lr_lambda` when it supports it; this pre-step hook makes the
+        schedule exact either way (both set the same value). The step index comes from Adam's
+        per-parameter ``step`` state (restored on resume), else from :meth:`on_step_end`.
+        """
+        import weakref
+
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        base = float(self.options.lr)
+        ratios = {id(p): float(group.get("lr", base)) / base for group in groups for p in group["params"]}
+        owner = weakref.ref(self)
+
+        def set_rates(optimizer: Any, args: Any, kwargs: Any) -> None:
+            method = owner()
+            if method is None or method.schedule is None:
+                return
+            for group in optimizer.param_groups:
+                mine = [p for p in group["params"] if id(p) in ratios]
+                if not mine:
+                    continue
+                done = optimizer.state.get(mine[0], {}).get("step")
+                step = int(done) if done is not None else method.completed_steps
+                group["lr"] = method.schedule.rate_at(step) * ratios[id(mine[0])]
+
+        self._schedule_hook = register_optimizer_step_pre_hook(set_rates)
+
+    def on_step_end(self, bundle: ModelBundle, step: int) -> None:
+        self.completed_steps = step
+
+    def release(self) -> None:
+        """Remove the schedule hook (called after the final save)."""
+        if self._schedule_hook is not None:
+            self._schedule_hook.remove()
+            self._schedule_hook = None
+
+    # --- prompts ---------------------------------------------------------------------------------
+    def expand_prompt(self, prompt: str) -> str:
+        """Replace embedding names in ``prompt`` by their placeholder tokens (no-op before prepare)."""
+        return prompt if self.handle is None else self.handle.expand(prompt)
+
+    def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
+        """A random template line with ``[filewords]`` = the caption and ``[name]`` = the embedding name.
+
+        The name stays a word here (captions are cached and logged as text); :meth:`encode` turns
+        it into the placeholder tokens, exactly as generation does with a typed prompt.
+        """
+        if is_class:
+            return caption
+        line = pick_line(load_template(self.ti_options.template), rng)
+        return render(line, self.ti_options.name, caption)
+
+    def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
+        return super().encode(bundle, [self.expand_prompt(c) for c in captions])
+
+    @contextlib.contextmanager
+    def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:
+        """Sample prompts name the embedding as users type it: expand it through a network session."""
+        from sdcore.generate.session import NetworkSession
+
+        from .apply import LiveEmbeddings
+
+        if self.handle is None:
+            yield {}
+            return
+        yield {"networks": NetworkSession({None: [LiveEmbeddings(self.handle)]})}
+
+    # --- state -----------------------------------------------------------------------------------
+    def _tables(self) -> dict[str, torch.Tensor]:
+        if self.handle is None:
+            raise RuntimeError("prepare() has not run")
+        return {f"{name}/{key}": t for name, per in self.handle.tables.items() for key, t in per.items()}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: t.detach().float().cpu().clone() for k, t in self._tables().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        import torch
+
+        tables = self._tables()
+        missing = sorted(set(tables) - set(state))
+        if missing:
+            raise NetworkMismatchError(f"resume state lacks embedding tensors {', '.join(missing)}")
+        with torch.no_grad():
+            for key, table in tables.items():
+                if tuple(state[key].shape) != tuple(table.shape):
+                    raise NetworkMismatchError(
+                        f"resume state {key}: shape {tuple(state[key].shape)}, the embedding has {tuple(table.shape)}"
+                    )
+                table.copy_(state[key].to(table))
+
+    def load_result(self, bundle: ModelBundle, path: str | Path) -> None:
+        """Activate a saved result in ``bundle`` (a fresh model), or, after :meth:`prepare` on the same
+        bundle, continue training from that file's vectors (A1111 resumes at its ``step``)."""
+        from .apply import apply_embeddings, check_fits
+        from .formats import load_embedding
+
+        embeddings = [
+            load_embedding(p, name=item.name)
+            for item, p in zip(self.trained_embeddings(), self.result_files(path), strict=True)
+        ]
+        for emb in embeddings:
+            check_fits(bundle, emb)
+        if self.handle is not None and self.bundle is bundle:
+            self._copy_into_tables(embeddings, path)
+            return
+        self.bundle = bundle
+        self.handle = apply_embeddings(bundle, embeddings)
+
+    def result_files(self, path: str | Path) -> list[Path]:
+        """The files :meth:`save` wrote for ``path`` (one per trained embedding)."""
+        return [Path(path)]
+
+    def _copy_into_tables(self, embeddings: list[Embedding], path: str | Path) -> None:
+        import torch
+
+        assert self.handle is not None
+        with torch.no_grad():
+            for emb in embeddings:
+                for key, table in self.handle.tables[emb.name].items():
+                    source = emb.vectors.get(key, next(iter(emb.vectors.values())))
+                    if source.shape != table.shape:
+                        raise NetworkMismatchError(
+                            f"{path}: {emb.name} {key} has {source.shape[0]} vectors, training uses {table.shape[0]}"
+                        )
+                    table.copy_(source.to(table))
+
+    def current_embedding(self, name: str, step: int) -> Embedding:
+        assert self.handle is not None and self.bundle is not None
+        emb = self.handle.current(name)
+        emb.step = step
+        source = self.bundle.source or ""
+        emb.sd_checkpoint = self.bundle.metadata.get("shorthash") or self.bundle.metadata.get("sd_checkpoint")
+        emb.sd_checkpoint_name = Path(source).stem if source else None
+        emb.metadata = {"sdcore.method": self.name, "sdcore.family": self.bundle.family}
+        return emb
+
+    def resolve_output(self, path: Path) -> Path:
+        """``--output folder`` -> ``folder/<name>.pt`` (A1111: the file stem is the prompt word)."""
+        if path.is_dir() or not path.suffix:
+            return path / f"{self.trained_embeddings()[0].name or self.name}{self.output_suffix}"
+        return path
+
+    def output_dir(self, info: SaveInfo) -> Path:
+        """The folder results go to: ``--output`` when it names a folder, else the runtime's path's folder."""
+        output = Path(self.options.output) if self.options.output else None
+        if output is not None and not output.suffix:
+            return output
+        return info.path.parent if info.path.suffix else info.path
+
+    def write(self, emb: Embedding, folder: Path, stem: str) -> Path:
+        """``<folder>/<stem>.pt`` plus the ``--format`` extra; returns the .pt path."""
+        from .formats import save_embedding
+
+        primary = save_embedding(emb, folder / f"{stem}.pt", format="pt")
+        if self.ti_options.format != "pt":
+            save_embedding(emb, folder / f"{stem}.{self.ti_options.format}", format=self.ti_options.format)
+        return primary
+
+    def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
+        folder = self.output_dir(info)
+        name = self.ti_options.name
+        emb = self.current_embedding(name, info.step)
+        emb.metadata.update({k: str(v) for k, v in info.metadata.items()})
+        if info.final:
+            self.release()
+            output = Path(self.options.output) if self.options.output else None
+            if output is not None and output.suffix.lower() == ".pt":
+                return self.write(emb, output.parent, output.stem)
+            return self.write(emb, folder, name)
+        return self.write(emb, folder / "embeddings", f"{name}-{info.step}")
+
+
+__all__ = ["TIMethod", "TIOptions", "TrainedEmbedding"]

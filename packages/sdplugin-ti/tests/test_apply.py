@@ -1,0 +1,169 @@
+"""Applying embeddings: same text-encoder outputs as diffusers' loader, exact undo, SDXL, mismatches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from sdcore.errors import NetworkMismatchError
+from sdcore.models.text import encode_prompts
+from sdcore.models.tokenizer import OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer
+from sdplugin_ti.apply import EmbeddingHandler, apply_embeddings, expand_prompt, find_names, placeholder_tokens
+from sdplugin_ti.embedding import CLIP_G, CLIP_L, SINGLE, Embedding
+from sdplugin_ti.formats import load_embedding, save_embedding
+
+PROMPT = "a photo of mychar, standing"
+
+
+def _vectors(n: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def _sd_pipeline(bundle):
+    """A diffusers pipeline over copies of the bundle's modules (diffusers mutates what it loads into)."""
+    from diffusers import StableDiffusionPipeline
+
+    pad = OPENCLIP_PAD_TOKEN if bundle.family == "sd2" else "<|endoftext|>"
+    return StableDiffusionPipeline(
+        vae=bundle.vae,
+        text_encoder=copy.deepcopy(bundle.text_encoders[0]),
+        tokenizer=bundled_clip_tokenizer(pad_token=pad),
+        unet=bundle.unet,
+        scheduler=bundle.noise_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("suffix", ["pt", "safetensors", "bin"])
+def test_same_hidden_states_as_diffusers_loader(make_bundle, tmp_path, family, suffix):
+    bundle = make_bundle(family)
+    reference = encode_prompts(bundle, [PROMPT]).hidden_states
+    emb = Embedding("mychar", {SINGLE: _vectors(3, 32, 0)})
+    path = save_embedding(emb, tmp_path / f"mychar.{suffix}")
+
+    pipe = _sd_pipeline(bundle)
+    pipe.load_textual_inversion(str(path), token="mychar")
+    theirs, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+
+    handle = apply_embeddings(bundle, [load_embedding(path)])
+    ours = encode_prompts(bundle, [handle.expand(PROMPT)]).hidden_states
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, reference, atol=1e-3)  # the embedding changed something
+
+    handle.remove()
+    assert len(bundle.tokenizers[0]) == 49408
+    assert type(bundle.text_encoders[0].get_input_embeddings()) is torch.nn.Embedding
+    assert torch.equal(encode_prompts(bundle, [PROMPT]).hidden_states, reference)
+
+
+def test_sdxl_clip_l_and_clip_g_match_diffusers(make_bundle, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    bundle = make_bundle("sdxl")
+    emb = Embedding("mychar", {CLIP_L: _vectors(2, 32, 1), CLIP_G: _vectors(2, 64, 2)})
+    path = save_embedding(emb, tmp_path / "mychar.safetensors")
+    pipe = StableDiffusionXLPipeline(
+        vae=bundle.vae,
+        text_encoder=copy.deepcopy(bundle.text_encoders[0]),
+        text_encoder_2=copy.deepcopy(bundle.text_encoders[1]),
+        tokenizer=bundled_clip_tokenizer(),
+        tokenizer_2=bundled_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN),
+        unet=bundle.unet,
+        scheduler=bundle.noise_scheduler,
+    )
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    tokens = ["mychar", "mychar_1"]
+    pipe.load_textual_inversion(state[CLIP_L], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(
+        state[CLIP_G], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    theirs, _, theirs_pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+
+    handle = apply_embeddings(bundle, [load_embedding(path)])
+    cond = encode_prompts(bundle, [handle.expand(PROMPT)])
+    torch.testing.assert_close(cond.hidden_states, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cond.pooled, theirs_pooled, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert all(len(t) == 49408 for t in bundle.tokenizers)
+
+
+def test_width_mismatch_names_expected_and_found(make_bundle):
+    sd1 = make_bundle("sd1")
+    with pytest.raises(NetworkMismatchError, match=r"expects width 32.*width 768"):
+        apply_embeddings(sd1, [Embedding("big", {SINGLE: torch.zeros(1, 768)})])
+    sdxl = make_bundle("sdxl")
+    with pytest.raises(NetworkMismatchError, match=r"needs clip_l \(width 32\), clip_g \(width 64\)"):
+        apply_embeddings(sdxl, [Embedding("one", {SINGLE: torch.zeros(1, 32)})])
+    with pytest.raises(NetworkMismatchError, match=r"text encoder 2.*expects width 64.*width 1280"):
+        apply_embeddings(sdxl, [Embedding("xl", {CLIP_L: torch.zeros(1, 32), CLIP_G: torch.zeros(1, 1280)})])
+    assert len(sdxl.tokenizers[0]) == 49408  # nothing left behind
+
+
+def test_failed_apply_leaves_nothing(make_bundle):
+    bundle = make_bundle("sd1")
+    good = Embedding("good", {SINGLE: torch.zeros(2, 32)})
+    clash = Embedding("GOOD", {SINGLE: torch.zeros(1, 32)})
+    with pytest.raises(NetworkMismatchError, match="clash"):
+        apply_embeddings(bundle, [good, clash])
+    handle = apply_embeddings(bundle, [good])
+    with pytest.raises(NetworkMismatchError, match="already exists"):
+        apply_embeddings(bundle, [good])
+    handle.remove()
+    assert len(bundle.tokenizers[0]) == 49408
+
+
+def test_prompt_expansion_rules():
+    tokens = {"bad-hands": ["bad-hands"], "bad-hands-5": ["bad-hands-5", "bad-hands-5__ti1"], "Star": ["star__ti0"]}
+    assert expand_prompt("(Bad-Hands-5:1.2), bad-hands, xbad-hands", tokens) == (
+        "(bad-hands-5 bad-hands-5__ti1:1.2), bad-hands, xbad-hands"
+    )
+    assert expand_prompt("a STAR, starry", tokens) == "a star__ti0, starry"
+    assert find_names("ugly, BAD-HANDS-5", ["bad-hands", "bad-hands-5"]) == ["bad-hands-5"]
+
+
+def test_placeholder_for_vocabulary_word_is_distinct(make_bundle):
+    tok = make_bundle("sd1").tokenizers
+    assert placeholder_tokens("style", 2, tok) == ["style__ti0", "style__ti1"]
+    assert placeholder_tokens("My Char", 1, tok) == ["my char"]
+
+
+def test_handler_activates_from_prompt_and_negative_and_undoes(make_bundle, tmp_path):
+    bundle = make_bundle("sd1")
+    save_embedding(Embedding("mychar", {SINGLE: _vectors(2, 32, 3)}), tmp_path / "mychar.pt")
+    save_embedding(Embedding("ugly", {SINGLE: _vectors(1, 32, 4)}), tmp_path / "sub" / "Ugly.safetensors")
+    save_embedding(Embedding("unused", {SINGLE: _vectors(1, 32, 5)}), tmp_path / "unused.bin")
+    save_embedding(Embedding("wide", {SINGLE: _vectors(1, 768, 5)}), tmp_path / "wide.pt")
+    save_embedding(Embedding("other", {SINGLE: _vectors(1, 768, 6)}), tmp_path / "mychar.png")  # a preview
+    handler = EmbeddingHandler(tmp_path)
+    reference = encode_prompts(bundle, [PROMPT]).hidden_states
+
+    act = handler.activate(bundle, [], PROMPT, "ugly, blurry")
+    assert act.prompt == "a photo of mychar mychar__ti1, standing"
+    assert act.negative_prompt == "ugly__ti0, blurry"  # "ugly" is a vocabulary word: distinct placeholder
+    assert "mychar: " in act.info["TI hashes"] and "Ugly: " in act.info["TI hashes"]
+    assert {t.content for t in bundle.tokenizers[0].added_tokens_decoder.values()} >= {
+        "mychar",
+        "mychar__ti1",
+        "ugly__ti0",
+    }
+    # a second activation for another prompt of the same batch reuses the live embeddings
+    again = handler.activate(bundle, [], "mychar", "")
+    assert again.prompt == "mychar mychar__ti1"
+    again.undo()
+    assert encode_prompts(bundle, [act.prompt]).hidden_states.shape == reference.shape
+    act.undo()
+    assert len(bundle.tokenizers[0]) == 49408
+    assert torch.equal(encode_prompts(bundle, [PROMPT]).hidden_states, reference)
+    # nothing named: nothing happens
+    quiet = handler.activate(bundle, [], "a cat", "")
+    assert quiet.prompt == "a cat" and len(bundle.tokenizers[0]) == 49408
+    with pytest.raises(NetworkMismatchError, match="expects width 32"):
+        handler.activate(bundle, [], "a wide shot", "")
+    assert len(bundle.tokenizers[0]) == 49408

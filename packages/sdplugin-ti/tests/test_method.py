@@ -1,0 +1,201 @@
+"""TI training: the runtime contract (learning, save/load, resume) plus TI specifics."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from sdcore.errors import ConfigError
+from sdcore.testing.contract import MethodContractTests, check_one_step, contract_options
+from sdplugin_ti.formats import load_embedding
+from sdplugin_ti.method import TIMethod, TIOptions
+
+# the contract's dataset captions start with "tiny": naming the embedding so puts it in every prompt
+TI_OPTIONS = {"name": "tiny", "vectors": 2, "template": "subject_filewords", "lr": 5e-2}
+
+
+class TestTIContract(MethodContractTests):
+    """The shared contract. On the plain random tiny UNet text conditioning moves the denoising loss
+    by under 1% (a TI only changes the cross-attention input), so the learning check runs the
+    contract's own ``check_learning`` on a tiny UNet whose cross-attention output is amplified."""
+
+    method_class = TIMethod
+    options = TI_OPTIONS
+
+    def test_contract_learning(self, tmp_path, monkeypatch):
+        import sdcore.testing.contract as contract
+
+        plain = contract._bundle
+        monkeypatch.setattr(contract, "_bundle", lambda family: _amplify_cross_attention(plain(family)))
+        contract.check_learning(TIMethod, tmp_path, TI_OPTIONS, steps=30, min_drop=0.04)
+
+
+def _amplify_cross_attention(bundle, gain: float = 20.0):
+    with torch.no_grad():
+        for name, module in bundle.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_out[0].weight.mul_(gain)
+    return bundle
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_learns_when_conditioning_matters(tmp_path, make_bundle, family):
+    """With the cross-attention output amplified, the fixed-noise loss falls clearly (> 4%) and
+    nothing but the embedding tables changes."""
+    from sdcore.train.loop import TrainSession
+
+    values = {**TI_OPTIONS, "max_steps": 30, "batch_size": 4, "save_state": False}
+    options = contract_options(TIMethod, tmp_path, values, family=family, tag="learn")
+    bundle = _amplify_cross_attention(make_bundle(family))
+    unet_before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    te_before = [{k: v.clone() for k, v in te.state_dict().items()} for te in bundle.text_encoders]
+    session = TrainSession(TIMethod(options), options, bundle=bundle)
+    session.setup()
+    before = session.fixed_loss()
+    session.run()
+    after = session.fixed_loss()
+    assert after < before * 0.96, (before, after)
+    assert all(torch.equal(v, bundle.unet.state_dict()[k]) for k, v in unet_before.items())
+    for te, saved in zip(bundle.text_encoders, te_before, strict=False):
+        assert all(torch.equal(v, te.state_dict()[k]) for k, v in saved.items())
+
+
+def test_sdxl_one_step_writes_clip_l_and_clip_g(tmp_path):
+    result = check_one_step(TIMethod, tmp_path, {**TI_OPTIONS, "format": "safetensors"}, family="sdxl")
+    emb = load_embedding(result.output)
+    assert emb.widths == {"clip_l": 32, "clip_g": 64} and emb.num_vectors == 2
+    st = load_embedding(result.output.with_suffix(".safetensors"))
+    assert torch.equal(st.vectors["clip_g"], emb.vectors["clip_g"]) and st.step == 1
+
+
+def test_sd2_intermediate_embeddings_and_extra_format(tmp_path, make_bundle):
+    from sdcore.train.loop import train
+
+    options = contract_options(
+        TIMethod, tmp_path, {**TI_OPTIONS, "max_steps": 2, "save_every": 1, "format": "bin"}, family="sd2"
+    )
+    result = train(TIMethod(options), options, bundle=make_bundle("sd2"))
+    folder = result.output.parent
+    assert result.output.name == "result.pt"
+    raw = torch.load(result.output, weights_only=True)
+    assert raw["name"] == "tiny" and raw["step"] == 2 and raw["string_to_param"]["*"].shape == (2, 32)
+    first = load_embedding(folder / "embeddings" / "tiny-1.pt")
+    assert first.step == 1 and not torch.equal(first.vectors["*"], load_embedding(result.output).vectors["*"])
+    assert torch.equal(load_embedding(folder / "result.bin").vectors["*"], raw["string_to_param"]["*"])
+
+
+def test_only_embedding_rows_train(tmp_path, make_bundle):
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, "init_text": "red cat"})
+    method = TIMethod(options)
+    bundle = make_bundle("sd1")
+    before = {k: v.clone() for k, v in bundle.text_encoders[0].state_dict().items()}
+    groups = method.prepare(bundle)
+    params = groups[0]["params"]
+    assert len(params) == 1 and params[0].shape == (2, 32) and params[0].requires_grad
+    assert groups[0]["weight_decay"] == 0.0
+    assert not any(p.requires_grad for p in bundle.unet.parameters())
+    assert not any(p.requires_grad for p in bundle.text_encoders[0].parameters())
+    # A1111 init: "red cat" -> two token rows spread over two vectors
+    ids = bundle.tokenizers[0]("red cat", add_special_tokens=False).input_ids
+    weight = bundle.text_encoders[0].get_input_embeddings().weight
+    torch.testing.assert_close(params[0].detach(), weight[ids].detach())
+    opt = torch.optim.AdamW(params, lr=0.1)
+    cond = method.encode(bundle, [method.caption_for("a dog", is_class=False, rng=random.Random(0))])
+    cond.hidden_states.pow(2).mean().backward()
+    assert params[0].grad is not None and params[0].grad.abs().sum() > 0
+    opt.step()
+    after = bundle.text_encoders[0].state_dict()
+    assert before.keys() == after.keys()  # the tables are not part of the model's state
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_caption_templates_and_placeholders(tmp_path, make_bundle):
+    template = tmp_path / "t.txt"
+    template.write_text("art of [filewords] by [name]\n", encoding="utf-8")
+    options = contract_options(TIMethod, tmp_path, {"name": "Zork", "vectors": 3, "template": str(template)})
+    method = TIMethod(options)
+    method.prepare(make_bundle("sd1"))
+    assert method.caption_for("a hill", is_class=False, rng=random.Random(1)) == "art of a hill by Zork"
+    assert method.caption_for("class photo", is_class=True, rng=random.Random(1)) == "class photo"
+    assert method.expand_prompt("art by Zork") == "art by zork zork__ti1 zork__ti2"
+
+
+def test_lr_schedule_lambda(tmp_path):
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, "lr": 5e-3, "lr_schedule": "0.005:10, 1e-3:20, 1e-4"})
+    method = TIMethod(options)
+    method.validate()
+    factor = method.lr_lambda()
+    assert [round(factor(s) * 5e-3, 12) for s in (0, 9, 10, 19, 20, 999)] == [0.005, 0.005, 1e-3, 1e-3, 1e-4, 1e-4]
+    assert TIMethod(contract_options(TIMethod, tmp_path, TI_OPTIONS)).lr_lambda() is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"name": ""}, "--name is required"),
+        ({"name": "a/b"}, "letters, digits"),
+        ({"vectors": 0}, "between 1 and 75"),
+        ({"lr_schedule": "0.1:10, 0.2:5"}, "greater than"),
+        ({"template": "/nope.txt"}, "no such file"),
+        ({"latent_sampling": "random"}, "--no-cache-latents"),
+        ({"latent_sampling": "deterministic"}, "not supported"),
+    ],
+)
+def test_validation(tmp_path, overrides, message):
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, **overrides})
+    with pytest.raises(ConfigError, match=message):
+        TIMethod(options).validate()
+
+
+def test_defaults_and_registration():
+    from sdplugin_ti import plugin
+
+    assert TIOptions().lr == 5e-3 and TIOptions().init_text == "*" and TIOptions().vectors == 1
+    methods, networks = [], []
+    plugin.sdcore_register_methods(methods.append)
+    plugin.sdcore_register_prompt_networks(networks.append)
+    assert methods[0].name == "ti" and methods[0].load() is TIMethod
+    spec = networks[0]
+    assert spec.tag is None and spec.directory_option == "embeddings_dir" and spec.default_subdir == "embeddings"
+    from sdplugin_ti.apply import EmbeddingHandler
+
+    assert spec.load() is EmbeddingHandler
+
+
+def test_lr_schedule_is_applied_in_training(tmp_path, make_bundle):
+    """'0.05:1, 1e-12': only the first update moves the vectors, whatever the runtime's scheduler does."""
+    from sdcore.train.loop import train
+
+    def run(tag, schedule):
+        values = {**TI_OPTIONS, "max_steps": 3, "save_every": 1, "lr": 0.05, "lr_schedule": schedule}
+        options = contract_options(TIMethod, tmp_path / tag, values)
+        result = train(TIMethod(options), options, bundle=make_bundle("sd1"))
+        first = load_embedding(result.output.parent / "embeddings" / "tiny-1.pt").vectors["*"]
+        return first, load_embedding(result.output).vectors["*"]
+
+    first, last = run("scheduled", "0.05:1, 1e-12")
+    assert (last - first).abs().max() < 1e-9
+    first, last = run("constant", "")
+    assert (last - first).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("extra", [{"gradient_checkpointing": True}, {"mixed_precision": "bf16"}])
+def test_trains_with_checkpointing_and_bf16(tmp_path, make_bundle, extra):
+    from sdcore.train.loop import train
+
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, "max_steps": 2, "init_text": "red", **extra})
+    method = TIMethod(options)
+    bundle = make_bundle("sd1")
+    result = train(method, options, bundle=bundle)
+    ids = bundle.tokenizers[0]("red", add_special_tokens=False).input_ids
+    init = bundle.text_encoders[0].get_input_embeddings().weight[ids[0]].float().cpu()
+    trained = load_embedding(result.output).vectors["*"]
+    assert torch.isfinite(trained).all()
+    assert (trained - init).abs().max() > 1e-3  # gradients reached the embedding
+
+
+def test_output_folder_gets_name_pt(tmp_path):
+    method = TIMethod(contract_options(TIMethod, tmp_path, TI_OPTIONS))
+    assert method.resolve_output(tmp_path / "out") == tmp_path / "out" / "tiny.pt"
+    assert method.resolve_output(tmp_path / "x.pt") == tmp_path / "x.pt"

@@ -56,16 +56,25 @@ def run_isolated(module: str, function: str, *args: str, timeout: int = 3600) ->
         "result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "print('RESULT=' + json.dumps(result))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=Path(__file__).parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parents[1],
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT="):
-            return json.loads(line[len("RESULT="):])
+            return json.loads(line[len("RESULT=") :])
     raise RuntimeError(f"{module}.{function} failed:\n{proc.stderr[-4000:]}")
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
     try:
         import torch
 
@@ -90,6 +99,8 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"{name}.json"
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    path.write_text(
+        json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    )
     print(f"\nraw figures: {path}")
     return path

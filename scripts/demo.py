@@ -23,9 +23,19 @@ import numpy as np
 from PIL import Image
 
 TAGS = [  # (name, category): 9 = rating, 0 = general, 4 = character
-    ("general", 9), ("sensitive", 9), ("questionable", 9), ("explicit", 9),
-    ("red_theme", 0), ("green_theme", 0), ("blue_theme", 0), ("simple_background", 0),
-    ("no_humans", 0), ("pattern", 0), ("striped", 0), ("checkered", 0), ("sks_character", 4),
+    ("general", 9),
+    ("sensitive", 9),
+    ("questionable", 9),
+    ("explicit", 9),
+    ("red_theme", 0),
+    ("green_theme", 0),
+    ("blue_theme", 0),
+    ("simple_background", 0),
+    ("no_humans", 0),
+    ("pattern", 0),
+    ("striped", 0),
+    ("checkered", 0),
+    ("sks_character", 4),
 ]
 
 
@@ -46,7 +56,13 @@ def build_tiny_wd_tagger(folder: Path, size: int = 64) -> Path:
     # BGR order: channel 2 is red, 1 green, 0 blue
     for channel, tag in ((2, "red_theme"), (1, "green_theme"), (0, "blue_theme")):
         weights[channel, [t for t, _ in TAGS].index(tag)] = 0.06
-    for tag, b in (("general", 3.0), ("simple_background", 2.0), ("no_humans", 2.5), ("pattern", 1.5), ("sks_character", 2.0)):
+    for tag, b in (
+        ("general", 3.0),
+        ("simple_background", 2.0),
+        ("no_humans", 2.5),
+        ("pattern", 1.5),
+        ("sks_character", 2.0),
+    ):
         bias[[t for t, _ in TAGS].index(tag)] = b
     for i, (tag, _) in enumerate(TAGS):
         if tag.endswith("_theme"):
@@ -116,7 +132,17 @@ def main() -> None:
 
     # 3. tag it
     tagger = build_tiny_wd_tagger(out / "wd-tiny")
-    sdcore("tag", "wd14", str(images_dir), "--model-dir", str(tagger), "--include-first", "sks", "--general-threshold", "0.5")
+    sdcore(
+        "tag",
+        "wd14",
+        str(images_dir),
+        "--model-dir",
+        str(tagger),
+        "--include-first",
+        "sks",
+        "--general-threshold",
+        "0.5",
+    )
 
     # 4. look at it before any model loads
     sdcore("data", "check", str(data), "--resolution", str(resolution))
@@ -125,10 +151,32 @@ def main() -> None:
     lora_dir = out / "Lora"
     lora = lora_dir / "sks.safetensors"
     sdcore(
-        "train", "lora", "--model", model, "--data", str(data), "--output", str(lora),
-        "--rank", "8", "--alpha", "8", "--conv-rank", "4", "--conv-alpha", "4",
-        "--resolution", str(resolution), "--batch-size", "2", "--max-steps", str(steps),
-        "--lr", "1e-3" if tiny else "1e-4", "--seed", "1",
+        "train",
+        "lora",
+        "--model",
+        model,
+        "--data",
+        str(data),
+        "--output",
+        str(lora),
+        "--rank",
+        "8",
+        "--alpha",
+        "8",
+        "--conv-rank",
+        "4",
+        "--conv-alpha",
+        "4",
+        "--resolution",
+        str(resolution),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        str(steps),
+        "--lr",
+        "1e-3" if tiny else "1e-4",
+        "--seed",
+        "1",
     )
     sdcore("lora", "info", str(lora))
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from sdcore.errors import ModelFormatError, NetworkMismatchError, UnsafeFileError
 from sdcore.generate.networks import NetworkRef
 from sdplugin_hn.apply import HypernetworkHandler, apply_hypernetworks, attention_layers, context_widths
@@ -129,19 +128,39 @@ def test_legacy_linear1_linear2_file_loads(tmp_path: Path) -> None:
     k_module, v_module = hn.pair(dim)
     x = torch.randn(2, 5, dim, generator=generator)
     for module, state in ((k_module, k_state), (v_module, v_state)):
-        expected = x + (x @ state["linear1.weight"].T + state["linear1.bias"]) @ state["linear2.weight"].T + state["linear2.bias"]
+        expected = (
+            x
+            + (x @ state["linear1.weight"].T + state["linear1.bias"]) @ state["linear2.weight"].T
+            + state["linear2.bias"]
+        )
         torch.testing.assert_close(module(x, 1.0), expected, rtol=1e-5, atol=1e-4)
     assert hn.activate_output is True and hn.activation is None
 
 
 def test_sequential_layout_matches_a1111_indices() -> None:
-    module = HypernetworkModule(8, [1, 2, 2, 1], "relu", layer_norm=True, dropout_structure=[0, 0.3, 0.3, 0], activate_output=False)
+    module = HypernetworkModule(
+        8, [1, 2, 2, 1], "relu", layer_norm=True, dropout_structure=[0, 0.3, 0.3, 0], activate_output=False
+    )
     kinds = [type(m).__name__ for m in module.linear]
-    assert kinds == ["Linear", "ReLU", "LayerNorm", "Dropout", "Linear", "ReLU", "LayerNorm", "Dropout", "Linear", "LayerNorm"]
+    assert kinds == [
+        "Linear",
+        "ReLU",
+        "LayerNorm",
+        "Dropout",
+        "Linear",
+        "ReLU",
+        "LayerNorm",
+        "Dropout",
+        "Linear",
+        "LayerNorm",
+    ]
     plain = HypernetworkModule(8, [1, 2, 1], "swish", activate_output=True)
     assert [type(m).__name__ for m in plain.linear] == ["Linear", "Hardswish", "Linear", "Hardswish"]
     assert list(HypernetworkModule(8, [1, 2, 1], "linear").state_dict()) == [
-        "linear.0.weight", "linear.0.bias", "linear.1.weight", "linear.1.bias"
+        "linear.0.weight",
+        "linear.0.bias",
+        "linear.1.weight",
+        "linear.1.bias",
     ]
 
 
@@ -161,9 +180,20 @@ def test_saved_and_reloaded_gives_identical_outputs(tmp_path: Path, sd1_bundle, 
     hn.step = 7
     path = save_hypernetwork(hn, tmp_path / "out.pt", dtype="fp32")
     raw = torch.load(path, weights_only=True)
-    for key in ("layer_structure", "activation_func", "is_layer_norm", "weight_initialization", "use_dropout",
-                "dropout_structure", "last_layer_dropout", "activate_output", "step", "name", "sd_checkpoint",
-                "sd_checkpoint_name"):
+    for key in (
+        "layer_structure",
+        "activation_func",
+        "is_layer_norm",
+        "weight_initialization",
+        "use_dropout",
+        "dropout_structure",
+        "last_layer_dropout",
+        "activate_output",
+        "step",
+        "name",
+        "sd_checkpoint",
+        "sd_checkpoint_name",
+    ):
         assert key in raw
     assert set(k for k in raw if isinstance(k, int)) == {32, 64}
     assert raw["use_dropout"] is True and raw["step"] == 7
@@ -232,7 +262,7 @@ def test_not_a_hypernetwork_is_a_clear_error(tmp_path: Path) -> None:
         load_hypernetwork(path)
     bad = tmp_path / "bad.pt"
     torch.save({32: ({"linear.0.weight": torch.zeros(3, 3)}, {}), "layer_structure": [1, 2, 1]}, bad)
-    with pytest.raises(ModelFormatError, match="bad.pt"):
+    with pytest.raises(ModelFormatError, match=r"bad\.pt"):
         load_hypernetwork(bad)
 
 
@@ -251,6 +281,9 @@ def test_handler_applies_and_undoes(tmp_path: Path, sd1_bundle, run_unet) -> Non
     hooks = apply_hypernetworks(unet, [(load_hypernetwork(folder / "style.pt"), 0.6)])
     assert torch.equal(run_unet(unet), styled)
     hooks.remove()
+    (tmp_path / "hypernetworks" / "style-state" / "step-1").mkdir(parents=True)
+    torch.save({}, tmp_path / "hypernetworks" / "style-state" / "step-1" / "optimizer.pt")
+    assert [p.stem for p in handler.available()] == ["style"]
     with pytest.raises(NetworkMismatchError, match="missing"):
         handler.activate(sd1_bundle, [NetworkRef("hypernet", "missing")], "", "")
     save_hypernetwork(_random_hypernetwork([768]), folder / "sd1real.pt")
@@ -264,3 +297,26 @@ def test_dict_round_trip_keeps_structure() -> None:
     assert data[8][0]["linear.0.weight"].dtype == torch.float16
     assert data["weight_initialization"] == "XavierNormal" and data["activate_output"] is True
     assert data["activation_func"] == "elu" and data["layer_structure"] == [1.0, 1.5, 1.0]
+
+
+@pytest.mark.parametrize(("family", "widths"), [("sd2", [32, 64]), ("sdxl", [64, 96])])
+def test_other_families_get_a_module_per_width(family: str, widths: list[int]) -> None:
+    from sdcore.models.tiny import create_tiny_bundle
+
+    bundle = create_tiny_bundle(family)
+    unet = bundle.unet
+    assert context_widths(unet) == widths  # SDXL's cross-attention width is the concatenated text width
+    hn = _random_hypernetwork(widths)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 8, unet.config.cross_attention_dim, generator=generator)
+    kwargs = {}
+    if family == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 64), "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad():
+        base = unet(sample, torch.tensor([10]), encoder_hidden_states=context, **kwargs).sample
+        hooks = apply_hypernetworks(unet, [(hn, 1.0)])
+        styled = unet(sample, torch.tensor([10]), encoder_hidden_states=context, **kwargs).sample
+        hooks.remove()
+        again = unet(sample, torch.tensor([10]), encoder_hidden_states=context, **kwargs).sample
+    assert not torch.allclose(base, styled) and torch.equal(base, again)

@@ -14,13 +14,12 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
-
 from sdcore.errors import NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
+from torch import nn
 
 from .format import load_hypernetwork
 from .modules import Hypernetwork, HypernetworkModule
@@ -33,7 +32,9 @@ def attention_layers(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """The UNet's attention layers (anything with ``to_k`` and ``to_v`` projections)."""
     found = []
     for name, module in unet.named_modules():
-        if isinstance(getattr(module, "to_k", None), nn.Module) and isinstance(getattr(module, "to_v", None), nn.Module):
+        if isinstance(getattr(module, "to_k", None), nn.Module) and isinstance(
+            getattr(module, "to_v", None), nn.Module
+        ):
             found.append((name, module))
     return found
 
@@ -47,7 +48,7 @@ def _in_width(projection: nn.Module) -> int | None:
 
 def context_widths(unet: nn.Module) -> list[int]:
     """Every context width an attention layer of ``unet`` sees (self- and cross-attention)."""
-    widths = {_in_width(module.to_k) for _, module in attention_layers(unet)}
+    widths = {_in_width(cast(nn.Module, module.to_k)) for _, module in attention_layers(unet)}
     return sorted(w for w in widths if w is not None)
 
 
@@ -98,8 +99,9 @@ def apply_hypernetworks(unet: nn.Module, networks: Sequence[tuple[Hypernetwork, 
         return hook
 
     for _, attention in attention_layers(unet):
-        hooks.handles.append(attention.to_k.register_forward_pre_hook(make_hook(0), with_kwargs=True))
-        hooks.handles.append(attention.to_v.register_forward_pre_hook(make_hook(1), with_kwargs=True))
+        to_k, to_v = cast(nn.Module, attention.to_k), cast(nn.Module, attention.to_v)
+        hooks.handles.append(to_k.register_forward_pre_hook(make_hook(0), with_kwargs=True))
+        hooks.handles.append(to_v.register_forward_pre_hook(make_hook(1), with_kwargs=True))
         hooks.layers += 1
     return hooks
 
@@ -122,6 +124,14 @@ class HypernetworkHandler(PromptNetworkHandler):
     def __init__(self, directory: str | Path | None = None) -> None:
         super().__init__(directory)
         self._cache: dict[tuple[str, float, int], Hypernetwork] = {}
+
+    def available(self) -> list[Path]:
+        """``.pt`` files under the folder, minus training-state folders (``<name>-state/``) and ``None.pt``."""
+        return [
+            path
+            for path in super().available()
+            if path.stem != "None" and not any(part.endswith("-state") for part in path.parent.parts)
+        ]
 
     def load(self, path: Path) -> Hypernetwork:
         """Load (and cache by path, mtime and size) one hypernetwork file."""

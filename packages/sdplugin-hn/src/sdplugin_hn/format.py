@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from sdcore.errors import ModelFormatError, UnsafeFileError
+from sdcore.errors import ConfigError, ModelFormatError, UnsafeFileError
 from sdcore.io import atomic_save
 
-from .modules import Hypernetwork
+from .modules import Hypernetwork, canonical_weight_init
 
 _LEGACY_KEYS = {
     "linear1.weight": "linear.0.weight",
@@ -48,11 +47,21 @@ def read_pickle_dict(path: str | Path) -> dict[Any, Any]:
     return dict(data)
 
 
+def _known_init(value: Any) -> str:
+    """The stored init name; an unknown one is kept as ``Normal`` (it only matters for new networks)."""
+    try:
+        return canonical_weight_init(str(value or "Normal"))
+    except ConfigError:
+        return "Normal"
+
+
 def _fix_legacy(state: Mapping[str, Any]) -> dict[str, Any]:
     return {_LEGACY_KEYS.get(key, key): value for key, value in state.items()}
 
 
-def hypernetwork_from_dict(data: Mapping[Any, Any], *, source: str = "hypernetwork", name: str | None = None) -> Hypernetwork:
+def hypernetwork_from_dict(
+    data: Mapping[Any, Any], *, source: str = "hypernetwork", name: str | None = None
+) -> Hypernetwork:
     """Build a :class:`Hypernetwork` from a file's dict (defaults as A1111 applies them on load)."""
     pairs: dict[int, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
     for key, value in data.items():
@@ -62,7 +71,9 @@ def hypernetwork_from_dict(data: Mapping[Any, Any], *, source: str = "hypernetwo
             raise ModelFormatError(f"{source}: width {key} should hold a (key, value) pair of state dicts")
         pairs[key] = (_fix_legacy(value[0]), _fix_legacy(value[1]))
     if not pairs:
-        raise ModelFormatError(f"{source}: no hypernetwork layers (integer context-width keys) found; is this a hypernetwork?")
+        raise ModelFormatError(
+            f"{source}: no hypernetwork layers (integer context-width keys) found; is this a hypernetwork?"
+        )
     dropout = data.get("dropout_structure")
     use_dropout = bool(data.get("use_dropout", False))
     try:
@@ -75,7 +86,7 @@ def hypernetwork_from_dict(data: Mapping[Any, Any], *, source: str = "hypernetwo
             dropout_structure=list(dropout) if dropout is not None else None,
             last_layer_dropout=bool(data.get("last_layer_dropout", False)),
             activate_output=bool(data.get("activate_output", True)),
-            weight_init=str(data.get("weight_initialization") or "Normal"),
+            weight_init=_known_init(data.get("weight_initialization")),
         )
     except Exception as exc:
         raise ModelFormatError(f"{source}: invalid hypernetwork structure: {exc}") from exc

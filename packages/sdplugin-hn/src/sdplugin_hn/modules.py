@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
-
 from sdcore.errors import ConfigError
+from torch import nn
 
 #: A1111's own names; any other lower-cased ``torch.nn`` activation class name also works.
 BASE_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
@@ -46,9 +45,9 @@ _NOT_ACTIVATIONS = {"multiheadattention"}
 def _torch_activations() -> dict[str, type[nn.Module]]:
     found: dict[str, type[nn.Module]] = {}
     for name, obj in inspect.getmembers(torch.nn.modules.activation, inspect.isclass):
-        if obj.__module__ == "torch.nn.modules.activation" and issubclass(obj, nn.Module):
-            if name.lower() not in _NOT_ACTIVATIONS:
-                found[name.lower()] = obj
+        is_activation = obj.__module__ == "torch.nn.modules.activation" and issubclass(obj, nn.Module)
+        if is_activation and name.lower() not in _NOT_ACTIVATIONS:
+            found[name.lower()] = cast(type[nn.Module], obj)
     return found
 
 
@@ -76,11 +75,15 @@ def canonical_weight_init(name: str | None) -> str:
     """Map ``normal``/``xavier-uniform``/``KaimingNormal``... to the name A1111 stores."""
     key = (name or "Normal").lower().replace("-", "").replace("_", "")
     if key not in WEIGHT_INITS:
-        raise ConfigError(f"unknown weight initialisation {name!r}; choose normal, xavier-uniform, xavier-normal, kaiming-uniform or kaiming-normal")
+        raise ConfigError(
+            f"unknown weight initialisation {name!r}; choose normal, xavier-uniform, xavier-normal, kaiming-uniform or kaiming-normal"
+        )
     return WEIGHT_INITS[key]
 
 
-def default_dropout_structure(layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool) -> list[float]:
+def default_dropout_structure(
+    layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool
+) -> list[float]:
     """The dropout structure A1111 derives for files that do not store one.
 
     Zero everywhere without dropout; otherwise 0.3 after each hidden layer, after the last
@@ -159,11 +162,11 @@ class HypernetworkModule(nn.Module):
                 elif kind == "XavierNormal":
                     nn.init.xavier_normal_(layer.weight)
                 else:
-                    nonlinearity = "leaky_relu" if (activation or "").lower() == "leakyrelu" else "relu"
+                    leaky = (activation or "").lower() == "leakyrelu"
                     if kind == "KaimingUniform":
-                        nn.init.kaiming_uniform_(layer.weight, nonlinearity=nonlinearity)
+                        nn.init.kaiming_uniform_(layer.weight, nonlinearity="leaky_relu" if leaky else "relu")
                     else:
-                        nn.init.kaiming_normal_(layer.weight, nonlinearity=nonlinearity)
+                        nn.init.kaiming_normal_(layer.weight, nonlinearity="leaky_relu" if leaky else "relu")
                 nn.init.zeros_(layer.bias)
             elif isinstance(layer, nn.LayerNorm) and kind == "Normal":
                 nn.init.normal_(layer.weight, mean=0.0, std=0.01)
@@ -205,7 +208,9 @@ class Hypernetwork(nn.Module):
         self.use_dropout = bool(use_dropout)
         self.last_layer_dropout = bool(last_layer_dropout)
         if dropout_structure is None:
-            dropout_structure = default_dropout_structure(self.layer_structure, self.use_dropout, self.last_layer_dropout)
+            dropout_structure = default_dropout_structure(
+                self.layer_structure, self.use_dropout, self.last_layer_dropout
+            )
         self.dropout_structure = [float(p) for p in dropout_structure]
         self.activate_output = bool(activate_output)
         self.weight_init = canonical_weight_init(weight_init)
@@ -236,15 +241,15 @@ class Hypernetwork(nn.Module):
 
     @property
     def dims(self) -> list[int]:
-        return sorted(int(k) for k in self.layers.keys())
+        return sorted(int(k) for k in self.layers)
 
     def pair(self, dim: int) -> tuple[HypernetworkModule, HypernetworkModule] | None:
         """The (K, V) modules for context width ``dim``, or ``None`` (the context passes unchanged)."""
         key = str(dim)
         if key not in self.layers:
             return None
-        k, v = self.layers[key]
-        return k, v  # type: ignore[return-value]
+        modules = cast(nn.ModuleList, self.layers[key])
+        return cast(HypernetworkModule, modules[0]), cast(HypernetworkModule, modules[1])
 
     def describe(self) -> dict[str, Any]:
         """The structural settings (what A1111 stores beside the weights)."""

@@ -1,0 +1,71 @@
+"""``sdcore aesthetic ...`` commands (click only at import; torch inside the commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group(name="aesthetic")
+def aesthetic_group() -> None:
+    """Aesthetic-gradient embeddings (arXiv 2209.12330, the A1111 extension's format)."""
+
+
+@aesthetic_group.command(name="create")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--clip",
+    "clip",
+    default="openai/clip-vit-large-patch14",
+    show_default=True,
+    help="CLIPModel folder or hub id (the one your model's text encoder comes from).",
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the embedding (.pt).",
+)
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per CLIP batch.")
+@click.option("--device", default=None, help="torch device for CLIP (default: cuda when available, else cpu).")
+def create_command(images_dir: Path, clip: str, output: Path, batch_size: int, device: str | None) -> None:
+    """Write the mean CLIP image embedding of IMAGES_DIR as an aesthetic embedding."""
+    import torch
+
+    from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    count = len(list_images(images_dir))
+    embedding = create_aesthetic_embedding(images_dir, clip, batch_size, device=device)
+    path = save_aesthetic_embedding(embedding, output)
+    click.echo(f"wrote {path} ({count} images, {embedding.shape[-1]} dims)")
+
+
+def register_generate_options() -> None:
+    """Add the ``--aesthetic*`` flags to ``sdcore generate`` (values reach the handler's ``options``)."""
+    try:
+        from sdcore.builtin.generate_command import add_generate_option
+    except ImportError:  # an sdcore without the generate command
+        return
+    add_generate_option("--aesthetic", default=None, help="Aesthetic embedding (.pt path or name in --aesthetic-dir).")
+    add_generate_option("--aesthetic-dir", default=None, help="Folder of aesthetic embeddings.")
+    add_generate_option("--aesthetic-weight", type=float, default=0.9, show_default=True, help="Blend weight (0: off).")
+    add_generate_option("--aesthetic-steps", type=int, default=5, show_default=True, help="Text-encoder tuning steps.")
+    add_generate_option("--aesthetic-lr", type=float, default=1e-4, show_default=True, help="Tuning learning rate.")
+    add_generate_option("--aesthetic-text", default=None, help="Text to slerp the aesthetic target toward.")
+    add_generate_option(
+        "--aesthetic-text-negative", is_flag=True, default=False, help="Move away from --aesthetic-text instead."
+    )
+    add_generate_option(
+        "--aesthetic-slerp-angle", type=float, default=0.1, show_default=True, help="Slerp toward the text."
+    )
+    add_generate_option("--aesthetic-slerp", is_flag=True, default=False, help="Blend by slerp instead of linearly.")
+    add_generate_option(
+        "--aesthetic-clip", default=None, help="CLIPModel folder or hub id (default: the family's CLIP)."
+    )
+    add_generate_option(
+        "--aesthetic-negative", is_flag=True, default=False, help="Personalise the negative prompt too (A1111 does)."
+    )

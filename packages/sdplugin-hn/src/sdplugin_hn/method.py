@@ -1,0 +1,339 @@
+"""``sdcore train hn``: train an A1111 hypernetwork.
+
+Only the hypernetwork's MLPs train; the UNet, VAE and text encoders stay frozen (so text-encoder
+outputs may be cached). The networks are installed with the same hooks generation uses, so what
+is trained is exactly what ``<hypernet:name:1>`` applies later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sdcore.errors import ConfigError
+from sdcore.options import option
+from sdcore.train.method import SaveInfo, TrainingMethod
+from sdcore.train.options import TrainOptions
+
+if TYPE_CHECKING:
+    import torch
+    from sdcore.models.bundle import ModelBundle
+
+    from .apply import HypernetworkHooks
+    from .modules import Hypernetwork
+
+WEIGHT_INIT_CHOICES = ("normal", "xavier-uniform", "xavier-normal", "kaiming-uniform", "kaiming-normal")
+BUILTIN_TEMPLATES = ("hypernetwork", "none", "style_filewords", "subject_filewords")
+
+
+@dataclass
+class HNOptions(TrainOptions):
+    """Options of ``sdcore train hn`` (A1111's Create/Train hypernetwork settings)."""
+
+    lr: float = option(5e-6, "Learning rate (hypernetworks diverge easily: 5e-6 down to 5e-7).", group="training")
+    name: str = option(
+        "", "Hypernetwork name (file stem and [name] in templates); default: the output's stem.", group="hypernetwork"
+    )
+    layer_structure: str = option(
+        "1,2,1", "Width multipliers, first and last 1 (e.g. 1,2,1 or 1,1.5,1.5,1).", group="hypernetwork"
+    )
+    activation: str = option(
+        "linear",
+        "Activation after each hidden Linear: linear, relu, leakyrelu, elu, swish (Hardswish), tanh, sigmoid, "
+        "or any torch.nn activation name (gelu, mish, silu...).",
+        group="hypernetwork",
+    )
+    layer_norm: bool = option(False, "Add a LayerNorm after every Linear.", group="hypernetwork")
+    dropout: str = option(
+        "",
+        "Dropout structure, one value per layer-structure entry, first and last 0 (e.g. 0,0.1,0).",
+        group="hypernetwork",
+    )
+    activate_output: bool = option(False, "Also apply the activation after the last Linear.", group="hypernetwork")
+    init: str = option("normal", "Weight initialisation.", choices=WEIGHT_INIT_CHOICES, group="hypernetwork")
+    sizes: str = option(
+        "", "Context widths to train (e.g. 768,320,640,1280); default: every width of the model.", group="hypernetwork"
+    )
+    lr_schedule: str = option(
+        "",
+        "A1111 learning-rate schedule 'rate:until_step, rate:until_step, rate' (e.g. '5e-5:100, 5e-6:1500, 5e-7'); "
+        "replaces --lr and --lr-scheduler. A1111 stops at the last listed step; set --max-steps for that.",
+        group="hypernetwork",
+    )
+    template: str = option(
+        "",
+        "Prompt template: a .txt file or one of hypernetwork, none, style_filewords, subject_filewords; "
+        "[filewords] is the caption, [name] the name. Default: the caption as is.",
+        group="hypernetwork",
+    )
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError as exc:
+        raise ConfigError(f"--{what} {text!r}: expected comma-separated numbers") from exc
+
+
+def parse_lr_schedule(text: str) -> list[tuple[float, int | None]]:
+    """``"5e-5:100, 5e-6:1500, 5e-7"`` -> ``[(5e-5, 100), (5e-6, 1500), (5e-7, None)]`` (no eval)."""
+    pieces: list[tuple[float, int | None]] = []
+    for raw in text.split(","):
+        piece = raw.strip()
+        if not piece:
+            continue
+        rate_text, _, step_text = piece.partition(":")
+        try:
+            rate = float(rate_text)
+            end = int(step_text) if step_text.strip() else None
+        except ValueError as exc:
+            raise ConfigError(f"--lr-schedule {text!r}: {piece!r} is not 'rate' or 'rate:step'") from exc
+        if rate <= 0 or (end is not None and end < 0):
+            raise ConfigError(f"--lr-schedule {text!r}: rates must be > 0 and steps >= 0")
+        if pieces and pieces[-1][1] is None:
+            raise ConfigError(f"--lr-schedule {text!r}: only the last entry may omit its step")
+        pieces.append((rate, end))
+    if not pieces:
+        raise ConfigError(f"--lr-schedule {text!r} is empty")
+    return pieces
+
+
+def scheduled_rate(pieces: list[tuple[float, int | None]], step: int) -> float:
+    """The rate for update ``step`` (0-based): the first piece whose end step is >= ``step``.
+
+    Past the last listed step A1111 stops training; here the last rate continues.
+    """
+    for rate, end in pieces:
+        if end is None or step <= end:
+            return rate
+    return pieces[-1][0]
+
+
+def load_template(template: str) -> list[str]:
+    """Lines of a template file (our own built-ins by name, or a path)."""
+    if template in BUILTIN_TEMPLATES:
+        text = resources.files("sdplugin_hn").joinpath("templates", f"{template}.txt").read_text(encoding="utf-8")
+    else:
+        path = Path(template)
+        if not path.is_file():
+            raise ConfigError(f"--template {template!r}: not a file and not one of {', '.join(BUILTIN_TEMPLATES)}")
+        text = path.read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"--template {template!r} has no lines")
+    return lines
+
+
+def _pick(rng: Any, count: int) -> int:
+    if rng is None:
+        return random.randrange(count)
+    if hasattr(rng, "integers"):  # numpy Generator
+        return int(rng.integers(count))
+    return int(rng.randrange(count))
+
+
+class HNMethod(TrainingMethod):
+    """Train an A1111 hypernetwork; the result is ``<name>.pt`` in A1111's format."""
+
+    name: ClassVar[str] = "hn"
+    options_class: ClassVar[type[TrainOptions]] = HNOptions
+    output_suffix: ClassVar[str] = ".pt"
+
+    def __init__(self, options: TrainOptions) -> None:
+        super().__init__(options)
+        self.network: Hypernetwork | None = None
+        self.hooks: HypernetworkHooks | None = None
+        self._template: list[str] | None = None
+        self._identity: tuple[str | None, str | None] | None = None
+        # templates pick a random line per use: the runtime caches several caption variants
+        self.random_captions = bool(getattr(options, "template", ""))  # type: ignore[misc]
+
+    @property
+    def opts(self) -> HNOptions:
+        assert isinstance(self.options, HNOptions)
+        return self.options
+
+    @property
+    def network_name(self) -> str:
+        """``--name``; else the stem of an ``--output`` ending in ``.pt``; else ``hypernetwork``."""
+        if self.opts.name:
+            return self.opts.name
+        output = Path(self.opts.output) if self.opts.output else None
+        if output is not None and output.suffix.lower() == ".pt" and output.stem:
+            return output.stem
+        return "hypernetwork"
+
+    # --- setup -------------------------------------------------------------------------------
+    def _structures(self) -> tuple[list[float], list[float] | None]:
+        layers = parse_floats(self.opts.layer_structure, "layer-structure")
+        dropout = parse_floats(self.opts.dropout, "dropout") if self.opts.dropout.strip() else None
+        return layers, dropout
+
+    def validate(self) -> None:
+        from .modules import check_structure, make_activation
+
+        layers, dropout = self._structures()
+        check_structure(layers, dropout)
+        make_activation(self.opts.activation)
+        if self.opts.sizes.strip():
+            for value in parse_floats(self.opts.sizes, "sizes"):
+                if value != int(value) or value <= 0:
+                    raise ConfigError(f"--sizes {self.opts.sizes!r}: widths are positive integers")
+        if self.opts.template:
+            self._template = load_template(self.opts.template)
+        if self.opts.lr_schedule.strip():
+            parse_lr_schedule(self.opts.lr_schedule)
+
+    def lr_lambda(self) -> Any:
+        """With ``--lr-schedule``, the A1111 schedule as a factor of ``--lr``."""
+        if not self.opts.lr_schedule.strip():
+            return None
+        pieces = parse_lr_schedule(self.opts.lr_schedule)
+        base = float(self.opts.lr)
+        if base <= 0:
+            raise ConfigError("--lr must be > 0 when --lr-schedule is used (the schedule is a factor of it)")
+
+        def factor(step: int) -> float:
+            return scheduled_rate(pieces, step) / base
+
+        return factor
+
+    def build_network(self, widths: list[int]) -> Hypernetwork:
+        from .modules import Hypernetwork
+
+        layers, dropout = self._structures()
+        return Hypernetwork(
+            self.network_name,
+            widths,
+            layer_structure=layers,
+            activation=self.opts.activation,
+            layer_norm=self.opts.layer_norm,
+            use_dropout=bool(dropout and any(dropout)),
+            dropout_structure=dropout,
+            activate_output=self.opts.activate_output,
+            weight_init=self.opts.init,
+        )
+
+    def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
+        from .apply import apply_hypernetworks, context_widths
+
+        self.validate()
+        for module in bundle.components().values():
+            module.requires_grad_(False)
+        widths = context_widths(bundle.unet)
+        if self.opts.sizes.strip():
+            wanted = [int(v) for v in parse_floats(self.opts.sizes, "sizes")]
+            missing = [w for w in wanted if w not in widths]
+            if missing:
+                raise ConfigError(f"--sizes {missing} not among this {bundle.family} model's attention widths {widths}")
+            widths = wanted
+        network = self.build_network(widths)
+        network.to(bundle.device)
+        network.train()
+        network.requires_grad_(True)
+        self.network = network
+        self.hooks = apply_hypernetworks(bundle.unet, [(network, 1.0)])
+        return [{"params": [p for p in network.parameters() if p.requires_grad], "name": "hypernetwork"}]
+
+    def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
+        if not self.opts.template:
+            return caption
+        if self._template is None:
+            self._template = load_template(self.opts.template)
+        line = self._template[_pick(rng, len(self._template))]
+        return line.replace("[filewords]", caption).replace("[name]", self.network_name)
+
+    @contextlib.contextmanager
+    def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:
+        """Sample with dropout off (A1111 switches the network to eval for previews)."""
+        network = self.network
+        was_training = network.training if network is not None else False
+        if network is not None:
+            network.eval()
+        try:
+            yield {}
+        finally:
+            if network is not None and was_training:
+                network.train()
+
+    def remove(self) -> None:
+        """Take the training hooks off the UNet."""
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+
+    # --- state -------------------------------------------------------------------------------
+    def _require(self) -> Hypernetwork:
+        if self.network is None:
+            raise RuntimeError("HNMethod.prepare() has not run")
+        return self.network
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().float() for key, value in self._require().state_dict().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        network = self._require()
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"resume state does not match this hypernetwork's structure: {str(exc).splitlines()[0]}"
+            ) from exc
+
+    def output_path(self, info: SaveInfo) -> Path:
+        """Where to write: ``OUTPUT/<name>.pt`` (and ``<name>-step<N>.pt``) when ``--output`` is a folder.
+
+        The runtime names results in a folder after the method (``hn.pt``, ``hn-step00000100.pt``);
+        A1111 users expect the hypernetwork's name, so the method's name is swapped for it. An
+        explicit ``--output file.pt`` is used as given.
+        """
+        path = Path(info.path)
+        if path.is_dir() or path.suffix == "":
+            stem = self.network_name if info.final else f"{self.network_name}-{info.step}"
+            return path / f"{stem}.pt"
+        output = Path(self.opts.output) if self.opts.output else None
+        folder_output = output is not None and output.suffix.lower() != ".pt"
+        if folder_output and (path.stem == self.name or path.stem.startswith(f"{self.name}-")):
+            return path.with_name(self.network_name + path.name[len(self.name) :])
+        return path
+
+    def _checkpoint_identity(self, bundle: ModelBundle) -> tuple[str | None, str | None]:
+        """A1111's ``sd_checkpoint`` (sha256[:10] of a single-file model) and ``sd_checkpoint_name``.
+
+        Hashed once per run; folders and hub ids have no A1111 short hash, so it stays ``None``.
+        """
+        if self._identity is None:
+            source = bundle.source or ""
+            path = Path(source)
+            short: str | None = None
+            if source and path.is_file():
+                from .apply import file_hash
+
+                short = file_hash(path)
+            name = path.stem if source and (path.exists() or path.suffix) else (source or None)
+            self._identity = (short, name)
+        return self._identity
+
+    def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
+        from .format import save_hypernetwork
+
+        network = self._require()
+        network.step = int(info.step)
+        network.name = self.network_name
+        network.sd_checkpoint, network.sd_checkpoint_name = self._checkpoint_identity(bundle)
+        return save_hypernetwork(network, self.output_path(info), dtype=self.options.save_dtype)
+
+    def load_result(self, bundle: ModelBundle, path: Path) -> None:
+        """Apply a saved result to ``bundle`` at strength 1 (``remove()`` takes it off again)."""
+        from .apply import apply_hypernetworks
+        from .format import load_hypernetwork
+
+        network = load_hypernetwork(path).to(bundle.device)
+        self.remove()
+        self.network = network
+        self.hooks = apply_hypernetworks(bundle.unet, [(network, 1.0)])

@@ -304,3 +304,37 @@ def test_vision_only_clip_checkpoint_creates_the_same_embedding(
         load_clip(tmp_path / "vision")  # personalisation needs the text tower too
     with pytest.raises(ModelFormatError, match="nowhere"):
         load_clip(tmp_path / "nowhere")
+
+
+def test_generate_applies_aesthetic_gradients_end_to_end(tmp_path: Path) -> None:
+    """Through sdcore's generation path: the image changes with weight 0.9, not with weight 0."""
+    import numpy as np
+    from sdcore.generate.pipeline import generate_images
+    from sdcore.generate.session import NetworkSession
+    from sdplugin_aesthetic.handler import AestheticHandler
+    from transformers import CLIPImageProcessor
+
+    bundle, clip, embedding = _sd1_setup()
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    save_aesthetic_embedding(embedding, tmp_path / "embs" / "style.pt")
+
+    def render(weight: str | None) -> np.ndarray:
+        handler = AestheticHandler(tmp_path / "embs")
+        if weight is not None:
+            handler.options = {
+                "aesthetic": "style",
+                "aesthetic_clip": str(tmp_path / "clip"),
+                "aesthetic_weight": weight,
+                "aesthetic_steps": "5",
+                "aesthetic_lr": "1e-2",
+            }
+        session = NetworkSession({None: handler})
+        (image,) = generate_images(bundle, ["a castle"], steps=3, seed=1, width=64, height=64, networks=session)
+        return np.asarray(image, dtype=np.int16)
+
+    base = render(None)
+    assert np.array_equal(render("0"), base)
+    assert np.abs(render("0.9") - base).mean() > 0.5

@@ -170,13 +170,14 @@ def tune_tower(
     projection = projection.float() if next(projection.parameters()).dtype != torch.float32 else projection
     optimizer = torch.optim.Adam([p for p in tower.parameters() if p.requires_grad], lr=lr)
     history: list[float] = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        features = _unit(projection(tower(input_ids=ids).pooler_output))
-        similarity = (features @ target.T).mean()
-        history.append(float(similarity.detach()))
-        (-similarity).backward()
-        optimizer.step()
+    with torch.enable_grad():  # generation runs under no_grad; tuning needs gradients
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            features = _unit(projection(tower(input_ids=ids).pooler_output))
+            similarity = (features @ target.T).mean()
+            history.append(float(similarity.detach()))
+            (-similarity).backward()
+            optimizer.step()
     with torch.no_grad():
         features = _unit(projection(tower(input_ids=ids).pooler_output))
         history.append(float((features @ target.T).mean()))

@@ -271,6 +271,7 @@ def generate_images(
                     bundle,
                     group_prompts,
                     group_negatives,
+                    transforms=[h for h in session.handlers() if hasattr(h, "transform_conditioning")],
                     seeds=[seed + i for i in indices],
                     steps=steps,
                     cfg=cfg,
@@ -303,12 +304,16 @@ def _run(
     image: Any,
     strength: float,
     clip_skip: int,
+    transforms: list[Any] = (),  # type: ignore[assignment]
 ) -> list[Image.Image]:
     import torch
 
     from .conditioning import encode_cond_uncond
 
     cond, uncond = encode_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    for handler in transforms:  # e.g. aesthetic gradients: per-prompt conditioning rewrites
+        cond = _transform_rows(handler, bundle, prompts, cond, negative=False, clip_skip=clip_skip)
+        uncond = _transform_rows(handler, bundle, negatives, uncond, negative=True, clip_skip=clip_skip)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
         "prompt_embeds": cond.embeds,
@@ -333,6 +338,27 @@ def _run(
         kwargs["target_size"] = (height, width)
     output = pipe(**kwargs)
     return list(output.images)
+
+
+def _transform_rows(handler: Any, bundle: ModelBundle, texts: list[str], cond: Any, *, negative: bool, clip_skip: int) -> Any:
+    """Apply ``handler.transform_conditioning`` to each prompt's row of a batched conditioning."""
+    import dataclasses
+
+    import torch
+
+    rows = []
+    for index, text in enumerate(texts):
+        one = dataclasses.replace(
+            cond,
+            embeds=cond.embeds[index : index + 1],
+            pooled=None if cond.pooled is None else cond.pooled[index : index + 1],
+        )
+        rows.append(handler.transform_conditioning(bundle, text, one, negative=negative, clip_skip=clip_skip))
+    return dataclasses.replace(
+        cond,
+        embeds=torch.cat([r.embeds for r in rows]),
+        pooled=None if cond.pooled is None else torch.cat([r.pooled for r in rows]),
+    )
 
 
 __all__ = [

@@ -335,3 +335,26 @@ def test_generate_session_routes_lora_tags(tmp_path, mode):
     torch.testing.assert_close(inside, unet_out(reference, inputs), atol=1e-5, rtol=0)
     assert torch.equal(unet_out(bundle, inputs), base_out)
     assert all(torch.equal(before[k], v) for k, v in all_params(bundle).items())
+
+
+def test_named_weights_split_text_encoder_and_unet(tmp_path):
+    """<lora:x:te=0:unet=1> leaves the text encoder alone and applies the UNet part fully."""
+    from sdcore.generate.session import NetworkSession
+
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    source = fresh_bundle("sd1")
+    path = _save(source, lora_dir, "both.safetensors", text_encoder=True)
+    bundle = fresh_bundle("sd1")
+    te_before = {k: v.clone() for k, v in bundle.text_encoders[0].state_dict().items()}
+    unet_before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    session = NetworkSession({"lora": LoraHandler(lora_dir)})
+    with session.apply(bundle, "a cat <lora:both:te=0:unet=1>"):
+        te_inside = bundle.text_encoders[0].state_dict()
+        assert all(torch.equal(te_before[k], v) for k, v in te_inside.items())
+        assert any(not torch.equal(unet_before[k], v) for k, v in bundle.unet.state_dict().items())
+    reference = fresh_bundle("sd1")
+    apply_lora(reference, path, 0.0, unet_weight=1.0, merge=True)
+    with session.apply(bundle, "a cat <lora:both:te=0:unet=1>"):
+        for key, value in bundle.unet.state_dict().items():
+            torch.testing.assert_close(value, reference.unet.state_dict()[key], atol=1e-6, rtol=0)

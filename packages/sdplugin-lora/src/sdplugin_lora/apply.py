@@ -212,8 +212,9 @@ class LoraHandler(PromptNetworkHandler):
         for ref in refs:
             path = self.find(ref.name)
             lora = read_lora(path)
-            te_weight = ref.weights[0] if ref.weights else 1.0
-            unet_weight = ref.weights[1] if len(ref.weights) > 1 else None
+            # A1111: <lora:x:te_w:unet_w> or the named form <lora:x:te=0.5:unet=1>
+            te_weight = ref.arg(0, "te", 1.0)
+            unet_weight = ref.arg(1, "unet", te_weight)
             specs.append(LoraSpec(lora, te_weight, unet_weight))
             short = (lora.metadata.get("sshs_model_hash") or "")[:12]
             if short:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import sys
 from pathlib import Path
 
 
@@ -22,7 +23,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(available())}")
     parser.add_argument("--list", action="store_true")
-    args, rest = parser.parse_known_args()
+    argv = sys.argv[1:]
+    rest: list[str] = []
+    if "--" in argv:  # everything after `--` goes to the benchmarks themselves
+        split = argv.index("--")
+        argv, rest = argv[:split], argv[split + 1 :]
+    args = parser.parse_args(argv)
     if args.list:
         print("\n".join(available()))
         return

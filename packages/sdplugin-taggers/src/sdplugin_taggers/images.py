@@ -50,9 +50,7 @@ def open_image(source: Any) -> Any:
 
 
 def _has_alpha(image: Any) -> bool:
-    return image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    return image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def to_rgb_on_white(image: Any) -> Any:
@@ -94,7 +92,7 @@ def wd_preprocess(source: Any, size: int, *, fast_decode: bool = False) -> tuple
         square.paste(rgb, ((side - w) // 2, (side - h) // 2))
         rgb = square
     if side != size:
-        rgb = rgb.resize((size, size), Image.BICUBIC)
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(rgb, dtype=np.float32)[:, :, ::-1]
     return np.ascontiguousarray(array), original
 
@@ -112,7 +110,7 @@ def fit_edge_pad(source: Any, size: int) -> tuple[Any, tuple[int, int]]:
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if (nw, nh) != (w, h):
-        rgb = rgb.resize((nw, nh), Image.BOX if scale < 1 else Image.BILINEAR)
+        rgb = rgb.resize((nw, nh), Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
     array = np.asarray(rgb, dtype=np.float32) / 255.0
     top, left = (size - nh) // 2, (size - nw) // 2
     array = np.pad(array, ((top, size - nh - top), (left, size - nw - left), (0, 0)), mode="edge")

@@ -68,7 +68,10 @@ def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> tup
 
 
 def create_session(model_path: Path, providers: Sequence[str], *, threads: int | None = None) -> Any:
-    """An ``InferenceSession`` with clear errors for missing, corrupt or too-new model files."""
+    """An ``InferenceSession`` with clear errors for missing, corrupt or too-new model files.
+
+    On CPU the intra-op threads do not spin while idle: the decode threads need those cores.
+    """
     import onnxruntime as ort
 
     if not model_path.is_file():
@@ -76,6 +79,8 @@ def create_session(model_path: Path, providers: Sequence[str], *, threads: int |
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if providers and providers[0] == CPU:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)

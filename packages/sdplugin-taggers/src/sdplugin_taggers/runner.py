@@ -47,11 +47,22 @@ class BatchTagger:
     def _select(self, probs: Any) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:  # pragma: no cover
         raise NotImplementedError
 
+    def _collate(self, items: list[Any]) -> Any:
+        """Stack preprocessed arrays; fixed-size graphs get the last image repeated to a full batch."""
+        import numpy as np
+
+        if self.fixed_batch is not None and len(items) < self.fixed_batch:
+            items = items + [items[-1]] * (self.fixed_batch - len(items))
+        return np.stack(items)
+
+    def _fill(self, result: TagResult, output: Any) -> None:
+        result.rating, result.general, result.character = self._select(output)
+
     # -- public API ---------------------------------------------------------------------------
     def note(self, message: str) -> None:
-        """Record a message the CLI shows (and log it)."""
+        """Record a warning for the caller (the CLI prints ``messages``; it is also logged at INFO)."""
         self.messages.append(message)
-        log.warning(message)
+        log.info(message)
 
     def tag(self, images: Iterable[Any]) -> list[TagResult]:
         """Tag paths or PIL images; results are in input order."""
@@ -63,8 +74,6 @@ class BatchTagger:
 
     def iter_tag(self, images: Iterable[Any]) -> Iterator[TagResult]:
         """Stream results in input order while the next images decode in the background."""
-        import numpy as np
-
         out: list[TagResult] = []
         arrays: list[Any] = []
         owners: list[TagResult] = []
@@ -72,11 +81,9 @@ class BatchTagger:
         def flush() -> Iterator[TagResult]:
             if arrays:
                 n = len(arrays)
-                if self.fixed_batch is not None and n < self.fixed_batch:  # fixed-size graphs need a full batch
-                    arrays.extend([arrays[-1]] * (self.fixed_batch - n))
-                probs = np.asarray(self._predict(np.stack(arrays)))[:n]
-                for result, row in zip(owners, probs, strict=True):
-                    result.rating, result.general, result.character = self._select(row)
+                outputs = self._predict(self._collate(arrays))
+                for result, row in zip(owners, outputs[:n], strict=True):
+                    self._fill(result, row)
                 arrays.clear()
                 owners.clear()
             yield from out

@@ -20,9 +20,8 @@ RATING, GENERAL, CHARACTER = 9, 0, 4
 CATEGORY_NAMES = {RATING: "rating", GENERAL: "general", CHARACTER: "character"}
 
 #: Kaomoji whose underscore is part of the face; ``_`` -> space would break them.
-KAOMOJI = frozenset(
-    "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x |_| ||_||".split()
-)
+_KAOMOJI_TEXT = "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x |_| ||_||"
+KAOMOJI = frozenset(_KAOMOJI_TEXT.split(" "))
 RATINGS_PLACEMENT = ("first", "last", "off")
 _ESCAPE = re.compile(r"([\\()])")
 

@@ -73,7 +73,6 @@ class WD14Tagger(BatchTagger):
         self.character_threshold = character_threshold
         self.mcut = mcut
         self.fast_decode = fast_decode
-        self.workers = default_workers() if workers is None else workers
         self.model_path, self.tags_path = locate_model(model_dir)
         self.tag_list = load_selected_tags(self.tags_path)
         self.selector = Selector(
@@ -81,19 +80,23 @@ class WD14Tagger(BatchTagger):
         )
 
         chosen, warnings = resolve_providers(parse_providers(providers), ort.get_available_providers())
-        for warning in warnings:
+        for warning in warnings if providers is not None else []:  # the automatic default falls back quietly
             self.note(warning)
         self.session = create_session(self.model_path, chosen, threads=threads)
         self.provider: str = self.session.get_providers()[0]
         if chosen[0] != CPU and self.provider == CPU:
             self.note(f"{chosen[0]} failed to initialise; running on CPU")
+        # on CPU the model needs every core and one decode thread keeps up; a GPU needs many
+        self.workers = workers if workers is not None else (1 if self.provider == CPU else default_workers())
 
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
             raise ModelFormatError(f"{self.model_path}: a WD tagger has one input and one output")
         shape = list(inputs[0].shape)
-        if len(shape) != 4 or shape[3] not in (3, None) and not isinstance(shape[3], str):
-            raise ModelFormatError(f"{self.model_path}: input {inputs[0].name} has shape {shape}, expected NHWC [N,H,W,3]")
+        if len(shape) != 4 or (shape[3] not in (3, None) and not isinstance(shape[3], str)):
+            raise ModelFormatError(
+                f"{self.model_path}: input {inputs[0].name} has shape {shape}, expected NHWC [N,H,W,3]"
+            )
         self.input_name: str = inputs[0].name
         self.output_name: str = outputs[0].name
         self.size: int = shape[1] if isinstance(shape[1], int) and shape[1] > 0 else 448

@@ -28,7 +28,12 @@ def normalize_ext(ext: str) -> str:
     ext = ext.strip()
     if not ext or ext in (".", "/") or "/" in ext or os.sep in ext:
         raise ConfigError(f"invalid caption extension {ext!r} (use e.g. .txt or .caption)")
-    return ext if ext.startswith(".") else "." + ext
+    ext = ext if ext.startswith(".") else "." + ext
+    from .images import IMAGE_SUFFIXES
+
+    if ext.lower() in IMAGE_SUFFIXES:
+        raise ConfigError(f"caption extension {ext} is an image type: captions would overwrite the images")
+    return ext
 
 
 def caption_path(image: str | os.PathLike[str], ext: str = ".txt") -> Path:

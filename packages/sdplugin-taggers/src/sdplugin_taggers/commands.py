@@ -1,0 +1,215 @@
+"""Click commands mounted by sdcore as ``sdcore tag wd14|deepdanbooru|caption``.
+
+This module imports click only: onnxruntime, torch and numpy load inside the command bodies so
+``sdcore --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+from sdcore.errors import SdcoreError
+
+_MODES = ("skip", "overwrite", "append", "prepend")
+
+
+def _output_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every tagger shares: what goes into the caption and how files are written."""
+    options = [
+        click.option("--exclude", default="", help="Comma-separated tags never written (underscores or spaces)."),
+        click.option(
+            "--include-first", default="", help="Comma-separated tags that open every caption (e.g. a trigger word)."
+        ),
+        click.option("--max-tags", type=click.IntRange(min=0), default=None, help="Keep at most N predicted tags."),
+        click.option(
+            "--mode",
+            type=click.Choice(_MODES),
+            default="skip",
+            show_default=True,
+            help="What to do when a caption file exists (append/prepend merge without duplicates).",
+        ),
+        click.option("--ext", default=".txt", show_default=True, help="Caption file extension."),
+        click.option("--underscores", is_flag=True, help="Keep underscores in tag names (default: spaces)."),
+        click.option("--escape", is_flag=True, help="Escape parentheses as \\( \\) for A1111 prompts."),
+        click.option(
+            "--ratings",
+            type=click.Choice(("first", "last", "off")),
+            default="off",
+            show_default=True,
+            help="Write the most likely rating tag first, last, or not at all.",
+        ),
+        click.option("--recursive", is_flag=True, help="Also tag images in sub-folders."),
+        click.option(
+            "--json",
+            "json_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Also write JSONL with probabilities.",
+        ),
+        click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _format(kw: dict[str, Any]) -> Any:
+    from .tags import TagFormat, split_tag_list
+
+    return TagFormat(
+        underscores=kw["underscores"],
+        escape=kw["escape"],
+        ratings=kw["ratings"],
+        exclude=tuple(split_tag_list(kw["exclude"])),
+        include_first=tuple(split_tag_list(kw["include_first"])),
+        max_tags=kw["max_tags"],
+    )
+
+
+def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) -> None:
+    from .labeling import label_folder
+    from .writer import CaptionWriter
+
+    for message in getattr(tagger, "messages", []):
+        click.echo(f"warning: {message}", err=True)
+    writer = CaptionWriter(kw["mode"], kw["ext"])
+    summary = label_folder(
+        tagger,
+        directory,
+        writer=writer,
+        recursive=kw["recursive"],
+        json_path=kw["json_path"],
+        progress=not kw["no_progress"],
+        render=render,
+    )
+    for line in summary.lines():
+        click.echo(line)
+
+
+@click.command("wd14")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--model-dir",
+    required=True,
+    type=click.Path(exists=True),
+    help="WD model folder (model.onnx + selected_tags.csv), v2 or v3.",
+)
+@click.option("--general-threshold", type=click.FloatRange(0, 1), default=0.35, show_default=True)
+@click.option("--character-threshold", type=click.FloatRange(0, 1), default=0.85, show_default=True)
+@click.option("--mcut", is_flag=True, help="Adaptive MCut thresholds per category instead of fixed ones.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 1 on CPU, 16 on GPU.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads (0: decode inline).")
+@click.option(
+    "--providers",
+    default=None,
+    help="onnxruntime providers, e.g. cuda,cpu (accelerators are preferred). Default: CUDA when available, else CPU.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--fast-decode", is_flag=True, help="Let libjpeg downscale large JPEGs while decoding (faster).")
+@_output_options
+def wd14_command(directory: str, model_dir: str, **kw: Any) -> None:
+    """Tag images with a WD14 / WD v3 ONNX tagger and write caption files."""
+    try:
+        from .wd14 import WD14Tagger
+
+        tagger = WD14Tagger(
+            model_dir,
+            general_threshold=kw["general_threshold"],
+            character_threshold=kw["character_threshold"],
+            mcut=kw["mcut"],
+            fmt=_format(kw),
+            batch_size=kw["batch_size"],
+            workers=kw["workers"],
+            providers=kw["providers"],
+            threads=kw["threads"],
+            fast_decode=kw["fast_decode"],
+        )
+        click.echo(f"model: {tagger.model_path} ({len(tagger.tag_list)} tags, {tagger.size}px)")
+        click.echo(f"provider: {tagger.provider}, batch size {tagger.batch_size}, {tagger.workers} decode workers")
+        _run(tagger, directory, kw)
+    except SdcoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("deepdanbooru")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="TorchDeepDanbooru model-resnet_custom_v3.pt (state dict with a 'tags' list).",
+)
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@_output_options
+def deepdanbooru_command(directory: str, model_path: str, **kw: Any) -> None:
+    """Tag images with DeepDanbooru (resnet_custom_v3, torch) and write caption files."""
+    try:
+        from .deepdanbooru import DeepDanbooruTagger
+
+        tagger = DeepDanbooruTagger(
+            model_path,
+            threshold=kw["threshold"],
+            fmt=_format(kw),
+            batch_size=kw["batch_size"],
+            workers=kw["workers"],
+            device=kw["device"],
+        )
+        click.echo(f"model: {model_path} ({len(tagger.tag_names)} tags), device {tagger.device}")
+        _run(tagger, directory, kw)
+    except SdcoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("caption")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--blip", "blip_path", required=True, type=click.Path(exists=True), help="BLIP captioning model folder.")
+@click.option("--clip", "clip_path", default=None, type=click.Path(exists=True), help="CLIP model folder (ranking).")
+@click.option(
+    "--ci-mode",
+    type=click.Choice(("caption", "best", "classic", "fast", "negative")),
+    default="best",
+    show_default=True,
+    help="caption: BLIP only; the others rank phrase lists with CLIP as clip-interrogator does.",
+)
+@click.option("--flavors", type=click.Path(exists=True, dir_okay=False), default=None, help="Flavor phrase list file.")
+@click.option("--artists", type=click.Path(exists=True, dir_okay=False), default=None, help="Artist names file.")
+@click.option("--max-length", type=click.IntRange(min=1), default=32, show_default=True, help="BLIP tokens.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Text-embedding cache folder.")
+@click.option(
+    "--mode", type=click.Choice(_MODES), default="skip", show_default=True, help="What to do when a caption exists."
+)
+@click.option("--ext", default=".txt", show_default=True)
+@click.option("--recursive", is_flag=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--no-progress", is_flag=True)
+def caption_command(directory: str, blip_path: str, clip_path: str | None, **kw: Any) -> None:
+    """Caption images with BLIP, then extend the caption with CLIP-ranked phrases (clip-interrogator style)."""
+    try:
+        from .caption import CaptionTagger
+
+        if kw["ci_mode"] != "caption" and clip_path is None:
+            raise click.UsageError(f"--ci-mode {kw['ci_mode']} needs --clip (or use --ci-mode caption)")
+        tagger = CaptionTagger(
+            blip_path,
+            clip_path,
+            mode=kw["ci_mode"],
+            flavors=kw["flavors"],
+            artists=kw["artists"],
+            max_length=kw["max_length"],
+            batch_size=kw["batch_size"],
+            workers=kw["workers"],
+            device=kw["device"],
+            cache_dir=kw["cache_dir"],
+        )
+        _run(tagger, directory, kw)
+    except SdcoreError as exc:
+        raise click.ClickException(str(exc)) from exc

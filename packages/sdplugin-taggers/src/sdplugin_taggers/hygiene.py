@@ -1,0 +1,108 @@
+"""Dataset hygiene checks that are not taggers: watermark scoring with a user's ONNX classifier.
+
+The reference is LAION's watermark detector (``LAION-AI/LAION-5B-WatermarkDetection``, MIT):
+squash-resize to 256x256, ImageNet mean/std, two logits with **index 0 = watermark**, softmax.
+Any ONNX classifier with that shape of contract works; the layout (NCHW or NHWC) is read from the
+graph, and size, normalisation, class index and softmax are options. SD 1.x training data kept
+images with a watermark probability below 0.5, hence the default threshold.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sdcore.errors import ConfigError, ModelFormatError
+
+from .onnx_session import CPU, create_session, parse_providers, resolve_providers
+from .runner import BatchTagger, default_workers
+from .tags import TagResult
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WatermarkScorer(BatchTagger):
+    """Scores images with an ONNX watermark classifier; ``TagResult.rating['watermark']`` is p(watermark)."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        size: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        watermark_index: int = 0,
+        softmax: bool = True,
+        batch_size: int = 16,
+        workers: int | None = None,
+        providers: str | Sequence[str] | None = None,
+    ) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        from .tags import TagFormat
+
+        self.messages = []
+        self.fmt = TagFormat()
+        chosen, warnings = resolve_providers(parse_providers(providers), ort.get_available_providers())
+        for warning in warnings if providers is not None else []:  # the automatic default falls back quietly
+            self.note(warning)
+        self.model_path = Path(model_path)
+        self.session = create_session(self.model_path, chosen)
+        self.provider = self.session.get_providers()[0]
+        self.workers = workers if workers is not None else (1 if self.provider == CPU else default_workers())
+        inp = self.session.get_inputs()[0]
+        shape = list(inp.shape)
+        if len(shape) != 4 or 3 not in (shape[1], shape[3]):
+            raise ModelFormatError(f"{self.model_path}: expected an image input [N,3,H,W] or [N,H,W,3], got {shape}")
+        self.nchw = shape[1] == 3
+        graph_size = shape[2] if self.nchw else shape[1]
+        self.size = size or (graph_size if isinstance(graph_size, int) and graph_size > 0 else 256)
+        self.input_name = inp.name
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        self.batch_size = self.fixed_batch or batch_size
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(self.std > 0):
+            raise ConfigError("mean and std need three values each (std > 0)")
+        self.watermark_index = watermark_index
+        self.softmax = softmax
+
+    def _preprocess(self, source: Any) -> tuple[Any, tuple[int, int]]:
+        import numpy as np
+        from PIL import Image
+
+        from .images import open_image, to_rgb_on_white
+
+        image = open_image(source)
+        original = image.size
+        rgb = to_rgb_on_white(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        array = (np.asarray(rgb, dtype=np.float32) / 255.0 - self.mean) / self.std
+        if self.nchw:
+            array = array.transpose(2, 0, 1)
+        return np.ascontiguousarray(array), original
+
+    def _predict(self, batch: Any) -> Any:
+        import numpy as np
+
+        out = np.asarray(self.session.run(None, {self.input_name: batch})[0], dtype=np.float64)
+        if out.ndim != 2 or out.shape[1] <= self.watermark_index:
+            raise ModelFormatError(
+                f"{self.model_path}: output shape {list(out.shape)} has no class {self.watermark_index}"
+            )
+        if self.softmax:
+            out = np.exp(out - out.max(axis=1, keepdims=True))
+            out = out / out.sum(axis=1, keepdims=True)
+        return out[:, self.watermark_index]
+
+    def _fill(self, result: TagResult, output: Any) -> None:
+        p = float(output)
+        result.rating = {"watermark": p, "clear": 1.0 - p}
+
+    def scores(self, images: Iterable[Any]) -> Iterator[tuple[str | None, float | None, str | None]]:
+        """``(path, p_watermark, error)`` per image, in order."""
+        for result in self.iter_tag(images):
+            yield result.path, (result.rating.get("watermark") if result.error is None else None), result.error

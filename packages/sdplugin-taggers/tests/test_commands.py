@@ -1,0 +1,93 @@
+"""The click commands end to end: options reach the caption files, summary and JSONL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import save_image
+from sdplugin_taggers.commands import wd14_command
+
+
+def run(*args: str):
+    return CliRunner().invoke(wd14_command, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_wd14_writes_captions_and_summary(wd_v3: Path, image_dir: Path, tmp_path: Path) -> None:
+    (image_dir / "sub").mkdir()
+    save_image(image_dir / "sub" / "d.png")
+    (image_dir / "bad.png").write_bytes(b"nope")
+    out = tmp_path / "out.jsonl"
+    result = run(image_dir, "--model-dir", wd_v3, "--providers", "cpu", "--json", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "provider: CPUExecutionProvider" in result.output
+    assert "images found: 4, tagged: 3, skipped (caption exists): 0, unreadable: 1" in result.output
+    assert "1girl" in result.output.split("top ")[1]
+    caption = (image_dir / "a.txt").read_text(encoding="utf-8")
+    assert caption == 'hatsune miku (vocaloid), 1girl, long hair, ^_^, don\'t say "lazy"\n'
+    assert not (image_dir / "sub" / "d.txt").exists()
+    assert not (image_dir / "bad.txt").exists()
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 3 and records[0]["general"]["1girl"] == 0.95
+    assert records[0]["image_size"] == [16, 16]
+
+
+def test_wd14_options_modes_and_recursive(wd_v3: Path, image_dir: Path) -> None:
+    (image_dir / "sub").mkdir()
+    save_image(image_dir / "sub" / "d.png")
+    (image_dir / "a.txt").write_text("mine, long hair\n", encoding="utf-8")
+    result = run(image_dir, "--model-dir", wd_v3, "--providers", "cpu", "--recursive", "--no-progress")
+    assert "tagged: 3, skipped (caption exists): 1" in result.output
+    assert (image_dir / "a.txt").read_text(encoding="utf-8") == "mine, long hair\n"
+    assert (image_dir / "sub" / "d.txt").exists()
+    run(image_dir, "--model-dir", wd_v3, "--providers", "cpu", "--mode", "append", "--mcut", "--no-progress")
+    assert (image_dir / "a.txt").read_text(
+        encoding="utf-8"
+    ) == "mine, long hair, hatsune miku (vocaloid), other char, 1girl\n"
+    args = ["--mode", "overwrite", "--underscores", "--escape", "--ratings", "last", "--max-tags", "2"]
+    run(
+        image_dir,
+        "--model-dir",
+        wd_v3,
+        "--providers",
+        "cpu",
+        "--ext",
+        ".caption",
+        *args,
+        "--include-first",
+        "trig",
+        "--exclude",
+        "1girl",
+        "--no-progress",
+    )
+    assert (image_dir / "a.caption").read_text(
+        encoding="utf-8"
+    ) == "trig, hatsune_miku_\\(vocaloid\\), long_hair, general\n"
+    assert (image_dir / "a.txt").read_text(encoding="utf-8").startswith("mine")
+
+
+def test_wd14_errors_are_one_line(tmp_path: Path, image_dir: Path) -> None:
+    (tmp_path / "model").mkdir()
+    result = CliRunner().invoke(wd14_command, [str(image_dir), "--model-dir", str(tmp_path / "model")])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "model.onnx" in result.output and "Traceback" not in result.output
+
+
+def test_progress_bar_is_shown(wd_v3: Path, image_dir: Path) -> None:
+    result = CliRunner().invoke(wd14_command, [str(image_dir), "--model-dir", str(wd_v3), "--providers", "cpu"])
+    assert result.exit_code == 0
+    assert "3/3" in result.output and "img" in result.output
+
+
+def test_command_module_is_import_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sdplugin_taggers.commands, sdplugin_taggers.plugin;"
+        "heavy = [m for m in ('torch', 'numpy', 'onnxruntime', 'PIL', 'transformers') if m in sys.modules];"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

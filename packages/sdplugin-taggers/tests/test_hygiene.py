@@ -1,0 +1,73 @@
+"""Watermark scoring with a tiny ONNX classifier whose output is known."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import save_image
+from onnx import TensorProto, helper, numpy_helper
+from sdplugin_taggers.hygiene import WatermarkScorer
+from sdplugin_taggers.hygiene_commands import tag_tools_group
+
+
+def classifier(path: Path, *, size: int = 16) -> Path:
+    """NCHW input; logits = [3 * mean(x), 0] so p(watermark) = sigmoid(3 * mean)."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, size, size])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])
+    inits = [
+        numpy_helper.from_array(np.asarray([[3.0, 0.0]], dtype=np.float32), "W"),
+        numpy_helper.from_array(np.asarray([-1, 1], dtype=np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Reshape", ["m", "shape"], ["m2"]),
+        helper.make_node("Mul", ["m2", "W"], ["logits"]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "wm", [x], [y], initializer=inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+def test_scores_are_softmax_of_class_zero(tmp_path: Path) -> None:
+    model = classifier(tmp_path / "wm.onnx")
+    white = save_image(tmp_path / "img" / "white.png", (255, 255, 255), size=(40, 20))
+    black = save_image(tmp_path / "img" / "black.png", (0, 0, 0))
+    scorer = WatermarkScorer(model, providers="cpu", mean=(0, 0, 0), std=(1, 1, 1))
+    assert scorer.nchw and scorer.size == 16
+    scores = {Path(p).name: s for p, s, _ in scorer.scores([white, black])}
+    assert scores["white.png"] == pytest.approx(sigmoid(3.0), abs=1e-5)
+    assert scores["black.png"] == pytest.approx(0.5, abs=1e-6)
+    imagenet = WatermarkScorer(model, providers="cpu")  # default normalisation shifts the mean
+    expected = np.mean([(1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True)])
+    assert next(imagenet.scores([white]))[1] == pytest.approx(sigmoid(3 * expected), abs=1e-4)
+
+
+def test_watermark_command_lists_flagged(tmp_path: Path) -> None:
+    model = classifier(tmp_path / "wm.onnx")
+    folder = tmp_path / "img"
+    save_image(folder / "white.png", (255, 255, 255))
+    save_image(folder / "black.png", (0, 0, 0))
+    (folder / "bad.png").write_bytes(b"x")
+    args = [
+        "watermark", str(folder), "--model", str(model), "--providers", "cpu", "--threshold", "0.6",
+        "--json", str(tmp_path / "wm.jsonl"), "--list", str(tmp_path / "flagged.txt"), "--no-progress",
+    ]  # fmt: skip
+    result = CliRunner().invoke(tag_tools_group, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "images: 3, watermarked (p > 0.6): 1, unreadable: 1" in result.output
+    assert (tmp_path / "flagged.txt").read_text(encoding="utf-8").strip().endswith("white.png")
+    records = [json.loads(line) for line in (tmp_path / "wm.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 2 and all(0 <= r["p_watermark"] <= 1 for r in records)

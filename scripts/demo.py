@@ -42,34 +42,28 @@ TAGS = [  # (name, category): 9 = rating, 0 = general, 4 = character
 def build_tiny_wd_tagger(folder: Path, size: int = 64) -> Path:
     """A WD v3-contract ONNX folder: NHWC BGR 0-255 input, sigmoid scores per tag in the CSV.
 
-    The graph averages the colour channels and spatial frequencies, so tags depend on the image
-    the way a real tagger's do (a red image gets red_theme), with no weights to download.
+    The graph compares each colour channel's mean with the image's grey level, so tags depend on
+    the image the way a real tagger's do (a red image gets red_theme), with no weights to download.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    names = [t for t, _ in TAGS]
     n = len(TAGS)
-    weights = rng.normal(0, 0.004, size=(3, n)).astype(np.float32)
-    bias = np.full((n,), -1.0, dtype=np.float32)
-    # BGR order: channel 2 is red, 1 green, 0 blue
-    for channel, tag in ((2, "red_theme"), (1, "green_theme"), (0, "blue_theme")):
-        weights[channel, [t for t, _ in TAGS].index(tag)] = 0.06
-    for tag, b in (
-        ("general", 3.0),
-        ("simple_background", 2.0),
-        ("no_humans", 2.5),
-        ("pattern", 1.5),
-        ("sks_character", 2.0),
-    ):
-        bias[[t for t, _ in TAGS].index(tag)] = b
-    for i, (tag, _) in enumerate(TAGS):
-        if tag.endswith("_theme"):
-            bias[i] = -9.0
+    # logits = (channel means - grey level) @ weights + bias: colour tags follow the dominant hue
+    weights = np.zeros((3, n), dtype=np.float32)
+    bias = np.full((n,), -4.0, dtype=np.float32)
+    for channel, tag in ((2, "red_theme"), (1, "green_theme"), (0, "blue_theme")):  # BGR input
+        weights[channel, names.index(tag)] = 0.12
+        bias[names.index(tag)] = -2.0
+    for tag, b in (("general", 3.0), ("simple_background", 2.0), ("no_humans", 2.5), ("pattern", 1.5)):
+        bias[names.index(tag)] = b
     nodes = [
-        helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
-        helper.make_node("MatMul", ["pooled", "weights"], ["logits0"]),
+        helper.make_node("ReduceMean", ["input", "spatial_axes"], ["pooled"], keepdims=0),
+        helper.make_node("ReduceMean", ["pooled", "channel_axis"], ["grey"], keepdims=1),
+        helper.make_node("Sub", ["pooled", "grey"], ["deviation"]),
+        helper.make_node("MatMul", ["deviation", "weights"], ["logits0"]),
         helper.make_node("Add", ["logits0", "bias"], ["logits"]),
         helper.make_node("Sigmoid", ["logits"], ["output"]),
     ]
@@ -79,7 +73,8 @@ def build_tiny_wd_tagger(folder: Path, size: int = 64) -> Path:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", size, size, 3])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n])],
         initializer=[
-            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "spatial_axes"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "channel_axis"),
             numpy_helper.from_array(weights, "weights"),
             numpy_helper.from_array(bias, "bias"),
         ],

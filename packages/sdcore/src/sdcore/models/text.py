@@ -75,8 +75,13 @@ def _encoder_device(text_encoder: Any) -> Any:
     return next(text_encoder.parameters()).device
 
 
-def _run_encoder(text_encoder: Any, ids: torch.Tensor) -> Any:
-    return text_encoder(ids.to(_encoder_device(text_encoder)), output_hidden_states=True, return_dict=True)
+def _run_encoder(text_encoder: Any, ids: torch.Tensor, layer: int) -> Any:
+    out = text_encoder(ids.to(_encoder_device(text_encoder)), output_hidden_states=True, return_dict=True)
+    if -layer > len(out.hidden_states) - 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--clip-skip too large: the text encoder has only {len(out.hidden_states) - 1} layers")
+    return out
 
 
 def encode_prompts(
@@ -106,7 +111,7 @@ def encode_prompts(
 
     if not bundle.is_sdxl:
         ids = chunked_input_ids(tokenizers[0], prompts, chunks=chunks).reshape(batch * chunks, -1)
-        out = _run_encoder(encoders[0], ids)
+        out = _run_encoder(encoders[0], ids, -clip_skip)
         if clip_skip == 1:
             hidden = out.last_hidden_state
         else:
@@ -118,7 +123,7 @@ def encode_prompts(
     pooled = None
     for index, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders, strict=True)):
         ids = chunked_input_ids(tokenizer, prompts, chunks=chunks).reshape(batch * chunks, -1)
-        out = _run_encoder(encoder, ids)
+        out = _run_encoder(encoder, ids, layer)
         hidden = out.hidden_states[layer]
         states.append(hidden.reshape(batch, chunks * hidden.shape[1], hidden.shape[-1]))
         if index == len(encoders) - 1:

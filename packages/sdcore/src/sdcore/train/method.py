@@ -100,6 +100,13 @@ class TrainingMethod:
     output_suffix: ClassVar[str] = ".safetensors"
     #: the runtime passes decoded pixels in the batch (APT reconstruction loss)
     needs_pixels: ClassVar[bool] = False
+    #: class (regularisation) images are drawn to match the instance images each epoch (kohya)
+    balance_class: ClassVar[bool] = True
+    #: ``caption_for`` is random (templates): cache several caption variants like shuffled tags
+    random_captions: ClassVar[bool] = False
+    #: under mixed precision the frozen weights are stored in fp16/bf16 to save memory; methods
+    #: that save the whole model (DreamBooth) set False so frozen parts are saved at full precision
+    cast_frozen_weights: ClassVar[bool] = True
 
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
@@ -140,6 +147,15 @@ class TrainingMethod:
         """Return a custom per-sample loss [B], or ``None`` for the runtime's denoising MSE."""
         return None
 
+    def lr_lambda(self) -> Any:
+        """A ``step -> factor`` callable on every group's ``lr`` that replaces ``--lr-scheduler``, or None.
+
+        For methods with their own schedule syntax (TI/HN's A1111 strings ``"0.005:100, 1e-5"``):
+        the runtime then builds ``torch.optim.lr_scheduler.LambdaLR(optimizer, method.lr_lambda())``
+        and steps it once per optimizer step, so the factor for step ``s`` applies to update ``s``.
+        """
+        return None
+
     def on_step_end(self, bundle: ModelBundle, step: int) -> None:
         """Called after each optimizer step (e.g. stop text-encoder training at step N)."""
 
@@ -151,6 +167,17 @@ class TrainingMethod:
         """
         yield {}
 
+    def resolve_output(self, path: Path) -> Path:
+        """Where the final result goes for ``--output path``.
+
+        Default: a path without a suffix (or an existing folder) is a folder that receives
+        ``<method name><output_suffix>``; any path with a suffix is used as given. Methods whose
+        result may itself be a folder (a diffusers model) override this.
+        """
+        if self.output_suffix and (path.is_dir() or not path.suffix):
+            return path / f"{self.name or 'result'}{self.output_suffix}"
+        return path
+
     # --- state -------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained tensors, for resumable state (full precision, stable names)."""
@@ -161,4 +188,10 @@ class TrainingMethod:
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         """Write the result in the user-facing format (atomically) and return its path."""
+        raise NotImplementedError
+
+    def load_result(self, bundle: ModelBundle, path: Path) -> None:
+        """Apply a result written by :meth:`save` to a fresh ``bundle`` (optional, but the
+        contract suite in :mod:`sdcore.testing.contract` requires it: save -> load must give the
+        same outputs as the trained model). Called on an unprepared bundle."""
         raise NotImplementedError

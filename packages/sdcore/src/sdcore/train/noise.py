@@ -24,8 +24,13 @@ def sample_seed(*parts: Any) -> int:
 
 
 def sample_noise(
-    keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0, num_timesteps: int = 1000,
-    min_timestep: int = 0, max_timestep: int | None = None,
+    keys: Sequence[int],
+    shape: Sequence[int],
+    *,
+    noise_offset: float = 0.0,
+    num_timesteps: int = 1000,
+    min_timestep: int = 0,
+    max_timestep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample noise ``[B, *shape]`` (plus the offset term) and integer timesteps ``[B]`` on CPU."""
     import torch
@@ -43,7 +48,9 @@ def sample_noise(
     return torch.stack(noises), torch.tensor(steps, dtype=torch.long)
 
 
-def training_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def training_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """The regression target: the noise (epsilon) or the velocity (v-prediction)."""
     prediction = scheduler.config.prediction_type
     if prediction == "epsilon":

@@ -55,7 +55,9 @@ def check_optimizer_available(name: str) -> None:
         raise ConfigError(f"--optimizer {name} is unavailable: install the '{package}' package (pip install {package})")
 
 
-def create_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float, args: str | dict[str, Any] = "") -> Any:
+def create_optimizer(
+    name: str, param_groups: list[dict[str, Any]], *, lr: float, args: str | dict[str, Any] = ""
+) -> Any:
     """Build the optimizer ``name`` over ``param_groups`` (groups may carry their own ``lr``)."""
     import torch
 
@@ -91,9 +93,7 @@ def create_optimizer(name: str, param_groups: list[dict[str, Any]], *, lr: float
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
-def create_scheduler(
-    name: str, optimizer: Any, *, total_steps: int, warmup_steps: int = 0, power: float = 1.0
-) -> Any:
+def create_scheduler(name: str, optimizer: Any, *, total_steps: int, warmup_steps: int = 0, power: float = 1.0) -> Any:
     """An LR schedule stepped once per optimizer step (diffusers' schedules)."""
     from diffusers.optimization import get_scheduler
 

@@ -22,54 +22,88 @@ class TrainOptions:
     """Options every training method accepts (the runtime owns their meaning)."""
 
     # what and where
-    model: str = option("", "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:sd1|sd2|sdxl.", group="model")
-    data: str = option("", "Dataset folder (kohya N_name subfolders or plain images) or a TOML dataset config.", group="data")
+    model: str = option(
+        "", "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:sd1|sd2|sdxl.", group="model"
+    )
+    data: str = option(
+        "", "Dataset folder (kohya N_name subfolders or plain images) or a TOML dataset config.", group="data"
+    )
     output: str = option("", "Where to write the result (a file or a folder, per method).", group="output")
     reg_data: str | None = option(None, "Regularisation/class images folder (kohya N_name subfolders).", group="data")
-    prior_loss_weight: float = option(1.0, "Loss weight of regularisation/class images (prior preservation).", group="loss")
+    prior_loss_weight: float = option(
+        1.0, "Loss weight of regularisation/class images (prior preservation).", group="loss"
+    )
     # data handling
-    resolution: int = option(512, "Training resolution (side of the square area buckets are built around).", group="data")
+    resolution: int = option(
+        512, "Training resolution (side of the square area buckets are built around).", group="data"
+    )
     caption_extension: str = option(".txt", "Caption file extension (.txt or .caption).", group="data")
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
     keep_tokens: int = option(0, "Keep the first N tags in place when shuffling or dropping.", group="data")
     caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", group="data")
     tag_dropout: float = option(0.0, "Probability of dropping each tag (after keep_tokens).", group="data")
-    flip: bool = option(False, "Random horizontal flips (disables latent caching variation unless cached per flip).", group="data")
+    flip: bool = option(False, "Random horizontal flips (cached latents are kept for both orientations).", group="data")
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")
     max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")
     bucket_step: int = option(64, "Bucket side step in pixels.", group="data")
     bucket_no_upscale: bool = option(False, "Never upscale an image to reach its bucket.", group="data")
     cache_latents: bool = option(True, "Encode images once with the VAE and reuse the latents.", group="cache")
-    cache_latents_to_disk: bool = option(False, "Keep latents in .npz files beside the images, reused across runs.", group="cache")
-    cache_text_encoder_outputs: bool = option(True, "Cache text-encoder outputs when the text encoder is frozen.", group="cache")
+    cache_latents_to_disk: bool = option(
+        False, "Keep latents in .npz files beside the images, reused across runs.", group="cache"
+    )
+    cache_text_encoder_outputs: bool = option(
+        True, "Cache text-encoder outputs when the text encoder is frozen.", group="cache"
+    )
+    cache_dir: str | None = option(None, "Folder for latent cache files (default: beside each image).", group="cache")
     caption_variants: int = option(4, "Cached caption variants per image when shuffling/dropping tags.", group="cache")
     # schedule
     batch_size: int = option(1, "Images per step per device.", group="training")
-    max_steps: int | None = option(None, "Stop after this many optimizer steps.", group="training")
-    epochs: int | None = option(None, "Stop after this many epochs (one pass over repeats).", group="training")
+    max_steps: int | None = option(
+        None, "Stop after this many optimizer steps (with --epochs too: whichever comes first).", group="training"
+    )
+    epochs: int | None = option(
+        None,
+        "Stop after this many epochs (one pass over repeats; default 1 when --max-steps is not given either).",
+        group="training",
+    )
     lr: float = option(1e-4, "Learning rate.", group="training")
     lr_scheduler: str = option("constant", "LR schedule.", choices=LR_SCHEDULERS, group="training")
     lr_warmup_steps: int = option(0, "Linear warmup steps.", group="training")
     lr_power: float = option(1.0, "Power of the polynomial schedule.", group="training")
     optimizer: str = option("adamw", "Optimizer.", choices=OPTIMIZERS, group="training")
-    optimizer_args: str = option("", "Extra optimizer arguments, e.g. 'weight_decay=0.01 betas=0.9,0.99'.", group="training")
+    optimizer_args: str = option(
+        "", "Extra optimizer arguments, e.g. 'weight_decay=0.01 betas=0.9,0.99'.", group="training"
+    )
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training")
     gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", group="training")
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet/text encoder.", group="training")
-    mixed_precision: str = option("no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training")
+    mixed_precision: str = option(
+        "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"
+    )
     seed: int = option(42, "Seed for weights init, noise, data order and augmentations.", group="training")
     # loss
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is typical).", group="loss")
-    clip_skip: int = option(1, "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).", group="loss")
+    clip_skip: int = option(
+        1, "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).", group="loss"
+    )
     # saving and logs
-    save_every: int | None = option(None, "Save a checkpoint of the result and the resumable state every N steps.", group="output")
+    save_every: int | None = option(
+        None, "Save a checkpoint of the result and the resumable state every N steps.", group="output"
+    )
     save_every_epochs: int | None = option(None, "Save every N epochs.", group="output")
     save_limit: int | None = option(None, "Keep only the newest N intermediate saves.", group="output")
     save_dtype: str = option("fp16", "Precision of saved weights.", choices=SAVE_DTYPES, group="output")
-    resume: str | None = option(None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output")
-    sample_prompts: str | None = option(None, "A prompt, or a .txt file of prompts (one per line), to render while training.", group="output")
+    save_state: bool = option(
+        True, "Write a resumable state folder with each save, on Ctrl-C and at the end.", group="output"
+    )
+    resume: str | None = option(
+        None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output"
+    )
+    sample_prompts: str | None = option(
+        None, "A prompt, or a .txt file of prompts (one per line), to render while training.", group="output"
+    )
     sample_every: int | None = option(None, "Render the sample prompts every N steps.", group="output")
     sample_steps: int = option(20, "Sampler steps for sample images.", group="output")
     log_dir: str | None = option(None, "TensorBoard log folder (when tensorboard is installed).", group="output")

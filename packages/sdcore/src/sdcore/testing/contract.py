@@ -1,0 +1,373 @@
+"""The contract every training method must pass, runnable from any plugin's test suite.
+
+Use the mixin (pytest collects it in your test module)::
+
+    from sdcore.testing.contract import MethodContractTests
+
+    class TestMyMethod(MethodContractTests):
+        method_class = MyMethod
+        options = {"rank": 4, "lr": 1e-2}      # overrides on top of contract_options()
+        family = "sd1"
+
+or call the checks yourself (``check_learning(MyMethod, tmp_path, {...})``). Every check runs on
+a tiny random model (:func:`sdcore.models.tiny.create_tiny_bundle`) and a tiny generated dataset
+(:func:`make_tiny_dataset`) on the CPU in a few seconds:
+
+- config round-trip: ``dump_options`` -> ``load_options`` gives equal options;
+- one step: training runs a step, writes the result and a resumable state;
+- learning: the loss on the training images at *fixed* noise and timesteps falls clearly;
+- save -> load: ``method.load_result`` on a fresh model reproduces the trained model's outputs;
+- resume: N steps in one go equal N/2 steps, Ctrl-C, ``--resume latest`` to N (bit for bit);
+- determinism: two runs with the same seed give bit-identical trained tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CAPTIONS = ("red stripes", "green circles", "blue checks", "yellow gradient", "purple dots", "cyan waves")
+
+
+def make_tiny_dataset(
+    path: str | Path, n: int = 4, size: int = 64, captions: bool = True, repeats: int = 1, name: str = "tiny"
+) -> Path:
+    """Write ``n`` distinct, learnable PNGs (``size`` px) with ``.txt`` captions into
+    ``path/<repeats>_<name>`` (a kohya folder) and return ``path``."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(path)
+    folder = root / f"{repeats}_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    for i in range(n):
+        hue = i / max(n, 1)
+        color = np.array([0.5 + 0.5 * math.cos(2 * math.pi * (hue + k / 3)) for k in range(3)], dtype=np.float32)
+        kind = i % 3
+        if kind == 0:
+            pattern = (np.sin(xx * math.pi * (4 + 2 * i)) > 0).astype(np.float32)
+        elif kind == 1:
+            pattern = (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < (0.1 + 0.05 * i) ** 2).astype(np.float32)
+        else:
+            pattern = ((np.floor(xx * (4 + i)) + np.floor(yy * (4 + i))) % 2).astype(np.float32)
+        rgb = pattern[..., None] * color[None, None, :] + (1 - pattern[..., None]) * (1 - color[None, None, :]) * 0.3
+        Image.fromarray((rgb * 255).clip(0, 255).astype(np.uint8), "RGB").save(folder / f"img{i:02d}.png")
+        if captions:
+            text = DEFAULT_CAPTIONS[i % len(DEFAULT_CAPTIONS)] + (
+                f", variant {i}" if i >= len(DEFAULT_CAPTIONS) else ""
+            )
+            (folder / f"img{i:02d}.txt").write_text(f"tiny, {text}", encoding="utf-8")
+    return root
+
+
+def contract_options(
+    method_class: Any,
+    tmp_path: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    family: str = "sd1",
+    tag: str = "run",
+) -> Any:
+    """Options for a tiny CPU run of ``method_class`` under ``tmp_path`` (data made once)."""
+    data = tmp_path / "data"
+    if not data.exists():
+        make_tiny_dataset(data, n=4, size=64)
+    values: dict[str, Any] = {
+        "model": f"tiny:{family}",
+        "data": str(data),
+        "output": str(tmp_path / tag / f"result{method_class.output_suffix}"),
+        "resolution": 64,
+        "min_bucket_reso": 64,
+        "max_bucket_reso": 128,
+        "bucket_step": 64,
+        "batch_size": 2,
+        "max_steps": 4,
+        "lr": 1e-3,
+        "save_dtype": "fp32",
+        "progress": False,
+        "seed": 1234,
+    }
+    values.update(overrides or {})
+    options_class = method_class.options_class
+    names = {f.name for f in dataclasses.fields(options_class)}
+    return options_class(**{k: v for k, v in values.items() if k in names})
+
+
+def _bundle(family: str) -> Any:
+    from ..models.tiny import create_tiny_bundle
+
+    return create_tiny_bundle(family)
+
+
+def check_config_roundtrip(
+    method_class: Any, tmp_path: Path, overrides: dict[str, Any] | None = None, family: str = "sd1"
+) -> None:
+    from ..train.config import dump_options, load_options
+
+    options = contract_options(method_class, tmp_path, overrides, family=family)
+    path = tmp_path / "config.toml"
+    dump_options(options, path)
+    again = load_options(method_class.options_class, path, {})
+    assert again == options, f"config round-trip changed options:\n{options}\n!=\n{again}"
+
+
+def check_one_step(
+    method_class: type, tmp_path: Path, overrides: dict[str, Any] | None = None, family: str = "sd1"
+) -> Any:
+    from ..train.loop import train
+
+    options = contract_options(method_class, tmp_path, {**(overrides or {}), "max_steps": 1}, family=family, tag="one")
+    result = train(method_class(options), options, bundle=_bundle(family))
+    assert result.steps == 1, result
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0]), result.losses
+    assert Path(result.output).exists(), f"the method did not write {result.output}"
+    assert result.last_state is not None and (result.last_state / "train_state.json").exists()
+    return result
+
+
+def check_learning(
+    method_class: type,
+    tmp_path: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    family: str = "sd1",
+    steps: int = 40,
+    min_drop: float = 0.2,
+) -> tuple[float, float]:
+    """Train ``steps`` steps; the fixed-noise loss must fall by at least ``min_drop`` (relative)."""
+    from ..train.loop import TrainSession
+
+    values = {"max_steps": steps, "lr": 1e-2, "batch_size": 4, "save_state": False, **(overrides or {})}
+    options = contract_options(method_class, tmp_path, values, family=family, tag="learn")
+    session = TrainSession(method_class(options), options, bundle=_bundle(family))
+    session.setup()
+    before = session.fixed_loss()
+    session.run()
+    after = session.fixed_loss()
+    assert after < before * (1 - min_drop), (
+        f"{method_class.__name__} did not learn: fixed-noise loss {before:.5f} -> {after:.5f} after {steps} steps"
+    )
+    return before, after
+
+
+def _reference_outputs(method: Any, bundle: Any, captions: list[str], seed: int = 7) -> Any:
+    import torch
+
+    from ..models.text import sdxl_time_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    size = 8
+    latents = torch.randn((len(captions), 4, size, size), generator=gen)
+    timesteps = torch.tensor([250 + 100 * i for i in range(len(captions))])
+    with torch.no_grad():
+        cond = method.encode(bundle, captions)
+        kwargs: dict[str, Any] = {}
+        if bundle.is_sdxl:
+            sizes = [(64, 64)] * len(captions)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond.pooled,
+                "time_ids": sdxl_time_ids(sizes, [(0, 0)] * len(captions), sizes),
+            }
+        unet = bundle.unet
+        dtype = next(unet.parameters()).dtype
+        out = unet(latents.to(dtype), timesteps, cond.hidden_states.to(dtype), return_dict=False, **kwargs)[0]
+    return out.float()
+
+
+def check_save_load(
+    method_class: type,
+    tmp_path: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    family: str = "sd1",
+    atol: float = 1e-4,
+) -> None:
+    """The saved result, loaded into a fresh model, gives the trained model's outputs."""
+    import torch
+
+    from ..train.loop import train
+
+    options = contract_options(
+        method_class, tmp_path, {"max_steps": 3, "lr": 1e-2, **(overrides or {})}, family=family, tag="saveload"
+    )
+    method = method_class(options)
+    trained = _bundle(family)
+    result = train(method, options, bundle=trained)
+    for module in trained.components().values():
+        module.eval()
+    captions = ["tiny, red stripes", "tiny, blue checks"]
+    expected = _reference_outputs(method, trained, captions)
+    fresh = _bundle(family)
+    loader = method_class(options)
+    if type(loader).load_result is __import__("sdcore.train.method", fromlist=["x"]).TrainingMethod.load_result:
+        raise AssertionError(f"{method_class.__name__} does not implement load_result(bundle, path)")
+    loader.load_result(fresh, Path(result.output))
+    got = _reference_outputs(loader, fresh, captions)
+    base = _reference_outputs(loader, _bundle(family), captions)
+    assert not torch.allclose(expected, base, atol=atol), "training did not change the model's outputs"
+    assert torch.allclose(expected, got, atol=atol), (
+        f"load_result differs from the trained model: max |diff| {float((expected - got).abs().max()):.3g}"
+    )
+
+
+class _StopAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def sdcore_on_train_step(self, context: Any, step: int, logs: dict[str, float]) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def plugin_manager_with(*plugins: Any) -> Any:
+    """A pluggy manager with sdcore's hookspecs and ``plugins`` registered (hook tests).
+
+    Plain objects work: every ``sdcore_*`` method counts as a hook implementation, so tests need
+    no ``@hookimpl`` markers.
+    """
+    import pluggy
+
+    from .. import hookspecs
+
+    class _Manager(pluggy.PluginManager):
+        def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+            opts = super().parse_hookimpl_opts(plugin, name)
+            if opts is None and name.startswith("sdcore_") and callable(getattr(plugin, name, None)):
+                return {
+                    "wrapper": False,
+                    "hookwrapper": False,
+                    "optionalhook": False,
+                    "tryfirst": False,
+                    "trylast": False,
+                    "specname": None,
+                }
+            return opts
+
+    pm = _Manager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for plugin in plugins:
+        pm.register(plugin)
+    return pm
+
+
+def check_resume(
+    method_class: type, tmp_path: Path, overrides: dict[str, Any] | None = None, *, family: str = "sd1", steps: int = 4
+) -> None:
+    """``steps`` steps in one go == ``steps/2``, Ctrl-C, ``--resume latest``: identical weights."""
+    import torch
+
+    from ..train.loop import train
+
+    base = {"max_steps": steps, "lr": 5e-3, "batch_size": 1, **(overrides or {})}
+    full_opts = contract_options(method_class, tmp_path, base, family=family, tag="full")
+    full = method_class(full_opts)
+    train(full, full_opts, bundle=_bundle(family))
+
+    part_opts = contract_options(method_class, tmp_path, base, family=family, tag="parts")
+    half = max(1, steps // 2)
+    interrupted = False
+    try:
+        train(
+            method_class(part_opts),
+            part_opts,
+            bundle=_bundle(family),
+            plugin_manager=plugin_manager_with(_StopAt(half)),
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+    assert interrupted, "the KeyboardInterrupt raised in a hook did not propagate"
+    resume_opts = dataclasses.replace(part_opts, resume="latest")
+    resumed = method_class(resume_opts)
+    result = train(resumed, resume_opts, bundle=_bundle(family))
+    assert result.steps == steps
+    a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].cpu(), b[key].cpu()), f"resumed run differs at {key}"
+
+
+def check_determinism(
+    method_class: type, tmp_path: Path, overrides: dict[str, Any] | None = None, *, family: str = "sd1"
+) -> None:
+    """Two runs with the same seed and options give bit-identical trained tensors on the CPU."""
+    import torch
+
+    from ..train.loop import train
+
+    states = []
+    for tag in ("det-a", "det-b"):
+        values = {"max_steps": 2, "lr": 5e-3, "save_state": False, **(overrides or {})}
+        options = contract_options(method_class, tmp_path, values, family=family, tag=tag)
+        method = method_class(options)
+        train(method, options, bundle=_bundle(family))
+        states.append(method.trainable_state_dict())
+    a, b = states
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].cpu(), b[key].cpu()), f"two identical runs differ at {key}"
+
+
+def run_method_contract(
+    method_class: Any,
+    overrides: dict[str, Any] | None = None,
+    *,
+    family: str = "sd1",
+    tmp_path: Path | None = None,
+) -> None:
+    """Every check, in order, each in its own sub-folder of ``tmp_path`` (a temporary folder,
+    removed afterwards, when not given). Raises AssertionError naming the first broken promise."""
+    import shutil
+    import tempfile
+
+    root = Path(tmp_path) if tmp_path is not None else Path(tempfile.mkdtemp(prefix="sdcore-contract-"))
+    checks = (check_config_roundtrip, check_one_step, check_learning, check_save_load, check_resume, check_determinism)
+    try:
+        for check in checks:
+            folder = root / check.__name__
+            folder.mkdir(parents=True, exist_ok=True)
+            check(method_class, folder, overrides, family=family)
+    finally:
+        if tmp_path is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+class MethodContractTests:
+    """pytest mixin: set ``method_class`` (and ``options``/``family``) in a ``Test*`` subclass."""
+
+    method_class: type | None = None
+    options: dict[str, Any] = {}
+    family: str = "sd1"
+    learning_steps: int = 40
+    learning_min_drop: float = 0.2
+
+    def _cls(self) -> type:
+        assert self.method_class is not None, "set method_class on the test class"
+        return self.method_class
+
+    def test_contract_config_roundtrip(self, tmp_path: Path) -> None:
+        check_config_roundtrip(self._cls(), tmp_path, self.options, family=self.family)
+
+    def test_contract_one_step(self, tmp_path: Path) -> None:
+        check_one_step(self._cls(), tmp_path, self.options, family=self.family)
+
+    def test_contract_learning(self, tmp_path: Path) -> None:
+        check_learning(
+            self._cls(),
+            tmp_path,
+            self.options,
+            family=self.family,
+            steps=self.learning_steps,
+            min_drop=self.learning_min_drop,
+        )
+
+    def test_contract_save_load(self, tmp_path: Path) -> None:
+        check_save_load(self._cls(), tmp_path, self.options, family=self.family)
+
+    def test_contract_resume(self, tmp_path: Path) -> None:
+        check_resume(self._cls(), tmp_path, self.options, family=self.family)
+
+    def test_contract_determinism(self, tmp_path: Path) -> None:
+        check_determinism(self._cls(), tmp_path, self.options, family=self.family)

@@ -1,0 +1,258 @@
+"""Latent and text-encoder output caches.
+
+Latents: each image is encoded once per (bucket, flip) with a posterior sample drawn from a
+generator seeded by the image, so the cache is the same whichever run fills it. On disk the
+latents go to ``.npz`` files beside the image (or under ``--cache-dir``); each file records a key
+built from the image path, its mtime and size, the bucket/resize/crop, the flip and a hash of the
+VAE. A later run reuses a file when the key matches and re-encodes (overwriting atomically) when
+anything changed, so an edited image or another VAE never trains on stale latents.
+
+Text encoder outputs (only when the method keeps the text encoders frozen): each image gets
+``caption_variants`` processed captions when shuffling/dropout is on (one otherwise), every
+distinct prompt is encoded once, and each epoch picks a variant per sample deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..io import atomic_write_bytes
+from .noise import sample_seed
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.buckets import BucketAssignment
+    from ..data.dataset import ImageEntry
+    from ..models.bundle import ModelBundle
+    from .method import Conditioning
+
+CACHE_FORMAT = 1
+
+
+def vae_identity(vae: Any) -> str:
+    """A cheap fingerprint of a VAE: its config plus per-tensor sums and a few values."""
+    import torch
+
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(vae.state_dict().items()):
+            flat = tensor.detach().float().flatten()
+            digest.update(
+                f"{name}:{tuple(tensor.shape)}:{float(flat.sum()):.6e}:{float(flat.abs().sum()):.6e}".encode()
+            )
+            digest.update(flat[:8].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str) -> str:
+    path = Path(entry.path).resolve()
+    stat = path.stat()
+    parts = [
+        CACHE_FORMAT,
+        str(path),
+        stat.st_mtime_ns,
+        stat.st_size,
+        assignment.bucket,
+        assignment.resized,
+        assignment.crop,
+        vae_id,
+    ]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def cache_file(entry: ImageEntry, assignment: BucketAssignment, vae_id: str, cache_dir: str | None) -> Path:
+    path = Path(entry.path)
+    w, h = assignment.bucket
+    name = f"{path.stem}_{w}x{h}_{vae_id[:8]}.sdcore.npz"
+    if cache_dir:
+        folder_hash = hashlib.sha256(str(path.parent.resolve()).encode()).hexdigest()[:10]
+        return Path(cache_dir) / f"{path.parent.name}-{folder_hash}" / name
+    return path.parent / name
+
+
+def encode_pixels(bundle: ModelBundle, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Unscaled posterior samples ``[B, 4, h, w]`` (float32, CPU) of pixel batch ``[B, 3, H, W]``."""
+    import torch
+
+    vae = bundle.vae
+    param = next(vae.parameters())
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return (mean.cpu() + std.cpu() * eps).contiguous()
+
+
+class LatentCache:
+    """Latents for (entry, flipped) pairs, in memory, backed by ``.npz`` files when ``to_disk``."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        entries: list[ImageEntry],
+        assignments: list[BucketAssignment],
+        *,
+        seed: int,
+        to_disk: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.entries = entries
+        self.assignments = assignments
+        self.seed = seed
+        self.to_disk = to_disk
+        self.cache_dir = cache_dir
+        self.vae_id = vae_identity(bundle.vae)
+        self.latents: dict[tuple[int, bool], Any] = {}
+        self.meta: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.encoded = 0  # images run through the VAE by this cache (tests and logs)
+        self.reused = 0
+
+    def _seed(self, index: int, flipped: bool) -> int:
+        return sample_seed(self.seed, "latent", str(self.entries[index].path), flipped)
+
+    def fill(self, wanted: list[tuple[int, bool]], *, is_main: bool = True, progress: Any = None) -> None:
+        """Make every wanted latent available; encode only what no valid file provides."""
+        import numpy as np
+        import torch
+
+        from .data import load_pixels
+
+        by_entry: dict[int, list[bool]] = {}
+        for index, flipped in wanted:
+            by_entry.setdefault(index, []).append(flipped)
+        for index, flips in by_entry.items():
+            entry, assignment = self.entries[index], self.assignments[index]
+            key = image_key(entry, assignment, self.vae_id) if self.to_disk else ""
+            path = cache_file(entry, assignment, self.vae_id, self.cache_dir) if self.to_disk else None
+            stored: dict[str, Any] = {}
+            if path is not None and path.exists():
+                try:
+                    with np.load(path, allow_pickle=False) as data:
+                        if str(data["key"]) == key:
+                            stored = {name: data[name] for name in data.files}
+                except Exception:  # unreadable, truncated or foreign file: encode again
+                    stored = {}
+            changed = False
+            for flipped in flips:
+                name = "latents_flipped" if flipped else "latents"
+                if name in stored:
+                    self.latents[(index, flipped)] = torch.from_numpy(np.array(stored[name]))
+                    self.meta[index] = (tuple(stored["original_size"]), tuple(stored["crop"]))
+                    self.reused += 1
+                    continue
+                pixels, original, crop = load_pixels(entry, assignment, flip=flipped)
+                latent = encode_pixels(self.bundle, torch.from_numpy(pixels)[None], [self._seed(index, flipped)])[0]
+                self.encoded += 1
+                self.latents[(index, flipped)] = latent
+                self.meta[index] = (tuple(original), tuple(crop))
+                stored[name] = latent.numpy()
+                stored["original_size"] = np.array(original)
+                stored["crop"] = np.array(crop)
+                changed = True
+            if changed and path is not None and is_main:
+                stored["key"] = np.array(key)
+                buffer = io.BytesIO()
+                np.savez(buffer, **{k: v for k, v in stored.items()})
+                os.makedirs(path.parent, exist_ok=True)
+                atomic_write_bytes(path, buffer.getvalue())
+            if progress is not None:
+                progress.update(1)
+
+    def get(self, index: int, flipped: bool) -> tuple[Any, tuple[int, ...], tuple[int, ...]]:
+        """``(unscaled latent [4, h, w], original (h, w), crop (top, left))``."""
+        original, crop = self.meta[index]
+        return self.latents[(index, flipped)], original, crop
+
+
+class TextCache:
+    """Encoded prompts of every caption variant, for methods whose text encoders stay frozen."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        method: Any,
+        entries: list[ImageEntry],
+        *,
+        seed: int,
+        variants: int,
+        dtype: Any = None,
+    ) -> None:
+        self.bundle = bundle
+        self.dtype = dtype  # stored precision: the mixed-precision dtype (the UNet consumes that anyway)
+        self.method = method
+        self.entries = entries
+        self.seed = seed
+        self.variants: list[list[str]] = []
+        self.encodings: dict[str, Conditioning] = {}
+        self.empty_chunk: Any = None
+        self._build_variants(max(1, variants))
+
+    def _build_variants(self, count: int) -> None:
+        import random
+
+        from .data import caption_is_random, make_caption
+
+        for index, entry in enumerate(self.entries):
+            n = count if caption_is_random(entry) or getattr(self.method, "random_captions", False) else 1
+            self.variants.append(
+                [
+                    make_caption(self.method, entry, random.Random(sample_seed(self.seed, "caption-variant", index, v)))
+                    for v in range(n)
+                ]
+            )
+
+    def fill(self, *, batch_size: int = 16) -> None:
+        """Encode every distinct prompt once, batching prompts of the same chunk count."""
+        import torch
+
+        from ..models.text import chunk_count
+        from .method import Conditioning
+
+        dtype = self.dtype or torch.float32
+        prompts = sorted({p for variants in self.variants for p in variants})
+        groups: dict[int, list[str]] = {}
+        tokenizer = self.bundle.tokenizers[0]
+        for prompt in prompts:
+            groups.setdefault(chunk_count(tokenizer, [prompt]), []).append(prompt)
+        with torch.no_grad():
+            empty = self.method.encode(self.bundle, [""])
+            self.empty_chunk = empty.hidden_states[0].detach().to(device="cpu", dtype=dtype)
+            width = self.empty_chunk.shape[0]
+            for chunks, members in sorted(groups.items()):
+                for start in range(0, len(members), batch_size):
+                    part = members[start : start + batch_size]
+                    cond = self.method.encode(self.bundle, part)
+                    if len(part) > 1 and cond.hidden_states.shape[-2] != chunks * width:
+                        # the method's encode changed the length (e.g. expanded words): one by one
+                        for prompt in part:
+                            self.encodings[prompt] = self.method.encode(self.bundle, [prompt]).to("cpu", dtype)
+                        continue
+                    cond = cond.to("cpu", dtype)
+                    for i, prompt in enumerate(part):
+                        pooled = None if cond.pooled is None else cond.pooled[i : i + 1].clone()
+                        self.encodings[prompt] = Conditioning(cond.hidden_states[i : i + 1].clone(), pooled)
+
+    def choose(self, entry: int, ref_seed: int) -> str:
+        variants = self.variants[entry]
+        return variants[ref_seed % len(variants)]
+
+    def batch(self, prompts: list[str]) -> Conditioning:
+        """Stack cached encodings, padding shorter prompts with empty chunks."""
+        import torch
+
+        from ..models.text import pad_conditioning
+        from .method import Conditioning
+
+        conds = [self.encodings[p] for p in prompts]
+        chunks = max(c.hidden_states.shape[-2] for c in conds) // self.empty_chunk.shape[0]
+        conds = [pad_conditioning(c, chunks, self.empty_chunk) for c in conds]
+        hidden = torch.cat([c.hidden_states for c in conds])
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])  # type: ignore[misc]
+        return Conditioning(hidden, pooled)

@@ -1,0 +1,76 @@
+"""Test-only training methods: small, fast, and honest about what they train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdcore.options import option
+from sdcore.train.method import SaveInfo, TrainingMethod
+from sdcore.train.options import TrainOptions
+
+
+@dataclass
+class ConvOutOptions(TrainOptions):
+    train_text_norm: bool = option(False, "Also train the text encoder's final LayerNorm.")
+
+
+class ConvOutMethod(TrainingMethod):
+    """Trains the UNet's ``conv_out`` (and optionally the text encoders' final LayerNorm)."""
+
+    name = "convout"
+    options_class = ConvOutOptions
+
+    def _modules(self, bundle: Any) -> dict[str, Any]:
+        from sdcore.models.text import final_layer_norm
+
+        mods = {"unet_conv_out": bundle.unet.conv_out}
+        if self.options.train_text_norm:  # type: ignore[attr-defined]
+            for i, te in enumerate(bundle.text_encoders):
+                mods[f"te{i}_final_layer_norm"] = final_layer_norm(te)
+        return mods
+
+    def prepare(self, bundle: Any) -> list[dict[str, Any]]:
+        for module in bundle.components().values():
+            module.requires_grad_(False)
+        self.bundle = bundle
+        params = []
+        for module in self._modules(bundle).values():
+            module.requires_grad_(True)
+            params += list(module.parameters())
+        return [{"params": params, "name": "convout"}]
+
+    @property
+    def text_encoder_frozen(self) -> bool:
+        return not self.options.train_text_norm  # type: ignore[attr-defined]
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        return {
+            f"{m}.{k}": v.detach().float().clone()
+            for m, mod in self._modules(self.bundle).items()
+            for k, v in mod.state_dict().items()
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, Any]) -> None:
+        for m, mod in self._modules(self.bundle).items():
+            mod.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == m})
+
+    def save(self, bundle: Any, info: SaveInfo) -> Path:
+        from safetensors.torch import save_file
+        from sdcore.io import atomic_path
+
+        dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[self.options.save_dtype]
+        import torch
+
+        tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in self.trainable_state_dict().items()}
+        with atomic_path(info.path) as tmp:
+            save_file(tensors, str(tmp), metadata=info.metadata)
+        return info.path
+
+    def load_result(self, bundle: Any, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.bundle = bundle
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        self.load_trainable_state_dict(state)

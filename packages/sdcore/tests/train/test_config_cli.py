@@ -1,0 +1,136 @@
+"""Config files (TOML/JSON), overrides, dumping, and the generated click command."""
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+from runtime_methods import ConvOutOptions
+from sdcore.errors import ConfigError
+from sdcore.specs import MethodSpec
+from sdcore.train.cli import build_train_command
+from sdcore.train.config import dump_options, load_options
+
+
+def test_toml_with_dashes_tables_and_overrides(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "tiny:sd1"\nmax-steps = 5\n[training]\nlr = 0.5\nflip = true\n', encoding="utf-8")
+    o = load_options(ConvOutOptions, cfg, {"lr": 0.25, "train-text-norm": True})
+    assert (o.model, o.max_steps, o.lr, o.flip, o.train_text_norm) == ("tiny:sd1", 5, 0.25, True, True)
+
+
+def test_json_config(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"batch_size": 3, "min_snr_gamma": 5}), encoding="utf-8")
+    o = load_options(ConvOutOptions, cfg)
+    assert o.batch_size == 3 and o.min_snr_gamma == 5.0
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("learning_rate = 1e-4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*learning_rate"):
+        load_options(ConvOutOptions, cfg)
+
+
+def test_wrong_types_and_choices(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('batch_size = "two"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="batch_size must be int"):
+        load_options(ConvOutOptions, cfg)
+    cfg.write_text('optimizer = "adam"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="choose one of"):
+        load_options(ConvOutOptions, cfg)
+    cfg.write_text("lr = [\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_options(ConvOutOptions, cfg)
+
+
+def test_dump_load_roundtrip(tmp_path):
+    o = ConvOutOptions(
+        model="tiny:sd1",
+        data="d",
+        output="o",
+        max_steps=7,
+        optimizer_args="betas=0.9,0.99",
+        train_text_norm=True,
+        min_snr_gamma=5.0,
+    )
+    path = tmp_path / "o.toml"
+    dump_options(o, path)
+    assert load_options(ConvOutOptions, path) == o
+
+
+def _command():
+    return build_train_command(MethodSpec(name="convout", summary="test", method="runtime_methods:ConvOutMethod"))
+
+
+def test_generated_command_has_every_option():
+    cmd = _command()
+    names = {p.name for p in cmd.params}
+    assert {"config", "max_steps", "lr", "flip", "train_text_norm", "mixed_precision", "dry_run"} <= names
+    flip = next(p for p in cmd.params if p.name == "flip")
+    assert "--no-flip" in flip.secondary_opts
+    mp = next(p for p in cmd.params if p.name == "mixed_precision")
+    assert isinstance(mp.type, click.Choice)
+
+
+def test_command_line_overrides_config_and_only_given_flags(tmp_path, tiny_data):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'model = "tiny:sd1"\ndata = "{tiny_data}"\nlr = 0.5\nbatch_size = 2\nresolution = 64\n'
+        "min_bucket_reso = 64\nmax_bucket_reso = 128\nmax_steps = 3\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "eff.toml"
+    result = CliRunner().invoke(
+        _command(),
+        [
+            "--config",
+            str(cfg),
+            "--lr",
+            "0.125",
+            "--output",
+            str(tmp_path / "r.safetensors"),
+            "--dry-run",
+            "--save-config",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    o = load_options(ConvOutOptions, out)
+    assert o.lr == 0.125  # typed flag wins
+    assert o.batch_size == 2 and o.max_steps == 3  # config values survive flags left at defaults
+    assert "3 optimizer steps" in result.output
+
+
+def test_command_reports_config_errors_in_one_line(tmp_path):
+    result = CliRunner().invoke(_command(), ["--model", "tiny:sd1"])
+    assert result.exit_code == 1
+    assert "Error: no dataset given" in result.output
+
+
+def test_command_trains(tmp_path, tiny_data):
+    out = tmp_path / "r.safetensors"
+    result = CliRunner().invoke(
+        _command(),
+        [
+            "--model",
+            "tiny:sd1",
+            "--data",
+            str(tiny_data),
+            "--output",
+            str(out),
+            "--resolution",
+            "64",
+            "--min-bucket-reso",
+            "64",
+            "--max-bucket-reso",
+            "128",
+            "--max-steps",
+            "2",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "after 2 steps" in result.output

@@ -1,0 +1,579 @@
+"""The training runtime on tiny models: the contract, each option, saving, resume and failure paths."""
+
+import dataclasses
+import math
+import sys
+import types
+
+import pytest
+import torch
+from runtime_methods import ConvOutMethod
+from sdcore.errors import ConfigError
+from sdcore.models.tiny import create_tiny_bundle
+from sdcore.testing.contract import (
+    MethodContractTests,
+    check_learning,
+    contract_options,
+    make_tiny_dataset,
+    plugin_manager_with,
+)
+from sdcore.train.loop import TrainingDivergedError, TrainSession, train
+from sdcore.train.noise import min_snr_weights, sample_noise
+
+
+class TestConvOutContract(MethodContractTests):
+    method_class = ConvOutMethod
+
+
+def _opts(tmp_path, tag="run", **kw):
+    return contract_options(ConvOutMethod, tmp_path, kw, tag=tag)
+
+
+def _run(options, bundle=None, **kw):
+    method = ConvOutMethod(options)
+    result = train(method, options, bundle=bundle or create_tiny_bundle(options.model.split(":")[1]), **kw)
+    return method, result
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_learns_on_v_prediction_and_sdxl(tmp_path, family):
+    check_learning(ConvOutMethod, tmp_path, family=family, steps=30)
+
+
+def test_sdxl_batch_carries_size_conditioning(tmp_path):
+    o = contract_options(ConvOutMethod, tmp_path, family="sdxl")
+    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sdxl"))
+    s.setup()
+    batch = s.make_batch(s.data.epoch_plan(0)[0])
+    assert batch.original_sizes == [(64, 64)] * 2 and batch.crop_coords == [(0, 0)] * 2
+    assert batch.target_sizes == [(64, 64)] * 2
+    assert batch.conditioning.pooled.shape == (2, 64) and batch.conditioning.hidden_states.shape == (2, 77, 96)
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    a, _ = _run(_opts(tmp_path, "a", max_steps=3, flip=True, shuffle_caption=True))
+    b, _ = _run(_opts(tmp_path, "b", max_steps=3, flip=True, shuffle_caption=True))
+    c, _ = _run(_opts(tmp_path, "c", max_steps=3, flip=True, shuffle_caption=True, seed=99))
+    sa, sb, sc = a.trainable_state_dict(), b.trainable_state_dict(), c.trainable_state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tmp_path):
+    data = make_tiny_dataset(tmp_path / "two", n=2)
+    big, r1 = _run(
+        _opts(tmp_path, "big", data=str(data), batch_size=2, gradient_accumulation=1, max_steps=1, flip=True)
+    )
+    acc, r2 = _run(
+        _opts(tmp_path, "acc", data=str(data), batch_size=1, gradient_accumulation=2, max_steps=1, flip=True)
+    )
+    assert r1.steps == r2.steps == 1
+    assert r1.losses[0] == pytest.approx(r2.losses[0], rel=1e-5)
+    sa, sb = big.trainable_state_dict(), acc.trainable_state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-6), k
+
+
+def test_epochs_and_steps_math(tmp_path):
+    # 4 images, batch 2 -> 2 batches/epoch; accumulation 2 -> 1 step per epoch
+    _, r = _run(_opts(tmp_path, "e", max_steps=None, epochs=3, gradient_accumulation=2))
+    assert (r.steps, r.epochs) == (3, 3)
+    _, r = _run(_opts(tmp_path, "d", max_steps=None, epochs=None))  # neither: one epoch
+    assert (r.steps, r.epochs) == (2, 1)
+    _, r = _run(_opts(tmp_path, "m", max_steps=3, epochs=5))  # both: whichever first
+    assert r.steps == 3
+
+
+def test_bf16_mixed_precision_keeps_trainable_fp32(tmp_path):
+    o = _opts(tmp_path, max_steps=3, mixed_precision="bf16")
+    bundle = create_tiny_bundle("sd1")
+    _method, r = _run(o, bundle)
+    assert bundle.unet.conv_out.weight.dtype == torch.float32
+    assert bundle.unet.conv_in.weight.dtype == torch.bfloat16
+    assert bundle.text_encoders[0].final_layer_norm.weight.dtype == torch.bfloat16
+    assert all(math.isfinite(x) for x in r.losses)
+
+
+def test_min_snr_weights_the_per_sample_loss(tmp_path):
+    o = _opts(tmp_path)
+    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sd1"))
+    s.setup()
+    batch = s.make_batch(s.data.epoch_plan(0)[0])
+    noise, _ = sample_noise([1, 2], batch.latents.shape[1:])
+    t = torch.tensor([20, 800])
+    with torch.no_grad():
+        plain = s.sample_loss(batch, noise, t, 0)
+        s.options.min_snr_gamma = 5.0
+        weighted = s.sample_loss(batch, noise, t, 0)
+    expected = plain * min_snr_weights(s.bundle.noise_scheduler, t, 5.0)
+    assert torch.allclose(weighted, expected) and not torch.allclose(weighted, plain)
+
+
+def test_v_prediction_target_is_the_velocity(tmp_path):
+    o = contract_options(ConvOutMethod, tmp_path, family="sd2")
+    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sd2"))
+    s.setup()
+    assert s.bundle.noise_scheduler.config.prediction_type == "v_prediction"
+    batch = s.make_batch(s.data.epoch_plan(0)[0])
+    noise, _ = sample_noise([1, 2], batch.latents.shape[1:])
+    t = torch.tensor([100, 600])
+    seen = {}
+
+    def compute_loss(ctx):
+        seen["target"] = ctx.target
+        return None
+
+    s.method.compute_loss = compute_loss
+    with torch.no_grad():
+        s.sample_loss(batch, noise, t, 0)
+    velocity = s.bundle.noise_scheduler.get_velocity(batch.latents, noise, t)
+    assert torch.allclose(seen["target"], velocity)
+
+
+def test_noise_offset_changes_training(tmp_path):
+    _, a = _run(_opts(tmp_path, "a", max_steps=2))
+    _, b = _run(_opts(tmp_path, "b", max_steps=2, noise_offset=0.1))
+    assert a.losses[0] != b.losses[0] and all(math.isfinite(x) for x in b.losses)
+
+
+def _count_vae_encodes(bundle):
+    calls = {"n": 0}
+    original = bundle.vae.encode
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    bundle.vae.encode = counting
+    return calls
+
+
+def test_latent_disk_cache_is_reused_and_invalidated(tmp_path):
+    data = make_tiny_dataset(tmp_path / "cache-data", n=3)
+    o = _opts(tmp_path, data=str(data), max_steps=1, cache_latents_to_disk=True, flip=True)
+    b1 = create_tiny_bundle("sd1")
+    c1 = _count_vae_encodes(b1)
+    _run(o, b1)
+    assert c1["n"] == 6  # 3 images x (plain, flipped)
+    files = sorted((data / "1_tiny").glob("*.sdcore.npz"))
+    assert len(files) == 3
+    b2 = create_tiny_bundle("sd1")
+    c2 = _count_vae_encodes(b2)
+    _run(dataclasses.replace(o, output=str(tmp_path / "r2" / "x.safetensors")), b2)
+    assert c2["n"] == 0  # unchanged images, same VAE: nothing encoded
+    # an edited image is re-encoded, the others are not
+    from PIL import Image
+
+    img = data / "1_tiny" / "img00.png"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(img)
+    b3 = create_tiny_bundle("sd1")
+    c3 = _count_vae_encodes(b3)
+    _run(dataclasses.replace(o, output=str(tmp_path / "r3" / "x.safetensors")), b3)
+    assert c3["n"] == 2
+    # another VAE never reuses these latents
+    b4 = create_tiny_bundle("sd1", seed=5)
+    c4 = _count_vae_encodes(b4)
+    _run(dataclasses.replace(o, output=str(tmp_path / "r4" / "x.safetensors")), b4)
+    assert c4["n"] == 6
+
+
+def test_latent_cache_dir_and_uncached_training_match(tmp_path):
+    cache_dir = tmp_path / "latents"
+    cached, _ = _run(_opts(tmp_path, "a", max_steps=2, cache_latents_to_disk=True, cache_dir=str(cache_dir)))
+    assert len(list(cache_dir.rglob("*.npz"))) == 4
+    fresh, _ = _run(_opts(tmp_path, "b", max_steps=2, cache_latents=False))
+    sa, sb = cached.trainable_state_dict(), fresh.trainable_state_dict()
+    # the same seeded posterior sample is drawn with or without the cache
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_text_encoder_outputs_cached_with_caption_variants(tmp_path):
+    o = _opts(tmp_path, max_steps=3, shuffle_caption=True, caption_variants=3)
+    bundle = create_tiny_bundle("sd1")
+    s = TrainSession(ConvOutMethod(o), o, bundle=bundle)
+    s.setup()
+    assert s.text_cache is not None
+    assert all(len(v) == 3 for v in s.text_cache.variants)
+    assert len({tuple(v) for v in s.text_cache.variants}) == 4
+    calls = {"n": 0}
+    te = bundle.text_encoders[0]
+    original = te.forward
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    te.forward = counting
+    s.run()
+    assert calls["n"] == 0  # training used only cached outputs
+
+
+def test_training_the_text_encoder_disables_the_cache_and_gets_gradients(tmp_path):
+    o = _opts(tmp_path, max_steps=2, train_text_norm=True, lr=1e-2)
+    bundle = create_tiny_bundle("sd1")
+    before = bundle.text_encoders[0].final_layer_norm.weight.detach().clone()
+    s = TrainSession(ConvOutMethod(o), o, bundle=bundle)
+    s.run()
+    assert s.text_cache is None
+    assert not torch.equal(before, bundle.text_encoders[0].final_layer_norm.weight.detach())
+
+
+class _Recorder:
+    def __init__(self):
+        self.events = []
+
+    def sdcore_before_train(self, context):
+        self.events.append(("before", context.total_steps))
+
+    def sdcore_on_train_step(self, context, step, logs):
+        self.events.append(("step", step, round(logs["lr"], 6)))
+
+    def sdcore_after_train(self, context, result):
+        self.events.append(("after", result.steps))
+
+    def sdcore_on_train_error(self, context, error):
+        self.events.append(("error", type(error).__name__))
+
+
+def test_lifecycle_hooks(tmp_path):
+    rec = _Recorder()
+    _run(_opts(tmp_path, max_steps=2), plugin_manager=plugin_manager_with(rec))
+    assert rec.events == [("before", 2), ("step", 1, 0.001), ("step", 2, 0.001), ("after", 2)]
+
+
+def test_ctrl_c_saves_a_resumable_state_then_reraises(tmp_path):
+    class Stop(_Recorder):
+        def sdcore_on_train_step(self, context, step, logs):
+            if step == 2:
+                raise KeyboardInterrupt
+
+    rec = Stop()
+    o = _opts(tmp_path, max_steps=5)
+    with pytest.raises(KeyboardInterrupt):
+        _run(o, plugin_manager=plugin_manager_with(rec))
+    state = tmp_path / "run" / "result-state" / "step-00000002"
+    assert (state / "train_state.json").exists() and (state / "optimizer.pt").exists()
+    assert ("error", "KeyboardInterrupt") in rec.events
+    _, r = _run(dataclasses.replace(o, resume="latest"))
+    assert r.steps == 5 and len(r.losses) == 5
+
+
+class _NanAtStep3(ConvOutMethod):
+    def compute_loss(self, ctx):
+        if ctx.step == 2:
+            return torch.full((ctx.noise.shape[0],), float("nan"))
+        return None
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
+    o = _opts(tmp_path, max_steps=5)
+    with pytest.raises(TrainingDivergedError, match=r"step 3.*step-00000002"):
+        train(_NanAtStep3(o), o, bundle=create_tiny_bundle("sd1"))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "result-state" / "step-00000002" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_save_every_with_retention_and_epoch_saves(tmp_path):
+    o = _opts(tmp_path, max_steps=6, save_every=2, save_limit=1)
+    _, _r = _run(o)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "result-step00000004.safetensors",
+        "result.safetensors",
+    ]
+    assert [p.name for p in (out / "result-state").iterdir() if not p.name.startswith(".")] == ["step-00000006"]
+    o = _opts(tmp_path, "ep", max_steps=None, epochs=3, save_every_epochs=1, save_state=False)
+    _run(o)
+    names = sorted(p.name for p in (tmp_path / "ep").glob("*.safetensors"))
+    assert names == ["result-epoch0001.safetensors", "result-epoch0002.safetensors", "result.safetensors"]
+    assert not (tmp_path / "ep" / "result-state").exists()
+
+
+def test_output_folder_gets_method_name_and_metadata(tmp_path):
+    o = _opts(tmp_path, max_steps=1, output=str(tmp_path / "outdir"))
+    _, r = _run(o)
+    assert r.output == tmp_path / "outdir" / "convout.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(r.output), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_steps"] == "1" and meta["sdcore_method"] == "convout"
+    assert '"1_tiny"' in meta["ss_dataset_dirs"] and "red stripes" in meta["ss_tag_frequency"]
+
+
+def test_sample_images_are_rendered_into_a_grid(tmp_path, monkeypatch):
+    from PIL import Image
+
+    calls = []
+
+    def fake_generate(bundle, prompts, **kw):
+        calls.append((list(prompts), kw))
+        return [Image.new("RGB", (kw["width"], kw["height"]), (i * 40, 0, 0)) for i, _ in enumerate(prompts)]
+
+    module = types.ModuleType("sdcore.generate.pipeline")
+    module.generate_images = fake_generate
+    monkeypatch.setitem(sys.modules, "sdcore.generate.pipeline", module)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red thing\n# comment\n\na blue thing\n", encoding="utf-8")
+    _run(_opts(tmp_path, max_steps=4, sample_every=2, sample_prompts=str(prompts), sample_steps=3))
+    assert [c[0] for c in calls] == [["a red thing", "a blue thing"]] * 2
+    assert calls[0][1]["steps"] == 3
+    grid = Image.open(tmp_path / "run" / "result-samples" / "step00000004.png")
+    assert grid.size == (128, 64)
+
+
+class _PixelMethod(ConvOutMethod):
+    needs_pixels = True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"output": ""}, "no output given"),
+        ({"mixed_precision": "fp16"}, "fp16 needs a CUDA GPU"),
+        ({"cache_latents": False, "cache_latents_to_disk": True}, "needs --cache-latents"),
+        ({"sample_every": 5}, "needs --sample-prompts"),
+        ({"optimizer": "adamw8bit"}, "bitsandbytes"),
+        ({"caption_dropout": 1.5}, "between 0 and 1"),
+        ({"batch_size": 0}, "at least 1"),
+    ],
+)
+def test_config_conflicts_fail_before_loading_a_model(tmp_path, monkeypatch, overrides, message):
+    import importlib.util
+
+    if overrides.get("mixed_precision") == "fp16" and torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    if overrides.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes installed")
+    import sdcore.train.loop as loop
+
+    monkeypatch.setattr(loop, "load_bundle", lambda o: pytest.fail("model loaded before validation"))
+    o = _opts(tmp_path, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(ConvOutMethod(o), o)
+
+
+def test_pixel_methods_get_pixels_and_refuse_latent_caching(tmp_path):
+    o = _opts(tmp_path)
+    with pytest.raises(ConfigError, match="--no-cache-latents"):
+        train(_PixelMethod(o), o)
+    o = _opts(tmp_path, cache_latents=False)
+    s = TrainSession(_PixelMethod(o), o, bundle=create_tiny_bundle("sd1"))
+    s.setup()
+    batch = s.make_batch(s.data.epoch_plan(0)[0])
+    assert batch.pixels.shape == (2, 3, 64, 64) and batch.pixels.min() >= -1 and batch.pixels.max() <= 1
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
+    plain, _ = _run(_opts(tmp_path, "a", max_steps=2, train_text_norm=True))
+    ckpt_bundle = create_tiny_bundle("sd1")
+    ckpt, _ = _run(_opts(tmp_path, "b", max_steps=2, train_text_norm=True, gradient_checkpointing=True), ckpt_bundle)
+    assert ckpt_bundle.unet.is_gradient_checkpointing
+    sa, sb = plain.trainable_state_dict(), ckpt.trainable_state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+class _FullPrecisionBase(ConvOutMethod):
+    cast_frozen_weights = False
+
+
+def test_methods_can_keep_frozen_weights_in_full_precision(tmp_path):
+    o = _opts(tmp_path, max_steps=1, mixed_precision="bf16")
+    bundle = create_tiny_bundle("sd1")
+    train(_FullPrecisionBase(o), o, bundle=bundle)
+    assert bundle.unet.conv_in.weight.dtype == torch.float32
+    assert bundle.vae.encoder.conv_in.weight.dtype == torch.float32
+
+
+def test_tensorboard_logs(tmp_path):
+    pytest.importorskip("tensorboard")
+    logs = tmp_path / "logs"
+    _run(_opts(tmp_path, max_steps=2, log_dir=str(logs)))
+    assert list(logs.rglob("events.out.tfevents.*"))
+
+
+def test_resume_with_changed_batch_size_warns(tmp_path, capsys):
+    o = _opts(tmp_path, max_steps=2)
+    _run(o)
+    _, r = _run(dataclasses.replace(o, resume="latest", max_steps=3, batch_size=1, progress=True))
+    assert r.steps == 3
+    assert "resuming with changed batch_size" in capsys.readouterr().err
+
+
+def test_resume_errors_are_clear(tmp_path):
+    o = _opts(tmp_path, max_steps=1, resume="latest")
+    with pytest.raises(ConfigError, match="no saved state"):
+        _run(o)
+    o = _opts(tmp_path, max_steps=1, resume=str(tmp_path))
+    with pytest.raises(ConfigError, match="not a training state folder"):
+        _run(o)
+
+
+def test_real_sample_images_during_training(tmp_path):
+    pytest.importorskip("sdcore.generate.pipeline")
+    from PIL import Image
+
+    _run(_opts(tmp_path, max_steps=2, sample_every=2, sample_prompts="tiny, red stripes", sample_steps=2))
+    grid = Image.open(tmp_path / "run" / "result-samples" / "step00000002.png")
+    assert grid.size == (64, 64)
+
+
+def test_a_failing_plugin_hook_is_named_and_the_state_saved(tmp_path):
+    from sdcore.errors import PluginError
+
+    class Broken:
+        def sdcore_on_train_step(self, context, step, logs):
+            if step == 2:
+                raise RuntimeError("boom")
+
+    pm = plugin_manager_with()
+    pm.register(Broken(), name="broken")
+    pm.register(_Recorder(), name="recorder")
+    with pytest.raises(PluginError, match=r"plugin 'broken' failed in sdcore_on_train_step: boom"):
+        _run(_opts(tmp_path, max_steps=4), plugin_manager=pm)
+    assert (tmp_path / "run" / "result-state" / "step-00000002" / "train_state.json").exists()
+
+
+def test_sigterm_saves_a_resumable_state(tmp_path):
+    import os
+    import signal
+
+    class Term:
+        def sdcore_on_train_step(self, context, step, logs):
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_opts(tmp_path, max_steps=3), plugin_manager=plugin_manager_with(Term()))
+    assert (tmp_path / "run" / "result-state" / "step-00000001" / "train_state.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_caption_variants_change_between_epochs(tmp_path):
+    data = make_tiny_dataset(tmp_path / "tags", n=2)
+    (data / "1_tiny" / "img00.txt").write_text("a, b, c, d, e, f", encoding="utf-8")
+    o = _opts(tmp_path, max_steps=1, shuffle_caption=True, caption_variants=4, data=str(data))
+    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sd1"))
+    s.setup()
+    chosen = set()
+    for epoch in range(12):
+        for refs in s.data.epoch_plan(epoch):
+            for ref in refs:
+                if ref.entry == 0:
+                    chosen.add(s.text_cache.choose(0, ref.seed(o.seed, "caption")))
+    assert len(set(s.text_cache.variants[0])) == 4
+    assert len(chosen) >= 3 and chosen <= set(s.text_cache.variants[0])
+
+
+def test_output_path_rules(tmp_path):
+    from sdcore.train.loop import intermediate_path, output_paths
+
+    m = ConvOutMethod(_opts(tmp_path))
+    assert output_paths(m, _opts(tmp_path, output=str(tmp_path / "a.safetensors"))) == (
+        tmp_path / "a.safetensors",
+        tmp_path / "a-state",
+    )
+    assert output_paths(m, _opts(tmp_path, output=str(tmp_path / "dir")))[0] == tmp_path / "dir" / "convout.safetensors"
+    assert output_paths(m, _opts(tmp_path, output=str(tmp_path / "x.pt")))[0] == tmp_path / "x.pt"
+    assert intermediate_path(tmp_path / "a.safetensors", step=7) == tmp_path / "a-step00000007.safetensors"
+    assert intermediate_path(tmp_path / "model", epoch=2) == tmp_path / "model-epoch0002"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_cached_text_outputs_equal_direct_encoding(tmp_path, family):
+    from sdcore.models.text import encode_prompts
+
+    data = make_tiny_dataset(tmp_path / "long", n=3)
+    (data / "1_tiny" / "img01.txt").write_text(", ".join(f"tag{i}" for i in range(40)), encoding="utf-8")
+    o = contract_options(ConvOutMethod, tmp_path, {"data": str(data), "max_steps": 1}, family=family)
+    bundle = create_tiny_bundle(family)
+    s = TrainSession(ConvOutMethod(o), o, bundle=bundle)
+    s.setup()
+    prompts = [s.text_cache.variants[i][0] for i in range(3)]
+    with torch.no_grad():
+        direct = encode_prompts(bundle, prompts)
+    cached = s.text_cache.batch(prompts)
+    assert cached.hidden_states.shape == direct.hidden_states.shape and direct.hidden_states.shape[1] == 77 * 2
+    assert torch.allclose(cached.hidden_states, direct.hidden_states, atol=1e-5)
+    if family == "sdxl":
+        assert torch.allclose(cached.pooled, direct.pooled, atol=1e-5)
+
+
+def test_a_corrupt_latent_cache_file_is_re_encoded(tmp_path):
+    data = make_tiny_dataset(tmp_path / "corrupt", n=2)
+    o = _opts(tmp_path, data=str(data), max_steps=1, cache_latents_to_disk=True)
+    _run(o)
+    files = sorted((data / "1_tiny").glob("*.sdcore.npz"))
+    files[0].write_bytes(b"PK\x03\x04 not really a zip")
+    bundle = create_tiny_bundle("sd1")
+    calls = _count_vae_encodes(bundle)
+    _run(dataclasses.replace(o, output=str(tmp_path / "again" / "x.safetensors")), bundle)
+    assert calls["n"] == 1
+    import numpy as np
+
+    with np.load(files[0]) as reread:
+        assert reread["latents"].shape == (4, 8, 8)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_planted_pickle_in_a_state_is_refused_and_nothing_runs(tmp_path):
+    import pickle
+
+    from sdcore.errors import UnsafeFileError
+
+    o = _opts(tmp_path, max_steps=1)
+    _run(o)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os_system_proxy, (f"touch {marker}",))
+
+    import os
+
+    os_system_proxy = os.system
+    state = tmp_path / "run" / "result-state" / "step-00000001"
+    with open(state / "optimizer.pt", "wb") as handle:
+        pickle.dump(Evil(), handle)
+    with pytest.raises(UnsafeFileError, match=r"optimizer\.pt"):
+        _run(dataclasses.replace(o, resume="latest", max_steps=2))
+    assert not marker.exists()
+
+
+def test_uncached_images_are_prefetched_in_background_threads(tmp_path, monkeypatch):
+    import threading
+
+    import sdcore.train.data as runtime_data
+
+    threads = []
+    original = runtime_data.load_pixels
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runtime_data, "load_pixels", recording)
+    cached, _ = _run(_opts(tmp_path, "a", max_steps=4, batch_size=1))
+    fresh, _ = _run(_opts(tmp_path, "b", max_steps=4, batch_size=1, cache_latents=False))
+    assert any(name.startswith("sdcore-prefetch") for name in threads)
+    sa, sb = cached.trainable_state_dict(), fresh.trainable_state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_run_method_contract_helper_and_a_method_that_does_not_learn(tmp_path):
+    from sdcore.testing.contract import run_method_contract
+
+    run_method_contract(ConvOutMethod, {"train_text_norm": True}, tmp_path=tmp_path / "ok")
+
+    class Lazy(ConvOutMethod):
+        def prepare(self, bundle):
+            groups = super().prepare(bundle)
+            for g in groups:
+                g["lr"] = 1e-12
+            return groups
+
+    with pytest.raises(AssertionError, match="did not learn"):
+        check_learning(Lazy, tmp_path / "lazy", steps=5)

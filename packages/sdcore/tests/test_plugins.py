@@ -6,7 +6,6 @@ import json
 
 import click
 import pytest
-
 import sdcore
 from sdcore import MethodSpec, TaggerSpec
 from sdcore.errors import PluginError
@@ -88,7 +87,7 @@ def test_strict_mode_turns_load_failures_into_errors(fake_distribution, monkeypa
     fake_distribution("sdplugin-broken", {"broken": "fake_broken2.plugin"}, modules={"fake_broken2.plugin": "import no_such_module_xyz\n"})
     _no_real_plugins(monkeypatch, "broken")
     monkeypatch.setenv("SDCORE_STRICT_PLUGINS", "1")
-    with pytest.raises(PluginError, match="broken.*sdplugin-broken.*no_such_module_xyz"):
+    with pytest.raises(PluginError, match=r"broken.*sdplugin-broken.*no_such_module_xyz"):
         get_plugin_manager()
 
 
@@ -164,7 +163,7 @@ def test_plugin_raising_in_registration_is_named(sd_pm_factory):
             raise ValueError("bad registration")
 
     pm = sd_pm_factory([Bad()])
-    with pytest.raises(PluginError, match="Bad.*sdcore_register_taggers.*bad registration"):
+    with pytest.raises(PluginError, match=r"Bad.*sdcore_register_taggers.*bad registration"):
         pm.taggers()
 
 

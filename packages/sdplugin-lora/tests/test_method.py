@@ -17,14 +17,6 @@ class TestLoraContract(MethodContractTests):
     options = {"rank": 4, "alpha": 4.0}
     family = "sd1"
 
-    def test_contract_resume(self, tmp_path):
-        try:
-            super().test_contract_resume(tmp_path)
-        except AttributeError as exc:  # sdcore.testing.contract.plugin_manager_with marks bound methods
-            if "sdcore_impl" not in str(exc):
-                raise
-            pytest.xfail("contract bug: plugin_manager_with cannot mark a bound method as hookimpl")
-
 
 def test_locon_with_text_encoder_learns_and_saves(tmp_path):
     overrides = {"rank": 4, "conv_rank": 2, "train_text_encoder": True, "te_lr": 5e-3}

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from sdcore.errors import ConfigError
 from sdcore.train.method import SaveInfo, TrainingMethod
 
@@ -26,6 +25,8 @@ class DreamBoothMethod(TrainingMethod):
     name = "dreambooth"
     options_class = DreamBoothOptions
     output_suffix = ".safetensors"
+    #: frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
+    cast_frozen_weights = False
     options: DreamBoothOptions
 
     def __init__(self, options: DreamBoothOptions) -> None:
@@ -103,6 +104,12 @@ class DreamBoothMethod(TrainingMethod):
         if self.ema is not None:
             self.ema.update()
 
+    def resolve_output(self, path: Path) -> Path:
+        """``--output x.safetensors`` is a single file; a folder (or ``--save-format diffusers``) a diffusers model."""
+        if self.options.save_format == "diffusers" or (not path.suffix and self.options.save_format is None):
+            return path
+        return super().resolve_output(path)
+
     # --- state -------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
@@ -111,6 +118,7 @@ class DreamBoothMethod(TrainingMethod):
                 state[f"{prefix}.{key}"] = value.detach().clone()
         if self.ema is not None:
             state.update(self.ema.state_dict())
+        state["dreambooth.text_encoder_training"] = torch.tensor(int(self._text_encoder_training))
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -119,10 +127,9 @@ class DreamBoothMethod(TrainingMethod):
             module.load_state_dict(own)
         if self.ema is not None:
             self.ema.load_state_dict(state)
-        stop = self.options.stop_text_encoder_at
-        step = int(state["__step__"]) if "__step__" in state else None
-        if stop is not None and step is not None and step >= stop:
-            self.on_step_end(self._bundle, step)
+        if self._text_encoder_training and not int(state.get("dreambooth.text_encoder_training", 1)):
+            # the interrupted run had already passed --stop-text-encoder-at
+            self.on_step_end(self._bundle, self.options.stop_text_encoder_at or 0)
 
     def save(self, bundle: Any, info: SaveInfo) -> Path:
         o = self.options

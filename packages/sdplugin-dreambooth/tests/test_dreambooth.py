@@ -1,0 +1,156 @@
+"""DreamBooth on tiny models: learning, prior preservation, checkpoints UIs load, TE stop, class images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sdcore.errors import ConfigError
+from sdcore.models.tiny import create_tiny_bundle
+from sdcore.testing.contract import MethodContractTests
+from sdcore.testing.datasets import make_tiny_dataset
+from sdcore.train.loop import train
+from sdplugin_dreambooth.class_images import ensure_class_images, existing_class_images
+from sdplugin_dreambooth.method import DreamBoothMethod
+from sdplugin_dreambooth.options import DreamBoothOptions
+
+
+class TestDreamBoothContract(MethodContractTests):
+    method_class = DreamBoothMethod
+    options = {"lr": 2e-4, "save_dtype": "fp32"}
+    family = "sd1"
+
+
+def _options(tmp_path: Path, **overrides) -> DreamBoothOptions:
+    base = dict(
+        model="tiny:sd1", data=str(make_tiny_dataset(tmp_path / "data", n=2, repeats=1)),
+        output=str(tmp_path / "out" / "db.safetensors"), resolution=64, min_bucket_reso=64, batch_size=1,
+        lr=1e-4, seed=0, progress=False, save_dtype="fp32",
+    )
+    base.update(overrides)
+    return DreamBoothOptions(**base)
+
+
+def _unet_out(bundle, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return bundle.unet(latents, torch.tensor([300, 700]), context).sample
+
+
+def test_single_file_loads_in_diffusers_and_ours_identically(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from sdcore.models.load import load_model
+
+    options = _options(tmp_path, max_steps=3)
+    bundle = create_tiny_bundle("sd1")
+    result = train(DreamBoothMethod(options), options, bundle=bundle)
+    assert result.output.suffix == ".safetensors" and result.output.is_file()
+    trained = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+
+    ours = load_model(str(result.output))
+    assert ours.family == "sd1" and ours.prediction_type == "epsilon"
+    for key, value in ours.unet.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+    config_dir = tmp_path / "config"
+    create_tiny_bundle("sd1").save(config_dir, format="diffusers")
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(result.output), config=str(config_dir), local_files_only=True, safety_checker=None
+    )
+    theirs = pipe.unet.state_dict()
+    for key, value in trained.items():
+        assert torch.equal(theirs[key], value), key
+
+
+def test_v_prediction_family_is_kept(tmp_path):
+    from sdcore.models.load import load_model
+
+    options = _options(tmp_path, model="tiny:sd2", max_steps=2)
+    result = train(DreamBoothMethod(options), options, bundle=create_tiny_bundle("sd2"))
+    loaded = load_model(str(result.output))
+    assert loaded.family == "sd2" and loaded.prediction_type == "v_prediction"
+
+
+def test_diffusers_folder_output(tmp_path):
+    from sdcore.models.load import load_model
+
+    options = _options(tmp_path, output=str(tmp_path / "out" / "db-folder"), max_steps=2)
+    result = train(DreamBoothMethod(options), options, bundle=create_tiny_bundle("sd1"))
+    assert (result.output / "model_index.json").is_file()
+    assert load_model(str(result.output)).family == "sd1"
+
+
+def test_text_encoder_stops_at_the_given_step(tmp_path):
+    import sdcore
+
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+    bundle = create_tiny_bundle("sd1")
+
+    class Watch:
+        @sdcore.hookimpl
+        def sdcore_on_train_step(self, step):
+            snapshots[step] = {k: v.detach().clone() for k, v in bundle.text_encoders[0].state_dict().items()}
+
+    from sdcore.plugins import get_plugin_manager
+
+    options = _options(tmp_path, max_steps=6, train_text_encoder=True, stop_text_encoder_at=3, te_lr=1e-3)
+    train(DreamBoothMethod(options), options, bundle=bundle, plugin_manager=get_plugin_manager(
+        builtins=False, entrypoints=False, extra=[Watch()]))
+    initial = create_tiny_bundle("sd1").text_encoders[0].state_dict()
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert changed(snapshots[1], initial) and changed(snapshots[3], snapshots[2])
+    assert not changed(snapshots[6], snapshots[3]), "the text encoder kept training after step 3"
+
+
+def test_prior_preservation_keeps_class_outputs_closer_to_the_base(tmp_path):
+    base = create_tiny_bundle("sd1")
+    class_dir = tmp_path / "class"
+    ensure_class_images(base, class_dir, "a pattern", 4, steps=4, progress=False)
+    reference = _unet_out(base)
+
+    def drift(with_prior: bool) -> float:
+        bundle = create_tiny_bundle("sd1")
+        extra = {"class_data": str(class_dir), "class_prompt": "a pattern", "num_class_images": 4,
+                 "prior_loss_weight": 1.0} if with_prior else {}
+        options = _options(tmp_path / ("p" if with_prior else "n"), max_steps=30, lr=2e-4, **extra)
+        train(DreamBoothMethod(options), options, bundle=bundle)
+        return float((_unet_out(bundle) - reference).pow(2).mean())
+
+    without, with_prior = drift(False), drift(True)
+    assert with_prior < without, (with_prior, without)
+
+
+def test_class_images_resume_without_redoing(tmp_path, monkeypatch):
+    import sdcore.generate.pipeline as pipeline
+
+    bundle = create_tiny_bundle("sd1")
+    folder = tmp_path / "class"
+    calls: list[int] = []
+    real = pipeline.generate_images
+
+    def counting(*args, seed=0, **kwargs):
+        calls.append(seed)
+        return real(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate_images", counting)
+    first = ensure_class_images(bundle, folder, "a dog", 2, steps=2, progress=False)
+    assert len(first) == 2 and calls == [0, 1]
+    stamps = {p.name: p.stat().st_mtime_ns for p in first}
+    (folder / "class_00001.png").unlink()  # as if the run died before the second image
+    calls.clear()
+    again = ensure_class_images(bundle, folder, "a dog", 3, steps=2, progress=False)
+    assert calls == [1, 2], "only the missing images are generated, each with its own seed"
+    assert len(again) == 3 and (folder / "class_00000.png").stat().st_mtime_ns == stamps["class_00000.png"]
+    assert all(p.with_suffix(".txt").read_text() == "a dog" for p in again)
+    # images made for another prompt are not counted as this prompt's
+    assert existing_class_images(folder, "a cat") == []
+
+
+def test_contradictory_options_fail_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="stop-text-encoder-at"):
+        DreamBoothMethod(_options(tmp_path, stop_text_encoder_at=3)).validate()
+    with pytest.raises(ConfigError, match="class-data"):
+        DreamBoothMethod(_options(tmp_path, class_prompt="a dog")).validate()

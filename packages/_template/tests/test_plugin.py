@@ -1,5 +1,4 @@
 import sdplugin_NAME.plugin
-
 from sdcore.plugins import get_plugin_manager
 
 

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from wdmodels import make_wd_model
+from wdmodels import make_wd_model, save_image
 
 
 @pytest.fixture
@@ -20,14 +20,6 @@ def wd_v3(tmp_path: Path) -> Path:
 @pytest.fixture
 def wd_v2(tmp_path: Path) -> Path:
     return make_wd_model(tmp_path / "wd-v2", v2=True)
-
-
-def save_image(path: Path, color=(0, 0, 0), size=(16, 16), mode="RGB") -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, color).save(path)
-    return path
 
 
 @pytest.fixture

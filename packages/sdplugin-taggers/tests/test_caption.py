@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_image
 from sdcore.errors import ConfigError
 from sdcore.models.tokenizer import write_tokenizer_files
 from sdplugin_taggers.caption import CaptionTagger, builtin_list, trending_phrases
+from wdmodels import save_image
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "cat", "dog", "sitting", "on", "the", "red",
          "blue", "photo", "of", "an", "image", "painting", "field"]  # fmt: skip

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import save_image
 from sdplugin_taggers.commands import wd14_command
+from wdmodels import save_image
 
 
 def run(*args: str):

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_image
 from sdcore.errors import ModelFormatError, UnsafeFileError
 from sdplugin_taggers.deepdanbooru import DeepDanbooruTagger, build_model, conv_layout, load_deepdanbooru
 from sdplugin_taggers.images import fit_edge_pad
+from wdmodels import save_image
 
 TAGS = ["1girl", "long_hair", "smile", "hatsune_miku", "rating:general", "rating:explicit"]
 

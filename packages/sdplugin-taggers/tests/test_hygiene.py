@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import save_image
 from onnx import TensorProto, helper, numpy_helper
 from sdplugin_taggers.hygiene import WatermarkScorer
 from sdplugin_taggers.hygiene_commands import tag_tools_group
+from wdmodels import save_image
 
 
 def classifier(path: Path, *, size: int = 16) -> Path:

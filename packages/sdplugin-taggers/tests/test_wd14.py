@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_image
 from PIL import Image
 from sdcore.errors import ConfigError, ModelFormatError
 from sdplugin_taggers.images import wd_preprocess
 from sdplugin_taggers.onnx_session import parse_providers, resolve_providers
 from sdplugin_taggers.tags import TagFormat
 from sdplugin_taggers.wd14 import WD14Tagger
-from wdmodels import TAGS, make_wd_model
+from wdmodels import TAGS, make_wd_model, save_image
 
 EXPECTED = ["hatsune miku (vocaloid)", "1girl", "long hair", "^_^", 'don\'t say "lazy"']
 

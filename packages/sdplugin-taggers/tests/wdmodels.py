@@ -92,3 +92,11 @@ def make_wd_model(
     onnx.save(model, str(folder / "model.onnx"))
     write_tags_csv(folder / "selected_tags.csv", csv_rows if csv_rows is not None else tags)
     return folder
+
+
+def save_image(path: Path, color=(0, 0, 0), size=(16, 16), mode="RGB") -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path

@@ -9,13 +9,12 @@ normalise to unit length, because only the direction matters to the cosine objec
 from __future__ import annotations
 
 import hashlib
-import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from sdcore.errors import DataError, ModelFormatError, UnsafeFileError
+from sdcore.errors import DataError, ModelFormatError
 from sdcore.io import atomic_save
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tif", ".tiff", ".webp", ".bmp")
@@ -160,15 +159,10 @@ def save_aesthetic_embedding(embedding: torch.Tensor, path: str | Path) -> Path:
 
 def load_aesthetic_embedding(path: str | Path) -> torch.Tensor:
     """Read an aesthetic embedding file as a unit-length float32 ``[D]`` tensor on the CPU."""
+    from sdcore.models.safe_pickle import load_pickle
+
     path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(f"{path}: refused to load, the pickle asks for more than tensors") from exc
-    except FileNotFoundError as exc:
-        raise ModelFormatError(f"{path}: no such file") from exc
-    except Exception as exc:
-        raise ModelFormatError(f"{path}: not a readable torch .pt file ({type(exc).__name__}: {exc})") from exc
+    data = load_pickle(path, mmap=False)
     if isinstance(data, dict) and len(data) == 1:
         data = next(iter(data.values()))
     if not isinstance(data, torch.Tensor) or not data.is_floating_point():

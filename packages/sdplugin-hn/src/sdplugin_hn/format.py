@@ -9,13 +9,12 @@ to run code is refused before anything runs.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from sdcore.errors import ConfigError, ModelFormatError, UnsafeFileError
+from sdcore.errors import ConfigError, ModelFormatError
 from sdcore.io import atomic_save
 
 from .modules import Hypernetwork, canonical_weight_init
@@ -32,16 +31,10 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def read_pickle_dict(path: str | Path) -> dict[Any, Any]:
     """``torch.load`` a file safely (weights only, on the CPU) and insist on a dict."""
+    from sdcore.models.safe_pickle import load_pickle
+
     path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeFileError(f"{path}: refused to load, the pickle asks for more than tensors ({first})") from exc
-    except FileNotFoundError as exc:
-        raise ModelFormatError(f"{path}: no such file") from exc
-    except Exception as exc:  # truncated zip, not a torch file, ...
-        raise ModelFormatError(f"{path}: not a readable torch .pt file ({type(exc).__name__}: {exc})") from exc
+    data = load_pickle(path, mmap=False)
     if not isinstance(data, Mapping):
         raise ModelFormatError(f"{path}: expected a dict in the hypernetwork file, found {type(data).__name__}")
     return dict(data)

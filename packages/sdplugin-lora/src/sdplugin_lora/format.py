@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sdcore.errors import ModelFormatError, NetworkMismatchError, UnsafeFileError
+from sdcore.errors import ModelFormatError, NetworkMismatchError
 
 from .naming import ModuleIndex, Target
 
@@ -264,14 +263,9 @@ def read_lora(path: str | Path) -> LoraFile:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
     else:
-        try:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UnsafeFileError(
-                f"{path}: refused to unpickle (not plain tensors): {str(exc).splitlines()[0]}"
-            ) from exc
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise ModelFormatError(f"{path}: unreadable LoRA file ({exc})") from exc
+        from sdcore.models.safe_pickle import load_pickle
+
+        loaded = load_pickle(path, mmap=False)
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded = loaded["state_dict"]
         if not isinstance(loaded, dict):

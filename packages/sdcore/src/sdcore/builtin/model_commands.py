@@ -1,1 +1,125 @@
-"""Placeholder until this built-in lands."""
+"""``sdcore model ...``: inspect, convert and create models. Imports click only; torch inside commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..hookspecs import hookimpl
+
+_FAMILIES = ["sd1", "sd2", "sdxl"]
+
+
+@click.group("model")
+def model_group() -> None:
+    """Inspect, convert and create Stable Diffusion models (diffusers folders, single files)."""
+
+
+def _param_count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _dtypes(module: Any) -> str:
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()}))
+
+
+@model_group.command("info")
+@click.argument("path")
+@click.option(
+    "--prediction-type",
+    type=click.Choice(["epsilon", "v_prediction"]),
+    default=None,
+    help="Override the detected prediction type.",
+)
+@click.option(
+    "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
+)
+@click.option("--no-hash", is_flag=True, help="Skip hashing (hashing a large file takes a while).")
+def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool) -> None:
+    """Show family, prediction type, components, metadata and hashes of PATH."""
+    from ..models.hashes import all_hashes
+    from ..models.load import load_model
+
+    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto")
+    click.echo(f"model:           {path}")
+    click.echo(f"format:          {bundle.source_format}")
+    click.echo(f"family:          {bundle.family_label}")
+    click.echo(f"prediction type: {bundle.prediction_type}")
+    click.echo("components:")
+    for name, module in bundle.components().items():
+        click.echo(f"  {name:<15} {type(module).__name__:<28} {_dtypes(module):<9} {_param_count(module):>13,} params")
+    if bundle.metadata:
+        click.echo("metadata:")
+        for key in sorted(bundle.metadata):
+            value = bundle.metadata[key]
+            if key == "sdcore.config" or len(value) > 100:
+                value = value[:97] + "..."
+            click.echo(f"  {key}: {value}")
+    source = Path(path)
+    if not no_hash and source.is_file():
+        click.echo("hashes:")
+        hashes = all_hashes(source)
+        click.echo(f"  legacy (A1111 old, AutoV1): {hashes['legacy']}")
+        click.echo(f"  sha256:                     {hashes['sha256']}")
+        click.echo(f"  short (AutoV2):             {hashes['short']}")
+        if "autov3" in hashes:
+            click.echo(f"  AutoV3 (tensor data):       {hashes['autov3']}")
+
+
+@model_group.command("convert")
+@click.argument("src")
+@click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["single-file", "diffusers"]),
+    default=None,
+    help="Output format (default: single-file when DST ends in .safetensors, else diffusers).",
+)
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
+@click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")
+@click.option("--ema", is_flag=True, help="Use the EMA UNet weights of a training checkpoint.")
+@click.option(
+    "--prediction-type",
+    type=click.Choice(["epsilon", "v_prediction"]),
+    default=None,
+    help="Override the detected prediction type (written to the output's metadata).",
+)
+@click.option(
+    "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
+)
+def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune: bool, ema: bool,
+                    prediction_type: str | None, config: str | None) -> None:  # fmt: skip
+    """Convert SRC (folder, single file, tiny:<family>) to DST."""
+    from ..models.load import load_model
+
+    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config)
+    out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
+    click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
+
+
+@model_group.command("create-tiny")
+@click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
+@click.option("--family", type=click.Choice(_FAMILIES), default="sd1", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["diffusers", "single-file"]),
+    default=None,
+    help="Default: single-file when DST ends in .safetensors, else diffusers.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
+    """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
+    from ..models.tiny import create_tiny_bundle
+
+    bundle = create_tiny_bundle(family, seed=seed)
+    out = bundle.save(dst, format=fmt)
+    click.echo(f"wrote {out} (tiny {family})")
+
+
+@hookimpl
+def sdcore_register_commands(cli: click.Group) -> None:
+    cli.add_command(model_group)

@@ -1,0 +1,97 @@
+"""Which Stable Diffusion family a single-file checkpoint is, from its keys, shapes and metadata.
+
+Family comes from the text-encoder keys (they differ per family); inpainting from the UNet's
+input channels (9). v-prediction is not in the weights: the sources, in priority order, are an
+explicit user setting, ``modelspec.prediction_type``, our ``sdcore.config`` entry, the ``v_pred``
+marker key (A1111 >= 1.10, ComfyUI), and finally a default: SD2 files are v-prediction (SD2.x-768
+is the common SD2 release; diffusers assumes the same) unless the ``.ckpt`` says
+``global_step == 875000`` (the SD2-512-base release); everything else is epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFormatError
+from .convert.clip import SD1_PREFIX, SDXL_CLIP_L_PREFIX
+from .convert.openclip import REFINER_BIGG_PREFIX, SD2_PREFIX, SDXL_BIGG_PREFIX
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+CONFIG_METADATA_KEY = "sdcore.config"
+
+TEXT_ENCODER_PREFIXES: dict[str, list[tuple[str, bool]]] = {  # family -> [(prefix, openclip?)]
+    "sd1": [(SD1_PREFIX, False)],
+    "sd2": [(SD2_PREFIX, True)],
+    "sdxl": [(SDXL_CLIP_L_PREFIX, False), (SDXL_BIGG_PREFIX, True)],
+    "sdxl-refiner": [(REFINER_BIGG_PREFIX, True)],
+}
+
+
+@dataclass(frozen=True)
+class Detection:
+    family: str
+    inpainting: bool
+    prediction_type: str
+    prediction_source: str  # "user", "modelspec", "sdcore.config", "v_pred key", "default"
+
+
+def _normalise_prediction(value: str) -> str | None:
+    value = value.strip().lower()
+    if value in ("v", "v_prediction", "v-prediction", "vpred", "v_pred"):
+        return "v_prediction"
+    if value in ("epsilon", "eps", "noise"):
+        return "epsilon"
+    return None
+
+
+def detect_family(keys: Collection[str], path: str | Path = "<checkpoint>") -> str:
+    if UNET_IN not in keys:
+        raise ModelFormatError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_IN})")
+    if SDXL_BIGG_PREFIX + "ln_final.weight" in keys:
+        return "sdxl"
+    if REFINER_BIGG_PREFIX + "ln_final.weight" in keys:
+        return "sdxl-refiner"
+    if SD2_PREFIX + "ln_final.weight" in keys:
+        return "sd2"
+    if SD1_PREFIX + "text_model.final_layer_norm.weight" in keys:
+        return "sd1"
+    raise ModelFormatError(f"{path}: unknown model layout (UNet found, but no SD1/SD2/SDXL text encoder keys)")
+
+
+def detect(
+    keys: Collection[str],
+    shape: Callable[[str], tuple[int, ...]],
+    metadata: Mapping[str, str],
+    *,
+    path: str | Path = "<checkpoint>",
+    markers: Collection[str] = (),
+    extras: Mapping[str, Any] | None = None,
+    prediction_type: str | None = None,
+) -> Detection:
+    """Classify a checkpoint; raises :class:`ModelFormatError` naming ``path`` if it is not one."""
+    family = detect_family(keys, path)
+    inpainting = shape(UNET_IN)[1] == 9
+    if prediction_type is not None:
+        chosen = _normalise_prediction(prediction_type)
+        if chosen is None:
+            raise ModelFormatError(f"{path}: unknown prediction type {prediction_type!r} (use epsilon or v_prediction)")
+        return Detection(family, inpainting, chosen, "user")
+    spec = _normalise_prediction(metadata.get("modelspec.prediction_type", ""))
+    if spec:
+        return Detection(family, inpainting, spec, "modelspec")
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            stored = json.loads(metadata[CONFIG_METADATA_KEY]).get("prediction_type")
+        except (json.JSONDecodeError, AttributeError):
+            stored = None
+        if stored and _normalise_prediction(stored):
+            return Detection(family, inpainting, _normalise_prediction(stored) or "epsilon", "sdcore.config")
+    if "v_pred" in markers:
+        return Detection(family, inpainting, "v_prediction", "v_pred key")
+    if family == "sd2" and not inpainting and (extras or {}).get("global_step") != 875000:
+        return Detection(family, inpainting, "v_prediction", "default")
+    return Detection(family, inpainting, "epsilon", "default")

@@ -1,0 +1,106 @@
+"""The model hashes users meet in A1111, Civitai and kohya metadata, computed by streaming.
+
+- ``legacy_hash``: A1111 "old hash" / Civitai AutoV1 / kohya ``sshs_legacy_hash``: first 8 hex of
+  sha256 over the 0x10000 bytes at offset 0x100000 (what is there; a smaller file hashes less).
+- ``sha256_file`` and ``short_hash`` (first 10 hex, A1111 shorthash / Civitai AutoV2).
+- ``autov3_hash`` / ``addnet_hash``: sha256 of a safetensors file's tensor data, i.e. every byte
+  after the 8-byte length and the JSON header (unchanged by metadata edits; Civitai AutoV3, kohya
+  ``sshs_model_hash``, and, prefixed with ``0x``, modelspec ``hash_sha256``).
+- ``sshs_hashes``: the two kohya values for tensors about to be saved (LoRA writer's helper).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFormatError
+
+CHUNK = 1 << 20
+LEGACY_OFFSET = 0x100000
+LEGACY_LENGTH = 0x10000
+
+
+def _stream(path: Path, start: int = 0, length: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        remaining = length
+        while True:
+            size = CHUNK if remaining is None else min(CHUNK, remaining)
+            if size == 0:
+                break
+            block = handle.read(size)
+            if not block:
+                break
+            digest.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return digest.hexdigest()
+
+
+def legacy_hash(path: str | os.PathLike[str]) -> str:
+    """A1111 old model hash (8 hex)."""
+    return _stream(Path(path), LEGACY_OFFSET, LEGACY_LENGTH)[:8]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of the whole file (64 hex)."""
+    return _stream(Path(path))
+
+
+def short_hash(path: str | os.PathLike[str]) -> str:
+    """A1111 shorthash / Civitai AutoV2 (10 hex)."""
+    return sha256_file(path)[:10]
+
+
+def safetensors_data_offset(path: str | os.PathLike[str]) -> int:
+    file = Path(path)
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+    if len(head) < 8:
+        raise ModelFormatError(f"{file}: not a safetensors file (too short)")
+    (length,) = struct.unpack("<Q", head)
+    if length > file.stat().st_size - 8:
+        raise ModelFormatError(f"{file}: truncated or not safetensors (header length {length})")
+    return 8 + length
+
+
+def autov3_hash(path: str | os.PathLike[str]) -> str:
+    """sha256 (64 hex) of the tensor data of a safetensors file (Civitai AutoV3 shows the first 12)."""
+    return _stream(Path(path), safetensors_data_offset(path))
+
+
+addnet_hash = autov3_hash
+sshs_model_hash = autov3_hash
+sshs_legacy_hash = legacy_hash
+
+
+def sshs_hashes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """kohya's ``(sshs_model_hash, sshs_legacy_hash)`` for tensors about to be saved.
+
+    kohya serialises the tensors with only the ``ss_*`` metadata and hashes those bytes, so the
+    values stay valid after the hashes themselves (and modelspec keys) are added to the header.
+    """
+    from safetensors.torch import save
+
+    kept = {k: str(v) for k, v in (metadata or {}).items() if k.startswith("ss_")}
+    data = save(dict(tensors), metadata=kept or None)
+    (length,) = struct.unpack("<Q", data[:8])
+    model = hashlib.sha256(data[8 + length :]).hexdigest()
+    legacy = hashlib.sha256(data[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]
+    return model, legacy
+
+
+def all_hashes(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Every hash of ``path`` a user may be asked for (AutoV3 only for safetensors)."""
+    file = Path(path)
+    full = sha256_file(file)
+    out = {"legacy": legacy_hash(file), "sha256": full, "short": full[:10]}
+    if file.suffix.lower() in (".safetensors", ".sft"):
+        out["autov3"] = autov3_hash(file)
+    return out

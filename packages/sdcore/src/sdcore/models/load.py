@@ -1,0 +1,475 @@
+"""``load_model``: read any Stable Diffusion model users have into a :class:`ModelBundle`, offline.
+
+Accepted: a diffusers folder (``model_index.json``), a single-file ldm/SGM ``.safetensors`` or
+pickle (``.ckpt``/``.pt``, read with ``weights_only=True``), ``tiny:sd1|sd2|sdxl``, or a Hub id that
+is already in the local Hugging Face cache (never downloaded). Single files are turned into modules
+without the network: the family's diffusers configs ship in ``models/configs/`` and our own writer
+stores the exact configs in the ``sdcore.config`` metadata entry (that is how tiny or otherwise
+non-standard layouts load exactly); other non-standard files get configs inferred from their tensor
+shapes (:mod:`sdcore.models.infer`), or from ``config=<diffusers folder>``. Modules are built on the meta device and the file's tensors are
+assigned directly, so loading costs one read of the file and no random initialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFormatError, SdcoreError
+from .bundle import FAMILIES, ModelBundle
+from .detect import CONFIG_METADATA_KEY, TEXT_ENCODER_PREFIXES, Detection, detect
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``"fp16"``/``"bf16"``/``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype`` (``None`` stays ``None``)."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise SdcoreError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def bundled_config(family: str, prediction_type: str = "epsilon") -> dict[str, Any]:
+    """The diffusers configs of a standard ``family`` model, shipped with sdcore."""
+    name = family
+    if family == "sd2":
+        name = "sd2-768-v" if prediction_type == "v_prediction" else "sd2-512"
+    text = resources.files("sdcore.models").joinpath(f"configs/{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def configs_from_diffusers_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Component configs (no weights) of a diffusers folder, in the ``sdcore.config`` shape."""
+    root = Path(folder)
+    index = _read_json(root / "model_index.json")
+    out: dict[str, Any] = {"text_encoders": []}
+    for name in ("unet", "vae"):
+        out[name] = _read_json(root / name / "config.json")
+    for name in ("text_encoder", "text_encoder_2"):
+        entry = index.get(name)
+        if entry and entry[0] is not None:
+            te = _read_json(root / name / "config.json")
+            te["_class_name"] = entry[1]
+            out["text_encoders"].append(te)
+    scheduler = root / "scheduler" / "scheduler_config.json"
+    out["scheduler"] = _read_json(scheduler) if scheduler.exists() else {}
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+
+
+def _clean(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+def _no_init_contexts() -> list[Any]:
+    contexts: list[Any] = []
+    try:
+        from diffusers.models.modeling_utils import no_init_weights as diffusers_no_init
+
+        contexts.append(diffusers_no_init())
+    except ImportError:  # pragma: no cover - older diffusers
+        pass
+    try:
+        from transformers.initialization import no_init_weights as transformers_no_init
+
+        contexts.append(transformers_no_init())
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+    return contexts
+
+
+def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+    """UNet, VAE and text encoders with parameters on the meta device (buffers real)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(init_empty_weights(include_buffers=False))
+        for skip in _no_init_contexts():  # random init of meta tensors is wasted work (~0.2 s)
+            stack.enter_context(skip)
+        unet = UNet2DConditionModel.from_config(_clean(configs["unet"]))
+        vae = AutoencoderKL.from_config(_clean(configs["vae"]))
+        encoders = []
+        for te in configs["text_encoders"]:
+            cls_name = te.get("_class_name") or (te.get("architectures") or ["CLIPTextModel"])[0]
+            if cls_name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+                raise ModelFormatError(f"unsupported text encoder class {cls_name!r}")
+            fields = {k: v for k, v in te.items() if k not in ("_class_name", "architectures", "model_type")}
+            encoders.append(getattr(transformers, cls_name)(transformers.CLIPTextConfig(**fields)))
+    return unet, vae, encoders
+
+
+def _assign(module: Any, tensors: dict[str, Any], name: str, path: Path, dtype: Any) -> None:
+    """Put the file's tensors into the meta-initialised ``module`` as its parameters (no copy).
+
+    Equivalent to ``load_state_dict(strict=True, assign=True)`` but without its per-module
+    bookkeeping, which costs more than reading a memory-mapped file.
+    """
+    import torch
+
+    expected: dict[str, Any] = {}
+    needed: set[str] = set()
+    for owner_name, owner in module.named_modules():
+        dot = owner_name + "." if owner_name else ""
+        for attr, value in owner._parameters.items():
+            if value is not None:
+                expected[dot + attr] = value
+                needed.add(dot + attr)
+        for attr, value in owner._buffers.items():
+            if value is not None:
+                expected[dot + attr] = value
+                if attr not in owner._non_persistent_buffers_set:
+                    needed.add(dot + attr)
+    missing = sorted(needed - set(tensors))
+    if missing:
+        raise ModelFormatError(f"{path}: {name} weights missing from the file: {', '.join(missing[:3])}")
+    for key, value in tensors.items():
+        if key not in expected:
+            raise ModelFormatError(f"{path}: {name} has no tensor {key!r} (layout mismatch)")
+        want = expected[key].shape
+        if tuple(value.shape) != tuple(want):
+            if value.numel() == expected[key].numel():  # 1x1 conv <-> linear, e.g. VAE attention
+                value = value.reshape(want)
+            else:
+                raise ModelFormatError(
+                    f"{path}: {name} tensor {key!r} has shape {tuple(value.shape)}, the model config expects "
+                    f"{tuple(want)} (non-standard layout: pass config=<diffusers folder>)"
+                )
+        if dtype is not None and value.dtype != dtype and value.is_floating_point():
+            value = value.to(dtype)
+        owner_path, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if attr in owner._parameters:
+            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=owner._parameters[attr].requires_grad)
+        else:
+            owner._buffers[attr] = value
+    left = sorted(k for k, v in expected.items() if v.is_meta and k not in tensors)
+    if left:
+        raise ModelFormatError(f"{path}: {name} weights missing from the file: {', '.join(left[:3])}")
+    module.eval()
+
+
+def _modules_from_source(source: Any, family: str, configs: dict[str, Any], dtype: Any) -> tuple[Any, Any, list[Any]]:
+    from .convert.checkpoint import text_encoder_tensors, unet_tensors, vae_tensors
+
+    path = source.path
+    unet, vae, encoders = build_empty_modules(configs)
+    slots = TEXT_ENCODER_PREFIXES[family]
+    if len(encoders) != len(slots):
+        raise ModelFormatError(f"{path}: {family} needs {len(slots)} text encoder config(s), got {len(encoders)}")
+
+    def get(key: str) -> Any:
+        if key not in source:
+            raise ModelFormatError(
+                f"{path}: missing tensor {key!r} (file incomplete, or a non-standard {family} layout: "
+                "pass config=<diffusers folder>)"
+            )
+        return source.get(key)
+
+    _assign(unet, unet_tensors(unet, get), "UNet", path, dtype)
+    _assign(vae, vae_tensors(vae, get), "VAE", path, dtype)
+    for module, (prefix, openclip) in zip(encoders, slots, strict=True):
+        _assign(module, text_encoder_tensors(module, prefix, openclip, get), "text encoder", path, dtype)
+    return unet, vae, encoders
+
+
+def _tokenizers(family: str, tokenizer: Any, folder: Path | None) -> list[Any]:
+    from .tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer, load_clip_tokenizer
+
+    slots = TEXT_ENCODER_PREFIXES[family]
+    names = ["tokenizer_2"] if family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
+    user = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer] * len(slots)
+    out = []
+    for index, (_prefix, openclip) in enumerate(slots):
+        pad = OPENCLIP_PAD_TOKEN if openclip else EOS_TOKEN
+        given = user[index] if index < len(user) else None
+        if given is not None and not isinstance(given, (str, os.PathLike)):
+            out.append(given)  # an already-built tokenizer object
+        elif given is not None:
+            out.append(load_clip_tokenizer(given))
+        elif folder is not None and (folder / names[index]).is_dir():
+            out.append(load_clip_tokenizer(folder / names[index]))
+        else:
+            out.append(bundled_clip_tokenizer(pad_token=pad))
+    return out
+
+
+def _noise_scheduler(scheduler_config: dict[str, Any], prediction_type: str) -> Any:
+    from diffusers import DDPMScheduler
+
+    from .tiny import noise_scheduler_config
+
+    base = noise_scheduler_config(prediction_type)
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset", "timestep_spacing",
+                "rescale_betas_zero_snr", "trained_betas"):  # fmt: skip
+        if key in scheduler_config:
+            base[key] = scheduler_config[key]
+    base["prediction_type"] = prediction_type
+    return DDPMScheduler(**base)
+
+
+def _finish(bundle: ModelBundle, device: Any) -> ModelBundle:
+    if device is not None:
+        bundle.to(device=device)
+    return bundle
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+def read_single_file(
+    path: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    dtype: Any = None,
+    device: Any = None,
+    tokenizer: Any = None,
+    config: Any = None,
+    use_ema: bool = False,
+) -> ModelBundle:
+    """Read a single-file ldm/SGM checkpoint (``.safetensors``, ``.ckpt``, ``.pt``)."""
+    import torch
+
+    from .source import CheckpointSource
+
+    file = Path(path)
+    source = CheckpointSource(file, use_ema=use_ema)
+    try:
+        found: Detection = detect(
+            source.keys, source.shape, source.metadata, path=file, markers=source.markers,
+            extras=source.extras, prediction_type=prediction_type,
+        )  # fmt: skip
+        if family is not None and family != found.family:
+            raise ModelFormatError(f"{file}: is a {found.family} checkpoint, not {family}")
+        stored: dict[str, Any] | None = None
+        if CONFIG_METADATA_KEY in source.metadata:
+            try:
+                stored = json.loads(source.metadata[CONFIG_METADATA_KEY])
+            except json.JSONDecodeError:
+                raise ModelFormatError(f"{file}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON") from None
+        if config is not None:
+            configs = copy.deepcopy(config) if isinstance(config, dict) else configs_from_diffusers_folder(config)
+        elif stored is not None:
+            configs = stored
+        else:
+            from .infer import infer_configs, same_structure
+
+            configs = bundled_config(found.family, found.prediction_type)
+            if found.inpainting:
+                configs["unet"]["in_channels"] = 9
+            inferred = infer_configs(source.keys, source.shape, found.family)
+            if not same_structure(configs, inferred):  # a distilled/pruned variant: sizes from the file
+                inferred["scheduler"] = configs["scheduler"]
+                configs = inferred
+        target = None if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
+        unet, vae, encoders = _modules_from_source(source, found.family, configs, target)
+        folder = Path(config) if isinstance(config, (str, os.PathLike)) else None
+        bundle = ModelBundle(
+            family=found.family,
+            prediction_type=found.prediction_type,
+            unet=unet,
+            vae=vae,
+            text_encoders=encoders,
+            tokenizers=_tokenizers(found.family, tokenizer, folder),
+            noise_scheduler=_noise_scheduler(
+                {
+                    **(configs.get("scheduler") or {}),
+                    **({"rescale_betas_zero_snr": True} if "ztsnr" in source.markers else {}),
+                },
+                found.prediction_type,
+            ),
+            source=str(file),
+            source_format="single-file",
+            metadata=dict(source.metadata),
+            inpainting=found.inpainting,
+        )
+    finally:
+        source.close()
+    return _finish(bundle, device)
+
+
+def _folder_family(folder: Path, index: dict[str, Any], configs: dict[str, Any]) -> str:
+    cls = index.get("_class_name", "")
+    if "XL" in cls:
+        te = index.get("text_encoder")
+        return "sdxl" if te and te[0] is not None else "sdxl-refiner"
+    if not configs["text_encoders"]:
+        raise ModelFormatError(f"{folder}: diffusers folder without a text encoder")
+    act = configs["text_encoders"][0].get("hidden_act", "quick_gelu")
+    return "sd1" if act == "quick_gelu" else "sd2"
+
+
+def read_diffusers(
+    path: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    dtype: Any = None,
+    device: Any = None,
+    tokenizer: Any = None,
+    config: Any = None,
+    use_ema: bool = False,
+) -> ModelBundle:
+    """Read a diffusers folder with the components' ``from_pretrained`` (local files only)."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(path)
+    index = _read_json(folder / "model_index.json")
+    configs = configs_from_diffusers_folder(folder)
+    found = _folder_family(folder, index, configs)
+    if family is not None and family != found:
+        raise ModelFormatError(f"{folder}: is a {found} model, not {family}")
+    target = torch.float32 if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
+    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": target}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        encoders = []
+        names = ["text_encoder_2"] if found == "sdxl-refiner" else ["text_encoder", "text_encoder_2"]
+        for name in names[: len(TEXT_ENCODER_PREFIXES[found])]:
+            cls = getattr(transformers, index[name][1])
+            encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFormatError(f"{folder}: cannot read diffusers folder ({first})") from None
+    for module in [unet, vae, *encoders]:
+        module.eval()
+    sched = configs.get("scheduler") or {}
+    prediction = prediction_type or sched.get("prediction_type") or "epsilon"
+    prediction = "v_prediction" if prediction in ("v", "v_prediction") else "epsilon"
+    bundle = ModelBundle(
+        family=found,
+        prediction_type=prediction,
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=_tokenizers(found, tokenizer, folder),
+        noise_scheduler=_noise_scheduler(sched, prediction),
+        source=str(folder),
+        source_format="diffusers",
+        inpainting=unet.config.in_channels == 9,
+    )
+    return _finish(bundle, device)
+
+
+def read_tiny(
+    spec: str, *, prediction_type: str | None = None, dtype: Any = None, device: Any = None, **_: Any
+) -> ModelBundle:
+    from .tiny import create_tiny_bundle
+
+    family = spec.split(":", 1)[1] if ":" in spec else spec
+    try:
+        bundle = create_tiny_bundle(family, prediction_type=prediction_type)
+    except ValueError as exc:
+        raise SdcoreError(f"{spec}: {exc}") from None
+    if dtype is not None:
+        bundle.to(dtype=resolve_dtype(dtype))
+    return _finish(bundle, device)
+
+
+def read_hub(repo_id: str, **options: Any) -> ModelBundle:
+    """A Hub id already in the local cache (``snapshot_download(local_files_only=True)``)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        raise SdcoreError(f"{repo_id}: not a file or folder, and huggingface_hub is not installed") from None
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise SdcoreError(
+            f"{repo_id}: not a local file or folder, and not in the Hugging Face cache (sdcore never downloads; "
+            f"fetch it with `huggingface-cli download {repo_id}` first)"
+        ) from None
+    bundle = read_diffusers(folder, **options)
+    bundle.source, bundle.source_format = repo_id, "hub"
+    return bundle
+
+
+# ----------------------------------------------------------------------------------------------- sniffers
+
+
+def sniff_tiny(path: str) -> bool:
+    return str(path).startswith("tiny:")
+
+
+def sniff_diffusers(path: str) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def sniff_single_file(path: str) -> bool:
+    return Path(path).is_file()
+
+
+def sniff_hub(path: str) -> bool:
+    text = str(path)
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not Path(text).exists() and not text.startswith((".", "/", "~"))
+
+
+def load_model(
+    path_or_hub_id: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    prediction_type: str | None = None,
+    dtype: Any = None,
+    device: Any = None,
+    tokenizer: Any = None,
+    config: Any = None,
+    use_ema: bool = False,
+) -> ModelBundle:
+    """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>`` or a cached Hub id.
+
+    ``family`` checks the detected family; ``prediction_type`` overrides detection (``epsilon`` or
+    ``v_prediction``); ``dtype`` (``fp32``/``fp16``/``bf16`` or torch dtype, default fp32) and
+    ``device`` apply to every module (``"auto"`` keeps a single file's stored dtypes); ``tokenizer`` is a tokenizer folder (or a list, one per text
+    encoder) that wins over the model's own and the bundled one; ``config`` is a diffusers folder
+    (or a dict in the ``sdcore.config`` shape) giving the layout of a non-standard single file;
+    ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint.
+    """
+    if family is not None and family not in FAMILIES:
+        raise SdcoreError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    text = os.fspath(path_or_hub_id)
+    options = dict(family=family, prediction_type=prediction_type, dtype=dtype, device=device,
+                   tokenizer=tokenizer, config=config, use_ema=use_ema)  # fmt: skip
+    if sniff_tiny(text):
+        return read_tiny(text, **options)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if sniff_diffusers(str(path)):
+            return read_diffusers(path, **options)
+        raise ModelFormatError(f"{path}: folder is not a diffusers model (no model_index.json)")
+    if path.is_file():
+        return read_single_file(path, **options)
+    if sniff_hub(text):
+        return read_hub(text, **options)
+    raise ModelFormatError(f"{path}: no such file or folder")

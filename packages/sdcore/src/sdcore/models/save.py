@@ -1,0 +1,253 @@
+"""Write a :class:`ModelBundle` as a single ldm/SGM ``.safetensors`` file or a diffusers folder.
+
+Single files use the key names A1111, ComfyUI, Forge and diffusers' ``from_single_file`` read
+(``text_model.`` kept, OpenCLIP packing, VAE attention as 1x1 convs), carry Stability's modelspec
+metadata plus the ``v_pred`` marker for v-prediction models, and store the exact diffusers
+configs under ``sdcore.config`` so a non-standard layout (our tiny models) reads back exactly.
+Every write is atomic: a file through :mod:`sdcore.io`, a folder built beside the target and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import SdcoreError
+from ..io import atomic_path
+from .bundle import ModelBundle
+from .detect import CONFIG_METADATA_KEY
+
+SAI_SPEC_VERSION = "1.0.1"
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+LDM_IMPLEMENTATION = "https://github.com/Stability-AI/stablediffusion"
+
+
+def modelspec_architecture(bundle: ModelBundle) -> str:
+    if bundle.family == "sd1":
+        return "stable-diffusion-v1-inpainting" if bundle.inpainting else "stable-diffusion-v1"
+    if bundle.family == "sd2":
+        if bundle.inpainting:
+            return "stable-diffusion-v2-inpainting"
+        return "stable-diffusion-v2-768-v" if bundle.is_v_prediction else "stable-diffusion-v2-512"
+    if bundle.family == "sdxl":
+        return "stable-diffusion-xl-v1-base"
+    return "stable-diffusion-xl-v1-refiner"
+
+
+def _json_config(config: Any) -> dict[str, Any]:
+    if hasattr(config, "to_json_string"):  # transformers config
+        return json.loads(config.to_json_string())
+    return json.loads(json.dumps(dict(config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def sdcore_config(bundle: ModelBundle) -> dict[str, Any]:
+    """Everything needed to rebuild the modules of ``bundle`` (the ``sdcore.config`` metadata entry)."""
+    encoders = []
+    for module in bundle.text_encoders:
+        entry = _json_config(module.config)
+        entry["_class_name"] = type(module).__name__
+        encoders.append(entry)
+    return {
+        "family": bundle.family,
+        "prediction_type": bundle.prediction_type,
+        "inpainting": bundle.inpainting,
+        "unet": _json_config(bundle.unet.config),
+        "vae": _json_config(bundle.vae.config),
+        "text_encoders": encoders,
+        "scheduler": _json_config(bundle.noise_scheduler.config),
+    }
+
+
+def build_metadata(bundle: ModelBundle, path: Path, extra: dict[str, str] | None, dtype_name: str) -> dict[str, str]:
+    size = int(bundle.unet.config.sample_size) * bundle.vae_scale_factor
+    meta = {
+        "modelspec.sai_model_spec": SAI_SPEC_VERSION,
+        "modelspec.architecture": modelspec_architecture(bundle),
+        "modelspec.implementation": SGM_IMPLEMENTATION if bundle.is_sdxl else LDM_IMPLEMENTATION,
+        "modelspec.title": path.stem,
+        "modelspec.resolution": f"{size}x{size}",
+        "modelspec.prediction_type": "v" if bundle.is_v_prediction else "epsilon",
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.unet_dtype": dtype_name,
+        "modelspec.vae_dtype": dtype_name,
+        CONFIG_METADATA_KEY: json.dumps(sdcore_config(bundle), sort_keys=True),
+    }
+    for key, value in (bundle.metadata or {}).items():  # keep what the source said (title, author, ...)
+        if key.startswith("modelspec.") and key not in ("modelspec.date", "modelspec.hash_sha256"):
+            meta.setdefault(key, value)
+            if key in ("modelspec.title", "modelspec.author", "modelspec.description", "modelspec.license"):
+                meta[key] = value
+    for key, value in (extra or {}).items():
+        meta[str(key)] = str(value)
+    return meta
+
+
+def _dtype_name(dtype: Any) -> str:
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def write_single_file(
+    bundle: ModelBundle,
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    prune: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``bundle`` as one ldm/SGM ``.safetensors`` file (EMA-free; ``prune`` has nothing more to drop)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .convert.checkpoint import modules_to_ldm
+    from .load import resolve_dtype
+
+    target = Path(path)
+    if target.suffix.lower() not in (".safetensors", ".sft"):
+        raise SdcoreError(f"{target}: single files are written as .safetensors (pickle .ckpt is unsafe to share)")
+    want = resolve_dtype(dtype)
+    state = modules_to_ldm(bundle.family, bundle.unet, bundle.vae, bundle.text_encoders)
+    seen: set[int] = set()
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        value = value.detach().to("cpu")
+        if want is not None and value.is_floating_point():
+            value = value.to(want)
+        value = value.contiguous()
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in seen and value.numel():  # safetensors refuses tensors that share memory
+            value = value.clone()
+        seen.add(pointer)
+        out[key] = value
+    if bundle.is_v_prediction:  # markers A1111 >= 1.10 / ComfyUI / Forge read
+        out["v_pred"] = torch.tensor([])
+    if getattr(bundle.noise_scheduler.config, "rescale_betas_zero_snr", False):
+        out["ztsnr"] = torch.tensor([])
+    first = next(iter(bundle.unet.parameters()))
+    meta = build_metadata(bundle, target, metadata, _dtype_name(want or first.dtype))
+    meta["modelspec.hash_sha256"] = _HASH_PLACEHOLDER
+    with atomic_path(target) as tmp:
+        save_file(out, str(tmp), metadata=meta)
+        _fill_data_hash(tmp)
+    return target
+
+
+_HASH_PLACEHOLDER = "0x" + "0" * 64
+
+
+def _fill_data_hash(path: Path) -> None:
+    """Write modelspec ``hash_sha256`` (sha256 of the tensor data) into the header in place.
+
+    The hash covers only the bytes after the header, so a same-length placeholder written with the
+    file can be overwritten afterwards without moving any data.
+    """
+    from .hashes import autov3_hash, safetensors_data_offset
+
+    digest = "0x" + autov3_hash(path)
+    start = safetensors_data_offset(path)
+    with open(path, "r+b") as handle:
+        header = handle.read(start)
+        needle = b'"modelspec.hash_sha256":"' + _HASH_PLACEHOLDER.encode()
+        position = header.find(needle)
+        if position < 0 or header.find(needle, position + 1) >= 0:
+            raise SdcoreError(f"{path}: could not place modelspec.hash_sha256 in the header")
+        handle.seek(position + len(needle) - len(_HASH_PLACEHOLDER))
+        handle.write(digest.encode())
+
+
+def _model_index(bundle: ModelBundle) -> dict[str, Any]:
+    import diffusers
+
+    index: dict[str, Any] = {"_diffusers_version": diffusers.__version__}
+    none = [None, None]
+    unet = ["diffusers", "UNet2DConditionModel"]
+    vae = ["diffusers", "AutoencoderKL"]
+    scheduler = ["diffusers", type(bundle.noise_scheduler).__name__]
+    tok = ["transformers", "CLIPTokenizer"]
+    te = [["transformers", type(m).__name__] for m in bundle.text_encoders]
+    if bundle.family in ("sd1", "sd2"):
+        cls = "StableDiffusionInpaintPipeline" if bundle.inpainting else "StableDiffusionPipeline"
+        index.update(_class_name=cls, unet=unet, vae=vae, scheduler=scheduler, text_encoder=te[0], tokenizer=tok,
+                     safety_checker=none, feature_extractor=none, image_encoder=none, requires_safety_checker=False)  # fmt: skip
+    elif bundle.family == "sdxl":
+        cls = "StableDiffusionXLInpaintPipeline" if bundle.inpainting else "StableDiffusionXLPipeline"
+        index.update(_class_name=cls, unet=unet, vae=vae, scheduler=scheduler, text_encoder=te[0], tokenizer=tok,
+                     text_encoder_2=te[1], tokenizer_2=tok, image_encoder=none, feature_extractor=none,
+                     force_zeros_for_empty_prompt=True)  # fmt: skip
+    else:
+        index.update(_class_name="StableDiffusionXLImg2ImgPipeline", unet=unet, vae=vae, scheduler=scheduler,
+                     text_encoder=none, tokenizer=none, text_encoder_2=te[0], tokenizer_2=tok, image_encoder=none,
+                     feature_extractor=none, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)  # fmt: skip
+    return index
+
+
+def write_diffusers(
+    bundle: ModelBundle,
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    prune: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``bundle`` as a diffusers folder (safetensors weights, configs, scheduler, tokenizers)."""
+    from .load import resolve_dtype
+
+    target = Path(path)
+    want = resolve_dtype(dtype)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        components = bundle.components()
+        for name, module in components.items():
+            first = next(iter(module.parameters()))
+            out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module
+            out.save_pretrained(tmp / name, safe_serialization=True)
+        token_names = ["tokenizer_2"] if bundle.family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
+        for name, tokenizer in zip(token_names, bundle.tokenizers, strict=False):
+            tokenizer.save_pretrained(str(tmp / name))
+        bundle.noise_scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(bundle), indent=2), encoding="utf-8")
+        if metadata:
+            (tmp / "sdcore_metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SdcoreError(f"could not write {target}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_bundle(
+    bundle: ModelBundle,
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    dtype: Any = None,
+    prune: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save ``bundle``; ``format`` is ``single-file`` or ``diffusers`` (default: from the path's suffix)."""
+    target = Path(path)
+    if format is None:
+        format = "single-file" if target.suffix.lower() in (".safetensors", ".sft") else "diffusers"
+    if format == "single-file":
+        return write_single_file(bundle, target, dtype=dtype, prune=prune, metadata=metadata)
+    if format == "diffusers":
+        return write_diffusers(bundle, target, dtype=dtype, prune=prune, metadata=metadata)
+    raise SdcoreError(f"unknown model format {format!r}; use single-file or diffusers")

@@ -1,0 +1,111 @@
+"""Pickle checkpoints: nested ``state_dict``, EMA selection, junk keys, and refusing code in pickles."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sdcore.errors import ModelFormatError, UnsafeFileError
+from sdcore.models.load import load_model
+
+
+def _ckpt(tiny_files, tmp_path, *, ema: bool, nested: int = 1):
+    state = load_file(str(tiny_files["sd1"]))
+    unet_keys = [k for k in state if k.startswith("model.diffusion_model.")]
+    if ema:
+        for key in unet_keys:
+            state["model_ema." + key[len("model.") :].replace(".", "")] = state[key] + 1
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["model_ema.num_updates"] = torch.tensor(10)
+    state["betas"] = torch.linspace(0, 1, 1000)
+    state["alphas_cumprod"] = torch.linspace(1, 0, 1000)
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None]
+    data: dict = state
+    for _ in range(nested):
+        data = {"state_dict": data, "global_step": 470000, "epoch": 3}
+    path = tmp_path / "model.ckpt"
+    torch.save(data, path)
+    return path, unet_keys
+
+
+def test_nested_ckpt_loads_non_ema_by_default(tiny_files, tiny_folders, tmp_path, assert_modules_equal):
+    path, _ = _ckpt(tiny_files, tmp_path, ema=True, nested=2)
+    loaded = load_model(path, config=tiny_folders["sd1"])
+    ref = load_model(tiny_files["sd1"])
+    assert loaded.family == "sd1" and loaded.source_format == "single-file"
+    for name, module in ref.components().items():
+        assert_modules_equal(module, loaded.components()[name])
+
+
+def test_ckpt_ema_weights_on_request(tiny_files, tiny_folders, tmp_path, assert_modules_equal):
+    path, _ = _ckpt(tiny_files, tmp_path, ema=True)
+    loaded = load_model(path, use_ema=True, config=tiny_folders["sd1"])
+    ref = load_model(tiny_files["sd1"])
+    for key, value in ref.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[key], value + 1), key
+    assert_modules_equal(ref.vae, loaded.vae)
+
+
+def test_ema_requested_but_absent(tiny_files, tmp_path):
+    path, _ = _ckpt(tiny_files, tmp_path, ema=False)
+    with pytest.raises(ModelFormatError, match="no EMA weights"):
+        load_model(path, use_ema=True)
+
+
+def test_ckpt_without_layout_is_inferred_from_shapes(tiny_files, tmp_path, assert_modules_equal):
+    path, _ = _ckpt(tiny_files, tmp_path, ema=False)
+    loaded = load_model(path)  # no sdcore.config in a .ckpt, not the standard SD1 sizes
+    assert list(loaded.unet.config.block_out_channels) == [32, 64]
+    ref = load_model(tiny_files["sd1"])
+    for name, module in ref.components().items():
+        assert_modules_equal(module, loaded.components()[name])
+
+
+def test_wrong_config_folder_names_the_problem(tiny_files, tiny_folders):
+    with pytest.raises(ModelFormatError, match="text encoder config") as info:
+        load_model(tiny_files["sdxl"], config=tiny_folders["sd1"])
+    assert "\n" not in str(info.value) and str(tiny_files["sdxl"]) in str(info.value)
+    with pytest.raises(ModelFormatError, match="pass config=") as info:
+        from sdcore.models.load import bundled_config
+
+        load_model(tiny_files["sd1"], config=bundled_config("sd1"))  # real SD1 sizes, tiny file
+    assert "\n" not in str(info.value)
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, container):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    payload = {"state_dict": {"x": torch.zeros(1)}, "hook": _Exploit(str(marker))}
+    if container == "zip":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as handle:  # a bare pickle, as hand-made exploits are
+            pickle.dump({"hook": _Exploit(str(marker))}, handle, protocol=2)
+    with pytest.raises(UnsafeFileError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "refuses to run code in pickle" in message
+    assert "system" in message
+    assert not marker.exists()
+
+
+def test_pickle_with_non_tensor_object_is_refused(tmp_path):
+    import argparse
+
+    path = tmp_path / "args.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(UnsafeFileError, match="Namespace"):
+        load_model(path)

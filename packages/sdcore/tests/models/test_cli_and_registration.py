@@ -1,0 +1,63 @@
+"""``sdcore model`` commands through click's CliRunner, and the hook registrations."""
+
+from __future__ import annotations
+
+import click
+from click.testing import CliRunner
+from sdcore.builtin import model_commands, model_formats
+from sdcore.models.load import load_model
+from sdcore.specs import ModelFormatSpec, resolve
+
+
+def test_create_tiny_convert_and_info(tmp_path, assert_modules_equal):
+    runner = CliRunner()
+    folder = tmp_path / "tiny-sd2"
+    result = runner.invoke(model_commands.model_group, ["create-tiny", str(folder), "--family", "sd2", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "model_index.json").is_file()
+
+    single = tmp_path / "tiny-sd2.safetensors"
+    result = runner.invoke(model_commands.model_group, ["convert", str(folder), str(single), "--dtype", "fp16"])
+    assert result.exit_code == 0, result.output
+    assert "sd2-v" in result.output
+
+    result = runner.invoke(model_commands.model_group, ["info", str(single)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "family:          sd2-v" in out and "v_prediction" in out
+    assert "float16" in out and "UNet2DConditionModel" in out
+    assert "modelspec.architecture: stable-diffusion-v2-768-v" in out
+    assert "AutoV3" in out and "sha256" in out
+
+    back = tmp_path / "back"
+    result = runner.invoke(
+        model_commands.model_group, ["convert", str(single), str(back), "--to", "diffusers", "--dtype", "fp32"]
+    )
+    assert result.exit_code == 0, result.output
+    a, b = load_model(back), load_model(single)
+    for name, module in b.components().items():
+        assert_modules_equal(module, a.components()[name])
+
+
+def test_cli_error_is_sdcore_error(tmp_path):
+    from sdcore.errors import SdcoreError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    result = CliRunner().invoke(model_commands.model_group, ["info", str(bad)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SdcoreError)
+
+
+def test_registrations():
+    specs: list[ModelFormatSpec] = []
+    model_formats.sdcore_register_model_formats(specs.append)
+    assert [s.name for s in specs] == ["tiny", "diffusers", "single-file", "hub"]
+    for spec in specs:
+        assert callable(resolve(spec.sniff)) and callable(resolve(spec.reader))
+        if spec.writer:
+            assert callable(resolve(spec.writer))
+    assert resolve("sdcore.builtin.model_formats:BUILTIN_FORMATS")[0].name == "tiny"
+    cli = click.Group("root")
+    model_commands.sdcore_register_commands(cli)
+    assert cli.commands["model"] is model_commands.model_group

@@ -1,0 +1,174 @@
+"""Broken or foreign files give one clear line; family and prediction type are detected right."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sdcore.errors import ModelFormatError, SdcoreError
+from sdcore.models.detect import detect
+from sdcore.models.load import load_model
+
+
+def _one_line(exc: pytest.ExceptionInfo, path) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+def test_truncated_safetensors(tiny_files, tmp_path):
+    data = tiny_files["sd1"].read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError) as info:
+        load_model(path)
+    assert "truncated" in _one_line(info, path)
+
+
+def test_header_lies_about_a_tensor(tmp_path):
+    path = tmp_path / "lies.safetensors"
+    header = json.dumps({"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(ModelFormatError) as info:
+        load_model(path)
+    assert "header lies" in _one_line(info, path)
+
+
+def test_header_length_too_large(tmp_path):
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ModelFormatError) as info:
+        load_model(path)
+    _one_line(info, path)
+
+
+@pytest.mark.parametrize("name,content", [("notes.safetensors", b"hello world, not a model"), ("x.ckpt", b"garbage!!")])
+def test_not_a_model_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ModelFormatError) as info:
+        load_model(path)
+    _one_line(info, path)
+
+
+def test_valid_safetensors_without_unet(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelFormatError) as info:
+        load_model(path)
+    assert "not a Stable Diffusion checkpoint" in _one_line(info, path)
+
+
+def test_unknown_layout(tiny_files, tmp_path):
+    state = {k: v for k, v in load_file(str(tiny_files["sd1"])).items() if not k.startswith("cond_stage_model.")}
+    path = tmp_path / "odd.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelFormatError) as info:
+        load_model(path)
+    assert "unknown model layout" in _one_line(info, path)
+
+
+def test_missing_path_and_uncached_hub_id(tmp_path):
+    with pytest.raises(ModelFormatError):
+        load_model(tmp_path / "nope.safetensors")
+    with pytest.raises(SdcoreError, match="not in the Hugging Face cache"):
+        load_model("nobody-xyz/not-a-model-123")
+
+
+def _fake(keys_shapes: dict[str, tuple[int, ...]], metadata=None, markers=(), **kw):
+    return detect(set(keys_shapes), keys_shapes.__getitem__, metadata or {}, markers=markers, **kw)
+
+
+UNET = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
+SD1 = {**UNET, "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)}
+SD2 = {**UNET, "cond_stage_model.model.ln_final.weight": (1024,)}
+XL = {**UNET, "conditioner.embedders.1.model.ln_final.weight": (1280,)}
+REF = {**UNET, "conditioner.embedders.0.model.ln_final.weight": (1280,)}
+
+
+def test_detection_rules():
+    assert _fake(SD1).family == "sd1" and _fake(SD1).prediction_type == "epsilon"
+    assert _fake(SD2).prediction_type == "v_prediction"  # SD2 default: 768-v
+    assert _fake(SD2, extras={"global_step": 875000}).prediction_type == "epsilon"  # SD2-512 base release
+    assert _fake(SD2, {"modelspec.prediction_type": "epsilon"}).prediction_type == "epsilon"
+    assert _fake(XL).family == "sdxl" and _fake(XL).prediction_type == "epsilon"
+    assert _fake(XL, markers={"v_pred"}).prediction_type == "v_prediction"
+    assert _fake(REF).family == "sdxl-refiner"
+    inpaint = {**SD1, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}
+    assert _fake(inpaint).inpainting
+    assert _fake(SD1, prediction_type="v").prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize("family,label", [("sd1", "sd1"), ("sd2", "sd2-v"), ("sdxl", "sdxl")])
+def test_family_and_vpred_of_our_files(tiny_files, family, label):
+    bundle = load_model(tiny_files[family])
+    assert bundle.family_label == label
+
+
+def test_v_pred_marker_without_modelspec(tiny_files, tmp_path):
+    state = load_file(str(tiny_files["sdxl"]))
+    state["v_pred"] = torch.tensor([])
+    path = tmp_path / "xl-v.safetensors"
+    meta = {"sdcore.config": json.dumps({**json.loads(load_model(tiny_files["sdxl"]).metadata["sdcore.config"]),
+                                        "prediction_type": None})}  # fmt: skip
+    save_file(state, str(path), metadata=meta)
+    bundle = load_model(path)
+    assert bundle.prediction_type == "v_prediction"
+    assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_family_mismatch(tiny_files):
+    with pytest.raises(ModelFormatError, match="not sdxl"):
+        load_model(tiny_files["sd1"], family="sdxl")
+
+
+def test_sgm_sd2_prefix_is_read_as_sd2(tiny_files, tmp_path, assert_modules_equal):
+    """SD2.1-turbo style files store OpenCLIP-H under conditioner.embedders.0.model. (width 1024 there)."""
+    from sdcore.models.source import CheckpointSource
+
+    state = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+        "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1024),
+        "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 1),
+    }
+    path = tmp_path / "turbo.safetensors"
+    save_file(state, str(path))
+    source = CheckpointSource(path)
+    assert "cond_stage_model.model.ln_final.weight" in source.keys
+    assert source.get("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight").shape == (3, 1)
+    assert detect(source.keys, source.shape, {}).family == "sd2"
+
+
+def test_ztsnr_marker_roundtrip(tiny_bundles, tmp_path):
+    from diffusers import DDPMScheduler
+    from sdcore.models.tiny import noise_scheduler_config
+
+    bundle = tiny_bundles["sdxl"]
+    original = bundle.noise_scheduler
+    try:
+        bundle.noise_scheduler = DDPMScheduler(**noise_scheduler_config("epsilon"), rescale_betas_zero_snr=True)
+        path = bundle.save(tmp_path / "zt.safetensors")
+    finally:
+        bundle.noise_scheduler = original
+    state = load_file(str(path))
+    assert "ztsnr" in state
+    assert load_model(path).noise_scheduler.config.rescale_betas_zero_snr
+
+
+def test_inpainting_roundtrip(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+
+    bundle = create_tiny_bundle("sd1")
+    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "in_channels": 9}).eval()
+    bundle.inpainting = True
+    single = load_model(bundle.save(tmp_path / "inpaint.safetensors"))
+    assert single.inpainting and single.family_label == "sd1-inpainting"
+    assert single.metadata["modelspec.architecture"] == "stable-diffusion-v1-inpainting"
+    folder = bundle.save(tmp_path / "inpaint-folder")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert load_model(folder).family_label == "sd1-inpainting"

@@ -277,3 +277,30 @@ def test_click_group_commands_from_plugins(sd_pm_factory, sd_cli):
 
     result = sd_cli(["extra", "hi"], pm=sd_pm_factory([Group()]))
     assert result.exit_code == 0 and "hi there" in result.output
+
+
+def test_plugin_model_formats_are_asked_first(sd_pm_factory, tmp_path, monkeypatch):
+    """A format registered by a plugin reads paths it claims; others fall through to the built-ins."""
+    from sdcore import ModelFormatSpec
+    from sdcore.models.load import load_model
+
+    module = tmp_path / "fake_format_mod.py"
+    module.write_text(
+        "from sdcore.models.tiny import create_tiny_bundle\n"
+        "def sniff(path):\n    return str(path).endswith('.myformat')\n"
+        "def read(path, **options):\n    bundle = create_tiny_bundle('sd2')\n    bundle.source = 'mine:' + str(path)\n"
+        "    return bundle\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Formats:
+        @sdcore.hookimpl
+        def sdcore_register_model_formats(self, register):
+            register(ModelFormatSpec(name="myformat", summary="test", sniff="fake_format_mod:sniff", reader="fake_format_mod:read"))
+
+    pm = sd_pm_factory([Formats()])
+    pm.distributions["Formats"] = ("sdplugin-myformat", "1.0")
+    bundle = load_model("model.myformat", pm=pm)
+    assert bundle.source == "mine:model.myformat" and bundle.family == "sd2"
+    assert load_model("tiny:sd1", pm=pm).family == "sd1"
+    assert pm.model_formats()[0].name == "myformat"

@@ -163,7 +163,7 @@ class SdPluginManager(pluggy.PluginManager):
         }
         for kind, (hook_name, spec_type) in hooks.items():
             caller = getattr(self.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):  # registration order: built-ins first
+            for impl in caller.get_hookimpls():  # registration order: built-ins first
                 plugin_name = self.get_name(impl.plugin) or repr(impl.plugin)
                 dist = self.distributions.get(plugin_name, (None, None))[0]
 
@@ -209,9 +209,13 @@ class SdPluginManager(pluggy.PluginManager):
         return self._items("prompt network")
 
     def model_formats(self) -> list[ModelFormatSpec]:
-        """Formats in lookup order: plugins first (newest registration first), built-ins last."""
+        """Formats in lookup order: the newest plugin's first, sdcore's built-ins last.
+
+        Within one plugin the order it registered them in is kept.
+        """
+        order = [self.get_name(impl.plugin) for impl in self.hook.sdcore_register_model_formats.get_hookimpls()]
         items = list(self._collect()["model format"].values())
-        return [reg.item for reg in reversed(items)]
+        return [reg.item for reg in sorted(items, key=lambda reg: -order.index(reg.plugin))]
 
     def add_commands(self, cli: Any) -> None:
         """Let every plugin add commands; one that raises is reported and skipped."""

@@ -155,27 +155,10 @@ def _plugin_manager() -> Any:
 
 
 def _load_bundle(source: str, pm: Any) -> Any:
-    """``load_model`` when available; ``tiny:<family>`` always works (tests, demos)."""
-    if source.startswith("tiny:"):
-        from ..models.tiny import create_tiny_bundle
+    """Any model source ``load_model`` reads (plugin formats included); ``tiny:<family>`` too."""
+    from ..models.load import load_model
 
-        family = source.split(":", 1)[1] or "sd1"
-        if family not in ("sd1", "sd2", "sdxl"):
-            from ..errors import ConfigError
-
-            raise ConfigError(f"unknown tiny model {source!r}: use tiny:sd1, tiny:sd2 or tiny:sdxl")
-        return create_tiny_bundle(family)
-    try:
-        from ..models.load import load_model
-    except ImportError as exc:  # the loader ships with sdcore; this only happens in broken installs
-        from ..errors import ConfigError
-
-        raise ConfigError(f"cannot load {source}: sdcore.models.load is unavailable ({exc})") from exc
-    import inspect
-
-    if "pm" in inspect.signature(load_model).parameters:
-        return load_model(source, pm=pm)
-    return load_model(source)
+    return load_model(source, pm=pm)
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:

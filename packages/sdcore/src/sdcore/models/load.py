@@ -446,8 +446,12 @@ def load_model(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    pm: Any = None,
 ) -> ModelBundle:
     """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>`` or a cached Hub id.
+
+    ``pm`` (a plugin manager) lets formats registered by plugins claim the path first; the
+    built-in formats below are registered through the same hook and answer otherwise.
 
     ``family`` checks the detected family; ``prediction_type`` overrides detection (``epsilon`` or
     ``v_prediction``); ``dtype`` (``fp32``/``fp16``/``bf16`` or torch dtype, default fp32) and
@@ -461,6 +465,10 @@ def load_model(
     text = os.fspath(path_or_hub_id)
     options = dict(family=family, prediction_type=prediction_type, dtype=dtype, device=device,
                    tokenizer=tokenizer, config=config, use_ema=use_ema)  # fmt: skip
+    if pm is not None:
+        bundle = _read_with_plugin_formats(pm, text, options)
+        if bundle is not None:
+            return bundle
     if sniff_tiny(text):
         return read_tiny(text, **options)
     path = Path(text).expanduser()
@@ -473,3 +481,21 @@ def load_model(
     if sniff_hub(text):
         return read_hub(text, **options)
     raise ModelFormatError(f"{path}: no such file or folder")
+
+
+def _read_with_plugin_formats(pm: Any, text: str, options: dict[str, Any]) -> ModelBundle | None:
+    """Ask formats registered by plugins (not sdcore's own) whether they read ``text``."""
+    from ..specs import resolve
+
+    registrations = pm.registrations("model format")
+    for spec in pm.model_formats():
+        registration = registrations[spec.name]
+        if registration.distribution == "sdcore":
+            continue
+        name = spec.name
+        if resolve(spec.sniff)(text):
+            bundle = resolve(spec.reader)(text, **options)
+            if not isinstance(bundle, ModelBundle):
+                raise ModelFormatError(f"{text}: model format {name!r} returned {type(bundle).__name__}, not a ModelBundle")
+            return bundle
+    return None

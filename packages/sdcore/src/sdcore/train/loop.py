@@ -189,22 +189,12 @@ def intermediate_path(final: Path, *, step: int | None = None, epoch: int | None
 # model loading
 
 
-def load_bundle(options: TrainOptions) -> ModelBundle:
-    """Load ``options.model``; ``tiny:<family>`` builds a tiny random model (tests, demos)."""
-    source = options.model
-    if source.startswith("tiny:"):
-        from ..models.tiny import create_tiny_bundle
+def load_bundle(options: TrainOptions, plugin_manager: Any = None) -> ModelBundle:
+    """Load ``options.model`` (any source ``load_model`` reads; ``tiny:<family>`` for tests and demos)."""
+    from ..models.load import load_model
 
-        family = source.split(":", 1)[1] or "sd1"
-        try:
-            return create_tiny_bundle(family)
-        except ValueError as exc:
-            raise ConfigError(f"--model {source}: {exc}") from exc
-    try:
-        from ..models.load import load_model
-    except ImportError as exc:  # pragma: no cover - until the loader lands
-        raise ConfigError(f"--model {source}: model loading is not available in this build") from exc
-    return load_model(source)
+    pm = plugin_manager if hasattr(plugin_manager, "registrations") else None
+    return load_model(options.model, pm=pm)
 
 
 def _dtype_of(precision: str) -> torch.dtype:
@@ -322,7 +312,7 @@ class TrainSession:
             )
 
         if self.bundle is None:
-            self.bundle = load_bundle(o)
+            self.bundle = load_bundle(o, self.plugin_manager)
         bundle = self.bundle
 
         torch.manual_seed(o.seed)  # method weight init is seeded

@@ -105,22 +105,53 @@ def test_text_encoder_stops_at_the_given_step(tmp_path):
     assert not changed(snapshots[6], snapshots[3]), "the text encoder kept training after step 3"
 
 
+def _class_drift_probe(bundle, class_dir: Path, prompt: str):
+    """UNet predictions on the class images (noised at fixed timesteps) with the class prompt."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.models.text import encode_prompts
+
+    images = sorted(class_dir.glob("*.png"))
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+         for p in images]
+    )
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        latents = bundle.vae.encode(pixels).latent_dist.mean * bundle.vae_scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.tensor([200, 400, 600, 800])[: len(images)]
+        noisy = bundle.noise_scheduler.add_noise(latents, noise, timesteps)
+        cond = encode_prompts(bundle, [prompt] * len(images)).hidden_states
+        return bundle.unet(noisy, timesteps, cond).sample
+
+
 def test_prior_preservation_keeps_class_outputs_closer_to_the_base(tmp_path):
-    base = create_tiny_bundle("sd1")
+    """A real base model already fits its own class samples; prior preservation keeps it that way.
+
+    A random tiny model does not fit its samples, so the test first fits it to the class images
+    (as a real model is fitted to its distribution), then fine-tunes copies on the instance images
+    with and without the prior loss and measures how far the class predictions move.
+    """
+    import copy
+
     class_dir = tmp_path / "class"
-    ensure_class_images(base, class_dir, "a pattern", 4, steps=4, progress=False)
-    reference = _unet_out(base)
+    ensure_class_images(create_tiny_bundle("sd1"), class_dir, "a pattern", 4, steps=4, progress=False)
+    base = create_tiny_bundle("sd1")
+    fit = _options(tmp_path / "fit", data=str(class_dir), max_steps=80, lr=1e-3)
+    train(DreamBoothMethod(fit), fit, bundle=base)
+    reference = _class_drift_probe(base, class_dir, "a pattern")
 
     def drift(with_prior: bool) -> float:
-        bundle = create_tiny_bundle("sd1")
+        bundle = copy.deepcopy(base)
         extra = {"class_data": str(class_dir), "class_prompt": "a pattern", "num_class_images": 4,
                  "prior_loss_weight": 1.0} if with_prior else {}
-        options = _options(tmp_path / ("p" if with_prior else "n"), max_steps=30, lr=2e-4, **extra)
+        options = _options(tmp_path / ("p" if with_prior else "n"), max_steps=100, lr=1e-3, **extra)
         train(DreamBoothMethod(options), options, bundle=bundle)
-        return float((_unet_out(bundle) - reference).pow(2).mean())
+        return float((_class_drift_probe(bundle, class_dir, "a pattern") - reference).pow(2).mean())
 
     without, with_prior = drift(False), drift(True)
-    assert with_prior < without, (with_prior, without)
+    assert with_prior < 0.95 * without, (with_prior, without)
 
 
 def test_class_images_resume_without_redoing(tmp_path, monkeypatch):

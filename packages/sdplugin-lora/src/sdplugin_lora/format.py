@@ -13,7 +13,6 @@ Files we write are exactly kohya's layout (``<name>.lora_down.weight``, ``.lora_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 from sdcore.errors import ModelFormatError, NetworkMismatchError
+from sdcore.models.hashes import sshs_hashes
 
 from .naming import ModuleIndex, Target
 
@@ -420,34 +420,15 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
 # --- hashes and metadata ------------------------------------------------------------------------
 
 
-def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
-    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` (A1111's "addnet" hashes).
-
-    Both are computed over a serialization holding only the ``ss_*`` metadata, so later edits of
-    other header fields do not change them. The model hash is the sha256 of everything after the
-    header; the legacy hash the first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB.
-    """
-    from safetensors.torch import save
-
-    blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    header_len = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
-    legacy_hash = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-    return model_hash, legacy_hash
-
-
 def file_sshs_hash(path: str | Path) -> str:
     """``sshs_model_hash`` of an existing file (from its header, else recomputed from its data)."""
+    from sdcore.models.hashes import autov3_hash, sha256_file
+
     lora = read_lora(path)
     value = lora.metadata.get("sshs_model_hash")
     if value:
         return value
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if Path(path).suffix.lower() == ".safetensors":
-        header_len = int.from_bytes(data[:8], "little")
-        return hashlib.sha256(data[8 + header_len :]).hexdigest()
-    return hashlib.sha256(data).hexdigest()
+    return autov3_hash(path) if Path(path).suffix.lower() == ".safetensors" else sha256_file(path)
 
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sdxl-refiner": "sdxl_refiner_v1-0"}

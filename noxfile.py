@@ -10,10 +10,10 @@ Installs always go through ``constraints.txt`` (torch pinned to the local CPU bu
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import nox
+import tomllib
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))

@@ -43,7 +43,9 @@ def test_listing_commands_import_no_heavy_library(args):
 
 
 def test_all_first_party_plugins_are_listed():
-    result = subprocess.run([sys.executable, "-m", "sdcore", "plugins", "--json"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "sdcore", "plugins", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     found = {p["name"]: p["distribution"] for p in data["plugins"]}
@@ -55,10 +57,14 @@ def test_train_and_tag_help_list_every_registration():
     from sdcore.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    train_help = subprocess.run([sys.executable, "-m", "sdcore", "train", "--help"], capture_output=True, text=True, timeout=120)
+    train_help = subprocess.run(
+        [sys.executable, "-m", "sdcore", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
     for name in {spec.name for spec in pm.methods().values()}:
         assert name in train_help.stdout
-    tag_help = subprocess.run([sys.executable, "-m", "sdcore", "tag", "--help"], capture_output=True, text=True, timeout=120)
+    tag_help = subprocess.run(
+        [sys.executable, "-m", "sdcore", "tag", "--help"], capture_output=True, text=True, timeout=120
+    )
     for name in {spec.name for spec in pm.taggers().values()}:
         assert name in tag_help.stdout
 

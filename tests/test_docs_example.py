@@ -15,7 +15,11 @@ EXAMPLE = ROOT / "docs" / "examples" / "sdplugin-hello"
 def test_doc_shows_the_example_files_verbatim():
     doc = (ROOT / "docs" / "writing-a-plugin.md").read_text()
     blocks = re.findall(r"<!-- file: (\S+) -->\n```\w+\n(.*?)```\n", doc, flags=re.S)
-    assert {path for path, _ in blocks} == {"pyproject.toml", "src/sdplugin_hello/plugin.py", "src/sdplugin_hello/method.py"}
+    assert {path for path, _ in blocks} == {
+        "pyproject.toml",
+        "src/sdplugin_hello/plugin.py",
+        "src/sdplugin_hello/method.py",
+    }
     for path, body in blocks:
         assert body == (EXAMPLE / path).read_text(), f"docs/writing-a-plugin.md is out of date for {path}"
     plugin_lines = (EXAMPLE / "src/sdplugin_hello/plugin.py").read_text().count("\n")
@@ -25,14 +29,29 @@ def test_doc_shows_the_example_files_verbatim():
 def test_example_installs_and_shows_up(tmp_path):
     target = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr
     env = {**os.environ, "PYTHONPATH": str(target), "SDCORE_STRICT_PLUGINS": "1"}
 
     def sdcore(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "sdcore", *args], capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "sdcore", *args], capture_output=True, text=True, env=env, timeout=300
+        )
 
     plugins = sdcore("plugins")
     assert plugins.returncode == 0, plugins.stderr
@@ -54,7 +73,11 @@ def test_broken_plugin_does_not_break_help(tmp_path):
     (dist / "entry_points.txt").write_text("[sdcore]\nbroken = sdplugin_broken_mod\n")
     (site / "sdplugin_broken_mod.py").write_text("raise ImportError('this plugin is broken')\n")
     env = {**os.environ, "PYTHONPATH": str(site)}
-    help_result = subprocess.run([sys.executable, "-m", "sdcore", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    help_result = subprocess.run(
+        [sys.executable, "-m", "sdcore", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert help_result.returncode == 0 and "plugins" in help_result.stdout
-    listing = subprocess.run([sys.executable, "-m", "sdcore", "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "sdcore", "plugins"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert "broken (sdplugin-broken): ImportError: this plugin is broken" in listing.stdout

@@ -163,10 +163,37 @@ def test_full_disk_keeps_the_previous_save(tmp_path, monkeypatch):
 # --- SIGKILL at random points, then resume ------------------------------------------------------
 def _train_cmd(data: Path, output: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "sdcore", "train", "lora", "--model", "tiny:sd1", "--data", str(data),
-        "--output", str(output), "--max-steps", "60", "--save-every", "4", "--seed", "3", "--rank", "4",
-        "--alpha", "4", "--resolution", "64", "--min-bucket-reso", "64", "--lr", "1e-3", "--save-dtype", "fp32",
-        "--no-progress", *extra,
+        sys.executable,
+        "-m",
+        "sdcore",
+        "train",
+        "lora",
+        "--model",
+        "tiny:sd1",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--max-steps",
+        "60",
+        "--save-every",
+        "4",
+        "--seed",
+        "3",
+        "--rank",
+        "4",
+        "--alpha",
+        "4",
+        "--resolution",
+        "64",
+        "--min-bucket-reso",
+        "64",
+        "--lr",
+        "1e-3",
+        "--save-dtype",
+        "fp32",
+        "--no-progress",
+        *extra,
     ]
 
 
@@ -231,8 +258,15 @@ def test_ten_thousand_tiny_steps_hold_steady_memory(tmp_path):
 
     data = make_tiny_dataset(tmp_path / "data", n=4, size=64, repeats=1)
     options = HelloOptions(
-        model="tiny:sd1", data=str(data), output=str(tmp_path / "out.safetensors"), max_steps=10_000,
-        resolution=64, min_bucket_reso=64, lr=1e-4, progress=False, save_state=False,
+        model="tiny:sd1",
+        data=str(data),
+        output=str(tmp_path / "out.safetensors"),
+        max_steps=10_000,
+        resolution=64,
+        min_bucket_reso=64,
+        lr=1e-4,
+        progress=False,
+        save_state=False,
     )
     pm = get_plugin_manager(builtins=False, entrypoints=False, extra=[Sampler()])
     train(HelloMethod(options), options, plugin_manager=pm)
@@ -256,7 +290,9 @@ def test_tagging_ten_thousand_images_holds_steady_memory(tmp_path):
     for i in range(10_000):
         Image.new("RGB", (16, 16), (i % 256, (i * 7) % 256, (i * 13) % 256)).save(folder / f"{i:05d}.jpg", quality=80)
     tagger = WD14Tagger(build_tiny_wd_tagger(tmp_path / "wd"), general_threshold=0.5)
-    label_folder(tagger, folder, writer=CaptionWriter(mode="overwrite"), recursive=False, json_path=None, progress=False)
+    label_folder(
+        tagger, folder, writer=CaptionWriter(mode="overwrite"), recursive=False, json_path=None, progress=False
+    )
     start = _rss_mb()
     summary = label_folder(
         tagger, folder, writer=CaptionWriter(mode="overwrite"), recursive=False, json_path=None, progress=False

@@ -26,11 +26,26 @@ def test_template_makes_a_working_plugin(tmp_path):
     assert not list(target.rglob("*NAME*"))
     site = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(target)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr
     env = {**os.environ, "PYTHONPATH": str(site), "SDCORE_STRICT_PLUGINS": "1"}
-    listing = subprocess.run([sys.executable, "-m", "sdcore", "train", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "sdcore", "train", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert listing.returncode == 0, listing.stderr
     assert "demo_method" in listing.stdout and "Demo from the template" in listing.stdout

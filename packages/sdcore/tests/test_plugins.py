@@ -52,7 +52,8 @@ def test_extra_plugin_method_is_listed_in_train_help(sd_pm_factory, sd_cli):
 
 def test_entry_point_plugin_loads_with_distribution(fake_distribution, monkeypatch):
     fake_distribution(
-        "sdplugin-good", {"good": "fake_good.plugin"},
+        "sdplugin-good",
+        {"good": "fake_good.plugin"},
         modules={"fake_good.plugin": GOOD_PLUGIN.format(name="good", summary="Good", module="fake_good.plugin")},
         version="1.2.3",
     )
@@ -65,9 +66,14 @@ def test_entry_point_plugin_loads_with_distribution(fake_distribution, monkeypat
 
 
 def test_import_error_is_isolated_and_reported(fake_distribution, monkeypatch, sd_cli):
-    fake_distribution("sdplugin-broken", {"broken": "fake_broken.plugin"}, modules={"fake_broken.plugin": "raise RuntimeError('boom at import')\n"})
     fake_distribution(
-        "sdplugin-fine", {"fine": "fake_fine.plugin"},
+        "sdplugin-broken",
+        {"broken": "fake_broken.plugin"},
+        modules={"fake_broken.plugin": "raise RuntimeError('boom at import')\n"},
+    )
+    fake_distribution(
+        "sdplugin-fine",
+        {"fine": "fake_fine.plugin"},
         modules={"fake_fine.plugin": GOOD_PLUGIN.format(name="fine", summary="Fine", module="fake_fine.plugin")},
     )
     _no_real_plugins(monkeypatch, "broken", "fine")
@@ -84,7 +90,11 @@ def test_import_error_is_isolated_and_reported(fake_distribution, monkeypatch, s
 
 
 def test_strict_mode_turns_load_failures_into_errors(fake_distribution, monkeypatch):
-    fake_distribution("sdplugin-broken", {"broken": "fake_broken2.plugin"}, modules={"fake_broken2.plugin": "import no_such_module_xyz\n"})
+    fake_distribution(
+        "sdplugin-broken",
+        {"broken": "fake_broken2.plugin"},
+        modules={"fake_broken2.plugin": "import no_such_module_xyz\n"},
+    )
     _no_real_plugins(monkeypatch, "broken")
     monkeypatch.setenv("SDCORE_STRICT_PLUGINS", "1")
     with pytest.raises(PluginError, match=r"broken.*sdplugin-broken.*no_such_module_xyz"):
@@ -93,7 +103,11 @@ def test_strict_mode_turns_load_failures_into_errors(fake_distribution, monkeypa
 
 def test_disabled_plugin_is_never_imported(fake_distribution, monkeypatch, tmp_path):
     marker = tmp_path / "imported"
-    fake_distribution("sdplugin-side", {"side": "fake_side.plugin"}, modules={"fake_side.plugin": f"open({str(marker)!r}, 'w').close()\n"})
+    fake_distribution(
+        "sdplugin-side",
+        {"side": "fake_side.plugin"},
+        modules={"fake_side.plugin": f"open({str(marker)!r}, 'w').close()\n"},
+    )
     monkeypatch.setenv("SDCORE_DISABLE_PLUGINS", "side")
     pm = get_plugin_manager()
     assert not marker.exists()
@@ -107,7 +121,8 @@ def test_disabled_plugin_is_never_imported(fake_distribution, monkeypatch, tmp_p
 def test_load_plugins_allow_list(fake_distribution, monkeypatch):
     for name in ("one", "two"):
         fake_distribution(
-            f"sdplugin-{name}", {name: f"fake_{name}.plugin"},
+            f"sdplugin-{name}",
+            {name: f"fake_{name}.plugin"},
             modules={f"fake_{name}.plugin": GOOD_PLUGIN.format(name=name, summary=name, module=f"fake_{name}.plugin")},
         )
     monkeypatch.setenv("SDCORE_LOAD_PLUGINS", "two")
@@ -120,8 +135,13 @@ def test_load_plugins_allow_list(fake_distribution, monkeypatch):
 def test_duplicate_names_name_both_distributions(fake_distribution, monkeypatch, sd_cli):
     for name in ("first", "second"):
         fake_distribution(
-            f"sdplugin-{name}", {name: f"fake_dup_{name}.plugin"},
-            modules={f"fake_dup_{name}.plugin": GOOD_PLUGIN.format(name="clash", summary=name, module=f"fake_dup_{name}.plugin")},
+            f"sdplugin-{name}",
+            {name: f"fake_dup_{name}.plugin"},
+            modules={
+                f"fake_dup_{name}.plugin": GOOD_PLUGIN.format(
+                    name="clash", summary=name, module=f"fake_dup_{name}.plugin"
+                )
+            },
         )
     _no_real_plugins(monkeypatch, "first", "second")
     pm = get_plugin_manager()
@@ -296,7 +316,11 @@ def test_plugin_model_formats_are_asked_first(sd_pm_factory, tmp_path, monkeypat
     class Formats:
         @sdcore.hookimpl
         def sdcore_register_model_formats(self, register):
-            register(ModelFormatSpec(name="myformat", summary="test", sniff="fake_format_mod:sniff", reader="fake_format_mod:read"))
+            register(
+                ModelFormatSpec(
+                    name="myformat", summary="test", sniff="fake_format_mod:sniff", reader="fake_format_mod:read"
+                )
+            )
 
     pm = sd_pm_factory([Formats()])
     pm.distributions["Formats"] = ("sdplugin-myformat", "1.0")

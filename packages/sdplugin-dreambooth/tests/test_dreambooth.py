@@ -24,9 +24,16 @@ class TestDreamBoothContract(MethodContractTests):
 
 def _options(tmp_path: Path, **overrides) -> DreamBoothOptions:
     base = dict(
-        model="tiny:sd1", data=str(make_tiny_dataset(tmp_path / "data", n=2, repeats=1)),
-        output=str(tmp_path / "out" / "db.safetensors"), resolution=64, min_bucket_reso=64, batch_size=1,
-        lr=1e-4, seed=0, progress=False, save_dtype="fp32",
+        model="tiny:sd1",
+        data=str(make_tiny_dataset(tmp_path / "data", n=2, repeats=1)),
+        output=str(tmp_path / "out" / "db.safetensors"),
+        resolution=64,
+        min_bucket_reso=64,
+        batch_size=1,
+        lr=1e-4,
+        seed=0,
+        progress=False,
+        save_dtype="fp32",
     )
     base.update(overrides)
     return DreamBoothOptions(**base)
@@ -97,8 +104,12 @@ def test_text_encoder_stops_at_the_given_step(tmp_path):
     from sdcore.plugins import get_plugin_manager
 
     options = _options(tmp_path, max_steps=6, train_text_encoder=True, stop_text_encoder_at=3, te_lr=1e-3)
-    train(DreamBoothMethod(options), options, bundle=bundle, plugin_manager=get_plugin_manager(
-        builtins=False, entrypoints=False, extra=[Watch()]))
+    train(
+        DreamBoothMethod(options),
+        options,
+        bundle=bundle,
+        plugin_manager=get_plugin_manager(builtins=False, entrypoints=False, extra=[Watch()]),
+    )
     initial = create_tiny_bundle("sd1").text_encoders[0].state_dict()
     changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert changed(snapshots[1], initial) and changed(snapshots[3], snapshots[2])
@@ -113,8 +124,10 @@ def _class_drift_probe(bundle, class_dir: Path, prompt: str):
 
     images = sorted(class_dir.glob("*.png"))
     pixels = torch.stack(
-        [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-         for p in images]
+        [
+            torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            for p in images
+        ]
     )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -144,8 +157,11 @@ def test_prior_preservation_keeps_class_outputs_closer_to_the_base(tmp_path):
 
     def drift(with_prior: bool) -> float:
         bundle = copy.deepcopy(base)
-        extra = {"class_data": str(class_dir), "class_prompt": "a pattern", "num_class_images": 4,
-                 "prior_loss_weight": 1.0} if with_prior else {}
+        extra = (
+            {"class_data": str(class_dir), "class_prompt": "a pattern", "num_class_images": 4, "prior_loss_weight": 1.0}
+            if with_prior
+            else {}
+        )
         options = _options(tmp_path / ("p" if with_prior else "n"), max_steps=100, lr=1e-3, **extra)
         train(DreamBoothMethod(options), options, bundle=bundle)
         return float((_class_drift_probe(bundle, class_dir, "a pattern") - reference).pow(2).mean())

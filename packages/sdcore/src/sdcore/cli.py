@@ -69,7 +69,9 @@ class LazyGroup(click.Group):
             return None
         return None if spec is None else _Stub(cmd_name, spec.summary)
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
         name = args[0] if args else None
         if name is not None and name not in self.commands:
             specs = self._specs(ctx)  # a PluginError here is shown by main() as one line

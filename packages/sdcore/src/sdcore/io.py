@@ -36,7 +36,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise SdcoreError(f"could not write {target}: {exc.strerror or exc} (the previous file, if any, is intact)") from exc
+        raise SdcoreError(
+            f"could not write {target}: {exc.strerror or exc} (the previous file, if any, is intact)"
+        ) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -134,15 +134,17 @@ class SdPluginManager(pluggy.PluginManager):
 
     def _unknown_hooks(self, plugin: object) -> list[str]:
         """Hook implementations with no matching spec (a typo would otherwise never be called)."""
-        return sorted(
-            caller.name for caller in self.get_hookcallers(plugin) or [] if caller.spec is None
-        )
+        return sorted(caller.name for caller in self.get_hookcallers(plugin) or [] if caller.spec is None)
 
-    def _fail(self, plugin: str, dist: str | None, message: str, strict: bool, exc: BaseException | None = None) -> None:
+    def _fail(
+        self, plugin: str, dist: str | None, message: str, strict: bool, exc: BaseException | None = None
+    ) -> None:
         detail = "".join(traceback.format_exception(exc)) if exc is not None else ""
         self.load_errors.append(LoadError(plugin, dist, message, detail))
         if strict:
-            raise PluginError(f"plugin {plugin!r} ({dist or 'unknown distribution'}) failed to load: {message}") from exc
+            raise PluginError(
+                f"plugin {plugin!r} ({dist or 'unknown distribution'}) failed to load: {message}"
+            ) from exc
 
     # --- registries --------------------------------------------------------------------------
     def _collect(self) -> dict[str, dict[str, Registration]]:
@@ -167,10 +169,17 @@ class SdPluginManager(pluggy.PluginManager):
                 plugin_name = self.get_name(impl.plugin) or repr(impl.plugin)
                 dist = self.distributions.get(plugin_name, (None, None))[0]
 
-                def register(item: Any, _kind: str = kind, _plugin: str = plugin_name, _dist: str | None = dist,
-                             _type: type = spec_type) -> None:
+                def register(
+                    item: Any,
+                    _kind: str = kind,
+                    _plugin: str = plugin_name,
+                    _dist: str | None = dist,
+                    _type: type = spec_type,
+                ) -> None:
                     if not isinstance(item, _type):
-                        raise PluginError(f"plugin {_plugin!r} registered {item!r} as a {_kind}; expected {_type.__name__}")
+                        raise PluginError(
+                            f"plugin {_plugin!r} registered {item!r} as a {_kind}; expected {_type.__name__}"
+                        )
                     names = [item.name, *getattr(item, "aliases", ())]
                     for name in names:
                         existing = registries[_kind].get(name)
@@ -188,7 +197,9 @@ class SdPluginManager(pluggy.PluginManager):
                 except PluginError:
                     raise
                 except Exception as exc:
-                    raise PluginError(f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+                    raise PluginError(
+                        f"plugin {plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                    ) from exc
         self._registries = registries
         return registries
 
@@ -225,8 +236,11 @@ class SdPluginManager(pluggy.PluginManager):
                 impl.function(cli=cli)
             except Exception as exc:
                 self.load_errors.append(
-                    LoadError(name, self.distributions.get(name, (None, None))[0],
-                              f"sdcore_register_commands failed: {type(exc).__name__}: {exc}")
+                    LoadError(
+                        name,
+                        self.distributions.get(name, (None, None))[0],
+                        f"sdcore_register_commands failed: {type(exc).__name__}: {exc}",
+                    )
                 )
                 if _env_flag("SDCORE_STRICT_PLUGINS"):
                     raise PluginError(f"plugin {name!r} failed to add commands: {exc}") from exc

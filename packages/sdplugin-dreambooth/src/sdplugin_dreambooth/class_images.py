@@ -60,7 +60,13 @@ def ensure_class_images(
     taken = {p.stem for p in have}
     missing = [i for i in range(count) if f"class_{i:05d}" not in taken][: count - len(have)]
     width, height = size if size is not None else (None, None)
-    manifest = {"prompt": prompt, "model": getattr(bundle, "source", None), "steps": steps, "sampler": sampler, "seed": seed}
+    manifest = {
+        "prompt": prompt,
+        "model": getattr(bundle, "source", None),
+        "steps": steps,
+        "sampler": sampler,
+        "seed": seed,
+    }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     iterator = range(0, len(missing), batch_size)
     if progress:

@@ -41,7 +41,9 @@ class DreamBoothMethod(TrainingMethod):
         if o.class_prompt and not (o.class_data or o.reg_data):
             raise ConfigError("--class-prompt needs --class-data (the folder to keep class images in)")
         if o.class_data and not o.class_prompt and not Path(o.class_data).is_dir():
-            raise ConfigError(f"--class-data {o.class_data} does not exist and no --class-prompt was given to generate it")
+            raise ConfigError(
+                f"--class-data {o.class_data} does not exist and no --class-prompt was given to generate it"
+            )
         if o.stop_text_encoder_at is not None and not o.train_text_encoder:
             raise ConfigError("--stop-text-encoder-at needs --train-text-encoder")
         if o.class_data and o.reg_data and Path(o.class_data) != Path(o.reg_data):

@@ -10,24 +10,40 @@ from sdcore.train.options import TrainOptions
 
 @dataclass
 class DreamBoothOptions(TrainOptions):
-    lr: float = option(2e-6, "Learning rate of the UNet (DreamBooth wants small rates: 1e-6 to 5e-6).", group="training")
-    lr_warmup_steps: int = option(0, "Linear warmup steps.", group="training")
-    save_dtype: str = option("fp16", "Precision of the saved checkpoint.", choices=("fp16", "bf16", "fp32"), group="output")
-    instance_prompt: str | None = option(
-        None, "Prompt for every instance image (e.g. 'photo of sks dog'); default: the caption files / folder names.", group="dreambooth"
+    lr: float = option(
+        2e-6, "Learning rate of the UNet (DreamBooth wants small rates: 1e-6 to 5e-6).", group="training"
     )
-    class_data: str | None = option(None, "Folder of class (prior-preservation) images; generated here when short.", group="dreambooth")
+    lr_warmup_steps: int = option(0, "Linear warmup steps.", group="training")
+    save_dtype: str = option(
+        "fp16", "Precision of the saved checkpoint.", choices=("fp16", "bf16", "fp32"), group="output"
+    )
+    instance_prompt: str | None = option(
+        None,
+        "Prompt for every instance image (e.g. 'photo of sks dog'); default: the caption files / folder names.",
+        group="dreambooth",
+    )
+    class_data: str | None = option(
+        None, "Folder of class (prior-preservation) images; generated here when short.", group="dreambooth"
+    )
     class_prompt: str | None = option(None, "Prompt of the class images (e.g. 'photo of a dog').", group="dreambooth")
-    num_class_images: int = option(200, "Class images wanted; the shortfall is generated with the frozen model.", group="dreambooth")
+    num_class_images: int = option(
+        200, "Class images wanted; the shortfall is generated with the frozen model.", group="dreambooth"
+    )
     class_batch_size: int = option(4, "Batch size when generating class images.", group="dreambooth")
     class_steps: int = option(30, "Sampler steps when generating class images.", group="dreambooth")
     class_sampler: str = option("dpm++2m", "Sampler for class images.", group="dreambooth")
     train_text_encoder: bool = option(False, "Also fine-tune the text encoder(s).", group="dreambooth")
-    stop_text_encoder_at: int | None = option(None, "Freeze the text encoder from this optimizer step on.", group="dreambooth")
+    stop_text_encoder_at: int | None = option(
+        None, "Freeze the text encoder from this optimizer step on.", group="dreambooth"
+    )
     te_lr: float | None = option(None, "Text-encoder learning rate (default: --lr).", group="dreambooth")
-    ema: bool = option(False, "Keep an exponential moving average of the trained weights and save it.", group="dreambooth")
+    ema: bool = option(
+        False, "Keep an exponential moving average of the trained weights and save it.", group="dreambooth"
+    )
     ema_decay: float = option(0.999, "EMA decay per step.", group="dreambooth")
     save_format: str | None = option(
-        None, "single-file or diffusers (default from --output: *.safetensors is a single file).",
-        choices=("single-file", "diffusers"), group="output",
+        None,
+        "single-file or diffusers (default from --output: *.safetensors is a single file).",
+        choices=("single-file", "diffusers"),
+        group="output",
     )

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
-
 from sdcore.io import atomic_save
 from sdcore.options import option
 from sdcore.train.method import TrainingMethod

@@ -1,7 +1,6 @@
 """Registration only: this module is imported for `sdcore --help`, so it must not import torch."""
 
 import click
-
 import sdcore
 from sdcore import MethodSpec
 

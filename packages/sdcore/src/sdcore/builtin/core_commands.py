@@ -42,9 +42,7 @@ def plugins_command(ctx: click.Context, as_json: bool, show_all: bool, show_trac
                 }
                 for i in shown
             ],
-            "errors": [
-                {"plugin": e.plugin, "distribution": e.distribution, "error": e.error} for e in pm.load_errors
-            ]
+            "errors": [{"plugin": e.plugin, "distribution": e.distribution, "error": e.error} for e in pm.load_errors]
             + ([{"plugin": None, "distribution": None, "error": registry_error}] if registry_error else []),
         }
         click.echo(json.dumps(payload, indent=2))

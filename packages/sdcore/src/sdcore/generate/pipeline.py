@@ -347,7 +347,9 @@ def _run(
     return list(output.images)
 
 
-def _transform_rows(handler: Any, bundle: ModelBundle, texts: list[str], cond: Any, *, negative: bool, clip_skip: int) -> Any:
+def _transform_rows(
+    handler: Any, bundle: ModelBundle, texts: list[str], cond: Any, *, negative: bool, clip_skip: int
+) -> Any:
     """Apply ``handler.transform_conditioning`` to each prompt's row of a batched conditioning."""
     import dataclasses
 

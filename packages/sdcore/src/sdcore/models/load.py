@@ -496,6 +496,8 @@ def _read_with_plugin_formats(pm: Any, text: str, options: dict[str, Any]) -> Mo
         if resolve(spec.sniff)(text):
             bundle = resolve(spec.reader)(text, **options)
             if not isinstance(bundle, ModelBundle):
-                raise ModelFormatError(f"{text}: model format {name!r} returned {type(bundle).__name__}, not a ModelBundle")
+                raise ModelFormatError(
+                    f"{text}: model format {name!r} returned {type(bundle).__name__}, not a ModelBundle"
+                )
             return bundle
     return None

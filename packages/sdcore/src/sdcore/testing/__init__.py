@@ -32,7 +32,9 @@ from ..plugins import SdPluginManager, get_plugin_manager
 def sd_pm_factory() -> Callable[..., SdPluginManager]:
     """Return a factory of fresh managers holding exactly the chosen plugins."""
 
-    def factory(plugins: tuple[Any, ...] | list[Any] = (), *, builtins: bool = True, entrypoints: bool = False) -> SdPluginManager:
+    def factory(
+        plugins: tuple[Any, ...] | list[Any] = (), *, builtins: bool = True, entrypoints: bool = False
+    ) -> SdPluginManager:
         return get_plugin_manager(builtins=builtins, entrypoints=entrypoints, extra=plugins)
 
     return factory
@@ -47,7 +49,9 @@ def sd_cli() -> Callable[..., Any]:
 
     def run(args: list[str], pm: SdPluginManager | None = None, **kwargs: Any) -> Any:
         manager = pm if pm is not None else get_plugin_manager(entrypoints=False)
-        return CliRunner().invoke(build_cli(manager), args, catch_exceptions=kwargs.pop("catch_exceptions", True), **kwargs)
+        return CliRunner().invoke(
+            build_cli(manager), args, catch_exceptions=kwargs.pop("catch_exceptions", True), **kwargs
+        )
 
     return run
 
@@ -85,7 +89,9 @@ def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callab
         normalized = name.replace("-", "_")
         dist_info = site / f"{normalized}-{version}.dist-info"
         dist_info.mkdir(parents=True, exist_ok=True)
-        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
+        (dist_info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8"
+        )
         lines = ["[sdcore]"] + [f"{key} = {value}" for key, value in entry_points.items()]
         (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         for module_name, source in (modules or {}).items():

@@ -59,7 +59,9 @@ def _fusable(groups: list[dict[str, Any]]) -> bool:
     """True when torch's fused AdamW applies: floating-point parameters on CPU or CUDA, one device."""
     params = [p for group in groups for p in group["params"]]
     devices = {p.device.type for p in params}
-    return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    return (
+        bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    )
 
 
 def create_optimizer(

@@ -10,44 +10,31 @@ Installs always go through ``constraints.txt`` (torch pinned to the local CPU bu
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nox
-import tomllib
 
 ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from package_order import first_party_dependencies, package_order  # noqa: E402
+
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml") if not p.parent.name.startswith("_"))
+_DEPS = first_party_dependencies(ROOT)
 nox.options.sessions = ["lint", "integration"]
 nox.options.reuse_existing_virtualenvs = True
 
 
-def _local_requirements(package: str, seen: set[str] | None = None) -> list[str]:
-    """The package and every first-party package it depends on, dependencies first."""
-    seen = set() if seen is None else seen
-    if package in seen:
-        return []
-    seen.add(package)
-    data = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
-    order: list[str] = []
-    for requirement in data["project"].get("dependencies", []):
-        name = requirement.split(";")[0].split("[")[0]
-        for sep in "<>=!~ ":
-            name = name.split(sep)[0]
-        if name in PACKAGES:
-            order += _local_requirements(name, seen)
-    return [*order, package]
-
-
 def _install(session: nox.Session, *packages: str) -> None:
+    """Install ``packages`` and the first-party packages they need, dependencies first."""
     session.install(*CONSTRAINTS, "torch==2.13.0")
-    editable: list[str] = []
-    for package in packages:
-        for name in _local_requirements(package):
-            spec = f"packages/{name}[test]"
-            if spec not in editable:
-                editable += [spec]
-    args = [arg for spec in editable for arg in ("-e", spec)]
+    needed = set(packages)
+    order = package_order(ROOT)
+    for name in reversed(order):  # close over first-party dependencies
+        if name in needed:
+            needed |= set(_DEPS[name])
+    args = [arg for name in order if name in needed for arg in ("-e", f"packages/{name}[test]")]
     session.install(*CONSTRAINTS, *args, "-r", "requirements-dev.txt")
 
 

@@ -10,11 +10,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
 "${pip[@]}" "torch==2.13.0"
+# First-party packages in dependency order (pip resolves a local package a sibling depends on
+# only when it is listed before that sibling).
+mapfile -t packages < <("$python_bin" scripts/package_order.py)
 args=()
-for pkg in packages/*/; do
-  name=$(basename "$pkg")
-  case "$name" in _*) continue ;; esac
-  args+=(-e "${pkg%/}[test]")
+for name in "${packages[@]}"; do
+  args+=(-e "packages/${name}[test]")
 done
 "${pip[@]}" "${args[@]}" -r requirements-dev.txt
 echo "installed: $(.venv/bin/sdcore --version)"

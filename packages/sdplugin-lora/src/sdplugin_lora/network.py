@@ -174,7 +174,8 @@ class LoraModule(NetworkModule):
                 mask = mask[:, None, :]
             hidden = hidden * mask
             scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(hidden) * (self.multiplier * scale)
+        # scaling the rank-sized hidden state is cheaper than scaling the output
+        return self.lora_up(hidden * (self.multiplier * scale))
 
     def delta_weight(self, *, detach: bool = True) -> torch.Tensor:
         """``scale * up @ down`` in fp32, shaped like the base weight (multiplier not applied)."""

@@ -180,7 +180,7 @@ class SdPluginManager(pluggy.PluginManager):
                         raise PluginError(
                             f"plugin {_plugin!r} registered {item!r} as a {_kind}; expected {_type.__name__}"
                         )
-                    names = [item.name, *getattr(item, "aliases", ())]
+                    names = [getattr(item, "name", ""), *getattr(item, "aliases", ())]
                     for name in names:
                         existing = registries[_kind].get(name)
                         if existing is not None:

@@ -19,7 +19,7 @@ MANIFEST = "class_images.json"
 
 def existing_class_images(folder: Path, prompt: str) -> list[Path]:
     """Images in ``folder`` usable for ``prompt``: any image whose caption is the prompt, or with no caption."""
-    found = []
+    found: list[Path] = []
     if not folder.is_dir():
         return found
     for path in sorted(folder.iterdir()):
@@ -80,6 +80,10 @@ def ensure_class_images(
                 bundle, [prompt], steps=steps, sampler=sampler, seed=seed + index, width=width, height=height
             )
             path = out / f"class_{index:05d}.png"
-            atomic_save(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+            _save_png(image, path)
             atomic_write_text(path.with_suffix(".txt"), prompt)
     return existing_class_images(out, prompt)[:count]
+
+
+def _save_png(image: Any, path: Path) -> None:
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))

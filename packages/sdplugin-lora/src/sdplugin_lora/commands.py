@@ -10,18 +10,10 @@ import click
 
 
 def _load_model(source: str) -> Any:
-    """A model from any source ``sdcore.load_model`` reads (``tiny:sd1`` works without it)."""
-    try:
-        from sdcore.models.load import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(source)
-    if source.startswith("tiny:"):
-        from sdcore.models.tiny import create_tiny_bundle
+    """A model from any source ``sdcore.load_model`` reads (``tiny:sd1`` included)."""
+    from sdcore.models.load import load_model
 
-        return create_tiny_bundle(source.split(":", 1)[1])
-    raise click.ClickException("model loading is not available in this sdcore version")
+    return load_model(source)
 
 
 def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:

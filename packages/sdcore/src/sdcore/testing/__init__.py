@@ -72,7 +72,7 @@ def temp_plugin() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Path]]:
     """Install a fake distribution: ``fake_distribution("sdplugin-x", {"x": "sdplugin_x.plugin"}, modules={...})``.
 
     ``modules`` maps dotted module names to source code, written under the same temporary

@@ -40,9 +40,10 @@ def _install(session: nox.Session, *packages: str) -> None:
 
 @nox.session(python=False)
 def ci(session: nox.Session) -> None:
-    """Lint, then every package's tests and the integration tests, in the current environment."""
+    """Lint and type-check, then every package's tests and the integration tests, in the current environment."""
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy", *[f"packages/{p}/src" for p in PACKAGES])
     suites = [f"packages/{p}/tests" for p in PACKAGES] + ["tests"]
     session.run("python", "-m", "pytest", *suites, "-q", "-p", "no:cacheprovider", *session.posargs)
 

@@ -285,3 +285,48 @@ def test_training_samples_use_the_negative_embedding(tmp_path, make_bundle):
     assert seen and seen[0][0] == "a photo of " + " ".join(method.handle.tokens["tiny"])
     assert seen[0][1] == " ".join(method.handle.tokens["tiny-neg"]) and seen[0][2] == 3.0
     assert list(result.output.parent.glob("*-samples/*.png"))
+
+
+def test_attention_maps_weight_the_loss_and_are_not_trained_on(tmp_path):
+    """``<image>_att.png`` is left out of the dataset and becomes Batch.masks, cropped/flipped like the image."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdcore.train.loop import TrainSession
+    from sdplugin_apt.method import APTMethod, APTOptions
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64, repeats=1)
+    folder = data / "1_sks"
+    grey = np.zeros((64, 64), dtype=np.uint8)
+    grey[:, 32:] = 255  # left half ignored (weight 0), right half counts 5x
+    Image.fromarray(grey, "L").save(folder / "000_att.png")
+    options = APTOptions(
+        model="tiny:sd1",
+        data=str(data),
+        output=str(tmp_path / "out"),
+        name="sks",
+        resolution=64,
+        min_bucket_reso=64,
+        max_steps=1,
+        progress=False,
+        flip=True,
+    )
+    session = TrainSession(APTMethod(options), options, bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    assert [e.path.name for e in session.data.entries] == ["000.png", "001.png"]
+    assert [p.name for p in session.data.index.auxiliary_files] == ["000_att.png"]
+    index = [e.path.name for e in session.data.entries].index("000.png")
+    from sdcore.train.data import SampleRef
+
+    refs = [SampleRef(index, 0, epoch) for epoch in range(8)]
+    flips = [session.data.flip_of(r) for r in refs]
+    assert True in flips and False in flips
+    for ref, flipped in zip(refs, flips, strict=True):
+        mask = session.make_batch([ref]).masks[0, 0]
+        left, right = mask[:, :4], mask[:, 4:]
+        if flipped:
+            left, right = right, left
+        assert float(left.max()) == 0.0 and float(right.min()) == 5.0
+    other = session.make_batch([SampleRef(1 - index, 0, 0)])
+    assert other.masks is None  # no map: no weighting at all

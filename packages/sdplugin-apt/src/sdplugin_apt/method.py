@@ -68,6 +68,9 @@ class APTOptions(TIOptions):
         group="apt",
     )
     discriminator_size: int = option(384, "Input size of the classifier (pixels).", group="apt")
+    attention_masks: bool = option(
+        True, "Weight the loss with <image>_att.png maps found beside the images (DreamArtist).", group="apt"
+    )
 
 
 class APTMethod(TIMethod):
@@ -158,6 +161,31 @@ class APTMethod(TIMethod):
             raise ConfigError(f"--positive-filewords-only needs a '*_filewords' template, not {template!r}")
         suffix = ".txt" if template.endswith(".txt") else ""
         return load_template(plain + suffix)
+
+    def is_auxiliary_file(self, path: Path) -> bool:
+        """``*_att.png`` attention maps live beside the images but are never trained on."""
+        from .masks import is_mask_file
+
+        return is_mask_file(path)
+
+    def loss_mask(self, entry: Any, assignment: Any, *, flipped: bool, latent_size: tuple[int, int]) -> Any:
+        """DreamArtist's loss weights (0..5) from ``<image>_att.*``, cropped and flipped like the image."""
+        if not self.apt_options.attention_masks:
+            return None
+        import dataclasses
+
+        import torch
+        from sdcore.train.data import load_pixels
+
+        from .masks import intensity, mask_path_for
+
+        path = mask_path_for(entry.path)
+        if path is None:
+            return None
+        array, _, _ = load_pixels(dataclasses.replace(entry, path=path), assignment, flip=flipped)
+        grey = (torch.from_numpy(array).float().mean(0) + 1.0) * 127.5  # [-1, 1] RGB -> 0..255 grey
+        weights = intensity(grey)[None, None]
+        return torch.nn.functional.adaptive_avg_pool2d(weights, latent_size)[0]
 
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
         if is_class:

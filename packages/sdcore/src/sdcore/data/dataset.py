@@ -96,6 +96,8 @@ class DatasetIndex:
     class_token_captions: list[Path] = field(default_factory=list)
     subsets: list[SubsetOptions] = field(default_factory=list)
     source: Path | None = None
+    #: files the training method claimed (e.g. DreamArtist attention maps): kept out of ``entries``
+    auxiliary_files: list[Path] = field(default_factory=list)
 
     @property
     def instance_entries(self) -> list[ImageEntry]:
@@ -119,6 +121,10 @@ class DatasetIndex:
             f"  {len(instance)} training images ({sum(e.repeats for e in instance)} with repeats)"
             + (f", {len(klass)} class images ({sum(e.repeats for e in klass)} with repeats)" if klass else ""),
         ]
+        if self.auxiliary_files:
+            lines.append(
+                f"  {len(self.auxiliary_files)} method files (e.g. attention maps) used alongside, not trained on"
+            )
         if self.class_token_captions:
             lines.append(f"  {len(self.class_token_captions)} without caption file: captioned with class tokens")
         if self.missing_captions:

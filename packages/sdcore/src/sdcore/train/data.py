@@ -139,10 +139,26 @@ def load_pixels(
     return load_training_image(entry, assignment, flip=flip)
 
 
-def build_train_data(options: TrainOptions, *, balance_class: bool, rank: int = 0, world_size: int = 1) -> TrainData:
+def build_train_data(
+    options: TrainOptions,
+    *,
+    balance_class: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    auxiliary: Any = None,
+) -> TrainData:
+    """Index, buckets and sampler; ``auxiliary(path)`` names method files that are not images to train on."""
     from ..data.dataset import assign_buckets, build_dataset_index
 
     index = build_dataset_index(options)
+    if auxiliary is not None:
+        kept = [entry for entry in index.entries if not auxiliary(entry.path)]
+        index.auxiliary_files = [entry.path for entry in index.entries if auxiliary(entry.path)]
+        index.entries = kept
+        if not kept:
+            raise ConfigError(
+                f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on"
+            )
     assignments = assign_buckets(index)
     return TrainData(
         index,

@@ -230,6 +230,7 @@ class TrainSession:
         self.text_cache: Any = None
         self.last_state: Path | None = None
         self._prefetcher: _Prefetcher | None = None
+        self._mask_cache: dict[tuple[int, bool], Any] = {}
         self._setup_done = False
 
     # -- helpers -------------------------------------------------------------------------------
@@ -296,6 +297,7 @@ class TrainSession:
             balance_class=bool(getattr(self.method, "balance_class", True)),
             rank=acc.process_index,
             world_size=acc.num_processes,
+            auxiliary=self.method.is_auxiliary_file,
         )
         self.total_steps, self.max_epochs = total_steps_for(o, self.data)
         if self.total_steps < 1:
@@ -325,6 +327,7 @@ class TrainSession:
                 balance_class=bool(getattr(self.method, "balance_class", True)),
                 rank=acc.process_index,
                 world_size=acc.num_processes,
+                auxiliary=self.method.is_auxiliary_file,
             )
             self.total_steps, self.max_epochs = total_steps_for(o, self.data)
         params = [p for g in groups for p in g["params"]]
@@ -533,9 +536,28 @@ class TrainSession:
             pixels=torch.stack(pixels_list).to(self.device) if self.method.needs_pixels else None,
             extra={"refs": refs},
         )
+        batch.masks = self._loss_masks(refs, latent_batch.shape[-2:])
         if self.text_cache is not None and with_conditioning:
             batch.conditioning = self.text_cache.batch(captions).to(self.device)
         return batch
+
+    def _loss_masks(self, refs: list[SampleRef], latent_size: Any) -> Any:
+        """``[B, 1, h, w]`` loss weights from the method (cached per image and flip), or ``None``."""
+        import torch
+
+        size = (int(latent_size[0]), int(latent_size[1]))
+        masks = []
+        for ref in refs:
+            flipped = self.data.flip_of(ref)
+            key = (ref.entry, flipped)
+            if key not in self._mask_cache:
+                entry, assignment = self.data.entries[ref.entry], self.data.assignments[ref.entry]
+                self._mask_cache[key] = self.method.loss_mask(entry, assignment, flipped=flipped, latent_size=size)
+            masks.append(self._mask_cache[key])
+        if all(mask is None for mask in masks):
+            return None
+        ones = torch.ones(1, *size)
+        return torch.stack([ones if mask is None else mask.reshape(1, *size).float() for mask in masks]).to(self.device)
 
     def _pixels(self, entry: int, flipped: bool) -> tuple[Any, Any, Any]:
         from .data import load_pixels

@@ -136,6 +136,23 @@ class TrainingMethod:
         """Turn a dataset caption into the prompt used for training (TI templates do more)."""
         return caption
 
+    def is_auxiliary_file(self, path: Path) -> bool:
+        """True for files in the dataset folders that belong to the method, not training images.
+
+        DreamArtist keeps attention maps as ``<image>_att.png`` beside the images; the runtime
+        leaves such files out of the dataset (and reports how many) instead of training on them.
+        """
+        return False
+
+    def loss_mask(self, entry: Any, assignment: Any, *, flipped: bool, latent_size: tuple[int, int]) -> Any:
+        """Per-pixel loss weights ``[1, h, w]`` at latent size for one sample, or ``None``.
+
+        Load the map with :func:`sdcore.train.data.load_pixels` on ``entry`` with another path so it
+        gets exactly the image's resize, crop and flip. The runtime multiplies the element-wise loss
+        by it (``Batch.masks``; samples without a map get ones).
+        """
+        return None
+
     # --- per step ----------------------------------------------------------------------------
     def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
         """Encode captions to conditioning; the default runs the text encoders with clip skip."""

@@ -147,16 +147,17 @@ def test_plugin_registers_method_and_prompt_network() -> None:
 
 
 def test_a1111_lr_schedule() -> None:
-    from sdplugin_hn.method import parse_lr_schedule
+    from sdcore.train.lr_schedule import parse_schedule
 
-    assert parse_lr_schedule("5e-5:100, 5e-6:1500, 5e-7") == [(5e-5, 100), (5e-6, 1500), (5e-7, None)]
+    assert parse_schedule("5e-5:100, 5e-6:1500, 5e-7").segments == ((5e-5, 100), (5e-6, 1500), (5e-7, None))
     method = HNMethod(HNOptions(lr=1e-5, lr_schedule="5e-5:2, 1e-6"))
     method.validate()
     factor = method.lr_lambda()
-    assert [round(factor(s) * 1e-5, 12) for s in (0, 2, 3, 100)] == [5e-5, 5e-5, 1e-6, 1e-6]
+    # A1111 changes the rate once step >= end_step: 5e-5 for steps 0-1, then 1e-6
+    assert [round(factor(s) * 1e-5, 12) for s in (0, 1, 2, 3, 100)] == [5e-5, 5e-5, 1e-6, 1e-6, 1e-6]
     assert HNMethod(HNOptions()).lr_lambda() is None
     for bad in ("abc", "1e-5, 1e-6:10", "-1:3"):
-        with pytest.raises(ConfigError, match="lr-schedule"):
+        with pytest.raises(ConfigError, match="schedule"):
             HNMethod(HNOptions(lr_schedule=bad)).validate()
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sdcore.errors import ConfigError
-from sdplugin_ti.schedule import parse_schedule
+from sdcore.train.lr_schedule import parse_schedule
 from sdplugin_ti.templates import BUILTIN, load_template, pick_line, render
 
 

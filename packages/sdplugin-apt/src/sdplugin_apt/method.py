@@ -320,7 +320,6 @@ class APTMethod(TIMethod):
             emb.metadata.update({k: str(v) for k, v in info.metadata.items()})
             emb.metadata["apt.cfg_scale"] = o.cfg_scale
         if info.final:
-            self.release()
             output = Path(self.options.output) if self.options.output else None
             if output is not None and output.suffix.lower() == ".pt":
                 folder, stem = output.parent, output.stem

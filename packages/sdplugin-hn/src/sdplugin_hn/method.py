@@ -8,17 +8,17 @@ is trained is exactly what ``<hypernet:name:1>`` applies later.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
 from sdcore.options import option
+from sdcore.train.lr_schedule import parse_schedule, schedule_lambda
 from sdcore.train.method import SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
+from sdcore.train.templates import pick_line, render
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 WEIGHT_INIT_CHOICES = ("normal", "xavier-uniform", "xavier-normal", "kaiming-uniform", "kaiming-normal")
 BUILTIN_TEMPLATES = ("hypernetwork", "none", "style_filewords", "subject_filewords")
+
+
+def load_template(template: str) -> tuple[str, ...]:
+    """Lines of a template: one of this plugin's built-ins by name, or a file path."""
+    from sdcore.train.templates import load_template as load
+
+    return load(template, package="sdplugin_hn", builtin=BUILTIN_TEMPLATES)
 
 
 @dataclass
@@ -80,63 +87,6 @@ def parse_floats(text: str, what: str) -> list[float]:
         raise ConfigError(f"--{what} {text!r}: expected comma-separated numbers") from exc
 
 
-def parse_lr_schedule(text: str) -> list[tuple[float, int | None]]:
-    """``"5e-5:100, 5e-6:1500, 5e-7"`` -> ``[(5e-5, 100), (5e-6, 1500), (5e-7, None)]`` (no eval)."""
-    pieces: list[tuple[float, int | None]] = []
-    for raw in text.split(","):
-        piece = raw.strip()
-        if not piece:
-            continue
-        rate_text, _, step_text = piece.partition(":")
-        try:
-            rate = float(rate_text)
-            end = int(step_text) if step_text.strip() else None
-        except ValueError as exc:
-            raise ConfigError(f"--lr-schedule {text!r}: {piece!r} is not 'rate' or 'rate:step'") from exc
-        if rate <= 0 or (end is not None and end < 0):
-            raise ConfigError(f"--lr-schedule {text!r}: rates must be > 0 and steps >= 0")
-        if pieces and pieces[-1][1] is None:
-            raise ConfigError(f"--lr-schedule {text!r}: only the last entry may omit its step")
-        pieces.append((rate, end))
-    if not pieces:
-        raise ConfigError(f"--lr-schedule {text!r} is empty")
-    return pieces
-
-
-def scheduled_rate(pieces: list[tuple[float, int | None]], step: int) -> float:
-    """The rate for update ``step`` (0-based): the first piece whose end step is >= ``step``.
-
-    Past the last listed step A1111 stops training; here the last rate continues.
-    """
-    for rate, end in pieces:
-        if end is None or step <= end:
-            return rate
-    return pieces[-1][0]
-
-
-def load_template(template: str) -> list[str]:
-    """Lines of a template file (our own built-ins by name, or a path)."""
-    if template in BUILTIN_TEMPLATES:
-        text = resources.files("sdplugin_hn").joinpath("templates", f"{template}.txt").read_text(encoding="utf-8")
-    else:
-        path = Path(template)
-        if not path.is_file():
-            raise ConfigError(f"--template {template!r}: not a file and not one of {', '.join(BUILTIN_TEMPLATES)}")
-        text = path.read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise ConfigError(f"--template {template!r} has no lines")
-    return lines
-
-
-def _pick(rng: Any, count: int) -> int:
-    if rng is None:
-        return random.randrange(count)
-    if hasattr(rng, "integers"):  # numpy Generator
-        return int(rng.integers(count))
-    return int(rng.randrange(count))
-
-
 class HNMethod(TrainingMethod):
     """Train an A1111 hypernetwork; the result is ``<name>.pt`` in A1111's format."""
 
@@ -148,7 +98,7 @@ class HNMethod(TrainingMethod):
         super().__init__(options)
         self.network: Hypernetwork | None = None
         self.hooks: HypernetworkHooks | None = None
-        self._template: list[str] | None = None
+        self._template: tuple[str, ...] | None = None
         self._identity: tuple[str | None, str | None] | None = None
         # templates pick a random line per use: the runtime caches several caption variants
         self.random_captions = bool(getattr(options, "template", ""))  # type: ignore[misc]
@@ -187,21 +137,13 @@ class HNMethod(TrainingMethod):
         if self.opts.template:
             self._template = load_template(self.opts.template)
         if self.opts.lr_schedule.strip():
-            parse_lr_schedule(self.opts.lr_schedule)
+            schedule_lambda(parse_schedule(self.opts.lr_schedule), float(self.opts.lr))
 
     def lr_lambda(self) -> Any:
         """With ``--lr-schedule``, the A1111 schedule as a factor of ``--lr``."""
         if not self.opts.lr_schedule.strip():
             return None
-        pieces = parse_lr_schedule(self.opts.lr_schedule)
-        base = float(self.opts.lr)
-        if base <= 0:
-            raise ConfigError("--lr must be > 0 when --lr-schedule is used (the schedule is a factor of it)")
-
-        def factor(step: int) -> float:
-            return scheduled_rate(pieces, step) / base
-
-        return factor
+        return schedule_lambda(parse_schedule(self.opts.lr_schedule), float(self.opts.lr))
 
     def build_network(self, widths: list[int]) -> Hypernetwork:
         from .modules import Hypernetwork
@@ -245,8 +187,7 @@ class HNMethod(TrainingMethod):
             return caption
         if self._template is None:
             self._template = load_template(self.opts.template)
-        line = self._template[_pick(rng, len(self._template))]
-        return line.replace("[filewords]", caption).replace("[name]", self.network_name)
+        return render(pick_line(self._template, rng), self.network_name, caption)
 
     @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError, NetworkMismatchError
 from sdcore.options import option
+from sdcore.train.lr_schedule import LearnSchedule, parse_schedule, schedule_lambda
 from sdcore.train.method import Conditioning, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
-from .schedule import LearnSchedule, parse_schedule
 from .templates import load_template, pick_line, render
 
 if TYPE_CHECKING:
@@ -89,8 +89,6 @@ class TIMethod(TrainingMethod):
         self.handle: EmbeddingHandle | None = None
         self.bundle: ModelBundle | None = None
         self.schedule: LearnSchedule | None = None
-        self.completed_steps = 0
-        self._schedule_hook: Any = None
 
     @property
     def ti_options(self) -> TIOptions:
@@ -111,8 +109,8 @@ class TIMethod(TrainingMethod):
             if not 1 <= item.vectors <= 75:
                 raise ConfigError(f"embedding {item.name!r}: vectors must be between 1 and 75, got {item.vectors}")
         self.schedule = parse_schedule(o.lr_schedule) if o.lr_schedule.strip() else None
-        if self.schedule is not None and o.lr <= 0:
-            raise ConfigError("--lr must be positive when --lr-schedule is used")
+        if self.schedule is not None:
+            schedule_lambda(self.schedule, o.lr)  # checks --lr
         load_template(o.template)
         if o.latent_sampling == "random" and o.cache_latents:
             raise ConfigError("--latent-sampling random draws a new latent each step: also pass --no-cache-latents")
@@ -135,10 +133,7 @@ class TIMethod(TrainingMethod):
             embeddings.append(Embedding(name=item.name, vectors=vectors, step=0))
         self.bundle = bundle
         self.handle = apply_embeddings(bundle, embeddings, trainable=True)
-        groups = self.param_groups()
-        if self.schedule is not None:
-            self._install_schedule_hook(groups)
-        return groups
+        return self.param_groups()
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One group over every trained table; weight decay 0 as A1111 (decay would pull vectors to 0)."""
@@ -150,50 +145,12 @@ class TIMethod(TrainingMethod):
         return False  # the prompts contain trainable tokens: never cache their encodings
 
     def lr_lambda(self) -> Any:
+        """``--lr-schedule`` as a factor of ``--lr``; the runtime applies it before every step."""
         if self.schedule is None and self.ti_options.lr_schedule.strip():
             self.schedule = parse_schedule(self.ti_options.lr_schedule)
         if self.schedule is None:
             return None
-        schedule, base = self.schedule, float(self.ti_options.lr)
-        return lambda step: schedule.rate_at(int(step)) / base
-
-    def _install_schedule_hook(self, groups: list[dict[str, Any]]) -> None:
-        """Apply ``--lr-schedule`` right before every optimizer step.
-
-        The runtime honours :meth:`lr_lambda` when it supports it; this pre-step hook makes the
-        schedule exact either way (both set the same value). The step index comes from Adam's
-        per-parameter ``step`` state (restored on resume), else from :meth:`on_step_end`.
-        """
-        import weakref
-
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-        base = float(self.options.lr)
-        ratios = {id(p): float(group.get("lr", base)) / base for group in groups for p in group["params"]}
-        owner = weakref.ref(self)
-
-        def set_rates(optimizer: Any, args: Any, kwargs: Any) -> None:
-            method = owner()
-            if method is None or method.schedule is None:
-                return
-            for group in optimizer.param_groups:
-                mine = [p for p in group["params"] if id(p) in ratios]
-                if not mine:
-                    continue
-                done = optimizer.state.get(mine[0], {}).get("step")
-                step = int(done) if done is not None else method.completed_steps
-                group["lr"] = method.schedule.rate_at(step) * ratios[id(mine[0])]
-
-        self._schedule_hook = register_optimizer_step_pre_hook(set_rates)
-
-    def on_step_end(self, bundle: ModelBundle, step: int) -> None:
-        self.completed_steps = step
-
-    def release(self) -> None:
-        """Remove the schedule hook (called after the final save)."""
-        if self._schedule_hook is not None:
-            self._schedule_hook.remove()
-            self._schedule_hook = None
+        return schedule_lambda(self.schedule, float(self.ti_options.lr))
 
     # --- prompts ---------------------------------------------------------------------------------
     def expand_prompt(self, prompt: str) -> str:
@@ -324,7 +281,6 @@ class TIMethod(TrainingMethod):
         emb = self.current_embedding(name, info.step)
         emb.metadata.update({k: str(v) for k, v in info.metadata.items()})
         if info.final:
-            self.release()
             output = Path(self.options.output) if self.options.output else None
             if output is not None and output.suffix.lower() == ".pt":
                 return self.write(emb, output.parent, output.stem)

@@ -1,5 +1,8 @@
 """A1111 learning-rate schedule strings: ``"0.005:100, 1e-3:1000, 1e-5"``.
 
+Shared by the methods that bring A1111's training-tab options (TI, APT, hypernetworks); a method
+returns :func:`schedule_lambda` from ``TrainingMethod.lr_lambda`` and the runtime applies it.
+
 Each comma-separated item is ``rate:end_step`` (the rate holds for steps before ``end_step``) or a
 bare ``rate`` / ``rate:-1`` (open-ended; must be last). Steps are absolute optimizer steps, so a
 resumed run picks up where it was. Unlike A1111, running past the last listed step does not stop
@@ -10,9 +13,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sdcore.errors import ConfigError
+from ..errors import ConfigError
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _ITEM = re.compile(rf"^\s*({_NUMBER})\s*(?::\s*([+-]?\d+)\s*)?$")
@@ -73,3 +77,13 @@ def parse_schedule(text: str | float) -> LearnSchedule:
             last_end = end
         segments.append((rate, end))
     return LearnSchedule(tuple(segments))
+
+
+def schedule_lambda(schedule: LearnSchedule, base_lr: float) -> Callable[[int], float]:
+    """The schedule as a factor of ``base_lr`` per optimizer step, for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Parameter groups with their own rate keep their ratio to ``base_lr``.
+    """
+    if base_lr <= 0:
+        raise ConfigError("--lr must be positive when --lr-schedule is used (the schedule is a factor of it)")
+    return lambda step: schedule.rate_at(int(step)) / base_lr

@@ -181,3 +181,27 @@ def test_fixed_batch_larger_than_one_pads_the_last_batch(tmp_path: Path) -> None
     assert tagger.batch_size == 4
     got = [r.general["1girl"] for r in tagger.tag(images)]
     assert got == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], abs=1e-4)
+
+
+def test_images_go_through_sdcores_reader(tmp_path: Path) -> None:
+    """EXIF rotation is applied, 16-bit PNGs are scaled, and declared-huge images are refused."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.data.images import ImageError
+    from sdplugin_taggers.images import open_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    Image.new("RGB", (16, 8), (200, 10, 10)).save(tmp_path / "rotated.jpg", exif=exif)
+    assert open_image(tmp_path / "rotated.jpg").size == (8, 16)
+
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert open_image(tmp_path / "deep.png").getpixel((0, 0)) == (255, 255, 255)
+
+    huge = Image.new("L", (1, 1))
+    huge.save(tmp_path / "bomb.png")
+    data = bytearray((tmp_path / "bomb.png").read_bytes())
+    data[16:24] = (100_000).to_bytes(4, "big") + (100_000).to_bytes(4, "big")  # IHDR width/height
+    (tmp_path / "bomb.png").write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="bomb|too large|pixel limit"):
+        open_image(tmp_path / "bomb.png")

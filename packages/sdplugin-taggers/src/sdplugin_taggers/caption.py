@@ -293,11 +293,10 @@ class CaptionTagger(BatchTagger):
 
     # -- batch pipeline hooks ------------------------------------------------------------------
     def _preprocess(self, source: Any) -> tuple[Any, tuple[int, int]]:
-        from .images import open_image, to_rgb_on_white
+        from .images import open_image
 
-        image = open_image(source)
-        size = image.size
-        rgb = to_rgb_on_white(image)
+        rgb = open_image(source)
+        size = rgb.size
         blip_px = clip_px = None
         if self.blip_processor is not None:
             blip_px = self.blip_processor.image_processor(images=rgb, return_tensors="np")["pixel_values"][0]

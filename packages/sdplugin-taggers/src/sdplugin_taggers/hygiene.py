@@ -75,11 +75,11 @@ class WatermarkScorer(BatchTagger):
         import numpy as np
         from PIL import Image
 
-        from .images import open_image, to_rgb_on_white
+        from .images import open_image
 
-        image = open_image(source)
-        original = image.size
-        rgb = to_rgb_on_white(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        rgb = open_image(source)
+        original = rgb.size
+        rgb = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR)
         array = (np.asarray(rgb, dtype=np.float32) / 255.0 - self.mean) / self.std
         if self.nchw:
             array = array.transpose(2, 0, 1)

@@ -38,31 +38,18 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def open_image(source: Any) -> Any:
-    """A loaded PIL image from a path or an already open PIL image (returned as is)."""
+def open_image(source: Any, *, draft: tuple[int, int] | None = None) -> Any:
+    """An 8-bit RGB PIL image (transparency on white, EXIF orientation applied) from a path or a PIL image.
+
+    Paths go through sdcore's reader, so truncated files, non-images and decompression bombs raise
+    :class:`sdcore.data.images.ImageError` with the reason (the runner counts them as unreadable).
+    """
     from PIL import Image
+    from sdcore.data.images import open_image_rgb, to_rgb
 
     if isinstance(source, Image.Image):
-        return source
-    image = Image.open(source)
-    image.load()
-    return image
-
-
-def _has_alpha(image: Any) -> bool:
-    return image.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (image.mode == "P" and "transparency" in image.info)
-
-
-def to_rgb_on_white(image: Any) -> Any:
-    """RGB with transparency composited on white (the WD reference); opaque images just convert."""
-    from PIL import Image
-
-    if not _has_alpha(image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    rgba = image.convert("RGBA")
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    canvas.alpha_composite(rgba)
-    return canvas.convert("RGB")
+        return to_rgb(source)
+    return open_image_rgb(source, draft=draft)
 
 
 def wd_preprocess(source: Any, size: int, *, fast_decode: bool = False) -> tuple[Any, tuple[int, int]]:
@@ -74,17 +61,11 @@ def wd_preprocess(source: Any, size: int, *, fast_decode: bool = False) -> tuple
     """
     import numpy as np
     from PIL import Image
+    from sdcore.data.images import probe_image
 
-    if isinstance(source, Image.Image):
-        image = source
-        original = image.size
-    else:
-        image = Image.open(source)
-        original = image.size
-        if fast_decode and image.format == "JPEG":
-            image.draft("RGB", (size, size))
-        image.load()
-    rgb = to_rgb_on_white(image)
+    drafted = fast_decode and not isinstance(source, Image.Image)
+    rgb = open_image(source, draft=(size, size) if drafted else None)
+    original = probe_image(source) if drafted else rgb.size  # a draft decode shrinks the image
     w, h = rgb.size
     side = max(w, h)
     if w != h:
@@ -103,9 +84,8 @@ def fit_edge_pad(source: Any, size: int) -> tuple[Any, tuple[int, int]]:
     import numpy as np
     from PIL import Image
 
-    image = open_image(source)
-    original = image.size
-    rgb = to_rgb_on_white(image)
+    rgb = open_image(source)
+    original = rgb.size
     w, h = rgb.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))

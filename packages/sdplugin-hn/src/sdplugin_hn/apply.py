@@ -10,7 +10,6 @@ replaced, no weight is touched, and removing the hooks restores the model exactl
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +107,9 @@ def apply_hypernetworks(unet: nn.Module, networks: Sequence[tuple[Hypernetwork, 
 
 def file_hash(path: str | Path) -> str:
     """The first 10 hex digits of the file's sha256 (A1111's short hash for hypernetworks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
+    from sdcore.models.hashes import short_hash
+
+    return short_hash(path)
 
 
 class HypernetworkHandler(PromptNetworkHandler):

@@ -14,7 +14,6 @@ vocabulary, so a one-vector embedding also works in prompts that were never expa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -342,11 +341,10 @@ def init_vectors(bundle: ModelBundle, init_text: str, count: int) -> dict[str, t
 
 # --- generation-time handler -----------------------------------------------------------------------
 def short_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    """A1111's embedding hash: the first 12 hex digits of the file's sha256."""
+    from sdcore.models.hashes import sha256_file
+
+    return sha256_file(path)[:12]
 
 
 class EmbeddingHandler(PromptNetworkHandler):

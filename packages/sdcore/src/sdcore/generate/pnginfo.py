@@ -11,7 +11,6 @@ Values containing ``,``, ``:`` or ``"`` are written as JSON strings, the way A11
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -216,21 +215,11 @@ def save_png(image: Any, path: str | os.PathLike[str], parameters: str | Generat
     return atomic_save(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, cached per (path, size, mtime) in this process."""
-    file = Path(path)
-    stat = file.stat()
-    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _HASH_CACHE[key] = digest.hexdigest()
-    return _HASH_CACHE[key]
+    """sha256 of a file (sdcore's streamed, per-process cached hash)."""
+    from ..models.hashes import sha256_file
+
+    return sha256_file(path)
 
 
 def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:

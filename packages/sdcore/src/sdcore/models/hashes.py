@@ -48,9 +48,21 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
     return _stream(Path(path), LEGACY_OFFSET, LEGACY_LENGTH)[:8]
 
 
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of the whole file (64 hex)."""
-    return _stream(Path(path))
+    """sha256 of the whole file (64 hex), cached per (path, size, mtime) in this process.
+
+    Generation hashes the model and every LoRA/embedding/hypernetwork for the PNG info on every
+    image; the cache keeps that to one read per file.
+    """
+    file = Path(path)
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        _SHA256_CACHE[key] = _stream(file)
+    return _SHA256_CACHE[key]
 
 
 def short_hash(path: str | os.PathLike[str]) -> str:

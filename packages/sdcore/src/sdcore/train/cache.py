@@ -76,6 +76,20 @@ def cache_file(entry: ImageEntry, assignment: BucketAssignment, vae_id: str, cac
     return path.parent / name
 
 
+def latent_seed(base_seed: int, entry: ImageEntry, flipped: bool) -> int:
+    """Seed of an image's VAE posterior draw, from its path *inside* the dataset folder.
+
+    Moving or copying the dataset elsewhere therefore does not change the run (a seed from the
+    absolute path did).
+    """
+    folder = Path(entry.subset.image_dir)
+    try:
+        where = f"{folder.name}/{entry.path.relative_to(folder).as_posix()}"
+    except ValueError:  # not under its subset folder: the file name alone
+        where = entry.path.name
+    return sample_seed(base_seed, "latent", where, flipped)
+
+
 def encode_pixels(bundle: ModelBundle, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     """Unscaled posterior samples ``[B, 4, h, w]`` (float32, CPU) of pixel batch ``[B, 3, H, W]``."""
     import torch
@@ -115,7 +129,7 @@ class LatentCache:
         self.reused = 0
 
     def _seed(self, index: int, flipped: bool) -> int:
-        return sample_seed(self.seed, "latent", str(self.entries[index].path), flipped)
+        return latent_seed(self.seed, self.entries[index], flipped)
 
     def fill(self, wanted: list[tuple[int, bool]], *, is_main: bool = True, progress: Any = None) -> None:
         """Make every wanted latent available; encode only what no valid file provides."""

@@ -290,16 +290,7 @@ class TrainSession:
         acc = self.accelerator
         self.device = acc.device
 
-        from .data import build_train_data
-
-        self.data = build_train_data(
-            o,
-            balance_class=bool(getattr(self.method, "balance_class", True)),
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            auxiliary=self.method.is_auxiliary_file,
-        )
-        self.total_steps, self.max_epochs = total_steps_for(o, self.data)
+        self._build_data()
         if self.total_steps < 1:
             raise ConfigError("nothing to train: the run has 0 steps (check --max-steps/--epochs and the dataset)")
         if self.is_main and o.progress:
@@ -322,14 +313,7 @@ class TrainSession:
         groups = self.method.prepare(bundle)
         if (o.data, o.reg_data) != sources:
             # the method changed the dataset in prepare (DreamBooth adds generated class images)
-            self.data = build_train_data(
-                o,
-                balance_class=bool(getattr(self.method, "balance_class", True)),
-                rank=acc.process_index,
-                world_size=acc.num_processes,
-                auxiliary=self.method.is_auxiliary_file,
-            )
-            self.total_steps, self.max_epochs = total_steps_for(o, self.data)
+            self._build_data()
         params = [p for g in groups for p in g["params"]]
         if not any(p.requires_grad for p in params):
             raise ConfigError(f"method {self.method.name!r} returned no trainable parameters")
@@ -372,6 +356,20 @@ class TrainSession:
         if log_with:
             acc.init_trackers(f"sdcore-{self.method.name or 'train'}", config=_flat_config(o))
         self._setup_done = True
+
+    def _build_data(self) -> None:
+        """Index the dataset (without the method's auxiliary files), shard it, count the steps."""
+        from .data import build_train_data
+
+        acc = self.accelerator
+        self.data = build_train_data(
+            self.options,
+            balance_class=bool(getattr(self.method, "balance_class", True)),
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            auxiliary=self.method.is_auxiliary_file,
+        )
+        self.total_steps, self.max_epochs = total_steps_for(self.options, self.data)
 
     def _place_model(self) -> None:
         """Frozen weights to the compute dtype (under mixed precision), trainable ones fp32."""
@@ -583,9 +581,9 @@ class TrainSession:
                 prefetcher.submit((ref.entry, flipped), load_pixels, entry, assignment, flip=flipped)
 
     def latent_cache_seed(self, entry: int, flipped: bool) -> int:
-        from .noise import sample_seed
+        from .cache import latent_seed
 
-        return sample_seed(self.options.seed, "latent", str(self.data.entries[entry].path), flipped)
+        return latent_seed(self.options.seed, self.data.entries[entry], flipped)
 
     # -- the objective -------------------------------------------------------------------------
     def conditioning_for(self, batch: Batch) -> Conditioning:

@@ -269,7 +269,7 @@ def test_ten_thousand_tiny_steps_hold_steady_memory(tmp_path):
         save_state=False,
     )
     pm = get_plugin_manager(builtins=False, entrypoints=False, extra=[Sampler()])
-    train(HelloMethod(options), options, plugin_manager=pm)
+    train(HelloMethod(options), plugin_manager=pm)
     assert 10_000 in samples
     growth = samples[10_000] - samples[2_000]
     assert growth < 40, f"RSS grew by {growth:.1f} MiB between step 2000 and 10000: {samples}"

@@ -133,7 +133,8 @@ def test_positive_filewords_only_negative_has_no_caption(tmp_path, make_bundle):
 def test_reconstruction_needs_pixels_and_adds_l1(tmp_path, make_bundle):
     options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "reconstruction": True, "rec_loss_weight": 0.5})
     method = APTMethod(options)
-    assert method.needs_pixels and not APTMethod(contract_options(APTMethod, tmp_path, APT_OPTIONS)).needs_pixels
+    assert method.capabilities().needs_pixels
+    assert not APTMethod(contract_options(APTMethod, tmp_path, APT_OPTIONS)).capabilities().needs_pixels
     bundle = make_bundle("sd1")
     method.prepare(bundle)
     ctx, _ = _ctx(method, bundle)
@@ -279,7 +280,7 @@ def test_training_samples_use_the_negative_embedding(tmp_path, make_bundle):
 
     pipeline.generate_images = spy
     try:
-        result = train(method, options, bundle=bundle)
+        result = train(method, bundle=bundle)
     finally:
         pipeline.generate_images = original
     assert seen and seen[0][0] == "a photo of " + " ".join(method.handle.tokens["tiny"])
@@ -312,7 +313,7 @@ def test_attention_maps_weight_the_loss_and_are_not_trained_on(tmp_path):
         progress=False,
         flip=True,
     )
-    session = TrainSession(APTMethod(options), options, bundle=create_tiny_bundle("sd1"))
+    session = TrainSession(APTMethod(options), bundle=create_tiny_bundle("sd1"))
     session.setup()
     assert [e.path.name for e in session.data.entries] == ["000.png", "001.png"]
     assert [p.name for p in session.data.index.auxiliary_files] == ["000_att.png"]

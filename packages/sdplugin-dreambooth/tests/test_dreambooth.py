@@ -53,7 +53,7 @@ def test_single_file_loads_in_diffusers_and_ours_identically(tmp_path):
 
     options = _options(tmp_path, max_steps=3)
     bundle = create_tiny_bundle("sd1")
-    result = train(DreamBoothMethod(options), options, bundle=bundle)
+    result = train(DreamBoothMethod(options), bundle=bundle)
     assert result.output.suffix == ".safetensors" and result.output.is_file()
     trained = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
 
@@ -76,7 +76,7 @@ def test_v_prediction_family_is_kept(tmp_path):
     from sdcore.models.load import load_model
 
     options = _options(tmp_path, model="tiny:sd2", max_steps=2)
-    result = train(DreamBoothMethod(options), options, bundle=create_tiny_bundle("sd2"))
+    result = train(DreamBoothMethod(options), bundle=create_tiny_bundle("sd2"))
     loaded = load_model(str(result.output))
     assert loaded.family == "sd2" and loaded.prediction_type == "v_prediction"
 
@@ -85,7 +85,7 @@ def test_diffusers_folder_output(tmp_path):
     from sdcore.models.load import load_model
 
     options = _options(tmp_path, output=str(tmp_path / "out" / "db-folder"), max_steps=2)
-    result = train(DreamBoothMethod(options), options, bundle=create_tiny_bundle("sd1"))
+    result = train(DreamBoothMethod(options), bundle=create_tiny_bundle("sd1"))
     assert (result.output / "model_index.json").is_file()
     assert load_model(str(result.output)).family == "sd1"
 
@@ -106,7 +106,6 @@ def test_text_encoder_stops_at_the_given_step(tmp_path):
     options = _options(tmp_path, max_steps=6, train_text_encoder=True, stop_text_encoder_at=3, te_lr=1e-3)
     train(
         DreamBoothMethod(options),
-        options,
         bundle=bundle,
         plugin_manager=get_plugin_manager(builtins=False, entrypoints=False, extra=[Watch()]),
     )
@@ -152,7 +151,7 @@ def test_prior_preservation_keeps_class_outputs_closer_to_the_base(tmp_path):
     ensure_class_images(create_tiny_bundle("sd1"), class_dir, "a pattern", 4, steps=4, progress=False)
     base = create_tiny_bundle("sd1")
     fit = _options(tmp_path / "fit", data=str(class_dir), max_steps=80, lr=1e-3)
-    train(DreamBoothMethod(fit), fit, bundle=base)
+    train(DreamBoothMethod(fit), bundle=base)
     reference = _class_drift_probe(base, class_dir, "a pattern")
 
     def drift(with_prior: bool) -> float:
@@ -163,7 +162,7 @@ def test_prior_preservation_keeps_class_outputs_closer_to_the_base(tmp_path):
             else {}
         )
         options = _options(tmp_path / ("p" if with_prior else "n"), max_steps=100, lr=1e-3, **extra)
-        train(DreamBoothMethod(options), options, bundle=bundle)
+        train(DreamBoothMethod(options), bundle=bundle)
         return float((_class_drift_probe(bundle, class_dir, "a pattern") - reference).pow(2).mean())
 
     without, with_prior = drift(False), drift(True)

@@ -40,7 +40,7 @@ def test_prepare_freezes_base_and_groups_lrs(tmp_path):
     groups = method.prepare(bundle)
     assert [g["name"] for g in groups] == ["unet", "text_encoder"]
     assert [g["lr"] for g in groups] == [1e-4, 5e-5]
-    assert not method.text_encoder_frozen
+    assert method.capabilities().trains_text_encoder
     assert all(not p.requires_grad for m in bundle.components().values() for p in m.parameters())
     assert all(p.requires_grad and p.dtype == torch.float32 for g in groups for p in g["params"])
     # base names unchanged, no base weight copied into the trainable state
@@ -65,7 +65,7 @@ def test_unet_only_default_and_te_only():
     bundle = fresh_bundle("sd1")
     method = LoraMethod(LoraOptions(rank=2))
     groups = method.prepare(bundle)
-    assert [g["name"] for g in groups] == ["unet"] and method.text_encoder_frozen
+    assert [g["name"] for g in groups] == ["unet"] and not method.capabilities().trains_text_encoder
     method = LoraMethod(LoraOptions(rank=2, te_only=True))
     assert [g["name"] for g in method.prepare(fresh_bundle("sd1"))] == ["text_encoder"]
     assert LoconMethod(LoconOptions(rank=3)).conv_rank == 3
@@ -141,3 +141,38 @@ def test_lycoris_algos_start_at_identity_learn_and_round_trip(algo, tmp_path):
     apply_lora(merged, saved, merge=True)
     inputs = unet_inputs(hooked)
     torch.testing.assert_close(unet_out(hooked, inputs), unet_out(merged, inputs), atol=1e-4, rtol=0)
+
+
+def test_rank_goes_from_the_cli_to_the_saved_tensor_with_kohya_metadata(tmp_path, sd_cli):
+    """``--rank 3`` on the command line is the rank of every saved LoRA factor and of ss_network_dim;
+    the kohya training keys (dataset folders, tags, steps) are written by the plugin."""
+    import json
+
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    out = tmp_path / "out.safetensors"
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(out), "--rank", "3"]
+    args += [
+        "--max-steps",
+        "2",
+        "--resolution",
+        "64",
+        "--min-bucket-reso",
+        "64",
+        "--no-progress",
+        "--save-dtype",
+        "fp32",
+    ]
+    result = sd_cli(args, pm=get_plugin_manager())
+    assert result.exit_code == 0, result.output
+    lora = read_lora(out)
+    downs = [w.tensors["down"] for w in lora.modules.values()]
+    assert downs and all(t.shape[0] == 3 for t in downs)
+    meta = lora.metadata
+    assert meta["ss_network_dim"] == "3" and meta["ss_steps"] == "2" and meta["ss_max_train_steps"] == "2"
+    assert meta["sdcore_method"] == "lora"
+    dirs = json.loads(meta["ss_dataset_dirs"])
+    assert sum(d["img_count"] for d in dirs.values()) == 2
+    assert json.loads(meta["ss_tag_frequency"]).keys() == dirs.keys()

@@ -50,7 +50,7 @@ def test_learns_when_conditioning_matters(tmp_path, make_bundle, family):
     bundle = _amplify_cross_attention(make_bundle(family))
     unet_before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
     te_before = [{k: v.clone() for k, v in te.state_dict().items()} for te in bundle.text_encoders]
-    session = TrainSession(TIMethod(options), options, bundle=bundle)
+    session = TrainSession(TIMethod(options), bundle=bundle)
     session.setup()
     before = session.fixed_loss()
     session.run()
@@ -75,7 +75,7 @@ def test_sd2_intermediate_embeddings_and_extra_format(tmp_path, make_bundle):
     options = contract_options(
         TIMethod, tmp_path, {**TI_OPTIONS, "max_steps": 2, "save_every": 1, "format": "bin"}, family="sd2"
     )
-    result = train(TIMethod(options), options, bundle=make_bundle("sd2"))
+    result = train(TIMethod(options), bundle=make_bundle("sd2"))
     folder = result.output.parent
     assert result.output.name == "result.pt"
     raw = torch.load(result.output, weights_only=True)
@@ -170,7 +170,7 @@ def test_lr_schedule_is_applied_in_training(tmp_path, make_bundle):
     def run(tag, schedule):
         values = {**TI_OPTIONS, "max_steps": 3, "save_every": 1, "lr": 0.05, "lr_schedule": schedule}
         options = contract_options(TIMethod, tmp_path / tag, values)
-        result = train(TIMethod(options), options, bundle=make_bundle("sd1"))
+        result = train(TIMethod(options), bundle=make_bundle("sd1"))
         first = load_embedding(result.output.parent / "embeddings" / "tiny-1.pt").vectors["*"]
         return first, load_embedding(result.output).vectors["*"]
 
@@ -187,7 +187,7 @@ def test_trains_with_checkpointing_and_bf16(tmp_path, make_bundle, extra):
     options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, "max_steps": 2, "init_text": "red", **extra})
     method = TIMethod(options)
     bundle = make_bundle("sd1")
-    result = train(method, options, bundle=bundle)
+    result = train(method, bundle=bundle)
     ids = bundle.tokenizers[0]("red", add_special_tokens=False).input_ids
     init = bundle.text_encoders[0].get_input_embeddings().weight[ids[0]].float().cpu()
     trained = load_embedding(result.output).vectors["*"]

@@ -15,7 +15,7 @@ names), so adding an argument here later does not break existing plugins.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import click
 
     from .specs import MethodSpec, ModelFormatSpec, PromptNetworkSpec, TaggerSpec
+    from .train.events import TrainEventContext
+    from .train.loop import TrainResult
 
 PROJECT = "sdcore"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -71,24 +73,31 @@ def sdcore_register_commands(cli: click.Group) -> None:
 
 
 @hookspec
-def sdcore_before_train(context: Any) -> None:
+def sdcore_before_train(context: TrainEventContext) -> None:
     """Called once the model is prepared and before the first step.
 
-    ``context`` is a :class:`sdcore.train.events.TrainEventContext` (method name, options, output
-    folder, total steps). Added in sdcore 0.1.
+    ``context`` is a frozen :class:`sdcore.train.events.TrainEventContext`: method name, a copy
+    of the options, output and state folders, total steps, the current step and epoch, the model
+    family and the process index/count. It is a snapshot, never the live session, model or
+    method: hooks observe a run, they cannot change it. Added in sdcore 0.1 (typed read-only
+    context since 0.2).
     """
 
 
 @hookspec
-def sdcore_on_train_step(context: Any, step: int, logs: dict[str, float]) -> None:
-    """Called after every optimizer step with the logged values (``loss``, ``lr``, ...). Added in sdcore 0.1."""
+def sdcore_on_train_step(context: TrainEventContext, step: int, logs: dict[str, float]) -> None:
+    """Called after every optimizer step with the logged values (``loss``, ``loss_avg``, ``lr``, ``epoch``).
+
+    Runs on every process of a multi-process run (``context.is_main_process`` tells the main one).
+    Added in sdcore 0.1.
+    """
 
 
 @hookspec
-def sdcore_after_train(context: Any, result: Any) -> None:
+def sdcore_after_train(context: TrainEventContext, result: TrainResult) -> None:
     """Called after training finished and the result was saved (``result.output`` is the path). Added in sdcore 0.1."""
 
 
 @hookspec
-def sdcore_on_train_error(context: Any, error: BaseException) -> None:
+def sdcore_on_train_error(context: TrainEventContext, error: BaseException) -> None:
     """Called when training stops with an exception (after the resumable state was saved). Added in sdcore 0.1."""

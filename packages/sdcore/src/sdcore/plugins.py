@@ -245,16 +245,6 @@ class SdPluginManager(pluggy.PluginManager):
                 if _env_flag("SDCORE_STRICT_PLUGINS"):
                     raise PluginError(f"plugin {name!r} failed to add commands: {exc}") from exc
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook; an exception names the plugin that raised it."""
-        caller = getattr(self.hook, hook_name)
-        for impl in caller.get_hookimpls():
-            try:
-                impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
-            except Exception as exc:
-                name = self.get_name(impl.plugin) or repr(impl.plugin)
-                raise PluginError(f"plugin {name!r} raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
-
     # --- reporting ---------------------------------------------------------------------------
     def plugin_infos(self) -> list[PluginInfo]:
         registries = self._collect()

@@ -16,7 +16,7 @@ def main() -> None:
     target = Path(sys.argv[2])
     options = ConvOutMethod.options_class(**values)
     method = ConvOutMethod(options)
-    result = train(method, options)
+    result = train(method)
     if result.main_process:
         save_file({k: v.contiguous() for k, v in method.trainable_state_dict().items()}, str(target))
         target.with_suffix(".json").write_text(json.dumps({"steps": result.steps, "losses": result.losses}))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcore.options import option
-from sdcore.train.method import SaveInfo, TrainingMethod
+from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
 
@@ -16,7 +16,7 @@ class ConvOutOptions(TrainOptions):
     train_text_norm: bool = option(False, "Also train the text encoder's final LayerNorm.")
 
 
-class ConvOutMethod(TrainingMethod):
+class ConvOutMethod(TrainingMethod[ConvOutOptions]):
     """Trains the UNet's ``conv_out`` (and optionally the text encoders' final LayerNorm)."""
 
     name = "convout"
@@ -26,7 +26,7 @@ class ConvOutMethod(TrainingMethod):
         from sdcore.models.text import final_layer_norm
 
         mods = {"unet_conv_out": bundle.unet.conv_out}
-        if self.options.train_text_norm:  # type: ignore[attr-defined]
+        if self.options.train_text_norm:
             for i, te in enumerate(bundle.text_encoders):
                 mods[f"te{i}_final_layer_norm"] = final_layer_norm(te)
         return mods
@@ -41,9 +41,8 @@ class ConvOutMethod(TrainingMethod):
             params += list(module.parameters())
         return [{"params": params, "name": "convout"}]
 
-    @property
-    def text_encoder_frozen(self) -> bool:
-        return not self.options.train_text_norm  # type: ignore[attr-defined]
+    def capabilities(self) -> Capabilities:
+        return Capabilities(trains_text_encoder=self.options.train_text_norm)
 
     def trainable_state_dict(self) -> dict[str, Any]:
         return {

@@ -4,6 +4,7 @@ import dataclasses
 import math
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from sdcore.testing.contract import (
     plugin_manager_with,
 )
 from sdcore.train.loop import TrainingDivergedError, TrainSession, train
+from sdcore.train.method import Capabilities
 from sdcore.train.noise import min_snr_weights, sample_noise
 
 
@@ -31,7 +33,7 @@ def _opts(tmp_path, tag="run", **kw):
 
 def _run(options, bundle=None, **kw):
     method = ConvOutMethod(options)
-    result = train(method, options, bundle=bundle or create_tiny_bundle(options.model.split(":")[1]), **kw)
+    result = train(method, bundle=bundle or create_tiny_bundle(options.model.split(":")[1]), **kw)
     return method, result
 
 
@@ -42,7 +44,7 @@ def test_learns_on_v_prediction_and_sdxl(tmp_path, family):
 
 def test_sdxl_batch_carries_size_conditioning(tmp_path):
     o = contract_options(ConvOutMethod, tmp_path, family="sdxl")
-    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sdxl"))
+    s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sdxl"))
     s.setup()
     batch = s.make_batch(s.data.epoch_plan(0)[0])
     assert batch.original_sizes == [(64, 64)] * 2 and batch.crop_coords == [(0, 0)] * 2
@@ -96,7 +98,7 @@ def test_bf16_mixed_precision_keeps_trainable_fp32(tmp_path):
 
 def test_min_snr_weights_the_per_sample_loss(tmp_path):
     o = _opts(tmp_path)
-    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sd1"))
+    s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
     s.setup()
     batch = s.make_batch(s.data.epoch_plan(0)[0])
     noise, _ = sample_noise([1, 2], batch.latents.shape[1:])
@@ -111,7 +113,7 @@ def test_min_snr_weights_the_per_sample_loss(tmp_path):
 
 def test_v_prediction_target_is_the_velocity(tmp_path):
     o = contract_options(ConvOutMethod, tmp_path, family="sd2")
-    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sd2"))
+    s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd2"))
     s.setup()
     assert s.bundle.noise_scheduler.config.prediction_type == "v_prediction"
     batch = s.make_batch(s.data.epoch_plan(0)[0])
@@ -190,7 +192,7 @@ def test_latent_cache_dir_and_uncached_training_match(tmp_path):
 def test_text_encoder_outputs_cached_with_caption_variants(tmp_path):
     o = _opts(tmp_path, max_steps=3, shuffle_caption=True, caption_variants=3)
     bundle = create_tiny_bundle("sd1")
-    s = TrainSession(ConvOutMethod(o), o, bundle=bundle)
+    s = TrainSession(ConvOutMethod(o), bundle=bundle)
     s.setup()
     assert s.text_cache is not None
     assert all(len(v) == 3 for v in s.text_cache.variants)
@@ -212,7 +214,7 @@ def test_training_the_text_encoder_disables_the_cache_and_gets_gradients(tmp_pat
     o = _opts(tmp_path, max_steps=2, train_text_norm=True, lr=1e-2)
     bundle = create_tiny_bundle("sd1")
     before = bundle.text_encoders[0].final_layer_norm.weight.detach().clone()
-    s = TrainSession(ConvOutMethod(o), o, bundle=bundle)
+    s = TrainSession(ConvOutMethod(o), bundle=bundle)
     s.run()
     assert s.text_cache is None
     assert not torch.equal(before, bundle.text_encoders[0].final_layer_norm.weight.detach())
@@ -268,7 +270,7 @@ class _NanAtStep3(ConvOutMethod):
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path):
     o = _opts(tmp_path, max_steps=5)
     with pytest.raises(TrainingDivergedError, match=r"step 3.*step-00000002"):
-        train(_NanAtStep3(o), o, bundle=create_tiny_bundle("sd1"))
+        train(_NanAtStep3(o), bundle=create_tiny_bundle("sd1"))
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "run" / "result-state" / "step-00000002" / "trainable.safetensors"))
@@ -299,8 +301,9 @@ def test_output_folder_gets_method_name_and_metadata(tmp_path):
 
     with safe_open(str(r.output), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_steps"] == "1" and meta["sdcore_method"] == "convout"
-    assert '"1_tiny"' in meta["ss_dataset_dirs"] and "red stripes" in meta["ss_tag_frequency"]
+    assert meta["sdcore_method"] == "convout" and meta["sdcore_family"] == "sd1"
+    # kohya's ss_* keys belong to the LoRA plugin (sdplugin_lora.method.kohya_training_metadata)
+    assert not [k for k in meta if k.startswith("ss_")]
 
 
 def test_sample_images_are_rendered_into_a_grid(tmp_path, monkeypatch):
@@ -325,7 +328,8 @@ def test_sample_images_are_rendered_into_a_grid(tmp_path, monkeypatch):
 
 
 class _PixelMethod(ConvOutMethod):
-    needs_pixels = True
+    def capabilities(self) -> Capabilities:
+        return replace(super().capabilities(), needs_pixels=True)
 
 
 @pytest.mark.parametrize(
@@ -352,15 +356,15 @@ def test_config_conflicts_fail_before_loading_a_model(tmp_path, monkeypatch, ove
     monkeypatch.setattr(loop, "load_bundle", lambda o: pytest.fail("model loaded before validation"))
     o = _opts(tmp_path, **overrides)
     with pytest.raises(ConfigError, match=message):
-        train(ConvOutMethod(o), o)
+        train(ConvOutMethod(o))
 
 
 def test_pixel_methods_get_pixels_and_refuse_latent_caching(tmp_path):
     o = _opts(tmp_path)
     with pytest.raises(ConfigError, match="--no-cache-latents"):
-        train(_PixelMethod(o), o)
+        train(_PixelMethod(o))
     o = _opts(tmp_path, cache_latents=False)
-    s = TrainSession(_PixelMethod(o), o, bundle=create_tiny_bundle("sd1"))
+    s = TrainSession(_PixelMethod(o), bundle=create_tiny_bundle("sd1"))
     s.setup()
     batch = s.make_batch(s.data.epoch_plan(0)[0])
     assert batch.pixels.shape == (2, 3, 64, 64) and batch.pixels.min() >= -1 and batch.pixels.max() <= 1
@@ -376,13 +380,14 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path):
 
 
 class _FullPrecisionBase(ConvOutMethod):
-    cast_frozen_weights = False
+    def capabilities(self) -> Capabilities:
+        return replace(super().capabilities(), cast_frozen_weights=False)
 
 
 def test_methods_can_keep_frozen_weights_in_full_precision(tmp_path):
     o = _opts(tmp_path, max_steps=1, mixed_precision="bf16")
     bundle = create_tiny_bundle("sd1")
-    train(_FullPrecisionBase(o), o, bundle=bundle)
+    train(_FullPrecisionBase(o), bundle=bundle)
     assert bundle.unet.conv_in.weight.dtype == torch.float32
     assert bundle.vae.encoder.conv_in.weight.dtype == torch.float32
 
@@ -456,7 +461,7 @@ def test_caption_variants_change_between_epochs(tmp_path):
     data = make_tiny_dataset(tmp_path / "tags", n=2)
     (data / "1_tiny" / "img00.txt").write_text("a, b, c, d, e, f", encoding="utf-8")
     o = _opts(tmp_path, max_steps=1, shuffle_caption=True, caption_variants=4, data=str(data))
-    s = TrainSession(ConvOutMethod(o), o, bundle=create_tiny_bundle("sd1"))
+    s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
     s.setup()
     chosen = set()
     for epoch in range(12):
@@ -490,7 +495,7 @@ def test_cached_text_outputs_equal_direct_encoding(tmp_path, family):
     (data / "1_tiny" / "img01.txt").write_text(", ".join(f"tag{i}" for i in range(40)), encoding="utf-8")
     o = contract_options(ConvOutMethod, tmp_path, {"data": str(data), "max_steps": 1}, family=family)
     bundle = create_tiny_bundle(family)
-    s = TrainSession(ConvOutMethod(o), o, bundle=bundle)
+    s = TrainSession(ConvOutMethod(o), bundle=bundle)
     s.setup()
     prompts = [s.text_cache.variants[i][0] for i in range(3)]
     with torch.no_grad():

@@ -25,7 +25,7 @@ def test_two_processes_equal_gradient_accumulation(tmp_path):
     values = {"batch_size": 1, "max_steps": 4, "lr": 1e-2, "flip": True, "shuffle_caption": True}
     single = contract_options(ConvOutMethod, tmp_path, {**values, "gradient_accumulation": 2}, tag="single")
     method = ConvOutMethod(single)
-    expected = train(method, single)
+    expected = train(method)
     multi = contract_options(ConvOutMethod, tmp_path, values, tag="multi")
     payload = {
         k: getattr(multi, k)

@@ -14,13 +14,13 @@ to a v prediction the same way) and the cfg curve is never ``eval``-ed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
 from sdcore.options import option
-from sdcore.train.method import SaveInfo, StepContext
+from sdcore.train.method import Capabilities, SaveInfo, StepContext
 from sdcore.train.options import TrainOptions
 from sdplugin_ti.method import TIMethod, TIOptions, TrainedEmbedding
 from sdplugin_ti.templates import load_template, pick_line, render
@@ -73,33 +73,30 @@ class APTOptions(TIOptions):
     )
 
 
-class APTMethod(TIMethod):
+class APTMethod(TIMethod[APTOptions]):
     """DreamArtist: a positive and a negative embedding trained through a CFG-combined loss."""
 
     name: ClassVar[str] = "apt"
     options_class: ClassVar[type[TrainOptions]] = APTOptions
     output_suffix: ClassVar[str] = ".pt"
 
-    def __init__(self, options: TrainOptions) -> None:
+    def __init__(self, options: APTOptions) -> None:
         super().__init__(options)
-        o = self.apt_options
-        # the runtime reads this per instance: pixels only when the reconstruction loss needs them
-        self.needs_pixels = bool(o.reconstruction)  # type: ignore[misc]
         self.guidance: GuidanceSchedule | None = None
         self._negatives: dict[str, str] = {}
         self._ema: dict[str, torch.Tensor] = {}
         self._discriminator: Any = None
 
-    @property
-    def apt_options(self) -> APTOptions:
-        return self.options  # type: ignore[return-value]
+    def capabilities(self) -> Capabilities:
+        # pixels only when the reconstruction loss needs them
+        return replace(super().capabilities(), needs_pixels=bool(self.options.reconstruction))
 
     @property
     def neg_name(self) -> str:
-        return self.apt_options.name + NEG_SUFFIX
+        return self.options.name + NEG_SUFFIX
 
     def trained_embeddings(self) -> list[TrainedEmbedding]:
-        o = self.apt_options
+        o = self.options
         return [
             TrainedEmbedding(o.name, o.init_text, o.vectors),
             TrainedEmbedding(self.neg_name, o.neg_init_text, o.neg_vectors),
@@ -108,7 +105,7 @@ class APTMethod(TIMethod):
     # --- setup -------------------------------------------------------------------------------------
     def validate(self) -> None:
         super().validate()
-        o = self.apt_options
+        o = self.options
         self.guidance = parse_guidance(o.cfg_scale)
         if o.neg_lr_weight <= 0:
             raise ConfigError("--neg-lr-weight must be positive")
@@ -134,17 +131,17 @@ class APTMethod(TIMethod):
         with torch.no_grad():
             for table in self.handle.tables[self.neg_name].values():
                 table.add_(torch.randn(table.shape, generator=generator).to(table) * 1e-3)
-        if self.apt_options.discriminator:
+        if self.options.discriminator:
             from .discriminator import load_discriminator
 
-            self._discriminator = load_discriminator(self.apt_options.discriminator).to(bundle.device).eval()
+            self._discriminator = load_discriminator(self.options.discriminator).to(bundle.device).eval()
             self._discriminator.requires_grad_(False)
         self._reset_ema()
         return self.param_groups()
 
     def param_groups(self) -> list[dict[str, Any]]:
         assert self.handle is not None
-        o = self.apt_options
+        o = self.options
         positive = list(self.handle.tables[o.name].values())
         negative = list(self.handle.tables[self.neg_name].values())
         return [
@@ -154,7 +151,7 @@ class APTMethod(TIMethod):
 
     # --- prompts -------------------------------------------------------------------------------------
     def _negative_template_lines(self) -> tuple[str, ...]:
-        template = self.apt_options.template
+        template = self.options.template
         base = template[:-4] if template.endswith(".txt") else template
         plain = base.replace("_filewords", "")
         if plain == base:
@@ -170,7 +167,7 @@ class APTMethod(TIMethod):
 
     def loss_mask(self, entry: Any, assignment: Any, *, flipped: bool, latent_size: tuple[int, int]) -> Any:
         """DreamArtist's loss weights (0..5) from ``<image>_att.*``, cropped and flipped like the image."""
-        if not self.apt_options.attention_masks:
+        if not self.options.attention_masks:
             return None
         import dataclasses
 
@@ -190,7 +187,7 @@ class APTMethod(TIMethod):
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
         if is_class:
             return caption
-        o = self.apt_options
+        o = self.options
         lines = load_template(o.template)
         line = pick_line(lines, rng)
         positive = render(line, o.name, caption)
@@ -211,14 +208,14 @@ class APTMethod(TIMethod):
             return known
         from sdplugin_ti.apply import expand_prompt
 
-        return expand_prompt(positive, {self.apt_options.name: [self.neg_name]})
+        return expand_prompt(positive, {self.options.name: [self.neg_name]})
 
     # --- loss --------------------------------------------------------------------------------------------
     def compute_loss(self, ctx: StepContext) -> torch.Tensor:
         import torch.nn.functional as F
 
         if self.guidance is None:
-            self.guidance = parse_guidance(self.apt_options.cfg_scale)
+            self.guidance = parse_guidance(self.options.cfg_scale)
         bundle = ctx.bundle
         eps_pos = ctx.predict(ctx.conditioning).float()
         if self.guidance.disabled:
@@ -231,12 +228,12 @@ class APTMethod(TIMethod):
             combined = eps_neg + scale * (eps_pos - eps_neg)
         if self._discriminator is not None:
             image = self.decode_predicted(ctx, combined)
-            return 1.0 - self._discriminator.score(image, size=self.apt_options.discriminator_size)
+            return 1.0 - self._discriminator.score(image, size=self.options.discriminator_size)
         loss = F.mse_loss(combined, ctx.target.float(), reduction="none")
         if ctx.batch.masks is not None:
             loss = loss * ctx.batch.masks.to(loss)
         loss = loss.mean(dim=tuple(range(1, loss.ndim)))
-        if self.apt_options.reconstruction:
+        if self.options.reconstruction:
             pixels = ctx.batch.pixels
             if pixels is None:
                 raise ConfigError(
@@ -247,7 +244,7 @@ class APTMethod(TIMethod):
             if pixels.shape[-2:] != image.shape[-2:]:
                 pixels = F.interpolate(pixels, size=image.shape[-2:], mode="bilinear", align_corners=False)
             rec = (image - pixels).abs().mean(dim=(1, 2, 3))
-            loss = loss + self.apt_options.rec_loss_weight * rec
+            loss = loss + self.options.rec_loss_weight * rec
         return loss
 
     def decode_predicted(self, ctx: StepContext, prediction: torch.Tensor) -> torch.Tensor:
@@ -266,7 +263,7 @@ class APTMethod(TIMethod):
 
     # --- EMA -----------------------------------------------------------------------------------------------
     def _ema_decay(self, name: str) -> float:
-        o = self.apt_options
+        o = self.options
         return o.ema_neg if name == self.neg_name else o.ema
 
     def _reset_ema(self) -> None:
@@ -292,7 +289,7 @@ class APTMethod(TIMethod):
                     if ema_key not in self._ema:
                         continue
                     self._ema[ema_key].mul_(decay).add_(table.detach(), alpha=1 - decay)
-                    if step % self.apt_options.ema_replace_every == 0:
+                    if step % self.options.ema_replace_every == 0:
                         table.copy_(self._ema[ema_key])
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -313,7 +310,7 @@ class APTMethod(TIMethod):
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         folder = self.output_dir(info)
-        o = self.apt_options
+        o = self.options
         positive = self.current_embedding(o.name, info.step)
         negative = self.current_embedding(self.neg_name, info.step)
         for emb in (positive, negative):

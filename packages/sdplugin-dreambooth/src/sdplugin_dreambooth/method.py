@@ -10,24 +10,25 @@ the base model's family and prediction type.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sdcore.errors import ConfigError
-from sdcore.train.method import SaveInfo, TrainingMethod
+from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
+from sdcore.train.options import TrainOptions
 
 from .class_images import ensure_class_images
 from .ema import ParameterEMA
 from .options import DreamBoothOptions
 
+if TYPE_CHECKING:
+    from sdcore.models.bundle import ModelBundle
 
-class DreamBoothMethod(TrainingMethod):
-    name = "dreambooth"
-    options_class = DreamBoothOptions
-    output_suffix = ".safetensors"
-    #: frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
-    cast_frozen_weights = False
-    options: DreamBoothOptions
+
+class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
+    name: ClassVar[str] = "dreambooth"
+    options_class: ClassVar[type[TrainOptions]] = DreamBoothOptions
+    output_suffix: ClassVar[str] = ".safetensors"
 
     def __init__(self, options: DreamBoothOptions) -> None:
         super().__init__(options)
@@ -49,11 +50,16 @@ class DreamBoothMethod(TrainingMethod):
         if o.class_data and o.reg_data and Path(o.class_data) != Path(o.reg_data):
             raise ConfigError("give either --class-data or --reg-data, not both")
 
-    @property
-    def text_encoder_frozen(self) -> bool:
-        return not self.options.train_text_encoder
+    def capabilities(self) -> Capabilities:
+        # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
+        return Capabilities(trains_text_encoder=self.options.train_text_encoder, cast_frozen_weights=False)
 
-    def prepare(self, bundle: Any) -> list[dict[str, Any]]:
+    def regularization_data(self) -> Path | None:
+        """``--class-data`` (generated in :meth:`prepare` when ``--class-prompt`` asks for more)."""
+        o = self.options
+        return Path(o.class_data) if o.class_data and not o.reg_data else None
+
+    def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         o = self.options
         if o.class_data and o.class_prompt:
             ensure_class_images(
@@ -67,8 +73,6 @@ class DreamBoothMethod(TrainingMethod):
                 seed=o.seed,
                 progress=o.progress,
             )
-        if o.class_data and not o.reg_data:
-            o.reg_data = o.class_data
         for module in bundle.components().values():
             module.requires_grad_(False)
         bundle.unet.requires_grad_(True)

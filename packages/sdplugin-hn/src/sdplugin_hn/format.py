@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sdcore.dtypes import torch_dtype
 from sdcore.errors import ConfigError, ModelFormatError
 from sdcore.io import atomic_save
 
@@ -25,8 +26,6 @@ _LEGACY_KEYS = {
     "linear2.weight": "linear.1.weight",
     "linear2.bias": "linear.1.bias",
 }
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def read_pickle_dict(path: str | Path) -> dict[Any, Any]:
@@ -117,7 +116,7 @@ def load_hypernetwork(path: str | Path, *, name: str | None = None) -> Hypernetw
 def hypernetwork_to_dict(hn: Hypernetwork, *, dtype: str | torch.dtype | None = None) -> dict[Any, Any]:
     """The dict A1111 saves: ``{dim: (k_sd, v_sd), ...}`` plus structure and metadata."""
     if isinstance(dtype, str):
-        dtype = _DTYPES[dtype]
+        dtype = torch_dtype(dtype)
     data: dict[Any, Any] = {}
     for dim in hn.dims:
         pair = hn.pair(dim)

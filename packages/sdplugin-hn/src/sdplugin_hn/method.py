@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sdcore.errors import ConfigError
 from sdcore.options import option
 from sdcore.train.lr_schedule import parse_schedule, schedule_lambda
-from sdcore.train.method import SaveInfo, TrainingMethod
+from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 from sdcore.train.templates import pick_line, render
 
@@ -87,41 +87,38 @@ def parse_floats(text: str, what: str) -> list[float]:
         raise ConfigError(f"--{what} {text!r}: expected comma-separated numbers") from exc
 
 
-class HNMethod(TrainingMethod):
+class HNMethod(TrainingMethod[HNOptions]):
     """Train an A1111 hypernetwork; the result is ``<name>.pt`` in A1111's format."""
 
     name: ClassVar[str] = "hn"
     options_class: ClassVar[type[TrainOptions]] = HNOptions
     output_suffix: ClassVar[str] = ".pt"
 
-    def __init__(self, options: TrainOptions) -> None:
+    def __init__(self, options: HNOptions) -> None:
         super().__init__(options)
         self.network: Hypernetwork | None = None
         self.hooks: HypernetworkHooks | None = None
         self._template: tuple[str, ...] | None = None
         self._identity: tuple[str | None, str | None] | None = None
-        # templates pick a random line per use: the runtime caches several caption variants
-        self.random_captions = bool(getattr(options, "template", ""))  # type: ignore[misc]
 
-    @property
-    def opts(self) -> HNOptions:
-        assert isinstance(self.options, HNOptions)
-        return self.options
+    def capabilities(self) -> Capabilities:
+        # templates pick a random line per use: the runtime caches several caption variants
+        return Capabilities(random_captions=bool(self.options.template))
 
     @property
     def network_name(self) -> str:
         """``--name``; else the stem of an ``--output`` ending in ``.pt``; else ``hypernetwork``."""
-        if self.opts.name:
-            return self.opts.name
-        output = Path(self.opts.output) if self.opts.output else None
+        if self.options.name:
+            return self.options.name
+        output = Path(self.options.output) if self.options.output else None
         if output is not None and output.suffix.lower() == ".pt" and output.stem:
             return output.stem
         return "hypernetwork"
 
     # --- setup -------------------------------------------------------------------------------
     def _structures(self) -> tuple[list[float], list[float] | None]:
-        layers = parse_floats(self.opts.layer_structure, "layer-structure")
-        dropout = parse_floats(self.opts.dropout, "dropout") if self.opts.dropout.strip() else None
+        layers = parse_floats(self.options.layer_structure, "layer-structure")
+        dropout = parse_floats(self.options.dropout, "dropout") if self.options.dropout.strip() else None
         return layers, dropout
 
     def validate(self) -> None:
@@ -129,21 +126,21 @@ class HNMethod(TrainingMethod):
 
         layers, dropout = self._structures()
         check_structure(layers, dropout)
-        make_activation(self.opts.activation)
-        if self.opts.sizes.strip():
-            for value in parse_floats(self.opts.sizes, "sizes"):
+        make_activation(self.options.activation)
+        if self.options.sizes.strip():
+            for value in parse_floats(self.options.sizes, "sizes"):
                 if value != int(value) or value <= 0:
-                    raise ConfigError(f"--sizes {self.opts.sizes!r}: widths are positive integers")
-        if self.opts.template:
-            self._template = load_template(self.opts.template)
-        if self.opts.lr_schedule.strip():
-            schedule_lambda(parse_schedule(self.opts.lr_schedule), float(self.opts.lr))
+                    raise ConfigError(f"--sizes {self.options.sizes!r}: widths are positive integers")
+        if self.options.template:
+            self._template = load_template(self.options.template)
+        if self.options.lr_schedule.strip():
+            schedule_lambda(parse_schedule(self.options.lr_schedule), float(self.options.lr))
 
     def lr_lambda(self) -> Any:
         """With ``--lr-schedule``, the A1111 schedule as a factor of ``--lr``."""
-        if not self.opts.lr_schedule.strip():
+        if not self.options.lr_schedule.strip():
             return None
-        return schedule_lambda(parse_schedule(self.opts.lr_schedule), float(self.opts.lr))
+        return schedule_lambda(parse_schedule(self.options.lr_schedule), float(self.options.lr))
 
     def build_network(self, widths: list[int]) -> Hypernetwork:
         from .modules import Hypernetwork
@@ -153,12 +150,12 @@ class HNMethod(TrainingMethod):
             self.network_name,
             widths,
             layer_structure=layers,
-            activation=self.opts.activation,
-            layer_norm=self.opts.layer_norm,
+            activation=self.options.activation,
+            layer_norm=self.options.layer_norm,
             use_dropout=bool(dropout and any(dropout)),
             dropout_structure=dropout,
-            activate_output=self.opts.activate_output,
-            weight_init=self.opts.init,
+            activate_output=self.options.activate_output,
+            weight_init=self.options.init,
         )
 
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
@@ -168,8 +165,8 @@ class HNMethod(TrainingMethod):
         for module in bundle.components().values():
             module.requires_grad_(False)
         widths = context_widths(bundle.unet)
-        if self.opts.sizes.strip():
-            wanted = [int(v) for v in parse_floats(self.opts.sizes, "sizes")]
+        if self.options.sizes.strip():
+            wanted = [int(v) for v in parse_floats(self.options.sizes, "sizes")]
             missing = [w for w in wanted if w not in widths]
             if missing:
                 raise ConfigError(f"--sizes {missing} not among this {bundle.family} model's attention widths {widths}")
@@ -183,10 +180,10 @@ class HNMethod(TrainingMethod):
         return [{"params": [p for p in network.parameters() if p.requires_grad], "name": "hypernetwork"}]
 
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
-        if not self.opts.template:
+        if not self.options.template:
             return caption
         if self._template is None:
-            self._template = load_template(self.opts.template)
+            self._template = load_template(self.options.template)
         return render(pick_line(self._template, rng), self.network_name, caption)
 
     @contextlib.contextmanager
@@ -237,7 +234,7 @@ class HNMethod(TrainingMethod):
         if path.is_dir() or path.suffix == "":
             stem = self.network_name if info.final else f"{self.network_name}-{info.step}"
             return path / f"{stem}.pt"
-        output = Path(self.opts.output) if self.opts.output else None
+        output = Path(self.options.output) if self.options.output else None
         folder_output = output is not None and output.suffix.lower() != ".pt"
         if folder_output and (path.stem == self.name or path.stem.startswith(f"{self.name}-")):
             return path.with_name(self.network_name + path.name[len(self.name) :])

@@ -525,7 +525,7 @@ def stringify(meta: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
+SAVE_DTYPES = ("fp16", "bf16", "fp32", "float")
 
 
 def save_lora(
@@ -542,11 +542,12 @@ def save_lora(
     for users who do not want dataset folder names or tags in the file.
     """
     from safetensors.torch import save_file
+    from sdcore.dtypes import resolve_dtype
     from sdcore.io import atomic_path
 
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"save dtype {dtype!r}: choose fp16, bf16 or fp32")
-    target = SAVE_DTYPES[dtype]
+    target = resolve_dtype(dtype)
     out = {k: v.detach().to("cpu", target).contiguous() for k, v in tensors.items()}
     meta = dict(metadata or {})
     if minimal:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
 from sdcore.options import option
-from sdcore.train.method import SaveInfo, TrainingMethod
+from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
 if TYPE_CHECKING:
@@ -80,49 +80,44 @@ class LoconOptions(LoraOptions):
     algo: str = option("locon", ALGO_HELP, choices=ALGOS, group="lora")
 
 
-class LoraMethod(TrainingMethod):
+class LoraMethod(TrainingMethod[LoraOptions]):
     """LoRA / LoCon on the UNet (and optionally the text encoders), saved in kohya's format."""
 
     name: ClassVar[str] = "lora"
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
 
-    def __init__(self, options: TrainOptions) -> None:
+    def __init__(self, options: LoraOptions) -> None:
         super().__init__(options)
         self.network: LoraNetwork | None = None
-
-    @property
-    def o(self) -> LoraOptions:
-        assert isinstance(self.options, LoraOptions)
-        return self.options
 
     # --- resolved settings ------------------------------------------------------------------------
     @property
     def train_unet(self) -> bool:
-        return not self.o.te_only
+        return not self.options.te_only
 
     @property
     def train_te(self) -> bool:
-        return (self.o.train_text_encoder or self.o.te_only) and not self.o.unet_only
+        return (self.options.train_text_encoder or self.options.te_only) and not self.options.unet_only
 
     @property
     def alpha(self) -> float:
-        return float(self.o.alpha) if self.o.alpha is not None else self.o.rank / 2
+        return float(self.options.alpha) if self.options.alpha is not None else self.options.rank / 2
 
     @property
     def conv_rank(self) -> int:
-        if self.o.conv_rank:
-            return int(self.o.conv_rank)
-        return self.o.rank if self.o.algo == "locon" else 0
+        if self.options.conv_rank:
+            return int(self.options.conv_rank)
+        return self.options.rank if self.options.algo == "locon" else 0
 
     @property
     def conv_alpha(self) -> float | None:
         if not self.conv_rank:
             return None
-        return float(self.o.conv_alpha) if self.o.conv_alpha is not None else self.conv_rank / 2
+        return float(self.options.conv_alpha) if self.options.conv_alpha is not None else self.conv_rank / 2
 
     def validate(self) -> None:
-        o = self.o
+        o = self.options
         if o.unet_only and o.te_only:
             raise ConfigError("--unet-only and --te-only contradict each other")
         if o.unet_only and o.train_text_encoder:
@@ -141,9 +136,8 @@ class LoraMethod(TrainingMethod):
         if o.network_weights and not Path(o.network_weights).is_file():
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
 
-    @property
-    def text_encoder_frozen(self) -> bool:
-        return not self.train_te
+    def capabilities(self) -> Capabilities:
+        return Capabilities(trains_text_encoder=self.train_te)
 
     # --- setup -----------------------------------------------------------------------------------
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
@@ -156,18 +150,18 @@ class LoraMethod(TrainingMethod):
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=self.conv_rank > 0)
         network = LoraNetwork.create(
             targets,
-            rank=self.o.rank,
+            rank=self.options.rank,
             alpha=self.alpha,
             conv_rank=self.conv_rank,
             conv_alpha=self.conv_alpha,
-            dropout=self.o.dropout,
-            rank_dropout=self.o.rank_dropout,
-            module_dropout=self.o.module_dropout,
-            algo=self.o.algo,
-            lokr_factor=self.o.lokr_factor,
+            dropout=self.options.dropout,
+            rank_dropout=self.options.rank_dropout,
+            module_dropout=self.options.module_dropout,
+            algo=self.options.algo,
+            lokr_factor=self.options.lokr_factor,
         )
-        if self.o.network_weights:
-            self._warm_start(network, index, self.o.network_weights)
+        if self.options.network_weights:
+            self._warm_start(network, index, self.options.network_weights)
         network.to(bundle.device)
         network.train()
         network.attach()
@@ -176,9 +170,9 @@ class LoraMethod(TrainingMethod):
         unet_params = network.parameters_of(text_encoder=False)
         te_params = network.parameters_of(text_encoder=True)
         if unet_params:
-            groups.append({"params": unet_params, "lr": self.o.unet_lr or self.o.lr, "name": "unet"})
+            groups.append({"params": unet_params, "lr": self.options.unet_lr or self.options.lr, "name": "unet"})
         if te_params:
-            groups.append({"params": te_params, "lr": self.o.te_lr or self.o.lr, "name": "text_encoder"})
+            groups.append({"params": te_params, "lr": self.options.te_lr or self.options.lr, "name": "text_encoder"})
         return groups
 
     @staticmethod
@@ -234,13 +228,13 @@ class LoraMethod(TrainingMethod):
     def metadata(self, bundle: ModelBundle, info: SaveInfo) -> dict[str, str]:
         from .format import network_metadata
 
-        o = self.o
+        o = self.options
         args: dict[str, Any] = {}
         if o.rank_dropout:
             args["rank_dropout"] = o.rank_dropout
         if o.module_dropout:
             args["module_dropout"] = o.module_dropout
-        extra: dict[str, Any] = dict(info.metadata)
+        extra: dict[str, Any] = {**kohya_training_metadata(o, info), **info.metadata}
         extra.update(
             {
                 "ss_network_dropout": o.dropout,
@@ -248,11 +242,6 @@ class LoraMethod(TrainingMethod):
                 "ss_text_encoder_lr": (o.te_lr or o.lr) if self.train_te else None,
                 "ss_network_train_unet_only": not self.train_te,
                 "ss_network_train_text_encoder_only": not self.train_unet,
-                "ss_steps": info.step,
-                "ss_epoch": info.epoch,
-                "ss_seed": o.seed,
-                "ss_mixed_precision": o.mixed_precision,
-                "ss_training_finished_at": int(time.time()) if info.final else None,
                 "ss_sd_model_name": Path(o.model).name if o.model else None,
             }
         )
@@ -287,8 +276,8 @@ class LoraMethod(TrainingMethod):
             info.path,
             network.state_dict(),
             self.metadata(bundle, info),
-            dtype=self.o.save_dtype,
-            minimal=self.o.minimal_metadata,
+            dtype=self.options.save_dtype,
+            minimal=self.options.minimal_metadata,
         )
 
     def load_result(self, bundle: ModelBundle, path: Path) -> None:
@@ -298,6 +287,57 @@ class LoraMethod(TrainingMethod):
         apply_lora(bundle, path, 1.0, merge=False, strict=True)
 
 
+def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, str]:
+    """kohya's ``ss_*`` training keys (what sd-scripts writes and A1111/civitai show): the
+    settings, the step/epoch of this save and, from the run, the dataset folders, repeats and
+    tag frequencies."""
+    import json
+
+    from sdcore.data.captions import tag_frequencies
+
+    o, run = options, info.run
+    entries = run.entries if run is not None else ()
+    dirs: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        d = dirs.setdefault(Path(entry.subset.image_dir).name, {"n_repeats": entry.repeats, "img_count": 0})
+        d["img_count"] += 1
+    tags = {name: tag_frequencies(e.caption for e in entries if Path(e.subset.image_dir).name == name) for name in dirs}
+    meta = {
+        "ss_steps": str(info.step),
+        "ss_epoch": str(info.epoch),
+        "ss_learning_rate": str(o.lr),
+        "ss_lr_scheduler": o.lr_scheduler,
+        "ss_lr_warmup_steps": str(o.lr_warmup_steps),
+        "ss_optimizer": o.optimizer + (f"({o.optimizer_args})" if o.optimizer_args else ""),
+        "ss_batch_size_per_device": str(o.batch_size),
+        "ss_gradient_accumulation_steps": str(o.gradient_accumulation),
+        "ss_mixed_precision": o.mixed_precision,
+        "ss_seed": str(o.seed),
+        "ss_clip_skip": str(o.clip_skip),
+        "ss_resolution": f"({o.resolution}, {o.resolution})",
+        "ss_noise_offset": str(o.noise_offset),
+        "ss_min_snr_gamma": str(o.min_snr_gamma),
+        "ss_cache_latents": str(o.cache_latents),
+        "ss_shuffle_caption": str(o.shuffle_caption),
+        "ss_keep_tokens": str(o.keep_tokens),
+        "ss_flip_aug": str(o.flip),
+    }
+    meta["ss_training_finished_at"] = str(int(time.time())) if info.final else "None"
+    if run is not None:
+        meta.update(
+            {
+                "ss_training_started_at": str(int(run.started_at)),
+                "ss_max_train_steps": str(run.total_steps),
+                "ss_num_train_images": str(sum(e.repeats for e in entries if not e.is_class)),
+                "ss_num_reg_images": str(sum(e.repeats for e in entries if e.is_class)),
+                "ss_v2": str(run.family == "sd2"),
+                "ss_dataset_dirs": json.dumps(dirs),
+                "ss_tag_frequency": json.dumps(tags),
+            }
+        )
+    return meta
+
+
 class LoconMethod(LoraMethod):
     """LoRA with conv modules (kohya C3Lier / LyCORIS LoCon); same file format."""
 
@@ -305,4 +345,4 @@ class LoconMethod(LoraMethod):
     options_class: ClassVar[type[TrainOptions]] = LoconOptions
 
 
-__all__ = ["LoconMethod", "LoconOptions", "LoraMethod", "LoraOptions"]
+__all__ = ["LoconMethod", "LoconOptions", "LoraMethod", "LoraOptions", "kohya_training_metadata"]

@@ -54,7 +54,6 @@ class NetworkModule(nn.Module):
         self._scale = float(alpha) / rank  # a Python float: no device sync per forward
         self.multiplier = multiplier
         self.module_dropout = module_dropout
-        self.enabled = True
         self._handle: Any = None
 
     @property
@@ -64,11 +63,6 @@ class NetworkModule(nn.Module):
     @property
     def scale(self) -> float:
         return self._scale
-
-    def set_alpha(self, alpha: float) -> None:
-        with torch.no_grad():
-            self.alpha.fill_(float(alpha))
-        self._scale = float(alpha) / self.rank
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -89,7 +83,7 @@ class NetworkModule(nn.Module):
         return self._handle is not None
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or self.multiplier == 0:
+        if self.multiplier == 0:
             return output
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return output
@@ -392,16 +386,6 @@ class LoraNetwork(nn.Module):
         """Take every hook off: the base model behaves exactly as before."""
         for module in self._modules_of():
             module.detach()
-
-    def set_multiplier(self, unet: float = 1.0, text_encoder: float | None = None) -> None:
-        """A1111 semantics: the text-encoder weight defaults to the UNet weight."""
-        te = unet if text_encoder is None else text_encoder
-        for module in self._modules_of():
-            module.multiplier = te if module.lora_name.startswith("lora_te") else unet
-
-    def set_enabled(self, enabled: bool) -> None:
-        for module in self._modules_of():
-            module.enabled = enabled
 
     def parameters_of(self, *, text_encoder: bool) -> list[nn.Parameter]:
         """Trainable parameters of the text-encoder (``True``) or UNet (``False``) modules."""

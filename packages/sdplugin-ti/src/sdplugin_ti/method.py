@@ -13,12 +13,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sdcore.errors import ConfigError, NetworkMismatchError
 from sdcore.options import option
 from sdcore.train.lr_schedule import LearnSchedule, parse_schedule, schedule_lambda
-from sdcore.train.method import Conditioning, SaveInfo, TrainingMethod
+from sdcore.train.method import Capabilities, Conditioning, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
 from .templates import load_template, pick_line, render
@@ -76,31 +76,34 @@ class TrainedEmbedding:
     vectors: int
 
 
-class TIMethod(TrainingMethod):
-    """Train one embedding (``--name``) with A1111 templates, schedule and file format."""
+#: the options of a method built on :class:`TIMethod` (APT extends them)
+TIOptionsT = TypeVar("TIOptionsT", bound=TIOptions)
+
+
+class TIMethod(TrainingMethod[TIOptionsT]):
+    """Train one embedding (``--name``) with A1111 templates, schedule and file format.
+
+    Generic in its options so a method built on it (DreamArtist's ``APTMethod(TIMethod[APTOptions])``)
+    keeps its own options type; ``TIMethod(TIOptions(...))`` is a ``TIMethod[TIOptions]``.
+    """
 
     name: ClassVar[str] = "ti"
     options_class: ClassVar[type[TrainOptions]] = TIOptions
     output_suffix: ClassVar[str] = ".pt"
-    random_captions: ClassVar[bool] = True  # a random template line per use
 
-    def __init__(self, options: TrainOptions) -> None:
+    def __init__(self, options: TIOptionsT) -> None:
         super().__init__(options)
         self.handle: EmbeddingHandle | None = None
         self.bundle: ModelBundle | None = None
         self.schedule: LearnSchedule | None = None
 
-    @property
-    def ti_options(self) -> TIOptions:
-        return self.options  # type: ignore[return-value]
-
     def trained_embeddings(self) -> list[TrainedEmbedding]:
-        o = self.ti_options
+        o = self.options
         return [TrainedEmbedding(o.name, o.init_text, o.vectors)]
 
     # --- setup ---------------------------------------------------------------------------------
     def validate(self) -> None:
-        o = self.ti_options
+        o = self.options
         for item in self.trained_embeddings():
             if not item.name.strip():
                 raise ConfigError("--name is required: the embedding's prompt word and file name")
@@ -140,17 +143,18 @@ class TIMethod(TrainingMethod):
         assert self.handle is not None
         return [{"params": self.handle.parameters(), "name": "embedding", "weight_decay": 0.0}]
 
-    @property
-    def text_encoder_frozen(self) -> bool:
-        return False  # the prompts contain trainable tokens: never cache their encodings
+    def capabilities(self) -> Capabilities:
+        # the prompts contain trainable tokens: never cache their encodings; a random template
+        # line per use
+        return Capabilities(trains_text_encoder=True, random_captions=True)
 
     def lr_lambda(self) -> Any:
         """``--lr-schedule`` as a factor of ``--lr``; the runtime applies it before every step."""
-        if self.schedule is None and self.ti_options.lr_schedule.strip():
-            self.schedule = parse_schedule(self.ti_options.lr_schedule)
+        if self.schedule is None and self.options.lr_schedule.strip():
+            self.schedule = parse_schedule(self.options.lr_schedule)
         if self.schedule is None:
             return None
-        return schedule_lambda(self.schedule, float(self.ti_options.lr))
+        return schedule_lambda(self.schedule, float(self.options.lr))
 
     # --- prompts ---------------------------------------------------------------------------------
     def expand_prompt(self, prompt: str) -> str:
@@ -165,8 +169,8 @@ class TIMethod(TrainingMethod):
         """
         if is_class:
             return caption
-        line = pick_line(load_template(self.ti_options.template), rng)
-        return render(line, self.ti_options.name, caption)
+        line = pick_line(load_template(self.options.template), rng)
+        return render(line, self.options.name, caption)
 
     def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
         return super().encode(bundle, [self.expand_prompt(c) for c in captions])
@@ -271,13 +275,13 @@ class TIMethod(TrainingMethod):
         from .formats import save_embedding
 
         primary = save_embedding(emb, folder / f"{stem}.pt", format="pt")
-        if self.ti_options.format != "pt":
-            save_embedding(emb, folder / f"{stem}.{self.ti_options.format}", format=self.ti_options.format)
+        if self.options.format != "pt":
+            save_embedding(emb, folder / f"{stem}.{self.options.format}", format=self.options.format)
         return primary
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         folder = self.output_dir(info)
-        name = self.ti_options.name
+        name = self.options.name
         emb = self.current_embedding(name, info.step)
         emb.metadata.update({k: str(v) for k, v in info.metadata.items()})
         if info.final:

@@ -171,11 +171,12 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
             device = "mps"
         else:
             device = "cpu"
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    from ..dtypes import torch_dtype
+
     if dtype == "auto":
         chosen = torch.float16 if device != "cpu" else torch.float32
     else:
-        chosen = dtypes[dtype]
+        chosen = torch_dtype(dtype)
     return torch.device(device), chosen
 
 

@@ -20,25 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import resolve_dtype as resolve_dtype  # the one dtype table (re-exported)
 from ..errors import ModelFormatError, SdcoreError
 from .bundle import FAMILIES, ModelBundle
 from .detect import CONFIG_METADATA_KEY, TEXT_ENCODER_PREFIXES, Detection, detect
-
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
-
-
-def resolve_dtype(dtype: Any) -> Any:
-    """``"fp16"``/``"bf16"``/``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype`` (``None`` stays ``None``)."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = DTYPES.get(str(dtype).lower().removeprefix("torch."))
-    if name is None:
-        raise SdcoreError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
-    return getattr(torch, name)
-
 
 # ----------------------------------------------------------------------------------------------- configs
 

@@ -90,9 +90,9 @@ def build_metadata(bundle: ModelBundle, path: Path, extra: dict[str, str] | None
 
 
 def _dtype_name(dtype: Any) -> str:
-    import torch
+    from ..dtypes import short_name
 
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+    return short_name(dtype)
 
 
 def write_single_file(

@@ -120,7 +120,7 @@ def check_one_step(
     from ..train.loop import train
 
     options = contract_options(method_class, tmp_path, {**(overrides or {}), "max_steps": 1}, family=family, tag="one")
-    result = train(method_class(options), options, bundle=_bundle(family))
+    result = train(method_class(options), bundle=_bundle(family))
     assert result.steps == 1, result
     assert len(result.losses) == 1 and math.isfinite(result.losses[0]), result.losses
     assert Path(result.output).exists(), f"the method did not write {result.output}"
@@ -142,7 +142,7 @@ def check_learning(
 
     values = {"max_steps": steps, "lr": 1e-2, "batch_size": 4, "save_state": False, **(overrides or {})}
     options = contract_options(method_class, tmp_path, values, family=family, tag="learn")
-    session = TrainSession(method_class(options), options, bundle=_bundle(family))
+    session = TrainSession(method_class(options), bundle=_bundle(family))
     session.setup()
     before = session.fixed_loss()
     session.run()
@@ -195,7 +195,7 @@ def check_save_load(
     )
     method = method_class(options)
     trained = _bundle(family)
-    result = train(method, options, bundle=trained)
+    result = train(method, bundle=trained)
     for module in trained.components().values():
         module.eval()
     captions = ["tiny, red stripes", "tiny, blue checks"]
@@ -264,7 +264,7 @@ def check_resume(
     base = {"max_steps": steps, "lr": 5e-3, "batch_size": 1, **(overrides or {})}
     full_opts = contract_options(method_class, tmp_path, base, family=family, tag="full")
     full = method_class(full_opts)
-    train(full, full_opts, bundle=_bundle(family))
+    train(full, bundle=_bundle(family))
 
     part_opts = contract_options(method_class, tmp_path, base, family=family, tag="parts")
     half = max(1, steps // 2)
@@ -272,7 +272,6 @@ def check_resume(
     try:
         train(
             method_class(part_opts),
-            part_opts,
             bundle=_bundle(family),
             plugin_manager=plugin_manager_with(_StopAt(half)),
         )
@@ -281,7 +280,7 @@ def check_resume(
     assert interrupted, "the KeyboardInterrupt raised in a hook did not propagate"
     resume_opts = dataclasses.replace(part_opts, resume="latest")
     resumed = method_class(resume_opts)
-    result = train(resumed, resume_opts, bundle=_bundle(family))
+    result = train(resumed, bundle=_bundle(family))
     assert result.steps == steps
     a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
     assert a.keys() == b.keys()
@@ -309,7 +308,7 @@ def check_determinism(
             shutil.copytree(options.data, moved)
             options.data = str(moved)
         method = method_class(options)
-        train(method, options, bundle=_bundle(family))
+        train(method, bundle=_bundle(family))
         states.append(method.trainable_state_dict())
     a, b = states
     assert a.keys() == b.keys()

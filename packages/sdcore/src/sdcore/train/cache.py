@@ -213,8 +213,9 @@ class TextCache:
 
         from .data import caption_is_random, make_caption
 
+        method_random = self.method.capabilities().random_captions
         for index, entry in enumerate(self.entries):
-            n = count if caption_is_random(entry) or getattr(self.method, "random_captions", False) else 1
+            n = count if method_random or caption_is_random(entry) else 1
             self.variants.append(
                 [
                     make_caption(self.method, entry, random.Random(sample_seed(self.seed, "caption-variant", index, v)))
@@ -270,3 +271,66 @@ class TextCache:
         hidden = torch.cat([c.hidden_states for c in conds])
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])  # type: ignore[misc]
         return Conditioning(hidden, pooled)
+
+
+def build_caches(
+    bundle: ModelBundle,
+    method: Any,
+    options: Any,
+    data: Any,
+    accelerator: Any,
+    *,
+    trains_text_encoder: bool,
+    needs_pixels: bool,
+    progress: Any,
+) -> tuple[LatentCache | None, TextCache | None]:
+    """Fill the latent cache (``--cache-latents``) and the text-encoder output cache
+    (``--cache-text-encoder-outputs``, only when nothing in the text encoders trains).
+
+    With several processes and a disk cache, the main process encodes and writes the files and the
+    others read them. Off the CPU, the VAE and text encoders move back to the CPU once cached
+    (sampling brings them back). ``progress`` is a :class:`sdcore.train.progress.Progress`.
+    """
+    from ..dtypes import torch_dtype
+
+    latent_cache = text_cache = None
+    device = accelerator.device
+    is_main = bool(accelerator.is_main_process)
+    if options.cache_latents:
+        latent_cache = LatentCache(
+            bundle,
+            data.entries,
+            data.assignments,
+            seed=options.seed,
+            to_disk=options.cache_latents_to_disk,
+            cache_dir=getattr(options, "cache_dir", None),
+        )
+        wanted = data.needed_latents()
+        with progress.cache_bar(len({w[0] for w in wanted}), "caching latents") as bar:
+            if latent_cache.to_disk and accelerator.num_processes > 1:
+                if is_main:
+                    latent_cache.fill(wanted, is_main=True, progress=bar)
+                accelerator.wait_for_everyone()
+                if not is_main:
+                    latent_cache.fill(wanted, is_main=False, progress=bar)
+            else:
+                latent_cache.fill(wanted, is_main=is_main, progress=bar)
+        if latent_cache.encoded or latent_cache.reused:
+            progress.say(f"latents: {latent_cache.encoded} encoded, {latent_cache.reused} reused from disk")
+        if device.type != "cpu" and not needs_pixels:
+            bundle.vae.to("cpu")  # frees accelerator memory; samples move it back
+    if options.cache_text_encoder_outputs and not trains_text_encoder:
+        text_cache = TextCache(
+            bundle,
+            method,
+            data.entries,
+            seed=options.seed,
+            variants=options.caption_variants,
+            dtype=torch_dtype(options.mixed_precision),
+        )
+        with accelerator.autocast():
+            text_cache.fill()
+        if device.type != "cpu":
+            for te in bundle.text_encoders:
+                te.to("cpu")
+    return latent_cache, text_cache

@@ -111,7 +111,7 @@ def build_train_command(spec: Any) -> click.Command:
                 _describe(method, options)
                 return
             pm = getattr(ctx.find_root().obj, "pm", None)
-            result = train(method, options, plugin_manager=pm)
+            result = train(method, plugin_manager=pm)
         except KeyboardInterrupt:
             click.echo("interrupted: continue with the same command plus --resume latest", err=True)
             sys.exit(130)
@@ -149,7 +149,7 @@ def _describe(method: Any, options: Any) -> None:
     from .data import build_train_data
     from .loop import output_paths, total_steps_for
 
-    data = build_train_data(options, balance_class=bool(getattr(method, "balance_class", True)))
+    data = build_train_data(options, balance_class=method.capabilities().balance_class)
     steps, epochs = total_steps_for(options, data)
     per_epoch = len(data.epoch_plan(0))
     click.echo(data.index.summary())

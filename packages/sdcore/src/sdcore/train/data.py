@@ -9,6 +9,7 @@ therefore never change what a sample looks like.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -169,3 +170,17 @@ def build_train_data(
         rank=rank,
         world_size=world_size,
     )
+
+
+def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | None]:
+    """(optimizer steps to run, epoch limit or None)."""
+    accum = options.gradient_accumulation
+    epochs = options.epochs
+    if options.max_steps is None and epochs is None:
+        epochs = 1
+    if epochs is None:
+        return int(options.max_steps or 0), None
+    steps = sum(math.ceil(len(data.epoch_plan(e)) / accum) for e in range(epochs))
+    if options.max_steps is not None:
+        steps = min(steps, options.max_steps)
+    return steps, epochs

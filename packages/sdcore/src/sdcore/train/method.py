@@ -1,10 +1,25 @@
 """The method contract: the small part of training that differs between LoRA, TI, DreamBooth...
 
-A plugin subclasses :class:`TrainingMethod`, sets ``name`` and ``options_class`` and implements
-``prepare`` and ``save`` (and overrides the other hooks only when it must). The runtime in
+A plugin subclasses ``TrainingMethod[MyOptions]``, sets ``name`` and ``options_class`` and
+implements ``prepare`` and ``save`` (and overrides the other hooks only when it must). The runtime in
 :mod:`sdcore.train.loop` owns everything else: data, buckets, caching, noise and timesteps,
 v-prediction, min-SNR, mixed precision, optimizer and schedule, accelerate, checkpoints and resume,
 sampling, progress and logs.
+
+Decisions:
+
+- **One source of truth for options.** The method object owns them: ``method.options`` is typed as
+  the method's own options class (``TrainingMethod[LoraOptions]`` gives ``self.options:
+  LoraOptions``) and ``train(method)`` trains with exactly those. Nothing in the runtime or a
+  method mutates them during a run.
+- **Capabilities are declared once**: :meth:`TrainingMethod.capabilities` returns a frozen
+  :class:`Capabilities`; the runtime reads it once per run (it may depend on the options, e.g.
+  APT needs pixels only with ``--reconstruction``).
+- **Extra datasets are explicit**: :meth:`TrainingMethod.regularization_data` names a folder of
+  class images the method adds (DreamBooth's generated class images) instead of changing
+  ``options.reg_data``.
+- **Method-specific metadata** (kohya ``ss_*`` keys for LoRA) comes from the method's ``save``;
+  the runtime only passes generic facts in :class:`SaveInfo`.
 """
 
 from __future__ import annotations
@@ -13,14 +28,35 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from .options import TrainOptions
 
 if TYPE_CHECKING:
     import torch
 
+    from ..data.dataset import ImageEntry
     from ..models.bundle import ModelBundle
+
+OptionsT = TypeVar("OptionsT", bound=TrainOptions)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method needs from the runtime, declared once (see :meth:`TrainingMethod.capabilities`)."""
+
+    #: the runtime passes decoded pixels in the batch (APT reconstruction loss); latents cannot be cached
+    needs_pixels: bool = False
+    #: class (regularisation) images are drawn to match the instance images each epoch (kohya)
+    balance_class: bool = True
+    #: ``caption_for`` is random (templates): cache several caption variants like shuffled tags
+    random_captions: bool = False
+    #: under mixed precision the frozen weights are stored in fp16/bf16 to save memory; methods
+    #: that save the whole model (DreamBooth) set False so frozen parts are saved at full precision
+    cast_frozen_weights: bool = True
+    #: something in the text encoders trains: their outputs are not cached and gradient
+    #: checkpointing (when asked) also covers them
+    trains_text_encoder: bool = False
 
 
 @dataclass
@@ -77,39 +113,53 @@ class StepContext:
     predict: Any  # predict(conditioning) -> model output, for methods needing several passes (APT)
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunFacts:
+    """Read-only facts about the run for a method's metadata (kohya ``ss_*`` keys in LoRA files)."""
+
+    total_steps: int
+    started_at: float
+    #: the dataset entries (``sdcore.data.dataset.ImageEntry``: subset folder, repeats, caption, is_class)
+    entries: tuple[ImageEntry, ...] = ()
+    family: str = ""
+
+
+@dataclass(frozen=True)
 class SaveInfo:
-    """Passed to ``save``: where the runtime wants the result and what to put in its metadata."""
+    """Passed to ``save``: where the runtime wants the result and the generic metadata to include.
+
+    ``metadata`` holds the runtime's own keys (``sdcore_method``, base model, family); a method adds
+    its format's keys itself (LoRA writes kohya's ``ss_*`` from ``run``).
+    """
 
     path: Path
     step: int
     epoch: int
     metadata: dict[str, str]
     final: bool
+    run: RunFacts | None = None
 
 
-class TrainingMethod:
-    """Base class of every training method.
+class TrainingMethod(Generic[OptionsT]):
+    """Base class of every training method: ``class MyMethod(TrainingMethod[MyOptions])``.
 
     Subclasses set the class attributes and implement :meth:`prepare` and :meth:`save`.
     """
 
     name: ClassVar[str] = ""
+    #: the options dataclass the CLI and configs build (must be the ``OptionsT`` class)
     options_class: ClassVar[type[TrainOptions]] = TrainOptions
     #: default output name suffix when ``--output`` names a folder
     output_suffix: ClassVar[str] = ".safetensors"
-    #: the runtime passes decoded pixels in the batch (APT reconstruction loss)
-    needs_pixels: ClassVar[bool] = False
-    #: class (regularisation) images are drawn to match the instance images each epoch (kohya)
-    balance_class: ClassVar[bool] = True
-    #: ``caption_for`` is random (templates): cache several caption variants like shuffled tags
-    random_captions: ClassVar[bool] = False
-    #: under mixed precision the frozen weights are stored in fp16/bf16 to save memory; methods
-    #: that save the whole model (DreamBooth) set False so frozen parts are saved at full precision
-    cast_frozen_weights: ClassVar[bool] = True
 
-    def __init__(self, options: TrainOptions) -> None:
-        self.options = options
+    def __init__(self, options: OptionsT) -> None:
+        if not isinstance(options, self.options_class):
+            raise TypeError(f"{type(self).__name__} needs {self.options_class.__name__}, got {type(options).__name__}")
+        self.options: OptionsT = options
+
+    def capabilities(self) -> Capabilities:
+        """What this method needs from the runtime (read once per run, after :meth:`validate`)."""
+        return Capabilities()
 
     # --- setup -----------------------------------------------------------------------------
     def validate(self) -> None:
@@ -123,14 +173,14 @@ class TrainingMethod:
         """
         raise NotImplementedError
 
-    @property
-    def text_encoder_frozen(self) -> bool:
-        """True when nothing in the text encoders trains, so their outputs may be cached."""
-        return True
+    def regularization_data(self) -> Path | None:
+        """A folder of class (regularisation) images this method adds to the dataset, or ``None``.
 
-    @property
-    def vae_frozen(self) -> bool:
-        return True
+        Called after :meth:`prepare` (which may have generated the images, as DreamBooth does);
+        the runtime indexes it as class images like ``--reg-data``. The user's ``--reg-data``
+        wins when both are given.
+        """
+        return None
 
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
         """Turn a dataset caption into the prompt used for training (TI templates do more)."""
@@ -144,7 +194,7 @@ class TrainingMethod:
         """
         return False
 
-    def loss_mask(self, entry: Any, assignment: Any, *, flipped: bool, latent_size: tuple[int, int]) -> Any:
+    def loss_mask(self, entry: ImageEntry, assignment: Any, *, flipped: bool, latent_size: tuple[int, int]) -> Any:
         """Per-pixel loss weights ``[1, h, w]`` at latent size for one sample, or ``None``.
 
         Load the map with :func:`sdcore.train.data.load_pixels` on ``entry`` with another path so it

@@ -1,0 +1,54 @@
+"""The one table of precision names: ``fp32``/``fp16``/``bf16`` (and their aliases) <-> ``torch.dtype``.
+
+Import-light: torch loads only when a name is resolved. Every option that takes a precision
+(``--save-dtype``, ``--mixed-precision``, ``--dtype``) resolves it here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import SdcoreError
+
+if TYPE_CHECKING:
+    import torch
+
+#: precision name -> torch attribute name (``"no"`` is ``--mixed-precision no``: full precision)
+DTYPE_NAMES: dict[str, str] = {
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+    "no": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
+#: torch attribute name -> the short name files and logs use
+SHORT_NAMES: dict[str, str] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``"fp16"``/``"bf16"``/``"fp32"`` (or an alias) or a ``torch.dtype`` -> ``torch.dtype``; ``None`` stays ``None``."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise SdcoreError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    return getattr(torch, name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Like :func:`resolve_dtype` for a name that must be given (``--mixed-precision``, ``--save-dtype``)."""
+    dtype = resolve_dtype(name)
+    if dtype is None:
+        raise SdcoreError("no dtype given; use fp32, fp16 or bf16")
+    return dtype  # type: ignore[no-any-return]
+
+
+def short_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (other dtypes: their ``str``)."""
+    return SHORT_NAMES.get(str(dtype).removeprefix("torch."), str(dtype))

@@ -1,0 +1,190 @@
+"""Micro-batches: sample references -> :class:`~sdcore.train.method.Batch` (latents, captions,
+SDXL sizes, pixels and loss masks), reading the caches when they exist and prefetching images in
+threads when they do not."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from .method import Batch, Capabilities, TrainingMethod
+from .options import TrainOptions
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelBundle
+    from .cache import LatentCache, TextCache
+    from .data import SampleRef, TrainData
+
+
+class Prefetcher:
+    """Decodes the next micro-batches' images in threads while the current step runs (only when
+    images are read every step: no latent cache, or a method that needs pixels). Loading is a pure
+    function of the image, so prefetching never changes results."""
+
+    def __init__(self, workers: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdcore-prefetch")
+        self.futures: dict[Any, Any] = {}
+
+    def submit(self, key: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if key not in self.futures:
+            self.futures[key] = self.pool.submit(fn, *args, **kwargs)
+
+    def take(self, key: Any) -> Any:
+        future = self.futures.pop(key, None)
+        return None if future is None else future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.futures.clear()
+
+
+class BatchMaker:
+    """Builds the batches of one run."""
+
+    def __init__(
+        self,
+        data: TrainData,
+        method: TrainingMethod[Any],
+        caps: Capabilities,
+        options: TrainOptions,
+        bundle: ModelBundle,
+        device: Any,
+        *,
+        latent_cache: LatentCache | None = None,
+        text_cache: TextCache | None = None,
+    ) -> None:
+        self.data = data
+        self.method = method
+        self.caps = caps
+        self.options = options
+        self.bundle = bundle
+        self.device = device
+        self.latent_cache = latent_cache
+        self.text_cache = text_cache
+        self.prefetcher: Prefetcher | None = None
+        self._mask_cache: dict[tuple[int, bool], Any] = {}
+
+    @property
+    def reads_images(self) -> bool:
+        """Images are decoded every step (worth prefetching)."""
+        return self.latent_cache is None or self.caps.needs_pixels
+
+    def make_batch(self, refs: list[SampleRef], *, with_conditioning: bool = True) -> Batch:
+        """Latents (scaled), captions and SDXL sizes for the samples ``refs``."""
+        import torch
+
+        from .cache import encode_pixels
+        from .data import make_caption
+
+        data, bundle, seed = self.data, self.bundle, self.options.seed
+        latents: list[Any] = []
+        captions: list[str] = []
+        originals: list[tuple[int, int]] = []
+        crops: list[tuple[int, int]] = []
+        targets: list[tuple[int, int]] = []
+        pixels_list: list[Any] = []
+        is_class: list[bool] = []
+        weights: list[float] = []
+        to_encode: list[tuple[int, Any, int]] = []  # (slot, pixels, seed) when latents are not cached
+        for ref in refs:
+            entry, assignment = data.entries[ref.entry], data.assignments[ref.entry]
+            flipped = data.flip_of(ref)
+            pixels = None
+            if self.latent_cache is not None:
+                latent, original, crop = self.latent_cache.get(ref.entry, flipped)
+                latents.append(latent)
+            else:
+                array, original, crop = self.pixels(ref.entry, flipped)
+                pixels = torch.from_numpy(array)
+                to_encode.append((len(latents), pixels, self.latent_seed(ref.entry, flipped)))
+                latents.append(None)
+            if self.caps.needs_pixels:
+                if pixels is None:
+                    array, _, _ = self.pixels(ref.entry, flipped)
+                    pixels = torch.from_numpy(array)
+                pixels_list.append(pixels)
+            if self.text_cache is not None:
+                captions.append(self.text_cache.choose(ref.entry, ref.seed(seed, "caption")))
+            else:
+                captions.append(make_caption(self.method, entry, random.Random(ref.seed(seed, "caption"))))
+            originals.append((int(original[0]), int(original[1])))
+            crops.append((int(crop[0]), int(crop[1])))
+            w, h = assignment.bucket
+            targets.append((h, w))
+            is_class.append(entry.is_class)
+            weights.append(float(self.options.prior_loss_weight) if entry.is_class else 1.0)
+        if to_encode:
+            encoded = encode_pixels(bundle, torch.stack([p for _, p, _ in to_encode]), [s for _, _, s in to_encode])
+            for (slot, _, _), latent in zip(to_encode, encoded, strict=True):
+                latents[slot] = latent
+        latent_batch = torch.stack(latents).to(self.device) * bundle.vae_scaling_factor
+        batch = Batch(
+            latents=latent_batch,
+            captions=captions,
+            is_class=torch.tensor(is_class, device=self.device),
+            loss_weights=torch.tensor(weights, device=self.device),
+            original_sizes=originals,
+            crop_coords=crops,
+            target_sizes=targets,
+            pixels=torch.stack(pixels_list).to(self.device) if self.caps.needs_pixels else None,
+            extra={"refs": refs},
+        )
+        batch.masks = self.loss_masks(refs, latent_batch.shape[-2:])
+        if self.text_cache is not None and with_conditioning:
+            batch.conditioning = self.text_cache.batch(captions).to(self.device)
+        return batch
+
+    def loss_masks(self, refs: list[SampleRef], latent_size: Any) -> Any:
+        """``[B, 1, h, w]`` loss weights from the method (cached per image and flip), or ``None``."""
+        import torch
+
+        size = (int(latent_size[0]), int(latent_size[1]))
+        masks = []
+        for ref in refs:
+            flipped = self.data.flip_of(ref)
+            key = (ref.entry, flipped)
+            if key not in self._mask_cache:
+                entry, assignment = self.data.entries[ref.entry], self.data.assignments[ref.entry]
+                self._mask_cache[key] = self.method.loss_mask(entry, assignment, flipped=flipped, latent_size=size)
+            masks.append(self._mask_cache[key])
+        if all(mask is None for mask in masks):
+            return None
+        ones = torch.ones(1, *size)
+        return torch.stack([ones if mask is None else mask.reshape(1, *size).float() for mask in masks]).to(self.device)
+
+    def pixels(self, entry: int, flipped: bool) -> tuple[Any, Any, Any]:
+        from .data import load_pixels
+
+        if self.prefetcher is not None:
+            found = self.prefetcher.take((entry, flipped))
+            if found is not None:
+                return found  # type: ignore[no-any-return]
+        return load_pixels(self.data.entries[entry], self.data.assignments[entry], flip=flipped)
+
+    def prefetch(self, refs_groups: list[list[SampleRef]]) -> None:
+        """Start decoding the images of the coming micro-batches in background threads."""
+        if self.prefetcher is None:
+            return
+        from .data import load_pixels
+
+        for refs in refs_groups:
+            for ref in refs:
+                flipped = self.data.flip_of(ref)
+                entry, assignment = self.data.entries[ref.entry], self.data.assignments[ref.entry]
+                self.prefetcher.submit((ref.entry, flipped), load_pixels, entry, assignment, flip=flipped)
+
+    def start_prefetching(self) -> None:
+        if self.reads_images and self.prefetcher is None:
+            self.prefetcher = Prefetcher()
+
+    def stop_prefetching(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+
+    def latent_seed(self, entry: int, flipped: bool) -> int:
+        from .cache import latent_seed
+
+        return latent_seed(self.options.seed, self.data.entries[entry], flipped)

@@ -1,0 +1,211 @@
+"""Checkpoints: where results go, intermediate results, resumable states, resume and retention.
+
+- The final result goes to ``method.resolve_output(--output)``; resumable states to the folder
+  ``<result stem>-state`` beside it (one ``step-NNNNNNNN`` folder per save, see :mod:`.state`).
+- Intermediate results (``--save-every``/``--save-every-epochs``) are named
+  :func:`intermediate_path` and, with ``--save-limit N``, only the newest N are kept (states too).
+- Resume restores the trainable tensors, optimizer, schedule, scaler, RNGs and the position in
+  the epoch; options that change the data order or schedule may differ but are warned about.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .method import RunFacts, SaveInfo, TrainingMethod
+from .options import TrainOptions
+from .state import TrainPosition
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelBundle
+
+log = logging.getLogger("sdcore.train")
+
+#: options that change the data order, the samples or the schedule: changing them on resume is
+#: allowed but warned about (the result no longer equals an uninterrupted run)
+RESUME_SENSITIVE = (
+    "data",
+    "reg_data",
+    "batch_size",
+    "gradient_accumulation",
+    "seed",
+    "lr",
+    "lr_scheduler",
+    "optimizer",
+    "optimizer_args",
+    "resolution",
+    "flip",
+    "shuffle_caption",
+    "caption_variants",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# names
+
+
+def output_paths(method: TrainingMethod[Any], options: TrainOptions) -> tuple[Path, Path]:
+    """(final result path, state root folder ``<result stem>-state`` beside it)."""
+    out = Path(method.resolve_output(Path(options.output).expanduser()))
+    return out, out.parent / f"{stem_and_suffix(out)[0]}-state"
+
+
+def stem_and_suffix(path: Path) -> tuple[str, str]:
+    """``lora.safetensors`` -> (``lora``, ``.safetensors``); a folder name keeps its whole name."""
+    if path.suffix and not path.is_dir() and len(path.suffix) <= 13:
+        return path.name[: -len(path.suffix)], path.suffix
+    return path.name, ""
+
+
+def intermediate_path(final: Path, *, step: int | None = None, epoch: int | None = None) -> Path:
+    """``lora.safetensors`` -> ``lora-step00000100.safetensors`` / ``lora-epoch0002.safetensors``."""
+    stem, ext = stem_and_suffix(final)
+    tag = f"-epoch{epoch:04d}" if epoch is not None else f"-step{step:08d}"
+    return final.parent / f"{stem}{tag}{ext}"
+
+
+def samples_dir(state_root: Path) -> Path:
+    """``<result stem>-samples`` beside the state folder."""
+    return state_root.parent / f"{state_root.name[: -len('-state')]}-samples"
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# saving and restoring
+
+
+class Checkpoints:
+    """Results and states of one run. ``accelerator`` synchronises processes; only the main
+    process writes results, every process takes part in saving a state."""
+
+    def __init__(
+        self,
+        method: TrainingMethod[Any],
+        options: TrainOptions,
+        accelerator: Any,
+        *,
+        say: Callable[[str], None] = log.info,
+    ) -> None:
+        self.method = method
+        self.options = options
+        self.accelerator = accelerator
+        self.say = say
+        self.output, self.state_root = output_paths(method, options)
+        self.saved_results: list[Path] = []
+        self.last_state: Path | None = None
+        self.started_at = time.time()
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def base_metadata(self, bundle: ModelBundle) -> dict[str, str]:
+        """The runtime's own metadata keys; the method adds its format's (LoRA: kohya ``ss_*``)."""
+        return {
+            "sdcore_method": self.method.name,
+            "sdcore_base_model": str(self.options.model),
+            "sdcore_family": bundle.family,
+        }
+
+    def save_info(
+        self, bundle: ModelBundle, path: Path, position: TrainPosition, run: RunFacts, *, final: bool
+    ) -> SaveInfo:
+        return SaveInfo(
+            path=path,
+            step=position.step,
+            epoch=position.epoch,
+            metadata=self.base_metadata(bundle),
+            final=final,
+            run=run,
+        )
+
+    def save_result(self, bundle: ModelBundle, position: TrainPosition, run: RunFacts) -> Path:
+        """The final result (main process; the others get the path it will have)."""
+        output = self.output
+        if self.is_main:
+            output = Path(self.method.save(bundle, self.save_info(bundle, self.output, position, run, final=True)))
+        return output
+
+    def save_intermediate(
+        self, bundle: ModelBundle, position: TrainPosition, run: RunFacts, *, step: int | None, epoch: int | None
+    ) -> Path | None:
+        """An intermediate result, keeping the newest ``--save-limit`` of them."""
+        if not self.is_main:
+            return None
+        path = intermediate_path(self.output, step=step, epoch=epoch)
+        saved = Path(self.method.save(bundle, self.save_info(bundle, path, position, run, final=False)))
+        self.saved_results.append(saved)
+        limit = self.options.save_limit
+        if limit:
+            while len(self.saved_results) > limit:
+                remove_path(self.saved_results.pop(0))
+        return saved
+
+    def save_state(
+        self, position: TrainPosition, *, optimizer: Any, scheduler: Any, losses: list[float], total_steps: int
+    ) -> Path:
+        """A resumable state (every process waits for the main one to write it)."""
+        from .state import prune_states, save_state
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        folder = self.state_root / f"step-{position.step:08d}"
+        if self.is_main:
+            folder = save_state(
+                self.state_root,
+                position,
+                trainable=self.method.trainable_state_dict(),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=acc.scaler,
+                extra={
+                    "method": self.method.name,
+                    "losses": losses,
+                    "total_steps": total_steps,
+                    "options": asdict(self.options),
+                    "world_size": acc.num_processes,
+                },
+            )
+            if self.options.save_limit:
+                prune_states(self.state_root, self.options.save_limit)
+        acc.wait_for_everyone()
+        self.last_state = folder
+        return folder
+
+    def restore(self, resume: str, *, optimizer: Any, scheduler: Any, device: Any) -> tuple[TrainPosition, list[float]]:
+        """Load the state ``resume`` names (``latest`` or a folder): (position, losses so far)."""
+        from .state import load_state, read_position, resolve_resume
+
+        folder = resolve_resume(resume, self.state_root)
+        position, record = read_position(folder)
+        if record.get("method") not in (None, self.method.name):
+            raise ConfigError(
+                f"--resume {folder}: the state is from method {record.get('method')!r}, not {self.method.name!r}"
+            )
+        trainable = load_state(folder, optimizer=optimizer, scheduler=scheduler, scaler=self.accelerator.scaler)
+        self.method.load_trainable_state_dict({k: v.to(device) for k, v in trainable.items()})
+        saved = record.get("options") or {}
+        current = asdict(self.options)
+        changed = [k for k in RESUME_SENSITIVE if k in saved and saved[k] != current.get(k)]
+        if changed:
+            log.warning(
+                "resuming with changed %s: the run continues but will not match an uninterrupted one",
+                ", ".join(f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed),
+            )
+            self.say("warning: resuming with changed " + ", ".join(changed))
+        losses = [float(x) for x in record.get("losses", [])][: position.step]
+        self.say(f"resumed from {folder} at step {position.step} (epoch {position.epoch + 1}, batch {position.batch})")
+        return position, losses

@@ -1,0 +1,146 @@
+"""Model placement (imports torch; the loop imports it when a run starts): the accelerator, devices and dtypes, gradient checkpointing, and
+``accelerator.prepare`` of what trains.
+
+Distributed training is accelerate's: what a method trains is gathered into one module
+(:class:`TrainedModules`) whose forward computes the micro-batch loss, and that module, the
+optimizer and the LR schedule go through ``accelerator.prepare``. Under ``accelerate launch``
+with DDP the gradients are therefore averaged by DDP's bucketed all-reduce *during* backward
+(overlapping it), and skipped on the micro-batches before the last of an accumulation group
+(:meth:`Placement.no_sync`). Whole modules that train entirely (DreamBooth's UNet and text
+encoders) are registered as themselves, so a sharding engine (FSDP, DeepSpeed) sees the real
+modules; the parameters a method adds elsewhere (LoRA factors, TI vectors, HN layers) are
+registered as a parameter list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..dtypes import torch_dtype
+from ..errors import ConfigError
+from .method import Capabilities
+from .options import TrainOptions
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelBundle
+
+
+def create_accelerator(options: TrainOptions, *, log_with: str | None = None) -> Any:
+    """An ``accelerate.Accelerator`` for this run (mixed precision, trackers, DDP settings).
+
+    The LR schedule is stepped once per optimizer step of this run (``step_scheduler_with_optimizer``
+    off): its length is already counted per process, so accelerate must not step it once per process.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    with contextlib.suppress(Exception):  # a previous run in this process fixed another precision
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    # find_unused_parameters: LoRA module dropout and DreamBooth's --stop-text-encoder-at leave
+    # some trainable parameters without a gradient on some steps
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+    try:
+        return Accelerator(
+            mixed_precision=options.mixed_precision,
+            log_with=log_with,
+            project_dir=options.log_dir,
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[ddp],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--mixed-precision {options.mixed_precision}: {exc}") from exc
+
+
+def place_model(
+    bundle: ModelBundle, params: list[torch.nn.Parameter], caps: Capabilities, device: Any, precision: str
+) -> None:
+    """Every module to ``device``; trainable parameters in fp32, frozen ones in the compute dtype
+    (under mixed precision, unless the method keeps them: ``cast_frozen_weights``)."""
+
+    weight_dtype = torch_dtype(precision)
+    trainable = {id(p) for p in params}
+    for name, module in bundle.components().items():
+        module.to(device)
+        module_trains = False
+        for p in module.parameters():
+            if id(p) in trainable:
+                module_trains = True
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+            elif not caps.cast_frozen_weights:
+                continue
+            elif p.dtype != weight_dtype and not (name == "vae" and weight_dtype == torch.float16):
+                # the VAE stays fp32 under fp16: SD/SDXL VAEs overflow in fp16 (NaN latents)
+                p.data = p.data.to(weight_dtype)
+        module.train(module_trains)
+    # method-owned parameters outside the bundle's modules (e.g. separate embeddings)
+    for p in params:
+        if p.device != device:
+            p.data = p.data.to(device)
+
+
+def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> None:
+    """Also when the UNet is frozen: gradients still flow through it to LoRA/TI parameters."""
+    bundle.unet.enable_gradient_checkpointing()
+    if caps.trains_text_encoder:
+        for te in bundle.text_encoders:
+            if hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+
+
+class TrainedModules(torch.nn.Module):
+    """What a method trains, gathered into one module whose forward computes the micro-batch loss.
+
+    The module shares the parameters (no copies): the method keeps using its own modules. Bundle
+    components whose every parameter trains (a full fine-tune) are registered whole (``whole``);
+    the other trainable parameters are in ``extra``.
+    """
+
+    def __init__(self, bundle: ModelBundle, params: list[torch.nn.Parameter], loss: Callable[..., Any]) -> None:
+        super().__init__()
+        wanted = {id(p) for p in params}
+        covered: set[int] = set()
+        self.whole = torch.nn.ModuleDict()
+        for name, module in bundle.components().items():
+            own = list(module.parameters())
+            if own and all(id(p) in wanted for p in own):
+                self.whole[name] = module
+                covered.update(id(p) for p in own)
+        self.extra = torch.nn.ParameterList([p for p in params if id(p) not in covered])
+        self._loss = loss
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._loss(*args, **kwargs)
+
+
+class Placement:
+    """The accelerator of one run and what went through ``accelerator.prepare``."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        self.model: Any = None  # the prepared TrainedModules (DDP-wrapped under accelerate launch)
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    def prepare(self, model: Any, optimizer: Any, scheduler: Any) -> None:
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+
+    @contextlib.contextmanager
+    def no_sync(self, sync: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce on micro-batches before the last of an accumulation group."""
+        if sync or self.accelerator.num_processes <= 1:
+            yield
+        else:
+            with self.accelerator.no_sync(self.model):
+                yield

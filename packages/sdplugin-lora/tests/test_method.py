@@ -176,3 +176,12 @@ def test_rank_goes_from_the_cli_to_the_saved_tensor_with_kohya_metadata(tmp_path
     dirs = json.loads(meta["ss_dataset_dirs"])
     assert sum(d["img_count"] for d in dirs.values()) == 2
     assert json.loads(meta["ss_tag_frequency"]).keys() == dirs.keys()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_gradient_accumulation(tmp_path):
+    from sdcore.testing.distributed import check_processes_equal_accumulation, torchrun_command
+
+    if torchrun_command() is None:
+        pytest.skip("torchrun not available")
+    check_processes_equal_accumulation(LoraMethod, tmp_path, {"rank": 2, "train_text_encoder": True, "flip": True})

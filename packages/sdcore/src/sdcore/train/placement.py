@@ -138,9 +138,19 @@ class Placement:
 
     @contextlib.contextmanager
     def no_sync(self, sync: bool) -> Iterator[None]:
-        """Skip the gradient all-reduce on micro-batches before the last of an accumulation group."""
-        if sync or self.accelerator.num_processes <= 1:
-            yield
-        else:
-            with self.accelerator.no_sync(self.model):
+        """Skip the gradient all-reduce on micro-batches before the last of an accumulation group.
+
+        Sets accelerate's ``sync_gradients`` flag as ``accelerator.accumulate`` would (DeepSpeed's
+        engine steps inside ``backward`` only when it is set) and, under DDP, enters ``no_sync``.
+        The loop decides the group size itself because the last step of an epoch may be shorter.
+        """
+        acc = self.accelerator
+        acc.gradient_state._set_sync_gradients(sync)
+        try:
+            if sync or acc.num_processes <= 1:
                 yield
+            else:
+                with acc.no_sync(self.model):
+                    yield
+        finally:
+            acc.gradient_state._set_sync_gradients(True)

@@ -1,0 +1,125 @@
+"""Multi-process checks for training methods: N processes (torchrun, gloo on CPU) must train exactly
+like one process accumulating N micro-batches.
+
+``check_processes_equal_accumulation(MyMethod, tmp_path, {...})`` trains once in this process with
+``gradient_accumulation=2`` and once under ``torchrun --nproc_per_node 2`` (this module is the
+worker), then compares the logged losses and every trained tensor. The worker also reports which
+module the runtime trained through, so the check proves gradients were synced by accelerate's
+prepared (DDP) model, not by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+#: options copied to the worker (everything the contract options set, plus the method's own)
+_SKIP = {"output"}
+
+
+def torchrun_command() -> list[str] | None:
+    """How to start torchrun here, or None when it is not installed."""
+    found = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    return [found] if Path(found).exists() else None
+
+
+def check_processes_equal_accumulation(
+    method_class: Any,
+    tmp_path: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    processes: int = 2,
+    extra_pythonpath: list[str] | None = None,
+    config_file: str | Path | None = None,
+    trained_through: str = "DistributedDataParallel",
+    atol: float = 1e-6,
+    timeout: float = 600,
+) -> dict[str, Any]:
+    """Assert ``processes`` processes == 1 process with ``gradient_accumulation=processes``.
+
+    With ``config_file`` the workers start with ``accelerate launch --config_file`` (its process
+    count must be ``processes``) instead of plain torchrun; ``trained_through`` is the class name
+    of the prepared model the workers must report (``FullyShardedDataParallel`` under FSDP).
+    """
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ..train.loop import train
+    from .contract import contract_options
+
+    if config_file is not None:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    else:
+        command = torchrun_command()
+        assert command is not None, "torchrun not available"
+        launcher = [*command, "--standalone", "--nproc_per_node", str(processes)]
+    values = {"batch_size": 1, "max_steps": 4, "lr": 1e-2, **(overrides or {})}
+    single = contract_options(method_class, tmp_path, {**values, "gradient_accumulation": processes}, tag="single")
+    method = method_class(single)
+    expected = train(method)
+    multi = contract_options(method_class, tmp_path, values, tag="multi")
+    payload = {
+        "method": f"{method_class.__module__}:{method_class.__qualname__}",
+        "options": {k: v for k, v in dataclasses.asdict(multi).items() if k not in _SKIP},
+        "output": str(tmp_path / "multi" / f"result{method_class.output_suffix}"),
+    }
+    out = tmp_path / "multi-trained.safetensors"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    if extra_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*extra_pythonpath, env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [*launcher, "-m", __name__, json.dumps(payload), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = load_file(str(out))
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["steps"] == values["max_steps"]
+    assert record["trained_through"] == trained_through, record
+    # the logged loss is the mean over the processes = the accumulated loss
+    assert record["losses"] == __import__("pytest").approx(expected.losses, rel=1e-5)
+    state = method.trainable_state_dict()
+    assert state.keys() == got.keys()
+    for key, value in state.items():
+        assert torch.allclose(got[key].float(), value.float().cpu(), atol=atol), key
+    return record
+
+
+def main() -> None:
+    """The worker: ``python -m sdcore.testing.distributed PAYLOAD_JSON OUT`` under torchrun."""
+    from safetensors.torch import save_file
+
+    from ..train.loop import TrainSession
+
+    payload = json.loads(sys.argv[1])
+    target = Path(sys.argv[2])
+    module, name = payload["method"].split(":")
+    method_class = getattr(importlib.import_module(module), name)
+    options = method_class.options_class(**{**payload["options"], "output": payload["output"]})
+    method = method_class(options)
+    session = TrainSession(method)
+    result = session.run()
+    if result.main_process:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in method.trainable_state_dict().items()}
+        save_file(tensors, str(target))
+        record = {
+            "steps": result.steps,
+            "losses": result.losses,
+            "trained_through": type(session.placement.model).__name__,
+        }
+        target.with_suffix(".json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -139,7 +139,7 @@ def test_reconstruction_needs_pixels_and_adds_l1(tmp_path, make_bundle):
     method.prepare(bundle)
     ctx, _ = _ctx(method, bundle)
     with_rec = method.compute_loss(ctx)
-    method.apt_options.reconstruction = False
+    method.options.reconstruction = False
     without = method.compute_loss(ctx)
     image = method.decode_predicted(ctx, ctx.target)  # decoding works with gradients and gives [B, 3, 64, 64]
     assert image.shape == (1, 3, 64, 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,24 @@ def test_contradictory_options_fail_before_loading(tmp_path):
         DreamBoothMethod(_options(tmp_path, stop_text_encoder_at=3)).validate()
     with pytest.raises(ConfigError, match="class-data"):
         DreamBoothMethod(_options(tmp_path, class_prompt="a dog")).validate()
+
+
+def test_generated_class_images_enter_the_dataset_without_changing_the_options(tmp_path):
+    """``--class-data`` + ``--class-prompt``: prepare generates the images, ``regularization_data()``
+    hands the folder to the runtime, and the user's options stay as given (no ``reg_data`` set)."""
+    from sdcore.train.loop import TrainSession
+
+    options = _options(
+        tmp_path,
+        max_steps=1,
+        class_data=str(tmp_path / "class"),
+        class_prompt="a dog",
+        num_class_images=2,
+        class_steps=2,
+    )
+    before = dataclasses.replace(options)
+    session = TrainSession(DreamBoothMethod(options), bundle=create_tiny_bundle("sd1"))
+    session.run()
+    assert options == before and options.reg_data is None
+    assert sum(e.is_class for e in session.data.entries) == 2
+    assert session.method.regularization_data() == tmp_path / "class"

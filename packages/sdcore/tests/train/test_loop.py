@@ -238,9 +238,24 @@ class _Recorder:
 
 
 def test_lifecycle_hooks(tmp_path):
-    rec = _Recorder()
+    from sdcore.train.events import TrainEventContext
+
+    class Contexts(_Recorder):
+        def __init__(self):
+            super().__init__()
+            self.contexts = []
+
+        def sdcore_on_train_step(self, context, step, logs):
+            super().sdcore_on_train_step(context, step, logs)
+            self.contexts.append(context)
+
+    rec = Contexts()
     _run(_opts(tmp_path, max_steps=2), plugin_manager=plugin_manager_with(rec))
     assert rec.events == [("before", 2), ("step", 1, 0.001), ("step", 2, 0.001), ("after", 2)]
+    # hooks get typed read-only snapshots, one per event, never the live session
+    assert all(type(c) is TrainEventContext for c in rec.contexts)
+    assert [c.step for c in rec.contexts] == [1, 2] and rec.contexts[0].family == "sd1"
+    assert rec.contexts[0].output == tmp_path / "run" / "result.safetensors"
 
 
 def test_ctrl_c_saves_a_resumable_state_then_reraises(tmp_path):

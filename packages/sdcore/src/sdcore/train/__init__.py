@@ -4,13 +4,16 @@ Public API (all import-light: torch loads only when training starts)::
 
     from sdcore.train import train, TrainResult, TrainSession, validate_options
     from sdcore.train import load_options, dump_options          # TOML/JSON configs
-    from sdcore.train.method import TrainingMethod, SaveInfo      # the method contract
+    from sdcore.train.method import TrainingMethod, Capabilities  # the method contract
     from sdcore.train.options import TrainOptions                 # the shared options
 
-Modules: ``loop`` (the session), ``data`` (epoch plans, per-sample seeds), ``cache`` (latents,
-text-encoder outputs), ``noise`` (noise/timesteps/targets/min-SNR), ``optim`` (optimizers and
-schedules), ``state`` (resumable states), ``config`` and ``cli`` (options from files and flags),
-``events`` (what lifecycle hooks receive).
+Modules, one job each: ``loop`` (the session composing the parts), ``validation`` (options
+checks before anything loads), ``data`` (epoch plans, per-sample seeds, step math), ``cache``
+(latents, text-encoder outputs), ``batches`` (micro-batches, prefetching), ``placement``
+(accelerator, devices/dtypes, ``accelerator.prepare``), ``step`` (noise, loss, one optimizer step),
+``checkpoints`` (results, states, resume, retention), ``sampling`` (sample images), ``progress``
+(messages, bar, trackers), ``events`` (what lifecycle hooks receive), ``noise``, ``optim``,
+``state``, ``config`` and ``cli``.
 """
 
 from .config import dump_options, load_options

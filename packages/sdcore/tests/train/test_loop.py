@@ -287,8 +287,13 @@ def test_save_every_with_retention_and_epoch_saves(tmp_path):
     o = _opts(tmp_path, "ep", max_steps=None, epochs=3, save_every_epochs=1, save_state=False)
     _run(o)
     names = sorted(p.name for p in (tmp_path / "ep").glob("*.safetensors"))
-    assert names == ["result-epoch0001.safetensors", "result-epoch0002.safetensors", "result.safetensors"]
+    # kohya's names: six-digit epoch numbers
+    assert names == ["result-000001.safetensors", "result-000002.safetensors", "result.safetensors"]
     assert not (tmp_path / "ep" / "result-state").exists()
+    o = _opts(tmp_path, "ep1", max_steps=None, epochs=3, save_every_epochs=1, save_limit=1, save_state=False)
+    _run(o)
+    names = sorted(p.name for p in (tmp_path / "ep1").glob("*.safetensors"))
+    assert names == ["result-000002.safetensors", "result.safetensors"]
 
 
 def test_output_folder_gets_method_name_and_metadata(tmp_path):
@@ -479,7 +484,9 @@ def test_output_path_rules(tmp_path):
     assert output_paths(m, _opts(tmp_path, output=str(tmp_path / "dir")))[0] == tmp_path / "dir" / "convout.safetensors"
     assert output_paths(m, _opts(tmp_path, output=str(tmp_path / "x.pt")))[0] == tmp_path / "x.pt"
     assert intermediate_path(tmp_path / "a.safetensors", step=7) == tmp_path / "a-step00000007.safetensors"
-    assert intermediate_path(tmp_path / "model", epoch=2) == tmp_path / "model-epoch0002"
+    assert intermediate_path(tmp_path / "model", epoch=2) == tmp_path / "model-000002"
+    assert intermediate_path(tmp_path / "a.safetensors", epoch=12) == tmp_path / "a-000012.safetensors"
+    assert intermediate_path(tmp_path / "a.safetensors", step=1234) == tmp_path / "a-step00001234.safetensors"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -179,9 +179,10 @@ def _stem_and_suffix(path: Path) -> tuple[str, str]:
 
 
 def intermediate_path(final: Path, *, step: int | None = None, epoch: int | None = None) -> Path:
-    """``lora.safetensors`` -> ``lora-step00000100.safetensors`` / ``lora-epoch0002.safetensors``."""
+    """kohya's names: ``lora.safetensors`` -> ``lora-000002.safetensors`` (epoch 2, six digits) or
+    ``lora-step00000100.safetensors`` (step 100, eight digits)."""
     stem, ext = _stem_and_suffix(final)
-    tag = f"-epoch{epoch:04d}" if epoch is not None else f"-step{step:08d}"
+    tag = f"-{epoch:06d}" if epoch is not None else f"-step{step:08d}"
     return final.parent / f"{stem}{tag}{ext}"
 
 

@@ -319,6 +319,7 @@ def test_sample_images_are_rendered_into_a_grid(tmp_path, monkeypatch):
 
     module = types.ModuleType("sdcore.generate.pipeline")
     module.generate_images = fake_generate
+    module.sampler_id = lambda name: name
     monkeypatch.setitem(sys.modules, "sdcore.generate.pipeline", module)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red thing\n# comment\n\na blue thing\n", encoding="utf-8")
@@ -327,6 +328,42 @@ def test_sample_images_are_rendered_into_a_grid(tmp_path, monkeypatch):
     assert calls[0][1]["steps"] == 3
     grid = Image.open(tmp_path / "run" / "result-samples" / "step00000004.png")
     assert grid.size == (128, 64)
+
+
+def test_kohya_sample_prompt_options_reach_the_sampler_not_the_prompt(tmp_path, monkeypatch):
+    from PIL import Image
+
+    calls = []
+
+    def fake_generate(bundle, prompts, **kw):
+        calls.append((list(prompts), kw))
+        return [Image.new("RGB", (kw["width"], kw["height"])) for _ in prompts]
+
+    module = types.ModuleType("sdcore.generate.pipeline")
+    module.generate_images = fake_generate
+    module.sampler_id = lambda name: name
+    monkeypatch.setitem(sys.modules, "sdcore.generate.pipeline", module)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red thing --n blurry --w 96 --h 32 --s 2 --d 5 --l 4.5 --ss euler\na blue thing\n")
+    o = _opts(tmp_path, max_steps=None, epochs=3, sample_every_epochs=1, sample_prompts=str(prompts), sample_steps=3)
+    _run(o)
+    red = [c for c in calls if c[0] == ["a red thing"]]
+    blue = [c for c in calls if c[0] == ["a blue thing"]]
+    assert len(red) == len(blue) == 3  # epochs 1 and 2, then the final render
+    kw = red[0][1]
+    assert (kw["negative_prompt"], kw["width"], kw["height"], kw["steps"], kw["seed"], kw["cfg"], kw["sampler"]) == (
+        ["blurry"],
+        96,
+        32,
+        2,
+        5,
+        4.5,
+        "euler",
+    )
+    kw = blue[0][1]
+    assert (kw["steps"], kw["seed"], kw["sampler"], "cfg" in kw) == (3, o.seed + 1, "euler_a", False)
+    folder = tmp_path / "run" / "result-samples"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch000001.png", "epoch000002.png", "final.png"]
 
 
 class _PixelMethod(ConvOutMethod):

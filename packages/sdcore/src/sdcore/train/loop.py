@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from ..models.bundle import ModelBundle
     from .data import SampleRef, TrainData
+    from .sample_prompts import SamplePrompt
 
 log = logging.getLogger("sdcore.train")
 
@@ -111,7 +112,15 @@ def validate_options(options: TrainOptions, method: TrainingMethod | None = None
     for label, count in positive.items():
         if count < 1:
             raise ConfigError(f"--{label.replace('_', '-')} must be at least 1, got {count}")
-    for name in ("max_steps", "epochs", "save_every", "save_every_epochs", "save_limit", "sample_every"):
+    for name in (
+        "max_steps",
+        "epochs",
+        "save_every",
+        "save_every_epochs",
+        "save_limit",
+        "sample_every",
+        "sample_every_epochs",
+    ):
         value = getattr(o, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
@@ -133,8 +142,15 @@ def validate_options(options: TrainOptions, method: TrainingMethod | None = None
         raise ConfigError("--cache-latents-to-disk needs --cache-latents")
     if o.sample_every is not None and not o.sample_prompts:
         raise ConfigError("--sample-every needs --sample-prompts")
+    if o.sample_every_epochs is not None and not o.sample_prompts:
+        raise ConfigError("--sample-every-epochs needs --sample-prompts")
     if o.sample_prompts and not o.sample_prompts.strip():
         raise ConfigError("--sample-prompts is empty")
+    if o.sample_prompts:
+        from .sample_prompts import read_sample_prompts, sampler_name
+
+        sampler_name(o.sample_sampler)
+        read_sample_prompts(o.sample_prompts)  # syntax errors now, not after an hour of training
     if o.mixed_precision == "fp16":
         import torch
 
@@ -830,6 +846,8 @@ class TrainSession:
         last = pos.step >= self.total_steps or (self.max_epochs is not None and pos.epoch >= self.max_epochs)
         if o.save_every_epochs and pos.epoch % o.save_every_epochs == 0 and not last:
             self.save_checkpoint(epoch=pos.epoch)
+        if o.sample_every_epochs and pos.epoch % o.sample_every_epochs == 0 and not last:
+            self.render_samples(f"epoch{pos.epoch:06d}")
 
     def _diverged(self, value: float, what: str = "loss") -> None:
         folder = None
@@ -1000,16 +1018,13 @@ class TrainSession:
         )
 
     # -- samples -------------------------------------------------------------------------------
-    def sample_prompt_list(self) -> list[str]:
-        text = self.options.sample_prompts or ""
-        path = Path(text).expanduser()
-        if text.endswith(".txt") or (len(text) < 4096 and path.is_file()):
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise ConfigError(f"--sample-prompts {text}: {exc.strerror or exc}") from exc
-            return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        return [text]
+    def sample_prompt_list(self) -> list[SamplePrompt]:
+        from .sample_prompts import read_sample_prompts
+
+        prompts = read_sample_prompts(self.options.sample_prompts or "")
+        for ignored in sorted({option for p in prompts for option in p.ignored}):
+            log.warning("sample prompts: option %s is not used by sdcore (left out of the prompt)", ignored)
+        return prompts
 
     def render_samples(self, tag: str) -> Path | None:
         """Render the sample prompts into ``<output stem>-samples/<tag>.png`` (a grid)."""
@@ -1032,18 +1047,26 @@ class TrainSession:
             if next(module.parameters()).device != self.device:
                 module.to(self.device)
                 moved.append(module)
+        from .sample_prompts import generation_calls
+
+        images = []
         try:
             with torch.no_grad(), self.method.sampling(bundle) as extra:
-                images = generate_images(
-                    bundle,
-                    prompts,
-                    steps=self.options.sample_steps,
-                    seed=self.options.seed,
-                    width=self.options.resolution,
-                    height=self.options.resolution,
-                    clip_skip=self.options.clip_skip,
-                    **extra,
-                )
+                for group, seed in generation_calls(prompts, self.options.seed):
+                    first = group[0]
+                    images += generate_images(
+                        bundle,
+                        [p.prompt for p in group],
+                        negative_prompt=[p.negative for p in group],
+                        steps=first.steps or self.options.sample_steps,
+                        seed=seed,
+                        width=first.width or self.options.resolution,
+                        height=first.height or self.options.resolution,
+                        sampler=first.sampler or self.options.sample_sampler,
+                        clip_skip=self.options.clip_skip,
+                        **({"cfg": first.cfg} if first.cfg is not None else {}),
+                        **extra,
+                    )
         finally:
             for module in moved:
                 module.to("cpu")

@@ -102,9 +102,16 @@ class TrainOptions:
         None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output"
     )
     sample_prompts: str | None = option(
-        None, "A prompt, or a .txt file of prompts (one per line), to render while training.", group="output"
+        None,
+        "A prompt, or a prompt file (.txt one per line with kohya's --n --w --h --s --d --l --ss options; "
+        ".json/.toml as kohya), to render while training.",
+        group="output",
     )
     sample_every: int | None = option(None, "Render the sample prompts every N steps.", group="output")
-    sample_steps: int = option(20, "Sampler steps for sample images.", group="output")
+    sample_every_epochs: int | None = option(None, "Render the sample prompts every N epochs.", group="output")
+    sample_steps: int = option(20, "Sampler steps for sample images (a prompt's --s overrides).", group="output")
+    sample_sampler: str = option(
+        "euler_a", "Sampler for sample images (sdcore or kohya names; a prompt's --ss overrides).", group="output"
+    )
     log_dir: str | None = option(None, "TensorBoard log folder (when tensorboard is installed).", group="output")
     progress: bool = option(True, "Show a progress bar.", group="output")

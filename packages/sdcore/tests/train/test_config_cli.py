@@ -26,11 +26,17 @@ def test_json_config(tmp_path):
     assert o.batch_size == 3 and o.min_snr_gamma == 5.0
 
 
-def test_unknown_key_names_key_and_file(tmp_path):
+def test_unknown_keys_are_listed_together_with_the_nearest_name(tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text("learning_rate = 1e-4\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"bad\.toml.*learning_rate"):
+    cfg.write_text("lrr = 1e-4\nbatch_sise = 2\nnetwork_dimm = 4\nzzz = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
         load_options(ConvOutOptions, cfg)
+    message = str(info.value)
+    assert "bad.toml" in message and "\n" not in message
+    assert "'lrr' (did you mean 'lr'?)" in message
+    assert "'batch_sise' (did you mean 'batch_size'?)" in message
+    assert "'network_dimm' (did you mean 'network_dim'" in message  # kohya's name (not a ConvOut option)
+    assert "'zzz'," not in message and message.endswith("'zzz'")
 
 
 def test_wrong_types_and_choices(tmp_path):

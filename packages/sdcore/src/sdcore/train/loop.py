@@ -1054,6 +1054,7 @@ class TrainSession:
             with torch.no_grad(), self.method.sampling(bundle) as extra:
                 for group, seed in generation_calls(prompts, self.options.seed):
                     first = group[0]
+                    cfg: dict[str, Any] = {"cfg": first.cfg} if first.cfg is not None else {}
                     images += generate_images(
                         bundle,
                         [p.prompt for p in group],
@@ -1064,7 +1065,7 @@ class TrainSession:
                         height=first.height or self.options.resolution,
                         sampler=first.sampler or self.options.sample_sampler,
                         clip_skip=self.options.clip_skip,
-                        **({"cfg": first.cfg} if first.cfg is not None else {}),
+                        **cfg,
                         **extra,
                     )
         finally:

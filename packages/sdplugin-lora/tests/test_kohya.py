@@ -240,11 +240,11 @@ def test_command_line_kohya_names_override_config_and_clash_with_sdcore_names(tm
 
 def test_kohya_defaults_only_for_runs_written_in_kohya_terms():
     o = load_options(LoraOptions, None, {"model": "tiny:sd1"})
-    assert (o.alpha, o.train_text_encoder, o.buckets, o.max_steps) == (None, False, True, None)
+    assert (o.rank, o.alpha, o.train_text_encoder, o.buckets, o.max_steps) == (16, None, False, True, None)
     notes: list[str] = []
     o = load_options(LoraOptions, None, kohya={"pretrained_model_name_or_path": "tiny:sd1"}, notes=notes)
-    assert (o.alpha, o.train_text_encoder, o.buckets, o.max_steps) == (1.0, True, False, 1600)
-    assert "network_alpha defaults to 1" in notes[0]
+    assert (o.rank, o.alpha, o.train_text_encoder, o.buckets, o.max_steps) == (4, 1.0, True, False, 1600)
+    assert "network_dim defaults to 4; network_alpha defaults to 1" in notes[0]
     o = load_options(
         LoraOptions,
         None,
@@ -291,3 +291,32 @@ def test_cosine_with_restarts_of_one_cycle_is_cosine():
     a = rates(get_cosine_with_hard_restarts_schedule_with_warmup, num_cycles=1)
     b = rates(get_cosine_schedule_with_warmup)
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-12
+
+
+def test_network_args_keys_map_or_pass_through_when_they_are_lora_options():
+    o = load_options(
+        LoraOptions,
+        None,
+        kohya={
+            "network_module": "lycoris.kohya",
+            "network_args": ["algo=lokr", "factor=4", "rank_dropout=0.1", "module_dropout=0.2", "dropout=0.05"],
+            "network_alpha": "2",
+        },
+        notes=[],
+    )
+    assert (o.algo, o.lokr_factor, o.rank_dropout, o.module_dropout, o.dropout) == ("lokr", 4, 0.1, 0.2, 0.05)
+    assert o.conv_alpha == 2.0  # LyCORIS: conv_alpha defaults to network_alpha
+    o = load_options(
+        LoraOptions,
+        None,
+        kohya={
+            "network_args": ["lokr_factor=3", "use_tucker=False", "preset=attn-mlp"],
+            "network_module": "lycoris.kohya",
+        },
+        notes=[],
+    )
+    assert (o.lokr_factor, o.algo) == (3, "locon")
+    o = load_options(
+        LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": ["dora_wd=True"]}, notes=[]
+    )
+    assert o.algo == "dora"

@@ -17,7 +17,7 @@ work unchanged: every kohya name is translated to sdcore's option here, once.
   accepted while they hold their "off" value (what the kohya_ss GUI writes for untouched fields),
   an error naming them otherwise.
 - :data:`KOHYA_DEFAULTS`: where kohya's default differs from sdcore's and decides what trains
-  (kohya trains the text encoder too, alpha 1, no buckets, 1600 steps), a run written with kohya
+  (kohya trains the text encoder too, dim 4, alpha 1, no buckets, 1600 steps), a run written with kohya
   names gets kohya's default, with a note saying so.
 """
 
@@ -426,6 +426,7 @@ _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lo
 
 #: kohya defaults that differ from sdcore's and decide what trains (target, kohya value, why)
 KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
+    ("rank", 4, "network_dim defaults to 4"),
     ("alpha", 1.0, "network_alpha defaults to 1"),
     ("train_text_encoder", True, "the text encoder is trained unless --network_train_unet_only"),
     ("buckets", False, "buckets are off unless --enable_bucket"),
@@ -498,7 +499,7 @@ def help_epilog() -> str:
         f"Accepted with a note (no effect on the result here): {ignored}. Options that would change the "
         "result and sdcore does not implement are accepted at their 'off' value and refused otherwise. "
         "A run written with kohya's names gets kohya's defaults where they decide what trains "
-        "(alpha 1, text encoder trained, no buckets, 1600 steps), with a note."
+        "(dim 4, alpha 1, text encoder trained, no buckets, 1600 steps), with a note."
     )
 
 
@@ -710,14 +711,10 @@ def _network(
         return
     for key, value in args.items():
         target = NETWORK_ARGS.get(key, key)
-        if key in NETWORK_ARGS_OFF:
-            if value.lower() not in NETWORK_ARGS_OFF[key]:
-                out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
-            continue
-        if target not in present:
+        if target in present:  # includes LoRA options named as kohya names them (block_dims, use_tucker ...)
+            put(target, value, f"network_args {key}")
+        elif key not in NETWORK_ARGS_OFF or value.lower() not in NETWORK_ARGS_OFF[key]:
             out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
-            continue
-        put(target, value, f"network_args {key}")
 
 
 def kohya_defaults(options_fields: Iterable[str], given: set[str]) -> tuple[dict[str, Any], list[str]]:

@@ -320,3 +320,49 @@ def test_network_args_keys_map_or_pass_through_when_they_are_lora_options():
         LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": ["dora_wd=True"]}, notes=[]
     )
     assert o.algo == "dora"
+
+
+def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
+    import json
+
+    for name, refused in (
+        (
+            "gui_preset_loha.json",
+            [
+                "multires_noise_iterations = 6",
+                "noise_offset_type = 'Multires'",
+                "scale_weight_norms = 1",
+                "use_tucker=True",
+            ],
+        ),
+        ("gui_preset_sdxl_standard.json", ["adaptive_noise_scale = 0.004", "max_timestep = 900", "min_timestep = 100"]),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_options(LoraOptions, DATA / name)
+        message = str(info.value)
+        assert all(r in message for r in refused), message
+        assert message.count("not supported by sdcore") == len(refused), message
+    data = json.loads((DATA / "gui_preset_loha.json").read_text())
+    data.update(multires_noise_iterations=0, noise_offset_type="Original", scale_weight_norms=0, use_cp=False)
+    cfg = tmp_path / "loha.json"
+    cfg.write_text(json.dumps(data))
+    notes: list[str] = []
+    o = load_options(LoraOptions, cfg, notes=notes)
+    assert (o.algo, o.rank, o.alpha, o.conv_rank, o.conv_alpha) == ("loha", 16, 8.0, 4, 2.0)
+    assert (o.epochs, o.max_steps, o.resolution, o.gradient_accumulation, o.seed) == (3, None, 512, 2, 42)
+    assert (o.unet_lr, o.te_lr, o.train_text_encoder, o.optimizer, o.mixed_precision) == (
+        5e-4,
+        2e-4,
+        True,
+        "adamw",
+        "bf16",
+    )
+    assert "read as a kohya_ss GUI preset (LoRA_type LyCORIS/LoHa)" in notes
+    data = json.loads((DATA / "gui_preset_sdxl_standard.json").read_text())
+    data.update(adaptive_noise_scale=0, max_timestep=1000, min_timestep=0, text_encoder_lr=0)
+    cfg.write_text(json.dumps(data))
+    o = load_options(LoraOptions, cfg, notes=[])
+    # Standard LoRA ignores the GUI's conv fields; max_train_steps wins over the GUI's epoch field;
+    # a text-encoder rate of 0 means UNet only (the GUI's rule)
+    assert (o.algo, o.conv_rank, o.max_steps, o.epochs, o.seed, o.resolution) == ("lora", 0, 300, None, 1234, 1024)
+    assert o.unet_only and not o.train_text_encoder and o.noise_offset == 0.04

@@ -142,9 +142,15 @@ def load_options(
     where = str(config_path) if config_path is not None else "command line"
     config_values: dict[str, Any] = {}
     config_kohya: dict[str, Any] = {}
+    found_notes: list[str] = []
     if config_path is not None:
         unknown = []
-        for name, value in read_config_file(config_path).items():
+        flat = read_config_file(config_path)
+        if k.is_gui_preset(flat):
+            flat, gui_notes, gui_problems = k.gui_preset(flat, where)
+            found_notes += gui_notes
+            problems += gui_problems
+        for name, value in flat.items():
             if name in types_ and name not in k.ALIASES:
                 config_values[name] = value
             elif k.is_kohya_name(name):
@@ -178,7 +184,7 @@ def load_options(
             continue
         translated[name] = value
     raw = {**config_values, **translated, **cli_values}
-    found_notes = list(translation.notes)
+    found_notes += translation.notes
     if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
         defaults, applied = k.kohya_defaults(fields, set(raw))
         if applied:
@@ -197,6 +203,9 @@ def load_options(
             source = "command line" if f.name in cli_values else where
             problems.append(f"{source}: {f.name} {values[f.name]!r}: choose one of {', '.join(choices)}")
     if problems:
+        prefix = f"{where}: "
+        if config_path is not None and all(p.startswith(prefix) for p in problems):
+            raise ConfigError(prefix + "; ".join(p[len(prefix) :] for p in problems))
         raise ConfigError("; ".join(problems))
     if notes is not None:
         notes.extend(found_notes)

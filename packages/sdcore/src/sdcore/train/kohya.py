@@ -366,6 +366,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "lr_scheduler_timescale",
             "lr_decay_steps",
             "lr_scheduler_min_lr_ratio",
+            "no_token_padding",
         ),
         _OFF,
     ),
@@ -396,6 +397,7 @@ _FLAG_UNSUPPORTED = {
     "skip_until_initial_step",
     "enable_wildcard",
     "debug_dataset",
+    "no_token_padding",
 }
 
 #: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)
@@ -562,7 +564,11 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
             put(name, value, name)  # a method's own option that happens to share a kohya name
         elif name in ALIASES:
             alias = ALIASES[name]
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue  # kohya_ss writes "" for fields left empty
             if alias.target not in present:
+                if _is_off(value, _OFF):
+                    continue  # kohya_ss writes every field, e.g. stop_text_encoder_training = 0 for LoRA
                 which = f" (kohya's {alias.methods} option)" if alias.methods else ""
                 out.problems.append(f"{where}: {name} is not an option of this method{which}")
                 continue
@@ -771,6 +777,119 @@ def nearest(name: str, fields: Iterable[str]) -> str:
     if found in present:
         return f" (did you mean {found!r}?)"
     return f" (did you mean {found!r}, kohya's name for an option of another method?)"
+
+
+# --------------------------------------------------------------------------------------------
+# kohya_ss GUI presets (presets/lora/*.json): the GUI's own field names
+
+#: GUI "LoRA_type" -> (network_module, LyCORIS algo, whether conv_dim/conv_alpha apply)
+GUI_LORA_TYPES: dict[str, tuple[str, str, bool]] = {
+    "Standard": ("networks.lora", "", False),
+    "Kohya LoCon": ("networks.lora", "", True),
+    "LoCon": ("lycoris.kohya", "locon", True),
+    "LyCORIS/LoCon": ("lycoris.kohya", "locon", True),
+    "LyCORIS/LoHa": ("lycoris.kohya", "loha", True),
+    "LyCORIS/LoKr": ("lycoris.kohya", "lokr", True),
+}
+#: GUI fields that only steer the GUI or the launcher
+GUI_ONLY = {
+    "num_cpu_threads_per_process",
+    "use_wandb",
+    "unit",
+    "train_on_input",
+    "sdxl",
+    "sdxl_cache_text_encoder_outputs",
+    "sdxl_no_half_vae",
+    "model_list",
+    "save_as",
+    "gpu_ids",
+    "multi_gpu",
+    "num_processes",
+    "num_machines",
+    "main_process_port",
+    "extra_accelerate_launch_args",
+    "dynamo_mode",
+    "dynamo_use_fullgraph",
+    "dynamo_use_dynamic",
+    "noise_offset_type_original",
+}
+#: GUI fields that become network_args
+_GUI_NETWORK_ARGS = {
+    "factor": ("factor", ("-1",)),
+    "use_cp": ("use_tucker", ("false",)),
+    "use_tucker": ("use_tucker", ("false",)),
+    "decompose_both": ("decompose_both", ("false",)),
+    "rank_dropout": ("rank_dropout", ("0", "0.0")),
+    "module_dropout": ("module_dropout", ("0", "0.0")),
+    "dora_wd": ("dora_wd", ("false",)),
+    "LyCORIS_preset": ("preset", ("full",)),
+    "constrain": ("constrain", ("0", "0.0")),
+    "rescaled": ("rescaled", ("false",)),
+    "bypass_mode": ("bypass_mode", ("false",)),
+    "train_norm": ("train_norm", ("false",)),
+    **{k: (k, ("",)) for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")},
+    **{k: (k, ("",)) for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")},
+    "conv_dims": ("conv_block_dims", ("",)),
+    "conv_alphas": ("conv_block_alphas", ("",)),
+}
+
+
+def is_gui_preset(data: dict[str, Any]) -> bool:
+    """A kohya_ss GUI LoRA preset/saved config (``LoRA_type`` is its signature field)."""
+    return "LoRA_type" in data
+
+
+def gui_preset(data: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """sd-scripts-named items, notes and problems for a kohya_ss GUI preset's fields."""
+    items = dict(data)
+    notes: list[str] = []
+    problems: list[str] = []
+    lora_type = _text(items.pop("LoRA_type"))
+    if lora_type not in GUI_LORA_TYPES:
+        problems.append(f"{where}: LoRA_type {lora_type!r} is not available ({', '.join(GUI_LORA_TYPES)})")
+        module, algo, conv = "networks.lora", "", False
+    else:
+        module, algo, conv = GUI_LORA_TYPES[lora_type]
+    args: list[str] = [f"algo={algo}"] if algo else []
+    conv_dim, conv_alpha = items.pop("conv_dim", None), items.pop("conv_alpha", None)
+    if conv and conv_dim not in (None, "", 0, "0"):
+        args.append(f"conv_dim={conv_dim}")
+        if conv_alpha not in (None, ""):
+            args.append(f"conv_alpha={conv_alpha}")
+    for key, (arg, off) in _GUI_NETWORK_ARGS.items():
+        if key in items:
+            value = _text(items.pop(key))
+            if value.lower() not in off and not (arg in ("rank_dropout", "module_dropout") and _is_off(value, _OFF)):
+                args.append(f"{arg}={value}")
+    items["network_module"] = module
+    items["network_args"] = args
+    if "optimizer" in items:
+        items["optimizer_type"] = items.pop("optimizer")
+    if "max_resolution" in items:
+        items["resolution"] = items.pop("max_resolution")
+    if "lora_network_weights" in items:
+        items["network_weights"] = items.pop("lora_network_weights")
+    warmup = items.pop("lr_warmup", 0)
+    if not _is_off(warmup, _OFF):
+        problems.append(f"{where}: lr_warmup = {warmup} is a percentage of the GUI's steps: give lr_warmup_steps")
+    extra = _text(items.pop("additional_parameters", ""))
+    if extra:
+        problems.append(f"{where}: additional_parameters {extra!r}: give these options on the command line")
+    attention = items.pop("xformers", None)
+    if isinstance(attention, str) and attention.lower() in ("xformers", "sdpa"):
+        items[attention.lower()] = True
+    elif attention is True:
+        items["xformers"] = True
+    try:
+        te_lr, unet_lr = float(items.get("text_encoder_lr") or 0), float(items.get("unet_lr") or 0)
+    except (TypeError, ValueError):
+        te_lr, unet_lr = 1.0, 0.0
+    if te_lr == 0 and unet_lr != 0:  # the GUI's rule
+        items["network_train_unet_only"] = True
+    for key in [k for k in items if k in GUI_ONLY]:
+        items.pop(key)
+    notes.append(f"read as a kohya_ss GUI preset (LoRA_type {lora_type})")
+    return items, notes, problems
 
 
 def option_fields(options_class: type) -> list[str]:

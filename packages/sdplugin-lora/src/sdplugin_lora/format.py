@@ -248,6 +248,11 @@ def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
             weights.tensors["alpha"] = torch.tensor(float(alpha))
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a tensor name is a LoRA/LyCORIS part (``.alpha``/``.scale`` alone do not count)."""
+    return any(key.endswith(suffix) for suffix, part in _SUFFIXES if part not in ("alpha", "scale"))
+
+
 def read_lora(path: str | Path) -> LoraFile:
     """Read a ``.safetensors`` (preferred) or pickle-based ``.pt/.ckpt/.bin`` LoRA safely."""
     path = Path(path)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, PluginError, SdcoreError
 from .method import Batch, Conditioning, SaveInfo, StepContext, TrainingMethod
 from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions
+from .save_fallback import SaveTargetError, guarded, rescue
 
 if TYPE_CHECKING:
     import torch
@@ -111,10 +112,14 @@ def validate_options(options: TrainOptions, method: TrainingMethod | None = None
     for label, count in positive.items():
         if count < 1:
             raise ConfigError(f"--{label.replace('_', '-')} must be at least 1, got {count}")
-    for name in ("max_steps", "epochs", "save_every", "save_every_epochs", "save_limit", "sample_every"):
+    for name in ("max_steps", "epochs", "save_every", "save_every_epochs", "sample_every"):
         value = getattr(o, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
+    for name in ("save_limit", "keep_states"):  # 0 keeps all
+        value = getattr(o, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 (keep all) or more, got {value}")
     if o.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {o.lr}")
     if o.lr_warmup_steps < 0:
@@ -248,8 +253,9 @@ class TrainSession:
             raise PluginError(f"plugin {_culprit(caller, exc)!r} failed in {name}: {exc}") from exc
 
     def say(self, message: str) -> None:
-        log.info(message)
-        if self.is_main and self.options.progress:
+        """Print ``message`` on the main process (``--no-progress`` hides only the bar, not this)."""
+        log.debug(message)
+        if self.is_main:
             print(message, file=sys.stderr)
 
     @property
@@ -293,7 +299,7 @@ class TrainSession:
         self._build_data()
         if self.total_steps < 1:
             raise ConfigError("nothing to train: the run has 0 steps (check --max-steps/--epochs and the dataset)")
-        if self.is_main and o.progress:
+        if self.is_main:  # shown with --no-progress too: it lists skipped files
             per_epoch = len(self.data.epoch_plan(0))
             print(self.data.index.summary(), file=sys.stderr)
             print(
@@ -401,9 +407,8 @@ class TrainSession:
 
     def _build_caches(self) -> None:
         o = self.options
-        from tqdm.auto import tqdm
-
         from .cache import LatentCache, TextCache
+        from .progress import progress_bar
 
         if o.cache_latents:
             self.latent_cache = LatentCache(
@@ -415,10 +420,11 @@ class TrainSession:
                 cache_dir=getattr(o, "cache_dir", None),
             )
             wanted = self.data.needed_latents()
-            bar = tqdm(
+            bar = progress_bar(
                 total=len({w[0] for w in wanted}),
                 desc="caching latents",
-                disable=not (o.progress and self.is_main),
+                enabled=o.progress and self.is_main,
+                unit="image",
                 leave=False,
             )
             with bar:
@@ -717,6 +723,9 @@ class TrainSession:
         except TrainingDivergedError as exc:
             self._error_hook(exc)
             raise
+        except SaveTargetError as exc:  # a save failed (permissions, disk full): rescue the result, one line
+            self._error_hook(exc)
+            raise rescue(self, exc) from exc
         except Exception as exc:
             self._save_on_error(exc, "error")
             raise
@@ -732,7 +741,14 @@ class TrainSession:
         if self._setup_done and self.position.step > 0 and self.options.save_state:
             try:
                 folder = self.save_state()
-                self.say(f"{why}: resumable state saved in {folder} (continue with --resume latest)")
+                message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"
+                # the CLI prints the interruption once, with this folder (KeyboardInterrupt carries it)
+                if why == "interrupted":
+                    log.info(message)
+                else:
+                    self.say(message)
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.sdcore_state = folder  # type: ignore[attr-defined]
             except Exception as save_exc:  # never hide the original error
                 log.error("could not save the training state: %s", save_exc)
         self._error_hook(exc)
@@ -745,17 +761,16 @@ class TrainSession:
 
     def _loop(self) -> None:
         import torch
-        from tqdm.auto import tqdm
+
+        from .progress import progress_bar
 
         o, acc = self.options, self.accelerator
         accum = o.gradient_accumulation
         pos = self.position
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=pos.step,
-            disable=not (o.progress and self.is_main),
-            unit="step",
-            dynamic_ncols=True,
+            enabled=o.progress and self.is_main,
             desc=self.method.name or "train",
         )
         recent: list[float] = []
@@ -921,6 +936,7 @@ class TrainSession:
         }
         return meta
 
+    @guarded
     def save_checkpoint(self, *, step: int | None = None, epoch: int | None = None) -> None:
         """An intermediate result plus (when enabled) a resumable state, with retention."""
         o = self.options
@@ -939,6 +955,7 @@ class TrainSession:
         if o.save_state:
             self.save_state()
 
+    @guarded
     def save_state(self) -> Path:
         from .state import prune_states, save_state
 
@@ -960,8 +977,8 @@ class TrainSession:
                     "world_size": self.accelerator.num_processes,
                 },
             )
-            if self.options.save_limit:
-                prune_states(self.state_root, self.options.save_limit)
+            if self.options.keep_states > 0:
+                prune_states(self.state_root, self.options.keep_states)
         self.accelerator.wait_for_everyone()
         self.last_state = folder
         return folder
@@ -975,7 +992,7 @@ class TrainSession:
         output = self.output
         if self.is_main:
             output = Path(
-                self.method.save(
+                guarded(self.method.save)(
                     self.bundle,
                     SaveInfo(
                         path=self.output,
@@ -986,7 +1003,7 @@ class TrainSession:
                     ),
                 )
             )
-            self.say(f"saved {output}")
+            log.info(f"saved {output}")  # the caller reports it (the CLI prints one "saved" line)
         self.accelerator.wait_for_everyone()
         return TrainResult(
             main_process=self.is_main,

@@ -15,6 +15,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+#: intermediate results kept by default (``--save-every`` without ``--save-limit``)
+DEFAULT_SAVE_LIMIT = 5
 
 
 @dataclass
@@ -93,10 +95,19 @@ class TrainOptions:
         None, "Save a checkpoint of the result and the resumable state every N steps.", group="output"
     )
     save_every_epochs: int | None = option(None, "Save every N epochs.", group="output")
-    save_limit: int | None = option(None, "Keep only the newest N intermediate saves.", group="output")
+    save_limit: int | None = option(
+        DEFAULT_SAVE_LIMIT,
+        "Keep only the newest N intermediate results (the final result is always kept; 0 keeps all).",
+        group="output",
+    )
     save_dtype: str = option("fp16", "Precision of saved weights.", choices=SAVE_DTYPES, group="output")
     save_state: bool = option(
         True, "Write a resumable state folder with each save, on Ctrl-C and at the end.", group="output"
+    )
+    keep_states: int = option(
+        1,
+        "Keep only the newest N resumable state folders (a state can be several times the result's size; 0 keeps all).",
+        group="output",
     )
     resume: str | None = option(
         None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output"

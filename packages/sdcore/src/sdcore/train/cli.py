@@ -153,7 +153,13 @@ def _describe(method: Any, options: Any) -> None:
     """Dataset summary and step math, without loading a model."""
     from .data import build_train_data
     from .loop import output_paths, total_steps_for
+    from .options import apply_model_defaults
 
+    if apply_model_defaults(options):
+        click.echo(f"resolution: {options.resolution}")
+    else:
+        options.resolution = 512
+        click.echo("resolution: the model's native size, known once it loads (the numbers below assume 512)")
     data = build_train_data(options, balance_class=bool(getattr(method, "balance_class", True)))
     steps, epochs = total_steps_for(options, data)
     per_epoch = len(data.epoch_plan(0))

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, PluginError, SdcoreError
 from .method import Batch, Conditioning, SaveInfo, StepContext, TrainingMethod
-from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions
+from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions, apply_model_defaults
 from .save_fallback import SaveTargetError, guarded, rescue
 
 if TYPE_CHECKING:
@@ -105,7 +105,6 @@ def validate_options(options: TrainOptions, method: TrainingMethod | None = None
     positive = {
         "batch_size": o.batch_size,
         "gradient_accumulation": o.gradient_accumulation,
-        "resolution": o.resolution,
         "clip_skip": o.clip_skip,
         "caption_variants": o.caption_variants,
     }
@@ -120,6 +119,8 @@ def validate_options(options: TrainOptions, method: TrainingMethod | None = None
         value = getattr(o, name)
         if value is not None and value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be 0 (keep all) or more, got {value}")
+    if o.resolution < 0:
+        raise ConfigError(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
     if o.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {o.lr}")
     if o.lr_warmup_steps < 0:
@@ -271,6 +272,9 @@ class TrainSession:
 
         o = self.options
         validate_options(o, self.method)
+        if not apply_model_defaults(o, self.bundle):  # --resolution 0: the model's native size
+            self.bundle = load_bundle(o, self.plugin_manager)
+            apply_model_defaults(o, self.bundle)
         self.output, self.state_root = output_paths(self.method, o)
 
         log_with = None

@@ -8,6 +8,7 @@ and keep their configs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..options import option
 
@@ -37,7 +38,10 @@ class TrainOptions:
     )
     # data handling
     resolution: int = option(
-        512, "Training resolution (side of the square area buckets are built around).", group="data"
+        0,
+        "Training resolution (side of the square area buckets are built around); 0 = the model's native size "
+        "(SD1 512, SD2-768 768, SDXL 1024, tiny models 64).",
+        group="data",
     )
     caption_extension: str = option(".txt", "Caption file extension (.txt or .caption).", group="data")
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
@@ -119,3 +123,26 @@ class TrainOptions:
     sample_steps: int = option(20, "Sampler steps for sample images.", group="output")
     log_dir: str | None = option(None, "TensorBoard log folder (when tensorboard is installed).", group="output")
     progress: bool = option(True, "Show a progress bar.", group="output")
+
+
+def apply_model_defaults(options: TrainOptions, bundle: Any = None) -> bool:
+    """Fill the options whose default depends on the model: ``resolution`` 0 becomes the model's
+    native size (from ``bundle`` when loaded, else peeked from ``options.model`` without loading).
+
+    When that size is below ``min_bucket_reso`` or above ``max_bucket_reso``, those follow it (half
+    and twice the size, on the bucket step). Returns ``False`` when the model must be loaded first.
+    """
+    if options.resolution:
+        return True
+    from ..models.native import bundle_native_resolution, peek_native_resolution
+
+    native = bundle_native_resolution(bundle) if bundle is not None else peek_native_resolution(options.model)
+    if native is None:
+        return False
+    options.resolution = native
+    step = max(1, options.bucket_step)
+    if options.min_bucket_reso > native:
+        options.min_bucket_reso = max(step, (native // 2) // step * step)
+    if options.max_bucket_reso < native:
+        options.max_bucket_reso = -(-2 * native // step) * step
+    return True

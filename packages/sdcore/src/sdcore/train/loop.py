@@ -1045,6 +1045,7 @@ class TrainSession:
         prompts = self.sample_prompt_list()
         if not prompts:
             return None
+        self.say(f"rendering {len(prompts)} sample image(s), {self.options.sample_steps} steps each ...")
         bundle = self.bundle
         assert bundle is not None
         moved = []
@@ -1069,7 +1070,9 @@ class TrainSession:
                 module.to("cpu")
         folder = self.state_root.parent / f"{self.state_root.name[: -len('-state')]}-samples"
         path = folder / f"{tag}.png"
-        _write_grid(images, path)
+        from .sample_info import sample_infotexts
+
+        _write_grid(images, path, sample_infotexts(self, prompts, images, extra))
         return path
 
 
@@ -1131,10 +1134,11 @@ def _culprit(caller: Any, exc: BaseException) -> str:
     return found
 
 
-def _write_grid(images: list[Any], path: Path) -> None:
+def _write_grid(images: list[Any], path: Path, infotexts: list[str] | None = None) -> None:
     from PIL import Image
 
     from ..io import atomic_path
+    from .sample_info import grid_pnginfo
 
     cols = min(4, len(images))
     rows = -(-len(images) // cols)
@@ -1145,7 +1149,7 @@ def _write_grid(images: list[Any], path: Path) -> None:
         grid.paste(image.convert("RGB"), ((k % cols) * w, (k // cols) * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
+        grid.save(tmp, format="PNG", pnginfo=grid_pnginfo(infotexts or []))
 
 
 def _remove(path: Path) -> None:

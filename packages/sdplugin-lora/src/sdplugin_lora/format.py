@@ -260,7 +260,9 @@ def read_lora(path: str | Path) -> LoraFile:
         raise ModelFormatError(f"{path}: LoRA file not found")
     if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError, safe_open
+        from sdcore.models.source import check_safetensors
 
+        check_safetensors(path)  # the same message as every other command for a bad file
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})

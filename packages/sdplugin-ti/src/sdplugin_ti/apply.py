@@ -196,28 +196,26 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
 
 # --- applying --------------------------------------------------------------------------------------
 def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
-    """Raise NetworkMismatchError naming expected vs found width when ``emb`` does not fit ``bundle``."""
+    """Raise NetworkMismatchError saying what the embedding holds and what the model needs, in one
+    message for every mismatch (missing encoder key or wrong width)."""
     where = emb.source or emb.name
     keys = encoder_keys(bundle)
-    for index, (key, encoder) in enumerate(zip(keys, bundle.text_encoders, strict=True)):
-        expected = int(encoder.get_input_embeddings().embedding_dim)
+    widths = [int(e.get_input_embeddings().embedding_dim) for e in bundle.text_encoders]
+    fits = True
+    for key, expected in zip(keys, widths, strict=True):
         tensor = emb.vectors.get(key)
         if tensor is None and key == SINGLE and len(emb.vectors) == 1:
             tensor = next(iter(emb.vectors.values()))
-        if tensor is None:
-            wanted = ", ".join(
-                f"{k} (width {int(e.get_input_embeddings().embedding_dim)})"
-                for k, e in zip(keys, bundle.text_encoders, strict=True)
-            )
-            raise NetworkMismatchError(
-                f"embedding {emb.name!r} ({where}) has {emb.describe_widths()} vectors; this {bundle.family} model needs {wanted}"
-            )
-        found = int(tensor.shape[1])
-        if found != expected:
-            raise NetworkMismatchError(
-                f"embedding {emb.name!r} ({where}): text encoder {index + 1} of this {bundle.family} model expects width "
-                f"{expected}, the embedding's {key} vectors have width {found}"
-            )
+        if tensor is None or int(tensor.shape[1]) != expected:
+            fits = False
+    if not fits:
+        wanted = " and ".join(
+            f"vectors of width {w}" if k == SINGLE else f"{k} vectors of width {w}"
+            for k, w in zip(keys, widths, strict=True)
+        )
+        raise NetworkMismatchError(
+            f"embedding {emb.name!r} ({where}) has {emb.describe()}; this {bundle.family} model needs {wanted}"
+        )
 
 
 @dataclass

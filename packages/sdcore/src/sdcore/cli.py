@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import PluginError, SdcoreError
+from .errors import PluginError, SdcoreError, debug_enabled, expected_error_message
 from .plugins import SdPluginManager, get_plugin_manager
 
 
@@ -111,13 +111,17 @@ class TagGroup(LazyGroup):
 
 
 class RootGroup(click.Group):
-    """Prints our own errors as one line (no traceback) and exits 1."""
+    """Prints expected errors (ours, and permission / disk-full / missing-file OSErrors) as one
+    line, no traceback, and exits 1; ``SDCORE_DEBUG=1`` shows the traceback instead."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except SdcoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
+        except (SdcoreError, OSError) as exc:
+            message = expected_error_message(exc)
+            if message is None or debug_enabled():
+                raise
+            click.echo(f"Error: {message}", err=True)
             ctx.exit(1)
 
 

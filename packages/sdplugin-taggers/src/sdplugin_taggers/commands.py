@@ -74,7 +74,9 @@ def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) ->
 
     for message in getattr(tagger, "messages", []):
         click.echo(f"warning: {message}", err=True)
-    writer = CaptionWriter(kw["mode"], kw["ext"])
+    fmt = _format(kw)
+    first = tuple(fmt.render(t) for t in fmt.include_first)
+    writer = CaptionWriter(kw["mode"], kw["ext"], first=first)
     summary = label_folder(
         tagger,
         directory,

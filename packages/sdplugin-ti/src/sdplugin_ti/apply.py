@@ -196,28 +196,26 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
 
 # --- applying --------------------------------------------------------------------------------------
 def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
-    """Raise NetworkMismatchError naming expected vs found width when ``emb`` does not fit ``bundle``."""
+    """Raise NetworkMismatchError saying what the embedding holds and what the model needs, in one
+    message for every mismatch (missing encoder key or wrong width)."""
     where = emb.source or emb.name
     keys = encoder_keys(bundle)
-    for index, (key, encoder) in enumerate(zip(keys, bundle.text_encoders, strict=True)):
-        expected = int(encoder.get_input_embeddings().embedding_dim)
+    widths = [int(e.get_input_embeddings().embedding_dim) for e in bundle.text_encoders]
+    fits = True
+    for key, expected in zip(keys, widths, strict=True):
         tensor = emb.vectors.get(key)
         if tensor is None and key == SINGLE and len(emb.vectors) == 1:
             tensor = next(iter(emb.vectors.values()))
-        if tensor is None:
-            wanted = ", ".join(
-                f"{k} (width {int(e.get_input_embeddings().embedding_dim)})"
-                for k, e in zip(keys, bundle.text_encoders, strict=True)
-            )
-            raise NetworkMismatchError(
-                f"embedding {emb.name!r} ({where}) has {emb.describe_widths()} vectors; this {bundle.family} model needs {wanted}"
-            )
-        found = int(tensor.shape[1])
-        if found != expected:
-            raise NetworkMismatchError(
-                f"embedding {emb.name!r} ({where}): text encoder {index + 1} of this {bundle.family} model expects width "
-                f"{expected}, the embedding's {key} vectors have width {found}"
-            )
+        if tensor is None or int(tensor.shape[1]) != expected:
+            fits = False
+    if not fits:
+        wanted = " and ".join(
+            f"vectors of width {w}" if k == SINGLE else f"{k} vectors of width {w}"
+            for k, w in zip(keys, widths, strict=True)
+        )
+        raise NetworkMismatchError(
+            f"embedding {emb.name!r} ({where}) has {emb.describe()}; this {bundle.family} model needs {wanted}"
+        )
 
 
 @dataclass
@@ -360,15 +358,55 @@ class EmbeddingHandler(PromptNetworkHandler):
         # again for further prompts of a batch while the first activation is still live)
         self._active: dict[int, dict[str, list[str]]] = {}
 
-    def names(self) -> dict[str, Path]:
-        """Prompt word (lower-cased) -> file; first file per stem, ``*.preview.png`` skipped."""
-        out: dict[str, Path] = {}
+    kind = "embedding"
+
+    def accepts(self, path: Path) -> bool:
+        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, SDXL ``clip_l``/``clip_g``,
+        a diffusers one-tensor dict, or an image (A1111 PNG embeddings are checked when loaded)."""
+        from sdcore.models.peek import peek_file
+
+        found = peek_file(path)
+        if found.error:  # unreadable or unsafe: let the loader say so in its own words
+            return True
+        if found.top == "image":
+            return True
+        keys = set(found.keys)
+        if keys & {"string_to_param", "emb_params", "clip_l", "clip_g"}:
+            return True
+        return found.top == "dict" and len(keys) == 1 and list(found.nested.values()) in ([], ["Tensor"])
+
+    def candidates(self) -> dict[str, list[Path]]:
+        """Prompt word (lower-cased) -> files with that stem, weight files before images,
+        ``*.preview.png`` and empty files skipped."""
+        out: dict[str, list[Path]] = {}
         # weight files win over images of the same stem (an image there is usually a preview)
         files = sorted(self.available(), key=lambda p: (p.suffix.lower() in IMAGE_SUFFIXES, str(p)))
         for path in files:
             if path.name.lower().endswith(".preview.png") or path.stat().st_size == 0:
                 continue
-            out.setdefault(path.stem.lower(), path)
+            out.setdefault(path.stem.lower(), []).append(path)
+        return out
+
+    def pick(self, name: str, paths: list[Path]) -> Path | None:
+        """The embedding file among ``paths`` (same stem): files of other kinds are ignored; two
+        weight files that are both embeddings are an error listing them."""
+        mine = [p for p in paths if self.accepts(p)]
+        weights = [p for p in mine if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if len(weights) > 1:
+            listed = ", ".join(str(p) for p in weights)
+            raise NetworkMismatchError(
+                f"embedding {name!r} is ambiguous: {len(weights)} embedding files have that name ({listed}); "
+                "rename or move one"
+            )
+        return mine[0] if mine else None
+
+    def names(self) -> dict[str, Path]:
+        """Prompt word (lower-cased) -> its embedding file (every file is looked at: see :meth:`pick`)."""
+        out: dict[str, Path] = {}
+        for key, paths in self.candidates().items():
+            picked = self.pick(key, paths)
+            if picked is not None:
+                out[key] = picked
         return out
 
     def load(self, path: Path) -> Embedding:
@@ -382,8 +420,15 @@ class EmbeddingHandler(PromptNetworkHandler):
         return emb
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
-        files = self.names()
-        wanted = find_names(prompt + "\n" + negative_prompt, [files[k].stem for k in files])
+        candidates = self.candidates()
+        text = prompt + "\n" + negative_prompt
+        files: dict[str, Path] = {}
+        # only the words that occur in the prompt are looked at (cheap for big embedding folders)
+        for word in find_names(text, [paths[0].stem for paths in candidates.values()]):
+            picked = self.pick(word, candidates[word.lower()])
+            if picked is not None:
+                files[word.lower()] = picked
+        wanted = find_names(text, [files[k].stem for k in files])
         if not wanted:
             return Activation(prompt=prompt, negative_prompt=negative_prompt)
         active = self._active.setdefault(id(bundle), {})

@@ -159,7 +159,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_dropout": options.caption_dropout,
         "tag_dropout": options.tag_dropout,
         "flip": options.flip,
-        "resolution": options.resolution,
+        "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
         "min_bucket_reso": options.min_bucket_reso,
         "max_bucket_reso": options.max_bucket_reso,

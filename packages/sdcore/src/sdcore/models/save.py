@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SdcoreError
-from ..io import atomic_path
+from ..io import apply_default_modes, atomic_path
 from .bundle import ModelBundle
 from .detect import CONFIG_METADATA_KEY
 
@@ -217,6 +217,7 @@ def write_diffusers(
         (tmp / "model_index.json").write_text(json.dumps(_model_index(bundle), indent=2), encoding="utf-8")
         if metadata:
             (tmp / "sdcore_metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        apply_default_modes(tmp)  # mkdtemp made it 0700, save_pretrained writes 0600 files
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old{os.getpid()}")

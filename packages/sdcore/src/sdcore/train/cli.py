@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..errors import SdcoreError
+from ..errors import SdcoreError, debug_enabled, expected_error_message
 from .config import field_types, unwrap_optional
 
 _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
@@ -213,11 +213,16 @@ def build_train_command(spec: Any) -> click.Command:
                 return
             pm = getattr(ctx.find_root().obj, "pm", None)
             result = train(method, options, plugin_manager=pm)
-        except KeyboardInterrupt:
-            click.echo("interrupted: continue with the same command plus --resume latest", err=True)
+        except KeyboardInterrupt as exc:
+            state = getattr(exc, "sdcore_state", None)
+            saved = f"resumable state saved in {state}; " if state is not None else ""
+            click.echo(f"interrupted: {saved}continue with the same command plus --resume latest", err=True)
             sys.exit(130)
-        except SdcoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
+        except (SdcoreError, OSError) as exc:
+            message = expected_error_message(exc)
+            if message is None or debug_enabled():
+                raise
+            click.echo(f"Error: {message}", err=True)
             sys.exit(1)
         if result is not None and result.main_process:
             click.echo(f"saved {result.output} after {result.steps} steps; resumable state in {result.state_dir}")
@@ -253,7 +258,13 @@ def _describe(method: Any, options: Any) -> None:
     """Dataset summary and step math, without loading a model."""
     from .data import build_train_data
     from .loop import output_paths, total_steps_for
+    from .options import apply_model_defaults
 
+    if apply_model_defaults(options):
+        click.echo(f"resolution: {options.resolution}")
+    else:
+        options.resolution = 512
+        click.echo("resolution: the model's native size, known once it loads (the numbers below assume 512)")
     data = build_train_data(options, balance_class=bool(getattr(method, "balance_class", True)))
     steps, epochs = total_steps_for(options, data)
     per_epoch = len(data.epoch_plan(0))

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, PluginError, SdcoreError
 from .method import Batch, Conditioning, SaveInfo, StepContext, TrainingMethod
-from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions
+from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions, apply_model_defaults
+from .save_fallback import SaveTargetError, guarded, rescue
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +106,6 @@ def validate_options(options: TrainOptions, method: TrainingMethod | None = None
     positive = {
         "batch_size": o.batch_size,
         "gradient_accumulation": o.gradient_accumulation,
-        "resolution": o.resolution,
         "clip_skip": o.clip_skip,
         "caption_variants": o.caption_variants,
     }
@@ -117,13 +117,18 @@ def validate_options(options: TrainOptions, method: TrainingMethod | None = None
         "epochs",
         "save_every",
         "save_every_epochs",
-        "save_limit",
         "sample_every",
         "sample_every_epochs",
     ):
         value = getattr(o, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
+    for name in ("save_limit", "keep_states"):  # 0 keeps all
+        value = getattr(o, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 (keep all) or more, got {value}")
+    if o.resolution < 0:
+        raise ConfigError(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
     if o.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {o.lr}")
     if o.lr_warmup_steps < 0:
@@ -265,8 +270,9 @@ class TrainSession:
             raise PluginError(f"plugin {_culprit(caller, exc)!r} failed in {name}: {exc}") from exc
 
     def say(self, message: str) -> None:
-        log.info(message)
-        if self.is_main and self.options.progress:
+        """Print ``message`` on the main process (``--no-progress`` hides only the bar, not this)."""
+        log.debug(message)
+        if self.is_main:
             print(message, file=sys.stderr)
 
     @property
@@ -282,6 +288,9 @@ class TrainSession:
 
         o = self.options
         validate_options(o, self.method)
+        if not apply_model_defaults(o, self.bundle):  # --resolution 0: the model's native size
+            self.bundle = load_bundle(o, self.plugin_manager)
+            apply_model_defaults(o, self.bundle)
         self.output, self.state_root = output_paths(self.method, o)
 
         log_with = None
@@ -310,7 +319,7 @@ class TrainSession:
         self._build_data()
         if self.total_steps < 1:
             raise ConfigError("nothing to train: the run has 0 steps (check --max-steps/--epochs and the dataset)")
-        if self.is_main and o.progress:
+        if self.is_main:  # shown with --no-progress too: it lists skipped files
             per_epoch = len(self.data.epoch_plan(0))
             print(self.data.index.summary(), file=sys.stderr)
             print(
@@ -418,9 +427,8 @@ class TrainSession:
 
     def _build_caches(self) -> None:
         o = self.options
-        from tqdm.auto import tqdm
-
         from .cache import LatentCache, TextCache
+        from .progress import progress_bar
 
         if o.cache_latents:
             self.latent_cache = LatentCache(
@@ -432,10 +440,11 @@ class TrainSession:
                 cache_dir=getattr(o, "cache_dir", None),
             )
             wanted = self.data.needed_latents()
-            bar = tqdm(
+            bar = progress_bar(
                 total=len({w[0] for w in wanted}),
                 desc="caching latents",
-                disable=not (o.progress and self.is_main),
+                enabled=o.progress and self.is_main,
+                unit="image",
                 leave=False,
             )
             with bar:
@@ -734,6 +743,9 @@ class TrainSession:
         except TrainingDivergedError as exc:
             self._error_hook(exc)
             raise
+        except SaveTargetError as exc:  # a save failed (permissions, disk full): rescue the result, one line
+            self._error_hook(exc)
+            raise rescue(self, exc) from exc
         except Exception as exc:
             self._save_on_error(exc, "error")
             raise
@@ -749,7 +761,14 @@ class TrainSession:
         if self._setup_done and self.position.step > 0 and self.options.save_state:
             try:
                 folder = self.save_state()
-                self.say(f"{why}: resumable state saved in {folder} (continue with --resume latest)")
+                message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"
+                # the CLI prints the interruption once, with this folder (KeyboardInterrupt carries it)
+                if why == "interrupted":
+                    log.info(message)
+                else:
+                    self.say(message)
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.sdcore_state = folder  # type: ignore[attr-defined]
             except Exception as save_exc:  # never hide the original error
                 log.error("could not save the training state: %s", save_exc)
         self._error_hook(exc)
@@ -762,17 +781,16 @@ class TrainSession:
 
     def _loop(self) -> None:
         import torch
-        from tqdm.auto import tqdm
+
+        from .progress import progress_bar
 
         o, acc = self.options, self.accelerator
         accum = o.gradient_accumulation
         pos = self.position
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=pos.step,
-            disable=not (o.progress and self.is_main),
-            unit="step",
-            dynamic_ncols=True,
+            enabled=o.progress and self.is_main,
             desc=self.method.name or "train",
         )
         recent: list[float] = []
@@ -940,6 +958,7 @@ class TrainSession:
         }
         return meta
 
+    @guarded
     def save_checkpoint(self, *, step: int | None = None, epoch: int | None = None) -> None:
         """An intermediate result plus (when enabled) a resumable state, with retention."""
         o = self.options
@@ -958,6 +977,7 @@ class TrainSession:
         if o.save_state:
             self.save_state()
 
+    @guarded
     def save_state(self) -> Path:
         from .state import prune_states, save_state
 
@@ -979,8 +999,8 @@ class TrainSession:
                     "world_size": self.accelerator.num_processes,
                 },
             )
-            if self.options.save_limit:
-                prune_states(self.state_root, self.options.save_limit)
+            if self.options.keep_states > 0:
+                prune_states(self.state_root, self.options.keep_states)
         self.accelerator.wait_for_everyone()
         self.last_state = folder
         return folder
@@ -994,7 +1014,7 @@ class TrainSession:
         output = self.output
         if self.is_main:
             output = Path(
-                self.method.save(
+                guarded(self.method.save)(
                     self.bundle,
                     SaveInfo(
                         path=self.output,
@@ -1005,7 +1025,7 @@ class TrainSession:
                     ),
                 )
             )
-            self.say(f"saved {output}")
+            log.info(f"saved {output}")  # the caller reports it (the CLI prints one "saved" line)
         self.accelerator.wait_for_everyone()
         return TrainResult(
             main_process=self.is_main,
@@ -1040,6 +1060,7 @@ class TrainSession:
         prompts = self.sample_prompt_list()
         if not prompts:
             return None
+        self.say(f"rendering {len(prompts)} sample image(s), {self.options.sample_steps} steps each ...")
         bundle = self.bundle
         assert bundle is not None
         moved = []
@@ -1073,7 +1094,9 @@ class TrainSession:
                 module.to("cpu")
         folder = self.state_root.parent / f"{self.state_root.name[: -len('-state')]}-samples"
         path = folder / f"{tag}.png"
-        _write_grid(images, path)
+        from .sample_info import sample_infotexts
+
+        _write_grid(images, path, sample_infotexts(self, prompts, images, extra))
         return path
 
 
@@ -1135,10 +1158,11 @@ def _culprit(caller: Any, exc: BaseException) -> str:
     return found
 
 
-def _write_grid(images: list[Any], path: Path) -> None:
+def _write_grid(images: list[Any], path: Path, infotexts: list[str] | None = None) -> None:
     from PIL import Image
 
     from ..io import atomic_path
+    from .sample_info import grid_pnginfo
 
     cols = min(4, len(images))
     rows = -(-len(images) // cols)
@@ -1149,7 +1173,7 @@ def _write_grid(images: list[Any], path: Path) -> None:
         grid.paste(image.convert("RGB"), ((k % cols) * w, (k // cols) * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
+        grid.save(tmp, format="PNG", pnginfo=grid_pnginfo(infotexts or []))
 
 
 def _remove(path: Path) -> None:

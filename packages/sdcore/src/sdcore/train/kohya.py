@@ -37,7 +37,7 @@ def _text(value: Any) -> str:
 
 
 def resolution_side(value: Any) -> int:
-    """kohya: ``512``, ``"512"``, ``"512,768"`` or ``[512, 768]`` -> the side of the same area."""
+    """kohya: ``512``, ``"512"``, ``"512,768"`` or ``[512, 768]`` -> the side of the same area (0 stays 0)."""
     if isinstance(value, bool):
         raise ValueError
     if isinstance(value, (list, tuple)):
@@ -46,6 +46,8 @@ def resolution_side(value: Any) -> int:
         parts = [int(float(p)) for p in str(value).replace(" ", "").split(",") if p]
     if len(parts) == 1:
         parts *= 2
+    if parts == [0, 0]:
+        return 0  # sdcore's own spelling of "the model's native size"
     if len(parts) != 2 or min(parts) < 1:
         raise ValueError
     return math.isqrt(parts[0] * parts[1])

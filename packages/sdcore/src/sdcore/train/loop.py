@@ -1071,9 +1071,10 @@ class TrainSession:
         from .sample_prompts import generation_calls
 
         images = []
+        calls = generation_calls(prompts, self.options.seed)
         try:
             with torch.no_grad(), self.method.sampling(bundle) as extra:
-                for group, seed in generation_calls(prompts, self.options.seed):
+                for group, seed in calls:
                     first = group[0]
                     cfg: dict[str, Any] = {"cfg": first.cfg} if first.cfg is not None else {}
                     images += generate_images(
@@ -1096,7 +1097,7 @@ class TrainSession:
         path = folder / f"{tag}.png"
         from .sample_info import sample_infotexts
 
-        _write_grid(images, path, sample_infotexts(self, prompts, images, extra))
+        _write_grid(images, path, sample_infotexts(self, calls, images, extra))
         return path
 
 

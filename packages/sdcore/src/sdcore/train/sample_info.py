@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .sample_prompts import SamplePrompt
 
 #: a PNG text chunk holding every sample's infotext (JSON list) when a grid holds several prompts;
 #: the ``parameters`` chunk holds the first one, as A1111 does for its grids
 ALL_PARAMETERS_KEY = "sdcore-sample-parameters"
 
 
-def sample_infotexts(session: Any, prompts: list[str], images: list[Any], extra: dict[str, Any]) -> list[str]:
-    """One infotext per rendered image: prompt, negative prompt, steps, sampler, CFG, seed (A1111's
-    ``seed + i`` batch rule, as :func:`~sdcore.generate.pipeline.generate_images` uses), size,
-    model name, clip skip, and the training step."""
+def sample_infotexts(
+    session: Any, calls: list[tuple[list[SamplePrompt], int]], images: list[Any], extra: dict[str, Any]
+) -> list[str]:
+    """One infotext per rendered image, from the generation ``calls`` that rendered them
+    (:func:`~sdcore.train.sample_prompts.generation_calls`): prompt, negative prompt, steps,
+    sampler, CFG and size as each prompt line set them (the run's defaults otherwise), seed (A1111's
+    ``seed + i`` batch rule, as :func:`~sdcore.generate.pipeline.generate_images` uses), model name,
+    clip skip, and the training step."""
     from .. import __version__
     from ..generate.pnginfo import format_parameters
 
@@ -25,24 +32,25 @@ def sample_infotexts(session: Any, prompts: list[str], images: list[Any], extra:
     except ImportError:  # a partial install (or a test's stand-in pipeline): samples without infotext
         return []
     o = session.options
-    negative = extra.get("negative_prompt", "")
     model = str(o.model)
     model_name = model if model.startswith("tiny:") else Path(model).stem
+    per_image = [(prompt, first + index) for group, first in calls for index, prompt in enumerate(group)]
     texts = []
-    for index, (prompt, image) in enumerate(zip(prompts, images, strict=False)):
+    for (prompt, seed), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["Training step"] = session.position.step
         fields["Version"] = f"sdcore {__version__}"
+        cfg = prompt.cfg if prompt.cfg is not None else float(extra.get("cfg", 7.0))
         texts.append(
             format_parameters(
-                prompt,
-                negative if isinstance(negative, str) else negative[index],
-                o.sample_steps,
-                str(extra.get("sampler", "euler_a")),
-                float(extra.get("cfg", 7.0)),
-                int(extra.get("seed", o.seed)) + index,
+                prompt.prompt,
+                prompt.negative,
+                prompt.steps or o.sample_steps,
+                prompt.sampler or o.sample_sampler,
+                cfg,
+                seed,
                 image.size,
                 None,
                 model_name,

@@ -49,7 +49,8 @@ def load_clip(clip_path_or_id: str | Path, *, vision_only: bool = False) -> tupl
     except (OSError, ValueError) as exc:
         text = str(exc).strip()
         raise ModelFormatError(
-            f"{source}: cannot load a CLIP model ({text.splitlines()[0] if text else type(exc).__name__})"
+            f"{source}: cannot load a CLIP model ({text.splitlines()[0] if text else type(exc).__name__}); "
+            "offline, download it first: docs/offline-models.md"
         ) from exc
     kinds: dict[str, Any] = {"clip": CLIPModel}
     if vision_only:

@@ -60,6 +60,29 @@ class LazyGroup(click.Group):
         primary = {name for name, spec in specs.items() if spec.name == name}
         return sorted(primary | set(self.commands))
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """One row per primary name: its summary plus the aliases that run it too (``db``, ...)."""
+        try:
+            specs = self._specs(ctx)
+        except PluginError:
+            specs = {}
+        aliases: dict[str, list[str]] = {}
+        for name, spec in specs.items():
+            if spec.name != name:
+                aliases.setdefault(spec.name, []).append(name)
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            text = command.get_short_help_str(limit=200)
+            if aliases.get(name):
+                text = f"{text} (aliases: {', '.join(sorted(aliases[name]))})"
+            rows.append((name, text))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:
             return self.commands[cmd_name]

@@ -69,6 +69,17 @@ def test_train_and_tag_help_list_every_registration():
         assert name in tag_help.stdout
 
 
+def test_train_help_lists_the_method_aliases():
+    """`sdcore train db` etc. work; `train --help` says so next to each method."""
+    train_help = subprocess.run(
+        [sys.executable, "-m", "sdcore", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    text = " ".join(train_help.stdout.split())
+    for alias in ("db", "dreamartist", "textual-inversion", "hypernetwork"):
+        assert alias in text, alias
+    assert "aliases: textual-inversion" in text or "aliases: embedding, textual-inversion" in text
+
+
 def test_no_name_conflicts_between_first_party_plugins():
     from sdcore.plugins import get_plugin_manager
 

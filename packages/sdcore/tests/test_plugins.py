@@ -50,6 +50,21 @@ def test_extra_plugin_method_is_listed_in_train_help(sd_pm_factory, sd_cli):
     assert "alpha" in result.output and "summary of alpha" in result.output
 
 
+class AliasedMethodPlugin:
+    @sdcore.hookimpl
+    def sdcore_register_methods(self, register):
+        register(MethodSpec(name="beta", summary="summary of beta", method="json:dumps", aliases=("b", "bee")))
+
+
+def test_method_aliases_are_listed_in_train_help(sd_pm_factory, sd_cli):
+    pm = sd_pm_factory([AliasedMethodPlugin()])
+    result = sd_cli(["train", "--help"], pm=pm)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.strip().startswith("beta "))
+    assert "summary of beta" in row and "(aliases: b, bee)" in " ".join(result.output.split())
+    assert not any(line.strip().startswith(("b ", "bee ")) for line in result.output.splitlines())
+
+
 def test_entry_point_plugin_loads_with_distribution(fake_distribution, monkeypatch):
     fake_distribution(
         "sdplugin-good",

@@ -72,7 +72,8 @@ def images_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_embedding_is_normalised_mean_of_normalised_features(clip_dir: Path, images_dir: Path, tmp_path: Path) -> None:
+def test_embedding_is_the_mean_of_raw_image_features(clip_dir: Path, images_dir: Path, tmp_path: Path) -> None:
+    """The extension (and vicgalle's script) average the raw projected features and save the mean as is."""
     embedding = create_aesthetic_embedding(images_dir, clip_dir, batch_size=2)
     # independent computation with transformers' own API
     from transformers import CLIPImageProcessor, CLIPModel
@@ -82,16 +83,16 @@ def test_embedding_is_normalised_mean_of_normalised_features(clip_dir: Path, ima
     with torch.no_grad():
         out = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
     features = out if isinstance(out, torch.Tensor) else out.pooler_output
-    features = features / features.norm(dim=-1, keepdim=True)
     expected = features.mean(0, keepdim=True)
-    expected = expected / expected.norm()
     assert embedding.shape == (1, PROJECTION)
     torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-6)
+    assert abs(float(embedding.norm()) - 1.0) > 1e-3  # stored unnormalised, as the extension writes it
 
     path = save_aesthetic_embedding(embedding, tmp_path / "style.pt")
     raw = torch.load(path, weights_only=True)
     assert isinstance(raw, torch.Tensor) and raw.shape == (1, PROJECTION) and raw.dtype == torch.float32
-    torch.testing.assert_close(load_aesthetic_embedding(path), expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(raw, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(load_aesthetic_embedding(path), expected[0] / expected.norm(), rtol=1e-5, atol=1e-6)
 
 
 def test_reader_accepts_shipped_variants_and_refuses_pickles(tmp_path: Path) -> None:

@@ -331,3 +331,29 @@ def test_attention_maps_weight_the_loss_and_are_not_trained_on(tmp_path):
         assert float(left.max()) == 0.0 and float(right.min()) == 5.0
     other = session.make_batch([SampleRef(1 - index, 0, 0)])
     assert other.masks is None  # no map: no weighting at all
+
+
+def test_intermediate_pair_stores_name_step_and_name_step_neg(tmp_path):
+    """DreamArtist saves X-STEP.pt / X-STEP-neg.pt storing exactly those names (the prompt word of
+    an image copy and what A1111 lists), and each file's stem is the word A1111 activates it by."""
+    from sdcore.train.loop import train
+
+    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "max_steps": 2, "save_every": 1})
+    result = train(APTMethod(options), bundle=_tiny_bundle())
+    folder = result.output.parent / "embeddings"
+    for step in (1,):
+        positive = torch.load(folder / f"tiny-{step}.pt", weights_only=True)
+        negative = torch.load(folder / f"tiny-{step}-neg.pt", weights_only=True)
+        assert (positive["name"], negative["name"]) == (f"tiny-{step}", f"tiny-{step}-neg")
+        assert positive["step"] == negative["step"] == step
+    final = (
+        torch.load(result.output, weights_only=True),
+        torch.load(result.output.with_name("result-neg.pt"), weights_only=True),
+    )
+    assert (final[0]["name"], final[1]["name"]) == ("tiny", "tiny-neg")
+
+
+def _tiny_bundle():
+    from sdcore.models.tiny import create_tiny_bundle
+
+    return create_tiny_bundle("sd1")

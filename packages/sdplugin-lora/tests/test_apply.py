@@ -358,3 +358,23 @@ def test_named_weights_split_text_encoder_and_unet(tmp_path):
     with session.apply(bundle, "a cat <lora:both:te=0:unet=1>"):
         for key, value in bundle.unet.state_dict().items():
             torch.testing.assert_close(value, reference.unet.state_dict()[key], atol=1e-6, rtol=0)
+
+
+def test_handler_picks_only_lora_files_and_lists_ambiguous_ones(tmp_path):
+    # issue 17: with --lora-dir out, <lora:mychar> picked the APT embedding out/apt/mychar.pt
+    out = tmp_path / "out"
+    (out / "apt").mkdir(parents=True)
+    torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "mychar", "step": 10}, out / "apt" / "mychar.pt")
+    handler = LoraHandler(out)
+    with pytest.raises(NetworkMismatchError, match=r"no LoRA file of that name .*apt/mychar\.pt is not a LoRA"):
+        handler.find("mychar")
+    lora = _save(fresh_bundle("sd1"), out, "mychar.safetensors")
+    assert handler.find("mychar") == lora
+    activation = handler.activate(fresh_bundle("sd1"), [NetworkRef("lora", "mychar")], "<lora:mychar>", "")
+    assert "mychar" in activation.info["Lora hashes"]
+    (out / "old").mkdir()
+    other = _save(fresh_bundle("sd1"), out / "old", "mychar.safetensors", seed=1)
+    with pytest.raises(NetworkMismatchError, match="ambiguous") as info:
+        handler.find("mychar")
+    assert str(lora) in str(info.value) and str(other) in str(info.value)
+    assert "apt" not in str(info.value)

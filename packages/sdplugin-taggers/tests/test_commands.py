@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from sdplugin_taggers.commands import wd14_command
 from wdmodels import save_image
@@ -65,6 +66,27 @@ def test_wd14_options_modes_and_recursive(wd_v3: Path, image_dir: Path) -> None:
         encoding="utf-8"
     ) == "trig, hatsune_miku_\\(vocaloid\\), long_hair, general\n"
     assert (image_dir / "a.txt").read_text(encoding="utf-8").startswith("mine")
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append", "prepend", "skip"])
+def test_include_first_opens_the_caption_in_every_mode(wd_v3: Path, image_dir: Path, mode: str) -> None:
+    # issue 17: append wrote "..., green theme, mychar"; kohya's --keep_tokens needs the trigger first
+    (image_dir / "a.txt").write_text("green theme, long hair\n", encoding="utf-8")
+    (image_dir / "b.txt").write_text("mychar, green theme\n", encoding="utf-8")
+    result = run(image_dir, "--model-dir", wd_v3, "--providers", "cpu", "--mode", mode, "--include-first", "mychar")
+    assert result.exit_code == 0, result.output
+    a = (image_dir / "a.txt").read_text(encoding="utf-8")
+    if mode == "skip":
+        assert a == "green theme, long hair\n"
+    else:
+        tags = a.strip().split(", ")
+        assert tags[0] == "mychar" and tags.count("mychar") == 1, a
+        if mode == "append":
+            assert tags[1:3] == ["green theme", "long hair"]
+    c = (image_dir / "c.txt").read_text(encoding="utf-8")  # no caption before: written in every mode
+    assert c.startswith("mychar, "), c
+    b = (image_dir / "b.txt").read_text(encoding="utf-8").strip().split(", ")
+    assert b[0] == "mychar" and b.count("mychar") == 1
 
 
 def test_wd14_errors_are_one_line(tmp_path: Path, image_dir: Path) -> None:

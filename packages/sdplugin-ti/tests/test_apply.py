@@ -96,12 +96,22 @@ def test_sdxl_clip_l_and_clip_g_match_diffusers(make_bundle, tmp_path):
 
 def test_width_mismatch_names_expected_and_found(make_bundle):
     sd1 = make_bundle("sd1")
-    with pytest.raises(NetworkMismatchError, match=r"expects width 32.*width 768"):
+    with pytest.raises(
+        NetworkMismatchError, match=r"has 1 vector of width 768 \(SD1\); this sd1 model needs vectors of width 32"
+    ):
         apply_embeddings(sd1, [Embedding("big", {SINGLE: torch.zeros(1, 768)})])
     sdxl = make_bundle("sdxl")
-    with pytest.raises(NetworkMismatchError, match=r"needs clip_l \(width 32\), clip_g \(width 64\)"):
-        apply_embeddings(sdxl, [Embedding("one", {SINGLE: torch.zeros(1, 32)})])
-    with pytest.raises(NetworkMismatchError, match=r"text encoder 2.*expects width 64.*width 1280"):
+    # issue 17: an SD1 embedding on SDXL said "has 32 vectors" when it had 4 vectors of width 32
+    with pytest.raises(
+        NetworkMismatchError,
+        match=r"has 4 vectors of width 32; this sdxl model needs clip_l vectors of width 32 and clip_g vectors of width 64",
+    ):
+        apply_embeddings(sdxl, [Embedding("one", {SINGLE: torch.zeros(4, 32)})])
+    with pytest.raises(NetworkMismatchError, match=r"has 4 vectors of width 768 \(SD1\); this sdxl model needs clip_l"):
+        apply_embeddings(sdxl, [Embedding("real", {SINGLE: torch.zeros(4, 768)})])
+    with pytest.raises(
+        NetworkMismatchError, match=r"clip_g: 1 vector of width 1280 \(SDXL\);.*clip_g vectors of width 64"
+    ):
         apply_embeddings(sdxl, [Embedding("xl", {CLIP_L: torch.zeros(1, 32), CLIP_G: torch.zeros(1, 1280)})])
     assert len(sdxl.tokenizers[0]) == 49408  # nothing left behind
 
@@ -164,6 +174,6 @@ def test_handler_activates_from_prompt_and_negative_and_undoes(make_bundle, tmp_
     # nothing named: nothing happens
     quiet = handler.activate(bundle, [], "a cat", "")
     assert quiet.prompt == "a cat" and len(bundle.tokenizers[0]) == 49408
-    with pytest.raises(NetworkMismatchError, match="expects width 32"):
+    with pytest.raises(NetworkMismatchError, match="needs vectors of width 32"):
         handler.activate(bundle, [], "a wide shot", "")
     assert len(bundle.tokenizers[0]) == 49408

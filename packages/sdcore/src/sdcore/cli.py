@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import PluginError, SdcoreError
+from .errors import PluginError, SdcoreError, debug_enabled, expected_error_message
 from .plugins import SdPluginManager, get_plugin_manager
 
 
@@ -59,6 +59,29 @@ class LazyGroup(click.Group):
             return sorted(self.commands)
         primary = {name for name, spec in specs.items() if spec.name == name}
         return sorted(primary | set(self.commands))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """One row per primary name: its summary plus the aliases that run it too (``db``, ...)."""
+        try:
+            specs = self._specs(ctx)
+        except PluginError:
+            specs = {}
+        aliases: dict[str, list[str]] = {}
+        for name, spec in specs.items():
+            if spec.name != name:
+                aliases.setdefault(spec.name, []).append(name)
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            text = command.get_short_help_str(limit=200)
+            if aliases.get(name):
+                text = f"{text} (aliases: {', '.join(sorted(aliases[name]))})"
+            rows.append((name, text))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:
@@ -111,13 +134,17 @@ class TagGroup(LazyGroup):
 
 
 class RootGroup(click.Group):
-    """Prints our own errors as one line (no traceback) and exits 1."""
+    """Prints expected errors (ours, and permission / disk-full / missing-file OSErrors) as one
+    line, no traceback, and exits 1; ``SDCORE_DEBUG=1`` shows the traceback instead."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except SdcoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
+        except (SdcoreError, OSError) as exc:
+            message = expected_error_message(exc)
+            if message is None or debug_enabled():
+                raise
+            click.echo(f"Error: {message}", err=True)
             ctx.exit(1)
 
 

@@ -34,3 +34,62 @@ class NetworkMismatchError(SdcoreError):
 
 class PluginError(SdcoreError):
     """A plugin failed to load, registered something invalid, or clashes with another plugin."""
+
+
+class SaveFailedError(SdcoreError):
+    """Writing a result or state failed (permissions, full disk, folder removed); the message names
+    where the trained weights were rescued to, when they could be."""
+
+
+#: errno values of OSErrors a user causes (and can fix) rather than bugs: shown as one line
+_EXPECTED_ERRNOS = frozenset(
+    getattr(__import__("errno"), name)
+    for name in ("EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "ENOTDIR", "EISDIR", "EEXIST", "EFBIG")
+    if hasattr(__import__("errno"), name)
+)
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """An OSError a user can fix (permission denied, disk full, missing file or folder), alone or
+    as the cause of one of our errors."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, OSError) and current.errno in _EXPECTED_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``<file>: <reason>`` for an OSError, plus a hint for the usual causes."""
+    import errno
+
+    where = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: " (the disk is full: free space or choose another --output)",
+        errno.EACCES: " (no permission: choose a folder you can write, or fix its permissions)",
+        errno.EROFS: " (read-only file system: choose another folder)",
+    }.get(exc.errno or 0, "")
+    return f"{where}: {reason}{hint}" if where else f"{reason}{hint}"
+
+
+def expected_error_message(exc: BaseException) -> str | None:
+    """The one line to print for an expected error (ours, or a user-fixable OSError); ``None`` for a bug.
+
+    With ``SDCORE_DEBUG=1`` set, callers re-raise instead so the traceback shows.
+    """
+    if isinstance(exc, SdcoreError):
+        return str(exc)
+    if isinstance(exc, OSError) and is_disk_error(exc):
+        return describe_os_error(exc)
+    return None
+
+
+def debug_enabled() -> bool:
+    """``SDCORE_DEBUG=1``: show tracebacks of expected errors too."""
+    import os
+
+    return os.environ.get("SDCORE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")

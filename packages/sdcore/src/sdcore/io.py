@@ -3,6 +3,10 @@
 Write to a temporary name in the same folder, flush and fsync, then ``os.replace`` over the final
 name. A crash, a kill or a full disk leaves the previous file intact and at worst a stray
 ``.tmp`` file, which the next write replaces.
+
+The finished file gets the mode an ordinary ``open()`` would give it under the process umask
+(0644 with umask 022): ``mkstemp`` makes 0600 files, which a webui running as another user
+cannot read, so the mode is set before the rename, whatever the writer did to the file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,40 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import SdcoreError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: the classic swap (not atomic across threads, but restored at once)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(*, directory: bool = False) -> int:
+    """The mode ``open()`` (``0o666``) or ``mkdir()`` (``0o777``) gives a new entry under the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def apply_default_modes(root: str | os.PathLike[str]) -> None:
+    """Give ``root`` and everything below it the modes ``open()``/``mkdir()`` would under the umask.
+
+    For folders built by other libraries' writers (``save_pretrained`` makes 0600 files through its
+    own temporary files) before they are moved into place.
+    """
+    file_mode, dir_mode = default_mode(), default_mode(directory=True)
+    top = Path(root)
+    os.chmod(top, dir_mode if top.is_dir() else file_mode)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames:
+            os.chmod(Path(dirpath) / name, dir_mode)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                os.chmod(path, file_mode)
 
 
 @contextlib.contextmanager
@@ -33,6 +71,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, default_mode())  # mkstemp made it 0600 (and some writers recreate the file)
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

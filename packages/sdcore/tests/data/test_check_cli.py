@@ -132,7 +132,9 @@ def test_dedupe_groups_and_moves_only_when_asked(tmp_path):
     assert (data / "small.png").exists()
 
     moved_to = tmp_path / "dups"
-    result = runner.invoke(data_group, ["dedupe", str(tmp_path / "data"), "--move-to", str(moved_to), "--json"])
+    result = runner.invoke(
+        data_group, ["dedupe", str(tmp_path / "data"), "--move-to", str(moved_to), "--yes", "--json"]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["groups"][0]["duplicates"] == ["1_x/small.png"]

@@ -164,7 +164,12 @@ resolution = [640, 360]
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nnum_repeat=3\n", "unknown key 'num_repeat'"),
+        (
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nnum_repeat=3\ncolor_aug=true\nclas_tokens='a'\n",
+            # every problem of the table at once, each with the nearest key
+            r"unknown key 'num_repeat' \(did you mean 'num_repeats'\?\); kohya key 'color_aug' is not supported "
+            r"by sdcore; unknown key 'clas_tokens' \(did you mean 'class_tokens'\?\)",
+        ),
         (
             "[general]\nbogus=1\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\n",
             r"\[general\]: unknown key 'bogus'",

@@ -26,11 +26,17 @@ def test_json_config(tmp_path):
     assert o.batch_size == 3 and o.min_snr_gamma == 5.0
 
 
-def test_unknown_key_names_key_and_file(tmp_path):
+def test_unknown_keys_are_listed_together_with_the_nearest_name(tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text("learning_rate = 1e-4\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"bad\.toml.*learning_rate"):
+    cfg.write_text("lrr = 1e-4\nbatch_sise = 2\nnetwork_dimm = 4\nzzz = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
         load_options(ConvOutOptions, cfg)
+    message = str(info.value)
+    assert "bad.toml" in message and "\n" not in message
+    assert "'lrr' (did you mean 'lr'?)" in message
+    assert "'batch_sise' (did you mean 'batch_size'?)" in message
+    assert "'network_dimm' (did you mean 'network_dim'" in message  # kohya's name (not a ConvOut option)
+    assert "'zzz'," not in message and message.endswith("'zzz'")
 
 
 def test_wrong_types_and_choices(tmp_path):
@@ -134,3 +140,52 @@ def test_command_trains(tmp_path, tiny_data):
     )
     assert result.exit_code == 0, result.output
     assert out.exists() and "after 2 steps" in result.output
+
+
+def test_kohya_spellings_on_the_command_line_convert_to_an_sdcore_config(tmp_path, tiny_data):
+    """A kohya command line (hidden flags) checked with --dry-run and written back in sdcore's names."""
+    out = tmp_path / "eff.toml"
+    args = [
+        "--pretrained_model_name_or_path", "tiny:sd1",
+        "--train_data_dir", str(tiny_data),
+        "--output_dir", str(tmp_path / "out"),
+        "--output_name", "mine",
+        "--learning_rate", "0.25",
+        "--train_batch_size", "2",
+        "--resolution", "64,64",
+        "--enable_bucket",
+        "--min_bucket_reso", "64",
+        "--max_bucket_reso", "128",
+        "--max_train_steps", "3",
+        "--optimizer_type", "SGDNesterov",
+        "--optimizer_args", "weight_decay=0.01", "momentum=0.5",
+        "--lr_scheduler", "cosine_with_restarts",
+        "--save_precision", "float",
+        "--sdpa",
+        "--dry-run",
+        "--save-config", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(_command(), args)
+    assert result.exit_code == 0, result.output
+    assert "note: accepted without effect here: sdpa" in result.output
+    assert f"result: {tmp_path / 'out' / 'mine.safetensors'}" in result.output
+    o = load_options(ConvOutOptions, out)
+    assert (o.model, o.data, o.lr, o.batch_size, o.resolution, o.max_steps) == (
+        "tiny:sd1",
+        str(tiny_data),
+        0.25,
+        2,
+        64,
+        3,
+    )
+    assert (o.optimizer, o.lr_scheduler, o.save_dtype, o.buckets) == ("sgd", "cosine", "fp32", True)
+    # kohya's SGDNesterov = SGD with nesterov and momentum 0.9 unless the user gave a momentum
+    assert o.optimizer_args == "weight_decay=0.01 momentum=0.5 nesterov=True"
+
+
+def test_kohya_option_of_another_method_and_unknown_flags():
+    result = CliRunner().invoke(_command(), ["--network_dim", "4"])
+    assert result.exit_code == 2
+    assert "--network_dim is a kohya option of `sdcore train lora`, not of this method" in result.output
+    result = CliRunner().invoke(_command(), ["--learning-rate", "4"])
+    assert "did you mean --lr?" in result.output

@@ -304,8 +304,13 @@ def test_save_every_with_retention_and_epoch_saves(tmp_path):
     o = _opts(tmp_path, "ep", max_steps=None, epochs=3, save_every_epochs=1, save_state=False)
     _run(o)
     names = sorted(p.name for p in (tmp_path / "ep").glob("*.safetensors"))
-    assert names == ["result-epoch0001.safetensors", "result-epoch0002.safetensors", "result.safetensors"]
+    # kohya's names: six-digit epoch numbers
+    assert names == ["result-000001.safetensors", "result-000002.safetensors", "result.safetensors"]
     assert not (tmp_path / "ep" / "result-state").exists()
+    o = _opts(tmp_path, "ep1", max_steps=None, epochs=3, save_every_epochs=1, save_limit=1, save_state=False)
+    _run(o)
+    names = sorted(p.name for p in (tmp_path / "ep1").glob("*.safetensors"))
+    assert names == ["result-000002.safetensors", "result.safetensors"]
 
 
 def test_output_folder_gets_method_name_and_metadata(tmp_path):
@@ -332,6 +337,7 @@ def test_sample_images_are_rendered_into_a_grid(tmp_path, monkeypatch):
 
     module = types.ModuleType("sdcore.generate.pipeline")
     module.generate_images = fake_generate
+    module.sampler_id = lambda name: name
     monkeypatch.setitem(sys.modules, "sdcore.generate.pipeline", module)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red thing\n# comment\n\na blue thing\n", encoding="utf-8")
@@ -340,6 +346,42 @@ def test_sample_images_are_rendered_into_a_grid(tmp_path, monkeypatch):
     assert calls[0][1]["steps"] == 3
     grid = Image.open(tmp_path / "run" / "result-samples" / "step00000004.png")
     assert grid.size == (128, 64)
+
+
+def test_kohya_sample_prompt_options_reach_the_sampler_not_the_prompt(tmp_path, monkeypatch):
+    from PIL import Image
+
+    calls = []
+
+    def fake_generate(bundle, prompts, **kw):
+        calls.append((list(prompts), kw))
+        return [Image.new("RGB", (kw["width"], kw["height"])) for _ in prompts]
+
+    module = types.ModuleType("sdcore.generate.pipeline")
+    module.generate_images = fake_generate
+    module.sampler_id = lambda name: name
+    monkeypatch.setitem(sys.modules, "sdcore.generate.pipeline", module)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red thing --n blurry --w 96 --h 32 --s 2 --d 5 --l 4.5 --ss euler\na blue thing\n")
+    o = _opts(tmp_path, max_steps=None, epochs=3, sample_every_epochs=1, sample_prompts=str(prompts), sample_steps=3)
+    _run(o)
+    red = [c for c in calls if c[0] == ["a red thing"]]
+    blue = [c for c in calls if c[0] == ["a blue thing"]]
+    assert len(red) == len(blue) == 3  # epochs 1 and 2, then the final render
+    kw = red[0][1]
+    assert (kw["negative_prompt"], kw["width"], kw["height"], kw["steps"], kw["seed"], kw["cfg"], kw["sampler"]) == (
+        ["blurry"],
+        96,
+        32,
+        2,
+        5,
+        4.5,
+        "euler",
+    )
+    kw = blue[0][1]
+    assert (kw["steps"], kw["seed"], kw["sampler"], "cfg" in kw) == (3, o.seed + 1, "euler_a", False)
+    folder = tmp_path / "run" / "result-samples"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch000001.png", "epoch000002.png", "final.png"]
 
 
 class _PixelMethod(ConvOutMethod):
@@ -499,7 +541,9 @@ def test_output_path_rules(tmp_path):
     assert output_paths(m, _opts(tmp_path, output=str(tmp_path / "dir")))[0] == tmp_path / "dir" / "convout.safetensors"
     assert output_paths(m, _opts(tmp_path, output=str(tmp_path / "x.pt")))[0] == tmp_path / "x.pt"
     assert intermediate_path(tmp_path / "a.safetensors", step=7) == tmp_path / "a-step00000007.safetensors"
-    assert intermediate_path(tmp_path / "model", epoch=2) == tmp_path / "model-epoch0002"
+    assert intermediate_path(tmp_path / "model", epoch=2) == tmp_path / "model-000002"
+    assert intermediate_path(tmp_path / "a.safetensors", epoch=12) == tmp_path / "a-000012.safetensors"
+    assert intermediate_path(tmp_path / "a.safetensors", step=1234) == tmp_path / "a-step00001234.safetensors"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -110,7 +110,7 @@ def test_checkpoint_names_and_retention(tmp_path):
     final, state = output_paths(method, options)
     assert state == tmp_path / "out" / "lora-state" and samples_dir(state) == tmp_path / "out" / "lora-samples"
     assert intermediate_path(final, step=7).name == "lora-step00000007.safetensors"
-    assert intermediate_path(final, epoch=2).name == "lora-epoch0002.safetensors"
+    assert intermediate_path(final, epoch=2).name == "lora-000002.safetensors"  # kohya's epoch names
     ckpt = Checkpoints(method, options, _FakeAccelerator())
     bundle = types.SimpleNamespace(family="sd1")
     run = RunFacts(total_steps=9, started_at=0.0)
@@ -229,8 +229,11 @@ def test_sample_prompts_file_and_grid(tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("# comment\na red thing\n\n  a blue thing  \n")
-    assert sample_prompt_list(TrainOptions(sample_prompts=str(prompts))) == ["a red thing", "a blue thing"]
-    assert sample_prompt_list(TrainOptions(sample_prompts="just one")) == ["just one"]
+    assert [p.prompt for p in sample_prompt_list(TrainOptions(sample_prompts=str(prompts)))] == [
+        "a red thing",
+        "a blue thing",
+    ]
+    assert [p.prompt for p in sample_prompt_list(TrainOptions(sample_prompts="just one"))] == ["just one"]
     write_grid([Image.new("RGB", (8, 8))] * 5, tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").size == (32, 16)
 

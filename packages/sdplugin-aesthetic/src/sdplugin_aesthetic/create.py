@@ -1,7 +1,7 @@
 """Aesthetic embeddings: the mean CLIP image embedding of a folder of images.
 
 The file is what the A1111 extension and vicgalle's scripts write: a raw torch tensor (not a
-dict) of shape ``[1, D]`` saved with ``torch.save``. Readers accept ``[1, D]`` and ``[D]``, fp16
+dict) of shape ``[1, D]``, the unnormalised mean of the images' CLIP features, saved with ``torch.save``. Readers accept ``[1, D]`` and ``[D]``, fp16
 and fp32, saved on any device (some shipped files were pickled on ``cuda:0``), and always
 normalise to unit length, because only the direction matters to the cosine objective.
 """
@@ -49,7 +49,8 @@ def load_clip(clip_path_or_id: str | Path, *, vision_only: bool = False) -> tupl
     except (OSError, ValueError) as exc:
         text = str(exc).strip()
         raise ModelFormatError(
-            f"{source}: cannot load a CLIP model ({text.splitlines()[0] if text else type(exc).__name__})"
+            f"{source}: cannot load a CLIP model ({text.splitlines()[0] if text else type(exc).__name__}); "
+            "offline, download it first: docs/offline-models.md"
         ) from exc
     kinds: dict[str, Any] = {"clip": CLIPModel}
     if vision_only:
@@ -113,11 +114,11 @@ def create_aesthetic_embedding(
     *,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """The aesthetic embedding of a folder: ``normalise(mean_i(normalise(f_i)))``, shape ``[1, D]``.
+    """The aesthetic embedding of a folder: ``mean_i(f_i)``, shape ``[1, D]``.
 
-    ``f_i`` are the projected CLIP image features. Averaging unit vectors keeps one very
-    "loud" image from dominating (the paper's definition); the result is stored normalised, so
-    readers that normalise on load (the A1111 extension) see the same vector.
+    ``f_i`` are the projected CLIP image features (``get_image_features``), raw: the A1111
+    extension and vicgalle's ``gen_aesthetic_embeddings.py`` average them unnormalised and save
+    the mean as is (readers normalise it on load), so this is the same vector they write.
     ``clip_path_or_id`` may also be an already loaded ``(model, CLIPImageProcessor)`` pair, the
     model a ``CLIPModel`` or a ``CLIPVisionModelWithProjection``.
     """
@@ -143,12 +144,10 @@ def create_aesthetic_embedding(
                 raise DataError(f"{path}: unreadable image ({exc})") from exc
         pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(run_device, dtype=model.dtype)
         features = image_features(model, pixels).float()
-        features = features / features.norm(dim=-1, keepdim=True)
         summed = features.sum(dim=0, keepdim=True).cpu()
         total = summed if total is None else total + summed
     assert total is not None
-    mean = total / len(paths)
-    return mean / mean.norm(dim=-1, keepdim=True)
+    return total / len(paths)
 
 
 def save_aesthetic_embedding(embedding: torch.Tensor, path: str | Path) -> Path:

@@ -45,7 +45,19 @@ class AestheticHandler(PromptNetworkHandler):
     """Personalises the text conditioning toward an aesthetic embedding (A1111 extension)."""
 
     tag = None
+    kind = "aesthetic embedding"
     suffixes = (".pt",)
+
+    def accepts(self, path: Path) -> bool:
+        """A pickled tensor, or a dict holding exactly one tensor (the ``[1, D]`` image-embedding mean)."""
+        from sdcore.models.peek import peek_file
+
+        found = peek_file(path)
+        if found.error:  # unreadable or unsafe: let the loader say so in its own words
+            return True
+        if found.top == "Tensor":
+            return True
+        return found.top == "dict" and list(found.nested.values()) in (["Tensor"], ["Parameter"])
 
     def __init__(self, directory: str | Path | None = None) -> None:
         super().__init__(directory)

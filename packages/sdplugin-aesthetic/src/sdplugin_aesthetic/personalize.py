@@ -3,10 +3,15 @@
 For each 77-token chunk of the prompt (A1111 extension semantics, arXiv 2209.12330):
 
 1. copy the text tower, then run ``steps`` Adam steps (``lr``) on the copy's weights to raise
-   ``cos(project(pooled(chunk)), target)``, where ``target`` is the unit aesthetic embedding or,
-   with ``text``, its slerp towards that text's CLIP features by ``slerp_angle``;
+   ``unit(project(pooled(chunk))) . target``, where ``target`` is the unit aesthetic embedding or,
+   with ``text``, its slerp towards that text's raw CLIP features by ``slerp_angle``;
 2. encode the chunk with the tuned copy (honouring clip skip);
-3. blend with the normal conditioning: ``(1 - w) * z + w * zn`` (or the extension's slerp).
+3. blend with the chunk's normal conditioning: ``(1 - w) * z + w * zn`` (or the extension's
+   slerp, which normalises over the chunk's 77 tokens).
+
+A1111 >= 1.0 encodes a long prompt chunk by chunk and calls the extension once per 77-token
+chunk, so tuning, target and slerp are all per chunk here. (From A1111 1.6 the extension's hook
+no longer changes the output at all; what is matched is the last A1111 where it worked.)
 
 Which tower is copied: the model's own text encoder when it has exactly the CLIP model's text
 architecture (SD1: it *is* OpenAI CLIP ViT-L/14's text tower, and a fine-tuned model keeps its own
@@ -142,19 +147,23 @@ _DEFAULT_CACHE = PersonalizationCache()
 def aesthetic_target(
     clip_model: Any, tokenizer: Any, embedding: torch.Tensor, settings: AestheticSettings, device: Any
 ) -> torch.Tensor:
-    """The unit target vector ``[1, D]``: the embedding, or its slerp towards ``settings.text``."""
+    """The target ``[1, D]`` the tuning steers towards, as the extension computes it.
+
+    Without ``settings.text``: the unit aesthetic embedding ``e``. With it: ``t`` = the text's raw
+    (unnormalised) CLIP features, or ``unit(e - t)`` with ``text_negative``; the target is
+    ``slerp(e, t, slerp_angle)``, not renormalised (its length scales the loss, as in the extension).
+    """
     target = _unit(embedding.detach().float().reshape(1, -1).to(device))
     if settings.text:
-        from sdcore.models.text import chunked_input_ids
-
         from .create import text_features
 
-        ids = chunked_input_ids(tokenizer, [settings.text], chunks=1).reshape(1, -1).to(device)
+        # unpadded, as the extension tokenizes it (truncated to CLIP's 77 where it would fail)
+        ids = tokenizer([settings.text], truncation=True, max_length=CHUNK, return_tensors="pt").input_ids.to(device)
         with torch.no_grad():
-            text = _unit(text_features(clip_model, ids).float())
+            text = text_features(clip_model, ids).float()
         if settings.text_negative:
             text = _unit(target - text)
-        target = _unit(slerp(target, text, settings.slerp_angle))
+        target = slerp(target, text, settings.slerp_angle)
     return target
 
 
@@ -326,7 +335,11 @@ def personalize(
     tuned = torch.cat(tuned_chunks, dim=0).unsqueeze(0).to(hidden)
     w = float(settings.weight)
     with torch.no_grad():
-        blended = slerp(hidden, tuned, w) if settings.slerp else (1.0 - w) * hidden + w * tuned
+        if settings.slerp:  # per 77-token chunk, as A1111 hands the extension one chunk at a time
+            per_chunk = slerp(hidden.reshape(chunks, CHUNK, -1), tuned.reshape(chunks, CHUNK, -1), w)
+            blended = per_chunk.reshape(hidden.shape)
+        else:
+            blended = (1.0 - w) * hidden + w * tuned
     return _with_hidden(base, blended.to(hidden.dtype))
 
 

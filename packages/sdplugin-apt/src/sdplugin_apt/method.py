@@ -324,10 +324,12 @@ class APTMethod(TIMethod[APTOptions]):
                 stem = o.name
             self.write(negative, folder, f"{stem}{NEG_SUFFIX}")
             return self.write(positive, folder, stem)
+        # DreamArtist's intermediate pair: X-STEP.pt and X-STEP-neg.pt storing those names
         folder = folder / "embeddings"
-        negative.name = f"{o.name}-{info.step}{NEG_SUFFIX}"
+        positive.name = f"{o.name}-{info.step}"
+        negative.name = f"{positive.name}{NEG_SUFFIX}"
         self.write(negative, folder, negative.name)
-        return self.write(positive, folder, f"{o.name}-{info.step}")
+        return self.write(positive, folder, positive.name)
 
     def sampling(self, bundle: ModelBundle) -> Any:
         """Samples use ``name-neg`` as the negative prompt, as DreamArtist's previews do."""

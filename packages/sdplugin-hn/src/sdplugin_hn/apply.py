@@ -116,7 +116,17 @@ class HypernetworkHandler(PromptNetworkHandler):
     """Applies ``<hypernet:name:strength>`` from the prompt for one generation."""
 
     tag = "hypernet"
+    kind = "hypernetwork"
     suffixes = (".pt",)
+
+    def accepts(self, path: Path) -> bool:
+        """An A1111 hypernetwork: a pickled dict with integer width keys (768, 1024 ...) or ``layer_structure``."""
+        from sdcore.models.peek import peek_file
+
+        found = peek_file(path)
+        if found.error:  # unreadable or unsafe: let the loader say so in its own words
+            return True
+        return found.top == "dict" and any(k.isdigit() or k == "layer_structure" for k in found.keys)
 
     def __init__(self, directory: str | Path | None = None) -> None:
         super().__init__(directory)

@@ -246,15 +246,9 @@ class HNMethod(TrainingMethod[HNOptions]):
         Hashed once per run; folders and hub ids have no A1111 short hash, so it stays ``None``.
         """
         if self._identity is None:
-            source = bundle.source or ""
-            path = Path(source)
-            short: str | None = None
-            if source and path.is_file():
-                from .apply import file_hash
+            from sdcore.models.hashes import checkpoint_identity
 
-                short = file_hash(path)
-            name = path.stem if source and (path.exists() or path.suffix) else (source or None)
-            self._identity = (short, name)
+            self._identity = checkpoint_identity(bundle.source)
         return self._identity
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:

@@ -202,7 +202,22 @@ class LoraHandler(PromptNetworkHandler):
     """``<lora:name:te_weight[:unet_weight]>`` in prompts: merged for one generation, then restored."""
 
     tag = "lora"
+    kind = "LoRA"
     suffixes = (".safetensors", ".pt", ".ckpt", ".bin")
+
+    def accepts(self, path: Path) -> bool:
+        """A LoRA/LyCORIS file: some key ends like a LoRA part (``lora_up``, ``hada_w1_a``, ``lokr_w1`` ...)."""
+        from sdcore.models.peek import peek_file
+
+        from .format import is_lora_key
+
+        found = peek_file(path)
+        keys = found.keys
+        if found.error:  # unreadable or unsafe: let the loader say so in its own words
+            return True
+        if found.nested.get("state_dict") == "dict":  # a .ckpt-style wrapper: judge by the loader
+            return True
+        return any(is_lora_key(k) for k in keys)
 
     def activate(self, bundle: Any, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         if not refs:

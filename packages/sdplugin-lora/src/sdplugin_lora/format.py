@@ -248,6 +248,11 @@ def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
             weights.tensors["alpha"] = torch.tensor(float(alpha))
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a tensor name is a LoRA/LyCORIS part (``.alpha``/``.scale`` alone do not count)."""
+    return any(key.endswith(suffix) for suffix, part in _SUFFIXES if part not in ("alpha", "scale"))
+
+
 def read_lora(path: str | Path) -> LoraFile:
     """Read a ``.safetensors`` (preferred) or pickle-based ``.pt/.ckpt/.bin`` LoRA safely."""
     path = Path(path)
@@ -255,7 +260,9 @@ def read_lora(path: str | Path) -> LoraFile:
         raise ModelFormatError(f"{path}: LoRA file not found")
     if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError, safe_open
+        from sdcore.models.source import check_safetensors
 
+        check_safetensors(path)  # the same message as every other command for a bad file
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})

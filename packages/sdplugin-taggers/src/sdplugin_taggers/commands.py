@@ -30,6 +30,20 @@ def _output_options(func: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="What to do when a caption file exists (append/prepend merge without duplicates).",
         ),
+        click.option(
+            "--tag-order",
+            type=click.Choice(("model", "confidence")),
+            default="model",
+            show_default=True,
+            help="model: the tag file's order, as kohya's tagger writes; confidence: most likely first.",
+        ),
+        click.option(
+            "--characters",
+            type=click.Choice(("first", "last")),
+            default="first",
+            show_default=True,
+            help="Character tags before or after general tags (kohya's tagger default: last).",
+        ),
         click.option("--ext", default=".txt", show_default=True, help="Caption file extension."),
         click.option("--underscores", is_flag=True, help="Keep underscores in tag names (default: spaces)."),
         click.option("--escape", is_flag=True, help="Escape parentheses as \\( \\) for A1111 prompts."),
@@ -65,6 +79,8 @@ def _format(kw: dict[str, Any]) -> Any:
         exclude=tuple(split_tag_list(kw["exclude"])),
         include_first=tuple(split_tag_list(kw["include_first"])),
         max_tags=kw["max_tags"],
+        order=kw["tag_order"],
+        characters_first=kw["characters"] == "first",
     )
 
 
@@ -74,7 +90,9 @@ def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) ->
 
     for message in getattr(tagger, "messages", []):
         click.echo(f"warning: {message}", err=True)
-    writer = CaptionWriter(kw["mode"], kw["ext"])
+    fmt = _format(kw)
+    first = tuple(fmt.render(t) for t in fmt.include_first)
+    writer = CaptionWriter(kw["mode"], kw["ext"], first=first)
     summary = label_folder(
         tagger,
         directory,

@@ -3,7 +3,8 @@
 Kept free of numpy and onnxruntime so the formatting rules (the part users argue about) are
 testable on hand-made numbers. The reference behaviour is SmilingWolf's v3 ``wd-tagger`` space:
 probabilities strictly *above* the threshold are kept, MCut per category with a 0.15 floor for
-characters, characters before general tags, general tags by confidence.
+characters, characters before general tags. Tags are listed in the model's order (kohya's
+tagger: the order of ``selected_tags.csv``) or, with ``order="confidence"``, most likely first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ CATEGORY_NAMES = {RATING: "rating", GENERAL: "general", CHARACTER: "character"}
 _KAOMOJI_TEXT = "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x |_| ||_||"
 KAOMOJI = frozenset(_KAOMOJI_TEXT.split(" "))
 RATINGS_PLACEMENT = ("first", "last", "off")
+#: ``model``: the tagger's output order (the tag list file), as kohya's tagger writes captions;
+#: ``confidence``: most likely first (SmilingWolf's space, the A1111 tagger extension)
+TAG_ORDERS = ("model", "confidence")
 _ESCAPE = re.compile(r"([\\()])")
 
 
@@ -195,7 +199,9 @@ class TagFormat:
 
     ``include_first`` tags open every caption (added even when the model did not predict them:
     trigger words); ``exclude`` tags are dropped; ``max_tags`` caps the predicted general +
-    character tags by confidence. Escaping is off by default because training captions are literal.
+    character tags by confidence. ``order`` is one of :data:`TAG_ORDERS`: ``model`` keeps the
+    order of the tag dicts, which every tagger fills in its output (tag-file) order. Escaping is
+    off by default because training captions are literal.
     """
 
     underscores: bool = False
@@ -205,8 +211,11 @@ class TagFormat:
     include_first: tuple[str, ...] = ()
     max_tags: int | None = None
     characters_first: bool = True
+    order: str = "model"
 
     def __post_init__(self) -> None:
+        if self.order not in TAG_ORDERS:
+            raise ConfigError(f"tag order must be one of {', '.join(TAG_ORDERS)} (got {self.order!r})")
         if self.ratings not in RATINGS_PLACEMENT:
             raise ConfigError(f"ratings must be one of {', '.join(RATINGS_PLACEMENT)} (got {self.ratings!r})")
         if self.max_tags is not None and self.max_tags < 0:
@@ -230,11 +239,13 @@ def format_tags(
     """Order and render the selected tags into the caption's tag list (no duplicates)."""
     excluded = {normalize_tag(t) for t in fmt.exclude}
 
-    def by_confidence(d: Mapping[str, float]) -> list[tuple[str, float]]:
+    def ordered_items(d: Mapping[str, float]) -> list[tuple[str, float]]:
+        if fmt.order == "model":
+            return list(d.items())
         return sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))
 
-    chars = by_confidence(character)
-    gens = by_confidence(general)
+    chars = ordered_items(character)
+    gens = ordered_items(general)
     predicted = chars + gens if fmt.characters_first else gens + chars
     predicted = [(n, p) for n, p in predicted if normalize_tag(n) not in excluded]
     if fmt.max_tags is not None:

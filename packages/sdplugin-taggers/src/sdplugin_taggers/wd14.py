@@ -23,6 +23,10 @@ from .tags import Selector, TagFormat, load_selected_tags
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"
+_RECIPE = (
+    "get one with: hf download SmilingWolf/wd-vit-tagger-v3 model.onnx selected_tags.csv --local-dir DIR; "
+    "see docs/offline-models.md"
+)
 
 
 def locate_model(model: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -33,14 +37,14 @@ def locate_model(model: str | os.PathLike[str]) -> tuple[Path, Path]:
         if not onnx_path.is_file():
             candidates = sorted(path.glob("*.onnx"))
             if len(candidates) != 1:
-                raise ModelFormatError(f"{path}: expected {MODEL_FILE} in the model folder")
+                raise ModelFormatError(f"{path}: expected {MODEL_FILE} in the model folder ({_RECIPE})")
             onnx_path = candidates[0]
         return onnx_path, path / TAGS_FILE
     if path.suffix.lower() == ".onnx":
         if not path.is_file():
             raise ModelFormatError(f"{path}: ONNX model not found")
         return path, path.parent / TAGS_FILE
-    raise ModelFormatError(f"{path}: not a WD model folder (model.onnx + selected_tags.csv) or .onnx file")
+    raise ModelFormatError(f"{path}: not a WD model folder (model.onnx + selected_tags.csv) or .onnx file ({_RECIPE})")
 
 
 class WD14Tagger(BatchTagger):

@@ -57,6 +57,17 @@ def merge_tags(existing: list[str], new: list[str], mode: str) -> list[str]:
     return out
 
 
+def put_first(tags: list[str], first: tuple[str, ...]) -> list[str]:
+    """Move the ``first`` tags (compared by :func:`normalize_tag`) to the front, in ``first``'s order."""
+    if not first:
+        return tags
+    keys = [normalize_tag(t) for t in first]
+    by_key = {normalize_tag(t): t for t in tags}
+    head = [by_key.get(key, tag.strip()) for key, tag in zip(keys, first, strict=True)]
+    head = [t for i, t in enumerate(head) if keys[i] and keys.index(keys[i]) == i]
+    return head + [t for t in tags if normalize_tag(t) not in set(keys)]
+
+
 def split_caption(text: str) -> list[str]:
     return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
 
@@ -64,12 +75,17 @@ def split_caption(text: str) -> list[str]:
 class CaptionWriter:
     """Writes one caption file per image according to ``mode``; counts what it did."""
 
-    def __init__(self, mode: str = "skip", ext: str = ".txt", separator: str = ", ") -> None:
+    def __init__(
+        self, mode: str = "skip", ext: str = ".txt", separator: str = ", ", first: tuple[str, ...] = ()
+    ) -> None:
         if mode not in WRITE_MODES:
             raise ConfigError(f"caption mode must be one of {', '.join(WRITE_MODES)} (got {mode!r})")
         self.mode = mode
         self.ext = normalize_ext(ext)
         self.separator = separator
+        #: tags that open every written caption whatever the mode (``--include-first`` trigger words:
+        #: kohya's ``--keep_tokens`` keeps the first N tags in place, so they must come first)
+        self.first = tuple(first)
         self.counts = {"written": 0, "skipped": 0, "kept": 0}
         self.problems: list[str] = []
 
@@ -94,6 +110,7 @@ class CaptionWriter:
                 self.counts["kept"] += 1
                 return "kept"
             tags = merge_tags(existing, tags, self.mode)
+        tags = put_first(tags, self.first)
         atomic_write_text(target, self.separator.join(tags) + "\n")
         self.counts["written"] += 1
         return "written"

@@ -6,7 +6,8 @@ embedding) returns the embedding's vectors for them and the untouched original r
 other id. The original matrix is never resized or copied, so removing an embedding restores the
 model bit for bit, and in training only the small tables receive gradients.
 
-Prompts name embeddings by their file stem, as in A1111. :func:`expand_prompt` replaces each
+Prompts name embeddings as A1111 does: by the file stem for ``.pt``/``.bin``/``.safetensors``
+files, by the name stored inside for image (PNG/WEBP) embeddings. :func:`expand_prompt` replaces each
 whole-word, case-insensitive occurrence of a name by its placeholder tokens before tokenizing.
 The first placeholder is the name itself (lower-cased) when that is not already a word of the
 vocabulary, so a one-vector embedding also works in prompts that were never expanded.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from sdcore.errors import NetworkMismatchError
+from sdcore.errors import ModelFormatError, NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
 from torch import nn
 
@@ -196,28 +197,26 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
 
 # --- applying --------------------------------------------------------------------------------------
 def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
-    """Raise NetworkMismatchError naming expected vs found width when ``emb`` does not fit ``bundle``."""
+    """Raise NetworkMismatchError saying what the embedding holds and what the model needs, in one
+    message for every mismatch (missing encoder key or wrong width)."""
     where = emb.source or emb.name
     keys = encoder_keys(bundle)
-    for index, (key, encoder) in enumerate(zip(keys, bundle.text_encoders, strict=True)):
-        expected = int(encoder.get_input_embeddings().embedding_dim)
+    widths = [int(e.get_input_embeddings().embedding_dim) for e in bundle.text_encoders]
+    fits = True
+    for key, expected in zip(keys, widths, strict=True):
         tensor = emb.vectors.get(key)
         if tensor is None and key == SINGLE and len(emb.vectors) == 1:
             tensor = next(iter(emb.vectors.values()))
-        if tensor is None:
-            wanted = ", ".join(
-                f"{k} (width {int(e.get_input_embeddings().embedding_dim)})"
-                for k, e in zip(keys, bundle.text_encoders, strict=True)
-            )
-            raise NetworkMismatchError(
-                f"embedding {emb.name!r} ({where}) has {emb.describe_widths()} vectors; this {bundle.family} model needs {wanted}"
-            )
-        found = int(tensor.shape[1])
-        if found != expected:
-            raise NetworkMismatchError(
-                f"embedding {emb.name!r} ({where}): text encoder {index + 1} of this {bundle.family} model expects width "
-                f"{expected}, the embedding's {key} vectors have width {found}"
-            )
+        if tensor is None or int(tensor.shape[1]) != expected:
+            fits = False
+    if not fits:
+        wanted = " and ".join(
+            f"vectors of width {w}" if k == SINGLE else f"{k} vectors of width {w}"
+            for k, w in zip(keys, widths, strict=True)
+        )
+        raise NetworkMismatchError(
+            f"embedding {emb.name!r} ({where}) has {emb.describe()}; this {bundle.family} model needs {wanted}"
+        )
 
 
 @dataclass
@@ -348,46 +347,125 @@ def short_hash(path: Path) -> str:
 
 
 class EmbeddingHandler(PromptNetworkHandler):
-    """Activates the embeddings whose file stems occur as words in the prompt or negative prompt."""
+    """Activates the embeddings whose prompt words occur in the prompt or negative prompt.
+
+    The prompt word is A1111's: the file stem of a ``.pt``/``.bin``/``.safetensors`` file, the
+    ``name`` stored inside an image embedding (A1111 previews are saved as ``name-STEP.png`` and
+    store ``name-STEP``). Images that carry no embedding and ``*.preview.png`` files are skipped.
+    """
 
     tag: ClassVar[str | None] = None
     suffixes: ClassVar[tuple[str, ...]] = EMBEDDING_SUFFIXES
 
     def __init__(self, directory: str | Path | None = None) -> None:
         super().__init__(directory)
-        self._cache: dict[Path, tuple[float, Embedding]] = {}
+        self._cache: dict[Path, tuple[float, Embedding | None]] = {}
         # embeddings this handler activated and not yet undone, per bundle (a session may ask
         # again for further prompts of a batch while the first activation is still live)
         self._active: dict[int, dict[str, list[str]]] = {}
 
-    def names(self) -> dict[str, Path]:
-        """Prompt word (lower-cased) -> file; first file per stem, ``*.preview.png`` skipped."""
-        out: dict[str, Path] = {}
-        # weight files win over images of the same stem (an image there is usually a preview)
+    kind = "embedding"
+
+    def accepts(self, path: Path) -> bool:
+        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, SDXL ``clip_l``/``clip_g``,
+        a diffusers one-tensor dict, or an image (A1111 PNG embeddings are checked when loaded)."""
+        from sdcore.models.peek import peek_file
+
+        found = peek_file(path)
+        if found.error:  # unreadable or unsafe: let the loader say so in its own words
+            return True
+        if found.top == "image":
+            return True
+        keys = set(found.keys)
+        if keys & {"string_to_param", "emb_params", "clip_l", "clip_g"}:
+            return True
+        return found.top == "dict" and len(keys) == 1 and list(found.nested.values()) in ([], ["Tensor"])
+
+    def prompt_word(self, path: Path) -> str | None:
+        """The word that activates ``path`` (A1111's rule): a weight file's stem, the name stored
+        inside a PNG embedding (None: an image without an embedding)."""
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            return path.stem
+        emb = self._read(path, quiet=True)
+        return None if emb is None else emb.name
+
+    def candidates(self) -> dict[str, tuple[str, list[Path]]]:
+        """Prompt word (lower-cased) -> (the word, the files answering to it), weight files before
+        images, ``*.preview.png`` and empty files skipped."""
+        out: dict[str, tuple[str, list[Path]]] = {}
+        # weight files win over images of the same word (an image there is usually a preview)
         files = sorted(self.available(), key=lambda p: (p.suffix.lower() in IMAGE_SUFFIXES, str(p)))
         for path in files:
             if path.name.lower().endswith(".preview.png") or path.stat().st_size == 0:
                 continue
-            out.setdefault(path.stem.lower(), path)
+            word = self.prompt_word(path)
+            if word:
+                out.setdefault(word.lower(), (word, []))[1].append(path)
         return out
 
-    def load(self, path: Path) -> Embedding:
+    def pick(self, name: str, paths: list[Path]) -> Path | None:
+        """The embedding file among ``paths`` (same prompt word): files of other kinds are ignored;
+        two weight files that are both embeddings are an error listing them."""
+        mine = [p for p in paths if self.accepts(p)]
+        weights = [p for p in mine if p.suffix.lower() not in IMAGE_SUFFIXES]
+        if len(weights) > 1:
+            listed = ", ".join(str(p) for p in weights)
+            raise NetworkMismatchError(
+                f"embedding {name!r} is ambiguous: {len(weights)} embedding files have that name ({listed}); "
+                "rename or move one"
+            )
+        return mine[0] if mine else None
+
+    def words(self) -> dict[str, tuple[str, Path]]:
+        """Prompt word (lower-cased) -> (word, its embedding file); see :meth:`pick`."""
+        out: dict[str, tuple[str, Path]] = {}
+        for key, (word, paths) in self.candidates().items():
+            picked = self.pick(key, paths)
+            if picked is not None:
+                out[key] = (word, picked)
+        return out
+
+    def names(self) -> dict[str, Path]:
+        """Prompt word (lower-cased) -> file."""
+        return {key: path for key, (_, path) in self.words().items()}
+
+    def _read(self, path: Path, *, quiet: bool = False) -> Embedding | None:
         mtime = path.stat().st_mtime
         cached = self._cache.get(path)
         if cached is not None and cached[0] == mtime:
             return cached[1]
-        emb = load_embedding(path)
-        emb.name = path.stem
+        emb: Embedding | None
+        try:
+            emb = load_embedding(path)  # images: named by their stored name (A1111)
+        except ModelFormatError:
+            if not quiet or path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise
+            emb = None  # A1111 skips images without an embedding silently
+        if emb is not None and path.suffix.lower() not in IMAGE_SUFFIXES:
+            emb.name = path.stem
         self._cache[path] = (mtime, emb)
         return emb
 
+    def load(self, path: Path) -> Embedding:
+        emb = self._read(path)
+        if emb is None:
+            raise ModelFormatError(f"{path}: image carries no embedding")
+        return emb
+
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
-        files = self.names()
-        wanted = find_names(prompt + "\n" + negative_prompt, [files[k].stem for k in files])
+        candidates = self.candidates()
+        text = prompt + "\n" + negative_prompt
+        files: dict[str, tuple[str, Path]] = {}
+        # only the words that occur in the prompt are checked (cheap for big embedding folders)
+        for word in find_names(text, [word for word, _ in candidates.values()]):
+            picked = self.pick(word, candidates[word.lower()][1])
+            if picked is not None:
+                files[word.lower()] = (candidates[word.lower()][0], picked)
+        wanted = find_names(text, [word for word, _ in files.values()])
         if not wanted:
             return Activation(prompt=prompt, negative_prompt=negative_prompt)
         active = self._active.setdefault(id(bundle), {})
-        fresh = [self.load(files[name.lower()]) for name in wanted if name not in active]
+        fresh = [self.load(files[name.lower()][1]) for name in wanted if name not in active]
         handle = apply_embeddings(bundle, fresh) if fresh else None
         if handle is not None:
             active.update(handle.tokens)
@@ -399,7 +477,7 @@ class EmbeddingHandler(PromptNetworkHandler):
                 for name in handle.tokens:
                     active.pop(name, None)
 
-        hashes = ", ".join(f"{name}: {short_hash(files[name.lower()])}" for name in wanted)
+        hashes = ", ".join(f"{name}: {short_hash(files[name.lower()][1])}" for name in wanted)
         return Activation(
             prompt=expand_prompt(prompt, tokens),
             negative_prompt=expand_prompt(negative_prompt, tokens),

@@ -16,6 +16,10 @@ CLIP_L = "clip_l"
 CLIP_G = "clip_g"
 
 
+#: the family an embedding of one text-encoder width was made for (SDXL ones have clip_l + clip_g)
+_FAMILY_BY_WIDTH = {768: "SD1", 1024: "SD2"}
+
+
 @dataclass
 class Embedding:
     """A TI embedding: ``vectors`` maps an encoder key to a ``[n, D]`` tensor.
@@ -58,3 +62,13 @@ class Embedding:
 
     def describe_widths(self) -> str:
         return ", ".join(f"{k}={w}" if k != SINGLE else str(w) for k, w in self.widths.items())
+
+    def describe(self) -> str:
+        """``4 vectors of width 768 (SD1)`` or ``clip_l: 4 vectors of width 768, clip_g: ... (SDXL)``."""
+        parts = []
+        for key, tensor in self.vectors.items():
+            count, width = int(tensor.shape[0]), int(tensor.shape[1])
+            text = f"{count} vector{'s' if count != 1 else ''} of width {width}"
+            parts.append(text if key == SINGLE else f"{key}: {text}")
+        family = "SDXL" if self.is_sdxl else _FAMILY_BY_WIDTH.get(next(iter(self.widths.values()), 0))
+        return ", ".join(parts) + (f" ({family})" if family else "")

@@ -109,7 +109,9 @@ def load_embedding(path: str | Path, *, name: str | None = None) -> Embedding:
 
 def _load_safetensors(path: Path, name: str) -> Embedding:
     from safetensors import SafetensorError, safe_open
+    from sdcore.models.source import check_safetensors
 
+    check_safetensors(path)  # the same message as every other command for a bad file
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})

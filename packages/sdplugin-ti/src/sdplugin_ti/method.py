@@ -96,6 +96,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         self.handle: EmbeddingHandle | None = None
         self.bundle: ModelBundle | None = None
         self.schedule: LearnSchedule | None = None
+        self._identity: tuple[str | None, str | None] | None = None
 
     def trained_embeddings(self) -> list[TrainedEmbedding]:
         o = self.options
@@ -247,13 +248,20 @@ class TIMethod(TrainingMethod[TIOptionsT]):
                         )
                     table.copy_(source.to(table))
 
+    def checkpoint_identity(self) -> tuple[str | None, str | None]:
+        """A1111's ``sd_checkpoint`` (the model file's shorthash) and ``sd_checkpoint_name``, hashed once."""
+        if self._identity is None:
+            from sdcore.models.hashes import checkpoint_identity
+
+            assert self.bundle is not None
+            self._identity = checkpoint_identity(self.bundle.source)
+        return self._identity
+
     def current_embedding(self, name: str, step: int) -> Embedding:
         assert self.handle is not None and self.bundle is not None
         emb = self.handle.current(name)
         emb.step = step
-        source = self.bundle.source or ""
-        emb.sd_checkpoint = self.bundle.metadata.get("shorthash") or self.bundle.metadata.get("sd_checkpoint")
-        emb.sd_checkpoint_name = Path(source).stem if source else None
+        emb.sd_checkpoint, emb.sd_checkpoint_name = self.checkpoint_identity()
         emb.metadata = {"sdcore.method": self.name, "sdcore.family": self.bundle.family}
         return emb
 
@@ -289,7 +297,10 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             if output is not None and output.suffix.lower() == ".pt":
                 return self.write(emb, output.parent, output.stem)
             return self.write(emb, folder, name)
-        return self.write(emb, folder / "embeddings", f"{name}-{info.step}")
+        # A1111 stores the intermediate's own name (``name-STEP``): the word it answers to when
+        # loaded from an image, and what A1111 shows for it
+        emb.name = f"{name}-{info.step}"
+        return self.write(emb, folder / "embeddings", emb.name)
 
 
 __all__ = ["TIMethod", "TIOptions", "TrainedEmbedding"]

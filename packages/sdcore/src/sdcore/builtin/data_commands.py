@@ -95,20 +95,30 @@ def check_command(
     default=None,
     help="Move the duplicates (not the kept image of each group) and their captions here.",
 )
+@click.option(
+    "--color-threshold",
+    type=click.FloatRange(0, 5),
+    default=0.22,
+    show_default=True,
+    help="Largest colour difference between matching places of 32x32 thumbnails, relative to the contrast.",
+)
+@click.option("--yes", is_flag=True, help="With --move-to: move without asking (otherwise only list what would move).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def dedupe_command(path: str, threshold: int, move_to: str | None, as_json: bool) -> None:
-    """Find near-duplicate images under PATH (recursive) with a perceptual hash.
+def dedupe_command(
+    path: str, threshold: int, color_threshold: float, move_to: str | None, yes: bool, as_json: bool
+) -> None:
+    """Find near-duplicate images under PATH (recursive): same structure (luminance hash) and same colours.
 
-    Nothing is deleted. Each group keeps its largest image; with --move-to the others (and their
-    caption files) are moved out of the dataset.
+    Nothing is deleted. Each group keeps its largest image; --move-to DIR lists the others (and their
+    caption files) that would move out of the dataset, and --move-to DIR --yes moves them.
     """
     from pathlib import Path
 
     from ..data.dedupe import find_duplicates, list_images, move_duplicates
 
     root = Path(path)
-    groups, unreadable = find_duplicates(list_images(root), threshold=threshold)
-    moved = move_duplicates(groups, move_to) if move_to and groups else []
+    groups, unreadable = find_duplicates(list_images(root), threshold=threshold, color_threshold=color_threshold)
+    moved = move_duplicates(groups, move_to) if move_to and groups and yes else []
 
     def rel(p: Path) -> str:
         try:
@@ -124,6 +134,7 @@ def dedupe_command(path: str, threshold: int, move_to: str | None, as_json: bool
             ],
             "unreadable": [{"path": rel(p), "reason": r} for p, r in unreadable],
             "moved": [{"from": str(a), "to": str(b)} for a, b in moved],
+            "would_move": [rel(p) for g in groups for p in g.others] if move_to and not yes else [],
         }
         click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
         return
@@ -138,8 +149,13 @@ def dedupe_command(path: str, threshold: int, move_to: str | None, as_json: bool
         click.echo(f"unreadable: {rel(p)}: {reason}")
     if groups:
         duplicates = sum(len(g.others) for g in groups)
-        if move_to:
+        if move_to and yes:
             click.echo(f"{duplicates} duplicate image(s) moved to {move_to}.")
+        elif move_to:
+            click.echo(
+                f"{duplicates} duplicate image(s) (the 'dup' lines above) would be moved to {move_to}; "
+                "nothing moved: add --yes to move them."
+            )
         else:
             click.echo(f"{duplicates} duplicate image(s) in {len(groups)} group(s); nothing moved (use --move-to DIR).")
 

@@ -159,7 +159,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_dropout": options.caption_dropout,
         "tag_dropout": options.tag_dropout,
         "flip": options.flip,
-        "resolution": options.resolution,
+        "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
         "min_bucket_reso": options.min_bucket_reso,
         "max_bucket_reso": options.max_bucket_reso,
@@ -282,14 +282,22 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 
 def _check_keys(table: Any, allowed: set[str], where: str, path: Path) -> dict[str, Any]:
+    """The table, or one error listing every unknown and unsupported key of it (with the nearest key)."""
+    import difflib
+
     if not isinstance(table, dict):
         raise DataError(f"{path}: {where} must be a table")
+    problems = []
     for key in table:
         if key in allowed:
             continue
         if key in _UNSUPPORTED_KEYS:
-            raise DataError(f"{path}: {where}: kohya key '{key}' is not supported by sdcore")
-        raise DataError(f"{path}: {where}: unknown key '{key}'")
+            problems.append(f"kohya key '{key}' is not supported by sdcore")
+            continue
+        close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+        problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if problems:
+        raise DataError(f"{path}: {where}: " + "; ".join(problems))
     return table
 
 

@@ -75,6 +75,8 @@ class PromptNetworkHandler:
 
     tag: ClassVar[str | None] = None
     suffixes: ClassVar[tuple[str, ...]] = (".safetensors", ".pt", ".ckpt", ".bin")
+    #: what the user calls these files, for messages ("LoRA", "hypernetwork")
+    kind: ClassVar[str] = "network"
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
@@ -88,17 +90,41 @@ class PromptNetworkHandler:
             return []
         return sorted(p for p in self.directory.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file())
 
+    def accepts(self, path: Path) -> bool:
+        """Whether ``path`` holds this handler's kind of network, judged from its keys or metadata
+        (:func:`sdcore.models.peek.peek_file`), not only its suffix. The default accepts any file."""
+        return True
+
     def find(self, name: str) -> Path:
-        """Resolve a prompt name to a file: an existing path, or ``<directory>/**/<name><suffix>``."""
+        """Resolve a prompt name to a file: an existing path, or ``<directory>/**/<name><suffix>``.
+
+        Only files of this handler's kind (:meth:`accepts`) count: with ``--lora-dir out``,
+        ``<lora:mychar>`` never picks an APT embedding ``out/apt/mychar.pt``. Several files of the
+        right kind with that name are an error listing them.
+        """
         direct = Path(name)
         if direct.is_file():
             return direct
-        for path in self.available():
-            if path.stem == name or path.name == name:
-                return path
-        known = ", ".join(p.stem for p in self.available()[:20]) or "none"
+        named = [p for p in self.available() if p.stem == name or p.name == name]
+        mine = [p for p in named if self.accepts(p)]
+        if len(mine) == 1:
+            return mine[0]
+        label = self.tag or self.kind
+        if mine:
+            listed = ", ".join(str(p) for p in mine)
+            raise NetworkMismatchError(
+                f"{label} {name!r} is ambiguous: {len(mine)} {self.kind} files have that name ({listed}); "
+                "rename one or give the path of the one you mean"
+            )
         where = self.directory or "(no directory set)"
-        raise NetworkMismatchError(f"{self.tag or 'network'} {name!r} not found in {where}; available: {known}")
+        if named:
+            listed = ", ".join(str(p) for p in named)
+            raise NetworkMismatchError(
+                f"{label} {name!r}: no {self.kind} file of that name in {where} ({listed} "
+                f"{'is' if len(named) == 1 else 'are'} not a {self.kind} file)"
+            )
+        known = ", ".join(p.stem for p in self.available()[:20]) or "none"
+        raise NetworkMismatchError(f"{label} {name!r} not found in {where}; available: {known}")
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         """Apply ``refs`` to ``bundle`` (or rewrite the prompts) and say how to undo it."""

@@ -7,6 +7,8 @@
   after the 8-byte length and the JSON header (unchanged by metadata edits; Civitai AutoV3, kohya
   ``sshs_model_hash``, and, prefixed with ``0x``, modelspec ``hash_sha256``).
 - ``sshs_hashes``: the two kohya values for tensors about to be saved (LoRA writer's helper).
+- ``checkpoint_identity``: A1111's ``sd_checkpoint`` / ``sd_checkpoint_name`` pair that TI,
+  hypernetwork and DreamArtist files record for the model they were trained on.
 """
 
 from __future__ import annotations
@@ -106,6 +108,23 @@ def sshs_hashes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None =
     model = hashlib.sha256(data[8 + length :]).hexdigest()
     legacy = hashlib.sha256(data[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]
     return model, legacy
+
+
+def checkpoint_identity(source: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
+    """A1111's ``(sd_checkpoint, sd_checkpoint_name)`` for the model a network was trained on.
+
+    A1111 stores the checkpoint's shorthash (first 10 hex of the file's sha256) and its
+    ``model_name`` (the file name without extension). Only single files have an A1111 hash: for a
+    diffusers folder the hash is ``None`` and the name is the folder's; for a hub id the id itself.
+    """
+    if source is None or str(source) == "":
+        return None, None
+    path = Path(source)
+    if path.is_file():
+        return short_hash(path), path.stem
+    if path.exists() or path.suffix:
+        return None, path.name if path.is_dir() else path.stem
+    return None, str(source)
 
 
 def all_hashes(path: str | os.PathLike[str]) -> dict[str, str]:

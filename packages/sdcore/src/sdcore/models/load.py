@@ -311,6 +311,27 @@ def _folder_family(folder: Path, index: dict[str, Any], configs: dict[str, Any])
     return "sd1" if act == "quick_gelu" else "sd2"
 
 
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def stored_dtype(component: Path) -> Any:
+    """The floating dtype a diffusers component folder stores its weights in (from the first
+    ``.safetensors`` header, no weights read); ``None`` when it cannot tell."""
+    import torch
+
+    from .source import read_safetensors_header
+
+    for file in sorted(component.glob("*.safetensors")):
+        try:
+            header, _ = read_safetensors_header(file)
+        except (ModelFormatError, OSError):
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _ST_DTYPES:
+                return getattr(torch, _ST_DTYPES[entry["dtype"]])
+    return None
+
+
 def read_diffusers(
     path: str | os.PathLike[str],
     *,
@@ -333,16 +354,23 @@ def read_diffusers(
     found = _folder_family(folder, index, configs)
     if family is not None and family != found:
         raise ModelFormatError(f"{folder}: is a {found} model, not {family}")
-    target = torch.float32 if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
-    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": target}
+
+    def target(component: str) -> Any:  # "auto": each component as stored (model info on an fp16 folder)
+        if dtype == "auto":
+            return stored_dtype(folder / component) or torch.float32
+        return resolve_dtype(dtype) or torch.float32
+
+    def kwargs(component: str) -> dict[str, Any]:
+        return {"local_files_only": True, "torch_dtype": target(component)}
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs("unet"))
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs("vae"))
         encoders = []
         names = ["text_encoder_2"] if found == "sdxl-refiner" else ["text_encoder", "text_encoder_2"]
         for name in names[: len(TEXT_ENCODER_PREFIXES[found])]:
             cls = getattr(transformers, index[name][1])
-            encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target))
+            encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)))
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFormatError(f"{folder}: cannot read diffusers folder ({first})") from None
@@ -391,10 +419,7 @@ def read_hub(repo_id: str, **options: Any) -> ModelBundle:
     try:
         folder = snapshot_download(repo_id, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
-        raise SdcoreError(
-            f"{repo_id}: not a local file or folder, and not in the Hugging Face cache (sdcore never downloads; "
-            f"fetch it with `huggingface-cli download {repo_id}` first)"
-        ) from None
+        raise missing_model_error(repo_id) from None
     bundle = read_diffusers(folder, **options)
     bundle.source, bundle.source_format = repo_id, "hub"
     return bundle
@@ -415,10 +440,42 @@ def sniff_single_file(path: str) -> bool:
     return Path(path).is_file()
 
 
+#: suffixes that make a name a file path, never a Hub id (``models/v1-5.safetensors``)
+_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether ``text`` is meant as a file or folder path rather than a Hub id ``owner/name``."""
+    return (
+        text.lower().endswith(_FILE_SUFFIXES)
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") != 1
+        or not all(text.split("/"))
+    )
+
+
 def sniff_hub(path: str) -> bool:
     text = str(path)
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not Path(text).exists() and not text.startswith((".", "/", "~"))
+    return not looks_like_path(text) and not Path(text).exists()
+
+
+def missing_model_error(text: str) -> ModelFormatError:
+    """The one message for a model that is not there, whatever command asked (train, generate, model)."""
+    if not looks_like_path(text):
+        return ModelFormatError(
+            f"{text}: not a local file or folder, and not in the Hugging Face cache (sdcore never downloads: "
+            f"fetch it first with `hf download {text}`, or give the path of a model file or folder)"
+        )
+    path = Path(text).expanduser()
+    parent = path.parent
+    if not parent.is_dir():
+        return ModelFormatError(f"{path}: no such model file or folder (the folder {parent} does not exist either)")
+    nearby = sorted(
+        p.name for p in parent.iterdir() if p.suffix.lower() in _FILE_SUFFIXES or (p / "model_index.json").is_file()
+    )
+    hint = f"; models in {parent}: {', '.join(nearby[:8])}" + (" ..." if len(nearby) > 8 else "") if nearby else ""
+    return ModelFormatError(f"{path}: no such model file or folder{hint}")
 
 
 def load_model(
@@ -465,7 +522,7 @@ def load_model(
         return read_single_file(path, **options)
     if sniff_hub(text):
         return read_hub(text, **options)
-    raise ModelFormatError(f"{path}: no such file or folder")
+    raise missing_model_error(text)
 
 
 def _read_with_plugin_formats(pm: Any, text: str, options: dict[str, Any]) -> ModelBundle | None:

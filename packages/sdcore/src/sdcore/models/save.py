@@ -4,6 +4,8 @@ Single files use the key names A1111, ComfyUI, Forge and diffusers' ``from_singl
 (``text_model.`` kept, OpenCLIP packing, VAE attention as 1x1 convs), carry Stability's modelspec
 metadata plus the ``v_pred`` marker for v-prediction models, and store the exact diffusers
 configs under ``sdcore.config`` so a non-standard layout (our tiny models) reads back exactly.
+Diffusers folders keep the ``text_model.`` level in the text encoders' weights, so transformers
+4.x and 5.x both load them.
 Every write is atomic: a file through :mod:`sdcore.io`, a folder built beside the target and
 renamed into place.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SdcoreError
-from ..io import atomic_path
+from ..io import apply_default_modes, atomic_path
 from .bundle import ModelBundle
 from .detect import CONFIG_METADATA_KEY
 
@@ -189,6 +191,44 @@ def _model_index(bundle: ModelBundle) -> dict[str, Any]:
     return index
 
 
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def _text_model_key(key: str) -> str:
+    """A CLIP text-encoder key as transformers 4.x names it (``text_projection.*`` stays top level)."""
+    if key.startswith(TEXT_MODEL_PREFIX) or key.startswith("text_projection."):
+        return key
+    return TEXT_MODEL_PREFIX + key
+
+
+def prefix_text_model_keys(folder: Path) -> None:
+    """Rewrite a saved CLIP text encoder's weights with the ``text_model.`` level transformers 4.x needs.
+
+    transformers 5's ``CLIPTextModel`` has no ``text_model`` module and saves its weights without
+    the prefix; transformers 4.x (what kohya and most UIs pin) then finds none of its keys and
+    silently starts from random weights. Both versions load the prefixed names.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    renamed: dict[str, str] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+            metadata = handle.metadata()
+        if all(_text_model_key(key) == key for key in keys):
+            continue
+        tensors = {_text_model_key(key): value for key, value in load_file(str(file)).items()}
+        renamed.update({key: _text_model_key(key) for key in keys})
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    index = folder / "model.safetensors.index.json"
+    if renamed and index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = {renamed.get(k, k): v for k, v in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 def write_diffusers(
     bundle: ModelBundle,
     path: str | os.PathLike[str],
@@ -210,6 +250,8 @@ def write_diffusers(
             first = next(iter(module.parameters()))
             out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module
             out.save_pretrained(tmp / name, safe_serialization=True)
+            if name.startswith("text_encoder"):
+                prefix_text_model_keys(tmp / name)
         token_names = ["tokenizer_2"] if bundle.family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
         for name, tokenizer in zip(token_names, bundle.tokenizers, strict=False):
             tokenizer.save_pretrained(str(tmp / name))
@@ -217,6 +259,7 @@ def write_diffusers(
         (tmp / "model_index.json").write_text(json.dumps(_model_index(bundle), indent=2), encoding="utf-8")
         if metadata:
             (tmp / "sdcore_metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        apply_default_modes(tmp)  # mkdtemp made it 0700, save_pretrained writes 0600 files
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old{os.getpid()}")

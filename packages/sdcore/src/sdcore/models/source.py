@@ -30,6 +30,25 @@ _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
 
 
+def _not_safetensors(file: Path, start: bytes, length: int, size: int) -> str:
+    """The one message for a file that is not safetensors at all (a renamed text or HTML page,
+    a pickle) or is cut short, used by every command that reads a ``.safetensors`` file."""
+    text = start.lstrip()
+    if text[:1] in (b"<", b"{") and (b"html" in start.lower() or b"<!doctype" in start.lower()):
+        return f"{file}: not a safetensors file: it is an HTML page (a failed download?)"
+    if start[:2] == b"PK" or start[:1] == b"\x80":
+        return f"{file}: not a safetensors file: it is a pickle/zip checkpoint (rename it to .ckpt or .pt)"
+    if start and all(32 <= b < 127 or b in (9, 10, 13) for b in start):
+        preview = start.decode("ascii", "replace").splitlines()[0][:40]
+        return f"{file}: not a safetensors file: it is a text file (starts with {preview!r})"
+    return f"{file}: truncated or not a safetensors file (header says {length} bytes, file has {size})"
+
+
+def check_safetensors(path: str | os.PathLike[str]) -> None:
+    """Raise the shared one-line :class:`ModelFormatError` when ``path`` is not a whole safetensors file."""
+    read_safetensors_header(path)
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
     """Parse and check a safetensors header; returns (header dict, data start offset)."""
     file = Path(path)
@@ -37,12 +56,13 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     with open(file, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise ModelFormatError(f"{file}: not a safetensors file (only {size} bytes)")
+            if size == 0:
+                raise ModelFormatError(f"{file}: empty file (0 bytes), not a safetensors file")
+            raise ModelFormatError(_not_safetensors(file, head, 0, size))
         (length,) = struct.unpack("<Q", head)
         if length > size - 8 or length > 100_000_000:
-            raise ModelFormatError(
-                f"{file}: truncated or not safetensors (header says {length} bytes, file has {size})"
-            )
+            handle.seek(0)
+            raise ModelFormatError(_not_safetensors(file, handle.read(64), length, size))
         raw = handle.read(length)
     try:
         header = json.loads(raw)

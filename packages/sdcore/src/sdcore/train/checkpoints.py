@@ -3,7 +3,11 @@
 - The final result goes to ``method.resolve_output(--output)``; resumable states to the folder
   ``<result stem>-state`` beside it (one ``step-NNNNNNNN`` folder per save, see :mod:`.state`).
 - Intermediate results (``--save-every``/``--save-every-epochs``) are named
-  :func:`intermediate_path` and, with ``--save-limit N``, only the newest N are kept (states too).
+  :func:`intermediate_path` and, with ``--save-limit N``, only the newest N are kept; states keep
+  the newest ``--keep-states``.
+- Every write runs under :func:`~.save_fallback.guard`: a disk error (permissions, disk full, a
+  removed folder) becomes :class:`~.save_fallback.SaveTargetError`, which the loop answers by
+  rescuing the result (:func:`~.save_fallback.rescue`).
 - Resume restores the trainable tensors, optimizer, schedule, scaler, RNGs and the position in
   the epoch; options that change the data order or schedule may differ but are warned about.
 """
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 from .method import RunFacts, SaveInfo, TrainingMethod
 from .options import TrainOptions
+from .save_fallback import guarded
 from .state import TrainPosition
 
 if TYPE_CHECKING:
@@ -65,9 +70,10 @@ def stem_and_suffix(path: Path) -> tuple[str, str]:
 
 
 def intermediate_path(final: Path, *, step: int | None = None, epoch: int | None = None) -> Path:
-    """``lora.safetensors`` -> ``lora-step00000100.safetensors`` / ``lora-epoch0002.safetensors``."""
+    """kohya's names: ``lora.safetensors`` -> ``lora-000002.safetensors`` (epoch 2, six digits) or
+    ``lora-step00000100.safetensors`` (step 100, eight digits)."""
     stem, ext = stem_and_suffix(final)
-    tag = f"-epoch{epoch:04d}" if epoch is not None else f"-step{step:08d}"
+    tag = f"-{epoch:06d}" if epoch is not None else f"-step{step:08d}"
     return final.parent / f"{stem}{tag}{ext}"
 
 
@@ -132,6 +138,7 @@ class Checkpoints:
             run=run,
         )
 
+    @guarded
     def save_result(self, bundle: ModelBundle, position: TrainPosition, run: RunFacts) -> Path:
         """The final result (main process; the others get the path it will have)."""
         output = self.output
@@ -139,6 +146,7 @@ class Checkpoints:
             output = Path(self.method.save(bundle, self.save_info(bundle, self.output, position, run, final=True)))
         return output
 
+    @guarded
     def save_intermediate(
         self, bundle: ModelBundle, position: TrainPosition, run: RunFacts, *, step: int | None, epoch: int | None
     ) -> Path | None:
@@ -154,6 +162,7 @@ class Checkpoints:
                 remove_path(self.saved_results.pop(0))
         return saved
 
+    @guarded
     def save_state(
         self, position: TrainPosition, *, optimizer: Any, scheduler: Any, losses: list[float], total_steps: int
     ) -> Path:
@@ -179,8 +188,8 @@ class Checkpoints:
                     "world_size": acc.num_processes,
                 },
             )
-            if self.options.save_limit:
-                prune_states(self.state_root, self.options.save_limit)
+            if self.options.keep_states > 0:
+                prune_states(self.state_root, self.options.keep_states)
         acc.wait_for_everyone()
         self.last_state = folder
         return folder

@@ -16,16 +16,34 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..errors import SdcoreError
+from ..errors import SdcoreError, debug_enabled, expected_error_message
 from .config import field_types, unwrap_optional
 
 _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
 
 
-def _click_type(tp: Any, choices: tuple[str, ...] | None) -> Any:
+class ResolutionType(click.ParamType):
+    """``512``, or kohya's ``512,512`` / ``768,512`` (the side of a square of the same area)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from .kohya import resolution_side
+
+        if isinstance(value, int):
+            return value
+        try:
+            return resolution_side(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a resolution (512, or kohya's 512,512)", param, ctx)
+
+
+def _click_type(tp: Any, choices: tuple[str, ...] | None, name: str = "") -> Any:
     base, _ = unwrap_optional(tp)
     if choices:
         return click.Choice(list(choices))
+    if name == "resolution":
+        return ResolutionType()
     return {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}.get(base, click.STRING)
 
 
@@ -52,7 +70,7 @@ def options_to_click(options_class: type) -> list[click.Option]:
         else:
             option = click.Option(
                 [flag, f.name],
-                type=_click_type(types_[f.name], meta.get("choices")),
+                type=_click_type(types_[f.name], meta.get("choices"), f.name),
                 default=default,
                 show_default=default not in (None, ""),
                 help=help_text,
@@ -63,8 +81,73 @@ def options_to_click(options_class: type) -> list[click.Option]:
     return params
 
 
+KOHYA_PREFIX = "kohya__"
+
+
+def kohya_click_options(fields: list[str]) -> list[click.Option]:
+    """Hidden options for kohya's spellings (``--network_dim``...), translated in the callback."""
+    from .kohya import MULTI_VALUE, cli_names, flag_names
+
+    flags = flag_names()
+    params = [click.Option(["--config_file", f"{KOHYA_PREFIX}config_file"], hidden=True, type=click.STRING)]
+    for name in cli_names(fields):
+        decl = [f"--{name}", f"{KOHYA_PREFIX}{name}"]
+        if name in flags:
+            params.append(click.Option(decl, is_flag=True, default=None, hidden=True))
+        else:
+            params.append(click.Option(decl, hidden=True, multiple=name in MULTI_VALUE, type=click.STRING))
+    return params
+
+
+def expand_multi_values(args: list[str]) -> list[str]:
+    """kohya's ``--network_args a=1 b=2`` (several values after one flag) -> one flag per value."""
+    from .kohya import MULTI_VALUE
+
+    multi = {f"--{n}" for n in MULTI_VALUE}
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if token not in multi:
+            out.append(token)
+            continue
+        while i < len(args) and not args[i].startswith("--"):
+            out += [token, args[i]]
+            i += 1
+    return out
+
+
 class GroupedCommand(click.Command):
-    """``--help`` with one section per option group (Model, Data, Training, ...)."""
+    """``--help`` with one section per option group (Model, Data, Training, ...), then kohya's names."""
+
+    kohya_fields: list[str] | None = None
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, expand_multi_values(list(args)))
+        except click.NoSuchOption as exc:
+            hint = self._hint(exc.option_name)
+            if hint is None:
+                raise
+            raise click.NoSuchOption(
+                exc.option_name, message=f"No such option: {exc.option_name}{hint}", ctx=ctx
+            ) from None
+
+    def _hint(self, option: str) -> str | None:
+        """``--network-dim`` / ``--network_dimm`` -> `` (did you mean --rank?)``."""
+        if self.kohya_fields is None:
+            return None
+        from .kohya import ALIASES, nearest_name
+
+        found = nearest_name(option, self.kohya_fields)
+        if found is None:
+            return None
+        alias = ALIASES.get(found)
+        if found not in self.kohya_fields and alias is not None and alias.methods:
+            return f" (--{found} is a kohya option of `sdcore train {alias.methods}`, not of this method)"
+        flag = f"--{found.replace('_', '-')}" if found in self.kohya_fields else f"--{found}"
+        return f" (did you mean {flag}?)"
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         sections: dict[str, list[tuple[str, str]]] = {}
@@ -78,6 +161,13 @@ class GroupedCommand(click.Command):
             title = "Options" if group == "general" else f"{group.capitalize()} options"
             with formatter.section(title):
                 formatter.write_dl(rows)
+        if self.kohya_fields is not None:
+            from .kohya import help_epilog, help_rows
+
+            with formatter.section("kohya names (sd-scripts options accepted as they are)"):
+                formatter.write_dl(help_rows(self.kohya_fields))
+                formatter.write_paragraph()
+                formatter.write_text(help_epilog())
 
 
 def command_line_overrides(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -99,9 +189,20 @@ def build_train_command(spec: Any) -> click.Command:
         config = kwargs.pop("config", None)
         dry_run = kwargs.pop("dry_run", False)
         save_config = kwargs.pop("save_config", None)
+        kohya = {
+            name[len(KOHYA_PREFIX) :]: list(value) if isinstance(value, tuple) else value
+            for name, value in command_line_overrides(ctx, kwargs).items()
+            if name.startswith(KOHYA_PREFIX)
+        }
+        kwargs = {name: value for name, value in kwargs.items() if not name.startswith(KOHYA_PREFIX)}
+        config_file = kohya.pop("config_file", None)
+        config = config or (str(config_file) if config_file else None)
         overrides = command_line_overrides(ctx, kwargs)
+        notes: list[str] = []
         try:
-            options = load_options(options_class, config, overrides)
+            options = load_options(options_class, config, overrides, kohya=kohya, notes=notes)
+            for note in notes:
+                click.echo(f"note: {note}", err=True)
             method = method_class(options)
             validate_options(options, method)
             if save_config:
@@ -112,11 +213,16 @@ def build_train_command(spec: Any) -> click.Command:
                 return
             pm = getattr(ctx.find_root().obj, "pm", None)
             result = train(method, plugin_manager=pm)
-        except KeyboardInterrupt:
-            click.echo("interrupted: continue with the same command plus --resume latest", err=True)
+        except KeyboardInterrupt as exc:
+            state = getattr(exc, "sdcore_state", None)
+            saved = f"resumable state saved in {state}; " if state is not None else ""
+            click.echo(f"interrupted: {saved}continue with the same command plus --resume latest", err=True)
             sys.exit(130)
-        except SdcoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
+        except (SdcoreError, OSError) as exc:
+            message = expected_error_message(exc)
+            if message is None or debug_enabled():
+                raise
+            click.echo(f"Error: {message}", err=True)
             sys.exit(1)
         if result is not None and result.main_process:
             click.echo(f"saved {result.output} after {result.steps} steps; resumable state in {result.state_dir}")
@@ -125,7 +231,8 @@ def build_train_command(spec: Any) -> click.Command:
         click.Option(
             ["--config", "config"],
             type=click.Path(dir_okay=False, exists=True),
-            help="TOML or JSON config file (keys = option names); flags given here override it.",
+            help="TOML or JSON config file (keys = option names, or kohya's training TOML); flags given here "
+            "override it.",
         ),
         click.Option(
             ["--save-config", "save_config"],
@@ -139,16 +246,25 @@ def build_train_command(spec: Any) -> click.Command:
             help="Check the options and dataset and print the step math, then stop (no model is loaded).",
         ),
         *options_to_click(options_class),
+        *kohya_click_options([f.name for f in dataclasses.fields(options_class)]),
     ]
     doc = (method_class.__doc__ or spec.summary or "").strip()
-    return GroupedCommand(spec.name, callback=callback, params=params, help=doc, short_help=spec.summary)
+    command = GroupedCommand(spec.name, callback=callback, params=params, help=doc, short_help=spec.summary)
+    command.kohya_fields = [f.name for f in dataclasses.fields(options_class)]
+    return command
 
 
 def _describe(method: Any, options: Any) -> None:
     """Dataset summary and step math, without loading a model."""
     from .data import build_train_data
     from .loop import output_paths, total_steps_for
+    from .options import apply_model_defaults
 
+    if apply_model_defaults(options):
+        click.echo(f"resolution: {options.resolution}")
+    else:
+        options.resolution = 512
+        click.echo("resolution: the model's native size, known once it loads (the numbers below assume 512)")
     data = build_train_data(options, balance_class=method.capabilities().balance_class)
     steps, epochs = total_steps_for(options, data)
     per_epoch = len(data.epoch_plan(0))

@@ -3,14 +3,17 @@
 Keys are the options dataclass field names; ``-`` and ``_`` are interchangeable
 (``max-steps`` = ``max_steps``) so a config can be written with the CLI flag names. Tables are
 flattened (``[training] lr = 1e-4`` is ``lr``), so configs may group keys as ``--help`` does.
-Unknown keys are errors naming the key and the file: a typo must never silently train with a
-default.
+Unknown keys are errors naming the key and the file (all of them at once, each with the nearest
+option name): a typo must never silently train with a default. kohya sd-scripts' names and its
+training TOML (flat, or in ``[model_arguments]``-style sections) are read through
+:mod:`sdcore.train.kohya`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import types
 import typing
@@ -20,6 +23,7 @@ from typing import Any, TypeVar, Union
 from ..errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger("sdcore.train")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,26 +121,97 @@ def load_options(
     options_class: type[T],
     config_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    *,
+    kohya: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> T:
-    """Build ``options_class`` from defaults, then the config file, then ``overrides`` (CLI)."""
+    """Build ``options_class`` from defaults, then the config file, then ``overrides`` (CLI).
+
+    Config keys and ``kohya`` (options given on the command line in kohya's spelling) may use
+    kohya sd-scripts names (:mod:`.kohya`): they are translated, and a run written in kohya's
+    terms gets kohya's defaults where they decide what trains. Every problem (unknown keys with
+    the nearest name, wrong types, options sdcore does not implement) is reported in one
+    :class:`ConfigError`. Notes (kohya options accepted without effect, kohya defaults applied)
+    are appended to ``notes``, or logged as warnings when it is ``None``.
+    """
+    from . import kohya as k
+
     types_ = field_types(options_class)
-    values: dict[str, Any] = {}
+    fields = list(types_)
+    problems: list[str] = []
+    where = str(config_path) if config_path is not None else "command line"
+    config_values: dict[str, Any] = {}
+    config_kohya: dict[str, Any] = {}
+    found_notes: list[str] = []
     if config_path is not None:
-        where = str(config_path)
-        for name, value in read_config_file(config_path).items():
-            if name not in types_:
-                raise ConfigError(f"{where}: unknown option {name!r} (not an option of {options_class.__name__})")
-            values[name] = coerce(value, types_[name], name=name, where=where)
-    for raw_name, value in (overrides or {}).items():
-        name = _key(raw_name)
-        if name not in types_:
-            raise ConfigError(f"unknown option {raw_name!r} (not an option of {options_class.__name__})")
-        values[name] = coerce(value, types_[name], name=name, where="command line")
+        unknown = []
+        flat = read_config_file(config_path)
+        if k.is_gui_preset(flat):
+            flat, gui_notes, gui_problems = k.gui_preset(flat, where)
+            found_notes += gui_notes
+            problems += gui_problems
+        for name, value in flat.items():
+            if name in types_ and name not in k.ALIASES:
+                config_values[name] = value
+            elif k.is_kohya_name(name):
+                config_kohya[name] = value
+            else:
+                unknown.append(f"{name!r}{k.nearest(name, fields)}")
+        if unknown:
+            problems.append(f"{where}: unknown option(s) of {options_class.__name__}: {', '.join(unknown)}")
+    cli_values = {_key(name): value for name, value in (overrides or {}).items()}
+    for name in [n for n in cli_values if n not in types_]:
+        problems.append(f"command line: unknown option {name!r} (not an option of {options_class.__name__})")
+        cli_values.pop(name)
+    cli_kohya = dict(kohya or {})
+    merged = {**config_kohya, **cli_kohya}
+    kohya_where = "command line" if cli_kohya and not config_kohya else where
+    translation = k.translate(merged, fields, where=kohya_where)
+    problems += translation.problems
+    for target, name in translation.origin.items():
+        from_cli = name.split(" ")[0] in cli_kohya or (name == "output_dir" and "output_name" in cli_kohya)
+        clash = cli_values if from_cli else config_values
+        if target in clash:
+            problems.append(f"{'command line' if from_cli else where}: {name} and {target} both given")
+    translated: dict[str, Any] = {}
+    for name, value in translation.values.items():
+        base, optional = unwrap_optional(types_[name])
+        unset = value is False or value == "" or (value == 0 and not isinstance(value, bool) and base is not bool)
+        if unset and base is not bool and (optional or isinstance(value, (bool, str))):
+            # kohya (and the kohya_ss GUI) write false / "" / 0 for "not set"
+            if optional:
+                translated[name] = None
+            continue
+        translated[name] = value
+    raw = {**config_values, **translated, **cli_values}
+    found_notes += translation.notes
+    if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
+        defaults, applied = k.kohya_defaults(fields, set(raw))
+        if applied:
+            found_notes.append("kohya defaults applied (set the option to change): " + "; ".join(applied))
+        raw = {**defaults, **raw}
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        source = "command line" if name in cli_values else where
+        try:
+            values[name] = coerce(value, types_[name], name=name, where=source)
+        except ConfigError as exc:
+            problems.append(str(exc))
     for f in dataclasses.fields(options_class):  # type: ignore[arg-type]
         choices = f.metadata.get("choices") if f.metadata else None
         if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
-            where = "command line" if f.name in (overrides or {}) else str(config_path)
-            raise ConfigError(f"{where}: {f.name} {values[f.name]!r}: choose one of {', '.join(choices)}")
+            source = "command line" if f.name in cli_values else where
+            problems.append(f"{source}: {f.name} {values[f.name]!r}: choose one of {', '.join(choices)}")
+    if problems:
+        prefix = f"{where}: "
+        if config_path is not None and all(p.startswith(prefix) for p in problems):
+            raise ConfigError(prefix + "; ".join(p[len(prefix) :] for p in problems))
+        raise ConfigError("; ".join(problems))
+    if notes is not None:
+        notes.extend(found_notes)
+    else:
+        for note in found_notes:
+            log.warning("%s", note)
     return options_class(**values)
 
 

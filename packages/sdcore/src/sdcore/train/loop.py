@@ -43,7 +43,8 @@ from .checkpoints import intermediate_path, output_paths
 from .data import total_steps_for
 from .events import HookCaller, TrainEventContext
 from .method import Batch, RunFacts, TrainingMethod
-from .options import TrainOptions
+from .options import TrainOptions, apply_model_defaults
+from .save_fallback import SaveTargetError, guarded, rescue
 from .validation import validate_options
 
 if TYPE_CHECKING:
@@ -122,6 +123,9 @@ class TrainSession:
 
         o, method = self.options, self.method
         validate_options(o, method)
+        if not apply_model_defaults(o, self.bundle):  # --resolution 0: the model's native size
+            self.bundle = load_bundle(o, self.plugin_manager)
+            apply_model_defaults(o, self.bundle)
         self.caps = method.capabilities()
         backend = tracker_backend(o)
         self.accelerator = acc = create_accelerator(o, log_with=backend)
@@ -295,6 +299,9 @@ class TrainSession:
         except TrainingDivergedError as exc:
             self._error_hook(exc)
             raise
+        except SaveTargetError as exc:  # a save failed (permissions, disk full): rescue the result, one line
+            self._error_hook(exc)
+            raise rescue(self, exc) from exc
         except Exception as exc:
             self._save_on_error(exc, "error")
             raise
@@ -355,6 +362,8 @@ class TrainSession:
         last = pos.step >= self.total_steps or (self.max_epochs is not None and pos.epoch >= self.max_epochs)
         if o.save_every_epochs and pos.epoch % o.save_every_epochs == 0 and not last:
             self.save_checkpoint(epoch=pos.epoch)
+        if o.sample_every_epochs and pos.epoch % o.sample_every_epochs == 0 and not last:
+            self.render_samples(f"epoch{pos.epoch:06d}")
 
     def _finish(self) -> TrainResult:
         o = self.options
@@ -363,8 +372,7 @@ class TrainSession:
         if o.save_state:
             self.save_state()
         output = self.checkpoints.save_result(self.bundle, self.position, self.run_facts())
-        if self.is_main:
-            self.say(f"saved {output}")
+        log.info(f"saved {output}")  # the caller reports it (the CLI prints one "saved" line)
         self.accelerator.wait_for_everyone()
         return TrainResult(
             main_process=self.is_main,
@@ -377,6 +385,7 @@ class TrainSession:
         )
 
     # -- checkpoints and samples ------------------------------------------------------------------
+    @guarded
     def save_checkpoint(self, *, step: int | None = None, epoch: int | None = None) -> None:
         """An intermediate result plus (when enabled) a resumable state, with retention."""
         self.checkpoints.save_intermediate(self.bundle, self.position, self.run_facts(), step=step, epoch=epoch)
@@ -400,7 +409,14 @@ class TrainSession:
         if not self.is_main:
             return None
         return render_samples(
-            self.bundle, self.method, self.options, device=self.device, folder=samples_dir(self.state_root), tag=tag
+            self.bundle,
+            self.method,
+            self.options,
+            device=self.device,
+            folder=samples_dir(self.state_root),
+            tag=tag,
+            step=self.position.step,
+            say=self.say,
         )
 
     # -- errors -----------------------------------------------------------------------------------
@@ -419,7 +435,14 @@ class TrainSession:
         if self._setup_done and self.position.step > 0 and self.options.save_state:
             try:
                 folder = self.save_state()
-                self.say(f"{why}: resumable state saved in {folder} (continue with --resume latest)")
+                message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"
+                # the CLI prints the interruption once, with this folder (KeyboardInterrupt carries it)
+                if why == "interrupted":
+                    log.info(message)
+                else:
+                    self.say(message)
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.sdcore_state = folder  # type: ignore[attr-defined]
             except Exception as save_exc:  # never hide the original error
                 log.error("could not save the training state: %s", save_exc)
         self._error_hook(exc)

@@ -8,6 +8,7 @@ and keep their configs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..options import option
 
@@ -15,6 +16,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+#: intermediate results kept by default (``--save-every`` without ``--save-limit``)
+DEFAULT_SAVE_LIMIT = 5
 
 
 @dataclass
@@ -35,7 +38,10 @@ class TrainOptions:
     )
     # data handling
     resolution: int = option(
-        512, "Training resolution (side of the square area buckets are built around).", group="data"
+        0,
+        "Training resolution (side of the square area buckets are built around); 0 = the model's native size "
+        "(SD1 512, SD2-768 768, SDXL 1024, tiny models 64).",
+        group="data",
     )
     caption_extension: str = option(".txt", "Caption file extension (.txt or .caption).", group="data")
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
@@ -93,18 +99,57 @@ class TrainOptions:
         None, "Save a checkpoint of the result and the resumable state every N steps.", group="output"
     )
     save_every_epochs: int | None = option(None, "Save every N epochs.", group="output")
-    save_limit: int | None = option(None, "Keep only the newest N intermediate saves.", group="output")
+    save_limit: int | None = option(
+        DEFAULT_SAVE_LIMIT,
+        "Keep only the newest N intermediate results (the final result is always kept; 0 keeps all).",
+        group="output",
+    )
     save_dtype: str = option("fp16", "Precision of saved weights.", choices=SAVE_DTYPES, group="output")
     save_state: bool = option(
         True, "Write a resumable state folder with each save, on Ctrl-C and at the end.", group="output"
+    )
+    keep_states: int = option(
+        1,
+        "Keep only the newest N resumable state folders (a state can be several times the result's size; 0 keeps all).",
+        group="output",
     )
     resume: str | None = option(
         None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output"
     )
     sample_prompts: str | None = option(
-        None, "A prompt, or a .txt file of prompts (one per line), to render while training.", group="output"
+        None,
+        "A prompt, or a prompt file (.txt one per line with kohya's --n --w --h --s --d --l --ss options; "
+        ".json/.toml as kohya), to render while training.",
+        group="output",
     )
     sample_every: int | None = option(None, "Render the sample prompts every N steps.", group="output")
-    sample_steps: int = option(20, "Sampler steps for sample images.", group="output")
+    sample_every_epochs: int | None = option(None, "Render the sample prompts every N epochs.", group="output")
+    sample_steps: int = option(20, "Sampler steps for sample images (a prompt's --s overrides).", group="output")
+    sample_sampler: str = option(
+        "euler_a", "Sampler for sample images (sdcore or kohya names; a prompt's --ss overrides).", group="output"
+    )
     log_dir: str | None = option(None, "TensorBoard log folder (when tensorboard is installed).", group="output")
     progress: bool = option(True, "Show a progress bar.", group="output")
+
+
+def apply_model_defaults(options: TrainOptions, bundle: Any = None) -> bool:
+    """Fill the options whose default depends on the model: ``resolution`` 0 becomes the model's
+    native size (from ``bundle`` when loaded, else peeked from ``options.model`` without loading).
+
+    When that size is below ``min_bucket_reso`` or above ``max_bucket_reso``, those follow it (half
+    and twice the size, on the bucket step). Returns ``False`` when the model must be loaded first.
+    """
+    if options.resolution:
+        return True
+    from ..models.native import bundle_native_resolution, peek_native_resolution
+
+    native = bundle_native_resolution(bundle) if bundle is not None else peek_native_resolution(options.model)
+    if native is None:
+        return False
+    options.resolution = native
+    step = max(1, options.bucket_step)
+    if options.min_bucket_reso > native:
+        options.min_bucket_reso = max(step, (native // 2) // step * step)
+    if options.max_bucket_reso < native:
+        options.max_bucket_reso = -(-2 * native // step) * step
+    return True

@@ -1,7 +1,11 @@
-"""What the user sees and what trackers record: messages, the step bar, TensorBoard logs.
+"""What the user sees and what trackers record: messages, the progress display, TensorBoard logs.
 
-Only the main process of a multi-process run prints; messages always go to the ``sdcore.train``
-logger too.
+Progress display: a tqdm bar on a terminal, plain lines in logs.
+
+Piped or redirected stderr (a log file, ``nohup``, CI) gets no carriage-return frames: one plain
+line every :data:`PLAIN_INTERVAL` seconds (and one at the end) with step, percentage, the bar's
+postfix (loss, lr, epoch), speed and ETA. ``--no-progress`` hides only this display; the dataset
+summary and other messages are printed either way.
 """
 
 from __future__ import annotations
@@ -9,12 +13,149 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from dataclasses import asdict
-from typing import Any
+from typing import IO, Any
 
 from .options import TrainOptions
 
 log = logging.getLogger("sdcore.train")
+
+#: seconds between two plain progress lines when stderr is not a terminal
+PLAIN_INTERVAL = 10.0
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class PlainProgress:
+    """The subset of tqdm's interface the runtime uses, printing one line per ``interval`` seconds."""
+
+    def __init__(
+        self,
+        *,
+        total: int | None,
+        initial: int = 0,
+        desc: str = "",
+        unit: str = "step",
+        stream: IO[str] | None = None,
+        interval: float = PLAIN_INTERVAL,
+        leave: bool = True,
+    ) -> None:
+        self.total = total
+        self.n = initial
+        self.desc = desc
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.leave = leave
+        self.postfix = ""
+        self._start = time.monotonic()
+        self._start_n = initial
+        self._last = self._start
+        self._printed_n = initial
+        self._closed = False
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._emit(now)
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def line(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        elapsed = max(now - self._start, 1e-9)
+        done = self.n - self._start_n
+        rate = done / elapsed
+        parts = [f"{self.desc}: " if self.desc else ""]
+        if self.total:
+            parts.append(f"{self.unit} {self.n}/{self.total} ({100 * self.n / self.total:.0f}%)")
+        else:
+            parts.append(f"{self.unit} {self.n}")
+        if self.postfix:
+            parts.append(f", {self.postfix}")
+        if done > 0:
+            parts.append(f", {rate:.2f} {self.unit}/s" if rate >= 1 else f", {1 / rate:.1f} s/{self.unit}")
+            if self.total and self.n < self.total:
+                parts.append(f", ETA {_clock((self.total - self.n) / rate)}")
+        parts.append(f", elapsed {_clock(elapsed)}")
+        return "".join(parts)
+
+    def _emit(self, now: float) -> None:
+        print(self.line(now), file=self.stream, flush=True)
+        self._last = now
+        self._printed_n = self.n
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.leave and self.n != self._printed_n:
+            self._emit(time.monotonic())
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _Hidden:
+    """A progress object that shows nothing (``--no-progress``, other processes)."""
+
+    n = 0
+
+    def __enter__(self) -> _Hidden:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def progress_bar(
+    *,
+    total: int | None,
+    desc: str,
+    enabled: bool = True,
+    initial: int = 0,
+    unit: str = "step",
+    leave: bool = True,
+    stream: IO[str] | None = None,
+) -> Any:
+    """A tqdm bar when ``stream`` (default stderr) is a terminal, else :class:`PlainProgress`."""
+    if not enabled:
+        hidden = _Hidden()
+        hidden.n = initial
+        return hidden
+    out = stream if stream is not None else sys.stderr
+    if _is_terminal(out):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, leave=leave, file=out)
+    return PlainProgress(total=total, initial=initial, desc=desc, unit=unit, stream=out, leave=leave)
 
 
 def tracker_backend(options: TrainOptions) -> str | None:
@@ -47,14 +188,16 @@ class Progress:
         self.recent: list[float] = []
 
     def say(self, message: str) -> None:
-        log.info(message)
-        if self.shown:
+        """Print ``message`` on the main process (``--no-progress`` hides only the bar, not this)."""
+        log.debug(message)
+        if self.accelerator.is_main_process:
             print(message, file=sys.stderr)
 
     def plan(self, summary: str, *, per_epoch: int, total_steps: int, max_epochs: int | None) -> None:
-        """The dataset summary and the step math, once before training."""
+        """The dataset summary and the step math, once before training (shown with --no-progress
+        too: it lists skipped files)."""
         o, processes = self.options, self.accelerator.num_processes
-        if not self.shown:
+        if not self.accelerator.is_main_process:
             return
         print(summary, file=sys.stderr)
         print(
@@ -78,11 +221,7 @@ class Progress:
 
     # -- the bar --------------------------------------------------------------------------------
     def open_bar(self, *, total: int, initial: int) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(
-            total=total, initial=initial, disable=not self.shown, unit="step", dynamic_ncols=True, desc=self.name
-        )
+        self.bar = progress_bar(total=total, initial=initial, enabled=self.shown, desc=self.name)
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -101,6 +240,7 @@ class Progress:
         return logs
 
     def cache_bar(self, total: int, desc: str) -> Any:
-        from tqdm.auto import tqdm
+        return progress_bar(total=total, desc=desc, enabled=self.shown, unit="image", leave=False)
 
-        return tqdm(total=total, desc=desc, disable=not self.shown, leave=False)
+
+__all__ = ["PLAIN_INTERVAL", "PlainProgress", "Progress", "flat_config", "progress_bar", "tracker_backend"]

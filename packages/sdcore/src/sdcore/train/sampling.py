@@ -1,5 +1,7 @@
-"""Sample images during training: ``--sample-prompts`` rendered into a grid every ``--sample-every``
-steps (and once at the end) as ``<result stem>-samples/<tag>.png``."""
+"""Sample images during training: ``--sample-prompts`` (one prompt or a kohya-style prompt file,
+see :mod:`.sample_prompts`) rendered into a grid every ``--sample-every`` steps /
+``--sample-every-epochs`` epochs (and once at the end) as ``<result stem>-samples/<tag>.png``,
+with A1111 infotext in the PNG (:mod:`.sample_info`)."""
 
 from __future__ import annotations
 
@@ -7,31 +9,36 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
 from .method import TrainingMethod
 from .options import TrainOptions
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
+    from .sample_prompts import SamplePrompt
 
 log = logging.getLogger("sdcore.train")
 
 
-def sample_prompt_list(options: TrainOptions) -> list[str]:
-    """``--sample-prompts``: a ``.txt`` file (one prompt a line, ``#`` comments) or one prompt."""
-    text = options.sample_prompts or ""
-    path = Path(text).expanduser()
-    if text.endswith(".txt") or (len(text) < 4096 and path.is_file()):
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"--sample-prompts {text}: {exc.strerror or exc}") from exc
-        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    return [text]
+def sample_prompt_list(options: TrainOptions) -> list[SamplePrompt]:
+    """``--sample-prompts`` parsed; options a prompt line sets that sdcore does not use are warned about."""
+    from .sample_prompts import read_sample_prompts
+
+    prompts = read_sample_prompts(options.sample_prompts or "")
+    for ignored in sorted({option for p in prompts for option in p.ignored}):
+        log.warning("sample prompts: option %s is not used by sdcore (left out of the prompt)", ignored)
+    return prompts
 
 
 def render_samples(
-    bundle: ModelBundle, method: TrainingMethod[Any], options: TrainOptions, *, device: Any, folder: Path, tag: str
+    bundle: ModelBundle,
+    method: TrainingMethod[Any],
+    options: TrainOptions,
+    *,
+    device: Any,
+    folder: Path,
+    tag: str,
+    step: int,
+    say: Any = log.info,
 ) -> Path | None:
     """Render the sample prompts with the model as it trains into ``folder/<tag>.png`` (a grid).
 
@@ -45,39 +52,52 @@ def render_samples(
         return None
     import torch
 
+    from .sample_info import sample_infotexts
+    from .sample_prompts import generation_calls
+
     prompts = sample_prompt_list(options)
     if not prompts:
         return None
+    say(f"rendering {len(prompts)} sample image(s), {options.sample_steps} steps each ...")
     moved = []
     for module in [bundle.vae, *bundle.text_encoders]:
         if next(module.parameters()).device != device:
             module.to(device)
             moved.append(module)
+    images: list[Any] = []
+    calls = generation_calls(prompts, options.seed)
     try:
         with torch.no_grad(), method.sampling(bundle) as extra:
-            images = generate_images(
-                bundle,
-                prompts,
-                steps=options.sample_steps,
-                seed=options.seed,
-                width=options.resolution,
-                height=options.resolution,
-                clip_skip=options.clip_skip,
-                **extra,
-            )
+            for group, seed in calls:
+                first = group[0]
+                cfg: dict[str, Any] = {"cfg": first.cfg} if first.cfg is not None else {}
+                images += generate_images(
+                    bundle,
+                    [p.prompt for p in group],
+                    negative_prompt=[p.negative for p in group],
+                    steps=first.steps or options.sample_steps,
+                    seed=seed,
+                    width=first.width or options.resolution,
+                    height=first.height or options.resolution,
+                    sampler=first.sampler or options.sample_sampler,
+                    clip_skip=options.clip_skip,
+                    **cfg,
+                    **extra,
+                )
     finally:
         for module in moved:
             module.to("cpu")
     path = folder / f"{tag}.png"
-    write_grid(images, path)
+    write_grid(images, path, sample_infotexts(options, step, calls, images, extra))
     return path
 
 
-def write_grid(images: list[Any], path: Path) -> None:
-    """Up to 4 images a row, written atomically as PNG."""
+def write_grid(images: list[Any], path: Path, infotexts: list[str] | None = None) -> None:
+    """Up to 4 images a row, written atomically as PNG (with the samples' infotext)."""
     from PIL import Image
 
     from ..io import atomic_path
+    from .sample_info import grid_pnginfo
 
     cols = min(4, len(images))
     rows = -(-len(images) // cols)
@@ -88,4 +108,4 @@ def write_grid(images: list[Any], path: Path) -> None:
         grid.paste(image.convert("RGB"), ((k % cols) * w, (k // cols) * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
+        grid.save(tmp, format="PNG", pnginfo=grid_pnginfo(infotexts or []))

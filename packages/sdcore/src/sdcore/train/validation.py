@@ -32,17 +32,29 @@ def validate_options(options: TrainOptions, method: TrainingMethod[Any] | None =
     positive = {
         "batch_size": o.batch_size,
         "gradient_accumulation": o.gradient_accumulation,
-        "resolution": o.resolution,
         "clip_skip": o.clip_skip,
         "caption_variants": o.caption_variants,
     }
     for label, count in positive.items():
         if count < 1:
             raise ConfigError(f"--{label.replace('_', '-')} must be at least 1, got {count}")
-    for name in ("max_steps", "epochs", "save_every", "save_every_epochs", "save_limit", "sample_every"):
+    for name in (
+        "max_steps",
+        "epochs",
+        "save_every",
+        "save_every_epochs",
+        "sample_every",
+        "sample_every_epochs",
+    ):
         value = getattr(o, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
+    for name in ("save_limit", "keep_states"):  # 0 keeps all
+        value = getattr(o, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 (keep all) or more, got {value}")
+    if o.resolution < 0:
+        raise ConfigError(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
     if o.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {o.lr}")
     if o.lr_warmup_steps < 0:
@@ -61,8 +73,15 @@ def validate_options(options: TrainOptions, method: TrainingMethod[Any] | None =
         raise ConfigError("--cache-latents-to-disk needs --cache-latents")
     if o.sample_every is not None and not o.sample_prompts:
         raise ConfigError("--sample-every needs --sample-prompts")
+    if o.sample_every_epochs is not None and not o.sample_prompts:
+        raise ConfigError("--sample-every-epochs needs --sample-prompts")
     if o.sample_prompts and not o.sample_prompts.strip():
         raise ConfigError("--sample-prompts is empty")
+    if o.sample_prompts:
+        from .sample_prompts import read_sample_prompts, sampler_name
+
+        sampler_name(o.sample_sampler)
+        read_sample_prompts(o.sample_prompts)  # syntax errors now, not after an hour of training
     if o.mixed_precision == "fp16":
         import torch
 

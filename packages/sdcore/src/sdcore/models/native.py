@@ -1,0 +1,81 @@
+"""A model's native image size: what it was trained at, and so the sensible default resolution.
+
+Native size = the UNet's ``sample_size`` (in latents) times the VAE's downscale factor
+(``2 ** (len(vae.block_out_channels) - 1)``): SD1 512, SD2-768-v 768 (SD2-512-base 512), SDXL 1024,
+and the tiny test models their own 64. :func:`peek_native_resolution` finds it before any weights
+load (configs of a diffusers folder, a safetensors header, ``tiny:<family>``), so the dataset's
+buckets can be planned first; ``None`` means "load the model to know".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def native_resolution(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int | None:
+    """Image side from the UNet and VAE configs, or ``None`` when they do not say."""
+    sample = unet_config.get("sample_size")
+    blocks = vae_config.get("block_out_channels")
+    if isinstance(sample, (list, tuple)):
+        sample = max(sample) if sample else None
+    if not isinstance(sample, int) or not blocks:
+        return None
+    return int(sample) * 2 ** (len(blocks) - 1)
+
+
+def bundle_native_resolution(bundle: Any) -> int | None:
+    """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`."""
+    return native_resolution(dict(bundle.unet.config), dict(bundle.vae.config))
+
+
+def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
+    """Native size of a model source without loading weights; ``None`` when that needs the model."""
+    text = str(source)
+    try:
+        if text.startswith("tiny:"):
+            from .tiny import tiny_unet_config, tiny_vae_config
+
+            family = text.split(":", 1)[1] or "sd1"
+            return native_resolution(tiny_unet_config(family), tiny_vae_config(family))
+        path = Path(text).expanduser()
+        if (path / "model_index.json").is_file():
+            unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+            vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+            return native_resolution(unet, vae)
+        if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
+            return _single_file(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    except Exception as exc:  # a model-format error: the loader reports it properly later
+        from ..errors import SdcoreError
+
+        if isinstance(exc, SdcoreError):
+            return None
+        raise
+    return None
+
+
+def _single_file(path: Path) -> int | None:
+    from .detect import CONFIG_METADATA_KEY, detect
+    from .load import bundled_config
+    from .source import CheckpointSource
+
+    source = CheckpointSource(path)  # safetensors: the header only, tensors stay memory-mapped
+    try:
+        if CONFIG_METADATA_KEY in source.metadata:
+            stored = json.loads(source.metadata[CONFIG_METADATA_KEY])
+            return native_resolution(stored.get("unet") or {}, stored.get("vae") or {})
+        found = detect(
+            source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
+        )
+    finally:
+        source.close()
+    configs = bundled_config(found.family, found.prediction_type)
+    return native_resolution(configs["unet"], configs["vae"])
+
+
+__all__ = ["bundle_native_resolution", "native_resolution", "peek_native_resolution"]

@@ -1,0 +1,918 @@
+"""kohya sd-scripts option names, in one table used by ``sdcore train`` and ``--config``.
+
+A kohya user's command line (``--network_dim 16 --output_dir out --output_name x ...``) and
+training TOML (flat as the kohya_ss GUI writes it, or in ``[model_arguments]``-style sections)
+work unchanged: every kohya name is translated to sdcore's option here, once.
+
+- :data:`ALIASES`: kohya name -> sdcore option (with a value converter where kohya writes values
+  differently, e.g. ``resolution = "512,512"`` or ``optimizer_type = "AdamW8bit"``). An alias
+  applies to a method when its options have the target field (``network_dim`` -> ``rank`` only
+  for LoRA).
+- Composite names are translated in :func:`translate`: ``output_dir`` + ``output_name`` +
+  ``save_model_as`` -> ``output``; ``network_module`` + ``network_args`` -> the LoRA algorithm and
+  its settings; ``max_train_epochs`` overrides ``max_train_steps`` as in kohya.
+- :data:`IGNORED`: options that do not change the trained result here (attention kernels, data
+  loader workers, logging): accepted with one note.
+- :data:`UNSUPPORTED`: options that would change the result and sdcore does not implement:
+  accepted while they hold their "off" value (what the kohya_ss GUI writes for untouched fields),
+  an error naming them otherwise.
+- :data:`KOHYA_DEFAULTS`: where kohya's default differs from sdcore's and decides what trains
+  (kohya trains the text encoder too, dim 4, alpha 1, no buckets, 1600 steps), a run written with kohya
+  names gets kohya's default, with a note saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any
+
+
+def _text(value: Any) -> str:
+    return str(value).strip()
+
+
+def resolution_side(value: Any) -> int:
+    """kohya: ``512``, ``"512"``, ``"512,768"`` or ``[512, 768]`` -> the side of the same area (0 stays 0)."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (list, tuple)):
+        parts = [int(v) for v in value]
+    else:
+        parts = [int(float(p)) for p in str(value).replace(" ", "").split(",") if p]
+    if len(parts) == 1:
+        parts *= 2
+    if parts == [0, 0]:
+        return 0  # sdcore's own spelling of "the model's native size"
+    if len(parts) != 2 or min(parts) < 1:
+        raise ValueError
+    return math.isqrt(parts[0] * parts[1])
+
+
+def _args_text(value: Any) -> str:
+    """kohya lists ``["weight_decay=0.1", "betas=0.9,0.99"]`` -> sdcore's ``"weight_decay=0.1 betas=0.9,0.99"``."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_text(v) for v in value if _text(v))
+    return _text(value)
+
+
+def _precision(value: Any) -> str:
+    text = _text(value).lower()
+    return {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(text, text)
+
+
+def _single_lr(value: Any) -> float | None:
+    """``text_encoder_lr`` may be a list (SDXL: one per text encoder); sdcore has one rate."""
+    if isinstance(value, (list, tuple)):
+        rates = {float(v) for v in value}
+        if not rates:
+            return None
+        if len(rates) > 1:
+            raise ValueError("sdcore uses one text-encoder learning rate; give one value")
+        return rates.pop()
+    return float(value)
+
+
+#: kohya optimizer_type (lower case) -> (sdcore optimizer, extra optimizer args kohya implies)
+OPTIMIZERS = {
+    "adamw": ("adamw", ""),
+    "adamw8bit": ("adamw8bit", ""),
+    "lion": ("lion", ""),
+    "prodigy": ("prodigy", ""),
+    "adafactor": ("adafactor", ""),
+    "sgdnesterov": ("sgd", "nesterov=True momentum=0.9"),
+}
+#: kohya lr_scheduler -> sdcore (cosine_with_restarts with one cycle is exactly cosine)
+SCHEDULERS = {
+    "constant": "constant",
+    "constant_with_warmup": "constant_with_warmup",
+    "cosine": "cosine",
+    "linear": "linear",
+    "polynomial": "polynomial",
+    "cosine_with_restarts": "cosine",
+}
+
+
+def _optimizer(value: Any) -> str:
+    name = _text(value).lower()
+    if name not in OPTIMIZERS:
+        raise ValueError("available: AdamW, AdamW8bit, Lion, Prodigy, AdaFactor, SGDNesterov")
+    return OPTIMIZERS[name][0]
+
+
+def _scheduler(value: Any) -> str:
+    name = _text(value).lower()
+    if name not in SCHEDULERS:
+        raise ValueError(f"available: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name]
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A kohya option that is one sdcore option."""
+
+    target: str
+    convert: Callable[[Any], Any] | None = None
+    flag: bool = False  # store_true on kohya's command line
+    methods: str = ""  # for the "kohya names" help: which kohya script has it, when not all
+
+
+def _a(target: str, convert: Callable[[Any], Any] | None = None, *, flag: bool = False, methods: str = "") -> Alias:
+    return Alias(target, convert, flag, methods)
+
+
+ALIASES: dict[str, Alias] = {
+    # model and data
+    "pretrained_model_name_or_path": _a("model"),
+    "train_data_dir": _a("data"),
+    "dataset_config": _a("data"),
+    "reg_data_dir": _a("reg_data"),
+    "resolution": _a("resolution", resolution_side),
+    "caption_extension": _a("caption_extension"),
+    "caption_extention": _a("caption_extension"),  # kohya keeps the old misspelling
+    "shuffle_caption": _a("shuffle_caption", flag=True),
+    "keep_tokens": _a("keep_tokens"),
+    "caption_dropout_rate": _a("caption_dropout"),
+    "caption_tag_dropout_rate": _a("tag_dropout"),
+    "flip_aug": _a("flip", flag=True),
+    "enable_bucket": _a("buckets", flag=True),
+    "min_bucket_reso": _a("min_bucket_reso"),
+    "max_bucket_reso": _a("max_bucket_reso"),
+    "bucket_reso_steps": _a("bucket_step"),
+    "bucket_no_upscale": _a("bucket_no_upscale", flag=True),
+    "prior_loss_weight": _a("prior_loss_weight"),
+    "cache_latents": _a("cache_latents", flag=True),
+    "cache_latents_to_disk": _a("cache_latents_to_disk", flag=True),
+    "cache_text_encoder_outputs": _a("cache_text_encoder_outputs", flag=True),
+    # schedule
+    "max_train_steps": _a("max_steps"),
+    "max_train_epochs": _a("epochs"),
+    "train_batch_size": _a("batch_size"),
+    "learning_rate": _a("lr"),
+    "lr_scheduler": _a("lr_scheduler", _scheduler),
+    "lr_warmup_steps": _a("lr_warmup_steps"),
+    "lr_scheduler_power": _a("lr_power"),
+    "optimizer_type": _a("optimizer", _optimizer),
+    "optimizer_args": _a("optimizer_args", _args_text),
+    "max_grad_norm": _a("max_grad_norm"),
+    "gradient_accumulation_steps": _a("gradient_accumulation"),
+    "gradient_checkpointing": _a("gradient_checkpointing", flag=True),
+    "mixed_precision": _a("mixed_precision", _precision),
+    "seed": _a("seed"),
+    "clip_skip": _a("clip_skip"),
+    "noise_offset": _a("noise_offset"),
+    "min_snr_gamma": _a("min_snr_gamma"),
+    # saving, samples, logs
+    "save_precision": _a("save_dtype", _precision),
+    "save_every_n_steps": _a("save_every"),
+    "save_every_n_epochs": _a("save_every_epochs"),
+    "save_last_n_epochs": _a("save_limit"),
+    "save_state": _a("save_state", flag=True),
+    "resume": _a("resume"),
+    "sample_prompts": _a("sample_prompts"),
+    "sample_every_n_steps": _a("sample_every"),
+    "sample_every_n_epochs": _a("sample_every_epochs"),
+    "sample_sampler": _a("sample_sampler"),
+    "logging_dir": _a("log_dir"),
+    # LoRA (train_network.py)
+    "network_dim": _a("rank", methods="lora"),
+    "network_alpha": _a("alpha", methods="lora"),
+    "network_dropout": _a("dropout", methods="lora"),
+    "network_weights": _a("network_weights", methods="lora"),
+    "network_train_unet_only": _a("unet_only", flag=True, methods="lora"),
+    "network_train_text_encoder_only": _a("te_only", flag=True, methods="lora"),
+    "unet_lr": _a("unet_lr", methods="lora"),
+    "text_encoder_lr": _a("te_lr", _single_lr, methods="lora"),
+    "metadata_title": _a("title", methods="lora"),
+    "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
+    # DreamBooth (train_db.py / fine_tune.py)
+    "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth"),
+    "learning_rate_te": _a("te_lr", methods="dreambooth"),
+    "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
+    # textual inversion (train_textual_inversion.py)
+    "token_string": _a("name", methods="ti"),
+    "init_word": _a("init_text", methods="ti"),
+    "num_vectors_per_token": _a("vectors", methods="ti"),
+}
+
+#: composite kohya options translated in :func:`translate` (name -> help text for ``--help``)
+COMPOSITE: dict[str, str] = {
+    "output_dir": "with --output_name and --save_model_as: --output DIR/NAME.EXT",
+    "output_name": "see --output_dir (default 'last', as kohya)",
+    "save_model_as": "safetensors (LoRA, DreamBooth), pt/safetensors (TI), diffusers (DreamBooth)",
+    "network_module": "networks.lora -> --algo lora/locon; lycoris.kohya -> --algo from network_args algo=",
+    "network_args": "'conv_dim=8' 'conv_alpha=4' 'algo=loha' ... -> --conv-rank --conv-alpha --algo ...",
+    "use_object_template": "--template subject (TI)",
+    "use_style_template": "--template style (TI)",
+    "use_8bit_adam": "old kohya flag: --optimizer adamw8bit",
+    "use_lion_optimizer": "old kohya flag: --optimizer lion",
+    "save_last_n_steps": "--save-limit N/save_every_n_steps",
+    "lr_scheduler_num_cycles": "1 (cosine_with_restarts with one cycle = cosine); more cycles are not supported",
+    "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
+    "v2": "accepted: the model family is read from the model",
+    "v_parameterization": "accepted: the prediction type is read from the model",
+}
+_FLAG_COMPOSITES = {
+    "use_object_template",
+    "use_style_template",
+    "use_8bit_adam",
+    "use_lion_optimizer",
+    "v2",
+    "v_parameterization",
+}
+
+#: options without an effect on the trained result here (accepted with one note)
+IGNORED: dict[str, str] = {
+    **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), "sdcore picks the attention kernel itself"),
+    **dict.fromkeys(
+        (
+            "max_data_loader_n_workers",
+            "persistent_data_loader_workers",
+            "vae_batch_size",
+            "lowram",
+            "highvram",
+            "lowvram",
+            "no_half_vae",
+            "skip_cache_check",
+            "async_upload",
+            "disable_mmap_load_safetensors",
+            "tokenizer_cache_dir",
+        ),
+        "sdcore manages loading and memory itself",
+    ),
+    **dict.fromkeys(
+        (
+            "log_with",
+            "log_prefix",
+            "log_tracker_name",
+            "log_tracker_config",
+            "log_config",
+            "wandb_api_key",
+            "wandb_run_name",
+            "console_log_level",
+            "console_log_file",
+            "console_log_simple",
+            "training_comment",
+            "metadata_author",
+            "metadata_description",
+            "metadata_license",
+            "metadata_tags",
+            "output_config",
+            "dynamo_backend",
+            "save_n_epoch_ratio",
+            "save_last_n_steps_state",
+            "save_last_n_epochs_state",
+            "save_state_on_train_end",
+            "save_state_to_huggingface",
+            "sample_at_first",
+            "max_token_length",
+        ),
+        "logging, metadata or save bookkeeping",
+    ),
+    **dict.fromkeys(
+        (
+            "huggingface_repo_id",
+            "huggingface_token",
+            "huggingface_repo_type",
+            "huggingface_repo_visibility",
+            "huggingface_path_in_repo",
+            "resume_from_huggingface",
+        ),
+        "no uploads (sdcore works offline)",
+    ),
+    **dict.fromkeys(
+        ("huber_c", "huber_schedule", "huber_scale", "multires_noise_discount", "base_weights_multiplier"),
+        "only used together with an option left off",
+    ),
+}
+_IGNORED_NOTES = {
+    "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
+    "save_state_on_train_end": "sdcore always saves a resumable state at the end (--no-save-state turns it off)",
+}
+_FLAG_IGNORED = {
+    "xformers",
+    "sdpa",
+    "mem_eff_attn",
+    "persistent_data_loader_workers",
+    "lowram",
+    "highvram",
+    "lowvram",
+    "no_half_vae",
+    "skip_cache_check",
+    "async_upload",
+    "disable_mmap_load_safetensors",
+    "log_config",
+    "console_log_simple",
+    "save_state_on_train_end",
+    "save_state_to_huggingface",
+    "sample_at_first",
+    "resume_from_huggingface",
+}
+
+_OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())
+#: options that change the result and are not implemented: accepted only at these values
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    **dict.fromkeys(
+        (
+            "color_aug",
+            "random_crop",
+            "weighted_captions",
+            "masked_loss",
+            "alpha_mask",
+            "debiased_estimation_loss",
+            "zero_terminal_snr",
+            "scale_v_pred_loss_like_noise_pred",
+            "v_pred_like_loss",
+            "dim_from_weights",
+            "caption_dropout_every_n_epochs",
+            "token_warmup_step",
+            "face_crop_aug_range",
+            "lr_scheduler_args",
+            "lr_scheduler_type",
+            "loraplus_lr_ratio",
+            "loraplus_unet_lr_ratio",
+            "loraplus_text_encoder_lr_ratio",
+            "base_weights",
+            "vae",
+            "in_json",
+            "full_fp16",
+            "full_bf16",
+            "fp8_base",
+            "fp8_base_unet",
+            "fused_backward_pass",
+            "multires_noise_iterations",
+            "adaptive_noise_scale",
+            "noise_offset_random_strength",
+            "ip_noise_gamma",
+            "ip_noise_gamma_random_strength",
+            "scale_weight_norms",
+            "min_timestep",
+            "initial_epoch",
+            "initial_step",
+            "skip_until_initial_step",
+            "network_multiplier",
+            "conditioning_data_dir",
+            "secondary_separator",
+            "keep_tokens_separator",
+            "caption_prefix",
+            "caption_suffix",
+            "enable_wildcard",
+            "validation_split",
+            "weights",
+            "debug_dataset",
+            "dataset_class",
+            "lr_scheduler_timescale",
+            "lr_decay_steps",
+            "lr_scheduler_min_lr_ratio",
+            "no_token_padding",
+        ),
+        _OFF,
+    ),
+    "max_timestep": (*_OFF, 1000),
+    "token_warmup_min": (*_OFF, 1),
+    "dataset_repeats": (*_OFF, 1),
+    "noise_offset_type": (*_OFF, "Original"),
+    "loss_type": (*_OFF, "l2"),
+    "network_multiplier": (*_OFF, 1, 1.0),
+}
+_FLAG_UNSUPPORTED = {
+    "color_aug",
+    "random_crop",
+    "weighted_captions",
+    "masked_loss",
+    "alpha_mask",
+    "debiased_estimation_loss",
+    "zero_terminal_snr",
+    "scale_v_pred_loss_like_noise_pred",
+    "dim_from_weights",
+    "full_fp16",
+    "full_bf16",
+    "fp8_base",
+    "fp8_base_unet",
+    "fused_backward_pass",
+    "noise_offset_random_strength",
+    "ip_noise_gamma_random_strength",
+    "skip_until_initial_step",
+    "enable_wildcard",
+    "debug_dataset",
+    "no_token_padding",
+}
+
+#: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)
+NETWORK_ARGS = {
+    "conv_dim": "conv_rank",
+    "conv_alpha": "conv_alpha",
+    "algo": "algo",
+    "dropout": "dropout",
+    "rank_dropout": "rank_dropout",
+    "module_dropout": "module_dropout",
+    "factor": "lokr_factor",
+}
+#: network_args keys without an effect at these values
+NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
+    "decompose_both": ("false",),
+    "use_scalar": ("false",),
+    "rank_dropout_scale": ("false",),
+    "train_norm": ("false",),
+    "rescaled": ("false",),
+    "constrain": ("0", "0.0"),
+    "use_tucker": ("false",),
+    "use_cp": ("false",),
+    "dora_wd": ("false",),
+    "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
+    "preset": ("full", "attn-mlp"),
+}
+_LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+
+#: kohya defaults that differ from sdcore's and decide what trains (target, kohya value, why)
+KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
+    ("rank", 4, "network_dim defaults to 4"),
+    ("alpha", 1.0, "network_alpha defaults to 1"),
+    ("train_text_encoder", True, "the text encoder is trained unless --network_train_unet_only"),
+    ("buckets", False, "buckets are off unless --enable_bucket"),
+    ("max_steps", 1600, "max_train_steps defaults to 1600"),
+)
+
+
+@dataclass
+class Translation:
+    """sdcore option values from kohya options, plus notes and problems (reported together)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    origin: dict[str, str] = field(default_factory=dict)  # sdcore option -> the kohya name that set it
+
+
+def is_kohya_name(name: str) -> bool:
+    return name in ALIASES or name in COMPOSITE or name in IGNORED or name in UNSUPPORTED
+
+
+def flag_names() -> set[str]:
+    """kohya options that are store_true flags on kohya's command line."""
+    return (
+        {n for n, a in ALIASES.items() if a.flag}
+        | _FLAG_COMPOSITES
+        | (_FLAG_IGNORED & set(IGNORED))
+        | (_FLAG_UNSUPPORTED & set(UNSUPPORTED))
+    )
+
+
+#: kohya options that take several values (argparse nargs="*")
+MULTI_VALUE = ("network_args", "optimizer_args", "lr_scheduler_args", "base_weights", "base_weights_multiplier")
+
+
+def cli_names(fields: Iterable[str]) -> list[str]:
+    """kohya names to accept on the command line for a method with these option fields."""
+    present = set(fields)
+    names = [n for n, a in ALIASES.items() if a.target in present]
+    names += [n for n in COMPOSITE if _composite_applies(n, present)]
+    names += list(IGNORED) + list(UNSUPPORTED)
+    names = [n for n in names if "_" in n or n not in present]  # --seed is sdcore's own flag
+    return list(dict.fromkeys(names))
+
+
+def _composite_applies(name: str, fields: set[str]) -> bool:
+    if name in ("network_module", "network_args"):
+        return "rank" in fields
+    if name in ("use_object_template", "use_style_template"):
+        return "template" in fields
+    return True
+
+
+def help_rows(fields: Iterable[str]) -> list[tuple[str, str]]:
+    """(kohya flag, meaning) rows for the "kohya names" section of ``--help``."""
+    present = set(fields)
+    rows = []
+    for name, alias in ALIASES.items():
+        if alias.target in present and name != alias.target:
+            rows.append((f"--{name}", f"--{alias.target.replace('_', '-')}"))
+    rows += [(f"--{n}", text) for n, text in COMPOSITE.items() if _composite_applies(n, present)]
+    rows.append(("--config_file FILE", "--config FILE (kohya training TOML, flat or in sections)"))
+    return rows
+
+
+def help_epilog() -> str:
+    ignored = ", ".join(sorted(IGNORED))
+    return (
+        "Every option above also works in kohya's spelling with underscores (--lr_scheduler, --noise_offset). "
+        f"Accepted with a note (no effect on the result here): {ignored}. Options that would change the "
+        "result and sdcore does not implement are accepted at their 'off' value and refused otherwise. "
+        "A run written with kohya's names gets kohya's defaults where they decide what trains "
+        "(dim 4, alpha 1, text encoder trained, no buckets, 1600 steps), with a note."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# translation
+
+
+def _is_off(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """Whether a kohya value means "not used" (kohya_ss writes untouched fields this way)."""
+    if isinstance(value, (list, tuple, dict)):
+        return not value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "false", "none"):
+            return True
+        if any(isinstance(a, str) and a.lower() == text for a in allowed):
+            return True
+        try:
+            value = float(text)
+        except ValueError:
+            return False
+    return any(value == a for a in allowed if not isinstance(a, (str, list, tuple)))
+
+
+def _network_args(items: Any, fields: set[str], out: Translation, where: str) -> dict[str, str]:
+    """``["conv_dim=8", "algo=loha"]`` -> ``{"conv_dim": "8", "algo": "loha"}`` (checked)."""
+    if isinstance(items, str):
+        items = items.split()
+    parsed: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            out.problems.append(f"{where}: network_args {item!r} is not key=value")
+            continue
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Translation:
+    """Translate kohya-named options ``items`` (raw values) for a method with option ``fields``."""
+    present = set(fields)
+    out = Translation()
+    ignored: list[str] = []
+    if items.get("dataset_config") and items.get("train_data_dir"):
+        out.notes.append("dataset_config is given, so train_data_dir is ignored (as in kohya)")
+        items = {k: v for k, v in items.items() if k != "train_data_dir"}
+
+    def put(target: str, value: Any, name: str) -> None:
+        if target not in present:
+            out.problems.append(f"{where}: {name} is not an option of this method")
+            return
+        if target in out.origin and out.origin[target] != name and out.values.get(target) != value:
+            out.problems.append(f"{where}: {name} and {out.origin[target]} both set {target}")
+            return
+        out.values[target] = value
+        out.origin[target] = name
+
+    for name, value in items.items():
+        if name in present and name not in ALIASES:
+            put(name, value, name)  # a method's own option that happens to share a kohya name
+        elif name in ALIASES:
+            alias = ALIASES[name]
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue  # kohya_ss writes "" for fields left empty
+            if alias.target not in present:
+                if _is_off(value, _OFF):
+                    continue  # kohya_ss writes every field, e.g. stop_text_encoder_training = 0 for LoRA
+                which = f" (kohya's {alias.methods} option)" if alias.methods else ""
+                out.problems.append(f"{where}: {name} is not an option of this method{which}")
+                continue
+            try:
+                converted = alias.convert(value) if alias.convert is not None and value is not None else value
+            except (TypeError, ValueError) as exc:
+                detail = f" ({exc})" if str(exc) and "invalid literal" not in str(exc) else ""
+                out.problems.append(f"{where}: {name} = {value!r} is not a valid value{detail}")
+                continue
+            put(alias.target, converted, name)
+        elif name in IGNORED:
+            if name in _IGNORED_NOTES and not _is_off(value, _OFF):
+                out.notes.append(f"{name}: {_IGNORED_NOTES[name]}")
+            elif not _is_off(value, _OFF):
+                ignored.append(name)
+        elif name in UNSUPPORTED:
+            if not _is_off(value, UNSUPPORTED[name]):
+                out.problems.append(f"{where}: {name} = {value!r} is not supported by sdcore (it changes the result)")
+        elif name not in COMPOSITE:
+            raise KeyError(name)  # callers pass kohya names only
+    _composites(items, present, out, where, put)
+    if ignored:
+        out.notes.append("accepted without effect here: " + ", ".join(sorted(ignored)))
+    return out
+
+
+def _composites(
+    items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
+) -> None:
+    # length: kohya's max_train_epochs overrides max_train_steps
+    if items.get("max_train_epochs") and items.get("max_train_steps") and "max_steps" in out.values:
+        out.values.pop("max_steps")
+        out.notes.append("max_train_epochs overrides max_train_steps (as in kohya)")
+    gui_epochs = items.get("epoch")
+    if gui_epochs and not items.get("max_train_epochs") and not items.get("max_train_steps"):
+        put("epochs", gui_epochs, "epoch")
+    # the optimizer and schedule
+    if _text(items.get("optimizer_type") or "").lower() in OPTIMIZERS and "optimizer" in out.values:
+        implied = OPTIMIZERS[_text(items["optimizer_type"]).lower()][1]
+        given = out.values.get("optimizer_args", "")
+        extra = " ".join(a for a in implied.split() if a.split("=")[0] + "=" not in given)
+        if extra:
+            out.values["optimizer_args"] = f"{given} {extra}".strip()
+    cycles = items.get("lr_scheduler_num_cycles")
+    if cycles not in (None, "", 0, 1, "1"):
+        if _text(items.get("lr_scheduler") or "").lower() == "cosine_with_restarts":
+            out.problems.append(f"{where}: cosine_with_restarts with {cycles} cycles is not supported (1 cycle is)")
+        else:
+            out.notes.append("lr_scheduler_num_cycles only applies to cosine_with_restarts; ignored")
+    for name, target in (("sample_every_n_steps", "sample_every"), ("sample_every_n_epochs", "sample_every_epochs")):
+        if items.get(name) and not items.get("sample_prompts") and target in out.values:
+            out.values.pop(target)
+            out.notes.append(f"{name} without sample_prompts: no sample images (as in kohya)")
+    for name, optimizer in (("use_8bit_adam", "adamw8bit"), ("use_lion_optimizer", "lion")):
+        if items.get(name) is True:
+            put("optimizer", optimizer, name)
+    # retention by steps: kohya keeps the saves of the last N steps
+    last_steps = items.get("save_last_n_steps")
+    if last_steps:
+        every = items.get("save_every_n_steps")
+        if every:
+            put("save_limit", max(1, int(last_steps) // int(every)), "save_last_n_steps")
+        else:
+            out.notes.append("save_last_n_steps without save_every_n_steps has no effect")
+    # TI templates
+    for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
+        if items.get(name):
+            put("template", template, name)
+    for name in ("v2", "v_parameterization"):
+        if items.get(name):
+            what = "family" if name == "v2" else "prediction type"
+            out.notes.append(f"{name}: the model {what} is read from the model itself (see `sdcore model info`)")
+    _output(items, present, out, where, put)
+    _network(items, present, out, where, put)
+
+
+def _output(
+    items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
+) -> None:
+    keys = ("output_dir", "output_name", "save_model_as")
+    if not any(items.get(k) not in (None, "") for k in keys):
+        return
+    directory = items.get("output_dir")
+    if directory in (None, ""):
+        out.problems.append(f"{where}: output_name/save_model_as need output_dir (where kohya writes the result)")
+        return
+    name = _text(items.get("output_name") or "last")
+    fmt = _text(items.get("save_model_as") or "").lower()
+    is_ti = "vectors" in present
+    if fmt in ("", "safetensors") and not is_ti:
+        suffix = ".safetensors"
+    elif is_ti and fmt in ("", "pt", "safetensors"):
+        suffix = ".pt"  # A1111's .pt is always written; safetensors is written beside it
+        if fmt == "safetensors":
+            put("format", "safetensors", "save_model_as")
+    elif fmt in ("diffusers", "diffusers_safetensors") and "save_format" in present:
+        suffix = ""
+        put("save_format", "diffusers", "save_model_as")
+    elif fmt in ("ckpt", "pt"):
+        out.problems.append(
+            f"{where}: save_model_as = {fmt!r}: sdcore writes .safetensors (pickle files are unsafe to share)"
+        )
+        return
+    else:
+        out.problems.append(f"{where}: save_model_as = {fmt!r} is not available for this method")
+        return
+    put("output", str(PurePath(_text(directory)) / f"{name}{suffix}"), "output_dir")
+
+
+def _network(
+    items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
+) -> None:
+    module = _text(items.get("network_module") or "")
+    args = _network_args(items.get("network_args"), present, out, where)
+    if not module and not args:
+        return
+    if "rank" not in present:
+        out.problems.append(f"{where}: network_module/network_args are LoRA options (sdcore train lora)")
+        return
+    if module not in ("", "networks.lora", "lycoris.kohya"):
+        out.problems.append(f"{where}: network_module {module!r} is not available (networks.lora, lycoris.kohya)")
+        return
+    lycoris = module == "lycoris.kohya"
+    algo = args.pop("algo", "").lower()
+    if lycoris:
+        if algo and algo not in _LYCORIS_ALGOS:
+            out.problems.append(f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, loha, lokr)")
+            return
+        chosen = _LYCORIS_ALGOS[algo or "lora"]
+        if args.pop("dora_wd", "false").lower() == "true":
+            if chosen != "locon":
+                out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")
+            chosen = "dora"
+        put("algo", chosen, "network_args algo")
+        preset = args.get("preset", "full").lower()
+        if preset == "full":
+            out.notes.append(
+                "LyCORIS preset 'full' also adapts conv_in/conv_out/time embedding; sdcore adapts kohya's "
+                "LoCon modules (attention, MLP, ResNet and sampler convs)"
+            )
+        # LyCORIS: conv_dim/conv_alpha default to network_dim/network_alpha (networks.lora: no conv)
+        if "conv_alpha" not in args and "alpha" in out.values:
+            args["conv_alpha"] = str(out.values["alpha"])
+    elif algo:
+        out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya")
+        return
+    for key, value in args.items():
+        target = NETWORK_ARGS.get(key, key)
+        if target in present:  # includes LoRA options named as kohya names them (block_dims, use_tucker ...)
+            put(target, value, f"network_args {key}")
+        elif key not in NETWORK_ARGS_OFF or value.lower() not in NETWORK_ARGS_OFF[key]:
+            out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
+
+
+def kohya_defaults(options_fields: Iterable[str], given: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """kohya's defaults for a run written with kohya names, for the options nobody set."""
+    present = set(options_fields)
+    values: dict[str, Any] = {}
+    applied: list[str] = []
+    for target, value, why in KOHYA_DEFAULTS:
+        if target not in present or target in given:
+            continue
+        if target == "train_text_encoder" and {"unet_only", "te_only"} & given:
+            continue
+        if target == "max_steps" and "epochs" in given:
+            continue
+        values[target] = value
+        applied.append(why)
+    return values, applied
+
+
+def written_in_kohya_terms(names: Iterable[str], fields: Iterable[str]) -> bool:
+    """True when any of ``names`` is a kohya spelling that is not also an sdcore option name."""
+    present = set(fields)
+    return any(is_kohya_name(n) and n not in present for n in names)
+
+
+def nearest_name(name: str, fields: Iterable[str]) -> str | None:
+    """The sdcore option a mistyped or kohya-spelled ``name`` most likely means (or ``None``).
+
+    ``network-dim``/``network_dim`` -> ``rank``; ``lrr`` -> ``lr``; ``network_dimm`` -> ``rank``
+    (via kohya's ``network_dim``). A kohya name returns its sdcore target when this method has it.
+    """
+    present = list(fields)
+    key = name.strip().lstrip("-").replace("-", "_")
+    if key in present:
+        return key
+    if NETWORK_ARGS.get(key) in present:  # a network_args key given as an option: --conv_dim
+        return NETWORK_ARGS[key]
+    kohya = [n for n in [*ALIASES, *COMPOSITE] if n not in present]
+    match = difflib.get_close_matches(key, [*present, *kohya], n=1, cutoff=0.6)
+    if not match:
+        return None
+    alias = ALIASES.get(match[0])
+    if match[0] not in present and alias is not None and alias.target in present:
+        return alias.target
+    return match[0]
+
+
+def nearest(name: str, fields: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for an unknown config key (empty when nothing is close)."""
+    present = list(fields)
+    found = nearest_name(name, present)
+    if found is None:
+        return ""
+    if found in present:
+        return f" (did you mean {found!r}?)"
+    return f" (did you mean {found!r}, kohya's name for an option of another method?)"
+
+
+# --------------------------------------------------------------------------------------------
+# kohya_ss GUI presets (presets/lora/*.json): the GUI's own field names
+
+#: GUI "LoRA_type" -> (network_module, LyCORIS algo, whether conv_dim/conv_alpha apply)
+GUI_LORA_TYPES: dict[str, tuple[str, str, bool]] = {
+    "Standard": ("networks.lora", "", False),
+    "Kohya LoCon": ("networks.lora", "", True),
+    "LoCon": ("lycoris.kohya", "locon", True),
+    "LyCORIS/LoCon": ("lycoris.kohya", "locon", True),
+    "LyCORIS/LoHa": ("lycoris.kohya", "loha", True),
+    "LyCORIS/LoKr": ("lycoris.kohya", "lokr", True),
+}
+#: GUI fields that only steer the GUI or the launcher
+GUI_ONLY = {
+    "num_cpu_threads_per_process",
+    "use_wandb",
+    "unit",
+    "train_on_input",
+    "sdxl",
+    "sdxl_cache_text_encoder_outputs",
+    "sdxl_no_half_vae",
+    "model_list",
+    "save_as",
+    "gpu_ids",
+    "multi_gpu",
+    "num_processes",
+    "num_machines",
+    "main_process_port",
+    "extra_accelerate_launch_args",
+    "dynamo_mode",
+    "dynamo_use_fullgraph",
+    "dynamo_use_dynamic",
+    "noise_offset_type_original",
+}
+#: GUI fields that become network_args
+_GUI_NETWORK_ARGS = {
+    "factor": ("factor", ("-1",)),
+    "use_cp": ("use_tucker", ("false",)),
+    "use_tucker": ("use_tucker", ("false",)),
+    "decompose_both": ("decompose_both", ("false",)),
+    "rank_dropout": ("rank_dropout", ("0", "0.0")),
+    "module_dropout": ("module_dropout", ("0", "0.0")),
+    "dora_wd": ("dora_wd", ("false",)),
+    "LyCORIS_preset": ("preset", ("full",)),
+    "constrain": ("constrain", ("0", "0.0")),
+    "rescaled": ("rescaled", ("false",)),
+    "bypass_mode": ("bypass_mode", ("false",)),
+    "train_norm": ("train_norm", ("false",)),
+    **{k: (k, ("",)) for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")},
+    **{k: (k, ("",)) for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")},
+    "conv_dims": ("conv_block_dims", ("",)),
+    "conv_alphas": ("conv_block_alphas", ("",)),
+}
+
+
+def is_gui_preset(data: dict[str, Any]) -> bool:
+    """A kohya_ss GUI LoRA preset/saved config (``LoRA_type`` is its signature field)."""
+    return "LoRA_type" in data
+
+
+def gui_preset(data: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """sd-scripts-named items, notes and problems for a kohya_ss GUI preset's fields."""
+    items = dict(data)
+    notes: list[str] = []
+    problems: list[str] = []
+    lora_type = _text(items.pop("LoRA_type"))
+    if lora_type not in GUI_LORA_TYPES:
+        problems.append(f"{where}: LoRA_type {lora_type!r} is not available ({', '.join(GUI_LORA_TYPES)})")
+        module, algo, conv = "networks.lora", "", False
+    else:
+        module, algo, conv = GUI_LORA_TYPES[lora_type]
+    args: list[str] = [f"algo={algo}"] if algo else []
+    conv_dim, conv_alpha = items.pop("conv_dim", None), items.pop("conv_alpha", None)
+    if conv and conv_dim not in (None, "", 0, "0"):
+        args.append(f"conv_dim={conv_dim}")
+        if conv_alpha not in (None, ""):
+            args.append(f"conv_alpha={conv_alpha}")
+    for key, (arg, off) in _GUI_NETWORK_ARGS.items():
+        if key in items:
+            value = _text(items.pop(key))
+            if value.lower() not in off and not (arg in ("rank_dropout", "module_dropout") and _is_off(value, _OFF)):
+                args.append(f"{arg}={value}")
+    items["network_module"] = module
+    items["network_args"] = args
+    if "optimizer" in items:
+        items["optimizer_type"] = items.pop("optimizer")
+    if "max_resolution" in items:
+        items["resolution"] = items.pop("max_resolution")
+    if "lora_network_weights" in items:
+        items["network_weights"] = items.pop("lora_network_weights")
+    warmup = items.pop("lr_warmup", 0)
+    if not _is_off(warmup, _OFF):
+        problems.append(f"{where}: lr_warmup = {warmup} is a percentage of the GUI's steps: give lr_warmup_steps")
+    extra = _text(items.pop("additional_parameters", ""))
+    if extra:
+        problems.append(f"{where}: additional_parameters {extra!r}: give these options on the command line")
+    attention = items.pop("xformers", None)
+    if isinstance(attention, str) and attention.lower() in ("xformers", "sdpa"):
+        items[attention.lower()] = True
+    elif attention is True:
+        items["xformers"] = True
+    try:
+        te_lr, unet_lr = float(items.get("text_encoder_lr") or 0), float(items.get("unet_lr") or 0)
+    except (TypeError, ValueError):
+        te_lr, unet_lr = 1.0, 0.0
+    if te_lr == 0 and unet_lr != 0:  # the GUI's rule
+        items["network_train_unet_only"] = True
+    for key in [k for k in items if k in GUI_ONLY]:
+        items.pop(key)
+    notes.append(f"read as a kohya_ss GUI preset (LoRA_type {lora_type})")
+    return items, notes, problems
+
+
+def option_fields(options_class: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(options_class)]
+
+
+__all__ = [
+    "ALIASES",
+    "COMPOSITE",
+    "IGNORED",
+    "KOHYA_DEFAULTS",
+    "MULTI_VALUE",
+    "UNSUPPORTED",
+    "Translation",
+    "cli_names",
+    "flag_names",
+    "help_rows",
+    "is_kohya_name",
+    "kohya_defaults",
+    "nearest",
+    "nearest_name",
+    "translate",
+    "written_in_kohya_terms",
+]

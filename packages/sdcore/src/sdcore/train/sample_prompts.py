@@ -1,0 +1,208 @@
+"""Sample prompts rendered while training, in kohya's prompt-file syntax.
+
+One prompt per line; ``#`` starts a comment line; options follow the prompt after `` --``::
+
+    masterpiece, 1girl, red hair --n lowres, bad hands --w 512 --h 768 --s 28 --d 42 --l 7.5 --ss euler_a
+
+``--n`` negative prompt, ``--w``/``--h`` size, ``--s`` sampler steps, ``--d`` seed, ``--l`` CFG scale,
+``--ss`` sampler (kohya's names: ``ddim``, ``euler_a``, ``k_euler``, ``dpmsolver++`` ... or sdcore's).
+Like kohya, the file may also be JSON (a list of objects) or TOML (``[prompt]`` defaults plus
+``[[prompt.subset]]`` entries) with the keys ``prompt``, ``negative_prompt``, ``width``,
+``height``, ``sample_steps``, ``seed``, ``scale``, ``sample_sampler``. Options kohya knows for
+other model families (``--cn``, ``--g``, ...) are not part of the prompt either: they are
+reported in :attr:`SamplePrompt.ignored`.
+
+``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+#: kohya's sampler names that sdcore's sampler normaliser does not know by itself
+KOHYA_SAMPLERS = {"dpmsolver++": "dpm++2m", "k_dpm_2_a": "", "k_dpm_2": "", "dpm_2": "", "dpm_2_a": ""}
+
+_OPTION = re.compile(r"^(ss|n|w|h|s|d|l)\s+(.*)$", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One sample image: the prompt and the settings its line gave (``None`` = the run's default)."""
+
+    prompt: str
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    seed: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+    ignored: tuple[str, ...] = field(default=())
+
+    def settings(self) -> tuple[Any, ...]:
+        """What must be equal for two prompts to share one generation call (the seed is separate)."""
+        return (self.width, self.height, self.steps, self.cfg, self.sampler)
+
+
+def sampler_name(name: str) -> str:
+    """sdcore's sampler id for a kohya (``k_euler_a``, ``dpmsolver++``) or sdcore sampler name."""
+    from ..generate.pipeline import sampler_id
+
+    key = name.strip().lower()
+    if key in KOHYA_SAMPLERS:
+        if not KOHYA_SAMPLERS[key]:
+            raise ConfigError(f"sampler {name!r} (kohya) is not available in sdcore; use euler_a, euler, dpm++2m, ddim")
+        return KOHYA_SAMPLERS[key]
+    return sampler_id(key)
+
+
+def _number(kind: type, text: str, option: str, where: str) -> Any:
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        raise ConfigError(f"{where}: --{option} needs a number, got {text.strip()!r}") from None
+    if value <= 0 and option != "d":
+        raise ConfigError(f"{where}: --{option} must be positive, got {text.strip()}")
+    return value
+
+
+def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
+    """Split one kohya prompt line into the prompt and its options (kohya splits at `` --``)."""
+    parts = (" " + line.strip()).split(" --")
+    values: dict[str, Any] = {"prompt": parts[0].strip()}
+    ignored: list[str] = []
+    for part in parts[1:]:
+        match = _OPTION.match(part.strip())
+        if not match:
+            ignored.append("--" + part.strip().split(" ", 1)[0])
+            continue
+        option, text = match.group(1).lower(), match.group(2).strip()
+        if option == "n":
+            values["negative"] = text
+        elif option == "ss":
+            values["sampler"] = sampler_name(text)
+        elif option in ("w", "h", "s", "d"):
+            name = {"w": "width", "h": "height", "s": "steps", "d": "seed"}[option]
+            values[name] = _number(int, text, option, where)
+        else:
+            values["cfg"] = _number(float, text, option, where)
+    if not values["prompt"]:
+        raise ConfigError(f"{where}: the line has options but no prompt")
+    return SamplePrompt(**values, ignored=tuple(ignored))
+
+
+_DICT_KEYS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative",
+    "width": "width",
+    "height": "height",
+    "sample_steps": "steps",
+    "seed": "seed",
+    "scale": "cfg",
+    "sample_sampler": "sampler",
+}
+
+
+def _from_dict(entry: Any, where: str) -> SamplePrompt:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each prompt must be a table/object with a 'prompt' key")
+    unknown = sorted(set(entry) - set(_DICT_KEYS))
+    values: dict[str, Any] = {}
+    for key, name in _DICT_KEYS.items():
+        if key in entry and entry[key] is not None:
+            values[name] = entry[key]
+    if not isinstance(values.get("prompt"), str) or not values["prompt"].strip():
+        raise ConfigError(f"{where}: 'prompt' is missing or empty")
+    for name in ("width", "height", "steps", "seed"):
+        if name in values:
+            values[name] = _number(int, str(values[name]), name, where)
+    if "cfg" in values:
+        values["cfg"] = _number(float, str(values["cfg"]), "scale", where)
+    if "sampler" in values:
+        values["sampler"] = sampler_name(str(values["sampler"]))
+    if "negative" in values:
+        values["negative"] = str(values["negative"])
+    return SamplePrompt(**values, ignored=tuple(unknown))
+
+
+def parse_prompt_file(text: str, suffix: str, where: str) -> list[SamplePrompt]:
+    """Prompts of a ``.txt`` (kohya lines), ``.json`` or ``.toml`` prompt file's content."""
+    suffix = suffix.lower()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: invalid JSON: {exc}") from None
+        entries = data if isinstance(data, list) else [data]
+        return [_from_dict(e, f"{where} prompt {i + 1}") for i, e in enumerate(entries)]
+    if suffix == ".toml":
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+        table = data.get("prompt")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: a TOML prompt file needs a [prompt] table with [[prompt.subset]] entries")
+        defaults = {k: v for k, v in table.items() if k != "subset"}
+        subsets = table.get("subset", [])
+        if not isinstance(subsets, list):
+            raise ConfigError(f"{where}: [[prompt.subset]] must be an array of tables")
+        return [
+            _from_dict({**defaults, **s} if isinstance(s, dict) else s, f"{where} subset {i + 1}")
+            for i, s in enumerate(subsets)
+        ]
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            prompts.append(parse_prompt_line(line, f"{where} line {number}"))
+    return prompts
+
+
+def read_sample_prompts(value: str) -> list[SamplePrompt]:
+    """``--sample-prompts``: a prompt file (``.txt``, ``.json``, ``.toml``) or one prompt line."""
+    path = Path(value).expanduser()
+    is_file = len(value) < 4096 and "\n" not in value and path.is_file()
+    if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"--sample-prompts {value}: {reason}") from exc
+        return parse_prompt_file(text, path.suffix, str(path))
+    return [parse_prompt_line(value, "--sample-prompts")]
+
+
+def generation_calls(prompts: list[SamplePrompt], seed: int) -> list[tuple[list[SamplePrompt], int]]:
+    """Group prompts into generation calls: ``(prompts, first seed)``; image ``i`` of a call uses
+    ``first seed + i``. A prompt without ``--d`` gets the run's ``seed`` + its position (so the
+    images do not change when another line gets options); consecutive prompts with equal settings
+    share one call."""
+    calls: list[tuple[list[SamplePrompt], int]] = []
+    for index, prompt in enumerate(prompts):
+        own_seed = prompt.seed if prompt.seed is not None else seed + index
+        if calls and prompt.seed is None:
+            group, first = calls[-1]
+            last = group[-1]
+            if last.seed is None and last.settings() == prompt.settings() and first + len(group) == own_seed:
+                group.append(prompt)
+                continue
+        calls.append(([prompt], own_seed))
+    return calls
+
+
+__all__ = [
+    "SamplePrompt",
+    "generation_calls",
+    "parse_prompt_file",
+    "parse_prompt_line",
+    "read_sample_prompts",
+    "sampler_name",
+]

@@ -1,0 +1,117 @@
+"""Logs a user can read (issue 17): plain progress lines when piped, ``--no-progress`` hides only
+the bar, "saved" and "interrupted" said once."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from click.testing import CliRunner
+from runtime_methods import ConvOutMethod
+from sdcore.models.tiny import create_tiny_bundle
+from sdcore.specs import MethodSpec
+from sdcore.testing.contract import contract_options
+from sdcore.train.cli import build_train_command
+from sdcore.train.loop import train
+from sdcore.train.progress import PlainProgress, progress_bar
+
+
+def test_plain_progress_prints_lines_not_frames():
+    out = io.StringIO()
+    bar = PlainProgress(total=100, desc="lora", stream=out, interval=0.0)
+    for _ in range(3):
+        bar.update(1)
+        bar.set_postfix(loss="0.1234", lr="1.00e-04", refresh=False)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and len(text.splitlines()) == 3
+    assert text.splitlines()[-1].startswith("lora: step 3/100 (3%), loss 0.1234, lr 1.00e-04")
+    assert "ETA" in text
+
+
+def test_plain_progress_is_rate_limited():
+    out = io.StringIO()
+    bar = PlainProgress(total=1000, desc="x", stream=out, interval=3600)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    assert out.getvalue().count("\n") == 1 and "step 1000/1000 (100%)" in out.getvalue()
+
+
+def test_progress_bar_uses_tqdm_only_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress_bar(total=3, desc="x", stream=io.StringIO()), PlainProgress)
+    from tqdm import tqdm
+
+    assert isinstance(progress_bar(total=3, desc="x", stream=Tty()), tqdm)
+    hidden = progress_bar(total=3, desc="x", enabled=False)
+    hidden.update(2)
+    assert hidden.n == 2
+
+
+def test_piped_training_log_has_no_carriage_returns_and_is_small(tmp_path, capsys):
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 40, "progress": True, "batch_size": 1})
+    train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert len(err) < 2000, err  # 40 steps: the summary, a few plain lines at most
+    assert "step 40/40 (100%)" in err and "training images" in err
+
+
+def test_no_progress_hides_only_the_bar(tmp_path, capsys):
+    data = tmp_path / "data"
+    from sdcore.testing.contract import make_tiny_dataset
+
+    make_tiny_dataset(data, n=4, size=64)
+    (data / "broken.png").write_bytes(b"not an image")
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 2, "progress": False})
+    train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    err = capsys.readouterr().err
+    assert "training images" in err and "broken.png" in err  # summary and its skipped files
+    assert "step 2/2" not in err
+
+
+def _command():
+    return build_train_command(MethodSpec(name="convout", summary="t", method="runtime_methods:ConvOutMethod"))
+
+
+def _args(tmp_path, o) -> list[str]:
+    return [
+        "--model", "tiny:sd1", "--data", o.data, "--output", str(tmp_path / "r.safetensors"), "--resolution", "64",
+        "--min-bucket-reso", "64", "--max-bucket-reso", "128", "--max-steps", "3",
+    ]  # fmt: skip
+
+
+def test_saved_is_printed_once(tmp_path):
+    o = contract_options(ConvOutMethod, tmp_path)
+    result = CliRunner().invoke(_command(), _args(tmp_path, o))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("saved ") == 1 and "after 3 steps" in result.output
+    assert "\r" not in result.output
+
+
+def test_interrupted_is_printed_once_with_the_state(tmp_path, monkeypatch):
+    o = contract_options(ConvOutMethod, tmp_path)
+
+    def stop(self, bundle, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConvOutMethod, "on_step_end", stop)
+    result = CliRunner().invoke(_command(), _args(tmp_path, o))
+    assert result.exit_code == 130, result.output
+    said = [line for line in result.output.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1, result.output
+    line = said[0]
+    assert "r-state" in line and "step-00000002" in line and "--resume latest" in line
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_cli_summary_shown_with_and_without_progress(tmp_path, progress):
+    o = contract_options(ConvOutMethod, tmp_path)
+    args = _args(tmp_path, o) + ([] if progress else ["--no-progress"])
+    result = CliRunner().invoke(_command(), args)
+    assert result.exit_code == 0 and "training images" in result.output

@@ -1,0 +1,54 @@
+"""Training samples carry A1111 infotext like ``sdcore generate``'s images (issue 17), and rendering
+them is announced so the bar does not stall silently."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from runtime_methods import ConvOutMethod
+from sdcore.generate.pnginfo import parse_parameters, read_png_parameters
+from sdcore.models.tiny import create_tiny_bundle
+from sdcore.testing.contract import contract_options
+from sdcore.train.loop import train
+from sdcore.train.sample_info import ALL_PARAMETERS_KEY
+
+
+def test_sample_grid_has_prompt_seed_and_settings(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red thing\na blue thing\n", encoding="utf-8")
+    o = contract_options(
+        ConvOutMethod,
+        tmp_path,
+        {"max_steps": 2, "sample_every": 2, "sample_prompts": str(prompts), "sample_steps": 2, "seed": 77},
+    )
+    train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    path = tmp_path / "run" / "result-samples" / "step00000002.png"
+    params = read_png_parameters(path)
+    assert params is not None
+    assert params.prompt == "a red thing" and params.seed == 77 and params.steps == 2
+    assert params.size == (64, 64) and params.sampler == "euler_a" and params.cfg == 7
+    assert params.model_name == "tiny:sd1" and params.extra["Training step"] == "2"
+    with Image.open(path) as image:
+        assert "Sampler: Euler a" in image.info["parameters"]
+        everything = json.loads(image.info[ALL_PARAMETERS_KEY])
+    assert len(everything) == 2 and everything[1].startswith("a blue thing\n") and "Seed: 78" in everything[1]
+    assert "rendering 2 sample image(s), 2 steps each" in capsys.readouterr().err
+
+
+def test_sample_infotext_follows_each_kohya_prompt_line(tmp_path):
+    """A prompt line's own kohya options (--n, --d, --s, --l) are what its image's infotext says."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red thing --n blurry --d 5 --s 3 --l 4.5\na blue thing\n", encoding="utf-8")
+    o = contract_options(
+        ConvOutMethod,
+        tmp_path,
+        {"max_steps": 1, "sample_every": 1, "sample_prompts": str(prompts), "sample_steps": 2, "seed": 77},
+    )
+    train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    path = tmp_path / "run" / "result-samples" / "step00000001.png"
+    with Image.open(path) as image:
+        first, second = (parse_parameters(t) for t in json.loads(image.info[ALL_PARAMETERS_KEY]))
+    assert first.prompt == "a red thing" and first.negative_prompt == "blurry"
+    assert (first.seed, first.steps, first.cfg) == (5, 3, 4.5)
+    assert (second.prompt, second.seed, second.steps, second.negative_prompt) == ("a blue thing", 78, 2, "")

@@ -1,0 +1,107 @@
+"""kohya's sample-prompt syntax: options never end up in the prompt text."""
+
+import json
+
+import pytest
+from sdcore.errors import ConfigError
+from sdcore.train.sample_prompts import (
+    SamplePrompt,
+    generation_calls,
+    parse_prompt_file,
+    parse_prompt_line,
+    read_sample_prompts,
+    sampler_name,
+)
+
+
+def test_line_with_every_kohya_option():
+    p = parse_prompt_line(
+        "masterpiece, 1girl, red hair --n lowres, bad hands --w 512 --h 768 --s 28 --d 42 --l 7.5 --ss k_euler_a"
+    )
+    assert p == SamplePrompt(
+        prompt="masterpiece, 1girl, red hair",
+        negative="lowres, bad hands",
+        width=512,
+        height=768,
+        steps=28,
+        seed=42,
+        cfg=7.5,
+        sampler="euler_a",
+    )
+
+
+def test_options_in_any_order_and_case_and_unknown_ones_left_out():
+    p = parse_prompt_line("a dog --D 7 --cn cond.png --N ugly --S 5")
+    assert (p.prompt, p.seed, p.negative, p.steps, p.ignored) == ("a dog", 7, "ugly", 5, ("--cn",))
+    assert parse_prompt_line("plain prompt, no options") == SamplePrompt(prompt="plain prompt, no options")
+    # a double dash inside a word is not an option (kohya splits at " --")
+    assert parse_prompt_line("a--b").prompt == "a--b"
+
+
+def test_kohya_sampler_names():
+    assert sampler_name("dpmsolver++") == "dpm++2m"
+    assert sampler_name("ddim") == "ddim"
+    assert sampler_name("k_euler") == "euler"
+    assert sampler_name("euler_a") == "euler_a"
+    with pytest.raises(ConfigError, match=r"k_dpm_2_a.*not available"):
+        sampler_name("k_dpm_2_a")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("a cat --w wide", "--w needs a number"), ("a cat --s 0", "--s must be positive"), (" --n bad", "no prompt")],
+)
+def test_bad_options_name_the_line(line, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_prompt_file(f"# comment\n{line}\n", ".txt", "p.txt")
+    with pytest.raises(ConfigError, match="line 2"):
+        parse_prompt_file(f"# comment\n{line}\n", ".txt", "p.txt")
+
+
+def test_txt_file_skips_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# kohya prompt file\n\na red thing --n blurry\n  # indented comment\na blue thing --w 64\n")
+    prompts = read_sample_prompts(str(path))
+    assert [(p.prompt, p.negative, p.width) for p in prompts] == [
+        ("a red thing", "blurry", None),
+        ("a blue thing", "", 64),
+    ]
+
+
+def test_json_and_toml_prompt_files(tmp_path):
+    j = tmp_path / "p.json"
+    j.write_text(json.dumps([{"prompt": "a cat", "negative_prompt": "dog", "width": 64, "scale": 5, "seed": 3}]))
+    assert read_sample_prompts(str(j)) == [SamplePrompt(prompt="a cat", negative="dog", width=64, cfg=5.0, seed=3)]
+    t = tmp_path / "p.toml"
+    t.write_text(
+        '[prompt]\nnegative_prompt = "lowres"\nwidth = 64\nsample_steps = 4\n\n'
+        '[[prompt.subset]]\nprompt = "a cat"\n\n[[prompt.subset]]\nprompt = "a dog"\nwidth = 128\n'
+    )
+    prompts = read_sample_prompts(str(t))
+    assert [(p.prompt, p.negative, p.width, p.steps) for p in prompts] == [
+        ("a cat", "lowres", 64, 4),
+        ("a dog", "lowres", 128, 4),
+    ]
+
+
+def test_single_prompt_text_and_missing_file(tmp_path):
+    assert read_sample_prompts("a lone prompt --s 3") == [SamplePrompt(prompt="a lone prompt", steps=3)]
+    with pytest.raises(ConfigError, match=r"missing\.txt"):
+        read_sample_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_generation_calls_keep_seeds_per_line():
+    prompts = [
+        SamplePrompt("a"),
+        SamplePrompt("b"),
+        SamplePrompt("c", seed=99),
+        SamplePrompt("d"),
+        SamplePrompt("e", width=64),
+    ]
+    calls = generation_calls(prompts, seed=10)
+    assert [([p.prompt for p in group], seed) for group, seed in calls] == [
+        (["a", "b"], 10),
+        (["c"], 99),
+        (["d"], 13),
+        (["e"], 14),
+    ]

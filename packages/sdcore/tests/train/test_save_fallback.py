@@ -1,0 +1,165 @@
+"""A save that fails must not lose the run (issue 17): read-only folder, full disk, folder removed.
+
+Root ignores file permissions, so the failures are simulated where the OS would raise them: the
+temporary file that every atomic write creates in the output folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from runtime_methods import ConvOutMethod
+from safetensors.torch import load_file
+from sdcore.errors import SaveFailedError
+from sdcore.specs import MethodSpec
+from sdcore.testing.contract import contract_options
+from sdcore.train.cli import build_train_command
+from sdcore.train.state import list_states
+
+FAILURES = {
+    "read-only": lambda p: PermissionError(errno.EACCES, "Permission denied", p),
+    "disk-full": lambda p: OSError(errno.ENOSPC, "No space left on device", p),
+    "folder-removed": lambda p: FileNotFoundError(errno.ENOENT, "No such file or directory", p),
+}
+
+
+@pytest.fixture
+def failing_folder(monkeypatch):
+    """``fail(folder, kind)``: every atomic write into ``folder`` (or below) raises that OSError."""
+    import sdcore.io
+
+    real = sdcore.io.tempfile.mkstemp
+
+    def fail(folder: Path, kind: str) -> None:
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(folder) in [Path(dir), *Path(dir).parents]:
+                raise FAILURES[kind](str(dir))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(sdcore.io.tempfile, "mkstemp", mkstemp)
+
+    return fail
+
+
+def _cli_args(o) -> list[str]:
+    return [
+        "--model", o.model, "--data", o.data, "--output", o.output, "--resolution", "64",
+        "--min-bucket-reso", "64", "--max-bucket-reso", "128", "--batch-size", "2", "--max-steps", "3",
+        "--save-dtype", "fp32", "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(FAILURES))
+def test_failed_final_save_rescues_result_and_state_in_one_line(tmp_path, failing_folder, kind, monkeypatch):
+    o = contract_options(ConvOutMethod, tmp_path, tag="run")
+    out_dir = Path(o.output).parent
+    out_dir.mkdir(parents=True)
+    failing_folder(out_dir, kind)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systemp"))
+    (tmp_path / "systemp").mkdir()
+    command = build_train_command(MethodSpec(name="convout", summary="t", method="runtime_methods:ConvOutMethod"))
+    result = CliRunner().invoke(command, _cli_args(o))
+    assert result.exit_code == 1, result.output
+    # the run's summary lines come first; it ends with exactly one line saying what happened
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: could not save"), result.output
+    assert [line for line in lines if line.startswith(("Error", "saved", "Traceback", "error"))] == lines[-1:]
+    # beside the state is in the failing folder too: the system temp folder holds the rescue
+    rescued = list((tmp_path / "systemp").glob("sdcore-rescue-result-*/result.safetensors"))
+    assert len(rescued) == 1 and str(rescued[0]) in lines[-1]
+    weights = load_file(str(rescued[0]))
+    assert set(weights) == {"unet_conv_out.weight", "unet_conv_out.bias"}
+    states = list_states(rescued[0].parent / "result-state")
+    assert len(states) == 1 and states[0].name.endswith("00000003") and str(states[0]) in lines[-1]
+
+
+def test_rescue_goes_beside_the_state_when_only_the_result_fails(tmp_path, monkeypatch):
+    import os
+
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.train.loop import train
+
+    o = contract_options(ConvOutMethod, tmp_path)
+    result_path = Path(o.output)
+    real_replace = os.replace
+
+    def replace(src, dst, **kwargs):
+        if Path(dst) == result_path:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    method = ConvOutMethod(o)
+    with pytest.raises(SaveFailedError, match="No space left on device") as info:
+        train(method, bundle=create_tiny_bundle("sd1"))
+    state_root = result_path.parent / "result-state"
+    rescued = list(state_root.glob("sdcore-rescue-result-*/result.safetensors"))
+    assert len(rescued) == 1 and str(rescued[0]) in str(info.value)
+    assert not result_path.exists()
+    saved = load_file(str(rescued[0]))
+    expected = method.trainable_state_dict()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_failure_at_an_intermediate_save_stops_and_rescues(tmp_path, failing_folder, monkeypatch):
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.train.loop import TrainSession
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 4, "save_every": 2})
+    session = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    failing_folder(Path(o.output).parent, "read-only")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SaveFailedError, match="Permission denied") as info:
+        session.run()
+    assert session.position.step == 2
+    assert "trained result was written to" in str(info.value)
+
+
+def test_output_folder_removed_mid_run_is_recreated_and_saved(tmp_path):
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.train.loop import TrainSession
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 3})
+    session = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    Path(o.output).parent.mkdir(parents=True, exist_ok=True)
+    original = session.method.on_step_end
+
+    def remove_at_2(bundle, step):
+        original(bundle, step)
+        if step == 2:
+            shutil.rmtree(Path(o.output).parent)
+
+    session.method.on_step_end = remove_at_2
+    result = session.run()
+    assert result.output.is_file() and set(load_file(str(result.output))) == {
+        "unet_conv_out.weight",
+        "unet_conv_out.bias",
+    }
+
+
+def test_expected_os_errors_are_one_line_unless_sdcore_debug(tmp_path, monkeypatch):
+    import click
+    from sdcore.cli import RootGroup
+
+    @click.group(cls=RootGroup)
+    def root() -> None:
+        pass
+
+    @root.command()
+    def boom() -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "/x/y.png")
+
+    result = CliRunner().invoke(root, ["boom"])
+    assert result.exit_code == 1 and result.output.strip().startswith("Error: /x/y.png: Permission denied")
+    assert len(result.output.strip().splitlines()) == 1
+    monkeypatch.setenv("SDCORE_DEBUG", "1")
+    result = CliRunner().invoke(root, ["boom"])
+    assert isinstance(result.exception, PermissionError)

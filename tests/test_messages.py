@@ -1,0 +1,96 @@
+"""One message per mistake, in every command (issue 17)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from sdcore.cli import build_cli
+from sdcore.errors import ModelFormatError
+from sdcore.plugins import get_plugin_manager
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return build_cli(get_plugin_manager())
+
+
+@pytest.fixture
+def data(tmp_path):
+    from sdcore.testing.contract import make_tiny_dataset
+
+    return make_tiny_dataset(tmp_path / "data", n=2, size=64)
+
+
+def _error_line(result) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _all_commands(cli, model, data, tmp_path) -> list[str]:
+    runner = CliRunner()
+    return [
+        _error_line(runner.invoke(cli, ["generate", "--model", model, "a cat", "-o", str(tmp_path / "x.png")])),
+        _error_line(
+            runner.invoke(
+                cli,
+                ["train", "lora", "--model", model, "--data", str(data), "--output", str(tmp_path / "o.safetensors")],
+            )
+        ),
+        _error_line(runner.invoke(cli, ["model", "info", model])),
+    ]
+
+
+def test_missing_model_file_is_not_a_hub_id(cli, data, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "other.safetensors").write_bytes(b"")
+    missing = str(tmp_path / "models" / "v1-5.safetensors")
+    lines = _all_commands(cli, missing, data, tmp_path)
+    assert len(set(lines)) == 1, lines  # generate, train and model info say the same
+    assert "no such model file or folder" in lines[0] and "other.safetensors" in lines[0]
+    assert "download" not in lines[0] and "Hugging Face" not in lines[0]
+    relative = _all_commands(cli, "models/v1-5.safetensors", data, tmp_path)
+    assert "hf download" not in relative[0] and "huggingface-cli" not in relative[0]
+
+
+def test_uncached_hub_id_names_hf_download(cli, data, tmp_path):
+    lines = _all_commands(cli, "someone/some-model", data, tmp_path)
+    assert len(set(lines)) == 1, lines
+    assert "`hf download someone/some-model`" in lines[0] and "huggingface-cli" not in lines[0]
+
+
+def test_text_file_renamed_to_safetensors_one_message(cli, data, tmp_path):
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("404: Not Found\n", encoding="utf-8")
+    lines = _all_commands(cli, str(fake), data, tmp_path)
+    assert len(set(lines)) == 1, lines
+    assert lines[0] == f"Error: {fake}: not a safetensors file: it is a text file (starts with '404: Not Found')"
+    # the network readers give the very same message
+    from sdplugin_lora.format import read_lora
+    from sdplugin_ti.formats import load_embedding
+
+    for reader in (read_lora, load_embedding):
+        with pytest.raises(ModelFormatError) as info:
+            reader(fake)
+        assert f"Error: {info.value}" == lines[0]
+
+
+def test_model_info_reports_fp16_of_a_diffusers_folder(cli, tmp_path):
+    from sdcore.models.tiny import create_tiny_bundle
+
+    create_tiny_bundle("sd1").save(tmp_path / "fp16", format="diffusers", dtype="fp16")
+    result = CliRunner().invoke(cli, ["model", "info", str(tmp_path / "fp16")])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "params" in line]
+    assert len(rows) == 3 and all(" float16 " in row for row in rows), result.output
+
+
+def test_empty_image_says_empty_file(tmp_path):
+    from sdcore.data.images import ImageError, open_image_rgb, probe_image
+
+    (tmp_path / "blank.png").write_bytes(b"")
+    for reader in (probe_image, open_image_rgb):
+        with pytest.raises(ImageError, match=r"blank\.png: empty file \(0 bytes\)"):
+            reader(tmp_path / "blank.png")

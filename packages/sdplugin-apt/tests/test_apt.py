@@ -274,7 +274,9 @@ def test_training_samples_use_the_negative_embedding(tmp_path, make_bundle):
 
     def spy(bundle, prompts, **kwargs):
         session = kwargs.get("networks")
-        with session.apply(bundle, prompts[0], kwargs.get("negative_prompt", "")) as applied:
+        negative = kwargs.get("negative_prompt", "")
+        negative = negative[0] if isinstance(negative, list) else negative  # one per prompt
+        with session.apply(bundle, prompts[0], negative) as applied:
             seen.append((applied.prompt, applied.negative_prompt, kwargs.get("cfg")))
         return original(bundle, prompts, **kwargs)
 

@@ -68,13 +68,19 @@ def render_samples(
     calls = generation_calls(prompts, options.seed)
     try:
         with torch.no_grad(), method.sampling(bundle) as extra:
+            # the method's negative prompt and CFG (DreamArtist's name-neg) are defaults that a
+            # prompt line's own --n / --l extend or replace
+            kwargs = dict(extra)
+            method_negative = kwargs.pop("negative_prompt", None)
+            method_cfg = kwargs.pop("cfg", None)
             for group, seed in calls:
                 first = group[0]
-                cfg: dict[str, Any] = {"cfg": first.cfg} if first.cfg is not None else {}
+                cfg_value = first.cfg if first.cfg is not None else method_cfg
+                cfg: dict[str, Any] = {"cfg": cfg_value} if cfg_value is not None else {}
                 images += generate_images(
                     bundle,
                     [p.prompt for p in group],
-                    negative_prompt=[p.negative for p in group],
+                    negative_prompt=[", ".join(n for n in (p.negative, method_negative) if n) for p in group],
                     steps=first.steps or options.sample_steps,
                     seed=seed,
                     width=first.width or options.resolution,
@@ -82,7 +88,7 @@ def render_samples(
                     sampler=first.sampler or options.sample_sampler,
                     clip_skip=options.clip_skip,
                     **cfg,
-                    **extra,
+                    **kwargs,
                 )
     finally:
         for module in moved:

@@ -20,19 +20,13 @@ from sdcore.options import option
 from sdcore.train.method import SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
+from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE
+
 if TYPE_CHECKING:
     import torch
     from sdcore.models.bundle import ModelBundle
 
     from .network import LoraNetwork
-
-ALGOS = ("lora", "locon", "loha", "lokr", "dora")  # same as sdplugin_lora.network.ALGOS (kept torch-free here)
-
-
-ALGO_HELP = (
-    "lora; locon (= lora with conv modules, conv rank defaults to --rank); LyCORIS loha, lokr or dora "
-    "(files load in A1111/ComfyUI and here, not in diffusers)."
-)
 
 
 @dataclass
@@ -188,9 +182,8 @@ class LoraMethod(TrainingMethod):
 
         lora = read_lora(path)
         match = match_modules(lora, index)
-        names = {"down": "lora_down.weight", "up": "lora_up.weight"}
         state = {
-            f"{name}.{names.get(part, part)}": tensor
+            f"{name}.{part}": tensor
             for name, (_target, weights) in match.modules.items()
             for part, tensor in weights.tensors.items()
         }
@@ -256,9 +249,8 @@ class LoraMethod(TrainingMethod):
                 "ss_sd_model_name": Path(o.model).name if o.model else None,
             }
         )
-        module = "networks.lora"
-        if o.algo in ("loha", "lokr", "dora"):
-            module = "lycoris.kohya"  # what sd-scripts writes for LyCORIS networks
+        module = NETWORK_MODULE[o.algo]
+        if module == "lycoris.kohya":  # what sd-scripts writes for LyCORIS networks
             args["algo"] = "lora" if o.algo == "dora" else o.algo
             if o.algo == "dora":
                 args["dora_wd"] = True

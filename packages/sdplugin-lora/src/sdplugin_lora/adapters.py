@@ -586,8 +586,10 @@ class LoraAdapter(Adapter):
         adapter._scale = variant.scale(t)
         with torch.no_grad():
             for key, param in adapter.named_parameters():
-                if key in t:
+                if key in t and key != "dora_scale":
                     param.copy_(t[key].detach().float().reshape(param.shape))
+        if "dora_scale" in t:  # kept in the file's layout: it tells the axis
+            adapter.dora_scale = nn.Parameter(t["dora_scale"].detach().float().clone())
         return adapter
 
 

@@ -180,8 +180,24 @@ class LoraHandler(PromptNetworkHandler):
         return Activation(prompt, negative_prompt, undo=applied.remove, info=info)
 
 
+class LycoHandler(LoraHandler):
+    """``<lyco:name:te_weight[:unet_weight]>``, the tag of A1111's LyCORIS extension: the same files
+    and weights as ``<lora:...>`` (A1111 1.5+ treats it as an alias). Files are looked up in the
+    LoRA folder and, as that extension kept them, in a ``LyCORIS`` folder next to it."""
+
+    tag = "lyco"
+
+    def available(self) -> list[Path]:
+        found = super().available()
+        if self.directory is not None:
+            sibling = self.directory.parent / "LyCORIS"
+            if sibling.is_dir() and sibling != self.directory:
+                found += sorted(p for p in sibling.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file())
+        return found
+
+
 def unmatched_report(matches: Iterable[Match]) -> list[str]:
     return [key for match in matches for key in match.unmatched]
 
 
-__all__ = ["AppliedLoras", "LoraHandler", "LoraSpec", "LoraWarning", "apply_lora", "apply_loras"]
+__all__ = ["AppliedLoras", "LoraHandler", "LoraSpec", "LoraWarning", "LycoHandler", "apply_lora", "apply_loras"]

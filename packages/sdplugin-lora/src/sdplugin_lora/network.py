@@ -64,9 +64,7 @@ class LoraNetwork(nn.Module):
         modules: list[Adapter] = []
         for target in targets:
             if target.is_conv3x3:
-                if not conv_rank:
-                    continue
-                r, a = conv_rank, conv_alpha
+                r, a = conv_rank or 0, conv_alpha
             else:
                 r, a = rank, alpha
             if rank_for is not None:

@@ -183,7 +183,7 @@ def test_loraplus_puts_up_weights_at_ratio_and_trains_them_faster():
 
 
 def test_block_options_rejected_early():
-    with pytest.raises(ConfigError, match="block-dims.*25.*23") as info:
+    with pytest.raises(ConfigError, match=r"block-dims.*25.*23") as info:
         LoraMethod(LoraOptions(block_dims="1,2", down_lr_weight="wavy", loraplus_lr_ratio=-1)).validate()
     assert "down-lr-weight" in str(info.value) and "loraplus" in str(info.value)
     with pytest.raises(ConfigError, match="needs 23"):

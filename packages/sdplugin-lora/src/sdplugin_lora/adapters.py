@@ -232,7 +232,7 @@ class LokrVariant(Variant):
             w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
         if w2.dim() == 4 and w1.dim() == 2:
             w1 = w1[:, :, None, None]
-        return torch.kron(w1, w2).reshape(shape)
+        return torch.kron(w1.contiguous(), w2.contiguous()).reshape(shape)
 
 
 class FullVariant(Variant):

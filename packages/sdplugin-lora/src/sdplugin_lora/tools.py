@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -321,26 +322,82 @@ def merge_loras(
 # --- info --------------------------------------------------------------------------------------
 
 
+_CONV3X3_NAMES = re.compile(
+    r"(_conv1|_conv2|_in_layers_2|_out_layers_3|_0_op|samplers_0_conv|_2_conv|_1_conv|conv_in|conv_out|"
+    r"input_blocks_0_0|_out_2)$"
+)
+_CONV1X1_NAMES = re.compile(r"(_conv_shortcut|_skip_connection)$")
+_PROJ_NAMES = re.compile(r"_proj_(in|out)$")
+
+
+def module_shape(name: str, weights: ModuleWeights, family: str | None) -> str:
+    """``linear``, ``conv1x1`` or ``conv3x3`` for a file module.
+
+    The tensors tell it when they are 4-D (LoRA factors, Tucker cores, full LoKr factors, diffs);
+    LoHa and factored LoKr store convs flattened, so their module name decides (kohya/SGM names of
+    ResNet convs and samplers are kxk; ``conv_shortcut``/``skip_connection`` 1x1; ``proj_in/out``
+    are 1x1 convs on SD1 and Linear on SD2/SDXL).
+    """
+    t = weights.tensors
+    for key in ("lora_mid.weight", "hada_t1", "lokr_t2", "lora_down.weight", "lokr_w2", "diff"):
+        if key in t and t[key].dim() == 4:
+            return "conv1x1" if tuple(t[key].shape[2:]) == (1, 1) else "conv3x3"
+    if "lora_down.weight" in t:
+        return "linear"
+    flat = name.replace(".", "_")
+    if _CONV3X3_NAMES.search(flat) and not flat.startswith("lora_te"):
+        return "conv3x3"
+    if _CONV1X1_NAMES.search(flat):
+        return "conv1x1"
+    if _PROJ_NAMES.search(flat) and family == "sd1" and "transformer_blocks" not in flat:
+        return "conv1x1"
+    return "linear"
+
+
+_ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "unknown": "unknown"}
+
+
 def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
-    """A summary of a LoRA file: family, module counts per part, ranks, alphas, kinds, metadata."""
+    """A summary of a LoRA file: family, algorithm, module counts per part and per layer kind,
+    ranks (full-matrix modules as ``"full"``), DoRA/Tucker counts, kohya block dims, metadata."""
+    from .blocks import block_count, block_index
+
     lora = read_lora(path)
     family, why = detect_family(lora)
     parts: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
-    ranks: Counter[int] = Counter()
+    shapes: Counter[str] = Counter({"linear": 0, "conv1x1": 0, "conv3x3": 0})
+    ranks: Counter[int | str] = Counter()
     alphas: Counter[float] = Counter()
-    conv = 0
+    dora = tucker = full = 0
+    blocks = block_count(family) if family in ("sd1", "sd2", "sdxl") else 0
+    block_dims = [0] * blocks
+    conv_block_dims = [0] * blocks
     for key, weights in lora.modules.items():
         component = kohya_component(key)
         if component is None:
             component = key.split(".", 1)[0] if "." in key else "other"
         parts[component] += 1
         kinds[weights.kind] += 1
-        if weights.rank:
+        shape = module_shape(key, weights, family)
+        shapes[shape] += 1
+        dora += weights.is_dora
+        tucker += weights.is_tucker
+        if weights.full_matrix or not weights.rank:
+            full += 1
+            ranks["full"] += 1
+        else:
             ranks[weights.rank] += 1
             alphas[weights.alpha] += 1
-        if weights.kind == "lora" and weights.down.dim() == 4 and tuple(weights.down.shape[2:]) != (1, 1):
-            conv += 1
+        if blocks and family is not None and weights.rank:
+            index = block_index(key, family)
+            if 0 <= index < blocks:
+                dims = conv_block_dims if shape == "conv3x3" else block_dims
+                dims[index] = max(dims[index], weights.rank)
+    labels = sorted({_ALGO_LABEL.get(kind, kind) for kind in kinds})
+    if labels == ["LoRA"] and shapes["conv3x3"]:
+        labels = ["LoCon"]
+    algorithm = "+".join(labels) + (" (DoRA)" if dora else "") + (" (Tucker)" if tucker else "")
     meta = lora.metadata
     tags: list[tuple[str, int]] = []
     raw = meta.get("ss_tag_frequency")
@@ -352,16 +409,24 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
             tags = counts.most_common(top_tags)
         except (ValueError, AttributeError):
             tags = []
+    has_blocks = any(block_dims) or any(conv_block_dims)
     return {
         "file": str(path),
         "family": family,
         "family_from": why,
+        "algorithm": algorithm,
         "modules": sum(parts.values()),
         "parts": dict(parts),
         "kinds": dict(kinds),
-        "ranks": dict(sorted(ranks.items())),
+        "shapes": dict(shapes),
+        "ranks": dict(sorted(ranks.items(), key=lambda item: (isinstance(item[0], str), item[0]))),
         "alphas": dict(sorted(alphas.items())),
-        "conv3x3_modules": conv,
+        "conv3x3_modules": shapes["conv3x3"],
+        "dora_modules": dora,
+        "tucker_modules": tucker,
+        "full_matrix_modules": full,
+        "block_dims": block_dims if has_blocks else None,
+        "conv_block_dims": conv_block_dims if any(conv_block_dims) else None,
         "unknown_keys": lora.unknown_keys,
         "embeddings": len(lora.embedding_keys),
         "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
@@ -395,5 +460,6 @@ __all__ = [
     "lora_info",
     "merge_into_model",
     "merge_loras",
+    "module_shape",
     "resize_lora",
 ]

@@ -11,6 +11,7 @@ from sdplugin_lora.adapters import (
     LohaAdapter,
     LokrAdapter,
     LoraAdapter,
+    OftAdapter,
     adapter_from_tensors,
     effective_delta,
     variant_of,
@@ -59,6 +60,8 @@ CASES = [
     ("lokr", "conv3x3", {}),
     ("lokr", "conv3x3", {"tucker": True}),
     ("lokr-full", "linear", {}),
+    ("oft", "linear", {}),
+    ("oft", "conv3x3", {}),
 ]
 
 
@@ -69,6 +72,8 @@ def _make(algo, layer, extra):
         return LohaAdapter("m", layer, 3, 1.5, **extra)
     if algo == "lokr":
         return LokrAdapter("m", layer, 1, 0.5, factor=2, **extra)
+    if algo == "oft":
+        return OftAdapter("m", layer, 2, 1.0, **extra)
     return LokrAdapter("m", layer, 8, 0.5, factor=2, **extra)  # rank >= half of w2: full matrices
 
 

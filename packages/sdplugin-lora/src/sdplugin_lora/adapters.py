@@ -115,15 +115,19 @@ class Variant:
             return 1.0
         return cls.alpha(t) / cls.rank(t)
 
+    #: the update depends on the base weight (OFT rotates it)
+    multiplicative: ClassVar[bool] = False
+
     @classmethod
-    def weight(cls, t: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
-        """The unscaled ``ΔW`` in fp32, shaped like the base weight."""
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        """The unscaled ``ΔW`` in fp32, shaped like the base weight (``base``: that weight, which
+        multiplicative variants need)."""
         raise NotImplementedError
 
     @classmethod
-    def delta(cls, t: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
+    def delta(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         """``scale · ΔW`` in fp32 (multiplier and DoRA not applied)."""
-        return cls.weight(t, shape) * cls.scale(t)
+        return cls.weight(t, shape, base) * cls.scale(t)
 
     @classmethod
     def in_out(cls, t: Tensors) -> tuple[int, int] | None:
@@ -156,7 +160,7 @@ class LoraVariant(Variant):
         return int(t["lora_down.weight"].shape[0])
 
     @classmethod
-    def weight(cls, t: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         f = _f32(t)
         up, down = f["lora_up.weight"].flatten(1), f["lora_down.weight"].flatten(1)
         if "lora_mid.weight" in f:
@@ -185,7 +189,7 @@ class LohaVariant(Variant):
         return int(t["hada_w1_b"].shape[0])
 
     @classmethod
-    def weight(cls, t: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         f = _f32(t)
         if "hada_t1" in f:  # w_a [r, out], w_b [r, in], t [r, r, k, k]
             w1 = tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"])
@@ -221,7 +225,7 @@ class LokrVariant(Variant):
         return 0
 
     @classmethod
-    def weight(cls, t: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         f = _f32(t)
         w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
         if "lokr_w2" in f:
@@ -243,11 +247,65 @@ class FullVariant(Variant):
     keys = ("diff", "diff_b")
 
     @classmethod
-    def weight(cls, t: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         return t["diff"].float().reshape(shape)
 
 
-VARIANTS: tuple[type[Variant], ...] = (LoraVariant, LohaVariant, LokrVariant, FullVariant)
+class OftVariant(Variant):
+    """kohya ``networks.oft``: the output channels are rotated by a block-diagonal orthogonal
+    ``R`` (Cayley transform of skew-symmetric blocks), ``W' = Rᵀ W``.
+
+    ``oft_blocks`` is ``[blocks, size, size]`` (``size = out / blocks``); ``alpha`` is the
+    constraint: the norm of all ``Q = B - Bᵀ`` together is clamped to ``alpha · out`` (0: none).
+    The file's "rank" is the number of blocks and the update is not scaled by alpha/rank.
+    """
+
+    algo = "oft"
+    markers = ("oft_blocks",)
+    keys = ("oft_blocks",)
+    multiplicative = True
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        return int(t["oft_blocks"].shape[0])
+
+    @classmethod
+    def full_matrix(cls, t: Tensors) -> bool:
+        return False
+
+    @classmethod
+    def scale(cls, t: Tensors) -> float:
+        return 1.0
+
+    @classmethod
+    def constraint(cls, t: Tensors, out_dim: int) -> float:
+        alpha = t.get("alpha")
+        return float(alpha) * out_dim if alpha is not None else 0.0
+
+    @classmethod
+    def rotation(cls, t: Tensors, out_dim: int) -> torch.Tensor:
+        """The ``[out, out]`` block-diagonal ``R`` in fp32."""
+        blocks = t["oft_blocks"].float()
+        count, size = int(blocks.shape[0]), int(blocks.shape[1])
+        q = blocks - blocks.transpose(1, 2)
+        limit = cls.constraint(t, out_dim)
+        if limit > 0:
+            norm = q.norm()
+            q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+        eye = torch.eye(size, device=q.device).expand(count, size, size)
+        r = (eye + q) @ torch.linalg.inv(eye - q)
+        return torch.block_diag(*r.unbind(0))
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError("OFT rotates the base weight: its change needs that weight")
+        w = base.detach().float().reshape(shape[0], -1)
+        rotated = cls.rotation(t, int(shape[0])).to(w.device).T @ w
+        return (rotated - w).reshape(shape)
+
+
+VARIANTS: tuple[type[Variant], ...] = (LoraVariant, LohaVariant, LokrVariant, FullVariant, OftVariant)
 
 
 def variant_of(t: Tensors) -> type[Variant] | None:
@@ -386,7 +444,7 @@ class Adapter(nn.Module):
         if detach:
             t = {key: value.detach() for key, value in t.items()}
         shape = tuple(self.base.weight.shape)
-        delta = self.variant.weight(t, shape) * self._scale
+        delta = self.variant.weight(t, shape, self.base.weight) * self._scale
         if self.dora_scale is not None:
             base = self.base.weight.detach().float()
             magnitude = self.dora_scale.detach() if detach else self.dora_scale
@@ -689,6 +747,58 @@ class LokrAdapter(Adapter):
         return self.variant.full_matrix(self.tensors())
 
 
+class OftAdapter(Adapter):
+    """kohya OFT on a Linear/Conv2d: ``rank`` is the number of blocks (it must divide the output
+    width) and ``alpha`` the constraint (kohya ``network_alpha``); ``oft_blocks`` start at zero,
+    so ``R = I``. The update is the weight change ``Rᵀ W - W``; the bias is not rotated (as kohya's
+    and ComfyUI's merges do; kohya's training forward also rotates the bias)."""
+
+    variant = OftVariant
+    algo = "oft"
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+    ) -> None:
+        out_dim = int(base.weight.shape[0])  # type: ignore[union-attr,index]
+        if rank < 1 or out_dim % rank:
+            raise ValueError(f"{name}: OFT needs a block count dividing the output width {out_dim} (got {rank})")
+        super().__init__(
+            name, base, rank, alpha if alpha is not None else 1e-3, multiplier=multiplier, module_dropout=module_dropout
+        )
+        self._scale = 1.0
+        size = out_dim // rank
+        self.oft_blocks = nn.Parameter(torch.zeros(rank, size, size))
+
+    def set_alpha(self, alpha: float) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(float(alpha))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale = 1.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"oft_blocks": self.oft_blocks, "alpha": self.alpha}
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        blocks = t["oft_blocks"]
+        alpha = float(t["alpha"]) if "alpha" in t else 0.0
+        adapter = cls(name, base, int(blocks.shape[0]), alpha, multiplier=multiplier)
+        with torch.no_grad():
+            adapter.oft_blocks.copy_(blocks.detach().float())
+        if alpha == 0.0:
+            adapter.alpha.zero_()
+        return adapter
+
+
 class FullAdapter(Adapter):
     """LyCORIS ``full`` files (``diff``): applied, never trained here."""
 
@@ -702,6 +812,7 @@ ADAPTER_OF_VARIANT: dict[type[Variant], type[Adapter]] = {
     LohaVariant: LohaAdapter,
     LokrVariant: LokrAdapter,
     FullVariant: FullAdapter,
+    OftVariant: OftAdapter,
 }
 TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
     "lora": LoraAdapter,
@@ -709,6 +820,7 @@ TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
     "dora": LoraAdapter,
     "loha": LohaAdapter,
     "lokr": LokrAdapter,
+    "oft": OftAdapter,
 }
 assert set(TRAINING_ADAPTERS) == set(ALGOS), "algos.ALGOS and the adapter registry must list the same algorithms"
 
@@ -727,7 +839,7 @@ def effective_delta(base: nn.Module, t: Tensors, multiplier: float = 1.0) -> tor
     if variant is None:
         raise ValueError(f"unsupported LoRA module with tensors {sorted(t)}")
     weight: torch.Tensor = base.weight  # type: ignore[assignment]
-    delta = variant.delta(t, tuple(weight.shape)).to(weight.device)
+    delta = variant.delta(t, tuple(weight.shape), weight).to(weight.device)
     if "dora_scale" in t:
         w = weight.detach().float()
         delta = Dora.apply(w, delta, t["dora_scale"].to(weight.device)) - w
@@ -748,6 +860,8 @@ __all__ = [
     "LokrVariant",
     "LoraAdapter",
     "LoraVariant",
+    "OftAdapter",
+    "OftVariant",
     "Variant",
     "adapter_from_tensors",
     "effective_delta",

@@ -46,6 +46,8 @@ def block_count(family: str) -> int:
 
 def block_index(name: str, family: str) -> int:
     """kohya's block of a module name (``-1`` for text-encoder and unknown modules)."""
+    if name.startswith("oft_unet_"):  # kohya networks.oft names the same modules
+        name = "lora_unet_" + name[len("oft_unet_") :]
     if not name.startswith("lora_unet_"):
         return -1
     if not _sdxl(family):

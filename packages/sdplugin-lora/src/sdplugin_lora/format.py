@@ -327,6 +327,8 @@ def _normalise_dotted(path: str) -> str:
 def resolve_key(index: ModuleIndex, key: str) -> Target | None:
     if key.startswith(("lora_unet_", "lora_te")):
         return index.resolve(key)
+    if key.startswith("oft_unet_"):  # kohya networks.oft
+        return index.resolve("lora_unet_" + key[len("oft_unet_") :])
     if key.startswith("lycoris_"):
         return index.resolve("lora_unet_" + key[len("lycoris_") :])
     component, path = _strip_component(key)

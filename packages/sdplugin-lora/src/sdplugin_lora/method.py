@@ -144,7 +144,9 @@ class LoraMethod(TrainingMethod):
 
     @property
     def alpha(self) -> float:
-        return float(self.o.alpha) if self.o.alpha is not None else self.o.rank / 2
+        if self.o.alpha is not None:
+            return float(self.o.alpha)
+        return 1e-3 if self.o.algo == "oft" else self.o.rank / 2  # OFT: alpha is kohya's constraint
 
     @property
     def conv_rank(self) -> int:
@@ -166,6 +168,10 @@ class LoraMethod(TrainingMethod):
             raise ConfigError("--unet-only and --train-text-encoder contradict each other")
         if o.rank < 1:
             raise ConfigError(f"--rank must be at least 1 (got {o.rank})")
+        if o.algo == "oft" and (o.train_text_encoder or o.te_only):
+            raise ConfigError(
+                "--algo oft adapts the UNet only (kohya networks.oft); drop --train-text-encoder/--te-only"
+            )
         if o.conv_rank < 0:
             raise ConfigError(f"--conv-rank must be 0 (off) or positive (got {o.conv_rank})")
         for flag, value in (
@@ -382,6 +388,8 @@ class LoraMethod(TrainingMethod):
         if tucker:  # kohya's networks.lora has no Tucker core: such files are LyCORIS files
             module = "lycoris.kohya"
             args["use_tucker"] = True
+        if o.algo == "oft":
+            args["enable_all_linear"] = True  # Transformer2DModel linears, as our LoRA targets
         if module == "lycoris.kohya":  # what sd-scripts writes for LyCORIS networks
             args["algo"] = {"dora": "lora", "lora": "locon"}.get(o.algo, o.algo)
             if o.algo == "dora":

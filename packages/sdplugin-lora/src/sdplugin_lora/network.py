@@ -16,9 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import TRAINING_ADAPTERS, Adapter, LoraAdapter
+from .adapters import TRAINING_ADAPTERS, Adapter, LoraAdapter, OftAdapter
 from .algos import ALGOS
 from .naming import Target
+
+#: kohya networks.oft's module-name prefix
+OFT_PREFIX = "oft_unet"
 
 #: per-target (rank, alpha) override, e.g. from kohya's block_dims; ``None`` keeps the default
 RankFor = Callable[[Target], "tuple[int, float | None] | None"]
@@ -63,6 +66,21 @@ class LoraNetwork(nn.Module):
         adapter_cls = TRAINING_ADAPTERS[algo]
         modules: list[Adapter] = []
         for target in targets:
+            if algo == "oft":  # kohya networks.oft: UNet Linear/1x1 layers, named oft_unet_...
+                if target.is_text_encoder or target.is_conv3x3:
+                    continue
+                name = OFT_PREFIX + target.name[len("lora_unet") :]
+                try:
+                    modules.append(
+                        OftAdapter(
+                            name, target.module, rank, alpha, multiplier=multiplier, module_dropout=module_dropout
+                        )
+                    )
+                except ValueError as exc:
+                    from sdcore.errors import ConfigError
+
+                    raise ConfigError(f"--algo oft --rank {rank}: {exc}") from None
+                continue
             if target.is_conv3x3:
                 r, a = conv_rank or 0, conv_alpha
             else:

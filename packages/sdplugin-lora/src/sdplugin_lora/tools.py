@@ -354,7 +354,7 @@ def module_shape(name: str, weights: ModuleWeights, family: str | None) -> str:
     return "linear"
 
 
-_ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "unknown": "unknown"}
+_ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "oft": "OFT", "unknown": "unknown"}
 
 
 def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
@@ -374,7 +374,7 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     block_dims = [0] * blocks
     conv_block_dims = [0] * blocks
     for key, weights in lora.modules.items():
-        component = kohya_component(key)
+        component = kohya_component(key) or ("unet" if key.startswith("oft_unet_") else None)
         if component is None:
             component = key.split(".", 1)[0] if "." in key else "other"
         parts[component] += 1

@@ -128,3 +128,13 @@ def test_oft_trains_and_is_refused_where_kohya_has_none():
         LoraMethod(LoraOptions(algo="oft", train_text_encoder=True)).validate()
     with pytest.raises(ConfigError, match="dividing"):
         LoraMethod(LoraOptions(algo="oft", rank=7)).prepare(fresh_bundle("sd1"))
+
+
+def test_oft_warm_start_from_its_own_file(tmp_path):
+    _, first, path = _trained(tmp_path, alpha=1.0, std=0.002)
+    second = LoraMethod(LoraOptions(rank=4, alpha=1.0, algo="oft", network_weights=str(path)))
+    second.prepare(fresh_bundle("sd1"))
+    a, b = first.trainable_state_dict(), second.trainable_state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])

@@ -299,8 +299,16 @@ class LoraMethod(TrainingMethod):
 
         lora = read_lora(path)
         match = match_modules(lora, index)
+        from .network import OFT_PREFIX
+
+        names = set(network.loras)
+
+        def own_name(name: str) -> str:  # kohya OFT modules are named oft_unet_... in the network
+            oft = OFT_PREFIX + name[len("lora_unet") :]
+            return oft if name not in names and oft in names else name
+
         state = {
-            f"{name}.{part}": tensor
+            f"{own_name(name)}.{part}": tensor
             for name, (_target, weights) in match.modules.items()
             for part, tensor in weights.tensors.items()
         }

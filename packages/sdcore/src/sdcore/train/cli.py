@@ -93,7 +93,8 @@ def build_train_command(spec: Any) -> click.Command:
 
     def callback(**kwargs: Any) -> None:
         from .config import dump_options, load_options
-        from .loop import train, validate_options
+        from .loop import train
+        from .preflight import PreflightError, option_problems
 
         ctx = click.get_current_context()
         config = kwargs.pop("config", None)
@@ -103,15 +104,21 @@ def build_train_command(spec: Any) -> click.Command:
         try:
             options = load_options(options_class, config, overrides)
             method = method_class(options)
-            validate_options(options, method)
+            pm = getattr(ctx.find_root().obj, "pm", None)
             if save_config:
+                problems = option_problems(options, method)
+                if problems:
+                    raise PreflightError(problems)
                 dump_options(options, save_config)
                 click.echo(f"wrote {save_config}", err=True)
             if dry_run:
-                _describe(method, options)
+                _describe(method, options, pm)
                 return
-            pm = getattr(ctx.find_root().obj, "pm", None)
             result = train(method, options, plugin_manager=pm)
+        except PreflightError as exc:  # every problem the pre-flight found, one line each
+            for problem in exc.problems:
+                click.echo(f"Error: {problem}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: continue with the same command plus --resume latest", err=True)
             sys.exit(130)
@@ -136,7 +143,7 @@ def build_train_command(spec: Any) -> click.Command:
             ["--dry-run", "dry_run"],
             is_flag=True,
             default=False,
-            help="Check the options and dataset and print the step math, then stop (no model is loaded).",
+            help="Run the pre-flight (options, model header, folders, dataset, resume state, disk, memory) and print the plan, then stop (no model is loaded).",
         ),
         *options_to_click(options_class),
     ]
@@ -144,18 +151,35 @@ def build_train_command(spec: Any) -> click.Command:
     return GroupedCommand(spec.name, callback=callback, params=params, help=doc, short_help=spec.summary)
 
 
-def _describe(method: Any, options: Any) -> None:
-    """Dataset summary and step math, without loading a model."""
-    from .data import build_train_data
-    from .loop import output_paths, total_steps_for
+def _describe(method: Any, options: Any, pm: Any = None) -> None:
+    """The pre-flight with every check, then the plan (model, data, buckets, steps, caches, saves,
+    memory), without loading a model. Problems raise :class:`PreflightError` (exit code 2)."""
+    from .loop import output_paths
+    from .preflight import run_preflight
 
-    data = build_train_data(options, balance_class=bool(getattr(method, "balance_class", True)))
-    steps, epochs = total_steps_for(options, data)
+    report = run_preflight(method, options, plugin_manager=pm, verify_images=True)
+    report.raise_problems()
+    data = report.data
+    assert data is not None
     per_epoch = len(data.epoch_plan(0))
-    click.echo(data.index.summary())
-    output, state = output_paths(method, options)
+    for line in report.plan_lines():
+        click.echo(line)
     click.echo(
         f"{per_epoch} batches of {options.batch_size} per epoch, gradient accumulation {options.gradient_accumulation}: "
-        f"{steps} optimizer steps" + (f" over {epochs} epochs" if epochs else "")
+        f"{report.total_steps} optimizer steps" + (f" over {report.epochs} epochs" if report.epochs else "")
     )
+    latents = "no (decoded every step)"
+    if options.cache_latents and not method.needs_pixels:
+        latents = (
+            "on disk (" + (options.cache_dir or "beside the images") + ")"
+            if options.cache_latents_to_disk
+            else "in memory"
+        )
+    text = (
+        "yes"
+        if options.cache_text_encoder_outputs and method.text_encoder_frozen
+        else "no (the text encoder runs every step)"
+    )
+    click.echo(f"cached: latents {latents}; text-encoder outputs {text}")
+    output, state = output_paths(method, options)
     click.echo(f"result: {output}\nstates: {state}")

@@ -500,9 +500,6 @@ def run_preflight(
     if plan and report.layout is not None and report.output is not None:
         try:
             params = parameter_plan(method, o, report.layout)
-        except SdcoreError as exc:
-            report.problems.append(str(exc))
-            params = None
         except Exception as exc:  # a method that cannot run on a shapes-only model: no plan, no failure
             log.debug("parameter plan failed", exc_info=True)
             report.notes.append(f"memory plan unavailable: {method.name!r} could not be sized without weights ({exc})")

@@ -81,6 +81,13 @@ def run_measure(size: str, steps: str, batch: str, checkpointing: str = "0", met
             trainer = LoraMethod(options)
         import gc
 
+        # everything the run imports, imported before the baseline: the libraries are not the plan's
+        import accelerate  # noqa: F401
+        import sdcore.train.cache  # noqa: F401
+        import sdplugin_lora.network  # noqa: F401
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+        from transformers import CLIPTextModel  # noqa: F401
+
         gc.collect()
         baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         current_mb = _rss_mb()
@@ -111,6 +118,7 @@ def run_measure(size: str, steps: str, batch: str, checkpointing: str = "0", met
             "gradients": estimate.gradients / 2**20,
             "optimizer": estimate.optimizer / 2**20,
             "activations": estimate.activations / 2**20,
+            "runtime": estimate.runtime / 2**20,
         },
     }
     if cuda:
@@ -266,13 +274,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{r['measured_mb']:.0f}",
                     f"{r['estimate_mb']:.0f}",
                     f"{r['estimate_mb'] / r['measured_mb']:.2f}",
-                    f"{parts['weights']:.0f}/{parts['gradients']:.0f}/{parts['optimizer']:.0f}/{parts['activations']:.0f}",
+                    "/".join(
+                        f"{parts[k]:.0f}" for k in ("weights", "gradients", "optimizer", "activations", "runtime")
+                    ),
                 )
             )
     print_table(
         "LoRA training memory: estimate vs measured peak (" + (results[0]["measure"] if results else "") + ")",
         table,
-        ("size", "px", "batch", "grad ckpt", "measured MiB", "estimate MiB", "est/meas", "W/G/O/A MiB"),
+        ("size", "px", "batch", "grad ckpt", "measured MiB", "estimate MiB", "est/meas", "W/G/O/A/R MiB"),
     )
     print("goal: estimate within 25% of the measured peak (0.75 <= est/meas <= 1.25)")
     write_json("memory", {"args": vars(args), "results": results})

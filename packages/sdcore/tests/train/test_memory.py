@@ -46,7 +46,7 @@ def test_the_line_has_every_part():
     line = estimate.line()
     match = re.fullmatch(
         r"estimated peak memory: ([\d,]+) MiB \(weights ([\d,]+), gradients ([\d,]+), optimizer ([\d,]+), "
-        r"activations ([\d,]+)\)",
+        r"activations ([\d,]+), runtime ([\d,]+)\)",
         line,
     )
     assert match, line

@@ -288,3 +288,23 @@ def test_dry_run_imports_no_model_reader_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "model: " in proc.stdout and "(sd1, single-file)" in proc.stdout
     assert "estimated peak memory" in proc.stdout
+
+
+def test_a_run_prints_the_disk_and_memory_plans_before_loading(tmp_path, capsys, monkeypatch):
+    import sdcore.train.loop as loop
+
+    order = []
+    real_load = loop.load_bundle
+    monkeypatch.setattr(loop, "load_bundle", lambda *a, **k: order.append("load") or real_load(*a, **k))
+    o = _opts(tmp_path, max_steps=1, progress=True, save_every=1)
+    real_say = loop.TrainSession.say
+    monkeypatch.setattr(
+        loop.TrainSession, "say", lambda self, message: order.append(message) or real_say(self, message)
+    )
+    train(ConvOutMethod(o), o)
+    err = capsys.readouterr().err
+    assert "saves will use about" in err and "(result " in err and "1 states x" in err
+    assert "estimated peak memory:" in err
+    disk = next(i for i, m in enumerate(order) if m.startswith("saves will use"))
+    memory = next(i for i, m in enumerate(order) if m.startswith("estimated peak memory"))
+    assert disk < order.index("load") and memory < order.index("load")

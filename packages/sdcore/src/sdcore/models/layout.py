@@ -145,8 +145,10 @@ def layout_of_bundle(bundle: ModelBundle) -> ModelLayout:
     )
 
 
-def meta_bundle(layout: ModelLayout) -> ModelBundle:
-    """A bundle of ``layout`` with every parameter on the meta device (no weight memory)."""
+def meta_bundle(layout: ModelLayout, tokenizers: list[Any] | None = None) -> ModelBundle:
+    """A bundle of ``layout`` with every parameter on the meta device (no weight memory).
+
+    ``tokenizers`` (e.g. those of an already loaded bundle) saves building the bundled CLIP ones."""
     from .load import _noise_scheduler, _tokenizers, build_empty_modules
 
     unet, vae, encoders = build_empty_modules(layout.configs)
@@ -158,7 +160,7 @@ def meta_bundle(layout: ModelLayout) -> ModelBundle:
         unet=unet,
         vae=vae,
         text_encoders=encoders,
-        tokenizers=_tokenizers(layout.family, None, None),
+        tokenizers=tokenizers if tokenizers is not None else _tokenizers(layout.family, None, None),
         noise_scheduler=_noise_scheduler(layout.configs.get("scheduler") or {}, layout.prediction_type),
         source=layout.source,
         source_format="meta",

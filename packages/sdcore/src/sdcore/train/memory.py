@@ -62,16 +62,25 @@ OPTIMIZER_STATE_BYTES: dict[str, float] = {
     "sgd": 0.0,  # no momentum unless --optimizer-args momentum=...
 }
 
-#: (K_RES, K_TF, K_CTX, K_TE) for adapter training (frozen base weights) and full training, calibrated as
-#: described in the module docstring (see benchmarks/RESULTS.md for the measurement)
+#: (K_RES, K_TF, K_CTX, K_TE) for adapter training (frozen base weights) and full training. K_RES,
+#: K_TF and K_CTX were fitted to the bytes autograd saves (``python -m benchmarks memory --
+#: --calibrate``, 2026-11-30: within 5 % on 14 UNet/resolution/mode points from 1.4 to 472 MiB);
+#: K_TE is counted from a CLIP layer's saved tensors (LayerNorms, q/k/v/out, the 4x MLP), not fitted
 ACTIVATION_CONSTANTS: dict[str, tuple[float, float, float, float]] = {
-    "adapter": (4.0, 14.0, 4.0, 20.0),
-    "full": (4.0, 14.0, 4.0, 20.0),
+    "adapter": (1.52, 37.5, 5.37, 20.0),
+    "full": (3.80, 29.9, 2.27, 20.0),
 }
 
-#: what the libraries and the runtime take beside the model (torch, diffusers, data): added when
+#: what the libraries take once imported (torch, diffusers, transformers, accelerate): added when
 #: checking the estimate against free memory, not part of the printed estimate
 RUNTIME_OVERHEAD = {"cpu": 700 * MIB, "cuda": 300 * MIB}
+
+#: host memory the run itself takes beside tensors on the CPU, part of the estimate ("runtime"):
+#: the accelerator, data index, caches' bookkeeping and allocator slack, plus each CLIP tokenizer
+#: (a Python vocabulary of ~50k entries). Measured on the tiny model (benchmarks/RESULTS.md). On a
+#: GPU the estimate is of ``torch.cuda.max_memory_allocated``, which counts tensors only.
+CPU_RUNTIME_BYTES = 30 * MIB
+CPU_TOKENIZER_BYTES = 20 * MIB
 
 
 @dataclass(frozen=True)
@@ -92,11 +101,12 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    runtime: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
     def line(self) -> str:
         def mib(n: int) -> str:
@@ -104,7 +114,8 @@ class MemoryEstimate:
 
         return (
             f"estimated peak memory: {mib(self.total)} MiB (weights {mib(self.weights)}, gradients "
-            f"{mib(self.gradients)}, optimizer {mib(self.optimizer)}, activations {mib(self.activations)})"
+            f"{mib(self.gradients)}, optimizer {mib(self.optimizer)}, activations {mib(self.activations)}"
+            + (f", runtime {mib(self.runtime)})" if self.runtime else ")")
         )
 
 
@@ -293,8 +304,12 @@ def estimate_memory(
         text_encoders=layout.configs.get("text_encoders"),
         text_encoder_trains=not text_encoder_frozen,
     )
+    runtime = 0
+    if device == "cpu":
+        runtime = CPU_RUNTIME_BYTES + CPU_TOKENIZER_BYTES * len(layout.configs.get("text_encoders") or [])
     return MemoryEstimate(
         device=device,
+        runtime=runtime,
         weights=int(weights),
         gradients=int(gradients),
         optimizer=int(optimizer),

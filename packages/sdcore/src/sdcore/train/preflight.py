@@ -306,7 +306,9 @@ class MemoryPlan:
         return out
 
 
-def parameter_plan(method: TrainingMethod, options: TrainOptions, layout: ModelLayout) -> ParameterPlan:
+def parameter_plan(
+    method: TrainingMethod, options: TrainOptions, layout: ModelLayout, tokenizers: list[Any] | None = None
+) -> ParameterPlan:
     """Parameter counts of the model and of what ``method`` trains, on a meta-device copy of
     ``layout`` (the method's :meth:`~TrainingMethod.plan_groups` runs on a throwaway instance)."""
     import torch
@@ -314,7 +316,7 @@ def parameter_plan(method: TrainingMethod, options: TrainOptions, layout: ModelL
     from ..models.layout import meta_bundle
     from .memory import count_parameters
 
-    bundle = meta_bundle(layout)
+    bundle = meta_bundle(layout, tokenizers)
     fresh = type(method)(copy.deepcopy(options))
     rng = torch.random.get_rng_state()
     try:
@@ -342,7 +344,7 @@ def memory_plan(
             raise ValueError("memory_plan needs a layout or a bundle")
         layout = layout_of_bundle(bundle)
     if params is None:
-        params = parameter_plan(method, options, layout)
+        params = parameter_plan(method, options, layout, bundle.tokenizers if bundle is not None else None)
     device = device or training_device()
     kwargs: dict[str, Any] = dict(
         device=device,
@@ -433,6 +435,7 @@ def run_preflight(
 
     o = options
     report = PreflightReport()
+    tokenizers = bundle.tokenizers if bundle is not None else None
     report.problems.extend(option_problems(o, method))
 
     # the model: header only
@@ -499,7 +502,7 @@ def run_preflight(
     # disk and memory plans (need the model's layout and the method's parameters)
     if plan and report.layout is not None and report.output is not None:
         try:
-            params = parameter_plan(method, o, report.layout)
+            params = parameter_plan(method, o, report.layout, tokenizers)
         except Exception as exc:  # a method that cannot run on a shapes-only model: no plan, no failure
             log.debug("parameter plan failed", exc_info=True)
             report.notes.append(f"memory plan unavailable: {method.name!r} could not be sized without weights ({exc})")

@@ -1,7 +1,8 @@
 """The memory plan: peak training memory estimated before any weight is loaded.
 
-``estimated peak memory = weights + gradients + optimizer state + activations`` on the training
-device, for the chosen precision, batch, resolution, gradient checkpointing, caches and method.
+``estimated peak memory = weights + gradients + optimizer state + activations (+ runtime on the
+CPU)`` on the training device, for the chosen precision, batch, resolution, gradient checkpointing,
+caches and method.
 
 - **Weights**: every parameter of the components that stay on the device, at its dtype: frozen
   weights in the compute dtype under mixed precision (the VAE stays fp32 under fp16), trainable
@@ -35,6 +36,10 @@ device, for the chosen precision, batch, resolution, gradient checkpointing, cac
   LoRA on a frozen UNet) and full training; ``python -m benchmarks memory -- --calibrate`` repeats
   the measurement. The benchmark then checks the whole estimate against the measured peak
   (RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU).
+
+- **Runtime** (CPU only): host memory of the accelerator, data index and allocator slack plus one
+  CLIP tokenizer per text encoder (:data:`CPU_RUNTIME_BYTES`, :data:`CPU_TOKENIZER_BYTES`). On a
+  GPU the estimate is of ``torch.cuda.max_memory_allocated``, which counts tensors only.
 
 Nothing here imports torch at module level; :func:`device_free_memory` imports it only for CUDA.
 """

@@ -308,3 +308,24 @@ def test_a_run_prints_the_disk_and_memory_plans_before_loading(tmp_path, capsys,
     disk = next(i for i, m in enumerate(order) if m.startswith("saves will use"))
     memory = next(i for i, m in enumerate(order) if m.startswith("estimated peak memory"))
     assert disk < order.index("load") and memory < order.index("load")
+
+
+def test_layouts_of_every_source_without_weights(tmp_path, no_model_load):
+    from sdcore.errors import SdcoreError
+    from sdcore.models.layout import meta_bundle, read_layout
+
+    bundle = create_tiny_bundle("sd2")
+    real = {k: sum(p.numel() for p in m.parameters()) for k, m in bundle.components().items()}
+    folder = bundle.save(tmp_path / "diffusers-folder")
+    single = bundle.save(tmp_path / "single.safetensors", dtype="fp16")
+    for source, fmt, stored in ((folder, "diffusers", 4.0), (single, "single-file", 2.0)):
+        layout = read_layout(source)
+        assert (layout.family, layout.prediction_type, layout.source_format) == ("sd2", "v_prediction", fmt)
+        assert layout.stored_bytes_per_weight == pytest.approx(stored, rel=0.01)
+        counts = {k: sum(p.numel() for p in m.parameters()) for k, m in meta_bundle(layout).components().items()}
+        assert counts == real
+    with pytest.raises(SdcoreError, match="not in the Hugging Face cache"):
+        read_layout("nobody/not-a-cached-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SdcoreError, match=r"no model_index\.json"):
+        read_layout(tmp_path / "empty")

@@ -34,6 +34,20 @@ class ModelLayout:
     notes: list[str] = field(default_factory=list)
 
 
+def _bytes_per_weight(header: dict[str, Any]) -> float:
+    """Stored bytes per element over every tensor of a safetensors header (2.0 for an fp16 file)."""
+    elements = stored = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in info["shape"]:
+            count *= int(dim)
+        elements += count
+        stored += int(info["data_offsets"][1]) - int(info["data_offsets"][0])
+    return stored / elements if elements else 4.0
+
+
 def _tiny_layout(spec: str) -> ModelLayout:
     from .tiny import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
 
@@ -55,7 +69,7 @@ def _tiny_layout(spec: str) -> ModelLayout:
 def _single_file_layout(path: Path) -> ModelLayout:
     from .detect import detect
     from .load import single_file_configs
-    from .source import _ST_SIZES, CheckpointSource, read_safetensors_header
+    from .source import CheckpointSource, read_safetensors_header
 
     source = CheckpointSource(path)
     try:
@@ -65,11 +79,7 @@ def _single_file_layout(path: Path) -> ModelLayout:
         configs = single_file_configs(source, found)
     finally:
         source.close()
-    stored = 4.0
-    if source.format == "safetensors":
-        header, _ = read_safetensors_header(path)
-        sizes = [_ST_SIZES.get(str(v.get("dtype")), 4) for k, v in header.items() if k != "__metadata__"]
-        stored = sum(sizes) / max(len(sizes), 1)
+    stored = _bytes_per_weight(read_safetensors_header(path)[0]) if source.format == "safetensors" else 4.0
     return ModelLayout(str(path), found.family, found.prediction_type, configs, "single-file", stored, found.inpainting)
 
 
@@ -87,11 +97,9 @@ def _diffusers_layout(folder: Path, source: str, source_format: str) -> ModelLay
     stored = 4.0
     first = sorted(weights)[0]
     if first.suffix == ".safetensors":
-        from .source import _ST_SIZES, read_safetensors_header
+        from .source import read_safetensors_header
 
-        header, _ = read_safetensors_header(first)
-        sizes = [_ST_SIZES.get(str(v.get("dtype")), 4) for k, v in header.items() if k != "__metadata__"]
-        stored = sum(sizes) / max(len(sizes), 1)
+        stored = _bytes_per_weight(read_safetensors_header(first)[0])
     unet_in = int(configs["unet"].get("in_channels", 4))
     return ModelLayout(source, family, prediction, configs, source_format, stored, unet_in == 9)
 

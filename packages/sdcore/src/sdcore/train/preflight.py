@@ -467,8 +467,11 @@ def run_preflight(
             checks.append((report.state_root, "state folder", "--output"))
         if o.log_dir:
             checks.append((Path(o.log_dir).expanduser(), "log folder", "--log-dir"))
-        if o.cache_latents_to_disk and o.cache_dir:
-            checks.append((Path(o.cache_dir).expanduser(), "latent cache folder", "--cache-dir"))
+        if o.cache_latents_to_disk and o.cache_latents:
+            if o.cache_dir:
+                checks.append((Path(o.cache_dir).expanduser(), "latent cache folder", "--cache-dir"))
+            elif o.data and Path(o.data).expanduser().is_dir():  # cache files go beside the images
+                checks.append((Path(o.data).expanduser(), "dataset folder (for the latent cache files)", "--cache-dir"))
         seen: set[Path] = set()
         for folder, what, flag in checks:
             key = nearest_existing(folder)
@@ -478,6 +481,10 @@ def run_preflight(
             problem = folder_problem(folder, what, flag)
             if problem:
                 report.problems.append(problem)
+
+    text = o.sample_prompts or ""
+    if text.strip().endswith(".txt") and not Path(text.strip()).expanduser().is_file():
+        report.problems.append(f"--sample-prompts {text}: no such file")
 
     # the dataset and the step math
     if o.data:

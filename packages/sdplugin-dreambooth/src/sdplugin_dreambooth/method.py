@@ -27,6 +27,8 @@ class DreamBoothMethod(TrainingMethod):
     output_suffix = ".safetensors"
     #: frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
     cast_frozen_weights = False
+    saves_whole_model = True
+    resume_shape_options = ("train_text_encoder",)
     options: DreamBoothOptions
 
     def __init__(self, options: DreamBoothOptions) -> None:
@@ -69,6 +71,14 @@ class DreamBoothMethod(TrainingMethod):
             )
         if o.class_data and not o.reg_data:
             o.reg_data = o.class_data
+        return self._unfreeze(bundle)
+
+    def plan_groups(self, bundle: Any) -> list[dict[str, Any]]:
+        """What trains, without rendering class images (the pre-flight sizes a meta-device model)."""
+        return self._unfreeze(bundle)
+
+    def _unfreeze(self, bundle: Any) -> list[dict[str, Any]]:
+        o = self.options
         for module in bundle.components().values():
             module.requires_grad_(False)
         bundle.unet.requires_grad_(True)

@@ -123,6 +123,9 @@ class LoraMethod(TrainingMethod):
     name: ClassVar[str] = "lora"
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
+    resume_shape_options: ClassVar[tuple[str, ...]] = (
+        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only"
+    )  # fmt: skip
 
     def __init__(self, options: TrainOptions) -> None:
         super().__init__(options)

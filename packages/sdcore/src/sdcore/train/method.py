@@ -107,6 +107,12 @@ class TrainingMethod:
     #: under mixed precision the frozen weights are stored in fp16/bf16 to save memory; methods
     #: that save the whole model (DreamBooth) set False so frozen parts are saved at full precision
     cast_frozen_weights: ClassVar[bool] = True
+    #: the saved result is the whole model (DreamBooth), not only the trained tensors: sizes the
+    #: disk estimate of the pre-flight
+    saves_whole_model: ClassVar[bool] = False
+    #: option names that decide the shapes of the trained tensors (LoRA rank, TI vector count): a
+    #: ``--resume`` state saved with other values is refused in the pre-flight, before any loading
+    resume_shape_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
@@ -122,6 +128,16 @@ class TrainingMethod:
         ``name`` (shown in logs). Called once, after the model is loaded and before caching.
         """
         raise NotImplementedError
+
+    def plan_groups(self, bundle: ModelBundle) -> list[dict[str, Any]]:
+        """The parameter groups :meth:`prepare` would return, on a shapes-only ``bundle`` (every
+        parameter on the meta device), for the memory plan and the disk estimate.
+
+        Called on a throwaway instance (a copy of the options) before any weight loads. The default
+        runs :meth:`prepare`; override it when ``prepare`` does more than freeze, inject or unfreeze
+        (DreamBooth renders class images first).
+        """
+        return self.prepare(bundle)
 
     @property
     def text_encoder_frozen(self) -> bool:

@@ -1047,26 +1047,17 @@ class TrainSession:
             if next(module.parameters()).device != self.device:
                 module.to(self.device)
                 moved.append(module)
-        from .sample_prompts import generation_calls
+        from .sample_prompts import generation_arguments, generation_calls
 
+        o = self.options
+        defaults = {"steps": o.sample_steps, "width": o.resolution, "height": o.resolution, "sampler": o.sample_sampler}
         images = []
         try:
             with torch.no_grad(), self.method.sampling(bundle) as extra:
-                for group, seed in generation_calls(prompts, self.options.seed):
-                    first = group[0]
-                    cfg: dict[str, Any] = {"cfg": first.cfg} if first.cfg is not None else {}
+                for group, seed in generation_calls(prompts, o.seed):
+                    arguments = generation_arguments(group, defaults, extra)
                     images += generate_images(
-                        bundle,
-                        [p.prompt for p in group],
-                        negative_prompt=[p.negative for p in group],
-                        steps=first.steps or self.options.sample_steps,
-                        seed=seed,
-                        width=first.width or self.options.resolution,
-                        height=first.height or self.options.resolution,
-                        sampler=first.sampler or self.options.sample_sampler,
-                        clip_skip=self.options.clip_skip,
-                        **cfg,
-                        **extra,
+                        bundle, [p.prompt for p in group], seed=seed, clip_skip=o.clip_skip, **arguments
                     )
         finally:
             for module in moved:

@@ -461,7 +461,14 @@ def flag_names() -> set[str]:
 
 
 #: kohya options that take several values (argparse nargs="*")
-MULTI_VALUE = ("network_args", "optimizer_args", "lr_scheduler_args", "base_weights", "base_weights_multiplier")
+MULTI_VALUE = (
+    "network_args",
+    "optimizer_args",
+    "lr_scheduler_args",
+    "base_weights",
+    "base_weights_multiplier",
+    "text_encoder_lr",
+)
 
 
 def cli_names(fields: Iterable[str]) -> list[str]:

@@ -366,3 +366,21 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
     # a text-encoder rate of 0 means UNet only (the GUI's rule)
     assert (o.algo, o.conv_rank, o.max_steps, o.epochs, o.seed, o.resolution) == ("lora", 0, 300, None, 1234, 1024)
     assert o.unet_only and not o.train_text_encoder and o.noise_offset == 0.04
+
+
+def test_sdxl_text_encoder_lr_pair_on_the_command_line():
+    from sdcore.train.cli import expand_multi_values
+
+    args = expand_multi_values(["--text_encoder_lr", "1e-4", "1e-4", "--network_args", "conv_dim=2", "--seed", "1"])
+    assert args == [
+        "--text_encoder_lr",
+        "1e-4",
+        "--text_encoder_lr",
+        "1e-4",
+        "--network_args",
+        "conv_dim=2",
+        "--seed",
+        "1",
+    ]
+    o = load_options(LoraOptions, None, kohya={"text_encoder_lr": ["1e-4", "1e-4"]}, notes=[])
+    assert o.te_lr == 1e-4

@@ -1003,27 +1003,18 @@ class TrainSession:
             if next(module.parameters()).device != self.device:
                 module.to(self.device)
                 moved.append(module)
-        from .sample_prompts import generation_calls
+        from .sample_prompts import generation_arguments, generation_calls
 
+        o = self.options
+        defaults = {"steps": o.sample_steps, "width": o.resolution, "height": o.resolution, "sampler": o.sample_sampler}
         images = []
-        calls = generation_calls(prompts, self.options.seed)
+        calls = generation_calls(prompts, o.seed)
         try:
             with torch.no_grad(), self.method.sampling(bundle) as extra:
                 for group, seed in calls:
-                    first = group[0]
-                    cfg: dict[str, Any] = {"cfg": first.cfg} if first.cfg is not None else {}
+                    arguments = generation_arguments(group, defaults, extra)
                     images += generate_images(
-                        bundle,
-                        [p.prompt for p in group],
-                        negative_prompt=[p.negative for p in group],
-                        steps=first.steps or self.options.sample_steps,
-                        seed=seed,
-                        width=first.width or self.options.resolution,
-                        height=first.height or self.options.resolution,
-                        sampler=first.sampler or self.options.sample_sampler,
-                        clip_skip=self.options.clip_skip,
-                        **cfg,
-                        **extra,
+                        bundle, [p.prompt for p in group], seed=seed, clip_skip=o.clip_skip, **arguments
                     )
         finally:
             for module in moved:
@@ -1032,7 +1023,7 @@ class TrainSession:
         path = folder / f"{tag}.png"
         from .sample_info import sample_infotexts
 
-        _write_grid(images, path, sample_infotexts(self, calls, images, extra))
+        _write_grid(images, path, sample_infotexts(self, calls, defaults, images, extra))
         return path
 
 

@@ -126,6 +126,8 @@ def test_oft_trains_and_is_refused_where_kohya_has_none():
     assert all(g is not None for g in grads) and any(float(g.abs().max()) > 0 for g in grads)
     with pytest.raises(ConfigError, match="UNet only"):
         LoraMethod(LoraOptions(algo="oft", train_text_encoder=True)).validate()
+    with pytest.raises(ConfigError, match="drop --block-dims, --use-tucker"):
+        LoraMethod(LoraOptions(algo="oft", block_dims="1", use_tucker=True)).validate()
     with pytest.raises(ConfigError, match="dividing"):
         LoraMethod(LoraOptions(algo="oft", rank=7)).prepare(fresh_bundle("sd1"))
 

@@ -175,6 +175,21 @@ class LoraMethod(TrainingMethod):
             raise ConfigError(
                 "--algo oft adapts the UNet only (kohya networks.oft); drop --train-text-encoder/--te-only"
             )
+        if o.algo == "oft":
+            unused = [
+                flag
+                for flag, value in (
+                    ("--block-dims", o.block_dims),
+                    ("--conv-block-dims", o.conv_block_dims),
+                    ("--use-tucker", o.use_tucker or None),
+                    ("--conv-rank", o.conv_rank or None),
+                )
+                if value is not None
+            ]
+            if unused:
+                raise ConfigError(
+                    f"--algo oft has no ranks per block, Tucker core or conv modules: drop {', '.join(unused)}"
+                )
         if o.conv_rank < 0:
             raise ConfigError(f"--conv-rank must be 0 (off) or positive (got {o.conv_rank})")
         for flag, value in (

@@ -127,7 +127,7 @@ def test_unreadable_model_header_is_reported(tmp_path):
     bad.write_text("this is a text file, not a model")
     o = _opts(tmp_path, model=str(bad))
     report = run_preflight(ConvOutMethod(o), o, plan=False)
-    assert len(report.problems) == 1 and "not safetensors" in report.problems[0]
+    assert len(report.problems) == 1 and "not a safetensors file" in report.problems[0]
 
 
 def test_model_header_gives_the_family_without_loading(tmp_path, no_model_load):
@@ -334,7 +334,7 @@ def test_layouts_of_every_source_without_weights(tmp_path, no_model_load):
 def test_missing_sample_prompts_file_and_unwritable_latent_cache_are_reported(tmp_path, read_only):
     o = _opts(tmp_path, sample_prompts=str(tmp_path / "prompts.txt"), sample_every=2)
     assert run_preflight(ConvOutMethod(o), o, plan=False).problems == [
-        f"--sample-prompts {o.sample_prompts}: no such file"
+        f"--sample-prompts {o.sample_prompts}: No such file or directory"
     ]
     o = _opts(tmp_path, cache_latents_to_disk=True, cache_dir=str(read_only / "latents"))
     problems = run_preflight(ConvOutMethod(o), o, plan=False).problems

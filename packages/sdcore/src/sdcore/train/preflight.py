@@ -497,9 +497,7 @@ def run_preflight(
             if problem:
                 report.problems.append(problem)
 
-    text = o.sample_prompts or ""
-    if text.strip().endswith(".txt") and not Path(text.strip()).expanduser().is_file():
-        report.problems.append(f"--sample-prompts {text}: no such file")
+    # a missing --sample-prompts file is reported with the options (read_sample_prompts)
 
     # the dataset and the step math
     if o.data:

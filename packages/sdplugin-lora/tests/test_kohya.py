@@ -111,7 +111,7 @@ def test_kohya_command_line_trains_and_names_the_files_as_kohya(tmp_path, kohya_
     assert any(k.startswith("lora_te_") for k in lora.modules)
     # conv_dim=2 made it a LoCon: 3x3 ResNet convs carry rank-2 modules
     conv = [k for k in lora.modules if k.endswith("resnets_0_conv1")]
-    assert conv and all(lora.modules[k].tensors["down"].shape[0] == 2 for k in conv)
+    assert conv and all(lora.modules[k].down.shape[0] == 2 for k in conv)
 
 
 def test_kohya_gui_flat_toml_runs(tmp_path, kohya_data):
@@ -203,7 +203,7 @@ def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, k
     [
         ({"network_module": "networks.dylora"}, "network_module 'networks.dylora' is not available"),
         ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]}, "algo='ia3' is not available"),
-        ({"network_args": ["block_dims=2,2,2"]}, "network_args block_dims=2,2,2 is not supported"),
+        ({"network_args": ["dylora_unit=4"]}, "network_args dylora_unit=4 is not supported"),
         ({"network_args": ["algo=loha"]}, "algo= needs network_module = lycoris.kohya"),
         ({"network_args": ["conv_dim"]}, "is not key=value"),
         ({"output_dir": "o", "save_model_as": "ckpt"}, "sdcore writes .safetensors"),
@@ -332,7 +332,6 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
                 "multires_noise_iterations = 6",
                 "noise_offset_type = 'Multires'",
                 "scale_weight_norms = 1",
-                "use_tucker=True",
             ],
         ),
         ("gui_preset_sdxl_standard.json", ["adaptive_noise_scale = 0.004", "max_timestep = 900", "min_timestep = 100"]),
@@ -366,3 +365,21 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
     # a text-encoder rate of 0 means UNet only (the GUI's rule)
     assert (o.algo, o.conv_rank, o.max_steps, o.epochs, o.seed, o.resolution) == ("lora", 0, 300, None, 1234, 1024)
     assert o.unet_only and not o.train_text_encoder and o.noise_offset == 0.04
+
+
+def test_sdxl_text_encoder_lr_pair_on_the_command_line():
+    from sdcore.train.cli import expand_multi_values
+
+    args = expand_multi_values(["--text_encoder_lr", "1e-4", "1e-4", "--network_args", "conv_dim=2", "--seed", "1"])
+    assert args == [
+        "--text_encoder_lr",
+        "1e-4",
+        "--text_encoder_lr",
+        "1e-4",
+        "--network_args",
+        "conv_dim=2",
+        "--seed",
+        "1",
+    ]
+    o = load_options(LoraOptions, None, kohya={"text_encoder_lr": ["1e-4", "1e-4"]}, notes=[])
+    assert o.te_lr == 1e-4

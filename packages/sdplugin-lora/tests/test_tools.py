@@ -179,3 +179,38 @@ def test_plugin_registration():
     cli = click.Group("sdcore")
     plugin.sdcore_register_commands(cli)
     assert set(cli.commands["lora"].commands) == {"info", "extract", "resize", "merge"}
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_info_counts_every_kind_by_layer_shape(tmp_path, algo, family):
+    from sdplugin_lora.blocks import block_index
+    from sdplugin_lora.naming import ModuleIndex
+    from sdplugin_lora.network import LoraNetwork
+
+    bundle = fresh_bundle(family)
+    targets = ModuleIndex.from_bundle(bundle).select(conv=True, text_encoder=True)
+    network = LoraNetwork.create(targets, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, algo=algo)
+    path = save_lora(
+        tmp_path / f"{algo}.safetensors", network.state_dict(), network_metadata(family=family, rank=4, alpha=2)
+    )
+    info = lora_info(path)
+    want = {"linear": 0, "conv1x1": 0, "conv3x3": 0}
+    for module in network:
+        base = module.base
+        kind = "linear" if base.weight.dim() == 2 else ("conv1x1" if tuple(base.kernel_size) == (1, 1) else "conv3x3")
+        want[kind] += 1
+    assert want["conv3x3"] > 0
+    assert info["shapes"] == want and info["conv3x3_modules"] == want["conv3x3"]
+    assert info["modules"] == len(network)
+    full = sum(1 for m in network if getattr(m, "full_matrix", False))
+    assert info["full_matrix_modules"] == full and info["ranks"].get("full", 0) == full
+    assert sum(info["ranks"].values()) == len(network)
+    assert info["dora_modules"] == (len(network) if algo == "dora" else 0)
+    assert info["algorithm"] == {"loha": "LoHa", "lokr": "LoKr", "dora": "LoCon (DoRA)"}[algo]
+    blocks = {block_index(m.lora_name, family) for m in network if not m.is_conv or m.base.kernel_size == (1, 1)}
+    if algo != "lokr":  # full-matrix LoKr modules have no rank to list
+        assert {i for i, d in enumerate(info["block_dims"]) if d} == blocks - {-1}
+    out = CliRunner().invoke(lora_group, ["info", str(path)])
+    assert out.exit_code == 0, out.output
+    assert f"3x3 conv: {want['conv3x3']}" in out.output

@@ -112,8 +112,11 @@ def test_command_line_overrides_config_and_only_given_flags(tmp_path, tiny_data)
 
 def test_command_reports_config_errors_in_one_line(tmp_path):
     result = CliRunner().invoke(_command(), ["--model", "tiny:sd1"])
-    assert result.exit_code == 1
-    assert "Error: no dataset given" in result.output
+    assert result.exit_code == 2  # the pre-flight's exit code: every problem, one line each
+    lines = result.output.splitlines()
+    assert "Error: no dataset given (--data: a folder of images or a dataset .toml)" in lines
+    assert "Error: no output given (--output: where to write the result)" in lines
+    assert "Traceback" not in result.output
 
 
 def test_command_trains(tmp_path, tiny_data):

@@ -105,3 +105,21 @@ def test_generation_calls_keep_seeds_per_line():
         (["d"], 13),
         (["e"], 14),
     ]
+
+
+def test_generation_arguments_line_options_win_over_method_extras_and_defaults():
+    from sdcore.train.sample_prompts import generation_arguments
+
+    defaults = {"steps": 20, "width": 512, "height": 512, "sampler": "euler_a"}
+    extra = {"negative_prompt": "emb-neg", "cfg": 3.0, "networks": "session"}
+    plain = generation_arguments([SamplePrompt("a")], defaults, extra)
+    assert plain == {**defaults, "negative_prompt": "emb-neg", "cfg": 3.0, "networks": "session"}
+    line = generation_arguments([SamplePrompt("a", negative="ugly", cfg=6.0, steps=4, width=64)], defaults, extra)
+    assert (line["negative_prompt"], line["cfg"], line["steps"], line["width"], line["height"]) == (
+        ["ugly"],
+        6.0,
+        4,
+        64,
+        512,
+    )
+    assert generation_arguments([SamplePrompt("a"), SamplePrompt("b")], defaults, {})["negative_prompt"] == ["", ""]

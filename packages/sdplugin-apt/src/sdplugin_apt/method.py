@@ -79,6 +79,7 @@ class APTMethod(TIMethod[APTOptions]):
     name: ClassVar[str] = "apt"
     options_class: ClassVar[type[TrainOptions]] = APTOptions
     output_suffix: ClassVar[str] = ".pt"
+    resume_shape_options: ClassVar[tuple[str, ...]] = ("vectors", "neg_vectors")
 
     def __init__(self, options: APTOptions) -> None:
         super().__init__(options)

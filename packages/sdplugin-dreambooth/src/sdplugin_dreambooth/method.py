@@ -29,6 +29,7 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
     name: ClassVar[str] = "dreambooth"
     options_class: ClassVar[type[TrainOptions]] = DreamBoothOptions
     output_suffix: ClassVar[str] = ".safetensors"
+    resume_shape_options: ClassVar[tuple[str, ...]] = ("train_text_encoder",)
 
     def __init__(self, options: DreamBoothOptions) -> None:
         super().__init__(options)
@@ -52,7 +53,9 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
     def capabilities(self) -> Capabilities:
         # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
-        return Capabilities(trains_text_encoder=self.options.train_text_encoder, cast_frozen_weights=False)
+        return Capabilities(
+            trains_text_encoder=self.options.train_text_encoder, cast_frozen_weights=False, saves_whole_model=True
+        )
 
     def regularization_data(self) -> Path | None:
         """``--class-data`` (generated in :meth:`prepare` when ``--class-prompt`` asks for more)."""
@@ -73,6 +76,14 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
                 seed=o.seed,
                 progress=o.progress,
             )
+        return self._unfreeze(bundle)
+
+    def plan_groups(self, bundle: Any) -> list[dict[str, Any]]:
+        """What trains, without rendering class images (the pre-flight sizes a meta-device model)."""
+        return self._unfreeze(bundle)
+
+    def _unfreeze(self, bundle: Any) -> list[dict[str, Any]]:
+        o = self.options
         for module in bundle.components().values():
             module.requires_grad_(False)
         bundle.unet.requires_grad_(True)

@@ -93,6 +93,7 @@ class HNMethod(TrainingMethod[HNOptions]):
     name: ClassVar[str] = "hn"
     options_class: ClassVar[type[TrainOptions]] = HNOptions
     output_suffix: ClassVar[str] = ".pt"
+    resume_shape_options: ClassVar[tuple[str, ...]] = ("layer_structure", "layer_norm", "sizes")
 
     def __init__(self, options: HNOptions) -> None:
         super().__init__(options)

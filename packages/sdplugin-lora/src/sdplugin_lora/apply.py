@@ -1,8 +1,9 @@
 """Applying LoRA files to a loaded model: switchable hooks, or merged into the weights.
 
 A1111 semantics: ``<lora:name:te_w:unet_w>``; the UNet weight defaults to the text-encoder weight.
-Merged application computes ``W + m * alpha/rank * up @ down`` in fp32 then casts, and keeps a
-copy of only the weights it touched so :meth:`AppliedLoras.remove` restores them bit for bit
+Both go through the file module's adapter (:mod:`sdplugin_lora.adapters`), the same class
+training uses. Merged application computes ``W + m * ΔW`` in fp32 then casts, and keeps a copy
+of only the weights it touched so :meth:`AppliedLoras.remove` restores them bit for bit
 (subtracting again would not be exact in fp16). Hooked application changes no weight at all.
 """
 
@@ -16,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from sdcore.errors import NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
-from torch import nn
 
+from .adapters import Adapter, adapter_from_tensors
 from .format import LoraFile, Match, ModuleWeights, match_modules, read_lora
 from .naming import ModuleIndex, Target
-from .network import LoraModule
 
 log = logging.getLogger(__name__)
 
@@ -44,55 +43,14 @@ class LoraSpec:
         return self.lora if isinstance(self.lora, LoraFile) else read_lora(self.lora)
 
 
-class _DeltaHook(nn.Module):
-    """Unmerged application of any ΔW (LoHa, LoKr, Tucker LoCon, DoRA): ``y += f(x, m * ΔW)``."""
-
-    delta_weight: torch.Tensor
-
-    def __init__(self, target: Target, delta: torch.Tensor) -> None:
-        super().__init__()
-        object.__setattr__(self, "base", target.module)
-        self.register_buffer("delta_weight", delta)
-        self._handle = target.module.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        weight = self.delta_weight.to(device=x.device, dtype=x.dtype)
-        if isinstance(module, nn.Conv2d):
-            extra = F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)  # type: ignore[arg-type]
-        else:
-            extra = F.linear(x, weight)
-        return output + extra.to(output.dtype)
-
-    def detach(self) -> None:
-        self._handle.remove()
-
-
-def _effective_delta(target: Target, weights: ModuleWeights, multiplier: float) -> torch.Tensor:
-    """``m * ΔW`` in fp32; DoRA re-normalises ``W + ΔW`` with its stored magnitude."""
-    base = target.module.weight.detach().float()
-    delta = weights.delta(tuple(base.shape))
-    dora = weights.tensors.get("dora_scale")
-    if dora is None:
-        return delta * multiplier
-    merged = base + delta
-    magnitude = dora.float().to(base.device)
-    if magnitude.shape[0] == base.shape[0] and (magnitude.dim() == 1 or magnitude.shape[1] == 1):
-        norm = merged.flatten(1).norm(dim=1).reshape(magnitude.shape)  # per output row (LyCORIS wd_on_out)
-    else:
-        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(magnitude.shape)  # per input column
-    scaled = merged * (magnitude / norm).reshape(magnitude.shape)
-    return (scaled - base) * multiplier
-
-
 @dataclass
 class AppliedLoras:
     """What :func:`apply_loras` did; :meth:`remove` undoes it exactly."""
 
     merged: bool
     matches: list[Match] = field(default_factory=list)
-    modules: list[nn.Module] = field(default_factory=list)
-    backups: dict[int, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+    modules: list[Adapter] = field(default_factory=list)
+    backups: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     removed: bool = False
 
     @property
@@ -103,8 +61,7 @@ class AppliedLoras:
         if self.removed:
             return
         for module in reversed(self.modules):
-            if isinstance(module, (LoraModule, _DeltaHook)):
-                module.detach()
+            module.detach()
         with torch.no_grad():
             for param, backup in self.backups.values():
                 param.data.copy_(backup.to(param.device))
@@ -174,28 +131,21 @@ def apply_lora(
     return apply_loras(bundle, [LoraSpec(lora, weight, unet_weight)], merge=merge, strict=strict)
 
 
+def _adapter(target: Target, weights: ModuleWeights, multiplier: float) -> Adapter:
+    adapter = adapter_from_tensors(target.name, target.module, weights.tensors, multiplier=multiplier)
+    return adapter.to(target.module.weight.device)
+
+
 def _merge_one(applied: AppliedLoras, target: Target, weights: ModuleWeights, multiplier: float) -> None:
+    backup = _adapter(target, weights, multiplier).merge()
     param = target.module.weight
-    key = id(param)
-    if key not in applied.backups:
-        applied.backups[key] = (param, param.detach().to("cpu", copy=True))
-    delta = _effective_delta(target, weights, multiplier).to(param.device)
-    with torch.no_grad():
-        param.data.copy_((param.detach().float() + delta).to(param.dtype))
+    applied.backups.setdefault(id(param), (param, backup))  # the first backup is the original weight
 
 
-def _hook_one(target: Target, weights: ModuleWeights, multiplier: float) -> nn.Module:
-    plain = weights.kind == "lora" and "mid" not in weights.tensors and "dora_scale" not in weights.tensors
-    if not plain:
-        return _DeltaHook(target, _effective_delta(target, weights, multiplier))
-    module = LoraModule(target.name, target.module, weights.rank, weights.alpha, multiplier=multiplier)
-    with torch.no_grad():
-        module.lora_down.weight.copy_(weights.down.float().reshape(module.lora_down.weight.shape))
-        module.lora_up.weight.copy_(weights.up.float().reshape(module.lora_up.weight.shape))
-    module.to(target.module.weight.device)
-    module.eval()
-    module.attach()
-    return module
+def _hook_one(target: Target, weights: ModuleWeights, multiplier: float) -> Adapter:
+    adapter = _adapter(target, weights, multiplier).freeze()
+    adapter.attach()
+    return adapter
 
 
 class LoraHandler(PromptNetworkHandler):
@@ -245,8 +195,24 @@ class LoraHandler(PromptNetworkHandler):
         return Activation(prompt, negative_prompt, undo=applied.remove, info=info)
 
 
+class LycoHandler(LoraHandler):
+    """``<lyco:name:te_weight[:unet_weight]>``, the tag of A1111's LyCORIS extension: the same files
+    and weights as ``<lora:...>`` (A1111 1.5+ treats it as an alias). Files are looked up in the
+    LoRA folder and, as that extension kept them, in a ``LyCORIS`` folder next to it."""
+
+    tag = "lyco"
+
+    def available(self) -> list[Path]:
+        found = super().available()
+        if self.directory is not None:
+            sibling = self.directory.parent / "LyCORIS"
+            if sibling.is_dir() and sibling != self.directory:
+                found += sorted(p for p in sibling.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file())
+        return found
+
+
 def unmatched_report(matches: Iterable[Match]) -> list[str]:
     return [key for match in matches for key in match.unmatched]
 
 
-__all__ = ["AppliedLoras", "LoraHandler", "LoraSpec", "LoraWarning", "apply_lora", "apply_loras"]
+__all__ = ["AppliedLoras", "LoraHandler", "LoraSpec", "LoraWarning", "LycoHandler", "apply_lora", "apply_loras"]

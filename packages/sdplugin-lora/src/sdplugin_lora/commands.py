@@ -52,10 +52,28 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
     click.echo(f"title:       {info['title']}")
     click.echo(f"family:      {info['family'] or 'unknown'} (from {info['family_from']})")
     click.echo(f"base model:  {info['base_model'] or 'unknown'}")
-    click.echo(f"network:     {info['network_module'] or 'unknown'}  kinds {info['kinds']}")
-    click.echo(f"modules:     {info['modules']}  {info['parts']}  (3x3 conv: {info['conv3x3_modules']})")
+    click.echo(f"network:     {info['network_module'] or 'unknown'}  algorithm {info['algorithm']}")
+    shapes = info["shapes"]
+    click.echo(
+        f"modules:     {info['modules']}  {info['parts']}  (linear: {shapes['linear']}, "
+        f"1x1 conv: {shapes['conv1x1']}, 3x3 conv: {shapes['conv3x3']})"
+    )
+    extras = [
+        f"{label}: {info[key]}"
+        for key, label in (
+            ("dora_modules", "DoRA"),
+            ("tucker_modules", "Tucker"),
+            ("full_matrix_modules", "full-matrix"),
+        )
+        if info[key]
+    ]
+    click.echo(f"kinds:       {info['kinds']}" + (f"  ({', '.join(extras)})" if extras else ""))
     click.echo(f"ranks:       {info['ranks']}")
     click.echo(f"alphas:      {info['alphas']}")
+    if info["block_dims"]:
+        click.echo(f"block dims:  {','.join(map(str, info['block_dims']))}")
+    if info["conv_block_dims"]:
+        click.echo(f"conv blocks: {','.join(map(str, info['conv_block_dims']))}")
     click.echo(f"hash:        {(info['hash'] or '')[:12] or 'none'}")
     if info["unknown_keys"]:
         click.echo(f"unknown keys ({len(info['unknown_keys'])}): {', '.join(info['unknown_keys'][:10])}")

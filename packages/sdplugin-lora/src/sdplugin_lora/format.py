@@ -24,45 +24,33 @@ import torch
 from sdcore.errors import ModelFormatError, NetworkMismatchError
 from sdcore.models.hashes import sshs_hashes
 
+from .adapters import VARIANTS, Variant, variant_of
 from .naming import ModuleIndex, Target
 
 # --- internal representation ------------------------------------------------------------------
 
-#: per-module tensor suffixes -> our part name (longest first so ".lora_A.default.weight" wins)
+#: per-module tensor suffixes -> the name the variants use (kohya/LyCORIS spelling); longest first
+#: so ".lora_A.default.weight" wins over ".lora_A.weight"
 _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
     sorted(
         {
-            ".lora_down.weight": "down",
-            ".lora_up.weight": "up",
-            ".lora_mid.weight": "mid",
-            ".lora_A.default.weight": "down",
-            ".lora_B.default.weight": "up",
-            ".lora_A.weight": "down",
-            ".lora_B.weight": "up",
-            ".lora.down.weight": "down",
-            ".lora.up.weight": "up",
-            ".lora_linear_layer.down.weight": "down",
-            ".lora_linear_layer.up.weight": "up",
-            "_lora.down.weight": "down",
-            "_lora.up.weight": "up",
+            ".lora_down.weight": "lora_down.weight",
+            ".lora_up.weight": "lora_up.weight",
+            ".lora_mid.weight": "lora_mid.weight",
+            ".lora_A.default.weight": "lora_down.weight",
+            ".lora_B.default.weight": "lora_up.weight",
+            ".lora_A.weight": "lora_down.weight",
+            ".lora_B.weight": "lora_up.weight",
+            ".lora.down.weight": "lora_down.weight",
+            ".lora.up.weight": "lora_up.weight",
+            ".lora_linear_layer.down.weight": "lora_down.weight",
+            ".lora_linear_layer.up.weight": "lora_up.weight",
+            "_lora.down.weight": "lora_down.weight",
+            "_lora.up.weight": "lora_up.weight",
             ".alpha": "alpha",
             ".scale": "scale",
             ".dora_scale": "dora_scale",
-            ".hada_w1_a": "hada_w1_a",
-            ".hada_w1_b": "hada_w1_b",
-            ".hada_w2_a": "hada_w2_a",
-            ".hada_w2_b": "hada_w2_b",
-            ".hada_t1": "hada_t1",
-            ".hada_t2": "hada_t2",
-            ".lokr_w1": "lokr_w1",
-            ".lokr_w1_a": "lokr_w1_a",
-            ".lokr_w1_b": "lokr_w1_b",
-            ".lokr_w2": "lokr_w2",
-            ".lokr_w2_a": "lokr_w2_a",
-            ".lokr_w2_b": "lokr_w2_b",
-            ".lokr_t2": "lokr_t2",
-            ".diff": "diff",
-            ".diff_b": "diff_b",
+            **{f".{key}": key for variant in VARIANTS for key in variant.keys if "." not in key},
         }.items(),
         key=lambda item: -len(item[0]),
     )
@@ -71,101 +59,74 @@ _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
 
 @dataclass
 class ModuleWeights:
-    """The tensors of one patched module and how to turn them into ``ΔW``."""
+    """The tensors of one module of a file, by variant tensor name; the maths is its variant's."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
+    def variant(self) -> type[Variant] | None:
+        return variant_of(self.tensors)
+
+    @property
     def kind(self) -> str:
-        t = self.tensors
-        if "down" in t and "up" in t:
-            return "lora"
-        if "hada_w1_a" in t:
-            return "loha"
-        if any(k.startswith("lokr_") for k in t):
-            return "lokr"
-        if "diff" in t:
-            return "full"
-        return "unknown"
+        """``lora`` (LoRA/LoCon), ``loha``, ``lokr``, ``full`` or ``unknown``."""
+        variant = self.variant
+        return variant.algo if variant is not None else "unknown"
 
     @property
     def down(self) -> torch.Tensor:
-        return self.tensors["down"]
+        return self.tensors["lora_down.weight"]
 
     @property
     def up(self) -> torch.Tensor:
-        return self.tensors["up"]
+        return self.tensors["lora_up.weight"]
 
     @property
     def rank(self) -> int:
-        t = self.tensors
-        if "down" in t:
-            return int(t["down"].shape[0])
-        if "hada_w1_b" in t:
-            return int(t["hada_w1_b"].shape[0])
-        if "lokr_w2_b" in t:
-            return int(t["lokr_w2_b"].shape[0])
-        if "lokr_w1_b" in t:
-            return int(t["lokr_w1_b"].shape[0])
-        return 0
+        variant = self.variant
+        return variant.rank(self.tensors) if variant is not None else 0
 
     @property
     def alpha(self) -> float:
         """The stored alpha; a missing (or zero) alpha means alpha = rank, as every loader does."""
-        value = self.tensors.get("alpha")
-        if value is None or float(value) == 0.0:
-            return float(self.rank) if self.rank else 1.0
-        return float(value)
+        variant = self.variant
+        return variant.alpha(self.tensors) if variant is not None else 1.0
 
     @property
     def scale(self) -> float:
-        if "scale" in self.tensors:
-            return float(self.tensors["scale"])
-        t = self.tensors
-        if self.kind == "lokr" and "lokr_w1" in t and "lokr_w2" in t:
-            return 1.0  # "full dimension" LoKr: alpha is forced to the rank
-        if self.kind == "full":
-            return 1.0
-        return self.alpha / self.rank if self.rank else 1.0
+        variant = self.variant
+        return variant.scale(self.tensors) if variant is not None else 1.0
+
+    @property
+    def is_dora(self) -> bool:
+        return "dora_scale" in self.tensors
+
+    @property
+    def is_tucker(self) -> bool:
+        variant = self.variant
+        return variant is not None and variant.is_tucker(self.tensors)
+
+    @property
+    def full_matrix(self) -> bool:
+        variant = self.variant
+        return variant is not None and variant.full_matrix(self.tensors)
+
+    @property
+    def plain_lora(self) -> bool:
+        """kohya LoRA/LoCon without Tucker or DoRA (what merge and resize re-factor)."""
+        return self.kind == "lora" and not self.is_tucker and not self.is_dora
 
     def in_out(self) -> tuple[int, int] | None:
         """(input width, output width) when the kind makes it cheap to tell."""
-        if self.kind == "lora":
-            return int(self.down.shape[1]), int(self.up.shape[0])
-        return None
+        variant = self.variant
+        return variant.in_out(self.tensors) if variant is not None else None
 
     def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """``scale * ΔW`` in fp32 with the target weight's ``shape`` (multiplier not applied)."""
-        t = {k: v.float() for k, v in self.tensors.items()}
-        kind = self.kind
-        if kind == "lora":
-            if "mid" in t:  # Tucker LoCon: down [r,in,1,1], mid [r,r,k,k], up [out,r,1,1]
-                delta = torch.einsum("m n k l, i m, n j -> i j k l", t["mid"], t["up"].flatten(1), t["down"].flatten(1))
-            else:
-                delta = t["up"].flatten(1) @ t["down"].flatten(1)
-        elif kind == "loha":
-            if "hada_t1" in t:
-                w1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
-                w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
-                delta = w1 * w2
-            else:
-                delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
-        elif kind == "lokr":
-            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-            if "lokr_w2" in t:
-                w2 = t["lokr_w2"]
-            elif "lokr_t2" in t:
-                w2 = torch.einsum("i j k l, i p, j r -> p r k l", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-            else:
-                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
-            if w2.dim() == 4 and w1.dim() == 2:
-                w1 = w1[:, :, None, None]
-            delta = torch.kron(w1, w2)
-        elif kind == "full":
-            delta = t["diff"]
-        else:
+        """``scale * ΔW`` in fp32 with the target weight's ``shape`` (multiplier and DoRA not applied)."""
+        variant = self.variant
+        if variant is None:
             raise NetworkMismatchError(f"unsupported LoRA module with tensors {sorted(self.tensors)}")
-        return delta.reshape(shape) * self.scale
+        return variant.delta(self.tensors, shape)
 
 
 @dataclass
@@ -183,14 +144,13 @@ class LoraFile:
         return str(self.path) if self.path else "<in memory>"
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """Back to flat ``<key>.lora_down.weight`` tensors (only plain LoRA modules)."""
+        """Back to flat ``<key>.<tensor name>`` tensors in kohya/LyCORIS spelling (alpha made explicit)."""
         out: dict[str, torch.Tensor] = {}
         for key, weights in self.modules.items():
-            if weights.kind != "lora":
-                continue
-            out[f"{key}.lora_down.weight"] = weights.down
-            out[f"{key}.lora_up.weight"] = weights.up
-            out[f"{key}.alpha"] = torch.tensor(weights.alpha)
+            for name, tensor in weights.tensors.items():
+                out[f"{key}.{name}"] = tensor
+            if weights.rank and "alpha" not in weights.tensors:
+                out[f"{key}.alpha"] = torch.tensor(weights.alpha)
         return out
 
 
@@ -374,6 +334,8 @@ def _normalise_dotted(path: str) -> str:
 def resolve_key(index: ModuleIndex, key: str) -> Target | None:
     if key.startswith(("lora_unet_", "lora_te")):
         return index.resolve(key)
+    if key.startswith("oft_unet_"):  # kohya networks.oft
+        return index.resolve("lora_unet_" + key[len("oft_unet_") :])
     if key.startswith("lycoris_"):
         return index.resolve("lora_unet_" + key[len("lycoris_") :])
     component, path = _strip_component(key)

@@ -20,19 +20,14 @@ from sdcore.options import option
 from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
+from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE
+
 if TYPE_CHECKING:
     import torch
     from sdcore.models.bundle import ModelBundle
 
+    from .blocks import BlockPlan
     from .network import LoraNetwork
-
-ALGOS = ("lora", "locon", "loha", "lokr", "dora")  # same as sdplugin_lora.network.ALGOS (kept torch-free here)
-
-
-ALGO_HELP = (
-    "lora; locon (= lora with conv modules, conv rank defaults to --rank); LyCORIS loha, lokr or dora "
-    "(files load in A1111/ComfyUI and here, not in diffusers)."
-)
 
 
 @dataclass
@@ -67,6 +62,48 @@ class LoraOptions(TrainOptions):
         None, "Per-sample dropout of whole rank channels (kohya rank_dropout).", group="lora"
     )
     module_dropout: float | None = option(None, "Probability of skipping a LoRA module for a step.", group="lora")
+    use_tucker: bool = option(
+        False,
+        "LyCORIS use_tucker: kxk convs keep their kernel in a small core (lora_mid / hada_t1,t2 / lokr_t2); "
+        "the file is then a LyCORIS file.",
+        group="lora",
+    )
+    block_dims: str | None = option(
+        None,
+        "kohya block_dims: ranks per UNet block, comma-separated (25 values SD1/SD2, 23 SDXL); 0 leaves a block out.",
+        group="lora",
+    )
+    block_alphas: str | None = option(None, "kohya block_alphas: alphas per block (default --alpha).", group="lora")
+    conv_block_dims: str | None = option(None, "kohya conv_block_dims: 3x3-conv ranks per block.", group="lora")
+    conv_block_alphas: str | None = option(
+        None, "kohya conv_block_alphas: 3x3-conv alphas per block (default --conv-alpha, else 1).", group="lora"
+    )
+    down_lr_weight: str | None = option(
+        None,
+        "kohya down_lr_weight: UNet lr multipliers of the down blocks (12 values SD1/SD2, 9 SDXL, shallow to deep) "
+        "or sine/cosine/linear/reverse_linear/zeros[+offset]; a block at 0 gets no modules.",
+        group="lora",
+    )
+    mid_lr_weight: str | None = option(
+        None, "kohya mid_lr_weight: lr multiplier(s) of the mid block (1 value SD1/SD2, 3 SDXL).", group="lora"
+    )
+    up_lr_weight: str | None = option(
+        None,
+        "kohya up_lr_weight: lr multipliers of the up blocks (deep to shallow), like --down-lr-weight.",
+        group="lora",
+    )
+    block_lr_zero_threshold: float = option(
+        0.0, "kohya block_lr_zero_threshold: lr weights not above this become 0 (no modules).", group="lora"
+    )
+    loraplus_lr_ratio: float | None = option(
+        None, "LoRA+ (kohya loraplus_lr_ratio): lora_up weights learn at lr x this (paper: 16).", group="lora"
+    )
+    loraplus_unet_lr_ratio: float | None = option(
+        None, "LoRA+ ratio for the UNet only (default --loraplus-lr-ratio).", group="lora"
+    )
+    loraplus_text_encoder_lr_ratio: float | None = option(
+        None, "LoRA+ ratio for the text encoder(s) only (default --loraplus-lr-ratio).", group="lora"
+    )
     title: str | None = option(
         None, "Name stored as modelspec.title / ss_output_name (default: the file name).", group="lora"
     )
@@ -86,6 +123,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     name: ClassVar[str] = "lora"
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
+    resume_shape_options: ClassVar[tuple[str, ...]] = (
+        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only"
+    )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
         super().__init__(options)
@@ -102,7 +142,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
     @property
     def alpha(self) -> float:
-        return float(self.options.alpha) if self.options.alpha is not None else self.options.rank / 2
+        if self.options.alpha is not None:
+            return float(self.options.alpha)
+        return 1e-3 if self.options.algo == "oft" else self.options.rank / 2  # OFT: alpha is kohya's constraint
 
     @property
     def conv_rank(self) -> int:
@@ -124,6 +166,25 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             raise ConfigError("--unet-only and --train-text-encoder contradict each other")
         if o.rank < 1:
             raise ConfigError(f"--rank must be at least 1 (got {o.rank})")
+        if o.algo == "oft" and (o.train_text_encoder or o.te_only):
+            raise ConfigError(
+                "--algo oft adapts the UNet only (kohya networks.oft); drop --train-text-encoder/--te-only"
+            )
+        if o.algo == "oft":
+            unused = [
+                flag
+                for flag, value in (
+                    ("--block-dims", o.block_dims),
+                    ("--conv-block-dims", o.conv_block_dims),
+                    ("--use-tucker", o.use_tucker or None),
+                    ("--conv-rank", o.conv_rank or None),
+                )
+                if value is not None
+            ]
+            if unused:
+                raise ConfigError(
+                    f"--algo oft has no ranks per block, Tucker core or conv modules: drop {', '.join(unused)}"
+                )
         if o.conv_rank < 0:
             raise ConfigError(f"--conv-rank must be 0 (off) or positive (got {o.conv_rank})")
         for flag, value in (
@@ -135,11 +196,52 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 raise ConfigError(f"{flag} must be in [0, 1) (got {value})")
         if o.network_weights and not Path(o.network_weights).is_file():
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
+        from .blocks import check_block_options
+
+        problems = check_block_options(
+            block_dims=o.block_dims,
+            block_alphas=o.block_alphas,
+            conv_block_dims=o.conv_block_dims,
+            conv_block_alphas=o.conv_block_alphas,
+            down_lr_weight=o.down_lr_weight,
+            mid_lr_weight=o.mid_lr_weight,
+            up_lr_weight=o.up_lr_weight,
+        )
+        for flag, ratio in (
+            ("--loraplus-lr-ratio", o.loraplus_lr_ratio),
+            ("--loraplus-unet-lr-ratio", o.loraplus_unet_lr_ratio),
+            ("--loraplus-text-encoder-lr-ratio", o.loraplus_text_encoder_lr_ratio),
+        ):
+            if ratio is not None and ratio <= 0:
+                problems.append(f"{flag} must be positive (got {ratio})")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def capabilities(self) -> Capabilities:
         return Capabilities(trains_text_encoder=self.train_te)
 
     # --- setup -----------------------------------------------------------------------------------
+    def block_plan(self, family: str) -> BlockPlan | None:
+        """kohya's per-block dims/alphas/lr weights for ``family`` (``None`` when none is set)."""
+        from .blocks import BlockPlan
+
+        o = self.options
+        return BlockPlan.build(
+            family,
+            rank=o.rank,
+            alpha=self.alpha,
+            conv_rank=self.conv_rank or None,
+            conv_alpha=self.conv_alpha,
+            block_dims=o.block_dims,
+            block_alphas=o.block_alphas,
+            conv_block_dims=o.conv_block_dims,
+            conv_block_alphas=o.conv_block_alphas,
+            down_lr_weight=o.down_lr_weight,
+            mid_lr_weight=o.mid_lr_weight,
+            up_lr_weight=o.up_lr_weight,
+            block_lr_zero_threshold=o.block_lr_zero_threshold,
+        )
+
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         from .naming import ModuleIndex
         from .network import LoraNetwork
@@ -147,7 +249,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         for module in bundle.components().values():
             module.requires_grad_(False)
         index = ModuleIndex.from_bundle(bundle)
-        targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=self.conv_rank > 0)
+        plan = self.block_plan(bundle.family)
+        conv = self.conv_rank > 0 or bool(plan and plan.conv_dims)
+        targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv)
         network = LoraNetwork.create(
             targets,
             rank=self.options.rank,
@@ -159,6 +263,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             module_dropout=self.options.module_dropout,
             algo=self.options.algo,
             lokr_factor=self.options.lokr_factor,
+            use_tucker=self.options.use_tucker,
+            rank_for=(lambda t: plan.rank_for(t.name, t.is_conv3x3)) if plan is not None else None,
         )
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
@@ -166,13 +272,36 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         network.train()
         network.attach()
         self.network = network
-        groups = []
-        unet_params = network.parameters_of(text_encoder=False)
-        te_params = network.parameters_of(text_encoder=True)
-        if unet_params:
-            groups.append({"params": unet_params, "lr": self.options.unet_lr or self.options.lr, "name": "unet"})
-        if te_params:
-            groups.append({"params": te_params, "lr": self.options.te_lr or self.options.lr, "name": "text_encoder"})
+        return self.param_groups(network, plan)
+
+    def param_groups(self, network: LoraNetwork, plan: BlockPlan | None = None) -> list[dict[str, Any]]:
+        """Optimizer groups as kohya builds them: UNet and text encoder at their learning rates,
+        each UNet block at ``lr x its lr weight``, and with LoRA+ the ``lora_up`` weights at
+        ``lr x ratio``. Groups whose learning rate is 0 are left out."""
+        o = self.options
+        groups: list[dict[str, Any]] = []
+        for te in (False, True):
+            base_lr = (o.te_lr or o.lr) if te else (o.unet_lr or o.lr)
+            ratio = (o.loraplus_text_encoder_lr_ratio if te else o.loraplus_unet_lr_ratio) or o.loraplus_lr_ratio
+            buckets: dict[tuple[int, bool], list[Any]] = {}
+            weights: dict[int, float] = {}
+            for module in network:
+                if module.lora_name.startswith("lora_te") != te:
+                    continue
+                block = plan.block(module.lora_name) if plan is not None and plan.lr_weights and not te else -1
+                weights[block] = plan.lr_weight(module.lora_name) if plan is not None and block >= 0 else 1.0
+                for name, param in module.named_parameters():
+                    buckets.setdefault((block, ratio is not None and "lora_up" in name), []).append(param)
+            if ratio is not None and buckets and not any(plus for _, plus in buckets):
+                warnings.warn(f"LoRA+ has no effect on {o.algo}: it has no lora_up weights", stacklevel=2)
+            for (block, plus), params in sorted(buckets.items()):
+                lr = base_lr * weights[block] * (ratio if plus and ratio is not None else 1.0)
+                if lr == 0:
+                    continue
+                name = "text_encoder" if te else "unet"
+                name += f"_block{block:02d}" if block >= 0 else ""
+                name += "_plus" if plus else ""
+                groups.append({"params": params, "lr": lr, "name": name})
         return groups
 
     @staticmethod
@@ -182,9 +311,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
         lora = read_lora(path)
         match = match_modules(lora, index)
-        names = {"down": "lora_down.weight", "up": "lora_up.weight"}
+        from .network import OFT_PREFIX
+
+        names = set(network.loras)
+
+        def own_name(name: str) -> str:  # kohya OFT modules are named oft_unet_... in the network
+            oft = OFT_PREFIX + name[len("lora_unet") :]
+            return oft if name not in names and oft in names else name
+
         state = {
-            f"{name}.{names.get(part, part)}": tensor
+            f"{own_name(name)}.{part}": tensor
             for name, (_target, weights) in match.modules.items()
             for part, tensor in weights.tensors.items()
         }
@@ -245,10 +381,32 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "ss_sd_model_name": Path(o.model).name if o.model else None,
             }
         )
-        module = "networks.lora"
-        if o.algo in ("loha", "lokr", "dora"):
-            module = "lycoris.kohya"  # what sd-scripts writes for LyCORIS networks
-            args["algo"] = "lora" if o.algo == "dora" else o.algo
+        for key in (
+            "block_dims",
+            "block_alphas",
+            "conv_block_dims",
+            "conv_block_alphas",
+            "down_lr_weight",
+            "mid_lr_weight",
+            "up_lr_weight",
+            "loraplus_lr_ratio",
+            "loraplus_unet_lr_ratio",
+            "loraplus_text_encoder_lr_ratio",
+        ):
+            if getattr(o, key) is not None:
+                args[key] = getattr(o, key)
+        if o.block_lr_zero_threshold:
+            args["block_lr_zero_threshold"] = o.block_lr_zero_threshold
+        network = self._require_network()
+        tucker = any(m.is_tucker for m in network)
+        module = NETWORK_MODULE[o.algo]
+        if tucker:  # kohya's networks.lora has no Tucker core: such files are LyCORIS files
+            module = "lycoris.kohya"
+            args["use_tucker"] = True
+        if o.algo == "oft":
+            args["enable_all_linear"] = True  # Transformer2DModel linears, as our LoRA targets
+        if module == "lycoris.kohya":  # what sd-scripts writes for LyCORIS networks
+            args["algo"] = {"dora": "lora", "lora": "locon"}.get(o.algo, o.algo)
             if o.algo == "dora":
                 args["dora_wd"] = True
             if o.algo == "lokr":

@@ -37,6 +37,15 @@ def sdcore_register_prompt_networks(register: Any) -> None:
             default_subdir="Lora",
         )
     )
+    register(
+        PromptNetworkSpec(
+            name="lyco",
+            tag="lyco",
+            handler="sdplugin_lora.apply:LycoHandler",
+            directory_option="lora_dir",
+            default_subdir="Lora",
+        )
+    )
 
 
 @sdcore.hookimpl

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 
+from .adapters import LoraVariant
 from .format import LoraFile, ModuleWeights, detect_family, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
@@ -129,18 +131,56 @@ def extract_lora(
 # --- resize ------------------------------------------------------------------------------------
 
 
-def _dynamic_rank(S: torch.Tensor, method: str, param: float) -> int:
+#: kohya resize_lora.py: a module whose largest singular value is at most this is a zero matrix
+MIN_SV = 1e-6
+
+
+def _dynamic_index(S: torch.Tensor, method: str, param: float) -> int:
+    """kohya's ``index_sv_*``: an index into ``S`` clamped to ``[1, len(S) - 1]``."""
     if method == "sv_ratio":
-        keep = int((S[0] / param <= S).sum())
+        index = int((S[0] / param < S).sum())
     elif method == "sv_fro":
-        energy = torch.cumsum(S**2, 0) / (S**2).sum()
-        keep = int((energy < param**2).sum()) + 1
+        energy = torch.cumsum(S.double() ** 2, 0) / float((S.double() ** 2).sum())
+        index = int(torch.searchsorted(energy, torch.tensor(param**2, dtype=energy.dtype))) + 1
     elif method == "sv_cumulative":
-        total = torch.cumsum(S, 0) / S.sum()
-        keep = int((total < param).sum()) + 1
+        total = torch.cumsum(S.double(), 0) / float(S.double().sum())
+        index = int(torch.searchsorted(total, torch.tensor(param, dtype=total.dtype))) + 1
     else:
         raise ConfigError(f"--dynamic {method!r}: choose one of {', '.join(DYNAMIC_METHODS)}")
-    return max(1, min(keep, S.numel()))
+    return max(1, min(index, S.numel() - 1))
+
+
+def dynamic_rank(S: torch.Tensor, cap: int, method: str | None, param: float | None) -> int:
+    """The rank kohya's ``resize_lora.py`` keeps for singular values ``S`` (of the whole ΔW).
+
+    ``sv_ratio``/``sv_fro``/``sv_cumulative`` give ``index + 1``; the result is capped at ``cap``
+    (``--new_rank``) and a zero matrix keeps rank 1.
+    """
+    new = cap if method is None else _dynamic_index(S, method, float(param)) + 1  # type: ignore[arg-type]
+    if S.numel() == 0 or float(S[0]) <= MIN_SV:
+        return 1
+    return min(new, cap)
+
+
+def _resizable(lora: LoraFile, name: str, weights: ModuleWeights, what: str) -> None:
+    if weights.kind != "lora" or weights.is_dora:
+        kind = "DoRA" if weights.is_dora else weights.kind
+        raise NetworkMismatchError(
+            f"{lora.label}: {name} is {kind}; only LoRA/LoCon modules (Tucker included) can be {what}"
+        )
+
+
+def lora_flat_delta(weights: ModuleWeights) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The unscaled ``ΔW`` of a LoRA/LoCon module as ``[out, in·k·k]`` plus the layer's weight shape
+    (read from the factors: down ``[r, in(, k, k)]``, Tucker mid ``[r, r, k, k]``)."""
+    down, up = weights.down, weights.up
+    if "lora_mid.weight" in weights.tensors:
+        shape: tuple[int, ...] = (int(up.shape[0]), int(down.shape[1]), *weights.tensors["lora_mid.weight"].shape[2:])
+    elif down.dim() == 4:
+        shape = (int(up.shape[0]), *(int(d) for d in down.shape[1:]))
+    else:
+        shape = (int(up.shape[0]), int(down.shape[1]))
+    return LoraVariant.weight(weights.tensors, shape).flatten(1), shape
 
 
 @dataclass
@@ -170,29 +210,18 @@ def resize_lora(
     ranks: dict[str, tuple[int, int]] = {}
     retained: dict[str, float] = {}
     for name, weights in lora.modules.items():
-        if weights.kind != "lora" or "mid" in weights.tensors:
-            raise NetworkMismatchError(
-                f"{lora.label}: {name} is {weights.kind}, only plain LoRA/LoCon modules can be resized"
-            )
-        down, up = weights.down.float(), weights.up.float()
-        conv = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+        _resizable(lora, name, weights, "resized")
+        flat, shape = lora_flat_delta(weights)
+        conv = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
         cap = (conv_rank or rank) if conv else rank
-        flat = up.flatten(1) @ down.flatten(1)
         U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
-        new = min(cap, S.numel())
-        if dynamic is not None:
-            new = min(new, _dynamic_rank(S, dynamic, float(dynamic_param)))  # type: ignore[arg-type]
-        new = max(1, new)
+        new = min(dynamic_rank(S, cap, dynamic, dynamic_param), S.numel())
         new_up = U[:, :new] @ torch.diag(S[:new])
         new_down = Vh[:new]
-        weight_shape = (up.shape[0], *down.shape[1:])
-        new_up, new_down = _shape_factors(
-            new_up, new_down, weight_shape if down.dim() == 4 else (up.shape[0], down.shape[1])
-        )
-        scale = weights.scale
+        new_up, new_down = _shape_factors(new_up, new_down, shape)
         tensors[f"{name}.lora_down.weight"] = new_down.contiguous()
         tensors[f"{name}.lora_up.weight"] = new_up.contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(scale * new)
+        tensors[f"{name}.alpha"] = torch.tensor(weights.scale * new)
         ranks[name] = (weights.rank, new)
         total = float((S**2).sum())
         retained[name] = math.sqrt(float((S[:new] ** 2).sum()) / total) if total > 0 else 1.0
@@ -249,33 +278,29 @@ def merge_loras(
     names: list[str] = []
     for lora, _ in loras:
         for name, weights in lora.modules.items():
-            if weights.kind != "lora" or "mid" in weights.tensors:
-                raise NetworkMismatchError(
-                    f"{lora.label}: {name} is {weights.kind}; only plain LoRA/LoCon modules merge"
-                )
+            _resizable(lora, name, weights, "merged")
+            if mode == "concat" and weights.is_tucker:
+                raise NetworkMismatchError(f"{lora.label}: {name} is a Tucker LoCon; merge it with --mode svd")
             if name not in names:
                 names.append(name)
     tensors: dict[str, torch.Tensor] = {}
     for name in names:
         parts = [(lora.modules[name], ratio) for lora, ratio in loras if name in lora.modules]
         first = parts[0][0]
-        weight_shape = (first.up.shape[0], *first.down.shape[1:])
+        _, weight_shape = lora_flat_delta(first)
         if mode == "concat":
             ups = [w.up.float().flatten(1) * (ratio * w.scale) for w, ratio in parts]
             downs = [w.down.float().flatten(1) for w, ratio in parts]
             up, down = torch.cat(ups, 1), torch.cat(downs, 0)
             r = up.shape[1]
         else:
-            delta = torch.zeros(first.up.shape[0], first.down.flatten(1).shape[1])
-            for w, ratio in parts:
-                delta += (w.up.float().flatten(1) @ w.down.float().flatten(1)) * (ratio * w.scale)
-            conv = first.down.dim() == 4 and tuple(first.down.shape[2:]) != (1, 1)
+            delta = sum((lora_flat_delta(w)[0] * (ratio * w.scale) for w, ratio in parts), torch.zeros(()))
+            assert isinstance(delta, torch.Tensor)
+            conv = len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1)
             cap = int((conv_rank or rank) if conv else rank)  # type: ignore[arg-type]
             r = min(cap, *delta.shape)
             up, down = _factor(delta, r, None)
-        up, down = _shape_factors(
-            up, down, weight_shape if first.down.dim() == 4 else (weight_shape[0], weight_shape[1])
-        )
+        up, down = _shape_factors(up, down, weight_shape)
         tensors[f"{name}.lora_up.weight"] = up.contiguous()
         tensors[f"{name}.lora_down.weight"] = down.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(r))
@@ -297,26 +322,82 @@ def merge_loras(
 # --- info --------------------------------------------------------------------------------------
 
 
+_CONV3X3_NAMES = re.compile(
+    r"(_conv1|_conv2|_in_layers_2|_out_layers_3|_0_op|samplers_0_conv|_2_conv|_1_conv|conv_in|conv_out|"
+    r"input_blocks_0_0|_out_2)$"
+)
+_CONV1X1_NAMES = re.compile(r"(_conv_shortcut|_skip_connection)$")
+_PROJ_NAMES = re.compile(r"_proj_(in|out)$")
+
+
+def module_shape(name: str, weights: ModuleWeights, family: str | None) -> str:
+    """``linear``, ``conv1x1`` or ``conv3x3`` for a file module.
+
+    The tensors tell it when they are 4-D (LoRA factors, Tucker cores, full LoKr factors, diffs);
+    LoHa and factored LoKr store convs flattened, so their module name decides (kohya/SGM names of
+    ResNet convs and samplers are kxk; ``conv_shortcut``/``skip_connection`` 1x1; ``proj_in/out``
+    are 1x1 convs on SD1 and Linear on SD2/SDXL).
+    """
+    t = weights.tensors
+    for key in ("lora_mid.weight", "hada_t1", "lokr_t2", "lora_down.weight", "lokr_w2", "diff"):
+        if key in t and t[key].dim() == 4:
+            return "conv1x1" if tuple(t[key].shape[2:]) == (1, 1) else "conv3x3"
+    if "lora_down.weight" in t:
+        return "linear"
+    flat = name.replace(".", "_")
+    if _CONV3X3_NAMES.search(flat) and not flat.startswith("lora_te"):
+        return "conv3x3"
+    if _CONV1X1_NAMES.search(flat):
+        return "conv1x1"
+    if _PROJ_NAMES.search(flat) and family == "sd1" and "transformer_blocks" not in flat:
+        return "conv1x1"
+    return "linear"
+
+
+_ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "oft": "OFT", "unknown": "unknown"}
+
+
 def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
-    """A summary of a LoRA file: family, module counts per part, ranks, alphas, kinds, metadata."""
+    """A summary of a LoRA file: family, algorithm, module counts per part and per layer kind,
+    ranks (full-matrix modules as ``"full"``), DoRA/Tucker counts, kohya block dims, metadata."""
+    from .blocks import block_count, block_index
+
     lora = read_lora(path)
     family, why = detect_family(lora)
     parts: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
-    ranks: Counter[int] = Counter()
+    shapes: Counter[str] = Counter({"linear": 0, "conv1x1": 0, "conv3x3": 0})
+    ranks: Counter[int | str] = Counter()
     alphas: Counter[float] = Counter()
-    conv = 0
+    dora = tucker = full = 0
+    blocks = block_count(family) if family in ("sd1", "sd2", "sdxl") else 0
+    block_dims = [0] * blocks
+    conv_block_dims = [0] * blocks
     for key, weights in lora.modules.items():
-        component = kohya_component(key)
+        component = kohya_component(key) or ("unet" if key.startswith("oft_unet_") else None)
         if component is None:
             component = key.split(".", 1)[0] if "." in key else "other"
         parts[component] += 1
         kinds[weights.kind] += 1
-        if weights.rank:
+        shape = module_shape(key, weights, family)
+        shapes[shape] += 1
+        dora += weights.is_dora
+        tucker += weights.is_tucker
+        if weights.full_matrix or not weights.rank:
+            full += 1
+            ranks["full"] += 1
+        else:
             ranks[weights.rank] += 1
             alphas[weights.alpha] += 1
-        if weights.kind == "lora" and weights.down.dim() == 4 and tuple(weights.down.shape[2:]) != (1, 1):
-            conv += 1
+        if blocks and family is not None and weights.rank:
+            index = block_index(key, family)
+            if 0 <= index < blocks:
+                dims = conv_block_dims if shape == "conv3x3" else block_dims
+                dims[index] = max(dims[index], weights.rank)
+    labels = sorted({_ALGO_LABEL.get(kind, kind) for kind in kinds})
+    if labels == ["LoRA"] and shapes["conv3x3"]:
+        labels = ["LoCon"]
+    algorithm = "+".join(labels) + (" (DoRA)" if dora else "") + (" (Tucker)" if tucker else "")
     meta = lora.metadata
     tags: list[tuple[str, int]] = []
     raw = meta.get("ss_tag_frequency")
@@ -328,16 +409,24 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
             tags = counts.most_common(top_tags)
         except (ValueError, AttributeError):
             tags = []
+    has_blocks = any(block_dims) or any(conv_block_dims)
     return {
         "file": str(path),
         "family": family,
         "family_from": why,
+        "algorithm": algorithm,
         "modules": sum(parts.values()),
         "parts": dict(parts),
         "kinds": dict(kinds),
-        "ranks": dict(sorted(ranks.items())),
+        "shapes": dict(shapes),
+        "ranks": dict(sorted(ranks.items(), key=lambda item: (isinstance(item[0], str), item[0]))),
         "alphas": dict(sorted(alphas.items())),
-        "conv3x3_modules": conv,
+        "conv3x3_modules": shapes["conv3x3"],
+        "dora_modules": dora,
+        "tucker_modules": tucker,
+        "full_matrix_modules": full,
+        "block_dims": block_dims if has_blocks else None,
+        "conv_block_dims": conv_block_dims if any(conv_block_dims) else None,
         "unknown_keys": lora.unknown_keys,
         "embeddings": len(lora.embedding_keys),
         "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
@@ -350,23 +439,27 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
 
 
 def effective_deltas(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """``scale * up @ down`` per module, flattened to [out, in·k·k] (for comparisons and tests)."""
-    out = {}
-    for name, weights in lora.modules.items():
-        if weights.kind == "lora":
-            out[name] = (weights.up.float().flatten(1) @ weights.down.float().flatten(1)) * weights.scale
-    return out
+    """``scale * ΔW`` of every LoRA/LoCon module (Tucker included), flattened to [out, in·k·k]."""
+    return {
+        name: lora_flat_delta(weights)[0] * weights.scale
+        for name, weights in lora.modules.items()
+        if weights.kind == "lora"
+    }
 
 
 __all__ = [
     "DYNAMIC_METHODS",
+    "MIN_SV",
     "ExtractResult",
     "ModuleWeights",
     "ResizeResult",
+    "dynamic_rank",
     "effective_deltas",
     "extract_lora",
+    "lora_flat_delta",
     "lora_info",
     "merge_into_model",
     "merge_loras",
+    "module_shape",
     "resize_lora",
 ]

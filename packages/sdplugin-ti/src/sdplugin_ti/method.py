@@ -90,6 +90,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
     name: ClassVar[str] = "ti"
     options_class: ClassVar[type[TrainOptions]] = TIOptions
     output_suffix: ClassVar[str] = ".pt"
+    resume_shape_options: ClassVar[tuple[str, ...]] = ("vectors",)
 
     def __init__(self, options: TIOptionsT) -> None:
         super().__init__(options)
@@ -138,6 +139,18 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         self.bundle = bundle
         self.handle = apply_embeddings(bundle, embeddings, trainable=True)
         return self.param_groups()
+
+    def plan_groups(self, bundle: ModelBundle) -> list[dict[str, Any]]:
+        """The trained vectors' shapes (one table per embedding and text encoder), for the pre-flight:
+        ``prepare`` reads the init text's token vectors, which a shapes-only model does not have."""
+        import torch
+
+        params = [
+            torch.nn.Parameter(torch.empty(item.vectors, encoder.get_input_embeddings().weight.shape[1], device="meta"))
+            for item in self.trained_embeddings()
+            for encoder in bundle.text_encoders
+        ]
+        return [{"params": params, "name": "embedding"}]
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One group over every trained table; weight decay 0 as A1111 (decay would pull vectors to 0)."""

@@ -228,6 +228,32 @@ def _finish(bundle: ModelBundle, device: Any) -> ModelBundle:
 # ----------------------------------------------------------------------------------------------- readers
 
 
+def single_file_configs(source: Any, found: Detection, config: Any = None) -> dict[str, Any]:
+    """The component configs of a single file (a :class:`~.source.CheckpointSource`), from its header only.
+
+    ``config`` (a diffusers folder or a dict) wins; then our ``sdcore.config`` metadata entry; then
+    the family's shipped configs, replaced by configs inferred from the tensor shapes when they differ.
+    """
+    if config is not None:
+        return copy.deepcopy(config) if isinstance(config, dict) else configs_from_diffusers_folder(config)
+    if CONFIG_METADATA_KEY in source.metadata:
+        try:
+            stored: dict[str, Any] = json.loads(source.metadata[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError:
+            raise ModelFormatError(f"{source.path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON") from None
+        return stored
+    from .infer import infer_configs, same_structure
+
+    configs = bundled_config(found.family, found.prediction_type)
+    if found.inpainting:
+        configs["unet"]["in_channels"] = 9
+    inferred = infer_configs(source.keys, source.shape, found.family)
+    if not same_structure(configs, inferred):  # a distilled/pruned variant: sizes from the file
+        inferred["scheduler"] = configs["scheduler"]
+        configs = inferred
+    return configs
+
+
 def read_single_file(
     path: str | os.PathLike[str],
     *,
@@ -253,26 +279,7 @@ def read_single_file(
         )  # fmt: skip
         if family is not None and family != found.family:
             raise ModelFormatError(f"{file}: is a {found.family} checkpoint, not {family}")
-        stored: dict[str, Any] | None = None
-        if CONFIG_METADATA_KEY in source.metadata:
-            try:
-                stored = json.loads(source.metadata[CONFIG_METADATA_KEY])
-            except json.JSONDecodeError:
-                raise ModelFormatError(f"{file}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON") from None
-        if config is not None:
-            configs = copy.deepcopy(config) if isinstance(config, dict) else configs_from_diffusers_folder(config)
-        elif stored is not None:
-            configs = stored
-        else:
-            from .infer import infer_configs, same_structure
-
-            configs = bundled_config(found.family, found.prediction_type)
-            if found.inpainting:
-                configs["unet"]["in_channels"] = 9
-            inferred = infer_configs(source.keys, source.shape, found.family)
-            if not same_structure(configs, inferred):  # a distilled/pruned variant: sizes from the file
-                inferred["scheduler"] = configs["scheduler"]
-                configs = inferred
+        configs = single_file_configs(source, found, config)
         target = None if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
         unet, vae, encoders = _modules_from_source(source, found.family, configs, target)
         folder = Path(config) if isinstance(config, (str, os.PathLike)) else None
@@ -409,18 +416,22 @@ def read_tiny(
     return _finish(bundle, device)
 
 
-def read_hub(repo_id: str, **options: Any) -> ModelBundle:
-    """A Hub id already in the local cache (``snapshot_download(local_files_only=True)``)."""
+def cached_hub_folder(repo_id: str) -> Path:
+    """The local snapshot folder of a Hub id already in the cache (never downloads)."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
         raise SdcoreError(f"{repo_id}: not a file or folder, and huggingface_hub is not installed") from None
     try:
-        folder = snapshot_download(repo_id, local_files_only=True)
+        return Path(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         raise missing_model_error(repo_id) from None
-    bundle = read_diffusers(folder, **options)
+
+
+def read_hub(repo_id: str, **options: Any) -> ModelBundle:
+    """A Hub id already in the local cache (``snapshot_download(local_files_only=True)``)."""
+    bundle = read_diffusers(cached_hub_folder(repo_id), **options)
     bundle.source, bundle.source_format = repo_id, "hub"
     return bundle
 

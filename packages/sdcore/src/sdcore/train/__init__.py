@@ -7,8 +7,8 @@ Public API (all import-light: torch loads only when training starts)::
     from sdcore.train.method import TrainingMethod, Capabilities  # the method contract
     from sdcore.train.options import TrainOptions                 # the shared options
 
-Modules, one job each: ``loop`` (the session composing the parts), ``validation`` (options
-checks before anything loads), ``data`` (epoch plans, per-sample seeds, step math), ``cache``
+Modules, one job each: ``loop`` (the session composing the parts), ``preflight`` (every
+check before anything loads) and ``memory`` (the memory plan), ``data`` (epoch plans, per-sample seeds, step math), ``cache``
 (latents, text-encoder outputs), ``batches`` (micro-batches, prefetching), ``placement``
 (accelerator, devices/dtypes, ``accelerator.prepare``), ``step`` (noise, loss, one optimizer step),
 ``checkpoints`` (results, states, resume, retention), ``sampling`` (sample images), ``progress``

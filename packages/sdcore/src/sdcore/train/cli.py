@@ -183,7 +183,8 @@ def build_train_command(spec: Any) -> click.Command:
 
     def callback(**kwargs: Any) -> None:
         from .config import dump_options, load_options
-        from .loop import train, validate_options
+        from .loop import train
+        from .preflight import PreflightError, option_problems
 
         ctx = click.get_current_context()
         config = kwargs.pop("config", None)
@@ -204,15 +205,21 @@ def build_train_command(spec: Any) -> click.Command:
             for note in notes:
                 click.echo(f"note: {note}", err=True)
             method = method_class(options)
-            validate_options(options, method)
+            pm = getattr(ctx.find_root().obj, "pm", None)
             if save_config:
+                problems = option_problems(options, method)
+                if problems:
+                    raise PreflightError(problems)
                 dump_options(options, save_config)
                 click.echo(f"wrote {save_config}", err=True)
             if dry_run:
-                _describe(method, options)
+                _describe(method, options, pm)
                 return
-            pm = getattr(ctx.find_root().obj, "pm", None)
             result = train(method, plugin_manager=pm)
+        except PreflightError as exc:  # every problem the pre-flight found, one line each
+            for problem in exc.problems:
+                click.echo(f"Error: {problem}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt as exc:
             state = getattr(exc, "sdcore_state", None)
             saved = f"resumable state saved in {state}; " if state is not None else ""
@@ -243,7 +250,7 @@ def build_train_command(spec: Any) -> click.Command:
             ["--dry-run", "dry_run"],
             is_flag=True,
             default=False,
-            help="Check the options and dataset and print the step math, then stop (no model is loaded).",
+            help="Run the pre-flight (options, model header, folders, dataset, resume state, disk, memory) and print the plan, then stop (no model is loaded).",
         ),
         *options_to_click(options_class),
         *kohya_click_options([f.name for f in dataclasses.fields(options_class)]),
@@ -254,24 +261,44 @@ def build_train_command(spec: Any) -> click.Command:
     return command
 
 
-def _describe(method: Any, options: Any) -> None:
-    """Dataset summary and step math, without loading a model."""
-    from .data import build_train_data
-    from .loop import output_paths, total_steps_for
+def _describe(method: Any, options: Any, pm: Any = None) -> None:
+    """The pre-flight with every check, then the plan (model, data, buckets, steps, caches, saves,
+    memory), without loading a model. Problems raise :class:`PreflightError` (exit code 2)."""
+    import dataclasses as dc
+
+    from .loop import output_paths
     from .options import apply_model_defaults
+    from .preflight import run_preflight
 
     if apply_model_defaults(options):
         click.echo(f"resolution: {options.resolution}")
     else:
-        options.resolution = 512
+        options = dc.replace(options, resolution=512)
         click.echo("resolution: the model's native size, known once it loads (the numbers below assume 512)")
-    data = build_train_data(options, balance_class=method.capabilities().balance_class)
-    steps, epochs = total_steps_for(options, data)
+    report = run_preflight(method, options, plugin_manager=pm, verify_images=True)
+    report.raise_problems()
+    data = report.data
+    assert data is not None
     per_epoch = len(data.epoch_plan(0))
-    click.echo(data.index.summary())
-    output, state = output_paths(method, options)
+    for line in report.plan_lines():
+        click.echo(line)
     click.echo(
         f"{per_epoch} batches of {options.batch_size} per epoch, gradient accumulation {options.gradient_accumulation}: "
-        f"{steps} optimizer steps" + (f" over {epochs} epochs" if epochs else "")
+        f"{report.total_steps} optimizer steps" + (f" over {report.epochs} epochs" if report.epochs else "")
     )
+    caps = method.capabilities()
+    latents = "no (decoded every step)"
+    if options.cache_latents and not caps.needs_pixels:
+        latents = (
+            "on disk (" + (options.cache_dir or "beside the images") + ")"
+            if options.cache_latents_to_disk
+            else "in memory"
+        )
+    text = (
+        "yes"
+        if options.cache_text_encoder_outputs and not caps.trains_text_encoder
+        else "no (the text encoder runs every step)"
+    )
+    click.echo(f"cached: latents {latents}; text-encoder outputs {text}")
+    output, state = output_paths(method, options)
     click.echo(f"result: {output}\nstates: {state}")

@@ -16,6 +16,8 @@ work unchanged: every kohya name is translated to sdcore's option here, once.
 - :data:`UNSUPPORTED`: options that would change the result and sdcore does not implement:
   accepted while they hold their "off" value (what the kohya_ss GUI writes for untouched fields),
   an error naming them otherwise.
+- kohya_ss GUI presets (JSON with ``LoRA_type``): the GUI's field names go through
+  :func:`gui_preset` first, then the same table.
 - :data:`KOHYA_DEFAULTS`: where kohya's default differs from sdcore's and decides what trains
   (kohya trains the text encoder too, dim 4, alpha 1, no buckets, 1600 steps), a run written with kohya
   names gets kohya's default, with a note saying so.
@@ -23,7 +25,6 @@ work unchanged: every kohya name is translated to sdcore's option here, once.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 from collections.abc import Callable, Iterable
@@ -463,7 +464,14 @@ def flag_names() -> set[str]:
 
 
 #: kohya options that take several values (argparse nargs="*")
-MULTI_VALUE = ("network_args", "optimizer_args", "lr_scheduler_args", "base_weights", "base_weights_multiplier")
+MULTI_VALUE = (
+    "network_args",
+    "optimizer_args",
+    "lr_scheduler_args",
+    "base_weights",
+    "base_weights_multiplier",
+    "text_encoder_lr",
+)
 
 
 def cli_names(fields: Iterable[str]) -> list[str]:
@@ -892,10 +900,6 @@ def gui_preset(data: dict[str, Any], where: str) -> tuple[dict[str, Any], list[s
         items.pop(key)
     notes.append(f"read as a kohya_ss GUI preset (LoRA_type {lora_type})")
     return items, notes, problems
-
-
-def option_fields(options_class: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(options_class)]
 
 
 __all__ = [

@@ -4,7 +4,8 @@
 own module and tested alone:
 
 ==================  ===========================================================================
-``validation``      options checks before anything loads
+``preflight``       every check before anything loads (options, model header, folders, dataset,
+                    resume shapes, disk) and the memory plan (``memory``)
 ``data``/``cache``  dataset index, buckets, epoch plans, per-sample seeds; latent/text caches
 ``batches``         sample references -> batches (caches, prefetching, loss masks)
 ``placement``       the accelerator, devices/dtypes, gradient checkpointing, ``accelerator.prepare``
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,8 +46,8 @@ from .data import total_steps_for
 from .events import HookCaller, TrainEventContext
 from .method import Batch, RunFacts, TrainingMethod
 from .options import TrainOptions, apply_model_defaults
+from .preflight import validate_options
 from .save_fallback import SaveTargetError, guarded, rescue
-from .validation import validate_options
 
 if TYPE_CHECKING:
     import torch
@@ -117,13 +119,21 @@ class TrainSession:
         from .checkpoints import Checkpoints
         from .optim import create_optimizer, create_scheduler
         from .placement import Placement, TrainedModules, create_accelerator, enable_gradient_checkpointing, place_model
+        from .preflight import preflight_for_run
         from .progress import Progress, tracker_backend
         from .state import TrainPosition
         from .step import Objective
 
         o, method = self.options, self.method
-        validate_options(o, method)
-        if not apply_model_defaults(o, self.bundle):  # --resolution 0: the model's native size
+        # --resolution 0: the model's native size, peeked from its header; where only loading tells,
+        # the pre-flight plans with 512 and the size is set once the model is loaded
+        native_known = apply_model_defaults(o, self.bundle)
+        planned = o if native_known else replace(o, resolution=512)
+        # every check before any model loads, all problems at once; prints the disk and memory plans
+        self.preflight = preflight_for_run(
+            method, planned, bundle=self.bundle, plugin_manager=self.plugin_manager, say=self.say
+        )
+        if not native_known:
             self.bundle = load_bundle(o, self.plugin_manager)
             apply_model_defaults(o, self.bundle)
         self.caps = method.capabilities()
@@ -245,7 +255,12 @@ class TrainSession:
         return True if acc is None else bool(acc.is_main_process)
 
     def say(self, message: str) -> None:
-        self.progress.say(message)
+        progress = getattr(self, "progress", None)
+        if progress is not None:
+            progress.say(message)
+        else:  # before the accelerator starts (the pre-flight's plans)
+            log.debug(message)
+            print(message, file=sys.stderr)
 
     def make_batch(self, refs: list[SampleRef], *, with_conditioning: bool = True) -> Batch:
         return self.batches.make_batch(refs, with_conditioning=with_conditioning)

@@ -57,6 +57,9 @@ class Capabilities:
     #: something in the text encoders trains: their outputs are not cached and gradient
     #: checkpointing (when asked) also covers them
     trains_text_encoder: bool = False
+    #: the saved result is the whole model (DreamBooth), not only the trained tensors: sizes the
+    #: disk estimate of the pre-flight
+    saves_whole_model: bool = False
 
 
 @dataclass
@@ -151,6 +154,9 @@ class TrainingMethod(Generic[OptionsT]):
     options_class: ClassVar[type[TrainOptions]] = TrainOptions
     #: default output name suffix when ``--output`` names a folder
     output_suffix: ClassVar[str] = ".safetensors"
+    #: option names that decide the shapes of the trained tensors (LoRA rank, TI vector count): a
+    #: ``--resume`` state saved with other values is refused in the pre-flight, before any loading
+    resume_shape_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: OptionsT) -> None:
         if not isinstance(options, self.options_class):
@@ -172,6 +178,16 @@ class TrainingMethod(Generic[OptionsT]):
         ``name`` (shown in logs). Called once, after the model is loaded and before caching.
         """
         raise NotImplementedError
+
+    def plan_groups(self, bundle: ModelBundle) -> list[dict[str, Any]]:
+        """The parameter groups :meth:`prepare` would return, on a shapes-only ``bundle`` (every
+        parameter on the meta device), for the memory plan and the disk estimate.
+
+        Called on a throwaway instance (a copy of the options) before any weight loads. The default
+        runs :meth:`prepare`; override it when ``prepare`` does more than freeze, inject or unfreeze
+        (DreamBooth renders class images first).
+        """
+        return self.prepare(bundle)
 
     def regularization_data(self) -> Path | None:
         """A folder of class (regularisation) images this method adds to the dataset, or ``None``.

@@ -21,16 +21,18 @@ def sample_infotexts(
     options: TrainOptions,
     step: int,
     calls: list[tuple[list[SamplePrompt], int]],
+    defaults: dict[str, Any],
     images: list[Any],
     extra: dict[str, Any],
 ) -> list[str]:
     """One infotext per rendered image, from the generation ``calls`` that rendered them
-    (:func:`~sdcore.train.sample_prompts.generation_calls`): prompt, negative prompt, steps,
-    sampler, CFG and size as each prompt line set them (the run's defaults otherwise), seed (A1111's
-    ``seed + i`` batch rule, as :func:`~sdcore.generate.pipeline.generate_images` uses), model name,
-    clip skip, and the training step."""
+    (:func:`~sdcore.train.sample_prompts.generation_calls`) with the same arguments the renderer
+    used (:func:`~sdcore.train.sample_prompts.generation_arguments`: a prompt line's own options,
+    the method's sampling extras, the run's ``defaults``): prompt, negative prompt, steps, sampler,
+    CFG, seed (A1111's ``seed + i`` batch rule), size, model name, clip skip, training step."""
     from .. import __version__
     from ..generate.pnginfo import format_parameters
+    from .sample_prompts import generation_arguments
 
     try:
         format_parameters("", sampler="euler_a")  # needs the generation pipeline's sampler table
@@ -39,22 +41,27 @@ def sample_infotexts(
     o = options
     model = str(o.model)
     model_name = model if model.startswith("tiny:") else Path(model).stem
-    per_image = [(prompt, first + index) for group, first in calls for index, prompt in enumerate(group)]
+    per_image: list[tuple[str, str, int, dict[str, Any]]] = []
+    for group, first_seed in calls:
+        arguments = generation_arguments(group, defaults, extra)
+        negatives = arguments.get("negative_prompt", "")
+        for index, prompt in enumerate(group):
+            negative = negatives if isinstance(negatives, str) else negatives[index]
+            per_image.append((prompt.prompt, negative, first_seed + index, arguments))
     texts = []
-    for (prompt, seed), image in zip(per_image, images, strict=False):
+    for (prompt_text, negative, seed, arguments), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["Training step"] = step
         fields["Version"] = f"sdcore {__version__}"
-        cfg = prompt.cfg if prompt.cfg is not None else float(extra.get("cfg", 7.0))
         texts.append(
             format_parameters(
-                prompt.prompt,
-                prompt.negative,
-                prompt.steps or o.sample_steps,
-                prompt.sampler or o.sample_sampler,
-                cfg,
+                prompt_text,
+                negative,
+                arguments["steps"],
+                str(arguments["sampler"]),
+                float(arguments.get("cfg", 7.0)),
                 seed,
                 image.size,
                 None,

@@ -198,8 +198,24 @@ def generation_calls(prompts: list[SamplePrompt], seed: int) -> list[tuple[list[
     return calls
 
 
+def generation_arguments(group: list[SamplePrompt], defaults: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``generate_images`` for one call: the line's options, else the method's
+    sampling extras (``extra``: e.g. APT's negative embedding and CFG), else the run's ``defaults``
+    (``steps``, ``width``, ``height``, ``sampler``)."""
+    first = group[0]
+    arguments = {**defaults, **extra}
+    for name in ("steps", "width", "height", "sampler", "cfg"):
+        value = getattr(first, name)
+        if value is not None:
+            arguments[name] = value
+    if any(p.negative for p in group) or "negative_prompt" not in arguments:
+        arguments["negative_prompt"] = [p.negative for p in group]
+    return arguments
+
+
 __all__ = [
     "SamplePrompt",
+    "generation_arguments",
     "generation_calls",
     "parse_prompt_file",
     "parse_prompt_line",

@@ -53,7 +53,7 @@ def render_samples(
     import torch
 
     from .sample_info import sample_infotexts
-    from .sample_prompts import generation_calls
+    from .sample_prompts import generation_arguments, generation_calls
 
     prompts = sample_prompt_list(options)
     if not prompts:
@@ -64,37 +64,24 @@ def render_samples(
         if next(module.parameters()).device != device:
             module.to(device)
             moved.append(module)
+    o = options
+    defaults = {"steps": o.sample_steps, "width": o.resolution, "height": o.resolution, "sampler": o.sample_sampler}
     images: list[Any] = []
     calls = generation_calls(prompts, options.seed)
+    extra: dict[str, Any] = {}
     try:
         with torch.no_grad(), method.sampling(bundle) as extra:
-            # the method's negative prompt and CFG (DreamArtist's name-neg) are defaults that a
-            # prompt line's own --n / --l extend or replace
-            kwargs = dict(extra)
-            method_negative = kwargs.pop("negative_prompt", None)
-            method_cfg = kwargs.pop("cfg", None)
             for group, seed in calls:
-                first = group[0]
-                cfg_value = first.cfg if first.cfg is not None else method_cfg
-                cfg: dict[str, Any] = {"cfg": cfg_value} if cfg_value is not None else {}
+                # a line's own options win over the method's extras (APT's negative embedding, CFG)
+                arguments = generation_arguments(group, defaults, extra)
                 images += generate_images(
-                    bundle,
-                    [p.prompt for p in group],
-                    negative_prompt=[", ".join(n for n in (p.negative, method_negative) if n) for p in group],
-                    steps=first.steps or options.sample_steps,
-                    seed=seed,
-                    width=first.width or options.resolution,
-                    height=first.height or options.resolution,
-                    sampler=first.sampler or options.sample_sampler,
-                    clip_skip=options.clip_skip,
-                    **cfg,
-                    **kwargs,
+                    bundle, [p.prompt for p in group], seed=seed, clip_skip=options.clip_skip, **arguments
                 )
     finally:
         for module in moved:
             module.to("cpu")
     path = folder / f"{tag}.png"
-    write_grid(images, path, sample_infotexts(options, step, calls, images, extra))
+    write_grid(images, path, sample_infotexts(options, step, calls, defaults, images, extra))
     return path
 
 

@@ -1,0 +1,302 @@
+"""The memory plan against measured peaks: ``sdcore.train.memory`` estimate vs real training steps.
+
+For each size (the tiny, mid and SD1.5-sized models of ``bench_train``), a fresh interpreter
+imports everything, records its RSS (the baseline), builds the model, trains a few LoRA steps
+through ``sdcore.train.loop.train`` and reports its peak: ``ru_maxrss`` minus the baseline on CPU,
+``torch.cuda.max_memory_allocated`` on a GPU. The estimate is computed the way the runtime prints
+it before loading (:func:`sdcore.train.preflight.memory_plan`), from the same options.
+
+    python -m benchmarks memory [--sizes tiny,mid,sd15] [--steps 3] [--batch 1] [--checkpointing]
+                                [--method lora|dreambooth]
+    python -m benchmarks memory -- --calibrate     # re-measure the activation constants
+
+``--calibrate`` measures what autograd saves for one UNet forward (unique storages seen by
+``torch.autograd.graph.saved_tensors_hooks``, parameters excluded) for each size at two
+resolutions, adapter (LoRA on a frozen UNet) and full training, and fits ``K_RES``, ``K_TF`` and ``K_CTX`` of
+:data:`sdcore.train.memory.ACTIVATION_CONSTANTS` by least squares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import print_table, run_isolated, write_json
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"resolution": 64, "rank": 4, "calibrate": (64, 128, 256)},
+    "mid": {"resolution": 128, "rank": 8, "calibrate": (128, 256)},
+    "sd15": {"resolution": 256, "rank": 16, "calibrate": (128, 256)},
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_measure(size: str, steps: str, batch: str, checkpointing: str = "0", method: str = "lora") -> dict[str, Any]:
+    """One measured run in this (fresh) process: peak above the post-import baseline, and the estimate."""
+    import torch
+    from sdcore.train.loop import train
+    from sdcore.train.preflight import memory_plan
+
+    from .bench_train import build_bundle, make_data
+
+    cfg = SIZES[size]
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(Path(tmp), "mid" if size == "mid" else size, max(4, int(batch) * 2))
+        common: dict[str, Any] = dict(
+            model="tiny:sd1",  # placeholder: the bundle passed to train() is used
+            data=str(data),
+            output=str(Path(tmp) / "out.safetensors"),
+            resolution=cfg["resolution"],
+            batch_size=int(batch),
+            max_steps=int(steps),
+            seed=0,
+            progress=False,
+            min_bucket_reso=64,
+            max_bucket_reso=1024,
+            save_state=False,
+            gradient_checkpointing=checkpointing == "1",
+        )
+        if method == "dreambooth":
+            from sdplugin_dreambooth.method import DreamBoothMethod
+            from sdplugin_dreambooth.options import DreamBoothOptions
+
+            options: Any = DreamBoothOptions(**common)
+            trainer: Any = DreamBoothMethod(options)
+        else:
+            from sdplugin_lora.method import LoraMethod, LoraOptions
+
+            options = LoraOptions(rank=cfg["rank"], alpha=cfg["rank"], **common)
+            trainer = LoraMethod(options)
+        import gc
+
+        # everything the run imports, imported before the baseline: the libraries are not the plan's
+        import accelerate  # noqa: F401
+        import sdcore.train.cache  # noqa: F401
+        import sdplugin_lora.network  # noqa: F401
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+        from transformers import CLIPTextModel  # noqa: F401
+
+        gc.collect()
+        baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        current_mb = _rss_mb()
+        bundle = build_bundle(size)
+        plan = memory_plan(trainer, options, bundle=bundle, device="cuda" if cuda else "cpu")
+        if cuda:  # the runtime places the model; the peak counts from here
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        train(trainer, bundle=bundle)
+        seconds = time.perf_counter() - start
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    estimate = plan.estimate
+    result: dict[str, Any] = {
+        "size": size,
+        "method": method,
+        "batch": int(batch),
+        "resolution": cfg["resolution"],
+        "gradient_checkpointing": checkpointing == "1",
+        "steps": int(steps),
+        "seconds": seconds,
+        "baseline_rss_mb": current_mb,
+        "baseline_maxrss_mb": baseline_mb,
+        "peak_rss_mb": peak_mb,
+        "estimate_mb": estimate.total / 2**20,
+        "estimate_parts_mb": {
+            "weights": estimate.weights / 2**20,
+            "gradients": estimate.gradients / 2**20,
+            "optimizer": estimate.optimizer / 2**20,
+            "activations": estimate.activations / 2**20,
+            "runtime": estimate.runtime / 2**20,
+        },
+    }
+    if cuda:
+        result["measured_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["measure"] = "torch.cuda.max_memory_allocated"
+    else:
+        result["measured_mb"] = peak_mb - current_mb
+        result["measure"] = "ru_maxrss - VmRSS after imports"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibration of the activation constants
+
+
+def saved_tensor_bytes(unet: Any, batch: int, resolution: int, width: int, *, checkpointing: bool = False) -> int:
+    """Bytes of the unique non-parameter storages autograd saves in one UNet forward."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params:
+            seen[ptr] = storage.nbytes()
+        return tensor
+
+    side = resolution // 8
+    torch.manual_seed(0)
+    latents = torch.randn(batch, 4, side, side)
+    hidden = torch.randn(batch, 77, width)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = unet(latents, torch.tensor([500] * batch), hidden).sample
+    del out
+    return sum(seen.values())
+
+
+def run_calibrate(size: str, mode: str) -> dict[str, Any]:
+    from sdcore.train.memory import unet_blocks
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    from .bench_train import build_bundle
+
+    rows = []
+    bundle = build_bundle(size)
+    unet = bundle.unet
+    width = bundle.text_encoders[0].config.hidden_size
+    if mode == "adapter":
+        LoraMethod(LoraOptions(rank=SIZES[size]["rank"])).prepare(bundle)
+    else:
+        unet.requires_grad_(True)
+    for resolution in SIZES[size]["calibrate"]:
+        for batch in (1,):  # saved bytes are exactly linear in the batch
+            measured = saved_tensor_bytes(unet, batch, resolution, width)
+            side = resolution / 8
+            blocks = unet_blocks(dict(unet.config), side * side)
+            res = sum((b.c_in + b.c_out) * b.area for b in blocks if b.kind == "res")
+            tf = sum(b.c_out * b.area for b in blocks if b.kind == "tf")
+            ctx = sum(b.c_out * 77 for b in blocks if b.kind == "tf")
+            rows.append(
+                {
+                    "size": size,
+                    "mode": mode,
+                    "resolution": resolution,
+                    "batch": batch,
+                    "bytes": measured,
+                    "res_units": batch * 4 * res,
+                    "tf_units": batch * 4 * tf,
+                    "ctx_units": batch * 4 * ctx,
+                }
+            )
+    return {"rows": rows}
+
+
+def fit_constants(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """Least-squares K_RES, K_TF, K_CTX per mode, weighting each row by 1/bytes (relative error)."""
+    import numpy as np
+
+    out = {}
+    for mode in ("adapter", "full"):
+        chosen = [r for r in rows if r["mode"] == mode]
+        a = np.array([[r[k] / r["bytes"] for k in ("res_units", "tf_units", "ctx_units")] for r in chosen])
+        b = np.ones(len(chosen))
+        (k_res, k_tf, k_ctx), *_ = np.linalg.lstsq(a, b, rcond=None)
+        out[mode] = (float(k_res), float(k_tf), float(k_ctx))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks memory")
+    parser.add_argument("--sizes", default="tiny,mid,sd15")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
+    parser.add_argument("--method", default="lora", choices=("lora", "dreambooth"))
+    parser.add_argument("--calibrate", action="store_true", help="re-measure the activation constants")
+    args = parser.parse_args(argv or [])
+    sizes = args.sizes.split(",")
+    if args.calibrate:
+        rows: list[dict[str, Any]] = []
+        for size in sizes:
+            for mode in ("adapter", "full"):
+                rows += run_isolated("benchmarks.bench_memory", "run_calibrate", size, mode)["rows"]
+        constants = fit_constants(rows)
+        from sdcore.train.memory import ACTIVATION_CONSTANTS
+
+        table = []
+        for r in rows:
+            k_res, k_tf, k_ctx = constants[r["mode"]]
+            fitted = k_res * r["res_units"] + k_tf * r["tf_units"] + k_ctx * r["ctx_units"]
+            k_res0, k_tf0, k_ctx0, _ = ACTIVATION_CONSTANTS[r["mode"]]
+            current = k_res0 * r["res_units"] + k_tf0 * r["tf_units"] + k_ctx0 * r["ctx_units"]
+            table.append(
+                (
+                    r["size"],
+                    r["mode"],
+                    str(r["resolution"]),
+                    str(r["batch"]),
+                    f"{r['bytes'] / 2**20:.1f}",
+                    f"{fitted / r['bytes']:.2f}",
+                    f"{current / r['bytes']:.2f}",
+                )
+            )
+        print_table(
+            "activation bytes saved by autograd (one UNet forward)",
+            table,
+            ("size", "mode", "px", "batch", "saved MiB", "fit/measured", "shipped/measured"),
+        )
+        print("fitted (K_RES, K_TF, K_CTX):", json.dumps(constants))
+        write_json("memory_calibration", {"rows": rows, "constants": constants})
+        return {"rows": rows, "constants": constants}
+    results = []
+    table = []
+    variants = [False, True] if args.checkpointing else [False]
+    for size in sizes:
+        for gc in variants:
+            steps = min(args.steps, 3) if size == "sd15" else args.steps
+            r = run_isolated(
+                "benchmarks.bench_memory",
+                "run_measure",
+                size,
+                str(steps),
+                str(args.batch),
+                "1" if gc else "0",
+                args.method,
+            )
+            results.append(r)
+            parts = r["estimate_parts_mb"]
+            table.append(
+                (
+                    size,
+                    f"{r['resolution']}",
+                    str(r["batch"]),
+                    "yes" if gc else "no",
+                    f"{r['measured_mb']:.0f}",
+                    f"{r['estimate_mb']:.0f}",
+                    f"{r['estimate_mb'] / r['measured_mb']:.2f}",
+                    "/".join(
+                        f"{parts[k]:.0f}" for k in ("weights", "gradients", "optimizer", "activations", "runtime")
+                    ),
+                )
+            )
+    print_table(
+        f"{args.method} training memory: estimate vs measured peak ("
+        + (results[0]["measure"] if results else "")
+        + ")",
+        table,
+        ("size", "px", "batch", "grad ckpt", "measured MiB", "estimate MiB", "est/meas", "W/G/O/A/R MiB"),
+    )
+    print("goal: estimate within 25% of the measured peak (0.75 <= est/meas <= 1.25)")
+    write_json("memory", {"args": vars(args), "results": results})
+    return {"results": results}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=2, default=str))

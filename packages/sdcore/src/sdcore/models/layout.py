@@ -1,0 +1,176 @@
+"""What a model is, from its header and configs only: no weights are read.
+
+:func:`read_layout` answers "is this a model, which family, which component configs" for every
+source :func:`sdcore.models.load.load_model` reads (a single file's safetensors header or pickle
+keys, a diffusers folder's JSON configs, ``tiny:<family>``, a Hub id in the local cache), using the
+same detection and config rules as the readers. :func:`meta_bundle` builds a
+:class:`~sdcore.models.bundle.ModelBundle` of that layout with every parameter on the meta device
+(shapes, no memory), which the training pre-flight and memory plan count and size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFormatError
+from .bundle import ModelBundle
+
+
+@dataclass
+class ModelLayout:
+    """A model's family and component configs (the ``sdcore.config`` shape: ``unet``, ``vae``,
+    ``text_encoders``, ``scheduler``), and the bytes per weight as stored (2 for fp16 files)."""
+
+    source: str
+    family: str
+    prediction_type: str
+    configs: dict[str, Any]
+    source_format: str
+    stored_bytes_per_weight: float = 4.0
+    inpainting: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _bytes_per_weight(header: dict[str, Any]) -> float:
+    """Stored bytes per element over every tensor of a safetensors header (2.0 for an fp16 file)."""
+    elements = stored = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in info["shape"]:
+            count *= int(dim)
+        elements += count
+        stored += int(info["data_offsets"][1]) - int(info["data_offsets"][0])
+    return stored / elements if elements else 4.0
+
+
+def _tiny_layout(spec: str) -> ModelLayout:
+    from .tiny import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
+
+    family = spec.split(":", 1)[1] if ":" in spec else spec
+    try:
+        unet = tiny_unet_config(family)
+    except ValueError as exc:
+        raise ModelFormatError(f"{spec}: {exc}") from None
+    encoders = []
+    for index in range(2 if family == "sdxl" else 1):
+        te = dict(tiny_text_encoder_config(family, index))
+        te["_class_name"] = "CLIPTextModelWithProjection" if (family == "sdxl" and index == 1) else "CLIPTextModel"
+        encoders.append(te)
+    configs = {"unet": unet, "vae": tiny_vae_config(family), "text_encoders": encoders, "scheduler": {}}
+    prediction = "v_prediction" if family == "sd2" else "epsilon"
+    return ModelLayout(spec, family, prediction, configs, "tiny")
+
+
+def _single_file_layout(path: Path) -> ModelLayout:
+    from .detect import detect
+    from .load import single_file_configs
+    from .source import CheckpointSource, read_safetensors_header
+
+    source = CheckpointSource(path)
+    try:
+        found = detect(
+            source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
+        )
+        configs = single_file_configs(source, found)
+    finally:
+        source.close()
+    stored = _bytes_per_weight(read_safetensors_header(path)[0]) if source.format == "safetensors" else 4.0
+    return ModelLayout(str(path), found.family, found.prediction_type, configs, "single-file", stored, found.inpainting)
+
+
+def _diffusers_layout(folder: Path, source: str, source_format: str) -> ModelLayout:
+    from .load import _folder_family, _read_json, configs_from_diffusers_folder
+
+    index = _read_json(folder / "model_index.json")
+    configs = configs_from_diffusers_folder(folder)
+    family = _folder_family(folder, index, configs)
+    sched = configs.get("scheduler") or {}
+    prediction = "v_prediction" if sched.get("prediction_type") in ("v", "v_prediction") else "epsilon"
+    weights = [*(folder / "unet").glob("*.safetensors"), *(folder / "unet").glob("*.bin")]
+    if not weights:
+        raise ModelFormatError(f"{folder}: diffusers folder without UNet weights (unet/*.safetensors)")
+    stored = 4.0
+    first = sorted(weights)[0]
+    if first.suffix == ".safetensors":
+        from .source import read_safetensors_header
+
+        stored = _bytes_per_weight(read_safetensors_header(first)[0])
+    unet_in = int(configs["unet"].get("in_channels", 4))
+    return ModelLayout(source, family, prediction, configs, source_format, stored, unet_in == 9)
+
+
+def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
+    """The layout of a model source, reading headers and configs only.
+
+    Raises :class:`~sdcore.errors.ModelFormatError` (or another :class:`~sdcore.errors.SdcoreError`)
+    with the same one-line message ``load_model`` would give for a missing or unreadable model.
+    """
+    from .load import cached_hub_folder, sniff_hub, sniff_tiny
+
+    text = os.fspath(path_or_hub_id)
+    if sniff_tiny(text):
+        return _tiny_layout(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelFormatError(f"{path}: folder is not a diffusers model (no model_index.json)")
+        return _diffusers_layout(path, str(path), "diffusers")
+    if path.is_file():
+        return _single_file_layout(path)
+    if sniff_hub(text):
+        return _diffusers_layout(cached_hub_folder(text), text, "hub")
+    raise ModelFormatError(f"{path}: no such file or folder")
+
+
+def layout_of_bundle(bundle: ModelBundle) -> ModelLayout:
+    """The layout of an already loaded bundle (configs read from its modules)."""
+    encoders = []
+    for te in bundle.text_encoders:
+        config = te.config.to_dict()
+        config["_class_name"] = type(te).__name__
+        encoders.append(config)
+    configs = {
+        "unet": dict(bundle.unet.config),
+        "vae": dict(bundle.vae.config),
+        "text_encoders": encoders,
+        "scheduler": {},
+    }
+    sizes = [p.element_size() for p in bundle.unet.parameters()]
+    stored = sum(sizes) / max(len(sizes), 1)
+    return ModelLayout(
+        bundle.source or "<bundle>",
+        bundle.family,
+        bundle.prediction_type,
+        configs,
+        bundle.source_format or "bundle",
+        stored,
+        bundle.inpainting,
+    )
+
+
+def meta_bundle(layout: ModelLayout, tokenizers: list[Any] | None = None) -> ModelBundle:
+    """A bundle of ``layout`` with every parameter on the meta device (no weight memory).
+
+    ``tokenizers`` (e.g. those of an already loaded bundle) saves building the bundled CLIP ones."""
+    from .load import _noise_scheduler, _tokenizers, build_empty_modules
+
+    unet, vae, encoders = build_empty_modules(layout.configs)
+    for module in [unet, vae, *encoders]:
+        module.requires_grad_(True)
+    return ModelBundle(
+        family=layout.family,
+        prediction_type=layout.prediction_type,
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers if tokenizers is not None else _tokenizers(layout.family, None, None),
+        noise_scheduler=_noise_scheduler(layout.configs.get("scheduler") or {}, layout.prediction_type),
+        source=layout.source,
+        source_format="meta",
+        inpainting=layout.inpainting,
+    )

@@ -1,0 +1,427 @@
+"""The memory plan: peak training memory estimated before any weight is loaded.
+
+``estimated peak memory = weights + gradients + optimizer state + activations (+ runtime on the
+CPU)`` on the training device, for the chosen precision, batch, resolution, gradient checkpointing,
+caches and method.
+
+- **Weights**: every parameter of the components that stay on the device, at its dtype: frozen
+  weights in the compute dtype under mixed precision (the VAE stays fp32 under fp16), trainable
+  ones in fp32, plus the parameters a method adds (LoRA modules, TI vectors, hypernetworks). On a
+  GPU the runtime moves the VAE (latents cached, no pixels needed) and the text encoders (outputs
+  cached) back to the CPU after caching, so they do not count there; on the CPU everything stays.
+- **Gradients**: fp32, one per trainable parameter.
+- **Optimizer**: bytes per trainable parameter (:data:`OPTIMIZER_STATE_BYTES`: AdamW keeps two fp32
+  moments = 8 bytes, 8-bit AdamW two 8-bit moments plus block statistics ~ 2 bytes, ...).
+- **Activations**: what autograd keeps for the backward pass of the UNet, from its config. With
+  ``S_l`` the latent area at level ``l`` (``(resolution / 8)^2 / 4^l``), every ResNet block
+  counts ``(c_in + c_out) * S_l`` elements, every transformer block ``c * S_l`` and, for its
+  cross-attention keys and values, ``c * T`` (``T`` = 77 text tokens):
+
+      A = batch * bytes * (K_RES * sum_resnets (c_in + c_out) S_l
+                           + sum_transformers (K_TF * c S_l + K_CTX * c T))
+
+  ``bytes`` is 2 under fp16/bf16 autocast, else 4. With gradient checkpointing only block inputs
+  are kept, plus one block recomputed at a time:
+
+      A_gc = batch * bytes * (sum_blocks c_in S_l + max_block (its full term above))
+
+  Attention score maps (``S_l^2``) are not counted: diffusers runs ``scaled_dot_product_attention``,
+  whose CPU flash and CUDA memory-efficient kernels keep only ``O(S_l)`` statistics. When a text
+  encoder trains (DreamBooth/LoRA with ``--train-text-encoder``, TI and APT's vectors), its
+  activations add ``K_TE * batch * bytes * tokens * width * layers``.
+
+  The constants (:data:`ACTIVATION_CONSTANTS`) were calibrated once by measuring the bytes autograd
+  saves (``torch.autograd.graph.saved_tensors_hooks``, unique storages) for the tiny, mid and
+  SD1.5-sized UNets of ``benchmarks/bench_memory.py`` at two resolutions, for adapter training (a
+  LoRA on a frozen UNet) and full training; ``python -m benchmarks memory -- --calibrate`` repeats
+  the measurement. The benchmark then checks the whole estimate against the measured peak
+  (RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU).
+
+- **Runtime** (CPU only): host memory of the accelerator, data index and allocator slack plus one
+  CLIP tokenizer per text encoder (:data:`CPU_RUNTIME_BYTES`, :data:`CPU_TOKENIZER_BYTES`). On a
+  GPU the estimate is of ``torch.cuda.max_memory_allocated``, which counts tensors only.
+
+Nothing here imports torch at module level; :func:`device_free_memory` imports it only for CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelBundle
+    from ..models.layout import ModelLayout
+    from .options import TrainOptions
+
+MIB = 1024 * 1024
+
+#: optimizer state bytes per trainable (fp32) parameter
+OPTIMIZER_STATE_BYTES: dict[str, float] = {
+    "adamw": 8.0,  # exp_avg + exp_avg_sq, fp32
+    "adamw8bit": 2.05,  # two uint8 moments + per-block absmax (bitsandbytes, blocks of 2048)
+    "lion": 4.0,  # one momentum
+    "prodigy": 16.0,  # exp_avg, exp_avg_sq, s, p0
+    "adafactor": 0.1,  # factored second moment (rows + columns), no first moment by default
+    "sgd": 0.0,  # no momentum unless --optimizer-args momentum=...
+}
+
+#: (K_RES, K_TF, K_CTX, K_TE) for adapter training (frozen base weights) and full training. K_RES,
+#: K_TF and K_CTX were fitted to the bytes autograd saves (``python -m benchmarks memory --
+#: --calibrate``, 2026-11-30: within 5 % on 14 UNet/resolution/mode points from 1.4 to 472 MiB);
+#: K_TE is counted from a CLIP layer's saved tensors (LayerNorms, q/k/v/out, the 4x MLP), not fitted
+ACTIVATION_CONSTANTS: dict[str, tuple[float, float, float, float]] = {
+    "adapter": (1.52, 37.5, 5.37, 20.0),
+    "full": (3.80, 29.9, 2.27, 20.0),
+}
+
+#: what the libraries take once imported (torch, diffusers, transformers, accelerate): added when
+#: checking the estimate against free memory, not part of the printed estimate
+RUNTIME_OVERHEAD = {"cpu": 700 * MIB, "cuda": 300 * MIB}
+
+#: host memory the run itself takes beside tensors on the CPU, part of the estimate ("runtime"):
+#: the accelerator, data index, caches' bookkeeping and allocator slack, plus each CLIP tokenizer
+#: (a Python vocabulary of ~50k entries). Measured on the tiny model (benchmarks/RESULTS.md). On a
+#: GPU the estimate is of ``torch.cuda.max_memory_allocated``, which counts tensors only.
+CPU_RUNTIME_BYTES = 30 * MIB
+CPU_TOKENIZER_BYTES = 20 * MIB
+
+
+@dataclass(frozen=True)
+class ParameterPlan:
+    """Parameter counts the plan needs, from a shapes-only bundle and the method's groups."""
+
+    components: dict[str, int]  # name -> parameters (unet, vae, text_encoder, ...)
+    trainable: int  # parameters the optimizer updates
+    added: int  # trainable parameters that are not part of the model (LoRA, TI vectors, HN)
+    trainable_in: frozenset[str] = frozenset()  # components with trainable weights of their own
+    result: int = 0  # parameters in the saved result
+
+
+@dataclass
+class MemoryEstimate:
+    device: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    runtime: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+    def line(self) -> str:
+        def mib(n: int) -> str:
+            return f"{n / MIB:,.0f}"
+
+        return (
+            f"estimated peak memory: {mib(self.total)} MiB (weights {mib(self.weights)}, gradients "
+            f"{mib(self.gradients)}, optimizer {mib(self.optimizer)}, activations {mib(self.activations)}"
+            + (f", runtime {mib(self.runtime)})" if self.runtime else ")")
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters
+
+
+def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole_model_result: bool) -> ParameterPlan:
+    """Counts for the plan from a (meta) bundle after the method's ``prepare`` returned ``groups``."""
+    components = {name: sum(p.numel() for p in module.parameters()) for name, module in bundle.components().items()}
+    owners: dict[int, str] = {}
+    for name, module in bundle.components().items():
+        for p in module.parameters():
+            owners[id(p)] = name
+    seen: set[int] = set()
+    trainable = added = 0
+    trainable_in: set[str] = set()
+    for group in groups:
+        for p in group["params"]:
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            trainable += p.numel()
+            if id(p) in owners:
+                trainable_in.add(owners[id(p)])
+            else:
+                added += p.numel()
+    result = sum(components.values()) + added if whole_model_result else trainable
+    return ParameterPlan(components, trainable, added, frozenset(trainable_in), result)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activations
+
+
+@dataclass(frozen=True)
+class _Block:
+    kind: str  # "res" or "tf"
+    c_in: int
+    c_out: int
+    area: float  # latent elements per channel at this level
+
+    def units(self, k_res: float, k_tf: float, k_ctx: float, tokens: int = 77) -> float:
+        if self.kind == "res":
+            return k_res * (self.c_in + self.c_out) * self.area
+        return k_tf * self.c_out * self.area + k_ctx * self.c_out * tokens
+
+    def input_units(self) -> float:
+        return self.c_in * self.area
+
+
+def _per_level(value: Any, levels: int) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)] * levels
+
+
+def unet_blocks(unet_config: dict[str, Any], latent_area: float) -> list[_Block]:
+    """The ResNet and transformer blocks of a diffusers ``UNet2DConditionModel`` config with the
+    channels and latent area each runs at (in forward order)."""
+    channels = [int(c) for c in unet_config.get("block_out_channels", (320, 640, 1280, 1280))]
+    levels = len(channels)
+    layers = _per_level(unet_config.get("layers_per_block", 2), levels)
+    depth = _per_level(unet_config.get("transformer_layers_per_block", 1), levels)
+    down_types = list(unet_config.get("down_block_types") or ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"])
+    up_types = list(unet_config.get("up_block_types") or ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1))
+    blocks: list[_Block] = []
+    skips = [channels[0]]
+    c_prev = channels[0]
+    for level, (c, kind) in enumerate(zip(channels, down_types, strict=False)):
+        area = latent_area / 4**level
+        for _ in range(layers[level]):
+            blocks.append(_Block("res", c_prev, c, area))
+            if "CrossAttn" in kind:
+                blocks.extend(_Block("tf", c, c, area) for _ in range(depth[level]))
+            c_prev = c
+            skips.append(c)
+        if level < levels - 1:
+            skips.append(c)  # the downsampler's output is a skip too
+    mid_area = latent_area / 4 ** (levels - 1)
+    c_mid = channels[-1]
+    mid_type = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    blocks.append(_Block("res", c_mid, c_mid, mid_area))
+    if mid_type and "CrossAttn" in str(mid_type):
+        blocks.extend(_Block("tf", c_mid, c_mid, mid_area) for _ in range(depth[-1]))
+    if mid_type:
+        blocks.append(_Block("res", c_mid, c_mid, mid_area))
+    reversed_channels = list(reversed(channels))
+    reversed_depth = list(reversed(depth))
+    reversed_layers = list(reversed(layers))
+    c_prev = c_mid
+    for index, (c, kind) in enumerate(zip(reversed_channels, up_types, strict=False)):
+        level = levels - 1 - index
+        area = latent_area / 4**level
+        for _ in range(reversed_layers[index] + 1):
+            skip = skips.pop() if skips else c
+            blocks.append(_Block("res", c_prev + skip, c, area))
+            if "CrossAttn" in kind:
+                blocks.extend(_Block("tf", c, c, area) for _ in range(reversed_depth[index]))
+            c_prev = c
+    return blocks
+
+
+def activation_bytes(
+    unet_config: dict[str, Any],
+    *,
+    batch: int,
+    resolution: int,
+    vae_scale: int = 8,
+    bytes_per_element: int = 4,
+    gradient_checkpointing: bool = False,
+    mode: str = "adapter",
+    text_encoders: list[dict[str, Any]] | None = None,
+    text_encoder_trains: bool = False,
+) -> int:
+    """Bytes autograd keeps for one micro-batch through the UNet (and a training text encoder)."""
+    k_res, k_tf, k_ctx, k_te = ACTIVATION_CONSTANTS[mode]
+    side = resolution / vae_scale
+    blocks = unet_blocks(unet_config, side * side)
+    if gradient_checkpointing:
+        units = sum(b.input_units() for b in blocks) + max(b.units(k_res, k_tf, k_ctx) for b in blocks)
+    else:
+        units = sum(b.units(k_res, k_tf, k_ctx) for b in blocks)
+    total = units
+    if text_encoder_trains:
+        for te in text_encoders or []:
+            tokens = int(te.get("max_position_embeddings", 77))
+            width = int(te.get("hidden_size", 768))
+            layers = int(te.get("num_hidden_layers", 12))
+            te_units = k_te * tokens * width * layers
+            total += te_units / layers * 2 if gradient_checkpointing else te_units
+    return math.ceil(batch * bytes_per_element * total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the estimate
+
+
+def _compute_bytes(precision: str) -> int:
+    return 2 if precision in ("fp16", "bf16") else 4
+
+
+def estimate_memory(
+    layout: ModelLayout,
+    params: ParameterPlan,
+    options: TrainOptions,
+    *,
+    device: str = "cpu",
+    text_encoder_frozen: bool = True,
+    needs_pixels: bool = False,
+    cast_frozen_weights: bool = True,
+) -> MemoryEstimate:
+    """The peak-memory estimate for training ``layout`` with ``options`` on ``device`` (``cpu``/``cuda``)."""
+    o = options
+    compute = _compute_bytes(o.mixed_precision)
+    frozen_bytes = compute if cast_frozen_weights else 4
+    latents_cached = o.cache_latents and not needs_pixels
+    text_cached = o.cache_text_encoder_outputs and text_encoder_frozen
+    weights = 0.0
+    for name, count in params.components.items():
+        if device != "cpu":
+            if name == "vae" and latents_cached:
+                continue
+            if name.startswith("text_encoder") and text_cached:
+                continue
+        if name in params.trainable_in:
+            weights += count * 4
+            continue
+        per = frozen_bytes
+        if name == "vae" and o.mixed_precision == "fp16":
+            per = 4
+        weights += count * per
+    weights += params.added * 4
+    gradients = params.trainable * 4
+    optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer, 8.0)
+    full = bool(params.trainable_in & {"unet"})
+    vae_blocks = layout.configs.get("vae", {}).get("block_out_channels", (128, 256, 512, 512))
+    activations = activation_bytes(
+        layout.configs["unet"],
+        batch=o.batch_size,
+        resolution=o.resolution,
+        vae_scale=2 ** (len(vae_blocks) - 1),
+        bytes_per_element=compute,
+        gradient_checkpointing=o.gradient_checkpointing,
+        mode="full" if full else "adapter",
+        text_encoders=layout.configs.get("text_encoders"),
+        text_encoder_trains=not text_encoder_frozen,
+    )
+    runtime = 0
+    if device == "cpu":
+        runtime = CPU_RUNTIME_BYTES + CPU_TOKENIZER_BYTES * len(layout.configs.get("text_encoders") or [])
+    return MemoryEstimate(
+        device=device,
+        runtime=runtime,
+        weights=int(weights),
+        gradients=int(gradients),
+        optimizer=int(optimizer),
+        activations=activations,
+        settings={
+            "batch_size": o.batch_size,
+            "resolution": o.resolution,
+            "mixed_precision": o.mixed_precision,
+            "gradient_checkpointing": o.gradient_checkpointing,
+            "optimizer": o.optimizer,
+            "latents_cached": latents_cached,
+            "text_cached": text_cached,
+            "trainable_parameters": params.trainable,
+        },
+    )
+
+
+def device_free_memory(device: str) -> int | None:
+    """Free memory of ``device`` in bytes: available RAM (``/proc/meminfo``) for the CPU,
+    ``torch.cuda.mem_get_info`` for a GPU; ``None`` when unknown."""
+    if device == "cuda":
+        try:
+            import torch
+
+            free, _total = torch.cuda.mem_get_info()
+            return int(free)
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def training_device() -> str:
+    """The device accelerate will train on: ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    flags: str
+    estimate: MemoryEstimate
+    fits: bool
+
+
+def suggestions(
+    layout: ModelLayout,
+    params: ParameterPlan,
+    options: TrainOptions,
+    budget: int,
+    *,
+    device: str = "cpu",
+    text_encoder_frozen: bool = True,
+    needs_pixels: bool = False,
+    cast_frozen_weights: bool = True,
+    optimizer_8bit_available: bool = True,
+) -> list[Suggestion]:
+    """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
+    (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, smaller batches, all together)."""
+    o = options
+    variants: list[tuple[str, dict[str, Any]]] = []
+    if not o.gradient_checkpointing:
+        variants.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    if o.optimizer in ("adamw", "prodigy", "lion") and optimizer_8bit_available:
+        variants.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+    if not o.cache_text_encoder_outputs and text_encoder_frozen:
+        variants.append(("--cache-text-encoder-outputs", {"cache_text_encoder_outputs": True}))
+    if not o.cache_latents and not needs_pixels:
+        variants.append(("--cache-latents", {"cache_latents": True}))
+    if o.mixed_precision == "no":
+        variants.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
+    batch = o.batch_size
+    while batch > 1:
+        batch //= 2
+        accum = o.gradient_accumulation * (o.batch_size // batch)
+        variants.append(
+            (
+                f"--batch-size {batch} --gradient-accumulation {accum}",
+                {"batch_size": batch, "gradient_accumulation": accum},
+            )
+        )
+    if len(variants) > 1:
+        combined: dict[str, Any] = {}
+        names = []
+        for flags, change in variants:
+            if "batch_size" in change and "batch_size" in combined:
+                continue
+            combined.update(change)
+            names.append(flags)
+        variants.append((" ".join(names), combined))
+    out = []
+    for flags, change in variants:
+        estimate = estimate_memory(
+            layout,
+            params,
+            replace(options, **change),
+            device=device,
+            text_encoder_frozen=text_encoder_frozen,
+            needs_pixels=needs_pixels,
+            cast_frozen_weights=cast_frozen_weights,
+        )
+        out.append(Suggestion(flags, estimate, estimate.total <= budget))
+    return out

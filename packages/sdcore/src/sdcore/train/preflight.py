@@ -1,0 +1,623 @@
+"""The pre-flight: every check that can run before a model loads, all problems reported at once.
+
+``sdcore train <method> --dry-run`` runs it and prints the plan; every run runs it first (the
+``train()`` call does, before the accelerator starts and before any weight is read). It checks:
+
+- the options (:func:`option_problems`, which ``validate_options`` raises from);
+- the model: the path exists and its header is readable, family detected
+  (:func:`sdcore.models.layout.read_layout`: a safetensors header, a diffusers folder's configs, a
+  cached Hub id, ``tiny:<family>``; no weights are read);
+- the output and state folders are writable (a probe file is created and removed; a folder that
+  does not exist yet is checked at its nearest existing parent);
+- the dataset has usable images (the runtime's own index and buckets);
+- a ``--resume`` state belongs to this method and was trained with the same shape options
+  (:attr:`TrainingMethod.resume_shape_options`: LoRA rank and algorithm, TI vector count...);
+- free disk for the result, the intermediate results and the states the save settings keep.
+
+It also makes the memory plan (:mod:`sdcore.train.memory`) from the model's configs and the
+method's parameters on a shapes-only (meta device) copy of the model. Problems are collected in a
+:class:`PreflightError` (one line each); the CLI prints them and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, SdcoreError
+from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelBundle
+    from ..models.layout import ModelLayout
+    from .data import TrainData
+    from .memory import MemoryEstimate, ParameterPlan, Suggestion
+    from .method import TrainingMethod
+
+log = logging.getLogger("sdcore.train")
+
+MIB = 1024 * 1024
+SAVE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+class PreflightError(ConfigError):
+    """One or more problems found before training; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# options
+
+
+def validate_options(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> None:
+    """Raise for missing or contradictory options (all of them, one line each:
+    :class:`PreflightError`), before anything heavy runs."""
+    problems = option_problems(options, method)
+    if problems:
+        raise PreflightError(problems)
+
+
+def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> list[str]:
+    """Every missing or contradictory option, one line each (empty when all is well)."""
+    from .optim import check_optimizer_available
+
+    o = options
+    problems: list[str] = []
+    if not o.model:
+        problems.append("no base model given (--model: a model file or folder, or tiny:sd1|sd2|sdxl)")
+    if not o.data:
+        problems.append("no dataset given (--data: a folder of images or a dataset .toml)")
+    if not o.output:
+        problems.append("no output given (--output: where to write the result)")
+    for name, value, choices in (
+        ("mixed_precision", o.mixed_precision, MIXED_PRECISION),
+        ("optimizer", o.optimizer, OPTIMIZERS),
+        ("lr_scheduler", o.lr_scheduler, LR_SCHEDULERS),
+        ("save_dtype", o.save_dtype, SAVE_DTYPES),
+    ):
+        if value not in choices:
+            problems.append(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+    positive = {
+        "batch_size": o.batch_size,
+        "gradient_accumulation": o.gradient_accumulation,
+        "clip_skip": o.clip_skip,
+        "caption_variants": o.caption_variants,
+    }
+    for label, count in positive.items():
+        if count < 1:
+            problems.append(f"--{label.replace('_', '-')} must be at least 1, got {count}")
+    for name in ("max_steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_every_epochs"):
+        value = getattr(o, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
+    for name in ("save_limit", "keep_states"):  # 0 keeps all
+        value = getattr(o, name)
+        if value is not None and value < 0:
+            problems.append(f"--{name.replace('_', '-')} must be 0 (keep all) or more, got {value}")
+    if o.resolution < 0:
+        problems.append(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
+    if o.lr <= 0:
+        problems.append(f"--lr must be positive, got {o.lr}")
+    if o.lr_warmup_steps < 0:
+        problems.append(f"--lr-warmup-steps must be >= 0, got {o.lr_warmup_steps}")
+    for name in ("caption_dropout", "tag_dropout"):
+        value = getattr(o, name)
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
+    if o.noise_offset < 0:
+        problems.append(f"--noise-offset must be >= 0, got {o.noise_offset}")
+    if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
+        problems.append(f"--min-snr-gamma must be positive, got {o.min_snr_gamma}")
+    if o.max_grad_norm < 0:
+        problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
+    if o.cache_latents_to_disk and not o.cache_latents:
+        problems.append("--cache-latents-to-disk needs --cache-latents")
+    if o.sample_every is not None and not o.sample_prompts:
+        problems.append("--sample-every needs --sample-prompts")
+    if o.sample_every_epochs is not None and not o.sample_prompts:
+        problems.append("--sample-every-epochs needs --sample-prompts")
+    if o.sample_prompts and not o.sample_prompts.strip():
+        problems.append("--sample-prompts is empty")
+    elif o.sample_prompts:
+        from .sample_prompts import read_sample_prompts, sampler_name
+
+        for check in (lambda: sampler_name(o.sample_sampler), lambda: read_sample_prompts(o.sample_prompts or "")):
+            try:  # syntax errors now, not after an hour of training
+                check()
+            except SdcoreError as exc:
+                problems.append(str(exc))
+    if o.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    if o.optimizer in OPTIMIZERS:
+        try:
+            check_optimizer_available(o.optimizer)
+        except SdcoreError as exc:
+            problems.append(str(exc))
+    if method is not None:
+        if method.capabilities().needs_pixels and o.cache_latents:
+            problems.append(f"method {method.name!r} needs decoded pixels every step: pass --no-cache-latents")
+        try:
+            method.validate()
+        except SdcoreError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folders and disk
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists."""
+    current = path.absolute()
+    while not current.exists() and current.parent != current:
+        current = current.parent
+    return current
+
+
+def write_probe(path: Path) -> None:
+    """Create ``path`` with one byte (the caller removes it): raises OSError where files cannot be made."""
+    with open(path, "wb") as handle:
+        handle.write(b"x")
+
+
+def folder_problem(folder: Path, what: str, flag: str) -> str | None:
+    """None when files can be created in ``folder`` (or, if it does not exist yet, in its nearest
+    existing parent); else one line saying why not. A probe file is created and removed."""
+    target = nearest_existing(folder)
+    where = str(folder) if target == folder.absolute() else f"{folder} (checked at {target}, which exists)"
+    if not target.is_dir():
+        return f"{what} {where}: {target} is a file, not a folder; choose another {flag}"
+    probe = target / f".sdcore-write-probe-{os.getpid()}"
+    try:
+        write_probe(probe)
+    except OSError as exc:
+        return f"{what} {where} is not writable ({exc.strerror or exc}); choose another {flag} or fix its permissions"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / MIB:,.0f} MiB" if n >= MIB else f"{n / 1024:,.0f} KiB"
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What the run's saves will keep on disk at most, and the free space where they go."""
+
+    result_bytes: int
+    intermediate_results: int
+    state_bytes: int
+    states: int
+    free_bytes: int | None
+    folder: Path
+
+    @property
+    def total(self) -> int:
+        return self.result_bytes * (1 + self.intermediate_results) + self.state_bytes * self.states
+
+    def line(self) -> str:
+        mib = _size
+        parts = [f"result {mib(self.result_bytes)}"]
+        if self.intermediate_results:
+            parts.append(f"{self.intermediate_results} intermediate results x {mib(self.result_bytes)}")
+        parts.append(f"{self.states} states x {mib(self.state_bytes)}")
+        return f"saves will use about {mib(self.total)} ({', '.join(parts)})"
+
+
+def planned_saves(options: TrainOptions, total_steps: int, steps_per_epoch: int) -> tuple[int, int]:
+    """(intermediate results kept, states kept) at the end of the run, following the runtime's
+    save points (every ``save_every`` steps and ``save_every_epochs`` epochs, not at the last one)
+    and retention (``save_limit`` newest results and states; a state with each save and at the end)."""
+    o = options
+    saves = 0
+    if o.save_every:
+        saves += max(0, (total_steps - 1) // o.save_every)
+    if o.save_every_epochs and steps_per_epoch > 0:
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        saves += max(0, (epochs - 1) // o.save_every_epochs)
+    results = min(saves, o.save_limit) if o.save_limit else saves
+    states = 0
+    if o.save_state:
+        states = saves + 1
+        if o.save_limit:
+            states = min(states, o.save_limit)
+    return results, states
+
+
+def disk_plan(
+    options: TrainOptions,
+    params: ParameterPlan,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    folder: Path,
+) -> DiskPlan:
+    """Sizes from the parameter plan: a result is its parameters at ``--save-dtype``; a state holds
+    the trainable tensors in fp32 and the optimizer's moments (:data:`.memory.OPTIMIZER_STATE_BYTES`)."""
+    from .memory import OPTIMIZER_STATE_BYTES
+
+    result = params.result * SAVE_DTYPE_BYTES.get(options.save_dtype, 2)
+    state = int(params.trainable * (4 + OPTIMIZER_STATE_BYTES.get(options.optimizer, 8.0)))
+    results, states = planned_saves(options, total_steps, steps_per_epoch)
+    try:
+        free: int | None = shutil.disk_usage(nearest_existing(folder)).free
+    except OSError:
+        free = None
+    return DiskPlan(result, results, state, states, free, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resume
+
+
+def resume_problems(method: TrainingMethod[Any], options: TrainOptions, state_root: Path) -> list[str]:
+    """A ``--resume`` state that cannot continue this run: wrong method, other shape options."""
+    from .state import read_position, resolve_resume
+
+    if not options.resume:
+        return []
+    try:
+        folder = resolve_resume(options.resume, state_root)
+        _position, record = read_position(folder)
+    except SdcoreError as exc:
+        return [str(exc)]
+    problems = []
+    if record.get("method") not in (None, method.name):
+        problems.append(f"--resume {folder}: the state is from method {record.get('method')!r}, not {method.name!r}")
+        return problems
+    saved = record.get("options") or {}
+    for name in method.resume_shape_options:
+        if name in saved and saved[name] != getattr(options, name, None):
+            flag = "--" + name.replace("_", "-")
+            problems.append(
+                f"--resume {folder}: the state was trained with {flag} {saved[name]!r}, this run has "
+                f"{flag} {getattr(options, name, None)!r} (the trained tensors would not fit; use the same value "
+                "or start without --resume)"
+            )
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the memory plan
+
+
+@dataclass
+class MemoryPlan:
+    estimate: MemoryEstimate
+    params: ParameterPlan
+    free: int | None
+    budget: int | None
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.estimate.total <= self.budget
+
+    def lines(self) -> list[str]:
+        out = [self.estimate.line()]
+        if not self.fits and self.free is not None:
+            out.append(
+                f"warning: that is more than the {self.free / MIB:,.0f} MiB free on {self.estimate.device} "
+                "(with the libraries' share)"
+            )
+            fitting = [s for s in self.suggestions if s.fits]
+            if fitting:
+                out.append(
+                    "options that would fit: "
+                    + "; ".join(f"{s.flags} ({s.estimate.total / MIB:,.0f} MiB)" for s in fitting)
+                )
+            elif self.suggestions:
+                best = min(self.suggestions, key=lambda s: s.estimate.total)
+                out.append(f"even {best.flags} needs about {best.estimate.total / MIB:,.0f} MiB")
+        return out
+
+
+def parameter_plan(
+    method: TrainingMethod[Any], options: TrainOptions, layout: ModelLayout, tokenizers: list[Any] | None = None
+) -> ParameterPlan:
+    """Parameter counts of the model and of what ``method`` trains, on a meta-device copy of
+    ``layout`` (the method's :meth:`~TrainingMethod.plan_groups` runs on a throwaway instance)."""
+    import torch
+
+    from ..models.layout import meta_bundle
+    from .memory import count_parameters
+
+    bundle = meta_bundle(layout, tokenizers)
+    fresh = type(method)(copy.deepcopy(options))
+    rng = torch.random.get_rng_state()
+    try:
+        groups = fresh.plan_groups(bundle)
+    finally:
+        torch.random.set_rng_state(rng)
+    return count_parameters(bundle, groups, whole_model_result=method.capabilities().saves_whole_model)
+
+
+def memory_plan(
+    method: TrainingMethod[Any],
+    options: TrainOptions,
+    *,
+    layout: ModelLayout | None = None,
+    bundle: ModelBundle | None = None,
+    params: ParameterPlan | None = None,
+    device: str | None = None,
+) -> MemoryPlan:
+    """The memory estimate (and, when over the device's free memory, the options that would fit)."""
+    from ..models.layout import layout_of_bundle
+    from .memory import RUNTIME_OVERHEAD, device_free_memory, estimate_memory, suggestions, training_device
+
+    if layout is None:
+        if bundle is None:
+            raise ValueError("memory_plan needs a layout or a bundle")
+        layout = layout_of_bundle(bundle)
+    if params is None:
+        params = parameter_plan(method, options, layout, bundle.tokenizers if bundle is not None else None)
+    device = device or training_device()
+    caps = method.capabilities()
+    kwargs: dict[str, Any] = dict(
+        device=device,
+        text_encoder_frozen=not caps.trains_text_encoder,
+        needs_pixels=caps.needs_pixels,
+        cast_frozen_weights=caps.cast_frozen_weights,
+    )
+    estimate = estimate_memory(layout, params, options, **kwargs)
+    free = device_free_memory(device)
+    budget = None if free is None else free - RUNTIME_OVERHEAD.get(device, 0)
+    plan = MemoryPlan(estimate, params, free, budget)
+    if budget is not None and estimate.total > budget:
+        import importlib.util
+
+        plan.suggestions = suggestions(
+            layout,
+            params,
+            options,
+            budget,
+            optimizer_8bit_available=importlib.util.find_spec("bitsandbytes") is not None,
+            **kwargs,
+        )
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole pre-flight
+
+
+@dataclass
+class PreflightReport:
+    problems: list[str] = field(default_factory=list)
+    layout: ModelLayout | None = None
+    data: TrainData | None = None
+    total_steps: int = 0
+    epochs: int | None = None
+    output: Path | None = None
+    state_root: Path | None = None
+    disk: DiskPlan | None = None
+    memory: MemoryPlan | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise PreflightError(self.problems)
+
+    def plan_lines(self) -> list[str]:
+        """What the run will do: model, data, steps, buckets, caches, saves, memory."""
+        lines = []
+        if self.layout is not None:
+            lines.append(f"model: {self.layout.source} ({self.layout.family}, {self.layout.source_format})")
+        if self.data is not None:
+            lines.append(self.data.index.summary())
+            buckets: dict[tuple[int, int], int] = {}
+            for assignment in self.data.assignments:
+                buckets[assignment.bucket] = buckets.get(assignment.bucket, 0) + 1
+            shown = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(buckets.items(), key=lambda kv: -kv[1])[:8])
+            more = f" (+{len(buckets) - 8} more)" if len(buckets) > 8 else ""
+            lines.append(f"buckets: {len(buckets)} ({shown}{more})")
+        lines.extend(self.notes)
+        if self.disk is not None:
+            lines.append(self.disk.line())
+        if self.memory is not None:
+            lines.extend(self.memory.lines())
+        return lines
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def run_preflight(
+    method: TrainingMethod[Any],
+    options: TrainOptions,
+    *,
+    bundle: ModelBundle | None = None,
+    plugin_manager: Any = None,
+    verify_images: bool = True,
+    plan: bool = True,
+) -> PreflightReport:
+    """Run every check and collect the problems (the caller decides to raise or print them).
+
+    ``bundle`` (an already loaded model) skips the model check and sizes the plan from it;
+    ``plan`` False skips the memory and disk estimates (they need the model's configs).
+    """
+    from .data import build_train_data
+    from .loop import output_paths, total_steps_for
+
+    o = options
+    report = PreflightReport()
+    tokenizers = bundle.tokenizers if bundle is not None else None
+    report.problems.extend(option_problems(o, method))
+
+    # the model: header only
+    if bundle is not None:
+        from ..models.layout import layout_of_bundle
+
+        report.layout = layout_of_bundle(bundle)
+    elif o.model:
+        claimed = _plugin_format(plugin_manager, o.model)
+        if claimed:
+            report.notes.append(f"model: read by the {claimed!r} format plugin (header not checked)")
+        else:
+            from ..models.layout import read_layout
+
+            try:
+                report.layout = read_layout(o.model)
+            except SdcoreError as exc:
+                report.problems.append(f"--model {o.model}: {_strip_prefix(str(exc), o.model)}")
+
+    # folders
+    if o.output:
+        try:
+            report.output, report.state_root = output_paths(method, o)
+        except SdcoreError as exc:
+            report.problems.append(str(exc))
+    if report.output is not None and report.state_root is not None:
+        checks = [(report.output.parent, "output folder", "--output")]
+        if o.save_state or o.resume:
+            checks.append((report.state_root, "state folder", "--output"))
+        if o.log_dir:
+            checks.append((Path(o.log_dir).expanduser(), "log folder", "--log-dir"))
+        if o.cache_latents_to_disk and o.cache_latents:
+            if o.cache_dir:
+                checks.append((Path(o.cache_dir).expanduser(), "latent cache folder", "--cache-dir"))
+            elif o.data and Path(o.data).expanduser().is_dir():  # cache files go beside the images
+                checks.append((Path(o.data).expanduser(), "dataset folder (for the latent cache files)", "--cache-dir"))
+        seen: set[Path] = set()
+        for folder, what, flag in checks:
+            key = nearest_existing(folder)
+            if key in seen:
+                continue
+            seen.add(key)
+            problem = folder_problem(folder, what, flag)
+            if problem:
+                report.problems.append(problem)
+
+    # a missing --sample-prompts file is reported with the options (read_sample_prompts)
+
+    # the dataset and the step math
+    if o.data:
+        try:
+            if verify_images:
+                data = build_train_data(
+                    o, balance_class=method.capabilities().balance_class, auxiliary=method.is_auxiliary_file
+                )
+            else:
+                data = _build_unverified(o, method)
+            report.data = data
+            report.total_steps, report.epochs = total_steps_for(o, data)
+            if report.total_steps < 1:
+                report.problems.append(
+                    "nothing to train: the run has 0 steps (check --max-steps/--epochs and the dataset)"
+                )
+        except SdcoreError as exc:
+            report.problems.append(str(exc))
+
+    # resume
+    if report.state_root is not None:
+        report.problems.extend(resume_problems(method, o, report.state_root))
+
+    # disk and memory plans (need the model's layout and the method's parameters)
+    if plan and report.layout is not None and report.output is not None:
+        try:
+            params = parameter_plan(method, o, report.layout, tokenizers)
+        except Exception as exc:  # a method that cannot run on a shapes-only model: no plan, no failure
+            log.debug("parameter plan failed", exc_info=True)
+            report.notes.append(f"memory plan unavailable: {method.name!r} could not be sized without weights ({exc})")
+            params = None
+        if params is not None:
+            per_epoch = 0
+            if report.data is not None:
+                per_epoch = math.ceil(len(report.data.epoch_plan(0)) / o.gradient_accumulation)
+            report.disk = disk_plan(
+                o, params, total_steps=report.total_steps, steps_per_epoch=per_epoch, folder=report.output.parent
+            )
+            free = report.disk.free_bytes
+            if free is not None and report.disk.total > free:
+                report.problems.append(
+                    f"not enough free disk in {nearest_existing(report.output.parent)}: "
+                    f"{report.disk.line().removeprefix('saves will use ')}, but only {_size(free)} free "
+                    "(lower --save-limit, save less often, or use --no-save-state)"
+                )
+            report.memory = memory_plan(method, o, layout=report.layout, params=params)
+    return report
+
+
+def _build_unverified(options: TrainOptions, method: TrainingMethod[Any]) -> TrainData:
+    """The data plan without the per-image completeness check (the runtime verifies right after)."""
+    from ..data.dataset import assign_buckets, build_dataset_index
+    from .data import TrainData
+
+    index = build_dataset_index(options, verify=False)
+    index.entries = [entry for entry in index.entries if not method.is_auxiliary_file(entry.path)]
+    if not index.entries:
+        raise ConfigError(f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on")
+    return TrainData(
+        index,
+        assign_buckets(index),
+        batch_size=options.batch_size,
+        seed=options.seed,
+        balance_class=method.capabilities().balance_class,
+    )
+
+
+def _plugin_format(pm: Any, path: str) -> str | None:
+    """The name of a plugin (not sdcore) model format that claims ``path``, if any."""
+    if pm is None or not hasattr(pm, "registrations"):
+        return None
+    from ..specs import resolve
+
+    try:
+        registrations = pm.registrations("model format")
+        for spec in pm.model_formats():
+            if registrations[spec.name].distribution == "sdcore":
+                continue
+            if resolve(spec.sniff)(path):
+                return str(spec.name)
+    except Exception:  # a broken plugin is reported when loading; the pre-flight does not judge it
+        return None
+    return None
+
+
+def _strip_prefix(message: str, model: str) -> str:
+    """Avoid ``--model x: x: no such file`` when the reader's message already starts with the path."""
+    for prefix in (f"{model}: ", f"{Path(model).expanduser()}: "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
+def preflight_for_run(
+    method: TrainingMethod[Any],
+    options: TrainOptions,
+    *,
+    bundle: ModelBundle | None = None,
+    plugin_manager: Any = None,
+    say: Callable[[str], None] | None = None,
+) -> PreflightReport:
+    """The pre-flight at the start of a run: raise :class:`PreflightError` with every problem, else
+    print the disk and memory plans (main process only) and return the report."""
+    report = run_preflight(method, options, bundle=bundle, plugin_manager=plugin_manager, verify_images=False)
+    report.raise_problems()
+    if say is not None and _is_main_process():
+        for line in report.notes:
+            say(line)
+        if report.disk is not None:
+            say(report.disk.line())
+        if report.memory is not None:
+            for line in report.memory.lines():
+                say(line)
+    return report

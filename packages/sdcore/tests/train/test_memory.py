@@ -1,0 +1,158 @@
+"""The memory plan: its parts react to each setting the way training memory does."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+from sdcore.models.layout import ModelLayout, read_layout
+from sdcore.models.load import bundled_config
+from sdcore.train.memory import (
+    MIB,
+    ParameterPlan,
+    activation_bytes,
+    estimate_memory,
+    unet_blocks,
+)
+from sdcore.train.options import TrainOptions
+
+SD15 = ModelLayout("sd15", "sd1", "epsilon", bundled_config("sd1"), "test")
+#: SD1.5's real parameter counts, and a rank-16 UNet LoRA's size
+SD15_COUNTS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+LORA = ParameterPlan(SD15_COUNTS, trainable=12_750_000, added=12_750_000, result=12_750_000)
+FULL = ParameterPlan(SD15_COUNTS, trainable=859_520_964, added=0, trainable_in=frozenset({"unet"}), result=0)
+
+
+def _options(**kw):
+    base = dict(model="m", data="d", output="o", resolution=512, batch_size=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_sd15_blocks_match_the_architecture():
+    blocks = unet_blocks(SD15.configs["unet"], 64 * 64)
+    resnets = [b for b in blocks if b.kind == "res"]
+    transformers = [b for b in blocks if b.kind == "tf"]
+    assert len(resnets) == 4 * 2 + 2 + 4 * 3  # down, mid, up (one more per up level)
+    assert len(transformers) == 3 * 2 + 1 + 3 * 3
+    assert max(b.area for b in blocks) == 64 * 64 and min(b.area for b in blocks) == 8 * 8
+    # the first up ResNet of the last level sees its input concatenated with the 320-channel skip
+    assert resnets[-1].c_in == 320 + 320 and resnets[-3].c_in == 640 + 320
+
+
+def test_the_line_has_every_part():
+    estimate = estimate_memory(SD15, LORA, _options())
+    line = estimate.line()
+    match = re.fullmatch(
+        r"estimated peak memory: ([\d,]+) MiB \(weights ([\d,]+), gradients ([\d,]+), optimizer ([\d,]+), "
+        r"activations ([\d,]+), runtime ([\d,]+)\)",
+        line,
+    )
+    assert match, line
+    total, *parts = (int(g.replace(",", "")) for g in match.groups())
+    assert abs(total - sum(parts)) <= 2
+
+
+def test_weights_gradients_and_optimizer_follow_the_parameters():
+    est = estimate_memory(SD15, LORA, _options())
+    assert est.gradients == LORA.trainable * 4
+    assert est.optimizer == LORA.trainable * 8  # AdamW: two fp32 moments
+    assert est.weights == sum(SD15_COUNTS.values()) * 4 + LORA.added * 4
+    bf16 = estimate_memory(SD15, LORA, _options(mixed_precision="bf16"))
+    assert bf16.weights == sum(SD15_COUNTS.values()) * 2 + LORA.added * 4  # frozen in bf16, LoRA fp32
+    assert bf16.activations < est.activations
+    eight_bit = estimate_memory(SD15, FULL, _options(optimizer="adamw8bit"))
+    assert eight_bit.optimizer < estimate_memory(SD15, FULL, _options()).optimizer / 3
+
+
+def test_monotonic_in_batch_and_resolution():
+    previous = 0
+    for batch in (1, 2, 4):
+        total = estimate_memory(SD15, LORA, _options(batch_size=batch)).total
+        assert total > previous
+        previous = total
+    previous = 0
+    for resolution in (256, 512, 768, 1024):
+        activations = estimate_memory(SD15, LORA, _options(resolution=resolution)).activations
+        assert activations > previous
+        previous = activations
+    a1 = activation_bytes(SD15.configs["unet"], batch=1, resolution=512)
+    a2 = activation_bytes(SD15.configs["unet"], batch=2, resolution=512)
+    assert a2 == pytest.approx(2 * a1, rel=1e-6)
+
+
+def test_gradient_checkpointing_lowers_activations():
+    plain = estimate_memory(SD15, LORA, _options())
+    checkpointed = estimate_memory(SD15, LORA, _options(gradient_checkpointing=True))
+    assert checkpointed.activations < plain.activations / 3
+    assert checkpointed.weights == plain.weights
+
+
+def test_cached_latents_and_text_free_the_vae_and_text_encoder_on_a_gpu():
+    cached = estimate_memory(SD15, LORA, _options(), device="cuda")
+    no_latents = estimate_memory(SD15, LORA, _options(cache_latents=False), device="cuda")
+    no_text = estimate_memory(SD15, LORA, _options(cache_text_encoder_outputs=False), device="cuda")
+    assert no_latents.weights - cached.weights == SD15_COUNTS["vae"] * 4
+    assert no_text.weights - cached.weights == SD15_COUNTS["text_encoder"] * 4
+    training_te = estimate_memory(SD15, LORA, _options(), device="cuda", text_encoder_frozen=False)
+    assert training_te.weights - cached.weights == SD15_COUNTS["text_encoder"] * 4  # cannot be cached
+    assert training_te.activations > cached.activations  # and its activations count
+    # on the CPU the runtime keeps every component in memory
+    assert (
+        estimate_memory(SD15, LORA, _options(cache_latents=False)).weights
+        == estimate_memory(SD15, LORA, _options()).weights
+    )
+
+
+def test_suggestions_when_over_budget(tmp_path, monkeypatch):
+    import sdcore.train.memory as memory
+    from runtime_methods import ConvOutMethod
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.preflight import memory_plan
+
+    options = contract_options(ConvOutMethod, tmp_path, {"batch_size": 4, "resolution": 512})
+    plain = memory_plan(ConvOutMethod(options), options, layout=SD15, params=FULL, device="cpu")
+    budget = int(plain.estimate.total * 0.8)
+    monkeypatch.setattr(memory, "device_free_memory", lambda device: budget + memory.RUNTIME_OVERHEAD[device])
+    plan = memory_plan(ConvOutMethod(options), options, layout=SD15, params=FULL, device="cpu")
+    assert not plan.fits
+    flags = {s.flags: s for s in plan.suggestions}
+    assert "--gradient-checkpointing" in flags and "--batch-size 2 --gradient-accumulation 2" in flags
+    assert all(s.estimate.total < plan.estimate.total for s in plan.suggestions)
+    assert flags["--gradient-checkpointing"].fits
+    lines = plan.lines()
+    assert lines[0].startswith("estimated peak memory:")
+    assert "more than the" in lines[1]
+    assert lines[2].startswith("options that would fit: ") and "--gradient-checkpointing (" in lines[2]
+    # a budget nothing fits names the smallest estimate
+    monkeypatch.setattr(memory, "device_free_memory", lambda device: 10 * MIB + memory.RUNTIME_OVERHEAD[device])
+    tight = memory_plan(ConvOutMethod(options), options, layout=SD15, params=FULL, device="cpu")
+    assert tight.lines()[2].startswith("even ")
+    # within budget: only the estimate
+    monkeypatch.setattr(memory, "device_free_memory", lambda device: 10**15)
+    assert len(memory_plan(ConvOutMethod(options), options, layout=SD15, params=FULL).lines()) == 1
+
+
+def test_parameter_counts_come_from_the_configs_without_weights(tmp_path):
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.train.preflight import parameter_plan
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    for family in ("sd1", "sdxl"):
+        options = LoraOptions(model=f"tiny:{family}", rank=4, conv_rank=2)
+        plan = parameter_plan(LoraMethod(options), options, read_layout(f"tiny:{family}"))
+        bundle = create_tiny_bundle(family)
+        groups = LoraMethod(dataclasses.replace(options)).prepare(bundle)
+        assert plan.trainable == sum(p.numel() for g in groups for p in g["params"])
+        assert plan.components == {k: sum(p.numel() for p in m.parameters()) for k, m in bundle.components().items()}
+        assert plan.added == plan.trainable and plan.result == plan.trainable
+
+
+def test_sd15_layout_counts_match_the_real_model():
+    from sdcore.models.layout import meta_bundle
+
+    bundle = meta_bundle(SD15)
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in bundle.components().items()}
+    assert counts == SD15_COUNTS
+    assert all(p.is_meta for p in bundle.unet.parameters())

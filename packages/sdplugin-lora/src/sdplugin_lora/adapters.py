@@ -1,0 +1,861 @@
+"""The LoRA family in one place: one variant per algorithm, one hooked module per adapted layer.
+
+A *variant* (:class:`LoraVariant`, :class:`LohaVariant`, :class:`LokrVariant`, :class:`FullVariant`)
+is the algorithm itself, written once over a dict of tensors keyed as the files name them
+(``lora_down.weight``, ``hada_w1_a``, ``lokr_w2_b``...): which tensors it has, its rank, its
+alpha/rank scale and its ``ΔW`` formula. :class:`Dora` is DoRA's weight decomposition, which
+LyCORIS allows on top of any of them (``dora_scale``).
+
+An *adapter* (:class:`LoraAdapter`, :class:`LohaAdapter`, :class:`LokrAdapter`,
+:class:`FullAdapter`) is one adapted Linear/Conv2d: it holds the variant's tensors as
+parameters (so its ``state_dict`` is the file layout), adds its update to the layer's output by
+a forward hook, and merges into / unmerges from the layer's weight. Training
+(:mod:`sdplugin_lora.network`), applying files (:mod:`sdplugin_lora.apply`, hooked and merged),
+reading them (:mod:`sdplugin_lora.format`) and the tools (merge, extract, resize, info) all use
+these classes, so training and applying cannot drift apart.
+
+Every formula matches what kohya's sd-scripts, LyCORIS, ComfyUI and A1111 compute (the tests
+write their formulas independently and compare numbers); the code is our own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .algos import ALGOS
+
+Tensors = Mapping[str, torch.Tensor]
+
+# --- maths shared by the variants ---------------------------------------------------------------
+
+
+def tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' Tucker product: ``ΔW[p, q, k, l] = Σ core[i, j, k, l] · wa[i, p] · wb[j, q]``.
+
+    ``core`` is ``[r, r, k, k]``, ``wa`` ``[r, out]`` and ``wb`` ``[r, in]`` (2-D views).
+    """
+    return torch.einsum("i j k l, i p, j q -> p q k l", core, wa.flatten(1), wb.flatten(1))
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS' split of ``dimension`` into ``m <= n`` with ``m·n = dimension`` (most square when -1)."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    limit = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate != 0:
+            candidate += 1
+        other = dimension // candidate
+        if candidate + other > m + n or candidate > limit:
+            break
+        m, n = candidate, other
+    return (m, n) if m <= n else (n, m)
+
+
+# --- variants: the algorithms over file tensors -----------------------------------------------------
+
+
+class Variant:
+    """One algorithm of the family, as stateless functions of the module's file tensors."""
+
+    algo: ClassVar[str]
+    #: tensor names of which any one identifies the variant
+    markers: ClassVar[tuple[str, ...]]
+    #: every tensor name the variant may store (besides ``alpha``, ``scale``, ``dora_scale``)
+    keys: ClassVar[tuple[str, ...]]
+    #: names of the Tucker cores
+    tucker_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def matches(cls, t: Tensors) -> bool:
+        return any(key in t for key in cls.markers)
+
+    @classmethod
+    def complete(cls, t: Tensors) -> bool:
+        """All tensors needed to compute ``ΔW`` are there."""
+        return cls.matches(t)
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        """The rank alpha is divided by (0 when there is none)."""
+        return 0
+
+    @classmethod
+    def full_matrix(cls, t: Tensors) -> bool:
+        """No low-rank factor at all: the update is not scaled by alpha/rank."""
+        return cls.rank(t) == 0
+
+    @classmethod
+    def is_tucker(cls, t: Tensors) -> bool:
+        return any(key in t for key in cls.tucker_keys)
+
+    @classmethod
+    def alpha(cls, t: Tensors) -> float:
+        """The stored alpha; a missing (or zero) alpha means alpha = rank, as every loader does."""
+        value = t.get("alpha")
+        rank = cls.rank(t)
+        if value is None or float(value) == 0.0:
+            return float(rank) if rank else 1.0
+        return float(value)
+
+    @classmethod
+    def scale(cls, t: Tensors) -> float:
+        """``scale`` if stored (A1111), 1 for full-matrix modules, else alpha/rank."""
+        if "scale" in t:
+            return float(t["scale"])
+        if cls.full_matrix(t):
+            return 1.0
+        return cls.alpha(t) / cls.rank(t)
+
+    #: the update depends on the base weight (OFT rotates it)
+    multiplicative: ClassVar[bool] = False
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        """The unscaled ``ΔW`` in fp32, shaped like the base weight (``base``: that weight, which
+        multiplicative variants need)."""
+        raise NotImplementedError
+
+    @classmethod
+    def delta(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale · ΔW`` in fp32 (multiplier and DoRA not applied)."""
+        return cls.weight(t, shape, base) * cls.scale(t)
+
+    @classmethod
+    def in_out(cls, t: Tensors) -> tuple[int, int] | None:
+        """(fan-in, output width) when the tensors tell it cheaply."""
+        return None
+
+
+def _f32(t: Tensors) -> dict[str, torch.Tensor]:
+    return {key: value.float() for key, value in t.items()}
+
+
+class LoraVariant(Variant):
+    """LoRA / LoCon (kohya ``networks.lora``, LyCORIS ``locon``): ``ΔW = up @ down``.
+
+    For kxk convs ``lora_down`` is ``[r, in, k, k]`` and ``lora_up`` ``[out, r, 1, 1]``; with Tucker
+    (``use_tucker``) ``lora_down`` is ``[r, in, 1, 1]`` and ``lora_mid`` ``[r, r, k, k]`` holds the kernel.
+    """
+
+    algo = "lora"
+    markers = ("lora_down.weight", "lora_up.weight")
+    keys = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+    tucker_keys = ("lora_mid.weight",)
+
+    @classmethod
+    def complete(cls, t: Tensors) -> bool:
+        return "lora_down.weight" in t and "lora_up.weight" in t
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        return int(t["lora_down.weight"].shape[0])
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        f = _f32(t)
+        up, down = f["lora_up.weight"].flatten(1), f["lora_down.weight"].flatten(1)
+        if "lora_mid.weight" in f:
+            return tucker(f["lora_mid.weight"], up.T, down).reshape(shape)
+        return (up @ down).reshape(shape)
+
+    @classmethod
+    def in_out(cls, t: Tensors) -> tuple[int, int] | None:
+        return int(t["lora_down.weight"].shape[1]), int(t["lora_up.weight"].shape[0])
+
+
+class LohaVariant(Variant):
+    """LyCORIS LoHa: ``ΔW = (w1a @ w1b) ⊙ (w2a @ w2b)`` (rank up to r²); Tucker: ``hada_t1/t2``."""
+
+    algo = "loha"
+    markers = ("hada_w1_a",)
+    keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    tucker_keys = ("hada_t1", "hada_t2")
+
+    @classmethod
+    def complete(cls, t: Tensors) -> bool:
+        return all(key in t for key in cls.keys[:4])
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        return int(t["hada_w1_b"].shape[0])
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        f = _f32(t)
+        if "hada_t1" in f:  # w_a [r, out], w_b [r, in], t [r, r, k, k]
+            w1 = tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"])
+            w2 = tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
+        else:
+            w1 = f["hada_w1_a"] @ f["hada_w1_b"]
+            w2 = f["hada_w2_a"] @ f["hada_w2_b"]
+        return (w1 * w2).reshape(shape)
+
+
+class LokrVariant(Variant):
+    """LyCORIS LoKr: ``ΔW = kron(w1, w2)``; each factor full or ``a @ b``, w2 optionally Tucker.
+
+    Both factors full ("full dimension" LoKr) means scale 1, whatever alpha says.
+    """
+
+    algo = "lokr"
+    markers = ("lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a")
+    keys = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    tucker_keys = ("lokr_t2",)
+
+    @classmethod
+    def complete(cls, t: Tensors) -> bool:
+        w1 = "lokr_w1" in t or ("lokr_w1_a" in t and "lokr_w1_b" in t)
+        w2 = "lokr_w2" in t or ("lokr_w2_a" in t and "lokr_w2_b" in t)
+        return w1 and w2
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        for key in ("lokr_w2_b", "lokr_w1_b"):
+            if key in t:
+                return int(t[key].shape[0])
+        return 0
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        f = _f32(t)
+        w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+        if "lokr_w2" in f:
+            w2 = f["lokr_w2"]
+        elif "lokr_t2" in f:  # w2_a [r, out_n], w2_b [r, in_n], t2 [r, r, k, k]
+            w2 = tucker(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+        else:
+            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+        if w2.dim() == 4 and w1.dim() == 2:
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1.contiguous(), w2.contiguous()).reshape(shape)
+
+
+class FullVariant(Variant):
+    """LyCORIS ``full``: the difference itself (``diff``), scale 1."""
+
+    algo = "full"
+    markers = ("diff",)
+    keys = ("diff", "diff_b")
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        return t["diff"].float().reshape(shape)
+
+
+class OftVariant(Variant):
+    """kohya ``networks.oft``: the output channels are rotated by a block-diagonal orthogonal
+    ``R`` (Cayley transform of skew-symmetric blocks), ``W' = Rᵀ W``.
+
+    ``oft_blocks`` is ``[blocks, size, size]`` (``size = out / blocks``); ``alpha`` is the
+    constraint: the norm of all ``Q = B - Bᵀ`` together is clamped to ``alpha · out`` (0: none).
+    The file's "rank" is the number of blocks and the update is not scaled by alpha/rank.
+    """
+
+    algo = "oft"
+    markers = ("oft_blocks",)
+    keys = ("oft_blocks",)
+    multiplicative = True
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        return int(t["oft_blocks"].shape[0])
+
+    @classmethod
+    def full_matrix(cls, t: Tensors) -> bool:
+        return False
+
+    @classmethod
+    def scale(cls, t: Tensors) -> float:
+        return 1.0
+
+    @classmethod
+    def constraint(cls, t: Tensors, out_dim: int) -> float:
+        alpha = t.get("alpha")
+        return float(alpha) * out_dim if alpha is not None else 0.0
+
+    @classmethod
+    def rotation(cls, t: Tensors, out_dim: int) -> torch.Tensor:
+        """The ``[out, out]`` block-diagonal ``R`` in fp32."""
+        blocks = t["oft_blocks"].float()
+        count, size = int(blocks.shape[0]), int(blocks.shape[1])
+        q = blocks - blocks.transpose(1, 2)
+        limit = cls.constraint(t, out_dim)
+        if limit > 0:
+            norm = q.norm()
+            q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+        eye = torch.eye(size, device=q.device).expand(count, size, size)
+        r = (eye + q) @ torch.linalg.inv(eye - q)
+        return torch.block_diag(*r.unbind(0))
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError("OFT rotates the base weight: its change needs that weight")
+        w = base.detach().float().reshape(shape[0], -1)
+        rotated = cls.rotation(t, int(shape[0])).to(w.device).T @ w
+        return (rotated - w).reshape(shape)
+
+
+VARIANTS: tuple[type[Variant], ...] = (LoraVariant, LohaVariant, LokrVariant, FullVariant, OftVariant)
+
+
+def variant_of(t: Tensors) -> type[Variant] | None:
+    """The variant whose tensors ``t`` holds (``None`` when none is complete)."""
+    for variant in VARIANTS:
+        if variant.matches(t):
+            return variant if variant.complete(t) else None
+    return None
+
+
+# --- DoRA ---------------------------------------------------------------------------------------
+
+
+class Dora:
+    """DoRA's weight decomposition: ``W' = magnitude · (W + ΔW) / ‖W + ΔW‖``.
+
+    We write the magnitude per *input* channel (``dora_scale`` shaped ``[1, in]`` / ``[1, in, 1, 1]``,
+    the norm taken over the output and kernel axes; LyCORIS ``wd_on_out=False``), because that is
+    the layout A1111 and ComfyUI compute correctly (see the package README). Files with the
+    LyCORIS ``wd_on_out=True`` layout (``[out, 1, ...]``) are read with their own axis.
+    A multiplier ``m`` applies to the resulting change: ``W + m · (W' - W)``, as the UIs do.
+    """
+
+    @staticmethod
+    def magnitude(weight: torch.Tensor) -> torch.Tensor:
+        """The initial ``dora_scale`` (``‖W‖`` per input channel), so training starts at identity."""
+        w = weight.detach().float()
+        return Dora.norm(w, per_output=False)
+
+    @staticmethod
+    def norm(weight: torch.Tensor, *, per_output: bool) -> torch.Tensor:
+        """``‖W‖`` per output row (``[out, 1, ...]``) or per input channel (``[1, in, ...]``)."""
+        rest = [1] * (weight.dim() - 2)
+        if per_output:
+            return weight.flatten(1).norm(dim=1).reshape(weight.shape[0], 1, *rest)
+        return weight.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, weight.shape[1], *rest)
+
+    @staticmethod
+    def per_output(magnitude: torch.Tensor, weight_shape: tuple[int, ...]) -> bool:
+        """Which axis a stored magnitude belongs to, from its shape."""
+        out = weight_shape[0]
+        if magnitude.dim() == 1:
+            return magnitude.shape[0] == out
+        return magnitude.shape[0] == out and magnitude.shape[1] == 1 and out != 1
+
+    @staticmethod
+    def apply(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        """``W'`` in fp32 from the base weight, the scaled ``ΔW`` and the stored magnitude."""
+        merged = base.float() + delta
+        per_output = Dora.per_output(magnitude, tuple(base.shape))
+        norm = Dora.norm(merged, per_output=per_output)
+        return merged * (magnitude.float().reshape(norm.shape) / norm)
+
+
+# --- adapters: one adapted layer --------------------------------------------------------------------
+
+
+class Adapter(nn.Module):
+    """What every adapted layer shares: the base reference, scale, multiplier, hook, merge.
+
+    ``state_dict()`` is the module's part of the file (``alpha`` plus the variant's tensors and
+    ``dora_scale``). The base layer is a plain reference, never a submodule, so the base model's
+    ``state_dict`` keeps its names and no base weight is saved.
+    """
+
+    variant: ClassVar[type[Variant]]
+    algo: ClassVar[str]
+    base: Any
+    alpha: torch.Tensor
+    dora_scale: nn.Parameter | None
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+        dora: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"{name}: LoRA needs a Linear or Conv2d, got {type(base).__name__}")
+        self.lora_name = name
+        object.__setattr__(self, "base", base)
+        self.rank = rank
+        if alpha is None or alpha == 0:
+            alpha = float(rank)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self._scale = float(alpha) / rank if rank else 1.0  # a Python float: no device sync per forward
+        self.multiplier = multiplier
+        self.module_dropout = module_dropout
+        self._handle: Any = None
+        self._frozen: torch.Tensor | None = None
+        self.dora_scale = nn.Parameter(Dora.magnitude(base.weight)) if dora else None  # type: ignore[arg-type]
+
+    # --- identity --------------------------------------------------------------------------------
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base, nn.Conv2d)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.dora_scale is not None
+
+    @property
+    def is_tucker(self) -> bool:
+        return self.variant.is_tucker(self.tensors())
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.rank:
+            self._scale = float(self.alpha) / self.rank
+        self._frozen = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The variant's tensors by file name (``lora_down.weight``, ``hada_w1_a``...), live."""
+        return {key: value for key, value in self.named_parameters() if key != "dora_scale"}
+
+    # --- the update ------------------------------------------------------------------------------
+    def delta_weight(self, *, detach: bool = True) -> torch.Tensor:
+        """The change of the base weight at multiplier 1, in fp32 (DoRA: ``W' - W``)."""
+        t = self.tensors()
+        if detach:
+            t = {key: value.detach() for key, value in t.items()}
+        shape = tuple(self.base.weight.shape)
+        delta = self.variant.weight(t, shape, self.base.weight) * self._scale
+        if self.dora_scale is not None:
+            base = self.base.weight.detach().float()
+            magnitude = self.dora_scale.detach() if detach else self.dora_scale
+            return Dora.apply(base, delta, magnitude) - base
+        return delta
+
+    def _input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not torch.is_autocast_enabled() and x.dtype != dtype:
+            return x.to(dtype)
+        return x
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's op (stride, padding...) with another weight and no bias."""
+        x = self._input(x, weight.dtype)
+        base = self.base
+        if isinstance(base, nn.Conv2d):
+            return nn.functional.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)  # type: ignore[arg-type]
+        return nn.functional.linear(x, weight)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The output increment for input ``x`` (multiplier applied)."""
+        if self._frozen is not None:
+            return self._apply_weight(x, self._frozen.to(device=x.device))
+        return self._apply_weight(x, self.delta_weight(detach=False) * self.multiplier)
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handle is None:
+            self._handle = self.base.register_forward_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if self.multiplier == 0:
+            return output
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return output
+        return output + self.delta(args[0]).to(output.dtype)
+
+    def freeze(self) -> Adapter:
+        """For applying a file: no gradients, eval mode, and the weight update computed once
+        (fp32) unless the factorised forward is cheaper (plain LoRA)."""
+        self.requires_grad_(False)
+        self.eval()
+        if not self._factorised():
+            self._frozen = self.delta_weight() * self.multiplier
+        return self
+
+    def _factorised(self) -> bool:
+        return False
+
+    # --- merge / unmerge -------------------------------------------------------------------------
+    def merge(self, multiplier: float | None = None) -> torch.Tensor:
+        """Add ``m · ΔW`` to the base weight (fp32 maths, then cast); returns the previous weight
+        (on CPU) for :meth:`unmerge`, which restores it bit for bit."""
+        m = self.multiplier if multiplier is None else multiplier
+        param = self.base.weight
+        backup = param.detach().to("cpu", copy=True)
+        delta = self.delta_weight().to(param.device)
+        with torch.no_grad():
+            param.copy_((param.detach().float() + delta * m).to(param.dtype))
+        return backup
+
+    def unmerge(self, backup: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base.weight.copy_(backup.to(self.base.weight.device))
+
+    # --- files -----------------------------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        """An adapter holding a file module's tensors (fp32 copies) on ``base``."""
+        variant = cls.variant
+        adapter = cls.__new__(cls)
+        Adapter.__init__(adapter, name, base, variant.rank(t), variant.alpha(t), multiplier=multiplier)
+        adapter._scale = variant.scale(t)
+        for key in variant.keys:
+            if key in t:
+                adapter.register_parameter(key, nn.Parameter(t[key].detach().float().clone()))
+        if "dora_scale" in t:
+            adapter.dora_scale = nn.Parameter(t["dora_scale"].detach().float().clone())
+        return adapter
+
+
+class LoraAdapter(Adapter):
+    """LoRA / LoCon: ``y = W x + m · s · up(down(x))`` (Tucker: ``up(mid(down(x)))``).
+
+    For a kxk convolution ``lora_down`` is a conv with the original kernel, stride and padding and
+    ``lora_up`` a 1x1 conv, exactly as kohya (``C3Lier``) stores them; with ``tucker`` the kernel
+    moves to ``lora_mid`` as LyCORIS ``use_tucker`` does. With ``dora`` the update goes through
+    :class:`Dora` (computed as a weight, so dropouts other than module dropout do not apply).
+    """
+
+    variant = LoraVariant
+    algo = "lora"
+    lora_down: Any
+    lora_up: Any
+    lora_mid: Any
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        dora: bool = False,
+        tucker: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
+        self.lora_mid = None
+        if isinstance(base, nn.Conv2d):
+            kernel = tuple(base.kernel_size)
+            if tucker and kernel != (1, 1):
+                self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False, dtype=dtype)
+                self.lora_mid = nn.Conv2d(
+                    rank,
+                    rank,
+                    base.kernel_size,  # type: ignore[arg-type]
+                    base.stride,  # type: ignore[arg-type]
+                    base.padding,  # type: ignore[arg-type]
+                    dilation=base.dilation,  # type: ignore[arg-type]
+                    bias=False,
+                    dtype=dtype,
+                )
+            else:
+                self.lora_down = nn.Conv2d(
+                    base.in_channels,
+                    rank,
+                    base.kernel_size,  # type: ignore[arg-type]
+                    base.stride,  # type: ignore[arg-type]
+                    base.padding,  # type: ignore[arg-type]
+                    dilation=base.dilation,  # type: ignore[arg-type]
+                    bias=False,
+                    dtype=dtype,
+                )
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, 1, bias=False, dtype=dtype)
+        else:
+            assert isinstance(base, nn.Linear)
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.lora_mid is not None:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+
+    def _factorised(self) -> bool:
+        return self.dora_scale is None
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``m · s · up(down(x))`` with kohya's neuron/rank dropout while training."""
+        if not self._factorised() or self._frozen is not None:
+            return super().delta(x)
+        hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
+        if self.lora_mid is not None:
+            hidden = self.lora_mid(hidden)
+        scale = self._scale
+        if self.training and self.dropout:
+            hidden = torch.nn.functional.dropout(hidden, p=self.dropout)
+        if self.training and self.rank_dropout:
+            mask = (torch.rand(hidden.shape[0], self.rank, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
+            if hidden.dim() == 4:
+                mask = mask[:, :, None, None]
+            elif hidden.dim() == 3:
+                mask = mask[:, None, :]
+            hidden = hidden * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        # scaling the rank-sized hidden state is cheaper than scaling the output
+        return self.lora_up(hidden * (self.multiplier * scale))
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        variant = cls.variant
+        rank = variant.rank(t)
+        adapter = cls(
+            name,
+            base,
+            rank,
+            variant.alpha(t),
+            multiplier=multiplier,
+            tucker="lora_mid.weight" in t,
+            dora="dora_scale" in t,
+        )
+        adapter._scale = variant.scale(t)
+        with torch.no_grad():
+            for key, param in adapter.named_parameters():
+                if key in t and key != "dora_scale":
+                    param.copy_(t[key].detach().float().reshape(param.shape))
+        if "dora_scale" in t:  # kept in the file's layout: it tells the axis
+            adapter.dora_scale = nn.Parameter(t["dora_scale"].detach().float().clone())
+        return adapter
+
+
+class LohaAdapter(Adapter):
+    """LyCORIS LoHa (``hada_*``); Tucker for kxk convs (``hada_t1/t2``, ``w_a`` ``[r, out]``)."""
+
+    variant = LohaVariant
+    algo = "loha"
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+        dora: bool = False,
+        tucker: bool = False,
+    ) -> None:
+        super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        out_dim, in_dim = int(weight.shape[0]), int(weight[0].numel())
+        # LyCORIS init: w1_a, t ~ N(0, 0.1²); w1_b, w2_b ~ N(0, 1); w2_a = 0 -> ΔW = 0 at the start
+        if tucker and weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1):
+            kernel = tuple(weight.shape[2:])
+            in_dim = int(weight.shape[1])
+            self.hada_w1_a = nn.Parameter(torch.randn(rank, out_dim) * 0.1)
+            self.hada_w1_b = nn.Parameter(torch.randn(rank, in_dim))
+            self.hada_t1 = nn.Parameter(torch.randn(rank, rank, *kernel) * 0.1)
+            self.hada_w2_a = nn.Parameter(torch.zeros(rank, out_dim))
+            self.hada_w2_b = nn.Parameter(torch.randn(rank, in_dim))
+            self.hada_t2 = nn.Parameter(torch.randn(rank, rank, *kernel) * 0.1)
+        else:
+            self.hada_w1_a = nn.Parameter(torch.randn(out_dim, rank) * 0.1)
+            self.hada_w1_b = nn.Parameter(torch.randn(rank, in_dim))
+            self.hada_w2_a = nn.Parameter(torch.zeros(out_dim, rank))
+            self.hada_w2_b = nn.Parameter(torch.randn(rank, in_dim))
+
+
+class LokrAdapter(Adapter):
+    """LyCORIS LoKr: ``ΔW = kron(w1, w2)``, ``w1`` a small full matrix.
+
+    With a rank of at least half the larger ``w2`` side ``w2`` is stored full (``lokr_w2``) and the
+    scale is 1, as LyCORIS does; else ``w2 = w2_a @ w2_b`` (Tucker for kxk convs: ``lokr_t2``).
+    """
+
+    variant = LokrVariant
+    algo = "lokr"
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        factor: int = -1,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+        dora: bool = False,
+        tucker: bool = False,
+    ) -> None:
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        out_m, out_n = factorization(int(weight.shape[0]), factor)
+        in_m, in_n = factorization(int(weight.shape[1]), factor)
+        kernel = tuple(int(k) for k in weight.shape[2:])
+        full_w2 = rank >= max(out_n, in_n) / 2
+        super().__init__(
+            name,
+            base,
+            rank,
+            rank if full_w2 else alpha,
+            multiplier=multiplier,
+            module_dropout=module_dropout,
+            dora=dora,
+        )
+        self.lokr_w1 = nn.Parameter(torch.empty(out_m, in_m))
+        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        if full_w2:  # LyCORIS keeps a full conv w2 4-D: [out_n, in_n, k, k]
+            self.lokr_w2 = nn.Parameter(torch.zeros(out_n, in_n, *kernel))
+            self._scale = 1.0
+        elif tucker and kernel and kernel != (1, 1):
+            self.lokr_t2 = nn.Parameter(torch.empty(rank, rank, *kernel))
+            nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
+            self.lokr_w2_a = nn.Parameter(torch.empty(rank, out_n))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_n))
+        else:
+            self.lokr_w2_a = nn.Parameter(torch.empty(out_n, rank))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_n * math.prod(kernel)))
+
+    @property
+    def full_matrix(self) -> bool:
+        return self.variant.full_matrix(self.tensors())
+
+
+class OftAdapter(Adapter):
+    """kohya OFT on a Linear/Conv2d: ``rank`` is the number of blocks (it must divide the output
+    width) and ``alpha`` the constraint (kohya ``network_alpha``); ``oft_blocks`` start at zero,
+    so ``R = I``. The update is the weight change ``Rᵀ W - W``; the bias is not rotated (as kohya's
+    and ComfyUI's merges do; kohya's training forward also rotates the bias)."""
+
+    variant = OftVariant
+    algo = "oft"
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+    ) -> None:
+        out_dim = int(base.weight.shape[0])  # type: ignore[union-attr,index]
+        if rank < 1 or out_dim % rank:
+            raise ValueError(f"{name}: OFT needs a block count dividing the output width {out_dim} (got {rank})")
+        super().__init__(
+            name, base, rank, alpha if alpha is not None else 1e-3, multiplier=multiplier, module_dropout=module_dropout
+        )
+        self._scale = 1.0
+        size = out_dim // rank
+        self.oft_blocks = nn.Parameter(torch.zeros(rank, size, size))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale = 1.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"oft_blocks": self.oft_blocks, "alpha": self.alpha}
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        blocks = t["oft_blocks"]
+        alpha = float(t["alpha"]) if "alpha" in t else 0.0
+        adapter = cls(name, base, int(blocks.shape[0]), alpha, multiplier=multiplier)
+        with torch.no_grad():
+            adapter.oft_blocks.copy_(blocks.detach().float())
+        if alpha == 0.0:
+            adapter.alpha.zero_()
+        return adapter
+
+
+class FullAdapter(Adapter):
+    """LyCORIS ``full`` files (``diff``): applied, never trained here."""
+
+    variant = FullVariant
+    algo = "full"
+
+
+#: the adapter class of each variant (for files) and of each ``--algo`` (for training)
+ADAPTER_OF_VARIANT: dict[type[Variant], type[Adapter]] = {
+    LoraVariant: LoraAdapter,
+    LohaVariant: LohaAdapter,
+    LokrVariant: LokrAdapter,
+    FullVariant: FullAdapter,
+    OftVariant: OftAdapter,
+}
+TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
+    "lora": LoraAdapter,
+    "locon": LoraAdapter,
+    "dora": LoraAdapter,
+    "loha": LohaAdapter,
+    "lokr": LokrAdapter,
+    "oft": OftAdapter,
+}
+assert set(TRAINING_ADAPTERS) == set(ALGOS), "algos.ALGOS and the adapter registry must list the same algorithms"
+
+
+def adapter_from_tensors(name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+    """The adapter of a file module's tensors on ``base`` (``ValueError`` if no variant fits)."""
+    variant = variant_of(t)
+    if variant is None:
+        raise ValueError(f"{name}: unsupported LoRA module with tensors {sorted(t)}")
+    return ADAPTER_OF_VARIANT[variant].from_tensors(name, base, t, multiplier=multiplier)
+
+
+def effective_delta(base: nn.Module, t: Tensors, multiplier: float = 1.0) -> torch.Tensor:
+    """``m · (W' - W)`` in fp32 for a file module's tensors applied to ``base``."""
+    variant = variant_of(t)
+    if variant is None:
+        raise ValueError(f"unsupported LoRA module with tensors {sorted(t)}")
+    weight: torch.Tensor = base.weight  # type: ignore[assignment]
+    delta = variant.delta(t, tuple(weight.shape), weight).to(weight.device)
+    if "dora_scale" in t:
+        w = weight.detach().float()
+        delta = Dora.apply(w, delta, t["dora_scale"].to(weight.device)) - w
+    return delta * multiplier
+
+
+__all__ = [
+    "ADAPTER_OF_VARIANT",
+    "TRAINING_ADAPTERS",
+    "VARIANTS",
+    "Adapter",
+    "Dora",
+    "FullAdapter",
+    "FullVariant",
+    "LohaAdapter",
+    "LohaVariant",
+    "LokrAdapter",
+    "LokrVariant",
+    "LoraAdapter",
+    "LoraVariant",
+    "OftAdapter",
+    "OftVariant",
+    "Variant",
+    "adapter_from_tensors",
+    "effective_delta",
+    "factorization",
+    "tucker",
+    "variant_of",
+]

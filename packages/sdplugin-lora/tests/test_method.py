@@ -168,7 +168,7 @@ def test_rank_goes_from_the_cli_to_the_saved_tensor_with_kohya_metadata(tmp_path
     result = sd_cli(args, pm=get_plugin_manager())
     assert result.exit_code == 0, result.output
     lora = read_lora(out)
-    downs = [w.tensors["down"] for w in lora.modules.values()]
+    downs = [w.down for w in lora.modules.values()]
     assert downs and all(t.shape[0] == 3 for t in downs)
     meta = lora.metadata
     assert meta["ss_network_dim"] == "3" and meta["ss_steps"] == "2" and meta["ss_max_train_steps"] == "2"

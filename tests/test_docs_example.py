@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "sdplugin-hello"
@@ -19,6 +22,8 @@ def test_doc_shows_the_example_files_verbatim():
         "pyproject.toml",
         "src/sdplugin_hello/plugin.py",
         "src/sdplugin_hello/method.py",
+        "tests/conftest.py",
+        "tests/test_hello.py",
     }
     for path, body in blocks:
         assert body == (EXAMPLE / path).read_text(), f"docs/writing-a-plugin.md is out of date for {path}"
@@ -81,3 +86,69 @@ def test_broken_plugin_does_not_break_help(tmp_path):
         [sys.executable, "-m", "sdcore", "plugins"], capture_output=True, text=True, env=env, timeout=120
     )
     assert "broken (sdplugin-broken): ImportError: this plugin is broken" in listing.stdout
+
+
+def page_commands(doc: str) -> list[tuple[str, list[str]]]:
+    """The page's shell commands in order (``$ `` lines of its console blocks), each with the output
+    lines the page shows under it."""
+    steps: list[tuple[str, list[str]]] = []
+    for block in re.findall(r"```console\n(.*?)```", doc, flags=re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif line.strip() and steps:
+                steps[-1][1].append(line)
+    return steps
+
+
+@pytest.mark.slow
+def test_page_commands_work_in_a_fresh_venv(tmp_path):
+    """Follow docs/writing-a-plugin.md literally: a new virtual environment, sdcore and the example
+    installed as the page says (no other packages of this checkout), the CLI, a short training run,
+    and the example's own tests (its contract suite) with pytest."""
+    doc = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    steps = page_commands(doc)
+    commands = [command for command, _ in steps]
+    assert commands[:4] == [
+        "python -m venv .venv",
+        ". .venv/bin/activate",
+        "pip install -c constraints.txt -e packages/sdcore",
+        "pip install -c constraints.txt -e docs/examples/sdplugin-hello",
+    ]
+    assert any(c.startswith("pytest docs/examples/sdplugin-hello") for c in commands)
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "packages").symlink_to(ROOT / "packages")
+    (checkout / "constraints.txt").symlink_to(ROOT / "constraints.txt")
+    shutil.copytree(
+        EXAMPLE,
+        checkout / "docs" / "examples" / "sdplugin-hello",
+        ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"),
+    )
+    script = ["set -e"]
+    for index, command in enumerate(commands):
+        script += [f"echo '@@@ step {index}'", command]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        ["bash", "-c", "\n".join(script)], cwd=checkout, capture_output=True, text=True, env=env, timeout=1500
+    )
+    outputs = result.stdout.split("@@@ step ")[1:]
+    failed = len(outputs) - 1
+    assert result.returncode == 0, f"`{commands[failed]}` failed:\n{outputs[-1][-3000:]}\n{result.stderr[-3000:]}"
+    assert len(outputs) == len(commands)
+    for (command, expected), output in zip(steps, outputs, strict=True):
+        for line in expected:
+            assert line in output, f"`{command}` did not print {line!r}:\n{output}"
+    venv_python = checkout / ".venv" / "bin" / "python"
+    probe = subprocess.run(
+        [str(venv_python), "-c", "import sdcore, sdplugin_hello; print(sdcore.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()).resolve().is_relative_to((ROOT / "packages" / "sdcore").resolve())
+    assert (checkout / "hello.safetensors").is_file()
+    assert " passed" in outputs[-1] and " failed" not in outputs[-1]

@@ -81,6 +81,17 @@ def test_generated_command_has_every_option():
     assert isinstance(mp.type, click.Choice)
 
 
+def test_help_groups_options_without_an_options_options_section():
+    """A field declared without group= is listed under plain "Options", not "Options options"."""
+    from click.testing import CliRunner
+
+    text = CliRunner().invoke(_command(), ["--help"]).output
+    assert "Options options" not in text
+    options_section = text.split("\nOptions:\n", 1)[1]
+    assert "--train-text-norm" in options_section.split("options:\n", 1)[0]
+    assert "Training options:" in text and "Model options:" in text
+
+
 def test_command_line_overrides_config_and_only_given_flags(tmp_path, tiny_data):
     cfg = tmp_path / "c.toml"
     cfg.write_text(

@@ -156,3 +156,12 @@ def test_sd15_layout_counts_match_the_real_model():
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in bundle.components().items()}
     assert counts == SD15_COUNTS
     assert all(p.is_meta for p in bundle.unet.parameters())
+
+
+def test_sdxl_blocks_follow_the_per_level_transformer_depth():
+    blocks = unet_blocks(bundled_config("sdxl")["unet"], 128 * 128)
+    transformers = [b for b in blocks if b.kind == "tf"]
+    # transformer depth per level (0, 2, 10): 2*2 + 2*10 = 24 down, 10 mid, 3*10 + 3*2 = 36 up
+    assert len(transformers) == 70
+    assert {b.area for b in transformers} == {64 * 64, 32 * 32}
+    assert len([b for b in blocks if b.kind == "res"]) == 3 * 2 + 2 + 3 * 3

@@ -90,8 +90,11 @@ def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) ->
 
     for message in getattr(tagger, "messages", []):
         click.echo(f"warning: {message}", err=True)
-    fmt = _format(kw)
-    first = tuple(fmt.render(t) for t in fmt.include_first)
+    from .tags import TagFormat, split_tag_list
+
+    # the caption command has fewer output options: only what it has counts
+    fmt = TagFormat(underscores=kw.get("underscores", False), escape=kw.get("escape", False))
+    first = tuple(fmt.render(t) for t in split_tag_list(kw.get("include_first") or ""))
     writer = CaptionWriter(kw["mode"], kw["ext"], first=first)
     summary = label_folder(
         tagger,

@@ -15,7 +15,7 @@ from sdcore.train.options import TrainOptions
 
 @dataclass
 class HelloOptions(TrainOptions):
-    bias_scale: float = option(1.0, "Multiply the learned bias by this when saving.")
+    bias_scale: float = option(1.0, "Multiply the learned bias by this when saving.", group="hello")
 
 
 class HelloMethod(TrainingMethod[HelloOptions]):

@@ -156,6 +156,8 @@ class GroupedCommand(click.Command):
             if record is None:
                 continue
             group = getattr(param, "sd_group", "general")
+            if group == "options":  # option(...) without group=: the plain "Options" section
+                group = "general"
             sections.setdefault(group, []).append(record)
         for group, rows in sections.items():
             title = "Options" if group == "general" else f"{group.capitalize()} options"

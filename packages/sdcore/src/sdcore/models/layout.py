@@ -110,7 +110,7 @@ def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
     Raises :class:`~sdcore.errors.ModelFormatError` (or another :class:`~sdcore.errors.SdcoreError`)
     with the same one-line message ``load_model`` would give for a missing or unreadable model.
     """
-    from .load import cached_hub_folder, sniff_hub, sniff_tiny
+    from .load import cached_hub_folder, missing_model_error, sniff_hub, sniff_tiny
 
     text = os.fspath(path_or_hub_id)
     if sniff_tiny(text):
@@ -124,7 +124,7 @@ def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
         return _single_file_layout(path)
     if sniff_hub(text):
         return _diffusers_layout(cached_hub_folder(text), text, "hub")
-    raise ModelFormatError(f"{path}: no such file or folder")
+    raise missing_model_error(text)
 
 
 def layout_of_bundle(bundle: ModelBundle) -> ModelLayout:

@@ -108,3 +108,17 @@ def test_concept_dataset(tmp_path):
     assert NEW_OBJECT.score([Image.open(p) for p in sorted(folder.glob("*.png"))]) == 1.0
     with pytest.raises(ValueError, match="unknown colour"):
         Concept("x", "pink", None)
+
+
+def test_concept_check_is_opt_in():
+    from sdcore.testing.contract import MethodContractTests
+
+    class Plain(MethodContractTests):
+        pass
+
+    class OptedIn(MethodContractTests):
+        toyworld_concept = NEW_OBJECT
+        toyworld_margin = 0.4
+
+    assert not hasattr(Plain, "test_contract_concept_learning")
+    assert callable(OptedIn.test_contract_concept_learning)

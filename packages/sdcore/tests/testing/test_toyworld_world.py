@@ -122,3 +122,16 @@ def test_concept_check_is_opt_in():
 
     assert not hasattr(Plain, "test_contract_concept_learning")
     assert callable(OptedIn.test_contract_concept_learning)
+
+
+@pytest.mark.parametrize("inner", [0.3, 0.4, 0.5, 0.7])
+def test_a_ring_is_a_ring_whatever_its_hole_and_a_speck_does_not_make_one(inner):
+    yy, xx = np.mgrid[0:32, 0:32] - 15.5
+    radius = np.hypot(yy, xx)
+    image = np.full((32, 32, 3), BACKGROUND, dtype=np.uint8)
+    image[(radius <= 10) & (radius >= 10 * inner)] = ALL_COLOURS["purple"]
+    assert (read_image(image).shape, read_image(image).colour) == ("ring", "purple")
+    disc = np.full((32, 32, 3), BACKGROUND, dtype=np.uint8)
+    disc[radius <= 10] = ALL_COLOURS["purple"]
+    disc[15, 15] = BACKGROUND  # one stray pixel is no hole
+    assert read_image(disc).shape == "circle"

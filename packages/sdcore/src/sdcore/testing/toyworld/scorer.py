@@ -2,9 +2,10 @@
 
 The main object is the largest connected region of pixels that differ clearly from the
 background (the median of the image's border). Its colour is the named colour nearest to the
-region's median RGB; its shape is the template (each known shape drawn into a square box) with the
-highest overlap (IoU) with the region's mask scaled to its bounding box; its size is ``small`` or
-``large`` by the bounding box's longer side.
+region's median RGB; its shape is a ``ring`` when background pixels enclosed by the region make up
+at least :data:`HOLE_FRACTION` of it (no other shape has a hole), otherwise the template (each
+known shape drawn into a square box) with the highest overlap (IoU) with the region's mask scaled
+to its bounding box; its size is ``small`` or ``large`` by the bounding box's longer side.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ TEMPLATE_SIZE = 16
 FOREGROUND_DISTANCE = 60.0
 """A pixel belongs to an object when its largest channel difference to the background exceeds this."""
 MIN_PIXELS = 6
+HOLE_FRACTION = 0.06
+"""The share of enclosed background (of the object with its holes filled) that makes a ring."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,24 @@ class Reading:
 
 @lru_cache(maxsize=1)
 def _templates() -> dict[str, np.ndarray]:
-    return {name: _box_mask(shape_mask(name, 4 * TEMPLATE_SIZE) >= 0.5) for name in ALL_SHAPES}
+    return {name: _box_mask(shape_mask(name, 4 * TEMPLATE_SIZE) >= 0.5) for name in ALL_SHAPES if name != "ring"}
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    return mask | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+
+
+def _holes(region: np.ndarray) -> np.ndarray:
+    """Pixels outside ``region`` that the image border cannot reach without crossing it."""
+    free = ~region
+    reach = np.zeros_like(free)
+    reach[0, :], reach[-1, :], reach[:, 0], reach[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
+    while True:
+        grown = _grow(reach) & free
+        if np.array_equal(grown, reach):
+            return free & ~reach
+        reach = grown
 
 
 def _box_mask(mask: np.ndarray) -> np.ndarray:
@@ -107,12 +127,16 @@ def read_image(image: Any) -> Reading:
     colour = names[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))]
     rows, cols = np.nonzero(region)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    scaled = _box_mask(region)
+    holes = _holes(region)
+    filled = region | holes
+    scaled = _box_mask(filled)
     best, best_iou = None, -1.0
     for name, template in _templates().items():
         iou = float((scaled & template).sum() / max((scaled | template).sum(), 1))
         if iou > best_iou:
             best, best_iou = name, iou
+    if holes.sum() >= HOLE_FRACTION * filled.sum():
+        best = "ring"
     scale = pixels.shape[0] / IMAGE_SIZE
     side = max(bottom - top, right - left) / scale
     size = "small" if side < (SIZES["small"] + SIZES["large"]) / 2 else "large"

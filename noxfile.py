@@ -3,7 +3,7 @@
 - ``nox -s ci``: what CI runs (lint + every test suite, in the current environment, fast);
 - ``nox -s tests``: each package's tests in its own virtualenv (proves it installs on its own);
 - ``nox -s integration``: all packages installed, the root ``tests/``;
-- ``nox -s lint`` / ``typecheck`` / ``demo`` / ``bench``.
+- ``nox -s lint`` / ``typecheck`` / ``demo`` / ``bench`` / ``quality``.
 
 Installs always go through ``constraints.txt`` (torch pinned to the local CPU build).
 """
@@ -82,6 +82,13 @@ def demo(session: nox.Session) -> None:
     """The README's main job on the built-in tiny model (tag, train a LoCon, render samples)."""
     _install(session, *PACKAGES)
     session.run("python", "scripts/demo.py", *session.posargs)
+
+
+@nox.session
+def quality(session: nox.Session) -> None:
+    """Learning quality on the toy world: LoRA/LoCon vs a diffusers + peft anchor (benchmarks/bench_quality.py)."""
+    _install(session, *PACKAGES)
+    session.run("python", "-m", "benchmarks", "quality", *session.posargs)
 
 
 @nox.session

@@ -7,6 +7,7 @@ import torch
 from lora_testutil import all_params, fresh_bundle
 from sdcore.errors import ConfigError
 from sdcore.testing.contract import MethodContractTests, check_learning, check_one_step, check_save_load
+from sdcore.testing.toyworld.concepts import NEW_OBJECT
 from sdcore.train.method import SaveInfo
 from sdplugin_lora.format import read_lora
 from sdplugin_lora.method import LoconMethod, LoconOptions, LoraMethod, LoraOptions
@@ -16,6 +17,12 @@ class TestLoraContract(MethodContractTests):
     method_class = LoraMethod
     options = {"rank": 4, "alpha": 4.0}
     family = "sd1"
+    # The toy-world learning check: a LoCon teaches toyworld: a purple ring named sks (measured on
+    # 8 fixed seeds: 0.00 -> 0.75 with these settings, about 20 s on a CPU).
+    toyworld_concept = NEW_OBJECT
+    toyworld_margin = 0.5
+    toyworld_steps = 150
+    toyworld_options = {"rank": 8, "alpha": 8.0, "conv_rank": 8, "conv_alpha": 8.0, "lr": 2e-3}
 
 
 def test_locon_with_text_encoder_learns_and_saves(tmp_path):

@@ -144,6 +144,9 @@ def test_default_sizes(sd1):
     assert default_size(fake("sd2", "epsilon", 64)) == 512
     assert default_size(fake("sdxl", "epsilon", 128)) == 1024
     assert default_size(fake("sdxl", "epsilon", 128, "tiny")) == 64
+    small = fake("sd1", "epsilon", 8, "toyworld")
+    small.vae.config.block_out_channels = [16, 32, 32]  # 4x VAE: 8x8 latents are 32x32 pixels
+    assert default_size(small) == 32
 
 
 def test_bad_arguments(sd1):

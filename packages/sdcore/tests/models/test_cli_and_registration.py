@@ -52,7 +52,7 @@ def test_cli_error_is_sdcore_error(tmp_path):
 def test_registrations():
     specs: list[ModelFormatSpec] = []
     model_formats.sdcore_register_model_formats(specs.append)
-    assert [s.name for s in specs] == ["tiny", "diffusers", "single-file", "hub"]
+    assert [s.name for s in specs] == ["tiny", "toyworld", "diffusers", "single-file", "hub"]
     for spec in specs:
         assert callable(resolve(spec.sniff)) and callable(resolve(spec.reader))
         if spec.writer:

@@ -118,7 +118,7 @@ def test_missing_model_is_reported_by_dry_run(tmp_path):
          "--dry-run"],
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "Error: --model" in result.output and "no such file or folder" in result.output
+    assert f"Error: {tmp_path / 'nope.safetensors'}: no such model file or folder" in result.output
     assert "Traceback" not in result.output
 
 
@@ -159,7 +159,7 @@ def test_several_problems_are_reported_together(tmp_path, read_only, no_model_lo
     for expected in (
         "--batch-size must be at least 1",
         "--lr must be positive",
-        "--model",
+        "missing-model: no such model file or folder",
         "dataset path does not exist",
     ):
         assert expected in text, text

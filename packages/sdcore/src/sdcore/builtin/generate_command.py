@@ -61,7 +61,10 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.command("generate")
 @click.argument("prompt")
 @click.option(
-    "-m", "--model", required=True, help="Model: diffusers folder, .safetensors/.ckpt file, or tiny:sd1|sd2|sdxl."
+    "-m",
+    "--model",
+    required=True,
+    help="Model: diffusers folder, .safetensors/.ckpt file, tiny:sd1|sd2|sdxl or toyworld:.",
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
@@ -227,7 +230,7 @@ def _run_generate(params: dict[str, Any]) -> None:
     )
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
-    model_name = Path(str(source)).stem if not str(source).startswith("tiny:") else str(source)
+    model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
         extra: dict[str, Any] = {}
         if params["init_image"] is not None:

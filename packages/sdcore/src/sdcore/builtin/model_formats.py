@@ -18,6 +18,12 @@ BUILTIN_FORMATS = (
         reader=f"{_LOAD}:read_tiny",
     ),
     ModelFormatSpec(
+        name="toyworld",
+        summary="toyworld: the toy world's base model that ships with sdcore (trained, 32x32; demos, learning checks)",
+        sniff=f"{_LOAD}:sniff_toyworld",
+        reader=f"{_LOAD}:read_toyworld",
+    ),
+    ModelFormatSpec(
         name="diffusers",
         summary="diffusers folder with model_index.json",
         sniff=f"{_LOAD}:sniff_diffusers",

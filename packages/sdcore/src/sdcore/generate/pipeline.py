@@ -145,10 +145,13 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
 
 
 def default_size(bundle: ModelBundle) -> int:
-    """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64."""
+    """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64, other small
+    models (the toy world's 32x32) their native size."""
     native = int(bundle.unet.config.sample_size) * bundle.vae_scale_factor
-    if bundle.source_format == "tiny" or native < 256:
+    if bundle.source_format == "tiny":
         return 64
+    if native < 256:
+        return native
     if bundle.is_sdxl:
         return 1024
     if bundle.family == "sd2" and bundle.is_v_prediction:

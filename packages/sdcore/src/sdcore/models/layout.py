@@ -110,11 +110,23 @@ def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
     Raises :class:`~sdcore.errors.ModelFormatError` (or another :class:`~sdcore.errors.SdcoreError`)
     with the same one-line message ``load_model`` would give for a missing or unreadable model.
     """
-    from .load import cached_hub_folder, sniff_hub, sniff_tiny
+    from .load import (
+        TOYWORLD_PREFIX,
+        cached_hub_folder,
+        missing_model_error,
+        sniff_hub,
+        sniff_tiny,
+        sniff_toyworld,
+        toyworld_model_dir,
+    )
 
     text = os.fspath(path_or_hub_id)
     if sniff_tiny(text):
         return _tiny_layout(text)
+    if sniff_toyworld(text):
+        if text.rstrip() != TOYWORLD_PREFIX:
+            raise ModelFormatError(f"{text}: write the toy world's base model as plain {TOYWORLD_PREFIX!r}")
+        return _diffusers_layout(toyworld_model_dir(), TOYWORLD_PREFIX, "toyworld")
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -124,7 +136,7 @@ def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
         return _single_file_layout(path)
     if sniff_hub(text):
         return _diffusers_layout(cached_hub_folder(text), text, "hub")
-    raise ModelFormatError(f"{path}: no such file or folder")
+    raise missing_model_error(text)
 
 
 def layout_of_bundle(bundle: ModelBundle) -> ModelLayout:

@@ -1,7 +1,8 @@
 """``load_model``: read any Stable Diffusion model users have into a :class:`ModelBundle`, offline.
 
 Accepted: a diffusers folder (``model_index.json``), a single-file ldm/SGM ``.safetensors`` or
-pickle (``.ckpt``/``.pt``, read with ``weights_only=True``), ``tiny:sd1|sd2|sdxl``, or a Hub id that
+pickle (``.ckpt``/``.pt``, read with ``weights_only=True``), ``tiny:sd1|sd2|sdxl``, ``toyworld:`` (the
+toy world's trained base model that ships with sdcore), or a Hub id that
 is already in the local Hugging Face cache (never downloaded). Single files are turned into modules
 without the network: the family's diffusers configs ship in ``models/configs/`` and our own writer
 stores the exact configs in the ``sdcore.config`` metadata entry (that is how tiny or otherwise
@@ -416,6 +417,29 @@ def read_tiny(
     return _finish(bundle, device)
 
 
+TOYWORLD_PREFIX = "toyworld:"
+
+
+def toyworld_model_dir() -> Path:
+    """The toy world's base model shipped inside sdcore (a diffusers folder; see ``sdcore.testing.toyworld``)."""
+    return Path(str(resources.files("sdcore.models").joinpath("toyworld_base")))
+
+
+def read_toyworld(spec: str, **options: Any) -> ModelBundle:
+    """``toyworld:``: the toy world's base model, read from its diffusers folder inside sdcore."""
+    if spec.rstrip() != TOYWORLD_PREFIX:
+        raise SdcoreError(f"{spec}: write the toy world's base model as plain {TOYWORLD_PREFIX!r}")
+    folder = toyworld_model_dir()
+    if not (folder / "model_index.json").is_file():
+        raise ModelFormatError(
+            f"{TOYWORLD_PREFIX} the base model is missing from {folder}; "
+            "rebuild it with `python -m sdcore.testing.toyworld build`"
+        )
+    bundle = read_diffusers(folder, **options)
+    bundle.source, bundle.source_format = TOYWORLD_PREFIX, "toyworld"
+    return bundle
+
+
 def cached_hub_folder(repo_id: str) -> Path:
     """The local snapshot folder of a Hub id already in the cache (never downloads)."""
     try:
@@ -441,6 +465,10 @@ def read_hub(repo_id: str, **options: Any) -> ModelBundle:
 
 def sniff_tiny(path: str) -> bool:
     return str(path).startswith("tiny:")
+
+
+def sniff_toyworld(path: str) -> bool:
+    return str(path).startswith(TOYWORLD_PREFIX)
 
 
 def sniff_diffusers(path: str) -> bool:
@@ -501,7 +529,7 @@ def load_model(
     use_ema: bool = False,
     pm: Any = None,
 ) -> ModelBundle:
-    """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>`` or a cached Hub id.
+    """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>``, ``toyworld:`` or a cached Hub id.
 
     ``pm`` (a plugin manager) lets formats registered by plugins claim the path first; the
     built-in formats below are registered through the same hook and answer otherwise.
@@ -524,6 +552,8 @@ def load_model(
             return bundle
     if sniff_tiny(text):
         return read_tiny(text, **options)
+    if sniff_toyworld(text):
+        return read_toyworld(text, **options)
     path = Path(text).expanduser()
     if path.is_dir():
         if sniff_diffusers(str(path)):

@@ -2,8 +2,8 @@
 
 Native size = the UNet's ``sample_size`` (in latents) times the VAE's downscale factor
 (``2 ** (len(vae.block_out_channels) - 1)``): SD1 512, SD2-768-v 768 (SD2-512-base 512), SDXL 1024,
-and the tiny test models their own 64. :func:`peek_native_resolution` finds it before any weights
-load (configs of a diffusers folder, a safetensors header, ``tiny:<family>``), so the dataset's
+the tiny test models their own 64 and the toy world's base model 32. :func:`peek_native_resolution` finds it before any weights
+load (configs of a diffusers folder, a safetensors header, ``tiny:<family>``, ``toyworld:``), so the dataset's
 buckets can be planned first; ``None`` means "load the model to know".
 """
 
@@ -42,6 +42,10 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
             family = text.split(":", 1)[1] or "sd1"
             return native_resolution(tiny_unet_config(family), tiny_vae_config(family))
         path = Path(text).expanduser()
+        if text.startswith("toyworld:"):
+            from .load import toyworld_model_dir
+
+            path = toyworld_model_dir()
         if (path / "model_index.json").is_file():
             unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
             vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))

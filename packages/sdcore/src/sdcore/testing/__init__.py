@@ -11,6 +11,10 @@ Enable it in a ``conftest.py`` with ``pytest_plugins = ["sdcore.testing"]``. It 
 - ``tiny_dataset``: ``tiny_dataset(n=4, size=64)`` writes a kohya-style dataset folder.
 
 Nothing here imports torch until a fixture that needs it runs.
+
+:mod:`sdcore.testing.toyworld` is a toy world with a trained base model (``toyworld:``) and a
+scorer, to measure whether a method teaches a concept; :mod:`sdcore.testing.contract` is the
+contract suite every training method passes.
 """
 
 from __future__ import annotations

@@ -18,7 +18,10 @@ a tiny random model (:func:`sdcore.models.tiny.create_tiny_bundle`) and a tiny g
 - learning: the loss on the training images at *fixed* noise and timesteps falls clearly;
 - save -> load: ``method.load_result`` on a fresh model reproduces the trained model's outputs;
 - resume: N steps in one go equal N/2 steps, Ctrl-C, ``--resume latest`` to N (bit for bit);
-- determinism: two runs with the same seed give bit-identical trained tensors.
+- determinism: two runs with the same seed give bit-identical trained tensors;
+- concept learning (opt-in, ``toyworld_concept``): on the toy world's trained base model
+  (``toyworld:``), the share of samples showing a new concept rises by the declared margin
+  (:func:`check_concept_learning`).
 """
 
 from __future__ import annotations
@@ -340,14 +343,108 @@ def run_method_contract(
             shutil.rmtree(root, ignore_errors=True)
 
 
+def concept_options(method_class: Any, tmp_path: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """Options for a short CPU run of ``method_class`` on the toy world's base model (32x32)."""
+    from .toyworld import IMAGE_SIZE
+
+    values = {
+        "model": "toyworld:",
+        "resolution": IMAGE_SIZE,
+        "min_bucket_reso": IMAGE_SIZE,
+        "max_bucket_reso": 2 * IMAGE_SIZE,
+        "bucket_step": IMAGE_SIZE,
+        "batch_size": 4,
+        "save_state": False,
+        **(overrides or {}),
+    }
+    return contract_options(method_class, tmp_path, values, tag="concept")
+
+
+_TOYWORLD_BASE: list[Any] = []
+
+
+def toyworld_bundle() -> Any:
+    """A fresh copy of the toy world's base model (read once per process)."""
+    import copy
+
+    from ..models.load import load_model
+
+    if not _TOYWORLD_BASE:
+        _TOYWORLD_BASE.append(load_model("toyworld:"))
+    return copy.deepcopy(_TOYWORLD_BASE[0])
+
+
+def check_concept_learning(
+    method_class: type,
+    tmp_path: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    concept: Any = None,
+    margin: float = 0.5,
+    steps: int = 100,
+    images: int = 8,
+    n: int = 8,
+    prompt: str | None = None,
+) -> tuple[float, float]:
+    """Teach ``concept`` (default: a purple ring named ``sks``, :data:`toyworld.concepts.NEW_OBJECT`)
+    from ``images`` pictures in ``steps`` steps; the share of ``n`` fixed-seed samples of ``prompt``
+    (default: the trigger) that show it must rise by at least ``margin``. Returns (before, after)."""
+    from ..train.loop import TrainSession
+    from .toyworld.concepts import NEW_OBJECT, concept_score_of
+
+    concept = concept if concept is not None else NEW_OBJECT
+    data = tmp_path / "concept-data"
+    concept.write_dataset(data, count=images)
+    options = concept_options(method_class, tmp_path, {"data": str(data), "max_steps": steps, **(overrides or {})})
+    bundle = toyworld_bundle()
+    before = concept_score_of(bundle, concept, prompt=prompt, n=n)
+    session = TrainSession(method_class(options), options, bundle=bundle)
+    session.setup()
+    session.run()
+    after = concept_score_of(bundle, concept, prompt=prompt, n=n)
+    assert after >= before + margin, (
+        f"{method_class.__name__} did not teach {concept.description!r} ({concept.trigger}): concept score "
+        f"{before:.2f} -> {after:.2f} after {steps} steps, the method declares a rise of at least {margin:.2f}"
+    )
+    return before, after
+
+
+def _concept_test(self: Any, tmp_path: Path) -> None:
+    check_concept_learning(
+        self._cls(),
+        tmp_path,
+        {**self.options, **self.toyworld_options},
+        concept=self.toyworld_concept,
+        margin=self.toyworld_margin,
+        steps=self.toyworld_steps,
+        prompt=self.toyworld_prompt,
+    )
+
+
 class MethodContractTests:
-    """pytest mixin: set ``method_class`` (and ``options``/``family``) in a ``Test*`` subclass."""
+    """pytest mixin: set ``method_class`` (and ``options``/``family``) in a ``Test*`` subclass.
+
+    The concept-learning check is opt-in: set ``toyworld_concept`` (a
+    :class:`sdcore.testing.toyworld.concepts.Concept`, e.g. ``NEW_OBJECT``) and the rise your
+    method promises (``toyworld_margin``), with the options (``toyworld_options``: lr, rank ...)
+    and ``toyworld_steps`` that achieve it; the class then gains ``test_contract_concept_learning``.
+    """
 
     method_class: type | None = None
     options: dict[str, Any] = {}
     family: str = "sd1"
     learning_steps: int = 40
     learning_min_drop: float = 0.2
+    toyworld_concept: Any = None
+    toyworld_margin: float = 0.5
+    toyworld_steps: int = 100
+    toyworld_options: dict[str, Any] = {}
+    toyworld_prompt: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.toyworld_concept is not None and "test_contract_concept_learning" not in cls.__dict__:
+            cls.test_contract_concept_learning = _concept_test  # type: ignore[attr-defined]
 
     def _cls(self) -> type:
         assert self.method_class is not None, "set method_class on the test class"

@@ -477,7 +477,7 @@ def run_preflight(
             try:
                 report.layout = read_layout(o.model)
             except SdcoreError as exc:
-                report.problems.append(f"--model {o.model}: {_strip_prefix(str(exc), o.model)}")
+                report.problems.append(str(exc))  # the message load_model gives, in every command
 
     # folders
     if o.output:
@@ -590,14 +590,6 @@ def _plugin_format(pm: Any, path: str) -> str | None:
     except Exception:  # a broken plugin is reported when loading; the pre-flight does not judge it
         return None
     return None
-
-
-def _strip_prefix(message: str, model: str) -> str:
-    """Avoid ``--model x: x: no such file`` when the reader's message already starts with the path."""
-    for prefix in (f"{model}: ", f"{Path(model).expanduser()}: "):
-        if message.startswith(prefix):
-            return message[len(prefix) :]
-    return message
 
 
 def preflight_for_run(

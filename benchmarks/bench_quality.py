@@ -37,7 +37,7 @@ def _train_sdcore(data: Path, out: Path, *, conv_rank: int, args: argparse.Names
     options = concept_options(LoraMethod, out, overrides)
     bundle = toyworld_bundle()
     started = time.perf_counter()
-    train(LoraMethod(options), options, bundle=bundle)
+    train(LoraMethod(options), bundle=bundle)
     return bundle, time.perf_counter() - started
 
 

@@ -398,7 +398,7 @@ def check_concept_learning(
     options = concept_options(method_class, tmp_path, {"data": str(data), "max_steps": steps, **(overrides or {})})
     bundle = toyworld_bundle()
     before = concept_score_of(bundle, concept, prompt=prompt, n=n)
-    session = TrainSession(method_class(options), options, bundle=bundle)
+    session = TrainSession(method_class(options), bundle=bundle)
     session.setup()
     session.run()
     after = concept_score_of(bundle, concept, prompt=prompt, n=n)

@@ -62,7 +62,7 @@ def test_example_installs_and_shows_up(tmp_path):
     assert plugins.returncode == 0, plugins.stderr
     assert "hello  (sdplugin-hello 0.1.0)" in plugins.stdout and "methods: hello" in plugins.stdout
     train_help = sdcore("train", "--help")
-    assert "hello" in train_help.stdout and "trains only the UNet's output bias" in train_help.stdout
+    assert "hello" in train_help.stdout and "trains only the UNet's output layer" in train_help.stdout
     greeting = sdcore("hello", "you")
     assert greeting.stdout.strip() == "hello you"
     method_help = sdcore("train", "hello", "--help")

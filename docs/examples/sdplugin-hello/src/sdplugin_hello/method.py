@@ -25,21 +25,21 @@ class HelloMethod(TrainingMethod[HelloOptions]):
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         for module in bundle.components().values():
             module.requires_grad_(False)
-        self.bias: torch.nn.Parameter = bundle.unet.conv_out.bias
-        self.bias.requires_grad_(True)
-        return [{"params": [self.bias], "name": "conv_out.bias"}]
+        self.layer: torch.nn.Module = bundle.unet.conv_out  # the UNet's output layer trains
+        self.layer.requires_grad_(True)
+        return [{"params": list(self.layer.parameters()), "name": "conv_out"}]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"conv_out.bias": self.bias.detach().clone()}
+        return {f"conv_out.{k}": v.detach().clone() for k, v in self.layer.state_dict().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.bias.copy_(state["conv_out.bias"])
+        self.layer.load_state_dict({k.removeprefix("conv_out."): v for k, v in state.items()})
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
-        tensors = {"conv_out.bias": (self.bias.detach().float().cpu() * self.options.bias_scale).contiguous()}
+        tensors = {k: v.float().cpu().contiguous() for k, v in self.trainable_state_dict().items()}
+        tensors["conv_out.bias"] *= self.options.bias_scale
         return atomic_save(info.path, lambda tmp: save_file(tensors, str(tmp)))
 
     def load_result(self, bundle: ModelBundle, path: Path) -> None:
-        with torch.no_grad():
-            bundle.unet.conv_out.bias.copy_(load_file(str(path))["conv_out.bias"])
+        state = load_file(str(path))
+        bundle.unet.conv_out.load_state_dict({k.removeprefix("conv_out."): v for k, v in state.items()})

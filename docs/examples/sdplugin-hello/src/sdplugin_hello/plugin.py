@@ -10,7 +10,7 @@ def sdcore_register_methods(register):
     register(
         MethodSpec(
             name="hello",
-            summary="Toy method: trains only the UNet's output bias",
+            summary="Toy method: trains only the UNet's output layer",
             method="sdplugin_hello.method:HelloMethod",  # imported only when `sdcore train hello` runs
         )
     )

@@ -198,15 +198,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
         from .blocks import check_block_options
 
-        problems = check_block_options(
-            block_dims=o.block_dims,
-            block_alphas=o.block_alphas,
-            conv_block_dims=o.conv_block_dims,
-            conv_block_alphas=o.conv_block_alphas,
-            down_lr_weight=o.down_lr_weight,
-            mid_lr_weight=o.mid_lr_weight,
-            up_lr_weight=o.up_lr_weight,
-        )
+        problems = check_block_options(**self.block_options())
         for flag, ratio in (
             ("--loraplus-lr-ratio", o.loraplus_lr_ratio),
             ("--loraplus-unet-lr-ratio", o.loraplus_unet_lr_ratio),
@@ -221,6 +213,20 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return Capabilities(trains_text_encoder=self.train_te)
 
     # --- setup -----------------------------------------------------------------------------------
+    def block_options(self) -> dict[str, str | None]:
+        """kohya's block-wise options as written (comma-separated text, ``None`` when unset)."""
+        o = self.options
+        names = (
+            "block_dims",
+            "block_alphas",
+            "conv_block_dims",
+            "conv_block_alphas",
+            "down_lr_weight",
+            "mid_lr_weight",
+            "up_lr_weight",
+        )
+        return {name: getattr(o, name) for name in names}
+
     def block_plan(self, family: str) -> BlockPlan | None:
         """kohya's per-block dims/alphas/lr weights for ``family`` (``None`` when none is set)."""
         from .blocks import BlockPlan
@@ -232,14 +238,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             alpha=self.alpha,
             conv_rank=self.conv_rank or None,
             conv_alpha=self.conv_alpha,
-            block_dims=o.block_dims,
-            block_alphas=o.block_alphas,
-            conv_block_dims=o.conv_block_dims,
-            conv_block_alphas=o.conv_block_alphas,
-            down_lr_weight=o.down_lr_weight,
-            mid_lr_weight=o.mid_lr_weight,
-            up_lr_weight=o.up_lr_weight,
             block_lr_zero_threshold=o.block_lr_zero_threshold,
+            **self.block_options(),
         )
 
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:

@@ -25,8 +25,18 @@ DTYPE_NAMES: dict[str, str] = {
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
 }
+#: torch attribute name -> bytes per element (the memory plan and the disk estimate)
+ELEMENT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: torch attribute name -> the short name files and logs use
 SHORT_NAMES: dict[str, str] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def element_bytes(name: str) -> int:
+    """Bytes per element of a precision name (``"bf16"`` -> 2, ``"no"``/``"fp32"`` -> 4), without torch."""
+    attribute = DTYPE_NAMES.get(name.lower())
+    if attribute is None:
+        raise SdcoreError(f"unknown dtype {name!r}; use fp32, fp16 or bf16")
+    return ELEMENT_BYTES[attribute]
 
 
 def resolve_dtype(dtype: Any) -> Any:

@@ -255,10 +255,15 @@ def test_prefetcher_returns_what_was_submitted_once():
 
 
 def test_one_dtype_table():
-    from sdcore.dtypes import resolve_dtype, short_name, torch_dtype
+    from sdcore.dtypes import element_bytes, resolve_dtype, short_name, torch_dtype
 
     assert torch_dtype("bf16") is torch.bfloat16 and torch_dtype("no") is torch.float32
     assert resolve_dtype("half") is torch.float16 and resolve_dtype(None) is None
     assert short_name(torch.bfloat16) == "bf16"
     with pytest.raises(SdcoreError, match="unknown dtype"):
         resolve_dtype("fp8")
+    # the byte sizes the memory plan and the disk estimate use agree with torch's
+    for name in ("fp32", "no", "fp16", "bf16"):
+        assert element_bytes(name) == torch_dtype(name).itemsize
+    with pytest.raises(SdcoreError, match="unknown dtype"):
+        element_bytes("fp8")

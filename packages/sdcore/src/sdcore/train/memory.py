@@ -50,6 +50,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..dtypes import element_bytes
+
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
     from ..models.layout import ModelLayout
@@ -259,10 +261,6 @@ def activation_bytes(
 # the estimate
 
 
-def _compute_bytes(precision: str) -> int:
-    return 2 if precision in ("fp16", "bf16") else 4
-
-
 def estimate_memory(
     layout: ModelLayout,
     params: ParameterPlan,
@@ -275,7 +273,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """The peak-memory estimate for training ``layout`` with ``options`` on ``device`` (``cpu``/``cuda``)."""
     o = options
-    compute = _compute_bytes(o.mixed_precision)
+    compute = element_bytes(o.mixed_precision)
     frozen_bytes = compute if cast_frozen_weights else 4
     latents_cached = o.cache_latents and not needs_pixels
     text_cached = o.cache_text_encoder_outputs and text_encoder_frozen

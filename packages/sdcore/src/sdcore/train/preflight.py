@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..dtypes import element_bytes
 from ..errors import ConfigError, SdcoreError
 from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdcore.train")
 
 MIB = 1024 * 1024
-SAVE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
 class PreflightError(ConfigError):
@@ -253,7 +253,7 @@ def disk_plan(
     the trainable tensors in fp32 and the optimizer's moments (:data:`.memory.OPTIMIZER_STATE_BYTES`)."""
     from .memory import OPTIMIZER_STATE_BYTES
 
-    result = params.result * SAVE_DTYPE_BYTES.get(options.save_dtype, 2)
+    result = params.result * (element_bytes(options.save_dtype) if options.save_dtype in SAVE_DTYPES else 2)
     state = int(params.trainable * (4 + OPTIMIZER_STATE_BYTES.get(options.optimizer, 8.0)))
     results, states = planned_saves(options, total_steps, steps_per_epoch)
     try:

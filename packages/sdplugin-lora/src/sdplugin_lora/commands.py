@@ -134,6 +134,11 @@ def extract_command(
 @click.option(
     "--dynamic-param", type=float, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
 )
+@click.option(
+    "--base-model",
+    default=None,
+    help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
+)
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 def resize_command(
     file: str,
@@ -142,13 +147,17 @@ def resize_command(
     conv_rank: int | None,
     dynamic: str | None,
     dynamic_param: float | None,
+    base_model: str | None,
     save_dtype: str,
 ) -> None:
-    """Re-factor a LoRA to a new rank, keeping its effective strength."""
+    """Re-factor a LoRA-family FILE (any algorithm) to a LoRA of a new rank, keeping its strength."""
     from .format import read_lora, save_lora
     from .tools import resize_lora
 
-    result = resize_lora(read_lora(file), rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param)
+    base = _load_model(base_model) if base_model else None
+    result = resize_lora(
+        read_lora(file), rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param, base=base
+    )
     path = save_lora(output, result.tensors, result.metadata, dtype=save_dtype)
     new_ranks = sorted({new for _, new in result.ranks.values()})
     kept = sum(result.fro_retained.values()) / max(len(result.fro_retained), 1)
@@ -166,10 +175,15 @@ def resize_command(
     type=click.Choice(["concat", "svd"]),
     default="concat",
     show_default=True,
-    help="LoRA+LoRA: stack ranks (exact) or SVD to --rank.",
+    help="LoRA+LoRA: stack ranks (exact, plain LoRA/LoCon) or sum the changes and SVD to --rank (every algorithm).",
 )
 @click.option("--rank", type=int, default=None, help="Rank for --mode svd.")
 @click.option("--conv-rank", type=int, default=None, help="Conv rank for --mode svd.")
+@click.option(
+    "--base-model",
+    default=None,
+    help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
+)
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 def merge_command(
     loras: tuple[str, ...],
@@ -178,6 +192,7 @@ def merge_command(
     mode: str,
     rank: int | None,
     conv_rank: int | None,
+    base_model: str | None,
     save_dtype: str,
 ) -> None:
     """Merge LORAS (each FILE[:RATIO]) into a checkpoint (--model) or into one LoRA."""
@@ -191,6 +206,9 @@ def merge_command(
         path = bundle.save(output, dtype=save_dtype)
         click.echo(f"wrote {path}: {touched} weights changed")
         return
-    tensors, meta = merge_loras([(read_lora(p), r) for p, r in weighted], mode=mode, rank=rank, conv_rank=conv_rank)
+    base = _load_model(base_model) if base_model else None
+    tensors, meta = merge_loras(
+        [(read_lora(p), r) for p, r in weighted], mode=mode, rank=rank, conv_rank=conv_rank, base=base
+    )
     path = save_lora(output, tensors, meta, dtype=save_dtype)
     click.echo(f"wrote {path}: {len(tensors) // 3} modules")

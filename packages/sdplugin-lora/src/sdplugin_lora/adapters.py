@@ -322,15 +322,21 @@ class OftVariant(Variant):
         return float(alpha) * out_dim if alpha is not None else 0.0
 
     @classmethod
-    def rotation(cls, t: Tensors, out_dim: int) -> torch.Tensor:
-        """The ``[out, out]`` block-diagonal ``R`` in fp32."""
+    def skew(cls, t: Tensors, out_dim: int) -> torch.Tensor:
+        """The skew-symmetric blocks ``Q = B - Bᵀ`` in fp32, their norm clamped to the constraint."""
         blocks = t["oft_blocks"].float()
-        count, size = int(blocks.shape[0]), int(blocks.shape[1])
         q = blocks - blocks.transpose(1, 2)
         limit = cls.constraint(t, out_dim)
         if limit > 0:
             norm = q.norm()
             q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+        return q
+
+    @classmethod
+    def rotation(cls, t: Tensors, out_dim: int) -> torch.Tensor:
+        """The ``[out, out]`` block-diagonal ``R`` in fp32."""
+        q = cls.skew(t, out_dim)
+        count, size = int(q.shape[0]), int(q.shape[1])
         eye = torch.eye(size, device=q.device).expand(count, size, size)
         r = (eye + q) @ torch.linalg.inv(eye - q)
         return torch.block_diag(*r.unbind(0))

@@ -33,7 +33,7 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 
 @click.group("lora")
 def lora_group() -> None:
-    """LoRA files: merge, extract, resize, info (kohya format)."""
+    """LoRA files: merge, extract, resize, convert, info (kohya format)."""
 
 
 @lora_group.command("info")
@@ -212,3 +212,24 @@ def merge_command(
     )
     path = save_lora(output, tensors, meta, dtype=save_dtype)
     click.echo(f"wrote {path}: {len(tensors) // 3} modules")
+
+
+@lora_group.command("convert")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["comfyui"]),
+    required=True,
+    help="comfyui: a kohya OFT file under the names and constraint ComfyUI reads (same merged weights).",
+)
+@click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp32", show_default=True)
+def convert_command(file: str, output: str, target: str, save_dtype: str) -> None:
+    """Rewrite FILE for a loader that cannot read it as it is (kohya OFT -> ComfyUI)."""
+    from .format import read_lora, save_lora
+    from .tools import oft_for_comfyui
+
+    tensors, meta = oft_for_comfyui(read_lora(file))
+    path = save_lora(output, tensors, meta, dtype=save_dtype)
+    click.echo(f"wrote {path}: {len(tensors) // 2} OFT modules for {target}")

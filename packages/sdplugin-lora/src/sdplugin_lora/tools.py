@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 
-from .adapters import LoraVariant, needs_base, weight_change
+from .adapters import LoraVariant, OftVariant, needs_base, weight_change
 from .format import LoraFile, ModuleWeights, detect_family, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
@@ -420,6 +420,41 @@ def merge_loras(
     return tensors, meta
 
 
+# --- convert -----------------------------------------------------------------------------------
+
+
+def oft_for_comfyui(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A kohya OFT file rewritten so that ComfyUI applies the same rotations.
+
+    ComfyUI's key map names UNet modules ``lora_unet_<name>`` (and ``lycoris_``/diffusers names)
+    but never kohya's ``oft_unet_<name>``, so it skips every module of a kohya OFT file; and it
+    clamps ``‖Q‖`` to ``alpha`` where kohya clamps to ``alpha · out``. The rewrite renames the
+    modules to ``lora_unet_``, stores kohya's clamped ``Q`` itself (``oft_blocks = Q/2``, since
+    ``Q/2 - (Q/2)ᵀ = Q``) and ``alpha · out`` as alpha, so that neither ComfyUI nor kohya's rule
+    (nor sdcore, which reads both names) clamps again: all three give kohya's merged weights.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, weights in lora.modules.items():
+        if weights.kind != "oft":
+            raise NetworkMismatchError(
+                f"{lora.label}: {name} is {weights.kind}, not OFT; ComfyUI loads such modules as they are"
+            )
+        t = weights.tensors
+        blocks = t["oft_blocks"]
+        out_dim = int(blocks.shape[0]) * int(blocks.shape[1])
+        key = lora_key(name)
+        tensors[f"{key}.oft_blocks"] = (OftVariant.skew(t, out_dim) / 2).to(blocks.dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(OftVariant.constraint(t, out_dim))
+    meta = dict(lora.metadata)
+    meta.pop("sshs_model_hash", None)
+    meta.pop("sshs_legacy_hash", None)
+    meta["sdcore_oft_layout"] = "comfyui"
+    note = "OFT renamed to lora_unet_ with kohya's constraint applied, for ComfyUI"
+    comment = meta.get("ss_training_comment", "")
+    meta["ss_training_comment"] = f"{note}; {comment}" if comment and comment != "None" else note
+    return tensors, meta
+
+
 # --- info --------------------------------------------------------------------------------------
 
 
@@ -570,5 +605,6 @@ __all__ = [
     "merge_into_model",
     "merge_loras",
     "module_shape",
+    "oft_for_comfyui",
     "resize_lora",
 ]

@@ -141,7 +141,9 @@ def test_every_algorithm_round_trips(tmp_path, algo):
             torch.testing.assert_close(got_w.tensors["dora_scale"], weights.tensors["dora_scale"].float())
         else:
             want = source[key]
-            got = effective_deltas(parse_state_dict({f"{key}.{k}": v for k, v in small_lora.modules[key].tensors.items()}))[key]
+            got = effective_deltas(
+                parse_state_dict({f"{key}.{k}": v for k, v in small_lora.modules[key].tensors.items()})
+            )[key]
         s = torch.linalg.svdvals(want.double())
         tail = float(s[1:].pow(2).sum().sqrt())
         error = float((got.double() - want.double()).norm())
@@ -164,7 +166,18 @@ def test_every_algorithm_round_trips(tmp_path, algo):
 
     if algo == "oft":  # the CLI: the base model by name
         cli_out = tmp_path / "cli.safetensors"
-        args = ["resize", str(path), "-o", str(cli_out), "--rank", "1", "--base-model", "tiny:sd1", "--save-dtype", "fp32"]
+        args = [
+            "resize",
+            str(path),
+            "-o",
+            str(cli_out),
+            "--rank",
+            "1",
+            "--base-model",
+            "tiny:sd1",
+            "--save-dtype",
+            "fp32",
+        ]
         result = CliRunner().invoke(lora_group, args)
         assert result.exit_code == 0, result.output
         _close(effective_deltas(read_lora(cli_out)), effective_deltas(small_lora), 1e-6)

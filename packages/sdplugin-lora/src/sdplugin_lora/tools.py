@@ -176,7 +176,9 @@ def lora_key(name: str) -> str:
     return "lora_unet_" + name[len("oft_unet_") :] if name.startswith("oft_unet_") else name
 
 
-def layer_shape(name: str, weights: ModuleWeights, family: str | None, base: torch.Tensor | None = None) -> tuple[int, ...]:
+def layer_shape(
+    name: str, weights: ModuleWeights, family: str | None, base: torch.Tensor | None = None
+) -> tuple[int, ...]:
     """The adapted layer's weight shape: the base weight's when given, else what the tensors tell,
     with the kernel of a flattened conv (LoHa, factored LoKr) taken from the module name
     (:func:`module_shape`: SD's kxk convs are 3x3)."""
@@ -593,11 +595,11 @@ __all__ = [
     "ExtractResult",
     "ModuleWeights",
     "ResizeResult",
+    "base_weights",
+    "dense_module",
     "dynamic_rank",
     "effective_deltas",
     "extract_lora",
-    "base_weights",
-    "dense_module",
     "layer_shape",
     "lora_flat_delta",
     "lora_info",

@@ -171,8 +171,8 @@ NEW_OBJECT = Concept("sks", "purple", "ring")
 KNOWN_COMPOSITION = Concept("sks", "red", "circle", sizes=("large",))
 """A composition of things the model knows (a large red circle), to be named by one new word."""
 
-NEW_STYLE = StyleConcept("orange-look", "orange")
-"""A style on every prompt: objects come out orange (a colour the world lacks), shapes stay."""
+NEW_STYLE = StyleConcept("purple-look", "purple")
+"""A style on every prompt: objects come out purple (a colour the world lacks), shapes stay."""
 
 
 def concept_score_of(

@@ -26,11 +26,16 @@ class TestTIContract(MethodContractTests):
     options = TI_OPTIONS
     # The toy-world check: one new word for a composition toyworld: already draws (a large red
     # circle); TI cannot teach a new object, it finds where a known one lives. The template is the
-    # bare name, the prompt sampled. Measured: TOYWORLD_MEASURED
+    # bare name, the prompt sampled. Measured on 8 samples, training seed 1234: 0.00 -> 0.62.
     toyworld_concept = KNOWN_COMPOSITION
-    toyworld_margin = TOYWORLD_MARGIN
+    toyworld_margin = 0.5
     toyworld_steps = 150
-    toyworld_options = {"name": "sks", "template": str(Path(__file__).parent / "data" / "name_only.txt"), "vectors": 2, "lr": 5e-2}
+    toyworld_options = {
+        "name": "sks",
+        "template": str(Path(__file__).parent / "data" / "name_only.txt"),
+        "vectors": 2,
+        "lr": 5e-2,
+    }
 
     def test_contract_learning(self, tmp_path, monkeypatch):
         import sdcore.testing.contract as contract

@@ -23,6 +23,8 @@ CONCEPT_RUNS: dict[str, tuple[dict[str, object], int, float]] = {
     # this model's 32/64-wide layers, 20k parameters in all against LoCon's 146k: it needs a higher
     # lr and swings with the seed (lr 2e-2: 0.62 / 0.25 / 0.88); factor 2 (2x2 (x) 16x16) is steadier.
     "lokr": ({**CONV, "lokr_factor": 2, "lr": 1e-2}, 150, 0.375),
+    # DoRA: 0.75 / 0.50 / 0.62 (lr 4e-3: 1.00 / 0.38 / 0.75); the slowest step of the family
+    "dora": ({**CONV, "lr": 2e-3}, 150, 0.375),
 }
 
 

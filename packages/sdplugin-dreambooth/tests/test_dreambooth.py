@@ -24,7 +24,8 @@ class TestDreamBoothContract(MethodContractTests):
     family = "sd1"
     # The toy-world check: fine-tuning the whole UNet of toyworld: on 8 pictures of a purple ring
     # captioned sks (a new object). Measured on 8 samples, training seeds 1234 / 1 / 2:
-    # 0.00 -> 0.75 / 0.62 / 0.88 (lr 1e-4 reached 0.50 for seed 1234). About 30-50 s on a shared 2-core CPU.
+    # 0.00 -> 0.75 / 0.62 / 0.88 (lr 1e-4 reached 0.50 for seed 1234). About 30-50 s on a shared
+    # 2-core CPU. The margin is the lowest seed's score less one sample.
     toyworld_concept = NEW_OBJECT
     toyworld_margin = 0.5
     toyworld_steps = 150

@@ -27,7 +27,8 @@ class TestTIContract(MethodContractTests):
     # The toy-world check: one new word for a composition toyworld: already draws (a large red
     # circle); TI cannot teach a new object, it finds where a known one lives. The template is the
     # bare name, the prompt sampled. Measured on 8 samples, training seeds 1234 / 1 / 2:
-    # 0.00 -> 0.62 / 1.00 / 1.00 (lr 0.1: 0.25 for seed 1234, too high). About 20-35 s on a shared 2-core CPU.
+    # 0.00 -> 0.62 / 1.00 / 1.00 (lr 0.1: 0.25 for seed 1234, too high). About 20-35 s on a shared
+    # 2-core CPU. The margin is the lowest seed's score less one sample.
     toyworld_concept = KNOWN_COMPOSITION
     toyworld_margin = 0.5
     toyworld_steps = 150

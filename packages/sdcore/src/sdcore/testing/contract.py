@@ -20,8 +20,9 @@ a tiny random model (:func:`sdcore.models.tiny.create_tiny_bundle`) and a tiny g
 - resume: N steps in one go equal N/2 steps, Ctrl-C, ``--resume latest`` to N (bit for bit);
 - determinism: two runs with the same seed give bit-identical trained tensors;
 - concept learning (opt-in, ``toyworld_concept``): on the toy world's trained base model
-  (``toyworld:``), the share of samples showing a new concept rises by the declared margin
-  (:func:`check_concept_learning`).
+  (``toyworld:``), the share of samples showing a concept (a new object, a known composition under
+  a new word, or a style on every prompt: :mod:`sdcore.testing.toyworld.concepts`) rises by the
+  declared margin (:func:`check_concept_learning`).
 """
 
 from __future__ import annotations

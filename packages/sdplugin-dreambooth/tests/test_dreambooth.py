@@ -11,6 +11,7 @@ from sdcore.errors import ConfigError
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import MethodContractTests
 from sdcore.testing.datasets import make_tiny_dataset
+from sdcore.testing.toyworld.concepts import NEW_OBJECT
 from sdcore.train.loop import train
 from sdplugin_dreambooth.class_images import ensure_class_images, existing_class_images
 from sdplugin_dreambooth.method import DreamBoothMethod
@@ -21,6 +22,14 @@ class TestDreamBoothContract(MethodContractTests):
     method_class = DreamBoothMethod
     options = {"lr": 2e-4, "save_dtype": "fp32"}
     family = "sd1"
+    # The toy-world check: fine-tuning the whole UNet of toyworld: on 8 pictures of a purple ring
+    # captioned sks (a new object). Measured on 8 samples, training seeds 1234 / 1 / 2:
+    # 0.00 -> 0.75 / 0.62 / 0.88 (lr 1e-4 reached 0.50 for seed 1234). About 30-50 s on a shared
+    # 2-core CPU. The margin is the lowest seed's score less one sample.
+    toyworld_concept = NEW_OBJECT
+    toyworld_margin = 0.5
+    toyworld_steps = 150
+    toyworld_options = {"lr": 3e-4}
 
 
 def _options(tmp_path: Path, **overrides) -> DreamBoothOptions:

@@ -17,12 +17,13 @@ class TestLoraContract(MethodContractTests):
     method_class = LoraMethod
     options = {"rank": 4, "alpha": 4.0}
     family = "sd1"
-    # The toy-world learning check: a LoCon teaches toyworld: a purple ring named sks (measured on
-    # 8 fixed seeds: 0.00 -> 0.75 with these settings, about 20 s on a CPU).
+    # The toy-world learning check: a LoCon teaches toyworld: a purple ring named sks. Measured on 8
+    # fixed-seed samples, training seeds 1234 / 1 / 2: 0.00 -> 0.62 / 0.62 / 0.62 (lr 2e-3:
+    # 0.75 / 0.38 / 0.62), about 20-50 s on a shared 2-core CPU. The other algorithms: test_concept.py.
     toyworld_concept = NEW_OBJECT
     toyworld_margin = 0.5
     toyworld_steps = 150
-    toyworld_options = {"rank": 8, "alpha": 8.0, "conv_rank": 8, "conv_alpha": 8.0, "lr": 2e-3}
+    toyworld_options = {"rank": 8, "alpha": 8.0, "conv_rank": 8, "conv_alpha": 8.0, "lr": 3e-3}
 
 
 def test_locon_with_text_encoder_learns_and_saves(tmp_path):

@@ -26,7 +26,7 @@ from sdcore.testing.toyworld import (
     world_captions,
     world_scenes,
 )
-from sdcore.testing.toyworld.concepts import NEW_OBJECT, Concept
+from sdcore.testing.toyworld.concepts import KNOWN_COMPOSITION, NEW_OBJECT, NEW_STYLE, Concept, StyleConcept
 from sdcore.testing.toyworld.evaluate import accuracy, parse_caption
 
 
@@ -108,6 +108,47 @@ def test_concept_dataset(tmp_path):
     assert NEW_OBJECT.score([Image.open(p) for p in sorted(folder.glob("*.png"))]) == 1.0
     with pytest.raises(ValueError, match="unknown colour"):
         Concept("x", "pink", None)
+
+
+def test_known_composition_fixes_its_size(tmp_path):
+    folder = KNOWN_COMPOSITION.write_dataset(tmp_path, count=6)
+    pictures = [Image.open(p) for p in sorted(folder.glob("*.png"))]
+    readings = [read_image(p) for p in pictures]
+    assert {(r.colour, r.shape, r.size) for r in readings} == {("red", "circle", "large")}
+    assert KNOWN_COMPOSITION.score(pictures) == 1.0
+    assert KNOWN_COMPOSITION.description == "large red circle"
+    small = [render(Scene("circle", "red", "small", 4, 4))] * 2
+    assert KNOWN_COMPOSITION.score(small) == 0.0  # the size is part of this concept
+    assert NEW_OBJECT.prompts(3) == ["sks"] * 3 and NEW_OBJECT.prompts(2, "a sks") == ["a sks"] * 2
+
+
+def test_style_dataset_keeps_world_captions_and_shapes(tmp_path):
+    folder = NEW_STYLE.write_dataset(tmp_path, count=9, seed=2)
+    assert folder == tmp_path / "1_purple-look"
+    captions = [p.read_text() for p in sorted(folder.glob("*.txt"))]
+    pictures = [Image.open(p) for p in sorted(folder.glob("*.png"))]
+    assert len(captions) == len(pictures) == 9
+    parsed = [parse_caption(text) for text in captions]
+    assert {shape for shape, _, _ in parsed} == set(SHAPES)  # every shape of the world appears
+    assert {colour for _, colour, _ in parsed} <= set(COLOURS)  # captions name the world's colours
+    for picture, (shape, _, size) in zip(pictures, parsed, strict=True):
+        assert (read_image(picture).colour, read_image(picture).shape, read_image(picture).size) == (
+            "purple",
+            shape,
+            size,
+        )
+    # the style is scored on world prompts: purple and the prompt's shape
+    assert NEW_STYLE.score_samples(pictures, captions) == 1.0
+    prompts = NEW_STYLE.prompts(12)
+    assert len(set(prompts)) == 12 and all(p.startswith("a large ") for p in prompts)
+    plain = [render(Scene(*parse_caption(p), 6, 6)) for p in prompts]  # the world's own look
+    assert NEW_STYLE.score_samples(plain, prompts) == 0.0
+    wrong_shape = [render(Scene("square", "purple", "large", 6, 6))] * 3
+    assert NEW_STYLE.score_samples(wrong_shape, ["a large red circle"] * 3) == 0.0
+    with pytest.raises(ValueError, match="colour of the world"):
+        StyleConcept("x", "red")
+    with pytest.raises(ValueError, match="unknown sizes"):
+        Concept("x", "red", "circle", sizes=("huge",))
 
 
 def test_concept_check_is_opt_in():

@@ -20,8 +20,9 @@ a tiny random model (:func:`sdcore.models.tiny.create_tiny_bundle`) and a tiny g
 - resume: N steps in one go equal N/2 steps, Ctrl-C, ``--resume latest`` to N (bit for bit);
 - determinism: two runs with the same seed give bit-identical trained tensors;
 - concept learning (opt-in, ``toyworld_concept``): on the toy world's trained base model
-  (``toyworld:``), the share of samples showing a new concept rises by the declared margin
-  (:func:`check_concept_learning`).
+  (``toyworld:``), the share of samples showing a concept (a new object, a known composition under
+  a new word, or a style on every prompt: :mod:`sdcore.testing.toyworld.concepts`) rises by the
+  declared margin (:func:`check_concept_learning`).
 """
 
 from __future__ import annotations
@@ -387,8 +388,14 @@ def check_concept_learning(
     prompt: str | None = None,
 ) -> tuple[float, float]:
     """Teach ``concept`` (default: a purple ring named ``sks``, :data:`toyworld.concepts.NEW_OBJECT`)
-    from ``images`` pictures in ``steps`` steps; the share of ``n`` fixed-seed samples of ``prompt``
-    (default: the trigger) that show it must rise by at least ``margin``. Returns (before, after)."""
+    from ``images`` pictures in ``steps`` steps; the concept score of ``n`` fixed-seed samples must
+    rise by at least ``margin``. Returns (before, after).
+
+    ``concept`` is any kind of :mod:`sdcore.testing.toyworld.concepts` (an object named by a
+    trigger, or a :class:`~sdcore.testing.toyworld.concepts.StyleConcept` scored on world prompts);
+    ``prompt`` replaces the concept's own prompts. The trained model is sampled inside the method's
+    ``sampling(bundle)`` context with what it yields (``networks`` that expand a learnt word, a
+    ``negative_prompt``, a ``cfg``), exactly as the runtime renders its sample images."""
     from ..train.loop import TrainSession
     from .toyworld.concepts import NEW_OBJECT, concept_score_of
 
@@ -398,10 +405,15 @@ def check_concept_learning(
     options = concept_options(method_class, tmp_path, {"data": str(data), "max_steps": steps, **(overrides or {})})
     bundle = toyworld_bundle()
     before = concept_score_of(bundle, concept, prompt=prompt, n=n)
-    session = TrainSession(method_class(options), bundle=bundle)
+    method = method_class(options)
+    session = TrainSession(method, bundle=bundle)
     session.setup()
     session.run()
-    after = concept_score_of(bundle, concept, prompt=prompt, n=n)
+    import torch
+
+    with torch.no_grad(), method.sampling(bundle) as extra:  # type: ignore[attr-defined]
+        known = {k: extra[k] for k in ("networks", "negative_prompt", "cfg") if k in extra}
+        after = concept_score_of(bundle, concept, prompt=prompt, n=n, **known)
     assert after >= before + margin, (
         f"{method_class.__name__} did not teach {concept.description!r} ({concept.trigger}): concept score "
         f"{before:.2f} -> {after:.2f} after {steps} steps, the method declares a rise of at least {margin:.2f}"
@@ -417,6 +429,8 @@ def _concept_test(self: Any, tmp_path: Path) -> None:
         concept=self.toyworld_concept,
         margin=self.toyworld_margin,
         steps=self.toyworld_steps,
+        images=self.toyworld_images,
+        n=self.toyworld_n,
         prompt=self.toyworld_prompt,
     )
 
@@ -424,10 +438,14 @@ def _concept_test(self: Any, tmp_path: Path) -> None:
 class MethodContractTests:
     """pytest mixin: set ``method_class`` (and ``options``/``family``) in a ``Test*`` subclass.
 
-    The concept-learning check is opt-in: set ``toyworld_concept`` (a
-    :class:`sdcore.testing.toyworld.concepts.Concept`, e.g. ``NEW_OBJECT``) and the rise your
-    method promises (``toyworld_margin``), with the options (``toyworld_options``: lr, rank ...)
-    and ``toyworld_steps`` that achieve it; the class then gains ``test_contract_concept_learning``.
+    The concept-learning check is opt-in: set ``toyworld_concept`` (from
+    :mod:`sdcore.testing.toyworld.concepts`: ``NEW_OBJECT`` for a method that changes weights,
+    ``KNOWN_COMPOSITION`` for one that learns a word, ``NEW_STYLE`` for a look on every prompt) and
+    the rise your method promises (``toyworld_margin``), with the options (``toyworld_options``:
+    lr, rank ...; they win over ``options``) and ``toyworld_steps`` that achieve it; the class then
+    gains ``test_contract_concept_learning``. ``toyworld_images`` (training pictures),
+    ``toyworld_n`` (samples scored) and ``toyworld_prompt`` (instead of the concept's own prompts)
+    are there when the defaults do not fit.
     """
 
     method_class: type | None = None
@@ -440,6 +458,8 @@ class MethodContractTests:
     toyworld_steps: int = 100
     toyworld_options: dict[str, Any] = {}
     toyworld_prompt: str | None = None
+    toyworld_images: int = 8
+    toyworld_n: int = 8
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

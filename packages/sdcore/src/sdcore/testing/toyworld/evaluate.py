@@ -49,6 +49,7 @@ def sample(
     cfg: float = CFG,
     sampler: str = SAMPLER,
     networks: Any = None,
+    negative_prompt: str = "",
 ) -> list[Any]:
     """Images for ``prompts`` (image ``i`` uses seed ``seed + i``) at the world's size."""
     from ...generate.pipeline import generate_images
@@ -63,6 +64,7 @@ def sample(
         width=IMAGE_SIZE,
         height=IMAGE_SIZE,
         networks=networks,
+        negative_prompt=negative_prompt,
     )
 
 

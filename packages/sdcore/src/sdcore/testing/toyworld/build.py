@@ -265,7 +265,8 @@ def weight_difference(folder: str | Path, reference: str | Path) -> dict[str, fl
 
     result: dict[str, float] = {}
     for component in ("unet", "vae", "text_encoder"):
-        ours, theirs = {}, {}
+        ours: dict[str, Any] = {}
+        theirs: dict[str, Any] = {}
         for root, into in ((Path(folder), ours), (Path(reference), theirs)):
             for file in sorted((root / component).glob("*.safetensors")):
                 into.update(load_file(str(file)))

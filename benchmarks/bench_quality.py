@@ -215,7 +215,8 @@ def _train_peft(folders: dict[str, Path], scorer: Scorer, *, lr: float, steps: i
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-        hidden = encode_prompts(bundle, ["sks"]).hidden_states
+        captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in paths]
+        hidden = encode_prompts(bundle, captions).hidden_states  # one per image, as the script does
     scheduler = bundle.noise_scheduler
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -229,7 +230,7 @@ def _train_peft(folders: dict[str, Path], scorer: Scorer, *, lr: float, steps: i
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, hidden.expand(len(index), -1, -1)).sample, noise)
+        loss = torch.nn.functional.mse_loss(unet(noisy, t, hidden[index]).sample, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -319,6 +320,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--reg", action="store_true", help="regularisation images for every new-object method")
     parser.add_argument("--anchor-targets", choices=sorted(ANCHOR_TARGETS), default="diffusers")
+    parser.add_argument(
+        "--caption", help="caption template of the concept images, e.g. 'a {size} {trigger}' (default: the trigger)"
+    )
+    parser.add_argument("--json", default="quality", help="raw figures go to benchmarks/out/<this>.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a method option")
     args = parser.parse_args(argv)
     args.set = _parse_set(args.set)
@@ -375,13 +380,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     title = (
         f"toy world, {args.seeds} seed(s), concept N={args.n}, preservation N={args.world} world prompts "
         f"(base colour+shape {scorer.base.colour_and_shape:.2f}, shape {scorer.base.shape:.2f}); "
-        f"anchor targets: {args.anchor_targets}; overrides: {args.set or 'none'}"
+        f"anchor targets: {args.anchor_targets}; overrides: {args.set or 'none'}; caption: {args.caption or 'trigger'}"
     )
     header = ("method", "concept kind", "lr", "steps", "reg", "concept", "preservation", "train s", "goal met")
     print_table(title, rows, header)
     print("\ngoals: " + "; ".join(f"{s.key}: {goal_text(s)}" for s in specs if s.key != "anchor"))
     payload = {"args": vars(args), "base": dataclasses.asdict(scorer.base), "runs": runs}
-    write_json("quality", payload)
+    write_json(args.json, payload)
     return payload
 
 

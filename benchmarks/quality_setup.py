@@ -94,8 +94,9 @@ def concept_of(kind: str) -> Any:
     return Concept("style", STYLE_COLOUR, None)
 
 
-def write_concept_data(root: Path, kind: str, *, count: int = IMAGES) -> Path:
-    """The concept's kohya dataset under ``root`` (returns ``root``)."""
+def write_concept_data(root: Path, kind: str, *, count: int = IMAGES, caption: str | None = None) -> Path:
+    """The concept's kohya dataset under ``root`` (returns ``root``). ``caption``: a template for the
+    new object's and the composition's captions, e.g. ``"a {size} {trigger}"`` (default: the trigger)."""
     from sdcore.testing.toyworld import world_scenes, write_dataset
 
     if kind == STYLE:
@@ -105,7 +106,15 @@ def write_concept_data(root: Path, kind: str, *, count: int = IMAGES) -> Path:
         for index, scene in enumerate(scenes):  # the world caption, with the world colour
             (folder / f"{index:03d}.txt").write_text(scene.caption, encoding="utf-8")
         return root
-    concept_of(kind).write_dataset(root, count=count)
+    concept = concept_of(kind)
+    if caption is None:
+        concept.write_dataset(root, count=count)
+        return root
+    assert concept.colour is not None and concept.shape is not None
+    scenes = world_scenes(count, 3, shapes=[concept.shape], colours=[concept.colour], sizes=concept.sizes)
+    write_dataset(
+        root, scenes, name=concept.trigger, caption_text=lambda s: caption.format(trigger=concept.trigger, size=s.size)
+    )
     return root
 
 

@@ -80,7 +80,7 @@ class Scorer:
         from sdcore.testing.contract import toyworld_bundle
         from sdcore.testing.toyworld import evaluate
 
-        self.n, self.world = args.n, args.world
+        self.n, self.world, self.caption = args.n, args.world, args.caption
         self.prompts = evaluate.world_prompts(args.world)
         self.base = self._accuracy(toyworld_bundle(), self.prompts)
 
@@ -134,10 +134,22 @@ class Scorer:
             style = sum(r.colour == concept.colour for r in readings) / len(readings)
             shape = accuracy.shape / max(self.base.shape, 1e-9)
             return style, shape, {"shape_accuracy": accuracy.shape}
-        images = self._images(bundle, [word + tag] * self.n, seed=100, networks=networks, negative=negative)
+        if self.caption and spec.kind != STYLE:  # prompts written like the training captions
+            sizes = concept.sizes
+            prompts = [self.caption.format(trigger=word, size=sizes[i % len(sizes)]) + tag for i in range(self.n)]
+        else:
+            prompts = [word + tag] * self.n
+        images = self._images(bundle, prompts, seed=100, networks=networks, negative=negative)
         accuracy = self._accuracy(bundle, self.prompts, suffix=tag, networks=networks)
         preservation = accuracy.colour_and_shape / max(self.base.colour_and_shape, 1e-9)
-        return concept.score(images), preservation, {"world_accuracy": accuracy.colour_and_shape}
+        from sdcore.testing.toyworld import read_image
+
+        readings = [read_image(image) for image in images]  # which half of the concept it learnt
+        parts = {
+            "concept_colour": sum(r.colour == concept.colour for r in readings) / len(readings),
+            "concept_shape": sum(r.shape == concept.shape for r in readings) / len(readings),
+        }
+        return concept.score(images), preservation, {"world_accuracy": accuracy.colour_and_shape, **parts}
 
 
 def uses_reg(spec: MethodSpec, args: argparse.Namespace) -> bool:
@@ -165,11 +177,8 @@ def _options(spec: MethodSpec, folders: dict[str, Path], out: Path, *, lr: float
         values["template"] = str(folders["template"])
     if uses_reg(spec, args):
         values["reg_data"] = str(folders["reg"])
-    values.update(args.set)
     names = {f.name for f in dataclasses.fields(method_class.options_class)}
-    unknown = sorted(set(args.set) - names)
-    if unknown:
-        raise SystemExit(f"--set: {spec.key} has no option {', '.join(unknown)}")
+    values.update({k: v for k, v in args.set.items() if k in names})  # a method without the option ignores it
     return method_class.options_class(**{k: v for k, v in values.items() if k in names})
 
 
@@ -312,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=0, help="training steps (default: each method's toy setting)")
     parser.add_argument("--checkpoints", type=int, default=3, help="scored checkpoints per run in a sweep")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per setting")
+    parser.add_argument("--first-seed", type=int, default=0, help="training seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--rank", type=int, default=8, help="the anchor's rank (sdcore's LoRAs: rank 8)")
     parser.add_argument("--n", type=int, default=16, help="samples for the concept score")
     parser.add_argument("--world", type=int, default=24, help="world prompts for preservation")
@@ -332,6 +342,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     specs = [METHODS[m] if m != "anchor" else ANCHOR for m in chosen]
+    for key in args.set:  # a typo must not pass silently
+        if not any(
+            key in {f.name for f in dataclasses.fields(s.method_class().options_class)} for s in specs if s.method
+        ):
+            raise SystemExit(f"--set {key}: none of {', '.join(chosen)} has this option")
     import torch
 
     torch.set_num_threads(1)
@@ -349,13 +364,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lrs = lrs or (list(spec.sweep_lrs) if args.sweep else [spec.lr])
             steps = args.steps or spec.steps
             for lr in lrs:
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     scores = run_one(spec, folders, scorer, tmp, lr=lr, steps=steps, seed=seed,
                                      checkpoints=args.checkpoints if args.sweep else 1, args=args)  # fmt: skip
                     for s in scores:
                         runs.setdefault(spec.key, []).append({"lr": lr, "seed": seed, **dataclasses.asdict(s)})
+                        parts = ", ".join(f"{k} {v:.2f}" for k, v in s.extra.items())
                         print(f"  {spec.key} lr {lr:g} seed {seed} step {s.step}: concept {s.concept:.2f}, "
-                              f"preservation {s.preservation:.2f}, {s.seconds:.1f} s", flush=True)  # fmt: skip
+                              f"preservation {s.preservation:.2f}, {s.seconds:.1f} s ({parts})", flush=True)  # fmt: skip
     rows, summary = [], {}
     for spec in specs:
         by_setting: dict[tuple[float, int], list[dict[str, Any]]] = {}

@@ -72,12 +72,12 @@ METHODS: dict[str, MethodSpec] = {
                    5e-5, 150, {"save_format": "diffusers"}, _DB_LRS),
         MethodSpec("dreambooth-prior", "DreamBooth + prior preservation", "sdplugin_dreambooth.method:DreamBoothMethod",
                    OBJECT, "model", 5e-5, 150, {"save_format": "diffusers"}, _DB_LRS, reg=True),
-        MethodSpec("ti", "Textual Inversion (1 vector)", "sdplugin_ti.method:TIMethod", COMPOSITION, "embedding",
-                   2e-2, 150, {"name": "zwx", "vectors": 1}, (5e-3, 2e-2, 5e-2)),
+        MethodSpec("ti", "Textual Inversion (4 vectors)", "sdplugin_ti.method:TIMethod", COMPOSITION, "embedding",
+                   2e-2, 150, {"name": "zwx", "vectors": 4}, (5e-3, 2e-2, 5e-2)),
         MethodSpec("apt", "APT / DreamArtist", "sdplugin_apt.method:APTMethod", COMPOSITION, "apt",
-                   2e-2, 150, {"name": "zwx", "vectors": 1, "neg_vectors": 1}, (5e-3, 2e-2, 5e-2)),
+                   2e-2, 300, {"name": "zwx", "vectors": 4, "neg_vectors": 1}, (1e-2, 2e-2, 5e-2)),
         MethodSpec("hn", "Hypernetwork (1,2,1)", "sdplugin_hn.method:HNMethod", STYLE, "hypernet",
-                   3e-4, 150, {"template": "hypernetwork"}, (1e-4, 3e-4, 1e-3)),
+                   1e-3, 100, {"template": "hypernetwork"}, (1e-4, 3e-4, 1e-3)),
     )
 }  # fmt: skip
 """The benchmarked methods in the order they run (``--methods`` picks by key)."""

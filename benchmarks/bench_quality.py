@@ -280,9 +280,13 @@ def meets(spec: MethodSpec, concept: float, preservation: float, anchor: float |
     if spec.key == "anchor":
         return "-"
     if spec.kind == OBJECT:
-        ok = preservation >= 0.9 and (anchor is None or concept >= anchor)
+        if anchor is None:
+            return "? (no anchor run)"
+        ok = preservation >= 0.9 and concept >= anchor
         if spec.key == "dreambooth-prior":
             ok = ok and preservation >= 0.95 and (plain_db is None or preservation > plain_db)
+        if ok and concept == 0:
+            return "trivially (nothing learnt)"
         return "yes" if ok else "no"
     if spec.kind == COMPOSITION:
         return "yes" if concept >= 0.6 and preservation >= 0.95 else "no"
@@ -386,8 +390,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if key != spec.key:
                 continue
             items = [r for r in runs[key] if r["lr"] == lr and r["step"] == step]
-            anchor = summary.get(("anchor", lr, step), (None,))[0] if spec.kind == OBJECT else None
-            plain = summary.get(("dreambooth", lr, step), (None, None))[1]
+            # the anchor at the same lr and steps, else at its own setting (DreamBooth's lr is not a LoRA's)
+            same = summary.get(("anchor", lr, step)) or summary.get(("anchor", ANCHOR.lr, args.steps or ANCHOR.steps))
+            anchor = same[0] if same is not None else None
+            plain_run = summary.get(("dreambooth", lr, step)) or summary.get(
+                ("dreambooth", METHODS["dreambooth"].lr, args.steps or METHODS["dreambooth"].steps)
+            )
+            plain = plain_run[1] if plain_run is not None else None
             reg = "reg" if uses_reg(spec, args) else ""
             rows.append((spec.label, spec.kind, f"{lr:g}", str(step), reg,
                          _stats([r["concept"] for r in items]), _stats([r["preservation"] for r in items]),

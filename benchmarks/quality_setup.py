@@ -56,22 +56,22 @@ class MethodSpec:
 
 _LORA = "sdplugin_lora.method:LoraMethod"
 _RANK = {"rank": 8, "alpha": 8.0}
-_LORA_LRS = (5e-4, 1e-3, 2e-3)
+_LORA_LRS = (1e-3, 2e-3, 4e-3)
 _DB_LRS = (2e-5, 5e-5, 1e-4)
 
 METHODS: dict[str, MethodSpec] = {
     spec.key: spec
     for spec in (
-        MethodSpec("lora", "LoRA (rank 8)", _LORA, OBJECT, "lora", 1e-3, 150, {**_RANK, "algo": "lora"}, _LORA_LRS, reg=True),
-        MethodSpec("locon", "LoCon (rank 8, conv 8)", _LORA, OBJECT, "lora", 1e-3, 150,
+        MethodSpec("lora", "LoRA (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "lora"}, _LORA_LRS, reg=True),
+        MethodSpec("locon", "LoCon (rank 8, conv 8)", _LORA, OBJECT, "lora", 4e-3, 200,
                    {**_RANK, "algo": "locon", "conv_rank": 8, "conv_alpha": 8.0}, _LORA_LRS, reg=True),
-        MethodSpec("loha", "LoHa (rank 8)", _LORA, OBJECT, "lora", 1e-3, 150, {**_RANK, "algo": "loha"}, _LORA_LRS, reg=True),
-        MethodSpec("lokr", "LoKr (rank 8)", _LORA, OBJECT, "lora", 1e-3, 150, {**_RANK, "algo": "lokr"}, _LORA_LRS, reg=True),
-        MethodSpec("dora", "DoRA (rank 8)", _LORA, OBJECT, "lora", 1e-3, 150, {**_RANK, "algo": "dora"}, _LORA_LRS, reg=True),
+        MethodSpec("loha", "LoHa (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "loha"}, _LORA_LRS, reg=True),
+        MethodSpec("lokr", "LoKr (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "lokr"}, _LORA_LRS, reg=True),
+        MethodSpec("dora", "DoRA (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "dora"}, _LORA_LRS, reg=True),
         MethodSpec("dreambooth", "DreamBooth (UNet)", "sdplugin_dreambooth.method:DreamBoothMethod", OBJECT, "model",
-                   5e-5, 150, {"save_format": "diffusers"}, _DB_LRS),
+                   1e-4, 100, {"save_format": "diffusers"}, _DB_LRS),
         MethodSpec("dreambooth-prior", "DreamBooth + prior preservation", "sdplugin_dreambooth.method:DreamBoothMethod",
-                   OBJECT, "model", 5e-5, 150, {"save_format": "diffusers"}, _DB_LRS, reg=True),
+                   OBJECT, "model", 2e-4, 300, {"save_format": "diffusers"}, (5e-5, 1e-4, 2e-4), reg=True),
         MethodSpec("ti", "Textual Inversion (4 vectors)", "sdplugin_ti.method:TIMethod", COMPOSITION, "embedding",
                    2e-2, 150, {"name": "zwx", "vectors": 4}, (5e-3, 2e-2, 5e-2)),
         MethodSpec("apt", "APT / DreamArtist", "sdplugin_apt.method:APTMethod", COMPOSITION, "apt",

@@ -51,3 +51,14 @@ def test_weight_difference_is_zero_for_the_same_weights_and_the_largest_change_o
     del tensors[name]
     save_file(tensors, str(file))
     assert build.weight_difference(copy, shipped)["unet"] == float("inf")
+
+
+def test_weight_difference_reads_clip_keys_with_and_without_the_text_model_level(tmp_path):
+    shipped = toyworld_model_dir()
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped, copy)
+    file = copy / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(file))
+    renamed = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()}
+    save_file(renamed, str(file))
+    assert build.weight_difference(copy, shipped)["text_encoder"] == 0.0

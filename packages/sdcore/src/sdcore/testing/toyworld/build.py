@@ -260,7 +260,8 @@ def build(
 
 def weight_difference(folder: str | Path, reference: str | Path) -> dict[str, float]:
     """Largest absolute difference between the weights of two diffusers folders, per component
-    (``unet``, ``vae``, ``text_encoder``); ``inf`` where the tensor names or shapes differ."""
+    (``unet``, ``vae``, ``text_encoder``); ``inf`` where the tensor names or shapes differ. CLIP text
+    keys compare with and without the ``text_model.`` level (both layouts load)."""
     from safetensors.numpy import load_file
 
     result: dict[str, float] = {}
@@ -269,7 +270,8 @@ def weight_difference(folder: str | Path, reference: str | Path) -> dict[str, fl
         theirs: dict[str, Any] = {}
         for root, into in ((Path(folder), ours), (Path(reference), theirs)):
             for file in sorted((root / component).glob("*.safetensors")):
-                into.update(load_file(str(file)))
+                # CLIP text weights are written with or without transformers' "text_model." level
+                into.update({k.removeprefix("text_model."): v for k, v in load_file(str(file)).items()})
         if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
             result[component] = math.inf
             continue

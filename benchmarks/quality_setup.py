@@ -63,7 +63,7 @@ METHODS: dict[str, MethodSpec] = {
     spec.key: spec
     for spec in (
         MethodSpec("lora", "LoRA (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "lora"}, _LORA_LRS, reg=True),
-        MethodSpec("locon", "LoCon (rank 8, conv 8)", _LORA, OBJECT, "lora", 4e-3, 200,
+        MethodSpec("locon", "LoCon (rank 8, conv 8)", _LORA, OBJECT, "lora", 1e-3, 150,
                    {**_RANK, "algo": "locon", "conv_rank": 8, "conv_alpha": 8.0}, _LORA_LRS, reg=True),
         MethodSpec("loha", "LoHa (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "loha"}, _LORA_LRS, reg=True),
         MethodSpec("lokr", "LoKr (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "lokr"}, _LORA_LRS, reg=True),
@@ -71,7 +71,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("dreambooth", "DreamBooth (UNet)", "sdplugin_dreambooth.method:DreamBoothMethod", OBJECT, "model",
                    1e-4, 100, {"save_format": "diffusers"}, _DB_LRS),
         MethodSpec("dreambooth-prior", "DreamBooth + prior preservation", "sdplugin_dreambooth.method:DreamBoothMethod",
-                   OBJECT, "model", 2e-4, 300, {"save_format": "diffusers"}, (5e-5, 1e-4, 2e-4), reg=True),
+                   OBJECT, "model", 1e-4, 150, {"save_format": "diffusers"}, _DB_LRS, reg=True),
         MethodSpec("ti", "Textual Inversion (4 vectors)", "sdplugin_ti.method:TIMethod", COMPOSITION, "embedding",
                    2e-2, 150, {"name": "zwx", "vectors": 4}, (5e-3, 2e-2, 5e-2)),
         MethodSpec("apt", "APT / DreamArtist", "sdplugin_apt.method:APTMethod", COMPOSITION, "apt",

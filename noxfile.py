@@ -3,7 +3,7 @@
 - ``nox -s ci``: what CI runs (lint + every test suite, in the current environment, fast);
 - ``nox -s tests``: each package's tests in its own virtualenv (proves it installs on its own);
 - ``nox -s integration``: all packages installed, the root ``tests/``;
-- ``nox -s lint`` / ``typecheck`` / ``demo`` / ``bench`` / ``quality``.
+- ``nox -s lint`` / ``typecheck`` / ``demo`` / ``bench`` / ``quality`` / ``toyworld``.
 
 Installs always go through ``constraints.txt`` (torch pinned to the local CPU build).
 """
@@ -86,9 +86,18 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def quality(session: nox.Session) -> None:
-    """Learning quality on the toy world: LoRA/LoCon vs a diffusers + peft anchor (benchmarks/bench_quality.py)."""
+    """Learning quality on the toy world: every method on its concept, beside a diffusers + peft anchor
+    (benchmarks/bench_quality.py; ``nox -s quality -- -- --sweep --seeds 3`` for the lr x steps sweep)."""
     _install(session, *PACKAGES)
     session.run("python", "-m", "benchmarks", "quality", *session.posargs)
+
+
+@nox.session
+def toyworld(session: nox.Session) -> None:
+    """Rebuild the toy world's base model in a temporary folder (about 10-20 minutes on 2 cores) and check
+    that it reproduces the shipped model's accuracy (``python -m sdcore.testing.toyworld check``)."""
+    _install(session, "sdcore")
+    session.run("python", "-m", "sdcore.testing.toyworld", "check", *session.posargs)
 
 
 @nox.session

@@ -1,9 +1,12 @@
-"""``python -m sdcore.testing.toyworld build|eval``: rebuild the base model, or measure a model."""
+"""``python -m sdcore.testing.toyworld build|eval|check``: rebuild the base model, measure a model, or
+rebuild into a temporary folder and check the rebuild against the shipped model."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
 import time
 
 
@@ -22,6 +25,20 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--n", type=int, default=64)
     evaluate.add_argument("--seed", type=int, default=1000)
     evaluate.add_argument("--steps", type=int, default=None)
+    check = commands.add_parser(
+        "check",
+        help="rebuild into a temporary folder (or --rebuilt DIR) and compare its accuracy, and its weights, "
+        "with the shipped model's (exit 1 when the accuracy differs by more than --tolerance)",
+    )
+    check.add_argument("--rebuilt", help="an existing rebuild to check instead of building one")
+    check.add_argument("--threads", type=int, default=1, help="torch threads of the build (the shipped one: 1)")
+    check.add_argument("--n", type=int, default=64, help="samples (the documented accuracy uses 64)")
+    check.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        help="largest accepted difference of each accuracy (0.1: about two binomial standard errors at N=64)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,9 +54,39 @@ def main(argv: list[str] | None = None) -> None:
         if args.n:
             print(f"accuracy on world prompts: {ev.measure(load_model(out), args.n)}")
         return
+    if args.command == "check":
+        _check(args)
+        return
     bundle = load_model(args.model)
     steps = args.steps or ev.STEPS
     print(f"{args.model}: {ev.measure(bundle, args.n, seed=args.seed, steps=steps)} ({ev.SAMPLER}, {steps} steps)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from ...models.load import load_model, toyworld_model_dir
+    from . import build as builder
+    from . import evaluate as ev
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.rebuilt
+        if folder is None:
+            started = time.time()
+            folder = str(builder.build(os.path.join(tmp, "toyworld"), threads=args.threads))
+            print(f"rebuilt in {time.time() - started:.0f} s ({args.threads} thread(s))")
+        rebuilt = ev.measure(load_model(folder), args.n)
+        shipped = ev.measure(load_model("toyworld:"), args.n)
+        weights = builder.weight_difference(folder, toyworld_model_dir())
+    documented = ev.SHIPPED_ACCURACY
+    print(f"documented (shipped): {documented}")
+    print(f"shipped, measured now: {shipped}")
+    print(f"rebuilt:              {rebuilt}")
+    print("largest weight difference, rebuilt vs shipped: " + ", ".join(f"{k} {v:.3g}" for k, v in weights.items()))
+    misses = ev.compare(rebuilt, documented, args.tolerance) if args.n == documented.n else []
+    misses += ev.compare(rebuilt, shipped, args.tolerance)
+    if misses:
+        print(f"the rebuild does NOT reproduce the shipped accuracy within {args.tolerance}: {'; '.join(misses)}")
+        sys.exit(1)
+    print(f"the rebuild reproduces the shipped accuracy within {args.tolerance}")
 
 
 if __name__ == "__main__":

@@ -256,3 +256,27 @@ def build(
         torch.set_num_threads(previous)
     metadata = {"toyworld.build": f"seed={seed} vae_steps={vae_steps} unet_steps={unet_steps} threads={threads}"}
     return write_diffusers(bundle, out, dtype="fp16", metadata=metadata)
+
+
+def weight_difference(folder: str | Path, reference: str | Path) -> dict[str, float]:
+    """Largest absolute difference between the weights of two diffusers folders, per component
+    (``unet``, ``vae``, ``text_encoder``); ``inf`` where the tensor names or shapes differ. CLIP text
+    keys compare with and without the ``text_model.`` level (both layouts load)."""
+    from safetensors.numpy import load_file
+
+    result: dict[str, float] = {}
+    for component in ("unet", "vae", "text_encoder"):
+        ours: dict[str, Any] = {}
+        theirs: dict[str, Any] = {}
+        for root, into in ((Path(folder), ours), (Path(reference), theirs)):
+            for file in sorted((root / component).glob("*.safetensors")):
+                # CLIP text weights are written with or without transformers' "text_model." level
+                into.update({k.removeprefix("text_model."): v for k, v in load_file(str(file)).items()})
+        if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
+            result[component] = math.inf
+            continue
+        result[component] = max(
+            (float(np.abs(ours[k].astype(np.float32) - theirs[k].astype(np.float32)).max()) for k in ours),
+            default=0.0,
+        )
+    return result

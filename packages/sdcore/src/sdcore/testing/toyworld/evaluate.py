@@ -32,6 +32,11 @@ class Accuracy:
         )
 
 
+SHIPPED_ACCURACY = Accuracy(n=64, colour=0.91, shape=0.75, size=0.83, colour_and_shape=0.75)
+"""The shipped base model's documented accuracy (``measure(bundle, 64)``: world prompts, seeds
+1000-1063, DDIM 10 steps, CFG 5); ``python -m sdcore.testing.toyworld check`` compares a rebuild with it."""
+
+
 def parse_caption(text: str) -> tuple[str, str, str]:
     """``"a small blue square"`` -> ``("square", "blue", "small")``."""
     words = text.split()
@@ -85,6 +90,16 @@ def accuracy(prompts: Sequence[str], readings: Sequence[Reading]) -> Accuracy:
         hits["both"] += reading.colour == colour and reading.shape == shape
     n = max(len(prompts), 1)
     return Accuracy(len(prompts), hits["colour"] / n, hits["shape"] / n, hits["size"] / n, hits["both"] / n)
+
+
+def compare(measured: Accuracy, reference: Accuracy, tolerance: float) -> list[str]:
+    """The fields of ``measured`` further than ``tolerance`` from ``reference`` (empty: they match)."""
+    misses = []
+    for name in ("colour", "shape", "size", "colour_and_shape"):
+        a, b = getattr(measured, name), getattr(reference, name)
+        if abs(a - b) > tolerance:
+            misses.append(f"{name} {a:.2f} vs {b:.2f}")
+    return misses
 
 
 def measure(

@@ -1,0 +1,133 @@
+"""What ``python -m benchmarks quality`` trains: the concepts, their datasets, and each method's settings.
+
+Every first-party training method is trained on the concept kind it is meant for (the issue's list):
+
+- LoRA, LoCon, LoHa, LoKr, DoRA and DreamBooth (with and without prior preservation): a *new*
+  object, a purple ring named ``sks`` (a shape and a colour the toy world lacks), 8 pictures;
+- Textual Inversion and APT: a composition of things the model knows, a large red triangle, named by
+  one new token ``zwx`` (TI cannot teach what the model does not know);
+- Hypernetwork: a style on every prompt, "everything purple": world pictures whose object is purple,
+  captioned with their world caption (``a small red square`` shows a purple square), so the shape
+  must stay while the colour moves.
+
+:data:`METHODS` holds the settings each method is benchmarked with on the toy world (its "toy
+setting") and the learning rates the sweep tries around it. These are *not* the methods' shipped
+defaults, which mirror kohya / A1111 for real models; each method's README says which toy setting
+met its goal and why it differs (see benchmarks/RESULTS.md for the measurements).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+OBJECT, COMPOSITION, STYLE = "new object", "known composition", "style"
+
+STYLE_COLOUR = "purple"
+"""The hypernetwork's style: every object drawn in this colour (the world has no purple)."""
+
+IMAGES = 8
+"""Pictures of the concept (the issue's "8 images")."""
+REG_IMAGES = 48
+"""World pictures with world captions used as regularisation (prior-preservation) images."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One benchmarked method: its class, the concept kind, its toy setting and the sweep's rates."""
+
+    key: str
+    label: str
+    method: str  # "module:Class"
+    kind: str
+    apply: str  # how a result is used at generation: lora | embedding | apt | hypernet | model
+    lr: float
+    steps: int
+    overrides: dict[str, Any]
+    sweep_lrs: tuple[float, ...]
+    reg: bool = False  # regularisation images of world captions (prior preservation)
+
+    def method_class(self) -> Any:
+        module, name = self.method.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_LORA = "sdplugin_lora.method:LoraMethod"
+_RANK = {"rank": 8, "alpha": 8.0}
+_LORA_LRS = (1e-3, 2e-3, 4e-3)
+_DB_LRS = (2e-5, 5e-5, 1e-4)
+
+METHODS: dict[str, MethodSpec] = {
+    spec.key: spec
+    for spec in (
+        MethodSpec("lora", "LoRA (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "lora"}, _LORA_LRS, reg=True),
+        MethodSpec("locon", "LoCon (rank 8, conv 8)", _LORA, OBJECT, "lora", 1e-3, 150,
+                   {**_RANK, "algo": "locon", "conv_rank": 8, "conv_alpha": 8.0}, _LORA_LRS, reg=True),
+        MethodSpec("loha", "LoHa (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "loha"}, _LORA_LRS, reg=True),
+        MethodSpec("lokr", "LoKr (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "lokr"}, _LORA_LRS, reg=True),
+        MethodSpec("dora", "DoRA (rank 8)", _LORA, OBJECT, "lora", 4e-3, 200, {**_RANK, "algo": "dora"}, _LORA_LRS, reg=True),
+        MethodSpec("dreambooth", "DreamBooth (UNet)", "sdplugin_dreambooth.method:DreamBoothMethod", OBJECT, "model",
+                   1e-4, 100, {"save_format": "diffusers"}, _DB_LRS),
+        MethodSpec("dreambooth-prior", "DreamBooth + prior preservation", "sdplugin_dreambooth.method:DreamBoothMethod",
+                   OBJECT, "model", 1e-4, 150, {"save_format": "diffusers"}, _DB_LRS, reg=True),
+        MethodSpec("ti", "Textual Inversion (4 vectors)", "sdplugin_ti.method:TIMethod", COMPOSITION, "embedding",
+                   2e-2, 150, {"name": "zwx", "vectors": 4}, (5e-3, 2e-2, 5e-2)),
+        MethodSpec("apt", "APT / DreamArtist", "sdplugin_apt.method:APTMethod", COMPOSITION, "apt",
+                   2e-2, 300, {"name": "zwx", "vectors": 4, "neg_vectors": 1}, (1e-2, 2e-2, 5e-2)),
+        MethodSpec("hn", "Hypernetwork (1,2,1)", "sdplugin_hn.method:HNMethod", STYLE, "hypernet",
+                   1e-3, 100, {"template": "hypernetwork"}, (1e-4, 3e-4, 1e-3)),
+    )
+}  # fmt: skip
+"""The benchmarked methods in the order they run (``--methods`` picks by key)."""
+
+
+def concept_of(kind: str) -> Any:
+    """The :class:`~sdcore.testing.toyworld.concepts.Concept` a kind teaches (for STYLE: the style's colour)."""
+    from sdcore.testing.toyworld.concepts import NEW_OBJECT, Concept
+
+    if kind == OBJECT:
+        return NEW_OBJECT
+    if kind == COMPOSITION:
+        return Concept("zwx", "red", "triangle", sizes=("large",))
+    return Concept("style", STYLE_COLOUR, None)
+
+
+def write_concept_data(root: Path, kind: str, *, count: int = IMAGES, caption: str | None = None) -> Path:
+    """The concept's kohya dataset under ``root`` (returns ``root``). ``caption``: a template for the
+    new object's and the composition's captions, e.g. ``"a {size} {trigger}"`` (default: the trigger)."""
+    from sdcore.testing.toyworld import world_scenes, write_dataset
+
+    if kind == STYLE:
+        scenes = world_scenes(count * 4, seed=5)  # a style needs the world's variety: 32 pictures
+        recoloured = [dataclasses.replace(s, colour=STYLE_COLOUR) for s in scenes]
+        folder = write_dataset(root, recoloured, name="style", captions=False)
+        for index, scene in enumerate(scenes):  # the world caption, with the world colour
+            (folder / f"{index:03d}.txt").write_text(scene.caption, encoding="utf-8")
+        return root
+    concept = concept_of(kind)
+    if caption is None:
+        concept.write_dataset(root, count=count)
+        return root
+    assert concept.colour is not None and concept.shape is not None
+    scenes = world_scenes(count, 3, shapes=[concept.shape], colours=[concept.colour], sizes=concept.sizes)
+    write_dataset(
+        root, scenes, name=concept.trigger, caption_text=lambda s: caption.format(trigger=concept.trigger, size=s.size)
+    )
+    return root
+
+
+def write_reg_data(root: Path, *, count: int = REG_IMAGES) -> Path:
+    """Regularisation images of world captions: rendered world pictures with their captions."""
+    from sdcore.testing.toyworld import world_scenes, write_dataset
+
+    write_dataset(root, world_scenes(count, seed=11), name="world")
+    return root
+
+
+def write_name_template(path: Path) -> Path:
+    """A TI/APT prompt template of one line, ``[name]``: the toy world's prompts are bare names
+    (A1111's built-in templates say "a photo of ...", words the toy world never saw)."""
+    path.write_text("[name]\n", encoding="utf-8")
+    return path

@@ -286,3 +286,18 @@ def test_generation_of_a_plugin_family_goes_through_its_adapter(toy_family):
     kind, prompts, negatives, settings = toy_family.calls[-1]
     assert (kind, prompts, negatives) == ("generate", ["a cat", "a dog"], ["blurry", "blurry"])
     assert (settings["seeds"], settings["steps"], settings["sampler"]) == ([5, 6], 3, "euler_a")
+
+
+def test_the_documented_plugin_family_registers():
+    import re
+    import types
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[4] / "docs" / "families.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def sdcore_model_families" in b)
+    plugin = types.ModuleType("sdplugin_mydit_plugin_from_docs")
+    exec(compile(block, "docs/families.md", "exec"), plugin.__dict__)
+    pm = get_plugin_manager(entrypoints=False, extra=[plugin])
+    family = get_family("mydit", pm)
+    assert family.denoiser == "transformer" and family.objective == "flow-matching"
+    assert pm.registrations("model family")["mydit"].plugin == "sdplugin_mydit_plugin_from_docs"

@@ -1,0 +1,119 @@
+"""The SD3/SD3.5 family's behaviour: detect and read its files, build the tiny model, encode prompts, predict.
+
+Prompt encoding is diffusers' ``StableDiffusion3Pipeline.encode_prompt``, step for step: CLIP-L and
+CLIP-G run on 77 tokens and give their penultimate hidden states (``clip_skip`` goes further back),
+concatenated along channels and zero-padded to T5's width; T5 runs on ``max_sequence_length`` tokens
+(256 by default, no attention mask, as SD3 was trained); the sequence is CLIP's 77 tokens then T5's.
+The pooled vector is CLIP-L's projected pooled output (identity projection in SD3) then CLIG-G's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...train.method import Conditioning
+    from ..bundle import ModelBundle
+
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 256
+
+
+def _device(module: Any) -> Any:
+    return next(module.parameters()).device
+
+
+def clip_embeds(
+    tokenizer: Any, encoder: Any, prompts: list[str], *, clip_skip: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [B, 77, C] of layer ``-(clip_skip + 2)``, default the penultimate; projected pooled [B, P])."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    out = encoder(ids.to(_device(encoder)), output_hidden_states=True)
+    layer = -2 if clip_skip is None else -(clip_skip + 2)
+    if -layer > len(out.hidden_states):
+        from ...errors import ConfigError
+
+        raise ConfigError(f"--clip-skip too large: the text encoder has only {len(out.hidden_states) - 1} layers")
+    return out.hidden_states[layer], out[0]
+
+
+def t5_embeds(tokenizer: Any, encoder: Any, prompts: list[str], *, max_length: int = T5_MAX_LENGTH) -> torch.Tensor:
+    """T5's last hidden state [B, max_length, D] (padded to ``max_length``, no attention mask)."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    return encoder(ids.to(_device(encoder)))[0]
+
+
+class Sd3Adapter:
+    """:class:`~sdcore.models.family.FamilyAdapter` of ``sd3`` (SD3 medium, SD3.5 large/medium)."""
+
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        from .detect import is_sd3_file
+
+        return is_sd3_file(keys)
+
+    def load_single_file(self, path: str | os.PathLike[str], **options: Any) -> ModelBundle:
+        from .load import read_sd3_single_file
+
+        return read_sd3_single_file(path, **options)
+
+    def create_tiny(self, **options: Any) -> ModelBundle:
+        from .tiny import create_tiny_sd3
+
+        return create_tiny_sd3(**options)
+
+    def encode_prompts(
+        self,
+        bundle: ModelBundle,
+        prompts: list[str],
+        *,
+        clip_skip: int | None = None,
+        max_sequence_length: int = T5_MAX_LENGTH,
+        **_: Any,
+    ) -> Conditioning:
+        import torch
+        import torch.nn.functional as F
+
+        from ...train.method import Conditioning
+
+        prompts = list(prompts)
+        clip_l, clip_g, t5 = bundle.text_encoders
+        tok_l, tok_g, tok_t5 = bundle.tokenizers
+        hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=clip_skip)
+        hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=clip_skip)
+        t5_hidden = t5_embeds(tok_t5, t5, prompts, max_length=max_sequence_length)
+        clip_hidden = torch.cat([hidden_l, hidden_g.to(hidden_l.device)], dim=-1)
+        if clip_hidden.shape[-1] > t5_hidden.shape[-1]:
+            from ...errors import ModelFormatError
+
+            raise ModelFormatError(
+                f"SD3 text encoders do not fit: CLIP-L + CLIP-G width {clip_hidden.shape[-1]} exceeds T5's "
+                f"{t5_hidden.shape[-1]}"
+            )
+        clip_hidden = F.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
+        hidden = torch.cat([clip_hidden, t5_hidden.to(device=clip_hidden.device, dtype=clip_hidden.dtype)], dim=-2)
+        pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
+        return Conditioning(hidden, pooled)
+
+    def predict(
+        self, bundle: ModelBundle, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
+        """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them."""
+        transformer = bundle.unet
+        batch = noisy_latents.shape[0]
+        timestep = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
+        return transformer(
+            hidden_states=noisy_latents,
+            timestep=timestep,
+            encoder_hidden_states=conditioning.hidden_states,
+            pooled_projections=conditioning.pooled,
+            return_dict=False,
+        )[0]

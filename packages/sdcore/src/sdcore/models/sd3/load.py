@@ -1,0 +1,494 @@
+"""Read SD3/SD3.5 models offline: diffusers folders, SAI/ComfyUI single files, separate text encoders.
+
+Single files come in the layouts users have: the whole model (SAI's ``sd3_medium_incl_clips_t5xxlfp16``,
+ComfyUI checkpoint saves), the same without text encoders (``sd3.5_large.safetensors``), or the denoiser
+alone (bare ``joint_blocks.*``, ComfyUI's ``models/diffusion_models``). What the file lacks comes from
+separate files or folders, named as ComfyUI/Forge users know them: ``clip_l``, ``clip_g``, ``t5``
+(``t5xxl_fp16.safetensors``...), ``vae``. A separate file wins over the one inside the checkpoint.
+
+Configs: our own writer stores the exact diffusers configs in the ``sdcore.config`` metadata entry;
+anything else gets configs inferred from tensor shapes (every size is in a shape; SAI's MMDiT
+convention of one 64-wide head per block gives the head count when there is no QK norm to read it from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+from ...errors import ModelFormatError
+from ..bundle import ModelBundle
+from ..detect import CONFIG_METADATA_KEY
+from .convert import (
+    CLIP_G_PREFIX,
+    CLIP_L_PREFIX,
+    SAI_PREFIX,
+    T5_PREFIX,
+    VAE_PREFIX,
+    mmdit_from_sai,
+    shape_from_config,
+    shape_from_keys,
+    strip_prefix,
+)
+from .detect import is_sd3_file
+
+FAMILY = "sd3"
+Shape = Callable[[str], tuple[int, ...]]
+
+#: SD3's VAE latent format (diffusers' vae config of every SD3/SD3.5 release)
+VAE_SCALING = 1.5305
+VAE_SHIFT = 0.0609
+ENCODER_OPTIONS = ("clip_l", "clip_g", "t5")
+_ENCODER_FLAGS = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5": "--t5"}
+
+
+def make_bundle(
+    transformer: Any, vae: Any, text_encoders: list[Any], tokenizers: list[Any], scheduler: Any, **fields: Any
+) -> ModelBundle:
+    """The one place an SD3 :class:`ModelBundle` is put together (text encoders: CLIP-L, CLIP-G, T5)."""
+    return ModelBundle(
+        family=FAMILY,
+        prediction_type="flow_matching",
+        unet=transformer,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=scheduler,
+        **fields,
+    )
+
+
+def flow_scheduler(config: dict[str, Any] | None = None) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .tiny import flow_scheduler_config
+
+    settings = {**flow_scheduler_config(), **{k: v for k, v in (config or {}).items() if not k.startswith("_")}}
+    return FlowMatchEulerDiscreteScheduler.from_config(settings)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def infer_transformer_config(keys: Collection[str], shape: Shape) -> dict[str, Any]:
+    """``SD3Transformer2DModel`` config from SAI keys (with or without ``model.diffusion_model.``)."""
+    prefix, _ = strip_prefix(keys)
+    mmdit = shape_from_keys(keys)
+    embed = shape(prefix + "x_embedder.proj.weight")  # (inner, in_channels, patch, patch)
+    inner, patch = embed[0], embed[2]
+    if mmdit.qk_norm:
+        head_dim = shape(prefix + "joint_blocks.0.x_block.attn.ln_q.weight")[0]
+    elif inner % mmdit.num_layers == 0:
+        head_dim = inner // mmdit.num_layers  # SAI's MMDiT: hidden = 64 * depth, heads = depth
+    else:
+        raise ModelFormatError("cannot tell the SD3 head count from the file (pass config=<diffusers folder>)")
+    positions = shape(prefix + "pos_embed")[1]
+    side = math.isqrt(positions)
+    context = shape(prefix + "context_embedder.weight")
+    return {
+        "sample_size": min(128, side * patch // 2),
+        "patch_size": patch,
+        "in_channels": embed[1],
+        "out_channels": shape(prefix + "final_layer.linear.weight")[0] // (patch * patch),
+        "num_layers": mmdit.num_layers,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": context[1],
+        "caption_projection_dim": context[0],
+        "pooled_projection_dim": shape(prefix + "y_embedder.mlp.0.weight")[1],
+        "pos_embed_max_size": side,
+        "dual_attention_layers": list(mmdit.dual_attention_layers),
+        "qk_norm": "rms_norm" if mmdit.qk_norm else None,
+    }
+
+
+def infer_vae_config(keys: Collection[str], shape: Shape, prefix: str = VAE_PREFIX) -> dict[str, Any]:
+    """SD3's ``AutoencoderKL`` config from ldm VAE keys under ``prefix``."""
+    from ..infer import infer_vae
+
+    renamed = {VAE_PREFIX + k[len(prefix) :] for k in keys if k.startswith(prefix)}
+    config = infer_vae(renamed, lambda k: shape(prefix + k[len(VAE_PREFIX) :]), "sdxl")
+    config.update(
+        sample_size=1024,
+        scaling_factor=VAE_SCALING,
+        shift_factor=VAE_SHIFT,
+        use_quant_conv=VAE_PREFIX + "quant_conv.weight" in renamed,
+        use_post_quant_conv=VAE_PREFIX + "post_quant_conv.weight" in renamed,
+    )
+    return config
+
+
+def infer_clip_config(keys: Collection[str], shape: Shape, prefix: str, kind: str) -> dict[str, Any]:
+    """CLIP-L (OpenAI, quick_gelu) or CLIP-G (OpenCLIP bigG in HF layout, gelu) config from HF keys."""
+    from ..infer import infer_text_encoder
+
+    config = infer_text_encoder(keys, shape, prefix, False, "sdxl")
+    config["_class_name"] = "CLIPTextModelWithProjection"
+    projection = prefix + "text_projection.weight"
+    if projection in keys:
+        config["projection_dim"] = shape(projection)[0]
+    if kind == "clip-g":
+        config.update(hidden_act="gelu", pad_token_id=0)
+    return config
+
+
+def _infer_t5_config(keys: Collection[str], shape: Shape, prefix: str) -> dict[str, Any]:  # until models.t5
+    import re
+
+    layers = len({m.group(1) for k in keys if (m := re.match(re.escape(prefix) + r"encoder\.block\.(\d+)\.", k))})
+    bias = shape(prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    heads = bias[1]
+    gated = prefix + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in keys
+    wi = "wi_0" if gated else "wi"
+    return {
+        "_class_name": "T5EncoderModel",
+        "vocab_size": shape(prefix + "shared.weight")[0],
+        "d_model": shape(prefix + "shared.weight")[1],
+        "d_kv": shape(prefix + "encoder.block.0.layer.0.SelfAttention.q.weight")[0] // heads,
+        "d_ff": shape(prefix + f"encoder.block.0.layer.1.DenseReluDense.{wi}.weight")[0],
+        "num_layers": layers,
+        "num_heads": heads,
+        "relative_attention_num_buckets": bias[0],
+        "feed_forward_proj": "gated-gelu" if gated else "relu",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+def _empty(build: Callable[[], Any]) -> Any:
+    from accelerate import init_empty_weights
+
+    from ..load import _no_init_contexts
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(init_empty_weights(include_buffers=False))
+        for skip in _no_init_contexts():
+            stack.enter_context(skip)
+        return build()
+
+
+def _fields(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+def empty_transformer(config: dict[str, Any]) -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    return _empty(lambda: SD3Transformer2DModel.from_config(_fields(config)))
+
+
+def empty_vae(config: dict[str, Any]) -> Any:
+    from diffusers import AutoencoderKL
+
+    return _empty(lambda: AutoencoderKL.from_config(_fields(config)))
+
+
+def empty_text_encoder(config: dict[str, Any]) -> Any:
+    import transformers
+
+    cls_name = config.get("_class_name") or (config.get("architectures") or ["CLIPTextModelWithProjection"])[0]
+    if cls_name == "T5EncoderModel":
+        return _empty(lambda: transformers.T5EncoderModel(transformers.T5Config(**_fields(config))))
+    if cls_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        cls = transformers.CLIPTextModelWithProjection  # SD3 reads both CLIPs' projected pooled output
+        return _empty(lambda: cls(transformers.CLIPTextConfig(**_fields(config))))
+    raise ModelFormatError(f"unsupported SD3 text encoder class {cls_name!r}")
+
+
+def _clip_tensors(module: Any, prefix: str, get: Callable[[str], Any], keys: Collection[str]) -> dict[str, Any]:
+    """A CLIP's weights from HF-layout keys under ``prefix``; SD3's CLIP-L has no projection in SAI files
+    (its pooled output is used unprojected), so a missing one is the identity, as diffusers loads it."""
+    import torch
+
+    from ..convert.clip import clip_key_map, has_text_model_level
+
+    wanted = [k for k in module.state_dict() if not k.endswith("position_ids")]
+    out: dict[str, Any] = {}
+    for key, file_key in clip_key_map(wanted, prefix, has_text_model_level(module)).items():
+        if file_key not in keys and key == "text_projection.weight":
+            out[key] = torch.eye(module.config.hidden_size, module.config.projection_dim).T.contiguous()
+        else:
+            out[key] = get(file_key)
+    return out
+
+
+def _t5_tensors(module: Any, prefix: str, get: Callable[[str], Any], keys: Collection[str]) -> dict[str, Any]:
+    """T5 encoder weights (HF layout under ``prefix``); ``encoder.embed_tokens`` is tied to ``shared``."""
+    out: dict[str, Any] = {}
+    for key in module.state_dict():
+        file_key = prefix + key
+        if file_key not in keys and key == "encoder.embed_tokens.weight":
+            file_key = prefix + "shared.weight"
+        out[key] = get(file_key)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+def _find_prefix(keys: Collection[str], ending: str) -> str | None:
+    for key in keys:
+        if key.endswith(ending):
+            return key[: -len(ending)]
+    return None
+
+
+def _encoder_from_path(path: str | os.PathLike[str], kind: str, dtype: Any) -> Any:
+    """One text encoder from a separate file (any prefix, HF layout) or a transformers folder."""
+    import transformers
+
+    from ..load import _assign
+    from ..source import CheckpointSource
+
+    where = Path(path).expanduser()
+    if where.is_dir():
+        config = json.loads((where / "config.json").read_text(encoding="utf-8")) if (where / "config.json").is_file() else {}
+        cls_name = "T5EncoderModel" if kind == "t5-xxl" else "CLIPTextModelWithProjection"
+        if config and not config.get("model_type", "").startswith("t5" if kind == "t5-xxl" else "clip"):
+            raise ModelFormatError(f"{where}: not a {kind} text encoder folder (model_type {config.get('model_type')!r})")
+        try:
+            module = getattr(transformers, cls_name).from_pretrained(where, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"{where}: cannot read {kind} folder ({str(exc).splitlines()[0]})") from None
+        return module.eval()
+    if not where.is_file():
+        raise ModelFormatError(f"{where}: no such {kind} file or folder")
+    source = CheckpointSource(where)
+    try:
+        keys = source.keys
+        if kind == "t5-xxl":
+            prefix = _find_prefix(keys, "encoder.final_layer_norm.weight")
+            if prefix is None:
+                raise ModelFormatError(f"{where}: not a T5 encoder file (no encoder.final_layer_norm.weight)")
+            config = _infer_t5_config(keys, source.shape, prefix)
+            module = empty_text_encoder(config)
+            tensors = _t5_tensors(module, prefix, source.get, keys)
+        else:
+            prefix = _find_prefix(keys, "text_model.final_layer_norm.weight")
+            if prefix is None:
+                raise ModelFormatError(
+                    f"{where}: not a CLIP text encoder in Hugging Face layout (no text_model.final_layer_norm.weight)"
+                )
+            config = infer_clip_config(keys, source.shape, prefix, kind)
+            module = empty_text_encoder(config)
+            tensors = _clip_tensors(module, prefix, source.get, keys)
+        _assign(module, tensors, kind, where, dtype)
+    finally:
+        source.close()
+    return module
+
+
+def _file_configs(source: Any, config: Any) -> dict[str, Any]:
+    from ..load import configs_from_diffusers_folder
+
+    if isinstance(config, dict):
+        return dict(config)
+    if config is not None:
+        return folder_configs(Path(config)) if (Path(config) / "model_index.json").is_file() else configs_from_diffusers_folder(config)
+    if CONFIG_METADATA_KEY in source.metadata:
+        try:
+            stored: dict[str, Any] = json.loads(source.metadata[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError:
+            raise ModelFormatError(f"{source.path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON") from None
+        if stored.get("family") == FAMILY:
+            return stored
+    return {}
+
+
+def folder_configs(folder: Path) -> dict[str, Any]:
+    """The component configs of an SD3 diffusers folder, in the ``sdcore.config`` shape."""
+    from ..load import _read_json
+
+    index = _read_json(folder / "model_index.json")
+    out: dict[str, Any] = {"family": FAMILY, "text_encoders": []}
+    out["transformer"] = _read_json(folder / "transformer" / "config.json")
+    out["vae"] = _read_json(folder / "vae" / "config.json")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        entry = index.get(name)
+        if entry and entry[0] is not None:
+            te = _read_json(folder / name / "config.json")
+            te["_class_name"] = entry[1]
+            out["text_encoders"].append(te)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    out["scheduler"] = _read_json(scheduler) if scheduler.exists() else {}
+    return out
+
+
+def read_sd3_single_file(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    device: Any = None,
+    config: Any = None,
+    clip_l: str | os.PathLike[str] | None = None,
+    clip_g: str | os.PathLike[str] | None = None,
+    t5: str | os.PathLike[str] | None = None,
+    vae: str | os.PathLike[str] | None = None,
+    tokenizer: Any = None,
+    **_: Any,
+) -> ModelBundle:
+    """Read an SD3/SD3.5 single file; ``clip_l``/``clip_g``/``t5``/``vae`` fill in (or replace) parts."""
+    import torch
+
+    from ..load import _assign, resolve_dtype
+    from ..source import CheckpointSource
+
+    file = Path(path)
+    source = CheckpointSource(file)
+    try:
+        keys = source.keys
+        if not is_sd3_file(keys):
+            raise ModelFormatError(f"{file}: not an SD3/SD3.5 checkpoint (no joint_blocks)")
+        target = None if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
+        configs = _file_configs(source, config)
+        prefix, _ = strip_prefix(keys)
+        tconfig = configs.get("transformer") or infer_transformer_config(keys, source.shape)
+        transformer = empty_transformer(tconfig)
+        _assign(transformer, mmdit_from_sai(shape_from_config(tconfig), source.get, prefix), "transformer", file, target)
+
+        if vae is not None:
+            vae_module = _vae_from_path(vae, target)
+        elif any(k.startswith(VAE_PREFIX) for k in keys):
+            vae_module = _vae_from_source(source, configs.get("vae") or infer_vae_config(keys, source.shape), target)
+        else:
+            raise ModelFormatError(f"{file}: the file has no VAE (first_stage_model.*): pass --vae <file or folder>")
+
+        given = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
+        stored = list(configs.get("text_encoders") or [])
+        encoders: list[Any] = []
+        missing: list[str] = []
+        for index, (name, kind, file_prefix) in enumerate(
+            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5", "t5-xxl", T5_PREFIX))
+        ):
+            if given[name] is not None:
+                encoders.append(_encoder_from_path(given[name], kind, target))
+                continue
+            if not any(k.startswith(file_prefix) for k in keys):
+                missing.append(_ENCODER_FLAGS[name])
+                continue
+            if index < len(stored) and len(stored) == 3:
+                te_config = stored[index]
+            elif kind == "t5-xxl":
+                te_config = _infer_t5_config(keys, source.shape, file_prefix)
+            else:
+                te_config = infer_clip_config(keys, source.shape, file_prefix, kind)
+            module = empty_text_encoder(te_config)
+            if kind == "t5-xxl":
+                tensors = _t5_tensors(module, file_prefix, source.get, keys)
+            else:
+                tensors = _clip_tensors(module, file_prefix, source.get, keys)
+            _assign(module, tensors, kind, file, target)
+            encoders.append(module)
+        if missing:
+            raise ModelFormatError(
+                f"{file}: the file has no {', '.join(m[2:] for m in missing)} text encoder(s): "
+                f"pass {' '.join(m + ' <file or folder>' for m in missing)}"
+            )
+        metadata = dict(source.metadata)
+    finally:
+        source.close()
+    bundle = make_bundle(
+        transformer, vae_module, encoders, _tokenizers(tokenizer, t5), flow_scheduler(configs.get("scheduler")),
+        source=str(file), source_format="single-file", metadata=metadata,
+    )  # fmt: skip
+    if device is not None:
+        bundle.to(device=device)
+    return bundle
+
+
+def _vae_from_source(source: Any, config: dict[str, Any], target: Any, prefix: str = VAE_PREFIX) -> Any:
+    """VAE weights from ldm keys under ``prefix`` (1x1-conv attention is reshaped by ``_assign``)."""
+    from ..convert.vae import vae_key_map
+    from ..load import _assign
+
+    module = empty_vae(config)
+    tensors = {}
+    for key, file_key in vae_key_map(list(module.state_dict()), len(module.config.block_out_channels)).items():
+        tensors[key] = source.get(prefix + file_key[len(VAE_PREFIX) :])
+    _assign(module, tensors, "VAE", source.path, target)
+    return module
+
+
+def _vae_from_path(path: str | os.PathLike[str], target: Any) -> Any:
+    """A separate VAE: a diffusers ``vae`` folder, or a file in ldm layout (with or without ``first_stage_model.``)."""
+    from diffusers import AutoencoderKL
+
+    from ..source import CheckpointSource
+
+    where = Path(path).expanduser()
+    if where.is_dir():
+        try:
+            return AutoencoderKL.from_pretrained(where, local_files_only=True, torch_dtype=target).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"{where}: cannot read VAE folder ({str(exc).splitlines()[0]})") from None
+    if not where.is_file():
+        raise ModelFormatError(f"{where}: no such VAE file or folder")
+    source = CheckpointSource(where)
+    try:
+        prefix = _find_prefix(source.keys, "encoder.conv_in.weight")
+        if prefix is None:
+            raise ModelFormatError(f"{where}: not a VAE in ldm layout (no encoder.conv_in.weight)")
+        return _vae_from_source(source, infer_vae_config(source.keys, source.shape, prefix), target, prefix)
+    finally:
+        source.close()
+
+
+def _tokenizers(tokenizer: Any, t5: Any) -> list[Any]:
+    from ..tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer
+    from .tiny import _tiny_t5_tokenizer
+
+    return [bundled_clip_tokenizer(pad_token=EOS_TOKEN), bundled_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN),
+            _tiny_t5_tokenizer()]  # fmt: skip
+
+
+def read_sd3_diffusers(
+    path: str | os.PathLike[str], *, dtype: Any = None, device: Any = None, tokenizer: Any = None, **_: Any
+) -> ModelBundle:
+    """An SD3 diffusers folder (``StableDiffusion3Pipeline`` layout), each component's ``from_pretrained``."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from ..load import _read_json, resolve_dtype, stored_dtype
+
+    folder = Path(path)
+    index = _read_json(folder / "model_index.json")
+
+    def target(component: str) -> Any:
+        if dtype == "auto":
+            return stored_dtype(folder / component) or torch.float32
+        return resolve_dtype(dtype) or torch.float32
+
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(
+            folder, subfolder="transformer", local_files_only=True, torch_dtype=target("transformer")
+        )
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=target("vae"))
+        encoders = []
+        tokenizers = []
+        for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
+            entry = index.get(name)
+            if not entry or entry[0] is None:
+                raise ModelFormatError(f"{folder}: SD3 folder without {name} (sdcore needs all three text encoders)")
+            cls = getattr(transformers, entry[1])
+            encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)).eval())
+            tok_cls = getattr(transformers, index[tok][1])
+            tokenizers.append(tok_cls.from_pretrained(folder / tok, local_files_only=True))
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFormatError(f"{folder}: cannot read SD3 diffusers folder ({first})") from None
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    bundle = make_bundle(
+        transformer.eval(), vae.eval(), encoders, tokenizers,
+        flow_scheduler(_read_json(scheduler_file) if scheduler_file.is_file() else None),
+        source=str(folder), source_format="diffusers",
+    )  # fmt: skip
+    if device is not None:
+        bundle.to(device=device)
+    return bundle

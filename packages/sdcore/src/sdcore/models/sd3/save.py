@@ -3,7 +3,8 @@ read) or as a diffusers ``StableDiffusion3Pipeline`` folder.
 
 The single file uses SAI's release layout: ``model.diffusion_model.*`` (the MMDiT in ``joint_blocks``
 form, see :mod:`.convert`), ``first_stage_model.*`` (the VAE, ldm names), and the text encoders in
-Hugging Face layout under ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.``. CLIP-L's projection is
+Hugging Face layout under ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.`` (T5's tied
+``encoder.embed_tokens`` written out as in Hugging Face's own T5 checkpoints). CLIP-L's projection is
 left out when it is the identity, as in SAI's files (SD3 uses CLIP-L's pooled output unprojected).
 The exact diffusers configs go into ``sdcore.config`` so non-standard sizes read back exactly.
 """
@@ -57,9 +58,8 @@ def sd3_state_dict(bundle: ModelBundle) -> dict[str, Any]:
                 if torch.equal(value, torch.eye(value.shape[0], dtype=value.dtype, device=value.device)):
                     continue
             out[file_key] = value
-    for key, value in t5.state_dict().items():
-        if key != "encoder.embed_tokens.weight":  # tied to shared.weight
-            out[T5_PREFIX + key] = value
+    for key, value in t5.state_dict().items():  # both shared.weight and its tied encoder.embed_tokens.weight:
+        out[T5_PREFIX + key] = value  # diffusers' from_single_file loads each key as stored, without re-tying
     return out
 
 

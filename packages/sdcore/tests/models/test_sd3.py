@@ -1,0 +1,226 @@
+"""SD3/SD3.5: the tiny model in diffusers' own pipeline, the SAI <-> diffusers key converter, single files
+in the layouts users have, detection, and the family adapter against ``StableDiffusion3Pipeline``."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sdcore.errors import ModelFormatError  # noqa: E402
+from sdcore.models.sd3.convert import (  # noqa: E402
+    SAI_PREFIX,
+    mmdit_from_sai,
+    mmdit_to_sai,
+    shape_from_config,
+    shape_from_keys,
+)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    from sdcore.models.sd3.tiny import create_tiny_sd3
+
+    return create_tiny_sd3(seed=1)
+
+
+@pytest.fixture(scope="module")
+def sd35m():
+    from sdcore.models.sd3.tiny import create_tiny_sd3
+
+    return create_tiny_sd3(seed=2, variant="sd3.5-medium")
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(sd3, tmp_path_factory):
+    from sdcore.models.sd3.save import write_sd3_diffusers
+
+    return write_sd3_diffusers(sd3, tmp_path_factory.mktemp("sd3") / "folder")
+
+
+@pytest.fixture(scope="module")
+def pipe(sd3_folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(sd3_folder, local_files_only=True)
+
+
+def _parts(bundle):
+    return [bundle.unet, bundle.vae, *bundle.text_encoders]
+
+
+def _assert_same(left, right):
+    a, b = left.state_dict(), right.state_dict()
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------------ key converter
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd3.5-large", "sd3.5-medium"])
+def test_converter_matches_diffusers_and_round_trips(variant):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from sdcore.models.sd3.tiny import tiny_transformer_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**tiny_transformer_config(variant))
+    state = model.state_dict()
+    shape = shape_from_config(model.config)
+    sai = mmdit_to_sai(shape, state)
+    assert shape_from_keys(sai) == shape
+    assert SAI_PREFIX + "joint_blocks.1.context_block.adaLN_modulation.1.weight" in sai
+    assert SAI_PREFIX + "joint_blocks.1.context_block.attn.proj.weight" not in sai  # last block: context pre-only
+    assert (SAI_PREFIX + "joint_blocks.0.x_block.attn2.qkv.weight" in sai) == (variant == "sd3.5-medium")
+    assert (SAI_PREFIX + "joint_blocks.0.x_block.attn.ln_q.weight" in sai) == (variant != "sd3")
+    ours = mmdit_from_sai(shape, sai.__getitem__)
+    theirs = convert_sd3_transformer_checkpoint_to_diffusers(dict(sai))
+    assert set(ours) == set(theirs) == set(state)
+    for key in state:
+        assert torch.equal(ours[key], state[key]), key
+        assert torch.equal(theirs[key], state[key]), key
+    # the shift/scale halves really are exchanged (a plain rename would also round-trip)
+    half = state["norm_out.linear.weight"].shape[0] // 2
+    assert torch.equal(sai[SAI_PREFIX + "final_layer.adaLN_modulation.1.weight"][:half],
+                       state["norm_out.linear.weight"][half:])  # fmt: skip
+
+
+def test_converter_rejects_foreign_tensors():
+    with pytest.raises(ModelFormatError, match="no SD3 joint_blocks"):
+        shape_from_keys(["model.diffusion_model.input_blocks.0.0.weight"])
+    from sdcore.models.sd3.convert import MMDiTShape
+
+    with pytest.raises(ModelFormatError, match="no SAI name"):
+        mmdit_to_sai(MMDiTShape(1), {"unknown.weight": torch.zeros(1)} | _fake_state(1))
+
+
+def _fake_state(layers):
+    from sdcore.models.sd3.convert import MMDiTShape, mmdit_rules
+
+    out = {}
+    for rule in mmdit_rules(MMDiTShape(layers)):
+        for key in rule.diffusers:
+            out[key] = torch.zeros(2, 2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ diffusers interop
+
+
+def test_folder_runs_in_diffusers_pipeline_and_prompts_match(sd3, pipe):
+    from sdcore.models.sd3.adapter import Sd3Adapter
+
+    image = pipe("a red cat", num_inference_steps=1, height=64, width=64, output_type="pt", max_sequence_length=16)
+    assert image.images.shape == (1, 3, 64, 64) and torch.isfinite(image.images).all()
+
+    prompts = ["a red cat", "two blue squares on grass"]
+    adapter = Sd3Adapter()
+    for clip_skip in (None, 1):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=24, clip_skip=clip_skip
+        )
+        cond = adapter.encode_prompts(sd3, prompts, max_sequence_length=24, clip_skip=clip_skip)
+        assert cond.hidden_states.shape == (2, 77 + 24, 128) and cond.pooled.shape == (2, 96)
+        assert torch.equal(cond.hidden_states, embeds)
+        assert torch.equal(cond.pooled, pooled)
+
+
+def test_predict_is_one_pipeline_step(sd3, pipe):
+    """The adapter's prediction + the flow-matching Euler step == the pipeline's first step (no CFG)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from sdcore.models.sd3.adapter import Sd3Adapter
+
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = pipe("a cat", num_inference_steps=2, height=64, width=64, guidance_scale=1.0, latents=latents.clone(),
+                    output_type="latent", max_sequence_length=16).images  # fmt: skip
+    adapter = Sd3Adapter()
+    cond = adapter.encode_prompts(sd3, ["a cat"], max_sequence_length=16)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sd3.noise_scheduler.config)
+    scheduler.set_timesteps(2)
+    x = latents.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(adapter.predict(sd3, x, t.reshape(1), cond), t, x).prev_sample
+    assert torch.allclose(x, expected, atol=1e-6), (x - expected).abs().max()
+
+
+def test_single_file_round_trip_and_diffusers_reads_it(sd35m, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from sdcore.models.sd3.load import read_sd3_single_file
+    from sdcore.models.sd3.save import write_sd3_diffusers, write_sd3_single_file
+
+    path = write_sd3_single_file(sd35m, tmp_path / "m.safetensors")
+    back = read_sd3_single_file(path)
+    for mine, read in zip(_parts(sd35m), _parts(back), strict=True):
+        _assert_same(mine, read)
+    folder = write_sd3_diffusers(sd35m, tmp_path / "config")
+    theirs = StableDiffusion3Pipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    names = ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
+    for name, mine in zip(names, _parts(sd35m), strict=True):
+        _assert_same(mine, getattr(theirs, name))
+
+
+def test_layouts_users_have(sd3, tmp_path):
+    """SAI full file -> (a) ComfyUI-style without text encoders + separate CLIP/T5 files, (b) diffusion model
+    alone (bare keys) + VAE file + encoder folders; both read back to the same weights; shapes alone
+    (no sdcore.config) give the configs."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.sd3.load import read_sd3_single_file
+    from sdcore.models.sd3.save import write_sd3_single_file
+
+    full = load_file(str(write_sd3_single_file(sd3, tmp_path / "full.safetensors")))
+
+    def part(prefix, name, strip=True):
+        tensors = {(k[len(prefix) :] if strip else k): v for k, v in full.items() if k.startswith(prefix)}
+        save_file(tensors, str(tmp_path / name))
+        return tmp_path / name
+
+    no_te = part("model.diffusion_model.", "no_te.safetensors", strip=False)
+    save_file({k: v for k, v in full.items() if not k.startswith("text_encoders.")}, str(no_te))  # + VAE, no metadata
+    clip_l = part("text_encoders.clip_l.transformer.", "clip_l.safetensors")
+    clip_g = part("text_encoders.clip_g.transformer.", "clip_g.safetensors")
+    t5 = part("text_encoders.t5xxl.transformer.", "t5xxl_fp16.safetensors")
+    with pytest.raises(ModelFormatError, match="--clip-l <file or folder> --clip-g <file or folder> --t5"):
+        read_sd3_single_file(no_te)
+    read = read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5=t5)
+    for mine, got in zip(_parts(sd3), _parts(read), strict=True):
+        _assert_same(mine, got)
+
+    bare = part("model.diffusion_model.", "diffusion_model.safetensors")
+    vae = part("first_stage_model.", "ae.safetensors")
+    folders = tmp_path / "encoders"
+    for name, module in zip(("clip_l", "clip_g", "t5"), sd3.text_encoders, strict=True):
+        module.save_pretrained(folders / name)
+    with pytest.raises(ModelFormatError, match="--vae"):
+        read_sd3_single_file(bare, clip_l=clip_l, clip_g=clip_g, t5=t5)
+    read = read_sd3_single_file(bare, vae=vae, clip_l=folders / "clip_l", clip_g=folders / "clip_g", t5=folders / "t5")
+    for mine, got in zip(_parts(sd3), _parts(read), strict=True):
+        _assert_same(mine, got)
+    with pytest.raises(ModelFormatError, match="not a T5 encoder"):
+        read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5=clip_l)
+
+
+def test_detection_names_the_release():
+    from sdcore.models.sd3.detect import is_sd3_file, sd3_contents
+    from sdcore.models.sd3.tiny import tiny_transformer_config
+
+    for variant, label in (("sd3", "SD3 medium"), ("sd3.5-large", "SD3.5 large"), ("sd3.5-medium", "SD3.5 medium")):
+        config = tiny_transformer_config(variant)
+        keys = set(mmdit_to_sai(shape_from_config(config), _fake_full_state(config)))
+        assert is_sd3_file(keys)
+        found = sd3_contents(keys | {"first_stage_model.encoder.conv_in.weight"})
+        assert found.variant == variant and found.label == label
+        assert found.has_vae and not (found.has_clip_l or found.has_clip_g or found.has_t5)
+        bare = {k[len(SAI_PREFIX) :] for k in keys}
+        assert is_sd3_file(bare) and sd3_contents(bare).variant == variant
+    assert not is_sd3_file({"model.diffusion_model.input_blocks.0.0.weight"})
+
+
+def _fake_full_state(config):
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        return SD3Transformer2DModel(**config).state_dict()

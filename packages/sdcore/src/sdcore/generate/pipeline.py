@@ -102,6 +102,10 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
         raise ConfigError(
             f"{bundle.source or 'this model'} is an inpainting model; generate does not support masks yet"
         )
+    if bundle.family == "sd3":  # flow matching: StableDiffusion3Pipeline with a flow-matching sampler
+        from ..models.sd3.generate import build_sd3_pipeline
+
+        return build_sd3_pipeline(bundle, img2img=img2img, sampler=sampler)
     scheduler = make_scheduler(bundle, sampler)
     if bundle.is_sdxl:
         if bundle.family == "sdxl-refiner":
@@ -147,12 +151,13 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
 def default_size(bundle: ModelBundle) -> int:
     """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64, other small
     models (the toy world's 32x32) their native size."""
-    native = int(bundle.unet.config.sample_size) * bundle.vae_scale_factor
+    denoiser = getattr(bundle, "transformer", None) or bundle.unet
+    native = int(denoiser.config.sample_size) * bundle.vae_scale_factor
     if bundle.source_format == "tiny":
         return 64
     if native < 256:
         return native
-    if bundle.is_sdxl:
+    if bundle.is_sdxl or bundle.family == "sd3":
         return 1024
     if bundle.family == "sd2" and bundle.is_v_prediction:
         return 768
@@ -320,7 +325,12 @@ def _run(
 
     from .conditioning import encode_cond_uncond
 
-    cond, uncond = encode_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    if bundle.family == "sd3":  # no A1111 emphasis for SD3: the family's own encoding, as training uses
+        from ..models.sd3.generate import encode_sd3_cond_uncond
+
+        cond, uncond = encode_sd3_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    else:
+        cond, uncond = encode_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
     for handler in transforms:  # e.g. aesthetic gradients: per-prompt conditioning rewrites
         cond = _transform_rows(handler, bundle, prompts, cond, negative=False, clip_skip=clip_skip)
         uncond = _transform_rows(handler, bundle, negatives, uncond, negative=True, clip_skip=clip_skip)
@@ -333,7 +343,7 @@ def _run(
         "generator": generators,
         "output_type": "pil",
     }
-    if bundle.is_sdxl:
+    if bundle.is_sdxl or bundle.family == "sd3":
         kwargs["pooled_prompt_embeds"] = cond.pooled
         kwargs["negative_pooled_prompt_embeds"] = uncond.pooled
     if image is not None:

@@ -273,6 +273,15 @@ def read_single_file(
 
     file = Path(path)
     source = CheckpointSource(file, use_ema=use_ema)
+    from .sd3.detect import is_sd3_file
+
+    if is_sd3_file(source.keys):
+        source.close()
+        if family is not None and family != "sd3":
+            raise ModelFormatError(f"{file}: is an sd3 checkpoint, not {family}")
+        from .sd3.load import read_sd3_single_file
+
+        return read_sd3_single_file(file, dtype=dtype, device=device, config=config, tokenizer=tokenizer)
     try:
         found: Detection = detect(
             source.keys, source.shape, source.metadata, path=file, markers=source.markers,
@@ -358,6 +367,12 @@ def read_diffusers(
 
     folder = Path(path)
     index = _read_json(folder / "model_index.json")
+    if str(index.get("_class_name", "")).startswith("StableDiffusion3"):
+        from .sd3.load import read_sd3_diffusers
+
+        if family is not None and family != "sd3":
+            raise ModelFormatError(f"{folder}: is an sd3 model, not {family}")
+        return read_sd3_diffusers(folder, dtype=dtype, device=device, tokenizer=tokenizer)
     configs = configs_from_diffusers_folder(folder)
     found = _folder_family(folder, index, configs)
     if family is not None and family != found:
@@ -408,6 +423,17 @@ def read_tiny(
     from .tiny import create_tiny_bundle
 
     family = spec.split(":", 1)[1] if ":" in spec else spec
+    if family.split(":")[0] == "sd3":  # tiny:sd3, tiny:sd3:sd3.5-medium
+        from .sd3.tiny import create_tiny_sd3
+
+        variant = family.split(":", 1)[1] if ":" in family else "sd3"
+        try:
+            bundle = create_tiny_sd3(variant=variant)
+        except ValueError as exc:
+            raise SdcoreError(f"{spec}: {exc}") from None
+        if dtype is not None:
+            bundle.to(dtype=resolve_dtype(dtype))
+        return _finish(bundle, device)
     try:
         bundle = create_tiny_bundle(family, prediction_type=prediction_type)
     except ValueError as exc:

@@ -289,6 +289,11 @@ def save_bundle(
     target = Path(path)
     if format is None:
         format = "single-file" if target.suffix.lower() in (".safetensors", ".sft") else "diffusers"
+    if bundle.family == "sd3" and format in ("single-file", "diffusers"):  # SAI layout / StableDiffusion3Pipeline
+        from .sd3.save import write_sd3_diffusers, write_sd3_single_file
+
+        writer = write_sd3_single_file if format == "single-file" else write_sd3_diffusers
+        return writer(bundle, target, dtype=dtype, metadata=metadata)
     if format == "single-file":
         return write_single_file(bundle, target, dtype=dtype, prune=prune, metadata=metadata)
     if format == "diffusers":

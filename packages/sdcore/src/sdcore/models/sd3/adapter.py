@@ -107,7 +107,9 @@ class Sd3Adapter:
         self, bundle: ModelBundle, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
     ) -> torch.Tensor:
         """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them."""
-        transformer = bundle.unet
+        from .load import transformer_of
+
+        transformer = transformer_of(bundle)
         batch = noisy_latents.shape[0]
         timestep = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
         return transformer(

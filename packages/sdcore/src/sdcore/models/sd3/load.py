@@ -27,7 +27,6 @@ from ..detect import CONFIG_METADATA_KEY
 from .convert import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
-    SAI_PREFIX,
     T5_PREFIX,
     VAE_PREFIX,
     mmdit_from_sai,
@@ -61,6 +60,12 @@ def make_bundle(
         noise_scheduler=scheduler,
         **fields,
     )
+
+
+def transformer_of(bundle: ModelBundle) -> Any:
+    """The bundle's MMDiT (``bundle.transformer`` once bundles have it, ``bundle.unet`` before)."""
+    found = getattr(bundle, "transformer", None)
+    return found if found is not None else bundle.unet
 
 
 def flow_scheduler(config: dict[str, Any] | None = None) -> Any:
@@ -248,10 +253,14 @@ def _encoder_from_path(path: str | os.PathLike[str], kind: str, dtype: Any) -> A
 
     where = Path(path).expanduser()
     if where.is_dir():
-        config = json.loads((where / "config.json").read_text(encoding="utf-8")) if (where / "config.json").is_file() else {}
+        config = (
+            json.loads((where / "config.json").read_text(encoding="utf-8")) if (where / "config.json").is_file() else {}
+        )
         cls_name = "T5EncoderModel" if kind == "t5-xxl" else "CLIPTextModelWithProjection"
         if config and not config.get("model_type", "").startswith("t5" if kind == "t5-xxl" else "clip"):
-            raise ModelFormatError(f"{where}: not a {kind} text encoder folder (model_type {config.get('model_type')!r})")
+            raise ModelFormatError(
+                f"{where}: not a {kind} text encoder folder (model_type {config.get('model_type')!r})"
+            )
         try:
             module = getattr(transformers, cls_name).from_pretrained(where, local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as exc:
@@ -290,7 +299,11 @@ def _file_configs(source: Any, config: Any) -> dict[str, Any]:
     if isinstance(config, dict):
         return dict(config)
     if config is not None:
-        return folder_configs(Path(config)) if (Path(config) / "model_index.json").is_file() else configs_from_diffusers_folder(config)
+        return (
+            folder_configs(Path(config))
+            if (Path(config) / "model_index.json").is_file()
+            else configs_from_diffusers_folder(config)
+        )
     if CONFIG_METADATA_KEY in source.metadata:
         try:
             stored: dict[str, Any] = json.loads(source.metadata[CONFIG_METADATA_KEY])
@@ -347,10 +360,12 @@ def read_sd3_single_file(
             raise ModelFormatError(f"{file}: not an SD3/SD3.5 checkpoint (no joint_blocks)")
         target = None if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
         configs = _file_configs(source, config)
-        prefix, _ = strip_prefix(keys)
+        prefix = strip_prefix(keys)[0]
         tconfig = configs.get("transformer") or infer_transformer_config(keys, source.shape)
         transformer = empty_transformer(tconfig)
-        _assign(transformer, mmdit_from_sai(shape_from_config(tconfig), source.get, prefix), "transformer", file, target)
+        _assign(
+            transformer, mmdit_from_sai(shape_from_config(tconfig), source.get, prefix), "transformer", file, target
+        )
 
         if vae is not None:
             vae_module = _vae_from_path(vae, target)
@@ -366,8 +381,9 @@ def read_sd3_single_file(
         for index, (name, kind, file_prefix) in enumerate(
             (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5", "t5-xxl", T5_PREFIX))
         ):
-            if given[name] is not None:
-                encoders.append(_encoder_from_path(given[name], kind, target))
+            separate = given[name]
+            if separate is not None:
+                encoders.append(_encoder_from_path(separate, kind, target))
                 continue
             if not any(k.startswith(file_prefix) for k in keys):
                 missing.append(_ENCODER_FLAGS[name])
@@ -472,7 +488,11 @@ def read_sd3_diffusers(
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=target("vae"))
         encoders = []
         tokenizers = []
-        for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")):
+        for name, tok in (
+            ("text_encoder", "tokenizer"),
+            ("text_encoder_2", "tokenizer_2"),
+            ("text_encoder_3", "tokenizer_3"),
+        ):
             entry = index.get(name)
             if not entry or entry[0] is None:
                 raise ModelFormatError(f"{folder}: SD3 folder without {name} (sdcore needs all three text encoders)")

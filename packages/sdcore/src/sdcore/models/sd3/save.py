@@ -24,6 +24,7 @@ from ...errors import SdcoreError
 from ..bundle import ModelBundle
 from ..detect import CONFIG_METADATA_KEY
 from .convert import CLIP_G_PREFIX, CLIP_L_PREFIX, SAI_PREFIX, T5_PREFIX, mmdit_to_sai, shape_from_config
+from .load import transformer_of
 
 ARCHITECTURES = {"sd3": "stable-diffusion-v3-medium", "sd3.5-large": "stable-diffusion-v3.5-large",
                  "sd3.5-medium": "stable-diffusion-v3.5-medium"}  # fmt: skip
@@ -38,12 +39,11 @@ def variant_of_config(config: Any) -> str:
 
 def sd3_state_dict(bundle: ModelBundle) -> dict[str, Any]:
     """Every weight of the bundle under its SAI single-file key (tensors not copied where avoidable)."""
-    import torch
 
     from ..convert.clip import clip_key_map, has_text_model_level
     from ..convert.vae import is_conv_attention, vae_key_map
 
-    transformer = bundle.unet
+    transformer = transformer_of(bundle)
     out = mmdit_to_sai(shape_from_config(transformer.config), transformer.state_dict(), SAI_PREFIX)
     state = bundle.vae.state_dict()
     for key, file_key in vae_key_map(list(state), len(bundle.vae.config.block_out_channels)).items():
@@ -54,13 +54,19 @@ def sd3_state_dict(bundle: ModelBundle) -> dict[str, Any]:
         state = {k: v for k, v in module.state_dict().items() if not k.endswith("position_ids")}
         for key, file_key in clip_key_map(list(state), prefix, has_text_model_level(module)).items():
             value = state[key]
-            if prefix == CLIP_L_PREFIX and key == "text_projection.weight" and value.shape[0] == value.shape[1]:
-                if torch.equal(value, torch.eye(value.shape[0], dtype=value.dtype, device=value.device)):
-                    continue
+            if prefix == CLIP_L_PREFIX and key == "text_projection.weight" and _is_identity(value):
+                continue
             out[file_key] = value
     for key, value in t5.state_dict().items():  # both shared.weight and its tied encoder.embed_tokens.weight:
         out[T5_PREFIX + key] = value  # diffusers' from_single_file loads each key as stored, without re-tying
     return out
+
+
+def _is_identity(value: Any) -> bool:
+    import torch
+
+    square = value.ndim == 2 and value.shape[0] == value.shape[1]
+    return square and torch.equal(value, torch.eye(value.shape[0], dtype=value.dtype, device=value.device))
 
 
 def _json(config: Any) -> dict[str, Any]:
@@ -78,7 +84,7 @@ def sd3_config(bundle: ModelBundle) -> dict[str, Any]:
         encoders.append(entry)
     return {
         "family": "sd3",
-        "transformer": _json(bundle.unet.config),
+        "transformer": _json(transformer_of(bundle).config),
         "vae": _json(bundle.vae.config),
         "text_encoders": encoders,
         "scheduler": _json(bundle.noise_scheduler.config),
@@ -112,9 +118,9 @@ def write_sd3_single_file(
             value = value.clone()
         seen.add(pointer)
         out[key] = value
-    config = bundle.unet.config
+    config = transformer_of(bundle).config
     size = int(config.sample_size) * 8
-    first = next(iter(bundle.unet.parameters()))
+    first = next(iter(transformer_of(bundle).parameters()))
     meta = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": ARCHITECTURES[variant_of_config(config)],
@@ -152,7 +158,11 @@ def write_sd3_diffusers(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
     try:
-        parts = {"transformer": bundle.unet, "vae": bundle.vae, **dict(zip(names, bundle.text_encoders, strict=True))}
+        parts = {
+            "transformer": transformer_of(bundle),
+            "vae": bundle.vae,
+            **dict(zip(names, bundle.text_encoders, strict=True)),
+        }
         for name, module in parts.items():
             first = next(iter(module.parameters()))
             module_out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module

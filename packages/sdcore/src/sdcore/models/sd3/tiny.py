@@ -98,7 +98,11 @@ def _tiny_t5_encoder(width: int) -> Any:  # placeholder until sdcore.models.t5 l
 def _tiny_t5_tokenizer() -> Any:  # placeholder until sdcore.models.t5 lands
     from transformers import T5Tokenizer
 
-    pieces = ["<pad>", "</s>", "<unk>"] + [f"\u2581{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz")
+    pieces = (
+        ["<pad>", "</s>", "<unk>"]
+        + [f"\u2581{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+        + list("abcdefghijklmnopqrstuvwxyz")
+    )
     return T5Tokenizer(vocab=[(p, -1.0) for p in pieces], extra_ids=0)
 
 
@@ -123,7 +127,8 @@ def create_tiny_sd3(*, seed: int = 0, variant: str = "sd3") -> Any:
         torch.random.set_rng_state(state)
     with torch.no_grad():  # SD3's CLIP-L pooled output is unprojected: diffusers ships an identity projection
         clip_l.text_projection.weight.copy_(torch.eye(CLIP_L_WIDTH))
-    for module in (transformer, vae, clip_l, clip_g, t5):
+    modules: list[Any] = [transformer, vae, clip_l, clip_g, t5]
+    for module in modules:
         module.eval()
     tokenizers = [
         bundled_clip_tokenizer(pad_token=EOS_TOKEN),

@@ -1,0 +1,84 @@
+"""Generation with SD3/SD3.5: diffusers' ``StableDiffusion3Pipeline`` over the bundle's own modules.
+
+Samplers are flow-matching schedulers configured from the bundle's schedule (its ``shift``): ``euler``
+(SD3's reference sampler), ``euler_a`` (the same with fresh noise each step, diffusers'
+``stochastic_sampling``) and ``heun``. Prompts are encoded by the family adapter (what training
+uses) and handed to the pipeline as embeddings; A1111's ``clip_skip`` counts from the last layer
+(1 = SD3's default, the penultimate hidden state of both CLIPs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ...errors import ConfigError
+
+if TYPE_CHECKING:
+    from ...generate.conditioning import Conditioning
+    from ..bundle import ModelBundle
+
+#: id -> (diffusers scheduler class, config overrides, A1111 display name)
+FLOW_SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": False}, "Euler"),
+    "euler_a": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "Euler a"),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+}
+
+
+def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler") -> Any:
+    """A fresh flow-matching scheduler for ``sampler`` with the bundle's shift and step count."""
+    import diffusers
+
+    from ...generate.pipeline import sampler_id
+
+    try:
+        sid = sampler_id(sampler)
+    except ConfigError:
+        sid = sampler
+    if sid not in FLOW_SAMPLERS:
+        raise ConfigError(
+            f"sampler {sampler!r} does not sample flow-matching models (SD3); choose one of: {', '.join(FLOW_SAMPLERS)}"
+        )
+    class_name, overrides, _ = FLOW_SAMPLERS[sid]
+    cls = getattr(diffusers, class_name)
+    base = {k: v for k, v in dict(bundle.noise_scheduler.config).items() if not k.startswith("_")}
+    keep = set(cls.from_config({}).config) if class_name != "FlowMatchEulerDiscreteScheduler" else set(base)
+    return cls.from_config({**{k: v for k, v in base.items() if k in keep}, **overrides})
+
+
+def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
+    """``StableDiffusion3Pipeline`` (or its img2img sibling) sharing the bundle's modules."""
+    import diffusers
+
+    from .load import transformer_of
+
+    clip_l, clip_g, t5 = bundle.text_encoders
+    tok_l, tok_g, tok_t5 = bundle.tokenizers
+    cls: Any = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
+    return cls(
+        transformer=transformer_of(bundle),
+        scheduler=flow_scheduler_for(bundle, sampler),
+        vae=bundle.vae,
+        text_encoder=clip_l,
+        tokenizer=tok_l,
+        text_encoder_2=clip_g,
+        tokenizer_2=tok_g,
+        text_encoder_3=t5,
+        tokenizer_3=tok_t5,
+    )
+
+
+def encode_sd3_cond_uncond(
+    bundle: ModelBundle, prompts: list[str], negatives: list[str], *, clip_skip: int = 1, max_sequence_length: int = 256
+) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) for the pipeline's ``prompt_embeds``/``pooled_prompt_embeds`` and their negatives."""
+    from ...generate.conditioning import Conditioning
+    from .adapter import Sd3Adapter
+
+    adapter = Sd3Adapter()
+    skip = None if clip_skip <= 1 else clip_skip - 1  # A1111's 1 = diffusers' None (penultimate)
+    out = []
+    for texts in (prompts, negatives):
+        cond = adapter.encode_prompts(bundle, texts, clip_skip=skip, max_sequence_length=max_sequence_length)
+        out.append(Conditioning(cond.hidden_states, cond.pooled))
+    return out[0], out[1]

@@ -3,8 +3,8 @@
 Prompt encoding is diffusers' ``StableDiffusion3Pipeline.encode_prompt``, step for step: CLIP-L and
 CLIP-G run on 77 tokens and give their penultimate hidden states (``clip_skip`` goes further back),
 concatenated along channels and zero-padded to T5's width; T5 runs on ``max_sequence_length`` tokens
-(256 by default, no attention mask, as SD3 was trained); the sequence is CLIP's 77 tokens then T5's.
-The pooled vector is CLIP-L's projected pooled output (identity projection in SD3) then CLIG-G's.
+(256 by default; no attention mask, as diffusers runs it); the sequence is CLIP's 77 tokens then T5's.
+The pooled vector is CLIP-L's projected pooled output (identity projection in SD3) then CLIP-G's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from . import T5_MAX_LENGTH
+
 if TYPE_CHECKING:
     import torch
 
@@ -20,7 +22,6 @@ if TYPE_CHECKING:
     from ..bundle import ModelBundle
 
 CLIP_MAX_LENGTH = 77
-T5_MAX_LENGTH = 256
 
 
 def _device(module: Any) -> Any:
@@ -41,15 +42,6 @@ def clip_embeds(
 
         raise ConfigError(f"--clip-skip too large: the text encoder has only {len(out.hidden_states) - 1} layers")
     return out.hidden_states[layer], out[0]
-
-
-def t5_embeds(tokenizer: Any, encoder: Any, prompts: list[str], *, max_length: int = T5_MAX_LENGTH) -> torch.Tensor:
-    """T5's last hidden state [B, max_length, D] (padded to ``max_length``, no attention mask)."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
-    return encoder(ids.to(_device(encoder)))[0]
 
 
 class Sd3Adapter:
@@ -77,19 +69,26 @@ class Sd3Adapter:
         *,
         clip_skip: int | None = None,
         max_sequence_length: int = T5_MAX_LENGTH,
+        t5_attention_mask: bool = False,
         **_: Any,
     ) -> Conditioning:
+        """``max_sequence_length``: T5 tokens (diffusers' SD3 default 256); ``t5_attention_mask`` masks T5's
+        padding inside the encoder (off in SD3 and diffusers; kohya's ``--apply_t5_attn_mask``);
+        ``clip_skip`` as diffusers counts it (``None`` = the penultimate layer)."""
         import torch
         import torch.nn.functional as F
 
         from ...train.method import Conditioning
+        from ..t5 import encode_t5
 
         prompts = list(prompts)
         clip_l, clip_g, t5 = bundle.text_encoders
         tok_l, tok_g, tok_t5 = bundle.tokenizers
         hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=clip_skip)
         hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=clip_skip)
-        t5_hidden = t5_embeds(tok_t5, t5, prompts, max_length=max_sequence_length)
+        t5_hidden, _mask = encode_t5(
+            t5, tok_t5, prompts, max_length=max_sequence_length, attention_mask=t5_attention_mask
+        )
         clip_hidden = torch.cat([hidden_l, hidden_g.to(hidden_l.device)], dim=-1)
         if clip_hidden.shape[-1] > t5_hidden.shape[-1]:
             from ...errors import ModelFormatError
@@ -104,12 +103,15 @@ class Sd3Adapter:
         return Conditioning(hidden, pooled)
 
     def predict(
-        self, bundle: ModelBundle, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+        self,
+        bundle: ModelBundle,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        **_: Any,
     ) -> torch.Tensor:
         """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them."""
-        from .load import transformer_of
-
-        transformer = transformer_of(bundle)
+        transformer = bundle.transformer
         batch = noisy_latents.shape[0]
         timestep = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
         return transformer(

@@ -50,13 +50,11 @@ def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: s
     """``StableDiffusion3Pipeline`` (or its img2img sibling) sharing the bundle's modules."""
     import diffusers
 
-    from .load import transformer_of
-
     clip_l, clip_g, t5 = bundle.text_encoders
     tok_l, tok_g, tok_t5 = bundle.tokenizers
     cls: Any = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
     return cls(
-        transformer=transformer_of(bundle),
+        transformer=bundle.transformer,
         scheduler=flow_scheduler_for(bundle, sampler),
         vae=bundle.vae,
         text_encoder=clip_l,

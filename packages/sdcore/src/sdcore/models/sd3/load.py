@@ -53,19 +53,14 @@ def make_bundle(
     return ModelBundle(
         family=FAMILY,
         prediction_type="flow_matching",
-        unet=transformer,
+        unet=None,
+        transformer=transformer,
         vae=vae,
         text_encoders=text_encoders,
         tokenizers=tokenizers,
         noise_scheduler=scheduler,
         **fields,
     )
-
-
-def transformer_of(bundle: ModelBundle) -> Any:
-    """The bundle's MMDiT (``bundle.transformer`` once bundles have it, ``bundle.unet`` before)."""
-    found = getattr(bundle, "transformer", None)
-    return found if found is not None else bundle.unet
 
 
 def flow_scheduler(config: dict[str, Any] | None = None) -> Any:
@@ -142,27 +137,6 @@ def infer_clip_config(keys: Collection[str], shape: Shape, prefix: str, kind: st
     return config
 
 
-def _infer_t5_config(keys: Collection[str], shape: Shape, prefix: str) -> dict[str, Any]:  # until models.t5
-    import re
-
-    layers = len({m.group(1) for k in keys if (m := re.match(re.escape(prefix) + r"encoder\.block\.(\d+)\.", k))})
-    bias = shape(prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-    heads = bias[1]
-    gated = prefix + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in keys
-    wi = "wi_0" if gated else "wi"
-    return {
-        "_class_name": "T5EncoderModel",
-        "vocab_size": shape(prefix + "shared.weight")[0],
-        "d_model": shape(prefix + "shared.weight")[1],
-        "d_kv": shape(prefix + "encoder.block.0.layer.0.SelfAttention.q.weight")[0] // heads,
-        "d_ff": shape(prefix + f"encoder.block.0.layer.1.DenseReluDense.{wi}.weight")[0],
-        "num_layers": layers,
-        "num_heads": heads,
-        "relative_attention_num_buckets": bias[0],
-        "feed_forward_proj": "gated-gelu" if gated else "relu",
-    }
-
-
 # ----------------------------------------------------------------------------------------------- modules
 
 
@@ -199,7 +173,9 @@ def empty_text_encoder(config: dict[str, Any]) -> Any:
 
     cls_name = config.get("_class_name") or (config.get("architectures") or ["CLIPTextModelWithProjection"])[0]
     if cls_name == "T5EncoderModel":
-        return _empty(lambda: transformers.T5EncoderModel(transformers.T5Config(**_fields(config))))
+        from ..t5 import empty_t5
+
+        return empty_t5(config)
     if cls_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
         cls = transformers.CLIPTextModelWithProjection  # SD3 reads both CLIPs' projected pooled output
         return _empty(lambda: cls(transformers.CLIPTextConfig(**_fields(config))))
@@ -223,17 +199,6 @@ def _clip_tensors(module: Any, prefix: str, get: Callable[[str], Any], keys: Col
     return out
 
 
-def _t5_tensors(module: Any, prefix: str, get: Callable[[str], Any], keys: Collection[str]) -> dict[str, Any]:
-    """T5 encoder weights (HF layout under ``prefix``); ``encoder.embed_tokens`` is tied to ``shared``."""
-    out: dict[str, Any] = {}
-    for key in module.state_dict():
-        file_key = prefix + key
-        if file_key not in keys and key == "encoder.embed_tokens.weight":
-            file_key = prefix + "shared.weight"
-        out[key] = get(file_key)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- readers
 
 
@@ -245,24 +210,23 @@ def _find_prefix(keys: Collection[str], ending: str) -> str | None:
 
 
 def _encoder_from_path(path: str | os.PathLike[str], kind: str, dtype: Any) -> Any:
-    """One text encoder from a separate file (any prefix, HF layout) or a transformers folder."""
+    """One text encoder from a separate file (any prefix, Hugging Face layout) or a transformers folder."""
     import transformers
 
     from ..load import _assign
     from ..source import CheckpointSource
+    from ..t5 import load_t5_encoder
 
+    if kind == "t5-xxl":
+        return load_t5_encoder(path, dtype=dtype)
     where = Path(path).expanduser()
     if where.is_dir():
-        config = (
-            json.loads((where / "config.json").read_text(encoding="utf-8")) if (where / "config.json").is_file() else {}
-        )
-        cls_name = "T5EncoderModel" if kind == "t5-xxl" else "CLIPTextModelWithProjection"
-        if config and not config.get("model_type", "").startswith("t5" if kind == "t5-xxl" else "clip"):
-            raise ModelFormatError(
-                f"{where}: not a {kind} text encoder folder (model_type {config.get('model_type')!r})"
-            )
+        config_file = where / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        if config.get("model_type") not in ("clip_text_model", "clip"):
+            raise ModelFormatError(f"{where}: not a CLIP text encoder folder (model_type {config.get('model_type')!r})")
         try:
-            module = getattr(transformers, cls_name).from_pretrained(where, local_files_only=True, dtype=dtype)
+            module = transformers.CLIPTextModelWithProjection.from_pretrained(where, local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ModelFormatError(f"{where}: cannot read {kind} folder ({str(exc).splitlines()[0]})") from None
         return module.eval()
@@ -270,24 +234,13 @@ def _encoder_from_path(path: str | os.PathLike[str], kind: str, dtype: Any) -> A
         raise ModelFormatError(f"{where}: no such {kind} file or folder")
     source = CheckpointSource(where)
     try:
-        keys = source.keys
-        if kind == "t5-xxl":
-            prefix = _find_prefix(keys, "encoder.final_layer_norm.weight")
-            if prefix is None:
-                raise ModelFormatError(f"{where}: not a T5 encoder file (no encoder.final_layer_norm.weight)")
-            config = _infer_t5_config(keys, source.shape, prefix)
-            module = empty_text_encoder(config)
-            tensors = _t5_tensors(module, prefix, source.get, keys)
-        else:
-            prefix = _find_prefix(keys, "text_model.final_layer_norm.weight")
-            if prefix is None:
-                raise ModelFormatError(
-                    f"{where}: not a CLIP text encoder in Hugging Face layout (no text_model.final_layer_norm.weight)"
-                )
-            config = infer_clip_config(keys, source.shape, prefix, kind)
-            module = empty_text_encoder(config)
-            tensors = _clip_tensors(module, prefix, source.get, keys)
-        _assign(module, tensors, kind, where, dtype)
+        prefix = _find_prefix(source.keys, "text_model.final_layer_norm.weight")
+        if prefix is None:
+            raise ModelFormatError(
+                f"{where}: not a CLIP text encoder in Hugging Face layout (no text_model.final_layer_norm.weight)"
+            )
+        module = empty_text_encoder(infer_clip_config(source.keys, source.shape, prefix, kind))
+        _assign(module, _clip_tensors(module, prefix, source.get, source.keys), kind, where, dtype)
     finally:
         source.close()
     return module
@@ -344,9 +297,12 @@ def read_sd3_single_file(
     t5: str | os.PathLike[str] | None = None,
     vae: str | os.PathLike[str] | None = None,
     tokenizer: Any = None,
+    t5_tokenizer: str | os.PathLike[str] | None = None,
     **_: Any,
 ) -> ModelBundle:
-    """Read an SD3/SD3.5 single file; ``clip_l``/``clip_g``/``t5``/``vae`` fill in (or replace) parts."""
+    """Read an SD3/SD3.5 single file; ``clip_l``/``clip_g``/``t5``/``vae`` (files or folders) fill in, or
+    replace, the parts the file has. ``tokenizer`` is a CLIP tokenizer folder (or a list, one per CLIP);
+    ``t5_tokenizer`` a T5 tokenizer folder (default: a ``t5`` folder's own, else :func:`~..t5.load_t5_tokenizer`)."""
     import torch
 
     from ..load import _assign, resolve_dtype
@@ -388,18 +344,12 @@ def read_sd3_single_file(
             if not any(k.startswith(file_prefix) for k in keys):
                 missing.append(_ENCODER_FLAGS[name])
                 continue
-            if index < len(stored) and len(stored) == 3:
-                te_config = stored[index]
-            elif kind == "t5-xxl":
-                te_config = _infer_t5_config(keys, source.shape, file_prefix)
-            else:
-                te_config = infer_clip_config(keys, source.shape, file_prefix, kind)
-            module = empty_text_encoder(te_config)
+            stored_config = stored[index] if len(stored) == 3 else None
             if kind == "t5-xxl":
-                tensors = _t5_tensors(module, file_prefix, source.get, keys)
-            else:
-                tensors = _clip_tensors(module, file_prefix, source.get, keys)
-            _assign(module, tensors, kind, file, target)
+                encoders.append(_embedded_t5(source, file, stored_config, target))
+                continue
+            module = empty_text_encoder(stored_config or infer_clip_config(keys, source.shape, file_prefix, kind))
+            _assign(module, _clip_tensors(module, file_prefix, source.get, keys), kind, file, target)
             encoders.append(module)
         if missing:
             raise ModelFormatError(
@@ -410,7 +360,7 @@ def read_sd3_single_file(
     finally:
         source.close()
     bundle = make_bundle(
-        transformer, vae_module, encoders, _tokenizers(tokenizer, t5), flow_scheduler(configs.get("scheduler")),
+        transformer, vae_module, encoders, _tokenizers(tokenizer, t5_tokenizer, t5, encoders[2]), flow_scheduler(configs.get("scheduler")),
         source=str(file), source_format="single-file", metadata=metadata,
     )  # fmt: skip
     if device is not None:
@@ -455,12 +405,35 @@ def _vae_from_path(path: str | os.PathLike[str], target: Any) -> Any:
         source.close()
 
 
-def _tokenizers(tokenizer: Any, t5: Any) -> list[Any]:
-    from ..tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer
-    from .tiny import _tiny_t5_tokenizer
+def _embedded_t5(source: Any, file: Path, config: dict[str, Any] | None, target: Any) -> Any:
+    """The T5 encoder stored under ``text_encoders.t5xxl.transformer.`` in ``source``."""
+    from ..t5 import assign_t5, empty_t5, t5_config_from_shapes, t5_tensors
 
-    return [bundled_clip_tokenizer(pad_token=EOS_TOKEN), bundled_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN),
-            _tiny_t5_tokenizer()]  # fmt: skip
+    model = empty_t5(config or t5_config_from_shapes(source.keys, source.shape, T5_PREFIX))
+    return assign_t5(model, t5_tensors(source.keys, source.get, T5_PREFIX, dtype=target), file, target)
+
+
+def _tokenizers(tokenizer: Any, t5_tokenizer: Any, t5_path: Any, t5: Any) -> list[Any]:
+    """CLIP-L's and CLIP-G's (bundled BPE unless given; CLIP-G pads with ``!`` as OpenCLIP) and T5's."""
+    from ..t5 import load_t5_tokenizer
+    from ..tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer, load_clip_tokenizer
+
+    given = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer, tokenizer]
+    out: list[Any] = []
+    for index, pad in enumerate((EOS_TOKEN, OPENCLIP_PAD_TOKEN)):
+        choice = given[index] if index < len(given) else None
+        if choice is None:
+            out.append(bundled_clip_tokenizer(pad_token=pad))
+        elif isinstance(choice, (str, os.PathLike)):
+            out.append(load_clip_tokenizer(choice))
+        else:
+            out.append(choice)
+    if t5_tokenizer is None and t5_path is not None and Path(t5_path).is_dir():
+        folder = Path(t5_path)
+        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
+            t5_tokenizer = folder
+    out.append(load_t5_tokenizer(t5_tokenizer, vocab_size=int(t5.config.vocab_size)))
+    return out
 
 
 def read_sd3_diffusers(

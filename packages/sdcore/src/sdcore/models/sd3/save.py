@@ -24,7 +24,6 @@ from ...errors import SdcoreError
 from ..bundle import ModelBundle
 from ..detect import CONFIG_METADATA_KEY
 from .convert import CLIP_G_PREFIX, CLIP_L_PREFIX, SAI_PREFIX, T5_PREFIX, mmdit_to_sai, shape_from_config
-from .load import transformer_of
 
 ARCHITECTURES = {"sd3": "stable-diffusion-v3-medium", "sd3.5-large": "stable-diffusion-v3.5-large",
                  "sd3.5-medium": "stable-diffusion-v3.5-medium"}  # fmt: skip
@@ -43,7 +42,7 @@ def sd3_state_dict(bundle: ModelBundle) -> dict[str, Any]:
     from ..convert.clip import clip_key_map, has_text_model_level
     from ..convert.vae import is_conv_attention, vae_key_map
 
-    transformer = transformer_of(bundle)
+    transformer = bundle.transformer
     out = mmdit_to_sai(shape_from_config(transformer.config), transformer.state_dict(), SAI_PREFIX)
     state = bundle.vae.state_dict()
     for key, file_key in vae_key_map(list(state), len(bundle.vae.config.block_out_channels)).items():
@@ -84,7 +83,7 @@ def sd3_config(bundle: ModelBundle) -> dict[str, Any]:
         encoders.append(entry)
     return {
         "family": "sd3",
-        "transformer": _json(transformer_of(bundle).config),
+        "transformer": _json(bundle.transformer.config),
         "vae": _json(bundle.vae.config),
         "text_encoders": encoders,
         "scheduler": _json(bundle.noise_scheduler.config),
@@ -118,9 +117,9 @@ def write_sd3_single_file(
             value = value.clone()
         seen.add(pointer)
         out[key] = value
-    config = transformer_of(bundle).config
+    config = bundle.transformer.config
     size = int(config.sample_size) * 8
-    first = next(iter(transformer_of(bundle).parameters()))
+    first = next(iter(bundle.transformer.parameters()))
     meta = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": ARCHITECTURES[variant_of_config(config)],
@@ -159,7 +158,7 @@ def write_sd3_diffusers(
     names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
     try:
         parts = {
-            "transformer": transformer_of(bundle),
+            "transformer": bundle.transformer,
             "vae": bundle.vae,
             **dict(zip(names, bundle.text_encoders, strict=True)),
         }

@@ -86,32 +86,13 @@ def flow_scheduler_config() -> dict[str, Any]:
     return {"num_train_timesteps": 1000, "shift": 3.0}
 
 
-def _tiny_t5_encoder(width: int) -> Any:  # placeholder until sdcore.models.t5 lands
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(vocab_size=64, d_model=width, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                      relative_attention_max_distance=16)  # fmt: skip
-    return T5EncoderModel(config)
-
-
-def _tiny_t5_tokenizer() -> Any:  # placeholder until sdcore.models.t5 lands
-    from transformers import T5Tokenizer
-
-    pieces = (
-        ["<pad>", "</s>", "<unk>"]
-        + [f"\u2581{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-        + list("abcdefghijklmnopqrstuvwxyz")
-    )
-    return T5Tokenizer(vocab=[(p, -1.0) for p in pieces], extra_ids=0)
-
-
 def create_tiny_sd3(*, seed: int = 0, variant: str = "sd3") -> Any:
     """Build the tiny SD3 bundle (deterministic per seed); ``variant`` picks the SD3.5 block options."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    from ..t5 import create_tiny_t5
     from ..tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer
     from .load import make_bundle
 
@@ -122,9 +103,9 @@ def create_tiny_sd3(*, seed: int = 0, variant: str = "sd3") -> Any:
         vae = AutoencoderKL(**tiny_vae_config())
         clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_clip_config("clip-l")))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_clip_config("clip-g")))
-        t5 = _tiny_t5_encoder(T5_WIDTH)
     finally:
         torch.random.set_rng_state(state)
+    t5, t5_tokenizer = create_tiny_t5(seed=seed + 1, d_model=T5_WIDTH)
     with torch.no_grad():  # SD3's CLIP-L pooled output is unprojected: diffusers ships an identity projection
         clip_l.text_projection.weight.copy_(torch.eye(CLIP_L_WIDTH))
     modules: list[Any] = [transformer, vae, clip_l, clip_g, t5]
@@ -133,7 +114,7 @@ def create_tiny_sd3(*, seed: int = 0, variant: str = "sd3") -> Any:
     tokenizers = [
         bundled_clip_tokenizer(pad_token=EOS_TOKEN),
         bundled_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN),
-        _tiny_t5_tokenizer(),
+        t5_tokenizer,
     ]
     bundle = make_bundle(
         transformer, vae, [clip_l, clip_g, t5], tokenizers, FlowMatchEulerDiscreteScheduler(**flow_scheduler_config())

@@ -224,3 +224,94 @@ def _fake_full_state(config):
 
     with torch.device("meta"):
         return SD3Transformer2DModel(**config).state_dict()
+
+
+# ------------------------------------------------------------------------------------------ sdcore surface
+
+
+def test_family_declaration_and_load_model(sd3, sd3_folder, tmp_path):
+    from sdcore.errors import SdcoreError
+    from sdcore.models.family import family_adapter, get_family
+    from sdcore.models.load import load_model
+    from sdcore.models.sd3.adapter import Sd3Adapter
+
+    spec = get_family("sd3")
+    assert spec.denoiser == "transformer" and spec.objective == "flow-matching"
+    assert [te.kind for te in spec.text_encoders] == ["clip-l", "clip-g", "t5-xxl"]
+    assert (spec.latent.channels, spec.latent.scaling_factor, spec.latent.shift_factor) == (
+        sd3.vae.config.latent_channels, sd3.vae.config.scaling_factor, sd3.vae.config.shift_factor,
+    )  # fmt: skip
+    assert isinstance(family_adapter("sd3"), Sd3Adapter)
+
+    folder = load_model(sd3_folder, family="sd3")
+    assert folder.family == "sd3" and folder.source_format == "diffusers"
+    assert list(folder.components()) == ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
+    for mine, read in zip(_parts(sd3), _parts(folder), strict=True):
+        _assert_same(mine, read)
+
+    path = sd3.save(tmp_path / "m.safetensors")  # bundle.save: the SAI single file
+    single = load_model(path)
+    assert single.family == "sd3" and single.source_format == "single-file"
+    for mine, read in zip(_parts(sd3), _parts(single), strict=True):
+        _assert_same(mine, read)
+    with pytest.raises(ModelFormatError, match="is an sd3 checkpoint, not sdxl"):
+        load_model(path, family="sdxl")
+    with pytest.raises(SdcoreError, match="unknown model part"):
+        load_model(path, parts={"clipl": path})
+    assert load_model("tiny:sd3:sd3.5-medium").transformer.config.dual_attention_layers == [0]
+
+
+def test_cli_create_tiny_info_and_convert(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.builtin import model_commands
+    from sdcore.models.hashes import all_hashes
+
+    runner = CliRunner()
+    single = tmp_path / "tiny-sd3.safetensors"
+    result = runner.invoke(model_commands.model_group, ["create-tiny", str(single), "--family", "sd3"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(model_commands.model_group, ["info", str(single)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "family:          sd3 (Stable Diffusion 3 / 3.5)" in out and "variant:         SD3 medium" in out
+    for name in ("SD3Transformer2DModel", "AutoencoderKL", "CLIPTextModelWithProjection", "T5EncoderModel"):
+        assert name in out
+    assert "modelspec.architecture: stable-diffusion-3-medium" in out
+    hashes = all_hashes(single)
+    assert hashes["short"] in out and hashes["sha256"] in out
+    result = runner.invoke(model_commands.model_group, ["create-tiny", str(tmp_path / "x"), "--family", "nope"])
+    assert result.exit_code != 0 and "known families" in str(result.exception)
+
+    # a ComfyUI-style file without text encoders: info needs the separate encoders, named as users know them
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(single))
+    bare = tmp_path / "no_te.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("text_encoders.")}, str(bare))
+    encoders = {}
+    for name, prefix in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5", "t5xxl")):
+        start = f"text_encoders.{prefix}.transformer."
+        encoders[name] = tmp_path / f"{name}.safetensors"
+        save_file({k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}, str(encoders[name]))
+    result = runner.invoke(model_commands.model_group, ["info", str(bare), "--no-hash"])
+    assert result.exit_code != 0 and "--clip-l" in str(result.exception)
+    args = ["--clip-l", str(encoders["clip_l"]), "--clip-g", str(encoders["clip_g"]), "--t5", str(encoders["t5"])]
+    result = runner.invoke(model_commands.model_group, ["convert", str(bare), str(tmp_path / "folder"), *args])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "folder" / "text_encoder_3" / "config.json").is_file()
+
+
+def test_generate_matches_diffusers_pipeline(sd3, pipe):
+    """sdcore's generate (flow-matching Euler, CFG) gives the pipeline's image for the same seed and prompt."""
+    import numpy as np
+    from sdcore.generate.pipeline import generate_images
+
+    ours = generate_images(sd3, ["a red cat"], negative_prompt="blurry", steps=2, cfg=3.0, seed=5, sampler="euler")
+    theirs = pipe("a red cat", negative_prompt="blurry", num_inference_steps=2, guidance_scale=3.0, height=64,
+                  width=64, generator=[torch.Generator().manual_seed(5)]).images  # fmt: skip
+    assert ours[0].size == (64, 64)
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="flow-matching"):
+        generate_images(sd3, ["a red cat"], steps=1, sampler="ddim")

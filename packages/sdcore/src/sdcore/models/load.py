@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,20 @@ def single_file_configs(source: Any, found: Detection, config: Any = None) -> di
     return configs
 
 
+#: separate components a single file of a transformer family may take (ComfyUI/Forge users keep them apart)
+MODEL_PARTS = ("clip_l", "clip_g", "t5", "vae", "t5_tokenizer")
+
+
+def _declared_family_of(keys: Any) -> str | None:
+    """The family, other than the UNet families read below, whose adapter claims a file with ``keys``."""
+    from .family import families, family_adapter
+
+    for spec in families():
+        if spec.name not in FAMILIES and family_adapter(spec).detect_single_file(keys):
+            return spec.name
+    return None
+
+
 def read_single_file(
     path: str | os.PathLike[str],
     *,
@@ -265,23 +280,29 @@ def read_single_file(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    parts: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
-    """Read a single-file ldm/SGM checkpoint (``.safetensors``, ``.ckpt``, ``.pt``)."""
+    """Read a single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``): ldm/SGM here, other families
+    (SD3, ...) through their adapter, which also gets ``parts`` (separate ``clip_l``, ``clip_g``, ``t5``,
+    ``vae``, ``t5_tokenizer`` files or folders)."""
     import torch
 
     from .source import CheckpointSource
 
     file = Path(path)
     source = CheckpointSource(file, use_ema=use_ema)
-    from .sd3.detect import is_sd3_file
-
-    if is_sd3_file(source.keys):
+    other = _declared_family_of(source.keys)
+    if other is not None:  # a family with its own adapter (SD3, Flux, plugins' families)
         source.close()
-        if family is not None and family != "sd3":
-            raise ModelFormatError(f"{file}: is an sd3 checkpoint, not {family}")
-        from .sd3.load import read_sd3_single_file
+        if family is not None and family != other:
+            raise ModelFormatError(f"{file}: is an {other} checkpoint, not {family}")
+        from .family import family_adapter
 
-        return read_sd3_single_file(file, dtype=dtype, device=device, config=config, tokenizer=tokenizer)
+        return family_adapter(other).load_single_file(
+            file, dtype=dtype, device=device, config=config, tokenizer=tokenizer, **dict(parts or {})
+        )
+    if parts:
+        raise SdcoreError(f"{file}: separate parts ({', '.join(sorted(parts))}) apply to SD3/Flux single files only")
     try:
         found: Detection = detect(
             source.keys, source.shape, source.metadata, path=file, markers=source.markers,
@@ -554,6 +575,7 @@ def load_model(
     config: Any = None,
     use_ema: bool = False,
     pm: Any = None,
+    parts: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
     """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>``, ``toyworld:`` or a cached Hub id.
 
@@ -565,11 +587,22 @@ def load_model(
     ``device`` apply to every module (``"auto"`` keeps a single file's stored dtypes); ``tokenizer`` is a tokenizer folder (or a list, one per text
     encoder) that wins over the model's own and the bundled one; ``config`` is a diffusers folder
     (or a dict in the ``sdcore.config`` shape) giving the layout of a non-standard single file;
-    ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint.
+    ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint; ``parts`` gives
+    what an SD3/Flux single file lacks or should take from elsewhere, as ComfyUI/Forge users keep them:
+    ``{"clip_l": ..., "clip_g": ..., "t5": ..., "vae": ..., "t5_tokenizer": ...}`` (files or folders).
     """
-    if family is not None and family not in FAMILIES:
-        raise SdcoreError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family is not None:
+        from .family import family_names
+
+        if family not in family_names():
+            raise SdcoreError(f"unknown family {family!r}; choose one of {', '.join(family_names())}")
     text = os.fspath(path_or_hub_id)
+    if parts:
+        unknown = sorted(set(parts) - set(MODEL_PARTS))
+        if unknown:
+            raise SdcoreError(f"unknown model part(s) {', '.join(unknown)}; known: {', '.join(MODEL_PARTS)}")
+        if not Path(text).expanduser().is_file():
+            raise SdcoreError(f"{text}: separate parts ({', '.join(sorted(parts))}) apply to single files only")
     options = dict(family=family, prediction_type=prediction_type, dtype=dtype, device=device,
                    tokenizer=tokenizer, config=config, use_ema=use_ema)  # fmt: skip
     if pm is not None:
@@ -586,7 +619,7 @@ def load_model(
             return read_diffusers(path, **options)
         raise ModelFormatError(f"{path}: folder is not a diffusers model (no model_index.json)")
     if path.is_file():
-        return read_single_file(path, **options)
+        return read_single_file(path, parts=parts, **options)
     if sniff_hub(text):
         return read_hub(text, **options)
     raise missing_model_error(text)

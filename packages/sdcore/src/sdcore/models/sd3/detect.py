@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from .convert import CLIP_G_PREFIX, CLIP_L_PREFIX, SAI_PREFIX, T5_PREFIX, VAE_PREFIX, shape_from_keys
 
@@ -35,7 +36,16 @@ class Sd3Contents:
 
     @property
     def label(self) -> str:
-        return {"sd3": "SD3 medium", "sd3.5-large": "SD3.5 large", "sd3.5-medium": "SD3.5 medium"}[self.variant]
+        return VARIANT_LABELS[self.variant]
+
+
+VARIANT_LABELS = {"sd3": "SD3 medium", "sd3.5-large": "SD3.5 large", "sd3.5-medium": "SD3.5 medium"}
+
+
+def release_label(config: Any) -> str:
+    """The release a transformer config is shaped like (``SD3.5 medium``...), for ``model info``."""
+    dual = bool(config.get("dual_attention_layers"))
+    return VARIANT_LABELS[variant_of(int(config["num_layers"]), dual, bool(config.get("qk_norm")))]
 
 
 def variant_of(num_layers: int, dual_attention: bool, qk_norm: bool) -> str:

@@ -25,9 +25,13 @@ from ..bundle import ModelBundle
 from ..detect import CONFIG_METADATA_KEY
 from .convert import CLIP_G_PREFIX, CLIP_L_PREFIX, SAI_PREFIX, T5_PREFIX, mmdit_to_sai, shape_from_config
 
-ARCHITECTURES = {"sd3": "stable-diffusion-v3-medium", "sd3.5-large": "stable-diffusion-v3.5-large",
-                 "sd3.5-medium": "stable-diffusion-v3.5-medium"}  # fmt: skip
-IMPLEMENTATION = "https://github.com/Stability-AI/sd3.5"
+#: modelspec architecture ids as kohya sd-scripts writes them ("stable-diffusion-3" + "-" + the model type)
+ARCHITECTURES = {
+    "sd3": "stable-diffusion-3-medium",
+    "sd3.5-large": "stable-diffusion-3-5-large",
+    "sd3.5-medium": "stable-diffusion-3-5-medium",
+}
+IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
 def variant_of_config(config: Any) -> str:
@@ -100,6 +104,7 @@ def write_sd3_single_file(
     from ...dtypes import short_name
     from ...io import atomic_path
     from ..load import resolve_dtype
+    from ..save import _HASH_PLACEHOLDER, _fill_data_hash
 
     target = Path(path)
     if target.suffix.lower() not in (".safetensors", ".sft"):
@@ -126,7 +131,6 @@ def write_sd3_single_file(
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": target.stem,
         "modelspec.resolution": f"{size}x{size}",
-        "modelspec.prediction_type": "rectified_flow",
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "modelspec.dtype": short_name(want or first.dtype),
         CONFIG_METADATA_KEY: json.dumps(sd3_config(bundle), sort_keys=True),
@@ -135,8 +139,10 @@ def write_sd3_single_file(
         if key in ("modelspec.title", "modelspec.author", "modelspec.description", "modelspec.license"):
             meta[key] = value
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    meta["modelspec.hash_sha256"] = _HASH_PLACEHOLDER
     with atomic_path(target) as tmp:
         save_file(out, str(tmp), metadata=meta)
+        _fill_data_hash(tmp)
     return target
 
 

@@ -315,3 +315,58 @@ def test_generate_matches_diffusers_pipeline(sd3, pipe):
 
     with pytest.raises(ConfigError, match="flow-matching"):
         generate_images(sd3, ["a red cat"], steps=1, sampler="ddim")
+
+
+REAL_TRANSFORMERS = {  # diffusers' transformer/config.json of each release (sizes that matter)
+    "sd3": dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536,
+                pos_embed_max_size=192, dual_attention_layers=[], qk_norm=None),
+    "sd3.5-large": dict(num_layers=38, attention_head_dim=64, num_attention_heads=38, caption_projection_dim=2432,
+                        pos_embed_max_size=192, dual_attention_layers=[], qk_norm="rms_norm"),
+    "sd3.5-medium": dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536,
+                         pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(REAL_TRANSFORMERS))
+def test_real_sizes_come_back_from_shapes(variant):
+    """Full-size SD3/SD3.5 parts built on the meta device (no memory): the SAI keys' shapes alone give back
+    each release's configs and name the release, as for a downloaded file without our metadata."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from sdcore.models.bundle import ModelBundle
+    from sdcore.models.sd3.detect import sd3_contents
+    from sdcore.models.sd3.load import infer_clip_config, infer_transformer_config, infer_vae_config
+    from sdcore.models.sd3.save import sd3_state_dict
+    from sdcore.models.t5 import T5_XXL_CONFIG, t5_config_from_shapes
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    real = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=4096,
+                pooled_projection_dim=2048, **REAL_TRANSFORMERS[variant])  # fmt: skip
+    clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
+    clip_g = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  projection_dim=1280, hidden_act="gelu")  # fmt: skip
+    vae = dict(latent_channels=16, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)  # fmt: skip
+    with torch.device("meta"):
+        bundle = ModelBundle(
+            family="sd3", prediction_type="flow_matching", unet=None, vae=AutoencoderKL(**vae),
+            transformer=SD3Transformer2DModel(**real),
+            text_encoders=[CLIPTextModelWithProjection(CLIPTextConfig(**clip_l)),
+                           CLIPTextModelWithProjection(CLIPTextConfig(**clip_g)),
+                           T5EncoderModel(T5Config(**T5_XXL_CONFIG))],
+            tokenizers=[], noise_scheduler=None,
+        )  # fmt: skip
+    state = sd3_state_dict(bundle)
+    keys, shape = set(state), lambda key: tuple(state[key].shape)
+    assert sd3_contents(keys).variant == variant
+    inferred = infer_transformer_config(keys, shape)
+    assert {k: inferred[k] for k in real} == real
+    got_vae = infer_vae_config(keys, shape)
+    assert {k: got_vae[k] for k in vae} == vae
+    for config, prefix, kind in ((clip_l, "text_encoders.clip_l.transformer.", "clip-l"),
+                                 (clip_g, "text_encoders.clip_g.transformer.", "clip-g")):  # fmt: skip
+        got = infer_clip_config(keys, shape, prefix, kind)
+        assert {k: got[k] for k in config} == config
+    t5 = t5_config_from_shapes(keys, shape, "text_encoders.t5xxl.transformer.")
+    assert all(t5[k] == T5_XXL_CONFIG[k] for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size"))

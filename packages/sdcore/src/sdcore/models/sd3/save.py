@@ -68,7 +68,7 @@ def sd3_state_dict(bundle: ModelBundle) -> dict[str, Any]:
 def _is_identity(value: Any) -> bool:
     import torch
 
-    square = value.ndim == 2 and value.shape[0] == value.shape[1]
+    square = value.ndim == 2 and value.shape[0] == value.shape[1] and not value.is_meta
     return square and torch.equal(value, torch.eye(value.shape[0], dtype=value.dtype, device=value.device))
 
 

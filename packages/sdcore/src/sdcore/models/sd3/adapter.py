@@ -57,10 +57,20 @@ class Sd3Adapter:
 
         return read_sd3_single_file(path, **options)
 
-    def create_tiny(self, **options: Any) -> ModelBundle:
+    def create_tiny(self, *, seed: int = 0, variant: str = "sd3", **_: Any) -> ModelBundle:
+        """The tiny SD3 model; ``variant`` ``sd3.5-large``/``sd3.5-medium`` adds QK norm / dual attention."""
         from .tiny import create_tiny_sd3
 
-        return create_tiny_sd3(**options)
+        return create_tiny_sd3(seed=seed, variant=variant)
+
+    def detect_diffusers(self, index: dict[str, Any]) -> bool:
+        """A ``StableDiffusion3Pipeline`` (or img2img/inpaint sibling) folder."""
+        return str(index.get("_class_name", "")).startswith("StableDiffusion3")
+
+    def load_diffusers(self, folder: str | os.PathLike[str], **options: Any) -> ModelBundle:
+        from .load import read_sd3_diffusers
+
+        return read_sd3_diffusers(folder, **options)
 
     def encode_prompts(
         self,

@@ -27,6 +27,7 @@ from ..detect import CONFIG_METADATA_KEY
 from .convert import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
+    SAI_PREFIX,
     T5_PREFIX,
     VAE_PREFIX,
     mmdit_from_sai,
@@ -485,3 +486,58 @@ def read_sd3_diffusers(
     if device is not None:
         bundle.to(device=device)
     return bundle
+
+
+def sd3_file_configs(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str], float]:
+    """(configs in the ``sdcore.config`` shape, parts the file lacks, stored bytes per weight) of an SD3
+    single file, from its header only: what :func:`~sdcore.models.layout.read_layout` needs."""
+    from ..source import CheckpointSource, read_safetensors_header
+
+    file = Path(path)
+    source = CheckpointSource(file)
+    try:
+        keys = source.keys
+        if not is_sd3_file(keys):
+            raise ModelFormatError(f"{file}: not an SD3/SD3.5 checkpoint (no joint_blocks)")
+        stored = _file_configs(source, None)
+        transformer = dict(stored.get("transformer") or infer_transformer_config(keys, source.shape))
+        transformer["_class_name"] = "SD3Transformer2DModel"
+        missing: list[str] = []
+        vae: dict[str, Any] = {}
+        if stored.get("vae"):
+            vae = stored["vae"]
+        elif any(k.startswith(VAE_PREFIX) for k in keys):
+            vae = infer_vae_config(keys, source.shape)
+        else:
+            missing.append("vae")
+        encoders: list[dict[str, Any]] = []
+        stored_encoders = list(stored.get("text_encoders") or [])
+        for index, (name, kind, prefix) in enumerate(
+            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5", "t5-xxl", T5_PREFIX))
+        ):
+            if not any(k.startswith(prefix) for k in keys):
+                missing.append(name)
+            elif len(stored_encoders) == 3:
+                encoders.append(stored_encoders[index])
+            elif kind == "t5-xxl":
+                from ..t5 import t5_config_from_shapes
+
+                encoders.append({**t5_config_from_shapes(keys, source.shape, prefix), "_class_name": "T5EncoderModel"})
+            else:
+                encoders.append(infer_clip_config(keys, source.shape, prefix, kind))
+        fmt = source.format
+    finally:
+        source.close()
+    per_weight = 4.0
+    if fmt == "safetensors":
+        header = read_safetensors_header(file)[0]
+        elements = used = 0
+        for name, info in header.items():
+            if name != "__metadata__" and name.startswith((SAI_PREFIX, "joint_blocks.")):
+                count = math.prod(int(d) for d in info["shape"])
+                elements += count
+                used += int(info["data_offsets"][1]) - int(info["data_offsets"][0])
+        per_weight = used / elements if elements else 4.0
+    configs = {"transformer": transformer, "vae": vae, "text_encoders": encoders,
+               "scheduler": stored.get("scheduler") or {}}  # fmt: skip
+    return configs, missing, per_weight

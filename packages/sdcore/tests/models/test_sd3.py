@@ -199,6 +199,12 @@ def test_layouts_users_have(sd3, tmp_path):
     read = read_sd3_single_file(bare, vae=vae, clip_l=folders / "clip_l", clip_g=folders / "clip_g", t5=folders / "t5")
     for mine, got in zip(_parts(sd3), _parts(read), strict=True):
         _assert_same(mine, got)
+    sd3.vae.save_pretrained(tmp_path / "vae")  # a diffusers VAE: its folder reads, its lone weights file is named
+    read = read_sd3_single_file(no_te, vae=tmp_path / "vae", clip_l=clip_l, clip_g=clip_g, t5=t5)
+    _assert_same(sd3.vae, read.vae)
+    with pytest.raises(ModelFormatError, match="pass its folder"):
+        read_sd3_single_file(no_te, vae=tmp_path / "vae" / "diffusion_pytorch_model.safetensors", clip_l=clip_l,
+                             clip_g=clip_g, t5=t5)  # fmt: skip
     with pytest.raises(ModelFormatError, match="no T5 encoder in this file"):
         read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5=clip_l)
 

@@ -401,6 +401,10 @@ def _vae_from_path(path: str | os.PathLike[str], target: Any) -> Any:
         prefix = _find_prefix(source.keys, "encoder.conv_in.weight")
         if prefix is None:
             raise ModelFormatError(f"{where}: not a VAE in ldm layout (no encoder.conv_in.weight)")
+        if prefix + "encoder.down_blocks.0.resnets.0.conv1.weight" in source.keys:
+            raise ModelFormatError(
+                f"{where}: a VAE in diffusers layout: pass its folder (with config.json) as --vae instead"
+            )
         return _vae_from_source(source, infer_vae_config(source.keys, source.shape, prefix), target, prefix)
     finally:
         source.close()

@@ -260,7 +260,7 @@ def test_family_declaration_and_load_model(sd3, sd3_folder, tmp_path):
     assert single.family == "sd3" and single.source_format == "single-file"
     for mine, read in zip(_parts(sd3), _parts(single), strict=True):
         _assert_same(mine, read)
-    with pytest.raises(ModelFormatError, match="is an sd3 checkpoint, not sdxl"):
+    with pytest.raises(ModelFormatError, match="is a sd3 checkpoint, not sdxl"):
         load_model(path, family="sdxl")
     with pytest.raises(SdcoreError, match="unknown model part"):
         load_model(path, parts={"clipl": path})
@@ -376,3 +376,23 @@ def test_real_sizes_come_back_from_shapes(variant):
         assert {k: got[k] for k in config} == config
     t5 = t5_config_from_shapes(keys, shape, "text_encoders.t5xxl.transformer.")
     assert all(t5[k] == T5_XXL_CONFIG[k] for k in ("d_model", "d_kv", "d_ff", "num_layers", "num_heads", "vocab_size"))
+
+
+def test_layout_from_header_matches_the_loaded_model(sd3, tmp_path):
+    """The pre-flight's header-only layout of an SD3 file builds (on meta) the same modules as loading it."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.layout import LayoutUnavailableError, meta_bundle, read_layout
+
+    path = sd3.save(tmp_path / "m.safetensors")
+    layout = read_layout(path)
+    assert layout.family == "sd3" and layout.stored_bytes_per_weight == 4.0
+    meta = meta_bundle(layout)
+    for mine, shaped in zip(_parts(sd3), _parts(meta), strict=True):
+        assert type(mine) is type(shaped)
+        assert {k: tuple(v.shape) for k, v in mine.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in shaped.state_dict().items()
+        }
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}, str(bare))
+    with pytest.raises(LayoutUnavailableError, match="vae, clip_l, clip_g, t5 not in the file"):
+        read_layout(bare)

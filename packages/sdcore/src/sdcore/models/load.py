@@ -24,10 +24,13 @@ from typing import Any
 
 from ..dtypes import resolve_dtype as resolve_dtype  # the one dtype table (re-exported)
 from ..errors import ModelFormatError, SdcoreError
-from .bundle import FAMILIES, ModelBundle
-from .detect import CONFIG_METADATA_KEY, TEXT_ENCODER_PREFIXES, Detection, detect
+from .bundle import ModelBundle
+from .detect import CONFIG_METADATA_KEY, TEXT_ENCODER_PREFIXES, Detection, detect, detect_family
 
 # ----------------------------------------------------------------------------------------------- configs
+
+#: text-encoder classes a layout may name (built on the meta device from their configs)
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 
 
 def bundled_config(family: str, prediction_type: str = "epsilon") -> dict[str, Any]:
@@ -91,7 +94,13 @@ def _no_init_contexts() -> list[Any]:
 
 
 def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
-    """UNet, VAE and text encoders with parameters on the meta device (buffers real)."""
+    """Denoiser, VAE and text encoders with parameters on the meta device (buffers real).
+
+    The denoiser is ``configs["unet"]`` (a ``UNet2DConditionModel``) or ``configs["transformer"]``
+    (the diffusers class its ``_class_name`` names, e.g. ``SD3Transformer2DModel``); text encoders
+    are the transformers classes their ``_class_name`` names (CLIP, CLIP with projection, T5).
+    """
+    import diffusers
     import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -100,16 +109,24 @@ def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
         stack.enter_context(init_empty_weights(include_buffers=False))
         for skip in _no_init_contexts():  # random init of meta tensors is wasted work (~0.2 s)
             stack.enter_context(skip)
-        unet = UNet2DConditionModel.from_config(_clean(configs["unet"]))
+        if "unet" in configs or "transformer" not in configs:
+            denoiser = UNet2DConditionModel.from_config(_clean(configs["unet"]))
+        else:
+            cls_name = configs["transformer"].get("_class_name", "")
+            cls = getattr(diffusers, cls_name, None) if cls_name.endswith("Transformer2DModel") else None
+            if cls is None:
+                raise ModelFormatError(f"unsupported transformer class {cls_name!r}")
+            denoiser = cls.from_config(_clean(configs["transformer"]))
         vae = AutoencoderKL.from_config(_clean(configs["vae"]))
         encoders = []
         for te in configs["text_encoders"]:
             cls_name = te.get("_class_name") or (te.get("architectures") or ["CLIPTextModel"])[0]
-            if cls_name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            if cls_name not in TEXT_ENCODER_CLASSES:
                 raise ModelFormatError(f"unsupported text encoder class {cls_name!r}")
             fields = {k: v for k, v in te.items() if k not in ("_class_name", "architectures", "model_type")}
-            encoders.append(getattr(transformers, cls_name)(transformers.CLIPTextConfig(**fields)))
-    return unet, vae, encoders
+            model_cls = getattr(transformers, cls_name)
+            encoders.append(model_cls(model_cls.config_class(**fields)))
+    return denoiser, vae, encoders
 
 
 def _assign(module: Any, tensors: dict[str, Any], name: str, path: Path, dtype: Any) -> None:
@@ -187,10 +204,11 @@ def _modules_from_source(source: Any, family: str, configs: dict[str, Any], dtyp
 
 
 def _tokenizers(family: str, tokenizer: Any, folder: Path | None) -> list[Any]:
+    from .family import get_family
     from .tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer, load_clip_tokenizer
 
     slots = TEXT_ENCODER_PREFIXES[family]
-    names = ["tokenizer_2"] if family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
+    names = [te.tokenizer_component for te in get_family(family).text_encoders]
     user = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer] * len(slots)
     out = []
     for index, (_prefix, openclip) in enumerate(slots):
@@ -260,16 +278,6 @@ def single_file_configs(source: Any, found: Detection, config: Any = None) -> di
 MODEL_PARTS = ("clip_l", "clip_g", "t5", "vae", "t5_tokenizer")
 
 
-def _declared_family_of(keys: Any) -> str | None:
-    """The family, other than the UNet families read below, whose adapter claims a file with ``keys``."""
-    from .family import families, family_adapter
-
-    for spec in families():
-        if spec.name not in FAMILIES and family_adapter(spec).detect_single_file(keys):
-            return spec.name
-    return None
-
-
 def read_single_file(
     path: str | os.PathLike[str],
     *,
@@ -282,34 +290,38 @@ def read_single_file(
     use_ema: bool = False,
     parts: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
-    """Read a single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``): ldm/SGM here, other families
-    (SD3, ...) through their adapter, which also gets ``parts`` (separate ``clip_l``, ``clip_g``, ``t5``,
-    ``vae``, ``t5_tokenizer`` files or folders)."""
+    """Read a single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``) of any family.
+
+    The family comes from the keys (each family's adapter's ``detect_single_file``); the UNet
+    families' ldm/SGM layouts are read here, other families' files by their adapter's
+    ``load_single_file`` (with the same options, and ``parts``: separate ``clip_l``, ``clip_g``,
+    ``t5``, ``vae``, ``t5_tokenizer`` files or folders, as ComfyUI/Forge users keep them).
+    """
     import torch
 
+    from .family import family_adapter
+    from .sd_unet import SdUnetAdapter
     from .source import CheckpointSource
 
     file = Path(path)
     source = CheckpointSource(file, use_ema=use_ema)
-    other = _declared_family_of(source.keys)
-    if other is not None:  # a family with its own adapter (SD3, Flux, plugins' families)
-        source.close()
-        if family is not None and family != other:
-            raise ModelFormatError(f"{file}: is an {other} checkpoint, not {family}")
-        from .family import family_adapter
-
-        return family_adapter(other).load_single_file(
-            file, dtype=dtype, device=device, config=config, tokenizer=tokenizer, **dict(parts or {})
-        )
-    if parts:
-        raise SdcoreError(f"{file}: separate parts ({', '.join(sorted(parts))}) apply to SD3/Flux single files only")
     try:
+        found_family = detect_family(source.keys, file)
+        if family is not None and family != found_family:
+            raise ModelFormatError(f"{file}: is a {found_family} checkpoint, not {family}")
+        adapter = family_adapter(found_family)
+        if not isinstance(adapter, SdUnetAdapter):
+            source.close()
+            return adapter.load_single_file(
+                file, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
+                config=config, use_ema=use_ema, **dict(parts or {}),
+            )  # fmt: skip
+        if parts:
+            raise SdcoreError(f"{file}: separate parts ({', '.join(sorted(parts))}) apply to SD3/Flux files only")
         found: Detection = detect(
             source.keys, source.shape, source.metadata, path=file, markers=source.markers,
             extras=source.extras, prediction_type=prediction_type,
         )  # fmt: skip
-        if family is not None and family != found.family:
-            raise ModelFormatError(f"{file}: is a {found.family} checkpoint, not {family}")
         configs = single_file_configs(source, found, config)
         target = None if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
         unet, vae, encoders = _modules_from_source(source, found.family, configs, target)
@@ -336,6 +348,24 @@ def read_single_file(
     finally:
         source.close()
     return _finish(bundle, device)
+
+
+def _other_family_folder(index: dict[str, Any]) -> tuple[str, Any] | None:
+    """A non-UNet family whose adapter claims this ``model_index.json`` (optional adapter methods
+    ``detect_diffusers(index) -> bool`` and ``load_diffusers(folder, **options)``)."""
+    from .family import families, family_adapter
+
+    for family in families():
+        if family.denoiser == "unet":
+            continue
+        try:
+            adapter = family_adapter(family)
+        except SdcoreError:
+            continue
+        detect_folder = getattr(adapter, "detect_diffusers", None)
+        if detect_folder is not None and detect_folder(index):
+            return family.name, adapter
+    return None
 
 
 def _folder_family(folder: Path, index: dict[str, Any], configs: dict[str, Any]) -> str:
@@ -386,14 +416,19 @@ def read_diffusers(
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from .family import get_family
+
     folder = Path(path)
     index = _read_json(folder / "model_index.json")
-    if str(index.get("_class_name", "")).startswith("StableDiffusion3"):
-        from .sd3.load import read_sd3_diffusers
-
-        if family is not None and family != "sd3":
-            raise ModelFormatError(f"{folder}: is an sd3 model, not {family}")
-        return read_sd3_diffusers(folder, dtype=dtype, device=device, tokenizer=tokenizer)
+    other = _other_family_folder(index)
+    if other is not None:  # a family whose adapter reads its own diffusers folders
+        name, adapter = other
+        if family is not None and family != name:
+            raise ModelFormatError(f"{folder}: is a {name} model, not {family}")
+        return adapter.load_diffusers(  # type: ignore[no-any-return]
+            folder, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
+            config=config, use_ema=use_ema,
+        )  # fmt: skip
     configs = configs_from_diffusers_folder(folder)
     found = _folder_family(folder, index, configs)
     if family is not None and family != found:
@@ -411,8 +446,7 @@ def read_diffusers(
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs("unet"))
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs("vae"))
         encoders = []
-        names = ["text_encoder_2"] if found == "sdxl-refiner" else ["text_encoder", "text_encoder_2"]
-        for name in names[: len(TEXT_ENCODER_PREFIXES[found])]:
+        for name in [te.component for te in get_family(found).text_encoders]:
             cls = getattr(transformers, index[name][1])
             encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)))
     except (OSError, ValueError, KeyError) as exc:
@@ -441,23 +475,14 @@ def read_diffusers(
 def read_tiny(
     spec: str, *, prediction_type: str | None = None, dtype: Any = None, device: Any = None, **_: Any
 ) -> ModelBundle:
-    from .tiny import create_tiny_bundle
+    from .family import family_adapter
 
     family = spec.split(":", 1)[1] if ":" in spec else spec
-    if family.split(":")[0] == "sd3":  # tiny:sd3, tiny:sd3:sd3.5-medium
-        from .sd3.tiny import create_tiny_sd3
-
-        variant = family.split(":", 1)[1] if ":" in family else "sd3"
-        try:
-            bundle = create_tiny_sd3(variant=variant)
-        except ValueError as exc:
-            raise SdcoreError(f"{spec}: {exc}") from None
-        if dtype is not None:
-            bundle.to(dtype=resolve_dtype(dtype))
-        return _finish(bundle, device)
+    family, _sep, variant = family.partition(":")  # tiny:<family>[:<variant>], e.g. tiny:sd3:sd3.5-medium
+    extra = {"variant": variant} if variant else {}
     try:
-        bundle = create_tiny_bundle(family, prediction_type=prediction_type)
-    except ValueError as exc:
+        bundle = family_adapter(family).create_tiny(prediction_type=prediction_type, **extra)
+    except (ValueError, SdcoreError) as exc:
         raise SdcoreError(f"{spec}: {exc}") from None
     if dtype is not None:
         bundle.to(dtype=resolve_dtype(dtype))
@@ -592,10 +617,9 @@ def load_model(
     ``{"clip_l": ..., "clip_g": ..., "t5": ..., "vae": ..., "t5_tokenizer": ...}`` (files or folders).
     """
     if family is not None:
-        from .family import family_names
+        from .family import get_family
 
-        if family not in family_names():
-            raise SdcoreError(f"unknown family {family!r}; choose one of {', '.join(family_names())}")
+        get_family(family)  # an unknown name is a ConfigError listing the known families
     text = os.fspath(path_or_hub_id)
     if parts:
         unknown = sorted(set(parts) - set(MODEL_PARTS))

@@ -289,11 +289,12 @@ def save_bundle(
     target = Path(path)
     if format is None:
         format = "single-file" if target.suffix.lower() in (".safetensors", ".sft") else "diffusers"
-    if bundle.family == "sd3" and format in ("single-file", "diffusers"):  # SAI layout / StableDiffusion3Pipeline
-        from .sd3.save import write_sd3_diffusers, write_sd3_single_file
+    if format in ("single-file", "diffusers"):  # a family may write its own layouts (SD3: SAI file, SD3 pipeline)
+        from .family import family_adapter
 
-        writer = write_sd3_single_file if format == "single-file" else write_sd3_diffusers
-        return writer(bundle, target, dtype=dtype, metadata=metadata)
+        own = getattr(family_adapter(bundle.family), f"save_{format.replace('-', '_')}", None)
+        if own is not None:
+            return Path(own(bundle, target, dtype=dtype, prune=prune, metadata=metadata))
     if format == "single-file":
         return write_single_file(bundle, target, dtype=dtype, prune=prune, metadata=metadata)
     if format == "diffusers":

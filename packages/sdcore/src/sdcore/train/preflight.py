@@ -507,10 +507,12 @@ def run_preflight(
         if claimed:
             report.notes.append(f"model: read by the {claimed!r} format plugin (header not checked)")
         else:
-            from ..models.layout import read_layout
+            from ..models.layout import LayoutUnavailableError, read_layout
 
             try:
                 report.layout = read_layout(o.model)
+            except LayoutUnavailableError as exc:
+                report.notes.append(f"memory plan unavailable: {exc}")
             except SdcoreError as exc:
                 report.problems.append(str(exc))  # the message load_model gives, in every command
 

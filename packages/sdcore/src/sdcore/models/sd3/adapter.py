@@ -63,6 +63,29 @@ class Sd3Adapter:
 
         return create_tiny_sd3(seed=seed, variant=variant)
 
+    def read_layout(self, path: str | os.PathLike[str]) -> Any:
+        """The :class:`~sdcore.models.layout.ModelLayout` of an SD3 single file from its header; a file
+        without its text encoders or VAE has no complete layout (they come as separate parts)."""
+        from ..layout import LayoutUnavailableError, ModelLayout
+        from .load import sd3_file_configs
+
+        configs, missing, per_weight = sd3_file_configs(path)
+        if missing:
+            raise LayoutUnavailableError(f"{path}: {', '.join(missing)} not in the file (given separately)")
+        return ModelLayout(str(path), "sd3", "flow_matching", configs, "single-file", per_weight)
+
+    def save_single_file(self, bundle: ModelBundle, path: str | os.PathLike[str], **options: Any) -> Any:
+        """``bundle.save("x.safetensors")``: the SAI layout ComfyUI, Forge and diffusers read."""
+        from .save import write_sd3_single_file
+
+        return write_sd3_single_file(bundle, path, **options)
+
+    def save_diffusers(self, bundle: ModelBundle, path: str | os.PathLike[str], **options: Any) -> Any:
+        """``bundle.save("folder")``: a ``StableDiffusion3Pipeline`` folder."""
+        from .save import write_sd3_diffusers
+
+        return write_sd3_diffusers(bundle, path, **options)
+
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A ``StableDiffusion3Pipeline`` (or img2img/inpaint sibling) folder."""
         return str(index.get("_class_name", "")).startswith("StableDiffusion3")

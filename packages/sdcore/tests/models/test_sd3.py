@@ -396,3 +396,24 @@ def test_layout_from_header_matches_the_loaded_model(sd3, tmp_path):
     save_file({k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}, str(bare))
     with pytest.raises(LayoutUnavailableError, match="vae, clip_l, clip_g, t5 not in the file"):
         read_layout(bare)
+
+
+def test_half_precision_files_as_released(sd3, tmp_path):
+    """fp16 SAI files with an fp8 T5 (``sd3_medium_incl_clips_t5xxlfp8``): read as stored with dtype="auto",
+    T5 upcast from float8 (no fp8 kernels), every weight equal to the stored one."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.load import load_model
+
+    half = load_file(str(sd3.save(tmp_path / "fp16.safetensors", dtype="fp16")))
+    assert {v.dtype for v in half.values()} == {torch.float16}
+    t5 = "text_encoders.t5xxl.transformer."
+    mixed = {k: (v.to(torch.float8_e4m3fn) if k.startswith(t5) else v) for k, v in half.items()}
+    save_file(mixed, str(tmp_path / "fp8.safetensors"))
+    bundle = load_model(tmp_path / "fp8.safetensors", dtype="auto")
+    assert next(bundle.transformer.parameters()).dtype == torch.float16
+    state = bundle.transformer.state_dict()
+    for key, value in mmdit_from_sai(shape_from_config(sd3.transformer.config), half.__getitem__).items():
+        assert torch.equal(state[key], value), key
+    encoder = bundle.text_encoders[2].state_dict()
+    assert encoder["shared.weight"].dtype == torch.float32
+    assert torch.equal(encoder["shared.weight"], mixed[t5 + "shared.weight"].float())

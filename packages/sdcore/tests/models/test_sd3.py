@@ -417,3 +417,27 @@ def test_half_precision_files_as_released(sd3, tmp_path):
     encoder = bundle.text_encoders[2].state_dict()
     assert encoder["shared.weight"].dtype == torch.float32
     assert torch.equal(encoder["shared.weight"], mixed[t5 + "shared.weight"].float())
+
+
+def test_generate_command_txt2img_and_img2img(tmp_path):
+    import types
+
+    from click.testing import CliRunner
+    from PIL import Image
+    from sdcore.builtin.generate_command import generate
+    from sdcore.plugins import get_plugin_manager
+
+    obj = types.SimpleNamespace(pm=get_plugin_manager(builtins=False, entrypoints=False))
+    out = tmp_path / "a.png"
+    args = ["-m", "tiny:sd3", "a red cat", "--steps", "2", "--seed", "3", "--sampler", "euler", "-o", str(out)]
+    result = CliRunner().invoke(generate, args, obj=obj)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (64, 64)
+    again = tmp_path / "b.png"
+    args = ["-m", "tiny:sd3", "a red cat", "--steps", "2", "--seed", "3", "--init-image", str(out), "-o", str(again)]
+    result = CliRunner().invoke(generate, args, obj=obj)
+    assert result.exit_code == 0, result.output
+    assert Image.open(again).size == (64, 64)
+    args = ["-m", "tiny:sd3", "a red cat", "--steps", "1", "--sampler", "ddim", "-o", str(tmp_path / "c.png")]
+    result = CliRunner().invoke(generate, args, obj=obj)
+    assert result.exit_code != 0 and "euler, euler_a, heun" in str(result.exception)

@@ -151,7 +151,7 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
 def default_size(bundle: ModelBundle) -> int:
     """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64, other small
     models (the toy world's 32x32) their native size."""
-    denoiser = getattr(bundle, "transformer", None) or bundle.unet
+    denoiser = bundle.denoiser
     native = int(denoiser.config.sample_size) * bundle.vae_scale_factor
     if bundle.source_format == "tiny":
         return 64

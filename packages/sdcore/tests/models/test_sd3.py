@@ -183,9 +183,9 @@ def test_layouts_users_have(sd3, tmp_path):
     clip_l = part("text_encoders.clip_l.transformer.", "clip_l.safetensors")
     clip_g = part("text_encoders.clip_g.transformer.", "clip_g.safetensors")
     t5 = part("text_encoders.t5xxl.transformer.", "t5xxl_fp16.safetensors")
-    with pytest.raises(ModelFormatError, match="--clip-l <file or folder> --clip-g <file or folder> --t5"):
+    with pytest.raises(ModelFormatError, match="--clip-l <file or folder> --clip-g <file or folder> --t5xxl"):
         read_sd3_single_file(no_te)
-    read = read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5=t5)
+    read = read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5xxl=t5)
     for mine, got in zip(_parts(sd3), _parts(read), strict=True):
         _assert_same(mine, got)
 
@@ -195,18 +195,20 @@ def test_layouts_users_have(sd3, tmp_path):
     for name, module in zip(("clip_l", "clip_g", "t5"), sd3.text_encoders, strict=True):
         module.save_pretrained(folders / name)
     with pytest.raises(ModelFormatError, match="--vae"):
-        read_sd3_single_file(bare, clip_l=clip_l, clip_g=clip_g, t5=t5)
-    read = read_sd3_single_file(bare, vae=vae, clip_l=folders / "clip_l", clip_g=folders / "clip_g", t5=folders / "t5")
+        read_sd3_single_file(bare, clip_l=clip_l, clip_g=clip_g, t5xxl=t5)
+    read = read_sd3_single_file(
+        bare, vae=vae, clip_l=folders / "clip_l", clip_g=folders / "clip_g", t5xxl=folders / "t5"
+    )
     for mine, got in zip(_parts(sd3), _parts(read), strict=True):
         _assert_same(mine, got)
     sd3.vae.save_pretrained(tmp_path / "vae")  # a diffusers VAE: its folder reads, its lone weights file is named
-    read = read_sd3_single_file(no_te, vae=tmp_path / "vae", clip_l=clip_l, clip_g=clip_g, t5=t5)
+    read = read_sd3_single_file(no_te, vae=tmp_path / "vae", clip_l=clip_l, clip_g=clip_g, t5xxl=t5)
     _assert_same(sd3.vae, read.vae)
     with pytest.raises(ModelFormatError, match="pass its folder"):
         read_sd3_single_file(no_te, vae=tmp_path / "vae" / "diffusion_pytorch_model.safetensors", clip_l=clip_l,
-                             clip_g=clip_g, t5=t5)  # fmt: skip
+                             clip_g=clip_g, t5xxl=t5)  # fmt: skip
     with pytest.raises(ModelFormatError, match="no T5 encoder in this file"):
-        read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5=clip_l)
+        read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5xxl=clip_l)
 
 
 def test_detection_names_the_release():
@@ -262,8 +264,10 @@ def test_family_declaration_and_load_model(sd3, sd3_folder, tmp_path):
         _assert_same(mine, read)
     with pytest.raises(ModelFormatError, match="is a sd3 checkpoint, not sdxl"):
         load_model(path, family="sdxl")
-    with pytest.raises(SdcoreError, match="unknown model part"):
-        load_model(path, parts={"clipl": path})
+    with pytest.raises(SdcoreError, match="clipl do not apply to SD3 files"):
+        load_model(path, clipl=path)
+    with pytest.raises(SdcoreError, match="apply to single files only"):
+        load_model(sd3_folder, clip_l=path)
     assert load_model("tiny:sd3:sd3.5-medium").transformer.config.dual_attention_layers == [0]
 
 
@@ -301,7 +305,7 @@ def test_cli_create_tiny_info_and_convert(tmp_path):
         save_file({k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}, str(encoders[name]))
     result = runner.invoke(model_commands.model_group, ["info", str(bare), "--no-hash"])
     assert result.exit_code != 0 and "--clip-l" in str(result.exception)
-    args = ["--clip-l", str(encoders["clip_l"]), "--clip-g", str(encoders["clip_g"]), "--t5", str(encoders["t5"])]
+    args = ["--clip-l", str(encoders["clip_l"]), "--clip-g", str(encoders["clip_g"]), "--t5xxl", str(encoders["t5"])]
     result = runner.invoke(model_commands.model_group, ["convert", str(bare), str(tmp_path / "folder"), *args])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "folder" / "text_encoder_3" / "config.json").is_file()
@@ -394,7 +398,7 @@ def test_layout_from_header_matches_the_loaded_model(sd3, tmp_path):
         }
     bare = tmp_path / "bare.safetensors"
     save_file({k: v for k, v in load_file(str(path)).items() if k.startswith("model.")}, str(bare))
-    with pytest.raises(LayoutUnavailableError, match="vae, clip_l, clip_g, t5 not in the file"):
+    with pytest.raises(LayoutUnavailableError, match="vae, clip_l, clip_g, t5xxl not in the file"):
         read_layout(bare)
 
 

@@ -13,19 +13,19 @@ _FAMILY_HELP = "Model family: sd1, sd2, sdxl, sd3 or any family a plugin declare
 
 
 def _parts_options(command: Any) -> Any:
-    """``--clip-l/--clip-g/--t5/--vae/--t5-tokenizer``: parts an SD3/Flux single file lacks, as ComfyUI/Forge
-    users keep them (separate files or folders)."""
-    for flag, what in reversed((
-        ("--clip-l", "CLIP-L text encoder"), ("--clip-g", "CLIP-G text encoder"), ("--t5", "T5-XXL text encoder"),
-        ("--vae", "VAE"), ("--t5-tokenizer", "T5 tokenizer folder"),
+    """``--clip-l/--clip-g/--t5xxl/--vae/--t5-tokenizer``: parts an SD3 single file lacks, in separate files or
+    folders (kohya sd-scripts' names; ``--t5`` is accepted for ``--t5xxl``)."""
+    for flags, what in reversed((
+        (("--clip-l",), "CLIP-L text encoder"), (("--clip-g",), "CLIP-G text encoder"),
+        (("--t5xxl", "--t5"), "T5-XXL text encoder"), (("--vae",), "VAE"), (("--t5-tokenizer",), "T5 tokenizer"),
     )):  # fmt: skip
-        command = click.option(flag, default=None, metavar="PATH", help=f"{what} (file or folder) for a single file.")(
-            command
-        )
+        option = click.option(*flags, default=None, metavar="PATH", help=f"{what} (file or folder) for a single file.")
+        command = option(command)
     return command
 
 
-def _parts(**given: str | None) -> dict[str, str]:
+def _parts(**given: str | None) -> dict[str, Any]:
+    """The part options the user gave (``load_model``'s family options)."""
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -62,7 +62,7 @@ def info_command(
     from ..models.hashes import all_hashes
     from ..models.load import load_model
 
-    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", parts=_parts(**parts))
+    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **_parts(**parts))
     click.echo(f"model:           {path}")
     click.echo(f"format:          {bundle.source_format}")
     click.echo(f"family:          {bundle.family_label} ({bundle.family_spec.label})")
@@ -128,7 +128,7 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     """Convert SRC (folder, single file, tiny:<family>) to DST."""
     from ..models.load import load_model
 
-    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, parts=_parts(**parts))
+    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **_parts(**parts))
     out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
     click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
 

@@ -3,7 +3,7 @@
 Single files come in the layouts users have: the whole model (SAI's ``sd3_medium_incl_clips_t5xxlfp16``,
 ComfyUI checkpoint saves), the same without text encoders (``sd3.5_large.safetensors``), or the denoiser
 alone (bare ``joint_blocks.*``, ComfyUI's ``models/diffusion_models``). What the file lacks comes from
-separate files or folders, named as ComfyUI/Forge users know them: ``clip_l``, ``clip_g``, ``t5``
+separate files or folders, named as kohya sd-scripts and ComfyUI users know them: ``clip_l``, ``clip_g``, ``t5xxl``
 (``t5xxl_fp16.safetensors``...), ``vae``. A separate file wins over the one inside the checkpoint.
 
 Configs: our own writer stores the exact diffusers configs in the ``sdcore.config`` metadata entry;
@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from ...errors import ModelFormatError
+from ...errors import ModelFormatError, SdcoreError
 from ..bundle import ModelBundle
 from ..detect import CONFIG_METADATA_KEY
 from .convert import (
@@ -43,8 +43,11 @@ Shape = Callable[[str], tuple[int, ...]]
 #: SD3's VAE latent format (diffusers' vae config of every SD3/SD3.5 release)
 VAE_SCALING = 1.5305
 VAE_SHIFT = 0.0609
-ENCODER_OPTIONS = ("clip_l", "clip_g", "t5")
-_ENCODER_FLAGS = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5": "--t5"}
+#: the options naming separate parts (kohya sd-scripts' SD3 names), and the CLI flags users pass them with
+PART_OPTIONS = ("clip_l", "clip_g", "t5xxl", "vae", "t5_tokenizer")
+_ENCODER_FLAGS = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5xxl": "--t5xxl"}
+#: options every reader gets from load_model that mean nothing for SD3 files
+_GENERIC_OPTIONS = ("prediction_type", "use_ema", "family", "pm")
 
 
 def make_bundle(
@@ -295,21 +298,26 @@ def read_sd3_single_file(
     config: Any = None,
     clip_l: str | os.PathLike[str] | None = None,
     clip_g: str | os.PathLike[str] | None = None,
-    t5: str | os.PathLike[str] | None = None,
+    t5xxl: str | os.PathLike[str] | None = None,
     vae: str | os.PathLike[str] | None = None,
     tokenizer: Any = None,
     t5_tokenizer: str | os.PathLike[str] | None = None,
-    **_: Any,
+    **others: Any,
 ) -> ModelBundle:
-    """Read an SD3/SD3.5 single file; ``clip_l``/``clip_g``/``t5``/``vae`` (files or folders) fill in, or
+    """Read an SD3/SD3.5 single file; ``clip_l``/``clip_g``/``t5xxl``/``vae`` (files or folders) fill in, or
     replace, the parts the file has. ``tokenizer`` is a CLIP tokenizer folder (or a list, one per CLIP);
-    ``t5_tokenizer`` a T5 tokenizer folder (default: a ``t5`` folder's own, else :func:`~..t5.load_t5_tokenizer`)."""
+    ``t5_tokenizer`` a T5 tokenizer folder (default: a ``t5xxl`` folder's own, else :func:`~..t5.load_t5_tokenizer`)."""
     import torch
 
     from ..load import _assign, resolve_dtype
     from ..source import CheckpointSource
 
     file = Path(path)
+    unknown = sorted(k for k, v in others.items() if k not in _GENERIC_OPTIONS and v is not None)
+    if unknown:
+        raise SdcoreError(
+            f"{file}: option(s) {', '.join(unknown)} do not apply to SD3 files (parts: {', '.join(PART_OPTIONS)})"
+        )
     source = CheckpointSource(file)
     try:
         keys = source.keys
@@ -331,12 +339,12 @@ def read_sd3_single_file(
         else:
             raise ModelFormatError(f"{file}: the file has no VAE (first_stage_model.*): pass --vae <file or folder>")
 
-        given = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
+        given = {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl}
         stored = list(configs.get("text_encoders") or [])
         encoders: list[Any] = []
         missing: list[str] = []
         for index, (name, kind, file_prefix) in enumerate(
-            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5", "t5-xxl", T5_PREFIX))
+            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5xxl", "t5-xxl", T5_PREFIX))
         ):
             separate = given[name]
             if separate is not None:
@@ -361,7 +369,7 @@ def read_sd3_single_file(
     finally:
         source.close()
     bundle = make_bundle(
-        transformer, vae_module, encoders, _tokenizers(tokenizer, t5_tokenizer, t5, encoders[2]), flow_scheduler(configs.get("scheduler")),
+        transformer, vae_module, encoders, _tokenizers(tokenizer, t5_tokenizer, t5xxl, encoders[2]), flow_scheduler(configs.get("scheduler")),
         source=str(file), source_format="single-file", metadata=metadata,
     )  # fmt: skip
     if device is not None:
@@ -517,7 +525,7 @@ def sd3_file_configs(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
         encoders: list[dict[str, Any]] = []
         stored_encoders = list(stored.get("text_encoders") or [])
         for index, (name, kind, prefix) in enumerate(
-            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5", "t5-xxl", T5_PREFIX))
+            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5xxl", "t5-xxl", T5_PREFIX))
         ):
             if not any(k.startswith(prefix) for k in keys):
                 missing.append(name)

@@ -24,6 +24,7 @@ from typing import Any
 from ...errors import ModelFormatError, SdcoreError
 from ..bundle import ModelBundle
 from ..detect import CONFIG_METADATA_KEY
+from . import SD3
 from .convert import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
@@ -40,9 +41,6 @@ from .detect import is_sd3_file
 FAMILY = "sd3"
 Shape = Callable[[str], tuple[int, ...]]
 
-#: SD3's VAE latent format (diffusers' vae config of every SD3/SD3.5 release)
-VAE_SCALING = 1.5305
-VAE_SHIFT = 0.0609
 #: the options naming separate parts (kohya sd-scripts' SD3 names), and the CLI flags users pass them with
 PART_OPTIONS = ("clip_l", "clip_g", "t5xxl", "vae", "t5_tokenizer")
 _ENCODER_FLAGS = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5xxl": "--t5xxl"}
@@ -119,8 +117,8 @@ def infer_vae_config(keys: Collection[str], shape: Shape, prefix: str = VAE_PREF
     config = infer_vae(renamed, lambda k: shape(prefix + k[len(VAE_PREFIX) :]), "sdxl")
     config.update(
         sample_size=1024,
-        scaling_factor=VAE_SCALING,
-        shift_factor=VAE_SHIFT,
+        scaling_factor=SD3.latent.scaling_factor,  # the family's latent format (every SD3/SD3.5 VAE)
+        shift_factor=SD3.latent.shift_factor,
         use_quant_conv=VAE_PREFIX + "quant_conv.weight" in renamed,
         use_post_quant_conv=VAE_PREFIX + "post_quant_conv.weight" in renamed,
     )
@@ -251,16 +249,12 @@ def _encoder_from_path(path: str | os.PathLike[str], kind: str, dtype: Any) -> A
 
 
 def _file_configs(source: Any, config: Any) -> dict[str, Any]:
-    from ..load import configs_from_diffusers_folder
-
     if isinstance(config, dict):
         return dict(config)
     if config is not None:
-        return (
-            folder_configs(Path(config))
-            if (Path(config) / "model_index.json").is_file()
-            else configs_from_diffusers_folder(config)
-        )
+        if not (Path(config) / "model_index.json").is_file():
+            raise ModelFormatError(f"{config}: config= must be an SD3 diffusers folder (with model_index.json)")
+        return folder_configs(Path(config))
     if CONFIG_METADATA_KEY in source.metadata:
         try:
             stored: dict[str, Any] = json.loads(source.metadata[CONFIG_METADATA_KEY])
@@ -288,6 +282,41 @@ def folder_configs(folder: Path) -> dict[str, Any]:
     scheduler = folder / "scheduler" / "scheduler_config.json"
     out["scheduler"] = _read_json(scheduler) if scheduler.exists() else {}
     return out
+
+
+#: the text encoders of an SD3 file: option name, kind, key prefix inside a full checkpoint
+ENCODER_SLOTS = (
+    ("clip_l", "clip-l", CLIP_L_PREFIX),
+    ("clip_g", "clip-g", CLIP_G_PREFIX),
+    ("t5xxl", "t5-xxl", T5_PREFIX),
+)
+
+
+def component_configs(source: Any, config: Any = None) -> dict[str, Any]:
+    """Every component config an SD3 file (a :class:`~..source.CheckpointSource`) holds, from its header:
+    ``config=`` first, then our ``sdcore.config`` entry, then tensor shapes. ``vae`` and each of the three
+    ``text_encoders`` is ``None`` when the file does not have it (it comes as a separate part)."""
+    from ..t5 import t5_config_from_shapes
+
+    keys = source.keys
+    stored = _file_configs(source, config)
+    transformer = dict(stored.get("transformer") or infer_transformer_config(keys, source.shape))
+    transformer["_class_name"] = "SD3Transformer2DModel"
+    has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
+    vae = (stored.get("vae") or infer_vae_config(keys, source.shape)) if has_vae else None
+    kept = list(stored.get("text_encoders") or [])
+    encoders: list[dict[str, Any] | None] = []
+    for index, (_name, kind, prefix) in enumerate(ENCODER_SLOTS):
+        if not any(k.startswith(prefix) for k in keys):
+            encoders.append(None)
+        elif len(kept) == len(ENCODER_SLOTS):
+            encoders.append(kept[index])
+        elif kind == "t5-xxl":
+            encoders.append({**t5_config_from_shapes(keys, source.shape, prefix), "_class_name": "T5EncoderModel"})
+        else:
+            encoders.append(infer_clip_config(keys, source.shape, prefix, kind))
+    return {"transformer": transformer, "vae": vae, "text_encoders": encoders,
+            "scheduler": stored.get("scheduler") or {}}  # fmt: skip
 
 
 def read_sd3_single_file(
@@ -324,9 +353,9 @@ def read_sd3_single_file(
         if not is_sd3_file(keys):
             raise ModelFormatError(f"{file}: not an SD3/SD3.5 checkpoint (no joint_blocks)")
         target = None if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
-        configs = _file_configs(source, config)
+        configs = component_configs(source, config)
         prefix = strip_prefix(keys)[0]
-        tconfig = configs.get("transformer") or infer_transformer_config(keys, source.shape)
+        tconfig = configs["transformer"]
         transformer = empty_transformer(tconfig)
         _assign(
             transformer, mmdit_from_sai(shape_from_config(tconfig), source.get, prefix), "transformer", file, target
@@ -334,32 +363,26 @@ def read_sd3_single_file(
 
         if vae is not None:
             vae_module = _vae_from_path(vae, target)
-        elif any(k.startswith(VAE_PREFIX) for k in keys):
-            vae_module = _vae_from_source(source, configs.get("vae") or infer_vae_config(keys, source.shape), target)
+        elif configs["vae"] is not None:
+            vae_module = _vae_from_source(source, configs["vae"], target)
         else:
             raise ModelFormatError(f"{file}: the file has no VAE (first_stage_model.*): pass --vae <file or folder>")
 
         given = {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl}
-        stored = list(configs.get("text_encoders") or [])
         encoders: list[Any] = []
         missing: list[str] = []
-        for index, (name, kind, file_prefix) in enumerate(
-            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5xxl", "t5-xxl", T5_PREFIX))
-        ):
+        for (name, kind, file_prefix), te_config in zip(ENCODER_SLOTS, configs["text_encoders"], strict=True):
             separate = given[name]
             if separate is not None:
                 encoders.append(_encoder_from_path(separate, kind, target))
-                continue
-            if not any(k.startswith(file_prefix) for k in keys):
+            elif te_config is None:
                 missing.append(_ENCODER_FLAGS[name])
-                continue
-            stored_config = stored[index] if len(stored) == 3 else None
-            if kind == "t5-xxl":
-                encoders.append(_embedded_t5(source, file, stored_config, target))
-                continue
-            module = empty_text_encoder(stored_config or infer_clip_config(keys, source.shape, file_prefix, kind))
-            _assign(module, _clip_tensors(module, file_prefix, source.get, keys), kind, file, target)
-            encoders.append(module)
+            elif kind == "t5-xxl":
+                encoders.append(_embedded_t5(source, file, te_config, target))
+            else:
+                module = empty_text_encoder(te_config)
+                _assign(module, _clip_tensors(module, file_prefix, source.get, keys), kind, file, target)
+                encoders.append(module)
         if missing:
             raise ModelFormatError(
                 f"{file}: the file has no {', '.join(m[2:] for m in missing)} text encoder(s): "
@@ -508,38 +531,14 @@ def sd3_file_configs(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
     file = Path(path)
     source = CheckpointSource(file)
     try:
-        keys = source.keys
-        if not is_sd3_file(keys):
+        if not is_sd3_file(source.keys):
             raise ModelFormatError(f"{file}: not an SD3/SD3.5 checkpoint (no joint_blocks)")
-        stored = _file_configs(source, None)
-        transformer = dict(stored.get("transformer") or infer_transformer_config(keys, source.shape))
-        transformer["_class_name"] = "SD3Transformer2DModel"
-        missing: list[str] = []
-        vae: dict[str, Any] = {}
-        if stored.get("vae"):
-            vae = stored["vae"]
-        elif any(k.startswith(VAE_PREFIX) for k in keys):
-            vae = infer_vae_config(keys, source.shape)
-        else:
-            missing.append("vae")
-        encoders: list[dict[str, Any]] = []
-        stored_encoders = list(stored.get("text_encoders") or [])
-        for index, (name, kind, prefix) in enumerate(
-            (("clip_l", "clip-l", CLIP_L_PREFIX), ("clip_g", "clip-g", CLIP_G_PREFIX), ("t5xxl", "t5-xxl", T5_PREFIX))
-        ):
-            if not any(k.startswith(prefix) for k in keys):
-                missing.append(name)
-            elif len(stored_encoders) == 3:
-                encoders.append(stored_encoders[index])
-            elif kind == "t5-xxl":
-                from ..t5 import t5_config_from_shapes
-
-                encoders.append({**t5_config_from_shapes(keys, source.shape, prefix), "_class_name": "T5EncoderModel"})
-            else:
-                encoders.append(infer_clip_config(keys, source.shape, prefix, kind))
+        configs = component_configs(source)
         fmt = source.format
     finally:
         source.close()
+    missing = ["vae"] if configs["vae"] is None else []
+    missing += [name for (name, _, _), te in zip(ENCODER_SLOTS, configs["text_encoders"], strict=True) if te is None]
     per_weight = 4.0
     if fmt == "safetensors":
         header = read_safetensors_header(file)[0]
@@ -550,6 +549,4 @@ def sd3_file_configs(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
                 elements += count
                 used += int(info["data_offsets"][1]) - int(info["data_offsets"][0])
         per_weight = used / elements if elements else 4.0
-    configs = {"transformer": transformer, "vae": vae, "text_encoders": encoders,
-               "scheduler": stored.get("scheduler") or {}}  # fmt: skip
     return configs, missing, per_weight

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import SD3
+
 CLIP_L_WIDTH = 32
 CLIP_G_WIDTH = 64
 T5_WIDTH = 128
@@ -55,8 +57,8 @@ def tiny_vae_config() -> dict[str, Any]:
         "latent_channels": 16,
         "norm_num_groups": 8,
         "sample_size": 64,
-        "scaling_factor": 1.5305,
-        "shift_factor": 0.0609,
+        "scaling_factor": SD3.latent.scaling_factor,
+        "shift_factor": SD3.latent.shift_factor,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
     }

@@ -10,8 +10,10 @@ torch = pytest.importorskip("torch")
 from sdcore.errors import ModelFormatError  # noqa: E402
 from sdcore.models.sd3.convert import (  # noqa: E402
     SAI_PREFIX,
+    is_diffusers_mmdit,
     mmdit_from_sai,
     mmdit_to_sai,
+    sai_view,
     shape_from_config,
     shape_from_keys,
 )
@@ -207,6 +209,19 @@ def test_layouts_users_have(sd3, tmp_path):
     with pytest.raises(ModelFormatError, match="pass its folder"):
         read_sd3_single_file(no_te, vae=tmp_path / "vae" / "diffusion_pytorch_model.safetensors", clip_l=clip_l,
                              clip_g=clip_g, t5xxl=t5)  # fmt: skip
+    # the transformer alone in diffusers' names (a transformer/ folder's weights file), config from shapes
+    from sdcore.models.sd3.save import write_sd3_diffusers
+
+    folder = write_sd3_diffusers(sd3, tmp_path / "folder")
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(str(weights)), str(tmp_path / "diffusers_transformer.safetensors"))  # no metadata
+    read = read_sd3_single_file(
+        tmp_path / "diffusers_transformer.safetensors", vae=folder / "vae", clip_l=folder / "text_encoder",
+        clip_g=folder / "text_encoder_2", t5xxl=folder / "text_encoder_3",
+    )  # fmt: skip
+    for mine, got in zip(_parts(sd3), _parts(read), strict=True):
+        _assert_same(mine, got)
+    assert read.tokenizers[2].get_vocab() == sd3.tokenizers[2].get_vocab()  # the tiny T5 vocabulary, recognised by size
     with pytest.raises(ModelFormatError, match="no T5 encoder in this file"):
         read_sd3_single_file(no_te, clip_l=clip_l, clip_g=clip_g, t5xxl=clip_l)
 
@@ -371,6 +386,10 @@ def test_real_sizes_come_back_from_shapes(variant):
     keys, shape = set(state), lambda key: tuple(state[key].shape)
     assert sd3_contents(keys).variant == variant
     inferred = infer_transformer_config(keys, shape)
+    assert {k: inferred[k] for k in real} == real
+    diffusers_state = bundle.transformer.state_dict()  # the same from diffusers' own names
+    assert is_diffusers_mmdit(diffusers_state) and not is_diffusers_mmdit(keys)
+    inferred = infer_transformer_config(*sai_view(set(diffusers_state), lambda k: tuple(diffusers_state[k].shape)))
     assert {k: inferred[k] for k in real} == real
     got_vae = infer_vae_config(keys, shape)
     assert {k: got_vae[k] for k in vae} == vae

@@ -83,6 +83,35 @@ def shape_from_keys(keys: Collection[str]) -> MMDiTShape:
     return MMDiTShape(len(blocks), tuple(dual), qk_norm)
 
 
+#: keys only diffusers' ``SD3Transformer2DModel`` state dict has (Flux's has ``single_transformer_blocks``)
+_DIFFUSERS_MARKERS = ("pos_embed.proj.weight", "context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight")
+_DIFFUSERS_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+def is_diffusers_mmdit(keys: Collection[str]) -> bool:
+    """A transformer saved in diffusers' own names (``transformer/diffusion_pytorch_model.safetensors``)."""
+    return all(k in keys for k in _DIFFUSERS_MARKERS) and not any(
+        k.startswith("single_transformer_blocks.") for k in keys
+    )
+
+
+def shape_from_diffusers_keys(keys: Collection[str]) -> MMDiTShape:
+    blocks = {int(m.group(1)) for k in keys if (m := _DIFFUSERS_BLOCK.match(k))}
+    dual = sorted({int(m.group(1)) for k in keys if (m := _DIFFUSERS_BLOCK.match(k)) and ".attn2." in k})
+    return MMDiTShape(max(blocks) + 1, tuple(dual), "transformer_blocks.0.attn.norm_q.weight" in keys)
+
+
+def sai_view(
+    keys: Collection[str], shape: Callable[[str], tuple[int, ...]]
+) -> tuple[set[str], Callable[[str], tuple[int, ...]]]:
+    """The SAI key names and shapes a diffusers-layout transformer would have (for config inference)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rule in mmdit_rules(shape_from_diffusers_keys(keys)):
+        first = shape(rule.diffusers[0])
+        shapes[rule.sai] = (3 * first[0], *first[1:]) if rule.kind == "qkv" else first
+    return set(shapes), shapes.__getitem__
+
+
 def _linear(sai: str, diffusers: str, bias: bool = True) -> list[Rule]:
     names = ("weight", "bias") if bias else ("weight",)
     return [Rule(f"{sai}.{n}", (f"{diffusers}.{n}",)) for n in names]

@@ -6,7 +6,8 @@
 
 A file may hold the whole model (``model.diffusion_model.*``, ``first_stage_model.*``,
 ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*``: SAI's releases and ComfyUI's checkpoint saves),
-or the denoiser alone with bare ``joint_blocks.*`` keys (ComfyUI's ``models/diffusion_models``).
+or the denoiser alone with bare ``joint_blocks.*`` keys (ComfyUI's ``models/diffusion_models``) or in
+diffusers' own names (a ``transformer/`` folder's weights file).
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from .convert import CLIP_G_PREFIX, CLIP_L_PREFIX, SAI_PREFIX, T5_PREFIX, VAE_PREFIX, shape_from_keys
+from .convert import (
+    CLIP_G_PREFIX,
+    CLIP_L_PREFIX,
+    SAI_PREFIX,
+    T5_PREFIX,
+    VAE_PREFIX,
+    is_diffusers_mmdit,
+    shape_from_keys,
+)
 
 _MARKERS = (SAI_PREFIX + "joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.x_block.attn.qkv.weight")
 
 
 def is_sd3_file(keys: Collection[str]) -> bool:
-    """``joint_blocks`` (SAI's MMDiT) => SD3/SD3.5."""
-    return any(marker in keys for marker in _MARKERS)
+    """``joint_blocks`` (SAI's MMDiT) or diffusers' ``SD3Transformer2DModel`` names => SD3/SD3.5."""
+    return any(marker in keys for marker in _MARKERS) or is_diffusers_mmdit(keys)
 
 
 @dataclass(frozen=True)

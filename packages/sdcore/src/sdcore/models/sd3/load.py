@@ -2,7 +2,7 @@
 
 Single files come in the layouts users have: the whole model (SAI's ``sd3_medium_incl_clips_t5xxlfp16``,
 ComfyUI checkpoint saves), the same without text encoders (``sd3.5_large.safetensors``), or the denoiser
-alone (bare ``joint_blocks.*``, ComfyUI's ``models/diffusion_models``). What the file lacks comes from
+alone (bare ``joint_blocks.*``, ComfyUI's ``models/diffusion_models``, or diffusers' own names). What the file lacks comes from
 separate files or folders, named as kohya sd-scripts and ComfyUI users know them: ``clip_l``, ``clip_g``, ``t5xxl``
 (``t5xxl_fp16.safetensors``...), ``vae``. A separate file wins over the one inside the checkpoint.
 
@@ -31,7 +31,9 @@ from .convert import (
     SAI_PREFIX,
     T5_PREFIX,
     VAE_PREFIX,
+    is_diffusers_mmdit,
     mmdit_from_sai,
+    sai_view,
     shape_from_config,
     shape_from_keys,
     strip_prefix,
@@ -300,7 +302,10 @@ def component_configs(source: Any, config: Any = None) -> dict[str, Any]:
 
     keys = source.keys
     stored = _file_configs(source, config)
-    transformer = dict(stored.get("transformer") or infer_transformer_config(keys, source.shape))
+    transformer = stored.get("transformer")
+    if not transformer and is_diffusers_mmdit(keys):
+        transformer = infer_transformer_config(*sai_view(keys, source.shape))
+    transformer = dict(transformer or infer_transformer_config(keys, source.shape))
     transformer["_class_name"] = "SD3Transformer2DModel"
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
     vae = (stored.get("vae") or infer_vae_config(keys, source.shape)) if has_vae else None
@@ -357,9 +362,11 @@ def read_sd3_single_file(
         prefix = strip_prefix(keys)[0]
         tconfig = configs["transformer"]
         transformer = empty_transformer(tconfig)
-        _assign(
-            transformer, mmdit_from_sai(shape_from_config(tconfig), source.get, prefix), "transformer", file, target
-        )
+        if is_diffusers_mmdit(keys):  # diffusers' own names: the file's tensors as they are
+            tensors = {key: source.get(key) for key in transformer.state_dict()}
+        else:
+            tensors = mmdit_from_sai(shape_from_config(tconfig), source.get, prefix)
+        _assign(transformer, tensors, "transformer", file, target)
 
         if vae is not None:
             vae_module = _vae_from_path(vae, target)
@@ -544,7 +551,7 @@ def sd3_file_configs(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
         header = read_safetensors_header(file)[0]
         elements = used = 0
         for name, info in header.items():
-            if name != "__metadata__" and name.startswith((SAI_PREFIX, "joint_blocks.")):
+            if name != "__metadata__" and not name.startswith((VAE_PREFIX, "text_encoders.")):  # the MMDiT
                 count = math.prod(int(d) for d in info["shape"])
                 elements += count
                 used += int(info["data_offsets"][1]) - int(info["data_offsets"][0])

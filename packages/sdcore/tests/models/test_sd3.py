@@ -128,6 +128,9 @@ def test_folder_runs_in_diffusers_pipeline_and_prompts_match(sd3, pipe):
         assert cond.hidden_states.shape == (2, 77 + 24, 128) and cond.pooled.shape == (2, 96)
         assert torch.equal(cond.hidden_states, embeds)
         assert torch.equal(cond.pooled, pooled)
+    masked = adapter.encode_prompts(sd3, prompts, max_sequence_length=24, clip_skip=1, t5_attention_mask=True)
+    assert torch.equal(masked.hidden_states[:, :77], cond.hidden_states[:, :77])  # CLIP part unchanged
+    assert not torch.allclose(masked.hidden_states[:, 77:], cond.hidden_states[:, 77:])  # T5 ignores its padding
 
 
 def test_predict_is_one_pipeline_step(sd3, pipe):
@@ -464,3 +467,9 @@ def test_generate_command_txt2img_and_img2img(tmp_path):
     args = ["-m", "tiny:sd3", "a red cat", "--steps", "1", "--sampler", "ddim", "-o", str(tmp_path / "c.png")]
     result = CliRunner().invoke(generate, args, obj=obj)
     assert result.exit_code != 0 and "euler, euler_a, heun" in str(result.exception)
+
+
+def test_tiny_model_fixture_builds_any_family(tiny_model):
+    bundle = tiny_model("sd3", seed=4)
+    assert bundle.family == "sd3" and type(bundle.transformer).__name__ == "SD3Transformer2DModel"
+    assert tiny_model("sd3", seed=4) is not bundle  # a fresh copy each time

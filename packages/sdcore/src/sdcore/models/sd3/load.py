@@ -28,7 +28,6 @@ from . import SD3
 from .convert import (
     CLIP_G_PREFIX,
     CLIP_L_PREFIX,
-    SAI_PREFIX,
     T5_PREFIX,
     VAE_PREFIX,
     is_diffusers_mmdit,

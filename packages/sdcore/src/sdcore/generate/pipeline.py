@@ -102,10 +102,6 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
         raise ConfigError(
             f"{bundle.source or 'this model'} is an inpainting model; generate does not support masks yet"
         )
-    if bundle.family == "sd3":  # flow matching: StableDiffusion3Pipeline with a flow-matching sampler
-        from ..models.sd3.generate import build_sd3_pipeline
-
-        return build_sd3_pipeline(bundle, img2img=img2img, sampler=sampler)
     scheduler = make_scheduler(bundle, sampler)
     if bundle.is_sdxl:
         if bundle.family == "sdxl-refiner":
@@ -151,17 +147,16 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
 def default_size(bundle: ModelBundle) -> int:
     """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64, other small
     models (the toy world's 32x32) their native size."""
-    denoiser = bundle.denoiser
-    native = int(denoiser.config.sample_size) * bundle.vae_scale_factor
+    from ..models.native import bundle_native_resolution
+
     if bundle.source_format == "tiny":
         return 64
+    native = bundle_native_resolution(bundle) or bundle.family_spec.native_resolution
     if native < 256:
         return native
-    if bundle.is_sdxl or bundle.family == "sd3":
-        return 1024
-    if bundle.family == "sd2" and bundle.is_v_prediction:
-        return 768
-    return 512
+    if bundle.family == "sd2" and not bundle.is_v_prediction:
+        return 512  # SD2-512-base; the family's 768 is the v-prediction release
+    return bundle.family_spec.native_resolution
 
 
 def _check_size(value: int, what: str, factor: int) -> int:
@@ -262,8 +257,19 @@ def generate_images(
     for index, prompt in enumerate(prompts):
         groups.setdefault(_network_key(prompt), []).append(index)
 
-    pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
-    pipe.set_progress_bar_config(disable=True)
+    from ..models.family import family_adapter
+    from ..models.sd_unet import SdUnetAdapter
+
+    adapter = family_adapter(bundle.family)
+    family_generate = None
+    pipe: Any = None
+    if isinstance(adapter, SdUnetAdapter):
+        pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
+        pipe.set_progress_bar_config(disable=True)
+    else:  # another family renders through its adapter (same prompts, seeds, networks and sizes)
+        family_generate = getattr(adapter, "generate", None)
+        if family_generate is None:
+            raise ConfigError(f"generating with {bundle.family} models is not supported")
     results: dict[int, Image.Image] = {}
     with _eval_mode(bundle), torch.no_grad():
         for indices in groups.values():
@@ -281,7 +287,8 @@ def generate_images(
                     group_negatives.append(applied.negative_prompt)
                     for key, value in applied.info.items():
                         group_info.setdefault(key, value)
-                images = _run(
+                run: Any = _run if family_generate is None else _family_run(family_generate, sampler)
+                images = run(
                     pipe,
                     bundle,
                     group_prompts,
@@ -305,6 +312,16 @@ def generate_images(
     return [results[i] for i in range(len(prompts))]
 
 
+def _family_run(family_generate: Any, sampler: str) -> Any:
+    """``_run``'s signature over a family adapter's ``generate(bundle, prompts, negatives, **settings)``."""
+
+    def run(_pipe: Any, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> Any:
+        settings.pop("transforms", None)
+        return list(family_generate(bundle, prompts, negatives, sampler=sampler, **settings))
+
+    return run
+
+
 def _run(
     pipe: Any,
     bundle: ModelBundle,
@@ -325,12 +342,7 @@ def _run(
 
     from .conditioning import encode_cond_uncond
 
-    if bundle.family == "sd3":  # no A1111 emphasis for SD3: the family's own encoding, as training uses
-        from ..models.sd3.generate import encode_sd3_cond_uncond
-
-        cond, uncond = encode_sd3_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
-    else:
-        cond, uncond = encode_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    cond, uncond = encode_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
     for handler in transforms:  # e.g. aesthetic gradients: per-prompt conditioning rewrites
         cond = _transform_rows(handler, bundle, prompts, cond, negative=False, clip_skip=clip_skip)
         uncond = _transform_rows(handler, bundle, negatives, uncond, negative=True, clip_skip=clip_skip)
@@ -343,7 +355,7 @@ def _run(
         "generator": generators,
         "output_type": "pil",
     }
-    if bundle.is_sdxl or bundle.family == "sd3":
+    if bundle.is_sdxl:
         kwargs["pooled_prompt_embeds"] = cond.pooled
         kwargs["negative_pooled_prompt_embeds"] = uncond.pooled
     if image is not None:

@@ -74,17 +74,25 @@ class Sd3Adapter:
             raise LayoutUnavailableError(f"{path}: {', '.join(missing)} not in the file (given separately)")
         return ModelLayout(str(path), "sd3", "flow_matching", configs, "single-file", per_weight)
 
-    def save_single_file(self, bundle: ModelBundle, path: str | os.PathLike[str], **options: Any) -> Any:
-        """``bundle.save("x.safetensors")``: the SAI layout ComfyUI, Forge and diffusers read."""
-        from .save import write_sd3_single_file
+    def save(
+        self, bundle: ModelBundle, path: str | os.PathLike[str], *, format: str = "single-file", **options: Any
+    ) -> Any:
+        """``bundle.save``: ``single-file`` is SAI's layout (ComfyUI, Forge, diffusers' ``from_single_file``),
+        ``diffusers`` a ``StableDiffusion3Pipeline`` folder."""
+        from ...errors import SdcoreError
+        from .save import write_sd3_diffusers, write_sd3_single_file
 
-        return write_sd3_single_file(bundle, path, **options)
+        if format == "single-file":
+            return write_sd3_single_file(bundle, path, **options)
+        if format == "diffusers":
+            return write_sd3_diffusers(bundle, path, **options)
+        raise SdcoreError(f"unknown model format {format!r} for SD3; use single-file or diffusers")
 
-    def save_diffusers(self, bundle: ModelBundle, path: str | os.PathLike[str], **options: Any) -> Any:
-        """``bundle.save("folder")``: a ``StableDiffusion3Pipeline`` folder."""
-        from .save import write_sd3_diffusers
+    def generate(self, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> list[Any]:
+        """``sdcore generate``: ``StableDiffusion3Pipeline`` with a flow-matching sampler (see :mod:`.generate`)."""
+        from .generate import generate_sd3
 
-        return write_sd3_diffusers(bundle, path, **options)
+        return generate_sd3(bundle, prompts, negatives, **settings)
 
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A ``StableDiffusion3Pipeline`` (or img2img/inpaint sibling) folder."""

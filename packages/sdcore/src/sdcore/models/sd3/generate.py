@@ -80,3 +80,42 @@ def encode_sd3_cond_uncond(
         cond = adapter.encode_prompts(bundle, texts, clip_skip=skip, max_sequence_length=max_sequence_length)
         out.append(Conditioning(cond.hidden_states, cond.pooled))
     return out[0], out[1]
+
+
+def generate_sd3(
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    seeds: list[int],
+    steps: int,
+    cfg: float,
+    width: int,
+    height: int,
+    image: Any = None,
+    strength: float = 0.75,
+    clip_skip: int = 1,
+    sampler: str = "euler",
+    **_: Any,
+) -> list[Any]:
+    """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them."""
+    import torch
+
+    pipe = build_sd3_pipeline(bundle, img2img=image is not None, sampler=sampler)
+    pipe.set_progress_bar_config(disable=True)
+    cond, uncond = encode_sd3_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": cond.embeds,
+        "negative_prompt_embeds": uncond.embeds,
+        "pooled_prompt_embeds": cond.pooled,
+        "negative_pooled_prompt_embeds": uncond.pooled,
+        "num_inference_steps": steps,
+        "guidance_scale": cfg,
+        "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
+        "output_type": "pil",
+    }
+    if image is not None:
+        kwargs.update(image=[image] * len(prompts), strength=strength)
+    else:
+        kwargs.update(width=width, height=height)
+    return list(pipe(**kwargs).images)

@@ -48,6 +48,12 @@ def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler") -> Any:
 
 def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
     """``StableDiffusion3Pipeline`` (or its img2img sibling) sharing the bundle's modules."""
+    import os
+
+    import transformers
+
+    if not os.environ.get("SDCORE_VERBOSE"):  # importing the pipelines warns about image processors never used
+        transformers.utils.logging.set_verbosity_error()
     import diffusers
 
     clip_l, clip_g, t5 = bundle.text_encoders

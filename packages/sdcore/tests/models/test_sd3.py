@@ -120,15 +120,16 @@ def test_folder_runs_in_diffusers_pipeline_and_prompts_match(sd3, pipe):
 
     prompts = ["a red cat", "two blue squares on grass"]
     adapter = Sd3Adapter()
-    for clip_skip in (None, 1):
+    for ours, diffusers_skip in ((1, None), (2, 1)):  # sdcore/A1111's clip skip 1 = SD3's penultimate layer
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=24, clip_skip=clip_skip
-        )
-        cond = adapter.encode_prompts(sd3, prompts, max_sequence_length=24, clip_skip=clip_skip)
+            prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=24,
+            clip_skip=diffusers_skip,
+        )  # fmt: skip
+        cond = adapter.encode_prompts(sd3, prompts, t5_max_length=24, clip_skip=ours)
         assert cond.hidden_states.shape == (2, 77 + 24, 128) and cond.pooled.shape == (2, 96)
         assert torch.equal(cond.hidden_states, embeds)
         assert torch.equal(cond.pooled, pooled)
-    masked = adapter.encode_prompts(sd3, prompts, max_sequence_length=24, clip_skip=1, t5_attention_mask=True)
+    masked = adapter.encode_prompts(sd3, prompts, t5_max_length=24, clip_skip=2, t5_attention_mask=True)
     assert torch.equal(masked.hidden_states[:, :77], cond.hidden_states[:, :77])  # CLIP part unchanged
     assert not torch.allclose(masked.hidden_states[:, 77:], cond.hidden_states[:, 77:])  # T5 ignores its padding
 
@@ -142,7 +143,7 @@ def test_predict_is_one_pipeline_step(sd3, pipe):
     expected = pipe("a cat", num_inference_steps=2, height=64, width=64, guidance_scale=1.0, latents=latents.clone(),
                     output_type="latent", max_sequence_length=16).images  # fmt: skip
     adapter = Sd3Adapter()
-    cond = adapter.encode_prompts(sd3, ["a cat"], max_sequence_length=16)
+    cond = adapter.encode_prompts(sd3, ["a cat"], t5_max_length=16)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sd3.noise_scheduler.config)
     scheduler.set_timesteps(2)
     x = latents.clone()

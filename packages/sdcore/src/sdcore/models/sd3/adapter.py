@@ -2,7 +2,7 @@
 
 Prompt encoding is diffusers' ``StableDiffusion3Pipeline.encode_prompt``, step for step: CLIP-L and
 CLIP-G run on 77 tokens and give their penultimate hidden states (``clip_skip`` goes further back),
-concatenated along channels and zero-padded to T5's width; T5 runs on ``max_sequence_length`` tokens
+concatenated along channels and zero-padded to T5's width; T5 runs on ``t5_max_length`` tokens
 (256 by default; no attention mask, as diffusers runs it); the sequence is CLIP's 77 tokens then T5's.
 The pooled vector is CLIP-L's projected pooled output (identity projection in SD3) then CLIP-G's.
 """
@@ -31,7 +31,8 @@ def _device(module: Any) -> Any:
 def clip_embeds(
     tokenizer: Any, encoder: Any, prompts: list[str], *, clip_skip: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states [B, 77, C] of layer ``-(clip_skip + 2)``, default the penultimate; projected pooled [B, P])."""
+    """(hidden states [B, 77, C], projected pooled [B, P]); ``clip_skip`` counted as diffusers' SD3 pipeline
+    does: ``None`` is the penultimate layer, ``n`` the layer ``-(n + 2)``."""
     ids = tokenizer(
         prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
@@ -109,13 +110,14 @@ class Sd3Adapter:
         prompts: list[str],
         *,
         clip_skip: int | None = None,
-        max_sequence_length: int = T5_MAX_LENGTH,
+        t5_max_length: int | None = None,
         t5_attention_mask: bool = False,
         **_: Any,
     ) -> Conditioning:
-        """``max_sequence_length``: T5 tokens (diffusers' SD3 default 256); ``t5_attention_mask`` masks T5's
-        padding inside the encoder (off in SD3 and diffusers; kohya's ``--apply_t5_attn_mask``);
-        ``clip_skip`` as diffusers counts it (``None`` = the penultimate layer)."""
+        """``clip_skip`` as sdcore counts it everywhere (A1111's: 1 = the family's own layer, here the
+        penultimate, as SD3 was trained; 2 = one layer further back); ``t5_max_length``: T5 tokens
+        (default 256, diffusers' ``max_sequence_length``); ``t5_attention_mask`` masks T5's padding
+        inside the T5 encoder (SD3 and diffusers do not)."""
         import torch
         import torch.nn.functional as F
 
@@ -125,10 +127,11 @@ class Sd3Adapter:
         prompts = list(prompts)
         clip_l, clip_g, t5 = bundle.text_encoders
         tok_l, tok_g, tok_t5 = bundle.tokenizers
-        hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=clip_skip)
-        hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=clip_skip)
+        skip = None if clip_skip is None or clip_skip <= 1 else clip_skip - 1  # diffusers' count
+        hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=skip)
+        hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=skip)
         t5_hidden, _mask = encode_t5(
-            t5, tok_t5, prompts, max_length=max_sequence_length, attention_mask=t5_attention_mask
+            t5, tok_t5, prompts, max_length=t5_max_length or T5_MAX_LENGTH, attention_mask=t5_attention_mask
         )
         clip_hidden = torch.cat([hidden_l, hidden_g.to(hidden_l.device)], dim=-1)
         if clip_hidden.shape[-1] > t5_hidden.shape[-1]:

@@ -73,17 +73,21 @@ def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: s
 
 
 def encode_sd3_cond_uncond(
-    bundle: ModelBundle, prompts: list[str], negatives: list[str], *, clip_skip: int = 1, max_sequence_length: int = 256
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    clip_skip: int = 1,
+    t5_max_length: int | None = None,
 ) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) for the pipeline's ``prompt_embeds``/``pooled_prompt_embeds`` and their negatives."""
     from ...generate.conditioning import Conditioning
     from .adapter import Sd3Adapter
 
     adapter = Sd3Adapter()
-    skip = None if clip_skip <= 1 else clip_skip - 1  # A1111's 1 = diffusers' None (penultimate)
     out = []
     for texts in (prompts, negatives):
-        cond = adapter.encode_prompts(bundle, texts, clip_skip=skip, max_sequence_length=max_sequence_length)
+        cond = adapter.encode_prompts(bundle, texts, clip_skip=clip_skip, t5_max_length=t5_max_length)
         out.append(Conditioning(cond.hidden_states, cond.pooled))
     return out[0], out[1]
 

@@ -474,3 +474,29 @@ def test_tiny_model_fixture_builds_any_family(tiny_model):
     bundle = tiny_model("sd3", seed=4)
     assert bundle.family == "sd3" and type(bundle.transformer).__name__ == "SD3Transformer2DModel"
     assert tiny_model("sd3", seed=4) is not bundle  # a fresh copy each time
+
+
+def test_comfyui_scaled_fp8_transformer(sd3, tmp_path):
+    """ComfyUI's ``*_fp8_scaled`` files: float8 weights with a per-tensor ``scale_weight`` read back as W8 * s."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.load import load_model
+
+    tensors = load_file(str(sd3.save(tmp_path / "full.safetensors")))
+    expected = {}
+    for key in list(tensors):
+        if key.startswith(SAI_PREFIX + "joint_blocks.") and key.endswith(".weight") and tensors[key].ndim == 2:
+            scale = tensors[key].abs().max() / 448.0
+            tensors[key] = (tensors[key] / scale).to(torch.float8_e4m3fn)
+            tensors[key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+            expected[key] = tensors[key].float() * scale
+    tensors["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)  # ComfyUI's marker
+    save_file(tensors, str(tmp_path / "fp8_scaled.safetensors"))
+    bundle = load_model(tmp_path / "fp8_scaled.safetensors")
+    assert expected
+    shape = shape_from_config(sd3.transformer.config)
+    state = bundle.transformer.state_dict()
+    for key, value in mmdit_from_sai(shape, lambda k: expected.get(k, tensors[k])).items():
+        assert torch.equal(state[key], value.float()), key
+    out = bundle.transformer.state_dict()["transformer_blocks.0.attn.to_q.weight"]
+    reference = sd3.transformer.state_dict()["transformer_blocks.0.attn.to_q.weight"]
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()  # fp8 rounding, not garbage

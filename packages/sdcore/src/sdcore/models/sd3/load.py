@@ -205,6 +205,21 @@ def _clip_tensors(module: Any, prefix: str, get: Callable[[str], Any], keys: Col
 # ----------------------------------------------------------------------------------------------- readers
 
 
+def scaled_fp8_getter(source: Any) -> Callable[[str], Any]:
+    """``source.get`` that undoes ComfyUI's scaled fp8 (``sd3.5_large_fp8_scaled``): a float8 ``W / s``
+    stored with ``<name>.scale_weight`` = ``s`` reads back as ``W8.float() * s`` (float32)."""
+    import torch
+
+    def get(key: str) -> Any:
+        value = source.get(key)
+        scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
+        if scale_key is not None and scale_key in source.keys:
+            return value.to(torch.float32) * source.get(scale_key).to(torch.float32)
+        return value
+
+    return get
+
+
 def _find_prefix(keys: Collection[str], ending: str) -> str | None:
     for key in keys:
         if key.endswith(ending):
@@ -361,10 +376,11 @@ def read_sd3_single_file(
         prefix = strip_prefix(keys)[0]
         tconfig = configs["transformer"]
         transformer = empty_transformer(tconfig)
+        get = scaled_fp8_getter(source)
         if is_diffusers_mmdit(keys):  # diffusers' own names: the file's tensors as they are
-            tensors = {key: source.get(key) for key in transformer.state_dict()}
+            tensors = {key: get(key) for key in transformer.state_dict()}
         else:
-            tensors = mmdit_from_sai(shape_from_config(tconfig), source.get, prefix)
+            tensors = mmdit_from_sai(shape_from_config(tconfig), get, prefix)
         _assign(transformer, tensors, "transformer", file, target)
 
         if vae is not None:

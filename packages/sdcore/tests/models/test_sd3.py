@@ -500,3 +500,11 @@ def test_comfyui_scaled_fp8_transformer(sd3, tmp_path):
     out = bundle.transformer.state_dict()["transformer_blocks.0.attn.to_q.weight"]
     reference = sd3.transformer.state_dict()["transformer_blocks.0.attn.to_q.weight"]
     assert (out - reference).abs().max() < 0.1 * reference.abs().max()  # fp8 rounding, not garbage
+
+
+def test_native_size_from_the_header(sd3, sd3_folder, tmp_path):
+    """The training pre-flight's native size (before loading): the transformer's sample_size x 8."""
+    from sdcore.models.native import peek_native_resolution
+
+    assert peek_native_resolution(sd3.save(tmp_path / "m.safetensors")) == 64
+    assert peek_native_resolution(sd3_folder) == 64

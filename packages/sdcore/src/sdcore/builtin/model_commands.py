@@ -9,6 +9,25 @@ import click
 
 from ..hookspecs import hookimpl
 
+_FAMILY_HELP = "Model family: sd1, sd2, sdxl, sd3 or any family a plugin declares."
+
+
+def _parts_options(command: Any) -> Any:
+    """``--clip-l/--clip-g/--t5xxl/--vae/--t5-tokenizer``: parts an SD3 single file lacks, in separate files or
+    folders (kohya sd-scripts' names; ``--t5`` is accepted for ``--t5xxl``)."""
+    for flags, what in reversed((
+        (("--clip-l",), "CLIP-L text encoder"), (("--clip-g",), "CLIP-G text encoder"),
+        (("--t5xxl", "--t5"), "T5-XXL text encoder"), (("--vae",), "VAE"), (("--t5-tokenizer",), "T5 tokenizer"),
+    )):  # fmt: skip
+        option = click.option(*flags, default=None, metavar="PATH", help=f"{what} (file or folder) for a single file.")
+        command = option(command)
+    return command
+
+
+def _parts(**given: str | None) -> dict[str, Any]:
+    """The part options the user gave (``load_model``'s family options)."""
+    return {name: value for name, value in given.items() if value is not None}
+
 
 @click.group("model")
 def model_group() -> None:
@@ -35,15 +54,21 @@ def _dtypes(module: Any) -> str:
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashing a large file takes a while).")
-def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool) -> None:
+@_parts_options
+def info_command(
+    path: str, prediction_type: str | None, config: str | None, no_hash: bool, **parts: str | None
+) -> None:
     """Show family, prediction type, components, metadata and hashes of PATH."""
     from ..models.hashes import all_hashes
     from ..models.load import load_model
 
-    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto")
+    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **_parts(**parts))
     click.echo(f"model:           {path}")
     click.echo(f"format:          {bundle.source_format}")
     click.echo(f"family:          {bundle.family_label} ({bundle.family_spec.label})")
+    variant = _variant(bundle)
+    if variant:
+        click.echo(f"variant:         {variant}")
     click.echo(f"prediction type: {bundle.prediction_type}")
     click.echo("components:")
     for name, module in bundle.components().items():
@@ -64,6 +89,15 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
         click.echo(f"  short (AutoV2):             {hashes['short']}")
         if "autov3" in hashes:
             click.echo(f"  AutoV3 (tensor data):       {hashes['autov3']}")
+
+
+def _variant(bundle: Any) -> str | None:
+    """The release within a family when the family tells them apart (SD3 medium, SD3.5 large/medium)."""
+    if bundle.family == "sd3":
+        from ..models.sd3.detect import release_label
+
+        return release_label(bundle.denoiser.config)
+    return None
 
 
 @model_group.command("convert")
@@ -88,24 +122,20 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
 @click.option(
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
+@_parts_options
 def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune: bool, ema: bool,
-                    prediction_type: str | None, config: str | None) -> None:  # fmt: skip
+                    prediction_type: str | None, config: str | None, **parts: str | None) -> None:  # fmt: skip
     """Convert SRC (folder, single file, tiny:<family>) to DST."""
     from ..models.load import load_model
 
-    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config)
+    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **_parts(**parts))
     out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
     click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
 
 
 @model_group.command("create-tiny")
 @click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
-@click.option(
-    "--family",
-    default="sd1",
-    show_default=True,
-    help="Model family: sd1, sd2, sdxl, or another declared family (sdcore plugins --all lists them).",
-)
+@click.option("--family", default="sd1", show_default=True, help=_FAMILY_HELP)
 @click.option(
     "--format",
     "fmt",
@@ -118,7 +148,7 @@ def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> No
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
     from ..models.family import family_adapter
 
-    bundle = family_adapter(family).create_tiny(seed=seed)
+    bundle = family_adapter(family).create_tiny(seed=seed)  # an unknown family: an error listing the known
     out = bundle.save(dst, format=fmt)
     click.echo(f"wrote {out} (tiny {family})")
 

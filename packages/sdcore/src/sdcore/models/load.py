@@ -283,12 +283,14 @@ def read_single_file(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    **family_options: Any,
 ) -> ModelBundle:
     """Read a single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``) of any family.
 
     The family comes from the keys (each family's adapter's ``detect_single_file``); the UNet
     families' ldm/SGM layouts are read here, other families' files by their adapter's
-    ``load_single_file`` (with the same options).
+    ``load_single_file`` (with the same options, and ``family_options``: for SD3 separate ``clip_l``,
+    ``clip_g``, ``t5xxl``, ``vae`` files or folders and ``t5_tokenizer``, as kohya/ComfyUI users keep them).
     """
     import torch
 
@@ -307,8 +309,12 @@ def read_single_file(
             source.close()
             return adapter.load_single_file(
                 file, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
-                config=config, use_ema=use_ema,
+                config=config, use_ema=use_ema, **family_options,
             )  # fmt: skip
+        if family_options:
+            raise SdcoreError(
+                f"{file}: option(s) {', '.join(sorted(family_options))} do not apply to SD1/SD2/SDXL models"
+            )
         found: Detection = detect(
             source.keys, source.shape, source.metadata, path=file, markers=source.markers,
             extras=source.extras, prediction_type=prediction_type,
@@ -469,8 +475,10 @@ def read_tiny(
     from .family import family_adapter
 
     family = spec.split(":", 1)[1] if ":" in spec else spec
+    family, _sep, variant = family.partition(":")  # tiny:<family>[:<variant>], e.g. tiny:sd3:sd3.5-medium
+    extra = {"variant": variant} if variant else {}
     try:
-        bundle = family_adapter(family).create_tiny(prediction_type=prediction_type)
+        bundle = family_adapter(family).create_tiny(prediction_type=prediction_type, **extra)
     except (ValueError, SdcoreError) as exc:
         raise SdcoreError(f"{spec}: {exc}") from None
     if dtype is not None:
@@ -589,6 +597,7 @@ def load_model(
     config: Any = None,
     use_ema: bool = False,
     pm: Any = None,
+    **family_options: Any,
 ) -> ModelBundle:
     """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>``, ``toyworld:`` or a cached Hub id.
 
@@ -600,13 +609,17 @@ def load_model(
     ``device`` apply to every module (``"auto"`` keeps a single file's stored dtypes); ``tokenizer`` is a tokenizer folder (or a list, one per text
     encoder) that wins over the model's own and the bundled one; ``config`` is a diffusers folder
     (or a dict in the ``sdcore.config`` shape) giving the layout of a non-standard single file;
-    ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint.
+    ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint. ``family_options`` go to
+    a transformer family's single-file reader: for SD3 ``clip_l=``, ``clip_g=``, ``t5xxl=``, ``vae=`` (parts
+    in separate files or folders, kohya's names) and ``t5_tokenizer=`` (see :mod:`sdcore.models.sd3.load`).
     """
     if family is not None:
         from .family import get_family
 
         get_family(family)  # an unknown name is a ConfigError listing the known families
     text = os.fspath(path_or_hub_id)
+    if family_options and not Path(text).expanduser().is_file():
+        raise SdcoreError(f"{text}: option(s) {', '.join(sorted(family_options))} apply to single files only")
     options = dict(family=family, prediction_type=prediction_type, dtype=dtype, device=device,
                    tokenizer=tokenizer, config=config, use_ema=use_ema)  # fmt: skip
     if pm is not None:
@@ -623,7 +636,7 @@ def load_model(
             return read_diffusers(path, **options)
         raise ModelFormatError(f"{path}: folder is not a diffusers model (no model_index.json)")
     if path.is_file():
-        return read_single_file(path, **options)
+        return read_single_file(path, **options, **family_options)
     if sniff_hub(text):
         return read_hub(text, **options)
     raise missing_model_error(text)

@@ -54,7 +54,8 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
 
             path = toyworld_model_dir()
         if (path / "model_index.json").is_file():
-            unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+            denoiser = "unet" if (path / "unet").is_dir() else "transformer"  # SD3's transformer has sample_size
+            unet = json.loads((path / denoiser / "config.json").read_text(encoding="utf-8"))
             vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
             return native_resolution(unet, vae)
         if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
@@ -79,7 +80,11 @@ def _single_file(path: Path) -> int | None:
     try:
         if CONFIG_METADATA_KEY in source.metadata:
             stored = json.loads(source.metadata[CONFIG_METADATA_KEY])
-            return native_resolution(stored.get("unet") or {}, stored.get("vae") or {})
+            if "transformer" not in stored:
+                return native_resolution(stored.get("unet") or {}, stored.get("vae") or {})
+            found_size = native_resolution(stored["transformer"], stored.get("vae") or {})  # SD3 has sample_size
+            if found_size is not None:
+                return found_size
         from .family import get_family
 
         family = get_family(detect_family(source.keys, path))

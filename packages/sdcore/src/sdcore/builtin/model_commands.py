@@ -9,7 +9,7 @@ import click
 
 from ..hookspecs import hookimpl
 
-_FAMILIES = ["sd1", "sd2", "sdxl"]
+_FAMILIES = ["sd1", "sd2", "sdxl", "flux", "flux-schnell"]  # flux = FLUX.1-dev (guidance embedding)
 
 
 @click.group("model")
@@ -48,8 +48,12 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
     click.echo(f"family:          {bundle.family_label}")
     click.echo(f"prediction type: {bundle.prediction_type}")
     click.echo("components:")
-    for name, module in bundle.components().items():
+    parts = bundle.components()
+    for name, module in parts.items():
         click.echo(f"  {name:<15} {type(module).__name__:<28} {_dtypes(module):<9} {_param_count(module):>13,} params")
+    absent = [name for name in (*bundle.family_spec.components, "vae") if name not in parts]
+    if absent:  # a transformer-only Flux file: the parts come from separate files when training/generating
+        click.echo(f"  not in the model: {', '.join(absent)}")
     if bundle.metadata:
         click.echo("metadata:")
         for key in sorted(bundle.metadata):
@@ -113,9 +117,13 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
 @click.option("--seed", type=int, default=0, show_default=True)
 def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
-    from ..models.tiny import create_tiny_bundle
+    from ..models.family import family_adapter
 
-    bundle = create_tiny_bundle(family, seed=seed)
+    if family.startswith("flux"):
+        variant = "schnell" if family == "flux-schnell" else "dev"
+        bundle = family_adapter("flux").create_tiny(variant=variant, seed=seed)
+    else:
+        bundle = family_adapter(family).create_tiny(seed=seed)
     out = bundle.save(dst, format=fmt)
     click.echo(f"wrote {out} (tiny {family})")
 

@@ -6,8 +6,9 @@ from collections.abc import Iterable
 
 from ..hookspecs import hookimpl
 from ..models.family import BUILTIN_FAMILIES, ModelFamily
+from ..models.flux import FLUX
 
 
 @hookimpl
 def sdcore_model_families() -> Iterable[ModelFamily]:
-    return BUILTIN_FAMILIES
+    return (*BUILTIN_FAMILIES, FLUX)

@@ -255,6 +255,27 @@ def single_file_configs(source: Any, found: Detection, config: Any = None) -> di
     return configs
 
 
+def _transformer_family_of(keys: Any) -> str | None:
+    """The transformer family (Flux, SD3, a plugin's) whose adapter claims a file with these keys."""
+    from .family import families, family_adapter
+
+    for spec in families():
+        if spec.denoiser == "transformer" and family_adapter(spec).detect_single_file(keys):
+            return spec.name
+    return None
+
+
+def _read_other_family(name: str, path: Path, family: str | None, **options: Any) -> ModelBundle:
+    from .family import family_adapter
+
+    if family is not None and family != name:
+        raise ModelFormatError(f"{path}: is a {name} model, not {family}")
+    bundle = family_adapter(name).load_single_file(path, **options)
+    if not isinstance(bundle, ModelBundle):
+        raise ModelFormatError(f"{path}: the {name} family's reader returned {type(bundle).__name__}")
+    return bundle
+
+
 def read_single_file(
     path: str | os.PathLike[str],
     *,
@@ -265,14 +286,23 @@ def read_single_file(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    **family_options: Any,
 ) -> ModelBundle:
-    """Read a single-file ldm/SGM checkpoint (``.safetensors``, ``.ckpt``, ``.pt``)."""
+    """Read a single-file ldm/SGM checkpoint (``.safetensors``, ``.ckpt``, ``.pt``), or hand a file of a
+    transformer family (Flux, SD3, a plugin's) to that family's adapter with ``family_options``."""
     import torch
 
     from .source import CheckpointSource
 
     file = Path(path)
     source = CheckpointSource(file, use_ema=use_ema)
+    other = _transformer_family_of(source.keys)
+    if other is not None:  # SD3 / Flux / a plugin's family: its adapter reads the file
+        source.close()
+        return _read_other_family(other, file, family, dtype=dtype, device=device, tokenizer=tokenizer,
+                                  config=config, **family_options)  # fmt: skip
+    if family_options:
+        raise SdcoreError(f"{file}: option(s) {', '.join(sorted(family_options))} do not apply to SD1/SD2/SDXL models")
     try:
         found: Detection = detect(
             source.keys, source.shape, source.metadata, path=file, markers=source.markers,
@@ -350,13 +380,24 @@ def read_diffusers(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    **family_options: Any,
 ) -> ModelBundle:
     """Read a diffusers folder with the components' ``from_pretrained`` (local files only)."""
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from .flux.load import is_flux_folder, read_flux_diffusers
+
     folder = Path(path)
+    if is_flux_folder(folder):
+        if family not in (None, "flux"):
+            raise ModelFormatError(f"{folder}: is a flux model, not {family}")
+        return read_flux_diffusers(folder, dtype=dtype, device=device, tokenizer=tokenizer, **family_options)
+    if family_options:
+        raise SdcoreError(
+            f"{folder}: option(s) {', '.join(sorted(family_options))} do not apply to SD1/SD2/SDXL models"
+        )
     index = _read_json(folder / "model_index.json")
     configs = configs_from_diffusers_folder(folder)
     found = _folder_family(folder, index, configs)
@@ -408,6 +449,13 @@ def read_tiny(
     from .tiny import create_tiny_bundle
 
     family = spec.split(":", 1)[1] if ":" in spec else spec
+    if family in ("flux", "flux-dev", "flux-schnell"):
+        from .flux.adapter import FluxAdapter
+
+        bundle = FluxAdapter().create_tiny(variant="schnell" if family == "flux-schnell" else "dev")
+        if dtype is not None:
+            bundle.to(dtype=resolve_dtype(dtype))
+        return _finish(bundle, device)
     try:
         bundle = create_tiny_bundle(family, prediction_type=prediction_type)
     except ValueError as exc:
@@ -528,6 +576,7 @@ def load_model(
     config: Any = None,
     use_ema: bool = False,
     pm: Any = None,
+    **family_options: Any,
 ) -> ModelBundle:
     """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>``, ``toyworld:`` or a cached Hub id.
 
@@ -540,12 +589,17 @@ def load_model(
     encoder) that wins over the model's own and the bundled one; ``config`` is a diffusers folder
     (or a dict in the ``sdcore.config`` shape) giving the layout of a non-standard single file;
     ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint.
+    ``family_options`` go to a transformer family's reader: for Flux ``clip_l=``, ``t5xxl=``, ``ae=``
+    (parts in separate files or folders) and ``t5_tokenizer=`` (see :mod:`sdcore.models.flux.load`).
     """
     if family is not None and family not in FAMILIES:
-        raise SdcoreError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        from .family import family_names
+
+        if family not in family_names():
+            raise SdcoreError(f"unknown family {family!r}; choose one of {', '.join(family_names())}")
     text = os.fspath(path_or_hub_id)
     options = dict(family=family, prediction_type=prediction_type, dtype=dtype, device=device,
-                   tokenizer=tokenizer, config=config, use_ema=use_ema)  # fmt: skip
+                   tokenizer=tokenizer, config=config, use_ema=use_ema, **family_options)  # fmt: skip
     if pm is not None:
         bundle = _read_with_plugin_formats(pm, text, options)
         if bundle is not None:

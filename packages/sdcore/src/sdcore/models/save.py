@@ -169,13 +169,20 @@ def _model_index(bundle: ModelBundle) -> dict[str, Any]:
     import diffusers
 
     index: dict[str, Any] = {"_diffusers_version": diffusers.__version__}
-    none = [None, None]
+    none: list[str | None] = [None, None]
     unet = ["diffusers", "UNet2DConditionModel"]
     vae = ["diffusers", "AutoencoderKL"]
     scheduler = ["diffusers", type(bundle.noise_scheduler).__name__]
     tok = ["transformers", "CLIPTokenizer"]
-    te = [["transformers", type(m).__name__] for m in bundle.text_encoders]
-    if bundle.family in ("sd1", "sd2"):
+    te: list[list[str | None]] = [["transformers", type(m).__name__] for m in bundle.text_encoders]
+    if bundle.family == "flux":
+        te += [none] * (2 - len(te))
+        index.update(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"],
+                     vae=vae if bundle.vae is not None else none, scheduler=scheduler, text_encoder=te[0],
+                     tokenizer=tok if te[0] != none else none, text_encoder_2=te[1],
+                     tokenizer_2=["transformers", "T5TokenizerFast"] if len(bundle.tokenizers) > 1 else none,
+                     image_encoder=none, feature_extractor=none)  # fmt: skip
+    elif bundle.family in ("sd1", "sd2"):
         cls = "StableDiffusionInpaintPipeline" if bundle.inpainting else "StableDiffusionPipeline"
         index.update(_class_name=cls, unet=unet, vae=vae, scheduler=scheduler, text_encoder=te[0], tokenizer=tok,
                      safety_checker=none, feature_extractor=none, image_encoder=none, requires_safety_checker=False)  # fmt: skip
@@ -250,11 +257,12 @@ def write_diffusers(
             first = next(iter(module.parameters()))
             out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module
             out.save_pretrained(tmp / name, safe_serialization=True)
-            if name.startswith("text_encoder"):
+            if name.startswith("text_encoder") and type(module).__name__.startswith("CLIP"):  # not T5
                 prefix_text_model_keys(tmp / name)
         token_names = ["tokenizer_2"] if bundle.family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
         for name, tokenizer in zip(token_names, bundle.tokenizers, strict=False):
-            tokenizer.save_pretrained(str(tmp / name))
+            if tokenizer is not None:  # a Flux T5 with no tokenizer found (model info of a real file)
+                tokenizer.save_pretrained(str(tmp / name))
         bundle.noise_scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(_model_index(bundle), indent=2), encoding="utf-8")
         if metadata:
@@ -289,6 +297,11 @@ def save_bundle(
     target = Path(path)
     if format is None:
         format = "single-file" if target.suffix.lower() in (".safetensors", ".sft") else "diffusers"
+    if bundle.family == "flux" and format in ("single-file", "bfl"):  # ComfyUI all-in-one, or BFL transformer
+        from .flux.save import write_flux_single_file
+
+        layout = "bfl" if format == "bfl" else "comfy"
+        return write_flux_single_file(bundle, target, dtype=dtype, metadata=metadata, layout=layout)
     if format == "single-file":
         return write_single_file(bundle, target, dtype=dtype, prune=prune, metadata=metadata)
     if format == "diffusers":

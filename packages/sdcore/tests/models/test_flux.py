@@ -342,3 +342,53 @@ def test_cli_create_tiny_and_info(tmp_path):
     load_model(out).save(bfl, format="bfl")
     info = runner.invoke(cli, ["model", "info", str(bfl), "--no-hash"])
     assert "not in the model: text_encoder, text_encoder_2, vae" in info.output, info.output
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def test_generate_images_equals_flux_pipeline(dev):
+    """sdcore's generation over the bundle = diffusers' FluxPipeline run on the same modules and seeds."""
+    from diffusers import FluxPipeline
+    from sdcore.generate.pipeline import generate_images
+
+    images = generate_images(dev, ["a purple ring", "a (red:1.3) square"], steps=3, cfg=3.5, seed=7,
+                             width=32, height=48)  # fmt: skip
+    pipe = FluxPipeline(scheduler=type(dev.noise_scheduler).from_config(dev.noise_scheduler.config), vae=dev.vae,
+                        text_encoder=dev.text_encoders[0], tokenizer=dev.tokenizers[0],
+                        text_encoder_2=dev.text_encoders[1], tokenizer_2=dev.tokenizers[1],
+                        transformer=dev.transformer)  # fmt: skip
+    import numpy as np
+
+    for index, prompt in enumerate(["a purple ring", "a red square"]):  # emphasis weights dropped
+        with torch.no_grad():
+            expected = pipe(prompt, width=32, height=48, num_inference_steps=3, guidance_scale=3.5,
+                            generator=torch.Generator().manual_seed(7 + index), max_sequence_length=512).images[0]  # fmt: skip
+        assert images[index].size == (32, 48)
+        assert np.array_equal(np.asarray(images[index]), np.asarray(expected)), index
+
+
+def test_generate_rejects_what_flux_lacks(dev):
+    from sdcore.errors import ConfigError
+    from sdcore.generate.pipeline import generate_images
+
+    with pytest.raises(ConfigError, match="negative prompt"):
+        generate_images(dev, ["a cat"], negative_prompt="blurry", steps=1, width=32, height=32)
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        generate_images(dev, ["a cat"], steps=1, width=40, height=32)
+    with pytest.raises(ConfigError, match="flow-matching Euler"):
+        generate_images(dev, ["a cat"], steps=1, width=32, height=32, sampler="dpm++2m")
+
+
+def test_cli_generate_tiny_flux(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    out = tmp_path / "flux.png"
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), ["generate", "--model", "tiny:flux-schnell", "a ring",
+                                "--steps", "2", "--seed", "3", "-o", str(out), "--models-dir", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    params = read_png_parameters(out)
+    assert params is not None and params.seed == 3 and params.sampler == "euler"  # not the SD default euler_a

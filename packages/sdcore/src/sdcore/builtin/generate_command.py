@@ -206,8 +206,10 @@ def _run_generate(params: dict[str, Any]) -> None:
 
     bundle = _load_bundle(params["model"], pm)
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
-    if bundle.device != device or bundle.unet.dtype != dtype:
-        bundle.to(device=device, dtype=dtype if bundle.unet.dtype != dtype else None)
+    if bundle.device != device or bundle.denoiser.dtype != dtype:
+        bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)
+    if bundle.family == "flux" and sampler == "euler_a":  # the default; Flux samples with flow-matching Euler
+        sampler = "euler"
 
     width, height = params["size"] or (None, None)
     infos: list[dict[str, str]] = []

@@ -98,6 +98,10 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
         transformers.utils.logging.set_verbosity_error()
     import diffusers
 
+    if bundle.family == "flux":
+        from ..models.flux.generate import build_flux_pipeline
+
+        return build_flux_pipeline(bundle, img2img=img2img, sampler=sampler_id(sampler))
     if bundle.inpainting:
         raise ConfigError(
             f"{bundle.source or 'this model'} is an inpainting model; generate does not support masks yet"
@@ -146,7 +150,9 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
 
 def default_size(bundle: ModelBundle) -> int:
     """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64, other small
-    models (the toy world's 32x32) their native size."""
+    models (the toy world's 32x32) their native size; transformer families their family's size."""
+    if bundle.unet is None:
+        return 64 if bundle.source_format == "tiny" else bundle.family_spec.native_resolution
     native = int(bundle.unet.config.sample_size) * bundle.vae_scale_factor
     if bundle.source_format == "tiny":
         return 64
@@ -318,6 +324,11 @@ def _run(
 ) -> list[Image.Image]:
     import torch
 
+    if bundle.family == "flux":
+        from ..models.flux.generate import run_flux
+
+        return run_flux(pipe, bundle, prompts, negatives, seeds=seeds, steps=steps, cfg=cfg, width=width,
+                        height=height, image=image, strength=strength)  # fmt: skip
     from .conditioning import encode_cond_uncond
 
     cond, uncond = encode_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)

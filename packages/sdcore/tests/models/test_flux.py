@@ -226,6 +226,23 @@ def test_our_writers_read_back(dev, tmp_path, fmt):
         _same_bundle(dev, loaded)
 
 
+def test_fp8_transformer_file_auto_keeps_stored_dtype(dev, tmp_path):
+    """A flux1-dev-fp8 style file: float8 weights; "auto" (model info) keeps them, default reads fp32."""
+    from sdcore.models.flux.convert import diffusers_to_bfl
+    from sdcore.models.load import load_model
+
+    stored = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v.to(torch.bfloat16))
+              for k, v in diffusers_to_bfl(dev.transformer.state_dict()).items()}  # fmt: skip
+    path = _save(stored, tmp_path / "flux1-dev-fp8.safetensors")
+    auto = load_model(path, dtype="auto")
+    assert {p.dtype for p in auto.transformer.parameters()} == {torch.float8_e4m3fn, torch.bfloat16}
+    full = load_model(path)
+    assert {p.dtype for p in full.transformer.parameters()} == {torch.float32}
+    key = "double_blocks.0.img_mlp.0.weight"
+    assert torch.equal(full.transformer.state_dict()["transformer_blocks.0.ff.net.0.proj.weight"],
+                       stored[key].to(torch.float32))  # fmt: skip
+
+
 def test_option_and_part_errors(dev, tmp_path):
     from sdcore.errors import ModelFormatError, SdcoreError
     from sdcore.models.flux.adapter import FluxAdapter
@@ -366,6 +383,24 @@ def test_generate_images_equals_flux_pipeline(dev):
                             generator=torch.Generator().manual_seed(7 + index), max_sequence_length=512).images[0]  # fmt: skip
         assert images[index].size == (32, 48)
         assert np.array_equal(np.asarray(images[index]), np.asarray(expected)), index
+
+
+def test_img2img_equals_flux_img2img_pipeline(dev):
+    import numpy as np
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+    from sdcore.generate.pipeline import generate_images
+
+    init = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    got = generate_images(dev, ["a ring"], steps=4, cfg=2.0, seed=1, init_image=init, strength=0.5)[0]
+    pipe = FluxImg2ImgPipeline(scheduler=type(dev.noise_scheduler).from_config(dev.noise_scheduler.config),
+                               vae=dev.vae, text_encoder=dev.text_encoders[0], tokenizer=dev.tokenizers[0],
+                               text_encoder_2=dev.text_encoders[1], tokenizer_2=dev.tokenizers[1],
+                               transformer=dev.transformer)  # fmt: skip
+    with torch.no_grad():
+        expected = pipe("a ring", image=[init], strength=0.5, width=32, height=32, num_inference_steps=4,
+                        guidance_scale=2.0, generator=[torch.Generator().manual_seed(1)]).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
 
 
 def test_generate_rejects_what_flux_lacks(dev):

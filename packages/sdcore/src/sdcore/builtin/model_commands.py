@@ -78,9 +78,10 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["single-file", "diffusers"]),
+    type=click.Choice(["single-file", "diffusers", "bfl"]),
     default=None,
-    help="Output format (default: single-file when DST ends in .safetensors, else diffusers).",
+    help="Output format (default: single-file when DST ends in .safetensors, else diffusers; "
+    "bfl: a Flux transformer alone in Black Forest Labs' keys).",
 )
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")

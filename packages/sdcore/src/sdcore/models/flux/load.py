@@ -234,7 +234,9 @@ def load_clip_l(path: str | os.PathLike[str], *, dtype: Any = None) -> Any:
         if folder is None:
             raise ModelFormatError(f"{file}: no CLIP text encoder folder here (config.json)")
         try:
-            module = transformers.CLIPTextModel.from_pretrained(str(folder), local_files_only=True, dtype=target)
+            module = transformers.CLIPTextModel.from_pretrained(
+                str(folder), local_files_only=True, dtype=_folder_dtype(folder, target)
+            )
         except (OSError, ValueError) as exc:
             raise ModelFormatError(f"{folder}: cannot read CLIP text encoder ({exc})") from None
         return module.eval()
@@ -259,7 +261,9 @@ def load_ae(path: str | os.PathLike[str], *, dtype: Any = None) -> Any:
         if folder is None:
             raise ModelFormatError(f"{file}: no VAE folder here (config.json)")
         try:
-            module = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, torch_dtype=target)
+            module = AutoencoderKL.from_pretrained(
+                str(folder), local_files_only=True, torch_dtype=_folder_dtype(folder, target)
+            )
         except (OSError, ValueError) as exc:
             raise ModelFormatError(f"{folder}: cannot read VAE ({exc})") from None
         return module.eval()
@@ -274,11 +278,21 @@ def load_ae(path: str | os.PathLike[str], *, dtype: Any = None) -> Any:
 
 
 def _dtype(dtype: Any) -> Any:
+    """``None`` -> fp32 (load_model's default); ``"auto"`` -> ``None``: keep each tensor's stored dtype
+    (``model info`` on a 12B bf16/fp8 file must not upcast it); else the named dtype."""
     import torch
 
     from ...dtypes import resolve_dtype
 
-    return (resolve_dtype(dtype) if dtype not in (None, "auto") else None) or torch.float32
+    if dtype is None:
+        return torch.float32
+    return None if dtype == "auto" else resolve_dtype(dtype)
+
+
+def _folder_dtype(folder: Path, target: Any) -> Any:
+    from ..load import stored_dtype
+
+    return target or stored_dtype(folder) or _dtype(None)
 
 
 # ----------------------------------------------------------------------------------------------- bundles
@@ -344,7 +358,7 @@ def _separate_parts(parts: dict[str, Any], clip_l: Any, t5xxl: Any, ae: Any, dty
     if clip_l is not None:
         parts["text_encoder"] = load_clip_l(clip_l, dtype=dtype)
     if t5xxl is not None:
-        parts["text_encoder_2"] = load_t5_encoder(t5xxl, dtype=_dtype(dtype))
+        parts["text_encoder_2"] = load_t5_encoder(t5xxl, dtype=dtype)
     if ae is not None:
         parts["vae"] = load_ae(ae, dtype=dtype)
 

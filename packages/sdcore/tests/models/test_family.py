@@ -181,3 +181,91 @@ def test_bundle_family_spec_and_denoiser(tiny_bundles):
     assert bundle.family_spec is SDXL
     assert bundle.denoiser is bundle.unet
     assert list(bundle.components()) == ["unet", "vae", "text_encoder", "text_encoder_2"]
+
+
+# --- the model I/O asks the families ------------------------------------------------------------
+
+
+class _ToyAdapter:
+    """A transformer family's adapter that records what the loaders ask of it."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        self.calls = []
+
+    def detect_single_file(self, keys):
+        return "toy_dit.marker" in keys
+
+    def load_single_file(self, path, **options):
+        self.calls.append(("load_single_file", path, options))
+        return self.bundle
+
+    def create_tiny(self, **options):
+        self.calls.append(("create_tiny", options))
+        return self.bundle
+
+    def detect_diffusers(self, index):
+        return index.get("_class_name") == "ToyDitPipeline"
+
+    def load_diffusers(self, folder, **options):
+        self.calls.append(("load_diffusers", folder, options))
+        return self.bundle
+
+    def encode_prompts(self, bundle, prompts, **options):
+        raise NotImplementedError
+
+    def predict(self, bundle, noisy_latents, timesteps, conditioning, **options):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def toy_family(monkeypatch, tiny_bundles):
+    import sys
+    import types
+
+    adapter = _ToyAdapter(tiny_bundles["sd1"])
+    module = types.ModuleType("sdcore_toy_family_for_tests")
+    module.ADAPTER = adapter
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    register_family(dataclasses.replace(TOY, adapter=f"{module.__name__}:ADAPTER"))
+    return adapter
+
+
+def test_single_files_tiny_models_and_folders_of_a_plugin_family(toy_family, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from sdcore.models.layout import LayoutUnavailableError, read_layout
+    from sdcore.models.load import load_model
+
+    path = tmp_path / "toy.safetensors"
+    save_file({"toy_dit.marker": torch.zeros(1)}, str(path))
+    assert load_model(path, dtype="bf16") is toy_family.bundle
+    kind, where, options = toy_family.calls[-1]
+    assert (kind, where, options["dtype"]) == ("load_single_file", path, "bf16")
+    with pytest.raises(LayoutUnavailableError, match="toy-dit family cannot tell its layout"):
+        read_layout(path)
+    with pytest.raises(Exception, match="is a toy-dit checkpoint, not sd1"):
+        load_model(path, family="sd1")
+
+    assert load_model("tiny:toy-dit") is toy_family.bundle
+    assert toy_family.calls[-1][0] == "create_tiny"
+
+    folder = tmp_path / "toy-folder"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "ToyDitPipeline"}))
+    assert load_model(folder) is toy_family.bundle
+    assert toy_family.calls[-1][:2] == ("load_diffusers", folder)
+
+
+def test_a_file_no_family_claims_names_the_known_ones(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.load import load_model
+
+    path = tmp_path / "toy.safetensors"
+    save_file({"toy_dit.marker": torch.zeros(1)}, str(path))
+    with pytest.raises(ModelFormatError, match="no other known family's keys: sd1, sd2, sdxl, sdxl-refiner"):
+        load_model(path)

@@ -9,8 +9,6 @@ import click
 
 from ..hookspecs import hookimpl
 
-_FAMILIES = ["sd1", "sd2", "sdxl", "flux", "flux-schnell"]  # flux = FLUX.1-dev (guidance embedding)
-
 
 @click.group("model")
 def model_group() -> None:
@@ -107,7 +105,13 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
 
 @model_group.command("create-tiny")
 @click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
-@click.option("--family", type=click.Choice(_FAMILIES), default="sd1", show_default=True)
+@click.option(
+    "--family",
+    default="sd1",
+    show_default=True,
+    help="Model family: sd1, sd2, sdxl, flux (FLUX.1-dev), flux-schnell, or another declared family "
+    "(sdcore plugins --all lists them; FAMILY-VARIANT picks a variant).",
+)
 @click.option(
     "--format",
     "fmt",
@@ -119,12 +123,10 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
 def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
     from ..models.family import family_adapter
+    from ..models.load import tiny_family
 
-    if family.startswith("flux"):
-        variant = "schnell" if family == "flux-schnell" else "dev"
-        bundle = family_adapter("flux").create_tiny(variant=variant, seed=seed)
-    else:
-        bundle = family_adapter(family).create_tiny(seed=seed)
+    name, variant = tiny_family(family)
+    bundle = family_adapter(name).create_tiny(seed=seed, **variant)
     out = bundle.save(dst, format=fmt)
     click.echo(f"wrote {out} (tiny {family})")
 

@@ -79,6 +79,22 @@ class ModelBundle:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def latent_shift_factor(self) -> float:
+        """The VAE's latent shift (SD3/Flux); its config wins over the family's declared value."""
+        value = self.vae.config.get("shift_factor") if hasattr(self.vae.config, "get") else None
+        return float(value) if value is not None else self.family_spec.latent.shift_factor
+
+    def normalize_latents(self, raw: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the denoiser's space: ``(raw - shift) * scale`` (the family's latent format
+        with this VAE's constants)."""
+        shift = self.latent_shift_factor
+        return (raw - shift) * self.vae_scaling_factor if shift else raw * self.vae_scaling_factor
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents -> what the VAE decoder takes."""
+        return latents / self.vae_scaling_factor + self.latent_shift_factor
+
+    @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 

@@ -115,6 +115,13 @@ class FamilyAdapter(Protocol):
     Implementations accept and ignore ``**options`` they do not know, so the runtime can pass
     more context later (it passes ``batch=`` to :meth:`predict`: the training batch, whose
     size conditioning SDXL uses; it is ``None`` at generation time).
+
+    Optional: ``read_layout(path) -> sdcore.models.layout.ModelLayout`` describes a single file
+    from its header (configs under ``"transformer"``/``"unet"``, ``"vae"``, ``"text_encoders"``
+    with ``_class_name``) so the pre-flight can plan memory before loading; without it the plan is
+    skipped for such files, with a note. ``detect_diffusers(index: dict) -> bool`` (given a
+    folder's ``model_index.json``) and ``load_diffusers(folder, **options) -> ModelBundle`` let a
+    non-UNet family read its diffusers folders through :func:`sdcore.models.load.load_model`.
     """
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

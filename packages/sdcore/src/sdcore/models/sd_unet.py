@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, ModelFormatError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -33,12 +33,9 @@ class SdUnetAdapter:
 
     # --- model I/O ---------------------------------------------------------------------------
     def detect_single_file(self, keys: Collection[str]) -> bool:
-        from .detect import detect_family
+        from .detect import is_unet_family_file
 
-        try:
-            return detect_family(keys) == self.family
-        except ModelFormatError:
-            return False
+        return is_unet_family_file(keys, self.family)
 
     def load_single_file(self, path: Any, **options: Any) -> ModelBundle:
         from .load import read_single_file

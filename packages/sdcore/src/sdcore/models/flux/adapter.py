@@ -91,6 +91,17 @@ class FluxAdapter:
 
         return read_flux_single_file(path, **options)
 
+    def detect_diffusers(self, index: dict[str, Any]) -> bool:
+        """A diffusers folder's ``model_index.json`` of a Flux pipeline."""
+        from .load import is_flux_index
+
+        return is_flux_index(index)
+
+    def load_diffusers(self, folder: Any, **options: Any) -> ModelBundle:
+        from .load import read_flux_diffusers
+
+        return read_flux_diffusers(folder, **options)
+
     def create_tiny(self, *, variant: str = "dev", seed: int = 0, **options: Any) -> ModelBundle:
         """The tiny Flux.1 ``variant`` (``dev`` with guidance embedding, or ``schnell``)."""
         from .load import make_bundle

@@ -442,14 +442,10 @@ def folder_configs(folder: Path) -> dict[str, Any]:
     return out
 
 
-def is_flux_folder(folder: Path) -> bool:
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return "Flux" in str(index.get("_class_name", "")) or index.get("transformer", [None, ""])[1] == (
-        "FluxTransformer2DModel"
-    )
+def is_flux_index(index: dict[str, Any]) -> bool:
+    """A ``model_index.json`` of a Flux.1 pipeline (any Flux pipeline class, or its transformer class)."""
+    transformer = index.get("transformer") or [None, None]
+    return str(index.get("_class_name", "")).startswith("Flux") or transformer[-1] == "FluxTransformer2DModel"
 
 
 def read_flux_diffusers(

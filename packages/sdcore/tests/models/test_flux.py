@@ -427,3 +427,42 @@ def test_cli_generate_tiny_flux(tmp_path):
     assert result.exit_code == 0, result.output
     params = read_png_parameters(out)
     assert params is not None and params.seed == 3 and params.sampler == "euler"  # not the SD default euler_a
+
+
+def test_t5_attention_mask_hides_padding(dev):
+    """With the mask (kohya's --apply_t5_attn_mask) the padded T5 positions cannot change the
+    prediction; without it they do (the pipelines' default attends to padding)."""
+    import dataclasses
+
+    from sdcore.models.flux.adapter import T5_MASK, FluxAdapter
+
+    adapter = FluxAdapter()
+    latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(2))
+    steps = torch.tensor([500.0, 900.0])
+    with torch.no_grad():
+        masked = adapter.encode_prompts(dev, ["a ring", "a big red square"], max_length=16, attention_mask=True)
+        plain = adapter.encode_prompts(dev, ["a ring", "a big red square"], max_length=16)
+        pad = masked.extra[T5_MASK] == 0
+        assert pad.any() and T5_MASK not in plain.extra
+        noise = torch.randn(masked.hidden_states.shape) * pad[..., None]
+        changed = dataclasses.replace(masked, hidden_states=masked.hidden_states + noise)
+        a = adapter.predict(dev, latents, steps, masked)
+        b = adapter.predict(dev, latents, steps, changed)
+        c = adapter.predict(dev, latents, steps, dataclasses.replace(plain, hidden_states=changed.hidden_states))
+        d = adapter.predict(dev, latents, steps, plain)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(c, d, atol=1e-4)
+
+
+def test_layout_from_header_for_the_memory_plan(dev, tmp_path):
+    from sdcore.models.layout import meta_bundle, read_layout
+
+    full = read_layout(dev.save(tmp_path / "all.safetensors", dtype="bf16"))
+    assert full.family == "flux" and full.notes == [] and full.stored_bytes_per_weight == 2.0
+    meta = meta_bundle(full)
+    assert meta.transformer.config.guidance_embeds and meta.transformer.config.num_layers == 2
+    assert sum(p.numel() for p in meta.transformer.parameters()) == sum(p.numel() for p in dev.transformer.parameters())
+    assert meta.vae.config.latent_channels == 16
+    alone = read_layout(dev.save(tmp_path / "bfl.safetensors", format="bfl"))
+    assert alone.notes == ["not in the file, planned at the released sizes: vae, clip_l, t5xxl"]
+    assert alone.configs["text_encoders"][1]["d_model"] == 4096  # T5-XXL

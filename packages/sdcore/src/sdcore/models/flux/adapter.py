@@ -9,6 +9,7 @@ trained through sdcore and sampled by diffusers (or ComfyUI) sees the same input
 - latents [B, 16, H, W] are cut into 2x2 patches -> [B, H/2 * W/2, 64]; each patch's position id is
   (0, row, column);
 - the transformer gets ``timestep / 1000`` (sdcore's timesteps are sigma * 1000 as the pipelines'),
+  and, with ``attention_mask=True`` at encoding, a joint-attention mask hiding T5's padding tokens,
   and, for dev models, the guidance value (kohya's ``--guidance_scale``; 1.0 by default for
   training as kohya's examples use).
 """
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 #: guidance passed to a dev model's guidance embedding when none is given
 DEFAULT_GUIDANCE = 1.0
+#: ``Conditioning.extra`` key of the T5 attention mask (present when prompts were encoded with
+#: ``attention_mask=True``, kohya's ``--apply_t5_attn_mask``): predict then masks T5 padding as keys
+T5_MASK = "t5_attention_mask"
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -91,6 +95,12 @@ class FluxAdapter:
 
         return read_flux_single_file(path, **options)
 
+    def read_layout(self, path: Any) -> Any:
+        """Configs of a Flux single file from its header (the pre-flight's memory plan)."""
+        from .load import read_flux_layout
+
+        return read_flux_layout(path)
+
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A diffusers folder's ``model_index.json`` of a Flux pipeline."""
         from .load import is_flux_index
@@ -148,10 +158,11 @@ class FluxAdapter:
         tokens = clip_tok(list(prompts), padding="max_length", max_length=clip_tok.model_max_length,
                           truncation=True, return_tensors="pt")  # fmt: skip
         pooled = clip(tokens.input_ids.to(device), output_hidden_states=False).pooler_output
-        hidden, _mask = encode_t5(
+        hidden, mask = encode_t5(
             t5, t5_tok, prompts, max_length=max_length or self.t5_max_length(bundle), attention_mask=attention_mask
         )
-        return Conditioning(hidden_states=hidden.to(dtype=t5.dtype), pooled=pooled.to(dtype=clip.dtype))
+        extra = {T5_MASK: mask} if attention_mask else {}
+        return Conditioning(hidden_states=hidden.to(dtype=t5.dtype), pooled=pooled.to(dtype=clip.dtype), extra=extra)
 
     def predict(
         self,
@@ -178,6 +189,11 @@ class FluxAdapter:
         if transformer.config.guidance_embeds:
             given = DEFAULT_GUIDANCE if guidance is None else guidance
             value = torch.as_tensor(given, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        kwargs: dict[str, Any] = {}
+        if T5_MASK in conditioning.extra:  # padding tokens masked as keys in every joint attention
+            text = conditioning.extra[T5_MASK].to(device=device, dtype=torch.bool)
+            image = torch.ones(batch, packed.shape[1], device=device, dtype=torch.bool)
+            kwargs["joint_attention_kwargs"] = {"attention_mask": torch.cat([text, image], dim=1)[:, None, None, :]}
         out = transformer(
             hidden_states=packed,
             timestep=step,
@@ -187,5 +203,6 @@ class FluxAdapter:
             txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
             img_ids=image_ids(height, width, device=device, dtype=dtype),
             return_dict=False,
+            **kwargs,
         )[0]
         return unpack_latents(out, height, width)

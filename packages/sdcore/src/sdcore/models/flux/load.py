@@ -511,3 +511,67 @@ def read_flux_diffusers(
     if device is not None:
         bundle.to(device=device)
     return bundle
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def read_flux_layout(path: str | os.PathLike[str]) -> Any:
+    """The :class:`~sdcore.models.layout.ModelLayout` of a Flux single file from its header alone
+    (the pre-flight's memory plan). Parts the file lacks are planned at the released sizes (CLIP-L,
+    T5-XXL, the Flux VAE), with a note: they come from ``clip_l=``/``t5xxl=``/``ae=`` at load time."""
+    from ..layout import ModelLayout, _bytes_per_weight
+    from ..load import bundled_config
+    from ..source import read_safetensors_header
+    from ..t5 import COMFY_T5_PREFIX, T5_XXL_CONFIG, t5_config_from_shapes
+    from .tiny import vae_config
+
+    file = Path(path)
+    source = _open(file)
+    try:
+        prefix = transformer_prefix(source.keys)
+        if prefix is None:
+            raise ModelFormatError(f"{file}: not a Flux.1 file (no {PROBE})")
+        keys, shape = source.keys, source.shape
+        stored = _stored_configs(source.metadata, file, None)
+        notes: list[str] = []
+        transformer = stored.get("transformer") or transformer_config_from_bfl(keys, shape, prefix)
+        vae = stored.get("vae") or (
+            vae_config_from_shapes(keys, shape, VAE_PREFIX) if VAE_PREFIX + _VAE_LDM_PROBE in keys else None
+        )
+        cp = clip_prefix(keys)
+        if stored.get("text_encoder"):
+            clip = dict(stored["text_encoder"])
+        elif cp:
+            from ..infer import infer_text_encoder
+
+            clip = infer_text_encoder(keys, shape, cp, False, "sd1")
+        else:
+            clip = None
+        t5 = stored.get("text_encoder_2") or (
+            t5_config_from_shapes(keys, shape, COMFY_T5_PREFIX)
+            if COMFY_T5_PREFIX + "encoder.final_layer_norm.weight" in keys
+            else None
+        )
+        variant = variant_of(keys, prefix)
+    finally:
+        source.close()
+    missing = [name for name, cfg in (("vae", vae), ("clip_l", clip), ("t5xxl", t5)) if cfg is None]
+    if missing:
+        notes.append(f"not in the file, planned at the released sizes: {', '.join(missing)}")
+    clip = clip or {k: v for k, v in bundled_config("sd1")["text_encoders"][0].items()}
+    clip["_class_name"] = "CLIPTextModel"
+    t5 = {**(t5 or T5_XXL_CONFIG), "_class_name": "T5EncoderModel"}
+    from .tiny import scheduler_config
+
+    configs = {
+        "transformer": {**transformer, "_class_name": "FluxTransformer2DModel"},
+        "vae": vae or vae_config(tiny=False),
+        "text_encoders": [clip, t5],
+        "scheduler": stored.get("scheduler") or scheduler_config(variant),
+    }
+    header, _ = read_safetensors_header(file) if source.format == "safetensors" else ({}, 0)
+    layout = ModelLayout(str(file), "flux", FLOW_PREDICTION, configs, "single-file",
+                         _bytes_per_weight(header) if header else 4.0)  # fmt: skip
+    layout.notes.extend(notes)
+    return layout

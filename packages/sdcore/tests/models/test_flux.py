@@ -466,3 +466,42 @@ def test_layout_from_header_for_the_memory_plan(dev, tmp_path):
     alone = read_layout(dev.save(tmp_path / "bfl.safetensors", format="bfl"))
     assert alone.notes == ["not in the file, planned at the released sizes: vae, clip_l, t5xxl"]
     assert alone.configs["text_encoders"][1]["d_model"] == 4096  # T5-XXL
+
+
+def test_flow_matching_training_steps_reduce_the_loss():
+    """The adapter's predict with sdcore's FlowMatchingObjective is a trainable flow-matching setup:
+    25 Adam steps on one image and caption bring the velocity loss on fixed held-out noises down."""
+    from sdcore.models.family import get_family
+    from sdcore.models.flux.adapter import FluxAdapter
+    from sdcore.train.objectives import FlowMatchingObjective
+
+    adapter = FluxAdapter()
+    bundle = adapter.create_tiny(variant="dev", seed=4)
+    pixels = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
+    with torch.no_grad():
+        latents = get_family("flux").latent.normalize(bundle.vae.encode(pixels).latent_dist.mean)
+        cond = adapter.encode_prompts(bundle, ["a purple ring"], max_length=16)
+    objective = FlowMatchingObjective(timestep_sampling="sigmoid", shift=3.0)
+    held_out = [objective.noised(latents, *objective.sample([1000 + i], latents.shape[1:])) for i in range(4)]
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return sum(
+                torch.nn.functional.mse_loss(adapter.predict(bundle, n.noisy, n.timesteps, cond), n.target).item()
+                for n in held_out
+            )
+
+    before = held_out_loss()
+    transformer = bundle.transformer.train()
+    optimizer = torch.optim.Adam(transformer.parameters(), lr=3e-3)
+    for step in range(25):
+        noise, timesteps = objective.sample([step], latents.shape[1:])
+        noised = objective.noised(latents, noise, timesteps)
+        prediction = adapter.predict(bundle, noised.noisy, noised.timesteps, cond)
+        loss = torch.nn.functional.mse_loss(prediction, noised.target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = held_out_loss()
+    assert latents.shape == (1, 16, 8, 8)
+    assert after < 0.8 * before, (before, after)  # measured 0.64 (5.54 -> 3.56)

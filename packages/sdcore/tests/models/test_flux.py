@@ -505,3 +505,30 @@ def test_flow_matching_training_steps_reduce_the_loss():
     after = held_out_loss()
     assert latents.shape == (1, 16, 8, 8)
     assert after < 0.8 * before, (before, after)  # measured 0.64 (5.54 -> 3.56)
+
+
+def test_cli_parts_in_separate_files(dev, pipeline_folder, tmp_path):
+    """`model convert flux1-dev.safetensors --clip-l --t5xxl --ae` -> one ComfyUI checkpoint; generate
+    takes the same options."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.models.load import load_model
+    from sdcore.plugins import get_plugin_manager
+
+    cli, runner = build_cli(get_plugin_manager()), CliRunner()
+    bfl = dev.save(tmp_path / "flux1-dev.safetensors", format="bfl")
+    parts = ["--clip-l", str(pipeline_folder / "text_encoder"), "--t5xxl", str(pipeline_folder / "text_encoder_2"),
+             "--ae", str(pipeline_folder / "vae")]  # fmt: skip
+    info = runner.invoke(cli, ["model", "info", str(bfl), "--no-hash", *parts])
+    assert info.exit_code == 0 and "not in the model" not in info.output and "T5EncoderModel" in info.output
+    out = tmp_path / "comfy.safetensors"
+    result = runner.invoke(cli, ["model", "convert", str(bfl), str(out), *parts])
+    assert result.exit_code == 0, result.output
+    _same_bundle(dev, load_model(out))
+    png = tmp_path / "x.png"
+    result = runner.invoke(cli, ["generate", "--model", str(bfl), *parts, "a ring", "--size", "32", "--steps", "1",
+                                 "-o", str(png), "--models-dir", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0 and png.is_file(), result.output
+    missing = runner.invoke(cli, ["generate", "--model", str(bfl), "a ring", "--steps", "1", "-o", str(png),
+                                  "--models-dir", str(tmp_path)])  # fmt: skip
+    assert missing.exit_code != 0 and "clip_l=" in missing.output and "Traceback" not in missing.output

@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from ..hookspecs import hookimpl
+from .part_options import part_kwargs, part_options
 
 _SAMPLER_HELP = (
     "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
@@ -123,6 +124,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Output PNG (a batch writes NAME-0.png, NAME-1.png ...).",
 )
+@part_options
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
     _run_generate(params)
@@ -157,11 +159,12 @@ def _plugin_manager() -> Any:
     return pm
 
 
-def _load_bundle(source: str, pm: Any) -> Any:
-    """Any model source ``load_model`` reads (plugin formats included); ``tiny:<family>`` too."""
+def _load_bundle(source: str, pm: Any, **parts: Any) -> Any:
+    """Any model source ``load_model`` reads (plugin formats included); ``tiny:<family>`` too;
+    ``parts``: components in separate files (``clip_l``, ``t5xxl``, ``ae``, ``t5_tokenizer``)."""
     from ..models.load import load_model
 
-    return load_model(source, pm=pm)
+    return load_model(source, pm=pm, **parts)
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
@@ -204,7 +207,7 @@ def _run_generate(params: dict[str, Any]) -> None:
     # Fail on unknown tags and malformed syntax before spending time on loading the model.
     session.parse(params["prompt"], params["negative"])
 
-    bundle = _load_bundle(params["model"], pm)
+    bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
     if bundle.device != device or bundle.denoiser.dtype != dtype:
         bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)

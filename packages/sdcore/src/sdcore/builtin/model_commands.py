@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ..hookspecs import hookimpl
+from .part_options import part_kwargs, part_options
 
 
 @click.group("model")
@@ -35,12 +36,13 @@ def _dtypes(module: Any) -> str:
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashing a large file takes a while).")
-def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool) -> None:
+@part_options
+def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool, **parts: Any) -> None:
     """Show family, prediction type, components, metadata and hashes of PATH."""
     from ..models.hashes import all_hashes
     from ..models.load import load_model
 
-    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto")
+    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **part_kwargs(parts))
     click.echo(f"model:           {path}")
     click.echo(f"format:          {bundle.source_format}")
     click.echo(f"family:          {bundle.family_label}")
@@ -93,12 +95,14 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
 @click.option(
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
+@part_options
 def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune: bool, ema: bool,
-                    prediction_type: str | None, config: str | None) -> None:  # fmt: skip
-    """Convert SRC (folder, single file, tiny:<family>) to DST."""
+                    prediction_type: str | None, config: str | None, **parts: Any) -> None:  # fmt: skip
+    """Convert SRC (folder, single file, tiny:<family>) to DST (a Flux transformer file plus --clip-l,
+    --t5xxl and --ae becomes one ComfyUI checkpoint)."""
     from ..models.load import load_model
 
-    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config)
+    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **part_kwargs(parts))
     out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
     click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
 

@@ -73,9 +73,17 @@ def _require(bundle: ModelBundle, what: str) -> None:
     present = {"text_encoder": len(bundle.text_encoders) > 0, "text_encoder_2": len(bundle.text_encoders) > 1,
                "vae": bundle.vae is not None}  # fmt: skip
     if not present[what]:
+        option = PART_OPTIONS[what]
         raise ModelFormatError(
-            f"{bundle.source}: this Flux model has no {what}; give it with {PART_OPTIONS[what]}=<file or folder>"
+            f"{bundle.source}: this Flux model has no {what}; give it with {option}=<file or folder> "
+            f"(--{option.replace('_', '-')} on the command line)"
         )
+
+
+def require_complete(bundle: ModelBundle) -> None:
+    """Every part generation needs (CLIP-L, T5, VAE), or the error naming the option that supplies it."""
+    for part in ("text_encoder", "text_encoder_2", "vae"):
+        _require(bundle, part)
 
 
 class FluxAdapter:

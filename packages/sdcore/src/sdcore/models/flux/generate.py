@@ -27,12 +27,11 @@ def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: 
     """A ``FluxPipeline`` (or ``FluxImg2ImgPipeline``) sharing the bundle's modules."""
     import diffusers
 
-    from .adapter import _require
+    from .adapter import require_complete
 
     if sampler not in FLUX_SAMPLERS:
         raise ConfigError(f"Flux models sample with the flow-matching Euler sampler (euler), not {sampler!r}")
-    for part in ("text_encoder", "text_encoder_2", "vae"):
-        _require(bundle, part)
+    require_complete(bundle)
     if bundle.tokenizers[1] is None:
         from ..t5 import load_t5_tokenizer
 

@@ -77,6 +77,7 @@ class ModelFamily:
     adapter: str  # import string "module:attr" of the family's FamilyAdapter (class or instance)
     lora_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya LoRA prefix
     default_prediction_type: str = "epsilon"  # DDPM families: what a file without a marker is
+    context_tokens: int = 77  # text tokens the denoiser attends to by default (SD3: 77 + T5's; Flux: T5's)
 
     def __post_init__(self) -> None:
         from ..specs import _check_import_string, _check_name
@@ -121,7 +122,11 @@ class FamilyAdapter(Protocol):
     with ``_class_name``) so the pre-flight can plan memory before loading; without it the plan is
     skipped for such files, with a note. ``detect_diffusers(index: dict) -> bool`` (given a
     folder's ``model_index.json``) and ``load_diffusers(folder, **options) -> ModelBundle`` let a
-    non-UNet family read its diffusers folders through :func:`sdcore.models.load.load_model`.
+    non-UNet family read its diffusers folders through :func:`sdcore.models.load.load_model`;
+    ``save(bundle, path, *, format, dtype, prune, metadata) -> Path`` writes its models
+    (``bundle.save``); ``generate(bundle, prompts, negatives, *, seeds, steps, cfg, width, height,
+    image, strength, clip_skip, sampler) -> list[PIL.Image]`` renders one image per prompt for
+    ``sdcore generate`` (prompt networks are already applied to the bundle then).
     """
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

@@ -87,8 +87,8 @@ def place_model(
 
 
 def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> None:
-    """Also when the UNet is frozen: gradients still flow through it to LoRA/TI parameters."""
-    bundle.unet.enable_gradient_checkpointing()
+    """Also when the denoiser is frozen: gradients still flow through it to LoRA/TI parameters."""
+    bundle.denoiser.enable_gradient_checkpointing()
     if caps.trains_text_encoder:
         for te in bundle.text_encoders:
             if hasattr(te, "gradient_checkpointing_enable"):

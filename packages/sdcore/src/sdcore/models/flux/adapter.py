@@ -109,6 +109,31 @@ class FluxAdapter:
 
         return read_flux_layout(path)
 
+    def save(self, bundle: ModelBundle, path: Any, *, format: str | None = None, dtype: Any = None,
+             prune: bool = True, metadata: dict[str, str] | None = None) -> Any:  # fmt: skip
+        """``single-file``: a ComfyUI checkpoint (everything the bundle has); ``bfl``: the transformer
+        alone in BFL keys; ``diffusers``: a folder ``FluxPipeline.from_pretrained`` reads."""
+        from ...errors import SdcoreError
+        from ..save import write_diffusers
+        from .save import write_flux_single_file
+
+        if format in ("single-file", "bfl"):
+            layout = "bfl" if format == "bfl" else "comfy"
+            return write_flux_single_file(bundle, path, dtype=dtype, metadata=metadata, layout=layout)
+        if format == "diffusers":
+            return write_diffusers(bundle, path, dtype=dtype, prune=prune, metadata=metadata)
+        raise SdcoreError(f"unknown model format {format!r} for Flux; use single-file, bfl or diffusers")
+
+    def generate(self, bundle: ModelBundle, prompts: list[str], negatives: list[str], *, sampler: str = "euler",
+                 image: Any = None, **settings: Any) -> list[Any]:  # fmt: skip
+        """``sdcore generate``: diffusers' ``FluxPipeline`` (``FluxImg2ImgPipeline`` with an init image)
+        over the bundle's modules; see :mod:`sdcore.models.flux.generate`."""
+        from .generate import build_flux_pipeline, run_flux
+
+        pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler)
+        pipe.set_progress_bar_config(disable=True)
+        return run_flux(pipe, bundle, prompts, negatives, image=image, **settings)
+
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A diffusers folder's ``model_index.json`` of a Flux pipeline."""
         from .load import is_flux_index

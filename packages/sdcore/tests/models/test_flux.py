@@ -285,7 +285,7 @@ def test_encode_prompts_equals_pipeline(dev, pipeline_folder):
     pipe = FluxPipeline.from_pretrained(pipeline_folder, local_files_only=True)
     prompts = ["a purple ring on the sky", "a big red square"]
     with torch.no_grad():
-        cond = FluxAdapter().encode_prompts(dev, prompts, max_length=48)
+        cond = FluxAdapter().encode_prompts(dev, prompts, t5_max_length=48)
         embeds, pooled, text_ids = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=48)
     assert cond.hidden_states.shape == (2, 48, 32) and cond.pooled.shape == (2, 32)
     assert torch.equal(cond.hidden_states, embeds) and torch.equal(cond.pooled, pooled)
@@ -322,7 +322,7 @@ def test_one_pipeline_step_equals_predict(variant, dev, schnell, pipeline_folder
                                  text_encoders=[pipe.text_encoder, pipe.text_encoder_2])  # fmt: skip
     adapter = FluxAdapter()
     with torch.no_grad():
-        cond = adapter.encode_prompts(bundle, ["a purple ring"], max_length=24)
+        cond = adapter.encode_prompts(bundle, ["a purple ring"], t5_max_length=24)
         sigma = float(pipe.scheduler.sigmas[0])
         timestep = captured["timestep"] * 1000
         predicted = adapter.predict(bundle, start, timestep, cond, guidance=3.5)
@@ -440,8 +440,8 @@ def test_t5_attention_mask_hides_padding(dev):
     latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(2))
     steps = torch.tensor([500.0, 900.0])
     with torch.no_grad():
-        masked = adapter.encode_prompts(dev, ["a ring", "a big red square"], max_length=16, attention_mask=True)
-        plain = adapter.encode_prompts(dev, ["a ring", "a big red square"], max_length=16)
+        masked = adapter.encode_prompts(dev, ["a ring", "a big red square"], t5_max_length=16, t5_attention_mask=True)
+        plain = adapter.encode_prompts(dev, ["a ring", "a big red square"], t5_max_length=16)
         pad = masked.extra[T5_MASK] == 0
         assert pad.any() and T5_MASK not in plain.extra
         noise = torch.randn(masked.hidden_states.shape) * pad[..., None]
@@ -480,7 +480,7 @@ def test_flow_matching_training_steps_reduce_the_loss():
     pixels = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
     with torch.no_grad():
         latents = get_family("flux").latent.normalize(bundle.vae.encode(pixels).latent_dist.mean)
-        cond = adapter.encode_prompts(bundle, ["a purple ring"], max_length=16)
+        cond = adapter.encode_prompts(bundle, ["a purple ring"], t5_max_length=16)
     objective = FlowMatchingObjective(timestep_sampling="sigmoid", shift=3.0)
     held_out = [objective.noised(latents, *objective.sample([1000 + i], latents.shape[1:])) for i in range(4)]
 

@@ -39,3 +39,19 @@ def test_tiny_flux_trains_through_the_runtime(tmp_path, variant):
     assert all(math.isfinite(x) for x in result.losses)
     print(f"{variant}: fixed flow-matching loss {before:.4f} -> {after:.4f}")
     assert after < before * 0.9, (before, after)
+
+
+def test_flux_options_reach_the_encoder_and_the_transformer(tmp_path):
+    """--t5xxl-max-token-length / --apply-t5-attn-mask shape the cached conditioning; --guidance-scale
+    is what the dev model's guidance embedding gets (it changes the loss)."""
+    from sdcore.models.flux.adapter import T5_MASK
+
+    base = {"max_steps": 1, "save_state": False, "t5xxl_max_token_length": 16, "apply_t5_attn_mask": True}
+    s = TrainSession(ProjOutMethod(contract_options(ProjOutMethod, tmp_path, base, family="flux")), bundle=None)
+    s.setup()
+    batch = s.make_batch(s.data.epoch_plan(0)[0])
+    cond = s.objective.conditioning_for(batch)
+    assert cond.hidden_states.shape[1] == 16 and cond.extra[T5_MASK].shape == (batch.latents.shape[0], 16)
+    before = s.fixed_loss()
+    s.options.guidance_scale = 3.5
+    assert s.fixed_loss() != before

@@ -9,7 +9,7 @@ trained through sdcore and sampled by diffusers (or ComfyUI) sees the same input
 - latents [B, 16, H, W] are cut into 2x2 patches -> [B, H/2 * W/2, 64]; each patch's position id is
   (0, row, column);
 - the transformer gets ``timestep / 1000`` (sdcore's timesteps are sigma * 1000 as the pipelines'),
-  and, with ``attention_mask=True`` at encoding, a joint-attention mask hiding T5's padding tokens,
+  and, with ``t5_attention_mask=True`` at encoding, a joint-attention mask hiding T5's padding tokens,
   and, for dev models, the guidance value (kohya's ``--guidance_scale``; 1.0 by default for
   training as kohya's examples use).
 """
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 #: guidance passed to a dev model's guidance embedding when none is given
 DEFAULT_GUIDANCE = 1.0
 #: ``Conditioning.extra`` key of the T5 attention mask (present when prompts were encoded with
-#: ``attention_mask=True``, kohya's ``--apply_t5_attn_mask``): predict then masks T5 padding as keys
+#: ``t5_attention_mask=True``, kohya's ``--apply_t5_attn_mask``): predict then masks T5 padding as keys
 T5_MASK = "t5_attention_mask"
 
 
@@ -169,13 +169,13 @@ class FluxAdapter:
         bundle: ModelBundle,
         prompts: list[str],
         *,
-        max_length: int | None = None,
-        attention_mask: bool = False,
+        t5_max_length: int | None = None,
+        t5_attention_mask: bool = False,
         **options: Any,
     ) -> Conditioning:
-        """CLIP-L pooled output and the T5 sequence, as ``FluxPipeline.encode_prompt`` (``max_length``:
-        T5 tokens, default :meth:`t5_max_length`; ``attention_mask``: mask T5's padding, kohya's
-        ``--apply_t5_attn_mask``)."""
+        """CLIP-L pooled output and the T5 sequence, as ``FluxPipeline.encode_prompt`` (``t5_max_length``:
+        T5 tokens, default :meth:`t5_max_length`, kohya's ``--t5xxl_max_token_length``;
+        ``t5_attention_mask``: mask T5's padding, kohya's ``--apply_t5_attn_mask``)."""
         from ...train.method import Conditioning
         from ..t5 import encode_t5
 
@@ -191,10 +191,9 @@ class FluxAdapter:
         tokens = clip_tok(list(prompts), padding="max_length", max_length=clip_tok.model_max_length,
                           truncation=True, return_tensors="pt")  # fmt: skip
         pooled = clip(tokens.input_ids.to(device), output_hidden_states=False).pooler_output
-        hidden, mask = encode_t5(
-            t5, t5_tok, prompts, max_length=max_length or self.t5_max_length(bundle), attention_mask=attention_mask
-        )
-        extra = {T5_MASK: mask} if attention_mask else {}
+        length = t5_max_length or self.t5_max_length(bundle)
+        hidden, mask = encode_t5(t5, t5_tok, prompts, max_length=length, attention_mask=t5_attention_mask)
+        extra = {T5_MASK: mask} if t5_attention_mask else {}
         return Conditioning(hidden_states=hidden.to(dtype=t5.dtype), pooled=pooled.to(dtype=clip.dtype), extra=extra)
 
     def predict(

@@ -532,3 +532,28 @@ def test_cli_parts_in_separate_files(dev, pipeline_folder, tmp_path):
     missing = runner.invoke(cli, ["generate", "--model", str(bfl), "a ring", "--steps", "1", "-o", str(png),
                                   "--models-dir", str(tmp_path)])  # fmt: skip
     assert missing.exit_code != 0 and "clip_l=" in missing.output and "Traceback" not in missing.output
+
+
+def test_real_t5_without_a_tokenizer(dev, tmp_path, monkeypatch):
+    """A T5 whose vocabulary is not the tiny one and no tokenizer anywhere: the model still loads
+    (model info, saving a folder), encoding names the option; t5_tokenizer= supplies it."""
+    import dataclasses
+
+    from huggingface_hub import constants
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.flux.adapter import FluxAdapter
+    from sdcore.models.load import load_model
+    from sdcore.models.t5 import create_tiny_t5
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    big_vocab, _ = create_tiny_t5(seed=2, vocab_size=300)
+    bundle = dataclasses.replace(dev, text_encoders=[dev.text_encoders[0], big_vocab])
+    loaded = load_model(bundle.save(tmp_path / "real-t5.safetensors"))
+    assert loaded.tokenizers[1] is None and loaded.text_encoders[1].config.vocab_size == 300
+    folder = loaded.save(tmp_path / "folder")
+    assert not (folder / "tokenizer_2").exists()
+    with pytest.raises(ModelFormatError, match="t5_tokenizer"):
+        FluxAdapter().encode_prompts(loaded, ["a cat"])
+    dev.tokenizers[1].save_pretrained(tmp_path / "t5-tokenizer")
+    given = load_model(tmp_path / "real-t5.safetensors", t5_tokenizer=tmp_path / "t5-tokenizer")
+    assert given.tokenizers[1]("a cat").input_ids == dev.tokenizers[1]("a cat").input_ids

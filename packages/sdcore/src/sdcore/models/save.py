@@ -165,6 +165,10 @@ def _fill_data_hash(path: Path) -> None:
         handle.write(digest.encode())
 
 
+def _has_tokenizer(bundle: ModelBundle, index: int) -> bool:
+    return len(bundle.tokenizers) > index and bundle.tokenizers[index] is not None
+
+
 def _model_index(bundle: ModelBundle) -> dict[str, Any]:
     import diffusers
 
@@ -180,7 +184,7 @@ def _model_index(bundle: ModelBundle) -> dict[str, Any]:
         index.update(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"],
                      vae=vae if bundle.vae is not None else none, scheduler=scheduler, text_encoder=te[0],
                      tokenizer=tok if te[0] != none else none, text_encoder_2=te[1],
-                     tokenizer_2=["transformers", "T5TokenizerFast"] if len(bundle.tokenizers) > 1 else none,
+                     tokenizer_2=["transformers", "T5TokenizerFast"] if _has_tokenizer(bundle, 1) else none,
                      image_encoder=none, feature_extractor=none)  # fmt: skip
     elif bundle.family in ("sd1", "sd2"):
         cls = "StableDiffusionInpaintPipeline" if bundle.inpainting else "StableDiffusionPipeline"

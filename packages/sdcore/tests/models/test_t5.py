@@ -89,6 +89,17 @@ def test_transformers_saved_file_and_embed_tokens_only(tiny_t5, tmp_path):
     _same_weights(model, load_t5_encoder(_save(tensors, tmp_path / "embed.safetensors")))
 
 
+def test_dtypes_default_fp32_and_auto_keeps_stored(tiny_t5, tmp_path):
+    from sdcore.models.t5 import load_t5_encoder, t5_file_tensors
+
+    model, _ = tiny_t5
+    half = {k: v.to(torch.bfloat16) for k, v in t5_file_tensors(model).items()}
+    path = _save(half, tmp_path / "bf16.safetensors")
+    assert {p.dtype for p in load_t5_encoder(path).parameters()} == {torch.float32}
+    assert {p.dtype for p in load_t5_encoder(path, dtype="auto").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_t5_encoder(path, dtype="fp16").parameters()} == {torch.float16}
+
+
 def test_relu_t5_config_from_shapes(tmp_path):
     from sdcore.models.t5 import create_tiny_t5, load_t5_encoder, t5_file_tensors
 
@@ -136,9 +147,12 @@ def test_bad_files_give_clear_errors(tiny_t5, tmp_path):
         load_t5_encoder(tmp_path)
 
 
-def test_tokenizer_lookup(tiny_t5, tmp_path):
+def test_tokenizer_lookup(tiny_t5, tmp_path, monkeypatch):
+    from huggingface_hub import constants
     from sdcore.errors import ModelFormatError
     from sdcore.models.t5 import load_t5_tokenizer, tiny_t5_vocab
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # whatever this machine has
 
     _, tok = tiny_t5
     tok.save_pretrained(tmp_path / "tokenizer_2")

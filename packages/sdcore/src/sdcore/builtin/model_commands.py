@@ -8,25 +8,7 @@ from typing import Any
 import click
 
 from ..hookspecs import hookimpl
-
-_FAMILY_HELP = "Model family: sd1, sd2, sdxl, sd3 or any family a plugin declares."
-
-
-def _parts_options(command: Any) -> Any:
-    """``--clip-l/--clip-g/--t5xxl/--vae/--t5-tokenizer``: parts an SD3 single file lacks, in separate files or
-    folders (kohya sd-scripts' names; ``--t5`` is accepted for ``--t5xxl``)."""
-    for flags, what in reversed((
-        (("--clip-l",), "CLIP-L text encoder"), (("--clip-g",), "CLIP-G text encoder"),
-        (("--t5xxl", "--t5"), "T5-XXL text encoder"), (("--vae",), "VAE"), (("--t5-tokenizer",), "T5 tokenizer"),
-    )):  # fmt: skip
-        option = click.option(*flags, default=None, metavar="PATH", help=f"{what} (file or folder) for a single file.")
-        command = option(command)
-    return command
-
-
-def _parts(**given: str | None) -> dict[str, Any]:
-    """The part options the user gave (``load_model``'s family options)."""
-    return {name: value for name, value in given.items() if value is not None}
+from .part_options import part_kwargs, part_options
 
 
 @click.group("model")
@@ -54,15 +36,13 @@ def _dtypes(module: Any) -> str:
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashing a large file takes a while).")
-@_parts_options
-def info_command(
-    path: str, prediction_type: str | None, config: str | None, no_hash: bool, **parts: str | None
-) -> None:
+@part_options
+def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool, **parts: Any) -> None:
     """Show family, prediction type, components, metadata and hashes of PATH."""
     from ..models.hashes import all_hashes
     from ..models.load import load_model
 
-    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **_parts(**parts))
+    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **part_kwargs(parts))
     click.echo(f"model:           {path}")
     click.echo(f"format:          {bundle.source_format}")
     click.echo(f"family:          {bundle.family_label} ({bundle.family_spec.label})")
@@ -71,8 +51,12 @@ def info_command(
         click.echo(f"variant:         {variant}")
     click.echo(f"prediction type: {bundle.prediction_type}")
     click.echo("components:")
-    for name, module in bundle.components().items():
+    parts = bundle.components()
+    for name, module in parts.items():
         click.echo(f"  {name:<15} {type(module).__name__:<28} {_dtypes(module):<9} {_param_count(module):>13,} params")
+    absent = [name for name in (*bundle.family_spec.components, "vae") if name not in parts]
+    if absent:  # a transformer-only Flux file: the parts come from separate files when training/generating
+        click.echo(f"  not in the model: {', '.join(absent)}")
     if bundle.metadata:
         click.echo("metadata:")
         for key in sorted(bundle.metadata):
@@ -106,9 +90,10 @@ def _variant(bundle: Any) -> str | None:
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["single-file", "diffusers"]),
+    type=click.Choice(["single-file", "diffusers", "bfl"]),
     default=None,
-    help="Output format (default: single-file when DST ends in .safetensors, else diffusers).",
+    help="Output format (default: single-file when DST ends in .safetensors, else diffusers; "
+    "bfl: a Flux transformer alone in Black Forest Labs' keys).",
 )
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")
@@ -122,20 +107,27 @@ def _variant(bundle: Any) -> str | None:
 @click.option(
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
-@_parts_options
+@part_options
 def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune: bool, ema: bool,
-                    prediction_type: str | None, config: str | None, **parts: str | None) -> None:  # fmt: skip
-    """Convert SRC (folder, single file, tiny:<family>) to DST."""
+                    prediction_type: str | None, config: str | None, **parts: Any) -> None:  # fmt: skip
+    """Convert SRC (folder, single file, tiny:<family>) to DST (an SD3/Flux denoiser file plus its parts
+    given as --clip-l, --clip-g, --t5xxl, --vae becomes one checkpoint)."""
     from ..models.load import load_model
 
-    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **_parts(**parts))
+    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **part_kwargs(parts))
     out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
     click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
 
 
 @model_group.command("create-tiny")
 @click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
-@click.option("--family", default="sd1", show_default=True, help=_FAMILY_HELP)
+@click.option(
+    "--family",
+    default="sd1",
+    show_default=True,
+    help="Model family: sd1, sd2, sdxl, sd3, flux (FLUX.1-dev), flux-schnell, or another declared family "
+    "(sdcore plugins --all lists them; FAMILY-VARIANT picks a variant).",
+)
 @click.option(
     "--format",
     "fmt",
@@ -147,8 +139,10 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
 def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
     from ..models.family import family_adapter
+    from ..models.load import tiny_family
 
-    bundle = family_adapter(family).create_tiny(seed=seed)  # an unknown family: an error listing the known
+    name, variant = tiny_family(family)
+    bundle = family_adapter(name).create_tiny(seed=seed, **variant)
     out = bundle.save(dst, format=fmt)
     click.echo(f"wrote {out} (tiny {family})")
 

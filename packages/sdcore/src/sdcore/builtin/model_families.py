@@ -6,9 +6,10 @@ from collections.abc import Iterable
 
 from ..hookspecs import hookimpl
 from ..models.family import BUILTIN_FAMILIES, ModelFamily
+from ..models.flux import FLUX
 from ..models.sd3 import SD3
 
 
 @hookimpl
 def sdcore_model_families() -> Iterable[ModelFamily]:
-    return (*BUILTIN_FAMILIES, SD3)
+    return (*BUILTIN_FAMILIES, SD3, FLUX)

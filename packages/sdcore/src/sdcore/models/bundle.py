@@ -105,6 +105,8 @@ class ModelBundle:
     def family_label(self) -> str:
         """The family as users read it: ``sd2-v`` for v-prediction SD2, ``+inpainting`` when so."""
         label = self.family
+        if self.family == "flux" and self.transformer is not None:  # guidance embedding: dev
+            return "flux-dev" if self.transformer.config.guidance_embeds else "flux-schnell"
         if self.family == "sd2" and self.is_v_prediction:
             label = "sd2-v"
         if self.inpainting:
@@ -114,7 +116,9 @@ class ModelBundle:
     def components(self) -> dict[str, Any]:
         """Named torch modules, in diffusers' component names."""
         spec = self.family_spec
-        parts: dict[str, Any] = {spec.denoiser: self.denoiser, "vae": self.vae}
+        parts: dict[str, Any] = {spec.denoiser: self.denoiser}
+        if self.vae is not None:  # a transformer-only Flux file loads without one (model info)
+            parts["vae"] = self.vae
         for encoder, module in zip(spec.text_encoders, self.text_encoders, strict=False):
             parts[encoder.component] = module
         return parts

@@ -51,15 +51,17 @@ def _bytes_per_weight(header: dict[str, Any]) -> float:
 
 def _tiny_layout(spec: str) -> ModelLayout:
     from .family import family_adapter, get_family
+    from .load import tiny_family
     from .sd_unet import SdUnetAdapter
     from .tiny import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
 
     name = spec.split(":", 1)[1] if ":" in spec else spec
     try:
+        name, variant = tiny_family(name)  # tiny:flux-schnell -> flux, variant schnell
         family = get_family(name)
         adapter = family_adapter(family)
         if not isinstance(adapter, SdUnetAdapter):  # another family's tiny model: build it (it is tiny)
-            layout = layout_of_bundle(adapter.create_tiny())
+            layout = layout_of_bundle(adapter.create_tiny(**variant))
             layout.source, layout.source_format = spec, "tiny"
             return layout
         unet = tiny_unet_config(name)

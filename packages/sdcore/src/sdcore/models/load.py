@@ -289,8 +289,9 @@ def read_single_file(
 
     The family comes from the keys (each family's adapter's ``detect_single_file``); the UNet
     families' ldm/SGM layouts are read here, other families' files by their adapter's
-    ``load_single_file`` (with the same options, and ``family_options``: for SD3 separate ``clip_l``,
-    ``clip_g``, ``t5xxl``, ``vae`` files or folders and ``t5_tokenizer``, as kohya/ComfyUI users keep them).
+    ``load_single_file`` (with the same options, plus ``family_options``: the family's parts in separate
+    files or folders, kohya's names, e.g. ``clip_l``/``clip_g``/``t5xxl``/``vae`` for SD3, ``clip_l``/``t5xxl``/
+    ``ae`` for Flux, and ``t5_tokenizer``, as kohya/ComfyUI users keep them).
     """
     import torch
 
@@ -312,9 +313,7 @@ def read_single_file(
                 config=config, use_ema=use_ema, **family_options,
             )  # fmt: skip
         if family_options:
-            raise SdcoreError(
-                f"{file}: option(s) {', '.join(sorted(family_options))} do not apply to SD1/SD2/SDXL models"
-            )
+            raise SdcoreError(f"{file}: option(s) {', '.join(sorted(family_options))} do not apply to {found_family}")
         found: Detection = detect(
             source.keys, source.shape, source.metadata, path=file, markers=source.markers,
             extras=source.extras, prediction_type=prediction_type,
@@ -407,6 +406,7 @@ def read_diffusers(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    **family_options: Any,
 ) -> ModelBundle:
     """Read a diffusers folder with the components' ``from_pretrained`` (local files only)."""
     import torch
@@ -424,8 +424,10 @@ def read_diffusers(
             raise ModelFormatError(f"{folder}: is a {name} model, not {family}")
         return adapter.load_diffusers(  # type: ignore[no-any-return]
             folder, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
-            config=config, use_ema=use_ema,
+            config=config, use_ema=use_ema, **family_options,
         )  # fmt: skip
+    if family_options:
+        raise SdcoreError(f"{folder}: option(s) {', '.join(sorted(family_options))} do not apply to this model")
     configs = configs_from_diffusers_folder(folder)
     found = _folder_family(folder, index, configs)
     if family is not None and family != found:
@@ -469,6 +471,18 @@ def read_diffusers(
     return _finish(bundle, device)
 
 
+def tiny_family(name: str) -> tuple[str, dict[str, Any]]:
+    """``flux`` -> (``flux``, {}); ``flux-schnell`` -> (``flux``, {"variant": "schnell"}) when
+    ``flux-schnell`` is no family of its own (``sdxl-refiner`` is one): names of tiny models."""
+    from .family import family_names
+
+    known = family_names()
+    if name in known or "-" not in name:
+        return name, {}
+    base, _, variant = name.rpartition("-")
+    return (base, {"variant": variant}) if base in known else (name, {})
+
+
 def read_tiny(
     spec: str, *, prediction_type: str | None = None, dtype: Any = None, device: Any = None, **_: Any
 ) -> ModelBundle:
@@ -476,9 +490,13 @@ def read_tiny(
 
     family = spec.split(":", 1)[1] if ":" in spec else spec
     family, _sep, variant = family.partition(":")  # tiny:<family>[:<variant>], e.g. tiny:sd3:sd3.5-medium
-    extra = {"variant": variant} if variant else {}
     try:
-        bundle = family_adapter(family).create_tiny(prediction_type=prediction_type, **extra)
+        name, options = tiny_family(family)  # tiny:flux-schnell names the variant too
+        if variant:
+            options["variant"] = variant
+        if prediction_type is not None:
+            options["prediction_type"] = prediction_type
+        bundle = family_adapter(name).create_tiny(**options)
     except (ValueError, SdcoreError) as exc:
         raise SdcoreError(f"{spec}: {exc}") from None
     if dtype is not None:
@@ -610,18 +628,17 @@ def load_model(
     encoder) that wins over the model's own and the bundled one; ``config`` is a diffusers folder
     (or a dict in the ``sdcore.config`` shape) giving the layout of a non-standard single file;
     ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint. ``family_options`` go to
-    a transformer family's single-file reader: for SD3 ``clip_l=``, ``clip_g=``, ``t5xxl=``, ``vae=`` (parts
-    in separate files or folders, kohya's names) and ``t5_tokenizer=`` (see :mod:`sdcore.models.sd3.load`).
+    a transformer family's reader: its parts in separate files or folders (kohya's names; SD3 ``clip_l=``,
+    ``clip_g=``, ``t5xxl=``, ``vae=``, see :mod:`sdcore.models.sd3.load`; Flux ``clip_l=``, ``t5xxl=``, ``ae=``,
+    see :mod:`sdcore.models.flux.load`) and ``t5_tokenizer=``.
     """
     if family is not None:
         from .family import get_family
 
         get_family(family)  # an unknown name is a ConfigError listing the known families
     text = os.fspath(path_or_hub_id)
-    if family_options and not Path(text).expanduser().is_file():
-        raise SdcoreError(f"{text}: option(s) {', '.join(sorted(family_options))} apply to single files only")
     options = dict(family=family, prediction_type=prediction_type, dtype=dtype, device=device,
-                   tokenizer=tokenizer, config=config, use_ema=use_ema)  # fmt: skip
+                   tokenizer=tokenizer, config=config, use_ema=use_ema, **family_options)  # fmt: skip
     if pm is not None:
         bundle = _read_with_plugin_formats(pm, text, options)
         if bundle is not None:
@@ -636,7 +653,7 @@ def load_model(
             return read_diffusers(path, **options)
         raise ModelFormatError(f"{path}: folder is not a diffusers model (no model_index.json)")
     if path.is_file():
-        return read_single_file(path, **options, **family_options)
+        return read_single_file(path, **options)
     if sniff_hub(text):
         return read_hub(text, **options)
     raise missing_model_error(text)

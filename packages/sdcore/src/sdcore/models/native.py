@@ -15,6 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+#: the tiny models of the transformer families (no ``sample_size`` in their configs) train and
+#: generate at 64x64, as the tiny UNet models do
+TINY_TRANSFORMER_RESOLUTION = 64
+
 
 def native_resolution(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int | None:
     """Image side from the UNet and VAE configs, or ``None`` when they do not say."""
@@ -35,7 +39,10 @@ def _as_mapping(config: Any) -> Mapping[str, Any]:
 def bundle_native_resolution(bundle: Any) -> int | None:
     """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`: from its denoiser's
     ``sample_size`` when it has one (a transformer may not), else its family's declared size."""
-    found = native_resolution(_as_mapping(bundle.denoiser.config), _as_mapping(bundle.vae.config))
+    vae = _as_mapping(bundle.vae.config) if bundle.vae is not None else {}  # a transformer-only Flux file
+    found = native_resolution(_as_mapping(bundle.denoiser.config), vae)
+    if found is None and bundle.source_format == "tiny":
+        return TINY_TRANSFORMER_RESOLUTION
     return found if found is not None else bundle.family_spec.native_resolution
 
 
@@ -47,6 +54,8 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
             from .tiny import tiny_unet_config, tiny_vae_config
 
             family = text.split(":", 1)[1] or "sd1"
+            if family not in ("sd1", "sd2", "sdxl"):  # tiny transformer families (tiny:flux, ...)
+                return TINY_TRANSFORMER_RESOLUTION
             return native_resolution(tiny_unet_config(family), tiny_vae_config(family))
         path = Path(text).expanduser()
         if text.startswith("toyworld:"):

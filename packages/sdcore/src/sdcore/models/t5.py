@@ -241,12 +241,12 @@ def t5_tensors(
 
     ``encoder.embed_tokens.weight`` is the same tensor as ``shared.weight`` (tied); files keep either.
     ComfyUI's scaled-fp8 files store ``W / scale`` in float8 with ``<name>.scale_weight``: the weight
-    is rebuilt as ``W8.float() * scale``. Other float8 tensors are upcast to ``dtype`` (fp32 default)
-    because T5 has no fp8 kernels on most devices.
+    is rebuilt as ``W8.float() * scale``. Tensors are cast to ``dtype``; ``None`` keeps the stored
+    dtype (the scaled-fp8 ones come out as fp32).
     """
     import torch
 
-    target = dtype or torch.float32
+    target = dtype
     out: dict[str, Any] = {}
     for key in keys:
         if not key.startswith(prefix):
@@ -260,7 +260,7 @@ def t5_tensors(
         scale_key = key[: -len("weight")] + "scale_weight" if key.endswith(".weight") else None
         if scale_key is not None and scale_key in keys:
             value = value.to(torch.float32) * get(scale_key).to(torch.float32)
-        if value.is_floating_point() and value.dtype != target:
+        if target is not None and value.is_floating_point() and value.dtype != target:
             value = value.to(target)
         if name == "encoder.embed_tokens.weight":
             out.setdefault("shared.weight", value)
@@ -293,15 +293,17 @@ def load_t5_encoder(
     ``text_encoder_3``/``text_encoder_2`` holding a T5. A single file may use transformers keys with no
     prefix or any prefix :func:`find_t5_prefix` knows (ComfyUI's ``text_encoders.t5xxl.transformer.``);
     ``prefix`` forces one. ``config`` (dict or folder with ``config.json``) wins over shape inference.
+    ``dtype``: fp32 when ``None``, each tensor as stored when ``"auto"``.
     """
     import torch
 
     from ..dtypes import resolve_dtype
 
-    target = resolve_dtype(dtype) if dtype is not None else torch.float32
+    # None: fp32 as load_model; "auto": each tensor as stored (model info of an fp8 file)
+    target = None if dtype == "auto" else (resolve_dtype(dtype) if dtype is not None else torch.float32)
     file = Path(path).expanduser()
     if file.is_dir():
-        return _load_t5_folder(file, target)
+        return _load_t5_folder(file, target or torch.float32)
     if not file.is_file():
         raise ModelFormatError(f"{file}: no such T5 encoder file or folder")
     from .source import CheckpointSource

@@ -249,7 +249,11 @@ class TrainingMethod(Generic[OptionsT]):
         ``encode_prompts``) with the run's clip skip."""
         from ..models.family import family_adapter
 
-        return family_adapter(bundle.family).encode_prompts(bundle, captions, clip_skip=self.options.clip_skip)
+        options: dict[str, Any] = {"clip_skip": self.options.clip_skip}
+        if any(encoder.kind.startswith("t5") for encoder in bundle.family_spec.text_encoders):
+            options["t5_max_length"] = self.options.t5xxl_max_token_length
+            options["t5_attention_mask"] = self.options.apply_t5_attn_mask
+        return family_adapter(bundle.family).encode_prompts(bundle, captions, **options)
 
     def compute_loss(self, ctx: StepContext) -> torch.Tensor | None:
         """Return a custom per-sample loss [B], or ``None`` for the runtime's denoising MSE."""

@@ -113,6 +113,18 @@ class TrainOptions:
     logit_std: float = option(1.0, "Flow matching, logit_normal sampling: standard deviation.", group="loss")
     mode_scale: float = option(1.29, "Flow matching, mode sampling: the SD3 paper's scale s.", group="loss")
     sigmoid_scale: float = option(1.0, "Flow matching, sigmoid sampling: scale of the normal.", group="loss")
+    guidance_scale: float = option(
+        1.0,
+        "Flux dev: the value its guidance embedding gets while training (kohya's --guidance_scale; 1.0 as "
+        "kohya's examples use; schnell has no guidance embedding).",
+        group="loss",
+    )
+    t5xxl_max_token_length: int | None = option(
+        None, "T5 tokens per caption (default: the family's, Flux dev 512, schnell 256).", group="loss"
+    )
+    apply_t5_attn_mask: bool = option(
+        False, "Mask T5's padding tokens in T5 and in the denoiser's attention (kohya's flag).", group="loss"
+    )
     clip_skip: int = option(
         1, "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).", group="loss"
     )

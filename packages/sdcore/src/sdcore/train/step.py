@@ -59,7 +59,8 @@ class Objective:
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:
         """The denoiser's output, called the family's way (SDXL adds its size conditioning from ``batch``)."""
-        return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch)
+        return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch,
+                                    guidance=self.options.guidance_scale)  # fmt: skip
 
     def sample_loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
         """Per-sample weighted loss ``[B]`` for given noise and timesteps."""

@@ -48,6 +48,9 @@ def clip_embeds(
 class Sd3Adapter:
     """:class:`~sdcore.models.family.FamilyAdapter` of ``sd3`` (SD3 medium, SD3.5 large/medium)."""
 
+    #: ``_class_name`` of the diffusers folders the core's writer makes of this family
+    diffusers_pipeline = "StableDiffusion3Pipeline"
+
     def detect_single_file(self, keys: Collection[str]) -> bool:
         from .detect import is_sd3_file
 

@@ -11,12 +11,9 @@ The exact diffusers configs go into ``sdcore.config`` so non-standard sizes read
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -150,68 +147,8 @@ def write_sd3_diffusers(
     bundle: ModelBundle, path: str | os.PathLike[str], *, dtype: Any = None, metadata: dict[str, str] | None = None,
     **_: Any,
 ) -> Path:  # fmt: skip
-    """Write a ``StableDiffusion3Pipeline`` folder (CLIP weights keep ``text_model.`` for transformers 4.x)."""
-    import diffusers
+    """Write a ``StableDiffusion3Pipeline`` folder: the core's diffusers writer, which builds the
+    ``model_index.json`` of a transformer family from its declaration (CLIP weights keep ``text_model.``)."""
+    from ..save import write_diffusers
 
-    from ...io import apply_default_modes
-    from ..load import resolve_dtype
-    from ..save import prefix_text_model_keys
-
-    target = Path(path)
-    want = resolve_dtype(dtype)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
-    try:
-        parts = {
-            "transformer": bundle.transformer,
-            "vae": bundle.vae,
-            **dict(zip(names, bundle.text_encoders, strict=True)),
-        }
-        for name, module in parts.items():
-            first = next(iter(module.parameters()))
-            module_out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module
-            module_out.save_pretrained(tmp / name, safe_serialization=True)
-            if name in ("text_encoder", "text_encoder_2"):
-                prefix_text_model_keys(tmp / name)
-        token_names = ["tokenizer", "tokenizer_2", "tokenizer_3"]
-        for name, tokenizer in zip(token_names, bundle.tokenizers, strict=True):
-            tokenizer.save_pretrained(str(tmp / name))
-        bundle.noise_scheduler.save_pretrained(tmp / "scheduler")
-        index: dict[str, Any] = {
-            "_class_name": "StableDiffusion3Pipeline",
-            "_diffusers_version": diffusers.__version__,
-            "transformer": ["diffusers", "SD3Transformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", type(bundle.noise_scheduler).__name__],
-            "image_encoder": [None, None],
-            "feature_extractor": [None, None],
-        }
-        for name, module in zip(names, bundle.text_encoders, strict=True):
-            index[name] = ["transformers", type(module).__name__]
-        for name, tokenizer in zip(token_names, bundle.tokenizers, strict=True):
-            index[name] = ["transformers", _tokenizer_class(tokenizer)]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-        if metadata:
-            (tmp / "sdcore_metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-        apply_default_modes(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SdcoreError(f"could not write {target}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _tokenizer_class(tokenizer: Any) -> str:
-    """The class name diffusers' loader resolves (transformers 5 merged the slow and fast T5 classes)."""
-    name = type(tokenizer).__name__
-    return {"T5Tokenizer": "T5TokenizerFast", "CLIPTokenizerFast": "CLIPTokenizer"}.get(name, name)
+    return write_diffusers(bundle, path, dtype=dtype, metadata=metadata)

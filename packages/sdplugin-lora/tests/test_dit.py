@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from sdcore.errors import NetworkMismatchError
 
 
 def _flux_full_width():
@@ -516,3 +517,136 @@ def test_kohya_sd3_file_applies_like_diffusers_conversion_of_the_sai_weights(mer
     applied = apply_loras(None, [LoraSpec(parse_state_dict(state), 0.9)], index=index, merge=merge, strict=True)
     _assert_applied(model, index, applied, merge, want)
     applied.remove()
+
+
+# --- families: refusal, info, metadata ------------------------------------------------------------
+
+
+def _save_flux_kohya(tmp_path, *, metadata=True):
+    from sdplugin_lora.dit import kohya_state_dict
+    from sdplugin_lora.format import network_metadata, save_lora
+
+    index = _index("flux", fresh("flux"))
+    state = kohya_state_dict(_network(index).state_dict(), index)
+    meta = network_metadata(family="flux", variant="dev", rank=2, alpha=1.0) if metadata else {}
+    return save_lora(tmp_path / f"flux{int(metadata)}.safetensors", state, meta)
+
+
+def test_flux_lora_on_sd1_and_sd1_lora_on_flux_are_refused_naming_both(tmp_path):
+    from lora_testutil import fresh_bundle, random_network
+    from sdplugin_lora.apply import apply_lora, apply_loras
+    from sdplugin_lora.format import network_metadata, save_lora
+
+    for metadata in (True, False):  # from ss_base_model_version, else from BFL block names
+        path = _save_flux_kohya(tmp_path, metadata=metadata)
+        with pytest.raises(NetworkMismatchError, match=r"made for flux .*loaded model is sd1"):
+            apply_lora(fresh_bundle("sd1"), path)
+    sd1 = fresh_bundle("sd1")
+    sd1_path = save_lora(
+        tmp_path / "sd1.safetensors", random_network(sd1).state_dict(), network_metadata(family="sd1", rank=4, alpha=2)
+    )
+    with pytest.raises(NetworkMismatchError, match=r"made for sd1 .*loaded model is flux"):
+        apply_loras(None, [sd1_path], index=_index("flux", fresh("flux")))
+    with pytest.raises(NetworkMismatchError, match=r"made for flux .*loaded model is sd3"):
+        apply_loras(None, [path], index=_index("sd3", fresh("sd3")))
+
+
+def test_lora_info_names_the_family_of_sd3_and_flux_files(tmp_path):
+    from click.testing import CliRunner
+    from sdplugin_lora.commands import lora_group
+    from sdplugin_lora.dit import kohya_state_dict
+    from sdplugin_lora.format import save_lora
+    from sdplugin_lora.tools import lora_info
+
+    path = _save_flux_kohya(tmp_path)
+    info = lora_info(path)
+    assert info["family"] == "flux" and info["architecture"] == "flux-1-dev/lora"
+    assert info["modules"] == len(kohya_flux_names(2, 2)) and info["parts"] == {"unet": 26}
+    assert lora_info(_save_flux_kohya(tmp_path, metadata=False))["family"] == "flux"
+    out = CliRunner().invoke(lora_group, ["info", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "family:      flux" in out.output and "flux-1-dev/lora" in out.output
+
+    index = _index("sd3", fresh("sd3"))
+    bare = save_lora(tmp_path / "sd3.safetensors", kohya_state_dict(_network(index).state_dict(), index), {})
+    info = lora_info(bare)
+    assert info["family"] == "sd3" and "joint_blocks" in info["family_from"]
+    out = CliRunner().invoke(lora_group, ["info", str(bare)])
+    assert out.exit_code == 0 and "family:      sd3" in out.output
+
+
+def test_metadata_as_kohya_writes_it_and_read_back():
+    from sdplugin_lora.dit import variant_of_transformer
+    from sdplugin_lora.format import family_from_metadata, network_metadata
+
+    assert variant_of_transformer("flux", _flux()) == "dev"
+    assert variant_of_transformer("sd3", _sd3(True)) == "5-medium"
+    assert variant_of_transformer("sd3", _sd3(False)) == "medium"
+    flux = network_metadata(family="flux", variant="schnell", rank=4, alpha=2)
+    assert flux["ss_base_model_version"] == "flux1"
+    assert flux["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert flux["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert flux["modelspec.resolution"] == "1024x1024" and "modelspec.prediction_type" not in flux
+    sd3 = network_metadata(family="sd3", variant="5-large", rank=4, alpha=2)
+    assert sd3["ss_base_model_version"] == "5-large"
+    assert sd3["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
+    assert sd3["modelspec.implementation"] == "diffusers" and sd3["ss_v2"] == "False"
+    assert family_from_metadata(flux) == "flux" and family_from_metadata(sd3) == "sd3"
+    assert family_from_metadata({"ss_base_model_version": "medium"}) == "sd3"
+    assert family_from_metadata({"modelspec.architecture": "stable-diffusion-3-medium/lora"}) == "sd3"
+
+
+# --- the training method on a DiT bundle -------------------------------------------------------------
+
+
+class _DitBundle:
+    """What the LoRA method reads from a bundle whose denoiser is a transformer."""
+
+    def __init__(self, family, transformer, encoders):
+        self.family, self.transformer, self.encoders = family, transformer, encoders
+        self.prediction_type = "flow"
+        self.device = torch.device("cpu")
+
+    def components(self):
+        return {"transformer": self.transformer, **dict(self.encoders)}
+
+
+def test_method_trains_saves_kohya_or_diffusers_and_warm_starts_exactly(tmp_path):
+    from sdcore.errors import ConfigError
+    from sdcore.train.method import SaveInfo
+    from sdplugin_lora.format import read_lora
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    clip_l, _, t5 = _tiny_encoders()
+    bundle = _DitBundle("flux", fresh("flux"), [("text_encoder", clip_l), ("text_encoder_2", t5)])
+    method = LoraMethod(LoraOptions(rank=2, alpha=1.0, train_text_encoder=True, save_dtype="fp32"))
+    groups = method.prepare(bundle)
+    assert {g["name"] for g in groups} == {"unet", "text_encoder"}
+    with torch.no_grad():
+        for module in method.network:
+            module.lora_up.weight.normal_()
+    info = SaveInfo(path=tmp_path / "flux.safetensors", step=1, epoch=1, metadata={}, final=True)
+    lora = read_lora(method.save(bundle, info))
+    unet = {k for k in lora.modules if k.startswith("lora_unet_")}
+    assert unet == kohya_flux_names(2, 2)
+    assert {k.split("_text_model")[0] for k in lora.modules if k.startswith("lora_te")} == {"lora_te1"}
+    assert lora.metadata["ss_base_model_version"] == "flux1"
+    assert lora.metadata["modelspec.architecture"] == "flux-1-dev/lora"
+
+    second = LoraMethod(LoraOptions(rank=2, alpha=1.0, train_text_encoder=True, network_weights=str(info.path)))
+    second.prepare(_DitBundle("flux", fresh("flux"), [("text_encoder", clip_l), ("text_encoder_2", t5)]))
+    for name, module in method.network.loras.items():
+        torch.testing.assert_close(second.network.loras[name].lora_up.weight, module.lora_up.weight, atol=0, rtol=0)
+        torch.testing.assert_close(second.network.loras[name].lora_down.weight, module.lora_down.weight)
+
+    peft = LoraMethod(LoraOptions(rank=2, key_layout="diffusers"))
+    sd3 = _DitBundle("sd3", fresh("sd3"), [])
+    peft.prepare(sd3)
+    path = peft.save(sd3, SaveInfo(path=tmp_path / "sd3.safetensors", step=1, epoch=1, metadata={}, final=True))
+    saved = read_lora(path)
+    assert "transformer.transformer_blocks.0.attn.to_q" in saved.modules
+    assert json.loads(saved.metadata["lora_adapter_metadata"])["transformer.r"] == 2
+    assert saved.modules["transformer.transformer_blocks.0.attn.to_q"].alpha == 1.0  # rank/2, from the header
+
+    with pytest.raises(ConfigError, match="only plain LoRA"):
+        LoraMethod(LoraOptions(rank=2, algo="loha")).prepare(_DitBundle("flux", fresh("flux"), []))

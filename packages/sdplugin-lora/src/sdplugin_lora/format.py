@@ -331,6 +331,23 @@ def _dit_family(keys: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def family_label(name: str | None) -> str | None:
+    """The family's human name from sdcore's family registry (``FLUX.1``...), when it has one."""
+    if not name:
+        return None
+    try:
+        from sdcore.models.family import get_family  # type: ignore[import-not-found,unused-ignore]
+
+        return str(get_family(name).label)
+    except Exception:  # registry absent or family unknown there: the name says it
+        return None
+
+
+def _named(name: str) -> str:
+    label = family_label(name)
+    return f"{name} ({label})" if label and label != name else name
+
+
 def _same_family(made_for: str, loaded: str) -> bool:
     return made_for == loaded
 
@@ -402,7 +419,8 @@ def check_family(lora: LoraFile, family: str) -> None:
     made_for, why = detect_family(lora)
     if made_for is not None and not _same_family(made_for, family):
         raise NetworkMismatchError(
-            f"{lora.label}: this LoRA was made for {made_for} (from {why}); the loaded model is {family}"
+            f"{lora.label}: this LoRA was made for {_named(made_for)} (from {why}); "
+            f"the loaded model is {_named(family)}"
         )
 
 
@@ -612,7 +630,8 @@ def save_lora(
     out = {k: v.detach().to("cpu", target).contiguous() for k, v in tensors.items()}
     meta = dict(metadata or {})
     if minimal:
-        meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
+        keep = (*MINIMUM_KEYS, "lora_adapter_metadata", "format")  # diffusers needs its header for the alphas
+        meta = {k: v for k, v in meta.items() if k in keep or k.startswith("modelspec.")}
     model_hash, legacy_hash = sshs_hashes(out, meta)
     meta["sshs_model_hash"] = model_hash
     meta["sshs_legacy_hash"] = legacy_hash
@@ -652,6 +671,7 @@ __all__ = [
     "check_family",
     "detect_family",
     "family_from_metadata",
+    "family_label",
     "file_sshs_hash",
     "header_metadata",
     "match_modules",

@@ -20,7 +20,7 @@ import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 
 from .adapters import LoraVariant
-from .format import LoraFile, ModuleWeights, detect_family, network_metadata, read_lora
+from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -413,7 +413,9 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     return {
         "file": str(path),
         "family": family,
+        "family_label": family_label(family),
         "family_from": why,
+        "architecture": meta.get("modelspec.architecture"),
         "algorithm": algorithm,
         "modules": sum(parts.values()),
         "parts": dict(parts),

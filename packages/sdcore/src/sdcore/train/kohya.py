@@ -412,6 +412,7 @@ NETWORK_ARGS = {
     "rank_dropout": "rank_dropout",
     "module_dropout": "module_dropout",
     "factor": "lokr_factor",
+    "train_t5xxl": "train_t5",  # lora_sd3 / lora_flux
 }
 #: network_args keys without an effect at these values
 NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {

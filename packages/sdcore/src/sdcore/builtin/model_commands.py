@@ -9,8 +9,6 @@ import click
 
 from ..hookspecs import hookimpl
 
-_FAMILIES = ["sd1", "sd2", "sdxl"]
-
 
 @click.group("model")
 def model_group() -> None:
@@ -102,7 +100,12 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
 
 @model_group.command("create-tiny")
 @click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
-@click.option("--family", type=click.Choice(_FAMILIES), default="sd1", show_default=True)
+@click.option(
+    "--family",
+    default="sd1",
+    show_default=True,
+    help="Model family: sd1, sd2, sdxl, or another declared family (sdcore plugins --all lists them).",
+)
 @click.option(
     "--format",
     "fmt",
@@ -113,9 +116,9 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
 @click.option("--seed", type=int, default=0, show_default=True)
 def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
-    from ..models.tiny import create_tiny_bundle
+    from ..models.family import family_adapter
 
-    bundle = create_tiny_bundle(family, seed=seed)
+    bundle = family_adapter(family).create_tiny(seed=seed)
     out = bundle.save(dst, format=fmt)
     click.echo(f"wrote {out} (tiny {family})")
 

@@ -28,8 +28,10 @@ def native_resolution(unet_config: Mapping[str, Any], vae_config: Mapping[str, A
 
 
 def bundle_native_resolution(bundle: Any) -> int | None:
-    """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`."""
-    return native_resolution(dict(bundle.unet.config), dict(bundle.vae.config))
+    """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`: from its denoiser's
+    ``sample_size`` when it has one (a transformer may not), else its family's declared size."""
+    found = native_resolution(dict(bundle.denoiser.config), dict(bundle.vae.config))
+    return found if found is not None else bundle.family_spec.native_resolution
 
 
 def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
@@ -64,7 +66,7 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
 
 
 def _single_file(path: Path) -> int | None:
-    from .detect import CONFIG_METADATA_KEY, detect
+    from .detect import CONFIG_METADATA_KEY, detect, detect_family
     from .load import bundled_config
     from .source import CheckpointSource
 
@@ -73,6 +75,11 @@ def _single_file(path: Path) -> int | None:
         if CONFIG_METADATA_KEY in source.metadata:
             stored = json.loads(source.metadata[CONFIG_METADATA_KEY])
             return native_resolution(stored.get("unet") or {}, stored.get("vae") or {})
+        from .family import get_family
+
+        family = get_family(detect_family(source.keys, path))
+        if family.denoiser != "unet":  # no ldm configs to read: the family's declared size
+            return family.native_resolution
         found = detect(
             source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
         )

@@ -112,6 +112,30 @@ def _scheduler(value: Any) -> str:
     return SCHEDULERS[name]
 
 
+#: kohya's flow-matching samplings -> sdcore's (kohya "shift" is its sigmoid sampling followed by
+#: the --discrete_flow_shift time shift, which sdcore applies to every sampling)
+FLOW_SAMPLINGS = {"uniform": "uniform", "sigmoid": "sigmoid", "shift": "sigmoid", "logit_normal": "logit_normal",
+                  "mode": "mode"}  # fmt: skip
+#: kohya sd3 / diffusers --weighting_scheme values that are a timestep sampling without a loss weight
+WEIGHTING_SCHEMES = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "uniform", "none": "uniform"}
+
+
+def _flow_sampling(value: Any) -> str:
+    name = _text(value).lower()
+    if name not in FLOW_SAMPLINGS:
+        raise ValueError(f"available: {', '.join(FLOW_SAMPLINGS)} (kohya's sigma and flux_shift are not implemented)")
+    return FLOW_SAMPLINGS[name]
+
+
+def _weighting_scheme(value: Any) -> str:
+    name = _text(value).lower()
+    if name not in WEIGHTING_SCHEMES:
+        raise ValueError(
+            f"available: {', '.join(WEIGHTING_SCHEMES)} (sigma_sqrt and cosmap loss weights are not implemented)"
+        )
+    return WEIGHTING_SCHEMES[name]
+
+
 @dataclass(frozen=True)
 class Alias:
     """A kohya option that is one sdcore option."""
@@ -167,6 +191,10 @@ ALIASES: dict[str, Alias] = {
     "clip_skip": _a("clip_skip"),
     "noise_offset": _a("noise_offset"),
     "min_snr_gamma": _a("min_snr_gamma"),
+    # flow matching (flux_train_network.py, sd3_train_network.py)
+    "timestep_sampling": _a("timestep_sampling", _flow_sampling),
+    "weighting_scheme": _a("timestep_sampling", _weighting_scheme),
+    "training_shift": _a("discrete_flow_shift"),
     # saving, samples, logs
     "save_precision": _a("save_dtype", _precision),
     "save_every_n_steps": _a("save_every"),

@@ -12,6 +12,9 @@ from typing import Any
 
 from ..options import option
 
+#: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
@@ -91,6 +94,25 @@ class TrainOptions:
     # loss
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is typical).", group="loss")
+    # flow matching (SD3, Flux): kohya's flag names
+    timestep_sampling: str = option(
+        "logit_normal",
+        "Flow-matching families: how the noise level is drawn (logit_normal = sigmoid of N(--logit-mean, "
+        "--logit-std), SD3's default; mode = SD3's f_mode with --mode-scale; sigmoid = sigmoid of "
+        "--sigmoid-scale * N(0, 1), kohya's Flux choice; uniform).",
+        choices=TIMESTEP_SAMPLINGS,
+        group="loss",
+    )
+    discrete_flow_shift: float = option(
+        1.0,
+        "Flow-matching families: time shift s' = shift*s/(1+(shift-1)*s) applied to every sampled noise level "
+        "(1 = none; SD3 uses 3.0 at 1024px).",
+        group="loss",
+    )
+    logit_mean: float = option(0.0, "Flow matching, logit_normal sampling: mean of the normal.", group="loss")
+    logit_std: float = option(1.0, "Flow matching, logit_normal sampling: standard deviation.", group="loss")
+    mode_scale: float = option(1.29, "Flow matching, mode sampling: the SD3 paper's scale s.", group="loss")
+    sigmoid_scale: float = option(1.0, "Flow matching, sigmoid sampling: scale of the normal.", group="loss")
     clip_skip: int = option(
         1, "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).", group="loss"
     )

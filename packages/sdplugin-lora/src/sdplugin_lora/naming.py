@@ -229,14 +229,26 @@ class ModuleIndex:
         components = bundle.components()
         encoders = [(name, module) for name, module in components.items() if name.startswith("text_encoder")]
         if "transformer" in components and "unet" not in components:
-            return cls.build_dit(bundle.family, components["transformer"], encoders)
+            try:  # the family's declared kohya prefixes (sdcore.models.family), when it is registered
+                prefixes: Mapping[str, str] | None = dict(bundle.family_spec.lora_prefixes) or None
+            except Exception:
+                prefixes = None
+            return cls.build_dit(bundle.family, components["transformer"], encoders, prefixes=prefixes)
         return cls.build(bundle.family, components["unet"], encoders)
 
     @classmethod
-    def build_dit(cls, family: str, transformer: Any, encoders: Iterable[tuple[str, Any]]) -> ModuleIndex:
+    def build_dit(
+        cls,
+        family: str,
+        transformer: Any,
+        encoders: Iterable[tuple[str, Any]],
+        *,
+        prefixes: Mapping[str, str] | None = None,
+    ) -> ModuleIndex:
         """SD3/Flux: every Linear/Conv2d of the diffusers transformer as ``lora_transformer_<path>``,
         kohya's SAI/BFL names as aliases (1:1 modules) or stacks of parts (fused q/k/v, swapped
-        halves), and the text encoders as kohya names them (te1 CLIP-L, te2 CLIP-G, te3 T5)."""
+        halves), and the text encoders as kohya names them (te1 CLIP-L, te2 CLIP-G, te3 T5):
+        ``prefixes`` (component -> prefix, the family's declaration), else kohya's order per family."""
         from .dit import DIT_TE_PREFIXES, TRANSFORMER_PREFIX, kohya_table
 
         index = cls(family=family, denoiser="transformer")
@@ -251,9 +263,12 @@ class ModuleIndex:
             group = "transformer" if path in default_paths else "other"
             index._add(Target(canonical, "transformer", path, module, group, aliases))
         index.kohya = {module.name: module for module in table}
-        prefixes = DIT_TE_PREFIXES.get(family, ("lora_te1", "lora_te2", "lora_te3"))
-        for (component, encoder), prefix in zip(encoders, prefixes, strict=False):
-            index._add_encoder(component, encoder, prefix)
+        encoders = list(encoders)
+        order = DIT_TE_PREFIXES.get(family, ("lora_te1", "lora_te2", "lora_te3"))
+        for position, (component, encoder) in enumerate(encoders):
+            prefix = (prefixes or {}).get(component) or (order[position] if position < len(order) else None)
+            if prefix is not None:
+                index._add_encoder(component, encoder, prefix)
         return index
 
     @classmethod

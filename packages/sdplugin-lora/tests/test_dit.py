@@ -650,3 +650,30 @@ def test_method_trains_saves_kohya_or_diffusers_and_warm_starts_exactly(tmp_path
 
     with pytest.raises(ConfigError, match="only plain LoRA"):
         LoraMethod(LoraOptions(rank=2, algo="loha")).prepare(_DitBundle("flux", fresh("flux"), []))
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_extract_writes_kohya_modules_and_recovers_a_known_fused_lora(family):
+    from sdplugin_lora.apply import apply_loras
+    from sdplugin_lora.format import parse_state_dict
+    from sdplugin_lora.tools import extract_lora
+
+    base, tuned = fresh(family), fresh(family)
+    names = kohya_flux_names(2, 2) if family == "flux" else kohya_sd3_names(3, (0, 1))
+    index = _index(family, tuned)
+    rows = {m.name: (m.rows, int(index.resolve_path("transformer", m.parts[0].path).module.in_features))
+            for m in index.kohya.values() if m.name in names}  # fmt: skip
+    known = _kohya_file(rows, rank=2, seed=13)
+    applied = apply_loras(None, [parse_state_dict(known)], index=index, merge=True, strict=True)
+    applied.backups.clear()
+    result = extract_lora(
+        _DitBundle(family, base, []), _DitBundle(family, tuned, []), rank=2, clamp_quantile=None, text_encoder=False
+    )
+    extracted = parse_state_dict(result.tensors, result.metadata)
+    assert set(extracted.modules) == names and {w.rank for w in extracted.modules.values()} == {2}
+    assert result.metadata["ss_base_model_version"] == ("flux1" if family == "flux" else "5-medium")
+    base_index = _index(family, base)
+    apply_loras(None, [extracted], index=base_index, merge=True, strict=True)
+    want, got = _weights(tuned), _weights(base)
+    for key in want:
+        assert (want[key] - got[key]).abs().max() <= 1e-4, key

@@ -202,7 +202,7 @@ def variant_of_transformer(family: str, transformer: Any) -> str:
 # --- tensors ----------------------------------------------------------------------------------------
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
     import torch
 
     first, second = t.chunk(2, dim=0)
@@ -237,7 +237,7 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
         for part in module.parts:
             rows = up[start : start + part.rows]
             if part.swap_halves:
-                rows = _swap_halves(rows)
+                rows = swap_halves(rows)
             # columns of up that are zero for this part (the other parts' blocks of a block-diagonal
             # up) add nothing: dropping them with their down rows, and keeping alpha/rank, is exact
             # and gives back the factors of each part of a file we fused ourselves
@@ -264,7 +264,7 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
     delta = weights.delta((module.rows, in_dim))
     for part in module.parts:
         rows = delta[start : start + part.rows]
-        out.append(ModuleWeights({"diff": (_swap_halves(rows) if part.swap_halves else rows).contiguous()}))
+        out.append(ModuleWeights({"diff": (swap_halves(rows) if part.swap_halves else rows).contiguous()}))
         start += part.rows
     return out
 
@@ -310,7 +310,7 @@ def fuse_parts(name: str, module: KohyaModule, parts: Mapping[str, ModuleWeights
             if not same:
                 block = block * found.scale
             if part.swap_halves:
-                block = _swap_halves(block)
+                block = swap_halves(block)
             up[row : row + part.rows, col : col + found.rank] = block
             col += found.rank
         row += part.rows
@@ -416,5 +416,6 @@ __all__ = [
     "kohya_table",
     "sd3_table",
     "split_module",
+    "swap_halves",
     "variant_of_transformer",
 ]

@@ -249,11 +249,11 @@ def test_fusing_parts_with_other_scales_or_missing_parts_is_exact():
 # --- diffusers ----------------------------------------------------------------------------------
 
 
-def _flux_pipeline(model):
+def _flux_pipeline(model, text_encoder=None):
     from diffusers import FluxPipeline
 
     return FluxPipeline(
-        scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
         transformer=model,
     )  # fmt: skip
 
@@ -293,25 +293,34 @@ def test_our_flux_kohya_and_diffusers_files_fuse_exactly_in_diffusers(tmp_path):
     from sdplugin_lora.dit import diffusers_state_dict, kohya_state_dict
     from sdplugin_lora.format import network_metadata, save_lora
 
-    index = _index("flux", fresh("flux"))
-    network = _network(index, rank=2, alpha=1.0)
+    clip_l, _, t5 = _tiny_encoders()
+    index = _index("flux", fresh("flux"), [("text_encoder", clip_l), ("text_encoder_2", t5)])
+    network = _network(index, rank=2, alpha=1.0)  # transformer and CLIP-L (lora_te1) modules
     # diffusers' kohya Flux reader splits linear1 as 3 x 3072 + 12288 (the real width): tiny single blocks
     # go through the diffusers layout below and through the full-width test
     state = {k: v for k, v in kohya_state_dict(network.state_dict(), index).items() if "single_blocks" not in k}
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in state)
     meta = network_metadata(family="flux", variant="dev", rank=2, alpha=1.0)
     path = save_lora(tmp_path / "flux_kohya.safetensors", state, meta, dtype="fp32")
-    model = fresh("flux")
-    before = _weights(model)
-    pipe = _flux_pipeline(model)
+    model, te = fresh("flux"), copy.deepcopy(clip_l)
+    before, te_before = _weights(model), _weights(te)
+    pipe = _flux_pipeline(model, te)
     pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=0.7)
-    _assert_fused(model, before, network, index, 0.7, skip=("single_transformer_blocks",))
+    pipe.fuse_lora(
+        components=["transformer", "text_encoder"], lora_scale=0.7
+    )  # Flux fuses the transformer only by default
+    te_modules = [m for m in network if m.lora_name.startswith("lora_te1")]
+    transformer_modules = [m for m in network if not m.lora_name.startswith("lora_te1")]
+    _assert_fused(model, before, transformer_modules, index, 0.7, skip=("single_transformer_blocks",))
+    _assert_fused(te, te_before, te_modules, index, 0.7)
 
     # the diffusers/PEFT layout with ranks and alphas that differ per module (rank_pattern/alpha_pattern)
     from sdplugin_lora.adapters import LoraAdapter
     from sdplugin_lora.network import LoraNetwork
 
-    mixed = LoraNetwork([LoraAdapter(t.name, t.module, 2 + i % 3, 1.0 + i % 2) for i, t in enumerate(index.select())])
+    mixed = LoraNetwork(
+        [LoraAdapter(t.name, t.module, 2 + i % 3, 1.0 + i % 2) for i, t in enumerate(index.select(text_encoder=False))]
+    )
     with torch.no_grad():
         for m in mixed:
             m.lora_up.weight.normal_()

@@ -686,3 +686,44 @@ def test_extract_writes_kohya_modules_and_recovers_a_known_fused_lora(family):
     want, got = _weights(tuned), _weights(base)
     for key in want:
         assert (want[key] - got[key]).abs().max() <= 1e-4, key
+
+
+def test_other_trainers_key_styles_resolve_to_the_same_modules():
+    """OneTrainer ``lora_transformer_<diffusers path>``, diffusers/ai-toolkit ``transformer.<path>.lora_A``
+    and dotted BFL paths (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A``) as ComfyUI reads them."""
+    from sdplugin_lora.dit import kohya_state_dict
+    from sdplugin_lora.format import match_modules, parse_state_dict
+
+    index = _index("flux", fresh("flux"))
+    network = _network(index, rank=2, alpha=2.0)
+    want = {m.lora_name: m.delta_weight() for m in network}
+    onetrainer = dict(network.state_dict())
+    diffusers_keys = {}
+    for key, value in network.state_dict().items():
+        name, part = key.split(".", 1)
+        path = index.targets[name].path
+        suffix = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(part)
+        if suffix:
+            diffusers_keys[f"transformer.{path}.{suffix}"] = value
+    bfl = {}
+    for key, value in kohya_state_dict(network.state_dict(), index).items():
+        name, part = key.split(".", 1)
+        module = index.kohya[name]
+        # rebuild the dotted BFL path from the kohya name: double_blocks.N.img_attn.qkv ...
+        dotted = name[len("lora_unet_") :].replace("_blocks_", "_blocks.").replace("_attn_", "_attn.")
+        dotted = (
+            dotted.replace("_mlp_", "_mlp.").replace("_mod_lin", "_mod.lin").replace("modulation_lin", "modulation.lin")
+        )
+        dotted = dotted.replace("_img", ".img").replace("_txt", ".txt").replace("_linear", ".linear")
+        dotted = dotted.replace("_modulation", ".modulation")
+        suffix = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}[part]
+        bfl[f"diffusion_model.{dotted}.{suffix}"] = value
+        assert module.name == name
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in bfl
+    assert "diffusion_model.single_blocks.1.modulation.lin.lora_B.weight" in bfl
+    for state in (onetrainer, diffusers_keys, bfl):
+        alphas = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": 2.0})}
+        match = match_modules(parse_state_dict(state, alphas), index)
+        assert set(match.modules) == set(want) and not match.unmatched
+        for name, (target, weights) in match.modules.items():
+            torch.testing.assert_close(weights.delta(tuple(target.module.weight.shape)), want[name])

@@ -727,3 +727,20 @@ def test_other_trainers_key_styles_resolve_to_the_same_modules():
         assert set(match.modules) == set(want) and not match.unmatched
         for name, (target, weights) in match.modules.items():
             torch.testing.assert_close(weights.delta(tuple(target.module.weight.shape)), want[name])
+
+
+def test_kohya_network_args_train_t5xxl_is_train_t5():
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    from sdcore.errors import ConfigError
+
+    notes: list[str] = []
+    kohya = {"network_module": "networks.lora_flux", "network_args": ["train_t5xxl=True", "split_qkv=True"]}
+    assert load_options(LoraOptions, None, kohya=kohya, notes=notes).train_t5 is True
+    assert any("split_qkv" in note for note in notes)
+    kohya = {"network_module": "networks.lora_sd3", "network_args": ["train_t5xxl=False"]}
+    assert load_options(LoraOptions, None, kohya=kohya, notes=[]).train_t5 is False
+    with pytest.raises(ConfigError, match="split_qkv=False is not supported"):
+        kohya = {"network_module": "networks.lora_flux", "network_args": ["split_qkv=False"]}
+        load_options(LoraOptions, None, kohya=kohya, notes=[])

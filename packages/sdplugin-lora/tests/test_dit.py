@@ -730,10 +730,9 @@ def test_other_trainers_key_styles_resolve_to_the_same_modules():
 
 
 def test_kohya_network_args_train_t5xxl_is_train_t5():
+    from sdcore.errors import ConfigError
     from sdcore.train.config import load_options
     from sdplugin_lora.method import LoraOptions
-
-    from sdcore.errors import ConfigError
 
     notes: list[str] = []
     kohya = {"network_module": "networks.lora_flux", "network_args": ["train_t5xxl=True", "split_qkv=True"]}

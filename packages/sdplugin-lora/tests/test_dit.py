@@ -422,32 +422,35 @@ def _assert_applied(model, index, applied, merge, want):
 
 
 def test_kohya_flux_linear1_at_full_width_applies_like_diffusers():
-    """diffusers reads kohya's single-block ``linear1`` only at Flux's real width (3 x 3072 + 12288)."""
+    """diffusers reads kohya's single-block ``linear1`` only at Flux's real width (3 x 3072 + 12288).
+    One model: sdcore's merged weights and hooked outputs are taken (and undone exactly) first,
+    then diffusers fuses the same file into the same model."""
     from sdplugin_lora.apply import apply_loras
     from sdplugin_lora.format import parse_state_dict
 
-    state = _kohya_file(
-        {
-            "lora_unet_single_blocks_0_linear1": (3 * 3072 + 12288, 3072),
-            "lora_unet_single_blocks_0_linear2": (3072, 3072 + 12288),
-            "lora_unet_single_blocks_0_modulation_lin": (3 * 3072, 3072),
-        },
-        rank=2,
-        seed=7,
-    )
-    reference = _flux_full_width()
-    pipe = _flux_pipeline(reference)
-    pipe.load_lora_weights({k: v.clone() for k, v in state.items()})
-    pipe.fuse_lora(lora_scale=1.0)
-    want = {k: v for k, v in _weights(reference).items() if "single_transformer_blocks" in k}
-    del pipe, reference
+    state = _kohya_file({"lora_unet_single_blocks_0_linear1": (3 * 3072 + 12288, 3072)}, rank=2, seed=7)
     model = _flux_full_width()
     index = _index("flux", model)
-    for merge in (False, True):
-        applied = apply_loras(None, [parse_state_dict(state)], index=index, merge=merge, strict=True)
-        assert len(applied.matches[0].modules) == 6  # q, k, v, proj_mlp, proj_out, norm.linear
-        _assert_applied(model, index, applied, merge, want)
-        applied.remove()
+    paths = [f"single_transformer_blocks.0.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    layers = {path: index.resolve_path("transformer", path).module for path in paths}
+    x = torch.randn(2, 3072, generator=torch.Generator().manual_seed(0))
+    applied = apply_loras(None, [parse_state_dict(state)], index=index, merge=True, strict=True)
+    merged = {path: layer.weight.detach().clone() for path, layer in layers.items()}
+    applied.remove()
+    assert all(float(layer.weight.abs().max()) == 0 for layer in layers.values())  # undone exactly
+    applied = apply_loras(None, [parse_state_dict(state)], index=index, merge=False, strict=True)
+    with torch.no_grad():
+        hooked = {path: layer(x) - layer.bias for path, layer in layers.items()}
+    applied.remove()
+
+    pipe = _flux_pipeline(model)
+    pipe.load_lora_weights({k: v.clone() for k, v in state.items()})
+    pipe.fuse_lora(lora_scale=1.0)
+    for path in paths:
+        want = model.state_dict()[f"{path}.base_layer.weight"]
+        assert float(want.abs().max()) > 0, path
+        assert (merged[path] - want).abs().max() <= 1e-5, path
+        assert (hooked[path] - x @ want.T).abs().max() <= 1e-4, path
 
 
 def _sai_checkpoint(model) -> dict[str, torch.Tensor]:

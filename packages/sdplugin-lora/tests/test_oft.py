@@ -140,3 +140,58 @@ def test_oft_warm_start_from_its_own_file(tmp_path):
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def comfyui_unet_keys(unet):
+    """The LoRA keys ComfyUI's ``model_lora_keys_unet`` maps for an SD UNet, from its documented
+    rules: ``lora_unet_`` + the diffusers module path with dots as underscores (and the ldm path,
+    which the diffusers names cover here), ``lycoris_`` + the same, the bare dotted path and
+    ``unet.`` + it. There is no ``oft_unet_`` entry (facts from comfy/lora.py; no code copied)."""
+    keys = set()
+    for path, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            flat = path.replace(".", "_")
+            keys |= {f"lora_unet_{flat}", f"lycoris_{flat}", path, f"unet.{path}"}
+    return keys
+
+
+@pytest.mark.parametrize(("alpha", "std"), [(1.0, 0.002), (1e-3, 0.02)])
+def test_comfyui_loads_the_converted_file_with_our_merged_weights(tmp_path, alpha, std):
+    """ComfyUI skips kohya's ``oft_unet_`` keys; ``sdcore lora convert --to comfyui`` renames them and
+    applies kohya's constraint, after which ComfyUI's formula gives our merged weights (<= 1e-5),
+    also where the two constraints differ (second case)."""
+    from click.testing import CliRunner
+    from sdplugin_lora.commands import lora_group
+
+    _, _, path = _trained(tmp_path, alpha=alpha, std=std)
+    bundle = fresh_bundle("sd1")
+    comfy_keys = comfyui_unet_keys(bundle.unet)
+    kohya_file = read_lora(path)
+    assert not any(key in comfy_keys for key in kohya_file.modules), "ComfyUI would load kohya's OFT names"
+
+    converted = tmp_path / "comfy.safetensors"
+    result = CliRunner().invoke(lora_group, ["convert", str(path), "-o", str(converted), "--to", "comfyui"])
+    assert result.exit_code == 0, result.output
+    comfy_file = read_lora(converted)
+    assert set(comfy_file.modules) <= comfy_keys and len(comfy_file.modules) == len(kohya_file.modules)
+
+    index = ModuleIndex.from_bundle(bundle)
+    original = {n: index.resolve(n).module.weight.detach().float().clone() for n in comfy_file.modules}
+    apply_lora(bundle, path, merge=True)  # ours, from kohya's file
+    ours = {n: index.resolve(n).module.weight.detach().float().clone() for n in comfy_file.modules}
+    unconverted_gap = converted_gap = 0.0
+    for name, weights in comfy_file.modules.items():
+        kohya_weights = kohya_file.modules["oft_unet_" + name[len("lora_unet_") :]].tensors
+        raw = comfyui(original[name], kohya_weights["oft_blocks"].float(), float(kohya_weights["alpha"]), 1.0)
+        unconverted_gap = max(unconverted_gap, float((raw - ours[name]).abs().max()))
+        t = weights.tensors
+        got = comfyui(original[name], t["oft_blocks"].float(), float(t["alpha"]), 1.0)
+        converted_gap = max(converted_gap, float((got - ours[name]).abs().max()))
+    assert converted_gap <= 1e-5, converted_gap
+    if alpha < 1e-2:  # the norm is above alpha: ComfyUI alone would clamp it harder than kohya
+        assert unconverted_gap > 1e-4
+    again = fresh_bundle("sd1")  # sdcore reads the converted file to the same weights
+    apply_lora(again, converted, merge=True)
+    index2 = ModuleIndex.from_bundle(again)
+    worst = max(float((index2.resolve(n).module.weight.detach() - w).abs().max()) for n, w in ours.items())
+    assert worst <= 1e-5

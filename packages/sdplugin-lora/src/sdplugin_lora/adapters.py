@@ -134,6 +134,13 @@ class Variant:
         """(fan-in, output width) when the tensors tell it cheaply."""
         return None
 
+    @classmethod
+    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
+        """The adapted layer's weight shape as far as the tensors tell it: 4-D when they keep a
+        kernel, else ``(out, fan-in)`` (a flattened conv looks like a Linear); ``None`` when
+        they do not tell it (OFT's blocks give the output width only)."""
+        return None
+
 
 def _f32(t: Tensors) -> dict[str, torch.Tensor]:
     return {key: value.float() for key, value in t.items()}
@@ -171,6 +178,13 @@ class LoraVariant(Variant):
     def in_out(cls, t: Tensors) -> tuple[int, int] | None:
         return int(t["lora_down.weight"].shape[1]), int(t["lora_up.weight"].shape[0])
 
+    @classmethod
+    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
+        down, out = t["lora_down.weight"], int(t["lora_up.weight"].shape[0])
+        if "lora_mid.weight" in t:
+            return (out, int(down.shape[1]), *(int(k) for k in t["lora_mid.weight"].shape[2:]))
+        return (out, *(int(d) for d in down.shape[1:]))
+
 
 class LohaVariant(Variant):
     """LyCORIS LoHa: ``ΔW = (w1a @ w1b) ⊙ (w2a @ w2b)`` (rank up to r²); Tucker: ``hada_t1/t2``."""
@@ -198,6 +212,13 @@ class LohaVariant(Variant):
             w1 = f["hada_w1_a"] @ f["hada_w1_b"]
             w2 = f["hada_w2_a"] @ f["hada_w2_b"]
         return (w1 * w2).reshape(shape)
+
+    @classmethod
+    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
+        if "hada_t1" in t:
+            kernel = (int(k) for k in t["hada_t1"].shape[2:])
+            return (int(t["hada_w1_a"].shape[1]), int(t["hada_w1_b"].shape[1]), *kernel)
+        return int(t["hada_w1_a"].shape[0]), int(t["hada_w1_b"].shape[1])
 
 
 class LokrVariant(Variant):
@@ -238,6 +259,20 @@ class LokrVariant(Variant):
             w1 = w1[:, :, None, None]
         return torch.kron(w1.contiguous(), w2.contiguous()).reshape(shape)
 
+    @classmethod
+    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
+        if "lokr_w1" in t:
+            out_m, in_m = (int(d) for d in t["lokr_w1"].shape[:2])
+        else:
+            out_m, in_m = int(t["lokr_w1_a"].shape[0]), int(t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+            return (out_m * int(w2.shape[0]), in_m * int(w2.shape[1]), *(int(k) for k in w2.shape[2:]))
+        if "lokr_t2" in t:  # w2_a [r, out_n], w2_b [r, in_n]
+            kernel = (int(k) for k in t["lokr_t2"].shape[2:])
+            return (out_m * int(t["lokr_w2_a"].shape[1]), in_m * int(t["lokr_w2_b"].shape[1]), *kernel)
+        return out_m * int(t["lokr_w2_a"].shape[0]), in_m * int(t["lokr_w2_b"].shape[1])
+
 
 class FullVariant(Variant):
     """LyCORIS ``full``: the difference itself (``diff``), scale 1."""
@@ -249,6 +284,10 @@ class FullVariant(Variant):
     @classmethod
     def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         return t["diff"].float().reshape(shape)
+
+    @classmethod
+    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
+        return tuple(int(d) for d in t["diff"].shape)
 
 
 class OftVariant(Variant):
@@ -283,15 +322,21 @@ class OftVariant(Variant):
         return float(alpha) * out_dim if alpha is not None else 0.0
 
     @classmethod
-    def rotation(cls, t: Tensors, out_dim: int) -> torch.Tensor:
-        """The ``[out, out]`` block-diagonal ``R`` in fp32."""
+    def skew(cls, t: Tensors, out_dim: int) -> torch.Tensor:
+        """The skew-symmetric blocks ``Q = B - Bᵀ`` in fp32, their norm clamped to the constraint."""
         blocks = t["oft_blocks"].float()
-        count, size = int(blocks.shape[0]), int(blocks.shape[1])
         q = blocks - blocks.transpose(1, 2)
         limit = cls.constraint(t, out_dim)
         if limit > 0:
             norm = q.norm()
             q = q * ((torch.clamp(norm, max=limit) + 1e-8) / (norm + 1e-8))
+        return q
+
+    @classmethod
+    def rotation(cls, t: Tensors, out_dim: int) -> torch.Tensor:
+        """The ``[out, out]`` block-diagonal ``R`` in fp32."""
+        q = cls.skew(t, out_dim)
+        count, size = int(q.shape[0]), int(q.shape[1])
         eye = torch.eye(size, device=q.device).expand(count, size, size)
         r = (eye + q) @ torch.linalg.inv(eye - q)
         return torch.block_diag(*r.unbind(0))
@@ -823,17 +868,35 @@ def adapter_from_tensors(name: str, base: nn.Module, t: Tensors, *, multiplier: 
     return ADAPTER_OF_VARIANT[variant].from_tensors(name, base, t, multiplier=multiplier)
 
 
-def effective_delta(base: nn.Module, t: Tensors, multiplier: float = 1.0) -> torch.Tensor:
-    """``m · (W' - W)`` in fp32 for a file module's tensors applied to ``base``."""
+def needs_base(t: Tensors) -> bool:
+    """Whether the module's weight change depends on the base weight (DoRA, OFT)."""
+    variant = variant_of(t)
+    return "dora_scale" in t or (variant is not None and variant.multiplicative)
+
+
+def weight_change(t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+    """``W' - W`` in fp32 for a file module's tensors (multiplier 1), shaped ``shape``.
+
+    ``base`` is the layer's weight; DoRA and OFT need it (:func:`needs_base`), the others do not.
+    Every tool that turns a file module into a dense change (apply, merge, resize) calls this.
+    """
     variant = variant_of(t)
     if variant is None:
         raise ValueError(f"unsupported LoRA module with tensors {sorted(t)}")
-    weight: torch.Tensor = base.weight  # type: ignore[assignment]
-    delta = variant.delta(t, tuple(weight.shape), weight).to(weight.device)
+    if base is None and needs_base(t):
+        raise ValueError("DoRA and OFT modules change the weight relative to the base weight: it is needed")
+    delta = variant.delta(t, shape, base)
     if "dora_scale" in t:
-        w = weight.detach().float()
-        delta = Dora.apply(w, delta, t["dora_scale"].to(weight.device)) - w
-    return delta * multiplier
+        assert base is not None
+        w = base.detach().float().reshape(shape)
+        delta = Dora.apply(w, delta.to(w.device), t["dora_scale"].to(w.device)) - w
+    return delta
+
+
+def effective_delta(base: nn.Module, t: Tensors, multiplier: float = 1.0) -> torch.Tensor:
+    """``m · (W' - W)`` in fp32 for a file module's tensors applied to ``base``."""
+    weight: torch.Tensor = base.weight  # type: ignore[assignment]
+    return weight_change(t, tuple(weight.shape), weight).to(weight.device) * multiplier
 
 
 __all__ = [
@@ -856,6 +919,8 @@ __all__ = [
     "adapter_from_tensors",
     "effective_delta",
     "factorization",
+    "needs_base",
     "tucker",
     "variant_of",
+    "weight_change",
 ]

@@ -33,7 +33,7 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 
 @click.group("lora")
 def lora_group() -> None:
-    """LoRA files: merge, extract, resize, info (kohya format)."""
+    """LoRA files: merge, extract, resize, convert, info (kohya format)."""
 
 
 @lora_group.command("info")
@@ -136,6 +136,11 @@ def extract_command(
 @click.option(
     "--dynamic-param", type=float, default=None, help="sv_ratio: max ratio; sv_fro/sv_cumulative: fraction kept."
 )
+@click.option(
+    "--base-model",
+    default=None,
+    help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
+)
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 def resize_command(
     file: str,
@@ -144,13 +149,17 @@ def resize_command(
     conv_rank: int | None,
     dynamic: str | None,
     dynamic_param: float | None,
+    base_model: str | None,
     save_dtype: str,
 ) -> None:
-    """Re-factor a LoRA to a new rank, keeping its effective strength."""
+    """Re-factor a LoRA-family FILE (any algorithm) to a LoRA of a new rank, keeping its strength."""
     from .format import read_lora, save_lora
     from .tools import resize_lora
 
-    result = resize_lora(read_lora(file), rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param)
+    base = _load_model(base_model) if base_model else None
+    result = resize_lora(
+        read_lora(file), rank, conv_rank=conv_rank, dynamic=dynamic, dynamic_param=dynamic_param, base=base
+    )
     path = save_lora(output, result.tensors, result.metadata, dtype=save_dtype)
     new_ranks = sorted({new for _, new in result.ranks.values()})
     kept = sum(result.fro_retained.values()) / max(len(result.fro_retained), 1)
@@ -168,10 +177,15 @@ def resize_command(
     type=click.Choice(["concat", "svd"]),
     default="concat",
     show_default=True,
-    help="LoRA+LoRA: stack ranks (exact) or SVD to --rank.",
+    help="LoRA+LoRA: stack ranks (exact, plain LoRA/LoCon) or sum the changes and SVD to --rank (every algorithm).",
 )
 @click.option("--rank", type=int, default=None, help="Rank for --mode svd.")
 @click.option("--conv-rank", type=int, default=None, help="Conv rank for --mode svd.")
+@click.option(
+    "--base-model",
+    default=None,
+    help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
+)
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
 def merge_command(
     loras: tuple[str, ...],
@@ -180,6 +194,7 @@ def merge_command(
     mode: str,
     rank: int | None,
     conv_rank: int | None,
+    base_model: str | None,
     save_dtype: str,
 ) -> None:
     """Merge LORAS (each FILE[:RATIO]) into a checkpoint (--model) or into one LoRA."""
@@ -193,6 +208,30 @@ def merge_command(
         path = bundle.save(output, dtype=save_dtype)
         click.echo(f"wrote {path}: {touched} weights changed")
         return
-    tensors, meta = merge_loras([(read_lora(p), r) for p, r in weighted], mode=mode, rank=rank, conv_rank=conv_rank)
+    base = _load_model(base_model) if base_model else None
+    tensors, meta = merge_loras(
+        [(read_lora(p), r) for p, r in weighted], mode=mode, rank=rank, conv_rank=conv_rank, base=base
+    )
     path = save_lora(output, tensors, meta, dtype=save_dtype)
     click.echo(f"wrote {path}: {len(tensors) // 3} modules")
+
+
+@lora_group.command("convert")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["comfyui"]),
+    required=True,
+    help="comfyui: a kohya OFT file under the names and constraint ComfyUI reads (same merged weights).",
+)
+@click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp32", show_default=True)
+def convert_command(file: str, output: str, target: str, save_dtype: str) -> None:
+    """Rewrite FILE for a loader that cannot read it as it is (kohya OFT -> ComfyUI)."""
+    from .format import read_lora, save_lora
+    from .tools import oft_for_comfyui
+
+    tensors, meta = oft_for_comfyui(read_lora(file))
+    path = save_lora(output, tensors, meta, dtype=save_dtype)
+    click.echo(f"wrote {path}: {len(tensors) // 2} OFT modules for {target}")

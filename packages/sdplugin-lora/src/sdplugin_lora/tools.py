@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 
-from .adapters import LoraVariant
+from .adapters import LoraVariant, OftVariant, needs_base, weight_change
 from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
@@ -190,25 +190,103 @@ def dynamic_rank(S: torch.Tensor, cap: int, method: str | None, param: float | N
     return min(new, cap)
 
 
-def _resizable(lora: LoraFile, name: str, weights: ModuleWeights, what: str) -> None:
-    if weights.kind != "lora" or weights.is_dora:
-        kind = "DoRA" if weights.is_dora else weights.kind
-        raise NetworkMismatchError(
-            f"{lora.label}: {name} is {kind}; only LoRA/LoCon modules (Tucker included) can be {what}"
-        )
-
-
 def lora_flat_delta(weights: ModuleWeights) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The unscaled ``ΔW`` of a LoRA/LoCon module as ``[out, in·k·k]`` plus the layer's weight shape
     (read from the factors: down ``[r, in(, k, k)]``, Tucker mid ``[r, r, k, k]``)."""
-    down, up = weights.down, weights.up
-    if "lora_mid.weight" in weights.tensors:
-        shape: tuple[int, ...] = (int(up.shape[0]), int(down.shape[1]), *weights.tensors["lora_mid.weight"].shape[2:])
-    elif down.dim() == 4:
-        shape = (int(up.shape[0]), *(int(d) for d in down.shape[1:]))
-    else:
-        shape = (int(up.shape[0]), int(down.shape[1]))
+    shape = LoraVariant.shape(weights.tensors)
+    assert shape is not None
     return LoraVariant.weight(weights.tensors, shape).flatten(1), shape
+
+
+def lora_key(name: str) -> str:
+    """The key a module keeps once it is a LoRA: kohya's OFT names (``oft_unet_``) become
+    ``lora_unet_`` (the same layer), every other name stays as it is."""
+    return "lora_unet_" + name[len("oft_unet_") :] if name.startswith("oft_unet_") else name
+
+
+def layer_shape(
+    name: str, weights: ModuleWeights, family: str | None, base: torch.Tensor | None = None
+) -> tuple[int, ...]:
+    """The adapted layer's weight shape: the base weight's when given, else what the tensors tell,
+    with the kernel of a flattened conv (LoHa, factored LoKr) taken from the module name
+    (:func:`module_shape`: SD's kxk convs are 3x3)."""
+    if base is not None:
+        return tuple(int(d) for d in base.shape)
+    variant = weights.variant
+    shape = variant.shape(weights.tensors) if variant is not None else None
+    if shape is None:
+        raise NetworkMismatchError(f"{name}: its layer's shape is not in the file; pass the base model")
+    if len(shape) == 2:
+        kind = module_shape(name, weights, family)
+        if kind == "conv1x1":
+            return (*shape, 1, 1)
+        if kind == "conv3x3" and shape[1] % 9 == 0:
+            return (shape[0], shape[1] // 9, 3, 3)
+    return shape
+
+
+@dataclass
+class DenseModule:
+    """One file module as a dense change ``scale · delta`` of its layer (what merge and resize
+    re-factor), with DoRA's magnitude when it is kept."""
+
+    key: str
+    delta: torch.Tensor  # [out, in·k·k], fp32, unscaled
+    scale: float
+    shape: tuple[int, ...]
+    dora_scale: torch.Tensor | None = None
+
+
+def dense_module(
+    lora: LoraFile,
+    name: str,
+    weights: ModuleWeights,
+    *,
+    family: str | None,
+    base: torch.Tensor | None = None,
+    keep_dora: bool = False,
+) -> DenseModule:
+    """The dense change of any variant (the variant's own formula, :mod:`sdplugin_lora.adapters`).
+
+    LoRA, LoHa, LoKr and full modules need nothing else. DoRA and OFT change the weight relative
+    to the base weight, so they need ``base`` and give ``W' - W`` (scale 1); with ``keep_dora`` a
+    DoRA module instead keeps its magnitude and its inner ``ΔW`` is what gets re-factored.
+    """
+    t = weights.tensors
+    variant = weights.variant
+    if variant is None:
+        raise NetworkMismatchError(f"{lora.label}: {name} has tensors {sorted(t)} of no known algorithm")
+    if "diff_b" in t:
+        raise NetworkMismatchError(f"{lora.label}: {name} also changes the bias (diff_b), which a LoRA cannot carry")
+    keep = keep_dora and "dora_scale" in t and not variant.multiplicative
+    if base is None and needs_base(t) and not keep:
+        kind = "OFT" if variant.multiplicative else "DoRA"
+        raise NetworkMismatchError(
+            f"{lora.label}: {name} is {kind}: its change depends on the base weights; pass --base-model"
+        )
+    shape = layer_shape(name, weights, family, base)
+    if keep:
+        delta, scale, dora = variant.weight(t, shape), variant.scale(t), t["dora_scale"].float()
+    elif needs_base(t):
+        assert base is not None
+        delta, scale, dora = weight_change(t, shape, base.detach().float().cpu()), 1.0, None
+    else:
+        delta, scale, dora = variant.weight(t, shape), variant.scale(t), None
+    return DenseModule(lora_key(name), delta.flatten(1), scale, shape, dora)
+
+
+def base_weights(bundle: Any, lora: LoraFile) -> dict[str, torch.Tensor]:
+    """The base weight of every module of ``lora`` found in ``bundle`` (by the file's key)."""
+    from .format import check_family, resolve_key
+
+    index = ModuleIndex.from_bundle(bundle)
+    check_family(lora, index.family)
+    out: dict[str, torch.Tensor] = {}
+    for name in lora.modules:
+        target = resolve_key(index, name)
+        if target is not None:
+            out[name] = target.module.weight.detach()
+    return out
 
 
 @dataclass
@@ -226,33 +304,38 @@ def resize_lora(
     conv_rank: int | None = None,
     dynamic: str | None = None,
     dynamic_param: float | None = None,
+    base: Any = None,
 ) -> ResizeResult:
-    """Re-factor every module to ``rank`` (the cap, with ``dynamic``) keeping the effective ΔW scale.
+    """Re-factor every module, whatever its algorithm, to a LoRA of ``rank`` (the cap, with
+    ``dynamic``) keeping the effective ΔW scale.
 
     ``new_alpha = old_alpha/old_rank * new_rank`` as kohya's resize does, so the file applies at
-    the same strength. Non-LoRA modules (LoHa, LoKr) are refused.
+    the same strength. LoHa/LoKr/full modules become LoRA of their dense ΔW; DoRA modules stay
+    DoRA (their inner ΔW is re-factored, ``dora_scale`` kept); OFT modules need ``base`` (the
+    model they were trained on) and become the LoRA of ``Rᵀ W - W``.
     """
     if dynamic is not None and dynamic_param is None:
         raise ConfigError(f"--dynamic {dynamic} needs --dynamic-param")
+    family = detect_family(lora)[0]
+    weights_of = base_weights(base, lora) if base is not None else {}
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, int]] = {}
     retained: dict[str, float] = {}
     for name, weights in lora.modules.items():
-        _resizable(lora, name, weights, "resized")
-        flat, shape = lora_flat_delta(weights)
-        conv = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+        dense = dense_module(lora, name, weights, family=family, base=weights_of.get(name), keep_dora=True)
+        conv = len(dense.shape) == 4 and tuple(dense.shape[2:]) != (1, 1)
         cap = (conv_rank or rank) if conv else rank
-        U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(dense.delta, full_matrices=False)
         new = min(dynamic_rank(S, cap, dynamic, dynamic_param), S.numel())
-        new_up = U[:, :new] @ torch.diag(S[:new])
-        new_down = Vh[:new]
-        new_up, new_down = _shape_factors(new_up, new_down, shape)
-        tensors[f"{name}.lora_down.weight"] = new_down.contiguous()
-        tensors[f"{name}.lora_up.weight"] = new_up.contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(weights.scale * new)
-        ranks[name] = (weights.rank, new)
+        new_up, new_down = _shape_factors(U[:, :new] @ torch.diag(S[:new]), Vh[:new], dense.shape)
+        tensors[f"{dense.key}.lora_down.weight"] = new_down.contiguous()
+        tensors[f"{dense.key}.lora_up.weight"] = new_up.contiguous()
+        tensors[f"{dense.key}.alpha"] = torch.tensor(dense.scale * new)
+        if dense.dora_scale is not None:
+            tensors[f"{dense.key}.dora_scale"] = dense.dora_scale
+        ranks[dense.key] = (weights.rank, new)
         total = float((S**2).sum())
-        retained[name] = math.sqrt(float((S[:new] ** 2).sum()) / total) if total > 0 else 1.0
+        retained[dense.key] = math.sqrt(float((S[:new] ** 2).sum()) / total) if total > 0 else 1.0
     meta = dict(lora.metadata)
     meta.pop("sshs_model_hash", None)
     meta.pop("sshs_legacy_hash", None)
@@ -262,11 +345,20 @@ def resize_lora(
     comment = meta.get("ss_training_comment", "")
     note = f"dimension is resized from {old_dim} to {meta['ss_network_dim']}"
     meta["ss_training_comment"] = f"{note}; {comment}" if comment and comment != "None" else note
-    if conv_rank and "ss_network_args" in meta:
-        with_args = json.loads(meta["ss_network_args"]) if meta["ss_network_args"] not in ("", "None") else {}
-        with_args["conv_dim"] = str(conv_rank)
-        with_args["conv_alpha"] = "Dynamic"
-        meta["ss_network_args"] = json.dumps(with_args)
+    raw = meta.get("ss_network_args")
+    args = json.loads(raw) if raw not in (None, "", "None") else {}
+    if not all(w.kind == "lora" for w in lora.modules.values()) or meta.get("ss_network_module") != "networks.lora":
+        # now a LoRA (LoCon): kohya's module, or LyCORIS' when DoRA magnitudes are kept
+        dora = any(key.endswith(".dora_scale") for key in tensors)
+        args = {k: v for k, v in args.items() if k in ("conv_dim", "conv_alpha")}
+        if dora:
+            args.update({"algo": "lora", "dora_wd": "True"})
+        meta["ss_network_module"] = "lycoris.kohya" if dora else "networks.lora"
+    if conv_rank:
+        args["conv_dim"] = str(conv_rank)
+        args["conv_alpha"] = "Dynamic"
+    if args or raw is not None:
+        meta["ss_network_args"] = json.dumps(args) if args else "None"
     return ResizeResult(tensors, meta, ranks, retained)
 
 
@@ -274,7 +366,7 @@ def resize_lora(
 
 
 def merge_into_model(bundle: Any, loras: Sequence[tuple[str | Path | LoraFile, float]], *, strict: bool = False) -> int:
-    """Bake LoRAs into ``bundle``'s weights (``W += ratio * alpha/rank * up @ down``); returns modules touched."""
+    """Bake LoRA-family files into ``bundle``'s weights (``W += ratio * (W' - W)``); returns modules touched."""
     from .apply import LoraSpec, apply_loras
 
     applied = apply_loras(bundle, [LoraSpec(lora, ratio) for lora, ratio in loras], merge=True, strict=strict)
@@ -289,12 +381,16 @@ def merge_loras(
     mode: str = "concat",
     rank: int | None = None,
     conv_rank: int | None = None,
+    base: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Several LoRAs into one file.
+    """Several LoRA-family files into one LoRA.
 
-    ``concat`` stacks ranks (exact: ΔW = Σ ratio·scale·up@down, alpha = total rank); ``svd`` sums
-    ΔW and re-factors to ``rank`` (kohya ``svd_merge_lora``). Modules are matched by key name, so
-    all inputs must use the same naming (the same family and trainer style).
+    ``concat`` stacks ranks (exact: ΔW = Σ ratio·scale·up@down, alpha = total rank; plain
+    LoRA/LoCon only); ``svd`` sums the dense ΔW each variant computes and re-factors the sum to
+    ``rank`` (kohya ``svd_merge_lora``), for every algorithm: DoRA and OFT modules contribute
+    ``W' - W`` against ``base`` (the model they were trained on), which they need. Modules are
+    matched by layer name, so all inputs must use the same naming (the same family and trainer
+    style; kohya's ``oft_unet_`` names count as ``lora_unet_``).
     """
     if mode not in ("concat", "svd"):
         raise ConfigError(f"merge mode {mode!r}: choose concat or svd")
@@ -303,39 +399,46 @@ def merge_loras(
     families = {family for family in (detect_family(lora)[0] for lora, _ in loras) if family is not None}
     if len(families) > 1:
         raise NetworkMismatchError(f"cannot merge LoRAs of different families: {', '.join(sorted(families))}")
-    names: list[str] = []
-    for lora, _ in loras:
+    family = next(iter(families), None)
+    parts: dict[str, list[tuple[LoraFile, str, ModuleWeights, float]]] = {}
+    for lora, ratio in loras:
         for name, weights in lora.modules.items():
-            _resizable(lora, name, weights, "merged")
-            if mode == "concat" and weights.is_tucker:
-                raise NetworkMismatchError(f"{lora.label}: {name} is a Tucker LoCon; merge it with --mode svd")
-            if name not in names:
-                names.append(name)
+            if mode == "concat" and (weights.kind != "lora" or weights.is_dora or weights.is_tucker):
+                kind = "DoRA" if weights.is_dora else ("Tucker LoCon" if weights.is_tucker else weights.kind)
+                raise NetworkMismatchError(f"{lora.label}: {name} is {kind}; merge it with --mode svd")
+            parts.setdefault(lora_key(name), []).append((lora, name, weights, ratio))
+    weights_of: dict[int, dict[str, torch.Tensor]] = {}
+    if base is not None and mode == "svd":
+        weights_of = {id(lora): base_weights(base, lora) for lora, _ in loras}
     tensors: dict[str, torch.Tensor] = {}
-    for name in names:
-        parts = [(lora.modules[name], ratio) for lora, ratio in loras if name in lora.modules]
-        first = parts[0][0]
-        _, weight_shape = lora_flat_delta(first)
+    for key, group in parts.items():
         if mode == "concat":
-            ups = [w.up.float().flatten(1) * (ratio * w.scale) for w, ratio in parts]
-            downs = [w.down.float().flatten(1) for w, ratio in parts]
+            ups = [w.up.float().flatten(1) * (ratio * w.scale) for _, _, w, ratio in group]
+            downs = [w.down.float().flatten(1) for _, _, w, _ in group]
             up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+            weight_shape = lora_flat_delta(group[0][2])[1]
             r = up.shape[1]
         else:
-            delta = sum((lora_flat_delta(w)[0] * (ratio * w.scale) for w, ratio in parts), torch.zeros(()))
+            denses = [
+                (dense_module(lora, n, w, family=family, base=weights_of.get(id(lora), {}).get(n)), ratio)
+                for lora, n, w, ratio in group
+            ]
+            weight_shape = denses[0][0].shape
+            if any(d.delta.shape != denses[0][0].delta.shape for d, _ in denses):
+                raise NetworkMismatchError(f"{key}: the files give this layer different shapes")
+            delta = sum((d.delta * (ratio * d.scale) for d, ratio in denses), torch.zeros(()))
             assert isinstance(delta, torch.Tensor)
             conv = len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1)
             cap = int((conv_rank or rank) if conv else rank)  # type: ignore[arg-type]
             r = min(cap, *delta.shape)
             up, down = _factor(delta, r, None)
         up, down = _shape_factors(up, down, weight_shape)
-        tensors[f"{name}.lora_up.weight"] = up.contiguous()
-        tensors[f"{name}.lora_down.weight"] = down.contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(r))
-    family = next(iter(families), None) or "sd1"
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(r))
     ranks = [int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")]
     meta = network_metadata(
-        family=family,
+        family=family or "sd1",
         rank=max(ranks) if ranks else 0,
         alpha=max(ranks) if ranks else 0,
         extra={
@@ -344,6 +447,41 @@ def merge_loras(
         },
     )
     meta["modelspec.merged_from"] = ", ".join(Path(lora.label).stem for lora, _ in loras)
+    return tensors, meta
+
+
+# --- convert -----------------------------------------------------------------------------------
+
+
+def oft_for_comfyui(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A kohya OFT file rewritten so that ComfyUI applies the same rotations.
+
+    ComfyUI's key map names UNet modules ``lora_unet_<name>`` (and ``lycoris_``/diffusers names)
+    but never kohya's ``oft_unet_<name>``, so it skips every module of a kohya OFT file; and it
+    clamps ``‖Q‖`` to ``alpha`` where kohya clamps to ``alpha · out``. The rewrite renames the
+    modules to ``lora_unet_``, stores kohya's clamped ``Q`` itself (``oft_blocks = Q/2``, since
+    ``Q/2 - (Q/2)ᵀ = Q``) and ``alpha · out`` as alpha, so that neither ComfyUI nor kohya's rule
+    (nor sdcore, which reads both names) clamps again: all three give kohya's merged weights.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, weights in lora.modules.items():
+        if weights.kind != "oft":
+            raise NetworkMismatchError(
+                f"{lora.label}: {name} is {weights.kind}, not OFT; ComfyUI loads such modules as they are"
+            )
+        t = weights.tensors
+        blocks = t["oft_blocks"]
+        out_dim = int(blocks.shape[0]) * int(blocks.shape[1])
+        key = lora_key(name)
+        tensors[f"{key}.oft_blocks"] = (OftVariant.skew(t, out_dim) / 2).to(blocks.dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(OftVariant.constraint(t, out_dim))
+    meta = dict(lora.metadata)
+    meta.pop("sshs_model_hash", None)
+    meta.pop("sshs_legacy_hash", None)
+    meta["sdcore_oft_layout"] = "comfyui"
+    note = "OFT renamed to lora_unet_ with kohya's constraint applied, for ComfyUI"
+    comment = meta.get("ss_training_comment", "")
+    meta["ss_training_comment"] = f"{note}; {comment}" if comment and comment != "None" else note
     return tensors, meta
 
 
@@ -468,28 +606,37 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     }
 
 
-def effective_deltas(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """``scale * ΔW`` of every LoRA/LoCon module (Tucker included), flattened to [out, in·k·k]."""
-    return {
-        name: lora_flat_delta(weights)[0] * weights.scale
-        for name, weights in lora.modules.items()
-        if weights.kind == "lora"
-    }
+def effective_deltas(lora: LoraFile, base: Any = None) -> dict[str, torch.Tensor]:
+    """``W' - W`` of every module, flattened to ``[out, in·k·k]`` and keyed as a LoRA names it
+    (:func:`lora_key`); DoRA and OFT modules need ``base``, the model they apply to."""
+    family = detect_family(lora)[0]
+    weights_of = base_weights(base, lora) if base is not None else {}
+    out: dict[str, torch.Tensor] = {}
+    for name, weights in lora.modules.items():
+        dense = dense_module(lora, name, weights, family=family, base=weights_of.get(name))
+        out[dense.key] = dense.delta * dense.scale
+    return out
 
 
 __all__ = [
     "DYNAMIC_METHODS",
     "MIN_SV",
+    "DenseModule",
     "ExtractResult",
     "ModuleWeights",
     "ResizeResult",
+    "base_weights",
+    "dense_module",
     "dynamic_rank",
     "effective_deltas",
     "extract_lora",
+    "layer_shape",
     "lora_flat_delta",
     "lora_info",
+    "lora_key",
     "merge_into_model",
     "merge_loras",
     "module_shape",
+    "oft_for_comfyui",
     "resize_lora",
 ]

@@ -746,3 +746,40 @@ def test_kohya_network_args_train_t5xxl_is_train_t5():
     with pytest.raises(ConfigError, match="split_qkv=False is not supported"):
         kohya = {"network_module": "networks.lora_flux", "network_args": ["split_qkv=False"]}
         load_options(LoraOptions, None, kohya=kohya, notes=[])
+
+
+def _transformer_families() -> list[str]:
+    from sdcore.models.family import families
+
+    return [f.name for f in families() if f.denoiser == "transformer" and f.name in ("sd3", "flux")]
+
+
+@pytest.mark.parametrize("family", _transformer_families())
+def test_registered_family_bundle_trains_saves_and_applies_in_kohya_names(family, tmp_path):
+    """On the bundles the SD3/Flux families build themselves (runs once they are registered)."""
+    from sdcore.models.family import family_adapter
+    from sdcore.train.method import SaveInfo
+    from sdplugin_lora.apply import apply_lora
+    from sdplugin_lora.format import detect_family, read_lora
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    bundle = family_adapter(family).create_tiny()
+    method = LoraMethod(LoraOptions(rank=2, train_text_encoder=True, save_dtype="fp32"))
+    method.prepare(bundle)
+    with torch.no_grad():
+        for module in method.network:
+            module.lora_up.weight.normal_()
+    method.network.remove()
+    path = method.save(bundle, SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=1, metadata={}, final=True))
+    lora = read_lora(path)
+    blocks = "joint_blocks_" if family == "sd3" else "double_blocks_"
+    assert any(k.startswith(f"lora_unet_{blocks}0_") for k in lora.modules)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in lora.modules)
+    assert detect_family(lora)[0] == family
+    before = {n: p.detach().clone() for n, p in bundle.denoiser.named_parameters()}
+    apply_lora(bundle, path, 1.0, merge=True, strict=True)
+    for module in method.network:
+        target = method.index.targets[module.lora_name]
+        if target.component == "transformer":
+            want = before[target.path + ".weight"] + module.delta_weight()
+            assert (target.module.weight - want).abs().max() <= 1e-5, target.path

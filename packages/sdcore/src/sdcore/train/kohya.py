@@ -440,7 +440,10 @@ NETWORK_ARGS = {
     "rank_dropout": "rank_dropout",
     "module_dropout": "module_dropout",
     "factor": "lokr_factor",
+    "train_t5xxl": "train_t5",  # lora_sd3 / lora_flux
 }
+#: kohya's plain-LoRA network modules (SD1/SD2/SDXL, FLUX.1, SD3): sdcore's --algo lora
+KOHYA_LORA_MODULES = ("networks.lora", "networks.lora_flux", "networks.lora_sd3")
 #: network_args keys without an effect at these values
 NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "decompose_both": ("false",),
@@ -451,6 +454,8 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "constrain": ("0", "0.0"),
     "use_tucker": ("false",),
     "use_cp": ("false",),
+    "split_qkv": ("true",),  # lora_flux: sdcore's q/k/v LoRAs are always split (saved fused)
+    "train_blocks": ("all",),  # lora_flux: all blocks is the default
     "dora_wd": ("false",),
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
@@ -726,9 +731,15 @@ def _network(
     if "rank" not in present:
         out.problems.append(f"{where}: network_module/network_args are LoRA options (sdcore train lora)")
         return
-    if module not in ("", "networks.lora", "lycoris.kohya"):
-        out.problems.append(f"{where}: network_module {module!r} is not available (networks.lora, lycoris.kohya)")
+    if module not in ("", "lycoris.kohya", *KOHYA_LORA_MODULES):
+        known = ", ".join((*KOHYA_LORA_MODULES, "lycoris.kohya"))
+        out.problems.append(f"{where}: network_module {module!r} is not available ({known})")
         return
+    if module in ("networks.lora_flux", "networks.lora_sd3"):
+        out.notes.append(
+            f"{module}: sdcore trains q, k, v (and Flux's MLP input) with their own LoRA each, as kohya's "
+            "split_qkv=True does, and saves them fused in kohya's names (rank x3/x4 in the file)"
+        )
     lycoris = module == "lycoris.kohya"
     algo = args.pop("algo", "").lower()
     if lycoris:

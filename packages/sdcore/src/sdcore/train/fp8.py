@@ -24,10 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..dtypes import FP8_STORAGE as FP8_DTYPE_NAME
 from ..errors import ConfigError
-
-#: the storage dtype (kohya, ComfyUI and diffusers' layerwise casting all store e4m3fn for weights)
-FP8_DTYPE_NAME = "float8_e4m3fn"
 
 
 def fp8_dtype() -> torch.dtype:

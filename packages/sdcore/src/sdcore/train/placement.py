@@ -15,7 +15,7 @@ registered as a parameter list.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,15 +59,23 @@ def create_accelerator(options: TrainOptions, *, log_with: str | None = None) ->
 
 
 def place_model(
-    bundle: ModelBundle, params: list[torch.nn.Parameter], caps: Capabilities, device: Any, precision: str
+    bundle: ModelBundle,
+    params: list[torch.nn.Parameter],
+    caps: Capabilities,
+    device: Any,
+    precision: str,
+    *,
+    stay_on_cpu: Collection[torch.nn.Module] = (),
 ) -> None:
     """Every module to ``device``; trainable parameters in fp32, frozen ones in the compute dtype
-    (under mixed precision, unless the method keeps them: ``cast_frozen_weights``)."""
+    (under mixed precision, unless the method keeps them: ``cast_frozen_weights``). fp8-stored
+    weights (``--fp8-base``) keep their dtype; modules in ``stay_on_cpu`` (blocks to swap) are cast
+    where they are and never visit the device, so the device never holds the whole model."""
 
     weight_dtype = torch_dtype(precision)
     trainable = {id(p) for p in params}
     for name, module in bundle.components().items():
-        module.to(device)
+        _move(module, device, {id(m) for m in stay_on_cpu})
         module_trains = False
         for p in module.parameters():
             if id(p) in trainable:
@@ -75,6 +83,8 @@ def place_model(
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
             elif not caps.cast_frozen_weights:
+                continue
+            elif p.element_size() == 1:  # fp8 storage (--fp8-base): upcast per layer in forward
                 continue
             elif p.dtype != weight_dtype and not (name == "vae" and weight_dtype == torch.float16):
                 # the VAE stays fp32 under fp16: SD/SDXL VAEs overflow in fp16 (NaN latents)
@@ -86,9 +96,24 @@ def place_model(
             p.data = p.data.to(device)
 
 
+def _move(module: torch.nn.Module, device: Any, skip: set[int]) -> None:
+    """``module.to(device)`` except the subtrees whose ids are in ``skip``."""
+    if not skip:
+        module.to(device)
+        return
+    if id(module) in skip:
+        return
+    for name, p in module.named_parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in list(module.named_buffers(recurse=False)):
+        module._buffers[name] = b.to(device)
+    for child in module.children():
+        _move(child, device, skip)
+
+
 def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> None:
-    """Also when the UNet is frozen: gradients still flow through it to LoRA/TI parameters."""
-    bundle.unet.enable_gradient_checkpointing()
+    """Also when the denoiser is frozen: gradients still flow through it to LoRA/TI parameters."""
+    bundle.denoiser.enable_gradient_checkpointing()
     if caps.trains_text_encoder:
         for te in bundle.text_encoders:
             if hasattr(te, "gradient_checkpointing_enable"):

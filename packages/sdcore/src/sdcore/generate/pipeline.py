@@ -147,16 +147,16 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
 def default_size(bundle: ModelBundle) -> int:
     """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64, other small
     models (the toy world's 32x32) their native size."""
-    native = int(bundle.unet.config.sample_size) * bundle.vae_scale_factor
+    from ..models.native import bundle_native_resolution
+
     if bundle.source_format == "tiny":
         return 64
+    native = bundle_native_resolution(bundle) or bundle.family_spec.native_resolution
     if native < 256:
         return native
-    if bundle.is_sdxl:
-        return 1024
-    if bundle.family == "sd2" and bundle.is_v_prediction:
-        return 768
-    return 512
+    if bundle.family == "sd2" and not bundle.is_v_prediction:
+        return 512  # SD2-512-base; the family's 768 is the v-prediction release
+    return bundle.family_spec.native_resolution
 
 
 def _check_size(value: int, what: str, factor: int) -> int:

@@ -77,6 +77,7 @@ class ModelFamily:
     adapter: str  # import string "module:attr" of the family's FamilyAdapter (class or instance)
     lora_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya LoRA prefix
     default_prediction_type: str = "epsilon"  # DDPM families: what a file without a marker is
+    context_tokens: int = 77  # text tokens the denoiser attends to by default (SD3: 77 + T5's; Flux: T5's)
 
     def __post_init__(self) -> None:
         from ..specs import _check_import_string, _check_name

@@ -27,10 +27,15 @@ def native_resolution(unet_config: Mapping[str, Any], vae_config: Mapping[str, A
     return int(sample) * 2 ** (len(blocks) - 1)
 
 
+def _as_mapping(config: Any) -> Mapping[str, Any]:
+    """A diffusers ``FrozenDict`` config, or any object with the config values as attributes."""
+    return config if isinstance(config, Mapping) else vars(config)
+
+
 def bundle_native_resolution(bundle: Any) -> int | None:
     """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`: from its denoiser's
     ``sample_size`` when it has one (a transformer may not), else its family's declared size."""
-    found = native_resolution(dict(bundle.denoiser.config), dict(bundle.vae.config))
+    found = native_resolution(_as_mapping(bundle.denoiser.config), _as_mapping(bundle.vae.config))
     return found if found is not None else bundle.family_spec.native_resolution
 
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import element_bytes
+from ..models.family import get_family
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
@@ -76,6 +77,19 @@ OPTIMIZER_STATE_BYTES: dict[str, float] = {
 ACTIVATION_CONSTANTS: dict[str, tuple[float, float, float, float]] = {
     "adapter": (1.52, 37.5, 5.37, 20.0),
     "full": (3.80, 29.9, 2.27, 20.0),
+}
+
+#: (K_IMG, K_TXT) of a transformer denoiser (MMDiT/DiT: SD3, Flux), per block and per hidden unit,
+#: for an image token and a text token: ``A = batch * bytes * blocks * D * (K_IMG * N + K_TXT * T)``.
+#: Fitted to the bytes autograd saves (saved_tensors_hooks, unique non-parameter storages) for two
+#: SD3Transformer2DModel sizes (D 128 x 2 blocks, D 256 x 3 blocks) at 128 and 256 px, with a peft
+#: LoRA on every attention/MLP output projection ("adapter") and all weights trained ("full"),
+#: 2026-11-30 (within 5 % of those points). The patch embedding and output layers are folded into
+#: the per-block constants, so deep real models are slightly over-estimated; Flux's single-stream
+#: blocks are counted as joint blocks (not measured separately).
+TRANSFORMER_ACTIVATION_CONSTANTS: dict[str, tuple[float, float]] = {
+    "adapter": (17.8, 12.5),
+    "full": (22.6, 16.1),
 }
 
 #: what the libraries take once imported (torch, diffusers, transformers, accelerate): added when
@@ -239,7 +253,7 @@ def activation_bytes(
     text_encoder_trains: bool = False,
 ) -> int:
     """Bytes autograd keeps for one micro-batch through the UNet (and a training text encoder)."""
-    k_res, k_tf, k_ctx, k_te = ACTIVATION_CONSTANTS[mode]
+    k_res, k_tf, k_ctx, _k_te = ACTIVATION_CONSTANTS[mode]
     side = resolution / vae_scale
     blocks = unet_blocks(unet_config, side * side)
     if gradient_checkpointing:
@@ -248,13 +262,59 @@ def activation_bytes(
         units = sum(b.units(k_res, k_tf, k_ctx) for b in blocks)
     total = units
     if text_encoder_trains:
-        for te in text_encoders or []:
-            tokens = int(te.get("max_position_embeddings", 77))
-            width = int(te.get("hidden_size", 768))
-            layers = int(te.get("num_hidden_layers", 12))
-            te_units = k_te * tokens * width * layers
-            total += te_units / layers * 2 if gradient_checkpointing else te_units
+        total += text_encoder_units(text_encoders or [], mode=mode, gradient_checkpointing=gradient_checkpointing)
     return math.ceil(batch * bytes_per_element * total)
+
+
+def text_encoder_units(
+    text_encoders: list[dict[str, Any]], *, mode: str = "adapter", gradient_checkpointing: bool = False
+) -> float:
+    """Activation elements of training text encoders (``K_TE * tokens * width * layers`` each; CLIP
+    and T5 configs name their sizes differently)."""
+    k_te = ACTIVATION_CONSTANTS[mode][3]
+    total = 0.0
+    for te in text_encoders:
+        tokens = int(te.get("max_position_embeddings", te.get("n_positions", 77)) or 77)
+        width = int(te.get("hidden_size", te.get("d_model", 768)))
+        layers = int(te.get("num_hidden_layers", te.get("num_layers", 12)))
+        te_units = k_te * tokens * width * layers
+        total += te_units / layers * 2 if gradient_checkpointing else te_units
+    return total
+
+
+def transformer_tokens(config: dict[str, Any], latent_area: float, latent_channels: int) -> float:
+    """Image tokens a diffusers transformer sees for ``latent_area`` latent cells: patches of
+    ``patch_size`` squared, times packing (Flux packs 2x2 latent cells into its 64 input channels)."""
+    patch = int(config.get("patch_size", 1) or 1)
+    packing = latent_channels / int(config.get("in_channels", latent_channels) or latent_channels)
+    return latent_area * packing / (patch * patch)
+
+
+def transformer_activation_bytes(
+    config: dict[str, Any],
+    *,
+    batch: int,
+    resolution: int,
+    latent_channels: int,
+    context_tokens: int,
+    vae_scale: int = 8,
+    bytes_per_element: int = 4,
+    gradient_checkpointing: bool = False,
+    mode: str = "adapter",
+) -> int:
+    """Bytes autograd keeps for one micro-batch through a transformer denoiser (SD3's joint blocks,
+    Flux's double and single blocks; :data:`TRANSFORMER_ACTIVATION_CONSTANTS`)."""
+    k_img, k_txt = TRANSFORMER_ACTIVATION_CONSTANTS[mode]
+    width = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 64))
+    blocks = int(config.get("num_layers", 1)) + int(config.get("num_single_layers", 0) or 0)
+    side = resolution / vae_scale
+    n = transformer_tokens(config, side * side, latent_channels)
+    per_block = width * (k_img * n + k_txt * context_tokens)
+    if gradient_checkpointing:  # block inputs kept, one block recomputed at a time
+        units = blocks * width * (n + context_tokens) + per_block
+    else:
+        units = blocks * per_block
+    return math.ceil(batch * bytes_per_element * units)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,19 +354,41 @@ def estimate_memory(
     weights += params.added * 4
     gradients = params.trainable * 4
     optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer, 8.0)
-    full = bool(params.trainable_in & {"unet"})
+    family = get_family(layout.family)
+    full = bool(params.trainable_in & {family.denoiser})
     vae_blocks = layout.configs.get("vae", {}).get("block_out_channels", (128, 256, 512, 512))
-    activations = activation_bytes(
-        layout.configs["unet"],
-        batch=o.batch_size,
-        resolution=o.resolution,
-        vae_scale=2 ** (len(vae_blocks) - 1),
-        bytes_per_element=compute,
-        gradient_checkpointing=o.gradient_checkpointing,
-        mode="full" if full else "adapter",
-        text_encoders=layout.configs.get("text_encoders"),
-        text_encoder_trains=not text_encoder_frozen,
-    )
+    vae_scale = 2 ** (len(vae_blocks) - 1)
+    if family.denoiser == "unet":
+        activations = activation_bytes(
+            layout.configs["unet"],
+            batch=o.batch_size,
+            resolution=o.resolution,
+            vae_scale=vae_scale,
+            bytes_per_element=compute,
+            gradient_checkpointing=o.gradient_checkpointing,
+            mode="full" if full else "adapter",
+            text_encoders=layout.configs.get("text_encoders"),
+            text_encoder_trains=not text_encoder_frozen,
+        )
+    else:
+        activations = transformer_activation_bytes(
+            layout.configs[family.denoiser],
+            batch=o.batch_size,
+            resolution=o.resolution,
+            latent_channels=family.latent.channels,
+            context_tokens=family.context_tokens,
+            vae_scale=vae_scale,
+            bytes_per_element=compute,
+            gradient_checkpointing=o.gradient_checkpointing,
+            mode="full" if full else "adapter",
+        )
+        if not text_encoder_frozen:
+            te_units = text_encoder_units(
+                layout.configs.get("text_encoders") or [],
+                mode="full" if full else "adapter",
+                gradient_checkpointing=o.gradient_checkpointing,
+            )
+            activations += math.ceil(o.batch_size * compute * te_units)
     runtime = 0
     if device == "cpu":
         runtime = CPU_RUNTIME_BYTES + CPU_TOKENIZER_BYTES * len(layout.configs.get("text_encoders") or [])

@@ -59,8 +59,9 @@ def flux_inputs() -> dict:
         "pooled_projections": torch.randn(2, 12, generator=g),
         "timestep": torch.tensor([0.3, 0.8]),
         "guidance": torch.tensor([3.5, 3.5]),
-        "img_ids": torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
-        .reshape(-1, 3),
+        "img_ids": torch.stack(
+            torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1
+        ).reshape(-1, 3),
         "txt_ids": torch.zeros(txt, 3),
         "return_dict": False,
     }
@@ -178,8 +179,9 @@ def test_the_default_mover_trains_identically_and_keeps_weights_on_the_cpu():
     swap = BlockSwap(swapped, 5, "cpu")
     assert len(swap.blocks) == 5 and isinstance(swap.mover, WeightMover)
     for _ in range(2):  # two optimizer steps on both: still equal
-        (loss_a, grads_a), (loss_b, grads_b) = step(base, flux_inputs(), lora_base), step(
-            swapped, flux_inputs(), lora_swapped
+        (loss_a, grads_a), (loss_b, grads_b) = (
+            step(base, flux_inputs(), lora_base),
+            step(swapped, flux_inputs(), lora_swapped),
         )
         assert torch.equal(loss_a, loss_b)
         with torch.no_grad():
@@ -216,10 +218,14 @@ def test_wrong_counts_are_clear_errors():
 
 def test_block_sizes_count_frozen_and_fp8_elements():
     model = tiny_flux().requires_grad_(False)
-    sizes = block_sizes(model, fp8_base=True)
+    sizes = block_sizes(model)
     assert len(sizes) == 5
     for (frozen, fp8), block in zip(sizes, swappable_blocks(model), strict=True):
         assert frozen == sum(p.numel() for p in block.parameters())
         linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear))
         assert fp8 == linear and 0 < fp8 < frozen
-    assert all(fp8 == 0 for _frozen, fp8 in block_sizes(model))
+    # a trainable weight is neither swapped nor stored in fp8
+    first = swappable_blocks(model)[0]
+    first.attn.to_q.weight.requires_grad_(True)
+    frozen, fp8 = block_sizes(model)[0]
+    assert (frozen, fp8) == (sizes[0][0] - first.attn.to_q.weight.numel(), sizes[0][1] - first.attn.to_q.weight.numel())

@@ -29,7 +29,7 @@ should not be combined with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import torch
@@ -160,15 +160,20 @@ class BlockSwap:
         self.blocks, self._originals = [], []
 
 
-def block_sizes(denoiser: nn.Module, *, fp8_base: bool = False) -> list[tuple[int, int]]:
-    """Per swappable block (forward order): (frozen elements, of which ``--fp8-base`` stores in fp8).
-    Shapes only, so it works on a meta-device model (the memory plan)."""
-    from .fp8 import convertible
+def block_sizes(denoiser: nn.Module, *, trainable: Collection[int] | None = None) -> list[tuple[int, int]]:
+    """Per swappable block (forward order): (frozen elements, of which ``--fp8-base`` would store in
+    fp8). ``trainable``: ids of the parameters that train (default: those requiring grad). Shapes
+    only, so it works on a meta-device model (the memory plan)."""
+
+    def trains(p: torch.Tensor) -> bool:
+        return p.requires_grad if trainable is None else id(p) in trainable
 
     sizes = []
     for block in swappable_blocks(denoiser):
-        frozen = sum(p.numel() for p in block.parameters() if not p.requires_grad)
+        frozen = sum(p.numel() for p in block.parameters() if not trains(p))
         frozen += sum(b.numel() for b in block.buffers())
-        fp8 = sum(m.weight.numel() for m in block.modules() if convertible(m)) if fp8_base else 0
+        layers = [m for m in block.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+        weights = [m.weight for m in layers if isinstance(m.weight, torch.Tensor)]
+        fp8 = sum(w.numel() for w in weights if not trains(w) and w.is_floating_point())
         sizes.append((frozen, fp8))
     return sizes

@@ -102,7 +102,7 @@ class _Fp8Conv2dFunction(torch.autograd.Function):
         conv = ctx.conv
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(
+            grad_x = torch.nn.grad.conv2d_input(  # type: ignore[attr-defined]
                 ctx.input_shape, weight, grad.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups
             ).to(ctx.x_dtype)
         grad_b = grad.sum((0, 2, 3)) if ctx.bias_grad else None
@@ -116,7 +116,7 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(input, self.compute_dtype)
-        bias = self.bias
+        bias: torch.Tensor | None = self.bias
         if bias is not None and bias.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
             bias = bias.to(dtype)
         out: torch.Tensor = _Fp8LinearFunction.apply(input, self.weight, bias, dtype)
@@ -130,7 +130,7 @@ class Fp8Conv2d(nn.Conv2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(input, self.compute_dtype)
-        bias = self.bias
+        bias: torch.Tensor | None = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         out: torch.Tensor = _Fp8Conv2dFunction.apply(input, self.weight, bias, dtype, self)
@@ -145,6 +145,13 @@ def convertible(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and not weight.requires_grad and weight.is_floating_point()
 
 
+def weight_elements(module: nn.Module) -> int:
+    """Elements of a layer's ``weight``."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.numel()
+
+
 def convert_to_fp8(root: nn.Module, compute_dtype: torch.dtype) -> int:
     """Store every frozen Linear/Conv2d weight under ``root`` as float8_e4m3fn, in place; returns
     the number of weight elements converted. ``compute_dtype`` is the dtype each op runs in when
@@ -155,6 +162,7 @@ def convert_to_fp8(root: nn.Module, compute_dtype: torch.dtype) -> int:
         if not convertible(module):
             continue
         weight = module.weight
+        assert isinstance(weight, torch.Tensor)
         with torch.no_grad():
             weight.data = weight.data.to(dtype)
         module.__class__ = Fp8Linear if isinstance(module, nn.Linear) else Fp8Conv2d
@@ -165,4 +173,4 @@ def convert_to_fp8(root: nn.Module, compute_dtype: torch.dtype) -> int:
 
 def fp8_element_counts(root: nn.Module) -> int:
     """Weight elements ``--fp8-base`` would store in fp8 (shapes only: works on the meta device)."""
-    return sum(m.weight.numel() for m in root.modules() if convertible(m))
+    return sum(weight_elements(m) for m in root.modules() if convertible(m))

@@ -50,7 +50,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import element_bytes
+from ..dtypes import FP8_STORAGE, element_bytes
 from ..models.family import get_family
 
 if TYPE_CHECKING:
@@ -113,6 +113,10 @@ class ParameterPlan:
     added: int  # trainable parameters that are not part of the model (LoRA, TI vectors, HN)
     trainable_in: frozenset[str] = frozenset()  # components with trainable weights of their own
     result: int = 0  # parameters in the saved result
+    #: frozen Linear/Conv2d weight elements of the denoiser (what ``--fp8-base`` stores in 1 byte)
+    denoiser_fp8: int = 0
+    #: per swappable transformer block, forward order: (frozen elements, of which fp8-convertible)
+    blocks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -165,7 +169,14 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
             else:
                 added += p.numel()
     result = sum(components.values()) + added if whole_model_result else trainable
-    return ParameterPlan(components, trainable, added, frozenset(trainable_in), result)
+    from .block_swap import block_sizes
+    from .fp8 import weight_elements
+
+    denoiser = bundle.denoiser
+    layers = [m for m in denoiser.modules() if type(m).__name__ in ("Linear", "Conv2d") and id(m.weight) not in seen]
+    fp8 = sum(weight_elements(m) for m in layers)
+    blocks = tuple(block_sizes(denoiser, trainable=seen))
+    return ParameterPlan(components, trainable, added, frozenset(trainable_in), result, fp8, blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,24 +312,45 @@ def transformer_activation_bytes(
     bytes_per_element: int = 4,
     gradient_checkpointing: bool = False,
     mode: str = "adapter",
+    recomputed_blocks: int = 0,
 ) -> int:
     """Bytes autograd keeps for one micro-batch through a transformer denoiser (SD3's joint blocks,
-    Flux's double and single blocks; :data:`TRANSFORMER_ACTIVATION_CONSTANTS`)."""
+    Flux's double and single blocks; :data:`TRANSFORMER_ACTIVATION_CONSTANTS`).
+
+    ``recomputed_blocks`` (``--blocks-to-swap``) blocks always run checkpointed: they keep only
+    their inputs, and one of them is recomputed at a time in backward."""
     k_img, k_txt = TRANSFORMER_ACTIVATION_CONSTANTS[mode]
     width = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 64))
     blocks = int(config.get("num_layers", 1)) + int(config.get("num_single_layers", 0) or 0)
     side = resolution / vae_scale
     n = transformer_tokens(config, side * side, latent_channels)
     per_block = width * (k_img * n + k_txt * context_tokens)
+    inputs = width * (n + context_tokens)
     if gradient_checkpointing:  # block inputs kept, one block recomputed at a time
-        units = blocks * width * (n + context_tokens) + per_block
+        units = blocks * inputs + per_block
     else:
-        units = blocks * per_block
+        recomputed = min(max(recomputed_blocks, 0), blocks)
+        units = (blocks - recomputed) * per_block + recomputed * inputs + (per_block if recomputed else 0)
     return math.ceil(batch * bytes_per_element * units)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the estimate
+
+
+def swapped_block_bytes(params: ParameterPlan, options: TrainOptions, frozen_bytes: int) -> tuple[int, int] | None:
+    """``--blocks-to-swap``: (bytes of the swapped blocks' weights, bytes of the two largest of them,
+    the copies in flight on the device), at the stored dtypes (fp8 under ``--fp8-base``)."""
+    count = getattr(options, "blocks_to_swap", 0)
+    if count <= 0 or not params.blocks:
+        return None
+    fp8 = getattr(options, "fp8_base", False)
+    one = element_bytes(FP8_STORAGE)
+    sizes = [
+        (frozen - convertible) * frozen_bytes + convertible * (one if fp8 else frozen_bytes)
+        for frozen, convertible in params.blocks[-count:]
+    ]
+    return sum(sizes), sum(sorted(sizes)[-2:])
 
 
 def estimate_memory(
@@ -337,6 +369,8 @@ def estimate_memory(
     frozen_bytes = compute if cast_frozen_weights else 4
     latents_cached = o.cache_latents and not needs_pixels
     text_cached = o.cache_text_encoder_outputs and text_encoder_frozen
+    family = get_family(layout.family)
+    fp8 = getattr(o, "fp8_base", False)
     weights = 0.0
     for name, count in params.components.items():
         if device != "cpu":
@@ -350,11 +384,16 @@ def estimate_memory(
         per = frozen_bytes
         if name == "vae" and o.mixed_precision == "fp16":
             per = 4
+        if name == family.denoiser and fp8:  # 1 byte per converted weight element, the rest as before
+            weights += params.denoiser_fp8 * element_bytes(FP8_STORAGE) + (count - params.denoiser_fp8) * per
+            continue
         weights += count * per
     weights += params.added * 4
+    swapped = swapped_block_bytes(params, o, frozen_bytes)
+    if swapped:  # in CPU memory; two blocks' copies in flight on the device (on the CPU: beside them)
+        weights += (-swapped[0] if device != "cpu" else 0) + swapped[1]
     gradients = params.trainable * 4
     optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer, 8.0)
-    family = get_family(layout.family)
     full = bool(params.trainable_in & {family.denoiser})
     vae_blocks = layout.configs.get("vae", {}).get("block_out_channels", (128, 256, 512, 512))
     vae_scale = 2 ** (len(vae_blocks) - 1)
@@ -381,6 +420,7 @@ def estimate_memory(
             bytes_per_element=compute,
             gradient_checkpointing=o.gradient_checkpointing,
             mode="full" if full else "adapter",
+            recomputed_blocks=getattr(o, "blocks_to_swap", 0),
         )
         if not text_encoder_frozen:
             te_units = text_encoder_units(
@@ -405,6 +445,8 @@ def estimate_memory(
             "mixed_precision": o.mixed_precision,
             "gradient_checkpointing": o.gradient_checkpointing,
             "optimizer": o.optimizer,
+            "fp8_base": fp8,
+            "blocks_to_swap": getattr(o, "blocks_to_swap", 0),
             "latents_cached": latents_cached,
             "text_cached": text_cached,
             "trainable_parameters": params.trainable,

@@ -82,9 +82,7 @@ def place_model(
                 module_trains = True
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
-            elif not caps.cast_frozen_weights:
-                continue
-            elif p.element_size() == 1:  # fp8 storage (--fp8-base): upcast per layer in forward
+            elif not caps.cast_frozen_weights or p.element_size() == 1:
                 continue
             elif p.dtype != weight_dtype and not (name == "vae" and weight_dtype == torch.float16):
                 # the VAE stays fp32 under fp16: SD/SDXL VAEs overflow in fp16 (NaN latents)
@@ -103,7 +101,7 @@ def _move(module: torch.nn.Module, device: Any, skip: set[int]) -> None:
         return
     if id(module) in skip:
         return
-    for name, p in module.named_parameters(recurse=False):
+    for p in module.parameters(recurse=False):
         p.data = p.data.to(device)
     for name, b in list(module.named_buffers(recurse=False)):
         module._buffers[name] = b.to(device)

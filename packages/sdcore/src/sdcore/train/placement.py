@@ -101,10 +101,7 @@ def _move(module: torch.nn.Module, device: Any, skip: set[int]) -> None:
         return
     if id(module) in skip:
         return
-    for p in module.parameters(recurse=False):
-        p.data = p.data.to(device)
-    for name, b in list(module.named_buffers(recurse=False)):
-        module._buffers[name] = b.to(device)
+    module._apply(lambda t: t.to(device), recurse=False)  # what module.to does, for this module's own tensors
     for child in module.children():
         _move(child, device, skip)
 

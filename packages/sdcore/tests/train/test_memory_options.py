@@ -157,3 +157,42 @@ def test_runtime_setup_converts_then_leaves_swapped_blocks_on_the_cpu(flux_like)
     assert q.weight.dtype == torch.float8_e4m3fn and q.bias.dtype == torch.bfloat16  # fp8 kept, bias cast
     norm = setup.swapped[0].norm.linear  # inside a swapped block: converted and cast where it is
     assert norm.weight.dtype == torch.float8_e4m3fn and norm.bias.dtype == torch.bfloat16
+
+
+def test_flux_activations_match_what_autograd_saves(flux_like):
+    """The Flux constants on a size they were not measured on (hidden 64, 2+3 blocks, 64 text tokens)."""
+    from sdcore.train.memory import count_parameters, estimate_memory
+
+    layout, bundle = flux_like
+    transformer = bundle.transformer
+    groups = _lora_groups(transformer)
+    factors = iter(groups[0]["params"])
+    for name, module in transformer.named_modules():  # the factors act as LoRA: forward hooks
+        if isinstance(module, nn.Linear) and "transformer_blocks" in name:
+            down, up = next(factors), next(factors)
+            module.register_forward_hook(lambda m, a, out, d=down, u=up: out + a[0] @ d.t() @ u.t())
+    plan = count_parameters(bundle, groups, whole_model_result=False)
+    estimate = estimate_memory(layout, plan, _options(resolution=256))
+    side = 256 // 16  # latent 32x32 packed 2x2
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(16.0), torch.arange(16.0), indexing="ij"), -1)
+    params = {p.untyped_storage().data_ptr() for p in [*transformer.parameters(), *groups[0]["params"]]}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        transformer(
+            hidden_states=torch.randn(1, side * side, 64),
+            encoder_hidden_states=torch.randn(1, 64, 32),
+            pooled_projections=torch.randn(1, 32),
+            timestep=torch.tensor([0.5]),
+            img_ids=ids.reshape(-1, 3),
+            txt_ids=torch.zeros(64, 3),
+            return_dict=False,
+        )
+    measured = sum(seen.values())
+    assert estimate.activations == pytest.approx(measured, rel=0.1), (estimate.activations, measured)

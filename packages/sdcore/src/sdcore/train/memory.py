@@ -92,6 +92,17 @@ TRANSFORMER_ACTIVATION_CONSTANTS: dict[str, tuple[float, float]] = {
     "full": (22.6, 16.1),
 }
 
+#: (K_DOUBLE, K_SINGLE) of Flux's double-stream and single-stream blocks, per block, hidden unit and
+#: token (image and text alike): ``A = batch * bytes * D * (N + T) * (K_DOUBLE * double + K_SINGLE *
+#: single)``. Measured as bytes autograd saves per block (saved_tensors_hooks, unique non-parameter
+#: storages) on two FluxTransformer2DModel sizes (D 128 with 2+4 blocks at 256 px, D 384 with 4+8
+#: blocks at 512 px): "adapter" with a LoRA on every block Linear (kohya's Flux default), "full" with
+#: every weight trained; the two sizes agree within 1 % (2026-11-30, ``benchmarks/RESULTS.md``).
+FLUX_ACTIVATION_CONSTANTS: dict[str, tuple[float, float]] = {
+    "adapter": (22.1, 19.2),
+    "full": (24.3, 21.1),
+}
+
 #: what the libraries take once imported (torch, diffusers, transformers, accelerate): added when
 #: checking the estimate against free memory, not part of the printed estimate
 RUNTIME_OVERHEAD = {"cpu": 700 * MIB, "cuda": 300 * MIB}
@@ -321,16 +332,21 @@ def transformer_activation_bytes(
     their inputs, and one of them is recomputed at a time in backward."""
     k_img, k_txt = TRANSFORMER_ACTIVATION_CONSTANTS[mode]
     width = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 64))
-    blocks = int(config.get("num_layers", 1)) + int(config.get("num_single_layers", 0) or 0)
     side = resolution / vae_scale
     n = transformer_tokens(config, side * side, latent_channels)
-    per_block = width * (k_img * n + k_txt * context_tokens)
     inputs = width * (n + context_tokens)
-    if gradient_checkpointing:  # block inputs kept, one block recomputed at a time
-        units = blocks * inputs + per_block
+    if "num_single_layers" in config:  # Flux: double-stream then single-stream blocks, measured apart
+        k_double, k_single = FLUX_ACTIVATION_CONSTANTS[mode]
+        per = [k_double * inputs] * int(config.get("num_layers", 1))
+        per += [k_single * inputs] * int(config.get("num_single_layers") or 0)
     else:
-        recomputed = min(max(recomputed_blocks, 0), blocks)
-        units = (blocks - recomputed) * per_block + recomputed * inputs + (per_block if recomputed else 0)
+        per = [width * (k_img * n + k_txt * context_tokens)] * int(config.get("num_layers", 1))
+    if gradient_checkpointing:  # block inputs kept, one block recomputed at a time
+        units = len(per) * inputs + max(per)
+    else:  # the last ``recomputed`` blocks (the swapped ones) keep their inputs, one recomputed at a time
+        recomputed = min(max(recomputed_blocks, 0), len(per))
+        kept = per[: len(per) - recomputed]
+        units = sum(kept) + (recomputed * inputs + max(per[len(kept) :]) if recomputed else 0)
     return math.ceil(batch * bytes_per_element * units)
 
 

@@ -251,43 +251,53 @@ class FluxLoraStep:
     """A LoRA (rank r on every block Linear, trained in fp32 with AdamW) on a frozen random-weight
     Flux transformer, with the memory options applied the way the runtime applies them."""
 
-    def __init__(self, size: str, variant: str, device: str = "cpu", *, mixed_precision: str = "no") -> None:
+    def __init__(
+        self,
+        size: str,
+        variant: str,
+        device: str = "cpu",
+        *,
+        mixed_precision: str = "no",
+        blocks_to_swap: int | None = None,
+        plan_only: bool = False,
+    ) -> None:
         import torch
         from diffusers import FluxTransformer2DModel
         from sdcore.dtypes import torch_dtype
+        from sdcore.train.memory_options import MemorySetup
+        from sdcore.train.method import Capabilities
+        from sdcore.train.placement import place_model
 
         self.size, self.variant, self.device = size, variant, torch.device(device)
         self.mixed_precision = mixed_precision
+        self._swap = blocks_to_swap
         cfg = FLUX_SIZES[size]
         torch.manual_seed(0)
-        with torch.device("meta" if size == "flux" else "cpu"):
+        big = size == "flux" or plan_only
+        with torch.device("meta" if big else "cpu"):
             model = FluxTransformer2DModel(**flux_config(size))
-        if size == "flux":  # random weights without a full-precision copy first
-            model = model.to_empty(device="cpu").to(torch_dtype(mixed_precision))
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(0, 0.02)
         model.requires_grad_(False)
         self.model = model
         self.factors = self._lora(model, cfg["rank"])
         self.options = self.train_options()
-        from sdcore.train.memory_options import MemorySetup
+        if plan_only:  # shapes only: enough for the estimate
+            return
+        if big:  # random weights made where they train, in the compute dtype (no fp32 copy of 12B weights)
+            model.to_empty(device=self.device).to(torch_dtype(mixed_precision))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
 
-        class _Bundle:  # what MemorySetup reads
+        class _Bundle:  # what MemorySetup and placement read of a bundle
             denoiser = model
 
-        setup = MemorySetup.before_placement(_Bundle(), self.options)  # type: ignore[arg-type]
-        from sdcore.train.method import Capabilities
-        from sdcore.train.placement import place_model
-
-        class _Components(_Bundle):
             def components(self) -> dict[str, Any]:
                 return {"transformer": model}
 
-        place_model(
-            _Components(), self.factors, Capabilities(), self.device, mixed_precision, stay_on_cpu=setup.swapped
-        )  # type: ignore[arg-type]
-        setup.after_placement(_Components(), self.device)  # type: ignore[arg-type]
+        bundle: Any = _Bundle()
+        setup = MemorySetup.before_placement(bundle, self.options)
+        place_model(bundle, self.factors, Capabilities(), self.device, mixed_precision, stay_on_cpu=setup.swapped)
+        setup.after_placement(bundle, self.device)
         if "checkpointing" in variant:
             model.enable_gradient_checkpointing()
         model.train()
@@ -305,7 +315,9 @@ class FluxLoraStep:
             mixed_precision=self.mixed_precision,
             gradient_checkpointing="checkpointing" in self.variant,
             fp8_base="fp8" in self.variant,
-            blocks_to_swap=max(1, count // 2) if "swap" in self.variant else 0,
+            blocks_to_swap=self._swap
+            if self._swap is not None
+            else (max(1, count // 2) if "swap" in self.variant else 0),
         )
 
     @staticmethod
@@ -365,7 +377,7 @@ class FluxLoraStep:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def estimate(self, device: str) -> Any:
         """The memory plan's estimate for this run (a toy family of this shape, registered here)."""

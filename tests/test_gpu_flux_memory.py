@@ -48,9 +48,10 @@ def test_flux_size_plan_only_counts_flux_dev_shapes():
 
 
 def test_tiny_cpu_dry_run_trains_and_prints_the_estimate():
+    script = str(ROOT / "benchmarks" / "gpu_flux_memory.py")
+    options = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--blocks-to-swap", "2", "--json"]
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_flux_memory.py"), "--size", "tiny", "--device", "cpu"]
-        + ["--steps", "2", "--blocks-to-swap", "2", "--json"],
+        [sys.executable, script, *options],
         capture_output=True,
         text=True,
         timeout=300,

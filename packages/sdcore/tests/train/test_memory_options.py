@@ -196,3 +196,24 @@ def test_flux_activations_match_what_autograd_saves(flux_like):
         )
     measured = sum(seen.values())
     assert estimate.activations == pytest.approx(measured, rel=0.1), (estimate.activations, measured)
+
+
+def test_over_budget_suggestions_include_fp8_and_block_swap(flux_like):
+    from sdcore.train.memory import count_parameters, estimate_memory, suggestions
+
+    layout, bundle = flux_like
+    plan = count_parameters(bundle, _lora_groups(bundle.transformer), whole_model_result=False)
+    options = _options(mixed_precision="bf16", gradient_checkpointing=True)
+    now = estimate_memory(layout, plan, options, device="cuda")
+    found = {s.flags: s for s in suggestions(layout, plan, options, now.total - 1, device="cuda")}
+    assert found["--fp8-base"].fits and found["--fp8-base"].estimate.total < now.total
+    # two swapped blocks are in flight: 3 is the first count that saves anything, and enough here
+    swap = found["--blocks-to-swap 3"]
+    assert swap.fits and swap.estimate.weights < now.weights
+    tight = {s.flags for s in suggestions(layout, plan, options, 1, device="cuda")}
+    assert "--blocks-to-swap 5" in tight  # nothing fits: all of them
+    # a full fine-tune trains the weights those options act on: not suggested
+    bundle.transformer.requires_grad_(True)
+    full = count_parameters(bundle, [{"params": list(bundle.transformer.parameters())}], whole_model_result=True)
+    flags = [s.flags for s in suggestions(layout, full, options, 1, device="cuda")]
+    assert not any("fp8" in f or "swap" in f for f in flags)

@@ -518,7 +518,8 @@ def suggestions(
     optimizer_8bit_available: bool = True,
 ) -> list[Suggestion]:
     """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
-    (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, smaller batches, all together)."""
+    (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, bf16, an fp8 base and block
+    swap where the method trains adapters, smaller batches, all together)."""
     o = options
     variants: list[tuple[str, dict[str, Any]]] = []
     if not o.gradient_checkpointing:
@@ -531,6 +532,29 @@ def suggestions(
         variants.append(("--cache-latents", {"cache_latents": True}))
     if o.mixed_precision == "no":
         variants.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
+    if (
+        not getattr(o, "fp8_base", False)
+        and params.denoiser_fp8
+        and params.trainable_in.isdisjoint({"unet", "transformer"})
+    ):
+        variants.append(("--fp8-base", {"fp8_base": True}))
+    if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and not params.trainable_in:
+        # two swapped blocks are in flight anyway: the fewest blocks (3 or more) that fit, else all
+        count = len(params.blocks)
+        for n in range(3, len(params.blocks) + 1):
+            trial = estimate_memory(
+                layout,
+                params,
+                replace(options, blocks_to_swap=n),
+                device=device,
+                text_encoder_frozen=text_encoder_frozen,
+                needs_pixels=needs_pixels,
+                cast_frozen_weights=cast_frozen_weights,
+            )
+            if trial.total <= budget:
+                count = n
+                break
+        variants.append((f"--blocks-to-swap {count}", {"blocks_to_swap": count}))
     batch = o.batch_size
     while batch > 1:
         batch //= 2

@@ -211,6 +211,12 @@ class _ToyAdapter:
         self.calls.append(("load_diffusers", folder, options))
         return self.bundle
 
+    def generate(self, bundle, prompts, negatives, **settings):
+        from PIL import Image
+
+        self.calls.append(("generate", prompts, negatives, settings))
+        return [Image.new("RGB", (settings["width"], settings["height"])) for _ in prompts]
+
     def encode_prompts(self, bundle, prompts, **options):
         raise NotImplementedError
 
@@ -269,3 +275,29 @@ def test_a_file_no_family_claims_names_the_known_ones(tmp_path):
     save_file({"toy_dit.marker": torch.zeros(1)}, str(path))
     with pytest.raises(ModelFormatError, match="no other known family's keys: sd1, sd2, sdxl, sdxl-refiner"):
         load_model(path)
+
+
+def test_generation_of_a_plugin_family_goes_through_its_adapter(toy_family):
+    from sdcore.generate.pipeline import generate_images
+
+    bundle = dataclasses.replace(toy_family.bundle, family="toy-dit")
+    images = generate_images(bundle, ["a cat", "a dog"], negative_prompt="blurry", steps=3, seed=5, width=96)
+    assert [im.size for im in images] == [(96, 64), (96, 64)]
+    kind, prompts, negatives, settings = toy_family.calls[-1]
+    assert (kind, prompts, negatives) == ("generate", ["a cat", "a dog"], ["blurry", "blurry"])
+    assert (settings["seeds"], settings["steps"], settings["sampler"]) == ([5, 6], 3, "euler_a")
+
+
+def test_the_documented_plugin_family_registers():
+    import re
+    import types
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[4] / "docs" / "families.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if "def sdcore_model_families" in b)
+    plugin = types.ModuleType("sdplugin_mydit_plugin_from_docs")
+    exec(compile(block, "docs/families.md", "exec"), plugin.__dict__)
+    pm = get_plugin_manager(entrypoints=False, extra=[plugin])
+    family = get_family("mydit", pm)
+    assert family.denoiser == "transformer" and family.objective == "flow-matching"
+    assert pm.registrations("model family")["mydit"].plugin == "sdplugin_mydit_plugin_from_docs"

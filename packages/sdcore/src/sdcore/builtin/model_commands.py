@@ -43,7 +43,7 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
     bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto")
     click.echo(f"model:           {path}")
     click.echo(f"format:          {bundle.source_format}")
-    click.echo(f"family:          {bundle.family_label}")
+    click.echo(f"family:          {bundle.family_label} ({bundle.family_spec.label})")
     click.echo(f"prediction type: {bundle.prediction_type}")
     click.echo("components:")
     for name, module in bundle.components().items():

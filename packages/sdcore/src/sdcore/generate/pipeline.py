@@ -257,8 +257,19 @@ def generate_images(
     for index, prompt in enumerate(prompts):
         groups.setdefault(_network_key(prompt), []).append(index)
 
-    pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
-    pipe.set_progress_bar_config(disable=True)
+    from ..models.family import family_adapter
+    from ..models.sd_unet import SdUnetAdapter
+
+    adapter = family_adapter(bundle.family)
+    family_generate = None
+    pipe: Any = None
+    if isinstance(adapter, SdUnetAdapter):
+        pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
+        pipe.set_progress_bar_config(disable=True)
+    else:  # another family renders through its adapter (same prompts, seeds, networks and sizes)
+        family_generate = getattr(adapter, "generate", None)
+        if family_generate is None:
+            raise ConfigError(f"generating with {bundle.family} models is not supported")
     results: dict[int, Image.Image] = {}
     with _eval_mode(bundle), torch.no_grad():
         for indices in groups.values():
@@ -276,7 +287,8 @@ def generate_images(
                     group_negatives.append(applied.negative_prompt)
                     for key, value in applied.info.items():
                         group_info.setdefault(key, value)
-                images = _run(
+                run: Any = _run if family_generate is None else _family_run(family_generate, sampler)
+                images = run(
                     pipe,
                     bundle,
                     group_prompts,
@@ -298,6 +310,16 @@ def generate_images(
                         info.append({})
                     info[i] = dict(group_info)
     return [results[i] for i in range(len(prompts))]
+
+
+def _family_run(family_generate: Any, sampler: str) -> Any:
+    """``_run``'s signature over a family adapter's ``generate(bundle, prompts, negatives, **settings)``."""
+
+    def run(_pipe: Any, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> Any:
+        settings.pop("transforms", None)
+        return list(family_generate(bundle, prompts, negatives, sampler=sampler, **settings))
+
+    return run
 
 
 def _run(

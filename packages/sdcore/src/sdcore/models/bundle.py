@@ -10,14 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .family import BUILTIN_FAMILIES
+
 if TYPE_CHECKING:  # heavy imports only for type checkers
     import torch
 
     from .family import ModelFamily
 
-Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
+Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]  # sdcore's own; plugins may declare more
 PredictionType = Literal["epsilon", "v_prediction"]
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+#: the names of sdcore's own families (every known family: ``sdcore.models.family.families()``)
+FAMILIES: tuple[str, ...] = tuple(family.name for family in BUILTIN_FAMILIES)
 
 
 @dataclass

@@ -122,7 +122,11 @@ class FamilyAdapter(Protocol):
     with ``_class_name``) so the pre-flight can plan memory before loading; without it the plan is
     skipped for such files, with a note. ``detect_diffusers(index: dict) -> bool`` (given a
     folder's ``model_index.json``) and ``load_diffusers(folder, **options) -> ModelBundle`` let a
-    non-UNet family read its diffusers folders through :func:`sdcore.models.load.load_model`.
+    non-UNet family read its diffusers folders through :func:`sdcore.models.load.load_model`;
+    ``save(bundle, path, *, format, dtype, prune, metadata) -> Path`` writes its models
+    (``bundle.save``); ``generate(bundle, prompts, negatives, *, seeds, steps, cfg, width, height,
+    image, strength, clip_skip, sampler) -> list[PIL.Image]`` renders one image per prompt for
+    ``sdcore generate`` (prompt networks are already applied to the bundle then).
     """
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

@@ -252,7 +252,7 @@ def write_diffusers(
             out.save_pretrained(tmp / name, safe_serialization=True)
             if name.startswith("text_encoder"):
                 prefix_text_model_keys(tmp / name)
-        token_names = ["tokenizer_2"] if bundle.family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
+        token_names = [te.tokenizer_component for te in bundle.family_spec.text_encoders]
         for name, tokenizer in zip(token_names, bundle.tokenizers, strict=False):
             tokenizer.save_pretrained(str(tmp / name))
         bundle.noise_scheduler.save_pretrained(tmp / "scheduler")
@@ -285,10 +285,23 @@ def save_bundle(
     prune: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Save ``bundle``; ``format`` is ``single-file`` or ``diffusers`` (default: from the path's suffix)."""
+    """Save ``bundle``; ``format`` is ``single-file`` or ``diffusers`` (default: from the path's suffix).
+
+    The UNet families are written here; another family's bundle by its adapter's optional
+    ``save(bundle, path, format=..., dtype=..., prune=..., metadata=...)``.
+    """
+    from .family import family_adapter
+    from .sd_unet import SdUnetAdapter
+
     target = Path(path)
     if format is None:
         format = "single-file" if target.suffix.lower() in (".safetensors", ".sft") else "diffusers"
+    adapter = family_adapter(bundle.family)
+    if not isinstance(adapter, SdUnetAdapter):
+        save = getattr(adapter, "save", None)
+        if save is None:
+            raise SdcoreError(f"saving {bundle.family} models is not supported")
+        return save(bundle, target, format=format, dtype=dtype, prune=prune, metadata=metadata)  # type: ignore[no-any-return]
     if format == "single-file":
         return write_single_file(bundle, target, dtype=dtype, prune=prune, metadata=metadata)
     if format == "diffusers":

@@ -12,7 +12,7 @@ caches and method.
 - **Gradients**: fp32, one per trainable parameter.
 - **Optimizer**: bytes per trainable parameter (:data:`OPTIMIZER_STATE_BYTES`: AdamW keeps two fp32
   moments = 8 bytes, 8-bit AdamW two 8-bit moments plus block statistics ~ 2 bytes, ...).
-- **Activations**: what autograd keeps for the backward pass of the UNet, from its config. With
+- **Activations**: what autograd keeps for the backward pass of the denoiser, from its config. With
   ``S_l`` the latent area at level ``l`` (``(resolution / 8)^2 / 4^l``), every ResNet block
   counts ``(c_in + c_out) * S_l`` elements, every transformer block ``c * S_l`` and, for its
   cross-attention keys and values, ``c * T`` (``T`` = 77 text tokens):
@@ -36,6 +36,12 @@ caches and method.
   LoRA on a frozen UNet) and full training; ``python -m benchmarks memory -- --calibrate`` repeats
   the measurement. The benchmark then checks the whole estimate against the measured peak
   (RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU).
+
+  A transformer denoiser (SD3, Flux: ``family.denoiser == "transformer"``) is counted per block
+  instead: with ``D`` its hidden width, ``N`` the image tokens (latent cells per patch, packing
+  included) and ``T`` the family's ``context_tokens``,
+  ``A = batch * bytes * blocks * D * (K_IMG * N + K_TXT * T)`` (:data:`TRANSFORMER_ACTIVATION_CONSTANTS`),
+  and with gradient checkpointing the blocks' inputs ``D (N + T)`` plus one block.
 
 - **Runtime** (CPU only): host memory of the accelerator, data index and allocator slack plus one
   CLIP tokenizer per text encoder (:data:`CPU_RUNTIME_BYTES`, :data:`CPU_TOKENIZER_BYTES`). On a

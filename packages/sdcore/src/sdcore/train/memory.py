@@ -41,7 +41,15 @@ caches and method.
   instead: with ``D`` its hidden width, ``N`` the image tokens (latent cells per patch, packing
   included) and ``T`` the family's ``context_tokens``,
   ``A = batch * bytes * blocks * D * (K_IMG * N + K_TXT * T)`` (:data:`TRANSFORMER_ACTIVATION_CONSTANTS`),
-  and with gradient checkpointing the blocks' inputs ``D (N + T)`` plus one block.
+  and with gradient checkpointing the blocks' inputs ``D (N + T)`` plus one block. Flux's
+  double-stream and single-stream blocks have their own constants per token, image and text alike
+  (:data:`FLUX_ACTIVATION_CONSTANTS`). Blocks swapped to the CPU (``--blocks-to-swap``) always run
+  checkpointed, so they count their inputs, plus one of them recomputed.
+
+- **Memory options**: ``--fp8-base`` counts the denoiser's frozen Linear/Conv2d weights at 1 byte
+  (:data:`sdcore.dtypes.FP8_STORAGE`), the rest of it at the compute dtype (a bf16 base: 2 bytes);
+  ``--blocks-to-swap N`` takes the last N blocks' weights off the device except the two largest
+  (copies in flight); on the CPU those copies add to the weights instead.
 
 - **Runtime** (CPU only): host memory of the accelerator, data index and allocator slack plus one
   CLIP tokenizer per text encoder (:data:`CPU_RUNTIME_BYTES`, :data:`CPU_TOKENIZER_BYTES`). On a

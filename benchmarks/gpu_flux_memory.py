@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mixed_precision": args.mixed_precision,
         "device": args.device,
         "estimate_line": estimate.line(),
-        "estimate_mb": (estimate.total - estimate.runtime) / MIB,
+        "estimate_mb": estimate.total / MIB,  # on a GPU: no runtime part
     }
     print(f"{args.size} {variant_of(args)} swap={args.blocks_to_swap}: {estimate.line()}", flush=True)
     if args.plan_only:

@@ -30,6 +30,7 @@ def test_lora_trains_and_saves_on_an_fp8_base(tmp_path):
     saved = read_lora(options.output)
     plain = read_lora(plain_options.output)
     assert sorted(saved.modules) == sorted(plain.modules)
+    assert saved.metadata["ss_fp8_base"] == "True" and plain.metadata["ss_fp8_base"] == "False"  # as kohya writes
     ups = {k: m.up.float() for k, m in saved.modules.items()}
     assert all(m.down.dtype == torch.float32 for m in saved.modules.values())
     # lora_up starts at zero: non-zero factors mean the gradients reached the adapter through fp8 layers

@@ -24,11 +24,15 @@ DTYPE_NAMES: dict[str, str] = {
     "half": "float16",
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
+    # storage only (``--fp8-base``), not a training or save precision: no short alias on purpose
+    "float8_e4m3fn": "float8_e4m3fn",
 }
+#: the dtype ``--fp8-base`` stores frozen weights in (kohya, ComfyUI and diffusers store e4m3fn)
+FP8_STORAGE = "float8_e4m3fn"
 #: torch attribute name -> bytes per element (the memory plan and the disk estimate)
-ELEMENT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+ELEMENT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 #: torch attribute name -> the short name files and logs use
-SHORT_NAMES: dict[str, str] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+SHORT_NAMES: dict[str, str] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}
 
 
 def element_bytes(name: str) -> int:

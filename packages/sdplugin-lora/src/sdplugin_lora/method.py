@@ -512,6 +512,8 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_batch_size_per_device": str(o.batch_size),
         "ss_gradient_accumulation_steps": str(o.gradient_accumulation),
         "ss_mixed_precision": o.mixed_precision,
+        "ss_gradient_checkpointing": str(o.gradient_checkpointing),
+        "ss_fp8_base": str(o.fp8_base),
         "ss_seed": str(o.seed),
         "ss_clip_skip": str(o.clip_skip),
         "ss_resolution": f"({o.resolution}, {o.resolution})",

@@ -90,6 +90,18 @@ class TrainOptions:
     mixed_precision: str = option(
         "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"
     )
+    fp8_base: bool = option(
+        False,
+        "Store the denoiser's frozen Linear/Conv2d weights in float8 (1 byte each, upcast per layer in forward); "
+        "trained adapters keep their dtype (kohya --fp8_base).",
+        group="training",
+    )
+    blocks_to_swap: int = option(
+        0,
+        "Keep the frozen weights of the denoiser's last N transformer blocks in CPU memory; each block's weights "
+        "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
+        group="training",
+    )
     seed: int = option(42, "Seed for weights init, noise, data order and augmentations.", group="training")
     # loss
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")

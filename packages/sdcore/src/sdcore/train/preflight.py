@@ -147,6 +147,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
         if not torch.cuda.is_available():
             problems.append("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    from .memory_options import option_problems as memory_option_problems
+
+    problems.extend(memory_option_problems(o))
     if o.optimizer in OPTIMIZERS:
         try:
             check_optimizer_available(o.optimizer)
@@ -573,6 +576,7 @@ def run_preflight(
         report.problems.extend(resume_problems(method, o, report.state_root))
 
     # disk and memory plans (need the model's layout and the method's parameters)
+    params: ParameterPlan | None = None
     if plan and report.layout is not None and report.output is not None:
         try:
             params = parameter_plan(method, o, report.layout, tokenizers)
@@ -595,6 +599,10 @@ def run_preflight(
                     "(lower --save-limit, save less often, or use --no-save-state)"
                 )
             report.memory = memory_plan(method, o, layout=report.layout, params=params)
+    if report.layout is not None:  # --fp8-base / --blocks-to-swap on this model and method
+        from .memory_options import model_problems
+
+        report.problems.extend(model_problems(o, report.layout, params))
     return report
 
 

@@ -427,7 +427,7 @@ def test_layout_from_header_matches_the_loaded_model(sd3, tmp_path):
 
 def test_half_precision_files_as_released(sd3, tmp_path):
     """fp16 SAI files with an fp8 T5 (``sd3_medium_incl_clips_t5xxlfp8``): read as stored with dtype="auto",
-    T5 upcast from float8 (no fp8 kernels), every weight equal to the stored one."""
+    upcast to fp32 by default, every weight equal to the stored one."""
     from safetensors.torch import load_file, save_file
     from sdcore.models.load import load_model
 
@@ -441,9 +441,11 @@ def test_half_precision_files_as_released(sd3, tmp_path):
     state = bundle.transformer.state_dict()
     for key, value in mmdit_from_sai(shape_from_config(sd3.transformer.config), half.__getitem__).items():
         assert torch.equal(state[key], value), key
-    encoder = bundle.text_encoders[2].state_dict()
-    assert encoder["shared.weight"].dtype == torch.float32
-    assert torch.equal(encoder["shared.weight"], mixed[t5 + "shared.weight"].float())
+    encoder = bundle.text_encoders[2].state_dict()  # its dtype under "auto" is sdcore.models.t5's choice
+    assert torch.equal(encoder["shared.weight"].float(), mixed[t5 + "shared.weight"].float())
+    default = load_model(tmp_path / "fp8.safetensors")  # the default: everything fp32
+    assert default.text_encoders[2].state_dict()["shared.weight"].dtype == torch.float32
+    assert torch.equal(default.text_encoders[2].state_dict()["shared.weight"], mixed[t5 + "shared.weight"].float())
 
 
 def test_generate_command_txt2img_and_img2img(tmp_path):

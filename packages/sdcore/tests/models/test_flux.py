@@ -258,6 +258,12 @@ def test_option_and_part_errors(dev, tmp_path):
         load_model(tmp_path / "t.safetensors", family="sd1")
     with pytest.raises(ModelFormatError, match="no CLIP-L"):
         load_model(tmp_path / "t.safetensors", clip_l=tmp_path / "t.safetensors")
+    from sdcore.models.flux.convert import diffusers_to_bfl
+
+    nf4 = diffusers_to_bfl(dev.transformer.state_dict())
+    nf4["double_blocks.0.img_attn.qkv.weight.absmax"] = torch.ones(4)
+    with pytest.raises(ModelFormatError, match="NF4"):
+        load_model(_save(nf4, tmp_path / "flux1-dev-bnb-nf4.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------- adapter vs diffusers

@@ -79,6 +79,15 @@ def is_flux_file(keys: Collection[str]) -> bool:
     return not any(prefix + key in keys for key in NOT_FLUX1)
 
 
+def _refuse_quantized(keys: Collection[str], file: Path) -> None:
+    """bitsandbytes NF4/FP4 files (Forge's ``flux1-dev-bnb-nf4``) store packed 4-bit weights with
+    ``absmax``/``quant_state`` tensors that no plain module takes: one clear line instead of a key error."""
+    if any(key.endswith(".absmax") or ".quant_state." in key for key in keys):
+        raise ModelFormatError(
+            f"{file}: a bitsandbytes NF4/FP4 checkpoint, which sdcore does not read; use an fp16, bf16 or fp8 file"
+        )
+
+
 def diffusers_transformer_config(keys: Collection[str], shape: Shape) -> dict[str, Any]:
     """The config of a diffusers-layout Flux transformer file, read through the BFL shape rules."""
     from .convert import diffusers_counts, key_plan
@@ -417,6 +426,7 @@ def read_flux_single_file(
         prefix = transformer_prefix(source.keys)
         keys, shape, get = source.keys, source.shape, source.get
         stored = _stored_configs(source.metadata, file, config)
+        _refuse_quantized(keys, file)
         if prefix is None and is_diffusers_transformer_file(keys):
             transformer = read_diffusers_transformer(keys, shape, get, file, target, stored.get("transformer"))
             variant = variant_of_transformer(transformer)

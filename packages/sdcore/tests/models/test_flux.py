@@ -258,6 +258,12 @@ def test_option_and_part_errors(dev, tmp_path):
         load_model(tmp_path / "t.safetensors", family="sd1")
     with pytest.raises(ModelFormatError, match="no CLIP-L"):
         load_model(tmp_path / "t.safetensors", clip_l=tmp_path / "t.safetensors")
+    from sdcore.models.flux.convert import diffusers_to_bfl
+
+    nf4 = diffusers_to_bfl(dev.transformer.state_dict())
+    nf4["double_blocks.0.img_attn.qkv.weight.absmax"] = torch.ones(4)
+    with pytest.raises(ModelFormatError, match="NF4"):
+        load_model(_save(nf4, tmp_path / "flux1-dev-bnb-nf4.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------- adapter vs diffusers
@@ -557,3 +563,17 @@ def test_real_t5_without_a_tokenizer(dev, tmp_path, monkeypatch):
     dev.tokenizers[1].save_pretrained(tmp_path / "t5-tokenizer")
     given = load_model(tmp_path / "real-t5.safetensors", t5_tokenizer=tmp_path / "t5-tokenizer")
     assert given.tokenizers[1]("a cat").input_ids == dev.tokenizers[1]("a cat").input_ids
+
+
+def test_diffusers_layout_transformer_file(dev, schnell, pipeline_folder, tmp_path):
+    """A FluxTransformer2DModel saved alone in diffusers keys (the HF repo's transformer weights as one
+    file): detected, config from shapes, plus the parts."""
+    from sdcore.models.layout import read_layout
+    from sdcore.models.load import load_model
+
+    for bundle in (dev, schnell):
+        path = _save(bundle.transformer.state_dict(), tmp_path / f"{bundle.family_label}-diffusers.safetensors")
+        loaded = load_model(path, clip_l=pipeline_folder, t5xxl=pipeline_folder, ae=pipeline_folder)
+        assert loaded.family_label == bundle.family_label
+        _same(bundle.transformer, loaded.transformer)
+        assert read_layout(path).configs["transformer"]["guidance_embeds"] == (bundle is dev)

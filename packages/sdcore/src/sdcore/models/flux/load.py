@@ -61,10 +61,50 @@ NOT_FLUX1 = ("single_stream_modulation.lin.weight", "early_stream_modulations.im
              "distilled_guidance_layer.in_proj.bias")  # fmt: skip
 
 
+#: a diffusers-layout Flux transformer file (``transformer/diffusion_pytorch_model.safetensors`` saved alone)
+DIFFUSERS_PROBES = ("x_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight",
+                    "single_transformer_blocks.0.proj_mlp.weight")  # fmt: skip
+
+
+def is_diffusers_transformer_file(keys: Collection[str]) -> bool:
+    return all(key in keys for key in DIFFUSERS_PROBES)
+
+
 def is_flux_file(keys: Collection[str]) -> bool:
-    """A Flux.1 transformer in BFL keys (``double_blocks``), not one of the later models sharing them."""
+    """A Flux.1 transformer in BFL keys (``double_blocks``), not one of the later models sharing them,
+    or a diffusers-layout ``FluxTransformer2DModel`` file."""
     prefix = transformer_prefix(keys)
-    return prefix is not None and not any(prefix + key in keys for key in NOT_FLUX1)
+    if prefix is None:
+        return is_diffusers_transformer_file(keys)
+    return not any(prefix + key in keys for key in NOT_FLUX1)
+
+
+def _refuse_quantized(keys: Collection[str], file: Path) -> None:
+    """bitsandbytes NF4/FP4 files (Forge's ``flux1-dev-bnb-nf4``) store packed 4-bit weights with
+    ``absmax``/``quant_state`` tensors that no plain module takes: one clear line instead of a key error."""
+    if any(key.endswith(".absmax") or ".quant_state." in key for key in keys):
+        raise ModelFormatError(
+            f"{file}: a bitsandbytes NF4/FP4 checkpoint, which sdcore does not read; use an fp16, bf16 or fp8 file"
+        )
+
+
+def diffusers_transformer_config(keys: Collection[str], shape: Shape) -> dict[str, Any]:
+    """The config of a diffusers-layout Flux transformer file, read through the BFL shape rules."""
+    from .convert import diffusers_counts, key_plan
+
+    num_double, num_single, guidance = diffusers_counts(keys)
+    plan = key_plan(num_double, num_single, guidance)
+    renamed = {group.bfl: group.diffusers[0] for group in plan if group.op == "same"}
+    return transformer_config_from_bfl({g.bfl for g in plan}, lambda key: shape(renamed[key]))
+
+
+def read_diffusers_transformer(
+    keys: Collection[str], shape: Shape, get: Callable[[str], Any], path: Path, dtype: Any,
+    config: dict[str, Any] | None = None,
+) -> Any:  # fmt: skip
+    module = empty_transformer(config or diffusers_transformer_config(keys, shape))
+    tensors = {key: get(key) for key in keys}
+    return _assign(module, tensors, "Flux transformer", path, dtype)
 
 
 def variant_of(keys: Collection[str], prefix: str = "") -> str:
@@ -398,14 +438,18 @@ def read_flux_single_file(
     source = _open(file)
     try:
         prefix = transformer_prefix(source.keys)
-        if prefix is None:
-            raise ModelFormatError(f"{file}: not a Flux.1 file (no {PROBE})")
-        stored = _stored_configs(source.metadata, file, config)
         keys, shape, get = source.keys, source.shape, source.get
-        parts: dict[str, Any] = {
-            "transformer": read_transformer(keys, shape, get, prefix, file, target, stored.get("transformer"))
-        }
-        variant = variant_of(keys, prefix)
+        stored = _stored_configs(source.metadata, file, config)
+        _refuse_quantized(keys, file)
+        if prefix is None and is_diffusers_transformer_file(keys):
+            transformer = read_diffusers_transformer(keys, shape, get, file, target, stored.get("transformer"))
+            variant = variant_of_transformer(transformer)
+        elif prefix is None:
+            raise ModelFormatError(f"{file}: not a Flux.1 file (no {PROBE})")
+        else:
+            transformer = read_transformer(keys, shape, get, prefix, file, target, stored.get("transformer"))
+            variant = variant_of(keys, prefix)
+        parts: dict[str, Any] = {"transformer": transformer}
         if clip_l is None and (cp := clip_prefix(keys)) is not None and cp:
             parts["text_encoder"] = read_clip_tensors(keys, shape, get, cp, file, target, stored.get("text_encoder"))
         if t5xxl is None and COMFY_T5_PREFIX + "encoder.final_layer_norm.weight" in keys:
@@ -545,12 +589,16 @@ def read_flux_layout(path: str | os.PathLike[str]) -> Any:
     source = _open(file)
     try:
         prefix = transformer_prefix(source.keys)
-        if prefix is None:
-            raise ModelFormatError(f"{file}: not a Flux.1 file (no {PROBE})")
         keys, shape = source.keys, source.shape
+        if prefix is None and not is_diffusers_transformer_file(keys):
+            raise ModelFormatError(f"{file}: not a Flux.1 file (no {PROBE})")
         stored = _stored_configs(source.metadata, file, None)
         notes: list[str] = []
-        transformer = stored.get("transformer") or transformer_config_from_bfl(keys, shape, prefix)
+        transformer = stored.get("transformer") or (
+            transformer_config_from_bfl(keys, shape, prefix)
+            if prefix is not None
+            else diffusers_transformer_config(keys, shape)
+        )
         vae = stored.get("vae") or (
             vae_config_from_shapes(keys, shape, VAE_PREFIX) if VAE_PREFIX + _VAE_LDM_PROBE in keys else None
         )
@@ -568,7 +616,7 @@ def read_flux_layout(path: str | os.PathLike[str]) -> Any:
             if COMFY_T5_PREFIX + "encoder.final_layer_norm.weight" in keys
             else None
         )
-        variant = variant_of(keys, prefix)
+        variant = "dev" if transformer.get("guidance_embeds") else "schnell"
     finally:
         source.close()
     missing = [name for name, cfg in (("vae", vae), ("clip_l", clip), ("t5xxl", t5)) if cfg is None]

@@ -468,12 +468,7 @@ def _embedded_t5(source: Any, file: Path, config: dict[str, Any] | None, target:
     from ..t5 import assign_t5, empty_t5, t5_config_from_shapes, t5_tensors
 
     model = empty_t5(config or t5_config_from_shapes(source.keys, source.shape, T5_PREFIX))
-    tensors = t5_tensors(source.keys, source.get, T5_PREFIX, dtype=target)
-    if target is None:  # "auto" keeps stored dtypes, but an fp8 T5 (t5xxlfp8 files) is upcast: no fp8 kernels
-        tensors = {
-            k: v.float() if v.dtype.is_floating_point and v.element_size() == 1 else v for k, v in tensors.items()
-        }
-    return assign_t5(model, tensors, file, target)
+    return assign_t5(model, t5_tensors(source.keys, source.get, T5_PREFIX, dtype=target), file, target)
 
 
 def _tokenizers(tokenizer: Any, t5_tokenizer: Any, t5_path: Any, t5: Any) -> list[Any]:

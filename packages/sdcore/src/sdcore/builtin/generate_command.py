@@ -65,7 +65,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "-m",
     "--model",
     required=True,
-    help="Model: diffusers folder, .safetensors/.ckpt file, tiny:sd1|sd2|sdxl or toyworld:.",
+    help="Model: diffusers folder, .safetensors/.ckpt file, tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:.",
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")

@@ -76,12 +76,12 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
 
 
 def _variant(bundle: Any) -> str | None:
-    """The release within a family when the family tells them apart (SD3 medium, SD3.5 large/medium)."""
-    if bundle.family == "sd3":
-        from ..models.sd3.detect import release_label
+    """The release within a family when its adapter tells them apart (optional ``release(bundle)``:
+    SD3 medium / SD3.5 large / SD3.5 medium, FLUX.1 dev / schnell)."""
+    from ..models.family import family_adapter
 
-        return release_label(bundle.denoiser.config)
-    return None
+    release = getattr(family_adapter(bundle.family_spec), "release", None)
+    return release(bundle) if release is not None else None
 
 
 @model_group.command("convert")

@@ -237,10 +237,11 @@ def generate_images(
         raise ConfigError(f"steps must be at least 1, got {steps}")
     if init_image is not None and not 0.0 < strength <= 1.0:
         raise ConfigError(f"strength must be in (0, 1], got {strength}")
-    if bundle.family == "flux":  # a transformer-only file needs its parts before anything reads the VAE
-        from ..models.flux.adapter import require_complete
+    from ..models.family import family_adapter
 
-        require_complete(bundle)
+    complete = getattr(family_adapter(bundle.family_spec), "require_complete", None)
+    if complete is not None:  # a transformer-only Flux file needs its parts before anything reads the VAE
+        complete(bundle)
     factor = bundle.vae_scale_factor
     image = _load_init_image(init_image) if init_image is not None else None
     if image is not None and width is None and height is None:

@@ -97,6 +97,14 @@ class FluxAdapter:
     def __repr__(self) -> str:
         return "FluxAdapter()"
 
+    def release(self, bundle: ModelBundle) -> str | None:
+        """``model info``'s variant line: dev (guidance embedding) or schnell."""
+        return bundle.family_label.removeprefix("flux-") if bundle.transformer is not None else None
+
+    def require_complete(self, bundle: ModelBundle) -> None:
+        """Before generation reads the VAE: every part, or the error naming the option that supplies it."""
+        require_complete(bundle)
+
     # --- model I/O ---------------------------------------------------------------------------
     def detect_single_file(self, keys: Collection[str]) -> bool:
         from .load import is_flux_file

@@ -51,6 +51,12 @@ class Sd3Adapter:
     #: ``_class_name`` of the diffusers folders the core's writer makes of this family
     diffusers_pipeline = "StableDiffusion3Pipeline"
 
+    def release(self, bundle: ModelBundle) -> str | None:
+        """``model info``'s variant line: SD3 medium, SD3.5 large or SD3.5 medium, from the MMDiT's config."""
+        from .detect import release_label
+
+        return release_label(bundle.denoiser.config)
+
     def detect_single_file(self, keys: Collection[str]) -> bool:
         from .detect import is_sd3_file
 

@@ -168,3 +168,26 @@ def test_dreambooth_full_finetune_trains_and_saves(family, tmp_path, sd_cli, pm)
     assert trained.family == family
     diffs = [float((value - base[key]).abs().max()) for key, value in trained.transformer.state_dict().items()]
     assert len(diffs) == len(base) and max(diffs) > 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_memory_options_on_the_family_block_swap_exact_and_fp8_base(family, tmp_path, sd_cli, pm):
+    """``--blocks-to-swap`` (with gradient checkpointing) trains the very LoRA the plain run trains, on CPU;
+    ``--fp8-base`` trains and saves a LoRA on the float8-stored base (close to, not equal to, the plain one)."""
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdplugin_lora.format import read_lora
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    model = f"tiny:{family}"
+    runs = {"plain": [], "swap": ["--blocks-to-swap", "1"], "fp8": ["--fp8-base"]}
+    files = {}
+    for name, extra in runs.items():
+        files[name] = tmp_path / f"{name}.safetensors"
+        _train(sd_cli, pm, "lora", model, data, files[name], "--rank", "2", "--lr", "1e-2", "--gradient-checkpointing",
+               *extra)  # fmt: skip
+    plain, swap, fp8 = (read_lora(files[name]).modules for name in runs)
+    assert plain.keys() == swap.keys() == fp8.keys()
+    for key, module in plain.items():
+        assert torch.equal(module.up, swap[key].up) and torch.equal(module.down, swap[key].down), key
+    assert max(float(m.up.abs().max()) for m in fp8.values()) > 0
+    assert any(not torch.equal(module.up, fp8[key].up) for key, module in plain.items())  # the base was rounded

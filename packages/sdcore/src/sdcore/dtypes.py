@@ -66,3 +66,19 @@ def torch_dtype(name: str) -> torch.dtype:
 def short_name(dtype: Any) -> str:
     """``torch.bfloat16`` -> ``"bf16"`` (other dtypes: their ``str``)."""
     return SHORT_NAMES.get(str(dtype).removeprefix("torch."), str(dtype))
+
+
+def compute_dtype(module: Any) -> torch.dtype:
+    """The dtype ``module`` computes in. Not ``module.dtype`` (its first parameter's): with ``--fp8-base``
+    the frozen weights are float8 storage while every op runs in the layers' ``compute_dtype`` (see
+    :mod:`sdcore.train.fp8`); a family adapter casts its inputs to this."""
+    import torch
+
+    for child in module.modules():
+        found = getattr(child, "compute_dtype", None)
+        if isinstance(found, torch.dtype):
+            return found
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.element_size() > 1:
+            return parameter.dtype
+    return torch.float32

@@ -222,11 +222,13 @@ class FluxAdapter:
         """The transformer's velocity for ``noisy_latents`` [B, 16, H, W] at ``timesteps`` (sigma * 1000)."""
         import torch
 
+        from ...dtypes import compute_dtype
+
         transformer = bundle.transformer
         if conditioning.pooled is None:
             raise ConfigError("Flux conditioning without the pooled CLIP-L embedding")
         batch, _, height, width = noisy_latents.shape
-        device, dtype = noisy_latents.device, transformer.dtype
+        device, dtype = noisy_latents.device, compute_dtype(transformer)  # not fp8 storage (--fp8-base)
         packed = pack_latents(noisy_latents).to(dtype)
         hidden = conditioning.hidden_states.to(device=device, dtype=dtype)
         step = torch.as_tensor(timesteps, device=device).reshape(-1).expand(batch).to(dtype) / 1000

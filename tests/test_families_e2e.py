@@ -191,3 +191,18 @@ def test_memory_options_on_the_family_block_swap_exact_and_fp8_base(family, tmp_
         assert torch.equal(module.up, swap[key].up) and torch.equal(module.down, swap[key].down), key
     assert max(float(m.up.abs().max()) for m in fp8.values()) > 0
     assert any(not torch.equal(module.up, fp8[key].up) for key, module in plain.items())  # the base was rounded
+
+
+def test_textual_inversion_on_a_transformer_family_is_a_clear_error(tmp_path, sd_cli, pm):
+    """TI for SD3/Flux (CLIP encoders beside T5) is not built: one clear line, no traceback."""
+    from sdcore.errors import ConfigError
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=1, size=64)
+    args = ["train", "ti", "--name", "tok", "--init-text", "cat", "--model", "tiny:flux", "--data", str(data),
+            "--output", str(tmp_path / "tok.safetensors"), "--max-steps", "1", "--resolution", "64",
+            "--min-bucket-reso", "64", "--no-progress"]  # fmt: skip
+    result = sd_cli(args, pm=pm)
+    assert result.exit_code != 0
+    assert "FLUX.1 (flux) is not supported yet" in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, ConfigError)

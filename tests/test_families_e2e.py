@@ -133,6 +133,7 @@ def test_lora_trains_saves_fuses_in_diffusers_and_generates(family, tmp_path, sd
     # diffusers' load_lora_weights + fuse_lora give sdcore's merged weights
     pipe = _fused_in_diffusers(pipeline_name, folder, peft, family)
     worst, _ = _max_diff(ours_peft, _components(pipe, family))
+    print(f"{family}: diffusers fuse vs sdcore merge, max |dW| = {worst:.2e}")  # shown with pytest -s
     assert worst <= 1e-5, worst
     if family == "flux":  # diffusers reads kohya Flux files too (its linear1 split assumes FLUX.1's 3072 width)
         kept = {k: v for k, v in load_file(str(kohya)).items() if "single_blocks" not in k}
@@ -151,6 +152,8 @@ def test_lora_trains_saves_fuses_in_diffusers_and_generates(family, tmp_path, sd
     settings = {"num_inference_steps": 2, "width": 64, "height": 64, "guidance_scale": float(gen_options[1])}
     image = pipe("x", generator=torch.Generator().manual_seed(7), **settings).images[0]
     reference = np.asarray(image.convert("RGB"), dtype=np.int16)
+    print(f"{family}: pixels plain vs <lora> max {np.abs(plain - with_kohya).max()}, vs diffusers max "
+          f"{np.abs(reference - with_peft).max()}")  # fmt: skip
     assert np.abs(reference - with_peft).max() <= 1, np.abs(reference - with_peft).max()
 
 

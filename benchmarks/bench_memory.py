@@ -212,6 +212,281 @@ def fit_constants(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, f
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# a transformer family (Flux architecture): LoRA steps on a random-weight FluxTransformer2DModel
+
+#: Flux-architecture sizes (hidden = heads x head_dim; double + single blocks), trained at ``resolution``
+#: with ``text`` T5 tokens. "flux" is FLUX.1's real shape (for a GPU: benchmarks/gpu_flux_memory.py).
+FLUX_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"heads": 4, "head_dim": 32, "double": 2, "single": 4, "resolution": 256, "text": 64, "rank": 4},
+    "mid": {"heads": 8, "head_dim": 48, "double": 4, "single": 8, "resolution": 512, "text": 128, "rank": 8},
+    "flux": {"heads": 24, "head_dim": 128, "double": 19, "single": 38, "resolution": 1024, "text": 512, "rank": 16},
+}
+#: what each transformer variant changes (``swap``: half the blocks, at least one)
+FLUX_VARIANTS = ("plain", "checkpointing", "fp8", "swap", "fp8+checkpointing")
+
+
+def flux_config(size: str) -> dict[str, Any]:
+    """The diffusers ``FluxTransformer2DModel`` config of a :data:`FLUX_SIZES` entry."""
+    cfg = FLUX_SIZES[size]
+    head = cfg["head_dim"]
+    first = head // 8 // 2 * 2  # FLUX.1: (16, 56, 56) for 128; every part even (rotary pairs)
+    second = (head - first) // 2 // 2 * 2
+    rope = (first, second, head - first - second)
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": cfg["double"],
+        "num_single_layers": cfg["single"],
+        "attention_head_dim": head,
+        "num_attention_heads": cfg["heads"],
+        "joint_attention_dim": 4096 if size == "flux" else 64,
+        "pooled_projection_dim": 768 if size == "flux" else 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": rope,
+    }
+
+
+class FluxLoraStep:
+    """A LoRA (rank r on every block Linear, trained in fp32 with AdamW) on a frozen random-weight
+    Flux transformer, with the memory options applied the way the runtime applies them."""
+
+    def __init__(
+        self,
+        size: str,
+        variant: str,
+        device: str = "cpu",
+        *,
+        mixed_precision: str = "no",
+        blocks_to_swap: int | None = None,
+        plan_only: bool = False,
+    ) -> None:
+        import torch
+        from diffusers import FluxTransformer2DModel
+        from sdcore.dtypes import torch_dtype
+        from sdcore.train.memory_options import MemorySetup
+        from sdcore.train.method import Capabilities
+        from sdcore.train.placement import place_model
+
+        self.size, self.variant, self.device = size, variant, torch.device(device)
+        self.mixed_precision = mixed_precision
+        self._swap = blocks_to_swap
+        cfg = FLUX_SIZES[size]
+        torch.manual_seed(0)
+        big = size == "flux" or plan_only
+        with torch.device("meta" if big else "cpu"):
+            model = FluxTransformer2DModel(**flux_config(size))
+        model.requires_grad_(False)
+        self.model = model
+        self.factors = self._lora(model, cfg["rank"])
+        self.options = self.train_options()
+        if plan_only:  # shapes only: enough for the estimate
+            return
+        if big:  # random weights made where they train, in the compute dtype (no fp32 copy of 12B weights)
+            model.to_empty(device=self.device).to(torch_dtype(mixed_precision))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+
+        class _Bundle:  # what MemorySetup and placement read of a bundle
+            denoiser = model
+
+            def components(self) -> dict[str, Any]:
+                return {"transformer": model}
+
+        bundle: Any = _Bundle()
+        setup = MemorySetup.before_placement(bundle, self.options)
+        place_model(bundle, self.factors, Capabilities(), self.device, mixed_precision, stay_on_cpu=setup.swapped)
+        setup.after_placement(bundle, self.device)
+        if "checkpointing" in variant:
+            model.enable_gradient_checkpointing()
+        model.train()
+        self.optimizer = torch.optim.AdamW(self.factors, lr=1e-4)
+
+    def train_options(self) -> Any:
+        from sdcore.train.options import TrainOptions
+
+        count = len(self.model.transformer_blocks) + len(self.model.single_transformer_blocks)
+        return TrainOptions(
+            model="bench",
+            data="bench",
+            output="bench",
+            resolution=FLUX_SIZES[self.size]["resolution"],
+            mixed_precision=self.mixed_precision,
+            gradient_checkpointing="checkpointing" in self.variant,
+            fp8_base="fp8" in self.variant,
+            blocks_to_swap=self._swap
+            if self._swap is not None
+            else (max(1, count // 2) if "swap" in self.variant else 0),
+        )
+
+    @staticmethod
+    def _lora(model: Any, rank: int) -> list[Any]:
+        import torch
+        from torch import nn
+
+        factors: list[Any] = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and "transformer_blocks" in name:
+                down = nn.Parameter(torch.randn(rank, module.in_features) * 0.01)
+                up = nn.Parameter(torch.zeros(module.out_features, rank))
+                factors += [down, up]
+
+                def hook(mod: Any, args: Any, out: Any, down: Any = down, up: Any = up) -> Any:
+                    return out + (args[0].to(down.dtype) @ down.t() @ up.t()).to(out.dtype)
+
+                module.register_forward_hook(hook)
+        return factors
+
+    def inputs(self) -> dict[str, Any]:
+        import torch
+
+        cfg = FLUX_SIZES[self.size]
+        side = cfg["resolution"] // 16  # latent / 8, packed 2x2
+        config = self.model.config
+        ids = torch.stack(
+            torch.meshgrid(torch.zeros(1), torch.arange(float(side)), torch.arange(float(side)), indexing="ij"), -1
+        ).reshape(-1, 3)
+        d = self.device
+        return {
+            "hidden_states": torch.randn(1, side * side, 64, device=d),
+            "encoder_hidden_states": torch.randn(1, cfg["text"], config.joint_attention_dim, device=d),
+            "pooled_projections": torch.randn(1, config.pooled_projection_dim, device=d),
+            "timestep": torch.tensor([0.5], device=d),
+            "guidance": torch.tensor([3.5], device=d),
+            "img_ids": ids.to(d),
+            "txt_ids": torch.zeros(cfg["text"], 3, device=d),
+            "return_dict": False,
+        }
+
+    def step(self) -> float:
+        import contextlib
+
+        import torch
+        from sdcore.dtypes import torch_dtype
+
+        inputs = self.inputs()
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch_dtype(self.mixed_precision))
+            if self.mixed_precision != "no"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = self.model(**inputs)[0]
+        loss = (out.float() - inputs["hidden_states"]).square().mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def estimate(self, device: str) -> Any:
+        """The memory plan's estimate for this run (a toy family of this shape, registered here)."""
+        import dataclasses
+
+        from sdcore.models import family as fam
+        from sdcore.models.family import SD1, LatentFormat, register_family
+        from sdcore.models.layout import ModelLayout
+        from sdcore.train.block_swap import block_sizes
+        from sdcore.train.memory import ParameterPlan, estimate_memory
+
+        name = f"bench-flux-{self.size}"
+        if name not in fam._REGISTERED:
+            register_family(
+                dataclasses.replace(
+                    SD1,
+                    name=name,
+                    denoiser="transformer",
+                    latent=LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+                    objective="flow-matching",
+                    context_tokens=FLUX_SIZES[self.size]["text"],
+                )
+            )
+        config = {**dict(self.model.config), "_class_name": "FluxTransformer2DModel"}
+        layout = ModelLayout("bench", name, "flow", {"transformer": config, "vae": {}, "text_encoders": []}, "bench")
+        n = sum(p.numel() for p in self.model.parameters())
+        lora = sum(p.numel() for p in self.factors)
+        linear = sum(m.weight.numel() for m in self.model.modules() if type(m).__name__ in ("Linear", "Fp8Linear"))
+        blocks = tuple(block_sizes(self.model, trainable=set()))
+        plan = ParameterPlan({"transformer": n}, lora, lora, result=lora, denoiser_fp8=linear, blocks=blocks)
+        return estimate_memory(layout, plan, self.options, device=device)
+
+
+def run_measure_transformer(size: str, variant: str, steps: str) -> dict[str, Any]:
+    """One measured Flux-architecture LoRA run in this (fresh) process (CPU: peak RSS above the
+    post-import baseline; a GPU: ``torch.cuda.max_memory_allocated``)."""
+    import gc
+
+    import diffusers  # noqa: F401
+    import sdcore.train.block_swap
+    import sdcore.train.fp8
+    import sdcore.train.placement  # noqa: F401
+    import torch
+    from diffusers import FluxTransformer2DModel  # noqa: F401
+
+    cuda = torch.cuda.is_available()
+    gc.collect()
+    current_mb = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    run = FluxLoraStep(size, variant, "cuda" if cuda else "cpu")
+    start = time.perf_counter()
+    losses = [run.step() for _ in range(int(steps))]
+    seconds = time.perf_counter() - start
+    estimate = run.estimate("cuda" if cuda else "cpu")
+    measured = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - current_mb
+    )
+    tensors = estimate.total  # as the run prints it (on the CPU: with its runtime part)
+    return {
+        "size": size,
+        "variant": variant,
+        "steps": int(steps),
+        "seconds": seconds,
+        "losses": losses,
+        "measured_mb": measured,
+        "measure": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss - VmRSS after imports",
+        "estimate_mb": tensors / 2**20,
+        "estimate_parts_mb": {
+            "weights": estimate.weights / 2**20,
+            "gradients": estimate.gradients / 2**20,
+            "optimizer": estimate.optimizer / 2**20,
+            "activations": estimate.activations / 2**20,
+            "runtime": estimate.runtime / 2**20,
+        },
+    }
+
+
+def transformer_main(args: argparse.Namespace) -> dict[str, Any]:
+    results, table = [], []
+    for size in args.transformer_sizes.split(","):
+        for variant in args.variants.split(","):
+            r = run_isolated("benchmarks.bench_memory", "run_measure_transformer", size, variant, str(args.steps))
+            results.append(r)
+            parts = r["estimate_parts_mb"]
+            table.append(
+                (
+                    size,
+                    variant,
+                    f"{r['measured_mb']:.0f}",
+                    f"{r['estimate_mb']:.0f}",
+                    f"{r['estimate_mb'] / r['measured_mb']:.2f}",
+                    "/".join(
+                        f"{parts[k]:.0f}" for k in ("weights", "gradients", "optimizer", "activations", "runtime")
+                    ),
+                    f"{r['seconds']:.1f}",
+                )
+            )
+    print_table(
+        "Flux-architecture LoRA memory: estimate vs measured peak (" + (results[0]["measure"] if results else "") + ")",
+        table,
+        ("size", "variant", "measured MiB", "estimate MiB", "est/meas", "W/G/O/A/R MiB", "seconds"),
+    )
+    write_json("memory_transformer", {"args": vars(args), "results": results})
+    return {"results": results}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks memory")
     parser.add_argument("--sizes", default="tiny,mid,sd15")
@@ -220,7 +495,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--checkpointing", action="store_true", help="also measure with gradient checkpointing")
     parser.add_argument("--method", default="lora", choices=("lora", "dreambooth"))
     parser.add_argument("--calibrate", action="store_true", help="re-measure the activation constants")
+    parser.add_argument(
+        "--transformer", action="store_true", help="a Flux-architecture transformer instead (LoRA steps, no train loop)"
+    )
+    parser.add_argument("--transformer-sizes", default="tiny,mid", help=f"of {', '.join(FLUX_SIZES)}")
+    parser.add_argument("--variants", default=",".join(FLUX_VARIANTS), help=f"of {', '.join(FLUX_VARIANTS)}")
     args = parser.parse_args(argv or [])
+    if args.transformer:
+        return transformer_main(args)
     sizes = args.sizes.split(",")
     if args.calibrate:
         rows: list[dict[str, Any]] = []

@@ -24,11 +24,15 @@ DTYPE_NAMES: dict[str, str] = {
     "half": "float16",
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
+    # storage only (``--fp8-base``), not a training or save precision: no short alias on purpose
+    "float8_e4m3fn": "float8_e4m3fn",
 }
+#: the dtype ``--fp8-base`` stores frozen weights in (kohya, ComfyUI and diffusers store e4m3fn)
+FP8_STORAGE = "float8_e4m3fn"
 #: torch attribute name -> bytes per element (the memory plan and the disk estimate)
-ELEMENT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+ELEMENT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 #: torch attribute name -> the short name files and logs use
-SHORT_NAMES: dict[str, str] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+SHORT_NAMES: dict[str, str] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}
 
 
 def element_bytes(name: str) -> int:
@@ -62,3 +66,19 @@ def torch_dtype(name: str) -> torch.dtype:
 def short_name(dtype: Any) -> str:
     """``torch.bfloat16`` -> ``"bf16"`` (other dtypes: their ``str``)."""
     return SHORT_NAMES.get(str(dtype).removeprefix("torch."), str(dtype))
+
+
+def compute_dtype(module: Any) -> torch.dtype:
+    """The dtype ``module`` computes in. Not ``module.dtype`` (its first parameter's): with ``--fp8-base``
+    the frozen weights are float8 storage while every op runs in the layers' ``compute_dtype`` (see
+    :mod:`sdcore.train.fp8`); a family adapter casts its inputs to this."""
+    import torch
+
+    for child in module.modules():
+        found = getattr(child, "compute_dtype", None)
+        if isinstance(found, torch.dtype):
+            return found
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.element_size() > 1:
+            return parameter.dtype
+    return torch.float32

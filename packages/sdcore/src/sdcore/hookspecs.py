@@ -14,7 +14,7 @@ names), so adding an argument here later does not break existing plugins.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -22,6 +22,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
+    from .models.family import ModelFamily
     from .specs import MethodSpec, ModelFormatSpec, PromptNetworkSpec, TaggerSpec
     from .train.events import TrainEventContext
     from .train.loop import TrainResult
@@ -62,6 +63,19 @@ def sdcore_register_model_formats(register: Callable[[ModelFormatSpec], None]) -
     ``load_model`` asks each format's ``sniff`` in registration order (plugins before built-ins,
     so a plugin can claim a path first) and reads with the first that accepts. Added in sdcore 0.1.
     """
+
+
+@hookspec
+def sdcore_model_families() -> Iterable[ModelFamily]:
+    """Return the model families this plugin declares (:class:`sdcore.models.family.ModelFamily`).
+
+    A family is a frozen, torch-free declaration; its behaviour (single-file detection and
+    loading, the tiny model, prompt encoding, the denoiser call) is an adapter named by an import
+    string and imported only when a model of the family is used. A name already declared by
+    another plugin (or by sdcore: ``sd1``, ``sd2``, ``sdxl``, ``sdxl-refiner``) is an error naming
+    both. See docs/families.md. Added in sdcore 0.2.
+    """
+    return ()  # a spec's body never runs; this states the type
 
 
 @hookspec

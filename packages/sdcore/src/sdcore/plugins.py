@@ -31,12 +31,14 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .models.family import ModelFamily
 from .specs import MethodSpec, ModelFormatSpec, PromptNetworkSpec, Registration, TaggerSpec
 
 GROUP = "sdcore"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "sdcore.builtin.core_commands",
     "sdcore.builtin.model_formats",
+    "sdcore.builtin.model_families",
     "sdcore.builtin.model_commands",
     "sdcore.builtin.data_commands",
     "sdcore.builtin.generate_command",
@@ -156,12 +158,14 @@ class SdPluginManager(pluggy.PluginManager):
             "tagger": {},
             "prompt network": {},
             "model format": {},
+            "model family": {},
         }
-        hooks = {
+        hooks: dict[str, tuple[str, type]] = {
             "method": ("sdcore_register_methods", MethodSpec),
             "tagger": ("sdcore_register_taggers", TaggerSpec),
             "prompt network": ("sdcore_register_prompt_networks", PromptNetworkSpec),
             "model format": ("sdcore_register_model_formats", ModelFormatSpec),
+            "model family": ("sdcore_model_families", ModelFamily),
         }
         for kind, (hook_name, spec_type) in hooks.items():
             caller = getattr(self.hook, hook_name)
@@ -193,7 +197,11 @@ class SdPluginManager(pluggy.PluginManager):
                         registries[_kind][name] = Registration(_kind, name, _plugin, _dist, item)
 
                 try:
-                    impl.function(register=register)
+                    if hook_name == "sdcore_model_families":  # returns its families instead of registering
+                        for family in impl.function() or ():
+                            register(family)
+                    else:
+                        impl.function(register=register)
                 except PluginError:
                     raise
                 except Exception as exc:
@@ -227,6 +235,10 @@ class SdPluginManager(pluggy.PluginManager):
         order = [self.get_name(impl.plugin) for impl in self.hook.sdcore_register_model_formats.get_hookimpls()]
         items = list(self._collect()["model format"].values())
         return [reg.item for reg in sorted(items, key=lambda reg: -order.index(reg.plugin))]
+
+    def model_families(self) -> dict[str, ModelFamily]:
+        """Model families declared through ``sdcore_model_families`` (sdcore's own included)."""
+        return self._items("model family")
 
     def add_commands(self, cli: Any) -> None:
         """Let every plugin add commands; one that raises is reported and skipped."""

@@ -24,7 +24,7 @@ def test_create_tiny_convert_and_info(tmp_path, assert_modules_equal):
     result = runner.invoke(model_commands.model_group, ["info", str(single)])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "family:          sd2-v" in out and "v_prediction" in out
+    assert "family:          sd2-v (Stable Diffusion 2.x)" in out and "v_prediction" in out
     assert "float16" in out and "UNet2DConditionModel" in out
     assert "modelspec.architecture: stable-diffusion-v2-768-v" in out
     assert "AutoV3" in out and "sha256" in out

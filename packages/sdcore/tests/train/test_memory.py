@@ -165,3 +165,99 @@ def test_sdxl_blocks_follow_the_per_level_transformer_depth():
     assert len(transformers) == 70
     assert {b.area for b in transformers} == {64 * 64, 32 * 32}
     assert len([b for b in blocks if b.kind == "res"]) == 3 * 2 + 2 + 3 * 3
+
+
+# --- a transformer family ------------------------------------------------------------------------
+
+
+def _saved_bytes(model, forward) -> int:
+    """Unique non-parameter storages autograd saves in one forward (what the constants count)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
+
+
+@pytest.fixture
+def mmdit_bundle():
+    """A tiny SD3-architecture bundle of a family declared at run time (transformer denoiser,
+    16 latent channels, 100 context tokens): a size the constants were not fitted on."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from sdcore.models import family as fam
+    from sdcore.models.bundle import ModelBundle
+    from sdcore.models.family import SD1, LatentFormat, register_family
+    from sdcore.models.tiny import create_tiny_bundle, tiny_vae_config
+
+    before = dict(fam._REGISTERED)
+    register_family(
+        dataclasses.replace(
+            SD1,
+            name="toy-mmdit",
+            denoiser="transformer",
+            latent=LatentFormat(channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+            objective="flow-matching",
+            context_tokens=100,
+        )
+    )
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=24, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=3, joint_attention_dim=32, caption_projection_dim=192, pooled_projection_dim=32,
+        pos_embed_max_size=32,
+    )  # fmt: skip
+    vae = AutoencoderKL(**{**tiny_vae_config("sd1"), "latent_channels": 16})
+    sd1 = create_tiny_bundle("sd1")
+    bundle = ModelBundle(
+        family="toy-mmdit", prediction_type="flow", unet=None, transformer=transformer, vae=vae,
+        text_encoders=sd1.text_encoders, tokenizers=sd1.tokenizers, noise_scheduler=None,
+    )  # fmt: skip
+    yield bundle
+    fam._REGISTERED.clear()
+    fam._REGISTERED.update(before)
+
+
+def test_transformer_family_plan_reads_the_denoiser_and_matches_saved_bytes(mmdit_bundle):
+    import torch
+    from sdcore.models.layout import layout_of_bundle, meta_bundle
+    from sdcore.train.memory import count_parameters
+
+    bundle = mmdit_bundle
+    assert bundle.denoiser is bundle.transformer and bundle.device.type == "cpu"
+    assert list(bundle.components()) == ["transformer", "vae", "text_encoder"]
+    layout = layout_of_bundle(bundle)
+    assert layout.configs["transformer"]["_class_name"] == "SD3Transformer2DModel" and "unet" not in layout.configs
+    meta = meta_bundle(layout, bundle.tokenizers)  # the pre-flight's shapes-only model
+    assert type(meta.denoiser).__name__ == "SD3Transformer2DModel" and meta.unet is None
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in bundle.components().items()}
+    assert {name: sum(p.numel() for p in m.parameters()) for name, m in meta.components().items()} == counts
+
+    transformer = bundle.transformer
+    transformer.requires_grad_(True)
+    params = count_parameters(bundle, [{"params": list(transformer.parameters())}], whole_model_result=True)
+    assert params.trainable_in == frozenset({"transformer"}) and params.trainable == counts["transformer"]
+    options = _options(resolution=192, batch_size=2)
+    estimate = estimate_memory(layout, params, options)
+    assert estimate.gradients == counts["transformer"] * 4
+
+    latents = torch.randn(2, 16, 24, 24)
+    context, pooled = torch.randn(2, 100, 32), torch.randn(2, 32)
+    measured = _saved_bytes(
+        transformer, lambda: transformer(latents, context, pooled, torch.tensor([500.0, 500.0]), return_dict=False)[0]
+    )
+    print(f"transformer activations: estimated {estimate.activations}, saved by autograd {measured}")
+    assert estimate.activations == pytest.approx(measured, rel=0.15), (estimate.activations, measured)
+    checkpointed = estimate_memory(layout, params, dataclasses.replace(options, gradient_checkpointing=True))
+    # two blocks: their inputs plus one block recomputed at a time, a bit over half
+    assert checkpointed.activations < 0.6 * estimate.activations

@@ -86,10 +86,11 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         o = self.options
         for module in bundle.components().values():
             module.requires_grad_(False)
-        bundle.unet.requires_grad_(True)
-        unet_params = [p for p in bundle.unet.parameters() if p.requires_grad]
+        denoiser = bundle.denoiser  # the UNet, or the transformer of SD3/Flux
+        denoiser.requires_grad_(True)
+        unet_params = [p for p in denoiser.parameters() if p.requires_grad]
         groups: list[dict[str, Any]] = [{"params": unet_params, "lr": o.lr, "name": "unet"}]
-        self._trainables = {"unet": bundle.unet}
+        self._trainables = {"unet": denoiser}  # "unet." keys in training states whatever the denoiser
         if o.train_text_encoder:
             te_params: list[torch.nn.Parameter] = []
             for index, encoder in enumerate(bundle.text_encoders):
@@ -164,6 +165,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
         trained = load_model(str(path))
         with torch.no_grad():
-            bundle.unet.load_state_dict(trained.unet.state_dict())
+            bundle.denoiser.load_state_dict(trained.denoiser.state_dict())
             for mine, theirs in zip(bundle.text_encoders, trained.text_encoders, strict=True):
                 mine.load_state_dict(theirs.state_dict())

@@ -50,7 +50,9 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
         return
     click.echo(f"file:        {info['file']}")
     click.echo(f"title:       {info['title']}")
-    click.echo(f"family:      {info['family'] or 'unknown'} (from {info['family_from']})")
+    label = f" - {info['family_label']}" if info.get("family_label") else ""
+    arch = f", {info['architecture']}" if info.get("architecture") else ""
+    click.echo(f"family:      {info['family'] or 'unknown'}{label} (from {info['family_from']}{arch})")
     click.echo(f"base model:  {info['base_model'] or 'unknown'}")
     click.echo(f"network:     {info['network_module'] or 'unknown'}  algorithm {info['algorithm']}")
     shapes = info["shapes"]

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sdcore.errors import ModelFormatError, NetworkMismatchError
@@ -26,6 +26,9 @@ from sdcore.models.hashes import sshs_hashes
 
 from .adapters import VARIANTS, Variant, variant_of
 from .naming import ModuleIndex, Target
+
+if TYPE_CHECKING:
+    from .dit import KohyaModule
 
 # --- internal representation ------------------------------------------------------------------
 
@@ -251,9 +254,17 @@ _CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 _TE_WIDTH = {768: "sd1", 1024: "sd2"}
 
 
+#: kohya's ``ss_base_model_version`` of SD3 files is the MMDiT's model type (sd3_utils)
+_SD3_VERSIONS = ("medium", "5-large", "5-medium", "large")
+
+
 def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture``."""
     version = metadata.get("ss_base_model_version", "")
+    if version.startswith(("flux", "chroma")):
+        return "flux"
+    if version.startswith("sd3") or version in _SD3_VERSIONS:
+        return "sd3"
     if version.startswith("sdxl"):
         return "sdxl-refiner" if "refiner" in version else "sdxl"
     if version.startswith("sd_v2"):
@@ -261,6 +272,10 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     if version.startswith("sd_v1"):
         return "sd1"
     architecture = metadata.get("modelspec.architecture", "")
+    if architecture.startswith(("flux-1", "chroma")):
+        return "flux"
+    if architecture.startswith("stable-diffusion-3"):
+        return "sd3"
     if architecture.startswith("stable-diffusion-xl"):
         return "sdxl-refiner" if "refiner" in architecture else "sdxl"
     if architecture.startswith("stable-diffusion-v2"):
@@ -278,6 +293,9 @@ def detect_family(lora: LoraFile) -> tuple[str | None, str]:
     if family:
         return family, "its metadata"
     keys = list(lora.modules)
+    dit = _dit_family(keys)
+    if dit is not None:
+        return dit
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
         return "sdxl", "its two text encoders (te1/te2 keys)"
     for key, weights in lora.modules.items():
@@ -289,6 +307,45 @@ def detect_family(lora: LoraFile) -> tuple[str | None, str]:
         if key.startswith("lora_te_") and key.endswith("q_proj") and widths[0] in _TE_WIDTH:
             return _TE_WIDTH[widths[0]], f"its text-encoder width {widths[0]}"
     return None, "nothing in the file"
+
+
+_FLUX_MARKERS = ("double_blocks", "single_blocks", "single_transformer_blocks")
+
+
+def _dit_family(keys: list[str]) -> tuple[str, str] | None:
+    """SD3/Flux from module names: kohya's SAI/BFL block names, diffusers' Flux-only single blocks,
+    SD3.5's ``attn2``, or a T5 encoder (``lora_te3``; with a CLIP-G ``lora_te2`` it is SD3)."""
+    flat = [k.replace(".", "_") for k in keys]
+    if any(k.startswith("lora_unet_joint_blocks_") or "joint_blocks_" in k for k in flat):
+        return "sd3", "its SAI joint_blocks names"
+    if any(marker in k for k in flat for marker in _FLUX_MARKERS):
+        return "flux", "its BFL/diffusers single and double block names"
+    if any(k.startswith(("transformer.transformer_blocks.", "lora_transformer_transformer_blocks_")) for k in keys):
+        if any("attn2" in k for k in flat):
+            return "sd3", "its MMDiT-X attn2 layers"
+        return None
+    if any(k.startswith("lora_te3_") for k in keys):
+        if any(k.startswith("lora_te2_") for k in keys):
+            return "sd3", "its CLIP-G and T5 encoder names (lora_te2, lora_te3)"
+        return "flux", "its T5 encoder without CLIP-G (lora_te3 only)"
+    return None
+
+
+def family_label(name: str | None) -> str | None:
+    """The family's human name from sdcore's family registry (``FLUX.1``...), when it has one."""
+    if not name:
+        return None
+    try:
+        from sdcore.models.family import get_family  # type: ignore[import-not-found,unused-ignore]
+
+        return str(get_family(name).label)
+    except Exception:  # registry absent or family unknown there: the name says it
+        return None
+
+
+def _named(name: str) -> str:
+    label = family_label(name)
+    return f"{name} ({label})" if label and label != name else name
 
 
 def _same_family(made_for: str, loaded: str) -> bool:
@@ -313,7 +370,7 @@ class Match:
 
 
 def _strip_component(key: str) -> tuple[str, str]:
-    for component in ("text_encoder_2", "text_encoder", "unet"):
+    for component in ("text_encoder_3", "text_encoder_2", "text_encoder", "transformer", "unet"):
         if key.startswith(component + "."):
             return component, key[len(component) + 1 :]
     for prefix in ("base_model.model.", "diffusion_model."):
@@ -332,14 +389,29 @@ def _normalise_dotted(path: str) -> str:
 
 
 def resolve_key(index: ModuleIndex, key: str) -> Target | None:
-    if key.startswith(("lora_unet_", "lora_te")):
+    if key.startswith(("lora_unet_", "lora_te", "lora_transformer_")):
         return index.resolve(key)
     if key.startswith("oft_unet_"):  # kohya networks.oft
         return index.resolve("lora_unet_" + key[len("oft_unet_") :])
     if key.startswith("lycoris_"):
         return index.resolve("lora_unet_" + key[len("lycoris_") :])
     component, path = _strip_component(key)
-    return index.resolve_path(component, _normalise_dotted(path))
+    found = index.resolve_path(component, _normalise_dotted(path))
+    if found is None and index.kohya and component in ("unet", "transformer"):  # SAI/BFL paths, dotted
+        found = index.resolve("lora_unet_" + path.replace(".", "_"))
+    return found
+
+
+def _kohya_stack(index: ModuleIndex, key: str) -> KohyaModule | None:
+    """SD3/Flux: the fused/reordered kohya module a file key names (kohya or dotted SAI/BFL form)."""
+    if not index.kohya:
+        return None
+    if key.startswith("lora_unet_"):
+        return index.resolve_kohya(key)
+    component, path = _strip_component(key)
+    if component in ("unet", "transformer"):
+        return index.resolve_kohya("lora_unet_" + path.replace(".", "_"))
+    return None
 
 
 def check_family(lora: LoraFile, family: str) -> None:
@@ -347,7 +419,8 @@ def check_family(lora: LoraFile, family: str) -> None:
     made_for, why = detect_family(lora)
     if made_for is not None and not _same_family(made_for, family):
         raise NetworkMismatchError(
-            f"{lora.label}: this LoRA was made for {made_for} (from {why}); the loaded model is {family}"
+            f"{lora.label}: this LoRA was made for {_named(made_for)} (from {why}); "
+            f"the loaded model is {_named(family)}"
         )
 
 
@@ -358,6 +431,15 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
     matched: dict[str, tuple[Target, ModuleWeights]] = {}
     unmatched: list[str] = []
     for key, weights in lora.modules.items():
+        stack = _kohya_stack(index, key)
+        if stack is not None:  # one kohya module over several diffusers modules: split exactly
+            from .dit import split_module
+
+            for part, part_weights in zip(stack.parts, split_module(key, weights, stack, lora.label), strict=True):
+                part_target = index.resolve_path(index.denoiser, part.path)
+                if part_target is not None:
+                    matched[part_target.name] = (part_target, part_weights)
+            continue
         target = resolve_key(index, key)
         if target is None:
             unmatched.append(key)
@@ -400,7 +482,14 @@ def file_sshs_hash(path: str | Path) -> str:
     return autov3_hash(path) if Path(path).suffix.lower() == ".safetensors" else sha256_file(path)
 
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sdxl-refiner": "sdxl_refiner_v1-0"}
+BASE_MODEL_VERSION = {
+    "sd1": "sd_v1",
+    "sd2": "sd_v2",
+    "sdxl": "sdxl_base_v1-0",
+    "sdxl-refiner": "sdxl_refiner_v1-0",
+    "flux": "flux1",  # kohya flux_utils.MODEL_VERSION_FLUX_V1
+    "sd3": "medium",  # kohya writes the MMDiT model type: medium, 5-large or 5-medium (see ``variant``)
+}
 ARCHITECTURE = {
     "sd1": "stable-diffusion-v1/lora",
     "sd2": "stable-diffusion-v2-512/lora",
@@ -409,6 +498,16 @@ ARCHITECTURE = {
     "sdxl-refiner": "stable-diffusion-xl-v1-refiner/lora",
 }
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+
+
+def _dit_architecture(family: str, variant: str | None) -> str:
+    """kohya's sai_model_spec ids: ``flux-1-dev``/``flux-1-schnell``, ``stable-diffusion-3-<model type>``."""
+    if family == "flux":
+        return {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma"}.get(variant or "", "flux-1")
+    return f"stable-diffusion-3-{variant or 'medium'}"
+
+
 #: kept by ``minimal`` metadata (kohya's ``--no_metadata`` set)
 MINIMUM_KEYS = (
     "ss_v2",
@@ -434,14 +533,20 @@ def network_metadata(
     resolution: int | tuple[int, int] | None = None,
     clip_skip: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    variant: str | None = None,
 ) -> dict[str, str]:
     """kohya ``ss_*`` network/model keys plus the ModelSpec set, all as strings.
+
+    ``variant`` names the SD3/Flux model as kohya does (:func:`sdplugin_lora.dit.variant_of_transformer`):
+    Flux ``dev``/``schnell``, SD3 ``medium``/``5-large``/``5-medium``.
 
     ``extra`` (training keys such as ``ss_learning_rate``, ``ss_tag_frequency``) is merged last;
     dicts/lists are JSON-encoded and ``None`` becomes ``"None"`` as kohya writes it.
     """
     v_pred = prediction_type == "v_prediction"
     base_version = BASE_MODEL_VERSION.get(family, family)
+    if family == "sd3" and variant:
+        base_version = variant
     if v_pred and family in ("sd1", "sd2"):
         base_version += "_v"
     args = dict(network_args or {})
@@ -451,7 +556,8 @@ def network_metadata(
     if isinstance(resolution, int):
         resolution = (resolution, resolution)
     if resolution is None:
-        side = 1024 if family.startswith("sdxl") else (768 if v_pred and family == "sd2" else 512)
+        dit = family in ("sd3", "flux")
+        side = 1024 if family.startswith("sdxl") or dit else (768 if v_pred and family == "sd2" else 512)
         resolution = (side, side)
     meta: dict[str, Any] = {
         "ss_network_module": network_module,
@@ -464,14 +570,18 @@ def network_metadata(
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": ARCHITECTURE["sd2-v" if (family == "sd2" and v_pred) else family]
         if family in ARCHITECTURE
-        else f"{family}/lora",
-        "modelspec.implementation": SGM_IMPLEMENTATION if family.startswith("sdxl") else "diffusers",
+        else (f"{_dit_architecture(family, variant)}/lora" if family in ("sd3", "flux") else f"{family}/lora"),
+        "modelspec.implementation": SGM_IMPLEMENTATION
+        if family.startswith("sdxl")
+        else (FLUX_IMPLEMENTATION if family == "flux" else "diffusers"),
         "modelspec.title": title or f"LoRA@{time.strftime('%Y-%m-%d %H:%M:%S')}",
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.implementation_version": "sdcore/sdplugin-lora",
     }
+    if family == "flux":  # kohya writes no prediction type for Flux (sai_model_spec)
+        del meta["modelspec.prediction_type"]
     if clip_skip is not None:
         meta["modelspec.encoder_layer"] = clip_skip
     if extra:
@@ -520,7 +630,8 @@ def save_lora(
     out = {k: v.detach().to("cpu", target).contiguous() for k, v in tensors.items()}
     meta = dict(metadata or {})
     if minimal:
-        meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
+        keep = (*MINIMUM_KEYS, "lora_adapter_metadata", "format")  # diffusers needs its header for the alphas
+        meta = {k: v for k, v in meta.items() if k in keep or k.startswith("modelspec.")}
     model_hash, legacy_hash = sshs_hashes(out, meta)
     meta["sshs_model_hash"] = model_hash
     meta["sshs_legacy_hash"] = legacy_hash
@@ -560,6 +671,7 @@ __all__ = [
     "check_family",
     "detect_family",
     "family_from_metadata",
+    "family_label",
     "file_sshs_hash",
     "header_metadata",
     "match_modules",

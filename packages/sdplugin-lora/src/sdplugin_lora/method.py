@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
 
     from .blocks import BlockPlan
+    from .naming import ModuleIndex
     from .network import LoraNetwork
 
 
@@ -110,6 +111,16 @@ class LoraOptions(TrainOptions):
     minimal_metadata: bool = option(
         False, "Write only kohya's minimal metadata (no dataset folder names, tags or training settings).", group="lora"
     )
+    key_layout: str = option(
+        "kohya",
+        "Key names of the saved file: kohya (what ComfyUI, Forge, A1111 and sd-scripts load; SD3/Flux in SAI/BFL "
+        "names with fused qkv) or diffusers (PEFT keys, transformer.<module>.lora_A/B; SD3/Flux only).",
+        choices=("kohya", "diffusers"),
+        group="lora",
+    )
+    train_t5: bool = option(
+        False, "SD3/Flux: with text-encoder training, also train the T5 encoder (kohya train_t5xxl).", group="lora"
+    )
 
 
 @dataclass
@@ -130,6 +141,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     def __init__(self, options: LoraOptions) -> None:
         super().__init__(options)
         self.network: LoraNetwork | None = None
+        self.index: ModuleIndex | None = None
 
     # --- resolved settings ------------------------------------------------------------------------
     @property
@@ -249,9 +261,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         for module in bundle.components().values():
             module.requires_grad_(False)
         index = ModuleIndex.from_bundle(bundle)
+        self._check_layout(index)
         plan = self.block_plan(bundle.family)
         conv = self.conv_rank > 0 or bool(plan and plan.conv_dims)
-        targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv)
+        targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
         network = LoraNetwork.create(
             targets,
             rank=self.options.rank,
@@ -272,7 +285,24 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         network.train()
         network.attach()
         self.network = network
+        self.index = index
         return self.param_groups(network, plan)
+
+    def _check_layout(self, index: ModuleIndex) -> None:
+        """Refuse before training what could not be saved: kohya's SD3/Flux names fuse q/k/v, which
+        only plain LoRA can express exactly; the diffusers layout is written for SD3/Flux only."""
+        o = self.options
+        if not index.kohya:
+            if o.key_layout != "kohya":
+                raise ConfigError(
+                    f"--key-layout {o.key_layout}: written for SD3/Flux models; {index.family} uses kohya"
+                )
+            return
+        if o.algo not in ("lora", "locon"):
+            raise ConfigError(
+                f"--algo {o.algo} on {index.family}: kohya's {index.family} names fuse q/k/v (and Flux's MLP input), "
+                "which only plain LoRA expresses exactly; train --algo lora"
+            )
 
     def param_groups(self, network: LoraNetwork, plan: BlockPlan | None = None) -> list[dict[str, Any]]:
         """Optimizer groups as kohya builds them: UNet and text encoder at their learning rates,
@@ -411,8 +441,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 args["dora_wd"] = True
             if o.algo == "lokr":
                 args["factor"] = o.lokr_factor
+        variant = None
+        if self.index is not None and self.index.kohya:
+            from .dit import variant_of_transformer
+
+            variant = variant_of_transformer(bundle.family, bundle.components()["transformer"])
         return network_metadata(
             family=bundle.family,
+            variant=variant,
             prediction_type=bundle.prediction_type,
             network_module=module,
             rank=o.rank,
@@ -430,12 +466,18 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         from .format import save_lora
 
         network = self._require_network()
+        state = network.state_dict()
+        metadata = self.metadata(bundle, info)
+        if self.index is not None and self.index.kohya:  # SD3/Flux: SAI/BFL names, or diffusers' on request
+            from .dit import diffusers_state_dict, kohya_state_dict
+
+            if self.options.key_layout == "diffusers":
+                state, header = diffusers_state_dict(state, self.index)
+                metadata.update(header)
+            else:
+                state = kohya_state_dict(state, self.index)
         return save_lora(
-            info.path,
-            network.state_dict(),
-            self.metadata(bundle, info),
-            dtype=self.options.save_dtype,
-            minimal=self.options.minimal_metadata,
+            info.path, state, metadata, dtype=self.options.save_dtype, minimal=self.options.minimal_metadata
         )
 
     def load_result(self, bundle: ModelBundle, path: Path) -> None:
@@ -470,6 +512,8 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_batch_size_per_device": str(o.batch_size),
         "ss_gradient_accumulation_steps": str(o.gradient_accumulation),
         "ss_mixed_precision": o.mixed_precision,
+        "ss_gradient_checkpointing": str(o.gradient_checkpointing),
+        "ss_fp8_base": str(o.fp8_base),
         "ss_seed": str(o.seed),
         "ss_clip_skip": str(o.clip_skip),
         "ss_resolution": f"({o.resolution}, {o.resolution})",

@@ -10,6 +10,10 @@ from :class:`CLIPTextModel`.
 Flattened names cannot be un-flattened (``to_out_0`` vs ``transformer_blocks``), so the reverse
 direction is a table built from the loaded model: :class:`ModuleIndex`. The SGM numbering is
 derived from the UNet config (:func:`sgm_block_table`), so tiny and real layouts are named alike.
+
+SD3/SD3.5 and FLUX.1 (:mod:`sdplugin_lora.dit`) have a diffusers transformer as denoiser: its
+modules are named ``lora_transformer_<diffusers path>`` here, and kohya's SAI/BFL names (some of
+them fused q/k/v modules) resolve to one or several of them through :attr:`ModuleIndex.kohya`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .dit import KohyaModule
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIXES = {1: ("lora_te",), 2: ("lora_te1", "lora_te2")}
@@ -26,6 +33,8 @@ TE_PREFIXES = {1: ("lora_te",), 2: ("lora_te1", "lora_te2")}
 UNET_TARGETS = ("Transformer2DModel",)
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+#: kohya's T5 targets (lora_sd3/lora_flux, only with ``train_t5xxl``)
+T5_TARGETS = ("T5Attention", "T5DenseGatedActDense")
 
 #: ResNet sub-module names: diffusers -> SGM
 _RESNET_TO_SGM = {
@@ -158,10 +167,10 @@ class Target:
     """One Linear/Conv2d a LoRA can patch."""
 
     name: str  # canonical kohya name (what we write)
-    component: str  # "unet", "text_encoder", "text_encoder_2"
+    component: str  # "unet" or "transformer" (the denoiser), "text_encoder", "text_encoder_2", "text_encoder_3"
     path: str  # module path inside the component (this transformers/diffusers version)
     module: Any
-    group: str  # "transformer", "resnet", "te", "other"
+    group: str  # "transformer" (default denoiser targets), "resnet", "te", "t5", "other"
     aliases: tuple[str, ...] = ()
 
     @property
@@ -175,7 +184,7 @@ class Target:
 
     @property
     def is_text_encoder(self) -> bool:
-        return self.component != "unet"
+        return self.component.startswith("text_encoder")
 
 
 def _linear_or_conv(module: Any) -> bool:
@@ -210,12 +219,57 @@ class ModuleIndex:
     targets: dict[str, Target] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     paths: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: the denoiser's component name: "unet", or "transformer" for SD3/Flux
+    denoiser: str = "unet"
+    #: SD3/Flux: kohya (SAI/BFL) module name -> the diffusers modules it stacks
+    kohya: dict[str, KohyaModule] = field(default_factory=dict)
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> ModuleIndex:
         components = bundle.components()
         encoders = [(name, module) for name, module in components.items() if name.startswith("text_encoder")]
+        if "transformer" in components and "unet" not in components:
+            try:  # the family's declared kohya prefixes (sdcore.models.family), when it is registered
+                prefixes: Mapping[str, str] | None = dict(bundle.family_spec.lora_prefixes) or None
+            except Exception:
+                prefixes = None
+            return cls.build_dit(bundle.family, components["transformer"], encoders, prefixes=prefixes)
         return cls.build(bundle.family, components["unet"], encoders)
+
+    @classmethod
+    def build_dit(
+        cls,
+        family: str,
+        transformer: Any,
+        encoders: Iterable[tuple[str, Any]],
+        *,
+        prefixes: Mapping[str, str] | None = None,
+    ) -> ModuleIndex:
+        """SD3/Flux: every Linear/Conv2d of the diffusers transformer as ``lora_transformer_<path>``,
+        kohya's SAI/BFL names as aliases (1:1 modules) or stacks of parts (fused q/k/v, swapped
+        halves), and the text encoders as kohya names them (te1 CLIP-L, te2 CLIP-G, te3 T5):
+        ``prefixes`` (component -> prefix, the family's declaration), else kohya's order per family."""
+        from .dit import DIT_TE_PREFIXES, TRANSFORMER_PREFIX, kohya_table
+
+        index = cls(family=family, denoiser="transformer")
+        table = kohya_table(family, transformer)
+        default_paths = {part.path for module in table if module.default for part in module.parts}
+        alias_of = {module.parts[0].path: module.name for module in table if module.direct}
+        for path, module in transformer.named_modules():
+            if not path or not _linear_or_conv(module):
+                continue
+            canonical = flatten(TRANSFORMER_PREFIX, path)
+            aliases = tuple(n for n in (alias_of.get(path), flatten(UNET_PREFIX, path)) if n and n != canonical)
+            group = "transformer" if path in default_paths else "other"
+            index._add(Target(canonical, "transformer", path, module, group, aliases))
+        index.kohya = {module.name: module for module in table}
+        encoders = list(encoders)
+        order = DIT_TE_PREFIXES.get(family, ("lora_te1", "lora_te2", "lora_te3"))
+        for position, (component, encoder) in enumerate(encoders):
+            prefix = (prefixes or {}).get(component) or (order[position] if position < len(order) else None)
+            if prefix is not None:
+                index._add_encoder(component, encoder, prefix)
+        return index
 
     @classmethod
     def build(cls, family: str, unet: Any, encoders: Iterable[tuple[str, Any]]) -> ModuleIndex:
@@ -237,23 +291,30 @@ class ModuleIndex:
         encoders = list(encoders)
         prefixes = te_prefixes(family, len(encoders))
         for (component, encoder), prefix in zip(encoders, prefixes, strict=False):
-            te_groups = _groups(encoder, {name: "te" for name in TE_TARGETS})
-            for path, module in encoder.named_modules():
-                if not path or not _linear_or_conv(module):
-                    continue
-                canonical = te_name(prefix, path)
-                te_aliases: tuple[str, ...] = ()
-                if prefix == "lora_te1":  # some trainers write SDXL's first encoder as plain lora_te
-                    te_aliases = (te_name("lora_te", path),)
-                index._add(Target(canonical, component, path, module, te_groups.get(path, "other"), te_aliases))
+            index._add_encoder(component, encoder, prefix)
         return index
+
+    def _add_encoder(self, component: str, encoder: Any, prefix: str) -> None:
+        """A CLIP encoder's modules named ``<prefix>_text_model_...``; a T5 encoder's by its own paths
+        (``lora_te3_encoder_block_0_layer_0_SelfAttention_q``), as kohya names them."""
+        clip = type(encoder).__name__.startswith("CLIP")
+        te_groups = _groups(encoder, {name: "te" for name in TE_TARGETS})
+        te_groups.update(_groups(encoder, {name: "t5" for name in T5_TARGETS}))
+        for path, module in encoder.named_modules():
+            if not path or not _linear_or_conv(module):
+                continue
+            canonical = te_name(prefix, path) if clip else flatten(prefix, path)
+            te_aliases: tuple[str, ...] = ()
+            if prefix == "lora_te1" and self.denoiser == "unet":  # some trainers write SDXL's first encoder as lora_te
+                te_aliases = (te_name("lora_te", path),)
+            self._add(Target(canonical, component, path, module, te_groups.get(path, "other"), te_aliases))
 
     def _add(self, target: Target) -> None:
         self.targets[target.name] = target
         for alias in target.aliases:
             self.aliases.setdefault(alias, target.name)
         self.paths[(target.component, target.path)] = target.name
-        if target.component != "unet":
+        if target.is_text_encoder:
             self.paths[(target.component, te_relative_path(target.path))] = target.name
             self.paths[(target.component, "text_model." + te_relative_path(target.path))] = target.name
 
@@ -266,9 +327,18 @@ class ModuleIndex:
         return self.targets[canonical] if canonical else None
 
     def resolve_path(self, component: str, path: str) -> Target | None:
-        """A dotted module path (``unet`` / ``text_encoder`` / ``text_encoder_2``) -> its target."""
+        """A dotted module path (``unet``/``transformer`` / ``text_encoder``...) -> its target
+        (``unet`` and ``transformer`` both mean the denoiser)."""
+        if component in ("unet", "transformer"):
+            component = self.denoiser
         name = self.paths.get((component, path))
         return self.targets[name] if name else None
+
+    def resolve_kohya(self, name: str) -> KohyaModule | None:
+        """SD3/Flux: a kohya (SAI/BFL) module name that stacks several diffusers modules or
+        orders their rows otherwise (``None`` for plain names, which :meth:`resolve` handles)."""
+        module = self.kohya.get(name)
+        return module if module is not None and not module.direct else None
 
     def name_of(self, component: str, path: str) -> str:
         """Module path -> canonical kohya name (``KeyError`` when the module is not patchable)."""
@@ -277,30 +347,37 @@ class ModuleIndex:
             raise KeyError(f"{component}.{path} is not a Linear/Conv2d of this model")
         return name
 
-    def select(self, *, unet: bool = True, text_encoder: bool = True, conv: bool = False) -> list[Target]:
+    def select(
+        self, *, unet: bool = True, text_encoder: bool = True, conv: bool = False, t5: bool = False
+    ) -> list[Target]:
         """kohya's default targets (LoRA-LierLa), plus ResNet/down/upsampler modules with ``conv``
-        (LoRA-C3Lier: 3x3 convs at the conv rank, ``time_emb_proj``/``conv_shortcut`` at the linear rank)."""
+        (LoRA-C3Lier: 3x3 convs at the conv rank, ``time_emb_proj``/``conv_shortcut`` at the linear rank).
+
+        SD3/Flux (``unet`` means the transformer): every Linear of kohya's blocks (attention, MLP,
+        modulation) and the CLIP encoders' attention/MLP; T5 only with ``t5`` (kohya ``train_t5xxl``)."""
         chosen = []
         for target in self.targets.values():
-            if target.component == "unet":
+            if not target.is_text_encoder:
                 if not unet:
                     continue
                 if target.group == "transformer" or (conv and target.group == "resnet"):
                     chosen.append(target)
-            elif text_encoder and target.group == "te":
+            elif text_encoder and (target.group == "te" or (t5 and target.group == "t5")):
                 chosen.append(target)
         return chosen
 
 
-_KOHYA_PREFIX = re.compile(r"^(lora_unet|lora_te[12]?)_")
+_KOHYA_PREFIX = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?)_")
 
 
 def kohya_component(name: str) -> str | None:
-    """Which part a kohya name belongs to: ``unet``, ``te``, ``te1``, ``te2`` or ``None``."""
+    """Which part a kohya name belongs to: ``unet`` (the denoiser: ``lora_unet_``, ``lora_transformer_``),
+    ``te``, ``te1``, ``te2``, ``te3`` or ``None``."""
     match = _KOHYA_PREFIX.match(name)
     if not match:
         return None
-    return {"lora_unet": "unet", "lora_te": "te", "lora_te1": "te1", "lora_te2": "te2"}[match.group(1)]
+    prefix = match.group(1)
+    return "unet" if prefix in ("lora_unet", "lora_transformer") else prefix[len("lora_") :]
 
 
 __all__ = [

@@ -20,7 +20,7 @@ import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 
 from .adapters import LoraVariant, OftVariant, needs_base, weight_change
-from .format import LoraFile, ModuleWeights, detect_family, network_metadata, read_lora
+from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -96,6 +96,8 @@ def extract_lora(
         if other is None or tuple(other.module.weight.shape) != tuple(target.module.weight.shape):
             raise NetworkMismatchError(f"{target.name}: the fine-tune has no matching module (different architecture?)")
         deltas[target.name] = other.module.weight.detach().float().cpu() - target.module.weight.detach().float().cpu()
+    if base_index.kohya:  # SD3/Flux: one delta per kohya (SAI/BFL) module, fused as kohya's extractor sees it
+        deltas = _kohya_deltas(base_index, deltas)
     te_names = [name for name in deltas if name.startswith("lora_te")]
     skipped = False
     if te_names and max(float(deltas[n].abs().max()) for n in te_names) <= min_diff:
@@ -116,8 +118,14 @@ def extract_lora(
         tensors[f"{name}.lora_up.weight"] = up.contiguous()
         tensors[f"{name}.lora_down.weight"] = down.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(r))
+    variant = None
+    if base_index.kohya:
+        from .dit import variant_of_transformer
+
+        variant = variant_of_transformer(base.family, base.components()["transformer"])
     meta = network_metadata(
         family=base.family,
+        variant=variant,
         prediction_type=base.prediction_type,
         rank=rank,
         alpha=rank,
@@ -126,6 +134,26 @@ def extract_lora(
         extra={"ss_training_comment": "extracted with sdcore lora extract"},
     )
     return ExtractResult(tensors, meta, skipped, len(tensors) // 3)
+
+
+def _kohya_deltas(index: ModuleIndex, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-module weight differences (``lora_transformer_<path>``) -> kohya's module names, the rows
+    of fused modules stacked in SAI/BFL order (halves swapped where they order them otherwise)."""
+    from .dit import swap_halves
+
+    by_path = {index.targets[name].path: name for name in deltas if name in index.targets}
+    out = {name: delta for name, delta in deltas.items() if name not in index.targets or name.startswith("lora_te")}
+    for module in index.kohya.values():
+        names = [by_path.get(part.path) for part in module.parts]
+        if not any(names):
+            continue
+        rows = []
+        for part, name in zip(module.parts, names, strict=True):
+            if name is None:
+                raise NetworkMismatchError(f"{module.name}: {part.path} is not among the extracted modules")
+            rows.append(swap_halves(deltas[name]) if part.swap_halves else deltas[name])
+        out[module.name] = torch.cat(rows) if len(rows) > 1 else rows[0]
+    return out
 
 
 # --- resize ------------------------------------------------------------------------------------
@@ -551,7 +579,9 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     return {
         "file": str(path),
         "family": family,
+        "family_label": family_label(family),
         "family_from": why,
+        "architecture": meta.get("modelspec.architecture"),
         "algorithm": algorithm,
         "modules": sum(parts.values()),
         "parts": dict(parts),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from sdcore.errors import ModelFormatError, NetworkMismatchError
+from sdcore.errors import ConfigError, ModelFormatError, NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
 from torch import nn
 
@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 
 def encoder_keys(bundle: ModelBundle) -> list[str]:
     """Which embedding tensor goes into which text encoder, in ``bundle.text_encoders`` order."""
+    if bundle.family_spec.denoiser != "unet":  # SD3/Flux: CLIP encoders beside a T5, no A1111 file layout yet
+        raise ConfigError(
+            f"Textual Inversion embeddings are built for SD1, SD2 and SDXL; {bundle.family_spec.label} "
+            f"({bundle.family}) is not supported yet"
+        )
     if bundle.family == "sdxl-refiner":
         return [CLIP_G]
     if bundle.is_sdxl:

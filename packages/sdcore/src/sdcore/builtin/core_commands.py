@@ -25,7 +25,7 @@ def plugins_command(ctx: click.Context, as_json: bool, show_all: bool, show_trac
         infos = pm.plugin_infos()
     except PluginError as exc:
         registry_error = str(exc)
-        pm._registries = {"method": {}, "tagger": {}, "prompt network": {}, "model format": {}}
+        pm._registries = {"method": {}, "tagger": {}, "prompt network": {}, "model format": {}, "model family": {}}
         infos = pm.plugin_infos()
         pm._registries = None
     shown = [i for i in infos if show_all or not i.builtin]

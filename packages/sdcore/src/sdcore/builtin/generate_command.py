@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from ..hookspecs import hookimpl
+from .part_options import part_kwargs, part_options
 
 _SAMPLER_HELP = (
     "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
@@ -64,7 +65,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "-m",
     "--model",
     required=True,
-    help="Model: diffusers folder, .safetensors/.ckpt file, tiny:sd1|sd2|sdxl or toyworld:.",
+    help="Model: diffusers folder, .safetensors/.ckpt file, tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:.",
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
@@ -73,7 +74,11 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "--seed", default=-1, show_default=True, type=int, help="Seed (-1: random); image i of a batch uses seed+i."
 )
 @click.option("--size", default=None, callback=_parse_size, help="WIDTHxHEIGHT (default: the model's native size).")
-@click.option("--sampler", default="euler_a", show_default=True, help=_SAMPLER_HELP)
+@click.option(
+    "--sampler",
+    default=None,
+    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1).",
+)
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
 @click.option(
     "--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="img2img source image."
@@ -123,6 +128,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Output PNG (a batch writes NAME-0.png, NAME-1.png ...).",
 )
+@part_options
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
     _run_generate(params)
@@ -157,11 +163,12 @@ def _plugin_manager() -> Any:
     return pm
 
 
-def _load_bundle(source: str, pm: Any) -> Any:
-    """Any model source ``load_model`` reads (plugin formats included); ``tiny:<family>`` too."""
+def _load_bundle(source: str, pm: Any, **parts: Any) -> Any:
+    """Any model source ``load_model`` reads (plugin formats included); ``tiny:<family>`` too;
+    ``parts``: components in separate files (``clip_l``, ``t5xxl``, ``ae``, ``t5_tokenizer``)."""
     from ..models.load import load_model
 
-    return load_model(source, pm=pm)
+    return load_model(source, pm=pm, **parts)
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
@@ -193,7 +200,7 @@ def _run_generate(params: dict[str, Any]) -> None:
 
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
     extra_options.update(params["extra_pairs"])
-    sampler = sampler_id(params["sampler"])
+    sampler = sampler_id(params["sampler"]) if params["sampler"] else None
     seed = params["seed"] if params["seed"] >= 0 else random.randrange(2**32)
 
     pm = _plugin_manager()
@@ -204,10 +211,14 @@ def _run_generate(params: dict[str, Any]) -> None:
     # Fail on unknown tags and malformed syntax before spending time on loading the model.
     session.parse(params["prompt"], params["negative"])
 
-    bundle = _load_bundle(params["model"], pm)
+    bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
-    if bundle.device != device or bundle.unet.dtype != dtype:
-        bundle.to(device=device, dtype=dtype if bundle.unet.dtype != dtype else None)
+    if bundle.device != device or bundle.denoiser.dtype != dtype:
+        bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)
+    if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
+        from ..models.family import family_adapter
+
+        sampler = getattr(family_adapter(bundle.family_spec), "default_sampler", "euler_a")
 
     width, height = params["size"] or (None, None)
     infos: list[dict[str, str]] = []

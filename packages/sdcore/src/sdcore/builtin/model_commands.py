@@ -8,8 +8,7 @@ from typing import Any
 import click
 
 from ..hookspecs import hookimpl
-
-_FAMILIES = ["sd1", "sd2", "sdxl"]
+from .part_options import part_kwargs, part_options
 
 
 @click.group("model")
@@ -37,19 +36,27 @@ def _dtypes(module: Any) -> str:
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
 @click.option("--no-hash", is_flag=True, help="Skip hashing (hashing a large file takes a while).")
-def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool) -> None:
+@part_options
+def info_command(path: str, prediction_type: str | None, config: str | None, no_hash: bool, **parts: Any) -> None:
     """Show family, prediction type, components, metadata and hashes of PATH."""
     from ..models.hashes import all_hashes
     from ..models.load import load_model
 
-    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto")
+    bundle = load_model(path, prediction_type=prediction_type, config=config, dtype="auto", **part_kwargs(parts))
     click.echo(f"model:           {path}")
     click.echo(f"format:          {bundle.source_format}")
-    click.echo(f"family:          {bundle.family_label}")
+    click.echo(f"family:          {bundle.family_label} ({bundle.family_spec.label})")
+    variant = _variant(bundle)
+    if variant:
+        click.echo(f"variant:         {variant}")
     click.echo(f"prediction type: {bundle.prediction_type}")
     click.echo("components:")
-    for name, module in bundle.components().items():
+    parts = bundle.components()
+    for name, module in parts.items():
         click.echo(f"  {name:<15} {type(module).__name__:<28} {_dtypes(module):<9} {_param_count(module):>13,} params")
+    absent = [name for name in (*bundle.family_spec.components, "vae") if name not in parts]
+    if absent:  # a transformer-only Flux file: the parts come from separate files when training/generating
+        click.echo(f"  not in the model: {', '.join(absent)}")
     if bundle.metadata:
         click.echo("metadata:")
         for key in sorted(bundle.metadata):
@@ -68,15 +75,25 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
             click.echo(f"  AutoV3 (tensor data):       {hashes['autov3']}")
 
 
+def _variant(bundle: Any) -> str | None:
+    """The release within a family when its adapter tells them apart (optional ``release(bundle)``:
+    SD3 medium / SD3.5 large / SD3.5 medium, FLUX.1 dev / schnell)."""
+    from ..models.family import family_adapter
+
+    release = getattr(family_adapter(bundle.family_spec), "release", None)
+    return release(bundle) if release is not None else None
+
+
 @model_group.command("convert")
 @click.argument("src")
 @click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["single-file", "diffusers"]),
+    type=click.Choice(["single-file", "diffusers", "bfl"]),
     default=None,
-    help="Output format (default: single-file when DST ends in .safetensors, else diffusers).",
+    help="Output format (default: single-file when DST ends in .safetensors, else diffusers; "
+    "bfl: a Flux transformer alone in Black Forest Labs' keys).",
 )
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="Save precision.")
 @click.option("--prune/--no-prune", default=True, show_default=True, help="Drop EMA and training state.")
@@ -90,19 +107,27 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
 @click.option(
     "--config", "config", default=None, help="Diffusers folder with the configs of a non-standard single file."
 )
+@part_options
 def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune: bool, ema: bool,
-                    prediction_type: str | None, config: str | None) -> None:  # fmt: skip
-    """Convert SRC (folder, single file, tiny:<family>) to DST."""
+                    prediction_type: str | None, config: str | None, **parts: Any) -> None:  # fmt: skip
+    """Convert SRC (folder, single file, tiny:<family>) to DST (an SD3/Flux denoiser file plus its parts
+    given as --clip-l, --clip-g, --t5xxl, --vae becomes one checkpoint)."""
     from ..models.load import load_model
 
-    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config)
+    bundle = load_model(src, use_ema=ema, prediction_type=prediction_type, config=config, **part_kwargs(parts))
     out = bundle.save(dst, format=to, dtype=dtype, prune=prune)
     click.echo(f"wrote {out} ({bundle.family_label}, {bundle.prediction_type})")
 
 
 @model_group.command("create-tiny")
 @click.argument("dst", type=click.Path(dir_okay=True, file_okay=True))
-@click.option("--family", type=click.Choice(_FAMILIES), default="sd1", show_default=True)
+@click.option(
+    "--family",
+    default="sd1",
+    show_default=True,
+    help="Model family: sd1, sd2, sdxl, sd3, flux (FLUX.1-dev), flux-schnell, or another declared family "
+    "(sdcore plugins --all lists them; FAMILY-VARIANT picks a variant).",
+)
 @click.option(
     "--format",
     "fmt",
@@ -113,9 +138,11 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
 @click.option("--seed", type=int, default=0, show_default=True)
 def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> None:
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
-    from ..models.tiny import create_tiny_bundle
+    from ..models.family import family_adapter
+    from ..models.load import tiny_family
 
-    bundle = create_tiny_bundle(family, seed=seed)
+    name, variant = tiny_family(family)
+    bundle = family_adapter(name).create_tiny(seed=seed, **variant)
     out = bundle.save(dst, format=fmt)
     click.echo(f"wrote {out} (tiny {family})")
 

@@ -147,16 +147,16 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
 def default_size(bundle: ModelBundle) -> int:
     """512 for SD1, 768 for SD2-v, 1024 for SDXL; tiny test models generate 64x64, other small
     models (the toy world's 32x32) their native size."""
-    native = int(bundle.unet.config.sample_size) * bundle.vae_scale_factor
+    from ..models.native import bundle_native_resolution
+
     if bundle.source_format == "tiny":
         return 64
+    native = bundle_native_resolution(bundle) or bundle.family_spec.native_resolution
     if native < 256:
         return native
-    if bundle.is_sdxl:
-        return 1024
-    if bundle.family == "sd2" and bundle.is_v_prediction:
-        return 768
-    return 512
+    if bundle.family == "sd2" and not bundle.is_v_prediction:
+        return 512  # SD2-512-base; the family's 768 is the v-prediction release
+    return bundle.family_spec.native_resolution
 
 
 def _check_size(value: int, what: str, factor: int) -> int:
@@ -237,6 +237,11 @@ def generate_images(
         raise ConfigError(f"steps must be at least 1, got {steps}")
     if init_image is not None and not 0.0 < strength <= 1.0:
         raise ConfigError(f"strength must be in (0, 1], got {strength}")
+    from ..models.family import family_adapter
+
+    complete = getattr(family_adapter(bundle.family_spec), "require_complete", None)
+    if complete is not None:  # a transformer-only Flux file needs its parts before anything reads the VAE
+        complete(bundle)
     factor = bundle.vae_scale_factor
     image = _load_init_image(init_image) if init_image is not None else None
     if image is not None and width is None and height is None:
@@ -257,8 +262,19 @@ def generate_images(
     for index, prompt in enumerate(prompts):
         groups.setdefault(_network_key(prompt), []).append(index)
 
-    pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
-    pipe.set_progress_bar_config(disable=True)
+    from ..models.family import family_adapter
+    from ..models.sd_unet import SdUnetAdapter
+
+    adapter = family_adapter(bundle.family)
+    family_generate = None
+    pipe: Any = None
+    if isinstance(adapter, SdUnetAdapter):
+        pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
+        pipe.set_progress_bar_config(disable=True)
+    else:  # another family renders through its adapter (same prompts, seeds, networks and sizes)
+        family_generate = getattr(adapter, "generate", None)
+        if family_generate is None:
+            raise ConfigError(f"generating with {bundle.family} models is not supported")
     results: dict[int, Image.Image] = {}
     with _eval_mode(bundle), torch.no_grad():
         for indices in groups.values():
@@ -276,7 +292,8 @@ def generate_images(
                     group_negatives.append(applied.negative_prompt)
                     for key, value in applied.info.items():
                         group_info.setdefault(key, value)
-                images = _run(
+                run: Any = _run if family_generate is None else _family_run(family_generate, sampler)
+                images = run(
                     pipe,
                     bundle,
                     group_prompts,
@@ -298,6 +315,16 @@ def generate_images(
                         info.append({})
                     info[i] = dict(group_info)
     return [results[i] for i in range(len(prompts))]
+
+
+def _family_run(family_generate: Any, sampler: str) -> Any:
+    """``_run``'s signature over a family adapter's ``generate(bundle, prompts, negatives, **settings)``."""
+
+    def run(_pipe: Any, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> Any:
+        settings.pop("transforms", None)
+        return list(family_generate(bundle, prompts, negatives, sampler=sampler, **settings))
+
+    return run
 
 
 def _run(

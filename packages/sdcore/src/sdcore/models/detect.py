@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, SdcoreError
 from .convert.clip import SD1_PREFIX, SDXL_CLIP_L_PREFIX
 from .convert.openclip import REFINER_BIGG_PREFIX, SD2_PREFIX, SDXL_BIGG_PREFIX
 
@@ -48,18 +48,43 @@ def _normalise_prediction(value: str) -> str | None:
     return None
 
 
+#: one key only a single file of each UNet family has (checked together with :data:`UNET_IN`)
+FAMILY_MARKERS: dict[str, str] = {
+    "sdxl": SDXL_BIGG_PREFIX + "ln_final.weight",
+    "sdxl-refiner": REFINER_BIGG_PREFIX + "ln_final.weight",
+    "sd2": SD2_PREFIX + "ln_final.weight",
+    "sd1": SD1_PREFIX + "text_model.final_layer_norm.weight",
+}
+
+
+def is_unet_family_file(keys: Collection[str], family: str) -> bool:
+    """Whether ``keys`` are an ldm/SGM single file of the UNet family ``family``."""
+    return UNET_IN in keys and FAMILY_MARKERS.get(family, "\0") in keys
+
+
 def detect_family(keys: Collection[str], path: str | Path = "<checkpoint>") -> str:
-    if UNET_IN not in keys:
-        raise ModelFormatError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_IN})")
-    if SDXL_BIGG_PREFIX + "ln_final.weight" in keys:
-        return "sdxl"
-    if REFINER_BIGG_PREFIX + "ln_final.weight" in keys:
-        return "sdxl-refiner"
-    if SD2_PREFIX + "ln_final.weight" in keys:
-        return "sd2"
-    if SD1_PREFIX + "text_model.final_layer_norm.weight" in keys:
-        return "sd1"
-    raise ModelFormatError(f"{path}: unknown model layout (UNet found, but no SD1/SD2/SDXL text encoder keys)")
+    """The family whose adapter claims a single file with these keys (sdcore's families first,
+    then those of plugins); :class:`ModelFormatError` naming ``path`` when none does."""
+    from .family import families, family_adapter
+
+    skipped = []
+    for family in families():
+        try:
+            adapter = family_adapter(family)
+        except SdcoreError as exc:  # a broken plugin family must not stop SD files from loading
+            skipped.append(str(exc))
+            continue
+        if adapter.detect_single_file(keys):
+            return family.name
+    note = f" (not asked: {'; '.join(skipped)})" if skipped else ""
+    if UNET_IN in keys:
+        raise ModelFormatError(
+            f"{path}: unknown model layout (UNet found, but no SD1/SD2/SDXL text encoder keys){note}"
+        )
+    known = ", ".join(f.name for f in families())
+    raise ModelFormatError(
+        f"{path}: not a Stable Diffusion checkpoint (no {UNET_IN}, and no other known family's keys: {known}){note}"
+    )
 
 
 def detect(

@@ -17,11 +17,10 @@ from typing import Any
 from ..errors import ModelFormatError
 from .convert.clip import SD1_PREFIX, SDXL_CLIP_L_PREFIX
 from .convert.openclip import REFINER_BIGG_PREFIX, SD2_PREFIX, SDXL_BIGG_PREFIX
+from .family import get_family
 
 U = "model.diffusion_model."
 V = "first_stage_model."
-SAMPLE_SIZE = {"sd1": 64, "sd2": 96, "sdxl": 128, "sdxl-refiner": 128}
-VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl-refiner": 0.13025}
 
 
 def _groups(widths: Collection[int]) -> int:
@@ -67,7 +66,7 @@ def infer_unet(keys: Collection[str], shape: Callable[[str], tuple[int, ...]], f
     down = ["CrossAttnDownBlock2D" if b["attn"] else "DownBlock2D" for b in blocks]
     up = [t.replace("Down", "Up") for t in reversed(down)]
     config: dict[str, Any] = {
-        "sample_size": SAMPLE_SIZE[family],
+        "sample_size": get_family(family).sample_size,
         "in_channels": shape(in_key)[1],
         "out_channels": shape(U + "out.2.weight")[0],
         "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
@@ -104,8 +103,8 @@ def infer_vae(keys: Collection[str], shape: Callable[[str], tuple[int, ...]], fa
         "layers_per_block": layers,
         "latent_channels": shape(V + "encoder.conv_out.weight")[0] // 2,
         "norm_num_groups": _groups(channels),
-        "sample_size": SAMPLE_SIZE[family] * 8,
-        "scaling_factor": VAE_SCALING[family],
+        "sample_size": get_family(family).native_resolution,
+        "scaling_factor": get_family(family).latent.scaling_factor,
     }
 
 
@@ -128,7 +127,7 @@ def infer_text_encoder(
         vocab = shape(base + "embeddings.token_embedding.weight")[0]
         positions = shape(base + "embeddings.position_embedding.weight")[0]
         projection = width
-    with_projection = openclip and family in ("sdxl", "sdxl-refiner")
+    with_projection = openclip and family in ("sdxl", "sdxl-refiner")  # SGM's OpenCLIP-G has a text projection
     return {
         "_class_name": "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel",
         "vocab_size": vocab,

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, SdcoreError
 from .bundle import ModelBundle
+from .family import get_family
 
 
 @dataclass
@@ -49,30 +50,53 @@ def _bytes_per_weight(header: dict[str, Any]) -> float:
 
 
 def _tiny_layout(spec: str) -> ModelLayout:
+    from .family import family_adapter, get_family
+    from .load import tiny_family
+    from .sd_unet import SdUnetAdapter
     from .tiny import tiny_text_encoder_config, tiny_unet_config, tiny_vae_config
 
-    family = spec.split(":", 1)[1] if ":" in spec else spec
+    name = spec.split(":", 1)[1] if ":" in spec else spec
     try:
-        unet = tiny_unet_config(family)
-    except ValueError as exc:
+        name, variant = tiny_family(name)  # tiny:flux-schnell -> flux, variant schnell
+        family = get_family(name)
+        adapter = family_adapter(family)
+        if not isinstance(adapter, SdUnetAdapter):  # another family's tiny model: build it (it is tiny)
+            layout = layout_of_bundle(adapter.create_tiny(**variant))
+            layout.source, layout.source_format = spec, "tiny"
+            return layout
+        unet = tiny_unet_config(name)
+    except (ValueError, SdcoreError) as exc:
         raise ModelFormatError(f"{spec}: {exc}") from None
     encoders = []
-    for index in range(2 if family == "sdxl" else 1):
-        te = dict(tiny_text_encoder_config(family, index))
-        te["_class_name"] = "CLIPTextModelWithProjection" if (family == "sdxl" and index == 1) else "CLIPTextModel"
+    for index, encoder in enumerate(family.text_encoders):
+        te = dict(tiny_text_encoder_config(name, index))
+        te["_class_name"] = "CLIPTextModelWithProjection" if encoder.kind == "clip-g" else "CLIPTextModel"
         encoders.append(te)
-    configs = {"unet": unet, "vae": tiny_vae_config(family), "text_encoders": encoders, "scheduler": {}}
-    prediction = "v_prediction" if family == "sd2" else "epsilon"
-    return ModelLayout(spec, family, prediction, configs, "tiny")
+    configs = {"unet": unet, "vae": tiny_vae_config(name), "text_encoders": encoders, "scheduler": {}}
+    return ModelLayout(spec, name, family.default_prediction_type, configs, "tiny")
+
+
+class LayoutUnavailableError(SdcoreError):
+    """The model is readable but its family cannot describe it without loading (no plan then)."""
 
 
 def _single_file_layout(path: Path) -> ModelLayout:
-    from .detect import detect
+    from .detect import detect, detect_family
+    from .family import family_adapter
     from .load import single_file_configs
+    from .sd_unet import SdUnetAdapter
     from .source import CheckpointSource, read_safetensors_header
 
     source = CheckpointSource(path)
     try:
+        name = detect_family(source.keys, path)
+        adapter = family_adapter(name)
+        if not isinstance(adapter, SdUnetAdapter):  # another family: its adapter may know the layout
+            source.close()
+            read = getattr(adapter, "read_layout", None)
+            if read is None:
+                raise LayoutUnavailableError(f"{path}: the {name} family cannot tell its layout without loading")
+            return read(path)  # type: ignore[no-any-return]
         found = detect(
             source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
         )
@@ -84,24 +108,51 @@ def _single_file_layout(path: Path) -> ModelLayout:
 
 
 def _diffusers_layout(folder: Path, source: str, source_format: str) -> ModelLayout:
-    from .load import _folder_family, _read_json, configs_from_diffusers_folder
+    from .load import _folder_family, _other_family_folder, _read_json, configs_from_diffusers_folder
 
     index = _read_json(folder / "model_index.json")
-    configs = configs_from_diffusers_folder(folder)
-    family = _folder_family(folder, index, configs)
+    other = _other_family_folder(index)
+    if other is not None:
+        family, configs = other[0], _family_folder_configs(folder, index, other[0])
+    else:
+        configs = configs_from_diffusers_folder(folder)
+        family = _folder_family(folder, index, configs)
     sched = configs.get("scheduler") or {}
     prediction = "v_prediction" if sched.get("prediction_type") in ("v", "v_prediction") else "epsilon"
-    weights = [*(folder / "unet").glob("*.safetensors"), *(folder / "unet").glob("*.bin")]
+    denoiser = "unet" if other is None else get_family(family).denoiser
+    weights = [*(folder / denoiser).glob("*.safetensors"), *(folder / denoiser).glob("*.bin")]
     if not weights:
-        raise ModelFormatError(f"{folder}: diffusers folder without UNet weights (unet/*.safetensors)")
+        raise ModelFormatError(f"{folder}: diffusers folder without {denoiser} weights ({denoiser}/*.safetensors)")
     stored = 4.0
     first = sorted(weights)[0]
     if first.suffix == ".safetensors":
         from .source import read_safetensors_header
 
         stored = _bytes_per_weight(read_safetensors_header(first)[0])
-    unet_in = int(configs["unet"].get("in_channels", 4))
-    return ModelLayout(source, family, prediction, configs, source_format, stored, unet_in == 9)
+    inpainting = other is None and int(configs["unet"].get("in_channels", 4)) == 9
+    return ModelLayout(source, family, prediction, configs, source_format, stored, inpainting)
+
+
+def _family_folder_configs(folder: Path, index: dict[str, Any], family_name: str) -> dict[str, Any]:
+    """A declared family's component configs from its diffusers folder (denoiser, VAE, the text
+    encoders the family declares, scheduler), in the layout's shape."""
+    from .load import _read_json
+
+    family = get_family(family_name)
+    configs: dict[str, Any] = {
+        family.denoiser: _read_json(folder / family.denoiser / "config.json"),
+        "vae": _read_json(folder / "vae" / "config.json"),
+        "text_encoders": [],
+    }
+    for encoder in family.text_encoders:
+        entry = index.get(encoder.component)
+        if entry and entry[0] is not None:
+            te = _read_json(folder / encoder.component / "config.json")
+            te["_class_name"] = entry[1]
+            configs["text_encoders"].append(te)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    configs["scheduler"] = _read_json(scheduler) if scheduler.exists() else {}
+    return configs
 
 
 def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
@@ -140,19 +191,21 @@ def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
 
 
 def layout_of_bundle(bundle: ModelBundle) -> ModelLayout:
-    """The layout of an already loaded bundle (configs read from its modules)."""
+    """The layout of an already loaded bundle (configs read from its modules; the denoiser's under
+    its family's component name, ``unet`` or ``transformer``)."""
     encoders = []
     for te in bundle.text_encoders:
         config = te.config.to_dict()
         config["_class_name"] = type(te).__name__
         encoders.append(config)
+    denoiser = bundle.denoiser
     configs = {
-        "unet": dict(bundle.unet.config),
+        bundle.family_spec.denoiser: {**dict(denoiser.config), "_class_name": type(denoiser).__name__},
         "vae": dict(bundle.vae.config),
         "text_encoders": encoders,
         "scheduler": {},
     }
-    sizes = [p.element_size() for p in bundle.unet.parameters()]
+    sizes = [p.element_size() for p in denoiser.parameters()]
     stored = sum(sizes) / max(len(sizes), 1)
     return ModelLayout(
         bundle.source or "<bundle>",
@@ -169,18 +222,25 @@ def meta_bundle(layout: ModelLayout, tokenizers: list[Any] | None = None) -> Mod
     """A bundle of ``layout`` with every parameter on the meta device (no weight memory).
 
     ``tokenizers`` (e.g. those of an already loaded bundle) saves building the bundled CLIP ones."""
+    from .family import get_family
     from .load import _noise_scheduler, _tokenizers, build_empty_modules
 
-    unet, vae, encoders = build_empty_modules(layout.configs)
-    for module in [unet, vae, *encoders]:
+    family = get_family(layout.family)
+    denoiser, vae, encoders = build_empty_modules(layout.configs)
+    for module in [denoiser, vae, *encoders]:
         module.requires_grad_(True)
+    if tokenizers is None:
+        unet_family = family.denoiser == "unet"
+        tokenizers = _tokenizers(layout.family, None, None) if unet_family else [None] * len(encoders)
+    transformer = family.denoiser == "transformer"
     return ModelBundle(
         family=layout.family,
         prediction_type=layout.prediction_type,
-        unet=unet,
+        unet=None if transformer else denoiser,
+        transformer=denoiser if transformer else None,
         vae=vae,
         text_encoders=encoders,
-        tokenizers=tokenizers if tokenizers is not None else _tokenizers(layout.family, None, None),
+        tokenizers=tokenizers,
         noise_scheduler=_noise_scheduler(layout.configs.get("scheduler") or {}, layout.prediction_type),
         source=layout.source,
         source_format="meta",

@@ -23,10 +23,13 @@ from typing import Any
 
 from ..dtypes import resolve_dtype as resolve_dtype  # the one dtype table (re-exported)
 from ..errors import ModelFormatError, SdcoreError
-from .bundle import FAMILIES, ModelBundle
-from .detect import CONFIG_METADATA_KEY, TEXT_ENCODER_PREFIXES, Detection, detect
+from .bundle import ModelBundle
+from .detect import CONFIG_METADATA_KEY, TEXT_ENCODER_PREFIXES, Detection, detect, detect_family
 
 # ----------------------------------------------------------------------------------------------- configs
+
+#: text-encoder classes a layout may name (built on the meta device from their configs)
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 
 
 def bundled_config(family: str, prediction_type: str = "epsilon") -> dict[str, Any]:
@@ -90,7 +93,13 @@ def _no_init_contexts() -> list[Any]:
 
 
 def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
-    """UNet, VAE and text encoders with parameters on the meta device (buffers real)."""
+    """Denoiser, VAE and text encoders with parameters on the meta device (buffers real).
+
+    The denoiser is ``configs["unet"]`` (a ``UNet2DConditionModel``) or ``configs["transformer"]``
+    (the diffusers class its ``_class_name`` names, e.g. ``SD3Transformer2DModel``); text encoders
+    are the transformers classes their ``_class_name`` names (CLIP, CLIP with projection, T5).
+    """
+    import diffusers
     import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -99,16 +108,24 @@ def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
         stack.enter_context(init_empty_weights(include_buffers=False))
         for skip in _no_init_contexts():  # random init of meta tensors is wasted work (~0.2 s)
             stack.enter_context(skip)
-        unet = UNet2DConditionModel.from_config(_clean(configs["unet"]))
+        if "unet" in configs or "transformer" not in configs:
+            denoiser = UNet2DConditionModel.from_config(_clean(configs["unet"]))
+        else:
+            cls_name = configs["transformer"].get("_class_name", "")
+            cls = getattr(diffusers, cls_name, None) if cls_name.endswith("Transformer2DModel") else None
+            if cls is None:
+                raise ModelFormatError(f"unsupported transformer class {cls_name!r}")
+            denoiser = cls.from_config(_clean(configs["transformer"]))
         vae = AutoencoderKL.from_config(_clean(configs["vae"]))
         encoders = []
         for te in configs["text_encoders"]:
             cls_name = te.get("_class_name") or (te.get("architectures") or ["CLIPTextModel"])[0]
-            if cls_name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            if cls_name not in TEXT_ENCODER_CLASSES:
                 raise ModelFormatError(f"unsupported text encoder class {cls_name!r}")
             fields = {k: v for k, v in te.items() if k not in ("_class_name", "architectures", "model_type")}
-            encoders.append(getattr(transformers, cls_name)(transformers.CLIPTextConfig(**fields)))
-    return unet, vae, encoders
+            model_cls = getattr(transformers, cls_name)
+            encoders.append(model_cls(model_cls.config_class(**fields)))
+    return denoiser, vae, encoders
 
 
 def _assign(module: Any, tensors: dict[str, Any], name: str, path: Path, dtype: Any) -> None:
@@ -186,10 +203,11 @@ def _modules_from_source(source: Any, family: str, configs: dict[str, Any], dtyp
 
 
 def _tokenizers(family: str, tokenizer: Any, folder: Path | None) -> list[Any]:
+    from .family import get_family
     from .tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer, load_clip_tokenizer
 
     slots = TEXT_ENCODER_PREFIXES[family]
-    names = ["tokenizer_2"] if family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
+    names = [te.tokenizer_component for te in get_family(family).text_encoders]
     user = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer] * len(slots)
     out = []
     for index, (_prefix, openclip) in enumerate(slots):
@@ -265,21 +283,41 @@ def read_single_file(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    **family_options: Any,
 ) -> ModelBundle:
-    """Read a single-file ldm/SGM checkpoint (``.safetensors``, ``.ckpt``, ``.pt``)."""
+    """Read a single-file checkpoint (``.safetensors``, ``.ckpt``, ``.pt``) of any family.
+
+    The family comes from the keys (each family's adapter's ``detect_single_file``); the UNet
+    families' ldm/SGM layouts are read here, other families' files by their adapter's
+    ``load_single_file`` (with the same options, plus ``family_options``: the family's parts in separate
+    files or folders, kohya's names, e.g. ``clip_l``/``clip_g``/``t5xxl``/``vae`` for SD3, ``clip_l``/``t5xxl``/
+    ``ae`` for Flux, and ``t5_tokenizer``, as kohya/ComfyUI users keep them).
+    """
     import torch
 
+    from .family import family_adapter
+    from .sd_unet import SdUnetAdapter
     from .source import CheckpointSource
 
     file = Path(path)
     source = CheckpointSource(file, use_ema=use_ema)
     try:
+        found_family = detect_family(source.keys, file)
+        if family is not None and family != found_family:
+            raise ModelFormatError(f"{file}: is a {found_family} checkpoint, not {family}")
+        adapter = family_adapter(found_family)
+        if not isinstance(adapter, SdUnetAdapter):
+            source.close()
+            return adapter.load_single_file(
+                file, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
+                config=config, use_ema=use_ema, **family_options,
+            )  # fmt: skip
+        if family_options:
+            raise SdcoreError(f"{file}: option(s) {', '.join(sorted(family_options))} do not apply to {found_family}")
         found: Detection = detect(
             source.keys, source.shape, source.metadata, path=file, markers=source.markers,
             extras=source.extras, prediction_type=prediction_type,
         )  # fmt: skip
-        if family is not None and family != found.family:
-            raise ModelFormatError(f"{file}: is a {found.family} checkpoint, not {family}")
         configs = single_file_configs(source, found, config)
         target = None if dtype == "auto" else (resolve_dtype(dtype) or torch.float32)
         unet, vae, encoders = _modules_from_source(source, found.family, configs, target)
@@ -306,6 +344,24 @@ def read_single_file(
     finally:
         source.close()
     return _finish(bundle, device)
+
+
+def _other_family_folder(index: dict[str, Any]) -> tuple[str, Any] | None:
+    """A non-UNet family whose adapter claims this ``model_index.json`` (optional adapter methods
+    ``detect_diffusers(index) -> bool`` and ``load_diffusers(folder, **options)``)."""
+    from .family import families, family_adapter
+
+    for family in families():
+        if family.denoiser == "unet":
+            continue
+        try:
+            adapter = family_adapter(family)
+        except SdcoreError:
+            continue
+        detect_folder = getattr(adapter, "detect_diffusers", None)
+        if detect_folder is not None and detect_folder(index):
+            return family.name, adapter
+    return None
 
 
 def _folder_family(folder: Path, index: dict[str, Any], configs: dict[str, Any]) -> str:
@@ -350,14 +406,28 @@ def read_diffusers(
     tokenizer: Any = None,
     config: Any = None,
     use_ema: bool = False,
+    **family_options: Any,
 ) -> ModelBundle:
     """Read a diffusers folder with the components' ``from_pretrained`` (local files only)."""
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from .family import get_family
+
     folder = Path(path)
     index = _read_json(folder / "model_index.json")
+    other = _other_family_folder(index)
+    if other is not None:  # a family whose adapter reads its own diffusers folders
+        name, adapter = other
+        if family is not None and family != name:
+            raise ModelFormatError(f"{folder}: is a {name} model, not {family}")
+        return adapter.load_diffusers(  # type: ignore[no-any-return]
+            folder, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
+            config=config, use_ema=use_ema, **family_options,
+        )  # fmt: skip
+    if family_options:
+        raise SdcoreError(f"{folder}: option(s) {', '.join(sorted(family_options))} do not apply to this model")
     configs = configs_from_diffusers_folder(folder)
     found = _folder_family(folder, index, configs)
     if family is not None and family != found:
@@ -375,8 +445,7 @@ def read_diffusers(
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs("unet"))
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs("vae"))
         encoders = []
-        names = ["text_encoder_2"] if found == "sdxl-refiner" else ["text_encoder", "text_encoder_2"]
-        for name in names[: len(TEXT_ENCODER_PREFIXES[found])]:
+        for name in [te.component for te in get_family(found).text_encoders]:
             cls = getattr(transformers, index[name][1])
             encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)))
     except (OSError, ValueError, KeyError) as exc:
@@ -402,15 +471,33 @@ def read_diffusers(
     return _finish(bundle, device)
 
 
+def tiny_family(name: str) -> tuple[str, dict[str, Any]]:
+    """``flux`` -> (``flux``, {}); ``flux-schnell`` -> (``flux``, {"variant": "schnell"}) when
+    ``flux-schnell`` is no family of its own (``sdxl-refiner`` is one): names of tiny models."""
+    from .family import family_names
+
+    known = family_names()
+    if name in known or "-" not in name:
+        return name, {}
+    base, _, variant = name.rpartition("-")
+    return (base, {"variant": variant}) if base in known else (name, {})
+
+
 def read_tiny(
     spec: str, *, prediction_type: str | None = None, dtype: Any = None, device: Any = None, **_: Any
 ) -> ModelBundle:
-    from .tiny import create_tiny_bundle
+    from .family import family_adapter
 
     family = spec.split(":", 1)[1] if ":" in spec else spec
+    family, _sep, variant = family.partition(":")  # tiny:<family>[:<variant>], e.g. tiny:sd3:sd3.5-medium
     try:
-        bundle = create_tiny_bundle(family, prediction_type=prediction_type)
-    except ValueError as exc:
+        name, options = tiny_family(family)  # tiny:flux-schnell names the variant too
+        if variant:
+            options["variant"] = variant
+        if prediction_type is not None:
+            options["prediction_type"] = prediction_type
+        bundle = family_adapter(name).create_tiny(**options)
+    except (ValueError, SdcoreError) as exc:
         raise SdcoreError(f"{spec}: {exc}") from None
     if dtype is not None:
         bundle.to(dtype=resolve_dtype(dtype))
@@ -528,6 +615,7 @@ def load_model(
     config: Any = None,
     use_ema: bool = False,
     pm: Any = None,
+    **family_options: Any,
 ) -> ModelBundle:
     """Load a Stable Diffusion model from a folder, a single file, ``tiny:<family>``, ``toyworld:`` or a cached Hub id.
 
@@ -539,13 +627,18 @@ def load_model(
     ``device`` apply to every module (``"auto"`` keeps a single file's stored dtypes); ``tokenizer`` is a tokenizer folder (or a list, one per text
     encoder) that wins over the model's own and the bundled one; ``config`` is a diffusers folder
     (or a dict in the ``sdcore.config`` shape) giving the layout of a non-standard single file;
-    ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint.
+    ``use_ema`` reads the ``model_ema.*`` UNet weights of a training checkpoint. ``family_options`` go to
+    a transformer family's reader: its parts in separate files or folders (kohya's names; SD3 ``clip_l=``,
+    ``clip_g=``, ``t5xxl=``, ``vae=``, see :mod:`sdcore.models.sd3.load`; Flux ``clip_l=``, ``t5xxl=``, ``ae=``,
+    see :mod:`sdcore.models.flux.load`) and ``t5_tokenizer=``.
     """
-    if family is not None and family not in FAMILIES:
-        raise SdcoreError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family is not None:
+        from .family import get_family
+
+        get_family(family)  # an unknown name is a ConfigError listing the known families
     text = os.fspath(path_or_hub_id)
     options = dict(family=family, prediction_type=prediction_type, dtype=dtype, device=device,
-                   tokenizer=tokenizer, config=config, use_ema=use_ema)  # fmt: skip
+                   tokenizer=tokenizer, config=config, use_ema=use_ema, **family_options)  # fmt: skip
     if pm is not None:
         bundle = _read_with_plugin_formats(pm, text, options)
         if bundle is not None:

@@ -15,6 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+#: the tiny models of the transformer families (no ``sample_size`` in their configs) train and
+#: generate at 64x64, as the tiny UNet models do
+TINY_TRANSFORMER_RESOLUTION = 64
+
 
 def native_resolution(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int | None:
     """Image side from the UNet and VAE configs, or ``None`` when they do not say."""
@@ -27,9 +31,19 @@ def native_resolution(unet_config: Mapping[str, Any], vae_config: Mapping[str, A
     return int(sample) * 2 ** (len(blocks) - 1)
 
 
+def _as_mapping(config: Any) -> Mapping[str, Any]:
+    """A diffusers ``FrozenDict`` config, or any object with the config values as attributes."""
+    return config if isinstance(config, Mapping) else vars(config)
+
+
 def bundle_native_resolution(bundle: Any) -> int | None:
-    """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`."""
-    return native_resolution(dict(bundle.unet.config), dict(bundle.vae.config))
+    """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`: from its denoiser's
+    ``sample_size`` when it has one (a transformer may not), else its family's declared size."""
+    vae = _as_mapping(bundle.vae.config) if bundle.vae is not None else {}  # a transformer-only Flux file
+    found = native_resolution(_as_mapping(bundle.denoiser.config), vae)
+    if found is None and bundle.source_format == "tiny":
+        return TINY_TRANSFORMER_RESOLUTION
+    return found if found is not None else bundle.family_spec.native_resolution
 
 
 def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
@@ -40,6 +54,8 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
             from .tiny import tiny_unet_config, tiny_vae_config
 
             family = text.split(":", 1)[1] or "sd1"
+            if family not in ("sd1", "sd2", "sdxl"):  # tiny transformer families (tiny:flux, ...)
+                return TINY_TRANSFORMER_RESOLUTION
             return native_resolution(tiny_unet_config(family), tiny_vae_config(family))
         path = Path(text).expanduser()
         if text.startswith("toyworld:"):
@@ -47,7 +63,8 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
 
             path = toyworld_model_dir()
         if (path / "model_index.json").is_file():
-            unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+            denoiser = "unet" if (path / "unet").is_dir() else "transformer"  # SD3's transformer has sample_size
+            unet = json.loads((path / denoiser / "config.json").read_text(encoding="utf-8"))
             vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
             return native_resolution(unet, vae)
         if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
@@ -64,7 +81,7 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
 
 
 def _single_file(path: Path) -> int | None:
-    from .detect import CONFIG_METADATA_KEY, detect
+    from .detect import CONFIG_METADATA_KEY, detect, detect_family
     from .load import bundled_config
     from .source import CheckpointSource
 
@@ -72,7 +89,16 @@ def _single_file(path: Path) -> int | None:
     try:
         if CONFIG_METADATA_KEY in source.metadata:
             stored = json.loads(source.metadata[CONFIG_METADATA_KEY])
-            return native_resolution(stored.get("unet") or {}, stored.get("vae") or {})
+            if "transformer" not in stored:
+                return native_resolution(stored.get("unet") or {}, stored.get("vae") or {})
+            found_size = native_resolution(stored["transformer"], stored.get("vae") or {})  # SD3 has sample_size
+            if found_size is not None:
+                return found_size
+        from .family import get_family
+
+        family = get_family(detect_family(source.keys, path))
+        if family.denoiser != "unet":  # no ldm configs to read: the family's declared size
+            return family.native_resolution
         found = detect(
             source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
         )

@@ -165,16 +165,47 @@ def _fill_data_hash(path: Path) -> None:
         handle.write(digest.encode())
 
 
+def tokenizer_class(tokenizer: Any) -> str:
+    """The tokenizer class name diffusers' loader resolves (transformers 5 merged the slow and fast classes)."""
+    name = type(tokenizer).__name__
+    return {"T5Tokenizer": "T5TokenizerFast", "CLIPTokenizerFast": "CLIPTokenizer"}.get(name, name)
+
+
+def _family_model_index(bundle: ModelBundle, index: dict[str, Any]) -> dict[str, Any]:
+    """``model_index.json`` of a non-UNet family, from its declaration: the denoiser, the VAE and one
+    text encoder/tokenizer entry per ``TextEncoderSpec`` (``[None, None]`` for a part the bundle lacks,
+    e.g. a transformer-only Flux file); the pipeline class is the adapter's ``diffusers_pipeline``."""
+    from .family import family_adapter
+
+    spec = bundle.family_spec
+    pipeline = getattr(family_adapter(spec), "diffusers_pipeline", None)
+    if pipeline is None:
+        raise SdcoreError(f"family {spec.name!r}: its adapter names no diffusers pipeline (diffusers_pipeline)")
+    none: list[str | None] = [None, None]
+    index.update(_class_name=pipeline, image_encoder=none, feature_extractor=none)
+    index[spec.denoiser] = ["diffusers", type(bundle.denoiser).__name__]
+    index["vae"] = ["diffusers", type(bundle.vae).__name__] if bundle.vae is not None else none
+    index["scheduler"] = ["diffusers", type(bundle.noise_scheduler).__name__]
+    for i, encoder in enumerate(spec.text_encoders):
+        module = bundle.text_encoders[i] if i < len(bundle.text_encoders) else None
+        tokenizer = bundle.tokenizers[i] if i < len(bundle.tokenizers) else None
+        index[encoder.component] = ["transformers", type(module).__name__] if module is not None else none
+        index[encoder.tokenizer_component] = ["transformers", tokenizer_class(tokenizer)] if tokenizer else none
+    return index
+
+
 def _model_index(bundle: ModelBundle) -> dict[str, Any]:
     import diffusers
 
     index: dict[str, Any] = {"_diffusers_version": diffusers.__version__}
-    none = [None, None]
+    if bundle.family_spec.denoiser != "unet":
+        return _family_model_index(bundle, index)
+    none: list[str | None] = [None, None]
     unet = ["diffusers", "UNet2DConditionModel"]
     vae = ["diffusers", "AutoencoderKL"]
     scheduler = ["diffusers", type(bundle.noise_scheduler).__name__]
     tok = ["transformers", "CLIPTokenizer"]
-    te = [["transformers", type(m).__name__] for m in bundle.text_encoders]
+    te: list[list[str | None]] = [["transformers", type(m).__name__] for m in bundle.text_encoders]
     if bundle.family in ("sd1", "sd2"):
         cls = "StableDiffusionInpaintPipeline" if bundle.inpainting else "StableDiffusionPipeline"
         index.update(_class_name=cls, unet=unet, vae=vae, scheduler=scheduler, text_encoder=te[0], tokenizer=tok,
@@ -250,11 +281,12 @@ def write_diffusers(
             first = next(iter(module.parameters()))
             out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module
             out.save_pretrained(tmp / name, safe_serialization=True)
-            if name.startswith("text_encoder"):
+            if name.startswith("text_encoder") and type(module).__name__.startswith("CLIP"):  # not T5
                 prefix_text_model_keys(tmp / name)
-        token_names = ["tokenizer_2"] if bundle.family == "sdxl-refiner" else ["tokenizer", "tokenizer_2"]
+        token_names = [te.tokenizer_component for te in bundle.family_spec.text_encoders]
         for name, tokenizer in zip(token_names, bundle.tokenizers, strict=False):
-            tokenizer.save_pretrained(str(tmp / name))
+            if tokenizer is not None:  # a Flux T5 with no tokenizer found (model info of a real file)
+                tokenizer.save_pretrained(str(tmp / name))
         bundle.noise_scheduler.save_pretrained(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(_model_index(bundle), indent=2), encoding="utf-8")
         if metadata:
@@ -285,10 +317,23 @@ def save_bundle(
     prune: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Save ``bundle``; ``format`` is ``single-file`` or ``diffusers`` (default: from the path's suffix)."""
+    """Save ``bundle``; ``format`` is ``single-file`` or ``diffusers`` (default: from the path's suffix).
+
+    The UNet families are written here; another family's bundle by its adapter's optional
+    ``save(bundle, path, format=..., dtype=..., prune=..., metadata=...)``.
+    """
+    from .family import family_adapter
+    from .sd_unet import SdUnetAdapter
+
     target = Path(path)
     if format is None:
         format = "single-file" if target.suffix.lower() in (".safetensors", ".sft") else "diffusers"
+    adapter = family_adapter(bundle.family)
+    if not isinstance(adapter, SdUnetAdapter):
+        save = getattr(adapter, "save", None)
+        if save is None:
+            raise SdcoreError(f"saving {bundle.family} models is not supported")
+        return save(bundle, target, format=format, dtype=dtype, prune=prune, metadata=metadata)  # type: ignore[no-any-return]
     if format == "single-file":
         return write_single_file(bundle, target, dtype=dtype, prune=prune, metadata=metadata)
     if format == "diffusers":

@@ -165,4 +165,4 @@ def pad_conditioning(conditioning: Conditioning, chunks: int, empty_chunk: torch
     if have >= chunks:
         return conditioning
     extra = empty_chunk.to(hidden).unsqueeze(0).expand(hidden.shape[0], -1, -1).repeat(1, chunks - have, 1)
-    return Conditioning(torch.cat([hidden, extra], dim=-2), conditioning.pooled)
+    return Conditioning(torch.cat([hidden, extra], dim=-2), conditioning.pooled, conditioning.extra)

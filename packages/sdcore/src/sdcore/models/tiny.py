@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from .bundle import ModelBundle
+from .family import get_family
+
+#: text-encoder kinds of the OpenCLIP family (gelu, "!" padding), as opposed to OpenAI's CLIP-L
+OPENCLIP_KINDS = ("openclip-h", "clip-g")
 
 TINY_TEXT_WIDTH = {"sd1": 32, "sd2": 32, "sdxl": (32, 64)}
 
@@ -69,14 +73,15 @@ def tiny_vae_config(family: str) -> dict[str, Any]:
         "latent_channels": 4,
         "norm_num_groups": 8,
         "sample_size": 64,
-        "scaling_factor": 0.13025 if family == "sdxl" else 0.18215,
+        "scaling_factor": get_family(family).latent.scaling_factor,
     }
 
 
 def tiny_text_encoder_config(family: str, index: int = 0) -> dict[str, Any]:
     """A CLIP text config: quick_gelu for OpenAI CLIP-L (SD1, SDXL's first), gelu for OpenCLIP."""
-    openclip = family == "sd2" or (family == "sdxl" and index == 1)
-    width = 64 if (family == "sdxl" and index == 1) else 32
+    kind = get_family(family).text_encoders[index].kind
+    openclip = kind in OPENCLIP_KINDS
+    width = 64 if kind == "clip-g" else 32
     return {
         "vocab_size": 49408,
         "hidden_size": width,
@@ -115,7 +120,7 @@ def create_tiny_bundle(family: str = "sd1", *, seed: int = 0, prediction_type: s
 
     if family not in ("sd1", "sd2", "sdxl"):
         raise ValueError(f"unknown family {family!r}; choose sd1, sd2 or sdxl")
-    prediction = prediction_type or ("v_prediction" if family == "sd2" else "epsilon")
+    prediction = prediction_type or get_family(family).default_prediction_type
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -123,11 +128,10 @@ def create_tiny_bundle(family: str = "sd1", *, seed: int = 0, prediction_type: s
         vae = AutoencoderKL(**tiny_vae_config(family))
         encoders: list[Any] = []
         tokenizers: list[Any] = []
-        count = 2 if family == "sdxl" else 1
-        for index in range(count):
+        for index, spec in enumerate(get_family(family).text_encoders):
             config = CLIPTextConfig(**tiny_text_encoder_config(family, index))
-            openclip = family == "sd2" or index == 1
-            model_cls = CLIPTextModelWithProjection if (family == "sdxl" and index == 1) else CLIPTextModel
+            openclip = spec.kind in OPENCLIP_KINDS
+            model_cls = CLIPTextModelWithProjection if spec.kind == "clip-g" else CLIPTextModel
             encoders.append(model_cls(config))
             tokenizers.append(bundled_clip_tokenizer(pad_token=OPENCLIP_PAD_TOKEN if openclip else EOS_TOKEN))
     finally:

@@ -123,15 +123,16 @@ _TINY_CACHE: dict[tuple[str, int], Any] = {}
 
 @pytest.fixture
 def tiny_model() -> Callable[..., Any]:
-    """``tiny_model(family="sd1", seed=0)`` -> a fresh deep copy of a cached tiny ModelBundle."""
+    """``tiny_model(family="sd1", seed=0)`` -> a fresh deep copy of a cached tiny ModelBundle (any declared
+    family: ``sd3`` too)."""
     import copy
 
-    from ..models.tiny import create_tiny_bundle
+    from ..models.family import family_adapter
 
     def make(family: str = "sd1", seed: int = 0) -> Any:
         key = (family, seed)
         if key not in _TINY_CACHE:
-            _TINY_CACHE[key] = create_tiny_bundle(family, seed=seed)
+            _TINY_CACHE[key] = family_adapter(family).create_tiny(seed=seed)
         return copy.deepcopy(_TINY_CACHE[key])
 
     return make

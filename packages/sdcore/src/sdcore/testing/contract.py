@@ -160,24 +160,19 @@ def check_learning(
 def _reference_outputs(method: Any, bundle: Any, captions: list[str], seed: int = 7) -> Any:
     import torch
 
-    from ..models.text import sdxl_time_ids
+    from ..models.family import family_adapter
+    from ..train.method import Conditioning
 
     gen = torch.Generator().manual_seed(seed)
     size = 8
-    latents = torch.randn((len(captions), 4, size, size), generator=gen)
+    channels = bundle.family_spec.latent.channels
+    latents = torch.randn((len(captions), channels, size, size), generator=gen)
     timesteps = torch.tensor([250 + 100 * i for i in range(len(captions))])
     with torch.no_grad():
         cond = method.encode(bundle, captions)
-        kwargs: dict[str, Any] = {}
-        if bundle.is_sdxl:
-            sizes = [(64, 64)] * len(captions)
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": cond.pooled,
-                "time_ids": sdxl_time_ids(sizes, [(0, 0)] * len(captions), sizes),
-            }
-        unet = bundle.unet
-        dtype = next(unet.parameters()).dtype
-        out = unet(latents.to(dtype), timesteps, cond.hidden_states.to(dtype), return_dict=False, **kwargs)[0]
+        dtype = next(bundle.denoiser.parameters()).dtype
+        cond = Conditioning(cond.hidden_states.to(dtype), cond.pooled, cond.extra)
+        out = family_adapter(bundle.family).predict(bundle, latents.to(dtype), timesteps, cond)
     return out.float()
 
 

@@ -119,7 +119,7 @@ class BatchMaker:
             encoded = encode_pixels(bundle, torch.stack([p for _, p, _ in to_encode]), [s for _, _, s in to_encode])
             for (slot, _, _), latent in zip(to_encode, encoded, strict=True):
                 latents[slot] = latent
-        latent_batch = torch.stack(latents).to(self.device) * bundle.vae_scaling_factor
+        latent_batch = bundle.normalize_latents(torch.stack(latents).to(self.device))
         batch = Batch(
             latents=latent_batch,
             captions=captions,

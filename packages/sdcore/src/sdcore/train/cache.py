@@ -228,7 +228,6 @@ class TextCache:
         import torch
 
         from ..models.text import chunk_count
-        from .method import Conditioning
 
         dtype = self.dtype or torch.float32
         prompts = sorted({p for variants in self.variants for p in variants})
@@ -251,8 +250,7 @@ class TextCache:
                         continue
                     cond = cond.to("cpu", dtype)
                     for i, prompt in enumerate(part):
-                        pooled = None if cond.pooled is None else cond.pooled[i : i + 1].clone()
-                        self.encodings[prompt] = Conditioning(cond.hidden_states[i : i + 1].clone(), pooled)
+                        self.encodings[prompt] = cond.select(i)
 
     def choose(self, entry: int, ref_seed: int) -> str:
         variants = self.variants[entry]
@@ -260,17 +258,13 @@ class TextCache:
 
     def batch(self, prompts: list[str]) -> Conditioning:
         """Stack cached encodings, padding shorter prompts with empty chunks."""
-        import torch
 
         from ..models.text import pad_conditioning
         from .method import Conditioning
 
         conds = [self.encodings[p] for p in prompts]
         chunks = max(c.hidden_states.shape[-2] for c in conds) // self.empty_chunk.shape[0]
-        conds = [pad_conditioning(c, chunks, self.empty_chunk) for c in conds]
-        hidden = torch.cat([c.hidden_states for c in conds])
-        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])  # type: ignore[misc]
-        return Conditioning(hidden, pooled)
+        return Conditioning.cat([pad_conditioning(c, chunks, self.empty_chunk) for c in conds])
 
 
 def build_caches(

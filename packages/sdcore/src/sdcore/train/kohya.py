@@ -112,6 +112,30 @@ def _scheduler(value: Any) -> str:
     return SCHEDULERS[name]
 
 
+#: kohya's flow-matching samplings -> sdcore's (kohya "shift" is its sigmoid sampling followed by
+#: the --discrete_flow_shift time shift, which sdcore applies to every sampling)
+FLOW_SAMPLINGS = {"uniform": "uniform", "sigmoid": "sigmoid", "shift": "sigmoid", "logit_normal": "logit_normal",
+                  "mode": "mode"}  # fmt: skip
+#: kohya sd3 / diffusers --weighting_scheme values that are a timestep sampling without a loss weight
+WEIGHTING_SCHEMES = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "uniform", "none": "uniform"}
+
+
+def _flow_sampling(value: Any) -> str:
+    name = _text(value).lower()
+    if name not in FLOW_SAMPLINGS:
+        raise ValueError(f"available: {', '.join(FLOW_SAMPLINGS)} (kohya's sigma and flux_shift are not implemented)")
+    return FLOW_SAMPLINGS[name]
+
+
+def _weighting_scheme(value: Any) -> str:
+    name = _text(value).lower()
+    if name not in WEIGHTING_SCHEMES:
+        raise ValueError(
+            f"available: {', '.join(WEIGHTING_SCHEMES)} (sigma_sqrt and cosmap loss weights are not implemented)"
+        )
+    return WEIGHTING_SCHEMES[name]
+
+
 @dataclass(frozen=True)
 class Alias:
     """A kohya option that is one sdcore option."""
@@ -163,10 +187,17 @@ ALIASES: dict[str, Alias] = {
     "gradient_accumulation_steps": _a("gradient_accumulation"),
     "gradient_checkpointing": _a("gradient_checkpointing", flag=True),
     "mixed_precision": _a("mixed_precision", _precision),
+    "fp8_base": _a("fp8_base", flag=True),
+    "fp8_base_unet": _a("fp8_base", flag=True),  # sdcore's --fp8-base is the denoiser's weights only
+    "blocks_to_swap": _a("blocks_to_swap"),
     "seed": _a("seed"),
     "clip_skip": _a("clip_skip"),
     "noise_offset": _a("noise_offset"),
     "min_snr_gamma": _a("min_snr_gamma"),
+    # flow matching (flux_train_network.py, sd3_train_network.py)
+    "timestep_sampling": _a("timestep_sampling", _flow_sampling),
+    "weighting_scheme": _a("timestep_sampling", _weighting_scheme),
+    "training_shift": _a("discrete_flow_shift"),
     # saving, samples, logs
     "save_precision": _a("save_dtype", _precision),
     "save_every_n_steps": _a("save_every"),
@@ -342,8 +373,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "in_json",
             "full_fp16",
             "full_bf16",
-            "fp8_base",
-            "fp8_base_unet",
             "fused_backward_pass",
             "multires_noise_iterations",
             "adaptive_noise_scale",
@@ -392,8 +421,6 @@ _FLAG_UNSUPPORTED = {
     "dim_from_weights",
     "full_fp16",
     "full_bf16",
-    "fp8_base",
-    "fp8_base_unet",
     "fused_backward_pass",
     "noise_offset_random_strength",
     "ip_noise_gamma_random_strength",
@@ -412,7 +439,10 @@ NETWORK_ARGS = {
     "rank_dropout": "rank_dropout",
     "module_dropout": "module_dropout",
     "factor": "lokr_factor",
+    "train_t5xxl": "train_t5",  # lora_sd3 / lora_flux
 }
+#: kohya's plain-LoRA network modules (SD1/SD2/SDXL, FLUX.1, SD3): sdcore's --algo lora
+KOHYA_LORA_MODULES = ("networks.lora", "networks.lora_flux", "networks.lora_sd3")
 #: network_args keys without an effect at these values
 NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "decompose_both": ("false",),
@@ -423,6 +453,8 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "constrain": ("0", "0.0"),
     "use_tucker": ("false",),
     "use_cp": ("false",),
+    "split_qkv": ("true",),  # lora_flux: sdcore's q/k/v LoRAs are always split (saved fused)
+    "train_blocks": ("all",),  # lora_flux: all blocks is the default
     "dora_wd": ("false",),
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
@@ -698,9 +730,15 @@ def _network(
     if "rank" not in present:
         out.problems.append(f"{where}: network_module/network_args are LoRA options (sdcore train lora)")
         return
-    if module not in ("", "networks.lora", "lycoris.kohya"):
-        out.problems.append(f"{where}: network_module {module!r} is not available (networks.lora, lycoris.kohya)")
+    if module not in ("", "lycoris.kohya", *KOHYA_LORA_MODULES):
+        known = ", ".join((*KOHYA_LORA_MODULES, "lycoris.kohya"))
+        out.problems.append(f"{where}: network_module {module!r} is not available ({known})")
         return
+    if module in ("networks.lora_flux", "networks.lora_sd3"):
+        out.notes.append(
+            f"{module}: sdcore trains q, k, v (and Flux's MLP input) with their own LoRA each, as kohya's "
+            "split_qkv=True does, and saves them fused in kohya's names (rank x3/x4 in the file)"
+        )
     lycoris = module == "lycoris.kohya"
     algo = args.pop("algo", "").lower()
     if lycoris:

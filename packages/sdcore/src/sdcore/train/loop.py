@@ -117,6 +117,7 @@ class TrainSession:
         from .batches import BatchMaker
         from .cache import build_caches
         from .checkpoints import Checkpoints
+        from .memory_options import MemorySetup
         from .optim import create_optimizer, create_scheduler
         from .placement import Placement, TrainedModules, create_accelerator, enable_gradient_checkpointing, place_model
         from .preflight import preflight_for_run
@@ -157,7 +158,9 @@ class TrainSession:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ConfigError(f"method {method.name!r} returned no trainable parameters")
-        place_model(bundle, self.params, self.caps, self.device, o.mixed_precision)
+        memory = MemorySetup.before_placement(bundle, o)  # --fp8-base on the CPU, blocks to leave there
+        place_model(bundle, self.params, self.caps, self.device, o.mixed_precision, stay_on_cpu=memory.swapped)
+        memory.after_placement(bundle, self.device)  # --blocks-to-swap
         if o.gradient_checkpointing:
             enable_gradient_checkpointing(bundle, self.caps)
         self.latent_cache, self.text_cache = build_caches(

@@ -12,7 +12,7 @@ caches and method.
 - **Gradients**: fp32, one per trainable parameter.
 - **Optimizer**: bytes per trainable parameter (:data:`OPTIMIZER_STATE_BYTES`: AdamW keeps two fp32
   moments = 8 bytes, 8-bit AdamW two 8-bit moments plus block statistics ~ 2 bytes, ...).
-- **Activations**: what autograd keeps for the backward pass of the UNet, from its config. With
+- **Activations**: what autograd keeps for the backward pass of the denoiser, from its config. With
   ``S_l`` the latent area at level ``l`` (``(resolution / 8)^2 / 4^l``), every ResNet block
   counts ``(c_in + c_out) * S_l`` elements, every transformer block ``c * S_l`` and, for its
   cross-attention keys and values, ``c * T`` (``T`` = 77 text tokens):
@@ -37,6 +37,20 @@ caches and method.
   the measurement. The benchmark then checks the whole estimate against the measured peak
   (RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU).
 
+  A transformer denoiser (SD3, Flux: ``family.denoiser == "transformer"``) is counted per block
+  instead: with ``D`` its hidden width, ``N`` the image tokens (latent cells per patch, packing
+  included) and ``T`` the family's ``context_tokens``,
+  ``A = batch * bytes * blocks * D * (K_IMG * N + K_TXT * T)`` (:data:`TRANSFORMER_ACTIVATION_CONSTANTS`),
+  and with gradient checkpointing the blocks' inputs ``D (N + T)`` plus one block. Flux's
+  double-stream and single-stream blocks have their own constants per token, image and text alike
+  (:data:`FLUX_ACTIVATION_CONSTANTS`). Blocks swapped to the CPU (``--blocks-to-swap``) always run
+  checkpointed, so they count their inputs, plus one of them recomputed.
+
+- **Memory options**: ``--fp8-base`` counts the denoiser's frozen Linear/Conv2d weights at 1 byte
+  (:data:`sdcore.dtypes.FP8_STORAGE`), the rest of it at the compute dtype (a bf16 base: 2 bytes);
+  ``--blocks-to-swap N`` takes the last N blocks' weights off the device except the two largest
+  (copies in flight); on the CPU those copies add to the weights instead.
+
 - **Runtime** (CPU only): host memory of the accelerator, data index and allocator slack plus one
   CLIP tokenizer per text encoder (:data:`CPU_RUNTIME_BYTES`, :data:`CPU_TOKENIZER_BYTES`). On a
   GPU the estimate is of ``torch.cuda.max_memory_allocated``, which counts tensors only.
@@ -50,7 +64,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import element_bytes
+from ..dtypes import FP8_STORAGE, element_bytes
+from ..models.family import get_family
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
@@ -78,6 +93,30 @@ ACTIVATION_CONSTANTS: dict[str, tuple[float, float, float, float]] = {
     "full": (3.80, 29.9, 2.27, 20.0),
 }
 
+#: (K_IMG, K_TXT) of a transformer denoiser (MMDiT/DiT: SD3, Flux), per block and per hidden unit,
+#: for an image token and a text token: ``A = batch * bytes * blocks * D * (K_IMG * N + K_TXT * T)``.
+#: Fitted to the bytes autograd saves (saved_tensors_hooks, unique non-parameter storages) for two
+#: SD3Transformer2DModel sizes (D 128 x 2 blocks, D 256 x 3 blocks) at 128 and 256 px, with a peft
+#: LoRA on every attention/MLP output projection ("adapter") and all weights trained ("full"),
+#: 2026-11-30 (within 5 % of those points). The patch embedding and output layers are folded into
+#: the per-block constants, so deep real models are slightly over-estimated; Flux's single-stream
+#: blocks are counted as joint blocks (not measured separately).
+TRANSFORMER_ACTIVATION_CONSTANTS: dict[str, tuple[float, float]] = {
+    "adapter": (17.8, 12.5),
+    "full": (22.6, 16.1),
+}
+
+#: (K_DOUBLE, K_SINGLE) of Flux's double-stream and single-stream blocks, per block, hidden unit and
+#: token (image and text alike): ``A = batch * bytes * D * (N + T) * (K_DOUBLE * double + K_SINGLE *
+#: single)``. Measured as bytes autograd saves per block (saved_tensors_hooks, unique non-parameter
+#: storages) on two FluxTransformer2DModel sizes (D 128 with 2+4 blocks at 256 px, D 384 with 4+8
+#: blocks at 512 px): "adapter" with a LoRA on every block Linear (kohya's Flux default), "full" with
+#: every weight trained; the two sizes agree within 1 % (2026-11-30, ``benchmarks/RESULTS.md``).
+FLUX_ACTIVATION_CONSTANTS: dict[str, tuple[float, float]] = {
+    "adapter": (22.1, 19.2),
+    "full": (24.3, 21.1),
+}
+
 #: what the libraries take once imported (torch, diffusers, transformers, accelerate): added when
 #: checking the estimate against free memory, not part of the printed estimate
 RUNTIME_OVERHEAD = {"cpu": 700 * MIB, "cuda": 300 * MIB}
@@ -99,6 +138,10 @@ class ParameterPlan:
     added: int  # trainable parameters that are not part of the model (LoRA, TI vectors, HN)
     trainable_in: frozenset[str] = frozenset()  # components with trainable weights of their own
     result: int = 0  # parameters in the saved result
+    #: frozen Linear/Conv2d weight elements of the denoiser (what ``--fp8-base`` stores in 1 byte)
+    denoiser_fp8: int = 0
+    #: per swappable transformer block, forward order: (frozen elements, of which fp8-convertible)
+    blocks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -151,7 +194,14 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
             else:
                 added += p.numel()
     result = sum(components.values()) + added if whole_model_result else trainable
-    return ParameterPlan(components, trainable, added, frozenset(trainable_in), result)
+    from .block_swap import block_sizes
+    from .fp8 import weight_elements
+
+    denoiser = bundle.denoiser
+    layers = [m for m in denoiser.modules() if type(m).__name__ in ("Linear", "Conv2d") and id(m.weight) not in seen]
+    fp8 = sum(weight_elements(m) for m in layers)
+    blocks = tuple(block_sizes(denoiser, trainable=seen))
+    return ParameterPlan(components, trainable, added, frozenset(trainable_in), result, fp8, blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,7 +289,7 @@ def activation_bytes(
     text_encoder_trains: bool = False,
 ) -> int:
     """Bytes autograd keeps for one micro-batch through the UNet (and a training text encoder)."""
-    k_res, k_tf, k_ctx, k_te = ACTIVATION_CONSTANTS[mode]
+    k_res, k_tf, k_ctx, _k_te = ACTIVATION_CONSTANTS[mode]
     side = resolution / vae_scale
     blocks = unet_blocks(unet_config, side * side)
     if gradient_checkpointing:
@@ -248,17 +298,89 @@ def activation_bytes(
         units = sum(b.units(k_res, k_tf, k_ctx) for b in blocks)
     total = units
     if text_encoder_trains:
-        for te in text_encoders or []:
-            tokens = int(te.get("max_position_embeddings", 77))
-            width = int(te.get("hidden_size", 768))
-            layers = int(te.get("num_hidden_layers", 12))
-            te_units = k_te * tokens * width * layers
-            total += te_units / layers * 2 if gradient_checkpointing else te_units
+        total += text_encoder_units(text_encoders or [], mode=mode, gradient_checkpointing=gradient_checkpointing)
     return math.ceil(batch * bytes_per_element * total)
+
+
+def text_encoder_units(
+    text_encoders: list[dict[str, Any]], *, mode: str = "adapter", gradient_checkpointing: bool = False
+) -> float:
+    """Activation elements of training text encoders (``K_TE * tokens * width * layers`` each; CLIP
+    and T5 configs name their sizes differently)."""
+    k_te = ACTIVATION_CONSTANTS[mode][3]
+    total = 0.0
+    for te in text_encoders:
+        tokens = int(te.get("max_position_embeddings", te.get("n_positions", 77)) or 77)
+        width = int(te.get("hidden_size", te.get("d_model", 768)))
+        layers = int(te.get("num_hidden_layers", te.get("num_layers", 12)))
+        te_units = k_te * tokens * width * layers
+        total += te_units / layers * 2 if gradient_checkpointing else te_units
+    return total
+
+
+def transformer_tokens(config: dict[str, Any], latent_area: float, latent_channels: int) -> float:
+    """Image tokens a diffusers transformer sees for ``latent_area`` latent cells: patches of
+    ``patch_size`` squared, times packing (Flux packs 2x2 latent cells into its 64 input channels)."""
+    patch = int(config.get("patch_size", 1) or 1)
+    packing = latent_channels / int(config.get("in_channels", latent_channels) or latent_channels)
+    return latent_area * packing / (patch * patch)
+
+
+def transformer_activation_bytes(
+    config: dict[str, Any],
+    *,
+    batch: int,
+    resolution: int,
+    latent_channels: int,
+    context_tokens: int,
+    vae_scale: int = 8,
+    bytes_per_element: int = 4,
+    gradient_checkpointing: bool = False,
+    mode: str = "adapter",
+    recomputed_blocks: int = 0,
+) -> int:
+    """Bytes autograd keeps for one micro-batch through a transformer denoiser (SD3's joint blocks,
+    Flux's double and single blocks; :data:`TRANSFORMER_ACTIVATION_CONSTANTS`).
+
+    ``recomputed_blocks`` (``--blocks-to-swap``) blocks always run checkpointed: they keep only
+    their inputs, and one of them is recomputed at a time in backward."""
+    k_img, k_txt = TRANSFORMER_ACTIVATION_CONSTANTS[mode]
+    width = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 64))
+    side = resolution / vae_scale
+    n = transformer_tokens(config, side * side, latent_channels)
+    inputs = width * (n + context_tokens)
+    if "num_single_layers" in config:  # Flux: double-stream then single-stream blocks, measured apart
+        k_double, k_single = FLUX_ACTIVATION_CONSTANTS[mode]
+        per = [k_double * inputs] * int(config.get("num_layers", 1))
+        per += [k_single * inputs] * int(config.get("num_single_layers") or 0)
+    else:
+        per = [width * (k_img * n + k_txt * context_tokens)] * int(config.get("num_layers", 1))
+    if gradient_checkpointing:  # block inputs kept, one block recomputed at a time
+        units = len(per) * inputs + max(per)
+    else:  # the last ``recomputed`` blocks (the swapped ones) keep their inputs, one recomputed at a time
+        recomputed = min(max(recomputed_blocks, 0), len(per))
+        kept = per[: len(per) - recomputed]
+        units = sum(kept) + (recomputed * inputs + max(per[len(kept) :]) if recomputed else 0)
+    return math.ceil(batch * bytes_per_element * units)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the estimate
+
+
+def swapped_block_bytes(params: ParameterPlan, options: TrainOptions, frozen_bytes: int) -> tuple[int, int] | None:
+    """``--blocks-to-swap``: (bytes of the swapped blocks' weights, bytes of the two largest of them,
+    the copies in flight on the device), at the stored dtypes (fp8 under ``--fp8-base``)."""
+    count = getattr(options, "blocks_to_swap", 0)
+    if count <= 0 or not params.blocks:
+        return None
+    fp8 = getattr(options, "fp8_base", False)
+    one = element_bytes(FP8_STORAGE)
+    sizes = [
+        (frozen - convertible) * frozen_bytes + convertible * (one if fp8 else frozen_bytes)
+        for frozen, convertible in params.blocks[-count:]
+    ]
+    return sum(sizes), sum(sorted(sizes)[-2:])
 
 
 def estimate_memory(
@@ -277,6 +399,8 @@ def estimate_memory(
     frozen_bytes = compute if cast_frozen_weights else 4
     latents_cached = o.cache_latents and not needs_pixels
     text_cached = o.cache_text_encoder_outputs and text_encoder_frozen
+    family = get_family(layout.family)
+    fp8 = getattr(o, "fp8_base", False)
     weights = 0.0
     for name, count in params.components.items():
         if device != "cpu":
@@ -290,23 +414,51 @@ def estimate_memory(
         per = frozen_bytes
         if name == "vae" and o.mixed_precision == "fp16":
             per = 4
+        if name == family.denoiser and fp8:  # 1 byte per converted weight element, the rest as before
+            weights += params.denoiser_fp8 * element_bytes(FP8_STORAGE) + (count - params.denoiser_fp8) * per
+            continue
         weights += count * per
     weights += params.added * 4
+    swapped = swapped_block_bytes(params, o, frozen_bytes)
+    if swapped:  # in CPU memory; two blocks' copies in flight on the device (on the CPU: beside them)
+        weights += (-swapped[0] if device != "cpu" else 0) + swapped[1]
     gradients = params.trainable * 4
     optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer, 8.0)
-    full = bool(params.trainable_in & {"unet"})
+    full = bool(params.trainable_in & {family.denoiser})
     vae_blocks = layout.configs.get("vae", {}).get("block_out_channels", (128, 256, 512, 512))
-    activations = activation_bytes(
-        layout.configs["unet"],
-        batch=o.batch_size,
-        resolution=o.resolution,
-        vae_scale=2 ** (len(vae_blocks) - 1),
-        bytes_per_element=compute,
-        gradient_checkpointing=o.gradient_checkpointing,
-        mode="full" if full else "adapter",
-        text_encoders=layout.configs.get("text_encoders"),
-        text_encoder_trains=not text_encoder_frozen,
-    )
+    vae_scale = 2 ** (len(vae_blocks) - 1)
+    if family.denoiser == "unet":
+        activations = activation_bytes(
+            layout.configs["unet"],
+            batch=o.batch_size,
+            resolution=o.resolution,
+            vae_scale=vae_scale,
+            bytes_per_element=compute,
+            gradient_checkpointing=o.gradient_checkpointing,
+            mode="full" if full else "adapter",
+            text_encoders=layout.configs.get("text_encoders"),
+            text_encoder_trains=not text_encoder_frozen,
+        )
+    else:
+        activations = transformer_activation_bytes(
+            layout.configs[family.denoiser],
+            batch=o.batch_size,
+            resolution=o.resolution,
+            latent_channels=family.latent.channels,
+            context_tokens=family.context_tokens,
+            vae_scale=vae_scale,
+            bytes_per_element=compute,
+            gradient_checkpointing=o.gradient_checkpointing,
+            mode="full" if full else "adapter",
+            recomputed_blocks=getattr(o, "blocks_to_swap", 0),
+        )
+        if not text_encoder_frozen:
+            te_units = text_encoder_units(
+                layout.configs.get("text_encoders") or [],
+                mode="full" if full else "adapter",
+                gradient_checkpointing=o.gradient_checkpointing,
+            )
+            activations += math.ceil(o.batch_size * compute * te_units)
     runtime = 0
     if device == "cpu":
         runtime = CPU_RUNTIME_BYTES + CPU_TOKENIZER_BYTES * len(layout.configs.get("text_encoders") or [])
@@ -323,6 +475,8 @@ def estimate_memory(
             "mixed_precision": o.mixed_precision,
             "gradient_checkpointing": o.gradient_checkpointing,
             "optimizer": o.optimizer,
+            "fp8_base": fp8,
+            "blocks_to_swap": getattr(o, "blocks_to_swap", 0),
             "latents_cached": latents_cached,
             "text_cached": text_cached,
             "trainable_parameters": params.trainable,
@@ -378,7 +532,8 @@ def suggestions(
     optimizer_8bit_available: bool = True,
 ) -> list[Suggestion]:
     """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
-    (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, smaller batches, all together)."""
+    (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, bf16, an fp8 base and block
+    swap where the method trains adapters, smaller batches, all together)."""
     o = options
     variants: list[tuple[str, dict[str, Any]]] = []
     if not o.gradient_checkpointing:
@@ -391,6 +546,29 @@ def suggestions(
         variants.append(("--cache-latents", {"cache_latents": True}))
     if o.mixed_precision == "no":
         variants.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
+    if (
+        not getattr(o, "fp8_base", False)
+        and params.denoiser_fp8
+        and params.trainable_in.isdisjoint({"unet", "transformer"})
+    ):
+        variants.append(("--fp8-base", {"fp8_base": True}))
+    if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and not params.trainable_in:
+        # two swapped blocks are in flight anyway: the fewest blocks (3 or more) that fit, else all
+        count = len(params.blocks)
+        for n in range(3, len(params.blocks) + 1):
+            trial = estimate_memory(
+                layout,
+                params,
+                replace(options, blocks_to_swap=n),
+                device=device,
+                text_encoder_frozen=text_encoder_frozen,
+                needs_pixels=needs_pixels,
+                cast_frozen_weights=cast_frozen_weights,
+            )
+            if trial.total <= budget:
+                count = n
+                break
+        variants.append((f"--blocks-to-swap {count}", {"blocks_to_swap": count}))
     batch = o.batch_size
     while batch > 1:
         batch //= 2

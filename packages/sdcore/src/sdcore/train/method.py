@@ -64,18 +64,42 @@ class Capabilities:
 
 @dataclass
 class Conditioning:
-    """What the UNet is conditioned on for a batch.
+    """What the denoiser is conditioned on for a batch (the family adapter's ``encode_prompts``
+    makes it, its ``predict`` reads it).
 
-    ``hidden_states`` is ``encoder_hidden_states`` [B, 77*k, C]; ``pooled`` is SDXL's pooled
-    text embedding (``text_embeds``), ``None`` for SD1/SD2.
+    ``hidden_states`` is ``encoder_hidden_states`` (SD1/SD2/SDXL: [B, 77*k, C]); ``pooled`` is the
+    pooled text embedding (SDXL's ``text_embeds``, SD3/Flux ``pooled_projections``), ``None`` for
+    SD1/SD2. ``extra`` holds any other per-sample tensors a family needs (e.g. a T5 attention
+    mask), each with the batch as its first dimension: caches slice and stack them like the rest.
     """
 
     hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: Any = None, dtype: Any = None) -> Conditioning:
+        """Move (and cast the floating-point tensors; masks and ids keep their dtype)."""
         pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
-        return Conditioning(self.hidden_states.to(device=device, dtype=dtype), pooled)
+        extra = {
+            key: value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+            for key, value in self.extra.items()
+        }
+        return Conditioning(self.hidden_states.to(device=device, dtype=dtype), pooled, extra)
+
+    def select(self, index: int) -> Conditioning:
+        """Sample ``index`` as a batch of one (copies, so a cache does not keep the whole batch)."""
+        pooled = None if self.pooled is None else self.pooled[index : index + 1].clone()
+        extra = {key: value[index : index + 1].clone() for key, value in self.extra.items()}
+        return Conditioning(self.hidden_states[index : index + 1].clone(), pooled, extra)
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        """Stack conditionings of equal shapes along the batch."""
+        import torch
+
+        pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])  # type: ignore[misc]
+        extra = {key: torch.cat([c.extra[key] for c in items]) for key in items[0].extra}
+        return Conditioning(torch.cat([c.hidden_states for c in items]), pooled, extra)
 
 
 @dataclass
@@ -221,10 +245,15 @@ class TrainingMethod(Generic[OptionsT]):
 
     # --- per step ----------------------------------------------------------------------------
     def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
-        """Encode captions to conditioning; the default runs the text encoders with clip skip."""
-        from ..models.text import encode_prompts
+        """Encode captions to conditioning; the default is the family's encoder (its adapter's
+        ``encode_prompts``) with the run's clip skip."""
+        from ..models.family import family_adapter
 
-        return encode_prompts(bundle, captions, clip_skip=self.options.clip_skip)
+        options: dict[str, Any] = {"clip_skip": self.options.clip_skip}
+        if any(encoder.kind.startswith("t5") for encoder in bundle.family_spec.text_encoders):
+            options["t5_max_length"] = self.options.t5xxl_max_token_length
+            options["t5_attention_mask"] = self.options.apply_t5_attn_mask
+        return family_adapter(bundle.family).encode_prompts(bundle, captions, **options)
 
     def compute_loss(self, ctx: StepContext) -> torch.Tensor | None:
         """Return a custom per-sample loss [B], or ``None`` for the runtime's denoising MSE."""

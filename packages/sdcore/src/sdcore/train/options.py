@@ -12,6 +12,9 @@ from typing import Any
 
 from ..options import option
 
+#: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
@@ -87,10 +90,53 @@ class TrainOptions:
     mixed_precision: str = option(
         "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"
     )
+    fp8_base: bool = option(
+        False,
+        "Store the denoiser's frozen Linear/Conv2d weights in float8 (1 byte each, upcast per layer in forward); "
+        "trained adapters keep their dtype (kohya --fp8_base).",
+        group="training",
+    )
+    blocks_to_swap: int = option(
+        0,
+        "Keep the frozen weights of the denoiser's last N transformer blocks in CPU memory; each block's weights "
+        "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
+        group="training",
+    )
     seed: int = option(42, "Seed for weights init, noise, data order and augmentations.", group="training")
     # loss
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is typical).", group="loss")
+    # flow matching (SD3, Flux): kohya's flag names
+    timestep_sampling: str = option(
+        "logit_normal",
+        "Flow-matching families: how the noise level is drawn (logit_normal = sigmoid of N(--logit-mean, "
+        "--logit-std), SD3's default; mode = SD3's f_mode with --mode-scale; sigmoid = sigmoid of "
+        "--sigmoid-scale * N(0, 1), kohya's Flux choice; uniform).",
+        choices=TIMESTEP_SAMPLINGS,
+        group="loss",
+    )
+    discrete_flow_shift: float = option(
+        1.0,
+        "Flow-matching families: time shift s' = shift*s/(1+(shift-1)*s) applied to every sampled noise level "
+        "(1 = none; SD3 uses 3.0 at 1024px).",
+        group="loss",
+    )
+    logit_mean: float = option(0.0, "Flow matching, logit_normal sampling: mean of the normal.", group="loss")
+    logit_std: float = option(1.0, "Flow matching, logit_normal sampling: standard deviation.", group="loss")
+    mode_scale: float = option(1.29, "Flow matching, mode sampling: the SD3 paper's scale s.", group="loss")
+    sigmoid_scale: float = option(1.0, "Flow matching, sigmoid sampling: scale of the normal.", group="loss")
+    guidance_scale: float = option(
+        1.0,
+        "Flux dev: the value its guidance embedding gets while training (kohya's --guidance_scale; 1.0 as "
+        "kohya's examples use; schnell has no guidance embedding).",
+        group="loss",
+    )
+    t5xxl_max_token_length: int | None = option(
+        None, "T5 tokens per caption (default: the family's, Flux dev 512, schnell 256).", group="loss"
+    )
+    apply_t5_attn_mask: bool = option(
+        False, "Mask T5's padding tokens in T5 and in the denoiser's attention (kohya's flag).", group="loss"
+    )
     clip_skip: int = option(
         1, "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).", group="loss"
     )

@@ -15,7 +15,7 @@ registered as a parameter list.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,22 +59,30 @@ def create_accelerator(options: TrainOptions, *, log_with: str | None = None) ->
 
 
 def place_model(
-    bundle: ModelBundle, params: list[torch.nn.Parameter], caps: Capabilities, device: Any, precision: str
+    bundle: ModelBundle,
+    params: list[torch.nn.Parameter],
+    caps: Capabilities,
+    device: Any,
+    precision: str,
+    *,
+    stay_on_cpu: Collection[torch.nn.Module] = (),
 ) -> None:
     """Every module to ``device``; trainable parameters in fp32, frozen ones in the compute dtype
-    (under mixed precision, unless the method keeps them: ``cast_frozen_weights``)."""
+    (under mixed precision, unless the method keeps them: ``cast_frozen_weights``). fp8-stored
+    weights (``--fp8-base``) keep their dtype; modules in ``stay_on_cpu`` (blocks to swap) are cast
+    where they are and never visit the device, so the device never holds the whole model."""
 
     weight_dtype = torch_dtype(precision)
     trainable = {id(p) for p in params}
     for name, module in bundle.components().items():
-        module.to(device)
+        _move(module, device, {id(m) for m in stay_on_cpu})
         module_trains = False
         for p in module.parameters():
             if id(p) in trainable:
                 module_trains = True
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
-            elif not caps.cast_frozen_weights:
+            elif not caps.cast_frozen_weights or p.element_size() == 1:
                 continue
             elif p.dtype != weight_dtype and not (name == "vae" and weight_dtype == torch.float16):
                 # the VAE stays fp32 under fp16: SD/SDXL VAEs overflow in fp16 (NaN latents)
@@ -86,9 +94,21 @@ def place_model(
             p.data = p.data.to(device)
 
 
+def _move(module: torch.nn.Module, device: Any, skip: set[int]) -> None:
+    """``module.to(device)`` except the subtrees whose ids are in ``skip``."""
+    if not skip:
+        module.to(device)
+        return
+    if id(module) in skip:
+        return
+    module._apply(lambda t: t.to(device), recurse=False)  # what module.to does, for this module's own tensors
+    for child in module.children():
+        _move(child, device, skip)
+
+
 def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> None:
-    """Also when the UNet is frozen: gradients still flow through it to LoRA/TI parameters."""
-    bundle.unet.enable_gradient_checkpointing()
+    """Also when the denoiser is frozen: gradients still flow through it to LoRA/TI parameters."""
+    bundle.denoiser.enable_gradient_checkpointing()
     if caps.trains_text_encoder:
         for te in bundle.text_encoders:
             if hasattr(te, "gradient_checkpointing_enable"):

@@ -119,6 +119,11 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(f"--noise-offset must be >= 0, got {o.noise_offset}")
     if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
         problems.append(f"--min-snr-gamma must be positive, got {o.min_snr_gamma}")
+    from .objectives import flow_option_problems
+
+    problems.extend(
+        flow_option_problems(o.timestep_sampling, o.discrete_flow_shift, o.logit_std, o.mode_scale, o.sigmoid_scale)
+    )
     if o.max_grad_norm < 0:
         problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
     if o.cache_latents_to_disk and not o.cache_latents:
@@ -142,6 +147,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
         if not torch.cuda.is_available():
             problems.append("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    from .memory_options import option_problems as memory_option_problems
+
+    problems.extend(memory_option_problems(o))
     if o.optimizer in OPTIMIZERS:
         try:
             check_optimizer_available(o.optimizer)
@@ -159,6 +167,36 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
 # ----------------------------------------------------------------------------------------------------------
 # folders and disk
+
+
+#: the flow-matching options and their defaults (a DDPM family ignores them; we say so)
+_FLOW_OPTIONS = ("timestep_sampling", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale")
+
+
+def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[list[str], list[str]]:
+    """Problems and notes about loss options that do not fit the family's training objective."""
+    from dataclasses import fields
+
+    from ..models.family import get_family
+
+    try:
+        family = get_family(family_name)
+    except SdcoreError as exc:
+        return [str(exc)], []
+    problems: list[str] = []
+    notes: list[str] = []
+    if family.objective == "flow-matching" and options.min_snr_gamma:
+        problems.append(
+            f"--min-snr-gamma weighs a DDPM schedule's timesteps; {family.name} trains with flow matching "
+            "(choose the noise levels with --timestep-sampling instead)"
+        )
+    if family.objective == "ddpm":
+        defaults = {f.name: f.default for f in fields(type(options)) if f.name in _FLOW_OPTIONS}
+        changed = [name for name in _FLOW_OPTIONS if getattr(options, name) != defaults[name]]
+        if changed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+            notes.append(f"{flags}: flow-matching options, without effect on {family.name} (a DDPM family)")
+    return problems, notes
 
 
 def nearest_existing(path: Path) -> Path:
@@ -472,12 +510,19 @@ def run_preflight(
         if claimed:
             report.notes.append(f"model: read by the {claimed!r} format plugin (header not checked)")
         else:
-            from ..models.layout import read_layout
+            from ..models.layout import LayoutUnavailableError, read_layout
 
             try:
                 report.layout = read_layout(o.model)
+            except LayoutUnavailableError as exc:
+                report.notes.append(f"memory plan unavailable: {exc}")
             except SdcoreError as exc:
                 report.problems.append(str(exc))  # the message load_model gives, in every command
+
+    if report.layout is not None:
+        problems, notes = objective_option_checks(o, report.layout.family)
+        report.problems.extend(problems)
+        report.notes.extend(notes)
 
     # folders
     if o.output:
@@ -531,6 +576,7 @@ def run_preflight(
         report.problems.extend(resume_problems(method, o, report.state_root))
 
     # disk and memory plans (need the model's layout and the method's parameters)
+    params: ParameterPlan | None = None
     if plan and report.layout is not None and report.output is not None:
         try:
             params = parameter_plan(method, o, report.layout, tokenizers)
@@ -553,6 +599,10 @@ def run_preflight(
                     "(lower --save-limit, save less often, or use --no-save-state)"
                 )
             report.memory = memory_plan(method, o, layout=report.layout, params=params)
+    if report.layout is not None:  # --fp8-base / --blocks-to-swap on this model and method
+        from .memory_options import model_problems
+
+        report.problems.extend(model_problems(o, report.layout, params))
     return report
 
 

@@ -1,9 +1,11 @@
 """The step: noise and timesteps, the prediction, the loss terms, and one optimizer step.
 
-- :class:`Objective` turns a batch into a per-sample loss: noise it at the sampled timesteps, get
-  the conditioning (cached or from the method), predict with the UNet (SDXL size conditioning
-  included), compare with the training target (epsilon or v) unless the method computes its own
-  loss, apply loss masks, min-SNR weights and per-sample (prior-preservation) weights.
+- :class:`Objective` turns a batch into a per-sample loss: the family's training objective
+  (:mod:`.objectives`: DDPM epsilon/v-prediction or flow matching) noises it at the sampled
+  timesteps and gives the target and its weights (min-SNR); the conditioning comes from the cache or
+  the method; the family adapter calls the denoiser (SDXL size conditioning included); the loss is
+  the MSE to the target unless the method computes its own, with loss masks and per-sample
+  (prior-preservation) weights.
 - :func:`optimizer_step` runs one optimizer step over an accumulation group of micro-batches:
   each micro-batch loss is divided by the group size, backward runs through the prepared model
   (DDP all-reduces on the last micro-batch only), every process agrees on whether a loss was
@@ -17,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SdcoreError
 from .method import Batch, Conditioning, StepContext, TrainingMethod
 from .options import TrainOptions
 
@@ -27,16 +28,29 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
     from .batches import BatchMaker
     from .data import SampleRef
+    from .objectives import TrainingObjective
     from .placement import Placement
 
 
 class Objective:
-    """The denoising objective of one run (the method may replace the loss)."""
+    """The loss of one run: the family's training objective, the family adapter's prediction, and
+    the method's loss when it has its own."""
 
     def __init__(self, bundle: ModelBundle, method: TrainingMethod[Any], options: TrainOptions) -> None:
+        from ..models.family import family_adapter
+
         self.bundle = bundle
         self.method = method
         self.options = options
+        self.adapter = family_adapter(bundle.family)
+
+    @property
+    def training(self) -> TrainingObjective:
+        """The family's training objective with the current options (cheap; built per use so an
+        option changed after setup, as tests do, is honoured)."""
+        from .objectives import objective_for
+
+        return objective_for(self.bundle, self.options)
 
     def conditioning_for(self, batch: Batch) -> Conditioning:
         if batch.conditioning is not None:
@@ -44,31 +58,20 @@ class Objective:
         return self.method.encode(self.bundle, batch.captions)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:
-        from ..models.text import sdxl_time_ids
-
-        bundle = self.bundle
-        kwargs: dict[str, Any] = {}
-        if bundle.is_sdxl:
-            time_ids = sdxl_time_ids(batch.original_sizes, batch.crop_coords, batch.target_sizes, device=noisy.device)
-            pooled = cond.pooled
-            if pooled is None:
-                raise SdcoreError("SDXL conditioning without pooled text embeddings")
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(noisy.device), "time_ids": time_ids}
-        hidden = cond.hidden_states.to(noisy.device)
-        return bundle.unet(noisy, timesteps, hidden, return_dict=False, **kwargs)[0]  # type: ignore[no-any-return]
+        """The denoiser's output, called the family's way (SDXL adds its size conditioning from ``batch``)."""
+        return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch,
+                                    guidance=self.options.guidance_scale)  # fmt: skip
 
     def sample_loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
         """Per-sample weighted loss ``[B]`` for given noise and timesteps."""
         import torch
 
-        from .noise import min_snr_weights, training_target
-
-        scheduler = self.bundle.noise_scheduler
         latents = batch.latents.float()
         noise = noise.to(latents.device)
         timesteps = timesteps.to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(scheduler, latents, noise, timesteps)
+        objective = self.training
+        noised = objective.noised(latents, noise, timesteps)
+        noisy, timesteps, target = noised.noisy, noised.timesteps, noised.target
         cond = self.conditioning_for(batch)
 
         def predict(conditioning: Conditioning) -> torch.Tensor:
@@ -93,21 +96,14 @@ class Objective:
                 loss = loss * batch.masks
             loss = loss.mean(dim=tuple(range(1, loss.ndim)))
         loss = loss.float()
-        if self.options.min_snr_gamma:
-            loss = loss * min_snr_weights(scheduler, timesteps, self.options.min_snr_gamma).to(loss.device)
+        if noised.weights is not None:
+            loss = loss * noised.weights.to(loss.device)
         return loss * batch.loss_weights.to(loss.device)
 
     def noise_for(self, refs: list[SampleRef], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded noise and timesteps for the samples ``refs`` (see :mod:`.data`)."""
-        from .noise import sample_noise
-
         keys = [ref.seed(self.options.seed, "noise") for ref in refs]
-        return sample_noise(
-            keys,
-            batch.latents.shape[1:],
-            noise_offset=self.options.noise_offset,
-            num_timesteps=int(self.bundle.noise_scheduler.config["num_train_timesteps"]),
-        )
+        return self.training.sample(keys, batch.latents.shape[1:], noise_offset=self.options.noise_offset)
 
     def micro_batch_loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
         """The scalar loss of one micro-batch: the forward of the prepared model."""

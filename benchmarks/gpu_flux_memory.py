@@ -1,0 +1,128 @@
+"""The GPU check of issue 19: a FLUX.1-size LoRA step with gradient checkpointing and fp8 base
+weights, its peak memory (``torch.cuda.max_memory_allocated``) against the memory plan's estimate.
+
+Nothing is downloaded: the transformer is diffusers' ``FluxTransformer2DModel`` with FLUX.1-dev's
+shape (hidden 3072, 19 double + 38 single blocks, guidance embedding) and random weights, made on
+the GPU in bf16 (the fp8 conversion then runs there too). A rank-16 LoRA on every block Linear
+trains in fp32 with AdamW under bf16 autocast, on 1024 px latents (4096 image tokens) and 512 T5
+tokens, batch 1; the memory options are applied by the runtime's own code
+(:class:`sdcore.train.memory_options.MemorySetup` and ``place_model``). The peak counter is reset
+before the weights are made, so the peak covers weights, LoRA, optimizer state and activations,
+which is what the estimate covers. One call, a few minutes on an H100/H200:
+
+    python benchmarks/gpu_flux_memory.py                       # fp8 base + gradient checkpointing
+    python benchmarks/gpu_flux_memory.py --blocks-to-swap 20   # also block swap
+    python benchmarks/gpu_flux_memory.py --no-fp8 --steps 2    # bf16 base for comparison
+    python benchmarks/gpu_flux_memory.py --size tiny --device cpu   # the CPU-side check (tests)
+    python benchmarks/gpu_flux_memory.py --plan-only           # the estimate alone (no GPU needed)
+
+It prints one line per step and a final ``peak ... estimate ... ratio`` line (and JSON with
+``--json``); the goal is a ratio within 0.75-1.25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MIB = 2**20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks.bench_memory import FLUX_SIZES
+
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_flux_memory.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="flux", choices=tuple(FLUX_SIZES), help="flux = FLUX.1's shape")
+    parser.add_argument("--steps", type=int, default=3, help="LoRA steps to run (peak over all of them)")
+    parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a tiny dry run)")
+    parser.add_argument("--mixed-precision", default="bf16", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="bf16 base weights instead of fp8")
+    parser.add_argument(
+        "--no-checkpointing", dest="checkpointing", action="store_false", help="without gradient checkpointing"
+    )
+    parser.add_argument("--blocks-to-swap", type=int, default=0, help="also keep N blocks' weights on the CPU")
+    parser.add_argument("--plan-only", action="store_true", help="print the estimate only (no weights, no GPU)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON too")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.blocks_to_swap < 0:
+        parser.error("--blocks-to-swap must be 0 or more")
+    return args
+
+
+def variant_of(args: argparse.Namespace) -> str:
+    parts = [name for name, on in (("fp8", args.fp8), ("checkpointing", args.checkpointing)) if on]
+    return "+".join(parts) or "plain"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.bench_memory import FluxLoraStep
+
+    cuda = args.device.startswith("cuda")
+    if cuda and not args.plan_only:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device here: run with --device cpu --size tiny, or --plan-only")
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step = FluxLoraStep(
+        args.size,
+        variant_of(args),
+        args.device,
+        mixed_precision=args.mixed_precision,
+        blocks_to_swap=args.blocks_to_swap,
+        plan_only=args.plan_only,
+    )
+    estimate = step.estimate("cuda" if cuda else "cpu")
+    result: dict[str, Any] = {
+        "size": args.size,
+        "variant": variant_of(args),
+        "blocks_to_swap": args.blocks_to_swap,
+        "mixed_precision": args.mixed_precision,
+        "device": args.device,
+        "estimate_line": estimate.line(),
+        "estimate_mb": estimate.total / MIB,  # on a GPU: no runtime part
+    }
+    print(f"{args.size} {variant_of(args)} swap={args.blocks_to_swap}: {estimate.line()}", flush=True)
+    if args.plan_only:
+        return result
+    result["setup_seconds"] = time.perf_counter() - start
+    losses = []
+    for index in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step.step())
+        print(f"step {index + 1}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.2f} s)", flush=True)
+    result["losses"] = losses
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / MIB
+        result["peak_mb"] = peak
+        result["device_name"] = torch.cuda.get_device_name()
+        result["ratio"] = result["estimate_mb"] / peak
+        print(
+            f"peak {peak:,.0f} MiB (torch.cuda.max_memory_allocated), estimate {result['estimate_mb']:,.0f} MiB, "
+            f"estimate/peak {result['ratio']:.2f} on {result['device_name']}"
+        )
+    else:
+        print("cpu dry run: the GPU peak is measured with --device cuda")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Model families: what the runtime, generation and the model I/O read instead of ``if sdxl`` branches.
+
+A family is a declared, frozen object: its denoiser (a UNet or a transformer, by diffusers component
+name), its text encoders in order, its latent format, its training objective, its native resolution
+and its kohya LoRA prefixes. Behaviour that needs torch (reading a single file, building the tiny
+test model, encoding prompts, calling the denoiser) lives in the family's :class:`FamilyAdapter`,
+named by an import string and imported only when used, so declaring families never imports torch.
+
+SD1, SD2, SDXL and the SDXL refiner are declared here. Other families come from plugins through
+the ``sdcore_model_families`` hook (see :mod:`sdcore.hookspecs`) or from :func:`register_family`
+(for code that builds families at run time, e.g. tests); :func:`families` lists them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..plugins import SdPluginManager
+    from ..train.method import Conditioning
+    from .bundle import ModelBundle
+
+DENOISERS = ("unet", "transformer")
+OBJECTIVES = ("ddpm", "flow-matching")
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family, in the order ``bundle.text_encoders`` holds them."""
+
+    component: str  # diffusers component name: "text_encoder", "text_encoder_2", "text_encoder_3"
+    kind: str  # "clip-l", "openclip-h", "clip-g", "t5-xxl"
+    max_length: int  # tokens per sequence (77 for CLIP; T5 is configurable per family)
+
+    @property
+    def tokenizer_component(self) -> str:
+        """The matching diffusers tokenizer folder: ``text_encoder_2`` -> ``tokenizer_2``."""
+        return self.component.replace("text_encoder", "tokenizer", 1)
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How VAE latents are normalised for the denoiser: ``latents = (vae_mean - shift) * scale``."""
+
+    channels: int  # 4 for SD1/2/XL, 16 for SD3/Flux
+    scaling_factor: float  # 0.18215 SD1/2, 0.13025 SDXL, 1.5305 SD3, 0.3611 Flux
+    shift_factor: float = 0.0  # 0.0609 SD3, 0.1159 Flux
+    downscale: int = 8  # pixels per latent cell
+
+    def normalize(self, vae_latents: Any) -> Any:
+        """VAE latent distribution sample/mean -> the denoiser's latent space."""
+        return (vae_latents - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, latents: Any) -> Any:
+        """The denoiser's latent space -> what the VAE decoder expects."""
+        return latents / self.scaling_factor + self.shift_factor
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family as the rest of sdcore reads it. Frozen and torch-free; see the module doc."""
+
+    name: str  # "sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux"
+    label: str  # human name: "Stable Diffusion 3 / 3.5", "FLUX.1"
+    denoiser: str  # "unet" | "transformer": the diffusers component name of the denoiser
+    text_encoders: tuple[TextEncoderSpec, ...]
+    latent: LatentFormat
+    objective: str  # "ddpm" (epsilon / v-prediction on a DDPM schedule) | "flow-matching"
+    native_resolution: int  # the side, in pixels, the family was trained at
+    adapter: str  # import string "module:attr" of the family's FamilyAdapter (class or instance)
+    lora_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya LoRA prefix
+    default_prediction_type: str = "epsilon"  # DDPM families: what a file without a marker is
+    context_tokens: int = 77  # text tokens the denoiser attends to by default (SD3: 77 + T5's; Flux: T5's)
+
+    def __post_init__(self) -> None:
+        from ..specs import _check_import_string, _check_name
+
+        _check_name("model family", self.name)
+        _check_import_string("model family", self.name, self.adapter)
+        if self.denoiser not in DENOISERS:
+            raise PluginError(f"model family {self.name!r}: denoiser must be one of {DENOISERS}, not {self.denoiser!r}")
+        if self.objective not in OBJECTIVES:
+            raise PluginError(
+                f"model family {self.name!r}: objective must be one of {OBJECTIVES}, not {self.objective!r}"
+            )
+        if not self.text_encoders:
+            raise PluginError(f"model family {self.name!r} declares no text encoder")
+        # a read-only, hashable-by-identity view: the family is shared by every bundle of it
+        object.__setattr__(self, "lora_prefixes", MappingProxyType(dict(self.lora_prefixes)))
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The trainable components in diffusers' names: the denoiser, then the text encoders."""
+        return (self.denoiser, *(te.component for te in self.text_encoders))
+
+    @property
+    def sample_size(self) -> int:
+        """The latent side at the native resolution (diffusers' ``sample_size``)."""
+        return self.native_resolution // self.latent.downscale
+
+
+@runtime_checkable
+class FamilyAdapter(Protocol):
+    """Behaviour of one family that needs torch; one per family, imported lazily.
+
+    Implementations accept and ignore ``**options`` they do not know, so the runtime can pass
+    more context later (it passes ``batch=`` to :meth:`predict`: the training batch, whose
+    size conditioning SDXL uses; it is ``None`` at generation time).
+
+    Optional: ``read_layout(path) -> sdcore.models.layout.ModelLayout`` describes a single file
+    from its header (configs under ``"transformer"``/``"unet"``, ``"vae"``, ``"text_encoders"``
+    with ``_class_name``) so the pre-flight can plan memory before loading; without it the plan is
+    skipped for such files, with a note. ``detect_diffusers(index: dict) -> bool`` (given a
+    folder's ``model_index.json``) and ``load_diffusers(folder, **options) -> ModelBundle`` let a
+    non-UNet family read its diffusers folders through :func:`sdcore.models.load.load_model`;
+    ``save(bundle, path, *, format, dtype, prune, metadata) -> Path`` writes its models
+    (``bundle.save``); ``generate(bundle, prompts, negatives, *, seeds, steps, cfg, width, height,
+    image, strength, clip_skip, sampler) -> list[PIL.Image]`` renders one image per prompt for
+    ``sdcore generate`` (prompt networks are already applied to the bundle then).
+    """
+
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        """Whether a single file with these tensor names (any layout we read) is of this family."""
+        ...
+
+    def load_single_file(self, path: Any, **options: Any) -> ModelBundle:
+        """Read a single file of this family (options as :func:`sdcore.models.load.load_model`)."""
+        ...
+
+    def create_tiny(self, **options: Any) -> ModelBundle:
+        """A tiny random model with this family's real layout (tests, demos)."""
+        ...
+
+    def encode_prompts(self, bundle: ModelBundle, prompts: list[str], **options: Any) -> Conditioning:
+        """Prompts -> the denoiser's text conditioning, as training encodes them."""
+        ...
+
+    def predict(
+        self,
+        bundle: ModelBundle,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        **options: Any,
+    ) -> torch.Tensor:
+        """The denoiser's output for ``noisy_latents`` in latent layout ([B, C, H, W])."""
+        ...
+
+
+_CLIP_L = "clip-l"
+_UNET_ADAPTERS = "sdcore.models.sd_unet"
+
+SD1 = ModelFamily(
+    name="sd1",
+    label="Stable Diffusion 1.x",
+    denoiser="unet",
+    text_encoders=(TextEncoderSpec("text_encoder", _CLIP_L, 77),),
+    latent=LatentFormat(channels=4, scaling_factor=0.18215),
+    objective="ddpm",
+    native_resolution=512,
+    adapter=f"{_UNET_ADAPTERS}:SD1_ADAPTER",
+    lora_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
+)
+SD2 = ModelFamily(
+    name="sd2",
+    label="Stable Diffusion 2.x",
+    denoiser="unet",
+    text_encoders=(TextEncoderSpec("text_encoder", "openclip-h", 77),),
+    latent=LatentFormat(channels=4, scaling_factor=0.18215),
+    objective="ddpm",
+    native_resolution=768,
+    adapter=f"{_UNET_ADAPTERS}:SD2_ADAPTER",
+    lora_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
+    default_prediction_type="v_prediction",  # SD2.x-768 is the common release (see models.detect)
+)
+SDXL = ModelFamily(
+    name="sdxl",
+    label="Stable Diffusion XL",
+    denoiser="unet",
+    text_encoders=(TextEncoderSpec("text_encoder", _CLIP_L, 77), TextEncoderSpec("text_encoder_2", "clip-g", 77)),
+    latent=LatentFormat(channels=4, scaling_factor=0.13025),
+    objective="ddpm",
+    native_resolution=1024,
+    adapter=f"{_UNET_ADAPTERS}:SDXL_ADAPTER",
+    lora_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+)
+SDXL_REFINER = ModelFamily(
+    name="sdxl-refiner",
+    label="Stable Diffusion XL refiner",
+    denoiser="unet",
+    text_encoders=(TextEncoderSpec("text_encoder_2", "clip-g", 77),),
+    latent=LatentFormat(channels=4, scaling_factor=0.13025),
+    objective="ddpm",
+    native_resolution=1024,
+    adapter=f"{_UNET_ADAPTERS}:SDXL_REFINER_ADAPTER",
+    lora_prefixes={"unet": "lora_unet", "text_encoder_2": "lora_te2"},
+)
+BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL, SDXL_REFINER)
+
+_REGISTERED: dict[str, ModelFamily] = {family.name: family for family in BUILTIN_FAMILIES}
+_ADAPTERS: dict[str, FamilyAdapter] = {}
+_PLUGIN_FAMILIES: dict[str, ModelFamily] | None = None  # from the default plugin manager, once
+
+
+def register_family(family: ModelFamily) -> None:
+    """Make ``family`` known to this process (plugins normally use the hook instead).
+
+    Registering an equal family again is a no-op; a different family under a taken name is an error.
+    """
+    if not isinstance(family, ModelFamily):
+        raise PluginError(f"register_family expects a ModelFamily, got {family!r}")
+    existing = _REGISTERED.get(family.name)
+    if existing is not None:
+        if existing != family:
+            raise PluginError(f"model family {family.name!r} is already registered with a different declaration")
+        return
+    _REGISTERED[family.name] = family
+
+
+def _plugin_families(pm: SdPluginManager | None) -> dict[str, ModelFamily]:
+    """Families from the ``sdcore_model_families`` hook; without ``pm``, the default manager's (cached)."""
+    global _PLUGIN_FAMILIES
+    if pm is not None:
+        return pm.model_families()
+    if _PLUGIN_FAMILIES is None:
+        from ..plugins import get_plugin_manager
+
+        _PLUGIN_FAMILIES = get_plugin_manager().model_families()
+    return _PLUGIN_FAMILIES
+
+
+def reset_family_cache() -> None:
+    """Forget the families read from installed plugins and the resolved adapters (tests)."""
+    global _PLUGIN_FAMILIES
+    _PLUGIN_FAMILIES = None
+    _ADAPTERS.clear()
+
+
+def families(pm: SdPluginManager | None = None) -> tuple[ModelFamily, ...]:
+    """Every known family: built-ins, :func:`register_family`'s, then the plugins' (from ``pm``,
+    or from the installed plugins when ``pm`` is ``None``)."""
+    found = dict(_REGISTERED)
+    for name, family in _plugin_families(pm).items():
+        if name in found and found[name] != family:
+            raise PluginError(f"model family {name!r} is declared twice with different contents")
+        found.setdefault(name, family)
+    return tuple(found.values())
+
+
+def family_names(pm: SdPluginManager | None = None) -> tuple[str, ...]:
+    return tuple(family.name for family in families(pm))
+
+
+def get_family(name: str | ModelFamily, pm: SdPluginManager | None = None) -> ModelFamily:
+    """The family called ``name``; a :class:`ConfigError` listing the known ones when there is none.
+
+    Built-in and registered families are found without loading any plugin.
+    """
+    if isinstance(name, ModelFamily):
+        return name
+    family = _REGISTERED.get(name) if pm is None else None
+    if family is not None:
+        return family
+    for candidate in families(pm):
+        if candidate.name == name:
+            return candidate
+    raise ConfigError(f"unknown model family {name!r}; known families: {', '.join(family_names(pm))}")
+
+
+def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None) -> FamilyAdapter:
+    """The family's adapter: its import string resolved (a class is instantiated without arguments)."""
+    spec = get_family(family, pm)
+    cached = _ADAPTERS.get(spec.name)
+    if cached is not None:
+        return cached
+    from ..specs import resolve
+
+    try:
+        target = resolve(spec.adapter)
+        adapter = target() if isinstance(target, type) else target
+    except Exception as exc:  # a plugin's import or constructor may raise anything
+        raise PluginError(
+            f"model family {spec.name!r}: cannot load its adapter {spec.adapter!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    missing = [name for name in ("detect_single_file", "load_single_file", "create_tiny", "encode_prompts", "predict")
+               if not callable(getattr(adapter, name, None))]  # fmt: skip
+    if missing:
+        raise PluginError(f"model family {spec.name!r}: adapter {spec.adapter!r} lacks {', '.join(missing)}")
+    _ADAPTERS[spec.name] = adapter
+    return adapter  # type: ignore[no-any-return]
+
+
+__all__ = [
+    "BUILTIN_FAMILIES",
+    "SD1",
+    "SD2",
+    "SDXL",
+    "SDXL_REFINER",
+    "FamilyAdapter",
+    "LatentFormat",
+    "ModelFamily",
+    "TextEncoderSpec",
+    "families",
+    "family_adapter",
+    "family_names",
+    "get_family",
+    "register_family",
+    "reset_family_cache",
+]

@@ -1,0 +1,255 @@
+"""The Flux.1 family adapter: prompt encoding, 2x2 latent packing and the transformer call.
+
+Everything here reproduces what diffusers' ``FluxPipeline`` does for one denoising step, so a model
+trained through sdcore and sampled by diffusers (or ComfyUI) sees the same inputs:
+
+- prompts: CLIP-L's *pooled* output (77 tokens) -> ``pooled_projections``; T5's last hidden state
+  (padded to ``max_length`` tokens, no attention mask unless asked) -> ``encoder_hidden_states``;
+  text position ids are zeros;
+- latents [B, 16, H, W] are cut into 2x2 patches -> [B, H/2 * W/2, 64]; each patch's position id is
+  (0, row, column);
+- the transformer gets ``timestep / 1000`` (sdcore's timesteps are sigma * 1000 as the pipelines'),
+  and, with ``t5_attention_mask=True`` at encoding, a joint-attention mask hiding T5's padding tokens,
+  and, for dev models, the guidance value (kohya's ``--guidance_scale``; 1.0 by default for
+  training as kohya's examples use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+from ...errors import ConfigError, ModelFormatError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...train.method import Conditioning
+    from ..bundle import ModelBundle
+
+#: guidance passed to a dev model's guidance embedding when none is given
+DEFAULT_GUIDANCE = 1.0
+#: ``Conditioning.extra`` key of the T5 attention mask (present when prompts were encoded with
+#: ``t5_attention_mask=True``, kohya's ``--apply_t5_attn_mask``): predict then masks T5 padding as keys
+T5_MASK = "t5_attention_mask"
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: 2x2 patches in row-major order, channels (c, dy, dx)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ConfigError(f"Flux needs even latent sides (image sides divisible by 16), got {h}x{w} latents")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for latents of ``height`` x ``width``."""
+    b, _, dim = packed.shape
+    x = packed.reshape(b, height // 2, width // 2, dim // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, dim // 4, height, width)
+
+
+def image_ids(height: int, width: int, *, device: Any = None, dtype: Any = None) -> torch.Tensor:
+    """Position ids [(H/2)(W/2), 3] of the packed patches: (0, row, column)."""
+    import torch
+
+    rows, cols = height // 2, width // 2
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
+
+
+def text_ids(length: int, *, device: Any = None, dtype: Any = None) -> torch.Tensor:
+    import torch
+
+    return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def _require(bundle: ModelBundle, what: str) -> None:
+    from .load import PART_OPTIONS
+
+    present = {"text_encoder": len(bundle.text_encoders) > 0, "text_encoder_2": len(bundle.text_encoders) > 1,
+               "vae": bundle.vae is not None}  # fmt: skip
+    if not present[what]:
+        option = PART_OPTIONS[what]
+        raise ModelFormatError(
+            f"{bundle.source}: this Flux model has no {what}; give it with {option}=<file or folder> "
+            f"(--{option.replace('_', '-')} on the command line)"
+        )
+
+
+def require_complete(bundle: ModelBundle) -> None:
+    """Every part generation needs (CLIP-L, T5, VAE), or the error naming the option that supplies it."""
+    for part in ("text_encoder", "text_encoder_2", "vae"):
+        _require(bundle, part)
+
+
+class FluxAdapter:
+    """:class:`~sdcore.models.family.FamilyAdapter` of the ``flux`` family (dev and schnell)."""
+
+    #: ``_class_name`` of the diffusers folders the core's writer makes of this family
+    diffusers_pipeline = "FluxPipeline"
+    #: ``sdcore generate``'s sampler when none is given (and what the PNG's parameters record)
+    default_sampler = "euler"
+
+    def __repr__(self) -> str:
+        return "FluxAdapter()"
+
+    def release(self, bundle: ModelBundle) -> str | None:
+        """``model info``'s variant line: dev (guidance embedding) or schnell."""
+        return bundle.family_label.removeprefix("flux-") if bundle.transformer is not None else None
+
+    def require_complete(self, bundle: ModelBundle) -> None:
+        """Before generation reads the VAE: every part, or the error naming the option that supplies it."""
+        require_complete(bundle)
+
+    # --- model I/O ---------------------------------------------------------------------------
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        from .load import is_flux_file
+
+        return is_flux_file(keys)
+
+    def load_single_file(self, path: Any, **options: Any) -> ModelBundle:
+        from .load import read_flux_single_file
+
+        return read_flux_single_file(path, **options)
+
+    def read_layout(self, path: Any) -> Any:
+        """Configs of a Flux single file from its header (the pre-flight's memory plan)."""
+        from .load import read_flux_layout
+
+        return read_flux_layout(path)
+
+    def save(self, bundle: ModelBundle, path: Any, *, format: str | None = None, dtype: Any = None,
+             prune: bool = True, metadata: dict[str, str] | None = None) -> Any:  # fmt: skip
+        """``single-file``: a ComfyUI checkpoint (everything the bundle has); ``bfl``: the transformer
+        alone in BFL keys; ``diffusers``: a folder ``FluxPipeline.from_pretrained`` reads."""
+        from ...errors import SdcoreError
+        from ..save import write_diffusers
+        from .save import write_flux_single_file
+
+        if format in ("single-file", "bfl"):
+            layout = "bfl" if format == "bfl" else "comfy"
+            return write_flux_single_file(bundle, path, dtype=dtype, metadata=metadata, layout=layout)
+        if format == "diffusers":
+            return write_diffusers(bundle, path, dtype=dtype, prune=prune, metadata=metadata)
+        raise SdcoreError(f"unknown model format {format!r} for Flux; use single-file, bfl or diffusers")
+
+    def generate(self, bundle: ModelBundle, prompts: list[str], negatives: list[str], *, sampler: str = "euler",
+                 image: Any = None, **settings: Any) -> list[Any]:  # fmt: skip
+        """``sdcore generate``: diffusers' ``FluxPipeline`` (``FluxImg2ImgPipeline`` with an init image)
+        over the bundle's modules; see :mod:`sdcore.models.flux.generate`."""
+        from .generate import build_flux_pipeline, run_flux
+
+        pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler)
+        pipe.set_progress_bar_config(disable=True)
+        return run_flux(pipe, bundle, prompts, negatives, image=image, **settings)
+
+    def detect_diffusers(self, index: dict[str, Any]) -> bool:
+        """A diffusers folder's ``model_index.json`` of a Flux pipeline."""
+        from .load import is_flux_index
+
+        return is_flux_index(index)
+
+    def load_diffusers(self, folder: Any, **options: Any) -> ModelBundle:
+        from .load import read_flux_diffusers
+
+        return read_flux_diffusers(folder, **options)
+
+    def create_tiny(self, *, variant: str = "dev", seed: int = 0, **options: Any) -> ModelBundle:
+        """The tiny Flux.1 ``variant`` (``dev`` with guidance embedding, or ``schnell``)."""
+        from .load import make_bundle
+        from .tiny import create_tiny_parts
+
+        try:
+            parts = create_tiny_parts(variant, seed=seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        name = "flux" if variant == "dev" else f"flux-{variant}"
+        return make_bundle(parts, source=f"tiny:{name}", source_format="tiny")
+
+    # --- conditioning and prediction -----------------------------------------------------------
+    def t5_max_length(self, bundle: ModelBundle) -> int:
+        """T5 tokens per prompt: 512 for dev models, 256 for schnell (their pipelines' defaults)."""
+        from .tiny import T5_MAX_LENGTH
+
+        return T5_MAX_LENGTH["dev" if bundle.transformer.config.guidance_embeds else "schnell"]
+
+    def encode_prompts(
+        self,
+        bundle: ModelBundle,
+        prompts: list[str],
+        *,
+        t5_max_length: int | None = None,
+        t5_attention_mask: bool = False,
+        **options: Any,
+    ) -> Conditioning:
+        """CLIP-L pooled output and the T5 sequence, as ``FluxPipeline.encode_prompt`` (``t5_max_length``:
+        T5 tokens, default :meth:`t5_max_length`, kohya's ``--t5xxl_max_token_length``;
+        ``t5_attention_mask``: mask T5's padding, kohya's ``--apply_t5_attn_mask``)."""
+        from ...train.method import Conditioning
+        from ..t5 import encode_t5
+
+        _require(bundle, "text_encoder")
+        _require(bundle, "text_encoder_2")
+        clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]
+        clip_tok, t5_tok = bundle.tokenizers[0], bundle.tokenizers[1]
+        if t5_tok is None:
+            from ..t5 import load_t5_tokenizer
+
+            load_t5_tokenizer(vocab_size=t5.config.vocab_size)  # raises the message naming the option
+        device = next(clip.parameters()).device
+        tokens = clip_tok(list(prompts), padding="max_length", max_length=clip_tok.model_max_length,
+                          truncation=True, return_tensors="pt")  # fmt: skip
+        pooled = clip(tokens.input_ids.to(device), output_hidden_states=False).pooler_output
+        length = t5_max_length or self.t5_max_length(bundle)
+        hidden, mask = encode_t5(t5, t5_tok, prompts, max_length=length, attention_mask=t5_attention_mask)
+        extra = {T5_MASK: mask} if t5_attention_mask else {}
+        return Conditioning(hidden_states=hidden.to(dtype=t5.dtype), pooled=pooled.to(dtype=clip.dtype), extra=extra)
+
+    def predict(
+        self,
+        bundle: ModelBundle,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        *,
+        guidance: float | torch.Tensor | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """The transformer's velocity for ``noisy_latents`` [B, 16, H, W] at ``timesteps`` (sigma * 1000)."""
+        import torch
+
+        from ...dtypes import compute_dtype
+
+        transformer = bundle.transformer
+        if conditioning.pooled is None:
+            raise ConfigError("Flux conditioning without the pooled CLIP-L embedding")
+        batch, _, height, width = noisy_latents.shape
+        device, dtype = noisy_latents.device, compute_dtype(transformer)  # not fp8 storage (--fp8-base)
+        packed = pack_latents(noisy_latents).to(dtype)
+        hidden = conditioning.hidden_states.to(device=device, dtype=dtype)
+        step = torch.as_tensor(timesteps, device=device).reshape(-1).expand(batch).to(dtype) / 1000
+        value = None
+        if transformer.config.guidance_embeds:
+            given = DEFAULT_GUIDANCE if guidance is None else guidance
+            value = torch.as_tensor(given, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        kwargs: dict[str, Any] = {}
+        if T5_MASK in conditioning.extra:  # padding tokens masked as keys in every joint attention
+            text = conditioning.extra[T5_MASK].to(device=device, dtype=torch.bool)
+            image = torch.ones(batch, packed.shape[1], device=device, dtype=torch.bool)
+            kwargs["joint_attention_kwargs"] = {"attention_mask": torch.cat([text, image], dim=1)[:, None, None, :]}
+        out = transformer(
+            hidden_states=packed,
+            timestep=step,
+            guidance=value,
+            pooled_projections=conditioning.pooled.to(device=device, dtype=dtype),
+            encoder_hidden_states=hidden,
+            txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
+            img_ids=image_ids(height, width, device=device, dtype=dtype),
+            return_dict=False,
+            **kwargs,
+        )[0]
+        return unpack_latents(out, height, width)

@@ -1,0 +1,124 @@
+"""Write a Flux.1 bundle as one ``.safetensors`` in the layouts ComfyUI, Forge and kohya read.
+
+``layout="comfy"`` (default): the transformer in BFL keys under ``model.diffusion_model.``, and, when
+the bundle has them, the VAE in ldm keys under ``vae.`` (attention as 1x1 convs, as BFL's
+``ae.safetensors``), CLIP-L under ``text_encoders.clip_l.transformer.`` (with ``text_model.``) and
+T5 under ``text_encoders.t5xxl.transformer.``: ComfyUI's "checkpoint" Flux files.
+``layout="bfl"``: the transformer alone in BFL keys, as ``flux1-dev.safetensors`` (ComfyUI's
+``diffusion_models`` folder, Forge, kohya's ``--pretrained_model_name_or_path``).
+
+Metadata: modelspec with kohya's Flux architecture names (``flux-1-dev`` / ``flux-1-schnell``) and
+our ``sdcore.config`` entry (exact component configs) so non-standard sizes read back exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ...errors import SdcoreError
+from ..bundle import ModelBundle
+from .convert import COMFY_PREFIX, diffusers_to_bfl
+from .load import CLIP_L_PREFIX, CONFIG_METADATA_KEY, VAE_PREFIX
+
+LAYOUTS = ("comfy", "bfl")
+IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+
+
+def flux_state(bundle: ModelBundle, layout: str = "comfy") -> dict[str, Any]:
+    """Every tensor of ``bundle`` under its key in the ``layout`` file (see the module doc)."""
+    from ..convert.clip import clip_key_map, has_text_model_level
+    from ..convert.vae import PREFIX as LDM_VAE_PREFIX
+    from ..convert.vae import is_conv_attention, vae_key_map
+    from ..t5 import COMFY_T5_PREFIX, t5_file_tensors
+
+    if layout not in LAYOUTS:
+        raise SdcoreError(f"unknown Flux file layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    prefix = COMFY_PREFIX if layout == "comfy" else ""
+    out = diffusers_to_bfl(bundle.transformer.state_dict(), prefix)
+    if layout == "bfl":
+        return out
+    if bundle.vae is not None:
+        state = bundle.vae.state_dict()
+        for key, file_key in vae_key_map(list(state), len(bundle.vae.config.block_out_channels)).items():
+            value = state[key]
+            if is_conv_attention(file_key) and value.ndim == 2:
+                value = value.reshape(*value.shape, 1, 1)
+            out[VAE_PREFIX + file_key[len(LDM_VAE_PREFIX) :]] = value
+    if bundle.text_encoders:
+        clip = bundle.text_encoders[0]
+        state = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
+        for key, file_key in clip_key_map(list(state), CLIP_L_PREFIX, has_text_model_level(clip)).items():
+            out[file_key] = state[key]
+    if len(bundle.text_encoders) > 1:
+        out.update(t5_file_tensors(bundle.text_encoders[1], COMFY_T5_PREFIX))
+    return out
+
+
+def flux_configs(bundle: ModelBundle, layout: str) -> dict[str, Any]:
+    """The ``sdcore.config`` entry: family and the exact config of each component in the file."""
+    from ..save import _json_config
+
+    components: dict[str, Any] = {"transformer": _json_config(bundle.transformer.config)}
+    components["scheduler"] = _json_config(bundle.noise_scheduler.config)
+    if layout == "comfy":
+        if bundle.vae is not None:
+            components["vae"] = _json_config(bundle.vae.config)
+        for name, module in zip(("text_encoder", "text_encoder_2"), bundle.text_encoders, strict=False):
+            components[name] = _json_config(module.config)
+    return {"family": "flux", "layout": layout, "components": components}
+
+
+def write_flux_single_file(
+    bundle: ModelBundle,
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    metadata: dict[str, str] | None = None,
+    layout: str = "comfy",
+) -> Path:
+    """Write ``bundle`` as one ``.safetensors`` (atomic; modelspec hash filled in)."""
+    from safetensors.torch import save_file
+
+    from ...io import atomic_path
+    from ..load import resolve_dtype
+    from ..save import _HASH_PLACEHOLDER, SAI_SPEC_VERSION, _dtype_name, _fill_data_hash
+
+    target = Path(path)
+    if target.suffix.lower() not in (".safetensors", ".sft"):
+        raise SdcoreError(f"{target}: single files are written as .safetensors")
+    want = resolve_dtype(dtype)
+    seen: set[int] = set()
+    tensors: dict[str, Any] = {}
+    for key, value in flux_state(bundle, layout).items():
+        value = value.detach().to("cpu")
+        if want is not None and value.is_floating_point():
+            value = value.to(want)
+        value = value.contiguous()
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in seen and value.numel():  # safetensors refuses tensors sharing memory (row views)
+            value = value.clone()
+        seen.add(pointer)
+        tensors[key] = value
+    variant = "dev" if bundle.transformer.config.guidance_embeds else "schnell"
+    first = next(iter(bundle.transformer.parameters()))
+    meta = {
+        "modelspec.sai_model_spec": SAI_SPEC_VERSION,
+        "modelspec.architecture": f"flux-1-{variant}",
+        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.title": target.stem,
+        "modelspec.resolution": "1024x1024",
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.hash_sha256": _HASH_PLACEHOLDER,
+        CONFIG_METADATA_KEY: json.dumps(flux_configs(bundle, layout), sort_keys=True),
+        "sdcore.dtype": _dtype_name(want or first.dtype),
+    }
+    for key, value in (metadata or {}).items():
+        meta[str(key)] = str(value)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        _fill_data_hash(tmp)
+    return target

@@ -1,0 +1,176 @@
+"""The SD3/SD3.5 family's behaviour: detect and read its files, build the tiny model, encode prompts, predict.
+
+Prompt encoding is diffusers' ``StableDiffusion3Pipeline.encode_prompt``, step for step: CLIP-L and
+CLIP-G run on 77 tokens and give their penultimate hidden states (``clip_skip`` goes further back),
+concatenated along channels and zero-padded to T5's width; T5 runs on ``t5_max_length`` tokens
+(256 by default; no attention mask, as diffusers runs it); the sequence is CLIP's 77 tokens then T5's.
+The pooled vector is CLIP-L's projected pooled output (identity projection in SD3) then CLIP-G's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+from . import T5_MAX_LENGTH
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...train.method import Conditioning
+    from ..bundle import ModelBundle
+
+CLIP_MAX_LENGTH = 77
+
+
+def _device(module: Any) -> Any:
+    return next(module.parameters()).device
+
+
+def clip_embeds(
+    tokenizer: Any, encoder: Any, prompts: list[str], *, clip_skip: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [B, 77, C], projected pooled [B, P]); ``clip_skip`` counted as diffusers' SD3 pipeline
+    does: ``None`` is the penultimate layer, ``n`` the layer ``-(n + 2)``."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    out = encoder(ids.to(_device(encoder)), output_hidden_states=True)
+    layer = -2 if clip_skip is None else -(clip_skip + 2)
+    if -layer > len(out.hidden_states):
+        from ...errors import ConfigError
+
+        raise ConfigError(f"--clip-skip too large: the text encoder has only {len(out.hidden_states) - 1} layers")
+    return out.hidden_states[layer], out[0]
+
+
+class Sd3Adapter:
+    """:class:`~sdcore.models.family.FamilyAdapter` of ``sd3`` (SD3 medium, SD3.5 large/medium)."""
+
+    #: ``_class_name`` of the diffusers folders the core's writer makes of this family
+    diffusers_pipeline = "StableDiffusion3Pipeline"
+
+    def release(self, bundle: ModelBundle) -> str | None:
+        """``model info``'s variant line: SD3 medium, SD3.5 large or SD3.5 medium, from the MMDiT's config."""
+        from .detect import release_label
+
+        return release_label(bundle.denoiser.config)
+
+    def detect_single_file(self, keys: Collection[str]) -> bool:
+        from .detect import is_sd3_file
+
+        return is_sd3_file(keys)
+
+    def load_single_file(self, path: str | os.PathLike[str], **options: Any) -> ModelBundle:
+        from .load import read_sd3_single_file
+
+        return read_sd3_single_file(path, **options)
+
+    def create_tiny(self, *, seed: int = 0, variant: str = "sd3", **_: Any) -> ModelBundle:
+        """The tiny SD3 model; ``variant`` ``sd3.5-large``/``sd3.5-medium`` adds QK norm / dual attention."""
+        from .tiny import create_tiny_sd3
+
+        return create_tiny_sd3(seed=seed, variant=variant)
+
+    def read_layout(self, path: str | os.PathLike[str]) -> Any:
+        """The :class:`~sdcore.models.layout.ModelLayout` of an SD3 single file from its header; a file
+        without its text encoders or VAE has no complete layout (they come as separate parts)."""
+        from ..layout import LayoutUnavailableError, ModelLayout
+        from .load import sd3_file_configs
+
+        configs, missing, per_weight = sd3_file_configs(path)
+        if missing:
+            raise LayoutUnavailableError(f"{path}: {', '.join(missing)} not in the file (given separately)")
+        return ModelLayout(str(path), "sd3", "flow_matching", configs, "single-file", per_weight)
+
+    def save(
+        self, bundle: ModelBundle, path: str | os.PathLike[str], *, format: str = "single-file", **options: Any
+    ) -> Any:
+        """``bundle.save``: ``single-file`` is SAI's layout (ComfyUI, Forge, diffusers' ``from_single_file``),
+        ``diffusers`` a ``StableDiffusion3Pipeline`` folder."""
+        from ...errors import SdcoreError
+        from .save import write_sd3_diffusers, write_sd3_single_file
+
+        if format == "single-file":
+            return write_sd3_single_file(bundle, path, **options)
+        if format == "diffusers":
+            return write_sd3_diffusers(bundle, path, **options)
+        raise SdcoreError(f"unknown model format {format!r} for SD3; use single-file or diffusers")
+
+    def generate(self, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> list[Any]:
+        """``sdcore generate``: ``StableDiffusion3Pipeline`` with a flow-matching sampler (see :mod:`.generate`)."""
+        from .generate import generate_sd3
+
+        return generate_sd3(bundle, prompts, negatives, **settings)
+
+    def detect_diffusers(self, index: dict[str, Any]) -> bool:
+        """A ``StableDiffusion3Pipeline`` (or img2img/inpaint sibling) folder."""
+        return str(index.get("_class_name", "")).startswith("StableDiffusion3")
+
+    def load_diffusers(self, folder: str | os.PathLike[str], **options: Any) -> ModelBundle:
+        from .load import read_sd3_diffusers
+
+        return read_sd3_diffusers(folder, **options)
+
+    def encode_prompts(
+        self,
+        bundle: ModelBundle,
+        prompts: list[str],
+        *,
+        clip_skip: int | None = None,
+        t5_max_length: int | None = None,
+        t5_attention_mask: bool = False,
+        **_: Any,
+    ) -> Conditioning:
+        """``clip_skip`` as sdcore counts it everywhere (A1111's: 1 = the family's own layer, here the
+        penultimate, as SD3 was trained; 2 = one layer further back); ``t5_max_length``: T5 tokens
+        (default 256, diffusers' ``max_sequence_length``); ``t5_attention_mask`` masks T5's padding
+        inside the T5 encoder (SD3 and diffusers do not)."""
+        import torch
+        import torch.nn.functional as F
+
+        from ...train.method import Conditioning
+        from ..t5 import encode_t5
+
+        prompts = list(prompts)
+        clip_l, clip_g, t5 = bundle.text_encoders
+        tok_l, tok_g, tok_t5 = bundle.tokenizers
+        skip = None if clip_skip is None or clip_skip <= 1 else clip_skip - 1  # diffusers' count
+        hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=skip)
+        hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=skip)
+        t5_hidden, _mask = encode_t5(
+            t5, tok_t5, prompts, max_length=t5_max_length or T5_MAX_LENGTH, attention_mask=t5_attention_mask
+        )
+        clip_hidden = torch.cat([hidden_l, hidden_g.to(hidden_l.device)], dim=-1)
+        if clip_hidden.shape[-1] > t5_hidden.shape[-1]:
+            from ...errors import ModelFormatError
+
+            raise ModelFormatError(
+                f"SD3 text encoders do not fit: CLIP-L + CLIP-G width {clip_hidden.shape[-1]} exceeds T5's "
+                f"{t5_hidden.shape[-1]}"
+            )
+        clip_hidden = F.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
+        hidden = torch.cat([clip_hidden, t5_hidden.to(device=clip_hidden.device, dtype=clip_hidden.dtype)], dim=-2)
+        pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
+        return Conditioning(hidden, pooled)
+
+    def predict(
+        self,
+        bundle: ModelBundle,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        **_: Any,
+    ) -> torch.Tensor:
+        """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them."""
+        transformer = bundle.transformer
+        batch = noisy_latents.shape[0]
+        timestep = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
+        return transformer(
+            hidden_states=noisy_latents,
+            timestep=timestep,
+            encoder_hidden_states=conditioning.hidden_states,
+            pooled_projections=conditioning.pooled,
+            return_dict=False,
+        )[0]

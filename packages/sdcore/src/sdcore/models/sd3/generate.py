@@ -1,0 +1,131 @@
+"""Generation with SD3/SD3.5: diffusers' ``StableDiffusion3Pipeline`` over the bundle's own modules.
+
+Samplers are flow-matching schedulers configured from the bundle's schedule (its ``shift``): ``euler``
+(SD3's reference sampler), ``euler_a`` (the same with fresh noise each step, diffusers'
+``stochastic_sampling``) and ``heun``. Prompts are encoded by the family adapter (what training
+uses) and handed to the pipeline as embeddings; A1111's ``clip_skip`` counts from the last layer
+(1 = SD3's default, the penultimate hidden state of both CLIPs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ...errors import ConfigError
+
+if TYPE_CHECKING:
+    from ...generate.conditioning import Conditioning
+    from ..bundle import ModelBundle
+
+#: id -> (diffusers scheduler class, config overrides, A1111 display name)
+FLOW_SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": False}, "Euler"),
+    "euler_a": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "Euler a"),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+}
+
+
+def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler") -> Any:
+    """A fresh flow-matching scheduler for ``sampler`` with the bundle's shift and step count."""
+    import diffusers
+
+    from ...generate.pipeline import sampler_id
+
+    try:
+        sid = sampler_id(sampler)
+    except ConfigError:
+        sid = sampler
+    if sid not in FLOW_SAMPLERS:
+        raise ConfigError(
+            f"sampler {sampler!r} does not sample flow-matching models (SD3); choose one of: {', '.join(FLOW_SAMPLERS)}"
+        )
+    class_name, overrides, _ = FLOW_SAMPLERS[sid]
+    cls = getattr(diffusers, class_name)
+    base = {k: v for k, v in dict(bundle.noise_scheduler.config).items() if not k.startswith("_")}
+    keep = set(cls.from_config({}).config) if class_name != "FlowMatchEulerDiscreteScheduler" else set(base)
+    return cls.from_config({**{k: v for k, v in base.items() if k in keep}, **overrides})
+
+
+def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
+    """``StableDiffusion3Pipeline`` (or its img2img sibling) sharing the bundle's modules."""
+    import os
+
+    import transformers
+
+    if not os.environ.get("SDCORE_VERBOSE"):  # importing the pipelines warns about image processors never used
+        transformers.utils.logging.set_verbosity_error()
+    import diffusers
+
+    clip_l, clip_g, t5 = bundle.text_encoders
+    tok_l, tok_g, tok_t5 = bundle.tokenizers
+    cls: Any = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
+    return cls(
+        transformer=bundle.transformer,
+        scheduler=flow_scheduler_for(bundle, sampler),
+        vae=bundle.vae,
+        text_encoder=clip_l,
+        tokenizer=tok_l,
+        text_encoder_2=clip_g,
+        tokenizer_2=tok_g,
+        text_encoder_3=t5,
+        tokenizer_3=tok_t5,
+    )
+
+
+def encode_sd3_cond_uncond(
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    clip_skip: int = 1,
+    t5_max_length: int | None = None,
+) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) for the pipeline's ``prompt_embeds``/``pooled_prompt_embeds`` and their negatives."""
+    from ...generate.conditioning import Conditioning
+    from .adapter import Sd3Adapter
+
+    adapter = Sd3Adapter()
+    out = []
+    for texts in (prompts, negatives):
+        cond = adapter.encode_prompts(bundle, texts, clip_skip=clip_skip, t5_max_length=t5_max_length)
+        out.append(Conditioning(cond.hidden_states, cond.pooled))
+    return out[0], out[1]
+
+
+def generate_sd3(
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    seeds: list[int],
+    steps: int,
+    cfg: float,
+    width: int,
+    height: int,
+    image: Any = None,
+    strength: float = 0.75,
+    clip_skip: int = 1,
+    sampler: str = "euler",
+    **_: Any,
+) -> list[Any]:
+    """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them."""
+    import torch
+
+    pipe = build_sd3_pipeline(bundle, img2img=image is not None, sampler=sampler)
+    pipe.set_progress_bar_config(disable=True)
+    cond, uncond = encode_sd3_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": cond.embeds,
+        "negative_prompt_embeds": uncond.embeds,
+        "pooled_prompt_embeds": cond.pooled,
+        "negative_pooled_prompt_embeds": uncond.pooled,
+        "num_inference_steps": steps,
+        "guidance_scale": cfg,
+        "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
+        "output_type": "pil",
+    }
+    if image is not None:
+        kwargs.update(image=[image] * len(prompts), strength=strength)
+    else:
+        kwargs.update(width=width, height=height)
+    return list(pipe(**kwargs).images)

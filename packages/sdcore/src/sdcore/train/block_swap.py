@@ -1,0 +1,179 @@
+"""Block swap (``--blocks-to-swap N``, kohya's ``--blocks_to_swap``): the frozen weights of the
+last N repeated blocks of a transformer denoiser stay in CPU memory and visit the training device
+only while their block computes.
+
+How, and why this way:
+
+- The swapped blocks' parameters never leave the CPU. Each call of a swapped block makes device
+  copies of its frozen parameters and buffers (:meth:`WeightMover.to_device`) and runs the block's
+  own forward on those copies (``torch.func.functional_call``). The copies are plain tensors owned
+  by that call: when the forward returns, only autograd can still hold them.
+- Autograd must not hold them across the whole forward, or every swapped block would be back on
+  the device by the end of it. So a swapped block always runs under activation checkpointing
+  (``torch.utils.checkpoint``, non-reentrant): its forward keeps nothing, and in backward the block
+  is recomputed, which copies its weights in again, and autograd frees that copy once the block's
+  gradients are done. Under ``--gradient-checkpointing`` the denoiser already checkpoints every
+  block (diffusers' ``gradient_checkpointing``), so the swap adds no second checkpoint then.
+- Because the copies are new tensors with the same values, the swap changes no number: losses and
+  gradients equal the unswapped run bit for bit (tested on CPU with a recording mover).
+- Trainable parameters inside a swapped block (rare: LoRA factors live outside the blocks) stay on
+  the device and are used as they are; a full fine-tune of the denoiser has nothing to swap.
+
+Which blocks: the denoiser's repeated block lists named in :data:`BLOCK_LISTS` (SD3's
+``transformer_blocks``; Flux's ``transformer_blocks`` then ``single_transformer_blocks``), in forward
+order; the last N are swapped. A UNet has no such lists: the pre-flight refuses ``--blocks-to-swap``
+there. With ``accelerate``/DDP each process swaps its own copy (the swapped weights are frozen and
+outside what DDP wraps); sharding engines (FSDP, DeepSpeed ZeRO-3) place weights themselves and
+should not be combined with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+#: attribute names of a denoiser's repeated-block ``ModuleList``s, in forward order
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def swappable_blocks(denoiser: nn.Module) -> list[nn.Module]:
+    """The denoiser's repeated transformer blocks in forward order (empty for a UNet)."""
+    blocks: list[nn.Module] = []
+    for name in BLOCK_LISTS:
+        found = getattr(denoiser, name, None)
+        if isinstance(found, nn.ModuleList):
+            blocks.extend(found)
+    return blocks
+
+
+def blocks_to_swap_problem(count: int, available: int, what: str) -> str | None:
+    """Why ``--blocks-to-swap count`` cannot apply to a denoiser with ``available`` blocks."""
+    if count < 0:
+        return f"--blocks-to-swap must be 0 (off) or more, got {count}"
+    if count == 0:
+        return None
+    if available == 0:
+        return (
+            f"--blocks-to-swap: {what} has no repeated transformer blocks to swap (block swap is for the "
+            "transformer families, SD3 and Flux); use --gradient-checkpointing and --fp8-base to save memory"
+        )
+    if count > available:
+        return f"--blocks-to-swap {count}: {what} has only {available} transformer blocks; choose 1 to {available}"
+    return None
+
+
+class Mover(Protocol):
+    """Makes a block's device copies (``to_device``) and is told when the swap drops them (``release``)."""
+
+    def to_device(self, index: int, block: nn.Module) -> dict[str, torch.Tensor]: ...
+
+    def release(self, index: int) -> None: ...
+
+
+class WeightMover:
+    """Copies a block's frozen parameters and buffers to ``device`` (from pinned CPU memory on a GPU,
+    so the copy can run asynchronously)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = torch.device(device)
+
+    def to_device(self, index: int, block: nn.Module) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in (*block.named_parameters(), *block.named_buffers()):
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+                continue  # trainable: stays on the device as itself
+            tensors[name] = tensor.detach().to(self.device, copy=True, non_blocking=True)
+        return tensors
+
+    def release(self, index: int) -> None:
+        """Nothing to do: the copies die with their last reference (the swap's or autograd's)."""
+
+
+def _pin(tensor: torch.Tensor) -> torch.Tensor:
+    try:
+        return tensor.pin_memory()
+    except RuntimeError:  # no pinnable memory here: plain copies still work
+        return tensor
+
+
+class BlockSwap:
+    """The swap installed on one denoiser; :meth:`remove` undoes it (all weights back to the device)."""
+
+    def __init__(self, denoiser: nn.Module, count: int, device: Any, mover: Mover | None = None) -> None:
+        blocks = swappable_blocks(denoiser)
+        problem = blocks_to_swap_problem(count, len(blocks), type(denoiser).__name__)
+        if problem:
+            raise ConfigError(problem)
+        self.denoiser = denoiser
+        self.device = torch.device(device)
+        self.mover: Mover = mover or WeightMover(device)
+        self.blocks = blocks[len(blocks) - count :] if count else []
+        self._originals: list[Callable[..., Any]] = []
+        self._inside: set[int] = set()
+        for index, block in enumerate(self.blocks):
+            self._install(index, block)
+
+    def _install(self, index: int, block: nn.Module) -> None:
+        pinned = self.device.type == "cuda"
+        for tensor in (*block.parameters(), *block.buffers()):
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+                tensor.data = tensor.data.to(self.device)
+            else:
+                data = tensor.data.to("cpu")
+                tensor.data = _pin(data) if pinned else data
+        original = block.forward
+        self._originals.append(original)
+        key = id(block)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            tensors = self.mover.to_device(index, block)
+            self._inside.add(key)
+            try:
+                return torch.func.functional_call(block, tensors, args, kwargs, strict=False)
+            finally:
+                self._inside.discard(key)
+                del tensors
+                self.mover.release(index)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if key in self._inside:  # functional_call calling the block itself: its own forward
+                return original(*args, **kwargs)
+            if torch.is_grad_enabled() and not getattr(self.denoiser, "gradient_checkpointing", False):
+                from torch.utils.checkpoint import checkpoint
+
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)  # no autograd, or the denoiser checkpoints each block already
+
+        block.forward = forward  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        """Put every swapped block's weights on the device and its own forward back (for saving
+        whole models or generating without the swap)."""
+        for block, original in zip(self.blocks, self._originals, strict=True):
+            block.forward = original  # type: ignore[method-assign]
+            block.to(self.device)
+        self.blocks, self._originals = [], []
+
+
+def block_sizes(denoiser: nn.Module, *, trainable: Collection[int] | None = None) -> list[tuple[int, int]]:
+    """Per swappable block (forward order): (frozen elements, of which ``--fp8-base`` would store in
+    fp8). ``trainable``: ids of the parameters that train (default: those requiring grad). Shapes
+    only, so it works on a meta-device model (the memory plan)."""
+
+    def trains(p: torch.Tensor) -> bool:
+        return p.requires_grad if trainable is None else id(p) in trainable
+
+    sizes = []
+    for block in swappable_blocks(denoiser):
+        frozen = sum(p.numel() for p in block.parameters() if not trains(p))
+        frozen += sum(b.numel() for b in block.buffers())
+        layers = [m for m in block.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+        weights = [m.weight for m in layers if isinstance(m.weight, torch.Tensor)]
+        fp8 = sum(w.numel() for w in weights if not trains(w) and w.is_floating_point())
+        sizes.append((frozen, fp8))
+    return sizes

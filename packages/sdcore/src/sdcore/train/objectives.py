@@ -1,0 +1,216 @@
+"""Training objectives: how a batch of latents becomes (noisy input, timesteps, target, loss weights).
+
+The family says which one a model trains with (``ModelFamily.objective``); :func:`objective_for`
+builds it from the run's options.
+
+- :class:`DdpmObjective` (SD1/SD2/SDXL): integer timesteps uniform in ``[0, T)``, ``noisy =
+  sqrt(abar_t) x + sqrt(1 - abar_t) eps`` from the model's DDPM scheduler, the target is the noise
+  (epsilon) or the velocity (v-prediction), optional min-SNR-gamma weights.
+- :class:`FlowMatchingObjective` (SD3, Flux; rectified flow): a sigma ``s`` in ``[0, 1]`` drawn with
+  the chosen timestep sampling, then time-shifted ``s' = shift * s / (1 + (shift - 1) * s)`` (SD3
+  paper, eq. 23); ``noisy = (1 - s) x + s * eps``, the target is the velocity ``eps - x`` (as SD3/Flux
+  trainers use: kohya, diffusers' examples, SimpleTuner), no loss weighting, and the denoiser is
+  called with ``timestep = s * 1000`` as diffusers' SD3 and Flux pipelines do.
+
+Noise and the timestep are drawn per sample from a generator seeded by the sample's identity (see
+:mod:`.noise`), so every objective keeps the runtime's batch-size/accumulation/resume invariance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import ConfigError
+from .options import TIMESTEP_SAMPLINGS
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.bundle import ModelBundle
+    from .options import TrainOptions
+
+#: the SD3 paper's bounds for the mode sampling's scale: outside them f_mode is not monotone,
+#: so it would not map [0, 1] onto [0, 1]
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
+
+
+@dataclass
+class Noised:
+    """One micro-batch prepared for the denoiser."""
+
+    noisy: torch.Tensor  # the denoiser's input
+    timesteps: torch.Tensor  # what the denoiser is called with ([B]; long for DDPM, float s*1000 for flow)
+    target: torch.Tensor  # the regression target
+    weights: torch.Tensor | None = None  # per-sample loss weights of the objective ([B]) or None
+
+
+class TrainingObjective(Protocol):
+    """What the step asks of an objective."""
+
+    name: str
+
+    def sample(
+        self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample seeded noise ``[B, *shape]`` and timesteps ``[B]`` (on the CPU)."""
+        ...
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+        """The noisy latents, the denoiser's timesteps, the target and the loss weights."""
+        ...
+
+
+class DdpmObjective:
+    """Epsilon / v-prediction on the model's DDPM schedule, with optional min-SNR-gamma weighting."""
+
+    name = "ddpm"
+
+    def __init__(self, scheduler: Any, *, min_snr_gamma: float | None = None) -> None:
+        self.scheduler = scheduler
+        self.min_snr_gamma = min_snr_gamma
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.scheduler.config["num_train_timesteps"])
+
+    def sample(
+        self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from .noise import sample_noise
+
+        return sample_noise(keys, shape, noise_offset=noise_offset, num_timesteps=self.num_timesteps)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+        from .noise import min_snr_weights, training_target
+
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(self.scheduler, latents, noise, timesteps)
+        weights = None
+        if self.min_snr_gamma:
+            weights = min_snr_weights(self.scheduler, timesteps, self.min_snr_gamma)
+        return Noised(noisy, timesteps, target, weights)
+
+
+def time_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution-dependent time shift ``s' = shift * s / (1 + (shift - 1) * s)``; ``shift``
+    1 is the identity, larger values move sigmas towards 1 (more noise)."""
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def mode_sigmas(u: torch.Tensor, mode_scale: float) -> torch.Tensor:
+    """The SD3 paper's ``f_mode(u; s) = 1 - u - s * (cos^2(pi u / 2) - 1 + u)`` for uniform ``u``."""
+    import torch
+
+    return 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+
+
+@dataclass(frozen=True)
+class FlowMatchingObjective:
+    """Rectified-flow matching with a choice of timestep sampling (see the module doc)."""
+
+    timestep_sampling: str = "logit_normal"
+    shift: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    num_timesteps: int = 1000
+
+    name = "flow-matching"
+
+    def __post_init__(self) -> None:
+        problems = flow_option_problems(
+            self.timestep_sampling, self.shift, self.logit_std, self.mode_scale, self.sigmoid_scale
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def sample_sigmas(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``count`` sigmas in [0, 1] with this sampling and shift (float32, CPU)."""
+        import torch
+
+        kind = self.timestep_sampling
+        if kind == "uniform":
+            sigmas = torch.rand((count,), generator=generator)
+        elif kind == "logit_normal":  # sigmoid of N(mean, std): SD3's default "lognorm(0, 1)"
+            sigmas = torch.sigmoid(torch.randn((count,), generator=generator) * self.logit_std + self.logit_mean)
+        elif kind == "mode":
+            sigmas = mode_sigmas(torch.rand((count,), generator=generator), self.mode_scale)
+        else:  # "sigmoid": kohya's flux sampling, sigmoid(scale * N(0, 1))
+            sigmas = torch.sigmoid(self.sigmoid_scale * torch.randn((count,), generator=generator))
+        return time_shift(sigmas, self.shift).clamp(0.0, 1.0)
+
+    def sample(
+        self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        noises, sigmas = [], []
+        for key in keys:
+            gen = torch.Generator().manual_seed(int(key))
+            noise = torch.randn(tuple(shape), generator=gen)
+            if noise_offset:
+                noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=gen)
+            noises.append(noise)
+            sigmas.append(self.sample_sigmas(1, gen))
+        return torch.stack(noises), torch.cat(sigmas) * self.num_timesteps
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+        sigmas = (timesteps.float() / self.num_timesteps).to(latents.device)
+        s = sigmas.reshape(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+        noisy = (1.0 - s) * latents + s * noise
+        return Noised(noisy, sigmas * self.num_timesteps, noise - latents)
+
+
+def flow_option_problems(
+    timestep_sampling: str, shift: float, logit_std: float, mode_scale: float, sigmoid_scale: float
+) -> list[str]:
+    """What is wrong with the flow-matching options (one line each; empty when all is well)."""
+    problems = []
+    if timestep_sampling not in TIMESTEP_SAMPLINGS:
+        problems.append(f"--timestep-sampling {timestep_sampling!r}: choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    if not shift > 0:
+        problems.append(f"--discrete-flow-shift must be positive (1 = no shift), got {shift}")
+    if not logit_std > 0:
+        problems.append(f"--logit-std must be positive, got {logit_std}")
+    low, high = MODE_SCALE_RANGE
+    if not low <= mode_scale <= high:
+        problems.append(f"--mode-scale must be between {low:g} and {high:.4f} (SD3 paper), got {mode_scale}")
+    if not sigmoid_scale > 0:
+        problems.append(f"--sigmoid-scale must be positive, got {sigmoid_scale}")
+    return problems
+
+
+def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjective:
+    """The objective of ``bundle``'s family, configured from the run's options."""
+    objective = bundle.family_spec.objective
+    if objective == "ddpm":
+        return DdpmObjective(bundle.noise_scheduler, min_snr_gamma=options.min_snr_gamma)
+    if objective == "flow-matching":
+        return FlowMatchingObjective(
+            timestep_sampling=options.timestep_sampling,
+            shift=options.discrete_flow_shift,
+            logit_mean=options.logit_mean,
+            logit_std=options.logit_std,
+            mode_scale=options.mode_scale,
+            sigmoid_scale=options.sigmoid_scale,
+        )
+    raise ConfigError(f"model family {bundle.family!r} has an objective sdcore does not know: {objective!r}")
+
+
+__all__ = [
+    "TIMESTEP_SAMPLINGS",
+    "DdpmObjective",
+    "FlowMatchingObjective",
+    "Noised",
+    "TrainingObjective",
+    "flow_option_problems",
+    "mode_sigmas",
+    "objective_for",
+    "time_shift",
+]

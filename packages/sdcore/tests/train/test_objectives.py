@@ -1,0 +1,229 @@
+"""Training objectives: DDPM as before, flow matching per its formulas, the samplers' distributions."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from runtime_methods import ConvOutMethod
+from sdcore.errors import ConfigError
+from sdcore.models import family as fam
+from sdcore.models.family import SD1, register_family
+from sdcore.models.tiny import create_tiny_bundle
+from sdcore.testing.contract import contract_options
+from sdcore.train.loop import TrainSession
+from sdcore.train.noise import min_snr_weights, sample_noise, training_target
+from sdcore.train.objectives import DdpmObjective, FlowMatchingObjective, objective_for
+from sdcore.train.preflight import PreflightError, objective_option_checks, validate_options
+
+N = 20000
+
+
+def _sigmas(**kw) -> np.ndarray:
+    return FlowMatchingObjective(**kw).sample_sigmas(N, torch.Generator().manual_seed(7)).double().numpy()
+
+
+def _logit(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 1e-7, 1 - 1e-7)
+    return np.log(x / (1 - x))
+
+
+# --- the samplers -------------------------------------------------------------------------------
+
+
+def test_logit_normal_median_and_spread():
+    s = _sigmas(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)
+    assert np.median(s) == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.01)  # sigmoid is monotone
+    assert _logit(s).std() == pytest.approx(0.8, rel=0.03)
+    assert s.min() >= 0 and s.max() <= 1
+
+
+def test_uniform_and_the_time_shift_formula():
+    plain = _sigmas(timestep_sampling="uniform")
+    assert plain.mean() == pytest.approx(0.5, abs=0.01)
+    shifted = _sigmas(timestep_sampling="uniform", shift=3.0)
+    # E[3u / (1 + 2u)] for u ~ U(0, 1) = 1.5 - 0.75 ln 3 (integrated by hand)
+    assert shifted.mean() == pytest.approx(1.5 - 0.75 * math.log(3), abs=0.01)
+    # a monotone map moves quantiles with it: the median 0.5 goes to 3*0.5 / (1 + 2*0.5) = 0.75
+    assert np.median(shifted) == pytest.approx(0.75, abs=0.01)
+    # same generator, same draws: every sample is exactly the formula applied to the unshifted one
+    assert np.allclose(shifted, 3 * plain / (1 + 2 * plain), atol=1e-6)
+
+
+def test_mode_sampling_matches_the_sd3_density():
+    s = _sigmas(timestep_sampling="mode", mode_scale=1.29)
+    # the share of sigmas in [0.25, 0.75], computed independently on a fine grid of u
+    u = np.linspace(0, 1, 200001)
+    f = 1 - u - 1.29 * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
+    expected = np.mean((f >= 0.25) & (f <= 0.75))
+    assert expected > 0.6  # the mode sampling favours the middle (uniform would give 0.5)
+    assert np.mean((s >= 0.25) & (s <= 0.75)) == pytest.approx(expected, abs=0.01)
+    zero = _sigmas(timestep_sampling="mode", mode_scale=0.0)  # f_mode(u; 0) = 1 - u: uniform
+    assert zero.mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_sigmoid_sampling_scale():
+    s = _sigmas(timestep_sampling="sigmoid", sigmoid_scale=2.0)
+    assert _logit(s).std() == pytest.approx(2.0, rel=0.03)
+    assert np.median(s) == pytest.approx(0.5, abs=0.01)
+
+
+def test_flow_sampling_is_per_sample_seeded():
+    obj = FlowMatchingObjective(timestep_sampling="logit_normal")
+    noise, t = obj.sample([11, 12], (4, 8, 8))
+    noise_b, t_b = obj.sample([12], (4, 8, 8))
+    assert torch.equal(noise[1], noise_b[0]) and t[1] == t_b[0]
+    assert t.dtype == torch.float32 and ((t >= 0) & (t <= 1000)).all()
+    # the noise is the same draw the DDPM objective makes for the same sample
+    assert torch.equal(noise, sample_noise([11, 12], (4, 8, 8))[0])
+
+
+def test_flow_options_are_checked():
+    with pytest.raises(ConfigError, match="timestep-sampling 'cosmap'"):
+        FlowMatchingObjective(timestep_sampling="cosmap")
+    with pytest.raises(ConfigError, match="discrete-flow-shift must be positive"):
+        FlowMatchingObjective(shift=0.0)
+    with pytest.raises(ConfigError, match=r"mode-scale must be between -1 and 1\.75"):
+        FlowMatchingObjective(mode_scale=2.0)
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
+def test_flow_noised_follows_the_formula():
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 16, 4, 4, generator=gen), torch.randn(3, 16, 4, 4, generator=gen)
+    t = torch.tensor([0.0, 250.0, 1000.0])
+    out = FlowMatchingObjective().noised(latents, noise, t)
+    s = torch.tensor([0.0, 0.25, 1.0]).view(3, 1, 1, 1)
+    assert torch.allclose(out.noisy, (1 - s) * latents + s * noise)
+    assert torch.equal(out.noisy[0], latents[0]) and torch.equal(out.noisy[2], noise[2])
+    assert torch.equal(out.target, noise - latents)
+    assert torch.equal(out.timesteps, t) and out.weights is None
+
+
+@pytest.fixture
+def flow_family():
+    """SD1's UNet trained with flow matching: a family declared at run time (as a plugin would)."""
+    before = dict(fam._REGISTERED)
+    family = dataclasses.replace(SD1, name="toy-flow", objective="flow-matching")
+    register_family(family)
+    yield family
+    fam._REGISTERED.clear()
+    fam._REGISTERED.update(before)
+
+
+def _session(tmp_path, bundle, **kw):
+    o = contract_options(ConvOutMethod, tmp_path, kw, family="sd1")
+    s = TrainSession(ConvOutMethod(o), bundle=bundle)
+    s.setup()
+    return s
+
+
+def test_the_step_uses_the_flow_objective_of_the_family(tmp_path, flow_family):
+    bundle = create_tiny_bundle("sd1")
+    bundle.family = "toy-flow"
+    s = _session(tmp_path, bundle, timestep_sampling="uniform", discrete_flow_shift=2.0)
+    assert isinstance(s.objective.training, FlowMatchingObjective)
+    assert s.objective.training.shift == 2.0
+    refs = s.data.epoch_plan(0)[0]
+    batch = s.make_batch(refs)
+    noise, t = s.objective.noise_for(refs, batch)
+    seen = {}
+
+    def compute_loss(ctx):
+        seen.update(noisy=ctx.noisy_latents, target=ctx.target, t=ctx.timesteps, pred=ctx.predict(ctx.conditioning))
+        return None
+
+    s.method.compute_loss = compute_loss
+    with torch.no_grad():
+        loss = s.sample_loss(batch, noise, t, 0)
+    x = batch.latents.float()
+    sig = (t / 1000).view(-1, 1, 1, 1)
+    assert torch.allclose(seen["noisy"], (1 - sig) * x + sig * noise)
+    assert torch.equal(seen["target"], noise - x)
+    assert torch.equal(seen["t"], t)
+    expected = ((seen["pred"] - (noise - x)) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss, expected)
+
+
+def test_sd1_step_is_the_old_ddpm_path(tmp_path):
+    """The loss equals the pre-objectives computation: scheduler.add_noise, epsilon target, the
+    UNet called directly, min-SNR weights; bit for bit."""
+    bundle = create_tiny_bundle("sd1")
+    s = _session(tmp_path, bundle, min_snr_gamma=5.0, noise_offset=0.05)
+    assert isinstance(s.objective.training, DdpmObjective)
+    refs = s.data.epoch_plan(0)[0]
+    batch = s.make_batch(refs)
+    keys = [ref.seed(s.options.seed, "noise") for ref in refs]
+    noise, t = s.objective.noise_for(refs, batch)
+    old_noise, old_t = sample_noise(keys, batch.latents.shape[1:], noise_offset=0.05, num_timesteps=1000)
+    assert torch.equal(noise, old_noise) and torch.equal(t, old_t)
+    with torch.no_grad():
+        loss = s.sample_loss(batch, noise, t, 0)
+        sched, x = bundle.noise_scheduler, batch.latents.float()
+        noisy = sched.add_noise(x, noise, t)
+        pred = bundle.unet(noisy, t, batch.conditioning.hidden_states, return_dict=False)[0]
+        old = torch.nn.functional.mse_loss(pred.float(), training_target(sched, x, noise, t), reduction="none")
+        old = old.mean(dim=(1, 2, 3)) * min_snr_weights(sched, t, 5.0) * batch.loss_weights
+    assert torch.equal(loss, old)
+
+
+def test_objective_for_reads_the_family(tmp_path, flow_family):
+    bundle = create_tiny_bundle("sd1")
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_sampling": "mode", "mode_scale": 0.5})
+    assert isinstance(objective_for(bundle, o), DdpmObjective)
+    bundle.family = "toy-flow"
+    flow = objective_for(bundle, o)
+    assert isinstance(flow, FlowMatchingObjective) and (flow.timestep_sampling, flow.mode_scale) == ("mode", 0.5)
+
+
+def test_preflight_checks_flow_options(tmp_path, flow_family):
+    o = contract_options(ConvOutMethod, tmp_path, {"logit_std": 0.0, "discrete_flow_shift": -1.0})
+    with pytest.raises(PreflightError) as info:
+        validate_options(o)
+    assert "--logit-std must be positive" in str(info.value)
+    assert "--discrete-flow-shift must be positive" in str(info.value)
+    o = contract_options(ConvOutMethod, tmp_path, {"min_snr_gamma": 5.0, "discrete_flow_shift": 3.0})
+    problems, notes = objective_option_checks(o, "toy-flow")
+    assert problems and "--min-snr-gamma" in problems[0] and not notes
+    problems, notes = objective_option_checks(o, "sd1")
+    assert not problems and notes == [
+        "--discrete-flow-shift: flow-matching options, without effect on sd1 (a DDPM family)"
+    ]
+
+
+def test_kohya_flow_names_translate():
+    from dataclasses import fields
+
+    from sdcore.train.kohya import translate
+    from sdcore.train.options import TrainOptions
+
+    names = [f.name for f in fields(TrainOptions)]
+    out = translate({"timestep_sampling": "shift", "discrete_flow_shift": 3.1582}, names, where="cfg")
+    assert out.values == {"timestep_sampling": "sigmoid", "discrete_flow_shift": 3.1582} and not out.problems
+    out = translate({"weighting_scheme": "none", "training_shift": 3.0}, names, where="cfg")
+    assert out.values == {"timestep_sampling": "uniform", "discrete_flow_shift": 3.0}
+    out = translate({"timestep_sampling": "flux_shift"}, names, where="cfg")
+    assert out.problems and "flux_shift" in out.problems[0]
+
+
+def test_a_flow_matching_family_trains_through_the_runtime(tmp_path, flow_family):
+    """The whole loop (caches, accumulation, optimizer) with float flow timesteps: the fixed-noise
+    loss (flow formulas at s = 0.1 ... 0.9) drops."""
+    bundle = create_tiny_bundle("sd1")
+    bundle.family = "toy-flow"
+    o = contract_options(
+        ConvOutMethod, tmp_path, {"max_steps": 30, "lr": 1e-2, "batch_size": 4, "save_state": False}, family="sd1"
+    )
+    s = TrainSession(ConvOutMethod(o), bundle=bundle)
+    s.setup()
+    before = s.fixed_loss()
+    result = s.run()
+    after = s.fixed_loss()
+    assert all(math.isfinite(x) for x in result.losses)
+    print(f"flow-matching fixed loss {before:.4f} -> {after:.4f}")
+    assert after < before * 0.9, (before, after)

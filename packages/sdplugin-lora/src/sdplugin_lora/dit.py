@@ -1,0 +1,421 @@
+"""kohya's LoRA names for the DiT families (SD3/SD3.5, FLUX.1) on diffusers transformers.
+
+kohya's sd-scripts (``networks/lora_sd3.py``, ``networks/lora_flux.py``) trains SAI's and BFL's own
+model classes, so its module names are those checkpoints' paths flattened with ``_``:
+``lora_unet_joint_blocks_0_x_block_attn_qkv``, ``lora_unet_double_blocks_0_img_attn_qkv``,
+``lora_unet_single_blocks_0_linear1``. ComfyUI and Forge read those names. Several of those
+modules are *fused*: one ``qkv`` Linear where diffusers has ``to_q``, ``to_k`` and ``to_v``, and
+Flux's ``linear1`` is q, k, v and the MLP input at once. And where SAI/BFL put ``[shift; scale]``
+in a continuous-AdaLN projection, diffusers puts ``[scale; shift]`` (SD3's last, "pre-only"
+context block and both families' final layer).
+
+So one kohya module is a stack of row blocks of diffusers modules, in kohya's row order: a
+:class:`KohyaModule` of :class:`Part` s, built from the loaded transformer (so tiny and real
+models are named alike). The conversions are exact, with no new LoRA maths:
+
+* file -> model (:func:`split_module`): a fused LoRA ``(down [R, in], up [sum rows, R], alpha)``
+  becomes one LoRA per part with the same down and alpha/rank and the part's rows of up (halves
+  swapped back where needed), so each part's ``alpha/R · up_j @ down`` is exactly its rows of the
+  fused update. Columns of ``up_j`` that are zero (the other parts' blocks of a block-diagonal up)
+  are dropped with their down rows, which is exact too and gives back the factors of every file
+  we fused. Other algorithms (LoHa, LoKr...) are split as full-matrix differences.
+* model -> file (:func:`fuse_parts`): q/k/v (and Flux's MLP input) LoRAs with their own downs
+  become ``down = cat(downs)`` (rank ``R = Σ r_j``) and ``up`` block-diagonal; alpha is written as
+  ``R · s`` so that alpha/rank keeps each part's scale ``s`` (parts with different scales have
+  their scale folded into their up block and alpha = R). kohya's own ``split_qkv`` writer keeps
+  the per-part alpha instead, so its fused files load with a third of the trained scale in every
+  loader that reads fused modules (kohya's own ``create_network_from_weights`` included); sdcore
+  does not repeat that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .format import ModuleWeights
+    from .naming import ModuleIndex
+
+#: families whose denoiser is a diffusers transformer with kohya names from SAI/BFL checkpoints
+DIT_FAMILIES = ("sd3", "flux")
+#: kohya text-encoder prefixes per family (te1 CLIP-L, te2 CLIP-G, te3 T5-XXL), in bundle order
+DIT_TE_PREFIXES = {"sd3": ("lora_te1", "lora_te2", "lora_te3"), "flux": ("lora_te1", "lora_te3")}
+#: our own name of a transformer module (the diffusers path flattened, as OneTrainer writes it and ComfyUI reads it)
+TRANSFORMER_PREFIX = "lora_transformer"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One diffusers module inside a kohya module: its rows, in kohya's row order."""
+
+    path: str  # module path inside the diffusers transformer
+    rows: int  # output rows of that module
+    swap_halves: bool = False  # kohya [shift; scale] <-> diffusers [scale; shift]
+
+
+@dataclass(frozen=True)
+class KohyaModule:
+    """A module as kohya names it, and the diffusers modules whose rows it stacks."""
+
+    name: str  # lora_unet_double_blocks_0_img_attn_qkv
+    parts: tuple[Part, ...]
+    default: bool  # in kohya's default targets (every Linear of the blocks); embedders/final layer are opt-in
+
+    @property
+    def direct(self) -> bool:
+        """One diffusers module with the same row order: the names are plain aliases."""
+        return len(self.parts) == 1 and not self.parts[0].swap_halves
+
+    @property
+    def rows(self) -> int:
+        return sum(part.rows for part in self.parts)
+
+
+def _get(root: Any, path: str) -> Any:
+    module = root
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module if hasattr(module, "weight") else None
+
+
+class _Table:
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.modules: list[KohyaModule] = []
+
+    def add(self, name: str, paths: Iterable[str], *, default: bool = True, swap: bool = False) -> None:
+        found = [(path, _get(self.root, path)) for path in paths]
+        if any(module is None for _, module in found):
+            return  # this configuration has no such module (SD3's pre-only context block, no attn2...)
+        parts = tuple(Part(path, int(module.weight.shape[0]), swap) for path, module in found)
+        self.modules.append(KohyaModule(f"lora_unet_{name}", parts, default))
+
+
+def flux_table(transformer: Any) -> list[KohyaModule]:
+    """kohya ``lora_flux`` names on a diffusers :class:`FluxTransformer2DModel`.
+
+    Default targets are every Linear of BFL's ``DoubleStreamBlock`` (img/txt attention qkv and
+    proj, MLP 0 and 2, modulation) and ``SingleStreamBlock`` (``linear1``, ``linear2``,
+    ``modulation.lin``); kohya's ``in_dims`` adds the embedders, and ComfyUI also maps the final layer.
+    """
+    t = _Table(transformer)
+    for i in range(len(getattr(transformer, "transformer_blocks", ()))):
+        b, k = f"transformer_blocks.{i}", f"double_blocks_{i}"
+        t.add(f"{k}_img_attn_qkv", (f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"))
+        t.add(f"{k}_img_attn_proj", (f"{b}.attn.to_out.0",))
+        t.add(f"{k}_img_mlp_0", (f"{b}.ff.net.0.proj",))
+        t.add(f"{k}_img_mlp_2", (f"{b}.ff.net.2",))
+        t.add(f"{k}_img_mod_lin", (f"{b}.norm1.linear",))
+        t.add(f"{k}_txt_attn_qkv", (f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"))
+        t.add(f"{k}_txt_attn_proj", (f"{b}.attn.to_add_out",))
+        t.add(f"{k}_txt_mlp_0", (f"{b}.ff_context.net.0.proj",))
+        t.add(f"{k}_txt_mlp_2", (f"{b}.ff_context.net.2",))
+        t.add(f"{k}_txt_mod_lin", (f"{b}.norm1_context.linear",))
+    for i in range(len(getattr(transformer, "single_transformer_blocks", ()))):
+        b, k = f"single_transformer_blocks.{i}", f"single_blocks_{i}"
+        t.add(f"{k}_linear1", (f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp"))
+        t.add(f"{k}_linear2", (f"{b}.proj_out",))
+        t.add(f"{k}_modulation_lin", (f"{b}.norm.linear",))
+    emb = "time_text_embed"
+    for name, path in (
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        ("time_in_in_layer", f"{emb}.timestep_embedder.linear_1"),
+        ("time_in_out_layer", f"{emb}.timestep_embedder.linear_2"),
+        ("vector_in_in_layer", f"{emb}.text_embedder.linear_1"),
+        ("vector_in_out_layer", f"{emb}.text_embedder.linear_2"),
+        ("guidance_in_in_layer", f"{emb}.guidance_embedder.linear_1"),
+        ("guidance_in_out_layer", f"{emb}.guidance_embedder.linear_2"),
+        ("final_layer_linear", "proj_out"),
+    ):
+        t.add(name, (path,), default=False)
+    t.add("final_layer_adaLN_modulation_1", ("norm_out.linear",), default=False, swap=True)
+    return t.modules
+
+
+def sd3_table(transformer: Any) -> list[KohyaModule]:
+    """kohya ``lora_sd3`` names on a diffusers :class:`SD3Transformer2DModel`.
+
+    Default targets are every Linear of SAI's ``SingleDiTBlock`` (the ``x_block`` and
+    ``context_block`` of each joint block: attention qkv and proj, SD3.5-medium's ``attn2``, MLP
+    fc1/fc2, ``adaLN_modulation.1``); kohya's ``emb_dims`` adds the embedders and final layer.
+    """
+    t = _Table(transformer)
+    blocks = list(getattr(transformer, "transformer_blocks", ()))
+    for i, block in enumerate(blocks):
+        b, k = f"transformer_blocks.{i}", f"joint_blocks_{i}"
+        t.add(f"{k}_x_block_attn_qkv", (f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"))
+        t.add(f"{k}_x_block_attn_proj", (f"{b}.attn.to_out.0",))
+        t.add(f"{k}_x_block_attn2_qkv", (f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v"))
+        t.add(f"{k}_x_block_attn2_proj", (f"{b}.attn2.to_out.0",))
+        t.add(f"{k}_x_block_mlp_fc1", (f"{b}.ff.net.0.proj",))
+        t.add(f"{k}_x_block_mlp_fc2", (f"{b}.ff.net.2",))
+        t.add(f"{k}_x_block_adaLN_modulation_1", (f"{b}.norm1.linear",))
+        t.add(f"{k}_context_block_attn_qkv", (f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"))
+        t.add(f"{k}_context_block_attn_proj", (f"{b}.attn.to_add_out",))
+        t.add(f"{k}_context_block_mlp_fc1", (f"{b}.ff_context.net.0.proj",))
+        t.add(f"{k}_context_block_mlp_fc2", (f"{b}.ff_context.net.2",))
+        # the pre-only context block's AdaLayerNormContinuous keeps (scale, shift) where SAI has (shift, scale)
+        pre_only = bool(getattr(block, "context_pre_only", False))
+        t.add(f"{k}_context_block_adaLN_modulation_1", (f"{b}.norm1_context.linear",), swap=pre_only)
+    emb = "time_text_embed"
+    for name, path in (
+        ("context_embedder", "context_embedder"),
+        ("x_embedder_proj", "pos_embed.proj"),
+        ("t_embedder_mlp_0", f"{emb}.timestep_embedder.linear_1"),
+        ("t_embedder_mlp_2", f"{emb}.timestep_embedder.linear_2"),
+        ("y_embedder_mlp_0", f"{emb}.text_embedder.linear_1"),
+        ("y_embedder_mlp_2", f"{emb}.text_embedder.linear_2"),
+        ("final_layer_linear", "proj_out"),
+    ):
+        t.add(name, (path,), default=False)
+    t.add("final_layer_adaLN_modulation_1", ("norm_out.linear",), default=False, swap=True)
+    return t.modules
+
+
+def kohya_table(family: str, transformer: Any) -> list[KohyaModule]:
+    if family == "flux":
+        return flux_table(transformer)
+    if family == "sd3":
+        return sd3_table(transformer)
+    raise ValueError(f"no kohya DiT table for family {family!r}")
+
+
+def variant_of_transformer(family: str, transformer: Any) -> str:
+    """What kohya's metadata calls the model: Flux ``dev``/``schnell`` (guidance embedding or not),
+    SD3 ``medium`` (3.0: no QK norm), ``5-large`` or ``5-medium`` (3.5 with MMDiT-X ``attn2`` layers)."""
+    config = getattr(transformer, "config", {})
+    get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+    if family == "flux":
+        return "dev" if get("guidance_embeds", False) else "schnell"
+    if not get("qk_norm", None):
+        return "medium"
+    return "5-medium" if tuple(get("dual_attention_layers", ()) or ()) else "5-large"
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: str) -> list[ModuleWeights]:
+    """A file's fused module -> one module per part (same order as ``module.parts``), exactly.
+
+    Plain LoRA keeps its factors: every part gets the same ``lora_down`` and alpha and its rows of
+    ``lora_up``. Other algorithms become full-matrix differences (``diff``) of the part's rows.
+    """
+    from sdcore.errors import NetworkMismatchError
+
+    from .format import ModuleWeights
+
+    widths = weights.in_out()
+    if widths is not None and widths[1] != module.rows:
+        raise NetworkMismatchError(
+            f"{label}: {name} has {widths[1]} output rows but the model's {module.name} has {module.rows} "
+            f"({' + '.join(str(p.rows) for p in module.parts)}): this LoRA does not fit the loaded model"
+        )
+    if weights.is_dora:
+        raise NetworkMismatchError(
+            f"{label}: {name} is a DoRA module on a fused layer; its magnitude cannot be split per "
+            "diffusers module (apply it to the original SAI/BFL model instead)"
+        )
+    out: list[ModuleWeights] = []
+    start = 0
+    if weights.plain_lora:
+        up, down, scale = weights.up.flatten(1), weights.down.flatten(1), weights.scale
+        for part in module.parts:
+            rows = up[start : start + part.rows]
+            if part.swap_halves:
+                rows = swap_halves(rows)
+            # columns of up that are zero for this part (the other parts' blocks of a block-diagonal
+            # up) add nothing: dropping them with their down rows, and keeping alpha/rank, is exact
+            # and gives back the factors of each part of a file we fused ourselves
+            keep = rows.abs().sum(dim=0) != 0
+            if bool(keep.any()) and not bool(keep.all()):
+                rows, part_down = rows[:, keep], down[keep]
+            else:
+                part_down = down
+            rank = int(part_down.shape[0])
+            out.append(
+                ModuleWeights(
+                    {
+                        "lora_down.weight": part_down.contiguous(),
+                        "lora_up.weight": rows.contiguous(),
+                        "alpha": _scalar(scale * rank),
+                    }
+                )
+            )
+            start += part.rows
+        return out
+    in_dim = widths[0] if widths is not None else None
+    if in_dim is None:
+        raise NetworkMismatchError(f"{label}: {name}: cannot tell the input width of this {weights.kind} module")
+    delta = weights.delta((module.rows, in_dim))
+    for part in module.parts:
+        rows = delta[start : start + part.rows]
+        out.append(ModuleWeights({"diff": (swap_halves(rows) if part.swap_halves else rows).contiguous()}))
+        start += part.rows
+    return out
+
+
+def _scalar(value: float) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(float(value))
+
+
+def fuse_parts(name: str, module: KohyaModule, parts: Mapping[str, ModuleWeights]) -> ModuleWeights:
+    """LoRAs of some of ``module``'s parts (by diffusers path) -> the kohya module, exactly.
+
+    ``down = cat(downs)``, ``up`` block-diagonal (zero rows for parts without a LoRA), alpha
+    ``R · s`` when all parts share the scale ``s`` (else each up block carries its own scale and
+    alpha = R), halves swapped where SAI/BFL order them otherwise.
+    """
+    import torch
+    from sdcore.errors import NetworkMismatchError
+
+    from .format import ModuleWeights
+
+    present = [(part, parts[part.path]) for part in module.parts if part.path in parts]
+    if not present:
+        raise ValueError(f"{name}: no part has weights")
+    for part, weights in present:
+        if not weights.plain_lora:
+            raise NetworkMismatchError(
+                f"{name}: only plain LoRA can be written in kohya's fused names ({part.path} is {weights.kind}"
+                f"{' with DoRA' if weights.is_dora else ''}); save in the diffusers layout instead"
+            )
+    scales = [weights.scale for _, weights in present]
+    total_rank = sum(weights.rank for _, weights in present)
+    same = all(abs(s - scales[0]) <= 1e-12 * max(1.0, abs(scales[0])) for s in scales)
+    ref = present[0][1].down
+    down = torch.cat([weights.down.float() for _, weights in present], dim=0)
+    up = torch.zeros(module.rows, total_rank, dtype=torch.float32, device=ref.device)
+    row = col = 0
+    for part in module.parts:
+        found = parts.get(part.path)
+        if found is not None:
+            block = found.up.float().reshape(part.rows, found.rank)
+            if not same:
+                block = block * found.scale
+            if part.swap_halves:
+                block = swap_halves(block)
+            up[row : row + part.rows, col : col + found.rank] = block
+            col += found.rank
+        row += part.rows
+    alpha = total_rank * scales[0] if same else float(total_rank)
+    return ModuleWeights({"lora_down.weight": down, "lora_up.weight": up, "alpha": _scalar(alpha)})
+
+
+def _modules(state: Mapping[str, torch.Tensor]) -> dict[str, ModuleWeights]:
+    from .format import parse_state_dict
+
+    return parse_state_dict(state).modules
+
+
+def kohya_state_dict(state: Mapping[str, torch.Tensor], index: ModuleIndex) -> dict[str, torch.Tensor]:
+    """A network's ``state_dict`` (``lora_transformer_<path>`` names) in kohya's SAI/BFL names.
+
+    Text-encoder modules keep their (already kohya) names; transformer modules are renamed or
+    fused (:func:`fuse_parts`). A transformer module outside kohya's table has no kohya name:
+    an error, since the file would not load in kohya's loaders.
+    """
+    from sdcore.errors import NetworkMismatchError
+
+    modules = _modules(state)
+    by_path: dict[str, tuple[str, ModuleWeights]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, weights in modules.items():
+        target = index.targets.get(name)
+        if target is not None and target.component == index.denoiser:
+            by_path[target.path] = (name, weights)
+        else:
+            out.update({f"{name}.{key}": tensor for key, tensor in weights.tensors.items()})
+    used: set[str] = set()
+    for module in index.kohya.values():
+        parts = {part.path: by_path[part.path][1] for part in module.parts if part.path in by_path}
+        if not parts:
+            continue
+        if module.direct:
+            weights = next(iter(parts.values()))
+        else:
+            weights = fuse_parts(module.name, module, parts)
+        out.update({f"{module.name}.{key}": tensor for key, tensor in weights.tensors.items()})
+        used.update(parts)
+    left = sorted(by_path[path][0] for path in set(by_path) - used)
+    if left:
+        raise NetworkMismatchError(
+            f"{len(left)} transformer modules have no kohya name ({', '.join(left[:5])}); save in the diffusers layout"
+        )
+    return out
+
+
+def diffusers_state_dict(
+    state: Mapping[str, torch.Tensor], index: ModuleIndex
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A network's ``state_dict`` in diffusers/PEFT's layout plus its header.
+
+    Keys are ``transformer.<path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.<path>`` for
+    the encoders); alphas go where diffusers' ``save_lora_weights`` puts them, the
+    ``lora_adapter_metadata`` header (the PEFT ``LoraConfig`` per component: ``r``,
+    ``lora_alpha``, ``target_modules``, and ``rank_pattern``/``alpha_pattern`` for modules that differ).
+    """
+    import json
+
+    from sdcore.errors import NetworkMismatchError
+
+    out: dict[str, torch.Tensor] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for name, weights in _modules(state).items():
+        target = index.targets.get(name)
+        if target is None:
+            raise NetworkMismatchError(f"{name}: not a module of the loaded model")
+        if not weights.plain_lora:
+            raise NetworkMismatchError(f"{name}: diffusers/PEFT files hold plain LoRA only (this is {weights.kind})")
+        component = "transformer" if target.component == index.denoiser else target.component
+        path = target.path  # the loaded modules' own paths: what diffusers injects PEFT layers into
+        out[f"{component}.{path}.lora_A.weight"] = weights.down
+        out[f"{component}.{path}.lora_B.weight"] = weights.up
+        config = configs.setdefault(component, {"ranks": {}, "alphas": {}})
+        config["ranks"][path] = weights.rank
+        config["alphas"][path] = weights.alpha
+    header: dict[str, Any] = {}
+    for component, config in configs.items():
+        ranks, alphas = config["ranks"], config["alphas"]
+        rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        header[f"{component}.r"] = rank
+        header[f"{component}.lora_alpha"] = alpha
+        header[f"{component}.target_modules"] = sorted(ranks)
+        header[f"{component}.rank_pattern"] = {p: r for p, r in ranks.items() if r != rank}
+        header[f"{component}.alpha_pattern"] = {p: a for p, a in alphas.items() if a != alpha}
+    return out, {"lora_adapter_metadata": json.dumps(header, sort_keys=True), "format": "pt"}
+
+
+__all__ = [
+    "DIT_FAMILIES",
+    "DIT_TE_PREFIXES",
+    "TRANSFORMER_PREFIX",
+    "KohyaModule",
+    "Part",
+    "diffusers_state_dict",
+    "flux_table",
+    "fuse_parts",
+    "kohya_state_dict",
+    "kohya_table",
+    "sd3_table",
+    "split_module",
+    "swap_halves",
+    "variant_of_transformer",
+]

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import os
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelFormatError(f"{path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
 
 
-def _clean(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+def config_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config's constructor arguments: without diffusers' ``_`` entries and transformers' bookkeeping."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+_clean = config_fields
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -92,6 +97,28 @@ def _no_init_contexts() -> list[Any]:
     return contexts
 
 
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Modules built inside get parameters on the meta device (buffers real) and skip random init.
+
+    Loaders build the module skeleton here, then assign the file's tensors: no weight is allocated
+    twice and no time goes into initialising what is overwritten.
+    """
+    from accelerate import init_empty_weights
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(init_empty_weights(include_buffers=False))
+        for skip in _no_init_contexts():  # random init of meta tensors is wasted work (~0.2 s)
+            stack.enter_context(skip)
+        yield
+
+
+def empty_module(build: Callable[[], Any]) -> Any:
+    """``build()`` inside :func:`empty_weights`."""
+    with empty_weights():
+        return build()
+
+
 def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     """Denoiser, VAE and text encoders with parameters on the meta device (buffers real).
 
@@ -101,13 +128,9 @@ def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     """
     import diffusers
     import transformers
-    from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(init_empty_weights(include_buffers=False))
-        for skip in _no_init_contexts():  # random init of meta tensors is wasted work (~0.2 s)
-            stack.enter_context(skip)
+    with empty_weights():
         if "unet" in configs or "transformer" not in configs:
             denoiser = UNet2DConditionModel.from_config(_clean(configs["unet"]))
         else:

@@ -219,19 +219,11 @@ def create_tiny_t5(*, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
 
 def empty_t5(config: dict[str, Any]) -> Any:
     """A ``T5EncoderModel`` with parameters on the meta device (filled by :func:`assign_t5`)."""
-    import contextlib
-
-    from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
-    from .load import _no_init_contexts
+    from .load import config_fields, empty_module
 
-    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(init_empty_weights(include_buffers=False))
-        for skip in _no_init_contexts():
-            stack.enter_context(skip)
-        return T5EncoderModel(T5Config(**fields))
+    return empty_module(lambda: T5EncoderModel(T5Config(**config_fields(config))))
 
 
 def t5_tensors(

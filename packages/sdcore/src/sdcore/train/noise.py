@@ -39,11 +39,7 @@ def sample_noise(
     noises, steps = [], []
     for key in keys:
         gen = torch.Generator().manual_seed(int(key))
-        noise = torch.randn(tuple(shape), generator=gen)
-        if noise_offset:
-            # kohya/crosslabs: a per-(sample, channel) constant shifts the mean brightness
-            noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=gen)
-        noises.append(noise)
+        noises.append(seeded_noise(gen, shape, noise_offset))
         steps.append(int(torch.randint(min_timestep, high, (1,), generator=gen)))
     return torch.stack(noises), torch.tensor(steps, dtype=torch.long)
 
@@ -81,3 +77,17 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (ratio + 1.0)
     return clipped / ratio
+
+
+def seeded_noise(gen: torch.Generator, shape: Sequence[int], noise_offset: float = 0.0) -> torch.Tensor:
+    """One sample's noise from its own generator, plus the offset term when asked.
+
+    kohya/crosslabs' offset adds a per-(sample, channel) constant that shifts the mean brightness.
+    Every objective draws its noise here, so the same key gives the same noise whatever the family.
+    """
+    import torch
+
+    noise = torch.randn(tuple(shape), generator=gen)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=gen)
+    return noise

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
+from .noise import seeded_noise
 from .options import TIMESTEP_SAMPLINGS
 
 if TYPE_CHECKING:
@@ -153,10 +154,7 @@ class FlowMatchingObjective:
         noises, sigmas = [], []
         for key in keys:
             gen = torch.Generator().manual_seed(int(key))
-            noise = torch.randn(tuple(shape), generator=gen)
-            if noise_offset:
-                noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=gen)
-            noises.append(noise)
+            noises.append(seeded_noise(gen, shape, noise_offset))
             sigmas.append(self.sample_sigmas(1, gen))
         return torch.stack(noises), torch.cat(sigmas) * self.num_timesteps
 

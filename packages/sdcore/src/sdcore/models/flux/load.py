@@ -19,7 +19,6 @@ part raises an error naming the option that supplies it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable, Collection
@@ -28,6 +27,7 @@ from typing import Any
 
 from ...errors import ModelFormatError, SdcoreError
 from ..bundle import ModelBundle
+from ..load import config_fields, empty_module
 from .convert import COMFY_PREFIX, GUIDANCE_PROBE, PROBE, bfl_to_diffusers, transformer_config_from_bfl
 
 VAE_PREFIX = "vae."
@@ -119,38 +119,22 @@ def variant_of_transformer(transformer: Any) -> str:
 # ----------------------------------------------------------------------------------------------- empty modules
 
 
-def _empty(build: Callable[[], Any]) -> Any:
-    from accelerate import init_empty_weights
-
-    from ..load import _no_init_contexts
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(init_empty_weights(include_buffers=False))
-        for skip in _no_init_contexts():
-            stack.enter_context(skip)
-        return build()
-
-
-def _clean(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
-
-
 def empty_transformer(config: dict[str, Any]) -> Any:
     from diffusers import FluxTransformer2DModel
 
-    return _empty(lambda: FluxTransformer2DModel.from_config(_clean(config)))
+    return empty_module(lambda: FluxTransformer2DModel.from_config(config_fields(config)))
 
 
 def empty_vae(config: dict[str, Any]) -> Any:
     from diffusers import AutoencoderKL
 
-    return _empty(lambda: AutoencoderKL.from_config(_clean(config)))
+    return empty_module(lambda: AutoencoderKL.from_config(config_fields(config)))
 
 
 def empty_clip(config: dict[str, Any]) -> Any:
     import transformers
 
-    return _empty(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**_clean(config))))
+    return empty_module(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**config_fields(config))))
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -366,7 +350,7 @@ def scheduler_for(variant: str, config: dict[str, Any] | None = None) -> Any:
 
     from .tiny import scheduler_config
 
-    return FlowMatchEulerDiscreteScheduler(**(_clean(config) if config else scheduler_config(variant)))
+    return FlowMatchEulerDiscreteScheduler(**(config_fields(config) if config else scheduler_config(variant)))
 
 
 def _tokenizers(parts: dict[str, Any], tokenizer: Any, t5_tokenizer: Any) -> None:

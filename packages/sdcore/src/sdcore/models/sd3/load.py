@@ -13,7 +13,6 @@ convention of one 64-wide head per block gives the head count when there is no Q
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 from ...errors import ModelFormatError, SdcoreError
 from ..bundle import ModelBundle
 from ..detect import CONFIG_METADATA_KEY
+from ..load import config_fields, empty_module
 from . import SD3
 from .convert import (
     CLIP_G_PREFIX,
@@ -143,32 +143,16 @@ def infer_clip_config(keys: Collection[str], shape: Shape, prefix: str, kind: st
 # ----------------------------------------------------------------------------------------------- modules
 
 
-def _empty(build: Callable[[], Any]) -> Any:
-    from accelerate import init_empty_weights
-
-    from ..load import _no_init_contexts
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(init_empty_weights(include_buffers=False))
-        for skip in _no_init_contexts():
-            stack.enter_context(skip)
-        return build()
-
-
-def _fields(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
-
-
 def empty_transformer(config: dict[str, Any]) -> Any:
     from diffusers import SD3Transformer2DModel
 
-    return _empty(lambda: SD3Transformer2DModel.from_config(_fields(config)))
+    return empty_module(lambda: SD3Transformer2DModel.from_config(config_fields(config)))
 
 
 def empty_vae(config: dict[str, Any]) -> Any:
     from diffusers import AutoencoderKL
 
-    return _empty(lambda: AutoencoderKL.from_config(_fields(config)))
+    return empty_module(lambda: AutoencoderKL.from_config(config_fields(config)))
 
 
 def empty_text_encoder(config: dict[str, Any]) -> Any:
@@ -181,7 +165,7 @@ def empty_text_encoder(config: dict[str, Any]) -> Any:
         return empty_t5(config)
     if cls_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
         cls = transformers.CLIPTextModelWithProjection  # SD3 reads both CLIPs' projected pooled output
-        return _empty(lambda: cls(transformers.CLIPTextConfig(**_fields(config))))
+        return empty_module(lambda: cls(transformers.CLIPTextConfig(**config_fields(config))))
     raise ModelFormatError(f"unsupported SD3 text encoder class {cls_name!r}")
 
 

@@ -78,8 +78,14 @@ def tiny_vae_config(family: str) -> dict[str, Any]:
 
 
 def tiny_text_encoder_config(family: str, index: int = 0) -> dict[str, Any]:
-    """A CLIP text config: quick_gelu for OpenAI CLIP-L (SD1, SDXL's first), gelu for OpenCLIP."""
-    kind = get_family(family).text_encoders[index].kind
+    """The tiny CLIP text config of ``family``'s ``index``-th text encoder."""
+    return tiny_clip_config(get_family(family).text_encoders[index].kind)
+
+
+def tiny_clip_config(kind: str) -> dict[str, Any]:
+    """A tiny CLIP text config of ``kind``: quick_gelu and ``<|endoftext|>`` padding for OpenAI CLIP-L,
+    gelu and ``!`` padding for OpenCLIP (H, bigG), as the real models ship. CLIP-G is wider (64 vs 32)
+    so that a wrong concatenation of two encoders shows in the shapes."""
     openclip = kind in OPENCLIP_KINDS
     width = 64 if kind == "clip-g" else 32
     return {

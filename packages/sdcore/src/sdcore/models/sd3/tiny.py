@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..tiny import tiny_clip_config
 from . import SD3
 
 CLIP_L_WIDTH = 32
@@ -61,25 +62,6 @@ def tiny_vae_config() -> dict[str, Any]:
         "shift_factor": SD3.latent.shift_factor,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
-    }
-
-
-def tiny_clip_config(kind: str) -> dict[str, Any]:
-    """CLIP-L (quick_gelu, pads with ``<|endoftext|>``) or CLIP-G (gelu, pads with ``!``), as SD3 ships them."""
-    width = CLIP_L_WIDTH if kind == "clip-l" else CLIP_G_WIDTH
-    openclip = kind == "clip-g"
-    return {
-        "vocab_size": 49408,
-        "hidden_size": width,
-        "intermediate_size": width * 2,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "hidden_act": "gelu" if openclip else "quick_gelu",
-        "projection_dim": width,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 0 if openclip else 49407,
     }
 
 

@@ -283,7 +283,8 @@ class FluxLoraStep:
         if plan_only:  # shapes only: enough for the estimate
             return
         if big:  # random weights made where they train, in the compute dtype (no fp32 copy of 12B weights)
-            model.to_empty(device=self.device).to(torch_dtype(mixed_precision))
+            # dtype first, on the meta device (free): no fp32 copy of 12B weights on the GPU, ever
+            model.to(torch_dtype(mixed_precision)).to_empty(device=self.device)
             with torch.no_grad():
                 for p in model.parameters():
                     p.normal_(0, 0.02)

@@ -7,8 +7,9 @@ the GPU in bf16 (the fp8 conversion then runs there too). A rank-16 LoRA on ever
 trains in fp32 with AdamW under bf16 autocast, on 1024 px latents (4096 image tokens) and 512 T5
 tokens, batch 1; the memory options are applied by the runtime's own code
 (:class:`sdcore.train.memory_options.MemorySetup` and ``place_model``). The peak counter is reset
-before the weights are made, so the peak covers weights, LoRA, optimizer state and activations,
-which is what the estimate covers. One call, a few minutes on an H100/H200:
+after setup, when the weights and the LoRA are resident, so the steps' peak covers weights, LoRA,
+optimizer state and activations, which is what the estimate covers; the setup's own peak (the
+bf16 -> fp8 conversion) is reported beside it. One call, a few minutes on an H100/H200:
 
     python benchmarks/gpu_flux_memory.py                       # fp8 base + gradient checkpointing
     python benchmarks/gpu_flux_memory.py --blocks-to-swap 20   # also block swap
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.plan_only:
         return result
     result["setup_seconds"] = time.perf_counter() - start
+    if cuda:  # the steps' peak: weights, LoRA and optimizer are resident, the construction's transients are not
+        result["setup_peak_mb"] = torch.cuda.max_memory_allocated() / MIB
+        result["resident_after_setup_mb"] = torch.cuda.memory_allocated() / MIB
+        torch.cuda.reset_peak_memory_stats()
     losses = []
     for index in range(args.steps):
         t0 = time.perf_counter()

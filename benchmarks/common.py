@@ -104,3 +104,19 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     )
     print(f"\nraw figures: {path}")
     return path
+
+
+#: ``--sdpa`` choices of the GPU scripts: which scaled-dot-product-attention kernels torch may pick
+SDPA_CHOICES = ("default", "no-cudnn", "math")
+
+
+def set_sdpa(choice: str) -> None:
+    """Restrict torch's SDPA kernels for the whole process (torch 2.11 prefers cuDNN's on Hopper)."""
+    if choice == "default":
+        return
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    if choice == "math":
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)

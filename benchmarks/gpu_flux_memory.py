@@ -38,6 +38,7 @@ MIB = 2**20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks.bench_memory import FLUX_SIZES
+    from benchmarks.common import SDPA_CHOICES
 
     parser = argparse.ArgumentParser(prog="python benchmarks/gpu_flux_memory.py", description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="flux", choices=tuple(FLUX_SIZES), help="flux = FLUX.1's shape")
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks-to-swap", type=int, default=0, help="also keep N blocks' weights on the CPU")
     parser.add_argument("--plan-only", action="store_true", help="print the estimate only (no weights, no GPU)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON too")
+    parser.add_argument("--sdpa", default="default", choices=SDPA_CHOICES, help="attention kernels torch may use")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -68,7 +70,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from benchmarks.bench_memory import FluxLoraStep
+    from benchmarks.common import set_sdpa
 
+    set_sdpa(args.sdpa)
     cuda = args.device.startswith("cuda")
     if cuda and not args.plan_only:
         if not torch.cuda.is_available():
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "blocks_to_swap": args.blocks_to_swap,
         "mixed_precision": args.mixed_precision,
         "device": args.device,
+        "sdpa": args.sdpa,
         "estimate_line": estimate.line(),
         "estimate_mb": estimate.total / MIB,  # on a GPU: no runtime part
     }

@@ -170,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sdcore.testing.datasets import make_tiny_dataset
 
+    from benchmarks.common import SDPA_CHOICES, set_sdpa
+
     parser = argparse.ArgumentParser(prog="python benchmarks/gpu_precision.py", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--only", default=",".join(CHECKS), help=f"of {', '.join(CHECKS)}")
+    parser.add_argument("--sdpa", default="default", choices=SDPA_CHOICES, help="attention kernels torch may use")
     args = parser.parse_args(argv)
-    report: dict[str, Any] = {"cuda": torch.cuda.is_available()}
+    set_sdpa(args.sdpa)
+    report: dict[str, Any] = {"cuda": torch.cuda.is_available(), "sdpa": args.sdpa}
     if torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
     failed = 0

@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/.."
 budget=${1:-430}
 shift || true
-checks=${*:-flux_fp8 precision train_sd15 train_sdxl flux_bf16}
+checks=${*:-probe flux_fp8 precision train_sd15 train_sdxl flux_bf16}
 out=${OUT:-benchmarks/out/gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -22,14 +22,19 @@ start=$(date +%s)
 } >"$out/env.log" 2>&1
 cat "$out/env.log"
 
-declare -A limit=([flux_fp8]=150 [precision]=110 [train_sd15]=120 [train_sdxl]=160 [flux_bf16]=90)
-declare -A command=(
-  [flux_fp8]="python3 benchmarks/gpu_flux_memory.py --json"
-  [precision]="python3 benchmarks/gpu_precision.py --json $out/precision.json"
-  [train_sd15]="python3 -m benchmarks train -- --device cuda --mixed-precision bf16 --sizes sd15_512 --images 8 --epochs 2"
-  [train_sdxl]="python3 -m benchmarks train -- --device cuda --mixed-precision bf16 --sizes sdxl --images 8 --epochs 2"
-  [flux_bf16]="python3 benchmarks/gpu_flux_memory.py --no-fp8 --steps 2 --json"
-)
+sdpa=default  # the probe switches the Flux checks to no-cudnn when only that trains Flux's blocks
+declare -A limit=([probe]=100 [flux_fp8]=150 [flux_precision]=60 [precision]=110 [train_sd15]=120 [train_sdxl]=160 [flux_bf16]=90)
+command_of() {
+  case $1 in
+    probe) echo "python3 benchmarks/gpu_sdpa_probe.py --json $out/probe.json" ;;
+    flux_fp8) echo "python3 benchmarks/gpu_flux_memory.py --json --sdpa $sdpa" ;;
+    flux_bf16) echo "python3 benchmarks/gpu_flux_memory.py --no-fp8 --steps 2 --json --sdpa $sdpa" ;;
+    flux_precision) echo "python3 benchmarks/gpu_precision.py --only flux_memory_options --sdpa $sdpa" ;;
+    precision) echo "python3 benchmarks/gpu_precision.py --json $out/precision.json" ;;
+    train_sd15) echo "python3 -m benchmarks train -- --device cuda --mixed-precision bf16 --sizes sd15_512 --images 8 --epochs 2" ;;
+    train_sdxl) echo "python3 -m benchmarks train -- --device cuda --mixed-precision bf16 --sizes sdxl --images 8 --epochs 2" ;;
+  esac
+}
 for name in $checks; do
   left=$((budget - ($(date +%s) - start)))
   allowed=${limit[$name]}
@@ -39,9 +44,13 @@ for name in $checks; do
     continue
   fi
   t0=$(date +%s)
-  timeout "$allowed" ${command[$name]} >"$out/$name.log" 2>&1
+  timeout "$allowed" $(command_of "$name") >"$out/$name.log" 2>&1
   rc=$?
+  if [ "$name" = probe ] && [ -f "$out/probe.json" ]; then
+    sdpa=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); d=r.get('flux blocks default',{}).get('finite'); n=r.get('flux blocks no-cudnn',{}).get('finite'); print('no-cudnn' if (not d and n) else 'default')" "$out/probe.json")
+    echo "== probe: Flux checks use --sdpa $sdpa"
+  fi
   echo "== $name: rc=$rc in $(($(date +%s) - t0)) s (limit $allowed s)"
-  grep -E "peak|estimate|^sd15|^sdxl|size +ours|^(sd15_512|sdxl) |_precisions|memory_options|dreambooth|Error|error" "$out/$name.log" | grep -v '^ ' | tail -12
+  grep -E "peak|estimate|^sd15|^sdxl|size +ours|^(sd15_512|sdxl) |_precisions|memory_options|dreambooth|^attention|^flux blocks|Error|error" "$out/$name.log" | grep -v '^ ' | tail -12
 done
 echo "== total $(($(date +%s) - start)) s"

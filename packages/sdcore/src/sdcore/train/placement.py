@@ -75,8 +75,9 @@ def place_model(
     weight_dtype = torch_dtype(precision)
     trainable = {id(p) for p in params}
     for name, module in bundle.components().items():
-        _move(module, device, {id(m) for m in stay_on_cpu})
         module_trains = False
+        # cast where the weights are loaded (the CPU), then move: the device never holds an fp32
+        # copy of a module whose frozen weights train in bf16/fp16 (SDXL's UNet: 10 GB instead of 5)
         for p in module.parameters():
             if id(p) in trainable:
                 module_trains = True
@@ -87,6 +88,7 @@ def place_model(
             elif p.dtype != weight_dtype and not (name == "vae" and weight_dtype == torch.float16):
                 # the VAE stays fp32 under fp16: SD/SDXL VAEs overflow in fp16 (NaN latents)
                 p.data = p.data.to(weight_dtype)
+        _move(module, device, {id(m) for m in stay_on_cpu})
         module.train(module_trains)
     # method-owned parameters outside the bundle's modules (e.g. separate embeddings)
     for p in params:

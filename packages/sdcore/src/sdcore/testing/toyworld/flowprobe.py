@@ -132,7 +132,7 @@ def probe(
         seconds = time.time() - started
         model.eval()
         prompts = world_prompts(n)
-        images = []
+        samples: list[Any] = []
         with torch.no_grad():
             for i, prompt in enumerate(prompts):
                 x = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(1000 + i))
@@ -148,8 +148,8 @@ def probe(
                     guided = velocity[:1] + CFG * (velocity[1:] - velocity[:1])
                     x = x + (sigmas[k + 1] - sigmas[k]) * guided
                 decoded = vae.decode(x / vae.config.scaling_factor).sample[0]
-                images.append(((decoded.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
-        measured = accuracy(prompts, [read_image(image) for image in images])
+                samples.append(((decoded.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
+        measured = accuracy(prompts, [read_image(image) for image in samples])
     finally:
         torch.set_num_threads(previous)
     return ProbeResult(steps, seconds, parameters, running, measured)

@@ -22,7 +22,11 @@ a tiny random model (:func:`sdcore.models.tiny.create_tiny_bundle`) and a tiny g
 - concept learning (opt-in, ``toyworld_concept``): on the toy world's trained base model
   (``toyworld:``), the share of samples showing a concept (a new object, a known composition under
   a new word, or a style on every prompt: :mod:`sdcore.testing.toyworld.concepts`) rises by the
-  declared margin (:func:`check_concept_learning`).
+  declared margin (:func:`check_concept_learning`);
+- flow-matching learning (opt-in, ``flow_families``): on tiny SD3/Flux, the flow-matching loss on a
+  fixed held set of (latent, noise, sigma) triples falls by the declared drop, and a run at lr 0
+  leaves it unchanged (:func:`check_flow_learning`; no toy world for these families: a tiny MMDiT
+  does not learn its shapes in a CI budget, see ``python -m sdcore.testing.toyworld flow-probe``).
 """
 
 from __future__ import annotations
@@ -635,6 +639,11 @@ class MethodContractTests:
     gains ``test_contract_concept_learning``. ``toyworld_images`` (training pictures),
     ``toyworld_n`` (samples scored) and ``toyworld_prompt`` (instead of the concept's own prompts)
     are there when the defaults do not fit.
+
+    The flow-matching check is opt-in too: set ``flow_families`` (``("sd3", "flux")``), the bar
+    ``flow_min_drop`` (a relative drop, one float or one per family) and the ``flow_options`` /
+    ``flow_steps`` that reach it; the class gains ``test_contract_flow_learning`` and
+    ``test_contract_flow_untrained`` (the lr-0 control), parametrized over the families.
     """
 
     method_class: type | None = None

@@ -30,6 +30,14 @@ class TestDreamBoothContract(MethodContractTests):
     toyworld_margin = 0.5
     toyworld_steps = 150
     toyworld_options = {"lr": 3e-4}
+    # The flow-matching check (docs/writing-a-plugin.md): the whole transformer, 30 steps on the tiny
+    # dataset, loss on the fixed held set. Measured drops, training seeds 1234 / 1 / 2: tiny SD3
+    # 0.128 / 0.117 / 0.119, tiny Flux 0.258 / 0.260 / 0.256; lr 0 leaves it unchanged. Bars: about
+    # 2/3 of the lowest seed's drop.
+    flow_families = ("sd3", "flux")
+    flow_options = {"lr": 1e-3}
+    flow_steps = 30
+    flow_min_drop = {"sd3": 0.08, "flux": 0.17}
 
 
 def _options(tmp_path: Path, **overrides) -> DreamBoothOptions:

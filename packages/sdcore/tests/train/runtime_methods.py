@@ -73,3 +73,12 @@ class ConvOutMethod(TrainingMethod[ConvOutOptions]):
         self.bundle = bundle
         state = {k: v.float() for k, v in load_file(str(path)).items()}
         self.load_trainable_state_dict(state)
+
+
+class ProjOutMethod(ConvOutMethod):
+    """Trains a transformer's output projection only (SD3 and Flux both have ``proj_out``)."""
+
+    name = "projout"
+
+    def _modules(self, bundle: Any) -> dict[str, Any]:
+        return {"proj_out": bundle.transformer.proj_out}

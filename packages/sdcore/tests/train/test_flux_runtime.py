@@ -4,24 +4,14 @@ text encoders' outputs, the family's flow-matching objective, the Flux adapter's
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from runtime_methods import ConvOutMethod  # noqa: E402
+from runtime_methods import ProjOutMethod  # noqa: E402
 from sdcore.testing.contract import contract_options  # noqa: E402
 from sdcore.train.loop import TrainSession  # noqa: E402
-
-
-class ProjOutMethod(ConvOutMethod):
-    """Trains the Flux transformer's output projection only (the tiny runtime check's method)."""
-
-    name = "projout"
-
-    def _modules(self, bundle: Any) -> dict[str, Any]:
-        return {"proj_out": bundle.transformer.proj_out}
 
 
 @pytest.mark.parametrize("variant", ["flux", "flux-schnell"])

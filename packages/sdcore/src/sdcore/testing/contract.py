@@ -22,7 +22,11 @@ a tiny random model (:func:`sdcore.models.tiny.create_tiny_bundle`) and a tiny g
 - concept learning (opt-in, ``toyworld_concept``): on the toy world's trained base model
   (``toyworld:``), the share of samples showing a concept (a new object, a known composition under
   a new word, or a style on every prompt: :mod:`sdcore.testing.toyworld.concepts`) rises by the
-  declared margin (:func:`check_concept_learning`).
+  declared margin (:func:`check_concept_learning`);
+- flow-matching learning (opt-in, ``flow_families``): on tiny SD3/Flux, the flow-matching loss on a
+  fixed held set of (latent, noise, sigma) triples falls by the declared drop, and a run at lr 0
+  leaves it unchanged (:func:`check_flow_learning`; no toy world for these families: a tiny MMDiT
+  does not learn its shapes in a CI budget, see ``python -m sdcore.testing.toyworld flow-probe``).
 """
 
 from __future__ import annotations
@@ -100,10 +104,24 @@ def contract_options(
     return options_class(**{k: v for k, v in values.items() if k in names})
 
 
+_TINY_BASES: dict[str, Any] = {}
+
+
 def _bundle(family: str) -> Any:
+    """A fresh tiny model of ``family``: SD1/SD2/SDXL built directly, any other family (``sd3``,
+    ``flux``, ``flux-schnell``, ``sd3:sd3.5-medium``) read as ``tiny:<family>`` once per process and
+    copied."""
+    import copy
+
     from ..models.tiny import create_tiny_bundle
 
-    return create_tiny_bundle(family)
+    if family in ("sd1", "sd2", "sdxl"):
+        return create_tiny_bundle(family)
+    if family not in _TINY_BASES:
+        from ..models.load import load_model
+
+        _TINY_BASES[family] = load_model(f"tiny:{family}")
+    return copy.deepcopy(_TINY_BASES[family])
 
 
 def check_config_roundtrip(
@@ -154,6 +172,151 @@ def check_learning(
     assert after < before * (1 - min_drop), (
         f"{method_class.__name__} did not learn: fixed-noise loss {before:.5f} -> {after:.5f} after {steps} steps"
     )
+    return before, after
+
+
+FLOW_HELD_SIGMAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+"""The noise levels of the flow-matching held set: every image is measured at each of them."""
+FLOW_HELD_SEED = 20261130
+"""Seed of the held set's noise; independent of the run's ``seed`` so runs with different
+training seeds are measured on the same triples."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowHeldSet:
+    """Fixed (latent, noise, sigma) triples of a flow-matching model, with each latent's caption.
+
+    Drawn once before training and never resampled, so the loss on them moves only when the
+    model's predictions move; the training loss, by contrast, sees new noise and sigmas every
+    step and is far too noisy to judge a few dozen steps by."""
+
+    latents: Any  # [N, C, h, w], scaled (and shifted) as the denoiser sees them
+    noise: Any  # [N, C, h, w], standard normal
+    sigmas: Any  # [N], in (0, 1)
+    captions: tuple[str, ...]
+
+
+def flow_held_set(
+    session: Any, *, count: int = 4, sigmas: tuple[float, ...] = FLOW_HELD_SIGMAS, seed: int = FLOW_HELD_SEED
+) -> FlowHeldSet:
+    """The held set of a set-up :class:`~sdcore.train.loop.TrainSession` on a flow-matching family:
+    the first ``count`` training images (no flip, the method's caption without randomness), each at
+    every sigma in ``sigmas``, with noise from a generator seeded by ``seed``."""
+    import random
+
+    import torch
+
+    from ..errors import ConfigError
+    from ..train.data import SampleRef
+
+    bundle = session.bundle
+    if bundle.family_spec.objective != "flow-matching":
+        raise ConfigError(
+            f"the flow-matching learning check needs a flow-matching family (sd3, flux); "
+            f"{bundle.family!r} trains with {bundle.family_spec.objective!r}"
+        )
+    entries = session.data.entries
+    gen = torch.Generator().manual_seed(seed)
+    latents, noise, levels, captions = [], [], [], []
+    with torch.no_grad():
+        for entry in range(min(count, len(entries))):
+            batch = session.make_batch([SampleRef(entry, 0, -1)], with_conditioning=False)
+            latent = batch.latents[0].float().cpu()
+            caption = session.method.caption_for(entries[entry].caption, is_class=False, rng=random.Random(0))
+            for sigma in sigmas:
+                latents.append(latent)
+                noise.append(torch.randn(latent.shape, generator=gen))
+                levels.append(float(sigma))
+                captions.append(caption)
+    if not latents:
+        raise ConfigError("the flow-matching held set is empty: the dataset has no images")
+    return FlowHeldSet(torch.stack(latents), torch.stack(noise), torch.tensor(levels), tuple(captions))
+
+
+def flow_held_loss(session: Any, held: FlowHeldSet, *, chunk: int = 5) -> float:
+    """Mean flow-matching loss of the session's model on ``held``.
+
+    Written from the rectified-flow definition (SD3 paper, section 2), not through the runtime's
+    objective: ``x_s = (1 - s) x + s eps``, the model predicts the velocity ``eps - x`` and is called
+    with ``timestep = s * 1000`` as diffusers' SD3 and Flux pipelines do. The conditioning comes from
+    the method's ``encode`` (a method that trains the text encoders or learns words is measured with
+    them), the denoiser through the family adapter; every component is in eval mode while measuring."""
+    import torch
+
+    from ..models.family import family_adapter
+
+    bundle, method = session.bundle, session.method
+    adapter = family_adapter(bundle.family)
+    modules = [m for m in bundle.components().values() if isinstance(m, torch.nn.Module)]
+    modes = [m.training for m in modules]
+    total, n = 0.0, 0
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad(), session.accelerator.autocast():
+            for start in range(0, len(held.captions), chunk):
+                stop = min(start + chunk, len(held.captions))
+                x = held.latents[start:stop].to(session.device)
+                eps = held.noise[start:stop].to(session.device)
+                s = held.sigmas[start:stop].to(session.device)
+                noisy = (1.0 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * eps
+                cond = method.encode(bundle, list(held.captions[start:stop]))
+                pred = adapter.predict(bundle, noisy, s * 1000.0, cond, guidance=session.options.guidance_scale)
+                per_sample = (pred.float() - (eps - x).float()).pow(2).mean(dim=(1, 2, 3))
+                total += float(per_sample.sum())
+                n += stop - start
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+    return total / max(n, 1)
+
+
+def _zero_learning_rates(session: Any) -> None:
+    """Make a set-up session's optimizer step with lr 0 (the pre-flight rightly refuses ``--lr 0``
+    from users; the control run still runs every forward, backward, optimizer and schedule step)."""
+    optimizer = session.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        if "initial_lr" in group:
+            group["initial_lr"] = 0.0
+    scheduler = getattr(session.scheduler, "scheduler", session.scheduler)  # accelerate's wrapper
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [0.0 for _ in scheduler.base_lrs]
+
+
+def check_flow_learning(
+    method_class: type,
+    tmp_path: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    family: str = "sd3",
+    steps: int = 20,
+    min_drop: float = 0.2,
+    untrained: bool = False,
+) -> tuple[float, float]:
+    """Train ``steps`` steps on tiny ``family`` (a flow-matching family: ``sd3``, ``flux``, ...) and
+    the tiny dataset; the loss on the fixed held set (:func:`flow_held_set`) must fall by at least
+    ``min_drop`` (relative). With ``untrained=True`` the same run steps with lr 0 and the held loss
+    must *not* fall (by more than 1e-4 relative): the control that shows the drop is learning, not
+    a measure that drifts. Returns (before, after)."""
+    from ..train.loop import TrainSession
+
+    values = {"max_steps": steps, "lr": 1e-3, "batch_size": 4, "save_state": False, **(overrides or {})}
+    tag = "flow-untrained" if untrained else "flow-learn"
+    options = contract_options(method_class, tmp_path, values, family=family, tag=tag)
+    session = TrainSession(method_class(options), bundle=_bundle(family))
+    session.setup()
+    held = flow_held_set(session)
+    before = flow_held_loss(session, held)
+    if untrained:
+        _zero_learning_rates(session)
+    session.run()
+    after = flow_held_loss(session, held)
+    what = f"{method_class.__name__} on tiny {family}: held flow-matching loss {before:.5f} -> {after:.5f} after {steps} steps"
+    if untrained:
+        assert after >= before * (1 - 1e-4), f"{what} at lr 0: the measure moves without learning"
+    else:
+        assert after < before * (1 - min_drop), f"{what}, the method declares a drop of at least {min_drop:.0%}"
     return before, after
 
 
@@ -430,6 +593,41 @@ def _concept_test(self: Any, tmp_path: Path) -> None:
     )
 
 
+def _flow_min_drop(self: Any, family: str) -> float:
+    bar = self.flow_min_drop
+    return float(bar[family]) if isinstance(bar, dict) else float(bar)
+
+
+def _flow_tests(families: tuple[str, ...]) -> tuple[Any, Any]:
+    """The two flow-matching tests, parametrized over ``families`` (new functions per class, so
+    one class's families never leak into another's marks)."""
+    import pytest
+
+    @pytest.mark.parametrize("flow_family", families)
+    def test_contract_flow_learning(self: Any, tmp_path: Path, flow_family: str) -> None:
+        check_flow_learning(
+            self._cls(),
+            tmp_path,
+            {**self.options, **self.flow_options},
+            family=flow_family,
+            steps=self.flow_steps,
+            min_drop=_flow_min_drop(self, flow_family),
+        )
+
+    @pytest.mark.parametrize("flow_family", families)
+    def test_contract_flow_untrained(self: Any, tmp_path: Path, flow_family: str) -> None:
+        check_flow_learning(
+            self._cls(),
+            tmp_path,
+            {**self.options, **self.flow_options},
+            family=flow_family,
+            steps=self.flow_steps,
+            untrained=True,
+        )
+
+    return test_contract_flow_learning, test_contract_flow_untrained
+
+
 class MethodContractTests:
     """pytest mixin: set ``method_class`` (and ``options``/``family``) in a ``Test*`` subclass.
 
@@ -441,6 +639,11 @@ class MethodContractTests:
     gains ``test_contract_concept_learning``. ``toyworld_images`` (training pictures),
     ``toyworld_n`` (samples scored) and ``toyworld_prompt`` (instead of the concept's own prompts)
     are there when the defaults do not fit.
+
+    The flow-matching check is opt-in too: set ``flow_families`` (``("sd3", "flux")``), the bar
+    ``flow_min_drop`` (a relative drop, one float or one per family) and the ``flow_options`` /
+    ``flow_steps`` that reach it; the class gains ``test_contract_flow_learning`` and
+    ``test_contract_flow_untrained`` (the lr-0 control), parametrized over the families.
     """
 
     method_class: type | None = None
@@ -455,11 +658,19 @@ class MethodContractTests:
     toyworld_prompt: str | None = None
     toyworld_images: int = 8
     toyworld_n: int = 8
+    flow_families: tuple[str, ...] = ()
+    flow_options: dict[str, Any] = {}
+    flow_steps: int = 20
+    flow_min_drop: float | dict[str, float] = 0.2
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.toyworld_concept is not None and "test_contract_concept_learning" not in cls.__dict__:
             cls.test_contract_concept_learning = _concept_test  # type: ignore[attr-defined]
+        if cls.flow_families and "test_contract_flow_learning" not in cls.__dict__:
+            learning, untrained = _flow_tests(tuple(cls.flow_families))
+            cls.test_contract_flow_learning = learning  # type: ignore[attr-defined]
+            cls.test_contract_flow_untrained = untrained  # type: ignore[attr-defined]
 
     def _cls(self) -> type:
         assert self.method_class is not None, "set method_class on the test class"

@@ -1,5 +1,6 @@
-"""``python -m sdcore.testing.toyworld build|eval|check``: rebuild the base model, measure a model, or
-rebuild into a temporary folder and check the rebuild against the shipped model."""
+"""``python -m sdcore.testing.toyworld build|eval|check|flow-probe``: rebuild the base model, measure a
+model, rebuild into a temporary folder and check the rebuild against the shipped model, or measure
+whether a tiny flow-matching transformer learns the world (:mod:`.flowprobe`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         default=0.1,
         help="largest accepted difference of each accuracy (0.1: about two binomial standard errors at N=64)",
     )
+    flow = commands.add_parser(
+        "flow-probe", help="train a tiny MMDiT with flow matching on the world's latents and score it"
+    )
+    flow.add_argument("--steps", type=int, default=2000)
+    flow.add_argument("--images", type=int, default=4096, help="world pictures to train on (the SD1 build's 4096)")
+    flow.add_argument("--heads", type=int, default=2, help="attention heads of 8 (2: the tiny SD3's width 16)")
+    flow.add_argument("--layers", type=int, default=2)
+    flow.add_argument("--patch-size", type=int, default=2)
+    flow.add_argument("--n", type=int, default=32)
+    flow.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,6 +67,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "check":
         _check(args)
+        return
+    if args.command == "flow-probe":
+        from .flowprobe import probe
+
+        config = f"heads {args.heads} x 8, {args.layers} layers, patch {args.patch_size}"
+        result = probe(steps=args.steps, images=args.images, heads=args.heads, layers=args.layers, patch_size=args.patch_size,
+                       n=args.n, threads=args.threads)  # fmt: skip
+        print(f"flow probe ({config}): {result}")
         return
     bundle = load_model(args.model)
     steps = args.steps or ev.STEPS

@@ -19,7 +19,10 @@ models are named alike). The conversions are exact, with no new LoRA maths:
   fused update. Columns of ``up_j`` that are zero (the other parts' blocks of a block-diagonal up)
   are dropped with their down rows, which is exact too and gives back the factors of every file
   we fused. Other algorithms (LoHa, LoKr...) are split as full-matrix differences.
-* model -> file (:func:`fuse_parts`): q/k/v (and Flux's MLP input) LoRAs with their own downs
+* training (:func:`shared_down_groups`): by default, as kohya, one LoRA per fused Linear whose down
+  is shared by the parts (:class:`sdplugin_lora.adapters.SharedDownLora`); its state dict is
+  already the kohya module, so it is saved as it is.
+* model -> file (:func:`fuse_parts`, ``split_qkv``): q/k/v (and Flux's MLP input) LoRAs with their own downs
   become ``down = cat(downs)`` (rank ``R = Σ r_j``) and ``up`` block-diagonal; alpha is written as
   ``R · s`` so that alpha/rank keeps each part's scale ``s`` (parts with different scales have
   their scale folded into their up block and alpha = R). kohya's own ``split_qkv`` writer keeps

@@ -254,6 +254,12 @@ def test_shared_down_gradient_is_the_sum_over_members_as_on_a_fused_linear():
         (layer(x) * weights[16 * i : 16 * (i + 1)]).sum().backward()
         total += shared.lora_down.weight.grad
     torch.testing.assert_close(total, down.grad, atol=1e-6, rtol=1e-6)
+    with torch.inference_mode():  # sampling: inputs that keep no version counter
+        inference_x = x.clone()
+        calls.clear()
+        got = torch.cat([layer(inference_x) for layer in layers], dim=-1)
+        assert len(calls) == 1
+    torch.testing.assert_close(got, kohya_fused(False).detach(), atol=1e-6, rtol=0)
     shared.detach()
     torch.testing.assert_close(attn.to_q(x), x @ attn.to_q.weight.T + attn.to_q.bias)
 

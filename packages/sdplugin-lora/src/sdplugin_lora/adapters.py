@@ -768,6 +768,9 @@ class SharedDownLora(Adapter):
     def out_features(self) -> int:
         return self.rows[-1][1]
 
+    def _factorised(self) -> bool:
+        return True  # always up(down(x)): freezing precomputes nothing
+
     def delta_weight(self, *, detach: bool = True) -> torch.Tensor:
         """The fused module's change ``[Σ rows, in]`` (members' rows stacked in kohya's order)."""
         up, down = self.lora_up.weight, self.lora_down.weight

@@ -120,6 +120,7 @@ def test_lora_trains_saves_fuses_in_diffusers_and_generates(family, tmp_path, sd
 
     lora = read_lora(kohya)
     assert kohya_module in lora.modules, sorted(lora.modules)[:5]
+    assert lora.modules[kohya_module].rank == 2  # kohya's default: one LoRA (one down) on the fused qkv
     assert all(name.startswith(("lora_unet_", "lora_te")) for name in lora.modules)
     assert any(float(m.up.abs().max()) > 0 for m in lora.modules.values())  # it trained
 

@@ -737,14 +737,13 @@ def test_kohya_network_args_train_t5xxl_is_train_t5():
     from sdcore.train.config import load_options
     from sdplugin_lora.method import LoraOptions
 
-    notes: list[str] = []
     kohya = {"network_module": "networks.lora_flux", "network_args": ["train_t5xxl=True", "split_qkv=True"]}
-    assert load_options(LoraOptions, None, kohya=kohya, notes=notes).train_t5 is True
-    assert any("split_qkv" in note for note in notes)
+    options = load_options(LoraOptions, None, kohya=kohya, notes=[])
+    assert options.train_t5 is True and options.split_qkv is True
     kohya = {"network_module": "networks.lora_sd3", "network_args": ["train_t5xxl=False"]}
     assert load_options(LoraOptions, None, kohya=kohya, notes=[]).train_t5 is False
-    with pytest.raises(ConfigError, match="split_qkv=False is not supported"):
-        kohya = {"network_module": "networks.lora_flux", "network_args": ["split_qkv=False"]}
+    with pytest.raises(ConfigError, match="train_blocks=single is not supported"):
+        kohya = {"network_module": "networks.lora_flux", "network_args": ["train_blocks=single"]}
         load_options(LoraOptions, None, kohya=kohya, notes=[])
 
 
@@ -778,8 +777,14 @@ def test_registered_family_bundle_trains_saves_and_applies_in_kohya_names(family
     assert detect_family(lora)[0] == family
     before = {n: p.detach().clone() for n, p in bundle.denoiser.named_parameters()}
     apply_lora(bundle, path, 1.0, merge=True, strict=True)
+    after = dict(bundle.denoiser.named_parameters())
+    deltas = {}
     for module in method.network:
-        target = method.index.targets[module.lora_name]
-        if target.component == "transformer":
-            want = before[target.path + ".weight"] + module.delta_weight()
-            assert (target.module.weight - want).abs().max() <= 1e-5, target.path
+        if hasattr(module, "member_deltas"):  # kohya's default: one LoRA with a shared down per fused qkv
+            deltas.update(module.member_deltas())
+        elif method.index.targets[module.lora_name].component == "transformer":
+            deltas[method.index.targets[module.lora_name].path] = module.delta_weight()
+    assert any(".to_q" in path for path in deltas)
+    for path, delta in deltas.items():
+        want = before[path + ".weight"] + delta
+        assert (after[path + ".weight"] - want).abs().max() <= 1e-5, path

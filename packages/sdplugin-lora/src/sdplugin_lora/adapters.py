@@ -20,8 +20,9 @@ write their formulas independently and compare numbers); the code is our own.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -405,6 +406,26 @@ class Dora:
         return merged * (magnitude.float().reshape(norm.shape) / norm)
 
 
+def scaled_hidden(
+    hidden: torch.Tensor, scale: float, training: bool, dropout: float | None, rank_dropout: float | None
+) -> torch.Tensor:
+    """kohya's LoRA hidden state ``down(x)`` after neuron and rank dropout (training only), times
+    ``scale`` (multiplier · alpha/rank; rank dropout divides it by ``1 - p``). Scaling the rank-sized
+    hidden state is cheaper than scaling the output."""
+    if training and dropout:
+        hidden = torch.nn.functional.dropout(hidden, p=dropout)
+    if training and rank_dropout:
+        rank = hidden.shape[1] if hidden.dim() == 4 else hidden.shape[-1]
+        mask = (torch.rand(hidden.shape[0], rank, device=hidden.device) > rank_dropout).to(hidden.dtype)
+        if hidden.dim() == 4:
+            mask = mask[:, :, None, None]
+        elif hidden.dim() == 3:
+            mask = mask[:, None, :]
+        hidden = hidden * mask
+        scale = scale / (1.0 - rank_dropout)
+    return hidden * scale
+
+
 # --- adapters: one adapted layer --------------------------------------------------------------------
 
 
@@ -653,19 +674,8 @@ class LoraAdapter(Adapter):
         hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
         if self.lora_mid is not None:
             hidden = self.lora_mid(hidden)
-        scale = self._scale
-        if self.training and self.dropout:
-            hidden = torch.nn.functional.dropout(hidden, p=self.dropout)
-        if self.training and self.rank_dropout:
-            mask = (torch.rand(hidden.shape[0], self.rank, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
-            if hidden.dim() == 4:
-                mask = mask[:, :, None, None]
-            elif hidden.dim() == 3:
-                mask = mask[:, None, :]
-            hidden = hidden * mask
-            scale = scale / (1.0 - self.rank_dropout)
-        # scaling the rank-sized hidden state is cheaper than scaling the output
-        return self.lora_up(hidden * (self.multiplier * scale))
+        hidden = scaled_hidden(hidden, self._scale * self.multiplier, self.training, self.dropout, self.rank_dropout)
+        return self.lora_up(hidden)
 
     @classmethod
     def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
@@ -688,6 +698,161 @@ class LoraAdapter(Adapter):
         if "dora_scale" in t:  # kept in the file's layout: it tells the axis
             adapter.dora_scale = nn.Parameter(t["dora_scale"].detach().float().clone())
         return adapter
+
+
+class SharedDownLora(Adapter):
+    """kohya's default LoRA on a fused SAI/BFL Linear, trained on the diffusers modules it stacks.
+
+    SD3's and Flux's checkpoints compute q, k and v (Flux's single blocks: and the MLP input) with
+    one ``qkv``/``linear1`` Linear, and kohya's ``lora_sd3``/``lora_flux`` put *one* LoRA on it by
+    default: ``down [r, in]``, ``up [Σ rows, r]``, ``alpha``. diffusers splits that Linear into
+    ``to_q``, ``to_k``, ``to_v`` (``proj_mlp``), which read the same input, so the same LoRA is one
+    ``down`` shared by those members and, per member, its rows of ``up``:
+    ``ΔW_member = up[rows] @ down · alpha/r``. Trained that way it has kohya's parameter count
+    and init (down kaiming-uniform, up zeros), and its ``state_dict`` *is* kohya's fused module
+    (``lora_down.weight``, ``lora_up.weight``, ``alpha`` under the kohya name).
+
+    Each member's forward hook adds its rows of ``up(down(x))``. The hidden state ``down(x)`` is
+    computed once per input and reused by the other members called with the very same tensor
+    (diffusers' attention processors pass one tensor to ``to_q``, ``to_k`` and ``to_v``), so the
+    group costs one ``down`` as kohya's module does, and dropout, rank dropout and module dropout
+    are drawn once for the whole group, exactly as on kohya's fused module.
+    """
+
+    variant = LoraVariant
+    algo = "lora"
+    lora_down: nn.Linear
+    lora_up: nn.Linear
+    bases: tuple[nn.Module, ...]
+
+    def __init__(
+        self,
+        name: str,
+        members: Sequence[tuple[str, nn.Module]],
+        rank: int,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not members:
+            raise ValueError(f"{name}: a shared-down LoRA needs at least one member")
+        layers = [layer for _, layer in members]
+        if not all(isinstance(layer, nn.Linear) for layer in layers):
+            raise TypeError(f"{name}: a shared-down LoRA needs Linear members")
+        widths = {int(layer.in_features) for layer in layers}  # type: ignore[arg-type]
+        if len(widths) != 1:
+            raise ValueError(f"{name}: members read inputs of different widths {sorted(widths)}")
+        super().__init__(name, layers[0], rank, alpha, multiplier=multiplier, module_dropout=module_dropout)
+        self.paths = tuple(path for path, _ in members)
+        object.__setattr__(self, "bases", tuple(layers))
+        self.rows: list[tuple[int, int]] = []
+        start = 0
+        for layer in layers:
+            out = int(layer.out_features)  # type: ignore[arg-type]
+            self.rows.append((start, start + out))
+            start += out
+        self.lora_down = nn.Linear(widths.pop(), rank, bias=False, dtype=dtype)
+        self.lora_up = nn.Linear(rank, start, bias=False, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self._handles: list[Any] = []
+        self._cache: list[Any] | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.rows[-1][1]
+
+    def _factorised(self) -> bool:
+        return True  # always up(down(x)): freezing precomputes nothing
+
+    def delta_weight(self, *, detach: bool = True) -> torch.Tensor:
+        """The fused module's change ``[Σ rows, in]`` (members' rows stacked in kohya's order)."""
+        up, down = self.lora_up.weight, self.lora_down.weight
+        if detach:
+            up, down = up.detach(), down.detach()
+        return (up.float() @ down.float()) * self._scale
+
+    def member_deltas(self) -> dict[str, torch.Tensor]:
+        """Each member's change (its rows of :meth:`delta_weight`), by module path."""
+        delta = self.delta_weight()
+        return {path: delta[lo:hi] for path, (lo, hi) in zip(self.paths, self.rows, strict=True)}
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [
+                layer.register_forward_hook(functools.partial(self._member_hook, i))
+                for i, layer in enumerate(self.bases)
+            ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._cache = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``m · s · down(x)`` after the dropouts, shared by the members called with this ``x``
+        (``None``: module dropout skips the group for this input).
+
+        The cache holds one input: it is reused only for the very same tensor, unchanged (version
+        counters of the input and the down), in the same mode, before any backward through it, and
+        let go once every member has read it."""
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
+        key = (version, self.lora_down.weight._version, self.training, torch.is_grad_enabled(), self.multiplier)
+        cache = self._cache
+        if cache is not None and cache[0] is x and cache[1] == key:
+            cache[3] += 1
+            hidden = cache[2]
+            if cache[3] >= len(self.bases):  # every member served: let go of the input
+                self._cache = None
+            return hidden  # type: ignore[no-any-return]
+        skip = bool(self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
+        hidden = None
+        if not skip:
+            hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
+            hidden = scaled_hidden(
+                hidden, self._scale * self.multiplier, self.training, self.dropout, self.rank_dropout
+            )
+        self._cache = None
+        if len(self.bases) > 1:
+            token = object()
+            self._cache = [x, key, hidden, 1, token]
+            if hidden is not None and hidden.requires_grad:  # a backward frees its graph: never reuse it after
+                hidden.register_hook(lambda grad, token=token: self._forget(token))
+        return hidden
+
+    def _forget(self, token: object) -> None:
+        if self._cache is not None and self._cache[4] is token:
+            self._cache = None
+
+    def _member_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if self.multiplier == 0:
+            return output
+        hidden = self._hidden(args[0])
+        if hidden is None:
+            return output
+        lo, hi = self.rows[i]
+        return output + nn.functional.linear(hidden, self.lora_up.weight[lo:hi]).to(output.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused module's output increment ``[..., Σ rows]`` for input ``x``."""
+        hidden = scaled_hidden(self.lora_down(self._input(x, self.lora_down.weight.dtype)),
+                               self._scale * self.multiplier, False, None, None)  # fmt: skip
+        return self.lora_up(hidden)
+
+    def merge(self, multiplier: float | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{self.lora_name}: save the network and apply the file to merge it")
 
 
 class LohaAdapter(Adapter):
@@ -915,11 +1080,13 @@ __all__ = [
     "LoraVariant",
     "OftAdapter",
     "OftVariant",
+    "SharedDownLora",
     "Variant",
     "adapter_from_tensors",
     "effective_delta",
     "factorization",
     "needs_base",
+    "scaled_hidden",
     "tucker",
     "variant_of",
     "weight_change",

@@ -19,7 +19,10 @@ models are named alike). The conversions are exact, with no new LoRA maths:
   fused update. Columns of ``up_j`` that are zero (the other parts' blocks of a block-diagonal up)
   are dropped with their down rows, which is exact too and gives back the factors of every file
   we fused. Other algorithms (LoHa, LoKr...) are split as full-matrix differences.
-* model -> file (:func:`fuse_parts`): q/k/v (and Flux's MLP input) LoRAs with their own downs
+* training (:func:`shared_down_groups`): by default, as kohya, one LoRA per fused Linear whose down
+  is shared by the parts (:class:`sdplugin_lora.adapters.SharedDownLora`); its state dict is
+  already the kohya module, so it is saved as it is.
+* model -> file (:func:`fuse_parts`, ``split_qkv``): q/k/v (and Flux's MLP input) LoRAs with their own downs
   become ``down = cat(downs)`` (rank ``R = Σ r_j``) and ``up`` block-diagonal; alpha is written as
   ``R · s`` so that alpha/rank keeps each part's scale ``s`` (parts with different scales have
   their scale folded into their up block and alpha = R). kohya's own ``split_qkv`` writer keeps
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from .format import ModuleWeights
-    from .naming import ModuleIndex
+    from .naming import ModuleIndex, Target
 
 #: families whose denoiser is a diffusers transformer with kohya names from SAI/BFL checkpoints
 DIT_FAMILIES = ("sd3", "flux")
@@ -318,6 +321,53 @@ def fuse_parts(name: str, module: KohyaModule, parts: Mapping[str, ModuleWeights
     return ModuleWeights({"lora_down.weight": down, "lora_up.weight": up, "alpha": _scalar(alpha)})
 
 
+def shared_down_groups(index: ModuleIndex, targets: Iterable[Target]) -> list[tuple[str, list[Target]]]:
+    """kohya's fused modules (q/k/v, Flux's ``linear1``) whose every part is among ``targets``:
+    what kohya trains as *one* LoRA unless ``split_qkv`` (kohya name, member targets in row order).
+    Only modules of several parts in the same row order qualify (a swapped-halves module is one part)."""
+    chosen = {t.path: t for t in targets if t.component == index.denoiser and not t.is_conv}
+    groups: list[tuple[str, list[Target]]] = []
+    for module in index.kohya.values():
+        if len(module.parts) < 2 or any(part.swap_halves for part in module.parts):
+            continue
+        members = [chosen.get(part.path) for part in module.parts]
+        if all(member is not None for member in members):
+            groups.append((module.name, [m for m in members if m is not None]))
+    return groups
+
+
+def shared_down_weights(
+    name: str, module: KohyaModule, raw: ModuleWeights | None, parts: Mapping[str, ModuleWeights]
+) -> ModuleWeights | None:
+    """A file's weights for a shared-down module ``name`` (training warm start / resume).
+
+    ``raw`` is the file's module of that kohya name: a fused module of the same rank is taken as it
+    is. Otherwise ``parts`` (the file's modules per diffusers path, e.g. a diffusers/PEFT file) give
+    it when every part is a plain LoRA with the same down and scale: ``up = cat(ups)``. ``None``
+    when the file does not have it (another rank: it was trained with ``split_qkv``)."""
+    import torch
+
+    from .format import ModuleWeights
+
+    widths = raw.in_out() if raw is not None else None
+    if raw is not None and raw.plain_lora and widths is not None and widths[1] == module.rows:
+        return raw
+    found = [parts.get(part.path) for part in module.parts]
+    if any(w is None or not w.plain_lora for w in found):
+        return None
+    first = found[0]
+    assert first is not None
+    for weights in found[1:]:
+        assert weights is not None
+        same = weights.down.shape == first.down.shape and torch.equal(weights.down.float(), first.down.float())
+        if not same or abs(weights.scale - first.scale) > 1e-12 * max(1.0, abs(first.scale)):
+            return None
+    up = torch.cat([w.up.flatten(1).float() for w in found if w is not None], dim=0)
+    return ModuleWeights(
+        {"lora_down.weight": first.down.flatten(1).float(), "lora_up.weight": up, "alpha": _scalar(first.alpha)}
+    )
+
+
 def _modules(state: Mapping[str, torch.Tensor]) -> dict[str, ModuleWeights]:
     from .format import parse_state_dict
 
@@ -379,17 +429,29 @@ def diffusers_state_dict(
     configs: dict[str, dict[str, Any]] = {}
     for name, weights in _modules(state).items():
         target = index.targets.get(name)
-        if target is None:
+        fused = index.kohya.get(name) if target is None else None
+        if target is None and fused is None:
             raise NetworkMismatchError(f"{name}: not a module of the loaded model")
         if not weights.plain_lora:
             raise NetworkMismatchError(f"{name}: diffusers/PEFT files hold plain LoRA only (this is {weights.kind})")
-        component = "transformer" if target.component == index.denoiser else target.component
-        path = target.path  # the loaded modules' own paths: what diffusers injects PEFT layers into
-        out[f"{component}.{path}.lora_A.weight"] = weights.down
-        out[f"{component}.{path}.lora_B.weight"] = weights.up
-        config = configs.setdefault(component, {"ranks": {}, "alphas": {}})
-        config["ranks"][path] = weights.rank
-        config["alphas"][path] = weights.alpha
+        entries: list[tuple[str, str, torch.Tensor]] = []  # (component, module path, lora_B)
+        if target is not None:
+            component = "transformer" if target.component == index.denoiser else target.component
+            entries.append((component, target.path, weights.up))  # the loaded modules' own paths
+        else:
+            assert fused is not None  # a shared-down module: each member keeps the down and its rows of up
+            up, start = weights.up.flatten(1), 0
+            for part in fused.parts:
+                rows = up[start : start + part.rows]
+                entries.append(("transformer", part.path, swap_halves(rows) if part.swap_halves else rows))
+                start += part.rows
+        for component, path, lora_b in entries:
+            # one copy of the shared down per member: safetensors refuses tensors that share memory
+            out[f"{component}.{path}.lora_A.weight"] = weights.down.clone() if fused is not None else weights.down
+            out[f"{component}.{path}.lora_B.weight"] = lora_b.contiguous()
+            config = configs.setdefault(component, {"ranks": {}, "alphas": {}})
+            config["ranks"][path] = weights.rank
+            config["alphas"][path] = weights.alpha
     header: dict[str, Any] = {}
     for component, config in configs.items():
         ranks, alphas = config["ranks"], config["alphas"]
@@ -415,6 +477,8 @@ __all__ = [
     "kohya_state_dict",
     "kohya_table",
     "sd3_table",
+    "shared_down_groups",
+    "shared_down_weights",
     "split_module",
     "swap_halves",
     "variant_of_transformer",

@@ -121,6 +121,12 @@ class LoraOptions(TrainOptions):
     train_t5: bool = option(
         False, "SD3/Flux: with text-encoder training, also train the T5 encoder (kohya train_t5xxl).", group="lora"
     )
+    split_qkv: bool = option(
+        False,
+        "SD3/Flux: train q, k, v (and Flux's MLP input) with a down each, saved fused at rank x3/x4 (kohya "
+        "split_qkv=True). Default, as kohya: one LoRA per fused qkv/linear1 Linear, its down shared by q, k, v.",
+        group="lora",
+    )
 
 
 @dataclass
@@ -135,7 +141,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (
-        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only"
+        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only", "split_qkv"
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -265,6 +271,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         plan = self.block_plan(bundle.family)
         conv = self.conv_rank > 0 or bool(plan and plan.conv_dims)
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
+        shared: list[Any] = []
+        if index.kohya and not self.options.split_qkv:  # SD3/Flux: kohya's one LoRA per fused qkv/linear1
+            from .dit import shared_down_groups
+
+            shared = shared_down_groups(index, targets)
         network = LoraNetwork.create(
             targets,
             rank=self.options.rank,
@@ -278,6 +289,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             lokr_factor=self.options.lokr_factor,
             use_tucker=self.options.use_tucker,
             rank_for=(lambda t: plan.rank_for(t.name, t.is_conv3x3)) if plan is not None else None,
+            shared_down=shared,
         )
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
@@ -296,6 +308,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             if o.key_layout != "kohya":
                 raise ConfigError(
                     f"--key-layout {o.key_layout}: written for SD3/Flux models; {index.family} uses kohya"
+                )
+            if o.split_qkv:
+                raise ConfigError(
+                    f"--split-qkv: SD3/Flux only (their q/k/v are one fused Linear); {index.family} has separate ones"
                 )
             return
         if o.algo not in ("lora", "locon"):
@@ -341,9 +357,31 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
         lora = read_lora(path)
         match = match_modules(lora, index)
+        from .adapters import SharedDownLora
         from .network import OFT_PREFIX
 
         names = set(network.loras)
+        shared = {name: m for name, m in network.loras.items() if isinstance(m, SharedDownLora)}
+        if shared:  # SD3/Flux: the fused module as the file has it, or rebuilt from its parts' modules
+            from sdcore.errors import NetworkMismatchError
+
+            from .dit import shared_down_weights
+
+            by_path = {target.path: weights for target, weights in match.modules.values()}
+            for name, adapter in shared.items():
+                fused = shared_down_weights(name, index.kohya[name], lora.modules.get(name), by_path)
+                if fused is None or fused.rank != adapter.rank:
+                    if fused is not None or any(part in by_path for part in adapter.paths):
+                        raise NetworkMismatchError(
+                            f"{path}: {name} is not one rank-{adapter.rank} LoRA shared by "
+                            f"{', '.join(adapter.paths)} (trained with split_qkv?); "
+                            "pass --split-qkv to continue it, or another --rank"
+                        )
+                    continue
+                for part in adapter.paths:
+                    target_name = index.name_of(index.denoiser, part)
+                    match.modules.pop(target_name, None)
+                match.modules[name] = (index.targets[index.name_of(index.denoiser, adapter.paths[0])], fused)
 
         def own_name(name: str) -> str:  # kohya OFT modules are named oft_unet_... in the network
             oft = OFT_PREFIX + name[len("lora_unet") :]
@@ -427,6 +465,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 args[key] = getattr(o, key)
         if o.block_lr_zero_threshold:
             args["block_lr_zero_threshold"] = o.block_lr_zero_threshold
+        if o.split_qkv and self.index is not None and self.index.kohya:
+            args["split_qkv"] = True  # as kohya stores it (its file is fused at rank x3/x4 all the same)
         network = self._require_network()
         tucker = any(m.is_tucker for m in network)
         module = NETWORK_MODULE[o.algo]

@@ -10,13 +10,13 @@ every hook off again. The network's own ``state_dict`` is already the kohya/LyCO
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import TRAINING_ADAPTERS, Adapter, LoraAdapter, OftAdapter
+from .adapters import TRAINING_ADAPTERS, Adapter, LoraAdapter, OftAdapter, SharedDownLora
 from .algos import ALGOS
 from .naming import Target
 
@@ -25,6 +25,8 @@ OFT_PREFIX = "oft_unet"
 
 #: per-target (rank, alpha) override, e.g. from kohya's block_dims; ``None`` keeps the default
 RankFor = Callable[[Target], "tuple[int, float | None] | None"]
+#: a fused SAI/BFL module trained with one shared down: (kohya name, its diffusers targets in row order)
+SharedGroup = tuple[str, Sequence[Target]]
 
 
 class LoraNetwork(nn.Module):
@@ -56,16 +58,49 @@ class LoraNetwork(nn.Module):
         lokr_factor: int = -1,
         use_tucker: bool = False,
         rank_for: RankFor | None = None,
+        shared_down: Iterable[SharedGroup] = (),
     ) -> LoraNetwork:
         """kohya's rule: Linear and 1x1 conv get ``rank``/``alpha``; kxk convs ``conv_rank``/``conv_alpha``
         (skipped when no conv rank). ``algo`` picks the adapter (:data:`sdplugin_lora.algos.ALGOS`);
         ``use_tucker`` gives kxk convs LyCORIS' Tucker core; ``rank_for`` may override (rank, alpha)
-        per target (kohya block dims; rank 0 leaves the target out)."""
+        per target (kohya block dims; rank 0 leaves the target out).
+
+        ``shared_down`` (SD3/Flux, plain LoRA only): groups of targets that one fused SAI/BFL Linear
+        computes (q/k/v, Flux's ``linear1``) get one :class:`SharedDownLora` named by kohya, as
+        kohya's ``lora_sd3``/``lora_flux`` train them unless ``split_qkv``; the rank is the first
+        member's."""
         if algo not in ALGOS:
             raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
         adapter_cls = TRAINING_ADAPTERS[algo]
+        targets = list(targets)
+        groups = [(name, list(members)) for name, members in shared_down]
+        if groups and algo not in ("lora", "locon"):
+            raise ValueError(f"a shared-down LoRA is plain LoRA; --algo {algo} cannot share downs")
+        grouped = {target.name for _, members in groups for target in members}
         modules: list[Adapter] = []
+        for name, members in groups:
+            r, a = rank, alpha
+            if rank_for is not None:
+                override = rank_for(members[0])
+                if override is not None:
+                    r, a = override
+            if not r:
+                continue
+            modules.append(
+                SharedDownLora(
+                    name,
+                    [(t.path, t.module) for t in members],
+                    r,
+                    a,
+                    multiplier=multiplier,
+                    dropout=dropout,
+                    rank_dropout=rank_dropout,
+                    module_dropout=module_dropout,
+                )
+            )
         for target in targets:
+            if target.name in grouped:
+                continue
             if algo == "oft":  # kohya networks.oft: UNet Linear/1x1 layers, named oft_unet_...
                 if target.is_text_encoder or target.is_conv3x3:
                     continue
@@ -161,4 +196,4 @@ class LoraNetwork(nn.Module):
         return sorted(missing)
 
 
-__all__ = ["LoraNetwork"]
+__all__ = ["LoraNetwork", "SharedGroup"]

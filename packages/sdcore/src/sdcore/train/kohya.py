@@ -453,7 +453,6 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "constrain": ("0", "0.0"),
     "use_tucker": ("false",),
     "use_cp": ("false",),
-    "split_qkv": ("true",),  # lora_flux: sdcore's q/k/v LoRAs are always split (saved fused)
     "train_blocks": ("all",),  # lora_flux: all blocks is the default
     "dora_wd": ("false",),
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
@@ -734,11 +733,6 @@ def _network(
         known = ", ".join((*KOHYA_LORA_MODULES, "lycoris.kohya"))
         out.problems.append(f"{where}: network_module {module!r} is not available ({known})")
         return
-    if module in ("networks.lora_flux", "networks.lora_sd3"):
-        out.notes.append(
-            f"{module}: sdcore trains q, k, v (and Flux's MLP input) with their own LoRA each, as kohya's "
-            "split_qkv=True does, and saves them fused in kohya's names (rank x3/x4 in the file)"
-        )
     lycoris = module == "lycoris.kohya"
     algo = args.pop("algo", "").lower()
     if lycoris:

@@ -199,3 +199,23 @@ def test_training_changes_only_the_new_vectors(family, train_t5, tmp_path):
     } | {f"transformer.{k}": v for k, v in bundle.transformer.state_dict().items()}
     assert now.keys() == frozen.keys()
     assert [k for k in frozen if not torch.equal(frozen[k], now[k])] == []
+
+
+def test_t5_token_in_spare_matrix_rows_matches_diffusers(tmp_path):
+    """Real T5-XXL has 32128 matrix rows for 32100 tokens: an added token's id lies inside the matrix.
+    The tiny T5 gets such spare rows here; the table answers for the id, the matrix stays as it was."""
+    bundle = _tiny("flux")
+    t5, tok = bundle.text_encoders[1], bundle.tokenizers[1]
+    t5.resize_token_embeddings(len(tok) + 28)  # spare rows past the tokenizer, as in T5-XXL
+    matrix = t5.get_input_embeddings().weight.detach().clone()
+    emb = _embedding(bundle, t5=True)
+    handle = apply_embeddings(bundle, [emb])
+    ids = tok.convert_tokens_to_ids(handle.tokens["mychar"])
+    assert max(ids) < t5.get_input_embeddings().num_embeddings  # inside the matrix
+    prompt = handle.expand(PROMPT)
+    ours, ours_pooled = _sdcore_embeds(bundle, prompt, 32)
+    theirs, theirs_pooled = _diffusers_embeds("flux", bundle, emb, handle.tokens["mychar"], prompt, 32)
+    assert float((ours - theirs).abs().max()) <= 1e-6 and float((ours_pooled - theirs_pooled).abs().max()) <= 1e-6
+    handle.remove()
+    assert torch.equal(t5.get_input_embeddings().weight, matrix)
+    assert float((_sdcore_embeds(bundle, prompt, 32)[0] - ours).abs().max()) > 1e-3  # removed: T5 reads the words as text again

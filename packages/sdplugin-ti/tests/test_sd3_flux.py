@@ -219,3 +219,41 @@ def test_t5_token_in_spare_matrix_rows_matches_diffusers(tmp_path):
     handle.remove()
     assert torch.equal(t5.get_input_embeddings().weight, matrix)
     assert float((_sdcore_embeds(bundle, prompt, 32)[0] - ours).abs().max()) > 1e-3  # removed: T5 reads the words as text again
+
+
+def test_cli_trains_on_sd3_and_generate_uses_the_word_and_flux_refuses_it(tmp_path, sd_cli):
+    """``sdcore train ti`` on tiny SD3, then ``sdcore generate`` with the embedding's word: the image
+    changes; the same file on Flux stops with the one-line error (no traceback)."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    pm = get_plugin_manager()
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    emb_dir = tmp_path / "emb"
+    args = ["train", "ti", "--model", "tiny:sd3", "--data", str(data), "--output", str(emb_dir / "mychar.pt"),
+            "--name", "mychar", "--vectors", "2", "--max-steps", "2", "--lr", "5e-2", "--resolution", "64",
+            "--min-bucket-reso", "64", "--no-progress", "--seed", "0", "--format", "safetensors"]  # fmt: skip
+    result = sd_cli(args, pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    saved = load_embedding(emb_dir / "mychar.safetensors")
+    assert {k: tuple(v.shape) for k, v in saved.vectors.items()} == {CLIP_L: (2, 32), CLIP_G: (2, 64)}
+    (emb_dir / "mychar.pt").unlink()  # one file per word
+
+    def generate(model: str, folder, out) -> tuple[int, str, np.ndarray | None]:
+        run = sd_cli(["generate", "a photo of mychar", "--model", model, "--output", str(out), "--steps", "2",
+                      "--size", "64x64", "--seed", "7", "--embeddings-dir", str(folder)], pm=pm)  # fmt: skip
+        image = np.asarray(Image.open(out), dtype=np.int16) if run.exit_code == 0 else None
+        return run.exit_code, run.output, image
+
+    empty = tmp_path / "none"
+    empty.mkdir()
+    code, output, plain = generate("tiny:sd3", empty, tmp_path / "plain.png")
+    assert code == 0, output
+    code, output, with_emb = generate("tiny:sd3", emb_dir, tmp_path / "emb.png")
+    assert code == 0, output
+    assert plain is not None and with_emb is not None and np.abs(plain - with_emb).max() > 0
+    code, output, _ = generate("tiny:flux", emb_dir, tmp_path / "flux.png")
+    assert code != 0 and "Traceback" not in output
+    assert "(sd3); this flux model needs clip_l vectors of width 32" in output, output

@@ -14,7 +14,6 @@ import copy
 import pytest
 import torch
 from sdcore.errors import NetworkMismatchError
-
 from sdplugin_ti.apply import apply_embeddings, encoder_keys
 from sdplugin_ti.embedding import CLIP_G, CLIP_L, SINGLE, T5, Embedding
 from sdplugin_ti.formats import load_embedding, save_embedding
@@ -44,7 +43,10 @@ def _vectors(n: int, width: int, seed: int) -> torch.Tensor:
 
 
 def _embedding(bundle, *, t5: bool, n: int = 2) -> Embedding:
-    widths = {key: int(e.get_input_embeddings().embedding_dim) for key, e in zip(encoder_keys(bundle), bundle.text_encoders)}
+    widths = {
+        key: int(e.get_input_embeddings().embedding_dim)
+        for key, e in zip(encoder_keys(bundle), bundle.text_encoders, strict=True)
+    }
     keys = [key for key in widths if key != T5 or t5]
     return Embedding("mychar", {key: _vectors(n, widths[key], seed) for seed, key in enumerate(keys)})
 
@@ -166,13 +168,12 @@ def test_sdxl_clip_pair_fits_sd3_and_comfy_t5xxl_key_reads(tmp_path):
 def test_training_changes_only_the_new_vectors(family, train_t5, tmp_path):
     from sdcore.testing.contract import contract_options
     from sdcore.train.loop import train
-
     from sdplugin_ti.method import TIMethod
 
     bundle = _tiny(family)
-    frozen = {
-        f"{i}.{k}": v.clone() for i, e in enumerate(bundle.text_encoders) for k, v in e.state_dict().items()
-    } | {f"transformer.{k}": v.clone() for k, v in bundle.transformer.state_dict().items()}
+    frozen = {f"{i}.{k}": v.clone() for i, e in enumerate(bundle.text_encoders) for k, v in e.state_dict().items()} | {
+        f"transformer.{k}": v.clone() for k, v in bundle.transformer.state_dict().items()
+    }
     values = {"name": "tiny", "vectors": 2, "template": "subject_filewords", "lr": 5e-2, "max_steps": 3,
               "format": "safetensors", "train_t5": train_t5, "init_text": "red cat"}  # fmt: skip
     options = contract_options(TIMethod, tmp_path, values, family=family)
@@ -181,7 +182,9 @@ def test_training_changes_only_the_new_vectors(family, train_t5, tmp_path):
 
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     keys = encoder_keys(bundle)
-    widths = {key: int(e.get_input_embeddings().embedding_dim) for key, e in zip(keys, bundle.text_encoders)}
+    widths = {
+        key: int(e.get_input_embeddings().embedding_dim) for key, e in zip(keys, bundle.text_encoders, strict=True)
+    }
     expected = [key for key in keys if key != T5 or train_t5]
     saved = load_embedding(result.output.with_suffix(".safetensors"))
     assert list(saved.vectors) == expected
@@ -194,9 +197,9 @@ def test_training_changes_only_the_new_vectors(family, train_t5, tmp_path):
     assert all(float((saved.vectors[k] - start[k]).abs().max()) > 1e-4 for k in expected)
     # nothing else did: every weight of the text encoders and the transformer is as before
     method.handle.remove()
-    now = {
-        f"{i}.{k}": v for i, e in enumerate(bundle.text_encoders) for k, v in e.state_dict().items()
-    } | {f"transformer.{k}": v for k, v in bundle.transformer.state_dict().items()}
+    now = {f"{i}.{k}": v for i, e in enumerate(bundle.text_encoders) for k, v in e.state_dict().items()} | {
+        f"transformer.{k}": v for k, v in bundle.transformer.state_dict().items()
+    }
     assert now.keys() == frozen.keys()
     assert [k for k in frozen if not torch.equal(frozen[k], now[k])] == []
 
@@ -218,7 +221,9 @@ def test_t5_token_in_spare_matrix_rows_matches_diffusers(tmp_path):
     assert float((ours - theirs).abs().max()) <= 1e-6 and float((ours_pooled - theirs_pooled).abs().max()) <= 1e-6
     handle.remove()
     assert torch.equal(t5.get_input_embeddings().weight, matrix)
-    assert float((_sdcore_embeds(bundle, prompt, 32)[0] - ours).abs().max()) > 1e-3  # removed: T5 reads the words as text again
+    assert (
+        float((_sdcore_embeds(bundle, prompt, 32)[0] - ours).abs().max()) > 1e-3
+    )  # removed: T5 reads the words as text again
 
 
 def test_cli_trains_on_sd3_and_generate_uses_the_word_and_flux_refuses_it(tmp_path, sd_cli):

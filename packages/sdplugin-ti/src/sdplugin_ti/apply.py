@@ -1,9 +1,9 @@
 """Putting embeddings into a model: placeholder tokens plus a small extra lookup table.
 
-An embedding with n vectors gets n placeholder tokens in each tokenizer. Their ids lie past the
-text encoder's vocabulary, and :class:`ExtendedTokenEmbedding` (installed in place of the input
-embedding) returns the embedding's vectors for them and the untouched original rows for every
-other id. The original matrix is never resized or copied, so removing an embedding restores the
+An embedding with n vectors gets n placeholder tokens in each tokenizer it has vectors for. Their
+ids lie past the tokenizer's own (past CLIP's matrix; in T5-XXL's spare rows, 32100-32127), and
+:class:`ExtendedTokenEmbedding` (installed in place of the input embedding) returns the embedding's
+vectors for them and the untouched original rows for every other id. The original matrix is never resized or copied, so removing an embedding restores the
 model bit for bit, and in training only the small tables receive gradients.
 
 Prompts name embeddings as A1111 does: by the file stem for ``.pt``/``.bin``/``.safetensors``
@@ -11,6 +11,10 @@ files, by the name stored inside for image (PNG/WEBP) embeddings. :func:`expand_
 whole-word, case-insensitive occurrence of a name by its placeholder tokens before tokenizing.
 The first placeholder is the name itself (lower-cased) when that is not already a word of the
 vocabulary, so a one-vector embedding also works in prompts that were never expanded.
+
+Which tensor feeds which encoder follows the family: SD1/SD2 the single tensor, SDXL ``clip_l`` and
+``clip_g``, SD3 ``clip_l``, ``clip_g`` and optionally ``t5``, Flux.1 ``clip_l`` and optionally ``t5``
+(OneTrainer's keys). Without a ``t5`` part, T5 gets no tokens and reads the prompt words as text.
 """
 
 from __future__ import annotations
@@ -533,6 +537,7 @@ class EmbeddingHandler(PromptNetworkHandler):
 
 
 __all__ = [
+    "OPTIONAL_KEYS",
     "EmbeddingHandle",
     "EmbeddingHandler",
     "ExtendedTokenEmbedding",
@@ -542,7 +547,6 @@ __all__ = [
     "expand_prompt",
     "find_names",
     "init_vectors",
-    "OPTIONAL_KEYS",
     "placeholder_tokens",
 ]
 

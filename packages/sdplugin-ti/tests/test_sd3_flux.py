@@ -262,3 +262,29 @@ def test_cli_trains_on_sd3_and_generate_uses_the_word_and_flux_refuses_it(tmp_pa
     code, output, _ = generate("tiny:flux", emb_dir, tmp_path / "flux.png")
     assert code != 0 and "Traceback" not in output
     assert "(sd3); this flux model needs clip_l vectors of width 32" in output, output
+
+
+def test_legacy_clip_config_pools_at_eos_not_at_the_placeholder(tmp_path):
+    """OpenAI's CLIP-L config (shipped in Flux/SD3/SDXL folders) has ``eos_token_id = 2``: transformers
+    then pools at the largest id, which a placeholder (>= 49408) would be. While an embedding is
+    active the pooled vector stays at EOS: the same as a current config gives, not diffusers' by-hand
+    result on the legacy config (pooled at the placeholder)."""
+    current = _tiny("flux")
+    legacy = _tiny("flux")
+    pooling = [m for m in legacy.text_encoders[0].modules() if getattr(m, "eos_token_id", None) == 49407]
+    assert pooling  # the CLIP text transformer keeps its own copy of the config value
+    for module in pooling:
+        module.eos_token_id = 2
+    assert torch.equal(_sdcore_embeds(legacy, PROMPT, 32)[1], _sdcore_embeds(current, PROMPT, 32)[1])
+
+    emb = _embedding(current, t5=False)
+    right = apply_embeddings(current, [emb])
+    prompt = right.expand(PROMPT)
+    expected = _sdcore_embeds(current, prompt, 32)[1]
+    _, at_placeholder = _diffusers_embeds("flux", legacy, emb, right.tokens["mychar"], prompt, 32)
+    handle = apply_embeddings(legacy, [emb])
+    pooled = _sdcore_embeds(legacy, prompt, 32)[1]
+    assert float((pooled - expected).abs().max()) <= 1e-6
+    assert float((pooled - at_placeholder).abs().max()) > 1e-3
+    handle.remove()
+    assert all(module.eos_token_id == 2 for module in pooling)

@@ -88,6 +88,8 @@ class ExtendedTokenEmbedding(nn.Embedding):
         self.weight = base.weight
         object.__setattr__(self, "original", base)  # not a submodule: no extra state_dict keys
         self._tables: dict[str, tuple[list[int], torch.Tensor]] = {}
+        #: (module, its eos_token_id) changed by :func:`_pool_at_eos`, put back on release
+        self.restore_eos: list[tuple[Any, int]] = []
 
     def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(
@@ -144,12 +146,39 @@ class ExtendedTokenEmbedding(nn.Embedding):
         return torch.where(extra.unsqueeze(-1), rows[row.clamp(min=0)], out)
 
 
-def _extended(text_encoder: Any) -> ExtendedTokenEmbedding:
+#: the ``eos_token_id`` of CLIP configs written before transformers PR #24773 (OpenAI's CLIP-L
+#: config, which SDXL, SD3 and Flux folders ship): transformers then pools at the *largest* id
+_LEGACY_EOS = 2
+
+
+def _pool_at_eos(text_encoder: Any, tokenizer: Any) -> list[tuple[Any, int]]:
+    """Make a legacy-config CLIP pool at its end-of-text token while placeholders are active.
+
+    With ``eos_token_id == 2`` transformers takes the pooled output at ``argmax(input_ids)``: the
+    highest id, which is EOS (49407) for plain prompts but a placeholder (>= 49408) once one is in
+    the prompt, so the pooled vector would stop at the embedding's word (diffusers has the same
+    flaw; transformers' comment says such a model "can't work correctly with extra new tokens").
+    Pooling at the first EOS instead is the same position for every plain prompt and the right one
+    with placeholders; this matters most for Flux, whose only CLIP input is the pooled vector.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not isinstance(eos, int) or eos == _LEGACY_EOS:
+        return []
+    changed = []
+    for module in text_encoder.modules():
+        if getattr(module, "eos_token_id", None) == _LEGACY_EOS and not isinstance(module, ExtendedTokenEmbedding):
+            changed.append((module, _LEGACY_EOS))
+            module.eos_token_id = eos
+    return changed
+
+
+def _extended(text_encoder: Any, tokenizer: Any = None) -> ExtendedTokenEmbedding:
     current = text_encoder.get_input_embeddings()
     if isinstance(current, ExtendedTokenEmbedding):
         return current
     wrapper = ExtendedTokenEmbedding(current)
     text_encoder.set_input_embeddings(wrapper)
+    wrapper.restore_eos = _pool_at_eos(text_encoder, tokenizer)
     return wrapper
 
 
@@ -157,6 +186,8 @@ def _release(text_encoder: Any) -> None:
     current = text_encoder.get_input_embeddings()
     if isinstance(current, ExtendedTokenEmbedding) and current.empty:
         text_encoder.set_input_embeddings(current.original)
+        for module, value in current.restore_eos:
+            module.eos_token_id = value
 
 
 # --- tokenizer bookkeeping -------------------------------------------------------------------------
@@ -354,7 +385,7 @@ def apply_embeddings(
                 table = source.detach().to(dtype=torch.float32).clone()
                 if trainable:
                     table = nn.Parameter(table.to(encoder.get_input_embeddings().weight.device))
-                _extended(encoder).add_table(emb.name, ids, table)
+                _extended(encoder, tokenizer).add_table(emb.name, ids, table)
                 handle.tables[emb.name][key] = table
     except BaseException:
         handle.remove()

@@ -175,12 +175,15 @@ def test_training_changes_only_the_new_vectors(family, train_t5, tmp_path):
         f"transformer.{k}": v.clone() for k, v in bundle.transformer.state_dict().items()
     }
     values = {"name": "tiny", "vectors": 2, "template": "subject_filewords", "lr": 5e-2, "max_steps": 3,
-              "format": "safetensors", "train_t5": train_t5, "init_text": "red cat"}  # fmt: skip
+              "format": "safetensors", "train_t5": train_t5, "init_text": "red cat", "sample_every": 3,
+              "sample_prompts": "a photo of tiny --w 64 --h 64 --s 2", "sample_sampler": "euler"}  # fmt: skip
     options = contract_options(TIMethod, tmp_path, values, family=family)
     method = TIMethod(options)
     result = train(method, bundle=bundle)
 
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    samples = [p for p in tmp_path.rglob("*.png") if "data" not in p.relative_to(tmp_path).parts]
+    assert samples  # sampling during training expands the word through the live embedding
     keys = encoder_keys(bundle)
     widths = {
         key: int(e.get_input_embeddings().embedding_dim) for key, e in zip(keys, bundle.text_encoders, strict=True)

@@ -129,6 +129,8 @@ def test_prompt_embeds_equal_diffusers_with_tokens_added_by_hand(family, t5, tmp
 
 
 def test_wrong_family_files_are_refused_with_both_named(tmp_path):
+    from sdcore.models.tiny import create_tiny_bundle
+
     sd3, flux = _tiny("sd3"), _tiny("flux")
     sd3_emb = _embedding(sd3, t5=True)
     flux_emb = _embedding(flux, t5=False)
@@ -138,6 +140,8 @@ def test_wrong_family_files_are_refused_with_both_named(tmp_path):
         (sd3, flux_emb, r"has clip_l: 2 vectors of width 32 \(FLUX\.1\); this sd3 model needs clip_l vectors of "
                         r"width 32 and clip_g vectors of width 64 \(optionally t5"),
         (sd3, Embedding("mychar", {SINGLE: torch.zeros(1, 768)}), r"has 1 vector of width 768 \(SD1\); this sd3 model"),
+        # tiny SD1's CLIP is 32 wide as tiny Flux's CLIP-L: refused for its family, not its width
+        (create_tiny_bundle("sd1"), flux_emb, r"\(FLUX\.1\); this sd1 model needs vectors of width 32$"),
     ]  # fmt: skip
     for bundle, emb, message in cases:
         path = save_embedding(emb, tmp_path / "mychar.safetensors")

@@ -263,11 +263,9 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
 
 # --- applying --------------------------------------------------------------------------------------
 def _source(emb: Embedding, key: str) -> torch.Tensor | None:
-    """The tensor of ``emb`` for encoder ``key`` (a one-tensor file serves the single-encoder families)."""
-    tensor = emb.vectors.get(key)
-    if tensor is None and key == SINGLE and len(emb.vectors) == 1:
-        tensor = next(iter(emb.vectors.values()))
-    return tensor
+    """The tensor of ``emb`` for encoder ``key``. Per-encoder files (``clip_l``...) never stand in for
+    SD1/SD2's single tensor: a Flux ``clip_l`` file was trained for the pooled path, not for SD1."""
+    return emb.vectors.get(key)
 
 
 def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
@@ -284,8 +282,8 @@ def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
             fits = fits and key in OPTIONAL_KEYS
         elif int(tensor.shape[1]) != expected:
             fits = False
-    if keys != [SINGLE] and any(key not in keys for key in emb.vectors):
-        fits = False  # e.g. clip_g on Flux, t5 on SDXL: made for another family
+    if any(key not in keys for key in emb.vectors):
+        fits = False  # e.g. clip_g on Flux, t5 on SDXL, clip_l on SD1: made for another family
     if not fits:
         needed = [(k, w) for k, w in zip(keys, widths, strict=True) if k not in OPTIONAL_KEYS]
         optional = [(k, w) for k, w in zip(keys, widths, strict=True) if k in OPTIONAL_KEYS]

@@ -278,7 +278,9 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         with torch.no_grad():
             for emb in embeddings:
                 for key, table in self.handle.tables[emb.name].items():
-                    source = emb.vectors.get(key, next(iter(emb.vectors.values())))
+                    source = emb.vectors.get(key)
+                    if source is None:  # an optional part (t5) the file lacks but --train-t5 trains
+                        raise NetworkMismatchError(f"{path}: {emb.name} has no {key} vectors, training uses them")
                     if source.shape != table.shape:
                         raise NetworkMismatchError(
                             f"{path}: {emb.name} {key} has {source.shape[0]} vectors, training uses {table.shape[0]}"

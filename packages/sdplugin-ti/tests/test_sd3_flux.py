@@ -295,3 +295,25 @@ def test_legacy_clip_config_pools_at_eos_not_at_the_placeholder(tmp_path):
     assert float((pooled - at_placeholder).abs().max()) > 1e-3
     handle.remove()
     assert all(module.eos_token_id == 2 for module in pooling)
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [("flux", {"gradient_checkpointing": True, "train_t5": True}), ("sd3", {"mixed_precision": "bf16"})],
+)
+def test_trains_with_checkpointing_and_bf16(family, extra, tmp_path):
+    """Gradients reach every trained table through checkpointed text encoders and under bf16 autocast."""
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import train
+
+    from sdplugin_ti.apply import init_vectors
+    from sdplugin_ti.method import TIMethod
+
+    values = {"name": "tiny", "vectors": 1, "lr": 5e-2, "max_steps": 2, "init_text": "red", **extra}
+    bundle = _tiny(family)
+    result = train(TIMethod(contract_options(TIMethod, tmp_path, values, family=family)), bundle=bundle)
+    trained = load_embedding(result.output).vectors
+    start = init_vectors(bundle, "red", 1, keys=list(trained))
+    assert set(trained) == ({CLIP_L, T5} if family == "flux" else {CLIP_L, CLIP_G})
+    for key, vectors in trained.items():
+        assert torch.isfinite(vectors).all() and float((vectors - start[key]).abs().max()) > 1e-3, key

@@ -305,7 +305,6 @@ def test_trains_with_checkpointing_and_bf16(family, extra, tmp_path):
     """Gradients reach every trained table through checkpointed text encoders and under bf16 autocast."""
     from sdcore.testing.contract import contract_options
     from sdcore.train.loop import train
-
     from sdplugin_ti.apply import init_vectors
     from sdplugin_ti.method import TIMethod
 

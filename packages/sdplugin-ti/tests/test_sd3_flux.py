@@ -316,3 +316,12 @@ def test_trains_with_checkpointing_and_bf16(family, extra, tmp_path):
     assert set(trained) == ({CLIP_L, T5} if family == "flux" else {CLIP_L, CLIP_G})
     for key, vectors in trained.items():
         assert torch.isfinite(vectors).all() and float((vectors - start[key]).abs().max()) > 1e-3, key
+
+
+@pytest.mark.parametrize("suffix", ["pt", "safetensors", "bin", "png"])
+def test_every_file_format_keeps_the_t5_part(suffix, tmp_path):
+    emb = Embedding("mychar", {CLIP_L: _vectors(2, 768, 0), T5: _vectors(2, 4096, 1)})
+    loaded = load_embedding(save_embedding(emb, tmp_path / f"mychar.{suffix}"))
+    assert list(loaded.vectors) == [CLIP_L, T5]
+    assert all(torch.equal(loaded.vectors[k], emb.vectors[k]) for k in emb.vectors)
+    assert "(FLUX.1)" in loaded.describe()

@@ -197,16 +197,25 @@ def test_memory_options_on_the_family_block_swap_exact_and_fp8_base(family, tmp_
     assert any(not torch.equal(module.up, fp8[key].up) for key, module in plain.items())  # the base was rounded
 
 
-def test_textual_inversion_on_a_transformer_family_is_a_clear_error(tmp_path, sd_cli, pm):
-    """TI for SD3/Flux (CLIP encoders beside T5) is not built: one clear line, no traceback."""
+def test_textual_inversion_on_flux_trains_clip_l_and_t5_on_request(tmp_path, sd_cli, pm):
+    """TI on Flux: the CLIP-L vectors (pooled path) and, with ``--train-t5``, a T5 part (OneTrainer's
+    ``clip_l``/``t5`` keys); ``--train-t5`` on a family without T5 is one clear line, no traceback."""
     from sdcore.errors import ConfigError
     from sdcore.testing.datasets import make_tiny_dataset
+    from sdplugin_ti.formats import load_embedding
 
     data = make_tiny_dataset(tmp_path / "data", n=1, size=64)
-    args = ["train", "ti", "--name", "tok", "--init-text", "cat", "--model", "tiny:flux", "--data", str(data),
-            "--output", str(tmp_path / "tok.safetensors"), "--max-steps", "1", "--resolution", "64",
-            "--min-bucket-reso", "64", "--no-progress"]  # fmt: skip
-    result = sd_cli(args, pm=pm)
+
+    def run(model: str, out):
+        args = ["train", "ti", "--name", "tok", "--init-text", "cat", "--model", model, "--data", str(data),
+                "--output", str(out), "--max-steps", "1", "--resolution", "64", "--min-bucket-reso", "64",
+                "--no-progress", "--train-t5"]  # fmt: skip
+        return sd_cli(args, pm=pm)
+
+    result = run("tiny:flux", tmp_path / "flux")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert set(load_embedding(tmp_path / "flux" / "tok.pt").vectors) == {"clip_l", "t5"}
+    result = run("tiny:sd1", tmp_path / "sd1")
     assert result.exit_code != 0
-    assert "FLUX.1 (flux) is not supported yet" in result.output
+    assert "--train-t5: this sd1 model has no T5 text encoder" in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, ConfigError)

@@ -110,7 +110,7 @@ def test_width_mismatch_names_expected_and_found(make_bundle):
     with pytest.raises(NetworkMismatchError, match=r"has 4 vectors of width 768 \(SD1\); this sdxl model needs clip_l"):
         apply_embeddings(sdxl, [Embedding("real", {SINGLE: torch.zeros(4, 768)})])
     with pytest.raises(
-        NetworkMismatchError, match=r"clip_g: 1 vector of width 1280 \(SDXL\);.*clip_g vectors of width 64"
+        NetworkMismatchError, match=r"clip_g: 1 vector of width 1280 \(SDXL or SD3\);.*clip_g vectors of width 64"
     ):
         apply_embeddings(sdxl, [Embedding("xl", {CLIP_L: torch.zeros(1, 32), CLIP_G: torch.zeros(1, 1280)})])
     assert len(sdxl.tokenizers[0]) == 49408  # nothing left behind

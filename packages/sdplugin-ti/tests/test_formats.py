@@ -243,5 +243,7 @@ def test_embeddings_bundled_in_a_lora_state_dict():
     found = {e.name: e for e in embeddings_in_lora(state)}
     assert found["char"].widths == {SINGLE: 768} and found["char"].num_vectors == 2
     assert found["xl"].is_sdxl and found["xl"].widths == {CLIP_L: 768, CLIP_G: 1280}
+    flux = embeddings_in_lora({"bundle_emb.f.clip_l": torch.ones(1, 768), "bundle_emb.f.t5": torch.ones(1, 4096)})
+    assert flux[0].widths == {CLIP_L: 768, "t5": 4096}  # SD3/Flux embeddings carry a T5 part
     with pytest.raises(ModelFormatError, match="unknown bundled"):
-        embeddings_in_lora({"bundle_emb.a.t5": torch.ones(1, 4)})
+        embeddings_in_lora({"bundle_emb.a.llama": torch.ones(1, 4)})

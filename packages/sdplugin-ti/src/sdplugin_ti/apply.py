@@ -1,9 +1,9 @@
 """Putting embeddings into a model: placeholder tokens plus a small extra lookup table.
 
-An embedding with n vectors gets n placeholder tokens in each tokenizer. Their ids lie past the
-text encoder's vocabulary, and :class:`ExtendedTokenEmbedding` (installed in place of the input
-embedding) returns the embedding's vectors for them and the untouched original rows for every
-other id. The original matrix is never resized or copied, so removing an embedding restores the
+An embedding with n vectors gets n placeholder tokens in each tokenizer it has vectors for. Their
+ids lie past the tokenizer's own (past CLIP's matrix; in T5-XXL's spare rows, 32100-32127), and
+:class:`ExtendedTokenEmbedding` (installed in place of the input embedding) returns the embedding's
+vectors for them and the untouched original rows for every other id. The original matrix is never resized or copied, so removing an embedding restores the
 model bit for bit, and in training only the small tables receive gradients.
 
 Prompts name embeddings as A1111 does: by the file stem for ``.pt``/``.bin``/``.safetensors``
@@ -11,6 +11,10 @@ files, by the name stored inside for image (PNG/WEBP) embeddings. :func:`expand_
 whole-word, case-insensitive occurrence of a name by its placeholder tokens before tokenizing.
 The first placeholder is the name itself (lower-cased) when that is not already a word of the
 vocabulary, so a one-vector embedding also works in prompts that were never expanded.
+
+Which tensor feeds which encoder follows the family: SD1/SD2 the single tensor, SDXL ``clip_l`` and
+``clip_g``, SD3 ``clip_l``, ``clip_g`` and optionally ``t5``, Flux.1 ``clip_l`` and optionally ``t5``
+(OneTrainer's keys). Without a ``t5`` part, T5 gets no tokens and reads the prompt words as text.
 """
 
 from __future__ import annotations
@@ -27,25 +31,41 @@ from sdcore.errors import ConfigError, ModelFormatError, NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
 from torch import nn
 
-from .embedding import CLIP_G, CLIP_L, SINGLE, Embedding
+from .embedding import CLIP_G, CLIP_L, SINGLE, T5, Embedding
 from .formats import EMBEDDING_SUFFIXES, IMAGE_SUFFIXES, load_embedding
 
 if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
 
 
+#: embedding key of each text-encoder kind of the transformer families (SD3/SD3.5, Flux.1)
+_KEY_BY_KIND = {"clip-l": CLIP_L, "clip-g": CLIP_G, "t5-xxl": T5}
+#: keys an embedding may leave out: T5 then reads the prompt word as plain text (OneTrainer makes
+#: the T5 part optional; kohya and A1111 never train one)
+OPTIONAL_KEYS = frozenset({T5})
+
+
 def encoder_keys(bundle: ModelBundle) -> list[str]:
     """Which embedding tensor goes into which text encoder, in ``bundle.text_encoders`` order."""
-    if bundle.family_spec.denoiser != "unet":  # SD3/Flux: CLIP encoders beside a T5, no A1111 file layout yet
+    spec = bundle.family_spec
+    if spec.denoiser == "unet":
+        if bundle.family == "sdxl-refiner":
+            return [CLIP_G]
+        if bundle.is_sdxl:
+            return [CLIP_L, CLIP_G]
+        return [SINGLE]
+    kinds = [encoder.kind for encoder in spec.text_encoders]
+    unknown = [kind for kind in kinds if kind not in _KEY_BY_KIND]
+    if unknown:
         raise ConfigError(
-            f"Textual Inversion embeddings are built for SD1, SD2 and SDXL; {bundle.family_spec.label} "
-            f"({bundle.family}) is not supported yet"
+            f"Textual Inversion does not know the {', '.join(unknown)} text encoder of {spec.label} ({bundle.family})"
         )
-    if bundle.family == "sdxl-refiner":
-        return [CLIP_G]
-    if bundle.is_sdxl:
-        return [CLIP_L, CLIP_G]
-    return [SINGLE]
+    if len(bundle.text_encoders) != len(kinds):
+        raise ConfigError(
+            f"this {bundle.family} model has {len(bundle.text_encoders)} of its {len(kinds)} text encoders; "
+            "embeddings need all of them (give the missing parts when loading the model)"
+        )
+    return [_KEY_BY_KIND[kind] for kind in kinds]
 
 
 class ExtendedTokenEmbedding(nn.Embedding):
@@ -68,6 +88,8 @@ class ExtendedTokenEmbedding(nn.Embedding):
         self.weight = base.weight
         object.__setattr__(self, "original", base)  # not a submodule: no extra state_dict keys
         self._tables: dict[str, tuple[list[int], torch.Tensor]] = {}
+        #: (module, its eos_token_id) changed by :func:`_pool_at_eos`, put back on release
+        self.restore_eos: list[tuple[Any, int]] = []
 
     def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(
@@ -97,29 +119,66 @@ class ExtendedTokenEmbedding(nn.Embedding):
         return not self._tables
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the tables for their ids, the original rows for every other id.
+
+        Table ids are usually past the matrix (CLIP: the tokenizer is as long as the matrix), but T5's
+        matrix has spare rows (32128 rows for 32100 tokens), so an id added to its tokenizer can lie
+        inside the matrix: any id a table holds is looked up in the table.
+        """
         vocab = self.num_embeddings
-        extra = input_ids >= vocab
-        if not self._tables or not bool(extra.any()):
+        if not self._tables:
             return self._lookup(input_ids)
-        out = self._lookup(input_ids.clamp(max=vocab - 1))
         ids = [i for ids, _ in self._tables.values() for i in ids]
-        rows = torch.cat([t for _, t in self._tables.values()]).to(device=out.device, dtype=out.dtype)
-        index = torch.full((max(ids) - vocab + 1,), -1, dtype=torch.long, device=input_ids.device)
-        index[torch.tensor(ids, device=input_ids.device) - vocab] = torch.arange(len(ids), device=input_ids.device)
-        offsets = (input_ids - vocab).clamp(min=0, max=len(index) - 1)
-        row = torch.where(extra, index[offsets], torch.full_like(offsets, -1))
-        if bool((extra & (row < 0)).any()) or bool((input_ids - vocab >= len(index)).any()):
-            bad = int(input_ids[extra & ((row < 0) | (input_ids - vocab >= len(index)))][0])
+        id_tensor = torch.tensor(ids, device=input_ids.device)
+        extra = torch.isin(input_ids, id_tensor)
+        stray = (input_ids >= vocab) & ~extra
+        if bool(stray.any()):
+            bad = int(input_ids[stray][0])
             raise NetworkMismatchError(f"token id {bad} is past the vocabulary and belongs to no active embedding")
+        if not bool(extra.any()):
+            return self._lookup(input_ids)
+        out = self._lookup(torch.where(extra, torch.zeros_like(input_ids), input_ids))
+        rows = torch.cat([t for _, t in self._tables.values()]).to(device=out.device, dtype=out.dtype)
+        low = min(ids)
+        index = torch.full((max(ids) - low + 1,), -1, dtype=torch.long, device=input_ids.device)
+        index[id_tensor - low] = torch.arange(len(ids), device=input_ids.device)
+        row = index[(input_ids - low).clamp(min=0, max=len(index) - 1)]
         return torch.where(extra.unsqueeze(-1), rows[row.clamp(min=0)], out)
 
 
-def _extended(text_encoder: Any) -> ExtendedTokenEmbedding:
+#: the ``eos_token_id`` of CLIP configs written before transformers PR #24773 (OpenAI's CLIP-L
+#: config, which SDXL, SD3 and Flux folders ship): transformers then pools at the *largest* id
+_LEGACY_EOS = 2
+
+
+def _pool_at_eos(text_encoder: Any, tokenizer: Any) -> list[tuple[Any, int]]:
+    """Make a legacy-config CLIP pool at its end-of-text token while placeholders are active.
+
+    With ``eos_token_id == 2`` transformers takes the pooled output at ``argmax(input_ids)``: the
+    highest id, which is EOS (49407) for plain prompts but a placeholder (>= 49408) once one is in
+    the prompt, so the pooled vector would stop at the embedding's word (diffusers has the same
+    flaw; transformers' comment says such a model "can't work correctly with extra new tokens").
+    Pooling at the first EOS instead is the same position for every plain prompt and the right one
+    with placeholders; this matters most for Flux, whose only CLIP input is the pooled vector.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not isinstance(eos, int) or eos == _LEGACY_EOS:
+        return []
+    changed = []
+    for module in text_encoder.modules():
+        if getattr(module, "eos_token_id", None) == _LEGACY_EOS and not isinstance(module, ExtendedTokenEmbedding):
+            changed.append((module, _LEGACY_EOS))
+            module.eos_token_id = eos
+    return changed
+
+
+def _extended(text_encoder: Any, tokenizer: Any = None) -> ExtendedTokenEmbedding:
     current = text_encoder.get_input_embeddings()
     if isinstance(current, ExtendedTokenEmbedding):
         return current
     wrapper = ExtendedTokenEmbedding(current)
     text_encoder.set_input_embeddings(wrapper)
+    wrapper.restore_eos = _pool_at_eos(text_encoder, tokenizer)
     return wrapper
 
 
@@ -127,6 +186,8 @@ def _release(text_encoder: Any) -> None:
     current = text_encoder.get_input_embeddings()
     if isinstance(current, ExtendedTokenEmbedding) and current.empty:
         text_encoder.set_input_embeddings(current.original)
+        for module, value in current.restore_eos:
+            module.eos_token_id = value
 
 
 # --- tokenizer bookkeeping -------------------------------------------------------------------------
@@ -201,24 +262,36 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
 
 
 # --- applying --------------------------------------------------------------------------------------
+def _source(emb: Embedding, key: str) -> torch.Tensor | None:
+    """The tensor of ``emb`` for encoder ``key``. Per-encoder files (``clip_l``...) never stand in for
+    SD1/SD2's single tensor: a Flux ``clip_l`` file was trained for the pooled path, not for SD1."""
+    return emb.vectors.get(key)
+
+
 def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
     """Raise NetworkMismatchError saying what the embedding holds and what the model needs, in one
-    message for every mismatch (missing encoder key or wrong width)."""
+    message for every mismatch (missing encoder key, a key the model has no encoder for, wrong width):
+    an SDXL/SD3 file on Flux, a Flux file on SD3 or an SD1 file on either is refused, not half applied."""
     where = emb.source or emb.name
     keys = encoder_keys(bundle)
     widths = [int(e.get_input_embeddings().embedding_dim) for e in bundle.text_encoders]
     fits = True
     for key, expected in zip(keys, widths, strict=True):
-        tensor = emb.vectors.get(key)
-        if tensor is None and key == SINGLE and len(emb.vectors) == 1:
-            tensor = next(iter(emb.vectors.values()))
-        if tensor is None or int(tensor.shape[1]) != expected:
+        tensor = _source(emb, key)
+        if tensor is None:
+            fits = fits and key in OPTIONAL_KEYS
+        elif int(tensor.shape[1]) != expected:
             fits = False
+    if any(key not in keys for key in emb.vectors):
+        fits = False  # e.g. clip_g on Flux, t5 on SDXL, clip_l on SD1: made for another family
     if not fits:
+        needed = [(k, w) for k, w in zip(keys, widths, strict=True) if k not in OPTIONAL_KEYS]
+        optional = [(k, w) for k, w in zip(keys, widths, strict=True) if k in OPTIONAL_KEYS]
         wanted = " and ".join(
-            f"vectors of width {w}" if k == SINGLE else f"{k} vectors of width {w}"
-            for k, w in zip(keys, widths, strict=True)
+            f"vectors of width {w}" if k == SINGLE else f"{k} vectors of width {w}" for k, w in needed
         )
+        if optional:
+            wanted += "".join(f" (optionally {k} vectors of width {w})" for k, w in optional)
         raise NetworkMismatchError(
             f"embedding {emb.name!r} ({where}) has {emb.describe()}; this {bundle.family} model needs {wanted}"
         )
@@ -294,27 +367,23 @@ def apply_embeddings(
             handle.tokens[emb.name] = tokens
             handle.tables[emb.name] = {}
             ids_per_tokenizer: dict[int, list[int]] = {}
-            for tokenizer in bundle.tokenizers:
-                if id(tokenizer) not in ids_per_tokenizer:
-                    ids_per_tokenizer[id(tokenizer)] = _add_tokens(tokenizer, tokens)
             for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, keys, strict=True):
-                source = emb.vectors.get(key)
-                if source is None:
-                    source = next(iter(emb.vectors.values()))
+                source = _source(emb, key)
+                if source is None:  # an optional part (T5) the file lacks: its tokenizer reads the words as text
+                    continue
                 if int(source.shape[0]) != len(tokens):
                     raise NetworkMismatchError(
                         f"embedding {emb.name!r}: {key} has {int(source.shape[0])} vectors but {len(tokens)} are used"
                     )
+                if id(tokenizer) not in ids_per_tokenizer:
+                    # new tokens get ids past the tokenizer's own: rows its words never use (past
+                    # CLIP's matrix, or T5's spare rows), which the table then answers for
+                    ids_per_tokenizer[id(tokenizer)] = _add_tokens(tokenizer, tokens)
                 ids = ids_per_tokenizer[id(tokenizer)]
-                vocab = int(encoder.get_input_embeddings().num_embeddings)
-                if min(ids) < vocab:
-                    raise NetworkMismatchError(
-                        f"embedding {emb.name!r}: tokenizer gave id {min(ids)} inside the text encoder's vocabulary ({vocab})"
-                    )
                 table = source.detach().to(dtype=torch.float32).clone()
                 if trainable:
                     table = nn.Parameter(table.to(encoder.get_input_embeddings().weight.device))
-                _extended(encoder).add_table(emb.name, ids, table)
+                _extended(encoder, tokenizer).add_table(emb.name, ids, table)
                 handle.tables[emb.name][key] = table
     except BaseException:
         handle.remove()
@@ -322,14 +391,19 @@ def apply_embeddings(
     return handle
 
 
-def init_vectors(bundle: ModelBundle, init_text: str, count: int) -> dict[str, torch.Tensor]:
+def init_vectors(
+    bundle: ModelBundle, init_text: str, count: int, *, keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """A1111 initialisation: the init text's raw token-embedding rows spread over ``count`` vectors.
 
     ``vec[i] = rows[i * L // count]`` (tokens repeated when L < count, sampled when L > count);
-    zeros when the init text is empty.
+    zeros when the init text is empty. ``keys`` limits the encoders (default: all of the model's).
     """
     out: dict[str, torch.Tensor] = {}
+    wanted = None if keys is None else set(keys)
     for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, encoder_keys(bundle), strict=True):
+        if wanted is not None and key not in wanted:
+            continue
         table = encoder.get_input_embeddings()
         weight = table.weight.detach()
         ids = tokenizer(init_text, add_special_tokens=False).input_ids if init_text.strip() else []
@@ -492,6 +566,7 @@ class EmbeddingHandler(PromptNetworkHandler):
 
 
 __all__ = [
+    "OPTIONAL_KEYS",
     "EmbeddingHandle",
     "EmbeddingHandler",
     "ExtendedTokenEmbedding",

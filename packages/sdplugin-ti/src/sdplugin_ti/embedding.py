@@ -14,6 +14,12 @@ SINGLE = "*"
 #: keys of SDXL embeddings: CLIP-L (text encoder 1) and OpenCLIP-bigG (text encoder 2)
 CLIP_L = "clip_l"
 CLIP_G = "clip_g"
+#: key of the T5-XXL vectors of SD3/Flux embeddings, as OneTrainer writes them (ComfyUI reads ``t5xxl``,
+#: accepted as an alias when loading)
+T5 = "t5"
+T5_ALIASES = ("t5xxl",)
+#: every per-encoder key, in file order
+ENCODER_KEYS = (CLIP_L, CLIP_G, T5)
 
 
 #: the family an embedding of one text-encoder width was made for (SDXL ones have clip_l + clip_g)
@@ -25,7 +31,8 @@ class Embedding:
     """A TI embedding: ``vectors`` maps an encoder key to a ``[n, D]`` tensor.
 
     SD1/SD2 embeddings have the single key ``"*"``; SDXL ones ``"clip_l"`` and ``"clip_g"``
-    (the refiner uses only ``"clip_g"``). ``name`` is the word typed in prompts (the file stem,
+    (the refiner uses only ``"clip_g"``); SD3 ones ``"clip_l"``, ``"clip_g"`` and optionally ``"t5"``;
+    Flux.1 ones ``"clip_l"`` and optionally ``"t5"``. ``name`` is the word typed in prompts (the file stem,
     as A1111 does); the name stored inside the file is kept in ``stored_name``.
     """
 
@@ -48,7 +55,27 @@ class Embedding:
 
     @property
     def is_sdxl(self) -> bool:
-        return CLIP_L in self.vectors or CLIP_G in self.vectors
+        """True for the per-encoder layout (``clip_l``/``clip_g``/``t5`` keys, SDXL's and SD3/Flux's),
+        False for SD1/SD2's single tensor; the name is kept from when SDXL was the only such family."""
+        return any(key in self.vectors for key in ENCODER_KEYS)
+
+    @property
+    def family_hint(self) -> str | None:
+        """The family the file was made for, as far as it tells: sdcore's ``sdcore.family`` header,
+        else its keys and widths (an SDXL and an SD3 CLIP pair look alike: same encoders, same widths)."""
+        stored = self.metadata.get("sdcore.family")
+        if stored:
+            return stored
+        keys = set(self.vectors)
+        if keys == {SINGLE}:
+            return _FAMILY_BY_WIDTH.get(next(iter(self.widths.values()), 0))
+        if T5 in keys:
+            return "SD3" if CLIP_G in keys else "FLUX.1"
+        if keys == {CLIP_L, CLIP_G}:
+            return "SDXL or SD3"
+        if keys == {CLIP_L}:
+            return "FLUX.1"
+        return "SDXL" if CLIP_G in keys else None
 
     @property
     def num_vectors(self) -> int:
@@ -64,11 +91,11 @@ class Embedding:
         return ", ".join(f"{k}={w}" if k != SINGLE else str(w) for k, w in self.widths.items())
 
     def describe(self) -> str:
-        """``4 vectors of width 768 (SD1)`` or ``clip_l: 4 vectors of width 768, clip_g: ... (SDXL)``."""
+        """``4 vectors of width 768 (SD1)`` or ``clip_l: 4 vectors of width 768, clip_g: ... (SDXL or SD3)``."""
         parts = []
         for key, tensor in self.vectors.items():
             count, width = int(tensor.shape[0]), int(tensor.shape[1])
             text = f"{count} vector{'s' if count != 1 else ''} of width {width}"
             parts.append(text if key == SINGLE else f"{key}: {text}")
-        family = "SDXL" if self.is_sdxl else _FAMILY_BY_WIDTH.get(next(iter(self.widths.values()), 0))
+        family = self.family_hint
         return ", ".join(parts) + (f" ({family})" if family else "")

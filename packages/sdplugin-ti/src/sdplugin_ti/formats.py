@@ -1,5 +1,6 @@
 """Reading and writing embedding files: A1111 ``.pt``, ``.safetensors`` (kohya ``emb_params`` or
-SDXL ``clip_l``/``clip_g``), diffusers ``.bin`` and A1111 PNG embeddings.
+one key per text encoder: SDXL's ``clip_l``/``clip_g``, SD3's and Flux's with OneTrainer's ``t5``),
+diffusers ``.bin`` and A1111 PNG embeddings.
 
 Pickle files are opened with ``torch.load(weights_only=True)``: a file that wants to build any
 object outside torch's tensor allow-list is refused with :class:`UnsafeFileError` before anything
@@ -15,7 +16,7 @@ from typing import Any
 from sdcore.errors import ModelFormatError
 from sdcore.io import atomic_path
 
-from .embedding import CLIP_G, CLIP_L, SINGLE, Embedding
+from .embedding import CLIP_G, CLIP_L, ENCODER_KEYS, SINGLE, T5, T5_ALIASES, Embedding
 
 #: A1111 writes the CLIP id of "*" here; it is a constant that loaders ignore
 A1111_STAR_TOKEN = 265
@@ -67,7 +68,10 @@ def embedding_from_dict(data: Any, name: str, *, source: Path | None = None) -> 
             source=source,
         )
     if CLIP_L in data or CLIP_G in data:
-        vectors = {key: _as_tensor(data[key], f"{where} [{key}]") for key in (CLIP_L, CLIP_G) if key in data}
+        vectors = {key: _as_tensor(data[key], f"{where} [{key}]") for key in ENCODER_KEYS if key in data}
+        alias = next((key for key in T5_ALIASES if key in data), None)  # ComfyUI's name for the T5 part
+        if T5 not in vectors and alias is not None:
+            vectors[T5] = _as_tensor(data[alias], f"{where} [{alias}]")
         return Embedding(name=name, vectors=vectors, source=source, stored_name=_str_or_none(data.get("name")))
     if "emb_params" in data:
         return Embedding(name=name, vectors={SINGLE: _as_tensor(data["emb_params"], where)}, source=source)
@@ -130,7 +134,7 @@ def _load_safetensors(path: Path, name: str) -> Embedding:
 
 def embeddings_in_lora(state: Mapping[str, Any], *, source: Path | None = None) -> list[Embedding]:
     """Embeddings bundled in a LoRA state dict (OneTrainer writes them; A1111 1.7+ and ComfyUI read them):
-    ``bundle_emb.<name>.string_to_param.*`` or ``bundle_emb.<name>.clip_l`` / ``.clip_g``."""
+    ``bundle_emb.<name>.string_to_param.*`` or ``bundle_emb.<name>.clip_l`` / ``.clip_g`` / ``.t5``."""
     grouped: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
         if not key.startswith("bundle_emb."):
@@ -138,7 +142,7 @@ def embeddings_in_lora(state: Mapping[str, Any], *, source: Path | None = None) 
         name, _, rest = key[len("bundle_emb.") :].partition(".")
         if rest == "string_to_param.*":
             rest = SINGLE
-        if rest not in (SINGLE, CLIP_L, CLIP_G):
+        if rest not in (SINGLE, *ENCODER_KEYS):
             raise ModelFormatError(f"{source or 'LoRA file'}: unknown bundled embedding key {key!r}")
         grouped.setdefault(name, {})[rest] = _as_tensor(value, f"{source or 'LoRA file'} [{key}]")
     return [Embedding(name=name, vectors=vectors, source=source) for name, vectors in grouped.items()]
@@ -155,8 +159,9 @@ def _clean(tensor: Any) -> Any:
 
 
 def a1111_dict(emb: Embedding) -> dict[str, Any]:
-    """The dict A1111 pickles: ``string_to_param`` for SD1/SD2; for SDXL only ``clip_l``/``clip_g``
-    tensors (A1111 converts every value of an SDXL dict to a tensor, so extra keys would break it)."""
+    """The dict A1111 pickles: ``string_to_param`` for SD1/SD2; for SDXL (and SD3/Flux) only the
+    per-encoder tensors (A1111 converts every value of an SDXL dict to a tensor, so extra keys would
+    break it)."""
     if emb.is_sdxl:
         return {key: _clean(t) for key, t in emb.vectors.items()}
     return {
@@ -185,8 +190,9 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
     """Write ``emb`` atomically; ``format`` (pt, safetensors, bin, png) defaults from the suffix.
 
     - ``pt``: the A1111 dict (readable by A1111, ComfyUI, diffusers with ``token=``).
-    - ``safetensors``: kohya ``emb_params`` (SD1/SD2) or ``clip_l``/``clip_g`` (SDXL), metadata in the header.
-    - ``bin``: diffusers ``{name: tensor}`` (SDXL: ``clip_l``/``clip_g``).
+    - ``safetensors``: kohya ``emb_params`` (SD1/SD2) or one key per encoder (SDXL ``clip_l``/``clip_g``;
+      SD3 ``clip_l``/``clip_g``[/``t5``]; Flux ``clip_l``[/``t5``], OneTrainer's names), metadata in the header.
+    - ``bin``: diffusers ``{name: tensor}`` (per-encoder embeddings: the same keys as safetensors).
     - ``png``: the A1111 ``sd-ti-embedding`` text chunk on ``preview`` (a PIL image) or a generated picture.
     """
     import torch

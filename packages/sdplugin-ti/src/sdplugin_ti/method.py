@@ -1,4 +1,7 @@
-"""``sdcore train ti``: Textual Inversion as A1111 trains it, on SD1, SD2 and SDXL.
+"""``sdcore train ti``: Textual Inversion as A1111 trains it, on SD1, SD2 and SDXL, and on the CLIP
+encoders of SD3/SD3.5 (CLIP-L and CLIP-G, one vector set each, as SDXL) and Flux.1 (CLIP-L, whose
+pooled output conditions the transformer), optionally with a T5-XXL vector set too (``--train-t5``).
+The flow-matching loss of those families comes from the runtime, as for their LoRA training.
 
 Only the new embedding vectors train: they live in small tables looked up next to the frozen
 input embedding (see :mod:`.apply`), so there is no full-matrix copy or row restore per step. The
@@ -56,6 +59,12 @@ class TIOptions(TrainOptions):
         "",
         "A1111 schedule 'rate:step, rate:step, rate' with absolute steps (replaces --lr-scheduler when set; "
         "the last rate continues after the last step).",
+        group="ti",
+    )
+    train_t5: bool = option(
+        False,
+        "SD3/Flux: also train a T5-XXL vector set (file key t5, as OneTrainer writes). Off by default: the "
+        "CLIP vectors carry the concept and T5's gradient pass costs memory of the whole T5-XXL.",
         group="ti",
     )
     latent_sampling: str = option(
@@ -130,25 +139,40 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         from .embedding import Embedding
 
         self.validate()
+        keys = self.trained_keys(bundle)
         for module in bundle.components().values():
             module.requires_grad_(False)
         embeddings = []
         for item in self.trained_embeddings():
-            vectors = init_vectors(bundle, item.init_text, item.vectors)
+            vectors = init_vectors(bundle, item.init_text, item.vectors, keys=keys)
             embeddings.append(Embedding(name=item.name, vectors=vectors, step=0))
         self.bundle = bundle
         self.handle = apply_embeddings(bundle, embeddings, trainable=True)
         return self.param_groups()
+
+    def trained_keys(self, bundle: ModelBundle) -> list[str]:
+        """The encoder keys whose vectors train: every encoder of the model, T5 only with ``--train-t5``."""
+        from .apply import OPTIONAL_KEYS, encoder_keys
+        from .embedding import T5
+
+        keys = encoder_keys(bundle)
+        if self.options.train_t5 and T5 not in keys:
+            raise ConfigError(f"--train-t5: this {bundle.family} model has no T5 text encoder")
+        return [key for key in keys if key not in OPTIONAL_KEYS or (key == T5 and self.options.train_t5)]
 
     def plan_groups(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         """The trained vectors' shapes (one table per embedding and text encoder), for the pre-flight:
         ``prepare`` reads the init text's token vectors, which a shapes-only model does not have."""
         import torch
 
+        from .apply import encoder_keys
+
+        keys = set(self.trained_keys(bundle))
+        encoders = [e for e, key in zip(bundle.text_encoders, encoder_keys(bundle), strict=True) if key in keys]
         params = [
             torch.nn.Parameter(torch.empty(item.vectors, encoder.get_input_embeddings().weight.shape[1], device="meta"))
             for item in self.trained_embeddings()
-            for encoder in bundle.text_encoders
+            for encoder in encoders
         ]
         return [{"params": params, "name": "embedding"}]
 
@@ -254,7 +278,9 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         with torch.no_grad():
             for emb in embeddings:
                 for key, table in self.handle.tables[emb.name].items():
-                    source = emb.vectors.get(key, next(iter(emb.vectors.values())))
+                    source = emb.vectors.get(key)
+                    if source is None:  # an optional part (t5) the file lacks but --train-t5 trains
+                        raise NetworkMismatchError(f"{path}: {emb.name} has no {key} vectors, training uses them")
                     if source.shape != table.shape:
                         raise NetworkMismatchError(
                             f"{path}: {emb.name} {key} has {source.shape[0]} vectors, training uses {table.shape[0]}"

@@ -71,6 +71,13 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
 @click.option("--cfg", default=7.0, show_default=True, type=float, help="Classifier-free guidance scale.")
 @click.option(
+    "--true-cfg-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    help="Flux.1: true CFG (two passes a step), needed for --negative; --cfg is then the distilled guidance.",
+)
+@click.option(
     "--seed", default=-1, show_default=True, type=int, help="Seed (-1: random); image i of a batch uses seed+i."
 )
 @click.option("--size", default=None, callback=_parse_size, help="WIDTHxHEIGHT (default: the model's native size).")
@@ -238,6 +245,7 @@ def _run_generate(params: dict[str, Any]) -> None:
         clip_skip=params["clip_skip"],
         networks=session,
         info=infos,
+        true_cfg_scale=params["true_cfg_scale"],
     )
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
@@ -248,6 +256,8 @@ def _run_generate(params: dict[str, Any]) -> None:
             extra["Denoising strength"] = params["strength"]
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
+        if params["true_cfg_scale"] != 1.0:
+            extra["True CFG scale"] = params["true_cfg_scale"]
         extra.update(infos[index] if index < len(infos) else {})
         extra["Version"] = f"sdcore {__version__}"
         text = format_parameters(

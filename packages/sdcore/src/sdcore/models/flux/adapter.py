@@ -145,7 +145,7 @@ class FluxAdapter:
 
         pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler)
         pipe.set_progress_bar_config(disable=True)
-        return run_flux(pipe, bundle, prompts, negatives, image=image, **settings)
+        return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, **settings)
 
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A diffusers folder's ``model_index.json`` of a Flux pipeline."""

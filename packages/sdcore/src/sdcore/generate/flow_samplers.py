@@ -1,0 +1,144 @@
+"""The flow-matching samplers every flow family (SD3/SD3.5, Flux.1) generates with: one table, one builder.
+
+A flow model's schedule lives in its training scheduler's config (``FlowMatchEulerDiscreteScheduler``):
+a static ``shift`` (SD3: 3.0, schnell: 1.0) or, with ``use_dynamic_shifting`` (FLUX.1-dev), a shift
+``exp(mu)`` where ``mu`` grows with the image's token count and the pipeline computes it per call. A sampler
+here is a diffusers scheduler configured from that config, so every sampler follows the model's shift:
+
+- ``euler``: the flow-matching Euler the references use (SD3's and Flux's default);
+- ``euler_a``: the same with fresh noise each step (diffusers' ``stochastic_sampling``); its noise comes
+  from torch's global generator (the pipelines hand no generator to ``step``), so :func:`sampler_noise`
+  seeds it per call, which makes the image depend on the seed alone;
+- ``heun``: diffusers' ``FlowMatchHeunDiscreteScheduler`` (two evaluations per step). Its ``set_timesteps``
+  takes neither a sigma list nor ``mu``, which ``FluxPipeline`` always passes, and has no dynamic shift.
+  Where a pipeline or the model needs those, :func:`flow_scheduler` gives a Heun that runs on the Euler
+  scheduler's own schedule (same sigmas, shift and ``mu`` as ``euler``) with Heun's steps: the
+  dynamic shift stays exact instead of being dropped.
+
+A sampler the table lacks (A1111's DPM++ or DDIM, which assume an epsilon/v noise schedule) is refused
+with one line naming the choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FlowSampler:
+    """One flow-matching sampler: its diffusers scheduler class, the config it overrides and its A1111 label."""
+
+    scheduler: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+    #: draws fresh noise while sampling (needs :func:`sampler_noise` to be reproducible)
+    stochastic: bool = False
+
+
+#: id -> sampler; ids are A1111's (``sdcore.generate.pipeline.sampler_id`` reads their names)
+FLOW_SAMPLERS: dict[str, FlowSampler] = {
+    "euler": FlowSampler("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": False}, "Euler"),
+    "euler_a": FlowSampler("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "Euler a", True),
+    "heun": FlowSampler("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+}
+
+
+def flow_sampler_id(sampler: str, family: str = "flow-matching") -> str:
+    """The table's id of ``sampler`` (A1111 spellings too: ``"Euler a"``, ``k_heun``) or a one-line error."""
+    from .pipeline import sampler_id
+
+    try:
+        sid = sampler_id(sampler)
+    except ConfigError:
+        sid = sampler
+    if sid not in FLOW_SAMPLERS:
+        raise ConfigError(
+            f"sampler {sampler!r} does not sample flow-matching models ({family}); "
+            f"choose one of: {', '.join(FLOW_SAMPLERS)}"
+        )
+    return sid
+
+
+def flow_scheduler(config: Mapping[str, Any], sampler: str = "euler", *, family: str = "flow-matching",
+                   pipeline_sigmas: bool = False) -> Any:  # fmt: skip
+    """A fresh scheduler for ``sampler`` following the model's schedule ``config`` (its training scheduler's).
+
+    ``pipeline_sigmas``: the pipeline hands ``set_timesteps`` its own sigma list and ``mu`` (``FluxPipeline``
+    does); samplers whose diffusers scheduler cannot take them get the Euler schedule (see the module doc).
+    """
+    import diffusers
+
+    spec = FLOW_SAMPLERS[flow_sampler_id(sampler, family)]
+    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    if spec.scheduler == "FlowMatchEulerDiscreteScheduler":
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config({**base, **spec.overrides})
+    cls = getattr(diffusers, spec.scheduler)
+    if pipeline_sigmas or base.get("use_dynamic_shifting"):
+        return _euler_schedule_heun()(base)
+    keep = set(cls.from_config({}).config)
+    return cls.from_config({**{k: v for k, v in base.items() if k in keep}, **spec.overrides})
+
+
+@functools.cache
+def _euler_schedule_heun() -> Any:
+    """The Heun scheduler class over the Euler schedule (built on first use: diffusers is a heavy import)."""
+    import diffusers
+    import torch
+
+    class EulerScheduleHeun(diffusers.FlowMatchHeunDiscreteScheduler):  # type: ignore[misc]
+        """Heun's steps on the sigmas ``FlowMatchEulerDiscreteScheduler`` makes from the same config.
+
+        ``set_timesteps`` accepts what the Euler one does (a sigma list, ``mu`` for the dynamic shift), asks an
+        Euler scheduler for the schedule, and lays it out as Heun's: every sigma after the first twice (the
+        predictor and the corrector evaluation), the last step to sigma 0 a plain Euler step.
+        """
+
+        def __init__(self, euler_config: Mapping[str, Any]) -> None:
+            super().__init__(num_train_timesteps=int(euler_config.get("num_train_timesteps", 1000)),
+                             shift=float(euler_config.get("shift", 1.0)))  # fmt: skip
+            self.euler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+                {**euler_config, "stochastic_sampling": False}
+            )
+
+        def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                          sigmas: Any = None, mu: float | None = None, timesteps: Any = None) -> None:  # fmt: skip
+            self.euler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+            schedule = self.euler.sigmas  # the steps' sigmas and the terminal 0
+            self.num_inference_steps = len(schedule) - 1
+            times = self.euler.timesteps
+            self.timesteps = torch.cat([times[:1], times[1:].repeat_interleave(2)])
+            self.sigmas = torch.cat([schedule[:1], schedule[1:-1].repeat_interleave(2), schedule[-1:]])
+            self.prev_derivative = None
+            self.dt = None
+            self._step_index = None
+            self._begin_index = None
+
+    return EulerScheduleHeun
+
+
+@contextlib.contextmanager
+def sampler_noise(sampler: str, seed: int, device: Any = None) -> Iterator[None]:
+    """Seed torch's global generator with ``seed`` for a stochastic sampler's call, and restore it afterwards.
+
+    diffusers' flow schedulers draw ``euler_a``'s per-step noise without the pipeline's generator; seeding
+    here makes the image a function of the seed (as the other samplers' are) and leaves the caller's
+    random state untouched. Deterministic samplers run as they are.
+    """
+    import torch
+
+    if not FLOW_SAMPLERS[flow_sampler_id(sampler)].stochastic:
+        yield
+        return
+    cuda = [device] if device is not None and getattr(device, "type", str(device)).startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(int(seed))
+        yield
+
+
+__all__ = ["FLOW_SAMPLERS", "FlowSampler", "flow_sampler_id", "flow_scheduler", "sampler_noise"]

@@ -1,0 +1,208 @@
+"""Flux.1 generation beyond plain Euler: true CFG with a negative prompt and the shared flow samplers,
+each against diffusers' ``FluxPipeline`` (or, for Heun, which diffusers' Flux pipeline cannot run, against
+Heun's method written out over the pipeline's own schedule)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def dev():
+    from sdcore.models.flux.adapter import FluxAdapter
+
+    return FluxAdapter().create_tiny(variant="dev", seed=0)
+
+
+def _pipe(bundle, scheduler=None):
+    from diffusers import FluxPipeline
+
+    scheduler = scheduler or type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
+    pipe = FluxPipeline(scheduler=scheduler, vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+                        tokenizer=bundle.tokenizers[0], text_encoder_2=bundle.text_encoders[1],
+                        tokenizer_2=bundle.tokenizers[1], transformer=bundle.transformer)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _array(image):
+    return np.asarray(image).astype(np.int16)
+
+
+# ----------------------------------------------------------------------------------------------- true CFG
+
+
+def test_negative_prompt_with_true_cfg_equals_flux_pipeline(dev):
+    """--negative with --true-cfg-scale 3 = FluxPipeline(negative_prompt=..., true_cfg_scale=3) pixel for
+    pixel; the negative changes the image (it is not dropped)."""
+    from sdcore.generate.pipeline import generate_images
+
+    settings = {"steps": 3, "cfg": 3.5, "seed": 7, "width": 32, "height": 48}
+    got = generate_images(dev, ["a purple ring"], negative_prompt="a blue square", true_cfg_scale=3.0, **settings)[0]
+    with torch.no_grad():
+        expected = _pipe(dev)("a purple ring", negative_prompt="a blue square", true_cfg_scale=3.0, width=32,
+                              height=48, num_inference_steps=3, guidance_scale=3.5, max_sequence_length=512,
+                              generator=torch.Generator().manual_seed(7)).images[0]  # fmt: skip
+    assert np.array_equal(_array(got), _array(expected))
+    plain = generate_images(dev, ["a purple ring"], **settings)[0]
+    assert np.abs(_array(got) - _array(plain)).max() > 0
+    # an empty negative with true CFG guides against the empty prompt (Forge's and ComfyUI's reading)
+    empty = generate_images(dev, ["a purple ring"], true_cfg_scale=3.0, **settings)[0]
+    with torch.no_grad():
+        reference = _pipe(dev)("a purple ring", negative_prompt="", true_cfg_scale=3.0, width=32, height=48,
+                               num_inference_steps=3, guidance_scale=3.5, max_sequence_length=512,
+                               generator=torch.Generator().manual_seed(7)).images[0]  # fmt: skip
+    assert np.array_equal(_array(empty), _array(reference))
+
+
+def test_negative_without_true_cfg_says_how_to_enable_it(dev):
+    from sdcore.errors import ConfigError
+    from sdcore.generate.pipeline import generate_images
+
+    with pytest.raises(ConfigError, match=r"needs true CFG: add --true-cfg-scale above 1"):
+        generate_images(dev, ["a cat"], negative_prompt="blurry", steps=1, width=32, height=32)
+    with pytest.raises(ConfigError, match="at least 1"):
+        generate_images(dev, ["a cat"], true_cfg_scale=0.5, steps=1, width=32, height=32)
+
+
+def test_cli_true_cfg_scale(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    cli, out = build_cli(get_plugin_manager()), tmp_path / "neg.png"
+    base = ["generate", "--model", "tiny:flux", "a ring", "-n", "blurry", "--steps", "1", "--size", "32",
+            "--models-dir", str(tmp_path), "-o", str(out)]  # fmt: skip
+    refused = CliRunner().invoke(cli, base)
+    assert refused.exit_code != 0 and "add --true-cfg-scale above 1" in refused.output, refused.output
+    result = CliRunner().invoke(cli, [*base, "--true-cfg-scale", "2.5"])
+    assert result.exit_code == 0, result.output
+    params = read_png_parameters(out)
+    assert params is not None and params.negative_prompt == "blurry"
+    assert params.extra.get("True CFG scale") == "2.5"
+
+
+# ----------------------------------------------------------------------------------------------- samplers
+
+
+def test_euler_a_equals_flux_pipeline_with_that_scheduler(dev):
+    """euler_a = FluxPipeline with diffusers' stochastic flow Euler swapped in (dynamic shift from the
+    config, its step noise from torch's global generator, which sdcore seeds with the image's seed)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from sdcore.generate.pipeline import generate_images
+
+    state = torch.random.get_rng_state()
+    got = generate_images(dev, ["a red square"], steps=3, cfg=3.5, seed=11, width=48, height=32, sampler="euler_a")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
+    again = generate_images(dev, ["a red square"], steps=3, cfg=3.5, seed=11, width=48, height=32, sampler="Euler a")
+    euler = generate_images(dev, ["a red square"], steps=3, cfg=3.5, seed=11, width=48, height=32, sampler="euler")
+    config = {k: v for k, v in dev.noise_scheduler.config.items() if not k.startswith("_")}  # _use_default_values
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config({**config, "stochastic_sampling": True})
+    assert scheduler.config.use_dynamic_shifting and scheduler.config.stochastic_sampling
+    torch.manual_seed(11)
+    with torch.no_grad():
+        expected = _pipe(dev, scheduler)("a red square", width=48, height=32, num_inference_steps=3,
+                                         guidance_scale=3.5, max_sequence_length=512,
+                                         generator=torch.Generator().manual_seed(11)).images[0]  # fmt: skip
+    assert np.array_equal(_array(got[0]), _array(expected))
+    assert np.array_equal(_array(got[0]), _array(again[0]))
+    assert np.abs(_array(got[0]) - _array(euler[0])).max() > 0  # the fresh noise does act
+
+
+def test_diffusers_heun_cannot_run_in_flux_pipeline(dev):
+    """Why Flux needs sdcore's Heun: diffusers' FlowMatchHeunDiscreteScheduler takes neither the sigma list
+    nor the dynamic shift mu that FluxPipeline hands every scheduler (if this starts passing, diffusers
+    gained them and the stock scheduler can be used)."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe = _pipe(dev, FlowMatchHeunDiscreteScheduler(shift=3.0))
+    with pytest.raises((ValueError, TypeError)), torch.no_grad():
+        pipe("a cat", width=32, height=32, num_inference_steps=2, max_sequence_length=16)
+
+
+def test_heun_on_flux_is_heuns_method_on_the_pipelines_schedule(dev):
+    """sdcore's heun inside FluxPipeline = Heun's method written out here: the predictor/corrector average of
+    two velocities per step over the sigmas FluxPipeline's Euler uses (linspace(1, 1/n, n) under dev's
+    resolution shift exp(mu)), a plain Euler step to sigma 0 at the end."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from sdcore.models.flux.adapter import FluxAdapter, image_ids, text_ids
+    from sdcore.models.flux.generate import build_flux_pipeline
+
+    steps, height, width = 3, 32, 64
+    pipe = build_flux_pipeline(dev, sampler="heun")
+    pipe.set_progress_bar_config(disable=True)
+    cond = FluxAdapter().encode_prompts(dev, ["a purple ring"])
+    common = {"prompt_embeds": cond.hidden_states, "pooled_prompt_embeds": cond.pooled, "guidance_scale": 3.5,
+              "num_inference_steps": steps, "width": width, "height": height}  # fmt: skip
+    with torch.no_grad():
+        got = pipe(**common, generator=torch.Generator().manual_seed(5), output_type="latent").images
+        start = pipe.prepare_latents(1, 16, height, width, cond.hidden_states.dtype, "cpu",
+                                     torch.Generator().manual_seed(5))[0]  # fmt: skip
+
+    config = dev.noise_scheduler.config
+    mu = calculate_shift(start.shape[1], config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                         config.max_shift)  # fmt: skip
+    plain = np.linspace(1.0, 1 / steps, steps)
+    sigmas = [float(np.exp(mu) / (np.exp(mu) + (1 / s - 1))) for s in plain] + [0.0]  # time_shift, exponent 1
+    assert not np.allclose(sigmas[1], 3.0 * plain[1] / (1 + 2.0 * plain[1]))  # not the static shift 3
+
+    def velocity(x, sigma):
+        t = torch.full((1,), sigma, dtype=torch.float32) * 1000
+        return dev.transformer(hidden_states=x, timestep=t.to(x.dtype) / 1000,
+                               guidance=torch.full((1,), 3.5), pooled_projections=cond.pooled,
+                               encoder_hidden_states=cond.hidden_states,
+                               txt_ids=text_ids(cond.hidden_states.shape[1]), img_ids=image_ids(4, 8),
+                               return_dict=False)[0]  # fmt: skip
+
+    x = start.float()
+    with torch.no_grad():
+        for i in range(steps):
+            s, s_next = torch.tensor(sigmas[i]), torch.tensor(sigmas[i + 1])
+            first = velocity(x, sigmas[i])
+            predicted = x + (s_next - s) * first
+            if sigmas[i + 1] == 0.0:
+                x = predicted
+            else:
+                x = x + (s_next - s) * 0.5 * (first + velocity(predicted, float(s_next)))
+    assert torch.allclose(pipe.scheduler.sigmas, torch.tensor(sigmas).repeat_interleave(2)[1:-1], atol=1e-6)
+    assert torch.allclose(got, x, atol=1e-5), (got - x).abs().max()
+
+
+def test_heun_through_generate_images(dev):
+    """heun through sdcore generate on dev (dynamic shift) and img2img: images that differ from Euler's."""
+    from sdcore.generate.pipeline import generate_images
+
+    heun = generate_images(dev, ["a ring"], steps=2, cfg=3.5, seed=3, width=32, height=32, sampler="heun")[0]
+    euler = generate_images(dev, ["a ring"], steps=2, cfg=3.5, seed=3, width=32, height=32, sampler="euler")[0]
+    assert heun.size == (32, 32) and np.abs(_array(heun) - _array(euler)).max() > 0
+    again = generate_images(dev, ["a ring"], steps=4, seed=3, sampler="heun", init_image=heun, strength=0.5)[0]
+    assert again.size == (32, 32)
+
+
+def test_flow_sampler_table_is_shared_and_refuses_others(dev):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    from sdcore.errors import ConfigError
+    from sdcore.generate.flow_samplers import FLOW_SAMPLERS, flow_scheduler
+    from sdcore.generate.pipeline import generate_images
+    from sdcore.models.sd3.tiny import flow_scheduler_config
+
+    assert set(FLOW_SAMPLERS) == {"euler", "euler_a", "heun"}
+    sd3 = flow_scheduler(flow_scheduler_config(), "heun", family="SD3")  # a static shift: diffusers' own Heun
+    assert type(sd3) is FlowMatchHeunDiscreteScheduler and sd3.config.shift == 3.0
+    with pytest.raises(ConfigError, match=r"'dpm\+\+2m' does not sample flow-matching models \(Flux.1\); "
+                       "choose one of: euler, euler_a, heun"):  # fmt: skip
+        generate_images(dev, ["a cat"], steps=1, width=32, height=32, sampler="dpm++2m")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_true_cfg_scale_is_refused_where_cfg_is_real(family, tiny_model):
+    """SD1/SD2/SDXL and SD3 have real CFG in --cfg: --true-cfg-scale there is one clear line, not ignored."""
+    from sdcore.errors import ConfigError
+    from sdcore.generate.pipeline import generate_images
+
+    with pytest.raises(ConfigError, match=r"--true-cfg-scale is for guidance-distilled models \(Flux\.1\)"):
+        generate_images(tiny_model(family), ["a cat"], steps=1, true_cfg_scale=2.0)

@@ -32,7 +32,9 @@ def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: 
 
     from ...generate.flow_samplers import flow_scheduler
     from .adapter import require_complete
+    from .variants import require_supported
 
+    require_supported(bundle, "generate with")
     scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Flux.1", pipeline_sigmas=True)
     require_complete(bundle)
     if bundle.tokenizers[1] is None:

@@ -550,7 +550,11 @@ def read_flux_diffusers(
     if (folder / "tokenizer_2").is_dir() and t5_tokenizer is None:
         t5_tokenizer = folder / "tokenizer_2"
     _tokenizers(parts, tokenizer, t5_tokenizer)
-    bundle = make_bundle(parts, source=str(folder), source_format="diffusers")
+    from .variants import PIPELINE_METADATA_KEY, PIPELINE_VARIANTS
+
+    pipeline = str(index.get("_class_name", ""))  # Kontext has dev's shapes: only the folder names it
+    metadata = {PIPELINE_METADATA_KEY: pipeline} if pipeline in PIPELINE_VARIANTS else None
+    bundle = make_bundle(parts, source=str(folder), source_format="diffusers", metadata=metadata)
     if device is not None:
         bundle.to(device=device)
     return bundle

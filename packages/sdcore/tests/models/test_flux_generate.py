@@ -190,12 +190,80 @@ def test_flow_sampler_table_is_shared_and_refuses_others(dev):
     from sdcore.generate.pipeline import generate_images
     from sdcore.models.sd3.tiny import flow_scheduler_config
 
-    assert set(FLOW_SAMPLERS) == {"euler", "euler_a", "heun"}
+    assert set(FLOW_SAMPLERS) == {"euler", "euler_a", "heun", "dpm++2m", "unipc"}
     sd3 = flow_scheduler(flow_scheduler_config(), "heun", family="SD3")  # a static shift: diffusers' own Heun
     assert type(sd3) is FlowMatchHeunDiscreteScheduler and sd3.config.shift == 3.0
-    with pytest.raises(ConfigError, match=r"'dpm\+\+2m' does not sample flow-matching models \(Flux.1\); "
-                       "choose one of: euler, euler_a, heun"):  # fmt: skip
-        generate_images(dev, ["a cat"], steps=1, width=32, height=32, sampler="dpm++2m")
+    with pytest.raises(ConfigError, match=r"'ddim' does not sample flow-matching models \(Flux.1\); "
+                       "choose one of: euler, euler_a, heun, dpm\\+\\+2m, unipc"):  # fmt: skip
+        generate_images(dev, ["a cat"], steps=1, width=32, height=32, sampler="ddim")
+    with pytest.raises(ConfigError, match=r"'unipc' cannot start from an init image on Flux\.1 models; use euler"):
+        generate_images(dev, ["a cat"], steps=2, sampler="unipc", init_image=_init_image(), strength=0.5)
+
+
+def _init_image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+
+
+def _solver(name, **config):
+    """diffusers' multistep solver in flow mode, configured here from its documented parameters."""
+    import diffusers
+
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "DPMSolverMultistepScheduler" else {}
+    return getattr(diffusers, name)(use_flow_sigmas=True, prediction_type="flow_prediction", **extra, **config)
+
+
+@pytest.mark.parametrize(("sampler", "name"), [("dpm++2m", "DPMSolverMultistepScheduler"),
+                                               ("unipc", "UniPCMultistepScheduler")])  # fmt: skip
+def test_solvers_on_flux_dev_equal_flux_pipeline_with_that_scheduler(dev, sampler, name):
+    """dpm++2m / unipc on dev = FluxPipeline with diffusers' solver in flow mode and dynamic shift swapped in."""
+    from sdcore.generate.pipeline import generate_images
+
+    got = generate_images(dev, ["a red square"], steps=4, cfg=3.5, seed=2, width=48, height=32, sampler=sampler)[0]
+    scheduler = _solver(name, use_dynamic_shifting=True, time_shift_type="exponential")
+    with torch.no_grad():
+        expected = _pipe(dev, scheduler)("a red square", width=48, height=32, num_inference_steps=4,
+                                         guidance_scale=3.5, max_sequence_length=512,
+                                         generator=torch.Generator().manual_seed(2)).images[0]  # fmt: skip
+    assert np.array_equal(_array(got), _array(expected))
+    euler = generate_images(dev, ["a red square"], steps=4, cfg=3.5, seed=2, width=48, height=32, sampler="euler")[0]
+    assert np.abs(_array(got) - _array(euler)).max() > 0
+
+
+def test_solvers_on_schnell_and_sd3(tiny_model):
+    """schnell's fixed shift: unipc = FluxPipeline with UniPC at flow_shift 1; dpm++2m is refused (diffusers'
+    DPM-Solver would demand the dynamic shift FluxPipeline passes). SD3: dpm++2m = StableDiffusion3Pipeline
+    with DPM-Solver at SD3's shift 3."""
+    from diffusers import StableDiffusion3Pipeline
+    from sdcore.errors import ConfigError
+    from sdcore.generate.pipeline import generate_images
+    from sdcore.models.flux.adapter import FluxAdapter
+
+    schnell = FluxAdapter().create_tiny(variant="schnell", seed=1)
+    got = generate_images(schnell, ["a ring"], steps=3, seed=4, width=32, height=32, sampler="unipc")[0]
+    with torch.no_grad():
+        expected = _pipe(schnell, _solver("UniPCMultistepScheduler", flow_shift=1.0))(
+            "a ring", width=32, height=32, num_inference_steps=3, max_sequence_length=256,  # schnell's T5 length
+            generator=torch.Generator().manual_seed(4)).images[0]  # fmt: skip
+    assert np.array_equal(_array(got), _array(expected))
+    with pytest.raises(
+        ConfigError, match=r"'dpm\+\+2m' cannot sample this Flux\.1 model: its schedule has a fixed shift"
+    ):
+        generate_images(schnell, ["a ring"], steps=3, width=32, height=32, sampler="dpm++2m")
+
+    sd3 = tiny_model("sd3")
+    got = generate_images(sd3, ["a cat"], negative_prompt="blurry", steps=3, cfg=4.0, seed=6, sampler="dpm++2m")[0]
+    clip_l, clip_g, t5 = sd3.text_encoders
+    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=_solver("DPMSolverMultistepScheduler",
+                                    flow_shift=3.0), vae=sd3.vae, text_encoder=clip_l, tokenizer=sd3.tokenizers[0],
+                                    text_encoder_2=clip_g, tokenizer_2=sd3.tokenizers[1], text_encoder_3=t5,
+                                    tokenizer_3=sd3.tokenizers[2])  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe("a cat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=4.0, width=64,
+                        height=64, generator=torch.Generator().manual_seed(6)).images[0]  # fmt: skip
+    assert np.array_equal(_array(got), _array(expected))
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd3"])

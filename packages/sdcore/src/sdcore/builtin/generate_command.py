@@ -84,7 +84,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option(
     "--sampler",
     default=None,
-    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1).",
+    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1). "
+    "SD3 and Flux.1 take euler, euler_a, heun, dpm++2m, unipc.",
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
 @click.option(

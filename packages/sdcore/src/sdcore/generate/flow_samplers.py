@@ -13,10 +13,17 @@ here is a diffusers scheduler configured from that config, so every sampler foll
   takes neither a sigma list nor ``mu``, which ``FluxPipeline`` always passes, and has no dynamic shift.
   Where a pipeline or the model needs those, :func:`flow_scheduler` gives a Heun that runs on the Euler
   scheduler's own schedule (same sigmas, shift and ``mu`` as ``euler``) with Heun's steps: the
-  dynamic shift stays exact instead of being dropped.
+  dynamic shift stays exact instead of being dropped;
+- ``dpm++2m`` and ``unipc``: diffusers' multistep solvers in their flow mode (``use_flow_sigmas``,
+  ``prediction_type="flow_prediction"``, the model's shift as ``flow_shift``, its dynamic shift as
+  ``use_dynamic_shifting``), the configuration diffusers' own flow pipelines (SANA, Wan) use. They make
+  their own sigmas (``linspace(1, 1/1000, n + 1)``, shifted), not Euler's.
 
-A sampler the table lacks (A1111's DPM++ or DDIM, which assume an epsilon/v noise schedule) is refused
-with one line naming the choices.
+What a sampler cannot do is refused with one line rather than run wrong: a sampler the table lacks
+(DDIM, LMS, PNDM assume an epsilon/v noise schedule); ``dpm++2m`` on a fixed-shift model in a pipeline
+that always passes ``mu`` (FLUX.1-schnell in ``FluxPipeline``: diffusers' DPM-Solver then insists on the
+dynamic shift, which would give schnell a shift it was not trained with); and the solvers with an init
+image (the flow img2img pipelines noise it with ``scale_noise``, which only the flow-matching schedulers have).
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ class FlowSampler:
     label: str = ""
     #: draws fresh noise while sampling (needs :func:`sampler_noise` to be reproducible)
     stochastic: bool = False
+    #: a multistep solver in flow mode (its config is mapped from the model's; see the module doc)
+    solver: bool = False
+    #: its ``set_timesteps`` accepts a ``mu`` it does not use (a fixed-shift model in ``FluxPipeline``)
+    ignores_unused_mu: bool = True
+    #: it can noise an init image (img2img): the flow-matching schedulers' ``scale_noise``
+    img2img: bool = True
 
 
 #: id -> sampler; ids are A1111's (``sdcore.generate.pipeline.sampler_id`` reads their names)
@@ -46,6 +59,15 @@ FLOW_SAMPLERS: dict[str, FlowSampler] = {
     "euler": FlowSampler("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": False}, "Euler"),
     "euler_a": FlowSampler("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "Euler a", True),
     "heun": FlowSampler("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+    "dpm++2m": FlowSampler(
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "DPM++ 2M",
+        solver=True,
+        ignores_unused_mu=False,
+        img2img=False,
+    ),
+    "unipc": FlowSampler("UniPCMultistepScheduler", {}, "UniPC", solver=True, img2img=False),
 }
 
 
@@ -66,20 +88,41 @@ def flow_sampler_id(sampler: str, family: str = "flow-matching") -> str:
 
 
 def flow_scheduler(config: Mapping[str, Any], sampler: str = "euler", *, family: str = "flow-matching",
-                   pipeline_sigmas: bool = False) -> Any:  # fmt: skip
+                   pipeline_sigmas: bool = False, img2img: bool = False) -> Any:  # fmt: skip
     """A fresh scheduler for ``sampler`` following the model's schedule ``config`` (its training scheduler's).
 
-    ``pipeline_sigmas``: the pipeline hands ``set_timesteps`` its own sigma list and ``mu`` (``FluxPipeline``
-    does); samplers whose diffusers scheduler cannot take them get the Euler schedule (see the module doc).
+    ``pipeline_sigmas``: the pipeline hands ``set_timesteps`` its own sigma list (unless the scheduler makes
+    flow sigmas itself) and ``mu`` on every call, as ``FluxPipeline`` does; ``img2img``: for an init image.
     """
     import diffusers
 
-    spec = FLOW_SAMPLERS[flow_sampler_id(sampler, family)]
+    sid = flow_sampler_id(sampler, family)
+    spec = FLOW_SAMPLERS[sid]
     base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    dynamic = bool(base.get("use_dynamic_shifting"))
+    if img2img and not spec.img2img:
+        choices = ", ".join(k for k, v in FLOW_SAMPLERS.items() if v.img2img)
+        raise ConfigError(f"sampler {sid!r} cannot start from an init image on {family} models; use {choices}")
+    if pipeline_sigmas and not dynamic and not spec.ignores_unused_mu:
+        choices = ", ".join(k for k, v in FLOW_SAMPLERS.items() if v.ignores_unused_mu)
+        raise ConfigError(
+            f"sampler {sid!r} cannot sample this {family} model: its schedule has a fixed shift, and the pipeline "
+            f"passes a resolution shift that diffusers' {spec.scheduler} would then apply; use {choices}"
+        )
     if spec.scheduler == "FlowMatchEulerDiscreteScheduler":
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config({**base, **spec.overrides})
     cls = getattr(diffusers, spec.scheduler)
-    if pipeline_sigmas or base.get("use_dynamic_shifting"):
+    if spec.solver:
+        solver = {
+            "num_train_timesteps": base.get("num_train_timesteps", 1000),
+            "use_flow_sigmas": True,
+            "prediction_type": "flow_prediction",
+            "flow_shift": float(base.get("shift", 1.0)),
+            "use_dynamic_shifting": dynamic,
+            "time_shift_type": base.get("time_shift_type", "exponential"),
+        }
+        return cls.from_config({**solver, **spec.overrides})
+    if pipeline_sigmas or dynamic:
         return _euler_schedule_heun()(base)
     keep = set(cls.from_config({}).config)
     return cls.from_config({**{k: v for k, v in base.items() if k in keep}, **spec.overrides})

@@ -9,7 +9,7 @@ What differs from the SD families, as Forge and ComfyUI users know it:
   negative and takes ``neg + s * (pos - neg)``, twice the work. People use it with dev (de-distilled
   fine-tunes want it); a negative prompt without it is an error rather than silently dropped.
 - Samplers are the shared flow-matching ones (:mod:`sdcore.generate.flow_samplers`: ``euler``, the
-  default, ``euler_a``, ``heun``), each on dev's resolution-dependent shift.
+  default, ``euler_a``, ``heun``, ``dpm++2m``, ``unipc``), each on dev's resolution-dependent shift.
 - Image sides are multiples of 16 (8x VAE, then 2x2 packing), and A1111 emphasis weights are dropped
   (the text is encoded plainly by CLIP-L and T5).
 """
@@ -35,7 +35,8 @@ def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: 
     from .variants import require_supported
 
     require_supported(bundle, "generate with")
-    scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Flux.1", pipeline_sigmas=True)
+    scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Flux.1", pipeline_sigmas=True,
+                               img2img=img2img)  # fmt: skip
     require_complete(bundle)
     if bundle.tokenizers[1] is None:
         from ..t5 import load_t5_tokenizer

@@ -1,7 +1,7 @@
 """Generation with SD3/SD3.5: diffusers' ``StableDiffusion3Pipeline`` over the bundle's own modules.
 
 Samplers are the flow-matching ones every flow family shares (:mod:`sdcore.generate.flow_samplers`:
-``euler``, SD3's reference sampler, ``euler_a`` and ``heun``), configured from the bundle's schedule (its
+``euler``, SD3's reference sampler, ``euler_a``, ``heun``, ``dpm++2m``, ``unipc``), configured from the bundle's schedule (its
 ``shift``). Prompts are encoded by the family adapter (what training
 uses) and handed to the pipeline as embeddings; A1111's ``clip_skip`` counts from the last layer
 (1 = SD3's default, the penultimate hidden state of both CLIPs).
@@ -18,12 +18,12 @@ if TYPE_CHECKING:
     from ..bundle import ModelBundle
 
 
-def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler") -> Any:
+def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler", *, img2img: bool = False) -> Any:
     """A fresh flow-matching scheduler for ``sampler`` with the bundle's shift (the shared table,
     :mod:`sdcore.generate.flow_samplers`)."""
     from ...generate.flow_samplers import flow_scheduler
 
-    return flow_scheduler(bundle.noise_scheduler.config, sampler, family="SD3")
+    return flow_scheduler(bundle.noise_scheduler.config, sampler, family="SD3", img2img=img2img)
 
 
 def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
@@ -41,7 +41,7 @@ def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: s
     cls: Any = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
     return cls(
         transformer=bundle.transformer,
-        scheduler=flow_scheduler_for(bundle, sampler),
+        scheduler=flow_scheduler_for(bundle, sampler, img2img=img2img),
         vae=bundle.vae,
         text_encoder=clip_l,
         tokenizer=tok_l,

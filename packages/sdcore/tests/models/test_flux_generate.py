@@ -79,11 +79,12 @@ def test_cli_true_cfg_scale(tmp_path):
             "--models-dir", str(tmp_path), "-o", str(out)]  # fmt: skip
     refused = CliRunner().invoke(cli, base)
     assert refused.exit_code != 0 and "add --true-cfg-scale above 1" in refused.output, refused.output
-    result = CliRunner().invoke(cli, [*base, "--true-cfg-scale", "2.5"])
+    result = CliRunner().invoke(cli, [*base, "--true-cfg-scale", "2.5", "--cfg", "3.5"])
     assert result.exit_code == 0, result.output
     params = read_png_parameters(out)
     assert params is not None and params.negative_prompt == "blurry"
-    assert params.extra.get("True CFG scale") == "2.5"
+    # as Forge writes Flux images: "CFG scale" is the true CFG, the guidance is "Distilled CFG Scale"
+    assert params.cfg == 2.5 and params.extra.get("Distilled CFG Scale") == "3.5"
 
 
 # ----------------------------------------------------------------------------------------------- samplers

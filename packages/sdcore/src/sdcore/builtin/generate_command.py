@@ -223,10 +223,14 @@ def _run_generate(params: dict[str, Any]) -> None:
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
     if bundle.device != device or bundle.denoiser.dtype != dtype:
         bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)
-    if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
-        from ..models.family import family_adapter
+    from ..models.family import family_adapter
 
-        sampler = getattr(family_adapter(bundle.family_spec), "default_sampler", "euler_a")
+    adapter = family_adapter(bundle.family_spec)
+    if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
+        sampler = getattr(adapter, "default_sampler", "euler_a")
+    # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
+    # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
+    distilled = bool(getattr(adapter, "distilled_guidance", False))
 
     width, height = params["size"] or (None, None)
     infos: list[dict[str, str]] = []
@@ -257,8 +261,8 @@ def _run_generate(params: dict[str, Any]) -> None:
             extra["Denoising strength"] = params["strength"]
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
-        if params["true_cfg_scale"] != 1.0:
-            extra["True CFG scale"] = params["true_cfg_scale"]
+        if distilled:
+            extra["Distilled CFG Scale"] = params["cfg"]
         extra.update(infos[index] if index < len(infos) else {})
         extra["Version"] = f"sdcore {__version__}"
         text = format_parameters(
@@ -266,7 +270,7 @@ def _run_generate(params: dict[str, Any]) -> None:
             params["negative"],
             params["steps"],
             sampler,
-            params["cfg"],
+            params["true_cfg_scale"] if distilled else params["cfg"],
             seed + index,
             image.size,
             model_hash,

@@ -93,6 +93,9 @@ class FluxAdapter:
     diffusers_pipeline = "FluxPipeline"
     #: ``sdcore generate``'s sampler when none is given (and what the PNG's parameters record)
     default_sampler = "euler"
+    #: ``cfg`` is the guidance dev embeds, not CFG: the PNG's parameters write it as Forge's "Distilled CFG
+    #: Scale" and ``--true-cfg-scale`` as "CFG scale"
+    distilled_guidance = True
 
     def __repr__(self) -> str:
         return "FluxAdapter()"

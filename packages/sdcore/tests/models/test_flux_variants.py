@@ -121,3 +121,14 @@ def test_kontext_folder_is_named_by_its_pipeline(dev, tmp_path):
     assert kontext.family_label == "flux-kontext"
     with pytest.raises(ConfigError, match=r"is FLUX.1 Kontext \[dev\] \(image editing"):
         generate_images(kontext, ["a cat"], steps=1, width=32, height=32)
+
+
+def test_training_preflight_refuses_a_fill_file_before_loading(dev, tmp_path):
+    """The pre-flight reads the file's header (its memory plan): a Fill file is one problem line there."""
+    from sdcore.errors import ConfigError
+    from sdcore.models.layout import read_layout
+
+    fill = _bfl_file(_with_input_width(dev, 384), tmp_path / "fill.safetensors")
+    with pytest.raises(ConfigError, match=r"fill.safetensors is FLUX.1 Fill \[dev\].*cannot train it yet"):
+        read_layout(fill)
+    assert read_layout(_bfl_file(dev, tmp_path / "dev.safetensors")).family == "flux"

@@ -605,8 +605,13 @@ def read_flux_layout(path: str | os.PathLike[str]) -> Any:
             else None
         )
         variant = "dev" if transformer.get("guidance_embeds") else "schnell"
+        width = int(transformer.get("in_channels", 64))
     finally:
         source.close()
+    from .variants import TOOL_INPUTS, refuse
+
+    # the pre-flight reads this before loading: FLUX.1 Fill/Depth/Canny stop here, not at the first step
+    refuse(TOOL_INPUTS.get(width, f"in{width}") if width != 64 else variant, str(file), "train")
     missing = [name for name, cfg in (("vae", vae), ("clip_l", clip), ("t5xxl", t5)) if cfg is None]
     if missing:
         notes.append(f"not in the file, planned at the released sizes: {', '.join(missing)}")

@@ -73,15 +73,17 @@ def describe(variant: str) -> str:
 
 def require_supported(bundle: ModelBundle, doing: str) -> None:
     """One clear line for a release sdcore cannot run (``doing``: "generate with", "train")."""
-    if bundle.transformer is None:
-        return
-    variant = bundle_variant(bundle)
+    if bundle.transformer is not None:
+        refuse(bundle_variant(bundle), bundle.source or "this model", doing)
+
+
+def refuse(variant: str, source: str, doing: str) -> None:
+    """Raise the one line for ``variant`` unless it is dev or schnell (also for a file's header alone:
+    the training pre-flight's layout, before anything loads)."""
     if variant in ("dev", "schnell"):
         return
     what = UNSUPPORTED.get(variant) or f"a Flux transformer whose img_in takes {variant[2:]} channels"
-    raise ConfigError(
-        f"{bundle.source or 'this model'} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev and schnell only)"
-    )
+    raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev and schnell only)")
 
 
-__all__ = ["PIPELINE_VARIANTS", "TOOL_INPUTS", "UNSUPPORTED", "describe", "flux_variant", "require_supported"]
+__all__ = ["PIPELINE_VARIANTS", "TOOL_INPUTS", "UNSUPPORTED", "describe", "flux_variant", "refuse", "require_supported"]

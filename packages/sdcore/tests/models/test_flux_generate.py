@@ -173,15 +173,30 @@ def test_heun_on_flux_is_heuns_method_on_the_pipelines_schedule(dev):
     assert torch.allclose(got, x, atol=1e-5), (got - x).abs().max()
 
 
-def test_heun_through_generate_images(dev):
-    """heun through sdcore generate on dev (dynamic shift) and img2img: images that differ from Euler's."""
+def test_heun_through_generate_images(dev, tiny_model):
+    """heun through sdcore generate on dev (dynamic shift): an image that differs from Euler's. With an init
+    image Flux refuses it (FluxImg2ImgPipeline would cut Heun's doubled timesteps as if they were steps:
+    measured, strength 0.5 of 4 steps evaluated only the last sigma); SD3's img2img counts them right."""
+    from sdcore.errors import ConfigError
     from sdcore.generate.pipeline import generate_images
 
     heun = generate_images(dev, ["a ring"], steps=2, cfg=3.5, seed=3, width=32, height=32, sampler="heun")[0]
     euler = generate_images(dev, ["a ring"], steps=2, cfg=3.5, seed=3, width=32, height=32, sampler="euler")[0]
     assert heun.size == (32, 32) and np.abs(_array(heun) - _array(euler)).max() > 0
-    again = generate_images(dev, ["a ring"], steps=4, seed=3, sampler="heun", init_image=heun, strength=0.5)[0]
-    assert again.size == (32, 32)
+    with pytest.raises(
+        ConfigError, match=r"'heun' cannot start from an init image on Flux\.1 models; use euler, euler_a$"
+    ):
+        generate_images(dev, ["a ring"], steps=4, seed=3, sampler="heun", init_image=heun, strength=0.5)
+    sd3 = tiny_model("sd3")
+    calls = []
+    hook = sd3.transformer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        generate_images(
+            sd3, ["a ring"], steps=4, seed=3, sampler="heun", init_image=heun.resize((64, 64)), strength=0.5
+        )
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # the last 2 of 4 steps: a Heun step (2 evaluations), then Euler's to sigma 0
 
 
 def test_flow_sampler_table_is_shared_and_refuses_others(dev):

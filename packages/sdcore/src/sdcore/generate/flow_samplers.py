@@ -22,8 +22,10 @@ here is a diffusers scheduler configured from that config, so every sampler foll
 What a sampler cannot do is refused with one line rather than run wrong: a sampler the table lacks
 (DDIM, LMS, PNDM assume an epsilon/v noise schedule); ``dpm++2m`` on a fixed-shift model in a pipeline
 that always passes ``mu`` (FLUX.1-schnell in ``FluxPipeline``: diffusers' DPM-Solver then insists on the
-dynamic shift, which would give schnell a shift it was not trained with); and the solvers with an init
-image (the flow img2img pipelines noise it with ``scale_noise``, which only the flow-matching schedulers have).
+dynamic shift, which would give schnell a shift it was not trained with); the solvers with an init
+image (the flow img2img pipelines noise it with ``scale_noise``, which only the flow-matching schedulers
+have); and ``heun`` with an init image where the pipeline hands it sigmas (``FluxImg2ImgPipeline`` then
+counts Heun's doubled timesteps as steps, and ``--strength`` 0.5 of 4 steps ran one Euler step instead of two).
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ class FlowSampler:
     ignores_unused_mu: bool = True
     #: it can noise an init image (img2img): the flow-matching schedulers' ``scale_noise``
     img2img: bool = True
+    #: model evaluations per step (Heun: 2, its timesteps listed twice)
+    order: int = 1
 
 
 #: id -> sampler; ids are A1111's (``sdcore.generate.pipeline.sampler_id`` reads their names)
 FLOW_SAMPLERS: dict[str, FlowSampler] = {
     "euler": FlowSampler("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": False}, "Euler"),
     "euler_a": FlowSampler("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "Euler a", True),
-    "heun": FlowSampler("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+    "heun": FlowSampler("FlowMatchHeunDiscreteScheduler", {}, "Heun", order=2),
     "dpm++2m": FlowSampler(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2},
@@ -100,8 +104,8 @@ def flow_scheduler(config: Mapping[str, Any], sampler: str = "euler", *, family:
     spec = FLOW_SAMPLERS[sid]
     base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     dynamic = bool(base.get("use_dynamic_shifting"))
-    if img2img and not spec.img2img:
-        choices = ", ".join(k for k, v in FLOW_SAMPLERS.items() if v.img2img)
+    if img2img and (not spec.img2img or (pipeline_sigmas and spec.order > 1)):
+        choices = ", ".join(k for k, v in FLOW_SAMPLERS.items() if v.img2img and (v.order == 1 or not pipeline_sigmas))
         raise ConfigError(f"sampler {sid!r} cannot start from an init image on {family} models; use {choices}")
     if pipeline_sigmas and not dynamic and not spec.ignores_unused_mu:
         choices = ", ".join(k for k, v in FLOW_SAMPLERS.items() if v.ignores_unused_mu)

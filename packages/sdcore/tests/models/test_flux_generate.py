@@ -58,6 +58,24 @@ def test_negative_prompt_with_true_cfg_equals_flux_pipeline(dev):
     assert np.array_equal(_array(empty), _array(reference))
 
 
+def test_true_cfg_img2img_equals_flux_img2img_pipeline(dev):
+    from diffusers import FluxImg2ImgPipeline
+    from sdcore.generate.pipeline import generate_images
+
+    init = _init_image()
+    got = generate_images(dev, ["a ring"], negative_prompt="a square", true_cfg_scale=2.0, steps=4, cfg=2.0,
+                          seed=1, init_image=init, strength=0.5)[0]  # fmt: skip
+    pipe = FluxImg2ImgPipeline(scheduler=type(dev.noise_scheduler).from_config(dev.noise_scheduler.config),
+                               vae=dev.vae, text_encoder=dev.text_encoders[0], tokenizer=dev.tokenizers[0],
+                               text_encoder_2=dev.text_encoders[1], tokenizer_2=dev.tokenizers[1],
+                               transformer=dev.transformer)  # fmt: skip
+    with torch.no_grad():
+        expected = pipe("a ring", negative_prompt="a square", true_cfg_scale=2.0, image=[init], strength=0.5,
+                        width=32, height=32, num_inference_steps=4, guidance_scale=2.0,
+                        generator=[torch.Generator().manual_seed(1)]).images[0]  # fmt: skip
+    assert np.array_equal(_array(got), _array(expected))
+
+
 def test_negative_without_true_cfg_says_how_to_enable_it(dev):
     from sdcore.errors import ConfigError
     from sdcore.generate.pipeline import generate_images

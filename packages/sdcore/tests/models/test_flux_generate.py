@@ -130,6 +130,10 @@ def test_euler_a_equals_flux_pipeline_with_that_scheduler(dev):
     assert np.array_equal(_array(got[0]), _array(expected))
     assert np.array_equal(_array(got[0]), _array(again[0]))
     assert np.abs(_array(got[0]) - _array(euler[0])).max() > 0  # the fresh noise does act
+    # in a batch, each image is its own seed's: image 1 of seeds 10, 11 is the image of seed 11 alone
+    batch = generate_images(dev, ["a cat", "a red square"], steps=3, cfg=3.5, seed=10, width=48, height=32,
+                            sampler="euler_a")  # fmt: skip
+    assert np.array_equal(_array(batch[1]), _array(got[0]))
 
 
 def test_diffusers_heun_cannot_run_in_flux_pipeline(dev):

@@ -7,8 +7,9 @@ here is a diffusers scheduler configured from that config, so every sampler foll
 
 - ``euler``: the flow-matching Euler the references use (SD3's and Flux's default);
 - ``euler_a``: the same with fresh noise each step (diffusers' ``stochastic_sampling``); its noise comes
-  from torch's global generator (the pipelines hand no generator to ``step``), so :func:`sampler_noise`
-  seeds it per call, which makes the image depend on the seed alone;
+  from torch's global generator (the pipelines hand no generator to ``step``), so :func:`run_pipeline`
+  renders each image in its own call with the generator seeded from that image's seed: the image depends
+  on its seed alone, as with the other samplers, whatever the batch;
 - ``heun``: diffusers' ``FlowMatchHeunDiscreteScheduler`` (two evaluations per step). Its ``set_timesteps``
   takes neither a sigma list nor ``mu``, which ``FluxPipeline`` always passes, and has no dynamic shift.
   Where a pipeline or the model needs those, :func:`flow_scheduler` gives a Heun that runs on the Euler
@@ -169,6 +170,25 @@ def _euler_schedule_heun() -> Any:
     return EulerScheduleHeun
 
 
+def run_pipeline(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int], device: Any = None) -> list[Any]:
+    """``pipe(**kwargs).images``; for a stochastic sampler one call per image (``seeds[i]``'s rows of every
+    batched argument: tensors and lists as long as ``seeds``) under :func:`sampler_noise`."""
+    import torch
+
+    if not FLOW_SAMPLERS[flow_sampler_id(sampler)].stochastic:
+        return list(pipe(**kwargs).images)
+    images: list[Any] = []
+    count = len(seeds)
+    for index, seed in enumerate(seeds):
+        one = {
+            key: value[index : index + 1] if isinstance(value, (list, torch.Tensor)) and len(value) == count else value
+            for key, value in kwargs.items()
+        }
+        with sampler_noise(sampler, seed, device):
+            images.extend(pipe(**one).images)
+    return images
+
+
 @contextlib.contextmanager
 def sampler_noise(sampler: str, seed: int, device: Any = None) -> Iterator[None]:
     """Seed torch's global generator with ``seed`` for a stochastic sampler's call, and restore it afterwards.
@@ -188,4 +208,4 @@ def sampler_noise(sampler: str, seed: int, device: Any = None) -> Iterator[None]
         yield
 
 
-__all__ = ["FLOW_SAMPLERS", "FlowSampler", "flow_sampler_id", "flow_scheduler", "sampler_noise"]
+__all__ = ["FLOW_SAMPLERS", "FlowSampler", "flow_sampler_id", "flow_scheduler", "run_pipeline", "sampler_noise"]

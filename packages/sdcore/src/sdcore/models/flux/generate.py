@@ -75,7 +75,7 @@ def run_flux(
     ``true_cfg_scale`` > 1, true CFG against ``negatives`` (empty ones too, as Forge and ComfyUI do)."""
     import torch
 
-    from ...generate.flow_samplers import sampler_noise
+    from ...generate.flow_samplers import run_pipeline
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from .adapter import FluxAdapter
 
@@ -104,8 +104,7 @@ def run_flux(
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
-    with sampler_noise(sampler, seeds[0], bundle.device):
-        return list(pipe(**kwargs).images)
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)
 
 
 def check_true_cfg(negatives: list[str], true_cfg_scale: float) -> None:

@@ -92,7 +92,7 @@ def generate_sd3(
     """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them."""
     import torch
 
-    from ...generate.flow_samplers import sampler_noise
+    from ...generate.flow_samplers import run_pipeline
 
     if true_cfg_scale != 1.0:
         raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD3 takes --cfg")
@@ -113,5 +113,4 @@ def generate_sd3(
         kwargs.update(image=[image] * len(prompts), strength=strength)
     else:
         kwargs.update(width=width, height=height)
-    with sampler_noise(sampler, seeds[0], bundle.device):
-        return list(pipe(**kwargs).images)
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)

@@ -71,13 +71,21 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
 @click.option("--cfg", default=7.0, show_default=True, type=float, help="Classifier-free guidance scale.")
 @click.option(
+    "--true-cfg-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    help="Flux.1: true CFG (two passes a step), needed for --negative; --cfg is then the distilled guidance.",
+)
+@click.option(
     "--seed", default=-1, show_default=True, type=int, help="Seed (-1: random); image i of a batch uses seed+i."
 )
 @click.option("--size", default=None, callback=_parse_size, help="WIDTHxHEIGHT (default: the model's native size).")
 @click.option(
     "--sampler",
     default=None,
-    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1).",
+    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1). "
+    "SD3 and Flux.1 take euler, euler_a, heun, dpm++2m, unipc.",
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
 @click.option(
@@ -215,10 +223,14 @@ def _run_generate(params: dict[str, Any]) -> None:
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
     if bundle.device != device or bundle.denoiser.dtype != dtype:
         bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)
-    if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
-        from ..models.family import family_adapter
+    from ..models.family import family_adapter
 
-        sampler = getattr(family_adapter(bundle.family_spec), "default_sampler", "euler_a")
+    adapter = family_adapter(bundle.family_spec)
+    if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
+        sampler = getattr(adapter, "default_sampler", "euler_a")
+    # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
+    # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
+    distilled = bool(getattr(adapter, "distilled_guidance", False))
 
     width, height = params["size"] or (None, None)
     infos: list[dict[str, str]] = []
@@ -238,6 +250,7 @@ def _run_generate(params: dict[str, Any]) -> None:
         clip_skip=params["clip_skip"],
         networks=session,
         info=infos,
+        true_cfg_scale=params["true_cfg_scale"],
     )
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
@@ -248,6 +261,8 @@ def _run_generate(params: dict[str, Any]) -> None:
             extra["Denoising strength"] = params["strength"]
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
+        if distilled:
+            extra["Distilled CFG Scale"] = params["cfg"]
         extra.update(infos[index] if index < len(infos) else {})
         extra["Version"] = f"sdcore {__version__}"
         text = format_parameters(
@@ -255,7 +270,7 @@ def _run_generate(params: dict[str, Any]) -> None:
             params["negative"],
             params["steps"],
             sampler,
-            params["cfg"],
+            params["true_cfg_scale"] if distilled else params["cfg"],
             seed + index,
             image.size,
             model_hash,

@@ -209,12 +209,13 @@ def generate_images(
     seed: int = 0,
     width: int | None = None,
     height: int | None = None,
-    sampler: str = "euler_a",
+    sampler: str | None = None,
     init_image: Any = None,
     strength: float = 0.75,
     clip_skip: int = 1,
     networks: NetworkSession | None = None,
     info: list[dict[str, str]] | None = None,
+    true_cfg_scale: float = 1.0,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -222,7 +223,9 @@ def generate_images(
     for the prompts that name them and removed afterwards; without one, a tag is an error. The
     result depends only on the seed, not on the batch composition or the device's RNG state.
     ``info``, when given, is filled with one dict per image of infotext fields the handlers
-    reported (``Lora hashes`` ...).
+    reported (``Lora hashes`` ...). ``true_cfg_scale`` > 1 runs true CFG on a guidance-distilled family
+    (Flux.1), whose ``cfg`` is the distilled guidance; SD families take ``cfg`` alone. ``sampler``:
+    the family's default (``euler_a``; Flux.1's ``euler``) when not given.
     """
     import torch
 
@@ -266,9 +269,13 @@ def generate_images(
     from ..models.sd_unet import SdUnetAdapter
 
     adapter = family_adapter(bundle.family)
+    if sampler is None:  # A1111's euler_a, or the family's own (Flux.1: the flow-matching Euler)
+        sampler = str(getattr(adapter, "default_sampler", "euler_a"))
     family_generate = None
     pipe: Any = None
     if isinstance(adapter, SdUnetAdapter):
+        if true_cfg_scale != 1.0:
+            raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD models take --cfg")
         pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
         pipe.set_progress_bar_config(disable=True)
     else:  # another family renders through its adapter (same prompts, seeds, networks and sizes)
@@ -292,7 +299,7 @@ def generate_images(
                     group_negatives.append(applied.negative_prompt)
                     for key, value in applied.info.items():
                         group_info.setdefault(key, value)
-                run: Any = _run if family_generate is None else _family_run(family_generate, sampler)
+                run: Any = _run if family_generate is None else _family_run(family_generate, sampler, true_cfg_scale)
                 images = run(
                     pipe,
                     bundle,
@@ -317,11 +324,14 @@ def generate_images(
     return [results[i] for i in range(len(prompts))]
 
 
-def _family_run(family_generate: Any, sampler: str) -> Any:
-    """``_run``'s signature over a family adapter's ``generate(bundle, prompts, negatives, **settings)``."""
+def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0) -> Any:
+    """``_run``'s signature over a family adapter's ``generate(bundle, prompts, negatives, **settings)``
+    (``true_cfg_scale`` only when set, so a family without true CFG never sees it unasked)."""
 
     def run(_pipe: Any, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> Any:
         settings.pop("transforms", None)
+        if true_cfg_scale != 1.0:
+            settings["true_cfg_scale"] = true_cfg_scale
         return list(family_generate(bundle, prompts, negatives, sampler=sampler, **settings))
 
     return run

@@ -105,8 +105,10 @@ class ModelBundle:
     def family_label(self) -> str:
         """The family as users read it: ``sd2-v`` for v-prediction SD2, ``+inpainting`` when so."""
         label = self.family
-        if self.family == "flux" and self.transformer is not None:  # guidance embedding: dev
-            return "flux-dev" if self.transformer.config.guidance_embeds else "flux-schnell"
+        if self.family == "flux" and self.transformer is not None:  # dev, schnell, fill, control, kontext
+            from .flux.variants import bundle_variant
+
+            return f"flux-{bundle_variant(self)}"
         if self.family == "sd2" and self.is_v_prediction:
             label = "sd2-v"
         if self.inpainting:

@@ -93,16 +93,26 @@ class FluxAdapter:
     diffusers_pipeline = "FluxPipeline"
     #: ``sdcore generate``'s sampler when none is given (and what the PNG's parameters record)
     default_sampler = "euler"
+    #: ``cfg`` is the guidance dev embeds, not CFG: the PNG's parameters write it as Forge's "Distilled CFG
+    #: Scale" and ``--true-cfg-scale`` as "CFG scale"
+    distilled_guidance = True
 
     def __repr__(self) -> str:
         return "FluxAdapter()"
 
     def release(self, bundle: ModelBundle) -> str | None:
-        """``model info``'s variant line: dev (guidance embedding) or schnell."""
-        return bundle.family_label.removeprefix("flux-") if bundle.transformer is not None else None
+        """``model info``'s variant line: dev (guidance embedding), schnell, or a FLUX.1 Tools/Kontext
+        release sdcore cannot run (see :mod:`sdcore.models.flux.variants`)."""
+        from .variants import bundle_variant, describe
+
+        return describe(bundle_variant(bundle)) if bundle.transformer is not None else None
 
     def require_complete(self, bundle: ModelBundle) -> None:
-        """Before generation reads the VAE: every part, or the error naming the option that supplies it."""
+        """Before generation reads the VAE: a release sdcore generates with, and every part (or the error
+        naming the option that supplies it)."""
+        from .variants import require_supported
+
+        require_supported(bundle, "generate with")
         require_complete(bundle)
 
     # --- model I/O ---------------------------------------------------------------------------
@@ -145,7 +155,7 @@ class FluxAdapter:
 
         pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler)
         pipe.set_progress_bar_config(disable=True)
-        return run_flux(pipe, bundle, prompts, negatives, image=image, **settings)
+        return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, **settings)
 
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A diffusers folder's ``model_index.json`` of a Flux pipeline."""
@@ -191,7 +201,9 @@ class FluxAdapter:
         ``t5_attention_mask``: mask T5's padding, kohya's ``--apply_t5_attn_mask``)."""
         from ...train.method import Conditioning
         from ..t5 import encode_t5
+        from .variants import require_supported
 
+        require_supported(bundle, "train or generate with")  # before caching: Fill/Depth/Kontext need images too
         _require(bundle, "text_encoder")
         _require(bundle, "text_encoder_2")
         clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]
@@ -223,7 +235,9 @@ class FluxAdapter:
         import torch
 
         from ...dtypes import compute_dtype
+        from .variants import require_supported
 
+        require_supported(bundle, "train or generate with")  # not a shape error inside img_in
         transformer = bundle.transformer
         if conditioning.pooled is None:
             raise ConfigError("Flux conditioning without the pooled CLIP-L embedding")

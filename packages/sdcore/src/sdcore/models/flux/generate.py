@@ -1,11 +1,17 @@
 """``sdcore generate`` for Flux.1: diffusers' ``FluxPipeline`` over the bundle's own modules.
 
-What differs from the SD families, as Forge and ComfyUI users know it: ``--cfg`` is the *distilled*
-guidance a dev model embeds (Forge's "Distilled CFG Scale", 3.5 typical; schnell ignores it), there
-is no negative prompt (one is an error rather than silently dropped), the sampler is the
-flow-matching Euler of the model's scheduler (``euler``; A1111's default ``euler_a`` is read as it),
-image sides are multiples of 16 (8x VAE, then 2x2 packing), and A1111 emphasis weights are dropped
-(the text is encoded plainly by CLIP-L and T5).
+What differs from the SD families, as Forge and ComfyUI users know it:
+
+- ``--cfg`` is the *distilled* guidance a dev model embeds (Forge's "Distilled CFG Scale", ComfyUI's
+  ``FluxGuidance``; 3.5 typical; schnell ignores it). It costs nothing and has no negative prompt.
+- A negative prompt needs *true* CFG, ``--true-cfg-scale`` above 1 (diffusers' ``true_cfg_scale``, Forge's
+  "CFG Scale", ComfyUI's KSampler ``cfg``): each step then runs the transformer on the prompt and on the
+  negative and takes ``neg + s * (pos - neg)``, twice the work. People use it with dev (de-distilled
+  fine-tunes want it); a negative prompt without it is an error rather than silently dropped.
+- Samplers are the shared flow-matching ones (:mod:`sdcore.generate.flow_samplers`: ``euler``, the
+  default, ``euler_a``, ``heun``, ``dpm++2m``, ``unipc``), each on dev's resolution-dependent shift.
+- Image sides are multiples of 16 (8x VAE, then 2x2 packing), and A1111 emphasis weights are dropped
+  (the text is encoded plainly by CLIP-L and T5).
 """
 
 from __future__ import annotations
@@ -19,25 +25,24 @@ if TYPE_CHECKING:
 
     from ..bundle import ModelBundle
 
-#: samplers a Flux model generates with (both mean the scheduler's flow-matching Euler)
-FLUX_SAMPLERS = ("euler", "euler_a")
-
 
 def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
     """A ``FluxPipeline`` (or ``FluxImg2ImgPipeline``) sharing the bundle's modules."""
     import diffusers
 
+    from ...generate.flow_samplers import flow_scheduler
     from .adapter import require_complete
+    from .variants import require_supported
 
-    if sampler not in FLUX_SAMPLERS:
-        raise ConfigError(f"Flux models sample with the flow-matching Euler sampler (euler), not {sampler!r}")
+    require_supported(bundle, "generate with")
+    scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Flux.1", pipeline_sigmas=True,
+                               img2img=img2img)  # fmt: skip
     require_complete(bundle)
     if bundle.tokenizers[1] is None:
         from ..t5 import load_t5_tokenizer
 
         load_t5_tokenizer(vocab_size=bundle.text_encoders[1].config.vocab_size)  # the message naming the option
     cls: Any = diffusers.FluxImg2ImgPipeline if img2img else diffusers.FluxPipeline
-    scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
     return cls(
         scheduler=scheduler,
         vae=bundle.vae,
@@ -62,20 +67,24 @@ def run_flux(
     height: int,
     image: Any = None,
     strength: float = 0.75,
+    sampler: str = "euler",
+    true_cfg_scale: float = 1.0,
     **_: Any,
 ) -> list[Image.Image]:
-    """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``)."""
+    """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); with
+    ``true_cfg_scale`` > 1, true CFG against ``negatives`` (empty ones too, as Forge and ComfyUI do)."""
     import torch
 
+    from ...generate.flow_samplers import run_pipeline
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from .adapter import FluxAdapter
 
-    if any(negative.strip() for negative in negatives):
-        raise ConfigError("Flux.1 models have no negative prompt; leave --negative empty")
+    check_true_cfg(negatives, true_cfg_scale)
     if width % 16 or height % 16:
         raise ConfigError(f"Flux image sides must be multiples of 16, got {width}x{height}")
+    adapter = FluxAdapter()
     texts = [plain_text(parse_emphasis(prompt)) for prompt in prompts]
-    cond = FluxAdapter().encode_prompts(bundle, texts)
+    cond = adapter.encode_prompts(bundle, texts)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
         "prompt_embeds": cond.hidden_states,
@@ -87,7 +96,23 @@ def run_flux(
         "width": width,
         "height": height,
     }
+    if true_cfg_scale > 1.0:  # the same T5 length as the prompt's, as the pipeline requires
+        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negatives],
+                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
+        kwargs.update(negative_prompt_embeds=uncond.hidden_states, negative_pooled_prompt_embeds=uncond.pooled,
+                      true_cfg_scale=true_cfg_scale)  # fmt: skip
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
-    return list(pipe(**kwargs).images)
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)
+
+
+def check_true_cfg(negatives: list[str], true_cfg_scale: float) -> None:
+    """A negative prompt only acts through true CFG: without it, say how to turn it on (not a silent drop)."""
+    if true_cfg_scale < 1.0:
+        raise ConfigError(f"--true-cfg-scale must be at least 1 (1 = off), got {true_cfg_scale}")
+    if true_cfg_scale == 1.0 and any(negative.strip() for negative in negatives):
+        raise ConfigError(
+            "a negative prompt on Flux.1 needs true CFG: add --true-cfg-scale above 1 (e.g. 3.5; each step then "
+            "runs the transformer twice); --cfg is the distilled guidance, which has no negative prompt"
+        )

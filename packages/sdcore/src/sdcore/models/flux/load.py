@@ -550,7 +550,11 @@ def read_flux_diffusers(
     if (folder / "tokenizer_2").is_dir() and t5_tokenizer is None:
         t5_tokenizer = folder / "tokenizer_2"
     _tokenizers(parts, tokenizer, t5_tokenizer)
-    bundle = make_bundle(parts, source=str(folder), source_format="diffusers")
+    from .variants import PIPELINE_METADATA_KEY, PIPELINE_VARIANTS
+
+    pipeline = str(index.get("_class_name", ""))  # Kontext has dev's shapes: only the folder names it
+    metadata = {PIPELINE_METADATA_KEY: pipeline} if pipeline in PIPELINE_VARIANTS else None
+    bundle = make_bundle(parts, source=str(folder), source_format="diffusers", metadata=metadata)
     if device is not None:
         bundle.to(device=device)
     return bundle
@@ -601,8 +605,13 @@ def read_flux_layout(path: str | os.PathLike[str]) -> Any:
             else None
         )
         variant = "dev" if transformer.get("guidance_embeds") else "schnell"
+        width = int(transformer.get("in_channels", 64))
     finally:
         source.close()
+    from .variants import TOOL_INPUTS, refuse
+
+    # the pre-flight reads this before loading: FLUX.1 Fill/Depth/Canny stop here, not at the first step
+    refuse(TOOL_INPUTS.get(width, f"in{width}") if width != 64 else variant, str(file), "train")
     missing = [name for name, cfg in (("vae", vae), ("clip_l", clip), ("t5xxl", t5)) if cfg is None]
     if missing:
         notes.append(f"not in the file, planned at the released sizes: {', '.join(missing)}")

@@ -1,8 +1,8 @@
 """Generation with SD3/SD3.5: diffusers' ``StableDiffusion3Pipeline`` over the bundle's own modules.
 
-Samplers are flow-matching schedulers configured from the bundle's schedule (its ``shift``): ``euler``
-(SD3's reference sampler), ``euler_a`` (the same with fresh noise each step, diffusers'
-``stochastic_sampling``) and ``heun``. Prompts are encoded by the family adapter (what training
+Samplers are the flow-matching ones every flow family shares (:mod:`sdcore.generate.flow_samplers`:
+``euler``, SD3's reference sampler, ``euler_a``, ``heun``, ``dpm++2m``, ``unipc``), configured from the bundle's schedule (its
+``shift``). Prompts are encoded by the family adapter (what training
 uses) and handed to the pipeline as embeddings; A1111's ``clip_skip`` counts from the last layer
 (1 = SD3's default, the penultimate hidden state of both CLIPs).
 """
@@ -17,33 +17,13 @@ if TYPE_CHECKING:
     from ...generate.conditioning import Conditioning
     from ..bundle import ModelBundle
 
-#: id -> (diffusers scheduler class, config overrides, A1111 display name)
-FLOW_SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "euler": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": False}, "Euler"),
-    "euler_a": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "Euler a"),
-    "heun": ("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
-}
 
+def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler", *, img2img: bool = False) -> Any:
+    """A fresh flow-matching scheduler for ``sampler`` with the bundle's shift (the shared table,
+    :mod:`sdcore.generate.flow_samplers`)."""
+    from ...generate.flow_samplers import flow_scheduler
 
-def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler") -> Any:
-    """A fresh flow-matching scheduler for ``sampler`` with the bundle's shift and step count."""
-    import diffusers
-
-    from ...generate.pipeline import sampler_id
-
-    try:
-        sid = sampler_id(sampler)
-    except ConfigError:
-        sid = sampler
-    if sid not in FLOW_SAMPLERS:
-        raise ConfigError(
-            f"sampler {sampler!r} does not sample flow-matching models (SD3); choose one of: {', '.join(FLOW_SAMPLERS)}"
-        )
-    class_name, overrides, _ = FLOW_SAMPLERS[sid]
-    cls = getattr(diffusers, class_name)
-    base = {k: v for k, v in dict(bundle.noise_scheduler.config).items() if not k.startswith("_")}
-    keep = set(cls.from_config({}).config) if class_name != "FlowMatchEulerDiscreteScheduler" else set(base)
-    return cls.from_config({**{k: v for k, v in base.items() if k in keep}, **overrides})
+    return flow_scheduler(bundle.noise_scheduler.config, sampler, family="SD3", img2img=img2img)
 
 
 def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
@@ -61,7 +41,7 @@ def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: s
     cls: Any = diffusers.StableDiffusion3Img2ImgPipeline if img2img else diffusers.StableDiffusion3Pipeline
     return cls(
         transformer=bundle.transformer,
-        scheduler=flow_scheduler_for(bundle, sampler),
+        scheduler=flow_scheduler_for(bundle, sampler, img2img=img2img),
         vae=bundle.vae,
         text_encoder=clip_l,
         tokenizer=tok_l,
@@ -106,11 +86,16 @@ def generate_sd3(
     strength: float = 0.75,
     clip_skip: int = 1,
     sampler: str = "euler",
+    true_cfg_scale: float = 1.0,
     **_: Any,
 ) -> list[Any]:
     """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them."""
     import torch
 
+    from ...generate.flow_samplers import run_pipeline
+
+    if true_cfg_scale != 1.0:
+        raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD3 takes --cfg")
     pipe = build_sd3_pipeline(bundle, img2img=image is not None, sampler=sampler)
     pipe.set_progress_bar_config(disable=True)
     cond, uncond = encode_sd3_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
@@ -128,4 +113,4 @@ def generate_sd3(
         kwargs.update(image=[image] * len(prompts), strength=strength)
     else:
         kwargs.update(width=width, height=height)
-    return list(pipe(**kwargs).images)
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)

@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks-to-swap", type=int, default=0, help="also keep N blocks' weights on the CPU")
     parser.add_argument("--plan-only", action="store_true", help="print the estimate only (no weights, no GPU)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON too")
-    parser.add_argument("--sdpa", default="default", choices=SDPA_CHOICES, help="attention kernels torch may use")
+    parser.add_argument(
+        "--sdpa", default="no-cudnn", choices=SDPA_CHOICES, help="attention kernels torch may use (as the runtime)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")

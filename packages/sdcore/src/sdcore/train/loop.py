@@ -36,6 +36,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,12 +109,14 @@ class TrainSession:
         self.plugin_manager = plugin_manager
         self.losses: list[float] = []
         self._setup_done = False
+        self._restore_attention: Callable[[], None] = lambda: None
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
         """Validate, load, prepare, build data, caches, optimizer; restore a state when resuming."""
         import torch
 
+        from .attention import restrict_attention_kernels
         from .batches import BatchMaker
         from .cache import build_caches
         from .checkpoints import Checkpoints
@@ -141,6 +144,7 @@ class TrainSession:
         backend = tracker_backend(o)
         self.accelerator = acc = create_accelerator(o, log_with=backend)
         self.device = acc.device
+        self._restore_attention = restrict_attention_kernels(self.device, allow_cudnn=o.cudnn_attention)
         self.progress = Progress(o, acc, name=method.name)
         self.checkpoints = Checkpoints(method, o, acc, say=self.progress.say)
 
@@ -325,6 +329,7 @@ class TrainSession:
             raise
         finally:
             restore_sigterm()
+            self._restore_attention()
             self.progress.end_trackers()
         self.hook("sdcore_after_train", context=self.context(), result=result)
         return result

@@ -102,6 +102,12 @@ class TrainOptions:
         "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
         group="training",
     )
+    cudnn_attention: bool = option(
+        False,
+        "Let torch use cuDNN's attention kernels on a GPU (its first choice on Hopper since torch 2.11). Off by "
+        "default: on an H200 they gave wrong Flux gradients (docs/training.md).",
+        group="training",
+    )
     seed: int = option(42, "Seed for weights init, noise, data order and augmentations.", group="training")
     # loss
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")

@@ -36,8 +36,11 @@ def attention_case(shape: str, backend: str) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
-    b, h, n, d = SHAPES[shape]
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    b, h, n, d = SHAPES[shape.removesuffix("-strided")]
+    # diffusers' Flux attention hands SDPA transposed [batch, tokens, heads, dim] tensors: both layouts
+    strided = shape.endswith("-strided")
+    dims = (b, n, h, d) if strided else (b, h, n, d)
+    q, k, v = (torch.randn(*dims, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     chosen = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
@@ -45,7 +48,8 @@ def attention_case(shape: str, backend: str) -> dict[str, Any]:
     }
     context = sdpa_kernel(chosen[backend]) if backend in chosen else contextlib.nullcontext()
     with context:
-        out = F.scaled_dot_product_attention(q, k, v)
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if strided else (q, k, v)
+        out = F.scaled_dot_product_attention(*args)
         out.float().square().mean().backward()
     torch.cuda.synchronize()
     grads = [t.grad for t in (q, k, v)]
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("RESULT=" + json.dumps(result), flush=True)
         return result
     report: dict[str, Any] = {}
-    for shape in SHAPES:
+    for shape in (*SHAPES, *(f"{name}-strided" for name in SHAPES)):
         for backend in BACKENDS:
             report[f"attention {shape} {backend}"] = _isolated("attention", shape, backend)
             print(f"attention {shape} {backend}: {report[f'attention {shape} {backend}']}", flush=True)

@@ -122,6 +122,12 @@ class FluxAdapter:
 
         return read_flux_layout(path)
 
+    def part_slots(self, path: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(separate parts a Flux model takes, parts its file or folder lacks), from headers only."""
+        from .load import flux_part_slots
+
+        return flux_part_slots(path)
+
     def save(self, bundle: ModelBundle, path: Any, *, format: str | None = None, dtype: Any = None,
              prune: bool = True, metadata: dict[str, str] | None = None) -> Any:  # fmt: skip
         """``single-file``: a ComfyUI checkpoint (everything the bundle has); ``bfl``: the transformer

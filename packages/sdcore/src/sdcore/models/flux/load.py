@@ -556,6 +556,36 @@ def read_flux_diffusers(
     return bundle
 
 
+# ----------------------------------------------------------------------------------------------- parts
+
+#: the separate parts a Flux.1 model takes (``load_model`` keywords; ``vae`` is ``--vae``/``--ae``)
+TAKES_PARTS = ("clip_l", "t5xxl", "vae", "t5_tokenizer")
+
+
+def flux_part_slots(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(parts a Flux model takes, parts it lacks) from a single file's header or a folder's
+    ``model_index.json``, by the rules the readers above use (the pre-flight's completeness check)."""
+    from ..t5 import COMFY_T5_PREFIX
+
+    where = Path(path)
+    if where.is_dir():
+        index = json.loads((where / "model_index.json").read_text(encoding="utf-8"))
+        present = {name: bool((index.get(name) or [None])[0]) for name in ("vae", "text_encoder", "text_encoder_2")}
+    else:
+        source = _open(where)
+        try:
+            keys = source.keys
+        finally:
+            source.close()
+        present = {
+            "vae": VAE_PREFIX + _VAE_LDM_PROBE in keys,
+            "text_encoder": bool(clip_prefix(keys)),
+            "text_encoder_2": COMFY_T5_PREFIX + "encoder.final_layer_norm.weight" in keys,
+        }
+    part = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl", "vae": "vae"}
+    return TAKES_PARTS, tuple(part[name] for name in ("text_encoder", "text_encoder_2", "vae") if not present[name])
+
+
 # ----------------------------------------------------------------------------------------------- layout
 
 

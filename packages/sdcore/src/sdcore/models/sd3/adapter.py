@@ -84,6 +84,18 @@ class Sd3Adapter:
             raise LayoutUnavailableError(f"{path}: {', '.join(missing)} not in the file (given separately)")
         return ModelLayout(str(path), "sd3", "flow_matching", configs, "single-file", per_weight)
 
+    def part_slots(self, path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(separate parts an SD3 single file takes, parts its header shows it lacks); a diffusers folder has
+        its parts and takes none (as :func:`~.load.read_sd3_diffusers`)."""
+        from pathlib import Path
+
+        from .load import PART_OPTIONS, sd3_file_configs
+
+        if Path(path).is_dir():
+            return (), ()
+        _configs, missing, _per_weight = sd3_file_configs(path)
+        return PART_OPTIONS, tuple(missing)
+
     def save(
         self, bundle: ModelBundle, path: str | os.PathLike[str], *, format: str = "single-file", **options: Any
     ) -> Any:

@@ -1,0 +1,146 @@
+"""Model parts given in separate files (``--clip-l``, ``--clip-g``, ``--t5xxl``, ``--vae``, ``--t5-tokenizer``),
+checked from headers before any weight loads.
+
+SD3 and FLUX.1 checkpoints are often the denoiser alone; kohya's ``sd3_train_network.py`` and
+``flux_train_network.py`` take the text encoders and the VAE as separate files, and so do ``sdcore train``,
+``generate`` and ``model info/convert``. A run that would only find out at load time that ``--t5xxl`` is
+missing, or that ``--t5xxl`` names a CLIP file, wastes minutes of loading a 12B model first: the
+pre-flight asks these questions of the files' headers instead (:func:`part_problems`).
+
+Which parts a model takes, and which its file lacks, is the family's knowledge: its adapter's optional
+``part_slots(path) -> (accepted, missing)`` (option names, e.g. ``("clip_l", "t5xxl", "vae",
+"t5_tokenizer")``). A family without it (SD1/SD2/SDXL) takes no separate parts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import SdcoreError
+
+#: option name -> what the part is, for messages
+PART_LABELS = {
+    "clip_l": "CLIP-L text encoder",
+    "clip_g": "CLIP-G text encoder",
+    "t5xxl": "T5-XXL text encoder",
+    "vae": "VAE",
+    "t5_tokenizer": "T5 tokenizer",
+}
+#: a tensor name (suffix) every file of that part has, in any layout the readers take; a file without it
+#: is not that part (``--t5xxl clip_l.safetensors``)
+_PROBES = {
+    "clip_l": ("text_model.final_layer_norm.weight",),
+    "clip_g": ("text_model.final_layer_norm.weight",),
+    "t5xxl": ("encoder.block.0.layer.0.SelfAttention.q.weight",),
+    "vae": ("encoder.conv_in.weight",),
+}
+
+
+def part_names() -> tuple[str, ...]:
+    """The part options' names (``load_model`` keywords), in the CLI's order."""
+    from ..builtin.part_options import PART_OPTIONS
+
+    return tuple(name for _flags, name, _text in PART_OPTIONS)
+
+
+def flag(name: str) -> str:
+    """``t5xxl`` -> ``--t5xxl``; ``clip_l`` -> ``--clip-l`` (the flag the CLI shows first)."""
+    from ..builtin.part_options import PART_OPTIONS
+
+    return next(flags[0] for flags, option, _text in PART_OPTIONS if option == name)
+
+
+def given_parts(options: Any) -> dict[str, str]:
+    """The parts set on ``options`` (train options, or a mapping of them) as ``load_model`` keywords."""
+    values = options if isinstance(options, Mapping) else vars(options)
+    return {name: str(values[name]) for name in part_names() if values.get(name) not in (None, "")}
+
+
+def part_file_problems(parts: Mapping[str, Any]) -> list[str]:
+    """Each given part that is not there, not readable, or (from its header) not that part: one line each."""
+    from .source import read_safetensors_header
+
+    problems: list[str] = []
+    for name, value in parts.items():
+        where = Path(str(value)).expanduser()
+        head = f"{flag(name)} {value}"
+        if not where.exists():
+            problems.append(f"{head}: no such file or folder (the {PART_LABELS[name]})")
+        elif where.is_dir():
+            if not os.access(where, os.R_OK | os.X_OK):
+                problems.append(f"{head}: the folder is not readable")
+        elif not os.access(where, os.R_OK):
+            problems.append(f"{head}: the file is not readable")
+        elif name == "t5_tokenizer":
+            problems.append(f"{head}: give the tokenizer's folder (with tokenizer.json or spiece.model)")
+        elif where.suffix.lower() == ".safetensors":
+            try:
+                header, _ = read_safetensors_header(where)
+            except (SdcoreError, OSError) as exc:
+                problems.append(f"{head}: {exc}")
+                continue
+            probes = _PROBES.get(name, ())
+            if probes and not any(key.endswith(probe) for key in header for probe in probes):
+                problems.append(f"{head}: not a {PART_LABELS[name]} file (no tensor named like ...{probes[0]})")
+    return problems
+
+
+def _family_of(path: Path) -> str:
+    """The family of a model file (from its keys) or folder (from its configs)."""
+    if path.is_dir():
+        from .layout import read_layout
+
+        return read_layout(path).family
+    from .detect import detect_family
+    from .source import CheckpointSource
+
+    source = CheckpointSource(path)
+    try:
+        return detect_family(source.keys, path)
+    finally:
+        source.close()
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join(flag(name) for name in names)
+
+
+def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = None) -> list[str]:
+    """Everything wrong with ``model`` plus ``parts`` before loading: part files that are missing or of the
+    wrong kind, parts the model does not take, and parts the model file lacks that nobody gave (one line
+    naming them all and the options that supply them). ``family`` saves detecting it again."""
+    from .family import family_adapter, get_family
+
+    problems = part_file_problems(parts)
+    path = Path(model).expanduser()
+    if not (path.is_file() or path.is_dir()):
+        from .load import sniff_tiny, sniff_toyworld
+
+        if parts and (sniff_tiny(model) or sniff_toyworld(model)):  # complete models built in
+            problems.append(f"{_flags(list(parts))}: separate parts apply to model files and folders, not {model}")
+        return problems  # a missing model is the model check's line
+    try:
+        name = family or _family_of(path)
+        adapter = family_adapter(get_family(name))
+    except SdcoreError:
+        return problems  # the model check reports an unreadable model, with load_model's message
+    slots = getattr(adapter, "part_slots", None)
+    accepted, missing = slots(path) if slots is not None else ((), ())
+    refused = [part for part in parts if part not in accepted]
+    if refused:
+        label = get_family(name).label
+        kind = "diffusers folder" if path.is_dir() else "file"
+        takes = f"it takes {_flags(list(accepted))}" if accepted else "it takes no separate parts"
+        problems.append(f"{_flags(refused)}: not a part of this {label} ({name}) {kind} {model} ({takes})")
+    lacking = [part for part in missing if part not in parts]
+    if lacking:
+        what = ", ".join(PART_LABELS[part] for part in lacking)
+        give = " ".join(f"{flag(part)} <file or folder>" for part in lacking)
+        problems.append(f"{model} has no {what}: pass {give}")
+    return problems
+
+
+__all__ = ["PART_LABELS", "flag", "given_parts", "part_file_problems", "part_names", "part_problems"]

@@ -1,0 +1,102 @@
+"""Separate model parts checked from headers (:mod:`sdcore.models.parts`): each part file is there and is
+that part, the model takes it, and the model file plus the parts make a complete model."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _save(tensors, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """tiny Flux dev: its diffusers folder, BFL's transformer file, and CLIP-L / T5 / AE files."""
+    from sdcore.models.flux.save import flux_state
+    from sdcore.models.load import load_model
+
+    root = tmp_path_factory.mktemp("flux")
+    bundle = load_model("tiny:flux")
+    state = flux_state(bundle, "comfy")
+
+    def part(prefix, name):
+        return _save({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, root / name)
+
+    return {
+        "folder": bundle.save(root / "folder", format="diffusers"),
+        "comfy": _save(state, root / "comfy.safetensors"),
+        "model": part("model.diffusion_model.", "flux1-dev.safetensors"),
+        "clip_l": part("text_encoders.clip_l.transformer.", "clip_l.safetensors"),
+        "t5xxl": part("text_encoders.t5xxl.transformer.", "t5xxl_fp16.safetensors"),
+        "ae": part("vae.", "ae.safetensors"),
+    }
+
+
+def test_given_parts_from_options_or_a_mapping():
+    from sdcore.models.parts import given_parts
+    from sdcore.train.options import TrainOptions
+
+    options = TrainOptions(model="m", clip_l="a", t5xxl="", vae="c")
+    assert given_parts(options) == {"clip_l": "a", "vae": "c"}
+    assert given_parts({"t5_tokenizer": "tok", "clip_g": None, "other": 1}) == {"t5_tokenizer": "tok"}
+
+
+def test_part_files_there_readable_and_of_their_kind(flux, tmp_path):
+    from sdcore.models.parts import part_file_problems
+
+    assert part_file_problems({"clip_l": flux["clip_l"], "t5xxl": flux["t5xxl"], "vae": flux["ae"]}) == []
+    assert part_file_problems({"clip_l": flux["folder"] / "text_encoder", "vae": flux["folder"]}) == []
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    problems = part_file_problems({
+        "clip_l": tmp_path / "missing.safetensors",  # not there
+        "t5xxl": flux["clip_l"],  # a CLIP file given as T5
+        "vae": garbage,  # unreadable header
+        "t5_tokenizer": flux["t5xxl"],  # a file where the tokenizer's folder is asked for
+    })  # fmt: skip
+    assert problems[0] == f"--clip-l {tmp_path / 'missing.safetensors'}: no such file or folder (the CLIP-L text encoder)"
+    assert problems[1].startswith(f"--t5xxl {flux['clip_l']}: not a T5-XXL text encoder file (no tensor named like")
+    assert problems[2].startswith(f"--vae {garbage}: ") and "safetensors" in problems[2]
+    assert problems[3] == f"--t5-tokenizer {flux['t5xxl']}: give the tokenizer's folder (with tokenizer.json or spiece.model)"
+    assert len(problems) == 4
+
+
+def test_flux_slots_from_the_header_and_the_folder(flux):
+    from sdcore.models.flux.load import TAKES_PARTS, flux_part_slots
+
+    assert flux_part_slots(flux["model"]) == (TAKES_PARTS, ("clip_l", "t5xxl", "vae"))
+    assert flux_part_slots(flux["comfy"]) == (TAKES_PARTS, ())
+    assert flux_part_slots(flux["folder"]) == (TAKES_PARTS, ())
+
+
+def test_model_plus_parts_complete_or_one_line_naming_what_is_missing(flux, tmp_path):
+    from sdcore.models.load import load_model
+    from sdcore.models.parts import part_problems
+
+    model = str(flux["model"])
+    complete = {"clip_l": flux["clip_l"], "t5xxl": flux["t5xxl"], "vae": flux["ae"]}
+    assert part_problems(model, complete) == []
+    assert part_problems(model, {k: v for k, v in complete.items() if k != "t5xxl"}) == [
+        f"{model} has no T5-XXL text encoder: pass --t5xxl <file or folder>"
+    ]
+    assert part_problems(str(flux["comfy"]), {}) == []  # ComfyUI's all-in-one file has every part
+    assert part_problems(str(flux["folder"]), {"vae": flux["ae"]}) == []  # a Flux folder takes replacements
+    # a family without separate parts (SD1 here), an SD3 diffusers folder, and a built-in tiny model
+    sd1 = load_model("tiny:sd1").save(tmp_path / "sd1.safetensors")
+    assert part_problems(str(sd1), {"vae": flux["ae"]}) == [
+        f"--vae: not a part of this Stable Diffusion 1.x (sd1) file {sd1} (it takes no separate parts)"
+    ]
+    sd3 = load_model("tiny:sd3").save(tmp_path / "sd3", format="diffusers")
+    problems = part_problems(str(sd3), {"clip_l": flux["clip_l"]})
+    assert problems == [f"--clip-l: not a part of this Stable Diffusion 3 / 3.5 (sd3) diffusers folder {sd3} "
+                        "(it takes no separate parts)"]  # fmt: skip
+    assert part_problems("tiny:flux", {"t5xxl": flux["t5xxl"]}) == [
+        "--t5xxl: separate parts apply to model files and folders, not tiny:flux"
+    ]
+    assert part_problems(str(tmp_path / "nowhere.safetensors"), {}) == []  # the model check's own line

@@ -78,8 +78,9 @@ def sd3_files(tmp_path_factory):
     full = load_file(str(write_sd3_single_file(bundle, root / "full.safetensors")))
     return {
         "folder": str(bundle.save(root / "folder", format="diffusers")),
-        "model": _save({k: v for k, v in full.items() if k.startswith("model.diffusion_model.")},
-                       root / "sd3_medium.safetensors"),  # fmt: skip
+        "model": _save(
+            {k: v for k, v in full.items() if k.startswith("model.diffusion_model.")}, root / "sd3_medium.safetensors"
+        ),
         # the CLIPs as transformers folders: a CLIP file has no config, and its head count is read as width / 64,
         # right for CLIP-L (12) and CLIP-G (20) but not for the tiny ones (4 heads of 8), which would then
         # compute other numbers; the files' own reading is tested in packages/sdcore/tests/models/test_sd3.py

@@ -60,10 +60,15 @@ def test_part_files_there_readable_and_of_their_kind(flux, tmp_path):
         "vae": garbage,  # unreadable header
         "t5_tokenizer": flux["t5xxl"],  # a file where the tokenizer's folder is asked for
     })  # fmt: skip
-    assert problems[0] == f"--clip-l {tmp_path / 'missing.safetensors'}: no such file or folder (the CLIP-L text encoder)"
+    assert (
+        problems[0] == f"--clip-l {tmp_path / 'missing.safetensors'}: no such file or folder (the CLIP-L text encoder)"
+    )
     assert problems[1].startswith(f"--t5xxl {flux['clip_l']}: not a T5-XXL text encoder file (no tensor named like")
     assert problems[2].startswith(f"--vae {garbage}: ") and "safetensors" in problems[2]
-    assert problems[3] == f"--t5-tokenizer {flux['t5xxl']}: give the tokenizer's folder (with tokenizer.json or spiece.model)"
+    assert (
+        problems[3]
+        == f"--t5-tokenizer {flux['t5xxl']}: give the tokenizer's folder (with tokenizer.json or spiece.model)"
+    )
     assert len(problems) == 4
 
 

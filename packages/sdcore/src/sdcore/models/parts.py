@@ -53,7 +53,7 @@ def flag(name: str) -> str:
     return next(flags[0] for flags, option, _text in PART_OPTIONS if option == name)
 
 
-def given_parts(options: Any) -> dict[str, str]:
+def given_parts(options: Any) -> dict[str, Any]:
     """The parts set on ``options`` (train options, or a mapping of them) as ``load_model`` keywords."""
     values = options if isinstance(options, Mapping) else vars(options)
     return {name: str(values[name]) for name in part_names() if values.get(name) not in (None, "")}

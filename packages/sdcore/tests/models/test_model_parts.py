@@ -105,3 +105,31 @@ def test_model_plus_parts_complete_or_one_line_naming_what_is_missing(flux, tmp_
         "--t5xxl: separate parts apply to model files and folders, not tiny:flux"
     ]
     assert part_problems(str(tmp_path / "nowhere.safetensors"), {}) == []  # the model check's own line
+
+
+def test_a_vae_of_other_latent_channels_is_refused_from_its_header_and_at_load(flux, tmp_path):
+    """An SD1/SDXL VAE (4 latent channels) for a 16-channel family: the pre-flight says so from the header
+    or config, and SD3's reader refuses it before the transformer would fail on the shapes."""
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.load import load_model
+    from sdcore.models.parts import part_problems, vae_latent_channels
+    from sdcore.models.sd3.load import read_sd3_single_file
+
+    sd1_vae = tmp_path / "sd1-vae"
+    load_model("tiny:sd1").vae.save_pretrained(sd1_vae)
+    assert (vae_latent_channels(flux["ae"]), vae_latent_channels(flux["folder"])) == (16, 16)
+    assert vae_latent_channels(sd1_vae) == 4
+    complete = {"clip_l": flux["clip_l"], "t5xxl": flux["t5xxl"]}
+    assert part_problems(str(flux["model"]), {**complete, "vae": sd1_vae}) == [
+        f"--vae {sd1_vae}: a VAE with 4 latent channels; FLUX.1 needs its 16-channel VAE"
+    ]
+    from safetensors.torch import load_file, save_file
+
+    sd3 = load_model("tiny:sd3")
+    full = load_file(str(sd3.save(tmp_path / "sd3.safetensors")))
+    bare = tmp_path / "sd3-no-vae.safetensors"
+    save_file({k: v for k, v in full.items() if not k.startswith("first_stage_model.")}, str(bare))
+    with pytest.raises(ModelFormatError, match="a VAE with 4 latent channels"):
+        read_sd3_single_file(bare, vae=sd1_vae)
+    sd3.vae.save_pretrained(tmp_path / "sd3-vae")
+    assert read_sd3_single_file(bare, vae=tmp_path / "sd3-vae").vae.config.latent_channels == 16

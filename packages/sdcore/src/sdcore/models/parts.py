@@ -104,6 +104,35 @@ def _family_of(path: Path) -> str:
         source.close()
 
 
+def vae_latent_channels(path: str | os.PathLike[str]) -> int | None:
+    """Latent channels of a VAE file (``encoder.conv_out`` gives mean and log-variance: 2 x channels, in the
+    ldm and the diffusers layout alike) or folder (``config.json``), from the header; ``None`` when unknown."""
+    import json
+
+    from .source import read_safetensors_header
+
+    where = Path(path).expanduser()
+    if where.is_dir():
+        for config in (where / "config.json", where / "vae" / "config.json"):
+            if config.is_file():
+                try:
+                    channels = json.loads(config.read_text(encoding="utf-8")).get("latent_channels")
+                except (OSError, ValueError):
+                    return None
+                return int(channels) if isinstance(channels, int) else None
+        return None
+    if where.suffix.lower() != ".safetensors":
+        return None
+    try:
+        header, _ = read_safetensors_header(where)
+    except (SdcoreError, OSError):
+        return None
+    for key, info in header.items():
+        if key.endswith("encoder.conv_out.weight") and not key.endswith("decoder.conv_out.weight"):
+            return int(info["shape"][0]) // 2
+    return None
+
+
 def _flags(names: list[str]) -> str:
     return ", ".join(flag(name) for name in names)
 
@@ -135,6 +164,13 @@ def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = 
         kind = "diffusers folder" if path.is_dir() else "file"
         takes = f"it takes {_flags(list(accepted))}" if accepted else "it takes no separate parts"
         problems.append(f"{_flags(refused)}: not a part of this {label} ({name}) {kind} {model} ({takes})")
+    if "vae" in parts and "vae" in accepted:  # an SD1/SDXL VAE (4 channels) for a 16-channel family
+        channels, wanted = vae_latent_channels(parts["vae"]), get_family(name).latent.channels
+        if channels is not None and channels != wanted:
+            problems.append(
+                f"{flag('vae')} {parts['vae']}: a VAE with {channels} latent channels; {get_family(name).label} "
+                f"needs its {wanted}-channel VAE"
+            )
     lacking = [part for part in missing if part not in parts]
     if lacking:
         what = ", ".join(PART_LABELS[part] for part in lacking)
@@ -143,4 +179,12 @@ def part_problems(model: str, parts: Mapping[str, Any], *, family: str | None = 
     return problems
 
 
-__all__ = ["PART_LABELS", "flag", "given_parts", "part_file_problems", "part_names", "part_problems"]
+__all__ = [
+    "PART_LABELS",
+    "flag",
+    "given_parts",
+    "part_file_problems",
+    "part_names",
+    "part_problems",
+    "vae_latent_channels",
+]

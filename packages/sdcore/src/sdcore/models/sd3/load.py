@@ -369,6 +369,12 @@ def read_sd3_single_file(
 
         if vae is not None:
             vae_module = _vae_from_path(vae, target)
+            channels = int(vae_module.config.latent_channels)
+            if channels != SD3.latent.channels:
+                raise ModelFormatError(
+                    f"{vae}: a VAE with {channels} latent channels (SD1/SDXL's have 4); SD3 needs its "
+                    f"{SD3.latent.channels}-channel VAE"
+                )
         elif configs["vae"] is not None:
             vae_module = _vae_from_source(source, configs["vae"], target)
         else:

@@ -119,11 +119,12 @@ def _assert_identical(left, right) -> None:
 def owned_memory(monkeypatch):
     """Training loads the model into memory of its own (fresh, aligned allocations).
 
-    diffusers' ``from_pretrained`` maps a folder's safetensors into memory, so its weights sit at the file's
-    8-byte-aligned offsets; CPU matmul kernels round differently for such weights (one Linear of tiny Flux:
-    1.3e-7 apart for bit-identical weights and input; 4.6e-6 in the LoRA after 2 steps at lr 1e-2). The readers
-    of single files and parts build each tensor in its own allocation. With the layout made the same, the
-    runs must agree bit for bit: what differs is then only what the files hold."""
+    diffusers' ``from_pretrained`` and sdcore's single-file reader map safetensors files into memory, so the
+    weights sit at each file's own 8-byte-aligned offsets (a tensor converted from another layout, BFL's fused
+    qkv, is a fresh allocation instead); CPU matmul kernels round differently for differently aligned weights
+    (one Linear of tiny Flux: 1.3e-7 apart for bit-identical weights and input; 4.6e-6 in the LoRA after 2
+    steps at lr 1e-2). With the layout made the same, the runs must agree bit for bit: what differs is then
+    only what the files hold."""
     import sdcore.train.loop as loop
 
     load = loop.load_bundle
@@ -247,3 +248,40 @@ def test_parts_in_a_config_file_sdcore_and_kohya_names(flux_files, tmp_path):
         assert options.clip_g is None
     text = dump_options(a, tmp_path / "saved.toml")
     assert f'vae = "{f["ae"]}"' in text and load_options(LoraOptions, tmp_path / "saved.toml", notes=[]) == a
+
+
+def test_sd1_vae_replaces_the_models_own_in_loading_and_training(data, tmp_path, sd_cli, pm, owned_memory):
+    """SD1/SDXL take one part, ``--vae`` (kohya's meaning: a VAE that replaces the model's own). A VAE file in
+    the ldm layout (with or without ``first_stage_model.``) or a diffusers VAE folder loads into the bundle
+    bit for bit, and training with ``--vae`` trains the LoRA that the model with that VAE built in trains."""
+    from safetensors.torch import load_file
+    from sdcore.models.load import load_model
+
+    base = load_model("tiny:sd1")
+    model = base.save(tmp_path / "base.safetensors")
+    other = load_model("tiny:sd1")
+    with torch.no_grad():
+        for tensor in other.vae.parameters():
+            tensor.add_(0.01)  # another VAE of the same shape (a fine-tuned one, as vae-ft-mse is)
+    with_other = other.save(tmp_path / "with-other-vae.safetensors")
+    ldm = {k: v for k, v in load_file(str(with_other)).items() if k.startswith("first_stage_model.")}
+    files = {"prefixed": _save(ldm, tmp_path / "vae-prefixed.safetensors"),
+             "bare": _save(_strip(ldm, "first_stage_model."), tmp_path / "vae.safetensors")}  # fmt: skip
+    other.vae.save_pretrained(tmp_path / "vae-folder")
+    folder = base.save(tmp_path / "base-folder")
+    expected = other.vae.state_dict()
+    for source in (*files.values(), tmp_path / "vae-folder"):
+        for loaded in (load_model(str(model), vae=str(source)), load_model(str(folder), vae=str(source))):
+            got = loaded.vae.state_dict()
+            assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), source
+            assert torch.equal(loaded.unet.conv_in.weight, base.unet.conv_in.weight)
+
+    plain = _train(sd_cli, pm, with_other, data, tmp_path / "built-in.safetensors")
+    assert plain.exit_code == 0, plain.output + repr(plain.exception)
+    given = _train(sd_cli, pm, model, data, tmp_path / "given.safetensors", "--vae", files["bare"])
+    assert given.exit_code == 0, given.output + repr(given.exception)
+    _assert_identical(tmp_path / "built-in.safetensors", tmp_path / "given.safetensors")
+    without = _train(sd_cli, pm, model, data, tmp_path / "own.safetensors")
+    assert without.exit_code == 0
+    a, b = _tensors(tmp_path / "own.safetensors"), _tensors(tmp_path / "given.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the VAE changed what was learnt

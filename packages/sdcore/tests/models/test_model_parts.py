@@ -94,8 +94,9 @@ def test_model_plus_parts_complete_or_one_line_naming_what_is_missing(flux, tmp_
     assert part_problems(str(flux["folder"]), {"vae": flux["ae"]}) == []  # a Flux folder takes replacements
     # a family without separate parts (SD1 here), an SD3 diffusers folder, and a built-in tiny model
     sd1 = load_model("tiny:sd1").save(tmp_path / "sd1.safetensors")
-    assert part_problems(str(sd1), {"vae": flux["ae"]}) == [
-        f"--vae: not a part of this Stable Diffusion 1.x (sd1) file {sd1} (it takes no separate parts)"
+    assert part_problems(str(sd1), {"clip_l": flux["clip_l"], "vae": flux["ae"]}) == [
+        f"--clip-l: not a part of this Stable Diffusion 1.x (sd1) file {sd1} (it takes --vae)",
+        f"--vae {flux['ae']}: a VAE with 16 latent channels; Stable Diffusion 1.x needs its 4-channel VAE",
     ]
     sd3 = load_model("tiny:sd3").save(tmp_path / "sd3", format="diffusers")
     problems = part_problems(str(sd3), {"clip_l": flux["clip_l"]})

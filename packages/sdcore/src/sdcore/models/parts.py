@@ -133,6 +133,56 @@ def vae_latent_channels(path: str | os.PathLike[str]) -> int | None:
     return None
 
 
+def load_vae_like(path: str | os.PathLike[str], like: Any, dtype: Any = None) -> Any:
+    """A VAE given separately for a model whose own VAE is ``like`` (SD1/SD2/SDXL's ``--vae``, kohya's ``--vae``:
+    ``sdxl_vae.safetensors``, ``vae-ft-mse-840000-ema-pruned.safetensors``). A diffusers folder (the VAE's own
+    or a model's ``vae/``) is read as it is; a file in the ldm layout (with or without ``first_stage_model.``)
+    or in diffusers' names fills a VAE of ``like``'s config. Its latent channels must be ``like``'s."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ..errors import ModelFormatError
+    from .convert.vae import PREFIX, vae_key_map
+    from .load import _assign, config_fields, empty_module, stored_dtype
+    from .source import CheckpointSource
+
+    where = Path(path).expanduser()
+    auto = isinstance(dtype, str) and dtype == "auto"  # each tensor as stored (model info)
+    target = None if auto else (dtype if dtype is not None else next(like.parameters()).dtype)
+    if where.is_dir():
+        folder = where / "vae" if (where / "vae" / "config.json").is_file() else where
+        try:
+            stored = (stored_dtype(folder) or torch.float32) if auto else target
+            module = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=stored)
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"{where}: cannot read VAE folder ({str(exc).splitlines()[0]})") from None
+    else:
+        source = CheckpointSource(where)
+        try:
+            conv_in = next((k for k in source.keys if k.endswith("encoder.conv_in.weight")
+                            and not k.endswith("decoder.conv_in.weight")), None)  # fmt: skip
+            if conv_in is None:
+                raise ModelFormatError(f"{where}: not a VAE (no encoder.conv_in.weight)")
+            prefix = conv_in[: -len("encoder.conv_in.weight")]
+            module = empty_module(lambda: AutoencoderKL.from_config(config_fields(dict(like.config))))
+            names = [k for k in module.state_dict()]
+            if prefix + "encoder.down_blocks.0.resnets.0.conv1.weight" in source.keys:  # diffusers' names
+                mapping = {key: prefix + key for key in names}
+            else:
+                blocks = len(module.config.block_out_channels)
+                mapping = {key: prefix + ldm[len(PREFIX) :] for key, ldm in vae_key_map(names, blocks).items()}
+            absent = [stored for stored in mapping.values() if stored not in source.keys]
+            if absent:
+                raise ModelFormatError(f"{where}: not a VAE of this model's shape ({absent[0]!r} is missing)")
+            _assign(module, {key: source.get(name) for key, name in mapping.items()}, "VAE", where, target)
+        finally:
+            source.close()
+    channels, wanted = int(module.config.latent_channels), int(like.config.latent_channels)
+    if channels != wanted:
+        raise ModelFormatError(f"{where}: a VAE with {channels} latent channels; this model's has {wanted}")
+    return module.eval()
+
+
 def _flags(names: list[str]) -> str:
     return ", ".join(flag(name) for name in names)
 
@@ -183,6 +233,7 @@ __all__ = [
     "PART_LABELS",
     "flag",
     "given_parts",
+    "load_vae_like",
     "part_file_problems",
     "part_names",
     "part_problems",

@@ -134,3 +134,45 @@ def test_a_vae_of_other_latent_channels_is_refused_from_its_header_and_at_load(f
         read_sd3_single_file(bare, vae=sd1_vae)
     sd3.vae.save_pretrained(tmp_path / "sd3-vae")
     assert read_sd3_single_file(bare, vae=tmp_path / "sd3-vae").vae.config.latent_channels == 16
+
+
+def _parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_layout_of_a_file_plus_parts_counts_the_models_parameters(flux, tmp_path):
+    """The pre-flight's memory plan of a file that lacks parts sizes the parts given (their headers or
+    configs), not the released sizes: its meta-device model counts what the plan of the loaded model counts."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.layout import LayoutUnavailableError, layout_of_bundle, meta_bundle, read_layout
+    from sdcore.models.load import load_model
+
+    parts = {"clip_l": str(flux["clip_l"]), "t5xxl": str(flux["t5xxl"]), "vae": str(flux["ae"])}
+    alone = read_layout(flux["model"])
+    assert any("released sizes" in note for note in alone.notes)
+    layout = read_layout(flux["model"], parts)
+    assert not layout.notes
+    loaded = meta_bundle(layout_of_bundle(load_model(str(flux["model"]), **parts)))
+    planned = meta_bundle(layout)
+    for name, module in loaded.components().items():
+        if hasattr(module, "parameters"):
+            assert _parameters(planned.components()[name]) == _parameters(module), name
+
+    sd3 = load_model("tiny:sd3")
+    full = load_file(str(sd3.save(tmp_path / "sd3.safetensors")))
+    bare = tmp_path / "sd3-mmdit.safetensors"
+    save_file({k: v for k, v in full.items() if k.startswith("model.diffusion_model.")}, str(bare))
+    for name, module in zip(("clip_l", "clip_g", "t5"), sd3.text_encoders, strict=True):
+        module.save_pretrained(tmp_path / name)
+    save_file({k[len("first_stage_model.") :]: v for k, v in full.items() if k.startswith("first_stage_model.")},
+              str(tmp_path / "vae.safetensors"))  # fmt: skip
+    sd3_parts = {"clip_l": str(tmp_path / "clip_l"), "clip_g": str(tmp_path / "clip_g"),
+                 "t5xxl": str(tmp_path / "t5"), "vae": str(tmp_path / "vae.safetensors")}  # fmt: skip
+    with pytest.raises(LayoutUnavailableError, match="vae, clip_l, clip_g, t5xxl not in the file"):
+        read_layout(bare)
+    with pytest.raises(LayoutUnavailableError, match=r"^[^:]*: t5xxl not in the file"):
+        read_layout(bare, {k: v for k, v in sd3_parts.items() if k != "t5xxl"})
+    planned = meta_bundle(read_layout(bare, sd3_parts))
+    for name, module in meta_bundle(layout_of_bundle(sd3)).components().items():
+        if hasattr(module, "parameters"):
+            assert _parameters(planned.components()[name]) == _parameters(module), name

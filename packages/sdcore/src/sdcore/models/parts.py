@@ -15,7 +15,7 @@ Which parts a model takes, and which its file lacks, is the family's knowledge: 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,23 +104,44 @@ def _family_of(path: Path) -> str:
         source.close()
 
 
+def part_header(path: str | os.PathLike[str]) -> tuple[set[str], Callable[[str], tuple[int, ...]]]:
+    """(tensor names, shape of a name) of a part file, from its header (no weights read)."""
+    from .source import CheckpointSource
+
+    source = CheckpointSource(Path(path).expanduser())
+    try:
+        keys = set(source.keys)
+        shapes = {key: tuple(source.shape(key)) for key in keys}
+    finally:
+        source.close()
+    return keys, shapes.__getitem__
+
+
+def part_folder_config(path: str | os.PathLike[str], subfolders: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The ``config.json`` of a part folder (the component's own, or a model folder's ``subfolders``)."""
+    import json
+
+    where = Path(path).expanduser()
+    for folder in (where, *(where / name for name in subfolders)):
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
 def vae_latent_channels(path: str | os.PathLike[str]) -> int | None:
     """Latent channels of a VAE file (``encoder.conv_out`` gives mean and log-variance: 2 x channels, in the
     ldm and the diffusers layout alike) or folder (``config.json``), from the header; ``None`` when unknown."""
-    import json
-
     from .source import read_safetensors_header
 
     where = Path(path).expanduser()
     if where.is_dir():
-        for config in (where / "config.json", where / "vae" / "config.json"):
-            if config.is_file():
-                try:
-                    channels = json.loads(config.read_text(encoding="utf-8")).get("latent_channels")
-                except (OSError, ValueError):
-                    return None
-                return int(channels) if isinstance(channels, int) else None
-        return None
+        channels = (part_folder_config(where, ("vae",)) or {}).get("latent_channels")
+        return int(channels) if isinstance(channels, int) else None
     if where.suffix.lower() != ".safetensors":
         return None
     try:
@@ -235,6 +256,8 @@ __all__ = [
     "given_parts",
     "load_vae_like",
     "part_file_problems",
+    "part_folder_config",
+    "part_header",
     "part_names",
     "part_problems",
     "vae_latent_channels",

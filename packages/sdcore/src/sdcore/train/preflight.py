@@ -515,9 +515,10 @@ def run_preflight(
             report.notes.append(f"model: read by the {claimed!r} format plugin (header not checked)")
         else:
             from ..models.layout import LayoutUnavailableError, read_layout
+            from ..models.parts import given_parts
 
             try:
-                report.layout = read_layout(o.model)
+                report.layout = read_layout(o.model, given_parts(o))
             except LayoutUnavailableError as exc:
                 report.notes.append(f"memory plan unavailable: {exc}")
             except SdcoreError as exc:

@@ -116,11 +116,12 @@ class FluxAdapter:
 
         return read_flux_single_file(path, **options)
 
-    def read_layout(self, path: Any) -> Any:
-        """Configs of a Flux single file from its header (the pre-flight's memory plan)."""
+    def read_layout(self, path: Any, **parts: Any) -> Any:
+        """Configs of a Flux single file from its header, and of the parts given separately (the pre-flight's
+        memory plan)."""
         from .load import read_flux_layout
 
-        return read_flux_layout(path)
+        return read_flux_layout(path, **parts)
 
     def part_slots(self, path: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(separate parts a Flux model takes, parts its file or folder lacks), from headers only."""

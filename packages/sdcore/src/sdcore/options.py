@@ -21,13 +21,16 @@ def option(
     cli: bool = True,
     default_factory: Any = dataclasses.MISSING,
     metavar: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field that also describes its command-line flag.
 
     ``flag`` overrides the generated ``--field-name``; for booleans the generated flag is the pair
-    ``--name/--no-name``. ``group`` only orders ``--help``; ``cli=False`` keeps a field config-only.
+    ``--name/--no-name``. ``aliases`` are more flags for the same option (``--ae`` for ``--vae``, as
+    kohya's Flux script names it). ``group`` only orders ``--help``; ``cli=False`` keeps a field config-only.
     """
-    metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "cli": cli, "metavar": metavar}
+    metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "cli": cli, "metavar": metavar,
+                "aliases": tuple(aliases)}  # fmt: skip
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -117,10 +117,13 @@ class FamilyAdapter(Protocol):
     more context later (it passes ``batch=`` to :meth:`predict`: the training batch, whose
     size conditioning SDXL uses; it is ``None`` at generation time).
 
-    Optional: ``read_layout(path) -> sdcore.models.layout.ModelLayout`` describes a single file
-    from its header (configs under ``"transformer"``/``"unet"``, ``"vae"``, ``"text_encoders"``
+    Optional: ``read_layout(path, **parts) -> sdcore.models.layout.ModelLayout`` describes a single file
+    from its header (and what it lacks from the ``parts`` given separately, when it takes ``**parts``) (configs under ``"transformer"``/``"unet"``, ``"vae"``, ``"text_encoders"``
     with ``_class_name``) so the pre-flight can plan memory before loading; without it the plan is
-    skipped for such files, with a note. ``detect_diffusers(index: dict) -> bool`` (given a
+    skipped for such files, with a note. ``part_slots(path) -> (accepted, missing)`` names, from headers
+    only, the separate parts (``clip_l``, ``clip_g``, ``t5xxl``, ``vae``, ``t5_tokenizer``) a model file or folder
+    of the family takes and those it lacks, for the pre-flight (:mod:`sdcore.models.parts`); without it the
+    family takes none. ``detect_diffusers(index: dict) -> bool`` (given a
     folder's ``model_index.json``) and ``load_diffusers(folder, **options) -> ModelBundle`` let a
     non-UNet family read its diffusers folders through :func:`sdcore.models.load.load_model`;
     ``save(bundle, path, *, format, dtype, prune, metadata) -> Path`` writes its models

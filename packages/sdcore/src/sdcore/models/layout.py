@@ -80,7 +80,18 @@ class LayoutUnavailableError(SdcoreError):
     """The model is readable but its family cannot describe it without loading (no plan then)."""
 
 
-def _single_file_layout(path: Path) -> ModelLayout:
+def _takes_parts(read: Any) -> bool:
+    """Whether a family adapter's ``read_layout`` takes the separate parts (``**parts``; older ones: the path)."""
+    import inspect
+
+    try:
+        params = inspect.signature(read).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(param.kind is inspect.Parameter.VAR_KEYWORD for param in params)
+
+
+def _single_file_layout(path: Path, parts: dict[str, Any] | None = None) -> ModelLayout:
     from .detect import detect, detect_family
     from .family import family_adapter
     from .load import single_file_configs
@@ -96,7 +107,7 @@ def _single_file_layout(path: Path) -> ModelLayout:
             read = getattr(adapter, "read_layout", None)
             if read is None:
                 raise LayoutUnavailableError(f"{path}: the {name} family cannot tell its layout without loading")
-            return read(path)  # type: ignore[no-any-return]
+            return read(path, **parts) if parts and _takes_parts(read) else read(path)  # type: ignore[no-any-return]
         found = detect(
             source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
         )
@@ -155,8 +166,10 @@ def _family_folder_configs(folder: Path, index: dict[str, Any], family_name: str
     return configs
 
 
-def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
-    """The layout of a model source, reading headers and configs only.
+def read_layout(path_or_hub_id: str | os.PathLike[str], parts: dict[str, Any] | None = None) -> ModelLayout:
+    """The layout of a model source, reading headers and configs only; ``parts`` (``load_model``'s part
+    keywords, e.g. ``{"t5xxl": "t5xxl_fp16.safetensors"}``) describe what a single file lacks (the family
+    adapter's ``read_layout(path, **parts)``).
 
     Raises :class:`~sdcore.errors.ModelFormatError` (or another :class:`~sdcore.errors.SdcoreError`)
     with the same one-line message ``load_model`` would give for a missing or unreadable model.
@@ -184,7 +197,7 @@ def read_layout(path_or_hub_id: str | os.PathLike[str]) -> ModelLayout:
             raise ModelFormatError(f"{path}: folder is not a diffusers model (no model_index.json)")
         return _diffusers_layout(path, str(path), "diffusers")
     if path.is_file():
-        return _single_file_layout(path)
+        return _single_file_layout(path, parts)
     if sniff_hub(text):
         return _diffusers_layout(cached_hub_folder(text), text, "hub")
     raise missing_model_error(text)

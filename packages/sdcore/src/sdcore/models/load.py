@@ -335,6 +335,7 @@ def read_single_file(
                 file, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
                 config=config, use_ema=use_ema, **family_options,
             )  # fmt: skip
+        vae_part = family_options.pop("vae", None)  # the UNet families' one separate part (kohya's --vae)
         if family_options:
             raise SdcoreError(f"{file}: option(s) {', '.join(sorted(family_options))} do not apply to {found_family}")
         found: Detection = detect(
@@ -366,6 +367,10 @@ def read_single_file(
         )
     finally:
         source.close()
+    if vae_part is not None:
+        from .parts import load_vae_like
+
+        bundle.vae = load_vae_like(vae_part, bundle.vae, dtype=target if target is not None else "auto")
     return _finish(bundle, device)
 
 
@@ -449,6 +454,7 @@ def read_diffusers(
             folder, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
             config=config, use_ema=use_ema, **family_options,
         )  # fmt: skip
+    vae_part = family_options.pop("vae", None)  # the UNet families' one separate part (kohya's --vae)
     if family_options:
         raise SdcoreError(f"{folder}: option(s) {', '.join(sorted(family_options))} do not apply to this model")
     configs = configs_from_diffusers_folder(folder)
@@ -491,6 +497,10 @@ def read_diffusers(
         source_format="diffusers",
         inpainting=unet.config.in_channels == 9,
     )
+    if vae_part is not None:
+        from .parts import load_vae_like
+
+        bundle.vae = load_vae_like(vae_part, vae, dtype="auto" if dtype == "auto" else target("vae"))
     return _finish(bundle, device)
 
 

@@ -32,6 +32,10 @@ class SdUnetAdapter:
         return f"SdUnetAdapter({self.family!r})"
 
     # --- model I/O ---------------------------------------------------------------------------
+    def part_slots(self, path: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """A UNet model takes one separate part, a VAE that replaces its own (kohya's ``--vae``); it lacks none."""
+        return ("vae",), ()
+
     def detect_single_file(self, keys: Collection[str]) -> bool:
         from .detect import is_unet_family_file
 

@@ -69,7 +69,7 @@ def options_to_click(options_class: type) -> list[click.Option]:
             option = click.Option([f"{flag}/{negative}", f.name], default=default, show_default=True, help=help_text)
         else:
             option = click.Option(
-                [flag, f.name],
+                [flag, *meta.get("aliases", ()), f.name],
                 type=_click_type(types_[f.name], meta.get("choices"), f.name),
                 default=default,
                 show_default=default not in (None, ""),
@@ -84,13 +84,16 @@ def options_to_click(options_class: type) -> list[click.Option]:
 KOHYA_PREFIX = "kohya__"
 
 
-def kohya_click_options(fields: list[str]) -> list[click.Option]:
-    """Hidden options for kohya's spellings (``--network_dim``...), translated in the callback."""
+def kohya_click_options(fields: list[str], taken: frozenset[str] = frozenset()) -> list[click.Option]:
+    """Hidden options for kohya's spellings (``--network_dim``...), translated in the callback; a kohya
+    name that is already one of sdcore's flags (``taken``: ``--ae``, an alias of ``--vae``) is that flag."""
     from .kohya import MULTI_VALUE, cli_names, flag_names
 
     flags = flag_names()
     params = [click.Option(["--config_file", f"{KOHYA_PREFIX}config_file"], hidden=True, type=click.STRING)]
     for name in cli_names(fields):
+        if f"--{name}" in taken:
+            continue
         decl = [f"--{name}", f"{KOHYA_PREFIX}{name}"]
         if name in flags:
             params.append(click.Option(decl, is_flag=True, default=None, hidden=True))
@@ -236,6 +239,8 @@ def build_train_command(spec: Any) -> click.Command:
         if result is not None and result.main_process:
             click.echo(f"saved {result.output} after {result.steps} steps; resumable state in {result.state_dir}")
 
+    own = options_to_click(options_class)
+    taken = frozenset(flag for option in own for flag in option.opts)
     params: list[click.Parameter] = [
         click.Option(
             ["--config", "config"],
@@ -254,8 +259,8 @@ def build_train_command(spec: Any) -> click.Command:
             default=False,
             help="Run the pre-flight (options, model header, folders, dataset, resume state, disk, memory) and print the plan, then stop (no model is loaded).",
         ),
-        *options_to_click(options_class),
-        *kohya_click_options([f.name for f in dataclasses.fields(options_class)]),
+        *own,
+        *kohya_click_options([f.name for f in dataclasses.fields(options_class)], taken),
     ]
     doc = (method_class.__doc__ or spec.summary or "").strip()
     command = GroupedCommand(spec.name, callback=callback, params=params, help=doc, short_help=spec.summary)

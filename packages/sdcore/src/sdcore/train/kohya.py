@@ -153,6 +153,10 @@ def _a(target: str, convert: Callable[[Any], Any] | None = None, *, flag: bool =
 ALIASES: dict[str, Alias] = {
     # model and data
     "pretrained_model_name_or_path": _a("model"),
+    # model parts (sd3_train_network.py: clip_l clip_g t5xxl vae; flux_train_network.py: clip_l t5xxl ae)
+    "clip_l": _a("clip_l"),
+    "clip_g": _a("clip_g"),
+    "ae": _a("vae"),
     "train_data_dir": _a("data"),
     "dataset_config": _a("data"),
     "reg_data_dir": _a("reg_data"),
@@ -369,7 +373,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "loraplus_unet_lr_ratio",
             "loraplus_text_encoder_lr_ratio",
             "base_weights",
-            "vae",
             "in_json",
             "full_fp16",
             "full_bf16",

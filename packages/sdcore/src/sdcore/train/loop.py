@@ -88,11 +88,13 @@ class TrainResult:
 
 
 def load_bundle(options: TrainOptions, plugin_manager: Any = None) -> ModelBundle:
-    """Load ``options.model`` (any source ``load_model`` reads; ``tiny:<family>`` for tests and demos)."""
+    """Load ``options.model`` (any source ``load_model`` reads; ``tiny:<family>`` for tests and demos)
+    with the parts given separately (``--clip-l``, ``--t5xxl``, ``--vae``...: what the file lacks)."""
     from ..models.load import load_model
+    from ..models.parts import given_parts
 
     pm = plugin_manager if hasattr(plugin_manager, "registrations") else None
-    return load_model(options.model, pm=pm)
+    return load_model(options.model, pm=pm, **given_parts(options))
 
 
 class TrainSession:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..builtin.part_options import PART_OPTIONS
 from ..options import option
 
 #: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
@@ -23,6 +24,13 @@ SAVE_DTYPES = ("fp16", "bf16", "fp32")
 DEFAULT_SAVE_LIMIT = 5
 
 
+def _part(name: str) -> Any:
+    """A model-part option (``--clip-l``, ``--t5xxl``/``--t5``, ``--vae``/``--ae``...): the flags and help of
+    :data:`sdcore.builtin.part_options.PART_OPTIONS`, the one table ``generate`` and ``model info/convert`` use."""
+    flags, text = next((flags, text) for flags, field_name, text in PART_OPTIONS if field_name == name)
+    return option(None, text, flag=flags[0], aliases=flags[1:], group="model", metavar="PATH")
+
+
 @dataclass
 class TrainOptions:
     """Options every training method accepts (the runtime owns their meaning)."""
@@ -31,6 +39,12 @@ class TrainOptions:
     model: str = option(
         "", "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:sd1|sd2|sdxl.", group="model"
     )
+    # parts of a model file that lacks them (SD3 without text encoders/VAE, BFL's flux1-dev.safetensors)
+    clip_l: str | None = _part("clip_l")
+    clip_g: str | None = _part("clip_g")
+    t5xxl: str | None = _part("t5xxl")
+    vae: str | None = _part("vae")
+    t5_tokenizer: str | None = _part("t5_tokenizer")
     data: str = option(
         "", "Dataset folder (kohya N_name subfolders or plain images) or a TOML dataset config.", group="data"
     )

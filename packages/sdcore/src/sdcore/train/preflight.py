@@ -7,6 +7,9 @@
 - the model: the path exists and its header is readable, family detected
   (:func:`sdcore.models.layout.read_layout`: a safetensors header, a diffusers folder's configs, a
   cached Hub id, ``tiny:<family>``; no weights are read);
+- the parts given separately (``--clip-l``, ``--clip-g``, ``--t5xxl``, ``--vae``, ``--t5-tokenizer``): each is
+  there, readable and (from its header) that part, the model takes it, and the model file plus the parts
+  make a complete model (:func:`sdcore.models.parts.part_problems`);
 - the output and state folders are writable (a probe file is created and removed; a folder that
   does not exist yet is checked at its nearest existing parent);
 - the dataset has usable images (the runtime's own index and buckets);
@@ -497,6 +500,7 @@ def run_preflight(
 
     o = options
     report = PreflightReport()
+    claimed: str | None = None
     tokenizers = bundle.tokenizers if bundle is not None else None
     report.problems.extend(option_problems(o, method))
 
@@ -511,13 +515,22 @@ def run_preflight(
             report.notes.append(f"model: read by the {claimed!r} format plugin (header not checked)")
         else:
             from ..models.layout import LayoutUnavailableError, read_layout
+            from ..models.parts import given_parts
 
             try:
-                report.layout = read_layout(o.model)
+                report.layout = read_layout(o.model, given_parts(o))
             except LayoutUnavailableError as exc:
                 report.notes.append(f"memory plan unavailable: {exc}")
             except SdcoreError as exc:
                 report.problems.append(str(exc))  # the message load_model gives, in every command
+
+    if o.model and bundle is None and not claimed:
+        # the parts given separately (--clip-l, --t5xxl, --vae...): there, readable, the right kind, and with
+        # the model file a complete model (Flux transformer-only without --t5xxl: one line naming it)
+        from ..models.parts import given_parts, part_problems
+
+        family = report.layout.family if report.layout is not None else None
+        report.problems.extend(part_problems(o.model, given_parts(o), family=family))
 
     if report.layout is not None:
         problems, notes = objective_option_checks(o, report.layout.family)

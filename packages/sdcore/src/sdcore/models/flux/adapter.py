@@ -126,11 +126,18 @@ class FluxAdapter:
 
         return read_flux_single_file(path, **options)
 
-    def read_layout(self, path: Any) -> Any:
-        """Configs of a Flux single file from its header (the pre-flight's memory plan)."""
+    def read_layout(self, path: Any, **parts: Any) -> Any:
+        """Configs of a Flux single file from its header, and of the parts given separately (the pre-flight's
+        memory plan)."""
         from .load import read_flux_layout
 
-        return read_flux_layout(path)
+        return read_flux_layout(path, **parts)
+
+    def part_slots(self, path: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(separate parts a Flux model takes, parts its file or folder lacks), from headers only."""
+        from .load import flux_part_slots
+
+        return flux_part_slots(path)
 
     def save(self, bundle: ModelBundle, path: Any, *, format: str | None = None, dtype: Any = None,
              prune: bool = True, metadata: dict[str, str] | None = None) -> Any:  # fmt: skip

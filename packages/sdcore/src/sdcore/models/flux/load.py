@@ -560,13 +560,69 @@ def read_flux_diffusers(
     return bundle
 
 
+# ----------------------------------------------------------------------------------------------- parts
+
+#: the separate parts a Flux.1 model takes (``load_model`` keywords; ``vae`` is ``--vae``/``--ae``)
+TAKES_PARTS = ("clip_l", "t5xxl", "vae", "t5_tokenizer")
+
+
+def flux_part_slots(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(parts a Flux model takes, parts it lacks) from a single file's header or a folder's
+    ``model_index.json``, by the rules the readers above use (the pre-flight's completeness check)."""
+    from ..t5 import COMFY_T5_PREFIX
+
+    where = Path(path)
+    if where.is_dir():
+        index = json.loads((where / "model_index.json").read_text(encoding="utf-8"))
+        present = {name: bool((index.get(name) or [None])[0]) for name in ("vae", "text_encoder", "text_encoder_2")}
+    else:
+        source = _open(where)
+        try:
+            keys = source.keys
+        finally:
+            source.close()
+        present = {
+            "vae": VAE_PREFIX + _VAE_LDM_PROBE in keys,
+            "text_encoder": bool(clip_prefix(keys)),
+            "text_encoder_2": COMFY_T5_PREFIX + "encoder.final_layer_norm.weight" in keys,
+        }
+    part = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl", "vae": "vae"}
+    return TAKES_PARTS, tuple(part[name] for name in ("text_encoder", "text_encoder_2", "vae") if not present[name])
+
+
 # ----------------------------------------------------------------------------------------------- layout
 
 
-def read_flux_layout(path: str | os.PathLike[str]) -> Any:
+def part_config(name: str, path: Any) -> dict[str, Any] | None:
+    """The config of a Flux part given separately (``clip_l``, ``t5xxl``, ``vae``) from its folder's
+    ``config.json`` or its file's header, by the readers' rules; ``None`` when it cannot be read."""
+    from ..infer import infer_text_encoder
+    from ..parts import part_folder_config, part_header
+    from ..t5 import find_t5_prefix, t5_config_from_shapes
+
+    where = Path(path).expanduser()
+    subfolders = {"clip_l": ("text_encoder",), "t5xxl": ("text_encoder_2",), "vae": ("vae",)}
+    try:
+        if where.is_dir():
+            return part_folder_config(where, subfolders[name])
+        keys, shape = part_header(where)
+        if name == "clip_l":
+            cp = clip_prefix(keys)
+            return None if cp is None else infer_text_encoder(keys, shape, cp, False, "sd1")
+        if name == "t5xxl":
+            found = find_t5_prefix(keys)
+            return None if found is None else t5_config_from_shapes(keys, shape, found)
+        prefix = next((p for p in ("", VAE_PREFIX, "first_stage_model.") if p + _VAE_LDM_PROBE in keys), None)
+        return None if prefix is None else vae_config_from_shapes(keys, shape, prefix)
+    except (SdcoreError, OSError, KeyError, ValueError):
+        return None
+
+
+def read_flux_layout(path: str | os.PathLike[str], **parts: Any) -> Any:
     """The :class:`~sdcore.models.layout.ModelLayout` of a Flux single file from its header alone
-    (the pre-flight's memory plan). Parts the file lacks are planned at the released sizes (CLIP-L,
-    T5-XXL, the Flux VAE), with a note: they come from ``clip_l=``/``t5xxl=``/``ae=`` at load time."""
+    (the pre-flight's memory plan). Parts the file lacks come from the ``parts`` given separately
+    (``clip_l=``, ``t5xxl=``, ``vae=``/``ae=``: their headers or configs), or are planned at the released
+    sizes (CLIP-L, T5-XXL, the Flux VAE), with a note."""
     from ..layout import ModelLayout, _bytes_per_weight
     from ..load import bundled_config
     from ..source import read_safetensors_header
@@ -612,6 +668,10 @@ def read_flux_layout(path: str | os.PathLike[str]) -> Any:
 
     # the pre-flight reads this before loading: FLUX.1 Fill/Depth/Canny stop here, not at the first step
     refuse(TOOL_INPUTS.get(width, f"in{width}") if width != 64 else variant, str(file), "train")
+    given = {**parts, "vae": parts.get("vae") or parts.get("ae")}
+    vae = vae or (part_config("vae", given["vae"]) if given["vae"] else None)
+    clip = clip or (part_config("clip_l", given["clip_l"]) if given.get("clip_l") else None)
+    t5 = t5 or (part_config("t5xxl", given["t5xxl"]) if given.get("t5xxl") else None)
     missing = [name for name, cfg in (("vae", vae), ("clip_l", clip), ("t5xxl", t5)) if cfg is None]
     if missing:
         notes.append(f"not in the file, planned at the released sizes: {', '.join(missing)}")

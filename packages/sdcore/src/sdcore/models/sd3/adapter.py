@@ -73,16 +73,39 @@ class Sd3Adapter:
 
         return create_tiny_sd3(seed=seed, variant=variant)
 
-    def read_layout(self, path: str | os.PathLike[str]) -> Any:
-        """The :class:`~sdcore.models.layout.ModelLayout` of an SD3 single file from its header; a file
-        without its text encoders or VAE has no complete layout (they come as separate parts)."""
+    def read_layout(self, path: str | os.PathLike[str], **parts: Any) -> Any:
+        """The :class:`~sdcore.models.layout.ModelLayout` of an SD3 single file from its header; what the file
+        lacks comes from the ``parts`` given separately (``clip_l=``, ``vae=``... files or folders, their
+        headers and configs); without them there is no complete layout."""
         from ..layout import LayoutUnavailableError, ModelLayout
-        from .load import sd3_file_configs
+        from .load import ENCODER_SLOTS, part_config, sd3_file_configs
 
         configs, missing, per_weight = sd3_file_configs(path)
-        if missing:
-            raise LayoutUnavailableError(f"{path}: {', '.join(missing)} not in the file (given separately)")
+        slots = {name: index for index, (name, _kind, _prefix) in enumerate(ENCODER_SLOTS)}
+        lacking = []
+        for name in missing:
+            config = part_config(name, parts[name]) if parts.get(name) is not None else None
+            if config is None:
+                lacking.append(name)
+            elif name == "vae":
+                configs["vae"] = config
+            else:
+                configs["text_encoders"][slots[name]] = config
+        if lacking:
+            raise LayoutUnavailableError(f"{path}: {', '.join(lacking)} not in the file (given separately)")
         return ModelLayout(str(path), "sd3", "flow_matching", configs, "single-file", per_weight)
+
+    def part_slots(self, path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(separate parts an SD3 single file takes, parts its header shows it lacks); a diffusers folder has
+        its parts and takes none (as :func:`~.load.read_sd3_diffusers`)."""
+        from pathlib import Path
+
+        from .load import PART_OPTIONS, sd3_file_configs
+
+        if Path(path).is_dir():
+            return (), ()
+        _configs, missing, _per_weight = sd3_file_configs(path)
+        return PART_OPTIONS, tuple(missing)
 
     def save(
         self, bundle: ModelBundle, path: str | os.PathLike[str], *, format: str = "single-file", **options: Any

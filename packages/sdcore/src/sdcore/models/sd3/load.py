@@ -369,6 +369,12 @@ def read_sd3_single_file(
 
         if vae is not None:
             vae_module = _vae_from_path(vae, target)
+            channels = int(vae_module.config.latent_channels)
+            if channels != SD3.latent.channels:
+                raise ModelFormatError(
+                    f"{vae}: a VAE with {channels} latent channels (SD1/SDXL's have 4); SD3 needs its "
+                    f"{SD3.latent.channels}-channel VAE"
+                )
         elif configs["vae"] is not None:
             vae_module = _vae_from_source(source, configs["vae"], target)
         else:
@@ -532,6 +538,40 @@ def read_sd3_diffusers(
     if device is not None:
         bundle.to(device=device)
     return bundle
+
+
+#: where a model folder given as a part keeps it
+_PART_SUBFOLDERS = {"clip_l": ("text_encoder",), "clip_g": ("text_encoder_2",), "t5xxl": ("text_encoder_3",),
+                    "vae": ("vae",)}  # fmt: skip
+
+
+def part_config(name: str, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The config of an SD3 part given separately (``clip_l``, ``clip_g``, ``t5xxl``, ``vae``) from its folder's
+    ``config.json`` or its file's header, by the rules the readers above use; ``None`` when it cannot be read
+    (the pre-flight's part check says why)."""
+    from ..parts import part_folder_config, part_header
+    from ..t5 import find_t5_prefix, t5_config_from_shapes
+
+    where = Path(path).expanduser()
+    classes = {"clip_l": "CLIPTextModelWithProjection", "clip_g": "CLIPTextModelWithProjection",
+               "t5xxl": "T5EncoderModel"}  # fmt: skip
+    try:
+        if where.is_dir():
+            config = part_folder_config(where, _PART_SUBFOLDERS[name])
+            return None if config is None else {**config, **({"_class_name": classes[name]} if name in classes else {})}
+        keys, shape = part_header(where)
+        if name == "vae":
+            prefix = _find_prefix(keys, "encoder.conv_in.weight")
+            return None if prefix is None else infer_vae_config(keys, shape, prefix)
+        if name == "t5xxl":
+            found = find_t5_prefix(keys)
+            return (
+                None if found is None else {**t5_config_from_shapes(keys, shape, found), "_class_name": classes[name]}
+            )
+        prefix = _find_prefix(keys, "text_model.final_layer_norm.weight")
+        return None if prefix is None else infer_clip_config(keys, shape, prefix, name.replace("_", "-"))
+    except (SdcoreError, OSError, KeyError, ValueError):
+        return None
 
 
 def sd3_file_configs(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str], float]:

@@ -1,0 +1,178 @@
+"""Separate model parts checked from headers (:mod:`sdcore.models.parts`): each part file is there and is
+that part, the model takes it, and the model file plus the parts make a complete model."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _save(tensors, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """tiny Flux dev: its diffusers folder, BFL's transformer file, and CLIP-L / T5 / AE files."""
+    from sdcore.models.flux.save import flux_state
+    from sdcore.models.load import load_model
+
+    root = tmp_path_factory.mktemp("flux")
+    bundle = load_model("tiny:flux")
+    state = flux_state(bundle, "comfy")
+
+    def part(prefix, name):
+        return _save({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, root / name)
+
+    return {
+        "folder": bundle.save(root / "folder", format="diffusers"),
+        "comfy": _save(state, root / "comfy.safetensors"),
+        "model": part("model.diffusion_model.", "flux1-dev.safetensors"),
+        "clip_l": part("text_encoders.clip_l.transformer.", "clip_l.safetensors"),
+        "t5xxl": part("text_encoders.t5xxl.transformer.", "t5xxl_fp16.safetensors"),
+        "ae": part("vae.", "ae.safetensors"),
+    }
+
+
+def test_given_parts_from_options_or_a_mapping():
+    from sdcore.models.parts import given_parts
+    from sdcore.train.options import TrainOptions
+
+    options = TrainOptions(model="m", clip_l="a", t5xxl="", vae="c")
+    assert given_parts(options) == {"clip_l": "a", "vae": "c"}
+    assert given_parts({"t5_tokenizer": "tok", "clip_g": None, "other": 1}) == {"t5_tokenizer": "tok"}
+
+
+def test_part_files_there_readable_and_of_their_kind(flux, tmp_path):
+    from sdcore.models.parts import part_file_problems
+
+    assert part_file_problems({"clip_l": flux["clip_l"], "t5xxl": flux["t5xxl"], "vae": flux["ae"]}) == []
+    assert part_file_problems({"clip_l": flux["folder"] / "text_encoder", "vae": flux["folder"]}) == []
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    problems = part_file_problems({
+        "clip_l": tmp_path / "missing.safetensors",  # not there
+        "t5xxl": flux["clip_l"],  # a CLIP file given as T5
+        "vae": garbage,  # unreadable header
+        "t5_tokenizer": flux["t5xxl"],  # a file where the tokenizer's folder is asked for
+    })  # fmt: skip
+    assert (
+        problems[0] == f"--clip-l {tmp_path / 'missing.safetensors'}: no such file or folder (the CLIP-L text encoder)"
+    )
+    assert problems[1].startswith(f"--t5xxl {flux['clip_l']}: not a T5-XXL text encoder file (no tensor named like")
+    assert problems[2].startswith(f"--vae {garbage}: ") and "safetensors" in problems[2]
+    assert (
+        problems[3]
+        == f"--t5-tokenizer {flux['t5xxl']}: give the tokenizer's folder (with tokenizer.json or spiece.model)"
+    )
+    assert len(problems) == 4
+
+
+def test_flux_slots_from_the_header_and_the_folder(flux):
+    from sdcore.models.flux.load import TAKES_PARTS, flux_part_slots
+
+    assert flux_part_slots(flux["model"]) == (TAKES_PARTS, ("clip_l", "t5xxl", "vae"))
+    assert flux_part_slots(flux["comfy"]) == (TAKES_PARTS, ())
+    assert flux_part_slots(flux["folder"]) == (TAKES_PARTS, ())
+
+
+def test_model_plus_parts_complete_or_one_line_naming_what_is_missing(flux, tmp_path):
+    from sdcore.models.load import load_model
+    from sdcore.models.parts import part_problems
+
+    model = str(flux["model"])
+    complete = {"clip_l": flux["clip_l"], "t5xxl": flux["t5xxl"], "vae": flux["ae"]}
+    assert part_problems(model, complete) == []
+    assert part_problems(model, {k: v for k, v in complete.items() if k != "t5xxl"}) == [
+        f"{model} has no T5-XXL text encoder: pass --t5xxl <file or folder>"
+    ]
+    assert part_problems(str(flux["comfy"]), {}) == []  # ComfyUI's all-in-one file has every part
+    assert part_problems(str(flux["folder"]), {"vae": flux["ae"]}) == []  # a Flux folder takes replacements
+    # a family without separate parts (SD1 here), an SD3 diffusers folder, and a built-in tiny model
+    sd1 = load_model("tiny:sd1").save(tmp_path / "sd1.safetensors")
+    assert part_problems(str(sd1), {"clip_l": flux["clip_l"], "vae": flux["ae"]}) == [
+        f"--clip-l: not a part of this Stable Diffusion 1.x (sd1) file {sd1} (it takes --vae)",
+        f"--vae {flux['ae']}: a VAE with 16 latent channels; Stable Diffusion 1.x needs its 4-channel VAE",
+    ]
+    sd3 = load_model("tiny:sd3").save(tmp_path / "sd3", format="diffusers")
+    problems = part_problems(str(sd3), {"clip_l": flux["clip_l"]})
+    assert problems == [f"--clip-l: not a part of this Stable Diffusion 3 / 3.5 (sd3) diffusers folder {sd3} "
+                        "(it takes no separate parts)"]  # fmt: skip
+    assert part_problems("tiny:flux", {"t5xxl": flux["t5xxl"]}) == [
+        "--t5xxl: separate parts apply to model files and folders, not tiny:flux"
+    ]
+    assert part_problems(str(tmp_path / "nowhere.safetensors"), {}) == []  # the model check's own line
+
+
+def test_a_vae_of_other_latent_channels_is_refused_from_its_header_and_at_load(flux, tmp_path):
+    """An SD1/SDXL VAE (4 latent channels) for a 16-channel family: the pre-flight says so from the header
+    or config, and SD3's reader refuses it before the transformer would fail on the shapes."""
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.load import load_model
+    from sdcore.models.parts import part_problems, vae_latent_channels
+    from sdcore.models.sd3.load import read_sd3_single_file
+
+    sd1_vae = tmp_path / "sd1-vae"
+    load_model("tiny:sd1").vae.save_pretrained(sd1_vae)
+    assert (vae_latent_channels(flux["ae"]), vae_latent_channels(flux["folder"])) == (16, 16)
+    assert vae_latent_channels(sd1_vae) == 4
+    complete = {"clip_l": flux["clip_l"], "t5xxl": flux["t5xxl"]}
+    assert part_problems(str(flux["model"]), {**complete, "vae": sd1_vae}) == [
+        f"--vae {sd1_vae}: a VAE with 4 latent channels; FLUX.1 needs its 16-channel VAE"
+    ]
+    from safetensors.torch import load_file, save_file
+
+    sd3 = load_model("tiny:sd3")
+    full = load_file(str(sd3.save(tmp_path / "sd3.safetensors")))
+    bare = tmp_path / "sd3-no-vae.safetensors"
+    save_file({k: v for k, v in full.items() if not k.startswith("first_stage_model.")}, str(bare))
+    with pytest.raises(ModelFormatError, match="a VAE with 4 latent channels"):
+        read_sd3_single_file(bare, vae=sd1_vae)
+    sd3.vae.save_pretrained(tmp_path / "sd3-vae")
+    assert read_sd3_single_file(bare, vae=tmp_path / "sd3-vae").vae.config.latent_channels == 16
+
+
+def _parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_layout_of_a_file_plus_parts_counts_the_models_parameters(flux, tmp_path):
+    """The pre-flight's memory plan of a file that lacks parts sizes the parts given (their headers or
+    configs), not the released sizes: its meta-device model counts what the plan of the loaded model counts."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.layout import LayoutUnavailableError, layout_of_bundle, meta_bundle, read_layout
+    from sdcore.models.load import load_model
+
+    parts = {"clip_l": str(flux["clip_l"]), "t5xxl": str(flux["t5xxl"]), "vae": str(flux["ae"])}
+    alone = read_layout(flux["model"])
+    assert any("released sizes" in note for note in alone.notes)
+    layout = read_layout(flux["model"], parts)
+    assert not layout.notes
+    loaded = meta_bundle(layout_of_bundle(load_model(str(flux["model"]), **parts)))
+    planned = meta_bundle(layout)
+    for name, module in loaded.components().items():
+        if hasattr(module, "parameters"):
+            assert _parameters(planned.components()[name]) == _parameters(module), name
+
+    sd3 = load_model("tiny:sd3")
+    full = load_file(str(sd3.save(tmp_path / "sd3.safetensors")))
+    bare = tmp_path / "sd3-mmdit.safetensors"
+    save_file({k: v for k, v in full.items() if k.startswith("model.diffusion_model.")}, str(bare))
+    for name, module in zip(("clip_l", "clip_g", "t5"), sd3.text_encoders, strict=True):
+        module.save_pretrained(tmp_path / name)
+    save_file({k[len("first_stage_model.") :]: v for k, v in full.items() if k.startswith("first_stage_model.")},
+              str(tmp_path / "vae.safetensors"))  # fmt: skip
+    sd3_parts = {"clip_l": str(tmp_path / "clip_l"), "clip_g": str(tmp_path / "clip_g"),
+                 "t5xxl": str(tmp_path / "t5"), "vae": str(tmp_path / "vae.safetensors")}  # fmt: skip
+    with pytest.raises(LayoutUnavailableError, match="vae, clip_l, clip_g, t5xxl not in the file"):
+        read_layout(bare)
+    with pytest.raises(LayoutUnavailableError, match=r"^[^:]*: t5xxl not in the file"):
+        read_layout(bare, {k: v for k, v in sd3_parts.items() if k != "t5xxl"})
+    planned = meta_bundle(read_layout(bare, sd3_parts))
+    for name, module in meta_bundle(layout_of_bundle(sd3)).components().items():
+        if hasattr(module, "parameters"):
+            assert _parameters(planned.components()[name]) == _parameters(module), name

@@ -325,3 +325,25 @@ def test_every_file_format_keeps_the_t5_part(suffix, tmp_path):
     assert list(loaded.vectors) == [CLIP_L, T5]
     assert all(torch.equal(loaded.vectors[k], emb.vectors[k]) for k in emb.vectors)
     assert "(FLUX.1)" in loaded.describe()
+
+
+def _comfy_lookup(data: dict, embedding_key: str):
+    """ComfyUI's rule for a multi-key embedding file, rewritten from its tokenizers: each encoder's
+    tokenizer takes the tensor under its own ``embedding_key`` (``clip_l``, ``clip_g``, ``t5xxl``)."""
+    return data.get(embedding_key)
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "bin"])
+def test_the_t5_part_is_also_under_comfyuis_key(suffix, tmp_path):
+    emb = Embedding("mychar", {CLIP_L: _vectors(2, 768, 0), T5: _vectors(2, 4096, 1)})
+    path = save_embedding(emb, tmp_path / f"mychar.{suffix}")
+    if suffix == "safetensors":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+    else:
+        data = torch.load(path, weights_only=True)
+    assert set(data) == {CLIP_L, T5, "t5xxl"}  # OneTrainer's t5 and ComfyUI's t5xxl
+    assert torch.equal(_comfy_lookup(data, "t5xxl"), emb.vectors[T5])
+    assert torch.equal(_comfy_lookup(data, "clip_l"), emb.vectors[CLIP_L])
+    assert list(load_embedding(path).vectors) == [CLIP_L, T5]  # read back once

@@ -186,6 +186,15 @@ def _header(emb: Embedding) -> dict[str, str]:
     return meta
 
 
+def _per_encoder(emb: Embedding) -> dict[str, Any]:
+    """One key per encoder; a T5 part also under ComfyUI's ``t5xxl`` (its T5 tokenizer looks the vectors
+    up by that key), so one file loads its T5 part in OneTrainer (``t5``) and ComfyUI alike."""
+    tensors = {k: _clean(t) for k, t in emb.vectors.items()}
+    if T5 in tensors:
+        tensors[T5_ALIASES[0]] = tensors[T5].clone()  # safetensors refuses two keys sharing memory
+    return tensors
+
+
 def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = None, preview: Any = None) -> Path:
     """Write ``emb`` atomically; ``format`` (pt, safetensors, bin, png) defaults from the suffix.
 
@@ -208,17 +217,11 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
-        tensors = (
-            {k: _clean(t) for k, t in emb.vectors.items()}
-            if emb.is_sdxl
-            else {"emb_params": _clean(emb.vectors[SINGLE])}
-        )
+        tensors = _per_encoder(emb) if emb.is_sdxl else {"emb_params": _clean(emb.vectors[SINGLE])}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=_header(emb))
     elif fmt == "bin":
-        tensors = (
-            {k: _clean(t) for k, t in emb.vectors.items()} if emb.is_sdxl else {emb.name: _clean(emb.vectors[SINGLE])}
-        )
+        tensors = _per_encoder(emb) if emb.is_sdxl else {emb.name: _clean(emb.vectors[SINGLE])}
         with atomic_path(path) as tmp:
             torch.save(tensors, tmp)
     else:

@@ -312,3 +312,24 @@ def test_true_cfg_scale_is_refused_where_cfg_is_real(family, tiny_model):
 
     with pytest.raises(ConfigError, match=r"--true-cfg-scale is for guidance-distilled models \(Flux\.1\)"):
         generate_images(tiny_model(family), ["a cat"], steps=1, true_cfg_scale=2.0)
+
+
+def test_cli_default_guidance_is_the_familys(tmp_path):
+    """Without --cfg, FLUX.1 gets its reference embedded guidance 3.5 (Forge's Distilled CFG default), SD 7."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    cli = build_cli(get_plugin_manager())
+    for model, size in (("tiny:flux", "32"), ("tiny:sd1", "64")):
+        out = tmp_path / f"{model.split(':')[1]}.png"
+        result = CliRunner().invoke(cli, ["generate", "--model", model, "a ring", "--steps", "1", "--size", size,
+                                          "--models-dir", str(tmp_path), "-o", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        params = read_png_parameters(out)
+        assert params is not None
+        if model == "tiny:flux":
+            assert params.extra.get("Distilled CFG Scale") == "3.5" and params.cfg == 1.0
+        else:
+            assert params.cfg == 7.0 and "Distilled CFG Scale" not in params.extra

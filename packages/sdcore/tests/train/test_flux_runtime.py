@@ -45,3 +45,24 @@ def test_flux_options_reach_the_encoder_and_the_transformer(tmp_path):
     before = s.fixed_loss()
     s.options.guidance_scale = 3.5
     assert s.fixed_loss() != before
+
+
+def test_kohya_flux_sample_prompts_render_with_g_l_and_n_as_kohya_means_them(tmp_path):
+    """A kohya FLUX.1 prompt file (--n without --l is common) renders instead of stopping the run: --g is
+    the embedded guidance, --l the true CFG a negative needs; the infotext says both as Forge does."""
+    import json
+
+    from PIL import Image
+    from sdcore.generate.pnginfo import parse_parameters
+    from sdcore.train.sample_info import ALL_PARAMETERS_KEY
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a ring --n blurry --g 4 --d 1\na ring --n blurry --l 2.5 --d 1\n", encoding="utf-8")
+    options = {"max_steps": 1, "save_state": False, "sample_prompts": str(prompts), "sample_steps": 2}
+    o = contract_options(ProjOutMethod, tmp_path, options, family="flux")
+    TrainSession(ProjOutMethod(o), bundle=None).run()
+    grid = next((tmp_path / o.output).parent.glob("*-samples/*.png"))
+    texts = [parse_parameters(text) for text in json.loads(Image.open(grid).text[ALL_PARAMETERS_KEY])]
+    assert [t.negative_prompt for t in texts] == ["", "blurry"]  # kohya drops --n without --l above 1
+    assert [t.cfg for t in texts] == [1.0, 2.5]  # "CFG scale": the true CFG
+    assert [t.extra.get("Distilled CFG Scale") for t in texts] == ["4", "3.5"]  # --g, else FLUX.1's 3.5

@@ -379,7 +379,7 @@ def test_kohya_sample_prompt_options_reach_the_sampler_not_the_prompt(tmp_path, 
         "euler",
     )
     kw = blue[0][1]
-    assert (kw["steps"], kw["seed"], kw["sampler"], "cfg" in kw) == (3, o.seed + 1, "euler_a", False)
+    assert (kw["steps"], kw["seed"], kw["sampler"], kw["cfg"]) == (3, o.seed + 1, "euler_a", 7.0)  # the family default
     folder = tmp_path / "run" / "result-samples"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch000001.png", "epoch000002.png", "final.png"]
 

@@ -123,3 +123,23 @@ def test_generation_arguments_line_options_win_over_method_extras_and_defaults()
         512,
     )
     assert generation_arguments([SamplePrompt("a"), SamplePrompt("b")], defaults, {})["negative_prompt"] == ["", ""]
+
+
+def test_flux_lines_g_is_the_embedded_guidance_l_the_true_cfg_a_negative_needs():
+    """kohya's FLUX.1 samples (since July 2025): --g embedded guidance, --l true CFG; --n only with --l > 1."""
+    from sdcore.train.sample_prompts import dropped_negatives, generation_arguments
+
+    plain, cfg = parse_prompt_line("a ring --n blurry --g 4"), parse_prompt_line("a ring --n blurry --l 2.5 --g 2")
+    assert (plain.guidance, plain.cfg, plain.negative) == (4.0, None, "blurry")
+    defaults = {"steps": 4, "width": 64, "height": 64, "sampler": "euler", "cfg": 3.5}
+    flux = generation_arguments([plain], defaults, {}, distilled=True)
+    assert flux["cfg"] == 4.0 and flux["negative_prompt"] == [""] and flux.get("true_cfg_scale", 1.0) == 1.0
+    flux = generation_arguments([cfg], defaults, {}, distilled=True)
+    assert flux["cfg"] == 2.0 and flux["true_cfg_scale"] == 2.5 and flux["negative_prompt"] == ["blurry"]
+    assert generation_arguments([parse_prompt_line("a ring")], defaults, {}, distilled=True)["cfg"] == 3.5
+    assert dropped_negatives([plain, cfg, parse_prompt_line("a ring")]) == 1
+    # SD families: --l is CFG, --g has no meaning (warned about when rendering), negatives always count
+    sd = generation_arguments([cfg], {**defaults, "cfg": 7.0}, {})
+    assert sd["cfg"] == 2.5 and sd["negative_prompt"] == ["blurry"] and "true_cfg_scale" not in sd
+    toml_entry = parse_prompt_file('[[prompt.subset]]\nprompt = "x"\nguidance_scale = 2.5\n', ".toml", "t")[0]
+    assert toml_entry.guidance == 2.5

@@ -69,7 +69,12 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
-@click.option("--cfg", default=7.0, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option(
+    "--cfg",
+    default=None,
+    type=float,
+    help="Classifier-free guidance scale (default 7; FLUX.1: its embedded guidance, default 3.5).",
+)
 @click.option(
     "--true-cfg-scale",
     default=1.0,
@@ -223,7 +228,7 @@ def _run_generate(params: dict[str, Any]) -> None:
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
     if bundle.device != device or bundle.denoiser.dtype != dtype:
         bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)
-    from ..models.family import family_adapter
+    from ..models.family import default_cfg, family_adapter
 
     adapter = family_adapter(bundle.family_spec)
     if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
@@ -231,6 +236,8 @@ def _run_generate(params: dict[str, Any]) -> None:
     # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
     # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
     distilled = bool(getattr(adapter, "distilled_guidance", False))
+    if params["cfg"] is None:
+        params["cfg"] = default_cfg(adapter)
 
     width, height = params["size"] or (None, None)
     infos: list[dict[str, str]] = []

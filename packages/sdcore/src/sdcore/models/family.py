@@ -280,6 +280,16 @@ def get_family(name: str | ModelFamily, pm: SdPluginManager | None = None) -> Mo
     raise ConfigError(f"unknown model family {name!r}; known families: {', '.join(family_names(pm))}")
 
 
+#: the guidance scale generation uses when none is given, unless the family's adapter declares
+#: ``default_cfg`` (FLUX.1 dev: its embedded guidance, 3.5 in Forge, ComfyUI and kohya's samples)
+DEFAULT_CFG = 7.0
+
+
+def default_cfg(adapter: Any) -> float:
+    """The adapter's ``default_cfg``, else :data:`DEFAULT_CFG`."""
+    return float(getattr(adapter, "default_cfg", DEFAULT_CFG))
+
+
 def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None) -> FamilyAdapter:
     """The family's adapter: its import string resolved (a class is instantiated without arguments)."""
     spec = get_family(family, pm)

@@ -24,12 +24,16 @@ def sample_infotexts(
     defaults: dict[str, Any],
     images: list[Any],
     extra: dict[str, Any],
+    *,
+    distilled: bool = False,
 ) -> list[str]:
     """One infotext per rendered image, from the generation ``calls`` that rendered them
     (:func:`~sdcore.train.sample_prompts.generation_calls`) with the same arguments the renderer
     used (:func:`~sdcore.train.sample_prompts.generation_arguments`: a prompt line's own options,
     the method's sampling extras, the run's ``defaults``): prompt, negative prompt, steps, sampler,
-    CFG, seed (A1111's ``seed + i`` batch rule), size, model name, clip skip, training step."""
+    CFG, seed (A1111's ``seed + i`` batch rule), size, model name, clip skip, training step. On a
+    guidance-distilled family (``distilled``, FLUX.1) "CFG scale" is the true CFG and the guidance is
+    "Distilled CFG Scale", as ``sdcore generate`` and Forge write them."""
     from .. import __version__
     from ..generate.pnginfo import format_parameters
     from .sample_prompts import generation_arguments
@@ -43,7 +47,7 @@ def sample_infotexts(
     model_name = model if model.startswith("tiny:") else Path(model).stem
     per_image: list[tuple[str, str, int, dict[str, Any]]] = []
     for group, first_seed in calls:
-        arguments = generation_arguments(group, defaults, extra)
+        arguments = generation_arguments(group, defaults, extra, distilled=distilled)
         negatives = arguments.get("negative_prompt", "")
         for index, prompt in enumerate(group):
             negative = negatives if isinstance(negatives, str) else negatives[index]
@@ -53,6 +57,8 @@ def sample_infotexts(
         fields: dict[str, Any] = {}
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
+        if distilled:
+            fields["Distilled CFG Scale"] = float(arguments.get("cfg", 7.0))
         fields["Training step"] = step
         fields["Version"] = f"sdcore {__version__}"
         texts.append(
@@ -61,7 +67,7 @@ def sample_infotexts(
                 negative,
                 arguments["steps"],
                 str(arguments["sampler"]),
-                float(arguments.get("cfg", 7.0)),
+                float(arguments.get("true_cfg_scale", 1.0) if distilled else arguments.get("cfg", 7.0)),
                 seed,
                 image.size,
                 None,

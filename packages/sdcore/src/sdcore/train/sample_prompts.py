@@ -6,11 +6,14 @@ One prompt per line; ``#`` starts a comment line; options follow the prompt afte
 
 ``--n`` negative prompt, ``--w``/``--h`` size, ``--s`` sampler steps, ``--d`` seed, ``--l`` CFG scale,
 ``--ss`` sampler (kohya's names: ``ddim``, ``euler_a``, ``k_euler``, ``dpmsolver++`` ... or sdcore's).
+On a guidance-distilled family (FLUX.1) they mean what kohya's FLUX.1 samples mean since July 2025:
+``--g`` the embedded guidance (default 3.5) and ``--l`` the true CFG scale, which a negative prompt
+needs: a line's ``--n`` without ``--l`` above 1 is rendered without its negative (kohya ignores it too).
 Like kohya, the file may also be JSON (a list of objects) or TOML (``[prompt]`` defaults plus
 ``[[prompt.subset]]`` entries) with the keys ``prompt``, ``negative_prompt``, ``width``,
-``height``, ``sample_steps``, ``seed``, ``scale``, ``sample_sampler``. Options kohya knows for
-other model families (``--cn``, ``--g``, ...) are not part of the prompt either: they are
-reported in :attr:`SamplePrompt.ignored`.
+``height``, ``sample_steps``, ``seed``, ``scale``, ``guidance_scale``, ``sample_sampler``. Options
+kohya knows for other features (``--cn``, ...) are not part of the prompt either: they are reported in
+:attr:`SamplePrompt.ignored`; ``--g`` on a family without embedded guidance is warned about when rendering.
 
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
 """
@@ -28,7 +31,7 @@ from ..errors import ConfigError
 #: kohya's sampler names that sdcore's sampler normaliser does not know by itself
 KOHYA_SAMPLERS = {"dpmsolver++": "dpm++2m", "k_dpm_2_a": "", "k_dpm_2": "", "dpm_2": "", "dpm_2_a": ""}
 
-_OPTION = re.compile(r"^(ss|n|w|h|s|d|l)\s+(.*)$", re.IGNORECASE | re.DOTALL)
+_OPTION = re.compile(r"^(ss|n|w|h|s|d|l|g)\s+(.*)$", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,13 @@ class SamplePrompt:
     seed: int | None = None
     cfg: float | None = None
     sampler: str | None = None
+    #: ``--g``: the embedded guidance of a guidance-distilled family (FLUX.1); ``cfg`` is then true CFG
+    guidance: float | None = None
     ignored: tuple[str, ...] = field(default=())
 
     def settings(self) -> tuple[Any, ...]:
         """What must be equal for two prompts to share one generation call (the seed is separate)."""
-        return (self.width, self.height, self.steps, self.cfg, self.sampler)
+        return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance)
 
 
 def sampler_name(name: str) -> str:
@@ -90,6 +95,8 @@ def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
         elif option in ("w", "h", "s", "d"):
             name = {"w": "width", "h": "height", "s": "steps", "d": "seed"}[option]
             values[name] = _number(int, text, option, where)
+        elif option == "g":
+            values["guidance"] = _number(float, text, option, where)
         else:
             values["cfg"] = _number(float, text, option, where)
     if not values["prompt"]:
@@ -105,6 +112,7 @@ _DICT_KEYS = {
     "sample_steps": "steps",
     "seed": "seed",
     "scale": "cfg",
+    "guidance_scale": "guidance",
     "sample_sampler": "sampler",
 }
 
@@ -124,6 +132,8 @@ def _from_dict(entry: Any, where: str) -> SamplePrompt:
             values[name] = _number(int, str(values[name]), name, where)
     if "cfg" in values:
         values["cfg"] = _number(float, str(values["cfg"]), "scale", where)
+    if "guidance" in values:
+        values["guidance"] = _number(float, str(values["guidance"]), "guidance_scale", where)
     if "sampler" in values:
         values["sampler"] = sampler_name(str(values["sampler"]))
     if "negative" in values:
@@ -198,23 +208,43 @@ def generation_calls(prompts: list[SamplePrompt], seed: int) -> list[tuple[list[
     return calls
 
 
-def generation_arguments(group: list[SamplePrompt], defaults: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def generation_arguments(
+    group: list[SamplePrompt], defaults: dict[str, Any], extra: dict[str, Any], *, distilled: bool = False
+) -> dict[str, Any]:
     """Keyword arguments of ``generate_images`` for one call: the line's options, else the method's
     sampling extras (``extra``: e.g. APT's negative embedding and CFG), else the run's ``defaults``
-    (``steps``, ``width``, ``height``, ``sampler``)."""
+    (``steps``, ``width``, ``height``, ``sampler``, ``cfg``). ``distilled``: the family's ``cfg`` is an
+    embedded guidance (FLUX.1): ``--g`` sets it, ``--l`` is the true CFG scale, and negatives count only
+    with ``--l`` above 1 (:func:`dropped_negatives`)."""
     first = group[0]
     arguments = {**defaults, **extra}
-    for name in ("steps", "width", "height", "sampler", "cfg"):
+    for name in ("steps", "width", "height", "sampler"):
         value = getattr(first, name)
         if value is not None:
             arguments[name] = value
-    if any(p.negative for p in group) or "negative_prompt" not in arguments:
-        arguments["negative_prompt"] = [p.negative for p in group]
+    negatives = [p.negative for p in group]
+    if distilled:
+        if first.guidance is not None:
+            arguments["cfg"] = first.guidance
+        if first.cfg is not None:
+            arguments["true_cfg_scale"] = first.cfg
+        if float(arguments.get("true_cfg_scale", 1.0)) <= 1.0:
+            negatives = ["" for _ in group]
+    elif first.cfg is not None:
+        arguments["cfg"] = first.cfg
+    if any(negatives) or "negative_prompt" not in arguments:
+        arguments["negative_prompt"] = negatives
     return arguments
+
+
+def dropped_negatives(prompts: list[SamplePrompt]) -> int:
+    """How many lines' ``--n`` a guidance-distilled family renders without (no ``--l`` above 1)."""
+    return sum(1 for p in prompts if p.negative and (p.cfg is None or p.cfg <= 1.0))
 
 
 __all__ = [
     "SamplePrompt",
+    "dropped_negatives",
     "generation_arguments",
     "generation_calls",
     "parse_prompt_file",

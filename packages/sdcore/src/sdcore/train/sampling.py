@@ -52,12 +52,24 @@ def render_samples(
         return None
     import torch
 
+    from ..models.family import default_cfg, family_adapter
     from .sample_info import sample_infotexts
-    from .sample_prompts import generation_arguments, generation_calls
+    from .sample_prompts import dropped_negatives, generation_arguments, generation_calls
 
     prompts = sample_prompt_list(options)
     if not prompts:
         return None
+    adapter = family_adapter(bundle.family_spec)
+    distilled = bool(getattr(adapter, "distilled_guidance", False))
+    if distilled and dropped_negatives(prompts):
+        log.warning(
+            "sample prompts: %d line(s) have --n without --l above 1; on %s a negative prompt needs true CFG "
+            "(--l, kohya's meaning), so they render without it",
+            dropped_negatives(prompts),
+            bundle.family_spec.label,
+        )
+    elif not distilled and any(p.guidance is not None for p in prompts):
+        log.warning("sample prompts: --g is the embedded guidance of FLUX.1; %s has none", bundle.family_spec.label)
     say(f"rendering {len(prompts)} sample image(s), {options.sample_steps} steps each ...")
     moved = []
     for module in [bundle.vae, *bundle.text_encoders]:
@@ -65,7 +77,13 @@ def render_samples(
             module.to(device)
             moved.append(module)
     o = options
-    defaults = {"steps": o.sample_steps, "width": o.resolution, "height": o.resolution, "sampler": o.sample_sampler}
+    defaults = {
+        "steps": o.sample_steps,
+        "width": o.resolution,
+        "height": o.resolution,
+        "sampler": o.sample_sampler,
+        "cfg": default_cfg(adapter),
+    }
     images: list[Any] = []
     calls = generation_calls(prompts, options.seed)
     extra: dict[str, Any] = {}
@@ -73,7 +91,7 @@ def render_samples(
         with torch.no_grad(), method.sampling(bundle) as extra:
             for group, seed in calls:
                 # a line's own options win over the method's extras (APT's negative embedding, CFG)
-                arguments = generation_arguments(group, defaults, extra)
+                arguments = generation_arguments(group, defaults, extra, distilled=distilled)
                 images += generate_images(
                     bundle, [p.prompt for p in group], seed=seed, clip_skip=options.clip_skip, **arguments
                 )
@@ -81,7 +99,7 @@ def render_samples(
         for module in moved:
             module.to("cpu")
     path = folder / f"{tag}.png"
-    write_grid(images, path, sample_infotexts(options, step, calls, defaults, images, extra))
+    write_grid(images, path, sample_infotexts(options, step, calls, defaults, images, extra, distilled=distilled))
     return path
 
 

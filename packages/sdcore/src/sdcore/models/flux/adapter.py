@@ -96,6 +96,9 @@ class FluxAdapter:
     #: ``cfg`` is the guidance dev embeds, not CFG: the PNG's parameters write it as Forge's "Distilled CFG
     #: Scale" and ``--true-cfg-scale`` as "CFG scale"
     distilled_guidance = True
+    #: that guidance when none is given: 3.5, FLUX.1 dev's reference value (Forge's, ComfyUI's FluxGuidance
+    #: and kohya's sample default)
+    default_cfg = 3.5
 
     def __repr__(self) -> str:
         return "FluxAdapter()"

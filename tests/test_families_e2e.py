@@ -27,13 +27,6 @@ def _one_thread():
     yield
 
 
-@pytest.fixture(scope="module")
-def pm():
-    from sdcore.plugins import get_plugin_manager
-
-    return get_plugin_manager()
-
-
 def _folder(family: str, root) -> str:
     from sdcore.models.load import load_model
 

@@ -23,13 +23,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def pm():
-    from sdcore.plugins import get_plugin_manager
-
-    return get_plugin_manager()
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from sdcore.testing.datasets import make_tiny_dataset
 

@@ -382,26 +382,16 @@ class FluxLoraStep:
 
     def estimate(self, device: str) -> Any:
         """The memory plan's estimate for this run (a toy family of this shape, registered here)."""
-        import dataclasses
 
-        from sdcore.models import family as fam
-        from sdcore.models.family import SD1, LatentFormat, register_family
+        from sdcore.models.family import register_family
+        from sdcore.models.flux import FLUX
         from sdcore.models.layout import ModelLayout
+        from sdcore.testing.toyfamily import toy_flow_family
         from sdcore.train.block_swap import block_sizes
         from sdcore.train.memory import ParameterPlan, estimate_memory
 
         name = f"bench-flux-{self.size}"
-        if name not in fam._REGISTERED:
-            register_family(
-                dataclasses.replace(
-                    SD1,
-                    name=name,
-                    denoiser="transformer",
-                    latent=LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),
-                    objective="flow-matching",
-                    context_tokens=FLUX_SIZES[self.size]["text"],
-                )
-            )
+        register_family(toy_flow_family(name, FLUX, FLUX_SIZES[self.size]["text"]))  # equal again: a no-op
         config = {**dict(self.model.config), "_class_name": "FluxTransformer2DModel"}
         layout = ModelLayout("bench", name, "flow", {"transformer": config, "vae": {}, "text_encoders": []}, "bench")
         n = sum(p.numel() for p in self.model.parameters())

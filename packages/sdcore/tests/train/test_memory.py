@@ -194,38 +194,18 @@ def mmdit_bundle():
     """A tiny SD3-architecture bundle of a family declared at run time (transformer denoiser,
     16 latent channels, 100 context tokens): a size the constants were not fitted on."""
     import torch
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from sdcore.models import family as fam
-    from sdcore.models.bundle import ModelBundle
-    from sdcore.models.family import SD1, LatentFormat, register_family
-    from sdcore.models.tiny import create_tiny_bundle, tiny_vae_config
+    from diffusers import SD3Transformer2DModel
+    from sdcore.models.sd3 import SD3
+    from sdcore.testing.toyfamily import toy_transformer_bundle
 
-    before = dict(fam._REGISTERED)
-    register_family(
-        dataclasses.replace(
-            SD1,
-            name="toy-mmdit",
-            denoiser="transformer",
-            latent=LatentFormat(channels=16, scaling_factor=1.5305, shift_factor=0.0609),
-            objective="flow-matching",
-            context_tokens=100,
-        )
-    )
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=24, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
         num_attention_heads=3, joint_attention_dim=32, caption_projection_dim=192, pooled_projection_dim=32,
         pos_embed_max_size=32,
     )  # fmt: skip
-    vae = AutoencoderKL(**{**tiny_vae_config("sd1"), "latent_channels": 16})
-    sd1 = create_tiny_bundle("sd1")
-    bundle = ModelBundle(
-        family="toy-mmdit", prediction_type="flow", unet=None, transformer=transformer, vae=vae,
-        text_encoders=sd1.text_encoders, tokenizers=sd1.tokenizers, noise_scheduler=None,
-    )  # fmt: skip
-    yield bundle
-    fam._REGISTERED.clear()
-    fam._REGISTERED.update(before)
+    with toy_transformer_bundle("toy-mmdit", transformer, like=SD3, context_tokens=100) as bundle:
+        yield bundle
 
 
 def test_transformer_family_plan_reads_the_denoiser_and_matches_saved_bytes(mmdit_bundle):

@@ -13,39 +13,18 @@ from torch import nn
 @pytest.fixture
 def flux_like():
     """(layout, bundle) of a tiny FluxTransformer2DModel family (2 double + 3 single blocks)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from sdcore.models import family as fam
-    from sdcore.models.bundle import ModelBundle
-    from sdcore.models.family import SD1, LatentFormat, register_family
+    from diffusers import FluxTransformer2DModel
+    from sdcore.models.flux import FLUX
     from sdcore.models.layout import layout_of_bundle
-    from sdcore.models.tiny import create_tiny_bundle, tiny_vae_config
+    from sdcore.testing.toyfamily import toy_transformer_bundle
 
-    before = dict(fam._REGISTERED)
-    register_family(
-        dataclasses.replace(
-            SD1,
-            name="toy-flux",
-            label="toy Flux",
-            denoiser="transformer",
-            latent=LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),
-            objective="flow-matching",
-            context_tokens=64,
-        )
-    )
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
         num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
     )  # fmt: skip
-    vae = AutoencoderKL(**{**tiny_vae_config("sd1"), "latent_channels": 16})
-    sd1 = create_tiny_bundle("sd1")
-    bundle = ModelBundle(
-        family="toy-flux", prediction_type="flow", unet=None, transformer=transformer, vae=vae,
-        text_encoders=sd1.text_encoders, tokenizers=sd1.tokenizers, noise_scheduler=None,
-    )  # fmt: skip
-    yield layout_of_bundle(bundle), bundle
-    fam._REGISTERED.clear()
-    fam._REGISTERED.update(before)
+    with toy_transformer_bundle("toy-flux", transformer, like=FLUX, context_tokens=64) as bundle:
+        yield layout_of_bundle(bundle), bundle
 
 
 def _lora_groups(transformer: nn.Module) -> list[dict]:
@@ -130,7 +109,7 @@ def test_preflight_checks_of_the_memory_options_on_this_model(flux_like):
     plan = count_parameters(bundle, _lora_groups(bundle.transformer), whole_model_result=False)
     assert model_problems(_options(blocks_to_swap=5, fp8_base=True), layout, plan) == []
     assert model_problems(_options(blocks_to_swap=6), layout, plan) == [
-        "--blocks-to-swap 6: the toy Flux transformer has only 5 transformer blocks; choose 1 to 5"
+        "--blocks-to-swap 6: the toy FLUX.1 transformer has only 5 transformer blocks; choose 1 to 5"
     ]
     bundle.transformer.requires_grad_(True)
     full = count_parameters(bundle, [{"params": list(bundle.transformer.parameters())}], whole_model_result=True)

@@ -13,7 +13,8 @@ the ``sdcore_model_families`` hook (see :mod:`sdcore.hookspecs`) or from :func:`
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import contextlib
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -230,6 +231,21 @@ def register_family(family: ModelFamily) -> None:
     _REGISTERED[family.name] = family
 
 
+@contextlib.contextmanager
+def temporary_family(family: ModelFamily) -> Iterator[ModelFamily]:
+    """``family`` registered for the ``with`` block only (tests and benchmarks that declare a toy
+    family of some shape): the registry and the resolved adapters are as before afterwards."""
+    before, adapters = dict(_REGISTERED), dict(_ADAPTERS)
+    register_family(family)
+    try:
+        yield family
+    finally:
+        _REGISTERED.clear()
+        _REGISTERED.update(before)
+        _ADAPTERS.clear()
+        _ADAPTERS.update(adapters)
+
+
 def _plugin_families(pm: SdPluginManager | None) -> dict[str, ModelFamily]:
     """Families from the ``sdcore_model_families`` hook; without ``pm``, the default manager's (cached)."""
     global _PLUGIN_FAMILIES
@@ -329,4 +345,5 @@ __all__ = [
     "get_family",
     "register_family",
     "reset_family_cache",
+    "temporary_family",
 ]

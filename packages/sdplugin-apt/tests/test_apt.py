@@ -187,6 +187,22 @@ def test_ema_replaces_live_vectors(tmp_path, make_bundle):
     assert "ema/tiny-neg/*" not in method.trainable_state_dict()  # ema_neg stays off
 
 
+def test_weight_decay_is_adamw_default_as_in_dreamartist(tmp_path, make_bundle):
+    """DreamArtist builds torch.optim.AdamW without weight_decay, i.e. 0.01 (A1111's TI sets 0):
+    the runtime's AdamW over APT's groups must decay as torch's default does, and
+    --optimizer-args still chooses."""
+    from sdcore.train.optim import create_optimizer
+
+    method = APTMethod(contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "neg_lr_weight": 0.5}))
+    method.prepare(make_bundle("sd1"))
+    default = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).defaults["weight_decay"]
+    optimizer = create_optimizer("adamw", method.param_groups(), lr=0.05)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [default, default] == [0.01, 0.01]
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05, 0.025]
+    chosen = create_optimizer("adamw", method.param_groups(), lr=0.05, args="weight_decay=0.2")
+    assert [g["weight_decay"] for g in chosen.param_groups] == [0.2, 0.2]
+
+
 def test_guidance_schedule():
     assert parse_guidance("3").scale(torch.tensor([0, 999])).tolist() == [3.0, 3.0]
     lin = parse_guidance("1.5-3.5").scale(torch.tensor([0, 999]))

@@ -203,6 +203,36 @@ def test_weight_decay_is_adamw_default_as_in_dreamartist(tmp_path, make_bundle):
     assert [g["weight_decay"] for g in chosen.param_groups] == [0.2, 0.2]
 
 
+def test_generation_reproduces_the_training_combination(tmp_path, make_bundle):
+    """Sampling as DreamArtist says (the name in the prompt, ``name-neg`` as the negative prompt, the
+    training CFG) feeds the UNet exactly the trained positive and negative conditioning, so the
+    sampler's ``eps_neg + cfg * (eps_pos - eps_neg)`` is the prediction the loss trained."""
+    from sdcore.generate.conditioning import encode_cond_uncond
+    from sdcore.generate.session import session_from_plugin_manager
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.train.loop import train
+
+    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "max_steps": 2, "template": "subject"})
+    result = train(APTMethod(options), bundle=make_bundle("sd1"))
+    trained = APTMethod(options)
+    bundle = make_bundle("sd1")
+    trained.prepare(bundle)
+    trained.load_result(bundle, result.output)  # the saved vectors, in training's own encoder path
+    with torch.no_grad():
+        positive = trained.encode(bundle, ["tiny"]).hidden_states
+        negative = trained.encode(bundle, ["tiny-neg"]).hidden_states
+    assert not torch.equal(positive, negative)
+    word = Path(result.output).stem  # A1111: the prompt word is the file stem
+    fresh = make_bundle("sd1")
+    networks = session_from_plugin_manager(
+        get_plugin_manager(), {"embeddings_dir": str(Path(result.output).parent)}, models_dir=tmp_path / "models"
+    )
+    with networks.apply(fresh, word, f"{word}-neg") as applied, torch.no_grad():
+        cond, uncond = encode_cond_uncond(fresh, [applied.prompt], [applied.negative_prompt])
+    torch.testing.assert_close(cond.embeds, positive, rtol=0, atol=0)
+    torch.testing.assert_close(uncond.embeds, negative, rtol=0, atol=0)
+
+
 def test_guidance_schedule():
     assert parse_guidance("3").scale(torch.tensor([0, 999])).tolist() == [3.0, 3.0]
     lin = parse_guidance("1.5-3.5").scale(torch.tensor([0, 999]))

@@ -86,8 +86,13 @@ def reference_train(
     save_at: list[int],
     neg_lr_weight: float = 1.0,
     batch_size: int = 4,
+    clip_each: bool = True,
 ) -> dict[int, tuple[Any, Any]]:
-    """Train DreamArtist's pair on ``pixels``; returns ``{step: (positive, negative)}`` at ``save_at``."""
+    """Train DreamArtist's pair on ``pixels``; returns ``{step: (positive, negative)}`` at ``save_at``.
+
+    ``clip_each=False`` clips both embeddings' gradients together (sdcore's runtime) instead of
+    each on its own (DreamArtist), to measure that one remaining difference.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -126,8 +131,11 @@ def reference_train(
         loss = F.mse_loss(eps.float(), noise.float())
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(positive, 1.0)
-        torch.nn.utils.clip_grad_norm_(negative, 1.0)
+        if clip_each:
+            torch.nn.utils.clip_grad_norm_(positive, 1.0)
+            torch.nn.utils.clip_grad_norm_(negative, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_([positive, negative], 1.0)
         optimizer.step()
         if step in save_at:
             saved[step] = (positive.detach().clone(), negative.detach().clone())
@@ -228,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=METHODS["apt"].lr)
     parser.add_argument("--neg-lr-weight", type=float, default=1.0)
     parser.add_argument("--n", type=int, default=16, help="samples per score")
+    parser.add_argument(
+        "--clip-together", action="store_true", help="reference: clip both gradients together, as sdcore does"
+    )
     parser.add_argument("--json", default="apt")
     args = parser.parse_args(argv)
 
@@ -260,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             toyworld_bundle(), pixels, vectors=METHODS["apt"].overrides["vectors"],
                             neg_vectors=METHODS["apt"].overrides["neg_vectors"], lr=args.lr, cfg=cfg,
                             steps=args.steps, seed=seed, save_at=save_at, neg_lr_weight=args.neg_lr_weight,
+                            clip_each=not args.clip_together,
                         )  # fmt: skip
                         files = [(s, _write_pair(out / str(s), *saved[s])) for s in save_at]
                     else:

@@ -75,7 +75,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("ti", "Textual Inversion (4 vectors)", "sdplugin_ti.method:TIMethod", COMPOSITION, "embedding",
                    2e-2, 150, {"name": "zwx", "vectors": 4}, (5e-3, 2e-2, 5e-2)),
         MethodSpec("apt", "APT / DreamArtist", "sdplugin_apt.method:APTMethod", COMPOSITION, "apt",
-                   2e-2, 300, {"name": "zwx", "vectors": 4, "neg_vectors": 1}, (1e-2, 2e-2, 5e-2)),
+                   2e-2, 900, {"name": "zwx", "vectors": 4, "neg_vectors": 1}, (1e-2, 2e-2, 5e-2)),
         MethodSpec("hn", "Hypernetwork (1,2,1)", "sdplugin_hn.method:HNMethod", STYLE, "hypernet",
                    1e-3, 100, {"template": "hypernetwork"}, (1e-4, 3e-4, 1e-3)),
     )

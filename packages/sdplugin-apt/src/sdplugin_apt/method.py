@@ -141,13 +141,20 @@ class APTMethod(TIMethod[APTOptions]):
         return self.param_groups()
 
     def param_groups(self) -> list[dict[str, Any]]:
+        """The positive and the negative vectors, the negative at ``lr * neg_lr_weight``.
+
+        Unlike TI (A1111 sets weight decay 0), the groups leave weight decay to the optimizer:
+        DreamArtist builds ``torch.optim.AdamW`` without one, so it trains with AdamW's default
+        0.01, which ``--optimizer adamw`` gives here too (and ``--optimizer-args weight_decay=...``
+        can change).
+        """
         assert self.handle is not None
         o = self.options
         positive = list(self.handle.tables[o.name].values())
         negative = list(self.handle.tables[self.neg_name].values())
         return [
-            {"params": positive, "name": "positive", "weight_decay": 0.0},
-            {"params": negative, "name": "negative", "weight_decay": 0.0, "lr": o.lr * o.neg_lr_weight},
+            {"params": positive, "name": "positive"},
+            {"params": negative, "name": "negative", "lr": o.lr * o.neg_lr_weight},
         ]
 
     # --- prompts -------------------------------------------------------------------------------------

@@ -151,7 +151,12 @@ class HypernetworkModule(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, weight_init: str, activation: str | None) -> None:
-        """Initialise like A1111: near-zero weights so a new network is almost the identity."""
+        """Initialise like A1111: near-zero weights so a new network is almost the identity.
+
+        ``weight_init`` chooses the Linear weights only: A1111 draws every LayerNorm's weight from
+        N(0, 0.01) (bias 0) whichever init is chosen, so with a LayerNorm after the last Linear a
+        new network starts near the identity even with Xavier or Kaiming weights.
+        """
         kind = canonical_weight_init(weight_init)
         for layer in self.linear:
             if isinstance(layer, nn.Linear):
@@ -168,7 +173,7 @@ class HypernetworkModule(nn.Module):
                     else:
                         nn.init.kaiming_normal_(layer.weight, nonlinearity="leaky_relu" if leaky else "relu")
                 nn.init.zeros_(layer.bias)
-            elif isinstance(layer, nn.LayerNorm) and kind == "Normal":
+            elif isinstance(layer, nn.LayerNorm):
                 nn.init.normal_(layer.weight, mean=0.0, std=0.01)
                 nn.init.zeros_(layer.bias)
 

@@ -299,6 +299,21 @@ def test_dict_round_trip_keeps_structure() -> None:
     assert data["activation_func"] == "elu" and data["layer_structure"] == [1.0, 1.5, 1.0]
 
 
+@pytest.mark.parametrize(
+    ("layers", "dropout", "expected"),
+    [((1, 2, 1), (0, 0.1, 0), True), ((1, 2, 1), (0, 0, 0), False), ((1, 2, 2, 1), (0, 0.3, 0, 0), False)],
+)
+def test_last_layer_dropout_is_written_from_the_dropout_structure(
+    layers: tuple[float, ...], dropout: tuple[float, ...], expected: bool
+) -> None:
+    """A1111 writes ``last_layer_dropout = dropout_structure[-2] != 0``: a reader without
+    ``dropout_structure`` support then rebuilds the same Dropout slots (and ``linear.N`` keys)."""
+    hn = Hypernetwork("x", [8], layer_structure=layers, dropout_structure=dropout)
+    data = hypernetwork_to_dict(hn)
+    assert data["last_layer_dropout"] is expected
+    assert data["use_dropout"] is any(dropout) and data["dropout_structure"] == [float(p) for p in dropout]
+
+
 @pytest.mark.parametrize(("family", "widths"), [("sd2", [32, 64]), ("sdxl", [64, 96])])
 def test_other_families_get_a_module_per_width(family: str, widths: list[int]) -> None:
     from sdcore.models.tiny import create_tiny_bundle

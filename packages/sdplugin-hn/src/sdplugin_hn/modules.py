@@ -257,7 +257,13 @@ class Hypernetwork(nn.Module):
         return cast(HypernetworkModule, modules[0]), cast(HypernetworkModule, modules[1])
 
     def describe(self) -> dict[str, Any]:
-        """The structural settings (what A1111 stores beside the weights)."""
+        """The structural settings (what A1111 stores beside the weights).
+
+        ``last_layer_dropout`` is written as A1111 writes it, from the dropout structure (a dropout
+        after the last hidden layer); readers that predate ``dropout_structure`` rebuild the
+        Dropout slot from it, so their ``linear.N`` keys line up with ours.
+        """
+        last_layer_dropout = len(self.dropout_structure) >= 2 and self.dropout_structure[-2] != 0
         return {
             "layer_structure": list(self.layer_structure),
             "activation_func": self.activation or "linear",
@@ -265,6 +271,6 @@ class Hypernetwork(nn.Module):
             "weight_initialization": self.weight_init,
             "use_dropout": self.use_dropout,
             "dropout_structure": list(self.dropout_structure),
-            "last_layer_dropout": self.last_layer_dropout,
+            "last_layer_dropout": bool(last_layer_dropout),
             "activate_output": self.activate_output,
         }

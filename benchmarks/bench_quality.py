@@ -170,7 +170,7 @@ def _options(spec: MethodSpec, folders: dict[str, Path], out: Path, *, lr: float
         "model": "toyworld:", "data": str(folders[spec.kind]), "output": str(out / f"{spec.key}{suffix}"),
         "resolution": IMAGE_SIZE, "min_bucket_reso": IMAGE_SIZE, "max_bucket_reso": 2 * IMAGE_SIZE,
         "bucket_step": IMAGE_SIZE, "batch_size": 4, "max_steps": steps, "lr": lr, "seed": seed,
-        "save_every": save_every, "save_state": False, "progress": False, "cache_latents": True,
+        "save_every": save_every, "save_limit": 0, "save_state": False, "progress": False, "cache_latents": True,
         **spec.overrides,
     }  # fmt: skip
     if spec.apply in ("embedding", "apt"):
@@ -189,6 +189,8 @@ def _train_sdcore(spec: MethodSpec, folders: dict[str, Path], out: Path, *, lr: 
     from sdcore.train.loop import TrainSession
 
     every = steps // checkpoints if checkpoints > 1 else None
+    # save_limit 0 keeps every intermediate result: with the default limit the oldest were deleted
+    # and the survivors labelled from step `every` on (--checkpoints 8 showed step 200 as step 100)
     options = _options(spec, folders, out, lr=lr, steps=steps, seed=seed, save_every=every, args=args)
     session = TrainSession(spec.method_class()(options), bundle=toyworld_bundle())
     started = time.perf_counter()

@@ -299,6 +299,21 @@ def test_dict_round_trip_keeps_structure() -> None:
     assert data["activation_func"] == "elu" and data["layer_structure"] == [1.0, 1.5, 1.0]
 
 
+@pytest.mark.parametrize(
+    ("layers", "dropout", "expected"),
+    [((1, 2, 1), (0, 0.1, 0), True), ((1, 2, 1), (0, 0, 0), False), ((1, 2, 2, 1), (0, 0.3, 0, 0), False)],
+)
+def test_last_layer_dropout_is_written_from_the_dropout_structure(
+    layers: tuple[float, ...], dropout: tuple[float, ...], expected: bool
+) -> None:
+    """A1111 writes ``last_layer_dropout = dropout_structure[-2] != 0``: a reader without
+    ``dropout_structure`` support then rebuilds the same Dropout slots (and ``linear.N`` keys)."""
+    hn = Hypernetwork("x", [8], layer_structure=layers, dropout_structure=dropout)
+    data = hypernetwork_to_dict(hn)
+    assert data["last_layer_dropout"] is expected
+    assert data["use_dropout"] is any(dropout) and data["dropout_structure"] == [float(p) for p in dropout]
+
+
 @pytest.mark.parametrize(("family", "widths"), [("sd2", [32, 64]), ("sdxl", [64, 96])])
 def test_other_families_get_a_module_per_width(family: str, widths: list[int]) -> None:
     from sdcore.models.tiny import create_tiny_bundle
@@ -320,3 +335,25 @@ def test_other_families_get_a_module_per_width(family: str, widths: list[int]) -
         hooks.remove()
         again = unet(sample, torch.tensor([10]), encoder_hidden_states=context, **kwargs).sample
     assert not torch.allclose(base, styled) and torch.equal(base, again)
+
+
+@pytest.mark.parametrize("init", ["normal", "xavier-uniform", "xavier-normal", "kaiming-uniform", "kaiming-normal"])
+def test_new_layer_norms_start_near_zero_whatever_the_init(init: str) -> None:
+    """A1111 draws LayerNorm weights from N(0, 0.01) for every weight init (not only Normal); the
+    init choice applies to the Linear weights. With PyTorch's LayerNorm default (weight 1) a
+    Xavier/Kaiming network with layer norm would start far from the identity."""
+    torch.manual_seed(0)
+    module = HypernetworkModule(64, (1, 2, 1), "relu", layer_norm=True, weight_init=init)
+    norms = [layer for layer in module.linear if isinstance(layer, torch.nn.LayerNorm)]
+    linears = [layer for layer in module.linear if isinstance(layer, torch.nn.Linear)]
+    assert len(norms) == 2 and len(linears) == 2
+    for norm in norms:
+        assert abs(norm.weight.std().item() - 0.01) < 0.003 and norm.weight.abs().max().item() < 0.06
+        assert torch.count_nonzero(norm.bias).item() == 0
+    first = linears[0].weight
+    if init == "normal":
+        assert abs(first.std().item() - 0.01) < 0.002
+    else:  # Xavier / Kaiming scale with the fan, far above 0.01 at width 64
+        assert first.std().item() > 0.05
+    x = torch.randn(3, 5, 64)
+    assert (module(x) - x).abs().max().item() < 0.1  # the last LayerNorm keeps the residual small

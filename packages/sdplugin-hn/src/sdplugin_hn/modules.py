@@ -151,7 +151,12 @@ class HypernetworkModule(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, weight_init: str, activation: str | None) -> None:
-        """Initialise like A1111: near-zero weights so a new network is almost the identity."""
+        """Initialise like A1111: near-zero weights so a new network is almost the identity.
+
+        ``weight_init`` chooses the Linear weights only: A1111 draws every LayerNorm's weight from
+        N(0, 0.01) (bias 0) whichever init is chosen, so with a LayerNorm after the last Linear a
+        new network starts near the identity even with Xavier or Kaiming weights.
+        """
         kind = canonical_weight_init(weight_init)
         for layer in self.linear:
             if isinstance(layer, nn.Linear):
@@ -168,7 +173,7 @@ class HypernetworkModule(nn.Module):
                     else:
                         nn.init.kaiming_normal_(layer.weight, nonlinearity="leaky_relu" if leaky else "relu")
                 nn.init.zeros_(layer.bias)
-            elif isinstance(layer, nn.LayerNorm) and kind == "Normal":
+            elif isinstance(layer, nn.LayerNorm):
                 nn.init.normal_(layer.weight, mean=0.0, std=0.01)
                 nn.init.zeros_(layer.bias)
 
@@ -252,7 +257,13 @@ class Hypernetwork(nn.Module):
         return cast(HypernetworkModule, modules[0]), cast(HypernetworkModule, modules[1])
 
     def describe(self) -> dict[str, Any]:
-        """The structural settings (what A1111 stores beside the weights)."""
+        """The structural settings (what A1111 stores beside the weights).
+
+        ``last_layer_dropout`` is written as A1111 writes it, from the dropout structure (a dropout
+        after the last hidden layer); readers that predate ``dropout_structure`` rebuild the
+        Dropout slot from it, so their ``linear.N`` keys line up with ours.
+        """
+        last_layer_dropout = len(self.dropout_structure) >= 2 and self.dropout_structure[-2] != 0
         return {
             "layer_structure": list(self.layer_structure),
             "activation_func": self.activation or "linear",
@@ -260,6 +271,6 @@ class Hypernetwork(nn.Module):
             "weight_initialization": self.weight_init,
             "use_dropout": self.use_dropout,
             "dropout_structure": list(self.dropout_structure),
-            "last_layer_dropout": self.last_layer_dropout,
+            "last_layer_dropout": bool(last_layer_dropout),
             "activate_output": self.activate_output,
         }

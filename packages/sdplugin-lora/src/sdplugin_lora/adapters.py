@@ -876,21 +876,21 @@ class LohaAdapter(Adapter):
         super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         out_dim, in_dim = int(weight.shape[0]), int(weight[0].numel())
-        # LyCORIS init: w1_a, t ~ N(0, 0.1²); w1_b, w2_b ~ N(0, 1); w2_a = 0 -> ΔW = 0 at the start
+        # LyCORIS init: w1_a, t ~ N(0, 0.1²); w1_b, w2_b ~ N(0, 1); w2_a = 0 -> ΔW = 0 at the start.
+        # Drawn in LyCORIS' order (t1, t2, w1_b, w1_a, w2_b), so the same torch seed gives the very
+        # same tensors as ``lycoris.modules.loha.LohaModule`` (benchmarks/bench_lycoris.py checks it).
         if tucker and weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1):
             kernel = tuple(weight.shape[2:])
             in_dim = int(weight.shape[1])
-            self.hada_w1_a = nn.Parameter(torch.randn(rank, out_dim) * 0.1)
-            self.hada_w1_b = nn.Parameter(torch.randn(rank, in_dim))
-            self.hada_t1 = nn.Parameter(torch.randn(rank, rank, *kernel) * 0.1)
-            self.hada_w2_a = nn.Parameter(torch.zeros(rank, out_dim))
-            self.hada_w2_b = nn.Parameter(torch.randn(rank, in_dim))
-            self.hada_t2 = nn.Parameter(torch.randn(rank, rank, *kernel) * 0.1)
+            self.hada_t1 = nn.Parameter(torch.empty(rank, rank, *kernel).normal_(std=0.1))
+            self.hada_t2 = nn.Parameter(torch.empty(rank, rank, *kernel).normal_(std=0.1))
+            shape_a: tuple[int, int] = (rank, out_dim)
         else:
-            self.hada_w1_a = nn.Parameter(torch.randn(out_dim, rank) * 0.1)
-            self.hada_w1_b = nn.Parameter(torch.randn(rank, in_dim))
-            self.hada_w2_a = nn.Parameter(torch.zeros(out_dim, rank))
-            self.hada_w2_b = nn.Parameter(torch.randn(rank, in_dim))
+            shape_a = (out_dim, rank)
+        self.hada_w1_b = nn.Parameter(torch.empty(rank, in_dim).normal_(std=1.0))
+        self.hada_w1_a = nn.Parameter(torch.empty(*shape_a).normal_(std=0.1))
+        self.hada_w2_b = nn.Parameter(torch.empty(rank, in_dim).normal_(std=1.0))
+        self.hada_w2_a = nn.Parameter(torch.zeros(*shape_a))
 
 
 class LokrAdapter(Adapter):
@@ -930,8 +930,8 @@ class LokrAdapter(Adapter):
             module_dropout=module_dropout,
             dora=dora,
         )
-        self.lokr_w1 = nn.Parameter(torch.empty(out_m, in_m))
-        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        # LyCORIS' init and draw order: w2 (zero, or its factors with w2_b = 0) first, then w1
+        # kaiming-uniform, so the same torch seed gives the same tensors as its LokrModule.
         if full_w2:  # LyCORIS keeps a full conv w2 4-D: [out_n, in_n, k, k]
             self.lokr_w2 = nn.Parameter(torch.zeros(out_n, in_n, *kernel))
             self._scale = 1.0
@@ -945,6 +945,8 @@ class LokrAdapter(Adapter):
             self.lokr_w2_a = nn.Parameter(torch.empty(out_n, rank))
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
             self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_n * math.prod(kernel)))
+        self.lokr_w1 = nn.Parameter(torch.empty(out_m, in_m))
+        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
 
     @property
     def full_matrix(self) -> bool:

@@ -8,6 +8,7 @@ from the same torch seed, one sdcore adapter (:mod:`sdplugin_lora.adapters`) and
 
 * the initial tensors, by file name (same seed: they must be identical, not just alike);
 * the forward delta ``f(x) - W x`` at the init and at random (non-zero) weights;
+* LoKr's split of each dimension (``factorization``, dimensions 1-2560, factors -1 and 1-32);
 * one AdamW step (lr 1e-3, weight decay 1e-2, torch defaults otherwise) on ``sum(f(x) * g)``:
   the gradient and the update of every tensor, and the change of the effective weight ``ΔW``.
 
@@ -172,7 +173,7 @@ def _compare(algo: str, make: Callable[[], Any], opts: dict[str, Any], seed: int
                 grads_theirs = {k: v.grad.detach().clone() for k, v in _file_tensors(theirs).items()}
             opt.step()
         figures["grad |max|"] = max(float(v.abs().max()) for v in grads_theirs.values())
-        figures["grad"] = _max_diff(grads_ours, grads_theirs)
+        figures["grad"] = _max_diff(grads_ours, grads_theirs) / figures["grad |max|"]  # relative: sums of many terms
         step_ours = {k: v.detach() - before_ours[k] for k, v in _file_tensors(ours).items()}
         step_theirs = {k: v.detach() - before_theirs[k] for k, v in _file_tensors(theirs).items()}
         figures["update"] = _max_diff(step_ours, step_theirs)
@@ -200,8 +201,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("lycoris-lora is not installed: pip install lycoris-lora einops toml (a development venv only)")
         return {}
     import torch
+    from lycoris.functional import factorization as lycoris_factorization
+    from sdplugin_lora.adapters import factorization
 
     torch.set_num_threads(1)
+    splits = [(d, f) for d in range(1, 2561) for f in (-1, *range(1, 33))]
+    mismatches = [(d, f) for d, f in splits if factorization(d, f) != tuple(lycoris_factorization(d, f))]
+    print(f"LoKr factorization: {len(mismatches)} of {len(splits)} (dimension 1-2560, factor -1 and 1-32) differ"
+          + (f": {mismatches[:5]}" if mismatches else ""))  # fmt: skip
     rows: list[list[str]] = []
     raw: list[dict[str, Any]] = []
     worst = 0.0
@@ -219,12 +226,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + [f"{figures[key]:.1e}" for key in compared]
             + [f"{figures['dW change |max|']:.1e}", f"{figures['lycoris merge / forward']:.3f}"]
         )
-    header = ["algo", "layer", "scale ours/LyCORIS", "init", "delta@init", "delta", "grad", "update", "dW after step",
+    header = ["algo", "layer", "scale ours/LyCORIS", "init", "delta@init", "delta", "grad (rel.)", "update", "dW after step",
               "|dW step|", "LyCORIS merge/forward"]  # fmt: skip
     title = f"sdcore vs LyCORIS ({_version()}): largest absolute differences over {args.seeds} seeds"
     print_table(title, [tuple(row) for row in rows], tuple(header))
     print(f"\nlargest difference of all: {worst:.1e} (fp32; |dW step| = how much one step moved ΔW)")
-    payload = {"lycoris": _version(), "seeds": args.seeds, "lr": LR, "weight_decay": WEIGHT_DECAY, "cases": raw,
+    payload = {"lycoris": _version(), "seeds": args.seeds, "factorization_mismatches": len(mismatches), "lr": LR, "weight_decay": WEIGHT_DECAY, "cases": raw,
                "worst": worst, "fp32_eps": float(torch.finfo(torch.float32).eps), "isclose": math.isfinite(worst)}  # fmt: skip
     write_json(args.json, payload)
     return payload

@@ -9,6 +9,7 @@ from the same torch seed, one sdcore adapter (:mod:`sdplugin_lora.adapters`) and
 * the initial tensors, by file name (same seed: they must be identical, not just alike);
 * the forward delta ``f(x) - W x`` at the init and at random (non-zero) weights;
 * LoKr's split of each dimension (``factorization``, dimensions 1-2560, factors -1 and 1-32);
+* the forward delta with rank dropout 0.5 (LoHa, LoKr, DoRA: LyCORIS drops output rows of ``ΔW``);
 * one AdamW step (lr 1e-3, weight decay 1e-2, torch defaults otherwise) on ``sum(f(x) * g)``:
   the gradient and the update of every tensor, and the change of the effective weight ``ΔW``.
 
@@ -157,6 +158,16 @@ def _compare(algo: str, make: Callable[[], Any], opts: dict[str, Any], seed: int
         delta_theirs = theirs(x) - plain
         figures["delta |max|"] = float(delta_theirs.detach().abs().max())
         figures["delta"] = float((delta_ours - delta_theirs).detach().abs().max())
+        if algo in ("loha", "lokr", "dora"):  # LyCORIS' rank dropout: rows of ΔW, one draw per forward
+            ours.rank_dropout, theirs.rank_dropout = 0.5, 0.5
+            torch.manual_seed(100 + seed)
+            dropped_ours = (base(x) - plain).detach()
+            torch.manual_seed(100 + seed)
+            dropped_theirs = (theirs(x) - plain).detach()
+            figures["rank dropout"] = float((dropped_ours - dropped_theirs).abs().max())
+            ours.rank_dropout, theirs.rank_dropout = None, 0.0
+        else:
+            figures["rank dropout"] = 0.0  # LoCon: kohya's per-sample rank channels, not LyCORIS' rows
         # one AdamW step from these weights
         g = torch.randn(delta_ours.shape, generator=gen)
         before_ours = {k: v.detach().clone() for k, v in _file_tensors(ours).items()}
@@ -219,14 +230,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if algo == "dora":
             note = "wd_on_out=True (LyCORIS default)" if opts.get("wd_on_out") else "wd_on_out=False (sdcore's files)"
         raw.append({"algo": algo, "layer": label, "options": opts, **figures})
-        compared = ("init", "delta at init", "delta", "grad", "update", "dW after step")
+        compared = ("init", "delta at init", "delta", "rank dropout", "grad", "update", "dW after step")
         worst = max(worst, *(figures[key] for key in compared))
         rows.append(
             [algo, label + (f" ({note})" if note else ""), f"{figures['scale ours']:g}/{figures['scale lycoris']:g}"]
             + [f"{figures[key]:.1e}" for key in compared]
             + [f"{figures['dW change |max|']:.1e}", f"{figures['lycoris merge / forward']:.3f}"]
         )
-    header = ["algo", "layer", "scale ours/LyCORIS", "init", "delta@init", "delta", "grad (rel.)", "update", "dW after step",
+    header = ["algo", "layer", "scale ours/LyCORIS", "init", "delta@init", "delta", "rank dropout", "grad (rel.)", "update", "dW after step",
               "|dW step|", "LyCORIS merge/forward"]  # fmt: skip
     title = f"sdcore vs LyCORIS ({_version()}): largest absolute differences over {args.seeds} seeds"
     print_table(title, [tuple(row) for row in rows], tuple(header))

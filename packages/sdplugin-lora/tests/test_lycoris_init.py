@@ -118,3 +118,44 @@ def test_dora_starts_at_identity_with_a_trained_magnitude_and_a_live_norm():
     (dora.delta_weight(detach=False) * g).sum().backward()
     torch.testing.assert_close(dora.lora_up.weight.grad, up.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dora.dora_scale.grad, m.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_rank_dropout_drops_output_rows_of_the_change_as_lycoris(algo):
+    """LyCORIS' LoHa/LoKr/DoRA rank dropout: each output row of the scaled ``ΔW`` is kept when
+    ``rand(out) > p`` (one CPU draw per forward, no rescaling), before DoRA's decomposition;
+    nothing is dropped in eval mode. (Before, sdcore ignored ``--rank-dropout`` for these.)"""
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10)
+    if algo == "loha":
+        adapter = LohaAdapter("m", layer, 4, 2.0, rank_dropout=0.5)
+    elif algo == "lokr":
+        adapter = LokrAdapter("m", layer, 1, 0.5, factor=2, rank_dropout=0.5)
+    else:
+        adapter = LoraAdapter("m", layer, 4, 2.0, dora=True, rank_dropout=0.5)
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if name != "dora_scale":
+                param.normal_(std=0.3)
+    x = torch.randn(3, 12)
+    w = layer.weight.detach()
+    p = {k: v.detach() for k, v in adapter.named_parameters()}
+    if algo == "loha":
+        change = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * 0.5
+    elif algo == "lokr":
+        change = torch.kron(p["lokr_w1"], p["lokr_w2_a"] @ p["lokr_w2_b"]) * 0.5
+    else:
+        change = p["lora_up.weight"] @ p["lora_down.weight"] * 0.5
+    adapter.train()
+    torch.manual_seed(42)
+    got = adapter.delta(x).detach()
+    torch.manual_seed(42)
+    keep = (torch.rand(10) > 0.5).float()
+    assert 0 < int(keep.sum()) < 10  # the seed drops some rows and keeps some
+    dropped = change * keep[:, None]
+    if algo == "dora":  # magnitude · (W + ΔW') / ‖W + ΔW'‖ per input channel, minus W
+        merged = w + dropped
+        dropped = p["dora_scale"] * merged / merged.norm(dim=0, keepdim=True) - w
+    torch.testing.assert_close(got, x @ dropped.T, atol=1e-5, rtol=1e-5)
+    adapter.eval()
+    torch.testing.assert_close(adapter.delta(x).detach(), x @ adapter.delta_weight().T, atol=1e-5, rtol=1e-5)

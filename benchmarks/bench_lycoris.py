@@ -21,6 +21,8 @@ training maths is the same whichever axis; what differs between the two layouts 
 parametrisation itself (a different norm axis), not a formula.
 
 ``python -m benchmarks lycoris`` prints one row per case with the largest absolute differences.
+``python -m benchmarks lycoris -- --train --methods loha,lokr`` trains on the toy world with LyCORIS'
+own LoHa/LoKr weight functions (:func:`train_with_lycoris`), the reference run for our scores.
 """
 
 from __future__ import annotations
@@ -201,16 +203,61 @@ def _compare(algo: str, make: Callable[[], Any], opts: dict[str, Any], seed: int
     return figures
 
 
+def train_with_lycoris(quality_argv: list[str]) -> dict[str, Any]:
+    """``python -m benchmarks quality`` with LyCORIS' own weight-rebuild functions (and their
+    hand-written backward passes) in place of our LoHa / LoKr formula: the reference training run.
+    Same seed, same init (ours draws in LyCORIS' order), so its scores should equal ours."""
+    import torch
+    from lycoris.functional import loha as lycoris_loha
+    from lycoris.functional import lokr as lycoris_lokr
+    from sdplugin_lora import adapters
+
+    def loha_change(self: Any, *, detach: bool = True, rows: Any = None) -> Any:
+        p = dict(self.named_parameters())
+        gamma = torch.tensor(self.scale, dtype=p["hada_w1_b"].dtype, device=p["hada_w1_b"].device)
+        w = lycoris_loha.diff_weight(p["hada_w1_b"], p["hada_w1_a"], p["hada_w2_b"], p["hada_w2_a"], None, None,
+                                     gamma=gamma).reshape(self.base.weight.shape)  # fmt: skip
+        return w.detach() if detach else w
+
+    def lokr_change(self: Any, *, detach: bool = True, rows: Any = None) -> Any:
+        p = dict(self.named_parameters())
+        w = lycoris_lokr.kron_weight(p["lokr_w1"], None, None, p.get("lokr_w2"), p.get("lokr_w2_a"),
+                                     p.get("lokr_w2_b"), None, scale=self.scale).reshape(self.base.weight.shape)  # fmt: skip
+        return w.detach() if detach else w
+
+    if any(a.startswith("--set") or "tucker" in a or "dropout" in a for a in quality_argv):
+        raise SystemExit("--train covers plain LoHa / LoKr (no Tucker, no rank dropout)")
+    saved = adapters.LohaAdapter._change, adapters.LokrAdapter._change
+    adapters.LohaAdapter._change = loha_change  # type: ignore[method-assign]
+    adapters.LokrAdapter._change = lokr_change  # type: ignore[method-assign]
+    try:
+        from .bench_quality import main as quality
+
+        return quality(quality_argv)
+    finally:
+        adapters.LohaAdapter._change, adapters.LokrAdapter._change = saved  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks lycoris", description=__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="torch seeds per case")
     parser.add_argument("--json", default="lycoris", help="raw figures go to benchmarks/out/<this>.json")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="instead: train on the toy world with LyCORIS' LoHa/LoKr functions; the other arguments go to "
+        "`benchmarks quality` (e.g. --train --methods loha,lokr --seeds 3)",
+    )
+    args, rest = parser.parse_known_args(argv)
     try:
         import lycoris  # noqa: F401
     except ImportError:
         print("lycoris-lora is not installed: pip install lycoris-lora einops toml (a development venv only)")
         return {}
+    if args.train:
+        return train_with_lycoris([*rest, "--seeds", str(args.seeds), "--json", args.json + "_train"])
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
     import torch
     from lycoris.functional import factorization as lycoris_factorization
     from sdplugin_lora.adapters import factorization

@@ -336,6 +336,12 @@ def test_lycoris_full_preset_adapts_convs_at_network_dim_for_every_algo(algo, ex
     assert (o.rank, o.alpha, o.conv_rank, o.conv_alpha) == (4, 1.0, 4, 1.0)
     given = {**kohya, "network_args": [*kohya["network_args"], "conv_dim=0"], "network_dim": "8"}
     assert load_options(LoraOptions, None, kohya=given, notes=[]).conv_rank == 0
+    if want == "dora":  # sdcore's DoRA layout is LyCORIS' wd_on_output=False; True would train another one
+        layout = {**kohya, "network_args": [*kohya["network_args"], "wd_on_output=False"]}
+        assert load_options(LoraOptions, None, kohya=layout, notes=[]).algo == "dora"
+        with pytest.raises(ConfigError, match="wd_on_output=True"):
+            load_options(LoraOptions, None, kohya={**kohya, "network_args": [*kohya["network_args"], "wd_on_output=True"]},
+                         notes=[])  # fmt: skip
 
 
 def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):

@@ -485,6 +485,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             args["algo"] = {"dora": "lora", "lora": "locon"}.get(o.algo, o.algo)
             if o.algo == "dora":
                 args["dora_wd"] = True
+                args["wd_on_output"] = False  # our magnitude layout (LyCORIS' default is True)
             if o.algo == "lokr":
                 args["factor"] = o.lokr_factor
         variant = None

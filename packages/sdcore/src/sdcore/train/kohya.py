@@ -458,6 +458,7 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "use_cp": ("false",),
     "train_blocks": ("all",),  # lora_flux: all blocks is the default
     "dora_wd": ("false",),
+    "wd_on_output": ("false",),  # DoRA's magnitude per input channel: the layout sdcore trains and writes
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
 }

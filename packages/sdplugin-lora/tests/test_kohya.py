@@ -334,6 +334,8 @@ def test_lycoris_full_preset_adapts_convs_at_network_dim_for_every_algo(algo, ex
     assert (o.algo, o.conv_rank, o.conv_alpha) == (want, 8, 2.0)
     o = load_options(LoraOptions, None, kohya=kohya, notes=[])  # kohya's defaults: dim 4, alpha 1
     assert (o.rank, o.alpha, o.conv_rank, o.conv_alpha) == (4, 1.0, 4, 1.0)
+    mixed = load_options(LoraOptions, None, overrides={"rank": 16, "alpha": 4.0}, kohya=kohya, notes=[])
+    assert (mixed.conv_rank, mixed.conv_alpha) == (16, 4.0)  # sdcore's --rank/--alpha are network_dim/alpha
     given = {**kohya, "network_args": [*kohya["network_args"], "conv_dim=0"], "network_dim": "8"}
     assert load_options(LoraOptions, None, kohya=given, notes=[]).conv_rank == 0
     if want == "dora":  # sdcore's DoRA layout is LyCORIS' wd_on_output=False; True would train another one

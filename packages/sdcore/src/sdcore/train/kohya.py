@@ -482,6 +482,8 @@ class Translation:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     origin: dict[str, str] = field(default_factory=dict)  # sdcore option -> the kohya name that set it
+    #: option -> the option whose final value it takes unless set itself (LyCORIS: conv_dim = network_dim)
+    follow: dict[str, str] = field(default_factory=dict)
 
 
 def is_kohya_name(name: str) -> bool:
@@ -757,10 +759,10 @@ def _network(
             # LyCORIS (lycoris.kohya create_network): conv_dim/conv_alpha default to network_dim/network_alpha
             # (kohya's defaults 4 and 1), so every algo, LoHa/LoKr/DoRA included, also adapts the 3x3 convs
             # unless conv_dim=0; networks.lora has no convs unless conv_dim is given
-            if "conv_dim" not in args:
-                args["conv_dim"] = str(out.values.get("rank", 4))
-            if "conv_alpha" not in args:
-                args["conv_alpha"] = str(out.values.get("alpha", 1.0))
+            if "conv_dim" not in args and "conv_rank" in present:
+                out.follow["conv_rank"] = "rank"
+            if "conv_alpha" not in args and "conv_alpha" in present:
+                out.follow["conv_alpha"] = "alpha"
         elif preset == "attn-mlp":  # LyCORIS: enable_conv=False, Transformer blocks only = kohya's LierLa set
             if chosen == "locon":
                 chosen = "lora"

@@ -315,11 +315,35 @@ def test_network_args_keys_map_or_pass_through_when_they_are_lora_options():
         },
         notes=[],
     )
-    assert (o.lokr_factor, o.algo) == (3, "locon")
+    # LyCORIS preset attn-mlp: Transformer blocks only, no conv (enable_conv=False) = kohya's LierLa set
+    assert (o.lokr_factor, o.algo, o.conv_rank) == (3, "lora", 0)
     o = load_options(
         LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": ["dora_wd=True"]}, notes=[]
     )
     assert o.algo == "dora"
+
+
+@pytest.mark.parametrize(
+    ("algo", "extra", "want"), [("loha", [], "loha"), ("lokr", [], "lokr"), ("lora", ["dora_wd=True"], "dora")]
+)
+def test_lycoris_full_preset_adapts_convs_at_network_dim_for_every_algo(algo, extra, want):
+    """lycoris.kohya's create_network: conv_dim/conv_alpha default to network_dim/network_alpha and
+    the default preset 'full' enables convs, so algo=loha/lokr (and DoRA) train the 3x3 convs too."""
+    kohya = {"network_module": "lycoris.kohya", "network_args": [f"algo={algo}", *extra]}
+    o = load_options(LoraOptions, None, kohya={**kohya, "network_dim": "8", "network_alpha": "2"}, notes=[])
+    assert (o.algo, o.conv_rank, o.conv_alpha) == (want, 8, 2.0)
+    o = load_options(LoraOptions, None, kohya=kohya, notes=[])  # kohya's defaults: dim 4, alpha 1
+    assert (o.rank, o.alpha, o.conv_rank, o.conv_alpha) == (4, 1.0, 4, 1.0)
+    mixed = load_options(LoraOptions, None, overrides={"rank": 16, "alpha": 4.0}, kohya=kohya, notes=[])
+    assert (mixed.conv_rank, mixed.conv_alpha) == (16, 4.0)  # sdcore's --rank/--alpha are network_dim/alpha
+    given = {**kohya, "network_args": [*kohya["network_args"], "conv_dim=0"], "network_dim": "8"}
+    assert load_options(LoraOptions, None, kohya=given, notes=[]).conv_rank == 0
+    if want == "dora":  # sdcore's DoRA layout is LyCORIS' wd_on_output=False; True would train another one
+        layout = {**kohya, "network_args": [*kohya["network_args"], "wd_on_output=False"]}
+        assert load_options(LoraOptions, None, kohya=layout, notes=[]).algo == "dora"
+        with pytest.raises(ConfigError, match="wd_on_output=True"):
+            load_options(LoraOptions, None, kohya={**kohya, "network_args": [*kohya["network_args"], "wd_on_output=True"]},
+                         notes=[])  # fmt: skip
 
 
 def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):

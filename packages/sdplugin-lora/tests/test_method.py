@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from lora_testutil import all_params, fresh_bundle
@@ -148,6 +150,8 @@ def test_lycoris_algos_start_at_identity_learn_and_round_trip(algo, tmp_path):
     saved = next((tmp_path / "save" / "saveload").glob("*.safetensors"))
     meta = read_lora(saved).metadata
     assert meta["ss_network_module"] == "lycoris.kohya"
+    if algo == "dora":  # LyCORIS reads the magnitude layout from its network args (default True)
+        assert json.loads(meta["ss_network_args"])["wd_on_output"] == "False"
     # merged application of the saved file equals the hooked (trained) forward
     hooked, merged = fresh_bundle("sd1"), fresh_bundle("sd1")
     from lora_testutil import unet_inputs, unet_out

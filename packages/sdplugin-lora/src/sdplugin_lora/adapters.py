@@ -442,6 +442,8 @@ class Adapter(nn.Module):
     base: Any
     alpha: torch.Tensor
     dora_scale: nn.Parameter | None
+    #: dropout probability of whole output rows of ``ΔW`` while training (see :meth:`delta`)
+    rank_dropout: float | None = None
 
     def __init__(
         self,
@@ -500,11 +502,18 @@ class Adapter(nn.Module):
     # --- the update ------------------------------------------------------------------------------
     def delta_weight(self, *, detach: bool = True) -> torch.Tensor:
         """The change of the base weight at multiplier 1, in fp32 (DoRA: ``W' - W``)."""
+        return self._change(detach=detach)
+
+    def _change(self, *, detach: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`delta_weight`, with ``rows`` a 0/1 mask over the output rows of the scaled ``ΔW``
+        (LyCORIS' rank dropout), applied before DoRA's decomposition as LyCORIS does."""
         t = self.tensors()
         if detach:
             t = {key: value.detach() for key, value in t.items()}
         shape = tuple(self.base.weight.shape)
         delta = self.variant.weight(t, shape, self.base.weight) * self._scale
+        if rows is not None:
+            delta = delta * rows.to(delta.device).reshape(-1, *[1] * (delta.dim() - 1))
         if self.dora_scale is not None:
             base = self.base.weight.detach().float()
             magnitude = self.dora_scale.detach() if detach else self.dora_scale
@@ -525,10 +534,17 @@ class Adapter(nn.Module):
         return nn.functional.linear(x, weight)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The output increment for input ``x`` (multiplier applied)."""
+        """The output increment for input ``x`` (multiplier applied).
+
+        While training with ``rank_dropout`` p, LyCORIS' rank dropout of the weight-rebuilding
+        algorithms (LoHa, LoKr, DoRA): each output row of ``ΔW`` is dropped with probability p, one
+        draw per forward for the whole batch, not rescaled (LyCORIS' ``rank_dropout_scale=False``)."""
         if self._frozen is not None:
             return self._apply_weight(x, self._frozen.to(device=x.device))
-        return self._apply_weight(x, self.delta_weight(detach=False) * self.multiplier)
+        rows = None
+        if self.training and self.rank_dropout:
+            rows = (torch.rand(int(self.base.weight.shape[0])) > self.rank_dropout).float()
+        return self._apply_weight(x, self._change(detach=False, rows=rows) * self.multiplier)
 
     # --- hooks -----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -601,7 +617,8 @@ class LoraAdapter(Adapter):
     For a kxk convolution ``lora_down`` is a conv with the original kernel, stride and padding and
     ``lora_up`` a 1x1 conv, exactly as kohya (``C3Lier``) stores them; with ``tucker`` the kernel
     moves to ``lora_mid`` as LyCORIS ``use_tucker`` does. With ``dora`` the update goes through
-    :class:`Dora` (computed as a weight, so dropouts other than module dropout do not apply).
+    :class:`Dora` (computed as a weight: rank dropout drops rows of ``ΔW`` as LyCORIS does, neuron
+    dropout does not apply, as in LyCORIS' weight path).
     """
 
     variant = LoraVariant
@@ -870,27 +887,29 @@ class LohaAdapter(Adapter):
         *,
         multiplier: float = 1.0,
         module_dropout: float | None = None,
+        rank_dropout: float | None = None,
         dora: bool = False,
         tucker: bool = False,
     ) -> None:
         super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
+        self.rank_dropout = rank_dropout
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         out_dim, in_dim = int(weight.shape[0]), int(weight[0].numel())
-        # LyCORIS init: w1_a, t ~ N(0, 0.1²); w1_b, w2_b ~ N(0, 1); w2_a = 0 -> ΔW = 0 at the start
+        # LyCORIS init: w1_a, t ~ N(0, 0.1²); w1_b, w2_b ~ N(0, 1); w2_a = 0 -> ΔW = 0 at the start.
+        # Drawn in LyCORIS' order (t1, t2, w1_b, w1_a, w2_b), so the same torch seed gives the very
+        # same tensors as ``lycoris.modules.loha.LohaModule`` (benchmarks/bench_lycoris.py checks it).
         if tucker and weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1):
             kernel = tuple(weight.shape[2:])
             in_dim = int(weight.shape[1])
-            self.hada_w1_a = nn.Parameter(torch.randn(rank, out_dim) * 0.1)
-            self.hada_w1_b = nn.Parameter(torch.randn(rank, in_dim))
-            self.hada_t1 = nn.Parameter(torch.randn(rank, rank, *kernel) * 0.1)
-            self.hada_w2_a = nn.Parameter(torch.zeros(rank, out_dim))
-            self.hada_w2_b = nn.Parameter(torch.randn(rank, in_dim))
-            self.hada_t2 = nn.Parameter(torch.randn(rank, rank, *kernel) * 0.1)
+            self.hada_t1 = nn.Parameter(torch.empty(rank, rank, *kernel).normal_(std=0.1))
+            self.hada_t2 = nn.Parameter(torch.empty(rank, rank, *kernel).normal_(std=0.1))
+            shape_a: tuple[int, int] = (rank, out_dim)
         else:
-            self.hada_w1_a = nn.Parameter(torch.randn(out_dim, rank) * 0.1)
-            self.hada_w1_b = nn.Parameter(torch.randn(rank, in_dim))
-            self.hada_w2_a = nn.Parameter(torch.zeros(out_dim, rank))
-            self.hada_w2_b = nn.Parameter(torch.randn(rank, in_dim))
+            shape_a = (out_dim, rank)
+        self.hada_w1_b = nn.Parameter(torch.empty(rank, in_dim).normal_(std=1.0))
+        self.hada_w1_a = nn.Parameter(torch.empty(*shape_a).normal_(std=0.1))
+        self.hada_w2_b = nn.Parameter(torch.empty(rank, in_dim).normal_(std=1.0))
+        self.hada_w2_a = nn.Parameter(torch.zeros(*shape_a))
 
 
 class LokrAdapter(Adapter):
@@ -913,6 +932,7 @@ class LokrAdapter(Adapter):
         factor: int = -1,
         multiplier: float = 1.0,
         module_dropout: float | None = None,
+        rank_dropout: float | None = None,
         dora: bool = False,
         tucker: bool = False,
     ) -> None:
@@ -930,8 +950,9 @@ class LokrAdapter(Adapter):
             module_dropout=module_dropout,
             dora=dora,
         )
-        self.lokr_w1 = nn.Parameter(torch.empty(out_m, in_m))
-        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        self.rank_dropout = rank_dropout
+        # LyCORIS' init and draw order: w2 (zero, or its factors with w2_b = 0) first, then w1
+        # kaiming-uniform, so the same torch seed gives the same tensors as its LokrModule.
         if full_w2:  # LyCORIS keeps a full conv w2 4-D: [out_n, in_n, k, k]
             self.lokr_w2 = nn.Parameter(torch.zeros(out_n, in_n, *kernel))
             self._scale = 1.0
@@ -945,6 +966,8 @@ class LokrAdapter(Adapter):
             self.lokr_w2_a = nn.Parameter(torch.empty(out_n, rank))
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
             self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_n * math.prod(kernel)))
+        self.lokr_w1 = nn.Parameter(torch.empty(out_m, in_m))
+        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
 
     @property
     def full_matrix(self) -> bool:

@@ -212,6 +212,12 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         ):
             if value is not None and not 0 <= value < 1:
                 raise ConfigError(f"{flag} must be in [0, 1) (got {value})")
+        if o.dropout and o.algo in ("loha", "lokr", "dora"):
+            warnings.warn(
+                f"--dropout has no effect on --algo {o.algo} (LyCORIS has no neuron dropout for it either); "
+                "--rank-dropout and --module-dropout apply",
+                stacklevel=2,
+            )
         if o.network_weights and not Path(o.network_weights).is_file():
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
         from .blocks import check_block_options
@@ -479,6 +485,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             args["algo"] = {"dora": "lora", "lora": "locon"}.get(o.algo, o.algo)
             if o.algo == "dora":
                 args["dora_wd"] = True
+                args["wd_on_output"] = False  # our magnitude layout (LyCORIS' default is True)
             if o.algo == "lokr":
                 args["factor"] = o.lokr_factor
         variant = None

@@ -130,9 +130,9 @@ class LoraNetwork(nn.Module):
             if adapter_cls is LoraAdapter:
                 common.update(dropout=dropout, rank_dropout=rank_dropout, dora=algo == "dora", tucker=use_tucker)
             elif algo == "lokr":
-                common.update(factor=lokr_factor, tucker=use_tucker)
+                common.update(factor=lokr_factor, tucker=use_tucker, rank_dropout=rank_dropout)
             else:
-                common.update(tucker=use_tucker)
+                common.update(tucker=use_tucker, rank_dropout=rank_dropout)
             modules.append(adapter_cls(target.name, target.module, r, a, **common))
         return cls(modules)
 

@@ -190,6 +190,9 @@ def load_options(
         if applied:
             found_notes.append("kohya defaults applied (set the option to change): " + "; ".join(applied))
         raw = {**defaults, **raw}
+    for target, source in translation.follow.items():  # e.g. LyCORIS' conv_dim defaulting to network_dim
+        if target not in raw and raw.get(source) is not None:
+            raw[target] = raw[source]
     values: dict[str, Any] = {}
     for name, value in raw.items():
         source = "command line" if name in cli_values else where

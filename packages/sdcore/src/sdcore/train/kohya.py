@@ -458,6 +458,7 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "use_cp": ("false",),
     "train_blocks": ("all",),  # lora_flux: all blocks is the default
     "dora_wd": ("false",),
+    "wd_on_output": ("false",),  # DoRA's magnitude per input channel: the layout sdcore trains and writes
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
 }
@@ -481,6 +482,8 @@ class Translation:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     origin: dict[str, str] = field(default_factory=dict)  # sdcore option -> the kohya name that set it
+    #: option -> the option whose final value it takes unless set itself (LyCORIS: conv_dim = network_dim)
+    follow: dict[str, str] = field(default_factory=dict)
 
 
 def is_kohya_name(name: str) -> bool:
@@ -747,16 +750,26 @@ def _network(
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")
             chosen = "dora"
-        put("algo", chosen, "network_args algo")
         preset = args.get("preset", "full").lower()
         if preset == "full":
             out.notes.append(
                 "LyCORIS preset 'full' also adapts conv_in/conv_out/time embedding; sdcore adapts kohya's "
                 "LoCon modules (attention, MLP, ResNet and sampler convs)"
             )
-        # LyCORIS: conv_dim/conv_alpha default to network_dim/network_alpha (networks.lora: no conv)
-        if "conv_alpha" not in args and "alpha" in out.values:
-            args["conv_alpha"] = str(out.values["alpha"])
+            # LyCORIS (lycoris.kohya create_network): conv_dim/conv_alpha default to network_dim/network_alpha
+            # (kohya's defaults 4 and 1), so every algo, LoHa/LoKr/DoRA included, also adapts the 3x3 convs
+            # unless conv_dim=0; networks.lora has no convs unless conv_dim is given
+            if "conv_dim" not in args and "conv_rank" in present:
+                out.follow["conv_rank"] = "rank"
+            if "conv_alpha" not in args and "conv_alpha" in present:
+                out.follow["conv_alpha"] = "alpha"
+        elif preset == "attn-mlp":  # LyCORIS: enable_conv=False, Transformer blocks only = kohya's LierLa set
+            if chosen == "locon":
+                chosen = "lora"
+            for key in ("conv_dim", "conv_alpha"):
+                if args.pop(key, None) is not None:
+                    out.notes.append(f"network_args {key} has no effect with preset=attn-mlp (LyCORIS adapts no convs)")
+        put("algo", chosen, "network_args algo")
     elif algo:
         out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya")
         return

@@ -3,9 +3,10 @@
 Aesthetic gradients are no training method (nothing is trained before generation; the text tower is
 tuned per prompt toward the mean CLIP image embedding of a set), so they do not fit the method
 contract's learning check; this is the same kind of check, direct. ``toyworld:`` has no CLIP model,
-so the test makes one: a ``CLIPModel`` whose text tower *is* the toy model's text encoder (so the
-personaliser tunes the model's own encoder, as with SD1 and OpenAI CLIP) and whose small vision
-tower and both projections are trained contrastively on world pictures and their captions.
+so sdcore's toy world builds one (:mod:`sdcore.testing.toyworld.clip`, cached under the sdcore cache
+dir): a ``CLIPModel`` whose text tower *is* the toy model's text encoder (so the personaliser tunes
+the model's own encoder, as with SD1 and OpenAI CLIP) and whose small vision tower and both
+projections are trained contrastively on world pictures and their captions.
 """
 
 from __future__ import annotations
@@ -27,57 +28,10 @@ PROMPTS = [f"a large {colour} {shape}" for colour in COLOURS if colour != LOOK f
 
 
 @pytest.fixture(scope="module")
-def toy_clip(tmp_path_factory) -> Path:
-    return make_toy_clip(tmp_path_factory.mktemp("toy-clip"))
+def toy_clip() -> Path:
+    from sdcore.testing.toyworld.clip import toy_clip_dir
 
-
-def make_toy_clip(folder: Path) -> Path:
-    """A CLIP model for ``toyworld:`` (text tower = its encoder), saved with its image processor in ``folder``."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.set_num_threads(1)
-    bundle = toyworld_bundle()
-    encoder, tokenizer = bundle.text_encoders[0], bundle.tokenizers[0]
-    torch.manual_seed(0)
-    vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "image_size": 32,
-        "patch_size": 16,
-    }
-    clip = CLIPModel(CLIPConfig(text_config=encoder.config.to_dict(), vision_config=vision, projection_dim=32))
-    clip.text_model.load_state_dict(encoder.state_dict())
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    scenes = world_scenes(256, seed=11)
-    captions = [scene.caption for scene in scenes]
-    pixels = processor(images=[render(scene) for scene in scenes], return_tensors="pt")["pixel_values"]
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    clip.text_model.requires_grad_(False)
-    with torch.no_grad():
-        pooled = clip.text_model(input_ids=ids).pooler_output
-    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
-    optimizer = torch.optim.AdamW([p for p in clip.parameters() if p.requires_grad], lr=5e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(150):  # CLIP's symmetric contrastive loss; equal captions are all positives
-        index = torch.randperm(len(scenes), generator=generator)[:32]
-        image = torch.nn.functional.normalize(
-            clip.visual_projection(clip.vision_model(pixel_values=pixels[index]).pooler_output), dim=-1
-        )
-        text = torch.nn.functional.normalize(clip.text_projection(pooled[index]), dim=-1)
-        logits = clip.logit_scale.exp() * image @ text.T
-        target = same[index][:, index]
-        target = target / target.sum(1, keepdim=True)
-        loss = (
-            torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
-        ) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    clip.eval().save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return toy_clip_dir()
 
 
 def _object_rgb(image: Any) -> np.ndarray:

@@ -12,7 +12,9 @@ settings is in :mod:`benchmarks.quality_setup`. For each method it prints:
 
 Results are applied the way users apply them: LoRA files with ``<lora:name:1>``, embeddings by
 name (APT's ``name-neg`` as the negative prompt), hypernetworks with ``<hypernet:name:1>``,
-DreamBooth results loaded as a model.
+DreamBooth results loaded as a model, aesthetic embeddings with ``sdcore generate --aesthetic``'s
+handler options (weight, steps and lr of the generation-time tuning; ``--aesthetic-weights`` picks
+weights, ``--steps`` / ``--lrs`` the tuning's steps and lr; in a sweep the checkpoints are tuning steps).
 
 The anchor is what diffusers' LoRA training script does: ``unet.add_adapter(LoraConfig(...))`` on
 the attention projections (``to_q to_k to_v to_out.0``), AdamW, epsilon MSE on the same latents,
@@ -43,12 +45,16 @@ from typing import Any
 from .common import print_table, write_json
 from .quality_setup import (
     COMPOSITION,
+    LOOK,
+    LOOK_COLOUR,
     METHODS,
     OBJECT,
     STYLE,
     MethodSpec,
     concept_of,
+    look_prompts,
     write_concept_data,
+    write_look_data,
     write_name_template,
     write_reg_data,
 )
@@ -83,6 +89,7 @@ class Scorer:
         self.n, self.world, self.caption = args.n, args.world, args.caption
         self.prompts = evaluate.world_prompts(args.world)
         self.base = self._accuracy(toyworld_bundle(), self.prompts)
+        self._look_base: dict[int, Any] = {}
 
     def _images(self, bundle: Any, prompts: list[str], *, seed: int, networks: Any = None, negative: str = "") -> Any:
         from sdcore.generate.pipeline import generate_images
@@ -98,6 +105,23 @@ class Scorer:
 
         images = self._images(bundle, [p + suffix for p in prompts], seed=1000, networks=networks)
         return evaluate.accuracy(prompts, [read_image(image) for image in images])
+
+    def score_look(self, bundle: Any, networks: Any, seed: int) -> tuple[float, float, dict[str, float]]:
+        """(share of samples in the look's colour, shape accuracy / the base's, extra) of world prompts of
+        the other colours, sampled at seed ``1000 + seed`` with ``networks`` (the aesthetic handler)."""
+        from sdcore.testing.contract import toyworld_bundle
+        from sdcore.testing.toyworld import evaluate, read_image
+
+        prompts = look_prompts(self.prompts)
+        if seed not in self._look_base:  # the base on the same prompts and seeds
+            base_images = self._images(toyworld_bundle(), prompts, seed=1000 + seed)
+            self._look_base[seed] = evaluate.accuracy(prompts, [read_image(image) for image in base_images])
+        base = self._look_base[seed]
+        readings = [read_image(image) for image in self._images(bundle, prompts, seed=1000 + seed, networks=networks)]
+        accuracy = evaluate.accuracy(prompts, readings)
+        look = sum(r.colour == LOOK_COLOUR for r in readings) / len(readings)
+        extra = {"shape_accuracy": accuracy.shape, "base_shape": base.shape, "prompt_colour": accuracy.colour}
+        return look, accuracy.shape / max(base.shape, 1e-9), extra
 
     def score(self, spec: MethodSpec, path: Path | None, bundle: Any = None) -> tuple[float, float, dict[str, float]]:
         """(concept, preservation, extra) of the result at ``path`` (or of a live ``bundle``)."""
@@ -253,8 +277,45 @@ def _train_peft(folders: dict[str, Path], scorer: Scorer, *, lr: float, steps: i
     return scores
 
 
+def _run_aesthetic(spec: MethodSpec, scorer: Scorer, tmp: Path, *, lr: float, steps: int, seed: int,
+                   checkpoints: int, args: argparse.Namespace) -> list[Score]:  # fmt: skip
+    """Aesthetic gradients as users apply them: an embedding of the seed's blue image set made with the
+    plugin's ``create`` from the toy world's CLIP, then ``sdcore generate --aesthetic``'s handler with
+    the spec's weight and the tuning's ``lr`` and steps (a sweep scores ``steps`` at 1/k ... k/k)."""
+    from sdcore.generate.session import session_from_plugin_manager
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.contract import toyworld_bundle
+    from sdcore.testing.toyworld.clip import toy_clip_dir
+    from sdplugin_aesthetic.create import create_aesthetic_embedding, save_aesthetic_embedding
+
+    clip = toy_clip_dir()
+    started = time.perf_counter()
+    pictures = write_look_data(tmp / f"look-seed{seed}", seed)
+    folder = tmp / f"aesthetic-seed{seed}"
+    save_aesthetic_embedding(create_aesthetic_embedding(pictures, clip), folder / "look.pt")
+    created = time.perf_counter() - started
+    every = steps // checkpoints if checkpoints > 1 else steps
+    tuning_steps = sorted({every * (i + 1) for i in range(checkpoints - 1)} | {steps})
+    bundle, scores = toyworld_bundle(), []
+    for k in tuning_steps:
+        options = {
+            "aesthetic": "look", "aesthetic_clip": str(clip), "aesthetic_weight": spec.overrides["aesthetic_weight"],
+            "aesthetic_steps": k, "aesthetic_lr": lr, "aesthetic_negative": args.aesthetic_negative,
+        }  # fmt: skip
+        with tempfile.TemporaryDirectory() as empty:
+            networks = session_from_plugin_manager(
+                get_plugin_manager(), {"aesthetic_dir": str(folder)}, models_dir=empty, options=options
+            )
+        started = time.perf_counter()
+        look, shape, extra = scorer.score_look(bundle, networks, seed)
+        scores.append(Score(k, look, shape, created + time.perf_counter() - started, extra))
+    return scores
+
+
 def run_one(spec: MethodSpec, folders: dict[str, Path], scorer: Scorer, tmp: Path, *, lr: float, steps: int,
             seed: int, checkpoints: int, args: argparse.Namespace) -> list[Score]:  # fmt: skip
+    if spec.apply == "aesthetic":
+        return _run_aesthetic(spec, scorer, tmp, lr=lr, steps=steps, seed=seed, checkpoints=checkpoints, args=args)
     if spec.key == "anchor":
         return _train_peft(folders, scorer, lr=lr, steps=steps, seed=seed, checkpoints=checkpoints, args=args)
     out = tmp / f"{spec.key}-lr{lr:g}-seed{seed}"
@@ -275,6 +336,8 @@ def goal_text(spec: MethodSpec) -> str:
         return f"concept >= anchor, preservation >= 0.9{extra}"
     if spec.kind == COMPOSITION:
         return "concept >= 0.6, preservation >= 0.95"
+    if spec.kind == LOOK:
+        return f"{LOOK_COLOUR} look >= 0.6 of other colours' samples, shape (rel.) >= 0.8"
     return "style >= 0.8, shape (rel.) >= 0.8"
 
 
@@ -292,6 +355,8 @@ def meets(spec: MethodSpec, concept: float, preservation: float, anchor: float |
         return "yes" if ok else "no"
     if spec.kind == COMPOSITION:
         return "yes" if concept >= 0.6 and preservation >= 0.95 else "no"
+    if spec.kind == LOOK:
+        return "yes" if concept >= 0.6 and preservation >= 0.8 else "no"
     return "yes" if concept >= 0.8 and preservation >= 0.8 else "no"
 
 
@@ -339,6 +404,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--caption", help="caption template of the concept images, e.g. 'a {size} {trigger}' (default: the trigger)"
     )
+    parser.add_argument(
+        "--aesthetic-weights", default="", help="aesthetic weights to measure, e.g. 0.5,0.9 (default: 0.9)"
+    )
+    parser.add_argument(
+        "--aesthetic-negative", action="store_true", help="aesthetic: personalise the negative prompt too (A1111)"
+    )
     parser.add_argument("--json", default="quality", help="raw figures go to benchmarks/out/<this>.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a method option")
     args = parser.parse_args(argv)
@@ -348,6 +419,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     specs = [METHODS[m] if m != "anchor" else ANCHOR for m in chosen]
+    weights = [float(w) for w in args.aesthetic_weights.split(",") if w]
+    if weights:  # one row per aesthetic weight
+        specs = [
+            dataclasses.replace(s, key=f"{s.key}-w{w:g}", label=f"{s.label} (weight {w:g})",
+                                overrides={**s.overrides, "aesthetic_weight": w})  # fmt: skip
+            if s.apply == "aesthetic" else s
+            for s in specs
+            for w in (weights if s.apply == "aesthetic" else [None])
+        ]
     for key in args.set:  # a typo must not pass silently
         if not any(
             key in {f.name for f in dataclasses.fields(s.method_class().options_class)} for s in specs if s.method

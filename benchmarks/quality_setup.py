@@ -8,7 +8,11 @@ Every first-party training method is trained on the concept kind it is meant for
   one new token ``zwx`` (TI cannot teach what the model does not know);
 - Hypernetwork: a style on every prompt, "everything purple": world pictures whose object is purple,
   captioned with their world caption (``a small red square`` shows a purple square), so the shape
-  must stay while the colour moves.
+  must stay while the colour moves;
+- aesthetic embedding: a *look* taken from an image set, 16 blue world pictures; nothing trains:
+  the embedding is the set's mean toy-CLIP image feature (the plugin's ``create``) and world
+  prompts of the other colours are generated with aesthetic gradients applied
+  (``sdcore generate --aesthetic``); the look is met when they come out blue with their shapes kept.
 
 :data:`METHODS` holds the settings each method is benchmarked with on the toy world (its "toy
 setting") and the learning rates the sweep tries around it. These are *not* the methods' shipped
@@ -23,10 +27,15 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-OBJECT, COMPOSITION, STYLE = "new object", "known composition", "style"
+OBJECT, COMPOSITION, STYLE, LOOK = "new object", "known composition", "style", "image set's look"
 
 STYLE_COLOUR = "purple"
 """The hypernetwork's style: every object drawn in this colour (the world has no purple)."""
+
+LOOK_COLOUR = "blue"
+"""The aesthetic embedding's image set: world pictures all of this (known) colour."""
+LOOK_IMAGES = 16
+"""Pictures in the aesthetic embedding's image set."""
 
 IMAGES = 8
 """Pictures of the concept (the issue's "8 images")."""
@@ -42,9 +51,9 @@ class MethodSpec:
     label: str
     method: str  # "module:Class"
     kind: str
-    apply: str  # how a result is used at generation: lora | embedding | apt | hypernet | model
-    lr: float
-    steps: int
+    apply: str  # how a result is used at generation: lora | embedding | apt | hypernet | model | aesthetic
+    lr: float  # aesthetic: the tuning lr of generation-time personalisation
+    steps: int  # aesthetic: its tuning steps
     overrides: dict[str, Any]
     sweep_lrs: tuple[float, ...]
     reg: bool = False  # regularisation images of world captions (prior preservation)
@@ -84,6 +93,9 @@ METHODS: dict[str, MethodSpec] = {
         # it must learn too (benchmarks/RESULTS.md, "Hypernetwork style on the toy world")
         MethodSpec("hn", "Hypernetwork (1,2,1)", "sdplugin_hn.method:HNMethod", STYLE, "hypernet",
                    1e-3, 400, {"template": "hypernetwork", "caption_dropout": 0.1}, (3e-4, 1e-3, 3e-3)),
+        # nothing trains: lr and steps are the generation-time tuning's, at the plugin's (A1111's) defaults
+        MethodSpec("aesthetic", "aesthetic embedding", "", LOOK, "aesthetic", 1e-4, 5, {"aesthetic_weight": 0.9},
+                   (1e-4, 1e-3, 5e-3)),
     )
 }  # fmt: skip
 """The benchmarked methods in the order they run (``--methods`` picks by key)."""
@@ -122,6 +134,21 @@ def write_concept_data(root: Path, kind: str, *, count: int = IMAGES, caption: s
         root, scenes, name=concept.trigger, caption_text=lambda s: caption.format(trigger=concept.trigger, size=s.size)
     )
     return root
+
+
+def write_look_data(root: Path, seed: int, *, count: int = LOOK_IMAGES) -> Path:
+    """The aesthetic embedding's image set: ``count`` world pictures in :data:`LOOK_COLOUR` (no captions);
+    ``seed`` picks the pictures."""
+    from sdcore.testing.toyworld import world_scenes, write_dataset
+
+    return write_dataset(root, world_scenes(count, 5 + seed, colours=[LOOK_COLOUR]), captions=False)
+
+
+def look_prompts(prompts: list[str]) -> list[str]:
+    """The world prompts the look is asked of: those of another colour than the set's."""
+    from sdcore.testing.toyworld.evaluate import parse_caption
+
+    return [p for p in prompts if parse_caption(p)[1] != LOOK_COLOUR]
 
 
 def write_reg_data(root: Path, *, count: int = REG_IMAGES) -> Path:

@@ -422,9 +422,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights = [float(w) for w in args.aesthetic_weights.split(",") if w]
     if weights:  # one row per aesthetic weight
         specs = [
-            dataclasses.replace(s, key=f"{s.key}-w{w:g}", label=f"{s.label} (weight {w:g})",
-                                overrides={**s.overrides, "aesthetic_weight": w})  # fmt: skip
-            if s.apply == "aesthetic" else s
+            dataclasses.replace(
+                s,
+                key=f"{s.key}-w{w:g}",
+                label=f"{s.label} (weight {w:g})",
+                overrides={**s.overrides, "aesthetic_weight": w},
+            )
+            if s.apply == "aesthetic"
+            else s
             for s in specs
             for w in (weights if s.apply == "aesthetic" else [None])
         ]

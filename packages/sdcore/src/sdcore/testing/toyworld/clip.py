@@ -82,8 +82,7 @@ def build_toy_clip(folder: str | os.PathLike[str], *, steps: int = STEPS) -> Pat
             target = same[index][:, index]
             target = target / target.sum(1, keepdim=True)
             loss = (
-                torch.nn.functional.cross_entropy(logits, target)
-                + torch.nn.functional.cross_entropy(logits.T, target)
+                torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
             ) / 2
             optimizer.zero_grad()
             loss.backward()

@@ -110,3 +110,12 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], Any]) -> 
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def cache_dir() -> Path:
+    """Where sdcore keeps files it can always rebuild (tokenizer files, the toy world's CLIP):
+    ``$SDCORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sdcore``, else ``~/.cache/sdcore``."""
+    base = os.environ.get("SDCORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdcore"
+    )
+    return Path(base)

@@ -53,3 +53,19 @@ def test_toy_clip_dir_builds_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(clip, "RECIPE", clip.RECIPE + 1)  # a new recipe is a new cache entry
     assert clip.toy_clip_dir() != folder
     assert len(calls) == 2
+
+
+def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$SDCORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sdcore``, else ``~/.cache/sdcore`` (tokenizers and the toy CLIP)."""
+    from sdcore.io import cache_dir
+    from sdcore.models.tokenizer import _cache_dir
+    from sdcore.testing.toyworld.clip import _cache_root
+
+    assert cache_dir() == tmp_path / "cache"
+    assert _cache_dir() == tmp_path / "cache" / "tokenizers" and _cache_root() == tmp_path / "cache" / "toyworld-clip"
+    monkeypatch.delenv("SDCORE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "sdcore"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "sdcore"

@@ -75,10 +75,9 @@ def write_tokenizer_files(directory: str | os.PathLike[str], *, pad_token: str =
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("SDCORE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdcore"
-    )
-    return Path(base) / "tokenizers"
+    from ..io import cache_dir
+
+    return cache_dir() / "tokenizers"
 
 
 @lru_cache(maxsize=4)

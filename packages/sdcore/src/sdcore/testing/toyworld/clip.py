@@ -96,10 +96,9 @@ def build_toy_clip(folder: str | os.PathLike[str], *, steps: int = STEPS) -> Pat
 
 
 def _cache_root() -> Path:
-    base = os.environ.get("SDCORE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdcore"
-    )
-    return Path(base) / "toyworld-clip"
+    from ...io import cache_dir
+
+    return cache_dir() / "toyworld-clip"
 
 
 def _base_key() -> str:

@@ -16,7 +16,10 @@ CLIP, :mod:`sdcore.testing.toyworld.clip`; the world prompts of the other colour
   the change the edit does not explain;
 - ``width``: how far 5 Adam steps move randomly initialised CLIP text towers of the toy's size and
   of CLIP ViT-L/14's (768 wide, 12 layers), beside the toy encoder: Adam's step is per weight, so
-  the same lr moves a wider, deeper tower further.
+  the same lr moves a wider, deeper tower further;
+- ``per-shape``: the same generation with one embedding per shape (16 blue circles for the circle
+  prompts, ...) instead of one of blue pictures of every shape: does a target that carries the
+  prompt's shape keep it?
 
     python -m benchmarks aesthetic
     python -m benchmarks aesthetic -- --checks ref,ideal
@@ -35,7 +38,7 @@ from .common import write_json
 from .quality_setup import LOOK_COLOUR, look_prompts, write_look_data
 
 REFERENCE = Path(__file__).parents[1] / "packages/sdplugin-aesthetic/tests/test_extension_maths.py"
-CHECKS = ("ref", "ideal", "decode", "direction", "width")
+CHECKS = ("ref", "ideal", "decode", "direction", "width", "per-shape")
 
 
 def _edited(prompt: str) -> str:
@@ -191,6 +194,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     moved = float((tower_states(tuned, ids, 1) - before).norm() / before.norm())
                 print(f"width {name}: lr {lr:g} x 5: cos {history[0]:.3f} -> {history[-1]:.3f}, |zn-z|/|z| {moved:.3f}")
                 out.setdefault("width", []).append({"tower": name, "lr": lr, "cos": history[-1], "moved": moved})
+    if "per-shape" in checks:
+        from sdcore.generate.session import NetworkSession
+        from sdcore.testing.toyworld import SHAPES, world_scenes, write_dataset
+        from sdplugin_aesthetic.create import save_aesthetic_embedding
+        from sdplugin_aesthetic.handler import AestheticHandler
+
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            for shape in SHAPES:  # a set of blue pictures of one shape
+                scenes = world_scenes(16, 5, colours=[LOOK_COLOUR], shapes=[shape])
+                folder = write_dataset(tmp / shape, scenes, captions=False)
+                save_aesthetic_embedding(
+                    create_aesthetic_embedding(folder, toy_clip_dir()), tmp / "embs" / f"{shape}.pt"
+                )
+            runs = [("base (weight 0)", 0.0, 2e-3, 5)]
+            runs += [(mode, 0.9, lr, 5) for lr in (2e-3, 3e-3, 5e-3) for mode in ("every shape", "per shape")]
+            for mode, weight, lr, steps in runs:
+                looks, shapes = [], []
+                for seed in range(3):
+                    found = []
+                    for shape in SHAPES:
+                        group = [p for p in prompts if evaluate.parse_caption(p)[0] == shape]
+                        if not group:
+                            continue
+                        if mode == "per shape":
+                            handler = AestheticHandler(tmp / "embs")
+                            handler.options = {"aesthetic": shape, "aesthetic_clip": str(toy_clip_dir()),
+                                               "aesthetic_weight": weight, "aesthetic_steps": steps, "aesthetic_lr": lr}  # fmt: skip
+                        else:
+                            save_aesthetic_embedding(raw.reshape(1, -1), tmp / "all" / "look.pt")
+                            handler = AestheticHandler(tmp / "all")
+                            handler.options = {"aesthetic": "look", "aesthetic_clip": str(toy_clip_dir()),
+                                               "aesthetic_weight": weight, "aesthetic_steps": steps, "aesthetic_lr": lr}  # fmt: skip
+                        images = generate_images(
+                            bundle, group, steps=evaluate.STEPS, cfg=evaluate.CFG, seed=1000 + seed,
+                            sampler=evaluate.SAMPLER, width=IMAGE_SIZE, height=IMAGE_SIZE,
+                            networks=NetworkSession({None: handler}),
+                        )  # fmt: skip
+                        found += [(p, read_image(image)) for p, image in zip(group, images, strict=True)]
+                    looks.append(sum(r.colour == LOOK_COLOUR for _, r in found) / len(found))
+                    shapes.append(evaluate.accuracy([p for p, _ in found], [r for _, r in found]).shape)
+                row = {"mode": mode, "weight": weight, "lr": lr, "steps": steps,
+                       "look": statistics.fmean(looks), "shape": statistics.fmean(shapes)}  # fmt: skip
+                print(f"per-shape {mode}: weight {weight:g} lr {lr:g} steps {steps}: look {row['look']:.2f} "
+                      f"({min(looks):.2f}-{max(looks):.2f}), shape accuracy {row['shape']:.2f} "
+                      f"({min(shapes):.2f}-{max(shapes):.2f})")  # fmt: skip
+                out.setdefault("per_shape", []).append(row)
     write_json("aesthetic", out)
     return out
 

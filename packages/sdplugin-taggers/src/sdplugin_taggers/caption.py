@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdcore.errors import ConfigError, ModelFormatError
-from sdcore.io import atomic_path
+from sdcore.io import atomic_path, cache_dir
 
 from .runner import BatchTagger, default_workers
 from .tags import TagFormat, TagResult
@@ -394,7 +394,4 @@ class CaptionTagger(BatchTagger):
 
 
 def _default_cache_dir() -> Path:
-    base = os.environ.get("SDCORE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdcore"
-    )
-    return Path(base) / "clip-text-embeds"
+    return cache_dir() / "clip-text-embeds"

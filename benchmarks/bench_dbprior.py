@@ -22,8 +22,11 @@ Everything is scored as ``python -m benchmarks quality`` scores DreamBooth (conc
 ``sks``; preservation: world accuracy / the base's). If the references miss as sdcore does, the
 miss belongs to prior preservation on this world, not to sdcore.
 
-    python -m benchmarks dbprior                                     # all three, lr 1e-4, weight 1, 3 seeds
-    python -m benchmarks dbprior -- --impls diffusers --weights 0.25,1 --steps 200 --checkpoints 4
+    python -m benchmarks dbprior              # all three, lr 1e-4, weight 1, steps 100-400, seeds 0-2
+    python -m benchmarks dbprior -- --impls diffusers --weights 0,1 --steps 100 --checkpoints 1 --probe
+
+``--probe`` also scores ``sks`` and the empty prompt without guidance (CFG 1) for the references:
+where the learnt ring lives (benchmarks/RESULTS.md, "DreamBooth with prior preservation").
 """
 
 from __future__ import annotations
@@ -174,10 +177,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks dbprior")
     parser.add_argument("--impls", default="sdcore,diffusers,kohya", help="comma-separated: sdcore, diffusers, kohya")
-    parser.add_argument("--lrs", default=f"{SPEC.lr:g}")
+    parser.add_argument("--lrs", default="1e-4", help="learning rates (the RESULTS.md comparison: 1e-4)")
     parser.add_argument("--weights", default="1", help="prior loss weights")
-    parser.add_argument("--steps", type=int, default=SPEC.steps)
-    parser.add_argument("--checkpoints", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--checkpoints", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(

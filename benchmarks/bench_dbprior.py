@@ -25,7 +25,7 @@ miss belongs to prior preservation on this world, not to sdcore.
     python -m benchmarks dbprior              # all three, lr 1e-4, weight 1, steps 100-400, seeds 0-2
     python -m benchmarks dbprior -- --impls diffusers --weights 0,1 --steps 100 --checkpoints 1 --probe
 
-``--probe`` also scores ``sks`` and the empty prompt without guidance (CFG 1) for the references:
+``--probe`` also scores ``sks`` and the empty prompt without guidance (CFG 1):
 where the learnt ring lives (benchmarks/RESULTS.md, "DreamBooth with prior preservation").
 """
 
@@ -188,11 +188,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--n", type=int, default=16, help="samples for the concept score")
     parser.add_argument("--world", type=int, default=24, help="world prompts for preservation")
-    parser.add_argument("--probe", action="store_true", help="references: also score sks and '' at CFG 1")
+    parser.add_argument("--probe", action="store_true", help="also score sks and '' at CFG 1")
     parser.add_argument("--json", default="dbprior")
     args = parser.parse_args(argv)
 
     import torch
+    from sdcore.models.load import load_model
     from sdcore.testing.contract import toyworld_bundle
 
     torch.set_num_threads(1)
@@ -214,11 +215,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         if impl == "sdcore":
                             qargs = argparse.Namespace(set={"prior_loss_weight": weight, "batch_size": args.batch},
                                                        no_reg=False, reg=True)  # fmt: skip
-                            where = tmp / f"w{weight:g}"
-                            where.mkdir(exist_ok=True)
-                            for s in bench_quality.run_one(SPEC, folders, scorer, where, lr=lr, steps=args.steps,
-                                                           seed=seed, checkpoints=args.checkpoints, args=qargs):  # fmt: skip
-                                scores[s.step] = {"concept": s.concept, "preservation": s.preservation, **s.extra}
+                            out = tmp / f"sdcore-{lr:g}-{weight:g}-{seed}"
+                            results, _ = bench_quality._train_sdcore(SPEC, folders, out, lr=lr, steps=args.steps,
+                                                                     seed=seed, checkpoints=args.checkpoints,
+                                                                     args=qargs)  # fmt: skip
+                            for step, path in results:
+                                concept, keep, extra = scorer.score(SPEC, path)
+                                scores[step] = {"concept": concept, "preservation": keep, **extra}
+                                if args.probe:
+                                    scores[step].update(probe(load_model(str(path)), args.n))
                         else:
                             bundle = toyworld_bundle()
 

@@ -446,7 +446,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folders = {
-            kind: write_concept_data(tmp / kind.replace(" ", "-"), kind) for kind in (OBJECT, COMPOSITION, STYLE)
+            # --caption is the concept images' caption template (until 2026-11-30 19:30 UTC it only
+            # changed the scoring prompts: the pictures were still captioned with the bare trigger)
+            kind: write_concept_data(tmp / kind.replace(" ", "-"), kind, caption=args.caption)
+            for kind in (OBJECT, COMPOSITION, STYLE)
         }
         folders["reg"] = write_reg_data(tmp / "reg")
         folders["template"] = write_name_template(tmp / "name.txt")

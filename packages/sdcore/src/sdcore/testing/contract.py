@@ -150,6 +150,25 @@ def check_one_step(
     return result
 
 
+def _learning_session(
+    method_class: type,
+    tmp_path: Path,
+    defaults: dict[str, Any],
+    overrides: dict[str, Any] | None,
+    family: str,
+    steps: int,
+    tag: str,
+) -> Any:
+    """A set-up (not yet run) session of the learning checks: ``steps`` steps at batch 4, no state."""
+    from ..train.loop import TrainSession
+
+    values = {"max_steps": steps, "batch_size": 4, "save_state": False, **defaults, **(overrides or {})}
+    options = contract_options(method_class, tmp_path, values, family=family, tag=tag)
+    session = TrainSession(method_class(options), bundle=_bundle(family))
+    session.setup()
+    return session
+
+
 def check_learning(
     method_class: type,
     tmp_path: Path,
@@ -160,12 +179,7 @@ def check_learning(
     min_drop: float = 0.2,
 ) -> tuple[float, float]:
     """Train ``steps`` steps; the fixed-noise loss must fall by at least ``min_drop`` (relative)."""
-    from ..train.loop import TrainSession
-
-    values = {"max_steps": steps, "lr": 1e-2, "batch_size": 4, "save_state": False, **(overrides or {})}
-    options = contract_options(method_class, tmp_path, values, family=family, tag="learn")
-    session = TrainSession(method_class(options), bundle=_bundle(family))
-    session.setup()
+    session = _learning_session(method_class, tmp_path, {"lr": 1e-2}, overrides, family, steps, "learn")
     before = session.fixed_loss()
     session.run()
     after = session.fixed_loss()
@@ -299,13 +313,8 @@ def check_flow_learning(
     ``min_drop`` (relative). With ``untrained=True`` the same run steps with lr 0 and the held loss
     must *not* fall (by more than 1e-4 relative): the control that shows the drop is learning, not
     a measure that drifts. Returns (before, after)."""
-    from ..train.loop import TrainSession
-
-    values = {"max_steps": steps, "lr": 1e-3, "batch_size": 4, "save_state": False, **(overrides or {})}
     tag = "flow-untrained" if untrained else "flow-learn"
-    options = contract_options(method_class, tmp_path, values, family=family, tag=tag)
-    session = TrainSession(method_class(options), bundle=_bundle(family))
-    session.setup()
+    session = _learning_session(method_class, tmp_path, {"lr": 1e-3}, overrides, family, steps, tag)
     held = flow_held_set(session)
     before = flow_held_loss(session, held)
     if untrained:

@@ -189,6 +189,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n", type=int, default=16, help="samples for the concept score")
     parser.add_argument("--world", type=int, default=24, help="world prompts for preservation")
     parser.add_argument("--probe", action="store_true", help="also score sks and '' at CFG 1")
+    parser.add_argument(
+        "--caption",
+        default=None,
+        help=f"caption template of the concept pictures (default: the toy setting's, {SPEC.caption!r}; "
+        "'{trigger}' for the bare trigger)",
+    )
     parser.add_argument("--json", default="dbprior")
     args = parser.parse_args(argv)
 
@@ -199,13 +205,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     diff = check_reference_conditioning()
     print(f"reference vs sdcore prompt encoding: max |diff| = {diff:.2e}")
-    scorer = bench_quality.Scorer(argparse.Namespace(n=args.n, world=args.world, caption=None))
+    caption = args.caption or SPEC.caption
+    scorer = bench_quality.Scorer(argparse.Namespace(n=args.n, world=args.world, caption=caption))
     every = max(args.steps // args.checkpoints, 1)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        folders = {OBJECT: write_concept_data(tmp / "object", OBJECT), "reg": write_reg_data(tmp / "reg")}
-        instance, klass = _pictures(folders[OBJECT]), _pictures(folders["reg"])
+        key = bench_quality.data_key(OBJECT, caption)
+        folders = {key: write_concept_data(tmp / "object", OBJECT, caption=caption), "reg": write_reg_data(tmp / "reg")}
+        instance, klass = _pictures(folders[key]), _pictures(folders["reg"])
         for impl in args.impls.split(","):
             for lr in (float(x) for x in args.lrs.split(",")):
                 for weight in (float(w) for w in args.weights.split(",")):
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         scores: dict[int, dict[str, Any]] = {}
                         if impl == "sdcore":
                             qargs = argparse.Namespace(set={"prior_loss_weight": weight, "batch_size": args.batch},
-                                                       no_reg=False, reg=True)  # fmt: skip
+                                                       no_reg=False, reg=True, caption=caption)  # fmt: skip
                             out = tmp / f"sdcore-{lr:g}-{weight:g}-{seed}"
                             results, _ = bench_quality._train_sdcore(SPEC, folders, out, lr=lr, steps=args.steps,
                                                                      seed=seed, checkpoints=args.checkpoints,

@@ -86,7 +86,7 @@ class Scorer:
         from sdcore.testing.contract import toyworld_bundle
         from sdcore.testing.toyworld import evaluate
 
-        self.n, self.world, self.caption = args.n, args.world, args.caption
+        self.n, self.world, self.args = args.n, args.world, args
         self.prompts = evaluate.world_prompts(args.world)
         self.base = self._accuracy(toyworld_bundle(), self.prompts)
         self._look_base: dict[int, Any] = {}
@@ -158,9 +158,10 @@ class Scorer:
             style = sum(r.colour == concept.colour for r in readings) / len(readings)
             shape = accuracy.shape / max(self.base.shape, 1e-9)
             return style, shape, {"shape_accuracy": accuracy.shape}
-        if self.caption and spec.kind != STYLE:  # prompts written like the training captions
+        caption = caption_of(spec, self.args)
+        if caption and spec.kind != STYLE:  # prompts written like the training captions
             sizes = concept.sizes
-            prompts = [self.caption.format(trigger=word, size=sizes[i % len(sizes)]) + tag for i in range(self.n)]
+            prompts = [caption.format(trigger=word, size=sizes[i % len(sizes)]) + tag for i in range(self.n)]
         else:
             prompts = [word + tag] * self.n
         images = self._images(bundle, prompts, seed=100, networks=networks, negative=negative)
@@ -174,6 +175,19 @@ class Scorer:
             "concept_shape": sum(r.shape == concept.shape for r in readings) / len(readings),
         }
         return concept.score(images), preservation, {"world_accuracy": accuracy.colour_and_shape, **parts}
+
+
+def caption_of(spec: MethodSpec, args: argparse.Namespace) -> str | None:
+    """The caption template of a run's concept pictures and prompts: ``--caption``, else the method's own
+    (``None``: the bare trigger). Styles and looks keep their world captions."""
+    if spec.kind not in (OBJECT, COMPOSITION):
+        return None
+    return getattr(args, "caption", None) or spec.caption
+
+
+def data_key(kind: str, caption: str | None) -> str:
+    """The ``folders`` key of a concept's pictures captioned with ``caption``."""
+    return kind if caption is None else f"{kind}|{caption}"
 
 
 def uses_reg(spec: MethodSpec, args: argparse.Namespace) -> bool:
@@ -191,7 +205,8 @@ def _options(spec: MethodSpec, folders: dict[str, Path], out: Path, *, lr: float
     method_class = spec.method_class()
     suffix = "" if spec.apply == "model" else method_class.output_suffix
     values: dict[str, Any] = {
-        "model": "toyworld:", "data": str(folders[spec.kind]), "output": str(out / f"{spec.key}{suffix}"),
+        "model": "toyworld:", "data": str(folders[data_key(spec.kind, caption_of(spec, args))]),
+        "output": str(out / f"{spec.key}{suffix}"),
         "resolution": IMAGE_SIZE, "min_bucket_reso": IMAGE_SIZE, "max_bucket_reso": 2 * IMAGE_SIZE,
         "bucket_step": IMAGE_SIZE, "batch_size": 4, "max_steps": steps, "lr": lr, "seed": seed,
         "save_every": save_every, "save_limit": 0, "save_state": False, "progress": False, "cache_latents": True,
@@ -221,7 +236,7 @@ def _train_sdcore(spec: MethodSpec, folders: dict[str, Path], out: Path, *, lr: 
     result = session.run()
     seconds = time.perf_counter() - started
     saved = [*session.checkpoints.saved_results, Path(result.output)]
-    return [(every * (i + 1) if i < len(saved) - 1 else steps, p) for i, p in enumerate(saved)], seconds
+    return [((every or steps) * (i + 1) if i < len(saved) - 1 else steps, p) for i, p in enumerate(saved)], seconds
 
 
 def _train_peft(folders: dict[str, Path], scorer: Scorer, *, lr: float, steps: int, seed: int, checkpoints: int,
@@ -244,7 +259,7 @@ def _train_peft(folders: dict[str, Path], scorer: Scorer, *, lr: float, steps: i
     unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    folder = next(folders[OBJECT].glob("*_sks"))
+    folder = next(folders[data_key(OBJECT, caption_of(ANCHOR, args))].glob("*_sks"))
     paths = sorted(folder.glob("*.png"))
     pixels = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in paths]
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
@@ -446,11 +461,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folders = {
-            # --caption is the concept images' caption template (until 2026-11-30 19:30 UTC it only
-            # changed the scoring prompts: the pictures were still captioned with the bare trigger)
-            kind: write_concept_data(tmp / kind.replace(" ", "-"), kind, caption=args.caption)
-            for kind in (OBJECT, COMPOSITION, STYLE)
+            kind: write_concept_data(tmp / kind.replace(" ", "-"), kind) for kind in (OBJECT, COMPOSITION, STYLE)
         }
+        # each caption template a run asks for (--caption, or a method's own) captions its own copy of the
+        # concept pictures (until 2026-11-30 19:30 UTC --caption only changed the scoring prompts)
+        for caption in {caption_of(s, args) for s in specs} - {None}:
+            for kind in (OBJECT, COMPOSITION):
+                folder = tmp / f"{kind.replace(' ', '-')}-{len(folders)}"
+                folders[data_key(kind, caption)] = write_concept_data(folder, kind, caption=caption)
         folders["reg"] = write_reg_data(tmp / "reg")
         folders["template"] = write_name_template(tmp / "name.txt")
         for spec in specs:
@@ -466,7 +484,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         parts = ", ".join(f"{k} {v:.2f}" for k, v in s.extra.items())
                         print(f"  {spec.key} lr {lr:g} seed {seed} step {s.step}: concept {s.concept:.2f}, "
                               f"preservation {s.preservation:.2f}, {s.seconds:.1f} s ({parts})", flush=True)  # fmt: skip
-    rows, summary = [], {}
+    rows: list[tuple[str, ...]] = []
+    summary: dict[tuple[str, float, int], tuple[float, float]] = {}
     for spec in specs:
         by_setting: dict[tuple[float, int], list[dict[str, Any]]] = {}
         for r in runs.get(spec.key, []):
@@ -488,16 +507,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             plain = plain_run[1] if plain_run is not None else None
             reg = "reg" if uses_reg(spec, args) else ""
-            rows.append((spec.label, spec.kind, f"{lr:g}", str(step), reg,
+            rows.append((spec.label, spec.kind, caption_of(spec, args) or "trigger", f"{lr:g}", str(step), reg,
                          _stats([r["concept"] for r in items]), _stats([r["preservation"] for r in items]),
                          f"{statistics.fmean(r['seconds'] for r in items):.1f}",
                          meets(spec, concept, keep, anchor, plain)))  # fmt: skip
     title = (
         f"toy world, {args.seeds} seed(s), concept N={args.n}, preservation N={args.world} world prompts "
         f"(base colour+shape {scorer.base.colour_and_shape:.2f}, shape {scorer.base.shape:.2f}); "
-        f"anchor targets: {args.anchor_targets}; overrides: {args.set or 'none'}; caption: {args.caption or 'trigger'}"
+        f"anchor targets: {args.anchor_targets}; overrides: {args.set or 'none'}"
     )
-    header = ("method", "concept kind", "lr", "steps", "reg", "concept", "preservation", "train s", "goal met")
+    header = (
+        "method",
+        "concept kind",
+        "caption",
+        "lr",
+        "steps",
+        "reg",
+        "concept",
+        "preservation",
+        "train s",
+        "goal met",
+    )
     print_table(title, rows, header)
     print("\ngoals: " + "; ".join(f"{s.key}: {goal_text(s)}" for s in specs if s.key != "anchor"))
     payload = {"args": vars(args), "base": dataclasses.asdict(scorer.base), "runs": runs}

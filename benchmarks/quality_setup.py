@@ -4,6 +4,8 @@ Every first-party training method is trained on the concept kind it is meant for
 
 - LoRA, LoCon, LoHa, LoKr, DoRA and DreamBooth (with and without prior preservation): a *new*
   object, a purple ring named ``sks`` (a shape and a colour the toy world lacks), 8 pictures;
+  DreamBooth with prior preservation captions them as DreamBooth does, ``a {size} bnp circle``
+  (an identifier and a class noun, :data:`CLASS_CAPTION`);
 - Textual Inversion and APT: a composition of things the model knows, a large red triangle, named by
   one new token ``zwx`` (TI cannot teach what the model does not know);
 - Hypernetwork: a style on every prompt, "everything purple": world pictures whose object is purple,
@@ -39,6 +41,12 @@ LOOK_IMAGES = 16
 
 IMAGES = 8
 """Pictures of the concept (the issue's "8 images")."""
+CLASS_CAPTION = "a {size} bnp circle"
+"""DreamBooth's "a [V] [class]" caption of the new object's pictures (and its prompts): the class noun
+``circle`` (the ring's nearest shape in the world) and ``bnp``, a one-token identifier the base model
+draws red in this sentence (16 of 16 samples of ``a large bnp circle``). ``sks``, ``ohwx``, ``zwx``,
+``tok`` and ``kx`` are drawn purple in the same sentence, which would hand the concept its colour."""
+
 REG_IMAGES = 48
 """World pictures with world captions used as regularisation (prior-preservation) images."""
 
@@ -57,6 +65,9 @@ class MethodSpec:
     overrides: dict[str, Any]
     sweep_lrs: tuple[float, ...]
     reg: bool = False  # regularisation images of world captions (prior preservation)
+    # caption template of the concept pictures and the concept prompts, e.g. "a {size} {trigger} circle"
+    # (None: the bare trigger); `--caption` overrides it for every method
+    caption: str | None = None
 
     def method_class(self) -> Any:
         module, name = self.method.split(":")
@@ -83,12 +94,13 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("dora", "DoRA (rank 8)", _LORA, OBJECT, "lora", 4e-3, 150, {**_RANK, "algo": "dora"}, _LORA_LRS, reg=True),
         MethodSpec("dreambooth", "DreamBooth (UNet)", "sdplugin_dreambooth.method:DreamBoothMethod", OBJECT, "model",
                    1e-4, 100, {"save_format": "diffusers"}, _DB_LRS),
-        # prior loss weight 0.25 at 2e-4 x 200: the ring shows in 0.25 of samples over 6 seeds (weight 1 at
-        # 1e-4 x 150: 0.08); on this world the prior also holds the empty prompt, whose text encoding is
-        # within 10 % of `sks`'s (benchmarks/RESULTS.md, "DreamBooth with prior preservation")
+        # DreamBooth's own protocol, "a [V] [class]" captions, at kohya's prior loss weight 1: the prior's world
+        # pictures then hold the class ("circle") while the instance prompt learns the ring (benchmarks/RESULTS.md,
+        # "DreamBooth with prior preservation, captioned as DreamBooth captions"); with the bare trigger the prior
+        # also held the empty prompt and CFG cancelled the ring (0.08 at weight 1, 0.25 at weight 0.25)
         MethodSpec("dreambooth-prior", "DreamBooth + prior preservation", "sdplugin_dreambooth.method:DreamBoothMethod",
-                   OBJECT, "model", 2e-4, 200, {"save_format": "diffusers", "prior_loss_weight": 0.25},
-                   (5e-5, 1e-4, 2e-4), reg=True),
+                   OBJECT, "model", 1e-4, 300, {"save_format": "diffusers"}, (5e-5, 1e-4, 2e-4), reg=True,
+                   caption=CLASS_CAPTION),
         MethodSpec("ti", "Textual Inversion (4 vectors)", "sdplugin_ti.method:TIMethod", COMPOSITION, "embedding",
                    2e-2, 150, {"name": "zwx", "vectors": 4}, (5e-3, 2e-2, 5e-2)),
         MethodSpec("apt", "APT / DreamArtist", "sdplugin_apt.method:APTMethod", COMPOSITION, "apt",

@@ -136,6 +136,31 @@ def _weighting_scheme(value: Any) -> str:
     return WEIGHTING_SCHEMES[name]
 
 
+def _loss_type(value: Any) -> str:
+    from .loss import LOSS_TYPES
+
+    name = _text(value).lower()
+    if name not in LOSS_TYPES:
+        raise ValueError(f"available: {', '.join(LOSS_TYPES)}")
+    return name
+
+
+def _huber_schedule(value: Any) -> str:
+    from .loss import HUBER_SCHEDULES
+
+    name = _text(value).lower()
+    if name not in HUBER_SCHEDULES:
+        raise ValueError(f"available: {', '.join(HUBER_SCHEDULES)}")
+    return name
+
+
+def _off_is_zero(value: Any) -> float:
+    """kohya's ``v_pred_like_loss`` defaults to None (off); the GUI writes 0 for off."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "false"):
+        return 0.0
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Alias:
     """A kohya option that is one sdcore option."""
@@ -198,6 +223,13 @@ ALIASES: dict[str, Alias] = {
     "clip_skip": _a("clip_skip"),
     "noise_offset": _a("noise_offset"),
     "min_snr_gamma": _a("min_snr_gamma"),
+    "loss_type": _a("loss_type", _loss_type),
+    "huber_schedule": _a("huber_schedule", _huber_schedule),
+    "huber_c": _a("huber_c"),
+    "huber_scale": _a("huber_scale"),
+    "debiased_estimation_loss": _a("debiased_estimation_loss", flag=True),
+    "scale_v_pred_loss_like_noise_pred": _a("scale_v_pred_loss_like_noise_pred", flag=True),
+    "v_pred_like_loss": _a("v_pred_like_loss", _off_is_zero),
     # flow matching (flux_train_network.py, sd3_train_network.py)
     "timestep_sampling": _a("timestep_sampling", _flow_sampling),
     "weighting_scheme": _a("timestep_sampling", _weighting_scheme),
@@ -321,7 +353,7 @@ IGNORED: dict[str, str] = {
         "no uploads (sdcore works offline)",
     ),
     **dict.fromkeys(
-        ("huber_c", "huber_schedule", "huber_scale", "multires_noise_discount", "base_weights_multiplier"),
+        ("multires_noise_discount", "base_weights_multiplier"),
         "only used together with an option left off",
     ),
 }
@@ -359,10 +391,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "weighted_captions",
             "masked_loss",
             "alpha_mask",
-            "debiased_estimation_loss",
             "zero_terminal_snr",
-            "scale_v_pred_loss_like_noise_pred",
-            "v_pred_like_loss",
             "dim_from_weights",
             "caption_dropout_every_n_epochs",
             "token_warmup_step",
@@ -409,7 +438,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "token_warmup_min": (*_OFF, 1),
     "dataset_repeats": (*_OFF, 1),
     "noise_offset_type": (*_OFF, "Original"),
-    "loss_type": (*_OFF, "l2"),
     "network_multiplier": (*_OFF, 1, 1.0),
 }
 _FLAG_UNSUPPORTED = {
@@ -418,9 +446,7 @@ _FLAG_UNSUPPORTED = {
     "weighted_captions",
     "masked_loss",
     "alpha_mask",
-    "debiased_estimation_loss",
     "zero_terminal_snr",
-    "scale_v_pred_loss_like_noise_pred",
     "dim_from_weights",
     "full_fp16",
     "full_bf16",

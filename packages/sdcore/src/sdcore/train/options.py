@@ -12,6 +12,7 @@ from typing import Any
 
 from ..builtin.part_options import PART_OPTIONS
 from ..options import option
+from .loss import HUBER_SCHEDULES, LOSS_TYPES
 
 #: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
@@ -126,6 +127,40 @@ class TrainOptions:
     # loss
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is typical).", group="loss")
+    # kohya's loss options (sdcore.train.loss has the formulas)
+    loss_type: str = option(
+        "l2",
+        "Per-element loss: l2 (squared error), l1, huber (pseudo-Huber 2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
+        "(2(sqrt(d^2+c^2)-c)), with c from --huber-schedule (kohya's --loss_type).",
+        choices=LOSS_TYPES,
+        group="loss",
+    )
+    huber_schedule: str = option(
+        "snr",
+        "huber/smooth_l1: the threshold c per timestep: constant (huber_c*huber_scale), exponential "
+        "(huber_scale*huber_c^(t/T)) or snr ((1-huber_c)/(1+sigma_t)^2+huber_c; DDPM families only). kohya's default.",
+        choices=HUBER_SCHEDULES,
+        group="loss",
+    )
+    huber_c: float = option(0.1, "huber/smooth_l1: the threshold parameter c (kohya's --huber_c).", group="loss")
+    huber_scale: float = option(
+        1.0, "huber/smooth_l1: scale of the constant and exponential thresholds (kohya's --huber_scale).", group="loss"
+    )
+    debiased_estimation_loss: bool = option(
+        False,
+        "Weigh the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), SNR clamped at 1000 (kohya; DDPM families only).",
+        group="loss",
+    )
+    scale_v_pred_loss_like_noise_pred: bool = option(
+        False,
+        "v-prediction models: weigh the loss by SNR/(SNR+1) so it scales like an epsilon loss (kohya).",
+        group="loss",
+    )
+    v_pred_like_loss: float = option(
+        0.0,
+        "Epsilon models: add this multiple of a v-prediction-like loss, loss*(SNR+1)/SNR (kohya; 0 = off).",
+        group="loss",
+    )
     # flow matching (SD3, Flux): kohya's flag names
     timestep_sampling: str = option(
         "logit_normal",

@@ -122,6 +122,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(f"--noise-offset must be >= 0, got {o.noise_offset}")
     if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
         problems.append(f"--min-snr-gamma must be positive, got {o.min_snr_gamma}")
+    from .loss import loss_option_problems
+
+    problems.extend(loss_option_problems(o))
     from .objectives import flow_option_problems
 
     problems.extend(
@@ -534,6 +537,11 @@ def run_preflight(
 
     if report.layout is not None:
         problems, notes = objective_option_checks(o, report.layout.family)
+        report.problems.extend(problems)
+        report.notes.extend(notes)
+        from .loss import loss_family_checks
+
+        problems, notes = loss_family_checks(o, report.layout.family, report.layout.prediction_type, method)
         report.problems.extend(problems)
         report.notes.extend(notes)
 

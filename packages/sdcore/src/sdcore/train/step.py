@@ -4,8 +4,8 @@
   (:mod:`.objectives`: DDPM epsilon/v-prediction or flow matching) noises it at the sampled
   timesteps and gives the target and its weights (min-SNR); the conditioning comes from the cache or
   the method; the family adapter calls the denoiser (SDXL size conditioning included); the loss is
-  the MSE to the target unless the method computes its own, with loss masks and per-sample
-  (prior-preservation) weights.
+  ``--loss-type``'s (MSE by default; :mod:`.loss`) to the target unless the method computes its own,
+  with loss masks and per-sample (prior-preservation) weights, then kohya's SNR weights.
 - :func:`optimizer_step` runs one optimizer step over an accumulation group of micro-batches:
   each micro-batch loss is divided by the group size, backward runs through the prepared model
   (DDP all-reduces on the last micro-batch only), every process agrees on whether a loss was
@@ -64,7 +64,7 @@ class Objective:
 
     def sample_loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
         """Per-sample weighted loss ``[B]`` for given noise and timesteps."""
-        import torch
+        from .loss import apply_loss_weights, step_loss
 
         latents = batch.latents.float()
         noise = noise.to(latents.device)
@@ -91,14 +91,15 @@ class Objective:
         loss = self.method.compute_loss(ctx)
         if loss is None:
             pred = predict(cond)
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+            loss = step_loss(self.options, objective, pred.float(), target.float(), timesteps)
             if batch.masks is not None:
                 loss = loss * batch.masks
             loss = loss.mean(dim=tuple(range(1, loss.ndim)))
         loss = loss.float()
         if noised.weights is not None:
             loss = loss * noised.weights.to(loss.device)
-        return loss * batch.loss_weights.to(loss.device)
+        loss = loss * batch.loss_weights.to(loss.device)
+        return apply_loss_weights(self.options, objective, loss, timesteps)  # kohya's order: after min-SNR
 
     def noise_for(self, refs: list[SampleRef], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded noise and timesteps for the samples ``refs`` (see :mod:`.data`)."""

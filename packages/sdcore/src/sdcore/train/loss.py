@@ -1,0 +1,272 @@
+"""kohya sd-scripts' loss options: the per-element loss (``--loss-type``) and the SNR-based weights
+applied after the per-sample loss (``--debiased-estimation-loss``, ``--scale-v-pred-loss-like-noise-pred``,
+``--v-pred-like-loss``).
+
+Each option means what it means in kohya (``library/train_util.py`` and
+``library/custom_train_functions.py``), because kohya users bring their configs:
+
+- ``l2`` is the mean squared error (the default; the step's loss is unchanged with it), ``l1`` the
+  absolute error; ``huber`` is the pseudo-Huber loss ``2 c (sqrt(d^2 + c^2) - c)`` and ``smooth_l1``
+  ``2 (sqrt(d^2 + c^2) - c)`` (the pseudo-Huber divided by ``c``), with ``d = pred - target`` and a
+  per-sample threshold ``c`` from the timestep:
+  ``constant`` ``c = huber_c * huber_scale``; ``exponential`` ``c = huber_scale * exp(ln(huber_c) * t / T)``
+  (``huber_c`` at the last timestep, ``huber_scale`` at t=0); ``snr`` ``c = (1 - huber_c) / (1 + sigma_t)^2
+  + huber_c`` with ``sigma_t = sqrt((1 - abar_t) / abar_t)`` (1 at t=0, towards ``huber_c`` as noise grows;
+  kohya leaves ``huber_scale`` out of this one, and so do we).
+  On flow-matching families (SD3, Flux) kohya passes ``t = sigma * 1000`` (its timesteps), so
+  ``exponential`` is ``huber_scale * huber_c ** sigma``; ``snr`` needs a DDPM schedule and kohya stops
+  there, so the pre-flight refuses it.
+- After the per-sample loss and its per-sample weights, kohya's ``post_process_loss`` multiplies, in
+  this order: min-SNR (sdcore's objective weights), ``scale_v_pred_loss_like_noise_pred``
+  (``snr / (snr + 1)``), ``v_pred_like_loss`` (``loss + loss / (snr / (snr + 1)) * v``) and
+  ``debiased_estimation_loss`` (``1 / sqrt(snr)``, ``1 / (snr + 1)`` for v-prediction), where those
+  three clamp the SNR at 1000 (t=0 would give infinity). kohya's SD3/Flux scripts skip them all
+  (their ``post_process_loss`` returns the loss unchanged), so sdcore refuses them there instead of
+  silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SdcoreError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .method import TrainingMethod
+    from .objectives import TrainingObjective
+    from .options import TrainOptions
+
+#: kohya's --loss_type values
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+#: kohya's --huber_schedule values (its default: snr)
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+#: loss types that use the Huber threshold (and so --huber-schedule/--huber-c/--huber-scale)
+HUBER_LOSS_TYPES = ("huber", "smooth_l1")
+#: kohya clamps the SNR here in its debiased/v-pred-like scales (t=0 has an SNR near infinity)
+SNR_CLAMP = 1000.0
+#: the options of this module that only a DDPM schedule gives a meaning to
+_DDPM_WEIGHT_OPTIONS = ("scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss")
+_HUBER_OPTIONS = ("huber_schedule", "huber_c", "huber_scale")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def huber_threshold(
+    schedule: str,
+    huber_c: float,
+    huber_scale: float,
+    timesteps: torch.Tensor,
+    *,
+    num_timesteps: int,
+    scheduler: Any = None,
+) -> torch.Tensor:
+    """kohya's ``get_huber_threshold_if_needed``: the per-sample threshold ``[B]`` (float32).
+
+    ``timesteps`` are what the denoiser is called with (DDPM: integers in ``[0, T)``; flow matching:
+    ``sigma * 1000``). ``scheduler`` (a DDPM scheduler with ``alphas_cumprod``) is needed for ``snr``.
+    """
+    import torch
+
+    t = timesteps.float()
+    if schedule == "constant":
+        return torch.full_like(t, huber_c * huber_scale)
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / num_timesteps
+        return torch.exp(-alpha * t) * huber_scale
+    if schedule == "snr":
+        if scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
+            raise SdcoreError("--huber-schedule snr needs a DDPM noise schedule (SD1/SD2/SDXL)")
+        alphas = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps.long()]
+        sigmas = ((1.0 - alphas) / alphas) ** 0.5
+        return (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
+    raise SdcoreError(f"--huber-schedule {schedule!r}: choose one of {', '.join(HUBER_SCHEDULES)}")
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str, threshold: torch.Tensor | None = None
+) -> torch.Tensor:
+    """kohya's ``conditional_loss(..., reduction="none")``: the loss of every element.
+
+    ``threshold`` is the per-sample Huber ``c`` ``[B]`` (from :func:`huber_threshold`), needed by
+    ``huber`` and ``smooth_l1``.
+    """
+    import torch
+
+    if loss_type == "l2":
+        return torch.nn.functional.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return torch.nn.functional.l1_loss(pred, target, reduction="none")
+    if loss_type in HUBER_LOSS_TYPES:
+        if threshold is None:
+            raise SdcoreError(f"--loss-type {loss_type} needs the Huber threshold")
+        c = threshold.to(pred.device, pred.dtype).view(-1, *([1] * (pred.ndim - 1)))
+        soft = torch.sqrt((pred - target) ** 2 + c**2) - c
+        return 2 * c * soft if loss_type == "huber" else 2 * soft
+    raise SdcoreError(f"--loss-type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+
+
+def _ddpm_scheduler(objective: TrainingObjective) -> Any:
+    from .objectives import DdpmObjective
+
+    return objective.scheduler if isinstance(objective, DdpmObjective) else None
+
+
+def step_loss(
+    options: TrainOptions,
+    objective: TrainingObjective,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """The run's per-element loss between ``pred`` and ``target`` at the denoiser's ``timesteps``."""
+    threshold = None
+    if options.loss_type in HUBER_LOSS_TYPES:
+        threshold = huber_threshold(
+            options.huber_schedule,
+            options.huber_c,
+            options.huber_scale,
+            timesteps,
+            num_timesteps=int(getattr(objective, "num_timesteps", 1000)),
+            scheduler=_ddpm_scheduler(objective),
+        )
+    return elementwise_loss(pred, target, options.loss_type, threshold)
+
+
+def _clamped_snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    from .noise import snr
+
+    ratio = snr(scheduler, timesteps.long())
+    return torch.minimum(ratio, torch.full_like(ratio, SNR_CLAMP))
+
+
+def post_process_loss(
+    loss: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: Any,
+    *,
+    scale_v_pred_loss_like_noise_pred: bool = False,
+    v_pred_like_loss: float = 0.0,
+    debiased_estimation_loss: bool = False,
+) -> torch.Tensor:
+    """kohya's weights after min-SNR, in kohya's order, on the per-sample loss ``[B]``."""
+    if not (scale_v_pred_loss_like_noise_pred or v_pred_like_loss or debiased_estimation_loss):
+        return loss
+    import torch
+
+    ratio = _clamped_snr(scheduler, timesteps).to(loss.device)
+    scale = ratio / (ratio + 1.0)  # kohya's get_snr_scale
+    if scale_v_pred_loss_like_noise_pred:
+        loss = loss * scale
+    if v_pred_like_loss:
+        loss = loss + loss / scale * v_pred_like_loss
+    if debiased_estimation_loss:
+        if scheduler.config.prediction_type == "v_prediction":
+            loss = loss * (1.0 / (ratio + 1.0))
+        else:
+            loss = loss * (1.0 / torch.sqrt(ratio))
+    return loss
+
+
+def apply_loss_weights(
+    options: TrainOptions, objective: TrainingObjective, loss: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The per-sample loss ``[B]`` after the run's kohya weights (unchanged when they are off)."""
+    scheduler = _ddpm_scheduler(objective)
+    if scheduler is None:  # flow matching: the pre-flight refused them (kohya's SD3/Flux skip them)
+        return loss
+    return post_process_loss(
+        loss,
+        timesteps,
+        scheduler,
+        scale_v_pred_loss_like_noise_pred=options.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=options.v_pred_like_loss,
+        debiased_estimation_loss=options.debiased_estimation_loss,
+    )
+
+
+def loss_option_problems(options: TrainOptions) -> list[str]:
+    """Bad values of the loss options, one line each (family-independent)."""
+    o = options
+    problems: list[str] = []
+    if o.loss_type not in LOSS_TYPES:
+        problems.append(f"--loss-type {o.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    if o.huber_schedule not in HUBER_SCHEDULES:
+        problems.append(f"--huber-schedule {o.huber_schedule!r}: choose one of {', '.join(HUBER_SCHEDULES)}")
+    if o.loss_type in HUBER_LOSS_TYPES:
+        if not (math.isfinite(o.huber_c) and o.huber_c > 0):
+            problems.append(f"--huber-c must be positive (kohya's default 0.1), got {o.huber_c}")
+        if not (math.isfinite(o.huber_scale) and o.huber_scale > 0):
+            problems.append(f"--huber-scale must be positive (kohya's default 1.0), got {o.huber_scale}")
+    if not (math.isfinite(o.v_pred_like_loss) and o.v_pred_like_loss >= 0):
+        problems.append(f"--v-pred-like-loss must be 0 (off) or positive, got {o.v_pred_like_loss}")
+    return problems
+
+
+def loss_family_checks(
+    options: TrainOptions, family_name: str, prediction_type: str, method: TrainingMethod[Any] | None = None
+) -> tuple[list[str], list[str]]:
+    """Problems and notes about loss options that do not fit the model (family, prediction type) or method."""
+    from ..models.family import get_family
+
+    o = options
+    problems: list[str] = []
+    notes: list[str] = []
+    try:
+        family = get_family(family_name)
+    except SdcoreError as exc:
+        return [str(exc)], []
+    huber = o.loss_type in HUBER_LOSS_TYPES
+    if family.objective != "ddpm":
+        given = [_flag(n) for n in _DDPM_WEIGHT_OPTIONS if getattr(o, n)]
+        if given:
+            problems.append(
+                f"{', '.join(given)}: SNR weights of a DDPM schedule; {family.name} trains with flow matching "
+                "(kohya's SD3/Flux scripts skip them)"
+            )
+        if huber and o.huber_schedule == "snr":
+            problems.append(
+                f"--loss-type {o.loss_type} with --huber-schedule snr (kohya's default) needs a DDPM schedule; "
+                f"{family.name} trains with flow matching: choose --huber-schedule exponential or constant"
+            )
+    else:
+        v_pred = prediction_type == "v_prediction"
+        if o.scale_v_pred_loss_like_noise_pred and not v_pred:
+            problems.append("--scale-v-pred-loss-like-noise-pred needs a v-prediction model (as in kohya)")
+        if o.v_pred_like_loss and v_pred:
+            problems.append("--v-pred-like-loss is for epsilon-prediction models, not v-prediction (as in kohya)")
+    if not huber:
+        defaults = {f.name: f.default for f in fields(type(o)) if f.name in _HUBER_OPTIONS}
+        changed = [_flag(n) for n in _HUBER_OPTIONS if getattr(o, n) != defaults[n]]
+        if changed:
+            notes.append(f"{', '.join(changed)}: without effect with --loss-type {o.loss_type} (huber/smooth_l1 only)")
+    if method is not None and o.loss_type != "l2":
+        from .method import TrainingMethod
+
+        if type(method).compute_loss is not TrainingMethod.compute_loss:
+            problems.append(
+                f"--loss-type {o.loss_type}: method {method.name!r} computes its own loss (only l2 applies to it)"
+            )
+    return problems, notes
+
+
+__all__ = [
+    "HUBER_LOSS_TYPES",
+    "HUBER_SCHEDULES",
+    "LOSS_TYPES",
+    "SNR_CLAMP",
+    "apply_loss_weights",
+    "elementwise_loss",
+    "huber_threshold",
+    "loss_family_checks",
+    "loss_option_problems",
+    "post_process_loss",
+    "step_loss",
+]

@@ -60,6 +60,8 @@ class SubsetOptions:
     keep_tokens_separator: str | None = None
     caption_prefix: str = ""
     caption_suffix: str = ""
+    secondary_separator: str | None = None
+    caption_dropout_every_n_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,10 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "shuffle_caption": options.shuffle_caption,
         "caption_dropout": options.caption_dropout,
         "tag_dropout": options.tag_dropout,
+        "caption_dropout_every_n_epochs": options.caption_dropout_every_n_epochs,
+        "caption_prefix": options.caption_prefix,
+        "caption_suffix": options.caption_suffix,
+        "secondary_separator": options.secondary_separator,
         "flip": options.flip,
         "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
@@ -241,6 +247,8 @@ _SUBSET_KEYS = {
     "caption_tag_dropout_rate",
     "caption_prefix",
     "caption_suffix",
+    "secondary_separator",
+    "caption_dropout_every_n_epochs",
 }
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
@@ -248,11 +256,9 @@ _UNSUPPORTED_KEYS = {
     "random_crop",
     "face_crop_aug_range",
     "enable_wildcard",
-    "secondary_separator",
     "caption_separator",
     "token_warmup_min",
     "token_warmup_step",
-    "caption_dropout_every_n_epochs",
     "alpha_mask",
     "cache_info",
     "metadata_file",
@@ -349,6 +355,8 @@ _FIELD_OF = {
     "caption_tag_dropout_rate": ("tag_dropout", "a probability (0..1)"),
     "caption_prefix": ("caption_prefix", "a string"),
     "caption_suffix": ("caption_suffix", "a string"),
+    "secondary_separator": ("secondary_separator", "a string"),
+    "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
     "batch_size": ("batch_size", "a positive integer"),
     "enable_bucket": ("buckets", "a boolean"),
     "min_bucket_reso": ("min_bucket_reso", "a positive integer"),

@@ -63,6 +63,18 @@ class LoraOptions(TrainOptions):
         None, "Per-sample dropout of whole rank channels (kohya rank_dropout).", group="lora"
     )
     module_dropout: float | None = option(None, "Probability of skipping a LoRA module for a step.", group="lora")
+    scale_weight_norms: float | None = option(
+        None,
+        "kohya max-norm regularisation: after each step, rescale every module whose change ||alpha/rank * "
+        "up @ down|| exceeds this to exactly this norm (kohya suggests 1; lora/locon only).",
+        group="lora",
+    )
+    network_multiplier: float = option(
+        1.0,
+        "The network's multiplier while training (kohya network_multiplier): the forward adds m * the change; "
+        "the file is the same format (not baked in), so it reproduces the training model at weight m.",
+        group="lora",
+    )
     use_tucker: bool = option(
         False,
         "LyCORIS use_tucker: kxk convs keep their kernel in a small core (lora_mid / hada_t1,t2 / lokr_t2); "
@@ -218,11 +230,23 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "--rank-dropout and --module-dropout apply",
                 stacklevel=2,
             )
+        problems: list[str] = []
+        if o.scale_weight_norms is not None and o.scale_weight_norms < 0:
+            problems.append(f"--scale-weight-norms must be positive (0 = off), got {o.scale_weight_norms}")
+        elif o.scale_weight_norms and (o.algo not in ("lora", "locon") or o.use_tucker):
+            what = f"--algo {o.algo}" + (" with --use-tucker" if o.use_tucker else "")
+            problems.append(
+                f"--scale-weight-norms is kohya's max-norm for networks.lora modules (up @ down); {what} is not: "
+                "LyCORIS' LoHa/LoKr/DoRA/Tucker versions rescale a per-module scalar sdcore's modules do not have, "
+                "and kohya's networks.oft has none"
+            )
+        if o.network_multiplier == 0 or o.network_multiplier != o.network_multiplier:
+            problems.append(f"--network-multiplier must be a non-zero number (0 trains nothing), got {o.network_multiplier}")
         if o.network_weights and not Path(o.network_weights).is_file():
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
         from .blocks import check_block_options
 
-        problems = check_block_options(**self.block_options())
+        problems += check_block_options(**self.block_options())
         for flag, ratio in (
             ("--loraplus-lr-ratio", o.loraplus_lr_ratio),
             ("--loraplus-unet-lr-ratio", o.loraplus_unet_lr_ratio),
@@ -296,6 +320,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             use_tucker=self.options.use_tucker,
             rank_for=(lambda t: plan.rank_for(t.name, t.is_conv3x3)) if plan is not None else None,
             shared_down=shared,
+            multiplier=self.options.network_multiplier,
         )
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
@@ -410,6 +435,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 f"{len(unused) + len(match.unmatched)} file modules/keys unused",
                 stacklevel=2,
             )
+
+    def on_step_end(self, bundle: ModelBundle, step: int) -> dict[str, float] | None:
+        """kohya's max-norm regularisation after the optimizer step (``--scale-weight-norms``);
+        reports kohya's "Keys Scaled" / "Average key norm" / max key norm as ``keys_scaled``,
+        ``avg_key_norm`` and ``max_key_norm``."""
+        limit = self.options.scale_weight_norms
+        if not limit:
+            return None
+        scaled, mean, top = self._require_network().apply_max_norm(limit)
+        return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
 
     @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:
@@ -569,6 +604,8 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_cache_latents": str(o.cache_latents),
         "ss_shuffle_caption": str(o.shuffle_caption),
         "ss_keep_tokens": str(o.keep_tokens),
+        "ss_caption_dropout_every_n_epochs": str(o.caption_dropout_every_n_epochs),
+        "ss_scale_weight_norms": str(o.scale_weight_norms),
         "ss_flip_aug": str(o.flip),
     }
     meta["ss_training_finished_at"] = str(int(time.time())) if info.final else "None"

@@ -155,6 +155,39 @@ class LoraNetwork(nn.Module):
         for module in self._modules_of():
             module.detach()
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's max-norm regularisation (``--scale_weight_norms``, ``networks/lora.py``
+        ``apply_max_norm_regularization``), run after each optimizer step.
+
+        For every module, ``n = ||scale · up @ down||`` (the Frobenius norm of its change at
+        multiplier 1; a kxk conv's change is its composed kernel). Clamped below at ``max_norm / 2``
+        and above at ``max_norm``, it gives ``ratio = clamp(n) / max(n, max_norm / 2)``: 1 unless
+        ``n > max_norm``, else ``max_norm / n``. A module with ``ratio != 1`` has ``lora_up`` and
+        ``lora_down`` both multiplied by ``sqrt(ratio)``, so its change ends at norm ``max_norm``.
+        Returns kohya's ``(keys scaled, mean norm, max norm)``, the norms taken after scaling.
+        Plain LoRA/LoCon modules only (see :func:`max_norm_unsupported`).
+        """
+        modules = self._modules_of()
+        if not modules:
+            return 0, 0.0, 0.0
+        for module in modules:
+            why = max_norm_unsupported(module)
+            if why:
+                raise TypeError(f"{module.lora_name}: {why}")
+        norms = torch.stack([module.delta_weight().norm().to("cpu") for module in modules])
+        floor = norms.clamp(min=max_norm / 2)
+        ratios = floor.clamp(max=max_norm) / floor
+        scaled = 0
+        for module, ratio in zip(modules, ratios.tolist(), strict=True):
+            if ratio != 1:
+                scaled += 1
+                root = ratio**0.5
+                module.lora_up.weight.mul_(root)
+                module.lora_down.weight.mul_(root)
+        after = norms * ratios
+        return scaled, float(after.mean()), float(after.max())
+
     def parameters_of(self, *, text_encoder: bool) -> list[nn.Parameter]:
         """Trainable parameters of the text-encoder (``True``) or UNet (``False``) modules."""
         params: list[nn.Parameter] = []
@@ -196,4 +229,18 @@ class LoraNetwork(nn.Module):
         return sorted(missing)
 
 
-__all__ = ["LoraNetwork", "SharedGroup"]
+def max_norm_unsupported(module: Adapter) -> str | None:
+    """Why kohya's max-norm rule does not apply to ``module`` (``None`` when it does).
+
+    kohya defines it on ``networks.lora`` modules (``up @ down``); LyCORIS' LoHa, LoKr, DoRA and
+    Tucker LoCon rescale a per-module ``scalar`` that these modules do not have, and kohya's
+    ``networks.oft`` has no max-norm at all.
+    """
+    if isinstance(module, SharedDownLora):
+        return None
+    if isinstance(module, LoraAdapter) and module.dora_scale is None and module.lora_mid is None:
+        return None
+    return f"max-norm regularisation is defined for plain LoRA/LoCon modules, not {module.algo}"
+
+
+__all__ = ["LoraNetwork", "SharedGroup", "max_norm_unsupported"]

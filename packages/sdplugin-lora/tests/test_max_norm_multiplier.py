@@ -1,0 +1,222 @@
+"""kohya's ``--scale_weight_norms`` (max-norm regularisation) and ``network_multiplier``.
+
+The reference is kohya's ``LoRANetwork.apply_max_norm_regularization`` (networks/lora.py),
+re-written below from its source: per module ``updown = up @ down`` (a 3x3 down with a 1x1 up
+composed by ``conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)``), times ``alpha / dim``;
+``norm = ||updown||.clamp(min=X/2)``, ``desired = norm.clamp(max=X)``, ``ratio = desired / norm``;
+when ``ratio != 1`` both factors are multiplied by ``sqrt(ratio)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sdcore.errors import ConfigError
+from sdcore.testing.contract import make_tiny_dataset
+from sdplugin_lora.adapters import LohaAdapter, LoraAdapter, SharedDownLora
+from sdplugin_lora.method import LoraMethod, LoraOptions
+from sdplugin_lora.network import LoraNetwork
+
+
+def kohya_updown(up: torch.Tensor, down: torch.Tensor, alpha: float) -> torch.Tensor:
+    dim = down.shape[0]
+    if up.dim() == 4 and up.shape[2:] == (1, 1) and down.shape[2:] == (1, 1):
+        updown = (up.squeeze(2).squeeze(2) @ down.squeeze(2).squeeze(2)).unsqueeze(2).unsqueeze(3)
+    elif up.dim() == 4 and (up.shape[2:] == (3, 3) or down.shape[2:] == (3, 3)):
+        updown = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+    else:
+        updown = up @ down
+    return updown * (alpha / dim)
+
+
+def kohya_max_norm(weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]], max_norm: float):
+    """kohya's rule on copies: (new weights, keys scaled, mean norm, max norm)."""
+    out, norms, scaled = {}, [], 0
+    for name, (up, down, alpha) in weights.items():
+        updown = kohya_updown(up, down, alpha)
+        norm = updown.norm().clamp(min=max_norm / 2)
+        desired = torch.clamp(norm, max=max_norm)
+        ratio = desired.cpu() / norm.cpu()
+        sqrt_ratio = ratio**0.5
+        if ratio != 1:
+            scaled += 1
+            up, down = up * sqrt_ratio, down * sqrt_ratio
+        out[name] = (up, down)
+        norms.append((updown.norm() * ratio).item())
+    return out, scaled, sum(norms) / len(norms), max(norms)
+
+
+def _randomise(module, seed: int, std: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (module.lora_up.weight, module.lora_down.weight):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _network():
+    torch.manual_seed(0)
+    linear_big = LoraAdapter("lin_big", torch.nn.Linear(32, 24), 4, 2.0)
+    linear_small = LoraAdapter("lin_small", torch.nn.Linear(32, 24), 4, 2.0)
+    conv_big = LoraAdapter("conv_big", torch.nn.Conv2d(8, 6, 3, padding=1), 2, 1.0)
+    pointwise = LoraAdapter("pointwise", torch.nn.Conv2d(8, 6, 1), 4, 4.0)
+    shared = SharedDownLora("qkv", [("q", torch.nn.Linear(16, 8)), ("k", torch.nn.Linear(16, 8))], 4, 1.0)
+    modules = [linear_big, linear_small, conv_big, pointwise, shared]
+    for i, (module, std) in enumerate(zip(modules, (1.0, 0.01, 1.0, 0.05, 1.0), strict=True)):
+        _randomise(module, i, std)
+    return LoraNetwork(modules)
+
+
+def test_max_norm_equals_kohya_formula():
+    network = _network()
+    limit = 0.5
+    before = {n: (m.lora_up.weight.detach().clone(), m.lora_down.weight.detach().clone(), float(m.alpha))
+              for n, m in network.loras.items()}  # fmt: skip
+    norms = {n: kohya_updown(*w).norm().item() for n, w in before.items()}
+    # the set-up covers both sides: three modules above the limit, two below half of it
+    assert [n for n, v in norms.items() if v > limit] == ["lin_big", "conv_big", "qkv"]
+    assert all(norms[n] < limit / 2 for n in ("lin_small", "pointwise"))
+    want, want_scaled, want_mean, want_max = kohya_max_norm(before, limit)
+    scaled, mean, top = network.apply_max_norm(limit)
+    assert scaled == want_scaled == 3
+    assert mean == pytest.approx(want_mean, rel=1e-6) and top == pytest.approx(want_max, rel=1e-6)
+    for name, module in network.loras.items():
+        up, down = want[name]
+        torch.testing.assert_close(module.lora_up.weight, up, rtol=1e-6, atol=0)
+        torch.testing.assert_close(module.lora_down.weight, down, rtol=1e-6, atol=0)
+        after = kohya_updown(module.lora_up.weight, module.lora_down.weight, float(module.alpha)).norm().item()
+        if norms[name] > limit:
+            assert after == pytest.approx(limit, rel=1e-5)  # scaled to exactly the limit
+        else:  # untouched, bit for bit
+            assert torch.equal(module.lora_up.weight, before[name][0])
+            assert torch.equal(module.lora_down.weight, before[name][1])
+    # a second pass only meets rounding: a module left a ulp above the limit counts again (as in kohya),
+    # the weights move by no more than that
+    again = {n: m.lora_up.weight.detach().clone() for n, m in network.loras.items()}
+    assert network.apply_max_norm(limit)[0] <= 3
+    for name, module in network.loras.items():
+        torch.testing.assert_close(module.lora_up.weight, again[name], rtol=1e-6, atol=0)
+
+
+def test_max_norm_refuses_other_algorithms():
+    loha = LohaAdapter("loha", torch.nn.Linear(8, 8), 2, 1.0)
+    with pytest.raises(TypeError, match="plain LoRA/LoCon"):
+        LoraNetwork([loha]).apply_max_norm(1.0)
+    for algo, extra in (("loha", {}), ("lokr", {}), ("dora", {}), ("oft", {}), ("locon", {"use_tucker": True})):
+        with pytest.raises(ConfigError, match="--scale-weight-norms is kohya's max-norm"):
+            LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0, **extra)).validate()
+    LoraMethod(LoraOptions(algo="locon", scale_weight_norms=1.0)).validate()
+    LoraMethod(LoraOptions(algo="loha", scale_weight_norms=0)).validate()  # 0 is off, as in kohya
+    with pytest.raises(ConfigError, match="must be positive"):
+        LoraMethod(LoraOptions(scale_weight_norms=-1.0)).validate()
+    with pytest.raises(ConfigError, match="non-zero"):
+        LoraMethod(LoraOptions(network_multiplier=0.0)).validate()
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.5, -1.0, 2.5])
+def test_network_multiplier_scales_the_forward_exactly(multiplier):
+    from lora_testutil import fresh_bundle
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(12, 10)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    for base, x in ((linear, torch.randn(3, 5, 12)), (conv, torch.randn(2, 4, 7, 7))):
+        adapter = LoraAdapter("m", base, 3, 1.5, multiplier=multiplier)
+        _randomise(adapter, 1, 0.3)
+        plain = base(x)
+        adapter.attach()
+        try:
+            got = base(x)
+        finally:
+            adapter.detach()
+        with torch.no_grad():
+            change = adapter.lora_up(adapter.lora_down(x)) * (1.5 / 3)
+        torch.testing.assert_close(got, plain + multiplier * change, rtol=1e-5, atol=1e-6)
+    # the method builds every module at the multiplier; the saved tensors do not carry it
+    bundle = fresh_bundle("sd1")
+    method = LoraMethod(LoraOptions(rank=2, network_multiplier=multiplier, train_text_encoder=True))
+    method.prepare(bundle)
+    assert method.network is not None and len(method.network) > 10
+    assert {m.multiplier for m in method.network.loras.values()} == {multiplier}
+    baseline = LoraMethod(LoraOptions(rank=2, train_text_encoder=True))
+    baseline.prepare(fresh_bundle("sd1"))
+    assert baseline.network is not None
+    assert {k: v.shape for k, v in method.network.state_dict().items()} == {
+        k: v.shape for k, v in baseline.network.state_dict().items()
+    }
+
+
+def test_network_multiplier_gradients_are_the_scaled_forwards():
+    """Training at multiplier m = training the network whose change is m times as large: the loss and the
+    gradients of up/down equal those of a hand-written ``W x + m * s * up(down(x))``."""
+    torch.manual_seed(5)
+    base = torch.nn.Linear(6, 4)
+    x, target = torch.randn(8, 6), torch.randn(8, 4)
+    m = -0.75
+    adapter = LoraAdapter("m", base, 2, 1.0, multiplier=m)
+    _randomise(adapter, 2, 0.5)
+    adapter.attach()
+    loss = torch.nn.functional.mse_loss(base(x), target)
+    loss.backward()
+    adapter.detach()
+    up = adapter.lora_up.weight.detach().clone().requires_grad_(True)
+    down = adapter.lora_down.weight.detach().clone().requires_grad_(True)
+    manual = base(x).detach() + m * 0.5 * (x @ down.T) @ up.T
+    ref = torch.nn.functional.mse_loss(manual, target)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(adapter.lora_up.weight.grad, up.grad)
+    torch.testing.assert_close(adapter.lora_down.weight.grad, down.grad)
+
+
+def test_cli_run_keeps_every_module_norm_below_the_limit(tmp_path):
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+    from sdplugin_lora.format import read_lora
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    out = tmp_path / "out" / "maxnorm.safetensors"
+    limit = 0.004
+    args = ["train", "lora", "--pretrained_model_name_or_path", "tiny:sd1", "--train_data_dir", str(data),
+            "--output", str(out), "--network_dim", "4", "--network_alpha", "4", "--resolution", "64",
+            "--learning_rate", "1e-2", "--max_train_steps", "3", "--save_precision", "float", "--seed", "3",
+            "--scale_weight_norms", str(limit), "--network_multiplier", "0.8", "--no-progress",
+            "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lora = read_lora(out)
+    assert lora.metadata["ss_scale_weight_norms"] == str(limit)
+    norms = [kohya_updown(w.up.float(), w.down.float(), w.alpha).norm().item() for w in lora.modules.values()]
+    assert len(norms) > 10
+    assert max(norms) <= limit * (1 + 1e-5)
+    # the limit bit: several modules sit exactly at it
+    assert sum(math.isclose(n, limit, rel_tol=1e-4) for n in norms) >= 3
+
+
+def test_keys_scaled_reach_the_step_logs(tmp_path):
+    from sdcore.testing.contract import contract_options, plugin_manager_with
+    from sdcore.train.loop import train
+
+    class Recorder:
+        def __init__(self):
+            self.logs = []
+
+        def sdcore_on_train_step(self, context, step, logs):
+            self.logs.append(dict(logs))
+
+    recorder = Recorder()
+    o = contract_options(LoraMethod, tmp_path, {"rank": 4, "lr": 1e-2, "max_steps": 2, "scale_weight_norms": 0.004})
+    method = LoraMethod(o)
+    train(method, plugin_manager=plugin_manager_with(recorder))
+    assert len(recorder.logs) == 2
+    for logs in recorder.logs:
+        assert {"keys_scaled", "avg_key_norm", "max_key_norm", "loss", "lr"} <= set(logs)
+        assert logs["max_key_norm"] <= 0.004 * (1 + 1e-5)
+    assert recorder.logs[-1]["keys_scaled"] >= 1
+    # without the option the runtime reports only its own values
+    recorder.logs.clear()
+    train(LoraMethod(contract_options(LoraMethod, tmp_path, {"rank": 4, "max_steps": 1}, tag="plain")),
+          plugin_manager=plugin_manager_with(recorder))  # fmt: skip
+    assert "keys_scaled" not in recorder.logs[0]

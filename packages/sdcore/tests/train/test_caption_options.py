@@ -43,7 +43,7 @@ def _captions(s, epochs):
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_epoch_dropout_prefix_and_secondary_separator_in_batches(tmp_path, cache):
-    o, s = _session(
+    _o, s = _session(
         tmp_path,
         caption_prefix="sks,",
         secondary_separator=";;;",
@@ -109,3 +109,21 @@ def test_kohya_names_and_dataset_toml_keys(tmp_path):
 def test_bad_epoch_dropout_is_a_preflight_problem():
     problems = option_problems(TrainOptions(model="m", data="d", output="o", caption_dropout_every_n_epochs=-1))
     assert any("--caption-dropout-every-n-epochs must be 0 (off) or more" in p for p in problems)
+
+
+def test_dataset_network_multiplier_is_accepted_at_one_only(tmp_path):
+    from sdcore.errors import DataError
+
+    (tmp_path / "img").mkdir()
+    config = tmp_path / "d.toml"
+    body = "[general]\nnetwork_multiplier = {g}\n[[datasets]]\nnetwork_multiplier = {d}\n[[datasets.subsets]]\nimage_dir = 'img'\n"
+    config.write_text(body.format(g=1, d=1.0), encoding="utf-8")
+    assert len(load_toml_dataset_config(config)) == 1
+    config.write_text(body.format(g=1, d=-1.0), encoding="utf-8")
+    with pytest.raises(DataError, match=r"datasets\[0\]: network_multiplier = -1.0: per-dataset multipliers"):
+        load_toml_dataset_config(config)
+    config.write_text(
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\nnetwork_multiplier = 1.0\n", encoding="utf-8"
+    )
+    with pytest.raises(DataError, match="kohya key 'network_multiplier' is not supported"):  # kohya: dataset level only
+        load_toml_dataset_config(config)

@@ -241,7 +241,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "and kohya's networks.oft has none"
             )
         if o.network_multiplier == 0 or o.network_multiplier != o.network_multiplier:
-            problems.append(f"--network-multiplier must be a non-zero number (0 trains nothing), got {o.network_multiplier}")
+            problems.append(
+                f"--network-multiplier must be a non-zero number (0 trains nothing), got {o.network_multiplier}"
+            )
         if o.network_weights and not Path(o.network_weights).is_file():
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
         from .blocks import check_block_options

@@ -183,8 +183,9 @@ class LoraNetwork(nn.Module):
             if ratio != 1:
                 scaled += 1
                 root = ratio**0.5
-                module.lora_up.weight.mul_(root)
-                module.lora_down.weight.mul_(root)
+                factored: Any = module  # LoraAdapter / SharedDownLora (checked above)
+                factored.lora_up.weight.mul_(root)
+                factored.lora_down.weight.mul_(root)
         after = norms * ratios
         return scaled, float(after.mean()), float(after.max())
 

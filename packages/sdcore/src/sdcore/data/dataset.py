@@ -224,6 +224,7 @@ def folder_subsets(
 # subsets from a kohya dataset TOML
 
 _DATASET_KEYS = {
+    "network_multiplier",
     "resolution",
     "batch_size",
     "enable_bucket",
@@ -341,6 +342,24 @@ def _resolution(value: Any, where: str, path: Path) -> int:
     raise DataError(f"{path}: {where}: 'resolution' must be a positive integer or [width, height], got {value!r}")
 
 
+def _network_multiplier(value: Any, where: str, path: Path) -> None:
+    """kohya's per-dataset ``network_multiplier``: accepted at 1 (its default), refused otherwise.
+
+    kohya (since 2024-01) put it on every batch of the dataset and set the network's multiplier from
+    it per step; its train_network.py no longer reads it since the 2025 validation-loss rework, so
+    kohya itself trains at 1 today. sdcore has no per-dataset multiplier: the run-wide one is
+    ``--network-multiplier`` (LoRA).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{path}: {where}: 'network_multiplier' must be a number, got {value!r}")
+    if float(value) != 1.0:
+        raise DataError(
+            f"{path}: {where}: network_multiplier = {value}: per-dataset multipliers are not supported by sdcore "
+            "(kohya's current train_network.py ignores them too); give the run's multiplier with "
+            "--network-multiplier (LoRA)"
+        )
+
+
 _FIELD_OF = {
     "num_repeats": ("repeats", "a positive integer"),
     "class_tokens": ("class_tokens", "a string"),
@@ -373,6 +392,9 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
             continue
         if key == "resolution":
             out["resolution"] = _resolution(value, where, path)
+            continue
+        if key == "network_multiplier":
+            _network_multiplier(value, where, path)
             continue
         name, kind = _FIELD_OF[key]
         out[name] = _typed(value, kind, key, where, path)

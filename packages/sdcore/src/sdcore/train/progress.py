@@ -14,8 +14,8 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import asdict
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import IO, Any
 
 from .options import TrainOptions

@@ -220,3 +220,31 @@ def test_keys_scaled_reach_the_step_logs(tmp_path):
     train(LoraMethod(contract_options(LoraMethod, tmp_path, {"rank": 4, "max_steps": 1}, tag="plain")),
           plugin_manager=plugin_manager_with(recorder))  # fmt: skip
     assert "keys_scaled" not in recorder.logs[0]
+
+
+def test_kohya_names_translate():
+    from dataclasses import fields
+
+    from sdcore.train import kohya
+    from sdcore.train.config import load_options
+    from sdcore.train.options import TrainOptions
+
+    given = {
+        "scale_weight_norms": 1.0,
+        "network_multiplier": -1,
+        "caption_prefix": "sks",
+        "secondary_separator": ";;;",
+        "caption_dropout_every_n_epochs": 2,
+        "network_module": "lycoris.kohya",
+        "network_args": ["algo=locon", "conv_dim=2"],
+    }
+    notes: list[str] = []
+    o = load_options(LoraOptions, None, kohya=given, notes=notes)
+    assert (o.scale_weight_norms, o.network_multiplier, o.algo) == (1.0, -1, "locon")
+    assert (o.caption_prefix, o.secondary_separator, o.caption_dropout_every_n_epochs) == ("sks", ";;;", 2)
+    assert any("LyCORIS rescales a per-module scalar" in n for n in notes)
+    # another method: kohya_ss writes these fields at their off values, which pass; a real value is refused
+    core = [f.name for f in fields(TrainOptions)]
+    assert not kohya.translate({"network_multiplier": 1.0, "scale_weight_norms": 0}, core, where="c").problems
+    problems = kohya.translate({"network_multiplier": 2.0, "scale_weight_norms": 1}, core, where="c").problems
+    assert len(problems) == 2 and all("kohya's lora option" in p for p in problems)

@@ -100,14 +100,87 @@ def test_max_norm_equals_kohya_formula():
         torch.testing.assert_close(module.lora_up.weight, again[name], rtol=1e-6, atol=0)
 
 
+def lycoris_lokr_max_norm(factors: dict[str, torch.Tensor], scale: float, shape, max_norm: float):
+    """LyCORIS ``LokrModule.apply_max_norm`` (lycoris/modules/lokr.py), re-written: the norm of
+    ``kron(w1, w2) * scale`` (``w2 = w2_a @ w2_b``, or with Tucker ``t2`` contracted in), and when
+    scaled each of the ``modules = 4 - use_w1 - use_w2 + (not use_w2 and tucker)`` factors times
+    ``ratio ** (1 / modules)``. Returns (new factors, scaled, norm after)."""
+    w1 = factors["lokr_w1"]
+    use_w2 = "lokr_w2" in factors
+    tucker = "lokr_t2" in factors
+    if use_w2:
+        w2 = factors["lokr_w2"]
+    elif tucker:
+        w2 = torch.einsum(
+            "i j k l, j r, i p -> p r k l", factors["lokr_t2"], factors["lokr_w2_b"], factors["lokr_w2_a"]
+        )
+    else:
+        w2 = factors["lokr_w2_a"] @ factors["lokr_w2_b"]
+    if w2.dim() == 4:  # LyCORIS make_kron: w1 gets the kernel's two dims
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    elif len(shape) == 4:
+        w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    weight = torch.kron(w1.contiguous(), w2.contiguous()) * scale
+    orig_norm = weight.reshape(shape).norm()
+    norm = torch.clamp(orig_norm, max_norm / 2)
+    desired = torch.clamp(norm, max=max_norm)
+    ratio = desired.cpu() / norm.cpu()
+    scaled = bool(norm != desired)
+    modules = 4 - 1 - int(use_w2) + int(not use_w2 and tucker)  # sdcore keeps w1 whole (use_w1)
+    out = {k: (v * ratio ** (1 / modules) if scaled else v) for k, v in factors.items()}
+    return out, scaled, float(orig_norm * ratio)
+
+
+@pytest.mark.parametrize("kind", ["w2_a_b", "full_w2", "tucker_conv"])
+def test_lokr_max_norm_equals_lycoris_formula(kind):
+    from sdplugin_lora.adapters import LokrAdapter
+
+    torch.manual_seed(2)
+    full_w2 = kind == "full_w2"
+
+    def make(name):
+        if kind == "tucker_conv":
+            return LokrAdapter(name, torch.nn.Conv2d(64, 48, 3, padding=1), 2, 1.0, tucker=True)
+        return LokrAdapter(name, torch.nn.Linear(64, 48), 64 if full_w2 else 2, 1.0)
+
+    big, small = make("big"), make("small")
+    assert ("lokr_t2" in dict(big.named_parameters())) == (kind == "tucker_conv")
+    for i, (module, std) in enumerate(((big, 1.0), (small, 0.01))):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, p in module.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    assert ("lokr_w2" in dict(big.named_parameters())) == full_w2
+    network = LoraNetwork([big, small])
+    limit = 0.5
+    want = {}
+    for module in (big, small):
+        factors = {k: v.detach().clone() for k, v in module.named_parameters()}
+        want[module.lora_name] = lycoris_lokr_max_norm(factors, module.scale, tuple(module.base.weight.shape), limit)
+    assert [want[n][1] for n in ("big", "small")] == [True, False]
+    scaled, mean, top = network.apply_max_norm(limit)
+    assert scaled == 1
+    assert top == pytest.approx(want["big"][2], rel=1e-5) == pytest.approx(limit, rel=1e-5)
+    assert mean == pytest.approx((want["big"][2] + want["small"][2]) / 2, rel=1e-5)
+    for module in (big, small):
+        for key, param in module.named_parameters():
+            torch.testing.assert_close(param, want[module.lora_name][0][key], rtol=1e-6, atol=0)
+    assert big.delta_weight().norm().item() == pytest.approx(limit, rel=1e-5)
+
+
 def test_max_norm_refuses_other_algorithms():
     loha = LohaAdapter("loha", torch.nn.Linear(8, 8), 2, 1.0)
-    with pytest.raises(TypeError, match="plain LoRA/LoCon"):
+    with pytest.raises(TypeError, match="LoRA/LoCon and LoKr modules, not loha"):
         LoraNetwork([loha]).apply_max_norm(1.0)
-    for algo, extra in (("loha", {}), ("lokr", {}), ("dora", {}), ("oft", {}), ("locon", {"use_tucker": True})):
-        with pytest.raises(ConfigError, match="--scale-weight-norms is kohya's max-norm"):
+    for algo, extra in (("loha", {}), ("dora", {}), ("oft", {}), ("locon", {"use_tucker": True})):
+        with pytest.raises(ConfigError, match=r"--scale-weight-norms \(max-norm\) is kohya's"):
             LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0, **extra)).validate()
-    LoraMethod(LoraOptions(algo="locon", scale_weight_norms=1.0)).validate()
+    with pytest.raises(ConfigError, match="rank-dropout mask"):
+        LoraMethod(LoraOptions(algo="lokr", scale_weight_norms=1.0, rank_dropout=0.1)).validate()
+    for algo in ("lora", "locon", "lokr"):
+        LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0)).validate()
+    LoraMethod(LoraOptions(algo="lokr", use_tucker=True, scale_weight_norms=1.0)).validate()
     LoraMethod(LoraOptions(algo="loha", scale_weight_norms=0)).validate()  # 0 is off, as in kohya
     with pytest.raises(ConfigError, match="must be positive"):
         LoraMethod(LoraOptions(scale_weight_norms=-1.0)).validate()

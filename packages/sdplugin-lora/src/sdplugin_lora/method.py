@@ -233,12 +233,17 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         problems: list[str] = []
         if o.scale_weight_norms is not None and o.scale_weight_norms < 0:
             problems.append(f"--scale-weight-norms must be positive (0 = off), got {o.scale_weight_norms}")
-        elif o.scale_weight_norms and (o.algo not in ("lora", "locon") or o.use_tucker):
+        elif o.scale_weight_norms and (o.algo not in ("lora", "locon", "lokr") or (o.use_tucker and o.algo != "lokr")):
             what = f"--algo {o.algo}" + (" with --use-tucker" if o.use_tucker else "")
             problems.append(
-                f"--scale-weight-norms is kohya's max-norm for networks.lora modules (up @ down); {what} is not: "
-                "LyCORIS' LoHa/LoKr/DoRA/Tucker versions rescale a per-module scalar sdcore's modules do not have, "
-                "and kohya's networks.oft has none"
+                f"--scale-weight-norms (max-norm) is kohya's for LoRA/LoCon and LyCORIS' for LoKr; {what} is not "
+                "available: LyCORIS' LoHa/DoRA/Tucker LoCon versions rescale a per-module scalar sdcore's modules "
+                "do not have, and kohya's networks.oft has none"
+            )
+        elif o.scale_weight_norms and o.algo == "lokr" and o.rank_dropout:
+            problems.append(
+                "--scale-weight-norms with --algo lokr and --rank-dropout: LyCORIS measures the norm with a fresh "
+                "rank-dropout mask drawn from torch's global generator, which sdcore does not reproduce"
             )
         if o.network_multiplier == 0 or o.network_multiplier != o.network_multiplier:
             problems.append(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import TRAINING_ADAPTERS, Adapter, LoraAdapter, OftAdapter, SharedDownLora
+from .adapters import TRAINING_ADAPTERS, Adapter, LokrAdapter, LoraAdapter, OftAdapter, SharedDownLora
 from .algos import ALGOS
 from .naming import Target
 
@@ -157,16 +157,21 @@ class LoraNetwork(nn.Module):
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
-        """kohya's max-norm regularisation (``--scale_weight_norms``, ``networks/lora.py``
-        ``apply_max_norm_regularization``), run after each optimizer step.
+        """Max-norm regularisation (kohya's ``--scale_weight_norms``), run after each optimizer step.
 
-        For every module, ``n = ||scale · up @ down||`` (the Frobenius norm of its change at
-        multiplier 1; a kxk conv's change is its composed kernel). Clamped below at ``max_norm / 2``
-        and above at ``max_norm``, it gives ``ratio = clamp(n) / max(n, max_norm / 2)``: 1 unless
-        ``n > max_norm``, else ``max_norm / n``. A module with ``ratio != 1`` has ``lora_up`` and
-        ``lora_down`` both multiplied by ``sqrt(ratio)``, so its change ends at norm ``max_norm``.
-        Returns kohya's ``(keys scaled, mean norm, max norm)``, the norms taken after scaling.
-        Plain LoRA/LoCon modules only (see :func:`max_norm_unsupported`).
+        For every module, ``n = ||ΔW||`` (Frobenius norm of its change at multiplier 1, ``alpha/rank``
+        applied; a kxk conv's change is its composed kernel). Clamped below at ``max_norm / 2`` and
+        above at ``max_norm``, it gives ``ratio = clamp(n) / max(n, max_norm / 2)``: 1 unless
+        ``n > max_norm``, else ``max_norm / n``. A module with ``ratio != 1`` is rescaled so that its
+        change ends at norm ``max_norm``:
+
+        - LoRA/LoCon (kohya's ``networks.lora``/``lora_sd3``/``lora_flux``
+          ``apply_max_norm_regularization``): ``lora_up`` and ``lora_down`` times ``sqrt(ratio)``;
+        - LoKr (LyCORIS ``LokrModule.apply_max_norm``): each of its ``k`` factor tensors
+          (``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a``/``_b`` and ``lokr_t2``) times ``ratio ** (1/k)``.
+
+        Returns ``(modules scaled, mean norm, max norm)``, the norms taken after scaling, as kohya
+        logs them. Other modules raise (see :func:`max_norm_unsupported`).
         """
         modules = self._modules_of()
         if not modules:
@@ -182,10 +187,10 @@ class LoraNetwork(nn.Module):
         for module, ratio in zip(modules, ratios.tolist(), strict=True):
             if ratio != 1:
                 scaled += 1
-                root = ratio**0.5
-                factored: Any = module  # LoraAdapter / SharedDownLora (checked above)
-                factored.lora_up.weight.mul_(root)
-                factored.lora_down.weight.mul_(root)
+                factors = _max_norm_factors(module)
+                share = ratio ** (1 / len(factors))
+                for factor in factors:
+                    factor.mul_(share)
         after = norms * ratios
         return scaled, float(after.mean()), float(after.max())
 
@@ -231,17 +236,27 @@ class LoraNetwork(nn.Module):
 
 
 def max_norm_unsupported(module: Adapter) -> str | None:
-    """Why kohya's max-norm rule does not apply to ``module`` (``None`` when it does).
+    """Why max-norm regularisation does not apply to ``module`` (``None`` when it does).
 
-    kohya defines it on ``networks.lora`` modules (``up @ down``); LyCORIS' LoHa, LoKr, DoRA and
-    Tucker LoCon rescale a per-module ``scalar`` that these modules do not have, and kohya's
-    ``networks.oft`` has no max-norm at all.
+    kohya defines it on ``networks.lora`` modules (``up @ down``) and LyCORIS on LoKr by scaling its
+    factors; LyCORIS' LoHa, DoRA and Tucker LoCon instead rescale a per-module ``scalar`` that
+    sdcore's modules do not have, and kohya's ``networks.oft`` has no max-norm at all.
     """
     if isinstance(module, SharedDownLora):
         return None
     if isinstance(module, LoraAdapter) and module.dora_scale is None and module.lora_mid is None:
         return None
-    return f"max-norm regularisation is defined for plain LoRA/LoCon modules, not {module.algo}"
+    if isinstance(module, LokrAdapter) and module.dora_scale is None:
+        return None
+    return f"max-norm regularisation is defined for LoRA/LoCon and LoKr modules, not {module.algo}"
+
+
+def _max_norm_factors(module: Adapter) -> list[torch.Tensor]:
+    """The tensors max-norm rescales: LoRA's ``up``/``down``, LoKr's factor tensors."""
+    if isinstance(module, LokrAdapter):
+        return [param for name, param in module.named_parameters() if name != "dora_scale"]
+    factored: Any = module  # LoraAdapter / SharedDownLora (checked by max_norm_unsupported)
+    return [factored.lora_up.weight, factored.lora_down.weight]
 
 
 __all__ = ["LoraNetwork", "SharedGroup", "max_norm_unsupported"]

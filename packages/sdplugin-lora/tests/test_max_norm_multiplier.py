@@ -176,6 +176,8 @@ def test_max_norm_refuses_other_algorithms():
     for algo, extra in (("loha", {}), ("dora", {}), ("oft", {}), ("locon", {"use_tucker": True})):
         with pytest.raises(ConfigError, match=r"--scale-weight-norms \(max-norm\) is kohya's"):
             LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0, **extra)).validate()
+    with pytest.raises(ConfigError, match="--split-qkv: kohya's lora_flux/lora_sd3 max-norm"):
+        LoraMethod(LoraOptions(scale_weight_norms=1.0, split_qkv=True)).validate()
     with pytest.raises(ConfigError, match="rank-dropout mask"):
         LoraMethod(LoraOptions(algo="lokr", scale_weight_norms=1.0, rank_dropout=0.1)).validate()
     for algo in ("lora", "locon", "lokr"):

@@ -240,6 +240,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "available: LyCORIS' LoHa/DoRA/Tucker LoCon versions rescale a per-module scalar sdcore's modules "
                 "do not have, and kohya's networks.oft has none"
             )
+        elif o.scale_weight_norms and o.split_qkv:
+            problems.append(
+                "--scale-weight-norms with --split-qkv: kohya's lora_flux/lora_sd3 max-norm does not handle split "
+                "q/k/v modules (it fails on their per-member lora_down.N keys), so there is no meaning to copy"
+            )
         elif o.scale_weight_norms and o.algo == "lokr" and o.rank_dropout:
             problems.append(
                 "--scale-weight-norms with --algo lokr and --rank-dropout: LyCORIS measures the norm with a fresh "

@@ -169,21 +169,112 @@ def test_lokr_max_norm_equals_lycoris_formula(kind):
     assert big.delta_weight().norm().item() == pytest.approx(limit, rel=1e-5)
 
 
+def lycoris_loha_max_norm(t: dict[str, torch.Tensor], scale: float, scalar: float, max_norm: float):
+    """LyCORIS ``LohaModule.apply_max_norm`` (lycoris/modules/loha.py), re-written for a Linear:
+    ``orig_norm = ||(w1a @ w1b) * (w2a @ w2b) * scale * scalar||``; when scaled ``scalar *= ratio``.
+    Returns (new scalar, scaled, norm after)."""
+    weight = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * scale
+    orig_norm = (weight * scalar).norm()
+    norm = torch.clamp(orig_norm, max_norm / 2)
+    desired = torch.clamp(norm, max=max_norm)
+    ratio = desired.cpu() / norm.cpu()
+    scaled = bool(norm != desired)
+    return (scalar * float(ratio) if scaled else scalar), scaled, float(orig_norm * ratio)
+
+
+def test_loha_and_dora_max_norm_rescale_lycoris_scalar():
+    torch.manual_seed(4)
+    big = LohaAdapter("big", torch.nn.Linear(12, 10), 4, 2.0)
+    small = LohaAdapter("small", torch.nn.Linear(12, 10), 4, 2.0)
+    dora = LoraAdapter("dora", torch.nn.Linear(12, 10), 4, 2.0, dora=True)
+    for i, (module, std) in enumerate(((big, 1.0), (small, 0.05), (dora, 1.0))):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name != "dora_scale":
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+    raw = {m.lora_name: {k: v.detach().clone() for k, v in m.named_parameters()} for m in (big, small, dora)}
+    limit = 0.5
+    want = {m.lora_name: lycoris_loha_max_norm(raw[m.lora_name], m.scale, 1.0, limit) for m in (big, small)}
+    assert [want[n][1] for n in ("big", "small")] == [True, False]
+    # LyCORIS LoCon/DoRA: ||up @ down * scale * scalar||, before the decomposition
+    dora_norm = (raw["dora"]["lora_up.weight"] @ raw["dora"]["lora_down.weight"] * dora.scale).norm().item()
+    assert dora_norm > limit
+    x = torch.randn(3, 12)
+    before_small = small.base(x) + small.delta(x)
+    scaled, _, top = LoraNetwork([big, small, dora]).apply_max_norm(limit)
+    assert scaled == 2 and top == pytest.approx(limit, rel=1e-5)
+    assert big.scalar == pytest.approx(want["big"][0], rel=1e-6) and small.scalar == 1.0
+    assert dora.scalar == pytest.approx(limit / dora_norm, rel=1e-5)
+    for module in (big, small, dora):  # the factors themselves are untouched: the scalar carries the scaling
+        for key, param in module.named_parameters():
+            assert torch.equal(param, raw[module.lora_name][key])
+    # the forward applies the scalar: the LoHa change is now at norm `limit`, the small module unchanged
+    assert big.delta_weight().norm().item() == pytest.approx(limit, rel=1e-5)
+    torch.testing.assert_close(small.base(x) + small.delta(x), before_small)
+    with torch.no_grad():
+        want_dora = (raw["dora"]["lora_up.weight"] @ raw["dora"]["lora_down.weight"]) * dora.scale * dora.scalar
+        base = dora.base.weight.detach()
+        merged = base + want_dora
+        norm = merged.norm(dim=0, keepdim=True) if dora.dora_scale.shape[0] == 1 else merged.norm(dim=1, keepdim=True)
+        expected = merged * (dora.dora_scale.detach() / norm) - base
+    torch.testing.assert_close(dora.delta_weight(), expected, rtol=1e-5, atol=1e-6)
+    # files hold the scalar baked into hada_w1_a / lora_up (LyCORIS' custom_state_dict); loading resets it
+    state = LoraNetwork([big, dora]).state_dict()
+    torch.testing.assert_close(state["big.hada_w1_a"], raw["big"]["hada_w1_a"] * big.scalar)
+    torch.testing.assert_close(state["dora.lora_up.weight"], raw["dora"]["lora_up.weight"] * dora.scalar)
+    fresh = LohaAdapter("big", big.base, 4, 2.0)
+    LoraNetwork([fresh]).load_state_dict({k: v for k, v in state.items() if k.startswith("big.")})
+    assert fresh.scalar == 1.0
+    torch.testing.assert_close(fresh.delta_weight(), big.delta_weight(), rtol=1e-5, atol=1e-7)
+
+
+def test_resumable_state_keeps_raw_factors_and_scalars():
+    from lora_testutil import fresh_bundle
+
+    options = LoraOptions(rank=2, algo="loha", scale_weight_norms=1e-3)
+    method = LoraMethod(options)
+    method.prepare(fresh_bundle("sd1"))
+    network = method.network
+    assert network is not None
+    with torch.no_grad():
+        for module in network.loras.values():
+            module.hada_w2_a.normal_(std=0.5)
+    assert network.apply_max_norm(1e-3)[0] == len(network)
+    state = method.trainable_state_dict()
+    scalars = {k: float(v) for k, v in state.items() if k.endswith(".sdcore_scalar")}
+    assert len(scalars) == len(network)
+    other = LoraMethod(options)
+    other.prepare(fresh_bundle("sd1"))
+    other.load_trainable_state_dict(state)
+    assert other.network is not None
+    for name, module in other.network.loras.items():
+        assert module.scalar == network.loras[name].scalar == scalars[f"{name}.sdcore_scalar"]
+        for key, param in module.named_parameters():
+            assert torch.equal(param, dict(network.loras[name].named_parameters())[key])
+    # without rescaled modules the state is the plain file layout
+    plain = LoraMethod(LoraOptions(rank=2))
+    plain.prepare(fresh_bundle("sd1"))
+    assert plain.network is not None
+    assert set(plain.trainable_state_dict()) == set(plain.network.state_dict())
+
+
 def test_max_norm_refuses_other_algorithms():
-    loha = LohaAdapter("loha", torch.nn.Linear(8, 8), 2, 1.0)
-    with pytest.raises(TypeError, match="LoRA/LoCon and LoKr modules, not loha"):
-        LoraNetwork([loha]).apply_max_norm(1.0)
-    for algo, extra in (("loha", {}), ("dora", {}), ("oft", {}), ("locon", {"use_tucker": True})):
-        with pytest.raises(ConfigError, match=r"--scale-weight-norms \(max-norm\) is kohya's"):
-            LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0, **extra)).validate()
+    from sdplugin_lora.adapters import OftAdapter
+
+    oft = OftAdapter("oft", torch.nn.Linear(8, 8), 2, 1e-3)
+    with pytest.raises(TypeError, match="LoRA/LoCon, LoHa and LoKr modules, not oft"):
+        LoraNetwork([oft]).apply_max_norm(1.0)
+    with pytest.raises(ConfigError, match=r"networks\.oft has no max-norm"):
+        LoraMethod(LoraOptions(algo="oft", scale_weight_norms=1.0)).validate()
     with pytest.raises(ConfigError, match="--split-qkv: kohya's lora_flux/lora_sd3 max-norm"):
         LoraMethod(LoraOptions(scale_weight_norms=1.0, split_qkv=True)).validate()
-    with pytest.raises(ConfigError, match="rank-dropout mask"):
-        LoraMethod(LoraOptions(algo="lokr", scale_weight_norms=1.0, rank_dropout=0.1)).validate()
-    for algo in ("lora", "locon", "lokr"):
-        LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0)).validate()
-    LoraMethod(LoraOptions(algo="lokr", use_tucker=True, scale_weight_norms=1.0)).validate()
-    LoraMethod(LoraOptions(algo="loha", scale_weight_norms=0)).validate()  # 0 is off, as in kohya
+    for algo, extra in (("loha", {}), ("lokr", {}), ("dora", {}), ("locon", {"use_tucker": True})):
+        with pytest.raises(ConfigError, match="rank-dropout mask"):
+            LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0, rank_dropout=0.1, **extra)).validate()
+        LoraMethod(LoraOptions(algo=algo, scale_weight_norms=1.0, **extra)).validate()
+    LoraMethod(LoraOptions(algo="lora", scale_weight_norms=1.0, rank_dropout=0.1)).validate()  # kohya: fine
+    LoraMethod(LoraOptions(algo="oft", scale_weight_norms=0)).validate()  # 0 is off, as in kohya
     with pytest.raises(ConfigError, match="must be positive"):
         LoraMethod(LoraOptions(scale_weight_norms=-1.0)).validate()
     with pytest.raises(ConfigError, match="non-zero"):
@@ -246,7 +337,19 @@ def test_network_multiplier_gradients_are_the_scaled_forwards():
     torch.testing.assert_close(adapter.lora_down.weight.grad, down.grad)
 
 
-def test_cli_run_keeps_every_module_norm_below_the_limit(tmp_path):
+def _file_norm(weights) -> float:
+    """A file module's change norm, from its tensors (kohya LoRA or LyCORIS LoHa of a Linear/1x1 conv)."""
+    t = {k: v.float() for k, v in weights.tensors.items()}
+    if "hada_w1_a" in t:
+        rank = t["hada_w1_b"].shape[0]
+        alpha = float(t["alpha"]) if "alpha" in t else rank
+        flat = [t[k].reshape(t[k].shape[0], -1) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+        return ((flat[0] @ flat[1]) * (flat[2] @ flat[3]) * (alpha / rank)).norm().item()
+    return kohya_updown(weights.up.float(), weights.down.float(), weights.alpha).norm().item()
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_cli_run_keeps_every_module_norm_below_the_limit(tmp_path, algo):
     from sdcore.cli import build_cli
     from sdcore.plugins import get_plugin_manager
     from sdplugin_lora.format import read_lora
@@ -258,12 +361,13 @@ def test_cli_run_keeps_every_module_norm_below_the_limit(tmp_path):
             "--output", str(out), "--network_dim", "4", "--network_alpha", "4", "--resolution", "64",
             "--learning_rate", "1e-2", "--max_train_steps", "3", "--save_precision", "float", "--seed", "3",
             "--scale_weight_norms", str(limit), "--network_multiplier", "0.8", "--no-progress",
-            "--log-dir", str(tmp_path / "logs")]  # fmt: skip
+            "--log-dir", str(tmp_path / "logs"), "--algo", algo]  # fmt: skip
     result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lora = read_lora(out)
     assert lora.metadata["ss_scale_weight_norms"] == str(limit)
-    norms = [kohya_updown(w.up.float(), w.down.float(), w.alpha).norm().item() for w in lora.modules.values()]
+    assert {w.kind for w in lora.modules.values()} == {algo}
+    norms = [_file_norm(w) for w in lora.modules.values()]
     assert len(norms) > 10
     assert max(norms) <= limit * (1 + 1e-5)
     # the limit bit: several modules sit exactly at it

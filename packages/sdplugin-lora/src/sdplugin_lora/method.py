@@ -66,7 +66,7 @@ class LoraOptions(TrainOptions):
     scale_weight_norms: float | None = option(
         None,
         "kohya max-norm regularisation: after each step, rescale every module whose change ||alpha/rank * "
-        "up @ down|| exceeds this to exactly this norm (kohya suggests 1; lora/locon only).",
+        "up @ down|| exceeds this to exactly this norm (kohya suggests 1; LoHa/LoKr/DoRA: LyCORIS' rule).",
         group="lora",
     )
     network_multiplier: float = option(
@@ -144,6 +144,10 @@ class LoraOptions(TrainOptions):
 @dataclass
 class LoconOptions(LoraOptions):
     algo: str = option("locon", ALGO_HELP, choices=ALGOS, group="lora")
+
+
+#: resumable-state key suffix of a module's LyCORIS max-norm ``scalar``
+_SCALAR_KEY = "sdcore_scalar"
 
 
 class LoraMethod(TrainingMethod[LoraOptions]):
@@ -233,22 +237,18 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         problems: list[str] = []
         if o.scale_weight_norms is not None and o.scale_weight_norms < 0:
             problems.append(f"--scale-weight-norms must be positive (0 = off), got {o.scale_weight_norms}")
-        elif o.scale_weight_norms and (o.algo not in ("lora", "locon", "lokr") or (o.use_tucker and o.algo != "lokr")):
-            what = f"--algo {o.algo}" + (" with --use-tucker" if o.use_tucker else "")
-            problems.append(
-                f"--scale-weight-norms (max-norm) is kohya's for LoRA/LoCon and LyCORIS' for LoKr; {what} is not "
-                "available: LyCORIS' LoHa/DoRA/Tucker LoCon versions rescale a per-module scalar sdcore's modules "
-                "do not have, and kohya's networks.oft has none"
-            )
+        elif o.scale_weight_norms and o.algo == "oft":
+            problems.append("--scale-weight-norms: kohya's networks.oft has no max-norm regularisation")
         elif o.scale_weight_norms and o.split_qkv:
             problems.append(
                 "--scale-weight-norms with --split-qkv: kohya's lora_flux/lora_sd3 max-norm does not handle split "
                 "q/k/v modules (it fails on their per-member lora_down.N keys), so there is no meaning to copy"
             )
-        elif o.scale_weight_norms and o.algo == "lokr" and o.rank_dropout:
+        elif o.scale_weight_norms and o.rank_dropout and (o.algo in ("loha", "lokr", "dora") or o.use_tucker):
             problems.append(
-                "--scale-weight-norms with --algo lokr and --rank-dropout: LyCORIS measures the norm with a fresh "
-                "rank-dropout mask drawn from torch's global generator, which sdcore does not reproduce"
+                f"--scale-weight-norms with --algo {o.algo}{' --use-tucker' if o.use_tucker else ''} and "
+                "--rank-dropout: LyCORIS measures the norm under a fresh rank-dropout mask drawn from torch's "
+                "global generator, which sdcore does not reproduce"
             )
         if o.network_multiplier == 0 or o.network_multiplier != o.network_multiplier:
             problems.append(
@@ -477,10 +477,27 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return self.network
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().clone() for k, v in self._require_network().state_dict().items()}
+        """The raw trained tensors plus, for modules max-norm rescaled the LyCORIS way, their
+        ``scalar`` (float64, ``<module>.sdcore_scalar``), so that a resumed run continues exactly."""
+        import torch
+
+        from .network import unbaked_scalars
+
+        network = self._require_network()
+        with unbaked_scalars(network):
+            state = {k: v.detach().float().cpu().clone() for k, v in network.state_dict().items()}
+        for name, module in network.loras.items():
+            if module.scalar != 1.0:
+                state[f"{name}.{_SCALAR_KEY}"] = torch.tensor(module.scalar, dtype=torch.float64)
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._require_network().load_kohya_state_dict(state)
+        network = self._require_network()
+        scalars = {k: v for k, v in state.items() if k.endswith(f".{_SCALAR_KEY}")}
+        network.load_kohya_state_dict({k: v for k, v in state.items() if k not in scalars})
+        modules = network.loras
+        for key, value in scalars.items():
+            modules[key.rsplit(".", 1)[0]].scalar = float(value)
 
     def metadata(self, bundle: ModelBundle, info: SaveInfo) -> dict[str, str]:
         from .format import network_metadata

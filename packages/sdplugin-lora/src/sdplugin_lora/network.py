@@ -10,13 +10,22 @@ every hook off again. The network's own ``state_dict`` is already the kohya/LyCO
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import TRAINING_ADAPTERS, Adapter, LokrAdapter, LoraAdapter, OftAdapter, SharedDownLora
+from .adapters import (
+    TRAINING_ADAPTERS,
+    Adapter,
+    LohaAdapter,
+    LokrAdapter,
+    LoraAdapter,
+    OftAdapter,
+    SharedDownLora,
+)
 from .algos import ALGOS
 from .naming import Target
 
@@ -169,6 +178,9 @@ class LoraNetwork(nn.Module):
           ``apply_max_norm_regularization``): ``lora_up`` and ``lora_down`` times ``sqrt(ratio)``;
         - LoKr (LyCORIS ``LokrModule.apply_max_norm``): each of its ``k`` factor tensors
           (``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a``/``_b`` and ``lokr_t2``) times ``ratio ** (1/k)``.
+        - LoHa, DoRA and Tucker LoCon (LyCORIS ``apply_max_norm`` of ``LohaModule``/``LoConModule``):
+          the module's ``scalar`` times ``ratio``; ``n`` is then the norm of ``scalar · ΔW`` before
+          DoRA's decomposition, and the file gets the scalar baked into ``hada_w1_a``/``lora_up``.
 
         Returns ``(modules scaled, mean norm, max norm)``, the norms taken after scaling, as kohya
         logs them. Other modules raise (see :func:`max_norm_unsupported`).
@@ -187,6 +199,9 @@ class LoraNetwork(nn.Module):
         for module, ratio in zip(modules, ratios.tolist(), strict=True):
             if ratio != 1:
                 scaled += 1
+                if _uses_scalar(module):
+                    module.scalar *= ratio
+                    continue
                 factors = _max_norm_factors(module)
                 share = ratio ** (1 / len(factors))
                 for factor in factors:
@@ -235,20 +250,33 @@ class LoraNetwork(nn.Module):
         return sorted(missing)
 
 
-def max_norm_unsupported(module: Adapter) -> str | None:
-    """Why max-norm regularisation does not apply to ``module`` (``None`` when it does).
+def _uses_scalar(module: Adapter) -> bool:
+    """LyCORIS rescales this module's ``scalar`` (LoHa, DoRA, Tucker LoCon), not its factors."""
+    if isinstance(module, LohaAdapter):
+        return True
+    return isinstance(module, LoraAdapter) and (module.dora_scale is not None or module.lora_mid is not None)
 
-    kohya defines it on ``networks.lora`` modules (``up @ down``) and LyCORIS on LoKr by scaling its
-    factors; LyCORIS' LoHa, DoRA and Tucker LoCon instead rescale a per-module ``scalar`` that
-    sdcore's modules do not have, and kohya's ``networks.oft`` has no max-norm at all.
-    """
-    if isinstance(module, SharedDownLora):
+
+@contextlib.contextmanager
+def unbaked_scalars(network: LoraNetwork) -> Iterator[None]:
+    """``state_dict()`` with the raw factors (the scalars kept apart): for exact resumable states."""
+    modules = network._modules_of()
+    for module in modules:
+        module._bake_scalar = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._bake_scalar = True
+
+
+def max_norm_unsupported(module: Adapter) -> str | None:
+    """Why max-norm regularisation does not apply to ``module`` (``None`` when it does): kohya
+    defines it for LoRA/LoCon, LyCORIS for LoCon (incl. DoRA, Tucker), LoHa and LoKr; kohya's
+    ``networks.oft`` has none."""
+    if isinstance(module, LoraAdapter | SharedDownLora | LohaAdapter | LokrAdapter):
         return None
-    if isinstance(module, LoraAdapter) and module.dora_scale is None and module.lora_mid is None:
-        return None
-    if isinstance(module, LokrAdapter) and module.dora_scale is None:
-        return None
-    return f"max-norm regularisation is defined for LoRA/LoCon and LoKr modules, not {module.algo}"
+    return f"max-norm regularisation is defined for LoRA/LoCon, LoHa and LoKr modules, not {module.algo}"
 
 
 def _change_norm(module: Adapter) -> torch.Tensor:
@@ -259,6 +287,10 @@ def _change_norm(module: Adapter) -> torch.Tensor:
     instead of the ``out x in`` product, about ``rank`` times less work than forming ``ΔW`` (what
     kohya does), so the check costs little even on a CPU.
     """
+    if _uses_scalar(module):  # LyCORIS: the norm of scalar · scale · W, before DoRA
+        t = {key: value.detach() for key, value in module.tensors().items()}
+        raw = module.variant.weight(t, tuple(module.base.weight.shape), module.base.weight)
+        return (raw.double().norm() * abs(module.scale * module.scalar)).to("cpu")
     if isinstance(module, LoraAdapter | SharedDownLora):
         up = module.lora_up.weight.detach().double()
         down = module.lora_down.weight.detach().double()
@@ -277,4 +309,4 @@ def _max_norm_factors(module: Adapter) -> list[torch.Tensor]:
     return [factored.lora_up.weight, factored.lora_down.weight]
 
 
-__all__ = ["LoraNetwork", "SharedGroup", "max_norm_unsupported"]
+__all__ = ["LoraNetwork", "SharedGroup", "max_norm_unsupported", "unbaked_scalars"]

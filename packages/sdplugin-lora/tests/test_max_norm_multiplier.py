@@ -427,3 +427,11 @@ def test_kohya_names_translate():
     assert not kohya.translate({"network_multiplier": 1.0, "scale_weight_norms": 0}, core, where="c").problems
     problems = kohya.translate({"network_multiplier": 2.0, "scale_weight_norms": 1}, core, where="c").problems
     assert len(problems) == 2 and all("kohya's lora option" in p for p in problems)
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_resume_with_max_norm_continues_exactly(tmp_path, algo):
+    """4 steps in one go == 2 steps, Ctrl-C, --resume: bit-identical (LoHa: raw factors and the scalars)."""
+    from sdcore.testing.contract import check_resume
+
+    check_resume(LoraMethod, tmp_path, {"rank": 4, "algo": algo, "scale_weight_norms": 0.004, "lr": 1e-2})

@@ -175,10 +175,19 @@ def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, k
     with pytest.raises(ConfigError) as info:
         load_options(LoraOptions, cfg)
     message = str(info.value)
-    for name in ("multires_noise_iterations = 10", "scale_weight_norms = 1", "random_crop = True"):
+    for name in ("multires_noise_iterations = 10", "random_crop = True"):
         assert name in message
-    # the options at their "off" value pass: only these three are reported
-    assert message.count("not supported by sdcore") == 3
+    # the options at their "off" value pass: only these two are reported
+    assert message.count("not supported by sdcore") == 2
+    # scale_weight_norms translates (LyCORIS' LoHa max-norm)
+    fixed = tmp_path / "fixed.toml"
+    text = cfg.read_text().replace("multires_noise_iterations = 10", "multires_noise_iterations = 0")
+    fixed.write_text(text.replace("random_crop = true", "random_crop = false"))
+    kept = load_options(LoraOptions, fixed, notes=[])
+    assert (kept.scale_weight_norms, kept.algo) == (1, "loha")
+    from sdplugin_lora.method import LoraMethod
+
+    LoraMethod(kept).validate()
     # with those switched off the same file loads
     text = cfg.read_text().replace("multires_noise_iterations = 10", "multires_noise_iterations = 0")
     cfg.write_text(
@@ -355,7 +364,6 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
             [
                 "multires_noise_iterations = 6",
                 "noise_offset_type = 'Multires'",
-                "scale_weight_norms = 1",
             ],
         ),
         ("gui_preset_sdxl_standard.json", ["adaptive_noise_scale = 0.004", "max_timestep = 900", "min_timestep = 100"]),

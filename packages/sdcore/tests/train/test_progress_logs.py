@@ -115,3 +115,31 @@ def test_cli_summary_shown_with_and_without_progress(tmp_path, progress):
     args = _args(tmp_path, o) + ([] if progress else ["--no-progress"])
     result = CliRunner().invoke(_command(), args)
     assert result.exit_code == 0 and "training images" in result.output
+
+
+def test_method_step_values_reach_bar_trackers_and_hooks():
+    """What ``TrainingMethod.on_step_end`` returns (e.g. LoRA max-norm's keys_scaled) is reported like the
+    runtime's own values: on the bar, to the trackers as ``train/<name>``, and in the hooks' logs."""
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.progress import Progress
+
+    class Accelerator:
+        is_main_process = True
+
+        def __init__(self):
+            self.logged = []
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+    acc = Accelerator()
+    progress = Progress(TrainOptions(progress=False), acc, name="x")
+    out = io.StringIO()
+    progress.bar = PlainProgress(total=2, stream=out, interval=0.0)
+    progress.tracking = True
+    logs = progress.step(1, 0, 0.5, 1e-4, extra={"keys_scaled": 3, "loss": 9.0})
+    assert logs["keys_scaled"] == 3.0 and logs["loss"] == 0.5  # a method cannot overwrite the runtime's values
+    assert acc.logged == [(1, {"train/loss": 0.5, "train/lr": 1e-4, "train/keys_scaled": 3.0})]
+    assert "keys_scaled 3" in progress.bar.postfix  # shown with the next printed line
+    progress.bar.close()
+    assert progress.step(2, 0, 0.5, 1e-4) == {"loss": 0.5, "loss_avg": 0.5, "lr": 1e-4, "epoch": 1}

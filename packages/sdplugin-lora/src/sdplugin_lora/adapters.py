@@ -429,6 +429,13 @@ def scaled_hidden(
 # --- adapters: one adapted layer --------------------------------------------------------------------
 
 
+def _bake_scalar_hook(module: Adapter, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` hook: the file holds ``scalar_key · scalar`` (LyCORIS' ``custom_state_dict``)."""
+    if module.scalar != 1.0 and module._bake_scalar and module.scalar_key:
+        key = prefix + module.scalar_key
+        state[key] = state[key] * module.scalar
+
+
 class Adapter(nn.Module):
     """What every adapted layer shares: the base reference, scale, multiplier, hook, merge.
 
@@ -439,6 +446,8 @@ class Adapter(nn.Module):
 
     variant: ClassVar[type[Variant]]
     algo: ClassVar[str]
+    #: the tensor LyCORIS bakes its ``scalar`` into when saving (``""``: the module has no scalar)
+    scalar_key: ClassVar[str] = ""
     base: Any
     alpha: torch.Tensor
     dora_scale: nn.Parameter | None
@@ -466,6 +475,13 @@ class Adapter(nn.Module):
             alpha = float(rank)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self._scale = float(alpha) / rank if rank else 1.0  # a Python float: no device sync per forward
+        #: LyCORIS' per-module ``scalar``: 1 unless max-norm regularisation rescaled the module
+        #: (LoHa, DoRA, Tucker LoCon). It multiplies the change in the forward and is baked into
+        #: :attr:`scalar_key` in ``state_dict()`` (what files hold), as LyCORIS' ``custom_state_dict``
+        #: does; loading a state resets it to 1, as LyCORIS does.
+        self.scalar = 1.0
+        self._bake_scalar = True
+        self._register_state_dict_hook(_bake_scalar_hook)
         self.multiplier = multiplier
         self.module_dropout = module_dropout
         self._handle: Any = None
@@ -493,6 +509,7 @@ class Adapter(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.rank:
             self._scale = float(self.alpha) / self.rank
+        self.scalar = 1.0
         self._frozen = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -511,7 +528,7 @@ class Adapter(nn.Module):
         if detach:
             t = {key: value.detach() for key, value in t.items()}
         shape = tuple(self.base.weight.shape)
-        delta = self.variant.weight(t, shape, self.base.weight) * self._scale
+        delta = self.variant.weight(t, shape, self.base.weight) * (self._scale * self.scalar)
         if rows is not None:
             delta = delta * rows.to(delta.device).reshape(-1, *[1] * (delta.dim() - 1))
         if self.dora_scale is not None:
@@ -623,6 +640,7 @@ class LoraAdapter(Adapter):
 
     variant = LoraVariant
     algo = "lora"
+    scalar_key = "lora_up.weight"
     lora_down: Any
     lora_up: Any
     lora_mid: Any
@@ -691,7 +709,8 @@ class LoraAdapter(Adapter):
         hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
         if self.lora_mid is not None:
             hidden = self.lora_mid(hidden)
-        hidden = scaled_hidden(hidden, self._scale * self.multiplier, self.training, self.dropout, self.rank_dropout)
+        scale = self._scale * self.scalar * self.multiplier
+        hidden = scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
         return self.lora_up(hidden)
 
     @classmethod
@@ -877,6 +896,7 @@ class LohaAdapter(Adapter):
 
     variant = LohaVariant
     algo = "loha"
+    scalar_key = "hada_w1_a"
 
     def __init__(
         self,

@@ -63,6 +63,18 @@ class LoraOptions(TrainOptions):
         None, "Per-sample dropout of whole rank channels (kohya rank_dropout).", group="lora"
     )
     module_dropout: float | None = option(None, "Probability of skipping a LoRA module for a step.", group="lora")
+    scale_weight_norms: float | None = option(
+        None,
+        "kohya max-norm regularisation: after each step, rescale every module whose change ||alpha/rank * "
+        "up @ down|| exceeds this to exactly this norm (kohya suggests 1; LoHa/LoKr/DoRA: LyCORIS' rule).",
+        group="lora",
+    )
+    network_multiplier: float = option(
+        1.0,
+        "The network's multiplier while training (kohya network_multiplier): the forward adds m * the change; "
+        "the file is the same format (not baked in), so it reproduces the training model at weight m.",
+        group="lora",
+    )
     use_tucker: bool = option(
         False,
         "LyCORIS use_tucker: kxk convs keep their kernel in a small core (lora_mid / hada_t1,t2 / lokr_t2); "
@@ -132,6 +144,10 @@ class LoraOptions(TrainOptions):
 @dataclass
 class LoconOptions(LoraOptions):
     algo: str = option("locon", ALGO_HELP, choices=ALGOS, group="lora")
+
+
+#: resumable-state key suffix of a module's LyCORIS max-norm ``scalar``
+_SCALAR_KEY = "sdcore_scalar"
 
 
 class LoraMethod(TrainingMethod[LoraOptions]):
@@ -218,11 +234,31 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "--rank-dropout and --module-dropout apply",
                 stacklevel=2,
             )
+        problems: list[str] = []
+        if o.scale_weight_norms is not None and o.scale_weight_norms < 0:
+            problems.append(f"--scale-weight-norms must be positive (0 = off), got {o.scale_weight_norms}")
+        elif o.scale_weight_norms and o.algo == "oft":
+            problems.append("--scale-weight-norms: kohya's networks.oft has no max-norm regularisation")
+        elif o.scale_weight_norms and o.split_qkv:
+            problems.append(
+                "--scale-weight-norms with --split-qkv: kohya's lora_flux/lora_sd3 max-norm does not handle split "
+                "q/k/v modules (it fails on their per-member lora_down.N keys), so there is no meaning to copy"
+            )
+        elif o.scale_weight_norms and o.rank_dropout and (o.algo in ("loha", "lokr", "dora") or o.use_tucker):
+            problems.append(
+                f"--scale-weight-norms with --algo {o.algo}{' --use-tucker' if o.use_tucker else ''} and "
+                "--rank-dropout: LyCORIS measures the norm under a fresh rank-dropout mask drawn from torch's "
+                "global generator, which sdcore does not reproduce"
+            )
+        if o.network_multiplier == 0 or o.network_multiplier != o.network_multiplier:
+            problems.append(
+                f"--network-multiplier must be a non-zero number (0 trains nothing), got {o.network_multiplier}"
+            )
         if o.network_weights and not Path(o.network_weights).is_file():
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
         from .blocks import check_block_options
 
-        problems = check_block_options(**self.block_options())
+        problems += check_block_options(**self.block_options())
         for flag, ratio in (
             ("--loraplus-lr-ratio", o.loraplus_lr_ratio),
             ("--loraplus-unet-lr-ratio", o.loraplus_unet_lr_ratio),
@@ -296,6 +332,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             use_tucker=self.options.use_tucker,
             rank_for=(lambda t: plan.rank_for(t.name, t.is_conv3x3)) if plan is not None else None,
             shared_down=shared,
+            multiplier=self.options.network_multiplier,
         )
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
@@ -411,6 +448,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 stacklevel=2,
             )
 
+    def on_step_end(self, bundle: ModelBundle, step: int) -> dict[str, float] | None:
+        """kohya's max-norm regularisation after the optimizer step (``--scale-weight-norms``);
+        reports kohya's "Keys Scaled" / "Average key norm" / max key norm as ``keys_scaled``,
+        ``avg_key_norm`` and ``max_key_norm``."""
+        limit = self.options.scale_weight_norms
+        if not limit:
+            return None
+        scaled, mean, top = self._require_network().apply_max_norm(limit)
+        return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
+
     @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:
         network = self.network
@@ -430,10 +477,27 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return self.network
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().clone() for k, v in self._require_network().state_dict().items()}
+        """The raw trained tensors plus, for modules max-norm rescaled the LyCORIS way, their
+        ``scalar`` (float64, ``<module>.sdcore_scalar``), so that a resumed run continues exactly."""
+        import torch
+
+        from .network import unbaked_scalars
+
+        network = self._require_network()
+        with unbaked_scalars(network):
+            state = {k: v.detach().float().cpu().clone() for k, v in network.state_dict().items()}
+        for name, module in network.loras.items():
+            if module.scalar != 1.0:
+                state[f"{name}.{_SCALAR_KEY}"] = torch.tensor(module.scalar, dtype=torch.float64)
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._require_network().load_kohya_state_dict(state)
+        network = self._require_network()
+        scalars = {k: v for k, v in state.items() if k.endswith(f".{_SCALAR_KEY}")}
+        network.load_kohya_state_dict({k: v for k, v in state.items() if k not in scalars})
+        modules = network.loras
+        for key, value in scalars.items():
+            modules[key.rsplit(".", 1)[0]].scalar = float(value)
 
     def metadata(self, bundle: ModelBundle, info: SaveInfo) -> dict[str, str]:
         from .format import network_metadata
@@ -574,6 +638,8 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_cache_latents": str(o.cache_latents),
         "ss_shuffle_caption": str(o.shuffle_caption),
         "ss_keep_tokens": str(o.keep_tokens),
+        "ss_caption_dropout_every_n_epochs": str(o.caption_dropout_every_n_epochs),
+        "ss_scale_weight_norms": str(o.scale_weight_norms),
         "ss_flip_aug": str(o.flip),
     }
     meta["ss_training_finished_at"] = str(int(time.time())) if info.final else "None"

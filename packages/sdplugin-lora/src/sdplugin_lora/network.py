@@ -10,13 +10,22 @@ every hook off again. The network's own ``state_dict`` is already the kohya/LyCO
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import TRAINING_ADAPTERS, Adapter, LoraAdapter, OftAdapter, SharedDownLora
+from .adapters import (
+    TRAINING_ADAPTERS,
+    Adapter,
+    LohaAdapter,
+    LokrAdapter,
+    LoraAdapter,
+    OftAdapter,
+    SharedDownLora,
+)
 from .algos import ALGOS
 from .naming import Target
 
@@ -155,6 +164,51 @@ class LoraNetwork(nn.Module):
         for module in self._modules_of():
             module.detach()
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """Max-norm regularisation (kohya's ``--scale_weight_norms``), run after each optimizer step.
+
+        For every module, ``n = ||ΔW||`` (Frobenius norm of its change at multiplier 1, ``alpha/rank``
+        applied; a kxk conv's change is its composed kernel). Clamped below at ``max_norm / 2`` and
+        above at ``max_norm``, it gives ``ratio = clamp(n) / max(n, max_norm / 2)``: 1 unless
+        ``n > max_norm``, else ``max_norm / n``. A module with ``ratio != 1`` is rescaled so that its
+        change ends at norm ``max_norm``:
+
+        - LoRA/LoCon (kohya's ``networks.lora``/``lora_sd3``/``lora_flux``
+          ``apply_max_norm_regularization``): ``lora_up`` and ``lora_down`` times ``sqrt(ratio)``;
+        - LoKr (LyCORIS ``LokrModule.apply_max_norm``): each of its ``k`` factor tensors
+          (``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a``/``_b`` and ``lokr_t2``) times ``ratio ** (1/k)``.
+        - LoHa, DoRA and Tucker LoCon (LyCORIS ``apply_max_norm`` of ``LohaModule``/``LoConModule``):
+          the module's ``scalar`` times ``ratio``; ``n`` is then the norm of ``scalar · ΔW`` before
+          DoRA's decomposition, and the file gets the scalar baked into ``hada_w1_a``/``lora_up``.
+
+        Returns ``(modules scaled, mean norm, max norm)``, the norms taken after scaling, as kohya
+        logs them. Other modules raise (see :func:`max_norm_unsupported`).
+        """
+        modules = self._modules_of()
+        if not modules:
+            return 0, 0.0, 0.0
+        for module in modules:
+            why = max_norm_unsupported(module)
+            if why:
+                raise TypeError(f"{module.lora_name}: {why}")
+        norms = torch.stack([_change_norm(module) for module in modules]).float()
+        floor = norms.clamp(min=max_norm / 2)
+        ratios = floor.clamp(max=max_norm) / floor
+        scaled = 0
+        for module, ratio in zip(modules, ratios.tolist(), strict=True):
+            if ratio != 1:
+                scaled += 1
+                if _uses_scalar(module):
+                    module.scalar *= ratio
+                    continue
+                factors = _max_norm_factors(module)
+                share = ratio ** (1 / len(factors))
+                for factor in factors:
+                    factor.mul_(share)
+        after = norms * ratios
+        return scaled, float(after.mean()), float(after.max())
+
     def parameters_of(self, *, text_encoder: bool) -> list[nn.Parameter]:
         """Trainable parameters of the text-encoder (``True``) or UNet (``False``) modules."""
         params: list[nn.Parameter] = []
@@ -196,4 +250,63 @@ class LoraNetwork(nn.Module):
         return sorted(missing)
 
 
-__all__ = ["LoraNetwork", "SharedGroup"]
+def _uses_scalar(module: Adapter) -> bool:
+    """LyCORIS rescales this module's ``scalar`` (LoHa, DoRA, Tucker LoCon), not its factors."""
+    if isinstance(module, LohaAdapter):
+        return True
+    return isinstance(module, LoraAdapter) and (module.dora_scale is not None or module.lora_mid is not None)
+
+
+@contextlib.contextmanager
+def unbaked_scalars(network: LoraNetwork) -> Iterator[None]:
+    """``state_dict()`` with the raw factors (the scalars kept apart): for exact resumable states."""
+    modules = network._modules_of()
+    for module in modules:
+        module._bake_scalar = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._bake_scalar = True
+
+
+def max_norm_unsupported(module: Adapter) -> str | None:
+    """Why max-norm regularisation does not apply to ``module`` (``None`` when it does): kohya
+    defines it for LoRA/LoCon, LyCORIS for LoCon (incl. DoRA, Tucker), LoHa and LoKr; kohya's
+    ``networks.oft`` has none."""
+    if isinstance(module, LoraAdapter | SharedDownLora | LohaAdapter | LokrAdapter):
+        return None
+    return f"max-norm regularisation is defined for LoRA/LoCon, LoHa and LoKr modules, not {module.algo}"
+
+
+def _change_norm(module: Adapter) -> torch.Tensor:
+    """``||ΔW||`` (Frobenius, ``alpha/rank`` applied) on the CPU, in float64.
+
+    For ``ΔW = s · U @ D`` (``U = up [out, r]``, ``D = down [r, in·k·k]``: a kxk down with a 1x1 up
+    composes to exactly this) ``||ΔW||² = s² · Σ (UᵀU) ⊙ (DDᵀ)``: two rank x rank Gram matrices
+    instead of the ``out x in`` product, about ``rank`` times less work than forming ``ΔW`` (what
+    kohya does), so the check costs little even on a CPU.
+    """
+    if _uses_scalar(module):  # LyCORIS: the norm of scalar · scale · W, before DoRA
+        t = {key: value.detach() for key, value in module.tensors().items()}
+        raw = module.variant.weight(t, tuple(module.base.weight.shape), module.base.weight)
+        return (raw.double().norm() * abs(module.scale * module.scalar)).to("cpu")
+    if isinstance(module, LoraAdapter | SharedDownLora):
+        up = module.lora_up.weight.detach().double()
+        down = module.lora_down.weight.detach().double()
+        up = up.reshape(up.shape[0], -1)
+        down = down.reshape(down.shape[0], -1)
+        squared = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0.0)
+        return (squared.sqrt() * abs(module.scale)).to("cpu")
+    return module.delta_weight().double().norm().to("cpu")
+
+
+def _max_norm_factors(module: Adapter) -> list[torch.Tensor]:
+    """The tensors max-norm rescales: LoRA's ``up``/``down``, LoKr's factor tensors."""
+    if isinstance(module, LokrAdapter):
+        return [param for name, param in module.named_parameters() if name != "dora_scale"]
+    factored: Any = module  # LoraAdapter / SharedDownLora (checked by max_norm_unsupported)
+    return [factored.lora_up.weight, factored.lora_down.weight]
+
+
+__all__ = ["LoraNetwork", "SharedGroup", "max_norm_unsupported", "unbaked_scalars"]

@@ -1,4 +1,5 @@
-"""Caption files and kohya-style caption processing (keep tokens, shuffle, tag and caption dropout).
+"""Caption files and kohya-style caption processing (prefix/suffix, keep tokens, shuffle, tag and
+caption dropout, secondary separator).
 
 The semantics follow sd-scripts so that datasets and habits carry over: the caption is split at
 the separator into tags, the first ``keep_tokens`` tags stay in place, every other tag is dropped
@@ -88,18 +89,51 @@ def process_caption(
     rng: random.Random,
     separator: str = ", ",
     keep_tokens_separator: str | None = None,
+    prefix: str = "",
+    suffix: str = "",
+    secondary_separator: str | None = None,
+    drop: bool = False,
 ) -> str:
-    """One training-time variant of ``caption`` (kohya semantics).
+    """One training-time variant of ``caption`` (kohya's ``process_caption``, same order).
 
-    Order: whole-caption dropout, then (only if shuffling or tag dropout is on) split into tags at
-    ``separator`` (stripped, so ``", "`` splits at ``","``), keep the first ``keep_tokens`` tags
-    fixed, drop each remaining tag with probability ``tag_dropout``, shuffle the survivors and join
-    with ``separator``. With ``keep_tokens_separator`` (kohya's ``|||``), everything before it is
-    kept instead of counting tags. Without shuffle/dropout the caption is returned unchanged.
-    Randomness comes only from ``rng``, so a seeded ``rng`` reproduces the variant.
+    1. ``prefix`` and ``suffix`` are joined to the caption with one space (kohya writes
+       ``caption_prefix + " " + caption``), before anything else, so their tags count towards
+       ``keep_tokens`` and take part in shuffling and tag dropout;
+    2. whole-caption dropout: ``""`` with probability ``caption_dropout`` (one draw from ``rng``
+       whenever the rate is positive, as kohya draws), or when ``drop`` is set (kohya's
+       ``caption_dropout_every_n_epochs``, decided by the caller from the epoch);
+    3. only if shuffling or tag dropout is on: split into tags at ``separator`` (stripped, so
+       ``", "`` splits at ``","``), keep the first ``keep_tokens`` tags fixed (with
+       ``keep_tokens_separator``, kohya's ``|||``, everything before it instead), drop each
+       remaining tag with probability ``tag_dropout``, shuffle the survivors, join with ``separator``;
+    4. ``secondary_separator`` (e.g. ``";;;"``) is replaced by the split separator (``","``): tags
+       joined by it moved and were dropped as one tag in step 3 (applied with step 3 off too).
+
+    Without any of these the caption is returned unchanged. Randomness comes only from ``rng``,
+    so a seeded ``rng`` reproduces the variant.
     """
-    if caption_dropout > 0.0 and rng.random() < caption_dropout:
+    if prefix:
+        caption = f"{prefix} {caption}"
+    if suffix:
+        caption = f"{caption} {suffix}"
+    dropped = caption_dropout > 0.0 and rng.random() < caption_dropout
+    if dropped or drop:
         return ""
+    caption = _shuffle_and_drop(caption, shuffle, keep_tokens, tag_dropout, rng, separator, keep_tokens_separator)
+    if secondary_separator:
+        caption = caption.replace(secondary_separator, _split_separator(separator))
+    return caption
+
+
+def _shuffle_and_drop(
+    caption: str,
+    shuffle: bool,
+    keep_tokens: int,
+    tag_dropout: float,
+    rng: random.Random,
+    separator: str,
+    keep_tokens_separator: str | None,
+) -> str:
     if keep_tokens_separator and keep_tokens_separator in caption:
         fixed_text, rest_text = caption.split(keep_tokens_separator, 1)
         fixed = split_tags(fixed_text, separator)
@@ -117,6 +151,15 @@ def process_caption(
     if shuffle:
         rng.shuffle(rest)
     return separator.join(fixed + rest)
+
+
+def dropped_at_epoch(every_n_epochs: int, epoch: int) -> bool:
+    """kohya's ``caption_dropout_every_n_epochs``: the whole caption is dropped in every N-th epoch.
+
+    ``epoch`` counts from 0 as the runtime does; kohya counts from 1 and drops when
+    ``epoch % N == 0``, i.e. in epochs N, 2N, ... Negative epochs (evaluation) never drop.
+    """
+    return every_n_epochs > 0 and epoch >= 0 and (epoch + 1) % every_n_epochs == 0
 
 
 def tag_frequencies(captions: Iterable[str], separator: str = ",") -> dict[str, int]:

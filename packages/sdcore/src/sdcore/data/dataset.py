@@ -60,6 +60,8 @@ class SubsetOptions:
     keep_tokens_separator: str | None = None
     caption_prefix: str = ""
     caption_suffix: str = ""
+    secondary_separator: str | None = None
+    caption_dropout_every_n_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,10 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "shuffle_caption": options.shuffle_caption,
         "caption_dropout": options.caption_dropout,
         "tag_dropout": options.tag_dropout,
+        "caption_dropout_every_n_epochs": options.caption_dropout_every_n_epochs,
+        "caption_prefix": options.caption_prefix,
+        "caption_suffix": options.caption_suffix,
+        "secondary_separator": options.secondary_separator,
         "flip": options.flip,
         "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
@@ -218,6 +224,7 @@ def folder_subsets(
 # subsets from a kohya dataset TOML
 
 _DATASET_KEYS = {
+    "network_multiplier",
     "resolution",
     "batch_size",
     "enable_bucket",
@@ -241,6 +248,8 @@ _SUBSET_KEYS = {
     "caption_tag_dropout_rate",
     "caption_prefix",
     "caption_suffix",
+    "secondary_separator",
+    "caption_dropout_every_n_epochs",
 }
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
@@ -248,11 +257,9 @@ _UNSUPPORTED_KEYS = {
     "random_crop",
     "face_crop_aug_range",
     "enable_wildcard",
-    "secondary_separator",
     "caption_separator",
     "token_warmup_min",
     "token_warmup_step",
-    "caption_dropout_every_n_epochs",
     "alpha_mask",
     "cache_info",
     "metadata_file",
@@ -335,6 +342,24 @@ def _resolution(value: Any, where: str, path: Path) -> int:
     raise DataError(f"{path}: {where}: 'resolution' must be a positive integer or [width, height], got {value!r}")
 
 
+def _network_multiplier(value: Any, where: str, path: Path) -> None:
+    """kohya's per-dataset ``network_multiplier``: accepted at 1 (its default), refused otherwise.
+
+    kohya (since 2024-01) put it on every batch of the dataset and set the network's multiplier from
+    it per step; its train_network.py no longer reads it since the 2025 validation-loss rework, so
+    kohya itself trains at 1 today. sdcore has no per-dataset multiplier: the run-wide one is
+    ``--network-multiplier`` (LoRA).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{path}: {where}: 'network_multiplier' must be a number, got {value!r}")
+    if float(value) != 1.0:
+        raise DataError(
+            f"{path}: {where}: network_multiplier = {value}: per-dataset multipliers are not supported by sdcore "
+            "(kohya's current train_network.py ignores them too); give the run's multiplier with "
+            "--network-multiplier (LoRA)"
+        )
+
+
 _FIELD_OF = {
     "num_repeats": ("repeats", "a positive integer"),
     "class_tokens": ("class_tokens", "a string"),
@@ -349,6 +374,8 @@ _FIELD_OF = {
     "caption_tag_dropout_rate": ("tag_dropout", "a probability (0..1)"),
     "caption_prefix": ("caption_prefix", "a string"),
     "caption_suffix": ("caption_suffix", "a string"),
+    "secondary_separator": ("secondary_separator", "a string"),
+    "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
     "batch_size": ("batch_size", "a positive integer"),
     "enable_bucket": ("buckets", "a boolean"),
     "min_bucket_reso": ("min_bucket_reso", "a positive integer"),
@@ -365,6 +392,9 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
             continue
         if key == "resolution":
             out["resolution"] = _resolution(value, where, path)
+            continue
+        if key == "network_multiplier":
+            _network_multiplier(value, where, path)
             continue
         name, kind = _FIELD_OF[key]
         out[name] = _typed(value, kind, key, where, path)

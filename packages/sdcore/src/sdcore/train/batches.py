@@ -106,9 +106,10 @@ class BatchMaker:
                     pixels = torch.from_numpy(array)
                 pixels_list.append(pixels)
             if self.text_cache is not None:
-                captions.append(self.text_cache.choose(ref.entry, ref.seed(seed, "caption")))
+                captions.append(self.text_cache.choose(ref.entry, ref.seed(seed, "caption"), epoch=ref.epoch))
             else:
-                captions.append(make_caption(self.method, entry, random.Random(ref.seed(seed, "caption"))))
+                rng = random.Random(ref.seed(seed, "caption"))
+                captions.append(make_caption(self.method, entry, rng, epoch=ref.epoch))
             originals.append((int(original[0]), int(original[1])))
             crops.append((int(crop[0]), int(crop[1])))
             w, h = assignment.bucket

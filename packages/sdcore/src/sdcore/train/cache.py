@@ -204,6 +204,7 @@ class TextCache:
         self.entries = entries
         self.seed = seed
         self.variants: list[list[str]] = []
+        self.dropped: list[list[str]] = []
         self.encodings: dict[str, Conditioning] = {}
         self.empty_chunk: Any = None
         self._build_variants(max(1, variants))
@@ -222,6 +223,22 @@ class TextCache:
                     for v in range(n)
                 ]
             )
+            # caption_dropout_every_n_epochs: the variants of a dropping epoch (the method's template
+            # of the empty caption), chosen by the epoch in :meth:`choose`
+            every = getattr(entry.subset, "caption_dropout_every_n_epochs", 0)
+            self.dropped.append(
+                [
+                    make_caption(
+                        self.method,
+                        entry,
+                        random.Random(sample_seed(self.seed, "caption-variant", index, v)),
+                        epoch=every - 1,
+                    )
+                    for v in range(count if method_random else 1)
+                ]
+                if every > 0
+                else []
+            )
 
     def fill(self, *, batch_size: int = 16) -> None:
         """Encode every distinct prompt once, batching prompts of the same chunk count."""
@@ -230,7 +247,7 @@ class TextCache:
         from ..models.text import chunk_count
 
         dtype = self.dtype or torch.float32
-        prompts = sorted({p for variants in self.variants for p in variants})
+        prompts = sorted({p for variants in (*self.variants, *self.dropped) for p in variants})
         groups: dict[int, list[str]] = {}
         tokenizer = self.bundle.tokenizers[0]
         for prompt in prompts:
@@ -252,8 +269,11 @@ class TextCache:
                     for i, prompt in enumerate(part):
                         self.encodings[prompt] = cond.select(i)
 
-    def choose(self, entry: int, ref_seed: int) -> str:
-        variants = self.variants[entry]
+    def choose(self, entry: int, ref_seed: int, *, epoch: int = -1) -> str:
+        from .data import caption_dropped
+
+        dropping = bool(self.dropped[entry]) and caption_dropped(self.entries[entry], epoch)
+        variants = self.dropped[entry] if dropping else self.variants[entry]
         return variants[ref_seed % len(variants)]
 
     def batch(self, prompts: list[str]) -> Conditioning:

@@ -110,23 +110,34 @@ def caption_is_random(entry: ImageEntry) -> bool:
     return bool(s.shuffle_caption or s.caption_dropout > 0 or s.tag_dropout > 0)
 
 
-def make_caption(method: Any, entry: ImageEntry, rng: random.Random) -> str:
-    """Dataset caption -> training prompt: kohya processing, then the method's own template."""
+def caption_dropped(entry: ImageEntry, epoch: int) -> bool:
+    """Whether ``epoch`` (0-based) drops every caption of ``entry``'s subset (``caption_dropout_every_n_epochs``)."""
+    from ..data.captions import dropped_at_epoch
+
+    return dropped_at_epoch(getattr(entry.subset, "caption_dropout_every_n_epochs", 0), epoch)
+
+
+def make_caption(method: Any, entry: ImageEntry, rng: random.Random, *, epoch: int = -1) -> str:
+    """Dataset caption -> training prompt: kohya processing, then the method's own template.
+
+    ``epoch`` (0-based; -1 outside an epoch) decides kohya's ``caption_dropout_every_n_epochs``;
+    it draws nothing, so the per-sample ``rng`` sees the same draws with the option on or off.
+    """
     from ..data.captions import process_caption
 
     s = entry.subset
-    caption = entry.caption
-    prefix, suffix = getattr(s, "caption_prefix", ""), getattr(s, "caption_suffix", "")
-    if prefix or suffix:
-        caption = f"{prefix}{caption}{suffix}"
     caption = process_caption(
-        caption,
+        entry.caption,
         shuffle=s.shuffle_caption,
         keep_tokens=s.keep_tokens,
         tag_dropout=s.tag_dropout,
         caption_dropout=s.caption_dropout,
         rng=rng,
         keep_tokens_separator=getattr(s, "keep_tokens_separator", None),
+        prefix=getattr(s, "caption_prefix", ""),
+        suffix=getattr(s, "caption_suffix", ""),
+        secondary_separator=getattr(s, "secondary_separator", None),
+        drop=caption_dropped(entry, epoch),
     )
     return method.caption_for(caption, is_class=entry.is_class, rng=rng)
 

@@ -192,6 +192,10 @@ ALIASES: dict[str, Alias] = {
     "keep_tokens": _a("keep_tokens"),
     "caption_dropout_rate": _a("caption_dropout"),
     "caption_tag_dropout_rate": _a("tag_dropout"),
+    "caption_dropout_every_n_epochs": _a("caption_dropout_every_n_epochs"),
+    "caption_prefix": _a("caption_prefix"),
+    "caption_suffix": _a("caption_suffix"),
+    "secondary_separator": _a("secondary_separator"),
     "flip_aug": _a("flip", flag=True),
     "enable_bucket": _a("buckets", flag=True),
     "min_bucket_reso": _a("min_bucket_reso"),
@@ -257,6 +261,8 @@ ALIASES: dict[str, Alias] = {
     "text_encoder_lr": _a("te_lr", _single_lr, methods="lora"),
     "metadata_title": _a("title", methods="lora"),
     "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
+    "scale_weight_norms": _a("scale_weight_norms", methods="lora"),
+    "network_multiplier": _a("network_multiplier", methods="lora"),
     # DreamBooth (train_db.py / fine_tune.py)
     "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth"),
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
@@ -382,6 +388,8 @@ _FLAG_IGNORED = {
 }
 
 _OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())
+#: aliases of one method's options whose "off" value is not in :data:`_OFF` (accepted for other methods)
+_ALIAS_OFF: dict[str, tuple[Any, ...]] = {"network_multiplier": (*_OFF, 1, 1.0)}
 #: options that change the result and are not implemented: accepted only at these values
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **dict.fromkeys(
@@ -393,7 +401,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "alpha_mask",
             "zero_terminal_snr",
             "dim_from_weights",
-            "caption_dropout_every_n_epochs",
             "token_warmup_step",
             "face_crop_aug_range",
             "lr_scheduler_args",
@@ -411,17 +418,12 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "noise_offset_random_strength",
             "ip_noise_gamma",
             "ip_noise_gamma_random_strength",
-            "scale_weight_norms",
             "min_timestep",
             "initial_epoch",
             "initial_step",
             "skip_until_initial_step",
-            "network_multiplier",
             "conditioning_data_dir",
-            "secondary_separator",
             "keep_tokens_separator",
-            "caption_prefix",
-            "caption_suffix",
             "enable_wildcard",
             "validation_split",
             "weights",
@@ -438,7 +440,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "token_warmup_min": (*_OFF, 1),
     "dataset_repeats": (*_OFF, 1),
     "noise_offset_type": (*_OFF, "Original"),
-    "network_multiplier": (*_OFF, 1, 1.0),
 }
 _FLAG_UNSUPPORTED = {
     "color_aug",
@@ -640,7 +641,7 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
             if value is None or (isinstance(value, str) and not value.strip()):
                 continue  # kohya_ss writes "" for fields left empty
             if alias.target not in present:
-                if _is_off(value, _OFF):
+                if _is_off(value, _ALIAS_OFF.get(name, _OFF)):
                     continue  # kohya_ss writes every field, e.g. stop_text_encoder_training = 0 for LoRA
                 which = f" (kohya's {alias.methods} option)" if alias.methods else ""
                 out.problems.append(f"{where}: {name} is not an option of this method{which}")
@@ -796,6 +797,11 @@ def _network(
                 if args.pop(key, None) is not None:
                     out.notes.append(f"network_args {key} has no effect with preset=attn-mlp (LyCORIS adapts no convs)")
         put("algo", chosen, "network_args algo")
+        if not _is_off(items.get("scale_weight_norms"), _OFF) and chosen in ("locon", "lora"):
+            out.notes.append(
+                "scale_weight_norms: rescales lora_up and lora_down by sqrt(ratio) as networks.lora does (LyCORIS "
+                "rescales a per-module scalar instead: the same weights after the step, slightly different updates later)"
+            )
     elif algo:
         out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya")
         return

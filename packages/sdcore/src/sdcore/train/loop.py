@@ -364,9 +364,9 @@ class TrainSession:
                 pos.step += 1
                 pos.batch += len(group)
                 self.losses.append(outcome.loss)
-                self.method.on_step_end(self.bundle, pos.step)
+                method_logs = self.method.on_step_end(self.bundle, pos.step)
                 lr = float(self.scheduler.get_last_lr()[0])
-                logs = self.progress.step(pos.step, pos.epoch, outcome.loss, lr)
+                logs = self.progress.step(pos.step, pos.epoch, outcome.loss, lr, extra=method_logs)
                 if pos.batch >= len(plan):
                     self._end_epoch()
                 if o.save_every and pos.step % o.save_every == 0 and pos.step < self.total_steps:

@@ -25,7 +25,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -268,8 +268,15 @@ class TrainingMethod(Generic[OptionsT]):
         """
         return None
 
-    def on_step_end(self, bundle: ModelBundle, step: int) -> None:
-        """Called after each optimizer step (e.g. stop text-encoder training at step N)."""
+    def on_step_end(self, bundle: ModelBundle, step: int) -> Mapping[str, float] | None:
+        """Called after each optimizer step (e.g. stop text-encoder training at step N, or rescale
+        weights as LoRA's max-norm regularisation does).
+
+        May return per-step values to report (``{"keys_scaled": 3}``): the runtime shows them on the
+        progress bar, logs them to the trackers as ``train/<name>`` and passes them to the
+        ``sdcore_on_train_step`` hooks with its own (since 0.1: returning ``None`` reports nothing).
+        """
+        return None
 
     @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:

@@ -66,6 +66,18 @@ class TrainOptions:
     keep_tokens: int = option(0, "Keep the first N tags in place when shuffling or dropping.", group="data")
     caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", group="data")
     tag_dropout: float = option(0.0, "Probability of dropping each tag (after keep_tokens).", group="data")
+    caption_dropout_every_n_epochs: int = option(
+        0, "Drop every caption (train uncaptioned) in every N-th epoch (kohya; 0 = off).", group="data"
+    )
+    caption_prefix: str = option(
+        "", "Text put before every caption, joined with a space (kohya; counts for --keep-tokens).", group="data"
+    )
+    caption_suffix: str = option("", "Text put after every caption, joined with a space (kohya).", group="data")
+    secondary_separator: str | None = option(
+        None,
+        "Tags joined by this (e.g. ';;;') shuffle and drop as one tag; it becomes ',' afterwards (kohya).",
+        group="data",
+    )
     flip: bool = option(False, "Random horizontal flips (cached latents are kept for both orientations).", group="data")
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")

@@ -118,6 +118,10 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         value = getattr(o, name)
         if not 0.0 <= value <= 1.0:
             problems.append(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
+    if o.caption_dropout_every_n_epochs < 0:
+        problems.append(
+            f"--caption-dropout-every-n-epochs must be 0 (off) or more, got {o.caption_dropout_every_n_epochs}"
+        )
     if o.noise_offset < 0:
         problems.append(f"--noise-offset must be >= 0, got {o.noise_offset}")
     if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:

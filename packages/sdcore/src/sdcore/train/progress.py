@@ -14,6 +14,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import IO, Any
 
@@ -228,15 +229,29 @@ class Progress:
             self.bar.close()
             self.bar = None
 
-    def step(self, step: int, epoch: int, loss: float, lr: float) -> dict[str, float]:
-        """Advance the bar and log one optimizer step; returns what ``sdcore_on_train_step`` gets."""
+    def step(
+        self, step: int, epoch: int, loss: float, lr: float, extra: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
+        """Advance the bar and log one optimizer step; returns what ``sdcore_on_train_step`` gets.
+
+        ``extra``: the method's own per-step values (what :meth:`TrainingMethod.on_step_end`
+        returned, e.g. LoRA max-norm's ``keys_scaled``): shown on the bar after the runtime's,
+        logged to the trackers as ``train/<name>`` and passed on in the hook's ``logs``.
+        """
         self.recent = [*self.recent, loss][-20:]
         logs = {"loss": loss, "loss_avg": sum(self.recent) / len(self.recent), "lr": lr, "epoch": epoch + 1}
+        own = {k: float(v) for k, v in (extra or {}).items() if k not in logs}
+        logs.update(own)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{logs['loss_avg']:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
+            shown = {k: f"{v:.4g}" for k, v in own.items()}
+            self.bar.set_postfix(
+                loss=f"{logs['loss_avg']:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, **shown, refresh=False
+            )
         if self.tracking:
-            self.accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
+            self.accelerator.log(
+                {"train/loss": loss, "train/lr": lr, **{f"train/{k}": v for k, v in own.items()}}, step=step
+            )
         return logs
 
     def cache_bar(self, total: int, desc: str) -> Any:

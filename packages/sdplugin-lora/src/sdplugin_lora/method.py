@@ -566,11 +566,20 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_resolution": f"({o.resolution}, {o.resolution})",
         "ss_noise_offset": str(o.noise_offset),
         "ss_min_snr_gamma": str(o.min_snr_gamma),
+        "ss_noise_offset_random_strength": str(o.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": str(o.adaptive_noise_scale),
+        "ss_multires_noise_iterations": str(o.multires_noise_iterations),
+        "ss_multires_noise_discount": str(o.multires_noise_discount),
+        "ss_ip_noise_gamma": str(o.ip_noise_gamma),
+        "ss_ip_noise_gamma_random_strength": str(o.ip_noise_gamma_random_strength),
+        "ss_zero_terminal_snr": str(o.zero_terminal_snr),
         "ss_cache_latents": str(o.cache_latents),
         "ss_shuffle_caption": str(o.shuffle_caption),
         "ss_keep_tokens": str(o.keep_tokens),
         "ss_flip_aug": str(o.flip),
     }
+    if o.min_timestep is not None or o.max_timestep is not None:  # kohya: sai_model_spec's timestep_range
+        meta["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"
     meta["ss_training_finished_at"] = str(int(time.time())) if info.final else "None"
     if run is not None:
         meta.update(

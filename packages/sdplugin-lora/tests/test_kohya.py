@@ -349,9 +349,7 @@ def test_lycoris_full_preset_adapts_convs_at_network_dim_for_every_algo(algo, ex
 def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
     import json
 
-    for name, refused in (
-        ("gui_preset_loha.json", ["scale_weight_norms = 1"]),
-    ):
+    for name, refused in (("gui_preset_loha.json", ["scale_weight_norms = 1"]),):
         with pytest.raises(ConfigError) as info:
             load_options(LoraOptions, DATA / name)
         message = str(info.value)

@@ -188,7 +188,12 @@ def test_gui_presets_noise_offset_type_picks_the_fields(tmp_path):
     cfg.write_text(json.dumps(data))
     assert load_options(LoraOptions, cfg, notes=[]).adaptive_noise_scale is None
     sdxl = load_options(LoraOptions, DATA / "gui_preset_sdxl_standard.json", notes=[])
-    assert (sdxl.noise_offset, sdxl.adaptive_noise_scale, sdxl.min_timestep, sdxl.max_timestep) == (0.04, 0.004, 100, 900)
+    assert (sdxl.noise_offset, sdxl.adaptive_noise_scale, sdxl.min_timestep, sdxl.max_timestep) == (
+        0.04,
+        0.004,
+        100,
+        900,
+    )
     data.update(noise_offset_type="Perlin")
     cfg.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="noise_offset_type = 'Perlin' is not supported"):

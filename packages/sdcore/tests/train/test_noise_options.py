@@ -54,7 +54,7 @@ def kohya_pyramid_noise_like(noise, iterations, discount, randoms, levels):
     noise = noise.clone()
     for i in range(iterations):
         r = randoms() * 2 + 2
-        wn, hn = max(1, int(w / (r**i))), max(1, int(h / (r**i))) 
+        wn, hn = max(1, int(w / (r**i))), max(1, int(h / (r**i)))
         noise += u(levels(b, c, wn, hn)) * discount**i
         if wn == 1 or hn == 1:
             break
@@ -144,6 +144,11 @@ def test_adaptive_noise_scale_is_kohyas_formula(scale):
 # --- multires (pyramid) noise ---------------------------------------------------------------------
 
 
+def _from(gen):
+    """kohya's random.random() and torch.randn(b, c, h, w), drawn from ``gen`` instead."""
+    return (lambda: float(torch.rand((), generator=gen))), (lambda b, c, h, w: torch.randn((b, c, h, w), generator=gen))
+
+
 def test_pyramid_noise_is_kohyas_for_one_sample():
     """kohya's pyramid_noise_like on a batch of one, fed the same r's and level noises."""
     for iterations, discount, shape in ((6, 0.3, SHAPE), (10, 0.8, (4, 24, 40)), (1, 0.3, SHAPE)):
@@ -151,13 +156,7 @@ def test_pyramid_noise_is_kohyas_for_one_sample():
         noise = torch.randn(shape)
         ours = pyramid_noise(noise, gen, iterations, discount)
         gen = torch.Generator().manual_seed(11)
-        ref = kohya_pyramid_noise_like(
-            noise[None],
-            iterations,
-            discount,
-            randoms=lambda: float(torch.rand((), generator=gen)),
-            levels=lambda b, c, h, w: torch.randn((b, c, h, w), generator=gen),
-        )[0]
+        ref = kohya_pyramid_noise_like(noise[None], iterations, discount, *_from(gen))[0]
         assert torch.allclose(ours, ref, atol=1e-6, rtol=0), (iterations, shape)
         assert float(ours.std()) == pytest.approx(1.0, abs=1e-5)  # kohya's renormalisation
 
@@ -169,8 +168,7 @@ def test_multires_comes_after_the_offset_as_in_kohya():
     noise, t, _ = draw_noise([8], SHAPE, settings, integer_timesteps(1000))
     gen, base, direction, step = _draws(8)
     offset = kohya_apply_noise_offset(None, base[None], 0.2, None, direction[None])
-    ref = kohya_pyramid_noise_like(offset, 4, 0.3, lambda: float(torch.rand((), generator=gen)),
-                                   lambda b, c, h, w: torch.randn((b, c, h, w), generator=gen))[0]  # fmt: skip
+    ref = kohya_pyramid_noise_like(offset, 4, 0.3, *_from(gen))[0]
     assert torch.allclose(noise[0], ref, atol=1e-6, rtol=0) and int(t[0]) == int(step)
 
 

@@ -34,10 +34,11 @@ def sample_noise(
     max_timestep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample noise ``[B, *shape]`` (plus the offset term) and integer timesteps ``[B]`` on CPU."""
-    import torch
-
     noise, steps, _ = draw_noise(
-        keys, shape, NoiseSettings(noise_offset=noise_offset), integer_timesteps(num_timesteps, min_timestep, max_timestep)
+        keys,
+        shape,
+        NoiseSettings(noise_offset=noise_offset),
+        integer_timesteps(num_timesteps, min_timestep, max_timestep),
     )
     return noise, steps
 

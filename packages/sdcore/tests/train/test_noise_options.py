@@ -214,6 +214,32 @@ def test_the_objective_refuses_a_bad_range():
             DdpmObjective(sched, min_timestep=low, max_timestep=high)
 
 
+@pytest.mark.parametrize("sampling", ["logit_normal", "mode", "uniform"])
+def test_sd3_timestep_range_is_kohyas_mapping(sampling):
+    """sd3_train_utils: u (the sampling, then the shift) -> int(u * (max - min) + min), sigma = t / 1000."""
+    obj = FlowMatchingObjective(timestep_sampling=sampling, shift=3.0, min_timestep=100, max_timestep=700)
+    keys = list(range(2000))
+    _, t, _ = obj.draw(keys, (1, 2, 2), NoiseSettings())
+    free = FlowMatchingObjective(timestep_sampling=sampling, shift=3.0)
+    for key in keys[:20]:
+        gen = torch.Generator().manual_seed(key)
+        torch.randn((1, 2, 2), generator=gen)
+        u = free.sample_sigmas(1, gen)  # the same draw, shifted, before the range
+        assert float(t[key]) == float((u * (700 - 100) + 100).long())
+    assert float(t.min()) >= 100 and float(t.max()) <= 700 and torch.equal(t, t.floor())
+    noisy = obj.noised(torch.zeros((1, 1, 2, 2)), torch.ones((1, 1, 2, 2)), t[:1]).noisy
+    assert torch.allclose(noisy, torch.full_like(noisy, float(t[0]) / 1000))  # sigma = t / 1000
+    # without a range nothing changes
+    assert torch.equal(free.draw(keys[:50], (1, 2, 2), NoiseSettings())[1], free.sample(keys[:50], (1, 2, 2))[1])
+
+
+def test_flow_range_is_checked():
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="0 <= min < max <= 1000"):
+        FlowMatchingObjective(min_timestep=700, max_timestep=100)
+
+
 # --- input perturbation --------------------------------------------------------------------------
 
 
@@ -385,6 +411,7 @@ def test_flow_families_refuse_what_kohyas_sd3_flux_scripts_do_not_apply(tmp_path
     assert "--ip-noise-gamma" not in text  # kohya's Flux script perturbs the input
     problems, _ = objective_option_checks(o, "sd3")
     assert any("--ip-noise-gamma: kohya's SD3 scripts" in p for p in problems)
+    assert not any("--min-timestep" in p for p in problems)  # kohya's SD3 script bounds its sigmas with them
     assert objective_option_checks(o, "sd1")[0] == []
     # the defaults spelled out (kohya_ss writes min 0 / max 1000) are no range
     plain = contract_options(ConvOutMethod, tmp_path, {"min_timestep": 0, "max_timestep": 1000, "ip_noise_gamma": 0.1})

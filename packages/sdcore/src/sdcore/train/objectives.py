@@ -174,6 +174,9 @@ class FlowMatchingObjective:
     mode_scale: float = 1.29
     sigmoid_scale: float = 1.0
     num_timesteps: int = 1000
+    #: kohya's SD3 --min_timestep/--max_timestep (see :meth:`in_range`); None: the whole [0, 1]
+    min_timestep: int | None = None
+    max_timestep: int | None = None
 
     name = "flow-matching"
 
@@ -181,6 +184,9 @@ class FlowMatchingObjective:
         problems = flow_option_problems(
             self.timestep_sampling, self.shift, self.logit_std, self.mode_scale, self.sigmoid_scale
         )
+        problem = timestep_range_problem(self.min_timestep, self.max_timestep, self.num_timesteps)
+        if problem:
+            problems.append(problem)
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -213,7 +219,20 @@ class FlowMatchingObjective:
         latents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         noise, sigmas, perturbed = draw_noise(keys, shape, settings, lambda gen: self.sample_sigmas(1, gen), latents)
-        return noise, sigmas * self.num_timesteps, perturbed
+        return noise, self.timesteps_of(sigmas), perturbed
+
+    def timesteps_of(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The denoiser's timesteps ``s * T`` for drawn sigmas; with kohya's SD3 timestep range
+        (``sd3_train_utils.get_noisy_model_input_and_timesteps``) the integer ``int(s * (max - min) +
+        min)`` instead, whose sigma is that timestep / T. Without a range the sigmas are used as drawn
+        (kohya's SD3 script rounds them down to a multiple of 1/1000 even then; sdcore does not)."""
+        if self.min_timestep is None and self.max_timestep is None:
+            return sigmas * self.num_timesteps
+        import torch
+
+        low = 0 if self.min_timestep is None else self.min_timestep
+        high = self.num_timesteps if self.max_timestep is None else self.max_timestep
+        return torch.floor(sigmas * (high - low) + low)
 
     def noised(
         self,
@@ -283,6 +302,8 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             logit_std=options.logit_std,
             mode_scale=options.mode_scale,
             sigmoid_scale=options.sigmoid_scale,
+            min_timestep=options.min_timestep,
+            max_timestep=options.max_timestep,
         )
     raise ConfigError(f"model family {bundle.family!r} has an objective sdcore does not know: {objective!r}")
 

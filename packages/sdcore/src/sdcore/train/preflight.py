@@ -210,10 +210,10 @@ def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
             )
     low = 0 if options.min_timestep is None else options.min_timestep
     high = 1000 if options.max_timestep is None else options.max_timestep
-    if (low, high) != (0, 1000):
+    if (low, high) != (0, 1000) and family != "sd3":  # kohya's SD3 script maps its sigmas into the range
         problems.append(
-            f"--min-timestep/--max-timestep bound a DDPM model's timesteps; {family} trains with flow matching "
-            "(kohya's Flux script ignores them; choose the noise levels with --timestep-sampling instead)"
+            f"--min-timestep/--max-timestep: kohya's scripts for {family} (a flow-matching family) ignore them; "
+            "only its SD3 script bounds the noise levels with them (choose them with --timestep-sampling instead)"
         )
     if family == "sd3" and options.ip_noise_gamma:
         problems.append("--ip-noise-gamma: kohya's SD3 scripts do not apply input perturbation (its Flux script does)")

@@ -151,7 +151,7 @@ class TrainOptions:
         False, "Scale --ip-noise-gamma by U(0, 1) drawn per sample.", group="loss"
     )
     min_timestep: int | None = option(
-        None, "Draw DDPM timesteps from [this, --max-timestep) (default 0; DDPM families).", group="loss"
+        None, "Draw DDPM timesteps from [this, --max-timestep) (default 0; SD3 as kohya's script).", group="loss"
     )
     max_timestep: int | None = option(
         None, "Upper end (excluded) of the DDPM timesteps (default the schedule's 1000).", group="loss"

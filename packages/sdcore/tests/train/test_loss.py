@@ -119,6 +119,31 @@ def test_huber_threshold_matches_kohya_on_a_ddpm_schedule(schedule, c, scale):
         assert float(got[0]) > 0.9 and float(got[-1]) == pytest.approx(c, abs=0.01)
 
 
+def test_huber_snr_threshold_follows_the_zero_terminal_snr_schedule():
+    """kohya fixes the betas in place before the step, so its Huber ``snr`` threshold reads the fixed
+    schedule (the SNR weights keep the table computed before): at t=999 the fixed schedule's sigma is
+    infinite and the threshold is ``huber_c``; the model's own schedule would give about 0.104."""
+    from types import SimpleNamespace
+
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+    from sdcore.train.loss import step_loss
+    from sdcore.train.objectives import DdpmObjective
+
+    sched = _sd_scheduler()
+    fixed = DDPMScheduler.from_config(sched.config)
+    fixed.alphas_cumprod = torch.cumprod(1.0 - rescale_zero_terminal_snr(sched.betas), dim=0)
+    t = torch.tensor([10, 500, 999])
+    pred, target = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    options = SimpleNamespace(loss_type="huber", huber_schedule="snr", huber_c=0.1, huber_scale=1.0)
+    got = step_loss(options, DdpmObjective(sched, zero_terminal_snr=True), pred, target, t)
+    abar = fixed.alphas_cumprod[t].double()  # kohya's formula; 0 at t=999 (torch gives sigma = inf there)
+    want_c = ((1 - 0.1) / (1 + ((1 - abar) / abar) ** 0.5) ** 2 + 0.1).float()
+    assert float(want_c[-1]) == pytest.approx(0.1)
+    assert torch.allclose(got, elementwise_loss(pred, target, "huber", want_c), atol=1e-6)
+    plain = step_loss(options, DdpmObjective(sched), pred, target, t)
+    assert not torch.allclose(got[2], plain[2], atol=1e-4)  # the model's schedule gives another threshold
+
+
 def test_huber_threshold_on_flow_matching_takes_sigma_times_1000():
     """kohya's Flux/SD3 scripts pass timesteps = sigma * 1000: exponential is scale * c ** sigma."""
     sigmas = torch.tensor([0.0, 0.05, 0.5, 0.93, 1.0])

@@ -635,6 +635,13 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_huber_schedule": o.huber_schedule,
         "ss_huber_scale": str(o.huber_scale),
         "ss_huber_c": str(o.huber_c),
+        "ss_noise_offset_random_strength": str(o.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": str(o.adaptive_noise_scale),
+        "ss_multires_noise_iterations": str(o.multires_noise_iterations),
+        "ss_multires_noise_discount": str(o.multires_noise_discount),
+        "ss_ip_noise_gamma": str(o.ip_noise_gamma),
+        "ss_ip_noise_gamma_random_strength": str(o.ip_noise_gamma_random_strength),
+        "ss_zero_terminal_snr": str(o.zero_terminal_snr),
         "ss_cache_latents": str(o.cache_latents),
         "ss_shuffle_caption": str(o.shuffle_caption),
         "ss_keep_tokens": str(o.keep_tokens),
@@ -642,6 +649,8 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_scale_weight_norms": str(o.scale_weight_norms),
         "ss_flip_aug": str(o.flip),
     }
+    if o.min_timestep is not None or o.max_timestep is not None:  # kohya: sai_model_spec's timestep_range
+        meta["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"
     meta["ss_training_finished_at"] = str(int(time.time())) if info.final else "None"
     if run is not None:
         meta.update(

@@ -161,6 +161,13 @@ def _off_is_zero(value: Any) -> float:
     return float(value)
 
 
+def _unless_zero(value: Any) -> Any:
+    """kohya tests these options for truth (``if args.ip_noise_gamma:``) and kohya_ss writes 0 for
+    an untouched field; 0 is sdcore's "not set" (None), so a GUI preset's 0 never trips a check
+    that only applies when the option is on (adaptive_noise_scale needs noise_offset)."""
+    return None if value == 0 else value
+
+
 @dataclass(frozen=True)
 class Alias:
     """A kohya option that is one sdcore option."""
@@ -234,6 +241,16 @@ ALIASES: dict[str, Alias] = {
     "debiased_estimation_loss": _a("debiased_estimation_loss", flag=True),
     "scale_v_pred_loss_like_noise_pred": _a("scale_v_pred_loss_like_noise_pred", flag=True),
     "v_pred_like_loss": _a("v_pred_like_loss", _off_is_zero),
+    # noise and timestep draws (train_util.get_noise_noisy_latents_and_timesteps)
+    "noise_offset_random_strength": _a("noise_offset_random_strength", flag=True),
+    "adaptive_noise_scale": _a("adaptive_noise_scale", lambda v: _unless_zero(float(v))),
+    "multires_noise_iterations": _a("multires_noise_iterations", lambda v: _unless_zero(int(v))),
+    "multires_noise_discount": _a("multires_noise_discount", float),
+    "ip_noise_gamma": _a("ip_noise_gamma", lambda v: _unless_zero(float(v))),
+    "ip_noise_gamma_random_strength": _a("ip_noise_gamma_random_strength", flag=True),
+    "min_timestep": _a("min_timestep", int),
+    "max_timestep": _a("max_timestep", int),
+    "zero_terminal_snr": _a("zero_terminal_snr", flag=True),
     # flow matching (flux_train_network.py, sd3_train_network.py)
     "timestep_sampling": _a("timestep_sampling", _flow_sampling),
     "weighting_scheme": _a("timestep_sampling", _weighting_scheme),
@@ -359,7 +376,7 @@ IGNORED: dict[str, str] = {
         "no uploads (sdcore works offline)",
     ),
     **dict.fromkeys(
-        ("multires_noise_discount", "base_weights_multiplier"),
+        ("base_weights_multiplier",),
         "only used together with an option left off",
     ),
 }
@@ -399,7 +416,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "weighted_captions",
             "masked_loss",
             "alpha_mask",
-            "zero_terminal_snr",
             "dim_from_weights",
             "token_warmup_step",
             "face_crop_aug_range",
@@ -413,12 +429,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "full_fp16",
             "full_bf16",
             "fused_backward_pass",
-            "multires_noise_iterations",
-            "adaptive_noise_scale",
-            "noise_offset_random_strength",
-            "ip_noise_gamma",
-            "ip_noise_gamma_random_strength",
-            "min_timestep",
             "initial_epoch",
             "initial_step",
             "skip_until_initial_step",
@@ -436,7 +446,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         ),
         _OFF,
     ),
-    "max_timestep": (*_OFF, 1000),
     "token_warmup_min": (*_OFF, 1),
     "dataset_repeats": (*_OFF, 1),
     "noise_offset_type": (*_OFF, "Original"),
@@ -447,13 +456,10 @@ _FLAG_UNSUPPORTED = {
     "weighted_captions",
     "masked_loss",
     "alpha_mask",
-    "zero_terminal_snr",
     "dim_from_weights",
     "full_fp16",
     "full_bf16",
     "fused_backward_pass",
-    "noise_offset_random_strength",
-    "ip_noise_gamma_random_strength",
     "skip_until_initial_step",
     "enable_wildcard",
     "debug_dataset",
@@ -924,6 +930,28 @@ _GUI_NETWORK_ARGS = {
 }
 
 
+def _gui_noise_fields(items: dict[str, Any]) -> None:
+    """The GUI's "noise_offset_type" picks which noise fields reach sd-scripts: "Original" passes
+    noise_offset, noise_offset_random_strength and adaptive_noise_scale (the last only with a
+    positive noise_offset), "Multires" passes the multires_noise_* fields; the others are dropped."""
+    kind = _text(items.get("noise_offset_type") or "Original")
+    if kind not in ("Original", "Multires"):
+        return  # left for the unsupported-value check to report
+    items.pop("noise_offset_type", None)
+    if kind == "Multires":
+        for key in ("noise_offset", "noise_offset_random_strength", "adaptive_noise_scale"):
+            items.pop(key, None)
+        return
+    for key in ("multires_noise_iterations", "multires_noise_discount"):
+        items.pop(key, None)
+    try:
+        offset = float(items.get("noise_offset") or 0)
+    except (TypeError, ValueError):
+        return  # reported by the translation
+    if offset <= 0:
+        items.pop("adaptive_noise_scale", None)
+
+
 def is_gui_preset(data: dict[str, Any]) -> bool:
     """A kohya_ss GUI LoRA preset/saved config (``LoRA_type`` is its signature field)."""
     return "LoRA_type" in data
@@ -953,6 +981,7 @@ def gui_preset(data: dict[str, Any], where: str) -> tuple[dict[str, Any], list[s
                 args.append(f"{arg}={value}")
     items["network_module"] = module
     items["network_args"] = args
+    _gui_noise_fields(items)
     if "optimizer" in items:
         items["optimizer_type"] = items.pop("optimizer")
     if "max_resolution" in items:

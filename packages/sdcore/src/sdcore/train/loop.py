@@ -274,8 +274,15 @@ class TrainSession:
     def make_batch(self, refs: list[SampleRef], *, with_conditioning: bool = True) -> Batch:
         return self.batches.make_batch(refs, with_conditioning=with_conditioning)
 
-    def sample_loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
-        return self.objective.sample_loss(batch, noise, timesteps, step)
+    def sample_loss(
+        self,
+        batch: Batch,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        step: int,
+        input_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.objective.sample_loss(batch, noise, timesteps, step, input_noise)
 
     def fixed_loss(self, *, count: int = 4, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> float:
         return self.objective.fixed_loss(self.batches, self.accelerator, count=count, timesteps=timesteps)

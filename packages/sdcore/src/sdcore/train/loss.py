@@ -112,9 +112,20 @@ def elementwise_loss(
 
 
 def _ddpm_scheduler(objective: TrainingObjective) -> Any:
+    """The model's DDPM schedule (the SNR weights read it, as kohya's ``all_snr`` is computed before
+    ``--zero-terminal-snr`` fixes the betas); None for flow matching."""
     from .objectives import DdpmObjective
 
     return objective.scheduler if isinstance(objective, DdpmObjective) else None
+
+
+def _noising_scheduler(objective: TrainingObjective) -> Any:
+    """The schedule the noisy input is made with: the zero-terminal-SNR one when asked. kohya's Huber
+    ``snr`` threshold reads ``noise_scheduler.alphas_cumprod`` after the betas were fixed, so it
+    follows this one (at the last step its sigma is infinite and the threshold is ``huber_c``)."""
+    from .objectives import DdpmObjective
+
+    return objective.noising if isinstance(objective, DdpmObjective) else None
 
 
 def step_loss(
@@ -133,7 +144,7 @@ def step_loss(
             options.huber_scale,
             timesteps,
             num_timesteps=int(getattr(objective, "num_timesteps", 1000)),
-            scheduler=_ddpm_scheduler(objective),
+            scheduler=_noising_scheduler(objective),
         )
     return elementwise_loss(pred, target, options.loss_type, threshold)
 

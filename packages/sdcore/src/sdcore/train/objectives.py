@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
-from .noise import seeded_noise
+from .noise import NoiseSettings, draw_noise
 from .options import TIMESTEP_SAMPLINGS
 
 if TYPE_CHECKING:
@@ -59,8 +59,26 @@ class TrainingObjective(Protocol):
         """Per-sample seeded noise ``[B, *shape]`` and timesteps ``[B]`` (on the CPU)."""
         ...
 
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
-        """The noisy latents, the denoiser's timesteps, the target and the loss weights."""
+    def draw(
+        self,
+        keys: Sequence[int],
+        shape: Sequence[int],
+        settings: NoiseSettings,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`sample` with every noise option (:class:`.noise.NoiseSettings`), plus the
+        perturbed noise the noisy input is made with (input perturbation; else None)."""
+        ...
+
+    def noised(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        input_noise: torch.Tensor | None = None,
+    ) -> Noised:
+        """The noisy latents (made with ``input_noise`` when given, else ``noise``), the denoiser's
+        timesteps, the target (always from ``noise``) and the loss weights."""
         ...
 
 
@@ -69,9 +87,26 @@ class DdpmObjective:
 
     name = "ddpm"
 
-    def __init__(self, scheduler: Any, *, min_snr_gamma: float | None = None) -> None:
-        self.scheduler = scheduler
+    def __init__(
+        self,
+        scheduler: Any,
+        *,
+        min_snr_gamma: float | None = None,
+        min_timestep: int | None = None,
+        max_timestep: int | None = None,
+        zero_terminal_snr: bool = False,
+    ) -> None:
+        from .noise import zero_terminal_snr_scheduler
+
+        self.scheduler = scheduler  # the model's schedule: the SNR weights read it (kohya: before the fix)
         self.min_snr_gamma = min_snr_gamma
+        self.min_timestep = min_timestep
+        self.max_timestep = max_timestep
+        problem = timestep_range_problem(min_timestep, max_timestep, self.num_timesteps)
+        if problem:
+            raise ConfigError(problem)
+        #: the schedule the noisy input and the target are made with (zero terminal SNR when asked)
+        self.noising = zero_terminal_snr_scheduler(scheduler) if zero_terminal_snr else scheduler
 
     @property
     def num_timesteps(self) -> int:
@@ -80,15 +115,33 @@ class DdpmObjective:
     def sample(
         self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from .noise import sample_noise
+        noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
+        return noise, timesteps
 
-        return sample_noise(keys, shape, noise_offset=noise_offset, num_timesteps=self.num_timesteps)
+    def draw(
+        self,
+        keys: Sequence[int],
+        shape: Sequence[int],
+        settings: NoiseSettings,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        from .noise import integer_timesteps
 
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+        steps = integer_timesteps(self.num_timesteps, self.min_timestep, self.max_timestep)
+        return draw_noise(keys, shape, settings, steps, latents)
+
+    def noised(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        input_noise: torch.Tensor | None = None,
+    ) -> Noised:
         from .noise import min_snr_weights, training_target
 
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(self.scheduler, latents, noise, timesteps)
+        source = noise if input_noise is None else input_noise.to(noise.device)
+        noisy = self.noising.add_noise(latents, source, timesteps)
+        target = training_target(self.noising, latents, noise, timesteps)
         weights = None
         if self.min_snr_gamma:
             weights = min_snr_weights(self.scheduler, timesteps, self.min_snr_gamma)
@@ -121,6 +174,9 @@ class FlowMatchingObjective:
     mode_scale: float = 1.29
     sigmoid_scale: float = 1.0
     num_timesteps: int = 1000
+    #: kohya's SD3 --min_timestep/--max_timestep (see :meth:`in_range`); None: the whole [0, 1]
+    min_timestep: int | None = None
+    max_timestep: int | None = None
 
     name = "flow-matching"
 
@@ -128,6 +184,9 @@ class FlowMatchingObjective:
         problems = flow_option_problems(
             self.timestep_sampling, self.shift, self.logit_std, self.mode_scale, self.sigmoid_scale
         )
+        problem = timestep_range_problem(self.min_timestep, self.max_timestep, self.num_timesteps)
+        if problem:
+            problems.append(problem)
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -149,19 +208,44 @@ class FlowMatchingObjective:
     def sample(
         self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
+        return noise, timesteps
+
+    def draw(
+        self,
+        keys: Sequence[int],
+        shape: Sequence[int],
+        settings: NoiseSettings,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        noise, sigmas, perturbed = draw_noise(keys, shape, settings, lambda gen: self.sample_sigmas(1, gen), latents)
+        return noise, self.timesteps_of(sigmas), perturbed
+
+    def timesteps_of(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The denoiser's timesteps ``s * T`` for drawn sigmas; with kohya's SD3 timestep range
+        (``sd3_train_utils.get_noisy_model_input_and_timesteps``) the integer ``int(s * (max - min) +
+        min)`` instead, whose sigma is that timestep / T. Without a range the sigmas are used as drawn
+        (kohya's SD3 script rounds them down to a multiple of 1/1000 even then; sdcore does not)."""
+        if self.min_timestep is None and self.max_timestep is None:
+            return sigmas * self.num_timesteps
         import torch
 
-        noises, sigmas = [], []
-        for key in keys:
-            gen = torch.Generator().manual_seed(int(key))
-            noises.append(seeded_noise(gen, shape, noise_offset))
-            sigmas.append(self.sample_sigmas(1, gen))
-        return torch.stack(noises), torch.cat(sigmas) * self.num_timesteps
+        low = 0 if self.min_timestep is None else self.min_timestep
+        high = self.num_timesteps if self.max_timestep is None else self.max_timestep
+        return torch.floor(sigmas * (high - low) + low)
 
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> Noised:
+    def noised(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        input_noise: torch.Tensor | None = None,
+    ) -> Noised:
         sigmas = (timesteps.float() / self.num_timesteps).to(latents.device)
         s = sigmas.reshape(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
-        noisy = (1.0 - s) * latents + s * noise
+        # kohya's Flux input perturbation: (1 - s) x + s (noise + gamma xi), the target keeps noise
+        source = noise if input_noise is None else input_noise.to(noise.device)
+        noisy = (1.0 - s) * latents + s * source
         return Noised(noisy, sigmas * self.num_timesteps, noise - latents)
 
 
@@ -184,11 +268,32 @@ def flow_option_problems(
     return problems
 
 
+def timestep_range_problem(min_timestep: int | None, max_timestep: int | None, num_timesteps: int) -> str | None:
+    """kohya's ``--min_timestep``/``--max_timestep`` must satisfy ``0 <= min < max <= T`` (unset:
+    0 and T); one line saying what is wrong, else None."""
+    if min_timestep is None and max_timestep is None:
+        return None
+    low = 0 if min_timestep is None else min_timestep
+    high = num_timesteps if max_timestep is None else max_timestep
+    if not 0 <= low < high <= num_timesteps:
+        return (
+            f"--min-timestep {low} / --max-timestep {high}: need 0 <= min < max <= {num_timesteps} "
+            "(timesteps are drawn uniformly in [min, max))"
+        )
+    return None
+
+
 def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjective:
     """The objective of ``bundle``'s family, configured from the run's options."""
     objective = bundle.family_spec.objective
     if objective == "ddpm":
-        return DdpmObjective(bundle.noise_scheduler, min_snr_gamma=options.min_snr_gamma)
+        return DdpmObjective(
+            bundle.noise_scheduler,
+            min_snr_gamma=options.min_snr_gamma,
+            min_timestep=options.min_timestep,
+            max_timestep=options.max_timestep,
+            zero_terminal_snr=options.zero_terminal_snr,
+        )
     if objective == "flow-matching":
         return FlowMatchingObjective(
             timestep_sampling=options.timestep_sampling,
@@ -197,6 +302,8 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             logit_std=options.logit_std,
             mode_scale=options.mode_scale,
             sigmoid_scale=options.sigmoid_scale,
+            min_timestep=options.min_timestep,
+            max_timestep=options.max_timestep,
         )
     raise ConfigError(f"model family {bundle.family!r} has an objective sdcore does not know: {objective!r}")
 
@@ -211,4 +318,5 @@ __all__ = [
     "mode_sigmas",
     "objective_for",
     "time_shift",
+    "timestep_range_problem",
 ]

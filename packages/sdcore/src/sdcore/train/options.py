@@ -173,6 +173,42 @@ class TrainOptions:
         "Epsilon models: add this multiple of a v-prediction-like loss, loss*(SNR+1)/SNR (kohya; 0 = off).",
         group="loss",
     )
+    # noise and timestep draws (kohya's meanings; docs/training.md)
+    noise_offset_random_strength: bool = option(
+        False, "Scale the noise offset by U(0, 1) drawn per sample (kohya's random strength).", group="loss"
+    )
+    adaptive_noise_scale: float | None = option(
+        None,
+        "Add this times |mean of the latent's channel| to the noise offset (needs --noise-offset; DDPM families).",
+        group="loss",
+    )
+    multires_noise_iterations: int | None = option(
+        None, "Multires (pyramid) noise with this many levels (6-10 typical; DDPM families).", group="loss"
+    )
+    multires_noise_discount: float = option(
+        0.3, "Weight decay per level of the multires noise (kohya's default 0.3).", group="loss"
+    )
+    ip_noise_gamma: float | None = option(
+        None,
+        "Input perturbation: the noisy input uses noise + gamma * N(0, 1), the target the plain noise "
+        "(0.1 typical; not on SD3, as kohya).",
+        group="loss",
+    )
+    ip_noise_gamma_random_strength: bool = option(
+        False, "Scale --ip-noise-gamma by U(0, 1) drawn per sample.", group="loss"
+    )
+    min_timestep: int | None = option(
+        None, "Draw DDPM timesteps from [this, --max-timestep) (default 0; SD3 as kohya's script).", group="loss"
+    )
+    max_timestep: int | None = option(
+        None, "Upper end (excluded) of the DDPM timesteps (default the schedule's 1000).", group="loss"
+    )
+    zero_terminal_snr: bool = option(
+        False,
+        "Rescale the DDPM noise schedule to zero SNR at the last timestep (Lin et al. 2023; best with "
+        "v-prediction; DDPM families).",
+        group="loss",
+    )
     # flow matching (SD3, Flux): kohya's flag names
     timestep_sampling: str = option(
         "logit_normal",

@@ -129,6 +129,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     from .loss import loss_option_problems
 
     problems.extend(loss_option_problems(o))
+    problems.extend(noise_option_problems(o))
     from .objectives import flow_option_problems
 
     problems.extend(
@@ -175,6 +176,57 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     return problems
 
 
+def noise_option_problems(o: TrainOptions) -> list[str]:
+    """Bad values of the noise/timestep options (kohya's meanings; the family checks are in
+    :func:`objective_option_checks`)."""
+    from .objectives import timestep_range_problem
+
+    problems = []
+    if o.adaptive_noise_scale is not None and not o.noise_offset:
+        problems.append("--adaptive-noise-scale adds to the noise offset: it needs --noise-offset (as kohya asserts)")
+    if o.multires_noise_iterations is not None and o.multires_noise_iterations < 0:
+        problems.append(f"--multires-noise-iterations must be >= 0, got {o.multires_noise_iterations}")
+    if not o.multires_noise_discount >= 0:
+        problems.append(f"--multires-noise-discount must be >= 0, got {o.multires_noise_discount}")
+    if o.ip_noise_gamma is not None and not o.ip_noise_gamma >= 0:
+        problems.append(f"--ip-noise-gamma must be >= 0, got {o.ip_noise_gamma}")
+    # every family sdcore trains has 1000 training timesteps; the objective checks the model's own count again
+    problem = timestep_range_problem(o.min_timestep, o.max_timestep, 1000)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+#: the noise options kohya's SD3/Flux scripts do not apply (their noise is plain N(0, 1))
+_DDPM_ONLY_NOISE = {
+    "noise_offset_random_strength": "--noise-offset-random-strength",
+    "adaptive_noise_scale": "--adaptive-noise-scale",
+    "multires_noise_iterations": "--multires-noise-iterations",
+    "zero_terminal_snr": "--zero-terminal-snr",
+}
+
+
+def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
+    """The noise/timestep options a flow-matching family refuses, as kohya's scripts treat them."""
+    problems = []
+    for name, flag in _DDPM_ONLY_NOISE.items():
+        if getattr(options, name) not in (None, False, 0):
+            problems.append(
+                f"{flag} is a DDPM option; {family} trains with flow matching and kohya's SD3/Flux "
+                "scripts do not apply it"
+            )
+    low = 0 if options.min_timestep is None else options.min_timestep
+    high = 1000 if options.max_timestep is None else options.max_timestep
+    if (low, high) != (0, 1000) and family != "sd3":  # kohya's SD3 script maps its sigmas into the range
+        problems.append(
+            f"--min-timestep/--max-timestep: kohya's scripts for {family} (a flow-matching family) ignore them; "
+            "only its SD3 script bounds the noise levels with them (choose them with --timestep-sampling instead)"
+        )
+    if family == "sd3" and options.ip_noise_gamma:
+        problems.append("--ip-noise-gamma: kohya's SD3 scripts do not apply input perturbation (its Flux script does)")
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------------------
 # folders and disk
 
@@ -200,6 +252,8 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
             f"--min-snr-gamma weighs a DDPM schedule's timesteps; {family.name} trains with flow matching "
             "(choose the noise levels with --timestep-sampling instead)"
         )
+    if family.objective == "flow-matching":
+        problems.extend(_flow_noise_problems(options, family.name))
     if family.objective == "ddpm":
         defaults = {f.name: f.default for f in fields(type(options)) if f.name in _FLOW_OPTIONS}
         changed = [name for name in _FLOW_OPTIONS if getattr(options, name) != defaults[name]]

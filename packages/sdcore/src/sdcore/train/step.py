@@ -62,15 +62,27 @@ class Objective:
         return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch,
                                     guidance=self.options.guidance_scale)  # fmt: skip
 
-    def sample_loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
-        """Per-sample weighted loss ``[B]`` for given noise and timesteps."""
+    def sample_loss(
+        self,
+        batch: Batch,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        step: int,
+        input_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample weighted loss ``[B]`` for given noise and timesteps (``input_noise``: the
+        perturbed noise the noisy input is made with, input perturbation only)."""
+
         from .loss import apply_loss_weights, step_loss
 
         latents = batch.latents.float()
         noise = noise.to(latents.device)
         timesteps = timesteps.to(latents.device)
         objective = self.training
-        noised = objective.noised(latents, noise, timesteps)
+        if input_noise is None:
+            noised = objective.noised(latents, noise, timesteps)
+        else:
+            noised = objective.noised(latents, noise, timesteps, input_noise.to(latents.device))
         noisy, timesteps, target = noised.noisy, noised.timesteps, noised.target
         cond = self.conditioning_for(batch)
 
@@ -103,12 +115,28 @@ class Objective:
 
     def noise_for(self, refs: list[SampleRef], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded noise and timesteps for the samples ``refs`` (see :mod:`.data`)."""
-        keys = [ref.seed(self.options.seed, "noise") for ref in refs]
-        return self.training.sample(keys, batch.latents.shape[1:], noise_offset=self.options.noise_offset)
+        noise, timesteps, _ = self.draw_for(refs, batch)
+        return noise, timesteps
 
-    def micro_batch_loss(self, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
+    def draw_for(self, refs: list[SampleRef], batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`noise_for` plus the perturbed input noise (``--ip-noise-gamma``; else None)."""
+        from .noise import NoiseSettings
+
+        keys = [ref.seed(self.options.seed, "noise") for ref in refs]
+        settings = NoiseSettings.from_options(self.options)
+        latents = batch.latents if settings.adaptive_noise_scale is not None else None
+        return self.training.draw(keys, batch.latents.shape[1:], settings, latents)
+
+    def micro_batch_loss(
+        self,
+        batch: Batch,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        step: int,
+        input_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The scalar loss of one micro-batch: the forward of the prepared model."""
-        return self.sample_loss(batch, noise, timesteps, step).mean()
+        return self.sample_loss(batch, noise, timesteps, step, input_noise).mean()
 
     def fixed_loss(
         self,
@@ -173,9 +201,12 @@ def optimizer_step(
     step_loss, bad = 0.0, None
     for k, refs in enumerate(group):
         batch = batches.make_batch(refs)
-        noise, timesteps = objective.noise_for(refs, batch)
+        noise, timesteps, input_noise = objective.draw_for(refs, batch)
         with placement.no_sync(sync=k == len(group) - 1), acc.autocast():
-            loss = model(batch, noise, timesteps, step)
+            if input_noise is None:
+                loss = model(batch, noise, timesteps, step)
+            else:
+                loss = model(batch, noise, timesteps, step, input_noise)
             value = float(loss.detach())
             if not math.isfinite(value):
                 bad = value  # still run backward: every process must join the gradient all-reduce

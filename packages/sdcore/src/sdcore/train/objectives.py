@@ -82,7 +82,27 @@ class TrainingObjective(Protocol):
         ...
 
 
-class DdpmObjective:
+class _SampleByDrawing:
+    """The protocol's ``sample`` (noise and timesteps, an offset at most) in terms of the
+    objective's ``draw``, which takes every noise option: one way to draw for both objectives."""
+
+    def draw(
+        self,
+        keys: Sequence[int],
+        shape: Sequence[int],
+        settings: NoiseSettings,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def sample(
+        self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
+        return noise, timesteps
+
+
+class DdpmObjective(_SampleByDrawing):
     """Epsilon / v-prediction on the model's DDPM schedule, with optional min-SNR-gamma weighting."""
 
     name = "ddpm"
@@ -111,12 +131,6 @@ class DdpmObjective:
     @property
     def num_timesteps(self) -> int:
         return int(self.scheduler.config["num_train_timesteps"])
-
-    def sample(
-        self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
-        return noise, timesteps
 
     def draw(
         self,
@@ -164,7 +178,7 @@ def mode_sigmas(u: torch.Tensor, mode_scale: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FlowMatchingObjective:
+class FlowMatchingObjective(_SampleByDrawing):
     """Rectified-flow matching with a choice of timestep sampling (see the module doc)."""
 
     timestep_sampling: str = "logit_normal"
@@ -204,12 +218,6 @@ class FlowMatchingObjective:
         else:  # "sigmoid": kohya's flux sampling, sigmoid(scale * N(0, 1))
             sigmas = torch.sigmoid(self.sigmoid_scale * torch.randn((count,), generator=generator))
         return time_shift(sigmas, self.shift).clamp(0.0, 1.0)
-
-    def sample(
-        self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
-        return noise, timesteps
 
     def draw(
         self,

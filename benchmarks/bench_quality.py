@@ -61,8 +61,9 @@ from .quality_setup import (
 
 ANCHOR = MethodSpec(
     "anchor", "diffusers + peft LoRA (anchor)", "", OBJECT, "peft", METHODS["lora"].lr, METHODS["lora"].steps,
-    {"rank": 8}, METHODS["lora"].sweep_lrs,
+    {"rank": 8}, METHODS["lora"].sweep_lrs, caption=METHODS["lora"].caption,
 )  # fmt: skip
+"""The anchor: LoRA's lr, steps and captions, no regularisation (diffusers' example loop has none)."""
 ANCHOR_TARGETS = {
     "diffusers": ["to_k", "to_q", "to_v", "to_out.0"],
     "kohya": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
@@ -507,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             plain = plain_run[1] if plain_run is not None else None
             reg = "reg" if uses_reg(spec, args) else ""
-            rows.append((spec.label, spec.kind, caption_of(spec, args) or "trigger", f"{lr:g}", str(step), reg,
+            caption = caption_of(spec, args) or {STYLE: "world captions", LOOK: "-"}.get(spec.kind, "trigger")
+            rows.append((spec.label, spec.kind, caption, f"{lr:g}", str(step), reg,
                          _stats([r["concept"] for r in items]), _stats([r["preservation"] for r in items]),
                          f"{statistics.fmean(r['seconds'] for r in items):.1f}",
                          meets(spec, concept, keep, anchor, plain)))  # fmt: skip

@@ -49,7 +49,8 @@ class Noised:
 
 
 class TrainingObjective(Protocol):
-    """What the step asks of an objective."""
+    """What the step asks of an objective. The built-in objectives subclass it for :meth:`sample`,
+    which is :meth:`draw` with nothing but an offset (one way to draw noise for every objective)."""
 
     name: str
 
@@ -57,7 +58,8 @@ class TrainingObjective(Protocol):
         self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample seeded noise ``[B, *shape]`` and timesteps ``[B]`` (on the CPU)."""
-        ...
+        noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
+        return noise, timesteps
 
     def draw(
         self,
@@ -82,27 +84,7 @@ class TrainingObjective(Protocol):
         ...
 
 
-class _SampleByDrawing:
-    """The protocol's ``sample`` (noise and timesteps, an offset at most) in terms of the
-    objective's ``draw``, which takes every noise option: one way to draw for both objectives."""
-
-    def draw(
-        self,
-        keys: Sequence[int],
-        shape: Sequence[int],
-        settings: NoiseSettings,
-        latents: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
-
-    def sample(
-        self, keys: Sequence[int], shape: Sequence[int], *, noise_offset: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
-        return noise, timesteps
-
-
-class DdpmObjective(_SampleByDrawing):
+class DdpmObjective(TrainingObjective):
     """Epsilon / v-prediction on the model's DDPM schedule, with optional min-SNR-gamma weighting."""
 
     name = "ddpm"
@@ -178,7 +160,7 @@ def mode_sigmas(u: torch.Tensor, mode_scale: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FlowMatchingObjective(_SampleByDrawing):
+class FlowMatchingObjective(TrainingObjective):
     """Rectified-flow matching with a choice of timestep sampling (see the module doc)."""
 
     timestep_sampling: str = "logit_normal"

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
+
+from .loss import HUBER_SCHEDULES, LOSS_TYPES
 
 
 def _text(value: Any) -> str:
@@ -105,11 +107,21 @@ def _optimizer(value: Any) -> str:
     return OPTIMIZERS[name][0]
 
 
-def _scheduler(value: Any) -> str:
-    name = _text(value).lower()
-    if name not in SCHEDULERS:
-        raise ValueError(f"available: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name]
+def _named(table: Mapping[str, str] | Sequence[str], note: str = "") -> Callable[[Any], str]:
+    """A converter for a kohya option whose value is one of ``table``'s names (case-insensitive),
+    giving sdcore's name for it (a sequence maps each name to itself)."""
+    names = dict(table) if isinstance(table, Mapping) else {name: name for name in table}
+
+    def convert(value: Any) -> str:
+        name = _text(value).lower()
+        if name not in names:
+            raise ValueError(f"available: {', '.join(names)}{note}")
+        return names[name]
+
+    return convert
+
+
+_scheduler = _named(SCHEDULERS)
 
 
 #: kohya's flow-matching samplings -> sdcore's (kohya "shift" is its sigmoid sampling followed by
@@ -120,38 +132,12 @@ FLOW_SAMPLINGS = {"uniform": "uniform", "sigmoid": "sigmoid", "shift": "sigmoid"
 WEIGHTING_SCHEMES = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "uniform", "none": "uniform"}
 
 
-def _flow_sampling(value: Any) -> str:
-    name = _text(value).lower()
-    if name not in FLOW_SAMPLINGS:
-        raise ValueError(f"available: {', '.join(FLOW_SAMPLINGS)} (kohya's sigma and flux_shift are not implemented)")
-    return FLOW_SAMPLINGS[name]
+_flow_sampling = _named(FLOW_SAMPLINGS, " (kohya's sigma and flux_shift are not implemented)")
+_weighting_scheme = _named(WEIGHTING_SCHEMES, " (sigma_sqrt and cosmap loss weights are not implemented)")
 
 
-def _weighting_scheme(value: Any) -> str:
-    name = _text(value).lower()
-    if name not in WEIGHTING_SCHEMES:
-        raise ValueError(
-            f"available: {', '.join(WEIGHTING_SCHEMES)} (sigma_sqrt and cosmap loss weights are not implemented)"
-        )
-    return WEIGHTING_SCHEMES[name]
-
-
-def _loss_type(value: Any) -> str:
-    from .loss import LOSS_TYPES
-
-    name = _text(value).lower()
-    if name not in LOSS_TYPES:
-        raise ValueError(f"available: {', '.join(LOSS_TYPES)}")
-    return name
-
-
-def _huber_schedule(value: Any) -> str:
-    from .loss import HUBER_SCHEDULES
-
-    name = _text(value).lower()
-    if name not in HUBER_SCHEDULES:
-        raise ValueError(f"available: {', '.join(HUBER_SCHEDULES)}")
-    return name
+_loss_type = _named(LOSS_TYPES)
+_huber_schedule = _named(HUBER_SCHEDULES)
 
 
 def _off_is_zero(value: Any) -> float:

@@ -72,17 +72,15 @@ class Objective:
     ) -> torch.Tensor:
         """Per-sample weighted loss ``[B]`` for given noise and timesteps (``input_noise``: the
         perturbed noise the noisy input is made with, input perturbation only)."""
-
         from .loss import apply_loss_weights, step_loss
 
         latents = batch.latents.float()
         noise = noise.to(latents.device)
         timesteps = timesteps.to(latents.device)
         objective = self.training
-        if input_noise is None:
-            noised = objective.noised(latents, noise, timesteps)
-        else:
-            noised = objective.noised(latents, noise, timesteps, input_noise.to(latents.device))
+        if input_noise is not None:
+            input_noise = input_noise.to(latents.device)
+        noised = objective.noised(latents, noise, timesteps, input_noise)
         noisy, timesteps, target = noised.noisy, noised.timesteps, noised.target
         cond = self.conditioning_for(batch)
 
@@ -203,10 +201,7 @@ def optimizer_step(
         batch = batches.make_batch(refs)
         noise, timesteps, input_noise = objective.draw_for(refs, batch)
         with placement.no_sync(sync=k == len(group) - 1), acc.autocast():
-            if input_noise is None:
-                loss = model(batch, noise, timesteps, step)
-            else:
-                loss = model(batch, noise, timesteps, step, input_noise)
+            loss = model(batch, noise, timesteps, step, input_noise)
             value = float(loss.detach())
             if not math.isfinite(value):
                 bad = value  # still run backward: every process must join the gradient all-reduce

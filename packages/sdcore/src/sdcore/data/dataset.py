@@ -62,6 +62,9 @@ class SubsetOptions:
     caption_suffix: str = ""
     secondary_separator: str | None = None
     caption_dropout_every_n_epochs: int = 0
+    # kohya's validation split (per dataset in its TOML; sdcore.train.validation applies it per subset)
+    validation_split: float = 0.0
+    validation_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,8 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "max_bucket_reso": options.max_bucket_reso,
         "bucket_step": options.bucket_step,
         "bucket_no_upscale": options.bucket_no_upscale,
+        "validation_split": options.validation_split,
+        "validation_seed": options.validation_seed,
     }
 
 
@@ -232,6 +237,8 @@ _DATASET_KEYS = {
     "max_bucket_reso",
     "bucket_reso_steps",
     "bucket_no_upscale",
+    "validation_split",
+    "validation_seed",
 }
 _SUBSET_KEYS = {
     "image_dir",
@@ -264,8 +271,6 @@ _UNSUPPORTED_KEYS = {
     "cache_info",
     "metadata_file",
     "network_multiplier",
-    "validation_split",
-    "validation_seed",
     "resize_interpolation",
     "conditioning_data_dir",
     "debug_dataset",
@@ -326,6 +331,12 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
             raise bad
         value = float(value)
+    elif kind == "a fraction in [0, 1)":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+            raise bad
+        value = float(value)
+    elif kind == "an integer" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad
     return value
 
 
@@ -382,6 +393,8 @@ _FIELD_OF = {
     "max_bucket_reso": ("max_bucket_reso", "a positive integer"),
     "bucket_reso_steps": ("bucket_step", "a positive integer"),
     "bucket_no_upscale": ("bucket_no_upscale", "a boolean"),
+    "validation_split": ("validation_split", "a fraction in [0, 1)"),
+    "validation_seed": ("validation_seed", "an integer"),
 }
 
 

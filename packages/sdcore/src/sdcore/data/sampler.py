@@ -9,7 +9,7 @@ drawn to match the number of instance samples, cycling through all class images 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from ..errors import DataError
 from .buckets import BucketAssignment
@@ -26,6 +26,7 @@ class BucketBatchSampler:
         batch_size: int,
         seed: int,
         balance_class: bool = False,
+        held_out: Collection[int] = (),
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
@@ -36,7 +37,14 @@ class BucketBatchSampler:
         self.batch_size = batch_size
         self.seed = seed
         self.balance_class = balance_class
-        self._instance = [i for i, e in enumerate(index.entries) for _ in range(e.repeats) if not e.is_class]
+        # ``held_out``: images kept for the validation loss (never trained on)
+        self.held_out = frozenset(held_out)
+        self._instance = [
+            i
+            for i, e in enumerate(index.entries)
+            for _ in range(e.repeats)
+            if not e.is_class and i not in self.held_out
+        ]
         self._class = [i for i, e in enumerate(index.entries) for _ in range(e.repeats) if e.is_class]
         self._len: int | None = None
 

@@ -51,6 +51,7 @@ class TrainData:
         balance_class: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        held_out: frozenset[int] = frozenset(),
     ) -> None:
         from ..data.sampler import BucketBatchSampler
 
@@ -60,7 +61,12 @@ class TrainData:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.sampler = BucketBatchSampler(index, assignments, batch_size, seed, balance_class=balance_class)
+        #: entries held out for the validation loss (:mod:`.validation`): in ``entries`` (cached like
+        #: the others) but never in an epoch plan
+        self.held_out = held_out
+        self.sampler = BucketBatchSampler(
+            index, assignments, batch_size, seed, balance_class=balance_class, held_out=held_out
+        )
         self._plans: dict[int, list[list[SampleRef]]] = {}
 
     def epoch_plan(self, epoch: int) -> list[list[SampleRef]]:
@@ -95,12 +101,17 @@ class TrainData:
             return False
         return ref.rng(self.seed, "flip").random() < 0.5
 
+    @property
+    def trained_entries(self) -> list[ImageEntry]:
+        """The entries that train (all but the held-out ones)."""
+        return [e for i, e in enumerate(self.entries) if i not in self.held_out]
+
     def needed_latents(self) -> list[tuple[int, bool]]:
         """Every (entry, flipped) latent a run may ask for."""
         wanted = []
         for i, entry in enumerate(self.entries):
             wanted.append((i, False))
-            if entry.subset.flip:
+            if entry.subset.flip and i not in self.held_out:  # held-out images are validated unflipped
                 wanted.append((i, True))
         return wanted
 
@@ -172,6 +183,14 @@ def build_train_data(
                 f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on"
             )
     assignments = assign_buckets(index)
+    from .validation import held_out_entries
+
+    held_out = held_out_entries(index, seed=options.seed)
+    if held_out and all(i in held_out for i, e in enumerate(index.entries) if not e.is_class):
+        raise ConfigError(
+            f"{options.data}: the validation split holds out every training image; lower "
+            "--validation-split (or the TOML's validation_split) or add images"
+        )
     return TrainData(
         index,
         assignments,
@@ -180,6 +199,7 @@ def build_train_data(
         balance_class=balance_class,
         rank=rank,
         world_size=world_size,
+        held_out=held_out,
     )
 
 

@@ -213,6 +213,8 @@ ALIASES: dict[str, Alias] = {
     "gradient_accumulation_steps": _a("gradient_accumulation"),
     "gradient_checkpointing": _a("gradient_checkpointing", flag=True),
     "mixed_precision": _a("mixed_precision", _precision),
+    "full_bf16": _a("full_bf16", flag=True),
+    "full_fp16": _a("full_fp16", flag=True),
     "fp8_base": _a("fp8_base", flag=True),
     "fp8_base_unet": _a("fp8_base", flag=True),  # sdcore's --fp8-base is the denoiser's weights only
     "blocks_to_swap": _a("blocks_to_swap"),
@@ -252,6 +254,16 @@ ALIASES: dict[str, Alias] = {
     "sample_every_n_steps": _a("sample_every"),
     "sample_every_n_epochs": _a("sample_every_epochs"),
     "sample_sampler": _a("sample_sampler"),
+    # validation loss (train_network.py, 2025)
+    "validation_split": _a("validation_split", float),
+    "validation_seed": _a("validation_seed", int),
+    "validate_every_n_steps": _a(
+        "validate_every_n_steps", lambda v: _unless_zero(int(v))
+    ),  # kohya_ss writes 0 when untouched
+    "validate_every_n_epochs": _a(
+        "validate_every_n_epochs", lambda v: _unless_zero(int(v))
+    ),  # kohya_ss writes 0 when untouched
+    "max_validation_steps": _a("max_validation_steps", int),
     "logging_dir": _a("log_dir"),
     # LoRA (train_network.py)
     "network_dim": _a("rank", methods="lora"),
@@ -412,8 +424,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "loraplus_text_encoder_lr_ratio",
             "base_weights",
             "in_json",
-            "full_fp16",
-            "full_bf16",
             "fused_backward_pass",
             "initial_epoch",
             "initial_step",
@@ -421,7 +431,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "conditioning_data_dir",
             "keep_tokens_separator",
             "enable_wildcard",
-            "validation_split",
             "weights",
             "debug_dataset",
             "dataset_class",
@@ -443,8 +452,6 @@ _FLAG_UNSUPPORTED = {
     "masked_loss",
     "alpha_mask",
     "dim_from_weights",
-    "full_fp16",
-    "full_bf16",
     "fused_backward_pass",
     "skip_until_initial_step",
     "enable_wildcard",

@@ -85,6 +85,8 @@ class TrainResult:
     last_state: Path | None = None
     #: False on the other processes of a multi-process run (only the main one prints and saves)
     main_process: bool = True
+    #: ``(step, "step" | "epoch", loss)`` of every validation (``--validation-split``)
+    validation_losses: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 def load_bundle(options: TrainOptions, plugin_manager: Any = None) -> ModelBundle:
@@ -110,6 +112,9 @@ class TrainSession:
         self.hook = HookCaller(plugin_manager)
         self.plugin_manager = plugin_manager
         self.losses: list[float] = []
+        self.validation_losses: list[tuple[int, str, float]] = []
+        self.validation_groups: list[list[SampleRef]] = []
+        self.validation_timesteps: tuple[int, ...] = ()
         self._setup_done = False
         self._restore_attention: Callable[[], None] = lambda: None
 
@@ -124,7 +129,15 @@ class TrainSession:
         from .checkpoints import Checkpoints
         from .memory_options import MemorySetup
         from .optim import create_optimizer, create_scheduler
-        from .placement import Placement, TrainedModules, create_accelerator, enable_gradient_checkpointing, place_model
+        from .placement import (
+            Placement,
+            TrainedModules,
+            allow_fp16_gradients,
+            create_accelerator,
+            enable_gradient_checkpointing,
+            full_precision_dtype,
+            place_model,
+        )
         from .preflight import preflight_for_run
         from .progress import Progress, tracker_backend
         from .state import TrainPosition
@@ -165,7 +178,15 @@ class TrainSession:
         if not self.params:
             raise ConfigError(f"method {method.name!r} returned no trainable parameters")
         memory = MemorySetup.before_placement(bundle, o)  # --fp8-base on the CPU, blocks to leave there
-        place_model(bundle, self.params, self.caps, self.device, o.mixed_precision, stay_on_cpu=memory.swapped)
+        place_model(
+            bundle,
+            self.params,
+            self.caps,
+            self.device,
+            o.mixed_precision,
+            stay_on_cpu=memory.swapped,
+            trainable_dtype=full_precision_dtype(o),
+        )
         memory.after_placement(bundle, self.device)  # --blocks-to-swap
         if o.gradient_checkpointing:
             enable_gradient_checkpointing(bundle, self.caps)
@@ -190,6 +211,7 @@ class TrainSession:
             text_cache=self.text_cache,
         )
         self.objective = Objective(bundle, method, o)
+        self._plan_validation()
 
         optimizer = create_optimizer(o.optimizer, groups, lr=o.lr, args=o.optimizer_args)
         lr_lambda = method.lr_lambda()
@@ -204,6 +226,8 @@ class TrainSession:
                 power=o.lr_power,
             )
         self.placement = Placement(acc)
+        if o.full_fp16:
+            allow_fp16_gradients(acc)
         self.placement.prepare(
             TrainedModules(bundle, self.params, self.objective.micro_batch_loss), optimizer, scheduler
         )
@@ -240,6 +264,48 @@ class TrainSession:
                 total_steps=self.total_steps,
                 max_epochs=self.max_epochs,
             )
+
+    def _plan_validation(self) -> None:
+        """The held-out batches and kohya's fixed timesteps (nothing without a validation split)."""
+        from .validation import validation_batches, validation_timesteps
+
+        o, data = self.options, self.data
+        self.validation_groups = validation_batches(
+            data.index, data.held_out, data.assignments, o.batch_size, o.max_validation_steps
+        )
+        training = self.objective.training
+        steps = int(getattr(training, "num_timesteps", 1000))  # DDPM: the schedule's; flow matching: 1000
+        self.validation_timesteps = validation_timesteps(steps, o.min_timestep, o.max_timestep)
+        if data.held_out:
+            images = [data.entries[i] for i in sorted(data.held_out)]
+            self.progress.say(
+                f"validation: {len(images)} images ({sum(e.repeats for e in images)} with repeats) held out, "
+                f"{len(self.validation_groups)} batches x timesteps {', '.join(map(str, self.validation_timesteps))}"
+            )
+
+    def validate(self, kind: str = "step") -> float | None:
+        """kohya's validation loss now (:mod:`.validation`): reported to the bar, the log and the
+        trackers; ``None`` when nothing is held out. Changes no weight and no training draw."""
+        from .validation import evaluation_mode
+
+        if not self.validation_groups:
+            return None
+        o, acc = self.options, self.accelerator
+        mine = self.validation_groups[acc.process_index :: acc.num_processes]
+        seed = o.seed if o.validation_seed is None else o.validation_seed
+        with evaluation_mode(self.bundle, self.method):
+            total, count = self.objective.validation_loss(
+                self.batches, acc, mine, self.validation_timesteps, seed=seed, step=self.position.step
+            )
+        if acc.num_processes > 1:
+            import torch
+
+            sums = acc.reduce(torch.tensor([total, float(count)], device=acc.device), reduction="sum")
+            total, count = float(sums[0]), int(sums[1])
+        loss = total / max(count, 1)
+        self.validation_losses.append((self.position.step, kind, loss))
+        self.progress.validation(self.position.step, kind, loss)
+        return loss
 
     # -- views on the parts (for tests, the contract suite and methods' tools) -----------------
     @property
@@ -291,8 +357,9 @@ class TrainSession:
         return RunFacts(
             total_steps=self.total_steps,
             started_at=self.checkpoints.started_at,
-            entries=tuple(self.data.entries),
+            entries=tuple(self.data.trained_entries),
             family=self.bundle.family,
+            validation_images=sum(self.data.entries[i].repeats for i in self.data.held_out),
         )
 
     def context(self) -> TrainEventContext:
@@ -374,6 +441,10 @@ class TrainSession:
                 method_logs = self.method.on_step_end(self.bundle, pos.step)
                 lr = float(self.scheduler.get_last_lr()[0])
                 logs = self.progress.step(pos.step, pos.epoch, outcome.loss, lr, extra=method_logs)
+                if o.validate_every_n_steps and pos.step % o.validate_every_n_steps == 0:
+                    value = self.validate("step")
+                    if value is not None:
+                        logs["val_loss"] = value
                 if pos.batch >= len(plan):
                     self._end_epoch()
                 if o.save_every and pos.step % o.save_every == 0 and pos.step < self.total_steps:
@@ -388,17 +459,26 @@ class TrainSession:
             self.batches.stop_prefetching()
 
     def _end_epoch(self) -> None:
+        from .validation import should_validate_epoch
+
         pos, o = self.position, self.options
         pos.epoch += 1
         pos.batch = 0
         last = pos.step >= self.total_steps or (self.max_epochs is not None and pos.epoch >= self.max_epochs)
+        if self.validation_groups and should_validate_epoch(o, pos.epoch):
+            self.validate("epoch")
         if o.save_every_epochs and pos.epoch % o.save_every_epochs == 0 and not last:
             self.save_checkpoint(epoch=pos.epoch)
         if o.sample_every_epochs and pos.epoch % o.sample_every_epochs == 0 and not last:
             self.render_samples(f"epoch{pos.epoch:06d}")
 
     def _finish(self) -> TrainResult:
+        from .validation import should_validate_epoch
+
         o = self.options
+        # kohya validates the epoch --max-steps ended in too
+        if self.position.batch > 0 and self.validation_groups and should_validate_epoch(o, self.position.epoch + 1):
+            self.validate("epoch")
         if o.sample_prompts and not (o.sample_every and self.position.step % o.sample_every == 0):
             self.render_samples("final")
         if o.save_state:
@@ -414,6 +494,7 @@ class TrainSession:
             losses=list(self.losses),
             state_dir=self.state_root,
             last_state=self.checkpoints.last_state,
+            validation_losses=list(self.validation_losses),
         )
 
     # -- checkpoints and samples ------------------------------------------------------------------

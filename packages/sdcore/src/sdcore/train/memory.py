@@ -6,10 +6,12 @@ caches and method.
 
 - **Weights**: every parameter of the components that stay on the device, at its dtype: frozen
   weights in the compute dtype under mixed precision (the VAE stays fp32 under fp16), trainable
-  ones in fp32, plus the parameters a method adds (LoRA modules, TI vectors, hypernetworks). On a
+  ones in fp32 (2 bytes with ``--full-bf16``/``--full-fp16``), plus the parameters a method adds
+  (LoRA modules, TI vectors, hypernetworks). On a
   GPU the runtime moves the VAE (latents cached, no pixels needed) and the text encoders (outputs
   cached) back to the CPU after caching, so they do not count there; on the CPU everything stays.
-- **Gradients**: fp32, one per trainable parameter.
+- **Gradients**: one per trainable parameter, in its dtype (fp32; bf16/fp16 with ``--full-*``, which
+  also halves the float optimizer states).
 - **Optimizer**: bytes per trainable parameter (:data:`OPTIMIZER_STATE_BYTES`: AdamW keeps two fp32
   moments = 8 bytes, 8-bit AdamW two 8-bit moments plus block statistics ~ 2 bytes, ...).
 - **Activations**: what autograd keeps for the backward pass of the denoiser, from its config. With
@@ -401,6 +403,9 @@ def estimate_memory(
     text_cached = o.cache_text_encoder_outputs and text_encoder_frozen
     family = get_family(layout.family)
     fp8 = getattr(o, "fp8_base", False)
+    # --full-bf16/--full-fp16: the trained weights, their gradients and float optimizer states in 2 bytes
+    full_half = bool(getattr(o, "full_bf16", False) or getattr(o, "full_fp16", False))
+    trained = 2 if full_half else 4
     weights = 0.0
     for name, count in params.components.items():
         if device != "cpu":
@@ -409,7 +414,7 @@ def estimate_memory(
             if name.startswith("text_encoder") and text_cached:
                 continue
         if name in params.trainable_in:
-            weights += count * 4
+            weights += count * trained
             continue
         per = frozen_bytes
         if name == "vae" and o.mixed_precision == "fp16":
@@ -418,12 +423,14 @@ def estimate_memory(
             weights += params.denoiser_fp8 * element_bytes(FP8_STORAGE) + (count - params.denoiser_fp8) * per
             continue
         weights += count * per
-    weights += params.added * 4
+    weights += params.added * trained
     swapped = swapped_block_bytes(params, o, frozen_bytes)
     if swapped:  # in CPU memory; two blocks' copies in flight on the device (on the CPU: beside them)
         weights += (-swapped[0] if device != "cpu" else 0) + swapped[1]
-    gradients = params.trainable * 4
+    gradients = params.trainable * trained
     optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer, 8.0)
+    if full_half and "8bit" not in o.optimizer:  # float states are created like the parameter (8-bit ones stay)
+        optimizer /= 2
     full = bool(params.trainable_in & {family.denoiser})
     vae_blocks = layout.configs.get("vae", {}).get("block_out_channels", (128, 256, 512, 512))
     vae_scale = 2 ** (len(vae_blocks) - 1)
@@ -476,6 +483,7 @@ def estimate_memory(
             "gradient_checkpointing": o.gradient_checkpointing,
             "optimizer": o.optimizer,
             "fp8_base": fp8,
+            "full_half": full_half,
             "blocks_to_swap": getattr(o, "blocks_to_swap", 0),
             "latents_cached": latents_cached,
             "text_cached": text_cached,

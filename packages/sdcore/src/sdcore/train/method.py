@@ -146,9 +146,12 @@ class RunFacts:
 
     total_steps: int
     started_at: float
-    #: the dataset entries (``sdcore.data.dataset.ImageEntry``: subset folder, repeats, caption, is_class)
+    #: the dataset entries that train (``sdcore.data.dataset.ImageEntry``: subset folder, repeats, caption,
+    #: is_class); images held out for the validation loss are not among them
     entries: tuple[ImageEntry, ...] = ()
     family: str = ""
+    #: held-out images times repeats (``--validation-split``; kohya's ``ss_num_validation_images``)
+    validation_images: int = 0
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,18 @@ class TrainOptions:
     mixed_precision: str = option(
         "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"
     )
+    full_bf16: bool = option(
+        False,
+        "Keep the trained weights themselves, their gradients and the optimizer state in bf16 (no fp32 master "
+        "copy; needs --mixed-precision bf16; kohya --full_bf16).",
+        group="training",
+    )
+    full_fp16: bool = option(
+        False,
+        "Keep the trained weights themselves, their gradients and the optimizer state in fp16 (no fp32 master "
+        "copy; needs --mixed-precision fp16, so a CUDA GPU; kohya --full_fp16).",
+        group="training",
+    )
     fp8_base: bool = option(
         False,
         "Store the denoiser's frozen Linear/Conv2d weights in float8 (1 byte each, upcast per layer in forward); "
@@ -276,6 +288,26 @@ class TrainOptions:
     sample_steps: int = option(20, "Sampler steps for sample images (a prompt's --s overrides).", group="output")
     sample_sampler: str = option(
         "euler_a", "Sampler for sample images (sdcore or kohya names; a prompt's --ss overrides).", group="output"
+    )
+    validation_split: float = option(
+        0.0,
+        "Hold out this fraction of each training subset's images (kohya's rule: a seeded shuffle, the last "
+        "round(n*split) held out) and report their loss instead of training on them (0 = off; kohya).",
+        group="validation",
+    )
+    validation_seed: int | None = option(
+        None, "Seed of the validation split and of the validation noise (default: --seed).", group="validation"
+    )
+    validate_every_n_steps: int | None = option(
+        None, "Also compute the validation loss every N optimizer steps (needs --validation-split).", group="validation"
+    )
+    validate_every_n_epochs: int | None = option(
+        None,
+        "Compute the validation loss every N epochs (default: every epoch when --validation-split is given).",
+        group="validation",
+    )
+    max_validation_steps: int | None = option(
+        None, "Validate on at most this many batches of held-out images (default: all of them).", group="validation"
     )
     log_dir: str | None = option(None, "TensorBoard log folder (when tensorboard is installed).", group="output")
     progress: bool = option(True, "Show a progress bar.", group="output")

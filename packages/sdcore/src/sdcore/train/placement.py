@@ -66,11 +66,13 @@ def place_model(
     precision: str,
     *,
     stay_on_cpu: Collection[torch.nn.Module] = (),
+    trainable_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Every module to ``device``; trainable parameters in fp32, frozen ones in the compute dtype
-    (under mixed precision, unless the method keeps them: ``cast_frozen_weights``). fp8-stored
-    weights (``--fp8-base``) keep their dtype; modules in ``stay_on_cpu`` (blocks to swap) are cast
-    where they are and never visit the device, so the device never holds the whole model."""
+    """Every module to ``device``; trainable parameters in ``trainable_dtype`` (fp32, the master copy
+    mixed precision updates; bf16/fp16 under ``--full-bf16``/``--full-fp16``), frozen ones in the
+    compute dtype (under mixed precision, unless the method keeps them: ``cast_frozen_weights``).
+    fp8-stored weights (``--fp8-base``) keep their dtype; modules in ``stay_on_cpu`` (blocks to swap)
+    are cast where they are and never visit the device, so the device never holds the whole model."""
 
     weight_dtype = torch_dtype(precision)
     trainable = {id(p) for p in params}
@@ -81,8 +83,8 @@ def place_model(
         for p in module.parameters():
             if id(p) in trainable:
                 module_trains = True
-                if p.dtype != torch.float32:
-                    p.data = p.data.float()
+                if p.dtype != trainable_dtype:
+                    p.data = p.data.to(trainable_dtype)
             elif not caps.cast_frozen_weights or p.element_size() == 1:
                 continue
             elif p.dtype != weight_dtype and not (name == "vae" and weight_dtype == torch.float16):
@@ -94,6 +96,19 @@ def place_model(
     for p in params:
         if p.device != device:
             p.data = p.data.to(device)
+        if trainable_dtype != torch.float32 and p.dtype != trainable_dtype:
+            p.data = p.data.to(trainable_dtype)
+
+
+def full_precision_dtype(options: TrainOptions) -> torch.dtype:
+    """The dtype trainable parameters live in: fp32 (a master copy under mixed precision), or bf16/fp16
+    with kohya's ``--full-bf16``/``--full-fp16`` (the weights, their gradients and the optimizer state
+    in half precision: half the memory, no fp32 copy)."""
+    if getattr(options, "full_bf16", False):
+        return torch.bfloat16
+    if getattr(options, "full_fp16", False):
+        return torch.float16
+    return torch.float32
 
 
 def _move(module: torch.nn.Module, device: Any, skip: set[int]) -> None:
@@ -115,6 +130,21 @@ def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> No
         for te in bundle.text_encoders:
             if hasattr(te, "gradient_checkpointing_enable"):
                 te.gradient_checkpointing_enable()
+
+
+def allow_fp16_gradients(accelerator: Any) -> None:
+    """``--full-fp16``: let the fp16 gradient scaler unscale fp16 gradients (torch's ``GradScaler``
+    refuses them by default, expecting fp32 master weights); what kohya's
+    ``patch_accelerator_for_fp16_training`` does. DeepSpeed manages its own scaling."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not hasattr(scaler, "_unscale_grads_"):
+        return
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer: Any, inv_scale: Any, found_inf: Any, allow_fp16: bool) -> Any:
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale
 
 
 class TrainedModules(torch.nn.Module):

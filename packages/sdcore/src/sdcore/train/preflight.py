@@ -161,6 +161,10 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     from .memory_options import option_problems as memory_option_problems
 
     problems.extend(memory_option_problems(o))
+    from .validation import precision_option_problems, validation_option_problems
+
+    problems.extend(validation_option_problems(o))
+    problems.extend(precision_option_problems(o))
     if o.optimizer in OPTIMIZERS:
         try:
             check_optimizer_available(o.optimizer)

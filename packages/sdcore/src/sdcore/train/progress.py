@@ -187,6 +187,9 @@ class Progress:
         self.tracking = False
         self.bar: Any = None
         self.recent: list[float] = []
+        self.postfix: dict[str, Any] = {}
+        #: the latest validation loss (shown on the bar from then on)
+        self.val_loss: float | None = None
 
     def say(self, message: str) -> None:
         """Print ``message`` on the main process (``--no-progress`` hides only the bar, not this)."""
@@ -245,13 +248,30 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             shown = {k: f"{v:.4g}" for k, v in own.items()}
-            self.bar.set_postfix(
-                loss=f"{logs['loss_avg']:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, **shown, refresh=False
-            )
+            self.postfix = {"loss": f"{logs['loss_avg']:.4f}", "lr": f"{lr:.2e}", "epoch": epoch + 1, **shown}
+            if self.val_loss is not None:
+                self.postfix["val_loss"] = f"{self.val_loss:.4f}"
+            self.bar.set_postfix(**self.postfix, refresh=False)
         if self.tracking:
             self.accelerator.log(
                 {"train/loss": loss, "train/lr": lr, **{f"train/{k}": v for k, v in own.items()}}, step=step
             )
+        return logs
+
+    def validation(self, step: int, kind: str, loss: float) -> dict[str, float]:
+        """Report a validation loss (``kind``: ``"step"`` or ``"epoch"``, kohya's two schedules): on
+        the bar (``val_loss``), in the log, and to the trackers under kohya's names
+        ``loss/validation/<kind>_average`` and ``..._divergence`` (validation minus the recent
+        training loss average)."""
+        self.val_loss = loss
+        train = sum(self.recent) / len(self.recent) if self.recent else float("nan")
+        logs = {f"loss/validation/{kind}_average": loss, f"loss/validation/{kind}_divergence": loss - train}
+        log.info("validation loss at step %d (%s): %.6f", step, kind, loss)
+        if self.bar is not None:
+            self.postfix["val_loss"] = f"{loss:.4f}"
+            self.bar.set_postfix(**self.postfix, refresh=False)
+        if self.tracking:
+            self.accelerator.log(logs, step=step)
         return logs
 
     def cache_bar(self, total: int, desc: str) -> Any:

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -148,24 +148,80 @@ class Objective:
         caption randomness): the contract's measure of learning."""
         import random
 
-        import torch
-
         from .data import SampleRef
         from .noise import sample_noise
 
-        total, n = 0.0, 0
         entries = batches.data.entries
-        with torch.no_grad(), accelerator.autocast():
+
+        def images() -> Iterator[Batch]:
             for entry in range(min(count, len(entries))):
                 batch = batches.make_batch([SampleRef(entry, 0, -1)], with_conditioning=False)
                 batch.captions = [self.method.caption_for(entries[entry].caption, is_class=False, rng=random.Random(0))]
                 batch.conditioning = None
+                yield batch
+
+        def noise(batch: Batch, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            entry = batch.extra["refs"][0].entry
+            return sample_noise([entry * 1000 + t], batch.latents.shape[1:])[0], None
+
+        total, n = self.fixed_noise_losses(accelerator, images(), timesteps, noise, step=0)
+        return total / max(n, 1)
+
+    def fixed_noise_losses(
+        self,
+        accelerator: Any,
+        batches: Iterable[Batch],
+        timesteps: Sequence[int],
+        noise: Callable[[Batch, int], tuple[torch.Tensor, torch.Tensor | None]],
+        *,
+        step: int,
+    ) -> tuple[float, int]:
+        """(sum, count) of the batch-mean losses of every batch at every timestep in ``timesteps``,
+        with the noise ``noise(batch, t)`` gives (and its input-perturbed noise or None), under
+        ``no_grad`` and the accelerator's autocast: the fixed-noise measure behind
+        :meth:`fixed_loss` and the validation loss."""
+        import torch
+
+        total, n = 0.0, 0
+        with torch.no_grad(), accelerator.autocast():
+            for batch in batches:
                 for t in timesteps:
-                    noise, _ = sample_noise([entry * 1000 + t], batch.latents.shape[1:])
-                    loss = self.sample_loss(batch, noise, torch.tensor([t]), 0)
+                    sample_noise, input_noise = noise(batch, t)
+                    steps = torch.full((batch.latents.shape[0],), int(t), dtype=torch.long)
+                    loss = self.sample_loss(batch, sample_noise, steps, step, input_noise)
                     total += float(loss.mean())
                     n += 1
-        return total / max(n, 1)
+        return total, n
+
+    def validation_loss(
+        self,
+        batches: BatchMaker,
+        accelerator: Any,
+        groups: Sequence[Sequence[SampleRef]],
+        timesteps: Sequence[int],
+        *,
+        seed: int,
+        step: int,
+    ) -> tuple[float, int]:
+        """(sum, count) of kohya's validation loss terms over ``groups`` (batches of held-out samples)
+        at ``timesteps``: the run's noise options apply (as kohya's ``process_batch``), drawn from a
+        generator per (``seed``, image, repeat, timestep), so every validation sees the same noise;
+        the timestep drawn with it is replaced by the fixed one."""
+        from .noise import NoiseSettings, sample_seed
+
+        settings = NoiseSettings.from_options(self.options)
+
+        def made() -> Iterator[Batch]:
+            for refs in groups:
+                yield batches.make_batch(list(refs))
+
+        def noise(batch: Batch, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            keys = [sample_seed(seed, "validation", ref.entry, ref.occurrence, t) for ref in batch.extra["refs"]]
+            latents = batch.latents if settings.adaptive_noise_scale is not None else None
+            drawn, _, perturbed = self.training.draw(keys, batch.latents.shape[1:], settings, latents)
+            return drawn, perturbed
+
+        return self.fixed_noise_losses(accelerator, made(), timesteps, noise, step=step)
 
 
 @dataclass(frozen=True)

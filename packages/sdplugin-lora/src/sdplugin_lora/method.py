@@ -625,6 +625,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_mixed_precision": o.mixed_precision,
         "ss_gradient_checkpointing": str(o.gradient_checkpointing),
         "ss_fp8_base": str(o.fp8_base),
+        "ss_full_fp16": str(o.full_fp16),  # kohya records full_fp16 only (no ss_full_bf16)
         "ss_seed": str(o.seed),
         "ss_clip_skip": str(o.clip_skip),
         "ss_resolution": f"({o.resolution}, {o.resolution})",
@@ -648,6 +649,11 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_caption_dropout_every_n_epochs": str(o.caption_dropout_every_n_epochs),
         "ss_scale_weight_norms": str(o.scale_weight_norms),
         "ss_flip_aug": str(o.flip),
+        "ss_validation_seed": str(o.validation_seed),
+        "ss_validation_split": str(o.validation_split),
+        "ss_max_validation_steps": str(o.max_validation_steps),
+        "ss_validate_every_n_epochs": str(o.validate_every_n_epochs),
+        "ss_validate_every_n_steps": str(o.validate_every_n_steps),
     }
     if o.min_timestep is not None or o.max_timestep is not None:  # kohya: sai_model_spec's timestep_range
         meta["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"
@@ -659,6 +665,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
                 "ss_max_train_steps": str(run.total_steps),
                 "ss_num_train_images": str(sum(e.repeats for e in entries if not e.is_class)),
                 "ss_num_reg_images": str(sum(e.repeats for e in entries if e.is_class)),
+                "ss_num_validation_images": str(run.validation_images),
                 "ss_v2": str(run.family == "sd2"),
                 "ss_dataset_dirs": json.dumps(dirs),
                 "ss_tag_frequency": json.dumps(tags),

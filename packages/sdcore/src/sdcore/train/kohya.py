@@ -695,6 +695,11 @@ def _composites(
         if items.get(name) and not items.get("sample_prompts") and target in out.values:
             out.values.pop(target)
             out.notes.append(f"{name} without sample_prompts: no sample images (as in kohya)")
+    # without save_precision kohya saves a full_bf16/full_fp16 network in that dtype (save_dtype None)
+    for name, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+        if items.get(name) is True and not items.get("save_precision") and "save_dtype" in present:
+            put("save_dtype", dtype, name)
+            break
     for name, optimizer in (("use_8bit_adam", "adamw8bit"), ("use_lion_optimizer", "lion")):
         if items.get(name) is True:
             put("optimizer", optimizer, name)

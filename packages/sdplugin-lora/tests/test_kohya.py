@@ -219,7 +219,7 @@ def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, k
         ({"optimizer_type": "DAdaptAdam"}, "optimizer_type = 'DAdaptAdam' is not a valid value"),
         ({"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3}, "3 cycles is not supported"),
         ({"text_encoder_lr": [1e-4, 2e-4]}, "one text-encoder learning rate"),
-        ({"full_bf16": True}, "full_bf16 = True is not supported"),
+        ({"in_json": "meta.json"}, "in_json = 'meta.json' is not supported"),
         ({"stop_text_encoder_training": 5}, "kohya's dreambooth option"),
     ],
 )

@@ -193,7 +193,25 @@ def test_validation_changes_no_weight(tmp_path):
     assert all(math.isfinite(v) for _, _, v in ra.validation_losses)
 
 
-def test_validation_goes_to_the_hooks_logs_and_the_bar(tmp_path):
+def test_validation_goes_to_the_step_hook(tmp_path):
+    from types import SimpleNamespace
+
+    seen = []
+    hooks = SimpleNamespace(
+        sdcore_before_train=lambda **kw: None,
+        sdcore_after_train=lambda **kw: None,
+        sdcore_on_train_error=lambda **kw: None,
+        sdcore_on_train_step=lambda context, step, logs: seen.append((step, dict(logs))),
+    )
+    o = contract_options(ConvOutMethod, tmp_path, {"validation_split": 0.5, "batch_size": 1, "max_steps": 3,
+                         "validate_every_n_steps": 3})  # fmt: skip
+    r = train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"), plugin_manager=SimpleNamespace(hook=hooks))
+    with_val = {step: logs["val_loss"] for step, logs in seen if "val_loss" in logs}
+    # step 2 ends epoch 1 (epoch validation), step 3 validates by steps
+    assert with_val == {step: loss for step, _, loss in r.validation_losses} and sorted(with_val) == [2, 3]
+
+
+def test_validation_goes_to_the_trackers_the_log_and_the_bar(tmp_path, capsys):
     from sdcore.train.progress import Progress
 
     logged = []
@@ -213,6 +231,13 @@ def test_validation_goes_to_the_hooks_logs_and_the_bar(tmp_path):
     assert logs == {"loss/validation/epoch_average": 0.25, "loss/validation/epoch_divergence": 0.25 - 0.5}
     assert logged[-1] == (1, logs)
     assert p.val_loss == 0.25
+    assert "validation loss at step 1 (epoch): 0.250000" in capsys.readouterr().err
+    bar = Progress(contract_options(ConvOutMethod, tmp_path, {"progress": True}, tag="bar"), Acc(), name="t")
+    bar.open_bar(total=3, initial=0)
+    bar.step(1, 0, 0.5, 1e-4)
+    bar.validation(1, "step", 0.125)
+    assert bar.postfix["val_loss"] == "0.1250" and "val_loss" in bar.bar.postfix
+    bar.close_bar()
 
 
 def test_preflight_checks_every_validation_and_precision_value(tmp_path):

@@ -442,15 +442,15 @@ class TrainSession:
                 lr = float(self.scheduler.get_last_lr()[0])
                 logs = self.progress.step(pos.step, pos.epoch, outcome.loss, lr, extra=method_logs)
                 if o.validate_every_n_steps and pos.step % o.validate_every_n_steps == 0:
-                    value = self.validate("step")
-                    if value is not None:
-                        logs["val_loss"] = value
+                    self.validate("step")
                 if pos.batch >= len(plan):
                     self._end_epoch()
                 if o.save_every and pos.step % o.save_every == 0 and pos.step < self.total_steps:
                     self.save_checkpoint(step=pos.step)
                 if o.sample_every and pos.step % o.sample_every == 0:
                     self.render_samples(f"step{pos.step:08d}")
+                if self.validation_losses and self.validation_losses[-1][0] == pos.step:
+                    logs["val_loss"] = self.validation_losses[-1][2]  # this step's (or its epoch's) validation
                 # last, so an interrupt raised by a hook never skips this step's saves
                 if self.plugin_manager is not None:
                     self.hook("sdcore_on_train_step", context=self.context(), step=pos.step, logs=logs)

@@ -266,7 +266,14 @@ class Progress:
         self.val_loss = loss
         train = sum(self.recent) / len(self.recent) if self.recent else float("nan")
         logs = {f"loss/validation/{kind}_average": loss, f"loss/validation/{kind}_divergence": loss - train}
-        log.info("validation loss at step %d (%s): %.6f", step, kind, loss)
+        message = f"validation loss at step {step} ({kind}): {loss:.6f}"
+        log.debug(message)
+        if self.accelerator.is_main_process:
+            writer = getattr(self.bar, "write", None)  # tqdm: a line above the bar, which stays intact
+            if callable(writer):
+                writer(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
         if self.bar is not None:
             self.postfix["val_loss"] = f"{loss:.4f}"
             self.bar.set_postfix(**self.postfix, refresh=False)

@@ -308,3 +308,33 @@ def test_kohya_names_translate():
     assert t.values.get("validate_every_n_steps") is None  # kohya_ss writes 0 for "unset"
     assert t.values["validate_every_n_epochs"] == 2 and t.values["max_validation_steps"] == 5
     assert t.values["full_bf16"] is True
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_families_validate_at_sigma_t_over_1000(tmp_path, family):
+    """SD3/Flux: kohya's fixed timesteps become sigmas t / 1000 (as its SD3 script's min = max range
+    makes them): noisy = (1 - s) x + s noise, target noise - x, with the validation noise."""
+    from runtime_methods import ProjOutMethod
+
+    o = contract_options(ProjOutMethod, tmp_path, {"validation_split": 0.5, "validation_seed": 2, "batch_size": 1,
+                         "save_state": False}, family=family)  # fmt: skip
+    s = TrainSession(ProjOutMethod(o), bundle=None)
+    s.setup()
+    seen = []
+
+    def compute_loss(ctx):
+        seen.append((ctx.timesteps.clone(), ctx.noisy_latents.clone(), ctx.target.clone(), ctx.batch))
+        return None
+
+    s.method.compute_loss = compute_loss
+    loss = s.validate()
+    assert loss is not None and math.isfinite(loss)
+    assert [float(t[0]) for t, *_ in seen] == [200.0, 400.0, 600.0, 800.0] * len(s.validation_groups)
+    for k, (t, noisy, target, batch) in enumerate(seen):
+        ref = s.validation_groups[k // 4][0]
+        gen = torch.Generator().manual_seed(sample_seed(2, "validation", ref.entry, ref.occurrence, int(t[0])))
+        x = batch.latents.float()
+        noise = torch.randn(tuple(x.shape[1:]), generator=gen)[None]
+        sigma = float(t[0]) / 1000
+        assert torch.allclose(noisy, (1 - sigma) * x + sigma * noise, atol=1e-6)
+        assert torch.allclose(target, noise - x, atol=1e-6)

@@ -89,6 +89,11 @@ def check_processes_equal_accumulation(
     assert record["trained_through"] == trained_through, record
     # the logged loss is the mean over the processes = the accumulated loss
     assert record["losses"] == __import__("pytest").approx(expected.losses, rel=1e-5)
+    # validation (--validation-split): the processes share the held-out batches and sum their losses
+    want = [(step, kind) for step, kind, _ in expected.validation_losses]
+    assert [(step, kind) for step, kind, _ in record["validation_losses"]] == want
+    got_values = [v for _, _, v in record["validation_losses"]]
+    assert got_values == __import__("pytest").approx([v for _, _, v in expected.validation_losses], rel=1e-5)
     state = method.trainable_state_dict()
     assert state.keys() == got.keys()
     for key, value in state.items():
@@ -116,6 +121,7 @@ def main() -> None:
         record = {
             "steps": result.steps,
             "losses": result.losses,
+            "validation_losses": result.validation_losses,
             "trained_through": type(session.placement.model).__name__,
         }
         target.with_suffix(".json").write_text(json.dumps(record))

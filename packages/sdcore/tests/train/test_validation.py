@@ -338,3 +338,16 @@ def test_flow_families_validate_at_sigma_t_over_1000(tmp_path, family):
         sigma = float(t[0]) / 1000
         assert torch.allclose(noisy, (1 - sigma) * x + sigma * noise, atol=1e-6)
         assert torch.allclose(target, noise - x, atol=1e-6)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_the_preflight_plans_without_the_held_out_images(tmp_path, verify):
+    from sdcore.train.preflight import run_preflight
+
+    o = contract_options(ConvOutMethod, tmp_path, {"validation_split": 0.5, "batch_size": 1, "max_steps": None,
+                         "epochs": 1})  # fmt: skip
+    report = run_preflight(ConvOutMethod(o), o, verify_images=verify)
+    assert report.total_steps == 2 and len(report.data.held_out) == 2, report.problems
+    every = contract_options(ConvOutMethod, tmp_path, {"validation_split": 0.9}, tag="every")
+    report = run_preflight(ConvOutMethod(every), every, verify_images=verify)
+    assert any("the validation split holds out every training image" in p for p in report.problems)

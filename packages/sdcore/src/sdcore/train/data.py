@@ -183,14 +183,7 @@ def build_train_data(
                 f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on"
             )
     assignments = assign_buckets(index)
-    from .validation import held_out_entries
-
-    held_out = held_out_entries(index, seed=options.seed)
-    if held_out and all(i in held_out for i, e in enumerate(index.entries) if not e.is_class):
-        raise ConfigError(
-            f"{options.data}: the validation split holds out every training image; lower "
-            "--validation-split (or the TOML's validation_split) or add images"
-        )
+    held_out = held_out_for(index, options)
     return TrainData(
         index,
         assignments,
@@ -201,6 +194,20 @@ def build_train_data(
         world_size=world_size,
         held_out=held_out,
     )
+
+
+def held_out_for(index: DatasetIndex, options: TrainOptions) -> frozenset[int]:
+    """The entries the validation split holds out (:mod:`.validation`); a split that holds out every
+    training image is a :class:`ConfigError`."""
+    from .validation import held_out_entries
+
+    held_out = held_out_entries(index, seed=options.seed)
+    if held_out and all(i in held_out for i, e in enumerate(index.entries) if not e.is_class):
+        raise ConfigError(
+            f"{options.data}: the validation split holds out every training image; lower "
+            "--validation-split (or the TOML's validation_split) or add images"
+        )
+    return held_out
 
 
 def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | None]:

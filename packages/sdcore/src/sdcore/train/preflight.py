@@ -692,7 +692,7 @@ def run_preflight(
 def _build_unverified(options: TrainOptions, method: TrainingMethod[Any]) -> TrainData:
     """The data plan without the per-image completeness check (the runtime verifies right after)."""
     from ..data.dataset import assign_buckets, build_dataset_index
-    from .data import TrainData
+    from .data import TrainData, held_out_for
 
     index = build_dataset_index(options, verify=False)
     index.entries = [entry for entry in index.entries if not method.is_auxiliary_file(entry.path)]
@@ -704,6 +704,7 @@ def _build_unverified(options: TrainOptions, method: TrainingMethod[Any]) -> Tra
         batch_size=options.batch_size,
         seed=options.seed,
         balance_class=method.capabilities().balance_class,
+        held_out=held_out_for(index, options),
     )
 
 

@@ -348,6 +348,7 @@ def test_the_preflight_plans_without_the_held_out_images(tmp_path, verify):
                          "epochs": 1})  # fmt: skip
     report = run_preflight(ConvOutMethod(o), o, verify_images=verify)
     assert report.total_steps == 2 and len(report.data.held_out) == 2, report.problems
+    assert "validation: 2 images (2 with repeats) held out, never trained" in report.plan_lines()
     every = contract_options(ConvOutMethod, tmp_path, {"validation_split": 0.9}, tag="every")
     report = run_preflight(ConvOutMethod(every), every, verify_images=verify)
     assert any("the validation split holds out every training image" in p for p in report.problems)

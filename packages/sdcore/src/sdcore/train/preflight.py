@@ -528,6 +528,11 @@ class PreflightReport:
             lines.append(f"model: {self.layout.source} ({self.layout.family}, {self.layout.source_format})")
         if self.data is not None:
             lines.append(self.data.index.summary())
+            if self.data.held_out:
+                held = [self.data.entries[i] for i in sorted(self.data.held_out)]
+                lines.append(
+                    f"validation: {len(held)} images ({sum(e.repeats for e in held)} with repeats) held out, never trained"
+                )
             buckets: dict[tuple[int, int], int] = {}
             for assignment in self.data.assignments:
                 buckets[assignment.bucket] = buckets.get(assignment.bucket, 0) + 1

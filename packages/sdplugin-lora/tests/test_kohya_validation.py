@@ -81,3 +81,40 @@ def test_validation_metadata_is_kohyas(tmp_path):
         "ss_num_validation_images": "4",  # 2 held-out images x 2 repeats
     }
     assert meta["ss_num_train_images"] == "4"  # the two that train, x 2 repeats
+
+
+def test_cli_preflight_refuses_bad_values_with_exit_2(tmp_path):
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+            "--no-progress", "--full_bf16", "--validation_split", "1.5", "--validate-every-n-epochs", "0"]  # fmt: skip
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 2, result.output
+    for part in ("--full-bf16 needs --mixed-precision bf16", "--validation-split must be in [0, 1)",
+                 "--validate-every-n-epochs must be at least 1"):  # fmt: skip
+        assert part in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validation_runs_the_network_without_dropout(tmp_path):
+    import contextlib
+
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import TrainSession
+    from sdplugin_lora.method import LoraMethod
+
+    o = contract_options(LoraMethod, tmp_path, {"rank": 2, "dropout": 0.5, "validation_split": 0.5, "batch_size": 1})
+    s = TrainSession(LoraMethod(o), bundle=create_tiny_bundle("sd1"))
+    s.setup()
+    for m in s.method.network.modules():  # non-zero factors, so dropout on the hidden would show
+        if hasattr(m, "lora_up"):
+            torch.nn.init.normal_(m.lora_up.weight, std=0.5)
+    with_dropout_set = s.validate()
+    s.method.sampling = lambda bundle: contextlib.nullcontext({})  # no eval switch: dropout would be active
+    assert s.validate() != pytest.approx(with_dropout_set, rel=1e-6)
+    del s.method.sampling
+    for m in s.method.network.modules():
+        if hasattr(m, "dropout"):
+            m.dropout = 0.0
+    assert s.validate() == pytest.approx(with_dropout_set, rel=1e-6)  # eval mode: dropout was off
+    assert s.method.network.training  # and training mode is back

@@ -83,3 +83,20 @@ def test_allow_fp16_gradients_passes_allow_fp16():
     acc.scaler._unscale_grads_(None, None, None, False)
     assert seen == [True]
     allow_fp16_gradients(type("NoScaler", (), {"scaler": None})())  # nothing to patch: no error
+
+
+def test_a_full_bf16_run_resumes_exactly(tmp_path):
+    import dataclasses
+
+    from sdcore.train.loop import train
+
+    base = {"mixed_precision": "bf16", "full_bf16": True, "batch_size": 1, "lr": 3e-3}
+    straight = ConvOutMethod(contract_options(ConvOutMethod, tmp_path, {**base, "max_steps": 4}, tag="straight"))
+    want = train(straight, bundle=create_tiny_bundle("sd1"))
+    o = contract_options(ConvOutMethod, tmp_path, {**base, "max_steps": 2}, tag="parts")
+    train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    resumed = ConvOutMethod(dataclasses.replace(o, max_steps=4, resume="latest"))
+    got = train(resumed, bundle=create_tiny_bundle("sd1"))
+    assert got.losses == want.losses
+    a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -154,6 +154,25 @@ def _unless_zero(value: Any) -> Any:
     return None if value == 0 else value
 
 
+def _ratio(value: Any) -> float | None:
+    """A top-level LoRA+ ratio: the kohya_ss GUI writes 0 for "off" (it then leaves it out of network_args)."""
+    return _unless_zero(float(value))
+
+
+def _path_list(value: Any) -> str:
+    """kohya ``--base_weights a.safetensors b.safetensors`` (a list) -> sdcore's ``"a.safetensors,b.safetensors"``."""
+    items = [_text(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if _text(v)]
+    if any("," in item for item in items):
+        raise ValueError("a path with a comma cannot be passed on (sdcore separates the files with commas)")
+    return ",".join(items)
+
+
+def _float_list(value: Any) -> str:
+    """kohya ``--base_weights_multiplier 1.0 0.5`` (a list of floats) -> ``"1.0,0.5"``."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    return ",".join(str(float(v)) for v in items)
+
+
 @dataclass(frozen=True)
 class Alias:
     """A kohya option that is one sdcore option."""
@@ -266,6 +285,13 @@ ALIASES: dict[str, Alias] = {
     "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
     "scale_weight_norms": _a("scale_weight_norms", methods="lora"),
     "network_multiplier": _a("network_multiplier", methods="lora"),
+    # LoRA+ (kohya takes them in network_args; an early sd-scripts and the kohya_ss GUI's TOML name them top-level)
+    "loraplus_lr_ratio": _a("loraplus_lr_ratio", _ratio, methods="lora"),
+    "loraplus_unet_lr_ratio": _a("loraplus_unet_lr_ratio", _ratio, methods="lora"),
+    "loraplus_text_encoder_lr_ratio": _a("loraplus_text_encoder_lr_ratio", _ratio, methods="lora"),
+    "base_weights": _a("base_weights", _path_list, methods="lora"),
+    "base_weights_multiplier": _a("base_weights_multiplier", _float_list, methods="lora"),
+    "dim_from_weights": _a("dim_from_weights", flag=True, methods="lora"),
     # DreamBooth (train_db.py / fine_tune.py)
     "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth"),
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
@@ -361,10 +387,6 @@ IGNORED: dict[str, str] = {
         ),
         "no uploads (sdcore works offline)",
     ),
-    **dict.fromkeys(
-        ("base_weights_multiplier",),
-        "only used together with an option left off",
-    ),
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
@@ -402,15 +424,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "weighted_captions",
             "masked_loss",
             "alpha_mask",
-            "dim_from_weights",
             "token_warmup_step",
             "face_crop_aug_range",
             "lr_scheduler_args",
             "lr_scheduler_type",
-            "loraplus_lr_ratio",
-            "loraplus_unet_lr_ratio",
-            "loraplus_text_encoder_lr_ratio",
-            "base_weights",
             "in_json",
             "full_fp16",
             "full_bf16",
@@ -442,7 +459,6 @@ _FLAG_UNSUPPORTED = {
     "weighted_captions",
     "masked_loss",
     "alpha_mask",
-    "dim_from_weights",
     "full_fp16",
     "full_bf16",
     "fused_backward_pass",
@@ -606,6 +622,16 @@ def _network_args(items: Any, fields: set[str], out: Translation, where: str) ->
     return parsed
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, or the same number written twice (``loraplus_lr_ratio = 16`` top-level and ``"16"`` in network_args)."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Translation:
     """Translate kohya-named options ``items`` (raw values) for a method with option ``fields``."""
     present = set(fields)
@@ -619,7 +645,7 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
         if target not in present:
             out.problems.append(f"{where}: {name} is not an option of this method")
             return
-        if target in out.origin and out.origin[target] != name and out.values.get(target) != value:
+        if target in out.origin and out.origin[target] != name and not _same_value(out.values.get(target), value):
             out.problems.append(f"{where}: {name} and {out.origin[target]} both set {target}")
             return
         out.values[target] = value

@@ -288,3 +288,39 @@ def test_dim_from_weights_takes_each_modules_rank_and_alpha_from_the_file(tmp_pa
 
     with pytest.raises(ConfigError, match="ignores the block dims"):
         LoraMethod(LoraOptions(network_weights=str(path), dim_from_weights=True, block_dims="1")).validate()
+
+
+def test_base_weights_loha_file_needs_a_lycoris_network(tmp_path):
+    """kohya merges --base_weights with the run's network module: networks.lora only reads
+    lora_down/lora_up pairs (a LoHa would silently stay unmerged), lycoris.kohya merges LoHa."""
+    from sdplugin_lora.network import LoraNetwork
+
+    bundle = fresh_bundle("sd1")
+    loha = LoraNetwork.create(ModuleIndex.from_bundle(bundle).select(), rank=2, alpha=1.0, algo="loha")
+    with torch.no_grad():
+        for module in loha:
+            for param in module.parameters():
+                param.normal_(std=0.1)
+    meta = network_metadata(
+        family="sd1", prediction_type=bundle.prediction_type, network_module="lycoris.kohya", rank=2, alpha=1
+    )
+    path = save_lora(tmp_path / "loha.safetensors", loha.state_dict(), meta, dtype="fp32")
+    with pytest.raises(ConfigError, match=r"loha modules are not merged by kohya's networks\.lora"):
+        LoraMethod(LoraOptions(base_weights=str(path))).prepare(fresh_bundle("sd1"))
+    target = fresh_bundle("sd1")
+    before = all_params(target)
+    LoraMethod(LoraOptions(algo="loha", base_weights=str(path))).prepare(target)
+    after = all_params(target)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert len(changed) == len(loha), "every LoHa module merged into its weight"
+
+
+def test_lr_weight_without_comma_is_a_preset_name_as_in_kohya():
+    """kohya splits down/up_lr_weight only when it has a comma; "0.5" is looked up as a preset,
+    logged as unknown and ignored (every weight 1), so it is refused; "0.5," is [0.5, 0] then 1s."""
+    from sdplugin_lora.blocks import block_lr_weights
+
+    with pytest.raises(ConfigError, match="without a comma as a preset name"):
+        block_lr_weights("sd1", "0.5", None, None)
+    assert block_lr_weights("sd1", "0.5,", None, None) == [0.5, 0.0] + [1.0] * 10 + [1.0] + [1.0] * 12
+    assert block_lr_weights("sd1", None, "0.5", None)[12] == 0.5, "mid is always split (one value is fine)"

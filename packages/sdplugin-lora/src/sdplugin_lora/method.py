@@ -476,11 +476,24 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         the one generation uses (``apply_loras(merge=True)``); modules of the file the model lacks
         are reported, as kohya skips them."""
         from .apply import LoraSpec, apply_loras
+        from .format import read_lora
 
-        specs = [
-            LoraSpec(path, multiplier)
-            for path, multiplier in zip(self.base_weight_files(), self.base_weight_multipliers(), strict=True)
-        ]
+        specs = []
+        for path, multiplier in zip(self.base_weight_files(), self.base_weight_multipliers(), strict=True):
+            lora = read_lora(path)
+            if NETWORK_MODULE[self.options.algo] == "networks.lora":
+                # kohya merges with the run's network module: networks.lora reads lora_down/lora_up pairs
+                # only, so it would leave LoHa/LoKr modules out and merge a DoRA without its magnitude
+                other = sorted(
+                    {("dora" if w.is_dora else w.kind) for w in lora.modules.values() if w.kind != "lora" or w.is_dora}
+                )
+                if other:
+                    raise ConfigError(
+                        f"--base-weights {path}: its {', '.join(other)} modules are not merged by kohya's "
+                        f"networks.lora (--algo {self.options.algo}); train a LyCORIS --algo (lycoris.kohya "
+                        "merges them), or merge the file into the model first (sdcore lora merge --model)"
+                    )
+            specs.append(LoraSpec(lora, multiplier))
         import torch
 
         with torch.random.fork_rng(devices=[]):  # building the merge adapters draws no init from the run's seed

@@ -398,7 +398,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             module.requires_grad_(False)
         index = ModuleIndex.from_bundle(bundle)
         self._check_layout(index)
-        if self.options.base_weights:
+        shapes_only = any(p.is_meta for m in bundle.components().values() for p in m.parameters())
+        if self.options.base_weights and not shapes_only:  # the memory plan's model has no weights to merge into
             self._merge_base_weights(bundle, index)
         plan = self.block_plan(bundle.family)
         file_ranks = self._ranks_from_weights(index) if self.options.dim_from_weights else None

@@ -324,3 +324,31 @@ def test_lr_weight_without_comma_is_a_preset_name_as_in_kohya():
         block_lr_weights("sd1", "0.5", None, None)
     assert block_lr_weights("sd1", "0.5,", None, None) == [0.5, 0.0] + [1.0] * 10 + [1.0] + [1.0] * 12
     assert block_lr_weights("sd1", None, "0.5", None)[12] == 0.5, "mid is always split (one value is fine)"
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dim_from_weights_on_kohyas_fused_dit_modules(family, tmp_path):
+    """lora_flux/lora_sd3 create_network_from_weights: each fused kohya module (qkv, linear1...) gets
+    the file's rank and alpha; a module the file lacks is not created."""
+    from safetensors.torch import load_file, save_file
+    from sdplugin_lora.adapters import SharedDownLora
+    from test_shared_qkv import _deltas, _method, _randomize, _save
+
+    source, bundle, _ = _method(family, rank=3, alpha=1.5)
+    _randomize(source.network, seed=2)
+    path = _save(source, bundle, tmp_path / "src.safetensors")
+    tensors = load_file(str(path))
+    fused = next(n for n, m in source.network.loras.items() if isinstance(m, SharedDownLora))
+    dropped = {k: v for k, v in tensors.items() if not k.startswith(fused + ".")}
+    assert len(dropped) < len(tensors)
+    save_file(dropped, str(tmp_path / "less.safetensors"), metadata={"ss_base_model_version": family})
+
+    warm, _, _ = _method(family, rank=8, alpha=8.0, dim_from_weights=True, network_weights=str(path))
+    assert {(m.rank, float(m.alpha)) for m in warm.network} == {(3, 1.5)}
+    assert set(warm.network.loras) == set(source.network.loras)
+    want, got = _deltas(source.network, source.index), _deltas(warm.network, warm.index)
+    assert set(got) == set(want)
+    for key, delta in want.items():
+        torch.testing.assert_close(got[key], delta, atol=1e-7, rtol=0)
+    less, _, _ = _method(family, rank=8, dim_from_weights=True, network_weights=str(tmp_path / "less.safetensors"))
+    assert set(less.network.loras) == set(source.network.loras) - {fused}

@@ -353,8 +353,6 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         except ConfigError as exc:
             problems.append(str(exc))
-        if o.dim_from_weights and family not in ("sd1", "sd2", "sdxl"):
-            problems.append(f"--dim-from-weights is available for sd1, sd2 and sdxl here, not {family}")
         return problems
 
     def capabilities(self) -> Capabilities:
@@ -456,8 +454,6 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         path = self.options.network_weights
         if not path:
             raise ConfigError("--dim-from-weights takes the ranks from --network-weights: give that file")
-        if index.kohya:
-            raise ConfigError(f"--dim-from-weights is available for sd1, sd2 and sdxl here, not {index.family}")
         lora = read_lora(path)
         match = match_modules(lora, index)
         ranks: dict[str, tuple[int, float]] = {}

@@ -352,3 +352,22 @@ def test_dim_from_weights_on_kohyas_fused_dit_modules(family, tmp_path):
         torch.testing.assert_close(got[key], delta, atol=1e-7, rtol=0)
     less, _, _ = _method(family, rank=8, dim_from_weights=True, network_weights=str(tmp_path / "less.safetensors"))
     assert set(less.network.loras) == set(source.network.loras) - {fused}
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_block_options_are_networks_lora_only(algo):
+    """LyCORIS' lycoris.kohya reads no block_dims/lr weights: kohya would ignore them there."""
+    with pytest.raises(ConfigError, match=r"LyCORIS \(lycoris\.kohya\) ignores them"):
+        LoraMethod(LoraOptions(algo=algo, down_lr_weight="sine")).validate()
+    LoraMethod(LoraOptions(algo="locon", down_lr_weight="sine")).validate()
+
+
+def test_kohya_lycoris_network_with_block_args_is_refused():
+    out = translate(
+        {"network_module": "lycoris.kohya", "network_args": ["algo=lora", "block_dims=" + ",".join(["2"] * 25)]},
+        FIELDS,
+        where="cfg",
+    )
+    assert any("block_dims with network_module lycoris.kohya" in p for p in out.problems), out.problems
+    ok = translate({"network_module": "networks.lora", "network_args": ["up_lr_weight=sine"]}, FIELDS, where="cfg")
+    assert ok.problems == [] and ok.values["up_lr_weight"] == "sine"

@@ -278,6 +278,13 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         from .blocks import check_block_options
 
         problems += check_block_options(**self.block_options())
+        blockwise = [name for name, value in self.block_options().items() if value is not None]
+        if blockwise and NETWORK_MODULE[o.algo] == "lycoris.kohya":
+            problems.append(
+                f"{', '.join('--' + n.replace('_', '-') for n in blockwise)} with --algo {o.algo}: the block-wise "
+                "options are kohya networks.lora's; LyCORIS (lycoris.kohya) ignores them, so a kohya run would "
+                "train another network; use --algo lora/locon or drop them"
+            )
         for flag, ratio in (
             ("--loraplus-lr-ratio", o.loraplus_lr_ratio),
             ("--loraplus-unet-lr-ratio", o.loraplus_unet_lr_ratio),

@@ -498,6 +498,9 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "preset": ("full", "attn-mlp"),
 }
 _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+#: networks.lora's block-wise network_args (LyCORIS has none of them)
+_BLOCK_ARGS = {"block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+               "up_lr_weight", "block_lr_zero_threshold"}  # fmt: skip
 
 #: kohya defaults that differ from sdcore's and decide what trains (target, kohya value, why)
 KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
@@ -815,6 +818,14 @@ def _network(
                 if args.pop(key, None) is not None:
                     out.notes.append(f"network_args {key} has no effect with preset=attn-mlp (LyCORIS adapts no convs)")
         put("algo", chosen, "network_args algo")
+        blockwise = sorted(set(args) & _BLOCK_ARGS)
+        if blockwise:  # networks.lora's options: lycoris.kohya reads none of them
+            out.problems.append(
+                f"{where}: network_args {', '.join(blockwise)} with network_module lycoris.kohya: LyCORIS ignores "
+                "them (they are networks.lora's); use networks.lora or drop them"
+            )
+            for key in blockwise:
+                args.pop(key)
         if not _is_off(items.get("scale_weight_norms"), _OFF) and chosen in ("locon", "lora"):
             out.notes.append(
                 "scale_weight_norms: rescales lora_up and lora_down by sqrt(ratio) as networks.lora does (LyCORIS "

@@ -371,3 +371,50 @@ def test_kohya_lycoris_network_with_block_args_is_refused():
     assert any("block_dims with network_module lycoris.kohya" in p for p in out.problems), out.problems
     ok = translate({"network_module": "networks.lora", "network_args": ["up_lr_weight=sine"]}, FIELDS, where="cfg")
     assert ok.problems == [] and ok.values["up_lr_weight"] == "sine"
+
+
+def test_kohya_command_line_reports_every_bad_value_before_loading(tmp_path, monkeypatch):
+    """train_network.py's flags as written: exit 2, no traceback, every problem at once, nothing loaded."""
+    import sdcore.models.load as load
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.contract import make_tiny_dataset
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pre-flight must not load the model")
+
+    monkeypatch.setattr(load, "load_model", no_load)
+    make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    args = ["train", "lora", "--pretrained_model_name_or_path", "tiny:sdxl", "--train_data_dir", str(tmp_path / "data")]
+    args += ["--output_dir", str(tmp_path / "out"), "--resolution", "64", "--dry-run"]
+    args += ["--base_weights", str(tmp_path / "missing.safetensors"), "--base_weights_multiplier", "0.5"]
+    args += ["--dim_from_weights", "--network_args", "loraplus_lr_ratio=-1", "block_dims=" + ",".join(["4"] * 25)]
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for text in (
+        "missing.safetensors: file not found",
+        "--dim-from-weights takes the ranks from --network-weights",
+        "--loraplus-lr-ratio must be positive",
+        "--block-dims has 25 values; this model family needs 23",
+    ):
+        assert text in result.output, (text, result.output)
+
+
+def test_base_weights_on_flux_merge_kohyas_fused_modules(tmp_path):
+    """lora_flux merges --base_weights too; the merged change of every transformer weight is the file's
+    network's own change times the multiplier."""
+    from test_shared_qkv import _deltas, _method, _randomize, _save
+
+    source, bundle, _ = _method("flux", rank=2, alpha=1.0)
+    _randomize(source.network, seed=5)
+    path = _save(source, bundle, tmp_path / "base.safetensors")
+    want = _deltas(source.network, source.index)
+    _, merged, _ = _method("flux", base_weights=str(path), base_weights_multiplier="0.5")
+    _, plain, _ = _method("flux")
+    weights = dict(merged.components()["transformer"].named_parameters())
+    originals = dict(plain.components()["transformer"].named_parameters())
+    for module_path, delta in want.items():
+        change = weights[module_path + ".weight"].detach() - originals[module_path + ".weight"].detach()
+        torch.testing.assert_close(change, 0.5 * delta, atol=1e-6, rtol=1e-5)

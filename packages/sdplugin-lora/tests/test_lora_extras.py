@@ -418,3 +418,19 @@ def test_base_weights_on_flux_merge_kohyas_fused_modules(tmp_path):
     for module_path, delta in want.items():
         change = weights[module_path + ".weight"].detach() - originals[module_path + ".weight"].detach()
         torch.testing.assert_close(change, 0.5 * delta, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_with_other_block_dims_is_refused_in_the_preflight(tmp_path):
+    import dataclasses
+
+    from sdcore.train.loop import output_paths, train
+    from sdcore.train.preflight import resume_problems
+
+    dims = ",".join(["2"] * block_count("sd1"))
+    first = contract_options(LoraMethod, tmp_path, {"max_steps": 1, "rank": 2, "block_dims": dims})
+    train(LoraMethod(first), bundle=fresh_bundle("sd1"))
+    other = dataclasses.replace(first, resume="latest", block_dims=",".join(["3"] * block_count("sd1")))
+    problems = resume_problems(LoraMethod(other), other, output_paths(LoraMethod(first), first)[1])
+    assert len(problems) == 1 and "--block-dims" in problems[0], problems
+    same = dataclasses.replace(first, resume="latest")
+    assert resume_problems(LoraMethod(same), same, output_paths(LoraMethod(first), first)[1]) == []

@@ -175,7 +175,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (
-        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only", "split_qkv"
+        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only", "split_qkv",
+        "block_dims", "conv_block_dims", "dim_from_weights",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:

@@ -52,6 +52,8 @@ def test_kohya_names_reach_the_lora_options():
     # the GUI's 0 means off
     off = translate({"loraplus_lr_ratio": 0}, FIELDS, where="cfg")
     assert off.problems == [] and off.values.get("loraplus_lr_ratio") is None
+    alone = translate({"base_weights_multiplier": [0.5]}, FIELDS, where="cfg")
+    assert alone.problems == [] and "base_weights_multiplier" not in alone.values, "kohya ignores it alone"
     bad = translate({"base_weights": ["a,b.safetensors"]}, FIELDS, where="cfg")
     assert any("base_weights" in p for p in bad.problems)
 

@@ -717,6 +717,9 @@ def _composites(
         if items.get(name) and not items.get("sample_prompts") and target in out.values:
             out.values.pop(target)
             out.notes.append(f"{name} without sample_prompts: no sample images (as in kohya)")
+    if "base_weights_multiplier" in out.values and not _text(out.values.get("base_weights") or ""):
+        out.values.pop("base_weights_multiplier")
+        out.notes.append("base_weights_multiplier without base_weights has no effect (as in kohya)")
     for name, optimizer in (("use_8bit_adam", "adamw8bit"), ("use_lion_optimizer", "lion")):
         if items.get(name) is True:
             put("optimizer", optimizer, name)

@@ -114,7 +114,7 @@ def test_training_builds_kohya_block_dims_and_lr_groups(family):
             block_dims=",".join(map(str, dims)),
             conv_block_dims=",".join(map(str, conv_dims)),
             down_lr_weight="linear+0.5",
-            up_lr_weight="2",
+            up_lr_weight="2,1",
         )
     )
     method.validate()

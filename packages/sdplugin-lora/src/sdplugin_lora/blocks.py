@@ -98,7 +98,16 @@ def _preset(flag: str, text: str, length: int) -> list[float]:
 
 
 def _side(flag: str, text: str, length: int) -> list[float]:
-    values = _floats(flag, text) if "," in text or _is_number(text) else _preset(flag, text, length)
+    """A down/up list. kohya splits only text with a comma; anything else is a preset name, and a
+    bare number (``"2"``) is an unknown preset that kohya logs and then ignores (all weights 1):
+    refused here with the spelling that means the number (``"2,"`` would add a 0: kohya reads an
+    empty part as 0)."""
+    if "," not in text and _is_number(text):
+        raise ConfigError(
+            f"--{flag.replace('_', '-')} {text!r}: kohya reads a value without a comma as a preset name and ignores "
+            f"this one; write the list, e.g. '{text},1' for the first block at {text} and the rest at 1"
+        )
+    values = _floats(flag, text) if "," in text else _preset(flag, text, length)
     return (values + [1.0] * length)[:length]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -56,6 +56,24 @@ class LoraOptions(TrainOptions):
     te_lr: float | None = option(None, "Learning rate of the text-encoder modules (default --lr).", group="lora")
     network_weights: str | None = option(
         None, "Start from an existing LoRA file (same rank; kohya --network_weights).", group="lora"
+    )
+    dim_from_weights: bool = option(
+        False,
+        "Take each module's rank and alpha from --network-weights (kohya --dim_from_weights): modules the file "
+        "lacks are not created.",
+        group="lora",
+    )
+    base_weights: str | None = option(
+        None,
+        "LoRA files merged into the model before training, comma-separated (kohya --base_weights): the result "
+        "is the difference on top of them.",
+        group="lora",
+    )
+    base_weights_multiplier: str | None = option(
+        None,
+        "Merge strength of each --base-weights file, comma-separated (kohya --base_weights_multiplier; "
+        "missing ones are 1).",
+        group="lora",
     )
     lokr_factor: int = option(-1, "LoKr factor (-1: most square split of each dimension).", group="lora")
     dropout: float | None = option(None, "Dropout on the LoRA down output (kohya --network_dropout).", group="lora")
@@ -157,7 +175,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (
-        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only", "split_qkv"
+        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only", "split_qkv",
+        "block_dims", "conv_block_dims", "dim_from_weights",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -256,9 +275,17 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         if o.network_weights and not Path(o.network_weights).is_file():
             raise ConfigError(f"--network-weights {o.network_weights}: file not found")
+        problems += self._weights_file_problems()
         from .blocks import check_block_options
 
         problems += check_block_options(**self.block_options())
+        blockwise = [name for name, value in self.block_options().items() if value is not None]
+        if blockwise and NETWORK_MODULE[o.algo] == "lycoris.kohya":
+            problems.append(
+                f"{', '.join('--' + n.replace('_', '-') for n in blockwise)} with --algo {o.algo}: the block-wise "
+                "options are kohya networks.lora's; LyCORIS (lycoris.kohya) ignores them, so a kohya run would "
+                "train another network; use --algo lora/locon or drop them"
+            )
         for flag, ratio in (
             ("--loraplus-lr-ratio", o.loraplus_lr_ratio),
             ("--loraplus-unet-lr-ratio", o.loraplus_unet_lr_ratio),
@@ -268,6 +295,73 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 problems.append(f"{flag} must be positive (got {ratio})")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _weights_file_problems(self) -> list[str]:
+        """--dim-from-weights and --base-weights values (kohya's train_network.py reads them)."""
+        o = self.options
+        problems: list[str] = []
+        if o.dim_from_weights:
+            if not o.network_weights:
+                problems.append("--dim-from-weights takes the ranks from --network-weights: give that file")
+            if o.algo not in ("lora", "locon"):
+                problems.append(
+                    f"--dim-from-weights with --algo {o.algo}: kohya reads the ranks of networks.lora files "
+                    "(lora_down); train --algo lora or locon"
+                )
+            given = [f for f, v in (("--block-dims", o.block_dims), ("--conv-block-dims", o.conv_block_dims)) if v]
+            if given:
+                problems.append(
+                    f"--dim-from-weights with {', '.join(given)}: kohya takes every rank from the file and "
+                    "ignores the block dims; drop one"
+                )
+        files = self.base_weight_files()
+        if o.base_weights is not None and not files:
+            problems.append("--base-weights is empty: give one or more LoRA files, comma-separated")
+        problems += [f"--base-weights {f}: file not found" for f in files if not Path(f).is_file()]
+        if o.base_weights_multiplier is not None:
+            if not files:
+                problems.append("--base-weights-multiplier without --base-weights has nothing to scale")
+            try:
+                self.base_weight_multipliers()
+            except ValueError:
+                problems.append(
+                    f"--base-weights-multiplier {o.base_weights_multiplier!r}: expected comma-separated numbers"
+                )
+        return problems
+
+    def base_weight_files(self) -> list[str]:
+        """The --base-weights files in order (kohya merges them one after the other)."""
+        text = self.options.base_weights
+        return [part.strip() for part in text.split(",") if part.strip()] if text else []
+
+    def base_weight_multipliers(self) -> list[float]:
+        """One multiplier per --base-weights file: kohya's given value, 1.0 where none is given
+        (extra values are unused, as in kohya)."""
+        text = self.options.base_weights_multiplier
+        given = [float(part) for part in text.replace(" ", ",").split(",") if part.strip()] if text else []
+        files = self.base_weight_files()
+        return [given[i] if i < len(given) else 1.0 for i in range(len(files))]
+
+    def family_problems(self, family: str) -> list[str]:
+        """Options that do not apply to ``family`` (the pre-flight asks with the model header's family,
+        before any weights load): kohya's block-wise options exist for SD1/SD2 (25 blocks) and SDXL (23)."""
+        from .blocks import BlockPlan
+
+        o = self.options
+        problems: list[str] = []
+        try:
+            BlockPlan.build(
+                family,
+                rank=o.rank,
+                alpha=self.alpha,
+                conv_rank=self.conv_rank or None,
+                conv_alpha=self.conv_alpha,
+                block_lr_zero_threshold=o.block_lr_zero_threshold,
+                **self.block_options(),
+            )
+        except ConfigError as exc:
+            problems.append(str(exc))
+        return problems
 
     def capabilities(self) -> Capabilities:
         return Capabilities(trains_text_encoder=self.train_te)
@@ -310,8 +404,13 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             module.requires_grad_(False)
         index = ModuleIndex.from_bundle(bundle)
         self._check_layout(index)
+        shapes_only = any(p.is_meta for m in bundle.components().values() for p in m.parameters())
+        if self.options.base_weights and not shapes_only:  # the memory plan's model has no weights to merge into
+            self._merge_base_weights(bundle, index)
         plan = self.block_plan(bundle.family)
-        conv = self.conv_rank > 0 or bool(plan and plan.conv_dims)
+        file_ranks = self._ranks_from_weights(index) if self.options.dim_from_weights else None
+        # kohya builds a network from a file's ranks over the conv targets too (modules_dim given)
+        conv = self.conv_rank > 0 or bool(plan and plan.conv_dims) or file_ranks is not None
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
         shared: list[Any] = []
         if index.kohya and not self.options.split_qkv:  # SD3/Flux: kohya's one LoRA per fused qkv/linear1
@@ -330,7 +429,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             algo=self.options.algo,
             lokr_factor=self.options.lokr_factor,
             use_tucker=self.options.use_tucker,
-            rank_for=(lambda t: plan.rank_for(t.name, t.is_conv3x3)) if plan is not None else None,
+            rank_for=self._rank_for(plan, file_ranks),
             shared_down=shared,
             multiplier=self.options.network_multiplier,
         )
@@ -342,6 +441,68 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         self.network = network
         self.index = index
         return self.param_groups(network, plan)
+
+    @staticmethod
+    def _rank_for(
+        plan: BlockPlan | None, file_ranks: dict[str, tuple[int, float]] | None
+    ) -> Callable[[Any], tuple[int, float | None] | None] | None:
+        """Per-target (rank, alpha): the file's with --dim-from-weights (0 = no module, as kohya
+        skips modules the file lacks), else the block plan's, else the defaults."""
+        if file_ranks is not None:
+            return lambda t: file_ranks.get(t.name, (0, None))
+        if plan is not None:
+            return lambda t: plan.rank_for(t.name, t.is_conv3x3)
+        return None
+
+    def _ranks_from_weights(self, index: ModuleIndex) -> dict[str, tuple[int, float]]:
+        """kohya ``create_network_from_weights``: each module's rank (its ``lora_down`` rows) and
+        alpha (the stored one; a file without alpha means alpha = rank) from --network-weights."""
+        from .format import match_modules, read_lora
+
+        path = self.options.network_weights
+        if not path:
+            raise ConfigError("--dim-from-weights takes the ranks from --network-weights: give that file")
+        lora = read_lora(path)
+        match = match_modules(lora, index)
+        ranks: dict[str, tuple[int, float]] = {}
+        for name, (_target, weights) in match.modules.items():
+            if not weights.plain_lora:
+                raise ConfigError(
+                    f"--dim-from-weights: {path} module {name} is {weights.kind}"
+                    f"{' with DoRA' if weights.is_dora else ''}{' with a Tucker core' if weights.is_tucker else ''}; "
+                    "kohya reads the ranks of plain LoRA (lora_down/lora_up) files"
+                )
+            ranks[name] = (weights.rank, weights.alpha)
+        return ranks
+
+    def _merge_base_weights(self, bundle: ModelBundle, index: ModuleIndex) -> None:
+        """kohya ``--base_weights``: merge each file into the model's weights (``W += m * dW``) before
+        the network is built, so the trained LoRA is the difference on top of them. The merge is
+        the one generation uses (``apply_loras(merge=True)``); modules of the file the model lacks
+        are reported, as kohya skips them."""
+        from .apply import LoraSpec, apply_loras
+        from .format import read_lora
+
+        specs = []
+        for path, multiplier in zip(self.base_weight_files(), self.base_weight_multipliers(), strict=True):
+            lora = read_lora(path)
+            if NETWORK_MODULE[self.options.algo] == "networks.lora":
+                # kohya merges with the run's network module: networks.lora reads lora_down/lora_up pairs
+                # only, so it would leave LoHa/LoKr modules out and merge a DoRA without its magnitude
+                other = sorted(
+                    {("dora" if w.is_dora else w.kind) for w in lora.modules.values() if w.kind != "lora" or w.is_dora}
+                )
+                if other:
+                    raise ConfigError(
+                        f"--base-weights {path}: its {', '.join(other)} modules are not merged by kohya's "
+                        f"networks.lora (--algo {self.options.algo}); train a LyCORIS --algo (lycoris.kohya "
+                        "merges them), or merge the file into the model first (sdcore lora merge --model)"
+                    )
+            specs.append(LoraSpec(lora, multiplier))
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # building the merge adapters draws no init from the run's seed
+            apply_loras(bundle, specs, merge=True, index=index)
 
     def _check_layout(self, index: ModuleIndex) -> None:
         """Refuse before training what could not be saved: kohya's SD3/Flux names fuse q/k/v, which

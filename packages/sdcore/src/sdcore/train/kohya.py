@@ -154,6 +154,25 @@ def _unless_zero(value: Any) -> Any:
     return None if value == 0 else value
 
 
+def _ratio(value: Any) -> float | None:
+    """A top-level LoRA+ ratio: the kohya_ss GUI writes 0 for "off" (it then leaves it out of network_args)."""
+    return _unless_zero(float(value))
+
+
+def _path_list(value: Any) -> str:
+    """kohya ``--base_weights a.safetensors b.safetensors`` (a list) -> sdcore's ``"a.safetensors,b.safetensors"``."""
+    items = [_text(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if _text(v)]
+    if any("," in item for item in items):
+        raise ValueError("a path with a comma cannot be passed on (sdcore separates the files with commas)")
+    return ",".join(items)
+
+
+def _float_list(value: Any) -> str:
+    """kohya ``--base_weights_multiplier 1.0 0.5`` (a list of floats) -> ``"1.0,0.5"``."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    return ",".join(str(float(v)) for v in items)
+
+
 @dataclass(frozen=True)
 class Alias:
     """A kohya option that is one sdcore option."""
@@ -278,6 +297,13 @@ ALIASES: dict[str, Alias] = {
     "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
     "scale_weight_norms": _a("scale_weight_norms", methods="lora"),
     "network_multiplier": _a("network_multiplier", methods="lora"),
+    # LoRA+ (kohya takes them in network_args; an early sd-scripts and the kohya_ss GUI's TOML name them top-level)
+    "loraplus_lr_ratio": _a("loraplus_lr_ratio", _ratio, methods="lora"),
+    "loraplus_unet_lr_ratio": _a("loraplus_unet_lr_ratio", _ratio, methods="lora"),
+    "loraplus_text_encoder_lr_ratio": _a("loraplus_text_encoder_lr_ratio", _ratio, methods="lora"),
+    "base_weights": _a("base_weights", _path_list, methods="lora"),
+    "base_weights_multiplier": _a("base_weights_multiplier", _float_list, methods="lora"),
+    "dim_from_weights": _a("dim_from_weights", flag=True, methods="lora"),
     # DreamBooth (train_db.py / fine_tune.py)
     "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth"),
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
@@ -373,10 +399,6 @@ IGNORED: dict[str, str] = {
         ),
         "no uploads (sdcore works offline)",
     ),
-    **dict.fromkeys(
-        ("base_weights_multiplier",),
-        "only used together with an option left off",
-    ),
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
@@ -414,15 +436,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "weighted_captions",
             "masked_loss",
             "alpha_mask",
-            "dim_from_weights",
             "token_warmup_step",
             "face_crop_aug_range",
             "lr_scheduler_args",
             "lr_scheduler_type",
-            "loraplus_lr_ratio",
-            "loraplus_unet_lr_ratio",
-            "loraplus_text_encoder_lr_ratio",
-            "base_weights",
             "in_json",
             "fused_backward_pass",
             "initial_epoch",
@@ -451,7 +468,6 @@ _FLAG_UNSUPPORTED = {
     "weighted_captions",
     "masked_loss",
     "alpha_mask",
-    "dim_from_weights",
     "fused_backward_pass",
     "skip_until_initial_step",
     "enable_wildcard",
@@ -489,6 +505,9 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "preset": ("full", "attn-mlp"),
 }
 _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+#: networks.lora's block-wise network_args (LyCORIS has none of them)
+_BLOCK_ARGS = {"block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
+               "up_lr_weight", "block_lr_zero_threshold"}  # fmt: skip
 
 #: kohya defaults that differ from sdcore's and decide what trains (target, kohya value, why)
 KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
@@ -613,6 +632,16 @@ def _network_args(items: Any, fields: set[str], out: Translation, where: str) ->
     return parsed
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, or the same number written twice (``loraplus_lr_ratio = 16`` top-level and ``"16"`` in network_args)."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Translation:
     """Translate kohya-named options ``items`` (raw values) for a method with option ``fields``."""
     present = set(fields)
@@ -626,7 +655,7 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
         if target not in present:
             out.problems.append(f"{where}: {name} is not an option of this method")
             return
-        if target in out.origin and out.origin[target] != name and out.values.get(target) != value:
+        if target in out.origin and out.origin[target] != name and not _same_value(out.values.get(target), value):
             out.problems.append(f"{where}: {name} and {out.origin[target]} both set {target}")
             return
         out.values[target] = value
@@ -700,6 +729,9 @@ def _composites(
         if items.get(name) is True and not items.get("save_precision") and "save_dtype" in present:
             put("save_dtype", dtype, name)
             break
+    if "base_weights_multiplier" in out.values and not _text(out.values.get("base_weights") or ""):
+        out.values.pop("base_weights_multiplier")
+        out.notes.append("base_weights_multiplier without base_weights has no effect (as in kohya)")
     for name, optimizer in (("use_8bit_adam", "adamw8bit"), ("use_lion_optimizer", "lion")):
         if items.get(name) is True:
             put("optimizer", optimizer, name)
@@ -801,6 +833,14 @@ def _network(
                 if args.pop(key, None) is not None:
                     out.notes.append(f"network_args {key} has no effect with preset=attn-mlp (LyCORIS adapts no convs)")
         put("algo", chosen, "network_args algo")
+        blockwise = sorted(set(args) & _BLOCK_ARGS)
+        if blockwise:  # networks.lora's options: lycoris.kohya reads none of them
+            out.problems.append(
+                f"{where}: network_args {', '.join(blockwise)} with network_module lycoris.kohya: LyCORIS ignores "
+                "them (they are networks.lora's); use networks.lora or drop them"
+            )
+            for key in blockwise:
+                args.pop(key)
         if not _is_off(items.get("scale_weight_norms"), _OFF) and chosen in ("locon", "lora"):
             out.notes.append(
                 "scale_weight_norms: rescales lora_up and lora_down by sqrt(ratio) as networks.lora does (LyCORIS "

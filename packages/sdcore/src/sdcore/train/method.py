@@ -198,6 +198,13 @@ class TrainingMethod(Generic[OptionsT]):
     def validate(self) -> None:
         """Raise :class:`sdcore.errors.ConfigError` for contradictory options (before any model loads)."""
 
+    def family_problems(self, family: str) -> list[str]:
+        """Options of this method that do not apply to the model's ``family`` (e.g. kohya's block-wise
+        LoRA options, defined for SD1/SD2/SDXL only), one message each. The pre-flight calls this with
+        the family read from the model's header, so such problems are reported before any weights
+        load, together with every other problem. Since 0.1."""
+        return []
+
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         """Freeze, inject or unfreeze, then return optimizer parameter groups.
 

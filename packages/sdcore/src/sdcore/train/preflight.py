@@ -611,6 +611,7 @@ def run_preflight(
         problems, notes = loss_family_checks(o, report.layout.family, report.layout.prediction_type, method)
         report.problems.extend(problems)
         report.notes.extend(notes)
+        report.problems.extend(method.family_problems(report.layout.family))
 
     # folders
     if o.output:

@@ -106,6 +106,12 @@ def test_kohya_command_line_trains_and_names_the_files_as_kohya(tmp_path, kohya_
     meta = lora.metadata
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 2.0
     assert meta["ss_output_name"] == "mychar"
+    # kohya's optimizer/schedule keys: module.Class(args), the scheduler's kohya name, the warmup as given
+    assert (meta["ss_optimizer"], meta["ss_lr_scheduler"], meta["ss_lr_warmup_steps"]) == (
+        "torch.optim.adamw.AdamW",
+        "cosine_with_restarts",
+        "1",
+    )
     assert meta["ss_steps"] == str(2 * math.ceil(20 / 4))  # 2 images x 10 repeats, batch 4, 2 epochs
     # kohya's train_network trains the text encoder unless --network_train_unet_only
     assert any(k.startswith("lora_te_") for k in lora.modules)

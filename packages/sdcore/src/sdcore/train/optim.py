@@ -109,8 +109,9 @@ OPTIMIZER_TABLE: dict[str, OptimizerSpec] = {
     "adamwschedulefree": OptimizerSpec("schedulefree:AdamWScheduleFree", state_bytes=8.0),  # z + exp_avg_sq
     "sgdschedulefree": OptimizerSpec("schedulefree:SGDScheduleFree", state_bytes=4.0),
 }
-#: sdcore's own Adafactor defaults: a fixed rate (kohya's default is relative_step=True, its own schedule;
-#: a kohya config without relative_step gets relative_step=True through the kohya translation)
+#: sdcore's own Adafactor defaults when relative_step is not given: a fixed rate (kohya's default is
+#: relative_step=True with transformers' other defaults; a kohya config without relative_step gets
+#: relative_step=True through the kohya translation, so these never apply to it)
 ADAFACTOR_DEFAULTS: dict[str, Any] = {"relative_step": False, "scale_parameter": False, "warmup_init": False}
 
 #: every LR schedule by name: transformers' that kohya's get_scheduler_fix passes its options to,
@@ -183,8 +184,9 @@ def optimizer_kwargs(name: str, args: str | Mapping[str, Any] = "") -> dict[str,
         for k, v in spec.defaults.items():
             kwargs.setdefault(k, v)
     if key == "adafactor":
-        for k, v in ADAFACTOR_DEFAULTS.items():
-            kwargs.setdefault(k, v)
+        if "relative_step" not in kwargs:  # sdcore's fixed-rate recipe; given relative_step: transformers' defaults
+            for k, v in ADAFACTOR_DEFAULTS.items():
+                kwargs.setdefault(k, v)
         if kwargs.get("warmup_init") and not kwargs.get("relative_step"):
             kwargs["relative_step"] = True  # kohya: "set relative_step to True because warmup_init is True"
     return kwargs
@@ -221,15 +223,13 @@ def _import_attr(path: str, flag: str) -> Any:
         raise ConfigError(f"{flag} {path!r}: give a class path such as module.Class")
     top = module_name.split(".")[0]
     try:
-        found = importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigError(f"{flag} {path!r}: importing {module_name!r} failed ({exc})") from exc
         package = PIP_PACKAGES.get(top)
         hint = f"install the '{package}' package (pip install {package})" if package else "is its package installed?"
-        raise ConfigError(f"{flag} {path!r}: cannot import module {module_name!r}: {hint}")
-    try:
-        module = importlib.import_module(module_name)
+        raise ConfigError(f"{flag} {path!r}: cannot import module {module_name!r}: {hint}") from exc
     except Exception as exc:  # a broken third-party module: say which and why, no traceback
         raise ConfigError(f"{flag} {path!r}: importing {module_name!r} failed ({type(exc).__name__}: {exc})") from exc
     if not hasattr(module, attr):
@@ -421,7 +421,7 @@ def _scheduler_class(path: str) -> Any:
             raise ConfigError(
                 f"--lr-scheduler-type {path!r}: torch.optim.lr_scheduler has no such class (or give module.Class)"
             )
-    if not isinstance(cls, type) or not callable(getattr(cls, "step", None)):
+    if not isinstance(cls, type) or issubclass(cls, torch.optim.Optimizer) or not callable(getattr(cls, "step", None)):
         raise ConfigError(f"--lr-scheduler-type {path!r} is not a scheduler class (it has no step())")
     return cls
 

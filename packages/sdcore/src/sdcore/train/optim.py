@@ -545,7 +545,6 @@ def scheduler_for(options: Any, optimizer: Any, *, total_steps: int) -> Any:
 
 def optimizer_problems(o: Any) -> list[str]:
     """Bad optimizer/schedule options, one line each (the class paths are imported and checked)."""
-    problems: list[str] = []
     name = normalize_optimizer(o.optimizer)
     try:
         if name in OPTIMIZER_TABLE:
@@ -554,7 +553,12 @@ def optimizer_problems(o: Any) -> list[str]:
             optimizer_class(name)
         optimizer_kwargs(name, o.optimizer_args)
     except ConfigError as exc:
-        problems.append(str(exc))
+        return [str(exc), *_schedule_problems(o, name)]
+    return _schedule_problems(o, name)
+
+
+def _schedule_problems(o: Any, name: str) -> list[str]:
+    problems: list[str] = []
     warmup, decay = o.lr_warmup_steps, o.lr_decay_steps
     for flag, value in (("--lr-warmup-steps", warmup), ("--lr-decay-steps", decay)):
         if not value >= 0 or (value >= 1 and not float(value).is_integer()):
@@ -587,8 +591,8 @@ def optimizer_problems(o: Any) -> list[str]:
             )
         return problems
     stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)
-    try:
-        total = o.max_steps or 1000
+    try:  # without --max-steps the length is known after the dataset is read: no overlong-phase check then
+        total = o.max_steps or max(1000, int(warmup) + int(decay))
         build_scheduler(settings, stand_in, total_steps=total)
     except ConfigError as exc:
         problems.append(str(exc))

@@ -590,7 +590,7 @@ def _schedule_problems(o: Any, name: str) -> list[str]:
                 "--lr-scheduler adafactor has no warmup (kohya refuses --lr-warmup-steps with it): set it to 0"
             )
         return problems
-    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # a bad --lr is reported apart
     try:  # without --max-steps the length is known after the dataset is read: no overlong-phase check then
         total = o.max_steps or max(1000, int(warmup) + int(decay))
         build_scheduler(settings, stand_in, total_steps=total)

@@ -212,10 +212,10 @@ def test_class_paths_and_torch_names():
 
 
 def test_adafactor_relative_step_as_kohya():
-    groups = [{"params": [torch.nn.Parameter(torch.ones(4, 4))], "lr": 1e-4}]
+    groups = [{"params": [torch.nn.Parameter(torch.ones(4, 4))], "lr": 1e-4} for _ in range(2)]
     notes = []
     opt = create_optimizer("adafactor", groups, lr=1e-3, args="relative_step=True", say=notes.append)
-    assert opt.defaults["lr"] is None and opt.param_groups[0]["lr"] is None  # the group's 1e-4 dropped
+    assert opt.defaults["lr"] is None and all(g["lr"] is None for g in opt.param_groups)  # the groups' 1e-4 dropped
     assert any("per-group learning rates" in n for n in notes)
     o = _options(optimizer="adafactor", optimizer_args="relative_step=True", lr_scheduler="cosine", lr=1e-3)
     sched = scheduler_for(o, opt, total_steps=10)

@@ -321,7 +321,8 @@ def create_optimizer(
             tell(f"--optimizer {key}: several learning rates given; only the first ({first:g}) takes effect (kohya)")
     if key == "adafactor" and kwargs.get("relative_step"):
         rate = None
-        if any(group.pop("lr", None) is not None for group in groups):
+        dropped = [group.pop("lr", None) for group in groups]  # every group's (no short-circuit)
+        if any(value is not None for value in dropped):
             tell("Adafactor relative_step: the per-group learning rates (unet_lr, te_lr) are ignored (as kohya)")
     if key == "adamw" and "fused" not in kwargs and "foreach" not in kwargs and _fusable(groups):
         # one kernel for all parameters: ~3x faster steps for the hundreds of small LoRA tensors

@@ -300,6 +300,18 @@ lr_scheduler_args = ["T_max=100", "eta_min=0.01"]
         assert load_options(ConvOutOptions, cfg).optimizer == expected
 
 
+def test_kohya_constant_schedule_with_warmup_is_noted(tmp_path):
+    cfg = tmp_path / "k.toml"
+    cfg.write_text("lr_warmup_steps = 10\n", encoding="utf-8")
+    notes: list[str] = []
+    o = load_options(ConvOutOptions, cfg, notes=notes)
+    assert o.lr_warmup_steps == 10 and any("kohya refuses it" in n for n in notes)
+    cfg.write_text('lr_scheduler = "cosine"\nlr_warmup_steps = 10\n', encoding="utf-8")
+    notes = []
+    load_options(ConvOutOptions, cfg, notes=notes)
+    assert not any("kohya refuses it" in n for n in notes)
+
+
 def test_kohya_warmup_given_on_the_command_line(tmp_path):
     from sdcore.train.kohya import ALIASES
 

@@ -699,6 +699,15 @@ def _composites(
     cycled = ("cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay")
     if cycles not in (None, "", 0, 1, "1") and _text(items.get("lr_scheduler") or "").lower() not in cycled:
         out.notes.append(f"lr_scheduler_num_cycles only applies to {', '.join(cycled)}; ignored")
+    scheduler = _text(items.get("lr_scheduler") or "constant").lower()
+    if (
+        scheduler == "constant"
+        and not items.get("lr_scheduler_type")
+        and not _is_off(items.get("lr_warmup_steps"), _OFF)
+    ):
+        out.notes.append(
+            "lr_warmup_steps with the constant schedule (kohya refuses it): warming up, as constant_with_warmup"
+        )
     for name, target in (("sample_every_n_steps", "sample_every"), ("sample_every_n_epochs", "sample_every_epochs")):
         if items.get(name) and not items.get("sample_prompts") and target in out.values:
             out.values.pop(target)

@@ -298,6 +298,10 @@ lr_scheduler_args = ["T_max=100", "eta_min=0.01"]
     ]:
         cfg.write_text(f'optimizer_type = "{given}"\n', encoding="utf-8")
         assert load_options(ConvOutOptions, cfg).optimizer == expected
+    for name in ("Cosine_With_Restarts", "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt",
+                 "piecewise_constant", "adafactor", "polynomial", "constant_with_warmup"):  # fmt: skip
+        cfg.write_text(f'lr_scheduler = "{name}"\n', encoding="utf-8")
+        assert load_options(ConvOutOptions, cfg).lr_scheduler == name.lower()
 
 
 def test_kohya_constant_schedule_with_warmup_is_noted(tmp_path):

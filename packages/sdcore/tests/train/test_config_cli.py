@@ -44,7 +44,7 @@ def test_wrong_types_and_choices(tmp_path):
     cfg.write_text('batch_size = "two"\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="batch_size must be int"):
         load_options(ConvOutOptions, cfg)
-    cfg.write_text('optimizer = "adam"\n', encoding="utf-8")
+    cfg.write_text('save_dtype = "fp8"\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="choose one of"):
         load_options(ConvOutOptions, cfg)
     cfg.write_text("lr = [\n", encoding="utf-8")
@@ -192,9 +192,13 @@ def test_kohya_spellings_on_the_command_line_convert_to_an_sdcore_config(tmp_pat
         64,
         3,
     )
-    assert (o.optimizer, o.lr_scheduler, o.save_dtype, o.buckets) == ("sgd", "cosine", "fp32", True)
-    # kohya's SGDNesterov = SGD with nesterov and momentum 0.9 unless the user gave a momentum
-    assert o.optimizer_args == "weight_decay=0.01 momentum=0.5 nesterov=True"
+    assert (o.optimizer, o.lr_scheduler, o.save_dtype, o.buckets) == (
+        "sgdnesterov",
+        "cosine_with_restarts",
+        "fp32",
+        True,
+    )
+    assert o.optimizer_args == "weight_decay=0.01 momentum=0.5"  # sgdnesterov adds nesterov=True itself
 
 
 def test_kohya_option_of_another_method_and_unknown_flags():

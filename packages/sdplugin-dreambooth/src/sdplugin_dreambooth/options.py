@@ -13,7 +13,9 @@ class DreamBoothOptions(TrainOptions):
     lr: float = option(
         2e-6, "Learning rate of the UNet (DreamBooth wants small rates: 1e-6 to 5e-6).", group="training"
     )
-    lr_warmup_steps: int = option(0, "Linear warmup steps.", group="training")
+    lr_warmup_steps: float = option(
+        0, "Linear warmup steps; a value below 1 is a ratio of the total steps (kohya).", group="training"
+    )
     save_dtype: str = option(
         "fp16", "Precision of the saved checkpoint.", choices=("fp16", "bf16", "fp32"), group="output"
     )

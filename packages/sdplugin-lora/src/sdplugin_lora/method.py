@@ -766,6 +766,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
     import json
 
     from sdcore.data.captions import tag_frequencies
+    from sdcore.train.optim import adafactor_relative_step, optimizer_metadata, scheduler_metadata, steps_text
 
     o, run = options, info.run
     entries = run.entries if run is not None else ()
@@ -777,10 +778,11 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
     meta = {
         "ss_steps": str(info.step),
         "ss_epoch": str(info.epoch),
-        "ss_learning_rate": str(o.lr),
-        "ss_lr_scheduler": o.lr_scheduler,
-        "ss_lr_warmup_steps": str(o.lr_warmup_steps),
-        "ss_optimizer": o.optimizer + (f"({o.optimizer_args})" if o.optimizer_args else ""),
+        # kohya: no rate when Adafactor computes its own; ss_optimizer is module.Class(args)
+        "ss_learning_rate": "None" if adafactor_relative_step(o.optimizer, o.optimizer_args) else str(o.lr),
+        "ss_lr_scheduler": scheduler_metadata(o),
+        "ss_lr_warmup_steps": steps_text(o.lr_warmup_steps),
+        "ss_optimizer": optimizer_metadata(o.optimizer, o.optimizer_args),
         "ss_batch_size_per_device": str(o.batch_size),
         "ss_gradient_accumulation_steps": str(o.gradient_accumulation),
         "ss_mixed_precision": o.mixed_precision,

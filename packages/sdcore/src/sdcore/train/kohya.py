@@ -33,6 +33,7 @@ from pathlib import PurePath
 from typing import Any
 
 from .loss import HUBER_SCHEDULES, LOSS_TYPES
+from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 
 
 def _text(value: Any) -> str:
@@ -80,31 +81,47 @@ def _single_lr(value: Any) -> float | None:
     return float(value)
 
 
-#: kohya optimizer_type (lower case) -> (sdcore optimizer, extra optimizer args kohya implies)
-OPTIMIZERS = {
-    "adamw": ("adamw", ""),
-    "adamw8bit": ("adamw8bit", ""),
-    "lion": ("lion", ""),
-    "prodigy": ("prodigy", ""),
-    "adafactor": ("adafactor", ""),
-    "sgdnesterov": ("sgd", "nesterov=True momentum=0.9"),
+#: kohya optimizer_type (lower case) -> (sdcore optimizer, extra optimizer args kohya implies): sdcore's
+#: optimizer table has kohya's names; kohya's Adafactor computes its own rate unless told otherwise
+OPTIMIZERS = {name: (name, "") for name in OPTIMIZER_TABLE if name != "sgd"} | {
+    "adafactor": ("adafactor", "relative_step=True")
 }
-#: kohya lr_scheduler -> sdcore (cosine_with_restarts with one cycle is exactly cosine)
-SCHEDULERS = {
-    "constant": "constant",
-    "constant_with_warmup": "constant_with_warmup",
-    "cosine": "cosine",
-    "linear": "linear",
-    "polynomial": "polynomial",
-    "cosine_with_restarts": "cosine",
-}
+#: kohya lr_scheduler -> sdcore (the same names: transformers' schedules, diffusers' piecewise_constant)
+SCHEDULERS = {name: name for name in LR_SCHEDULES}
 
 
 def _optimizer(value: Any) -> str:
-    name = _text(value).lower()
-    if name not in OPTIMIZERS:
-        raise ValueError("available: AdamW, AdamW8bit, Lion, Prodigy, AdaFactor, SGDNesterov")
-    return OPTIMIZERS[name][0]
+    """A table name (any case) -> sdcore's; any other name is a class path, checked by the pre-flight
+    (kohya: ``module.Class``, or a bare name from ``torch.optim``)."""
+    text = _text(value)
+    if text.lower() in OPTIMIZER_TABLE:
+        return text.lower()
+    if not all(part.isidentifier() for part in text.split(".")):
+        raise ValueError(f"available: {', '.join(OPTIMIZERS)}, or a class path such as came_pytorch.CAME")
+    return text
+
+
+def _steps_or_ratio(value: Any) -> int | float:
+    """kohya's ``lr_warmup_steps``/``lr_decay_steps`` (``int_or_float``): a step count, or a float
+    below 1 (or ``"10%"``) as a ratio of the total steps."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            ratio = float(text[:-1]) / 100.0
+            if not 0 <= ratio < 1:
+                raise ValueError("a percentage must be between 0% and 100%")
+            return ratio
+        number = float(text)
+        value = int(text) if number >= 1 else number  # kohya: int("1.5") is an error
+    if isinstance(value, float) and value >= 1:
+        raise ValueError(
+            "kohya reads a float as a ratio of the total steps (times the steps); write an integer step count"
+        )
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
 
 
 def _named(table: Mapping[str, str] | Sequence[str], note: str = "") -> Callable[[Any], str]:
@@ -224,8 +241,14 @@ ALIASES: dict[str, Alias] = {
     "train_batch_size": _a("batch_size"),
     "learning_rate": _a("lr"),
     "lr_scheduler": _a("lr_scheduler", _scheduler),
-    "lr_warmup_steps": _a("lr_warmup_steps"),
+    "lr_warmup_steps": _a("lr_warmup_steps", _steps_or_ratio),
     "lr_scheduler_power": _a("lr_power"),
+    "lr_scheduler_num_cycles": _a("lr_cycles", int),
+    "lr_scheduler_min_lr_ratio": _a("lr_min_ratio", float),
+    "lr_decay_steps": _a("lr_decay_steps", _steps_or_ratio),
+    "lr_scheduler_timescale": _a("lr_timescale", int),
+    "lr_scheduler_type": _a("lr_scheduler_type"),
+    "lr_scheduler_args": _a("lr_scheduler_args", _args_text),
     "optimizer_type": _a("optimizer", _optimizer),
     "optimizer_args": _a("optimizer_args", _args_text),
     "max_grad_norm": _a("max_grad_norm"),
@@ -326,7 +349,6 @@ COMPOSITE: dict[str, str] = {
     "use_8bit_adam": "old kohya flag: --optimizer adamw8bit",
     "use_lion_optimizer": "old kohya flag: --optimizer lion",
     "save_last_n_steps": "--save-limit N/save_every_n_steps",
-    "lr_scheduler_num_cycles": "1 (cosine_with_restarts with one cycle = cosine); more cycles are not supported",
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
@@ -438,8 +460,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "alpha_mask",
             "token_warmup_step",
             "face_crop_aug_range",
-            "lr_scheduler_args",
-            "lr_scheduler_type",
             "in_json",
             "fused_backward_pass",
             "initial_epoch",
@@ -451,9 +471,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "weights",
             "debug_dataset",
             "dataset_class",
-            "lr_scheduler_timescale",
-            "lr_decay_steps",
-            "lr_scheduler_min_lr_ratio",
             "no_token_padding",
         ),
         _OFF,
@@ -715,11 +732,18 @@ def _composites(
         if extra:
             out.values["optimizer_args"] = f"{given} {extra}".strip()
     cycles = items.get("lr_scheduler_num_cycles")
-    if cycles not in (None, "", 0, 1, "1"):
-        if _text(items.get("lr_scheduler") or "").lower() == "cosine_with_restarts":
-            out.problems.append(f"{where}: cosine_with_restarts with {cycles} cycles is not supported (1 cycle is)")
-        else:
-            out.notes.append("lr_scheduler_num_cycles only applies to cosine_with_restarts; ignored")
+    cycled = ("cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay")
+    if cycles not in (None, "", 0, 1, "1") and _text(items.get("lr_scheduler") or "").lower() not in cycled:
+        out.notes.append(f"lr_scheduler_num_cycles only applies to {', '.join(cycled)}; ignored")
+    scheduler = _text(items.get("lr_scheduler") or "constant").lower()
+    if (
+        scheduler == "constant"
+        and not items.get("lr_scheduler_type")
+        and not _is_off(items.get("lr_warmup_steps"), _OFF)
+    ):
+        out.notes.append(
+            "lr_warmup_steps with the constant schedule (kohya refuses it): warming up, as constant_with_warmup"
+        )
     for name, target in (("sample_every_n_steps", "sample_every"), ("sample_every_n_epochs", "sample_every_epochs")):
         if items.get(name) and not items.get("sample_prompts") and target in out.values:
             out.values.pop(target)

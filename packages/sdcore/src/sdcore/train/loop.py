@@ -128,7 +128,7 @@ class TrainSession:
         from .cache import build_caches
         from .checkpoints import Checkpoints
         from .memory_options import MemorySetup
-        from .optim import create_optimizer, create_scheduler
+        from .optim import OptimizerModes, create_optimizer, scheduler_for
         from .placement import (
             Placement,
             TrainedModules,
@@ -213,18 +213,12 @@ class TrainSession:
         self.objective = Objective(bundle, method, o)
         self._plan_validation()
 
-        optimizer = create_optimizer(o.optimizer, groups, lr=o.lr, args=o.optimizer_args)
+        optimizer = create_optimizer(o.optimizer, groups, lr=o.lr, args=o.optimizer_args, say=self.say)
         lr_lambda = method.lr_lambda()
         if lr_lambda is not None:  # the method's own schedule (TI's A1111 "rate:step" schedule)
             scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         else:
-            scheduler = create_scheduler(
-                o.lr_scheduler,
-                optimizer,
-                total_steps=self.total_steps,
-                warmup_steps=o.lr_warmup_steps,
-                power=o.lr_power,
-            )
+            scheduler = scheduler_for(o, optimizer, total_steps=self.total_steps)
         self.placement = Placement(acc)
         if o.full_fp16:
             allow_fp16_gradients(acc)
@@ -237,6 +231,10 @@ class TrainSession:
             self.position, self.losses = self.checkpoints.restore(
                 o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device
             )
+        # schedule-free optimizers: train mode while stepping, eval mode (the weights to keep) around
+        # samples, saves and evaluations; a state saved in eval mode resumes through train()
+        self.optimizer_modes = OptimizerModes(self.optimizer)
+        self.optimizer_modes.train()
         self.progress.start_trackers(backend)
         self._setup_done = True
 
@@ -293,7 +291,7 @@ class TrainSession:
         o, acc = self.options, self.accelerator
         mine = self.validation_groups[acc.process_index :: acc.num_processes]
         seed = o.seed if o.validation_seed is None else o.validation_seed
-        with evaluation_mode(self.bundle, self.method):
+        with self.evaluating(), evaluation_mode(self.bundle, self.method):
             total, count = self.objective.validation_loss(
                 self.batches, acc, mine, self.validation_timesteps, seed=seed, step=self.position.step
             )
@@ -351,7 +349,13 @@ class TrainSession:
         return self.objective.sample_loss(batch, noise, timesteps, step, input_noise)
 
     def fixed_loss(self, *, count: int = 4, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> float:
-        return self.objective.fixed_loss(self.batches, self.accelerator, count=count, timesteps=timesteps)
+        with self.evaluating():
+            return self.objective.fixed_loss(self.batches, self.accelerator, count=count, timesteps=timesteps)
+
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        """Eval mode of a schedule-free optimizer (its evaluation weights) for the ``with`` block."""
+        modes = getattr(self, "optimizer_modes", None)
+        return contextlib.nullcontext() if modes is None else modes.evaluating()
 
     def run_facts(self) -> RunFacts:
         return RunFacts(
@@ -479,11 +483,12 @@ class TrainSession:
         # kohya validates the epoch --max-steps ended in too
         if self.position.batch > 0 and self.validation_groups and should_validate_epoch(o, self.position.epoch + 1):
             self.validate("epoch")
-        if o.sample_prompts and not (o.sample_every and self.position.step % o.sample_every == 0):
-            self.render_samples("final")
-        if o.save_state:
-            self.save_state()
-        output = self.checkpoints.save_result(self.bundle, self.position, self.run_facts())
+        with self.evaluating():  # kohya: a schedule-free optimizer ends in eval mode, the weights saved
+            if o.sample_prompts and not (o.sample_every and self.position.step % o.sample_every == 0):
+                self.render_samples("final")
+            if o.save_state:
+                self.save_state()
+            output = self.checkpoints.save_result(self.bundle, self.position, self.run_facts())
         log.info(f"saved {output}")  # the caller reports it (the CLI prints one "saved" line)
         self.accelerator.wait_for_everyone()
         return TrainResult(
@@ -501,36 +506,39 @@ class TrainSession:
     @guarded
     def save_checkpoint(self, *, step: int | None = None, epoch: int | None = None) -> None:
         """An intermediate result plus (when enabled) a resumable state, with retention."""
-        self.checkpoints.save_intermediate(self.bundle, self.position, self.run_facts(), step=step, epoch=epoch)
-        if self.options.save_state:
-            self.save_state()
+        with self.evaluating():
+            self.checkpoints.save_intermediate(self.bundle, self.position, self.run_facts(), step=step, epoch=epoch)
+            if self.options.save_state:
+                self.save_state()
 
     def save_state(self) -> Path:
-        return self.checkpoints.save_state(
-            self.position,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            losses=self.losses,
-            total_steps=self.total_steps,
-        )
+        with self.evaluating():  # the trainable tensors and the optimizer state in the same mode
+            return self.checkpoints.save_state(
+                self.position,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                losses=self.losses,
+                total_steps=self.total_steps,
+            )
 
     def render_samples(self, tag: str) -> Path | None:
         """Render the sample prompts into ``<output stem>-samples/<tag>.png`` (main process)."""
         from .checkpoints import samples_dir
         from .sampling import render_samples
 
-        if not self.is_main:
-            return None
-        return render_samples(
-            self.bundle,
-            self.method,
-            self.options,
-            device=self.device,
-            folder=samples_dir(self.state_root),
-            tag=tag,
-            step=self.position.step,
-            say=self.say,
-        )
+        with self.evaluating():  # every process switches, so the weights stay equal across processes
+            if not self.is_main:
+                return None
+            return render_samples(
+                self.bundle,
+                self.method,
+                self.options,
+                device=self.device,
+                folder=samples_dir(self.state_root),
+                tag=tag,
+                step=self.position.step,
+                say=self.say,
+            )
 
     # -- errors -----------------------------------------------------------------------------------
     def _diverged(self, outcome: StepOutcome) -> None:

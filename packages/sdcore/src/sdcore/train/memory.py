@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dtypes import FP8_STORAGE, element_bytes
 from ..models.family import get_family
+from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
@@ -76,15 +77,8 @@ if TYPE_CHECKING:
 
 MIB = 1024 * 1024
 
-#: optimizer state bytes per trainable (fp32) parameter
-OPTIMIZER_STATE_BYTES: dict[str, float] = {
-    "adamw": 8.0,  # exp_avg + exp_avg_sq, fp32
-    "adamw8bit": 2.05,  # two uint8 moments + per-block absmax (bitsandbytes, blocks of 2048)
-    "lion": 4.0,  # one momentum
-    "prodigy": 16.0,  # exp_avg, exp_avg_sq, s, p0
-    "adafactor": 0.1,  # factored second moment (rows + columns), no first moment by default
-    "sgd": 0.0,  # no momentum unless --optimizer-args momentum=...
-}
+#: optimizer state bytes per trainable (fp32) parameter (the optimizer table's; a class path counts as AdamW)
+OPTIMIZER_STATE_BYTES: dict[str, float] = {name: spec.state_bytes for name, spec in OPTIMIZER_TABLE.items()}
 
 #: (K_RES, K_TF, K_CTX, K_TE) for adapter training (frozen base weights) and full training. K_RES,
 #: K_TF and K_CTX were fitted to the bytes autograd saves (``python -m benchmarks memory --
@@ -428,8 +422,8 @@ def estimate_memory(
     if swapped:  # in CPU memory; two blocks' copies in flight on the device (on the CPU: beside them)
         weights += (-swapped[0] if device != "cpu" else 0) + swapped[1]
     gradients = params.trainable * trained
-    optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer, 8.0)
-    if full_half and "8bit" not in o.optimizer:  # float states are created like the parameter (8-bit ones stay)
+    optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer.lower(), 8.0)
+    if full_half and "8bit" not in o.optimizer.lower():  # float states are created like the parameter (8-bit ones stay)
         optimizer /= 2
     full = bool(params.trainable_in & {family.denoiser})
     vae_blocks = layout.configs.get("vae", {}).get("block_out_channels", (128, 256, 512, 512))

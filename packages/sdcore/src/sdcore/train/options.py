@@ -13,13 +13,15 @@ from typing import Any
 from ..builtin.part_options import PART_OPTIONS
 from ..options import option
 from .loss import HUBER_SCHEDULES, LOSS_TYPES
+from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 
 #: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor", "sgd")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial")
+#: the optimizers by name (``sdcore.train.optim.OPTIMIZER_TABLE``); a class path (``came_pytorch.CAME``) works too
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
+LR_SCHEDULERS = LR_SCHEDULES
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 #: intermediate results kept by default (``--save-every`` without ``--save-limit``)
 DEFAULT_SAVE_LIMIT = 5
@@ -105,9 +107,47 @@ class TrainOptions:
     )
     lr: float = option(1e-4, "Learning rate.", group="training")
     lr_scheduler: str = option("constant", "LR schedule.", choices=LR_SCHEDULERS, group="training")
-    lr_warmup_steps: int = option(0, "Linear warmup steps.", group="training")
+    lr_warmup_steps: float = option(
+        0, "Linear warmup steps; a value below 1 is a ratio of the total steps (kohya).", group="training"
+    )
     lr_power: float = option(1.0, "Power of the polynomial schedule.", group="training")
-    optimizer: str = option("adamw", "Optimizer.", choices=OPTIMIZERS, group="training")
+    lr_cycles: int = option(
+        1,
+        "cosine_with_restarts: number of hard restarts; cosine_with_min_lr/warmup_stable_decay: cycles/2 "
+        "cosine half-waves (kohya's lr_scheduler_num_cycles).",
+        group="training",
+    )
+    lr_min_ratio: float | None = option(
+        None,
+        "cosine_with_min_lr/warmup_stable_decay: the floor as a ratio of --lr (kohya's lr_scheduler_min_lr_ratio).",
+        group="training",
+    )
+    lr_decay_steps: float = option(
+        0, "warmup_stable_decay: decay steps; below 1 a ratio of the total steps (kohya).", group="training"
+    )
+    lr_timescale: int | None = option(
+        None,
+        "inverse_sqrt: the timescale (default: the warmup steps, else 10000; kohya's lr_scheduler_timescale).",
+        group="training",
+    )
+    lr_scheduler_type: str = option(
+        "",
+        "A scheduler class instead of --lr-scheduler: a torch.optim.lr_scheduler name or module.Class "
+        "(kohya), stepped once per optimizer step.",
+        group="training",
+    )
+    lr_scheduler_args: str = option(
+        "",
+        "Arguments of the schedule or --lr-scheduler-type class, e.g. 'T_max=100' or "
+        "'step_rules=1:10,0.1:20,0.01' (piecewise_constant).",
+        group="training",
+    )
+    optimizer: str = option(
+        "adamw",
+        f"Optimizer: {', '.join(OPTIMIZERS)} (kohya's names), a torch.optim class (RAdam) or a class path "
+        "(came_pytorch.CAME, prodigyplus.ProdigyPlusScheduleFree).",
+        group="training",
+    )
     optimizer_args: str = option(
         "", "Extra optimizer arguments, e.g. 'weight_decay=0.01 betas=0.9,0.99'.", group="training"
     )

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dtypes import element_bytes
 from ..errors import ConfigError, SdcoreError
-from .options import LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_DTYPES, TrainOptions
+from .options import MIXED_PRECISION, SAVE_DTYPES, TrainOptions
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
@@ -73,7 +73,7 @@ def validate_options(options: TrainOptions, method: TrainingMethod[Any] | None =
 
 def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> list[str]:
     """Every missing or contradictory option, one line each (empty when all is well)."""
-    from .optim import check_optimizer_available
+    from .optim import optimizer_problems
 
     o = options
     problems: list[str] = []
@@ -85,8 +85,6 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append("no output given (--output: where to write the result)")
     for name, value, choices in (
         ("mixed_precision", o.mixed_precision, MIXED_PRECISION),
-        ("optimizer", o.optimizer, OPTIMIZERS),
-        ("lr_scheduler", o.lr_scheduler, LR_SCHEDULERS),
         ("save_dtype", o.save_dtype, SAVE_DTYPES),
     ):
         if value not in choices:
@@ -112,8 +110,6 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
     if o.lr <= 0:
         problems.append(f"--lr must be positive, got {o.lr}")
-    if o.lr_warmup_steps < 0:
-        problems.append(f"--lr-warmup-steps must be >= 0, got {o.lr_warmup_steps}")
     for name in ("caption_dropout", "tag_dropout"):
         value = getattr(o, name)
         if not 0.0 <= value <= 1.0:
@@ -165,11 +161,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
     problems.extend(validation_option_problems(o))
     problems.extend(precision_option_problems(o))
-    if o.optimizer in OPTIMIZERS:
-        try:
-            check_optimizer_available(o.optimizer)
-        except SdcoreError as exc:
-            problems.append(str(exc))
+    problems.extend(optimizer_problems(o))  # names, class paths, packages, schedule arguments
     if method is not None:
         if method.capabilities().needs_pixels and o.cache_latents:
             problems.append(f"method {method.name!r} needs decoded pixels every step: pass --no-cache-latents")
@@ -360,7 +352,7 @@ def disk_plan(
     from .memory import OPTIMIZER_STATE_BYTES
 
     result = params.result * (element_bytes(options.save_dtype) if options.save_dtype in SAVE_DTYPES else 2)
-    state = int(params.trainable * (4 + OPTIMIZER_STATE_BYTES.get(options.optimizer, 8.0)))
+    state = int(params.trainable * (4 + OPTIMIZER_STATE_BYTES.get(options.optimizer.lower(), 8.0)))
     results, states = planned_saves(options, total_steps, steps_per_epoch)
     try:
         free: int | None = shutil.disk_usage(nearest_existing(folder)).free
@@ -573,6 +565,9 @@ def run_preflight(
     claimed: str | None = None
     tokenizers = bundle.tokenizers if bundle is not None else None
     report.problems.extend(option_problems(o, method))
+    from .optim import optimizer_notes
+
+    report.notes.extend(optimizer_notes(o))
 
     # the model: header only
     if bundle is not None:

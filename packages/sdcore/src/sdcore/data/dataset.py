@@ -62,6 +62,13 @@ class SubsetOptions:
     caption_suffix: str = ""
     secondary_separator: str | None = None
     caption_dropout_every_n_epochs: int = 0
+    # kohya's image options (sdcore.data.augment, sdcore.train.data)
+    color_aug: bool = False
+    random_crop: bool = False
+    #: the alpha channel (0..255 -> 0..1) weights the loss
+    alpha_mask: bool = False
+    #: ``--masked-loss``: a same-named mask image here weights the loss by its R channel
+    conditioning_data_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,12 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_suffix": options.caption_suffix,
         "secondary_separator": options.secondary_separator,
         "flip": options.flip,
+        "color_aug": options.color_aug,
+        "random_crop": options.random_crop,
+        "alpha_mask": options.alpha_mask,
+        "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
+        if options.conditioning_data_dir
+        else None,
         "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
         "min_bucket_reso": options.min_bucket_reso,
@@ -250,24 +263,26 @@ _SUBSET_KEYS = {
     "caption_suffix",
     "secondary_separator",
     "caption_dropout_every_n_epochs",
-}
-#: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
-_UNSUPPORTED_KEYS = {
     "color_aug",
     "random_crop",
+    "alpha_mask",
+    "conditioning_data_dir",
+}
+#: kohya subset keys that belong to one subset only (kohya's schema refuses them in [general] and [[datasets]])
+_SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir"}
+#: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
+_UNSUPPORTED_KEYS = {
     "face_crop_aug_range",
     "enable_wildcard",
     "caption_separator",
     "token_warmup_min",
     "token_warmup_step",
-    "alpha_mask",
     "cache_info",
     "metadata_file",
     "network_multiplier",
     "validation_split",
     "validation_seed",
     "resize_interpolation",
-    "conditioning_data_dir",
     "debug_dataset",
 }
 
@@ -300,6 +315,9 @@ def _check_keys(table: Any, allowed: set[str], where: str, path: Path) -> dict[s
             continue
         if key in _UNSUPPORTED_KEYS:
             problems.append(f"kohya key '{key}' is not supported by sdcore")
+            continue
+        if key in _SUBSET_ONLY_KEYS:
+            problems.append(f"'{key}' belongs in a [[datasets.subsets]] table (as in kohya)")
             continue
         close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
         problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
@@ -376,6 +394,9 @@ _FIELD_OF = {
     "caption_suffix": ("caption_suffix", "a string"),
     "secondary_separator": ("secondary_separator", "a string"),
     "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
+    "color_aug": ("color_aug", "a boolean"),
+    "random_crop": ("random_crop", "a boolean"),
+    "alpha_mask": ("alpha_mask", "a boolean"),
     "batch_size": ("batch_size", "a positive integer"),
     "enable_bucket": ("buckets", "a boolean"),
     "min_bucket_reso": ("min_bucket_reso", "a positive integer"),
@@ -388,7 +409,7 @@ _FIELD_OF = {
 def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
     out = dict(values)
     for key, value in table.items():
-        if key in ("subsets", "datasets", "image_dir"):
+        if key in ("subsets", "datasets", "image_dir", "conditioning_data_dir"):
             continue
         if key == "resolution":
             out["resolution"] = _resolution(value, where, path)
@@ -424,7 +445,9 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
     data = _load_toml(path)
     _check_keys(data, {"general", "datasets"}, "top level", path)
     base = subset_defaults(defaults)
-    general = _check_keys(data.get("general", {}), _DATASET_KEYS | (_SUBSET_KEYS - {"image_dir"}), "[general]", path)
+    general = _check_keys(
+        data.get("general", {}), _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS), "[general]", path
+    )
     base = _apply(base, general, "[general]", path)
     datasets = data.get("datasets")
     if not isinstance(datasets, list) or not datasets:
@@ -432,7 +455,7 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
     subsets: list[SubsetOptions] = []
     for d_index, dataset in enumerate(datasets):
         where = f"datasets[{d_index}]"
-        dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - {"image_dir"}) | {"subsets"}, where, path)
+        dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS) | {"subsets"}, where, path)
         level = _apply(base, dataset, where, path)
         entries = dataset.get("subsets")
         if not isinstance(entries, list) or not entries:
@@ -444,6 +467,9 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
                 raise DataError(f"{path}: {s_where}: 'image_dir' is required")
             image_dir = _resolve_dir(_typed(subset["image_dir"], "a string", "image_dir", s_where, path), path)
             values = _apply(level, subset, s_where, path)
+            if "conditioning_data_dir" in subset:
+                raw = _typed(subset["conditioning_data_dir"], "a string", "conditioning_data_dir", s_where, path)
+                values["conditioning_data_dir"] = _resolve_dir(raw, path)
             subsets.append(SubsetOptions(image_dir=image_dir, **values))
     return subsets
 

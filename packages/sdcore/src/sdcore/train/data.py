@@ -10,14 +10,17 @@ therefore never change what a sample looks like.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .noise import sample_seed
 
 if TYPE_CHECKING:
+    from ..data.augment import ColorAug
     from ..data.buckets import BucketAssignment
     from ..data.dataset import DatasetIndex, ImageEntry
     from .options import TrainOptions
@@ -36,6 +39,17 @@ class SampleRef:
 
     def rng(self, base_seed: int, purpose: str) -> random.Random:
         return random.Random(self.seed(base_seed, purpose))
+
+
+@dataclass(frozen=True)
+class SampleView:
+    """How one sample's pixels look: mirrored, where it is cropped (``(left, top)`` in the resized
+    image; None = the bucket's centre crop) and its colour augmentation. Hashable: it keys prefetches
+    and masks."""
+
+    flip: bool
+    crop: tuple[int, int] | None = None
+    color: ColorAug | None = None
 
 
 class TrainData:
@@ -95,6 +109,28 @@ class TrainData:
             return False
         return ref.rng(self.seed, "flip").random() < 0.5
 
+    def crop_of(self, ref: SampleRef) -> tuple[int, int] | None:
+        """kohya's ``random_crop``: ``(left, top)`` drawn from the sample's own generator, or None
+        (the bucket's centre crop: the option off, or an evaluation ref, epoch < 0)."""
+        if ref.epoch < 0 or not getattr(self.entries[ref.entry].subset, "random_crop", False):
+            return None
+        from ..data.augment import draw_crop
+
+        assignment = self.assignments[ref.entry]
+        return draw_crop(ref.rng(self.seed, "crop"), assignment.resized, assignment.bucket)
+
+    def color_of(self, ref: SampleRef) -> ColorAug | None:
+        """kohya's ``color_aug`` for this sample (None: unchanged; never for evaluation refs)."""
+        if ref.epoch < 0 or not getattr(self.entries[ref.entry].subset, "color_aug", False):
+            return None
+        from ..data.augment import draw_color_aug
+
+        return draw_color_aug(ref.rng(self.seed, "color-aug"))
+
+    def view_of(self, ref: SampleRef) -> SampleView:
+        """Everything drawn about how this sample's pixels look."""
+        return SampleView(self.flip_of(ref), self.crop_of(ref), self.color_of(ref))
+
     def needed_latents(self) -> list[tuple[int, bool]]:
         """Every (entry, flipped) latent a run may ask for."""
         wanted = []
@@ -143,12 +179,78 @@ def make_caption(method: Any, entry: ImageEntry, rng: random.Random, *, epoch: i
 
 
 def load_pixels(
-    entry: ImageEntry, assignment: BucketAssignment, *, flip: bool
+    entry: ImageEntry,
+    assignment: BucketAssignment,
+    *,
+    flip: bool,
+    crop: tuple[int, int] | None = None,
+    color: ColorAug | None = None,
 ) -> tuple[Any, tuple[int, int], tuple[int, int]]:
-    """``(CHW float32 in [-1, 1], original (h, w), crop (top, left))`` for one image."""
+    """``(CHW float32 in [-1, 1], original (h, w), crop (top, left))`` for one image; ``crop`` and
+    ``color`` are a sample's ``random_crop`` position and ``color_aug`` (:meth:`TrainData.view_of`)."""
     from ..data.loading import load_training_image
 
-    return load_training_image(entry, assignment, flip=flip)
+    return load_training_image(entry, assignment, flip=flip, crop=crop, color=color)
+
+
+#: kohya's IMAGE_EXTENSIONS, in its order (``glob_images``: each spelling exactly, so ``.Png`` is not found)
+MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".BMP")
+
+
+def mask_image_path(entry: ImageEntry) -> Path | None:
+    """The ``--masked-loss`` mask image of ``entry``: same base name in its subset's
+    ``conditioning_data_dir``, the first in sorted order (kohya's ``glob_images(dir, base)[0]``)."""
+    folder = getattr(entry.subset, "conditioning_data_dir", None)
+    if folder is None:
+        return None
+    found = sorted(str(folder / f"{entry.path.stem}{ext}") for ext in MASK_EXTENSIONS)
+    found = [p for p in dict.fromkeys(found) if Path(p).is_file()]
+    return Path(found[0]) if found else None
+
+
+def has_dataset_mask(entry: ImageEntry) -> bool:
+    """Whether the dataset weights this image's loss (``alpha_mask`` or a ``conditioning_data_dir``)."""
+    s = entry.subset
+    return bool(getattr(s, "alpha_mask", False) or getattr(s, "conditioning_data_dir", None) is not None)
+
+
+def load_mask(
+    entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None = None
+) -> Any:
+    """kohya's loss mask of one sample at pixel size (float32 ``[H, W]`` in 0..1), or None.
+
+    Geometry: the image's own resize, crop and flip (:func:`sdcore.data.loading.fit_to_bucket`).
+    Values: ``alpha_mask``: the alpha channel ``/ 255``; a ``conditioning_data_dir`` mask image: its
+    R channel through kohya's path (``ToTensor`` then ``Normalize(0.5, 0.5)`` then ``/ 2 + 0.5``,
+    in float32). A missing mask image is a pre-flight problem; here it raises :class:`DataError`.
+    """
+    import numpy as np
+
+    from ..data.loading import load_training_channel
+    from ..errors import DataError
+
+    s = entry.subset
+    if getattr(s, "conditioning_data_dir", None) is not None:
+        path = mask_image_path(entry)
+        if path is None:
+            raise DataError(f"{entry.path}: no mask image named {entry.path.stem}.* in {s.conditioning_data_dir}")
+        red = load_training_channel(path, assignment, channel=0, flip=flip, crop=crop)
+        t = red.astype(np.float32) / np.float32(255.0)
+        t = (t - np.float32(0.5)) / np.float32(0.5)
+        return t / np.float32(2.0) + np.float32(0.5)
+    if getattr(s, "alpha_mask", False):
+        alpha = load_training_channel(entry.path, assignment, channel=3, flip=flip, crop=crop)
+        return alpha.astype(np.float32) / np.float32(255.0)
+    return None
+
+
+def mask_to_latent(mask: Any, latent_size: tuple[int, int]) -> Any:
+    """A pixel-size mask ``[H, W]`` as loss weights ``[1, h, w]``: kohya's ``apply_masked_loss``
+    (``interpolate(mode="area")`` to the loss's size; no renormalisation by the mask's mean)."""
+    import torch
+
+    tensor = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    return torch.nn.functional.interpolate(tensor, size=latent_size, mode="area")[0]
 
 
 def build_train_data(
@@ -195,3 +297,95 @@ def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | 
     if options.max_steps is not None:
         steps = min(steps, options.max_steps)
     return steps, epochs
+
+
+def _listed(paths: list[str], limit: int = 10) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[str]:
+    """Pre-flight problems of kohya's image options (``random_crop``, ``color_aug``, ``alpha_mask``,
+    ``masked_loss`` with ``conditioning_data_dir``), per subset as the dataset TOML sets them.
+
+    kohya refuses cached latents with ``random_crop`` or ``color_aug`` (``is_latent_cacheable``),
+    ``random_crop`` with mask images (its ControlNet dataset), mask folders without ``masked_loss``
+    (its schema), and a dataset whose mask images are missing, left over or of another size.
+    """
+    from ..data.images import ImageError, is_image_path, probe_image
+
+    problems: list[str] = []
+    subsets = index.subsets or list({id(e.subset): e.subset for e in index.entries}.values())
+    augmenting = sorted({name for s in subsets for name in ("random_crop", "color_aug") if getattr(s, name, False)})
+    if augmenting and options.cache_latents:
+        problems.append(
+            f"{' and '.join(augmenting)} change(s) the pixels every time an image is used, so latents cannot be "
+            "cached (kohya refuses it too): pass --no-cache-latents"
+        )
+    with_dir = [s for s in subsets if getattr(s, "conditioning_data_dir", None) is not None]
+    if with_dir and not options.masked_loss:
+        problems.append(
+            f"conditioning_data_dir ({with_dir[0].conditioning_data_dir}) holds --masked-loss mask images: "
+            "add --masked-loss (kohya refuses the key without it)"
+        )
+    if options.masked_loss and not any(has_dataset_mask(e) for e in index.entries):
+        problems.append(
+            "--masked-loss has no masks: give --conditioning-data-dir (or conditioning_data_dir in the dataset "
+            "TOML's subsets) with mask images, or alpha_mask for images with transparency"
+        )
+    for s in with_dir:
+        folder = s.conditioning_data_dir
+        assert folder is not None
+        if getattr(s, "alpha_mask", False):
+            problems.append(
+                f"{s.image_dir}: alpha_mask and conditioning_data_dir both give masks; choose one "
+                "(kohya's mask-image subsets have no alpha_mask)"
+            )
+        if getattr(s, "random_crop", False):
+            problems.append(
+                f"{s.image_dir}: random_crop with mask images (conditioning_data_dir) is not supported "
+                "(kohya refuses it: its mask images are centre-cropped)"
+            )
+        if not folder.is_dir():
+            problems.append(f"conditioning_data_dir {folder}: not a folder")
+    missing: list[str] = []
+    mismatched: list[str] = []
+    used: set[str] = set()
+    for entry in index.entries:
+        mask_dir = getattr(entry.subset, "conditioning_data_dir", None)
+        if mask_dir is None or not mask_dir.is_dir():
+            continue
+        path = mask_image_path(entry)
+        if path is None:
+            missing.append(str(entry.path))
+            continue
+        used.add(os.path.splitext(os.path.abspath(path))[0])
+        try:
+            size = probe_image(path)
+        except ImageError as exc:
+            mismatched.append(str(exc))
+            continue
+        if size != entry.size:
+            mismatched.append(f"{path} is {size[0]}x{size[1]}, its image {entry.size[0]}x{entry.size[1]}")
+    if missing:
+        problems.append(
+            f"--masked-loss: {len(missing)} image(s) without a mask image of the same name in their "
+            f"conditioning_data_dir: {_listed(missing)}"
+        )
+    if mismatched:
+        problems.append(
+            f"--masked-loss: {len(mismatched)} mask image(s) unusable (a mask must have its image's size, as kohya "
+            f"asserts): {_listed(mismatched)}"
+        )
+    extra: list[str] = []
+    folders = {s.conditioning_data_dir for s in with_dir if s.conditioning_data_dir is not None}
+    for folder in sorted(f for f in folders if f.is_dir()):
+        for child in sorted(folder.iterdir()):
+            if child.is_file() and is_image_path(child) and os.path.splitext(os.path.abspath(child))[0] not in used:
+                extra.append(str(child))
+    if extra:
+        problems.append(
+            f"--masked-loss: {len(extra)} mask image(s) match no training image (kohya refuses extra mask images): "
+            f"{_listed(extra)}"
+        )
+    return problems

@@ -556,7 +556,7 @@ def run_preflight(
     ``bundle`` (an already loaded model) skips the model check and sizes the plan from it;
     ``plan`` False skips the memory and disk estimates (they need the model's configs).
     """
-    from .data import build_train_data
+    from .data import build_train_data, image_option_problems
     from .loop import output_paths, total_steps_for
 
     o = options
@@ -642,6 +642,7 @@ def run_preflight(
             else:
                 data = _build_unverified(o, method)
             report.data = data
+            report.problems.extend(image_option_problems(o, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
                 report.problems.append(

@@ -174,7 +174,10 @@ resolution = [640, 360]
             "[general]\nbogus=1\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\n",
             r"\[general\]: unknown key 'bogus'",
         ),
-        ("[[datasets]]\nface_crop_aug_range=[2.0, 4.0]\n[[datasets.subsets]]\nimage_dir='x'\n", "'face_crop_aug_range' is not"),
+        (
+            "[[datasets]]\nface_crop_aug_range=[2.0, 4.0]\n[[datasets.subsets]]\nimage_dir='x'\n",
+            "'face_crop_aug_range' is not",
+        ),
         ("[[datasets]]\nalpha_mask=true\n[[datasets.subsets]]\nimage_dir='x'\n", "'alpha_mask' belongs in a"),
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nrandom_crop='yes'\n", "'random_crop' must be a boolean"),
         ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats=2\n", "'image_dir' is required"),

@@ -648,6 +648,8 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_caption_dropout_every_n_epochs": str(o.caption_dropout_every_n_epochs),
         "ss_scale_weight_norms": str(o.scale_weight_norms),
         "ss_flip_aug": str(o.flip),
+        "ss_color_aug": str(o.color_aug),
+        "ss_random_crop": str(o.random_crop),
     }
     if o.min_timestep is not None or o.max_timestep is not None:  # kohya: sai_model_spec's timestep_range
         meta["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"

@@ -55,3 +55,51 @@ def test_lora_metadata_records_them_as_kohya(tmp_path, color_aug, random_crop):
         SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=0, metadata={}, final=False),
     )
     assert meta["ss_color_aug"] == str(color_aug) and meta["ss_random_crop"] == str(random_crop)
+
+
+def _cli():
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    return build_cli(get_plugin_manager())
+
+
+def test_cli_lists_missing_mask_images_and_exits_2(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+    from sdcore.testing.contract import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=3, size=64)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.new("L", (64, 64), 255).save(masks / "img00.png")
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+            "--masked_loss", "--conditioning_data_dir", str(masks), "--color_aug", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "2 image(s) without a mask image" in result.output and "img01.png" in result.output
+    assert "img02.png" in result.output and "--no-cache-latents" in result.output
+
+
+def test_a_lora_run_with_every_image_option_trains_and_records_them(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+    from safetensors import safe_open
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=(96, 64))
+    for path in (data / "1_sks").glob("*.png"):
+        rgba = np.array(Image.open(path).convert("RGBA"))
+        rgba[:, :48, 3] = 0
+        Image.fromarray(rgba, "RGBA").save(path)
+    out = tmp_path / "o.safetensors"
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(out), "--resolution", "64",
+            "--min-bucket-reso", "64", "--max-bucket-reso", "64", "--max-steps", "2", "--random-crop", "--color-aug",
+            "--alpha-mask", "--flip", "--no-cache-latents", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_random_crop"] == "True" and meta["ss_color_aug"] == "True"

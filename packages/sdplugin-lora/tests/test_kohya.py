@@ -173,13 +173,11 @@ def test_sections_toml_with_lycoris_and_dataset_config(tmp_path, kohya_data):
 def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, kohya_data):
     cfg = _config(tmp_path, "all_sections.toml", data=kohya_data / "train", output=tmp_path / "o")
     refused = tmp_path / "refused.toml"
-    refused.write_text(
-        cfg.read_text().replace("random_crop = true", 'random_crop = true\nface_crop_aug_range = "2.0,4.0"')
-    )
+    refused.write_text(cfg.read_text().replace("random_crop = true", 'random_crop = true\nin_json = "meta.json"'))
     with pytest.raises(ConfigError) as info:
         load_options(LoraOptions, refused)
     message = str(info.value)
-    for name in ("face_crop_aug_range = '2.0,4.0'",):
+    for name in ("in_json = 'meta.json'",):
         assert name in message
     # the options at their "off" value pass, and multires noise, max-norm and random_crop translate
     assert message.count("not supported by sdcore") == 1
@@ -373,10 +371,10 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
         assert {k: getattr(read, k) for k in translated} == translated
     # what sdcore does not have is listed, all at once
     data = json.loads((DATA / "gui_preset_loha.json").read_text())
-    data.update(no_token_padding=True, face_crop_aug_range="2.0,4.0")
+    data.update(no_token_padding=True, debug_dataset=True)
     listed = tmp_path / "listed.json"
     listed.write_text(json.dumps(data))
-    refused = ["no_token_padding = True", "face_crop_aug_range = '2.0,4.0'"]
+    refused = ["no_token_padding = True", "debug_dataset = True"]
     with pytest.raises(ConfigError) as info:
         load_options(LoraOptions, listed)
     message = str(info.value)

@@ -46,6 +46,10 @@ def test_kohya_names_translate_with_kohyas_cache_default(tmp_path):
     # off (what the GUI writes for untouched fields): sdcore's default cache stays
     off = _load(tmp_path, {"random_crop": False, "color_aug": False, "network_dim": 4})
     assert (off.random_crop, off.color_aug, off.cache_latents) == (False, False, True)
+    face = _load(tmp_path, {"network_dim": 4, "face_crop_aug_range": "2.0,4.0"})
+    assert (face.face_crop_aug_range, face.cache_latents, face.buckets) == ("2.0,4.0", False, False)
+    listed = _load(tmp_path, {"face_crop_aug_range": [2.0, 3.0]})  # a TOML list, as kohya's dataset TOML has it
+    assert listed.face_crop_aug_range == "2.0,3.0"
 
 
 @pytest.mark.parametrize(("color_aug", "random_crop"), [(False, False), (True, False), (False, True)])
@@ -55,6 +59,12 @@ def test_lora_metadata_records_them_as_kohya(tmp_path, color_aug, random_crop):
         SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=0, metadata={}, final=False),
     )
     assert meta["ss_color_aug"] == str(color_aug) and meta["ss_random_crop"] == str(random_crop)
+    assert meta["ss_face_crop_aug_range"] == "None"
+    face = kohya_training_metadata(
+        LoraOptions(face_crop_aug_range="2,4"),
+        SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=0, metadata={}, final=False),
+    )
+    assert face["ss_face_crop_aug_range"] == "(2.0, 4.0)"  # str() of kohya's parsed tuple
 
 
 def _cli():

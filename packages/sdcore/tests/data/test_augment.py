@@ -162,3 +162,53 @@ def test_alpha_mask_reads_rgb_as_stored_and_the_alpha_channel(tmp_path):
     assert np.array_equal(stored[:, :, 40], plain[:, :, 40])
     alpha = load_training_channel(tmp_path / "a.png", assignment, channel=3, flip=True)
     assert alpha[:, :32].min() == 255 and alpha[:, 32:].max() == 0
+
+
+def test_face_info_reads_kohyas_name_convention():
+    from sdcore.data.augment import face_info
+
+    assert face_info("/d/img_30_40_20_22.png") == (30, 40, 20, 22)
+    assert face_info("my_cat_img_30_40_20_22.jpg") == (30, 40, 20, 22)
+    assert face_info("img_0_40_20_22.png") is None  # kohya: no face when cx is 0
+    assert face_info("a_30_40_20.png") is None and face_info("a_b_c_d_e.png") is None
+
+
+def test_face_crop_puts_the_face_at_the_size_and_place_the_range_asks():
+    from sdcore.data.augment import draw_face_crop, face_crop_range
+
+    assert face_crop_range("2.0,4.0") == (2.0, 4.0) and face_crop_range([3, 3]) == (3.0, 3.0)
+    assert face_crop_range("") is None
+    for bad in ("4,2", "2", "0,1", "a,b"):
+        with pytest.raises(ValueError):
+            face_crop_range(bad)
+    face = (300, 200, 80, 100)  # centre (300, 200), larger side 100, in a 600x400 image
+    # fixed range 2: the face's larger side becomes half the target's shorter side: scale 0.32
+    resized, (left, top) = draw_face_crop(random.Random(0), (600, 400), (64, 64), face, (2.0, 2.0), random_crop=False)
+    assert resized == (192, 128)
+    assert (left + 32, top + 32) == (int(300 * 0.32 + 0.5), int(200 * 0.32 + 0.5))  # the face is centred
+    # an open range: the face's side lands between 1/4 and 1/2 of the target, the centre within face/20
+    sizes = set()
+    for seed in range(200):
+        (w, h), (left, top) = draw_face_crop(
+            random.Random(seed), (600, 400), (64, 64), face, (2.0, 4.0), random_crop=False
+        )
+        scale = w / 600
+        assert 16 - 1 <= 100 * scale <= 32 + 1
+        assert 0 <= left <= w - 64 and 0 <= top <= h - 64
+        sizes.add(w)
+    assert len(sizes) > 20
+    # never upscales (scale <= 1) and covers the target (an image already at the target is kept)
+    (w, h), _ = draw_face_crop(
+        random.Random(1), (600, 400), (256, 256), (300, 200, 10, 10), (1.0, 1.0), random_crop=False
+    )
+    assert (w, h) == (600, 400)
+    assert draw_face_crop(random.Random(1), (64, 64), (64, 64), face, (2.0, 4.0), random_crop=True) == (
+        (64, 64),
+        (0, 0),
+    )
+    # random_crop moves the crop around the face, inside the image
+    spots = {
+        draw_face_crop(random.Random(s), (600, 400), (64, 64), face, (2.0, 2.0), random_crop=True)[1]
+        for s in range(100)
+    }
+    assert len(spots) > 50 and all(0 <= x <= 192 - 64 and 0 <= y <= 128 - 64 for x, y in spots)

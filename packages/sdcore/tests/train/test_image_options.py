@@ -254,3 +254,43 @@ def test_dataset_toml_subsets_carry_the_options(tmp_path):
     fixed = dataclasses.replace(o)
     config.write_text(config.read_text().replace("random_crop = true", "random_crop = false"))
     assert image_option_problems(fixed, build_dataset_index(fixed)) == []
+
+
+def test_face_crop_resizes_and_crops_around_the_named_face(tmp_path):
+    folder = tmp_path / "d" / "1_sks"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    big = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(big).save(folder / "face_160_128_64_64.png")
+    Image.fromarray(big[:64, :64]).save(folder / "plain.png")
+    s = _session(
+        tmp_path,
+        tmp_path / "d",
+        face_crop_aug_range="2.0,2.0",
+        buckets=False,
+        cache_latents=False,
+        flip=False,
+        min_bucket_reso=64,
+    )
+    ref = _refs(s, "face_160_128_64_64.png", 1)[0]
+    view = s.data.view_of(ref)
+    # scale max(64/256, 64/(64*2)) = 0.5 -> 128x128; the face centre (80, 64) is the crop's centre
+    assert view.resized == (128, 128) and view.crop == (80 - 32, 64 - 32)
+    pixels, _, coords = s.batches.pixels(ref.entry, view)
+    want = np.asarray(Image.fromarray(big).resize((128, 128), Image.Resampling.BOX))[32:96, 48:112]
+    assert coords == (32, 48)
+    assert np.array_equal(pixels, want.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1)
+    assert s.data.view_of(_refs(s, "plain.png", 1)[0]).resized is None  # no face in the name: unchanged
+
+
+def test_preflight_face_crop_needs_buckets_off_no_cache_and_big_enough_images(tmp_path):
+    folder = tmp_path / "d" / "1_sks"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (256, 256)).save(folder / "face_160_128_64_64.png")
+    Image.new("RGB", (48, 48)).save(folder / "small_20_20_10_10.png")
+    text = "\n".join(_problems(tmp_path, tmp_path / "d", face_crop_aug_range="2,4", resolution=64))
+    assert "add --no-buckets" in text
+    text = "\n".join(_problems(tmp_path, tmp_path / "d", face_crop_aug_range="2,4", resolution=64, buckets=False))
+    assert "face_crop_aug_range change(s) the pixels" in text and "--no-cache-latents" in text
+    assert "1 image(s) smaller than the resolution 64" in text and "small_20_20_10_10.png (48x48)" in text
+    assert "must be two numbers" in "\n".join(_problems(tmp_path, tmp_path / "d", face_crop_aug_range="2"))

@@ -18,8 +18,10 @@ path does): identical to ``cv2.cvtColor`` 4.10 (kohya's pinned version) for ever
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,6 +64,74 @@ def draw_crop(rng: random.Random, resized: tuple[int, int], bucket: tuple[int, i
     left = rng.randint(0, resized[0] - bucket[0]) if resized[0] > bucket[0] else 0
     top = rng.randint(0, resized[1] - bucket[1]) if resized[1] > bucket[1] else 0
     return left, top
+
+
+def face_info(path: str | os.PathLike[str]) -> tuple[int, int, int, int] | None:
+    """kohya's face position from a file name ``<name>_<cx>_<cy>_<w>_<h>.<ext>`` (the last four
+    ``_``-separated integers, in the image's pixels), or None (kohya: also when ``cx`` is 0).
+    Names whose last four tokens are not integers have no face (kohya stops with an error)."""
+    tokens = Path(path).stem.split("_")
+    if len(tokens) < 5:
+        return None
+    try:
+        cx, cy, w, h = (int(t) for t in tokens[-4:])
+    except ValueError:
+        return None
+    return (cx, cy, w, h) if cx > 0 else None
+
+
+def face_crop_range(value: object) -> tuple[float, float] | None:
+    """kohya's ``face_crop_aug_range``: ``"2.0,4.0"`` or ``[2.0, 4.0]`` (low <= high, both > 0);
+    None/empty is off. Raises ValueError otherwise."""
+    if value is None or value == "" or value is False:
+        return None
+    parts = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
+    if len(parts) != 2 or any(isinstance(p, bool) for p in parts):
+        raise ValueError(f"face_crop_aug_range must be two numbers 'low,high', got {value!r}")
+    low, high = (float(p) for p in parts)
+    if not 0 < low <= high:
+        raise ValueError(f"face_crop_aug_range needs 0 < low <= high, got {value!r}")
+    return low, high
+
+
+def draw_face_crop(
+    rng: random.Random,
+    size: tuple[int, int],
+    target: tuple[int, int],
+    face: tuple[int, int, int, int],
+    scale_range: tuple[float, float],
+    *,
+    random_crop: bool,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """kohya's ``crop_target`` (``face_crop_aug_range``, buckets off): ``(resized (w, h), crop
+    (left, top))``. The scale is drawn so the face's larger side is ``1/range`` of the target's
+    shorter side, never upscaling; the crop centres the face, then (``random_crop``) moves it by the
+    sum of two ``randint(0, r) - r`` where r is the longer distance from the face to an edge, or
+    (an open range, a face of at least 40 px and a tenth of the side) jitters it by ``face/20``.
+    Height is drawn before width, as kohya loops over its axes."""
+    width, height = size
+    target_w, target_h = target
+    if (width, height) == (target_w, target_h):
+        return (width, height), (0, 0)
+    face_cx, face_cy, face_w, face_h = face
+    face_size = max(face_w, face_h)
+    short = min(target_h, target_w)
+    min_scale = max(target_h / height, target_w / width)
+    min_scale = min(1.0, max(min_scale, short / (face_size * scale_range[1])))
+    max_scale = min(1.0, max(min_scale, short / (face_size * scale_range[0])))
+    scale = min_scale if min_scale >= max_scale else rng.uniform(min_scale, max_scale)
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    centre = (int(face_cy * scale + 0.5), int(face_cx * scale + 0.5))
+    start = []
+    for target_side, length, face_p in zip((target_h, target_w), (new_h, new_w), centre, strict=True):
+        p1 = face_p - target_side // 2
+        if random_crop:
+            reach = max(length - face_p, face_p)
+            p1 = p1 + (rng.randint(0, reach) + rng.randint(0, reach)) - reach
+        elif scale_range[0] != scale_range[1] and face_size > short // 10 and face_size >= 40:
+            p1 = p1 + rng.randint(-face_size // 20, +face_size // 20)
+        start.append(max(0, min(p1, length - target_side)))
+    return (new_w, new_h), (start[1], start[0])
 
 
 def _tables() -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +214,9 @@ __all__ = [
     "bgr_to_hsv",
     "draw_color_aug",
     "draw_crop",
+    "draw_face_crop",
+    "face_crop_range",
+    "face_info",
     "hsv_to_bgr",
     "hue_shift",
 ]

@@ -69,6 +69,8 @@ class SubsetOptions:
     alpha_mask: bool = False
     #: ``--masked-loss``: a same-named mask image here weights the loss by its R channel
     conditioning_data_dir: Path | None = None
+    #: kohya's face-centred crop (buckets off; faces named ``<name>_<cx>_<cy>_<w>_<h>``)
+    face_crop_aug_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
         if options.conditioning_data_dir
         else None,
+        "face_crop_aug_range": _face_range_or_none(options.face_crop_aug_range),
         "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
         "min_bucket_reso": options.min_bucket_reso,
@@ -185,6 +188,16 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "bucket_step": options.bucket_step,
         "bucket_no_upscale": options.bucket_no_upscale,
     }
+
+
+def _face_range_or_none(value: Any) -> tuple[float, float] | None:
+    """The run's ``--face-crop-aug-range`` (a bad value is a pre-flight problem, reported there)."""
+    from .augment import face_crop_range
+
+    try:
+        return face_crop_range(value)
+    except ValueError:
+        return None
 
 
 def folder_subsets(
@@ -267,12 +280,12 @@ _SUBSET_KEYS = {
     "random_crop",
     "alpha_mask",
     "conditioning_data_dir",
+    "face_crop_aug_range",
 }
 #: kohya subset keys that belong to one subset only (kohya's schema refuses them in [general] and [[datasets]])
 _SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir"}
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
-    "face_crop_aug_range",
     "enable_wildcard",
     "caption_separator",
     "token_warmup_min",
@@ -416,6 +429,14 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
             continue
         if key == "network_multiplier":
             _network_multiplier(value, where, path)
+            continue
+        if key == "face_crop_aug_range":
+            from .augment import face_crop_range
+
+            try:
+                out["face_crop_aug_range"] = face_crop_range(value)
+            except ValueError as exc:
+                raise DataError(f"{path}: {where}: {exc}") from None
             continue
         name, kind = _FIELD_OF[key]
         out[name] = _typed(value, kind, key, where, path)

@@ -4,7 +4,6 @@ threads when they do not."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -152,11 +151,11 @@ class BatchMaker:
         masks = []
         for ref in refs:
             view = self.data.view_of(ref)
-            key = (ref.entry, SampleView(view.flip, view.crop))  # the colour never changes a mask
+            key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
             mask = self._mask_cache.get(key)
             if key not in self._mask_cache:
                 mask = self.sample_mask(ref.entry, key[1], size)
-                if view.crop is None:
+                if view.crop is None and view.resized is None:
                     self._mask_cache[key] = mask
             masks.append(mask)
         if all(mask is None for mask in masks):
@@ -168,12 +167,11 @@ class BatchMaker:
         """The method's mask times the dataset's for one sample view, ``[1, h, w]`` or None."""
         from .data import has_dataset_mask, load_mask, mask_to_latent
 
-        entry, assignment = self.data.entries[index], self.data.assignments[index]
-        if view.crop is not None:  # a random crop: the method's map is cropped where the image is
-            assignment = dataclasses.replace(assignment, crop=view.crop)
+        entry = self.data.entries[index]
+        assignment = view.apply(self.data.assignments[index])  # a random crop: the maps are cropped there too
         mask = self.method.loss_mask(entry, assignment, flipped=view.flip, latent_size=size)
         if has_dataset_mask(entry):
-            pixel_mask = load_mask(entry, assignment, flip=view.flip, crop=view.crop)
+            pixel_mask = load_mask(entry, assignment, flip=view.flip)
             if pixel_mask is not None:
                 own = mask_to_latent(pixel_mask, size)
                 mask = own if mask is None else mask.reshape(1, *size).float() * own
@@ -190,7 +188,7 @@ class BatchMaker:
             if found is not None:
                 return found  # type: ignore[no-any-return]
         return load_pixels(
-            self.data.entries[entry], self.data.assignments[entry], flip=view.flip, crop=view.crop, color=view.color
+            self.data.entries[entry], view.apply(self.data.assignments[entry]), flip=view.flip, color=view.color
         )
 
     def prefetch(self, refs_groups: list[list[SampleRef]]) -> None:
@@ -204,7 +202,7 @@ class BatchMaker:
                 view = self.data.view_of(ref)
                 entry, assignment = self.data.entries[ref.entry], self.data.assignments[ref.entry]
                 self.prefetcher.submit(
-                    (ref.entry, view), load_pixels, entry, assignment, flip=view.flip, crop=view.crop, color=view.color
+                    (ref.entry, view), load_pixels, entry, view.apply(assignment), flip=view.flip, color=view.color
                 )
 
     def start_prefetching(self) -> None:

@@ -50,6 +50,20 @@ class SampleView:
     flip: bool
     crop: tuple[int, int] | None = None
     color: ColorAug | None = None
+    #: ``face_crop_aug_range``: the size the image is resized to first (None: the bucket's)
+    resized: tuple[int, int] | None = None
+
+    def apply(self, assignment: BucketAssignment) -> BucketAssignment:
+        """``assignment`` with this view's resize and crop (the same object when it has neither)."""
+        if self.crop is None and self.resized is None:
+            return assignment
+        import dataclasses
+
+        return dataclasses.replace(
+            assignment,
+            resized=self.resized or assignment.resized,
+            crop=self.crop if self.crop is not None else assignment.crop,
+        )
 
 
 class TrainData:
@@ -110,14 +124,39 @@ class TrainData:
         return ref.rng(self.seed, "flip").random() < 0.5
 
     def crop_of(self, ref: SampleRef) -> tuple[int, int] | None:
-        """kohya's ``random_crop``: ``(left, top)`` drawn from the sample's own generator, or None
-        (the bucket's centre crop: the option off, or an evaluation ref, epoch < 0)."""
-        if ref.epoch < 0 or not getattr(self.entries[ref.entry].subset, "random_crop", False):
-            return None
+        """kohya's ``random_crop`` (or ``face_crop_aug_range``) crop ``(left, top)`` drawn from the
+        sample's own generator, or None (the bucket's centre crop: the options off, or an evaluation
+        ref, epoch < 0)."""
+        return self.geometry_of(ref)[1]
+
+    def geometry_of(self, ref: SampleRef) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """``(resized, crop)`` of this sample: ``face_crop_aug_range`` (buckets off, a face in the
+        file name) draws both, ``random_crop`` the crop; ``(None, None)`` keeps the bucket's."""
+        entry = self.entries[ref.entry]
+        s = entry.subset
+        if ref.epoch < 0:
+            return None, None
+        face_range = getattr(s, "face_crop_aug_range", None)
+        if face_range is not None and not s.buckets:
+            from ..data.augment import draw_face_crop, face_info
+
+            face = face_info(entry.path)
+            if face is not None:
+                assignment = self.assignments[ref.entry]
+                return draw_face_crop(
+                    ref.rng(self.seed, "crop"),
+                    entry.size,
+                    assignment.bucket,
+                    face,
+                    face_range,
+                    random_crop=bool(getattr(s, "random_crop", False)),
+                )
+        if not getattr(s, "random_crop", False):
+            return None, None
         from ..data.augment import draw_crop
 
         assignment = self.assignments[ref.entry]
-        return draw_crop(ref.rng(self.seed, "crop"), assignment.resized, assignment.bucket)
+        return None, draw_crop(ref.rng(self.seed, "crop"), assignment.resized, assignment.bucket)
 
     def color_of(self, ref: SampleRef) -> ColorAug | None:
         """kohya's ``color_aug`` for this sample (None: unchanged; never for evaluation refs)."""
@@ -129,7 +168,8 @@ class TrainData:
 
     def view_of(self, ref: SampleRef) -> SampleView:
         """Everything drawn about how this sample's pixels look."""
-        return SampleView(self.flip_of(ref), self.crop_of(ref), self.color_of(ref))
+        resized, crop = self.geometry_of(ref)
+        return SampleView(self.flip_of(ref), crop, self.color_of(ref), resized)
 
     def needed_latents(self) -> list[tuple[int, bool]]:
         """Every (entry, flipped) latent a run may ask for."""
@@ -299,6 +339,11 @@ def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | 
     return steps, epochs
 
 
+def _face_cropped(entry: ImageEntry) -> bool:
+    s = entry.subset
+    return getattr(s, "face_crop_aug_range", None) is not None and not s.buckets
+
+
 def _listed(paths: list[str], limit: int = 10) -> str:
     shown = ", ".join(paths[:limit])
     return shown + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
@@ -316,7 +361,25 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
 
     problems: list[str] = []
     subsets = index.subsets or list({id(e.subset): e.subset for e in index.entries}.values())
+    from ..data.augment import face_info
+
     augmenting = sorted({name for s in subsets for name in ("random_crop", "color_aug") if getattr(s, name, False)})
+    faces = [e for e in index.entries if _face_cropped(e) and face_info(e.path) is not None]
+    if faces:
+        augmenting.append("face_crop_aug_range")
+    for s in subsets:
+        if getattr(s, "face_crop_aug_range", None) is not None and s.buckets:
+            problems.append(
+                f"{s.image_dir}: face_crop_aug_range works with buckets off (kohya ignores it with enable_bucket): "
+                "add --no-buckets (enable_bucket = false)"
+            )
+            break
+    small = [f"{e.path} ({e.size[0]}x{e.size[1]})" for e in faces if min(e.size) < e.subset.resolution]
+    if small:
+        problems.append(
+            f"face_crop_aug_range: {len(small)} image(s) smaller than the resolution {faces[0].subset.resolution} "
+            f"(kohya never enlarges them and stops): {_listed(small)}"
+        )
     if augmenting and options.cache_latents:
         problems.append(
             f"{' and '.join(augmenting)} change(s) the pixels every time an image is used, so latents cannot be "
@@ -340,6 +403,11 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
             problems.append(
                 f"{s.image_dir}: alpha_mask and conditioning_data_dir both give masks; choose one "
                 "(kohya's mask-image subsets have no alpha_mask)"
+            )
+        if getattr(s, "face_crop_aug_range", None) is not None and not s.buckets:
+            problems.append(
+                f"{s.image_dir}: face_crop_aug_range with mask images (conditioning_data_dir) is not supported "
+                "(kohya's mask images are centre-cropped)"
             )
         if getattr(s, "random_crop", False):
             problems.append(

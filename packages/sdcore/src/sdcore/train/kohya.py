@@ -63,6 +63,13 @@ def _args_text(value: Any) -> str:
     return _text(value)
 
 
+def _pair_text(value: Any) -> str:
+    """kohya's ``"2.0,4.0"`` (CLI) or ``[2.0, 4.0]`` (TOML) -> ``"2.0,4.0"``."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_text(v) for v in value)
+    return _text(value)
+
+
 def _precision(value: Any) -> str:
     text = _text(value).lower()
     return {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(text, text)
@@ -191,6 +198,7 @@ ALIASES: dict[str, Alias] = {
     "secondary_separator": _a("secondary_separator"),
     "flip_aug": _a("flip", flag=True),
     "random_crop": _a("random_crop", flag=True),
+    "face_crop_aug_range": _a("face_crop_aug_range", _pair_text),
     "color_aug": _a("color_aug", flag=True),
     "alpha_mask": _a("alpha_mask", flag=True),
     "masked_loss": _a("masked_loss", flag=True),
@@ -405,7 +413,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "weighted_captions",
             "dim_from_weights",
             "token_warmup_step",
-            "face_crop_aug_range",
             "lr_scheduler_args",
             "lr_scheduler_type",
             "loraplus_lr_ratio",
@@ -486,7 +493,11 @@ KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("train_text_encoder", True, "the text encoder is trained unless --network_train_unet_only"),
     ("buckets", False, "buckets are off unless --enable_bucket"),
     ("max_steps", 1600, "max_train_steps defaults to 1600"),
-    ("cache_latents", False, "latents are not cached unless --cache_latents (random_crop/color_aug need that)"),
+    (
+        "cache_latents",
+        False,
+        "latents are not cached unless --cache_latents (random_crop/color_aug/face_crop_aug_range need that)",
+    ),
 )
 
 
@@ -819,7 +830,7 @@ def kohya_defaults(
             continue
         if target == "cache_latents" and not any(
             str((given_values or {}).get(name, False)).strip().lower() not in ("false", "0", "", "none")
-            for name in ("random_crop", "color_aug")
+            for name in ("random_crop", "color_aug", "face_crop_aug_range")
         ):  # sdcore caches by default; kohya's default matters only where caching is refused
             continue
         values[target] = value

@@ -91,6 +91,12 @@ class TrainOptions:
         "gamma (0.95..1.05 on 0..255 values) (needs --no-cache-latents).",
         group="data",
     )
+    face_crop_aug_range: str | None = option(
+        None,
+        "kohya's face-centred crop with --no-buckets: 'low,high' (e.g. '2.0,4.0'), the face's larger side "
+        "becomes 1/low..1/high of the image side; faces come from names like img_<cx>_<cy>_<w>_<h>.png.",
+        group="data",
+    )
     alpha_mask: bool = option(
         False, "Weight the loss by each image's alpha channel (kohya; transparent = not learned).", group="loss"
     )

@@ -139,6 +139,12 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
     if o.cache_latents_to_disk and not o.cache_latents:
         problems.append("--cache-latents-to-disk needs --cache-latents")
+    from ..data.augment import face_crop_range
+
+    try:
+        face_crop_range(o.face_crop_aug_range)
+    except ValueError as exc:
+        problems.append(f"--{exc}".replace("face_crop_aug_range", "face-crop-aug-range", 1))
     if o.sample_every is not None and not o.sample_prompts:
         problems.append("--sample-every needs --sample-prompts")
     if o.sample_every_epochs is not None and not o.sample_prompts:

@@ -178,13 +178,16 @@ def test_sections_toml_with_lycoris_and_dataset_config(tmp_path, kohya_data):
 
 def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, kohya_data):
     cfg = _config(tmp_path, "all_sections.toml", data=kohya_data / "train", output=tmp_path / "o")
+    refused = tmp_path / "refused.toml"
+    refused.write_text(cfg.read_text().replace("random_crop = true", 'random_crop = true\nin_json = "meta.json"'))
     with pytest.raises(ConfigError) as info:
-        load_options(LoraOptions, cfg)
+        load_options(LoraOptions, refused)
     message = str(info.value)
-    for name in ("random_crop = True",):
+    for name in ("in_json = 'meta.json'",):
         assert name in message
-    # the options at their "off" value pass, and multires noise and max-norm translate: only random_crop is reported
+    # the options at their "off" value pass, and multires noise, max-norm and random_crop translate
     assert message.count("not supported by sdcore") == 1
+    assert load_options(LoraOptions, cfg, notes=[]).random_crop is True
     # scale_weight_norms translates (LyCORIS' LoHa max-norm), multires noise too
     fixed = tmp_path / "fixed.toml"
     fixed.write_text(cfg.read_text().replace("random_crop = true", "random_crop = false"))
@@ -353,10 +356,10 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
         assert {k: getattr(read, k) for k in translated} == translated
     # what sdcore does not have is listed, all at once
     data = json.loads((DATA / "gui_preset_loha.json").read_text())
-    data.update(random_crop=True, color_aug=True)
+    data.update(no_token_padding=True, debug_dataset=True)
     listed = tmp_path / "listed.json"
     listed.write_text(json.dumps(data))
-    refused = ["random_crop = True", "color_aug = True"]
+    refused = ["no_token_padding = True", "debug_dataset = True"]
     with pytest.raises(ConfigError) as info:
         load_options(LoraOptions, listed)
     message = str(info.value)

@@ -165,16 +165,21 @@ resolution = [640, 360]
     "body, message",
     [
         (
-            "[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nnum_repeat=3\ncolor_aug=true\nclas_tokens='a'\n",
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nnum_repeat=3\nresize_interpolation='lanczos'\nclas_tokens='a'\n",
             # every problem of the table at once, each with the nearest key
-            r"unknown key 'num_repeat' \(did you mean 'num_repeats'\?\); kohya key 'color_aug' is not supported "
+            r"unknown key 'num_repeat' \(did you mean 'num_repeats'\?\); kohya key 'resize_interpolation' is not supported "
             r"by sdcore; unknown key 'clas_tokens' \(did you mean 'class_tokens'\?\)",
         ),
         (
             "[general]\nbogus=1\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\n",
             r"\[general\]: unknown key 'bogus'",
         ),
-        ("[[datasets]]\ncolor_aug=true\n[[datasets.subsets]]\nimage_dir='x'\n", "'color_aug' is not supported"),
+        (
+            "[[datasets]]\nresize_interpolation='lanczos'\n[[datasets.subsets]]\nimage_dir='x'\n",
+            "'resize_interpolation' is not",
+        ),
+        ("[[datasets]]\nalpha_mask=true\n[[datasets.subsets]]\nimage_dir='x'\n", "'alpha_mask' belongs in a"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nrandom_crop='yes'\n", "'random_crop' must be a boolean"),
         ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats=2\n", "'image_dir' is required"),
         (
             "[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nnum_repeats='2'\n",

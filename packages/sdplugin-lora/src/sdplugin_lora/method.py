@@ -817,6 +817,9 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_max_validation_steps": str(o.max_validation_steps),
         "ss_validate_every_n_epochs": str(o.validate_every_n_epochs),
         "ss_validate_every_n_steps": str(o.validate_every_n_steps),
+        "ss_color_aug": str(o.color_aug),
+        "ss_random_crop": str(o.random_crop),
+        "ss_face_crop_aug_range": _face_range_text(o.face_crop_aug_range),
     }
     if o.min_timestep is not None or o.max_timestep is not None:  # kohya: sai_model_spec's timestep_range
         meta["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"
@@ -835,6 +838,16 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
             }
         )
     return meta
+
+
+def _face_range_text(value: str | None) -> str:
+    """kohya records the parsed tuple: ``(2.0, 4.0)``, or ``None`` when off."""
+    from sdcore.data.augment import face_crop_range
+
+    try:
+        return str(face_crop_range(value))
+    except ValueError:  # refused by the pre-flight before any save
+        return str(value)
 
 
 class LoconMethod(LoraMethod):

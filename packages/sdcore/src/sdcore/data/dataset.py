@@ -65,6 +65,15 @@ class SubsetOptions:
     # kohya's validation split (per dataset in its TOML; sdcore.train.validation applies it per subset)
     validation_split: float = 0.0
     validation_seed: int | None = None
+    # kohya's image options (sdcore.data.augment, sdcore.train.data)
+    color_aug: bool = False
+    random_crop: bool = False
+    #: the alpha channel (0..255 -> 0..1) weights the loss
+    alpha_mask: bool = False
+    #: ``--masked-loss``: a same-named mask image here weights the loss by its R channel
+    conditioning_data_dir: Path | None = None
+    #: kohya's face-centred crop (buckets off; faces named ``<name>_<cx>_<cy>_<w>_<h>``)
+    face_crop_aug_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,13 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_suffix": options.caption_suffix,
         "secondary_separator": options.secondary_separator,
         "flip": options.flip,
+        "color_aug": options.color_aug,
+        "random_crop": options.random_crop,
+        "alpha_mask": options.alpha_mask,
+        "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
+        if options.conditioning_data_dir
+        else None,
+        "face_crop_aug_range": _face_range_or_none(options.face_crop_aug_range),
         "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
         "min_bucket_reso": options.min_bucket_reso,
@@ -177,6 +193,16 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "validation_split": options.validation_split,
         "validation_seed": options.validation_seed,
     }
+
+
+def _face_range_or_none(value: Any) -> tuple[float, float] | None:
+    """The run's ``--face-crop-aug-range`` (a bad value is a pre-flight problem, reported there)."""
+    from .augment import face_crop_range
+
+    try:
+        return face_crop_range(value)
+    except ValueError:
+        return None
 
 
 def folder_subsets(
@@ -257,22 +283,24 @@ _SUBSET_KEYS = {
     "caption_suffix",
     "secondary_separator",
     "caption_dropout_every_n_epochs",
-}
-#: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
-_UNSUPPORTED_KEYS = {
     "color_aug",
     "random_crop",
+    "alpha_mask",
+    "conditioning_data_dir",
     "face_crop_aug_range",
+}
+#: kohya subset keys that belong to one subset only (kohya's schema refuses them in [general] and [[datasets]])
+_SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir"}
+#: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
+_UNSUPPORTED_KEYS = {
     "enable_wildcard",
     "caption_separator",
     "token_warmup_min",
     "token_warmup_step",
-    "alpha_mask",
     "cache_info",
     "metadata_file",
     "network_multiplier",
     "resize_interpolation",
-    "conditioning_data_dir",
     "debug_dataset",
 }
 
@@ -305,6 +333,9 @@ def _check_keys(table: Any, allowed: set[str], where: str, path: Path) -> dict[s
             continue
         if key in _UNSUPPORTED_KEYS:
             problems.append(f"kohya key '{key}' is not supported by sdcore")
+            continue
+        if key in _SUBSET_ONLY_KEYS:
+            problems.append(f"'{key}' belongs in a [[datasets.subsets]] table (as in kohya)")
             continue
         close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
         problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
@@ -387,6 +418,9 @@ _FIELD_OF = {
     "caption_suffix": ("caption_suffix", "a string"),
     "secondary_separator": ("secondary_separator", "a string"),
     "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
+    "color_aug": ("color_aug", "a boolean"),
+    "random_crop": ("random_crop", "a boolean"),
+    "alpha_mask": ("alpha_mask", "a boolean"),
     "batch_size": ("batch_size", "a positive integer"),
     "enable_bucket": ("buckets", "a boolean"),
     "min_bucket_reso": ("min_bucket_reso", "a positive integer"),
@@ -401,13 +435,21 @@ _FIELD_OF = {
 def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
     out = dict(values)
     for key, value in table.items():
-        if key in ("subsets", "datasets", "image_dir"):
+        if key in ("subsets", "datasets", "image_dir", "conditioning_data_dir"):
             continue
         if key == "resolution":
             out["resolution"] = _resolution(value, where, path)
             continue
         if key == "network_multiplier":
             _network_multiplier(value, where, path)
+            continue
+        if key == "face_crop_aug_range":
+            from .augment import face_crop_range
+
+            try:
+                out["face_crop_aug_range"] = face_crop_range(value)
+            except ValueError as exc:
+                raise DataError(f"{path}: {where}: {exc}") from None
             continue
         name, kind = _FIELD_OF[key]
         out[name] = _typed(value, kind, key, where, path)
@@ -437,7 +479,9 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
     data = _load_toml(path)
     _check_keys(data, {"general", "datasets"}, "top level", path)
     base = subset_defaults(defaults)
-    general = _check_keys(data.get("general", {}), _DATASET_KEYS | (_SUBSET_KEYS - {"image_dir"}), "[general]", path)
+    general = _check_keys(
+        data.get("general", {}), _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS), "[general]", path
+    )
     base = _apply(base, general, "[general]", path)
     datasets = data.get("datasets")
     if not isinstance(datasets, list) or not datasets:
@@ -445,7 +489,7 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
     subsets: list[SubsetOptions] = []
     for d_index, dataset in enumerate(datasets):
         where = f"datasets[{d_index}]"
-        dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - {"image_dir"}) | {"subsets"}, where, path)
+        dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS) | {"subsets"}, where, path)
         level = _apply(base, dataset, where, path)
         entries = dataset.get("subsets")
         if not isinstance(entries, list) or not entries:
@@ -457,6 +501,9 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
                 raise DataError(f"{path}: {s_where}: 'image_dir' is required")
             image_dir = _resolve_dir(_typed(subset["image_dir"], "a string", "image_dir", s_where, path), path)
             values = _apply(level, subset, s_where, path)
+            if "conditioning_data_dir" in subset:
+                raw = _typed(subset["conditioning_data_dir"], "a string", "conditioning_data_dir", s_where, path)
+                values["conditioning_data_dir"] = _resolve_dir(raw, path)
             subsets.append(SubsetOptions(image_dir=image_dir, **values))
     return subsets
 

@@ -154,8 +154,24 @@ def to_rgb(image: PILImage.Image) -> PILImage.Image:
     return image.convert("RGB")
 
 
-def open_image_rgb(path: str | os.PathLike[str], *, draft: tuple[int, int] | None = None) -> PILImage.Image:
+def raw_rgba(image: PILImage.Image) -> PILImage.Image:
+    """8-bit RGBA with the colours as stored (no compositing): what kohya's ``load_image(alpha=True)``
+    reads (PIL ``convert("RGBA")``). Images without transparency get alpha 255 and the same RGB as
+    :func:`to_rgb` (16-bit greys scaled, not clipped)."""
+    mode = image.mode
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        return image.convert("RGBA")
+    return to_rgb(image).convert("RGBA")
+
+
+def open_image_rgb(
+    path: str | os.PathLike[str], *, draft: tuple[int, int] | None = None, keep_alpha: bool = False
+) -> PILImage.Image:
     """Decode ``path`` fully, apply EXIF orientation and return an 8-bit RGB image.
+
+    ``keep_alpha`` returns 8-bit RGBA instead, colours as stored (:func:`raw_rgba`): kohya's
+    ``alpha_mask`` and mask images read the channels that way.
 
     ``draft`` lets a JPEG decode at a reduced DCT scale that still covers that size (taggers that
     resize to a few hundred pixels anyway decode large photos several times faster).
@@ -176,7 +192,7 @@ def open_image_rgb(path: str | os.PathLike[str], *, draft: tuple[int, int] | Non
             oriented = ImageOps.exif_transpose(image)
             if oriented is None:  # older Pillow returns None when in_place is used; be defensive
                 oriented = image
-            rgb = to_rgb(oriented)
+            rgb = raw_rgba(oriented) if keep_alpha else to_rgb(oriented)
             if rgb is image:  # closing ``image`` below would destroy the pixels we return
                 rgb = image.copy()
             rgb.load()

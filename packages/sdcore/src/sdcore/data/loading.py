@@ -6,6 +6,7 @@ Resampling follows kohya: area averaging when shrinking (PIL ``BOX``, the equiva
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from .buckets import BucketAssignment
@@ -15,6 +16,8 @@ from .images import open_image_rgb
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image as PILImage
+
+    from .augment import ColorAug
 
 
 def resize_for_bucket(image: PILImage.Image, size: tuple[int, int]) -> PILImage.Image:
@@ -28,29 +31,75 @@ def resize_for_bucket(image: PILImage.Image, size: tuple[int, int]) -> PILImage.
     return image.resize(size, method)
 
 
+def fit_to_bucket(
+    image: PILImage.Image, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None = None
+) -> tuple[PILImage.Image, tuple[int, int]]:
+    """Resize to cover the bucket, crop at ``crop`` (``(left, top)`` in the resized image; the
+    bucket's centre crop when None), mirror when ``flip``; returns the image and ``(top, left)``
+    of the crop (mirrored when ``flip``). The one geometry every sample, mask and map goes through."""
+    from PIL import ImageOps
+
+    resized_w, resized_h = assignment.resized
+    if image.size != (resized_w, resized_h):
+        image = resize_for_bucket(image, (resized_w, resized_h))
+    left, top = assignment.crop if crop is None else crop
+    bucket_w, bucket_h = assignment.bucket
+    image = image.crop((left, top, left + bucket_w, top + bucket_h))
+    if flip:
+        image = ImageOps.mirror(image)
+        left = resized_w - left - bucket_w
+    return image, (top, left)
+
+
 def load_training_image(
-    entry: ImageEntry, assignment: BucketAssignment, *, flip: bool
+    entry: ImageEntry,
+    assignment: BucketAssignment,
+    *,
+    flip: bool,
+    crop: tuple[int, int] | None = None,
+    color: ColorAug | None = None,
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """``(pixels, original_size, crop_coords)`` for one sample.
 
     ``pixels`` is float32 CHW in [-1, 1] of the bucket's size; ``original_size`` is (h, w) of the
     image after EXIF rotation; ``crop_coords`` is (top, left) of the crop in the resized image,
     mirrored when ``flip`` (what the flipped pixels really are, as SDXL's conditioning expects).
+    ``crop`` is a ``random_crop`` position (``(left, top)``, else the bucket's centre crop) and
+    ``color`` a drawn ``color_aug`` (:mod:`sdcore.data.augment`). When the image's subset uses
+    ``alpha_mask``, the RGB channels are read as stored (no compositing on white), as kohya reads them.
     Raises :class:`~sdcore.data.images.ImageError` when the file became unreadable.
     """
     import numpy as np
-    from PIL import ImageOps
 
-    image = open_image_rgb(entry.path)
+    from .augment import apply_color_aug
+
+    keep_alpha = bool(getattr(entry.subset, "alpha_mask", False))
+    image = open_image_rgb(entry.path, keep_alpha=keep_alpha)
+    if keep_alpha:
+        image = image.convert("RGB")  # drops alpha without compositing (resizing RGBA would premultiply)
     original_size = (image.size[1], image.size[0])
-    resized_w, resized_h = assignment.resized
-    if image.size != (resized_w, resized_h):
-        image = resize_for_bucket(image, (resized_w, resized_h))
-    left, top = assignment.crop
-    bucket_w, bucket_h = assignment.bucket
-    image = image.crop((left, top, left + bucket_w, top + bucket_h))
-    if flip:
-        image = ImageOps.mirror(image)
-        left = resized_w - left - bucket_w
-    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
-    return np.ascontiguousarray(pixels, dtype=np.float32), original_size, (top, left)
+    image, coords = fit_to_bucket(image, assignment, flip=flip, crop=crop)
+    if color is not None:
+        array = apply_color_aug(np.asarray(image, dtype=np.uint8), color).astype(np.float32)
+    else:
+        array = np.asarray(image, dtype=np.float32)
+    pixels = array.transpose(2, 0, 1) / 127.5 - 1.0
+    return np.ascontiguousarray(pixels, dtype=np.float32), original_size, coords
+
+
+def load_training_channel(
+    path: str | os.PathLike[str],
+    assignment: BucketAssignment,
+    *,
+    channel: int,
+    flip: bool,
+    crop: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """One channel (0..3 of RGBA, colours as stored) of the image at ``path`` as uint8 ``[H, W]``,
+    resized, cropped and flipped exactly like a training image with the same ``assignment``: kohya's
+    alpha masks (channel 3 of the image) and mask images (channel 0, R, of ``conditioning_data_dir``)."""
+    import numpy as np
+
+    image = open_image_rgb(path, keep_alpha=True).getchannel(channel)
+    image, _ = fit_to_bucket(image, assignment, flip=flip, crop=crop)
+    return np.asarray(image, dtype=np.uint8)

@@ -13,7 +13,7 @@ from .options import TrainOptions
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
     from .cache import LatentCache, TextCache
-    from .data import SampleRef, TrainData
+    from .data import SampleRef, SampleView, TrainData
 
 
 class Prefetcher:
@@ -64,7 +64,7 @@ class BatchMaker:
         self.latent_cache = latent_cache
         self.text_cache = text_cache
         self.prefetcher: Prefetcher | None = None
-        self._mask_cache: dict[tuple[int, bool], Any] = {}
+        self._mask_cache: dict[tuple[int, SampleView], Any] = {}
 
     @property
     def reads_images(self) -> bool:
@@ -90,19 +90,20 @@ class BatchMaker:
         to_encode: list[tuple[int, Any, int]] = []  # (slot, pixels, seed) when latents are not cached
         for ref in refs:
             entry, assignment = data.entries[ref.entry], data.assignments[ref.entry]
-            flipped = data.flip_of(ref)
+            view = data.view_of(ref)
+            flipped = view.flip
             pixels = None
             if self.latent_cache is not None:
                 latent, original, crop = self.latent_cache.get(ref.entry, flipped)
                 latents.append(latent)
             else:
-                array, original, crop = self.pixels(ref.entry, flipped)
+                array, original, crop = self.pixels(ref.entry, view)
                 pixels = torch.from_numpy(array)
                 to_encode.append((len(latents), pixels, self.latent_seed(ref.entry, flipped)))
                 latents.append(None)
             if self.caps.needs_pixels:
                 if pixels is None:
-                    array, _, _ = self.pixels(ref.entry, flipped)
+                    array, _, _ = self.pixels(ref.entry, view)
                     pixels = torch.from_numpy(array)
                 pixels_list.append(pixels)
             if self.text_cache is not None:
@@ -138,31 +139,57 @@ class BatchMaker:
         return batch
 
     def loss_masks(self, refs: list[SampleRef], latent_size: Any) -> Any:
-        """``[B, 1, h, w]`` loss weights from the method (cached per image and flip), or ``None``."""
+        """``[B, 1, h, w]`` loss weights, or ``None``: the product of the method's mask
+        (:meth:`~sdcore.train.method.TrainingMethod.loss_mask`) and the dataset's (kohya's
+        ``alpha_mask`` / ``--masked-loss`` mask images, :func:`~sdcore.train.data.load_mask`).
+        Cached per image and view (flip; not for random crops, which differ every time)."""
         import torch
+
+        from .data import SampleView
 
         size = (int(latent_size[0]), int(latent_size[1]))
         masks = []
         for ref in refs:
-            flipped = self.data.flip_of(ref)
-            key = (ref.entry, flipped)
+            view = self.data.view_of(ref)
+            key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
+            mask = self._mask_cache.get(key)
             if key not in self._mask_cache:
-                entry, assignment = self.data.entries[ref.entry], self.data.assignments[ref.entry]
-                self._mask_cache[key] = self.method.loss_mask(entry, assignment, flipped=flipped, latent_size=size)
-            masks.append(self._mask_cache[key])
+                mask = self.sample_mask(ref.entry, key[1], size)
+                if view.crop is None and view.resized is None:
+                    self._mask_cache[key] = mask
+            masks.append(mask)
         if all(mask is None for mask in masks):
             return None
         ones = torch.ones(1, *size)
         return torch.stack([ones if mask is None else mask.reshape(1, *size).float() for mask in masks]).to(self.device)
 
-    def pixels(self, entry: int, flipped: bool) -> tuple[Any, Any, Any]:
-        from .data import load_pixels
+    def sample_mask(self, index: int, view: SampleView, size: tuple[int, int]) -> Any:
+        """The method's mask times the dataset's for one sample view, ``[1, h, w]`` or None."""
+        from .data import has_dataset_mask, load_mask, mask_to_latent
 
+        entry = self.data.entries[index]
+        assignment = view.apply(self.data.assignments[index])  # a random crop: the maps are cropped there too
+        mask = self.method.loss_mask(entry, assignment, flipped=view.flip, latent_size=size)
+        if has_dataset_mask(entry):
+            pixel_mask = load_mask(entry, assignment, flip=view.flip)
+            if pixel_mask is not None:
+                own = mask_to_latent(pixel_mask, size)
+                mask = own if mask is None else mask.reshape(1, *size).float() * own
+        return mask
+
+    def pixels(self, entry: int, view: SampleView | bool) -> tuple[Any, Any, Any]:
+        """Decoded pixels of one sample view (a bare bool: flipped or not, centre crop, no colour)."""
+        from .data import SampleView, load_pixels
+
+        if isinstance(view, bool):
+            view = SampleView(view)
         if self.prefetcher is not None:
-            found = self.prefetcher.take((entry, flipped))
+            found = self.prefetcher.take((entry, view))
             if found is not None:
                 return found  # type: ignore[no-any-return]
-        return load_pixels(self.data.entries[entry], self.data.assignments[entry], flip=flipped)
+        return load_pixels(
+            self.data.entries[entry], view.apply(self.data.assignments[entry]), flip=view.flip, color=view.color
+        )
 
     def prefetch(self, refs_groups: list[list[SampleRef]]) -> None:
         """Start decoding the images of the coming micro-batches in background threads."""
@@ -172,9 +199,11 @@ class BatchMaker:
 
         for refs in refs_groups:
             for ref in refs:
-                flipped = self.data.flip_of(ref)
+                view = self.data.view_of(ref)
                 entry, assignment = self.data.entries[ref.entry], self.data.assignments[ref.entry]
-                self.prefetcher.submit((ref.entry, flipped), load_pixels, entry, assignment, flip=flipped)
+                self.prefetcher.submit(
+                    (ref.entry, view), load_pixels, entry, view.apply(assignment), flip=view.flip, color=view.color
+                )
 
     def start_prefetching(self) -> None:
         if self.reads_images and self.prefetcher is None:

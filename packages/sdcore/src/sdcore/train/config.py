@@ -186,7 +186,7 @@ def load_options(
     raw = {**config_values, **translated, **cli_values}
     found_notes += translation.notes
     if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
-        defaults, applied = k.kohya_defaults(fields, set(raw))
+        defaults, applied = k.kohya_defaults(fields, set(raw), raw)
         if applied:
             found_notes.append("kohya defaults applied (set the option to change): " + "; ".join(applied))
         raw = {**defaults, **raw}

@@ -10,14 +10,17 @@ therefore never change what a sample looks like.
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .noise import sample_seed
 
 if TYPE_CHECKING:
+    from ..data.augment import ColorAug
     from ..data.buckets import BucketAssignment
     from ..data.dataset import DatasetIndex, ImageEntry
     from .options import TrainOptions
@@ -36,6 +39,31 @@ class SampleRef:
 
     def rng(self, base_seed: int, purpose: str) -> random.Random:
         return random.Random(self.seed(base_seed, purpose))
+
+
+@dataclass(frozen=True)
+class SampleView:
+    """How one sample's pixels look: mirrored, where it is cropped (``(left, top)`` in the resized
+    image; None = the bucket's centre crop) and its colour augmentation. Hashable: it keys prefetches
+    and masks."""
+
+    flip: bool
+    crop: tuple[int, int] | None = None
+    color: ColorAug | None = None
+    #: ``face_crop_aug_range``: the size the image is resized to first (None: the bucket's)
+    resized: tuple[int, int] | None = None
+
+    def apply(self, assignment: BucketAssignment) -> BucketAssignment:
+        """``assignment`` with this view's resize and crop (the same object when it has neither)."""
+        if self.crop is None and self.resized is None:
+            return assignment
+        import dataclasses
+
+        return dataclasses.replace(
+            assignment,
+            resized=self.resized or assignment.resized,
+            crop=self.crop if self.crop is not None else assignment.crop,
+        )
 
 
 class TrainData:
@@ -106,6 +134,54 @@ class TrainData:
         """The entries that train (all but the held-out ones)."""
         return [e for i, e in enumerate(self.entries) if i not in self.held_out]
 
+    def crop_of(self, ref: SampleRef) -> tuple[int, int] | None:
+        """kohya's ``random_crop`` (or ``face_crop_aug_range``) crop ``(left, top)`` drawn from the
+        sample's own generator, or None (the bucket's centre crop: the options off, or an evaluation
+        ref, epoch < 0)."""
+        return self.geometry_of(ref)[1]
+
+    def geometry_of(self, ref: SampleRef) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """``(resized, crop)`` of this sample: ``face_crop_aug_range`` (buckets off, a face in the
+        file name) draws both, ``random_crop`` the crop; ``(None, None)`` keeps the bucket's."""
+        entry = self.entries[ref.entry]
+        s = entry.subset
+        if ref.epoch < 0:
+            return None, None
+        face_range = getattr(s, "face_crop_aug_range", None)
+        if face_range is not None and not s.buckets:
+            from ..data.augment import draw_face_crop, face_info
+
+            face = face_info(entry.path)
+            if face is not None:
+                assignment = self.assignments[ref.entry]
+                return draw_face_crop(
+                    ref.rng(self.seed, "crop"),
+                    entry.size,
+                    assignment.bucket,
+                    face,
+                    face_range,
+                    random_crop=bool(getattr(s, "random_crop", False)),
+                )
+        if not getattr(s, "random_crop", False):
+            return None, None
+        from ..data.augment import draw_crop
+
+        assignment = self.assignments[ref.entry]
+        return None, draw_crop(ref.rng(self.seed, "crop"), assignment.resized, assignment.bucket)
+
+    def color_of(self, ref: SampleRef) -> ColorAug | None:
+        """kohya's ``color_aug`` for this sample (None: unchanged; never for evaluation refs)."""
+        if ref.epoch < 0 or not getattr(self.entries[ref.entry].subset, "color_aug", False):
+            return None
+        from ..data.augment import draw_color_aug
+
+        return draw_color_aug(ref.rng(self.seed, "color-aug"))
+
+    def view_of(self, ref: SampleRef) -> SampleView:
+        """Everything drawn about how this sample's pixels look."""
+        resized, crop = self.geometry_of(ref)
+        return SampleView(self.flip_of(ref), crop, self.color_of(ref), resized)
+
     def needed_latents(self) -> list[tuple[int, bool]]:
         """Every (entry, flipped) latent a run may ask for."""
         wanted = []
@@ -154,12 +230,78 @@ def make_caption(method: Any, entry: ImageEntry, rng: random.Random, *, epoch: i
 
 
 def load_pixels(
-    entry: ImageEntry, assignment: BucketAssignment, *, flip: bool
+    entry: ImageEntry,
+    assignment: BucketAssignment,
+    *,
+    flip: bool,
+    crop: tuple[int, int] | None = None,
+    color: ColorAug | None = None,
 ) -> tuple[Any, tuple[int, int], tuple[int, int]]:
-    """``(CHW float32 in [-1, 1], original (h, w), crop (top, left))`` for one image."""
+    """``(CHW float32 in [-1, 1], original (h, w), crop (top, left))`` for one image; ``crop`` and
+    ``color`` are a sample's ``random_crop`` position and ``color_aug`` (:meth:`TrainData.view_of`)."""
     from ..data.loading import load_training_image
 
-    return load_training_image(entry, assignment, flip=flip)
+    return load_training_image(entry, assignment, flip=flip, crop=crop, color=color)
+
+
+#: kohya's IMAGE_EXTENSIONS, in its order (``glob_images``: each spelling exactly, so ``.Png`` is not found)
+MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".BMP")
+
+
+def mask_image_path(entry: ImageEntry) -> Path | None:
+    """The ``--masked-loss`` mask image of ``entry``: same base name in its subset's
+    ``conditioning_data_dir``, the first in sorted order (kohya's ``glob_images(dir, base)[0]``)."""
+    folder = getattr(entry.subset, "conditioning_data_dir", None)
+    if folder is None:
+        return None
+    found = sorted(str(folder / f"{entry.path.stem}{ext}") for ext in MASK_EXTENSIONS)
+    found = [p for p in dict.fromkeys(found) if Path(p).is_file()]
+    return Path(found[0]) if found else None
+
+
+def has_dataset_mask(entry: ImageEntry) -> bool:
+    """Whether the dataset weights this image's loss (``alpha_mask`` or a ``conditioning_data_dir``)."""
+    s = entry.subset
+    return bool(getattr(s, "alpha_mask", False) or getattr(s, "conditioning_data_dir", None) is not None)
+
+
+def load_mask(
+    entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None = None
+) -> Any:
+    """kohya's loss mask of one sample at pixel size (float32 ``[H, W]`` in 0..1), or None.
+
+    Geometry: the image's own resize, crop and flip (:func:`sdcore.data.loading.fit_to_bucket`).
+    Values: ``alpha_mask``: the alpha channel ``/ 255``; a ``conditioning_data_dir`` mask image: its
+    R channel through kohya's path (``ToTensor`` then ``Normalize(0.5, 0.5)`` then ``/ 2 + 0.5``,
+    in float32). A missing mask image is a pre-flight problem; here it raises :class:`DataError`.
+    """
+    import numpy as np
+
+    from ..data.loading import load_training_channel
+    from ..errors import DataError
+
+    s = entry.subset
+    if getattr(s, "conditioning_data_dir", None) is not None:
+        path = mask_image_path(entry)
+        if path is None:
+            raise DataError(f"{entry.path}: no mask image named {entry.path.stem}.* in {s.conditioning_data_dir}")
+        red = load_training_channel(path, assignment, channel=0, flip=flip, crop=crop)
+        t = red.astype(np.float32) / np.float32(255.0)
+        t = (t - np.float32(0.5)) / np.float32(0.5)
+        return t / np.float32(2.0) + np.float32(0.5)
+    if getattr(s, "alpha_mask", False):
+        alpha = load_training_channel(entry.path, assignment, channel=3, flip=flip, crop=crop)
+        return alpha.astype(np.float32) / np.float32(255.0)
+    return None
+
+
+def mask_to_latent(mask: Any, latent_size: tuple[int, int]) -> Any:
+    """A pixel-size mask ``[H, W]`` as loss weights ``[1, h, w]``: kohya's ``apply_masked_loss``
+    (``interpolate(mode="area")`` to the loss's size; no renormalisation by the mask's mean)."""
+    import torch
+
+    tensor = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    return torch.nn.functional.interpolate(tensor, size=latent_size, mode="area")[0]
 
 
 def build_train_data(
@@ -222,3 +364,123 @@ def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | 
     if options.max_steps is not None:
         steps = min(steps, options.max_steps)
     return steps, epochs
+
+
+def _face_cropped(entry: ImageEntry) -> bool:
+    s = entry.subset
+    return getattr(s, "face_crop_aug_range", None) is not None and not s.buckets
+
+
+def _listed(paths: list[str], limit: int = 10) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[str]:
+    """Pre-flight problems of kohya's image options (``random_crop``, ``color_aug``, ``alpha_mask``,
+    ``masked_loss`` with ``conditioning_data_dir``), per subset as the dataset TOML sets them.
+
+    kohya refuses cached latents with ``random_crop`` or ``color_aug`` (``is_latent_cacheable``),
+    ``random_crop`` with mask images (its ControlNet dataset), mask folders without ``masked_loss``
+    (its schema), and a dataset whose mask images are missing, left over or of another size.
+    """
+    from ..data.images import ImageError, is_image_path, probe_image
+
+    problems: list[str] = []
+    subsets = index.subsets or list({id(e.subset): e.subset for e in index.entries}.values())
+    from ..data.augment import face_info
+
+    augmenting = sorted({name for s in subsets for name in ("random_crop", "color_aug") if getattr(s, name, False)})
+    faces = [e for e in index.entries if _face_cropped(e) and face_info(e.path) is not None]
+    if faces:
+        augmenting.append("face_crop_aug_range")
+    for s in subsets:
+        if getattr(s, "face_crop_aug_range", None) is not None and s.buckets:
+            problems.append(
+                f"{s.image_dir}: face_crop_aug_range works with buckets off (kohya ignores it with enable_bucket): "
+                "add --no-buckets (enable_bucket = false)"
+            )
+            break
+    small = [f"{e.path} ({e.size[0]}x{e.size[1]})" for e in faces if min(e.size) < e.subset.resolution]
+    if small:
+        problems.append(
+            f"face_crop_aug_range: {len(small)} image(s) smaller than the resolution {faces[0].subset.resolution} "
+            f"(kohya never enlarges them and stops): {_listed(small)}"
+        )
+    if augmenting and options.cache_latents:
+        problems.append(
+            f"{' and '.join(augmenting)} change(s) the pixels every time an image is used, so latents cannot be "
+            "cached (kohya refuses it too): pass --no-cache-latents"
+        )
+    with_dir = [s for s in subsets if getattr(s, "conditioning_data_dir", None) is not None]
+    if with_dir and not options.masked_loss:
+        problems.append(
+            f"conditioning_data_dir ({with_dir[0].conditioning_data_dir}) holds --masked-loss mask images: "
+            "add --masked-loss (kohya refuses the key without it)"
+        )
+    if options.masked_loss and not any(has_dataset_mask(e) for e in index.entries):
+        problems.append(
+            "--masked-loss has no masks: give --conditioning-data-dir (or conditioning_data_dir in the dataset "
+            "TOML's subsets) with mask images, or alpha_mask for images with transparency"
+        )
+    for s in with_dir:
+        folder = s.conditioning_data_dir
+        assert folder is not None
+        if getattr(s, "alpha_mask", False):
+            problems.append(
+                f"{s.image_dir}: alpha_mask and conditioning_data_dir both give masks; choose one "
+                "(kohya's mask-image subsets have no alpha_mask)"
+            )
+        if getattr(s, "face_crop_aug_range", None) is not None and not s.buckets:
+            problems.append(
+                f"{s.image_dir}: face_crop_aug_range with mask images (conditioning_data_dir) is not supported "
+                "(kohya's mask images are centre-cropped)"
+            )
+        if getattr(s, "random_crop", False):
+            problems.append(
+                f"{s.image_dir}: random_crop with mask images (conditioning_data_dir) is not supported "
+                "(kohya refuses it: its mask images are centre-cropped)"
+            )
+        if not folder.is_dir():
+            problems.append(f"conditioning_data_dir {folder}: not a folder")
+    missing: list[str] = []
+    mismatched: list[str] = []
+    used: set[str] = set()
+    for entry in index.entries:
+        mask_dir = getattr(entry.subset, "conditioning_data_dir", None)
+        if mask_dir is None or not mask_dir.is_dir():
+            continue
+        path = mask_image_path(entry)
+        if path is None:
+            missing.append(str(entry.path))
+            continue
+        used.add(os.path.splitext(os.path.abspath(path))[0])
+        try:
+            size = probe_image(path)
+        except ImageError as exc:
+            mismatched.append(str(exc))
+            continue
+        if size != entry.size:
+            mismatched.append(f"{path} is {size[0]}x{size[1]}, its image {entry.size[0]}x{entry.size[1]}")
+    if missing:
+        problems.append(
+            f"--masked-loss: {len(missing)} image(s) without a mask image of the same name in their "
+            f"conditioning_data_dir: {_listed(missing)}"
+        )
+    if mismatched:
+        problems.append(
+            f"--masked-loss: {len(mismatched)} mask image(s) unusable (a mask must have its image's size, as kohya "
+            f"asserts): {_listed(mismatched)}"
+        )
+    extra: list[str] = []
+    folders = {s.conditioning_data_dir for s in with_dir if s.conditioning_data_dir is not None}
+    for folder in sorted(f for f in folders if f.is_dir()):
+        for child in sorted(folder.iterdir()):
+            if child.is_file() and is_image_path(child) and os.path.splitext(os.path.abspath(child))[0] not in used:
+                extra.append(str(child))
+    if extra:
+        problems.append(
+            f"--masked-loss: {len(extra)} mask image(s) match no training image (kohya refuses extra mask images): "
+            f"{_listed(extra)}"
+        )
+    return problems

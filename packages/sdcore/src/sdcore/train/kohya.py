@@ -64,6 +64,13 @@ def _args_text(value: Any) -> str:
     return _text(value)
 
 
+def _pair_text(value: Any) -> str:
+    """kohya's ``"2.0,4.0"`` (CLI) or ``[2.0, 4.0]`` (TOML) -> ``"2.0,4.0"``."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_text(v) for v in value)
+    return _text(value)
+
+
 def _precision(value: Any) -> str:
     text = _text(value).lower()
     return {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(text, text)
@@ -226,6 +233,12 @@ ALIASES: dict[str, Alias] = {
     "caption_suffix": _a("caption_suffix"),
     "secondary_separator": _a("secondary_separator"),
     "flip_aug": _a("flip", flag=True),
+    "random_crop": _a("random_crop", flag=True),
+    "face_crop_aug_range": _a("face_crop_aug_range", _pair_text),
+    "color_aug": _a("color_aug", flag=True),
+    "alpha_mask": _a("alpha_mask", flag=True),
+    "masked_loss": _a("masked_loss", flag=True),
+    "conditioning_data_dir": _a("conditioning_data_dir"),
     "enable_bucket": _a("buckets", flag=True),
     "min_bucket_reso": _a("min_bucket_reso"),
     "max_bucket_reso": _a("max_bucket_reso"),
@@ -453,19 +466,13 @@ _ALIAS_OFF: dict[str, tuple[Any, ...]] = {"network_multiplier": (*_OFF, 1, 1.0)}
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **dict.fromkeys(
         (
-            "color_aug",
-            "random_crop",
             "weighted_captions",
-            "masked_loss",
-            "alpha_mask",
             "token_warmup_step",
-            "face_crop_aug_range",
             "in_json",
             "fused_backward_pass",
             "initial_epoch",
             "initial_step",
             "skip_until_initial_step",
-            "conditioning_data_dir",
             "keep_tokens_separator",
             "enable_wildcard",
             "weights",
@@ -480,11 +487,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "noise_offset_type": (*_OFF, "Original"),
 }
 _FLAG_UNSUPPORTED = {
-    "color_aug",
-    "random_crop",
     "weighted_captions",
-    "masked_loss",
-    "alpha_mask",
     "fused_backward_pass",
     "skip_until_initial_step",
     "enable_wildcard",
@@ -533,6 +536,11 @@ KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("train_text_encoder", True, "the text encoder is trained unless --network_train_unet_only"),
     ("buckets", False, "buckets are off unless --enable_bucket"),
     ("max_steps", 1600, "max_train_steps defaults to 1600"),
+    (
+        "cache_latents",
+        False,
+        "latents are not cached unless --cache_latents (random_crop/color_aug/face_crop_aug_range need that)",
+    ),
 )
 
 
@@ -881,8 +889,11 @@ def _network(
             out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
 
 
-def kohya_defaults(options_fields: Iterable[str], given: set[str]) -> tuple[dict[str, Any], list[str]]:
-    """kohya's defaults for a run written with kohya names, for the options nobody set."""
+def kohya_defaults(
+    options_fields: Iterable[str], given: set[str], given_values: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """kohya's defaults for a run written with kohya names, for the options nobody set (``given_values``:
+    the given options' values, for defaults that only matter when another option is on)."""
     present = set(options_fields)
     values: dict[str, Any] = {}
     applied: list[str] = []
@@ -892,6 +903,11 @@ def kohya_defaults(options_fields: Iterable[str], given: set[str]) -> tuple[dict
         if target == "train_text_encoder" and {"unet_only", "te_only"} & given:
             continue
         if target == "max_steps" and "epochs" in given:
+            continue
+        if target == "cache_latents" and not any(
+            str((given_values or {}).get(name, False)).strip().lower() not in ("false", "0", "", "none")
+            for name in ("random_crop", "color_aug", "face_crop_aug_range")
+        ):  # sdcore caches by default; kohya's default matters only where caching is refused
             continue
         values[target] = value
         applied.append(why)

@@ -81,6 +81,36 @@ class TrainOptions:
         group="data",
     )
     flip: bool = option(False, "Random horizontal flips (cached latents are kept for both orientations).", group="data")
+    random_crop: bool = option(
+        False,
+        "Crop at a random position (per sample) instead of the centre after resizing to the bucket "
+        "(kohya; needs --no-cache-latents).",
+        group="data",
+    )
+    color_aug: bool = option(
+        False,
+        "kohya's weak colour augmentation: 1 sample in 3 gets a hue shift (up to 16 degrees) or kohya's "
+        "gamma (0.95..1.05 on 0..255 values) (needs --no-cache-latents).",
+        group="data",
+    )
+    face_crop_aug_range: str | None = option(
+        None,
+        "kohya's face-centred crop with --no-buckets: 'low,high' (e.g. '2.0,4.0'), the face's larger side "
+        "becomes 1/low..1/high of the image side; faces come from names like img_<cx>_<cy>_<w>_<h>.png.",
+        group="data",
+    )
+    alpha_mask: bool = option(
+        False, "Weight the loss by each image's alpha channel (kohya; transparent = not learned).", group="loss"
+    )
+    masked_loss: bool = option(
+        False,
+        "Weight the loss by mask images (R channel, 0..255 -> 0..1) named like the images in "
+        "--conditioning-data-dir or the dataset TOML's conditioning_data_dir (kohya).",
+        group="loss",
+    )
+    conditioning_data_dir: str | None = option(
+        None, "Folder of --masked-loss mask images, same base names as the images (kohya).", group="data"
+    )
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")
     max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")

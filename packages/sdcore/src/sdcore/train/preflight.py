@@ -135,6 +135,12 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
     if o.cache_latents_to_disk and not o.cache_latents:
         problems.append("--cache-latents-to-disk needs --cache-latents")
+    from ..data.augment import face_crop_range
+
+    try:
+        face_crop_range(o.face_crop_aug_range)
+    except ValueError as exc:
+        problems.append(f"--{exc}".replace("face_crop_aug_range", "face-crop-aug-range", 1))
     if o.sample_every is not None and not o.sample_prompts:
         problems.append("--sample-every needs --sample-prompts")
     if o.sample_every_epochs is not None and not o.sample_prompts:
@@ -557,7 +563,7 @@ def run_preflight(
     ``bundle`` (an already loaded model) skips the model check and sizes the plan from it;
     ``plan`` False skips the memory and disk estimates (they need the model's configs).
     """
-    from .data import build_train_data
+    from .data import build_train_data, image_option_problems
     from .loop import output_paths, total_steps_for
 
     o = options
@@ -647,6 +653,7 @@ def run_preflight(
             else:
                 data = _build_unverified(o, method)
             report.data = data
+            report.problems.extend(image_option_problems(o, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
                 report.problems.append(

@@ -62,6 +62,9 @@ class SubsetOptions:
     caption_suffix: str = ""
     secondary_separator: str | None = None
     caption_dropout_every_n_epochs: int = 0
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,10 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_prefix": options.caption_prefix,
         "caption_suffix": options.caption_suffix,
         "secondary_separator": options.secondary_separator,
+        "keep_tokens_separator": options.keep_tokens_separator,
+        "enable_wildcard": options.enable_wildcard,
+        "token_warmup_min": options.token_warmup_min,
+        "token_warmup_step": options.token_warmup_step,
         "flip": options.flip,
         "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
         "buckets": options.buckets,
@@ -250,16 +257,16 @@ _SUBSET_KEYS = {
     "caption_suffix",
     "secondary_separator",
     "caption_dropout_every_n_epochs",
+    "enable_wildcard",
+    "token_warmup_min",
+    "token_warmup_step",
 }
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
     "color_aug",
     "random_crop",
     "face_crop_aug_range",
-    "enable_wildcard",
     "caption_separator",
-    "token_warmup_min",
-    "token_warmup_step",
     "alpha_mask",
     "cache_info",
     "metadata_file",
@@ -326,6 +333,10 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
             raise bad
         value = float(value)
+    elif kind == "a non-negative number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < float("inf"):
+            raise bad
+        value = float(value)
     return value
 
 
@@ -376,6 +387,9 @@ _FIELD_OF = {
     "caption_suffix": ("caption_suffix", "a string"),
     "secondary_separator": ("secondary_separator", "a string"),
     "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
+    "enable_wildcard": ("enable_wildcard", "a boolean"),
+    "token_warmup_min": ("token_warmup_min", "a non-negative integer"),
+    "token_warmup_step": ("token_warmup_step", "a non-negative number"),
     "batch_size": ("batch_size", "a positive integer"),
     "enable_bucket": ("buckets", "a boolean"),
     "min_bucket_reso": ("min_bucket_reso", "a positive integer"),
@@ -509,7 +523,7 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             )
             continue
         try:
-            caption = read_caption(path, subset.caption_extension)
+            caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
         except DataError as exc:
             index.skipped.append(SkippedFile(path, _reason(exc, path)))
             continue

@@ -188,6 +188,7 @@ class TrainSession:
             self.device,
             latent_cache=self.latent_cache,
             text_cache=self.text_cache,
+            total_steps=self.total_steps,
         )
         self.objective = Objective(bundle, method, o)
 

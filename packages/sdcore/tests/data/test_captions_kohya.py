@@ -181,14 +181,18 @@ def test_dropped_at_epoch_counts_epochs_as_kohya():
 # (captions without empty tags: kohya keeps an empty tag when it splits without a separator,
 # sdcore drops it; that is the one known difference and these captions do not exercise it)
 
-WILD = "1girl, {red|blue|green} hair, {{literal}}, {smile|frown}, outdoors\nportrait of {a|the} girl, {day|night}\nx, y, z"
+WILD = (
+    "1girl, {red|blue|green} hair, {{literal}}, {smile|frown}, outdoors\nportrait of {a|the} girl, {day|night}\nx, y, z"
+)
 SEPARATED = "sks, 1girl ||| blue hair, smile, red eyes, outdoors, sky ||| masterpiece, best quality"
 LONG = ", ".join(f"t{i}" for i in range(12))
 
 NEW_CASES = {
     "wildcards, no shuffle": (KohyaSubset(enable_wildcard=True), WILD),
     "wildcards with prefix, suffix and shuffle": (
-        KohyaSubset(enable_wildcard=True, caption_prefix="p,", caption_suffix=", s", shuffle_caption=True, keep_tokens=1),
+        KohyaSubset(
+            enable_wildcard=True, caption_prefix="p,", caption_suffix=", s", shuffle_caption=True, keep_tokens=1
+        ),
         WILD,
     ),
     "wildcards, caption and tag dropout": (
@@ -253,7 +257,9 @@ def test_wildcard_and_separator_facts():
     assert process_caption("a, b\nc", rng=random.Random(0)) == "a, b"
     # the separator's fixed head and tail never move; only the middle shuffles
     for seed in range(50):
-        tags = process_caption(SEPARATED, shuffle=True, keep_tokens_separator="|||", rng=random.Random(seed)).split(", ")
+        tags = process_caption(SEPARATED, shuffle=True, keep_tokens_separator="|||", rng=random.Random(seed)).split(
+            ", "
+        )
         assert tags[:2] == ["sks", "1girl"] and tags[-2:] == ["masterpiece", "best quality"]
         assert sorted(tags[2:-2]) == sorted(["blue hair", "smile", "red eyes", "outdoors", "sky"])
     # off: kohya leaves the caption (separator included) as it is
@@ -264,7 +270,11 @@ def test_token_warmup_formula_facts():
     # kohya: floor(step * (n - min) / warmup) + min tags of the shuffled part, all of them from step `warmup` on
     assert [warmup_tag_count(12, 1, 10, s) for s in (0, 1, 5, 9)] == [1, 2, 6, 10]
     counts = [
-        len(process_caption(LONG, token_warmup_step=0.5, token_warmup_min=2, step=s, max_steps=20, rng=random.Random(0)).split(", "))
+        len(
+            process_caption(
+                LONG, token_warmup_step=0.5, token_warmup_min=2, step=s, max_steps=20, rng=random.Random(0)
+            ).split(", ")
+        )
         for s in range(12)
     ]
     assert counts == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 12]

@@ -207,7 +207,9 @@ def test_keep_tokens_separator_cli_and_dataset_toml_work_the_same(tmp_path):
     assert [getattr(from_toml, n) for n in names] == [getattr(from_cli, n) for n in names] == ["|||", True, 3, 0.25]
     from sdcore.errors import DataError
 
-    config.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\ntoken_warmup_step = -1\n", encoding="utf-8")
+    config.write_text(
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\ntoken_warmup_step = -1\n", encoding="utf-8"
+    )
     with pytest.raises(DataError, match="'token_warmup_step' must be a non-negative number"):
         load_toml_dataset_config(config)
 

@@ -112,7 +112,9 @@ def test_sd1_weighted_caption_is_the_unweighted_states_times_the_weights(bundles
     with torch.no_grad():
         got = encode_prompts(b, [weighted, plain], clip_skip=clip_skip, weighted=True).hidden_states
         base = encode_prompts(b, [plain], clip_skip=clip_skip).hidden_states[0]
-    w = _expected_weights(b.tokenizers[0], [("a ", 1.0), ("red", 1.5), (" circle, ", 1.0), ("blue", 1 / 1.1), (" sky", 1.0)], 1)
+    w = _expected_weights(
+        b.tokenizers[0], [("a ", 1.0), ("red", 1.5), (" circle, ", 1.0), ("blue", 1 / 1.1), (" sky", 1.0)], 1
+    )
     assert (w != 1.0).sum() == 2  # the two emphasised tokens, nothing else
     torch.testing.assert_close(got[0], base * w[:, None], rtol=1e-6, atol=1e-6)
     assert torch.equal(got[1], base)  # a caption without emphasis: bit for bit the plain encoding
@@ -145,7 +147,9 @@ def test_sdxl_weights_each_tower_and_leaves_the_pool(bundles):
     w1 = _expected_weights(b.tokenizers[0], runs, 1)
     w2 = _expected_weights(b.tokenizers[1], runs, 1)
     width1 = b.text_encoders[0].config.hidden_size
-    want = torch.cat([base.hidden_states[0, :, :width1] * w1[:, None], base.hidden_states[0, :, width1:] * w2[:, None]], -1)
+    want = torch.cat(
+        [base.hidden_states[0, :, :width1] * w1[:, None], base.hidden_states[0, :, width1:] * w2[:, None]], -1
+    )
     torch.testing.assert_close(got.hidden_states[0], want, rtol=1e-6, atol=1e-6)
     assert torch.equal(got.pooled, base.pooled)
 

@@ -127,3 +127,119 @@ def test_dataset_network_multiplier_is_accepted_at_one_only(tmp_path):
     )
     with pytest.raises(DataError, match="kohya key 'network_multiplier' is not supported"):  # kohya: dataset level only
         load_toml_dataset_config(config)
+
+
+# --- wildcards, keep_tokens_separator, token warm-up through the runtime ----------------------
+
+WILD = "sks ||| {red|blue|green}, {circle|square}, small ||| tail\nother, {x|y}"
+
+
+def _wild_session(tmp_path, caption, **kw):
+    data = make_tiny_dataset(tmp_path / "tags", n=2)
+    for image in (data / "1_tiny").glob("*.png"):
+        image.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    o = contract_options(ConvOutMethod, tmp_path, {"data": str(data), "max_steps": 1, **kw})
+    s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    s.setup()
+    return o, s
+
+
+def test_wildcards_and_separator_in_batches_are_each_samples_draws(tmp_path):
+    from sdcore.train.data import SampleRef
+
+    kw = dict(enable_wildcard=True, keep_tokens_separator="|||", shuffle_caption=True, cache_text_encoder_outputs=False)
+    o, s = _wild_session(tmp_path, WILD, **kw)
+    assert s.data.entries[0].caption == WILD  # every line read when the option is on
+    captions = _captions(s, 10)
+    assert len(set(captions.values())) > 4
+    for (epoch, entry, occurrence), caption in captions.items():
+        rng = random.Random(SampleRef(entry, occurrence, epoch).seed(o.seed, "caption"))
+        want = process_caption(WILD, shuffle=True, enable_wildcard=True, keep_tokens_separator="|||", rng=rng)
+        assert caption == want and "{" not in caption and "|||" not in caption
+        line_one = caption.startswith("sks, ") and caption.endswith(", tail")  # fixed head and tail
+        assert line_one or set(caption.split(", ")) in ({"other", "x"}, {"other", "y"})
+
+
+def test_wildcards_with_the_text_cache_use_variants(tmp_path):
+    _, s = _wild_session(tmp_path, "{a|b|c|d|e|f} photo", enable_wildcard=True, caption_variants=6)
+    assert s.text_cache is not None and len(s.text_cache.variants[0]) == 6
+    assert set(_captions(s, 4).values()) <= {f"{c} photo" for c in "abcdef"}
+    assert len(set(s.text_cache.variants[0])) > 1
+
+
+def test_token_warmup_follows_the_step_and_skips_the_text_cache(tmp_path):
+    caption = ", ".join(f"t{i}" for i in range(10))
+    _, s = _wild_session(tmp_path, caption, token_warmup_step=0.5, token_warmup_min=2, max_steps=8, keep_tokens=1)
+    assert s.text_cache is None and s.batches.total_steps == 8  # captions change with the step: encoded live
+    refs = s.data.epoch_plan(0)[0]
+    counts = [len(s.make_batch(refs, step=step).captions[0].split(", ")) for step in range(6)]
+    # kohya: warm-up ends at floor(0.5 * 8) = 4; 1 fixed tag + floor(step * (9 - 2) / 4) + 2
+    assert counts == [3, 4, 6, 8, 10, 10]
+
+
+def test_keep_tokens_separator_cli_and_dataset_toml_work_the_same(tmp_path):
+    present = [f.name for f in fields(TrainOptions)]
+    items = {
+        "keep_tokens_separator": "|||",
+        "enable_wildcard": True,
+        "token_warmup_min": 3,
+        "token_warmup_step": 0.25,
+        "weighted_captions": True,
+    }
+    out = kohya.translate(items, present, where="cfg")
+    assert not out.problems and out.values == items
+    for name in items:
+        assert name not in kohya.UNSUPPORTED
+    off = {"keep_tokens_separator": "", "enable_wildcard": False, "token_warmup_step": 0, "token_warmup_min": 1}
+    assert not kohya.translate(off, present, where="cfg").problems
+    (tmp_path / "img").mkdir()
+    config = tmp_path / "d.toml"
+    config.write_text(
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\nkeep_tokens_separator = '|||'\nenable_wildcard = true\n"
+        "token_warmup_min = 3\ntoken_warmup_step = 0.25\n",
+        encoding="utf-8",
+    )
+    (from_toml,) = load_toml_dataset_config(config)
+    (from_cli,) = load_toml_dataset_config(
+        _plain_config(tmp_path), TrainOptions(**{k: v for k, v in out.values.items() if k != "weighted_captions"})
+    )
+    names = ("keep_tokens_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step")
+    assert [getattr(from_toml, n) for n in names] == [getattr(from_cli, n) for n in names] == ["|||", True, 3, 0.25]
+    from sdcore.errors import DataError
+
+    config.write_text(
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\ntoken_warmup_step = -1\n", encoding="utf-8"
+    )
+    with pytest.raises(DataError, match="'token_warmup_step' must be a non-negative number"):
+        load_toml_dataset_config(config)
+
+
+def _plain_config(tmp_path):
+    config = tmp_path / "plain.toml"
+    config.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\n", encoding="utf-8")
+    return config
+
+
+def test_bad_caption_option_values_are_preflight_problems():
+    base = dict(model="m", data="d", output="o")
+    problems = option_problems(TrainOptions(**base, token_warmup_step=-0.5, token_warmup_min=-1))
+    assert any("--token-warmup-step must be 0 (off)" in p for p in problems)
+    assert any("--token-warmup-min must be 0 or more" in p for p in problems)
+    assert not option_problems(TrainOptions(**base, token_warmup_step=0.3, keep_tokens_separator="|||"))
+
+
+def test_the_training_loop_tells_captions_its_step(tmp_path):
+    caption = ", ".join(f"t{i}" for i in range(10))
+    kw = dict(token_warmup_step=4, token_warmup_min=1, max_steps=6, batch_size=1, weighted_captions=True)
+    _, s = _wild_session(tmp_path, caption, **kw)
+    seen: list[str] = []
+    encode = s.method.encode
+
+    def recording(bundle, captions):
+        seen.extend(captions)
+        return encode(bundle, captions)
+
+    s.method.encode = recording  # type: ignore[method-assign]
+    s.run()
+    # one caption per optimizer step: 1 + floor(step * 9 / 4) tags, all 10 from step 4 on
+    assert [len(c.split(", ")) for c in seen] == [1, 3, 5, 7, 10, 10]

@@ -9,8 +9,10 @@ whole caption with ``""`` (trains the unconditional case).
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,12 +49,14 @@ def find_caption_file(image_path: str | os.PathLike[str], extension: str = ".txt
     return None
 
 
-def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt") -> str | None:
+def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt", *, all_lines: bool = False) -> str | None:
     """The caption of ``image_path``: ``None`` when no caption file exists, ``""`` when it is empty.
 
     Reads ``<stem><extension>`` and falls back to the other of ``.txt``/``.caption``. The file is
     UTF-8 (a BOM is accepted); like kohya only the first line counts, but leading blank lines are
-    skipped. Raises :class:`DataError` for an unreadable or non-UTF-8 caption file.
+    skipped. ``all_lines`` (kohya's ``enable_wildcard``) keeps every non-blank line, stripped and
+    joined with ``"\\n"``, so that training picks one line per use. Raises :class:`DataError` for an
+    unreadable or non-UTF-8 caption file.
     """
     path = find_caption_file(image_path, extension)
     if path is None:
@@ -63,6 +67,8 @@ def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt") ->
         raise DataError(f"{path}: caption file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read caption file: {exc.strerror or exc}") from None
+    if all_lines:
+        return "\n".join(line.strip() for line in text.splitlines() if line.strip())
     for line in text.splitlines():
         if line.strip():
             return line.strip()
@@ -93,24 +99,37 @@ def process_caption(
     suffix: str = "",
     secondary_separator: str | None = None,
     drop: bool = False,
+    enable_wildcard: bool = False,
+    token_warmup_min: int = 1,
+    token_warmup_step: float = 0.0,
+    step: int = 0,
+    max_steps: int = 0,
 ) -> str:
-    """One training-time variant of ``caption`` (kohya's ``process_caption``, same order).
+    """One training-time variant of ``caption`` (kohya's ``process_caption``, same order, same draws).
 
     1. ``prefix`` and ``suffix`` are joined to the caption with one space (kohya writes
        ``caption_prefix + " " + caption``), before anything else, so their tags count towards
-       ``keep_tokens`` and take part in shuffling and tag dropout;
+       ``keep_tokens`` and take part in shuffling and tag dropout (with a multi-line caption the
+       prefix sticks to the first line and the suffix to the last, as in kohya);
     2. whole-caption dropout: ``""`` with probability ``caption_dropout`` (one draw from ``rng``
        whenever the rate is positive, as kohya draws), or when ``drop`` is set (kohya's
        ``caption_dropout_every_n_epochs``, decided by the caller from the epoch);
-    3. only if shuffling or tag dropout is on: split into tags at ``separator`` (stripped, so
-       ``", "`` splits at ``","``), keep the first ``keep_tokens`` tags fixed (with
-       ``keep_tokens_separator``, kohya's ``|||``, everything before it instead), drop each
-       remaining tag with probability ``tag_dropout``, shuffle the survivors, join with ``separator``;
-    4. ``secondary_separator`` (e.g. ``";;;"``) is replaced by the split separator (``","``): tags
-       joined by it moved and were dropped as one tag in step 3 (applied with step 3 off too).
+    3. ``enable_wildcard``: one line of a multi-line caption, then one choice per ``{a|b|c}``
+       (see :func:`choose_wildcards`); without it only the first line counts;
+    4. only if shuffling, token warm-up or tag dropout is on: split into tags at ``separator``
+       (stripped, so ``", "`` splits at ``","``), keep the first ``keep_tokens`` tags fixed (with
+       ``keep_tokens_separator``, kohya's ``|||``, everything before it instead, and everything
+       after a second one as a fixed tail), keep only the first tags of the rest while the token
+       warm-up runs (:func:`warmup_tag_count`), shuffle the rest, drop each of its tags with
+       probability ``tag_dropout``, join with ``separator``;
+    5. ``secondary_separator`` (e.g. ``";;;"``) is replaced by the split separator (``","``): tags
+       joined by it moved and were dropped as one tag in step 4 (applied with step 4 off too).
 
-    Without any of these the caption is returned unchanged. Randomness comes only from ``rng``,
-    so a seeded ``rng`` reproduces the variant.
+    With step 4 off the caption keeps its text as it is, a ``keep_tokens_separator`` included
+    (kohya removes it only while splitting). ``step`` is the optimizer steps done before the one
+    that uses this caption and ``max_steps`` the run's total (kohya's ``current_step`` and
+    ``max_train_steps``). Randomness comes only from ``rng``, so a seeded ``rng`` reproduces the
+    variant.
     """
     if prefix:
         caption = f"{prefix} {caption}"
@@ -119,38 +138,81 @@ def process_caption(
     dropped = caption_dropout > 0.0 and rng.random() < caption_dropout
     if dropped or drop:
         return ""
-    caption = _shuffle_and_drop(caption, shuffle, keep_tokens, tag_dropout, rng, separator, keep_tokens_separator)
+    caption = choose_wildcards(caption, rng) if enable_wildcard else caption.split("\n")[0]
+    warmup = warmup_steps(token_warmup_step, max_steps)
+    if shuffle or warmup > 0 or tag_dropout > 0.0:
+        fixed, flex, tail = _split_parts(caption, keep_tokens, separator, keep_tokens_separator)
+        if warmup > 0 and step < warmup:
+            flex = flex[: warmup_tag_count(len(flex), token_warmup_min, warmup, step)]
+        if shuffle:
+            rng.shuffle(flex)
+        if tag_dropout > 0.0:
+            flex = [tag for tag in flex if rng.random() >= tag_dropout]
+        caption = separator.join(fixed + flex + tail)
     if secondary_separator:
         caption = caption.replace(secondary_separator, _split_separator(separator))
     return caption
 
 
-def _shuffle_and_drop(
-    caption: str,
-    shuffle: bool,
-    keep_tokens: int,
-    tag_dropout: float,
-    rng: random.Random,
-    separator: str,
-    keep_tokens_separator: str | None,
-) -> str:
+def _split_parts(
+    caption: str, keep_tokens: int, separator: str, keep_tokens_separator: str | None
+) -> tuple[list[str], list[str], list[str]]:
+    """(fixed head, shuffled middle, fixed tail) tags of ``caption`` (kohya's three lists)."""
     if keep_tokens_separator and keep_tokens_separator in caption:
         fixed_text, rest_text = caption.split(keep_tokens_separator, 1)
-        fixed = split_tags(fixed_text, separator)
-        rest = split_tags(rest_text, separator)
-        if not shuffle and tag_dropout <= 0.0:
-            return separator.join(fixed + rest)
-    else:
-        if not shuffle and tag_dropout <= 0.0:
-            return caption
-        tags = split_tags(caption, separator)
-        keep = max(0, keep_tokens)
-        fixed, rest = tags[:keep], tags[keep:]
-    if tag_dropout > 0.0:
-        rest = [tag for tag in rest if rng.random() >= tag_dropout]
-    if shuffle:
-        rng.shuffle(rest)
-    return separator.join(fixed + rest)
+        tail_text = ""
+        if keep_tokens_separator in rest_text:
+            rest_text, tail_text = rest_text.split(keep_tokens_separator, 1)
+        return split_tags(fixed_text, separator), split_tags(rest_text, separator), split_tags(tail_text, separator)
+    tags = split_tags(caption, separator)
+    keep = max(0, keep_tokens)
+    return tags[:keep], tags[keep:], []
+
+
+#: what stands for ``{{``/``}}`` while wildcards are chosen (lengthened until absent from the caption)
+_LITERAL_OPEN, _LITERAL_CLOSE = "\u2985", "\u2986"
+_WILDCARD_RE = re.compile(r"\{([^}]+)\}")
+
+
+def choose_wildcards(caption: str, rng: random.Random) -> str:
+    """kohya's ``enable_wildcard``: one line of a multi-line caption, then ``{a|b|c}`` -> one of them.
+
+    The line is one ``rng.choice`` over the lines; each ``{...}`` group, left to right, is one
+    ``rng.choice`` over its ``|``-separated options (an empty option is allowed: ``{a|}``).
+    ``{{`` and ``}}`` are literal braces. Captions without lines or braces draw nothing beyond
+    the line choice of a multi-line caption.
+    """
+    if "\n" in caption:
+        caption = rng.choice(caption.split("\n"))
+    opener, closer = _LITERAL_OPEN, _LITERAL_CLOSE
+    while opener in caption or closer in caption:
+        opener += _LITERAL_OPEN
+        closer += _LITERAL_CLOSE
+    caption = caption.replace("{{", opener).replace("}}", closer)
+    caption = _WILDCARD_RE.sub(lambda match: rng.choice(match.group(1).split("|")), caption)
+    return caption.replace(opener, "{").replace(closer, "}")
+
+
+def has_wildcards(caption: str) -> bool:
+    """Whether ``enable_wildcard`` can draw anything for ``caption`` (several lines or a ``{...}``)."""
+    return "\n" in caption or _WILDCARD_RE.search(caption.replace("{{", "").replace("}}", "")) is not None
+
+
+def warmup_steps(token_warmup_step: float, max_steps: int) -> float:
+    """kohya's ``token_warmup_step``: a step count, or below 1 a fraction of the run's steps (floored)."""
+    if token_warmup_step < 1:
+        return float(math.floor(token_warmup_step * max_steps))
+    return float(token_warmup_step)
+
+
+def warmup_tag_count(tags: int, token_warmup_min: int, warmup: float, step: int) -> int:
+    """How many of the ``tags`` shuffled tags a caption keeps at ``step`` during the token warm-up.
+
+    kohya: ``floor(step * (tags - token_warmup_min) / warmup) + token_warmup_min``, so training
+    starts from ``token_warmup_min`` tags (after the fixed ones) and reaches every tag at step
+    ``warmup``; only used while ``step < warmup``.
+    """
+    return math.floor(step * ((tags - token_warmup_min) / warmup)) + token_warmup_min
 
 
 def dropped_at_epoch(every_n_epochs: int, epoch: int) -> bool:

@@ -74,6 +74,9 @@ class SubsetOptions:
     conditioning_data_dir: Path | None = None
     #: kohya's face-centred crop (buckets off; faces named ``<name>_<cx>_<cy>_<w>_<h>``)
     face_crop_aug_range: tuple[float, float] | None = None
+    enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,10 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_prefix": options.caption_prefix,
         "caption_suffix": options.caption_suffix,
         "secondary_separator": options.secondary_separator,
+        "keep_tokens_separator": options.keep_tokens_separator,
+        "enable_wildcard": options.enable_wildcard,
+        "token_warmup_min": options.token_warmup_min,
+        "token_warmup_step": options.token_warmup_step,
         "flip": options.flip,
         "color_aug": options.color_aug,
         "random_crop": options.random_crop,
@@ -283,6 +290,9 @@ _SUBSET_KEYS = {
     "caption_suffix",
     "secondary_separator",
     "caption_dropout_every_n_epochs",
+    "enable_wildcard",
+    "token_warmup_min",
+    "token_warmup_step",
     "color_aug",
     "random_crop",
     "alpha_mask",
@@ -293,10 +303,7 @@ _SUBSET_KEYS = {
 _SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir"}
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
-    "enable_wildcard",
     "caption_separator",
-    "token_warmup_min",
-    "token_warmup_step",
     "cache_info",
     "metadata_file",
     "network_multiplier",
@@ -368,6 +375,10 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
         value = float(value)
     elif kind == "an integer" and (isinstance(value, bool) or not isinstance(value, int)):
         raise bad
+    elif kind == "a non-negative number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < float("inf"):
+            raise bad
+        value = float(value)
     return value
 
 
@@ -421,6 +432,9 @@ _FIELD_OF = {
     "color_aug": ("color_aug", "a boolean"),
     "random_crop": ("random_crop", "a boolean"),
     "alpha_mask": ("alpha_mask", "a boolean"),
+    "enable_wildcard": ("enable_wildcard", "a boolean"),
+    "token_warmup_min": ("token_warmup_min", "a non-negative integer"),
+    "token_warmup_step": ("token_warmup_step", "a non-negative number"),
     "batch_size": ("batch_size", "a positive integer"),
     "enable_bucket": ("buckets", "a boolean"),
     "min_bucket_reso": ("min_bucket_reso", "a positive integer"),
@@ -569,7 +583,7 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             )
             continue
         try:
-            caption = read_caption(path, subset.caption_extension)
+            caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
         except DataError as exc:
             index.skipped.append(SkippedFile(path, _reason(exc, path)))
             continue

@@ -122,13 +122,14 @@ def format_network(ref: NetworkRef) -> str:
 # emphasis
 
 
-def parse_emphasis(text: str, *, strict: bool = False) -> list[Chunk]:
+def parse_emphasis(text: str, *, strict: bool = False, breaks: bool = True) -> list[Chunk]:
     """Split ``text`` into :class:`Chunk` runs with their attention weights.
 
     Adjacent runs with equal weights are merged and empty runs dropped; ``BREAK`` becomes
     :data:`BREAK_CHUNK`. Text with no markup gives ``[Chunk(text, 1.0)]``; an empty prompt gives
     ``[Chunk("", 1.0)]``. With ``strict=True`` unbalanced brackets raise ConfigError instead of
-    being handled the forgiving A1111 way.
+    being handled the forgiving A1111 way. ``breaks=False`` reads ``BREAK`` as plain text (kohya's
+    weighted training captions know no ``BREAK``).
     """
     pieces: list[list[object]] = []  # [text, weight] or the break marker (weight None)
     round_open: list[int] = []
@@ -157,7 +158,7 @@ def parse_emphasis(text: str, *, strict: bool = False) -> list[Chunk]:
         else:
             if (strict and token[0] in ")]") or (strict and weight is not None):
                 raise ConfigError(f"unbalanced {token[-1]!r} at character {match.start()} in prompt {text!r}")
-            for index, part in enumerate(_BREAK_RE.split(token)):
+            for index, part in enumerate(_BREAK_RE.split(token) if breaks else [token]):
                 if index:
                     pieces.append([BREAK, None])
                 pieces.append([part, 1.0])

@@ -71,6 +71,55 @@ def chunked_input_ids(tokenizer: Any, prompts: Sequence[str], *, chunks: int) ->
     return torch.tensor(rows, dtype=torch.long)
 
 
+def weighted_input_ids(tokenizer: Any, prompts: Sequence[str], *, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, chunks, 77]`` ids and per-token weights of prompts with A1111 emphasis (kohya's
+    ``--weighted_captions``).
+
+    The emphasis is parsed and tokenized run by run by the generation code
+    (:func:`sdcore.generate.conditioning.tokenize_weighted`, without comma backtracking, so chunks
+    split every 75 tokens as in :func:`chunked_input_ids`); BOS, EOS and padding weigh 1.0. A prompt
+    without emphasis gets exactly :func:`chunked_input_ids`'s ids and weights of 1.0. Tokens past
+    ``75 * chunks`` are dropped, as kohya truncates at its token limit.
+    """
+    import torch
+
+    from ..generate.conditioning import tokenize_weighted
+    from ..generate.prompt_syntax import parse_emphasis
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    empty = [bos, eos] + [pad] * CHUNK_TOKENS
+    ids, weights = [], []
+    for prompt in prompts:
+        tokens = tokenize_weighted(tokenizer, parse_emphasis(prompt, breaks=False), comma_backtrack=0)
+        missing = max(0, chunks - len(tokens))
+        ids.append(tokens.ids[:chunks] + [empty] * missing)
+        weights.append(tokens.multipliers[:chunks] + [[1.0] * len(empty)] * missing)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
+
+
+def weighted_chunk_count(tokenizer: Any, prompts: Sequence[str], *, max_chunks: int = 3) -> int:
+    """:func:`chunk_count` for prompts with emphasis (brackets and weights take no tokens)."""
+    from ..generate.conditioning import tokenize_weighted
+    from ..generate.prompt_syntax import parse_emphasis
+
+    longest = max(
+        (len(tokenize_weighted(tokenizer, parse_emphasis(p, breaks=False), comma_backtrack=0)) for p in prompts),
+        default=1,
+    )
+    return max(1, min(max_chunks, longest))
+
+
+def _emphasis(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """kohya's weighted captions: each token's hidden state times its weight, the mean NOT restored
+    (kohya's ``encode_tokens_with_weights``; A1111 generation restores it)."""
+    if weights is None:
+        return hidden
+    from ..generate.conditioning import apply_emphasis
+
+    return apply_emphasis(hidden, weights.reshape(hidden.shape[0], -1), restore_mean=False)
+
+
 def _encoder_device(text_encoder: Any) -> Any:
     return next(text_encoder.parameters()).device
 
@@ -91,11 +140,15 @@ def encode_prompts(
     clip_skip: int = 1,
     max_chunks: int = 3,
     chunks: int | None = None,
+    weighted: bool = False,
 ) -> Conditioning:
     """Encode ``prompts`` into UNet conditioning for ``bundle``'s family.
 
     ``chunks`` forces the chunk count (text-encoder caches use it to make batches line up);
-    by default it is the longest prompt's, capped at ``max_chunks``.
+    by default it is the longest prompt's, capped at ``max_chunks``. ``weighted`` reads A1111
+    emphasis in the prompts (kohya's ``--weighted_captions``, see :func:`weighted_input_ids`): each
+    token's hidden states (after clip skip and, SD1/SD2, the final norm; for SDXL each tower's
+    before they are joined) are multiplied by its weight; the pooled embedding is unweighted.
     """
     import torch
 
@@ -106,25 +159,33 @@ def encode_prompts(
     prompts = list(prompts)
     tokenizers, encoders = bundle.tokenizers, bundle.text_encoders
     if chunks is None:
-        chunks = chunk_count(tokenizers[0], prompts, max_chunks=max_chunks)
+        count = weighted_chunk_count if weighted else chunk_count
+        chunks = count(tokenizers[0], prompts, max_chunks=max_chunks)
     batch = len(prompts)
 
+    def ids_of(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not weighted:
+            return chunked_input_ids(tokenizer, prompts, chunks=chunks).reshape(batch * chunks, -1), None
+        ids, weights = weighted_input_ids(tokenizer, prompts, chunks=chunks)
+        return ids.reshape(batch * chunks, -1), weights.reshape(batch * chunks, -1)
+
     if not bundle.is_sdxl:
-        ids = chunked_input_ids(tokenizers[0], prompts, chunks=chunks).reshape(batch * chunks, -1)
+        ids, weights = ids_of(tokenizers[0])
         out = _run_encoder(encoders[0], ids, -clip_skip)
         if clip_skip == 1:
             hidden = out.last_hidden_state
         else:
             hidden = final_layer_norm(encoders[0])(out.hidden_states[-clip_skip])
+        hidden = _emphasis(hidden, weights)
         return Conditioning(hidden.reshape(batch, chunks * hidden.shape[1], hidden.shape[-1]))
 
     layer = -(clip_skip + 1)
     states = []
     pooled = None
     for index, (tokenizer, encoder) in enumerate(zip(tokenizers, encoders, strict=True)):
-        ids = chunked_input_ids(tokenizer, prompts, chunks=chunks).reshape(batch * chunks, -1)
+        ids, weights = ids_of(tokenizer)
         out = _run_encoder(encoder, ids, layer)
-        hidden = out.hidden_states[layer]
+        hidden = _emphasis(out.hidden_states[layer], weights)
         states.append(hidden.reshape(batch, chunks * hidden.shape[1], hidden.shape[-1]))
         if index == len(encoders) - 1:
             embeds = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output

@@ -54,6 +54,7 @@ class BatchMaker:
         *,
         latent_cache: LatentCache | None = None,
         text_cache: TextCache | None = None,
+        total_steps: int = 0,
     ) -> None:
         self.data = data
         self.method = method
@@ -63,6 +64,7 @@ class BatchMaker:
         self.device = device
         self.latent_cache = latent_cache
         self.text_cache = text_cache
+        self.total_steps = total_steps  # kohya's max_train_steps, for the token warm-up
         self.prefetcher: Prefetcher | None = None
         self._mask_cache: dict[tuple[int, SampleView], Any] = {}
 
@@ -71,8 +73,9 @@ class BatchMaker:
         """Images are decoded every step (worth prefetching)."""
         return self.latent_cache is None or self.caps.needs_pixels
 
-    def make_batch(self, refs: list[SampleRef], *, with_conditioning: bool = True) -> Batch:
-        """Latents (scaled), captions and SDXL sizes for the samples ``refs``."""
+    def make_batch(self, refs: list[SampleRef], *, with_conditioning: bool = True, step: int = 0) -> Batch:
+        """Latents (scaled), captions and SDXL sizes for the samples ``refs``, used by optimizer
+        step ``step`` (steps done before it: kohya's token warm-up reads it)."""
         import torch
 
         from .cache import encode_pixels
@@ -110,7 +113,9 @@ class BatchMaker:
                 captions.append(self.text_cache.choose(ref.entry, ref.seed(seed, "caption"), epoch=ref.epoch))
             else:
                 rng = random.Random(ref.seed(seed, "caption"))
-                captions.append(make_caption(self.method, entry, rng, epoch=ref.epoch))
+                captions.append(
+                    make_caption(self.method, entry, rng, epoch=ref.epoch, step=step, total_steps=self.total_steps)
+                )
             originals.append((int(original[0]), int(original[1])))
             crops.append((int(crop[0]), int(crop[1])))
             w, h = assignment.bucket

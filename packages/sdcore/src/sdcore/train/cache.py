@@ -335,7 +335,15 @@ def build_caches(
             progress.say(f"latents: {latent_cache.encoded} encoded, {latent_cache.reused} reused from disk")
         if device.type != "cpu" and not needs_pixels:
             bundle.vae.to("cpu")  # frees accelerator memory; samples move it back
-    if options.cache_text_encoder_outputs and not trains_text_encoder:
+    from .data import caption_depends_on_step, total_steps_for
+
+    warmup = False
+    if any(getattr(entry.subset, "token_warmup_step", 0) > 0 for entry in data.entries):
+        total = total_steps_for(options, data)[0]
+        warmup = any(caption_depends_on_step(entry, total) for entry in data.entries)
+    if options.cache_text_encoder_outputs and not trains_text_encoder and warmup:
+        progress.say("text-encoder outputs are not cached: the token warm-up changes captions with the step")
+    if options.cache_text_encoder_outputs and not trains_text_encoder and not warmup:
         text_cache = TextCache(
             bundle,
             method,

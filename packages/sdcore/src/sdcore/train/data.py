@@ -193,8 +193,19 @@ class TrainData:
 
 
 def caption_is_random(entry: ImageEntry) -> bool:
+    from ..data.captions import has_wildcards
+
     s = entry.subset
-    return bool(s.shuffle_caption or s.caption_dropout > 0 or s.tag_dropout > 0)
+    wildcards = getattr(s, "enable_wildcard", False) and has_wildcards(entry.caption)
+    return bool(s.shuffle_caption or s.caption_dropout > 0 or s.tag_dropout > 0 or wildcards)
+
+
+def caption_depends_on_step(entry: ImageEntry, total_steps: int) -> bool:
+    """Whether kohya's token warm-up is on for ``entry``'s subset (its captions change with the step,
+    so they cannot be encoded once into the text-encoder cache, as kohya refuses to cache them)."""
+    from ..data.captions import warmup_steps
+
+    return warmup_steps(float(getattr(entry.subset, "token_warmup_step", 0.0)), total_steps) > 0
 
 
 def caption_dropped(entry: ImageEntry, epoch: int) -> bool:
@@ -204,11 +215,16 @@ def caption_dropped(entry: ImageEntry, epoch: int) -> bool:
     return dropped_at_epoch(getattr(entry.subset, "caption_dropout_every_n_epochs", 0), epoch)
 
 
-def make_caption(method: Any, entry: ImageEntry, rng: random.Random, *, epoch: int = -1) -> str:
+def make_caption(
+    method: Any, entry: ImageEntry, rng: random.Random, *, epoch: int = -1, step: int = 0, total_steps: int = 0
+) -> str:
     """Dataset caption -> training prompt: kohya processing, then the method's own template.
 
     ``epoch`` (0-based; -1 outside an epoch) decides kohya's ``caption_dropout_every_n_epochs``;
     it draws nothing, so the per-sample ``rng`` sees the same draws with the option on or off.
+    ``step`` (optimizer steps done) and ``total_steps`` drive kohya's token warm-up. The wildcard
+    choices draw from ``rng`` where kohya draws them (after the caption-dropout draw, before the
+    shuffle); with ``enable_wildcard`` off nothing is drawn for them.
     """
     from ..data.captions import process_caption
 
@@ -225,6 +241,11 @@ def make_caption(method: Any, entry: ImageEntry, rng: random.Random, *, epoch: i
         suffix=getattr(s, "caption_suffix", ""),
         secondary_separator=getattr(s, "secondary_separator", None),
         drop=caption_dropped(entry, epoch),
+        enable_wildcard=getattr(s, "enable_wildcard", False),
+        token_warmup_min=getattr(s, "token_warmup_min", 1),
+        token_warmup_step=getattr(s, "token_warmup_step", 0.0),
+        step=step,
+        max_steps=total_steps,
     )
     return method.caption_for(caption, is_class=entry.is_class, rng=rng)
 

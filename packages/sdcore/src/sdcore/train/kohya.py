@@ -232,6 +232,11 @@ ALIASES: dict[str, Alias] = {
     "caption_prefix": _a("caption_prefix"),
     "caption_suffix": _a("caption_suffix"),
     "secondary_separator": _a("secondary_separator"),
+    "keep_tokens_separator": _a("keep_tokens_separator"),
+    "enable_wildcard": _a("enable_wildcard", flag=True),
+    "token_warmup_min": _a("token_warmup_min"),
+    "token_warmup_step": _a("token_warmup_step"),
+    "weighted_captions": _a("weighted_captions", flag=True),
     "flip_aug": _a("flip", flag=True),
     "random_crop": _a("random_crop", flag=True),
     "face_crop_aug_range": _a("face_crop_aug_range", _pair_text),
@@ -466,15 +471,11 @@ _ALIAS_OFF: dict[str, tuple[Any, ...]] = {"network_multiplier": (*_OFF, 1, 1.0)}
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **dict.fromkeys(
         (
-            "weighted_captions",
-            "token_warmup_step",
             "in_json",
             "fused_backward_pass",
             "initial_epoch",
             "initial_step",
             "skip_until_initial_step",
-            "keep_tokens_separator",
-            "enable_wildcard",
             "weights",
             "debug_dataset",
             "dataset_class",
@@ -482,15 +483,12 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         ),
         _OFF,
     ),
-    "token_warmup_min": (*_OFF, 1),
     "dataset_repeats": (*_OFF, 1),
     "noise_offset_type": (*_OFF, "Original"),
 }
 _FLAG_UNSUPPORTED = {
-    "weighted_captions",
     "fused_backward_pass",
     "skip_until_initial_step",
-    "enable_wildcard",
     "debug_dataset",
     "no_token_padding",
 }

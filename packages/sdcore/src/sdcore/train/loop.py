@@ -209,6 +209,7 @@ class TrainSession:
             self.device,
             latent_cache=self.latent_cache,
             text_cache=self.text_cache,
+            total_steps=self.total_steps,
         )
         self.objective = Objective(bundle, method, o)
         self._plan_validation()
@@ -335,8 +336,8 @@ class TrainSession:
             log.debug(message)
             print(message, file=sys.stderr)
 
-    def make_batch(self, refs: list[SampleRef], *, with_conditioning: bool = True) -> Batch:
-        return self.batches.make_batch(refs, with_conditioning=with_conditioning)
+    def make_batch(self, refs: list[SampleRef], *, with_conditioning: bool = True, step: int = 0) -> Batch:
+        return self.batches.make_batch(refs, with_conditioning=with_conditioning, step=step)
 
     def sample_loss(
         self,

@@ -80,6 +80,30 @@ class TrainOptions:
         "Tags joined by this (e.g. ';;;') shuffle and drop as one tag; it becomes ',' afterwards (kohya).",
         group="data",
     )
+    keep_tokens_separator: str | None = option(
+        None,
+        "Tags before this (e.g. '|||') stay first and those after a second one stay last while the rest is "
+        "shuffled or dropped; replaces --keep-tokens in captions that contain it (kohya).",
+        group="data",
+    )
+    enable_wildcard: bool = option(
+        False,
+        "Captions pick one of '{a|b|c}' and one line of a multi-line caption file each time they are used (kohya).",
+        group="data",
+    )
+    token_warmup_min: int = option(
+        1, "Token warm-up: tags (after the fixed ones) kept at step 0 (kohya).", group="data"
+    )
+    token_warmup_step: float = option(
+        0.0,
+        "Token warm-up: the step where captions reach all their tags (below 1: a fraction of the run; 0 = off; kohya).",
+        group="data",
+    )
+    weighted_captions: bool = option(
+        False,
+        "Captions' A1111 emphasis '(word:1.3)' / '[word]' scales those tokens' text-encoder outputs (kohya; SD1/SD2/SDXL).",
+        group="data",
+    )
     flip: bool = option(False, "Random horizontal flips (cached latents are kept for both orientations).", group="data")
     random_crop: bool = option(
         False,

@@ -118,6 +118,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(
             f"--caption-dropout-every-n-epochs must be 0 (off) or more, got {o.caption_dropout_every_n_epochs}"
         )
+    from .caption_checks import caption_option_problems
+
+    problems.extend(caption_option_problems(o, method))
     if o.noise_offset < 0:
         problems.append(f"--noise-offset must be >= 0, got {o.noise_offset}")
     if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
@@ -613,6 +616,9 @@ def run_preflight(
         report.problems.extend(problems)
         report.notes.extend(notes)
         report.problems.extend(method.family_problems(report.layout.family))
+        from .caption_checks import caption_family_problems
+
+        report.problems.extend(caption_family_problems(o, report.layout.family))
 
     # folders
     if o.output:

@@ -254,7 +254,7 @@ def optimizer_step(
     acc, model = placement.accelerator, placement.model
     step_loss, bad = 0.0, None
     for k, refs in enumerate(group):
-        batch = batches.make_batch(refs)
+        batch = batches.make_batch(refs, step=step)
         noise, timesteps, input_noise = objective.draw_for(refs, batch)
         with placement.no_sync(sync=k == len(group) - 1), acc.autocast():
             loss = model(batch, noise, timesteps, step, input_noise)

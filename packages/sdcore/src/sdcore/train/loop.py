@@ -232,12 +232,29 @@ class TrainSession:
             self.position, self.losses = self.checkpoints.restore(
                 o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device
             )
+        self._apply_start(resumed=self.position if o.resume else None)
         # schedule-free optimizers: train mode while stepping, eval mode (the weights to keep) around
         # samples, saves and evaluations; a state saved in eval mode resumes through train()
         self.optimizer_modes = OptimizerModes(self.optimizer)
         self.optimizer_modes.train()
         self.progress.start_trackers(backend)
         self._setup_done = True
+
+    def _apply_start(self, *, resumed: Any) -> None:
+        """kohya's ``--initial-step``/``--initial-epoch``/``--skip-until-initial-step`` (:mod:`.initial`):
+        move the position (and, when the counter restarts, bound the epochs as kohya does); the
+        optimizer and the LR schedule stay as they are (fresh, or restored by ``--resume``)."""
+        from .initial import start_point
+
+        start = start_point(
+            self.options, self.data, total_steps=self.total_steps, max_epochs=self.max_epochs, resumed=resumed
+        )
+        if start is None:
+            return
+        self.position = start.position
+        self.max_epochs = start.max_epochs
+        self.losses = self.losses[: start.position.step]  # the history up to the start (none when fresh)
+        self.say(start.message)
 
     def _build_data(self, class_data: Path | None = None) -> None:
         """Index the dataset (plus the method's class images), shard it, count the steps."""

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from ..models.bundle import ModelBundle
     from .data import SampleRef
+    from .state import TrainPosition
     from .step import StepOutcome
 
 log = logging.getLogger("sdcore.train")
@@ -240,22 +241,6 @@ class TrainSession:
         self.progress.start_trackers(backend)
         self._setup_done = True
 
-    def _apply_start(self, *, resumed: Any) -> None:
-        """kohya's ``--initial-step``/``--initial-epoch``/``--skip-until-initial-step`` (:mod:`.initial`):
-        move the position (and, when the counter restarts, bound the epochs as kohya does); the
-        optimizer and the LR schedule stay as they are (fresh, or restored by ``--resume``)."""
-        from .initial import start_point
-
-        start = start_point(
-            self.options, self.data, total_steps=self.total_steps, max_epochs=self.max_epochs, resumed=resumed
-        )
-        if start is None:
-            return
-        self.position = start.position
-        self.max_epochs = start.max_epochs
-        self.losses = self.losses[: start.position.step]  # the history up to the start (none when fresh)
-        self.say(start.message)
-
     def _build_data(self, class_data: Path | None = None) -> None:
         """Index the dataset (plus the method's class images), shard it, count the steps."""
         from .data import build_train_data
@@ -280,6 +265,22 @@ class TrainSession:
                 total_steps=self.total_steps,
                 max_epochs=self.max_epochs,
             )
+
+    def _apply_start(self, *, resumed: TrainPosition | None) -> None:
+        """kohya's ``--initial-step``/``--initial-epoch``/``--skip-until-initial-step`` (:mod:`.initial`):
+        move the position (and, when the counter restarts, bound the epochs as kohya does); the
+        optimizer and the LR schedule stay as they are (fresh, or restored by ``--resume``)."""
+        from .initial import start_point
+
+        start = start_point(
+            self.options, self.data, total_steps=self.total_steps, max_epochs=self.max_epochs, resumed=resumed
+        )
+        if start is None:
+            return
+        self.position = start.position
+        self.max_epochs = start.max_epochs
+        self.losses = self.losses[: start.position.step]  # the history up to the start (none when fresh)
+        self.say(start.message)
 
     def _plan_validation(self) -> None:
         """The held-out batches and kohya's fixed timesteps (nothing without a validation split)."""

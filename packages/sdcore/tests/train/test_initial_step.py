@@ -23,9 +23,11 @@ from sdcore.specs import MethodSpec
 from sdcore.testing.contract import contract_options
 from sdcore.train import step as step_module
 from sdcore.train.cli import build_train_command
+from sdcore.train.initial import start_point
 from sdcore.train.kohya import translate
 from sdcore.train.loop import TrainSession, train
 from sdcore.train.preflight import option_problems, run_preflight
+from sdcore.train.state import TrainPosition
 
 LR = 1e-3
 
@@ -210,6 +212,16 @@ def test_initial_epoch_maps_to_kohyas_step(tmp_path, monkeypatch):
     plan = [(r.entry, r.occurrence, r.epoch) for mb in session.data.epoch_plan(2) for r in mb]
     assert [r for s in steps for r in s[1]] == plan
 
+    # step 0 / epoch 1 are "as not given" (kohya's help), also when resuming
+    for kw0 in ({"initial_step": 0}, {"initial_epoch": 1}, {"initial_step": 0, "initial_epoch": 1}):
+        o = _opts(tmp_path, "zero", skip_until_initial_step=True, **kw0, **kw)
+        assert start_point(o, session.data, total_steps=6, max_epochs=None) is None
+        assert start_point(o, session.data, total_steps=6, max_epochs=None, resumed=TrainPosition(3, 1, 2)) is None
+    # with initial_step 0 the epoch counts (0 = not given)
+    o = _opts(tmp_path, "zero", initial_step=0, initial_epoch=2, skip_until_initial_step=True, **kw)
+    start = start_point(o, session.data, total_steps=6, max_epochs=None)
+    assert start is not None and start.initial_step == 2
+
     # initial_step overrides initial_epoch
     o = _opts(tmp_path, "both", initial_epoch=3, initial_step=1, skip_until_initial_step=True, **kw)
     session = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
@@ -247,8 +259,8 @@ def test_step_names_samples_and_metadata_carry_the_offset(tmp_path, monkeypatch)
 def test_bad_values_are_reported_together(tmp_path):
     o = _opts(tmp_path, "bad", initial_step=-1, initial_epoch=0)
     problems = option_problems(o)
-    assert "--initial-step must be 0 or more (0 = the first step), got -1" in problems
-    assert "--initial-epoch must be at least 1 (1 = the first epoch), got 0" in problems
+    assert "--initial-step must be 0 or more (0 = the first step, as not given), got -1" in problems
+    assert "--initial-epoch must be at least 1 (1 = the first epoch, as not given), got 0" in problems
 
 
 @pytest.mark.parametrize(
@@ -306,6 +318,11 @@ def test_cli_reports_every_problem_with_exit_2_before_loading(tmp_path, no_model
 
 
 def test_kohya_names_translate():
+    from sdcore.train import kohya
+
+    for name in ("initial_step", "initial_epoch", "skip_until_initial_step"):
+        assert name not in kohya.UNSUPPORTED and name in kohya.ALIASES
+    assert "skip_until_initial_step" in kohya.flag_names()  # a store_true flag on kohya's command line
     fields = {f.name for f in dataclasses.fields(ConvOutMethod.options_class)}
     out = translate({"initial_epoch": "3", "skip_until_initial_step": True}, fields, where="t")
     assert not out.problems

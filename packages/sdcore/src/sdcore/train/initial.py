@@ -64,9 +64,11 @@ def initial_option_problems(o: TrainOptions) -> list[str]:
     """Bad values of the three options (the step limit is checked once the data is known)."""
     problems = []
     if o.initial_step is not None and o.initial_step < 0:
-        problems.append(f"--initial-step must be 0 or more (0 = the first step), got {o.initial_step}")
+        problems.append(f"--initial-step must be 0 or more (0 = the first step, as not given), got {o.initial_step}")
     if o.initial_epoch is not None and o.initial_epoch < 1:
-        problems.append(f"--initial-epoch must be at least 1 (1 = the first epoch), got {o.initial_epoch}")
+        problems.append(
+            f"--initial-epoch must be at least 1 (1 = the first epoch, as not given), got {o.initial_epoch}"
+        )
     return problems
 
 
@@ -77,18 +79,23 @@ def steps_per_epoch(data: TrainData, gradient_accumulation: int) -> int:
 
 def requested_step(o: TrainOptions, per_epoch: int) -> int | None:
     """kohya's ``initial_step`` from the options: ``--initial-step``, else ``(E - 1) x steps per epoch``
-    from ``--initial-epoch``; ``None`` when neither is given (a resume then keeps its state's step)."""
-    if o.initial_step is not None:
-        return max(0, o.initial_step)
-    if o.initial_epoch is not None:
-        return max(0, (o.initial_epoch - 1) * per_epoch)
-    return None
+    from ``--initial-epoch``; ``None`` when neither is given (a resume then keeps its state's step).
+
+    Step 0 and epoch 1 are "the same as not specifying" (kohya's help for both options; its code
+    would also drop a resumed state's step then, which sdcore does not: the state continues exactly).
+    """
+    step = 0
+    if o.initial_step:
+        step = o.initial_step
+    elif o.initial_epoch is not None:
+        step = (o.initial_epoch - 1) * per_epoch
+    return step if step > 0 else None
 
 
 def step_limit_problem(o: TrainOptions, data: TrainData, total_steps: int) -> str | None:
     """kohya's ``assert max_train_steps > initial_step`` as one pre-flight line."""
     step = requested_step(o, steps_per_epoch(data, o.gradient_accumulation))
-    if step is None or step == 0 or step < total_steps:
+    if step is None or step < total_steps:
         return None
     given = f"--initial-step {o.initial_step}" if o.initial_step is not None else f"--initial-epoch {o.initial_epoch}"
     at = "" if o.initial_step is not None else f" (step {step})"
@@ -127,7 +134,7 @@ def start_point(
     step = requested_step(o, per_epoch)
     if step is None:
         return None  # sdcore's resume already continues exactly (kohya's resume + skip)
-    if step > 0 and step >= total_steps:
+    if step >= total_steps:
         raise ConfigError(str(step_limit_problem(o, data, total_steps)))
     lr_note = (
         "the LR schedule continues from the resumed state"
@@ -135,18 +142,13 @@ def start_point(
         else "the LR schedule starts from its beginning (kohya: only --resume moves it)"
     )
     ignored = f"; the state's step {resumed.step} is ignored" if resumed is not None else ""
-    if step > 0 and o.skip_until_initial_step:
+    if o.skip_until_initial_step:
         position = position_after(data, step, o.gradient_accumulation)
         message = (
             f"starting at step {step} (epoch {position.epoch + 1}, batch {position.batch + 1}): the batches "
             f"before it are skipped without loading them{ignored}; {lr_note}"
         )
         return StartPoint(position, step, True, max_epochs, message)
-    if step == 0:
-        if resumed is None:
-            return None  # a fresh run at step 0: as without the option
-        message = f"starting at step 0 of epoch 1 (--initial-step/--initial-epoch){ignored}; {lr_note}"
-        return StartPoint(TrainPosition(), 0, False, max_epochs, message)
     epoch = step // per_epoch
     limit = max_epochs if max_epochs is not None else math.ceil(total_steps / per_epoch)
     message = (

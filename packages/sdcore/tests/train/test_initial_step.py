@@ -268,6 +268,7 @@ def test_bad_values_are_reported_together(tmp_path):
     [
         ({"initial_step": 10}, "--initial-step 10 must be below the run's 10 steps"),
         ({"initial_epoch": 4, "max_steps": 12}, "--initial-epoch 4 (step 12) must be below the run's 12 steps"),
+        ({"initial_step": 0, "initial_epoch": 4, "max_steps": 12}, "--initial-epoch 4 (step 12) must be below"),
         ({"initial_step": 9}, None),
         ({"initial_epoch": 3}, None),  # step 8 < 10
     ],

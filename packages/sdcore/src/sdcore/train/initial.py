@@ -97,8 +97,8 @@ def step_limit_problem(o: TrainOptions, data: TrainData, total_steps: int) -> st
     step = requested_step(o, steps_per_epoch(data, o.gradient_accumulation))
     if step is None or step < total_steps:
         return None
-    given = f"--initial-step {o.initial_step}" if o.initial_step is not None else f"--initial-epoch {o.initial_epoch}"
-    at = "" if o.initial_step is not None else f" (step {step})"
+    given = f"--initial-step {o.initial_step}" if o.initial_step else f"--initial-epoch {o.initial_epoch}"
+    at = "" if o.initial_step else f" (step {step})"
     return (
         f"{given}{at} must be below the run's {total_steps} steps (--max-steps/--epochs): there would be "
         "nothing left to train (kohya: max_train_steps must be greater than the initial step)"

@@ -333,3 +333,20 @@ def test_kohya_names_translate():
     assert not out.problems and out.values.get("initial_step") is None and out.values.get("initial_epoch") is None
     out = translate({"initial_step": 250}, fields, where="t")
     assert out.values == {"initial_step": 250}
+
+
+def test_dry_run_notes_where_kohyas_meaning_surprises(tmp_path):
+    o = _opts(tmp_path, "notes")
+    command = build_train_command(MethodSpec(name="convout", summary="t", method="runtime_methods:ConvOutMethod"))
+    base = ["--model", "tiny:sd1", "--data", o.data, "--output", str(tmp_path / "r.safetensors"), "--resolution", "64",
+            "--min-bucket-reso", "64", "--max-bucket-reso", "128", "--max-steps", "10", "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(command, [*base, "--initial-step", "6"])
+    assert result.exit_code == 0, result.output
+    assert "the LR schedule starts from its beginning; only --resume moves it" in result.output
+    assert "without --skip-until-initial-step: only the start epoch moves" in result.output
+    result = CliRunner().invoke(command, [*base, "--initial-step", "6", "--skip-until-initial-step"])
+    assert "only --resume moves it" in result.output and "only the start epoch moves" not in result.output
+    result = CliRunner().invoke(command, [*base, "--skip-until-initial-step"])
+    assert "nothing to skip" in result.output
+    result = CliRunner().invoke(command, base)
+    assert "initial-step" not in result.output

@@ -72,6 +72,24 @@ def initial_option_problems(o: TrainOptions) -> list[str]:
     return problems
 
 
+def initial_notes(o: TrainOptions) -> list[str]:
+    """The pre-flight's notes where kohya's meaning surprises (shown by ``--dry-run`` and at the start)."""
+    given = bool(o.initial_step) or (o.initial_epoch is not None and o.initial_epoch > 1)
+    notes = []
+    if given and not o.resume:
+        notes.append(
+            "--initial-step/--initial-epoch: the LR schedule starts from its beginning; only --resume moves it (kohya)"
+        )
+    if given and not o.skip_until_initial_step:
+        notes.append(
+            "--initial-step/--initial-epoch without --skip-until-initial-step: only the start epoch moves; steps "
+            "(save and sample names, ss_steps) count from 0 and the run ends with its epochs (kohya)"
+        )
+    if o.skip_until_initial_step and not given and not o.resume:
+        notes.append("--skip-until-initial-step without --initial-step/--initial-epoch/--resume: nothing to skip")
+    return notes
+
+
 def steps_per_epoch(data: TrainData, gradient_accumulation: int) -> int:
     """Optimizer steps of the first epoch (kohya: ``ceil(len(train_dataloader) / accumulation)``)."""
     return math.ceil(len(data.epoch_plan(0)) / max(1, gradient_accumulation))
@@ -136,24 +154,23 @@ def start_point(
         return None  # sdcore's resume already continues exactly (kohya's resume + skip)
     if step >= total_steps:
         raise ConfigError(str(step_limit_problem(o, data, total_steps)))
-    lr_note = (
-        "the LR schedule continues from the resumed state"
+    resumed_note = (
+        f"; the resumed state's step {resumed.step} is ignored, its LR schedule continues"
         if resumed is not None
-        else "the LR schedule starts from its beginning (kohya: only --resume moves it)"
+        else ""
     )
-    ignored = f"; the state's step {resumed.step} is ignored" if resumed is not None else ""
     if o.skip_until_initial_step:
         position = position_after(data, step, o.gradient_accumulation)
         message = (
             f"starting at step {step} (epoch {position.epoch + 1}, batch {position.batch + 1}): the batches "
-            f"before it are skipped without loading them{ignored}; {lr_note}"
+            f"before it are skipped without loading them{resumed_note}"
         )
         return StartPoint(position, step, True, max_epochs, message)
     epoch = step // per_epoch
     limit = max_epochs if max_epochs is not None else math.ceil(total_steps / per_epoch)
     message = (
         f"starting at epoch {epoch + 1} from its first batch with the step counter at 0 (kohya's "
-        f"--initial_step/--initial_epoch without --skip_until_initial_step){ignored}; training ends after "
-        f"epoch {limit} or step {total_steps}; {lr_note}"
+        f"--initial_step/--initial_epoch without --skip_until_initial_step); training ends after epoch {limit} "
+        f"or step {total_steps}{resumed_note}"
     )
     return StartPoint(TrainPosition(step=0, epoch=epoch, batch=0), step, False, limit, message)

@@ -581,6 +581,9 @@ def run_preflight(
     from .optim import optimizer_notes
 
     report.notes.extend(optimizer_notes(o))
+    from .initial import initial_notes
+
+    report.notes.extend(initial_notes(o))  # where kohya's --initial_step/--initial_epoch surprise
 
     # the model: header only
     if bundle is not None:

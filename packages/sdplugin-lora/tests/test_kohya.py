@@ -407,3 +407,29 @@ def test_sdxl_text_encoder_lr_pair_on_the_command_line():
     ]
     o = load_options(LoraOptions, None, kohya={"text_encoder_lr": ["1e-4", "1e-4"]}, notes=[])
     assert o.te_lr == 1e-4
+
+
+def test_kohya_initial_step_with_skip_names_and_records_the_offset_steps(tmp_path):
+    """--initial_step K --skip_until_initial_step: the counter starts at K, so step saves are named and
+    recorded (ss_steps, ss_epoch) with the uninterrupted run's numbers, as kohya's global_step = K."""
+    from sdplugin_lora.format import read_lora
+
+    make_tiny_dataset(tmp_path / "train", n=2, size=64, repeats=1, name="mychar")  # batch 1: 2 steps/epoch
+    out = tmp_path / "out"
+    args = [
+        "train", "lora", "--pretrained_model_name_or_path=tiny:sd1", "--train_data_dir", str(tmp_path / "train"),
+        "--output_dir", str(out), "--output_name", "mychar", "--network_module", "networks.lora",
+        "--network_dim", "2", "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "8",
+        "--save_every_n_steps", "5", "--initial_step", "3", "--skip_until_initial_step", "--no-progress",
+    ]  # fmt: skip
+    result, text = _invoke(args)
+    assert result.exit_code == 0, text
+    assert "starting at step 3 (epoch 2, batch 2)" in text
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "mychar-step00000005.safetensors",
+        "mychar.safetensors",
+    ]
+    meta = read_lora(out / "mychar-step00000005.safetensors").metadata
+    # step 5 lies in the third epoch (kohya's 0-based epoch counter there is 2)
+    assert (meta["ss_steps"], meta["ss_epoch"], meta["ss_max_train_steps"]) == ("5", "2", "8")
+    assert read_lora(out / "mychar.safetensors").metadata["ss_steps"] == "8"

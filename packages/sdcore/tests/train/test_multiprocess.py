@@ -32,3 +32,15 @@ def test_two_processes_share_the_validation(tmp_path):
         ConvOutMethod, tmp_path, values, extra_pythonpath=[str(Path(__file__).parent)]
     )
     assert record["validation_losses"]
+
+
+@pytest.mark.skipif(torchrun_command() is None, reason="torchrun not available")
+@pytest.mark.slow
+def test_two_processes_skip_to_the_initial_step_like_one(tmp_path):
+    """--initial-step + --skip-until-initial-step: each process finds its own start in its share of
+    the epoch plan, so two processes continue with the batches one process accumulating two does."""
+    values = {"initial_step": 1, "skip_until_initial_step": True, "max_steps": 3, "flip": True}
+    record = check_processes_equal_accumulation(
+        ConvOutMethod, tmp_path, values, extra_pythonpath=[str(Path(__file__).parent)]
+    )
+    assert len(record["losses"]) == 2  # steps 2 and 3 trained; the counter ended at 3

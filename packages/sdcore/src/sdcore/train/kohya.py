@@ -310,6 +310,10 @@ ALIASES: dict[str, Alias] = {
     "save_last_n_epochs": _a("save_limit"),
     "save_state": _a("save_state", flag=True),
     "resume": _a("resume"),
+    # 0 (what the kohya_ss GUI writes for an untouched field) is "not given": kohya's help says so
+    "initial_step": _a("initial_step", lambda v: _unless_zero(int(v))),
+    "initial_epoch": _a("initial_epoch", lambda v: _unless_zero(int(v))),
+    "skip_until_initial_step": _a("skip_until_initial_step", flag=True),
     "sample_prompts": _a("sample_prompts"),
     "sample_every_n_steps": _a("sample_every"),
     "sample_every_n_epochs": _a("sample_every_epochs"),
@@ -473,9 +477,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         (
             "in_json",
             "fused_backward_pass",
-            "initial_epoch",
-            "initial_step",
-            "skip_until_initial_step",
             "weights",
             "debug_dataset",
             "dataset_class",
@@ -488,7 +489,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 _FLAG_UNSUPPORTED = {
     "fused_backward_pass",
-    "skip_until_initial_step",
     "debug_dataset",
     "no_token_padding",
 }

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from ..models.bundle import ModelBundle
     from .data import SampleRef
+    from .state import TrainPosition
     from .step import StepOutcome
 
 log = logging.getLogger("sdcore.train")
@@ -232,6 +233,7 @@ class TrainSession:
             self.position, self.losses = self.checkpoints.restore(
                 o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device
             )
+        self._apply_start(resumed=self.position if o.resume else None)
         # schedule-free optimizers: train mode while stepping, eval mode (the weights to keep) around
         # samples, saves and evaluations; a state saved in eval mode resumes through train()
         self.optimizer_modes = OptimizerModes(self.optimizer)
@@ -263,6 +265,22 @@ class TrainSession:
                 total_steps=self.total_steps,
                 max_epochs=self.max_epochs,
             )
+
+    def _apply_start(self, *, resumed: TrainPosition | None) -> None:
+        """kohya's ``--initial-step``/``--initial-epoch``/``--skip-until-initial-step`` (:mod:`.initial`):
+        move the position (and, when the counter restarts, bound the epochs as kohya does); the
+        optimizer and the LR schedule stay as they are (fresh, or restored by ``--resume``)."""
+        from .initial import start_point
+
+        start = start_point(
+            self.options, self.data, total_steps=self.total_steps, max_epochs=self.max_epochs, resumed=resumed
+        )
+        if start is None:
+            return
+        self.position = start.position
+        self.max_epochs = start.max_epochs
+        self.losses = self.losses[: start.position.step]  # the history up to the start (none when fresh)
+        self.say(start.message)
 
     def _plan_validation(self) -> None:
         """The held-out batches and kohya's fixed timesteps (nothing without a validation split)."""

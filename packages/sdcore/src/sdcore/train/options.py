@@ -371,6 +371,24 @@ class TrainOptions:
     resume: str | None = option(
         None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output"
     )
+    initial_step: int | None = option(
+        None,
+        "Start at this optimizer step (kohya's --initial_step; overrides --initial-epoch and a --resume state's "
+        "step). Without --skip-until-initial-step only the start epoch moves and steps count from 0; the LR "
+        "schedule moves only with --resume (kohya).",
+        group="output",
+    )
+    initial_epoch: int | None = option(
+        None,
+        "Start at this epoch, 1 = the first (kohya's --initial_epoch): --initial-step (E-1) x steps per epoch.",
+        group="output",
+    )
+    skip_until_initial_step: bool = option(
+        False,
+        "Skip the steps before --initial-step/--initial-epoch (or a resumed state's step) without loading their "
+        "images, so the same batches and noise follow as in an uninterrupted run (kohya).",
+        group="output",
+    )
     sample_prompts: str | None = option(
         None,
         "A prompt, or a prompt file (.txt one per line with kohya's --n --w --h --s --d --l --ss options; "

@@ -102,6 +102,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         value = getattr(o, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
+    from .initial import initial_option_problems
+
+    problems.extend(initial_option_problems(o))  # --initial-step/--initial-epoch (kohya)
     for name in ("save_limit", "keep_states"):  # 0 keeps all
         value = getattr(o, name)
         if value is not None and value < 0:
@@ -567,6 +570,7 @@ def run_preflight(
     ``plan`` False skips the memory and disk estimates (they need the model's configs).
     """
     from .data import build_train_data, image_option_problems
+    from .initial import initial_option_problems
     from .loop import output_paths, total_steps_for
 
     o = options
@@ -577,6 +581,9 @@ def run_preflight(
     from .optim import optimizer_notes
 
     report.notes.extend(optimizer_notes(o))
+    from .initial import initial_notes
+
+    report.notes.extend(initial_notes(o))  # where kohya's --initial_step/--initial_epoch surprise
 
     # the model: header only
     if bundle is not None:
@@ -665,6 +672,12 @@ def run_preflight(
                 report.problems.append(
                     "nothing to train: the run has 0 steps (check --max-steps/--epochs and the dataset)"
                 )
+            elif not initial_option_problems(o):
+                from .initial import step_limit_problem
+
+                limit_problem = step_limit_problem(o, data, report.total_steps)  # kohya: max_train_steps > initial_step
+                if limit_problem:
+                    report.problems.append(limit_problem)
         except SdcoreError as exc:
             report.problems.append(str(exc))
 

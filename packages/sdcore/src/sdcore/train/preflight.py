@@ -94,6 +94,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         "gradient_accumulation": o.gradient_accumulation,
         "clip_skip": o.clip_skip,
         "caption_variants": o.caption_variants,
+        "dataset_repeats": o.dataset_repeats,
     }
     for label, count in positive.items():
         if count < 1:
@@ -566,6 +567,7 @@ def run_preflight(
     ``bundle`` (an already loaded model) skips the model check and sizes the plan from it;
     ``plan`` False skips the memory and disk estimates (they need the model's configs).
     """
+    from ..data.dataset import DatasetProblems
     from .data import build_train_data, image_option_problems
     from .loop import output_paths, total_steps_for
 
@@ -659,12 +661,19 @@ def run_preflight(
             else:
                 data = _build_unverified(o, method)
             report.data = data
+            if o.dataset_repeats != 1 and not o.metadata_file and Path(o.data).expanduser().is_dir():
+                report.notes.append(
+                    f"--dataset-repeats {o.dataset_repeats} is not used: a folder dataset takes its repeats from "
+                    "the folder names (as in kohya)"
+                )
             report.problems.extend(image_option_problems(o, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
                 report.problems.append(
                     "nothing to train: the run has 0 steps (check --max-steps/--epochs and the dataset)"
                 )
+        except DatasetProblems as exc:  # e.g. every missing image of a metadata file, one line each
+            report.problems.extend(exc.problems)
         except SdcoreError as exc:
             report.problems.append(str(exc))
 

@@ -247,3 +247,22 @@ def test_empty_metadata_file_is_skipped_as_kohya_skips_it(ft):
     assert any(s.path == meta and "lists no image" in s.reason for s in index.skipped)
     with pytest.raises(DataError, match="no usable training images"):
         build_dataset_index(TrainOptions(data=str(imgs), metadata_file=str(meta), **BUCKETS))
+
+
+def test_data_check_reads_a_metadata_file(ft):
+    from click.testing import CliRunner
+    from sdcore.builtin.data_commands import data_group
+
+    _, imgs, meta = ft
+    args = ["check", str(imgs), "--in-json", str(meta), "--dataset-repeats", "2", "--resolution", "64", "--json"]
+    result = CliRunner().invoke(data_group, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["images"], report["samples_per_epoch"], report["errors"]) == (4, 8, [])
+    assert report["tag_frequencies"]["solo"] == 1 and report["tag_frequencies"]["a photo of a cat"] == 1
+    data = json.loads(meta.read_text())
+    data["lost"] = {"caption": "x"}
+    _meta(meta, data)
+    result = CliRunner().invoke(data_group, args[:-1])
+    assert result.exit_code == 1
+    assert f"ERROR: {meta}: 1 listed image(s) not found in {imgs}: 'lost'" in result.output

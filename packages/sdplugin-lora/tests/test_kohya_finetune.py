@@ -145,3 +145,13 @@ def test_dataset_config_wins_over_in_json_as_in_kohya(tmp_path, ft_data):
     o = load_options(LoraOptions, cfg, notes=notes)
     assert o.data == str(dataset) and o.metadata_file is None
     assert "dataset_config is given, so in_json is ignored (as in kohya)" in notes
+
+
+def test_dataset_repeats_with_a_folder_dataset_is_noted_and_unused(tmp_path):
+    data = make_tiny_dataset(tmp_path / "folders", n=2, size=64, repeats=5)
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--dataset_repeats", "3", "--output",
+            str(tmp_path / "o.safetensors"), "--resolution", "64", "--dry-run"]  # fmt: skip
+    result, text = _invoke(args)
+    assert result.exit_code == 0, text
+    assert "--dataset-repeats 3 is not used: a folder dataset takes its repeats from the folder names" in text
+    assert "2 training images (10 with repeats)" in text

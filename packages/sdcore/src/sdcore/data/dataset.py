@@ -649,12 +649,13 @@ def _scan_metadata_subset(subset: SubsetOptions, index: DatasetIndex, *, verify:
     for record in records:
         image = resolve_image(record.key, given_dir)
         if image is None:
-            missing.append(f"{record.key!r}{missing_hint(record.key, given_dir)}")
+            missing.append(record.key)
         else:
             found.append((image, record))
     if missing:
         where = f"in {given_dir}" if given_dir is not None else "(relative keys: from the working directory)"
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        shown = ", ".join(f"{key!r}{missing_hint(key, given_dir)}" for key in missing[:10])
+        shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         index.problems.append(f"{meta}: {len(missing)} listed image(s) not found {where}: {shown}")
     paths = [image for image, _ in found]
     for (path, record), size in zip(found, _probe_all(paths, verify), strict=True):

@@ -266,3 +266,20 @@ def test_data_check_reads_a_metadata_file(ft):
     result = CliRunner().invoke(data_group, args[:-1])
     assert result.exit_code == 1
     assert f"ERROR: {meta}: 1 listed image(s) not found in {imgs}: 'lost'" in result.output
+
+
+def test_fine_tuning_dataset_table_refuses_caption_file_keys_and_many_missing_are_counted(ft):
+    tmp_path, imgs, meta = ft
+    config = tmp_path / "d.toml"
+    config.write_text(
+        "[[datasets]]\ncaption_extension = '.txt'\n[[datasets.subsets]]\nmetadata_file = 'meta.json'\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=r"datasets\[0\]: 'caption_extension': not used by a metadata_file subset"):
+        load_toml_dataset_config(config)
+    _meta(meta, {f"lost{i:02d}": {"caption": "x"} for i in range(12)})
+    with pytest.raises(DatasetProblems) as info:
+        build_dataset_index(TrainOptions(data=str(imgs), metadata_file=str(meta), **BUCKETS))
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{meta}: 12 listed image(s) not found in {imgs}: 'lost00', 'lost01'")
+    assert problem.endswith("'lost09' and 2 more")

@@ -531,20 +531,20 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
     for d_index, dataset in enumerate(datasets):
         where = f"datasets[{d_index}]"
         dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS) | {"subsets"}, where, path)
+        level = _apply(base, dataset, where, path)
         entries = dataset.get("subsets")
         if not isinstance(entries, list) or not entries:
             raise DataError(f"{path}: {where}: no [[datasets.subsets]] defined")
         fine_tuning = _is_fine_tuning(entries, where, path)
         if fine_tuning:
             _refuse_keys(dataset, _NOT_FINE_TUNING_KEYS, where, path)
-        level = _apply(base, dataset, where, path)
         seen_metadata: set[Path] = set()
         for s_index, subset in enumerate(entries):
             s_where = f"{where}.subsets[{s_index}]"
             subset = _check_keys(subset, _SUBSET_KEYS, s_where, path)
-            values = _apply(level, subset, s_where, path)
             if fine_tuning:
                 _refuse_keys(subset, _NOT_FINE_TUNING_KEYS, s_where, path)
+                values = _apply(level, subset, s_where, path)
                 raw_meta = _typed(subset["metadata_file"], "a string", "metadata_file", s_where, path)
                 metadata_file = _resolve_dir(raw_meta, path)
                 if metadata_file.resolve() in seen_metadata:
@@ -563,6 +563,7 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
             if "image_dir" not in subset:
                 raise DataError(f"{path}: {s_where}: 'image_dir' is required")
             image_dir = _resolve_dir(_typed(subset["image_dir"], "a string", "image_dir", s_where, path), path)
+            values = _apply(level, subset, s_where, path)
             if "conditioning_data_dir" in subset:
                 raw = _typed(subset["conditioning_data_dir"], "a string", "conditioning_data_dir", s_where, path)
                 values["conditioning_data_dir"] = _resolve_dir(raw, path)

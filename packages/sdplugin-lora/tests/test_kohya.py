@@ -179,11 +179,13 @@ def test_sections_toml_with_lycoris_and_dataset_config(tmp_path, kohya_data):
 def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, kohya_data):
     cfg = _config(tmp_path, "all_sections.toml", data=kohya_data / "train", output=tmp_path / "o")
     refused = tmp_path / "refused.toml"
-    refused.write_text(cfg.read_text().replace("random_crop = true", 'random_crop = true\nin_json = "meta.json"'))
+    refused.write_text(
+        cfg.read_text().replace("random_crop = true", 'random_crop = true\ndataset_class = "my.Dataset"')
+    )
     with pytest.raises(ConfigError) as info:
         load_options(LoraOptions, refused)
     message = str(info.value)
-    for name in ("in_json = 'meta.json'",):
+    for name in ("dataset_class = 'my.Dataset'",):
         assert name in message
     # the options at their "off" value pass, and multires noise, max-norm and random_crop translate
     assert message.count("not supported by sdcore") == 1
@@ -230,7 +232,7 @@ def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, k
         ({"lr_warmup_steps": 10.5}, "kohya reads a float as a ratio of the total steps"),
         ({"lr_decay_steps": "150%"}, "a percentage must be between 0% and 100%"),
         ({"text_encoder_lr": [1e-4, 2e-4]}, "one text-encoder learning rate"),
-        ({"in_json": "meta.json"}, "in_json = 'meta.json' is not supported"),
+        ({"dataset_class": "my.Dataset"}, "dataset_class = 'my.Dataset' is not supported"),
         ({"stop_text_encoder_training": 5}, "kohya's dreambooth option"),
     ],
 )

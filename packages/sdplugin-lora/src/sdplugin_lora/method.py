@@ -772,9 +772,10 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
     entries = run.entries if run is not None else ()
     dirs: dict[str, dict[str, int]] = {}
     for entry in entries:
-        d = dirs.setdefault(Path(entry.subset.image_dir).name, {"n_repeats": entry.repeats, "img_count": 0})
+        d = dirs.setdefault(_dataset_dir_name(entry), {"n_repeats": entry.repeats, "img_count": 0})
         d["img_count"] += 1
-    tags = {name: tag_frequencies(e.caption for e in entries if Path(e.subset.image_dir).name == name) for name in dirs}
+    tags = {name: tag_frequencies(e.caption for e in entries if _dataset_dir_name(e) == name) for name in dirs}
+    tags.update(_metadata_tag_frequency(entries))
     meta = {
         "ss_steps": str(info.step),
         "ss_epoch": str(info.epoch),
@@ -838,6 +839,27 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
             }
         )
     return meta
+
+
+def _dataset_dir_name(entry: Any) -> str:
+    """kohya's name of an entry's subset in ``ss_dataset_dirs``: the metadata file of a fine-tuning
+    subset (``--in_json``/``metadata_file``), else the image folder."""
+    metadata_file = getattr(entry.subset, "metadata_file", None)
+    return Path(metadata_file).name if metadata_file is not None else Path(entry.subset.image_dir).name
+
+
+def _metadata_tag_frequency(entries: Any) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency`` of fine-tuning subsets: only the metadata's ``tags`` (not the
+    captions), every occurrence, lower-cased, per metadata file (``FineTuningDataset.set_tag_frequency``)."""
+    from .format import tag_frequency
+
+    by_file: dict[str, list[str]] = {}
+    for entry in entries:
+        if getattr(entry.subset, "metadata_file", None) is not None:
+            tags = by_file.setdefault(_dataset_dir_name(entry), [])
+            if entry.tags is not None:
+                tags.append(entry.tags)
+    return tag_frequency(by_file)
 
 
 def _face_range_text(value: str | None) -> str:

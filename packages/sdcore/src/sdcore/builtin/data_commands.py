@@ -31,6 +31,16 @@ def data_group() -> None:
 @click.option("--caption-extension", default=".txt", show_default=True, help="Caption file extension.")
 @click.option("--reg-data", type=click.Path(exists=True), default=None, help="Regularisation/class images folder.")
 @click.option(
+    "--metadata-file",
+    "--in-json",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="kohya fine-tuning metadata JSON/JSONL: captions and tags per image; PATH is its image folder.",
+)
+@click.option(
+    "--dataset-repeats", type=int, default=1, show_default=True, help="Repeats of the --metadata-file images."
+)
+@click.option(
     "--batch-size", type=int, default=1, show_default=True, help="Batch size for the batches-per-epoch count."
 )
 @click.option("--top", type=int, default=30, show_default=True, help="How many of the most frequent tags to show.")
@@ -46,6 +56,8 @@ def check_command(
     no_buckets: bool,
     caption_extension: str,
     reg_data: str | None,
+    metadata_file: str | None,
+    dataset_repeats: int,
     batch_size: int,
     top: int,
     as_json: bool,
@@ -69,6 +81,8 @@ def check_command(
         bucket_no_upscale=no_upscale,
         buckets=not no_buckets,
         caption_extension=caption_extension,
+        metadata_file=metadata_file,
+        dataset_repeats=dataset_repeats,
         batch_size=batch_size,
     )
     report = check_dataset(path, options, top=top)

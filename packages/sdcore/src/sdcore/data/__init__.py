@@ -9,6 +9,7 @@ from .buckets import BucketAssignment, ImageTooSmallError, assign_bucket, make_b
 from .captions import process_caption, read_caption, split_tags, tag_frequencies
 from .dataset import (
     DatasetIndex,
+    DatasetProblems,
     ImageEntry,
     SkippedFile,
     SubsetOptions,
@@ -18,21 +19,26 @@ from .dataset import (
     scan_dataset,
 )
 from .images import IMAGE_SUFFIXES, ImageError, open_image_rgb, probe_image, verify_image
+from .metadata import MetadataRecord, combine_caption, metadata_records
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "BucketAssignment",
     "DatasetIndex",
+    "DatasetProblems",
     "ImageEntry",
     "ImageError",
     "ImageTooSmallError",
+    "MetadataRecord",
     "SkippedFile",
     "SubsetOptions",
     "assign_bucket",
     "assign_buckets",
     "build_dataset_index",
+    "combine_caption",
     "load_toml_dataset_config",
     "make_buckets",
+    "metadata_records",
     "open_image_rgb",
     "probe_image",
     "process_caption",

@@ -163,6 +163,7 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
     report.missing_captions = [rel(p) for p in index.missing_captions]
     report.empty_captions = [rel(p) for p in index.empty_captions]
     report.skipped = [(rel(s.path), s.reason) for s in index.skipped]
+    report.errors.extend(index.problems)  # e.g. images a metadata file lists that are not there
     if not index.instance_entries:
         report.errors.append("no usable training images")
 

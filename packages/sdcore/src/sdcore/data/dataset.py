@@ -77,6 +77,9 @@ class SubsetOptions:
     enable_wildcard: bool = False
     token_warmup_min: int = 1
     token_warmup_step: float = 0.0
+    #: kohya's fine-tuning subset (``metadata_file``/``--in_json``): captions and tags come from this
+    #: JSON (:mod:`sdcore.data.metadata`), not from caption files; ``image_dir`` is where its relative keys are
+    metadata_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class ImageEntry:
     is_class: bool
     size: tuple[int, int]
     subset: SubsetOptions
+    #: the ``tags`` of a metadata-file entry as kohya counts them for ``ss_tag_frequency`` (else ``None``)
+    tags: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,9 @@ class DatasetIndex:
     source: Path | None = None
     #: files the training method claimed (e.g. DreamArtist attention maps): kept out of ``entries``
     auxiliary_files: list[Path] = field(default_factory=list)
+    #: what makes the dataset unusable for training (a metadata file's missing images, bad entries):
+    #: :func:`build_dataset_index` raises them all at once (:class:`DatasetProblems`)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def instance_entries(self) -> list[ImageEntry]:
@@ -157,6 +165,15 @@ class DatasetIndex:
             if len(self.skipped) > 20:
                 lines.append(f"    ... and {len(self.skipped) - 20} more (run `sdcore data check` for all)")
         return "\n".join(lines)
+
+
+class DatasetProblems(DataError):
+    """Several things make the dataset unusable (e.g. a metadata file's missing images); ``problems``
+    holds one line each, so the pre-flight reports them with everything else."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,14 +315,18 @@ _SUBSET_KEYS = {
     "alpha_mask",
     "conditioning_data_dir",
     "face_crop_aug_range",
+    "metadata_file",
 }
 #: kohya subset keys that belong to one subset only (kohya's schema refuses them in [general] and [[datasets]])
-_SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir"}
+_SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "metadata_file"}
+#: keys of kohya's DreamBooth (caption-file) subsets that its fine-tuning schema refuses in a
+#: ``metadata_file`` subset (captions come from the metadata; no class images there); the ones a
+#: fine-tuning ``[[datasets]]`` table refuses too are those that are not subset-only
+_NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir"}
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
     "caption_separator",
     "cache_info",
-    "metadata_file",
     "network_multiplier",
     "resize_interpolation",
     "debug_dataset",
@@ -449,7 +470,7 @@ _FIELD_OF = {
 def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
     out = dict(values)
     for key, value in table.items():
-        if key in ("subsets", "datasets", "image_dir", "conditioning_data_dir"):
+        if key in ("subsets", "datasets", "image_dir", "conditioning_data_dir", "metadata_file"):
             continue
         if key == "resolution":
             out["resolution"] = _resolution(value, where, path)
@@ -484,15 +505,21 @@ def _resolve_dir(raw: str, config: Path) -> Path:
 def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOptions | None = None) -> list[SubsetOptions]:
     """Subsets of a kohya dataset TOML (``[general]``, ``[[datasets]]``, ``[[datasets.subsets]]``).
 
-    Lower levels override higher ones, and the file overrides ``defaults`` (the run's options).
+    Lower levels override higher ones, and the file overrides ``defaults`` (the run's options);
+    ``num_repeats`` falls back to the run's ``dataset_repeats`` (kohya's ``--dataset_repeats``
+    reaches every subset of a dataset config that does not set it).
     Unknown keys, kohya keys sdcore does not implement and wrongly typed values raise
-    :class:`DataError` naming the key and the file. Relative ``image_dir`` are resolved against
-    the config file's folder (falling back to the working directory, as kohya does).
+    :class:`DataError` naming the key and the file. Relative ``image_dir`` (and ``metadata_file``)
+    are resolved against the config file's folder (falling back to the working directory, as kohya
+    does). A dataset whose subsets give ``metadata_file`` is kohya's fine-tuning dataset: all its
+    subsets must give one, ``image_dir`` is then optional and the caption-file keys are refused, as
+    kohya's schema does.
     """
     path = Path(path)
     data = _load_toml(path)
     _check_keys(data, {"general", "datasets"}, "top level", path)
     base = subset_defaults(defaults)
+    base["repeats"] = defaults.dataset_repeats if defaults is not None else 1
     general = _check_keys(
         data.get("general", {}), _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS), "[general]", path
     )
@@ -508,9 +535,31 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
         entries = dataset.get("subsets")
         if not isinstance(entries, list) or not entries:
             raise DataError(f"{path}: {where}: no [[datasets.subsets]] defined")
+        fine_tuning = _is_fine_tuning(entries, where, path)
+        if fine_tuning:
+            _refuse_keys(dataset, _NOT_FINE_TUNING_KEYS, where, path)
+        seen_metadata: set[Path] = set()
         for s_index, subset in enumerate(entries):
             s_where = f"{where}.subsets[{s_index}]"
             subset = _check_keys(subset, _SUBSET_KEYS, s_where, path)
+            if fine_tuning:
+                _refuse_keys(subset, _NOT_FINE_TUNING_KEYS, s_where, path)
+                values = _apply(level, subset, s_where, path)
+                raw_meta = _typed(subset["metadata_file"], "a string", "metadata_file", s_where, path)
+                metadata_file = _resolve_dir(raw_meta, path)
+                if metadata_file.resolve() in seen_metadata:
+                    continue  # kohya: a dataset uses a metadata file once (the first subset naming it)
+                seen_metadata.add(metadata_file.resolve())
+                raw_dir = subset.get("image_dir")
+                # without image_dir, relative keys are looked up from the working directory (older kohya)
+                image_dir = (
+                    _resolve_dir(_typed(raw_dir, "a string", "image_dir", s_where, path), path)
+                    if raw_dir is not None
+                    else Path()
+                )
+                values.update(class_tokens=None, is_class=False, conditioning_data_dir=None)
+                subsets.append(SubsetOptions(image_dir=image_dir, metadata_file=metadata_file, **values))
+                continue
             if "image_dir" not in subset:
                 raise DataError(f"{path}: {s_where}: 'image_dir' is required")
             image_dir = _resolve_dir(_typed(subset["image_dir"], "a string", "image_dir", s_where, path), path)
@@ -520,6 +569,26 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
                 values["conditioning_data_dir"] = _resolve_dir(raw, path)
             subsets.append(SubsetOptions(image_dir=image_dir, **values))
     return subsets
+
+
+def _is_fine_tuning(entries: list[Any], where: str, path: Path) -> bool:
+    """Whether a ``[[datasets]]`` is kohya's fine-tuning kind (every subset has ``metadata_file``)."""
+    with_metadata = [isinstance(e, dict) and "metadata_file" in e for e in entries]
+    if any(with_metadata) and not all(with_metadata):
+        raise DataError(
+            f"{path}: {where}: subsets with metadata_file and subsets without it cannot be mixed in one "
+            "[[datasets]] (as in kohya); put them in separate [[datasets]] tables"
+        )
+    return all(with_metadata)
+
+
+def _refuse_keys(table: dict[str, Any], keys: set[str], where: str, path: Path) -> None:
+    found = sorted(k for k in table if k in keys)
+    if found:
+        raise DataError(
+            f"{path}: {where}: {', '.join(repr(k) for k in found)}: not used by a metadata_file subset "
+            "(captions and tags come from the metadata file; kohya's fine-tuning schema refuses these keys)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,7 +614,83 @@ def _probe_all(paths: list[Path], verify: bool) -> list[tuple[int, int] | ImageE
         return list(pool.map(one, paths))
 
 
+def _too_small(subset: SubsetOptions, size: tuple[int, int]) -> str | None:
+    """Why an image is skipped under ``bucket_no_upscale`` (smaller than one bucket step), else ``None``."""
+    if subset.bucket_no_upscale and min(size) < subset.bucket_step:
+        return f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)"
+    return None
+
+
+def _scan_metadata_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool) -> None:
+    """Entries of a kohya fine-tuning subset: the images its metadata file lists, captioned from it.
+
+    A listed image that is not there is a problem (kohya stops on it too); an unreadable one is
+    skipped and counted as elsewhere; images in ``image_dir`` the file does not list are reported
+    as skipped (kohya ignores them silently); a file with no entry is skipped as kohya skips it.
+    """
+    from .metadata import metadata_records, missing_hint, resolve_image
+
+    assert subset.metadata_file is not None
+    meta = subset.metadata_file
+    try:
+        records, problems = metadata_records(meta, enable_wildcard=subset.enable_wildcard)
+    except DataError as exc:
+        index.problems.append(str(exc))
+        return
+    index.problems.extend(problems)
+    given_dir = subset.image_dir if subset.image_dir != Path() else None
+    if given_dir is not None and not given_dir.is_dir():
+        index.problems.append(f"{meta}: image folder {given_dir} does not exist")
+        return
+    if not records and not problems:
+        index.skipped.append(SkippedFile(meta, "metadata file lists no image; subset ignored (as kohya)"))
+        return
+    found: list[tuple[Path, Any]] = []
+    missing: list[str] = []
+    for record in records:
+        image = resolve_image(record.key, given_dir)
+        if image is None:
+            missing.append(record.key)
+        else:
+            found.append((image, record))
+    if missing:
+        where = f"in {given_dir}" if given_dir is not None else "(relative keys: from the working directory)"
+        shown = ", ".join(f"{key!r}{missing_hint(key, given_dir)}" for key in missing[:10])
+        shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        index.problems.append(f"{meta}: {len(missing)} listed image(s) not found {where}: {shown}")
+    paths = [image for image, _ in found]
+    for (path, record), size in zip(found, _probe_all(paths, verify), strict=True):
+        if isinstance(size, ImageError):
+            index.skipped.append(SkippedFile(path, _reason(size, path)))
+            continue
+        small = _too_small(subset, size)
+        if small:
+            index.skipped.append(SkippedFile(path, small))
+            continue
+        if record.caption == "":
+            index.empty_captions.append(path)
+        index.entries.append(
+            ImageEntry(
+                path=path,
+                caption=record.caption,
+                repeats=subset.repeats,
+                is_class=False,
+                size=size,
+                subset=subset,
+                tags=record.tags,
+            )
+        )
+    if given_dir is not None:
+        listed = {p.resolve() for p in paths}
+        for child in sorted(given_dir.iterdir()):
+            if is_image_path(child) and not child.name.startswith(".") and child.resolve() not in listed:
+                index.skipped.append(SkippedFile(child, f"not listed in {meta.name}: not trained (as kohya)"))
+
+
 def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, roots: set[Path]) -> None:
+    if subset.metadata_file is not None:
+        _scan_metadata_subset(subset, index, verify=verify)
+        return
     directory = subset.image_dir
     if not directory.is_dir():
         index.skipped.append(SkippedFile(directory, "image folder does not exist"))
@@ -575,12 +720,9 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         if isinstance(size, ImageError):
             index.skipped.append(SkippedFile(path, _reason(size, path)))
             continue
-        if subset.bucket_no_upscale and min(size) < subset.bucket_step:
-            index.skipped.append(
-                SkippedFile(
-                    path, f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)"
-                )
-            )
+        small = _too_small(subset, size)
+        if small:
+            index.skipped.append(SkippedFile(path, small))
             continue
         try:
             caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
@@ -616,6 +758,15 @@ def _subsets_for(
 ) -> list[SubsetOptions]:
     if not source.exists():
         raise DataError(f"{source}: dataset path does not exist")
+    if options is not None and options.metadata_file and not is_class:
+        if not source.is_dir():
+            raise DataError(
+                f"--metadata-file {options.metadata_file}: --data must be the image folder its keys are in, "
+                f"not {source} (in a dataset TOML, give metadata_file in the [[datasets.subsets]] table)"
+            )
+        metadata_file = Path(options.metadata_file).expanduser()
+        values = {**defaults, "class_tokens": None, "conditioning_data_dir": None}
+        return [SubsetOptions(image_dir=source, repeats=options.dataset_repeats, metadata_file=metadata_file, **values)]
     if source.is_file():
         if source.suffix.lower() != ".toml":
             raise DataError(f"{source}: a dataset is a folder or a .toml dataset config")
@@ -651,6 +802,8 @@ def build_dataset_index(options: TrainOptions, *, verify: bool = True) -> Datase
     :class:`DataError` when the dataset is missing or has no usable training image.
     """
     index = scan_dataset(options, verify=verify)
+    if index.problems:
+        raise DatasetProblems(index.problems)
     if not index.instance_entries:
         where = options.data
         detail = (
@@ -691,6 +844,7 @@ def assign_buckets(index: DatasetIndex) -> list[BucketAssignment]:
 
 __all__ = [
     "DatasetIndex",
+    "DatasetProblems",
     "ImageEntry",
     "SkippedFile",
     "SubsetOptions",

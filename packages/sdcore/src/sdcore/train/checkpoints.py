@@ -38,6 +38,8 @@ log = logging.getLogger("sdcore.train")
 RESUME_SENSITIVE = (
     "data",
     "reg_data",
+    "metadata_file",
+    "dataset_repeats",
     "batch_size",
     "gradient_accumulation",
     "seed",

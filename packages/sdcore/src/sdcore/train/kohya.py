@@ -221,6 +221,8 @@ ALIASES: dict[str, Alias] = {
     "train_data_dir": _a("data"),
     "dataset_config": _a("data"),
     "reg_data_dir": _a("reg_data"),
+    "in_json": _a("metadata_file"),
+    "dataset_repeats": _a("dataset_repeats"),
     "resolution": _a("resolution", resolution_side),
     "caption_extension": _a("caption_extension"),
     "caption_extention": _a("caption_extension"),  # kohya keeps the old misspelling
@@ -475,7 +477,6 @@ _ALIAS_OFF: dict[str, tuple[Any, ...]] = {"network_multiplier": (*_OFF, 1, 1.0)}
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **dict.fromkeys(
         (
-            "in_json",
             "fused_backward_pass",
             "weights",
             "debug_dataset",
@@ -484,7 +485,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         ),
         _OFF,
     ),
-    "dataset_repeats": (*_OFF, 1),
     "noise_offset_type": (*_OFF, "Original"),
 }
 _FLAG_UNSUPPORTED = {
@@ -673,6 +673,12 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
     if items.get("dataset_config") and items.get("train_data_dir"):
         out.notes.append("dataset_config is given, so train_data_dir is ignored (as in kohya)")
         items = {k: v for k, v in items.items() if k != "train_data_dir"}
+    if items.get("dataset_config") and items.get("in_json"):
+        out.notes.append("dataset_config is given, so in_json is ignored (as in kohya)")
+        items = {k: v for k, v in items.items() if k != "in_json"}
+    elif items.get("in_json") and items.get("reg_data_dir"):
+        out.notes.append("in_json is given, so reg_data_dir is ignored (as in kohya's fine-tuning dataset)")
+        items = {k: v for k, v in items.items() if k != "reg_data_dir"}
 
     def put(target: str, value: Any, name: str) -> None:
         if target not in present:

@@ -53,6 +53,18 @@ class TrainOptions:
     )
     output: str = option("", "Where to write the result (a file or a folder, per method).", group="output")
     reg_data: str | None = option(None, "Regularisation/class images folder (kohya N_name subfolders).", group="data")
+    metadata_file: str | None = option(
+        None,
+        "kohya fine-tuning metadata JSON/JSONL (captions and tags per image, from kohya's finetune/ scripts; "
+        "kohya's --in_json): --data is then the folder its image keys are in.",
+        group="data",
+        metavar="FILE",
+    )
+    dataset_repeats: int = option(
+        1,
+        "Repeats of a --metadata-file dataset, and of dataset-TOML subsets without num_repeats (kohya).",
+        group="data",
+    )
     prior_loss_weight: float = option(
         1.0, "Loss weight of regularisation/class images (prior preservation).", group="loss"
     )

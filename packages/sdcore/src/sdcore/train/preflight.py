@@ -94,6 +94,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         "gradient_accumulation": o.gradient_accumulation,
         "clip_skip": o.clip_skip,
         "caption_variants": o.caption_variants,
+        "dataset_repeats": o.dataset_repeats,
     }
     for label, count in positive.items():
         if count < 1:
@@ -569,6 +570,7 @@ def run_preflight(
     ``bundle`` (an already loaded model) skips the model check and sizes the plan from it;
     ``plan`` False skips the memory and disk estimates (they need the model's configs).
     """
+    from ..data.dataset import DatasetProblems
     from .data import build_train_data, image_option_problems
     from .initial import initial_option_problems
     from .loop import output_paths, total_steps_for
@@ -666,6 +668,11 @@ def run_preflight(
             else:
                 data = _build_unverified(o, method)
             report.data = data
+            if o.dataset_repeats != 1 and not o.metadata_file and Path(o.data).expanduser().is_dir():
+                report.notes.append(
+                    f"--dataset-repeats {o.dataset_repeats} is not used: a folder dataset takes its repeats from "
+                    "the folder names (as in kohya)"
+                )
             report.problems.extend(image_option_problems(o, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
@@ -678,6 +685,8 @@ def run_preflight(
                 limit_problem = step_limit_problem(o, data, report.total_steps)  # kohya: max_train_steps > initial_step
                 if limit_problem:
                     report.problems.append(limit_problem)
+        except DatasetProblems as exc:  # e.g. every missing image of a metadata file, one line each
+            report.problems.extend(exc.problems)
         except SdcoreError as exc:
             report.problems.append(str(exc))
 

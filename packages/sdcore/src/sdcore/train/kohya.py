@@ -353,6 +353,7 @@ ALIASES: dict[str, Alias] = {
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),
     "num_vectors_per_token": _a("vectors", methods="ti"),
+    "weights": _a("init_weights", methods="ti"),
 }
 
 #: composite kohya options translated in :func:`translate` (name -> help text for ``--help``)
@@ -476,7 +477,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "initial_epoch",
             "initial_step",
             "skip_until_initial_step",
-            "weights",
             "debug_dataset",
             "dataset_class",
             "no_token_padding",

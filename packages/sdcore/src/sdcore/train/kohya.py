@@ -249,6 +249,7 @@ ALIASES: dict[str, Alias] = {
     "max_bucket_reso": _a("max_bucket_reso"),
     "bucket_reso_steps": _a("bucket_step"),
     "bucket_no_upscale": _a("bucket_no_upscale", flag=True),
+    "debug_dataset": _a("debug_dataset", flag=True),
     "prior_loss_weight": _a("prior_loss_weight"),
     "cache_latents": _a("cache_latents", flag=True),
     "cache_latents_to_disk": _a("cache_latents_to_disk", flag=True),
@@ -477,7 +478,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "initial_epoch",
             "initial_step",
             "skip_until_initial_step",
-            "debug_dataset",
             "dataset_class",
             "no_token_padding",
         ),
@@ -489,7 +489,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 _FLAG_UNSUPPORTED = {
     "fused_backward_pass",
     "skip_until_initial_step",
-    "debug_dataset",
     "no_token_padding",
 }
 

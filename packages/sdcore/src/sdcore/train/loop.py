@@ -606,4 +606,9 @@ def train(method: TrainingMethod[Any], *, bundle: ModelBundle | None = None, plu
     before loading anything when the configuration is contradictory; Ctrl-C saves a resumable
     state and re-raises; a NaN/inf loss stops with :class:`TrainingDivergedError`.
     """
+    if method.options.debug_dataset:
+        raise ConfigError(
+            "debug_dataset is set: it trains nothing (`sdcore train --debug-dataset`, or "
+            "sdcore.train.debug_dataset.debug_dataset(method) from Python)"
+        )
     return TrainSession(method, bundle=bundle, plugin_manager=plugin_manager).run()

@@ -308,7 +308,7 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
         )
     text = (
         "yes"
-        if options.cache_text_encoder_outputs and not caps.trains_text_encoder
+        if options.cache_text_encoder_outputs and not caps.trains_text_encoder and caps.cacheable_text
         else "no (the text encoder runs every step)"
     )
     from ..data.captions import warmup_steps

@@ -350,6 +350,7 @@ ALIASES: dict[str, Alias] = {
     "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth"),
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
+    "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
     # textual inversion (train_textual_inversion.py)
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),
@@ -479,7 +480,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
             "initial_step",
             "skip_until_initial_step",
             "dataset_class",
-            "no_token_padding",
         ),
         _OFF,
     ),
@@ -489,7 +489,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 _FLAG_UNSUPPORTED = {
     "fused_backward_pass",
     "skip_until_initial_step",
-    "no_token_padding",
 }
 
 #: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)
@@ -780,6 +779,11 @@ def _composites(
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"
             out.notes.append(f"{name}: the model {what} is read from the model itself (see `sdcore model info`)")
+    if out.values.get("no_token_padding") is True:
+        out.notes.append(
+            "no_token_padding: captions are padded to the batch's longest (at most 77 tokens), as its help says and "
+            "train_db.py did until 2023; sd-scripts since then ignores the flag (or, 2023-2025, fails on it)"
+        )
     _output(items, present, out, where, put)
     _network(items, present, out, where, put)
 

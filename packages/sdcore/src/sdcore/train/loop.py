@@ -196,7 +196,7 @@ class TrainSession:
             o,
             self.data,
             acc,
-            trains_text_encoder=self.caps.trains_text_encoder,
+            trains_text_encoder=self.caps.trains_text_encoder or not self.caps.cacheable_text,
             needs_pixels=self.caps.needs_pixels,
             progress=self.progress,
         )

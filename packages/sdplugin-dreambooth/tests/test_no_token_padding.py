@@ -120,3 +120,16 @@ def test_kohya_name_is_refused_for_lora_style_methods(tmp_path):
 
     with pytest.raises(ConfigError, match="kohya's dreambooth option"):
         load_options(TrainOptions, None, kohya={"no_token_padding": True})
+
+
+def test_memory_plan_keeps_the_text_encoder_resident(tmp_path):
+    """No text cache with the option: on a GPU the frozen text encoder stays there, and the plan says so."""
+    from sdcore.models.layout import read_layout
+    from sdcore.train.preflight import memory_plan
+
+    layout = read_layout("tiny:sd1")
+    totals = []
+    for flag in (False, True):
+        options = contract_options(DreamBoothMethod, tmp_path, {"no_token_padding": flag})
+        totals.append(memory_plan(DreamBoothMethod(options), options, layout=layout, device="cuda").estimate.total)
+    assert totals[1] > totals[0]

@@ -11,8 +11,9 @@ per-sample generators: what is printed is what the same seed trains on. Each sam
 downloaded. Cached latents are a VAE encoding of exactly the pixels written here (the cache is
 filled from the same loader, without random crops or colour, which need ``--no-cache-latents``).
 
-Not shown: class images a method generates itself (DreamBooth's prior preservation makes them with
-the model when ``--reg-data`` is not given) and a method's own loss maps (DreamArtist's attention maps).
+Not shown: class images a method has yet to generate with the model (DreamBooth's ``--class-prompt``
+fills ``--class-data`` before training; the images already there are shown) and a method's own loss
+maps (DreamArtist's attention maps).
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ def debug_dataset(
             "--debug-dataset loads no model, so the model's native size is unknown here: give --resolution"
         )
     caps = method.capabilities()
+    class_data = method.regularization_data()  # DreamBooth's --class-data: the trainer adds it after prepare
+    if class_data is not None and not o.reg_data and class_data.is_dir():
+        import dataclasses
+
+        say(f"class images: {class_data} as it is now (a method may add images generated with the model)")
+        o = dataclasses.replace(o, reg_data=str(class_data))
     data = build_train_data(o, balance_class=caps.balance_class, auxiliary=method.is_auxiliary_file)
     problems = image_option_problems(o, data.index)
     if problems:

@@ -78,7 +78,7 @@ def test_wrong_family_file_is_a_preflight_problem(tmp_path):
     weights = _file(tmp_path, "pt", {"*": torch.zeros(2, 32)})
     options = contract_options(TIMethod, tmp_path, {**TI, "init_weights": weights}, family="sdxl")
     report = run_preflight(TIMethod(options), options, plan=False)
-    assert any("a sdxl embedding needs clip_l, clip_g" in p for p in report.problems), report.problems
+    assert any("this sdxl model needs clip_l, clip_g" in p for p in report.problems), report.problems
 
 
 def test_missing_file_is_a_problem(tmp_path):

@@ -184,7 +184,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             return []
         label = "the single tensor of an SD1/SD2 embedding" if missing == ["*"] else ", ".join(missing)
         return [
-            f"--init-weights {self.options.init_weights}: a {family} embedding needs {label}; "
+            f"--init-weights {self.options.init_weights}: this {family} model needs {label}; "
             f"the file has {loaded.describe()}"
         ]
 

@@ -358,15 +358,16 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
         assert {k: getattr(read, k) for k in translated} == translated
     # what sdcore does not have is listed, all at once
     data = json.loads((DATA / "gui_preset_loha.json").read_text())
-    data.update(no_token_padding=True, debug_dataset=True)
+    data.update(dataset_class="mymodule.MyDataset", min_bucket_reso="abc")
     listed = tmp_path / "listed.json"
     listed.write_text(json.dumps(data))
-    refused = ["no_token_padding = True", "debug_dataset = True"]
+    refused = ["dataset_class = 'mymodule.MyDataset'"]
     with pytest.raises(ConfigError) as info:
         load_options(LoraOptions, listed)
     message = str(info.value)
     assert all(r in message for r in refused), message
     assert message.count("not supported by sdcore") == len(refused), message
+    assert "min_bucket_reso" in message  # reported together with the unsupported option
     data = json.loads((DATA / "gui_preset_loha.json").read_text())
     data.update(multires_noise_iterations=0, noise_offset_type="Original", scale_weight_norms=0, use_cp=False)
     cfg = tmp_path / "loha.json"

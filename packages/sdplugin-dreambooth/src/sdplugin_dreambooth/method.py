@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sdcore.errors import ConfigError
-from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
+from sdcore.train.method import Capabilities, Conditioning, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
 from .class_images import ensure_class_images
@@ -50,11 +50,32 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             raise ConfigError("--stop-text-encoder-at needs --train-text-encoder")
         if o.class_data and o.reg_data and Path(o.class_data) != Path(o.reg_data):
             raise ConfigError("give either --class-data or --reg-data, not both")
+        if o.no_token_padding and o.clip_skip > 1:
+            # kohya's get_hidden_states returns the last layer for unpadded ids (its early return), so
+            # clip skip silently applied only to batches whose longest caption fills 77 tokens
+            raise ConfigError(
+                "--no-token-padding with --clip-skip: kohya's unpadded path ignores clip skip (except when a "
+                "caption fills all 77 tokens); use one of them"
+            )
+        if o.no_token_padding and o.weighted_captions:
+            raise ConfigError(
+                "--no-token-padding with --weighted-captions: kohya's weighted path pads to 77 tokens whatever "
+                "no_token_padding says; use one of them"
+            )
+
+    def family_problems(self, family: str) -> list[str]:
+        """kohya has ``--no_token_padding`` in train_db.py only: SD1/SD2 (one CLIP text encoder)."""
+        if self.options.no_token_padding and family not in ("sd1", "sd2"):
+            return [f"--no-token-padding (kohya's train_db.py option) is for SD1/SD2 models; this model is {family}"]
+        return []
 
     def capabilities(self) -> Capabilities:
         # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
         return Capabilities(
-            trains_text_encoder=self.options.train_text_encoder, cast_frozen_weights=False, saves_whole_model=True
+            trains_text_encoder=self.options.train_text_encoder,
+            cast_frozen_weights=False,
+            saves_whole_model=True,
+            cacheable_text=not self.options.no_token_padding,  # padded to the batch's longest caption
         )
 
     def regularization_data(self) -> Path | None:
@@ -102,6 +123,12 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             self.ema = ParameterEMA([p for g in groups for p in g["params"]], decay=o.ema_decay)
         self._bundle = bundle
         return groups
+
+    def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
+        """The family's encoding, or with ``--no-token-padding`` kohya's unpadded one."""
+        if not self.options.no_token_padding:
+            return super().encode(bundle, captions)
+        return encode_unpadded(bundle, captions)
 
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
         if is_class and self.options.class_prompt:
@@ -168,3 +195,24 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             bundle.denoiser.load_state_dict(trained.denoiser.state_dict())
             for mine, theirs in zip(bundle.text_encoders, trained.text_encoders, strict=True):
                 mine.load_state_dict(theirs.state_dict())
+
+
+def unpadded_input_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """kohya's ``tokenizer(captions, padding=True, truncation=True)``: ``BOS + tokens + EOS`` cut at
+    ``model_max_length`` (77), then padded with the pad token (EOS when the tokenizer has none) only up
+    to the batch's longest row. A batch of one is not padded at all."""
+    limit = int(tokenizer.model_max_length)
+    rows = tokenizer(list(captions), truncation=True, max_length=limit, padding=False, verbose=False).input_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    longest = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [pad] * (longest - len(row)) for row in rows], dtype=torch.long)
+
+
+def encode_unpadded(bundle: ModelBundle, captions: list[str]) -> Conditioning:
+    """kohya train_db.py with ``--no_token_padding`` (``get_hidden_states``' early return): the text
+    encoder's last hidden state (after its final layer norm) of :func:`unpadded_input_ids`, no attention
+    mask, ``[B, L, C]`` with ``L <= 77``. The UNet's cross-attention takes any length."""
+    tokenizer, encoder = bundle.tokenizers[0], bundle.text_encoders[0]
+    ids = unpadded_input_ids(tokenizer, captions)
+    device = next(encoder.parameters()).device
+    return Conditioning(encoder(ids.to(device), return_dict=True).last_hidden_state)

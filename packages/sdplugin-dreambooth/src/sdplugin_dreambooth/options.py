@@ -39,6 +39,12 @@ class DreamBoothOptions(TrainOptions):
         None, "Freeze the text encoder from this optimizer step on.", group="dreambooth"
     )
     te_lr: float | None = option(None, "Text-encoder learning rate (default: --lr).", group="dreambooth")
+    no_token_padding: bool = option(
+        False,
+        "SD1/SD2: encode each batch's captions padded only to its longest caption (at most 77 tokens), "
+        "not to 77 (kohya train_db.py's --no_token_padding, diffusers' 2022 DreamBooth).",
+        group="dreambooth",
+    )
     ema: bool = option(
         False, "Keep an exponential moving average of the trained weights and save it.", group="dreambooth"
     )

@@ -45,27 +45,40 @@ _KEY_BY_KIND = {"clip-l": CLIP_L, "clip-g": CLIP_G, "t5-xxl": T5}
 OPTIONAL_KEYS = frozenset({T5})
 
 
-def encoder_keys(bundle: ModelBundle) -> list[str]:
-    """Which embedding tensor goes into which text encoder, in ``bundle.text_encoders`` order."""
-    spec = bundle.family_spec
+def family_encoder_keys(family: str) -> list[str]:
+    """Which embedding tensor goes into which text encoder of a ``family`` (by name), in text-encoder
+    order; the pre-flight checks an embedding file against this before any weights load."""
+    from sdcore.models.family import get_family
+
+    spec = get_family(family)
     if spec.denoiser == "unet":
-        if bundle.family == "sdxl-refiner":
+        if family == "sdxl-refiner":
             return [CLIP_G]
-        if bundle.is_sdxl:
+        if family.startswith("sdxl"):
             return [CLIP_L, CLIP_G]
         return [SINGLE]
     kinds = [encoder.kind for encoder in spec.text_encoders]
     unknown = [kind for kind in kinds if kind not in _KEY_BY_KIND]
     if unknown:
         raise ConfigError(
-            f"Textual Inversion does not know the {', '.join(unknown)} text encoder of {spec.label} ({bundle.family})"
+            f"Textual Inversion does not know the {', '.join(unknown)} text encoder of {spec.label} ({family})"
         )
+    return [_KEY_BY_KIND[kind] for kind in kinds]
+
+
+def encoder_keys(bundle: ModelBundle) -> list[str]:
+    """Which embedding tensor goes into which text encoder, in ``bundle.text_encoders`` order."""
+    spec = bundle.family_spec
+    keys = family_encoder_keys(bundle.family)
+    if spec.denoiser == "unet":
+        return keys
+    kinds = [encoder.kind for encoder in spec.text_encoders]
     if len(bundle.text_encoders) != len(kinds):
         raise ConfigError(
             f"this {bundle.family} model has {len(bundle.text_encoders)} of its {len(kinds)} text encoders; "
             "embeddings need all of them (give the missing parts when loading the model)"
         )
-    return [_KEY_BY_KIND[kind] for kind in kinds]
+    return keys
 
 
 class ExtendedTokenEmbedding(nn.Embedding):

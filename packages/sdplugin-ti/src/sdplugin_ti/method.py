@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from sdcore.errors import ConfigError, NetworkMismatchError
+from sdcore.errors import ConfigError, NetworkMismatchError, SdcoreError
 from sdcore.options import option
 from sdcore.train.lr_schedule import LearnSchedule, parse_schedule, schedule_lambda
 from sdcore.train.method import Capabilities, Conditioning, SaveInfo, TrainingMethod
@@ -45,6 +45,12 @@ class TIOptions(TrainOptions):
     lr: float = option(5e-3, "Learning rate (A1111's TI default 0.005).", group="training")
     name: str = option("", "Embedding name: the word used in prompts and the output file stem.", group="ti")
     init_text: str = option("*", "Text whose token embeddings initialise the vectors ('' = zeros).", group="ti")
+    init_weights: str = option(
+        "",
+        "Start from the vectors of this embedding file (A1111 .pt, .safetensors, diffusers .bin; SDXL: clip_l "
+        "and clip_g) instead of --init-text; its vector count must equal --vectors (kohya's --weights).",
+        group="ti",
+    )
     vectors: int = option(1, "Vectors per token (1-75): how many prompt tokens the embedding uses.", group="ti")
     template: str = option(
         "style_filewords",
@@ -107,6 +113,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         self.bundle: ModelBundle | None = None
         self.schedule: LearnSchedule | None = None
         self._identity: tuple[str | None, str | None] | None = None
+        self._init_weights: Embedding | None = None
 
     def trained_embeddings(self) -> list[TrainedEmbedding]:
         o = self.options
@@ -126,6 +133,8 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         if self.schedule is not None:
             schedule_lambda(self.schedule, o.lr)  # checks --lr
         load_template(o.template)
+        if o.init_weights:
+            self._init_weights = self._read_init_weights()
         if o.latent_sampling == "random" and o.cache_latents:
             raise ConfigError("--latent-sampling random draws a new latent each step: also pass --no-cache-latents")
         if o.latent_sampling == "deterministic":
@@ -134,8 +143,78 @@ class TIMethod(TrainingMethod[TIOptionsT]):
                 "per image (that is 'once'); use once or random"
             )
 
+    def _read_init_weights(self) -> Embedding:
+        """kohya's ``--weights``: the file's vectors, whose count must be ``--vectors`` (kohya asserts the
+        same: its loaded rows replace every placeholder row, so ``init_word`` then has no effect)."""
+        from .formats import load_embedding
+
+        o = self.options
+        if len(self.trained_embeddings()) != 1:
+            raise ConfigError(f"--init-weights initialises one embedding; method {self.name!r} trains several")
+        try:
+            loaded = load_embedding(Path(o.init_weights).expanduser())
+        except SdcoreError as exc:  # no file, unknown layout, unsafe pickle: one pre-flight line
+            raise ConfigError(f"--init-weights: {exc}") from exc
+        counts = {key: int(t.shape[0]) for key, t in loaded.vectors.items()}
+        wrong = {key: n for key, n in counts.items() if n != o.vectors}
+        if wrong:
+            found = ", ".join(f"{n} ({key})" if key != "*" else str(n) for key, n in wrong.items())
+            raise ConfigError(
+                f"--init-weights {o.init_weights}: the file has {found} vectors, --vectors is {o.vectors} "
+                "(kohya's num_vectors_per_token): they must match"
+            )
+        return loaded
+
+    def family_problems(self, family: str) -> list[str]:
+        """``--init-weights`` must hold a tensor for every text encoder that trains on this family
+        (SD1/SD2 one tensor, SDXL ``clip_l`` and ``clip_g``, ...), checked before the model loads."""
+        from .apply import OPTIONAL_KEYS, family_encoder_keys
+        from .embedding import T5
+
+        loaded = self._init_weights
+        if loaded is None:
+            return []
+        try:
+            keys = family_encoder_keys(family)
+        except ConfigError as exc:
+            return [str(exc)]
+        wanted = [k for k in keys if k not in OPTIONAL_KEYS or (k == T5 and self.options.train_t5)]
+        missing = [k for k in wanted if k not in loaded.vectors]
+        if not missing:
+            return []
+        label = "the single tensor of an SD1/SD2 embedding" if missing == ["*"] else ", ".join(missing)
+        return [
+            f"--init-weights {self.options.init_weights}: this {family} model needs {label}; "
+            f"the file has {loaded.describe()}"
+        ]
+
+    def _initial_vectors(self, bundle: ModelBundle, item: TrainedEmbedding, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The starting vectors: ``--init-weights`` when given (checked against the model's widths),
+        else the init text's token rows (A1111)."""
+        from .apply import encoder_keys, init_vectors
+
+        loaded = self._init_weights
+        if loaded is None or item.name != self.options.name:
+            return init_vectors(bundle, item.init_text, item.vectors, keys=keys)
+        problems = self.family_problems(bundle.family)
+        if problems:
+            raise ConfigError(problems[0])
+        out = {}
+        for encoder, key in zip(bundle.text_encoders, encoder_keys(bundle), strict=True):
+            if key not in keys:
+                continue
+            width = int(encoder.get_input_embeddings().weight.shape[1])
+            tensor = loaded.vectors[key]
+            if int(tensor.shape[1]) != width:
+                raise NetworkMismatchError(
+                    f"--init-weights {self.options.init_weights}: {key} vectors have width {int(tensor.shape[1])}, "
+                    f"this {bundle.family} model's text encoder has {width} ({loaded.describe()})"
+                )
+            out[key] = tensor.detach().float().cpu().clone()
+        return out
+
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
-        from .apply import apply_embeddings, init_vectors
+        from .apply import apply_embeddings
         from .embedding import Embedding
 
         self.validate()
@@ -144,7 +223,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             module.requires_grad_(False)
         embeddings = []
         for item in self.trained_embeddings():
-            vectors = init_vectors(bundle, item.init_text, item.vectors, keys=keys)
+            vectors = self._initial_vectors(bundle, item, keys)
             embeddings.append(Embedding(name=item.name, vectors=vectors, step=0))
         self.bundle = bundle
         self.handle = apply_embeddings(bundle, embeddings, trainable=True)

@@ -79,9 +79,8 @@ class BatchMaker:
         import torch
 
         from .cache import encode_pixels
-        from .data import make_caption
 
-        data, bundle, seed = self.data, self.bundle, self.options.seed
+        data, bundle = self.data, self.bundle
         latents: list[Any] = []
         captions: list[str] = []
         originals: list[tuple[int, int]] = []
@@ -109,13 +108,7 @@ class BatchMaker:
                     array, _, _ = self.pixels(ref.entry, view)
                     pixels = torch.from_numpy(array)
                 pixels_list.append(pixels)
-            if self.text_cache is not None:
-                captions.append(self.text_cache.choose(ref.entry, ref.seed(seed, "caption"), epoch=ref.epoch))
-            else:
-                rng = random.Random(ref.seed(seed, "caption"))
-                captions.append(
-                    make_caption(self.method, entry, rng, epoch=ref.epoch, step=step, total_steps=self.total_steps)
-                )
+            captions.append(self.caption(ref, step))
             originals.append((int(original[0]), int(original[1])))
             crops.append((int(crop[0]), int(crop[1])))
             w, h = assignment.bucket
@@ -142,6 +135,18 @@ class BatchMaker:
         if self.text_cache is not None and with_conditioning:
             batch.conditioning = self.text_cache.batch(captions).to(self.device)
         return batch
+
+    def caption(self, ref: SampleRef, step: int = 0) -> str:
+        """The prompt sample ``ref`` trains with at optimizer step ``step``: a cached variant when the
+        text-encoder outputs are cached, else the caption processed with the sample's own generator."""
+        from .data import make_caption
+
+        seed = self.options.seed
+        if self.text_cache is not None:
+            return self.text_cache.choose(ref.entry, ref.seed(seed, "caption"), epoch=ref.epoch)
+        rng = random.Random(ref.seed(seed, "caption"))
+        entry = self.data.entries[ref.entry]
+        return make_caption(self.method, entry, rng, epoch=ref.epoch, step=step, total_steps=self.total_steps)
 
     def loss_masks(self, refs: list[SampleRef], latent_size: Any) -> Any:
         """``[B, 1, h, w]`` loss weights, or ``None``: the product of the method's mask

@@ -289,6 +289,24 @@ class TextCache:
         return Conditioning.cat([pad_conditioning(c, chunks, self.empty_chunk) for c in conds])
 
 
+def captions_follow_step(options: Any, data: Any) -> bool:
+    """Whether kohya's token warm-up changes some caption with the step (then no text cache)."""
+    from .data import caption_depends_on_step, total_steps_for
+
+    if not any(getattr(entry.subset, "token_warmup_step", 0) > 0 for entry in data.entries):
+        return False
+    total = total_steps_for(options, data)[0]
+    return any(caption_depends_on_step(entry, total) for entry in data.entries)
+
+
+def uses_text_cache(options: Any, data: Any, *, trains_text_encoder: bool) -> bool:
+    """Whether a run encodes its captions once (:class:`TextCache`): then every sample's caption is one
+    of the cached variants, so ``--debug-dataset`` picks them the same way."""
+    return bool(
+        options.cache_text_encoder_outputs and not trains_text_encoder and not captions_follow_step(options, data)
+    )
+
+
 def build_caches(
     bundle: ModelBundle,
     method: Any,
@@ -335,15 +353,10 @@ def build_caches(
             progress.say(f"latents: {latent_cache.encoded} encoded, {latent_cache.reused} reused from disk")
         if device.type != "cpu" and not needs_pixels:
             bundle.vae.to("cpu")  # frees accelerator memory; samples move it back
-    from .data import caption_depends_on_step, total_steps_for
-
-    warmup = False
-    if any(getattr(entry.subset, "token_warmup_step", 0) > 0 for entry in data.entries):
-        total = total_steps_for(options, data)[0]
-        warmup = any(caption_depends_on_step(entry, total) for entry in data.entries)
+    warmup = captions_follow_step(options, data)
     if options.cache_text_encoder_outputs and not trains_text_encoder and warmup:
         progress.say("text-encoder outputs are not cached: the token warm-up changes captions with the step")
-    if options.cache_text_encoder_outputs and not trains_text_encoder and not warmup:
+    if uses_text_cache(options, data, trains_text_encoder=trains_text_encoder):
         text_cache = TextCache(
             bundle,
             method,

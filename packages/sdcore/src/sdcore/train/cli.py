@@ -220,6 +220,11 @@ def build_train_command(spec: Any) -> click.Command:
             if dry_run:
                 _describe(method, options, pm)
                 return
+            if options.debug_dataset:  # kohya's --debug_dataset: the data pipeline only, no model, no training
+                from .debug_dataset import debug_dataset
+
+                debug_dataset(method, say=click.echo)
+                return
             result = train(method, plugin_manager=pm)
         except PreflightError as exc:  # every problem the pre-flight found, one line each
             for problem in exc.problems:
@@ -303,7 +308,7 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
         )
     text = (
         "yes"
-        if options.cache_text_encoder_outputs and not caps.trains_text_encoder
+        if options.cache_text_encoder_outputs and not caps.trains_text_encoder and caps.cacheable_text
         else "no (the text encoder runs every step)"
     )
     from ..data.captions import warmup_steps

@@ -251,6 +251,7 @@ ALIASES: dict[str, Alias] = {
     "max_bucket_reso": _a("max_bucket_reso"),
     "bucket_reso_steps": _a("bucket_step"),
     "bucket_no_upscale": _a("bucket_no_upscale", flag=True),
+    "debug_dataset": _a("debug_dataset", flag=True),
     "prior_loss_weight": _a("prior_loss_weight"),
     "cache_latents": _a("cache_latents", flag=True),
     "cache_latents_to_disk": _a("cache_latents_to_disk", flag=True),
@@ -355,10 +356,12 @@ ALIASES: dict[str, Alias] = {
     "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth"),
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
+    "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
     # textual inversion (train_textual_inversion.py)
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),
     "num_vectors_per_token": _a("vectors", methods="ti"),
+    "weights": _a("init_weights", methods="ti"),
 }
 
 #: composite kohya options translated in :func:`translate` (name -> help text for ``--help``)
@@ -478,10 +481,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **dict.fromkeys(
         (
             "fused_backward_pass",
-            "weights",
-            "debug_dataset",
             "dataset_class",
-            "no_token_padding",
         ),
         _OFF,
     ),
@@ -489,8 +489,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 _FLAG_UNSUPPORTED = {
     "fused_backward_pass",
-    "debug_dataset",
-    "no_token_padding",
 }
 
 #: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)
@@ -787,6 +785,11 @@ def _composites(
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"
             out.notes.append(f"{name}: the model {what} is read from the model itself (see `sdcore model info`)")
+    if out.values.get("no_token_padding") is True:
+        out.notes.append(
+            "no_token_padding: captions are padded to the batch's longest (at most 77 tokens), as its help says and "
+            "train_db.py did until 2023; sd-scripts since then ignores the flag (or, 2023-2025, fails on it)"
+        )
     _output(items, present, out, where, put)
     _network(items, present, out, where, put)
 

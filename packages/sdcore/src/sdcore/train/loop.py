@@ -197,7 +197,7 @@ class TrainSession:
             o,
             self.data,
             acc,
-            trains_text_encoder=self.caps.trains_text_encoder,
+            trains_text_encoder=self.caps.trains_text_encoder or not self.caps.cacheable_text,
             needs_pixels=self.caps.needs_pixels,
             progress=self.progress,
         )
@@ -624,4 +624,9 @@ def train(method: TrainingMethod[Any], *, bundle: ModelBundle | None = None, plu
     before loading anything when the configuration is contradictory; Ctrl-C saves a resumable
     state and re-raises; a NaN/inf loss stops with :class:`TrainingDivergedError`.
     """
+    if method.options.debug_dataset:
+        raise ConfigError(
+            "debug_dataset is set: it trains nothing (`sdcore train --debug-dataset`, or "
+            "sdcore.train.debug_dataset.debug_dataset(method) from Python)"
+        )
     return TrainSession(method, bundle=bundle, plugin_manager=plugin_manager).run()

@@ -57,6 +57,10 @@ class Capabilities:
     #: something in the text encoders trains: their outputs are not cached and gradient
     #: checkpointing (when asked) also covers them
     trains_text_encoder: bool = False
+    #: False: a sample's conditioning depends on the other captions of its batch (kohya's
+    #: ``no_token_padding`` pads to the longest one), so captions are encoded every step even when
+    #: the text encoders are frozen (no text-encoder output cache)
+    cacheable_text: bool = True
     #: the saved result is the whole model (DreamBooth), not only the trained tensors: sizes the
     #: disk estimate of the pre-flight
     saves_whole_model: bool = False

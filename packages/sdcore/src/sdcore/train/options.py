@@ -152,6 +152,16 @@ class TrainOptions:
     max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")
     bucket_step: int = option(64, "Bucket side step in pixels.", group="data")
     bucket_no_upscale: bool = option(False, "Never upscale an image to reach its bucket.", group="data")
+    debug_dataset: bool = option(
+        False,
+        "Load no model: walk the first --debug-dataset-steps optimizer steps of the real data pipeline, print "
+        "what each sample becomes (bucket, crop, flip, caption) and write its augmented image, then stop (kohya).",
+        group="data",
+    )
+    debug_dataset_steps: int = option(10, "Optimizer steps --debug-dataset walks.", group="data")
+    debug_dataset_dir: str = option(
+        "", "Folder for the --debug-dataset images (default: debug_dataset/ beside the output).", group="data"
+    )
     cache_latents: bool = option(True, "Encode images once with the VAE and reuse the latents.", group="cache")
     cache_latents_to_disk: bool = option(
         False, "Keep latents in .npz files beside the images, reused across runs.", group="cache"

@@ -481,6 +481,10 @@ def memory_plan(
         params = parameter_plan(method, options, layout, bundle.tokenizers if bundle is not None else None)
     device = device or training_device()
     caps = method.capabilities()
+    if not caps.cacheable_text and options.cache_text_encoder_outputs:  # the text encoders run every step
+        import dataclasses
+
+        options = dataclasses.replace(options, cache_text_encoder_outputs=False)
     kwargs: dict[str, Any] = dict(
         device=device,
         text_encoder_frozen=not caps.trains_text_encoder,

@@ -364,7 +364,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return problems
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(trains_text_encoder=self.train_te)
+        return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True)
 
     # --- setup -----------------------------------------------------------------------------------
     def block_options(self) -> dict[str, str | None]:
@@ -618,6 +618,13 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             return None
         scaled, mean, top = self._require_network().apply_max_norm(limit)
         return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
+
+    @contextlib.contextmanager
+    def network_strength(self, strengths: torch.Tensor) -> Iterator[None]:
+        """kohya's per-dataset ``network_multiplier``: every algorithm's change is scaled per sample
+        (on top of ``--network-multiplier``; :meth:`LoraNetwork.sample_strengths`)."""
+        with self._require_network().sample_strengths(strengths):
+            yield
 
     @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:

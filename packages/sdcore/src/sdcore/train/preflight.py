@@ -566,7 +566,7 @@ def run_preflight(
     ``bundle`` (an already loaded model) skips the model check and sizes the plan from it;
     ``plan`` False skips the memory and disk estimates (they need the model's configs).
     """
-    from .data import build_train_data, image_option_problems
+    from .data import build_train_data, image_option_problems, strength_problems
     from .loop import output_paths, total_steps_for
 
     o = options
@@ -660,6 +660,7 @@ def run_preflight(
                 data = _build_unverified(o, method)
             report.data = data
             report.problems.extend(image_option_problems(o, data.index))
+            report.problems.extend(strength_problems(method, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
                 report.problems.append(

@@ -189,3 +189,85 @@ def test_network_context_sets_and_restores_every_module():
             assert all(m.sample_strength is inner for m in network)
         assert all(m.sample_strength is outer for m in network)
     assert all(m.sample_strength is None for m in network)
+
+
+# --- a slider run: one dataset at +1, one at -1 -----------------------------------------------------
+
+
+def _slider_data(root, first: float, second: float):
+    """Two datasets of one image each, different pictures with the *same* caption (a slider's pair):
+    only the strength tells the LoRA which one it is being shown."""
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    for name, keep in (("a", 0), ("b", 1)):
+        folder = make_tiny_dataset(root / name, n=2, size=64, concept=name) / f"1_{name}"
+        (folder / f"{1 - keep:03d}.png").unlink()  # a keeps picture 0, b picture 1
+        (folder / f"{1 - keep:03d}.txt").unlink()
+        (folder / f"{keep:03d}.txt").write_text("sks", encoding="utf-8")
+    config = root / "slider.toml"
+    config.write_text(
+        f"[[datasets]]\nnetwork_multiplier = {first}\n[[datasets.subsets]]\nimage_dir = 'a/1_a'\n"
+        f"[[datasets]]\nnetwork_multiplier = {second}\n[[datasets.subsets]]\nimage_dir = 'b/1_b'\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def _train_slider(tmp_path, first: float, second: float, tag: str, **options):
+    """Train a LoRA (both images in every batch of 2) and return its tensors and the file's metadata."""
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import train
+    from sdplugin_lora.format import read_lora
+    from sdplugin_lora.method import LoraMethod
+
+    config = _slider_data(tmp_path / tag, first, second)
+    values = {"data": str(config), "rank": 4, "alpha": 4, "lr": 2e-2, "batch_size": 2, "max_steps": 6,
+              "max_bucket_reso": 64, "seed": 7, **options}  # fmt: skip
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, values, tag=tag))
+    result = train(method, bundle=create_tiny_bundle("sd1"))
+    assert method.network is not None
+    tensors = {k: v.detach().clone() for k, v in method.network.state_dict().items()}
+    return tensors, read_lora(result.output).metadata
+
+
+def test_one_step_is_the_signed_sum_of_each_datasets_step(tmp_path):
+    """One plain-SGD step from the same start: the +1/-1 slider's update is a's update minus b's (each
+    measured with the other image at strength 0, so the noise draws stay the same). Ignoring the
+    strengths would give a's plus b's."""
+    sgd = {"optimizer": "sgd", "lr": 0.5, "max_steps": 1, "max_grad_norm": 0.0}
+    only_a, _ = _train_slider(tmp_path, 1.0, 0.0, "a", **sgd)
+    only_b, _ = _train_slider(tmp_path, 0.0, 1.0, "b", **sgd)
+    slider, _ = _train_slider(tmp_path, 1.0, -1.0, "slider", **sgd)
+    ups = [key for key in slider if key.endswith("lora_up.weight")]
+    assert len(ups) > 10
+    moved = 0
+    for key in ups:  # up starts at zero, so each up is the step itself
+        torch.testing.assert_close(slider[key], only_a[key] - only_b[key], rtol=1e-4, atol=1e-8)
+        moved += int(only_b[key].abs().max() > 1e-6)
+    assert moved > 5  # b's own step is not nothing: the minus sign above is what was tested
+    for key in slider:  # the downs do not move on the first step (their gradient goes through up = 0)
+        if key.endswith("lora_down.weight"):
+            assert torch.equal(slider[key], only_a[key])
+
+
+def test_a_slider_run_mirrors_when_the_signs_swap(tmp_path):
+    """Adam, several steps: training a at +1 and b at -1 gives the exact negative (every ``lora_up``
+    negated, ``lora_down`` equal: ``s · up · down``) of training a at -1 and b at +1, so the LoRA's
+    effect on each image flips sign with its dataset's strength; both differ from a run at +1 only."""
+    slider, meta = _train_slider(tmp_path, 1.0, -1.0, "slider")
+    swapped, _ = _train_slider(tmp_path, -1.0, 1.0, "swapped")
+    plain, plain_meta = _train_slider(tmp_path, 1.0, 1.0, "plain")
+    ups = [key for key in slider if key.endswith("lora_up.weight")]
+    for key in slider:
+        want = -swapped[key] if key in ups else swapped[key]
+        torch.testing.assert_close(slider[key], want, rtol=1e-5, atol=1e-7)
+    assert max(float((slider[k] - plain[k]).abs().max()) for k in ups) > 1e-3
+    assert max(float(slider[k].abs().max()) for k in ups) > 1e-3
+    # (e) the file records each folder's strength (sdcore's key: kohya's ss_* metadata records none)
+    import json
+
+    assert json.loads(meta["sdcore_dataset_strengths"]) == {"1_a": 1.0, "1_b": -1.0}
+    assert "sdcore_dataset_strengths" not in plain_meta
+    assert json.loads(meta["ss_dataset_dirs"]) == json.loads(plain_meta["ss_dataset_dirs"])
+    assert not [key for key in meta if key.startswith("ss_") and "multiplier" in key]

@@ -844,7 +844,30 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
                 "ss_tag_frequency": json.dumps(tags),
             }
         )
+        strengths = _dataset_strengths(entries)
+        if strengths:
+            meta["sdcore_dataset_strengths"] = json.dumps(strengths)
     return meta
+
+
+def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
+    """Each image folder's strength (the dataset TOML's ``network_multiplier``), by folder name as in
+    ``ss_dataset_dirs`` (a name used again gets `` (2)``, as kohya names repeated folders), when any is
+    not 1; else empty. kohya writes the value nowhere in its metadata (``ss_datasets`` has no such
+    field), so the key is sdcore's own: a slider LoRA's file still says which folder was trained at -1."""
+    subsets = list({id(e.subset): e.subset for e in entries}.values())
+    values = [float(getattr(s, "network_strength", 1.0)) for s in subsets]
+    if all(value == 1.0 for value in values):
+        return {}
+    out: dict[str, float] = {}
+    for subset, value in zip(subsets, values, strict=True):
+        name = base = Path(subset.image_dir).name
+        i = 2
+        while name in out:
+            name = f"{base} ({i})"
+            i += 1
+        out[name] = value
+    return out
 
 
 def _face_range_text(value: str | None) -> str:

@@ -271,3 +271,80 @@ def test_a_slider_run_mirrors_when_the_signs_swap(tmp_path):
     assert "sdcore_dataset_strengths" not in plain_meta
     assert json.loads(meta["ss_dataset_dirs"]) == json.loads(plain_meta["ss_dataset_dirs"])
     assert not [key for key in meta if key.startswith("ss_") and "multiplier" in key]
+
+
+def test_gradient_checkpointing_recomputes_with_the_strengths(tmp_path):
+    """Checkpointing recomputes the forward during the backward: the strengths must still be set there,
+    so the slider's step is the same with and without it."""
+    sgd = {"optimizer": "sgd", "lr": 0.5, "max_steps": 1, "max_grad_norm": 0.0}
+    plain, _ = _train_slider(tmp_path, 1.0, -1.0, "plain", **sgd)
+    checkpointed, _ = _train_slider(tmp_path, 1.0, -1.0, "checkpointed", gradient_checkpointing=True, **sgd)
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-8)
+
+
+# --- whole denoisers: every module of the network, each family's activation layouts --------------------
+
+
+def _row(inputs: dict, b: int) -> dict:
+    """Sample ``b`` of batched inputs (Flux's position ids, shared by the batch, stay whole)."""
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, dict):  # SDXL's added_cond_kwargs
+            out[key] = _row(value, b)
+        elif key in ("img_ids", "txt_ids"):
+            out[key] = value
+        else:
+            out[key] = value[b : b + 1]
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3"])
+def test_a_whole_network_per_sample_equals_separate_forwards(family):
+    """The method's own context on a whole denoiser (UNet convs and attention; Flux/SD3 joint blocks,
+    fused q/k/v and Flux's single blocks): each row is the forward at that row's multiplier."""
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    if family in ("flux", "sd3"):
+        from test_shared_qkv import _inputs, _method
+
+        method, bundle, _ = _method(family)
+        model, inputs = bundle.transformer, _inputs(family, bundle.transformer)
+
+        def run(given: dict) -> torch.Tensor:
+            return model(**given, return_dict=False)[0]
+
+    else:
+        from lora_testutil import fresh_bundle, unet_inputs
+
+        bundle = fresh_bundle(family)
+        method = LoraMethod(LoraOptions(rank=2, conv_rank=2))
+        method.prepare(bundle)
+        latents, t, hidden, kwargs = unet_inputs(bundle, batch=2)
+        model, inputs = bundle.unet, {"sample": latents, "timestep": t, "encoder_hidden_states": hidden, **kwargs}
+
+        def run(given: dict) -> torch.Tensor:
+            return model(**given).sample
+
+    network = method.network
+    assert network is not None and len(network) > 10
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for module in network:
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=g) * 0.3)
+    strengths = (-1.0, 0.5)
+    with torch.no_grad():
+        before = run(inputs)
+        with method.network_strength(torch.tensor(strengths)):
+            got = run(inputs)
+        rows = []
+        for b, strength in enumerate(strengths):
+            for module in network:
+                module.multiplier = strength
+            rows.append(run(_row(inputs, b)))
+        for module in network:
+            module.multiplier = 1.0
+        assert torch.equal(run(inputs), before)
+    torch.testing.assert_close(got, torch.cat(rows), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, before, atol=1e-3)

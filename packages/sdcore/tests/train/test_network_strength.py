@@ -136,6 +136,8 @@ def test_each_sample_of_a_batch_carries_its_dataset_strength(tmp_path):
     assert batch.network_strength.tolist() == [-0.75, 1.0, -0.75]
     # every sample at 1: no tensor at all, the usual path
     assert s.make_batch([SampleRef(a, 0, 0), SampleRef(a, 0, 1)]).network_strength is None
+    # the start-up summary (and the pre-flight plan) names the folders that are not at 1
+    assert "  network_multiplier (per sample): 1_b -0.75; every other folder 1" in s.data.index.summary().splitlines()
 
 
 def test_the_runtime_scales_forward_and_backward(tmp_path):

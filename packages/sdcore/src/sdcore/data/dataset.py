@@ -141,6 +141,10 @@ class DatasetIndex:
             f"  {len(instance)} training images ({sum(e.repeats for e in instance)} with repeats)"
             + (f", {len(klass)} class images ({sum(e.repeats for e in klass)} with repeats)" if klass else ""),
         ]
+        strengths = {id(e.subset): e.subset for e in self.entries if e.subset.network_strength != 1.0}
+        if strengths:
+            listed = ", ".join(f"{s.image_dir.name} {s.network_strength:+g}" for s in strengths.values())
+            lines.append(f"  network_multiplier (per sample): {listed}; every other folder 1")
         if self.auxiliary_files:
             lines.append(
                 f"  {len(self.auxiliary_files)} method files (e.g. attention maps) used alongside, not trained on"

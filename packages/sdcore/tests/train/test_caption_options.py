@@ -111,21 +111,21 @@ def test_bad_epoch_dropout_is_a_preflight_problem():
     assert any("--caption-dropout-every-n-epochs must be 0 (off) or more" in p for p in problems)
 
 
-def test_dataset_network_multiplier_is_accepted_at_one_only(tmp_path):
+def test_dataset_network_multiplier_is_read_at_dataset_level(tmp_path):
+    """Per-dataset strengths are carried now (tests/train/test_network_strength.py); a subset may not set one."""
     from sdcore.errors import DataError
 
     (tmp_path / "img").mkdir()
     config = tmp_path / "d.toml"
     body = "[general]\nnetwork_multiplier = {g}\n[[datasets]]\nnetwork_multiplier = {d}\n[[datasets.subsets]]\nimage_dir = 'img'\n"
     config.write_text(body.format(g=1, d=1.0), encoding="utf-8")
-    assert len(load_toml_dataset_config(config)) == 1
+    assert [s.network_strength for s in load_toml_dataset_config(config)] == [1.0]
     config.write_text(body.format(g=1, d=-1.0), encoding="utf-8")
-    with pytest.raises(DataError, match=r"datasets\[0\]: network_multiplier = -1.0: per-dataset multipliers"):
-        load_toml_dataset_config(config)
+    assert [s.network_strength for s in load_toml_dataset_config(config)] == [-1.0]
     config.write_text(
         "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\nnetwork_multiplier = 1.0\n", encoding="utf-8"
     )
-    with pytest.raises(DataError, match="kohya key 'network_multiplier' is not supported"):  # kohya: dataset level only
+    with pytest.raises(DataError, match="'network_multiplier' belongs in a"):  # kohya: dataset level only
         load_toml_dataset_config(config)
 
 

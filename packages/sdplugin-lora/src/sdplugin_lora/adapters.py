@@ -407,11 +407,16 @@ class Dora:
 
 
 def scaled_hidden(
-    hidden: torch.Tensor, scale: float, training: bool, dropout: float | None, rank_dropout: float | None
+    hidden: torch.Tensor,
+    scale: float | torch.Tensor,
+    training: bool,
+    dropout: float | None,
+    rank_dropout: float | None,
 ) -> torch.Tensor:
     """kohya's LoRA hidden state ``down(x)`` after neuron and rank dropout (training only), times
     ``scale`` (multiplier · alpha/rank; rank dropout divides it by ``1 - p``). Scaling the rank-sized
-    hidden state is cheaper than scaling the output."""
+    hidden state is cheaper than scaling the output. ``scale`` may be a tensor broadcasting over
+    ``hidden`` (per-sample strengths, :meth:`Adapter.sample_factor`)."""
     if training and dropout:
         hidden = torch.nn.functional.dropout(hidden, p=dropout)
     if training and rank_dropout:
@@ -453,6 +458,10 @@ class Adapter(nn.Module):
     dora_scale: nn.Parameter | None
     #: dropout probability of whole output rows of ``ΔW`` while training (see :meth:`delta`)
     rank_dropout: float | None = None
+    #: per-sample strengths ``[B]`` of the batch being trained (kohya's per-dataset
+    #: ``network_multiplier``), set by :meth:`sdplugin_lora.network.LoraNetwork.sample_strengths`;
+    #: ``None`` (the usual case) leaves the forward exactly as it is without them
+    sample_strength: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -537,6 +546,22 @@ class Adapter(nn.Module):
             return Dora.apply(base, delta, magnitude) - base
         return delta
 
+    def sample_factor(self, t: torch.Tensor) -> torch.Tensor | None:
+        """:attr:`sample_strength` shaped ``[N, 1, ...]`` to scale ``t`` (batch first) per sample, in
+        ``t``'s dtype, or ``None`` without strengths.
+
+        ``N`` may be a multiple ``k·B`` of the batch: the text encoders see each prompt's 77-token
+        chunks as ``k`` consecutive rows (``[B, k, 77]`` reshaped), so each strength repeats ``k`` times."""
+        strength = self.sample_strength
+        if strength is None:
+            return None
+        rows, batch = int(t.shape[0]), int(strength.shape[0])
+        if rows != batch:
+            if rows % batch:
+                raise RuntimeError(f"{self.lora_name}: {batch} per-sample strengths do not fit an input of {rows} rows")
+            strength = strength.repeat_interleave(rows // batch)
+        return strength.to(device=t.device, dtype=t.dtype).reshape(rows, *[1] * (t.dim() - 1))
+
     def _input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if not torch.is_autocast_enabled() and x.dtype != dtype:
             return x.to(dtype)
@@ -551,17 +576,23 @@ class Adapter(nn.Module):
         return nn.functional.linear(x, weight)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The output increment for input ``x`` (multiplier applied).
+        """The output increment for input ``x`` (multiplier applied; per-sample strengths too).
 
         While training with ``rank_dropout`` p, LyCORIS' rank dropout of the weight-rebuilding
         algorithms (LoHa, LoKr, DoRA): each output row of ``ΔW`` is dropped with probability p, one
-        draw per forward for the whole batch, not rescaled (LyCORIS' ``rank_dropout_scale=False``)."""
+        draw per forward for the whole batch, not rescaled (LyCORIS' ``rank_dropout_scale=False``).
+
+        The increment is linear in the multiplier for every algorithm (DoRA and OFT too: the multiplier
+        scales ``W' - W``), so sample ``b`` at strength ``s_b`` is the increment times ``s_b``."""
         if self._frozen is not None:
-            return self._apply_weight(x, self._frozen.to(device=x.device))
-        rows = None
-        if self.training and self.rank_dropout:
-            rows = (torch.rand(int(self.base.weight.shape[0])) > self.rank_dropout).float()
-        return self._apply_weight(x, self._change(detach=False, rows=rows) * self.multiplier)
+            out = self._apply_weight(x, self._frozen.to(device=x.device))
+        else:
+            rows = None
+            if self.training and self.rank_dropout:
+                rows = (torch.rand(int(self.base.weight.shape[0])) > self.rank_dropout).float()
+            out = self._apply_weight(x, self._change(detach=False, rows=rows) * self.multiplier)
+        factor = self.sample_factor(out)
+        return out if factor is None else out * factor
 
     # --- hooks -----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -709,7 +740,10 @@ class LoraAdapter(Adapter):
         hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
         if self.lora_mid is not None:
             hidden = self.lora_mid(hidden)
-        scale = self._scale * self.scalar * self.multiplier
+        scale: float | torch.Tensor = self._scale * self.scalar * self.multiplier
+        factor = self.sample_factor(hidden)
+        if factor is not None:  # kohya: lx * multiplier * scale, the multiplier one per sample
+            scale = factor * scale
         hidden = scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
         return self.lora_up(hidden)
 
@@ -845,7 +879,8 @@ class SharedDownLora(Adapter):
         counters of the input and the down), in the same mode, before any backward through it, and
         let go once every member has read it."""
         version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
-        key = (version, self.lora_down.weight._version, self.training, torch.is_grad_enabled(), self.multiplier)
+        key = (version, self.lora_down.weight._version, self.training, torch.is_grad_enabled(), self.multiplier,
+               id(self.sample_strength))  # fmt: skip
         cache = self._cache
         if cache is not None and cache[0] is x and cache[1] == key:
             cache[3] += 1
@@ -857,9 +892,11 @@ class SharedDownLora(Adapter):
         hidden = None
         if not skip:
             hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
-            hidden = scaled_hidden(
-                hidden, self._scale * self.multiplier, self.training, self.dropout, self.rank_dropout
-            )
+            scale: float | torch.Tensor = self._scale * self.multiplier
+            factor = self.sample_factor(hidden)
+            if factor is not None:
+                scale = factor * scale
+            hidden = scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
         self._cache = None
         if len(self.bases) > 1:
             token = object()
@@ -883,9 +920,12 @@ class SharedDownLora(Adapter):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The fused module's output increment ``[..., Σ rows]`` for input ``x``."""
-        hidden = scaled_hidden(self.lora_down(self._input(x, self.lora_down.weight.dtype)),
-                               self._scale * self.multiplier, False, None, None)  # fmt: skip
-        return self.lora_up(hidden)
+        hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
+        scale: float | torch.Tensor = self._scale * self.multiplier
+        factor = self.sample_factor(hidden)
+        if factor is not None:
+            scale = factor * scale
+        return self.lora_up(scaled_hidden(hidden, scale, False, None, None))
 
     def merge(self, multiplier: float | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{self.lora_name}: save the network and apply the file to merge it")

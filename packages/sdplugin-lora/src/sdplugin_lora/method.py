@@ -364,7 +364,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return problems
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(trains_text_encoder=self.train_te)
+        return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True)
 
     # --- setup -----------------------------------------------------------------------------------
     def block_options(self) -> dict[str, str | None]:
@@ -620,6 +620,13 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
 
     @contextlib.contextmanager
+    def network_strength(self, strengths: torch.Tensor) -> Iterator[None]:
+        """kohya's per-dataset ``network_multiplier``: every algorithm's change is scaled per sample
+        (on top of ``--network-multiplier``; :meth:`LoraNetwork.sample_strengths`)."""
+        with self._require_network().sample_strengths(strengths):
+            yield
+
+    @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:
         network = self.network
         was_training = bool(network is not None and network.training)
@@ -838,6 +845,9 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
                 "ss_tag_frequency": json.dumps(tags),
             }
         )
+        strengths = _dataset_strengths(entries)
+        if strengths:
+            meta["sdcore_dataset_strengths"] = json.dumps(strengths)
     return meta
 
 
@@ -860,6 +870,27 @@ def _metadata_tag_frequency(entries: Any) -> dict[str, dict[str, int]]:
             if entry.tags is not None:
                 tags.append(entry.tags)
     return tag_frequency(by_file)
+
+
+def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
+    """Each image folder's strength (the dataset TOML's ``network_multiplier``), by folder name as in
+    ``ss_dataset_dirs`` (a name used again gets `` (2)``, as kohya names repeated folders), when any is
+    not 1; else empty. kohya writes the value nowhere in its metadata (``ss_datasets`` has no such
+    field), so the key is sdcore's own: a slider LoRA's file still says which folder was trained at -1."""
+    subsets = list({id(e.subset): e.subset for e in entries}.values())
+    values = [float(getattr(s, "network_strength", 1.0)) for s in subsets]
+    if all(value == 1.0 for value in values):
+        return {}
+    out: dict[str, float] = {}
+    for subset, value in zip(subsets, values, strict=True):
+        metadata_file = getattr(subset, "metadata_file", None)
+        name = base = Path(metadata_file).name if metadata_file is not None else Path(subset.image_dir).name
+        i = 2
+        while name in out:
+            name = f"{base} ({i})"
+            i += 1
+        out[name] = value
+    return out
 
 
 def _face_range_text(value: str | None) -> str:

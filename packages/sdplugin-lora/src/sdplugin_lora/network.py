@@ -164,6 +164,23 @@ class LoraNetwork(nn.Module):
         for module in self._modules_of():
             module.detach()
 
+    @contextlib.contextmanager
+    def sample_strengths(self, strengths: torch.Tensor | None) -> Iterator[None]:
+        """Scale every module's change per sample inside the ``with`` block: sample ``b`` of the batch
+        gets exactly the forward at multiplier ``multiplier · strengths[b]`` (kohya's per-dataset
+        ``network_multiplier``, which kohya passes to ``set_multiplier`` for the batch). The previous
+        strengths come back on exit, so nested blocks (the runtime's forward inside its backward
+        scope) are fine."""
+        modules = self._modules_of()
+        previous = [module.sample_strength for module in modules]
+        for module in modules:
+            module.sample_strength = strengths
+        try:
+            yield
+        finally:
+            for module, old in zip(modules, previous, strict=True):
+                module.sample_strength = old
+
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
         """Max-norm regularisation (kohya's ``--scale_weight_norms``), run after each optimizer step.

@@ -80,6 +80,9 @@ class SubsetOptions:
     #: kohya's fine-tuning subset (``metadata_file``/``--in_json``): captions and tags come from this
     #: JSON (:mod:`sdcore.data.metadata`), not from caption files; ``image_dir`` is where its relative keys are
     metadata_file: Path | None = None
+    #: how strongly the trained network acts on this subset's samples (kohya's per-dataset
+    #: ``network_multiplier``): a method that supports it scales its change by this, per sample
+    network_strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,10 @@ class DatasetIndex:
             f"  {len(instance)} training images ({sum(e.repeats for e in instance)} with repeats)"
             + (f", {len(klass)} class images ({sum(e.repeats for e in klass)} with repeats)" if klass else ""),
         ]
+        strengths = {id(e.subset): e.subset for e in self.entries if e.subset.network_strength != 1.0}
+        if strengths:
+            listed = ", ".join(f"{s.image_dir.name} {s.network_strength:+g}" for s in strengths.values())
+            lines.append(f"  network_multiplier (per sample): {listed}; every other folder 1")
         if self.auxiliary_files:
             lines.append(
                 f"  {len(self.auxiliary_files)} method files (e.g. attention maps) used alongside, not trained on"
@@ -327,7 +334,6 @@ _NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention
 _UNSUPPORTED_KEYS = {
     "caption_separator",
     "cache_info",
-    "network_multiplier",
     "resize_interpolation",
     "debug_dataset",
 }
@@ -364,6 +370,9 @@ def _check_keys(table: Any, allowed: set[str], where: str, path: Path) -> dict[s
             continue
         if key in _SUBSET_ONLY_KEYS:
             problems.append(f"'{key}' belongs in a [[datasets.subsets]] table (as in kohya)")
+            continue
+        if key == "network_multiplier":
+            problems.append(f"'{key}' belongs in a [[datasets]] or [general] table (as in kohya)")
             continue
         close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
         problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
@@ -416,22 +425,17 @@ def _resolution(value: Any, where: str, path: Path) -> int:
     raise DataError(f"{path}: {where}: 'resolution' must be a positive integer or [width, height], got {value!r}")
 
 
-def _network_multiplier(value: Any, where: str, path: Path) -> None:
-    """kohya's per-dataset ``network_multiplier``: accepted at 1 (its default), refused otherwise.
+def _network_multiplier(value: Any, where: str, path: Path) -> float:
+    """kohya's per-dataset ``network_multiplier`` (``[[datasets]]`` or ``[general]``): any finite number.
 
-    kohya (since 2024-01) put it on every batch of the dataset and set the network's multiplier from
-    it per step; its train_network.py no longer reads it since the 2025 validation-loss rework, so
-    kohya itself trains at 1 today. sdcore has no per-dataset multiplier: the run-wide one is
-    ``--network-multiplier`` (LoRA).
+    kohya (v0.8.2 to v0.9.1) puts it on every sample of the dataset and sets the network's multiplier
+    from it each step, so a "slider" LoRA can learn one dataset at +1 and another at -1. Whether the
+    run's method can honour it is the pre-flight's question (:func:`sdcore.train.data.strength_problems`);
+    the index only carries it (as ``SubsetOptions.network_strength``).
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{path}: {where}: 'network_multiplier' must be a number, got {value!r}")
-    if float(value) != 1.0:
-        raise DataError(
-            f"{path}: {where}: network_multiplier = {value}: per-dataset multipliers are not supported by sdcore "
-            "(kohya's current train_network.py ignores them too); give the run's multiplier with "
-            "--network-multiplier (LoRA)"
-        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise DataError(f"{path}: {where}: 'network_multiplier' must be a finite number, got {value!r}")
+    return float(value)
 
 
 _FIELD_OF = {
@@ -476,7 +480,7 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
             out["resolution"] = _resolution(value, where, path)
             continue
         if key == "network_multiplier":
-            _network_multiplier(value, where, path)
+            out["network_strength"] = _network_multiplier(value, where, path)
             continue
         if key == "face_crop_aug_range":
             from .augment import face_crop_range

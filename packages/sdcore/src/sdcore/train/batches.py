@@ -89,6 +89,7 @@ class BatchMaker:
         pixels_list: list[Any] = []
         is_class: list[bool] = []
         weights: list[float] = []
+        strengths: list[float] = []
         to_encode: list[tuple[int, Any, int]] = []  # (slot, pixels, seed) when latents are not cached
         for ref in refs:
             entry, assignment = data.entries[ref.entry], data.assignments[ref.entry]
@@ -115,6 +116,7 @@ class BatchMaker:
             targets.append((h, w))
             is_class.append(entry.is_class)
             weights.append(float(self.options.prior_loss_weight) if entry.is_class else 1.0)
+            strengths.append(float(getattr(entry.subset, "network_strength", 1.0)))
         if to_encode:
             encoded = encode_pixels(bundle, torch.stack([p for _, p, _ in to_encode]), [s for _, _, s in to_encode])
             for (slot, _, _), latent in zip(to_encode, encoded, strict=True):
@@ -131,6 +133,8 @@ class BatchMaker:
             pixels=torch.stack(pixels_list).to(self.device) if self.caps.needs_pixels else None,
             extra={"refs": refs},
         )
+        if any(value != 1.0 for value in strengths):  # else None: the usual path, untouched
+            batch.network_strength = torch.tensor(strengths, dtype=torch.float32, device=self.device)
         batch.masks = self.loss_masks(refs, latent_batch.shape[-2:])
         if self.text_cache is not None and with_conditioning:
             batch.conditioning = self.text_cache.batch(captions).to(self.device)

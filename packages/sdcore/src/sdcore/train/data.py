@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..data.augment import ColorAug
     from ..data.buckets import BucketAssignment
     from ..data.dataset import DatasetIndex, ImageEntry
+    from .method import TrainingMethod
     from .options import TrainOptions
 
 
@@ -505,3 +506,24 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
             f"{_listed(extra)}"
         )
     return problems
+
+
+def strength_problems(method: TrainingMethod[Any], index: DatasetIndex) -> list[str]:
+    """Pre-flight problem of dataset strengths other than 1 (kohya's per-dataset ``network_multiplier``)
+    for a method that cannot scale what it trains per sample (:attr:`Capabilities.per_sample_strength`).
+
+    kohya applies the value through the network's ``set_multiplier``, so only network methods honour
+    it there; a method without the capability would silently train every dataset alike.
+    """
+    if method.capabilities().per_sample_strength:
+        return []
+    subsets = index.subsets or list({id(e.subset): e.subset for e in index.entries}.values())
+    odd = [s for s in subsets if getattr(s, "network_strength", 1.0) != 1.0]
+    if not odd:
+        return []
+    listed = _listed([f"{s.image_dir} ({s.network_strength:g})" for s in odd])
+    return [
+        f"network_multiplier other than 1 in the dataset config ({listed}): the {method.name or 'training'!r} "
+        "method cannot scale its training per sample (kohya applies it to networks such as LoRA); "
+        "remove it or train a LoRA"
+    ]

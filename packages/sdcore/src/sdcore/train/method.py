@@ -64,6 +64,10 @@ class Capabilities:
     #: the saved result is the whole model (DreamBooth), not only the trained tensors: sizes the
     #: disk estimate of the pre-flight
     saves_whole_model: bool = False
+    #: the method scales what it trains per sample by the sample's dataset strength (kohya's per-dataset
+    #: ``network_multiplier``, e.g. +1 and -1 datasets for a "slider" LoRA) in
+    #: :meth:`TrainingMethod.network_strength`; without it the pre-flight refuses strengths other than 1
+    per_sample_strength: bool = False
 
 
 @dataclass
@@ -113,7 +117,9 @@ class Batch:
     ``latents`` are already scaled by the VAE scaling factor. ``pixels`` ([-1, 1]) are present
     only when the method sets ``needs_pixels``. ``loss_weights`` carries per-sample weights
     (the prior-preservation weight for class images, 1.0 otherwise). SDXL size conditioning is in
-    ``original_sizes``/``crop_coords``/``target_sizes`` as (h, w) pairs.
+    ``original_sizes``/``crop_coords``/``target_sizes`` as (h, w) pairs. ``network_strength`` ([B]) is
+    each sample's dataset strength (kohya's per-dataset ``network_multiplier``), ``None`` when every
+    sample's is 1, so that the usual run takes exactly the path it always took.
     """
 
     latents: torch.Tensor
@@ -127,6 +133,7 @@ class Batch:
     masks: torch.Tensor | None = None
     conditioning: Conditioning | None = None  # set by the runtime from the text-encoder cache
     extra: dict[str, Any] = field(default_factory=dict)
+    network_strength: torch.Tensor | None = None
 
 
 @dataclass
@@ -293,6 +300,24 @@ class TrainingMethod(Generic[OptionsT]):
         ``sdcore_on_train_step`` hooks with its own (since 0.1: returning ``None`` reports nothing).
         """
         return None
+
+    @contextlib.contextmanager
+    def network_strength(self, strengths: torch.Tensor) -> Iterator[None]:
+        """Scale what the method trains by ``strengths`` ([B], one per sample of the batch) inside the
+        ``with`` block: the forward of sample ``b`` must equal the forward at a run-wide strength
+        ``strengths[b]`` (LoRA: its change times ``strengths[b]``, kohya's per-dataset
+        ``network_multiplier``).
+
+        The runtime enters it around a micro-batch's forward and backward (so gradient checkpointing
+        recomputes with the same strengths), and only when some sample's strength is not 1 and the
+        method declares :attr:`Capabilities.per_sample_strength`. Since 0.1."""
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"the {self.name or type(self).__name__!r} method cannot scale its training per sample "
+            "(dataset network_multiplier other than 1)"
+        )
+        yield  # pragma: no cover - a generator, for contextmanager
 
     @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:

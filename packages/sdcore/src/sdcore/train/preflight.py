@@ -575,7 +575,7 @@ def run_preflight(
     ``plan`` False skips the memory and disk estimates (they need the model's configs).
     """
     from ..data.dataset import DatasetProblems
-    from .data import build_train_data, image_option_problems
+    from .data import build_train_data, image_option_problems, strength_problems
     from .initial import initial_option_problems
     from .loop import output_paths, total_steps_for
 
@@ -678,6 +678,7 @@ def run_preflight(
                     "the folder names (as in kohya)"
                 )
             report.problems.extend(image_option_problems(o, data.index))
+            report.problems.extend(strength_problems(method, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
                 report.problems.append(

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,13 @@ class Objective:
 
         return objective_for(self.bundle, self.options)
 
+    def strength_scope(self, batch: Batch) -> contextlib.AbstractContextManager[Any]:
+        """The method's per-sample strengths for ``batch`` (kohya's per-dataset ``network_multiplier``)
+        in the ``with`` block; nothing when every sample's strength is 1."""
+        if batch.network_strength is None:
+            return contextlib.nullcontext()
+        return self.method.network_strength(batch.network_strength)
+
     def conditioning_for(self, batch: Batch) -> Conditioning:
         if batch.conditioning is not None:
             return batch.conditioning
@@ -82,29 +90,30 @@ class Objective:
             input_noise = input_noise.to(latents.device)
         noised = objective.noised(latents, noise, timesteps, input_noise)
         noisy, timesteps, target = noised.noisy, noised.timesteps, noised.target
-        cond = self.conditioning_for(batch)
+        with self.strength_scope(batch):
+            cond = self.conditioning_for(batch)
 
-        def predict(conditioning: Conditioning) -> torch.Tensor:
-            return self.predict(noisy, timesteps, conditioning, batch)
+            def predict(conditioning: Conditioning) -> torch.Tensor:
+                return self.predict(noisy, timesteps, conditioning, batch)
 
-        ctx = StepContext(
-            bundle=self.bundle,
-            batch=batch,
-            noisy_latents=noisy,
-            noise=noise,
-            timesteps=timesteps,
-            target=target,
-            step=step,
-            conditioning=cond,
-            predict=predict,
-        )
-        loss = self.method.compute_loss(ctx)
-        if loss is None:
-            pred = predict(cond)
-            loss = step_loss(self.options, objective, pred.float(), target.float(), timesteps)
-            if batch.masks is not None:
-                loss = loss * batch.masks
-            loss = loss.mean(dim=tuple(range(1, loss.ndim)))
+            ctx = StepContext(
+                bundle=self.bundle,
+                batch=batch,
+                noisy_latents=noisy,
+                noise=noise,
+                timesteps=timesteps,
+                target=target,
+                step=step,
+                conditioning=cond,
+                predict=predict,
+            )
+            loss = self.method.compute_loss(ctx)
+            if loss is None:
+                pred = predict(cond)
+                loss = step_loss(self.options, objective, pred.float(), target.float(), timesteps)
+                if batch.masks is not None:
+                    loss = loss * batch.masks
+                loss = loss.mean(dim=tuple(range(1, loss.ndim)))
         loss = loss.float()
         if noised.weights is not None:
             loss = loss * noised.weights.to(loss.device)
@@ -256,7 +265,8 @@ def optimizer_step(
     for k, refs in enumerate(group):
         batch = batches.make_batch(refs, step=step)
         noise, timesteps, input_noise = objective.draw_for(refs, batch)
-        with placement.no_sync(sync=k == len(group) - 1), acc.autocast():
+        # the strengths stay set through the backward: gradient checkpointing recomputes the forward there
+        with objective.strength_scope(batch), placement.no_sync(sync=k == len(group) - 1), acc.autocast():
             loss = model(batch, noise, timesteps, step, input_noise)
             value = float(loss.detach())
             if not math.isfinite(value):

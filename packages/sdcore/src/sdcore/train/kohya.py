@@ -766,6 +766,11 @@ def _composites(
     if "base_weights_multiplier" in out.values and not _text(out.values.get("base_weights") or ""):
         out.values.pop("base_weights_multiplier")
         out.notes.append("base_weights_multiplier without base_weights has no effect (as in kohya)")
+    if "network_multiplier" in out.values:
+        out.notes.append(
+            "network_multiplier outside a dataset TOML: kohya's training scripts have no run-wide multiplier "
+            "and would ignore it; sdcore trains the whole network at it (--network-multiplier)"
+        )
     for name, optimizer in (("use_8bit_adam", "adamw8bit"), ("use_lion_optimizer", "lion")):
         if items.get(name) is True:
             put("optimizer", optimizer, name)

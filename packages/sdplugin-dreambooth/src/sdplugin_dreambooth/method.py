@@ -52,9 +52,13 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             raise ConfigError("give either --class-data or --reg-data, not both")
 
     def capabilities(self) -> Capabilities:
-        # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
+        # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too; a full
+        # fine-tune may step in backward (--fused-backward-pass, kohya's sdxl/sd3/flux_train.py)
         return Capabilities(
-            trains_text_encoder=self.options.train_text_encoder, cast_frozen_weights=False, saves_whole_model=True
+            trains_text_encoder=self.options.train_text_encoder,
+            cast_frozen_weights=False,
+            saves_whole_model=True,
+            steps_in_backward=True,
         )
 
     def regularization_data(self) -> Path | None:

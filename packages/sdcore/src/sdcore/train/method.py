@@ -60,6 +60,10 @@ class Capabilities:
     #: the saved result is the whole model (DreamBooth), not only the trained tensors: sizes the
     #: disk estimate of the pre-flight
     saves_whole_model: bool = False
+    #: the method trains whole model weights, so ``--fused-backward-pass`` may step each tensor inside
+    #: backward (kohya offers it in its full fine-tune scripts only; its ``train_network.py`` ignores the
+    #: flag and clips all gradients together, so adapter methods leave this False)
+    steps_in_backward: bool = False
 
 
 @dataclass

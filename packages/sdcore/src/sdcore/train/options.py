@@ -207,6 +207,14 @@ class TrainOptions:
     )
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training")
     gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", group="training")
+    fused_backward_pass: bool = option(
+        False,
+        "Step each trained tensor inside backward as soon as its gradient is ready and free that gradient, so a "
+        "full fine-tune never holds every gradient (kohya --fused_backward_pass): the same weights with adafactor, "
+        "adamw, sgd, sgdnesterov; --max-grad-norm clips per tensor (kohya); no --gradient-accumulation, fp16 "
+        "mixed precision or multi-process; methods that train whole models (DreamBooth).",
+        group="training",
+    )
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet/text encoder.", group="training")
     mixed_precision: str = option(
         "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"

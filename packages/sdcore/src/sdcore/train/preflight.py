@@ -171,6 +171,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     problems.extend(validation_option_problems(o))
     problems.extend(precision_option_problems(o))
     problems.extend(optimizer_problems(o))  # names, class paths, packages, schedule arguments
+    from .fused import fused_problems
+
+    problems.extend(fused_problems(o, method))  # --fused-backward-pass: optimizer, accumulation, method
     if method is not None:
         if method.capabilities().needs_pixels and o.cache_latents:
             problems.append(f"method {method.name!r} needs decoded pixels every step: pass --no-cache-latents")
@@ -577,6 +580,9 @@ def run_preflight(
     from .optim import optimizer_notes
 
     report.notes.extend(optimizer_notes(o))
+    from .fused import fused_notes
+
+    report.notes.extend(fused_notes(o))
 
     # the model: header only
     if bundle is not None:

@@ -1,0 +1,249 @@
+"""Optimizer steps inside backward: ``--fused-backward-pass`` (kohya's ``--fused_backward_pass``).
+
+Why: a full fine-tune (DreamBooth) normally holds a gradient for every trained weight until the
+optimizer steps, as much memory again as the fp32 weights (SDXL's UNet: 10 GB). Stepping each tensor
+in its own ``register_post_accumulate_grad_hook`` (torch's "optimizer step in backward") and freeing
+its gradient at once leaves at most a few gradients alive (the memory plan counts the largest).
+
+What it means, from kohya's ``sdxl_train.py``/``sd3_train.py``/``flux_train.py`` (facts, own code):
+
+- **Which optimizers.** kohya allows only Adafactor (``train_util.get_optimizer`` asserts it). The
+  per-tensor step is exactly the ordinary step for any optimizer whose update of a tensor reads only
+  that tensor, its gradient, its own state and its group's hyper-parameters, and writes nothing to the
+  group: transformers' Adafactor (relative_step / scale_parameter included: the step count and RMS are
+  per tensor), torch's AdamW (its per-tensor step count; the fused kernel is elementwise) and SGD with
+  or without (Nesterov) momentum. Those are :data:`FUSED_OPTIMIZERS`. D-Adaptation/Prodigy (a step size
+  estimated over all tensors), schedule-free optimizers (a step counter in the group), LAMB-like and
+  8-bit ones (not verified here) and class paths are refused.
+- **Clipping.** kohya clips each tensor's gradient to ``max_grad_norm`` by its own L2 norm
+  (``accelerator.clip_grad_norm_(tensor, ...)``) instead of the global norm over all tensors: with
+  ``--max-grad-norm`` above 0 the result differs from an ordinary run's (by design, as in kohya);
+  with 0 the weights are the same.
+- **The schedule** steps once after backward, as in the ordinary step: every tensor of step k uses the
+  rate of step k.
+- **bf16 weights and Adafactor** (``--full-bf16``): kohya's fused Adafactor computes the update in fp32
+  and rounds it into the bf16 weight stochastically (random low 16 bits added, then truncated). sdcore
+  does the same with random bits from a generator keyed by (seed, step, tensor index), so a resumed
+  or re-run training rounds the same way.
+- **Restrictions** (pre-flight, all at once): no gradient accumulation (kohya's assert: the hook would
+  step on a partial gradient), no fp16 mixed precision (the grad scaler needs every gradient before it
+  may skip a step), no multi-process run (the hooks would step on this process's gradient before DDP
+  averages it), and only methods that declare ``steps_in_backward`` (kohya offers it in its full
+  fine-tune scripts; its ``train_network.py`` accepts the flag and ignores it, keeping global clipping).
+- **Non-finite values.** A NaN/inf loss is found before backward: nothing steps and the last good
+  state stays good, as in an ordinary run. A non-finite gradient norm (checked with ``--max-grad-norm``)
+  is only known after backward, when tensors before it have stepped: the run stops without saving the
+  half-stepped weights; resume from the last saved state.
+
+Import-light: torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .method import TrainingMethod
+    from .options import TrainOptions
+
+#: optimizers whose per-tensor step in backward gives exactly the ordinary step's weights
+FUSED_OPTIMIZERS = ("adafactor", "adamw", "sgd", "sgdnesterov")
+
+
+def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> list[str]:
+    """What ``--fused-backward-pass`` cannot do with these options and method (empty when off)."""
+    import os
+
+    from .optim import normalize_optimizer
+
+    o = options
+    if not getattr(o, "fused_backward_pass", False):
+        return []
+    flag = "--fused-backward-pass"
+    problems: list[str] = []
+    name = normalize_optimizer(o.optimizer)
+    if name not in FUSED_OPTIMIZERS:
+        problems.append(
+            f"{flag} needs an optimizer whose step is per tensor ({', '.join(FUSED_OPTIMIZERS)}; kohya: adafactor), "
+            f"not {o.optimizer}"
+        )
+    if o.gradient_accumulation > 1:
+        problems.append(
+            f"{flag} does not work with --gradient-accumulation {o.gradient_accumulation} (each tensor steps as "
+            "soon as its gradient is ready; kohya refuses it too)"
+        )
+    if o.mixed_precision == "fp16":
+        problems.append(
+            f"{flag} does not work with --mixed-precision fp16: the grad scaler must see every gradient before a "
+            "step; use bf16"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        problems.append(
+            f"{flag} does not work in a multi-process run ({world} processes): a tensor would step on its own "
+            "process's gradient before the processes average them"
+        )
+    if method is not None and not method.capabilities().steps_in_backward:
+        problems.append(
+            f"{flag}: method {method.name!r} does not step in backward (kohya offers it for full fine-tuning; its "
+            "train_network.py ignores the flag): drop it"
+        )
+    return problems
+
+
+def fused_notes(options: TrainOptions) -> list[str]:
+    """What the user may not expect (printed with the plan)."""
+    if not getattr(options, "fused_backward_pass", False):
+        return []
+    notes = []
+    if options.max_grad_norm > 0:
+        notes.append(
+            f"--fused-backward-pass: --max-grad-norm {options.max_grad_norm:g} clips each tensor by its own norm "
+            "(kohya), not all gradients together; a non-finite gradient stops the run after part of the weights "
+            "took the step, and the run resumes from the last saved state"
+        )
+    return notes
+
+
+class StepInBackward:
+    """Hooks that step ``optimizer`` (the plain torch optimizer, not accelerate's wrapper) for each of
+    ``params`` as soon as its gradient is accumulated, then free the gradient.
+
+    ``begin(step)`` before each backward; ``bad_norm()`` after it tells a non-finite gradient norm;
+    ``remove()`` takes the hooks off (the run's end, or an error).
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        params: list[torch.nn.Parameter],
+        *,
+        max_grad_norm: float,
+        seed: int,
+        stochastic_bf16: bool,
+    ) -> None:
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self.stochastic_bf16 = stochastic_bf16
+        self.step = 0
+        #: between :meth:`begin` and :meth:`end`: the weights are partly stepped
+        self.in_backward = False
+        self._lock = threading.Lock()  # autograd runs one thread per device: one group swap at a time
+        self._bad: Any = None
+        self._group: dict[int, dict[str, Any]] = {}
+        self._index: dict[int, int] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self._group[id(p)] = group
+        self._handles: list[Any] = []
+        for index, p in enumerate(params):
+            if id(p) not in self._group:
+                continue  # not the optimizer's (cannot happen with the runtime's groups)
+            self._index[id(p)] = index
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def begin(self, step: int) -> None:
+        """Start the backward of optimizer step ``step`` (0-based; keys the stochastic rounding)."""
+        self.step = step
+        self._bad = None
+        self.in_backward = True
+
+    def end(self) -> None:
+        """Backward finished: every tensor took this step (an interrupt before it leaves them mixed)."""
+        self.in_backward = False
+
+    def bad_norm(self) -> float | None:
+        """The first non-finite per-tensor gradient norm of this backward, or None (one device sync)."""
+        if self._bad is None:
+            return None
+        value = float(self._bad)
+        return None if value == 0.0 else float("nan")
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- the hook --------------------------------------------------------------------------------
+    def _hook(self, p: torch.Tensor) -> None:
+        import torch
+
+        if p.grad is None:
+            return
+        with self._lock, torch.no_grad():
+            if self.max_grad_norm > 0:
+                # kohya: accelerator.clip_grad_norm_(tensor, max_grad_norm), i.e. this tensor's norm alone
+                norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+                bad = (~torch.isfinite(norm)).to(torch.int32)
+                self._bad = bad if self._bad is None else self._bad + bad
+            if self.stochastic_bf16 and p.dtype == torch.bfloat16:
+                self._step_rounded(p)
+            else:
+                self._step_one(p, p)
+            p.grad = None
+
+    def _step_one(self, p: torch.Tensor, stepped: torch.Tensor) -> None:
+        """One optimizer step of ``stepped`` alone, with ``p``'s group (its current rate)."""
+        opt = self.optimizer
+        view = dict(self._group[id(p)])
+        view["params"] = [stepped]
+        saved = opt.param_groups
+        opt.param_groups = [view]
+        try:
+            opt.step()
+        finally:
+            opt.param_groups = saved
+
+    def _step_rounded(self, p: torch.Tensor) -> None:
+        """kohya's fused Adafactor for a bf16 weight: the step in fp32, then stochastic rounding."""
+        import torch
+
+        opt = self.optimizer
+        grad = p.grad
+        assert grad is not None
+        shadow = p.detach().float()
+        shadow.grad = grad.float()
+        state = opt.state.pop(p, None)
+        if state is not None:
+            opt.state[shadow] = state
+        try:
+            self._step_one(p, shadow)
+        finally:
+            opt.state[p] = opt.state.pop(shadow, state if state is not None else {})
+        from .noise import sample_seed
+
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(sample_seed(self.seed, "fused-rounding", self.step, self._index[id(p)]))
+        p.copy_(stochastic_round_bf16(shadow, gen))
+
+
+def stochastic_round_bf16(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``value`` (fp32) rounded to bf16 stochastically: a uniform random 16-bit integer is added to
+    the fp32 bit pattern and the low 16 bits are dropped, so a value rounds up with probability equal
+    to its distance from the lower bf16 neighbour (kohya's ``copy_stochastic_``)."""
+    import torch
+
+    noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
+    bits = value.contiguous().view(torch.int32) + noise
+    bits = bits & -65536  # keep the sign, exponent and the top 7 mantissa bits
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def install(
+    session_optimizer: Any, params: list[torch.nn.Parameter], options: TrainOptions, say: Callable[[str], None]
+) -> StepInBackward:
+    """The hooks of one run (``session_optimizer``: accelerate's wrapper or the optimizer)."""
+    from .optim import normalize_optimizer
+
+    inner = getattr(session_optimizer, "optimizer", session_optimizer)
+    stochastic = normalize_optimizer(options.optimizer) == "adafactor"
+    hooks = StepInBackward(
+        inner, params, max_grad_norm=options.max_grad_norm, seed=options.seed, stochastic_bf16=stochastic
+    )
+    say(f"fused backward pass: {len(hooks._handles)} tensors step during backward, their gradients freed at once")
+    return hooks

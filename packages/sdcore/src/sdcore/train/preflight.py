@@ -499,6 +499,7 @@ def memory_plan(
             options,
             budget,
             optimizer_8bit_available=importlib.util.find_spec("bitsandbytes") is not None,
+            steps_in_backward=caps.steps_in_backward,
             **kwargs,
         )
     return plan

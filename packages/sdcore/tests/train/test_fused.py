@@ -15,6 +15,7 @@ from runtime_methods import ConvOutMethod
 from sdcore.train.fused import FUSED_OPTIMIZERS, StepInBackward, fused_problems, stochastic_round_bf16
 from sdcore.train.method import Capabilities
 from sdcore.train.optim import create_optimizer
+from sdcore.train.options import TrainOptions
 
 
 class _Toy(torch.nn.Module):
@@ -265,14 +266,14 @@ def test_the_preflight_names_every_problem_at_once(tmp_path, monkeypatch):
 # -- through the runtime's loop ----------------------------------------------------------------------
 
 
-def _session_run(tmp_path, tag, method_class=_FullMethod, **kw):
+def _session_run(tmp_path, tag, method_class=_FullMethod, family="sd1", **kw):
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.testing.contract import contract_options
     from sdcore.train.loop import train
 
     values = {"max_grad_norm": 0.0, "lr_scheduler": "linear", "train_text_norm": True, **kw}
-    method = method_class(contract_options(method_class, tmp_path, values, tag=tag))
-    result = train(method, bundle=create_tiny_bundle("sd1"))
+    method = method_class(contract_options(method_class, tmp_path, values, tag=tag, family=family))
+    result = train(method, bundle=create_tiny_bundle(family))
     return method.trainable_state_dict(), result
 
 
@@ -320,7 +321,9 @@ def test_a_non_finite_gradient_stops_without_saving_half_stepped_weights(tmp_pat
     from sdcore.train.loop import TrainingDivergedError
 
     with pytest.raises(TrainingDivergedError, match=r"gradient norm became nan at step 3.*no state was saved"):
-        _session_run(tmp_path, "inf", _InfGradientAtStep3, fused_backward_pass=True, max_steps=5, max_grad_norm=1.0)
+        _session_run(
+            tmp_path, "inf", _InfGradientAtStep3, "sdxl", fused_backward_pass=True, max_steps=5, max_grad_norm=1.0
+        )
     assert not (tmp_path / "inf" / "result-state" / "step-00000002").exists()
 
 
@@ -349,7 +352,6 @@ def test_the_memory_plan_keeps_only_the_largest_gradient(full_bf16):
     from sdcore.models.layout import layout_of_bundle
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.memory import count_parameters, estimate_memory
-    from sdcore.train.options import TrainOptions
 
     bundle = create_tiny_bundle("sd1")
     bundle.unet.requires_grad_(True)
@@ -373,7 +375,6 @@ def test_the_plan_suggests_it_for_methods_that_step_in_backward():
     from sdcore.models.layout import layout_of_bundle
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.memory import count_parameters, suggestions
-    from sdcore.train.options import TrainOptions
 
     bundle = create_tiny_bundle("sd1")
     bundle.unet.requires_grad_(True)
@@ -389,3 +390,15 @@ def test_the_plan_suggests_it_for_methods_that_step_in_backward():
     assert "--fused-backward-pass" not in {
         s.flags for s in suggestions(layout, plan, prodigy, 1, steps_in_backward=True)
     }
+
+
+def test_sd1_and_sd2_need_max_grad_norm_0_as_kohya_clips_them_together(tmp_path):
+    from sdcore.train.fused import fused_family_problems
+    from sdcore.train.preflight import PreflightError
+
+    with pytest.raises(PreflightError, match=r"--fused-backward-pass on sd1: .*add --max-grad-norm 0"):
+        _session_run(tmp_path, "sd1", fused_backward_pass=True, max_grad_norm=1.0, max_steps=1)
+    options = TrainOptions(model="m", data="d", output="o", fused_backward_pass=True)
+    assert options.max_grad_norm == 1.0  # kohya's default too
+    assert [len(fused_family_problems(options, f)) for f in ("sd1", "sd2", "sdxl", "sd3", "flux")] == [1, 1, 0, 0, 0]
+    assert fused_family_problems(dataclasses.replace(options, max_grad_norm=0.0), "sd2") == []

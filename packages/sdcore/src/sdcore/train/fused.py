@@ -25,6 +25,10 @@ What it means, from kohya's ``sdxl_train.py``/``sd3_train.py``/``flux_train.py``
   and rounds it into the bf16 weight stochastically (random low 16 bits added, then truncated). sdcore
   does the same with random bits from a generator keyed by (seed, step, tensor index), so a resumed
   or re-run training rounds the same way.
+- **Families.** kohya steps in backward in ``sdxl_train.py``, ``sd3_train.py`` and ``flux_train.py``;
+  its SD1/SD2 scripts accept the flag and train as usual, with global clipping. sdcore steps in
+  backward on SD1/SD2 too when ``--max-grad-norm 0`` (the weights are then kohya's) and refuses the
+  flag there with clipping on.
 - **Restrictions** (pre-flight, all at once): no gradient accumulation (kohya's assert: the hook would
   step on a partial gradient), no fp16 mixed precision (the grad scaler needs every gradient before it
   may skip a step), no multi-process run (the hooks would step on this process's gradient before DDP
@@ -93,6 +97,25 @@ def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = N
             "train_network.py ignores the flag): drop it"
         )
     return problems
+
+
+#: the families whose kohya full fine-tune scripts step in backward (sdxl_train.py, sd3_train.py,
+#: flux_train.py); train_db.py/fine_tune.py (SD1/SD2) accept the flag and train as usual
+KOHYA_FAMILIES = ("sdxl", "sd3", "flux")
+
+
+def fused_family_problems(options: TrainOptions, family: str) -> list[str]:
+    """``--fused-backward-pass`` on a family kohya does not step in backward for: the same result
+    only without clipping (kohya clips all gradients together there), so it needs ``--max-grad-norm 0``."""
+    if not getattr(options, "fused_backward_pass", False) or family in KOHYA_FAMILIES:
+        return []
+    if options.max_grad_norm == 0:
+        return []
+    return [
+        f"--fused-backward-pass on {family}: kohya's {family} scripts ignore the flag and clip all gradients "
+        f"together, while stepping in backward clips each tensor alone; add --max-grad-norm 0 (then the weights "
+        "are the same) or drop the flag"
+    ]
 
 
 def fused_notes(options: TrainOptions) -> list[str]:

@@ -271,6 +271,7 @@ ALIASES: dict[str, Alias] = {
     "optimizer_args": _a("optimizer_args", _args_text),
     "max_grad_norm": _a("max_grad_norm"),
     "gradient_accumulation_steps": _a("gradient_accumulation"),
+    "fused_backward_pass": _a("fused_backward_pass", flag=True),  # sdxl/sd3/flux_train.py (full fine-tuning)
     "gradient_checkpointing": _a("gradient_checkpointing", flag=True),
     "mixed_precision": _a("mixed_precision", _precision),
     "full_bf16": _a("full_bf16", flag=True),
@@ -472,7 +473,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **dict.fromkeys(
         (
             "in_json",
-            "fused_backward_pass",
             "initial_epoch",
             "initial_step",
             "skip_until_initial_step",
@@ -487,7 +487,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "noise_offset_type": (*_OFF, "Original"),
 }
 _FLAG_UNSUPPORTED = {
-    "fused_backward_pass",
     "skip_until_initial_step",
     "debug_dataset",
     "no_token_padding",

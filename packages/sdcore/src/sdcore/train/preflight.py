@@ -626,6 +626,9 @@ def run_preflight(
         from .caption_checks import caption_family_problems
 
         report.problems.extend(caption_family_problems(o, report.layout.family))
+        from .fused import fused_family_problems
+
+        report.problems.extend(fused_family_problems(o, report.layout.family))
 
     # folders
     if o.output:

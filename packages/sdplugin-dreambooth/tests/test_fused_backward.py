@@ -112,3 +112,23 @@ def test_kohyas_flag_on_the_command_line_and_every_problem_at_once(tmp_path):
     assert bad.exit_code == 2, bad.output
     assert "optimizer whose step is per tensor" in bad.output and "--gradient-accumulation 2" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_optimizer_groups_give_the_same_weights(tmp_path):
+    common = dict(model="tiny:sdxl", optimizer="adamw", max_steps=2)
+    _, plain = _train(_options(tmp_path, "plain", **common))
+    _, grouped = _train(_options(tmp_path, "groups", fused_optimizer_groups=8, **common))
+    for key, value in plain.items():
+        assert torch.equal(value, grouped[key]), key
+
+
+def test_kohya_names_translate():
+    from sdcore.train.config import load_options
+
+    o = load_options(
+        DreamBoothOptions, None, kohya={"fused_backward_pass": True, "optimizer_type": "Adafactor", "max_grad_norm": 0}
+    )
+    assert o.fused_backward_pass and o.optimizer == "adafactor" and o.max_grad_norm == 0
+    assert load_options(DreamBoothOptions, None, kohya={"fused_optimizer_groups": "10"}).fused_optimizer_groups == 10
+    off = load_options(DreamBoothOptions, None, kohya={"fused_optimizer_groups": 0, "fused_backward_pass": False})
+    assert off.fused_optimizer_groups == 0 and not off.fused_backward_pass  # what kohya_ss writes when untouched

@@ -402,3 +402,89 @@ def test_sd1_and_sd2_need_max_grad_norm_0_as_kohya_clips_them_together(tmp_path)
     assert options.max_grad_norm == 1.0  # kohya's default too
     assert [len(fused_family_problems(options, f)) for f in ("sd1", "sd2", "sdxl", "sd3", "flux")] == [1, 1, 0, 0, 0]
     assert fused_family_problems(dataclasses.replace(options, max_grad_norm=0.0), "sd2") == []
+
+
+# -- --fused-optimizer-groups ----------------------------------------------------------------------------
+
+
+def test_kohyas_group_split():
+    from sdcore.train.fused import kohya_groups
+
+    # ceil(7 / 3) = 3 tensors a group; a new group where the rate changes
+    assert kohya_groups([1.0] * 5 + [2.0] * 2, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert kohya_groups([1.0, 2.0, 2.0, 2.0], 1) == [[0], [1, 2, 3]]
+    assert kohya_groups([None] * 4, 2) == [[0, 1], [2, 3]]  # Adafactor relative_step: no rates
+    assert kohya_groups([1.0] * 3, 10) == [[0], [1], [2]]
+
+
+def _grouped(name: str, count: int, steps: int = 3, clip: float = 0.0, extra: bool = True):
+    model, optimizer, scheduler = _setup(name)
+    params = list(model.parameters())
+    if extra:  # a tensor that gets no gradient: its group never completes before backward ends
+        idle = torch.nn.Parameter(torch.ones(2))
+        optimizer.param_groups[1]["params"].append(idle)
+        params.append(idle)
+    from sdcore.train.fused import kohya_groups
+
+    groups = kohya_groups([g["lr"] for g in optimizer.param_groups for _ in g["params"]], count)
+    hooks = StepInBackward(optimizer, params, max_grad_norm=clip, seed=0, stochastic_bf16=True, groups=groups)
+    held: list[int] = []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _p: held.append(sum(q.grad is not None for q in params)))
+    for step in range(steps):
+        hooks.begin(step)
+        _loss(model, step).backward()
+        hooks.end()
+        assert all(p.grad is None for p in params)
+        scheduler.step()
+    hooks.remove()
+    return model, groups, held
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_optimizer_groups_give_the_same_weights_and_hold_a_groups_gradients(name):
+    ordinary = _ordinary(name)
+    for count in (1, 2, 4):
+        model, groups, held = _grouped(name, count)
+        assert any(len(g) > 1 for g in groups)
+        for key, value in ordinary.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key]), (count, key)
+        assert max(held) >= 1  # a group's gradients wait for its last one
+    clipped, _, _ = _grouped(name, 2, clip=0.05, extra=False)
+    each = _fused(name, clip=0.05)  # per-tensor clipping, as the fused pass (and kohya's groups)
+    for key, value in each.state_dict().items():
+        assert torch.equal(value, clipped.state_dict()[key]), key
+
+
+def test_the_memory_plan_holds_the_largest_groups_gradients():
+    from sdcore.train.memory import ParameterPlan, held_gradient_elements
+
+    tensors = ((30, 1e-3), (20, 1e-3), (5, 1e-3), (40, 5e-4))
+    plan = ParameterPlan({"unet": 95}, 95, 0, frozenset({"unet"}), 95, largest_trainable=40, tensors=tensors)
+    options = TrainOptions(model="m", data="d", output="o")
+    assert held_gradient_elements(plan, options) == 95
+    assert held_gradient_elements(plan, dataclasses.replace(options, fused_backward_pass=True)) == 40
+    # groups of ceil(4/1) = 4 split at the rate change: [30+20+5], [40]; of 2: [30+20], [5], [40]
+    assert held_gradient_elements(plan, dataclasses.replace(options, fused_optimizer_groups=1)) == 55
+    assert held_gradient_elements(plan, dataclasses.replace(options, fused_optimizer_groups=2)) == 50
+    assert held_gradient_elements(plan, dataclasses.replace(options, fused_optimizer_groups=4)) == 40
+
+
+def test_optimizer_group_problems(tmp_path):
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.fused import fused_family_problems
+
+    both = contract_options(_FullMethod, tmp_path, {"fused_backward_pass": True, "fused_optimizer_groups": 4})
+    assert any("not both" in p for p in fused_problems(both, _FullMethod(both)))
+    negative = contract_options(_FullMethod, tmp_path, {"fused_optimizer_groups": -1})
+    assert fused_problems(negative, _FullMethod(negative)) == [
+        "--fused-optimizer-groups must be 0 (off) or more, got -1"
+    ]
+    groups = contract_options(ConvOutMethod, tmp_path, {"fused_optimizer_groups": 4, "gradient_accumulation": 2})
+    found = fused_problems(groups, ConvOutMethod(groups))
+    assert any("--fused-optimizer-groups does not work with --gradient-accumulation 2" in p for p in found)
+    assert any("'convout' does not step in backward" in p for p in found)
+    # kohya's groups are sdxl_train.py's: sd3/flux_train.py ignore them and clip all gradients together
+    clip = TrainOptions(model="m", data="d", output="o", fused_optimizer_groups=4)
+    assert [len(fused_family_problems(clip, f)) for f in ("sd1", "sdxl", "sd3", "flux")] == [1, 0, 1, 1]
+    assert fused_family_problems(dataclasses.replace(clip, max_grad_norm=0.0), "flux") == []

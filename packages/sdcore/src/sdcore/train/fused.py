@@ -34,6 +34,15 @@ What it means, from kohya's ``sdxl_train.py``/``sd3_train.py``/``flux_train.py``
   may skip a step), no multi-process run (the hooks would step on this process's gradient before DDP
   averages it), and only methods that declare ``steps_in_backward`` (kohya offers it in its full
   fine-tune scripts; its ``train_network.py`` accepts the flag and ignores it, keeping global clipping).
+- **Optimizer groups** (``--fused-optimizer-groups N``, kohya's ``sdxl_train.py`` only; its SD3/Flux
+  scripts ignore it): kohya splits the tensors, in optimizer order, into groups of ``ceil(count / N)``
+  (a new group where the rate changes), gives each group its own optimizer and steps it when the
+  group's last gradient arrives, clipping per tensor as above. With a per-tensor optimizer the weights
+  are exactly the fused pass's (one optimizer or N changes nothing); only the memory differs: a group's
+  gradients live until it steps. sdcore steps each group's tensors when its last gradient arrives (and
+  any group left incomplete, because a tensor got no gradient, at the end of backward), with the plain
+  optimizer step (no stochastic rounding, as kohya's groups). For D-Adaptation/Prodigy-like optimizers
+  N optimizers differ from one, which sdcore does not reproduce: refused.
 - **Non-finite values.** A NaN/inf loss is found before backward: nothing steps and the last good
   state stays good, as in an ordinary run. A non-finite gradient norm (checked with ``--max-grad-norm``)
   is only known after backward, when tensors before it have stepped: the run stops without saving the
@@ -44,8 +53,9 @@ Import-light: torch is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -58,17 +68,32 @@ if TYPE_CHECKING:
 FUSED_OPTIMIZERS = ("adafactor", "adamw", "sgd", "sgdnesterov")
 
 
+def _flag(o: TrainOptions) -> str:
+    return "--fused-optimizer-groups" if getattr(o, "fused_optimizer_groups", 0) else "--fused-backward-pass"
+
+
+def steps_in_backward(options: TrainOptions) -> bool:
+    """Whether the run steps its tensors inside backward (either option)."""
+    return bool(getattr(options, "fused_backward_pass", False) or getattr(options, "fused_optimizer_groups", 0))
+
+
 def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> list[str]:
-    """What ``--fused-backward-pass`` cannot do with these options and method (empty when off)."""
+    """What ``--fused-backward-pass``/``--fused-optimizer-groups`` cannot do with these options and
+    method (empty when off)."""
     import os
 
     from .optim import normalize_optimizer
 
     o = options
-    if not getattr(o, "fused_backward_pass", False):
-        return []
-    flag = "--fused-backward-pass"
+    groups = getattr(o, "fused_optimizer_groups", 0)
     problems: list[str] = []
+    if groups < 0:
+        problems.append(f"--fused-optimizer-groups must be 0 (off) or more, got {groups}")
+    if not steps_in_backward(o):
+        return problems
+    flag = _flag(o)
+    if groups and o.fused_backward_pass:
+        problems.append("give --fused-backward-pass or --fused-optimizer-groups, not both (kohya uses the first)")
     name = normalize_optimizer(o.optimizer)
     if name not in FUSED_OPTIMIZERS:
         problems.append(
@@ -102,17 +127,20 @@ def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = N
 #: the families whose kohya full fine-tune scripts step in backward (sdxl_train.py, sd3_train.py,
 #: flux_train.py); train_db.py/fine_tune.py (SD1/SD2) accept the flag and train as usual
 KOHYA_FAMILIES = ("sdxl", "sd3", "flux")
+#: --fused_optimizer_groups: sdxl_train.py only (sd3/flux_train.py accept it and ignore it)
+KOHYA_GROUP_FAMILIES = ("sdxl",)
 
 
 def fused_family_problems(options: TrainOptions, family: str) -> list[str]:
-    """``--fused-backward-pass`` on a family kohya does not step in backward for: the same result
-    only without clipping (kohya clips all gradients together there), so it needs ``--max-grad-norm 0``."""
-    if not getattr(options, "fused_backward_pass", False) or family in KOHYA_FAMILIES:
+    """Stepping in backward on a family kohya does not step in backward for: the same result only
+    without clipping (kohya clips all gradients together there), so it needs ``--max-grad-norm 0``."""
+    if not steps_in_backward(options) or options.max_grad_norm == 0:
         return []
-    if options.max_grad_norm == 0:
+    groups = bool(getattr(options, "fused_optimizer_groups", 0))
+    if family in (KOHYA_GROUP_FAMILIES if groups else KOHYA_FAMILIES):
         return []
     return [
-        f"--fused-backward-pass on {family}: kohya's {family} scripts ignore the flag and clip all gradients "
+        f"{_flag(options)} on {family}: kohya's {family} scripts ignore the flag and clip all gradients "
         f"together, while stepping in backward clips each tensor alone; add --max-grad-norm 0 (then the weights "
         "are the same) or drop the flag"
     ]
@@ -120,24 +148,48 @@ def fused_family_problems(options: TrainOptions, family: str) -> list[str]:
 
 def fused_notes(options: TrainOptions) -> list[str]:
     """What the user may not expect (printed with the plan)."""
-    if not getattr(options, "fused_backward_pass", False):
+    if not steps_in_backward(options):
         return []
     notes = []
     if options.max_grad_norm > 0:
         notes.append(
-            f"--fused-backward-pass: --max-grad-norm {options.max_grad_norm:g} clips each tensor by its own norm "
+            f"{_flag(options)}: --max-grad-norm {options.max_grad_norm:g} clips each tensor by its own norm "
             "(kohya), not all gradients together; a non-finite gradient stops the run after part of the weights "
             "took the step, and the run resumes from the last saved state"
         )
     return notes
 
 
+def kohya_groups(rates: Sequence[float | None], count: int) -> list[list[int]]:
+    """kohya's ``--fused_optimizer_groups`` split of tensors (their rates, in optimizer order) into
+    about ``count`` groups of indices: ``ceil(len / count)`` tensors each, a new group where the rate
+    changes (so a group never mixes rates)."""
+    size = max(1, math.ceil(len(rates) / max(count, 1)))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rate: Any = object()  # no tensor's rate
+    for index, value in enumerate(rates):
+        if value != rate and current:
+            groups.append(current)
+            current = []
+        rate = value
+        current.append(index)
+        if len(current) == size:
+            groups.append(current)
+            current = []
+            rate = object()
+    if current:
+        groups.append(current)
+    return groups
+
+
 class StepInBackward:
     """Hooks that step ``optimizer`` (the plain torch optimizer, not accelerate's wrapper) for each of
-    ``params`` as soon as its gradient is accumulated, then free the gradient.
+    ``params`` as soon as its gradient is accumulated, then free the gradient; with ``groups``
+    (indices into ``params``), each group once its last gradient arrived (or at :meth:`end`).
 
-    ``begin(step)`` before each backward; ``bad_norm()`` after it tells a non-finite gradient norm;
-    ``remove()`` takes the hooks off (the run's end, or an error).
+    ``begin(step)`` before each backward, ``end()`` after it; ``bad_norm()`` then tells a non-finite
+    gradient norm; ``remove()`` takes the hooks off (the run's end, or an error).
     """
 
     def __init__(
@@ -148,11 +200,12 @@ class StepInBackward:
         max_grad_norm: float,
         seed: int,
         stochastic_bf16: bool,
+        groups: list[list[int]] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.seed = seed
-        self.stochastic_bf16 = stochastic_bf16
+        self.stochastic_bf16 = stochastic_bf16 and groups is None  # kohya's groups step plainly
         self.step = 0
         #: between :meth:`begin` and :meth:`end`: the weights are partly stepped
         self.in_backward = False
@@ -163,6 +216,15 @@ class StepInBackward:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 self._group[id(p)] = group
+        self._member: dict[int, int] = {}
+        self._sizes: list[int] = []
+        self._pending: list[list[torch.Tensor]] = []
+        for number, members in enumerate(groups or []):
+            mine = [params[i] for i in members if id(params[i]) in self._group]
+            for p in mine:
+                self._member[id(p)] = number
+            self._sizes.append(len(mine))
+            self._pending.append([])
         self._handles: list[Any] = []
         for index, p in enumerate(params):
             if id(p) not in self._group:
@@ -170,22 +232,35 @@ class StepInBackward:
             self._index[id(p)] = index
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
+    @property
+    def hooked(self) -> int:
+        """How many tensors step in backward."""
+        return len(self._handles)
+
     def begin(self, step: int) -> None:
         """Start the backward of optimizer step ``step`` (0-based; keys the stochastic rounding)."""
         self.step = step
         self._bad = None
         self.in_backward = True
+        for pending in self._pending:
+            pending.clear()
 
     def end(self) -> None:
-        """Backward finished: every tensor took this step (an interrupt before it leaves them mixed)."""
+        """Backward finished: step the groups some tensor of which got no gradient; every tensor has
+        now taken this step (an interrupt before this leaves them mixed)."""
+        import torch
+
+        with self._lock, torch.no_grad():
+            for number, pending in enumerate(self._pending):
+                if pending:
+                    self._flush(number)
         self.in_backward = False
 
     def bad_norm(self) -> float | None:
-        """The first non-finite per-tensor gradient norm of this backward, or None (one device sync)."""
-        if self._bad is None:
+        """NaN when a per-tensor gradient norm of this backward was not finite, else None (one device sync)."""
+        if self._bad is None or float(self._bad) == 0.0:
             return None
-        value = float(self._bad)
-        return None if value == 0.0 else float("nan")
+        return float("nan")
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -204,11 +279,23 @@ class StepInBackward:
                 norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
                 bad = (~torch.isfinite(norm)).to(torch.int32)
                 self._bad = bad if self._bad is None else self._bad + bad
+            number = self._member.get(id(p))
+            if number is not None:  # --fused-optimizer-groups: wait for the group's last gradient
+                self._pending[number].append(p)
+                if len(self._pending[number]) == self._sizes[number]:
+                    self._flush(number)
+                return
             if self.stochastic_bf16 and p.dtype == torch.bfloat16:
                 self._step_rounded(p)
             else:
                 self._step_one(p, p)
             p.grad = None
+
+    def _flush(self, number: int) -> None:
+        for q in self._pending[number]:
+            self._step_one(q, q)
+            q.grad = None
+        self._pending[number].clear()
 
     def _step_one(self, p: torch.Tensor, stepped: torch.Tensor) -> None:
         """One optimizer step of ``stepped`` alone, with ``p``'s group (its current rate)."""
@@ -265,8 +352,15 @@ def install(
 
     inner = getattr(session_optimizer, "optimizer", session_optimizer)
     stochastic = normalize_optimizer(options.optimizer) == "adafactor"
+    groups = None
+    count = getattr(options, "fused_optimizer_groups", 0)
+    if count:
+        index = {id(p): i for i, p in enumerate(params)}
+        order = [(index[id(p)], g.get("lr")) for g in inner.param_groups for p in g["params"] if id(p) in index]
+        groups = [[order[i][0] for i in members] for members in kohya_groups([lr for _, lr in order], count)]
     hooks = StepInBackward(
-        inner, params, max_grad_norm=options.max_grad_norm, seed=options.seed, stochastic_bf16=stochastic
+        inner, params, max_grad_norm=options.max_grad_norm, seed=options.seed, stochastic_bf16=stochastic, groups=groups
     )
-    say(f"fused backward pass: {len(hooks._handles)} tensors step during backward, their gradients freed at once")
+    where = f"in {len(groups)} groups, each" if groups is not None else "each"
+    say(f"fused backward pass: {hooks.hooked} tensors step during backward, {where} as its gradients are ready")
     return hooks

@@ -238,11 +238,11 @@ class TrainSession:
         # samples, saves and evaluations; a state saved in eval mode resumes through train()
         self.optimizer_modes = OptimizerModes(self.optimizer)
         self.optimizer_modes.train()
-        if o.fused_backward_pass:  # --fused-backward-pass: each tensor steps in its gradient hook
-            from .fused import install
+        from .fused import install, steps_in_backward
 
+        if steps_in_backward(o):  # --fused-backward-pass/--fused-optimizer-groups: steps in gradient hooks
             if acc.num_processes > 1:  # the pre-flight refuses it from WORLD_SIZE; a launcher may not set it
-                raise ConfigError("--fused-backward-pass does not work in a multi-process run")
+                raise ConfigError("stepping in backward does not work in a multi-process run")
             self.fused = install(self.optimizer, self.params, o, self.say)
         self.progress.start_trackers(backend)
         self._setup_done = True

@@ -68,7 +68,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..dtypes import FP8_STORAGE, element_bytes
 from ..models.family import get_family
-from .fused import FUSED_OPTIMIZERS
+from .fused import FUSED_OPTIMIZERS, kohya_groups
+from .fused import steps_in_backward as fused_steps
 from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
@@ -141,6 +142,9 @@ class ParameterPlan:
     blocks: tuple[tuple[int, int], ...] = ()
     #: elements of the largest trainable tensor: the gradient ``--fused-backward-pass`` holds at most
     largest_trainable: int = 0
+    #: (elements, group rate or None) of each trainable tensor in optimizer order: the groups
+    #: ``--fused-optimizer-groups`` holds the gradients of (kohya's split, :func:`sdcore.train.fused.kohya_groups`)
+    tensors: tuple[tuple[int, float | None], ...] = ()
 
 
 @dataclass
@@ -182,6 +186,7 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
     seen: set[int] = set()
     trainable = added = largest = 0
     trainable_in: set[str] = set()
+    tensors: list[tuple[int, float | None]] = []
     for group in groups:
         for p in group["params"]:
             if id(p) in seen or not p.requires_grad:
@@ -189,6 +194,7 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
             seen.add(id(p))
             trainable += p.numel()
             largest = max(largest, p.numel())
+            tensors.append((p.numel(), group.get("lr")))
             if id(p) in owners:
                 trainable_in.add(owners[id(p)])
             else:
@@ -201,7 +207,9 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
     layers = [m for m in denoiser.modules() if type(m).__name__ in ("Linear", "Conv2d") and id(m.weight) not in seen]
     fp8 = sum(weight_elements(m) for m in layers)
     blocks = tuple(block_sizes(denoiser, trainable=seen))
-    return ParameterPlan(components, trainable, added, frozenset(trainable_in), result, fp8, blocks, largest)
+    return ParameterPlan(
+        components, trainable, added, frozenset(trainable_in), result, fp8, blocks, largest, tuple(tensors)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -425,10 +433,8 @@ def estimate_memory(
     swapped = swapped_block_bytes(params, o, frozen_bytes)
     if swapped:  # in CPU memory; two blocks' copies in flight on the device (on the CPU: beside them)
         weights += (-swapped[0] if device != "cpu" else 0) + swapped[1]
-    # --fused-backward-pass frees each gradient once its tensor stepped: the largest one is the peak
-    # (a tensor's gradient is freed before the next is accumulated; see sdcore.train.fused)
-    fused = bool(getattr(o, "fused_backward_pass", False))
-    gradients = (params.largest_trainable if fused else params.trainable) * trained
+    gradients = held_gradient_elements(params, o) * trained
+    fused = fused_steps(o)
     optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer.lower(), 8.0)
     if full_half and "8bit" not in o.optimizer.lower():  # float states are created like the parameter (8-bit ones stay)
         optimizer /= 2
@@ -492,6 +498,19 @@ def estimate_memory(
             "trainable_parameters": params.trainable,
         },
     )
+
+
+def held_gradient_elements(params: ParameterPlan, options: TrainOptions) -> int:
+    """Gradient elements alive at the peak: all of them, or with ``--fused-backward-pass`` the largest
+    tensor's (each is freed once its tensor stepped, before the next is accumulated), or with
+    ``--fused-optimizer-groups N`` the largest group's (freed when the group steps); see :mod:`.fused`."""
+    count = getattr(options, "fused_optimizer_groups", 0)
+    if count and params.tensors:
+        sizes = [n for n, _ in params.tensors]
+        return max(sum(sizes[i] for i in members) for members in kohya_groups([r for _, r in params.tensors], count))
+    if fused_steps(options):
+        return params.largest_trainable
+    return params.trainable
 
 
 def device_free_memory(device: str) -> int | None:
@@ -582,7 +601,7 @@ def suggestions(
                 break
         variants.append((f"--blocks-to-swap {count}", {"blocks_to_swap": count}))
     if (
-        not getattr(o, "fused_backward_pass", False)
+        not fused_steps(o)
         and steps_in_backward  # the method trains whole weights (kohya offers it for full fine-tunes)
         and o.optimizer.lower() in FUSED_OPTIMIZERS
         and o.gradient_accumulation == 1

@@ -215,6 +215,13 @@ class TrainOptions:
         "mixed precision or multi-process; methods that train whole models (DreamBooth).",
         group="training",
     )
+    fused_optimizer_groups: int = option(
+        0,
+        "Like --fused-backward-pass, but the tensors are split into about N groups (kohya's split) and a group "
+        "steps when its last gradient is ready: the same weights, a group's gradients held until then "
+        "(kohya --fused_optimizer_groups, sdxl_train.py). 0 = off.",
+        group="training",
+    )
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet/text encoder.", group="training")
     mixed_precision: str = option(
         "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"

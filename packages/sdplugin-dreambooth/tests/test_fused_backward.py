@@ -132,3 +132,28 @@ def test_kohya_names_translate():
     assert load_options(DreamBoothOptions, None, kohya={"fused_optimizer_groups": "10"}).fused_optimizer_groups == 10
     off = load_options(DreamBoothOptions, None, kohya={"fused_optimizer_groups": 0, "fused_backward_pass": False})
     assert off.fused_optimizer_groups == 0 and not off.fused_backward_pass  # what kohya_ss writes when untouched
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_blockwise_optimizers_give_the_same_weights_and_step_block_by_block(tmp_path, family):
+    from sdcore.train.fused import parameter_blocks
+
+    common = dict(model=f"tiny:{family}", optimizer="adafactor", optimizer_args=KOHYA_ADAFACTOR, max_steps=2)
+    _, plain = _train(_options(tmp_path, "plain", **common))
+    options = _options(tmp_path, "blocks", blockwise_fused_optimizers=True, **common)
+    session = TrainSession(DreamBoothMethod(options), bundle=family_adapter(family).create_tiny())
+    session.setup()
+    keys = parameter_blocks(session.bundle)
+    params = session.params
+    held: list[set[str]] = []  # the blocks whose gradients are alive after each tensor's hook
+    for p in params:
+        p.register_post_accumulate_grad_hook(
+            lambda _p: held.append({keys[id(q)] for q in params if q.grad is not None})
+        )
+    session.run()
+    blockwise = {k: v.clone() for k, v in session.method.trainable_state_dict().items()}
+    for key, value in plain.items():
+        assert torch.equal(value, blockwise[key]), key
+    assert max(len(b) for b in held) >= 1  # a block's gradients wait for its last one ...
+    names = {k for k in keys.values() if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert len(names) >= 2 and all(len(b & names) <= 2 for b in held)  # ... and blocks step one after another

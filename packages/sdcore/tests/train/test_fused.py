@@ -488,3 +488,35 @@ def test_optimizer_group_problems(tmp_path):
     clip = TrainOptions(model="m", data="d", output="o", fused_optimizer_groups=4)
     assert [len(fused_family_problems(clip, f)) for f in ("sd1", "sdxl", "sd3", "flux")] == [1, 0, 1, 1]
     assert fused_family_problems(dataclasses.replace(clip, max_grad_norm=0.0), "flux") == []
+
+
+# -- --blockwise-fused-optimizers ---------------------------------------------------------------------------
+
+
+def test_block_keys_and_the_blockwise_memory_plan():
+    from sdcore.models.family import family_adapter
+    from sdcore.train.fused import block_key, fused_family_problems, parameter_blocks
+    from sdcore.train.memory import count_parameters, held_gradient_elements
+
+    assert block_key("transformer", "single_transformer_blocks.3.attn.to_q.weight") == "single_transformer_blocks.3"
+    assert block_key("transformer", "transformer_blocks.0.norm1.linear.bias") == "transformer_blocks.0"
+    assert block_key("transformer", "x_embedder.weight") == "transformer"
+    assert block_key("text_encoder_2", None) == "text_encoder_2"
+    bundle = family_adapter("flux").create_tiny()
+    bundle.transformer.requires_grad_(True)
+    params = list(bundle.transformer.parameters())
+    keys = parameter_blocks(bundle)
+    per_block: dict[str, int] = {}
+    for name, p in bundle.transformer.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] in ("transformer_blocks", "single_transformer_blocks") else "transformer"
+        assert keys[id(p)] == key
+        per_block[key] = per_block.get(key, 0) + p.numel()
+    assert {k.split(".")[0] for k in per_block} == {"transformer", "transformer_blocks", "single_transformer_blocks"}
+    plan = count_parameters(bundle, [{"params": params}], whole_model_result=True)
+    options = TrainOptions(model="m", data="d", output="o", blockwise_fused_optimizers=True)
+    assert held_gradient_elements(plan, options) == max(per_block.values()) < plan.trainable
+    # kohya's blockwise optimizers are its SD3/Flux scripts': UNet families have no blocks
+    assert [len(fused_family_problems(options, f)) for f in ("sd1", "sdxl", "sd3", "flux")] == [1, 1, 0, 0]
+    both = dataclasses.replace(options, fused_backward_pass=True)
+    assert any("give one of" in p for p in fused_problems(both))

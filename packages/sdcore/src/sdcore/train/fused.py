@@ -43,6 +43,12 @@ What it means, from kohya's ``sdxl_train.py``/``sd3_train.py``/``flux_train.py``
   any group left incomplete, because a tensor got no gradient, at the end of backward), with the plain
   optimizer step (no stochastic rounding, as kohya's groups). For D-Adaptation/Prodigy-like optimizers
   N optimizers differ from one, which sdcore does not reproduce: refused.
+- **Blockwise** (``--blockwise-fused-optimizers``, kohya's ``sd3_train.py``/``flux_train.py``): one
+  group per transformer block (SD3's joint blocks; Flux's double and single blocks), one for the rest
+  of the transformer, one per trained text encoder; each steps when its last gradient arrives. The
+  same weights again for a per-tensor optimizer; kohya's ``flux_train.py`` asserts that only the
+  transformer trains, sdcore steps trained text encoders as their own groups (as ``sd3_train.py``).
+  UNet families have no such blocks: refused there.
 - **Non-finite values.** A NaN/inf loss is found before backward: nothing steps and the last good
   state stays good, as in an ordinary run. A non-finite gradient norm (checked with ``--max-grad-norm``)
   is only known after backward, when tensors before it have stepped: the run stops without saving the
@@ -69,12 +75,18 @@ FUSED_OPTIMIZERS = ("adafactor", "adamw", "sgd", "sgdnesterov")
 
 
 def _flag(o: TrainOptions) -> str:
+    if getattr(o, "blockwise_fused_optimizers", False):
+        return "--blockwise-fused-optimizers"
     return "--fused-optimizer-groups" if getattr(o, "fused_optimizer_groups", 0) else "--fused-backward-pass"
 
 
 def steps_in_backward(options: TrainOptions) -> bool:
-    """Whether the run steps its tensors inside backward (either option)."""
-    return bool(getattr(options, "fused_backward_pass", False) or getattr(options, "fused_optimizer_groups", 0))
+    """Whether the run steps its tensors inside backward (any of the three options)."""
+    return bool(
+        getattr(options, "fused_backward_pass", False)
+        or getattr(options, "fused_optimizer_groups", 0)
+        or getattr(options, "blockwise_fused_optimizers", False)
+    )
 
 
 def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> list[str]:
@@ -92,8 +104,12 @@ def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = N
     if not steps_in_backward(o):
         return problems
     flag = _flag(o)
-    if groups and o.fused_backward_pass:
-        problems.append("give --fused-backward-pass or --fused-optimizer-groups, not both (kohya uses the first)")
+    given = [o.fused_backward_pass, bool(groups), bool(getattr(o, "blockwise_fused_optimizers", False))]
+    if sum(given) > 1:
+        problems.append(
+            "give one of --fused-backward-pass, --fused-optimizer-groups, --blockwise-fused-optimizers "
+            "(kohya uses the first)"
+        )
     name = normalize_optimizer(o.optimizer)
     if name not in FUSED_OPTIMIZERS:
         problems.append(
@@ -129,11 +145,40 @@ def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = N
 KOHYA_FAMILIES = ("sdxl", "sd3", "flux")
 #: --fused_optimizer_groups: sdxl_train.py only (sd3/flux_train.py accept it and ignore it)
 KOHYA_GROUP_FAMILIES = ("sdxl",)
+#: --blockwise_fused_optimizers: sd3_train.py and flux_train.py (transformer blocks)
+KOHYA_BLOCKWISE_FAMILIES = ("sd3", "flux")
+#: the repeated transformer blocks of the diffusers SD3/Flux transformers (SD3's and Flux's joint
+#: blocks are ``transformer_blocks``, Flux's single blocks ``single_transformer_blocks``)
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def block_key(component: str, name: str | None) -> str:
+    """The blockwise group of a trained tensor: ``transformer_blocks.3`` for a parameter ``name`` in
+    the denoiser's block 3, the component (``transformer``, ``text_encoder_2``) otherwise."""
+    parts = (name or "").split(".")
+    if len(parts) > 2 and parts[0] in BLOCK_LISTS:
+        return f"{parts[0]}.{parts[1]}"
+    return component
+
+
+def parameter_blocks(bundle: Any) -> dict[int, str]:
+    """Every parameter's :func:`block_key` by ``id`` (the denoiser's by block, others by component)."""
+    denoiser = bundle.family_spec.denoiser
+    keys: dict[int, str] = {}
+    for component, module in bundle.components().items():
+        for name, p in module.named_parameters():
+            keys[id(p)] = block_key(component, name if component == denoiser else None)
+    return keys
 
 
 def fused_family_problems(options: TrainOptions, family: str) -> list[str]:
     """Stepping in backward on a family kohya does not step in backward for: the same result only
     without clipping (kohya clips all gradients together there), so it needs ``--max-grad-norm 0``."""
+    if getattr(options, "blockwise_fused_optimizers", False) and family not in KOHYA_BLOCKWISE_FAMILIES:
+        return [
+            f"--blockwise-fused-optimizers groups transformer blocks (kohya's sd3/flux_train.py); {family} has none: "
+            "use --fused-backward-pass or --fused-optimizer-groups"
+        ]
     if not steps_in_backward(options) or options.max_grad_norm == 0:
         return []
     groups = bool(getattr(options, "fused_optimizer_groups", 0))
@@ -345,9 +390,14 @@ def stochastic_round_bf16(value: torch.Tensor, generator: torch.Generator) -> to
 
 
 def install(
-    session_optimizer: Any, params: list[torch.nn.Parameter], options: TrainOptions, say: Callable[[str], None]
+    session_optimizer: Any,
+    params: list[torch.nn.Parameter],
+    options: TrainOptions,
+    say: Callable[[str], None],
+    blocks: dict[int, str] | None = None,
 ) -> StepInBackward:
-    """The hooks of one run (``session_optimizer``: accelerate's wrapper or the optimizer)."""
+    """The hooks of one run (``session_optimizer``: accelerate's wrapper or the optimizer; ``blocks``:
+    each parameter's :func:`block_key` by ``id``, for ``--blockwise-fused-optimizers``)."""
     from .optim import normalize_optimizer
 
     inner = getattr(session_optimizer, "optimizer", session_optimizer)
@@ -358,6 +408,11 @@ def install(
         index = {id(p): i for i, p in enumerate(params)}
         order = [(index[id(p)], g.get("lr")) for g in inner.param_groups for p in g["params"] if id(p) in index]
         groups = [[order[i][0] for i in members] for members in kohya_groups([lr for _, lr in order], count)]
+    elif getattr(options, "blockwise_fused_optimizers", False):
+        keyed: dict[str, list[int]] = {}
+        for i, p in enumerate(params):
+            keyed.setdefault((blocks or {}).get(id(p), "other"), []).append(i)
+        groups = list(keyed.values())
     hooks = StepInBackward(
         inner, params, max_grad_norm=options.max_grad_norm, seed=options.seed, stochastic_bf16=stochastic, groups=groups
     )

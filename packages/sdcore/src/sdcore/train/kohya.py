@@ -273,6 +273,7 @@ ALIASES: dict[str, Alias] = {
     "gradient_accumulation_steps": _a("gradient_accumulation"),
     "fused_backward_pass": _a("fused_backward_pass", flag=True),  # sdxl/sd3/flux_train.py (full fine-tuning)
     "fused_optimizer_groups": _a("fused_optimizer_groups", int),  # sdxl_train.py (0: off, as kohya_ss writes)
+    "blockwise_fused_optimizers": _a("blockwise_fused_optimizers", flag=True),  # sd3/flux_train.py
     "gradient_checkpointing": _a("gradient_checkpointing", flag=True),
     "mixed_precision": _a("mixed_precision", _precision),
     "full_bf16": _a("full_bf16", flag=True),

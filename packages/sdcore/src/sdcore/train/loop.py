@@ -243,7 +243,9 @@ class TrainSession:
         if steps_in_backward(o):  # --fused-backward-pass/--fused-optimizer-groups: steps in gradient hooks
             if acc.num_processes > 1:  # the pre-flight refuses it from WORLD_SIZE; a launcher may not set it
                 raise ConfigError("stepping in backward does not work in a multi-process run")
-            self.fused = install(self.optimizer, self.params, o, self.say)
+            from .fused import parameter_blocks
+
+            self.fused = install(self.optimizer, self.params, o, self.say, parameter_blocks(bundle))
         self.progress.start_trackers(backend)
         self._setup_done = True
 

@@ -145,6 +145,8 @@ class ParameterPlan:
     #: (elements, group rate or None) of each trainable tensor in optimizer order: the groups
     #: ``--fused-optimizer-groups`` holds the gradients of (kohya's split, :func:`sdcore.train.fused.kohya_groups`)
     tensors: tuple[tuple[int, float | None], ...] = ()
+    #: each of ``tensors``' blockwise group (:func:`sdcore.train.fused.block_key`)
+    tensor_blocks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -187,6 +189,10 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
     trainable = added = largest = 0
     trainable_in: set[str] = set()
     tensors: list[tuple[int, float | None]] = []
+    from .fused import parameter_blocks
+
+    keys = parameter_blocks(bundle)
+    tensor_blocks: list[str] = []
     for group in groups:
         for p in group["params"]:
             if id(p) in seen or not p.requires_grad:
@@ -195,6 +201,7 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
             trainable += p.numel()
             largest = max(largest, p.numel())
             tensors.append((p.numel(), group.get("lr")))
+            tensor_blocks.append(keys.get(id(p), "other"))
             if id(p) in owners:
                 trainable_in.add(owners[id(p)])
             else:
@@ -208,7 +215,16 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
     fp8 = sum(weight_elements(m) for m in layers)
     blocks = tuple(block_sizes(denoiser, trainable=seen))
     return ParameterPlan(
-        components, trainable, added, frozenset(trainable_in), result, fp8, blocks, largest, tuple(tensors)
+        components,
+        trainable,
+        added,
+        frozenset(trainable_in),
+        result,
+        fp8,
+        blocks,
+        largest,
+        tuple(tensors),
+        tuple(tensor_blocks),
     )
 
 
@@ -508,6 +524,11 @@ def held_gradient_elements(params: ParameterPlan, options: TrainOptions) -> int:
     if count and params.tensors:
         sizes = [n for n, _ in params.tensors]
         return max(sum(sizes[i] for i in members) for members in kohya_groups([r for _, r in params.tensors], count))
+    if getattr(options, "blockwise_fused_optimizers", False) and params.tensor_blocks:
+        per_block: dict[str, int] = {}
+        for (n, _), key in zip(params.tensors, params.tensor_blocks, strict=True):
+            per_block[key] = per_block.get(key, 0) + n
+        return max(per_block.values())
     if fused_steps(options):
         return params.largest_trainable
     return params.trainable

@@ -222,6 +222,13 @@ class TrainOptions:
         "(kohya --fused_optimizer_groups, sdxl_train.py). 0 = off.",
         group="training",
     )
+    blockwise_fused_optimizers: bool = option(
+        False,
+        "Like --fused-backward-pass, but each transformer block (and the rest of the transformer, and each "
+        "trained text encoder) steps when its last gradient is ready: the same weights (kohya "
+        "--blockwise_fused_optimizers, SD3/Flux).",
+        group="training",
+    )
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet/text encoder.", group="training")
     mixed_precision: str = option(
         "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"

@@ -520,3 +520,53 @@ def test_block_keys_and_the_blockwise_memory_plan():
     assert [len(fused_family_problems(options, f)) for f in ("sd1", "sdxl", "sd3", "flux")] == [1, 1, 0, 0]
     both = dataclasses.replace(options, fused_backward_pass=True)
     assert any("give one of" in p for p in fused_problems(both))
+
+
+def test_a_resumed_run_steps_in_backward_as_an_uninterrupted_one(tmp_path):
+    import dataclasses as dc
+
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import train
+
+    values = {"fused_backward_pass": True, "max_grad_norm": 0.0, "optimizer": "adafactor", "train_text_norm": True}
+    whole = _FullMethod(contract_options(_FullMethod, tmp_path, {**values, "max_steps": 4}, tag="whole"))
+    train(whole, bundle=create_tiny_bundle("sd1"))
+    first = contract_options(_FullMethod, tmp_path, {**values, "max_steps": 4, "save_every": 2}, tag="parts")
+    with pytest.raises(KeyboardInterrupt):  # after step 3: the interrupt saves its state
+
+        class _Stop(_FullMethod):
+            def on_step_end(self, bundle, step):
+                if step == 3:
+                    raise KeyboardInterrupt
+
+        train(_Stop(first), bundle=create_tiny_bundle("sd1"))
+    resumed = _FullMethod(dc.replace(first, resume="latest"))
+    result = train(resumed, bundle=create_tiny_bundle("sd1"))
+    assert result.steps == 4
+    a, b = whole.trainable_state_dict(), resumed.trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _InterruptInBackward(_FullMethod):
+    def compute_loss(self, ctx):
+        if ctx.step == 2:
+            pred = ctx.predict(ctx.conditioning)
+
+            def stop(grad):
+                raise KeyboardInterrupt
+
+            pred.register_hook(stop)
+            return (pred.float() - ctx.target.float()).pow(2).mean(dim=(1, 2, 3))
+        return None
+
+
+def test_an_interrupt_during_backward_saves_no_state(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        _session_run(tmp_path, "stop", _InterruptInBackward, fused_backward_pass=True, max_steps=5)
+    assert not list((tmp_path / "stop").glob("result-state/step-*"))  # the weights may be half-stepped
+    assert "interrupted during a fused backward pass" in capsys.readouterr().err
+    # without the fused pass the same interrupt keeps the state of step 2
+    with pytest.raises(KeyboardInterrupt):
+        _session_run(tmp_path, "plain", _InterruptInBackward, max_steps=5)
+    assert [p.name for p in (tmp_path / "plain").glob("result-state/step-*")] == ["step-00000002"]

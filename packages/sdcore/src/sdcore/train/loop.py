@@ -238,13 +238,11 @@ class TrainSession:
         # samples, saves and evaluations; a state saved in eval mode resumes through train()
         self.optimizer_modes = OptimizerModes(self.optimizer)
         self.optimizer_modes.train()
-        from .fused import install, steps_in_backward
+        from .fused import install, parameter_blocks, steps_in_backward
 
-        if steps_in_backward(o):  # --fused-backward-pass/--fused-optimizer-groups: steps in gradient hooks
+        if steps_in_backward(o):  # --fused-backward-pass and its group variants: steps in gradient hooks
             if acc.num_processes > 1:  # the pre-flight refuses it from WORLD_SIZE; a launcher may not set it
                 raise ConfigError("stepping in backward does not work in a multi-process run")
-            from .fused import parameter_blocks
-
             self.fused = install(self.optimizer, self.params, o, self.say, parameter_blocks(bundle))
         self.progress.start_trackers(backend)
         self._setup_done = True
@@ -563,7 +561,7 @@ class TrainSession:
         where = f"; the last good state (step {self.position.step}) is in {folder}" if folder else ""
         if outcome.partly_stepped:
             where = (
-                "; some weights had already taken this step during backward (--fused-backward-pass), so no state "
+                "; some weights had already taken this step inside backward, so no state "
                 "was saved from them: resume from the last saved state"
             )
         raise TrainingDivergedError(

@@ -475,7 +475,7 @@ def test_optimizer_group_problems(tmp_path):
     from sdcore.train.fused import fused_family_problems
 
     both = contract_options(_FullMethod, tmp_path, {"fused_backward_pass": True, "fused_optimizer_groups": 4})
-    assert any("not both" in p for p in fused_problems(both, _FullMethod(both)))
+    assert any("give one of" in p for p in fused_problems(both, _FullMethod(both)))
     negative = contract_options(_FullMethod, tmp_path, {"fused_optimizer_groups": -1})
     assert fused_problems(negative, _FullMethod(negative)) == [
         "--fused-optimizer-groups must be 0 (off) or more, got -1"

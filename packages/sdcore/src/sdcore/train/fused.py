@@ -90,8 +90,8 @@ def steps_in_backward(options: TrainOptions) -> bool:
 
 
 def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> list[str]:
-    """What ``--fused-backward-pass``/``--fused-optimizer-groups`` cannot do with these options and
-    method (empty when off)."""
+    """What stepping in backward (``--fused-backward-pass``, ``--fused-optimizer-groups``,
+    ``--blockwise-fused-optimizers``) cannot do with these options and method (empty when off)."""
     import os
 
     from .optim import normalize_optimizer
@@ -110,16 +110,22 @@ def fused_problems(options: TrainOptions, method: TrainingMethod[Any] | None = N
             "give one of --fused-backward-pass, --fused-optimizer-groups, --blockwise-fused-optimizers "
             "(kohya uses the first)"
         )
+    plain = flag == "--fused-backward-pass"
     name = normalize_optimizer(o.optimizer)
     if name not in FUSED_OPTIMIZERS:
+        why = (
+            "kohya allows only adafactor"
+            if plain
+            else "kohya builds one optimizer per group, which sdcore reproduces only where that equals one optimizer"
+        )
         problems.append(
-            f"{flag} needs an optimizer whose step is per tensor ({', '.join(FUSED_OPTIMIZERS)}; kohya: adafactor), "
+            f"{flag} needs an optimizer whose step is per tensor ({', '.join(FUSED_OPTIMIZERS)}; {why}), "
             f"not {o.optimizer}"
         )
     if o.gradient_accumulation > 1:
         problems.append(
-            f"{flag} does not work with --gradient-accumulation {o.gradient_accumulation} (each tensor steps as "
-            "soon as its gradient is ready; kohya refuses it too)"
+            f"{flag} does not work with --gradient-accumulation {o.gradient_accumulation} (a tensor steps as "
+            f"soon as its gradient is ready{'; kohya refuses it too' if plain else ''})"
         )
     if o.mixed_precision == "fp16":
         problems.append(

@@ -70,12 +70,14 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         return []
 
     def capabilities(self) -> Capabilities:
-        # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too
+        # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too; a full
+        # fine-tune may step in backward (--fused-backward-pass, kohya's sdxl/sd3/flux_train.py)
         return Capabilities(
             trains_text_encoder=self.options.train_text_encoder,
             cast_frozen_weights=False,
             saves_whole_model=True,
             cacheable_text=not self.options.no_token_padding,  # padded to the batch's longest caption
+            steps_in_backward=True,
         )
 
     def regularization_data(self) -> Path | None:

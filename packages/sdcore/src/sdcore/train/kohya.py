@@ -274,6 +274,9 @@ ALIASES: dict[str, Alias] = {
     "optimizer_args": _a("optimizer_args", _args_text),
     "max_grad_norm": _a("max_grad_norm"),
     "gradient_accumulation_steps": _a("gradient_accumulation"),
+    "fused_backward_pass": _a("fused_backward_pass", flag=True),  # sdxl/sd3/flux_train.py (full fine-tuning)
+    "fused_optimizer_groups": _a("fused_optimizer_groups", int),  # sdxl_train.py (0: off, as kohya_ss writes)
+    "blockwise_fused_optimizers": _a("blockwise_fused_optimizers", flag=True),  # sd3/flux_train.py
     "gradient_checkpointing": _a("gradient_checkpointing", flag=True),
     "mixed_precision": _a("mixed_precision", _precision),
     "full_bf16": _a("full_bf16", flag=True),
@@ -479,17 +482,12 @@ _ALIAS_OFF: dict[str, tuple[Any, ...]] = {"network_multiplier": (*_OFF, 1, 1.0)}
 #: options that change the result and are not implemented: accepted only at these values
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     **dict.fromkeys(
-        (
-            "fused_backward_pass",
-            "dataset_class",
-        ),
+        ("dataset_class",),
         _OFF,
     ),
     "noise_offset_type": (*_OFF, "Original"),
 }
-_FLAG_UNSUPPORTED = {
-    "fused_backward_pass",
-}
+_FLAG_UNSUPPORTED: set[str] = set()
 
 #: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)
 NETWORK_ARGS = {

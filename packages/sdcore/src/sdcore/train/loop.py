@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from ..models.bundle import ModelBundle
     from .data import SampleRef
+    from .fused import StepInBackward
     from .state import TrainPosition
     from .step import StepOutcome
 
@@ -118,6 +119,7 @@ class TrainSession:
         self.validation_timesteps: tuple[int, ...] = ()
         self._setup_done = False
         self._restore_attention: Callable[[], None] = lambda: None
+        self.fused: StepInBackward | None = None
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
@@ -238,6 +240,12 @@ class TrainSession:
         # samples, saves and evaluations; a state saved in eval mode resumes through train()
         self.optimizer_modes = OptimizerModes(self.optimizer)
         self.optimizer_modes.train()
+        from .fused import install, parameter_blocks, steps_in_backward
+
+        if steps_in_backward(o):  # --fused-backward-pass and its group variants: steps in gradient hooks
+            if acc.num_processes > 1:  # the pre-flight refuses it from WORLD_SIZE; a launcher may not set it
+                raise ConfigError("stepping in backward does not work in a multi-process run")
+            self.fused = install(self.optimizer, self.params, o, self.say, parameter_blocks(bundle))
         self.progress.start_trackers(backend)
         self._setup_done = True
 
@@ -429,6 +437,8 @@ class TrainSession:
         finally:
             restore_sigterm()
             self._restore_attention()
+            if self.fused is not None:
+                self.fused.remove()
             self.progress.end_trackers()
         self.hook("sdcore_after_train", context=self.context(), result=result)
         return result
@@ -457,6 +467,7 @@ class TrainSession:
                     placement=self.placement,
                     max_grad_norm=o.max_grad_norm,
                     on_bad=self._diverged,
+                    fused=self.fused,
                 )
                 pos.step += 1
                 pos.batch += len(group)
@@ -562,17 +573,25 @@ class TrainSession:
     # -- errors -----------------------------------------------------------------------------------
     def _diverged(self, outcome: StepOutcome) -> None:
         folder = None
-        if self.position.step > 0:
+        if self.position.step > 0 and not outcome.partly_stepped:
             with contextlib.suppress(Exception):
                 folder = self.save_state()
         where = f"; the last good state (step {self.position.step}) is in {folder}" if folder else ""
+        if outcome.partly_stepped:
+            where = (
+                "; some weights had already taken this step inside backward, so no state "
+                "was saved from them: resume from the last saved state"
+            )
         raise TrainingDivergedError(
             f"{outcome.bad_what} became {outcome.bad_value} at step {self.position.step + 1}{where}. Lower --lr, "
             "use --mixed-precision bf16 instead of fp16, or check the data"
         )
 
     def _save_on_error(self, exc: BaseException, why: str) -> None:
-        if self._setup_done and self.position.step > 0 and self.options.save_state:
+        mixed = self.fused is not None and self.fused.in_backward  # stopped with some weights stepped
+        if mixed:
+            self.say(f"{why} during a fused backward pass: some weights had taken the step, so no state was saved")
+        if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed:
             try:
                 folder = self.save_state()
                 message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"

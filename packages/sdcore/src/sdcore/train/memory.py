@@ -68,6 +68,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..dtypes import FP8_STORAGE, element_bytes
 from ..models.family import get_family
+from .fused import FUSED_OPTIMIZERS, kohya_groups
+from .fused import steps_in_backward as fused_steps
 from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
@@ -138,6 +140,13 @@ class ParameterPlan:
     denoiser_fp8: int = 0
     #: per swappable transformer block, forward order: (frozen elements, of which fp8-convertible)
     blocks: tuple[tuple[int, int], ...] = ()
+    #: elements of the largest trainable tensor: the gradient ``--fused-backward-pass`` holds at most
+    largest_trainable: int = 0
+    #: (elements, group rate or None) of each trainable tensor in optimizer order: the groups
+    #: ``--fused-optimizer-groups`` holds the gradients of (kohya's split, :func:`sdcore.train.fused.kohya_groups`)
+    tensors: tuple[tuple[int, float | None], ...] = ()
+    #: each of ``tensors``' blockwise group (:func:`sdcore.train.fused.block_key`)
+    tensor_blocks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -177,14 +186,22 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
         for p in module.parameters():
             owners[id(p)] = name
     seen: set[int] = set()
-    trainable = added = 0
+    trainable = added = largest = 0
     trainable_in: set[str] = set()
+    tensors: list[tuple[int, float | None]] = []
+    from .fused import parameter_blocks
+
+    keys = parameter_blocks(bundle)
+    tensor_blocks: list[str] = []
     for group in groups:
         for p in group["params"]:
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
             trainable += p.numel()
+            largest = max(largest, p.numel())
+            tensors.append((p.numel(), group.get("lr")))
+            tensor_blocks.append(keys.get(id(p), "other"))
             if id(p) in owners:
                 trainable_in.add(owners[id(p)])
             else:
@@ -197,7 +214,18 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
     layers = [m for m in denoiser.modules() if type(m).__name__ in ("Linear", "Conv2d") and id(m.weight) not in seen]
     fp8 = sum(weight_elements(m) for m in layers)
     blocks = tuple(block_sizes(denoiser, trainable=seen))
-    return ParameterPlan(components, trainable, added, frozenset(trainable_in), result, fp8, blocks)
+    return ParameterPlan(
+        components,
+        trainable,
+        added,
+        frozenset(trainable_in),
+        result,
+        fp8,
+        blocks,
+        largest,
+        tuple(tensors),
+        tuple(tensor_blocks),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,7 +449,8 @@ def estimate_memory(
     swapped = swapped_block_bytes(params, o, frozen_bytes)
     if swapped:  # in CPU memory; two blocks' copies in flight on the device (on the CPU: beside them)
         weights += (-swapped[0] if device != "cpu" else 0) + swapped[1]
-    gradients = params.trainable * trained
+    gradients = held_gradient_elements(params, o) * trained
+    fused = fused_steps(o)
     optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer.lower(), 8.0)
     if full_half and "8bit" not in o.optimizer.lower():  # float states are created like the parameter (8-bit ones stay)
         optimizer /= 2
@@ -478,12 +507,31 @@ def estimate_memory(
             "optimizer": o.optimizer,
             "fp8_base": fp8,
             "full_half": full_half,
+            "fused_backward_pass": fused,
             "blocks_to_swap": getattr(o, "blocks_to_swap", 0),
             "latents_cached": latents_cached,
             "text_cached": text_cached,
             "trainable_parameters": params.trainable,
         },
     )
+
+
+def held_gradient_elements(params: ParameterPlan, options: TrainOptions) -> int:
+    """Gradient elements alive at the peak: all of them, or with ``--fused-backward-pass`` the largest
+    tensor's (each is freed once its tensor stepped, before the next is accumulated), or with
+    ``--fused-optimizer-groups N`` the largest group's (freed when the group steps); see :mod:`.fused`."""
+    count = getattr(options, "fused_optimizer_groups", 0)
+    if count and params.tensors:
+        sizes = [n for n, _ in params.tensors]
+        return max(sum(sizes[i] for i in members) for members in kohya_groups([r for _, r in params.tensors], count))
+    if getattr(options, "blockwise_fused_optimizers", False) and params.tensor_blocks:
+        per_block: dict[str, int] = {}
+        for (n, _), key in zip(params.tensors, params.tensor_blocks, strict=True):
+            per_block[key] = per_block.get(key, 0) + n
+        return max(per_block.values())
+    if fused_steps(options):
+        return params.largest_trainable
+    return params.trainable
 
 
 def device_free_memory(device: str) -> int | None:
@@ -532,10 +580,12 @@ def suggestions(
     needs_pixels: bool = False,
     cast_frozen_weights: bool = True,
     optimizer_8bit_available: bool = True,
+    steps_in_backward: bool = False,
 ) -> list[Suggestion]:
     """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
     (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, bf16, an fp8 base and block
-    swap where the method trains adapters, smaller batches, all together)."""
+    swap where the method trains adapters, the fused backward pass where it trains whole weights
+    (``steps_in_backward``), smaller batches, all together)."""
     o = options
     variants: list[tuple[str, dict[str, Any]]] = []
     if not o.gradient_checkpointing:
@@ -571,6 +621,14 @@ def suggestions(
                 count = n
                 break
         variants.append((f"--blocks-to-swap {count}", {"blocks_to_swap": count}))
+    if (
+        not fused_steps(o)
+        and steps_in_backward  # the method trains whole weights (kohya offers it for full fine-tunes)
+        and o.optimizer.lower() in FUSED_OPTIMIZERS
+        and o.gradient_accumulation == 1
+        and o.mixed_precision != "fp16"
+    ):
+        variants.append(("--fused-backward-pass", {"fused_backward_pass": True}))
     batch = o.batch_size
     while batch > 1:
         batch //= 2
@@ -585,8 +643,8 @@ def suggestions(
         combined: dict[str, Any] = {}
         names = []
         for flags, change in variants:
-            if "batch_size" in change and "batch_size" in combined:
-                continue
+            if "batch_size" in change and ("batch_size" in combined or combined.get("fused_backward_pass")):
+                continue  # one batch change; none with the fused pass (it needs accumulation 1)
             combined.update(change)
             names.append(flags)
         variants.append((" ".join(names), combined))

@@ -68,6 +68,10 @@ class Capabilities:
     #: ``network_multiplier``, e.g. +1 and -1 datasets for a "slider" LoRA) in
     #: :meth:`TrainingMethod.network_strength`; without it the pre-flight refuses strengths other than 1
     per_sample_strength: bool = False
+    #: the method trains whole model weights, so ``--fused-backward-pass`` may step each tensor inside
+    #: backward (kohya offers it in its full fine-tune scripts only; its ``train_network.py`` ignores the
+    #: flag and clips all gradients together, so adapter methods leave this False)
+    steps_in_backward: bool = False
 
 
 @dataclass

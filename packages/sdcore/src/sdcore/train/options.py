@@ -229,6 +229,28 @@ class TrainOptions:
     )
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training")
     gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", group="training")
+    fused_backward_pass: bool = option(
+        False,
+        "Step each trained tensor inside backward as soon as its gradient is ready and free that gradient, so a "
+        "full fine-tune never holds every gradient (kohya --fused_backward_pass): the same weights with adafactor, "
+        "adamw, sgd, sgdnesterov; --max-grad-norm clips per tensor (kohya); no --gradient-accumulation, fp16 "
+        "mixed precision or multi-process; methods that train whole models (DreamBooth).",
+        group="training",
+    )
+    fused_optimizer_groups: int = option(
+        0,
+        "Like --fused-backward-pass, but the tensors are split into about N groups (kohya's split) and a group "
+        "steps when its last gradient is ready: the same weights, a group's gradients held until then "
+        "(kohya --fused_optimizer_groups, sdxl_train.py). 0 = off.",
+        group="training",
+    )
+    blockwise_fused_optimizers: bool = option(
+        False,
+        "Like --fused-backward-pass, but each transformer block (and the rest of the transformer, and each "
+        "trained text encoder) steps when its last gradient is ready: the same weights (kohya "
+        "--blockwise_fused_optimizers, SD3/Flux).",
+        group="training",
+    )
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet/text encoder.", group="training")
     mixed_precision: str = option(
         "no", "Mixed precision through accelerate.", choices=MIXED_PRECISION, group="training"

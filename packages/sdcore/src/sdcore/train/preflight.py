@@ -175,6 +175,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     problems.extend(validation_option_problems(o))
     problems.extend(precision_option_problems(o))
     problems.extend(optimizer_problems(o))  # names, class paths, packages, schedule arguments
+    from .fused import fused_problems
+
+    problems.extend(fused_problems(o, method))  # --fused-backward-pass: optimizer, accumulation, method
     if method is not None:
         if method.capabilities().needs_pixels and o.cache_latents:
             problems.append(f"method {method.name!r} needs decoded pixels every step: pass --no-cache-latents")
@@ -504,6 +507,7 @@ def memory_plan(
             options,
             budget,
             optimizer_8bit_available=importlib.util.find_spec("bitsandbytes") is not None,
+            steps_in_backward=caps.steps_in_backward,
             **kwargs,
         )
     return plan
@@ -590,6 +594,9 @@ def run_preflight(
     from .initial import initial_notes
 
     report.notes.extend(initial_notes(o))  # where kohya's --initial_step/--initial_epoch surprise
+    from .fused import fused_notes
+
+    report.notes.extend(fused_notes(o))
 
     # the model: header only
     if bundle is not None:
@@ -632,6 +639,9 @@ def run_preflight(
         from .caption_checks import caption_family_problems
 
         report.problems.extend(caption_family_problems(o, report.layout.family))
+        from .fused import fused_family_problems
+
+        report.problems.extend(fused_family_problems(o, report.layout.family))
 
     # folders
     if o.output:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
     from .batches import BatchMaker
     from .data import SampleRef
+    from .fused import StepInBackward
     from .objectives import TrainingObjective
     from .placement import Placement
 
@@ -241,6 +242,9 @@ class StepOutcome:
     loss: float
     bad_value: float | None = None
     bad_what: str = "loss"
+    #: some weights already took this step (``--fused-backward-pass`` steps during backward): the
+    #: weights are not the last good ones, so no state is saved from them
+    partly_stepped: bool = False
 
 
 def optimizer_step(
@@ -252,15 +256,20 @@ def optimizer_step(
     placement: Placement,
     max_grad_norm: float,
     on_bad: Callable[[StepOutcome], None],
+    fused: StepInBackward | None = None,
 ) -> StepOutcome:
     """Accumulate ``group`` (micro-batches of sample refs) into one optimizer step.
 
     ``on_bad`` is called (every process, gradients cleared) when any process saw a non-finite
     loss, or the gradient norm is non-finite without a grad scaler; it is expected to raise.
+    ``fused`` (``--fused-backward-pass``): the tensors step inside backward (:mod:`.fused`).
     """
     import torch
 
     acc, model = placement.accelerator, placement.model
+    if fused is not None:
+        return _step_in_backward(group, step=step, batches=batches, objective=objective, placement=placement,
+                                 fused=fused, on_bad=on_bad)  # fmt: skip
     step_loss, bad = 0.0, None
     for k, refs in enumerate(group):
         batch = batches.make_batch(refs, step=step)
@@ -289,6 +298,41 @@ def optimizer_step(
     placement.scheduler.step()
     placement.optimizer.zero_grad(set_to_none=True)
     return StepOutcome(step_loss)
+
+
+def _step_in_backward(
+    group: list[list[SampleRef]],
+    *,
+    step: int,
+    batches: BatchMaker,
+    objective: Objective,
+    placement: Placement,
+    fused: StepInBackward,
+    on_bad: Callable[[StepOutcome], None],
+) -> StepOutcome:
+    """One optimizer step whose tensors step inside backward (one micro-batch, one process: the
+    pre-flight refuses the rest). A non-finite loss skips backward, so nothing steps, as in
+    :func:`optimizer_step`; a non-finite per-tensor gradient norm is known only after backward."""
+    acc, model = placement.accelerator, placement.model
+    (refs,) = group
+    batch = batches.make_batch(refs, step=step)
+    noise, timesteps, input_noise = objective.draw_for(refs, batch)
+    with placement.no_sync(sync=True), acc.autocast():
+        loss = model(batch, noise, timesteps, step, input_noise)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before backward: no tensor has stepped
+            placement.optimizer.zero_grad(set_to_none=True)
+            on_bad(StepOutcome(value, value))
+        fused.begin(step)
+        if loss.requires_grad:
+            acc.backward(loss)
+        fused.end()
+    bad = fused.bad_norm()
+    if bad is not None:
+        placement.optimizer.zero_grad(set_to_none=True)
+        on_bad(StepOutcome(value, bad, "gradient norm", partly_stepped=True))
+    placement.scheduler.step()  # after every tensor stepped at this step's rate (kohya's order)
+    return StepOutcome(value)
 
 
 def _agree(acc: Any, loss: float, bad: bool) -> tuple[float, bool]:

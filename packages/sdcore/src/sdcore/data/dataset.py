@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -618,6 +619,22 @@ def _probe_all(paths: list[Path], verify: bool) -> list[tuple[int, int] | ImageE
         return list(pool.map(one, paths))
 
 
+def _usable_sizes(
+    subset: SubsetOptions, paths: list[Path], index: DatasetIndex, verify: bool
+) -> Iterator[tuple[int, tuple[int, int]]]:
+    """The position in ``paths`` and size of each readable image; unreadable and too-small ones go
+    to the index's skipped list (shared by folder and metadata-file subsets, so both skip alike)."""
+    for position, (path, size) in enumerate(zip(paths, _probe_all(paths, verify), strict=True)):
+        if isinstance(size, ImageError):
+            index.skipped.append(SkippedFile(path, _reason(size, path)))
+            continue
+        small = _too_small(subset, size)
+        if small:
+            index.skipped.append(SkippedFile(path, small))
+            continue
+        yield position, size
+
+
 def _too_small(subset: SubsetOptions, size: tuple[int, int]) -> str | None:
     """Why an image is skipped under ``bucket_no_upscale`` (smaller than one bucket step), else ``None``."""
     if subset.bucket_no_upscale and min(size) < subset.bucket_step:
@@ -663,14 +680,8 @@ def _scan_metadata_subset(subset: SubsetOptions, index: DatasetIndex, *, verify:
         shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         index.problems.append(f"{meta}: {len(missing)} listed image(s) not found {where}: {shown}")
     paths = [image for image, _ in found]
-    for (path, record), size in zip(found, _probe_all(paths, verify), strict=True):
-        if isinstance(size, ImageError):
-            index.skipped.append(SkippedFile(path, _reason(size, path)))
-            continue
-        small = _too_small(subset, size)
-        if small:
-            index.skipped.append(SkippedFile(path, small))
-            continue
+    for position, size in _usable_sizes(subset, paths, index, verify):
+        path, record = found[position]
         if record.caption == "":
             index.empty_captions.append(path)
         index.entries.append(
@@ -720,14 +731,8 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
                 index.skipped.append(SkippedFile(path, f"not an image (suffix '{path.suffix}')"))
             continue
         images.append(path)
-    for path, size in zip(images, _probe_all(images, verify), strict=True):
-        if isinstance(size, ImageError):
-            index.skipped.append(SkippedFile(path, _reason(size, path)))
-            continue
-        small = _too_small(subset, size)
-        if small:
-            index.skipped.append(SkippedFile(path, small))
-            continue
+    for position, size in _usable_sizes(subset, images, index, verify):
+        path = images[position]
         try:
             caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
         except DataError as exc:

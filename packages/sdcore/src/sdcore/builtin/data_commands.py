@@ -182,7 +182,9 @@ def dedupe_command(
 @click.argument("dst", type=click.Path())
 @click.option("--width", type=int, default=512, show_default=True, help="Output width in pixels.")
 @click.option("--height", type=int, default=512, show_default=True, help="Output height in pixels.")
-@click.option("--flip", is_flag=True, help="Also write a mirrored copy of every output (A1111 'Create flipped copies').")
+@click.option(
+    "--flip", is_flag=True, help="Also write a mirrored copy of every output (A1111 'Create flipped copies')."
+)
 @click.option("--split", is_flag=True, help="Cut images too long for the target aspect into overlapping tiles.")
 @click.option(
     "--split-threshold",
@@ -209,9 +211,7 @@ def dedupe_command(
     show_default=True,
     help="Prefer the largest area ('Maximize area') or the closest aspect ('Minimize error').",
 )
-@click.option(
-    "--auto-size-threshold", type=float, default=0.1, show_default=True, help="Largest aspect error (0-1)."
-)
+@click.option("--auto-size-threshold", type=float, default=0.1, show_default=True, help="Largest aspect error (0-1).")
 @click.option("--keep-original-size", is_flag=True, help="Also write the image unchanged (no resize).")
 @click.option(
     "--captions",

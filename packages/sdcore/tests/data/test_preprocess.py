@@ -228,6 +228,18 @@ def test_flip_copies_are_exact_mirrors(tmp_path: Path) -> None:
         assert not np.array_equal(original, mirrored)
 
 
+def test_vertical_and_both_flips_follow_each_output(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    noise_image(48, 48, seed=8).save(src / "x.png")
+    preprocess(src, dst, PreprocessOptions(width=48, height=48, flip=True, flip_vertical=True, flip_both=True))
+    assert sorted(p.name for p in dst.iterdir()) == [f"00000-{i}-x.png" for i in range(4)]
+    original = pixels(dst / "00000-0-x.png")
+    np.testing.assert_array_equal(pixels(dst / "00000-1-x.png"), original[:, ::-1])
+    np.testing.assert_array_equal(pixels(dst / "00000-2-x.png"), original[::-1, :])
+    np.testing.assert_array_equal(pixels(dst / "00000-3-x.png"), original[::-1, ::-1])
+
+
 @pytest.mark.parametrize(
     ("mode", "generated", "existing", "expected"),
     [

@@ -185,6 +185,8 @@ def dedupe_command(
 @click.option(
     "--flip", is_flag=True, help="Also write a mirrored copy of every output (A1111 'Create flipped copies')."
 )
+@click.option("--flip-vertical", is_flag=True, help="Also write an upside-down copy (A1111 1.7 'Vertical').")
+@click.option("--flip-both", is_flag=True, help="Also write a copy flipped both ways (A1111 1.7 'Both').")
 @click.option("--split", is_flag=True, help="Cut images too long for the target aspect into overlapping tiles.")
 @click.option(
     "--split-threshold",
@@ -233,6 +235,8 @@ def preprocess_command(
     width: int,
     height: int,
     flip: bool,
+    flip_vertical: bool,
+    flip_both: bool,
     split: bool,
     split_threshold: float,
     overlap_ratio: float,
@@ -267,6 +271,8 @@ def preprocess_command(
         width=width,
         height=height,
         flip=flip,
+        flip_vertical=flip_vertical,
+        flip_both=flip_both,
         split=split,
         split_threshold=split_threshold,
         overlap_ratio=overlap_ratio,

@@ -80,6 +80,8 @@ class PreprocessOptions:
     width: int = 512
     height: int = 512
     flip: bool = False
+    flip_vertical: bool = False
+    flip_both: bool = False
     split: bool = False
     split_threshold: float = 0.5
     overlap_ratio: float = 0.2
@@ -504,13 +506,19 @@ def process_image(image: PILImage.Image, options: PreprocessOptions) -> tuple[li
     return outputs, no_size
 
 
-def _with_flips(outputs: Sequence[PILImage.Image], flip: bool) -> Iterator[PILImage.Image]:
-    from PIL import ImageOps
+def _with_flips(outputs: Sequence[PILImage.Image], options: PreprocessOptions) -> Iterator[PILImage.Image]:
+    """Each output followed by its copies: mirrored (``flip``, A1111 1.6's and 1.7's "Horizontal"),
+    upside down (``flip_vertical``, 1.7's "Vertical") and both (``flip_both``, 1.7's "Both")."""
+    from PIL import Image, ImageOps
 
     for image in outputs:
         yield image
-        if flip:
+        if options.flip:
             yield ImageOps.mirror(image)
+        if options.flip_vertical:
+            yield image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        if options.flip_both:
+            yield image.transpose(Image.Transpose.ROTATE_180)
 
 
 def preprocess(
@@ -554,7 +562,7 @@ def preprocess(
             report.no_auto_size.append(path)
             if say is not None:
                 say(f"auto-size: no size within the error threshold for {path.name} ({image.width}x{image.height})")
-        finals = list(_with_flips(outputs, options.flip))
+        finals = list(_with_flips(outputs, options))
         generated = captioner(finals) if captioner is not None and finals and not dry_run else [""] * len(finals)
         for subindex, (result, text) in enumerate(zip(finals, generated, strict=True)):
             base = f"{index:05}-{subindex}-{path.stem}"

@@ -17,6 +17,7 @@ from sdcore.data.preprocess import (
     focal_crop,
     merge_caption,
     preprocess,
+    shi_tomasi_corners,
     split_boxes,
     split_ratio,
 )
@@ -159,6 +160,19 @@ def test_focal_crop_contains_the_detail(size, box, weights) -> None:
     centre_y = (size[1] * scale - 200) / 2
     bx0, by0, bx1, by1 = (v * scale for v in box)
     assert bx1 <= centre_x or bx0 >= centre_x + 200 or by1 <= centre_y or by0 >= centre_y + 200
+
+
+def test_shi_tomasi_finds_the_four_corners_of_a_square() -> None:
+    grey = np.zeros((80, 100), dtype=np.uint8)
+    grey[20:60, 30:70] = 255  # corners at (30, 20), (69, 20), (30, 59), (69, 59)
+    corners = shi_tomasi_corners(grey, min_distance=10)
+    assert len(corners) == 4
+    for cx, cy in ((30, 20), (69, 20), (30, 59), (69, 59)):
+        assert min(abs(x - cx) + abs(y - cy) for x, y in corners) <= 2
+    assert shi_tomasi_corners(np.full((40, 40), 7, dtype=np.uint8)) == []  # flat: nothing
+    stripes = np.zeros((40, 40), dtype=np.uint8)
+    stripes[:, 20:] = 255  # a straight edge is no corner
+    assert shi_tomasi_corners(stripes) == []
 
 
 def test_focal_crop_skips_square_images_and_writes_target_size(tmp_path: Path) -> None:

@@ -26,7 +26,12 @@ def test_preprocess_captions_every_tile_with_the_tagger(tmp_path: Path) -> None:
 
     cli = build_cli(get_plugin_manager())
     args = ["data", "preprocess", str(src), str(dst), "--width", "64", "--height", "64", "--split"]
-    result = CliRunner().invoke(cli, [*args, "--captions", "prepend", "--tagger", "wd14", "--tagger-model", str(model)])
+    args += ["--captions", "prepend", "--tagger", "wd14", "--tagger-model", str(model)]
+    dry = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert not dst.exists() and f"would write {dst / '00000-3-sky.txt'}" in dry.output
+
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     tiles = sorted(dst.glob("*.png"))
     assert [p.name for p in tiles] == [f"00000-{i}-sky.png" for i in range(4)]  # ceil((200 - 12.8) / 51.2)
@@ -46,3 +51,16 @@ def test_preprocess_unknown_tagger_lists_installed_ones(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "available: " in result.output and "wd14" in result.output
+
+
+def test_preprocess_bad_tagger_model_is_one_line_before_any_work(tmp_path: Path) -> None:
+    src, empty = tmp_path / "src", tmp_path / "not-a-model"
+    src.mkdir()
+    empty.mkdir()
+    Image.new("RGB", (32, 32)).save(src / "a.png")
+    cli = build_cli(get_plugin_manager())
+    args = ["data", "preprocess", str(src), str(tmp_path / "dst"), "--tagger", "wd14", "--tagger-model", str(empty)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "model.onnx" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "dst").exists()

@@ -313,9 +313,8 @@ def preprocess_command(
             click.echo(f"Error: {problem}", err=True)
         sys.exit(2)
 
-    captioner = None
-    if spec is not None and not dry_run:
-        captioner = _tagger_captioner(spec, str(tagger_model))
+    # the tagger's model loads before any work (a bad model is one error line, nothing written), or never with --dry-run
+    captioner = _tagger_captioner(spec, str(tagger_model), eager=not dry_run) if spec is not None else None
     report = preprocess(
         src, dst, options, captioner=captioner, dry_run=dry_run, say=lambda line: click.echo(line, err=True)
     )
@@ -325,15 +324,18 @@ def preprocess_command(
     click.echo(report.summary())
 
 
-def _tagger_captioner(spec: Any, model: str) -> Callable[[list[Any]], list[str]]:
+def _tagger_captioner(spec: Any, model: str, *, eager: bool) -> Callable[[list[Any]], list[str]]:
     """Caption PIL images with the tagger's Python API (``TaggerSpec.tagger``: a class taking the
-    model path and offering ``tag(images) -> results`` with ``caption()``), as ``sdcore tag`` does."""
+    model path and offering ``tag(images) -> results`` with ``caption()``), as ``sdcore tag`` does.
+    The model loads now when ``eager``, otherwise at the first call (a ``--dry-run`` never calls)."""
     from ..errors import DataError
 
-    tagger = spec.load_tagger()(model)
+    loaded: list[Any] = [spec.load_tagger()(model)] if eager else []
 
     def caption(images: list[Any]) -> list[str]:
-        results = tagger.tag(images)
+        if not loaded:
+            loaded.append(spec.load_tagger()(model))
+        results = loaded[0].tag(images)
         for result in results:
             if getattr(result, "error", None):
                 raise DataError(f"tagger {spec.name!r} failed: {result.error}")

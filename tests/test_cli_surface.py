@@ -34,7 +34,9 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["tag", "--help"], ["plugins"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["train", "--help"], ["tag", "--help"], ["plugins"], ["data", "preprocess", "--help"]]
+)
 def test_listing_commands_import_no_heavy_library(args):
     result = _run(*args)
     assert result.returncode == 0, result.stderr

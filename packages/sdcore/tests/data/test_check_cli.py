@@ -92,7 +92,7 @@ def test_command_registration():
     cli = click.Group()
     sdcore_register_commands(cli)
     assert cli.commands["data"] is data_group
-    assert set(data_group.commands) == {"check", "dedupe"}
+    assert set(data_group.commands) == {"check", "dedupe", "preprocess"}
 
 
 # ------------------------------------------------------------------------------------- dedupe

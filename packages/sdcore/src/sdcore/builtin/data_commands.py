@@ -1,12 +1,15 @@
-"""Built-in ``sdcore data`` commands: ``check`` (dataset report) and ``dedupe`` (near-duplicates).
+"""Built-in ``sdcore data`` commands: ``check`` (dataset report), ``dedupe`` (near-duplicates) and
+``preprocess`` (A1111's dataset preprocessing).
 
 Import-light on purpose: only click at module level; PIL/numpy are imported inside the commands
-and no model is ever loaded.
+and no model is ever loaded (``preprocess --tagger`` loads the tagger it names, through its plugin).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -172,6 +175,173 @@ def dedupe_command(
             )
         else:
             click.echo(f"{duplicates} duplicate image(s) in {len(groups)} group(s); nothing moved (use --move-to DIR).")
+
+
+@data_group.command(name="preprocess")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--width", type=int, default=512, show_default=True, help="Output width in pixels.")
+@click.option("--height", type=int, default=512, show_default=True, help="Output height in pixels.")
+@click.option(
+    "--flip", is_flag=True, help="Also write a mirrored copy of every output (A1111 'Create flipped copies')."
+)
+@click.option("--flip-vertical", is_flag=True, help="Also write an upside-down copy (A1111 1.7 'Vertical').")
+@click.option("--flip-both", is_flag=True, help="Also write a copy flipped both ways (A1111 1.7 'Both').")
+@click.option("--split", is_flag=True, help="Cut images too long for the target aspect into overlapping tiles.")
+@click.option(
+    "--split-threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Split when one target-shaped tile covers at most this share of the long side.",
+)
+@click.option(
+    "--overlap-ratio", type=float, default=0.2, show_default=True, help="Least overlap of split tiles (0 to 0.9)."
+)
+@click.option("--focal-crop", is_flag=True, help="Crop non-square images around their detail (edges, entropy).")
+@click.option("--focal-entropy-weight", type=float, default=0.15, show_default=True, help="Weight of entropy (0-1).")
+@click.option("--focal-edges-weight", type=float, default=0.5, show_default=True, help="Weight of edges (0-1).")
+@click.option("--auto-size", is_flag=True, help="Centre-crop to the best size (multiples of 64) within the bounds.")
+@click.option("--auto-size-min-dim", type=int, default=384, show_default=True, help="Smallest side.")
+@click.option("--auto-size-max-dim", type=int, default=768, show_default=True, help="Largest side.")
+@click.option("--auto-size-min-area", type=int, default=64 * 64, show_default=True, help="Smallest area.")
+@click.option("--auto-size-max-area", type=int, default=640 * 640, show_default=True, help="Largest area.")
+@click.option(
+    "--auto-size-objective",
+    type=click.Choice(["area", "error"]),
+    default="area",
+    show_default=True,
+    help="Prefer the largest area ('Maximize area') or the closest aspect ('Minimize error').",
+)
+@click.option("--auto-size-threshold", type=float, default=0.1, show_default=True, help="Largest aspect error (0-1).")
+@click.option("--keep-original-size", is_flag=True, help="Also write the image unchanged (no resize).")
+@click.option(
+    "--captions",
+    type=click.Choice(["ignore", "copy", "prepend", "append"]),
+    default="ignore",
+    show_default=True,
+    help="What to do with SRC's existing NAME.txt captions (A1111 'Existing caption txt action').",
+)
+@click.option("--tagger", default=None, help="Caption every output with this installed tagger (see `sdcore tag`).")
+@click.option(
+    "--tagger-model", type=click.Path(), default=None, help="The tagger's model (folder or file), with --tagger."
+)
+@click.option("--dry-run", is_flag=True, help="List what would be written; write nothing.")
+@click.pass_context
+def preprocess_command(
+    ctx: click.Context,
+    src: str,
+    dst: str,
+    width: int,
+    height: int,
+    flip: bool,
+    flip_vertical: bool,
+    flip_both: bool,
+    split: bool,
+    split_threshold: float,
+    overlap_ratio: float,
+    focal_crop: bool,
+    focal_entropy_weight: float,
+    focal_edges_weight: float,
+    auto_size: bool,
+    auto_size_min_dim: int,
+    auto_size_max_dim: int,
+    auto_size_min_area: int,
+    auto_size_max_area: int,
+    auto_size_objective: str,
+    auto_size_threshold: float,
+    keep_original_size: bool,
+    captions: str,
+    tagger: str | None,
+    tagger_model: str | None,
+    dry_run: bool,
+) -> None:
+    """A1111's "Preprocess images" on the images directly in SRC, written to DST as
+    NNNNN-K-name.png (+ .txt captions).
+
+    Every enabled operation (--split, --focal-crop, --auto-size, --keep-original-size) writes its
+    own outputs; with none of them, each image is resized to cover WIDTHxHEIGHT and centre-cropped.
+    Problems with the folders or options are all reported before any work (exit 2).
+    """
+    import sys
+
+    from ..data.preprocess import PreprocessOptions, preprocess, source_problems
+
+    options = PreprocessOptions(
+        width=width,
+        height=height,
+        flip=flip,
+        flip_vertical=flip_vertical,
+        flip_both=flip_both,
+        split=split,
+        split_threshold=split_threshold,
+        overlap_ratio=overlap_ratio,
+        focal_crop=focal_crop,
+        focal_entropy_weight=focal_entropy_weight,
+        focal_edges_weight=focal_edges_weight,
+        auto_size=auto_size,
+        auto_size_min_dim=auto_size_min_dim,
+        auto_size_max_dim=auto_size_max_dim,
+        auto_size_min_area=auto_size_min_area,
+        auto_size_max_area=auto_size_max_area,
+        auto_size_objective=auto_size_objective,
+        auto_size_threshold=auto_size_threshold,
+        keep_original_size=keep_original_size,
+        captions=captions,
+    )
+    problems = source_problems(src, dst) + options.problems()
+    spec = None
+    if tagger is not None:
+        from ..cli import _pm
+
+        taggers = _pm(ctx).taggers()
+        spec = taggers.get(tagger)
+        if spec is None:
+            known = ", ".join(sorted(taggers)) or "none installed"
+            problems.append(f"--tagger {tagger!r}: no such tagger (available: {known}; see `sdcore plugins`)")
+        if tagger_model is None:
+            problems.append("--tagger needs --tagger-model (the tagger's model folder or file)")
+        else:
+            from pathlib import Path
+
+            if not Path(tagger_model).exists():
+                problems.append(f"--tagger-model {tagger_model}: no such file or folder")
+    elif tagger_model is not None:
+        problems.append("--tagger-model needs --tagger NAME")
+    if problems:
+        for problem in problems:
+            click.echo(f"Error: {problem}", err=True)
+        sys.exit(2)
+
+    # the tagger's model loads before any work (a bad model is one error line, nothing written), or never with --dry-run
+    captioner = _tagger_captioner(spec, str(tagger_model), eager=not dry_run) if spec is not None else None
+    report = preprocess(
+        src, dst, options, captioner=captioner, dry_run=dry_run, say=lambda line: click.echo(line, err=True)
+    )
+    if dry_run:
+        for path in sorted(report.images_written + report.captions_written):
+            click.echo(f"would write {path}")
+    click.echo(report.summary())
+
+
+def _tagger_captioner(spec: Any, model: str, *, eager: bool) -> Callable[[list[Any]], list[str]]:
+    """Caption PIL images with the tagger's Python API (``TaggerSpec.tagger``: a class taking the
+    model path and offering ``tag(images) -> results`` with ``caption()``), as ``sdcore tag`` does.
+    The model loads now when ``eager``, otherwise at the first call (a ``--dry-run`` never calls)."""
+    from ..errors import DataError
+
+    loaded: list[Any] = [spec.load_tagger()(model)] if eager else []
+
+    def caption(images: list[Any]) -> list[str]:
+        if not loaded:
+            loaded.append(spec.load_tagger()(model))
+        results = loaded[0].tag(images)
+        for result in results:
+            if getattr(result, "error", None):
+                raise DataError(f"tagger {spec.name!r} failed: {result.error}")
+        return [str(result.caption()) for result in results]
+
+    return caption
 
 
 @hookimpl

@@ -136,8 +136,17 @@ def test_ui_concepts_map_to_subsets_with_onetrainers_repeats_and_prompt_sources(
     assert by_dir[b].repeats * 4 == ot_samples(4, 8, "SAMPLES") and by_dir[b].repeats == 2
     assert by_dir[c].repeats == 1
     entries = {e.path.relative_to(tmp_path).as_posix(): e for e in index.entries}
-    assert sorted(entries) == ["a/1.png", "a/2.png", "a/3.png", "b/p.png", "b/q.jpg", "b/sub/r.png", "b/sub/s.png",
-                               "c/cat one.png", "c/dog.v2.webp"]  # fmt: skip
+    assert sorted(entries) == [
+        "a/1.png",
+        "a/2.png",
+        "a/3.png",
+        "b/p.png",
+        "b/q.jpg",
+        "b/sub/r.png",
+        "b/sub/s.png",
+        "c/cat one.png",
+        "c/dog.v2.webp",
+    ]
     # prompts: sample = the image's .txt, concept = the prompt file's lines, filename = the stem
     assert entries["a/1.png"].caption == "a1, tag" and entries["a/2.png"].caption == ""
     assert entries["a/3.png"].caption == "" and tmp_path / "a" / "3.png" in index.missing_captions
@@ -156,10 +165,20 @@ def test_ui_concepts_map_to_subsets_with_onetrainers_repeats_and_prompt_sources(
 
 def test_balancing_rule_over_many_values(tmp_path):
     folder = images(tmp_path / "f", [f"{i}.png" for i in range(4)])
-    for strategy, balancing in [("REPEATS", 1), ("REPEATS", 3.0), ("REPEATS", 0.5), ("REPEATS", 1.9),
-                                ("SAMPLES", 4), ("SAMPLES", 12.7), ("SAMPLES", 6), ("SAMPLES", 2)]:  # fmt: skip
-        cfg = write_concepts(tmp_path / f"{strategy}{balancing}.json",
-                             [concept(folder, balancing=balancing, balancing_strategy=strategy)])  # fmt: skip
+    for strategy, balancing in [
+        ("REPEATS", 1),
+        ("REPEATS", 3.0),
+        ("REPEATS", 0.5),
+        ("REPEATS", 1.9),
+        ("SAMPLES", 4),
+        ("SAMPLES", 12.7),
+        ("SAMPLES", 6),
+        ("SAMPLES", 2),
+    ]:
+        cfg = write_concepts(
+            tmp_path / f"{strategy}{balancing}.json",
+            [concept(folder, balancing=balancing, balancing_strategy=strategy)],
+        )
         samples = ot_samples(4, balancing, strategy)
         if samples % 4 == 0:
             assert index_of(cfg).subsets[0].repeats == samples // 4, (strategy, balancing)
@@ -177,8 +196,12 @@ def test_caption_options_act_like_onetrainer(tmp_path):
     folder = images(tmp_path / "f", ["1.png"], {"1": "sks,  b, c ,d"})
     cases = {
         "shuffle": dict(text__enable_tag_shuffling=True, text__keep_tags_count=1),
-        "random": dict(text__tag_dropout_enable=True, text__tag_dropout_mode="RANDOM",
-                       text__tag_dropout_probability=1.0, text__keep_tags_count=1),  # fmt: skip
+        "random": dict(
+            text__tag_dropout_enable=True,
+            text__tag_dropout_mode="RANDOM",
+            text__tag_dropout_probability=1.0,
+            text__keep_tags_count=1,
+        ),
         "full": dict(text__tag_dropout_enable=True, text__tag_dropout_probability=1.0, text__keep_tags_count=0),
     }
     for name, changes in cases.items():
@@ -186,9 +209,15 @@ def test_caption_options_act_like_onetrainer(tmp_path):
         (entry,) = index_of(cfg).entries
         s = entry.subset
         out = {
-            process_caption(entry.caption, shuffle=s.shuffle_caption, keep_tokens=s.keep_tokens,
-                            tag_dropout=s.tag_dropout, caption_dropout=s.caption_dropout,
-                            enable_wildcard=s.enable_wildcard, rng=random.Random(k))  # fmt: skip
+            process_caption(
+                entry.caption,
+                shuffle=s.shuffle_caption,
+                keep_tokens=s.keep_tokens,
+                tag_dropout=s.tag_dropout,
+                caption_dropout=s.caption_dropout,
+                enable_wildcard=s.enable_wildcard,
+                rng=random.Random(k),
+            )
             for k in range(40)
         }
         if name == "shuffle":
@@ -218,10 +247,19 @@ def test_everything_sdcore_cannot_reproduce_is_refused_by_name_at_once(tmp_path)
         [
             concept(folder, type="PRIOR_PREDICTION", image__enable_random_rotate=True, image__enable_fixed_flip=True),
             concept(folder, image_variations=3, text__caps_randomize_enable=True, image__enable_random_hue=True),
-            concept(folder, text__tag_dropout_enable=True, text__tag_dropout_mode="RANDOM WEIGHTED",
-                    text__tag_dropout_probability=0.3),  # fmt: skip
-            concept(folder, text__tag_dropout_enable=True, text__tag_dropout_probability=0.3,
-                    text__tag_dropout_special_tags_mode="WHITELIST", text__tag_dropout_special_tags="x"),  # fmt: skip
+            concept(
+                folder,
+                text__tag_dropout_enable=True,
+                text__tag_dropout_mode="RANDOM WEIGHTED",
+                text__tag_dropout_probability=0.3,
+            ),
+            concept(
+                folder,
+                text__tag_dropout_enable=True,
+                text__tag_dropout_probability=0.3,
+                text__tag_dropout_special_tags_mode="WHITELIST",
+                text__tag_dropout_special_tags="x",
+            ),
             concept(folder, text__tag_dropout_enable=True, text__tag_dropout_probability=0.3),  # FULL, keeps 1
             concept(folder, text__enable_tag_shuffling=True, text__tag_delimiter=";"),
             concept(folder, text__prompt_source="concept", text__prompt_path=str(tmp_path / "missing.txt")),
@@ -233,15 +271,22 @@ def test_everything_sdcore_cannot_reproduce_is_refused_by_name_at_once(tmp_path)
     with pytest.raises(DatasetProblems) as info:
         index_of(cfg)
     text = "\n".join(info.value.problems)
-    for needle in ["concept 0 ('f'): type PRIOR_PREDICTION", "concept 0 ('f'): image.enable_random_rotate",
-                   "concept 0 ('f'): image.enable_fixed_flip", "concept 1 ('f'): image_variations 3",
-                   "concept 1 ('f'): text.caps_randomize_enable", "concept 1 ('f'): image.enable_random_hue",
-                   "concept 2 ('f'): text.tag_dropout_mode 'RANDOM WEIGHTED'",
-                   "concept 3 ('f'): text.tag_dropout_special_tags_mode 'WHITELIST'",
-                   "concept 4 ('f'): text.tag_dropout_mode FULL with keep_tags_count 1",
-                   "concept 5 ('f'): text.tag_delimiter ';'", "concept 6 ('f'): text.prompt_path",
-                   "concept 7 ('f'): image.resolution_override '512x768'",
-                   "concept 8 ('nowhere'): image folder", "concept 9 ('f'): loss_weight"]:  # fmt: skip
+    for needle in [
+        "concept 0 ('f'): type PRIOR_PREDICTION",
+        "concept 0 ('f'): image.enable_random_rotate",
+        "concept 0 ('f'): image.enable_fixed_flip",
+        "concept 1 ('f'): image_variations 3",
+        "concept 1 ('f'): text.caps_randomize_enable",
+        "concept 1 ('f'): image.enable_random_hue",
+        "concept 2 ('f'): text.tag_dropout_mode 'RANDOM WEIGHTED'",
+        "concept 3 ('f'): text.tag_dropout_special_tags_mode 'WHITELIST'",
+        "concept 4 ('f'): text.tag_dropout_mode FULL with keep_tags_count 1",
+        "concept 5 ('f'): text.tag_delimiter ';'",
+        "concept 6 ('f'): text.prompt_path",
+        "concept 7 ('f'): image.resolution_override '512x768'",
+        "concept 8 ('nowhere'): image folder",
+        "concept 9 ('f'): loss_weight",
+    ]:
         assert needle in text, needle
     assert len(info.value.problems) == 15, info.value.problems  # concept 3 is FULL with a kept tag too
 
@@ -251,9 +296,16 @@ def test_defaults_settings_away_from_their_switch_are_not_refused(tmp_path):
     folder = images(tmp_path / "f", ["1.png"])
     cfg = write_concepts(
         tmp_path / "c.json",
-        [concept(folder, image__random_rotate_max_angle=30.0, text__tag_dropout_probability=0.5,
-                 text__tag_dropout_mode="RANDOM WEIGHTED", image__enable_resolution_override=True,
-                 image__resolution_override="96")],  # fmt: skip
+        [
+            concept(
+                folder,
+                image__random_rotate_max_angle=30.0,
+                text__tag_dropout_probability=0.5,
+                text__tag_dropout_mode="RANDOM WEIGHTED",
+                image__enable_resolution_override=True,
+                image__resolution_override="96",
+            )
+        ],
     )
     (subset,) = index_of(cfg).subsets
     assert subset.tag_dropout == 0.0 and subset.resolution == 96

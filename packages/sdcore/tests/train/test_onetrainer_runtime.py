@@ -16,7 +16,7 @@ from sdcore.testing.datasets import make_tiny_dataset
 from sdcore.train.preflight import PreflightError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
-from test_onetrainer import concept  # noqa: E402  (the UI-saved concept object)
+from test_onetrainer import concept  # the UI-saved concept object
 
 
 def test_loss_weight_balancing_and_validation_concept_in_the_runtime(tmp_path):

@@ -811,9 +811,7 @@ def _subsets_for(
 
             subsets = load_concepts(source, options, skipped)
         elif source.suffix.lower() != ".toml":
-            raise DataError(
-                f"{source}: a dataset is a folder, a .toml dataset config or a OneTrainer concepts .json"
-            )
+            raise DataError(f"{source}: a dataset is a folder, a .toml dataset config or a OneTrainer concepts .json")
         else:
             subsets = load_toml_dataset_config(source, options)
         if is_class:

@@ -247,9 +247,7 @@ def list_images(directory: Path, recursive: bool) -> list[Path]:
         elif recursive and child.is_dir() and not child.name.startswith("."):
             files.extend(list_images(child, True))
     return sorted(
-        f
-        for f in files
-        if f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(EXCLUDED_STEM_SUFFIXES)
+        f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(EXCLUDED_STEM_SUFFIXES)
     )
 
 
@@ -257,7 +255,7 @@ def samples_per_epoch(images: int, balancing: float, strategy: str) -> int:
     """OneTrainer's samples of one concept per epoch (MGDS ``VariationSorting``): ``REPEATS``
     ``floor(images * balancing)``, ``SAMPLES`` ``int(balancing)``."""
     if strategy == "REPEATS":
-        return int(math.floor(images * balancing))
+        return math.floor(images * balancing)
     return int(balancing)
 
 
@@ -468,7 +466,9 @@ def _repeats(c: Concept, directory: Path, problems: list[str], notes: list[str])
         return 1  # the scan reports the empty folder
     samples = samples_per_epoch(count, balancing, strategy)
     if samples == 0:
-        notes.append(f"{c.label}: balancing {balancing:g} {strategy} gives 0 samples per epoch; skipped (as OneTrainer)")
+        notes.append(
+            f"{c.label}: balancing {balancing:g} {strategy} gives 0 samples per epoch; skipped (as OneTrainer)"
+        )
         return 0
     if samples % count:
         low, high = samples // count, samples // count + 1

@@ -334,7 +334,7 @@ def load_concepts(
     base = subset_defaults(defaults)
     for i, raw in enumerate(raw_list):
         try:
-            concept = _concept(raw, f"{source.name}: concept {i}", notes)
+            concept = _concept(raw, f"concept {i}", notes)
         except DataError as exc:
             problems.append(str(exc))
             continue
@@ -344,7 +344,7 @@ def load_concepts(
     if skipped is not None:
         skipped.extend(SkippedFile(source, note) for note in notes)
     if problems:
-        raise DatasetProblems(problems)
+        raise DatasetProblems([f"{source}: {problem}" for problem in problems])
     if not raw_list:
         raise DataError(f"{source}: the concepts file lists no concept")
     return subsets

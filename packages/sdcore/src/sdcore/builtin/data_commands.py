@@ -68,7 +68,8 @@ def check_command(
 ) -> None:
     """Report images, captions, unreadable files, buckets and tags of the dataset at PATH.
 
-    PATH is a folder (kohya `N_name` sub-folders or plain images) or a kohya dataset TOML.
+    PATH is a folder (kohya `N_name` sub-folders or plain images), a kohya dataset TOML or a
+    OneTrainer concepts .json.
     Exits with status 1 when there is no usable image (or on any problem with --strict).
     """
     from ..data.check import check_dataset

@@ -68,11 +68,28 @@ def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt", *,
     except OSError as exc:
         raise DataError(f"{path}: cannot read caption file: {exc.strerror or exc}") from None
     if all_lines:
-        return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+        return _joined_lines(text)
     for line in text.splitlines():
         if line.strip():
             return line.strip()
     return ""
+
+
+def _joined_lines(text: str) -> str:
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def read_caption_lines(path: str | os.PathLike[str]) -> str:
+    """Every non-blank line of the text file ``path``, stripped, joined with ``"\\n"`` (what
+    ``read_caption(..., all_lines=True)`` returns for a caption file; used for one prompt file that
+    captions a whole folder, OneTrainer's ``prompt_source`` ``concept``)."""
+    path = Path(path)
+    try:
+        return _joined_lines(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: text file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read text file: {exc.strerror or exc}") from None
 
 
 def _split_separator(separator: str) -> str:

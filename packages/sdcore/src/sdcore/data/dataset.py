@@ -1,4 +1,5 @@
-"""Finding the training images: kohya folders or a kohya dataset TOML, into one flat index.
+"""Finding the training images: kohya folders, a kohya dataset TOML or OneTrainer's concepts file
+(:mod:`.onetrainer`), into one flat index.
 
 The index is built before any model loads, reads only image headers (plus an integrity check)
 and caption files, and never drops a file silently: everything it cannot use is listed in
@@ -84,6 +85,17 @@ class SubsetOptions:
     #: how strongly the trained network acts on this subset's samples (kohya's per-dataset
     #: ``network_multiplier``): a method that supports it scales its change by this, per sample
     network_strength: float = 1.0
+    #: OneTrainer concepts (:mod:`sdcore.data.onetrainer`): images in sub-folders too (its
+    #: ``include_subdirectories``; hidden folders skipped), the image suffixes it reads (``None``: sdcore's),
+    #: file stems it never trains on (its ``-masklabel``/``-condlabel`` masks), one caption for every
+    #: image (its ``prompt_source`` ``concept``: the lines of one text file) or the file name as the
+    #: caption (``filename``), and a per-sample loss weight (its ``loss_weight``)
+    recursive: bool = False
+    image_suffixes: tuple[str, ...] | None = None
+    excluded_stem_suffixes: tuple[str, ...] = ()
+    caption_text: str | None = None
+    caption_from_filename: bool = False
+    loss_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -716,25 +728,42 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         index.skipped.append(SkippedFile(directory, f"cannot list folder: {exc.strerror or exc}"))
         return
     images: list[Path] = []
-    for path in children:
+    pending = list(children)
+    while pending:
+        path = pending.pop(0)
         if path.name.startswith("."):
             continue
         if path.is_dir():
+            if subset.recursive:
+                try:
+                    pending.extend(sorted(path.iterdir()))
+                except OSError as exc:
+                    index.skipped.append(SkippedFile(path, f"cannot list folder: {exc.strerror or exc}"))
+                continue
             # the children of a kohya root were judged by folder_subsets already
             if directory not in roots:
                 index.skipped.append(
                     SkippedFile(path, "sub-folder not scanned (images must sit directly in the folder)")
                 )
             continue
-        if not is_image_path(path):
+        suffixes = subset.image_suffixes
+        if not (is_image_path(path) if suffixes is None else path.suffix.lower() in suffixes):
             if path.suffix.lower() not in _SIDECAR_SUFFIXES and path.suffix.lower() != subset.caption_extension.lower():
                 index.skipped.append(SkippedFile(path, f"not an image (suffix '{path.suffix}')"))
             continue
+        if subset.excluded_stem_suffixes and path.stem.endswith(subset.excluded_stem_suffixes):
+            continue  # a mask beside its image, not a training image
         images.append(path)
+    images.sort()
     for position, size in _usable_sizes(subset, images, index, verify):
         path = images[position]
         try:
-            caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
+            if subset.caption_from_filename:
+                caption: str | None = path.stem
+            elif subset.caption_text is not None:
+                caption = subset.caption_text
+            else:
+                caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
         except DataError as exc:
             index.skipped.append(SkippedFile(path, _reason(exc, path)))
             continue
@@ -777,9 +806,14 @@ def _subsets_for(
         values = {**defaults, "class_tokens": None, "conditioning_data_dir": None}
         return [SubsetOptions(image_dir=source, repeats=options.dataset_repeats, metadata_file=metadata_file, **values)]
     if source.is_file():
-        if source.suffix.lower() != ".toml":
-            raise DataError(f"{source}: a dataset is a folder or a .toml dataset config")
-        subsets = load_toml_dataset_config(source, options)
+        if source.suffix.lower() == ".json":
+            from .onetrainer import load_concepts
+
+            subsets = load_concepts(source, options, skipped)
+        elif source.suffix.lower() != ".toml":
+            raise DataError(f"{source}: a dataset is a folder, a .toml dataset config or a OneTrainer concepts .json")
+        else:
+            subsets = load_toml_dataset_config(source, options)
         if is_class:
             subsets = [replace(s, is_class=True) for s in subsets]
         return subsets
@@ -789,7 +823,7 @@ def _subsets_for(
 def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     """Build the index without judging it (used by ``sdcore data check``, which reports an empty dataset)."""
     if not options.data:
-        raise DataError("no dataset given (--data: a folder or a .toml dataset config)")
+        raise DataError("no dataset given (--data: a folder, a .toml dataset config or a OneTrainer concepts .json)")
     source = Path(options.data).expanduser()
     defaults = subset_defaults(options)
     index = DatasetIndex(source=source)
@@ -800,6 +834,10 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     roots = {p for p in (source, Path(options.reg_data).expanduser() if options.reg_data else None) if p and p.is_dir()}
     for subset in index.subsets:
         _scan_subset(subset, index, verify=verify, roots=roots)
+    if source.suffix.lower() == ".json":
+        from .onetrainer import caption_problems
+
+        index.problems.extend(caption_problems(index))
     return index
 
 

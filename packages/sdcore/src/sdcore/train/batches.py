@@ -115,7 +115,8 @@ class BatchMaker:
             w, h = assignment.bucket
             targets.append((h, w))
             is_class.append(entry.is_class)
-            weights.append(float(self.options.prior_loss_weight) if entry.is_class else 1.0)
+            weight = float(self.options.prior_loss_weight) if entry.is_class else 1.0
+            weights.append(weight * float(getattr(entry.subset, "loss_weight", 1.0)))  # OneTrainer's loss_weight
             strengths.append(float(getattr(entry.subset, "network_strength", 1.0)))
         if to_encode:
             encoded = encode_pixels(bundle, torch.stack([p for _, p, _ in to_encode]), [s for _, _, s in to_encode])

@@ -185,7 +185,8 @@ def _sample(batches: Any, ref: Any, *, step: int, micro: int, slot: int, folder:
         flip=view.flip,
         color=view.color,
         caption=caption,
-        loss_weight=float(options.prior_loss_weight) if entry.is_class else 1.0,
+        loss_weight=(float(options.prior_loss_weight) if entry.is_class else 1.0)
+        * float(getattr(entry.subset, "loss_weight", 1.0)),
         image_file=image_file,
         mask_file=mask_file,
     )

@@ -49,7 +49,10 @@ class TrainOptions:
     vae: str | None = _part("vae")
     t5_tokenizer: str | None = _part("t5_tokenizer")
     data: str = option(
-        "", "Dataset folder (kohya N_name subfolders or plain images) or a TOML dataset config.", group="data"
+        "",
+        "Dataset folder (kohya N_name subfolders or plain images), a TOML dataset config or a OneTrainer "
+        "concepts .json.",
+        group="data",
     )
     output: str = option("", "Where to write the result (a file or a folder, per method).", group="output")
     reg_data: str | None = option(None, "Regularisation/class images folder (kohya N_name subfolders).", group="data")

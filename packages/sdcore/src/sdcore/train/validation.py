@@ -143,7 +143,9 @@ def validation_option_problems(o: TrainOptions) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
     if o.max_validation_steps is not None and o.max_validation_steps < 0:
         problems.append(f"--max-validation-steps must be 0 or more when given, got {o.max_validation_steps}")
-    uses_split = split > 0 or _toml_has_split(o.data)
+    from ..data.onetrainer import has_validation_concept
+
+    uses_split = split > 0 or _toml_has_split(o.data) or has_validation_concept(o.data)
     if not uses_split:
         for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
             if getattr(o, name) is not None:

@@ -1,0 +1,537 @@
+"""OneTrainer's concepts file (``training_concepts/concepts.json``) as sdcore subsets.
+
+OneTrainer (Nerogar/OneTrainer) describes its data as a list of *concepts*; its UI saves every
+concept as a full object (``ConceptConfig`` with nested ``image`` and ``text`` objects). A training
+preset either embeds that list (``concepts``) or names the file (``concept_file_name``). This module
+reads either into :class:`~sdcore.data.dataset.SubsetOptions`, one per enabled concept, with
+OneTrainer's meaning for each field (its data loader and the MGDS pipeline it builds):
+
+- images: the files in ``path`` (and sub-folders with ``include_subdirectories``, hidden ones
+  skipped) with OneTrainer's image suffixes, in sorted order, except ``*-masklabel`` and
+  ``*-condlabel`` files (its masks and conditioning images);
+- samples per epoch (``balancing``): ``REPEATS`` gives ``floor(images * balancing)``, ``SAMPLES``
+  gives ``int(balancing)``. sdcore repeats every image a whole number of times per epoch, so a
+  concept maps exactly when that count is a multiple of its images (repeats = count / images);
+  any other count (OneTrainer then walks through the images across epochs) is refused, naming
+  the repeats that would fit;
+- prompts (``text.prompt_source``): ``sample`` = the image's ``.txt``, ``concept`` = the text file
+  ``prompt_path`` for every image, ``filename`` = the file name without its suffix. A text file
+  holds one prompt per non-empty line and each use picks one line at random (sdcore's
+  ``enable_wildcard`` line choice; a caption with ``{``/``}`` is refused, because sdcore would read
+  ``{a|b}`` as a wildcard where OneTrainer keeps it as text);
+- ``enable_tag_shuffling`` + ``keep_tags_count`` = kohya's ``shuffle_caption`` + ``keep_tokens``
+  (split at ``,``, the first tags fixed, joined with ``", "``); tag dropout ``RANDOM`` = kohya's
+  ``caption_tag_dropout_rate`` (each non-kept tag dropped independently) and ``FULL`` with no kept
+  tag = ``caption_dropout_rate`` (the whole prompt dropped);
+- ``image.enable_random_flip`` = ``flip_aug`` (a 50 % horizontal flip), ``enable_crop_jitter`` (on by
+  default) = ``random_crop`` (a uniform crop offset inside the scaled image's excess), a single
+  ``resolution_override`` = the subset's resolution;
+- ``loss_weight`` multiplies each sample's loss; ``type`` ``VALIDATION`` holds the whole concept
+  out for sdcore's validation loss (never trained), as OneTrainer keeps it out of training.
+
+Everything else OneTrainer can do that sdcore does not reproduce exactly is refused by name when
+set away from its default (:data:`REFUSED`), all problems of the file at once
+(:class:`~sdcore.data.dataset.DatasetProblems`). ``seed`` (OneTrainer's own augmentation streams;
+sdcore draws from its per-sample generator) and ``concept_stats`` (the UI's statistics) are read
+and not used; disabled concepts are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DataError
+
+if TYPE_CHECKING:
+    from ..train.options import TrainOptions
+    from .dataset import DatasetIndex, SkippedFile, SubsetOptions
+
+#: OneTrainer's ``path_util.SUPPORTED_IMAGE_EXTENSIONS``
+IMAGE_SUFFIXES: tuple[str, ...] = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".avif")
+#: file stems its data loader never trains on (``CollectPaths(exclude_postfix=...)``)
+EXCLUDED_STEM_SUFFIXES: tuple[str, ...] = ("-masklabel", "-condlabel")
+
+#: ``ConceptConfig.default_values()`` (``seed`` is random there; ``image``/``text`` below)
+CONCEPT_DEFAULTS: dict[str, Any] = {
+    "name": "",
+    "path": "",
+    "enabled": True,
+    "type": "STANDARD",
+    "include_subdirectories": False,
+    "image_variations": 1,
+    "text_variations": 1,
+    "balancing": 1.0,
+    "balancing_strategy": "REPEATS",
+    "loss_weight": 1.0,
+    "concept_stats": {},
+}
+#: ``ConceptImageConfig.default_values()``
+IMAGE_DEFAULTS: dict[str, Any] = {
+    "enable_crop_jitter": True,
+    "enable_random_flip": False,
+    "enable_fixed_flip": False,
+    "enable_random_rotate": False,
+    "enable_fixed_rotate": False,
+    "random_rotate_max_angle": 0.0,
+    "enable_random_brightness": False,
+    "enable_fixed_brightness": False,
+    "random_brightness_max_strength": 0.0,
+    "enable_random_contrast": False,
+    "enable_fixed_contrast": False,
+    "random_contrast_max_strength": 0.0,
+    "enable_random_saturation": False,
+    "enable_fixed_saturation": False,
+    "random_saturation_max_strength": 0.0,
+    "enable_random_hue": False,
+    "enable_fixed_hue": False,
+    "random_hue_max_strength": 0.0,
+    "enable_resolution_override": False,
+    "resolution_override": "512",
+    "enable_random_circular_mask_shrink": False,
+    "enable_random_mask_rotate_crop": False,
+}
+#: ``ConceptTextConfig.default_values()``
+TEXT_DEFAULTS: dict[str, Any] = {
+    "prompt_source": "sample",
+    "prompt_path": "",
+    "enable_tag_shuffling": False,
+    "tag_delimiter": ",",
+    "keep_tags_count": 1,
+    "tag_dropout_enable": False,
+    "tag_dropout_mode": "FULL",
+    "tag_dropout_probability": 0.0,
+    "tag_dropout_special_tags_mode": "NONE",
+    "tag_dropout_special_tags": "",
+    "tag_dropout_special_tags_regex": False,
+    "caps_randomize_enable": False,
+    "caps_randomize_mode": "capslock, title, first, random",
+    "caps_randomize_probability": 0.0,
+    "caps_randomize_lowercase": False,
+}
+
+#: OneTrainer switches sdcore refuses when on, and why (the augmentation's other settings only
+#: matter while its switch is on, as in OneTrainer)
+REFUSED: dict[str, str] = {
+    "image.enable_fixed_flip": "sdcore's flip is random (50 %), never every sample",
+    "image.enable_random_rotate": "sdcore has no rotation augmentation",
+    "image.enable_fixed_rotate": "sdcore has no rotation augmentation",
+    "image.enable_random_brightness": "sdcore has no brightness augmentation",
+    "image.enable_fixed_brightness": "sdcore has no brightness augmentation",
+    "image.enable_random_contrast": "sdcore has no contrast augmentation",
+    "image.enable_fixed_contrast": "sdcore has no contrast augmentation",
+    "image.enable_random_saturation": "sdcore has no saturation augmentation",
+    "image.enable_fixed_saturation": "sdcore has no saturation augmentation",
+    "image.enable_random_hue": "sdcore has no hue augmentation (kohya's color_aug shifts hue differently)",
+    "image.enable_fixed_hue": "sdcore has no hue augmentation (kohya's color_aug shifts hue differently)",
+    "image.enable_random_circular_mask_shrink": "sdcore has no mask augmentation",
+    "image.enable_random_mask_rotate_crop": "sdcore has no mask augmentation",
+    "text.caps_randomize_enable": "sdcore has no capitalisation augmentation",
+}
+
+_TYPES = ("STANDARD", "VALIDATION", "PRIOR_PREDICTION")
+_STRATEGIES = ("REPEATS", "SAMPLES")
+_SOURCES = ("sample", "concept", "filename")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept with OneTrainer's defaults filled in (what its ``from_dict`` produces)."""
+
+    fields: dict[str, Any]
+    image: dict[str, Any]
+    text: dict[str, Any]
+    where: str
+
+    @property
+    def label(self) -> str:
+        name = self.fields.get("name") or Path(str(self.fields.get("path") or "")).name
+        return f"{self.where} ({name!r})" if name else self.where
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """``ConceptConfig``'s migrations: v0 ``repeats`` -> ``balancing``, v1 ``validation_concept`` -> ``type``."""
+    version = data.get("__version", 0)
+    out = dict(data)
+    if isinstance(version, int) and version < 1 and "repeats" in out:
+        out["balancing"] = out.pop("repeats")
+    if isinstance(version, int) and version < 2 and "validation_concept" in out:
+        out["type"] = "VALIDATION" if out.pop("validation_concept") else "STANDARD"
+    return out
+
+
+def _concept(raw: Any, where: str, notes: list[str]) -> Concept:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a concept must be a JSON object, got {type(raw).__name__}")
+    data = _migrate(raw)
+    known = set(CONCEPT_DEFAULTS) | {"image", "text", "seed", "__version", "balancing_strategy"}
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        notes.append(f"{where}: keys sdcore does not know ignored: {', '.join(unknown)}")
+    fields = {**CONCEPT_DEFAULTS, **{k: v for k, v in data.items() if k in CONCEPT_DEFAULTS}}
+    image = data.get("image") or {}
+    text = data.get("text") or {}
+    if not isinstance(image, dict) or not isinstance(text, dict):
+        raise DataError(f"{where}: 'image' and 'text' must be JSON objects")
+    for part, table, defaults in (("image", image, IMAGE_DEFAULTS), ("text", text, TEXT_DEFAULTS)):
+        extra = sorted(k for k in table if k not in defaults and k != "__version")
+        if extra:
+            notes.append(f"{where}: {part} keys sdcore does not know ignored: {', '.join(extra)}")
+    return Concept(
+        fields=fields,
+        image={**IMAGE_DEFAULTS, **{k: v for k, v in image.items() if k in IMAGE_DEFAULTS}},
+        text={**TEXT_DEFAULTS, **{k: v for k, v in text.items() if k in TEXT_DEFAULTS}},
+        where=where,
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+
+
+def _resolve(raw: str, base: Path) -> Path:
+    """OneTrainer resolves relative paths from its own folder (its working directory); sdcore tries
+    the working directory first, then the folder above the file's (``training_concepts/``'s parent,
+    OneTrainer's root), then the file's folder."""
+    candidate = Path(raw).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    for root in (Path.cwd(), base.parent.parent, base.parent):
+        if (root / candidate).exists():
+            return root / candidate
+    return candidate
+
+
+def concepts_of(path: str | os.PathLike[str]) -> tuple[list[Any], Path]:
+    """The raw concept list of a concepts file (a JSON list) or a training preset (a JSON object with
+    ``concepts``, else ``concept_file_name``), and the file the list came from."""
+    path = Path(path)
+    data = _read_json(path)
+    if isinstance(data, list):
+        return data, path
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a OneTrainer concepts file (a JSON list) or training preset (a JSON object)")
+    if isinstance(data.get("concepts"), list):
+        return data["concepts"], path
+    name = data.get("concept_file_name")
+    if not isinstance(name, str) or not name:
+        raise DataError(
+            f"{path}: a JSON dataset is OneTrainer's concepts file (a list of concepts) or a training preset "
+            "with 'concepts' or 'concept_file_name'"
+        )
+    concepts_file = _resolve(name, path)
+    data = _read_json(concepts_file)
+    if not isinstance(data, list):
+        raise DataError(f"{concepts_file}: a OneTrainer concepts file is a JSON list of concepts")
+    return data, concepts_file
+
+
+def list_images(directory: Path, recursive: bool) -> list[Path]:
+    """The files OneTrainer's ``CollectPaths`` collects: its image suffixes, masks excluded, sorted."""
+    files: list[Path] = []
+    for child in directory.iterdir():
+        if child.is_file():
+            files.append(child)
+        elif recursive and child.is_dir() and not child.name.startswith("."):
+            files.extend(list_images(child, True))
+    return sorted(
+        f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(EXCLUDED_STEM_SUFFIXES)
+    )
+
+
+def samples_per_epoch(images: int, balancing: float, strategy: str) -> int:
+    """OneTrainer's samples of one concept per epoch (MGDS ``VariationSorting``): ``REPEATS``
+    ``floor(images * balancing)``, ``SAMPLES`` ``int(balancing)``."""
+    if strategy == "REPEATS":
+        return math.floor(images * balancing)
+    return int(balancing)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def _caption_settings(c: Concept, problems: list[str]) -> dict[str, Any]:
+    """shuffle/keep/dropout values for the subset, or problems for what sdcore cannot reproduce."""
+    t = c.text
+    out: dict[str, Any] = {"shuffle_caption": False, "keep_tokens": 0, "tag_dropout": 0.0, "caption_dropout": 0.0}
+    keep = t["keep_tags_count"]
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        problems.append(f"{c.label}: text.keep_tags_count must be a non-negative integer, got {keep!r}")
+        keep = 0
+    shuffle = t["enable_tag_shuffling"] is True
+    probability = _number(t["tag_dropout_probability"])
+    dropping = t["tag_dropout_enable"] is True and probability is not None and probability > 0
+    if t["tag_dropout_enable"] is True and (probability is None or not 0.0 <= probability <= 1.0):
+        problems.append(f"{c.label}: text.tag_dropout_probability must be in [0, 1], got {probability!r}")
+        dropping = False
+    if (shuffle or dropping) and t["tag_delimiter"] != ",":
+        problems.append(
+            f"{c.label}: text.tag_delimiter {t['tag_delimiter']!r}: sdcore splits tags at ',' only "
+            "(kohya's caption_separator is not supported either)"
+        )
+    out["shuffle_caption"] = shuffle
+    out["keep_tokens"] = keep
+    if dropping:
+        assert probability is not None
+        mode = t["tag_dropout_mode"]
+        if t["tag_dropout_special_tags_mode"] != "NONE":
+            problems.append(
+                f"{c.label}: text.tag_dropout_special_tags_mode {t['tag_dropout_special_tags_mode']!r}: "
+                "sdcore has no white/black list for tag dropout (use NONE)"
+            )
+        if mode == "RANDOM":
+            out["tag_dropout"] = probability
+        elif mode == "FULL" and keep == 0:
+            out["caption_dropout"] = probability
+        elif mode == "FULL":
+            problems.append(
+                f"{c.label}: text.tag_dropout_mode FULL with keep_tags_count {keep}: OneTrainer then drops every "
+                "tag but the kept ones; sdcore drops a whole caption only (set keep_tags_count 0) or each tag "
+                "alone (mode RANDOM)"
+            )
+        elif mode == "RANDOM WEIGHTED":
+            problems.append(
+                f"{c.label}: text.tag_dropout_mode 'RANDOM WEIGHTED' (a probability growing along the caption) "
+                "is not supported by sdcore (use RANDOM)"
+            )
+        else:
+            problems.append(f"{c.label}: text.tag_dropout_mode {mode!r} is not one of FULL, RANDOM, RANDOM WEIGHTED")
+    return out
+
+
+def load_concepts(
+    path: str | os.PathLike[str], defaults: TrainOptions | None = None, skipped: list[SkippedFile] | None = None
+) -> list[SubsetOptions]:
+    """The subsets of a OneTrainer concepts file or training preset (see the module's docstring).
+
+    Every concept OneTrainer would train (``enabled``) becomes one subset on top of the run's
+    options (``defaults``). What sdcore cannot reproduce is collected over the whole file and
+    raised at once as :class:`~sdcore.data.dataset.DatasetProblems`; disabled concepts and
+    ignored keys are added to ``skipped`` as notes.
+    """
+    from .dataset import DatasetProblems, SkippedFile, SubsetOptions, subset_defaults
+
+    path = Path(path)
+    raw_list, source = concepts_of(path)
+    notes: list[str] = []
+    problems: list[str] = []
+    subsets: list[SubsetOptions] = []
+    base = subset_defaults(defaults)
+    for i, raw in enumerate(raw_list):
+        try:
+            concept = _concept(raw, f"concept {i}", notes)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        subset = _subset(concept, source, base, problems, notes, skipped)
+        if subset is not None:
+            subsets.append(SubsetOptions(**subset))
+    if skipped is not None:
+        skipped.extend(SkippedFile(source, note) for note in notes)
+    if problems:
+        raise DatasetProblems([f"{source}: {problem}" for problem in problems])
+    if not raw_list:
+        raise DataError(f"{source}: the concepts file lists no concept")
+    return subsets
+
+
+def _subset(
+    c: Concept,
+    source: Path,
+    base: dict[str, Any],
+    problems: list[str],
+    notes: list[str],
+    skipped: list[SkippedFile] | None,
+) -> dict[str, Any] | None:
+    """The :class:`SubsetOptions` values of one concept (``None`` when it trains nothing)."""
+    from .dataset import SkippedFile
+
+    f, image, text = c.fields, c.image, c.text
+    if f["enabled"] is not True:
+        if skipped is not None:
+            skipped.append(SkippedFile(source, f"{c.label}: disabled; skipped (as OneTrainer)"))
+        return None
+    start = len(problems)
+    kind = f["type"]
+    if kind not in _TYPES:
+        problems.append(f"{c.label}: type {kind!r} is not one of {', '.join(_TYPES)}")
+    elif kind == "PRIOR_PREDICTION":
+        problems.append(
+            f"{c.label}: type PRIOR_PREDICTION (the base model's own prediction as the target) is not supported "
+            "by sdcore; for prior preservation with class images use sdcore train dreambooth --reg-data"
+        )
+    for key, why in REFUSED.items():
+        part, name = key.split(".")
+        if (image if part == "image" else text)[name] is True:
+            problems.append(f"{c.label}: {key}: {why}")
+    for key in ("image_variations", "text_variations"):
+        if f[key] != 1:
+            problems.append(
+                f"{c.label}: {key} {f[key]!r}: sdcore draws a fresh variation every time an image is used "
+                "(it has no fixed set of cached variations); set 1"
+            )
+    loss_weight = _number(f["loss_weight"])
+    if loss_weight is None or loss_weight < 0:
+        problems.append(f"{c.label}: loss_weight must be a finite number >= 0, got {f['loss_weight']!r}")
+        loss_weight = 1.0
+    values = dict(base)
+    values.update(_caption_settings(c, problems))
+    values.update(
+        loss_weight=loss_weight,
+        flip=image["enable_random_flip"] is True,
+        random_crop=image["enable_crop_jitter"] is True,
+        recursive=f["include_subdirectories"] is True,
+        image_suffixes=IMAGE_SUFFIXES,
+        excluded_stem_suffixes=EXCLUDED_STEM_SUFFIXES,
+        caption_extension=".txt",
+        class_tokens=None,
+        is_class=False,
+        validation_split=1.0 if kind == "VALIDATION" else 0.0,
+    )
+    if image["enable_resolution_override"] is True:
+        raw = str(image["resolution_override"]).strip()
+        if raw.isdigit() and int(raw) > 0:
+            values["resolution"] = int(raw)
+        else:
+            problems.append(
+                f"{c.label}: image.resolution_override {raw!r}: sdcore takes one resolution per concept "
+                "(a single number such as 768), not a size or a list"
+            )
+    source_kind = text["prompt_source"]
+    if source_kind not in _SOURCES:
+        problems.append(f"{c.label}: text.prompt_source {source_kind!r} is not one of {', '.join(_SOURCES)}")
+    elif source_kind == "filename":
+        values.update(caption_from_filename=True, enable_wildcard=False)
+    else:
+        values["enable_wildcard"] = True  # one random line per use, as OneTrainer's SelectRandomText
+        if source_kind == "concept":
+            prompt_file = _resolve(str(text["prompt_path"]), source) if text["prompt_path"] else None
+            if prompt_file is None or not prompt_file.is_file():
+                problems.append(f"{c.label}: text.prompt_path {text['prompt_path']!r}: no such text file")
+            else:
+                from .captions import read_caption_lines
+
+                try:
+                    values["caption_text"] = read_caption_lines(prompt_file)
+                except DataError as exc:
+                    problems.append(f"{c.label}: {exc}")
+    raw_path = f["path"]
+    if not isinstance(raw_path, str) or not raw_path:
+        problems.append(f"{c.label}: 'path' (the image folder) is empty")
+        return None
+    directory = _resolve(raw_path, source)
+    if not directory.is_dir():
+        problems.append(f"{c.label}: image folder {directory} does not exist")
+        return None
+    values["image_dir"] = directory
+    values["repeats"] = _repeats(c, directory, problems, notes)
+    if len(problems) > start or values["repeats"] == 0:
+        return None
+    return values
+
+
+def _repeats(c: Concept, directory: Path, problems: list[str], notes: list[str]) -> int:
+    """Whole repeats per image giving OneTrainer's samples per epoch (0: it trains none)."""
+    strategy = c.fields["balancing_strategy"]
+    balancing = _number(c.fields["balancing"])
+    if strategy not in _STRATEGIES:
+        problems.append(f"{c.label}: balancing_strategy {strategy!r} is not one of REPEATS, SAMPLES")
+        return 1
+    if balancing is None or balancing < 0:
+        problems.append(f"{c.label}: balancing must be a finite number >= 0, got {c.fields['balancing']!r}")
+        return 1
+    if c.fields["type"] == "VALIDATION":
+        return 1  # a validation concept is used once per validation, whatever its balancing
+    try:
+        count = len(list_images(directory, c.fields["include_subdirectories"] is True))
+    except OSError as exc:
+        problems.append(f"{c.label}: cannot list {directory}: {exc.strerror or exc}")
+        return 1
+    if count == 0:
+        return 1  # the scan reports the empty folder
+    samples = samples_per_epoch(count, balancing, strategy)
+    if samples == 0:
+        notes.append(
+            f"{c.label}: balancing {balancing:g} {strategy} gives 0 samples per epoch; skipped (as OneTrainer)"
+        )
+        return 0
+    if samples % count:
+        low, high = samples // count, samples // count + 1
+        fits = (
+            f"balancing {low} or {high} with REPEATS"
+            if strategy == "REPEATS"
+            else f"balancing {low * count} or {high * count} with SAMPLES"
+        )
+        problems.append(
+            f"{c.label}: balancing {balancing:g} {strategy} = {samples} samples per epoch from {count} images; "
+            f"sdcore repeats every image a whole number of times per epoch ({fits})"
+        )
+        return 1
+    return samples // count
+
+
+def caption_problems(index: DatasetIndex) -> list[str]:
+    """Captions sdcore would read differently from OneTrainer: with the random line choice on, sdcore
+    treats ``{a|b}`` as a wildcard (and ``{{`` as a brace); OneTrainer keeps them as text."""
+    found = [
+        e.path
+        for e in index.entries
+        if e.subset.image_suffixes == IMAGE_SUFFIXES
+        and e.subset.enable_wildcard
+        and ("{" in e.caption or "}" in e.caption)
+    ]
+    if not found:
+        return []
+    shown = ", ".join(str(p) for p in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return [
+        f"{len(found)} prompt(s) contain '{{' or '}}', which sdcore reads as a {{a|b}} wildcard while "
+        f"OneTrainer keeps it as text: {shown}"
+    ]
+
+
+def has_validation_concept(data: str) -> bool:
+    """Whether ``data`` is a OneTrainer concepts file with an enabled ``VALIDATION`` concept (quietly
+    ``False`` for anything else; reading the file reports its own problems)."""
+    if not data or not data.lower().endswith(".json"):
+        return False
+    try:
+        concepts, _ = concepts_of(Path(data).expanduser())
+    except DataError:
+        return False
+    for raw in concepts:
+        if isinstance(raw, dict):
+            migrated = _migrate(raw)
+            if migrated.get("type") == "VALIDATION" and migrated.get("enabled", True) is True:
+                return True
+    return False
+
+
+__all__ = [
+    "CONCEPT_DEFAULTS",
+    "EXCLUDED_STEM_SUFFIXES",
+    "IMAGE_DEFAULTS",
+    "IMAGE_SUFFIXES",
+    "REFUSED",
+    "TEXT_DEFAULTS",
+    "caption_problems",
+    "concepts_of",
+    "has_validation_concept",
+    "list_images",
+    "load_concepts",
+    "samples_per_epoch",
+]

@@ -169,11 +169,11 @@ def block_key(component: str, name: str | None) -> str:
 
 def parameter_blocks(bundle: Any) -> dict[int, str]:
     """Every parameter's :func:`block_key` by ``id`` (the denoiser's by block, others by component)."""
-    denoiser = bundle.family_spec.denoiser
+    denoiser = bundle.denoiser  # the module itself: any bundle-like object has it, not every one a family
     keys: dict[int, str] = {}
     for component, module in bundle.components().items():
         for name, p in module.named_parameters():
-            keys[id(p)] = block_key(component, name if component == denoiser else None)
+            keys[id(p)] = block_key(component, name if module is denoiser else None)
     return keys
 
 

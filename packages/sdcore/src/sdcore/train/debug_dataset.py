@@ -58,7 +58,7 @@ class DebugSample:
         """One line for the terminal."""
         w, h = self.bucket
         parts = [
-            f"step {self.step} (epoch {self.epoch}, micro-batch {self.micro_batch + 1})",
+            f"step {self.step} (epoch {self.epoch}, micro-batch {self.micro_batch + 1} of the step)",
             f"{self.image}" + (f" #{self.repeat + 1}" if self.repeat else ""),
             "class image" if self.is_class else "",
             f"bucket {w}x{h}",

@@ -189,6 +189,14 @@ def test_balancing_rule_over_many_values(tmp_path):
             assert f"= {samples} samples per epoch from 4 images" in line and "whole number" in line
 
 
+def test_hidden_files_count_neither_for_balancing_nor_for_training(tmp_path):
+    folder = images(tmp_path / "f", ["1.png", "2.png", ".thumb.png"])
+    cfg = write_concepts(tmp_path / "c.json", [concept(folder, balancing=4, balancing_strategy="SAMPLES")])
+    index = index_of(cfg)
+    assert sorted(e.path.name for e in index.entries) == ["1.png", "2.png"]
+    assert index.subsets[0].repeats == 2  # 4 samples from the 2 images that train, not from 3 files
+
+
 def test_caption_options_act_like_onetrainer(tmp_path):
     """The mapped subset's caption processing gives OneTrainer's results: shuffling keeps the first
     keep_tags_count tags and joins with ', '; RANDOM dropout at 1.0 leaves only the kept tags; FULL

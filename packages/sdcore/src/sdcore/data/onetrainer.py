@@ -239,12 +239,16 @@ def concepts_of(path: str | os.PathLike[str]) -> tuple[list[Any], Path]:
 
 
 def list_images(directory: Path, recursive: bool) -> list[Path]:
-    """The files OneTrainer's ``CollectPaths`` collects: its image suffixes, masks excluded, sorted."""
+    """The files OneTrainer's ``CollectPaths`` collects: its image suffixes, masks excluded, sorted.
+    Hidden names are left out, as the dataset scan leaves them out, so the count that turns balancing
+    into repeats is the count of images that train."""
     files: list[Path] = []
     for child in directory.iterdir():
+        if child.name.startswith("."):
+            continue
         if child.is_file():
             files.append(child)
-        elif recursive and child.is_dir() and not child.name.startswith("."):
+        elif recursive and child.is_dir():
             files.extend(list_images(child, True))
     return sorted(
         f for f in files if f.suffix.lower() in IMAGE_SUFFIXES and not f.stem.endswith(EXCLUDED_STEM_SUFFIXES)

@@ -556,7 +556,7 @@ def preprocess(
             continue
         report.sources += 1
         caption_file = path.with_suffix(".txt")
-        existing = caption_file.read_text(encoding="utf-8", errors="replace") if caption_file.is_file() else None
+        existing = caption_file.read_text(encoding="utf-8-sig", errors="replace") if caption_file.is_file() else None
         outputs, no_size = process_image(image, options)
         if no_size:
             report.no_auto_size.append(path)

@@ -851,11 +851,15 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
     return meta
 
 
+def _subset_dir_name(subset: Any) -> str:
+    """kohya's name of a subset in ``ss_dataset_dirs``: the metadata file of a fine-tuning subset
+    (``--in_json``/``metadata_file``), else the image folder."""
+    metadata_file = getattr(subset, "metadata_file", None)
+    return Path(metadata_file).name if metadata_file is not None else Path(subset.image_dir).name
+
+
 def _dataset_dir_name(entry: Any) -> str:
-    """kohya's name of an entry's subset in ``ss_dataset_dirs``: the metadata file of a fine-tuning
-    subset (``--in_json``/``metadata_file``), else the image folder."""
-    metadata_file = getattr(entry.subset, "metadata_file", None)
-    return Path(metadata_file).name if metadata_file is not None else Path(entry.subset.image_dir).name
+    return _subset_dir_name(entry.subset)
 
 
 def _metadata_tag_frequency(entries: Any) -> dict[str, dict[str, int]]:
@@ -873,9 +877,9 @@ def _metadata_tag_frequency(entries: Any) -> dict[str, dict[str, int]]:
 
 
 def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
-    """Each image folder's strength (the dataset TOML's ``network_multiplier``), by folder name as in
-    ``ss_dataset_dirs`` (a name used again gets `` (2)``, as kohya names repeated folders), when any is
-    not 1; else empty. kohya writes the value nowhere in its metadata (``ss_datasets`` has no such
+    """Each image folder's strength (the dataset TOML's ``network_multiplier``), by its name in
+    ``ss_dataset_dirs`` (two folders of one name in different places: the second gets `` (2)``, so no
+    value is lost), when any is not 1; else empty. kohya writes the value nowhere in its metadata (``ss_datasets`` has no such
     field), so the key is sdcore's own: a slider LoRA's file still says which folder was trained at -1."""
     subsets = list({id(e.subset): e.subset for e in entries}.values())
     values = [float(getattr(s, "network_strength", 1.0)) for s in subsets]
@@ -883,8 +887,7 @@ def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for subset, value in zip(subsets, values, strict=True):
-        metadata_file = getattr(subset, "metadata_file", None)
-        name = base = Path(metadata_file).name if metadata_file is not None else Path(subset.image_dir).name
+        name = base = _subset_dir_name(subset)
         i = 2
         while name in out:
             name = f"{base} ({i})"

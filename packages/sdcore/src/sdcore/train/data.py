@@ -124,6 +124,11 @@ class TrainData:
         self._plans[epoch] = refs
         return refs
 
+    def steps_in_epoch(self, epoch: int, gradient_accumulation: int) -> int:
+        """Optimizer steps of ``epoch``: its micro-batches in groups of ``gradient_accumulation``, the
+        last group possibly short (kohya's ``ceil(len(train_dataloader) / accumulation)``)."""
+        return math.ceil(len(self.epoch_plan(epoch)) / max(1, gradient_accumulation))
+
     def flip_of(self, ref: SampleRef) -> bool:
         """Whether this use of the image is mirrored (never for evaluation refs, epoch < 0)."""
         if ref.epoch < 0 or not self.entries[ref.entry].subset.flip:
@@ -382,7 +387,7 @@ def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | 
         epochs = 1
     if epochs is None:
         return int(options.max_steps or 0), None
-    steps = sum(math.ceil(len(data.epoch_plan(e)) / accum) for e in range(epochs))
+    steps = sum(data.steps_in_epoch(e, accum) for e in range(epochs))
     if options.max_steps is not None:
         steps = min(steps, options.max_steps)
     return steps, epochs

@@ -92,7 +92,7 @@ def initial_notes(o: TrainOptions) -> list[str]:
 
 def steps_per_epoch(data: TrainData, gradient_accumulation: int) -> int:
     """Optimizer steps of the first epoch (kohya: ``ceil(len(train_dataloader) / accumulation)``)."""
-    return math.ceil(len(data.epoch_plan(0)) / max(1, gradient_accumulation))
+    return data.steps_in_epoch(0, gradient_accumulation)
 
 
 def requested_step(o: TrainOptions, per_epoch: int) -> int | None:
@@ -129,7 +129,7 @@ def position_after(data: TrainData, steps: int, gradient_accumulation: int) -> T
     accum = max(1, gradient_accumulation)
     epoch, left = 0, steps
     while True:
-        per_epoch = math.ceil(len(data.epoch_plan(epoch)) / accum)
+        per_epoch = data.steps_in_epoch(epoch, accum)
         if per_epoch < 1:
             raise ConfigError("an epoch has no batches (dataset empty for this process)")
         if left < per_epoch:

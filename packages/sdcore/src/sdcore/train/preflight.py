@@ -721,7 +721,7 @@ def run_preflight(
         if params is not None:
             per_epoch = 0
             if report.data is not None:
-                per_epoch = math.ceil(len(report.data.epoch_plan(0)) / o.gradient_accumulation)
+                per_epoch = report.data.steps_in_epoch(0, o.gradient_accumulation)
             report.disk = disk_plan(
                 o, params, total_steps=report.total_steps, steps_per_epoch=per_epoch, folder=report.output.parent
             )

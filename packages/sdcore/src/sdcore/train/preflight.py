@@ -133,11 +133,12 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
     problems.extend(loss_option_problems(o))
     problems.extend(noise_option_problems(o))
-    from .objectives import flow_option_problems
+    from .objectives import flow_option_problems, flow_reading_problems
 
     problems.extend(
         flow_option_problems(o.timestep_sampling, o.discrete_flow_shift, o.logit_std, o.mode_scale, o.sigmoid_scale)
     )
+    problems.extend(flow_reading_problems(o.model_prediction_type, o.weighting_scheme))
     if o.max_grad_norm < 0:
         problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
     if o.cache_latents_to_disk and not o.cache_latents:
@@ -244,7 +245,8 @@ def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
 
 
 #: the flow-matching options and their defaults (a DDPM family ignores them; we say so)
-_FLOW_OPTIONS = ("timestep_sampling", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale")
+_FLOW_OPTIONS = ("timestep_sampling", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
+                 "model_prediction_type", "weighting_scheme")  # fmt: skip
 
 
 def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[list[str], list[str]]:

@@ -206,9 +206,11 @@ def test_kohya_flow_names_translate():
     out = translate({"timestep_sampling": "shift", "discrete_flow_shift": 3.1582}, names, where="cfg")
     assert out.values == {"timestep_sampling": "sigmoid", "discrete_flow_shift": 3.1582} and not out.problems
     out = translate({"weighting_scheme": "none", "training_shift": 3.0}, names, where="cfg")
-    assert out.values == {"timestep_sampling": "uniform", "discrete_flow_shift": 3.0}
-    out = translate({"timestep_sampling": "flux_shift"}, names, where="cfg")
-    assert out.problems and "flux_shift" in out.problems[0]
+    assert out.values == {"weighting_scheme": "uniform", "discrete_flow_shift": 3.0}
+    out = translate({"timestep_sampling": "flux_shift", "model_prediction_type": "Sigma_Scaled"}, names, where="cfg")
+    assert out.values == {"timestep_sampling": "flux_shift", "model_prediction_type": "sigma_scaled"}
+    out = translate({"timestep_sampling": "cosmap", "weighting_scheme": "lognorm"}, names, where="cfg")
+    assert len(out.problems) == 2 and "available: sigma, uniform" in out.problems[0]
 
 
 def test_a_flow_matching_family_trains_through_the_runtime(tmp_path, flow_family):

@@ -48,5 +48,8 @@ def test_a_kohya_sd3_run_records_the_sd3_keys_only(tmp_path):
     assert "sd3: noisy - sigma * output is compared with the latents" in output
     assert (meta["ss_weighting_scheme"], meta["ss_logit_mean"], meta["ss_logit_std"]) == ("logit_normal", "0.5", "1.0")
     assert "ss_timestep_sampling" not in meta and "ss_model_prediction_type" not in meta  # kohya's SD3 script has none
+    assert "modelspec.timestep_range" not in meta  # sdcore's kohya SD3 default min_timestep 0 is no range given
+    meta, _ = _train(tmp_path, "tiny:sd3", "--max_timestep", "900")
+    assert meta["modelspec.timestep_range"] == "0,900"
     sd1, _ = _train(tmp_path, "tiny:sd1")
     assert "ss_weighting_scheme" not in sd1 and "ss_guidance_scale" not in sd1

@@ -677,6 +677,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if o.module_dropout:
             args["module_dropout"] = o.module_dropout
         extra: dict[str, Any] = {**kohya_training_metadata(o, info), **flow_metadata(o, bundle.family), **info.metadata}
+        if bundle.family == "sd3" and (o.min_timestep, o.max_timestep) == (0, None):
+            # the kohya SD3 default (integer timesteps over the whole range): kohya records a range only when given
+            extra.pop("modelspec.timestep_range", None)
         extra.update(
             {
                 "ss_network_dropout": o.dropout,

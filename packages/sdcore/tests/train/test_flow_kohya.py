@@ -210,3 +210,15 @@ def test_an_unreadable_family_is_said(tmp_path):
     (tmp_path / "odd.safetensors").write_bytes(b"not a safetensors file")
     o, notes = _kohya(tmp_path, tmp_path / "odd.safetensors")
     assert o.timestep_sampling == "logit_normal" and "kohya's Flux/SD3 script defaults" in notes
+
+
+def test_kohya_sigmoid_keeps_its_shift_on_sd3_and_sdcores_own_flag_keeps_sdcores_meaning(tmp_path, model_files):
+    o, notes = _kohya(tmp_path, model_files["sd3"], 'timestep_sampling = "sigmoid"\ntraining_shift = 3.0\n')
+    assert (o.timestep_sampling, o.discrete_flow_shift) == ("sigmoid", 3.0) and "time-shift" not in notes
+    from sdcore.train.config import load_options
+    from sdcore.train.options import TrainOptions
+
+    path = tmp_path / "mixed.toml"
+    path.write_text(f'pretrained_model_name_or_path = "{model_files["flux"]}"\n', encoding="utf-8")
+    o = load_options(TrainOptions, path, {"timestep_sampling": "sigmoid", "discrete_flow_shift": 2.0}, notes=[])
+    assert (o.timestep_sampling, o.discrete_flow_shift, o.model_prediction_type) == ("sigmoid", 2.0, "sigma_scaled")

@@ -224,21 +224,20 @@ def load_options(
 
 
 def _family_for_kohya_defaults(raw: dict[str, Any], fields: list[str], notes: list[str]) -> str | None:
-    """The model's family, read from its header (no weights load) when kohya's per-family defaults
-    (its Flux and SD3 scripts') could apply; None when none could, or the family cannot be read before
-    loading (then a note: kohya's Flux/SD3 defaults are not applied)."""
+    """The model's family, read from its header (no weights load), for kohya's per-family defaults and
+    meanings (its Flux and SD3 scripts'); None for a method without flow options, or when the family cannot
+    be read before loading (then a note when kohya's Flux/SD3 defaults could have applied)."""
     from . import kohya as k
 
-    if not (k.family_default_targets() & (set(fields) - set(raw))):
-        return None
     model = str(raw.get("model") or "")
-    if not model:
+    if not model or "timestep_sampling" not in fields:
         return None
     from ..models.layout import peek_family
 
     family = peek_family(model)
+    unset = k.family_default_targets() & (set(fields) - set(raw))
     readable = Path(model).expanduser().exists() and not model.lower().endswith((".ckpt", ".pt", ".pth", ".bin"))
-    if family is None and readable:  # a pickle file is an SD1/SD2/SDXL model; a missing one is reported later
+    if family is None and unset and readable:  # a pickle file is an SD1/SD2/SDXL model; a missing one is reported
         notes.append(
             f"{model}: the model family cannot be read before loading, so kohya's Flux/SD3 script defaults "
             "(timestep_sampling, model_prediction_type, discrete_flow_shift, guidance_scale) are not applied; "

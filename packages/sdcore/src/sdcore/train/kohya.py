@@ -987,13 +987,14 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
 
     kohya's Flux script (``flux_train_utils.get_noisy_model_input_and_timesteps``) does not apply
     ``--discrete_flow_shift`` to its ``uniform`` and ``sigmoid`` samplings (sdcore's shift every
-    sampling but flux_shift): the shift becomes 1. kohya's SD3 script has no ``--timestep_sampling``,
-    so on SD3 the name keeps sdcore's meaning. ``kohya_sampling``: the run's ``timestep_sampling`` as
-    written in kohya's terms (None when sdcore's own flag gave it).
+    sampling but flux_shift): the shift becomes 1 on Flux (or a family not known before loading).
+    kohya's SD3 script has no ``--timestep_sampling``, so on SD3 the name keeps sdcore's meaning.
+    ``kohya_sampling``: the run's ``timestep_sampling`` as written in kohya's terms (None when sdcore's
+    own flag gave it).
     """
     sampling = _text(kohya_sampling or "").lower()  # kohya's own name ("shift" is sdcore's sigmoid, shifted)
-    if family == "sd3" or sampling not in ("uniform", "sigmoid"):
-        return []
+    if family not in (None, "flux") or sampling not in ("uniform", "sigmoid"):
+        return []  # SD3 (and the DDPM families, which ignore the flow options) keep sdcore's meaning
     shift = values.get("discrete_flow_shift")
     try:
         number = 1.0 if shift is None else float(shift)

@@ -222,3 +222,12 @@ def test_kohya_sigmoid_keeps_its_shift_on_sd3_and_sdcores_own_flag_keeps_sdcores
     path.write_text(f'pretrained_model_name_or_path = "{model_files["flux"]}"\n', encoding="utf-8")
     o = load_options(TrainOptions, path, {"timestep_sampling": "sigmoid", "discrete_flow_shift": 2.0}, notes=[])
     assert (o.timestep_sampling, o.discrete_flow_shift, o.model_prediction_type) == ("sigmoid", 2.0, "sigma_scaled")
+
+
+def test_kohya_flux_model_type_is_known(tmp_path):
+    from sdcore.errors import ConfigError
+
+    o, _ = _kohya(tmp_path, "tiny:flux", 'model_type = "flux"\n')
+    assert o.timestep_sampling == "sigma"
+    with pytest.raises(ConfigError, match="model_type = 'chroma' is not supported"):
+        _kohya(tmp_path, "tiny:flux", 'model_type = "chroma"\n')

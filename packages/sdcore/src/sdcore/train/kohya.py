@@ -498,6 +498,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         _OFF,
     ),
     "noise_offset_type": (*_OFF, "Original"),
+    "model_type": (*_OFF, "flux"),  # flux_train_utils: flux (default) or chroma (no Chroma family in sdcore)
 }
 _FLAG_UNSUPPORTED: set[str] = set()
 

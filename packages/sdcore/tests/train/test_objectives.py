@@ -206,9 +206,11 @@ def test_kohya_flow_names_translate():
     out = translate({"timestep_sampling": "shift", "discrete_flow_shift": 3.1582}, names, where="cfg")
     assert out.values == {"timestep_sampling": "sigmoid", "discrete_flow_shift": 3.1582} and not out.problems
     out = translate({"weighting_scheme": "none", "training_shift": 3.0}, names, where="cfg")
-    assert out.values == {"timestep_sampling": "uniform", "discrete_flow_shift": 3.0}
-    out = translate({"timestep_sampling": "flux_shift"}, names, where="cfg")
-    assert out.problems and "flux_shift" in out.problems[0]
+    assert out.values == {"weighting_scheme": "uniform", "discrete_flow_shift": 3.0}
+    out = translate({"timestep_sampling": "flux_shift", "model_prediction_type": "Sigma_Scaled"}, names, where="cfg")
+    assert out.values == {"timestep_sampling": "flux_shift", "model_prediction_type": "sigma_scaled"}
+    out = translate({"timestep_sampling": "cosmap", "weighting_scheme": "lognorm"}, names, where="cfg")
+    assert len(out.problems) == 2 and "available: sigma, uniform" in out.problems[0]
 
 
 def test_a_flow_matching_family_trains_through_the_runtime(tmp_path, flow_family):
@@ -227,3 +229,70 @@ def test_a_flow_matching_family_trains_through_the_runtime(tmp_path, flow_family
     assert all(math.isfinite(x) for x in result.losses)
     print(f"flow-matching fixed loss {before:.4f} -> {after:.4f}")
     assert after < before * 0.9, (before, after)
+
+
+# --- kohya's Flux samplings: sigma and flux_shift -------------------------------------------------
+
+
+def test_sigma_sampling_picks_sigmas_of_the_shifted_scheduler_table():
+    """kohya Flux's default: u -> index floor(1000 u) of the flow-matching Euler scheduler's table
+    (diffusers' scheduler builds the same table kohya's copy does) -> that sigma, timestep 1000 sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from sdcore.train.objectives import scheduler_table_sigmas
+
+    table = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    u = torch.tensor([0.0, 0.25, 0.2509, 0.5, 0.9999, 1.0])
+    got = scheduler_table_sigmas(u, 3.0)
+    # by hand: u = 0.25 -> index 250 -> t = 750/1000 -> 3 * 0.75 / (1 + 2 * 0.75) = 0.9
+    assert got[1].item() == pytest.approx(0.9, abs=1e-6) and got[2] == got[1]  # same index, same sigma
+    assert got[0].item() == 1.0 and got[-1] == got[-2]  # u = 1 (a rounded draw) takes the last index
+    expected = table.sigmas[torch.tensor([0, 250, 250, 500, 999, 999])]
+    assert torch.equal(got, expected)
+    obj = FlowMatchingObjective(timestep_sampling="sigma", shift=3.0)
+    assert torch.equal(obj.timesteps_of(got), table.timesteps[torch.tensor([0, 250, 250, 500, 999, 999])])
+
+
+def test_sigma_sampling_draws_with_the_weighting_schemes_density():
+    gen = torch.Generator().manual_seed(3)
+    u = torch.rand((50,), generator=gen)
+    sigmas = FlowMatchingObjective(timestep_sampling="sigma", shift=2.0).sample_sigmas(
+        50, torch.Generator().manual_seed(3)
+    )
+    t = (1000 - np.floor(u.double().numpy() * 1000)) / 1000  # the table's unshifted level
+    assert np.allclose(sigmas.double().numpy(), 2 * t / (1 + t), atol=1e-6)
+    # uniform, shift 1: sigmas on the grid 1/1000 ... 1, mean (1 + 1000) / 2000
+    plain = _sigmas(timestep_sampling="sigma")
+    assert np.allclose(plain * 1000, np.round(plain * 1000), atol=1e-3) and plain.min() >= 0.001
+    assert plain.mean() == pytest.approx(0.5005, abs=0.01)
+    # logit_normal density: sigmoid(N(0.8, 1)) = u; sigma = 1 - u on the grid, so its median is sigmoid(-0.8)
+    logit = _sigmas(timestep_sampling="sigma", weighting_scheme="logit_normal", logit_mean=0.8)
+    assert np.median(logit) == pytest.approx(1 / (1 + math.exp(0.8)), abs=0.01)
+    # the density schemes only: sigma_sqrt/cosmap (loss weights) draw u uniformly, as kohya
+    assert np.array_equal(_sigmas(timestep_sampling="sigma", weighting_scheme="cosmap"), plain)
+
+
+@pytest.mark.parametrize(("side", "mu"), [(64, 0.5 + 768 * 0.65 / 3840), (128, 1.15)])
+def test_flux_shift_uses_the_resolution_dependent_mu(side, mu):
+    """512px (64x64 latents, 1024 tokens) and 1024px (4096 tokens): mu on BFL's line through
+    (256, 0.5) and (4096, 1.15); the sigmoid draw is shifted by e^mu, --discrete-flow-shift is not used."""
+    from sdcore.train.objectives import flux_shift_mu
+
+    assert flux_shift_mu(side, side) == pytest.approx(mu, abs=1e-9)
+    obj = FlowMatchingObjective(timestep_sampling="flux_shift", sigmoid_scale=1.5, shift=5.0)
+    _, t = obj.sample([41, 42], (16, side, side))
+    expected = []
+    for key in (41, 42):  # the sample's generator draws its noise first, then the normal of the sampling
+        gen = torch.Generator().manual_seed(key)
+        torch.randn((16, side, side), generator=gen)
+        s = 1 / (1 + math.exp(-1.5 * torch.randn((1,), generator=gen).item()))
+        expected.append(1000 * s * math.exp(mu) / (s * math.exp(mu) + 1 - s))
+    assert t.tolist() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ConfigError, match="latents' size"):
+        obj.sample_sigmas(1)
+
+
+def test_new_flow_values_are_checked():
+    with pytest.raises(ConfigError, match="model-prediction-type 'eps'"):
+        FlowMatchingObjective(model_prediction_type="eps")
+    with pytest.raises(ConfigError, match="weighting-scheme 'none'"):
+        FlowMatchingObjective(weighting_scheme="none")

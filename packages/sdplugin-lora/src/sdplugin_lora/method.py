@@ -676,7 +676,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             args["rank_dropout"] = o.rank_dropout
         if o.module_dropout:
             args["module_dropout"] = o.module_dropout
-        extra: dict[str, Any] = {**kohya_training_metadata(o, info), **info.metadata}
+        extra: dict[str, Any] = {**kohya_training_metadata(o, info), **flow_metadata(o, bundle.family), **info.metadata}
+        if bundle.family == "sd3" and (o.min_timestep, o.max_timestep) == (0, None):
+            # the kohya SD3 default (integer timesteps over the whole range): kohya records a range only when given
+            extra.pop("modelspec.timestep_range", None)
         extra.update(
             {
                 "ss_network_dropout": o.dropout,
@@ -764,6 +767,42 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         from .apply import apply_lora
 
         apply_lora(bundle, path, 1.0, merge=False, strict=True)
+
+
+def kohya_timestep_sampling(options: LoraOptions) -> str:
+    """kohya Flux's name of the run's timestep sampling: sdcore's shifted ``sigmoid`` is kohya's ``shift``
+    (kohya's ``sigmoid`` and ``uniform`` are never shifted); the others keep their (shared) names."""
+    if options.timestep_sampling == "sigmoid" and options.discrete_flow_shift != 1.0:
+        return "shift"
+    return options.timestep_sampling
+
+
+def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
+    """The ``ss_*`` keys kohya's Flux and SD3 LoRA scripts add (``update_metadata`` of
+    flux_train_network.py / sd3_train_network.py), as strings the way kohya writes them; empty for
+    other families."""
+    o = options
+    if family not in ("flux", "sd3"):
+        return {}
+    meta = {
+        "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask),
+        "ss_weighting_scheme": o.weighting_scheme,
+        "ss_logit_mean": str(o.logit_mean),
+        "ss_logit_std": str(o.logit_std),
+        "ss_mode_scale": str(o.mode_scale),
+    }
+    if family == "flux":
+        meta.update(
+            {
+                "ss_model_type": "flux",
+                "ss_guidance_scale": str(o.guidance_scale),
+                "ss_timestep_sampling": kohya_timestep_sampling(o),
+                "ss_sigmoid_scale": str(o.sigmoid_scale),
+                "ss_model_prediction_type": o.model_prediction_type,
+                "ss_discrete_flow_shift": str(o.discrete_flow_shift),
+            }
+        )
+    return meta
 
 
 def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, str]:

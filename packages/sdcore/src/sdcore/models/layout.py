@@ -203,6 +203,33 @@ def read_layout(path_or_hub_id: str | os.PathLike[str], parts: dict[str, Any] | 
     raise missing_model_error(text)
 
 
+def peek_family(path_or_hub_id: str | os.PathLike[str]) -> str | None:
+    """The family of a model source from a safetensors header, a diffusers folder's configs or the
+    ``tiny:<family>`` name only (no weights read, no model built): what options whose default depends on
+    the family need before anything loads. None when that cannot be told without loading (a pickle
+    file) or the source is unreadable (the loader and the pre-flight say why)."""
+    from .detect import detect_family
+    from .load import sniff_tiny, tiny_family
+    from .source import CheckpointSource
+
+    text = os.fspath(path_or_hub_id)
+    try:
+        if sniff_tiny(text):
+            return get_family(tiny_family(text.split(":", 1)[1])[0]).name
+        path = Path(text).expanduser()
+        if path.is_file():
+            if path.suffix.lower() not in (".safetensors", ".sft"):
+                return None
+            source = CheckpointSource(path)
+            try:
+                return detect_family(source.keys, path)
+            finally:
+                source.close()
+        return read_layout(text).family
+    except (OSError, ValueError, KeyError, TypeError, SdcoreError):
+        return None
+
+
 def layout_of_bundle(bundle: ModelBundle) -> ModelLayout:
     """The layout of an already loaded bundle (configs read from its modules; the denoiser's under
     its family's component name, ``unet`` or ``transformer``)."""

@@ -186,7 +186,12 @@ def load_options(
     raw = {**config_values, **translated, **cli_values}
     found_notes += translation.notes
     if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
-        defaults, applied = k.kohya_defaults(fields, set(raw), raw)
+        family = _family_for_kohya_defaults(raw, fields, found_notes)
+        # kohya's timestep_sampling as kohya means it; sdcore's --timestep-sampling flag keeps sdcore's meaning
+        from_kohya = translation.origin.get("timestep_sampling") == "timestep_sampling"
+        sampling = merged.get("timestep_sampling") if from_kohya and "timestep_sampling" not in cli_values else None
+        found_notes += k.kohya_flow_semantics(raw, sampling, family)
+        defaults, applied = k.kohya_defaults(fields, set(raw), raw, family=family)
         if applied:
             found_notes.append("kohya defaults applied (set the option to change): " + "; ".join(applied))
         raw = {**defaults, **raw}
@@ -216,6 +221,29 @@ def load_options(
         for note in found_notes:
             log.warning("%s", note)
     return options_class(**values)
+
+
+def _family_for_kohya_defaults(raw: dict[str, Any], fields: list[str], notes: list[str]) -> str | None:
+    """The model's family, read from its header (no weights load), for kohya's per-family defaults and
+    meanings (its Flux and SD3 scripts'); None for a method without flow options, or when the family cannot
+    be read before loading (then a note when kohya's Flux/SD3 defaults could have applied)."""
+    from . import kohya as k
+
+    model = str(raw.get("model") or "")
+    if not model or "timestep_sampling" not in fields:
+        return None
+    from ..models.layout import peek_family
+
+    family = peek_family(model)
+    unset = k.family_default_targets() & (set(fields) - set(raw))
+    readable = Path(model).expanduser().exists() and not model.lower().endswith((".ckpt", ".pt", ".pth", ".bin"))
+    if family is None and unset and readable:  # a pickle file is an SD1/SD2/SDXL model; a missing one is reported
+        notes.append(
+            f"{model}: the model family cannot be read before loading, so kohya's Flux/SD3 script defaults "
+            "(timestep_sampling, model_prediction_type, discrete_flow_shift, guidance_scale) are not applied; "
+            "set them for a Flux or SD3 model"
+        )
+    return family
 
 
 def options_to_dict(options: Any, *, skip_defaults: bool = False) -> dict[str, Any]:

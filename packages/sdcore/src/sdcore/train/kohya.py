@@ -148,16 +148,21 @@ def _named(table: Mapping[str, str] | Sequence[str], note: str = "") -> Callable
 _scheduler = _named(SCHEDULERS)
 
 
-#: kohya's flow-matching samplings -> sdcore's (kohya "shift" is its sigmoid sampling followed by
-#: the --discrete_flow_shift time shift, which sdcore applies to every sampling)
-FLOW_SAMPLINGS = {"uniform": "uniform", "sigmoid": "sigmoid", "shift": "sigmoid", "logit_normal": "logit_normal",
-                  "mode": "mode"}  # fmt: skip
-#: kohya sd3 / diffusers --weighting_scheme values that are a timestep sampling without a loss weight
-WEIGHTING_SCHEMES = {"logit_normal": "logit_normal", "mode": "mode", "uniform": "uniform", "none": "uniform"}
+#: kohya's flow-matching samplings (flux_train_network.py) -> sdcore's: kohya "shift" is its sigmoid
+#: sampling followed by the --discrete_flow_shift time shift (sdcore's sigmoid with the shift); kohya's
+#: uniform and sigmoid do not shift (see :func:`kohya_flow_semantics`), its sigma and flux_shift are sdcore's
+FLOW_SAMPLINGS = {"sigma": "sigma", "uniform": "uniform", "sigmoid": "sigmoid", "shift": "sigmoid",
+                  "flux_shift": "flux_shift", "logit_normal": "logit_normal", "mode": "mode"}  # fmt: skip
+#: kohya's --weighting_scheme (train_util.py; "none" is "uniform" there too): sdcore's option of the same name
+WEIGHTING_SCHEMES = {"uniform": "uniform", "none": "uniform", "logit_normal": "logit_normal", "mode": "mode",
+                     "sigma_sqrt": "sigma_sqrt", "cosmap": "cosmap"}  # fmt: skip
+#: kohya Flux's --model_prediction_type values (sdcore's "x0" is how kohya's SD3 script reads the output)
+MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
 
 
-_flow_sampling = _named(FLOW_SAMPLINGS, " (kohya's sigma and flux_shift are not implemented)")
-_weighting_scheme = _named(WEIGHTING_SCHEMES, " (sigma_sqrt and cosmap loss weights are not implemented)")
+_flow_sampling = _named(FLOW_SAMPLINGS)
+_weighting_scheme = _named(WEIGHTING_SCHEMES)
+_model_prediction_type = _named(MODEL_PREDICTION_TYPES)
 
 
 _loss_type = _named(LOSS_TYPES)
@@ -307,8 +312,15 @@ ALIASES: dict[str, Alias] = {
     "zero_terminal_snr": _a("zero_terminal_snr", flag=True),
     # flow matching (flux_train_network.py, sd3_train_network.py)
     "timestep_sampling": _a("timestep_sampling", _flow_sampling),
-    "weighting_scheme": _a("timestep_sampling", _weighting_scheme),
+    "weighting_scheme": _a("weighting_scheme", _weighting_scheme),
+    "model_prediction_type": _a("model_prediction_type", _model_prediction_type),
     "training_shift": _a("discrete_flow_shift"),
+    "discrete_flow_shift": _a("discrete_flow_shift", float),
+    "sigmoid_scale": _a("sigmoid_scale", float),
+    "logit_mean": _a("logit_mean", float),
+    "logit_std": _a("logit_std", float),
+    "mode_scale": _a("mode_scale", float),
+    "guidance_scale": _a("guidance_scale", float),
     # saving, samples, logs
     "save_precision": _a("save_dtype", _precision),
     "save_every_n_steps": _a("save_every"),
@@ -486,6 +498,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         _OFF,
     ),
     "noise_offset_type": (*_OFF, "Original"),
+    "model_type": (*_OFF, "flux"),  # flux_train_utils: flux (default) or chroma (no Chroma family in sdcore)
 }
 _FLAG_UNSUPPORTED: set[str] = set()
 
@@ -536,6 +549,28 @@ KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
         "latents are not cached unless --cache_latents (random_crop/color_aug/face_crop_aug_range need that)",
     ),
 )
+
+
+#: kohya's SD3/Flux LoRA scripts' defaults that differ from sdcore's and decide what trains, per family
+#: (target, kohya value, why); applied like :data:`KOHYA_DEFAULTS` when the family is known before loading
+KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
+    "flux": (
+        ("timestep_sampling", "sigma", "flux: timestep_sampling defaults to sigma"),
+        ("model_prediction_type", "sigma_scaled", "flux: model_prediction_type defaults to sigma_scaled"),
+        ("discrete_flow_shift", 3.0, "flux: discrete_flow_shift defaults to 3.0"),
+        ("guidance_scale", 3.5, "flux: guidance_scale defaults to 3.5"),
+    ),
+    "sd3": (
+        # sd3_train_utils.get_noisy_model_input_and_timesteps: u from weighting_scheme's density, shifted by
+        # training_shift, floored to an integer timestep in [min_timestep, max_timestep) (sigma = t / 1000)
+        ("timestep_sampling", "uniform", "sd3: the noise level is drawn with weighting_scheme's density (uniform)"),
+        ("min_timestep", 0, "sd3: timesteps are integers in [min_timestep, max_timestep) = [0, 1000)"),
+        # sd3_train_network.py: model_pred * (-sigmas) + noisy_model_input against target = latents
+        ("model_prediction_type", "x0", "sd3: noisy - sigma * output is compared with the latents (x0)"),
+    ),
+}
+#: the samplings kohya's SD3 script draws with (its --weighting_scheme's densities)
+_SD3_DENSITIES = {"logit_normal": "logit_normal", "mode": "mode"}
 
 
 @dataclass
@@ -612,7 +647,8 @@ def help_epilog() -> str:
         f"Accepted with a note (no effect on the result here): {ignored}. Options that would change the "
         "result and sdcore does not implement are accepted at their 'off' value and refused otherwise. "
         "A run written with kohya's names gets kohya's defaults where they decide what trains "
-        "(dim 4, alpha 1, text encoder trained, no buckets, 1600 steps), with a note."
+        "(dim 4, alpha 1, text encoder trained, no buckets, 1600 steps; on Flux and SD3 its scripts' "
+        "timestep_sampling, model_prediction_type, discrete_flow_shift and guidance_scale), with a note."
     )
 
 
@@ -899,14 +935,36 @@ def _network(
             out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
 
 
+def family_default_targets(family: str | None = None) -> set[str]:
+    """The options :data:`KOHYA_FAMILY_DEFAULTS` sets (for ``family``, or for any family)."""
+    tables = [KOHYA_FAMILY_DEFAULTS.get(family, ())] if family else list(KOHYA_FAMILY_DEFAULTS.values())
+    return {target for table in tables for target, _, _ in table}
+
+
 def kohya_defaults(
-    options_fields: Iterable[str], given: set[str], given_values: Mapping[str, Any] | None = None
+    options_fields: Iterable[str],
+    given: set[str],
+    given_values: Mapping[str, Any] | None = None,
+    *,
+    family: str | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """kohya's defaults for a run written with kohya names, for the options nobody set (``given_values``:
-    the given options' values, for defaults that only matter when another option is on)."""
+    the given options' values, for defaults that only matter when another option is on). ``family``
+    (the model's, when known before loading) adds the defaults of kohya's script for that family."""
     present = set(options_fields)
     values: dict[str, Any] = {}
     applied: list[str] = []
+    for target, value, why in KOHYA_FAMILY_DEFAULTS.get(family or "", ()):
+        if target not in present or target in given:
+            continue
+        if target == "min_timestep" and "max_timestep" in given:
+            continue  # the range is on already
+        if target == "timestep_sampling" and family == "sd3":
+            scheme = str((given_values or {}).get("weighting_scheme", "uniform"))
+            value = _SD3_DENSITIES.get(scheme, "uniform")
+            why = f"sd3: the noise level is drawn with weighting_scheme's density ({value})"
+        values[target] = value
+        applied.append(why)
     for target, value, why in KOHYA_DEFAULTS:
         if target not in present or target in given:
             continue
@@ -922,6 +980,34 @@ def kohya_defaults(
         values[target] = value
         applied.append(why)
     return values, applied
+
+
+def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: str | None) -> list[str]:
+    """Fix ``values`` (in place) where kohya's flow options mean something else than sdcore's same
+    names, for a run written in kohya's terms; the notes saying so.
+
+    kohya's Flux script (``flux_train_utils.get_noisy_model_input_and_timesteps``) does not apply
+    ``--discrete_flow_shift`` to its ``uniform`` and ``sigmoid`` samplings (sdcore's shift every
+    sampling but flux_shift): the shift becomes 1 on Flux (or a family not known before loading).
+    kohya's SD3 script has no ``--timestep_sampling``, so on SD3 the name keeps sdcore's meaning.
+    ``kohya_sampling``: the run's ``timestep_sampling`` as written in kohya's terms (None when sdcore's
+    own flag gave it).
+    """
+    sampling = _text(kohya_sampling or "").lower()  # kohya's own name ("shift" is sdcore's sigmoid, shifted)
+    if family not in (None, "flux") or sampling not in ("uniform", "sigmoid"):
+        return []  # SD3 (and the DDPM families, which ignore the flow options) keep sdcore's meaning
+    shift = values.get("discrete_flow_shift")
+    try:
+        number = 1.0 if shift is None else float(shift)
+    except (TypeError, ValueError):
+        return []  # not a number: reported with the given value's type
+    values["discrete_flow_shift"] = 1.0  # and not kohya Flux's default 3.0
+    if number == 1.0:
+        return []
+    return [
+        f"timestep_sampling {sampling}: kohya's Flux script does not time-shift it, so discrete_flow_shift "
+        f"{shift} has no effect (use timestep_sampling shift for a shifted sigmoid)"
+    ]
 
 
 def written_in_kohya_terms(names: Iterable[str], fields: Iterable[str]) -> bool:
@@ -1104,14 +1190,17 @@ __all__ = [
     "COMPOSITE",
     "IGNORED",
     "KOHYA_DEFAULTS",
+    "KOHYA_FAMILY_DEFAULTS",
     "MULTI_VALUE",
     "UNSUPPORTED",
     "Translation",
     "cli_names",
+    "family_default_targets",
     "flag_names",
     "help_rows",
     "is_kohya_name",
     "kohya_defaults",
+    "kohya_flow_semantics",
     "nearest",
     "nearest_name",
     "translate",

@@ -10,7 +10,11 @@ builds it from the run's options.
   the chosen timestep sampling, then time-shifted ``s' = shift * s / (1 + (shift - 1) * s)`` (SD3
   paper, eq. 23); ``noisy = (1 - s) x + s * eps``, the target is the velocity ``eps - x`` (as SD3/Flux
   trainers use: kohya, diffusers' examples, SimpleTuner), no loss weighting, and the denoiser is
-  called with ``timestep = s * 1000`` as diffusers' SD3 and Flux pipelines do.
+  called with ``timestep = s * 1000`` as diffusers' SD3 and Flux pipelines do. kohya's variants are
+  options: its Flux samplings ``sigma`` (a sigma of the shifted 1000-step scheduler table) and
+  ``flux_shift`` (a resolution-dependent shift), its ``--model_prediction_type`` (how the output is
+  read: :meth:`FlowMatchingObjective.model_output`) and its ``--weighting_scheme`` loss weights
+  (:func:`flow_loss_weights`); see :mod:`sdcore.train.kohya` for which kohya script means what.
 
 Noise and the timestep are drawn per sample from a generator seeded by the sample's identity (see
 :mod:`.noise`), so every objective keeps the runtime's batch-size/accumulation/resume invariance.
@@ -60,6 +64,11 @@ class TrainingObjective(Protocol):
         """Per-sample seeded noise ``[B, *shape]`` and timesteps ``[B]`` (on the CPU)."""
         noise, timesteps, _ = self.draw(keys, shape, NoiseSettings(noise_offset=noise_offset))
         return noise, timesteps
+
+    def model_output(self, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser's ``output`` is compared with the target as (the objective's reading of
+        it; the output itself unless the objective says otherwise)."""
+        return output
 
     def draw(
         self,
@@ -159,6 +168,60 @@ def mode_sigmas(u: torch.Tensor, mode_scale: float) -> torch.Tensor:
     return 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
 
 
+def flux_shift_mu(height: int, width: int) -> float:
+    """Flux's resolution-dependent shift ``mu`` for latents of ``height x width`` (unpacked, 16
+    channels): linear in the packed token count ``(h // 2) * (w // 2)``, 0.5 at 256 tokens and 1.15
+    at 4096 (BFL's schedule, which kohya's ``flux_shift`` sampling uses while training)."""
+    tokens = (height // 2) * (width // 2)
+    slope = (1.15 - 0.5) / (4096 - 256)
+    return slope * tokens + (0.5 - slope * 256)
+
+
+def exponential_time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Flux's time shift ``e^mu / (e^mu + (1/s - 1))``: the SD3 shift with ``shift = e^mu``."""
+    return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+
+
+def density_draw(
+    scheme: str,
+    count: int,
+    generator: torch.Generator | None,
+    *,
+    logit_mean: float,
+    logit_std: float,
+    mode_scale: float,
+) -> torch.Tensor:
+    """kohya's ``compute_density_for_timestep_sampling``: ``u`` in [0, 1] from the logit-normal
+    (sigmoid of N(mean, std)) or the mode density, uniform for every other scheme."""
+    import torch
+
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.randn((count,), generator=generator) * logit_std + logit_mean)
+    if scheme == "mode":
+        return mode_sigmas(torch.rand((count,), generator=generator), mode_scale)
+    return torch.rand((count,), generator=generator)
+
+
+def scheduler_table_sigmas(u: torch.Tensor, shift: float, num_timesteps: int = 1000) -> torch.Tensor:
+    """kohya Flux's ``sigma`` sampling: ``u`` picks index ``i = floor(u * T)`` of the flow-matching
+    Euler scheduler's training table, whose sigmas run from 1 down to 1/T, time-shifted by ``shift``:
+    ``sigma_i = shift((T - i) / T)`` (float32, as the scheduler builds it). ``u`` = 1 (a logit-normal
+    draw that rounds to 1, or the mode density's end) takes the last index rather than failing."""
+
+    index = (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+    return time_shift((num_timesteps - index).float() / num_timesteps, shift)
+
+
+def flow_loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """kohya's ``compute_loss_weighting_for_sd3``: ``sigma_sqrt`` 1/sigma^2, ``cosmap``
+    2 / (pi (1 - 2s + 2s^2)); None (weight 1) for the density schemes."""
+    if scheme == "sigma_sqrt":
+        return (sigmas**-2.0).float()
+    if scheme == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
+    return None
+
+
 @dataclass(frozen=True)
 class FlowMatchingObjective(TrainingObjective):
     """Rectified-flow matching with a choice of timestep sampling (see the module doc)."""
@@ -173,6 +236,9 @@ class FlowMatchingObjective(TrainingObjective):
     #: kohya's SD3 --min_timestep/--max_timestep (see :meth:`in_range`); None: the whole [0, 1]
     min_timestep: int | None = None
     max_timestep: int | None = None
+    #: how the output is read (:meth:`model_output`) and which loss weight applies (kohya's names)
+    model_prediction_type: str = "raw"
+    weighting_scheme: str = "uniform"
 
     name = "flow-matching"
 
@@ -180,17 +246,30 @@ class FlowMatchingObjective(TrainingObjective):
         problems = flow_option_problems(
             self.timestep_sampling, self.shift, self.logit_std, self.mode_scale, self.sigmoid_scale
         )
+        problems += flow_reading_problems(self.model_prediction_type, self.weighting_scheme)
         problem = timestep_range_problem(self.min_timestep, self.max_timestep, self.num_timesteps)
         if problem:
             problems.append(problem)
         if problems:
             raise ConfigError("; ".join(problems))
 
-    def sample_sigmas(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``count`` sigmas in [0, 1] with this sampling and shift (float32, CPU)."""
+    def sample_sigmas(
+        self, count: int, generator: torch.Generator | None = None, latent_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """``count`` sigmas in [0, 1] with this sampling and shift (float32, CPU); ``latent_size``
+        (height, width of the latents) is what ``flux_shift`` shifts by (needed for it only)."""
         import torch
 
         kind = self.timestep_sampling
+        if kind == "sigma":  # kohya Flux's default: --discrete_flow_shift through the scheduler's table
+            u = density_draw(self.weighting_scheme, count, generator, logit_mean=self.logit_mean,
+                             logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
+            return scheduler_table_sigmas(u, self.shift, self.num_timesteps)
+        if kind == "flux_shift":  # kohya: the sigmoid sampling, Flux's mu instead of --discrete_flow_shift
+            if latent_size is None:
+                raise ConfigError("the flux_shift timestep sampling needs the latents' size")
+            sigmas = torch.sigmoid(self.sigmoid_scale * torch.randn((count,), generator=generator))
+            return exponential_time_shift(sigmas, flux_shift_mu(*latent_size))
         if kind == "uniform":
             sigmas = torch.rand((count,), generator=generator)
         elif kind == "logit_normal":  # sigmoid of N(mean, std): SD3's default "lognorm(0, 1)"
@@ -208,7 +287,10 @@ class FlowMatchingObjective(TrainingObjective):
         settings: NoiseSettings,
         latents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        noise, sigmas, perturbed = draw_noise(keys, shape, settings, lambda gen: self.sample_sigmas(1, gen), latents)
+        size = (int(shape[-2]), int(shape[-1]))
+        noise, sigmas, perturbed = draw_noise(
+            keys, shape, settings, lambda gen: self.sample_sigmas(1, gen, size), latents
+        )
         return noise, self.timesteps_of(sigmas), perturbed
 
     def timesteps_of(self, sigmas: torch.Tensor) -> torch.Tensor:
@@ -236,7 +318,26 @@ class FlowMatchingObjective(TrainingObjective):
         # kohya's Flux input perturbation: (1 - s) x + s (noise + gamma xi), the target keeps noise
         source = noise if input_noise is None else input_noise.to(noise.device)
         noisy = (1.0 - s) * latents + s * source
-        return Noised(noisy, sigmas * self.num_timesteps, noise - latents)
+        # kohya's SD3 script compares a clean-latent estimate with the latents; its Flux script keeps
+        # the velocity target for every prediction type (sigma_scaled included)
+        target = latents if self.model_prediction_type == "x0" else noise - latents
+        weights = None
+        if self.model_prediction_type in ("sigma_scaled", "x0"):  # kohya weighs only these
+            weights = flow_loss_weights(self.weighting_scheme, sigmas)
+        return Noised(noisy, sigmas * self.num_timesteps, target, weights)
+
+    def model_output(self, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """kohya's ``apply_model_prediction_type``: ``raw`` the output, ``additive`` output + noisy
+        input, ``sigma_scaled``/``x0`` noisy input - sigma * output (SD3's preconditioning: with a
+        velocity output this is the clean-latent estimate)."""
+        kind = self.model_prediction_type
+        if kind == "raw":
+            return output
+        if kind == "additive":
+            return output + noisy
+        sigmas = (timesteps.float() / self.num_timesteps).to(output.device)
+        s = sigmas.reshape(-1, *([1] * (output.ndim - 1))).to(output.dtype)
+        return noisy - s * output
 
 
 def flow_option_problems(
@@ -255,6 +356,20 @@ def flow_option_problems(
         problems.append(f"--mode-scale must be between {low:g} and {high:.4f} (SD3 paper), got {mode_scale}")
     if not sigmoid_scale > 0:
         problems.append(f"--sigmoid-scale must be positive, got {sigmoid_scale}")
+    return problems
+
+
+def flow_reading_problems(model_prediction_type: str, weighting_scheme: str) -> list[str]:
+    """What is wrong with ``--model-prediction-type`` / ``--weighting-scheme`` (empty when all is well)."""
+    from .options import MODEL_PREDICTION_TYPES, WEIGHTING_SCHEMES
+
+    problems = []
+    if model_prediction_type not in MODEL_PREDICTION_TYPES:
+        problems.append(
+            f"--model-prediction-type {model_prediction_type!r}: choose one of {', '.join(MODEL_PREDICTION_TYPES)}"
+        )
+    if weighting_scheme not in WEIGHTING_SCHEMES:
+        problems.append(f"--weighting-scheme {weighting_scheme!r}: choose one of {', '.join(WEIGHTING_SCHEMES)}")
     return problems
 
 
@@ -294,6 +409,8 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             sigmoid_scale=options.sigmoid_scale,
             min_timestep=options.min_timestep,
             max_timestep=options.max_timestep,
+            model_prediction_type=options.model_prediction_type,
+            weighting_scheme=options.weighting_scheme,
         )
     raise ConfigError(f"model family {bundle.family!r} has an objective sdcore does not know: {objective!r}")
 
@@ -304,9 +421,15 @@ __all__ = [
     "FlowMatchingObjective",
     "Noised",
     "TrainingObjective",
+    "density_draw",
+    "exponential_time_shift",
+    "flow_loss_weights",
     "flow_option_problems",
+    "flow_reading_problems",
+    "flux_shift_mu",
     "mode_sigmas",
     "objective_for",
+    "scheduler_table_sigmas",
     "time_shift",
     "timestep_range_problem",
 ]

@@ -16,7 +16,11 @@ from .loss import HUBER_SCHEDULES, LOSS_TYPES
 from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 
 #: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid", "sigma", "flux_shift")
+#: how the flow-matching denoiser's output is read (kohya's --model_prediction_type, plus SD3's "x0")
+MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
+#: kohya's --weighting_scheme: the density of the "sigma" sampling, or a loss weight (sigma_sqrt, cosmap)
+WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 #: the optimizers by name (``sdcore.train.optim.OPTIMIZER_TABLE``); a class path (``came_pytorch.CAME``) works too
@@ -367,20 +371,39 @@ class TrainOptions:
         "logit_normal",
         "Flow-matching families: how the noise level is drawn (logit_normal = sigmoid of N(--logit-mean, "
         "--logit-std), SD3's default; mode = SD3's f_mode with --mode-scale; sigmoid = sigmoid of "
-        "--sigmoid-scale * N(0, 1), kohya's Flux choice; uniform).",
+        "--sigmoid-scale * N(0, 1); uniform; kohya Flux's sigma = a sigma of its shifted 1000-step table, "
+        "drawn with --weighting-scheme's density; flux_shift = sigmoid sampling with Flux's "
+        "resolution-dependent shift instead of --discrete-flow-shift).",
         choices=TIMESTEP_SAMPLINGS,
         group="loss",
     )
     discrete_flow_shift: float = option(
         1.0,
-        "Flow-matching families: time shift s' = shift*s/(1+(shift-1)*s) applied to every sampled noise level "
-        "(1 = none; SD3 uses 3.0 at 1024px).",
+        "Flow-matching families: time shift s' = shift*s/(1+(shift-1)*s) applied to the sampled noise level "
+        "(every sampling but flux_shift; 1 = none; SD3 uses 3.0 at 1024px).",
         group="loss",
     )
     logit_mean: float = option(0.0, "Flow matching, logit_normal sampling: mean of the normal.", group="loss")
     logit_std: float = option(1.0, "Flow matching, logit_normal sampling: standard deviation.", group="loss")
     mode_scale: float = option(1.29, "Flow matching, mode sampling: the SD3 paper's scale s.", group="loss")
-    sigmoid_scale: float = option(1.0, "Flow matching, sigmoid sampling: scale of the normal.", group="loss")
+    sigmoid_scale: float = option(1.0, "Flow matching, sigmoid/flux_shift sampling: scale of the normal.", group="loss")
+    model_prediction_type: str = option(
+        "raw",
+        "Flow-matching families: how the denoiser's output o is compared (kohya's meanings): raw (o against "
+        "noise - latents), additive (o + noisy input), sigma_scaled (noisy input - sigma*o, still against "
+        "noise - latents, with --weighting-scheme's loss weight; kohya's Flux default), x0 (noisy input - "
+        "sigma*o against the latents, with the loss weight; kohya's SD3 script).",
+        choices=MODEL_PREDICTION_TYPES,
+        group="loss",
+    )
+    weighting_scheme: str = option(
+        "uniform",
+        "Flow-matching families (kohya's --weighting_scheme): the density of --timestep-sampling sigma "
+        "(uniform, logit_normal, mode), or with --model-prediction-type sigma_scaled/x0 a loss weight per "
+        "noise level: sigma_sqrt (1/sigma^2) or cosmap (2/(pi(1-2s+2s^2))).",
+        choices=WEIGHTING_SCHEMES,
+        group="loss",
+    )
     guidance_scale: float = option(
         1.0,
         "Flux dev: the value its guidance embedding gets while training (kohya's --guidance_scale; 1.0 as "

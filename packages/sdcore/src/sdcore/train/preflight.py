@@ -133,11 +133,12 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
     problems.extend(loss_option_problems(o))
     problems.extend(noise_option_problems(o))
-    from .objectives import flow_option_problems
+    from .objectives import flow_option_problems, flow_reading_problems
 
     problems.extend(
         flow_option_problems(o.timestep_sampling, o.discrete_flow_shift, o.logit_std, o.mode_scale, o.sigmoid_scale)
     )
+    problems.extend(flow_reading_problems(o.model_prediction_type, o.weighting_scheme))
     if o.max_grad_norm < 0:
         problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
     if o.cache_latents_to_disk and not o.cache_latents:
@@ -244,7 +245,8 @@ def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
 
 
 #: the flow-matching options and their defaults (a DDPM family ignores them; we say so)
-_FLOW_OPTIONS = ("timestep_sampling", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale")
+_FLOW_OPTIONS = ("timestep_sampling", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
+                 "weighting_scheme")  # fmt: skip
 
 
 def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[list[str], list[str]]:
@@ -266,6 +268,12 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
         )
     if family.objective == "flow-matching":
         problems.extend(_flow_noise_problems(options, family.name))
+        notes.extend(_flow_reading_notes(options))
+    if family.objective == "ddpm" and options.model_prediction_type != "raw":
+        problems.append(
+            f"--model-prediction-type {options.model_prediction_type}: how a flow-matching denoiser's output is read "
+            f"(kohya's Flux option); {family.name} trains with DDPM (its prediction type is read from the model)"
+        )
     if family.objective == "ddpm":
         defaults = {f.name: f.default for f in fields(type(options)) if f.name in _FLOW_OPTIONS}
         changed = [name for name in _FLOW_OPTIONS if getattr(options, name) != defaults[name]]
@@ -273,6 +281,22 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
             notes.append(f"{flags}: flow-matching options, without effect on {family.name} (a DDPM family)")
     return problems, notes
+
+
+def _flow_reading_notes(options: TrainOptions) -> list[str]:
+    """Where ``--weighting-scheme`` has no effect with the other flow options (kohya accepts it silently)."""
+    scheme, reading = options.weighting_scheme, options.model_prediction_type
+    if scheme in ("sigma_sqrt", "cosmap") and reading not in ("sigma_scaled", "x0"):
+        return [
+            f"--weighting-scheme {scheme}: a loss weight only with --model-prediction-type sigma_scaled or x0 "
+            f"(as kohya's Flux script); without effect with {reading}"
+        ]
+    if scheme in ("logit_normal", "mode") and options.timestep_sampling not in ("sigma", scheme):
+        return [
+            f"--weighting-scheme {scheme}: the density of --timestep-sampling sigma only; without effect with "
+            f"--timestep-sampling {options.timestep_sampling}"
+        ]
+    return []
 
 
 def nearest_existing(path: Path) -> Path:

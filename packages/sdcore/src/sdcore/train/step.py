@@ -95,7 +95,8 @@ class Objective:
             cond = self.conditioning_for(batch)
 
             def predict(conditioning: Conditioning) -> torch.Tensor:
-                return self.predict(noisy, timesteps, conditioning, batch)
+                # as the objective reads the output (kohya's --model_prediction_type on SD3/Flux)
+                return objective.model_output(self.predict(noisy, timesteps, conditioning, batch), noisy, timesteps)
 
             ctx = StepContext(
                 bundle=self.bundle,

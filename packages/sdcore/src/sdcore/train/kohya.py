@@ -382,6 +382,7 @@ COMPOSITE: dict[str, str] = {
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
+    "cache_text_encoder_outputs_to_disk": "--cache-text-encoder-outputs (in memory; sdcore writes no text-encoder npz)",
 }
 _FLAG_COMPOSITES = {
     "use_object_template",
@@ -390,6 +391,7 @@ _FLAG_COMPOSITES = {
     "use_lion_optimizer",
     "v2",
     "v_parameterization",
+    "cache_text_encoder_outputs_to_disk",
 }
 
 #: options without an effect on the trained result here (accepted with one note)
@@ -784,6 +786,15 @@ def _composites(
     for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
         if items.get(name):
             put("template", template, name)
+    # kohya: --cache_text_encoder_outputs_to_disk turns --cache_text_encoder_outputs on (sdxl_train_util and the
+    # SD3/Flux scripts set it, over an explicit false); sdcore's text-encoder cache is built in memory each run
+    if not _is_off(items.get("cache_text_encoder_outputs_to_disk"), _OFF) and "cache_text_encoder_outputs" in present:
+        out.values["cache_text_encoder_outputs"] = True
+        out.origin["cache_text_encoder_outputs"] = "cache_text_encoder_outputs_to_disk"
+        out.notes.append(
+            "cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory (each distinct caption "
+            "encoded once per run), not written to .npz files; the trained result is the same"
+        )
     for name in ("v2", "v_parameterization"):
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"

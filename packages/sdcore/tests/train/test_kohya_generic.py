@@ -7,7 +7,6 @@ from dataclasses import fields
 
 import pytest
 from runtime_methods import ConvOutOptions
-from sdcore.errors import ConfigError
 from sdcore.train import kohya
 from sdcore.train.config import load_options
 from sdcore.train.options import TrainOptions
@@ -42,3 +41,108 @@ def test_te_cache_to_disk_from_a_kohya_toml(tmp_path):
     assert o.cache_text_encoder_outputs is True
     assert any(n.startswith("cache_text_encoder_outputs_to_disk:") for n in notes)
     assert "cache_text_encoder_outputs_to_disk" in kohya.flag_names()  # a store_true flag on kohya's CLI
+
+
+# --- caption_separator --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_caption_separator_shuffles_keeps_and_drops_as_commas_do(seed):
+    import random
+
+    from sdcore.data.captions import process_caption
+
+    kw = dict(shuffle=True, keep_tokens=1, tag_dropout=0.3, secondary_separator=";;;")
+    with_bar = process_caption("sks|a|b;;;c|d|e|f", caption_separator="|", rng=random.Random(seed), **kw)
+    with_comma = process_caption("sks,a,b;;;c,d,e,f", rng=random.Random(seed), **kw)
+    # the same draws pick the same tags; kohya joins with ", " and puts caption_separator back for ";;;"
+    assert with_bar == with_comma.replace("b,c", "b|c")
+    assert with_bar.startswith("sks, ")
+    # keep_tokens_separator splits first, then caption_separator inside each part
+    kw = dict(shuffle=True, keep_tokens_separator="|||", rng=random.Random(seed))
+    bar = process_caption("x / y ||| a / b / c ||| z", caption_separator=" / ", **kw)
+    comma = process_caption("x, y ||| a, b, c ||| z", rng=random.Random(seed), **{k: v for k, v in kw.items() if k != "rng"})
+    assert bar == comma and bar.startswith("x, y, ") and bar.endswith(", z")
+
+
+def test_caption_separator_is_used_as_given():
+    """kohya splits at the separator exactly (``"| "`` does not split ``"a|b"``)."""
+    import random
+
+    from sdcore.data.captions import process_caption
+
+    out = process_caption("a|b| c| d", caption_separator="| ", tag_dropout=1e-9, rng=random.Random(0))
+    assert out == "a|b, c, d"
+
+
+def test_caption_separator_through_the_runtime_and_the_dataset_toml(tmp_path):
+    from runtime_methods import ConvOutMethod
+    from sdcore.data.dataset import load_toml_dataset_config
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.contract import contract_options, make_tiny_dataset
+    from sdcore.train.loop import TrainSession
+
+    def captions(folder, text, **kw):
+        data = make_tiny_dataset(tmp_path / folder, n=2)
+        for image in (data / "1_tiny").glob("*.png"):
+            image.with_suffix(".txt").write_text(text, encoding="utf-8")
+        o = contract_options(ConvOutMethod, tmp_path / folder, {"data": str(data), "max_steps": 1, **kw})
+        s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+        s.setup()
+        out = {}
+        for epoch in range(3):
+            for refs in s.data.epoch_plan(epoch):
+                for ref, caption in zip(refs, s.make_batch(refs).captions, strict=True):
+                    out[(ref.epoch, ref.entry, ref.occurrence)] = caption
+        return out
+
+    kw = dict(shuffle_caption=True, keep_tokens=1, cache_text_encoder_outputs=False)
+    bar = captions("bar", "sks|a|b|c|d", caption_separator="|", **kw)
+    comma = captions("comma", "sks,a,b,c,d", **kw)
+    assert bar == comma and len(set(bar.values())) > 2  # shuffled, and the same shuffles
+    # kohya name, and the dataset TOML's key at every level (kohya's subset-ascendable key)
+    out = kohya.translate({"caption_separator": "|"}, PRESENT, where="cfg")
+    assert not out.problems and out.values == {"caption_separator": "|"}
+    (tmp_path / "img").mkdir()
+    config = tmp_path / "d.toml"
+    config.write_text(
+        "[general]\ncaption_separator = '|'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\n"
+        "[[datasets.subsets]]\nimage_dir = 'img'\ncaption_separator = ';'\n",
+        encoding="utf-8",
+    )
+    first, second = load_toml_dataset_config(config, TrainOptions())
+    assert (first.caption_separator, second.caption_separator) == ("|", ";")
+    (first,) = load_toml_dataset_config(_one_subset(tmp_path), TrainOptions(caption_separator="/"))
+    assert first.caption_separator == "/"  # the run's option is the default of every subset
+
+
+def _one_subset(tmp_path, extra=""):
+    config = tmp_path / "one.toml"
+    config.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\n{extra}", encoding="utf-8")
+    return config
+
+
+def test_empty_caption_separator_is_refused(tmp_path):
+    from sdcore.data.dataset import load_toml_dataset_config
+    from sdcore.errors import DataError
+    from sdcore.train.preflight import option_problems
+
+    problems = option_problems(TrainOptions(model="m", data="d", output="o", caption_separator=""))
+    assert any("--caption-separator is empty" in p for p in problems)
+    (tmp_path / "img").mkdir()
+    with pytest.raises(DataError, match="'caption_separator' must be a non-empty string"):
+        load_toml_dataset_config(_one_subset(tmp_path, "caption_separator = ''\n"), TrainOptions())
+
+
+def test_caption_separator_joins_a_metadata_caption_and_its_tags(tmp_path):
+    """kohya's FineTuningDataset: ``caption + caption_separator + tags``."""
+    import json
+
+    from sdcore.data.metadata import metadata_records
+
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"img1": {"caption": "a photo", "tags": "x|y"}, "img2": {"tags": "z"}}), encoding="utf-8")
+    records, problems = metadata_records(meta, separator="|")
+    assert not problems and [r.caption for r in records] == ["a photo|x|y", "z"]
+    records, _ = metadata_records(meta)
+    assert records[0].caption == "a photo,x|y"

@@ -63,6 +63,8 @@ class SubsetOptions:
     caption_prefix: str = ""
     caption_suffix: str = ""
     secondary_separator: str | None = None
+    #: kohya's ``caption_separator``: where tags split for shuffling, keep_tokens and tag dropout
+    caption_separator: str = ","
     caption_dropout_every_n_epochs: int = 0
     # kohya's validation split (per dataset in its TOML; sdcore.train.validation applies it per subset)
     validation_split: float = 0.0
@@ -216,6 +218,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_prefix": options.caption_prefix,
         "caption_suffix": options.caption_suffix,
         "secondary_separator": options.secondary_separator,
+        "caption_separator": options.caption_separator,
         "keep_tokens_separator": options.keep_tokens_separator,
         "enable_wildcard": options.enable_wildcard,
         "token_warmup_min": options.token_warmup_min,
@@ -326,6 +329,7 @@ _SUBSET_KEYS = {
     "caption_prefix",
     "caption_suffix",
     "secondary_separator",
+    "caption_separator",
     "caption_dropout_every_n_epochs",
     "enable_wildcard",
     "token_warmup_min",
@@ -345,7 +349,6 @@ _SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "metada
 _NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir"}
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
-    "caption_separator",
     "cache_info",
     "resize_interpolation",
     "debug_dataset",
@@ -401,6 +404,9 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
             raise bad
     elif kind == "a string":
         if not isinstance(value, str):
+            raise bad
+    elif kind == "a non-empty string":
+        if not isinstance(value, str) or not value:
             raise bad
     elif kind == "a positive integer":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -466,6 +472,7 @@ _FIELD_OF = {
     "caption_prefix": ("caption_prefix", "a string"),
     "caption_suffix": ("caption_suffix", "a string"),
     "secondary_separator": ("secondary_separator", "a string"),
+    "caption_separator": ("caption_separator", "a non-empty string"),
     "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
     "color_aug": ("color_aug", "a boolean"),
     "random_crop": ("random_crop", "a boolean"),
@@ -666,7 +673,9 @@ def _scan_metadata_subset(subset: SubsetOptions, index: DatasetIndex, *, verify:
     assert subset.metadata_file is not None
     meta = subset.metadata_file
     try:
-        records, problems = metadata_records(meta, enable_wildcard=subset.enable_wildcard)
+        records, problems = metadata_records(
+            meta, enable_wildcard=subset.enable_wildcard, separator=subset.caption_separator
+        )
     except DataError as exc:
         index.problems.append(str(exc))
         return

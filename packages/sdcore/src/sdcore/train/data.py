@@ -246,6 +246,7 @@ def make_caption(
         prefix=getattr(s, "caption_prefix", ""),
         suffix=getattr(s, "caption_suffix", ""),
         secondary_separator=getattr(s, "secondary_separator", None),
+        caption_separator=getattr(s, "caption_separator", ","),
         drop=caption_dropped(entry, epoch),
         enable_wildcard=getattr(s, "enable_wildcard", False),
         token_warmup_min=getattr(s, "token_warmup_min", 1),

@@ -234,6 +234,7 @@ ALIASES: dict[str, Alias] = {
     "caption_prefix": _a("caption_prefix"),
     "caption_suffix": _a("caption_suffix"),
     "secondary_separator": _a("secondary_separator"),
+    "caption_separator": _a("caption_separator"),
     "keep_tokens_separator": _a("keep_tokens_separator"),
     "enable_wildcard": _a("enable_wildcard", flag=True),
     "token_warmup_min": _a("token_warmup_min"),

@@ -95,6 +95,12 @@ class TrainOptions:
         "Tags joined by this (e.g. ';;;') shuffle and drop as one tag; it becomes ',' afterwards (kohya).",
         group="data",
     )
+    caption_separator: str = option(
+        ",",
+        "What separates a caption's tags for --shuffle-caption, --keep-tokens and --tag-dropout (used as given; "
+        "processed captions are joined with ', ', as kohya does; kohya's --caption_separator).",
+        group="data",
+    )
     keep_tokens_separator: str | None = option(
         None,
         "Tags before this (e.g. '|||') stay first and those after a second one stay last while the rest is "

@@ -7,6 +7,7 @@ from dataclasses import fields
 
 import pytest
 from runtime_methods import ConvOutOptions
+from sdcore.errors import ConfigError
 from sdcore.train import kohya
 from sdcore.train.config import load_options
 from sdcore.train.options import TrainOptions
@@ -61,7 +62,9 @@ def test_caption_separator_shuffles_keeps_and_drops_as_commas_do(seed):
     # keep_tokens_separator splits first, then caption_separator inside each part
     kw = dict(shuffle=True, keep_tokens_separator="|||", rng=random.Random(seed))
     bar = process_caption("x / y ||| a / b / c ||| z", caption_separator=" / ", **kw)
-    comma = process_caption("x, y ||| a, b, c ||| z", rng=random.Random(seed), **{k: v for k, v in kw.items() if k != "rng"})
+    comma = process_caption(
+        "x, y ||| a, b, c ||| z", rng=random.Random(seed), **{k: v for k, v in kw.items() if k != "rng"}
+    )
     assert bar == comma and bar.startswith("x, y, ") and bar.endswith(", z")
 
 
@@ -141,8 +144,111 @@ def test_caption_separator_joins_a_metadata_caption_and_its_tags(tmp_path):
     from sdcore.data.metadata import metadata_records
 
     meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"img1": {"caption": "a photo", "tags": "x|y"}, "img2": {"tags": "z"}}), encoding="utf-8")
+    meta.write_text(
+        json.dumps({"img1": {"caption": "a photo", "tags": "x|y"}, "img2": {"tags": "z"}}), encoding="utf-8"
+    )
     records, problems = metadata_records(meta, separator="|")
     assert not problems and [r.caption for r in records] == ["a photo|x|y", "z"]
     records, _ = metadata_records(meta)
     assert records[0].caption == "a photo,x|y"
+
+
+# --- resize_interpolation -----------------------------------------------------------------------
+
+_PIL_FILTER = {  # written from kohya's docs/utils: lanczos and box are PIL's own; the rest stand in for cv2's
+    "lanczos": "LANCZOS",
+    "nearest": "NEAREST",
+    "bilinear": "BILINEAR",
+    "linear": "BILINEAR",
+    "bicubic": "BICUBIC",
+    "cubic": "BICUBIC",
+    "area": "BOX",
+    "box": "BOX",
+}
+
+
+def _noise_image(tmp_path, size=(80, 56), name="a.png"):
+    import numpy as np
+    from PIL import Image
+
+    array = np.random.default_rng(3).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / name)
+    return Image.open(tmp_path / name).convert("RGB")
+
+
+def _entry(path, size, **subset):
+    from sdcore.data.dataset import ImageEntry, SubsetOptions
+
+    return ImageEntry(path=path, caption="", repeats=1, is_class=False, size=size,
+                      subset=SubsetOptions(image_dir=path.parent, **subset))  # fmt: skip
+
+
+@pytest.mark.parametrize("resized", [(40, 28), (120, 84)])  # shrinking and enlarging
+def test_each_resize_interpolation_is_that_pil_filter_and_the_default_is_unchanged(tmp_path, resized):
+    import numpy as np
+    from PIL import Image
+    from sdcore.data.buckets import BucketAssignment
+    from sdcore.data.loading import load_training_image
+    from sdcore.train.options import RESIZE_INTERPOLATIONS
+
+    image = _noise_image(tmp_path)
+    assignment = BucketAssignment((resized[0] - 8, resized[1]), resized, (4, 0))
+
+    def expected(filter_name):
+        out = image.resize(resized, getattr(Image.Resampling, filter_name)).crop((4, 0, resized[0] - 4, resized[1]))
+        return np.asarray(out, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+    seen = {}
+    for name in RESIZE_INTERPOLATIONS:
+        entry = _entry(tmp_path / "a.png", (80, 56), resize_interpolation=name)
+        pixels, _, _ = load_training_image(entry, assignment, flip=False)
+        assert np.array_equal(pixels, expected(_PIL_FILTER[name])), name
+        seen[_PIL_FILTER[name]] = pixels
+    assert len({p.tobytes() for p in seen.values()}) == 5  # five different filters really ran
+    # no option: kohya's default, area (BOX) when shrinking and Lanczos when enlarging, as before
+    default, _, _ = load_training_image(_entry(tmp_path / "a.png", (80, 56)), assignment, flip=False)
+    assert np.array_equal(default, expected("BOX" if resized[0] < 80 else "LANCZOS"))
+
+
+def test_resize_interpolation_reaches_masks_and_the_latent_cache_key(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from sdcore.data.buckets import BucketAssignment
+    from sdcore.data.loading import load_training_channel
+    from sdcore.train.cache import image_key
+
+    _noise_image(tmp_path)
+    assignment = BucketAssignment((40, 28), (40, 28), (0, 0))
+    red = load_training_channel(tmp_path / "a.png", assignment, channel=0, flip=False, interpolation="nearest")
+    want = Image.open(tmp_path / "a.png").convert("RGBA").getchannel(0).resize((40, 28), Image.Resampling.NEAREST)
+    assert np.array_equal(red, np.asarray(want))
+    keys = {
+        name: image_key(_entry(tmp_path / "a.png", (80, 56), resize_interpolation=name), assignment, "vae")
+        for name in (None, "nearest", "lanczos")
+    }
+    assert len(set(keys.values())) == 3  # a cached latent of another filter is never reused
+
+
+def test_resize_interpolation_option_kohya_name_and_dataset_toml(tmp_path):
+    from sdcore.data.dataset import load_toml_dataset_config
+    from sdcore.errors import DataError
+
+    out = kohya.translate({"resize_interpolation": "bicubic"}, PRESENT, where="cfg")
+    assert not out.problems and out.values == {"resize_interpolation": "bicubic"}
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('resize_interpolation = "sinc"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="resize_interpolation 'sinc': choose one of lanczos"):
+        load_options(ConvOutOptions, cfg)
+    (tmp_path / "img").mkdir()
+    config = tmp_path / "d.toml"
+    config.write_text(
+        "[general]\nresize_interpolation = 'nearest'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'img'\n"
+        "[[datasets.subsets]]\nimage_dir = 'img'\nresize_interpolation = 'box'\n",
+        encoding="utf-8",
+    )
+    first, second = load_toml_dataset_config(config, TrainOptions(resize_interpolation="area"))
+    assert (first.resize_interpolation, second.resize_interpolation) == ("nearest", "box")
+    (first,) = load_toml_dataset_config(_one_subset(tmp_path), TrainOptions(resize_interpolation="area"))
+    assert first.resize_interpolation == "area"
+    with pytest.raises(DataError, match="'resize_interpolation' must be one of lanczos"):
+        load_toml_dataset_config(_one_subset(tmp_path, "resize_interpolation = 'Lanczos'\n"), TrainOptions())

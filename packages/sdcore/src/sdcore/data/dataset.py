@@ -72,6 +72,8 @@ class SubsetOptions:
     # kohya's image options (sdcore.data.augment, sdcore.train.data)
     color_aug: bool = False
     random_crop: bool = False
+    #: kohya's ``resize_interpolation``: the filter that resizes to the bucket (None: area/lanczos)
+    resize_interpolation: str | None = None
     #: the alpha channel (0..255 -> 0..1) weights the loss
     alpha_mask: bool = False
     #: ``--masked-loss``: a same-named mask image here weights the loss by its R channel
@@ -226,6 +228,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "flip": options.flip,
         "color_aug": options.color_aug,
         "random_crop": options.random_crop,
+        "resize_interpolation": options.resize_interpolation,
         "alpha_mask": options.alpha_mask,
         "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
         if options.conditioning_data_dir
@@ -336,6 +339,7 @@ _SUBSET_KEYS = {
     "token_warmup_step",
     "color_aug",
     "random_crop",
+    "resize_interpolation",
     "alpha_mask",
     "conditioning_data_dir",
     "face_crop_aug_range",
@@ -350,7 +354,6 @@ _NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
     "cache_info",
-    "resize_interpolation",
     "debug_dataset",
 }
 
@@ -405,6 +408,13 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
     elif kind == "a string":
         if not isinstance(value, str):
             raise bad
+    elif kind == "a resize interpolation":
+        from ..train.options import RESIZE_INTERPOLATIONS
+
+        if value not in RESIZE_INTERPOLATIONS:
+            raise DataError(
+                f"{path}: {where}: '{key}' must be one of {', '.join(RESIZE_INTERPOLATIONS)}, got {value!r}"
+            )
     elif kind == "a non-empty string":
         if not isinstance(value, str) or not value:
             raise bad
@@ -476,6 +486,7 @@ _FIELD_OF = {
     "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
     "color_aug": ("color_aug", "a boolean"),
     "random_crop": ("random_crop", "a boolean"),
+    "resize_interpolation": ("resize_interpolation", "a resize interpolation"),
     "alpha_mask": ("alpha_mask", "a boolean"),
     "enable_wildcard": ("enable_wildcard", "a boolean"),
     "token_warmup_min": ("token_warmup_min", "a non-negative integer"),

@@ -241,6 +241,7 @@ ALIASES: dict[str, Alias] = {
     "token_warmup_step": _a("token_warmup_step"),
     "weighted_captions": _a("weighted_captions", flag=True),
     "flip_aug": _a("flip", flag=True),
+    "resize_interpolation": _a("resize_interpolation"),
     "random_crop": _a("random_crop", flag=True),
     "face_crop_aug_range": _a("face_crop_aug_range", _pair_text),
     "color_aug": _a("color_aug", flag=True),

@@ -19,6 +19,8 @@ from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: kohya's resize_interpolation names (``sdcore.data.loading.RESIZE_FILTERS`` has the PIL filter of each)
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 #: the optimizers by name (``sdcore.train.optim.OPTIMIZER_TABLE``); a class path (``came_pytorch.CAME``) works too
 OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 LR_SCHEDULERS = LR_SCHEDULES
@@ -123,6 +125,13 @@ class TrainOptions:
     weighted_captions: bool = option(
         False,
         "Captions' A1111 emphasis '(word:1.3)' / '[word]' scales those tokens' text-encoder outputs (kohya; SD1/SD2/SDXL).",
+        group="data",
+    )
+    resize_interpolation: str | None = option(
+        None,
+        "Filter that resizes images to their bucket: lanczos, nearest, bilinear/linear, bicubic/cubic, area/box "
+        "(PIL's filters; kohya's --resize_interpolation). Default: area when shrinking, lanczos when enlarging.",
+        choices=RESIZE_INTERPOLATIONS,
         group="data",
     )
     flip: bool = option(False, "Random horizontal flips (cached latents are kept for both orientations).", group="data")

@@ -362,6 +362,7 @@ ALIASES: dict[str, Alias] = {
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
+    "block_lr": _a("block_lr", methods="dreambooth"),  # sdxl_train.py: 23 U-Net block rates
     # textual inversion (train_textual_inversion.py)
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),
@@ -455,10 +456,13 @@ IGNORED: dict[str, str] = {
         ),
         "no uploads (sdcore works offline)",
     ),
+    "use_safetensors": "sdcore always writes safetensors",
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
     "save_state_on_train_end": "sdcore always saves a resumable state at the end (--no-save-state turns it off)",
+    "use_safetensors": "sdcore always writes .safetensors (a single file, or a diffusers folder of them); kohya "
+    "without it and without save_model_as would write a .ckpt",
 }
 _FLAG_IGNORED = {
     "xformers",
@@ -478,6 +482,7 @@ _FLAG_IGNORED = {
     "save_state_to_huggingface",
     "sample_at_first",
     "resume_from_huggingface",
+    "use_safetensors",
 }
 
 _OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())

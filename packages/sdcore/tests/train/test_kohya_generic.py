@@ -8,6 +8,7 @@ from dataclasses import fields
 import pytest
 from runtime_methods import ConvOutOptions
 from sdcore.errors import ConfigError
+from sdcore.testing.distributed import torchrun_command
 from sdcore.train import kohya
 from sdcore.train.config import load_options
 from sdcore.train.options import TrainOptions
@@ -252,3 +253,77 @@ def test_resize_interpolation_option_kohya_name_and_dataset_toml(tmp_path):
     assert first.resize_interpolation == "area"
     with pytest.raises(DataError, match="'resize_interpolation' must be one of lanczos"):
         load_toml_dataset_config(_one_subset(tmp_path, "resize_interpolation = 'Lanczos'\n"), TrainOptions())
+
+
+# --- ddp_*, torch_compile, cache_info -----------------------------------------------------------
+
+
+def test_ddp_options_reach_the_accelerator():
+    import datetime
+
+    from sdcore.train.placement import create_accelerator
+
+    plain = create_accelerator(TrainOptions())
+    assert plain.ddp_handler.to_kwargs() == {"find_unused_parameters": True, "broadcast_buffers": False}
+    assert plain.init_handler is None  # accelerate's own timeout
+    o = TrainOptions(ddp_timeout=90, ddp_static_graph=True, ddp_gradient_as_bucket_view=True)
+    acc = create_accelerator(o)
+    assert acc.ddp_handler.to_kwargs() == {
+        "find_unused_parameters": True,
+        "broadcast_buffers": False,
+        "static_graph": True,
+        "gradient_as_bucket_view": True,
+    }
+    assert acc.init_handler.timeout == datetime.timedelta(minutes=90)
+
+
+def test_ddp_options_kohya_names_and_bad_timeout(tmp_path):
+    from sdcore.train.preflight import option_problems
+
+    items = {"ddp_timeout": 30, "ddp_static_graph": True, "ddp_gradient_as_bucket_view": True}
+    out = kohya.translate(items, PRESENT, where="cfg")
+    assert not out.problems and out.values == items
+    assert {"ddp_static_graph", "ddp_gradient_as_bucket_view"} <= kohya.flag_names()
+    # kohya: "if args.ddp_timeout" -- 0 is accelerate's default
+    cfg = tmp_path / "k.toml"
+    cfg.write_text("ddp_timeout = 0\nddp_static_graph = false\n", encoding="utf-8")
+    assert load_options(ConvOutOptions, cfg).ddp_timeout is None
+    problems = option_problems(TrainOptions(model="m", data="d", output="o", ddp_timeout=-5))
+    assert any("--ddp-timeout is in minutes and must be 1 or more" in p for p in problems)
+
+
+def test_torch_compile_and_cache_info_are_accepted_with_a_note(tmp_path):
+    from sdcore.data.dataset import load_toml_dataset_config
+    from sdcore.errors import DataError
+
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('torch_compile = true\ndynamo_backend = "inductor"\ncache_info = true\n', encoding="utf-8")
+    notes: list[str] = []
+    o = load_options(ConvOutOptions, cfg, notes=notes)
+    base = tmp_path / "base.toml"
+    base.write_text("xformers = true\n", encoding="utf-8")  # the same kohya defaults, without the three
+    assert o == load_options(ConvOutOptions, base, notes=[])  # nothing that trains changed
+    assert any(n.startswith("torch_compile: sdcore runs the denoiser without torch.compile") for n in notes)
+    assert any(n.startswith("cache_info: ") for n in notes)
+    assert {"torch_compile", "cache_info"} <= kohya.flag_names()
+    (tmp_path / "img").mkdir()
+    (first,) = load_toml_dataset_config(_one_subset(tmp_path, "cache_info = true\n"), TrainOptions())
+    assert first.image_dir.name == "img"
+    with pytest.raises(DataError, match="'cache_info' must be a boolean"):
+        load_toml_dataset_config(_one_subset(tmp_path, "cache_info = 'yes'\n"), TrainOptions())
+
+
+@pytest.mark.skipif(torchrun_command() is None, reason="torchrun not available")
+@pytest.mark.slow
+def test_two_processes_with_kohyas_ddp_options_train_like_one(tmp_path):
+    """A static graph and bucket-view gradients change how DDP averages, not what it averages."""
+    from pathlib import Path
+
+    from runtime_methods import ConvOutMethod
+    from sdcore.testing.distributed import check_processes_equal_accumulation
+
+    values = {"ddp_static_graph": True, "ddp_gradient_as_bucket_view": True, "ddp_timeout": 5, "max_steps": 3}
+    record = check_processes_equal_accumulation(
+        ConvOutMethod, tmp_path, values, extra_pythonpath=[str(Path(__file__).parent)]
+    )
+    assert record["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True}

@@ -344,16 +344,17 @@ _SUBSET_KEYS = {
     "conditioning_data_dir",
     "face_crop_aug_range",
     "metadata_file",
+    "cache_info",  # kohya's cache of image sizes and captions: loading speed only, read and ignored
 }
 #: kohya subset keys that belong to one subset only (kohya's schema refuses them in [general] and [[datasets]])
 _SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "metadata_file"}
 #: keys of kohya's DreamBooth (caption-file) subsets that its fine-tuning schema refuses in a
 #: ``metadata_file`` subset (captions come from the metadata; no class images there); the ones a
 #: fine-tuning ``[[datasets]]`` table refuses too are those that are not subset-only
-_NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir"}
+_NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir",
+                         "cache_info"}  # fmt: skip
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
-    "cache_info",
     "debug_dataset",
 }
 
@@ -520,6 +521,9 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
                 out["face_crop_aug_range"] = face_crop_range(value)
             except ValueError as exc:
                 raise DataError(f"{path}: {where}: {exc}") from None
+            continue
+        if key == "cache_info":
+            _typed(value, "a boolean", key, where, path)
             continue
         name, kind = _FIELD_OF[key]
         out[name] = _typed(value, kind, key, where, path)

@@ -286,6 +286,10 @@ ALIASES: dict[str, Alias] = {
     "fp8_base": _a("fp8_base", flag=True),
     "fp8_base_unet": _a("fp8_base", flag=True),  # sdcore's --fp8-base is the denoiser's weights only
     "blocks_to_swap": _a("blocks_to_swap"),
+    # accelerate's DDP settings (train_util.prepare_accelerator); kohya: a timeout of 0 is accelerate's default
+    "ddp_timeout": _a("ddp_timeout", lambda v: _unless_zero(int(v))),
+    "ddp_static_graph": _a("ddp_static_graph", flag=True),
+    "ddp_gradient_as_bucket_view": _a("ddp_gradient_as_bucket_view", flag=True),
     "seed": _a("seed"),
     "clip_skip": _a("clip_skip"),
     "noise_offset": _a("noise_offset"),
@@ -457,12 +461,17 @@ IGNORED: dict[str, str] = {
         "no uploads (sdcore works offline)",
     ),
     "use_safetensors": "sdcore always writes safetensors",
+    "torch_compile": "speed only",
+    "cache_info": "speed only",
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
     "save_state_on_train_end": "sdcore always saves a resumable state at the end (--no-save-state turns it off)",
     "use_safetensors": "sdcore always writes .safetensors (a single file, or a diffusers folder of them); kohya "
     "without it and without save_model_as would write a .ckpt",
+    "torch_compile": "sdcore runs the denoiser without torch.compile (compiling changes speed, not what trains); "
+    "dynamo_backend is ignored with it",
+    "cache_info": "sdcore reads image sizes and captions each run (kohya's cache only speeds up loading)",
 }
 _FLAG_IGNORED = {
     "xformers",
@@ -483,6 +492,8 @@ _FLAG_IGNORED = {
     "sample_at_first",
     "resume_from_huggingface",
     "use_safetensors",
+    "torch_compile",
+    "cache_info",
 }
 
 _OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())

@@ -297,6 +297,24 @@ class TrainOptions:
         "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
         group="training",
     )
+    ddp_timeout: int | None = option(
+        None,
+        "Several processes: minutes a process waits for the others before giving up (default: accelerate's; "
+        "kohya's --ddp_timeout).",
+        group="training",
+    )
+    ddp_static_graph: bool = option(
+        False,
+        "Several processes: tell DDP the same parameters get gradients every step (faster; not with LoRA "
+        "module/rank dropout or DreamBooth's --stop-text-encoder-at; kohya's --ddp_static_graph).",
+        group="training",
+    )
+    ddp_gradient_as_bucket_view: bool = option(
+        False,
+        "Several processes: gradients are views into DDP's all-reduce buckets (less memory; kohya's "
+        "--ddp_gradient_as_bucket_view).",
+        group="training",
+    )
     cudnn_attention: bool = option(
         False,
         "Let torch use cuDNN's attention kernels on a GPU (its first choice on Hopper since torch 2.11). Off by "

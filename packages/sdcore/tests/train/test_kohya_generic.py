@@ -327,3 +327,48 @@ def test_two_processes_with_kohyas_ddp_options_train_like_one(tmp_path):
         ConvOutMethod, tmp_path, values, extra_pythonpath=[str(Path(__file__).parent)]
     )
     assert record["ddp"] == {"static_graph": True, "gradient_as_bucket_view": True}
+
+
+# --- DeepSpeed -----------------------------------------------------------------------------------
+
+
+def test_deepspeed_is_refused_with_the_accelerate_config_that_gives_the_same_engine():
+    items = {
+        "deepspeed": True,
+        "zero_stage": 3,
+        "offload_optimizer_device": "cpu",
+        "offload_param_device": "nvme",
+        "offload_param_nvme_path": "/nvme",
+        "zero3_init_flag": True,
+        "gradient_accumulation_steps": 4,
+        "max_grad_norm": 0.5,
+    }
+    out = kohya.translate(items, PRESENT, where="cfg")
+    (problem,) = [p for p in out.problems if "deepspeed" in p]
+    assert problem.startswith("cfg: deepspeed: sdcore takes DeepSpeed from accelerate's launch config")
+    assert "docs/accelerate/deepspeed-zero2.yaml" in problem
+    assert (
+        "{zero_stage: 3, offload_optimizer_device: cpu, offload_param_device: nvme, offload_param_nvme_path: /nvme, "
+        "zero3_init_flag: true, gradient_accumulation_steps: 4, gradient_clipping: 0.5}"
+    ) in problem
+    out = kohya.translate({"deepspeed": True, "zero_stage": 0, "fp16_master_weights_and_gradients": True}, PRESENT,
+                          where="cfg")  # fmt: skip
+    assert "{zero_stage: 0, gradient_accumulation_steps: 1, gradient_clipping: 1.0}" in out.problems[0]
+    assert "fp16_master_weights_and_gradients goes in a DeepSpeed JSON" in out.problems[0]
+
+
+def test_deepspeed_options_without_deepspeed_do_nothing_as_in_kohya(tmp_path):
+    # what the kohya_ss GUI writes for an untouched DeepSpeed section: no problem, no note
+    untouched = {"deepspeed": False, "zero_stage": 2, "offload_optimizer_device": "", "zero3_init_flag": False}
+    out = kohya.translate(untouched, PRESENT, where="cfg")
+    assert not out.problems and not out.notes and not out.values
+    out = kohya.translate({"zero_stage": 3, "offload_param_device": "cpu"}, PRESENT, where="cfg")
+    assert not out.problems and not out.values
+    assert out.notes == [
+        "offload_param_device, zero_stage: DeepSpeed options without deepspeed have no effect (as in kohya)"
+    ]
+    cfg = tmp_path / "k.toml"
+    cfg.write_text("deepspeed = true\nzero_stage = 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="deepspeed: sdcore takes DeepSpeed from accelerate's launch config"):
+        load_options(ConvOutOptions, cfg)
+    assert {"deepspeed", "zero3_init_flag", "zero3_save_16bit_model"} <= kohya.flag_names()

@@ -390,6 +390,20 @@ COMPOSITE: dict[str, str] = {
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
     "cache_text_encoder_outputs_to_disk": "--cache-text-encoder-outputs (in memory; sdcore writes no text-encoder npz)",
+    "deepspeed": "refused: give DeepSpeed to `accelerate launch --config_file` (docs/accelerate/deepspeed-zero2.yaml)",
+    **dict.fromkeys(
+        (
+            "zero_stage",
+            "offload_optimizer_device",
+            "offload_optimizer_nvme_path",
+            "offload_param_device",
+            "offload_param_nvme_path",
+            "zero3_init_flag",
+            "zero3_save_16bit_model",
+            "fp16_master_weights_and_gradients",
+        ),
+        "with --deepspeed only (see --deepspeed); without it no effect, as in kohya",
+    ),
 }
 _FLAG_COMPOSITES = {
     "use_object_template",
@@ -399,6 +413,10 @@ _FLAG_COMPOSITES = {
     "v2",
     "v_parameterization",
     "cache_text_encoder_outputs_to_disk",
+    "deepspeed",
+    "zero3_init_flag",
+    "zero3_save_16bit_model",
+    "fp16_master_weights_and_gradients",
 }
 
 #: options without an effect on the trained result here (accepted with one note)
@@ -813,6 +831,7 @@ def _composites(
             "cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory (each distinct caption "
             "encoded once per run), not written to .npz files; the trained result is the same"
         )
+    _deepspeed(items, out, where)
     for name in ("v2", "v_parameterization"):
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"
@@ -857,6 +876,53 @@ def _output(
         out.problems.append(f"{where}: save_model_as = {fmt!r} is not available for this method")
         return
     put("output", str(PurePath(_text(directory)) / f"{name}{suffix}"), "output_dir")
+
+
+#: kohya's DeepSpeed options (deepspeed_utils.add_deepspeed_arguments) with their defaults; all but the last
+#: are also keys of accelerate's ``deepspeed_config`` in an ``accelerate launch --config_file`` YAML
+_DEEPSPEED_OPTIONS: dict[str, Any] = {
+    "zero_stage": 2,
+    "offload_optimizer_device": None,
+    "offload_optimizer_nvme_path": None,
+    "offload_param_device": None,
+    "offload_param_nvme_path": None,
+    "zero3_init_flag": False,
+    "zero3_save_16bit_model": False,
+    "fp16_master_weights_and_gradients": False,
+}
+
+
+def _deepspeed(items: dict[str, Any], out: Translation, where: str) -> None:
+    """kohya's ``--deepspeed`` builds an accelerate ``DeepSpeedPlugin`` from its options; sdcore takes
+    DeepSpeed from accelerate's own launch config (the one engine setup it documents), so the run is
+    refused with the ``deepspeed_config`` lines that give the same engine. Without ``--deepspeed`` kohya
+    ignores the other options: accepted, with a note when one is set to other than kohya's default."""
+    given = {
+        k: items[k]
+        for k in _DEEPSPEED_OPTIONS
+        if k in items and items[k] not in (None, "") and (k == "zero_stage" or not _is_off(items[k], _OFF))
+    }  # zero_stage 0 is a stage
+    if _is_off(items.get("deepspeed"), _OFF):
+        changed = sorted(k for k, v in given.items() if not _same_value(v, _DEEPSPEED_OPTIONS[k]))
+        if changed:
+            out.notes.append(f"{', '.join(changed)}: DeepSpeed options without deepspeed have no effect (as in kohya)")
+        return
+    config = {"zero_stage": given.get("zero_stage", 2)}
+    config |= {k: v for k, v in given.items() if k not in ("zero_stage", "fp16_master_weights_and_gradients")}
+    config["gradient_accumulation_steps"] = items.get("gradient_accumulation_steps") or 1
+    config["gradient_clipping"] = items.get("max_grad_norm", 1.0)  # kohya: DeepSpeedPlugin(gradient_clipping=...)
+    lines = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in config.items())
+    extra = (
+        "; fp16_master_weights_and_gradients goes in a DeepSpeed JSON (deepspeed_config_file)"
+        if "fp16_master_weights_and_gradients" in given
+        else ""
+    )
+    out.problems.append(
+        f"{where}: deepspeed: sdcore takes DeepSpeed from accelerate's launch config, not from training options: "
+        f"run `accelerate launch --config_file ds.yaml -m sdcore train ...` with a ds.yaml like "
+        f"docs/accelerate/deepspeed-zero2.yaml whose deepspeed_config has {{{lines}}}{extra}, and drop deepspeed "
+        "and its options from this config (docs/training.md, 'Several GPUs and machines')"
+    )
 
 
 def _network(

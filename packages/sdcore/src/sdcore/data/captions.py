@@ -97,9 +97,9 @@ def _split_separator(separator: str) -> str:
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
-    """Tags of ``caption``: split at ``separator``, stripped, empty pieces removed."""
-    sep = _split_separator(separator)
-    return [tag.strip() for tag in caption.split(sep) if tag.strip()]
+    """Tags of ``caption``: split at ``separator`` (stripped, so ``", "`` splits at ``","``), stripped,
+    empty pieces removed."""
+    return _tags(caption, _split_separator(separator))
 
 
 def _tags(text: str, separator: str) -> list[str]:
@@ -140,9 +140,9 @@ def process_caption(
     3. ``enable_wildcard``: one line of a multi-line caption, then one choice per ``{a|b|c}``
        (see :func:`choose_wildcards`); without it only the first line counts;
     4. only if shuffling, token warm-up or tag dropout is on: split into tags at ``caption_separator``
-       (kohya's ``caption_separator``, default ``","``, used exactly as given; tags are stripped), keep the first ``keep_tokens`` tags fixed (with
-       ``keep_tokens_separator``, kohya's ``|||``, everything before it instead, and everything
-       after a second one as a fixed tail), keep only the first tags of the rest while the token
+       (kohya's, default ``","``, used exactly as given; tags are stripped), keep the first
+       ``keep_tokens`` tags fixed (with ``keep_tokens_separator``, kohya's ``|||``, everything before
+       it instead, and everything after a second one as a fixed tail), keep only the first tags of the rest while the token
        warm-up runs (:func:`warmup_tag_count`), shuffle the rest, drop each of its tags with
        probability ``tag_dropout``, join with ``separator`` (kohya joins with ``", "`` whatever
        ``caption_separator`` is);

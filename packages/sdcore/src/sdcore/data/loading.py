@@ -2,7 +2,7 @@
 
 Resampling follows kohya: area averaging when shrinking (PIL ``BOX``, the equivalent of OpenCV's
 ``INTER_AREA``), Lanczos when enlarging; a subset's ``resize_interpolation`` (kohya's option) picks
-one filter for both (:data:`RESIZE_FILTERS`).
+one filter for both (:data:`sdcore.train.options.RESIZE_FILTERS`).
 """
 
 from __future__ import annotations
@@ -21,32 +21,17 @@ if TYPE_CHECKING:
     from .augment import ColorAug
 
 
-#: kohya's ``resize_interpolation`` names -> the PIL filter sdcore resizes with. kohya resizes with PIL
-#: for ``lanczos`` and ``box`` (the same pixels) and with OpenCV for the others (``nearest``:
-#: INTER_NEAREST_EXACT, which OpenCV documents as PIL's nearest; ``bilinear``/``linear``: INTER_LINEAR;
-#: ``bicubic``/``cubic``: INTER_CUBIC; ``area``: INTER_AREA, whose shrinking PIL's BOX reproduces):
-#: those can differ from OpenCV's by a few levels per pixel (PIL's bilinear/bicubic also antialias
-#: when shrinking, OpenCV's do not)
-RESIZE_FILTERS: dict[str, str] = {
-    "lanczos": "LANCZOS",
-    "nearest": "NEAREST",
-    "bilinear": "BILINEAR",
-    "linear": "BILINEAR",
-    "bicubic": "BICUBIC",
-    "cubic": "BICUBIC",
-    "area": "BOX",
-    "box": "BOX",
-}
-
-
 def resize_for_bucket(image: PILImage.Image, size: tuple[int, int], interpolation: str | None = None) -> PILImage.Image:
-    """Resize ``image`` to ``size`` (w, h): with ``interpolation`` (a :data:`RESIZE_FILTERS` name) that
-    filter; without (kohya's default), BOX (area) when shrinking, LANCZOS when enlarging."""
+    """Resize ``image`` to ``size`` (w, h): with ``interpolation`` (a name of
+    :data:`sdcore.train.options.RESIZE_FILTERS`) that PIL filter; without (kohya's default), BOX (area)
+    when shrinking, LANCZOS when enlarging."""
     from PIL import Image
 
     if image.size == tuple(size):
         return image
     if interpolation is not None:
+        from ..train.options import RESIZE_FILTERS
+
         return image.resize(size, getattr(Image.Resampling, RESIZE_FILTERS[interpolation]))
     shrinking = size[0] * size[1] <= image.size[0] * image.size[1]
     method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS

@@ -19,8 +19,24 @@ from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-#: kohya's resize_interpolation names (``sdcore.data.loading.RESIZE_FILTERS`` has the PIL filter of each)
-RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+#: kohya's ``resize_interpolation`` names -> the PIL filter sdcore resizes with. kohya resizes with PIL
+#: for ``lanczos`` and ``box`` (the same pixels) and with OpenCV for the others (``nearest``:
+#: INTER_NEAREST_EXACT, which OpenCV documents as PIL's nearest; ``bilinear``/``linear``: INTER_LINEAR;
+#: ``bicubic``/``cubic``: INTER_CUBIC; ``area``: INTER_AREA, whose shrinking PIL's BOX reproduces):
+#: those can differ from OpenCV's by a few levels per pixel (PIL's bilinear/bicubic also antialias
+#: when shrinking, OpenCV's do not)
+RESIZE_FILTERS: dict[str, str] = {
+    "lanczos": "LANCZOS",
+    "nearest": "NEAREST",
+    "bilinear": "BILINEAR",
+    "linear": "BILINEAR",
+    "bicubic": "BICUBIC",
+    "cubic": "BICUBIC",
+    "area": "BOX",
+    "box": "BOX",
+}
+#: kohya's resize_interpolation names (``--resize-interpolation`` and the dataset TOML's key)
+RESIZE_INTERPOLATIONS = tuple(RESIZE_FILTERS)
 #: the optimizers by name (``sdcore.train.optim.OPTIMIZER_TABLE``); a class path (``came_pytorch.CAME``) works too
 OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 LR_SCHEDULERS = LR_SCHEDULES
@@ -94,7 +110,8 @@ class TrainOptions:
     caption_suffix: str = option("", "Text put after every caption, joined with a space (kohya).", group="data")
     secondary_separator: str | None = option(
         None,
-        "Tags joined by this (e.g. ';;;') shuffle and drop as one tag; it becomes ',' afterwards (kohya).",
+        "Tags joined by this (e.g. ';;;') shuffle and drop as one tag; it becomes --caption-separator (',') "
+        "afterwards (kohya).",
         group="data",
     )
     caption_separator: str = option(

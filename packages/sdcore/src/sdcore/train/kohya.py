@@ -829,7 +829,8 @@ def _composites(
         out.origin["cache_text_encoder_outputs"] = "cache_text_encoder_outputs_to_disk"
         out.notes.append(
             "cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory (each distinct caption "
-            "encoded once per run), not written to .npz files; the trained result is the same"
+            "encoded once per run, while the text encoders are frozen), not written to .npz files; the trained "
+            "result is the same"
         )
     _deepspeed(items, out, where)
     for name in ("v2", "v_parameterization"):

@@ -108,6 +108,8 @@ def test_kohya_name_values_and_family(tmp_path):
     out = kohya.translate({"block_lr": text}, present, where="cfg")
     assert not out.problems and out.values == {"block_lr": text}
     assert parse_block_lr(text) == [1e-6] * 23
+    out = kohya.translate({"block_lr": [1e-6] * 23}, present, where="cfg")  # a TOML list reads the same
+    assert not out.problems and parse_block_lr(out.values["block_lr"]) == [1e-6] * 23
     for bad, why in ((",".join(["1e-6"] * 22), "needs 23 values"), ("a,b", "23 comma-separated numbers"),
                      (",".join(["1e-6"] * 22 + ["-1"]), "0 \\(frozen\\) or positive")):  # fmt: skip
         with pytest.raises(ConfigError, match=why):

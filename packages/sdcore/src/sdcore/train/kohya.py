@@ -366,7 +366,7 @@ ALIASES: dict[str, Alias] = {
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
-    "block_lr": _a("block_lr", methods="dreambooth"),  # sdxl_train.py: 23 U-Net block rates
+    "block_lr": _a("block_lr", _pair_text, methods="dreambooth"),  # sdxl_train.py: 23 U-Net rates ("a,b,..")
     # textual inversion (train_textual_inversion.py)
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),

@@ -117,6 +117,7 @@ def ours(subset: KohyaSubset, caption: str, epoch0: int, rng: random.Random, ste
         prefix=subset.caption_prefix or "",
         suffix=subset.caption_suffix or "",
         secondary_separator=subset.secondary_separator,
+        caption_separator=subset.caption_separator,
         drop=dropped_at_epoch(subset.caption_dropout_every_n_epochs, epoch0),
         enable_wildcard=subset.enable_wildcard,
         token_warmup_min=subset.token_warmup_min,
@@ -224,6 +225,25 @@ NEW_CASES = {
         SEPARATED,
     ),
     "warm-up with more min than tags": (KohyaSubset(token_warmup_step=6, token_warmup_min=20), "a, b, c"),
+    # caption_separator: the split at the separator as given, the ", " join, the secondary separator back to it
+    "caption_separator '|', keep_tokens, shuffle, tag dropout, secondary": (
+        KohyaSubset(
+            caption_separator="|",
+            shuffle_caption=True,
+            keep_tokens=1,
+            caption_tag_dropout_rate=0.3,
+            secondary_separator=";;;",
+        ),
+        "sks|a|b;;;c|d|e|f",
+    ),
+    "caption_separator ' / ' with the keep-tokens separator": (
+        KohyaSubset(caption_separator=" / ", keep_tokens_separator="|||", shuffle_caption=True),
+        "x / y ||| a / b / c ||| z",
+    ),
+    "caption_separator ';' under warm-up": (
+        KohyaSubset(caption_separator=";", token_warmup_step=8),
+        "t0;t1;t2;t3;t4;t5",
+    ),
 }
 
 

@@ -165,9 +165,9 @@ resolution = [640, 360]
     "body, message",
     [
         (
-            "[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nnum_repeat=3\nresize_interpolation='lanczos'\nclas_tokens='a'\n",
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nnum_repeat=3\ndebug_dataset=true\nclas_tokens='a'\n",
             # every problem of the table at once, each with the nearest key
-            r"unknown key 'num_repeat' \(did you mean 'num_repeats'\?\); kohya key 'resize_interpolation' is not supported "
+            r"unknown key 'num_repeat' \(did you mean 'num_repeats'\?\); kohya key 'debug_dataset' is not supported "
             r"by sdcore; unknown key 'clas_tokens' \(did you mean 'class_tokens'\?\)",
         ),
         (
@@ -175,8 +175,8 @@ resolution = [640, 360]
             r"\[general\]: unknown key 'bogus'",
         ),
         (
-            "[[datasets]]\nresize_interpolation='lanczos'\n[[datasets.subsets]]\nimage_dir='x'\n",
-            "'resize_interpolation' is not",
+            "[[datasets]]\ndebug_dataset=true\n[[datasets.subsets]]\nimage_dir='x'\n",
+            "'debug_dataset' is not",
         ),
         ("[[datasets]]\nalpha_mask=true\n[[datasets.subsets]]\nimage_dir='x'\n", "'alpha_mask' belongs in a"),
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\nrandom_crop='yes'\n", "'random_crop' must be a boolean"),

@@ -57,6 +57,13 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
                 "--no-token-padding with --clip-skip: kohya's unpadded path ignores clip skip (except when a "
                 "caption fills all 77 tokens); use one of them"
             )
+        if o.block_lr is not None:
+            from .block_lr import parse_block_lr
+
+            try:
+                parse_block_lr(o.block_lr)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if o.no_token_padding and o.weighted_captions:
             raise ConfigError(
                 "--no-token-padding with --weighted-captions: kohya's weighted path pads to 77 tokens whatever "
@@ -64,10 +71,16 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             )
 
     def family_problems(self, family: str) -> list[str]:
-        """kohya has ``--no_token_padding`` in train_db.py only: SD1/SD2 (one CLIP text encoder)."""
+        """kohya has ``--no_token_padding`` in train_db.py only: SD1/SD2 (one CLIP text encoder), and
+        ``--block_lr`` in sdxl_train.py only (its 23 blocks are the SDXL U-Net's)."""
+        problems = []
         if self.options.no_token_padding and family not in ("sd1", "sd2"):
-            return [f"--no-token-padding (kohya's train_db.py option) is for SD1/SD2 models; this model is {family}"]
-        return []
+            problems.append(
+                f"--no-token-padding (kohya's train_db.py option) is for SD1/SD2 models; this model is {family}"
+            )
+        if self.options.block_lr is not None and family != "sdxl":
+            problems.append(f"--block-lr (kohya's sdxl_train.py option) is for SDXL models; this model is {family}")
+        return problems
 
     def capabilities(self) -> Capabilities:
         # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too; a full
@@ -111,8 +124,14 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             module.requires_grad_(False)
         denoiser = bundle.denoiser  # the UNet, or the transformer of SD3/Flux
         denoiser.requires_grad_(True)
-        unet_params = [p for p in denoiser.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": unet_params, "lr": o.lr, "name": "unet"}]
+        groups: list[dict[str, Any]]
+        if o.block_lr is not None:  # kohya sdxl_train.py: a group per U-Net block, 0 = not trained
+            from .block_lr import block_param_groups, parse_block_lr
+
+            groups = block_param_groups(denoiser, parse_block_lr(o.block_lr))
+        else:
+            unet_params = [p for p in denoiser.parameters() if p.requires_grad]
+            groups = [{"params": unet_params, "lr": o.lr, "name": "unet"}]
         self._trainables = {"unet": denoiser}  # "unet." keys in training states whatever the denoiser
         if o.train_text_encoder:
             te_params: list[torch.nn.Parameter] = []

@@ -45,6 +45,13 @@ class DreamBoothOptions(TrainOptions):
         "not to 77 (kohya train_db.py's --no_token_padding, diffusers' 2022 DreamBooth).",
         group="dreambooth",
     )
+    block_lr: str | None = option(
+        None,
+        "SDXL: 23 comma-separated learning rates, one per U-Net block in kohya's numbering (time/label "
+        "embeddings, input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out); they replace --lr for the "
+        "U-Net and 0 freezes a block (kohya sdxl_train.py --block_lr).",
+        group="dreambooth",
+    )
     ema: bool = option(
         False, "Keep an exponential moving average of the trained weights and save it.", group="dreambooth"
     )

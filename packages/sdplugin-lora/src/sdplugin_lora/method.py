@@ -867,6 +867,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_color_aug": str(o.color_aug),
         "ss_random_crop": str(o.random_crop),
         "ss_face_crop_aug_range": _face_range_text(o.face_crop_aug_range),
+        "ss_resize_interpolation": str(o.resize_interpolation),  # kohya: the run-wide option ("None" unset)
     }
     if o.min_timestep is not None or o.max_timestep is not None:  # kohya: sai_model_spec's timestep_range
         meta["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"

@@ -97,9 +97,14 @@ def _split_separator(separator: str) -> str:
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
-    """Tags of ``caption``: split at ``separator``, stripped, empty pieces removed."""
-    sep = _split_separator(separator)
-    return [tag.strip() for tag in caption.split(sep) if tag.strip()]
+    """Tags of ``caption``: split at ``separator`` (stripped, so ``", "`` splits at ``","``), stripped,
+    empty pieces removed."""
+    return _tags(caption, _split_separator(separator))
+
+
+def _tags(text: str, separator: str) -> list[str]:
+    """kohya's ``[t.strip() for t in text.split(caption_separator) if t.strip()]``: the separator as given."""
+    return [tag.strip() for tag in text.split(separator) if tag.strip()]
 
 
 def process_caption(
@@ -115,6 +120,7 @@ def process_caption(
     prefix: str = "",
     suffix: str = "",
     secondary_separator: str | None = None,
+    caption_separator: str = ",",
     drop: bool = False,
     enable_wildcard: bool = False,
     token_warmup_min: int = 1,
@@ -133,13 +139,14 @@ def process_caption(
        ``caption_dropout_every_n_epochs``, decided by the caller from the epoch);
     3. ``enable_wildcard``: one line of a multi-line caption, then one choice per ``{a|b|c}``
        (see :func:`choose_wildcards`); without it only the first line counts;
-    4. only if shuffling, token warm-up or tag dropout is on: split into tags at ``separator``
-       (stripped, so ``", "`` splits at ``","``), keep the first ``keep_tokens`` tags fixed (with
-       ``keep_tokens_separator``, kohya's ``|||``, everything before it instead, and everything
-       after a second one as a fixed tail), keep only the first tags of the rest while the token
+    4. only if shuffling, token warm-up or tag dropout is on: split into tags at ``caption_separator``
+       (kohya's, default ``","``, used exactly as given; tags are stripped), keep the first
+       ``keep_tokens`` tags fixed (with ``keep_tokens_separator``, kohya's ``|||``, everything before
+       it instead, and everything after a second one as a fixed tail), keep only the first tags of the rest while the token
        warm-up runs (:func:`warmup_tag_count`), shuffle the rest, drop each of its tags with
-       probability ``tag_dropout``, join with ``separator``;
-    5. ``secondary_separator`` (e.g. ``";;;"``) is replaced by the split separator (``","``): tags
+       probability ``tag_dropout``, join with ``separator`` (kohya joins with ``", "`` whatever
+       ``caption_separator`` is);
+    5. ``secondary_separator`` (e.g. ``";;;"``) is replaced by ``caption_separator``: tags
        joined by it moved and were dropped as one tag in step 4 (applied with step 4 off too).
 
     With step 4 off the caption keeps its text as it is, a ``keep_tokens_separator`` included
@@ -158,7 +165,7 @@ def process_caption(
     caption = choose_wildcards(caption, rng) if enable_wildcard else caption.split("\n")[0]
     warmup = warmup_steps(token_warmup_step, max_steps)
     if shuffle or warmup > 0 or tag_dropout > 0.0:
-        fixed, flex, tail = _split_parts(caption, keep_tokens, separator, keep_tokens_separator)
+        fixed, flex, tail = _split_parts(caption, keep_tokens, caption_separator, keep_tokens_separator)
         if warmup > 0 and step < warmup:
             flex = flex[: warmup_tag_count(len(flex), token_warmup_min, warmup, step)]
         if shuffle:
@@ -167,21 +174,22 @@ def process_caption(
             flex = [tag for tag in flex if rng.random() >= tag_dropout]
         caption = separator.join(fixed + flex + tail)
     if secondary_separator:
-        caption = caption.replace(secondary_separator, _split_separator(separator))
+        caption = caption.replace(secondary_separator, caption_separator)
     return caption
 
 
 def _split_parts(
     caption: str, keep_tokens: int, separator: str, keep_tokens_separator: str | None
 ) -> tuple[list[str], list[str], list[str]]:
-    """(fixed head, shuffled middle, fixed tail) tags of ``caption`` (kohya's three lists)."""
+    """(fixed head, shuffled middle, fixed tail) tags of ``caption`` (kohya's three lists), split at
+    ``separator`` exactly as given (kohya's ``caption_separator``)."""
     if keep_tokens_separator and keep_tokens_separator in caption:
         fixed_text, rest_text = caption.split(keep_tokens_separator, 1)
         tail_text = ""
         if keep_tokens_separator in rest_text:
             rest_text, tail_text = rest_text.split(keep_tokens_separator, 1)
-        return split_tags(fixed_text, separator), split_tags(rest_text, separator), split_tags(tail_text, separator)
-    tags = split_tags(caption, separator)
+        return _tags(fixed_text, separator), _tags(rest_text, separator), _tags(tail_text, separator)
+    tags = _tags(caption, separator)
     keep = max(0, keep_tokens)
     return tags[:keep], tags[keep:], []
 

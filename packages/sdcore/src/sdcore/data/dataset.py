@@ -63,6 +63,8 @@ class SubsetOptions:
     caption_prefix: str = ""
     caption_suffix: str = ""
     secondary_separator: str | None = None
+    #: kohya's ``caption_separator``: where tags split for shuffling, keep_tokens and tag dropout
+    caption_separator: str = ","
     caption_dropout_every_n_epochs: int = 0
     # kohya's validation split (per dataset in its TOML; sdcore.train.validation applies it per subset)
     validation_split: float = 0.0
@@ -70,6 +72,8 @@ class SubsetOptions:
     # kohya's image options (sdcore.data.augment, sdcore.train.data)
     color_aug: bool = False
     random_crop: bool = False
+    #: kohya's ``resize_interpolation``: the filter that resizes to the bucket (None: area/lanczos)
+    resize_interpolation: str | None = None
     #: the alpha channel (0..255 -> 0..1) weights the loss
     alpha_mask: bool = False
     #: ``--masked-loss``: a same-named mask image here weights the loss by its R channel
@@ -216,6 +220,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "caption_prefix": options.caption_prefix,
         "caption_suffix": options.caption_suffix,
         "secondary_separator": options.secondary_separator,
+        "caption_separator": options.caption_separator,
         "keep_tokens_separator": options.keep_tokens_separator,
         "enable_wildcard": options.enable_wildcard,
         "token_warmup_min": options.token_warmup_min,
@@ -223,6 +228,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "flip": options.flip,
         "color_aug": options.color_aug,
         "random_crop": options.random_crop,
+        "resize_interpolation": options.resize_interpolation,
         "alpha_mask": options.alpha_mask,
         "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
         if options.conditioning_data_dir
@@ -326,28 +332,29 @@ _SUBSET_KEYS = {
     "caption_prefix",
     "caption_suffix",
     "secondary_separator",
+    "caption_separator",
     "caption_dropout_every_n_epochs",
     "enable_wildcard",
     "token_warmup_min",
     "token_warmup_step",
     "color_aug",
     "random_crop",
+    "resize_interpolation",
     "alpha_mask",
     "conditioning_data_dir",
     "face_crop_aug_range",
     "metadata_file",
+    "cache_info",  # kohya's cache of image sizes and captions: loading speed only, read and ignored
 }
 #: kohya subset keys that belong to one subset only (kohya's schema refuses them in [general] and [[datasets]])
 _SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "metadata_file"}
 #: keys of kohya's DreamBooth (caption-file) subsets that its fine-tuning schema refuses in a
 #: ``metadata_file`` subset (captions come from the metadata; no class images there); the ones a
 #: fine-tuning ``[[datasets]]`` table refuses too are those that are not subset-only
-_NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir"}
+_NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir",
+                         "cache_info"}  # fmt: skip
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
-    "caption_separator",
-    "cache_info",
-    "resize_interpolation",
     "debug_dataset",
 }
 
@@ -401,6 +408,16 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
             raise bad
     elif kind == "a string":
         if not isinstance(value, str):
+            raise bad
+    elif kind == "a resize interpolation":
+        from ..train.options import RESIZE_INTERPOLATIONS
+
+        if value not in RESIZE_INTERPOLATIONS:
+            raise DataError(
+                f"{path}: {where}: '{key}' must be one of {', '.join(RESIZE_INTERPOLATIONS)}, got {value!r}"
+            )
+    elif kind == "a non-empty string":
+        if not isinstance(value, str) or not value:
             raise bad
     elif kind == "a positive integer":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -466,9 +483,11 @@ _FIELD_OF = {
     "caption_prefix": ("caption_prefix", "a string"),
     "caption_suffix": ("caption_suffix", "a string"),
     "secondary_separator": ("secondary_separator", "a string"),
+    "caption_separator": ("caption_separator", "a non-empty string"),
     "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
     "color_aug": ("color_aug", "a boolean"),
     "random_crop": ("random_crop", "a boolean"),
+    "resize_interpolation": ("resize_interpolation", "a resize interpolation"),
     "alpha_mask": ("alpha_mask", "a boolean"),
     "enable_wildcard": ("enable_wildcard", "a boolean"),
     "token_warmup_min": ("token_warmup_min", "a non-negative integer"),
@@ -502,6 +521,9 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
                 out["face_crop_aug_range"] = face_crop_range(value)
             except ValueError as exc:
                 raise DataError(f"{path}: {where}: {exc}") from None
+            continue
+        if key == "cache_info":
+            _typed(value, "a boolean", key, where, path)
             continue
         name, kind = _FIELD_OF[key]
         out[name] = _typed(value, kind, key, where, path)
@@ -666,7 +688,9 @@ def _scan_metadata_subset(subset: SubsetOptions, index: DatasetIndex, *, verify:
     assert subset.metadata_file is not None
     meta = subset.metadata_file
     try:
-        records, problems = metadata_records(meta, enable_wildcard=subset.enable_wildcard)
+        records, problems = metadata_records(
+            meta, enable_wildcard=subset.enable_wildcard, separator=subset.caption_separator
+        )
     except DataError as exc:
         index.problems.append(str(exc))
         return

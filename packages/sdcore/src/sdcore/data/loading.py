@@ -1,7 +1,8 @@
 """Pixels for one training sample: decode, resize to cover the bucket, crop, flip, scale to [-1, 1].
 
 Resampling follows kohya: area averaging when shrinking (PIL ``BOX``, the equivalent of OpenCV's
-``INTER_AREA``), Lanczos when enlarging.
+``INTER_AREA``), Lanczos when enlarging; a subset's ``resize_interpolation`` (kohya's option) picks
+one filter for both (:data:`sdcore.train.options.RESIZE_FILTERS`).
 """
 
 from __future__ import annotations
@@ -20,28 +21,40 @@ if TYPE_CHECKING:
     from .augment import ColorAug
 
 
-def resize_for_bucket(image: PILImage.Image, size: tuple[int, int]) -> PILImage.Image:
-    """Resize ``image`` to ``size`` (w, h): BOX (area) when shrinking, LANCZOS when enlarging."""
+def resize_for_bucket(image: PILImage.Image, size: tuple[int, int], interpolation: str | None = None) -> PILImage.Image:
+    """Resize ``image`` to ``size`` (w, h): with ``interpolation`` (a name of
+    :data:`sdcore.train.options.RESIZE_FILTERS`) that PIL filter; without (kohya's default), BOX (area)
+    when shrinking, LANCZOS when enlarging."""
     from PIL import Image
 
     if image.size == tuple(size):
         return image
+    if interpolation is not None:
+        from ..train.options import RESIZE_FILTERS
+
+        return image.resize(size, getattr(Image.Resampling, RESIZE_FILTERS[interpolation]))
     shrinking = size[0] * size[1] <= image.size[0] * image.size[1]
     method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
     return image.resize(size, method)
 
 
 def fit_to_bucket(
-    image: PILImage.Image, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None = None
+    image: PILImage.Image,
+    assignment: BucketAssignment,
+    *,
+    flip: bool,
+    crop: tuple[int, int] | None = None,
+    interpolation: str | None = None,
 ) -> tuple[PILImage.Image, tuple[int, int]]:
     """Resize to cover the bucket, crop at ``crop`` (``(left, top)`` in the resized image; the
     bucket's centre crop when None), mirror when ``flip``; returns the image and ``(top, left)``
-    of the crop (mirrored when ``flip``). The one geometry every sample, mask and map goes through."""
+    of the crop (mirrored when ``flip``). The one geometry every sample, mask and map goes through;
+    ``interpolation`` is the subset's ``resize_interpolation`` (:func:`resize_for_bucket`)."""
     from PIL import ImageOps
 
     resized_w, resized_h = assignment.resized
     if image.size != (resized_w, resized_h):
-        image = resize_for_bucket(image, (resized_w, resized_h))
+        image = resize_for_bucket(image, (resized_w, resized_h), interpolation)
     left, top = assignment.crop if crop is None else crop
     bucket_w, bucket_h = assignment.bucket
     image = image.crop((left, top, left + bucket_w, top + bucket_h))
@@ -78,7 +91,8 @@ def load_training_image(
     if keep_alpha:
         image = image.convert("RGB")  # drops alpha without compositing (resizing RGBA would premultiply)
     original_size = (image.size[1], image.size[0])
-    image, coords = fit_to_bucket(image, assignment, flip=flip, crop=crop)
+    interpolation = getattr(entry.subset, "resize_interpolation", None)
+    image, coords = fit_to_bucket(image, assignment, flip=flip, crop=crop, interpolation=interpolation)
     if color is not None:
         array = apply_color_aug(np.asarray(image, dtype=np.uint8), color).astype(np.float32)
     else:
@@ -94,12 +108,14 @@ def load_training_channel(
     channel: int,
     flip: bool,
     crop: tuple[int, int] | None = None,
+    interpolation: str | None = None,
 ) -> np.ndarray:
     """One channel (0..3 of RGBA, colours as stored) of the image at ``path`` as uint8 ``[H, W]``,
     resized, cropped and flipped exactly like a training image with the same ``assignment``: kohya's
-    alpha masks (channel 3 of the image) and mask images (channel 0, R, of ``conditioning_data_dir``)."""
+    alpha masks (channel 3 of the image) and mask images (channel 0, R, of ``conditioning_data_dir``),
+    with the image's ``interpolation`` (its subset's ``resize_interpolation``)."""
     import numpy as np
 
     image = open_image_rgb(path, keep_alpha=True).getchannel(channel)
-    image, _ = fit_to_bucket(image, assignment, flip=flip, crop=crop)
+    image, _ = fit_to_bucket(image, assignment, flip=flip, crop=crop, interpolation=interpolation)
     return np.asarray(image, dtype=np.uint8)

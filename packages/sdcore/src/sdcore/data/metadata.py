@@ -140,8 +140,11 @@ def read_metadata(path: Path) -> dict[str, dict[str, Any]]:
     return data
 
 
-def metadata_records(path: Path, *, enable_wildcard: bool = False) -> tuple[list[MetadataRecord], list[str]]:
-    """The records of ``path`` in file order, and every problem with its entries (one line each).
+def metadata_records(
+    path: Path, *, enable_wildcard: bool = False, separator: str = CAPTION_SEPARATOR
+) -> tuple[list[MetadataRecord], list[str]]:
+    """The records of ``path`` in file order, and every problem with its entries (one line each);
+    ``separator`` is the subset's ``caption_separator`` (kohya joins caption and tags with it).
 
     Raises :class:`DataError` when the file itself cannot be used (see :func:`read_metadata`).
     """
@@ -157,7 +160,7 @@ def metadata_records(path: Path, *, enable_wildcard: bool = False) -> tuple[list
             continue
         caption = _field(entry, "caption", key, path, problems)
         tags = _field(entry, "tags", key, path, problems)
-        text, counted = combine_caption(caption, tags, enable_wildcard=enable_wildcard)
+        text, counted = combine_caption(caption, tags, enable_wildcard=enable_wildcard, separator=separator)
         records.append(MetadataRecord(key=key, caption=text, tags=counted))
     return records, problems
 

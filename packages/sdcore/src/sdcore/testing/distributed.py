@@ -123,6 +123,12 @@ def main() -> None:
             "losses": result.losses,
             "validation_losses": result.validation_losses,
             "trained_through": type(session.placement.model).__name__,
+            # DDP's settings as the prepared model holds them (kohya's --ddp_static_graph ...)
+            "ddp": {
+                name: bool(getattr(session.placement.model, name))
+                for name in ("static_graph", "gradient_as_bucket_view")
+                if hasattr(session.placement.model, name)
+            },
         }
         target.with_suffix(".json").write_text(json.dumps(record))
 

@@ -63,6 +63,8 @@ def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str) -> s
         assignment.crop,
         vae_id,
     ]
+    if getattr(entry.subset, "resize_interpolation", None) is not None:
+        parts.append(f"resize:{entry.subset.resize_interpolation}")  # other pixels; None keeps older keys valid
     if getattr(entry.subset, "alpha_mask", False):
         parts.append("rgb-as-stored")  # alpha_mask reads RGB without compositing: other latents
     return hashlib.sha256(repr(parts).encode()).hexdigest()

@@ -28,6 +28,8 @@ def caption_option_problems(options: TrainOptions, method: TrainingMethod[Any] |
         )
     if o.keep_tokens_separator is not None and o.keep_tokens_separator and not o.keep_tokens_separator.strip():
         problems.append("--keep-tokens-separator is only whitespace: it would split every caption (use e.g. '|||')")
+    if not o.caption_separator:
+        problems.append("--caption-separator is empty: give the text between tags (kohya's default is ',')")
     if o.weighted_captions and method is not None:
         from .method import TrainingMethod
 

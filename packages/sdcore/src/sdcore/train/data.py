@@ -246,6 +246,7 @@ def make_caption(
         prefix=getattr(s, "caption_prefix", ""),
         suffix=getattr(s, "caption_suffix", ""),
         secondary_separator=getattr(s, "secondary_separator", None),
+        caption_separator=getattr(s, "caption_separator", ","),
         drop=caption_dropped(entry, epoch),
         enable_wildcard=getattr(s, "enable_wildcard", False),
         token_warmup_min=getattr(s, "token_warmup_min", 1),
@@ -308,16 +309,19 @@ def load_mask(
     from ..errors import DataError
 
     s = entry.subset
+    interpolation = getattr(s, "resize_interpolation", None)
     if getattr(s, "conditioning_data_dir", None) is not None:
         path = mask_image_path(entry)
         if path is None:
             raise DataError(f"{entry.path}: no mask image named {entry.path.stem}.* in {s.conditioning_data_dir}")
-        red = load_training_channel(path, assignment, channel=0, flip=flip, crop=crop)
+        red = load_training_channel(path, assignment, channel=0, flip=flip, crop=crop, interpolation=interpolation)
         t = red.astype(np.float32) / np.float32(255.0)
         t = (t - np.float32(0.5)) / np.float32(0.5)
         return t / np.float32(2.0) + np.float32(0.5)
     if getattr(s, "alpha_mask", False):
-        alpha = load_training_channel(entry.path, assignment, channel=3, flip=flip, crop=crop)
+        alpha = load_training_channel(
+            entry.path, assignment, channel=3, flip=flip, crop=crop, interpolation=interpolation
+        )
         return alpha.astype(np.float32) / np.float32(255.0)
     return None
 

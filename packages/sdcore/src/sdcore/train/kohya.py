@@ -239,12 +239,14 @@ ALIASES: dict[str, Alias] = {
     "caption_prefix": _a("caption_prefix"),
     "caption_suffix": _a("caption_suffix"),
     "secondary_separator": _a("secondary_separator"),
+    "caption_separator": _a("caption_separator"),
     "keep_tokens_separator": _a("keep_tokens_separator"),
     "enable_wildcard": _a("enable_wildcard", flag=True),
     "token_warmup_min": _a("token_warmup_min"),
     "token_warmup_step": _a("token_warmup_step"),
     "weighted_captions": _a("weighted_captions", flag=True),
     "flip_aug": _a("flip", flag=True),
+    "resize_interpolation": _a("resize_interpolation"),
     "random_crop": _a("random_crop", flag=True),
     "face_crop_aug_range": _a("face_crop_aug_range", _pair_text),
     "color_aug": _a("color_aug", flag=True),
@@ -289,6 +291,10 @@ ALIASES: dict[str, Alias] = {
     "fp8_base": _a("fp8_base", flag=True),
     "fp8_base_unet": _a("fp8_base", flag=True),  # sdcore's --fp8-base is the denoiser's weights only
     "blocks_to_swap": _a("blocks_to_swap"),
+    # accelerate's DDP settings (train_util.prepare_accelerator); kohya: a timeout of 0 is accelerate's default
+    "ddp_timeout": _a("ddp_timeout", lambda v: _unless_zero(int(v))),
+    "ddp_static_graph": _a("ddp_static_graph", flag=True),
+    "ddp_gradient_as_bucket_view": _a("ddp_gradient_as_bucket_view", flag=True),
     "seed": _a("seed"),
     "clip_skip": _a("clip_skip"),
     "noise_offset": _a("noise_offset"),
@@ -372,6 +378,7 @@ ALIASES: dict[str, Alias] = {
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
+    "block_lr": _a("block_lr", _pair_text, methods="dreambooth"),  # sdxl_train.py: 23 U-Net rates ("a,b,..")
     # textual inversion (train_textual_inversion.py)
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),
@@ -394,6 +401,21 @@ COMPOSITE: dict[str, str] = {
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
+    "cache_text_encoder_outputs_to_disk": "--cache-text-encoder-outputs (in memory; sdcore writes no text-encoder npz)",
+    "deepspeed": "refused: give DeepSpeed to `accelerate launch --config_file` (docs/accelerate/deepspeed-zero2.yaml)",
+    **dict.fromkeys(
+        (
+            "zero_stage",
+            "offload_optimizer_device",
+            "offload_optimizer_nvme_path",
+            "offload_param_device",
+            "offload_param_nvme_path",
+            "zero3_init_flag",
+            "zero3_save_16bit_model",
+            "fp16_master_weights_and_gradients",
+        ),
+        "with --deepspeed only (see --deepspeed); without it no effect, as in kohya",
+    ),
 }
 _FLAG_COMPOSITES = {
     "use_object_template",
@@ -402,6 +424,11 @@ _FLAG_COMPOSITES = {
     "use_lion_optimizer",
     "v2",
     "v_parameterization",
+    "cache_text_encoder_outputs_to_disk",
+    "deepspeed",
+    "zero3_init_flag",
+    "zero3_save_16bit_model",
+    "fp16_master_weights_and_gradients",
 }
 
 #: options without an effect on the trained result here (accepted with one note)
@@ -463,10 +490,18 @@ IGNORED: dict[str, str] = {
         ),
         "no uploads (sdcore works offline)",
     ),
+    "use_safetensors": "sdcore always writes safetensors",
+    "torch_compile": "speed only",
+    "cache_info": "speed only",
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
     "save_state_on_train_end": "sdcore always saves a resumable state at the end (--no-save-state turns it off)",
+    "use_safetensors": "sdcore always writes .safetensors (a single file, or a diffusers folder of them); kohya "
+    "without it and without save_model_as would write a .ckpt",
+    "torch_compile": "sdcore runs the denoiser without torch.compile (compiling changes speed, not what trains); "
+    "dynamo_backend is ignored with it",
+    "cache_info": "sdcore reads image sizes and captions each run (kohya's cache only speeds up loading)",
 }
 _FLAG_IGNORED = {
     "xformers",
@@ -486,6 +521,9 @@ _FLAG_IGNORED = {
     "save_state_to_huggingface",
     "sample_at_first",
     "resume_from_huggingface",
+    "use_safetensors",
+    "torch_compile",
+    "cache_info",
 }
 
 _OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())
@@ -820,6 +858,17 @@ def _composites(
     for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
         if items.get(name):
             put("template", template, name)
+    # kohya: --cache_text_encoder_outputs_to_disk turns --cache_text_encoder_outputs on (sdxl_train_util and the
+    # SD3/Flux scripts set it, over an explicit false); sdcore's text-encoder cache is built in memory each run
+    if not _is_off(items.get("cache_text_encoder_outputs_to_disk"), _OFF) and "cache_text_encoder_outputs" in present:
+        out.values["cache_text_encoder_outputs"] = True
+        out.origin["cache_text_encoder_outputs"] = "cache_text_encoder_outputs_to_disk"
+        out.notes.append(
+            "cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory (each distinct caption "
+            "encoded once per run, while the text encoders are frozen), not written to .npz files; the trained "
+            "result is the same"
+        )
+    _deepspeed(items, out, where)
     for name in ("v2", "v_parameterization"):
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"
@@ -864,6 +913,53 @@ def _output(
         out.problems.append(f"{where}: save_model_as = {fmt!r} is not available for this method")
         return
     put("output", str(PurePath(_text(directory)) / f"{name}{suffix}"), "output_dir")
+
+
+#: kohya's DeepSpeed options (deepspeed_utils.add_deepspeed_arguments) with their defaults; all but the last
+#: are also keys of accelerate's ``deepspeed_config`` in an ``accelerate launch --config_file`` YAML
+_DEEPSPEED_OPTIONS: dict[str, Any] = {
+    "zero_stage": 2,
+    "offload_optimizer_device": None,
+    "offload_optimizer_nvme_path": None,
+    "offload_param_device": None,
+    "offload_param_nvme_path": None,
+    "zero3_init_flag": False,
+    "zero3_save_16bit_model": False,
+    "fp16_master_weights_and_gradients": False,
+}
+
+
+def _deepspeed(items: dict[str, Any], out: Translation, where: str) -> None:
+    """kohya's ``--deepspeed`` builds an accelerate ``DeepSpeedPlugin`` from its options; sdcore takes
+    DeepSpeed from accelerate's own launch config (the one engine setup it documents), so the run is
+    refused with the ``deepspeed_config`` lines that give the same engine. Without ``--deepspeed`` kohya
+    ignores the other options: accepted, with a note when one is set to other than kohya's default."""
+    given = {
+        k: items[k]
+        for k in _DEEPSPEED_OPTIONS
+        if k in items and items[k] not in (None, "") and (k == "zero_stage" or not _is_off(items[k], _OFF))
+    }  # zero_stage 0 is a stage
+    if _is_off(items.get("deepspeed"), _OFF):
+        changed = sorted(k for k, v in given.items() if not _same_value(v, _DEEPSPEED_OPTIONS[k]))
+        if changed:
+            out.notes.append(f"{', '.join(changed)}: DeepSpeed options without deepspeed have no effect (as in kohya)")
+        return
+    config = {"zero_stage": given.get("zero_stage", 2)}
+    config |= {k: v for k, v in given.items() if k not in ("zero_stage", "fp16_master_weights_and_gradients")}
+    config["gradient_accumulation_steps"] = items.get("gradient_accumulation_steps") or 1
+    config["gradient_clipping"] = items.get("max_grad_norm", 1.0)  # kohya: DeepSpeedPlugin(gradient_clipping=...)
+    lines = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in config.items())
+    extra = (
+        "; fp16_master_weights_and_gradients goes in a DeepSpeed JSON (deepspeed_config_file)"
+        if "fp16_master_weights_and_gradients" in given
+        else ""
+    )
+    out.problems.append(
+        f"{where}: deepspeed: sdcore takes DeepSpeed from accelerate's launch config, not from training options: "
+        f"run `accelerate launch --config_file ds.yaml -m sdcore train ...` with a ds.yaml like "
+        f"docs/accelerate/deepspeed-zero2.yaml whose deepspeed_config has {{{lines}}}{extra}, and drop deepspeed "
+        "and its options from this config (docs/training.md, 'Several GPUs and machines')"
+    )
 
 
 def _network(

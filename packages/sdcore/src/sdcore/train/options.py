@@ -23,6 +23,24 @@ MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
 WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: kohya's ``resize_interpolation`` names -> the PIL filter sdcore resizes with. kohya resizes with PIL
+#: for ``lanczos`` and ``box`` (the same pixels) and with OpenCV for the others (``nearest``:
+#: INTER_NEAREST_EXACT, which OpenCV documents as PIL's nearest; ``bilinear``/``linear``: INTER_LINEAR;
+#: ``bicubic``/``cubic``: INTER_CUBIC; ``area``: INTER_AREA, whose shrinking PIL's BOX reproduces):
+#: those can differ from OpenCV's by a few levels per pixel (PIL's bilinear/bicubic also antialias
+#: when shrinking, OpenCV's do not)
+RESIZE_FILTERS: dict[str, str] = {
+    "lanczos": "LANCZOS",
+    "nearest": "NEAREST",
+    "bilinear": "BILINEAR",
+    "linear": "BILINEAR",
+    "bicubic": "BICUBIC",
+    "cubic": "BICUBIC",
+    "area": "BOX",
+    "box": "BOX",
+}
+#: kohya's resize_interpolation names (``--resize-interpolation`` and the dataset TOML's key)
+RESIZE_INTERPOLATIONS = tuple(RESIZE_FILTERS)
 #: the optimizers by name (``sdcore.train.optim.OPTIMIZER_TABLE``); a class path (``came_pytorch.CAME``) works too
 OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 LR_SCHEDULERS = LR_SCHEDULES
@@ -96,7 +114,14 @@ class TrainOptions:
     caption_suffix: str = option("", "Text put after every caption, joined with a space (kohya).", group="data")
     secondary_separator: str | None = option(
         None,
-        "Tags joined by this (e.g. ';;;') shuffle and drop as one tag; it becomes ',' afterwards (kohya).",
+        "Tags joined by this (e.g. ';;;') shuffle and drop as one tag; it becomes --caption-separator (',') "
+        "afterwards (kohya).",
+        group="data",
+    )
+    caption_separator: str = option(
+        ",",
+        "What separates a caption's tags for --shuffle-caption, --keep-tokens and --tag-dropout (used as given; "
+        "processed captions are joined with ', ', as kohya does; kohya's --caption_separator).",
         group="data",
     )
     keep_tokens_separator: str | None = option(
@@ -121,6 +146,13 @@ class TrainOptions:
     weighted_captions: bool = option(
         False,
         "Captions' A1111 emphasis '(word:1.3)' / '[word]' scales those tokens' text-encoder outputs (kohya; SD1/SD2/SDXL).",
+        group="data",
+    )
+    resize_interpolation: str | None = option(
+        None,
+        "Filter that resizes images to their bucket: lanczos, nearest, bilinear/linear, bicubic/cubic, area/box "
+        "(PIL's filters; kohya's --resize_interpolation). Default: area when shrinking, lanczos when enlarging.",
+        choices=RESIZE_INTERPOLATIONS,
         group="data",
     )
     flip: bool = option(False, "Random horizontal flips (cached latents are kept for both orientations).", group="data")
@@ -284,6 +316,24 @@ class TrainOptions:
         0,
         "Keep the frozen weights of the denoiser's last N transformer blocks in CPU memory; each block's weights "
         "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
+        group="training",
+    )
+    ddp_timeout: int | None = option(
+        None,
+        "Several processes: minutes a process waits for the others before giving up (default: accelerate's; "
+        "kohya's --ddp_timeout).",
+        group="training",
+    )
+    ddp_static_graph: bool = option(
+        False,
+        "Several processes: tell DDP the same parameters get gradients every step (faster; not with LoRA "
+        "module/rank dropout or DreamBooth's --stop-text-encoder-at; kohya's --ddp_static_graph).",
+        group="training",
+    )
+    ddp_gradient_as_bucket_view: bool = option(
+        False,
+        "Several processes: gradients are views into DDP's all-reduce buckets (less memory; kohya's "
+        "--ddp_gradient_as_bucket_view).",
         group="training",
     )
     cudnn_attention: bool = option(

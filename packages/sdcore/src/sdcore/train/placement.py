@@ -30,29 +30,28 @@ if TYPE_CHECKING:
 
 
 def create_accelerator(options: TrainOptions, *, log_with: str | None = None) -> Any:
-    """An ``accelerate.Accelerator`` for this run (mixed precision, trackers, DDP settings).
+    """An ``accelerate.Accelerator`` for this run (mixed precision, trackers, DDP settings and kohya's
+    ``--ddp_*`` options: :mod:`.accelerate_options`).
 
     The LR schedule is stepped once per optimizer step of this run (``step_scheduler_with_optimizer``
     off): its length is already counted per process, so accelerate must not step it once per process.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+
+    from .accelerate_options import kwargs_handlers
 
     with contextlib.suppress(Exception):  # a previous run in this process fixed another precision
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    # find_unused_parameters: LoRA module dropout and DreamBooth's --stop-text-encoder-at leave
-    # some trainable parameters without a gradient on some steps
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
     try:
         return Accelerator(
             mixed_precision=options.mixed_precision,
             log_with=log_with,
             project_dir=options.log_dir,
             step_scheduler_with_optimizer=False,
-            kwargs_handlers=[ddp],
+            kwargs_handlers=kwargs_handlers(options),
         )
     except ValueError as exc:
         raise ConfigError(f"--mixed-precision {options.mixed_precision}: {exc}") from exc

@@ -73,6 +73,7 @@ def validate_options(options: TrainOptions, method: TrainingMethod[Any] | None =
 
 def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = None) -> list[str]:
     """Every missing or contradictory option, one line each (empty when all is well)."""
+    from .accelerate_options import accelerate_option_problems
     from .optim import optimizer_problems
 
     o = options
@@ -179,6 +180,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     from .fused import fused_problems
 
     problems.extend(fused_problems(o, method))  # --fused-backward-pass: optimizer, accumulation, method
+    problems.extend(accelerate_option_problems(o))  # --ddp-timeout (kohya's accelerate settings)
     if method is not None:
         if method.capabilities().needs_pixels and o.cache_latents:
             problems.append(f"method {method.name!r} needs decoded pixels every step: pass --no-cache-latents")

@@ -831,6 +831,10 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
     }
     if o.min_timestep is not None or o.max_timestep is not None:  # kohya: sai_model_spec's timestep_range
         meta["modelspec.timestep_range"] = f"{o.min_timestep or 0},{1000 if o.max_timestep is None else o.max_timestep}"
+    if run is not None and run.family == "sd3":  # kohya's sd3_train_network.update_metadata
+        meta["ss_apply_lg_attn_mask"] = str(o.apply_lg_attn_mask)
+    if run is not None and run.family == "flux":  # flux_train_network.update_metadata; sdcore has no Chroma
+        meta["ss_model_type"] = "flux"
     meta["ss_training_finished_at"] = str(int(time.time())) if info.final else "None"
     if run is not None:
         meta.update(

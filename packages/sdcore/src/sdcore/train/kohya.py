@@ -309,6 +309,12 @@ ALIASES: dict[str, Alias] = {
     "timestep_sampling": _a("timestep_sampling", _flow_sampling),
     "weighting_scheme": _a("timestep_sampling", _weighting_scheme),
     "training_shift": _a("discrete_flow_shift"),
+    # SD3/Flux conditioning (sd3_train_utils.py, flux_train_utils.py): the same names as sdcore's, for kohya's CLI
+    "apply_t5_attn_mask": _a("apply_t5_attn_mask", flag=True),
+    "apply_lg_attn_mask": _a("apply_lg_attn_mask", flag=True),
+    "clip_l_dropout_rate": _a("clip_l_dropout_rate", float),
+    "clip_g_dropout_rate": _a("clip_g_dropout_rate", float),
+    "t5_dropout_rate": _a("t5_dropout_rate", float),
     # saving, samples, logs
     "save_precision": _a("save_dtype", _precision),
     "save_every_n_steps": _a("save_every"),
@@ -382,6 +388,10 @@ COMPOSITE: dict[str, str] = {
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
+    "double_blocks_to_swap": "kohya's old flux_train.py name: --blocks-to-swap double + single // 2 (when not given)",
+    "single_blocks_to_swap": "see --double_blocks_to_swap",
+    "split_mode": "kohya's old flux_train_network.py flag: --blocks-to-swap 18 (when not given)",
+    "cpu_offload_checkpointing": "accepted: gradient checkpointing without the CPU offload (not with blocks_to_swap)",
 }
 _FLAG_COMPOSITES = {
     "use_object_template",
@@ -390,6 +400,8 @@ _FLAG_COMPOSITES = {
     "use_lion_optimizer",
     "v2",
     "v_parameterization",
+    "split_mode",
+    "cpu_offload_checkpointing",
 }
 
 #: options without an effect on the trained result here (accepted with one note)
@@ -451,10 +463,22 @@ IGNORED: dict[str, str] = {
         ),
         "no uploads (sdcore works offline)",
     ),
+    # kohya's SD3/Flux/SDXL memory and bookkeeping options (sd3_train.py, flux_train.py, train_util.py)
+    **dict.fromkeys(
+        ("mem_eff_save", "skip_latents_validity_check", "t5xxl_device", "t5xxl_dtype", "text_encoder_batch_size"),
+        "sdcore manages loading and memory itself",
+    ),
+    "diffusers_xformers": "sdcore picks the attention kernel itself",
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
     "save_state_on_train_end": "sdcore always saves a resumable state at the end (--no-save-state turns it off)",
+    "t5xxl_dtype": "kohya's SD3 scripts do not read it (their help: [DOES NOT WORK]); T5 runs in the mixed-precision "
+    "dtype there as here",
+    "t5xxl_device": "kohya's SD3 scripts do not read it (their help: [DOES NOT WORK])",
+    "mem_eff_save": "a memory-saving way to write the same checkpoint; sdcore writes it its own way",
+    "text_encoder_batch_size": "the batch size of text-encoder caching (the same encodings); sdcore uses its own",
+    "skip_latents_validity_check": "kohya's old name of skip_cache_check; sdcore's latent cache checks its keys itself",
 }
 _FLAG_IGNORED = {
     "xformers",
@@ -474,6 +498,9 @@ _FLAG_IGNORED = {
     "save_state_to_huggingface",
     "sample_at_first",
     "resume_from_huggingface",
+    "mem_eff_save",
+    "skip_latents_validity_check",
+    "diffusers_xformers",
 }
 
 _OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())
@@ -486,8 +513,19 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         _OFF,
     ),
     "noise_offset_type": (*_OFF, "Original"),
+    # kohya's SD3 MMDiT (library/sd3_models.py) positional-embedding options, "only for SD3.5M"
+    **dict.fromkeys(("enable_scaled_pos_embed", "pos_emb_random_crop_rate"), _OFF),
+    "model_type": (*_OFF, "flux"),  # flux_train_utils: flux or chroma
 }
-_FLAG_UNSUPPORTED: set[str] = set()
+_FLAG_UNSUPPORTED: set[str] = {"enable_scaled_pos_embed"}
+#: why an :data:`UNSUPPORTED` option is refused, where "it changes the result" does not say enough
+_UNSUPPORTED_NOTES = {
+    "enable_scaled_pos_embed": "kohya's own SD3 MMDiT rebuilds its positional embedding per training resolution; "
+    "sdcore trains diffusers' SD3Transformer2DModel, whose patch embedding has no such mode: not implemented",
+    "pos_emb_random_crop_rate": "kohya's own SD3 MMDiT crops its positional embedding at a random place; sdcore "
+    "trains diffusers' SD3Transformer2DModel, whose patch embedding always crops the centre: not implemented",
+    "model_type": "sdcore has no Chroma model family, only FLUX.1 dev/schnell: model_type = 'flux'",
+}
 
 #: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)
 NETWORK_ARGS = {
@@ -713,7 +751,8 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
                 ignored.append(name)
         elif name in UNSUPPORTED:
             if not _is_off(value, UNSUPPORTED[name]):
-                out.problems.append(f"{where}: {name} = {value!r} is not supported by sdcore (it changes the result)")
+                why = _UNSUPPORTED_NOTES.get(name, "it changes the result")
+                out.problems.append(f"{where}: {name} = {value!r} is not supported by sdcore ({why})")
         elif name not in COMPOSITE:
             raise KeyError(name)  # callers pass kohya names only
     _composites(items, present, out, where, put)
@@ -784,6 +823,7 @@ def _composites(
     for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
         if items.get(name):
             put("template", template, name)
+    _block_swap_spellings(items, present, out, where, put)
     for name in ("v2", "v_parameterization"):
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"
@@ -795,6 +835,42 @@ def _composites(
         )
     _output(items, present, out, where, put)
     _network(items, present, out, where, put)
+
+
+def _block_swap_spellings(
+    items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
+) -> None:
+    """kohya's deprecated block-swap options and ``cpu_offload_checkpointing`` (flux_train.py,
+    flux_train_network.py, sd3_train_network.py): used only while ``blocks_to_swap`` is not given, as there."""
+    try:
+        double = int(items.get("double_blocks_to_swap") or 0)
+        single = int(items.get("single_blocks_to_swap") or 0)
+    except (TypeError, ValueError):
+        out.problems.append(f"{where}: double_blocks_to_swap/single_blocks_to_swap must be whole numbers")
+        return
+    swap = double + single // 2  # flux_train.py's conversion
+    if items.get("split_mode") is True and not swap:
+        swap = 18  # flux_train_network.py: "18 is safe for most cases"
+    names = ", ".join(n for n in ("double_blocks_to_swap", "single_blocks_to_swap", "split_mode") if items.get(n))
+    if swap and items.get("blocks_to_swap") is not None:
+        out.notes.append(f"{names}: ignored because blocks_to_swap is given (as in kohya)")
+    elif swap:
+        put("blocks_to_swap", swap, names.split(", ")[0])
+        out.notes.append(
+            f"{names}: kohya's deprecated spelling, read as blocks_to_swap = {swap} (as kohya converts it)"
+        )
+    if items.get("cpu_offload_checkpointing") is True:
+        if out.values.get("blocks_to_swap"):
+            out.problems.append(
+                f"{where}: cpu_offload_checkpointing with blocks_to_swap: kohya refuses the pair (choose one)"
+            )
+        elif "gradient_checkpointing" in present:
+            out.values["gradient_checkpointing"] = True
+            out.origin.setdefault("gradient_checkpointing", "cpu_offload_checkpointing")
+            out.notes.append(
+                "cpu_offload_checkpointing: gradient checkpointing is on (kohya's flux_train.py turns it on too); "
+                "sdcore keeps the checkpointed activations on the device (the same result, a little more memory)"
+            )
 
 
 def _output(

@@ -88,6 +88,14 @@ def _single_lr(value: Any) -> float | None:
     return float(value)
 
 
+def _rate_zero_freezes(value: Any) -> float | str:
+    """kohya's ``learning_rate_te{1,2,3}``: 0 is not "unset" there but "keep this encoder frozen" (sdxl_train.py,
+    sd3_train.py), so a 0 is passed on as the text ``"0"``, which the config layer's rule for kohya_ss's
+    untouched fields (a numeric 0 of an optional option means None) leaves as it is."""
+    rate = float(value)
+    return "0" if rate == 0 else rate
+
+
 #: kohya optimizer_type (lower case) -> (sdcore optimizer, extra optimizer args kohya implies): sdcore's
 #: optimizer table has kohya's names; kohya's Adafactor computes its own rate unless told otherwise
 OPTIMIZERS = {name: (name, "") for name in OPTIMIZER_TABLE if name != "sgd"} | {
@@ -366,6 +374,12 @@ ALIASES: dict[str, Alias] = {
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
+    # full fine-tuning of SDXL/SD3 (sdxl_train.py, sd3_train.py): per-encoder rates, T5 training
+    "learning_rate_te1": _a("te1_lr", _rate_zero_freezes, methods="dreambooth"),
+    "learning_rate_te2": _a("te2_lr", _rate_zero_freezes, methods="dreambooth"),
+    "learning_rate_te3": _a("te3_lr", _rate_zero_freezes, methods="dreambooth"),
+    "train_t5xxl": _a("train_t5", flag=True, methods="dreambooth"),
+    "num_last_block_to_freeze": _a("num_last_block_to_freeze", lambda v: int(v or 0), methods="dreambooth"),
     # textual inversion (train_textual_inversion.py)
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),
@@ -392,6 +406,7 @@ COMPOSITE: dict[str, str] = {
     "single_blocks_to_swap": "see --double_blocks_to_swap",
     "split_mode": "kohya's old flux_train_network.py flag: --blocks-to-swap 18 (when not given)",
     "cpu_offload_checkpointing": "accepted: gradient checkpointing without the CPU offload (not with blocks_to_swap)",
+    "use_t5xxl_cache_only": "accepted (sd3_train.py): a frozen T5 gives the same outputs uncached (not with train_t5xxl)",
 }
 _FLAG_COMPOSITES = {
     "use_object_template",
@@ -402,6 +417,7 @@ _FLAG_COMPOSITES = {
     "v_parameterization",
     "split_mode",
     "cpu_offload_checkpointing",
+    "use_t5xxl_cache_only",
 }
 
 #: options without an effect on the trained result here (accepted with one note)
@@ -469,6 +485,7 @@ IGNORED: dict[str, str] = {
         "sdcore manages loading and memory itself",
     ),
     "diffusers_xformers": "sdcore picks the attention kernel itself",
+    **dict.fromkeys(("save_clip", "save_t5xxl"), "logging, metadata or save bookkeeping"),
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
@@ -479,6 +496,10 @@ _IGNORED_NOTES = {
     "mem_eff_save": "a memory-saving way to write the same checkpoint; sdcore writes it its own way",
     "text_encoder_batch_size": "the batch size of text-encoder caching (the same encodings); sdcore uses its own",
     "skip_latents_validity_check": "kohya's old name of skip_cache_check; sdcore's latent cache checks its keys itself",
+    "save_clip": "kohya's sd3_train.py does not read it (its help: [DOES NOT WORK]); sdcore's SD3 checkpoint holds "
+    "the text encoders it was given",
+    "save_t5xxl": "kohya's sd3_train.py does not read it (its help: [DOES NOT WORK]); sdcore's SD3 checkpoint holds "
+    "the text encoders it was given",
 }
 _FLAG_IGNORED = {
     "xformers",
@@ -501,6 +522,8 @@ _FLAG_IGNORED = {
     "mem_eff_save",
     "skip_latents_validity_check",
     "diffusers_xformers",
+    "save_clip",
+    "save_t5xxl",
 }
 
 _OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())
@@ -824,6 +847,17 @@ def _composites(
         if items.get(name):
             put("template", template, name)
     _block_swap_spellings(items, present, out, where, put)
+    if items.get("use_t5xxl_cache_only") is True:
+        if items.get("train_t5xxl") is True:
+            out.problems.append(
+                f"{where}: use_t5xxl_cache_only with train_t5xxl: kohya refuses the pair (a trained T5's outputs "
+                "cannot be cached)"
+            )
+        else:
+            out.notes.append(
+                "use_t5xxl_cache_only: T5's outputs are encoded at every step here while CLIP trains (the same "
+                "values, T5 being frozen); kohya caches them to save time and memory"
+            )
     for name in ("v2", "v_parameterization"):
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"

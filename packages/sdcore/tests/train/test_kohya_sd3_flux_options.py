@@ -79,8 +79,6 @@ def test_cpu_offload_checkpointing_turns_on_checkpointing_and_refuses_block_swap
 @pytest.mark.parametrize(
     ("name", "on", "off", "reason"),
     [
-        ("enable_scaled_pos_embed", True, False, "SD3Transformer2DModel"),
-        ("pos_emb_random_crop_rate", 0.2, 0.0, "SD3Transformer2DModel"),
         ("model_type", "chroma", "flux", "no Chroma model family"),
     ],
 )
@@ -98,13 +96,14 @@ def test_a_kohya_flux_toml_with_these_names_loads(tmp_path):
     path.write_text(
         'pretrained_model_name_or_path = "flux1-dev.safetensors"\nmodel_type = "flux"\nmem_eff_save = true\n'
         't5xxl_dtype = "bf16"\ndouble_blocks_to_swap = 4\nsingle_blocks_to_swap = 8\ntext_encoder_batch_size = 8\n'
-        "pos_emb_random_crop_rate = 0.0\n",
+        "pos_emb_random_crop_rate = 0.25\nenable_scaled_pos_embed = true\n",
         encoding="utf-8",
     )
     notes: list[str] = []
     o = load_options(ConvOutOptions, path, notes=notes)
     assert o.blocks_to_swap == 8 and not o.gradient_checkpointing
-    path.write_text(path.read_text() + "enable_scaled_pos_embed = true\n", encoding="utf-8")
+    assert o.enable_scaled_pos_embed and o.pos_emb_random_crop_rate == 0.25
+    path.write_text(path.read_text().replace('"flux"', '"chroma"'), encoding="utf-8")
     with pytest.raises(ConfigError) as err:
         load_options(ConvOutOptions, path, notes=notes)
-    assert "enable_scaled_pos_embed" in str(err.value) and "unknown" not in str(err.value)
+    assert "model_type = 'chroma'" in str(err.value) and "unknown" not in str(err.value)

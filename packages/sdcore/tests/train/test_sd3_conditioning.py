@@ -15,10 +15,11 @@ from runtime_methods import ProjOutMethod  # noqa: E402
 from sdcore.testing.contract import contract_options  # noqa: E402
 from sdcore.train import kohya  # noqa: E402
 from sdcore.train.data import SampleRef  # noqa: E402
-from sdcore.train.encoder_dropout import DROPPED_KEY, family_problems  # noqa: E402
+from sdcore.train.encoder_dropout import DROPPED_KEY  # noqa: E402
 from sdcore.train.loop import TrainSession  # noqa: E402
 from sdcore.train.options import TrainOptions  # noqa: E402
 from sdcore.train.preflight import option_problems  # noqa: E402
+from sdcore.train.sd3_options import family_problems  # noqa: E402
 
 T5_LEN = 16
 RATES = ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate")

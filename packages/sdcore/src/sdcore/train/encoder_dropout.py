@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .options import TrainOptions
-
 #: the text encoders that can be dropped, in kohya's draw order, with their option names
 ENCODERS = (("clip_l", "clip_l_dropout_rate"), ("clip_g", "clip_g_dropout_rate"), ("t5", "t5_dropout_rate"))
 #: ``Batch.extra`` key of the per-sample dropped encoders (a list of frozensets of :data:`ENCODERS` names)
@@ -71,29 +69,4 @@ class EncoderDropout:
         return drops, after_draws
 
 
-def rate_problems(options: TrainOptions) -> list[str]:
-    """Rates outside [0, 1], one line each."""
-    problems = []
-    for _name, option in ENCODERS:
-        value = getattr(options, option)
-        if not 0.0 <= value <= 1.0:
-            problems.append(f"--{option.replace('_', '-')} must be between 0 and 1, got {value}")
-    return problems
-
-
-def family_problems(options: TrainOptions, family: str) -> list[str]:
-    """The SD3 conditioning options on another family: kohya has them in its SD3 scripts only
-    (``sd3_train_utils.add_sd3_training_arguments``); its Flux scripts have neither."""
-    if family == "sd3":
-        return []
-    given = [option for _name, option in ENCODERS if getattr(options, option)]
-    if options.apply_lg_attn_mask:
-        given.append("apply_lg_attn_mask")
-    return [
-        f"--{option.replace('_', '-')} is an SD3 option (kohya's sd3 scripts: CLIP-L/CLIP-G/T5 conditioning); "
-        f"this model is {family}"
-        for option in given
-    ]
-
-
-__all__ = ["DROPPED_KEY", "ENCODERS", "EncoderDropout", "family_problems", "rate_problems"]
+__all__ = ["DROPPED_KEY", "ENCODERS", "EncoderDropout"]

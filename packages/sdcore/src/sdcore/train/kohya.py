@@ -323,6 +323,8 @@ ALIASES: dict[str, Alias] = {
     "clip_l_dropout_rate": _a("clip_l_dropout_rate", float),
     "clip_g_dropout_rate": _a("clip_g_dropout_rate", float),
     "t5_dropout_rate": _a("t5_dropout_rate", float),
+    "enable_scaled_pos_embed": _a("enable_scaled_pos_embed", flag=True),
+    "pos_emb_random_crop_rate": _a("pos_emb_random_crop_rate", float),
     # saving, samples, logs
     "save_precision": _a("save_dtype", _precision),
     "save_every_n_steps": _a("save_every"),
@@ -536,17 +538,11 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         _OFF,
     ),
     "noise_offset_type": (*_OFF, "Original"),
-    # kohya's SD3 MMDiT (library/sd3_models.py) positional-embedding options, "only for SD3.5M"
-    **dict.fromkeys(("enable_scaled_pos_embed", "pos_emb_random_crop_rate"), _OFF),
     "model_type": (*_OFF, "flux"),  # flux_train_utils: flux or chroma
 }
-_FLAG_UNSUPPORTED: set[str] = {"enable_scaled_pos_embed"}
+_FLAG_UNSUPPORTED: set[str] = set()
 #: why an :data:`UNSUPPORTED` option is refused, where "it changes the result" does not say enough
 _UNSUPPORTED_NOTES = {
-    "enable_scaled_pos_embed": "kohya's own SD3 MMDiT rebuilds its positional embedding per training resolution; "
-    "sdcore trains diffusers' SD3Transformer2DModel, whose patch embedding has no such mode: not implemented",
-    "pos_emb_random_crop_rate": "kohya's own SD3 MMDiT crops its positional embedding at a random place; sdcore "
-    "trains diffusers' SD3Transformer2DModel, whose patch embedding always crops the centre: not implemented",
     "model_type": "sdcore has no Chroma model family, only FLUX.1 dev/schnell: model_type = 'flux'",
 }
 

@@ -78,19 +78,41 @@ class Objective:
         return cond
 
     def _settings(self, batch: Batch, count: int) -> Any:
-        """The run's noise settings; with SD3's per-encoder caption dropout, a hook that draws each
-        sample's dropped encoders after its other draws and records them in ``batch.extra``."""
+        """The run's noise settings, plus a hook drawing what kohya's SD3 options draw per sample, after the
+        sample's other draws, into ``batch.extra``: the dropped text encoders (:mod:`.encoder_dropout`), then
+        the positional-embedding crop (:mod:`sdcore.models.sd3.pos_embed`). Neither on: no hook."""
         from dataclasses import replace
 
+        from ..models.sd3.pos_embed import CROPS_KEY, installed
         from .encoder_dropout import DROPPED_KEY, EncoderDropout
         from .noise import NoiseSettings
 
         settings = NoiseSettings.from_options(self.options)
+        hooks: list[Callable[[int, Any], None]] = []
         dropout = EncoderDropout.from_options(self.options)
-        if dropout is None:
+        if dropout is not None:
+            drops, record_drops = dropout.recorder(count)
+            batch.extra[DROPPED_KEY] = drops
+            hooks.append(record_drops)
+        rate = self.options.pos_emb_random_crop_rate
+        pos_embed = installed(getattr(self.bundle, "transformer", None)) if rate > 0 else None
+        if pos_embed is not None:
+            patch = pos_embed.patch_size
+            h, w = (int(side) // patch for side in batch.latents.shape[-2:])
+            crops: list[tuple[int, int] | None] = [None] * count
+            batch.extra[CROPS_KEY] = crops
+
+            def record_crop(index: int, gen: Any) -> None:
+                crops[index] = pos_embed.draw_crop(h, w, rate, gen)
+
+            hooks.append(record_crop)
+        if not hooks:
             return settings
-        drops, after_draws = dropout.recorder(count)
-        batch.extra[DROPPED_KEY] = drops
+
+        def after_draws(index: int, gen: Any) -> None:
+            for hook in hooks:
+                hook(index, gen)
+
         return replace(settings, after_draws=after_draws)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:

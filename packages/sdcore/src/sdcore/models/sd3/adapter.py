@@ -222,16 +222,23 @@ class Sd3Adapter:
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: Conditioning,
-        **_: Any,
+        **options: Any,
     ) -> torch.Tensor:
-        """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them."""
+        """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them.
+        A training ``batch=`` may carry per-sample positional-embedding crops (kohya's
+        ``--pos_emb_random_crop_rate``, :mod:`.pos_embed`)."""
+        from .pos_embed import CROPS_KEY, crops_applied
+
         transformer = bundle.transformer
         batch = noisy_latents.shape[0]
         timestep = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
-        return transformer(
-            hidden_states=noisy_latents,
-            timestep=timestep,
-            encoder_hidden_states=conditioning.hidden_states,
-            pooled_projections=conditioning.pooled,
-            return_dict=False,
-        )[0]
+        training_batch = options.get("batch")
+        crops = training_batch.extra.get(CROPS_KEY) if training_batch is not None else None
+        with crops_applied(transformer, crops):
+            return transformer(
+                hidden_states=noisy_latents,
+                timestep=timestep,
+                encoder_hidden_states=conditioning.hidden_states,
+                pooled_projections=conditioning.pooled,
+                return_dict=False,
+            )[0]

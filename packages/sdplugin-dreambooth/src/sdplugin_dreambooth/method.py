@@ -25,11 +25,23 @@ if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
 
 
+def text_encoder_slot(kind: str) -> int:
+    """kohya's number of a text encoder in ``--learning_rate_te{1,2,3}``: 1 the first CLIP (CLIP-L, SD2's
+    OpenCLIP), 2 CLIP-G, 3 T5."""
+    if kind.startswith("t5"):
+        return 3
+    return 2 if kind == "clip-g" else 1
+
+
+#: the per-encoder rate options and the encoder each names
+_RATE_OPTIONS = (("te1_lr", 1, "CLIP-L (or SD2's OpenCLIP)"), ("te2_lr", 2, "CLIP-G"), ("te3_lr", 3, "T5"))
+
+
 class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
     name: ClassVar[str] = "dreambooth"
     options_class: ClassVar[type[TrainOptions]] = DreamBoothOptions
     output_suffix: ClassVar[str] = ".safetensors"
-    resume_shape_options: ClassVar[tuple[str, ...]] = ("train_text_encoder",)
+    resume_shape_options: ClassVar[tuple[str, ...]] = ("train_text_encoder", "train_t5")
 
     def __init__(self, options: DreamBoothOptions) -> None:
         super().__init__(options)
@@ -48,6 +60,19 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             )
         if o.stop_text_encoder_at is not None and not o.train_text_encoder:
             raise ConfigError("--stop-text-encoder-at needs --train-text-encoder")
+        if o.train_t5 and not o.train_text_encoder:  # kohya sd3_train.py asserts the same
+            raise ConfigError("--train-t5 needs --train-text-encoder (kohya: T5 trains together with CLIP-L/G)")
+        given = [f"--{name.replace('_', '-')}" for name, _slot, _what in _RATE_OPTIONS if getattr(o, name) is not None]
+        if given and not o.train_text_encoder:
+            raise ConfigError(f"{', '.join(given)} need --train-text-encoder (kohya ignores them without it)")
+        if o.te3_lr is not None and not o.train_t5:
+            raise ConfigError("--te3-lr is T5's rate: it needs --train-t5 (kohya --train_t5xxl)")
+        if o.num_last_block_to_freeze < 0:
+            raise ConfigError(f"--num-last-block-to-freeze must be 0 (off) or more, got {o.num_last_block_to_freeze}")
+        for name, _slot, _what in _RATE_OPTIONS:
+            value = getattr(o, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 (frozen) or positive, got {value}")
         if o.class_data and o.reg_data and Path(o.class_data) != Path(o.reg_data):
             raise ConfigError("give either --class-data or --reg-data, not both")
         if o.no_token_padding and o.clip_skip > 1:
@@ -72,14 +97,32 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
     def family_problems(self, family: str) -> list[str]:
         """kohya has ``--no_token_padding`` in train_db.py only: SD1/SD2 (one CLIP text encoder), and
-        ``--block_lr`` in sdxl_train.py only (its 23 blocks are the SDXL U-Net's)."""
+        ``--block_lr`` in sdxl_train.py only (its 23 blocks are the SDXL U-Net's); a per-encoder rate or
+        ``--train-t5`` needs the model to have that encoder."""
+        from sdcore.errors import SdcoreError
+        from sdcore.models.family import get_family
+
+        o = self.options
         problems = []
-        if self.options.no_token_padding and family not in ("sd1", "sd2"):
+        if o.no_token_padding and family not in ("sd1", "sd2"):
             problems.append(
                 f"--no-token-padding (kohya's train_db.py option) is for SD1/SD2 models; this model is {family}"
             )
-        if self.options.block_lr is not None and family != "sdxl":
+        if o.block_lr is not None and family != "sdxl":
             problems.append(f"--block-lr (kohya's sdxl_train.py option) is for SDXL models; this model is {family}")
+        try:
+            slots = {text_encoder_slot(spec.kind) for spec in get_family(family).text_encoders}
+        except SdcoreError:
+            return problems  # the pre-flight reports an unknown family itself
+        for name, slot, what in _RATE_OPTIONS:
+            if getattr(o, name) is not None and slot not in slots:
+                problems.append(f"--{name.replace('_', '-')}: a {family} model has no {what} text encoder")
+        if o.train_t5 and 3 not in slots:
+            problems.append(f"--train-t5: a {family} model has no T5 text encoder")
+        if o.num_last_block_to_freeze and family != "sd3":
+            problems.append(
+                f"--num-last-block-to-freeze is kohya's sd3_train.py option (SD3 MMDiT); this model is {family}"
+            )
         return problems
 
     def capabilities(self) -> Capabilities:
@@ -124,6 +167,14 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             module.requires_grad_(False)
         denoiser = bundle.denoiser  # the UNet, or the transformer of SD3/Flux
         denoiser.requires_grad_(True)
+        if o.num_last_block_to_freeze > 0:  # kohya sd3_train.py: the last N x_block tensors stay frozen
+            from sdcore.models.sd3.convert import kohya_x_block_rules, shape_from_config
+
+            rules = kohya_x_block_rules(shape_from_config(denoiser.config))
+            params = dict(denoiser.named_parameters())
+            for rule in rules[max(0, len(rules) - o.num_last_block_to_freeze) :]:
+                for name in rule.diffusers:
+                    params[name].requires_grad_(False)
         groups: list[dict[str, Any]]
         if o.block_lr is not None:  # kohya sdxl_train.py: a group per U-Net block, 0 = not trained
             from .block_lr import block_param_groups, parse_block_lr
@@ -134,16 +185,41 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             groups = [{"params": unet_params, "lr": o.lr, "name": "unet"}]
         self._trainables = {"unet": denoiser}  # "unet." keys in training states whatever the denoiser
         if o.train_text_encoder:
+            rates = self.text_encoder_rates(bundle)
+            same = len(set(rates.values())) == 1  # one group, as before per-encoder rates existed
             te_params: list[torch.nn.Parameter] = []
-            for index, encoder in enumerate(bundle.text_encoders):
+            for index, lr in rates.items():
+                encoder = bundle.text_encoders[index]
                 encoder.requires_grad_(True)
                 self._trainables[f"text_encoder_{index}"] = encoder
-                te_params += list(encoder.parameters())
-            groups.append({"params": te_params, "lr": o.te_lr if o.te_lr is not None else o.lr, "name": "text_encoder"})
+                if same:
+                    te_params += list(encoder.parameters())
+                else:
+                    groups.append({"params": list(encoder.parameters()), "lr": lr, "name": f"text_encoder_{index}"})
+            if same and rates:
+                groups.append({"params": te_params, "lr": next(iter(rates.values())), "name": "text_encoder"})
         if o.ema:
             self.ema = ParameterEMA([p for g in groups for p in g["params"]], decay=o.ema_decay)
         self._bundle = bundle
         return groups
+
+    def text_encoder_rates(self, bundle: Any) -> dict[int, float]:
+        """The text encoders that train with ``--train-text-encoder`` (index in ``bundle.text_encoders``) and
+        their learning rates, as kohya's sdxl_train.py/sd3_train.py choose them: encoder *i* has
+        ``--te{i}-lr`` (kohya ``--learning_rate_te{i}``; CLIP-L/OpenCLIP 1, CLIP-G 2, T5 3), else ``--te-lr``,
+        else ``--lr``, and trains only when that rate is not 0; T5 trains only with ``--train-t5``."""
+        o = self.options
+        fallback = o.te_lr if o.te_lr is not None else o.lr
+        rates: dict[int, float] = {}
+        for index, spec in enumerate(bundle.family_spec.text_encoders):
+            slot = text_encoder_slot(spec.kind)
+            if slot == 3 and not o.train_t5:
+                continue
+            given = (o.te1_lr, o.te2_lr, o.te3_lr)[slot - 1]
+            lr = given if given is not None else fallback
+            if lr != 0:
+                rates[index] = lr
+        return rates
 
     def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
         """The family's encoding, or with ``--no-token-padding`` kohya's unpadded one."""

@@ -39,6 +39,37 @@ class DreamBoothOptions(TrainOptions):
         None, "Freeze the text encoder from this optimizer step on.", group="dreambooth"
     )
     te_lr: float | None = option(None, "Text-encoder learning rate (default: --lr).", group="dreambooth")
+    te1_lr: float | None = option(
+        None,
+        "With --train-text-encoder: learning rate of the first CLIP encoder (CLIP-L; SD2's OpenCLIP); 0 keeps it "
+        "frozen (default --te-lr, else --lr; kohya --learning_rate_te1).",
+        group="dreambooth",
+    )
+    te2_lr: float | None = option(
+        None,
+        "With --train-text-encoder: learning rate of CLIP-G (SDXL, SD3); 0 keeps it frozen (default --te-lr, else "
+        "--lr; kohya --learning_rate_te2).",
+        group="dreambooth",
+    )
+    te3_lr: float | None = option(
+        None,
+        "With --train-t5: learning rate of T5 (SD3, Flux); 0 keeps it frozen (default --te-lr, else --lr; kohya "
+        "--learning_rate_te3).",
+        group="dreambooth",
+    )
+    num_last_block_to_freeze: int = option(
+        0,
+        "SD3: keep the last N tensors of the MMDiT's image-stream (x_block) layers frozen, counted in kohya's "
+        "order (kohya sd3_train.py --num_last_block_to_freeze, which counts tensors, not blocks: 2 = the last "
+        "block's adaLN modulation weight and bias). 0 = off.",
+        group="dreambooth",
+    )
+    train_t5: bool = option(
+        False,
+        "SD3/Flux: with --train-text-encoder, also train the T5 encoder (kohya sd3_train.py --train_t5xxl); "
+        "without it T5 stays frozen, as in kohya.",
+        group="dreambooth",
+    )
     no_token_padding: bool = option(
         False,
         "SD1/SD2: encode each batch's captions padded only to its longest caption (at most 77 tokens), "

@@ -791,7 +791,9 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
         "ss_logit_std": str(o.logit_std),
         "ss_mode_scale": str(o.mode_scale),
     }
-    if family == "flux":
+    if family == "sd3":
+        meta["ss_apply_lg_attn_mask"] = str(o.apply_lg_attn_mask)
+    if family == "flux":  # sdcore has no Chroma
         meta.update(
             {
                 "ss_model_type": "flux",

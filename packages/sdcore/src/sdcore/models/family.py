@@ -131,6 +131,9 @@ class FamilyAdapter(Protocol):
     (``bundle.save``); ``generate(bundle, prompts, negatives, *, seeds, steps, cfg, width, height,
     image, strength, clip_skip, sampler) -> list[PIL.Image]`` renders one image per prompt for
     ``sdcore generate`` (prompt networks are already applied to the bundle then).
+    ``drop_text_encoders(bundle, conditioning, dropped) -> Conditioning`` zeroes, per sample, the parts
+    of a training conditioning that the encoders named in ``dropped[i]`` produced (SD3's kohya
+    per-encoder caption dropout, :mod:`sdcore.train.encoder_dropout`).
     """
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

@@ -88,6 +88,14 @@ def _single_lr(value: Any) -> float | None:
     return float(value)
 
 
+def _rate_zero_freezes(value: Any) -> float | str:
+    """kohya's ``learning_rate_te{1,2,3}``: 0 is not "unset" there but "keep this encoder frozen" (sdxl_train.py,
+    sd3_train.py), so a 0 is passed on as the text ``"0"``, which the config layer's rule for kohya_ss's
+    untouched fields (a numeric 0 of an optional option means None) leaves as it is."""
+    rate = float(value)
+    return "0" if rate == 0 else rate
+
+
 #: kohya optimizer_type (lower case) -> (sdcore optimizer, extra optimizer args kohya implies): sdcore's
 #: optimizer table has kohya's names; kohya's Adafactor computes its own rate unless told otherwise
 OPTIMIZERS = {name: (name, "") for name in OPTIMIZER_TABLE if name != "sgd"} | {
@@ -327,6 +335,14 @@ ALIASES: dict[str, Alias] = {
     "logit_std": _a("logit_std", float),
     "mode_scale": _a("mode_scale", float),
     "guidance_scale": _a("guidance_scale", float),
+    # SD3/Flux conditioning (sd3_train_utils.py, flux_train_utils.py): the same names as sdcore's, for kohya's CLI
+    "apply_t5_attn_mask": _a("apply_t5_attn_mask", flag=True),
+    "apply_lg_attn_mask": _a("apply_lg_attn_mask", flag=True),
+    "clip_l_dropout_rate": _a("clip_l_dropout_rate", float),
+    "clip_g_dropout_rate": _a("clip_g_dropout_rate", float),
+    "t5_dropout_rate": _a("t5_dropout_rate", float),
+    "enable_scaled_pos_embed": _a("enable_scaled_pos_embed", flag=True),
+    "pos_emb_random_crop_rate": _a("pos_emb_random_crop_rate", float),
     # saving, samples, logs
     "save_precision": _a("save_dtype", _precision),
     "save_every_n_steps": _a("save_every"),
@@ -379,6 +395,12 @@ ALIASES: dict[str, Alias] = {
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
     "block_lr": _a("block_lr", _pair_text, methods="dreambooth"),  # sdxl_train.py: 23 U-Net rates ("a,b,..")
+    # full fine-tuning of SDXL/SD3 (sdxl_train.py, sd3_train.py): per-encoder rates, T5 training
+    "learning_rate_te1": _a("te1_lr", _rate_zero_freezes, methods="dreambooth"),
+    "learning_rate_te2": _a("te2_lr", _rate_zero_freezes, methods="dreambooth"),
+    "learning_rate_te3": _a("te3_lr", _rate_zero_freezes, methods="dreambooth"),
+    "train_t5xxl": _a("train_t5", flag=True, methods="dreambooth"),
+    "num_last_block_to_freeze": _a("num_last_block_to_freeze", lambda v: int(v or 0), methods="dreambooth"),
     # textual inversion (train_textual_inversion.py)
     "token_string": _a("name", methods="ti"),
     "init_word": _a("init_text", methods="ti"),
@@ -416,6 +438,11 @@ COMPOSITE: dict[str, str] = {
         ),
         "with --deepspeed only (see --deepspeed); without it no effect, as in kohya",
     ),
+    "double_blocks_to_swap": "kohya's old flux_train.py name: --blocks-to-swap double + single // 2 (when not given)",
+    "single_blocks_to_swap": "see --double_blocks_to_swap",
+    "split_mode": "kohya's old flux_train_network.py flag: --blocks-to-swap 18 (when not given)",
+    "cpu_offload_checkpointing": "accepted: gradient checkpointing without the CPU offload (not with blocks_to_swap)",
+    "use_t5xxl_cache_only": "accepted (sd3_train.py): a frozen T5 gives the same outputs uncached (not with train_t5xxl)",
 }
 _FLAG_COMPOSITES = {
     "use_object_template",
@@ -429,6 +456,9 @@ _FLAG_COMPOSITES = {
     "zero3_init_flag",
     "zero3_save_16bit_model",
     "fp16_master_weights_and_gradients",
+    "split_mode",
+    "cpu_offload_checkpointing",
+    "use_t5xxl_cache_only",
 }
 
 #: options without an effect on the trained result here (accepted with one note)
@@ -493,6 +523,13 @@ IGNORED: dict[str, str] = {
     "use_safetensors": "sdcore always writes safetensors",
     "torch_compile": "speed only",
     "cache_info": "speed only",
+    # kohya's SD3/Flux/SDXL memory and bookkeeping options (sd3_train.py, flux_train.py, train_util.py)
+    **dict.fromkeys(
+        ("mem_eff_save", "skip_latents_validity_check", "t5xxl_device", "t5xxl_dtype", "text_encoder_batch_size"),
+        "sdcore manages loading and memory itself",
+    ),
+    "diffusers_xformers": "sdcore picks the attention kernel itself",
+    **dict.fromkeys(("save_clip", "save_t5xxl"), "logging, metadata or save bookkeeping"),
 }
 _IGNORED_NOTES = {
     "max_token_length": "sdcore encodes long captions in 75-token chunks without a limit",
@@ -502,6 +539,16 @@ _IGNORED_NOTES = {
     "torch_compile": "sdcore runs the denoiser without torch.compile (compiling changes speed, not what trains); "
     "dynamo_backend is ignored with it",
     "cache_info": "sdcore reads image sizes and captions each run (kohya's cache only speeds up loading)",
+    "t5xxl_dtype": "kohya's SD3 scripts do not read it (their help: [DOES NOT WORK]); T5 runs in the mixed-precision "
+    "dtype there as here",
+    "t5xxl_device": "kohya's SD3 scripts do not read it (their help: [DOES NOT WORK])",
+    "mem_eff_save": "a memory-saving way to write the same checkpoint; sdcore writes it its own way",
+    "text_encoder_batch_size": "the batch size of text-encoder caching (the same encodings); sdcore uses its own",
+    "skip_latents_validity_check": "kohya's old name of skip_cache_check; sdcore's latent cache checks its keys itself",
+    "save_clip": "kohya's sd3_train.py does not read it (its help: [DOES NOT WORK]); sdcore's SD3 checkpoint holds "
+    "the text encoders it was given",
+    "save_t5xxl": "kohya's sd3_train.py does not read it (its help: [DOES NOT WORK]); sdcore's SD3 checkpoint holds "
+    "the text encoders it was given",
 }
 _FLAG_IGNORED = {
     "xformers",
@@ -524,6 +571,11 @@ _FLAG_IGNORED = {
     "use_safetensors",
     "torch_compile",
     "cache_info",
+    "mem_eff_save",
+    "skip_latents_validity_check",
+    "diffusers_xformers",
+    "save_clip",
+    "save_t5xxl",
 }
 
 _OFF: tuple[Any, ...] = (None, False, "", 0, 0.0, [], ())
@@ -539,6 +591,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "model_type": (*_OFF, "flux"),  # flux_train_utils: flux (default) or chroma (no Chroma family in sdcore)
 }
 _FLAG_UNSUPPORTED: set[str] = set()
+#: why an :data:`UNSUPPORTED` option is refused, where "it changes the result" does not say enough
+_UNSUPPORTED_NOTES = {
+    "model_type": "sdcore has no Chroma model family, only FLUX.1 dev/schnell: model_type = 'flux'",
+}
 
 #: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)
 NETWORK_ARGS = {
@@ -787,7 +843,8 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
                 ignored.append(name)
         elif name in UNSUPPORTED:
             if not _is_off(value, UNSUPPORTED[name]):
-                out.problems.append(f"{where}: {name} = {value!r} is not supported by sdcore (it changes the result)")
+                why = _UNSUPPORTED_NOTES.get(name, "it changes the result")
+                out.problems.append(f"{where}: {name} = {value!r} is not supported by sdcore ({why})")
         elif name not in COMPOSITE:
             raise KeyError(name)  # callers pass kohya names only
     _composites(items, present, out, where, put)
@@ -869,6 +926,18 @@ def _composites(
             "result is the same"
         )
     _deepspeed(items, out, where)
+    _block_swap_spellings(items, present, out, where, put)
+    if items.get("use_t5xxl_cache_only") is True:
+        if items.get("train_t5xxl") is True:
+            out.problems.append(
+                f"{where}: use_t5xxl_cache_only with train_t5xxl: kohya refuses the pair (a trained T5's outputs "
+                "cannot be cached)"
+            )
+        else:
+            out.notes.append(
+                "use_t5xxl_cache_only: T5's outputs are encoded at every step here while CLIP trains (the same "
+                "values, T5 being frozen); kohya caches them to save time and memory"
+            )
     for name in ("v2", "v_parameterization"):
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"
@@ -880,6 +949,42 @@ def _composites(
         )
     _output(items, present, out, where, put)
     _network(items, present, out, where, put)
+
+
+def _block_swap_spellings(
+    items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
+) -> None:
+    """kohya's deprecated block-swap options and ``cpu_offload_checkpointing`` (flux_train.py,
+    flux_train_network.py, sd3_train_network.py): used only while ``blocks_to_swap`` is not given, as there."""
+    try:
+        double = int(items.get("double_blocks_to_swap") or 0)
+        single = int(items.get("single_blocks_to_swap") or 0)
+    except (TypeError, ValueError):
+        out.problems.append(f"{where}: double_blocks_to_swap/single_blocks_to_swap must be whole numbers")
+        return
+    swap = double + single // 2  # flux_train.py's conversion
+    if items.get("split_mode") is True and not swap:
+        swap = 18  # flux_train_network.py: "18 is safe for most cases"
+    names = ", ".join(n for n in ("double_blocks_to_swap", "single_blocks_to_swap", "split_mode") if items.get(n))
+    if swap and items.get("blocks_to_swap") is not None:
+        out.notes.append(f"{names}: ignored because blocks_to_swap is given (as in kohya)")
+    elif swap:
+        put("blocks_to_swap", swap, names.split(", ")[0])
+        out.notes.append(
+            f"{names}: kohya's deprecated spelling, read as blocks_to_swap = {swap} (as kohya converts it)"
+        )
+    if items.get("cpu_offload_checkpointing") is True:
+        if out.values.get("blocks_to_swap"):
+            out.problems.append(
+                f"{where}: cpu_offload_checkpointing with blocks_to_swap: kohya refuses the pair (choose one)"
+            )
+        elif "gradient_checkpointing" in present:
+            out.values["gradient_checkpointing"] = True
+            out.origin.setdefault("gradient_checkpointing", "cpu_offload_checkpointing")
+            out.notes.append(
+                "cpu_offload_checkpointing: gradient checkpointing is on (kohya's flux_train.py turns it on too); "
+                "sdcore keeps the checkpointed activations on the device (the same result, a little more memory)"
+            )
 
 
 def _output(

@@ -191,6 +191,7 @@ class TrainSession:
             trainable_dtype=full_precision_dtype(o),
         )
         memory.after_placement(bundle, self.device)  # --blocks-to-swap
+        self._install_pos_embed(bundle)  # kohya's SD3 --enable_scaled_pos_embed / --pos_emb_random_crop_rate
         if o.gradient_checkpointing:
             enable_gradient_checkpointing(bundle, self.caps)
         self.latent_cache, self.text_cache = build_caches(
@@ -412,6 +413,18 @@ class TrainSession:
             num_processes=acc.num_processes,
         )
 
+    def _install_pos_embed(self, bundle: Any) -> None:
+        """kohya's SD3 positional-embedding options on the MMDiT for this run (:mod:`sdcore.models.sd3.pos_embed`):
+        the scaled tables are made for the datasets' resolutions (kohya: ``round(sqrt(w * h)) // 8``)."""
+        o = self.options
+        if not (o.enable_scaled_pos_embed or o.pos_emb_random_crop_rate > 0) or bundle.family != "sd3":
+            return
+        from ..models.sd3.pos_embed import install
+
+        downscale = bundle.family_spec.latent.downscale
+        sizes = sorted({int(entry.subset.resolution or o.resolution) // downscale for entry in self.data.entries})
+        install(bundle.transformer, latent_sizes=sizes if o.enable_scaled_pos_embed else None)
+
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         if not self._setup_done:
@@ -437,6 +450,10 @@ class TrainSession:
         finally:
             restore_sigterm()
             self._restore_attention()
+            if self.bundle is not None and self.bundle.family == "sd3":
+                from ..models.sd3.pos_embed import uninstall
+
+                uninstall(self.bundle.transformer)  # the model's own positional embedding again
             if self.fused is not None:
                 self.fused.remove()
             self.progress.end_trackers()

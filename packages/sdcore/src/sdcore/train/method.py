@@ -278,6 +278,8 @@ class TrainingMethod(Generic[OptionsT]):
         if any(encoder.kind.startswith("t5") for encoder in bundle.family_spec.text_encoders):
             options["t5_max_length"] = self.options.t5xxl_max_token_length
             options["t5_attention_mask"] = self.options.apply_t5_attn_mask
+        if self.options.apply_lg_attn_mask:
+            options["lg_attention_mask"] = True  # SD3 only (the pre-flight refuses it elsewhere)
         if getattr(self.options, "weighted_captions", False):
             options["weighted"] = True  # the pre-flight allows it for the CLIP-only families
         return family_adapter(bundle.family).encode_prompts(bundle, captions, **options)

@@ -81,6 +81,10 @@ class NoiseSettings:
     multires_discount: float = 0.3
     ip_noise_gamma: float = 0.0
     ip_random_strength: bool = False
+    #: called with (sample index, the sample's generator) after all of that sample's draws above, for a
+    #: runtime part that draws more per sample from the same generator (SD3's per-encoder caption
+    #: dropout, :mod:`.encoder_dropout`); None: nothing more is drawn, so existing runs are unchanged
+    after_draws: Callable[[int, torch.Generator], None] | None = None
 
     @classmethod
     def from_options(cls, options: Any) -> NoiseSettings:
@@ -107,7 +111,7 @@ def draw_noise(
 
     Each sample's generator draws, in this order: the noise, the offset direction (with an offset),
     the timestep, then the draws of the newer options (offset strength, pyramid noise, perturbation
-    strength and noise). The newer draws come last so that with them off every run draws exactly
+    strength and noise), then whatever ``settings.after_draws`` draws. The newer draws come last so that with them off every run draws exactly
     what it drew before they existed (recorded histories stay bit-identical). ``latents`` (``[B,
     *shape]``) are needed by ``adaptive_noise_scale`` only.
 
@@ -140,6 +144,8 @@ def draw_noise(
             if settings.ip_random_strength:
                 strength = torch.rand(1, generator=gen) * strength
             inputs.append(noise + strength * torch.randn(tuple(shape), generator=gen))
+        if settings.after_draws is not None:
+            settings.after_draws(index, gen)
     perturbed = torch.stack(inputs) if inputs else None
     return torch.stack(noises), torch.cat(steps), perturbed
 

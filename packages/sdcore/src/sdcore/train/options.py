@@ -466,6 +466,32 @@ class TrainOptions:
     apply_t5_attn_mask: bool = option(
         False, "Mask T5's padding tokens in T5 and in the denoiser's attention (kohya's flag).", group="loss"
     )
+    # SD3 conditioning (kohya's sd3 scripts; sdcore.train.encoder_dropout)
+    apply_lg_attn_mask: bool = option(
+        False,
+        "SD3: CLIP-L and CLIP-G ignore their padding tokens (attention mask inside the CLIP encoders; the MMDiT "
+        "gets no mask, as in kohya).",
+        group="loss",
+    )
+    clip_l_dropout_rate: float = option(
+        0.0, "SD3: per-sample probability of zeroing CLIP-L's output (context and pooled part; kohya).", group="loss"
+    )
+    clip_g_dropout_rate: float = option(
+        0.0, "SD3: per-sample probability of zeroing CLIP-G's output (context and pooled part; kohya).", group="loss"
+    )
+    t5_dropout_rate: float = option(0.0, "SD3: per-sample probability of zeroing T5's output (kohya).", group="loss")
+    enable_scaled_pos_embed: bool = option(
+        False,
+        "SD3: kohya's scaled positional embedding, one sin-cos table per training resolution instead of the "
+        "centre crop of the model's (kohya: for SD3.5M; sdcore.models.sd3.pos_embed).",
+        group="loss",
+    )
+    pos_emb_random_crop_rate: float = option(
+        0.0,
+        "SD3: per-sample probability of cropping the positional embedding at a random place instead of its "
+        "centre (kohya: for SD3.5M).",
+        group="loss",
+    )
     clip_skip: int = option(
         1, "Use the output of the N-th from last text-encoder layer (2 = A1111 clip skip 2).", group="loss"
     )

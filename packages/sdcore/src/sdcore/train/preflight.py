@@ -126,6 +126,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     from .caption_checks import caption_option_problems
 
     problems.extend(caption_option_problems(o, method))
+    from .sd3_options import rate_problems
+
+    problems.extend(rate_problems(o))  # kohya's SD3 options (caption dropout per encoder, positional embedding)
     if o.noise_offset < 0:
         problems.append(f"--noise-offset must be >= 0, got {o.noise_offset}")
     if o.min_snr_gamma is not None and o.min_snr_gamma <= 0:
@@ -665,6 +668,9 @@ def run_preflight(
         from .caption_checks import caption_family_problems
 
         report.problems.extend(caption_family_problems(o, report.layout.family))
+        from .sd3_options import family_problems as sd3_conditioning_problems
+
+        report.problems.extend(sd3_conditioning_problems(o, report.layout.family))
         from .fused import fused_family_problems
 
         report.problems.extend(fused_family_problems(o, report.layout.family))

@@ -62,9 +62,58 @@ class Objective:
         return self.method.network_strength(batch.network_strength)
 
     def conditioning_for(self, batch: Batch) -> Conditioning:
-        if batch.conditioning is not None:
-            return batch.conditioning
-        return self.method.encode(self.bundle, batch.captions)
+        """The batch's conditioning (cached, else encoded by the method), with the text encoders that
+        its samples drew to drop zeroed (SD3's per-encoder caption dropout, :mod:`.encoder_dropout`)."""
+        from .encoder_dropout import DROPPED_KEY
+
+        cond = batch.conditioning if batch.conditioning is not None else self.method.encode(self.bundle, batch.captions)
+        dropped = batch.extra.get(DROPPED_KEY)
+        if dropped and any(dropped):
+            drop = getattr(self.adapter, "drop_text_encoders", None)
+            if drop is None:  # the pre-flight refuses the options for such a family
+                from ..errors import ConfigError
+
+                raise ConfigError(f"{self.bundle.family}: its text encoders' outputs cannot be dropped per encoder")
+            cond = drop(self.bundle, cond, dropped)
+        return cond
+
+    def _settings(self, batch: Batch, count: int) -> Any:
+        """The run's noise settings, plus a hook drawing what kohya's SD3 options draw per sample, after the
+        sample's other draws, into ``batch.extra``: the dropped text encoders (:mod:`.encoder_dropout`), then
+        the positional-embedding crop (:mod:`sdcore.models.sd3.pos_embed`). Neither on: no hook."""
+        from dataclasses import replace
+
+        from ..models.sd3.pos_embed import CROPS_KEY, installed
+        from .encoder_dropout import DROPPED_KEY, EncoderDropout
+        from .noise import NoiseSettings
+
+        settings = NoiseSettings.from_options(self.options)
+        hooks: list[Callable[[int, Any], None]] = []
+        dropout = EncoderDropout.from_options(self.options)
+        if dropout is not None:
+            drops, record_drops = dropout.recorder(count)
+            batch.extra[DROPPED_KEY] = drops
+            hooks.append(record_drops)
+        rate = self.options.pos_emb_random_crop_rate
+        pos_embed = installed(getattr(self.bundle, "transformer", None)) if rate > 0 else None
+        if pos_embed is not None:
+            patch = pos_embed.patch_size
+            h, w = (int(side) // patch for side in batch.latents.shape[-2:])
+            crops: list[tuple[int, int] | None] = [None] * count
+            batch.extra[CROPS_KEY] = crops
+
+            def record_crop(index: int, gen: Any) -> None:
+                crops[index] = pos_embed.draw_crop(h, w, rate, gen)
+
+            hooks.append(record_crop)
+        if not hooks:
+            return settings
+
+        def after_draws(index: int, gen: Any) -> None:
+            for hook in hooks:
+                hook(index, gen)
+
+        return replace(settings, after_draws=after_draws)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:
         """The denoiser's output, called the family's way (SDXL adds its size conditioning from ``batch``)."""
@@ -129,10 +178,8 @@ class Objective:
 
     def draw_for(self, refs: list[SampleRef], batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`noise_for` plus the perturbed input noise (``--ip-noise-gamma``; else None)."""
-        from .noise import NoiseSettings
-
         keys = [ref.seed(self.options.seed, "noise") for ref in refs]
-        settings = NoiseSettings.from_options(self.options)
+        settings = self._settings(batch, len(keys))
         latents = batch.latents if settings.adaptive_noise_scale is not None else None
         return self.training.draw(keys, batch.latents.shape[1:], settings, latents)
 
@@ -229,7 +276,8 @@ class Objective:
         def noise(batch: Batch, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             keys = [sample_seed(seed, "validation", ref.entry, ref.occurrence, t) for ref in batch.extra["refs"]]
             latents = batch.latents if settings.adaptive_noise_scale is not None else None
-            drawn, _, perturbed = self.training.draw(keys, batch.latents.shape[1:], settings, latents)
+            drawn, _, perturbed = self.training.draw(keys, batch.latents.shape[1:], self._settings(batch, len(keys)),
+                                                     latents)  # fmt: skip
             return drawn, perturbed
 
         return self.fixed_noise_losses(accelerator, made(), timesteps, noise, step=step)

@@ -29,14 +29,16 @@ def _device(module: Any) -> Any:
 
 
 def clip_embeds(
-    tokenizer: Any, encoder: Any, prompts: list[str], *, clip_skip: int | None = None
+    tokenizer: Any, encoder: Any, prompts: list[str], *, clip_skip: int | None = None, attention_mask: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states [B, 77, C], projected pooled [B, P]); ``clip_skip`` counted as diffusers' SD3 pipeline
-    does: ``None`` is the penultimate layer, ``n`` the layer ``-(n + 2)``."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt"
-    ).input_ids
-    out = encoder(ids.to(_device(encoder)), output_hidden_states=True)
+    does: ``None`` is the penultimate layer, ``n`` the layer ``-(n + 2)``. ``attention_mask``: the encoder
+    gets the tokenizer's padding mask (kohya's ``--apply_lg_attn_mask``): the padding positions then attend
+    to the caption's tokens only; the outputs are not zeroed (kohya's neither)."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True, return_tensors="pt")
+    device = _device(encoder)
+    mask = tokens.attention_mask.to(device) if attention_mask else None
+    out = encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
     layer = -2 if clip_skip is None else -(clip_skip + 2)
     if -layer > len(out.hidden_states):
         from ...errors import ConfigError
@@ -144,12 +146,14 @@ class Sd3Adapter:
         clip_skip: int | None = None,
         t5_max_length: int | None = None,
         t5_attention_mask: bool = False,
+        lg_attention_mask: bool = False,
         **_: Any,
     ) -> Conditioning:
         """``clip_skip`` as sdcore counts it everywhere (A1111's: 1 = the family's own layer, here the
         penultimate, as SD3 was trained; 2 = one layer further back); ``t5_max_length``: T5 tokens
         (default 256, diffusers' ``max_sequence_length``); ``t5_attention_mask`` masks T5's padding
-        inside the T5 encoder (SD3 and diffusers do not)."""
+        inside the T5 encoder (SD3 and diffusers do not); ``lg_attention_mask`` masks CLIP-L's and
+        CLIP-G's padding inside those encoders (kohya's ``--apply_lg_attn_mask``; diffusers does not)."""
         import torch
         import torch.nn.functional as F
 
@@ -160,8 +164,8 @@ class Sd3Adapter:
         clip_l, clip_g, t5 = bundle.text_encoders
         tok_l, tok_g, tok_t5 = bundle.tokenizers
         skip = None if clip_skip is None or clip_skip <= 1 else clip_skip - 1  # diffusers' count
-        hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=skip)
-        hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=skip)
+        hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=skip, attention_mask=lg_attention_mask)
+        hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=skip, attention_mask=lg_attention_mask)
         t5_hidden, _mask = encode_t5(
             t5, tok_t5, prompts, max_length=t5_max_length or T5_MAX_LENGTH, attention_mask=t5_attention_mask
         )
@@ -178,22 +182,63 @@ class Sd3Adapter:
         pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
         return Conditioning(hidden, pooled)
 
+    def drop_text_encoders(
+        self, bundle: ModelBundle, conditioning: Conditioning, dropped: list[frozenset[str]]
+    ) -> Conditioning:
+        """kohya's per-encoder caption dropout: sample ``i``'s parts made by the encoders in ``dropped[i]``
+        (``clip_l``, ``clip_g``, ``t5``) become zeros: CLIP-L's channels of the 77 CLIP tokens and its
+        part of the pooled vector, CLIP-G's likewise, T5's tokens. Out of place (a cached conditioning
+        is shared between steps); a zeroed part passes no gradient, as kohya's skipped encoder."""
+        import torch
+
+        from ...train.method import Conditioning
+
+        clip_l, clip_g, _t5 = bundle.text_encoders
+        width_l, width_g = int(clip_l.config.hidden_size), int(clip_g.config.hidden_size)
+        pooled_l = int(getattr(clip_l.config, "projection_dim", width_l))
+        hidden, pooled = conditioning.hidden_states, conditioning.pooled
+        keep_hidden = torch.ones(hidden.shape, dtype=torch.bool, device=hidden.device)
+        keep_pooled = None if pooled is None else torch.ones(pooled.shape, dtype=torch.bool, device=pooled.device)
+        for i, names in enumerate(dropped):
+            if "clip_l" in names:
+                keep_hidden[i, :CLIP_MAX_LENGTH, :width_l] = False
+                if keep_pooled is not None:
+                    keep_pooled[i, :pooled_l] = False
+            if "clip_g" in names:
+                keep_hidden[i, :CLIP_MAX_LENGTH, width_l : width_l + width_g] = False
+                if keep_pooled is not None:
+                    keep_pooled[i, pooled_l:] = False
+            if "t5" in names:
+                keep_hidden[i, CLIP_MAX_LENGTH:] = False
+        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        new_pooled = None
+        if pooled is not None and keep_pooled is not None:
+            new_pooled = torch.where(keep_pooled, pooled, torch.zeros((), dtype=pooled.dtype, device=pooled.device))
+        return Conditioning(torch.where(keep_hidden, hidden, zero), new_pooled, dict(conditioning.extra))
+
     def predict(
         self,
         bundle: ModelBundle,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         conditioning: Conditioning,
-        **_: Any,
+        **options: Any,
     ) -> torch.Tensor:
-        """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them."""
+        """The MMDiT's velocity prediction; ``timesteps`` are sigma * 1000 as diffusers' pipelines pass them.
+        A training ``batch=`` may carry per-sample positional-embedding crops (kohya's
+        ``--pos_emb_random_crop_rate``, :mod:`.pos_embed`)."""
+        from .pos_embed import CROPS_KEY, crops_applied
+
         transformer = bundle.transformer
         batch = noisy_latents.shape[0]
         timestep = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps
-        return transformer(
-            hidden_states=noisy_latents,
-            timestep=timestep,
-            encoder_hidden_states=conditioning.hidden_states,
-            pooled_projections=conditioning.pooled,
-            return_dict=False,
-        )[0]
+        training_batch = options.get("batch")
+        crops = training_batch.extra.get(CROPS_KEY) if training_batch is not None else None
+        with crops_applied(transformer, crops):
+            return transformer(
+                hidden_states=noisy_latents,
+                timestep=timestep,
+                encoder_hidden_states=conditioning.hidden_states,
+                pooled_projections=conditioning.pooled,
+                return_dict=False,
+            )[0]

@@ -168,6 +168,28 @@ def mmdit_rules(shape: MMDiTShape) -> list[Rule]:
     return rules
 
 
+#: an SAI x_block's tensors in the order kohya's own MMDiT lists them (library/sd3_models.py SingleDiTBlock:
+#: attn (qkv, proj, ln_q, ln_k), attn2 likewise, mlp (fc1, fc2), adaLN_modulation; weight before bias)
+_KOHYA_X_BLOCK_ORDER = ("attn.qkv.", "attn.proj.", "attn.ln_q.", "attn.ln_k.", "attn2.qkv.", "attn2.proj.",
+                        "attn2.ln_q.", "attn2.ln_k.", "mlp.fc1.", "mlp.fc2.", "adaLN_modulation.1.")  # fmt: skip
+
+
+def kohya_x_block_rules(shape: MMDiTShape) -> list[Rule]:
+    """The image-stream (``x_block``) tensors of every joint block, in the order kohya's MMDiT
+    ``named_parameters()`` gives them (block by block), which is what kohya's sd3_train.py
+    ``--num_last_block_to_freeze`` counts from the end. A fused SAI ``qkv`` tensor is one entry that names
+    its three diffusers tensors."""
+
+    def order(rule: Rule) -> tuple[int, int, int]:
+        match = _BLOCK.match(rule.sai)
+        assert match is not None
+        rest = rule.sai.split(".x_block.", 1)[1]
+        part = next(i for i, prefix in enumerate(_KOHYA_X_BLOCK_ORDER) if rest.startswith(prefix))
+        return int(match.group(1)), part, 0 if rest.endswith(".weight") else 1
+
+    return sorted((rule for rule in mmdit_rules(shape) if ".x_block." in rule.sai), key=order)
+
+
 def swap_halves(tensor: Any) -> Any:
     """``[a; b] -> [b; a]`` along rows: SAI's ``shift, scale`` <-> diffusers' ``scale, shift``."""
     import torch

@@ -1,0 +1,109 @@
+"""kohya's SD3/Flux/SDXL memory and bookkeeping options and the positional-embedding / model-type options
+sdcore refuses: each is known (accepted with a note, mapped, or refused with its reason), none is an
+"unknown option" (kohya sd-scripts 48d368f: sd3_train.py, flux_train.py, flux_train_network.py,
+library/sd3_train_utils.py, library/flux_train_utils.py, sdxl_train.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sdcore.errors import ConfigError
+from sdcore.train import kohya
+from sdcore.train.config import load_options
+from sdcore.train.options import TrainOptions
+
+FIELDS = [f.name for f in dataclasses.fields(TrainOptions)]
+
+
+def _translate(**items):
+    return kohya.translate(items, FIELDS, where="cfg")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "note"),
+    [
+        ("mem_eff_save", True, "the same checkpoint"),
+        ("skip_latents_validity_check", True, "skip_cache_check"),
+        ("t5xxl_device", "cuda:1", "DOES NOT WORK"),
+        ("t5xxl_dtype", "bf16", "DOES NOT WORK"),
+        ("text_encoder_batch_size", 4, "the same encodings"),
+    ],
+)
+def test_memory_options_are_accepted_with_a_note(name, value, note):
+    out = _translate(**{name: value})
+    assert not out.problems and not out.values
+    assert any(n.startswith(f"{name}: ") and note in n for n in out.notes), out.notes
+    assert not _translate(**{name: None}).notes  # kohya_ss's untouched field: nothing to say
+
+
+def test_diffusers_xformers_is_an_attention_kernel_choice():
+    out = _translate(diffusers_xformers=True)
+    assert not out.problems and out.notes == ["accepted without effect here: diffusers_xformers"]
+    assert "diffusers_xformers" in kohya.flag_names()
+
+
+@pytest.mark.parametrize(
+    ("items", "swap"),
+    [
+        ({"double_blocks_to_swap": 6}, 6),
+        ({"double_blocks_to_swap": 6, "single_blocks_to_swap": 9}, 10),  # 6 + 9 // 2
+        ({"single_blocks_to_swap": 3}, 1),
+        ({"split_mode": True}, 18),
+    ],
+)
+def test_deprecated_block_swap_spellings_become_blocks_to_swap(items, swap):
+    out = _translate(**items)
+    assert out.values == {"blocks_to_swap": swap} and not out.problems
+    assert any("deprecated" in n and f"blocks_to_swap = {swap}" in n for n in out.notes)
+
+
+def test_deprecated_block_swap_spellings_yield_to_blocks_to_swap():
+    out = _translate(blocks_to_swap=4, double_blocks_to_swap=6, split_mode=True)
+    assert out.values == {"blocks_to_swap": 4}
+    assert any("ignored because blocks_to_swap is given" in n for n in out.notes)
+    assert _translate(double_blocks_to_swap=0, single_blocks_to_swap=0, split_mode=False).values == {}
+    assert _translate(double_blocks_to_swap="six").problems
+
+
+def test_cpu_offload_checkpointing_turns_on_checkpointing_and_refuses_block_swap():
+    out = _translate(cpu_offload_checkpointing=True)
+    assert out.values == {"gradient_checkpointing": True} and not out.problems
+    bad = _translate(cpu_offload_checkpointing=True, blocks_to_swap=8)
+    assert any("cpu_offload_checkpointing with blocks_to_swap" in p for p in bad.problems)
+    bad = _translate(cpu_offload_checkpointing=True, split_mode=True)
+    assert any("kohya refuses the pair" in p for p in bad.problems)
+    assert _translate(cpu_offload_checkpointing=False).values == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "on", "off", "reason"),
+    [
+        ("model_type", "chroma", "flux", "no Chroma model family"),
+    ],
+)
+def test_refused_options_name_their_reason_and_accept_kohyas_off_value(name, on, off, reason):
+    problems = _translate(**{name: on}).problems
+    assert len(problems) == 1 and name in problems[0] and reason in problems[0]
+    assert _translate(**{name: off}) == kohya.Translation()
+
+
+def test_a_kohya_flux_toml_with_these_names_loads(tmp_path):
+    """The whole path users take: a kohya TOML with every one of these names is no "unknown option"."""
+    from runtime_methods import ConvOutOptions
+
+    path = tmp_path / "flux.toml"
+    path.write_text(
+        'pretrained_model_name_or_path = "flux1-dev.safetensors"\nmodel_type = "flux"\nmem_eff_save = true\n'
+        't5xxl_dtype = "bf16"\ndouble_blocks_to_swap = 4\nsingle_blocks_to_swap = 8\ntext_encoder_batch_size = 8\n'
+        "pos_emb_random_crop_rate = 0.25\nenable_scaled_pos_embed = true\n",
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    o = load_options(ConvOutOptions, path, notes=notes)
+    assert o.blocks_to_swap == 8 and not o.gradient_checkpointing
+    assert o.enable_scaled_pos_embed and o.pos_emb_random_crop_rate == 0.25
+    path.write_text(path.read_text().replace('"flux"', '"chroma"'), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_options(ConvOutOptions, path, notes=notes)
+    assert "model_type = 'chroma'" in str(err.value) and "unknown" not in str(err.value)

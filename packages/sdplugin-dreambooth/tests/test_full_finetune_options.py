@@ -1,0 +1,126 @@
+"""kohya's full fine-tune options of sdxl_train.py / sd3_train.py on `sdcore train dreambooth`:
+``--learning_rate_te1/2/3`` (each encoder's rate, 0 = frozen), ``--train_t5xxl`` (T5 trains only with it),
+``--num_last_block_to_freeze`` (the last N x_block tensors in kohya's MMDiT order), and the names
+accepted with a note or refused (``use_t5xxl_cache_only``, ``save_clip``, ``save_t5xxl``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sdcore.errors import ConfigError
+from sdcore.models.family import family_adapter
+from sdcore.testing.datasets import make_tiny_dataset
+from sdcore.train.config import load_options
+from sdcore.train.loop import TrainSession
+from sdplugin_dreambooth.method import DreamBoothMethod
+from sdplugin_dreambooth.options import DreamBoothOptions
+
+
+def _options(tmp_path, **overrides):
+    base = dict(
+        model="tiny:sd3",
+        data=str(make_tiny_dataset(tmp_path / "data", n=2, repeats=1)),
+        output=str(tmp_path / "out" / "db.safetensors"),
+        resolution=64, min_bucket_reso=64, batch_size=1, lr=1e-3, max_steps=2, seed=0, progress=False,
+        save_dtype="fp32", save_state=False, max_grad_norm=0.0,
+    )  # fmt: skip
+    base.update(overrides)
+    return DreamBoothOptions(**base)
+
+
+def _groups(options, family="sd3"):
+    bundle = family_adapter(family).create_tiny()
+    groups = DreamBoothMethod(options).prepare(bundle)
+    return bundle, {g["name"]: g for g in groups}
+
+
+def _ids(module):
+    return {id(p) for p in module.parameters()}
+
+
+def test_default_text_encoder_training_is_clip_only_in_one_group(tmp_path):
+    """kohya sd3_train.py: --train_text_encoder trains CLIP-L and CLIP-G at the one rate; T5 stays frozen."""
+    bundle, groups = _groups(_options(tmp_path, train_text_encoder=True, te_lr=5e-4))
+    assert set(groups) == {"unet", "text_encoder"} and groups["text_encoder"]["lr"] == 5e-4
+    clip_l, clip_g, t5 = bundle.text_encoders
+    assert {id(p) for p in groups["text_encoder"]["params"]} == _ids(clip_l) | _ids(clip_g)
+    assert not any(p.requires_grad for p in t5.parameters())
+
+
+def test_each_encoder_gets_its_rate_and_zero_keeps_it_frozen(tmp_path):
+    o = _options(tmp_path, train_text_encoder=True, te1_lr=0.0, te2_lr=2e-4, train_t5=True, te3_lr=3e-4)
+    bundle, groups = _groups(o)
+    clip_l, clip_g, t5 = bundle.text_encoders
+    assert set(groups) == {"unet", "text_encoder_1", "text_encoder_2"}
+    assert (groups["text_encoder_1"]["lr"], groups["text_encoder_2"]["lr"]) == (2e-4, 3e-4)
+    assert {id(p) for p in groups["text_encoder_1"]["params"]} == _ids(clip_g)
+    assert {id(p) for p in groups["text_encoder_2"]["params"]} == _ids(t5)
+    assert not any(p.requires_grad for p in clip_l.parameters())
+    # a rate not given falls back to --te-lr, then --lr (kohya: learning_rate)
+    _, groups = _groups(_options(tmp_path, train_text_encoder=True, te2_lr=2e-4, train_t5=True))
+    assert [groups[f"text_encoder_{i}"]["lr"] for i in range(3)] == [1e-3, 2e-4, 1e-3]
+    # SDXL (sdxl_train.py): te1 is CLIP-L, te2 CLIP-G (bigG)
+    bundle, groups = _groups(_options(tmp_path, model="tiny:sdxl", train_text_encoder=True, te1_lr=1e-4), "sdxl")
+    assert (groups["text_encoder_0"]["lr"], groups["text_encoder_1"]["lr"]) == (1e-4, 1e-3)
+    assert {id(p) for p in groups["text_encoder_1"]["params"]} == _ids(bundle.text_encoders[1])
+
+
+def test_a_run_changes_only_what_trains(tmp_path):
+    o = _options(tmp_path, train_text_encoder=True, te1_lr=0.0, num_last_block_to_freeze=9)
+    start = family_adapter("sd3").create_tiny()
+    session = TrainSession(DreamBoothMethod(o), bundle=family_adapter("sd3").create_tiny())
+    session.run()
+    trained = session.bundle
+    for index, changed in enumerate((False, True, False)):  # CLIP-L at rate 0, CLIP-G trains, T5 frozen
+        before, after = start.text_encoders[index].state_dict(), trained.text_encoders[index].state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before) == changed, index
+    # kohya's SingleDiTBlock order of the last block's x_block tensors, from the end: adaLN_modulation,
+    # mlp.fc2, mlp.fc1, attn.proj (bias, then weight of each), then the fused qkv's bias (q, k and v)
+    frozen = {f"transformer_blocks.1.{name}" for name in (
+        "norm1.linear.bias", "norm1.linear.weight", "ff.net.2.bias", "ff.net.2.weight", "ff.net.0.proj.bias",
+        "ff.net.0.proj.weight", "attn.to_out.0.bias", "attn.to_out.0.weight", "attn.to_q.bias", "attn.to_k.bias",
+        "attn.to_v.bias",
+    )}  # fmt: skip
+    before, after = start.transformer.state_dict(), trained.transformer.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not changed & frozen and "transformer_blocks.1.attn.to_q.weight" in changed
+    assert {k for k, p in trained.transformer.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_bad_combinations_are_refused(tmp_path):
+    for overrides, words in (
+        ({"train_t5": True}, "--train-t5 needs --train-text-encoder"),
+        ({"te2_lr": 1e-4}, "need --train-text-encoder"),
+        ({"train_text_encoder": True, "te3_lr": 1e-4}, "needs --train-t5"),
+        ({"train_text_encoder": True, "te1_lr": -1.0}, "must be 0 (frozen) or positive"),
+        ({"num_last_block_to_freeze": -1}, "must be 0 (off) or more"),
+    ):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            DreamBoothMethod(_options(tmp_path, **overrides)).validate()
+    method = DreamBoothMethod(_options(tmp_path, train_text_encoder=True, te2_lr=1e-4, train_t5=True))
+    assert any("sd1 model has no CLIP-G" in p for p in method.family_problems("sd1"))
+    assert any("sdxl model has no T5" in p for p in method.family_problems("sdxl"))
+    assert method.family_problems("sd3") == []
+    assert (
+        "kohya's sd3_train.py option"
+        in DreamBoothMethod(_options(tmp_path, num_last_block_to_freeze=2)).family_problems("flux")[0]
+    )
+
+
+def test_kohya_sd3_train_names():
+    notes: list[str] = []
+    o = load_options(
+        DreamBoothOptions,
+        None,
+        kohya={"learning_rate_te1": "1e-5", "learning_rate_te2": "0", "learning_rate_te3": "2e-5",
+               "train_t5xxl": True, "num_last_block_to_freeze": "4", "save_clip": True, "save_t5xxl": True,
+               "train_text_encoder": True},
+        notes=notes,
+    )  # fmt: skip
+    assert (o.te1_lr, o.te2_lr, o.te3_lr, o.train_t5, o.num_last_block_to_freeze) == (1e-5, 0.0, 2e-5, True, 4)
+    assert any(n.startswith("save_clip: ") and "DOES NOT WORK" in n for n in notes)
+    notes.clear()
+    load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": True, "train_text_encoder": True}, notes=notes)
+    assert any(n.startswith("use_t5xxl_cache_only: ") for n in notes)
+    with pytest.raises(ConfigError, match="use_t5xxl_cache_only with train_t5xxl"):
+        load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": True, "train_t5xxl": True})

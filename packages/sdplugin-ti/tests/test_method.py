@@ -215,3 +215,17 @@ def test_output_folder_gets_name_pt(tmp_path):
     method = TIMethod(contract_options(TIMethod, tmp_path, TI_OPTIONS))
     assert method.resolve_output(tmp_path / "out") == tmp_path / "out" / "tiny.pt"
     assert method.resolve_output(tmp_path / "x.pt") == tmp_path / "x.pt"
+
+
+def test_safetensors_embedding_holds_kohyas_metadata_options(tmp_path):
+    """kohya's --metadata_* options in the .safetensors header (modelspec.*, as train_textual_inversion.py
+    writes them); the A1111 .pt has no header to hold them."""
+    from safetensors import safe_open
+
+    meta = {"metadata_title": "Tiny Style", "metadata_author": "me", "metadata_tags": "style, tiny"}
+    result = check_one_step(TIMethod, tmp_path, {**TI_OPTIONS, "format": "safetensors", **meta})
+    with safe_open(str(result.output.with_suffix(".safetensors")), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["modelspec.title"] == "Tiny Style" and header["modelspec.author"] == "me"
+    assert header["modelspec.tags"] == "style, tiny"
+    assert header["name"] == "tiny"  # the embedding's own keys stay

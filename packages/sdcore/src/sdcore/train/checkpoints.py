@@ -115,17 +115,24 @@ class Checkpoints:
         self.saved_results: list[Path] = []
         self.last_state: Path | None = None
         self.started_at = time.time()
+        self._user_metadata: dict[str, str] | None = None
 
     @property
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
 
     def base_metadata(self, bundle: ModelBundle) -> dict[str, str]:
-        """The runtime's own metadata keys; the method adds its format's (LoRA: kohya ``ss_*``)."""
+        """The runtime's own metadata keys and the user's (``--metadata-*``: ``modelspec.*``,
+        ``--training-comment``); the method adds its format's (LoRA: kohya ``ss_*``)."""
+        if self._user_metadata is None:  # once: the thumbnail file is read at the first save only
+            from .modelspec import user_metadata
+
+            self._user_metadata = user_metadata(self.options)
         return {
             "sdcore_method": self.method.name,
             "sdcore_base_model": str(self.options.model),
             "sdcore_family": bundle.family,
+            **self._user_metadata,
         }
 
     def save_info(

@@ -152,6 +152,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append("--sample-every needs --sample-prompts")
     if o.sample_every_epochs is not None and not o.sample_prompts:
         problems.append("--sample-every-epochs needs --sample-prompts")
+    from .modelspec import metadata_option_problems
+
+    problems.extend(metadata_option_problems(o))  # --metadata-thumbnail
     if o.sample_prompts and not o.sample_prompts.strip():
         problems.append("--sample-prompts is empty")
     elif o.sample_prompts:

@@ -762,6 +762,9 @@ def _composites(
         if items.get(name) and not items.get("sample_prompts") and target in out.values:
             out.values.pop(target)
             out.notes.append(f"{name} without sample_prompts: no sample images (as in kohya)")
+    if items.get("sample_at_first") and not items.get("sample_prompts") and "sample_at_first" in out.values:
+        out.values.pop("sample_at_first")  # kohya stops on the missing prompt file at its first render
+        out.notes.append("sample_at_first without sample_prompts: no sample images")
     # without save_precision kohya saves a full_bf16/full_fp16 network in that dtype (save_dtype None)
     for name, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
         if items.get(name) is True and not items.get("save_precision") and "save_dtype" in present:

@@ -447,6 +447,8 @@ class TrainSession:
         from .step import optimizer_step
 
         o, pos, accum = self.options, self.position, self.options.gradient_accumulation
+        if o.sample_at_first:  # kohya's --sample_at_first: the model as it starts, before any update
+            self.render_samples(f"step{pos.step:08d}")
         self.progress.open_bar(total=self.total_steps, initial=pos.step)
         self.batches.start_prefetching()
         try:

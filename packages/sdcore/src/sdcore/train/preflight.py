@@ -152,6 +152,8 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append("--sample-every needs --sample-prompts")
     if o.sample_every_epochs is not None and not o.sample_prompts:
         problems.append("--sample-every-epochs needs --sample-prompts")
+    if o.sample_at_first and not o.sample_prompts:
+        problems.append("--sample-at-first needs --sample-prompts")
     from .modelspec import metadata_option_problems
 
     problems.extend(metadata_option_problems(o))  # --metadata-thumbnail

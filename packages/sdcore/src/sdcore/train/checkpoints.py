@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -93,6 +94,19 @@ def remove_path(path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # saving and restoring
+
+
+def epoch_save_interval(options: TrainOptions, total_steps: int, steps_per_epoch: int) -> int | None:
+    """Epochs between intermediate saves: ``--save-every-epochs``, or with kohya's
+    ``--save-n-epoch-ratio N`` its formula ``floor(epochs / N) or 1`` over the run's epochs counted as
+    kohya counts them (``ceil(total steps / steps per epoch)``), which then replaces ``--save-every-epochs``
+    as in kohya (so about N results are saved, at least N when the epochs are a multiple of N)."""
+    ratio = options.save_n_epoch_ratio
+    if not ratio:
+        return options.save_every_epochs
+    if steps_per_epoch < 1:
+        return None
+    return max(1, math.ceil(total_steps / steps_per_epoch) // ratio)
 
 
 class Checkpoints:

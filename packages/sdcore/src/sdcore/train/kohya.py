@@ -314,6 +314,8 @@ ALIASES: dict[str, Alias] = {
     "save_every_n_steps": _a("save_every"),
     "save_every_n_epochs": _a("save_every_epochs"),
     "save_last_n_epochs": _a("save_limit"),
+    # kohya: save_every_n_epochs = floor(epochs / ratio) or 1, only for a ratio above 0
+    "save_n_epoch_ratio": _a("save_n_epoch_ratio", lambda v: int(v) if int(v) > 0 else None),
     "save_state": _a("save_state", flag=True),
     "resume": _a("resume"),
     # 0 (what the kohya_ss GUI writes for an untouched field) is "not given": kohya's help says so
@@ -391,7 +393,9 @@ COMPOSITE: dict[str, str] = {
     "use_style_template": "--template style (TI)",
     "use_8bit_adam": "old kohya flag: --optimizer adamw8bit",
     "use_lion_optimizer": "old kohya flag: --optimizer lion",
-    "save_last_n_steps": "--save-limit N/save_every_n_steps",
+    "save_last_n_steps": "--save-limit N/save_every_n_steps + 1 (kohya keeps the saves of the last N steps)",
+    "save_last_n_steps_state": "with save_state: --keep-states N/save_every_n_steps + 1 (default save_last_n_steps)",
+    "save_last_n_epochs_state": "with save_state: --keep-states N (default save_last_n_epochs)",
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
@@ -438,9 +442,6 @@ IGNORED: dict[str, str] = {
             "console_log_simple",
             "output_config",
             "dynamo_backend",
-            "save_n_epoch_ratio",
-            "save_last_n_steps_state",
-            "save_last_n_epochs_state",
             "save_state_on_train_end",
             "save_state_to_huggingface",
             "max_token_length",
@@ -786,9 +787,10 @@ def _composites(
     if last_steps:
         every = items.get("save_every_n_steps")
         if every:
-            put("save_limit", max(1, int(last_steps) // int(every)), "save_last_n_steps")
+            put("save_limit", steps_window(int(last_steps), int(every)), "save_last_n_steps")
         else:
             out.notes.append("save_last_n_steps without save_every_n_steps has no effect")
+    _state_retention(items, present, out, put)
     # TI templates
     for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
         if items.get(name):
@@ -804,6 +806,48 @@ def _composites(
         )
     _output(items, present, out, where, put)
     _network(items, present, out, where, put)
+
+
+def steps_window(last_n_steps: int, every: int) -> int:
+    """How many step saves kohya keeps for ``save_last_n_steps``/``save_last_n_steps_state`` N with a
+    save every S steps: at step t it deletes the save of step ``(t - N - 1)`` rounded down to a multiple
+    of S (``train_util.get_remove_step_no``), so the saves no older than N steps stay: ``N // S + 1``
+    (N=30, S=10: steps 20, 30, 40, 50 at step 50, as its comment says)."""
+    return last_n_steps // every + 1
+
+
+def _state_retention(
+    items: dict[str, Any], present: set[str], out: Translation, put: Callable[[str, Any, str], None]
+) -> None:
+    """kohya's state pruning -> ``--keep-states``: with ``save_state`` each step save keeps the states of
+    the last ``save_last_n_steps_state`` (else ``save_last_n_steps``) steps, each epoch save those of the
+    last ``save_last_n_epochs_state`` (else ``save_last_n_epochs``) epochs; without them every state stays.
+    sdcore keeps one count of newest states, so the two windows add up (0 = keep all when one is open)."""
+    names = ("save_last_n_steps_state", "save_last_n_epochs_state")
+    if not items.get("save_state"):
+        given = [name for name in names if not _is_off(items.get(name), _OFF)]
+        if given:
+            out.notes.append(f"{' and '.join(given)} without save_state: no states to prune (as in kohya)")
+        return
+    if "keep_states" not in present:
+        return
+    windows: list[tuple[str, int]] = []  # (the option that decides, states kept; 0 = all)
+    every_steps = items.get("save_every_n_steps")
+    if every_steps:
+        name = "save_last_n_steps_state" if items.get("save_last_n_steps_state") else "save_last_n_steps"
+        n = items.get(name)
+        windows.append((name, steps_window(int(n), int(every_steps)) if n else 0))
+    if items.get("save_every_n_epochs") or items.get("save_n_epoch_ratio"):
+        name = "save_last_n_epochs_state" if items.get("save_last_n_epochs_state") else "save_last_n_epochs"
+        n = items.get(name)
+        windows.append((name, int(n) if n else 0))
+    if not windows:
+        return  # no intermediate saves: the state at the end only, which sdcore writes too
+    if any(keep == 0 for _, keep in windows):
+        put("keep_states", 0, "save_state")
+        out.notes.append("save_state without save_last_n_*: every state is kept, as in kohya (--keep-states 0)")
+        return
+    put("keep_states", sum(keep for _, keep in windows), windows[0][0])
 
 
 def _output(

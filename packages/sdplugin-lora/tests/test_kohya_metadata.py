@@ -44,3 +44,26 @@ def test_minimal_metadata_keeps_modelspec_and_drops_the_comment(tmp_path):
     for key, value in EXPECTED.items():
         assert meta[key] == value, key
     assert "ss_training_comment" not in meta and "ss_tag_frequency" not in meta
+
+
+def test_kohya_command_line_spelling_reaches_the_file(tmp_path, sd_cli):
+    """kohya's flags as a kohya user types them: the metadata lands in the file, no 'unknown option'."""
+    from PIL import Image
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    cover = tmp_path / "cover.png"
+    Image.new("RGB", (2, 2), (9, 9, 9)).save(cover)
+    args = ["train", "lora", "--pretrained_model_name_or_path", "tiny:sd1", "--train_data_dir", str(data)]
+    args += ["--output_dir", str(tmp_path / "out"), "--output_name", "mine", "--max_train_steps", "1"]
+    args += ["--resolution", "64", "--min-bucket-reso", "64", "--no-progress", "--network_dim", "2"]
+    args += ["--metadata_title", "Mine", "--metadata_author", "me", "--metadata_thumbnail", str(cover)]
+    args += ["--training_comment", "hello", "--metadata_tags", "a, b"]
+    result = sd_cli(args, pm=get_plugin_manager())
+    assert result.exit_code == 0, result.output
+    assert "accepted without effect" not in result.output
+    meta = read_lora(tmp_path / "out" / "mine.safetensors").metadata
+    assert (meta["modelspec.title"], meta["ss_output_name"], meta["modelspec.author"]) == ("Mine", "mine", "me")
+    assert meta["modelspec.tags"] == "a, b" and meta["ss_training_comment"] == "hello"
+    assert meta["modelspec.thumbnail"].startswith("data:image/png;base64,")

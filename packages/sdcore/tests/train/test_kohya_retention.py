@@ -48,6 +48,12 @@ def test_translation_of_retention_options():
         return out
 
     assert tr(save_every_n_steps=10, save_last_n_steps=30).values["save_limit"] == 4
+    assert tr(save_every_n_epochs=1, save_last_n_epochs=3).values["save_limit"] == 3
+    # step and epoch saves both pruned: the two windows add up (kohya prunes them apart)
+    weights = tr(save_every_n_steps=10, save_last_n_steps=30, save_every_n_epochs=1, save_last_n_epochs=3)
+    assert weights.values["save_limit"] == 4 + 3
+    # without epoch saves kohya's save_last_n_epochs prunes nothing
+    assert tr(save_every_n_steps=10, save_last_n_steps=30, save_last_n_epochs=3).values["save_limit"] == 4
     states = tr(save_state=True, save_every_n_steps=10, save_last_n_steps_state=30)
     assert states.values["keep_states"] == 4 and "save_limit" not in states.values
     # the state windows default to the weights' ones (kohya: "overrides --save_last_n_steps")

@@ -787,7 +787,15 @@ def _composites(
     if last_steps:
         every = items.get("save_every_n_steps")
         if every:
-            put("save_limit", steps_window(int(last_steps), int(every)), "save_last_n_steps")
+            window = steps_window(int(last_steps), int(every))
+            if out.origin.get("save_limit") == "save_last_n_epochs":
+                # kohya prunes step and epoch saves apart (save_last_n_epochs does nothing without epoch
+                # saves); sdcore keeps one count of newest results, so the windows add up
+                epochs = bool(items.get("save_every_n_epochs") or items.get("save_n_epoch_ratio"))
+                out.values["save_limit"] = window + (int(out.values["save_limit"]) if epochs else 0)
+                out.origin["save_limit"] = "save_last_n_steps"
+            else:
+                put("save_limit", window, "save_last_n_steps")
         else:
             out.notes.append("save_last_n_steps without save_every_n_steps has no effect")
     _state_retention(items, present, out, put)

@@ -101,3 +101,12 @@ def test_saved_files_hold_the_metadata_and_nothing_changes_without_it(tmp_path):
 def test_unset_options_add_no_keys(tmp_path, value):
     o = contract_options(ConvOutMethod, tmp_path, {"metadata_author": value, "training_comment": value})
     assert user_metadata(o) == {}
+
+
+def test_a_run_with_a_missing_thumbnail_stops_with_a_clear_error(tmp_path):
+    from sdcore.errors import ConfigError
+
+    o = contract_options(ConvOutMethod, tmp_path, {"metadata_thumbnail": str(tmp_path / "gone.png")})
+    with pytest.raises(ConfigError, match="--metadata-thumbnail"):
+        train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    assert not (tmp_path / "run" / "result.safetensors").exists()

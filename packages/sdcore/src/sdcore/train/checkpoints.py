@@ -129,7 +129,12 @@ class Checkpoints:
         self.saved_results: list[Path] = []
         self.last_state: Path | None = None
         self.started_at = time.time()
-        self._user_metadata: dict[str, str] | None = None
+        from .modelspec import user_metadata
+
+        try:  # now, not at the first save hours later: the thumbnail file is read here
+            self._user_metadata = user_metadata(options)
+        except OSError as exc:
+            raise ConfigError(f"--metadata-thumbnail {options.metadata_thumbnail}: cannot be read ({exc})") from exc
 
     @property
     def is_main(self) -> bool:
@@ -138,10 +143,6 @@ class Checkpoints:
     def base_metadata(self, bundle: ModelBundle) -> dict[str, str]:
         """The runtime's own metadata keys and the user's (``--metadata-*``: ``modelspec.*``,
         ``--training-comment``); the method adds its format's (LoRA: kohya ``ss_*``)."""
-        if self._user_metadata is None:  # once: the thumbnail file is read at the first save only
-            from .modelspec import user_metadata
-
-            self._user_metadata = user_metadata(self.options)
         return {
             "sdcore_method": self.method.name,
             "sdcore_base_model": str(self.options.model),

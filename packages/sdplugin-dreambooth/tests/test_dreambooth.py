@@ -239,3 +239,17 @@ def test_generated_class_images_enter_the_dataset_without_changing_the_options(t
     assert options == before and options.reg_data is None
     assert sum(e.is_class for e in session.data.entries) == 2
     assert session.method.regularization_data() == tmp_path / "class"
+
+
+def test_checkpoint_holds_kohyas_metadata_options(tmp_path):
+    """kohya's --metadata_* options in the saved checkpoint's header (modelspec.*, as train_db.py and
+    sdxl_train.py write them); --metadata_title replaces the file name as modelspec.title."""
+    from safetensors import safe_open
+
+    meta = {"metadata_title": "My Model", "metadata_license": "openrail++", "metadata_usage_hint": "cfg 5"}
+    result = train(DreamBoothMethod(_options(tmp_path, max_steps=1, **meta)), bundle=create_tiny_bundle("sd1"))
+    with safe_open(str(result.output), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["modelspec.title"] == "My Model" and header["modelspec.license"] == "openrail++"
+    assert header["modelspec.usage_hint"] == "cfg 5"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1"  # the saver's own keys stay

@@ -161,7 +161,8 @@ def test_sections_toml_with_lycoris_and_dataset_config(tmp_path, kohya_data):
     assert (o.algo, o.rank, o.alpha, o.conv_rank, o.conv_alpha) == ("loha", 4, 2.0, 2, 1.0)
     assert o.unet_only and not o.train_text_encoder
     assert o.optimizer_args == "weight_decay=0.1 betas=0.9,0.99"
-    assert (o.max_steps, o.epochs, o.save_every, o.save_limit) == (4, None, 2, 1)
+    # save_last_n_steps 2, every 2: kohya keeps the saves of the last 2 steps, i.e. 2 of them
+    assert (o.max_steps, o.epochs, o.save_every, o.save_limit) == (4, None, 2, 2)
     # kohya renders nothing when sample_every_n_steps comes without sample_prompts
     assert (o.sample_every, o.sample_sampler, o.lr_scheduler) == (None, "k_euler_a", "constant_with_warmup")
     assert "sample_every_n_steps without sample_prompts: no sample images (as in kohya)" in notes

@@ -215,3 +215,38 @@ def test_output_folder_gets_name_pt(tmp_path):
     method = TIMethod(contract_options(TIMethod, tmp_path, TI_OPTIONS))
     assert method.resolve_output(tmp_path / "out") == tmp_path / "out" / "tiny.pt"
     assert method.resolve_output(tmp_path / "x.pt") == tmp_path / "x.pt"
+
+
+def test_safetensors_embedding_holds_kohyas_metadata_options(tmp_path):
+    """kohya's --metadata_* options in the .safetensors header (modelspec.*, as train_textual_inversion.py
+    writes them); the A1111 .pt has no header to hold them."""
+    from safetensors import safe_open
+
+    meta = {"metadata_title": "Tiny Style", "metadata_author": "me", "metadata_tags": "style, tiny"}
+    result = check_one_step(TIMethod, tmp_path, {**TI_OPTIONS, "format": "safetensors", **meta})
+    with safe_open(str(result.output.with_suffix(".safetensors")), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["modelspec.title"] == "Tiny Style" and header["modelspec.author"] == "me"
+    assert header["modelspec.tags"] == "style, tiny"
+    assert header["name"] == "tiny"  # the embedding's own keys stay
+    # kohya's TI ModelSpec set (sai_model_spec.build_metadata, textual_inversion=True) around them
+    assert header["modelspec.sai_model_spec"] == "1.0.1"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    assert header["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert header["modelspec.resolution"] == "64x64" and header["modelspec.prediction_type"] == "epsilon"
+    assert "modelspec.author" not in _safetensors_header(check_one_step(TIMethod, tmp_path / "plain", {
+        **TI_OPTIONS, "format": "safetensors"}).output)  # fmt: skip
+
+
+def _safetensors_header(pt_path):
+    from safetensors import safe_open
+
+    with safe_open(str(pt_path.with_suffix(".safetensors")), framework="pt") as handle:
+        return handle.metadata()
+
+
+def test_sdxl_embedding_modelspec_title_and_architecture(tmp_path):
+    result = check_one_step(TIMethod, tmp_path, {**TI_OPTIONS, "format": "safetensors"}, family="sdxl")
+    header = _safetensors_header(result.output)
+    assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
+    assert header["modelspec.title"] == result.output.stem == "result"  # the file name (kohya: output_name)

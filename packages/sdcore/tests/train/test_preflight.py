@@ -182,7 +182,7 @@ def test_dry_run_prints_the_plan(tmp_path):
         _command(),
         ["--model", "tiny:sd1", "--data", o.data, "--output", str(tmp_path / "out" / "r.safetensors"),
          "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "128", "--epochs", "2",
-         "--save-every", "1", "--save-limit", "2", "--dry-run"],
+         "--save-every", "1", "--save-limit", "2", "--keep-states", "2", "--dry-run"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     out = result.output
@@ -251,10 +251,12 @@ def test_disk_check_reports_too_little_space(tmp_path, monkeypatch):
 def test_disk_plan_follows_the_save_settings(tmp_path):
     o = _opts(tmp_path, max_steps=10)
     assert planned_saves(o, 10, 5) == (0, 1)  # the final state only
-    o = _opts(tmp_path, max_steps=10, save_every=3)
+    o = _opts(tmp_path, max_steps=10, save_every=3, keep_states=0)
     assert planned_saves(o, 10, 5) == (3, 4)  # steps 3, 6, 9 + the final state
     o = _opts(tmp_path, max_steps=10, save_every=3, save_limit=2)
-    assert planned_saves(o, 10, 5) == (2, 2)
+    assert planned_saves(o, 10, 5) == (2, 1)  # states: the newest --keep-states (default 1)
+    o = _opts(tmp_path, max_steps=10, save_every=3, save_limit=2, keep_states=3)
+    assert planned_saves(o, 10, 5) == (2, 3)
     o = _opts(tmp_path, max_steps=10, save_every_epochs=1, save_state=False)
     assert planned_saves(o, 10, 5) == (1, 0)
     o = _opts(tmp_path, max_steps=10, save_every=3)
@@ -264,7 +266,7 @@ def test_disk_plan_follows_the_save_settings(tmp_path):
     conv_out = 32 * 4 * 3 * 3 + 4  # the trained UNet conv_out (tiny sd1: 32 -> 4 channels, 3x3)
     assert disk.result_bytes == conv_out * 4  # --save-dtype fp32 (contract options)
     assert disk.state_bytes == conv_out * (4 + 8)  # fp32 tensors + AdamW moments
-    assert disk.total == disk.result_bytes * 4 + disk.state_bytes * 4
+    assert disk.total == disk.result_bytes * 4 + disk.state_bytes * 1  # the newest state only (--keep-states 1)
 
 
 def test_dry_run_imports_no_model_reader_weights(tmp_path):

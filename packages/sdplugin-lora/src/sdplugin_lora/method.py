@@ -136,7 +136,10 @@ class LoraOptions(TrainOptions):
         None, "LoRA+ ratio for the text encoder(s) only (default --loraplus-lr-ratio).", group="lora"
     )
     title: str | None = option(
-        None, "Name stored as modelspec.title / ss_output_name (default: the file name).", group="lora"
+        None,
+        "Name stored as ss_output_name and modelspec.title (default: the file name; --metadata-title sets "
+        "modelspec.title alone, as kohya's --metadata_title).",
+        group="lora",
     )
     minimal_metadata: bool = option(
         False, "Write only kohya's minimal metadata (no dataset folder names, tags or training settings).", group="lora"

@@ -405,14 +405,45 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             save_embedding(emb, folder / f"{stem}.{self.options.format}", format=self.options.format)
         return primary
 
+    def modelspec(self, bundle: ModelBundle, title: str) -> dict[str, str]:
+        """The ModelSpec keys kohya's ``train_textual_inversion.py`` writes into a ``.safetensors``
+        embedding (``sai_model_spec.build_metadata`` with ``textual_inversion=True``), for the families it
+        trains (SD1/SD2/SDXL; none for SD3/Flux, which kohya has no TI script for). The user's
+        ``--metadata-*`` keys (in ``SaveInfo.metadata``) win over these."""
+        import time
+
+        from sdcore.models.save import SAI_SPEC_VERSION, SGM_IMPLEMENTATION, modelspec_architecture
+
+        if bundle.family not in ("sd1", "sd2", "sdxl"):
+            return {}
+        o = self.options
+        meta = {
+            "modelspec.sai_model_spec": SAI_SPEC_VERSION,
+            "modelspec.architecture": f"{modelspec_architecture(bundle)}/textual-inversion",
+            "modelspec.implementation": SGM_IMPLEMENTATION,  # kohya: Stability AI's for every TI
+            "modelspec.title": title,
+            "modelspec.resolution": f"{o.resolution}x{o.resolution}",
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "modelspec.prediction_type": "v" if bundle.is_v_prediction else "epsilon",
+            "modelspec.encoder_layer": str(o.clip_skip),
+            "modelspec.implementation_version": "sdcore/sdplugin-ti",
+        }
+        if o.min_timestep is not None or o.max_timestep is not None:
+            low, high = o.min_timestep or 0, 1000 if o.max_timestep is None else o.max_timestep
+            meta["modelspec.timestep_range"] = f"{low},{high}"
+        return meta
+
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         folder = self.output_dir(info)
         name = self.options.name
         emb = self.current_embedding(name, info.step)
+        output = Path(self.options.output) if self.options.output else None
+        final_pt = info.final and output is not None and output.suffix.lower() == ".pt"
+        title = (output.stem if final_pt and output is not None else name) if info.final else f"{name}-{info.step}"
+        emb.metadata.update(self.modelspec(bundle, title))
         emb.metadata.update({k: str(v) for k, v in info.metadata.items()})
         if info.final:
-            output = Path(self.options.output) if self.options.output else None
-            if output is not None and output.suffix.lower() == ".pt":
+            if final_pt and output is not None:
                 return self.write(emb, output.parent, output.stem)
             return self.write(emb, folder, name)
         # A1111 stores the intermediate's own name (``name-STEP``): the word it answers to when

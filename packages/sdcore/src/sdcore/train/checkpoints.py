@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -95,6 +96,19 @@ def remove_path(path: Path) -> None:
 # saving and restoring
 
 
+def epoch_save_interval(options: TrainOptions, total_steps: int, steps_per_epoch: int) -> int | None:
+    """Epochs between intermediate saves: ``--save-every-epochs``, or with kohya's
+    ``--save-n-epoch-ratio N`` its formula ``floor(epochs / N) or 1`` over the run's epochs counted as
+    kohya counts them (``ceil(total steps / steps per epoch)``), which then replaces ``--save-every-epochs``
+    as in kohya (so about N results are saved, at least N when the epochs are a multiple of N)."""
+    ratio = options.save_n_epoch_ratio
+    if not ratio:
+        return options.save_every_epochs
+    if steps_per_epoch < 1:
+        return None
+    return max(1, math.ceil(total_steps / steps_per_epoch) // ratio)
+
+
 class Checkpoints:
     """Results and states of one run. ``accelerator`` synchronises processes; only the main
     process writes results, every process takes part in saving a state."""
@@ -115,17 +129,25 @@ class Checkpoints:
         self.saved_results: list[Path] = []
         self.last_state: Path | None = None
         self.started_at = time.time()
+        from .modelspec import user_metadata
+
+        try:  # now, not at the first save hours later: the thumbnail file is read here
+            self._user_metadata = user_metadata(options)
+        except OSError as exc:
+            raise ConfigError(f"--metadata-thumbnail {options.metadata_thumbnail}: cannot be read ({exc})") from exc
 
     @property
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
 
     def base_metadata(self, bundle: ModelBundle) -> dict[str, str]:
-        """The runtime's own metadata keys; the method adds its format's (LoRA: kohya ``ss_*``)."""
+        """The runtime's own metadata keys and the user's (``--metadata-*``: ``modelspec.*``,
+        ``--training-comment``); the method adds its format's (LoRA: kohya ``ss_*``)."""
         return {
             "sdcore_method": self.method.name,
             "sdcore_base_model": str(self.options.model),
             "sdcore_family": bundle.family,
+            **self._user_metadata,
         }
 
     def save_info(

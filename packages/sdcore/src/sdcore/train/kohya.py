@@ -348,6 +348,8 @@ ALIASES: dict[str, Alias] = {
     "save_every_n_steps": _a("save_every"),
     "save_every_n_epochs": _a("save_every_epochs"),
     "save_last_n_epochs": _a("save_limit"),
+    # kohya: save_every_n_epochs = floor(epochs / ratio) or 1, only for a ratio above 0
+    "save_n_epoch_ratio": _a("save_n_epoch_ratio", lambda v: int(v) if int(v) > 0 else None),
     "save_state": _a("save_state", flag=True),
     "resume": _a("resume"),
     # 0 (what the kohya_ss GUI writes for an untouched field) is "not given": kohya's help says so
@@ -358,6 +360,19 @@ ALIASES: dict[str, Alias] = {
     "sample_every_n_steps": _a("sample_every"),
     "sample_every_n_epochs": _a("sample_every_epochs"),
     "sample_sampler": _a("sample_sampler"),
+    "sample_at_first": _a("sample_at_first", flag=True),
+    # the user's metadata in every saved .safetensors (library/sai_model_spec.py, train_network.py)
+    "metadata_author": _a("metadata_author"),
+    "metadata_description": _a("metadata_description"),
+    "metadata_license": _a("metadata_license"),
+    "metadata_tags": _a("metadata_tags"),
+    "metadata_usage_hint": _a("metadata_usage_hint"),
+    "metadata_thumbnail": _a("metadata_thumbnail"),
+    "metadata_merged_from": _a("metadata_merged_from"),
+    "metadata_trigger_phrase": _a("metadata_trigger_phrase"),
+    "metadata_preprocessor": _a("metadata_preprocessor"),
+    "metadata_is_negative_embedding": _a("metadata_is_negative_embedding", str),
+    "training_comment": _a("training_comment"),
     # validation loss (train_network.py, 2025)
     "validation_split": _a("validation_split", float),
     "validation_seed": _a("validation_seed", int),
@@ -378,7 +393,7 @@ ALIASES: dict[str, Alias] = {
     "network_train_text_encoder_only": _a("te_only", flag=True, methods="lora"),
     "unet_lr": _a("unet_lr", methods="lora"),
     "text_encoder_lr": _a("te_lr", _single_lr, methods="lora"),
-    "metadata_title": _a("title", methods="lora"),
+    "metadata_title": _a("metadata_title"),  # modelspec.title only: kohya's ss_output_name stays output_name
     "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
     "scale_weight_norms": _a("scale_weight_norms", methods="lora"),
     "network_multiplier": _a("network_multiplier", methods="lora"),
@@ -419,7 +434,9 @@ COMPOSITE: dict[str, str] = {
     "use_style_template": "--template style (TI)",
     "use_8bit_adam": "old kohya flag: --optimizer adamw8bit",
     "use_lion_optimizer": "old kohya flag: --optimizer lion",
-    "save_last_n_steps": "--save-limit N/save_every_n_steps",
+    "save_last_n_steps": "--save-limit N/save_every_n_steps + 1 (kohya keeps the saves of the last N steps)",
+    "save_last_n_steps_state": "with save_state: --keep-states N/save_every_n_steps + 1 (default save_last_n_steps)",
+    "save_last_n_epochs_state": "with save_state: --keep-states N (default save_last_n_epochs)",
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
@@ -492,19 +509,10 @@ IGNORED: dict[str, str] = {
             "console_log_level",
             "console_log_file",
             "console_log_simple",
-            "training_comment",
-            "metadata_author",
-            "metadata_description",
-            "metadata_license",
-            "metadata_tags",
             "output_config",
             "dynamo_backend",
-            "save_n_epoch_ratio",
-            "save_last_n_steps_state",
-            "save_last_n_epochs_state",
             "save_state_on_train_end",
             "save_state_to_huggingface",
-            "sample_at_first",
             "max_token_length",
         ),
         "logging, metadata or save bookkeeping",
@@ -566,7 +574,6 @@ _FLAG_IGNORED = {
     "console_log_simple",
     "save_state_on_train_end",
     "save_state_to_huggingface",
-    "sample_at_first",
     "resume_from_huggingface",
     "use_safetensors",
     "torch_compile",
@@ -887,6 +894,9 @@ def _composites(
         if items.get(name) and not items.get("sample_prompts") and target in out.values:
             out.values.pop(target)
             out.notes.append(f"{name} without sample_prompts: no sample images (as in kohya)")
+    if items.get("sample_at_first") and not items.get("sample_prompts") and "sample_at_first" in out.values:
+        out.values.pop("sample_at_first")  # kohya stops on the missing prompt file at its first render
+        out.notes.append("sample_at_first without sample_prompts: no sample images")
     # without save_precision kohya saves a full_bf16/full_fp16 network in that dtype (save_dtype None)
     for name, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
         if items.get(name) is True and not items.get("save_precision") and "save_dtype" in present:
@@ -908,9 +918,18 @@ def _composites(
     if last_steps:
         every = items.get("save_every_n_steps")
         if every:
-            put("save_limit", max(1, int(last_steps) // int(every)), "save_last_n_steps")
+            window = steps_window(int(last_steps), int(every))
+            if out.origin.get("save_limit") == "save_last_n_epochs":
+                # kohya prunes step and epoch saves apart (save_last_n_epochs does nothing without epoch
+                # saves); sdcore keeps one count of newest results, so the windows add up
+                epochs = bool(items.get("save_every_n_epochs") or items.get("save_n_epoch_ratio"))
+                out.values["save_limit"] = window + (int(out.values["save_limit"]) if epochs else 0)
+                out.origin["save_limit"] = "save_last_n_steps"
+            else:
+                put("save_limit", window, "save_last_n_steps")
         else:
             out.notes.append("save_last_n_steps without save_every_n_steps has no effect")
+    _state_retention(items, present, out, put)
     # TI templates
     for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
         if items.get(name):
@@ -985,6 +1004,48 @@ def _block_swap_spellings(
                 "cpu_offload_checkpointing: gradient checkpointing is on (kohya's flux_train.py turns it on too); "
                 "sdcore keeps the checkpointed activations on the device (the same result, a little more memory)"
             )
+
+
+def steps_window(last_n_steps: int, every: int) -> int:
+    """How many step saves kohya keeps for ``save_last_n_steps``/``save_last_n_steps_state`` N with a
+    save every S steps: at step t it deletes the save of step ``(t - N - 1)`` rounded down to a multiple
+    of S (``train_util.get_remove_step_no``), so the saves no older than N steps stay: ``N // S + 1``
+    (N=30, S=10: steps 20, 30, 40, 50 at step 50, as its comment says)."""
+    return last_n_steps // every + 1
+
+
+def _state_retention(
+    items: dict[str, Any], present: set[str], out: Translation, put: Callable[[str, Any, str], None]
+) -> None:
+    """kohya's state pruning -> ``--keep-states``: with ``save_state`` each step save keeps the states of
+    the last ``save_last_n_steps_state`` (else ``save_last_n_steps``) steps, each epoch save those of the
+    last ``save_last_n_epochs_state`` (else ``save_last_n_epochs``) epochs; without them every state stays.
+    sdcore keeps one count of newest states, so the two windows add up (0 = keep all when one is open)."""
+    names = ("save_last_n_steps_state", "save_last_n_epochs_state")
+    if not items.get("save_state"):
+        given = [name for name in names if not _is_off(items.get(name), _OFF)]
+        if given:
+            out.notes.append(f"{' and '.join(given)} without save_state: no states to prune (as in kohya)")
+        return
+    if "keep_states" not in present:
+        return
+    windows: list[tuple[str, int]] = []  # (the option that decides, states kept; 0 = all)
+    every_steps = items.get("save_every_n_steps")
+    if every_steps:
+        name = "save_last_n_steps_state" if items.get("save_last_n_steps_state") else "save_last_n_steps"
+        n = items.get(name)
+        windows.append((name, steps_window(int(n), int(every_steps)) if n else 0))
+    if items.get("save_every_n_epochs") or items.get("save_n_epoch_ratio"):
+        name = "save_last_n_epochs_state" if items.get("save_last_n_epochs_state") else "save_last_n_epochs"
+        n = items.get(name)
+        windows.append((name, int(n) if n else 0))
+    if not windows:
+        return  # no intermediate saves: the state at the end only, which sdcore writes too
+    if any(keep == 0 for _, keep in windows):
+        put("keep_states", 0, "save_state")
+        out.notes.append("save_state without save_last_n_*: every state is kept, as in kohya (--keep-states 0)")
+        return
+    put("keep_states", sum(keep for _, keep in windows), windows[0][0])
 
 
 def _output(

@@ -267,6 +267,10 @@ class TrainSession:
         self.total_steps, self.max_epochs = total_steps_for(options, self.data)
         if self.total_steps < 1:
             raise ConfigError("nothing to train: the run has 0 steps (check --max-steps/--epochs and the dataset)")
+        from .checkpoints import epoch_save_interval
+
+        per_epoch = self.data.steps_in_epoch(0, options.gradient_accumulation)
+        self.save_every_epochs = epoch_save_interval(options, self.total_steps, per_epoch)
         if class_data is None:
             self.progress.plan(
                 self.data.index.summary(),
@@ -464,6 +468,10 @@ class TrainSession:
         from .step import optimizer_step
 
         o, pos, accum = self.options, self.position, self.options.gradient_accumulation
+        if o.save_n_epoch_ratio:
+            self.say(f"save_n_epoch_ratio {o.save_n_epoch_ratio}: saving every {self.save_every_epochs} epoch(s)")
+        if o.sample_at_first:  # kohya's --sample_at_first: the model as it starts, before any update
+            self.render_samples(f"step{pos.step:08d}")
         self.progress.open_bar(total=self.total_steps, initial=pos.step)
         self.batches.start_prefetching()
         try:
@@ -518,7 +526,7 @@ class TrainSession:
         last = pos.step >= self.total_steps or (self.max_epochs is not None and pos.epoch >= self.max_epochs)
         if self.validation_groups and should_validate_epoch(o, pos.epoch):
             self.validate("epoch")
-        if o.save_every_epochs and pos.epoch % o.save_every_epochs == 0 and not last:
+        if self.save_every_epochs and pos.epoch % self.save_every_epochs == 0 and not last:
             self.save_checkpoint(epoch=pos.epoch)
         if o.sample_every_epochs and pos.epoch % o.sample_every_epochs == 0 and not last:
             self.render_samples(f"epoch{pos.epoch:06d}")

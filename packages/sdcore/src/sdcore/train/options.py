@@ -505,6 +505,12 @@ class TrainOptions:
         "Keep only the newest N intermediate results (the final result is always kept; 0 keeps all).",
         group="output",
     )
+    save_n_epoch_ratio: int | None = option(
+        None,
+        "Save about N intermediate results over the run: every floor(epochs/N) epochs, at least 1 (kohya's "
+        "--save_n_epoch_ratio; replaces --save-every-epochs).",
+        group="output",
+    )
     save_dtype: str = option("fp16", "Precision of saved weights.", choices=SAVE_DTYPES, group="output")
     save_state: bool = option(
         True, "Write a resumable state folder with each save, on Ctrl-C and at the end.", group="output"
@@ -541,6 +547,9 @@ class TrainOptions:
         ".json/.toml as kohya), to render while training.",
         group="output",
     )
+    sample_at_first: bool = option(
+        False, "Also render the sample prompts before the first step (kohya's --sample_at_first).", group="output"
+    )
     sample_every: int | None = option(None, "Render the sample prompts every N steps.", group="output")
     sample_every_epochs: int | None = option(None, "Render the sample prompts every N epochs.", group="output")
     sample_steps: int = option(20, "Sampler steps for sample images (a prompt's --s overrides).", group="output")
@@ -566,6 +575,32 @@ class TrainOptions:
     )
     max_validation_steps: int | None = option(
         None, "Validate on at most this many batches of held-out images (default: all of them).", group="validation"
+    )
+    # ModelSpec metadata of the saved .safetensors (kohya's --metadata_* options, library/sai_model_spec.py)
+    metadata_title: str | None = option(
+        None, "modelspec.title of the saved file (default: the output file's name).", group="metadata"
+    )
+    metadata_author: str | None = option(None, "modelspec.author of the saved file.", group="metadata")
+    metadata_description: str | None = option(None, "modelspec.description of the saved file.", group="metadata")
+    metadata_license: str | None = option(None, "modelspec.license of the saved file.", group="metadata")
+    metadata_tags: str | None = option(
+        None, "modelspec.tags of the saved file, comma-separated, written as given.", group="metadata"
+    )
+    metadata_usage_hint: str | None = option(None, "modelspec.usage_hint of the saved file.", group="metadata")
+    metadata_thumbnail: str | None = option(
+        None,
+        "modelspec.thumbnail: an image file (written as a base64 data: URL, as kohya does) or a data: URL.",
+        group="metadata",
+        metavar="FILE",
+    )
+    metadata_merged_from: str | None = option(None, "modelspec.merged_from of the saved file.", group="metadata")
+    metadata_trigger_phrase: str | None = option(None, "modelspec.trigger_phrase of the saved file.", group="metadata")
+    metadata_preprocessor: str | None = option(None, "modelspec.preprocessor of the saved file.", group="metadata")
+    metadata_is_negative_embedding: str | None = option(
+        None, "modelspec.is_negative_embedding of the saved file (text, e.g. 'true').", group="metadata"
+    )
+    training_comment: str | None = option(
+        None, "Free text stored as ss_training_comment in the saved file (kohya).", group="metadata"
     )
     log_dir: str | None = option(None, "TensorBoard log folder (when tensorboard is installed).", group="output")
     progress: bool = option(True, "Show a progress bar.", group="output")

@@ -100,7 +100,15 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     for label, count in positive.items():
         if count < 1:
             problems.append(f"--{label.replace('_', '-')} must be at least 1, got {count}")
-    for name in ("max_steps", "epochs", "save_every", "save_every_epochs", "sample_every", "sample_every_epochs"):
+    for name in (
+        "max_steps",
+        "epochs",
+        "save_every",
+        "save_every_epochs",
+        "save_n_epoch_ratio",
+        "sample_every",
+        "sample_every_epochs",
+    ):
         value = getattr(o, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1 when given, got {value}")
@@ -157,6 +165,11 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append("--sample-every needs --sample-prompts")
     if o.sample_every_epochs is not None and not o.sample_prompts:
         problems.append("--sample-every-epochs needs --sample-prompts")
+    if o.sample_at_first and not o.sample_prompts:
+        problems.append("--sample-at-first needs --sample-prompts")
+    from .modelspec import metadata_option_problems
+
+    problems.extend(metadata_option_problems(o))  # --metadata-thumbnail
     if o.sample_prompts and not o.sample_prompts.strip():
         problems.append("--sample-prompts is empty")
     elif o.sample_prompts:
@@ -367,20 +380,24 @@ class DiskPlan:
 def planned_saves(options: TrainOptions, total_steps: int, steps_per_epoch: int) -> tuple[int, int]:
     """(intermediate results kept, states kept) at the end of the run, following the runtime's
     save points (every ``save_every`` steps and ``save_every_epochs`` epochs, not at the last one)
-    and retention (``save_limit`` newest results and states; a state with each save and at the end)."""
+    and retention (the newest ``save_limit`` results and ``keep_states`` states; a state with each save
+    and at the end). Epoch saves follow ``save_n_epoch_ratio`` when given (:func:`.checkpoints.epoch_save_interval`)."""
+    from .checkpoints import epoch_save_interval
+
     o = options
     saves = 0
     if o.save_every:
         saves += max(0, (total_steps - 1) // o.save_every)
-    if o.save_every_epochs and steps_per_epoch > 0:
+    every_epochs = epoch_save_interval(o, total_steps, steps_per_epoch)
+    if every_epochs and steps_per_epoch > 0:
         epochs = math.ceil(total_steps / steps_per_epoch)
-        saves += max(0, (epochs - 1) // o.save_every_epochs)
+        saves += max(0, (epochs - 1) // every_epochs)
     results = min(saves, o.save_limit) if o.save_limit else saves
     states = 0
     if o.save_state:
         states = saves + 1
-        if o.save_limit:
-            states = min(states, o.save_limit)
+        if o.keep_states:
+            states = min(states, o.keep_states)
     return results, states
 
 

@@ -13,7 +13,12 @@ class SdcoreError(Exception):
 
 
 class ConfigError(SdcoreError):
-    """An option or config file is invalid or contradicts another option."""
+    """An option or config file is invalid or contradicts another option. ``problems`` holds one line
+    per problem, for a CLI that prints them one per line (the message joins them)."""
+
+    def __init__(self, message: str = "", problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 class ModelFormatError(SdcoreError):

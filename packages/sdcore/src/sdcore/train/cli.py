@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..errors import SdcoreError, debug_enabled, expected_error_message
+from ..errors import ConfigError, SdcoreError, debug_enabled, expected_error_message
 from .config import field_types, unwrap_optional
 
 _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
@@ -206,7 +206,10 @@ def build_train_command(spec: Any) -> click.Command:
         overrides = command_line_overrides(ctx, kwargs)
         notes: list[str] = []
         try:
-            options = load_options(options_class, config, overrides, kohya=kohya, notes=notes)
+            try:
+                options = load_options(options_class, config, overrides, kohya=kohya, notes=notes)
+            except ConfigError as exc:  # found before any model loads, as the pre-flight's: one line each, exit 2
+                raise PreflightError(exc.problems) from exc
             for note in notes:
                 click.echo(f"note: {note}", err=True)
             method = method_class(options)

@@ -155,6 +155,8 @@ def load_options(
                 config_values[name] = value
             elif k.is_kohya_name(name):
                 config_kohya[name] = value
+            elif name == "config_file":  # kohya reads only the config file its command line names
+                found_notes.append(f"{where}: config_file inside a config file is not read (as in kohya)")
             else:
                 unknown.append(f"{name!r}{k.nearest(name, fields)}")
         if unknown:
@@ -213,8 +215,8 @@ def load_options(
     if problems:
         prefix = f"{where}: "
         if config_path is not None and all(p.startswith(prefix) for p in problems):
-            raise ConfigError(prefix + "; ".join(p[len(prefix) :] for p in problems))
-        raise ConfigError("; ".join(problems))
+            raise ConfigError(prefix + "; ".join(p[len(prefix) :] for p in problems), problems)
+        raise ConfigError("; ".join(problems), problems)
     if notes is not None:
         notes.extend(found_notes)
     else:

@@ -597,10 +597,35 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "noise_offset_type": (*_OFF, "Original"),
     "model_type": (*_OFF, "flux"),  # flux_train_utils: flux (default) or chroma (no Chroma family in sdcore)
 }
-_FLAG_UNSUPPORTED: set[str] = set()
+#: options of kohya's scripts for models and methods sdcore does not train (script -> its own options); a
+#: TOML written for them is refused by name while these hold their off values (the kohya_ss GUI writes them all)
+OTHER_SCRIPTS: dict[str, tuple[str, ...]] = {
+    "kohya's Anima scripts (anima_train*.py)": (
+        "cross_attn_lr", "llm_adapter_lr", "llm_adapter_path", "mlp_lr", "mod_lr", "qwen3", "qwen3_max_token_length",
+        "self_attn_lr", "t5_max_token_length", "t5_tokenizer_path", "unsloth_offload_checkpointing",
+        "vae_disable_cache",
+    ),
+    "kohya's Anima and HunyuanImage scripts": ("attn_mode", "split_attn", "vae_chunk_size", "fp8_scaled"),
+    "kohya's HunyuanImage script (hunyuan_image_train_network.py)": ("byt5", "fp8_vl", "text_encoder", "text_encoder_cpu"),
+    "kohya's Lumina scripts (lumina_train*.py)": (
+        "gemma2", "gemma2_max_token_length", "sample_batch_size", "system_prompt", "use_flash_attn", "use_sage_attn",
+    ),
+    "kohya's ControlNet and ControlNet-LLLite scripts": ("controlnet_model_name_or_path", "control_net_lr", "cond_emb_dim"),
+}  # fmt: skip
+UNSUPPORTED.update(dict.fromkeys((n for names in OTHER_SCRIPTS.values() for n in names), _OFF))
+_FLAG_UNSUPPORTED: set[str] = {
+    "split_attn", "fp8_scaled", "fp8_vl", "text_encoder_cpu", "unsloth_offload_checkpointing", "vae_disable_cache",
+    "use_flash_attn", "use_sage_attn",
+}  # fmt: skip
 #: why an :data:`UNSUPPORTED` option is refused, where "it changes the result" does not say enough
 _UNSUPPORTED_NOTES = {
     "model_type": "sdcore has no Chroma model family, only FLUX.1 dev/schnell: model_type = 'flux'",
+    **{
+        name: f"an option of {scripts}, for models or methods sdcore does not train (its training methods are "
+        "`sdcore train --help`'s, on SD1/SD2/SDXL, SD3 and FLUX.1 models)"
+        for scripts, names in OTHER_SCRIPTS.items()
+        for name in names
+    },
 }
 
 #: network_args keys -> sdcore LoRA option (keys that are option names themselves pass through)

@@ -55,8 +55,7 @@ class PreflightError(ConfigError):
     """One or more problems found before training; ``problems`` holds one line each."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
+        super().__init__("\n".join(problems), list(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------

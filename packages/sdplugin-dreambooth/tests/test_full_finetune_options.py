@@ -124,3 +124,15 @@ def test_kohya_sd3_train_names():
     assert any(n.startswith("use_t5xxl_cache_only: ") for n in notes)
     with pytest.raises(ConfigError, match="use_t5xxl_cache_only with train_t5xxl"):
         load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": True, "train_t5xxl": True})
+
+
+@pytest.mark.parametrize(("model", "trained"), [("tiny:sd1", True), ("tiny:sdxl", False), ("tiny:sd3", False)])
+def test_kohya_terms_train_the_text_encoder_by_default_only_as_train_db(tmp_path, model, trained):
+    """kohya's train_db.py (SD1/SD2) trains the text encoder unless told otherwise; sdxl_train.py and
+    sd3_train.py train it only with --train_text_encoder. A kohya-terms config gets the script's default."""
+    config = tmp_path / "kohya.toml"
+    config.write_text(f'pretrained_model_name_or_path = "{model}"\ntrain_data_dir = "data"\noutput_dir = "out"\n')
+    notes: list[str] = []
+    options = load_options(DreamBoothOptions, config, notes=notes)
+    assert options.train_text_encoder is trained
+    assert any("text encoder is trained" in note for note in notes) is trained

@@ -1222,6 +1222,11 @@ def _network(
             out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
 
 
+#: families whose kohya full fine-tune script (sdxl_train.py, sd3_train.py, flux_train.py) leaves the text
+#: encoders frozen unless asked (train_db.py, SD1/SD2, trains the text encoder by default)
+_FULL_FT_FROZEN_TE = ("sdxl", "sd3", "flux")
+
+
 def family_default_targets(family: str | None = None) -> set[str]:
     """The options :data:`KOHYA_FAMILY_DEFAULTS` sets (for ``family``, or for any family)."""
     tables = [KOHYA_FAMILY_DEFAULTS.get(family, ())] if family else list(KOHYA_FAMILY_DEFAULTS.values())
@@ -1257,6 +1262,8 @@ def kohya_defaults(
             continue
         if target == "train_text_encoder" and {"unet_only", "te_only"} & given:
             continue
+        if target == "train_text_encoder" and "unet_only" not in present and family in _FULL_FT_FROZEN_TE:
+            continue  # full fine-tuning: train_db.py trains the text encoder, sdxl/sd3/flux_train.py do not
         if target == "max_steps" and "epochs" in given:
             continue
         if target == "cache_latents" and not any(

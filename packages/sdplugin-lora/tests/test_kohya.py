@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 from sdcore.errors import ConfigError
 from sdcore.testing.contract import make_tiny_dataset
 from sdcore.train.config import load_options
@@ -175,6 +176,14 @@ def test_sections_toml_with_lycoris_and_dataset_config(tmp_path, kohya_data):
         "mystyle-step00000002.safetensors",
         "mystyle.safetensors",
     ]
+    # kohya titles every save with --output_name, the intermediate ones too
+    with safe_open(str(out / "mystyle-step00000002.safetensors"), "pt") as f:
+        step_meta = f.metadata()
+    assert (step_meta["ss_output_name"], step_meta["modelspec.title"], step_meta["ss_steps"]) == (
+        "mystyle",
+        "mystyle",
+        "2",
+    )
 
 
 def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, kohya_data):

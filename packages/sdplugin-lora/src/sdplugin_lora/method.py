@@ -741,11 +741,18 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             conv_rank=self.conv_rank,
             conv_alpha=self.conv_alpha,
             network_args=args,
-            title=o.title or info.path.stem,
+            title=o.title or self._output_name(),
             resolution=o.resolution,
             clip_skip=o.clip_skip,
             extra=extra,
         )
+
+    def _output_name(self) -> str:
+        """The final result's name, for every save: kohya writes ``ss_output_name``/``modelspec.title`` from
+        ``--output_name``, so ``x-000002.safetensors`` is titled ``x`` like the final ``x.safetensors``."""
+        from sdcore.train.checkpoints import output_paths, stem_and_suffix
+
+        return stem_and_suffix(output_paths(self, self.options)[0])[0]
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         from .format import save_lora

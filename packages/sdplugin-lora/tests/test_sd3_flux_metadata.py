@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 from sdcore.train.method import RunFacts, SaveInfo
-from sdplugin_lora.method import LoraOptions, kohya_training_metadata
+from sdplugin_lora.method import LoraOptions, flow_metadata, kohya_training_metadata
 
 
 def _meta(tmp_path, family, **options):
     run = RunFacts(total_steps=1, started_at=0.0, family=family)
     info = SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=0, metadata={}, final=False, run=run)
-    return kohya_training_metadata(LoraOptions(**options), info)
+    o = LoraOptions(**options)
+    return {**kohya_training_metadata(o, info), **flow_metadata(o, family)}  # as LoraMethod.metadata joins them
 
 
 @pytest.mark.parametrize("mask", [True, False])

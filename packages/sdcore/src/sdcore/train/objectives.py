@@ -260,24 +260,21 @@ class FlowMatchingObjective(TrainingObjective):
         (height, width of the latents) is what ``flux_shift`` shifts by (needed for it only)."""
         import torch
 
+        def density(scheme: str) -> torch.Tensor:
+            return density_draw(scheme, count, generator, logit_mean=self.logit_mean,
+                                logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
+
         kind = self.timestep_sampling
         if kind == "sigma":  # kohya Flux's default: --discrete_flow_shift through the scheduler's table
-            u = density_draw(self.weighting_scheme, count, generator, logit_mean=self.logit_mean,
-                             logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
-            return scheduler_table_sigmas(u, self.shift, self.num_timesteps)
-        if kind == "flux_shift":  # kohya: the sigmoid sampling, Flux's mu instead of --discrete_flow_shift
-            if latent_size is None:
-                raise ConfigError("the flux_shift timestep sampling needs the latents' size")
+            return scheduler_table_sigmas(density(self.weighting_scheme), self.shift, self.num_timesteps)
+        if kind in ("sigmoid", "flux_shift"):  # kohya's flux sampling, sigmoid(scale * N(0, 1))
             sigmas = torch.sigmoid(self.sigmoid_scale * torch.randn((count,), generator=generator))
-            return exponential_time_shift(sigmas, flux_shift_mu(*latent_size))
-        if kind == "uniform":
-            sigmas = torch.rand((count,), generator=generator)
-        elif kind == "logit_normal":  # sigmoid of N(mean, std): SD3's default "lognorm(0, 1)"
-            sigmas = torch.sigmoid(torch.randn((count,), generator=generator) * self.logit_std + self.logit_mean)
-        elif kind == "mode":
-            sigmas = mode_sigmas(torch.rand((count,), generator=generator), self.mode_scale)
-        else:  # "sigmoid": kohya's flux sampling, sigmoid(scale * N(0, 1))
-            sigmas = torch.sigmoid(self.sigmoid_scale * torch.randn((count,), generator=generator))
+            if kind == "flux_shift":  # Flux's mu instead of --discrete_flow_shift
+                if latent_size is None:
+                    raise ConfigError("the flux_shift timestep sampling needs the latents' size")
+                return exponential_time_shift(sigmas, flux_shift_mu(*latent_size))
+        else:  # uniform, logit_normal (SD3's default "lognorm(0, 1)"), mode: the densities kohya's SD3 draws from
+            sigmas = density(kind)
         return time_shift(sigmas, self.shift).clamp(0.0, 1.0)
 
     def draw(

@@ -134,6 +134,9 @@ class FamilyAdapter(Protocol):
     ``drop_text_encoders(bundle, conditioning, dropped) -> Conditioning`` zeroes, per sample, the parts
     of a training conditioning that the encoders named in ``dropped[i]`` produced (SD3's kohya
     per-encoder caption dropout, :mod:`sdcore.train.encoder_dropout`).
+    ``sample_draws(bundle, options, batch, count) -> list[hook]`` gives the training step hooks
+    ``hook(sample_index, generator)`` that draw more per sample after its noise and timestep and record
+    the result in ``batch.extra`` (SD3: kohya's per-encoder caption dropout, positional-embedding crop).
     """
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

@@ -78,34 +78,16 @@ class Objective:
         return cond
 
     def _settings(self, batch: Batch, count: int) -> Any:
-        """The run's noise settings, plus a hook drawing what kohya's SD3 options draw per sample, after the
-        sample's other draws, into ``batch.extra``: the dropped text encoders (:mod:`.encoder_dropout`), then
-        the positional-embedding crop (:mod:`sdcore.models.sd3.pos_embed`). Neither on: no hook."""
+        """The run's noise settings, plus a hook for what the family draws per sample after the sample's
+        other draws (its adapter's ``sample_draws``: SD3's per-encoder caption dropout and positional-embedding
+        crop, recorded in ``batch.extra``). No such draw: the settings as they are, so runs stay unchanged."""
         from dataclasses import replace
 
-        from ..models.sd3.pos_embed import CROPS_KEY, installed
-        from .encoder_dropout import DROPPED_KEY, EncoderDropout
         from .noise import NoiseSettings
 
         settings = NoiseSettings.from_options(self.options)
-        hooks: list[Callable[[int, Any], None]] = []
-        dropout = EncoderDropout.from_options(self.options)
-        if dropout is not None:
-            drops, record_drops = dropout.recorder(count)
-            batch.extra[DROPPED_KEY] = drops
-            hooks.append(record_drops)
-        rate = self.options.pos_emb_random_crop_rate
-        pos_embed = installed(getattr(self.bundle, "transformer", None)) if rate > 0 else None
-        if pos_embed is not None:
-            patch = pos_embed.patch_size
-            h, w = (int(side) // patch for side in batch.latents.shape[-2:])
-            crops: list[tuple[int, int] | None] = [None] * count
-            batch.extra[CROPS_KEY] = crops
-
-            def record_crop(index: int, gen: Any) -> None:
-                crops[index] = pos_embed.draw_crop(h, w, rate, gen)
-
-            hooks.append(record_crop)
+        sample_draws = getattr(self.adapter, "sample_draws", None)
+        hooks = sample_draws(self.bundle, self.options, batch, count) if sample_draws is not None else []
         if not hooks:
             return settings
 

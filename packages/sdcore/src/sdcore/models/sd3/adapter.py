@@ -10,7 +10,7 @@ The pooled vector is CLIP-L's projected pooled output (identity projection in SD
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from . import T5_MAX_LENGTH
@@ -181,6 +181,36 @@ class Sd3Adapter:
         hidden = torch.cat([clip_hidden, t5_hidden.to(device=clip_hidden.device, dtype=clip_hidden.dtype)], dim=-2)
         pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
         return Conditioning(hidden, pooled)
+
+    def sample_draws(
+        self, bundle: ModelBundle, options: Any, batch: Any, count: int
+    ) -> list[Callable[[int, Any], None]]:
+        """What the step draws per sample for kohya's SD3 options, after the sample's noise and timestep
+        (``NoiseSettings.after_draws``), recorded in ``batch.extra``: the dropped text encoders
+        (:mod:`sdcore.train.encoder_dropout`), then the positional-embedding crop (:mod:`.pos_embed`).
+        Empty when neither option is on, so nothing more is drawn."""
+        from ...train.encoder_dropout import DROPPED_KEY, EncoderDropout
+        from .pos_embed import CROPS_KEY, installed
+
+        hooks: list[Callable[[int, Any], None]] = []
+        dropout = EncoderDropout.from_options(options)
+        if dropout is not None:
+            drops, record_drops = dropout.recorder(count)
+            batch.extra[DROPPED_KEY] = drops
+            hooks.append(record_drops)
+        rate = options.pos_emb_random_crop_rate
+        pos_embed = installed(getattr(bundle, "transformer", None)) if rate > 0 else None
+        if pos_embed is not None:
+            patch = pos_embed.patch_size
+            h, w = (int(side) // patch for side in batch.latents.shape[-2:])
+            crops: list[tuple[int, int] | None] = [None] * count
+            batch.extra[CROPS_KEY] = crops
+
+            def record_crop(index: int, gen: Any) -> None:
+                crops[index] = pos_embed.draw_crop(h, w, rate, gen)
+
+            hooks.append(record_crop)
+        return hooks
 
     def drop_text_encoders(
         self, bundle: ModelBundle, conditioning: Conditioning, dropped: list[frozenset[str]]

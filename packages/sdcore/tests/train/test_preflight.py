@@ -189,7 +189,7 @@ def test_dry_run_prints_the_plan(tmp_path):
     assert "model: tiny:sd1 (sd1, tiny)" in out
     assert "buckets: 1 (64x64: 4)" in out
     assert "optimizer steps over 2 epochs" in out
-    assert "cached: latents in memory; text-encoder outputs yes" in out
+    assert "cached: latents in memory; text-encoder outputs in memory" in out
     assert "saves will use about" in out and "2 intermediate results" in out and "2 states" in out
     assert "estimated peak memory:" in out
     assert not (tmp_path / "out").exists()

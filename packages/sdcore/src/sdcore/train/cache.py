@@ -10,6 +10,8 @@ anything changed, so an edited image or another VAE never trains on stale latent
 Text encoder outputs (only when the method keeps the text encoders frozen): each image gets
 ``caption_variants`` processed captions when shuffling/dropout is on (one otherwise), every
 distinct prompt is encoded once, and each epoch picks a variant per sample deterministically.
+With ``--cache-text-encoder-outputs-to-disk`` the encodings are also kept in one file per dataset
+folder (:mod:`.text_store`) that a later run with the same encoders and settings reuses.
 """
 
 from __future__ import annotations
@@ -201,16 +203,22 @@ class TextCache:
         seed: int,
         variants: int,
         dtype: Any = None,
+        to_disk: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         self.bundle = bundle
         self.dtype = dtype  # stored precision: the mixed-precision dtype (the UNet consumes that anyway)
         self.method = method
         self.entries = entries
         self.seed = seed
+        self.to_disk = to_disk  # also keep the encodings in files per dataset folder (:mod:`.text_store`)
+        self.cache_dir = cache_dir
         self.variants: list[list[str]] = []
         self.dropped: list[list[str]] = []
         self.encodings: dict[str, Conditioning] = {}
         self.empty_chunk: Any = None
+        self.encoded = 0  # prompts run through the text encoders by this cache (tests and logs)
+        self.reused = 0  # prompts read from a text-store file
         self._build_variants(max(1, variants))
 
     def _build_variants(self, count: int) -> None:
@@ -244,21 +252,57 @@ class TextCache:
                 else []
             )
 
-    def fill(self, *, batch_size: int = 16) -> None:
-        """Encode every distinct prompt once, batching prompts of the same chunk count."""
+    def prompts_by_folder(self) -> dict[str, set[str]]:
+        """Every prompt this run may use, by the dataset folder of the images that use it."""
+        folders: dict[str, set[str]] = {}
+        for entry, variants, dropped in zip(self.entries, self.variants, self.dropped, strict=True):
+            folders.setdefault(str(entry.subset.image_dir), set()).update(variants, dropped)
+        return folders
+
+    def fill(self, *, batch_size: int = 16, is_main: bool = True) -> None:
+        """Encode every distinct prompt once, batching prompts of the same chunk count; with ``to_disk``,
+        first take what this setup's store files hold and (main process) write back what was encoded."""
+        import torch
+
+        dtype = self.dtype or torch.float32
+        prompts = sorted({p for variants in (*self.variants, *self.dropped) for p in variants})
+        with torch.no_grad():
+            empty = self.method.encode(self.bundle, [""])
+            self.empty_chunk = empty.hidden_states[0].detach().to(device="cpu", dtype=dtype)
+        stores: dict[Path, set[str]] = {}
+        digest = ""
+        if self.to_disk:
+            from .text_store import PROBE_PROMPTS, probe_digest, read_store, store_file
+
+            with torch.no_grad():
+                digest = probe_digest([self.method.encode(self.bundle, [p]).to("cpu", dtype) for p in PROBE_PROMPTS])
+            for folder, members in self.prompts_by_folder().items():
+                stores.setdefault(store_file(folder, digest, self.cache_dir), set()).update(members)
+            for path, members in stores.items():
+                found = read_store(path, digest, members - set(self.encodings))
+                self.encodings.update(found)
+                self.reused += len(found)
+        missing = [p for p in prompts if p not in self.encodings]
+        self._encode(missing, dtype, batch_size)
+        self.encoded += len(missing)
+        if stores and is_main:
+            from .text_store import write_store
+
+            new = set(missing)
+            for path, members in stores.items():
+                if members & new:  # the file lacked some of this run's prompts (or did not exist)
+                    write_store(path, digest, {p: self.encodings[p] for p in members})
+
+    def _encode(self, prompts: list[str], dtype: Any, batch_size: int) -> None:
         import torch
 
         from ..models.text import chunk_count
 
-        dtype = self.dtype or torch.float32
-        prompts = sorted({p for variants in (*self.variants, *self.dropped) for p in variants})
         groups: dict[int, list[str]] = {}
         tokenizer = self.bundle.tokenizers[0]
         for prompt in prompts:
             groups.setdefault(chunk_count(tokenizer, [prompt]), []).append(prompt)
         with torch.no_grad():
-            empty = self.method.encode(self.bundle, [""])
-            self.empty_chunk = empty.hidden_states[0].detach().to(device="cpu", dtype=dtype)
             width = self.empty_chunk.shape[0]
             for chunks, members in sorted(groups.items()):
                 for start in range(0, len(members), batch_size):
@@ -366,9 +410,22 @@ def build_caches(
             seed=options.seed,
             variants=options.caption_variants,
             dtype=torch_dtype(options.mixed_precision),
+            to_disk=options.cache_text_encoder_outputs_to_disk,
+            cache_dir=getattr(options, "cache_dir", None),
         )
         with accelerator.autocast():
-            text_cache.fill()
+            if text_cache.to_disk and accelerator.num_processes > 1:  # the main process writes, the others read
+                if is_main:
+                    text_cache.fill(is_main=True)
+                accelerator.wait_for_everyone()
+                if not is_main:
+                    text_cache.fill(is_main=False)
+            else:
+                text_cache.fill(is_main=is_main)
+        if text_cache.to_disk:
+            progress.say(
+                f"text-encoder outputs: {text_cache.encoded} prompts encoded, {text_cache.reused} reused from disk"
+            )
         if device.type != "cpu":
             for te in bundle.text_encoders:
                 te.to("cpu")

@@ -310,13 +310,17 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
             else "in memory"
         )
     text = (
-        "yes"
+        (
+            "on disk (" + (options.cache_dir or "beside the images") + ")"
+            if options.cache_text_encoder_outputs_to_disk
+            else "in memory"
+        )
         if options.cache_text_encoder_outputs and not caps.trains_text_encoder and caps.cacheable_text
         else "no (the text encoder runs every step)"
     )
     from ..data.captions import warmup_steps
 
-    if text == "yes" and warmup_steps(options.token_warmup_step, report.total_steps) > 0:
+    if not text.startswith("no") and warmup_steps(options.token_warmup_step, report.total_steps) > 0:
         text = "no (the token warm-up changes captions with the step)"
     click.echo(f"cached: latents {latents}; text-encoder outputs {text}")
     output, state = output_paths(method, options)

@@ -271,6 +271,7 @@ ALIASES: dict[str, Alias] = {
     "cache_latents": _a("cache_latents", flag=True),
     "cache_latents_to_disk": _a("cache_latents_to_disk", flag=True),
     "cache_text_encoder_outputs": _a("cache_text_encoder_outputs", flag=True),
+    "cache_text_encoder_outputs_to_disk": _a("cache_text_encoder_outputs_to_disk", flag=True),
     # schedule
     "max_train_steps": _a("max_steps"),
     "max_train_epochs": _a("epochs"),
@@ -440,7 +441,8 @@ COMPOSITE: dict[str, str] = {
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
     "v_parameterization": "accepted: the prediction type is read from the model",
-    "cache_text_encoder_outputs_to_disk": "--cache-text-encoder-outputs (in memory; sdcore writes no text-encoder npz)",
+    "cache_text_encoder_outputs_to_disk": "--cache-text-encoder-outputs --cache-text-encoder-outputs-to-disk (one "
+    ".safetensors per dataset folder, not kohya's per-image npz)",
     "deepspeed": "refused: give DeepSpeed to `accelerate launch --config_file` (docs/accelerate/deepspeed-zero2.yaml)",
     **dict.fromkeys(
         (
@@ -960,15 +962,11 @@ def _composites(
         if items.get(name):
             put("template", template, name)
     # kohya: --cache_text_encoder_outputs_to_disk turns --cache_text_encoder_outputs on (sdxl_train_util and the
-    # SD3/Flux scripts set it, over an explicit false); sdcore's text-encoder cache is built in memory each run
+    # SD3/Flux scripts set it, over an explicit false); sdcore keeps one store file per dataset folder
     if not _is_off(items.get("cache_text_encoder_outputs_to_disk"), _OFF) and "cache_text_encoder_outputs" in present:
         out.values["cache_text_encoder_outputs"] = True
         out.origin["cache_text_encoder_outputs"] = "cache_text_encoder_outputs_to_disk"
-        out.notes.append(
-            "cache_text_encoder_outputs_to_disk: text-encoder outputs are cached in memory (each distinct caption "
-            "encoded once per run, while the text encoders are frozen), not written to .npz files; the trained "
-            "result is the same"
-        )
+        put("cache_text_encoder_outputs_to_disk", True, "cache_text_encoder_outputs_to_disk")
     _deepspeed(items, out, where)
     _block_swap_spellings(items, present, out, where, put)
     if items.get("use_t5xxl_cache_only") is True:

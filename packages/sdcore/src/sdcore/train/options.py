@@ -208,7 +208,15 @@ class TrainOptions:
     cache_text_encoder_outputs: bool = option(
         True, "Cache text-encoder outputs when the text encoder is frozen.", group="cache"
     )
-    cache_dir: str | None = option(None, "Folder for latent cache files (default: beside each image).", group="cache")
+    cache_text_encoder_outputs_to_disk: bool = option(
+        False,
+        "Also keep the cached text-encoder outputs in a .safetensors file per dataset folder, reused by later runs "
+        "with the same text encoders and settings (SD3/FLUX.1: no T5 pass over the captions again).",
+        group="cache",
+    )
+    cache_dir: str | None = option(
+        None, "Folder for latent and text-encoder cache files (default: beside each image).", group="cache"
+    )
     caption_variants: int = option(4, "Cached caption variants per image when shuffling/dropping tags.", group="cache")
     # schedule
     batch_size: int = option(1, "Images per step per device.", group="training")

@@ -154,6 +154,8 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
     if o.cache_latents_to_disk and not o.cache_latents:
         problems.append("--cache-latents-to-disk needs --cache-latents")
+    if o.cache_text_encoder_outputs_to_disk and not o.cache_text_encoder_outputs:
+        problems.append("--cache-text-encoder-outputs-to-disk needs --cache-text-encoder-outputs")
     from ..data.augment import face_crop_range
 
     try:
@@ -703,11 +705,18 @@ def run_preflight(
             checks.append((report.state_root, "state folder", "--output"))
         if o.log_dir:
             checks.append((Path(o.log_dir).expanduser(), "log folder", "--log-dir"))
-        if o.cache_latents_to_disk and o.cache_latents:
+        for on, what in (
+            (o.cache_latents_to_disk and o.cache_latents, "latent"),
+            (o.cache_text_encoder_outputs_to_disk and o.cache_text_encoder_outputs, "text-encoder output"),
+        ):
+            if not on:
+                continue
             if o.cache_dir:
-                checks.append((Path(o.cache_dir).expanduser(), "latent cache folder", "--cache-dir"))
+                checks.append((Path(o.cache_dir).expanduser(), f"{what} cache folder", "--cache-dir"))
             elif o.data and Path(o.data).expanduser().is_dir():  # cache files go beside the images
-                checks.append((Path(o.data).expanduser(), "dataset folder (for the latent cache files)", "--cache-dir"))
+                checks.append(
+                    (Path(o.data).expanduser(), f"dataset folder (for the {what} cache files)", "--cache-dir")
+                )
         seen: set[Path] = set()
         for folder, what, flag in checks:
             key = nearest_existing(folder)

@@ -121,6 +121,21 @@ def test_command_line_overrides_config_and_only_given_flags(tmp_path, tiny_data)
     assert "3 optimizer steps" in result.output
 
 
+def test_underscore_spellings_of_sdcore_flags_are_those_flags(tmp_path, tiny_data):
+    """kohya users type --max_steps / --no_cache_latents; --help promises every option works that way."""
+    out = tmp_path / "eff.toml"
+    args = ["--model", "tiny:sd1", "--data", str(tiny_data), "--output", str(tmp_path / "r.safetensors"),
+            "--resolution", "64", "--min_bucket_reso=64", "--max_bucket_reso", "128", "--max_steps", "3",
+            "--no_cache_latents", "--caption_variants=2", "--dry-run", "--save_config", str(out)]  # fmt: skip
+    result = CliRunner().invoke(_command(), args)
+    assert result.exit_code == 0, result.output
+    o = load_options(ConvOutOptions, out)
+    assert o.max_steps == 3 and o.cache_latents is False and o.caption_variants == 2 and o.min_bucket_reso == 64
+    # kohya's own names keep their kohya meaning (--max_train_steps -> --max-steps), a typo still says which
+    result = CliRunner().invoke(_command(), [*args[:-2], "--max_stepz", "1"])
+    assert result.exit_code == 2 and "did you mean --max-steps?" in result.output
+
+
 def test_command_reports_config_errors_in_one_line(tmp_path):
     result = CliRunner().invoke(_command(), ["--model", "tiny:sd1"])
     assert result.exit_code == 2  # the pre-flight's exit code: every problem, one line each

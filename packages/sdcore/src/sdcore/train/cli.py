@@ -128,7 +128,7 @@ class GroupedCommand(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, expand_multi_values(list(args)))
+            return super().parse_args(ctx, self._underscores_to_hyphens(ctx, expand_multi_values(list(args))))
         except click.NoSuchOption as exc:
             hint = self._hint(exc.option_name)
             if hint is None:
@@ -136,6 +136,23 @@ class GroupedCommand(click.Command):
             raise click.NoSuchOption(
                 exc.option_name, message=f"No such option: {exc.option_name}{hint}", ctx=ctx
             ) from None
+
+    def _underscores_to_hyphens(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """``--max_steps 5`` / ``--no_cache_latents`` (kohya users' habit) -> ``--max-steps 5`` /
+        ``--no-cache-latents`` when only the hyphenated flag exists; kohya's own names, which are
+        options of their own (``--network_dim``), are left to those."""
+        known = {opt for param in self.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
+        out: list[str] = []
+        for index, token in enumerate(args):
+            if token == "--":
+                return out + args[index:]
+            flag, equals, value = token.partition("=")
+            if flag.startswith("--") and "_" in flag and flag not in known:
+                dashed = "--" + flag[2:].replace("_", "-")
+                if dashed in known:
+                    token = dashed + equals + value
+            out.append(token)
+        return out
 
     def _hint(self, option: str) -> str | None:
         """``--network-dim`` / ``--network_dimm`` -> `` (did you mean --rank?)``."""

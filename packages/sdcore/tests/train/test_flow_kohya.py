@@ -170,6 +170,9 @@ def test_a_kohya_sd3_toml_gets_the_sd3_scripts_objective(tmp_path, model_files):
     assert "weighting_scheme's density (logit_normal)" in notes
     o, _ = _kohya(tmp_path, model_files["sd3"], 'weighting_scheme = "cosmap"\nmax_timestep = 900\n')
     assert _flow(o)[:2] == ("uniform", "x0") and (o.min_timestep, o.max_timestep) == (None, 900)
+    # an explicit 0 (what the kohya_ss GUI writes for every run) is kohya's SD3 default: integer timesteps too
+    o, _ = _kohya(tmp_path, model_files["sd3"], "min_timestep = 0\n")
+    assert (o.min_timestep, o.max_timestep) == (0, None)
 
 
 def test_kohya_sd3_timesteps_are_the_scripts_integers(tmp_path, model_files):

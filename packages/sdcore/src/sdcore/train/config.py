@@ -196,7 +196,8 @@ def load_options(
         defaults, applied = k.kohya_defaults(fields, set(raw), raw, family=family)
         if applied:
             found_notes.append("kohya defaults applied (set the option to change): " + "; ".join(applied))
-        raw = {**defaults, **raw}
+        # a default is returned for a given option only where kohya's "unset" (None here) means that default
+        raw = {**defaults, **{name: v for name, v in raw.items() if not (name in defaults and v is None)}}
     for target, source in translation.follow.items():  # e.g. LyCORIS' conv_dim defaulting to network_dim
         if target not in raw and raw.get(source) is not None:
             raw[target] = raw[source]

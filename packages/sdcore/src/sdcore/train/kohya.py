@@ -1245,7 +1245,9 @@ def kohya_defaults(
     values: dict[str, Any] = {}
     applied: list[str] = []
     for target, value, why in KOHYA_FAMILY_DEFAULTS.get(family or "", ()):
-        if target not in present or target in given:
+        # kohya writes min_timestep = 0 for "unset" (read as None); for SD3 0 is that default: integer timesteps
+        zero_start = target == "min_timestep" and (given_values or {}).get("min_timestep", 0) is None
+        if target not in present or (target in given and not zero_start):
             continue
         if target == "min_timestep" and "max_timestep" in given:
             continue  # the range is on already

@@ -54,6 +54,11 @@ GUI_ONLY = frozenset(
      "headless", "show_timesteps", "show_timesteps_resolution", "training_preset", "stop_text_encoder_training_pct"}
 )  # fmt: skip
 
+_FLUX_ONLY = ("split_mode", "t5xxl_max_token_length", "guidance_scale", "mem_eff_save", "apply_t5_attn_mask",
+              "cpu_offload_checkpointing", "single_blocks_to_swap", "double_blocks_to_swap", "fp8_base_unet",
+              "discrete_flow_shift", "model_prediction_type", "timestep_sampling", "blockwise_fused_optimizers")  # fmt: skip
+_SD3_ONLY = ("clip_g", "clip_g_dropout_rate", "logit_mean", "logit_std", "mode_scale", "weighting_scheme",
+             "pos_emb_random_crop_rate", "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype")  # fmt: skip
 # A family's fields: GUI field -> (sd-scripts name, the boxes under which the GUI passes it). Fields of
 # one tab only are in that tab's table; a GUI field in none of them passes under its own name.
 _FAMILY_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -64,12 +69,7 @@ _FAMILY_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sd3_cache_text_encoder_outputs": ("cache_text_encoder_outputs", (SD3,)),
     "sd3_cache_text_encoder_outputs_to_disk": ("cache_text_encoder_outputs_to_disk", (SD3,)),
     "ae": ("ae", (FLUX,)),
-    **{
-        name: (name, (FLUX,))
-        for name in ("split_mode", "t5xxl_max_token_length", "guidance_scale", "mem_eff_save", "apply_t5_attn_mask",
-                     "cpu_offload_checkpointing", "single_blocks_to_swap", "double_blocks_to_swap", "fp8_base_unet",
-                     "discrete_flow_shift", "model_prediction_type", "timestep_sampling", "blockwise_fused_optimizers")
-    },  # fmt: skip
+    **{name: (name, (FLUX,)) for name in _FLUX_ONLY},
     "blocks_to_swap": ("blocks_to_swap", (FLUX, SD3)),
     "sd3_clip_l": ("clip_l", (SD3,)),
     "sd3_t5xxl": ("t5xxl", (SD3,)),
@@ -79,11 +79,7 @@ _FAMILY_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sd3_text_encoder_batch_size": ("text_encoder_batch_size", (SD3,)),
     "sd3_disable_mmap_load_safetensors": ("disable_mmap_load_safetensors", (SD3,)),
     "sd3_fused_backward_pass": ("fused_backward_pass", (SD3,)),
-    **{
-        name: (name, (SD3,))
-        for name in ("clip_g", "clip_g_dropout_rate", "logit_mean", "logit_std", "mode_scale", "weighting_scheme",
-                     "pos_emb_random_crop_rate", "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype")
-    },  # fmt: skip
+    **{name: (name, (SD3,)) for name in _SD3_ONLY},
 }
 _TAB_FIELDS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     # lora_gui.py: clip_l/t5xxl are the Flux fields (SD3 has sd3_clip_l/sd3_t5xxl); fused_backward_pass is
@@ -126,7 +122,8 @@ GUI_LORA_TYPES: dict[str, str] = {
     **{f"LyCORIS/{kind}": "lycoris.kohya" for kind in ("LoCon", "LoHa", "LoKr", "iA3", "BOFT", "Diag-OFT", "DyLoRA",
                                                         "GLoRA", "Native Fine-Tuning")},
 }  # fmt: skip
-# The LyCORIS network_args lora_gui.py writes per type: (network_arg, GUI field) in its order, then the algo.
+# The LyCORIS network_args lora_gui.py writes per type: (network_arg, GUI field) in its order, then the algo
+# and (every type but iA3) train_norm.
 _LYCORIS_COMMON = (("preset", "LyCORIS_preset"), ("conv_dim", "conv_dim"), ("conv_alpha", "conv_alpha"))
 _LYCORIS_LOCON = (
     *_LYCORIS_COMMON, ("use_tucker", "use_tucker"), ("rank_dropout", "rank_dropout"), ("bypass_mode", "bypass_mode"),
@@ -170,7 +167,6 @@ _LYCORIS_ARGS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
         "full",
     ),
 }  # fmt: skip
-# every LyCORIS type also writes train_norm after its algo (except iA3)
 #: the LoRA tab's values for network fields a saved config leaves out (lora_gui.py's widgets' defaults)
 _NETWORK_DEFAULTS: dict[str, Any] = {
     "LyCORIS_preset": "full", "conv_dim": 1, "conv_alpha": 1, "use_tucker": False, "rank_dropout": 0,
@@ -194,7 +190,11 @@ _NETWORK_FIELDS = frozenset(
      *_BLOCK_FIELDS, *_FLUX_FIELDS, *_LORAPLUS}
 )  # fmt: skip
 #: old GUI spellings of the block-wise conv fields
-_OLD_NAMES = {"conv_dims": "conv_block_dims", "conv_alphas": "conv_block_alphas", "lora_network_weights": "network_weights"}
+_OLD_NAMES = {
+    "conv_dims": "conv_block_dims",
+    "conv_alphas": "conv_block_alphas",
+    "lora_network_weights": "network_weights",
+}
 
 
 def is_gui_preset(data: dict[str, Any]) -> bool:
@@ -249,9 +249,9 @@ def _family_fields(items: dict[str, Any], tab: str, family: str, notes: list[str
         if key not in items:
             continue
         value = items.pop(key)
-        if family in boxes or (family == SDXL and _UNET in boxes):
-            if target not in out or _on(value):
-                out[target] = value
+        passes = family in boxes or (family == SDXL and _UNET in boxes)
+        if passes and (target not in out or _on(value)):
+            out[target] = value
     if family == FLUX:
         # flux_train*.py read the autoencoder from ae; the GUI also writes its vae field, which they never read
         vae = items.pop("vae", None)
@@ -303,7 +303,7 @@ def _lora_network(
         set_ones(_FLUX_FIELDS)
         if _on(g.get("train_lora_ggpo")):
             set_ones(("ggpo_beta", "ggpo_sigma"))
-        if _on(g.get("split_mode", items.get("split_mode"))):
+        if _on(items.get("split_mode")):
             args.append("train_blocks=single")  # the GUI forces single blocks in split mode
         if _on(g.get("split_qkv")):
             args.append("split_qkv=True")

@@ -285,6 +285,13 @@ def test_lr_warmup_percent_becomes_a_ratio_unless_steps_are_given(percent, steps
     assert items.get("lr_warmup_steps") == want and "lr_warmup" not in items
 
 
+def test_empty_lr_cycles_take_the_guis_epoch_count():
+    items, _, _ = gui_preset(_gui(lr_scheduler_num_cycles="", epoch=3), "x")
+    assert items["lr_scheduler_num_cycles"] == 3
+    items, _, _ = gui_preset(_gui(lr_scheduler_num_cycles=2, epoch=3), "x")
+    assert items["lr_scheduler_num_cycles"] == 2
+
+
 def test_additional_parameters_are_read_as_kohya_options(tmp_path):
     extra = '--max_grad_norm=0.5 --lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=30" eta_min=0 --network_train_unet_only'
     items, notes, problems = gui_preset(_gui(additional_parameters=extra), "x")

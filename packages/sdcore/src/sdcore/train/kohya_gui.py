@@ -505,6 +505,8 @@ def gui_preset(
     if "max_resolution" in items:
         items["resolution"] = items.pop("max_resolution")
     _warmup(items)
+    if tab != "finetune" and items.get("lr_scheduler_num_cycles") == "" and _number(items.get("epoch")) > 0:
+        items["lr_scheduler_num_cycles"] = int(_number(items["epoch"]))  # the GUI's rule for an empty field
     extra = _additional(_text(items.pop("additional_parameters", "") or ""), where, problems)
     if extra:
         notes.append(f"additional_parameters read as sd-scripts options: {', '.join(extra)}")

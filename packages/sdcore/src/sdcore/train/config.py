@@ -135,6 +135,7 @@ def load_options(
     are appended to ``notes``, or logged as warnings when it is ``None``.
     """
     from . import kohya as k
+    from . import kohya_gui
 
     types_ = field_types(options_class)
     fields = list(types_)
@@ -146,8 +147,8 @@ def load_options(
     if config_path is not None:
         unknown = []
         flat = read_config_file(config_path)
-        if k.is_gui_preset(flat):
-            flat, gui_notes, gui_problems = k.gui_preset(flat, where)
+        if kohya_gui.is_gui_preset(flat):
+            flat, gui_notes, gui_problems = kohya_gui.gui_preset(flat, where, fields)
             found_notes += gui_notes
             problems += gui_problems
         for name, value in flat.items():

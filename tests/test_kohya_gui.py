@@ -1,0 +1,383 @@
+"""kohya_ss GUI configs (sdcore.train.kohya_gui): the GUI's presets and saved configs, read as the GUI launches
+sd-scripts (bmaltais/kohya_ss kohya_gui/lora_gui.py, dreambooth_gui.py, finetune_gui.py,
+textual_inversion_gui.py; the rules are restated in each test). The presets under data/kohya_ss_gui are the
+GUI's own (see the README there)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sdcore.errors import ConfigError
+from sdcore.train import kohya
+from sdcore.train.config import field_types, load_options
+from sdcore.train.kohya_gui import _GUI_SIGNATURE, GUI_LORA_TYPES, gui_preset, gui_tab, is_gui_preset
+from sdplugin_dreambooth.options import DreamBoothOptions
+from sdplugin_lora.method import LoraOptions
+from sdplugin_ti.method import TIOptions
+
+PRESETS = Path(__file__).parent / "data" / "kohya_ss_gui"
+LORA_FIELDS = list(field_types(LoraOptions))
+
+#: presets refused, with the by-name problem each gets (every other preset loads)
+REFUSED = {
+    "lora/SDXL - LoKR v1.0.json": ["network_args use_cp=True is not supported"],
+    "lora/iA3-Prodigy-sd15.json": ["algo='ia3' is not available"],
+    "lora/ia3-sd15.json": ["algo='ia3' is not available"],
+    "lora/sd15 - GLoRA v1.0.json": ["use_cp=True", "decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
+    "lora/sd15 - LoKr v1.1.json": ["use_cp=True", "decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
+}
+#: LoRA_type -> sdcore --algo for the types sdcore trains (networks.lora: conv_dim decides lora/locon)
+ALGOS = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "Flux1": "lora"}
+
+
+def _presets() -> list[str]:
+    return sorted(str(p.relative_to(PRESETS)) for p in PRESETS.glob("*/*.json"))
+
+
+def _write(tmp_path: Path, data: dict[str, Any], name: str = "gui.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _gui(**fields: Any) -> dict[str, Any]:
+    """A small LoRA-tab config (the GUI saves every field; the tests set those they are about)."""
+    return {"LoRA_type": "Standard", "network_dim": 8, "network_alpha": 4, "learning_rate": 1e-4,
+            "text_encoder_lr": 5e-5, "unet_lr": 1e-4, "optimizer": "AdamW", "max_resolution": "512,512",
+            "lr_warmup": 0, **fields}  # fmt: skip
+
+
+def _number(value: Any) -> float:
+    return float(value) if value not in ("", None) else 0.0
+
+
+def test_presets_are_the_guis_whole_set():
+    names = _presets()
+    assert len(names) >= 35 and {n.split("/")[0] for n in names} == {"lora", "dreambooth", "finetune"}
+    assert set(REFUSED) <= set(names)
+
+
+@pytest.mark.parametrize("name", _presets())
+def test_every_gui_preset_loads_or_is_refused_by_name(name):
+    data = json.loads((PRESETS / name).read_text())
+    assert is_gui_preset(data)
+    lora = name.startswith("lora/")
+    assert gui_tab(data) == ("lora" if lora else name.split("/")[0])
+    options_class = LoraOptions if lora else DreamBoothOptions
+    if name in REFUSED:
+        with pytest.raises(ConfigError) as info:
+            load_options(options_class, PRESETS / name, notes=[])
+        assert all(part in str(info.value) for part in REFUSED[name]), str(info.value)
+        assert "unknown option" not in str(info.value)
+        return
+    notes: list[str] = []
+    o = load_options(options_class, PRESETS / name, notes=notes)
+    assert o.lr == pytest.approx(_number(data["learning_rate"]))
+    assert o.optimizer == data["optimizer"].lower()
+    # common_gui.resolve_lr_warmup_steps: steps above 0 win, else percent / 100 (a ratio of the steps)
+    steps, percent = _number(data.get("lr_warmup_steps")), _number(data.get("lr_warmup"))
+    assert o.lr_warmup_steps == (int(steps) if steps > 0 else percent / 100)
+    if not lora:
+        return
+    assert (o.rank, o.alpha) == (int(data["network_dim"]), float(data["network_alpha"]))
+    lora_type = data["LoRA_type"]
+    assert f"read as a kohya_ss GUI preset (LoRA_type {lora_type})" in notes
+    if lora_type == "Standard":
+        assert (o.algo, o.conv_rank) == ("lora", 0)
+    else:
+        assert o.algo == ALGOS[lora_type]
+    te_lr, unet_lr = _number(data.get("text_encoder_lr")), _number(data.get("unet_lr"))
+    extra = data.get("additional_parameters", "")
+    # lora_gui.resolve_network_train_flags: a text-encoder rate of 0 (with a U-Net rate) trains the U-Net only
+    assert o.unet_only == ((te_lr == 0 and unet_lr != 0) or "--network_train_unet_only" in extra)
+    assert o.unet_lr == (unet_lr or None)
+    assert o.te_lr == (te_lr or None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA_type -> network_module + network_args (lora_gui.py train_model)
+
+#: lora_gui.py: LoRA_type -> (network_module, LyCORIS algo); the Flux types need the FLUX.1 box
+LORA_TYPES = {
+    "Standard": ("networks.lora", None),
+    "Kohya LoCon": ("networks.lora", None),
+    "LoRA-FA": ("networks.lora_fa", None),
+    "Kohya DyLoRA": ("networks.dylora", None),
+    "Kohya LoHa": ("networks.loha", None),
+    "Kohya LoKr": ("networks.lokr", None),
+    "Flux1": ("networks.lora_flux", None),
+    "Flux1 OFT": ("networks.oft_flux", None),
+    "HunyuanImage-2.1": ("networks.lora_hunyuan_image", None),
+    "Anima": ("networks.lora_anima", None),
+    "Lumina": ("networks.lora_lumina", None),
+    "LoCon": ("lycoris.kohya", "locon"),
+    "LyCORIS/LoCon": ("lycoris.kohya", "locon"),
+    "LyCORIS/LoHa": ("lycoris.kohya", "loha"),
+    "LyCORIS/LoKr": ("lycoris.kohya", "lokr"),
+    "LyCORIS/iA3": ("lycoris.kohya", "ia3"),
+    "LyCORIS/BOFT": ("lycoris.kohya", "boft"),
+    "LyCORIS/Diag-OFT": ("lycoris.kohya", "diag-oft"),
+    "LyCORIS/DyLoRA": ("lycoris.kohya", "dylora"),
+    "LyCORIS/GLoRA": ("lycoris.kohya", "glora"),
+    "LyCORIS/Native Fine-Tuning": ("lycoris.kohya", "full"),
+}
+
+
+def test_every_current_lora_type_is_known():
+    assert set(GUI_LORA_TYPES) == set(LORA_TYPES)
+
+
+@pytest.mark.parametrize("lora_type", sorted(LORA_TYPES))
+def test_lora_type_becomes_the_guis_network_module_and_algo(lora_type, tmp_path):
+    flux = lora_type.startswith("Flux1")
+    items, _, problems = gui_preset(_gui(LoRA_type=lora_type, flux1_checkbox=flux, sdxl=not flux), "x", LORA_FIELDS)
+    module, algo = LORA_TYPES[lora_type]
+    assert problems == []
+    assert items["network_module"] == module
+    algos = [a.split("=", 1)[1] for a in items["network_args"] if a.startswith("algo=")]
+    assert algos == ([algo] if algo else [])
+    # end to end: loads, or is refused naming the module or the algo (never an unknown option)
+    try:
+        load_options(LoraOptions, _write(tmp_path, _gui(LoRA_type=lora_type, flux1_checkbox=flux)), notes=[])
+    except ConfigError as exc:
+        message = str(exc)
+        assert "unknown option" not in message
+        named = module if algo is None else f"algo={algo!r}"
+        assert named in message, message
+
+
+def test_lycoris_types_write_the_guis_network_args():
+    items, _, _ = gui_preset(_gui(LoRA_type="LyCORIS/LoKr", conv_dim=4, conv_alpha=2, factor=8), "x")
+    # lora_gui.py's LoKr line: preset conv_dim conv_alpha use_tucker rank_dropout bypass_mode dora_wd module_dropout
+    # factor use_cp use_scalar decompose_both rank_dropout_scale algo train_norm (widget defaults where unsaved)
+    assert items["network_args"] == [
+        "preset=full", "conv_dim=4", "conv_alpha=2", "use_tucker=False", "rank_dropout=0", "bypass_mode=False",
+        "dora_wd=False", "module_dropout=0.0", "factor=8", "use_cp=False", "use_scalar=False",
+        "decompose_both=False", "rank_dropout_scale=False", "algo=lokr", "train_norm=False",
+    ]  # fmt: skip
+    items, _, _ = gui_preset(_gui(LoRA_type="LyCORIS/DyLoRA", unit=4), "x")
+    assert "block_size=4" in items["network_args"] and "algo=dylora" in items["network_args"]
+    items, _, _ = gui_preset(_gui(LoRA_type="LyCORIS/iA3", train_on_input=False), "x")
+    assert items["network_args"][-2:] == ["train_on_input=False", "algo=ia3"]
+
+
+def test_kohya_network_types_pass_only_the_fields_that_are_set():
+    items, _, _ = gui_preset(_gui(LoRA_type="Standard", conv_dim=8, block_dims="2,4", rank_dropout=0), "x")
+    assert items["network_args"] == ["block_dims=2,4"]  # Standard has no conv; zero fields are left out
+    items, _, _ = gui_preset(_gui(LoRA_type="Kohya LoCon", conv_dim=8, conv_alpha=2, module_dropout=0.1), "x")
+    assert items["network_args"] == ["conv_dim=8", "conv_alpha=2", "module_dropout=0.1"]
+    items, _, _ = gui_preset(_gui(LoRA_type="Kohya DyLoRA", conv_dim=0, unit=2), "x")
+    assert items["network_args"] == ["conv_alpha=1", "unit=2"]
+    items, _, _ = gui_preset(_gui(LoRA_type="Kohya LoKr", sdxl=True, conv_dim=4, conv_alpha=2.0, factor=-1), "x")
+    assert items["network_args"] == ["conv_dim=4", "conv_alpha=2"]  # factor -1 is its default: left out
+    items, _, _ = gui_preset(_gui(loraplus_lr_ratio=16, loraplus_unet_lr_ratio=0), "x")
+    assert items["network_args"] == ["loraplus_lr_ratio=16"] and "loraplus_lr_ratio" not in items
+
+
+def test_standard_lora_loads_with_its_translated_values(tmp_path):
+    data = _gui(LoRA_type="Kohya LoCon", conv_dim=8, conv_alpha=2, lr_warmup=10, sdxl=True, xformers="sdpa")
+    notes: list[str] = []
+    o = load_options(LoraOptions, _write(tmp_path, data), notes=notes)
+    # networks.lora with conv_dim (kohya's LoCon): sdcore's lora with 3x3-conv modules
+    assert (o.algo, o.rank, o.alpha, o.conv_rank, o.conv_alpha) == ("lora", 8, 4.0, 8, 2.0)
+    assert (o.lr, o.unet_lr, o.te_lr, o.optimizer, o.resolution, o.lr_warmup_steps) == (
+        1e-4, 1e-4, 5e-5, "adamw", 512, 0.1
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model-family boxes and their fields
+
+
+FLUX_FIELDS = {"ae": "ae.sft", "clip_l": "clip_l.sft", "t5xxl": "t5.sft", "guidance_scale": 1.0,
+               "timestep_sampling": "shift", "discrete_flow_shift": 3.1, "model_prediction_type": "raw",
+               "t5xxl_max_token_length": 512, "apply_t5_attn_mask": True}  # fmt: skip
+SD3_FIELDS = {"sd3_clip_l": "l.sft", "sd3_t5xxl": "t5.sft", "clip_g": "g.sft", "weighting_scheme": "logit_normal",
+              "logit_mean": 0.1, "sd3_t5_dropout_rate": 0.2, "sd3_enable_scaled_pos_embed": True}  # fmt: skip
+
+
+def test_flux_fields_pass_only_with_the_flux_box():
+    items, notes, problems = gui_preset(
+        _gui(LoRA_type="Flux1", flux1_checkbox=True, vae="vae.sft", **FLUX_FIELDS, **SD3_FIELDS), "x"
+    )
+    assert problems == []
+    assert {k: items[k] for k in FLUX_FIELDS} == FLUX_FIELDS
+    assert not {"clip_g", "weighting_scheme", "logit_mean", "t5_dropout_rate", "sd3_clip_l"} & items.keys()
+    # the ae/vae rule: Flux reads the autoencoder from ae; the GUI's vae field is not read
+    assert "vae" not in items and any("vae 'vae.sft' is not read for FLUX.1" in n for n in notes)
+    off, _, _ = gui_preset(_gui(vae="vae.sft", **FLUX_FIELDS), "x")
+    assert not set(FLUX_FIELDS) & off.keys() and off["vae"] == "vae.sft"
+
+
+def test_sd3_fields_pass_only_with_the_sd3_box():
+    items, _, problems = gui_preset(_gui(sd3_checkbox=True, **SD3_FIELDS, **FLUX_FIELDS), "x")
+    assert problems == [] and items["network_module"] == "networks.lora_sd3"
+    assert (items["clip_l"], items["t5xxl"], items["clip_g"], items["t5_dropout_rate"]) == (
+        "l.sft", "t5.sft", "g.sft", 0.2
+    )  # fmt: skip
+    assert items["enable_scaled_pos_embed"] is True and items["weighting_scheme"] == "logit_normal"
+    assert not {"ae", "guidance_scale", "timestep_sampling", "model_prediction_type"} & items.keys()
+    off, _, _ = gui_preset(_gui(**SD3_FIELDS), "x")
+    assert off["network_module"] == "networks.lora" and not {"clip_l", "t5xxl", "clip_g", "logit_mean"} & off.keys()
+
+
+def test_flux_config_loads_with_its_flow_options(tmp_path):
+    data = _gui(LoRA_type="Flux1", flux1_checkbox=True, text_encoder_lr=0, split_mode=True, train_t5xxl=True,
+                img_attn_dim=4, rank_dropout=0.1, **FLUX_FIELDS)  # fmt: skip
+    items, _, _ = gui_preset(data, "x")
+    assert items["network_args"] == ["img_attn_dim=4", "train_blocks=single", "train_t5xxl=True", "rank_dropout=0.1"]
+    # the GUI's split mode trains the single blocks only, which sdcore does not: refused by name
+    with pytest.raises(ConfigError, match="train_blocks=single is not supported"):
+        load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    data.update(split_mode=False)
+    data.pop("img_attn_dim")  # lora_flux's per-block ranks are not sdcore's
+    o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    assert (o.vae, o.clip_l, o.t5xxl, o.guidance_scale, o.discrete_flow_shift) == (
+        "ae.sft", "clip_l.sft", "t5.sft", 1.0, 3.1
+    )  # fmt: skip
+    assert (o.timestep_sampling, o.model_prediction_type, o.rank_dropout, o.unet_only) == ("sigmoid", "raw", 0.1, True)
+
+
+def test_family_box_problems_are_reported_by_name():
+    _, _, problems = gui_preset(_gui(sdxl=True, flux1_checkbox=True, LoRA_type="Flux1"), "x")
+    assert "x: more than one model family box is ticked (sdxl, flux1_checkbox): tick one" in problems
+    items, _, problems = gui_preset(_gui(LoRA_type="Anima", anima_checkbox=True, anima_qwen3="q.sft"), "x")
+    assert len(problems) == 1 and "anima_checkbox is ticked: Anima is not a model family sdcore trains" in problems[0]
+    items, _, problems = gui_preset(_gui(anima_qwen3="q.sft", lumina_gemma2="g", hunyuan_byt5="b"), "x")
+    assert problems == [] and not {"anima_qwen3", "lumina_gemma2", "hunyuan_byt5"} & items.keys()
+    _, _, problems = gui_preset(_gui(flux1_checkbox=True), "x")
+    assert problems == ["x: LoRA_type 'Standard' with flux1_checkbox: the GUI needs Flux1 or a LyCORIS type"]
+    _, _, problems = gui_preset(_gui(LoRA_type="Flux1"), "x")
+    assert problems == ["x: LoRA_type 'Flux1' needs flux1_checkbox (a FLUX.1 model)"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rates, warmup, additional parameters
+
+
+@pytest.mark.parametrize(
+    ("te", "unet", "t5", "want"),
+    [
+        (5e-5, 1e-4, 0, {"text_encoder_lr": [5e-5, 5e-5]}),  # one rate per text encoder, T5 taking CLIP's
+        (5e-5, 1e-4, 2e-5, {"text_encoder_lr": [5e-5, 2e-5]}),
+        (0, 1e-4, 0, {"network_train_unet_only": True}),
+        (5e-5, 0, 0, {"network_train_text_encoder_only": True, "text_encoder_lr": [5e-5, 5e-5]}),
+    ],
+)
+def test_text_encoder_rates_and_train_flags_as_the_gui(te, unet, t5, want):
+    items, _, problems = gui_preset(_gui(text_encoder_lr=te, unet_lr=unet, t5xxl_lr=t5), "x")
+    keys = ("text_encoder_lr", "network_train_unet_only", "network_train_text_encoder_only")
+    assert problems == [] and {k: items[k] for k in keys if items.get(k)} == want
+    assert ("unet_lr" in items) == (unet != 0)
+
+
+def test_t5_rate_without_a_text_encoder_rate_is_refused():
+    _, _, problems = gui_preset(_gui(text_encoder_lr=0, t5xxl_lr=1e-5), "x")
+    assert problems == ["x: t5xxl_lr needs a text_encoder_lr above 0 (as the GUI says)"]
+
+
+@pytest.mark.parametrize(("percent", "steps", "want"), [(10, 0, 0.1), (10, 50, 50), (0, 0, None), ("", "", None)])
+def test_lr_warmup_percent_becomes_a_ratio_unless_steps_are_given(percent, steps, want):
+    items, _, _ = gui_preset(_gui(lr_warmup=percent, lr_warmup_steps=steps), "x")
+    assert items.get("lr_warmup_steps") == want and "lr_warmup" not in items
+
+
+def test_empty_lr_cycles_take_the_guis_epoch_count():
+    items, _, _ = gui_preset(_gui(lr_scheduler_num_cycles="", epoch=3), "x")
+    assert items["lr_scheduler_num_cycles"] == 3
+    items, _, _ = gui_preset(_gui(lr_scheduler_num_cycles=2, epoch=3), "x")
+    assert items["lr_scheduler_num_cycles"] == 2
+
+
+def test_additional_parameters_are_read_as_kohya_options(tmp_path):
+    extra = '--max_grad_norm=0.5 --lr_scheduler_type "CosineAnnealingLR" --lr_scheduler_args "T_max=30" eta_min=0 --network_train_unet_only'
+    items, notes, problems = gui_preset(_gui(additional_parameters=extra), "x")
+    assert problems == []
+    assert (items["max_grad_norm"], items["lr_scheduler_type"], items["lr_scheduler_args"]) == (
+        "0.5", "CosineAnnealingLR", ["T_max=30", "eta_min=0"]
+    )  # fmt: skip
+    assert items["network_train_unet_only"] is True
+    assert "additional_parameters read as sd-scripts options" in notes[-1]
+    o = load_options(LoraOptions, _write(tmp_path, _gui(additional_parameters=extra)), notes=[])
+    assert (o.max_grad_norm, o.lr_scheduler_args, o.unet_only) == (0.5, "T_max=30 eta_min=0", True)
+    with pytest.raises(ConfigError, match="'stray' does not follow an --option"):
+        load_options(LoraOptions, _write(tmp_path, _gui(additional_parameters="stray --seed 1")), notes=[])
+    with pytest.raises(ConfigError, match=r"unknown option.*'no_such_option'"):
+        load_options(LoraOptions, _write(tmp_path, _gui(additional_parameters="--no_such_option 1")), notes=[])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the other tabs
+
+
+def _db(**fields: Any) -> dict[str, Any]:
+    return {"learning_rate": 1e-5, "optimizer": "AdamW", "max_resolution": "1024,1024", "lr_warmup": 0,
+            "learning_rate_te": 2e-6, "learning_rate_te1": 3e-6, "learning_rate_te2": 4e-6,
+            "train_text_encoder": True, "model_list": "custom", **fields}  # fmt: skip
+
+
+def test_dreambooth_tab_text_encoder_rates_follow_the_sdxl_box(tmp_path):
+    assert gui_tab(_db()) == "dreambooth"
+    sdxl = load_options(DreamBoothOptions, _write(tmp_path, _db(sdxl=True)), notes=[])
+    assert (sdxl.te_lr, sdxl.te1_lr, sdxl.te2_lr, sdxl.train_text_encoder) == (None, 3e-6, 4e-6, True)
+    items, notes, _ = gui_preset(_db(), "x")
+    # dreambooth_gui.py: learning_rate_te for SD1/SD2, te1/te2 and train_text_encoder for SDXL only
+    assert items["learning_rate_te"] == 2e-6 and not {"learning_rate_te1", "learning_rate_te2"} & items.keys()
+    assert "train_text_encoder" not in items and "read as a kohya_ss GUI preset (DreamBooth tab)" in notes
+    sd = load_options(DreamBoothOptions, _write(tmp_path, _db()), notes=[])
+    assert (sd.te_lr, sd.te1_lr, sd.resolution, sd.optimizer) == (2e-6, None, 1024, "adamw")
+
+
+def test_dreambooth_tab_flux_fields_use_its_own_names():
+    items, _, _ = gui_preset(
+        _db(flux1_checkbox=True, flux1_clip_l="l.sft", flux1_t5xxl="t5.sft", clip_l="sd3l", ae="ae.sft"), "x"
+    )
+    assert (items["clip_l"], items["t5xxl"], items["ae"]) == ("l.sft", "t5.sft", "ae.sft")
+    items, _, _ = gui_preset(_db(sd3_checkbox=True, flux1_clip_l="l.sft", clip_l="sd3l.sft", t5xxl="t5"), "x")
+    assert (items["clip_l"], items["t5xxl"]) == ("sd3l.sft", "t5")
+
+
+def test_finetune_tab_reads_its_metadata_file_and_image_folder(tmp_path):
+    data = _db(sdxl_checkbox=True, train_dir="/out", image_folder="/imgs", use_latent_files="Yes",
+               latent_metadata_filename="lat.json", caption_metadata_filename="cap.json", create_caption=True,
+               dataset_repeats=3)  # fmt: skip
+    assert gui_tab(data) == "finetune"
+    o = load_options(DreamBoothOptions, _write(tmp_path, data), notes=[])
+    assert (o.metadata_file, o.data, o.buckets, o.dataset_repeats, o.te1_lr) == (
+        "/out/lat.json",
+        "/imgs",
+        True,
+        3,
+        3e-6,
+    )
+    items, _, _ = gui_preset({**data, "use_latent_files": "No"}, "x")
+    assert items["in_json"] == "/out/cap.json" and "create_caption" not in items
+
+
+def test_ti_tab_template_and_token(tmp_path):
+    data = {"token_string": "mytok", "init_word": "cat", "num_vectors_per_token": 4, "template": "style template",
+            "learning_rate": 5e-3, "optimizer": "AdamW", "max_resolution": "512,512", "lr_warmup": 0,
+            "weights": ""}  # fmt: skip
+    assert gui_tab(data) == "ti"
+    o = load_options(TIOptions, _write(tmp_path, data), notes=[])
+    assert (o.name, o.init_text, o.vectors, o.template, o.lr) == ("mytok", "cat", 4, "style", 5e-3)
+    items, _, _ = gui_preset({**data, "template": "object template"}, "x")
+    assert items["use_object_template"] is True and "template" not in items
+
+
+def test_a_config_of_another_tab_names_the_command(tmp_path):
+    with pytest.raises(ConfigError, match="a kohya_ss GUI lora config: run it with `sdcore train lora`"):
+        load_options(DreamBoothOptions, _write(tmp_path, _gui()), notes=[])
+    with pytest.raises(ConfigError, match="a kohya_ss GUI dreambooth config: run it with `sdcore train dreambooth`"):
+        load_options(LoraOptions, _write(tmp_path, _db()), notes=[])
+
+
+def test_gui_signature_names_are_no_kohya_or_sdcore_option():
+    fields: set[str] = set()
+    for options_class in (LoraOptions, DreamBoothOptions, TIOptions):
+        fields |= set(field_types(options_class))
+    assert not {n for n in _GUI_SIGNATURE if kohya.is_kohya_name(n) or n in fields}
+    assert not is_gui_preset({"optimizer": "adamw", "network_dim": 4, "learning_rate": 1e-4})

@@ -199,7 +199,7 @@ def test_network_rules(tmp_path):
 
 def test_training_rules(tmp_path):
     train = {"train_unet": False, "train_text_encoder": True, "text_encoder_lr": 5e-5, "dtype": "fp16",
-             "gradient_accumulation_steps": 4, "optimizer": "adafactor", "optimizer_params": {"weight_decay": 0.01},
+             "gradient_accumulation": 4, "optimizer": "adafactor", "optimizer_params": {"weight_decay": 0.01},
              "lr_scheduler": "cosine", "steps": 300, "noise_offset": 0.05, "min_snr_gamma": 5, "loss_type": "mae"}  # fmt: skip
     o = _load(_job(tmp_path, {**BASE, "train": train}))
     assert (o.te_only, o.train_text_encoder, o.te_lr, o.mixed_precision) == (True, True, 5e-5, "fp16")
@@ -213,6 +213,15 @@ def test_training_rules(tmp_path):
     assert (o.lr_scheduler, o.lr_warmup_steps) == ("constant_with_warmup", 1000)
     problems = _problems(_job(tmp_path, {**BASE, "train": {"noise_scheduler": "flowmatch"}}))
     assert any("flowmatch: sdcore trains sd1 with its DDPM schedule" in p for p in problems)
+    # gradient_accumulation: N batches per step; the legacy *_steps counts each batch as a step (refused)
+    o = _load(_job(tmp_path, {**BASE, "train": {"gradient_accumulation": 3, "steps": 50}}))
+    assert (o.gradient_accumulation, o.max_steps) == (3, 50)
+    problems = _problems(_job(tmp_path, {**BASE, "train": {"gradient_accumulation_steps": 4}}))
+    assert any("gradient_accumulation_steps 4: ai-toolkit's legacy accumulation" in p for p in problems)
+    notes: list[str] = []
+    datasets = [{"folder_path": "a"}, {"folder_path": "b", "is_reg": True}]
+    o = _load(_job(tmp_path, {**BASE, "datasets": datasets, "train": {"reg_weight": 0.5}}), notes)
+    assert o.prior_loss_weight == 0.5 and any("regularisation batch every other step" in n for n in notes)
 
 
 def test_plain_yaml_config_of_sdcore_options(tmp_path):

@@ -432,7 +432,7 @@ HANDLED: dict[str, set[str]] = {
               "lr_scheduler_params", "batch_size", "gradient_accumulation_steps", "gradient_accumulation", "dtype",
               "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
               "max_grad_norm", "noise_offset", "min_snr_gamma", "skip_first_sample", "force_first_sample",
-              "disable_sampling", "loss_type", "cfg_scale", "ema_config"},
+              "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight"},
     "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
     "sample": {"prompts", "samples", "sample_every", "sample_steps", "width", "height", "neg", "seed", "walk_seed",
@@ -782,6 +782,11 @@ def translate_job(
         regs = [d for d in tables if d.get("is_reg")]
         if regs and not any(not d.get("is_reg") for d in tables):
             out.problems.append(f"{w}.datasets: only regularisation datasets (is_reg), nothing to train on")
+        elif regs:
+            out.notes.append(
+                f"{w}.datasets: is_reg images are mixed into each epoch by their num_repeats (kohya's way); "
+                "ai-toolkit takes a regularisation batch every other step"
+            )
 
     missing = sorted({k for k in v if k not in fields})
     if missing:
@@ -844,10 +849,16 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
     if "text_encoder_lr" in train:
         v["te_lr"] = train["text_encoder_lr"]
     v["batch_size"] = train.get("batch_size", 1)
-    accumulation = train.get("gradient_accumulation_steps", 1)
-    if "gradient_accumulation" in train and train["gradient_accumulation"] != 1:
-        accumulation = train["gradient_accumulation"]
-    v["gradient_accumulation"] = accumulation
+    # ai-toolkit's ``gradient_accumulation`` takes N batches per step (sdcore's accumulation); its legacy
+    # ``gradient_accumulation_steps`` counts every batch as a step of ``steps``, save_every... (-1: a whole epoch)
+    if train.get("gradient_accumulation_steps", 1) != 1:
+        out.problems.append(
+            f"{where}.gradient_accumulation_steps {train['gradient_accumulation_steps']}: ai-toolkit's legacy "
+            "accumulation counts each batch as a step; use gradient_accumulation (sdcore reads that one)"
+        )
+    v["gradient_accumulation"] = train.get("gradient_accumulation", 1)
+    if train.get("reg_weight", 1.0) != 1.0:
+        v["prior_loss_weight"] = train["reg_weight"]  # the loss multiplier of is_reg samples
     v["gradient_checkpointing"] = bool(train.get("gradient_checkpointing", True))
     v["max_grad_norm"] = train.get("max_grad_norm", 1.0)
     if train.get("noise_offset"):

@@ -287,6 +287,14 @@ def test_sample_section_becomes_prompts(tmp_path):
     path = _job(tmp_path, {**flux, "sample": sample})
     first, second = read_sample_prompts(str(path))
     assert (first.prompt, first.cfg, first.guidance, second.seed) == ("[trigger] at noon", None, 3.5, 7)
+    # a samples table's seed carries over to the next prompts without walk_seed (ai-toolkit's current_seed)
+    tables = {"samples": [{"prompt": "a"}, {"prompt": "b", "seed": 9, "width": 32}, {"prompt": "c"}], "seed": 3}
+    seeds = [(p.seed, p.width) for p in read_sample_prompts(str(_job(tmp_path, {**BASE, "sample": tables})))]
+    assert seeds == [(3, 512), (9, 32), (9, 512)]
+    walked = [
+        p.seed for p in read_sample_prompts(str(_job(tmp_path, {**BASE, "sample": {**tables, "walk_seed": True}})))
+    ]
+    assert walked == [3, 9, 5]
     o = _load(_job(tmp_path, {**BASE, "sample": sample, "train": {"skip_first_sample": True}}))
     assert (o.sample_every, o.sample_steps, o.sample_at_first) == (100, 12, False)
 

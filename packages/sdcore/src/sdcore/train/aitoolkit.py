@@ -1059,7 +1059,8 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
     """The job's ``sample`` section as sample prompts: each prompt (``prompts`` strings, or ``samples``
     tables) with the section's width, height, ``sample_steps``, ``neg`` and ``guidance_scale`` unless the
     prompt's own ``--w``/``--h``/``--s``/``--n``/``--l`` flags say otherwise; seeds are ``seed`` (+ the
-    prompt's position with ``walk_seed``); ``[trigger]`` becomes the process' trigger word. On Flux
+    prompt's position with ``walk_seed``; a ``samples`` table's own ``seed`` stays for the prompts after it
+    unless ``walk_seed``, as ai-toolkit's loop does); ``[trigger]`` becomes the process' trigger word. On Flux
     ``guidance_scale`` (and ``--l``) is the embedded guidance, as in ai-toolkit."""
     from dataclasses import replace
 
@@ -1077,6 +1078,7 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
     items = sample.get("samples") or [{"prompt": p} for p in sample.get("prompts") or []]
     neg = sample.get("neg")
     base_seed = int(sample.get("seed", 0))
+    seed = base_seed
     prompts: list[SamplePrompt] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
@@ -1087,9 +1089,10 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
         line = parse_prompt_line(text, f"{where}: process.sample prompt {i + 1}")
         guidance = item.get("guidance_scale", sample.get("guidance_scale", 7))
         cfg = line.cfg if line.cfg is not None else float(guidance)
-        seed = item.get("seed")
-        if seed is None:
-            seed = base_seed + i if sample.get("walk_seed") else base_seed
+        if sample.get("walk_seed"):
+            seed = base_seed + i
+        if item.get("seed") is not None:  # kept for the prompts after it unless walk_seed (as ai-toolkit)
+            seed = int(item["seed"])
         prompts.append(
             replace(
                 line,

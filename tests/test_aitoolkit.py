@@ -139,6 +139,8 @@ def test_ai_toolkit_defaults_apply_where_the_job_is_silent(tmp_path):
     assert (o.key_layout, o.split_qkv, o.gradient_checkpointing) == ("kohya", False, True)
     assert o.sample_prompts is None or o.sample_prompts == ""  # no prompts: no sampling
     assert Path(o.output) == Path("output/run/run.safetensors")
+    as_json = _load(_job(tmp_path, {**BASE, "train": {"lr": 2e-4}}, suffix=".json"))  # ai-toolkit reads JSON jobs too
+    assert (as_json.lr, as_json.rank, as_json.data) == (2e-4, 4, str(tmp_path / "job.json"))
 
 
 def test_yaml_exponents_are_floats_and_placeholders_are_replaced(tmp_path, monkeypatch):

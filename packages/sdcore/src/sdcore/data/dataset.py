@@ -100,6 +100,9 @@ class SubsetOptions:
     caption_text: str | None = None
     caption_from_filename: bool = False
     loss_weight: float = 1.0
+    #: ai-toolkit datasets (:mod:`sdcore.train.aitoolkit`): ``[trigger]``/``[name]`` in captions become this
+    #: word and a training caption without it gets it in front (``None``: not an ai-toolkit dataset)
+    trigger_word: str | None = None
 
 
 @dataclass(frozen=True)
@@ -801,6 +804,10 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         elif caption == "":
             index.empty_captions.append(path)
             caption = subset.class_tokens or ""
+        if subset.trigger_word is not None:
+            from ..train.aitoolkit import inject_trigger
+
+            caption = inject_trigger(caption, subset.trigger_word, add_if_not_present=not subset.is_class)
         index.entries.append(
             ImageEntry(
                 path=path, caption=caption, repeats=subset.repeats, is_class=subset.is_class, size=size, subset=subset
@@ -830,18 +837,31 @@ def _subsets_for(
         values = {**defaults, "class_tokens": None, "conditioning_data_dir": None}
         return [SubsetOptions(image_dir=source, repeats=options.dataset_repeats, metadata_file=metadata_file, **values)]
     if source.is_file():
-        if source.suffix.lower() == ".json":
+        from ..train.aitoolkit import is_job_file, load_datasets
+
+        if is_job_file(source):
+            subsets = load_datasets(source, options, skipped)
+        elif source.suffix.lower() == ".json":
             from .onetrainer import load_concepts
 
             subsets = load_concepts(source, options, skipped)
         elif source.suffix.lower() != ".toml":
-            raise DataError(f"{source}: a dataset is a folder, a .toml dataset config or a OneTrainer concepts .json")
+            raise DataError(
+                f"{source}: a dataset is a folder, a .toml dataset config, a OneTrainer concepts .json or an "
+                "ai-toolkit job"
+            )
         else:
             subsets = load_toml_dataset_config(source, options)
         if is_class:
             subsets = [replace(s, is_class=True) for s in subsets]
         return subsets
     return folder_subsets(source, is_class=is_class, defaults=defaults, skipped=skipped)
+
+
+def _is_job(source: Path) -> bool:
+    from ..train.aitoolkit import is_job_file
+
+    return is_job_file(source)
 
 
 def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
@@ -858,7 +878,7 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     roots = {p for p in (source, Path(options.reg_data).expanduser() if options.reg_data else None) if p and p.is_dir()}
     for subset in index.subsets:
         _scan_subset(subset, index, verify=verify, roots=roots)
-    if source.suffix.lower() == ".json":
+    if source.suffix.lower() == ".json" and source.is_file() and not _is_job(source):
         from .onetrainer import caption_problems
 
         index.problems.extend(caption_problems(index))

@@ -270,8 +270,8 @@ def build_train_command(spec: Any) -> click.Command:
         click.Option(
             ["--config", "config"],
             type=click.Path(dir_okay=False, exists=True),
-            help="TOML or JSON config file (keys = option names, or kohya's training TOML); flags given here "
-            "override it.",
+            help="TOML, JSON or YAML config file (keys = option names, kohya's training TOML, or an ai-toolkit "
+            "job .yaml); flags given here override it.",
         ),
         click.Option(
             ["--save-config", "save_config"],

@@ -86,7 +86,7 @@ def coerce(value: Any, tp: Any, *, name: str, where: str) -> Any:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Flat ``{field_name: value}`` from a ``.toml`` or ``.json`` file."""
+    """Flat ``{field_name: value}`` from a ``.toml``, ``.json`` or ``.yaml`` file."""
     p = Path(path).expanduser()
     try:
         raw = p.read_bytes()
@@ -95,6 +95,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(raw.decode("utf-8"))
+        elif p.suffix.lower() in (".yaml", ".yml"):  # YAML configs, read as ai-toolkit reads its jobs
+            from .aitoolkit import parse_job_text
+
+            data = parse_job_text(raw.decode("utf-8"), p.suffix, str(p))
         else:
             data = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -146,7 +150,15 @@ def load_options(
     found_notes: list[str] = []
     if config_path is not None:
         unknown = []
-        flat = read_config_file(config_path)
+        from . import aitoolkit
+
+        job = aitoolkit.read_job(config_path)
+        if job is not None:  # an ai-toolkit job: its own field table, already in sdcore's names
+            job_options = aitoolkit.translate_job(job, fields, where=where, path=config_path)
+            config_values.update(job_options.values)
+            found_notes += job_options.notes
+            problems += job_options.problems
+        flat = {} if job is not None else read_config_file(config_path)
         if kohya_gui.is_gui_preset(flat):
             flat, gui_notes, gui_problems = kohya_gui.gui_preset(flat, where, fields)
             found_notes += gui_notes

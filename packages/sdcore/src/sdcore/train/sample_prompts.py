@@ -180,6 +180,11 @@ def read_sample_prompts(value: str) -> list[SamplePrompt]:
     """``--sample-prompts``: a prompt file (``.txt``, ``.json``, ``.toml``) or one prompt line."""
     path = Path(value).expanduser()
     is_file = len(value) < 4096 and "\n" not in value and path.is_file()
+    if is_file and path.suffix.lower() in (".yaml", ".yml", ".json"):
+        from . import aitoolkit
+
+        if aitoolkit.is_job_file(path):  # an ai-toolkit job: its sample section
+            return aitoolkit.read_sample_prompts(path)
     if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
         try:
             text = path.read_text(encoding="utf-8")

@@ -1,0 +1,1121 @@
+"""ostris/ai-toolkit job files (YAML or JSON) as sdcore options, dataset subsets and sample prompts.
+
+An ai-toolkit job is ``job: extension`` with ``config: {name, process: [...]}``; a training process
+(``type: sd_trainer``, ``ui_trainer`` or ``diffusion_trainer``) holds the sections ``network``,
+``save``, ``datasets``, ``train``, ``model``, ``sample`` and ``logging``. ``sdcore train lora --config
+job.yaml`` reads the process through :func:`translate_job`; ``--data job.yaml`` reads its ``datasets``
+(:func:`load_datasets`) and ``--sample-prompts job.yaml`` its ``sample`` section
+(:func:`read_sample_prompts`). The translation sets ``data`` and ``sample_prompts`` to the job file
+itself, so one file drives the run.
+
+Every field name and default below is ai-toolkit's (``toolkit/config_modules.py``), with its meaning
+from ``jobs/process/BaseSDTrainProcess.py`` and ``toolkit/``: ai-toolkit's defaults apply where the job
+leaves a field out (``lr`` 1e-6, ``steps`` 1000, LoRA rank 4 and alpha 1, fp32 training, optimizers
+with ``eps=1e-6``), not sdcore's. A field is either translated, accepted with a note (no effect on
+the result here: logging, devices, worker counts, compilation), accepted at ai-toolkit's default
+value and refused by name otherwise (what sdcore does not implement), or unknown (with the nearest
+ai-toolkit name). All problems of a job are reported at once.
+
+As ai-toolkit does when it reads a job: ``${VAR}`` is replaced by the environment variable (an unset
+one is a problem), ``[name]`` anywhere by ``config.name``, and YAML's ``1e-4`` is a float. Relative
+paths (``training_folder``, ``folder_path``) are relative to the working directory, as in
+ai-toolkit. ``[trigger]`` in captions and sample prompts: :func:`inject_trigger`.
+
+Flux and SD3 LoRAs are saved as ai-toolkit saves them (``toolkit/lora_special.py``: PEFT format for
+transformer models): diffusers/PEFT keys ``transformer.<module>.lora_A/B.weight`` with separate
+``to_q``/``to_k``/``to_v`` modules, each with its own down (sdcore's ``key_layout = "diffusers"`` with
+``split_qkv``), and alpha = rank (ai-toolkit writes no alpha in that format, so ``linear_alpha`` has
+no effect there). SD1/SD2/SDXL LoRAs keep sdcore's kohya layout (ai-toolkit's ``lora_unet_`` names).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from ..data.dataset import SkippedFile, SubsetOptions
+    from .options import TrainOptions
+    from .sample_prompts import SamplePrompt
+
+#: the suffixes ai-toolkit reads jobs from (``toolkit/config.py``)
+JOB_SUFFIXES = (".yaml", ".yml", ".json", ".jsonc")
+#: process types that run ai-toolkit's SD trainer (``extensions_built_in/sd_trainer``)
+TRAINER_TYPES = ("sd_trainer", "ui_trainer", "diffusion_trainer")
+#: a default computed from another field (``linear_alpha`` = ``alpha``): accepted when it is what it follows
+FOLLOWS = "<follows another field>"
+
+#: every field of ai-toolkit's config classes and its default (SaveConfig, LoggingConfig, SampleConfig,
+#: NetworkConfig, TrainConfig, ModelConfig, EMAConfig, DatasetConfig in toolkit/config_modules.py)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "save": {
+        "save_every": 1000,
+        "dtype": "float16",
+        "max_step_saves_to_keep": 5,
+        "save_format": "safetensors",
+        "push_to_hub": False,
+        "hf_repo_id": None,
+        "hf_private": False,
+    },
+    "logging": {
+        "log_every": 100,
+        "verbose": False,
+        "use_wandb": False,
+        "use_ui_logger": False,
+        "project_name": "ai-toolkit",
+        "run_name": None,
+    },
+    "sample": {
+        "sampler": "ddpm",
+        "sample_every": 100,
+        "sample_start_step": 0,
+        "width": 512,
+        "height": 512,
+        "neg": False,
+        "seed": 0,
+        "walk_seed": False,
+        "guidance_scale": 7,
+        "sample_steps": 20,
+        "network_multiplier": 1,
+        "guidance_rescale": 0.0,
+        "format": "jpg",
+        "adapter_conditioning_scale": 1.0,
+        "refiner_start_at": 0.5,
+        "extra_values": [],
+        "num_frames": 1,
+        "fps": 16,
+        "prompts": [],
+        "samples": FOLLOWS,
+        "do_cfg_norm": False,
+    },
+    "network": {
+        "type": "lora",
+        "rank": None,
+        "linear": None,
+        "conv": None,
+        "alpha": 1.0,
+        "linear_alpha": FOLLOWS,
+        "conv_alpha": FOLLOWS,
+        "dropout": None,
+        "network_kwargs": {},
+        "lorm": None,
+        "transformer_only": True,
+        "lokr_full_rank": True,
+        "lokr_factor": -1,
+        "old_lokr_format": False,
+        "split_multistage_loras": True,
+        "layer_offloading": False,
+        "pretrained_lora_path": None,
+        "all_layers": False,
+    },
+    "train": {
+        "noise_scheduler": "ddpm",
+        "content_or_style": "balanced",
+        "steps": 1000,
+        "lr": 1e-06,
+        "unet_lr": FOLLOWS,
+        "text_encoder_lr": FOLLOWS,
+        "refiner_lr": FOLLOWS,
+        "embedding_lr": FOLLOWS,
+        "adapter_lr": FOLLOWS,
+        "optimizer": "adamw",
+        "optimizer_params": {},
+        "lr_scheduler": "constant",
+        "lr_scheduler_params": {},
+        "min_denoising_steps": 0,
+        "max_denoising_steps": 999,
+        "batch_size": 1,
+        "dtype": "fp32",
+        "xformers": False,
+        "sdp": False,
+        "attention_backend": "native",
+        "train_unet": True,
+        "train_text_encoder": False,
+        "train_refiner": True,
+        "train_turbo": False,
+        "show_turbo_outputs": False,
+        "min_snr_gamma": None,
+        "snr_gamma": None,
+        "learnable_snr_gos": False,
+        "noise_offset": 0.0,
+        "skip_first_sample": False,
+        "force_first_sample": False,
+        "gradient_checkpointing": True,
+        "weight_jitter": 0.0,
+        "merge_network_on_save": False,
+        "merge_network_on_save_strength": 1.0,
+        "max_grad_norm": 1.0,
+        "start_step": None,
+        "free_u": False,
+        "adapter_assist_name_or_path": None,
+        "adapter_assist_type": "t2i",
+        "noise_multiplier": 1.0,
+        "target_noise_multiplier": 1.0,
+        "random_noise_multiplier": 0.0,
+        "do_signal_correction_noise": False,
+        "do_batch_noise_correction": False,
+        "batch_noise_correction_scale": 0.1,
+        "do_signal_amplification": False,
+        "signal_amplification_strength": 0.5,
+        "signal_correction_noise_scale": 1.0,
+        "random_noise_shift": 0.0,
+        "img_multiplier": 1.0,
+        "noisy_latent_multiplier": 1.0,
+        "latent_multiplier": 1.0,
+        "negative_prompt": None,
+        "max_negative_prompts": 1,
+        "reg_weight": 1.0,
+        "num_train_timesteps": 1000,
+        "adaptive_scaling_factor": False,
+        "prompt_dropout_prob": 0.0,
+        "match_noise_norm": False,
+        "gradient_accumulation_steps": 1,
+        "gradient_accumulation": 1,
+        "short_and_long_captions": False,
+        "short_and_long_captions_encoder_split": False,
+        "single_item_batching": False,
+        "match_adapter_assist": False,
+        "match_adapter_chance": 0.0,
+        "loss_target": "noise",
+        "inverted_mask_prior": False,
+        "inverted_mask_prior_multiplier": 0.5,
+        "diff_output_preservation": False,
+        "diff_output_preservation_multiplier": 1.0,
+        "diff_output_preservation_class": "",
+        "blank_prompt_preservation": False,
+        "blank_prompt_preservation_multiplier": 1.0,
+        "standardize_images": False,
+        "standardize_latents": False,
+        "dynamic_noise_offset": False,
+        "do_cfg": False,
+        "do_random_cfg": False,
+        "cfg_scale": 1.0,
+        "max_cfg_scale": FOLLOWS,
+        "cfg_rescale": None,
+        "correct_pred_norm": False,
+        "correct_pred_norm_multiplier": 1.0,
+        "loss_type": "mse",
+        "t0_loss_target": False,
+        "t0_velocity_equiv_weight": False,
+        "do_fft_loss": False,
+        "do_fft_velocity_equiv_weight": False,
+        "pred_scaler": 1.0,
+        "prompt_saturation_chance": 0.0,
+        "do_prior_divergence": False,
+        "ema_config": None,
+        "target_norm_std": None,
+        "target_norm_std_value": 1.0,
+        "timestep_type": "sigmoid",
+        "next_sample_timesteps": 8,
+        "linear_timesteps": False,
+        "linear_timesteps2": False,
+        "disable_sampling": False,
+        "unload_text_encoder": False,
+        "cache_text_embeddings": False,
+        "do_paramiter_swapping": False,
+        "paramiter_swapping_factor": 0.1,
+        "bypass_guidance_embedding": False,
+        "latent_feature_extractor_path": None,
+        "latent_feature_loss_weight": 1.0,
+        "diffusion_feature_extractor_path": FOLLOWS,
+        "diffusion_feature_extractor_weight": FOLLOWS,
+        "optimal_noise_pairing_samples": 1,
+        "force_consistent_noise": False,
+        "blended_blur_noise": False,
+        "do_guidance_loss": False,
+        "guidance_loss_target": 3.0,
+        "do_guidance_loss_cfg_zero": False,
+        "guidance_loss_schedule": "constant",
+        "unconditional_prompt": "",
+        "do_differential_guidance": False,
+        "differential_guidance_scale": 3.0,
+        "switch_boundary_every": 1,
+        "do_blank_stabilization": False,
+        "audio_loss_multiplier": 1.0,
+        "max_loss_debug": False,
+        "max_loss": None,
+        "validation_config": None,
+    },
+    "model": {
+        "name_or_path": None,
+        "is_v2": False,
+        "is_xl": False,
+        "is_pixart": False,
+        "is_pixart_sigma": False,
+        "is_auraflow": False,
+        "is_v3": False,
+        "is_flux": False,
+        "is_lumina2": False,
+        "use_flux_cfg": False,
+        "is_ssd": False,
+        "is_vega": False,
+        "is_v_pred": False,
+        "dtype": "float16",
+        "vae_path": None,
+        "refiner_name_or_path": None,
+        "refiner_start_at": 0.5,
+        "lora_path": None,
+        "assistant_lora_path": None,
+        "inference_lora_path": None,
+        "unconditional_lora_path": None,
+        "latent_space_version": None,
+        "use_text_encoder_1": True,
+        "use_text_encoder_2": True,
+        "experimental_xl": False,
+        "text_encoder_bits": 16,
+        "unet_path": None,
+        "unet_sample_size": None,
+        "vae_device": None,
+        "vae_dtype": FOLLOWS,
+        "te_device": None,
+        "te_dtype": FOLLOWS,
+        "quantize": False,
+        "quantize_te": FOLLOWS,
+        "qtype": "qfloat8",
+        "qtype_te": "qfloat8",
+        "low_vram": False,
+        "attn_masking": False,
+        "ignore_if_contains": None,
+        "only_if_contains": None,
+        "quantize_kwargs": {},
+        "split_model_over_gpus": False,
+        "split_model_other_module_param_count_scale": 0.3,
+        "te_name_or_path": None,
+        "arch": None,
+        "auto_memory": False,
+        "layer_offloading": FOLLOWS,
+        "layer_offloading_transformer_percent": 1.0,
+        "layer_offloading_text_encoder_percent": 1.0,
+        "extras_name_or_path": FOLLOWS,
+        "accuracy_recovery_adapter": None,
+        "compile": False,
+        "block_compile": False,
+        "compile_mode": "default",
+        "compile_fullgraph": False,
+        "compile_dynamic": True,
+        "cache_size_limit": None,
+        "model_kwargs": {},
+        "model_paths": {},
+        "in_context": False,
+    },
+    "ema_config": {"use_ema": False, "ema_decay": 0.999, "use_feedback": False, "param_multiplier": 1.0},
+    "dataset": {
+        "batch_size": None,
+        "type": "image",
+        "folder_path": None,
+        "dataset_path": None,
+        "default_caption": None,
+        "trigger_word": None,
+        "diff_output_preservation": False,
+        "diff_output_preservation_class": "",
+        "random_triggers": [],
+        "random_triggers_max": 1,
+        "caption_ext": ".txt",
+        "random_scale": False,
+        "random_crop": False,
+        "resolution": 512,
+        "scale": 1.0,
+        "buckets": True,
+        "bucket_tolerance": 64,
+        "is_reg": False,
+        "prior_reg": False,
+        "shuffle_tokens": False,
+        "keep_tokens": 0,
+        "flip_x": False,
+        "flip_y": False,
+        "augments": [],
+        "control_path": None,
+        "control_from_same_folder": False,
+        "num_controls_from_same_folder": 1,
+        "control_path_1": None,
+        "control_path_2": None,
+        "control_path_3": None,
+        "control_transparent_color": [0, 0, 0],
+        "inpaint_path": None,
+        "full_size_control_images": True,
+        "alpha_mask": False,
+        "mask_path": None,
+        "unconditional_path": None,
+        "invert_mask": False,
+        "mask_min_value": 0.0,
+        "poi": None,
+        "use_short_captions": False,
+        "num_repeats": 1,
+        "cache_latents": False,
+        "cache_latents_to_disk": False,
+        "cache_tensors_to_disk": False,
+        "cache_clip_vision_to_disk": False,
+        "cache_text_embeddings": False,
+        "load_image_when_caching_latents": False,
+        "standardize_images": False,
+        "augmentations": None,
+        "shuffle_augmentations": False,
+        "caption_type": None,
+        "guidance_type": "targeted",
+        "clip_image_path": None,
+        "clip_image_from_same_folder": False,
+        "clip_image_augmentations": None,
+        "clip_image_shuffle_augmentations": False,
+        "replacements": [],
+        "loss_multiplier": 1.0,
+        "num_workers": 2,
+        "prefetch_factor": 2,
+        "cache_latents_num_workers": FOLLOWS,
+        "extra_values": [],
+        "square_crop": False,
+        "replay_transforms": True,
+        "num_frames": 1,
+        "shrink_video_to_frames": True,
+        "fps": 24,
+        "auto_frame_count": False,
+        "trim_auto_frame_count_tail": True,
+        "debug": False,
+        "controls": [],
+        "fast_image_size": False,
+        "do_i2v": False,
+        "do_audio": False,
+        "audio_preserve_pitch": False,
+        "audio_normalize": False,
+        "network_weight": 1.0,
+        "token_dropout_rate": 0.0,
+        "caption_dropout_rate": 0.0,
+    },
+}
+DEFAULTS["process"] = {
+    "type": None, "name": FOLLOWS, "training_folder": FOLLOWS, "device": "cpu", "performance_log_every": 0,
+    "trigger_word": None, "network": None, "save": {}, "datasets": None, "train": {}, "model": {}, "sample": {},
+    "logging": {}, "training_seed": None, "log_dir": None, "first_sample": None, "guidance": None,
+    "embedding": None, "decorator": None, "adapter": None, "do_lorm": False, "lorm_extract_mode": "ratio",
+    "lorm_extract_mode_param": 0.25, "torch_profiler": False,
+}  # fmt: skip
+
+#: fields read with a note: they change speed, memory, logging or where things run, not what is learned
+NOTED: dict[str, dict[str, str]] = {
+    "process": {"device": "sdcore places the model itself (accelerate)", "performance_log_every": "timing log",
+                "torch_profiler": "profiling"},
+    "save": {"hf_repo_id": "sdcore does not upload", "hf_private": "sdcore does not upload"},
+    "logging": {name: "logging" for name in DEFAULTS["logging"]},
+    "train": {"xformers": "attention kernel", "sdp": "attention kernel", "attention_backend": "attention kernel",
+              "unload_text_encoder": "memory", "cache_text_embeddings": "sdcore caches frozen text-encoder outputs",
+              "max_loss_debug": "logging", "show_turbo_outputs": "logging"},
+    "model": {"low_vram": "memory", "quantize_te": "sdcore keeps the text encoders in their dtype",
+              "qtype_te": "sdcore keeps the text encoders in their dtype",
+              "text_encoder_bits": "sdcore keeps the text encoders in their dtype", "dtype": "load dtype",
+              "vae_device": "placement", "te_device": "placement", "vae_dtype": "load dtype",
+              "te_dtype": "load dtype", "compile": "compilation", "block_compile": "compilation",
+              "compile_mode": "compilation", "compile_fullgraph": "compilation", "compile_dynamic": "compilation",
+              "cache_size_limit": "compilation", "auto_memory": "memory", "layer_offloading": "memory",
+              "layer_offloading_transformer_percent": "memory", "layer_offloading_text_encoder_percent": "memory",
+              "extras_name_or_path": "sdcore reads the model's parts from --model"},
+    "dataset": {"num_workers": "data loading", "prefetch_factor": "data loading",
+                "cache_latents_num_workers": "data loading", "debug": "logging", "fast_image_size": "data loading",
+                "load_image_when_caching_latents": "data loading",
+                "cache_text_embeddings": "sdcore caches frozen text-encoder outputs"},
+    "sample": {"format": "sdcore writes PNG samples", "sampler": "sdcore samples with the family's own sampler"},
+}  # fmt: skip
+
+#: fields :func:`translate_job` (or the dataset and sample readers) turn into sdcore settings
+HANDLED: dict[str, set[str]] = {
+    "process": {"type", "name", "training_folder", "trigger_word", "network", "save", "datasets", "train", "model",
+                "sample", "logging", "training_seed", "log_dir"},
+    "network": {"type", "rank", "linear", "alpha", "linear_alpha", "conv", "conv_alpha", "dropout", "lokr_factor",
+                "lokr_full_rank"},
+    "save": {"dtype", "save_every", "max_step_saves_to_keep"},
+    "train": {"steps", "lr", "unet_lr", "text_encoder_lr", "optimizer", "optimizer_params", "lr_scheduler",
+              "lr_scheduler_params", "batch_size", "gradient_accumulation_steps", "gradient_accumulation", "dtype",
+              "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
+              "max_grad_norm", "noise_offset", "min_snr_gamma", "skip_first_sample", "force_first_sample",
+              "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight"},
+    "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking"}
+    | {name for name in DEFAULTS["model"] if name.startswith("is_")},
+    "sample": {"prompts", "samples", "sample_every", "sample_steps", "width", "height", "neg", "seed", "walk_seed",
+               "guidance_scale"},
+    "dataset": {"folder_path", "caption_ext", "caption_dropout_rate", "shuffle_tokens", "token_dropout_rate",
+                "keep_tokens", "flip_x", "resolution", "num_repeats", "is_reg", "trigger_word", "default_caption",
+                "cache_latents", "cache_latents_to_disk", "buckets", "bucket_tolerance", "random_crop",
+                "alpha_mask", "loss_multiplier"},
+    "ema_config": {"use_ema", "ema_decay", "use_feedback", "param_multiplier"},
+}  # fmt: skip
+
+#: ai-toolkit model flags / ``arch`` -> sdcore family (the others are models sdcore does not train)
+FAMILY_FLAGS = {"is_flux": "flux", "is_v3": "sd3", "is_xl": "sdxl", "is_v2": "sd2"}
+ARCH_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+#: ai-toolkit's ``toolkit/optimizer.py`` names -> (sdcore optimizer, arguments ai-toolkit adds)
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {"eps": 1e-6}),
+    "adam": ("Adam", {"eps": 1e-6}),
+    "adamw8bit": ("adamw8bit", {"eps": 1e-6}),
+    "adam8bit": ("bitsandbytes.optim.Adam8bit", {"eps": 1e-6}),
+    "lion": ("lion", {}),
+    "lion8bit": ("lion8bit", {}),
+    "prodigy": ("prodigy", {"eps": 1e-6}),
+    "dadaptation": ("dadaptadam", {"eps": 1e-6}),
+    "adagrad": ("Adagrad", {}),
+    "adafactor": ("adafactor", {"relative_step": False, "scale_parameter": False, "warmup_init": False}),
+}
+#: ai-toolkit schedulers (``toolkit/scheduler.py``) that are torch classes given ``total_iters`` = steps as
+#: this argument (cosine without arguments is sdcore's cosine: the same curve)
+TORCH_SCHEDULERS = {"cosine": ("CosineAnnealingLR", "T_max"), "cosine_with_restarts": ("CosineAnnealingWarmRestarts", "T_0"),
+                    "linear": ("LinearLR", "total_iters"), "step": ("StepLR", "")}  # fmt: skip
+PRECISIONS = {"fp32": "no", "float32": "no", "fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16",
+              "bfloat16": "bf16"}  # fmt: skip
+SAVE_DTYPES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+#: ``train.loss_type`` -> sdcore ``loss_type``
+LOSS_TYPES = {"mse": "l2", "mae": "l1"}
+#: flow-matching ``train.timestep_type`` -> sdcore ``timestep_sampling`` (``toolkit/samplers/custom_flowmatch_sampler.py``:
+#: ``sigmoid`` = sigmoid(N(0, 1)) unshifted, ``linear`` = uniform over 1000..1)
+TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "uniform"}
+
+
+def _float_resolver_loader() -> Any:
+    """A safe YAML loader that reads ``1e-4`` as a float, as ai-toolkit's loader does (YAML 1.1 wants a dot)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    pattern = re.compile(
+        r"^[-+]?(?:\d[\d_]*\.?[\d_]*(?:[eE][-+]?\d+)?|\.\d[\d_]*(?:[eE][-+]?\d+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    )
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", pattern, list("-+0123456789."))
+    # integers keep their own resolver (it was registered first for these characters)
+    return Loader
+
+
+def parse_job_text(text: str, suffix: str, where: str) -> Any:
+    """The parsed content of a ``.yaml``/``.yml``/``.json`` file (ai-toolkit's float reading)."""
+    if suffix.lower() in (".json", ".jsonc"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: invalid JSON: {exc}") from None
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_float_resolver_loader())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(exc).split())}") from None
+
+
+def is_job(data: Any) -> bool:
+    """An ai-toolkit job: ``job`` and a ``config`` table with a ``process`` list."""
+    return (
+        isinstance(data, dict)
+        and "job" in data
+        and isinstance(data.get("config"), dict)
+        and isinstance(data["config"].get("process"), list)
+    )
+
+
+def _replace_env(text: str, where: str) -> str:
+    missing: list[str] = []
+
+    def value(match: re.Match[str]) -> str:
+        found = os.environ.get(match.group(1))
+        if found is None:
+            missing.append(match.group(1))
+            return match.group(0)
+        return found
+
+    out = re.sub(r"\$\{([^}]+)\}", value, text)
+    if missing:
+        raise ConfigError(
+            f"{where}: environment variable(s) not set: {', '.join(sorted(set(missing)))} (ai-toolkit's ${{VAR}})"
+        )
+    return out
+
+
+def _replace_name(value: Any, name: str) -> Any:
+    """``[name]`` -> the job's name in every string (keys too), as ai-toolkit's ``preprocess_config``."""
+    if isinstance(value, str):
+        return value.replace("[name]", name)
+    if isinstance(value, list):
+        return [_replace_name(v, name) for v in value]
+    if isinstance(value, dict):
+        return {_replace_name(k, name): _replace_name(v, name) for k, v in value.items()}
+    return value
+
+
+def read_job(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The job in ``path`` with ``${VAR}`` and ``[name]`` replaced, or ``None`` when the file is not an
+    ai-toolkit job (or not a YAML/JSON file)."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() not in JOB_SUFFIXES:
+        return None
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    if p.suffix.lower() in (".json", ".jsonc") and '"job"' not in text:
+        return None  # other JSON files (OneTrainer concepts, kohya GUI presets, prompt lists) stay theirs
+    data = parse_job_text(_replace_env(text, str(p)), p.suffix, str(p))
+    if not is_job(data):
+        return None
+    name = data["config"].get("name")
+    return _replace_name(data, str(name)) if name is not None else data
+
+
+def is_job_file(path: str | os.PathLike[str]) -> bool:
+    try:
+        return read_job(path) is not None
+    except ConfigError:
+        return Path(path).suffix.lower() in (".yaml", ".yml")  # a broken YAML job: its reader reports why
+
+
+def inject_trigger(caption: str, trigger: str | None, *, add_if_not_present: bool) -> str:
+    """ai-toolkit's ``inject_trigger_into_prompt``: ``[name]`` and ``[trigger]`` become the trigger word
+    (removed when there is none); with ``add_if_not_present`` (training captions, not regularisation
+    images) a caption without the trigger gets ``"<trigger> "`` in front."""
+    word = trigger or ""
+    out = caption.replace("[name]", word).replace("[trigger]", word)
+    if word.strip() and add_if_not_present and word not in out:
+        out = f"{word} {out}"
+    return out
+
+
+@dataclass
+class JobTranslation:
+    """sdcore option values of a job (``values``), with notes and problems (one line each)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _nearest(name: str, known: Any) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _same(value: Any, default: Any) -> bool:
+    if default is FOLLOWS:
+        return value is None
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default or (value in (None, 0) and default is False)
+    if default is None:
+        return value in (None, "", [], {})
+    try:
+        return bool(value == default or float(value) == float(default))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_section(table: Any, section: str, where: str, out: JobTranslation) -> dict[str, Any]:
+    """The section as a dict; unknown names, noted fields and fields set away from ai-toolkit's
+    default that sdcore does not implement go to ``out``."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        out.problems.append(f"{where}: must be a table, got {table!r}")
+        return {}
+    known = DEFAULTS[section]
+    unknown = [f"{k!r}{_nearest(str(k), known)}" for k in table if k not in known]
+    if unknown:
+        out.problems.append(f"{where}: unknown ai-toolkit field(s): {', '.join(unknown)}")
+    noted = NOTED.get(section, {})
+    handled = HANDLED.get(section, set())
+    for key, value in table.items():
+        if key not in known or key in handled:
+            continue
+        if key in noted:
+            if not _same(value, known[key]):
+                out.notes.append(f"{where}.{key}: accepted, no effect on the result here ({noted[key]})")
+        elif not _same(value, known[key]):
+            out.problems.append(
+                f"{where}.{key} = {value!r}: sdcore does not implement this ai-toolkit field (only its default "
+                f"{known[key]!r} is accepted)"
+            )
+    return dict(table)
+
+
+def _process(job: dict[str, Any], where: str, out: JobTranslation) -> dict[str, Any]:
+    processes = job["config"]["process"]
+    trainers = [p for p in processes if isinstance(p, dict) and p.get("type") in TRAINER_TYPES]
+    others = [str(p.get("type")) if isinstance(p, dict) else repr(p) for p in processes if p not in trainers]
+    if str(job.get("job")) != "extension":
+        out.problems.append(f"{where}: job {job.get('job')!r}: sdcore reads ai-toolkit training jobs (job: extension)")
+    if others:
+        out.problems.append(
+            f"{where}: process type(s) {', '.join(others)}: sdcore reads ai-toolkit's trainer processes "
+            f"({', '.join(TRAINER_TYPES)})"
+        )
+    if len(trainers) != 1:
+        if not others:
+            out.problems.append(f"{where}: config.process must hold one training process, found {len(trainers)}")
+        return trainers[0] if trainers else {}
+    return trainers[0]
+
+
+def job_family(model: dict[str, Any], where: str, out: JobTranslation) -> str | None:
+    """The family the job's ``model`` section declares (``arch`` or the ``is_*`` flags; SD1 when none)."""
+    flags = [FAMILY_FLAGS[k] for k in FAMILY_FLAGS if model.get(k)]
+    other_flags = [k for k in DEFAULTS["model"] if k.startswith("is_") and k not in FAMILY_FLAGS and k != "is_v_pred"]
+    refused = [k for k in other_flags if model.get(k)]
+    arch = model.get("arch")
+    if refused:
+        out.problems.append(f"{where}.model: {', '.join(refused)}: sdcore does not train this model family")
+        return None
+    if arch is not None:
+        arch = str(arch).split(":")[0]
+        if arch not in ARCH_FAMILIES:
+            out.problems.append(
+                f"{where}.model.arch {arch!r}: sdcore does not train this model family "
+                f"(it trains {', '.join(ARCH_FAMILIES)})"
+            )
+            return None
+        if flags and flags[0] != ARCH_FAMILIES[arch]:
+            out.problems.append(f"{where}.model: arch {arch} and {flags[0]} flags disagree")
+        return ARCH_FAMILIES[arch]
+    if len(set(flags)) > 1:
+        out.problems.append(f"{where}.model: several family flags ({', '.join(flags)})")
+    return flags[0] if flags else "sd1"
+
+
+def _args_text(args: dict[str, Any]) -> str:
+    def one(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(one(v) for v in value)
+        return str(value)
+
+    return " ".join(f"{k}={one(v)}" for k, v in args.items())
+
+
+def translate_job(
+    job: dict[str, Any], fields: list[str], *, where: str, path: str | os.PathLike[str]
+) -> JobTranslation:
+    """sdcore option values for the job's training process (``fields``: the method's option names);
+    ``data`` and ``sample_prompts`` point at the job file ``path`` itself."""
+    out = JobTranslation()
+    process = _process(job, where, out)
+    w = f"{where}: process"
+    check_section(process, "process", w, out)
+    network = check_section(process.get("network"), "network", f"{w}.network", out)
+    save = check_section(process.get("save"), "save", f"{w}.save", out)
+    train = check_section(process.get("train"), "train", f"{w}.train", out)
+    model = check_section(process.get("model"), "model", f"{w}.model", out)
+    sample = check_section(process.get("sample"), "sample", f"{w}.sample", out)
+    check_section(process.get("logging"), "logging", f"{w}.logging", out)
+    ema = check_section(train.get("ema_config"), "ema_config", f"{w}.train.ema_config", out)
+    datasets = process.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        out.problems.append(f"{w}.datasets: a list of datasets is needed")
+        datasets = []
+    for i, dataset in enumerate(datasets):
+        check_section(dataset, "dataset", f"{w}.datasets[{i}]", out)
+    family = job_family(model, w, out)
+    flow = family in ("flux", "sd3")
+    v: dict[str, Any] = out.values
+
+    # model and output: <training_folder>/<name>/<name>.safetensors, as ai-toolkit names its final save
+    if not model.get("name_or_path"):
+        out.problems.append(f"{w}.model.name_or_path: the model to train is needed")
+    else:
+        v["model"] = str(model["name_or_path"])
+    if model.get("vae_path"):
+        v["vae"] = str(model["vae_path"])
+    name = str(process.get("name") or job["config"].get("name") or "")
+    if not name:
+        out.problems.append(f"{where}: config.name is needed (ai-toolkit names the output after it)")
+    folder = Path(str(process.get("training_folder") or "output")).expanduser()
+    v["output"] = str(folder / name / f"{name}.safetensors")
+    v["data"] = str(path)
+    if model.get("is_v_pred"):
+        out.notes.append(f"{w}.model.is_v_pred: sdcore reads the prediction type from the model")
+    if model.get("quantize"):
+        if str(model.get("qtype", "qfloat8")) != "qfloat8":
+            out.problems.append(f"{w}.model.qtype {model.get('qtype')!r}: sdcore quantizes to float8 only (qfloat8)")
+        v["fp8_base"] = True
+        out.notes.append(
+            f"{w}.model.quantize: the denoiser's frozen weights are stored in float8 (sdcore's fp8_base, "
+            "not optimum-quanto's qfloat8: the same kind of rounding, not the same numbers)"
+        )
+    if model.get("attn_masking"):
+        if family == "flux":
+            v["apply_t5_attn_mask"] = True
+        else:
+            out.problems.append(f"{w}.model.attn_masking: sdcore masks T5's padding on Flux only")
+    if process.get("training_seed") is not None:
+        v["seed"] = process["training_seed"]
+    if process.get("log_dir"):
+        v["log_dir"] = str(process["log_dir"])
+    trigger = process.get("trigger_word")
+    if trigger:
+        v["metadata_trigger_phrase"] = str(trigger)
+
+    _network(network, family, f"{w}.network", out)
+    _train(train, family, flow, f"{w}.train", out)  # family None: refused above; its rules are skipped
+    if ema.get("use_ema"):
+        out.problems.append(
+            f"{w}.train.ema_config.use_ema: sdcore does not keep an EMA of the trained weights (ai-toolkit saves "
+            "the EMA); set use_ema: false to train without it"
+        )
+
+    # save
+    dtype = str(save.get("dtype", "float16")).lower()
+    if dtype not in SAVE_DTYPES:
+        out.problems.append(f"{w}.save.dtype {dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+    else:
+        v["save_dtype"] = SAVE_DTYPES[dtype]
+    v["save_every"] = save.get("save_every", 1000)
+    v["save_limit"] = save.get("max_step_saves_to_keep", 5)
+
+    # sampling: ai-toolkit samples before the first step unless told not to
+    prompts = sample.get("samples") or sample.get("prompts")
+    if prompts and not train.get("disable_sampling"):
+        v["sample_prompts"] = str(path)
+        v["sample_every"] = sample.get("sample_every", 100)
+        v["sample_steps"] = sample.get("sample_steps", 20)
+        v["sample_at_first"] = bool(train.get("force_first_sample")) or not train.get("skip_first_sample")
+
+    # datasets: read by load_datasets (--data is the job); the run-wide caching follows them
+    tables = [d for d in datasets if isinstance(d, dict)]
+    if tables:
+        v["cache_latents"] = any(d.get("cache_latents") or d.get("cache_latents_to_disk") for d in tables)
+        v["cache_latents_to_disk"] = any(bool(d.get("cache_latents_to_disk")) for d in tables)
+        regs = [d for d in tables if d.get("is_reg")]
+        if regs and not any(not d.get("is_reg") for d in tables):
+            out.problems.append(f"{w}.datasets: only regularisation datasets (is_reg), nothing to train on")
+        elif regs:
+            out.notes.append(
+                f"{w}.datasets: is_reg images are mixed into each epoch by their num_repeats (kohya's way); "
+                "ai-toolkit takes a regularisation batch every other step"
+            )
+
+    missing = sorted({k for k in v if k not in fields})
+    if missing:
+        out.problems.append(f"{where}: not options of this training method: {', '.join(missing)}")
+        for k in missing:
+            v.pop(k)
+    return out
+
+
+def _network(network: dict[str, Any], family: str | None, where: str, out: JobTranslation) -> None:
+    v = out.values
+    kind = str(network.get("type", "lora")).lower()
+    rank = network.get("rank") if network.get("rank") is not None else network.get("linear")
+    rank = 4 if rank is None else rank
+    alpha = network.get("linear_alpha", network.get("alpha", 1.0))
+    conv = network.get("conv")
+    conv_alpha = network.get("conv_alpha", conv)
+    if kind == "lokr":
+        if network.get("lokr_full_rank", True):
+            out.problems.append(
+                f"{where}.type lokr with lokr_full_rank (ai-toolkit's default): sdcore's LoKr is low-rank; "
+                "set lokr_full_rank: false and a linear rank"
+            )
+        v["algo"] = "lokr"
+        v["lokr_factor"] = network.get("lokr_factor", -1)
+    elif kind in ("lora", "locon"):
+        v["algo"] = "locon" if kind == "locon" else "lora"
+    else:
+        out.problems.append(f"{where}.type {kind!r}: sdcore trains lora, locon and lokr networks")
+    v["rank"] = rank
+    if family in ("flux", "sd3"):
+        # ai-toolkit saves transformer LoRAs in PEFT format, which has no alpha: the scale is 1 (alpha = rank)
+        v["alpha"] = rank
+        if ("linear_alpha" in network or "alpha" in network) and not _same(alpha, rank):
+            out.notes.append(
+                f"{where}.linear_alpha {alpha}: ai-toolkit's Flux/SD3 LoRAs (PEFT format) train and save with "
+                f"alpha = rank ({rank}), so sdcore does too"
+            )
+        v["key_layout"] = "diffusers"
+        v["split_qkv"] = True
+        if kind != "lora":
+            out.problems.append(f"{where}.type {kind}: on {family} sdcore trains plain LoRA (ai-toolkit's lora)")
+        if conv:
+            out.notes.append(f"{where}.conv: {family} has no convolutions that ai-toolkit's LoRA adapts")
+    else:
+        v["alpha"] = alpha
+        if conv:
+            v["conv_rank"] = conv
+            v["conv_alpha"] = conv_alpha
+    if network.get("dropout") is not None:
+        v["dropout"] = network["dropout"]
+
+
+def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, out: JobTranslation) -> None:
+    v = out.values
+    v["max_steps"] = train.get("steps", 1000)
+    v["lr"] = train.get("lr", 1e-6)
+    if "unet_lr" in train:
+        v["unet_lr"] = train["unet_lr"]
+    if "text_encoder_lr" in train:
+        v["te_lr"] = train["text_encoder_lr"]
+    v["batch_size"] = train.get("batch_size", 1)
+    # ai-toolkit's ``gradient_accumulation`` takes N batches per step (sdcore's accumulation); its legacy
+    # ``gradient_accumulation_steps`` counts every batch as a step of ``steps``, save_every... (-1: a whole epoch)
+    if train.get("gradient_accumulation_steps", 1) != 1:
+        out.problems.append(
+            f"{where}.gradient_accumulation_steps {train['gradient_accumulation_steps']}: ai-toolkit's legacy "
+            "accumulation counts each batch as a step; use gradient_accumulation (sdcore reads that one)"
+        )
+    v["gradient_accumulation"] = train.get("gradient_accumulation", 1)
+    if train.get("reg_weight", 1.0) != 1.0:
+        v["prior_loss_weight"] = train["reg_weight"]  # the loss multiplier of is_reg samples
+    v["gradient_checkpointing"] = bool(train.get("gradient_checkpointing", True))
+    v["max_grad_norm"] = train.get("max_grad_norm", 1.0)
+    if train.get("noise_offset"):
+        v["noise_offset"] = train["noise_offset"]
+    if train.get("min_snr_gamma") is not None:
+        v["min_snr_gamma"] = train["min_snr_gamma"]
+    loss = str(train.get("loss_type", "mse")).lower()
+    if loss in LOSS_TYPES:
+        v["loss_type"] = LOSS_TYPES[loss]
+    else:
+        out.problems.append(f"{where}.loss_type {loss!r}: sdcore implements ai-toolkit's mse and mae")
+    dtype = str(train.get("dtype", "fp32")).lower()
+    if dtype in PRECISIONS:
+        v["mixed_precision"] = PRECISIONS[dtype]
+    else:
+        out.problems.append(f"{where}.dtype {dtype!r}: choose one of {', '.join(PRECISIONS)}")
+    unet, te = bool(train.get("train_unet", True)), bool(train.get("train_text_encoder", False))
+    if not unet and not te:
+        out.problems.append(f"{where}: train_unet and train_text_encoder are both off: nothing to train")
+    v["train_text_encoder"] = te
+    if te and not unet:
+        v["te_only"] = True
+    # optimizer: ai-toolkit's names, with the eps it adds unless optimizer_params give one
+    name = str(train.get("optimizer", "adamw")).lower()
+    params = train.get("optimizer_params") or {}
+    if not isinstance(params, dict):
+        out.problems.append(f"{where}.optimizer_params: must be a table")
+        params = {}
+    if name not in OPTIMIZERS:
+        out.problems.append(
+            f"{where}.optimizer {name!r}: not available in sdcore (ai-toolkit's {', '.join(OPTIMIZERS)} are)"
+        )
+    else:
+        optimizer, added = OPTIMIZERS[name]
+        v["optimizer"] = optimizer
+        args = {**added, **params}
+        if args:
+            v["optimizer_args"] = _args_text(args)
+        if name == "adafactor":
+            out.notes.append(
+                f"{where}.optimizer adafactor: transformers' Adafactor with ai-toolkit's arguments "
+                "(ai-toolkit's own copy adds stochastic rounding for bf16 weights)"
+            )
+    _schedule(train, where, out)
+    # noise and timesteps
+    scheduler = str(train.get("noise_scheduler", "ddpm")).lower()
+    if family is None:
+        return
+    if flow:
+        if scheduler != "flowmatch":
+            out.notes.append(f"{where}.noise_scheduler {scheduler!r}: sdcore trains {family} with flow matching")
+        kind = str(train.get("timestep_type", "sigmoid")).lower()
+        if train.get("linear_timesteps"):
+            kind = "linear"
+        if kind not in TIMESTEP_TYPES:
+            out.problems.append(
+                f"{where}.timestep_type {kind!r}: sdcore implements ai-toolkit's sigmoid and linear timesteps"
+            )
+        else:
+            v["timestep_sampling"] = TIMESTEP_TYPES[kind]
+            v["sigmoid_scale"] = 1.0
+            v["discrete_flow_shift"] = 1.0
+            v["model_prediction_type"] = "raw"
+            v["weighting_scheme"] = "uniform"
+        if family == "flux":
+            v["guidance_scale"] = train.get("cfg_scale", 1.0)
+    else:
+        if scheduler == "flowmatch":
+            out.problems.append(f"{where}.noise_scheduler flowmatch: sdcore trains {family} with its DDPM schedule")
+        elif scheduler != "ddpm":
+            out.notes.append(f"{where}.noise_scheduler {scheduler!r}: sdcore adds noise with the DDPM schedule")
+        if "timestep_type" in train:
+            out.notes.append(f"{where}.timestep_type: used by ai-toolkit with flowmatch only")
+        if train.get("cfg_scale", 1.0) != 1.0:
+            out.problems.append(f"{where}.cfg_scale: a guidance embedding value, Flux only")
+
+
+def _schedule(train: dict[str, Any], where: str, out: JobTranslation) -> None:
+    """``lr_scheduler`` as ai-toolkit builds it: torch schedulers given ``total_iters`` = steps."""
+    v = out.values
+    name = str(train.get("lr_scheduler", "constant")).lower()
+    params = dict(train.get("lr_scheduler_params") or {})
+    steps = train.get("steps", 1000)
+    if name == "constant":
+        if params.get("factor", 1.0) != 1.0 or set(params) - {"factor", "total_iters"}:
+            v["lr_scheduler_type"] = "ConstantLR"
+            v["lr_scheduler_args"] = _args_text({"factor": 1.0, "total_iters": steps, **params})
+        else:
+            v["lr_scheduler"] = "constant"
+    elif name == "constant_with_warmup":
+        v["lr_scheduler"] = "constant_with_warmup"
+        v["lr_warmup_steps"] = params.pop("num_warmup_steps", 1000)
+        params.pop("total_iters", None)
+        if params:
+            out.problems.append(f"{where}.lr_scheduler_params {sorted(params)}: not arguments of constant_with_warmup")
+    elif name == "cosine" and not set(params) - {"total_iters"}:
+        if params.get("total_iters", steps) == steps:
+            v["lr_scheduler"] = "cosine"  # CosineAnnealingLR(T_max=steps): lr*(1+cos(pi*t/steps))/2 = sdcore's cosine
+        else:
+            v["lr_scheduler_type"] = "CosineAnnealingLR"
+            v["lr_scheduler_args"] = f"T_max={params['total_iters']}"
+    elif name in TORCH_SCHEDULERS:
+        cls, key = TORCH_SCHEDULERS[name]
+        total = params.pop("total_iters", steps)
+        if key and key not in params and not (name == "step" or "max_iterations" in params):
+            params[key] = total
+        v["lr_scheduler_type"] = cls
+        if params:
+            v["lr_scheduler_args"] = _args_text(params)
+    else:
+        out.problems.append(
+            f"{where}.lr_scheduler {name!r}: sdcore reads ai-toolkit's constant, constant_with_warmup, cosine, "
+            "cosine_with_restarts, linear and step"
+        )
+
+
+def _job_process(path: str | os.PathLike[str], error: type[Exception]) -> tuple[dict[str, Any], str]:
+    job = read_job(path)
+    if job is None:
+        raise error(f"{path}: not an ai-toolkit job (job: extension, config.process)")
+    out = JobTranslation()
+    process = _process(job, str(path), out)
+    if out.problems:
+        raise error("; ".join(out.problems))
+    return process, str(path)
+
+
+def load_datasets(
+    path: str | os.PathLike[str], options: TrainOptions | None, skipped: list[SkippedFile] | None = None
+) -> list[SubsetOptions]:
+    """The job's ``datasets`` as sdcore subsets: one per dataset and resolution (ai-toolkit's
+    ``preprocess_dataset_raw_config`` splits a resolution list the same way), with ai-toolkit's
+    defaults; ``is_reg`` datasets are regularisation images; ``default_caption`` captions images
+    without (or with an empty) caption file; the trigger word (the dataset's, else the process')
+    goes into the captions as :func:`inject_trigger` says."""
+    from dataclasses import replace
+
+    from ..data.dataset import DatasetProblems, SubsetOptions, subset_defaults
+
+    process, where = _job_process(path, DataError)
+    out = JobTranslation()
+    tables = process.get("datasets")
+    if not isinstance(tables, list) or not tables:
+        raise DataError(f"{where}: process.datasets: a list of datasets is needed")
+    base = SubsetOptions(image_dir=Path("."), **subset_defaults(options))
+    subsets: list[SubsetOptions] = []
+    for i, raw in enumerate(tables):
+        w = f"{where}: process.datasets[{i}]"
+        d = check_section(raw, "dataset", w, out)
+        if not d:
+            continue
+        if not d.get("folder_path"):
+            out.problems.append(f"{w}.folder_path: the image folder is needed")
+            continue
+        ext = str(d.get("caption_ext", ".txt"))
+        ext = ext if ext.startswith(".") else f".{ext}"
+        trigger = d.get("trigger_word", process.get("trigger_word"))
+        resolutions = d.get("resolution", 512)
+        resolutions = resolutions if isinstance(resolutions, list) else [resolutions]
+        step = int(d.get("bucket_tolerance", 64))
+        for res in resolutions:
+            if not isinstance(res, int) or isinstance(res, bool) or res <= 0:
+                out.problems.append(f"{w}.resolution: {res!r} is not a positive whole number")
+                continue
+            subsets.append(
+                replace(
+                    base,
+                    image_dir=Path(str(d["folder_path"])).expanduser(),
+                    repeats=int(d.get("num_repeats", 1)),
+                    is_class=bool(d.get("is_reg", False)),
+                    caption_extension=ext,
+                    keep_tokens=int(d.get("keep_tokens", 0)),
+                    shuffle_caption=bool(d.get("shuffle_tokens", False)),
+                    caption_dropout=float(d.get("caption_dropout_rate", 0.0)),
+                    tag_dropout=float(d.get("token_dropout_rate", 0.0)),
+                    caption_separator=",",
+                    flip=bool(d.get("flip_x", False)),
+                    random_crop=bool(d.get("random_crop", False)),
+                    alpha_mask=bool(d.get("alpha_mask", False)),
+                    loss_weight=float(d.get("loss_multiplier", 1.0)),
+                    class_tokens=str(d["default_caption"]) if d.get("default_caption") is not None else None,
+                    resolution=res,
+                    buckets=bool(d.get("buckets", True)),
+                    bucket_step=step,
+                    min_bucket_reso=min(base.min_bucket_reso, res),
+                    max_bucket_reso=max(base.max_bucket_reso, res),
+                    caption_prefix="",
+                    caption_suffix="",
+                    trigger_word=str(trigger) if trigger else "",
+                )
+            )
+    if out.problems:
+        raise DatasetProblems(out.problems)
+    return subsets
+
+
+def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
+    """The job's ``sample`` section as sample prompts: each prompt (``prompts`` strings, or ``samples``
+    tables) with the section's width, height, ``sample_steps``, ``neg`` and ``guidance_scale`` unless the
+    prompt's own ``--w``/``--h``/``--s``/``--n``/``--l`` flags say otherwise; seeds are ``seed`` (+ the
+    prompt's position with ``walk_seed``; a ``samples`` table's own ``seed`` stays for the prompts after it
+    unless ``walk_seed``, as ai-toolkit's loop does); ``[trigger]`` becomes the process' trigger word. On Flux
+    ``guidance_scale`` (and ``--l``) is the embedded guidance, as in ai-toolkit."""
+    from dataclasses import replace
+
+    from .sample_prompts import parse_prompt_line
+
+    process, where = _job_process(path, ConfigError)
+    out = JobTranslation()
+    sample = check_section(process.get("sample"), "sample", f"{where}: process.sample", out)
+    raw_model = process.get("model")
+    model: dict[str, Any] = raw_model if isinstance(raw_model, dict) else {}
+    family = job_family(model, f"{where}: process", out)
+    if out.problems:
+        raise ConfigError("; ".join(out.problems))
+    trigger = process.get("trigger_word")
+    items = sample.get("samples") or [{"prompt": p} for p in sample.get("prompts") or []]
+    neg = sample.get("neg")
+    base_seed = int(sample.get("seed", 0))
+    seed = base_seed
+    prompts: list[SamplePrompt] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ConfigError(f"{where}: process.sample prompt {i + 1}: a prompt text is needed")
+        text = item["prompt"]
+        if trigger is not None:
+            text = inject_trigger(text, str(trigger), add_if_not_present=False)
+        line = parse_prompt_line(text, f"{where}: process.sample prompt {i + 1}")
+        guidance = item.get("guidance_scale", sample.get("guidance_scale", 7))
+        cfg = line.cfg if line.cfg is not None else float(guidance)
+        if sample.get("walk_seed"):
+            seed = base_seed + i
+        if item.get("seed") is not None:  # kept for the prompts after it unless walk_seed (as ai-toolkit)
+            seed = int(item["seed"])
+        prompts.append(
+            replace(
+                line,
+                negative=line.negative or str(item.get("neg", neg) or ""),
+                width=line.width or int(item.get("width", sample.get("width", 512))),
+                height=line.height or int(item.get("height", sample.get("height", 512))),
+                steps=line.steps or int(item.get("sample_steps", sample.get("sample_steps", 20))),
+                seed=line.seed if line.seed is not None else int(seed),
+                cfg=None if family == "flux" else cfg,
+                guidance=cfg if family == "flux" else line.guidance,
+            )
+        )
+    return prompts
+
+
+__all__ = [
+    "DEFAULTS",
+    "JobTranslation",
+    "inject_trigger",
+    "is_job",
+    "is_job_file",
+    "load_datasets",
+    "read_job",
+    "read_sample_prompts",
+    "translate_job",
+]

@@ -1,0 +1,338 @@
+"""ostris/ai-toolkit job files read by ``sdcore train lora --config job.yaml`` (sdcore.train.aitoolkit).
+
+Expected values are ai-toolkit's meanings, taken from its ``toolkit/config_modules.py`` defaults and
+``jobs/process/BaseSDTrainProcess.py`` (commit in tests/data/ai_toolkit/README.md), not from sdcore.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data" / "ai_toolkit"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _load(path, notes=None):
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    return load_options(LoraOptions, path, notes=notes if notes is not None else [])
+
+
+def _problems(path) -> list[str]:
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _load(path)
+    return info.value.problems
+
+
+def _job(tmp_path, process: dict, name: str = "run", suffix: str = ".yaml", text: str | None = None) -> Path:
+    import yaml
+
+    path = tmp_path / f"job{suffix}"
+    data = {"job": "extension", "config": {"name": name, "process": [{"type": "sd_trainer", **process}]}}
+    if text is None:
+        text = json.dumps(data) if suffix == ".json" else yaml.safe_dump(data)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+BASE = {"model": {"name_or_path": "tiny:sd1"}, "datasets": [{"folder_path": "imgs"}]}
+
+
+def _patched(tmp_path, name: str, old: str, new: str) -> Path:
+    text = (DATA / name).read_text(encoding="utf-8")
+    assert old in text
+    path = tmp_path / name
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+# --- the example jobs -------------------------------------------------------------------------------
+
+
+def test_flux_example_translates_with_ai_toolkit_meanings(tmp_path):
+    """train_lora_flux_24gb.yaml: refused only for its EMA; without it every field lands."""
+    assert _problems(DATA / "train_lora_flux_24gb.yaml") == [
+        f"{DATA / 'train_lora_flux_24gb.yaml'}: process.train.ema_config.use_ema: sdcore does not keep an EMA of "
+        "the trained weights (ai-toolkit saves the EMA); set use_ema: false to train without it"
+    ]
+    path = _patched(tmp_path, "train_lora_flux_24gb.yaml", "use_ema: true", "use_ema: false")
+    notes: list[str] = []
+    o = _load(path, notes)
+    assert o.model == "black-forest-labs/FLUX.1-dev"
+    assert Path(o.output) == Path("output/my_first_flux_lora_v1/my_first_flux_lora_v1.safetensors")
+    assert (o.algo, o.rank, o.alpha) == ("lora", 16, 16.0)
+    assert (o.key_layout, o.split_qkv) == ("diffusers", True)  # ai-toolkit's PEFT keys, q/k/v apart
+    assert (o.lr, o.optimizer, o.optimizer_args) == (1e-4, "adamw8bit", "eps=1e-06")
+    assert (o.max_steps, o.batch_size, o.gradient_accumulation) == (2000, 1, 1)
+    assert (o.mixed_precision, o.save_dtype, o.save_every, o.save_limit) == ("bf16", "fp16", 250, 4)
+    assert o.gradient_checkpointing and o.fp8_base and o.cache_latents_to_disk and not o.train_text_encoder
+    assert (o.timestep_sampling, o.sigmoid_scale, o.discrete_flow_shift) == ("sigmoid", 1.0, 1.0)
+    assert (o.model_prediction_type, o.guidance_scale) == ("raw", 1.0)
+    assert o.data == str(path) and o.sample_prompts == str(path)
+    assert (o.sample_every, o.sample_steps, o.sample_at_first) == (250, 20, True)
+    assert any("process.device" in n for n in notes) and any("model.quantize" in n for n in notes)
+
+
+def test_sd35_example_uses_linear_timesteps(tmp_path):
+    path = _patched(tmp_path, "train_lora_sd35_large_24gb.yaml", "use_ema: true", "use_ema: false")
+    o = _load(path)
+    assert o.model == "stabilityai/stable-diffusion-3.5-large"
+    assert o.timestep_sampling == "uniform"  # timestep_type: linear = linspace(1000, 1) drawn uniformly
+    assert (o.key_layout, o.split_qkv, o.alpha) == ("diffusers", True, 16.0)
+    assert o.sample_steps == 25
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("train_lora_chroma_24gb.yaml", "process.model.arch 'chroma': sdcore does not train this model family"),
+        ("train_lora_lumina.yaml", "process.model: is_lumina2: sdcore does not train this model family"),
+        ("train_lora_wan21_1b_24gb.yaml", "process.model.arch 'wan21': sdcore does not train this model family"),
+        ("train_lora_qwen_image_24gb.yaml", "process.model.arch 'qwen_image'"),
+        ("train_lora_hidream_48.yaml", "process.network.network_kwargs = {'ignore_if_contains'"),
+        ("train_lora_flux_kontext_24gb.yaml", "process.datasets[0].control_path = '/path/to/control/folder'"),
+        ("train_lora_flux_schnell_24gb.yaml", "process.model.assistant_lora_path = "),
+        ("train_full_fine_tune_flex.yaml", "process.save.save_format = 'diffusers'"),
+        ("sd_trainer_train.example.yaml", "process type(s) textual_inversion_trainer"),
+    ],
+)
+def test_examples_sdcore_cannot_train_are_refused_by_name(name, expected):
+    problems = _problems(DATA / name)
+    assert any(expected in p for p in problems), problems
+    assert all(p.startswith(f"{DATA / name}: ") for p in problems)
+
+
+def test_every_example_file_is_an_ai_toolkit_job():
+    from sdcore.train.aitoolkit import read_job
+
+    files = sorted(DATA.glob("*.yaml"))
+    assert len(files) == 11
+    for path in files:
+        assert read_job(path) is not None, path
+
+
+# --- the rules ----------------------------------------------------------------------------------------
+
+
+def test_ai_toolkit_defaults_apply_where_the_job_is_silent(tmp_path):
+    """config_modules.py: lr 1e-6, steps 1000, rank 4 with alpha 1.0, fp32, AdamW eps 1e-6, save every
+    1000 keeping 5, float16 files; kohya layout for SD1."""
+    o = _load(_job(tmp_path, BASE))
+    assert (o.lr, o.max_steps, o.rank, o.alpha, o.algo) == (1e-6, 1000, 4, 1.0, "lora")
+    assert (o.mixed_precision, o.optimizer, o.optimizer_args) == ("no", "adamw", "eps=1e-06")
+    assert (o.save_every, o.save_limit, o.save_dtype, o.lr_scheduler) == (1000, 5, "fp16", "constant")
+    assert (o.key_layout, o.split_qkv, o.gradient_checkpointing) == ("kohya", False, True)
+    assert o.sample_prompts is None or o.sample_prompts == ""  # no prompts: no sampling
+    assert Path(o.output) == Path("output/run/run.safetensors")
+    as_json = _load(_job(tmp_path, {**BASE, "train": {"lr": 2e-4}}, suffix=".json"))  # ai-toolkit reads JSON jobs too
+    assert (as_json.lr, as_json.rank, as_json.data) == (2e-4, 4, str(tmp_path / "job.json"))
+
+
+def test_yaml_exponents_are_floats_and_placeholders_are_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("AITK_MODEL", "tiny:sd1")
+    text = (
+        "job: extension\nconfig:\n  name: cat\n  process:\n  - type: ui_trainer\n"
+        "    training_folder: runs/[name]\n    model: {name_or_path: '${AITK_MODEL}'}\n"
+        "    datasets: [{folder_path: imgs}]\n    train: {lr: 1e-4, steps: 10}\n"
+    )
+    o = _load(_job(tmp_path, {}, text=text))
+    assert o.lr == 1e-4 and isinstance(o.lr, float)
+    assert Path(o.output) == Path("runs/cat/cat/cat.safetensors") and o.model == "tiny:sd1"  # <folder>/<name>/<name>
+    monkeypatch.delenv("AITK_MODEL")
+    problems = _problems(_job(tmp_path, {}, text=text))
+    assert problems == [f"{tmp_path / 'job.yaml'}: environment variable(s) not set: AITK_MODEL (ai-toolkit's ${{VAR}})"]
+
+
+def test_unknown_fields_name_the_nearest_and_all_problems_come_at_once(tmp_path):
+    path = _job(
+        tmp_path,
+        {
+            **BASE,
+            "train": {"lrr": 1e-4, "optimizer": "automagic", "loss_type": "wavelet", "do_cfg": True},
+            "network": {"linaer": 8},
+        },
+    )
+    problems = _problems(path)
+    text = "\n".join(problems)
+    assert "process.train: unknown ai-toolkit field(s): 'lrr' (did you mean 'lr'?)" in text
+    assert "process.network: unknown ai-toolkit field(s): 'linaer' (did you mean 'linear'?)" in text
+    assert "process.train.optimizer 'automagic': not available in sdcore" in text
+    assert "process.train.loss_type 'wavelet'" in text
+    assert "process.train.do_cfg = True: sdcore does not implement this ai-toolkit field" in text
+    assert len(problems) == 5
+
+
+def test_ignorable_fields_are_notes_not_problems(tmp_path):
+    notes: list[str] = []
+    job = {**BASE, "logging": {"log_every": 5, "use_wandb": True}, "performance_log_every": 10}
+    job["model"] = {**BASE["model"], "low_vram": True}
+    _load(_job(tmp_path, job), notes)
+    assert sum("accepted, no effect on the result here" in n for n in notes) == 4
+
+
+def test_network_rules(tmp_path):
+    o = _load(_job(tmp_path, {**BASE, "network": {"type": "locon", "linear": 8, "linear_alpha": 4, "conv": 2}}))
+    assert (o.algo, o.rank, o.alpha, o.conv_rank, o.conv_alpha) == ("locon", 8, 4.0, 2, 2.0)  # conv_alpha = conv
+    o = _load(
+        _job(tmp_path, {**BASE, "network": {"type": "lokr", "lokr_full_rank": False, "linear": 8, "lokr_factor": 4}})
+    )
+    assert (o.algo, o.lokr_factor) == ("lokr", 4)
+    problems = _problems(_job(tmp_path, {**BASE, "network": {"type": "lokr"}}))
+    assert any("lokr_full_rank (ai-toolkit's default)" in p for p in problems)
+    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
+    problems = _problems(_job(tmp_path, {**flux, "network": {"type": "locon"}}))
+    assert any("on flux sdcore trains plain LoRA" in p for p in problems)
+
+
+def test_training_rules(tmp_path):
+    train = {"train_unet": False, "train_text_encoder": True, "text_encoder_lr": 5e-5, "dtype": "fp16",
+             "gradient_accumulation": 4, "optimizer": "adafactor", "optimizer_params": {"weight_decay": 0.01},
+             "lr_scheduler": "cosine", "steps": 300, "noise_offset": 0.05, "min_snr_gamma": 5, "loss_type": "mae"}  # fmt: skip
+    o = _load(_job(tmp_path, {**BASE, "train": train}))
+    assert (o.te_only, o.train_text_encoder, o.te_lr, o.mixed_precision) == (True, True, 5e-5, "fp16")
+    assert (o.gradient_accumulation, o.optimizer, o.lr_scheduler, o.max_steps) == (4, "adafactor", "cosine", 300)
+    assert o.optimizer_args == "relative_step=False scale_parameter=False warmup_init=False weight_decay=0.01"
+    assert (o.noise_offset, o.min_snr_gamma, o.loss_type) == (0.05, 5.0, "l1")
+    # torch's LinearLR is what ai-toolkit's "linear" is (start_factor 1/3 rising), given total_iters = steps
+    o = _load(_job(tmp_path, {**BASE, "train": {"lr_scheduler": "linear", "steps": 300}}))
+    assert (o.lr_scheduler_type, o.lr_scheduler_args) == ("LinearLR", "total_iters=300")
+    o = _load(_job(tmp_path, {**BASE, "train": {"lr_scheduler": "constant_with_warmup"}}))
+    assert (o.lr_scheduler, o.lr_warmup_steps) == ("constant_with_warmup", 1000)
+    problems = _problems(_job(tmp_path, {**BASE, "train": {"noise_scheduler": "flowmatch"}}))
+    assert any("flowmatch: sdcore trains sd1 with its DDPM schedule" in p for p in problems)
+    # gradient_accumulation: N batches per step; the legacy *_steps counts each batch as a step (refused)
+    o = _load(_job(tmp_path, {**BASE, "train": {"gradient_accumulation": 3, "steps": 50}}))
+    assert (o.gradient_accumulation, o.max_steps) == (3, 50)
+    problems = _problems(_job(tmp_path, {**BASE, "train": {"gradient_accumulation_steps": 4}}))
+    assert any("gradient_accumulation_steps 4: ai-toolkit's legacy accumulation" in p for p in problems)
+    notes: list[str] = []
+    datasets = [{"folder_path": "a"}, {"folder_path": "b", "is_reg": True}]
+    o = _load(_job(tmp_path, {**BASE, "datasets": datasets, "train": {"reg_weight": 0.5}}), notes)
+    assert o.prior_loss_weight == 0.5 and any("regularisation batch every other step" in n for n in notes)
+
+
+def test_plain_yaml_config_of_sdcore_options(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny:sd1\ndata: imgs\nlr: 3e-4\nrank: 8\n", encoding="utf-8")
+    o = _load(path)
+    assert (o.lr, o.rank, o.model) == (3e-4, 8, "tiny:sd1")
+
+
+def test_inject_trigger_follows_ai_toolkit():
+    from sdcore.train.aitoolkit import inject_trigger
+
+    assert inject_trigger("[trigger] on a beach", "zyx", add_if_not_present=True) == "zyx on a beach"
+    assert inject_trigger("a dog, beach", "zyx", add_if_not_present=True) == "zyx a dog, beach"
+    assert inject_trigger("a zyx dog", "zyx", add_if_not_present=True) == "a zyx dog"
+    assert inject_trigger("a dog", "zyx", add_if_not_present=False) == "a dog"
+    assert inject_trigger("[name] and [trigger]", "", add_if_not_present=True) == " and "
+
+
+def test_datasets_split_by_resolution_with_captions_and_trigger(tmp_path, monkeypatch):
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdplugin_lora.method import LoraOptions
+
+    monkeypatch.chdir(tmp_path)  # ai-toolkit's relative folder paths are relative to the working directory
+    make_tiny_dataset(tmp_path / "d", n=2, size=64)
+    folder = tmp_path / "d" / "1_sks"
+    (folder / "000.txt").write_text("[trigger] in red", encoding="utf-8")
+    (folder / "001.txt").write_text("", encoding="utf-8")
+    datasets = [
+        {"folder_path": "d/1_sks", "caption_ext": "txt", "resolution": [64, 128], "num_repeats": 3,
+         "shuffle_tokens": True, "caption_dropout_rate": 0.1, "token_dropout_rate": 0.2, "keep_tokens": 1,
+         "flip_x": True, "default_caption": "a pattern", "bucket_tolerance": 32},
+        {"folder_path": "d/1_sks", "is_reg": True, "trigger_word": "qqq", "resolution": 64},
+    ]  # fmt: skip
+    path = _job(tmp_path, {**BASE, "trigger_word": "zyx", "datasets": datasets})
+    o = _load(path)
+    index = build_dataset_index(LoraOptions(**{**o.__dict__, "model": "tiny:sd1"}), verify=True)
+    main = [s for s in index.subsets if not s.is_class]
+    assert [s.resolution for s in main] == [64, 128]
+    s = main[0]
+    assert (s.caption_extension, s.repeats, s.shuffle_caption, s.caption_dropout, s.tag_dropout) == (
+        ".txt", 3, True, 0.1, 0.2)  # fmt: skip
+    assert (s.keep_tokens, s.flip, s.bucket_step, s.trigger_word) == (1, True, 32, "zyx")
+    captions = {(e.path.name, e.is_class, e.subset.resolution): e.caption for e in index.entries}
+    assert captions[("000.png", False, 64)] == "zyx in red"
+    assert captions[("001.png", False, 128)] == "zyx a pattern"  # empty file: default_caption, then the trigger
+    assert captions[("000.png", True, 64)] == "qqq in red"  # a regularisation caption is not given the trigger
+    assert captions[("001.png", True, 64)] == ""  # empty, no default_caption there, and no trigger added
+
+
+def test_sample_section_becomes_prompts(tmp_path):
+    from sdcore.train.sample_prompts import read_sample_prompts
+
+    sample = {"prompts": ["[trigger] at noon", "a cat --w 128 --d 7"], "width": 96, "height": 64, "seed": 40,
+              "walk_seed": True, "guidance_scale": 3.5, "sample_steps": 12, "neg": "blurry"}  # fmt: skip
+    path = _job(tmp_path, {**BASE, "trigger_word": "zyx", "sample": sample})
+    first, second = read_sample_prompts(str(path))
+    assert (first.prompt, first.width, first.height, first.steps, first.seed) == ("zyx at noon", 96, 64, 12, 40)
+    assert (first.negative, first.cfg, first.guidance) == ("blurry", 3.5, None)
+    assert (second.prompt, second.width, second.seed) == ("a cat", 128, 7)
+    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
+    path = _job(tmp_path, {**flux, "sample": sample})
+    first, second = read_sample_prompts(str(path))
+    assert (first.prompt, first.cfg, first.guidance, second.seed) == ("[trigger] at noon", None, 3.5, 7)
+    # a samples table's seed carries over to the next prompts without walk_seed (ai-toolkit's current_seed)
+    tables = {"samples": [{"prompt": "a"}, {"prompt": "b", "seed": 9, "width": 32}, {"prompt": "c"}], "seed": 3}
+    seeds = [(p.seed, p.width) for p in read_sample_prompts(str(_job(tmp_path, {**BASE, "sample": tables})))]
+    assert seeds == [(3, 512), (9, 32), (9, 512)]
+    walked = [
+        p.seed for p in read_sample_prompts(str(_job(tmp_path, {**BASE, "sample": {**tables, "walk_seed": True}})))
+    ]
+    assert walked == [3, 9, 5]
+    o = _load(_job(tmp_path, {**BASE, "sample": sample, "train": {"skip_first_sample": True}}))
+    assert (o.sample_every, o.sample_steps, o.sample_at_first) == (100, 12, False)
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+def test_flux_job_trains_and_saves_ai_toolkit_keys(tmp_path, sd_cli, pm, monkeypatch):
+    """`sdcore train lora --config job.yaml` on a tiny Flux: 2 steps, a sample before the first, the file in
+    ai-toolkit's PEFT layout (transformer.<path>.lora_A/B, to_q/to_k/to_v apart, no alpha tensors)."""
+    from safetensors import safe_open
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    process = {
+        "training_folder": "out", "trigger_word": "zyx",
+        "network": {"type": "lora", "linear": 2, "linear_alpha": 1},
+        "save": {"dtype": "float32", "save_every": 100},
+        "datasets": [{"folder_path": "data/1_sks", "caption_ext": "txt", "resolution": [64]}],
+        "train": {"steps": 2, "lr": 1e-3, "optimizer": "adamw", "noise_scheduler": "flowmatch",
+                  "gradient_checkpointing": False},
+        "model": {"name_or_path": "tiny:flux", "is_flux": True},
+        "sample": {"sample_every": 100, "width": 64, "height": 64, "sample_steps": 2, "prompts": ["[trigger] a photo"]},
+    }  # fmt: skip
+    path = _job(tmp_path, process, name="tinyflux")
+    result = sd_cli(["train", "lora", "--config", str(path), "--no-progress"], pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = tmp_path / "out" / "tinyflux"
+    assert (out / "tinyflux-samples" / "step00000000.png").is_file()
+    with safe_open(str(out / "tinyflux.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert keys and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    for q in [k for k in keys if ".attn.to_q.lora_A" in k]:
+        for part in ("to_k", "to_v"):
+            assert q.replace("to_q", part) in keys
+    assert not any(k.endswith(".alpha") for k in keys)
+    assert (config["transformer.r"], config["transformer.lora_alpha"]) == (2, 2.0)  # alpha = rank, as ai-toolkit

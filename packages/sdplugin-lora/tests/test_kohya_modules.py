@@ -314,11 +314,24 @@ def test_kohya_modules_translate_to_the_lora_options():
     assert any("enable_conv" in p and "no conv modules" in p for p in out.problems)
 
 
-def test_translated_kohya_modules_validate():
-    for module, args in (("networks.lora_fa", []), ("networks.dylora", ["unit=2"]), ("networks.oft", [])):
-        out = _translate(module, *args)
-        values = {k: (int(v) if k in ("dylora_unit", "conv_rank") else v) for k, v in out.values.items()}
-        LoraMethod(LoraOptions(rank=4, **values)).validate()
+@pytest.mark.parametrize(
+    ("module", "args", "expected"),
+    [
+        ("networks.lora_fa", [], {"algo": "lora_fa", "rank": 8}),
+        ("networks.dylora", ["unit=4", "conv_dim=8"], {"algo": "dylora", "dylora_unit": 4, "conv_rank": 8}),
+        ("networks.oft", [], {"algo": "oft", "oft_all_linear": False, "unet_only": True, "alpha": 1.0}),
+        ("networks.oft", ["enable_all_linear=True"], {"algo": "oft", "oft_all_linear": True}),
+    ],
+)
+def test_kohya_config_with_these_modules_loads_and_validates(tmp_path, module, args, expected):
+    import tomli_w
+    from sdcore.train.config import load_options
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tomli_w.dumps({"network_module": module, "network_args": args, "network_dim": 8}))
+    options = load_options(LoraOptions, cfg, notes=[])
+    assert {key: getattr(options, key) for key in expected} == expected
+    LoraMethod(options).validate()
 
 
 @pytest.mark.parametrize("module", sorted(m for m, (values, _) in KOHYA_OTHER_MODULES.items() if values is None))

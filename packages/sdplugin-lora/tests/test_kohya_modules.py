@@ -118,7 +118,6 @@ def test_lora_fa_init_is_the_papers_normal():
 def test_lora_fa_forward_is_kohyas():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
-    method = LoraMethod(LoraOptions(rank=3, alpha=1.5, algo="lora_fa"))
     from sdplugin_lora.adapters import LoraFaAdapter
 
     adapter = LoraFaAdapter("lora_unet_x", base, 3, 1.5, multiplier=0.7)
@@ -130,7 +129,6 @@ def test_lora_fa_forward_is_kohyas():
         x @ adapter.lora_down.weight.T @ adapter.lora_up.weight.T
     )
     torch.testing.assert_close(base(x), want)
-    assert method.options.algo == "lora_fa"
 
 
 @pytest.mark.parametrize(
@@ -362,3 +360,44 @@ def test_lycoris_dylora_and_diag_oft_point_at_kohyas_modules():
 def test_algo_network_arg_with_a_kohya_module_is_refused():
     (problem,) = _translate("networks.dylora", "algo=loha").problems
     assert "algo= needs network_module = lycoris.kohya" in problem
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dylora_draw_replays_under_gradient_checkpointing(seed):
+    """b comes from torch's generator, which checkpointing restores for the recompute: the gradients
+    are those of the forward that ran (a different draw in the recompute would give other ones)."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        base = nn.Linear(8, 6)
+        adapter = _dylora(base, rank=8, unit=1, seed=3)
+        adapter.train()
+        adapter.attach()
+        x = torch.linspace(-1, 1, 16).reshape(2, 8)
+        torch.manual_seed(seed)
+        for _ in range(3):  # three draws per run
+            out = checkpoint(base, x, use_reentrant=False) if checkpointed else base(x)
+            out.square().sum().backward()
+        grads.append([None if p.grad is None else p.grad.clone() for p in adapter.parameters()])
+    assert sum(g is not None for g in grads[0]) >= 2  # at least one row of down and one column of up
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_dylora_resumable_state_restores_every_row(tmp_path):
+    first = LoraMethod(LoraOptions(rank=4, algo="dylora", dylora_unit=2))
+    first.prepare(fresh_bundle("sd1"))
+    with torch.no_grad():
+        for module in first.network:
+            for p in module.lora_B:
+                p.normal_()
+    second = LoraMethod(LoraOptions(rank=4, algo="dylora", dylora_unit=2))
+    second.prepare(fresh_bundle("sd1"))
+    second.load_trainable_state_dict(first.trainable_state_dict())
+    for a, b in zip(first.network, second.network, strict=True):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)

@@ -40,6 +40,8 @@ ALGOS = {
     "lokr": ({"rank": 2, "alpha": 2.0, "conv_rank": 2, "conv_alpha": 1.0}, "LoKr"),
     "dora": ({"rank": 4, "alpha": 2.0, "conv_rank": 2, "conv_alpha": 1.0}, "LoCon (DoRA)"),
     "oft": ({"rank": 4, "alpha": 1e-2}, "OFT"),
+    "lora_fa": ({"rank": 4, "alpha": 2.0}, "LoRA"),  # kohya networks.lora_fa: a plain LoRA file
+    "dylora": ({"rank": 4, "alpha": 2.0, "conv_rank": 4, "dylora_unit": 2}, "LoCon"),  # networks.dylora: the same
 }
 
 
@@ -75,7 +77,7 @@ def test_every_algorithm_round_trips(tmp_path, algo):
     file_ranks = {("full" if w.full_matrix else w.rank) for w in lora.modules.values()}
     assert set(info["ranks"]) == file_ranks
     assert info["dora_modules"] == (n if algo == "dora" else 0)
-    if algo not in ("lora", "oft"):
+    if algo not in ("lora", "oft", "lora_fa"):
         assert info["conv3x3_modules"] > 0
 
     # the change each module makes (weight space, multiplier 1): the reference for what follows

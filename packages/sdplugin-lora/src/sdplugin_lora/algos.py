@@ -7,13 +7,18 @@ registry is checked against :data:`ALGOS` so the two cannot drift apart.
 from __future__ import annotations
 
 #: what ``--algo`` accepts. ``locon`` is LoRA with conv modules; ``dora`` is LoRA with DoRA's
-#: weight decomposition; ``oft`` is kohya's ``networks.oft`` (``--rank`` = blocks, ``--alpha`` = constraint).
-ALGOS = ("lora", "locon", "loha", "lokr", "dora", "oft")
+#: weight decomposition; ``oft`` is kohya's ``networks.oft`` (``--rank`` = blocks, ``--alpha`` = constraint);
+#: ``lora_fa`` is kohya's ``networks.lora_fa`` (LoRA-FA: ``lora_down`` frozen at its init, only ``lora_up``
+#: trains); ``dylora`` is kohya's ``networks.dylora`` (nested ranks trained ``--dylora-unit`` at a time).
+#: Both write plain LoRA files.
+ALGOS = ("lora", "locon", "loha", "lokr", "dora", "oft", "lora_fa", "dylora")
 
 ALGO_HELP = (
     "lora; locon (= lora with conv modules, conv rank defaults to --rank); LyCORIS loha, lokr or dora "
     "(files load in A1111/ComfyUI and here, not in diffusers); oft (kohya networks.oft: --rank = blocks, "
-    "--alpha = constraint, default 1e-3)."
+    "--alpha = constraint, default 1e-3); lora_fa (kohya networks.lora_fa: lora_down frozen, only lora_up "
+    "trains); dylora (kohya networks.dylora: each step trains one --dylora-unit slice of the rank). lora_fa and "
+    "dylora files are plain LoRA files."
 )
 
 #: ``ss_network_module`` each algorithm's files carry (what sd-scripts writes)
@@ -24,6 +29,8 @@ NETWORK_MODULE = {
     "lokr": "lycoris.kohya",
     "dora": "lycoris.kohya",
     "oft": "networks.oft",
+    "lora_fa": "networks.lora_fa",
+    "dylora": "networks.dylora",
 }
 
 __all__ = ["ALGOS", "ALGO_HELP", "NETWORK_MODULE"]

@@ -76,6 +76,17 @@ class LoraOptions(TrainOptions):
         group="lora",
     )
     lokr_factor: int = option(-1, "LoKr factor (-1: most square split of each dimension).", group="lora")
+    dylora_unit: int = option(
+        1,
+        "--algo dylora: rank rows trained per step (kohya networks.dylora unit); --rank must be a multiple.",
+        group="lora",
+    )
+    oft_all_linear: bool = option(
+        True,
+        "--algo oft: every Linear of the UNet's transformer blocks (kohya networks.oft enable_all_linear); "
+        "off: the attention projections only (kohya's default without enable_all_linear).",
+        group="lora",
+    )
     dropout: float | None = option(None, "Dropout on the LoRA down output (kohya --network_dropout).", group="lora")
     rank_dropout: float | None = option(
         None, "Per-sample dropout of whole rank channels (kohya rank_dropout).", group="lora"
@@ -178,7 +189,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (
-        "rank", "conv_rank", "algo", "lokr_factor", "train_text_encoder", "unet_only", "te_only", "split_qkv",
+        "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
         "block_dims", "conv_block_dims", "dim_from_weights",
     )  # fmt: skip
 
@@ -212,6 +223,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     def conv_alpha(self) -> float | None:
         if not self.conv_rank:
             return None
+        if self.options.algo == "dylora":  # kohya networks.dylora gives every module network_alpha
+            return self.alpha
         return float(self.options.conv_alpha) if self.options.conv_alpha is not None else self.conv_rank / 2
 
     def validate(self) -> None:
@@ -243,6 +256,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 )
         if o.conv_rank < 0:
             raise ConfigError(f"--conv-rank must be 0 (off) or positive (got {o.conv_rank})")
+        self._kohya_module_checks()
         for flag, value in (
             ("--dropout", o.dropout),
             ("--rank-dropout", o.rank_dropout),
@@ -296,6 +310,48 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         ):
             if ratio is not None and ratio <= 0:
                 problems.append(f"{flag} must be positive (got {ratio})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _kohya_module_checks(self) -> None:
+        """What kohya's ``networks.lora_fa`` / ``networks.dylora`` do not have (all problems at once)."""
+        o = self.options
+        problems: list[str] = []
+        if o.algo in ("lora_fa", "dylora") and o.use_tucker:
+            problems.append(f"--use-tucker with --algo {o.algo}: kohya's networks.{o.algo} has no Tucker core")
+        if o.algo == "lora_fa":
+            plus = [f for f, v in (("--loraplus-lr-ratio", o.loraplus_lr_ratio),
+                                   ("--loraplus-unet-lr-ratio", o.loraplus_unet_lr_ratio),
+                                   ("--loraplus-text-encoder-lr-ratio", o.loraplus_text_encoder_lr_ratio)) if v is not None]  # fmt: skip
+            if plus:
+                problems.append(
+                    f"{', '.join(plus)} with --algo lora_fa: kohya's networks.lora_fa has no LoRA+ (it ignores the "
+                    "ratios; only lora_up trains anyway): drop them or use --algo lora"
+                )
+        if o.algo == "dylora":
+            if o.dylora_unit < 1 or o.rank % o.dylora_unit:
+                problems.append(f"--dylora-unit {o.dylora_unit}: --rank {o.rank} must be a positive multiple of it")
+            if o.conv_rank not in (0, o.rank):
+                problems.append(
+                    f"--conv-rank {o.conv_rank} with --algo dylora: kohya's networks.dylora requires conv_dim = "
+                    f"network_dim (--conv-rank {o.rank}, or 0 for no 3x3 convs)"
+                )
+            dropouts = [f for f, v in (("--dropout", o.dropout), ("--rank-dropout", o.rank_dropout),
+                                       ("--module-dropout", o.module_dropout)) if v]  # fmt: skip
+            if dropouts:
+                problems.append(f"{', '.join(dropouts)} with --algo dylora: kohya's networks.dylora has no dropout")
+            if o.scale_weight_norms:
+                problems.append("--scale-weight-norms: kohya's networks.dylora has no max-norm regularisation")
+            blockwise = [name for name, value in self.block_options().items() if value is not None]
+            if blockwise:
+                problems.append(
+                    f"{', '.join('--' + n.replace('_', '-') for n in blockwise)} with --algo dylora: kohya's "
+                    "networks.dylora has no block-wise ranks or learning rates"
+                )
+        elif o.dylora_unit != 1:
+            problems.append(f"--dylora-unit is for --algo dylora (got --algo {o.algo})")
+        if not o.oft_all_linear and o.algo != "oft":
+            problems.append(f"--no-oft-all-linear is for --algo oft (got --algo {o.algo})")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -415,6 +471,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         # kohya builds a network from a file's ranks over the conv targets too (modules_dim given)
         conv = self.conv_rank > 0 or bool(plan and plan.conv_dims) or file_ranks is not None
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
+        if self.options.algo == "oft" and not self.options.oft_all_linear:
+            # kohya networks.oft without enable_all_linear: its CrossAttention modules' Linears only
+            targets = [t for t in targets if "_attn1_" in t.name or "_attn2_" in t.name]
         shared: list[Any] = []
         if index.kohya and not self.options.split_qkv:  # SD3/Flux: kohya's one LoRA per fused qkv/linear1
             from .dit import shared_down_groups
@@ -431,6 +490,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             module_dropout=self.options.module_dropout,
             algo=self.options.algo,
             lokr_factor=self.options.lokr_factor,
+            dylora_unit=self.options.dylora_unit,
             use_tucker=self.options.use_tucker,
             rank_for=self._rank_for(plan, file_ranks),
             shared_down=shared,
@@ -544,7 +604,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 block = plan.block(module.lora_name) if plan is not None and plan.lr_weights and not te else -1
                 weights[block] = plan.lr_weight(module.lora_name) if plan is not None and block >= 0 else 1.0
                 for name, param in module.named_parameters():
-                    buckets.setdefault((block, ratio is not None and "lora_up" in name), []).append(param)
+                    if not param.requires_grad:  # LoRA-FA's frozen lora_down
+                        continue
+                    plus = ratio is not None and ("lora_up" in name or "lora_B" in name)  # kohya dylora: lora_B
+                    buckets.setdefault((block, plus), []).append(param)
             if ratio is not None and buckets and not any(plus for _, plus in buckets):
                 warnings.warn(f"LoRA+ has no effect on {o.algo}: it has no lora_up weights", stacklevel=2)
             for (block, plus), params in sorted(buckets.items()):
@@ -717,8 +780,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if tucker:  # kohya's networks.lora has no Tucker core: such files are LyCORIS files
             module = "lycoris.kohya"
             args["use_tucker"] = True
-        if o.algo == "oft":
+        if o.algo == "oft" and o.oft_all_linear:
             args["enable_all_linear"] = True  # Transformer2DModel linears, as our LoRA targets
+        if o.algo == "dylora":
+            args["unit"] = o.dylora_unit
         if module == "lycoris.kohya":  # what sd-scripts writes for LyCORIS networks
             args["algo"] = {"dora": "lora", "lora": "locon"}.get(o.algo, o.algo)
             if o.algo == "dora":

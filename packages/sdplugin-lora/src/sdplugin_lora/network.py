@@ -20,9 +20,11 @@ from torch import nn
 from .adapters import (
     TRAINING_ADAPTERS,
     Adapter,
+    DyLoraAdapter,
     LohaAdapter,
     LokrAdapter,
     LoraAdapter,
+    LoraFaAdapter,
     OftAdapter,
     SharedDownLora,
 )
@@ -65,6 +67,7 @@ class LoraNetwork(nn.Module):
         multiplier: float = 1.0,
         algo: str = "lora",
         lokr_factor: int = -1,
+        dylora_unit: int = 1,
         use_tucker: bool = False,
         rank_for: RankFor | None = None,
         shared_down: Iterable[SharedGroup] = (),
@@ -72,7 +75,8 @@ class LoraNetwork(nn.Module):
         """kohya's rule: Linear and 1x1 conv get ``rank``/``alpha``; kxk convs ``conv_rank``/``conv_alpha``
         (skipped when no conv rank). ``algo`` picks the adapter (:data:`sdplugin_lora.algos.ALGOS`);
         ``use_tucker`` gives kxk convs LyCORIS' Tucker core; ``rank_for`` may override (rank, alpha)
-        per target (kohya block dims; rank 0 leaves the target out).
+        per target (kohya block dims; rank 0 leaves the target out). ``dylora_unit`` is kohya
+        ``networks.dylora``'s ``unit`` (rows trained per step).
 
         ``shared_down`` (SD3/Flux, plain LoRA only): groups of targets that one fused SAI/BFL Linear
         computes (q/k/v, Flux's ``linear1``) get one :class:`SharedDownLora` named by kohya, as
@@ -135,8 +139,20 @@ class LoraNetwork(nn.Module):
                     r, a = override
             if not r:
                 continue
+            if adapter_cls is DyLoraAdapter:  # kohya networks.dylora: no dropouts
+                try:
+                    modules.append(
+                        DyLoraAdapter(target.name, target.module, r, a, unit=dylora_unit, multiplier=multiplier)
+                    )
+                except ValueError as exc:
+                    from sdcore.errors import ConfigError
+
+                    raise ConfigError(f"--algo dylora: {exc}") from None
+                continue
             common: dict[str, Any] = {"multiplier": multiplier, "module_dropout": module_dropout}
-            if adapter_cls is LoraAdapter:
+            if adapter_cls is LoraFaAdapter:
+                common.update(dropout=dropout, rank_dropout=rank_dropout)
+            elif adapter_cls is LoraAdapter:
                 common.update(dropout=dropout, rank_dropout=rank_dropout, dora=algo == "dora", tucker=use_tucker)
             elif algo == "lokr":
                 common.update(factor=lokr_factor, tucker=use_tucker, rank_dropout=rank_dropout)
@@ -289,8 +305,9 @@ def unbaked_scalars(network: LoraNetwork) -> Iterator[None]:
 
 def max_norm_unsupported(module: Adapter) -> str | None:
     """Why max-norm regularisation does not apply to ``module`` (``None`` when it does): kohya
-    defines it for LoRA/LoCon, LyCORIS for LoCon (incl. DoRA, Tucker), LoHa and LoKr; kohya's
-    ``networks.oft`` has none."""
+    defines it for LoRA/LoCon (``networks.lora_fa`` too: it rescales the frozen down as well),
+    LyCORIS for LoCon (incl. DoRA, Tucker), LoHa and LoKr; kohya's ``networks.oft`` and
+    ``networks.dylora`` have none."""
     if isinstance(module, LoraAdapter | SharedDownLora | LohaAdapter | LokrAdapter):
         return None
     return f"max-norm regularisation is defined for LoRA/LoCon, LoHa and LoKr modules, not {module.algo}"

@@ -643,6 +643,51 @@ NETWORK_ARGS = {
 }
 #: kohya's plain-LoRA network modules (SD1/SD2/SDXL, FLUX.1, SD3): sdcore's --algo lora
 KOHYA_LORA_MODULES = ("networks.lora", "networks.lora_flux", "networks.lora_sd3")
+#: kohya's other network modules (sd-scripts 48d368f ``networks/``) -> (the option values the module means,
+#: or ``None`` when sdcore refuses it; what it is / why refused and what to use instead). The values name
+#: options of the method (``algo``...), never a plugin.
+KOHYA_OTHER_MODULES: dict[str, tuple[dict[str, Any] | None, str]] = {
+    "networks.lora_fa": (
+        {"algo": "lora_fa"},
+        "LoRA-FA: lora_down frozen at its init, only lora_up trains; the file is a plain LoRA (algo lora_fa)",
+    ),
+    "networks.dylora": (
+        {"algo": "dylora"},
+        "DyLoRA: nested ranks, network_args unit= rows trained per step; the file is a plain LoRA (algo dylora, "
+        "dylora_unit)",
+    ),
+    "networks.oft": (
+        {"algo": "oft"},
+        "OFT: network_dim = blocks per layer, network_alpha = constraint (algo oft; oft_all_linear = "
+        "enable_all_linear)",
+    ),
+    "networks.oft_flux": (
+        None,
+        "kohya's OFT over FLUX.1's blocks: sdcore's OFT adapts SD1/SD2/SDXL UNets only (networks.oft's layout, "
+        "oft_unet_ names over Transformer2DModel); train a FLUX.1 LoRA with network_module = networks.lora_flux",
+    ),
+    "networks.lora_lumina": (None, "a LoRA for Lumina-Image 2.0, a model family sdcore does not load"),
+    "networks.lora_anima": (None, "a LoRA for Anima, a model family sdcore does not load"),
+    "networks.lora_hunyuan_image": (None, "a LoRA for HunyuanImage-2.1, a model family sdcore does not load"),
+    "networks.lora_diffusers": (
+        None,
+        "kohya's LoRA loader for diffusers pipelines, not a training network: use network_module = networks.lora",
+    ),
+    "networks.control_net_lllite": (
+        None,
+        "ControlNet-LLLite (sdxl_train_control_net_lllite.py), a control network, not a LoRA: sdcore trains no "
+        "ControlNet",
+    ),
+    "networks.control_net_lllite_for_train": (
+        None,
+        "ControlNet-LLLite (sdxl_train_control_net_lllite_old.py), a control network, not a LoRA: sdcore trains "
+        "no ControlNet",
+    ),
+}
+#: network_args a kohya module in :data:`KOHYA_OTHER_MODULES` reads besides the common ones -> option
+_MODULE_ARGS = {
+    "networks.dylora": {"unit": "dylora_unit"},
+}
 #: network_args keys without an effect at these values
 NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "decompose_both": ("false",),
@@ -660,6 +705,25 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "preset": ("full", "attn-mlp"),
 }
 _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+#: LyCORIS algos sdcore does not train -> what each is, and the nearest thing sdcore trains (LyCORIS f49d30d)
+LYCORIS_OTHER_ALGOS = {
+    "dylora": "LyCORIS' DyLoRA trains only the first b+1 blocks per step, scaled by alpha/(b+1); kohya's "
+    "networks.dylora (which sdcore trains) keeps the whole rank and scales by alpha/rank * sqrt(rank/(b+unit)), "
+    "another network; the nearest is network_module = networks.dylora with unit = block_size",
+    "diag-oft": "Diag-OFT rotates each layer's output channels by the same Cayley blocks as kohya's networks.oft, "
+    "but its network_dim is the block size (kohya's: the block count), its constraint defaults to 0, it may add "
+    "a rescale vector and also adapts the text encoder and convs: not the same network; the nearest is "
+    "network_module = networks.oft (network_dim = blocks per layer)",
+    "oft": "LyCORIS has no algo=oft (its OFT is diag-oft); kohya's OFT is network_module = networks.oft",
+    "boft": "BOFT (butterfly OFT) composes log2-many butterfly-structured rotations; sdcore trains only kohya's "
+    "one block-diagonal rotation: network_module = networks.oft is the nearest",
+    "ia3": "(IA)^3 learns per-channel scaling vectors (weight, on_input); sdcore does not train it and has no "
+    "equivalent (a low-rank lora/locon is the nearest small network)",
+    "glora": "GLoRA (generalised LoRA: W + W·A + B, a1/a2/b1/b2) is not trained by sdcore; the nearest is "
+    "algo=lora (or locon)",
+    "full": "algo=full trains every weight of each layer (diff, diff_b): a full fine-tune stored per layer; "
+    "sdcore does not train it as a network: fine-tune the model, then `sdcore lora extract` a LoRA from it",
+}
 #: networks.lora's block-wise network_args (LyCORIS has none of them)
 _BLOCK_ARGS = {"block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
                "up_lr_weight", "block_lr_zero_threshold"}  # fmt: skip
@@ -1161,13 +1225,29 @@ def _network(
     if "rank" not in present:
         out.problems.append(f"{where}: network_module/network_args are LoRA options (sdcore train lora)")
         return
-    if module not in ("", "lycoris.kohya", *KOHYA_LORA_MODULES):
-        known = ", ".join((*KOHYA_LORA_MODULES, "lycoris.kohya"))
+    other = KOHYA_OTHER_MODULES.get(module)
+    if other is not None and other[0] is None:
+        out.problems.append(f"{where}: network_module {module!r} is not supported by sdcore: {other[1]}")
+        return
+    if module not in ("", "lycoris.kohya", *KOHYA_LORA_MODULES) and other is None:
+        known = ", ".join(
+            (*KOHYA_LORA_MODULES, *(m for m, (v, _) in KOHYA_OTHER_MODULES.items() if v), "lycoris.kohya")
+        )
         out.problems.append(f"{where}: network_module {module!r} is not available ({known})")
         return
     lycoris = module == "lycoris.kohya"
     algo = args.pop("algo", "").lower()
-    if lycoris:
+    if other is not None:
+        if algo:
+            out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya (not {module})")
+            return
+        _other_module(module, other[0] or {}, args, present, out, where, put)
+    elif lycoris:
+        if algo in LYCORIS_OTHER_ALGOS:
+            out.problems.append(
+                f"{where}: LyCORIS algo={algo!r} is not supported by sdcore: {LYCORIS_OTHER_ALGOS[algo]}"
+            )
+            return
         if algo and algo not in _LYCORIS_ALGOS:
             out.problems.append(f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, loha, lokr)")
             return
@@ -1214,10 +1294,51 @@ def _network(
         return
     for key, value in args.items():
         target = NETWORK_ARGS.get(key, key)
+        if key in ("dylora_unit", "oft_all_linear"):
+            target = ""  # sdcore's option names, not kohya network_args (kohya's keys: unit, enable_all_linear)
         if target in present:  # includes LoRA options named as kohya names them (block_dims, use_tucker ...)
             put(target, value, f"network_args {key}")
         elif key not in NETWORK_ARGS_OFF or value.lower() not in NETWORK_ARGS_OFF[key]:
             out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
+
+
+def _other_module(
+    module: str,
+    values: dict[str, Any],
+    args: dict[str, str],
+    present: set[str],
+    out: Translation,
+    where: str,
+    put: Callable[[str, Any, str], None],
+) -> None:
+    """A :data:`KOHYA_OTHER_MODULES` module sdcore trains: its option values and its own network_args
+    (taken out of ``args``; the common ones stay for :func:`_network`)."""
+    for target, value in values.items():
+        put(target, value, f"network_module {module}")
+    for key, target in _MODULE_ARGS.get(module, {}).items():
+        if key in args:
+            put(target, args.pop(key), f"network_args {key}")
+    if module == "networks.dylora" and args.pop("conv_alpha", None) is not None:
+        out.notes.append(
+            "network_args conv_alpha: kohya's networks.dylora reads it but gives conv modules network_alpha"
+        )
+    if module == "networks.oft":
+        # kohya's oft.py: bool(value) of the network_args string, so any non-empty value turns the option on
+        for key in ("enable_all_linear", "enable_conv"):
+            value = args.pop(key, None)
+            on = value is not None and value != ""
+            if on and value.strip().lower() in ("false", "0", "no"):
+                out.notes.append(f"network_args {key}={value}: kohya's oft.py reads any non-empty value as True")
+            if key == "enable_conv" and on:
+                out.problems.append(
+                    f"{where}: network_args enable_conv with networks.oft: sdcore's OFT has no conv modules (kohya "
+                    "rotates the ResNet/sampler convs too); drop enable_conv"
+                )
+            elif key == "enable_all_linear" and "oft_all_linear" in present:
+                put("oft_all_linear", on, "network_args enable_all_linear")
+        if "unet_only" in present and "te_only" not in out.values:
+            put("unet_only", True, "network_module networks.oft")
+            out.notes.append("networks.oft adapts the UNet only: the text encoder is not trained (as in kohya)")
 
 
 #: families whose kohya full fine-tune script (sdxl_train.py, sd3_train.py, flux_train.py) leaves the text

@@ -23,11 +23,10 @@ LORA_FIELDS = list(field_types(LoraOptions))
 
 #: presets refused, with the by-name problem each gets (every other preset loads)
 REFUSED = {
-    "lora/SDXL - LoKR v1.0.json": ["network_args use_cp=True is not supported"],
-    "lora/iA3-Prodigy-sd15.json": ["algo='ia3' is not available"],
-    "lora/ia3-sd15.json": ["algo='ia3' is not available"],
-    "lora/sd15 - GLoRA v1.0.json": ["use_cp=True", "decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
-    "lora/sd15 - LoKr v1.1.json": ["use_cp=True", "decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
+    "lora/iA3-Prodigy-sd15.json": ["algo='ia3' is not supported"],
+    "lora/ia3-sd15.json": ["algo='ia3' is not supported"],
+    "lora/sd15 - GLoRA v1.0.json": ["decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
+    "lora/sd15 - LoKr v1.1.json": ["decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
 }
 #: LoRA_type -> sdcore --algo for the types sdcore trains (networks.lora: conv_dim decides lora/locon)
 ALGOS = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "Flux1": "lora"}

@@ -401,3 +401,23 @@ def test_dylora_resumable_state_restores_every_row(tmp_path):
     for a, b in zip(first.network, second.network, strict=True):
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("args", "tucker"),
+    [
+        (["use_cp=True"], True),  # the kohya_ss GUI's LoKr writes use_cp
+        (["use_conv_cp=True"], True),
+        (["use_tucker=False", "use_cp=True"], True),  # LyCORIS reads use_cp before use_tucker, whatever the order
+        (["use_cp=False", "use_tucker=True"], False),  # ... and a given "False" ends its `or` chain
+        (["use_tucker=True"], True),
+    ],
+)
+def test_lycoris_older_tucker_names_are_read_as_lycoris_reads_them(args, tucker):
+    from dataclasses import fields
+
+    present = [f.name for f in fields(LoraOptions)]
+    items = {"network_module": "lycoris.kohya", "network_args": ["algo=lokr", *args], "network_dim": 8}
+    out = translate(items, present, where="cfg")
+    assert not out.problems, out.problems
+    assert str(out.values["use_tucker"]).lower() == str(tucker).lower()

@@ -640,7 +640,12 @@ NETWORK_ARGS = {
     "module_dropout": "module_dropout",
     "factor": "lokr_factor",
     "train_t5xxl": "train_t5",  # lora_sd3 / lora_flux
+    # LyCORIS (lycoris.kohya create_network) reads use_cp and use_conv_cp as older names of use_tucker
+    "use_cp": "use_tucker",
+    "use_conv_cp": "use_tucker",
 }
+#: LyCORIS' names of one switch, in the order its create_network reads them
+_LYCORIS_TUCKER = ("use_conv_cp", "use_cp", "use_tucker")
 #: kohya's plain-LoRA network modules (SD1/SD2/SDXL, FLUX.1, SD3): sdcore's --algo lora
 KOHYA_LORA_MODULES = ("networks.lora", "networks.lora_flux", "networks.lora_sd3")
 #: kohya's other network modules (sd-scripts 48d368f ``networks/``) -> (the option values the module means,
@@ -1252,6 +1257,8 @@ def _network(
             out.problems.append(f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, loha, lokr)")
             return
         chosen = _LYCORIS_ALGOS[algo or "lora"]
+        for name in [n for n in _LYCORIS_TUCKER if n in args][1:]:
+            args.pop(name)  # LyCORIS reads the first of these that is given (its values are non-empty strings)
         if args.pop("dora_wd", "false").lower() == "true":
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")

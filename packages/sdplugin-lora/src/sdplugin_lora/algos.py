@@ -33,4 +33,17 @@ NETWORK_MODULE = {
     "dylora": "networks.dylora",
 }
 
-__all__ = ["ALGOS", "ALGO_HELP", "NETWORK_MODULE"]
+#: kohya's plain-LoRA module of its FLUX.1 and SD3 scripts (flux_train_network.py, sd3_train_network.py)
+FAMILY_LORA_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+#: every ``ss_network_module`` of a plain kohya LoRA file
+PLAIN_LORA_MODULES = ("networks.lora", *FAMILY_LORA_MODULE.values())
+
+
+def network_module(algo: str, family: str) -> str:
+    """The ``ss_network_module`` sd-scripts writes for ``algo`` on ``family``: a plain LoRA on FLUX.1 or SD3
+    comes from that family's own module."""
+    module = NETWORK_MODULE[algo]
+    return FAMILY_LORA_MODULE.get(family, module) if module == "networks.lora" else module
+
+
+__all__ = ["ALGOS", "ALGO_HELP", "FAMILY_LORA_MODULE", "NETWORK_MODULE", "PLAIN_LORA_MODULES", "network_module"]

@@ -20,7 +20,7 @@ from sdcore.options import option
 from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
-from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE
+from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE, network_module
 
 if TYPE_CHECKING:
     import torch
@@ -776,7 +776,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             args["split_qkv"] = True  # as kohya stores it (its file is fused at rank x3/x4 all the same)
         network = self._require_network()
         tucker = any(m.is_tucker for m in network)
-        module = NETWORK_MODULE[o.algo]
+        module = network_module(o.algo, bundle.family)
         if tucker:  # kohya's networks.lora has no Tucker core: such files are LyCORIS files
             module = "lycoris.kohya"
             args["use_tucker"] = True

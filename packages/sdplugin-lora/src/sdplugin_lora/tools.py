@@ -20,6 +20,7 @@ import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 
 from .adapters import LoraVariant, OftVariant, needs_base, weight_change
+from .algos import PLAIN_LORA_MODULES
 from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
@@ -347,7 +348,10 @@ def resize_lora(
     meta["ss_training_comment"] = f"{note}; {comment}" if comment and comment != "None" else note
     raw = meta.get("ss_network_args")
     args = json.loads(raw) if raw not in (None, "", "None") else {}
-    if not all(w.kind == "lora" for w in lora.modules.values()) or meta.get("ss_network_module") != "networks.lora":
+    if (
+        not all(w.kind == "lora" for w in lora.modules.values())
+        or meta.get("ss_network_module") not in PLAIN_LORA_MODULES
+    ):
         # now a LoRA (LoCon): kohya's module, or LyCORIS' when DoRA magnitudes are kept
         dora = any(key.endswith(".dora_scale") for key in tensors)
         args = {k: v for k, v in args.items() if k in ("conv_dim", "conv_alpha")}

@@ -106,7 +106,7 @@ def test_sd35_example_uses_linear_timesteps(tmp_path):
         ("train_lora_qwen_image_24gb.yaml", "process.model.arch 'qwen_image'"),
         ("train_lora_hidream_48.yaml", "process.network.network_kwargs = {'ignore_if_contains'"),
         ("train_lora_flux_kontext_24gb.yaml", "process.datasets[0].control_path = '/path/to/control/folder'"),
-        ("train_lora_flux_schnell_24gb.yaml", "process.model.assistant_lora_path = "),
+        ("train_lora_flux_schnell_24gb.yaml", "sdcore reads no model hub"),
         ("train_full_fine_tune_flex.yaml", "process.save.save_format = 'diffusers'"),
         ("sd_trainer_train.example.yaml", "process type(s) textual_inversion_trainer"),
     ],
@@ -336,3 +336,73 @@ def test_flux_job_trains_and_saves_ai_toolkit_keys(tmp_path, sd_cli, pm, monkeyp
             assert q.replace("to_q", part) in keys
     assert not any(k.endswith(".alpha") for k in keys)
     assert (config["transformer.r"], config["transformer.lora_alpha"]) == (2, 2.0)  # alpha = rank, as ai-toolkit
+
+
+def test_lora_path_fields_need_local_files_and_flux(tmp_path):
+    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
+    lora = tmp_path / "adapter"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    notes: list[str] = []
+    o = _load(_job(tmp_path, {**flux, "model": {**flux["model"], "assistant_lora_path": str(lora)}}), notes)
+    assert o.base_weights == str(lora / "pytorch_lora_weights.safetensors")  # a folder: ai-toolkit's file in it
+    assert any("samples during training include it" in n for n in notes)
+    o = _load(_job(tmp_path, {**flux, "network": {"pretrained_lora_path": str(lora)}}))
+    assert o.network_weights == str(lora / "pytorch_lora_weights.safetensors") and o.base_weights is None
+    problems = _problems(
+        _job(
+            tmp_path,
+            {**flux, "model": {**flux["model"], "assistant_lora_path": "ostris/FLUX.1-schnell-training-adapter"}},
+        )
+    )
+    assert any("sdcore reads no model hub" in p and "assistant_lora_path" in p for p in problems)
+    both = {**flux["model"], "lora_path": str(lora), "assistant_lora_path": str(lora)}
+    assert any("cannot both be given" in p for p in _problems(_job(tmp_path, {**flux, "model": both})))
+    sd1 = {**BASE, "model": {"name_or_path": "tiny:sd1", "lora_path": str(lora)}}
+    assert any("into Flux models only" in p for p in _problems(_job(tmp_path, sd1)))
+
+
+def test_a_saved_ai_toolkit_lora_is_fused_or_continued_by_another_job(tmp_path, sd_cli, pm, monkeypatch):
+    """ai-toolkit's PEFT-layout file from one job is a lora_path (fused into the base) and a
+    pretrained_lora_path (the start of the next network) of the next; both runs train."""
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdplugin_lora.format import read_lora
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny_dataset(tmp_path / "data", n=2, size=64)
+
+    def run(name, model_extra, network_extra):
+        process = {
+            "training_folder": "out",
+            "network": {"type": "lora", "linear": 2, **network_extra},
+            "save": {"dtype": "float32"},
+            "datasets": [{"folder_path": "data/1_sks", "resolution": [64]}],
+            "train": {"steps": 1, "lr": 1e-2, "noise_scheduler": "flowmatch", "disable_sampling": True},
+            "model": {"name_or_path": "tiny:flux", "is_flux": True, **model_extra},
+        }
+        result = sd_cli(["train", "lora", "--config", str(_job(tmp_path, process, name=name)), "--no-progress"], pm=pm)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return tmp_path / "out" / name / f"{name}.safetensors"
+
+    from sdplugin_lora.method import LoraMethod
+
+    merged: list[list[str]] = []
+    original = LoraMethod._merge_base_weights
+
+    def recording(self, bundle, index):
+        merged.append([str(p) for p in self.base_weight_files()])
+        return original(self, bundle, index)
+
+    monkeypatch.setattr(LoraMethod, "_merge_base_weights", recording)
+    first = run("first", {}, {})
+    assert merged == []
+    fused = run("fused", {"lora_path": str(first)}, {})
+    assert merged == [[str(first)]]  # the first job's file merged into the model before the network is built
+    continued = run("continued", {}, {"pretrained_lora_path": str(first)})
+    a, b, c = (read_lora(p) for p in (first, fused, continued))
+    assert set(a.modules) == set(c.modules)
+    start = {name: m.up.float() for name, m in a.modules.items()}
+    # one step from the first file's weights: ups near the first's (lr 1e-2), unlike a fresh network's zeros
+    moved = [float((c.modules[n].up.float() - start[n]).abs().max()) for n in start]
+    assert max(moved) < 0.1 and any(float(m.up.abs().max()) > 0 for m in c.modules.values())
+    assert set(b.modules) == set(a.modules)

@@ -426,14 +426,15 @@ HANDLED: dict[str, set[str]] = {
     "process": {"type", "name", "training_folder", "trigger_word", "network", "save", "datasets", "train", "model",
                 "sample", "logging", "training_seed", "log_dir"},
     "network": {"type", "rank", "linear", "alpha", "linear_alpha", "conv", "conv_alpha", "dropout", "lokr_factor",
-                "lokr_full_rank"},
+                "lokr_full_rank", "pretrained_lora_path"},
     "save": {"dtype", "save_every", "max_step_saves_to_keep"},
     "train": {"steps", "lr", "unet_lr", "text_encoder_lr", "optimizer", "optimizer_params", "lr_scheduler",
               "lr_scheduler_params", "batch_size", "gradient_accumulation_steps", "gradient_accumulation", "dtype",
               "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
               "max_grad_norm", "noise_offset", "min_snr_gamma", "skip_first_sample", "force_first_sample",
               "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight"},
-    "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking"}
+    "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking", "lora_path",
+              "assistant_lora_path"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
     "sample": {"prompts", "samples", "sample_every", "sample_steps", "width", "height", "neg", "seed", "walk_seed",
                "guidance_scale"},
@@ -736,6 +737,7 @@ def translate_job(
             f"{w}.model.quantize: the denoiser's frozen weights are stored in float8 (sdcore's fp8_base, "
             "not optimum-quanto's qfloat8: the same kind of rounding, not the same numbers)"
         )
+    _merged_loras(model, family, w, out)
     if model.get("attn_masking"):
         if family == "flux":
             v["apply_t5_attn_mask"] = True
@@ -796,8 +798,52 @@ def translate_job(
     return out
 
 
+def local_lora_file(value: Any, field: str, out: JobTranslation) -> str | None:
+    """ai-toolkit's LoRA path fields: a file, or a folder holding ``pytorch_lora_weights.safetensors``; ai-toolkit
+    downloads a hub id, sdcore reads no hub, so anything else is a problem that says what to give."""
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    if path.is_file():
+        return str(path)
+    out.problems.append(
+        f"{field} {value!r}: no such file or folder here (sdcore reads no model hub: download the LoRA's "
+        "pytorch_lora_weights.safetensors and give its path)"
+    )
+    return None
+
+
+def _merged_loras(model: dict[str, Any], family: str | None, where: str, out: JobTranslation) -> None:
+    """``model.lora_path`` is fused into the model before training (kohya's and sdcore's base_weights);
+    ``assistant_lora_path`` (Flux schnell's training adapter) is fused the same way, and ai-toolkit samples
+    with it taken out again (a -1 weight), which sdcore's samples do not."""
+    given = [name for name in ("lora_path", "assistant_lora_path") if model.get(name)]
+    if not given:
+        return
+    if len(given) > 1:
+        out.problems.append(f"{where}.model: lora_path and assistant_lora_path cannot both be given (as in ai-toolkit)")
+        return
+    name = given[0]
+    if family != "flux":
+        out.problems.append(f"{where}.model.{name}: ai-toolkit fuses such LoRAs into Flux models only")
+        return
+    path = local_lora_file(model[name], f"{where}.model.{name}", out)
+    if path is None:
+        return
+    out.values["base_weights"] = path
+    if name == "assistant_lora_path":
+        out.notes.append(
+            f"{where}.model.assistant_lora_path: the adapter is merged into the model for training (--base-weights); "
+            "samples during training include it (ai-toolkit's take it out again), the saved LoRA is the same"
+        )
+
+
 def _network(network: dict[str, Any], family: str | None, where: str, out: JobTranslation) -> None:
     v = out.values
+    if network.get("pretrained_lora_path"):  # the network starts from these weights (kohya's --network_weights)
+        initial = local_lora_file(network["pretrained_lora_path"], f"{where}.pretrained_lora_path", out)
+        if initial is not None:
+            v["network_weights"] = initial
     kind = str(network.get("type", "lora")).lower()
     rank = network.get("rank") if network.get("rank") is not None else network.get("linear")
     rank = 4 if rank is None else rank

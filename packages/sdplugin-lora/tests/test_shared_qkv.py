@@ -253,7 +253,7 @@ def test_shared_down_gradient_is_the_sum_over_members_as_on_a_fused_linear():
         shared.lora_down.weight.grad = None
         (layer(x) * weights[16 * i : 16 * (i + 1)]).sum().backward()
         total += shared.lora_down.weight.grad
-    torch.testing.assert_close(total, down.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(total, down.grad, atol=1e-5, rtol=1e-5)  # summation order differs
     with torch.inference_mode():  # sampling: inputs that keep no version counter
         inference_x = x.clone()
         calls.clear()

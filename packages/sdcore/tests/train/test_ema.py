@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import contract_options, plugin_manager_with
+from sdcore.testing.distributed import check_processes_equal_accumulation, torchrun_command
 from sdcore.train.loop import TrainSession
 
 KEYS = ("unet_conv_out.weight", "unet_conv_out.bias")  # ConvOutMethod's trained tensors, in parameter order
@@ -372,3 +373,17 @@ def test_dreambooth_trains_with_the_runtime_ema(tmp_path):
     index = next(i for i, p in enumerate(params) if p is session.bundle.unet.conv_out.weight)
     torch.testing.assert_close(saved.unet.conv_out.weight.float(), session.ema.shadow[index], rtol=0, atol=0)
     assert not torch.equal(session.ema.shadow[index], session.bundle.unet.conv_out.weight)
+
+
+@pytest.mark.skipif(torchrun_command() is None, reason="torchrun not available")
+@pytest.mark.slow
+def test_two_processes_keep_the_same_average_as_one(tmp_path):
+    """DDP: every process holds the same weights, so the same average; the main process saves it."""
+    values = {"ema": True, "ema_decay": 0.5, "ema_warmup": "none", "max_steps": 3}
+    check_processes_equal_accumulation(ConvOutMethod, tmp_path, values, extra_pythonpath=[str(Path(__file__).parent)])
+    single = load_file(str(tmp_path / "single" / "result.safetensors"))
+    multi = load_file(str(tmp_path / "multi" / "result.safetensors"))
+    raw = load_file(str(tmp_path / "multi-trained.safetensors"))  # the worker's raw weights after the run
+    for key in KEYS:
+        torch.testing.assert_close(multi[key], single[key], rtol=0, atol=1e-6)
+    assert not torch.equal(multi[KEYS[0]], raw[KEYS[0]])

@@ -58,7 +58,8 @@ def reference_ema(raw, *, decay, every=1, warmup="onetrainer", skipped=()):
     s = {k: v.clone() for k, v in raw[0].items()}
     history = [dict(s)]
     for n in range(1, len(raw)):
-        if (n - 1 + 1) % every == 0 and n not in skipped:
+        optimization_step = n - 1  # OneTrainer updates when (optimization_step + 1) % interval == 0
+        if (optimization_step + 1) % every == 0 and n not in skipped:
             d = reference_decay(n, decay, warmup)
             s = {k: d * s[k] + (1 - d) * raw[n][k] for k in s}
         history.append(dict(s))

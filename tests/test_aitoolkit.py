@@ -64,15 +64,13 @@ def _patched(tmp_path, name: str, old: str, new: str) -> Path:
 # --- the example jobs -------------------------------------------------------------------------------
 
 
-def test_flux_example_translates_with_ai_toolkit_meanings(tmp_path):
-    """train_lora_flux_24gb.yaml: refused only for its EMA; without it every field lands."""
-    assert _problems(DATA / "train_lora_flux_24gb.yaml") == [
-        f"{DATA / 'train_lora_flux_24gb.yaml'}: process.train.ema_config.use_ema: sdcore does not keep an EMA of "
-        "the trained weights (ai-toolkit saves the EMA); set use_ema: false to train without it"
-    ]
-    path = _patched(tmp_path, "train_lora_flux_24gb.yaml", "use_ema: true", "use_ema: false")
+def test_flux_example_translates_with_ai_toolkit_meanings():
+    """train_lora_flux_24gb.yaml loads unmodified and every field lands, its EMA included."""
+    path = DATA / "train_lora_flux_24gb.yaml"
     notes: list[str] = []
     o = _load(path, notes)
+    # ema_config {use_ema: true, ema_decay: 0.99}: ai-toolkit's EMA has no decay warm-up (no use_num_updates)
+    assert (o.ema, o.ema_decay, o.ema_warmup, o.ema_update_every) == (True, 0.99, "none", 1)
     assert o.model == "black-forest-labs/FLUX.1-dev"
     assert Path(o.output) == Path("output/my_first_flux_lora_v1/my_first_flux_lora_v1.safetensors")
     assert (o.algo, o.rank, o.alpha) == ("lora", 16, 16.0)
@@ -88,9 +86,9 @@ def test_flux_example_translates_with_ai_toolkit_meanings(tmp_path):
     assert any("process.device" in n for n in notes) and any("model.quantize" in n for n in notes)
 
 
-def test_sd35_example_uses_linear_timesteps(tmp_path):
-    path = _patched(tmp_path, "train_lora_sd35_large_24gb.yaml", "use_ema: true", "use_ema: false")
-    o = _load(path)
+def test_sd35_example_uses_linear_timesteps():
+    o = _load(DATA / "train_lora_sd35_large_24gb.yaml")  # loads unmodified, its EMA on
+    assert (o.ema, o.ema_decay) == (True, 0.99)
     assert o.model == "stabilityai/stable-diffusion-3.5-large"
     assert o.timestep_sampling == "uniform"  # timestep_type: linear = linspace(1000, 1) drawn uniformly
     assert (o.key_layout, o.split_qkv, o.alpha) == ("diffusers", True, 16.0)
@@ -141,6 +139,25 @@ def test_ai_toolkit_defaults_apply_where_the_job_is_silent(tmp_path):
     assert Path(o.output) == Path("output/run/run.safetensors")
     as_json = _load(_job(tmp_path, {**BASE, "train": {"lr": 2e-4}}, suffix=".json"))  # ai-toolkit reads JSON jobs too
     assert (as_json.lr, as_json.rank, as_json.data) == (2e-4, 4, str(tmp_path / "job.json"))
+
+
+def test_ema_config_becomes_sdcore_ema(tmp_path):
+    """EMAConfig: use_ema (default False) with ema_decay (default 0.999); the trainer builds its
+    ExponentialMovingAverage without use_num_updates, so the decay applies from the first update.
+    use_feedback and param_multiplier change the trained weights themselves: sdcore has neither."""
+    assert _load(_job(tmp_path, BASE)).ema is False
+    o = _load(_job(tmp_path, {**BASE, "train": {"ema_config": {"use_ema": True}}}))
+    assert (o.ema, o.ema_decay, o.ema_warmup) == (True, 0.999, "none")
+    off = _load(_job(tmp_path, {**BASE, "train": {"ema_config": {"use_ema": False, "ema_decay": 0.9}}}))
+    assert off.ema is False and off.ema_decay == 0.999
+    ema = {"use_ema": True, "use_feedback": True, "param_multiplier": 0.99}
+    problems = _problems(_job(tmp_path, {**BASE, "train": {"ema_config": ema}}))
+    assert sorted(p.split(": ", 1)[1] for p in problems) == [
+        "process.train.ema_config.param_multiplier = 0.99: sdcore does not implement this ai-toolkit field (only its "
+        "default 1.0 is accepted)",
+        "process.train.ema_config.use_feedback = True: sdcore does not implement this ai-toolkit field (only its "
+        "default False is accepted)",
+    ]
 
 
 def test_yaml_exponents_are_floats_and_placeholders_are_replaced(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ class TestAPTContract(MethodContractTests):
 def test_defaults_follow_dreamartist():
     o = APTOptions()
     assert (o.lr, o.cfg_scale, o.vectors, o.neg_vectors, o.template) == (3e-3, "3.0", 3, 6, "subject")
-    assert o.reconstruction is False and o.ema == 1.0 and o.discriminator == ""
+    assert o.reconstruction is False and o.ema_pos == 1.0 and o.ema is False and o.discriminator == ""
 
 
 def test_two_embeddings_written_and_loadable(tmp_path):
@@ -174,7 +174,7 @@ def test_reconstruction_needs_pixels_and_adds_l1(tmp_path, make_bundle):
 
 
 def test_ema_replaces_live_vectors(tmp_path, make_bundle):
-    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "ema": 0.5, "ema_replace_every": 2})
+    options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "ema_pos": 0.5, "ema_replace_every": 2})
     method = APTMethod(options)
     bundle = make_bundle("sd1")
     method.prepare(bundle)

@@ -58,7 +58,12 @@ class APTOptions(TIOptions):
         False, "Add an L1 loss between the VAE-decoded predicted x0 and the image (heavy).", group="apt"
     )
     rec_loss_weight: float = option(1.0, "Weight of the reconstruction loss.", group="apt")
-    ema: float = option(1.0, "EMA decay of the positive vectors (1 = off; DreamArtist suggests 0.97).", group="apt")
+    ema_pos: float = option(
+        1.0,
+        "EMA decay of the positive vectors (1 = off; DreamArtist suggests 0.97). Not the runtime's --ema, which "
+        "averages for saves and samples only; this one replaces the live vectors.",
+        group="apt",
+    )
     ema_neg: float = option(1.0, "EMA decay of the negative vectors (1 = off).", group="apt")
     ema_replace_every: int = option(25, "Replace the live vectors by their EMA every N steps.", group="apt")
     discriminator: str = option(
@@ -110,7 +115,7 @@ class APTMethod(TIMethod[APTOptions]):
         self.guidance = parse_guidance(o.cfg_scale)
         if o.neg_lr_weight <= 0:
             raise ConfigError("--neg-lr-weight must be positive")
-        for flag, value in (("--ema", o.ema), ("--ema-neg", o.ema_neg)):
+        for flag, value in (("--ema-pos", o.ema_pos), ("--ema-neg", o.ema_neg)):
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"{flag} must be in (0, 1], got {value}")
         if o.ema_replace_every < 1:
@@ -272,7 +277,7 @@ class APTMethod(TIMethod[APTOptions]):
     # --- EMA -----------------------------------------------------------------------------------------------
     def _ema_decay(self, name: str) -> float:
         o = self.options
-        return o.ema_neg if name == self.neg_name else o.ema
+        return o.ema_neg if name == self.neg_name else o.ema_pos
 
     def _reset_ema(self) -> None:
         assert self.handle is not None

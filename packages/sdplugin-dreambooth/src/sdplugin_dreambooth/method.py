@@ -18,7 +18,6 @@ from sdcore.train.method import Capabilities, Conditioning, SaveInfo, TrainingMe
 from sdcore.train.options import TrainOptions
 
 from .class_images import ensure_class_images
-from .ema import ParameterEMA
 from .options import DreamBoothOptions
 
 if TYPE_CHECKING:
@@ -47,7 +46,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         super().__init__(options)
         self._text_encoder_training = options.train_text_encoder
         self._trainables: dict[str, Any] = {}
-        self.ema: ParameterEMA | None = None
 
     # --- setup -------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -198,8 +196,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
                     groups.append({"params": list(encoder.parameters()), "lr": lr, "name": f"text_encoder_{index}"})
             if same and rates:
                 groups.append({"params": te_params, "lr": next(iter(rates.values())), "name": "text_encoder"})
-        if o.ema:
-            self.ema = ParameterEMA([p for g in groups for p in g["params"]], decay=o.ema_decay)
         self._bundle = bundle
         return groups
 
@@ -243,8 +239,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
                 for param in encoder.parameters():
                     param.grad = None
             self._text_encoder_training = False
-        if self.ema is not None:
-            self.ema.update()
 
     def resolve_output(self, path: Path) -> Path:
         """``--output x.safetensors`` is a single file; a folder (or ``--save-format diffusers``) a diffusers model."""
@@ -258,8 +252,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         for prefix, module in self._trainables.items():
             for key, value in module.state_dict().items():
                 state[f"{prefix}.{key}"] = value.detach().clone()
-        if self.ema is not None:
-            state.update(self.ema.state_dict())
         state["dreambooth.text_encoder_training"] = torch.tensor(int(self._text_encoder_training))
         return state
 
@@ -267,8 +259,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         for prefix, module in self._trainables.items():
             own = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
             module.load_state_dict(own)
-        if self.ema is not None:
-            self.ema.load_state_dict(state)
         if self._text_encoder_training and not int(state.get("dreambooth.text_encoder_training", 1)):
             # the interrupted run had already passed --stop-text-encoder-at
             self.on_step_end(self._bundle, self.options.stop_text_encoder_at or 0)
@@ -278,9 +268,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         fmt = o.save_format or ("single-file" if info.path.suffix in (".safetensors", ".ckpt") else "diffusers")
         metadata = dict(info.metadata)
         metadata.setdefault("sdcore.method", "dreambooth")
-        if self.ema is not None:
-            with self.ema.applied():
-                return bundle.save(info.path, format=fmt, dtype=o.save_dtype, prune=True, metadata=metadata)
         return bundle.save(info.path, format=fmt, dtype=o.save_dtype, prune=True, metadata=metadata)
 
     def load_result(self, bundle: Any, path: str | Path) -> None:

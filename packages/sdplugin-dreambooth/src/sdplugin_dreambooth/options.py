@@ -83,10 +83,6 @@ class DreamBoothOptions(TrainOptions):
         "U-Net and 0 freezes a block (kohya sdxl_train.py --block_lr).",
         group="dreambooth",
     )
-    ema: bool = option(
-        False, "Keep an exponential moving average of the trained weights and save it.", group="dreambooth"
-    )
-    ema_decay: float = option(0.999, "EMA decay per step.", group="dreambooth")
     save_format: str | None = option(
         None,
         "single-file or diffusers (default from --output: *.safetensors is a single file).",

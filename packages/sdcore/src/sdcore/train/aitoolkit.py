@@ -442,7 +442,7 @@ HANDLED: dict[str, set[str]] = {
                 "keep_tokens", "flip_x", "resolution", "num_repeats", "is_reg", "trigger_word", "default_caption",
                 "cache_latents", "cache_latents_to_disk", "buckets", "bucket_tolerance", "random_crop",
                 "alpha_mask", "loss_multiplier"},
-    "ema_config": {"use_ema", "ema_decay", "use_feedback", "param_multiplier"},
+    "ema_config": {"use_ema", "ema_decay"},  # use_feedback / param_multiplier: refused away from their defaults
 }  # fmt: skip
 
 #: ai-toolkit model flags / ``arch`` -> sdcore family (the others are models sdcore does not train)
@@ -753,11 +753,10 @@ def translate_job(
 
     _network(network, family, f"{w}.network", out)
     _train(train, family, flow, f"{w}.train", out)  # family None: refused above; its rules are skipped
-    if ema.get("use_ema"):
-        out.problems.append(
-            f"{w}.train.ema_config.use_ema: sdcore does not keep an EMA of the trained weights (ai-toolkit saves "
-            "the EMA); set use_ema: false to train without it"
-        )
+    if ema.get("use_ema"):  # ai-toolkit saves and samples the EMA; its decay is constant (no use_num_updates)
+        v["ema"] = True
+        v["ema_decay"] = ema.get("ema_decay", DEFAULTS["ema_config"]["ema_decay"])
+        v["ema_warmup"] = "none"
 
     # save
     dtype = str(save.get("dtype", "float16")).lower()

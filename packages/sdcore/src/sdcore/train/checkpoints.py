@@ -8,8 +8,9 @@
 - Every write runs under :func:`~.save_fallback.guard`: a disk error (permissions, disk full, a
   removed folder) becomes :class:`~.save_fallback.SaveTargetError`, which the loop answers by
   rescuing the result (:func:`~.save_fallback.rescue`).
-- Resume restores the trainable tensors, optimizer, schedule, scaler, RNGs and the position in
-  the epoch; options that change the data order or schedule may differ but are warned about.
+- Resume restores the trainable tensors (and their ``--ema`` average), optimizer, schedule, scaler,
+  RNGs and the position in the epoch; options that change the data order or schedule may differ
+  but are warned about (the ``--ema`` settings may not: the pre-flight refuses them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .state import TrainPosition
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
+    from .ema import WeightEMA
 
 log = logging.getLogger("sdcore.train")
 
@@ -142,11 +144,15 @@ class Checkpoints:
 
     def base_metadata(self, bundle: ModelBundle) -> dict[str, str]:
         """The runtime's own metadata keys and the user's (``--metadata-*``: ``modelspec.*``,
-        ``--training-comment``); the method adds its format's (LoRA: kohya ``ss_*``)."""
+        ``--training-comment``); the method adds its format's (LoRA: kohya ``ss_*``). With ``--ema``
+        the saved weights are the average: ``sdcore_ema_*`` say with which settings."""
+        from .ema import ema_metadata
+
         return {
             "sdcore_method": self.method.name,
             "sdcore_base_model": str(self.options.model),
             "sdcore_family": bundle.family,
+            **ema_metadata(self.options),
             **self._user_metadata,
         }
 
@@ -188,9 +194,17 @@ class Checkpoints:
 
     @guarded
     def save_state(
-        self, position: TrainPosition, *, optimizer: Any, scheduler: Any, losses: list[float], total_steps: int
+        self,
+        position: TrainPosition,
+        *,
+        optimizer: Any,
+        scheduler: Any,
+        losses: list[float],
+        total_steps: int,
+        ema: WeightEMA | None = None,
     ) -> Path:
-        """A resumable state (every process waits for the main one to write it)."""
+        """A resumable state (every process waits for the main one to write it); ``ema``: the
+        ``--ema`` average, saved beside the raw tensors."""
         from .state import prune_states, save_state
 
         acc = self.accelerator
@@ -211,6 +225,7 @@ class Checkpoints:
                     "options": asdict(self.options),
                     "world_size": acc.num_processes,
                 },
+                ema=None if ema is None else ema.state_dict(),
             )
             if self.options.keep_states > 0:
                 prune_states(self.state_root, self.options.keep_states)
@@ -218,9 +233,12 @@ class Checkpoints:
         self.last_state = folder
         return folder
 
-    def restore(self, resume: str, *, optimizer: Any, scheduler: Any, device: Any) -> tuple[TrainPosition, list[float]]:
-        """Load the state ``resume`` names (``latest`` or a folder): (position, losses so far)."""
-        from .state import load_state, read_position, resolve_resume
+    def restore(
+        self, resume: str, *, optimizer: Any, scheduler: Any, device: Any, ema: WeightEMA | None = None
+    ) -> tuple[TrainPosition, list[float]]:
+        """Load the state ``resume`` names (``latest`` or a folder): (position, losses so far); ``ema``
+        (``--ema``) gets the saved average."""
+        from .state import load_ema, load_state, read_position, resolve_resume
 
         folder = resolve_resume(resume, self.state_root)
         position, record = read_position(folder)
@@ -230,6 +248,8 @@ class Checkpoints:
             )
         trainable = load_state(folder, optimizer=optimizer, scheduler=scheduler, scaler=self.accelerator.scaler)
         self.method.load_trainable_state_dict({k: v.to(device) for k, v in trainable.items()})
+        if ema is not None:
+            ema.load_state_dict(load_ema(folder), where=str(folder))
         saved = record.get("options") or {}
         current = asdict(self.options)
         changed = [k for k in RESUME_SENSITIVE if k in saved and saved[k] != current.get(k)]

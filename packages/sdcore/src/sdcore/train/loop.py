@@ -26,6 +26,8 @@ Decisions worth knowing:
 - Multi-process (``accelerate launch``): each process takes every N-th micro-batch of the epoch
   plan; what trains goes through ``accelerator.prepare`` (DDP averages the gradients during the
   backward of the last micro-batch of each step; see :mod:`.placement`).
+- ``--ema`` (:mod:`.ema`): after each optimizer step that stepped, the average of the trained
+  tensors moves; results, samples and the validation loss use it, the raw weights keep training.
 - Noise, timesteps, flips and caption variants are seeded per sample (see :mod:`.data`), so
   resuming, batching and the process count never change what a sample sees.
 """
@@ -36,7 +38,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 
     from ..models.bundle import ModelBundle
     from .data import SampleRef
+    from .ema import WeightEMA
     from .fused import StepInBackward
     from .state import TrainPosition
     from .step import StepOutcome
@@ -120,6 +123,7 @@ class TrainSession:
         self._setup_done = False
         self._restore_attention: Callable[[], None] = lambda: None
         self.fused: StepInBackward | None = None
+        self.ema: WeightEMA | None = None  # --ema: the average of self.params (sdcore.train.ema)
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
@@ -231,10 +235,17 @@ class TrainSession:
             TrainedModules(bundle, self.params, self.objective.micro_batch_loss), optimizer, scheduler
         )
 
+        if o.ema:  # the average starts at the weights training starts from (or the resumed state's)
+            from .ema import WeightEMA, sharded_engine
+
+            engine = sharded_engine(acc.distributed_type)
+            if engine:  # the pre-flight refuses it from the launcher's environment; a launcher may not set it
+                raise ConfigError(f"--ema does not work with {engine} (each process holds a shard of the weights)")
+            self.ema = WeightEMA.from_options(o, self.params)
         self.position = TrainPosition()
         if o.resume:
             self.position, self.losses = self.checkpoints.restore(
-                o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device
+                o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device, ema=self.ema
             )
         self._apply_start(resumed=self.position if o.resume else None)
         # schedule-free optimizers: train mode while stepping, eval mode (the weights to keep) around
@@ -323,7 +334,7 @@ class TrainSession:
         o, acc = self.options, self.accelerator
         mine = self.validation_groups[acc.process_index :: acc.num_processes]
         seed = o.seed if o.validation_seed is None else o.validation_seed
-        with self.evaluating(), evaluation_mode(self.bundle, self.method):
+        with self.result_weights(), evaluation_mode(self.bundle, self.method):
             total, count = self.objective.validation_loss(
                 self.batches, acc, mine, self.validation_timesteps, seed=seed, step=self.position.step
             )
@@ -388,6 +399,19 @@ class TrainSession:
         """Eval mode of a schedule-free optimizer (its evaluation weights) for the ``with`` block."""
         modes = getattr(self, "optimizer_modes", None)
         return contextlib.nullcontext() if modes is None else modes.evaluating()
+
+    def ema_applied(self) -> contextlib.AbstractContextManager[None]:
+        """The ``--ema`` average in place of the raw weights for the ``with`` block (nothing without ``--ema``)."""
+        from .ema import applied
+
+        return applied(self.ema)
+
+    @contextlib.contextmanager
+    def result_weights(self) -> Iterator[None]:
+        """The weights a result holds, for saves, samples and validation: a schedule-free optimizer's
+        evaluation weights, then the ``--ema`` average in their place; the raw ones back after."""
+        with self.evaluating(), self.ema_applied():
+            yield
 
     def run_facts(self) -> RunFacts:
         return RunFacts(
@@ -498,6 +522,8 @@ class TrainSession:
                 pos.batch += len(group)
                 self.losses.append(outcome.loss)
                 method_logs = self.method.on_step_end(self.bundle, pos.step)
+                if self.ema is not None and outcome.stepped:  # the weights as the step (and the method) left them
+                    self.ema.update(pos.step)
                 lr = float(self.scheduler.get_last_lr()[0])
                 logs = self.progress.step(pos.step, pos.epoch, outcome.loss, lr, extra=method_logs)
                 if o.validate_every_n_steps and pos.step % o.validate_every_n_steps == 0:
@@ -543,7 +569,8 @@ class TrainSession:
                 self.render_samples("final")
             if o.save_state:
                 self.save_state()
-            output = self.checkpoints.save_result(self.bundle, self.position, self.run_facts())
+            with self.ema_applied():  # --ema: the average is the result
+                output = self.checkpoints.save_result(self.bundle, self.position, self.run_facts())
         log.info(f"saved {output}")  # the caller reports it (the CLI prints one "saved" line)
         self.accelerator.wait_for_everyone()
         return TrainResult(
@@ -562,7 +589,8 @@ class TrainSession:
     def save_checkpoint(self, *, step: int | None = None, epoch: int | None = None) -> None:
         """An intermediate result plus (when enabled) a resumable state, with retention."""
         with self.evaluating():
-            self.checkpoints.save_intermediate(self.bundle, self.position, self.run_facts(), step=step, epoch=epoch)
+            with self.ema_applied():  # --ema: the average is the result; the state keeps both apart
+                self.checkpoints.save_intermediate(self.bundle, self.position, self.run_facts(), step=step, epoch=epoch)
             if self.options.save_state:
                 self.save_state()
 
@@ -574,6 +602,7 @@ class TrainSession:
                 scheduler=self.scheduler,
                 losses=self.losses,
                 total_steps=self.total_steps,
+                ema=self.ema,
             )
 
     def render_samples(self, tag: str) -> Path | None:
@@ -581,7 +610,7 @@ class TrainSession:
         from .checkpoints import samples_dir
         from .sampling import render_samples
 
-        with self.evaluating():  # every process switches, so the weights stay equal across processes
+        with self.result_weights():  # every process switches, so the weights stay equal across processes
             if not self.is_main:
                 return None
             return render_samples(

@@ -1,7 +1,7 @@
 """The memory plan: peak training memory estimated before any weight is loaded.
 
-``estimated peak memory = weights + gradients + optimizer state + activations (+ runtime on the
-CPU)`` on the training device, for the chosen precision, batch, resolution, gradient checkpointing,
+``estimated peak memory = weights + gradients + optimizer state + activations (+ EMA) (+ runtime
+on the CPU)`` on the training device, for the chosen precision, batch, resolution, gradient checkpointing,
 caches and method.
 
 - **Weights**: every parameter of the components that stay on the device, at its dtype: frozen
@@ -52,6 +52,9 @@ caches and method.
   (:data:`sdcore.dtypes.FP8_STORAGE`), the rest of it at the compute dtype (a bf16 base: 2 bytes);
   ``--blocks-to-swap N`` takes the last N blocks' weights off the device except the two largest
   (copies in flight); on the CPU those copies add to the weights instead.
+
+- **EMA** (``--ema``): 4 bytes per trainable parameter (the fp32 average), on the device unless
+  ``--ema-device cpu`` keeps it in host memory (on a CPU run it counts either way).
 
 - **Runtime** (CPU only): host memory of the accelerator, data index and allocator slack plus one
   CLIP tokenizer per text encoder (:data:`CPU_RUNTIME_BYTES`, :data:`CPU_TOKENIZER_BYTES`). On a
@@ -158,10 +161,12 @@ class MemoryEstimate:
     activations: int
     runtime: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    #: the ``--ema`` copy of the trained weights (fp32) when it lives on this device
+    ema: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime + self.ema
 
     def line(self) -> str:
         def mib(n: int) -> str:
@@ -170,6 +175,7 @@ class MemoryEstimate:
         return (
             f"estimated peak memory: {mib(self.total)} MiB (weights {mib(self.weights)}, gradients "
             f"{mib(self.gradients)}, optimizer {mib(self.optimizer)}, activations {mib(self.activations)}"
+            + (f", EMA {mib(self.ema)}" if self.ema else "")
             + (f", runtime {mib(self.runtime)})" if self.runtime else ")")
         )
 
@@ -489,6 +495,9 @@ def estimate_memory(
                 gradient_checkpointing=o.gradient_checkpointing,
             )
             activations += math.ceil(o.batch_size * compute * te_units)
+    # --ema: an fp32 copy of every trained parameter, here unless it lives in host memory (--ema-device cpu)
+    ema_here = getattr(o, "ema", False) and (getattr(o, "ema_device", "same") == "same" or device == "cpu")
+    ema = params.trainable * 4 if ema_here else 0
     runtime = 0
     if device == "cpu":
         runtime = CPU_RUNTIME_BYTES + CPU_TOKENIZER_BYTES * len(layout.configs.get("text_encoders") or [])
@@ -499,6 +508,7 @@ def estimate_memory(
         gradients=int(gradients),
         optimizer=int(optimizer),
         activations=activations,
+        ema=ema,
         settings={
             "batch_size": o.batch_size,
             "resolution": o.resolution,

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..builtin.part_options import PART_OPTIONS
 from ..options import option
+from .ema import EMA_DEVICES, EMA_WARMUPS
 from .loss import HUBER_SCHEDULES, LOSS_TYPES
 from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 
@@ -351,6 +352,31 @@ class TrainOptions:
         group="training",
     )
     seed: int = option(42, "Seed for weights init, noise, data order and augmentations.", group="training")
+    # an exponential moving average of the trained weights (sdcore.train.ema)
+    ema: bool = option(
+        False,
+        "Keep an exponential moving average of the trained weights: saved results, samples and the validation "
+        "loss use it, the raw weights train on unchanged (OneTrainer ema, ai-toolkit ema_config.use_ema).",
+        group="ema",
+    )
+    ema_decay: float = option(0.999, "EMA decay per update (OneTrainer's and ai-toolkit's default).", group="ema")
+    ema_update_every: int = option(
+        1, "Update the EMA every N optimizer steps (OneTrainer's ema_update_step_interval).", group="ema"
+    )
+    ema_warmup: str = option(
+        "onetrainer",
+        "Decay warm-up: onetrainer = min(decay, (1+u)/(10+u)) at the update after u earlier steps; diffusers = "
+        "the same but the first update copies the weights; none = the decay from the start (ai-toolkit).",
+        choices=EMA_WARMUPS,
+        group="ema",
+    )
+    ema_device: str = option(
+        "same",
+        "Where the fp32 EMA copy lives: same = beside the trained weights, cpu = host memory (saves accelerator "
+        "memory; OneTrainer's CPU EMA).",
+        choices=EMA_DEVICES,
+        group="ema",
+    )
     # loss
     noise_offset: float = option(0.0, "Noise offset (adds per-channel constant noise).", group="loss")
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is typical).", group="loss")

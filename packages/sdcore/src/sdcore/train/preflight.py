@@ -14,7 +14,8 @@
   does not exist yet is checked at its nearest existing parent);
 - the dataset has usable images (the runtime's own index and buckets);
 - a ``--resume`` state belongs to this method and was trained with the same shape options
-  (:attr:`TrainingMethod.resume_shape_options`: LoRA rank and algorithm, TI vector count...);
+  (:attr:`TrainingMethod.resume_shape_options`: LoRA rank and algorithm, TI vector count...) and
+  the same ``--ema`` settings;
 - free disk for the result, the intermediate results and the states the save settings keep.
 
 It also makes the memory plan (:mod:`sdcore.train.memory`) from the model's configs and the
@@ -198,6 +199,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
     problems.extend(fused_problems(o, method))  # --fused-backward-pass: optimizer, accumulation, method
     problems.extend(accelerate_option_problems(o))  # --ddp-timeout (kohya's accelerate settings)
+    from .ema import ema_option_problems
+
+    problems.extend(ema_option_problems(o))  # --ema-decay, --ema-update-every; FSDP/DeepSpeed
     if method is not None:
         if method.capabilities().needs_pixels and o.cache_latents:
             problems.append(f"method {method.name!r} needs decoded pixels every step: pass --no-cache-latents")
@@ -411,11 +415,13 @@ def disk_plan(
     folder: Path,
 ) -> DiskPlan:
     """Sizes from the parameter plan: a result is its parameters at ``--save-dtype``; a state holds
-    the trainable tensors in fp32 and the optimizer's moments (:data:`.memory.OPTIMIZER_STATE_BYTES`)."""
+    the trainable tensors in fp32 (twice with ``--ema``: the average too) and the optimizer's moments
+    (:data:`.memory.OPTIMIZER_STATE_BYTES`)."""
     from .memory import OPTIMIZER_STATE_BYTES
 
     result = params.result * (element_bytes(options.save_dtype) if options.save_dtype in SAVE_DTYPES else 2)
-    state = int(params.trainable * (4 + OPTIMIZER_STATE_BYTES.get(options.optimizer.lower(), 8.0)))
+    tensors = 8 if getattr(options, "ema", False) else 4
+    state = int(params.trainable * (tensors + OPTIMIZER_STATE_BYTES.get(options.optimizer.lower(), 8.0)))
     results, states = planned_saves(options, total_steps, steps_per_epoch)
     try:
         free: int | None = shutil.disk_usage(nearest_existing(folder)).free
@@ -452,6 +458,9 @@ def resume_problems(method: TrainingMethod[Any], options: TrainOptions, state_ro
                 f"{flag} {getattr(options, name, None)!r} (the trained tensors would not fit; use the same value "
                 "or start without --resume)"
             )
+    from .ema import ema_resume_problems
+
+    problems.extend(ema_resume_problems(saved, options, folder))
     return problems
 
 

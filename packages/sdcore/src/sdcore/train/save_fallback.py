@@ -105,7 +105,8 @@ def rescue(session: Any, failure: SaveTargetError) -> SaveFailedError:
                 info = checkpoints.save_info(
                     session.bundle, folder / output.name, session.position, session.run_facts(), final=True
                 )
-                result = Path(session.method.save(session.bundle, info))
+                with getattr(session, "ema_applied", contextlib.nullcontext)():  # --ema: the average, as a save
+                    result = Path(session.method.save(session.bundle, info))
                 state = _rescue_state(session, folder)
         except SaveTargetError as exc:
             problems.append(f"{folder}: {exc}")

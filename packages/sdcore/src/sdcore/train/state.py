@@ -1,8 +1,8 @@
 """Resumable training state: one folder per save, written whole or not at all.
 
-A state folder holds the trainable tensors (``trainable.safetensors``), the optimizer, LR
-schedule and grad-scaler states (``*.pt``, read back with ``weights_only=True``), the RNG states
-of torch, numpy and Python (``rng.safetensors`` + ``rng.json``) and ``train_state.json`` with the
+A state folder holds the trainable tensors (``trainable.safetensors``), with ``--ema`` their
+average (``ema.safetensors``), the optimizer, LR schedule and grad-scaler states (``*.pt``, read
+back with ``weights_only=True``), the RNG states of torch, numpy and Python (``rng.safetensors`` + ``rng.json``) and ``train_state.json`` with the
 step, epoch and position inside the epoch. The folder is built under a temporary name and renamed,
 so ``--resume latest`` never picks a half-written state.
 """
@@ -110,8 +110,10 @@ def save_state(
     scheduler: Any,
     scaler: Any = None,
     extra: dict[str, Any] | None = None,
+    ema: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the state after ``position.step`` optimizer steps; return its folder."""
+    """Write the state after ``position.step`` optimizer steps; return its folder (``ema``: the
+    shadow tensors of ``--ema``, in ``ema.safetensors``)."""
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
@@ -123,6 +125,9 @@ def save_state(
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in trainable.items()}
         with atomic_path(tmp / "trainable.safetensors") as part:
             save_file(tensors, str(part))
+        if ema is not None:
+            with atomic_path(tmp / "ema.safetensors") as part:
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()}, str(part))
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
@@ -171,6 +176,19 @@ def load_state(folder: Path, *, optimizer: Any, scheduler: Any, scaler: Any = No
         scaler.load_state_dict(load_pickle(folder / "scaler.pt", mmap=False))
     _restore_rng(rng_tensors, json.loads((folder / "rng.json").read_text(encoding="utf-8")))
     return trainable
+
+
+def load_ema(folder: Path) -> dict[str, Any]:
+    """The ``--ema`` shadow tensors of a state folder."""
+    from safetensors.torch import load_file
+
+    path = folder / "ema.safetensors"
+    if not path.exists():
+        raise ConfigError(f"{folder}: the state holds no EMA (it was saved without --ema)")
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{path}: unreadable EMA state ({exc})") from exc
 
 
 def prune_states(root: Path, keep: int) -> None:

@@ -276,6 +276,9 @@ class StepOutcome:
     #: some weights already took this step (``--fused-backward-pass`` steps during backward): the
     #: weights are not the last good ones, so no state is saved from them
     partly_stepped: bool = False
+    #: the optimizer applied the step (False when the fp16 grad scaler skipped it for inf/NaN gradients):
+    #: what the EMA (:mod:`.ema`) averages after
+    stepped: bool = True
 
 
 def optimizer_step(
@@ -326,9 +329,10 @@ def optimizer_step(
     elif acc.scaler is not None:
         acc.unscale_gradients()
     placement.optimizer.step()
+    skipped = bool(getattr(placement.optimizer, "step_was_skipped", False))  # accelerate's, from the scaler
     placement.scheduler.step()
     placement.optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(step_loss)
+    return StepOutcome(step_loss, stepped=not skipped)
 
 
 def _step_in_backward(

@@ -192,10 +192,11 @@ def test_sdxl_embedding(tmp_path):
         "training_method": "EMBEDDING", "model_type": "STABLE_DIFFUSION_XL_10_BASE", "base_model_name": "tiny:sdxl",
         "learning_rate": 3e-3, "embedding_learning_rate": 1e-3, "epochs": 8, "resolution": "1024",
         "output_model_format": "SAFETENSORS", "output_model_destination": "models/emb.safetensors",
-        "embedding": {"placeholder": "<sks>", "token_count": 4, "initial_embedding_text": "a cat"},
+        "embedding": {"placeholder": "sksemb", "token_count": 4, "initial_embedding_text": "a cat"},
     }  # fmt: skip
     o = _load(tmp_path, config, "ti")
-    assert (o.name, o.vectors, o.init_text, o.lr) == ("<sks>", 4, "a cat", 1e-3)  # embedding_learning_rate wins
+    assert (o.name, o.vectors, o.init_text, o.lr) == ("sksemb", 4, "a cat", 1e-3)  # embedding_learning_rate wins
+    assert o.template == "filewords"  # OneTrainer trains on the captions, which hold the placeholder
     assert (o.format, o.output, o.epochs) == ("safetensors", "models/emb.safetensors", 8)
 
 

@@ -558,7 +558,7 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             stop = _stop(r, n, parts[n])
             if stop is not None:
                 r.refuse(f"{n}.stop_training_after", f"{stop[1]} {stop[0]}",
-                         f"sdcore's LoRA trains the text encoder to the end (set it above epochs, or {n}.train false)")  # fmt: skip
+                         f"sdcore's LoRA trains the text encoder to the end (set {n}.stop_training_after_unit NEVER, or {n}.train false)")  # fmt: skip
     else:  # dreambooth: the denoiser's rate is the run's rate, each text encoder may have its own
         if not denoiser["train"]:
             r.refuse(f"{denoiser_name}.train", False, "sdcore's fine-tuning always trains the denoiser")
@@ -794,7 +794,8 @@ def _lora(r: _Reader, family: str) -> None:
 def _embedding(r: _Reader) -> None:
     v = r.out.values
     emb = r.table("embedding", EMBEDDING_DEFAULTS)
-    v["name"] = str(emb["placeholder"])  # the word the captions and prompts use
+    # OneTrainer trains on the captions as written, the placeholder inside them: sdcore's filewords template
+    v["name"], v["template"] = str(emb["placeholder"]), "filewords"
     v["vectors"] = emb["token_count"] if emb["token_count"] is not None else 1
     v["init_text"] = str(emb["initial_embedding_text"])
     if emb["model_name"]:

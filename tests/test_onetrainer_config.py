@@ -215,13 +215,14 @@ def test_refusals_by_name_all_at_once(tmp_path):
     config = {
         **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "COS_MAP", "masked_training": True,
         "loss_weight_fn": "P2", "huber_strength": 0.5, "peft_type": "OFT_2", "resolution": "512,768",
-        "unet": {"weight_dtype": "NFLOAT_4"}, "optimizer": {"optimizer": "CAME"},
+        "unet": {"weight_dtype": "NFLOAT_4"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
         "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
     }  # fmt: skip
     text = _problems(tmp_path, config)
     for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'COS_MAP'", "masked_training True",
                      "loss_weight_fn 'P2'", "huber_strength", "peft_type 'OFT_2'", "resolution '512,768'",
-                     "unet.weight_dtype 'NFLOAT_4'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'"):  # fmt: skip
+                     "unet.weight_dtype 'NFLOAT_4'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
+                     "dropout_probability 0.1"):  # fmt: skip
         assert expected in text, expected
 
 

@@ -624,7 +624,10 @@ def _training(r: _Reader, family: str, method: str) -> None:
         )
     dropout = r.get("dropout_probability")
     if dropout and method == "lora":
-        v["dropout"] = dropout  # LoRAModule: dropout on the down projection's output (kohya's network_dropout)
+        if _text(r.get("peft_type")) == "LORA" and not r.get("lora_decompose"):
+            v["dropout"] = dropout  # LoRAModule: lora_up(dropout(lora_down(x))), kohya's network_dropout
+        else:  # LoHa drops its factors' weights, DoRA the input: not sdcore's dropout
+            r.refuse("dropout_probability", dropout, "sdcore's dropout is plain LoRA's (on the down output)")
 
 
 def _schedule(r: _Reader, accumulation: int) -> None:

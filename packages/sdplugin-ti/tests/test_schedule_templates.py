@@ -80,11 +80,12 @@ def test_builtin_templates_have_placeholders():
     for name in BUILTIN:
         lines = load_template(name)
         assert lines
-        if name != "none":
+        if name not in ("none", "filewords"):
             assert all("[name]" in line for line in lines)
         if name.endswith("_filewords"):
             assert all("[filewords]" in line for line in lines)
     assert load_template("none") == ("picture",)
+    assert load_template("filewords") == ("[filewords]",)  # the captions as written (the name inside them)
 
 
 def test_user_template_and_substitution(tmp_path):

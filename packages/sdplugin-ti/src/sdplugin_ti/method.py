@@ -54,7 +54,8 @@ class TIOptions(TrainOptions):
     vectors: int = option(1, "Vectors per token (1-75): how many prompt tokens the embedding uses.", group="ti")
     template: str = option(
         "style_filewords",
-        "Prompt template: style, subject, style_filewords, subject_filewords, none, or a .txt file "
+        "Prompt template: style, subject, style_filewords, subject_filewords, none, filewords (the captions as "
+        "written: OneTrainer's way, with the name in them), or a .txt file "
         "with one prompt per line using [name] and [filewords].",
         group="ti",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from sdcore.train.templates import load_template as _load
 from sdcore.train.templates import pick_line, render
 
-BUILTIN = ("style", "subject", "style_filewords", "subject_filewords", "none")
+BUILTIN = ("style", "subject", "style_filewords", "subject_filewords", "none", "filewords")
 
 
 def load_template(spec: str) -> tuple[str, ...]:

@@ -201,7 +201,7 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: cannot read: {exc}") from None
 
 
-def _resolve(raw: str, base: Path) -> Path:
+def resolve_path(raw: str, base: Path) -> Path:
     """OneTrainer resolves relative paths from its own folder (its working directory); sdcore tries
     the working directory first, then the folder above the file's (``training_concepts/``'s parent,
     OneTrainer's root), then the file's folder."""
@@ -231,7 +231,7 @@ def concepts_of(path: str | os.PathLike[str]) -> tuple[list[Any], Path]:
             f"{path}: a JSON dataset is OneTrainer's concepts file (a list of concepts) or a training preset "
             "with 'concepts' or 'concept_file_name'"
         )
-    concepts_file = _resolve(name, path)
+    concepts_file = resolve_path(name, path)
     data = _read_json(concepts_file)
     if not isinstance(data, list):
         raise DataError(f"{concepts_file}: a OneTrainer concepts file is a JSON list of concepts")
@@ -424,7 +424,7 @@ def _subset(
     else:
         values["enable_wildcard"] = True  # one random line per use, as OneTrainer's SelectRandomText
         if source_kind == "concept":
-            prompt_file = _resolve(str(text["prompt_path"]), source) if text["prompt_path"] else None
+            prompt_file = resolve_path(str(text["prompt_path"]), source) if text["prompt_path"] else None
             if prompt_file is None or not prompt_file.is_file():
                 problems.append(f"{c.label}: text.prompt_path {text['prompt_path']!r}: no such text file")
             else:
@@ -438,7 +438,7 @@ def _subset(
     if not isinstance(raw_path, str) or not raw_path:
         problems.append(f"{c.label}: 'path' (the image folder) is empty")
         return None
-    directory = _resolve(raw_path, source)
+    directory = resolve_path(raw_path, source)
     if not directory.is_dir():
         problems.append(f"{c.label}: image folder {directory} does not exist")
         return None
@@ -537,5 +537,6 @@ __all__ = [
     "has_validation_concept",
     "list_images",
     "load_concepts",
+    "resolve_path",
     "samples_per_epoch",
 ]

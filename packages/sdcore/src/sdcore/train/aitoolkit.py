@@ -30,7 +30,6 @@ no effect there). SD1/SD2/SDXL LoRAs keep sdcore's kohya layout (ai-toolkit's ``
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -39,6 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
+from .field_tables import FOLLOWS
+from .field_tables import nearest_field as _nearest
+from .field_tables import same_value as _same
 
 if TYPE_CHECKING:
     from ..data.dataset import SkippedFile, SubsetOptions
@@ -49,8 +51,6 @@ if TYPE_CHECKING:
 JOB_SUFFIXES = (".yaml", ".yml", ".json", ".jsonc")
 #: process types that run ai-toolkit's SD trainer (``extensions_built_in/sd_trainer``)
 TRAINER_TYPES = ("sd_trainer", "ui_trainer", "diffusion_trainer")
-#: a default computed from another field (``linear_alpha`` = ``alpha``): accepted when it is what it follows
-FOLLOWS = "<follows another field>"
 
 #: every field of ai-toolkit's config classes and its default (SaveConfig, LoggingConfig, SampleConfig,
 #: NetworkConfig, TrainConfig, ModelConfig, EMAConfig, DatasetConfig in toolkit/config_modules.py)
@@ -588,24 +588,6 @@ class JobTranslation:
     values: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-
-def _nearest(name: str, known: Any) -> str:
-    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _same(value: Any, default: Any) -> bool:
-    if default is FOLLOWS:
-        return value is None
-    if isinstance(default, bool) or isinstance(value, bool):
-        return value is default or (value in (None, 0) and default is False)
-    if default is None:
-        return value in (None, "", [], {})
-    try:
-        return bool(value == default or float(value) == float(default))
-    except (TypeError, ValueError):
-        return False
 
 
 def check_section(table: Any, section: str, where: str, out: JobTranslation) -> dict[str, Any]:

@@ -6,7 +6,7 @@ flattened (``[training] lr = 1e-4`` is ``lr``), so configs may group keys as ``-
 Unknown keys are errors naming the key and the file (all of them at once, each with the nearest
 option name): a typo must never silently train with a default. kohya sd-scripts' names and its
 training TOML (flat, or in ``[model_arguments]``-style sections) are read through
-:mod:`sdcore.train.kohya`.
+:mod:`sdcore.train.kohya`; ai-toolkit jobs, kohya_ss GUI and OneTrainer configs through their readers.
 """
 
 from __future__ import annotations
@@ -158,7 +158,15 @@ def load_options(
             config_values.update(job_options.values)
             found_notes += job_options.notes
             problems += job_options.problems
-        flat = {} if job is not None else read_config_file(config_path)
+        from . import onetrainer_config
+
+        trainer_config = onetrainer_config.read_train_config(config_path) if job is None else None
+        if trainer_config is not None:  # a OneTrainer config (preset or saved): its own field table
+            ot = onetrainer_config.translate_config(trainer_config, fields, where=where, path=config_path)
+            config_values.update(ot.values)
+            found_notes += ot.notes
+            problems += ot.problems
+        flat = {} if job is not None or trainer_config is not None else read_config_file(config_path)
         if kohya_gui.is_gui_preset(flat):
             flat, gui_notes, gui_problems = kohya_gui.gui_preset(flat, where, fields)
             found_notes += gui_notes

@@ -20,7 +20,7 @@ from .kohya import _OFF, _is_off, _text
 #: the GUI tabs whose saved configs are read (tab -> the ``sdcore train`` method that runs them)
 TABS = {"lora": "lora", "dreambooth": "dreambooth", "finetune": "dreambooth", "ti": "ti"}
 #: a field of each sdcore method's options, to tell which method a config was given to
-_METHOD_FIELD = {"lora": "rank", "dreambooth": "stop_text_encoder_at", "ti": "vectors"}
+METHOD_FIELD = {"lora": "rank", "dreambooth": "stop_text_encoder_at", "ti": "vectors"}
 
 #: fields every tab saves and no sd-scripts or sdcore option is named (a GUI config's signature)
 _GUI_SIGNATURE = frozenset(
@@ -474,7 +474,7 @@ def gui_preset(
     tab = gui_tab(items)
     present = set(fields)
     method = TABS[tab]
-    if present and _METHOD_FIELD[method] not in present:
+    if present and METHOD_FIELD[method] not in present:
         problems.append(f"{where}: a kohya_ss GUI {tab} config: run it with `sdcore train {method}`")
     family = _family(items, where, problems)
     if tab == "lora":
@@ -521,4 +521,13 @@ def gui_preset(
     return items, notes, problems
 
 
-__all__ = ["GUI_LORA_TYPES", "GUI_ONLY", "OTHER_FAMILIES", "TABS", "gui_preset", "gui_tab", "is_gui_preset"]
+__all__ = [
+    "GUI_LORA_TYPES",
+    "GUI_ONLY",
+    "METHOD_FIELD",
+    "OTHER_FAMILIES",
+    "TABS",
+    "gui_preset",
+    "gui_tab",
+    "is_gui_preset",
+]

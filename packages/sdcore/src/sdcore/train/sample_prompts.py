@@ -185,6 +185,10 @@ def read_sample_prompts(value: str) -> list[SamplePrompt]:
 
         if aitoolkit.is_job_file(path):  # an ai-toolkit job: its sample section
             return aitoolkit.read_sample_prompts(path)
+        from . import onetrainer_config
+
+        if onetrainer_config.is_sample_source(path):  # a OneTrainer config or samples list
+            return onetrainer_config.read_sample_prompts(path)
     if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
         try:
             text = path.read_text(encoding="utf-8")

@@ -1,0 +1,979 @@
+"""OneTrainer training configs (its presets and the JSON its UI saves) as sdcore options and sample prompts.
+
+OneTrainer (Nerogar/OneTrainer) keeps a whole run in one ``TrainConfig`` (``modules/util/config/
+TrainConfig.py``): a flat table of general fields plus nested tables for each model part (``unet``,
+``transformer``, ``text_encoder``... a ``TrainModelPartConfig``), the optimizer (``TrainOptimizerConfig``),
+the embedding (``TrainEmbeddingConfig``), the concepts and the samples. ``sdcore train <method> --config
+config.json`` reads it through :func:`translate_config`; ``--data`` becomes the config itself (its
+``concepts`` or ``concept_file_name``, read by :mod:`sdcore.data.onetrainer`) and ``--sample-prompts`` too
+(its ``samples`` or ``sample_definition_file_name``, read by :func:`read_sample_prompts`).
+
+Every field name and default below is OneTrainer's (``default_values()`` of each config class, config
+version 11), with its meaning from the code that uses it: ``modules/util/create.py`` (optimizers and the
+learning-rate schedule), ``modules/util/lr_scheduler_util.py``, ``modules/modelSetup/mixin/
+ModelSetupNoiseMixin.py`` (noise and timesteps), ``modules/util/TimedActionMixin.py`` (the time units of
+saves, samples and ``stop_training_after``). A preset gives only the fields it changes: OneTrainer's
+defaults apply to the rest (learning rate 3e-6, 100 epochs, fp16 training, LoRA rank 16 and alpha 1,
+200 warmup steps, text encoders training for 30 epochs), not sdcore's.
+
+A field is translated, accepted with a note (no effect on what is learned: logging, devices, backups,
+caches), accepted at OneTrainer's default and refused by name otherwise (what sdcore does not do), or
+unknown (with the nearest OneTrainer name). All problems of a config are reported at once. Parts a model
+family does not have (``prior`` on SDXL, ``transformer`` on SD1.5) are ignored, as OneTrainer ignores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .aitoolkit import JobTranslation
+from .field_tables import nearest_field, same_value
+
+if TYPE_CHECKING:
+    from .sample_prompts import SamplePrompt
+
+#: the config version whose field names this reader knows (``TrainConfig.__init__``'s ``config_version``)
+CONFIG_VERSION = 11
+
+#: ``TrainConfig.default_values()``: every top-level field and its default (nested tables: see below);
+#: ``train_device`` is the machine's default device there ("cuda" where there is one)
+DEFAULTS: dict[str, Any] = {
+    "training_method": "FINE_TUNE", "model_type": "STABLE_DIFFUSION_15", "debug_mode": False, "debug_dir": "debug",
+    "workspace_dir": "workspace/run", "cache_dir": "workspace-cache/run", "huggingface_cache_dir": "",
+    "offline_mode": False, "tensorboard": True, "tensorboard_expose": False, "tensorboard_always_on": False,
+    "tensorboard_port": 6006, "validation": False, "validate_after": 1, "validate_after_unit": "EPOCH",
+    "continue_last_backup": False, "prevent_overwrites": False, "include_train_config": "NONE", "multi_gpu": False,
+    "device_indexes": "", "gradient_reduce_precision": "FLOAT_32_STOCHASTIC", "fused_gradient_reduce": True,
+    "async_gradient_reduce": True, "async_gradient_reduce_buffer": 100,
+    "base_model_name": "stable-diffusion-v1-5/stable-diffusion-v1-5", "output_dtype": "FLOAT_32",
+    "output_model_format": "SAFETENSORS", "output_model_destination": "models/model.safetensors",
+    "async_offloading": True, "force_circular_padding": False, "compile": False,
+    "concept_file_name": "training_concepts/concepts.json", "concepts": None, "aspect_ratio_bucketing": True,
+    "latent_caching": True, "clear_cache_before_training": True, "learning_rate_scheduler": "CONSTANT",
+    "custom_learning_rate_scheduler": None, "scheduler_params": [], "learning_rate": 3e-6,
+    "learning_rate_warmup_steps": 200.0, "learning_rate_cycles": 1.0, "learning_rate_min_factor": 0.0,
+    "epochs": 100, "batch_size": 1, "gradient_accumulation_steps": 1, "ema": "OFF", "ema_decay": 0.999,
+    "ema_update_step_interval": 5, "dataloader_threads": 2, "train_device": "cuda", "temp_device": "cpu",
+    "train_dtype": "FLOAT_16", "fallback_train_dtype": "BFLOAT_16", "enable_autocast_cache": True,
+    "only_cache": False, "resolution": "512", "frames": "25", "attention_mechanism": "SDP", "mse_strength": 1.0,
+    "mae_strength": 0.0, "log_cosh_strength": 0.0, "huber_strength": 0.0, "huber_delta": 1.0,
+    "vb_loss_strength": 1.0, "loss_weight_fn": "CONSTANT", "loss_weight_strength": 5.0, "dropout_probability": 0.0,
+    "loss_scaler": "NONE", "learning_rate_scaler": "NONE", "clip_grad_norm": 1.0, "offset_noise_weight": 0.0,
+    "generalized_offset_noise": False, "perturbation_noise_weight": 0.0,
+    "rescale_noise_scheduler_to_zero_terminal_snr": False, "force_v_prediction": False,
+    "force_epsilon_prediction": False, "min_noising_strength": 0.0, "max_noising_strength": 1.0,
+    "timestep_distribution": "UNIFORM", "noising_weight": 0.0, "noising_bias": 0.0, "timestep_shift": 1.0,
+    "dynamic_timestep_shifting": False, "text_encoder_layer_skip": 0, "text_encoder_sequence_length": 512,
+    "text_encoder_2_layer_skip": 0, "text_encoder_2_sequence_length": 77, "text_encoder_3_layer_skip": 0,
+    "text_encoder_4_layer_skip": 0, "masked_training": False, "unmasked_probability": 0.1, "unmasked_weight": 0.1,
+    "normalize_masked_area_loss": False, "masked_prior_preservation_weight": 0.0, "custom_conditioning_image": False,
+    "layer_filter": "", "layer_filter_preset": "full", "layer_filter_regex": False, "embedding_learning_rate": None,
+    "preserve_embedding_norm": False, "additional_embeddings": [], "embedding_weight_dtype": "FLOAT_32",
+    "peft_type": "LORA", "lora_model_name": "", "lora_rank": 16, "lora_alpha": 1.0, "lora_decompose": False,
+    "lora_decompose_norm_epsilon": True, "lora_decompose_output_axis": False, "lora_weight_dtype": "FLOAT_32",
+    "bundle_additional_embeddings": True, "oft_block_size": 32, "oft_block_share": False, "oft_scaled": False,
+    "lokr_dim": 16, "lokr_decompose_both": False, "lokr_decompose_factor": -1, "lokr_use_tucker": False,
+    "lokr_weight_decompose": False, "lokr_dora_on_output": True, "lokr_full_matrix": False, "lokr_vec_trick": True,
+    "optimizer_defaults": {}, "sample_definition_file_name": "training_samples/samples.json", "samples": None,
+    "sample_after": 10, "sample_after_unit": "MINUTE", "sample_skip_first": 0, "sample_image_format": "JPG",
+    "sample_video_format": "MP4", "sample_audio_format": "MP3", "samples_to_tensorboard": True,
+    "non_ema_sampling": True, "backup_after": 30, "backup_after_unit": "MINUTE", "rolling_backup": False,
+    "rolling_backup_count": 3, "backup_before_save": True, "save_every": 0, "save_every_unit": "NEVER",
+    "save_skip_first": 0, "save_filename_prefix": "",
+}  # fmt: skip
+#: ``TrainModelPartConfig.default_values()``
+PART_DEFAULTS: dict[str, Any] = {
+    "model_name": "", "include": True, "train": True, "stop_training_after": None, "stop_training_after_unit": "NEVER",
+    "learning_rate": None, "weight_dtype": "FLOAT_32", "dropout_probability": 0.0, "train_embedding": True,
+    "attention_mask": False, "guidance_scale": 1.0, "gradient_checkpointing": True, "offload_fraction": 0.0,
+    "activation_offloading": False,
+}  # fmt: skip
+#: the model parts of a TrainConfig, with what ``TrainConfig.default_values()`` changes in each
+_TE = {"stop_training_after": 30, "stop_training_after_unit": "EPOCH"}
+PARTS: dict[str, dict[str, Any]] = {
+    "unet": {"stop_training_after": 0}, "prior": {"stop_training_after": 0}, "transformer": {"stop_training_after": 0},
+    "unconditional_transformer": {"train": False, "gradient_checkpointing": False},
+    "text_encoder": _TE, "text_encoder_2": _TE, "text_encoder_3": _TE, "text_encoder_4": _TE,
+    "vae": {}, "effnet_encoder": {}, "decoder": {}, "decoder_text_encoder": {}, "decoder_vqgan": {},
+}  # fmt: skip
+#: ``TrainEmbeddingConfig.default_values()`` (``uuid`` is random there)
+EMBEDDING_DEFAULTS: dict[str, Any] = {
+    "uuid": None, "model_name": "", "placeholder": "<embedding>", "train": True, "stop_training_after": None,
+    "stop_training_after_unit": "NEVER", "token_count": 1, "initial_embedding_text": "*", "is_output_embedding": False,
+}  # fmt: skip
+#: ``QuantizationConfig.default_values()``: used by OneTrainer with quantized weight dtypes only
+QUANTIZATION_DEFAULTS: dict[str, Any] = {
+    "layer_filter": "", "layer_filter_preset": "full", "layer_filter_regex": False, "svd_dtype": "NONE",
+    "svd_rank": 16, "cache_dir": None,
+}  # fmt: skip
+#: ``TrainOptimizerConfig.default_values()``
+OPTIMIZER_DEFAULTS: dict[str, Any] = {
+    "optimizer": "ADAMW", "adam_w_mode": False, "alpha": None, "amsgrad": False, "beta1": None, "beta2": None,
+    "beta3": None, "bias_correction": False, "block_wise": False, "capturable": False, "centered": False,
+    "clip_threshold": None, "d0": None, "d_coef": None, "dampening": None, "decay_rate": None, "decouple": False,
+    "differentiable": False, "eps": None, "eps2": None, "foreach": False, "fsdp_in_use": False, "fused": False,
+    "fused_back_pass": False, "growth_rate": None, "initial_accumulator_value": None, "initial_accumulator": None,
+    "is_paged": False, "log_every": None, "lr_decay": None, "max_unorm": None, "maximize": False,
+    "min_8bit_size": None, "quant_block_size": None, "momentum": None, "nesterov": False, "no_prox": False,
+    "optim_bits": None, "percentile_clipping": None, "r": None, "relative_step": False, "safeguard_warmup": False,
+    "scale_parameter": False, "stochastic_rounding": True, "use_bias_correction": False, "use_triton": False,
+    "warmup_init": False, "weight_decay": None, "weight_lr_power": None, "decoupled_decay": False,
+    "fixed_decay": False, "rectify": False, "degenerated_to_sgd": False, "k": None, "xi": None,
+    "n_sma_threshold": None, "ams_bound": False, "adanorm": False, "adam_debias": False, "slice_p": None,
+    "cautious": False, "weight_decay_by_lr": True, "prodigy_steps": None, "use_speed": False, "split_groups": True,
+    "split_groups_mean": True, "factored": True, "factored_fp32": True, "use_stableadamw": True,
+    "use_cautious": False, "use_grams": False, "use_adopt": False, "d_limiter": True, "use_schedulefree": True,
+    "use_orthograd": False, "nnmf_factor": False, "orthogonal_gradient": False, "use_atan2": False,
+    "use_AdEMAMix": False, "beta3_ema": None, "alpha_grad": None, "beta1_warmup": None, "min_beta1": None,
+    "Simplified_AdEMAMix": False, "kourkoutas_beta": False, "schedulefree_c": None, "ns_steps": None,
+    "MuonWithAuxAdam": False, "muon_hidden_layers": None, "muon_adam_regex": False, "muon_adam_lr": None,
+    "muon_te1_adam_lr": None, "muon_te2_adam_lr": None, "muon_adam_config": {}, "rms_rescaling": True,
+    "normuon_variant": False, "beta2_normuon": None, "low_rank_ortho": False, "ortho_rank": None,
+    "accelerated_ns": False, "cautious_wd": False, "approx_mars": False, "auto_kappa_p": False, "compile": False,
+}  # fmt: skip
+#: ``SampleConfig.default_values()`` fields (width/height/steps/cfg/scheduler depend on the model: :data:`SAMPLE_MODEL_DEFAULTS`)
+SAMPLE_FIELDS = frozenset(
+    {"enabled", "prompt", "negative_prompt", "height", "width", "frames", "length", "seed", "random_seed",
+     "diffusion_steps", "cfg_scale", "noise_scheduler", "text_encoder_1_layer_skip", "text_encoder_1_sequence_length",
+     "text_encoder_2_layer_skip", "text_encoder_2_sequence_length", "text_encoder_3_layer_skip",
+     "text_encoder_4_layer_skip", "transformer_attention_mask", "force_last_timestep", "sample_inpainting",
+     "base_image_path", "mask_image_path"}
+)  # fmt: skip
+#: ``SampleConfig._get_model_defaults``: (width, height, diffusion_steps, cfg_scale, noise_scheduler) per family
+SAMPLE_MODEL_DEFAULTS: dict[str | None, tuple[int, int, int, float, str]] = {
+    None: (512, 512, 30, 7.0, "DDIM"),
+    "sd1": (512, 512, 30, 7.5, "EULER_A"),
+    "sd2": (768, 768, 30, 7.5, "DDIM"),
+    "sdxl": (1024, 1024, 30, 7.5, "EULER_A"),
+    "sd3": (1024, 1024, 28, 7.0, "DDIM"),
+    "flux": (1024, 1024, 30, 3.5, "DDIM"),
+}
+#: OneTrainer's ``NoiseScheduler`` -> sdcore sampler (SD1/SD2/SDXL samples; flow families use their own)
+SAMPLERS = {"DDIM": "ddim", "EULER": "euler", "EULER_A": "euler_a", "DPMPP": "dpm++2m", "DPMPP_KARRAS": "dpm++2m_karras",
+            "UNIPC": "unipc"}  # fmt: skip
+
+#: ``training_method`` -> the ``sdcore train`` method that runs it
+METHODS = {"LORA": "lora", "FINE_TUNE": "dreambooth", "EMBEDDING": "ti"}
+#: ``model_type`` -> sdcore family (``ModelType`` in modules/util/enum/ModelType.py)
+FAMILIES = {
+    "STABLE_DIFFUSION_15": "sd1", "STABLE_DIFFUSION_20": "sd2", "STABLE_DIFFUSION_20_BASE": "sd2",
+    "STABLE_DIFFUSION_21": "sd2", "STABLE_DIFFUSION_21_BASE": "sd2", "STABLE_DIFFUSION_XL_10_BASE": "sdxl",
+    "STABLE_DIFFUSION_3": "sd3", "STABLE_DIFFUSION_35": "sd3", "FLUX_DEV_1": "flux",
+}  # fmt: skip
+#: the model parts OneTrainer trains for each family (``ModelType.model_parts``); the first is the denoiser
+FAMILY_PARTS = {
+    "sd1": ("unet", "text_encoder", "vae"),
+    "sd2": ("unet", "text_encoder", "vae"),
+    "sdxl": ("unet", "text_encoder", "text_encoder_2", "vae"),
+    "sd3": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"),
+    "flux": ("transformer", "text_encoder", "text_encoder_2", "vae"),
+}
+#: the T5 encoder's part (sdcore's ``train_t5``)
+T5_PART = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
+PRECISIONS = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "no", "TFLOAT_32": "no"}
+SAVE_DTYPES = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "fp32"}
+#: weight dtypes that store a frozen part in a plain float type (sdcore keeps frozen parts in the training dtype)
+PLAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16", "TFLOAT_32", "NONE")
+#: ``create.py``: OneTrainer optimizer -> (sdcore optimizer, {argument: (OneTrainer fields, value when unset)});
+#: every argument is passed, as OneTrainer passes them all (``betas`` joins beta1/beta2, Adafactor's eps eps/eps2)
+OPTIMIZERS: dict[str, tuple[str, dict[str, tuple[tuple[str, ...], tuple[Any, ...]]]]] = {
+    "ADAMW": ("adamw", {"betas": (("beta1", "beta2"), (0.9, 0.999)), "weight_decay": (("weight_decay",), (1e-2,)),
+                        "eps": (("eps",), (1e-8,)), "amsgrad": (("amsgrad",), (False,))}),
+    "ADAM": ("torch.optim.Adam", {"betas": (("beta1", "beta2"), (0.9, 0.999)),
+                                  "weight_decay": (("weight_decay",), (0,)), "eps": (("eps",), (1e-8,)),
+                                  "amsgrad": (("amsgrad",), (False,))}),
+    "ADAMW_8BIT": ("adamw8bit", {"betas": (("beta1", "beta2"), (0.9, 0.999)),
+                                 "weight_decay": (("weight_decay",), (1e-2,)), "eps": (("eps",), (1e-8,)),
+                                 "min_8bit_size": (("min_8bit_size",), (4096,)),
+                                 "percentile_clipping": (("percentile_clipping",), (100,)),
+                                 "block_wise": (("block_wise",), (True,))}),
+    "LION": ("lion", {"betas": (("beta1", "beta2"), (0.9, 0.99)), "weight_decay": (("weight_decay",), (0,))}),
+    "SGD": ("sgd", {"momentum": (("momentum",), (0,)), "dampening": (("dampening",), (0,)),
+                    "weight_decay": (("weight_decay",), (0,)), "nesterov": (("nesterov",), (False,))}),
+    "PRODIGY": ("prodigy", {"betas": (("beta1", "beta2"), (0.9, 0.999)), "beta3": (("beta3",), (None,)),
+                            "eps": (("eps",), (1e-8,)), "weight_decay": (("weight_decay",), (0,)),
+                            "decouple": (("decouple",), (True,)),
+                            "use_bias_correction": (("use_bias_correction",), (False,)),
+                            "safeguard_warmup": (("safeguard_warmup",), (False,)), "d0": (("d0",), (1e-6,)),
+                            "d_coef": (("d_coef",), (1.0,)), "growth_rate": (("growth_rate",), (None,)),
+                            "slice_p": (("slice_p",), (1,))}),
+    "ADAFACTOR": ("adafactor", {"eps": (("eps", "eps2"), (1e-30, 1e-3)),
+                                "clip_threshold": (("clip_threshold",), (1.0,)),
+                                "decay_rate": (("decay_rate",), (-0.8,)), "beta1": (("beta1",), (None,)),
+                                "weight_decay": (("weight_decay",), (0.0,)),
+                                "scale_parameter": (("scale_parameter",), (True,)),
+                                "relative_step": (("relative_step",), (True,)),
+                                "warmup_init": (("warmup_init",), (False,))}),
+}  # fmt: skip
+#: optimizer fields OneTrainer reads for every optimizer that change speed or memory only
+OPTIMIZER_NOTED = {"foreach": "speed", "fused": "speed", "compile": "compilation", "log_every": "logging",
+                   "stochastic_rounding": "rounds bf16 weights; sdcore trains float32 adapters and embeddings"}  # fmt: skip
+
+#: top-level fields read with a note: no effect on what is learned
+NOTED: dict[str, str] = {
+    **{name: "logging" for name in ("debug_mode", "debug_dir", "tensorboard", "tensorboard_expose",
+                                     "tensorboard_always_on", "tensorboard_port", "samples_to_tensorboard")},
+    **{name: "devices and speed" for name in ("multi_gpu", "device_indexes", "gradient_reduce_precision",
+                                               "fused_gradient_reduce", "async_gradient_reduce",
+                                               "async_gradient_reduce_buffer", "async_offloading", "compile",
+                                               "dataloader_threads", "train_device", "temp_device",
+                                               "enable_autocast_cache", "attention_mechanism")},
+    **{name: "sdcore has no backups on a clock: give --save-state to keep resumable states with the saves"
+       for name in ("backup_after", "backup_after_unit", "rolling_backup", "rolling_backup_count",
+                    "backup_before_save")},
+    "workspace_dir": "sdcore writes next to --output", "cache_dir": "sdcore's cache is --cache-dir",
+    "huggingface_cache_dir": "sdcore reads the Hugging Face cache it finds", "offline_mode": "sdcore reads no hub",
+    "continue_last_backup": "give --resume <state>", "prevent_overwrites": "output naming",
+    "include_train_config": "output metadata", "fallback_train_dtype": "sdcore trains in --mixed-precision",
+    "clear_cache_before_training": "sdcore checks its cache against the images and settings",
+    "sample_image_format": "sdcore writes PNG samples", "sample_video_format": "no video",
+    "sample_audio_format": "no audio", "non_ema_sampling": "samples", "save_filename_prefix": "output naming",
+    "optimizer_defaults": "the UI's remembered settings per optimizer", "validation": "sdcore validates on "
+    "VALIDATION concepts (--validate-every-n-steps/-epochs)", "validate_after": "validation schedule",
+    "validate_after_unit": "validation schedule", "vb_loss_strength": "used by OneTrainer for learned-variance "
+    "models only", "text_encoder_sequence_length": "sdcore uses the family's token length",
+    "text_encoder_2_sequence_length": "sdcore uses the family's token length",
+}  # fmt: skip
+#: top-level fields :func:`translate_config` turns into sdcore settings (or refuses with its own message)
+HANDLED = frozenset(
+    {"training_method", "model_type", "base_model_name", "output_dtype", "output_model_format",
+     "output_model_destination", "concept_file_name", "concepts", "aspect_ratio_bucketing", "latent_caching",
+     "learning_rate_scheduler", "learning_rate", "learning_rate_warmup_steps", "learning_rate_cycles",
+     "learning_rate_min_factor", "epochs", "batch_size", "gradient_accumulation_steps", "ema", "ema_decay",
+     "ema_update_step_interval", "train_dtype", "resolution", "mse_strength", "mae_strength", "log_cosh_strength",
+     "huber_strength", "loss_weight_fn", "loss_weight_strength", "dropout_probability", "clip_grad_norm",
+     "offset_noise_weight", "rescale_noise_scheduler_to_zero_terminal_snr", "min_noising_strength",
+     "max_noising_strength", "timestep_distribution", "noising_weight", "noising_bias", "timestep_shift",
+     "dynamic_timestep_shifting", "text_encoder_layer_skip", "text_encoder_2_layer_skip", "layer_filter_preset",
+     "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
+     "lokr_dim", "lokr_decompose_factor", "sample_definition_file_name", "samples", "sample_after",
+     "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
+     "huber_delta", "lora_decompose_norm_epsilon"}
+)  # fmt: skip
+_NESTED = frozenset({*PARTS, "optimizer", "embedding", "quantization", "cloud", "secrets"})
+
+
+def is_train_config(data: Any) -> bool:
+    """A OneTrainer TrainConfig: a JSON object with its ``training_method`` and ``model_type`` fields."""
+    return isinstance(data, dict) and "training_method" in data and "model_type" in data
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_train_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The TrainConfig in ``path``, or ``None`` when it is not a ``.json`` OneTrainer config."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() != ".json" or not p.is_file():
+        return None
+    data = _read_json(p)
+    return data if is_train_config(data) else None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class _Reader:
+    """Reads one TrainConfig: unknown and refused fields go to ``out`` as they are met."""
+
+    def __init__(self, data: dict[str, Any], where: str, out: JobTranslation) -> None:
+        self.data, self.where, self.out = data, where, out
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key, DEFAULTS.get(key))
+
+    def table(self, key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+        """A nested table over its defaults; unknown names are problems."""
+        raw = self.data.get(key)
+        if raw is None:
+            return dict(defaults)
+        if not isinstance(raw, dict):
+            self.out.problems.append(f"{self.where}: {key} must be an object, got {raw!r}")
+            return dict(defaults)
+        unknown = [f"{k!r}{nearest_field(str(k), defaults)}" for k in raw if k not in defaults]
+        if unknown:
+            self.out.problems.append(f"{self.where}: unknown OneTrainer field(s) in {key}: {', '.join(unknown)}")
+        return {**defaults, **{k: v for k, v in raw.items() if k in defaults}}
+
+    def refuse(self, name: str, value: Any, why: str) -> None:
+        self.out.problems.append(f"{self.where}: {name} {value!r}: {why}")
+
+    def note(self, text: str) -> None:
+        self.out.notes.append(f"{self.where}: {text}")
+
+
+def translate_config(
+    data: dict[str, Any], fields: list[str], *, where: str, path: str | os.PathLike[str]
+) -> JobTranslation:
+    """sdcore option values for a OneTrainer TrainConfig (``fields``: the method's option names); ``data`` and
+    ``sample_prompts`` point at the config file ``path`` itself."""
+    from .kohya_gui import METHOD_FIELD
+
+    out = JobTranslation()
+    r = _Reader(data, where, out)
+    v = out.values
+    version = data.get("__version")
+    if version is not None and (not isinstance(version, int) or version < CONFIG_VERSION):
+        out.problems.append(
+            f"{where}: __version {version!r}: saved by an older OneTrainer (sdcore reads config version "
+            f"{CONFIG_VERSION}); open it in a current OneTrainer and save it again"
+        )
+        return out
+    if isinstance(version, int) and version > CONFIG_VERSION:
+        r.note(f"__version {version}: newer than the version {CONFIG_VERSION} sdcore knows; new fields are reported")
+    unknown = [f"{k!r}{nearest_field(k, [*DEFAULTS, *_NESTED])}" for k in data if k not in DEFAULTS and
+               k not in _NESTED and k != "__version"]  # fmt: skip
+    if unknown:
+        out.problems.append(f"{where}: unknown OneTrainer field(s): {', '.join(unknown)}")
+
+    # method and family
+    training_method = _text(r.get("training_method"))
+    method = METHODS.get(training_method)
+    if method is None:
+        r.refuse("training_method", training_method, f"sdcore trains {', '.join(METHODS)} (not the VAE)")
+        return out
+    present = set(fields)
+    if present and METHOD_FIELD[method] not in present:
+        out.problems.append(f"{where}: a OneTrainer {training_method} config: run it with `sdcore train {method}`")
+        return out
+    model_type = _text(r.get("model_type"))
+    family = FAMILIES.get(model_type)
+    if family is None:
+        kind = (
+            "inpainting and depth models"
+            if model_type.endswith(("INPAINTING", "DEPTH")) or "FILL" in model_type
+            else "this model family"
+        )
+        r.refuse(
+            "model_type",
+            model_type,
+            f"sdcore does not train {kind} (it trains SD1.5, SD2.x, SDXL, SD3/3.5 and FLUX.1 dev)",
+        )
+        return out
+
+    for key, value in data.items():  # plain fields: noted, or refused away from the default
+        if key in HANDLED or key in _NESTED or key not in DEFAULTS:
+            continue
+        if same_value(value, DEFAULTS[key]):
+            continue
+        if key in NOTED:
+            r.note(f"{key}: accepted, no effect on the result here ({NOTED[key]})")
+        else:
+            r.refuse(
+                key, value, f"sdcore does not implement this OneTrainer setting (only its default {DEFAULTS[key]!r})"
+            )
+    quantization = r.table("quantization", QUANTIZATION_DEFAULTS)
+    if any(not same_value(quantization[k], d) for k, d in QUANTIZATION_DEFAULTS.items()):
+        r.note("quantization: accepted, no effect here (OneTrainer's quantized weight dtypes only)")
+    cloud = data.get("cloud")
+    if isinstance(cloud, dict) and cloud.get("enabled"):
+        r.refuse("cloud.enabled", True, "sdcore trains on this machine (run it where the GPU is)")
+
+    _model(r, family, method, fields)
+    parts = {
+        name: r.table(name, {**PART_DEFAULTS, **PARTS[name]})
+        for name in PARTS
+        if name in data or name in FAMILY_PARTS[family]
+    }
+    _parts(r, parts, family, method, fields)
+    _training(r, family, method)
+    _noise(r, family)
+    if method == "lora":
+        _lora(r, family)
+    if method == "ti":
+        _embedding(r)
+    _ema(r, fields)
+    _saves_and_samples(r, family, path)
+    missing = sorted({k for k in v if k not in fields})
+    if missing:
+        out.problems.append(f"{where}: not options of `sdcore train {method}`: {', '.join(missing)}")
+        for k in missing:
+            v.pop(k)
+    return out
+
+
+def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
+    """Model, output, precisions and data."""
+    v = r.out.values
+    model = _text(r.get("base_model_name"))
+    v["model"] = model
+    if model:
+        from ..models.layout import peek_family
+
+        found = peek_family(model) if (model.startswith("tiny:") or Path(model).expanduser().exists()) else None
+        if found is not None and found != family:
+            r.refuse("model_type", r.get("model_type"), f"base_model_name {model} is a {found} model, not {family}")
+    v["output"] = _text(r.get("output_model_destination"))
+    train_dtype = _text(r.get("train_dtype"))
+    if train_dtype in PRECISIONS:
+        v["mixed_precision"] = PRECISIONS[train_dtype]
+    else:
+        r.refuse("train_dtype", train_dtype, f"choose one of {', '.join(PRECISIONS)}")
+    output_dtype = _text(r.get("output_dtype"))
+    if output_dtype in SAVE_DTYPES:
+        v["save_dtype"] = SAVE_DTYPES[output_dtype]
+    else:
+        r.refuse("output_dtype", output_dtype, f"sdcore saves {', '.join(SAVE_DTYPES)}")
+    fmt = _text(r.get("output_model_format"))
+    if method == "lora":
+        if fmt == "KOHYA_LORA":
+            v["key_layout"] = "kohya"
+        elif fmt == "DIFFUSERS_LORA" and family in ("sd3", "flux"):
+            v["key_layout"] = "diffusers"
+        elif fmt in ("LEGACY_LORA", "SAFETENSORS") and family in ("sd1", "sd2", "sdxl"):
+            v["key_layout"] = "kohya"
+            r.note(f"output_model_format {fmt}: written in kohya's LoRA layout (OneTrainer's SD LoRA keys)")
+        else:
+            r.refuse("output_model_format", fmt, "sdcore writes LoRAs as KOHYA_LORA (and DIFFUSERS_LORA for SD3/Flux)")
+    elif method == "dreambooth":
+        if fmt in ("SAFETENSORS", "LEGACY_SAFETENSORS", "ORIGINAL_SINGLE_FILE"):
+            v["save_format"] = "single-file"
+        elif fmt == "DIFFUSERS":
+            v["save_format"] = "diffusers"
+        else:
+            r.refuse("output_model_format", fmt, "sdcore writes a single-file model or a diffusers folder")
+    elif fmt == "SAFETENSORS":
+        v["format"] = "safetensors"
+        r.note("output_model_format SAFETENSORS: the embedding is written as .safetensors and A1111's .pt")
+    else:
+        r.refuse("output_model_format", fmt, "sdcore writes embeddings as SAFETENSORS (and A1111's .pt)")
+    # data: the concepts (in the config or its concept_file_name) are read by sdcore.data.onetrainer
+    resolution = _text(r.get("resolution")).strip()
+    if resolution.isdigit():
+        v["resolution"] = int(resolution)
+    else:
+        r.refuse("resolution", resolution, "sdcore trains at one square resolution (a single number)")
+    v["buckets"] = bool(r.get("aspect_ratio_bucketing"))
+    v["cache_latents"] = bool(r.get("latent_caching"))
+    for key in ("text_encoder_layer_skip", "text_encoder_2_layer_skip"):
+        skip = r.get(key)
+        if not skip:
+            continue
+        if family in ("sd1", "sd2", "sdxl") and (key == "text_encoder_layer_skip" or family == "sdxl"):
+            v["clip_skip"] = int(skip) + 1  # skipping n final layers = kohya's clip_skip n + 1
+        else:
+            r.refuse(key, skip, "sdcore skips CLIP layers on SD1/SD2/SDXL only")
+    if family == "sdxl" and r.get("text_encoder_layer_skip") != r.get("text_encoder_2_layer_skip"):
+        r.refuse("text_encoder_2_layer_skip", r.get("text_encoder_2_layer_skip"),
+                 "sdcore skips the same number of layers in both SDXL text encoders (clip_skip)")  # fmt: skip
+
+
+def _stop(r: _Reader, name: str, part: dict[str, Any]) -> tuple[str, int] | None:
+    """A part's ``stop_training_after`` when it takes effect before the run ends (``TimedActionMixin.
+    single_action_elapsed``: EPOCH n trains epochs 0..n-1, STEP n steps 0..n-1; NEVER never stops)."""
+    unit, after = _text(part.get("stop_training_after_unit")), part.get("stop_training_after")
+    if unit == "NEVER" or after is None:
+        return None
+    if unit == "EPOCH" and int(after) >= int(r.get("epochs")):
+        return None
+    if unit in ("EPOCH", "STEP"):
+        return unit, int(after)
+    r.refuse(f"{name}.stop_training_after_unit", unit, "sdcore stops a part after a number of steps, not on a clock")
+    return None
+
+
+def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: str, fields: list[str]) -> None:
+    """The model parts of the family: which train, their rates, dtypes and options."""
+    v = r.out.values
+    names = FAMILY_PARTS[family]
+    denoiser_name, encoders = names[0], [n for n in names if n.startswith("text_encoder")]
+    denoiser = parts[denoiser_name]
+    for name in names:
+        part = parts[name]
+        if not part["include"]:
+            r.refuse(f"{name}.include", False, "sdcore loads every part of the model")
+        dtype = _text(part["weight_dtype"])
+        if name == denoiser_name and dtype == "FLOAT_8":
+            v["fp8_base"] = True  # OneTrainer's float8 storage of the frozen weights, upcast per layer = fp8_base
+        elif dtype not in PLAIN_DTYPES:
+            r.refuse(
+                f"{name}.weight_dtype", dtype, "sdcore stores frozen weights in float8 (the denoiser's) or a float type"
+            )
+        elif dtype != "FLOAT_32":
+            r.note(f"{name}.weight_dtype {dtype}: sdcore keeps frozen weights in the training precision")
+        if name == "vae":
+            if part["model_name"]:
+                v["vae"] = str(part["model_name"])
+            continue
+        if name == denoiser_name and part["model_name"]:
+            r.refuse(f"{name}.model_name", part["model_name"], "sdcore reads the whole model from base_model_name")
+        if part["dropout_probability"]:
+            r.refuse(
+                f"{name}.dropout_probability", part["dropout_probability"], "sdcore has no text-encoder output dropout"
+            )
+        if part["offload_fraction"] or part["activation_offloading"]:
+            r.note(f"{name}: offloading accepted, no effect on the result here (memory)")
+        if part["attention_mask"]:
+            if name == "transformer" and family == "flux":
+                v["apply_t5_attn_mask"] = True
+            else:
+                r.refuse(f"{name}.attention_mask", True, "sdcore masks T5's padding on Flux only")
+        if not part["train_embedding"] and method == "ti":
+            r.refuse(f"{name}.train_embedding", False, "sdcore trains the embedding in every text encoder")
+    if family == "flux" and not same_value(denoiser["guidance_scale"], 1.0):
+        v["guidance_scale"] = denoiser["guidance_scale"]
+    v["gradient_checkpointing"] = bool(denoiser["gradient_checkpointing"])
+    if method == "ti":
+        return
+    stop = _stop(r, denoiser_name, denoiser)
+    if stop is not None:
+        r.refuse(
+            f"{denoiser_name}.stop_training_after", f"{stop[1]} {stop[0]}", "sdcore trains the denoiser to the end"
+        )
+    training = [n for n in encoders if parts[n]["train"]]
+    t5 = T5_PART.get(family)
+    clip_training = [n for n in training if n != t5]
+    if t5 in training:
+        if not clip_training:
+            r.refuse(f"{t5}.train", True, "sdcore trains T5 together with the CLIP text encoders (train_t5)")
+        v["train_t5"] = True
+    v["train_text_encoder"] = bool(training)
+    rates = {n: parts[n]["learning_rate"] for n in training}
+    if method == "lora":
+        if not denoiser["train"] and not training:
+            r.out.problems.append(f"{r.where}: nothing trains ({denoiser_name}.train and the text encoders' are false)")
+        if not denoiser["train"] and training:
+            v["te_only"] = True
+        if denoiser["learning_rate"] is not None:
+            v["unet_lr"] = denoiser["learning_rate"]
+        given = {rate for rate in rates.values() if rate is not None}
+        if len(given) > 1 or (given and None in rates.values()):
+            r.refuse("text encoder learning_rate", rates, "sdcore's LoRA has one text-encoder rate (te_lr)")
+        elif given:
+            v["te_lr"] = given.pop()
+        for n in training:
+            stop = _stop(r, n, parts[n])
+            if stop is not None:
+                r.refuse(f"{n}.stop_training_after", f"{stop[1]} {stop[0]}",
+                         f"sdcore's LoRA trains the text encoder to the end (set {n}.stop_training_after_unit NEVER, or {n}.train false)")  # fmt: skip
+    else:  # dreambooth: the denoiser's rate is the run's rate, each text encoder may have its own
+        if not denoiser["train"]:
+            r.refuse(f"{denoiser_name}.train", False, "sdcore's fine-tuning always trains the denoiser")
+        if denoiser["learning_rate"] is not None:
+            v["lr"] = denoiser["learning_rate"]
+        if family in ("sd1", "sd2") and rates.get("text_encoder") is not None:
+            v["te_lr"] = rates["text_encoder"]
+        elif family not in ("sd1", "sd2"):
+            for i, n in enumerate(encoders, 1):
+                if rates.get(n) is not None:
+                    v[f"te{i}_lr"] = rates[n]
+        stops = {n: _stop(r, n, parts[n]) for n in training}
+        steps = {s for s in stops.values() if s is not None}
+        if len(steps) > 1 or (steps and None in stops.values()):
+            r.refuse("text encoder stop_training_after", stops, "sdcore stops all text encoders at one step")
+        elif steps:
+            unit, after = steps.pop()
+            if unit == "STEP":
+                v["stop_text_encoder_at"] = after
+            else:
+                r.refuse(f"{training[0]}.stop_training_after", f"{after} EPOCH",
+                         "sdcore stops the text encoder at an optimizer step: give it in STEP")  # fmt: skip
+
+
+def _training(r: _Reader, family: str, method: str) -> None:
+    """Rates, schedule, batches, optimizer, loss."""
+    v = r.out.values
+    lr = r.get("learning_rate")
+    if method == "ti" and r.get("embedding_learning_rate") is not None:
+        lr = r.get("embedding_learning_rate")  # the embedding's own rate
+    if "lr" not in v:
+        v["lr"] = lr
+    epochs = r.get("epochs")
+    v["epochs"] = epochs
+    v["max_steps"] = None
+    v["batch_size"] = r.get("batch_size")
+    accumulation = int(r.get("gradient_accumulation_steps") or 1)
+    v["gradient_accumulation"] = accumulation
+    clip = r.get("clip_grad_norm")
+    v["max_grad_norm"] = 0.0 if clip is None else clip  # None: no clipping
+    _schedule(r, accumulation)
+    _optimizer(r)
+    strengths = {
+        k: float(r.get(k) or 0.0) for k in ("mse_strength", "mae_strength", "log_cosh_strength", "huber_strength")
+    }
+    used = {k: s for k, s in strengths.items() if s != 0}
+    if used == {"mse_strength": 1.0}:
+        v["loss_type"] = "l2"
+    elif used == {"mae_strength": 1.0}:
+        v["loss_type"] = "l1"
+    else:
+        r.refuse("loss strengths", used, "sdcore trains with one loss: mse_strength 1 (l2) or mae_strength 1 (l1)")
+    weight = _text(r.get("loss_weight_fn"))
+    strength = r.get("loss_weight_strength")
+    flow = family in ("sd3", "flux")
+    if weight == "MIN_SNR_GAMMA" and not flow:
+        v["min_snr_gamma"] = strength
+    elif weight == "DEBIASED_ESTIMATION" and not flow:
+        v["debiased_estimation_loss"] = True
+    elif weight != "CONSTANT":
+        r.refuse(
+            "loss_weight_fn", weight, "sdcore weights the loss by MIN_SNR_GAMMA or DEBIASED_ESTIMATION (SD1/SD2/SDXL)"
+        )
+    dropout = r.get("dropout_probability")
+    if dropout and method == "lora":
+        if _text(r.get("peft_type")) == "LORA" and not r.get("lora_decompose"):
+            v["dropout"] = dropout  # LoRAModule: lora_up(dropout(lora_down(x))), kohya's network_dropout
+        else:  # LoHa drops its factors' weights, DoRA the input: not sdcore's dropout
+            r.refuse("dropout_probability", dropout, "sdcore's dropout is plain LoRA's (on the down output)")
+
+
+def _schedule(r: _Reader, accumulation: int) -> None:
+    """``create.create_lr_scheduler``: warmup above 1 is a step count (divided by the accumulation), from
+    0 to 1 a share of the run; then ``lr_scheduler_util``'s curves over the steps after the warmup."""
+    v = r.out.values
+    name = _text(r.get("learning_rate_scheduler"))
+    warmup = float(r.get("learning_rate_warmup_steps") or 0.0)
+    cycles = float(r.get("learning_rate_cycles") or 1.0)
+    floor = float(r.get("learning_rate_min_factor") or 0.0)
+    if warmup > 1:
+        v["lr_warmup_steps"] = int(warmup / accumulation)
+    elif warmup == 1:
+        r.refuse("learning_rate_warmup_steps", 1.0, "a warmup over the whole run; give a step count or a share below 1")
+    elif warmup > 0:
+        v["lr_warmup_steps"] = warmup  # a share of the run, as sdcore (kohya) reads a number below 1
+    else:
+        v["lr_warmup_steps"] = 0
+    warm = v["lr_warmup_steps"] != 0
+    if name == "CONSTANT":
+        v["lr_scheduler"] = "constant_with_warmup" if warm else "constant"
+    elif name == "LINEAR" and floor == 0:
+        v["lr_scheduler"] = "linear"
+    elif name == "COSINE" and floor == 0:
+        v["lr_scheduler"] = "cosine"  # 0.5 * (1 + cos(pi * progress)) = diffusers' cosine (half a wave)
+    elif name in ("COSINE", "COSINE_WITH_RESTARTS") and (2 * (cycles if name != "COSINE" else 0.5)).is_integer():
+        # 0.5 * (1 + cos(2 pi * cycles * progress)), lifted to min + (1 - min) * f: cosine_with_min_lr with
+        # 2 * cycles half-waves (its num_cycles = lr_cycles / 2)
+        v["lr_scheduler"] = "cosine_with_min_lr"
+        v["lr_cycles"] = int(2 * (cycles if name != "COSINE" else 0.5))
+        v["lr_min_ratio"] = floor
+    elif name == "COSINE_WITH_HARD_RESTARTS" and floor == 0 and cycles.is_integer():
+        v["lr_scheduler"] = "cosine_with_restarts"  # cos(pi * ((cycles * progress) % 1)): diffusers' hard restarts
+        v["lr_cycles"] = int(cycles)
+    else:
+        r.refuse("learning_rate_scheduler", name, "sdcore reads CONSTANT, LINEAR, COSINE, COSINE_WITH_RESTARTS (whole "
+                 "half-waves) and COSINE_WITH_HARD_RESTARTS (whole cycles); LINEAR and hard restarts without "
+                 "learning_rate_min_factor")  # fmt: skip
+
+
+def _args_text(args: dict[str, Any]) -> str:
+    def one(value: Any) -> str:
+        if isinstance(value, tuple):
+            return ",".join(one(x) for x in value)
+        return repr(value) if isinstance(value, float) else str(value)
+
+    return " ".join(f"{k}={one(x)}" for k, x in args.items())
+
+
+def _optimizer(r: _Reader) -> None:
+    """The optimizer with every argument ``create.py`` gives it (a field left at None takes create.py's value)."""
+    v = r.out.values
+    table = r.table("optimizer", OPTIMIZER_DEFAULTS)
+    name = _text(table["optimizer"])
+    if name not in OPTIMIZERS:
+        r.refuse("optimizer.optimizer", name, f"sdcore runs OneTrainer's {', '.join(OPTIMIZERS)}")
+        return
+    optimizer, arguments = OPTIMIZERS[name]
+    if name == "ADAMW_8BIT" and table["is_paged"]:
+        optimizer = "pagedadamw8bit"
+    args: dict[str, Any] = {}
+    for arg, (keys, fallbacks) in arguments.items():
+        values = tuple(table[k] if table[k] is not None else f for k, f in zip(keys, fallbacks, strict=True))
+        if any(x is None for x in values):
+            continue  # the library's own default (OneTrainer passes None)
+        args[arg] = values if len(values) > 1 else values[0]
+    if name == "ADAFACTOR" and args.get("relative_step"):
+        r.refuse("optimizer.relative_step", True, "sdcore gives Adafactor the learning rate (relative_step false)")
+    v["optimizer"] = optimizer
+    v["optimizer_args"] = _args_text(args)
+    if table["fused_back_pass"]:
+        v["fused_backward_pass"] = True
+    for key, why in OPTIMIZER_NOTED.items():
+        if not same_value(table[key], OPTIMIZER_DEFAULTS[key]):
+            r.note(f"optimizer.{key}: accepted, no effect on the result here ({why})")
+
+
+def _noise(r: _Reader, family: str) -> None:
+    """``ModelSetupNoiseMixin``: offset noise, timestep distributions and shift."""
+    v = r.out.values
+    if r.get("offset_noise_weight"):
+        v["noise_offset"] = r.get("offset_noise_weight")  # noise + w * N(0, 1) per channel = kohya's noise_offset
+    if r.get("rescale_noise_scheduler_to_zero_terminal_snr"):
+        v["zero_terminal_snr"] = True
+    kind = _text(r.get("timestep_distribution"))
+    low, high = float(r.get("min_noising_strength")), float(r.get("max_noising_strength"))
+    weight, bias = float(r.get("noising_weight")), float(r.get("noising_bias"))
+    shift, dynamic = float(r.get("timestep_shift")), bool(r.get("dynamic_timestep_shifting"))
+    if family not in ("sd3", "flux"):
+        # UNIFORM: int(min + (max - min) * U) over 1000 steps = kohya's uniform draw from [min, max)
+        if kind != "UNIFORM":
+            r.refuse("timestep_distribution", kind, "sdcore draws SD1/SD2/SDXL timesteps uniformly")
+        if shift != 1:
+            r.refuse("timestep_shift", shift, "sdcore shifts flow-matching timesteps only (SD3, Flux)")
+        if (low, high) != (0.0, 1.0):
+            v["min_timestep"], v["max_timestep"] = int(1000 * low), int(1000 * high)
+        return
+    if (low, high) != (0.0, 1.0):
+        r.refuse(
+            "min/max_noising_strength", (low, high), "sdcore draws flow-matching noise levels over the whole range"
+        )
+    v["model_prediction_type"] = "raw"  # OneTrainer's flow loss: the prediction against noise - latents
+    v["weighting_scheme"] = "uniform"
+    if dynamic and family == "flux":
+        if kind == "LOGIT_NORMAL" and (weight, bias) == (0.0, 0.0):
+            # sigmoid(N(0, 1)), shifted by the resolution's exp(mu) (Flux's calculate_timestep_shift) = kohya flux_shift
+            v["timestep_sampling"], v["sigmoid_scale"] = "flux_shift", 1.0
+        else:
+            r.refuse(
+                "dynamic_timestep_shifting",
+                True,
+                "sdcore shifts by resolution with LOGIT_NORMAL (weight 0, bias 0) only",
+            )
+        return
+    if dynamic:
+        r.note("dynamic_timestep_shifting: OneTrainer shifts by resolution for Flux only")
+    v["discrete_flow_shift"] = shift  # t' = s t / ((s - 1) t + 1), as OneTrainer shifts
+    if kind == "UNIFORM":
+        v["timestep_sampling"] = "uniform"
+    elif kind == "LOGIT_NORMAL":
+        # sigmoid(N(noising_bias, noising_weight + 1))
+        v["timestep_sampling"], v["logit_mean"], v["logit_std"] = "logit_normal", bias, weight + 1.0
+    else:
+        r.refuse("timestep_distribution", kind, "sdcore reads UNIFORM and LOGIT_NORMAL for SD3 and Flux")
+
+
+def _lora(r: _Reader, family: str) -> None:
+    v = r.out.values
+    kind = _text(r.get("peft_type"))
+    if r.get("lora_model_name"):
+        v["network_weights"] = str(r.get("lora_model_name"))
+    v["rank"], v["alpha"] = r.get("lora_rank"), r.get("lora_alpha")
+    if kind == "LORA":
+        v["algo"] = "dora" if r.get("lora_decompose") else "lora"
+        if r.get("lora_decompose"):
+            r.note("lora_decompose: trained as LyCORIS' DoRA (weight decomposition), saved in its layout")
+            if r.get("lora_decompose_output_axis"):
+                r.refuse("lora_decompose_output_axis", True, "sdcore's DoRA decomposes along the input axis")
+    elif kind == "LOHA":
+        v["algo"] = "loha"
+    elif kind == "LOKR":
+        v["algo"], v["rank"] = "lokr", r.get("lokr_dim")
+        v["lokr_factor"] = r.get("lokr_decompose_factor")
+    else:
+        r.refuse("peft_type", kind, "sdcore trains LORA, LOHA and LOKR")
+    preset, custom = _text(r.get("layer_filter_preset")), _text(r.get("layer_filter"))
+    if custom:
+        r.refuse("layer_filter", custom, "sdcore adapts its preset targets (layer_filter_preset full or attn-mlp)")
+    elif family in ("sd1", "sd2", "sdxl"):
+        if preset == "attn-mlp":  # modules under "attentions": the transformer blocks, kohya's default targets
+            pass
+        elif preset == "full" and kind == "LORA" and not r.get("lora_decompose"):
+            v["algo"], v["conv_rank"], v["conv_alpha"] = "locon", v["rank"], v["alpha"]
+            r.note("layer_filter_preset full: every Linear and Conv2d of the UNet, as LoCon (conv rank = rank)")
+        else:
+            r.refuse(
+                "layer_filter_preset",
+                preset,
+                "sdcore adapts SD's attention blocks (attn-mlp), or all layers as LoCon (full)",
+            )
+    elif preset in ("full", "attn-mlp"):
+        r.note(f"layer_filter_preset {preset}: sdcore adapts the {family} blocks' Linear layers (kohya's targets)")
+    else:
+        r.refuse("layer_filter_preset", preset, f"sdcore adapts the {family} blocks' Linear layers (full or attn-mlp)")
+
+
+def _embedding(r: _Reader) -> None:
+    v = r.out.values
+    emb = r.table("embedding", EMBEDDING_DEFAULTS)
+    # OneTrainer trains on the captions as written, the placeholder inside them: sdcore's filewords template
+    v["name"], v["template"] = str(emb["placeholder"]), "filewords"
+    v["vectors"] = emb["token_count"] if emb["token_count"] is not None else 1
+    v["init_text"] = str(emb["initial_embedding_text"])
+    if emb["model_name"]:
+        v["init_weights"] = str(emb["model_name"])
+    if not emb["train"]:
+        r.refuse("embedding.train", False, "nothing to train")
+    stop = _stop(r, "embedding", emb)
+    if stop is not None:
+        r.refuse("embedding.stop_training_after", f"{stop[1]} {stop[0]}", "sdcore trains the embedding to the end")
+    if emb["is_output_embedding"]:
+        r.refuse("embedding.is_output_embedding", True, "sdcore trains input embeddings")
+    if r.get("preserve_embedding_norm"):
+        r.refuse("preserve_embedding_norm", True, "sdcore does not rescale the vectors")
+
+
+def _ema(r: _Reader, fields: list[str]) -> None:
+    """``ema`` GPU/CPU keeps an EMA of the trained weights (updated every ``ema_update_step_interval`` steps)."""
+    v = r.out.values
+    mode = _text(r.get("ema"))
+    if mode == "OFF":
+        return
+    if mode not in ("GPU", "CPU"):
+        r.refuse("ema", mode, "choose OFF, GPU or CPU")
+        return
+    if "ema" not in fields:
+        r.refuse("ema", mode, "sdcore does not keep an EMA of the trained weights for this method; set ema to OFF")
+        return
+    v["ema"] = True
+    v["ema_decay"] = r.get("ema_decay")
+    interval = int(r.get("ema_update_step_interval"))
+    if "ema_update_every" in fields:
+        v["ema_update_every"] = interval
+    elif interval != 1:
+        r.refuse("ema_update_step_interval", interval, "sdcore updates the EMA every step (give 1)")
+    if "ema_device" in fields:
+        v["ema_device"] = "cpu" if mode == "CPU" else "same"
+    elif mode == "CPU":
+        r.note("ema CPU: sdcore keeps the EMA next to the weights (placement only)")
+
+
+def _saves_and_samples(r: _Reader, family: str, path: str | os.PathLike[str]) -> None:
+    """``save_every``/``sample_after`` in STEP or EPOCH units; clock units have no sdcore counterpart."""
+    v = r.out.values
+    v["data"] = str(path)
+    every, unit = int(r.get("save_every") or 0), _text(r.get("save_every_unit"))
+    if every > 0 and unit == "STEP":
+        v["save_every"] = every
+    elif every > 0 and unit == "EPOCH":
+        v["save_every_epochs"] = every
+    elif unit in ("SECOND", "MINUTE", "HOUR") and every > 0:
+        r.note(f"save_every {every} {unit}: sdcore saves by steps or epochs, not on a clock: no intermediate saves")
+    if r.get("save_skip_first"):
+        r.note(f"save_skip_first {r.get('save_skip_first')}: sdcore writes every intermediate save")
+    after, sample_unit = int(r.get("sample_after") or 0), _text(r.get("sample_after_unit"))
+    if not isinstance(r.data.get("samples"), list):
+        from ..data.onetrainer import resolve_path
+
+        name = _text(r.get("sample_definition_file_name"))
+        if not resolve_path(name, Path(path)).is_file():
+            if sample_unit != "NEVER" and after > 0:
+                r.note(f"sample_definition_file_name {name}: no such file here, so no samples")
+            return
+    try:
+        prompts = read_sample_prompts(path)
+    except ConfigError as exc:
+        r.out.problems.append(str(exc))
+        return
+    if not prompts or after <= 0 or sample_unit == "NEVER":
+        return
+    if sample_unit in ("STEP", "EPOCH"):
+        v["sample_prompts"] = str(path)
+        v["sample_every" if sample_unit == "STEP" else "sample_every_epochs"] = after
+        v["sample_at_first"] = not r.get("sample_skip_first")
+        if int(r.get("sample_skip_first") or 0) > 1:
+            r.note(f"sample_skip_first {r.get('sample_skip_first')}: sdcore skips only the first sampling")
+    else:
+        r.note(f"sample_after {after} {sample_unit}: sdcore samples by steps or epochs, not on a clock: no samples")
+
+
+# --- sample prompts ---------------------------------------------------------------------------------------
+
+
+def _samples_of(data: Any, path: Path) -> tuple[list[Any], str | None]:
+    """The sample list of a TrainConfig (``samples``, else ``sample_definition_file_name``) or of a samples
+    file, and the config's family (None for a bare samples file)."""
+    from ..data.onetrainer import resolve_path
+
+    if isinstance(data, list):
+        return data, None
+    if not is_train_config(data):
+        raise ConfigError(f"{path}: not a OneTrainer config or samples file")
+    family = FAMILIES.get(_text(data.get("model_type", DEFAULTS["model_type"])))
+    if isinstance(data.get("samples"), list):
+        return data["samples"], family
+    name = _text(data.get("sample_definition_file_name", DEFAULTS["sample_definition_file_name"]))
+    samples_file = resolve_path(name, path)
+    listed = _read_json(samples_file)
+    if not isinstance(listed, list):
+        raise ConfigError(f"{samples_file}: a OneTrainer samples file is a JSON list of samples")
+    return listed, family
+
+
+def is_samples_list(data: Any) -> bool:
+    """A OneTrainer samples file: a JSON list of objects with its own field names (``diffusion_steps``,
+    ``cfg_scale``, ``noise_scheduler``, ``random_seed``; kohya's JSON prompts say ``sample_steps``/``scale``)."""
+    own = {"diffusion_steps", "cfg_scale", "noise_scheduler", "random_seed"}
+    return isinstance(data, list) and any(isinstance(e, dict) and own & e.keys() for e in data)
+
+
+def is_sample_source(path: str | os.PathLike[str]) -> bool:
+    p = Path(path).expanduser()
+    if p.suffix.lower() != ".json" or not p.is_file():
+        return False
+    try:
+        data = _read_json(p)
+    except ConfigError:
+        return False
+    return is_train_config(data) or is_samples_list(data)
+
+
+def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
+    """The enabled samples of a TrainConfig or samples file as sample prompts, with OneTrainer's per-family
+    defaults (``SampleConfig._get_model_defaults``); on Flux ``cfg_scale`` is the embedded guidance, and a
+    sample with ``random_seed`` gets sdcore's seed for its position."""
+    from .sample_prompts import SamplePrompt, sampler_name
+
+    p = Path(path).expanduser()
+    entries, family = _samples_of(_read_json(p), p)
+    width, height, steps, cfg, scheduler = SAMPLE_MODEL_DEFAULTS[family]
+    prompts: list[SamplePrompt] = []
+    for i, e in enumerate(entries):
+        where = f"{p} sample {i + 1}"
+        if not isinstance(e, dict):
+            raise ConfigError(f"{where}: each sample is an object")
+        unknown = [f"{k!r}{nearest_field(k, SAMPLE_FIELDS)}" for k in e if k not in SAMPLE_FIELDS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown OneTrainer sample field(s): {', '.join(unknown)}")
+        if not e.get("enabled", True):
+            continue
+        if not isinstance(e.get("prompt"), str) or not e["prompt"].strip():
+            raise ConfigError(f"{where}: the prompt is empty")
+        scale = float(e.get("cfg_scale", cfg))
+        sampler: str | None = None
+        ignored: tuple[str, ...] = ()
+        if family in (None, "sd1", "sd2", "sdxl"):
+            chosen = _text(e.get("noise_scheduler", scheduler))
+            if chosen in SAMPLERS:
+                sampler = sampler_name(SAMPLERS[chosen])
+            else:
+                ignored = (f"noise_scheduler {chosen} (sdcore has no such sampler; the run's sampler is used)",)
+        prompts.append(
+            SamplePrompt(
+                prompt=e["prompt"],
+                negative=str(e.get("negative_prompt", "")),
+                width=int(e.get("width", width)),
+                height=int(e.get("height", height)),
+                steps=int(e.get("diffusion_steps", steps)),
+                seed=None if e.get("random_seed") else int(e.get("seed", 42)),
+                cfg=None if family == "flux" else scale,
+                guidance=scale if family == "flux" else None,
+                sampler=sampler,
+                ignored=ignored,
+            )
+        )
+    return prompts
+
+
+__all__ = [
+    "DEFAULTS",
+    "FAMILIES",
+    "METHODS",
+    "is_sample_source",
+    "is_samples_list",
+    "is_train_config",
+    "read_sample_prompts",
+    "read_train_config",
+    "translate_config",
+]

@@ -1,0 +1,318 @@
+"""OneTrainer training configs read by ``sdcore train <method> --config config.json``
+(sdcore.train.onetrainer_config).
+
+The configs below are written by hand with OneTrainer's field names (OneTrainer is AGPL-3.0: none of its
+presets is copied). Expected values are OneTrainer's meanings, from the files cited next to them in
+Nerogar/OneTrainer (mirror HEAD 23df3832): ``modules/util/config/TrainConfig.py`` (TC: field defaults),
+``modules/util/create.py`` (optimizers, warmup), ``modules/util/lr_scheduler_util.py`` (curves),
+``modules/modelSetup/mixin/ModelSetupNoiseMixin.py`` (noise, timesteps), ``modules/util/TimedActionMixin.py``
+(time units), ``modules/util/config/SampleConfig.py`` (sample defaults).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _options_class(method: str):
+    if method == "lora":
+        from sdplugin_lora.method import LoraOptions
+
+        return LoraOptions
+    if method == "dreambooth":
+        from sdplugin_dreambooth.options import DreamBoothOptions
+
+        return DreamBoothOptions
+    from sdplugin_ti.method import TIOptions
+
+    return TIOptions
+
+
+def _write(tmp_path: Path, config: dict, name: str = "config.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def _load(tmp_path: Path, config: dict, method: str = "lora", notes: list[str] | None = None):
+    from sdcore.train.config import load_options
+
+    return load_options(_options_class(method), _write(tmp_path, config), notes=notes if notes is not None else [])
+
+
+def _problems(tmp_path: Path, config: dict, method: str = "lora") -> str:
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, config, method)
+    return str(info.value)
+
+
+#: a LoRA config as OneTrainer's SD1.5 LoRA preset is shaped (its fields, hand-written values)
+SD15_LORA = {
+    "training_method": "LORA", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+    "batch_size": 4, "layer_filter_preset": "attn-mlp", "learning_rate": 0.0003, "backup_after": 10,
+    "output_model_destination": "models/lora.safetensors", "output_model_format": "KOHYA_LORA", "resolution": "512",
+    "epochs": 20, "unet": {"weight_dtype": "FLOAT_16"}, "text_encoder": {"weight_dtype": "FLOAT_16"},
+    "vae": {"weight_dtype": "FLOAT_32"},
+}  # fmt: skip
+
+
+def test_sd15_lora_with_onetrainer_defaults(tmp_path):
+    notes: list[str] = []
+    o = _load(tmp_path, SD15_LORA, notes=notes)
+    assert (o.model, o.output, o.lr, o.epochs, o.batch_size, o.resolution) == (
+        "tiny:sd1", "models/lora.safetensors", 3e-4, 20, 4, 512,
+    )  # fmt: skip
+    # TC: lora_rank 16, lora_alpha 1.0, peft_type LORA; attn-mlp on SD = the "attentions" blocks (kohya's targets)
+    assert (o.rank, o.alpha, o.algo, o.key_layout) == (16, 1.0, "lora", "kohya")
+    # TC: train_dtype FLOAT_16, output_dtype FLOAT_32; text_encoder.train True (30 epochs > these 20: no stop)
+    assert (o.mixed_precision, o.save_dtype, o.train_text_encoder, o.te_only) == ("fp16", "fp32", True, False)
+    # TC: CONSTANT with learning_rate_warmup_steps 200.0 (> 1: a step count, create.py) -> constant with warmup
+    assert (o.lr_scheduler, o.lr_warmup_steps) == ("constant_with_warmup", 200)
+    # create.py ADAMW: betas (0.9, 0.999), weight_decay 1e-2, eps 1e-8 when the config leaves them None
+    from sdcore.train.optim import parse_optimizer_args
+
+    assert o.optimizer == "adamw"
+    assert parse_optimizer_args(o.optimizer_args) == {
+        "betas": (0.9, 0.999), "weight_decay": 0.01, "eps": 1e-8, "amsgrad": False,
+    }  # fmt: skip
+    # TC: clip_grad_norm 1.0, unet.gradient_checkpointing True, aspect_ratio_bucketing/latent_caching True
+    assert (o.max_grad_norm, o.gradient_checkpointing, o.buckets, o.cache_latents) == (1.0, True, True, True)
+    assert o.data.endswith("config.json")  # the concepts are read from the config itself
+    assert any("backup_after" in n for n in notes) and any("unet.weight_dtype FLOAT_16" in n for n in notes)
+
+
+def test_sdxl_lora_rates_optimizer_schedule_and_loss(tmp_path):
+    config = {
+        "training_method": "LORA", "model_type": "STABLE_DIFFUSION_XL_10_BASE", "base_model_name": "tiny:sdxl",
+        "learning_rate": 1e-4, "epochs": 10, "resolution": "1024", "layer_filter_preset": "attn-mlp",
+        "lora_rank": 32, "lora_alpha": 16.0, "gradient_accumulation_steps": 2, "learning_rate_warmup_steps": 100,
+        "learning_rate_scheduler": "COSINE_WITH_RESTARTS", "learning_rate_cycles": 2.0,
+        "learning_rate_min_factor": 0.1, "loss_weight_fn": "MIN_SNR_GAMMA", "loss_weight_strength": 5.0,
+        "offset_noise_weight": 0.05, "dropout_probability": 0.1, "clip_grad_norm": None,
+        "unet": {"learning_rate": 2e-4}, "text_encoder": {"learning_rate": 5e-5},
+        "text_encoder_2": {"learning_rate": 5e-5}, "text_encoder_layer_skip": 1, "text_encoder_2_layer_skip": 1,
+        "optimizer": {"optimizer": "PRODIGY", "weight_decay": 0.01, "d_coef": 2.0, "decouple": True},
+        "min_noising_strength": 0.1, "max_noising_strength": 0.9,
+    }  # fmt: skip
+    o = _load(tmp_path, config)
+    assert (o.rank, o.alpha, o.unet_lr, o.te_lr) == (32, 16.0, 2e-4, 5e-5)
+    assert o.gradient_accumulation == 2 and o.lr_warmup_steps == 50  # create.py: int(100 / accumulation 2)
+    # lr_scheduler_util: min + (1 - min) * 0.5 * (1 + cos(2 pi * 2 * p)) = cosine_with_min_lr with 4 half-waves
+    assert (o.lr_scheduler, o.lr_cycles, o.lr_min_ratio) == ("cosine_with_min_lr", 4, 0.1)
+    assert (o.min_snr_gamma, o.noise_offset, o.dropout, o.max_grad_norm) == (5.0, 0.05, 0.1, 0.0)
+    assert o.clip_skip == 2  # one final layer skipped = the penultimate layer
+    # UNIFORM: int(1000 * min) + (int(1000 * max) - int(1000 * min)) * U, floored
+    assert (o.min_timestep, o.max_timestep) == (100, 900)
+    from sdcore.train.optim import parse_optimizer_args
+
+    args = parse_optimizer_args(o.optimizer_args)
+    assert o.optimizer == "prodigy"  # create.py PRODIGY: its fallbacks where the config gives None
+    assert args["d_coef"] == 2.0 and args["decouple"] is True and args["weight_decay"] == 0.01
+    assert args["d0"] == 1e-6 and args["betas"] == (0.9, 0.999) and args["slice_p"] == 1 and "beta3" not in args
+
+
+def test_sd3_lora_logit_normal_shift_and_diffusers_output(tmp_path):
+    config = {
+        "training_method": "LORA", "model_type": "STABLE_DIFFUSION_3", "base_model_name": "tiny:sd3",
+        "learning_rate": 3e-4, "epochs": 5, "resolution": "1024", "output_model_format": "DIFFUSERS_LORA",
+        "train_dtype": "BFLOAT_16", "timestep_distribution": "LOGIT_NORMAL", "noising_weight": 0.5,
+        "noising_bias": -0.2, "timestep_shift": 3.0,
+        "transformer": {"train": True, "weight_dtype": "FLOAT_16"}, "text_encoder": {"train": False},
+        "text_encoder_2": {"train": False}, "text_encoder_3": {"train": False},
+    }  # fmt: skip
+    o = _load(tmp_path, config)
+    assert (o.key_layout, o.mixed_precision, o.train_text_encoder) == ("diffusers", "bf16", False)
+    # LOGIT_NORMAL: sigmoid(N(noising_bias, noising_weight + 1)), then s t / ((s - 1) t + 1)
+    assert (o.timestep_sampling, o.logit_mean, o.logit_std, o.discrete_flow_shift) == ("logit_normal", -0.2, 1.5, 3.0)
+    assert (o.model_prediction_type, o.weighting_scheme) == ("raw", "uniform")
+    assert o.algo == "lora"  # layer_filter_preset full on a transformer: the blocks' Linear layers (a note)
+
+
+def test_flux_lora_fp8_dynamic_shift_guidance(tmp_path):
+    config = {
+        "training_method": "LORA", "model_type": "FLUX_DEV_1", "base_model_name": "tiny:flux", "epochs": 4,
+        "learning_rate": 3e-4, "batch_size": 4, "resolution": "768", "train_dtype": "BFLOAT_16",
+        "timestep_distribution": "LOGIT_NORMAL", "dynamic_timestep_shifting": True,
+        "output_model_format": "DIFFUSERS_LORA",
+        "transformer": {"train": True, "weight_dtype": "FLOAT_8", "guidance_scale": 1.0, "attention_mask": True},
+        "text_encoder": {"train": False, "weight_dtype": "BFLOAT_16"},
+        "text_encoder_2": {"train": False, "weight_dtype": "BFLOAT_16"},
+        "optimizer": {"optimizer": "ADAFACTOR"}, "ema": "OFF",
+    }  # fmt: skip
+    o = _load(tmp_path, config)
+    assert o.fp8_base is True  # FLOAT_8 storage of the frozen transformer, upcast per layer
+    # sigmoid(N(0, 1)) shifted by the resolution's exp(mu) (BaseFluxSetup: dynamic shift) = flux_shift
+    assert (o.timestep_sampling, o.sigmoid_scale, o.apply_t5_attn_mask) == ("flux_shift", 1.0, True)
+    assert (o.key_layout, o.train_text_encoder) == ("diffusers", False)
+    from sdcore.train.optim import parse_optimizer_args
+
+    # create.py ADAFACTOR: TC's relative_step / scale_parameter / warmup_init are False (not None), eps (1e-30, 1e-3)
+    args = parse_optimizer_args(o.optimizer_args)
+    assert o.optimizer == "adafactor" and args["relative_step"] is False and args["scale_parameter"] is False
+    assert args["eps"] == (1e-30, 1e-3) and args["decay_rate"] == -0.8 and "beta1" not in args
+
+
+def test_sd15_fine_tune(tmp_path):
+    config = {
+        "training_method": "FINE_TUNE", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+        "learning_rate": 1e-6, "epochs": 10, "output_model_format": "SAFETENSORS", "output_dtype": "FLOAT_16",
+        "output_model_destination": "models/model.safetensors", "learning_rate_scheduler": "LINEAR",
+        "learning_rate_warmup_steps": 0.1, "unet": {"learning_rate": 2e-6},
+        "text_encoder": {"train": True, "learning_rate": 5e-7, "stop_training_after": 300,
+                         "stop_training_after_unit": "STEP"},
+        "optimizer": {"optimizer": "ADAMW_8BIT", "weight_decay": 0.0},
+    }  # fmt: skip
+    o = _load(tmp_path, config, "dreambooth")
+    assert (o.lr, o.te_lr, o.train_text_encoder, o.stop_text_encoder_at) == (2e-6, 5e-7, True, 300)
+    assert (o.save_format, o.save_dtype, o.lr_scheduler, o.lr_warmup_steps) == ("single-file", "fp16", "linear", 0.1)
+    from sdcore.train.optim import parse_optimizer_args
+
+    args = parse_optimizer_args(o.optimizer_args)  # create.py ADAMW_8BIT fallbacks
+    assert o.optimizer == "adamw8bit" and args["weight_decay"] == 0.0 and args["min_8bit_size"] == 4096
+    assert args["percentile_clipping"] == 100
+
+
+def test_sdxl_embedding(tmp_path):
+    config = {
+        "training_method": "EMBEDDING", "model_type": "STABLE_DIFFUSION_XL_10_BASE", "base_model_name": "tiny:sdxl",
+        "learning_rate": 3e-3, "embedding_learning_rate": 1e-3, "epochs": 8, "resolution": "1024",
+        "output_model_format": "SAFETENSORS", "output_model_destination": "models/emb.safetensors",
+        "embedding": {"placeholder": "sksemb", "token_count": 4, "initial_embedding_text": "a cat"},
+    }  # fmt: skip
+    o = _load(tmp_path, config, "ti")
+    assert (o.name, o.vectors, o.init_text, o.lr) == ("sksemb", 4, "a cat", 1e-3)  # embedding_learning_rate wins
+    assert o.template == "filewords"  # OneTrainer trains on the captions, which hold the placeholder
+    assert (o.format, o.output, o.epochs) == ("safetensors", "models/emb.safetensors", 8)
+
+
+def test_ema_translated_where_the_method_has_it_else_refused(tmp_path):
+    from sdplugin_lora.method import LoraOptions
+
+    config = {**SD15_LORA, "ema": "GPU", "ema_decay": 0.998, "ema_update_step_interval": 1}
+    if "ema" in LoraOptions.__dataclass_fields__:
+        o = _load(tmp_path, config)
+        assert (o.ema, o.ema_decay) == (True, 0.998)
+    else:
+        assert "ema 'GPU': sdcore does not keep an EMA" in _problems(tmp_path, config)
+
+
+def test_refusals_by_name_all_at_once(tmp_path):
+    config = {
+        **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "COS_MAP", "masked_training": True,
+        "loss_weight_fn": "P2", "huber_strength": 0.5, "peft_type": "OFT_2", "resolution": "512,768",
+        "unet": {"weight_dtype": "NFLOAT_4"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
+        "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
+    }  # fmt: skip
+    text = _problems(tmp_path, config)
+    for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'COS_MAP'", "masked_training True",
+                     "loss_weight_fn 'P2'", "huber_strength", "peft_type 'OFT_2'", "resolution '512,768'",
+                     "unet.weight_dtype 'NFLOAT_4'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
+                     "dropout_probability 0.1"):  # fmt: skip
+        assert expected in text, expected
+
+
+def test_text_encoder_stop_before_the_end_is_refused_for_lora(tmp_path):
+    # TC: text_encoder stops after 30 EPOCH by default; 100 epochs (TC's default) -> it would stop at epoch 30
+    config = {k: v for k, v in SD15_LORA.items() if k != "epochs"}
+    assert "text_encoder.stop_training_after '30 EPOCH'" in _problems(tmp_path, config)
+    o = _load(tmp_path, {**config, "text_encoder": {"train": False}})
+    assert o.train_text_encoder is False and o.epochs == 100
+
+
+def test_families_and_methods_refused_by_name(tmp_path):
+    assert "model_type 'PIXART_SIGMA'" in _problems(tmp_path, {**SD15_LORA, "model_type": "PIXART_SIGMA"})
+    text = _problems(tmp_path, {**SD15_LORA, "model_type": "STABLE_DIFFUSION_15_INPAINTING"})
+    assert "inpainting" in text
+    assert "run it with `sdcore train lora`" in _problems(tmp_path, SD15_LORA, "dreambooth")
+    assert "FINE_TUNE_VAE" in _problems(tmp_path, {**SD15_LORA, "training_method": "FINE_TUNE_VAE"})
+    text = _problems(tmp_path, {**SD15_LORA, "model_type": "STABLE_DIFFUSION_XL_10_BASE"})
+    assert "is a sd1 model, not sdxl" in text
+
+
+def test_unknown_fields_name_the_nearest(tmp_path):
+    config = {**SD15_LORA, "learning_rat": 1e-4, "unet": {"learning_rte": 1e-4}, "optimizer": {"weight_decy": 0.1}}
+    text = _problems(tmp_path, config)
+    assert "'learning_rat' (did you mean 'learning_rate'?)" in text
+    assert "'learning_rte' (did you mean 'learning_rate'?)" in text
+    assert "'weight_decy' (did you mean 'weight_decay'?)" in text
+
+
+def test_old_config_versions_are_refused(tmp_path):
+    assert "__version 5" in _problems(tmp_path, {**SD15_LORA, "__version": 5})
+    assert _load(tmp_path, {**SD15_LORA, "__version": 11}).rank == 16
+
+
+def test_samples_saves_and_sample_prompts(tmp_path):
+    from sdcore.train.sample_prompts import read_sample_prompts
+
+    samples = [
+        {"prompt": "a cat", "seed": 7, "diffusion_steps": 12, "noise_scheduler": "DDIM"},
+        {"prompt": "off", "enabled": False},
+        {"prompt": "a dog", "random_seed": True, "cfg_scale": 5.0, "width": 640},
+    ]
+    config = {**SD15_LORA, "samples": samples, "sample_after": 50, "sample_after_unit": "STEP",
+              "save_every": 2, "save_every_unit": "EPOCH"}  # fmt: skip
+    o = _load(tmp_path, config)
+    assert (o.sample_every, o.sample_at_first, o.save_every_epochs) == (50, True, 2)
+    prompts = read_sample_prompts(o.sample_prompts)
+    # SampleConfig defaults for SD1.5: 512x512, 30 steps, cfg 7.5, EULER_A; disabled samples are skipped
+    assert [(p.prompt, p.width, p.height, p.steps, p.seed, p.cfg, p.sampler) for p in prompts] == [
+        ("a cat", 512, 512, 12, 7, 7.5, "ddim"),
+        ("a dog", 640, 512, 30, None, 5.0, "euler_a"),
+    ]
+    o = _load(tmp_path, {**config, "sample_after_unit": "MINUTE"}, notes=(notes := []))
+    assert o.sample_prompts is None and any("not on a clock" in n for n in notes)
+
+
+def test_flux_samples_use_guidance(tmp_path):
+    from sdcore.train.onetrainer_config import read_sample_prompts
+
+    path = _write(tmp_path, {"training_method": "LORA", "model_type": "FLUX_DEV_1", "samples": [{"prompt": "x"}]})
+    (p,) = read_sample_prompts(path)
+    assert (p.width, p.steps, p.cfg, p.guidance) == (1024, 30, None, 3.5)  # Flux: cfg_scale is the guidance
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+def test_cli_trains_a_onetrainer_lora_config(tmp_path, sd_cli, pm, monkeypatch):
+    """`sdcore train lora --config config.json` on tiny:sd1 with the concepts embedded: 2 images, batch 1, one
+    epoch = 2 steps; the LoRA file carries the translated rank and learning rate."""
+    from safetensors import safe_open
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    config = {
+        "training_method": "LORA", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+        "learning_rate": 0.002, "epochs": 1, "batch_size": 1, "resolution": "64", "lora_rank": 4,
+        "lora_alpha": 2.0, "layer_filter_preset": "attn-mlp", "train_dtype": "FLOAT_32",
+        "output_model_format": "KOHYA_LORA", "output_model_destination": "out/ot_lora.safetensors",
+        "learning_rate_warmup_steps": 0, "text_encoder": {"train": False},
+        "unet": {"gradient_checkpointing": False}, "sample_after_unit": "NEVER",
+        "concepts": [{"path": "data/1_sks", "name": "sks", "image": {"enable_crop_jitter": False}}],
+    }  # fmt: skip
+    path = _write(tmp_path, config)
+    result = sd_cli(["train", "lora", "--config", str(path), "--no-progress"], pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = tmp_path / "out" / "ot_lora.safetensors"
+    assert out.is_file()
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 2.0
+    assert float(meta["ss_learning_rate"]) == 0.002 and meta["ss_max_train_steps"] == "2"

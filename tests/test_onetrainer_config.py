@@ -200,15 +200,14 @@ def test_sdxl_embedding(tmp_path):
     assert (o.format, o.output, o.epochs) == ("safetensors", "models/emb.safetensors", 8)
 
 
-def test_ema_translated_where_the_method_has_it_else_refused(tmp_path):
-    from sdplugin_lora.method import LoraOptions
-
-    config = {**SD15_LORA, "ema": "GPU", "ema_decay": 0.998, "ema_update_step_interval": 1}
-    if "ema" in LoraOptions.__dataclass_fields__:
-        o = _load(tmp_path, config)
-        assert (o.ema, o.ema_decay) == (True, 0.998)
-    else:
-        assert "ema 'GPU': sdcore does not keep an EMA" in _problems(tmp_path, config)
+def test_ema_modes_become_the_runtime_ema(tmp_path):
+    # TrainConfig: ema OFF/GPU/CPU, ema_decay 0.999, ema_update_step_interval 5 (EMAModuleWrapper's warm-up)
+    o = _load(tmp_path, {**SD15_LORA, "ema": "CPU", "ema_decay": 0.998, "ema_update_step_interval": 5})
+    assert (o.ema, o.ema_decay, o.ema_update_every, o.ema_warmup, o.ema_device) == (True, 0.998, 5, "onetrainer", "cpu")
+    o = _load(tmp_path, {**SD15_LORA, "ema": "GPU"})
+    assert (o.ema, o.ema_device) == (True, "same")
+    assert _load(tmp_path, SD15_LORA).ema is False  # the preset's OFF
+    assert "choose OFF, GPU or CPU" in _problems(tmp_path, {**SD15_LORA, "ema": "SOMETIMES"})
 
 
 def test_refusals_by_name_all_at_once(tmp_path):

@@ -815,7 +815,8 @@ def _embedding(r: _Reader) -> None:
 
 
 def _ema(r: _Reader, fields: list[str]) -> None:
-    """``ema`` GPU/CPU keeps an EMA of the trained weights (updated every ``ema_update_step_interval`` steps)."""
+    """``ema`` GPU/CPU keeps an EMA of the trained weights (updated every ``ema_update_step_interval`` steps,
+    OneTrainer's decay warm-up, the shadow in host memory for CPU): the runtime's ``--ema`` options."""
     v = r.out.values
     mode = _text(r.get("ema"))
     if mode == "OFF":
@@ -823,20 +824,11 @@ def _ema(r: _Reader, fields: list[str]) -> None:
     if mode not in ("GPU", "CPU"):
         r.refuse("ema", mode, "choose OFF, GPU or CPU")
         return
-    if "ema" not in fields:
-        r.refuse("ema", mode, "sdcore does not keep an EMA of the trained weights for this method; set ema to OFF")
-        return
     v["ema"] = True
     v["ema_decay"] = r.get("ema_decay")
-    interval = int(r.get("ema_update_step_interval"))
-    if "ema_update_every" in fields:
-        v["ema_update_every"] = interval
-    elif interval != 1:
-        r.refuse("ema_update_step_interval", interval, "sdcore updates the EMA every step (give 1)")
-    if "ema_device" in fields:
-        v["ema_device"] = "cpu" if mode == "CPU" else "same"
-    elif mode == "CPU":
-        r.note("ema CPU: sdcore keeps the EMA next to the weights (placement only)")
+    v["ema_update_every"] = int(r.get("ema_update_step_interval"))
+    v["ema_warmup"] = "onetrainer"
+    v["ema_device"] = "cpu" if mode == "CPU" else "same"
 
 
 def _saves_and_samples(r: _Reader, family: str, path: str | os.PathLike[str]) -> None:

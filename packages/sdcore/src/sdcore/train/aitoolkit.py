@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
-from .field_tables import FOLLOWS
+from .field_tables import FOLLOWS, drop_foreign_options
 from .field_tables import nearest_field as _nearest
 from .field_tables import same_value as _same
 
@@ -771,11 +771,7 @@ def translate_job(
                 "ai-toolkit takes a regularisation batch every other step"
             )
 
-    missing = sorted({k for k in v if k not in fields})
-    if missing:
-        out.problems.append(f"{where}: not options of this training method: {', '.join(missing)}")
-        for k in missing:
-            v.pop(k)
+    drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
 
 

@@ -36,4 +36,15 @@ def same_value(value: Any, default: Any) -> bool:
         return False
 
 
-__all__ = ["FOLLOWS", "nearest_field", "same_value"]
+def drop_foreign_options(values: dict[str, Any], fields: Iterable[str], problem: str, problems: list[str]) -> None:
+    """Remove translated values that are not options of the method the file was given to, with one
+    problem ``"<problem>: a, b"`` naming them (a job for another method, or a setting it lacks)."""
+    present = set(fields)
+    missing = sorted(k for k in values if k not in present)
+    if missing:
+        problems.append(f"{problem}: {', '.join(missing)}")
+        for name in missing:
+            values.pop(name)
+
+
+__all__ = ["FOLLOWS", "drop_foreign_options", "nearest_field", "same_value"]

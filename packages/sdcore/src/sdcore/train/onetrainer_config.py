@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .aitoolkit import JobTranslation
-from .field_tables import nearest_field, same_value
+from .field_tables import drop_foreign_options, nearest_field, same_value
 
 if TYPE_CHECKING:
     from .sample_prompts import SamplePrompt
@@ -397,11 +397,7 @@ def translate_config(
         _embedding(r)
     _ema(r, fields)
     _saves_and_samples(r, family, path)
-    missing = sorted({k for k in v if k not in fields})
-    if missing:
-        out.problems.append(f"{where}: not options of `sdcore train {method}`: {', '.join(missing)}")
-        for k in missing:
-            v.pop(k)
+    drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -222,7 +222,7 @@ class Alias:
     #: ``stop_text_encoder_at`` too, but kohya's train_network.py has no --stop_text_encoder_training)
     only_with: str = ""
 
-    def applies(self, present: set[str]) -> bool:
+    def applies(self, present: Collection[str]) -> bool:
         """Whether a method with the option fields ``present`` takes this kohya name."""
         return self.target in present and (not self.only_with or self.only_with in present)
 

@@ -57,7 +57,10 @@ def test_step_form_trains_the_text_encoder_for_n_steps_then_freezes_it(tmp_path)
     _check_stop(watch, trained=2, total=5)
     te_params = [p for m in method._require_network() if m.lora_name.startswith("lora_te") for p in m.parameters()]
     assert te_params and all(not p.requires_grad and p.grad is None for p in te_params)
-    assert all(not m.training for m in method._require_network() if m.lora_name.startswith("lora_te"))
+    with method.sampling(_bundle("sd1")):  # samples switch the network to eval and back to train
+        pass
+    modules = list(method._require_network())
+    assert all(m.training != m.lora_name.startswith("lora_te") for m in modules), "stopped modules stay in eval"
 
 
 def test_epoch_form_stops_at_the_first_step_of_epoch_n_plus_1(tmp_path):

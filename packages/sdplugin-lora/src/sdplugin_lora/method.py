@@ -696,17 +696,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         no gradient and no optimizer update from now on, and eval mode, so that their dropout no longer
         applies (they act as in the saved file); the UNet modules keep training."""
         self._te_frozen = True
-        self._freeze_text_encoder_modules()
-
-    def _te_modules(self) -> list[Any]:
-        return [module for module in self._require_network() if module.lora_name.startswith("lora_te")]
-
-    def _freeze_text_encoder_modules(self) -> None:
         for module in self._te_modules():
             module.eval()
             for param in module.parameters():
                 param.requires_grad_(False)
                 param.grad = None
+
+    def _te_modules(self) -> list[Any]:
+        return [module for module in self._require_network() if module.lora_name.startswith("lora_te")]
 
     @contextlib.contextmanager
     def network_strength(self, strengths: torch.Tensor) -> Iterator[None]:

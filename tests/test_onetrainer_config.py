@@ -225,12 +225,44 @@ def test_refusals_by_name_all_at_once(tmp_path):
         assert expected in text, expected
 
 
-def test_text_encoder_stop_before_the_end_is_refused_for_lora(tmp_path):
-    # TC: text_encoder stops after 30 EPOCH by default; 100 epochs (TC's default) -> it would stop at epoch 30
+def test_preset_text_encoder_stop_after_30_of_100_epochs_loads_for_lora(tmp_path):
+    # TC: text_encoder stops after 30 EPOCH by default and epochs is 100: TimedActionMixin.single_action_elapsed
+    # (EPOCH: epoch + 1 > 30) trains the text encoder in epochs 0..29, i.e. sdcore's epochs 1..30
     config = {k: v for k, v in SD15_LORA.items() if k != "epochs"}
-    assert "text_encoder.stop_training_after '30 EPOCH'" in _problems(tmp_path, config)
+    notes: list[str] = []
+    o = _load(tmp_path, config, notes=notes)
+    assert (o.epochs, o.train_text_encoder, o.stop_text_encoder_after_epochs, o.stop_text_encoder_at) == (
+        100, True, 30, None,
+    )  # fmt: skip
+    assert any("freezes it from the first step of epoch 31 on" in n for n in notes)
     o = _load(tmp_path, {**config, "text_encoder": {"train": False}})
-    assert o.train_text_encoder is False and o.epochs == 100
+    assert o.train_text_encoder is False and o.stop_text_encoder_after_epochs is None
+
+
+def test_text_encoder_stop_in_steps_counts_micro_batches(tmp_path):
+    # TrainProgress.global_step counts micro-batches: STEP 300 with 4 accumulation steps = micro-batches 0..299
+    # = the first 75 optimizer steps; 301 micro-batches need 76 (the last one partly)
+    te = {"stop_training_after": 300, "stop_training_after_unit": "STEP"}
+    o = _load(tmp_path, {**SD15_LORA, "gradient_accumulation_steps": 4, "text_encoder": te})
+    assert (o.stop_text_encoder_at, o.stop_text_encoder_after_epochs) == (75, None)
+    te = {"stop_training_after": 301, "stop_training_after_unit": "STEP"}
+    assert (
+        _load(tmp_path, {**SD15_LORA, "gradient_accumulation_steps": 4, "text_encoder": te}).stop_text_encoder_at == 76
+    )
+    fine_tune = {**SD15_LORA, "training_method": "FINE_TUNE", "output_model_format": "SAFETENSORS",
+                 "text_encoder": {"stop_training_after": 3, "stop_training_after_unit": "EPOCH"}}  # fmt: skip
+    assert _load(tmp_path, fine_tune, "dreambooth").stop_text_encoder_after_epochs == 3
+
+
+def test_text_encoder_stops_that_sdcore_cannot_express_are_refused(tmp_path):
+    sdxl = {**SD15_LORA, "model_type": "STABLE_DIFFUSION_XL_10_BASE", "base_model_name": "tiny:sdxl",
+            "text_encoder": {"stop_training_after": 5, "stop_training_after_unit": "EPOCH"},
+            "text_encoder_2": {"stop_training_after": 8, "stop_training_after_unit": "EPOCH"}}  # fmt: skip
+    assert "sdcore stops all text encoders at the same point" in _problems(tmp_path, sdxl)
+    zero = {**SD15_LORA, "text_encoder": {"stop_training_after": 0, "stop_training_after_unit": "STEP"}}
+    assert "stops before the first step: set text_encoder.train false" in _problems(tmp_path, zero)
+    clock = {**SD15_LORA, "text_encoder": {"stop_training_after": 2, "stop_training_after_unit": "HOUR"}}
+    assert "not on a clock" in _problems(tmp_path, clock)
 
 
 def test_families_and_methods_refused_by_name(tmp_path):

@@ -133,6 +133,45 @@ def test_text_encoder_stops_at_the_given_step(tmp_path):
     assert not changed(snapshots[6], snapshots[3]), "the text encoder kept training after step 3"
 
 
+def test_text_encoder_stops_after_the_given_epochs(tmp_path):
+    """``--stop-text-encoder-after-epochs 1`` on 2 images, batch 1 (2 steps per epoch): the text encoder trains
+    in steps 1-2 and is frozen from the first step of epoch 2 on, while the UNet keeps training."""
+    import sdcore
+    from sdcore.plugins import get_plugin_manager
+
+    te: dict[int, dict[str, torch.Tensor]] = {}
+    unet: dict[int, dict[str, torch.Tensor]] = {}
+    bundle = create_tiny_bundle("sd1")
+
+    class Watch:
+        @sdcore.hookimpl
+        def sdcore_on_train_step(self, step):
+            te[step] = {k: v.detach().clone() for k, v in bundle.text_encoders[0].state_dict().items()}
+            unet[step] = {k: v.detach().clone() for k, v in bundle.unet.state_dict().items()}
+
+    options = _options(tmp_path, max_steps=4, train_text_encoder=True, stop_text_encoder_after_epochs=1, te_lr=1e-3)
+    train(
+        DreamBoothMethod(options),
+        bundle=bundle,
+        plugin_manager=get_plugin_manager(builtins=False, entrypoints=False, extra=[Watch()]),
+    )
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert changed(te[2], te[1]), "the text encoder did not train in epoch 1"
+    assert not changed(te[4], te[2]) and not changed(te[3], te[2]), "the text encoder trained in epoch 2"
+    assert changed(unet[3], unet[2]) and changed(unet[4], unet[3])
+    assert all(not p.requires_grad and p.grad is None for p in bundle.text_encoders[0].parameters())
+
+
+def test_resume_past_the_text_encoder_stop_equals_an_uninterrupted_run(tmp_path):
+    """Interrupted at step 2 with ``--stop-text-encoder-at 1``: the resumed run keeps the text encoder frozen
+    (the runtime derives it from the position; no flag in the state)."""
+    from sdcore.testing.contract import check_resume
+
+    check_resume(
+        DreamBoothMethod, tmp_path, {"train_text_encoder": True, "stop_text_encoder_at": 1, "lr": 1e-4}, steps=4
+    )
+
+
 def _class_drift_probe(bundle, class_dir: Path, prompt: str):
     """UNet predictions on the class images (noised at fixed timesteps) with the class prompt."""
     import numpy as np
@@ -214,8 +253,11 @@ def test_class_images_resume_without_redoing(tmp_path, monkeypatch):
 
 
 def test_contradictory_options_fail_before_loading(tmp_path):
-    with pytest.raises(ConfigError, match="stop-text-encoder-at"):
-        DreamBoothMethod(_options(tmp_path, stop_text_encoder_at=3)).validate()
+    from sdcore.train.preflight import validate_options
+
+    options = _options(tmp_path, stop_text_encoder_at=3)  # the runtime's stop check (sdcore.train.te_stop)
+    with pytest.raises(ConfigError, match="--stop-text-encoder-at need a run that trains the text encoder"):
+        validate_options(options, DreamBoothMethod(options))
     with pytest.raises(ConfigError, match="class-data"):
         DreamBoothMethod(_options(tmp_path, class_prompt="a dog")).validate()
 

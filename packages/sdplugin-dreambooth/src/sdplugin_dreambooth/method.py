@@ -44,7 +44,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
     def __init__(self, options: DreamBoothOptions) -> None:
         super().__init__(options)
-        self._text_encoder_training = options.train_text_encoder
         self._trainables: dict[str, Any] = {}
 
     # --- setup -------------------------------------------------------------------------------
@@ -56,8 +55,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
             raise ConfigError(
                 f"--class-data {o.class_data} does not exist and no --class-prompt was given to generate it"
             )
-        if o.stop_text_encoder_at is not None and not o.train_text_encoder:
-            raise ConfigError("--stop-text-encoder-at needs --train-text-encoder")
         if o.train_t5 and not o.train_text_encoder:  # kohya sd3_train.py asserts the same
             raise ConfigError("--train-t5 needs --train-text-encoder (kohya: T5 trains together with CLIP-L/G)")
         given = [f"--{name.replace('_', '-')}" for name, _slot, _what in _RATE_OPTIONS if getattr(o, name) is not None]
@@ -196,7 +193,6 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
                     groups.append({"params": list(encoder.parameters()), "lr": lr, "name": f"text_encoder_{index}"})
             if same and rates:
                 groups.append({"params": te_params, "lr": next(iter(rates.values())), "name": "text_encoder"})
-        self._bundle = bundle
         return groups
 
     def text_encoder_rates(self, bundle: Any) -> dict[int, float]:
@@ -231,14 +227,13 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         return caption
 
     # --- per step ----------------------------------------------------------------------------
-    def on_step_end(self, bundle: Any, step: int) -> None:
-        stop = self.options.stop_text_encoder_at
-        if self._text_encoder_training and stop is not None and step >= stop:
-            for encoder in bundle.text_encoders:
-                encoder.requires_grad_(False)
-                for param in encoder.parameters():
-                    param.grad = None
-            self._text_encoder_training = False
+    def stop_text_encoder(self, bundle: Any) -> None:
+        """Freeze the text encoders (the runtime's stop: kohya's ``--stop_text_encoder_training`` or the
+        epoch form, :mod:`sdcore.train.te_stop`); the denoiser keeps training."""
+        for encoder in bundle.text_encoders:
+            encoder.requires_grad_(False)
+            for param in encoder.parameters():
+                param.grad = None
 
     def resolve_output(self, path: Path) -> Path:
         """``--output x.safetensors`` is a single file; a folder (or ``--save-format diffusers``) a diffusers model."""
@@ -252,16 +247,12 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         for prefix, module in self._trainables.items():
             for key, value in module.state_dict().items():
                 state[f"{prefix}.{key}"] = value.detach().clone()
-        state["dreambooth.text_encoder_training"] = torch.tensor(int(self._text_encoder_training))
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for prefix, module in self._trainables.items():
             own = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
             module.load_state_dict(own)
-        if self._text_encoder_training and not int(state.get("dreambooth.text_encoder_training", 1)):
-            # the interrupted run had already passed --stop-text-encoder-at
-            self.on_step_end(self._bundle, self.options.stop_text_encoder_at or 0)
 
     def save(self, bundle: Any, info: SaveInfo) -> Path:
         o = self.options

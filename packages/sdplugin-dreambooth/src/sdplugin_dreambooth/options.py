@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from sdcore.options import option
 from sdcore.train.options import TrainOptions
+from sdcore.train.te_stop import TextEncoderStopOptions
 
 
 @dataclass
-class DreamBoothOptions(TrainOptions):
+class DreamBoothOptions(TrainOptions, TextEncoderStopOptions):
     lr: float = option(
         2e-6, "Learning rate of the UNet (DreamBooth wants small rates: 1e-6 to 5e-6).", group="training"
     )
@@ -35,9 +36,6 @@ class DreamBoothOptions(TrainOptions):
     class_steps: int = option(30, "Sampler steps when generating class images.", group="dreambooth")
     class_sampler: str = option("dpm++2m", "Sampler for class images.", group="dreambooth")
     train_text_encoder: bool = option(False, "Also fine-tune the text encoder(s).", group="dreambooth")
-    stop_text_encoder_at: int | None = option(
-        None, "Freeze the text encoder from this optimizer step on.", group="dreambooth"
-    )
     te_lr: float | None = option(None, "Text-encoder learning rate (default: --lr).", group="dreambooth")
     te1_lr: float | None = option(
         None,

@@ -19,6 +19,7 @@ from sdcore.errors import ConfigError
 from sdcore.options import option
 from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
+from sdcore.train.te_stop import TextEncoderStopOptions
 
 from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE, network_module
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LoraOptions(TrainOptions):
+class LoraOptions(TrainOptions, TextEncoderStopOptions):
     """LoRA options; names follow the issue (``--rank --alpha --conv-rank ...``), meanings follow kohya."""
 
     rank: int = option(16, "Rank (kohya network_dim) of Linear and 1x1-conv LoRA modules.", group="lora")
@@ -197,6 +198,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         super().__init__(options)
         self.network: LoraNetwork | None = None
         self.index: ModuleIndex | None = None
+        self._te_frozen = False  # the text-encoder stop has frozen the lora_te* modules
 
     # --- resolved settings ------------------------------------------------------------------------
     @property
@@ -310,6 +312,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         ):
             if ratio is not None and ratio <= 0:
                 problems.append(f"{flag} must be positive (got {ratio})")
+        stop = [f for f, v in (("--stop-text-encoder-at", o.stop_text_encoder_at),
+                               ("--stop-text-encoder-after-epochs", o.stop_text_encoder_after_epochs)) if v is not None]  # fmt: skip
+        if stop and o.te_only:
+            problems.append(f"{' and '.join(stop)} with --te-only: nothing would train after the stop")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -685,6 +691,20 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         scaled, mean, top = self._require_network().apply_max_norm(limit)
         return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
 
+    def stop_text_encoder(self, bundle: ModelBundle) -> None:
+        """Freeze the ``lora_te*`` modules (the runtime's text-encoder stop, :mod:`sdcore.train.te_stop`):
+        no gradient and no optimizer update from now on, and eval mode, so that their dropout no longer
+        applies (they act as in the saved file); the UNet modules keep training."""
+        self._te_frozen = True
+        for module in self._te_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad_(False)
+                param.grad = None
+
+    def _te_modules(self) -> list[Any]:
+        return [module for module in self._require_network() if module.lora_name.startswith("lora_te")]
+
     @contextlib.contextmanager
     def network_strength(self, strengths: torch.Tensor) -> Iterator[None]:
         """kohya's per-dataset ``network_multiplier``: every algorithm's change is scaled per sample
@@ -703,6 +723,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         finally:
             if network is not None and was_training:
                 network.train()
+                if self._te_frozen:  # stopped text-encoder modules stay in eval mode
+                    for module in self._te_modules():
+                        module.eval()
 
     # --- state -----------------------------------------------------------------------------------
     def _require_network(self) -> LoraNetwork:

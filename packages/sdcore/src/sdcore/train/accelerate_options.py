@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def kwargs_handlers(options: TrainOptions) -> list[Any]:
     """accelerate kwargs handlers for ``options``: sdcore's DDP settings (``find_unused_parameters``: LoRA
-    module dropout and DreamBooth's --stop-text-encoder-at leave some trainable parameters without a
+    module dropout and a text-encoder stop (``te_stop``) leave some trainable parameters without a
     gradient on some steps; no buffer broadcast) plus kohya's ``static_graph``/``gradient_as_bucket_view``,
     and a process-group timeout in minutes when ``--ddp-timeout`` is given (else accelerate's default)."""
     import datetime

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -218,10 +218,24 @@ class Alias:
     convert: Callable[[Any], Any] | None = None
     flag: bool = False  # store_true on kohya's command line
     methods: str = ""  # for the "kohya names" help: which kohya script has it, when not all
+    #: an option only the methods of ``methods`` have, when the target is shared with others (LoRA has
+    #: ``stop_text_encoder_at`` too, but kohya's train_network.py has no --stop_text_encoder_training)
+    only_with: str = ""
+
+    def applies(self, present: Collection[str]) -> bool:
+        """Whether a method with the option fields ``present`` takes this kohya name."""
+        return self.target in present and (not self.only_with or self.only_with in present)
 
 
-def _a(target: str, convert: Callable[[Any], Any] | None = None, *, flag: bool = False, methods: str = "") -> Alias:
-    return Alias(target, convert, flag, methods)
+def _a(
+    target: str,
+    convert: Callable[[Any], Any] | None = None,
+    *,
+    flag: bool = False,
+    methods: str = "",
+    only_with: str = "",
+) -> Alias:
+    return Alias(target, convert, flag, methods, only_with)
 
 
 ALIASES: dict[str, Alias] = {
@@ -406,7 +420,7 @@ ALIASES: dict[str, Alias] = {
     "base_weights_multiplier": _a("base_weights_multiplier", _float_list, methods="lora"),
     "dim_from_weights": _a("dim_from_weights", flag=True, methods="lora"),
     # DreamBooth (train_db.py / fine_tune.py)
-    "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth"),
+    "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth", only_with="instance_prompt"),
     "learning_rate_te": _a("te_lr", methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
@@ -810,7 +824,7 @@ MULTI_VALUE = (
 def cli_names(fields: Iterable[str]) -> list[str]:
     """kohya names to accept on the command line for a method with these option fields."""
     present = set(fields)
-    names = [n for n, a in ALIASES.items() if a.target in present]
+    names = [n for n, a in ALIASES.items() if a.applies(present)]
     names += [n for n in COMPOSITE if _composite_applies(n, present)]
     names += list(IGNORED) + list(UNSUPPORTED)
     names = [n for n in names if "_" in n or n not in present]  # --seed is sdcore's own flag
@@ -830,7 +844,7 @@ def help_rows(fields: Iterable[str]) -> list[tuple[str, str]]:
     present = set(fields)
     rows = []
     for name, alias in ALIASES.items():
-        if alias.target in present and name != alias.target:
+        if alias.applies(present) and name != alias.target:
             rows.append((f"--{name}", f"--{alias.target.replace('_', '-')}"))
     rows += [(f"--{n}", text) for n, text in COMPOSITE.items() if _composite_applies(n, present)]
     rows.append(("--config_file FILE", "--config FILE (kohya training TOML, flat or in sections)"))
@@ -926,7 +940,7 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
             alias = ALIASES[name]
             if value is None or (isinstance(value, str) and not value.strip()):
                 continue  # kohya_ss writes "" for fields left empty
-            if alias.target not in present:
+            if not alias.applies(present):
                 if _is_off(value, _ALIAS_OFF.get(name, _OFF)):
                     continue  # kohya_ss writes every field, e.g. stop_text_encoder_training = 0 for LoRA
                 which = f" (kohya's {alias.methods} option)" if alias.methods else ""
@@ -1455,7 +1469,7 @@ def nearest_name(name: str, fields: Iterable[str]) -> str | None:
     if not match:
         return None
     alias = ALIASES.get(match[0])
-    if match[0] not in present and alias is not None and alias.target in present:
+    if match[0] not in present and alias is not None and alias.applies(present):
         return alias.target
     return match[0]
 

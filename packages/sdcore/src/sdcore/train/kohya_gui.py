@@ -20,7 +20,7 @@ from .kohya import _OFF, _is_off, _text
 #: the GUI tabs whose saved configs are read (tab -> the ``sdcore train`` method that runs them)
 TABS = {"lora": "lora", "dreambooth": "dreambooth", "finetune": "dreambooth", "ti": "ti"}
 #: a field of each sdcore method's options, to tell which method a config was given to
-METHOD_FIELD = {"lora": "rank", "dreambooth": "stop_text_encoder_at", "ti": "vectors"}
+METHOD_FIELD = {"lora": "rank", "dreambooth": "instance_prompt", "ti": "vectors"}
 
 #: fields every tab saves and no sd-scripts or sdcore option is named (a GUI config's signature)
 _GUI_SIGNATURE = frozenset(

@@ -28,6 +28,8 @@ Decisions worth knowing:
   backward of the last micro-batch of each step; see :mod:`.placement`).
 - ``--ema`` (:mod:`.ema`): after each optimizer step that stepped, the average of the trained
   tensors moves; results, samples and the validation loss use it, the raw weights keep training.
+- A text-encoder stop (:mod:`.te_stop`) is checked before each optimizer step from the position
+  alone, so a resumed run freezes where the uninterrupted one did; the method freezes its own parameters.
 - Noise, timesteps, flips and caption variants are seeded per sample (see :mod:`.data`), so
   resuming, batching and the process count never change what a sample sees.
 """
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from .fused import StepInBackward
     from .state import TrainPosition
     from .step import StepOutcome
+    from .te_stop import TextEncoderStop
 
 log = logging.getLogger("sdcore.train")
 
@@ -124,6 +127,7 @@ class TrainSession:
         self._restore_attention: Callable[[], None] = lambda: None
         self.fused: StepInBackward | None = None
         self.ema: WeightEMA | None = None  # --ema: the average of self.params (sdcore.train.ema)
+        self.te_stop: TextEncoderStop | None = None  # until the text encoder stops (sdcore.train.te_stop)
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
@@ -248,6 +252,9 @@ class TrainSession:
                 o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device, ema=self.ema
             )
         self._apply_start(resumed=self.position if o.resume else None)
+        from .te_stop import TextEncoderStop
+
+        self.te_stop = TextEncoderStop.from_options(o)  # --stop-text-encoder-at/-after-epochs (.te_stop)
         # schedule-free optimizers: train mode while stepping, eval mode (the weights to keep) around
         # samples, saves and evaluations; a state saved in eval mode resumes through train()
         self.optimizer_modes = OptimizerModes(self.optimizer)
@@ -506,6 +513,8 @@ class TrainSession:
                         raise ConfigError("an epoch has no batches (dataset empty for this process)")
                     self._end_epoch()
                     continue
+                if self.te_stop is not None and self.te_stop.due(pos):  # also a resume past the stop point
+                    self._stop_text_encoder()
                 group = plan[pos.batch : pos.batch + accum]
                 self.batches.prefetch(plan[pos.batch + len(group) : pos.batch + len(group) + accum])
                 outcome = optimizer_step(
@@ -542,6 +551,15 @@ class TrainSession:
         finally:
             self.progress.close_bar()
             self.batches.stop_prefetching()
+
+    def _stop_text_encoder(self) -> None:
+        """The text-encoder stop is due (:mod:`.te_stop`): the method freezes its text-encoder parameters,
+        once; the optimizer, the LR schedule and everything else go on as they were."""
+        stop, pos = self.te_stop, self.position
+        self.te_stop = None
+        self.method.stop_text_encoder(self.bundle)
+        if stop is not None:
+            self.say(f"{stop.flag()}: text encoder frozen from step {pos.step + 1} (epoch {pos.epoch + 1}) on")
 
     def _end_epoch(self) -> None:
         from .validation import should_validate_epoch

@@ -298,14 +298,25 @@ class TrainingMethod(Generic[OptionsT]):
         return None
 
     def on_step_end(self, bundle: ModelBundle, step: int) -> Mapping[str, float] | None:
-        """Called after each optimizer step (e.g. stop text-encoder training at step N, or rescale
-        weights as LoRA's max-norm regularisation does).
+        """Called after each optimizer step (e.g. rescale weights as LoRA's max-norm regularisation does;
+        stopping the text encoder is the runtime's: :meth:`stop_text_encoder`).
 
         May return per-step values to report (``{"keys_scaled": 3}``): the runtime shows them on the
         progress bar, logs them to the trackers as ``train/<name>`` and passes them to the
         ``sdcore_on_train_step`` hooks with its own (since 0.1: returning ``None`` reports nothing).
         """
         return None
+
+    def stop_text_encoder(self, bundle: ModelBundle) -> None:
+        """Freeze what this method trains in the text encoders, for the rest of the run: ``requires_grad``
+        False and ``grad`` None on those parameters (torch optimizers then skip them, weight decay
+        included); everything else keeps training.
+
+        The runtime decides when (:mod:`sdcore.train.te_stop`: ``--stop-text-encoder-at`` or
+        ``--stop-text-encoder-after-epochs``, also after a resume past the stop) and calls this once,
+        before the first optimizer step without the text encoder. Only methods whose options mix in
+        :class:`~sdcore.train.te_stop.TextEncoderStopOptions` are called; they must override it. Since 0.1."""
+        raise NotImplementedError(f"{type(self).__name__} offers a text-encoder stop but does not implement it")
 
     @contextlib.contextmanager
     def network_strength(self, strengths: torch.Tensor) -> Iterator[None]:

@@ -550,11 +550,6 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             r.refuse("text encoder learning_rate", rates, "sdcore's LoRA has one text-encoder rate (te_lr)")
         elif given:
             v["te_lr"] = given.pop()
-        for n in training:
-            stop = _stop(r, n, parts[n])
-            if stop is not None:
-                r.refuse(f"{n}.stop_training_after", f"{stop[1]} {stop[0]}",
-                         f"sdcore's LoRA trains the text encoder to the end (set {n}.stop_training_after_unit NEVER, or {n}.train false)")  # fmt: skip
     else:  # dreambooth: the denoiser's rate is the run's rate, each text encoder may have its own
         if not denoiser["train"]:
             r.refuse(f"{denoiser_name}.train", False, "sdcore's fine-tuning always trains the denoiser")
@@ -566,17 +561,44 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             for i, n in enumerate(encoders, 1):
                 if rates.get(n) is not None:
                     v[f"te{i}_lr"] = rates[n]
-        stops = {n: _stop(r, n, parts[n]) for n in training}
-        steps = {s for s in stops.values() if s is not None}
-        if len(steps) > 1 or (steps and None in stops.values()):
-            r.refuse("text encoder stop_training_after", stops, "sdcore stops all text encoders at one step")
-        elif steps:
-            unit, after = steps.pop()
-            if unit == "STEP":
-                v["stop_text_encoder_at"] = after
-            else:
-                r.refuse(f"{training[0]}.stop_training_after", f"{after} EPOCH",
-                         "sdcore stops the text encoder at an optimizer step: give it in STEP")  # fmt: skip
+    _text_encoder_stop(r, training, parts)
+
+
+def _text_encoder_stop(r: _Reader, training: list[str], parts: dict[str, dict[str, Any]]) -> None:
+    """The text encoders' ``stop_training_after`` as the runtime's stop (:mod:`sdcore.train.te_stop`, LoRA and
+    fine-tune alike), with ``TimedActionMixin.single_action_elapsed``'s meaning: EPOCH n trains epochs 0..n-1
+    (``--stop-text-encoder-after-epochs n``); STEP n trains the micro-batches 0..n-1 (OneTrainer's
+    ``global_step`` counts micro-batches), i.e. the first ``ceil(n / accumulation)`` optimizer steps
+    (``--stop-text-encoder-at``). sdcore stops all text encoders together.
+
+    OneTrainer itself re-reads ``requires_grad`` only after each optimizer step, from the step just done
+    (``after_optimizer_step``), so its text encoder also trains in the one step that crosses the point; the
+    note says so."""
+    stops = {n: _stop(r, n, parts[n]) for n in training}
+    found = {stop for stop in stops.values() if stop is not None}
+    if len(found) > 1 or (found and None in stops.values()):
+        shown = {n: "never" if stop is None else f"{stop[1]} {stop[0]}" for n, stop in stops.items()}
+        r.refuse("text encoder stop_training_after", shown, "sdcore stops all text encoders at the same point")
+        return
+    if not found:
+        return
+    unit, after = found.pop()
+    if after < 1:
+        names = " and ".join(n for n in training)
+        r.refuse(f"{training[0]}.stop_training_after", f"{after} {unit}",
+                 f"that stops before the first step: set {names}.train false instead")  # fmt: skip
+        return
+    if unit == "STEP":
+        steps = -(-after // int(r.get("gradient_accumulation_steps") or 1))
+        r.out.values["stop_text_encoder_at"] = steps
+        where = f"optimizer step {steps + 1}"
+    else:
+        r.out.values["stop_text_encoder_after_epochs"] = after
+        where = f"the first step of epoch {after + 1}"
+    r.note(
+        f"text encoder stop_training_after {after} {unit}: sdcore freezes it from {where} on; OneTrainer "
+        "updates it in that step too (it applies the stop after each optimizer step)"
+    )
 
 
 def _training(r: _Reader, family: str, method: str) -> None:

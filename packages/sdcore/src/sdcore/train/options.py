@@ -336,7 +336,7 @@ class TrainOptions:
     ddp_static_graph: bool = option(
         False,
         "Several processes: tell DDP the same parameters get gradients every step (faster; not with LoRA "
-        "module/rank dropout or DreamBooth's --stop-text-encoder-at; kohya's --ddp_static_graph).",
+        "module/rank dropout or a text-encoder stop; kohya's --ddp_static_graph).",
         group="training",
     )
     ddp_gradient_as_bucket_view: bool = option(

@@ -202,6 +202,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     from .ema import ema_option_problems
 
     problems.extend(ema_option_problems(o))  # --ema-decay, --ema-update-every; FSDP/DeepSpeed
+    from .te_stop import stop_option_problems
+
+    problems.extend(stop_option_problems(o, method))  # --stop-text-encoder-at/-after-epochs
     if method is not None:
         if method.capabilities().needs_pixels and o.cache_latents:
             problems.append(f"method {method.name!r} needs decoded pixels every step: pass --no-cache-latents")
@@ -766,6 +769,10 @@ def run_preflight(
                 limit_problem = step_limit_problem(o, data, report.total_steps)  # kohya: max_train_steps > initial_step
                 if limit_problem:
                     report.problems.append(limit_problem)
+            if report.total_steps >= 1:
+                from .te_stop import stop_notes
+
+                report.notes.extend(stop_notes(o, data, report.total_steps, report.epochs))  # where it stops
         except DatasetProblems as exc:  # e.g. every missing image of a metadata file, one line each
             report.problems.extend(exc.problems)
         except SdcoreError as exc:

@@ -539,6 +539,7 @@ def test_refusals_say_why_the_maths_differs(tmp_path):
     assert "--ip-noise-gamma perturbs the input only" in text
     assert "torch's Huber" in text and "pseudo-Huber" in text
     assert "loss_scaler 'BATCH'" in text and "REX's" in text
+    assert "runs its own copy" in _problems(tmp_path, {**SD15_LORA, "optimizer": {"optimizer": "CAME"}})
     # the mask settings are OneTrainer's no-ops without masked_training: a note, not a refusal
     notes: list[str] = []
     _load(tmp_path, {**SD15_LORA, "unmasked_weight": 0.3}, notes=notes)

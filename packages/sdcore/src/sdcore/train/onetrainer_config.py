@@ -274,6 +274,12 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, tuple[tuple[str, ...], tuple[Any, ...
                                 "relative_step": (("relative_step",), (True,)),
                                 "warmup_init": (("warmup_init",), (False,))}),
 }  # fmt: skip
+#: optimizers whose OneTrainer version is its own code (modules/util/optimizer), not a library sdcore can load
+OPTIMIZER_REFUSALS = {
+    name: "OneTrainer runs its own copy (modules/util/optimizer: stochastic rounding, its own options), not "
+    "came_pytorch's class that sdcore would load"
+    for name in ("CAME", "CAME_8BIT")
+}
 #: optimizers OneTrainer runs without an LR schedule (``Optimizer.is_schedule_free``)
 SCHEDULE_FREE = ("SCHEDULE_FREE_ADAMW", "SCHEDULE_FREE_SGD", "PRODIGY_PLUS_SCHEDULE_FREE")
 #: optimizer fields OneTrainer reads for every optimizer that change speed or memory only
@@ -868,7 +874,10 @@ def _optimizer(r: _Reader) -> None:
     table = r.table("optimizer", OPTIMIZER_DEFAULTS)
     name = _text(table["optimizer"])
     if name not in OPTIMIZERS:
-        r.refuse("optimizer.optimizer", name, f"sdcore runs OneTrainer's {', '.join(OPTIMIZERS)}")
+        why = OPTIMIZER_REFUSALS.get(name, "")
+        r.refuse(
+            "optimizer.optimizer", name, f"{why}{'; ' if why else ''}sdcore runs OneTrainer's {', '.join(OPTIMIZERS)}"
+        )
         return
     optimizer, arguments = OPTIMIZERS[name]
     if name == "ADAMW_8BIT" and table["is_paged"]:

@@ -220,8 +220,11 @@ def test_training_rules(tmp_path):
     train = {"train_unet": False, "train_text_encoder": True, "text_encoder_lr": 5e-5, "dtype": "fp16",
              "gradient_accumulation": 4, "optimizer": "adafactor", "optimizer_params": {"weight_decay": 0.01},
              "lr_scheduler": "cosine", "steps": 300, "noise_offset": 0.05, "min_snr_gamma": 5, "loss_type": "mae"}  # fmt: skip
-    o = _load(_job(tmp_path, {**BASE, "train": train}))
-    assert (o.te_only, o.train_text_encoder, o.te_lr, o.mixed_precision) == (True, True, 5e-5, "fp16")
+    notes: list[str] = []
+    o = _load(_job(tmp_path, {**BASE, "train": train}), notes)
+    # BaseSDTrainProcess hands the network text_encoder_lr = unet_lr = train.lr (1e-6 by default)
+    assert (o.te_only, o.train_text_encoder, o.te_lr, o.lr, o.mixed_precision) == (True, True, None, 1e-6, "fp16")
+    assert any("text_encoder_lr 5e-05: no effect in ai-toolkit's trainer" in n for n in notes)
     assert (o.gradient_accumulation, o.optimizer, o.lr_scheduler, o.max_steps) == (4, "adafactor", "cosine", 300)
     assert o.optimizer_args == "relative_step=False scale_parameter=False warmup_init=False weight_decay=0.01"
     assert (o.noise_offset, o.min_snr_gamma, o.loss_type) == (0.05, 5.0, "l1")

@@ -893,10 +893,11 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
     v = out.values
     v["max_steps"] = train.get("steps", 1000)
     v["lr"] = train.get("lr", 1e-6)
-    if "unet_lr" in train:
-        v["unet_lr"] = train["unet_lr"]
-    if "text_encoder_lr" in train:
-        v["te_lr"] = train["text_encoder_lr"]
+    for key in ("unet_lr", "text_encoder_lr"):
+        # BaseSDTrainProcess gives the network unet_lr = text_encoder_lr = train.lr: these fields are not read
+        if key in train and not _same(train[key], v["lr"]):
+            out.notes.append(f"{where}.{key} {train[key]}: no effect in ai-toolkit's trainer (the network's "
+                             f"parameter groups all get train.lr, {v['lr']}), so sdcore trains at lr too")  # fmt: skip
     v["batch_size"] = train.get("batch_size", 1)
     # ai-toolkit's ``gradient_accumulation`` takes N batches per step (sdcore's accumulation); its legacy
     # ``gradient_accumulation_steps`` counts every batch as a step of ``steps``, save_every... (-1: a whole epoch)

@@ -483,3 +483,29 @@ def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
     # the flowmatch defaults written out are not refusals
     o = _load(_job(tmp_path, {**flux, "train": {"noise_scheduler": "flowmatch", "min_denoising_steps": 0}}))
     assert o.timestep_sampling == "sigmoid"
+
+
+def test_min_snr_gamma_is_sdcores_for_epsilon_models_only(tmp_path):
+    import torch
+    from diffusers import DDPMScheduler
+    from sdcore.train.noise import min_snr_weights
+
+    assert _load(_job(tmp_path, {**BASE, "train": {"min_snr_gamma": 5}})).min_snr_gamma == 5.0
+    timesteps = torch.arange(1000)
+    for prediction in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction
+        )
+        # toolkit/train_tools.py apply_snr_weight (not fixed), rewritten: min(gamma / snr, 1), snr = (a / s)^2
+        abar = scheduler.alphas_cumprod
+        snr = (abar.sqrt() / (1.0 - abar).sqrt()) ** 2
+        ai_toolkit = torch.minimum(5.0 / snr, torch.ones_like(snr))
+        sdcore = min_snr_weights(scheduler, timesteps, 5.0)
+        if prediction == "epsilon":
+            torch.testing.assert_close(sdcore, ai_toolkit, rtol=1e-5, atol=0)
+        else:  # kohya's v-prediction weight min(snr, gamma) / (snr + 1) is another number
+            assert not torch.allclose(sdcore, ai_toolkit, rtol=1e-2)
+    v_pred = {**BASE, "model": {"name_or_path": "tiny:sd1", "is_v_pred": True}, "train": {"min_snr_gamma": 5}}
+    assert any("min(gamma / snr, 1) for every prediction type" in p for p in _problems(_job(tmp_path, v_pred)))
+    problems = _problems(_job(tmp_path, {**BASE, "train": {"snr_gamma": 5, "min_snr_gamma": 5}}))
+    assert any("snr_gamma 5: ai-toolkit weighs gamma / snr without a cap" in p for p in problems)

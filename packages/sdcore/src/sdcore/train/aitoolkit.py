@@ -433,7 +433,7 @@ HANDLED: dict[str, set[str]] = {
               "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
               "max_grad_norm", "noise_offset", "min_snr_gamma", "skip_first_sample", "force_first_sample",
               "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight", "min_denoising_steps",
-              "max_denoising_steps", "content_or_style", "linear_timesteps"},
+              "max_denoising_steps", "content_or_style", "linear_timesteps", "snr_gamma"},
     "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking", "lora_path",
               "assistant_lora_path"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
@@ -737,6 +737,11 @@ def translate_job(
     v["data"] = str(path)
     if model.get("is_v_pred"):
         out.notes.append(f"{w}.model.is_v_pred: sdcore reads the prediction type from the model")
+        if (train.get("min_snr_gamma") or 0) > 1e-6:
+            out.problems.append(
+                f"{w}.train.min_snr_gamma with model.is_v_pred: ai-toolkit weighs min(gamma / snr, 1) for every "
+                "prediction type, sdcore's (kohya's) --min-snr-gamma min(snr, gamma) / (snr + 1) for v-prediction"
+            )
     if model.get("quantize"):
         if str(model.get("qtype", "qfloat8")) != "qfloat8":
             out.problems.append(f"{w}.model.qtype {model.get('qtype')!r}: sdcore quantizes to float8 only (qfloat8)")
@@ -913,7 +918,15 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
     v["max_grad_norm"] = train.get("max_grad_norm", 1.0)
     if train.get("noise_offset"):
         v["noise_offset"] = train["noise_offset"]
-    if train.get("min_snr_gamma") is not None:
+    # SDTrainer: apply_snr_weight multiplies by min(gamma / snr, 1) = min(snr, gamma) / snr, sdcore's min-SNR for
+    # epsilon prediction (translate_job refuses v-prediction); snr_gamma (gamma / snr uncapped) comes first
+    snr_gamma = train.get("snr_gamma")
+    if snr_gamma is not None and float(snr_gamma) > 1e-6:
+        out.problems.append(
+            f"{where}.snr_gamma {snr_gamma}: ai-toolkit weighs gamma / snr without a cap; sdcore's --min-snr-gamma "
+            "caps it at 1 (min_snr_gamma)"
+        )
+    elif train.get("min_snr_gamma") is not None and float(train["min_snr_gamma"]) > 1e-6:
         v["min_snr_gamma"] = train["min_snr_gamma"]
     loss = str(train.get("loss_type", "mse")).lower()
     if loss in LOSS_TYPES:

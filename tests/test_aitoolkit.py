@@ -220,8 +220,11 @@ def test_training_rules(tmp_path):
     train = {"train_unet": False, "train_text_encoder": True, "text_encoder_lr": 5e-5, "dtype": "fp16",
              "gradient_accumulation": 4, "optimizer": "adafactor", "optimizer_params": {"weight_decay": 0.01},
              "lr_scheduler": "cosine", "steps": 300, "noise_offset": 0.05, "min_snr_gamma": 5, "loss_type": "mae"}  # fmt: skip
-    o = _load(_job(tmp_path, {**BASE, "train": train}))
-    assert (o.te_only, o.train_text_encoder, o.te_lr, o.mixed_precision) == (True, True, 5e-5, "fp16")
+    notes: list[str] = []
+    o = _load(_job(tmp_path, {**BASE, "train": train}), notes)
+    # BaseSDTrainProcess hands the network text_encoder_lr = unet_lr = train.lr (1e-6 by default)
+    assert (o.te_only, o.train_text_encoder, o.te_lr, o.lr, o.mixed_precision) == (True, True, None, 1e-6, "fp16")
+    assert any("text_encoder_lr 5e-05: no effect in ai-toolkit's trainer" in n for n in notes)
     assert (o.gradient_accumulation, o.optimizer, o.lr_scheduler, o.max_steps) == (4, "adafactor", "cosine", 300)
     assert o.optimizer_args == "relative_step=False scale_parameter=False warmup_init=False weight_decay=0.01"
     assert (o.noise_offset, o.min_snr_gamma, o.loss_type) == (0.05, 5.0, "l1")
@@ -423,3 +426,86 @@ def test_a_saved_ai_toolkit_lora_is_fused_or_continued_by_another_job(tmp_path, 
     moved = [float((c.modules[n].up.float() - start[n]).abs().max()) for n in start]
     assert max(moved) < 0.1 and any(float(m.up.abs().max()) > 0 for m in c.modules.values())
     assert set(b.modules) == set(a.modules)
+
+
+# --- settings mapped onto sdcore options with the same maths (checked against ai-toolkit's formulas) ----------
+
+
+def _ai_toolkit_ddpm_timesteps(min_steps: int, max_steps: int) -> set[int]:
+    """BaseSDTrainProcess (content_or_style balanced, not flowmatch), rewritten: the range clipped to [0, 999],
+    an index from randint(min + 1, max - 1) of the table DDPMScheduler(sd_config).set_timesteps(1000) builds."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(  # toolkit/sampler.py sd_config: steps_offset 0, "leading" spacing
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=0, timestep_spacing="leading"
+    )
+    scheduler.set_timesteps(1000)
+    low, high = max(min_steps, 0), min(max_steps, 999)
+    return {int(scheduler.timesteps[i]) for i in range(low + 1, high - 1)}  # randint's upper bound is exclusive
+
+
+def test_ddpm_denoising_steps_are_the_timestep_range(tmp_path):
+    import torch
+    from sdcore.train.noise import integer_timesteps
+
+    o = _load(_job(tmp_path, BASE))  # ai-toolkit's defaults 0 and 999: timesteps 2..998, each equally likely
+    assert set(range(o.min_timestep, o.max_timestep)) == _ai_toolkit_ddpm_timesteps(0, 999)
+    assert (o.min_timestep, o.max_timestep) == (2, 999)
+    train = {"min_denoising_steps": 100, "max_denoising_steps": 800}
+    o = _load(_job(tmp_path, {**BASE, "train": train}))
+    assert set(range(o.min_timestep, o.max_timestep)) == _ai_toolkit_ddpm_timesteps(100, 800)
+    draw = integer_timesteps(1000, o.min_timestep, o.max_timestep)  # sdcore's draw: uniform over that range
+    gen = torch.Generator().manual_seed(0)
+    drawn = {int(draw(gen)) for _ in range(20000)}  # 698 values: all met (coupon collector ~4600 draws)
+    assert drawn == _ai_toolkit_ddpm_timesteps(100, 800)
+    problems = _problems(_job(tmp_path, {**BASE, "train": {"min_denoising_steps": 500, "max_denoising_steps": 502}}))
+    assert any("randint(501, 501)" in p for p in problems)
+
+
+def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
+    import torch
+    from sdcore.train.loss import elementwise_loss
+
+    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
+    train = {"noise_scheduler": "flowmatch", "linear_timesteps": True, "timestep_type": "weighted",
+             "min_denoising_steps": 100, "content_or_style": "style", "loss_type": "pseudo_huber"}  # fmt: skip
+    text = " | ".join(_problems(_job(tmp_path, {**flux, "train": train})))
+    assert "linear_timesteps: linear timesteps with ai-toolkit's bell-shaped loss weight" in text
+    assert "timestep_type 'weighted': uniform timesteps with ai-toolkit's bell-shaped loss weight" in text
+    assert "min/max_denoising_steps: on flow matching" in text
+    assert "1 - U^3 (style)" in text
+    assert "half of sdcore's --loss-type smooth_l1" in text
+    # SDTrainer's pseudo_huber, rewritten: sqrt(d^2 + c^2) - c with c = 0.01; sdcore's smooth_l1 is twice that
+    pred, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    ai_toolkit = torch.sqrt((pred - target) ** 2 + 0.01**2) - 0.01
+    sdcore = elementwise_loss(pred, target, "smooth_l1", torch.full((2,), 0.01))
+    torch.testing.assert_close(sdcore, 2 * ai_toolkit)
+    # the flowmatch defaults written out are not refusals
+    o = _load(_job(tmp_path, {**flux, "train": {"noise_scheduler": "flowmatch", "min_denoising_steps": 0}}))
+    assert o.timestep_sampling == "sigmoid"
+
+
+def test_min_snr_gamma_is_sdcores_for_epsilon_models_only(tmp_path):
+    import torch
+    from diffusers import DDPMScheduler
+    from sdcore.train.noise import min_snr_weights
+
+    assert _load(_job(tmp_path, {**BASE, "train": {"min_snr_gamma": 5}})).min_snr_gamma == 5.0
+    timesteps = torch.arange(1000)
+    for prediction in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction
+        )
+        # toolkit/train_tools.py apply_snr_weight (not fixed), rewritten: min(gamma / snr, 1), snr = (a / s)^2
+        abar = scheduler.alphas_cumprod
+        snr = (abar.sqrt() / (1.0 - abar).sqrt()) ** 2
+        ai_toolkit = torch.minimum(5.0 / snr, torch.ones_like(snr))
+        sdcore = min_snr_weights(scheduler, timesteps, 5.0)
+        if prediction == "epsilon":
+            torch.testing.assert_close(sdcore, ai_toolkit, rtol=1e-5, atol=0)
+        else:  # kohya's v-prediction weight min(snr, gamma) / (snr + 1) is another number
+            assert not torch.allclose(sdcore, ai_toolkit, rtol=1e-2)
+    v_pred = {**BASE, "model": {"name_or_path": "tiny:sd1", "is_v_pred": True}, "train": {"min_snr_gamma": 5}}
+    assert any("min(gamma / snr, 1) for every prediction type" in p for p in _problems(_job(tmp_path, v_pred)))
+    problems = _problems(_job(tmp_path, {**BASE, "train": {"snr_gamma": 5, "min_snr_gamma": 5}}))
+    assert any("snr_gamma 5: ai-toolkit weighs gamma / snr without a cap" in p for p in problems)

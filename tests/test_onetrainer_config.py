@@ -347,3 +347,202 @@ def test_cli_trains_a_onetrainer_lora_config(tmp_path, sd_cli, pm, monkeypatch):
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 2.0
     assert float(meta["ss_learning_rate"]) == 0.002 and meta["ss_max_train_steps"] == "2"
+
+
+# --- settings mapped onto sdcore options with the same maths (each checked against OneTrainer's formula) -----
+
+SD3_LORA = {
+    "training_method": "LORA", "model_type": "STABLE_DIFFUSION_3", "base_model_name": "tiny:sd3", "epochs": 2,
+    "learning_rate": 1e-4, "resolution": "1024", "output_model_format": "DIFFUSERS_LORA",
+    "text_encoder": {"train": False}, "text_encoder_2": {"train": False}, "text_encoder_3": {"train": False},
+}  # fmt: skip
+
+
+def test_heavy_tail_is_the_mode_sampling_with_noising_weight_as_scale(tmp_path):
+    import math
+
+    import torch
+    from sdcore.train.objectives import FlowMatchingObjective
+
+    config = {**SD3_LORA, "timestep_distribution": "HEAVY_TAIL", "noising_weight": 0.8, "timestep_shift": 3.0}
+    o = _load(tmp_path, config)
+    assert (o.timestep_sampling, o.mode_scale, o.discrete_flow_shift) == ("mode", 0.8, 3.0)
+    objective = FlowMatchingObjective(timestep_sampling="mode", shift=o.discrete_flow_shift, mode_scale=o.mode_scale)
+    sdcore = objective.sample_sigmas(4096, torch.Generator().manual_seed(7))
+    # ModelSetupNoiseMixin._get_timestep_discrete (HEAVY_TAIL, T = 1000), rewritten: u -> 1 - u - w (cos(pi/2 u)^2
+    # - 1 + u), times T, shifted T s t / ((s - 1) t + T); BaseSD3Setup then takes sigma = (int(t) + 1) / T
+    u = torch.rand(4096, generator=torch.Generator().manual_seed(7))
+    w, s, T = 0.8, 3.0, 1000
+    t = (1.0 - u - w * (torch.cos(math.pi / 2.0 * u) ** 2.0 - 1.0 + u)) * T
+    t = T * s * t / ((s - 1) * t + T)
+    torch.testing.assert_close(sdcore, (t / T).clamp(0, 1), rtol=1e-5, atol=1e-6)  # the same continuous draw
+    onetrainer_sigma = (t.int() + 1).float() / T
+    assert (sdcore - onetrainer_sigma).abs().max() <= 1.0 / T + 1e-6  # OneTrainer's 1000-step grid: at most 1/1000
+    # outside [-1, 2 / (pi - 2)] the map is not monotone: refused by name
+    assert "noising_weight 2.5" in _problems(tmp_path, {**config, "noising_weight": 2.5})
+
+
+def test_flow_distributions_without_a_counterpart_say_why(tmp_path):
+    text = _problems(tmp_path, {**SD3_LORA, "timestep_distribution": "SIGMOID"})
+    assert "not kohya's sigmoid(N(0, 1)) sampling" in text
+    text = _problems(tmp_path, {**SD3_LORA, "min_noising_strength": 0.2})
+    assert "before the timestep shift" in text
+    assert "SD3/Flux train with flow matching" in _problems(tmp_path, {**SD3_LORA, "loss_weight_fn": "MIN_SNR_GAMMA"})
+
+
+def _debiased_weights(prediction_type: str):
+    """sdcore's --debiased-estimation-loss weights and OneTrainer's __debiased_estimation_weight (rewritten:
+    rsqrt(clip(snr, max=1000) (+ 1 for v-prediction))) on SD's DDPM schedule at every timestep."""
+    import torch
+    from diffusers import DDPMScheduler
+    from sdcore.train.loss import post_process_loss
+
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
+    )
+    timesteps = torch.arange(1000)
+    sdcore = post_process_loss(torch.ones(1000), timesteps, scheduler, debiased_estimation_loss=True)
+    abar = scheduler.alphas_cumprod.float()
+    snr = (abar.sqrt() / (1 - abar).sqrt()) ** 2  # DiffusionScheduleCoefficients: (sqrt(abar) / sqrt(1 - abar))^2
+    snr = torch.clip(snr, max=1.0e3)
+    onetrainer = torch.rsqrt(snr + 1.0) if prediction_type == "v_prediction" else torch.rsqrt(snr)
+    return sdcore, onetrainer
+
+
+def test_debiased_estimation_maps_for_epsilon_models_only(tmp_path):
+    import torch
+
+    o = _load(tmp_path, {**SD15_LORA, "loss_weight_fn": "DEBIASED_ESTIMATION"})
+    assert o.debiased_estimation_loss is True
+    sdcore, onetrainer = _debiased_weights("epsilon")
+    torch.testing.assert_close(sdcore, onetrainer, rtol=1e-5, atol=0)
+    # v-prediction (the SD2 768 model types): kohya's 1 / (snr + 1) against OneTrainer's 1 / sqrt(snr + 1)
+    sdcore, onetrainer = _debiased_weights("v_prediction")
+    assert not torch.allclose(sdcore, onetrainer, rtol=1e-2)
+    sd21 = {
+        **SD15_LORA,
+        "model_type": "STABLE_DIFFUSION_21",
+        "base_model_name": "",
+        "loss_weight_fn": "DEBIASED_ESTIMATION",
+    }
+    assert "1 / sqrt(min(snr, 1000) + 1)" in _problems(tmp_path, sd21)
+    base = {**sd21, "model_type": "STABLE_DIFFUSION_21_BASE"}
+    assert _load(tmp_path, base).debiased_estimation_loss is True
+
+
+def test_learning_rate_scaler_multiplies_every_rate_by_the_square_root(tmp_path):
+    import math
+
+    config = {**SD15_LORA, "learning_rate_scaler": "BOTH", "batch_size": 4, "gradient_accumulation_steps": 2,
+              "unet": {"learning_rate": 2e-4}, "text_encoder": {"learning_rate": 5e-5}}  # fmt: skip
+    notes: list[str] = []
+    o = _load(tmp_path, config, notes=notes)
+    # NamedParameterGroupCollection.parameters_for_optimizer: lr * get_scale(batch, accumulation) ** 0.5
+    scale = (4 * 2) ** 0.5
+    assert math.isclose(o.lr, 3e-4 * scale) and math.isclose(o.unet_lr, 2e-4 * scale)
+    assert math.isclose(o.te_lr, 5e-5 * scale)
+    assert any("sqrt(8)" in n for n in notes)
+    o = _load(tmp_path, {**config, "learning_rate_scaler": "GLOBAL_BATCH"})  # world size 1 without multi_gpu
+    assert math.isclose(o.unet_lr, 2e-4 * 2.0)
+    assert _load(tmp_path, {**config, "learning_rate_scaler": "NONE"}).unet_lr == 2e-4
+
+
+#: create.py's fallbacks for each optimizer the config leaves at OneTrainer's defaults (TC's optimizer defaults
+#: are None for numbers, so create.py's values apply; booleans are TC's), rewritten by hand
+CREATE_PY_ARGS = {
+    "ADAM_8BIT": ("bitsandbytes.optim.Adam", {"betas": (0.9, 0.999), "weight_decay": 0, "eps": 1e-8,
+                  "min_8bit_size": 4096, "percentile_clipping": 100, "block_wise": False, "is_paged": False}),
+    "ADAGRAD": ("bitsandbytes.optim.Adagrad", {"weight_decay": 0, "eps": 1e-10, "lr_decay": 0,
+                "initial_accumulator_value": 0}),
+    "RMSPROP": ("bitsandbytes.optim.RMSprop", {"weight_decay": 0, "eps": 1e-8, "alpha": 0.99, "momentum": 0,
+                "centered": False}),
+    "LION_8BIT": ("lion8bit", {"weight_decay": 0, "betas": (0.9, 0.999), "min_8bit_size": 4096,
+                  "percentile_clipping": 100, "block_wise": False, "is_paged": False}),
+    "SCHEDULE_FREE_ADAMW": ("adamwschedulefree", {"betas": (0.9, 0.999), "weight_decay": 0.01, "eps": 1e-8, "r": 0,
+                            "weight_lr_power": 2.0, "foreach": False, "warmup_steps": 200.0}),
+    "SCHEDULE_FREE_SGD": ("sgdschedulefree", {"momentum": 0, "weight_decay": 0, "r": 0, "weight_lr_power": 2.0,
+                          "foreach": False, "warmup_steps": 200.0}),
+    "DADAPT_SGD": ("dadaptsgd", {"momentum": 0.0, "weight_decay": 0, "log_every": 0, "d0": 1e-6,
+                   "fsdp_in_use": False}),
+    "DADAPT_ADAM": ("dadaptadam", {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "log_every": 0,
+                    "decouple": False, "use_bias_correction": False, "d0": 1e-6, "fsdp_in_use": False}),
+    "DADAPT_ADAN": ("dadaptadan", {"betas": (0.98, 0.92, 0.99), "eps": 1e-8, "weight_decay": 0.02, "no_prox": False,
+                    "log_every": 0, "d0": 1e-6}),
+    "DADAPT_ADA_GRAD": ("dadaptadagrad", {"momentum": 0, "log_every": 0, "weight_decay": 0.0, "eps": 0.0,
+                        "d0": 1e-6}),
+    "DADAPT_LION": ("dadaptlion", {"betas": (0.9, 0.999), "weight_decay": 0.0, "log_every": 0, "d0": 1e-6,
+                    "fsdp_in_use": False}),
+    "PRODIGY_PLUS_SCHEDULE_FREE": ("prodigyplus.ProdigyPlusScheduleFree", {
+        "betas": (0.9, 0.99), "weight_decay": 0.0, "weight_decay_by_lr": True, "use_bias_correction": False,
+        "d0": 1e-6, "d_coef": 1.0, "prodigy_steps": 0, "use_speed": False, "eps": None, "split_groups": True,
+        "split_groups_mean": True, "factored": True, "factored_fp32": True, "use_stableadamw": True,
+        "use_cautious": False, "use_grams": False, "use_adopt": False, "stochastic_rounding": True,
+        "d_limiter": True, "use_schedulefree": True, "schedulefree_c": 0.0, "use_orthograd": False}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CREATE_PY_ARGS))
+def test_optimizers_get_every_argument_create_py_passes(tmp_path, name):
+    from sdcore.train.optim import parse_optimizer_args
+
+    optimizer, expected = CREATE_PY_ARGS[name]
+    config = {**SD15_LORA, "gradient_accumulation_steps": 2, "optimizer": {"optimizer": name}}
+    o = _load(tmp_path, config)
+    assert o.optimizer == optimizer
+    assert parse_optimizer_args(o.optimizer_args) == expected
+    if name in ("SCHEDULE_FREE_ADAMW", "SCHEDULE_FREE_SGD", "PRODIGY_PLUS_SCHEDULE_FREE"):
+        # create_lr_scheduler forces CONSTANT without warmup for them; the optimizer gets the 200 steps itself,
+        # not divided by the accumulation (create.py passes config.learning_rate_warmup_steps)
+        assert (o.lr_scheduler, o.lr_warmup_steps) == ("constant", 0)
+
+
+def test_arguments_left_to_the_library_are_create_py_values():
+    """growth_rate's fallback (and Prodigy's beta3 None) is left out: the installed classes' defaults must be
+    create.py's values (dadaptation 3.2, prodigy-plus-schedule-free 2.0.1 as OneTrainer pins them)."""
+    import inspect
+    import math
+
+    import dadaptation
+    from prodigyplus import ProdigyPlusScheduleFree
+
+    for cls in (dadaptation.DAdaptSGD, dadaptation.DAdaptAdam, dadaptation.DAdaptAdan, dadaptation.DAdaptAdaGrad):
+        assert math.isinf(inspect.signature(cls).parameters["growth_rate"].default), cls
+    assert inspect.signature(ProdigyPlusScheduleFree).parameters["beta3"].default is None
+    # and the arguments sdcore passes are all accepted by the classes it builds
+    import torch
+    from sdcore.train.optim import optimizer_class, optimizer_kwargs
+
+    for name in ("SCHEDULE_FREE_ADAMW", "DADAPT_ADAN", "DADAPT_LION", "PRODIGY_PLUS_SCHEDULE_FREE"):
+        optimizer, expected = CREATE_PY_ARGS[name]
+        kwargs = optimizer_kwargs(optimizer, expected)
+        optimizer_class(optimizer)([torch.nn.Parameter(torch.zeros(2))], lr=1.0, **kwargs)
+
+
+def test_adafactor_relative_step_is_kohyas_adafactor_schedule(tmp_path):
+    from sdcore.train.optim import parse_optimizer_args
+
+    notes: list[str] = []
+    config = {**SD15_LORA, "optimizer": {"optimizer": "ADAFACTOR", "relative_step": True, "scale_parameter": True}}
+    o = _load(tmp_path, config, notes=notes)
+    args = parse_optimizer_args(o.optimizer_args)
+    # create.py: lr=None and the groups' rates removed: Adafactor's own relative step, whatever the schedule
+    assert o.optimizer == "adafactor" and args["relative_step"] is True and args["scale_parameter"] is True
+    assert (o.lr_scheduler, o.lr_warmup_steps) == ("adafactor", 0)
+    assert any("learning_rate_scheduler CONSTANT: no effect with Adafactor's relative_step" in n for n in notes)
+    text = _problems(tmp_path, {**SD15_LORA, "learning_rate_scheduler": "ADAFACTOR"})
+    assert "keeps the first parameter group's rate" in text
+
+
+def test_refusals_say_why_the_maths_differs(tmp_path):
+    text = _problems(tmp_path, {**SD15_LORA, "perturbation_noise_weight": 0.1, "huber_strength": 1.0,
+                                "mse_strength": 0.0, "loss_scaler": "BATCH", "learning_rate_scheduler": "REX"})  # fmt: skip
+    assert "--ip-noise-gamma perturbs the input only" in text
+    assert "torch's Huber" in text and "pseudo-Huber" in text
+    assert "loss_scaler 'BATCH'" in text and "REX's" in text
+    assert "runs its own copy" in _problems(tmp_path, {**SD15_LORA, "optimizer": {"optimizer": "CAME"}})
+    # the mask settings are OneTrainer's no-ops without masked_training: a note, not a refusal
+    notes: list[str] = []
+    _load(tmp_path, {**SD15_LORA, "unmasked_weight": 0.3}, notes=notes)
+    assert any("unmasked_weight: accepted, no effect without masked_training" in n for n in notes)
+    text = _problems(tmp_path, {**SD15_LORA, "masked_training": True, "unmasked_weight": 0.3})
+    assert "-masklabel.png" in text and "unmasked_weight 0.3" in text

@@ -432,7 +432,8 @@ HANDLED: dict[str, set[str]] = {
               "lr_scheduler_params", "batch_size", "gradient_accumulation_steps", "gradient_accumulation", "dtype",
               "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
               "max_grad_norm", "noise_offset", "min_snr_gamma", "skip_first_sample", "force_first_sample",
-              "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight"},
+              "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight", "min_denoising_steps",
+              "max_denoising_steps", "content_or_style", "linear_timesteps", "snr_gamma"},
     "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking", "lora_path",
               "assistant_lora_path"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
@@ -470,6 +471,31 @@ PRECISIONS = {"fp32": "no", "float32": "no", "fp16": "fp16", "float16": "fp16", 
 SAVE_DTYPES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
 #: ``train.loss_type`` -> sdcore ``loss_type``
 LOSS_TYPES = {"mse": "l2", "mae": "l1"}
+#: loss types sdcore has no counterpart for, and why (``extensions_built_in/sd_trainer/SDTrainer.py``)
+LOSS_REFUSALS = {
+    "pseudo_huber": "ai-toolkit's pseudo_huber is sqrt(d^2 + c^2) - c with c = 0.01, half of sdcore's --loss-type "
+    "smooth_l1 (--huber-schedule constant --huber-c 0.01): the gradients differ by a factor of 2 (clipping, "
+    "non-adaptive optimizers)",
+    "wavelet": "sdcore has no wavelet loss",
+    "stepped": "sdcore has no stepped loss",
+}
+#: flow-matching timestep types sdcore has no counterpart for, and why (``toolkit/samplers/
+#: custom_flowmatch_sampler.py``, ``BaseSDTrainProcess``)
+TIMESTEP_REFUSALS = {
+    "weighted": "uniform timesteps with ai-toolkit's bell-shaped loss weight per timestep, which sdcore does not have",
+    "flux_shift": "a uniform draw shifted by the resolution; sdcore's flux_shift shifts a sigmoid(N(0, 1)) draw",
+    "shift": "a uniform draw through the scheduler's shift (by resolution on Flux); not verified against sdcore's "
+    "--discrete-flow-shift for this scheduler",
+    "lognorm_blend": "a blend of log-normal and linear timesteps, which sdcore does not draw",
+    "next_sample": "sdcore does not train on the next sampling step",
+    "one_step": "sdcore does not train at one fixed timestep",
+    "two_step": "sdcore does not train at fixed timesteps",
+    "four_step": "sdcore does not train at fixed timesteps",
+    "eight_step": "sdcore does not train at fixed timesteps",
+}
+#: ai-toolkit's DDPM timestep table for SD1/SD2/SDXL: ``toolkit/sampler.py``'s ``sd_config`` (steps_offset 0,
+#: "leading" spacing) set to 1000 steps, so index i is timestep 999 - i
+DDPM_TIMESTEPS = 1000
 #: flow-matching ``train.timestep_type`` -> sdcore ``timestep_sampling`` (``toolkit/samplers/custom_flowmatch_sampler.py``:
 #: ``sigmoid`` = sigmoid(N(0, 1)) unshifted, ``linear`` = uniform over 1000..1)
 TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "uniform"}
@@ -711,6 +737,11 @@ def translate_job(
     v["data"] = str(path)
     if model.get("is_v_pred"):
         out.notes.append(f"{w}.model.is_v_pred: sdcore reads the prediction type from the model")
+        if (train.get("min_snr_gamma") or 0) > 1e-6:
+            out.problems.append(
+                f"{w}.train.min_snr_gamma with model.is_v_pred: ai-toolkit weighs min(gamma / snr, 1) for every "
+                "prediction type, sdcore's (kohya's) --min-snr-gamma min(snr, gamma) / (snr + 1) for v-prediction"
+            )
     if model.get("quantize"):
         if str(model.get("qtype", "qfloat8")) != "qfloat8":
             out.problems.append(f"{w}.model.qtype {model.get('qtype')!r}: sdcore quantizes to float8 only (qfloat8)")
@@ -867,10 +898,11 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
     v = out.values
     v["max_steps"] = train.get("steps", 1000)
     v["lr"] = train.get("lr", 1e-6)
-    if "unet_lr" in train:
-        v["unet_lr"] = train["unet_lr"]
-    if "text_encoder_lr" in train:
-        v["te_lr"] = train["text_encoder_lr"]
+    for key in ("unet_lr", "text_encoder_lr"):
+        # BaseSDTrainProcess gives the network unet_lr = text_encoder_lr = train.lr: these fields are not read
+        if key in train and not _same(train[key], v["lr"]):
+            out.notes.append(f"{where}.{key} {train[key]}: no effect in ai-toolkit's trainer (the network's "
+                             f"parameter groups all get train.lr, {v['lr']}), so sdcore trains at lr too")  # fmt: skip
     v["batch_size"] = train.get("batch_size", 1)
     # ai-toolkit's ``gradient_accumulation`` takes N batches per step (sdcore's accumulation); its legacy
     # ``gradient_accumulation_steps`` counts every batch as a step of ``steps``, save_every... (-1: a whole epoch)
@@ -886,13 +918,30 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
     v["max_grad_norm"] = train.get("max_grad_norm", 1.0)
     if train.get("noise_offset"):
         v["noise_offset"] = train["noise_offset"]
-    if train.get("min_snr_gamma") is not None:
+    # SDTrainer: apply_snr_weight multiplies by min(gamma / snr, 1) = min(snr, gamma) / snr, sdcore's min-SNR for
+    # epsilon prediction (translate_job refuses v-prediction); snr_gamma (gamma / snr uncapped) comes first
+    snr_gamma = train.get("snr_gamma")
+    if snr_gamma is not None and float(snr_gamma) > 1e-6:
+        out.problems.append(
+            f"{where}.snr_gamma {snr_gamma}: ai-toolkit weighs gamma / snr without a cap; sdcore's --min-snr-gamma "
+            "caps it at 1 (min_snr_gamma)"
+        )
+    elif train.get("min_snr_gamma") is not None and float(train["min_snr_gamma"]) > 1e-6:
         v["min_snr_gamma"] = train["min_snr_gamma"]
     loss = str(train.get("loss_type", "mse")).lower()
     if loss in LOSS_TYPES:
         v["loss_type"] = LOSS_TYPES[loss]
     else:
-        out.problems.append(f"{where}.loss_type {loss!r}: sdcore implements ai-toolkit's mse and mae")
+        why = LOSS_REFUSALS.get(loss, "")
+        out.problems.append(
+            f"{where}.loss_type {loss!r}: {why}{'; ' if why else ''}sdcore implements ai-toolkit's mse and mae"
+        )
+    style = str(train.get("content_or_style", "balanced")).lower()
+    if style != "balanced":
+        out.problems.append(
+            f"{where}.content_or_style {style!r}: ai-toolkit draws timesteps as U^3 (content) or 1 - U^3 (style) "
+            "over the range; sdcore draws them uniformly"
+        )
     dtype = str(train.get("dtype", "fp32")).lower()
     if dtype in PRECISIONS:
         v["mixed_precision"] = PRECISIONS[dtype]
@@ -935,10 +984,20 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
             out.notes.append(f"{where}.noise_scheduler {scheduler!r}: sdcore trains {family} with flow matching")
         kind = str(train.get("timestep_type", "sigmoid")).lower()
         if train.get("linear_timesteps"):
-            kind = "linear"
-        if kind not in TIMESTEP_TYPES:
             out.problems.append(
-                f"{where}.timestep_type {kind!r}: sdcore implements ai-toolkit's sigmoid and linear timesteps"
+                f"{where}.linear_timesteps: linear timesteps with ai-toolkit's bell-shaped loss weight per "
+                "timestep, which sdcore does not have (timestep_type linear has no weight)"
+            )
+        if (train.get("min_denoising_steps", 0), train.get("max_denoising_steps", 999)) != (0, 999):
+            out.problems.append(
+                f"{where}.min/max_denoising_steps: on flow matching ai-toolkit picks indices of its timestep table "
+                "(a quantile range for sigmoid); sdcore's --min-timestep/--max-timestep rescale the drawn sigma"
+            )
+        if kind not in TIMESTEP_TYPES:
+            why = TIMESTEP_REFUSALS.get(kind, "")
+            out.problems.append(
+                f"{where}.timestep_type {kind!r}: {why}{'; ' if why else ''}sdcore implements ai-toolkit's sigmoid "
+                "and linear timesteps"
             )
         else:
             v["timestep_sampling"] = TIMESTEP_TYPES[kind]
@@ -953,10 +1012,28 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
             out.problems.append(f"{where}.noise_scheduler flowmatch: sdcore trains {family} with its DDPM schedule")
         elif scheduler != "ddpm":
             out.notes.append(f"{where}.noise_scheduler {scheduler!r}: sdcore adds noise with the DDPM schedule")
-        if "timestep_type" in train:
-            out.notes.append(f"{where}.timestep_type: used by ai-toolkit with flowmatch only")
+        if "timestep_type" in train or "linear_timesteps" in train:
+            out.notes.append(f"{where}.timestep_type/linear_timesteps: used by ai-toolkit with flowmatch only")
+        _ddpm_range(train, where, out)
         if train.get("cfg_scale", 1.0) != 1.0:
             out.problems.append(f"{where}.cfg_scale: a guidance embedding value, Flux only")
+
+
+def _ddpm_range(train: dict[str, Any], where: str, out: JobTranslation) -> None:
+    """``min/max_denoising_steps`` on the DDPM schedule (BaseSDTrainProcess, content_or_style balanced): clipped
+    to [0, 999], then an index ``randint(min + 1, max - 1)`` of the 1000-step table, whose index i is timestep
+    999 - i; so the timesteps are uniform integers in [1001 - max, 998 - min] = kohya's ``--min-timestep
+    1001 - max --max-timestep 999 - min`` (the defaults 0 and 999 give [2, 998])."""
+    low = max(int(train.get("min_denoising_steps", 0)), 0)
+    high = min(int(train.get("max_denoising_steps", 999)), DDPM_TIMESTEPS - 1)
+    if high - low < 3:
+        out.problems.append(
+            f"{where}.min/max_denoising_steps {low}/{high}: ai-toolkit draws from randint({low + 1}, {high - 1}), "
+            "which needs max - min >= 3 (sdcore draws from a range)"
+        )
+        return
+    out.values["min_timestep"] = DDPM_TIMESTEPS + 1 - high
+    out.values["max_timestep"] = DDPM_TIMESTEPS - 1 - low
 
 
 def _schedule(train: dict[str, Any], where: str, out: JobTranslation) -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 from .aitoolkit import JobTranslation
 from .field_tables import drop_foreign_options, nearest_field, same_value
+from .objectives import MODE_SCALE_RANGE
 
 if TYPE_CHECKING:
     from .sample_prompts import SamplePrompt
@@ -178,6 +179,10 @@ PRECISIONS = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "no", "TFLOAT
 SAVE_DTYPES = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "fp32"}
 #: weight dtypes that store a frozen part in a plain float type (sdcore keeps frozen parts in the training dtype)
 PLAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16", "TFLOAT_32", "NONE")
+#: a fallback that create.py passes as None where the library's default is something else (ProdigyPlus' eps:
+#: None turns on its Adam-atan2 update); a fallback of None leaves the argument to the library's default,
+#: which is create.py's value there (tests/test_onetrainer_config.py checks each against the installed class)
+PASS_NONE = "PASS_NONE"
 #: ``create.py``: OneTrainer optimizer -> (sdcore optimizer, {argument: (OneTrainer fields, value when unset)});
 #: every argument is passed, as OneTrainer passes them all (``betas`` joins beta1/beta2, Adafactor's eps eps/eps2)
 OPTIMIZERS: dict[str, tuple[str, dict[str, tuple[tuple[str, ...], tuple[Any, ...]]]]] = {
@@ -201,6 +206,66 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, tuple[tuple[str, ...], tuple[Any, ...
                             "safeguard_warmup": (("safeguard_warmup",), (False,)), "d0": (("d0",), (1e-6,)),
                             "d_coef": (("d_coef",), (1.0,)), "growth_rate": (("growth_rate",), (None,)),
                             "slice_p": (("slice_p",), (1,))}),
+    "ADAM_8BIT": ("bitsandbytes.optim.Adam", {"betas": (("beta1", "beta2"), (0.9, 0.999)),  # bnb's 32-bit Adam class
+                                              "weight_decay": (("weight_decay",), (0,)), "eps": (("eps",), (1e-8,)),
+                                              "min_8bit_size": (("min_8bit_size",), (4096,)),
+                                              "percentile_clipping": (("percentile_clipping",), (100,)),
+                                              "block_wise": (("block_wise",), (True,)),
+                                              "is_paged": (("is_paged",), (False,))}),
+    "ADAGRAD": ("bitsandbytes.optim.Adagrad", {"weight_decay": (("weight_decay",), (0,)), "eps": (("eps",), (1e-10,)),
+                                               "lr_decay": (("lr_decay",), (0,)),
+                                               "initial_accumulator_value": (("initial_accumulator_value",), (0,))}),
+    "RMSPROP": ("bitsandbytes.optim.RMSprop", {"weight_decay": (("weight_decay",), (0,)), "eps": (("eps",), (1e-8,)),
+                                               "alpha": (("alpha",), (0.99,)), "momentum": (("momentum",), (0,)),
+                                               "centered": (("centered",), (False,))}),
+    "LION_8BIT": ("lion8bit", {"weight_decay": (("weight_decay",), (0,)), "betas": (("beta1", "beta2"), (0.9, 0.999)),
+                               "min_8bit_size": (("min_8bit_size",), (4096,)),
+                               "percentile_clipping": (("percentile_clipping",), (100,)),
+                               "block_wise": (("block_wise",), (True,)), "is_paged": (("is_paged",), (False,))}),
+    # schedule-free: create.py gives them learning_rate_warmup_steps as it is (see _optimizer) and no LR schedule
+    "SCHEDULE_FREE_ADAMW": ("adamwschedulefree", {"betas": (("beta1", "beta2"), (0.9, 0.999)),
+                                                  "weight_decay": (("weight_decay",), (1e-2,)), "eps": (("eps",), (1e-8,)),
+                                                  "r": (("r",), (0,)), "weight_lr_power": (("weight_lr_power",), (2.0,)),
+                                                  "foreach": (("foreach",), (False,))}),
+    "SCHEDULE_FREE_SGD": ("sgdschedulefree", {"momentum": (("momentum",), (0,)), "weight_decay": (("weight_decay",), (0,)),
+                                              "r": (("r",), (0,)), "weight_lr_power": (("weight_lr_power",), (2.0,)),
+                                              "foreach": (("foreach",), (False,))}),
+    # D-Adaptation: growth_rate's fallback inf is the library's default (left out: the option text cannot say inf)
+    "DADAPT_SGD": ("dadaptsgd", {"momentum": (("momentum",), (0.0,)), "weight_decay": (("weight_decay",), (0,)),
+                                 "log_every": (("log_every",), (0,)), "d0": (("d0",), (1e-6,)),
+                                 "growth_rate": (("growth_rate",), (None,)),
+                                 "fsdp_in_use": (("fsdp_in_use",), (False,))}),
+    "DADAPT_ADAM": ("dadaptadam", {"betas": (("beta1", "beta2"), (0.9, 0.999)), "eps": (("eps",), (1e-8,)),
+                                   "weight_decay": (("weight_decay",), (0,)), "log_every": (("log_every",), (0,)),
+                                   "decouple": (("decouple",), (False,)),
+                                   "use_bias_correction": (("use_bias_correction",), (False,)),
+                                   "d0": (("d0",), (1e-6,)), "growth_rate": (("growth_rate",), (None,)),
+                                   "fsdp_in_use": (("fsdp_in_use",), (False,))}),
+    "DADAPT_ADAN": ("dadaptadan", {"betas": (("beta1", "beta2", "beta3"), (0.98, 0.92, 0.99)),
+                                   "eps": (("eps",), (1e-8,)), "weight_decay": (("weight_decay",), (0.02,)),
+                                   "no_prox": (("no_prox",), (False,)), "log_every": (("log_every",), (0,)),
+                                   "d0": (("d0",), (1e-6,)), "growth_rate": (("growth_rate",), (None,))}),
+    "DADAPT_ADA_GRAD": ("dadaptadagrad", {"momentum": (("momentum",), (0,)), "log_every": (("log_every",), (0,)),
+                                          "weight_decay": (("weight_decay",), (0.0,)), "eps": (("eps",), (0.0,)),
+                                          "d0": (("d0",), (1e-6,)), "growth_rate": (("growth_rate",), (None,))}),
+    "DADAPT_LION": ("dadaptlion", {"betas": (("beta1", "beta2"), (0.9, 0.999)),
+                                   "weight_decay": (("weight_decay",), (0.0,)), "log_every": (("log_every",), (0,)),
+                                   "d0": (("d0",), (1e-6,)), "fsdp_in_use": (("fsdp_in_use",), (False,))}),
+    "PRODIGY_PLUS_SCHEDULE_FREE": (
+        "prodigyplus.ProdigyPlusScheduleFree",
+        {"betas": (("beta1", "beta2"), (0.9, 0.99)), "beta3": (("beta3",), (None,)),
+         "weight_decay": (("weight_decay",), (0.0,)), "weight_decay_by_lr": (("weight_decay_by_lr",), (True,)),
+         "use_bias_correction": (("use_bias_correction",), (False,)), "d0": (("d0",), (1e-6,)),
+         "d_coef": (("d_coef",), (1.0,)), "prodigy_steps": (("prodigy_steps",), (0,)),
+         "use_speed": (("use_speed",), (False,)), "eps": (("eps",), (PASS_NONE,)),
+         "split_groups": (("split_groups",), (True,)), "split_groups_mean": (("split_groups_mean",), (True,)),
+         "factored": (("factored",), (True,)), "factored_fp32": (("factored_fp32",), (True,)),
+         "use_stableadamw": (("use_stableadamw",), (True,)), "use_cautious": (("use_cautious",), (False,)),
+         "use_grams": (("use_grams",), (False,)), "use_adopt": (("use_adopt",), (False,)),
+         "stochastic_rounding": (("stochastic_rounding",), (True,)), "d_limiter": (("d_limiter",), (True,)),
+         "use_schedulefree": (("use_schedulefree",), (True,)), "schedulefree_c": (("schedulefree_c",), (0.0,)),
+         "use_orthograd": (("use_orthograd",), (False,))},
+    ),
     "ADAFACTOR": ("adafactor", {"eps": (("eps", "eps2"), (1e-30, 1e-3)),
                                 "clip_threshold": (("clip_threshold",), (1.0,)),
                                 "decay_rate": (("decay_rate",), (-0.8,)), "beta1": (("beta1",), (None,)),
@@ -209,6 +274,14 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, tuple[tuple[str, ...], tuple[Any, ...
                                 "relative_step": (("relative_step",), (True,)),
                                 "warmup_init": (("warmup_init",), (False,))}),
 }  # fmt: skip
+#: optimizers whose OneTrainer version is its own code (modules/util/optimizer), not a library sdcore can load
+OPTIMIZER_REFUSALS = {
+    name: "OneTrainer runs its own copy (modules/util/optimizer: stochastic rounding, its own options), not "
+    "came_pytorch's class that sdcore would load"
+    for name in ("CAME", "CAME_8BIT")
+}
+#: optimizers OneTrainer runs without an LR schedule (``Optimizer.is_schedule_free``)
+SCHEDULE_FREE = ("SCHEDULE_FREE_ADAMW", "SCHEDULE_FREE_SGD", "PRODIGY_PLUS_SCHEDULE_FREE")
 #: optimizer fields OneTrainer reads for every optimizer that change speed or memory only
 OPTIMIZER_NOTED = {"foreach": "speed", "fused": "speed", "compile": "compilation", "log_every": "logging",
                    "stochastic_rounding": "rounds bf16 weights; sdcore trains float32 adapters and embeddings"}  # fmt: skip
@@ -238,6 +311,36 @@ NOTED: dict[str, str] = {
     "models only", "text_encoder_sequence_length": "sdcore uses the family's token length",
     "text_encoder_2_sequence_length": "sdcore uses the family's token length",
 }  # fmt: skip
+#: the masked-training fields: OneTrainer reads them with ``masked_training`` only
+MASK_FIELDS = (
+    "unmasked_probability",
+    "unmasked_weight",
+    "normalize_masked_area_loss",
+    "masked_prior_preservation_weight",
+)
+#: top-level fields refused away from their default, with why (the maths differs from every sdcore option)
+REFUSED: dict[str, str] = {
+    "perturbation_noise_weight": "OneTrainer adds w * N(0, 1) to the noise of both the noisy input and the target "
+    "(_create_noise); sdcore's --ip-noise-gamma perturbs the input only",
+    "generalized_offset_noise": "a timestep-dependent offset (psi_t of the generalized offset noise paper); "
+    "sdcore's --noise-offset is the same at every timestep",
+    "masked_training": "sdcore does not read OneTrainer's -masklabel.png masks, and OneTrainer's loss * clamp(mask, "
+    "unmasked_weight, 1) with whole images at unmasked_probability is not --masked-loss (kohya's loss * mask)",
+    **{name: "a masked_training setting (refused)" for name in MASK_FIELDS},
+    "loss_scaler": "OneTrainer multiplies the loss by the batch size and/or the accumulation steps; sdcore has no "
+    "loss scale (it changes gradient clipping and non-adaptive optimizers)",
+    "force_v_prediction": "sdcore trains with the model's own prediction type",
+    "force_epsilon_prediction": "sdcore trains with the model's own prediction type",
+    "custom_conditioning_image": "an inpainting setting; sdcore does not train inpainting models",
+}
+#: ``learning_rate_scaler`` -> what ``get_scale`` multiplies (every parameter group's rate is multiplied by
+#: the square root, ``NamedParameterGroup.parameters_for_optimizer``); GLOBAL_*: times the world size, 1 here
+LR_SCALERS: dict[str, tuple[bool, bool]] = {  # (batch size, accumulation)
+    "NONE": (False, False), "BATCH": (True, False), "GLOBAL_BATCH": (True, False),
+    "GRADIENT_ACCUMULATION": (False, True), "BOTH": (True, True), "GLOBAL_BOTH": (True, True),
+}  # fmt: skip
+#: the option values that are learning rates (scaled by ``learning_rate_scaler``)
+RATE_OPTIONS = ("lr", "unet_lr", "te_lr", "te1_lr", "te2_lr", "te3_lr")
 #: top-level fields :func:`translate_config` turns into sdcore settings (or refuses with its own message)
 HANDLED = frozenset(
     {"training_method", "model_type", "base_model_name", "output_dtype", "output_model_format",
@@ -252,7 +355,7 @@ HANDLED = frozenset(
      "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
      "lokr_dim", "lokr_decompose_factor", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
-     "huber_delta", "lora_decompose_norm_epsilon"}
+     "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler"}
 )  # fmt: skip
 _NESTED = frozenset({*PARTS, "optimizer", "embedding", "quantization", "cloud", "secrets"})
 
@@ -371,6 +474,10 @@ def translate_config(
             continue
         if key in NOTED:
             r.note(f"{key}: accepted, no effect on the result here ({NOTED[key]})")
+        elif key in MASK_FIELDS and not r.get("masked_training"):
+            r.note(f"{key}: accepted, no effect without masked_training (as in OneTrainer)")
+        elif key in REFUSED:
+            r.refuse(key, value, REFUSED[key])
         else:
             r.refuse(
                 key, value, f"sdcore does not implement this OneTrainer setting (only its default {DEFAULTS[key]!r})"
@@ -397,8 +504,32 @@ def translate_config(
         _embedding(r)
     _ema(r, fields)
     _saves_and_samples(r, family, path)
+    _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
+
+
+def _rate_scaler(r: _Reader) -> None:
+    """``learning_rate_scaler``: every parameter group's rate times sqrt(batch size and/or accumulation steps);
+    GLOBAL_* also times the world size, 1 without ``multi_gpu`` (sdcore's rates are given scaled)."""
+    name = _text(r.get("learning_rate_scaler"))
+    if name not in LR_SCALERS:
+        r.refuse("learning_rate_scaler", name, f"choose one of {', '.join(LR_SCALERS)}")
+        return
+    if name.startswith("GLOBAL") and r.get("multi_gpu"):
+        r.refuse("learning_rate_scaler", name, "with multi_gpu it scales by the world size; give the rate instead")
+        return
+    by_batch, by_accumulation = LR_SCALERS[name]
+    scale = (int(r.get("batch_size")) if by_batch else 1) * (
+        int(r.get("gradient_accumulation_steps") or 1) if by_accumulation else 1
+    )
+    if scale == 1:
+        return
+    v = r.out.values
+    for key in RATE_OPTIONS:
+        if v.get(key) is not None:
+            v[key] = float(v[key]) * scale**0.5
+    r.note(f"learning_rate_scaler {name}: the learning rates are multiplied by sqrt({scale}) (as OneTrainer does)")
 
 
 def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
@@ -617,8 +748,9 @@ def _training(r: _Reader, family: str, method: str) -> None:
     v["gradient_accumulation"] = accumulation
     clip = r.get("clip_grad_norm")
     v["max_grad_norm"] = 0.0 if clip is None else clip  # None: no clipping
-    _schedule(r, accumulation)
-    _optimizer(r)
+    _optimizer(r)  # first: schedule-free optimizers and Adafactor's relative step set the schedule themselves
+    if "lr_scheduler" not in v:
+        _schedule(r, accumulation)
     strengths = {
         k: float(r.get(k) or 0.0) for k in ("mse_strength", "mae_strength", "log_cosh_strength", "huber_strength")
     }
@@ -628,14 +760,25 @@ def _training(r: _Reader, family: str, method: str) -> None:
     elif used == {"mae_strength": 1.0}:
         v["loss_type"] = "l1"
     else:
-        r.refuse("loss strengths", used, "sdcore trains with one loss: mse_strength 1 (l2) or mae_strength 1 (l1)")
+        why = "sdcore trains with one loss: mse_strength 1 (l2) or mae_strength 1 (l1), no sum of losses or scale"
+        if used.get("huber_strength"):
+            why += ("; OneTrainer's huber is torch's Huber (d^2 / 2 below huber_delta, linear above), sdcore's "
+                    "--loss-type huber kohya's pseudo-Huber 2c (sqrt(d^2 + c^2) - c)")  # fmt: skip
+        if used.get("log_cosh_strength"):
+            why += "; sdcore has no log-cosh loss"
+        r.refuse("loss strengths", used, why)
     weight = _text(r.get("loss_weight_fn"))
     strength = r.get("loss_weight_strength")
     flow = family in ("sd3", "flux")
     if weight == "MIN_SNR_GAMMA" and not flow:
-        v["min_snr_gamma"] = strength
+        v["min_snr_gamma"] = strength  # min(snr, gamma) / snr, / (snr + 1) for v-prediction: the same as sdcore's
+    elif weight == "DEBIASED_ESTIMATION" and not flow and not v_prediction(r):
+        v["debiased_estimation_loss"] = True  # 1 / sqrt(min(snr, 1000)) for epsilon prediction, as kohya's
     elif weight == "DEBIASED_ESTIMATION" and not flow:
-        v["debiased_estimation_loss"] = True
+        r.refuse("loss_weight_fn", weight, "on a v-prediction model OneTrainer weighs 1 / sqrt(min(snr, 1000) + 1), "
+                 "kohya's --debiased-estimation-loss (sdcore's) 1 / (min(snr, 1000) + 1)")  # fmt: skip
+    elif weight in LOSS_WEIGHT_REFUSALS:
+        r.refuse("loss_weight_fn", weight, LOSS_WEIGHT_REFUSALS[weight])
     elif weight != "CONSTANT":
         r.refuse(
             "loss_weight_fn", weight, "sdcore weights the loss by MIN_SNR_GAMMA or DEBIASED_ESTIMATION (SD1/SD2/SDXL)"
@@ -646,6 +789,24 @@ def _training(r: _Reader, family: str, method: str) -> None:
             v["dropout"] = dropout  # LoRAModule: lora_up(dropout(lora_down(x))), kohya's network_dropout
         else:  # LoHa drops its factors' weights, DoRA the input: not sdcore's dropout
             r.refuse("dropout_probability", dropout, "sdcore's dropout is plain LoRA's (on the down output)")
+
+
+#: ``loss_weight_fn`` values sdcore has no counterpart for, and why (ModelSetupDiffusionLossMixin)
+LOSS_WEIGHT_REFUSALS = {
+    "P2": "P2's (1 + snr)^-strength weight is not among sdcore's loss weights",
+    "SIGMA": "OneTrainer's flow loss weight sigma is not among sdcore's (kohya's sigma_sqrt is 1 / sigma^2)",
+    "MIN_SNR_GAMMA": "an SNR weight of a DDPM schedule; SD3/Flux train with flow matching (OneTrainer refuses it too)",
+    "DEBIASED_ESTIMATION": "an SNR weight of a DDPM schedule; SD3/Flux train with flow matching (OneTrainer "
+    "refuses it too)",
+}
+#: SD2 model types whose models predict v (the 768 models; the _BASE ones predict epsilon)
+V_PREDICTION_TYPES = ("STABLE_DIFFUSION_20", "STABLE_DIFFUSION_21")
+
+
+def v_prediction(r: _Reader) -> bool:
+    """Whether the model predicts v: OneTrainer reads it from the model's scheduler; its SD2 768 model types are
+    the v-prediction models, and ``force_v_prediction`` forces it (refused, so only the type counts here)."""
+    return _text(r.get("model_type")) in V_PREDICTION_TYPES
 
 
 def _schedule(r: _Reader, accumulation: int) -> None:
@@ -680,10 +841,22 @@ def _schedule(r: _Reader, accumulation: int) -> None:
     elif name == "COSINE_WITH_HARD_RESTARTS" and floor == 0 and cycles.is_integer():
         v["lr_scheduler"] = "cosine_with_restarts"  # cos(pi * ((cycles * progress) % 1)): diffusers' hard restarts
         v["lr_cycles"] = int(cycles)
+    elif name in SCHEDULER_REFUSALS:
+        r.refuse("learning_rate_scheduler", name, SCHEDULER_REFUSALS[name])
     else:
         r.refuse("learning_rate_scheduler", name, "sdcore reads CONSTANT, LINEAR, COSINE, COSINE_WITH_RESTARTS (whole "
                  "half-waves) and COSINE_WITH_HARD_RESTARTS (whole cycles); LINEAR and hard restarts without "
                  "learning_rate_min_factor")  # fmt: skip
+
+
+#: schedules sdcore has no counterpart for, and why (lr_scheduler_util.py, create.py)
+SCHEDULER_REFUSALS = {
+    "REX": "REX's (1 - p) / (1 - d + d (1 - p)) curve is not among sdcore's schedules",
+    "ADAFACTOR": "with optimizer ADAFACTOR and relative_step true it is sdcore's adafactor schedule (read so); "
+    "with a given rate OneTrainer's AdafactorSchedule keeps the first parameter group's rate for every group "
+    "and no warmup: choose CONSTANT (the same with one rate)",
+    "CUSTOM": "a class of OneTrainer's users; give sdcore's --lr-scheduler-type class path instead",
+}
 
 
 def _args_text(args: dict[str, Any]) -> str:
@@ -701,7 +874,10 @@ def _optimizer(r: _Reader) -> None:
     table = r.table("optimizer", OPTIMIZER_DEFAULTS)
     name = _text(table["optimizer"])
     if name not in OPTIMIZERS:
-        r.refuse("optimizer.optimizer", name, f"sdcore runs OneTrainer's {', '.join(OPTIMIZERS)}")
+        why = OPTIMIZER_REFUSALS.get(name, "")
+        r.refuse(
+            "optimizer.optimizer", name, f"{why}{'; ' if why else ''}sdcore runs OneTrainer's {', '.join(OPTIMIZERS)}"
+        )
         return
     optimizer, arguments = OPTIMIZERS[name]
     if name == "ADAMW_8BIT" and table["is_paged"]:
@@ -711,12 +887,27 @@ def _optimizer(r: _Reader) -> None:
         values = tuple(table[k] if table[k] is not None else f for k, f in zip(keys, fallbacks, strict=True))
         if any(x is None for x in values):
             continue  # the library's own default (OneTrainer passes None)
+        values = tuple(None if x == PASS_NONE else x for x in values)
         args[arg] = values if len(values) > 1 else values[0]
+    if name in ("SCHEDULE_FREE_ADAMW", "SCHEDULE_FREE_SGD"):
+        # create.py passes learning_rate_warmup_steps as it is (not divided by the accumulation, a share below 1
+        # not resolved) and forces a constant schedule without warmup: the optimizer warms up by itself
+        args["warmup_steps"] = float(r.get("learning_rate_warmup_steps") or 0.0)
+    if name in SCHEDULE_FREE:
+        v["lr_scheduler"], v["lr_warmup_steps"] = "constant", 0
+        if table["fused_back_pass"] and name == "PRODIGY_PLUS_SCHEDULE_FREE":
+            r.refuse("optimizer.fused_back_pass", True, "ProdigyPlus' own fused back pass is not sdcore's")
     if name == "ADAFACTOR" and args.get("relative_step"):
-        r.refuse("optimizer.relative_step", True, "sdcore gives Adafactor the learning rate (relative_step false)")
+        # create.py gives Adafactor lr=None and takes the rates out of the parameter groups: Adafactor's own
+        # relative step, which no LR schedule changes (ADAFACTOR's AdafactorSchedule only reports it) = kohya's
+        # relative_step=True with the adafactor schedule
+        v["lr_scheduler"], v["lr_warmup_steps"] = "adafactor", 0
+        if _text(r.get("learning_rate_scheduler")) != "ADAFACTOR":
+            r.note(f"learning_rate_scheduler {_text(r.get('learning_rate_scheduler'))}: no effect with Adafactor's "
+                   "relative_step (its own rate); sdcore reports it with the adafactor schedule")  # fmt: skip
     v["optimizer"] = optimizer
     v["optimizer_args"] = _args_text(args)
-    if table["fused_back_pass"]:
+    if table["fused_back_pass"] and name != "PRODIGY_PLUS_SCHEDULE_FREE":
         v["fused_backward_pass"] = True
     for key, why in OPTIMIZER_NOTED.items():
         if not same_value(table[key], OPTIMIZER_DEFAULTS[key]):
@@ -737,16 +928,16 @@ def _noise(r: _Reader, family: str) -> None:
     if family not in ("sd3", "flux"):
         # UNIFORM: int(min + (max - min) * U) over 1000 steps = kohya's uniform draw from [min, max)
         if kind != "UNIFORM":
-            r.refuse("timestep_distribution", kind, "sdcore draws SD1/SD2/SDXL timesteps uniformly")
+            r.refuse("timestep_distribution", kind, "sdcore draws SD1/SD2/SDXL timesteps uniformly (kohya's "
+                     "--min-timestep/--max-timestep), with no other density")  # fmt: skip
         if shift != 1:
             r.refuse("timestep_shift", shift, "sdcore shifts flow-matching timesteps only (SD3, Flux)")
         if (low, high) != (0.0, 1.0):
             v["min_timestep"], v["max_timestep"] = int(1000 * low), int(1000 * high)
         return
     if (low, high) != (0.0, 1.0):
-        r.refuse(
-            "min/max_noising_strength", (low, high), "sdcore draws flow-matching noise levels over the whole range"
-        )
+        r.refuse("min/max_noising_strength", (low, high), "OneTrainer narrows the flow-matching draw before the "
+                 "timestep shift, sdcore's --min-timestep/--max-timestep (kohya's SD3) after it")  # fmt: skip
     v["model_prediction_type"] = "raw"  # OneTrainer's flow loss: the prediction against noise - latents
     v["weighting_scheme"] = "uniform"
     if dynamic and family == "flux":
@@ -768,8 +959,28 @@ def _noise(r: _Reader, family: str) -> None:
     elif kind == "LOGIT_NORMAL":
         # sigmoid(N(noising_bias, noising_weight + 1))
         v["timestep_sampling"], v["logit_mean"], v["logit_std"] = "logit_normal", bias, weight + 1.0
+    elif kind == "HEAVY_TAIL":
+        # 1 - u - w (cos(pi u / 2)^2 - 1 + u), u uniform: the SD3 paper's mode sampling (kohya's "mode") with
+        # scale noising_weight (noising_bias unused)
+        low_scale, high_scale = MODE_SCALE_RANGE
+        if low_scale <= weight <= high_scale:
+            v["timestep_sampling"], v["mode_scale"] = "mode", weight
+        else:
+            r.refuse("noising_weight", weight, f"HEAVY_TAIL's scale must lie in [{low_scale:g}, {high_scale:.4f}] "
+                     "(outside it the mapping is not monotone; sdcore's --mode-scale refuses it)")  # fmt: skip
     else:
-        r.refuse("timestep_distribution", kind, "sdcore reads UNIFORM and LOGIT_NORMAL for SD3 and Flux")
+        r.refuse("timestep_distribution", kind, FLOW_DISTRIBUTION_REFUSALS.get(
+            kind, "sdcore reads UNIFORM, LOGIT_NORMAL and HEAVY_TAIL for SD3 and Flux"))  # fmt: skip
+
+
+#: flow-matching timestep distributions sdcore has no counterpart for, and why (ModelSetupNoiseMixin)
+FLOW_DISTRIBUTION_REFUSALS = {
+    "SIGMOID": "OneTrainer's SIGMOID draws from the density 1 / (1 + exp(-weight (t - bias - 0.5))) over the "
+    "timesteps, not kohya's sigmoid(N(0, 1)) sampling",
+    "COS_MAP": "OneTrainer's COS_MAP draws from the cosmap density; sdcore's cosmap is a loss weight (kohya's)",
+    "INVERTED_PARABOLA": "no sdcore sampling draws from a parabola",
+    "BETA": "no sdcore sampling draws from a beta distribution",
+}
 
 
 def _lora(r: _Reader, family: str) -> None:

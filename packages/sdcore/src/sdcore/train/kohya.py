@@ -709,10 +709,7 @@ _MODULE_ARGS = {
 }
 #: network_args keys without an effect at these values
 NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
-    "decompose_both": ("false",),
     "use_scalar": ("false",),
-    "rank_dropout_scale": ("false",),
-    "train_norm": ("false",),
     "rescaled": ("false",),
     "constrain": ("0", "0.0"),
     "use_tucker": ("false",),

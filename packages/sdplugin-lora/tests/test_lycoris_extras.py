@@ -14,12 +14,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from lora_testutil import fresh_bundle, unet_inputs, unet_out
+from sdcore.errors import NetworkMismatchError
 from sdcore.testing.contract import make_tiny_dataset
 from sdcore.train.method import SaveInfo
 from sdplugin_lora.adapters import LohaAdapter, LokrAdapter, LoraAdapter, NormAdapter
 from sdplugin_lora.apply import apply_lora
 from sdplugin_lora.format import read_lora
 from sdplugin_lora.method import LoraMethod, LoraOptions
+from sdplugin_lora.tools import lora_info, resize_lora
 from torch import nn
 
 
@@ -240,6 +242,10 @@ def test_train_norm_trains_norms_saves_lycoris_keys_and_applies_as_the_uis(tmp_p
     torch.testing.assert_close(unet_out(merged, inputs), trained, atol=1e-4, rtol=0)
     applied.remove()
     assert all(torch.equal(base_state[k], v) for k, v in merged.unet.state_dict().items()), "bias restored too"
+    info = lora_info(path)
+    assert info["kinds"]["norm"] == len(norms)
+    with pytest.raises(NetworkMismatchError, match="is a LyCORIS norm module"):
+        resize_lora(saved, 1)
     hooked = fresh_bundle("sd1")
     apply_lora(hooked, path, 0.5, strict=True)
     half = fresh_bundle("sd1")

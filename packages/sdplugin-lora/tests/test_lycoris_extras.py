@@ -329,3 +329,31 @@ def test_cli_trains_lokr_decompose_both_and_train_norm(tmp_path):
     args_meta = json.loads(lora.metadata["ss_network_args"])
     assert {k: args_meta[k] for k in ("decompose_both", "train_norm", "rank_dropout_scale")} == {
         "decompose_both": "True", "train_norm": "True", "rank_dropout_scale": "True"}  # fmt: skip
+
+
+def test_train_norm_on_sdxl_uses_sgm_names_and_resumes_exactly(tmp_path):
+    bundle = fresh_bundle("sdxl")
+    method = LoraMethod(LoraOptions(rank=2, conv_rank=2, algo="lokr", train_norm=True, save_dtype="fp32"))
+    method.validate()
+    method.prepare(bundle)
+    norms = [m for m in method.network if isinstance(m, NormAdapter)]
+    names = {m.lora_name for m in norms}
+    assert len(names) == len(_expected_norms(bundle.unet, conv=True))
+    # sd-scripts' SDXL UNet (SGM names): ResNet norms are in_layers.0 / out_layers.0, transformer norms keep theirs
+    assert all(
+        n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in names
+    )
+    assert any(n.endswith("_in_layers_0") for n in names) and any(n.endswith("_out_layers_0") for n in names)
+    assert any(n.endswith("_transformer_blocks_0_norm1") for n in names) and any(n.endswith("_1_norm") for n in names)
+    for m in method.network:
+        _randomize(m, std=0.05)
+    state = method.trainable_state_dict()
+    fresh = LoraMethod(LoraOptions(rank=2, conv_rank=2, algo="lokr", train_norm=True))
+    fresh.prepare(fresh_bundle("sdxl"))
+    fresh.load_trainable_state_dict(state)
+    assert all(torch.equal(v, state[k]) for k, v in fresh.trainable_state_dict().items())
+    path = method.save(bundle, SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=1, metadata={}, final=True))
+    inputs = unet_inputs(bundle)
+    merged = fresh_bundle("sdxl")
+    apply_lora(merged, path, merge=True, strict=True)
+    torch.testing.assert_close(unet_out(merged, inputs), unet_out(bundle, inputs), atol=1e-4, rtol=0)

@@ -357,3 +357,22 @@ def test_train_norm_on_sdxl_uses_sgm_names_and_resumes_exactly(tmp_path):
     merged = fresh_bundle("sdxl")
     apply_lora(merged, path, merge=True, strict=True)
     torch.testing.assert_close(unet_out(merged, inputs), unet_out(bundle, inputs), atol=1e-4, rtol=0)
+
+
+def test_kohya_network_args_pass_the_lycoris_options_for_lycoris_only():
+    from sdcore.errors import ConfigError
+    from sdcore.train.config import load_options
+
+    args = ["algo=lokr", "decompose_both=True", "rank_dropout_scale=True", "train_norm=True", "rank_dropout=0.1"]
+    o = load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": args}, notes=[])
+    assert (o.algo, o.decompose_both, o.rank_dropout_scale, o.train_norm) == ("lokr", True, True, True)
+    off = ["decompose_both=False", "train_norm=False"]
+    o = load_options(LoraOptions, None, kohya={"network_module": "networks.lora", "network_args": off}, notes=[])
+    assert (o.decompose_both, o.train_norm) == (False, False)
+    with pytest.raises(ConfigError, match="network_args rank_dropout_scale, train_norm are LyCORIS options"):
+        load_options(
+            LoraOptions,
+            None,
+            kohya={"network_module": "networks.lora", "network_args": ["train_norm=True", "rank_dropout_scale=True"]},
+            notes=[],
+        )

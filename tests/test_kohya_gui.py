@@ -25,8 +25,6 @@ LORA_FIELDS = list(field_types(LoraOptions))
 REFUSED = {
     "lora/iA3-Prodigy-sd15.json": ["algo='ia3' is not supported"],
     "lora/ia3-sd15.json": ["algo='ia3' is not supported"],
-    "lora/sd15 - GLoRA v1.0.json": ["decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
-    "lora/sd15 - LoKr v1.1.json": ["decompose_both=True", "rank_dropout_scale=True", "train_norm=True"],
 }
 #: LoRA_type -> sdcore --algo for the types sdcore trains (networks.lora: conv_dim decides lora/locon)
 ALGOS = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "Flux1": "lora"}

@@ -291,6 +291,29 @@ class FullVariant(Variant):
         return tuple(int(d) for d in t["diff"].shape)
 
 
+class NormVariant(Variant):
+    """LyCORIS ``train_norm`` (``NormModule``): a GroupNorm/LayerNorm's affine parameters get an
+    additive change, ``weight + w_norm`` and ``bias + b_norm`` (no alpha, scale 1), as LyCORIS'
+    ``get_merged_weight``, A1111's ``network_norm`` and ComfyUI's ``diff`` patches apply them."""
+
+    algo = "norm"
+    markers = ("w_norm",)
+    keys = ("w_norm", "b_norm")
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        return t["w_norm"].float().reshape(shape)
+
+    @classmethod
+    def bias(cls, t: Tensors) -> torch.Tensor | None:
+        """The bias change (``None`` when the module stores none)."""
+        return t["b_norm"].float() if "b_norm" in t else None
+
+    @classmethod
+    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
+        return (int(t["w_norm"].numel()),)
+
+
 class OftVariant(Variant):
     """kohya ``networks.oft``: the output channels are rotated by a block-diagonal orthogonal
     ``R`` (Cayley transform of skew-symmetric blocks), ``W' = Rᵀ W``.
@@ -351,7 +374,7 @@ class OftVariant(Variant):
         return (rotated - w).reshape(shape)
 
 
-VARIANTS: tuple[type[Variant], ...] = (LoraVariant, LohaVariant, LokrVariant, FullVariant, OftVariant)
+VARIANTS: tuple[type[Variant], ...] = (LoraVariant, LohaVariant, LokrVariant, FullVariant, OftVariant, NormVariant)
 
 
 def variant_of(t: Tensors) -> type[Variant] | None:
@@ -406,6 +429,18 @@ class Dora:
         return merged * (magnitude.float().reshape(norm.shape) / norm)
 
 
+def rank_dropout_mask(size: int, p: float, rescale: bool, device: torch.device | str | None = None) -> torch.Tensor:
+    """LyCORIS' rank-dropout mask: ``size`` entries kept with probability ``1 - p`` (one draw of
+    ``torch.rand(size)``), and with ``rescale`` (LyCORIS ``rank_dropout_scale``) divided by their
+    mean (``drop /= drop.mean()``), so the kept entries make up for the dropped ones in this very
+    draw (not by the expected ``1/(1-p)``). A draw that drops everything stays all zero (LyCORIS
+    would divide 0 by 0)."""
+    mask = (torch.rand(size, device=device) > p).float()
+    if rescale:
+        mask = mask / mask.mean().clamp(min=1.0 / size)
+    return mask
+
+
 def scaled_hidden(
     hidden: torch.Tensor,
     scale: float | torch.Tensor,
@@ -458,6 +493,8 @@ class Adapter(nn.Module):
     dora_scale: nn.Parameter | None
     #: dropout probability of whole output rows of ``ΔW`` while training (see :meth:`delta`)
     rank_dropout: float | None = None
+    #: LyCORIS ``rank_dropout_scale``: the rank-dropout mask is divided by its mean (:func:`rank_dropout_mask`)
+    rank_dropout_scale: bool = False
     #: per-sample strengths ``[B]`` of the batch being trained (kohya's per-dataset
     #: ``network_multiplier``), set by :meth:`sdplugin_lora.network.LoraNetwork.sample_strengths`;
     #: ``None`` (the usual case) leaves the forward exactly as it is without them
@@ -580,7 +617,8 @@ class Adapter(nn.Module):
 
         While training with ``rank_dropout`` p, LyCORIS' rank dropout of the weight-rebuilding
         algorithms (LoHa, LoKr, DoRA): each output row of ``ΔW`` is dropped with probability p, one
-        draw per forward for the whole batch, not rescaled (LyCORIS' ``rank_dropout_scale=False``).
+        draw per forward for the whole batch, not rescaled unless :attr:`rank_dropout_scale` (then
+        divided by the mask's mean, as LyCORIS' ``rank_dropout_scale=True``).
 
         The increment is linear in the multiplier for every algorithm (DoRA and OFT too: the multiplier
         scales ``W' - W``), so sample ``b`` at strength ``s_b`` is the increment times ``s_b``."""
@@ -589,7 +627,7 @@ class Adapter(nn.Module):
         else:
             rows = None
             if self.training and self.rank_dropout:
-                rows = (torch.rand(int(self.base.weight.shape[0])) > self.rank_dropout).float()
+                rows = rank_dropout_mask(int(self.base.weight.shape[0]), self.rank_dropout, self.rank_dropout_scale)
             out = self._apply_weight(x, self._change(detach=False, rows=rows) * self.multiplier)
         factor = self.sample_factor(out)
         return out if factor is None else out * factor
@@ -689,9 +727,11 @@ class LoraAdapter(Adapter):
         module_dropout: float | None = None,
         dora: bool = False,
         tucker: bool = False,
+        rank_dropout_scale: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
+        self.rank_dropout_scale = rank_dropout_scale
         self.lora_mid = None
         if isinstance(base, nn.Conv2d):
             kernel = tuple(base.kernel_size)
@@ -734,7 +774,11 @@ class LoraAdapter(Adapter):
         return self.dora_scale is None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``m · s · up(down(x))`` with kohya's neuron/rank dropout while training."""
+        """``m · s · up(down(x))`` with kohya's neuron/rank dropout while training.
+
+        With :attr:`rank_dropout_scale` the rank dropout is LyCORIS' (``LoConModule.forward``) instead
+        of kohya's: one mask over the rank channels for the whole batch (``torch.rand(rank)`` on the
+        hidden state's device), divided by its mean, rather than a mask per sample times ``1/(1-p)``."""
         if not self._factorised() or self._frozen is not None:
             return super().delta(x)
         hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
@@ -744,7 +788,12 @@ class LoraAdapter(Adapter):
         factor = self.sample_factor(hidden)
         if factor is not None:  # kohya: lx * multiplier * scale, the multiplier one per sample
             scale = factor * scale
-        hidden = scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
+        rank_dropout = self.rank_dropout
+        if self.training and rank_dropout and self.rank_dropout_scale:
+            mask = rank_dropout_mask(self.rank, rank_dropout, True, hidden.device).to(hidden.dtype)
+            hidden = hidden * (mask[:, None, None] if hidden.dim() == 4 else mask)
+            rank_dropout = None
+        hidden = scaled_hidden(hidden, scale, self.training, self.dropout, rank_dropout)
         return self.lora_up(hidden)
 
     @classmethod
@@ -1116,9 +1165,11 @@ class LohaAdapter(Adapter):
         rank_dropout: float | None = None,
         dora: bool = False,
         tucker: bool = False,
+        rank_dropout_scale: bool = False,
     ) -> None:
         super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
         self.rank_dropout = rank_dropout
+        self.rank_dropout_scale = rank_dropout_scale
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         out_dim, in_dim = int(weight.shape[0]), int(weight[0].numel())
         # LyCORIS init: w1_a, t ~ N(0, 0.1²); w1_b, w2_b ~ N(0, 1); w2_a = 0 -> ΔW = 0 at the start.
@@ -1141,8 +1192,11 @@ class LohaAdapter(Adapter):
 class LokrAdapter(Adapter):
     """LyCORIS LoKr: ``ΔW = kron(w1, w2)``, ``w1`` a small full matrix.
 
-    With a rank of at least half the larger ``w2`` side ``w2`` is stored full (``lokr_w2``) and the
-    scale is 1, as LyCORIS does; else ``w2 = w2_a @ w2_b`` (Tucker for kxk convs: ``lokr_t2``).
+    With a rank of at least half the larger ``w2`` side ``w2`` is stored full (``lokr_w2``), else
+    ``w2 = w2_a @ w2_b`` (Tucker for kxk convs: ``lokr_t2``). With ``decompose_both`` (LyCORIS'
+    option) ``w1`` is low-rank too, ``w1 = w1_a @ w1_b``, when the rank is below half the larger
+    ``w1`` side (LyCORIS' condition, mirrored from ``w2``'s); both factors full means scale 1 (LyCORIS
+    sets alpha = rank then), any low-rank factor alpha/rank.
     """
 
     variant = LokrVariant
@@ -1161,27 +1215,31 @@ class LokrAdapter(Adapter):
         rank_dropout: float | None = None,
         dora: bool = False,
         tucker: bool = False,
+        decompose_both: bool = False,
+        rank_dropout_scale: bool = False,
     ) -> None:
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         out_m, out_n = factorization(int(weight.shape[0]), factor)
         in_m, in_n = factorization(int(weight.shape[1]), factor)
         kernel = tuple(int(k) for k in weight.shape[2:])
         full_w2 = rank >= max(out_n, in_n) / 2
+        split_w1 = decompose_both and rank < max(out_m, in_m) / 2
+        full = full_w2 and not split_w1
         super().__init__(
             name,
             base,
             rank,
-            rank if full_w2 else alpha,
+            rank if full else alpha,
             multiplier=multiplier,
             module_dropout=module_dropout,
             dora=dora,
         )
         self.rank_dropout = rank_dropout
+        self.rank_dropout_scale = rank_dropout_scale
         # LyCORIS' init and draw order: w2 (zero, or its factors with w2_b = 0) first, then w1
-        # kaiming-uniform, so the same torch seed gives the same tensors as its LokrModule.
+        # kaiming-uniform (w1_a then w1_b), so the same torch seed gives the same tensors as its LokrModule.
         if full_w2:  # LyCORIS keeps a full conv w2 4-D: [out_n, in_n, k, k]
             self.lokr_w2 = nn.Parameter(torch.zeros(out_n, in_n, *kernel))
-            self._scale = 1.0
         elif tucker and kernel and kernel != (1, 1):
             self.lokr_t2 = nn.Parameter(torch.empty(rank, rank, *kernel))
             nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
@@ -1192,8 +1250,14 @@ class LokrAdapter(Adapter):
             self.lokr_w2_a = nn.Parameter(torch.empty(out_n, rank))
             nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
             self.lokr_w2_b = nn.Parameter(torch.zeros(rank, in_n * math.prod(kernel)))
-        self.lokr_w1 = nn.Parameter(torch.empty(out_m, in_m))
-        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
+        if split_w1:
+            self.lokr_w1_a = nn.Parameter(torch.empty(out_m, rank))
+            nn.init.kaiming_uniform_(self.lokr_w1_a, a=math.sqrt(5))
+            self.lokr_w1_b = nn.Parameter(torch.empty(rank, in_m))
+            nn.init.kaiming_uniform_(self.lokr_w1_b, a=math.sqrt(5))
+        else:
+            self.lokr_w1 = nn.Parameter(torch.empty(out_m, in_m))
+            nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
 
     @property
     def full_matrix(self) -> bool:
@@ -1248,6 +1312,120 @@ class OftAdapter(Adapter):
         return adapter
 
 
+class NormAdapter(Adapter):
+    """LyCORIS ``train_norm``: a GroupNorm/LayerNorm whose affine parameters train as additive
+    changes ``w_norm``/``b_norm`` (both start at zero), LyCORIS' ``NormModule``.
+
+    The forward adds ``m · norm_op(x, w_norm, b_norm)`` (the layer's normalisation with the changes
+    as its affine parameters, i.e. ``normalised(x) · w_norm + b_norm``), which is the layer with
+    ``weight + m · w_norm`` and ``bias + m · b_norm``; merging adds exactly that. The file holds
+    ``w_norm`` and ``b_norm`` only (no alpha). While training with ``rank_dropout`` p, LyCORIS'
+    ``NormModule.make_weight`` multiplies both changes by ``torch.rand(C) < p`` (it *keeps* a
+    channel with probability p, and its ``rank_dropout_scale`` branch is overwritten): reproduced
+    as LyCORIS computes it.
+    """
+
+    variant = NormVariant
+    algo = "norm"
+    w_norm: nn.Parameter
+    b_norm: nn.Parameter | None
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+        rank_dropout: float | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        if not isinstance(base, (nn.GroupNorm, nn.LayerNorm)) or base.weight is None:
+            raise TypeError(f"{name}: train_norm needs an affine GroupNorm or LayerNorm, got {type(base).__name__}")
+        self.lora_name = name
+        object.__setattr__(self, "base", base)
+        self.rank = 0
+        self._scale = 1.0
+        self.scalar = 1.0
+        self._bake_scalar = False
+        self.multiplier = multiplier
+        self.module_dropout = module_dropout
+        self.rank_dropout = rank_dropout
+        self._handle = None
+        self._frozen = None
+        self.dora_scale = None
+        channels = int(base.weight.numel())
+        self.w_norm = nn.Parameter(torch.zeros(channels))
+        self.b_norm = nn.Parameter(torch.zeros(channels)) if base.bias is not None else None
+        self._bias_backup: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_parameters())
+
+    def _factorised(self) -> bool:
+        return True  # the forward is the norm op itself: freezing precomputes nothing
+
+    def bias_change(self, *, detach: bool = True) -> torch.Tensor | None:
+        """The change of the layer's bias at multiplier 1, in fp32 (``None`` without ``b_norm``)."""
+        if self.b_norm is None:
+            return None
+        return (self.b_norm.detach() if detach else self.b_norm).float()
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        base = self.base
+        x = self._input(x, weight.dtype)
+        if isinstance(base, nn.GroupNorm):
+            return nn.functional.group_norm(x, base.num_groups, weight, bias, base.eps)
+        return nn.functional.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        weight: torch.Tensor = self.w_norm
+        bias: torch.Tensor | None = self.b_norm
+        if self.training and self.rank_dropout:  # LyCORIS NormModule.make_weight, as it computes
+            keep = (torch.rand(weight.shape[0]) < self.rank_dropout).to(weight.dtype).to(weight.device)
+            weight = weight * keep
+            bias = bias * keep if bias is not None else None
+        weight = weight * self.multiplier
+        bias = bias * self.multiplier if bias is not None else None
+        out = self._norm(x, weight, bias)
+        factor = self.sample_factor(out)
+        return out if factor is None else out * factor
+
+    def merge(self, multiplier: float | None = None) -> torch.Tensor:
+        """``weight + m · w_norm`` and ``bias + m · b_norm``; :meth:`unmerge` restores both."""
+        m = self.multiplier if multiplier is None else multiplier
+        backup = super().merge(m)
+        bias = self.base.bias
+        change = self.bias_change()
+        if bias is not None and change is not None:
+            self._bias_backup = bias.detach().to("cpu", copy=True)
+            with torch.no_grad():
+                bias.copy_((bias.detach().float() + change.to(bias.device) * m).to(bias.dtype))
+        return backup
+
+    def unmerge(self, backup: torch.Tensor) -> None:
+        super().unmerge(backup)
+        if self._bias_backup is not None:
+            with torch.no_grad():
+                self.base.bias.copy_(self._bias_backup.to(self.base.bias.device))
+            self._bias_backup = None
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        adapter = cls(name, base, multiplier=multiplier)
+        with torch.no_grad():
+            adapter.w_norm.copy_(t["w_norm"].detach().float().reshape(adapter.w_norm.shape))
+            if adapter.b_norm is not None:
+                if "b_norm" in t:
+                    adapter.b_norm.copy_(t["b_norm"].detach().float().reshape(adapter.b_norm.shape))
+                else:
+                    adapter.b_norm = None
+        return adapter
+
+
 class FullAdapter(Adapter):
     """LyCORIS ``full`` files (``diff``): applied, never trained here."""
 
@@ -1262,6 +1440,7 @@ ADAPTER_OF_VARIANT: dict[type[Variant], type[Adapter]] = {
     LokrVariant: LokrAdapter,
     FullVariant: FullAdapter,
     OftVariant: OftAdapter,
+    NormVariant: NormAdapter,
 }
 TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
     "lora": LoraAdapter,
@@ -1331,6 +1510,8 @@ __all__ = [
     "LoraAdapter",
     "LoraFaAdapter",
     "LoraVariant",
+    "NormAdapter",
+    "NormVariant",
     "OftAdapter",
     "OftVariant",
     "SharedDownLora",
@@ -1339,6 +1520,7 @@ __all__ = [
     "effective_delta",
     "factorization",
     "needs_base",
+    "rank_dropout_mask",
     "scaled_hidden",
     "tucker",
     "variant_of",

@@ -111,6 +111,24 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "the file is then a LyCORIS file.",
         group="lora",
     )
+    decompose_both: bool = option(
+        False,
+        "LyCORIS decompose_both (--algo lokr): the small Kronecker factor w1 is low-rank too (lokr_w1_a @ "
+        "lokr_w1_b) when the rank is below half its larger side.",
+        group="lora",
+    )
+    rank_dropout_scale: bool = option(
+        False,
+        "LyCORIS rank_dropout_scale: the --rank-dropout mask is divided by its mean (the kept channels make up "
+        "for the dropped ones); for lora/locon also LyCORIS' one mask per batch instead of kohya's per sample.",
+        group="lora",
+    )
+    train_norm: bool = option(
+        False,
+        "LyCORIS train_norm: also train the GroupNorm/LayerNorm weights and biases of the adapted UNet blocks "
+        "(additive w_norm/b_norm in the file).",
+        group="lora",
+    )
     block_dims: str | None = option(
         None,
         "kohya block_dims: ranks per UNet block, comma-separated (25 values SD1/SD2, 23 SDXL); 0 leaves a block out.",
@@ -191,7 +209,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (
         "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
-        "block_dims", "conv_block_dims", "dim_from_weights",
+        "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -356,6 +374,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 )
         elif o.dylora_unit != 1:
             problems.append(f"--dylora-unit is for --algo dylora (got --algo {o.algo})")
+        if o.decompose_both and o.algo != "lokr":
+            problems.append(f"--decompose-both is LyCORIS' LoKr option (got --algo {o.algo})")
+        lycoris = [f for f, v in (("--train-norm", o.train_norm), ("--rank-dropout-scale", o.rank_dropout_scale)) if v]
+        if lycoris and o.algo in ("oft", "lora_fa", "dylora"):
+            problems.append(
+                f"{', '.join(lycoris)} with --algo {o.algo}: LyCORIS options; kohya's networks.{o.algo} has "
+                "neither (use --algo lora/locon/loha/lokr/dora)"
+            )
         if not o.oft_all_linear and o.algo != "oft":
             problems.append(f"--no-oft-all-linear is for --algo oft (got --algo {o.algo})")
         if problems:
@@ -426,6 +452,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         except ConfigError as exc:
             problems.append(str(exc))
+        if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
+            problems.append(
+                f"--train-norm on {family}: sdcore trains LyCORIS' norm modules on the SD1/SD2/SDXL UNet's "
+                "GroupNorm/LayerNorm layers only"
+            )
         return problems
 
     def capabilities(self) -> Capabilities:
@@ -501,6 +532,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             rank_for=self._rank_for(plan, file_ranks),
             shared_down=shared,
             multiplier=self.options.network_multiplier,
+            decompose_both=self.options.decompose_both,
+            rank_dropout_scale=self.options.rank_dropout_scale,
+            norms=index.select_norms(conv=conv) if self.options.train_norm and self.train_unet else (),
         )
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
@@ -803,6 +837,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if tucker:  # kohya's networks.lora has no Tucker core: such files are LyCORIS files
             module = "lycoris.kohya"
             args["use_tucker"] = True
+        for key in ("decompose_both", "rank_dropout_scale", "train_norm"):  # LyCORIS options, as it names them
+            if getattr(o, key) and (key != "rank_dropout_scale" or o.rank_dropout):
+                module = "lycoris.kohya"
+                args[key] = True
         if o.algo == "oft" and o.oft_all_linear:
             args["enable_all_linear"] = True  # Transformer2DModel linears, as our LoRA targets
         if o.algo == "dylora":

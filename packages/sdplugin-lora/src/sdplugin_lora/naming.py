@@ -193,15 +193,21 @@ def _linear_or_conv(module: Any) -> bool:
     )
 
 
-def _groups(root: Any, classes: Mapping[str, str]) -> dict[str, str]:
-    """Every Linear/Conv2d under a module of a class in ``classes`` -> that class's group name."""
+def _affine_norm(module: Any) -> bool:
+    """A GroupNorm/LayerNorm with affine parameters: what LyCORIS' ``train_norm`` adapts."""
+    return type(module).__name__ in ("GroupNorm", "LayerNorm") and getattr(module, "weight", None) is not None
+
+
+def _groups(root: Any, classes: Mapping[str, str], pick: Any = _linear_or_conv) -> dict[str, str]:
+    """Every Linear/Conv2d (or what ``pick`` accepts) under a module of a class in ``classes`` ->
+    that class's group name."""
     found: dict[str, str] = {}
     for parent_name, parent in root.named_modules():
         group = classes.get(type(parent).__name__)
         if group is None:
             continue
         for child_name, child in parent.named_modules():
-            if child_name and _linear_or_conv(child):
+            if child_name and pick(child):
                 path = f"{parent_name}.{child_name}" if parent_name else child_name
                 found.setdefault(path, group)
     return found
@@ -223,6 +229,9 @@ class ModuleIndex:
     denoiser: str = "unet"
     #: SD3/Flux: kohya (SAI/BFL) module name -> the diffusers modules it stacks
     kohya: dict[str, KohyaModule] = field(default_factory=dict)
+    #: SD1/SD2/SDXL: the affine GroupNorm/LayerNorm of the UNet's transformer and ResNet blocks
+    #: (LyCORIS ``train_norm``), by canonical name and every alias; group ``transformer`` or ``resnet``
+    norms: dict[str, Target] = field(default_factory=dict)
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> ModuleIndex:
@@ -288,6 +297,22 @@ class ModuleIndex:
             canonical = (sgm_name or diffusers_name) if sdxl else diffusers_name
             aliases = tuple(n for n in (diffusers_name, sgm_name) if n and n != canonical)
             index._add(Target(canonical, "unet", path, module, groups.get(path, "other"), aliases))
+        # LyCORIS' kohya wrapper: with train_norm, every module whose class name has "Norm" inside its
+        # target blocks (preset full: Transformer2DModel, ResnetBlock2D, Down/Upsample2D; the CLIP
+        # attention/MLP blocks hold none) becomes a NormModule
+        norm_groups = _groups(unet, {name: "transformer" for name in UNET_TARGETS}, _affine_norm)
+        for name, group in _groups(unet, {name: "resnet" for name in UNET_CONV_TARGETS}, _affine_norm).items():
+            norm_groups.setdefault(name, group)
+        modules = dict(unet.named_modules())
+        for path, group in norm_groups.items():
+            diffusers_name = flatten(UNET_PREFIX, path)
+            sgm = unet_path_to_sgm(path, table)
+            sgm_name = flatten(UNET_PREFIX, sgm) if sgm is not None else None
+            canonical = (sgm_name or diffusers_name) if sdxl else diffusers_name
+            aliases = tuple(n for n in (diffusers_name, sgm_name) if n and n != canonical)
+            norm = Target(canonical, "unet", path, modules[path], group, aliases)
+            for key in (canonical, *aliases):
+                index.norms.setdefault(key, norm)
         encoders = list(encoders)
         prefixes = te_prefixes(family, len(encoders))
         for (component, encoder), prefix in zip(encoders, prefixes, strict=False):
@@ -324,7 +349,7 @@ class ModuleIndex:
         if name in self.targets:
             return self.targets[name]
         canonical = self.aliases.get(name)
-        return self.targets[canonical] if canonical else None
+        return self.targets[canonical] if canonical else self.norms.get(name)
 
     def resolve_path(self, component: str, path: str) -> Target | None:
         """A dotted module path (``unet``/``transformer`` / ``text_encoder``...) -> its target
@@ -365,6 +390,15 @@ class ModuleIndex:
             elif text_encoder and (target.group == "te" or (t5 and target.group == "t5")):
                 chosen.append(target)
         return chosen
+
+    def select_norms(self, *, conv: bool = False) -> list[Target]:
+        """LyCORIS ``train_norm``'s norm layers for the blocks :meth:`select` adapts: the transformer
+        blocks' GroupNorm/LayerNorms, and with ``conv`` the ResNets' GroupNorms (each once)."""
+        chosen: dict[str, Target] = {}
+        for target in self.norms.values():
+            if target.group == "transformer" or (conv and target.group == "resnet"):
+                chosen.setdefault(target.name, target)
+        return list(chosen.values())
 
 
 _KOHYA_PREFIX = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?)_")

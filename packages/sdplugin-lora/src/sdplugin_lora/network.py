@@ -25,6 +25,7 @@ from .adapters import (
     LokrAdapter,
     LoraAdapter,
     LoraFaAdapter,
+    NormAdapter,
     OftAdapter,
     SharedDownLora,
 )
@@ -71,6 +72,9 @@ class LoraNetwork(nn.Module):
         use_tucker: bool = False,
         rank_for: RankFor | None = None,
         shared_down: Iterable[SharedGroup] = (),
+        decompose_both: bool = False,
+        rank_dropout_scale: bool = False,
+        norms: Iterable[Target] = (),
     ) -> LoraNetwork:
         """kohya's rule: Linear and 1x1 conv get ``rank``/``alpha``; kxk convs ``conv_rank``/``conv_alpha``
         (skipped when no conv rank). ``algo`` picks the adapter (:data:`sdplugin_lora.algos.ALGOS`);
@@ -81,7 +85,11 @@ class LoraNetwork(nn.Module):
         ``shared_down`` (SD3/Flux, plain LoRA only): groups of targets that one fused SAI/BFL Linear
         computes (q/k/v, Flux's ``linear1``) get one :class:`SharedDownLora` named by kohya, as
         kohya's ``lora_sd3``/``lora_flux`` train them unless ``split_qkv``; the rank is the first
-        member's."""
+        member's.
+
+        LyCORIS options: ``decompose_both`` (LoKr: ``w1`` low-rank too), ``rank_dropout_scale`` (the
+        rank-dropout mask divided by its mean) and ``norms`` (``train_norm``: a :class:`NormAdapter`
+        on each of these GroupNorm/LayerNorm targets, ``ModuleIndex.select_norms``)."""
         if algo not in ALGOS:
             raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
         adapter_cls = TRAINING_ADAPTERS[algo]
@@ -154,11 +162,23 @@ class LoraNetwork(nn.Module):
                 common.update(dropout=dropout, rank_dropout=rank_dropout)
             elif adapter_cls is LoraAdapter:
                 common.update(dropout=dropout, rank_dropout=rank_dropout, dora=algo == "dora", tucker=use_tucker)
+                common.update(rank_dropout_scale=rank_dropout_scale)
             elif algo == "lokr":
                 common.update(factor=lokr_factor, tucker=use_tucker, rank_dropout=rank_dropout)
+                common.update(decompose_both=decompose_both, rank_dropout_scale=rank_dropout_scale)
             else:
-                common.update(tucker=use_tucker, rank_dropout=rank_dropout)
+                common.update(tucker=use_tucker, rank_dropout=rank_dropout, rank_dropout_scale=rank_dropout_scale)
             modules.append(adapter_cls(target.name, target.module, r, a, **common))
+        for target in norms:  # LyCORIS passes the network's rank and module dropout to its NormModules
+            modules.append(
+                NormAdapter(
+                    target.name,
+                    target.module,
+                    multiplier=multiplier,
+                    module_dropout=module_dropout,
+                    rank_dropout=rank_dropout,
+                )
+            )
         return cls(modules)
 
     def __iter__(self):  # type: ignore[override]
@@ -218,7 +238,8 @@ class LoraNetwork(nn.Module):
         Returns ``(modules scaled, mean norm, max norm)``, the norms taken after scaling, as kohya
         logs them. Other modules raise (see :func:`max_norm_unsupported`).
         """
-        modules = self._modules_of()
+        # LyCORIS' NormModule has no max-norm (its apply_max_norm returns None: skipped)
+        modules = [module for module in self._modules_of() if not isinstance(module, NormAdapter)]
         if not modules:
             return 0, 0.0, 0.0
         for module in modules:

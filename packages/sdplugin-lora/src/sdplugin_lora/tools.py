@@ -259,6 +259,10 @@ def dense_module(
         raise NetworkMismatchError(f"{lora.label}: {name} has tensors {sorted(t)} of no known algorithm")
     if "diff_b" in t:
         raise NetworkMismatchError(f"{lora.label}: {name} also changes the bias (diff_b), which a LoRA cannot carry")
+    if variant.algo == "norm":
+        raise NetworkMismatchError(
+            f"{lora.label}: {name} is a LyCORIS norm module (train_norm: w_norm/b_norm), which a LoRA cannot carry"
+        )
     keep = keep_dora and "dora_scale" in t and not variant.multiplicative
     if base is None and needs_base(t) and not keep:
         kind = "OFT" if variant.multiplicative else "DoRA"

@@ -709,10 +709,7 @@ _MODULE_ARGS = {
 }
 #: network_args keys without an effect at these values
 NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
-    "decompose_both": ("false",),
     "use_scalar": ("false",),
-    "rank_dropout_scale": ("false",),
-    "train_norm": ("false",),
     "rescaled": ("false",),
     "constrain": ("0", "0.0"),
     "use_tucker": ("false",),
@@ -723,6 +720,8 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
 }
+#: LyCORIS network_args that are sdcore LoRA options of the same name (kohya's own modules ignore them)
+_LYCORIS_ONLY_ARGS = ("decompose_both", "rank_dropout_scale", "train_norm")
 _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
 #: LyCORIS algos sdcore does not train -> what each is, and the nearest thing sdcore trains (LyCORIS f49d30d)
 LYCORIS_OTHER_ALGOS = {
@@ -1256,6 +1255,13 @@ def _network(
         return
     lycoris = module == "lycoris.kohya"
     algo = args.pop("algo", "").lower()
+    if not lycoris:  # LyCORIS' options (LoRA options of the same names): kohya's own modules ignore them
+        given = sorted(key for key in _LYCORIS_ONLY_ARGS if args.pop(key, "false").lower() != "false")
+        if given:
+            out.problems.append(
+                f"{where}: network_args {', '.join(given)} are LyCORIS options that network_module "
+                f"{module or 'networks.lora'} ignores; use network_module = lycoris.kohya or drop them"
+            )
     if other is not None:
         if algo:
             out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya (not {module})")

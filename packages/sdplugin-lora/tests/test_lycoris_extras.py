@@ -294,7 +294,8 @@ def test_gui_lokr_preset_with_the_three_options_trains_a_step(tmp_path):
 
     preset = Path(__file__).parents[3] / "tests" / "data" / "kohya_ss_gui" / "lora" / "sd15 - LoKr v1.1.json"
     o = load_options(LoraOptions, preset, notes=[])
-    assert (o.algo, o.decompose_both, o.rank_dropout_scale, o.train_norm) == ("lokr", True, True, True)
+    # rank_dropout_scale=True in the preset: lycoris.kohya never hands it to its modules, so off as in a kohya run
+    assert (o.algo, o.decompose_both, o.rank_dropout_scale, o.train_norm) == ("lokr", True, False, True)
     assert (o.lokr_factor, o.use_tucker) == (6, True)
     bundle = fresh_bundle("sd1")
     method = LoraMethod(o)
@@ -364,8 +365,20 @@ def test_kohya_network_args_pass_the_lycoris_options_for_lycoris_only():
     from sdcore.train.config import load_options
 
     args = ["algo=lokr", "decompose_both=True", "rank_dropout_scale=True", "train_norm=True", "rank_dropout=0.1"]
-    o = load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": args}, notes=[])
-    assert (o.algo, o.decompose_both, o.rank_dropout_scale, o.train_norm) == ("lokr", True, True, True)
+    notes: list[str] = []
+    o = load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": args}, notes=notes)
+    # lycoris.kohya create_network passes no rank_dropout_scale to its modules: a kohya run trains without it
+    assert (o.algo, o.decompose_both, o.rank_dropout_scale, o.train_norm) == ("lokr", True, False, True)
+    assert any("rank_dropout_scale: lycoris.kohya does not pass it" in n for n in notes)
+    # ... and passes decompose_both as the raw text: "False" (what the kohya_ss GUI sends) is on, "" is off
+    notes = []
+    lokr = {"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "decompose_both=False"]}
+    assert load_options(LoraOptions, None, kohya=lokr, notes=notes).decompose_both is True
+    assert any("passes the text on unparsed" in n for n in notes)
+    lokr["network_args"] = ["algo=lokr", "decompose_both="]
+    assert load_options(LoraOptions, None, kohya=lokr, notes=[]).decompose_both is False
+    loha = {"network_module": "lycoris.kohya", "network_args": ["algo=loha", "decompose_both=True"]}
+    assert load_options(LoraOptions, None, kohya=loha, notes=[]).decompose_both is False  # only LoKr reads it
     off = ["decompose_both=False", "train_norm=False"]
     o = load_options(LoraOptions, None, kohya={"network_module": "networks.lora", "network_args": off}, notes=[])
     assert (o.decompose_both, o.train_norm) == (False, False)

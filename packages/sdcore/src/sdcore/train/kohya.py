@@ -1233,6 +1233,27 @@ def _deepspeed(items: dict[str, Any], out: Translation, where: str) -> None:
     )
 
 
+def _lycoris_as_kohya_runs_it(
+    args: dict[str, str], algo: str, out: Translation, put: Callable[[str, Any, str], None]
+) -> None:
+    """Two network_args that lycoris.kohya's create_network hands on differently from what they say, so that a
+    kohya config trains the network a kohya run trains: ``decompose_both`` goes to the modules as the raw text (any
+    non-empty value, ``False`` included, turns it on; only LoKr reads it), ``rank_dropout_scale`` is never passed."""
+    raw = args.pop("decompose_both", None)
+    if raw is not None and raw != "" and algo == "lokr":
+        put("decompose_both", True, "network_args decompose_both")
+        if raw.lower() in ("false", "0"):
+            out.notes.append(
+                f"network_args decompose_both={raw}: lycoris.kohya passes the text on unparsed, so any value turns "
+                "it on (the kohya_ss GUI always sends False); sdcore trains that network too (drop the key for off)"
+            )
+    if args.pop("rank_dropout_scale", "false").lower() != "false":
+        out.notes.append(
+            "network_args rank_dropout_scale: lycoris.kohya does not pass it to its modules, so it has no effect "
+            "in a kohya run and none here (sdcore's --rank-dropout-scale is the LyCORIS modules' option)"
+        )
+
+
 def _network(
     items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
 ) -> None:
@@ -1279,6 +1300,7 @@ def _network(
         chosen = _LYCORIS_ALGOS[algo or "lora"]
         for name in [n for n in _LYCORIS_TUCKER if n in args][1:]:
             args.pop(name)  # LyCORIS reads the first of these that is given (its values are non-empty strings)
+        _lycoris_as_kohya_runs_it(args, chosen, out, put)
         if args.pop("dora_wd", "false").lower() == "true":
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")

@@ -546,3 +546,14 @@ def test_refusals_say_why_the_maths_differs(tmp_path):
     assert any("unmasked_weight: accepted, no effect without masked_training" in n for n in notes)
     text = _problems(tmp_path, {**SD15_LORA, "masked_training": True, "unmasked_weight": 0.3})
     assert "-masklabel.png" in text and "unmasked_weight 0.3" in text
+
+
+def test_lokr_options_map_to_lycoris_lokr(tmp_path):
+    # TrainConfig: lokr_dim 16, lokr_decompose_factor -1, lokr_decompose_both False, lokr_use_tucker False;
+    # LoRAModule's LoKr builds w1_a/w1_b and lokr_t2 under LyCORIS' conditions (the same keys)
+    config = {**SD15_LORA, "peft_type": "LOKR", "lokr_dim": 8, "lokr_decompose_factor": 4,
+              "lokr_decompose_both": True, "lokr_use_tucker": True}  # fmt: skip
+    o = _load(tmp_path, config)
+    assert (o.algo, o.rank, o.lokr_factor, o.decompose_both, o.use_tucker) == ("lokr", 8, 4, True, True)
+    o = _load(tmp_path, {**SD15_LORA, "peft_type": "LOKR"})
+    assert (o.algo, o.rank, o.decompose_both, o.use_tucker) == ("lokr", 16, False, False)

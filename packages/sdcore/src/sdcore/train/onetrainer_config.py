@@ -353,7 +353,7 @@ HANDLED = frozenset(
      "max_noising_strength", "timestep_distribution", "noising_weight", "noising_bias", "timestep_shift",
      "dynamic_timestep_shifting", "text_encoder_layer_skip", "text_encoder_2_layer_skip", "layer_filter_preset",
      "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
-     "lokr_dim", "lokr_decompose_factor", "sample_definition_file_name", "samples", "sample_after",
+     "lokr_dim", "lokr_decompose_factor", "lokr_decompose_both", "lokr_use_tucker", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
      "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler"}
 )  # fmt: skip
@@ -1000,6 +1000,10 @@ def _lora(r: _Reader, family: str) -> None:
     elif kind == "LOKR":
         v["algo"], v["rank"] = "lokr", r.get("lokr_dim")
         v["lokr_factor"] = r.get("lokr_decompose_factor")
+        # LoRAModule.LoKrModule: w1 low-rank when decompose_both and dim < max(w1 sides) / 2, Tucker core lokr_t2
+        # for kxk convs: LyCORIS' conditions, factor shapes and keys (sdcore's --decompose-both / --use-tucker)
+        v["decompose_both"] = bool(r.get("lokr_decompose_both"))
+        v["use_tucker"] = bool(r.get("lokr_use_tucker"))
     else:
         r.refuse("peft_type", kind, "sdcore trains LORA, LOHA and LOKR")
     preset, custom = _text(r.get("layer_filter_preset")), _text(r.get("layer_filter"))

@@ -213,12 +213,14 @@ def test_ema_modes_become_the_runtime_ema(tmp_path):
 def test_refusals_by_name_all_at_once(tmp_path):
     config = {
         **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "COS_MAP", "masked_training": True,
+        "masked_prior_preservation_weight": 0.5,
         "loss_weight_fn": "P2", "huber_strength": 0.5, "peft_type": "OFT_2", "resolution": "512,768",
         "unet": {"weight_dtype": "NFLOAT_4"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
         "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
     }  # fmt: skip
     text = _problems(tmp_path, config)
-    for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'COS_MAP'", "masked_training True",
+    for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'COS_MAP'",
+                     "masked_prior_preservation_weight 0.5",
                      "loss_weight_fn 'P2'", "huber_strength", "peft_type 'OFT_2'", "resolution '512,768'",
                      "unet.weight_dtype 'NFLOAT_4'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
                      "dropout_probability 0.1"):  # fmt: skip
@@ -544,5 +546,5 @@ def test_refusals_say_why_the_maths_differs(tmp_path):
     notes: list[str] = []
     _load(tmp_path, {**SD15_LORA, "unmasked_weight": 0.3}, notes=notes)
     assert any("unmasked_weight: accepted, no effect without masked_training" in n for n in notes)
-    text = _problems(tmp_path, {**SD15_LORA, "masked_training": True, "unmasked_weight": 0.3})
-    assert "-masklabel.png" in text and "unmasked_weight 0.3" in text
+    text = _problems(tmp_path, {**SD15_LORA, "masked_training": True, "unmasked_weight": 1.5})
+    assert "unmasked_weight 1.5" in text and "[0, 1]" in text

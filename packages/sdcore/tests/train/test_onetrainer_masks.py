@@ -28,7 +28,7 @@ from PIL import Image
 from runtime_methods import ConvOutMethod
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import contract_options
-from sdcore.train.data import SampleRef, mask_to_latent, weigh_by_mask
+from sdcore.train.data import SampleRef, clamp_unmasked, mask_to_latent, weigh_by_mask
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 from test_onetrainer import concept  # the UI-saved concept object
@@ -65,7 +65,7 @@ def test_weigh_by_mask_is_onetrainers_masked_losses(weight, normalize):
     mask = torch.rand(3, 1, 6, 5, generator=gen)
     mask[1] = 0.0  # nothing masked in: the weight alone (or 0 without one)
     mask[2, :, :3] = 1.0
-    got = weigh_by_mask(loss, mask, unmasked_weight=weight, normalize=normalize).mean(dim=(1, 2, 3))
+    got = weigh_by_mask(loss, clamp_unmasked(mask, weight), normalize=normalize).mean(dim=(1, 2, 3))
     want = onetrainer_sample_loss(loss.numpy(), mask.numpy(), weight, normalize)
     assert np.allclose(got.double().numpy(), want, rtol=1e-6, atol=1e-7)
     if weight == 0.0 and not normalize:  # kohya's apply_masked_loss: loss * mask, nothing else
@@ -202,10 +202,30 @@ def test_the_step_loss_is_onetrainers_masked_loss(tmp_path):
     mask = np.stack([pil_bilinear(masks["a.png"].astype(np.float32) / 255, (8, 8)), np.ones((8, 8))])[:, None]
     want = onetrainer_sample_loss(mse, mask, 0.2, True)
     assert np.allclose(loss.detach().double().numpy(), want, rtol=1e-5)
-    # only the masked-in area changes it at weight 0: the prediction's unmasked half does not count
-    s.options.masked_loss_unmasked_weight, s.options.masked_loss_normalize = 0.0, False
-    kohya = s.sample_loss(batch, noise, torch.tensor([300, 700]), 0)
+    # at the defaults (kohya's loss * mask) the same prediction gives the unclamped, unnormalised loss
+    k = _session(tmp_path / "k", cfg, masked_loss=True, flip=False)
+    kohya = k.sample_loss(k.make_batch([_ref(k, "a.png"), _ref(k, "c.png")]), noise, torch.tensor([300, 700]), 0)
     assert np.allclose(kohya.detach().double().numpy(), onetrainer_sample_loss(mse, mask, 0.0, False), rtol=1e-5)
+
+
+class _TwiceMethod(ConvOutMethod):
+    """A method whose own loss map weighs everything 2x."""
+
+    def loss_mask(self, entry, assignment, *, flipped, latent_size):
+        return torch.full((1, *latent_size), 2.0)
+
+
+def test_the_clamp_applies_to_the_dataset_mask_not_the_methods_map(tmp_path):
+    from sdcore.train.loop import TrainSession
+
+    cfg, _, masks = _masked_concepts(tmp_path)
+    values = {"data": str(cfg), "batch_size": 1, "max_bucket_reso": 64, "flip": False}
+    o = contract_options(_TwiceMethod, tmp_path, {**values, "masked_loss": True, "masked_loss_unmasked_weight": 0.3})
+    s = TrainSession(_TwiceMethod(o), bundle=create_tiny_bundle("sd1"))
+    s.setup()
+    got = s.make_batch([_ref(s, "a.png")]).masks[0, 0].double().numpy()
+    want = 2 * np.clip(pil_bilinear(masks["a.png"].astype(np.float32) / 255, (8, 8)), 0.3, 1.0)
+    assert np.allclose(got, want, atol=1e-5) and got.min() == pytest.approx(0.6, abs=1e-6)
 
 
 def test_data_check_counts_masks(tmp_path):

@@ -373,17 +373,26 @@ def mask_to_latent(mask: Any, latent_size: tuple[int, int], mode: str = "area") 
     return torch.nn.functional.interpolate(tensor, size=latent_size, mode="area")[0]
 
 
-def weigh_by_mask(loss: Any, masks: Any, *, unmasked_weight: float = 0.0, normalize: bool = False) -> Any:
+def clamp_unmasked(mask: Any, unmasked_weight: float) -> Any:
+    """A dataset mask at latent size clamped to ``[unmasked_weight, 1]`` (OneTrainer's ``masked_losses``:
+    ``unmasked_weight`` is what the loss outside the mask still weighs); 0 leaves it as it is (kohya).
+    Applied to the dataset's mask before it multiplies a method's own loss map, which may exceed 1."""
+    if unmasked_weight <= 0:
+        return mask
+    import torch
+
+    return torch.clamp(mask, unmasked_weight, 1.0)
+
+
+def weigh_by_mask(loss: Any, masks: Any, *, normalize: bool = False) -> Any:
     """The element-wise loss ``[B, C, h, w]`` weighted by loss masks ``[B, 1, h, w]``: one rule for kohya and
-    OneTrainer. ``m = clamp(mask, unmasked_weight, 1)`` (OneTrainer's ``masked_losses``; with the default 0 a
-    mask in 0..1 is unchanged: kohya's ``loss * mask``), then ``loss * m``, divided by ``mean(m)`` over each
-    sample's pixels when ``normalize`` (OneTrainer's ``normalize_masked_area_loss``). The caller takes the mean
-    over ``C, h, w``: OneTrainer's per-sample loss is ``mean(loss * m) / mean(m)``."""
+    OneTrainer. ``loss * m`` (kohya's ``apply_masked_loss``; ``m`` clamped by :func:`clamp_unmasked` for
+    OneTrainer), divided by ``mean(m)`` over each sample's pixels when ``normalize`` (OneTrainer's
+    ``normalize_masked_area_loss``). The caller takes the mean over ``C, h, w``: OneTrainer's per-sample loss
+    is ``mean(loss * m) / mean(m)`` with ``m = clamp(mask, unmasked_weight, 1)``."""
     import torch
 
     masks = masks.to(loss.dtype)
-    if unmasked_weight > 0:
-        masks = torch.clamp(masks, unmasked_weight, 1.0)
     weighted = loss * masks
     if normalize:
         mean = masks.mean(dim=tuple(range(1, masks.ndim)), keepdim=True)

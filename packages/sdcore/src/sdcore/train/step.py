@@ -148,12 +148,7 @@ class Objective:
                 if batch.masks is not None:
                     from .data import weigh_by_mask
 
-                    loss = weigh_by_mask(
-                        loss,
-                        batch.masks,
-                        unmasked_weight=self.options.masked_loss_unmasked_weight,
-                        normalize=self.options.masked_loss_normalize,
-                    )
+                    loss = weigh_by_mask(loss, batch.masks, normalize=self.options.masked_loss_normalize)
                 loss = loss.mean(dim=tuple(range(1, loss.ndim)))
         loss = loss.float()
         if noised.weights is not None:

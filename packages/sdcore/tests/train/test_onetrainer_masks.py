@@ -264,6 +264,9 @@ def test_preflight_problems_of_the_mask_options(tmp_path):
     o = contract_options(ConvOutMethod, tmp_path, {"data": str(cfg), "masked_loss": True, "max_bucket_reso": 64})
     text = "\n".join(run_preflight(ConvOutMethod(o), o, plan=False).problems)
     assert "1 -masklabel mask(s) unreadable" in text and "a-masklabel.png" in text
+    o = contract_options(ConvOutMethod, tmp_path, {"data": str(cfg), "masked_loss": True, "alpha_mask": True})
+    text = "\n".join(run_preflight(ConvOutMethod(o), o, plan=False).problems)
+    assert "alpha_mask and OneTrainer's -masklabel.png masks both give masks" in text
 
 
 def test_mask_augmentations_refused_with_masks_and_noted_without(tmp_path):

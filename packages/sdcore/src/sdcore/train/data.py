@@ -538,6 +538,17 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
             f"{' and '.join(weighing)} change(s) how loss masks weigh the loss, but the dataset has none: add "
             "--masked-loss with mask images (or a OneTrainer concepts file's -masklabel.png masks) or alpha_mask"
         )
+    for s in subsets:
+        if getattr(s, "mask_suffix", None) is None:
+            continue
+        other = "alpha_mask" if getattr(s, "alpha_mask", False) else None
+        if getattr(s, "conditioning_data_dir", None) is not None:
+            other = "conditioning_data_dir"
+        if other is not None:
+            problems.append(
+                f"{s.image_dir}: {other} and OneTrainer's -masklabel.png masks both give masks; a OneTrainer "
+                f"concepts file's masks are its -masklabel.png files (leave out {other})"
+            )
     unreadable: list[str] = []
     for entry in index.entries:
         if getattr(entry.subset, "mask_suffix", None) is None:

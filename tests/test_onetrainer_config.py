@@ -213,12 +213,14 @@ def test_ema_modes_become_the_runtime_ema(tmp_path):
 def test_refusals_by_name_all_at_once(tmp_path):
     config = {
         **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "COS_MAP", "masked_training": True,
+        "masked_prior_preservation_weight": 0.5,
         "loss_weight_fn": "P2", "huber_strength": 0.5, "peft_type": "OFT_2", "resolution": "512,768",
         "unet": {"weight_dtype": "NFLOAT_4"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
         "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
     }  # fmt: skip
     text = _problems(tmp_path, config)
-    for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'COS_MAP'", "masked_training True",
+    for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'COS_MAP'",
+                     "masked_prior_preservation_weight 0.5",
                      "loss_weight_fn 'P2'", "huber_strength", "peft_type 'OFT_2'", "resolution '512,768'",
                      "unet.weight_dtype 'NFLOAT_4'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
                      "dropout_probability 0.1"):  # fmt: skip
@@ -544,8 +546,70 @@ def test_refusals_say_why_the_maths_differs(tmp_path):
     notes: list[str] = []
     _load(tmp_path, {**SD15_LORA, "unmasked_weight": 0.3}, notes=notes)
     assert any("unmasked_weight: accepted, no effect without masked_training" in n for n in notes)
-    text = _problems(tmp_path, {**SD15_LORA, "masked_training": True, "unmasked_weight": 0.3})
-    assert "-masklabel.png" in text and "unmasked_weight 0.3" in text
+    text = _problems(tmp_path, {**SD15_LORA, "masked_training": True, "unmasked_weight": 1.5})
+    assert "unmasked_weight 1.5" in text and "[0, 1]" in text
+
+
+# --- masked training (TC: masked_training False, unmasked_probability 0.1, unmasked_weight 0.1,
+# normalize_masked_area_loss False, masked_prior_preservation_weight 0.0; ModelSetupDiffusionLossMixin /
+# util/loss/masked_loss.py: loss * clamp(mask, unmasked_weight, 1), / its mean when normalising) -------------
+
+
+def test_masked_preset_shape_translates_to_onetrainers_mask_rule(tmp_path):
+    # the shape of OneTrainer's "#sd 1.5 masked" preset (its fields, values written here): FINE_TUNE, masked,
+    # normalised, max_noising_strength 0.8; unmasked_weight/probability left at TC's defaults
+    config = {
+        "training_method": "FINE_TUNE", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+        "batch_size": 4, "masked_training": True, "normalize_masked_area_loss": True, "max_noising_strength": 0.8,
+        "output_model_format": "ORIGINAL_SINGLE_FILE", "output_model_destination": "models/model.safetensors",
+        "resolution": "512", "vae": {"weight_dtype": "FLOAT_32"},
+    }  # fmt: skip
+    notes: list[str] = []
+    o = _load(tmp_path, config, "dreambooth", notes=notes)
+    assert (o.masked_loss, o.masked_loss_unmasked_weight, o.masked_loss_normalize) == (True, 0.1, True)
+    assert o.max_timestep == 800 and o.batch_size == 4  # the preset's other fields still translate
+    # unmasked_probability only feeds RandomLatentMaskRemove, which OneTrainer adds for inpainting models only
+    assert any("unmasked_probability 0.1: no effect" in n for n in notes)
+    lora = _load(tmp_path, {**SD15_LORA, "masked_training": True, "unmasked_weight": 0.0})
+    assert (lora.masked_loss, lora.masked_loss_unmasked_weight, lora.masked_loss_normalize) == (True, 0.0, False)
+    off = _load(tmp_path, SD15_LORA)  # OneTrainer's default: no masks, kohya's defaults kept
+    assert (off.masked_loss, off.masked_loss_unmasked_weight, off.masked_loss_normalize) == (False, 0.0, False)
+    # masked prior preservation is a LoRA-only second forward without the LoRA: refused there, a no-op elsewhere
+    text = _problems(tmp_path, {**SD15_LORA, "masked_training": True, "masked_prior_preservation_weight": 0.5})
+    assert "masked_prior_preservation_weight 0.5" in text and "base model's own prediction" in text
+    notes = []
+    _load(tmp_path, {**config, "masked_prior_preservation_weight": 0.5}, "dreambooth", notes=notes)
+    assert any("masked_prior_preservation_weight: accepted, no effect" in n for n in notes)
+
+
+def test_cli_trains_a_masked_onetrainer_lora_config(tmp_path, sd_cli, pm, monkeypatch):
+    """`sdcore train lora --config` with masked_training: the concept's -masklabel.png masks are read (one
+    image has none: a full mask) and the run trains; a mask file that is not an image stops it before."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    monkeypatch.chdir(tmp_path)
+    folder = make_tiny_dataset(tmp_path / "data", n=2, size=64) / "1_sks"
+    grey = np.zeros((64, 64), dtype=np.uint8)
+    grey[:, 32:] = 255
+    Image.fromarray(grey, "L").save(folder / "000-masklabel.png")
+    config = {
+        "training_method": "LORA", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+        "learning_rate": 0.002, "epochs": 1, "batch_size": 2, "resolution": "64", "lora_rank": 4,
+        "layer_filter_preset": "attn-mlp", "train_dtype": "FLOAT_32", "output_model_format": "KOHYA_LORA",
+        "output_model_destination": "out/masked.safetensors", "learning_rate_warmup_steps": 0,
+        "text_encoder": {"train": False}, "unet": {"gradient_checkpointing": False}, "sample_after_unit": "NEVER",
+        "masked_training": True, "unmasked_weight": 0.1, "normalize_masked_area_loss": True,
+        "concepts": [{"path": "data/1_sks", "name": "sks", "image": {"enable_crop_jitter": False}}],
+    }  # fmt: skip
+    path = _write(tmp_path, config)
+    result = sd_cli(["train", "lora", "--config", str(path), "--no-progress"], pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (tmp_path / "out" / "masked.safetensors").is_file()
+    (folder / "001-masklabel.png").write_bytes(b"not an image")
+    result = sd_cli(["train", "lora", "--config", str(path), "--no-progress"], pm=pm)
+    assert result.exit_code != 0 and "-masklabel mask(s) unreadable" in result.output
 
 
 def test_lokr_options_map_to_lycoris_lokr(tmp_path):

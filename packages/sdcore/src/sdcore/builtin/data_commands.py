@@ -47,6 +47,11 @@ def data_group() -> None:
     "--batch-size", type=int, default=1, show_default=True, help="Batch size for the batches-per-epoch count."
 )
 @click.option("--top", type=int, default=30, show_default=True, help="How many of the most frequent tags to show.")
+@click.option(
+    "--masked-loss",
+    is_flag=True,
+    help="Count the masks masked training reads (a OneTrainer concepts file's <name>-masklabel.png).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any problem is found.")
 def check_command(
@@ -63,6 +68,7 @@ def check_command(
     dataset_repeats: int,
     batch_size: int,
     top: int,
+    masked_loss: bool,
     as_json: bool,
     strict: bool,
 ) -> None:
@@ -88,6 +94,7 @@ def check_command(
         metadata_file=metadata_file,
         dataset_repeats=dataset_repeats,
         batch_size=batch_size,
+        masked_loss=masked_loss,
     )
     report = check_dataset(path, options, top=top)
     if as_json:

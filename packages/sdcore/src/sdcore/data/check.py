@@ -45,6 +45,10 @@ class DatasetReport:
     tag_frequencies: dict[str, int] = field(default_factory=dict)
     images_per_tag: dict[str, list[str]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    #: OneTrainer masked training: images with a ``-masklabel.png`` mask and those without (trained with a
+    #: full mask, as OneTrainer does); ``None`` when no subset reads such masks
+    masks: int | None = None
+    unmasked: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -87,6 +91,7 @@ class DatasetReport:
             "images_per_tag": self.images_per_tag,
             "errors": self.errors,
             "problems": self.problems,
+            **({} if self.masks is None else {"masks": {"with_mask": self.masks, "without_mask": self.unmasked}}),
         }
 
     def to_text(self, *, max_list: int = 50, max_images_per_tag: int = 5) -> str:
@@ -109,6 +114,12 @@ class DatasetReport:
             f"  captions: {self.captions_from_files} from files, {len(self.class_token_captions)} from class tokens, "
             f"{len(self.missing_captions)} missing, {len(self.empty_captions)} empty"
         )
+        if self.masks is not None:
+            lines.append(
+                f"  masks (-masklabel.png): {self.masks} image(s) with one, {len(self.unmasked)} without "
+                "(trained with a full mask, as OneTrainer)"
+            )
+            lines += listing("images without a mask", self.unmasked)
         lines += listing("skipped files", [f"{p}: {r}" for p, r in self.skipped])
         lines += listing(
             "missing captions (no caption file, no class tokens: trained uncaptioned)", self.missing_captions
@@ -166,6 +177,11 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
     report.errors.extend(index.problems)  # e.g. images a metadata file lists that are not there
     if not index.instance_entries:
         report.errors.append("no usable training images")
+    from .onetrainer import mask_counts
+
+    counted = mask_counts(index)
+    if counted is not None:
+        report.masks, report.unmasked = counted[0], [rel(p) for p in counted[1]]
 
     if index.entries:
         try:

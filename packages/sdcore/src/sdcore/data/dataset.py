@@ -100,6 +100,9 @@ class SubsetOptions:
     caption_text: str | None = None
     caption_from_filename: bool = False
     loss_weight: float = 1.0
+    #: OneTrainer's masked training: each image's mask is the file beside it named ``<stem><mask_suffix>``
+    #: (its ``-masklabel.png``), greyscale, a missing one weighting the whole image (``None``: no such masks)
+    mask_suffix: str | None = None
     #: ai-toolkit datasets (:mod:`sdcore.train.aitoolkit`): ``[trigger]``/``[name]`` in captions become this
     #: word and a training caption without it gets it in front (``None``: not an ai-toolkit dataset)
     trigger_word: str | None = None

@@ -8,7 +8,7 @@ one filter for both (:data:`sdcore.train.options.RESIZE_FILTERS`).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .buckets import BucketAssignment
 from .dataset import ImageEntry
@@ -105,17 +105,19 @@ def load_training_channel(
     path: str | os.PathLike[str],
     assignment: BucketAssignment,
     *,
-    channel: int,
+    channel: int | Literal["L"],
     flip: bool,
     crop: tuple[int, int] | None = None,
     interpolation: str | None = None,
 ) -> np.ndarray:
-    """One channel (0..3 of RGBA, colours as stored) of the image at ``path`` as uint8 ``[H, W]``,
-    resized, cropped and flipped exactly like a training image with the same ``assignment``: kohya's
-    alpha masks (channel 3 of the image) and mask images (channel 0, R, of ``conditioning_data_dir``),
-    with the image's ``interpolation`` (its subset's ``resize_interpolation``)."""
+    """One channel (0..3 of RGBA, colours as stored; ``"L"``: PIL's greyscale of the RGB) of the image at
+    ``path`` as uint8 ``[H, W]``, resized, cropped and flipped exactly like a training image with the same
+    ``assignment``: kohya's alpha masks (channel 3 of the image) and mask images (channel 0, R, of
+    ``conditioning_data_dir``), OneTrainer's greyscale ``-masklabel.png`` masks, with the image's
+    ``interpolation`` (its subset's ``resize_interpolation``)."""
     import numpy as np
 
-    image = open_image_rgb(path, keep_alpha=True).getchannel(channel)
+    rgba = open_image_rgb(path, keep_alpha=True)
+    image = rgba.convert("RGB").convert("L") if channel == "L" else rgba.getchannel(channel)
     image, _ = fit_to_bucket(image, assignment, flip=flip, crop=crop, interpolation=interpolation)
     return np.asarray(image, dtype=np.uint8)

@@ -27,7 +27,12 @@ OneTrainer's meaning for each field (its data loader and the MGDS pipeline it bu
   default) = ``random_crop`` (a uniform crop offset inside the scaled image's excess), a single
   ``resolution_override`` = the subset's resolution;
 - ``loss_weight`` multiplies each sample's loss; ``type`` ``VALIDATION`` holds the whole concept
-  out for sdcore's validation loss (never trained), as OneTrainer keeps it out of training.
+  out for sdcore's validation loss (never trained), as OneTrainer keeps it out of training;
+- masked training (``--masked-loss``, or a training preset with ``masked_training``): each image's
+  mask is ``<stem>-masklabel.png`` beside it (only PNG, as OneTrainer's ``ModifyPath``), read as
+  greyscale; an image without one trains with a full mask (OneTrainer's ``GenerateImageLike`` of
+  255); the mask follows its image's resize, crop and flip (:func:`sdcore.train.data.load_mask`).
+  The mask augmentations are refused with masked training and have no effect without it.
 
 Everything else OneTrainer can do that sdcore does not reproduce exactly is refused by name when
 set away from its default (:data:`REFUSED`), all problems of the file at once
@@ -128,10 +133,16 @@ REFUSED: dict[str, str] = {
     "image.enable_fixed_saturation": "sdcore has no saturation augmentation",
     "image.enable_random_hue": "sdcore has no hue augmentation (kohya's color_aug shifts hue differently)",
     "image.enable_fixed_hue": "sdcore has no hue augmentation (kohya's color_aug shifts hue differently)",
-    "image.enable_random_circular_mask_shrink": "sdcore has no mask augmentation",
-    "image.enable_random_mask_rotate_crop": "sdcore has no mask augmentation",
     "text.caps_randomize_enable": "sdcore has no capitalisation augmentation",
 }
+#: OneTrainer's mask augmentations: its data loader adds them with ``masked_training`` only, so sdcore
+#: refuses them with masked training and notes them (no effect) without
+MASK_AUGMENTATIONS: dict[str, str] = {
+    "image.enable_random_circular_mask_shrink": "sdcore has no mask augmentation (a random circular shrink)",
+    "image.enable_random_mask_rotate_crop": "sdcore has no mask augmentation (a rotated crop around the mask)",
+}
+#: OneTrainer's mask file name: ``<image stem>-masklabel.png`` beside each image (``ModifyPath``; only PNG)
+MASK_SUFFIX = "-masklabel.png"
 
 _TYPES = ("STANDARD", "VALIDATION", "PRIOR_PREDICTION")
 _STRATEGIES = ("REPEATS", "SAMPLES")
@@ -336,13 +347,14 @@ def load_concepts(
     problems: list[str] = []
     subsets: list[SubsetOptions] = []
     base = subset_defaults(defaults)
+    masked = bool(defaults is not None and defaults.masked_loss) or preset_is_masked(path)
     for i, raw in enumerate(raw_list):
         try:
             concept = _concept(raw, f"concept {i}", notes)
         except DataError as exc:
             problems.append(str(exc))
             continue
-        subset = _subset(concept, source, base, problems, notes, skipped)
+        subset = _subset(concept, source, base, problems, notes, skipped, masked=masked)
         if subset is not None:
             subsets.append(SubsetOptions(**subset))
     if skipped is not None:
@@ -361,8 +373,11 @@ def _subset(
     problems: list[str],
     notes: list[str],
     skipped: list[SkippedFile] | None,
+    *,
+    masked: bool = False,
 ) -> dict[str, Any] | None:
-    """The :class:`SubsetOptions` values of one concept (``None`` when it trains nothing)."""
+    """The :class:`SubsetOptions` values of one concept (``None`` when it trains nothing); ``masked``:
+    OneTrainer's masked training (each image's ``-masklabel.png`` is its loss mask)."""
     from .dataset import SkippedFile
 
     f, image, text = c.fields, c.image, c.text
@@ -383,6 +398,12 @@ def _subset(
         part, name = key.split(".")
         if (image if part == "image" else text)[name] is True:
             problems.append(f"{c.label}: {key}: {why}")
+    for key, why in MASK_AUGMENTATIONS.items():
+        if image[key.split(".")[1]] is True:
+            if masked:
+                problems.append(f"{c.label}: {key}: {why}")
+            else:
+                notes.append(f"{c.label}: {key}: no effect without masked training (as in OneTrainer)")
     for key in ("image_variations", "text_variations"):
         if f[key] != 1:
             problems.append(
@@ -406,6 +427,7 @@ def _subset(
         class_tokens=None,
         is_class=False,
         validation_split=1.0 if kind == "VALIDATION" else 0.0,
+        mask_suffix=MASK_SUFFIX if masked else None,
     )
     if image["enable_resolution_override"] is True:
         raw = str(image["resolution_override"]).strip()
@@ -508,6 +530,29 @@ def caption_problems(index: DatasetIndex) -> list[str]:
     ]
 
 
+def preset_is_masked(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a OneTrainer training preset with ``masked_training`` on (quietly ``False`` for a
+    concepts file or anything unreadable), so ``sdcore data check`` pairs the masks a run would use."""
+    try:
+        data = _read_json(Path(path))
+    except DataError:
+        return False
+    return isinstance(data, dict) and data.get("masked_training") is True
+
+
+def mask_counts(index: DatasetIndex) -> tuple[int, list[Path]] | None:
+    """``(images with a -masklabel.png mask, images without one)`` of the OneTrainer concepts trained with
+    masks (an image without one trains with a full mask, as in OneTrainer); ``None`` when no subset uses
+    such masks."""
+    from ..train.data import mask_image_path
+
+    entries = [e for e in index.entries if e.subset.mask_suffix is not None]
+    if not entries:
+        return None
+    without = [e.path for e in entries if mask_image_path(e) is None]
+    return len(entries) - len(without), without
+
+
 def has_validation_concept(data: str) -> bool:
     """Whether ``data`` is a OneTrainer concepts file with an enabled ``VALIDATION`` concept (quietly
     ``False`` for anything else; reading the file reports its own problems)."""
@@ -530,6 +575,8 @@ __all__ = [
     "EXCLUDED_STEM_SUFFIXES",
     "IMAGE_DEFAULTS",
     "IMAGE_SUFFIXES",
+    "MASK_AUGMENTATIONS",
+    "MASK_SUFFIX",
     "REFUSED",
     "TEXT_DEFAULTS",
     "caption_problems",
@@ -537,6 +584,8 @@ __all__ = [
     "has_validation_concept",
     "list_images",
     "load_concepts",
+    "mask_counts",
+    "preset_is_masked",
     "resolve_path",
     "samples_per_epoch",
 ]

@@ -156,7 +156,9 @@ class BatchMaker:
     def loss_masks(self, refs: list[SampleRef], latent_size: Any) -> Any:
         """``[B, 1, h, w]`` loss weights, or ``None``: the product of the method's mask
         (:meth:`~sdcore.train.method.TrainingMethod.loss_mask`) and the dataset's (kohya's
-        ``alpha_mask`` / ``--masked-loss`` mask images, :func:`~sdcore.train.data.load_mask`).
+        ``alpha_mask`` / ``--masked-loss`` mask images, OneTrainer's ``-masklabel.png``:
+        :func:`~sdcore.train.data.load_mask`); the step weighs the loss with them
+        (:func:`~sdcore.train.data.weigh_by_mask`).
         Cached per image and view (flip; not for random crops, which differ every time)."""
         import torch
 
@@ -180,7 +182,7 @@ class BatchMaker:
 
     def sample_mask(self, index: int, view: SampleView, size: tuple[int, int]) -> Any:
         """The method's mask times the dataset's for one sample view, ``[1, h, w]`` or None."""
-        from .data import has_dataset_mask, load_mask, mask_to_latent
+        from .data import clamp_unmasked, has_dataset_mask, load_mask, mask_filter, mask_to_latent
 
         entry = self.data.entries[index]
         assignment = view.apply(self.data.assignments[index])  # a random crop: the maps are cropped there too
@@ -188,7 +190,9 @@ class BatchMaker:
         if has_dataset_mask(entry):
             pixel_mask = load_mask(entry, assignment, flip=view.flip)
             if pixel_mask is not None:
-                own = mask_to_latent(pixel_mask, size)
+                own = clamp_unmasked(
+                    mask_to_latent(pixel_mask, size, mask_filter(entry)), self.options.masked_loss_unmasked_weight
+                )
                 mask = own if mask is None else mask.reshape(1, *size).float() * own
         return mask
 

@@ -277,8 +277,13 @@ MASK_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".J
 
 
 def mask_image_path(entry: ImageEntry) -> Path | None:
-    """The ``--masked-loss`` mask image of ``entry``: same base name in its subset's
-    ``conditioning_data_dir``, the first in sorted order (kohya's ``glob_images(dir, base)[0]``)."""
+    """The mask image of ``entry``, or None: kohya's ``--masked-loss`` mask (same base name in its
+    subset's ``conditioning_data_dir``, the first in sorted order: kohya's ``glob_images(dir, base)[0]``)
+    or OneTrainer's (``<stem>-masklabel.png`` beside the image: its ``ModifyPath``; only ``.png`` is read)."""
+    suffix = getattr(entry.subset, "mask_suffix", None)
+    if suffix is not None:
+        beside = entry.path.with_name(entry.path.stem + suffix)
+        return beside if beside.is_file() else None
     folder = getattr(entry.subset, "conditioning_data_dir", None)
     if folder is None:
         return None
@@ -288,20 +293,29 @@ def mask_image_path(entry: ImageEntry) -> Path | None:
 
 
 def has_dataset_mask(entry: ImageEntry) -> bool:
-    """Whether the dataset weights this image's loss (``alpha_mask`` or a ``conditioning_data_dir``)."""
+    """Whether the dataset weights this image's loss (``alpha_mask``, a ``conditioning_data_dir`` or
+    OneTrainer's ``-masklabel.png`` masks)."""
     s = entry.subset
-    return bool(getattr(s, "alpha_mask", False) or getattr(s, "conditioning_data_dir", None) is not None)
+    return bool(
+        getattr(s, "alpha_mask", False)
+        or getattr(s, "conditioning_data_dir", None) is not None
+        or getattr(s, "mask_suffix", None) is not None
+    )
 
 
 def load_mask(
     entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None = None
 ) -> Any:
-    """kohya's loss mask of one sample at pixel size (float32 ``[H, W]`` in 0..1), or None.
+    """The loss mask of one sample at pixel size (float32 ``[H, W]`` in 0..1), or None (no mask: ones).
 
-    Geometry: the image's own resize, crop and flip (:func:`sdcore.data.loading.fit_to_bucket`).
+    Geometry: the image's own resize, crop and flip (:func:`sdcore.data.loading.fit_to_bucket`), so a
+    mask follows every random crop and flip of its image (and the cached latents' centre crop).
     Values: ``alpha_mask``: the alpha channel ``/ 255``; a ``conditioning_data_dir`` mask image: its
     R channel through kohya's path (``ToTensor`` then ``Normalize(0.5, 0.5)`` then ``/ 2 + 0.5``,
-    in float32). A missing mask image is a pre-flight problem; here it raises :class:`DataError`.
+    in float32); OneTrainer's ``-masklabel.png``: greyscale (its ``LoadImage(channels=1)``; the masks
+    its editor writes are grey RGB, read the same by PIL's ``L``) ``/ 255``, and a missing one is None,
+    the whole image (its ``GenerateImageLike`` fills the mask with 255). A missing kohya mask image
+    is a pre-flight problem; here it raises :class:`DataError`.
     """
     import numpy as np
 
@@ -310,6 +324,12 @@ def load_mask(
 
     s = entry.subset
     interpolation = getattr(s, "resize_interpolation", None)
+    if getattr(s, "mask_suffix", None) is not None:
+        path = mask_image_path(entry)
+        if path is None:
+            return None
+        grey = load_training_channel(path, assignment, channel="L", flip=flip, crop=crop, interpolation=interpolation)
+        return grey.astype(np.float32) / np.float32(255.0)
     if getattr(s, "conditioning_data_dir", None) is not None:
         path = mask_image_path(entry)
         if path is None:
@@ -326,13 +346,59 @@ def load_mask(
     return None
 
 
-def mask_to_latent(mask: Any, latent_size: tuple[int, int]) -> Any:
-    """A pixel-size mask ``[H, W]`` as loss weights ``[1, h, w]``: kohya's ``apply_masked_loss``
-    (``interpolate(mode="area")`` to the loss's size; no renormalisation by the mask's mean)."""
+#: how a pixel mask shrinks to the loss's (latent) size: kohya's ``apply_masked_loss`` averages areas
+#: (``interpolate(mode="area")``); OneTrainer's ``ScaleImage(factor=0.125)`` is torchvision's
+#: ``Resize(BILINEAR, antialias=True)``
+MASK_FILTERS = ("area", "bilinear")
+
+
+def mask_filter(entry: ImageEntry) -> str:
+    """The :data:`MASK_FILTERS` name ``entry``'s mask shrinks with (OneTrainer's masks: ``bilinear``)."""
+    return "bilinear" if getattr(entry.subset, "mask_suffix", None) is not None else "area"
+
+
+def mask_to_latent(mask: Any, latent_size: tuple[int, int], mode: str = "area") -> Any:
+    """A pixel-size mask ``[H, W]`` as loss weights ``[1, h, w]``, no renormalisation by the mask's mean:
+    ``area`` is kohya's ``apply_masked_loss`` (``interpolate(mode="area")``), ``bilinear`` OneTrainer's
+    ``ScaleImage`` (``interpolate(mode="bilinear", antialias=True)``, what torchvision's ``Resize`` runs on a
+    tensor)."""
     import torch
 
     tensor = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    if mode == "bilinear":
+        shrunk = torch.nn.functional.interpolate(
+            tensor, size=latent_size, mode="bilinear", align_corners=False, antialias=True
+        )
+        return shrunk[0]
     return torch.nn.functional.interpolate(tensor, size=latent_size, mode="area")[0]
+
+
+def clamp_unmasked(mask: Any, unmasked_weight: float) -> Any:
+    """A dataset mask at latent size clamped to ``[unmasked_weight, 1]`` (OneTrainer's ``masked_losses``:
+    ``unmasked_weight`` is what the loss outside the mask still weighs); 0 leaves it as it is (kohya).
+    Applied to the dataset's mask before it multiplies a method's own loss map, which may exceed 1."""
+    if unmasked_weight <= 0:
+        return mask
+    import torch
+
+    return torch.clamp(mask, unmasked_weight, 1.0)
+
+
+def weigh_by_mask(loss: Any, masks: Any, *, normalize: bool = False) -> Any:
+    """The element-wise loss ``[B, C, h, w]`` weighted by loss masks ``[B, 1, h, w]``: one rule for kohya and
+    OneTrainer. ``loss * m`` (kohya's ``apply_masked_loss``; ``m`` clamped by :func:`clamp_unmasked` for
+    OneTrainer), divided by ``mean(m)`` over each sample's pixels when ``normalize`` (OneTrainer's
+    ``normalize_masked_area_loss``). The caller takes the mean over ``C, h, w``: OneTrainer's per-sample loss
+    is ``mean(loss * m) / mean(m)`` with ``m = clamp(mask, unmasked_weight, 1)``."""
+    import torch
+
+    masks = masks.to(loss.dtype)
+    weighted = loss * masks
+    if normalize:
+        mean = masks.mean(dim=tuple(range(1, masks.ndim)), keepdim=True)
+        # an all-zero mask (weight 0) has a zero loss: kept 0 where OneTrainer would divide 0 by 0 (NaN)
+        weighted = weighted / torch.where(mean > 0, mean, torch.ones_like(mean))
+    return weighted
 
 
 def build_train_data(
@@ -459,6 +525,42 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
             "--masked-loss has no masks: give --conditioning-data-dir (or conditioning_data_dir in the dataset "
             "TOML's subsets) with mask images, or alpha_mask for images with transparency"
         )
+    weighing = [
+        flag
+        for flag, on in (
+            ("--masked-loss-unmasked-weight", options.masked_loss_unmasked_weight > 0),
+            ("--masked-loss-normalize", options.masked_loss_normalize),
+        )
+        if on
+    ]
+    if weighing and not any(has_dataset_mask(e) for e in index.entries):
+        problems.append(
+            f"{' and '.join(weighing)} change(s) how loss masks weigh the loss, but the dataset has none: add "
+            "--masked-loss with mask images (or a OneTrainer concepts file's -masklabel.png masks) or alpha_mask"
+        )
+    for s in subsets:
+        if getattr(s, "mask_suffix", None) is None:
+            continue
+        other = "alpha_mask" if getattr(s, "alpha_mask", False) else None
+        if getattr(s, "conditioning_data_dir", None) is not None:
+            other = "conditioning_data_dir"
+        if other is not None:
+            problems.append(
+                f"{s.image_dir}: {other} and OneTrainer's -masklabel.png masks both give masks; a OneTrainer "
+                f"concepts file's masks are its -masklabel.png files (leave out {other})"
+            )
+    unreadable: list[str] = []
+    for entry in index.entries:
+        if getattr(entry.subset, "mask_suffix", None) is None:
+            continue
+        path = mask_image_path(entry)
+        if path is not None:
+            try:
+                probe_image(path)
+            except ImageError as exc:
+                unreadable.append(str(exc))
+    if unreadable:
+        problems.append(f"masked training: {len(unreadable)} -masklabel mask(s) unreadable: {_listed(unreadable)}")
     for s in with_dir:
         folder = s.conditioning_data_dir
         assert folder is not None

@@ -216,6 +216,9 @@ def loss_option_problems(options: TrainOptions) -> list[str]:
             problems.append(f"--huber-c must be positive (kohya's default 0.1), got {o.huber_c}")
         if not (math.isfinite(o.huber_scale) and o.huber_scale > 0):
             problems.append(f"--huber-scale must be positive (kohya's default 1.0), got {o.huber_scale}")
+    weight = o.masked_loss_unmasked_weight
+    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        problems.append(f"--masked-loss-unmasked-weight must be in [0, 1] (0: kohya's mask as it is), got {weight}")
     if not (math.isfinite(o.v_pred_like_loss) and o.v_pred_like_loss >= 0):
         problems.append(f"--v-pred-like-loss must be 0 (off) or positive, got {o.v_pred_like_loss}")
     return problems

@@ -324,9 +324,6 @@ REFUSED: dict[str, str] = {
     "(_create_noise); sdcore's --ip-noise-gamma perturbs the input only",
     "generalized_offset_noise": "a timestep-dependent offset (psi_t of the generalized offset noise paper); "
     "sdcore's --noise-offset is the same at every timestep",
-    "masked_training": "sdcore does not read OneTrainer's -masklabel.png masks, and OneTrainer's loss * clamp(mask, "
-    "unmasked_weight, 1) with whole images at unmasked_probability is not --masked-loss (kohya's loss * mask)",
-    **{name: "a masked_training setting (refused)" for name in MASK_FIELDS},
     "loss_scaler": "OneTrainer multiplies the loss by the batch size and/or the accumulation steps; sdcore has no "
     "loss scale (it changes gradient clipping and non-adaptive optimizers)",
     "force_v_prediction": "sdcore trains with the model's own prediction type",
@@ -355,7 +352,7 @@ HANDLED = frozenset(
      "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
      "lokr_dim", "lokr_decompose_factor", "lokr_decompose_both", "lokr_use_tucker", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
-     "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler"}
+     "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler", "masked_training", *MASK_FIELDS}
 )  # fmt: skip
 _NESTED = frozenset({*PARTS, "optimizer", "embedding", "quantization", "cloud", "secrets"})
 
@@ -474,8 +471,6 @@ def translate_config(
             continue
         if key in NOTED:
             r.note(f"{key}: accepted, no effect on the result here ({NOTED[key]})")
-        elif key in MASK_FIELDS and not r.get("masked_training"):
-            r.note(f"{key}: accepted, no effect without masked_training (as in OneTrainer)")
         elif key in REFUSED:
             r.refuse(key, value, REFUSED[key])
         else:
@@ -497,6 +492,7 @@ def translate_config(
     }
     _parts(r, parts, family, method, fields)
     _training(r, family, method)
+    _masked(r, method)
     _noise(r, family)
     if method == "lora":
         _lora(r, family)
@@ -507,6 +503,52 @@ def translate_config(
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
+
+
+def _masked(r: _Reader, method: str) -> None:
+    """``masked_training``: each image's ``-masklabel.png`` weighs its loss (:mod:`sdcore.data.onetrainer` pairs
+    them; a missing one is a full mask). OneTrainer's per-sample loss (``masked_losses``) is
+    ``mean(loss * m) / mean(m)`` with ``m = clamp(mask, unmasked_weight, 1)``, the division only with
+    ``normalize_masked_area_loss``: ``--masked-loss --masked-loss-unmasked-weight W [--masked-loss-normalize]``
+    (:func:`sdcore.train.data.weigh_by_mask`). ``unmasked_probability`` only acts on inpainting models (its data
+    loader adds ``RandomLatentMaskRemove`` for ``has_mask_input`` model types), which sdcore does not train."""
+    v = r.out.values
+    on = r.get("masked_training")
+    if not isinstance(on, bool):
+        r.refuse("masked_training", on, "must be true or false")
+        return
+    if not on:
+        changed = [k for k in MASK_FIELDS if k in r.data and not same_value(r.data[k], DEFAULTS[k])]
+        for key in changed:
+            r.note(f"{key}: accepted, no effect without masked_training (as in OneTrainer)")
+        return
+    v["masked_loss"] = True
+    weight = r.get("unmasked_weight")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= float(weight) <= 1.0:
+        r.refuse("unmasked_weight", weight, "must be a number in [0, 1] (the loss weight outside the mask)")
+    else:
+        v["masked_loss_unmasked_weight"] = float(weight)
+    normalize = r.get("normalize_masked_area_loss")
+    if not isinstance(normalize, bool):
+        r.refuse("normalize_masked_area_loss", normalize, "must be true or false")
+    else:
+        v["masked_loss_normalize"] = normalize
+    r.note(
+        f"unmasked_probability {r.get('unmasked_probability')!r}: no effect (OneTrainer replaces the mask by a full "
+        "one at this probability for inpainting models only)"
+    )
+    prior = r.get("masked_prior_preservation_weight")
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)):
+        r.refuse("masked_prior_preservation_weight", prior, "must be a number")
+    elif prior > 0 and method == "lora":
+        r.refuse(
+            "masked_prior_preservation_weight",
+            prior,
+            "OneTrainer trains a LoRA outside the mask toward the base model's own prediction (a second, "
+            "LoRA-off forward); sdcore has no such target (set 0)",
+        )
+    elif prior != 0:
+        r.note("masked_prior_preservation_weight: accepted, no effect (OneTrainer uses it for LoRA only)")
 
 
 def _rate_scaler(r: _Reader) -> None:

@@ -181,11 +181,24 @@ class TrainOptions:
     masked_loss: bool = option(
         False,
         "Weight the loss by mask images (R channel, 0..255 -> 0..1) named like the images in "
-        "--conditioning-data-dir or the dataset TOML's conditioning_data_dir (kohya).",
+        "--conditioning-data-dir or the dataset TOML's conditioning_data_dir (kohya); with a OneTrainer "
+        "concepts file, by each image's <name>-masklabel.png (grey, missing = whole image).",
         group="loss",
     )
     conditioning_data_dir: str | None = option(
         None, "Folder of --masked-loss mask images, same base names as the images (kohya).", group="data"
+    )
+    masked_loss_unmasked_weight: float = option(
+        0.0,
+        "Loss masks are clamped to [this, 1] before they weight the loss (OneTrainer's unmasked_weight; "
+        "0 = kohya's mask as it is).",
+        group="loss",
+    )
+    masked_loss_normalize: bool = option(
+        False,
+        "Divide each sample's masked loss by its mask's mean (OneTrainer's normalize_masked_area_loss; "
+        "kohya does not).",
+        group="loss",
     )
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")

@@ -5,7 +5,8 @@
   timesteps and gives the target and its weights (min-SNR); the conditioning comes from the cache or
   the method; the family adapter calls the denoiser (SDXL size conditioning included); the loss is
   ``--loss-type``'s (MSE by default; :mod:`.loss`) to the target unless the method computes its own,
-  with loss masks and per-sample (prior-preservation) weights, then kohya's SNR weights.
+  with loss masks (kohya's, or OneTrainer's clamped and normalised ones) and per-sample
+  (prior-preservation) weights, then kohya's SNR weights.
 - :func:`optimizer_step` runs one optimizer step over an accumulation group of micro-batches:
   each micro-batch loss is divided by the group size, backward runs through the prepared model
   (DDP all-reduces on the last micro-batch only), every process agrees on whether a loss was
@@ -145,7 +146,9 @@ class Objective:
                 pred = predict(cond)
                 loss = step_loss(self.options, objective, pred.float(), target.float(), timesteps)
                 if batch.masks is not None:
-                    loss = loss * batch.masks
+                    from .data import weigh_by_mask
+
+                    loss = weigh_by_mask(loss, batch.masks, normalize=self.options.masked_loss_normalize)
                 loss = loss.mean(dim=tuple(range(1, loss.ndim)))
         loss = loss.float()
         if noised.weights is not None:

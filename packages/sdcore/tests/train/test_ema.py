@@ -199,6 +199,26 @@ def test_interrupted_and_resumed_run_ends_with_the_same_average(runs, tmp_path):
     _equal(resumed.method.trainable_state_dict(), straight.session.method.raw[4])
 
 
+@pytest.mark.parametrize("name", ["ema.safetensors", "trainable.safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_state_file_is_a_one_line_error(runs, tmp_path, name, damage):
+    """safetensors raises its own SafetensorError (an Exception, not a ValueError) on a damaged file:
+    the resume must still end in a ConfigError naming the state, never a traceback."""
+    import shutil
+
+    from sdcore.errors import ConfigError
+
+    on = runs["on"]
+    state = tmp_path / "state"
+    shutil.copytree(on.result.last_state, state)
+    target = state / name
+    target.write_bytes(target.read_bytes()[:100] if damage == "truncated" else b"garbage")
+    o = dataclasses.replace(on.options, output=str(tmp_path / "out" / "result.safetensors"), resume=str(state))
+    with _spy_sampler(), pytest.raises(ConfigError, match="unreadable") as caught:
+        _session(o).run()
+    assert str(state) in str(caught.value)
+
+
 def test_resume_must_keep_the_ema_settings(runs):
     from sdcore.train.preflight import resume_problems
 

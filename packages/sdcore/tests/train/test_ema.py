@@ -408,3 +408,16 @@ def test_two_processes_keep_the_same_average_as_one(tmp_path):
     for key in KEYS:
         torch.testing.assert_close(multi[key], single[key], rtol=0, atol=1e-6)
     assert not torch.equal(multi[KEYS[0]], raw[KEYS[0]])
+
+
+def test_an_ema_state_with_other_tensor_names_is_a_clear_error():
+    """A readable ema.safetensors that does not hold this run's ``ema.<i>`` tensors (another tool's file, a
+    hand edit) names what is missing instead of raising a KeyError."""
+    from sdcore.errors import ConfigError
+    from sdcore.train.ema import WeightEMA
+
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3))]
+    ema = WeightEMA(params, decay=0.9)
+    with pytest.raises(ConfigError, match=r"the state: no EMA tensor ema\.1") as caught:
+        ema.load_state_dict({"ema.0": torch.ones(2, 3), "shadow.1": torch.ones(3)})
+    assert torch.equal(ema.shadow[0], torch.zeros(2, 3))  # nothing was loaded

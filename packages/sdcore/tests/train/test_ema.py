@@ -418,6 +418,6 @@ def test_an_ema_state_with_other_tensor_names_is_a_clear_error():
 
     params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3))]
     ema = WeightEMA(params, decay=0.9)
-    with pytest.raises(ConfigError, match=r"the state: no EMA tensor ema\.1") as caught:
+    with pytest.raises(ConfigError, match=r"the state: no EMA tensor ema\.1"):
         ema.load_state_dict({"ema.0": torch.ones(2, 3), "shadow.1": torch.ones(3)})
     assert torch.equal(ema.shadow[0], torch.zeros(2, 3))  # nothing was loaded

@@ -146,3 +146,16 @@ def test_the_options_are_the_same_fields_in_lora_and_dreambooth():
     assert shared == {"stop_text_encoder_at", "stop_text_encoder_after_epochs"}
     for options_class in (LoraOptions, DreamBoothOptions):
         assert issubclass(options_class, TextEncoderStopOptions)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_the_text_encoder_as_one_process_does(tmp_path):
+    """DDP (find_unused_parameters): the text-encoder tensors stop getting gradients mid-run; two processes
+    still equal one process with gradient accumulation 2, before and after the stop."""
+    from sdcore.testing.distributed import check_processes_equal_accumulation, torchrun_command
+
+    if torchrun_command() is None:
+        pytest.skip("torchrun not available")
+    check_processes_equal_accumulation(
+        LoraMethod, tmp_path, {"rank": 2, "train_text_encoder": True, "stop_text_encoder_at": 2, "max_steps": 4}
+    )

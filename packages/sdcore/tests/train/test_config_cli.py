@@ -136,6 +136,23 @@ def test_underscore_spellings_of_sdcore_flags_are_those_flags(tmp_path, tiny_dat
     assert result.exit_code == 2 and "did you mean --max-steps?" in result.output
 
 
+def test_underscore_rewrite_leaves_option_values_alone(tmp_path, tiny_data):
+    """A value that looks like an underscore flag (``--training-comment --max_steps``) is the option's value,
+    as click reads it, not a flag to rewrite."""
+    out = tmp_path / "eff.toml"
+    args = ["--model", "tiny:sd1", "--data", str(tiny_data), "--output", str(tmp_path / "my_file.safetensors"),
+            "--resolution", "64", "--min_bucket_reso=64", "--max_steps", "3", "--training_comment", "--caption_variants",
+            "--dry-run", "--save_config", str(out)]  # fmt: skip
+    result = CliRunner().invoke(_command(), args)
+    assert result.exit_code == 0, result.output
+    o = load_options(ConvOutOptions, out)
+    assert o.training_comment == "--caption_variants" and o.max_steps == 3
+    assert o.output == str(tmp_path / "my_file.safetensors")
+    result = CliRunner().invoke(_command(), [*args[:-5], "--training-comment", "--max_steps", *args[-3:]])
+    assert result.exit_code == 0, result.output
+    assert load_options(ConvOutOptions, out).training_comment == "--max_steps"
+
+
 def test_command_reports_config_errors_in_one_line(tmp_path):
     result = CliRunner().invoke(_command(), ["--model", "tiny:sd1"])
     assert result.exit_code == 2  # the pre-flight's exit code: every problem, one line each

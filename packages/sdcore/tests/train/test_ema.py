@@ -199,6 +199,26 @@ def test_interrupted_and_resumed_run_ends_with_the_same_average(runs, tmp_path):
     _equal(resumed.method.trainable_state_dict(), straight.session.method.raw[4])
 
 
+@pytest.mark.parametrize("name", ["ema.safetensors", "trainable.safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_state_file_is_a_one_line_error(runs, tmp_path, name, damage):
+    """safetensors raises its own SafetensorError (an Exception, not a ValueError) on a damaged file:
+    the resume must still end in a ConfigError naming the state, never a traceback."""
+    import shutil
+
+    from sdcore.errors import ConfigError
+
+    on = runs["on"]
+    state = tmp_path / "state"
+    shutil.copytree(on.result.last_state, state)
+    target = state / name
+    target.write_bytes(target.read_bytes()[:100] if damage == "truncated" else b"garbage")
+    o = dataclasses.replace(on.options, output=str(tmp_path / "out" / "result.safetensors"), resume=str(state))
+    with _spy_sampler(), pytest.raises(ConfigError, match="unreadable") as caught:
+        _session(o).run()
+    assert str(state) in str(caught.value)
+
+
 def test_resume_must_keep_the_ema_settings(runs):
     from sdcore.train.preflight import resume_problems
 
@@ -388,3 +408,16 @@ def test_two_processes_keep_the_same_average_as_one(tmp_path):
     for key in KEYS:
         torch.testing.assert_close(multi[key], single[key], rtol=0, atol=1e-6)
     assert not torch.equal(multi[KEYS[0]], raw[KEYS[0]])
+
+
+def test_an_ema_state_with_other_tensor_names_is_a_clear_error():
+    """A readable ema.safetensors that does not hold this run's ``ema.<i>`` tensors (another tool's file, a
+    hand edit) names what is missing instead of raising a KeyError."""
+    from sdcore.errors import ConfigError
+    from sdcore.train.ema import WeightEMA
+
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3))]
+    ema = WeightEMA(params, decay=0.9)
+    with pytest.raises(ConfigError, match=r"the state: no EMA tensor ema\.1"):
+        ema.load_state_dict({"ema.0": torch.ones(2, 3), "shadow.1": torch.ones(3)})
+    assert torch.equal(ema.shadow[0], torch.zeros(2, 3))  # nothing was loaded

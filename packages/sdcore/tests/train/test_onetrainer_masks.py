@@ -283,3 +283,25 @@ def test_mask_augmentations_refused_with_masks_and_noted_without(tmp_path):
     with pytest.raises(DatasetProblems) as info:
         load_concepts(cfg, TrainOptions(masked_loss=True))
     assert "enable_random_circular_mask_shrink: sdcore has no mask augmentation" in str(info.value)
+
+
+def test_normalising_divides_by_the_dataset_masks_area_not_the_methods_map(tmp_path):
+    """--masked-loss-normalize is OneTrainer's mean(loss * m) / mean(m) with m the (clamped) dataset mask; a
+    method's own loss map (here 2x everywhere) still multiplies the loss, with or without a dataset mask,
+    so the same prediction gives exactly twice the plain method's loss."""
+    from sdcore.train.loop import TrainSession
+
+    cfg, _, _ = _masked_concepts(tmp_path)
+    values = {"data": str(cfg), "batch_size": 1, "max_bucket_reso": 64, "flip": False, "masked_loss": True,
+              "masked_loss_unmasked_weight": 0.2, "masked_loss_normalize": True}  # fmt: skip
+    losses = []
+    for method_class in (ConvOutMethod, _TwiceMethod):
+        o = contract_options(method_class, tmp_path, values, tag=method_class.__name__)
+        s = TrainSession(method_class(o), bundle=create_tiny_bundle("sd1"))
+        s.setup()
+        batch = s.make_batch([_ref(s, "a.png"), _ref(s, "c.png")])  # c.png has no mask: the method's map alone
+        noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            losses.append(s.sample_loss(batch, noise, torch.tensor([300, 700]), 0))
+    plain, twice = losses
+    torch.testing.assert_close(twice, 2 * plain, rtol=1e-5, atol=0)

@@ -107,6 +107,42 @@ def test_rescue_goes_beside_the_state_when_only_the_result_fails(tmp_path, monke
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
+def test_rescued_result_of_a_schedule_free_run_holds_its_evaluation_weights(tmp_path, monkeypatch):
+    """A schedule-free optimizer trains at y and its result is x (eval mode, as every save writes): the
+    rescued result must be x too, not the training-mode weights the run stopped with."""
+    import os
+
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.train.loop import TrainSession
+
+    pytest.importorskip("schedulefree")
+    o = contract_options(ConvOutMethod, tmp_path, {"optimizer": "AdamWScheduleFree", "lr": 0.05, "max_steps": 3})
+    result_path = Path(o.output)
+    real_replace = os.replace
+
+    def replace(src, dst, **kwargs):
+        if Path(dst) == result_path:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    method = ConvOutMethod(o)
+    session = TrainSession(method, bundle=create_tiny_bundle("sd1"))
+    with pytest.raises(SaveFailedError) as info:
+        session.run()
+    (rescued,) = (result_path.parent / "result-state").glob("sdcore-rescue-result-*/result.safetensors")
+    assert str(rescued) in str(info.value)
+    saved = load_file(str(rescued))
+    training = method.trainable_state_dict()
+    with session.evaluating():
+        evaluation = method.trainable_state_dict()
+    assert any(float((training[k] - evaluation[k]).abs().max()) > 1e-4 for k in evaluation)
+    # equal up to the float rounding of schedule-free's train -> eval -> train -> eval round trips (~1e-9);
+    # the training-mode weights differ by ~1e-2
+    for k in evaluation:
+        torch.testing.assert_close(saved[k], evaluation[k], rtol=0, atol=1e-7)
+
+
 def test_failure_at_an_intermediate_save_stops_and_rescues(tmp_path, failing_folder, monkeypatch):
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.loop import TrainSession

@@ -182,7 +182,7 @@ class BatchMaker:
 
     def sample_mask(self, index: int, view: SampleView, size: tuple[int, int]) -> Any:
         """The method's mask times the dataset's for one sample view, ``[1, h, w]`` or None."""
-        from .data import clamp_unmasked, has_dataset_mask, load_mask, mask_filter, mask_to_latent
+        from .data import clamp_unmasked, has_dataset_mask, load_mask, mask_filter, mask_to_latent, normalize_mask_area
 
         entry = self.data.entries[index]
         assignment = view.apply(self.data.assignments[index])  # a random crop: the maps are cropped there too
@@ -193,6 +193,8 @@ class BatchMaker:
                 own = clamp_unmasked(
                     mask_to_latent(pixel_mask, size, mask_filter(entry)), self.options.masked_loss_unmasked_weight
                 )
+                if self.options.masked_loss_normalize:  # by the dataset mask's area, not the method's map
+                    own = normalize_mask_area(own)
                 mask = own if mask is None else mask.reshape(1, *size).float() * own
         return mask
 

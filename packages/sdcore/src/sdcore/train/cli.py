@@ -140,17 +140,33 @@ class GroupedCommand(click.Command):
     def _underscores_to_hyphens(self, ctx: click.Context, args: list[str]) -> list[str]:
         """``--max_steps 5`` / ``--no_cache_latents`` (kohya users' habit) -> ``--max-steps 5`` /
         ``--no-cache-latents`` when only the hyphenated flag exists; kohya's own names, which are
-        options of their own (``--network_dim``), are left to those."""
-        known = {opt for param in self.get_params(ctx) for opt in (*param.opts, *param.secondary_opts)}
+        options of their own (``--network_dim``), are left to those. The values of options that take
+        one are passed on as they are, as click reads them (``--training-comment --max_steps``)."""
+        params = self.get_params(ctx)
+        known = {opt for param in params for opt in (*param.opts, *param.secondary_opts)}
+        takes = {  # options that consume the next token(s) as their value: how many
+            opt: max(1, param.nargs)
+            for param in params
+            if isinstance(param, click.Option) and not param.is_flag and not param.count
+            for opt in param.opts
+        }
         out: list[str] = []
+        values = 0  # tokens still to pass on as the previous option's value
         for index, token in enumerate(args):
+            if values:
+                values -= 1
+                out.append(token)
+                continue
             if token == "--":
                 return out + args[index:]
             flag, equals, value = token.partition("=")
             if flag.startswith("--") and "_" in flag and flag not in known:
                 dashed = "--" + flag[2:].replace("_", "-")
                 if dashed in known:
+                    flag = dashed
                     token = dashed + equals + value
+            if not equals:
+                values = takes.get(flag, 0)
             out.append(token)
         return out
 

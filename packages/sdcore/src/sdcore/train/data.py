@@ -384,21 +384,26 @@ def clamp_unmasked(mask: Any, unmasked_weight: float) -> Any:
     return torch.clamp(mask, unmasked_weight, 1.0)
 
 
+def normalize_mask_area(masks: Any) -> Any:
+    """Masks ``[..., 1, h, w]`` divided by their mean over each mask's pixels (OneTrainer's
+    ``normalize_masked_area_loss``: ``mean(loss * m) / mean(m)``). An all-zero mask stays zero (its loss is
+    0, where OneTrainer would divide 0 by 0: NaN)."""
+    import torch
+
+    mean = masks.mean(dim=tuple(range(masks.ndim - 3, masks.ndim)), keepdim=True)
+    return masks / torch.where(mean > 0, mean, torch.ones_like(mean))
+
+
 def weigh_by_mask(loss: Any, masks: Any, *, normalize: bool = False) -> Any:
     """The element-wise loss ``[B, C, h, w]`` weighted by loss masks ``[B, 1, h, w]``: one rule for kohya and
     OneTrainer. ``loss * m`` (kohya's ``apply_masked_loss``; ``m`` clamped by :func:`clamp_unmasked` for
-    OneTrainer), divided by ``mean(m)`` over each sample's pixels when ``normalize`` (OneTrainer's
-    ``normalize_masked_area_loss``). The caller takes the mean over ``C, h, w``: OneTrainer's per-sample loss
-    is ``mean(loss * m) / mean(m)`` with ``m = clamp(mask, unmasked_weight, 1)``."""
-    import torch
-
+    OneTrainer), with ``m`` divided by its mean over each sample's pixels when ``normalize``
+    (:func:`normalize_mask_area`). The caller takes the mean over ``C, h, w``: OneTrainer's per-sample loss
+    is ``mean(loss * m) / mean(m)`` with ``m = clamp(mask, unmasked_weight, 1)``. The runtime normalises the
+    dataset's mask alone, before a method's own loss map multiplies it (``BatchMaker.sample_mask``), so
+    the map keeps its scale."""
     masks = masks.to(loss.dtype)
-    weighted = loss * masks
-    if normalize:
-        mean = masks.mean(dim=tuple(range(1, masks.ndim)), keepdim=True)
-        # an all-zero mask (weight 0) has a zero loss: kept 0 where OneTrainer would divide 0 by 0 (NaN)
-        weighted = weighted / torch.where(mean > 0, mean, torch.ones_like(mean))
-    return weighted
+    return loss * (normalize_mask_area(masks) if normalize else masks)
 
 
 def build_train_data(

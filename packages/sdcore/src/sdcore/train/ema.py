@@ -201,10 +201,16 @@ class WeightEMA:
         problems = []
         if len(state) != len(self.shadow):
             problems.append(f"{len(state)} EMA tensors, this run trains {len(self.shadow)}")
+        missing = []
         for i, shadow in enumerate(self.shadow):
             saved = state.get(f"ema.{i}")
-            if saved is not None and tuple(saved.shape) != tuple(shadow.shape):
+            if saved is None:
+                missing.append(f"ema.{i}")
+            elif tuple(saved.shape) != tuple(shadow.shape):
                 problems.append(f"EMA tensor {i} has shape {tuple(saved.shape)}, the weight {tuple(shadow.shape)}")
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            problems.append(f"no EMA tensor {', '.join(missing[:5])}{more}")
         if problems:
             raise ConfigError(f"{where}: " + "; ".join(problems))
         import torch

@@ -105,7 +105,8 @@ def rescue(session: Any, failure: SaveTargetError) -> SaveFailedError:
                 info = checkpoints.save_info(
                     session.bundle, folder / output.name, session.position, session.run_facts(), final=True
                 )
-                with getattr(session, "ema_applied", contextlib.nullcontext)():  # --ema: the average, as a save
+                # the weights every save writes: a schedule-free optimizer's evaluation weights, the --ema average
+                with getattr(session, "result_weights", contextlib.nullcontext)():
                     result = Path(session.method.save(session.bundle, info))
                 state = _rescue_state(session, folder)
         except SaveTargetError as exc:

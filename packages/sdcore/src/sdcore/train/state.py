@@ -160,6 +160,7 @@ def read_position(folder: Path) -> tuple[TrainPosition, dict[str, Any]]:
 
 def load_state(folder: Path, *, optimizer: Any, scheduler: Any, scaler: Any = None) -> dict[str, Any]:
     """Restore optimizer, schedule, scaler and RNG states; return the trainable tensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ..models.safe_pickle import load_pickle
@@ -167,7 +168,7 @@ def load_state(folder: Path, *, optimizer: Any, scheduler: Any, scaler: Any = No
     try:
         trainable = load_file(str(folder / "trainable.safetensors"))
         rng_tensors = load_file(str(folder / "rng.safetensors"))
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises SafetensorError (ValueError-like)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # SafetensorError: a plain Exception
         raise ConfigError(f"{folder}: unreadable training state ({exc})") from exc
     # pickles only through the weights-only loader: a planted file raises UnsafeFileError, runs nothing
     optimizer.load_state_dict(load_pickle(folder / "optimizer.pt", mmap=False))
@@ -180,6 +181,7 @@ def load_state(folder: Path, *, optimizer: Any, scheduler: Any, scaler: Any = No
 
 def load_ema(folder: Path) -> dict[str, Any]:
     """The ``--ema`` shadow tensors of a state folder."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = folder / "ema.safetensors"
@@ -187,7 +189,7 @@ def load_ema(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"{folder}: the state holds no EMA (it was saved without --ema)")
     try:
         return load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"{path}: unreadable EMA state ({exc})") from exc
 
 

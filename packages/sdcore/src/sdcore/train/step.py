@@ -148,7 +148,7 @@ class Objective:
                 if batch.masks is not None:
                     from .data import weigh_by_mask
 
-                    loss = weigh_by_mask(loss, batch.masks, normalize=self.options.masked_loss_normalize)
+                    loss = weigh_by_mask(loss, batch.masks)  # --masked-loss-normalize: in the masks already
                 loss = loss.mean(dim=tuple(range(1, loss.ndim)))
         loss = loss.float()
         if noised.weights is not None:

@@ -32,3 +32,14 @@ def test_kohya_db_command_line_names():
 def test_sdcore_names_keep_sdcore_defaults():
     o = load_options(DreamBoothOptions, None, {"model": "tiny:sd1", "lr": 1e-6})
     assert not o.train_text_encoder and o.buckets
+
+
+def test_kohya_stop_text_encoder_training_at_or_below_zero_trains_no_text_encoder():
+    # train_db.py: train_text_encoder = stop is None or stop >= 0; at 0 `global_step < stop` never holds, so the
+    # text encoder gets no gradient either: both train the U-Net only
+    for value in ("-1", "0", -1):
+        notes: list[str] = []
+        kohya = {"pretrained_model_name_or_path": "tiny:sd1", "stop_text_encoder_training": value}
+        o = load_options(DreamBoothOptions, None, kohya=kohya, notes=notes)
+        assert (o.train_text_encoder, o.stop_text_encoder_at) == (False, None), value
+        assert any("the text encoder does not train" in n for n in notes)

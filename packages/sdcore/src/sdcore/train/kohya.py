@@ -969,9 +969,25 @@ def translate(items: dict[str, Any], fields: Iterable[str], *, where: str) -> Tr
     return out
 
 
+def _int_at_most_zero(value: Any) -> bool:
+    try:
+        return value is not None and not isinstance(value, bool) and int(value) <= 0
+    except (TypeError, ValueError):
+        return False
+
+
 def _composites(
     items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
 ) -> None:
+    # train_db.py: a negative stop_text_encoder_training trains no text encoder, 0 gives it no gradient at any step
+    stop = out.values.get("stop_text_encoder_at")
+    if out.origin.get("stop_text_encoder_at") == "stop_text_encoder_training" and _int_at_most_zero(stop):
+        out.values.pop("stop_text_encoder_at")
+        out.origin.pop("stop_text_encoder_at")
+        put("train_text_encoder", False, "stop_text_encoder_training")
+        out.notes.append(
+            f"stop_text_encoder_training = {stop}: the text encoder does not train (as in kohya's train_db.py)"
+        )
     # length: kohya's max_train_epochs overrides max_train_steps
     if items.get("max_train_epochs") and items.get("max_train_steps") and "max_steps" in out.values:
         out.values.pop("max_steps")

@@ -421,3 +421,25 @@ def test_an_ema_state_with_other_tensor_names_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"the state: no EMA tensor ema\.1"):
         ema.load_state_dict({"ema.0": torch.ones(2, 3), "shadow.1": torch.ones(3)})
     assert torch.equal(ema.shadow[0], torch.zeros(2, 3))  # nothing was loaded
+
+
+def test_applying_swaps_fp32_weights_without_a_copy_and_copies_the_rest():
+    """An fp32 weight trades storage with its shadow for the block (no second copy of a full fine-tune's model),
+    a bf16 one is copied in and back; both come back bit for bit and the shadow is untouched."""
+    from sdcore.train.ema import WeightEMA
+
+    fp32 = torch.nn.Parameter(torch.randn(4, 3))
+    half = torch.nn.Parameter(torch.randn(5).to(torch.bfloat16))
+    ema = WeightEMA([fp32, half], decay=0.5, warmup="none")
+    with torch.no_grad():
+        fp32.add_(1.0)
+        half.add_(1.0)
+    ema.update(1)
+    raw = [fp32.detach().clone(), half.detach().clone()]
+    shadow = [t.clone() for t in ema.shadow]
+    storage = fp32.data_ptr()
+    with ema.applied():
+        assert fp32.data_ptr() != storage and torch.equal(fp32, shadow[0])  # the shadow's own storage
+        assert torch.equal(half, shadow[1].to(torch.bfloat16))
+    assert fp32.data_ptr() == storage and torch.equal(fp32, raw[0]) and torch.equal(half, raw[1])
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, shadow, strict=True))

@@ -180,18 +180,32 @@ class WeightEMA:
         if self._applied:
             yield
             return
+        # an fp32 weight beside its shadow swaps storage with it (no copy, no memory: a full fine-tune's average
+        # would otherwise need a second copy of the model while saving); the others are copied in and back
+        swapped = [self._swappable(i) for i in range(len(self.params))]
+        backup: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            backup = [p.detach().to("cpu" if self.on_cpu else p.device, copy=True) for p in self.params]
-            for shadow, param in zip(self.shadow, self.params, strict=True):
-                param.copy_(shadow)
+            for i, (shadow, param) in enumerate(zip(self.shadow, self.params, strict=True)):
+                if swapped[i]:
+                    param.data, self.shadow[i] = shadow, param.data
+                else:
+                    backup[i] = param.detach().to("cpu" if self.on_cpu else param.device, copy=True)
+                    param.copy_(shadow)
         self._applied = True
         try:
             yield
         finally:
             self._applied = False
             with torch.no_grad():
-                for saved, param in zip(backup, self.params, strict=True):
-                    param.copy_(saved)
+                for i, param in enumerate(self.params):
+                    if swapped[i]:
+                        param.data, self.shadow[i] = self.shadow[i], param.data
+                    else:
+                        param.copy_(backup[i])
+
+    def _swappable(self, index: int) -> bool:
+        shadow, param = self.shadow[index], self.params[index]
+        return shadow.dtype == param.dtype and shadow.device == param.device and shadow.shape == param.shape
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow tensors by position in the trained-parameter list (stable for a method and its shape options)."""

@@ -275,7 +275,7 @@ def test_datasets_split_by_resolution_with_captions_and_trigger(tmp_path, monkey
     (folder / "001.txt").write_text("", encoding="utf-8")
     datasets = [
         {"folder_path": "d/1_sks", "caption_ext": "txt", "resolution": [64, 128], "num_repeats": 3,
-         "shuffle_tokens": True, "caption_dropout_rate": 0.1, "token_dropout_rate": 0.2, "keep_tokens": 1,
+         "shuffle_tokens": False, "caption_dropout_rate": 0.1, "token_dropout_rate": 0.2, "keep_tokens": 1,
          "flip_x": True, "default_caption": "a pattern", "bucket_tolerance": 32},
         {"folder_path": "d/1_sks", "is_reg": True, "trigger_word": "qqq", "resolution": 64},
     ]  # fmt: skip
@@ -286,13 +286,40 @@ def test_datasets_split_by_resolution_with_captions_and_trigger(tmp_path, monkey
     assert [s.resolution for s in main] == [64, 128]
     s = main[0]
     assert (s.caption_extension, s.repeats, s.shuffle_caption, s.caption_dropout, s.tag_dropout) == (
-        ".txt", 3, True, 0.1, 0.2)  # fmt: skip
+        ".txt", 3, False, 0.1, 0.2)  # fmt: skip
     assert (s.keep_tokens, s.flip, s.bucket_step, s.trigger_word) == (1, True, 32, "zyx")
     captions = {(e.path.name, e.is_class, e.subset.resolution): e.caption for e in index.entries}
     assert captions[("000.png", False, 64)] == "zyx in red"
     assert captions[("001.png", False, 128)] == "zyx a pattern"  # empty file: default_caption, then the trigger
     assert captions[("000.png", True, 64)] == "qqq in red"  # a regularisation caption is not given the trigger
     assert captions[("001.png", True, 64)] == ""  # empty, no default_caption there, and no trigger added
+
+
+def test_keep_tokens_only_spares_tokens_from_token_dropout(tmp_path, monkeypatch):
+    """dataloader_mixins.py get_caption: keep_tokens guards the first tokens in the token-dropout loop only;
+    shuffle_tokens then shuffles all of them, and inject_trigger_into_prompt puts the trigger in front after
+    the drop (was: keep_tokens held in place, through the shuffle too)."""
+    from sdcore.data.dataset import DatasetProblems
+    from sdcore.train.aitoolkit import load_datasets
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+
+    def subset(**fields):
+        return load_datasets(_job(tmp_path, {**BASE, "datasets": [{"folder_path": "d", **fields}]}), None)[0]
+
+    # no token dropout: ai-toolkit's keep_tokens changes nothing, and sdcore's would pin the shuffle
+    s = subset(shuffle_tokens=True, keep_tokens=2)
+    assert (s.shuffle_caption, s.keep_tokens) == (True, 0)
+    # without shuffling, spared from the drop = held in place
+    s = subset(token_dropout_rate=0.3, keep_tokens=2)
+    assert (s.tag_dropout, s.keep_tokens) == (0.3, 2)
+    with pytest.raises(DatasetProblems, match="keep_tokens 2 with shuffle_tokens and token_dropout_rate"):
+        subset(shuffle_tokens=True, token_dropout_rate=0.3, keep_tokens=2)
+    with pytest.raises(DatasetProblems, match="token_dropout_rate with a trigger word and keep_tokens 0"):
+        subset(token_dropout_rate=0.3, trigger_word="zyx")
+    assert subset(token_dropout_rate=0.3, trigger_word="zyx", keep_tokens=1).keep_tokens == 1
+    assert subset(token_dropout_rate=0.3, trigger_word="zyx", is_reg=True).keep_tokens == 0  # no trigger added
 
 
 def test_sample_section_becomes_prompts(tmp_path):

@@ -77,8 +77,22 @@ def test_every_gui_preset_loads_or_is_refused_by_name(name):
     # common_gui.resolve_lr_warmup_steps: steps above 0 win, else percent / 100 (a ratio of the steps)
     steps, percent = _number(data.get("lr_warmup_steps")), _number(data.get("lr_warmup"))
     assert o.lr_warmup_steps == (int(steps) if steps > 0 else percent / 100)
+    # the length as the GUI loads and launches it: common_gui.update_my_data int()s the fields ("" -> 0, cycles
+    # "" -> 1); a missing field keeps its widget's default (class_basic_training.py:115 max_train_steps 1600);
+    # lora_gui.py:1720 derives the steps from epoch only when max_train_steps is 0; max_train_epochs wins
+    # (sd-scripts train_network.py:799)
+    epochs_given = int(_number(data.get("max_train_epochs")))
+    steps_given = 1600 if data.get("max_train_steps") is None else int(_number(data["max_train_steps"]))
+    if epochs_given:
+        assert (o.epochs, o.max_steps) == (epochs_given, None)
+    elif steps_given:
+        assert (o.epochs, o.max_steps) == (None, steps_given)
+    else:
+        assert (o.epochs, o.max_steps) == (int(_number(data.get("epoch", 1))), None)
     if not lora:
         return
+    cycles = data.get("lr_scheduler_num_cycles")
+    assert o.lr_cycles == (1 if cycles in (None, "") else int(cycles))  # never the epoch count (update_my_data)
     assert (o.rank, o.alpha) == (int(data["network_dim"]), float(data["network_alpha"]))
     lora_type = data["LoRA_type"]
     assert f"read as a kohya_ss GUI preset (LoRA_type {lora_type})" in notes
@@ -282,11 +296,56 @@ def test_lr_warmup_percent_becomes_a_ratio_unless_steps_are_given(percent, steps
     assert items.get("lr_warmup_steps") == want and "lr_warmup" not in items
 
 
-def test_empty_lr_cycles_take_the_guis_epoch_count():
-    items, _, _ = gui_preset(_gui(lr_scheduler_num_cycles="", epoch=3), "x")
+def test_empty_lr_cycles_load_as_one_not_the_epoch_count(tmp_path):
+    # common_gui.py:411 update_my_data: int(lr_scheduler_num_cycles), 1 when that fails; the launch's
+    # "" -> int(epoch) (lora_gui.py:2232) sees a loaded config's 1 (was: the epoch count)
+    data = _gui(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles="", epoch=30, max_train_steps="")
+    o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    assert (o.lr_cycles, o.epochs) == (1, 30)
+    items, _, _ = gui_preset({**data, "lr_scheduler_num_cycles": "3"}, "x")
     assert items["lr_scheduler_num_cycles"] == 3
-    items, _, _ = gui_preset(_gui(lr_scheduler_num_cycles=2, epoch=3), "x")
-    assert items["lr_scheduler_num_cycles"] == 2
+    # the fine-tuning tab hides the field and does not pass it (finetune_gui.py has no lr_scheduler_num_cycles)
+    items, _, _ = gui_preset(_db(train_dir="/d", lr_scheduler_num_cycles=4), "x")
+    assert "lr_scheduler_num_cycles" not in items
+
+
+def test_length_follows_the_guis_max_train_steps(tmp_path):
+    def length(**fields: Any) -> tuple[Any, Any]:
+        o = load_options(LoraOptions, _write(tmp_path, _gui(**{"epoch": 20, **fields})), notes=[])
+        return o.epochs, o.max_steps
+
+    # a config without max_train_steps keeps the widget's 1600 (class_basic_training.py:115,
+    # lora_gui.py:804); epoch is unused (the GUI passes no epoch option) (was: 20 epochs)
+    assert length() == (None, 1600)
+    # "" loads as 0 (common_gui.py:420), and 0 makes the GUI derive the steps from epoch (lora_gui.py:1720)
+    assert length(max_train_steps="") == (20, None)
+    assert length(max_train_steps=0) == (20, None)
+    assert length(max_train_steps="300") == (None, 300)
+    assert length(max_train_steps="", max_train_epochs="7") == (7, None)
+    # with a dataset_config the GUI skips that step count and sd-scripts trains its default 1600
+    # (lora_gui.py:1617-1656; train_util.py --max_train_steps default=1600) (was: 20 epochs)
+    assert length(max_train_steps=0, dataset_config="/d.toml") == (None, 1600)
+    # epoch "" loads as 0 (common_gui.py:393): 0 derived steps, so sd-scripts' default 1600
+    assert length(max_train_steps=0, epoch="") == (None, 1600)
+    notes: list[str] = []
+    load_options(LoraOptions, _write(tmp_path, _gui(epoch=20)), notes=notes)
+    assert any("the GUI's default 1600 steps" in n for n in notes), notes
+
+
+def test_finetune_flip_aug_halves_the_steps(tmp_path):
+    # finetune_gui.py:1023: with flip_aug (no dataset_config) max_train_steps becomes ceil(steps / 2)
+    def length(**fields: Any) -> tuple[Any, Any]:
+        data = _db(train_dir="/d", image_folder="/i", flip_aug=True, **fields)
+        o = load_options(DreamBoothOptions, _write(tmp_path, data), notes=[])
+        return o.epochs, o.max_steps
+
+    assert length(max_train_steps=301) == (None, 151)
+    assert length() == (None, 800)  # the widget's 1600, halved
+    assert length(max_train_steps=301, dataset_config="/d.toml") == (None, 301)
+    assert length(max_train_steps="", epoch=4) == (2, None)  # half of 4 epochs' steps
+    assert length(max_train_steps="", epoch=3, max_train_epochs=5) == (5, None)
+    with pytest.raises(ConfigError, match="flip_aug with epoch 3: the fine-tuning tab trains half"):
+        length(max_train_steps="", epoch=3)
 
 
 def test_additional_parameters_are_read_as_kohya_options(tmp_path):

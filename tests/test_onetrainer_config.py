@@ -312,6 +312,22 @@ def test_samples_saves_and_sample_prompts(tmp_path):
     assert o.sample_prompts is None and any("not on a clock" in n for n in notes)
 
 
+def test_step_intervals_count_batches_not_optimizer_steps(tmp_path):
+    # TimedActionMixin.py:34-40 tests train_progress.global_step, which GenericTrainer.py:835 advances once per
+    # batch (next_step); an optimizer step is every gradient_accumulation_steps batches (GenericTrainer.py:555),
+    # and the save/sample waits for it: every 40 batches with 4 per step = every 10 optimizer steps (was: 40)
+    samples = [{"prompt": "a cat"}]
+    config = {**SD15_LORA, "samples": samples, "sample_after": 40, "sample_after_unit": "STEP",
+              "save_every": 80, "save_every_unit": "STEP", "gradient_accumulation_steps": 4}  # fmt: skip
+    o = _load(tmp_path, config)
+    assert (o.gradient_accumulation, o.sample_every, o.save_every) == (4, 10, 20)
+    o = _load(tmp_path, {**config, "gradient_accumulation_steps": 1})
+    assert (o.sample_every, o.save_every) == (40, 80)
+    text = _problems(tmp_path, {**config, "save_every": 30, "sample_after": 10})
+    assert "save_every 30: OneTrainer counts it in batches, 4 per optimizer step" in text
+    assert "sample_after 10: OneTrainer counts it in batches" in text
+
+
 def test_flux_samples_use_guidance(tmp_path):
     from sdcore.train.onetrainer_config import read_sample_prompts
 

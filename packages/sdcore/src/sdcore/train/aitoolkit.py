@@ -1086,6 +1086,29 @@ def _job_process(path: str | os.PathLike[str], error: type[Exception]) -> tuple[
     return process, str(path)
 
 
+def _keep_tokens(d: dict[str, Any], trigger: bool, where: str, out: JobTranslation) -> int:
+    """sdcore's keep_tokens for a dataset. ai-toolkit's ``keep_tokens`` only spares the first tokens from
+    ``token_dropout_rate`` (dataloader_mixins.py get_caption: the drop loop), while ``shuffle_tokens`` shuffles
+    every token; sdcore's (kohya's) keep_tokens also holds them in place. And ai-toolkit puts the trigger in
+    front after the drop, so it is never dropped; sdcore's trigger is joined to the first tag, which drops
+    with it unless kept."""
+    keep = int(d.get("keep_tokens", 0))
+    shuffle = bool(d.get("shuffle_tokens", False))
+    dropout = float(d.get("token_dropout_rate", 0.0)) > 0
+    if dropout and shuffle and keep > 0:
+        out.problems.append(
+            f"{where}.keep_tokens {keep} with shuffle_tokens and token_dropout_rate: ai-toolkit spares those tokens "
+            "from the drop but shuffles them; sdcore's keep_tokens holds them in place"
+        )
+    if dropout and trigger and keep == 0 and not d.get("is_reg"):
+        out.problems.append(
+            f"{where}.token_dropout_rate with a trigger word and keep_tokens 0: ai-toolkit adds the trigger after "
+            "the drop (never dropped); sdcore's trigger joins the first tag, which may be dropped (keep_tokens: 1 "
+            "keeps both, in ai-toolkit too)"
+        )
+    return keep if dropout else 0  # without token dropout ai-toolkit's keep_tokens changes nothing
+
+
 def load_datasets(
     path: str | os.PathLike[str], options: TrainOptions | None, skipped: list[SkippedFile] | None = None
 ) -> list[SubsetOptions]:
@@ -1116,6 +1139,7 @@ def load_datasets(
         ext = str(d.get("caption_ext", ".txt"))
         ext = ext if ext.startswith(".") else f".{ext}"
         trigger = d.get("trigger_word", process.get("trigger_word"))
+        keep_tokens = _keep_tokens(d, bool(trigger), w, out)
         resolutions = d.get("resolution", 512)
         resolutions = resolutions if isinstance(resolutions, list) else [resolutions]
         step = int(d.get("bucket_tolerance", 64))
@@ -1130,7 +1154,7 @@ def load_datasets(
                     repeats=int(d.get("num_repeats", 1)),
                     is_class=bool(d.get("is_reg", False)),
                     caption_extension=ext,
-                    keep_tokens=int(d.get("keep_tokens", 0)),
+                    keep_tokens=keep_tokens,
                     shuffle_caption=bool(d.get("shuffle_tokens", False)),
                     caption_dropout=float(d.get("caption_dropout_rate", 0.0)),
                     tag_dropout=float(d.get("token_dropout_rate", 0.0)),

@@ -434,6 +434,63 @@ def _warmup(items: dict[str, Any]) -> None:
         items.pop("lr_warmup_steps", None)
 
 
+#: class_basic_training.py: the "Max train steps" and "Epoch" widgets' defaults, which a config that does not
+#: name the field keeps when the GUI loads it (a GUI config.toml's basic.max_train_steps changes the first)
+_GUI_MAX_TRAIN_STEPS, _GUI_EPOCH = 1600, 1
+
+
+def _gui_int(value: Any, fallback: int) -> int:
+    """common_gui.update_my_data, run on every config the GUI loads: ``int(value)``, ``fallback`` when that
+    fails ("" included)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return fallback
+
+
+def _length(items: dict[str, Any], tab: str, where: str, notes: list[str], problems: list[str]) -> None:
+    """The run's length as the GUI passes it (lora_gui.py, dreambooth_gui.py, textual_inversion_gui.py,
+    finetune_gui.py train_model). A config without max_train_steps keeps the widget's 1600; "" loads as 0, and
+    only then, without a dataset_config, does the GUI derive max_train_steps from ``epoch`` (images x repeats
+    / batch / accumulation x epoch, doubled with reg images), which sdcore reads as that many epochs. The
+    GUI never passes ``epoch`` itself: with a given max_train_steps it is unused, with a dataset_config and no
+    steps sd-scripts trains its default 1600. The fine-tuning tab halves the steps with flip_aug (no
+    dataset_config). lr_scheduler_num_cycles "" loads as 1 (the epoch count only for a field emptied in the
+    running GUI); the fine-tuning tab does not pass it."""
+    raw = items.get("max_train_steps")
+    steps = _GUI_MAX_TRAIN_STEPS if raw is None else _gui_int(raw, 0)
+    raw_epoch = items.pop("epoch", None)
+    epoch = _GUI_EPOCH if raw_epoch is None else _gui_int(raw_epoch, 0)
+    dataset_config = _on(items.get("dataset_config"))
+    from_epochs = steps == 0 and not dataset_config and epoch > 0
+    if from_epochs:
+        items["epoch"] = epoch  # --epochs, unless max_train_epochs is set (translated with the kohya names)
+        items.pop("max_train_steps", None)
+    else:
+        items["max_train_steps"] = steps if steps != 0 else _GUI_MAX_TRAIN_STEPS
+        if raw is None and not _number(items.get("max_train_epochs")):
+            notes.append(
+                f"max_train_steps is not in the file: the GUI's default {_GUI_MAX_TRAIN_STEPS} steps "
+                f"(epoch {epoch} sets the length only with max_train_steps 0)"
+            )
+    if tab == "finetune" and _on(items.get("flip_aug")) and not dataset_config:
+        if not from_epochs:
+            items["max_train_steps"] = -(-items["max_train_steps"] // 2)
+            notes.append(f"flip_aug: the fine-tuning tab halves max_train_steps (to {items['max_train_steps']})")
+        elif epoch % 2 == 0:
+            items["epoch"] = epoch // 2
+            notes.append(f"flip_aug: the fine-tuning tab halves the steps of epoch {epoch}: {epoch // 2} epochs")
+        elif not _number(items.get("max_train_epochs")):
+            problems.append(
+                f"{where}: flip_aug with epoch {epoch}: the fine-tuning tab trains half of {epoch} epochs' steps, "
+                "which sdcore cannot count ahead; set max_train_steps or max_train_epochs"
+            )
+    if tab == "finetune":
+        items.pop("lr_scheduler_num_cycles", None)
+    elif "lr_scheduler_num_cycles" in items:
+        items["lr_scheduler_num_cycles"] = _gui_int(items["lr_scheduler_num_cycles"], 1)
+
+
 def _additional(text: str, where: str, problems: list[str]) -> dict[str, Any]:
     """The GUI's "additional_parameters": sd-scripts command-line options it appends after ``--config_file``,
     so they win over the config's values (``--name value``, ``--name=value``, ``--flag``, ``--name a b``)."""
@@ -505,8 +562,7 @@ def gui_preset(
     if "max_resolution" in items:
         items["resolution"] = items.pop("max_resolution")
     _warmup(items)
-    if tab != "finetune" and items.get("lr_scheduler_num_cycles") == "" and _number(items.get("epoch")) > 0:
-        items["lr_scheduler_num_cycles"] = int(_number(items["epoch"]))  # the GUI's rule for an empty field
+    _length(items, tab, where, notes, problems)
     extra = _additional(_text(items.pop("additional_parameters", "") or ""), where, problems)
     if extra:
         notes.append(f"additional_parameters read as sd-scripts options: {', '.join(extra)}")

@@ -1106,13 +1106,29 @@ def _ema(r: _Reader, fields: list[str]) -> None:
     v["ema_device"] = "cpu" if mode == "CPU" else "same"
 
 
+def _optimizer_steps(r: _Reader, name: str, every: int) -> int:
+    """A STEP interval in sdcore's optimizer steps. OneTrainer's STEP unit counts batches (TimedActionMixin
+    reads ``train_progress.global_step``, which GenericTrainer advances once per batch, an optimizer step
+    every ``gradient_accumulation_steps`` of them) and runs the save or sample at the next optimizer step:
+    every ``every / accumulation`` optimizer steps when that divides, an uneven cadence otherwise."""
+    accumulation = int(r.get("gradient_accumulation_steps") or 1)
+    if every % accumulation:
+        r.refuse(
+            name,
+            every,
+            f"OneTrainer counts it in batches, {accumulation} per optimizer step (gradient_accumulation_steps): "
+            "give a multiple of it",
+        )
+    return max(1, every // accumulation)
+
+
 def _saves_and_samples(r: _Reader, family: str, path: str | os.PathLike[str]) -> None:
     """``save_every``/``sample_after`` in STEP or EPOCH units; clock units have no sdcore counterpart."""
     v = r.out.values
     v["data"] = str(path)
     every, unit = int(r.get("save_every") or 0), _text(r.get("save_every_unit"))
     if every > 0 and unit == "STEP":
-        v["save_every"] = every
+        v["save_every"] = _optimizer_steps(r, "save_every", every)
     elif every > 0 and unit == "EPOCH":
         v["save_every_epochs"] = every
     elif unit in ("SECOND", "MINUTE", "HOUR") and every > 0:
@@ -1137,7 +1153,10 @@ def _saves_and_samples(r: _Reader, family: str, path: str | os.PathLike[str]) ->
         return
     if sample_unit in ("STEP", "EPOCH"):
         v["sample_prompts"] = str(path)
-        v["sample_every" if sample_unit == "STEP" else "sample_every_epochs"] = after
+        if sample_unit == "STEP":
+            v["sample_every"] = _optimizer_steps(r, "sample_after", after)
+        else:
+            v["sample_every_epochs"] = after
         v["sample_at_first"] = not r.get("sample_skip_first")
         if int(r.get("sample_skip_first") or 0) > 1:
             r.note(f"sample_skip_first {r.get('sample_skip_first')}: sdcore skips only the first sampling")

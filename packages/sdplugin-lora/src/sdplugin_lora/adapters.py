@@ -763,12 +763,17 @@ class LoraAdapter(Adapter):
             assert isinstance(base, nn.Linear)
             self.lora_down = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        if self.lora_mid is not None:
-            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        self._init_down()
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
+
+    def _init_down(self) -> None:
+        """The down's (and Tucker core's) init after the layers are built: kaiming-uniform(a=√5), as
+        kohya's ``networks.lora`` and LyCORIS draw it (a subclass drawing otherwise draws only its own)."""
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.lora_mid is not None:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
 
     def _factorised(self) -> bool:
         return self.dora_scale is None
@@ -1017,9 +1022,14 @@ class LoraFaAdapter(LoraAdapter):
             module_dropout=module_dropout,
             dtype=dtype,
         )
-        in_dim = int(base.in_channels if isinstance(base, nn.Conv2d) else base.in_features)  # type: ignore[arg-type]
-        nn.init.normal_(self.lora_down.weight, std=math.sqrt(2.0 / (in_dim + rank)))
         self.lora_down.weight.requires_grad_(False)
+
+    def _init_down(self) -> None:
+        """kohya lora_fa.py: ``normal_(lora_down, std=sqrt(2/(in + r)))`` right after the layers are built,
+        with no kaiming draw before it, so the same seed gives kohya's very down."""
+        base = self.base
+        in_dim = int(base.in_channels if isinstance(base, nn.Conv2d) else base.in_features)
+        nn.init.normal_(self.lora_down.weight, std=math.sqrt(2.0 / (in_dim + self.rank)))
 
     def requires_grad_(self, requires_grad: bool = True) -> LoraFaAdapter:
         """Only ``lora_up`` follows ``requires_grad``: the down stays frozen (as kohya's module)."""

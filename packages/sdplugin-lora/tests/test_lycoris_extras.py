@@ -161,22 +161,34 @@ def test_rank_dropout_of_weight_algos_is_lycoris(cls, rescale):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_rank_dropout_scale_on_locon_is_lycoris_one_mask_per_batch():
-    base = nn.Linear(16, 12)
-    lora = LoraAdapter("m", base, 4, 2.0, rank_dropout=0.5, rank_dropout_scale=True)
+@pytest.mark.parametrize("conv", [False, True])
+def test_rank_dropout_scale_on_locon_is_lycoris_rebuilt_weight(conv):
+    """LyCORIS f49d30d locon.py: ``forward`` (lines 309-332) rebuilds the weight unless bypass_mode (off in
+    lycoris.kohya and create_lycoris: ``str_bool(kwargs.get("bypass_mode", False))``); ``make_weight``
+    (lines 199-218) drops whole output rows of ``up @ down``: ``drop = rand(out) > p``, ``drop /= drop.mean()``
+    with rank_dropout_scale; then ``W + m · scale · drop · ΔW``; no neuron dropout on that path."""
+    base = nn.Conv2d(6, 12, 3, padding=1) if conv else nn.Linear(16, 12)
+    lora = LoraAdapter("m", base, 4, 2.0, dropout=0.3, rank_dropout=0.5, rank_dropout_scale=True)
     lora.multiplier = 0.5
     _randomize(lora)
     lora.train()
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 6, 5, 5) if conv else torch.randn(3, 16)
     torch.manual_seed(11)
     got = lora.delta(x)
-    # LyCORIS LoConModule.forward: mid = down(x); drop = rand(rank) > p; drop /= drop.mean(); up(mid * drop) * scale * m
     down, up = lora.lora_down.weight.detach(), lora.lora_up.weight.detach()
+    delta = (up.flatten(1) @ down.flatten(1)).reshape(base.weight.shape) * (2.0 / 4)
     torch.manual_seed(11)
-    drop = (torch.rand(4) > 0.5).float()
-    assert 0 < float(drop.count_nonzero()) < 4
-    want = ((x @ down.T) * (drop / drop.mean())) @ up.T * (2.0 / 4) * 0.5
+    drop = (torch.rand(12) > 0.5).float()
+    assert 0 < float(drop.count_nonzero()) < 12
+    drop = (drop / drop.mean()).reshape(-1, *[1] * (delta.dim() - 1))
+    weight = delta * drop * 0.5
+    want = nn.functional.conv2d(x, weight, None, 1, 1) if conv else x @ weight.T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_with_rank_dropout_scale_on_locon_is_said_to_do_nothing():
+    with pytest.warns(UserWarning, match="--dropout has no effect on --algo locon with --rank-dropout-scale"):
+        LoraMethod(LoraOptions(algo="locon", dropout=0.1, rank_dropout=0.2, rank_dropout_scale=True)).validate()
 
 
 # --- train_norm -------------------------------------------------------------------------------------------

@@ -781,10 +781,14 @@ class LoraAdapter(Adapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``m · s · up(down(x))`` with kohya's neuron/rank dropout while training.
 
-        With :attr:`rank_dropout_scale` the rank dropout is LyCORIS' (``LoConModule.forward``) instead
-        of kohya's: one mask over the rank channels for the whole batch (``torch.rand(rank)`` on the
-        hidden state's device), divided by its mean, rather than a mask per sample times ``1/(1-p)``."""
+        With :attr:`rank_dropout_scale` the rank dropout is LyCORIS' (``LoConModule.forward``, which
+        rebuilds the weight: LyCORIS' bypass forward is off unless asked) instead of kohya's: whole
+        output rows of ``ΔW`` dropped, one mask for the whole batch divided by its mean, and no neuron
+        dropout (LyCORIS' rebuilt weight has none), rather than a rank-channel mask per sample times
+        ``1/(1-p)``. That is :meth:`Adapter.delta`'s path, the one LoHa/LoKr/DoRA take."""
         if not self._factorised() or self._frozen is not None:
+            return super().delta(x)
+        if self.training and self.rank_dropout and self.rank_dropout_scale:
             return super().delta(x)
         hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
         if self.lora_mid is not None:
@@ -793,12 +797,7 @@ class LoraAdapter(Adapter):
         factor = self.sample_factor(hidden)
         if factor is not None:  # kohya: lx * multiplier * scale, the multiplier one per sample
             scale = factor * scale
-        rank_dropout = self.rank_dropout
-        if self.training and rank_dropout and self.rank_dropout_scale:
-            mask = rank_dropout_mask(self.rank, rank_dropout, True, hidden.device).to(hidden.dtype)
-            hidden = hidden * (mask[:, None, None] if hidden.dim() == 4 else mask)
-            rank_dropout = None
-        hidden = scaled_hidden(hidden, scale, self.training, self.dropout, rank_dropout)
+        hidden = scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
         return self.lora_up(hidden)
 
     @classmethod

@@ -283,6 +283,27 @@ def test_norm_module_forward_is_lycoris_norm_op():
     torch.testing.assert_close(layer(y), merged, atol=1e-6, rtol=1e-6)
 
 
+def test_norm_module_rank_dropout_draws_as_lycoris():
+    """LyCORIS f49d30d norms.py ``make_weight`` (lines 75-88): with rank_dropout while training it draws
+    ``rand(dim) < p`` (and rescales it with rank_dropout_scale), then overwrites ``drop`` with a second
+    ``rand(dim) < p``: the second draw is the mask, and both draws consume the generator."""
+    base = nn.GroupNorm(4, 8)
+    norm = NormAdapter("n", base, multiplier=0.6, rank_dropout=0.5)
+    _randomize(norm)
+    norm.train()
+    x = torch.randn(2, 8, 3, 3)
+    torch.manual_seed(3)
+    got = norm.delta(x)
+    after = torch.rand(5)
+    torch.manual_seed(3)
+    first = torch.rand(8) < 0.5
+    keep = (torch.rand(8) < 0.5).float()
+    assert not torch.equal(first.float(), keep), "the seed tells the two draws apart"
+    w, b = norm.w_norm.detach() * keep * 0.6, norm.b_norm.detach() * keep * 0.6
+    torch.testing.assert_close(got, nn.functional.group_norm(x, 4, w, b, base.eps))
+    assert torch.equal(after, torch.rand(5)), "the generator moved on by both draws"
+
+
 def test_lycoris_options_are_refused_where_they_mean_nothing():
     from sdcore.errors import ConfigError
 

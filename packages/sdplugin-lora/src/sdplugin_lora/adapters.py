@@ -1330,8 +1330,8 @@ class NormAdapter(Adapter):
     ``weight + m · w_norm`` and ``bias + m · b_norm``; merging adds exactly that. The file holds
     ``w_norm`` and ``b_norm`` only (no alpha). While training with ``rank_dropout`` p, LyCORIS'
     ``NormModule.make_weight`` multiplies both changes by ``torch.rand(C) < p`` (it *keeps* a
-    channel with probability p, and its ``rank_dropout_scale`` branch is overwritten): reproduced
-    as LyCORIS computes it.
+    channel with probability p, from the second of two ``torch.rand(C)`` draws: the first, and its
+    ``rank_dropout_scale`` branch, are overwritten): reproduced as LyCORIS computes it, both draws included.
     """
 
     variant = NormVariant
@@ -1393,7 +1393,8 @@ class NormAdapter(Adapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         weight: torch.Tensor = self.w_norm
         bias: torch.Tensor | None = self.b_norm
-        if self.training and self.rank_dropout:  # LyCORIS NormModule.make_weight, as it computes
+        if self.training and self.rank_dropout:  # LyCORIS NormModule.make_weight, as it computes:
+            torch.rand(weight.shape[0])  # its first mask, overwritten by the second (the draw is kept for parity)
             keep = (torch.rand(weight.shape[0]) < self.rank_dropout).to(weight.dtype).to(weight.device)
             weight = weight * keep
             bias = bias * keep if bias is not None else None

@@ -1276,8 +1276,8 @@ class LokrAdapter(Adapter):
 class OftAdapter(Adapter):
     """kohya OFT on a Linear/Conv2d: ``rank`` is the number of blocks (it must divide the output
     width) and ``alpha`` the constraint (kohya ``network_alpha``); ``oft_blocks`` start at zero,
-    so ``R = I``. The update is the weight change ``Rᵀ W - W``; the bias is not rotated (as kohya's
-    and ComfyUI's merges do; kohya's training forward also rotates the bias)."""
+    so ``R = I``. The update is the weight change ``Rᵀ W - W``; the bias is not rotated (kohya's training
+    forward ``F.linear(x, RᵀW, bias)`` and kohya's and ComfyUI's merges leave it too)."""
 
     variant = OftVariant
     algo = "oft"

@@ -422,3 +422,22 @@ def test_kohya_network_args_pass_the_lycoris_options_for_lycoris_only():
             kohya={"network_module": "networks.lora", "network_args": ["train_norm=True", "rank_dropout_scale=True"]},
             notes=[],
         )
+
+
+@pytest.mark.parametrize("value", ["0", "no", "1", ""])
+def test_kohya_lycoris_switches_read_as_lycoris_str_bool_reads_them(value):
+    """LyCORIS f49d30d lycoris/kohya.py reads ``train_norm`` and ``dora_wd`` with ``str_bool``
+    (lycoris/utils/__init__.py:44-45: ``str(val).lower() != "false"``): every text but "false" is on,
+    "0" and "no" included, so a kohya run with these values trains norms / DoRA."""
+    from sdcore.train.config import load_options
+
+    notes: list[str] = []
+    args = ["algo=locon", f"train_norm={value}", f"dora_wd={value}"]
+    o = load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": args}, notes=notes)
+    assert (o.train_norm, o.algo) == (True, "dora")
+    if value in ("0", "no", ""):
+        assert any("train_norm" in n and "str_bool" in n for n in notes)
+        assert any("dora_wd" in n and "str_bool" in n for n in notes)
+    off = ["algo=locon", "train_norm=False", "dora_wd=false"]
+    o = load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": off}, notes=[])
+    assert (o.train_norm, o.algo) == (False, "locon")

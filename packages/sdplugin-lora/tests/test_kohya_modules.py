@@ -136,6 +136,7 @@ def test_lora_fa_init_is_kohyas_draw_for_draw(kind):
     torch.testing.assert_close(adapter.lora_down.weight.detach(), down.weight.detach(), rtol=0, atol=0)
     assert torch.count_nonzero(adapter.lora_up.weight) == 0
 
+
 def test_lora_fa_forward_is_kohyas():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)

@@ -1249,6 +1249,13 @@ def _deepspeed(items: dict[str, Any], out: Translation, where: str) -> None:
     )
 
 
+def _is_zero(value: str | None) -> bool:
+    try:
+        return value is not None and float(value) == 0
+    except ValueError:
+        return False
+
+
 def _lycoris_str_bool(raw: str, key: str, out: Translation) -> bool:
     """LyCORIS' ``str_bool`` (lycoris/utils ``str(val).lower() != "false"``): every text but "false" is on, so
     "0", "no", "off" or an empty value turn the switch on in a kohya run too (a note says so)."""
@@ -1348,6 +1355,13 @@ def _network(
             # unless conv_dim=0; networks.lora has no convs unless conv_dim is given
             if "conv_dim" not in args and "conv_rank" in present:
                 out.follow["conv_rank"] = "rank"
+            elif _is_zero(args.get("conv_dim")):
+                # LyCORIS still walks the ResNet blocks (preset full) and only skips their kxk convs
+                out.notes.append(
+                    "network_args conv_dim=0 with LyCORIS preset 'full': LyCORIS still adapts the ResNet blocks' "
+                    "time_emb_proj Linears and 1x1 shortcuts (and with train_norm their norms); sdcore adapts no "
+                    "ResNet module without convs"
+                )
             if "conv_alpha" not in args and "conv_alpha" in present:
                 out.follow["conv_alpha"] = "alpha"
         elif preset == "attn-mlp":  # LyCORIS: enable_conv=False, Transformer blocks only = kohya's LierLa set

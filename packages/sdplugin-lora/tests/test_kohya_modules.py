@@ -115,6 +115,28 @@ def test_lora_fa_init_is_the_papers_normal():
     assert abs(float(z.mean())) < 0.05
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_lora_fa_init_is_kohyas_draw_for_draw(kind):
+    """kohya lora_fa.py LoRAModule.__init__ (48d368f, lines 59-81): the down and up layers are built (each
+    constructor draws its kaiming-uniform weight), then ``normal_(lora_down, std=sqrt(2/(in + r)))`` and
+    ``zeros_(lora_up)``; no other draw in between, so the same torch seed gives the same down."""
+    from sdplugin_lora.adapters import LoraFaAdapter
+
+    base = nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(6, 8, 3, padding=1)
+    torch.manual_seed(7)
+    adapter = LoraFaAdapter("lora_unet_x", base, 3, 1.0)
+    torch.manual_seed(7)
+    if kind == "linear":
+        down, up = nn.Linear(12, 3, bias=False), nn.Linear(3, 10, bias=False)
+    else:
+        down, up = nn.Conv2d(6, 3, 3, 1, 1, bias=False), nn.Conv2d(3, 8, 1, 1, bias=False)
+    in_dim = 12 if kind == "linear" else 6
+    nn.init.normal_(down.weight, std=math.sqrt(2.0 / (in_dim + 3)))
+    nn.init.zeros_(up.weight)
+    torch.testing.assert_close(adapter.lora_down.weight.detach(), down.weight.detach(), rtol=0, atol=0)
+    assert torch.count_nonzero(adapter.lora_up.weight) == 0
+
+
 def test_lora_fa_forward_is_kohyas():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)

@@ -161,22 +161,34 @@ def test_rank_dropout_of_weight_algos_is_lycoris(cls, rescale):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_rank_dropout_scale_on_locon_is_lycoris_one_mask_per_batch():
-    base = nn.Linear(16, 12)
-    lora = LoraAdapter("m", base, 4, 2.0, rank_dropout=0.5, rank_dropout_scale=True)
+@pytest.mark.parametrize("conv", [False, True])
+def test_rank_dropout_scale_on_locon_is_lycoris_rebuilt_weight(conv):
+    """LyCORIS f49d30d locon.py: ``forward`` (lines 309-332) rebuilds the weight unless bypass_mode (off in
+    lycoris.kohya and create_lycoris: ``str_bool(kwargs.get("bypass_mode", False))``); ``make_weight``
+    (lines 199-218) drops whole output rows of ``up @ down``: ``drop = rand(out) > p``, ``drop /= drop.mean()``
+    with rank_dropout_scale; then ``W + m · scale · drop · ΔW``; no neuron dropout on that path."""
+    base = nn.Conv2d(6, 12, 3, padding=1) if conv else nn.Linear(16, 12)
+    lora = LoraAdapter("m", base, 4, 2.0, dropout=0.3, rank_dropout=0.5, rank_dropout_scale=True)
     lora.multiplier = 0.5
     _randomize(lora)
     lora.train()
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 6, 5, 5) if conv else torch.randn(3, 16)
     torch.manual_seed(11)
     got = lora.delta(x)
-    # LyCORIS LoConModule.forward: mid = down(x); drop = rand(rank) > p; drop /= drop.mean(); up(mid * drop) * scale * m
     down, up = lora.lora_down.weight.detach(), lora.lora_up.weight.detach()
+    delta = (up.flatten(1) @ down.flatten(1)).reshape(base.weight.shape) * (2.0 / 4)
     torch.manual_seed(11)
-    drop = (torch.rand(4) > 0.5).float()
-    assert 0 < float(drop.count_nonzero()) < 4
-    want = ((x @ down.T) * (drop / drop.mean())) @ up.T * (2.0 / 4) * 0.5
+    drop = (torch.rand(12) > 0.5).float()
+    assert 0 < float(drop.count_nonzero()) < 12
+    drop = (drop / drop.mean()).reshape(-1, *[1] * (delta.dim() - 1))
+    weight = delta * drop * 0.5
+    want = nn.functional.conv2d(x, weight, None, 1, 1) if conv else x @ weight.T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_with_rank_dropout_scale_on_locon_is_said_to_do_nothing():
+    with pytest.warns(UserWarning, match="--dropout has no effect on --algo locon with --rank-dropout-scale"):
+        LoraMethod(LoraOptions(algo="locon", dropout=0.1, rank_dropout=0.2, rank_dropout_scale=True)).validate()
 
 
 # --- train_norm -------------------------------------------------------------------------------------------
@@ -269,6 +281,27 @@ def test_norm_module_forward_is_lycoris_norm_op():
         merged = nn.functional.layer_norm(y, (8,), layer.weight + ln.w_norm, layer.bias + ln.b_norm, layer.eps)
     ln.attach()
     torch.testing.assert_close(layer(y), merged, atol=1e-6, rtol=1e-6)
+
+
+def test_norm_module_rank_dropout_draws_as_lycoris():
+    """LyCORIS f49d30d norms.py ``make_weight`` (lines 75-88): with rank_dropout while training it draws
+    ``rand(dim) < p`` (and rescales it with rank_dropout_scale), then overwrites ``drop`` with a second
+    ``rand(dim) < p``: the second draw is the mask, and both draws consume the generator."""
+    base = nn.GroupNorm(4, 8)
+    norm = NormAdapter("n", base, multiplier=0.6, rank_dropout=0.5)
+    _randomize(norm)
+    norm.train()
+    x = torch.randn(2, 8, 3, 3)
+    torch.manual_seed(3)
+    got = norm.delta(x)
+    after = torch.rand(5)
+    torch.manual_seed(3)
+    first = torch.rand(8) < 0.5
+    keep = (torch.rand(8) < 0.5).float()
+    assert not torch.equal(first.float(), keep), "the seed tells the two draws apart"
+    w, b = norm.w_norm.detach() * keep * 0.6, norm.b_norm.detach() * keep * 0.6
+    torch.testing.assert_close(got, nn.functional.group_norm(x, 4, w, b, base.eps))
+    assert torch.equal(after, torch.rand(5)), "the generator moved on by both draws"
 
 
 def test_lycoris_options_are_refused_where_they_mean_nothing():
@@ -389,3 +422,40 @@ def test_kohya_network_args_pass_the_lycoris_options_for_lycoris_only():
             kohya={"network_module": "networks.lora", "network_args": ["train_norm=True", "rank_dropout_scale=True"]},
             notes=[],
         )
+
+
+@pytest.mark.parametrize("value", ["0", "no", "1", ""])
+def test_kohya_lycoris_switches_read_as_lycoris_str_bool_reads_them(value):
+    """LyCORIS f49d30d lycoris/kohya.py reads ``train_norm`` and ``dora_wd`` with ``str_bool``
+    (lycoris/utils/__init__.py:44-45: ``str(val).lower() != "false"``): every text but "false" is on,
+    "0" and "no" included, so a kohya run with these values trains norms / DoRA."""
+    from sdcore.train.config import load_options
+
+    notes: list[str] = []
+    args = ["algo=locon", f"train_norm={value}", f"dora_wd={value}"]
+    o = load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": args}, notes=notes)
+    assert (o.train_norm, o.algo) == (True, "dora")
+    if value in ("0", "no", ""):
+        assert any("train_norm" in n and "str_bool" in n for n in notes)
+        assert any("dora_wd" in n and "str_bool" in n for n in notes)
+    off = ["algo=locon", "train_norm=False", "dora_wd=false"]
+    o = load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": off}, notes=[])
+    assert (o.train_norm, o.algo) == (False, "locon")
+
+
+def test_kohya_lycoris_conv_dim_zero_says_what_lycoris_still_adapts():
+    """LyCORIS f49d30d kohya.py ``create_single_module``: a Linear gets a module whenever lora_dim > 0 and a
+    1x1 conv as a Linear; only kxk convs need conv_dim; with train_norm every "Norm" class is taken first. Preset
+    full walks ResnetBlock2D whatever conv_dim is, so conv_dim=0 still adapts time_emb_proj and the shortcuts."""
+    from sdcore.train.config import load_options
+
+    notes: list[str] = []
+    kohya = {"network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=0", "train_norm=True"]}
+    o = load_options(LoraOptions, None, kohya=kohya, notes=notes)
+    assert o.conv_rank == 0
+    assert any("conv_dim=0 with LyCORIS preset 'full'" in n and "time_emb_proj" in n for n in notes)
+    notes = []
+    load_options(
+        LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": ["algo=loha"]}, notes=notes
+    )
+    assert not any("conv_dim=0" in n for n in notes)

@@ -763,12 +763,17 @@ class LoraAdapter(Adapter):
             assert isinstance(base, nn.Linear)
             self.lora_down = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        if self.lora_mid is not None:
-            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        self._init_down()
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
+
+    def _init_down(self) -> None:
+        """The down's (and Tucker core's) init after the layers are built: kaiming-uniform(a=√5), as
+        kohya's ``networks.lora`` and LyCORIS draw it (a subclass drawing otherwise draws only its own)."""
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        if self.lora_mid is not None:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
 
     def _factorised(self) -> bool:
         return self.dora_scale is None
@@ -776,10 +781,14 @@ class LoraAdapter(Adapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``m · s · up(down(x))`` with kohya's neuron/rank dropout while training.
 
-        With :attr:`rank_dropout_scale` the rank dropout is LyCORIS' (``LoConModule.forward``) instead
-        of kohya's: one mask over the rank channels for the whole batch (``torch.rand(rank)`` on the
-        hidden state's device), divided by its mean, rather than a mask per sample times ``1/(1-p)``."""
+        With :attr:`rank_dropout_scale` the rank dropout is LyCORIS' (``LoConModule.forward``, which
+        rebuilds the weight: LyCORIS' bypass forward is off unless asked) instead of kohya's: whole
+        output rows of ``ΔW`` dropped, one mask for the whole batch divided by its mean, and no neuron
+        dropout (LyCORIS' rebuilt weight has none), rather than a rank-channel mask per sample times
+        ``1/(1-p)``. That is :meth:`Adapter.delta`'s path, the one LoHa/LoKr/DoRA take."""
         if not self._factorised() or self._frozen is not None:
+            return super().delta(x)
+        if self.training and self.rank_dropout and self.rank_dropout_scale:
             return super().delta(x)
         hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
         if self.lora_mid is not None:
@@ -788,12 +797,7 @@ class LoraAdapter(Adapter):
         factor = self.sample_factor(hidden)
         if factor is not None:  # kohya: lx * multiplier * scale, the multiplier one per sample
             scale = factor * scale
-        rank_dropout = self.rank_dropout
-        if self.training and rank_dropout and self.rank_dropout_scale:
-            mask = rank_dropout_mask(self.rank, rank_dropout, True, hidden.device).to(hidden.dtype)
-            hidden = hidden * (mask[:, None, None] if hidden.dim() == 4 else mask)
-            rank_dropout = None
-        hidden = scaled_hidden(hidden, scale, self.training, self.dropout, rank_dropout)
+        hidden = scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
         return self.lora_up(hidden)
 
     @classmethod
@@ -1017,9 +1021,14 @@ class LoraFaAdapter(LoraAdapter):
             module_dropout=module_dropout,
             dtype=dtype,
         )
-        in_dim = int(base.in_channels if isinstance(base, nn.Conv2d) else base.in_features)  # type: ignore[arg-type]
-        nn.init.normal_(self.lora_down.weight, std=math.sqrt(2.0 / (in_dim + rank)))
         self.lora_down.weight.requires_grad_(False)
+
+    def _init_down(self) -> None:
+        """kohya lora_fa.py: ``normal_(lora_down, std=sqrt(2/(in + r)))`` right after the layers are built,
+        with no kaiming draw before it, so the same seed gives kohya's very down."""
+        base = self.base
+        in_dim = int(base.in_channels if isinstance(base, nn.Conv2d) else base.in_features)
+        nn.init.normal_(self.lora_down.weight, std=math.sqrt(2.0 / (in_dim + self.rank)))
 
     def requires_grad_(self, requires_grad: bool = True) -> LoraFaAdapter:
         """Only ``lora_up`` follows ``requires_grad``: the down stays frozen (as kohya's module)."""
@@ -1267,8 +1276,8 @@ class LokrAdapter(Adapter):
 class OftAdapter(Adapter):
     """kohya OFT on a Linear/Conv2d: ``rank`` is the number of blocks (it must divide the output
     width) and ``alpha`` the constraint (kohya ``network_alpha``); ``oft_blocks`` start at zero,
-    so ``R = I``. The update is the weight change ``Rᵀ W - W``; the bias is not rotated (as kohya's
-    and ComfyUI's merges do; kohya's training forward also rotates the bias)."""
+    so ``R = I``. The update is the weight change ``Rᵀ W - W``; the bias is not rotated (kohya's training
+    forward ``F.linear(x, RᵀW, bias)`` and kohya's and ComfyUI's merges leave it too)."""
 
     variant = OftVariant
     algo = "oft"
@@ -1321,8 +1330,8 @@ class NormAdapter(Adapter):
     ``weight + m · w_norm`` and ``bias + m · b_norm``; merging adds exactly that. The file holds
     ``w_norm`` and ``b_norm`` only (no alpha). While training with ``rank_dropout`` p, LyCORIS'
     ``NormModule.make_weight`` multiplies both changes by ``torch.rand(C) < p`` (it *keeps* a
-    channel with probability p, and its ``rank_dropout_scale`` branch is overwritten): reproduced
-    as LyCORIS computes it.
+    channel with probability p, from the second of two ``torch.rand(C)`` draws: the first, and its
+    ``rank_dropout_scale`` branch, are overwritten): reproduced as LyCORIS computes it, both draws included.
     """
 
     variant = NormVariant
@@ -1384,7 +1393,8 @@ class NormAdapter(Adapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         weight: torch.Tensor = self.w_norm
         bias: torch.Tensor | None = self.b_norm
-        if self.training and self.rank_dropout:  # LyCORIS NormModule.make_weight, as it computes
+        if self.training and self.rank_dropout:  # LyCORIS NormModule.make_weight, as it computes:
+            torch.rand(weight.shape[0])  # its first mask, overwritten by the second (the draw is kept for parity)
             keep = (torch.rand(weight.shape[0]) < self.rank_dropout).to(weight.dtype).to(weight.device)
             weight = weight * keep
             bias = bias * keep if bias is not None else None

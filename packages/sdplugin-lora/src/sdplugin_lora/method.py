@@ -120,7 +120,8 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
     rank_dropout_scale: bool = option(
         False,
         "LyCORIS rank_dropout_scale: the --rank-dropout mask is divided by its mean (the kept channels make up "
-        "for the dropped ones); for lora/locon also LyCORIS' one mask per batch instead of kohya's per sample.",
+        "for the dropped ones); for lora/locon also LyCORIS' rule (whole output rows of the weight change, one "
+        "mask per batch, no --dropout) instead of kohya's rank channels per sample.",
         group="lora",
     )
     train_norm: bool = option(
@@ -288,6 +289,12 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             warnings.warn(
                 f"--dropout has no effect on --algo {o.algo} (LyCORIS has no neuron dropout for it either); "
                 "--rank-dropout and --module-dropout apply",
+                stacklevel=2,
+            )
+        elif o.dropout and o.rank_dropout and o.rank_dropout_scale and o.algo in ("lora", "locon"):
+            warnings.warn(
+                f"--dropout has no effect on --algo {o.algo} with --rank-dropout-scale: LyCORIS' LoCon rebuilds the "
+                "weight with its rows dropped and has no neuron dropout there; --rank-dropout and --module-dropout apply",
                 stacklevel=2,
             )
         problems: list[str] = []

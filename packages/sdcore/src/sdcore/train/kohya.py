@@ -1249,12 +1249,35 @@ def _deepspeed(items: dict[str, Any], out: Translation, where: str) -> None:
     )
 
 
+def _is_zero(value: str | None) -> bool:
+    try:
+        return value is not None and float(value) == 0
+    except ValueError:
+        return False
+
+
+def _lycoris_str_bool(raw: str, key: str, out: Translation) -> bool:
+    """LyCORIS' ``str_bool`` (lycoris/utils ``str(val).lower() != "false"``): every text but "false" is on, so
+    "0", "no", "off" or an empty value turn the switch on in a kohya run too (a note says so)."""
+    on = raw.lower() != "false"
+    if on and raw.lower() in ("", "0", "no", "off", "none"):
+        out.notes.append(
+            f"network_args {key}={raw}: LyCORIS reads it with str_bool (only 'false' is off), so it is on, as in a "
+            "kohya run (write false for off)"
+        )
+    return on
+
+
 def _lycoris_as_kohya_runs_it(
     args: dict[str, str], algo: str, out: Translation, put: Callable[[str, Any, str], None]
 ) -> None:
-    """Two network_args that lycoris.kohya's create_network hands on differently from what they say, so that a
-    kohya config trains the network a kohya run trains: ``decompose_both`` goes to the modules as the raw text (any
-    non-empty value, ``False`` included, turns it on; only LoKr reads it), ``rank_dropout_scale`` is never passed."""
+    """network_args that lycoris.kohya's create_network reads differently from what they say, so that a kohya
+    config trains the network a kohya run trains: ``decompose_both`` goes to the modules as the raw text (any
+    non-empty value, ``False`` included, turns it on; only LoKr reads it), ``rank_dropout_scale`` is never passed,
+    and ``train_norm`` is read by LyCORIS' ``str_bool`` (:func:`_lycoris_str_bool`: only "false" is off)."""
+    raw_norm = args.pop("train_norm", None)
+    if raw_norm is not None:
+        put("train_norm", _lycoris_str_bool(raw_norm, "train_norm", out), "network_args train_norm")
     raw = args.pop("decompose_both", None)
     if raw is not None and raw != "" and algo == "lokr":
         put("decompose_both", True, "network_args decompose_both")
@@ -1317,7 +1340,7 @@ def _network(
         for name in [n for n in _LYCORIS_TUCKER if n in args][1:]:
             args.pop(name)  # LyCORIS reads the first of these that is given (its values are non-empty strings)
         _lycoris_as_kohya_runs_it(args, chosen, out, put)
-        if args.pop("dora_wd", "false").lower() == "true":
+        if _lycoris_str_bool(args.pop("dora_wd", "false"), "dora_wd", out):
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")
             chosen = "dora"
@@ -1332,6 +1355,13 @@ def _network(
             # unless conv_dim=0; networks.lora has no convs unless conv_dim is given
             if "conv_dim" not in args and "conv_rank" in present:
                 out.follow["conv_rank"] = "rank"
+            elif _is_zero(args.get("conv_dim")):
+                # LyCORIS still walks the ResNet blocks (preset full) and only skips their kxk convs
+                out.notes.append(
+                    "network_args conv_dim=0 with LyCORIS preset 'full': LyCORIS still adapts the ResNet blocks' "
+                    "time_emb_proj Linears and 1x1 shortcuts (and with train_norm their norms); sdcore adapts no "
+                    "ResNet module without convs"
+                )
             if "conv_alpha" not in args and "conv_alpha" in present:
                 out.follow["conv_alpha"] = "alpha"
         elif preset == "attn-mlp":  # LyCORIS: enable_conv=False, Transformer blocks only = kohya's LierLa set

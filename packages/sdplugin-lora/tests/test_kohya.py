@@ -386,7 +386,8 @@ def test_gui_presets_are_read_and_their_unsupported_settings_listed(tmp_path):
     notes: list[str] = []
     o = load_options(LoraOptions, cfg, notes=notes)
     assert (o.algo, o.rank, o.alpha, o.conv_rank, o.conv_alpha) == ("loha", 16, 8.0, 4, 2.0)
-    assert (o.epochs, o.max_steps, o.resolution, o.gradient_accumulation, o.seed) == (3, None, 512, 2, 42)
+    # max_train_steps null: the GUI passes none, so sd-scripts trains its default 1600 steps (epoch 3 is unused)
+    assert (o.epochs, o.max_steps, o.resolution, o.gradient_accumulation, o.seed) == (None, 1600, 512, 2, 42)
     assert (o.unet_lr, o.te_lr, o.train_text_encoder, o.optimizer, o.mixed_precision) == (
         5e-4,
         2e-4,

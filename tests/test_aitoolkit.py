@@ -536,3 +536,23 @@ def test_min_snr_gamma_is_sdcores_for_epsilon_models_only(tmp_path):
     assert any("min(gamma / snr, 1) for every prediction type" in p for p in _problems(_job(tmp_path, v_pred)))
     problems = _problems(_job(tmp_path, {**BASE, "train": {"snr_gamma": 5, "min_snr_gamma": 5}}))
     assert any("snr_gamma 5: ai-toolkit weighs gamma / snr without a cap" in p for p in problems)
+
+
+def test_cached_text_embeddings_turn_caption_dropouts_off_and_keep_one_order(tmp_path):
+    """dataloader_mixins.get_caption skips caption and token dropout when the dataset caches text embeddings, and
+    the one caption it encodes keeps one shuffled order (config_modules: every dataset or none)."""
+    from sdcore.train.aitoolkit import load_datasets
+
+    data = {"folder_path": "imgs", "cache_text_embeddings": True, "caption_dropout_rate": 0.1,
+            "token_dropout_rate": 0.2, "shuffle_tokens": True}  # fmt: skip
+    path = _job(tmp_path, {**BASE, "datasets": [data]})
+    notes: list[str] = []
+    o = _load(path, notes)
+    assert o.caption_variants == 1
+    assert any("turns caption_dropout_rate and token_dropout_rate off" in n for n in notes)
+    (subset,) = load_datasets(path, o)
+    assert (subset.caption_dropout, subset.tag_dropout, subset.shuffle_caption) == (0.0, 0.0, True)
+    mixed = _job(tmp_path, {**BASE, "datasets": [data, {"folder_path": "other"}]})
+    assert any("every dataset or none" in p for p in _problems(mixed))
+    o = _load(_job(tmp_path, {**BASE, "datasets": [{"folder_path": "imgs", "caption_dropout_rate": 0.1}]}))
+    assert o.caption_variants == 4  # sdcore's default when ai-toolkit encodes per step

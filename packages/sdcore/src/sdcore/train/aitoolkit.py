@@ -416,8 +416,7 @@ NOTED: dict[str, dict[str, str]] = {
               "extras_name_or_path": "sdcore reads the model's parts from --model"},
     "dataset": {"num_workers": "data loading", "prefetch_factor": "data loading",
                 "cache_latents_num_workers": "data loading", "debug": "logging", "fast_image_size": "data loading",
-                "load_image_when_caching_latents": "data loading",
-                "cache_text_embeddings": "sdcore caches frozen text-encoder outputs"},
+                "load_image_when_caching_latents": "data loading"},
     "sample": {"format": "sdcore writes PNG samples", "sampler": "sdcore samples with the family's own sampler"},
 }  # fmt: skip
 
@@ -442,7 +441,7 @@ HANDLED: dict[str, set[str]] = {
     "dataset": {"folder_path", "caption_ext", "caption_dropout_rate", "shuffle_tokens", "token_dropout_rate",
                 "keep_tokens", "flip_x", "resolution", "num_repeats", "is_reg", "trigger_word", "default_caption",
                 "cache_latents", "cache_latents_to_disk", "buckets", "bucket_tolerance", "random_crop",
-                "alpha_mask", "loss_multiplier"},
+                "alpha_mask", "loss_multiplier", "cache_text_embeddings"},
     "ema_config": {"use_ema", "ema_decay"},  # use_feedback / param_multiplier: refused away from their defaults
 }  # fmt: skip
 
@@ -790,6 +789,18 @@ def translate_job(
 
     # datasets: read by load_datasets (--data is the job); the run-wide caching follows them
     tables = [d for d in datasets if isinstance(d, dict)]
+    cached = [d for d in tables if d.get("cache_text_embeddings")]
+    if cached:
+        if len(cached) != len(tables):  # config_modules.validate_configs
+            out.problems.append(
+                f"{w}.datasets: cache_text_embeddings must be on for every dataset or none (as in ai-toolkit)"
+            )
+        v["caption_variants"] = 1  # one encoding per caption, one shuffled order, as ai-toolkit caches it
+        if any(d.get("caption_dropout_rate") or d.get("token_dropout_rate") for d in cached):
+            out.notes.append(
+                f"{w}.datasets: cache_text_embeddings turns caption_dropout_rate and token_dropout_rate off, as in "
+                "ai-toolkit (it encodes each caption once)"
+            )
     if tables:
         v["cache_latents"] = any(d.get("cache_latents") or d.get("cache_latents_to_disk") for d in tables)
         v["cache_latents_to_disk"] = any(bool(d.get("cache_latents_to_disk")) for d in tables)
@@ -1109,6 +1120,15 @@ def _keep_tokens(d: dict[str, Any], trigger: bool, where: str, out: JobTranslati
     return keep if dropout else 0  # without token dropout ai-toolkit's keep_tokens changes nothing
 
 
+def _cached_captions(d: dict[str, Any]) -> dict[str, Any]:
+    """A dataset with ``cache_text_embeddings``: ai-toolkit encodes each caption once, skipping caption and token
+    dropout (dataloader_mixins.py get_caption: both are off when caching) and keeping the one shuffled order it
+    cached; the job's translation sets --caption-variants 1 for that order."""
+    if not d.get("cache_text_embeddings"):
+        return d
+    return {**d, "caption_dropout_rate": 0.0, "token_dropout_rate": 0.0}
+
+
 def load_datasets(
     path: str | os.PathLike[str], options: TrainOptions | None, skipped: list[SkippedFile] | None = None
 ) -> list[SubsetOptions]:
@@ -1138,6 +1158,7 @@ def load_datasets(
             continue
         ext = str(d.get("caption_ext", ".txt"))
         ext = ext if ext.startswith(".") else f".{ext}"
+        d = _cached_captions(d)
         trigger = d.get("trigger_word", process.get("trigger_word"))
         keep_tokens = _keep_tokens(d, bool(trigger), w, out)
         resolutions = d.get("resolution", 512)

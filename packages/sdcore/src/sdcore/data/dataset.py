@@ -861,12 +861,6 @@ def _subsets_for(
     return folder_subsets(source, is_class=is_class, defaults=defaults, skipped=skipped)
 
 
-def _is_job(source: Path) -> bool:
-    from ..train.aitoolkit import is_job_file
-
-    return is_job_file(source)
-
-
 def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     """Build the index without judging it (used by ``sdcore data check``, which reports an empty dataset)."""
     if not options.data:
@@ -881,7 +875,9 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     roots = {p for p in (source, Path(options.reg_data).expanduser() if options.reg_data else None) if p and p.is_dir()}
     for subset in index.subsets:
         _scan_subset(subset, index, verify=verify, roots=roots)
-    if source.suffix.lower() == ".json" and source.is_file() and not _is_job(source):
+    from ..train.aitoolkit import is_job_file
+
+    if source.suffix.lower() == ".json" and source.is_file() and not is_job_file(source):
         from .onetrainer import caption_problems
 
         index.problems.extend(caption_problems(index))

@@ -150,23 +150,12 @@ def load_options(
     found_notes: list[str] = []
     if config_path is not None:
         unknown = []
-        from . import aitoolkit
-
-        job = aitoolkit.read_job(config_path)
-        if job is not None:  # an ai-toolkit job: its own field table, already in sdcore's names
-            job_options = aitoolkit.translate_job(job, fields, where=where, path=config_path)
-            config_values.update(job_options.values)
-            found_notes += job_options.notes
-            problems += job_options.problems
-        from . import onetrainer_config
-
-        trainer_config = onetrainer_config.read_train_config(config_path) if job is None else None
-        if trainer_config is not None:  # a OneTrainer config (preset or saved): its own field table
-            ot = onetrainer_config.translate_config(trainer_config, fields, where=where, path=config_path)
-            config_values.update(ot.values)
-            found_notes += ot.notes
-            problems += ot.problems
-        flat = {} if job is not None or trainer_config is not None else read_config_file(config_path)
+        foreign = _other_trainer_config(config_path, fields, where)
+        if foreign is not None:  # already in sdcore's names
+            config_values.update(foreign.values)
+            found_notes += foreign.notes
+            problems += foreign.problems
+        flat = {} if foreign is not None else read_config_file(config_path)
         if kohya_gui.is_gui_preset(flat):
             flat, gui_notes, gui_problems = kohya_gui.gui_preset(flat, where, fields)
             found_notes += gui_notes
@@ -245,6 +234,22 @@ def load_options(
         for note in found_notes:
             log.warning("%s", note)
     return options_class(**values)
+
+
+def _other_trainer_config(config_path: str | Path, fields: list[str], where: str) -> Any | None:
+    """The translation of an ai-toolkit job or a OneTrainer config (each reader has its own field table and
+    returns values in sdcore's names, notes and problems), or None for any other file."""
+    from . import aitoolkit, onetrainer_config
+
+    readers: tuple[tuple[Any, Any], ...] = (
+        (aitoolkit.read_job, aitoolkit.translate_job),
+        (onetrainer_config.read_train_config, onetrainer_config.translate_config),
+    )
+    for read, translate in readers:
+        data = read(config_path)
+        if data is not None:
+            return translate(data, fields, where=where, path=config_path)
+    return None
 
 
 def _family_for_kohya_defaults(raw: dict[str, Any], fields: list[str], notes: list[str]) -> str | None:

@@ -11,3 +11,23 @@ def tiny_data(tmp_path_factory):
     from sdcore.testing.contract import make_tiny_dataset
 
     return make_tiny_dataset(tmp_path_factory.mktemp("runtime-data"), n=4, size=64)
+
+
+@pytest.fixture
+def disk_full_at(monkeypatch):
+    """``disk_full_at(path)``: from then on, moving a finished file onto ``path`` fails with ENOSPC (every
+    atomic write ends in ``os.replace``), as a full disk would at the moment the result is saved."""
+    import errno
+    import os
+
+    real_replace = os.replace
+
+    def arm(path):
+        def replace(src, dst, **kwargs):
+            if Path(dst) == Path(path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+            return real_replace(src, dst, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+    return arm

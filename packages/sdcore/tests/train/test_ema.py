@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import sys
 import types
 from pathlib import Path
@@ -266,21 +265,13 @@ def test_cpu_ema_and_diffusers_warmup(tmp_path):
     _close(_shadow(session), reference_ema(session.method.raw, decay=0.999, warmup="diffusers")[2])
 
 
-def test_a_failed_save_rescues_the_average(tmp_path, monkeypatch):
-    import os
+def test_a_failed_save_rescues_the_average(tmp_path, disk_full_at):
 
     from sdcore.errors import SaveFailedError
 
     o = contract_options(Recording, tmp_path, {"max_steps": 2, "ema": True})
     result_path = Path(o.output)
-    real_replace = os.replace
-
-    def replace(src, dst, **kwargs):
-        if Path(dst) == result_path:
-            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
-        return real_replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "replace", replace)
+    disk_full_at(result_path)
     session = _session(o)
     with pytest.raises(SaveFailedError):
         session.run()

@@ -79,22 +79,14 @@ def test_failed_final_save_rescues_result_and_state_in_one_line(tmp_path, failin
     assert len(states) == 1 and states[0].name.endswith("00000003") and str(states[0]) in lines[-1]
 
 
-def test_rescue_goes_beside_the_state_when_only_the_result_fails(tmp_path, monkeypatch):
-    import os
+def test_rescue_goes_beside_the_state_when_only_the_result_fails(tmp_path, disk_full_at):
 
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.loop import train
 
     o = contract_options(ConvOutMethod, tmp_path)
     result_path = Path(o.output)
-    real_replace = os.replace
-
-    def replace(src, dst, **kwargs):
-        if Path(dst) == result_path:
-            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
-        return real_replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "replace", replace)
+    disk_full_at(result_path)
     method = ConvOutMethod(o)
     with pytest.raises(SaveFailedError, match="No space left on device") as info:
         train(method, bundle=create_tiny_bundle("sd1"))
@@ -107,10 +99,9 @@ def test_rescue_goes_beside_the_state_when_only_the_result_fails(tmp_path, monke
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
 
 
-def test_rescued_result_of_a_schedule_free_run_holds_its_evaluation_weights(tmp_path, monkeypatch):
+def test_rescued_result_of_a_schedule_free_run_holds_its_evaluation_weights(tmp_path, disk_full_at):
     """A schedule-free optimizer trains at y and its result is x (eval mode, as every save writes): the
     rescued result must be x too, not the training-mode weights the run stopped with."""
-    import os
 
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.loop import TrainSession
@@ -118,14 +109,7 @@ def test_rescued_result_of_a_schedule_free_run_holds_its_evaluation_weights(tmp_
     pytest.importorskip("schedulefree")
     o = contract_options(ConvOutMethod, tmp_path, {"optimizer": "AdamWScheduleFree", "lr": 0.05, "max_steps": 3})
     result_path = Path(o.output)
-    real_replace = os.replace
-
-    def replace(src, dst, **kwargs):
-        if Path(dst) == result_path:
-            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
-        return real_replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "replace", replace)
+    disk_full_at(result_path)
     method = ConvOutMethod(o)
     session = TrainSession(method, bundle=create_tiny_bundle("sd1"))
     with pytest.raises(SaveFailedError) as info:

@@ -14,14 +14,7 @@ import pytest
 DATA = Path(__file__).parent / "data" / "ai_toolkit"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(path, notes=None):

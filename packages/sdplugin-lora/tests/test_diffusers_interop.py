@@ -83,3 +83,28 @@ def test_diffusers_fuse_matches_kohya_formula(family, tmp_path):
     mine = all_params(ours)
     for key, want in expected.items():
         torch.testing.assert_close(mine[key], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["lora_fa", "dylora"])
+def test_kohya_lora_fa_and_dylora_files_fuse_in_diffusers(algo, tmp_path):
+    """LoRA-FA and DyLoRA save plain LoRA files (kohya's networks.lora_fa / networks.dylora write the same
+    keys), so diffusers must fuse a trained one to exactly kohya's formula too."""
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import train
+    from sdplugin_lora.method import LoraMethod
+
+    options = contract_options(LoraMethod, tmp_path, {"algo": algo, "rank": 4, "alpha": 2.0, "max_steps": 2,
+                                                      "lr": 1e-2, "train_text_encoder": True, "save_dtype": "fp32"})  # fmt: skip
+    path = train(LoraMethod(options), bundle=fresh_bundle("sd1")).output
+    assert read_lora(path).metadata["ss_network_module"] == f"networks.{algo}"
+    bundle = fresh_bundle("sd1")
+    expected = _expected(bundle, path, 0.8)
+    before = all_params(bundle)
+    pipe = _pipeline(bundle)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=0.8)
+    pipe.unload_lora_weights()
+    after = all_params(bundle)
+    assert {key for key in before if not torch.equal(before[key], after[key])} == set(expected)
+    for key, want in expected.items():
+        torch.testing.assert_close(after[key], want, atol=1e-5, rtol=0)

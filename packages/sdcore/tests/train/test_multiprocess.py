@@ -44,3 +44,25 @@ def test_two_processes_skip_to_the_initial_step_like_one(tmp_path):
         ConvOutMethod, tmp_path, values, extra_pythonpath=[str(Path(__file__).parent)]
     )
     assert len(record["losses"]) == 2  # steps 2 and 3 trained; the counter ended at 3
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_exits(tmp_path):
+    """A Gloo group alive at interpreter exit aborts the process about half the time (SIGABRT,
+    "terminate called without an active exception") after a run that saved everything: the
+    accelerator of a run registers its destruction at exit. A handler registered before it runs
+    after it (atexit is last-in first-out) and sees the group gone."""
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit
+import torch.distributed as dist
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))
+dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+from sdcore.train.options import TrainOptions
+from sdcore.train.placement import create_accelerator
+create_accelerator(TrainOptions())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "group alive at exit: False"

@@ -46,7 +46,7 @@ def create_accelerator(options: TrainOptions, *, log_with: str | None = None) ->
         AcceleratorState._reset_state()
         GradientState._reset_state()
     try:
-        return Accelerator(
+        accelerator = Accelerator(
             mixed_precision=options.mixed_precision,
             log_with=log_with,
             project_dir=options.log_dir,
@@ -55,6 +55,33 @@ def create_accelerator(options: TrainOptions, *, log_with: str | None = None) ->
         )
     except ValueError as exc:
         raise ConfigError(f"--mixed-precision {options.mixed_precision}: {exc}") from exc
+    destroy_process_group_at_exit()
+    return accelerator
+
+
+_exit_handler_registered = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Under ``accelerate launch``/torchrun: destroy the process group when the interpreter exits.
+
+    A process that ends with its Gloo group alive can abort in the interpreter's finalisation
+    ("terminate called without an active exception", exit code 134) after a run that saved
+    everything, which turns a finished run into a failed one for the launcher. The group is
+    destroyed at exit, not after the run, so a script that trains twice in one process keeps it.
+    """
+    global _exit_handler_registered
+    if _exit_handler_registered or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import atexit
+
+    def destroy() -> None:
+        with contextlib.suppress(Exception):  # already destroyed by the script, or torch tearing down
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
+    _exit_handler_registered = True
 
 
 def place_model(

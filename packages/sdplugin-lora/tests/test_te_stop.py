@@ -101,8 +101,11 @@ def test_preflight_problems_all_at_once(tmp_path):
     text = "\n".join(report.problems)
     assert "--stop-text-encoder-at must be at least 1 when given, got 0" in text
     assert "give the text-encoder stop as steps or as epochs, not both" in text
-    assert "need a run that trains the text encoder (--train-text-encoder)" in text  # LoRA on the UNet only
+    both = "--stop-text-encoder-at and --stop-text-encoder-after-epochs"
+    assert f"{both} need a run that trains the text encoder (--train-text-encoder)" in text  # LoRA on the UNet only
     assert "--ddp-static-graph" in text
+    report = _preflight(tmp_path, stop_text_encoder_at=3)
+    assert "--stop-text-encoder-at needs a run that trains the text encoder (--train-text-encoder)" in report.problems
     report = _preflight(tmp_path, te_only=True, stop_text_encoder_at=2)
     assert any("--te-only: nothing would train after the stop" in p for p in report.problems)
 

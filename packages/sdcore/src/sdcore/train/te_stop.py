@@ -107,7 +107,8 @@ def stop_option_problems(options: TrainOptions, method: TrainingMethod[Any] | No
     if len(given) > 1:
         problems.append(f"{flags}: give the text-encoder stop as steps or as epochs, not both")
     if method is not None and not method.capabilities().trains_text_encoder:
-        problems.append(f"{flags} need a run that trains the text encoder (--train-text-encoder)")
+        verb = "needs" if len(given) == 1 else "need"
+        problems.append(f"{flags} {verb} a run that trains the text encoder (--train-text-encoder)")
     if getattr(options, "ddp_static_graph", False):
         problems.append(
             f"{flags} with --ddp-static-graph: the text encoder's parameters stop getting gradients at the stop, "

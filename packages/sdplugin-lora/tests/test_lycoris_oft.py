@@ -215,7 +215,9 @@ def _trained(tmp_path, algo, *, rescaled=True, constraint=0.0, std=0.05):
     g = torch.Generator().manual_seed(0)
     for module in method.network:
         _randomise(module, std, g)
-    path = method.save(bundle, SaveInfo(path=tmp_path / f"{algo}.safetensors", step=1, epoch=1, metadata={}, final=True))
+    path = method.save(
+        bundle, SaveInfo(path=tmp_path / f"{algo}.safetensors", step=1, epoch=1, metadata={}, final=True)
+    )
     return bundle, method, path
 
 

@@ -325,7 +325,7 @@ class OftVariant(Variant):
 
     algo = "oft"
     markers = ("oft_blocks",)
-    keys = ("oft_blocks",)
+    keys: ClassVar[tuple[str, ...]] = ("oft_blocks",)
     multiplicative = True
 
     @classmethod

@@ -325,7 +325,7 @@ class OftVariant(Variant):
 
     algo = "oft"
     markers = ("oft_blocks",)
-    keys = ("oft_blocks",)
+    keys: ClassVar[tuple[str, ...]] = ("oft_blocks",)
     multiplicative = True
 
     @classmethod
@@ -374,13 +374,135 @@ class OftVariant(Variant):
         return (rotated - w).reshape(shape)
 
 
-VARIANTS: tuple[type[Variant], ...] = (LoraVariant, LohaVariant, LokrVariant, FullVariant, OftVariant, NormVariant)
+def butterfly_factorization(dimension: int, factor: int = -1) -> tuple[int, int] | None:
+    """LyCORIS' BOFT split (``power2factorization``): ``(b, n)`` with ``b·n = dimension``, ``b`` the largest
+    even block size up to ``factor`` (-1: any) and ``n`` a power of two (the butterfly needs ``log2 n``
+    levels of pairwise mixing); ``None`` when no such split exists (LyCORIS refuses the layer then)."""
+    limit = dimension if factor == -1 else min(factor, dimension)
+    found = None
+    for size in range(2, limit + 1, 2):
+        count = dimension // size
+        if dimension % size == 0 and count & (count - 1) == 0:
+            found = size
+    return (found, dimension // found) if found else None
 
 
-def variant_of(t: Tensors) -> type[Variant] | None:
-    """The variant whose tensors ``t`` holds (``None`` when none is complete)."""
+def lycoris_cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """LyCORIS' ``get_r`` for diag-oft and BOFT: ``Q = B - Bᵀ`` over the last two axes; when
+    ``constraint > 0`` and ``‖Q‖ + 1e-8`` (all blocks together) exceeds it, ``Q`` is scaled to
+    ``constraint / (‖Q‖ + 1e-8)``; then the Cayley transform ``R = (I + Q)(I - Q)⁻¹`` (orthogonal).
+
+    kohya's clamp (:meth:`OftVariant.skew`) differs only by its ``+ 1e-8`` placement. The comparison
+    runs on the device (``torch.where``), so the forward needs no host sync."""
+    q = blocks.float() - blocks.float().transpose(-1, -2)
+    if constraint > 0:
+        norm = q.norm() + 1e-8
+        q = q * torch.where(norm > constraint, constraint / norm, torch.ones_like(norm))
+    eye = torch.eye(int(q.shape[-1]), device=q.device)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+class DiagOftVariant(OftVariant):
+    """LyCORIS ``diag-oft`` (``DiagOFTModule``): kohya's block-diagonal Cayley rotation of the output
+    channels, ``W' = Rᵀ W`` per block, written by LyCORIS as ``lora_unet_...`` modules with
+    ``oft_blocks`` ``[blocks, size, size]``, ``alpha`` = the constraint (``‖Q‖`` clamped to
+    ``alpha · out``; 0 = none) and, with ``rescaled``, ``rescale`` ``[out, 1, ...]``:
+    ``W' = rescale · Rᵀ W``.
+
+    Its tensors are kohya OFT's plus ``rescale``: a module without ``rescale`` is told apart by its
+    name only (``lora_`` prefix; kohya writes ``oft_unet_``), see :func:`variant_of`. The "rank" is the
+    block size (LyCORIS' ``network_dim`` when it divides the width)."""
+
+    algo = "diag_oft"
+    keys = ("oft_blocks", "rescale")
+
+    @classmethod
+    def matches(cls, t: Tensors) -> bool:
+        return "oft_blocks" in t and t["oft_blocks"].dim() == 3 and "rescale" in t
+
+    @classmethod
+    def complete(cls, t: Tensors) -> bool:
+        return "oft_blocks" in t  # ``rescale`` is optional (it only marks the variant without a name)
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        return int(t["oft_blocks"].shape[-1])
+
+    @classmethod
+    def rotation_blocks(cls, t: Tensors, out_dim: int) -> torch.Tensor:
+        """The ``[..., size, size]`` orthogonal blocks ``R`` in fp32 (LyCORIS' ``get_r``)."""
+        return lycoris_cayley(t["oft_blocks"], cls.constraint(t, out_dim))
+
+    @classmethod
+    def rotate(cls, t: Tensors, w: torch.Tensor) -> torch.Tensor:
+        """``Rᵀ W`` for ``W`` ``[out, fan-in]`` (the rows rotated, block by block)."""
+        r = cls.rotation_blocks(t, int(w.shape[0])).to(w.device)
+        count, size = int(r.shape[0]), int(r.shape[1])
+        return (r.transpose(1, 2) @ w.reshape(count, size, -1)).reshape(w.shape)
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError(f"{cls.algo} rotates the base weight: its change needs that weight")
+        w = base.detach().float().reshape(shape[0], -1)
+        rotated = cls.rotate(t, w)
+        if "rescale" in t:
+            rotated = t["rescale"].float().reshape(-1, 1).to(w.device) * rotated
+        return (rotated - w).reshape(shape)
+
+
+class BoftVariant(DiagOftVariant):
+    """LyCORIS ``boft`` (``ButterflyOFTModule``): ``m`` butterfly levels, each a block-diagonal Cayley
+    rotation (blocks of ``b`` rows) applied after a fixed permutation of the output rows, composed
+    into one orthogonal matrix; ``oft_blocks`` is ``[m, n, b, b]`` (``n·b = out``, ``n`` a power of
+    two, ``m = log2 n + 1``), ``alpha`` the constraint on all levels' ``Q`` together (times ``out``),
+    ``rescale`` as diag-oft's.
+
+    Level ``i`` groups rows in pairs of runs of ``k = 2^i · b/2`` rows: row ``(c, g, j)`` (``c``
+    chunk, ``g`` in {0, 1}, ``j < k``) moves to position ``(c, j, g)``, the rows are multiplied by
+    ``R_i`` (``W ← R_i W`` per block of ``b``, *not* transposed, unlike diag-oft), and moved back."""
+
+    algo = "boft"
+
+    @classmethod
+    def matches(cls, t: Tensors) -> bool:
+        return "oft_blocks" in t and t["oft_blocks"].dim() == 4
+
+    @classmethod
+    def rotate(cls, t: Tensors, w: torch.Tensor) -> torch.Tensor:
+        r = cls.rotation_blocks(t, int(w.shape[0])).to(w.device)
+        out, size = int(w.shape[0]), int(r.shape[-1])
+        for level, blocks in enumerate(r.unbind(0)):
+            k = 2**level * (size // 2)
+            order = torch.arange(out, device=w.device).reshape(-1, 2, k).transpose(1, 2).reshape(-1)
+            mixed = (blocks @ w[order].reshape(out // size, size, -1)).reshape(w.shape)
+            w = torch.empty_like(mixed).index_copy_(0, order, mixed)
+        return w
+
+
+VARIANTS: tuple[type[Variant], ...] = (
+    LoraVariant,
+    LohaVariant,
+    LokrVariant,
+    FullVariant,
+    BoftVariant,
+    DiagOftVariant,
+    OftVariant,
+    NormVariant,
+)
+
+
+def variant_of(t: Tensors, key: str | None = None) -> type[Variant] | None:
+    """The variant whose tensors ``t`` holds (``None`` when none is complete).
+
+    ``key`` is the module's name in the file, when known: 3-D ``oft_blocks`` under a LyCORIS name
+    (``lora_unet_``/``lora_te``...) are diag-oft, under kohya's ``oft_unet_`` kohya OFT, as ComfyUI
+    tells them apart (it loads ``lora_`` modules with LyCORIS' maths and no ``oft_unet_`` module).
+    Without a name, only ``rescale`` marks diag-oft; the two compute the same change without it."""
     for variant in VARIANTS:
         if variant.matches(t):
+            if variant is OftVariant and key is not None and not key.startswith("oft_"):
+                variant = DiagOftVariant
             return variant if variant.complete(t) else None
     return None
 
@@ -1443,6 +1565,102 @@ class FullAdapter(Adapter):
     algo = "full"
 
 
+class DiagOftAdapter(Adapter):
+    """LyCORIS diag-oft on a Linear/Conv2d (``DiagOFTModule``): ``rank`` is LyCORIS' ``lora_dim``, split
+    with the width by :func:`factorization` into ``(block size, block count)`` (the smaller is the block
+    size); ``constraint`` (LyCORIS' network_arg, default 0 = none; the file's ``alpha``) and ``rescaled``
+    (a per-output ``rescale`` vector, starting at 1). ``oft_blocks`` start at zero, so ``R = I``.
+    LyCORIS ignores ``network_alpha`` for it.
+
+    The change is ``rescale · Rᵀ W - W`` and the bias is left alone (LyCORIS adds the change through
+    ``op(x, ΔW, bias=None)``). A multiplier ``m`` gives ``m · ΔW``: LyCORIS interpolates the blocks
+    (``m·R + (1-m)·I``), which is the same change without ``rescale``; with ``rescale`` LyCORIS keeps
+    ``(rescale - 1)·W`` at every ``m`` (see the package README)."""
+
+    variant: ClassVar[type[Variant]] = DiagOftVariant
+    algo = "diag_oft"
+    rescale: nn.Parameter | None
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        constraint: float = 0.0,
+        rescaled: bool = False,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+        blocks_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__(name, base, rank, 1.0, multiplier=multiplier, module_dropout=module_dropout)
+        self._scale = 1.0
+        self.alpha.fill_(float(constraint))
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        shape = blocks_shape or self.blocks_shape(int(weight.shape[0]), rank)
+        self.oft_blocks = nn.Parameter(torch.zeros(*shape))
+        rest = [1] * (weight.dim() - 1)
+        self.rescale = nn.Parameter(torch.ones(int(weight.shape[0]), *rest)) if rescaled else None
+
+    @staticmethod
+    def blocks_shape(out_dim: int, rank: int) -> tuple[int, ...]:
+        """``oft_blocks``' shape for a layer ``out_dim`` wide at LyCORIS ``lora_dim`` ``rank``."""
+        size, count = factorization(out_dim, rank)
+        return (count, size, size)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale = 1.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {"oft_blocks": self.oft_blocks, "alpha": self.alpha}
+        if self.rescale is not None:
+            t["rescale"] = self.rescale
+        return t
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        blocks = t["oft_blocks"]
+        adapter = cls(
+            name,
+            base,
+            int(blocks.shape[-1]),
+            constraint=float(t["alpha"]) if "alpha" in t else 0.0,
+            rescaled="rescale" in t,
+            multiplier=multiplier,
+            blocks_shape=tuple(int(d) for d in blocks.shape),
+        )
+        with torch.no_grad():
+            adapter.oft_blocks.copy_(blocks.detach().float())
+            if adapter.rescale is not None:
+                adapter.rescale.copy_(t["rescale"].detach().float().reshape(adapter.rescale.shape))
+        return adapter
+
+
+class BoftAdapter(DiagOftAdapter):
+    """LyCORIS BOFT on a Linear/Conv2d (``ButterflyOFTModule``): ``rank`` is LyCORIS' ``lora_dim``, the
+    largest even block size ``b`` up to it with ``out / b`` a power of two ``n``
+    (:func:`butterfly_factorization`; a ``ValueError`` when there is none, as LyCORIS raises);
+    ``oft_blocks`` ``[log2 n + 1, n, b, b]`` at zero; ``constraint``, ``rescaled``, bias and
+    multiplier as :class:`DiagOftAdapter` (LyCORIS interpolates each level's rotation by ``m``, so
+    only ``m`` = 1 (or 0) is LyCORIS' exact change; see the package README)."""
+
+    variant = BoftVariant
+    algo = "boft"
+
+    @staticmethod
+    def blocks_shape(out_dim: int, rank: int) -> tuple[int, ...]:
+        split = butterfly_factorization(out_dim, rank)
+        if split is None:
+            raise ValueError(
+                f"BOFT cannot split width {out_dim} at block size <= {rank}: it needs an even block size b <= "
+                f"{rank} with {out_dim} / b a power of two"
+            )
+        size, count = split
+        return (int(count - 1).bit_count() + 1, count, size, size)
+
+
 #: the adapter class of each variant (for files) and of each ``--algo`` (for training)
 ADAPTER_OF_VARIANT: dict[type[Variant], type[Adapter]] = {
     LoraVariant: LoraAdapter,
@@ -1451,6 +1669,8 @@ ADAPTER_OF_VARIANT: dict[type[Variant], type[Adapter]] = {
     FullVariant: FullAdapter,
     OftVariant: OftAdapter,
     NormVariant: NormAdapter,
+    DiagOftVariant: DiagOftAdapter,
+    BoftVariant: BoftAdapter,
 }
 TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
     "lora": LoraAdapter,
@@ -1461,13 +1681,18 @@ TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
     "oft": OftAdapter,
     "lora_fa": LoraFaAdapter,
     "dylora": DyLoraAdapter,
+    "diag_oft": DiagOftAdapter,
+    "boft": BoftAdapter,
 }
 assert set(TRAINING_ADAPTERS) == set(ALGOS), "algos.ALGOS and the adapter registry must list the same algorithms"
 
 
-def adapter_from_tensors(name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
-    """The adapter of a file module's tensors on ``base`` (``ValueError`` if no variant fits)."""
-    variant = variant_of(t)
+def adapter_from_tensors(
+    name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0, variant: type[Variant] | None = None
+) -> Adapter:
+    """The adapter of a file module's tensors on ``base`` (``ValueError`` if no variant fits); ``variant``
+    when the caller knows it from the file's key (:func:`variant_of`)."""
+    variant = variant or variant_of(t)
     if variant is None:
         raise ValueError(f"{name}: unsupported LoRA module with tensors {sorted(t)}")
     return ADAPTER_OF_VARIANT[variant].from_tensors(name, base, t, multiplier=multiplier)
@@ -1509,6 +1734,10 @@ __all__ = [
     "TRAINING_ADAPTERS",
     "VARIANTS",
     "Adapter",
+    "BoftAdapter",
+    "BoftVariant",
+    "DiagOftAdapter",
+    "DiagOftVariant",
     "Dora",
     "DyLoraAdapter",
     "FullAdapter",
@@ -1527,8 +1756,10 @@ __all__ = [
     "SharedDownLora",
     "Variant",
     "adapter_from_tensors",
+    "butterfly_factorization",
     "effective_delta",
     "factorization",
+    "lycoris_cayley",
     "needs_base",
     "rank_dropout_mask",
     "scaled_hidden",

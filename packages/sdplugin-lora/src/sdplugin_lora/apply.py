@@ -132,7 +132,9 @@ def apply_lora(
 
 
 def _adapter(target: Target, weights: ModuleWeights, multiplier: float) -> Adapter:
-    adapter = adapter_from_tensors(target.name, target.module, weights.tensors, multiplier=multiplier)
+    adapter = adapter_from_tensors(
+        target.name, target.module, weights.tensors, multiplier=multiplier, variant=weights.variant
+    )
     return adapter.to(target.module.weight.device)
 
 

@@ -65,10 +65,12 @@ class ModuleWeights:
     """The tensors of one module of a file, by variant tensor name; the maths is its variant's."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the module's name in the file ("" when unknown): it tells kohya OFT from LyCORIS diag-oft
+    key: str = ""
 
     @property
     def variant(self) -> type[Variant] | None:
-        return variant_of(self.tensors)
+        return variant_of(self.tensors, self.key or None)
 
     @property
     def kind(self) -> str:
@@ -171,7 +173,7 @@ def parse_state_dict(
         for suffix, part in _SUFFIXES:
             if key.endswith(suffix):
                 module_key = key[: -len(suffix)]
-                modules.setdefault(module_key, ModuleWeights()).tensors[part] = tensor
+                modules.setdefault(module_key, ModuleWeights(key=module_key)).tensors[part] = tensor
                 break
         else:
             unknown.append(key)

@@ -130,6 +130,17 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "(additive w_norm/b_norm in the file).",
         group="lora",
     )
+    constraint: float = option(
+        0.0,
+        "LyCORIS constraint (--algo diag_oft/boft): the norm of all of a layer's skew blocks is kept below "
+        "constraint * output width (0: no limit); stored as the module's alpha.",
+        group="lora",
+    )
+    rescaled: bool = option(
+        False,
+        "LyCORIS rescaled (--algo diag_oft/boft): also train a per-output-channel scale (rescale, starting at 1).",
+        group="lora",
+    )
     block_dims: str | None = option(
         None,
         "kohya block_dims: ranks per UNet block, comma-separated (25 values SD1/SD2, 23 SDXL); 0 leaves a block out.",
@@ -210,7 +221,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (
         "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
-        "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm",
+        "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -391,8 +402,35 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         if not o.oft_all_linear and o.algo != "oft":
             problems.append(f"--no-oft-all-linear is for --algo oft (got --algo {o.algo})")
+        problems += self._lycoris_oft_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _lycoris_oft_problems(self) -> list[str]:
+        """What LyCORIS' diag-oft/BOFT modules do not have, and their options given to other algos."""
+        o = self.options
+        problems: list[str] = []
+        if o.algo not in ("diag_oft", "boft"):
+            given = [f for f, v in (("--constraint", o.constraint), ("--rescaled", o.rescaled)) if v]
+            if given:
+                problems.append(f"{', '.join(given)}: LyCORIS diag-oft/BOFT options (got --algo {o.algo})")
+            return problems
+        if o.constraint < 0 or o.constraint != o.constraint:
+            problems.append(f"--constraint must be 0 (no limit) or positive (got {o.constraint})")
+        unused = [f for f, v in (("--dropout", o.dropout), ("--rank-dropout", o.rank_dropout),
+                                 ("--use-tucker", o.use_tucker), ("--scale-weight-norms", o.scale_weight_norms)) if v]  # fmt: skip
+        if unused:
+            problems.append(
+                f"{', '.join(unused)} with --algo {o.algo}: not reproduced for LyCORIS' orthogonal modules "
+                "(no Tucker core; their dropouts and max-norm act on the rotation blocks); drop them"
+            )
+        if o.network_multiplier != 1 and (o.algo == "boft" or o.rescaled):
+            problems.append(
+                f"--network-multiplier {o.network_multiplier} with --algo {o.algo}"
+                f"{' --rescaled' if o.rescaled else ''}: LyCORIS interpolates the rotations by the multiplier, "
+                "which sdcore's linear multiplier matches only at 1"
+            )
+        return problems
 
     def _weights_file_problems(self) -> list[str]:
         """--dim-from-weights and --base-weights values (kohya's train_network.py reads them)."""
@@ -541,6 +579,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             multiplier=self.options.network_multiplier,
             decompose_both=self.options.decompose_both,
             rank_dropout_scale=self.options.rank_dropout_scale,
+            constraint=self.options.constraint,
+            rescaled=self.options.rescaled,
             norms=index.select_norms(conv=conv) if self.options.train_norm and self.train_unet else (),
         )
         if self.options.network_weights:
@@ -853,7 +893,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if o.algo == "dylora":
             args["unit"] = o.dylora_unit
         if module == "lycoris.kohya":  # what sd-scripts writes for LyCORIS networks
-            args["algo"] = {"dora": "lora", "lora": "locon"}.get(o.algo, o.algo)
+            args["algo"] = {"dora": "lora", "lora": "locon", "diag_oft": "diag-oft"}.get(o.algo, o.algo)
+            if o.algo in ("diag_oft", "boft"):
+                args["constraint"] = o.constraint
+                args["rescaled"] = o.rescaled
             if o.algo == "dora":
                 args["dora_wd"] = True
                 args["wd_on_output"] = False  # our magnitude layout (LyCORIS' default is True)

@@ -20,6 +20,7 @@ from torch import nn
 from .adapters import (
     TRAINING_ADAPTERS,
     Adapter,
+    DiagOftAdapter,
     DyLoraAdapter,
     LohaAdapter,
     LokrAdapter,
@@ -75,6 +76,8 @@ class LoraNetwork(nn.Module):
         decompose_both: bool = False,
         rank_dropout_scale: bool = False,
         norms: Iterable[Target] = (),
+        constraint: float = 0.0,
+        rescaled: bool = False,
     ) -> LoraNetwork:
         """kohya's rule: Linear and 1x1 conv get ``rank``/``alpha``; kxk convs ``conv_rank``/``conv_alpha``
         (skipped when no conv rank). ``algo`` picks the adapter (:data:`sdplugin_lora.algos.ALGOS`);
@@ -89,7 +92,8 @@ class LoraNetwork(nn.Module):
 
         LyCORIS options: ``decompose_both`` (LoKr: ``w1`` low-rank too), ``rank_dropout_scale`` (the
         rank-dropout mask divided by its mean) and ``norms`` (``train_norm``: a :class:`NormAdapter`
-        on each of these GroupNorm/LayerNorm targets, ``ModuleIndex.select_norms``)."""
+        on each of these GroupNorm/LayerNorm targets, ``ModuleIndex.select_norms``); ``constraint`` and
+        ``rescaled`` (diag-oft, BOFT). A layer BOFT cannot split is a ``ConfigError`` naming every one."""
         if algo not in ALGOS:
             raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
         adapter_cls = TRAINING_ADAPTERS[algo]
@@ -99,6 +103,7 @@ class LoraNetwork(nn.Module):
             raise ValueError(f"a shared-down LoRA is plain LoRA; --algo {algo} cannot share downs")
         grouped = {target.name for _, members in groups for target in members}
         modules: list[Adapter] = []
+        unsplit: list[str] = []
         for name, members in groups:
             r, a = rank, alpha
             if rank_for is not None:
@@ -158,6 +163,14 @@ class LoraNetwork(nn.Module):
                     raise ConfigError(f"--algo dylora: {exc}") from None
                 continue
             common: dict[str, Any] = {"multiplier": multiplier, "module_dropout": module_dropout}
+            if issubclass(adapter_cls, DiagOftAdapter):  # LyCORIS diag-oft / BOFT: rank = lora_dim
+                try:
+                    modules.append(
+                        adapter_cls(target.name, target.module, r, constraint=constraint, rescaled=rescaled, **common)
+                    )
+                except ValueError as exc:
+                    unsplit.append(f"{target.name} ({exc})")
+                continue
             if adapter_cls is LoraFaAdapter:
                 common.update(dropout=dropout, rank_dropout=rank_dropout)
             elif adapter_cls is LoraAdapter:
@@ -169,6 +182,12 @@ class LoraNetwork(nn.Module):
             else:
                 common.update(tucker=use_tucker, rank_dropout=rank_dropout, rank_dropout_scale=rank_dropout_scale)
             modules.append(adapter_cls(target.name, target.module, r, a, **common))
+        if unsplit:
+            from sdcore.errors import ConfigError
+
+            raise ConfigError(
+                f"--algo {algo} --rank {rank}: {len(unsplit)} layers cannot be split: {'; '.join(unsplit)}"
+            )
         for target in norms:  # LyCORIS passes the network's rank and module dropout to its NormModules
             modules.append(
                 NormAdapter(

@@ -529,6 +529,7 @@ def module_shape(name: str, weights: ModuleWeights, family: str | None) -> str:
 
 
 _ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "oft": "OFT", "unknown": "unknown"}
+_ALGO_LABEL |= {"diag_oft": "Diag-OFT", "boft": "BOFT"}  # LyCORIS' orthogonal modules
 
 
 def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:

@@ -710,7 +710,6 @@ _MODULE_ARGS = {
 #: network_args keys without an effect at these values
 NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "use_scalar": ("false",),
-    "rescaled": ("false",),
     "constrain": ("0", "0.0"),
     "use_tucker": ("false",),
     "use_cp": ("false",),
@@ -723,18 +722,13 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
 #: LyCORIS network_args that are sdcore LoRA options of the same name (kohya's own modules ignore them)
 _LYCORIS_ONLY_ARGS = ("decompose_both", "rank_dropout_scale", "train_norm")
 _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+_LYCORIS_ALGOS |= {"diag-oft": "diag_oft", "boft": "boft"}  # LyCORIS' orthogonal algos (sdcore's spelling)
 #: LyCORIS algos sdcore does not train -> what each is, and the nearest thing sdcore trains (LyCORIS f49d30d)
 LYCORIS_OTHER_ALGOS = {
     "dylora": "LyCORIS' DyLoRA trains only the first b+1 blocks per step, scaled by alpha/(b+1); kohya's "
     "networks.dylora (which sdcore trains) keeps the whole rank and scales by alpha/rank * sqrt(rank/(b+unit)), "
     "another network; the nearest is network_module = networks.dylora with unit = block_size",
-    "diag-oft": "Diag-OFT rotates each layer's output channels by the same Cayley blocks as kohya's networks.oft, "
-    "but its network_dim is the block size (kohya's: the block count), its constraint defaults to 0, it may add "
-    "a rescale vector and also adapts the text encoder and convs: not the same network; the nearest is "
-    "network_module = networks.oft (network_dim = blocks per layer)",
     "oft": "LyCORIS has no algo=oft (its OFT is diag-oft); kohya's OFT is network_module = networks.oft",
-    "boft": "BOFT (butterfly OFT) composes log2-many butterfly-structured rotations; sdcore trains only kohya's "
-    "one block-diagonal rotation: network_module = networks.oft is the nearest",
     "ia3": "(IA)^3 learns per-channel scaling vectors (weight, on_input); sdcore does not train it and has no "
     "equivalent (a low-rank lora/locon is the nearest small network)",
     "glora": "GLoRA (generalised LoRA: W + W·A + B, a1/a2/b1/b2) is not trained by sdcore; the nearest is "
@@ -1334,12 +1328,20 @@ def _network(
             )
             return
         if algo and algo not in _LYCORIS_ALGOS:
-            out.problems.append(f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, loha, lokr)")
+            out.problems.append(
+                f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, loha, lokr, diag-oft, boft)"
+            )
             return
         chosen = _LYCORIS_ALGOS[algo or "lora"]
         for name in [n for n in _LYCORIS_TUCKER if n in args][1:]:
             args.pop(name)  # LyCORIS reads the first of these that is given (its values are non-empty strings)
         _lycoris_as_kohya_runs_it(args, chosen, out, put)
+        for key in ("constraint", "rescaled"):  # read by diag-oft and BOFT only (rescaled with str_bool)
+            raw = args.pop(key, None)
+            if raw is not None and chosen in ("diag_oft", "boft"):
+                put(key, _lycoris_str_bool(raw, key, out) if key == "rescaled" else raw, f"network_args {key}")
+            elif raw is not None:
+                out.notes.append(f"network_args {key}={raw}: LyCORIS reads it for diag-oft and boft only")
         if _lycoris_str_bool(args.pop("dora_wd", "false"), "dora_wd", out):
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")

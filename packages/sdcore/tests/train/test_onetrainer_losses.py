@@ -419,3 +419,24 @@ def test_onetrainer_refusals_that_remain(tmp_path):
         with pytest.raises(ConfigError) as info:
             _load(tmp_path, config)
         assert expected in str(info.value), (expected, str(info.value))
+
+
+def test_cli_flags_reach_the_preflight_one_line_each(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.specs import MethodSpec
+    from sdcore.train.cli import build_train_command
+
+    command = build_train_command(MethodSpec(name="convout", summary="test", method="runtime_methods:ConvOutMethod"))
+    o = contract_options(ConvOutMethod, tmp_path, {})
+    base = ["--model", "tiny:sd1", "--data", o.data, "--output", str(tmp_path / "r.safetensors"), "--dry-run",
+            "--resolution", "64"]  # fmt: skip
+    bad = ["--loss-type", "mix", "--mse-strength", "0", "--timestep-distribution", "heavy_tail", "--noising-weight",
+           "5", "--sigma-loss-weight"]  # fmt: skip
+    result = CliRunner().invoke(command, [*base, *bad])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 3 and "Traceback" not in result.output, result.output
+    assert "every strength 0" in errors[0] and "heavy_tail's scale" in errors[1] and "--sigma-loss-weight" in errors[2]
+    good = ["--loss-type", "mix", "--mae-strength", "0.5", "--timestep-distribution", "cos_map", "--p2-loss-gamma", "1"]
+    result = CliRunner().invoke(command, [*base, *good])
+    assert result.exit_code == 0, result.output

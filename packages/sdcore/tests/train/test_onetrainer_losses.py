@@ -100,6 +100,8 @@ def ref_unit_cdf(kind: str, x: torch.Tensor, w: float, b: float) -> torch.Tensor
         return 1 - (lo + hi) / 2
     if (w, b) == (2.0, 3.0):  # Beta(2, 3): I_x(2, 3) = sum_{j=2..4} C(4, j) x^j (1 - x)^(4 - j)
         return sum(math.comb(4, j) * x**j * (1 - x) ** (4 - j) for j in range(2, 5))
+    if (w, b) == (0.5, 0.5):  # the arcsine distribution: 2 / pi asin(sqrt(x))
+        return 2 / math.pi * torch.asin(x.sqrt())
     assert b == 1.0  # Beta(w, 1): x^w
     return x**w
 
@@ -240,6 +242,7 @@ CASES = [  # kind, noising_weight, noising_bias, min/max_noising_strength, shift
     ("heavy_tail", 0.8, 0.0, 0.0, 1.0, 3.0),
     ("beta", 0.5, 1.0, 0.0, 1.0, 1.0),
     ("beta", 2.0, 3.0, 0.1, 0.9, 2.0),
+    ("beta", 0.5, 0.5, 0.0, 1.0, 1.0),
     ("sigmoid", 6.0, 0.1, 0.0, 1.0, 1.0),
     ("sigmoid", 3.0, -0.2, 0.1, 0.9, 3.0),
     ("cos_map", 0.0, 0.0, 0.0, 1.0, 1.0),

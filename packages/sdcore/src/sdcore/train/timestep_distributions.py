@@ -69,14 +69,15 @@ def bucket_weights(kind: str, count: int, weight: float, bias: float, shift: flo
     return density * derivative
 
 
-def _gamma(shape: float, generator: torch.Generator) -> float:
-    """One Gamma(shape, 1) variate from ``generator`` (Marsaglia and Tsang 2000; shape < 1 boosted by
-    ``U^(1/shape)``)."""
+def _log_gamma_variate(shape: float, generator: torch.Generator) -> float:
+    """The logarithm of one Gamma(shape, 1) variate from ``generator`` (Marsaglia and Tsang 2000; a shape
+    below 1 boosted by ``U^(1/shape)``, kept as a logarithm so OneTrainer's 1e-4 floor does not underflow)."""
     import torch
 
-    boost = 1.0
+    log_boost = 0.0
     if shape < 1.0:
-        boost = float(torch.rand((), generator=generator)) ** (1.0 / shape)
+        u = float(torch.rand((), generator=generator))
+        log_boost = math.log(max(u, 1e-300)) / shape
         shape += 1.0
     d = shape - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)
@@ -87,7 +88,7 @@ def _gamma(shape: float, generator: torch.Generator) -> float:
             continue
         u = float(torch.rand((), generator=generator))
         if u > 0 and math.log(u) < 0.5 * x * x + d - d * v + d * math.log(v):
-            return d * v * boost
+            return math.log(d * v) + log_boost
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,9 @@ class TimestepDistribution:
             return 1.0 - torch.rand(count, generator=generator).pow(1.0 / beta)
         gen = generator if generator is not None else torch.default_generator
         values = []
-        for _ in range(count):
-            a, b = _gamma(alpha, gen), _gamma(beta, gen)
-            values.append(a / (a + b) if a + b > 0 else float(a >= b))
+        for _ in range(count):  # X / (X + Y) = sigmoid(log X - log Y) for X ~ Gamma(alpha), Y ~ Gamma(beta)
+            log_a, log_b = _log_gamma_variate(alpha, gen), _log_gamma_variate(beta, gen)
+            values.append(1.0 / (1.0 + math.exp(min(log_b - log_a, 700.0))))
         return torch.tensor(values, dtype=torch.float32)
 
     def draw(self, generator: torch.Generator | None = None, count: int = 1) -> torch.Tensor:

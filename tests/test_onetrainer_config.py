@@ -204,16 +204,16 @@ def test_ema_modes_become_the_runtime_ema(tmp_path):
 
 def test_refusals_by_name_all_at_once(tmp_path):
     config = {
-        **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "COS_MAP", "masked_training": True,
+        **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "LINEAR", "masked_training": True,
         "masked_prior_preservation_weight": 0.5,
-        "loss_weight_fn": "P2", "huber_strength": 0.5, "peft_type": "OFT_2", "resolution": "512,768",
+        "loss_weight_fn": "SIGMA", "mse_strength": 0.0, "peft_type": "OFT_2", "resolution": "512,768",
         "unet": {"weight_dtype": "NFLOAT_4"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
         "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
     }  # fmt: skip
     text = _problems(tmp_path, config)
-    for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'COS_MAP'",
+    for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'LINEAR'",
                      "masked_prior_preservation_weight 0.5",
-                     "loss_weight_fn 'P2'", "huber_strength", "peft_type 'OFT_2'", "resolution '512,768'",
+                     "loss_weight_fn 'SIGMA'", "every loss strength is 0", "peft_type 'OFT_2'", "resolution '512,768'",
                      "unet.weight_dtype 'NFLOAT_4'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
                      "dropout_probability 0.1"):  # fmt: skip
         assert expected in text, expected
@@ -392,15 +392,20 @@ def test_heavy_tail_is_the_mode_sampling_with_noising_weight_as_scale(tmp_path):
     assert "noising_weight 2.5" in _problems(tmp_path, {**config, "noising_weight": 2.5})
 
 
-def test_flow_distributions_without_a_counterpart_say_why(tmp_path):
-    text = _problems(tmp_path, {**SD3_LORA, "timestep_distribution": "SIGMOID"})
-    assert "not kohya's sigmoid(N(0, 1)) sampling" in text
-    text = _problems(tmp_path, {**SD3_LORA, "min_noising_strength": 0.2})
-    assert "before the timestep shift" in text
+def test_flow_distributions_become_sdcore_timestep_distributions(tmp_path):
+    # ModelSetupNoiseMixin: SIGMOID/COS_MAP/INVERTED_PARABOLA/BETA, and any range (narrowed before the shift), are
+    # OneTrainer's own draw: sdcore's --timestep-distribution with the same weight, bias, range and shift
+    o = _load(tmp_path, {**SD3_LORA, "timestep_distribution": "SIGMOID", "noising_weight": 2.0, "noising_bias": 0.1,
+                         "timestep_shift": 3.0})  # fmt: skip
+    assert (o.timestep_distribution, o.noising_weight, o.noising_bias, o.discrete_flow_shift) == ("sigmoid", 2, 0.1, 3)
+    o = _load(tmp_path, {**SD3_LORA, "min_noising_strength": 0.2})
+    assert (o.timestep_distribution, o.min_noising_strength, o.max_noising_strength) == ("uniform", 0.2, 1.0)
+    o = _load(tmp_path, {**SD3_LORA, "timestep_distribution": "LOGIT_NORMAL"})  # the whole range: kohya's sampling
+    assert (o.timestep_distribution, o.timestep_sampling) == (None, "logit_normal")
     assert "SD3/Flux train with flow matching" in _problems(tmp_path, {**SD3_LORA, "loss_weight_fn": "MIN_SNR_GAMMA"})
 
 
-def _debiased_weights(prediction_type: str):
+def _debiased_weights(prediction_type: str, sqrt: bool = False):
     """sdcore's --debiased-estimation-loss weights and OneTrainer's __debiased_estimation_weight (rewritten:
     rsqrt(clip(snr, max=1000) (+ 1 for v-prediction))) on SD's DDPM schedule at every timestep."""
     import torch
@@ -411,7 +416,9 @@ def _debiased_weights(prediction_type: str):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
     )
     timesteps = torch.arange(1000)
-    sdcore = post_process_loss(torch.ones(1000), timesteps, scheduler, debiased_estimation_loss=True)
+    sdcore = post_process_loss(
+        torch.ones(1000), timesteps, scheduler, debiased_estimation_loss=True, debiased_estimation_sqrt=sqrt
+    )
     abar = scheduler.alphas_cumprod.float()
     snr = (abar.sqrt() / (1 - abar).sqrt()) ** 2  # DiffusionScheduleCoefficients: (sqrt(abar) / sqrt(1 - abar))^2
     snr = torch.clip(snr, max=1.0e3)
@@ -419,25 +426,32 @@ def _debiased_weights(prediction_type: str):
     return sdcore, onetrainer
 
 
-def test_debiased_estimation_maps_for_epsilon_models_only(tmp_path):
+def test_debiased_estimation_maps_with_onetrainer_s_v_prediction_weight(tmp_path):
     import torch
 
     o = _load(tmp_path, {**SD15_LORA, "loss_weight_fn": "DEBIASED_ESTIMATION"})
-    assert o.debiased_estimation_loss is True
+    assert (o.debiased_estimation_loss, o.debiased_estimation_sqrt) == (True, False)
     sdcore, onetrainer = _debiased_weights("epsilon")
     torch.testing.assert_close(sdcore, onetrainer, rtol=1e-5, atol=0)
-    # v-prediction (the SD2 768 model types): kohya's 1 / (snr + 1) against OneTrainer's 1 / sqrt(snr + 1)
+    # v-prediction (the SD2 768 model types): kohya's 1 / (snr + 1) is not OneTrainer's 1 / sqrt(snr + 1) ...
     sdcore, onetrainer = _debiased_weights("v_prediction")
     assert not torch.allclose(sdcore, onetrainer, rtol=1e-2)
+    # ... so the config sets --debiased-estimation-sqrt, whose weight is OneTrainer's
+    sdcore, onetrainer = _debiased_weights("v_prediction", sqrt=True)
+    torch.testing.assert_close(sdcore, onetrainer, rtol=1e-5, atol=0)
     sd21 = {
         **SD15_LORA,
         "model_type": "STABLE_DIFFUSION_21",
         "base_model_name": "",
         "loss_weight_fn": "DEBIASED_ESTIMATION",
     }
-    assert "1 / sqrt(min(snr, 1000) + 1)" in _problems(tmp_path, sd21)
+    o = _load(tmp_path, sd21)
+    assert (o.debiased_estimation_loss, o.debiased_estimation_sqrt) == (True, True)
     base = {**sd21, "model_type": "STABLE_DIFFUSION_21_BASE"}
-    assert _load(tmp_path, base).debiased_estimation_loss is True
+    assert (_load(tmp_path, base).debiased_estimation_sqrt, _load(tmp_path, base).debiased_estimation_loss) == (
+        False,
+        True,
+    )
 
 
 def test_learning_rate_scaler_multiplies_every_rate_by_the_square_root(tmp_path):
@@ -544,10 +558,9 @@ def test_adafactor_relative_step_is_kohyas_adafactor_schedule(tmp_path):
 
 
 def test_refusals_say_why_the_maths_differs(tmp_path):
-    text = _problems(tmp_path, {**SD15_LORA, "perturbation_noise_weight": 0.1, "huber_strength": 1.0,
-                                "mse_strength": 0.0, "loss_scaler": "BATCH", "learning_rate_scheduler": "REX"})  # fmt: skip
+    text = _problems(tmp_path, {**SD15_LORA, "perturbation_noise_weight": 0.1, "loss_scaler": "BATCH",
+                                "learning_rate_scheduler": "REX"})  # fmt: skip
     assert "--ip-noise-gamma perturbs the input only" in text
-    assert "torch's Huber" in text and "pseudo-Huber" in text
     assert "loss_scaler 'BATCH'" in text and "REX's" in text
     assert "runs its own copy" in _problems(tmp_path, {**SD15_LORA, "optimizer": {"optimizer": "CAME"}})
     # the mask settings are OneTrainer's no-ops without masked_training: a note, not a refusal

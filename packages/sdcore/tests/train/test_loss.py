@@ -358,7 +358,7 @@ def test_bad_values_are_all_reported_at_once(tmp_path):
     with pytest.raises(PreflightError) as info:
         validate_options(o)
     assert info.value.problems == [
-        "--loss-type 'l3': choose one of l2, l1, huber, smooth_l1",
+        "--loss-type 'l3': choose one of l2, l1, huber, smooth_l1, mix",
         "--huber-schedule 'cosine': choose one of constant, exponential, snr",
     ]
 

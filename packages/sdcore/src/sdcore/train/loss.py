@@ -23,6 +23,24 @@ Each option means what it means in kohya (``library/train_util.py`` and
   three clamp the SNR at 1000 (t=0 would give infinity). kohya's SD3/Flux scripts skip them all
   (their ``post_process_loss`` returns the loss unchanged), so sdcore refuses them there instead of
   silently doing nothing.
+
+OneTrainer's losses (``modules/modelSetup/mixin/ModelSetupDiffusionLossMixin.py``), because OneTrainer
+users bring their configs too:
+
+- ``--loss-type mix`` is OneTrainer's sum ``mse_strength * MSE + mae_strength * MAE + log_cosh_strength *
+  log-cosh + huber_strength * Huber``, each term the per-sample mean of its per-element loss in float32
+  (after the mask when masked), with log-cosh ``d + softplus(-2 d) - ln 2`` and torch's true Huber
+  ``d^2 / 2`` for ``|d| <= huber_delta``, ``delta (|d| - delta / 2)`` above (not kohya's pseudo-Huber).
+  The per-sample mean and the mask are linear, so sdcore sums the weighted per-element losses first and
+  reduces once. A separate loss type rather than strengths beside ``--loss-type`` keeps a kohya user's
+  ``--loss-type huber`` meaning kohya's pseudo-Huber, and the strengths take OneTrainer's defaults
+  (MSE 1, the rest 0).
+- OneTrainer multiplies the per-sample loss by the concept's loss weight and then by one timestep weight
+  (``loss_weight_fn``); all are products, so the order is the value's. ``--p2-loss-gamma`` is its ``P2``
+  ``(1 + snr')^-gamma`` with ``snr' = snr + 1`` on v-prediction (unclamped); ``--debiased-estimation-sqrt``
+  its ``DEBIASED_ESTIMATION`` on v-prediction, ``1 / sqrt(min(snr, 1000) + 1)`` (on epsilon it is kohya's
+  ``1 / sqrt(min(snr, 1000))``); ``--sigma-loss-weight`` its flow-matching ``SIGMA``: the noise level
+  ``sigma`` of the sample (OneTrainer's ``(t + 1) / T``, the sigma the input was noised with).
 """
 
 from __future__ import annotations
@@ -42,6 +60,13 @@ if TYPE_CHECKING:
 
 #: kohya's --loss_type values
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+#: OneTrainer's sum of losses (--loss-type mix with the --*-strength options)
+MIX_LOSS_TYPE = "mix"
+#: every --loss-type sdcore trains with: kohya's and OneTrainer's sum
+SDCORE_LOSS_TYPES = (*LOSS_TYPES, MIX_LOSS_TYPE)
+#: the strengths of --loss-type mix (OneTrainer's field names)
+MIX_STRENGTHS = ("mse_strength", "mae_strength", "log_cosh_strength", "huber_strength")
+_MIX_OPTIONS = (*MIX_STRENGTHS, "huber_delta")
 #: kohya's --huber_schedule values (its default: snr)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 #: loss types that use the Huber threshold (and so --huber-schedule/--huber-c/--huber-scale)
@@ -111,6 +136,32 @@ def elementwise_loss(
     raise SdcoreError(f"--loss-type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
 
 
+def log_cosh(diff: torch.Tensor) -> torch.Tensor:
+    """``log(cosh(d))`` as OneTrainer writes it, ``d + softplus(-2 d) - ln 2`` (no overflow for large ``|d|``)."""
+    import torch
+
+    return diff + torch.nn.functional.softplus(-2.0 * diff) - math.log(2.0)
+
+
+def mixed_loss(pred: torch.Tensor, target: torch.Tensor, strengths: dict[str, float], delta: float) -> torch.Tensor:
+    """OneTrainer's sum of per-element losses in float32 (``strengths``: :data:`MIX_STRENGTHS` -> weight;
+    zero strengths are left out as OneTrainer leaves them out)."""
+    import torch
+    import torch.nn.functional as F
+
+    pred, target = pred.float(), target.float()
+    total = torch.zeros_like(pred)
+    if strengths.get("mse_strength"):
+        total = total + F.mse_loss(pred, target, reduction="none") * strengths["mse_strength"]
+    if strengths.get("mae_strength"):
+        total = total + F.l1_loss(pred, target, reduction="none") * strengths["mae_strength"]
+    if strengths.get("log_cosh_strength"):
+        total = total + log_cosh(pred - target) * strengths["log_cosh_strength"]
+    if strengths.get("huber_strength"):
+        total = total + F.huber_loss(pred, target, reduction="none", delta=delta) * strengths["huber_strength"]
+    return total
+
+
 def _ddpm_scheduler(objective: TrainingObjective) -> Any:
     """The model's DDPM schedule (the SNR weights read it, as kohya's ``all_snr`` is computed before
     ``--zero-terminal-snr`` fixes the betas); None for flow matching."""
@@ -136,6 +187,9 @@ def step_loss(
     timesteps: torch.Tensor,
 ) -> torch.Tensor:
     """The run's per-element loss between ``pred`` and ``target`` at the denoiser's ``timesteps``."""
+    if options.loss_type == MIX_LOSS_TYPE:
+        strengths = {name: float(getattr(options, name)) for name in MIX_STRENGTHS}
+        return mixed_loss(pred, target, strengths, float(options.huber_delta))
     threshold = None
     if options.loss_type in HUBER_LOSS_TYPES:
         threshold = huber_threshold(
@@ -166,9 +220,12 @@ def post_process_loss(
     scale_v_pred_loss_like_noise_pred: bool = False,
     v_pred_like_loss: float = 0.0,
     debiased_estimation_loss: bool = False,
+    debiased_estimation_sqrt: bool = False,
+    p2_loss_gamma: float | None = None,
 ) -> torch.Tensor:
-    """kohya's weights after min-SNR, in kohya's order, on the per-sample loss ``[B]``."""
-    if not (scale_v_pred_loss_like_noise_pred or v_pred_like_loss or debiased_estimation_loss):
+    """kohya's weights after min-SNR, in kohya's order, on the per-sample loss ``[B]``, then OneTrainer's
+    P2 (``debiased_estimation_sqrt``: OneTrainer's v-prediction debiased weight instead of kohya's)."""
+    if not (scale_v_pred_loss_like_noise_pred or v_pred_like_loss or debiased_estimation_loss or p2_loss_gamma):
         return loss
     import torch
 
@@ -178,11 +235,21 @@ def post_process_loss(
         loss = loss * scale
     if v_pred_like_loss:
         loss = loss + loss / scale * v_pred_like_loss
+    v_pred = scheduler.config.prediction_type == "v_prediction"
     if debiased_estimation_loss:
-        if scheduler.config.prediction_type == "v_prediction":
+        if v_pred and debiased_estimation_sqrt:
+            loss = loss * torch.rsqrt(ratio + 1.0)  # OneTrainer's
+        elif v_pred:
             loss = loss * (1.0 / (ratio + 1.0))
         else:
             loss = loss * (1.0 / torch.sqrt(ratio))
+    if p2_loss_gamma:
+        from .noise import snr
+
+        full = snr(scheduler, timesteps.long()).to(loss.device)  # OneTrainer does not clamp this one
+        if v_pred:
+            full = full + 1.0
+        loss = loss * (1.0 + full) ** -float(p2_loss_gamma)
     return loss
 
 
@@ -191,7 +258,10 @@ def apply_loss_weights(
 ) -> torch.Tensor:
     """The per-sample loss ``[B]`` after the run's kohya weights (unchanged when they are off)."""
     scheduler = _ddpm_scheduler(objective)
-    if scheduler is None:  # flow matching: the pre-flight refused them (kohya's SD3/Flux skip them)
+    if scheduler is None:  # flow matching: the pre-flight refused the SNR weights (kohya's SD3/Flux skip them)
+        if options.sigma_loss_weight:  # OneTrainer's SIGMA: the sample's noise level
+            total = float(getattr(objective, "num_timesteps", 1000))
+            loss = loss * (timesteps.float().to(loss.device) / total)
         return loss
     return post_process_loss(
         loss,
@@ -200,6 +270,8 @@ def apply_loss_weights(
         scale_v_pred_loss_like_noise_pred=options.scale_v_pred_loss_like_noise_pred,
         v_pred_like_loss=options.v_pred_like_loss,
         debiased_estimation_loss=options.debiased_estimation_loss,
+        debiased_estimation_sqrt=options.debiased_estimation_sqrt,
+        p2_loss_gamma=options.p2_loss_gamma,
     )
 
 
@@ -207,8 +279,22 @@ def loss_option_problems(options: TrainOptions) -> list[str]:
     """Bad values of the loss options, one line each (family-independent)."""
     o = options
     problems: list[str] = []
-    if o.loss_type not in LOSS_TYPES:
-        problems.append(f"--loss-type {o.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    if o.loss_type not in SDCORE_LOSS_TYPES:
+        problems.append(f"--loss-type {o.loss_type!r}: choose one of {', '.join(SDCORE_LOSS_TYPES)}")
+    if o.loss_type == MIX_LOSS_TYPE:
+        bad = [f"{_flag(n)} {getattr(o, n)}" for n in MIX_STRENGTHS if not (math.isfinite(getattr(o, n)) and
+                                                                            getattr(o, n) >= 0)]  # fmt: skip
+        if bad:
+            problems.append(f"{', '.join(bad)}: the strengths of --loss-type mix must be 0 (off) or positive")
+        elif not any(getattr(o, n) for n in MIX_STRENGTHS):
+            problems.append(f"--loss-type mix with every strength 0 ({', '.join(map(_flag, MIX_STRENGTHS))}): "
+                            "nothing to train; give one a positive weight")  # fmt: skip
+        if o.huber_strength and not (math.isfinite(o.huber_delta) and o.huber_delta > 0):
+            problems.append(f"--huber-delta must be positive (OneTrainer's default 1.0), got {o.huber_delta}")
+    if o.p2_loss_gamma is not None and not (math.isfinite(o.p2_loss_gamma) and o.p2_loss_gamma > 0):
+        problems.append(f"--p2-loss-gamma must be positive (OneTrainer's loss_weight_strength), got {o.p2_loss_gamma}")
+    if o.debiased_estimation_sqrt and not o.debiased_estimation_loss:
+        problems.append("--debiased-estimation-sqrt changes --debiased-estimation-loss's weight: it needs it")
     if o.huber_schedule not in HUBER_SCHEDULES:
         problems.append(f"--huber-schedule {o.huber_schedule!r}: choose one of {', '.join(HUBER_SCHEDULES)}")
     if o.loss_type in HUBER_LOSS_TYPES:
@@ -239,7 +325,7 @@ def loss_family_checks(
         return [str(exc)], []
     huber = o.loss_type in HUBER_LOSS_TYPES
     if family.objective != "ddpm":
-        given = [_flag(n) for n in _DDPM_WEIGHT_OPTIONS if getattr(o, n)]
+        given = [_flag(n) for n in (*_DDPM_WEIGHT_OPTIONS, "p2_loss_gamma") if getattr(o, n)]
         if given:
             problems.append(
                 f"{', '.join(given)}: SNR weights of a DDPM schedule; {family.name} trains with flow matching "
@@ -251,6 +337,11 @@ def loss_family_checks(
                 f"{family.name} trains with flow matching: choose --huber-schedule exponential or constant"
             )
     else:
+        if o.sigma_loss_weight:
+            problems.append(
+                f"--sigma-loss-weight weighs a flow-matching noise level; {family.name} trains with DDPM "
+                "(OneTrainer refuses SIGMA there too)"
+            )
         v_pred = prediction_type == "v_prediction"
         if o.scale_v_pred_loss_like_noise_pred and not v_pred:
             problems.append("--scale-v-pred-loss-like-noise-pred needs a v-prediction model (as in kohya)")
@@ -261,6 +352,11 @@ def loss_family_checks(
         changed = [_flag(n) for n in _HUBER_OPTIONS if getattr(o, n) != defaults[n]]
         if changed:
             notes.append(f"{', '.join(changed)}: without effect with --loss-type {o.loss_type} (huber/smooth_l1 only)")
+    if o.loss_type != MIX_LOSS_TYPE:
+        defaults = {f.name: f.default for f in fields(type(o)) if f.name in _MIX_OPTIONS}
+        changed = [_flag(n) for n in _MIX_OPTIONS if getattr(o, n) != defaults[n]]
+        if changed:
+            notes.append(f"{', '.join(changed)}: without effect with --loss-type {o.loss_type} (mix only)")
     if method is not None and o.loss_type != "l2":
         from .method import TrainingMethod
 
@@ -275,12 +371,17 @@ __all__ = [
     "HUBER_LOSS_TYPES",
     "HUBER_SCHEDULES",
     "LOSS_TYPES",
+    "MIX_LOSS_TYPE",
+    "MIX_STRENGTHS",
+    "SDCORE_LOSS_TYPES",
     "SNR_CLAMP",
     "apply_loss_weights",
     "elementwise_loss",
     "huber_threshold",
+    "log_cosh",
     "loss_family_checks",
     "loss_option_problems",
+    "mixed_loss",
     "post_process_loss",
     "step_loss",
 ]

@@ -16,6 +16,9 @@ builds it from the run's options.
   read: :meth:`FlowMatchingObjective.model_output`) and its ``--weighting_scheme`` loss weights
   (:func:`flow_loss_weights`); see :mod:`sdcore.train.kohya` for which kohya script means what.
 
+With ``--timestep-distribution`` both objectives draw their timesteps as OneTrainer does instead
+(:mod:`.timestep_distributions`: an integer ``t``; flow matching noises with ``sigma = (t + 1) / T``).
+
 Noise and the timestep are drawn per sample from a generator seeded by the sample's identity (see
 :mod:`.noise`), so every objective keeps the runtime's batch-size/accumulation/resume invariance.
 """
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 
     from ..models.bundle import ModelBundle
     from .options import TrainOptions
+    from .timestep_distributions import TimestepDistribution
 
 #: the SD3 paper's bounds for the mode sampling's scale: outside them f_mode is not monotone,
 #: so it would not map [0, 1] onto [0, 1]
@@ -106,6 +110,7 @@ class DdpmObjective(TrainingObjective):
         min_timestep: int | None = None,
         max_timestep: int | None = None,
         zero_terminal_snr: bool = False,
+        distribution: TimestepDistribution | None = None,
     ) -> None:
         from .noise import zero_terminal_snr_scheduler
 
@@ -113,6 +118,8 @@ class DdpmObjective(TrainingObjective):
         self.min_snr_gamma = min_snr_gamma
         self.min_timestep = min_timestep
         self.max_timestep = max_timestep
+        #: OneTrainer's timestep distribution (--timestep-distribution) instead of the uniform draw; None: uniform
+        self.distribution = distribution
         problem = timestep_range_problem(min_timestep, max_timestep, self.num_timesteps)
         if problem:
             raise ConfigError(problem)
@@ -132,6 +139,8 @@ class DdpmObjective(TrainingObjective):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         from .noise import integer_timesteps
 
+        if self.distribution is not None:
+            return draw_noise(keys, shape, settings, self.distribution.draw, latents)
         steps = integer_timesteps(self.num_timesteps, self.min_timestep, self.max_timestep)
         return draw_noise(keys, shape, settings, steps, latents)
 
@@ -239,6 +248,9 @@ class FlowMatchingObjective(TrainingObjective):
     #: how the output is read (:meth:`model_output`) and which loss weight applies (kohya's names)
     model_prediction_type: str = "raw"
     weighting_scheme: str = "uniform"
+    #: OneTrainer's timestep distribution (--timestep-distribution; it shifts by its own shift) instead of
+    #: ``timestep_sampling``; None: ``timestep_sampling``
+    distribution: TimestepDistribution | None = None
 
     name = "flow-matching"
 
@@ -264,6 +276,8 @@ class FlowMatchingObjective(TrainingObjective):
             return density_draw(scheme, count, generator, logit_mean=self.logit_mean,
                                 logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
 
+        if self.distribution is not None:  # OneTrainer's integer draw, sigma = (t + 1) / T
+            return self.distribution.sigmas(generator, count)
         kind = self.timestep_sampling
         if kind == "sigma":  # kohya Flux's default: --discrete_flow_shift through the scheduler's table
             return scheduler_table_sigmas(density(self.weighting_scheme), self.shift, self.num_timesteps)
@@ -385,16 +399,35 @@ def timestep_range_problem(min_timestep: int | None, max_timestep: int | None, n
     return None
 
 
+def timestep_distribution(options: TrainOptions, num_timesteps: int, shift: float) -> TimestepDistribution | None:
+    """The run's ``--timestep-distribution`` over ``num_timesteps`` steps with ``shift`` (None when not given)."""
+    if options.timestep_distribution is None:
+        return None
+    from .timestep_distributions import TimestepDistribution
+
+    return TimestepDistribution(
+        options.timestep_distribution,
+        weight=options.noising_weight,
+        bias=options.noising_bias,
+        min_strength=options.min_noising_strength,
+        max_strength=options.max_noising_strength,
+        shift=shift,
+        num_timesteps=num_timesteps,
+    )
+
+
 def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjective:
     """The objective of ``bundle``'s family, configured from the run's options."""
     objective = bundle.family_spec.objective
     if objective == "ddpm":
+        scheduler = bundle.noise_scheduler
         return DdpmObjective(
-            bundle.noise_scheduler,
+            scheduler,
             min_snr_gamma=options.min_snr_gamma,
             min_timestep=options.min_timestep,
             max_timestep=options.max_timestep,
             zero_terminal_snr=options.zero_terminal_snr,
+            distribution=timestep_distribution(options, int(scheduler.config["num_train_timesteps"]), 1.0),
         )
     if objective == "flow-matching":
         return FlowMatchingObjective(
@@ -408,6 +441,7 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             max_timestep=options.max_timestep,
             model_prediction_type=options.model_prediction_type,
             weighting_scheme=options.weighting_scheme,
+            distribution=timestep_distribution(options, 1000, options.discrete_flow_shift),
         )
     raise ConfigError(f"model family {bundle.family!r} has an objective sdcore does not know: {objective!r}")
 
@@ -428,5 +462,6 @@ __all__ = [
     "objective_for",
     "scheduler_table_sigmas",
     "time_shift",
+    "timestep_distribution",
     "timestep_range_problem",
 ]

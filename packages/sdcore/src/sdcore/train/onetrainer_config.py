@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 from .aitoolkit import JobTranslation
 from .field_tables import drop_foreign_options, nearest_field, same_value
+from .loss import MIX_STRENGTHS
 from .objectives import MODE_SCALE_RANGE
 
 if TYPE_CHECKING:
@@ -793,38 +794,7 @@ def _training(r: _Reader, family: str, method: str) -> None:
     _optimizer(r)  # first: schedule-free optimizers and Adafactor's relative step set the schedule themselves
     if "lr_scheduler" not in v:
         _schedule(r, accumulation)
-    strengths = {
-        k: float(r.get(k) or 0.0) for k in ("mse_strength", "mae_strength", "log_cosh_strength", "huber_strength")
-    }
-    used = {k: s for k, s in strengths.items() if s != 0}
-    if used == {"mse_strength": 1.0}:
-        v["loss_type"] = "l2"
-    elif used == {"mae_strength": 1.0}:
-        v["loss_type"] = "l1"
-    else:
-        why = "sdcore trains with one loss: mse_strength 1 (l2) or mae_strength 1 (l1), no sum of losses or scale"
-        if used.get("huber_strength"):
-            why += ("; OneTrainer's huber is torch's Huber (d^2 / 2 below huber_delta, linear above), sdcore's "
-                    "--loss-type huber kohya's pseudo-Huber 2c (sqrt(d^2 + c^2) - c)")  # fmt: skip
-        if used.get("log_cosh_strength"):
-            why += "; sdcore has no log-cosh loss"
-        r.refuse("loss strengths", used, why)
-    weight = _text(r.get("loss_weight_fn"))
-    strength = r.get("loss_weight_strength")
-    flow = family in ("sd3", "flux")
-    if weight == "MIN_SNR_GAMMA" and not flow:
-        v["min_snr_gamma"] = strength  # min(snr, gamma) / snr, / (snr + 1) for v-prediction: the same as sdcore's
-    elif weight == "DEBIASED_ESTIMATION" and not flow and not v_prediction(r):
-        v["debiased_estimation_loss"] = True  # 1 / sqrt(min(snr, 1000)) for epsilon prediction, as kohya's
-    elif weight == "DEBIASED_ESTIMATION" and not flow:
-        r.refuse("loss_weight_fn", weight, "on a v-prediction model OneTrainer weighs 1 / sqrt(min(snr, 1000) + 1), "
-                 "kohya's --debiased-estimation-loss (sdcore's) 1 / (min(snr, 1000) + 1)")  # fmt: skip
-    elif weight in LOSS_WEIGHT_REFUSALS:
-        r.refuse("loss_weight_fn", weight, LOSS_WEIGHT_REFUSALS[weight])
-    elif weight != "CONSTANT":
-        r.refuse(
-            "loss_weight_fn", weight, "sdcore weights the loss by MIN_SNR_GAMMA or DEBIASED_ESTIMATION (SD1/SD2/SDXL)"
-        )
+    _loss(r, family)
     dropout = r.get("dropout_probability")
     if dropout and method == "lora":
         if _text(r.get("peft_type")) == "LORA" and not r.get("lora_decompose"):
@@ -833,14 +803,48 @@ def _training(r: _Reader, family: str, method: str) -> None:
             r.refuse("dropout_probability", dropout, "sdcore's dropout is plain LoRA's (on the down output)")
 
 
-#: ``loss_weight_fn`` values sdcore has no counterpart for, and why (ModelSetupDiffusionLossMixin)
-LOSS_WEIGHT_REFUSALS = {
-    "P2": "P2's (1 + snr)^-strength weight is not among sdcore's loss weights",
-    "SIGMA": "OneTrainer's flow loss weight sigma is not among sdcore's (kohya's sigma_sqrt is 1 / sigma^2)",
-    "MIN_SNR_GAMMA": "an SNR weight of a DDPM schedule; SD3/Flux train with flow matching (OneTrainer refuses it too)",
-    "DEBIASED_ESTIMATION": "an SNR weight of a DDPM schedule; SD3/Flux train with flow matching (OneTrainer "
-    "refuses it too)",
-}
+def _loss(r: _Reader, family: str) -> None:
+    """``ModelSetupDiffusionLossMixin``: the sum of losses and the timestep weight ``loss_weight_fn``."""
+    v = r.out.values
+    strengths = {k: float(r.get(k) or 0.0) for k in MIX_STRENGTHS}
+    used = {k: s for k, s in strengths.items() if s != 0}
+    if used == {"mse_strength": 1.0}:
+        v["loss_type"] = "l2"
+    elif used == {"mae_strength": 1.0}:
+        v["loss_type"] = "l1"
+    elif not used:
+        r.refuse("loss strengths", strengths, "every loss strength is 0: OneTrainer would train on no loss")
+    else:  # OneTrainer's sum, its torch Huber with huber_delta (sdcore.train.loss.mixed_loss)
+        v["loss_type"] = "mix"
+        v.update(strengths)
+        v["huber_delta"] = float(r.get("huber_delta"))
+    weight = _text(r.get("loss_weight_fn"))
+    strength = r.get("loss_weight_strength")
+    flow = family in ("sd3", "flux")
+    if weight == "CONSTANT":
+        return
+    if weight == "SIGMA" and flow:
+        v["sigma_loss_weight"] = True  # sigma of the sample's timestep, (t + 1) / T
+    elif weight == "MIN_SNR_GAMMA" and not flow:
+        v["min_snr_gamma"] = strength  # min(snr, gamma) / snr, / (snr + 1) for v-prediction: the same as sdcore's
+    elif weight == "DEBIASED_ESTIMATION" and not flow:
+        v["debiased_estimation_loss"] = True  # 1 / sqrt(min(snr, 1000)) for epsilon prediction, as kohya's
+        if v_prediction(r):  # 1 / sqrt(min(snr, 1000) + 1), not kohya's 1 / (min(snr, 1000) + 1)
+            v["debiased_estimation_sqrt"] = True
+    elif weight == "P2" and not flow:
+        v["p2_loss_gamma"] = strength  # (1 + snr)^-strength, snr + 1 for v-prediction
+    elif weight == "SIGMA":
+        r.refuse("loss_weight_fn", weight, "a flow-matching noise-level weight; SD1/SD2/SDXL train with DDPM "
+                 "(OneTrainer refuses it too)")  # fmt: skip
+    elif weight in SNR_LOSS_WEIGHTS:
+        r.refuse("loss_weight_fn", weight, "an SNR weight of a DDPM schedule; SD3/Flux train with flow matching "
+                 "(OneTrainer refuses it too)")  # fmt: skip
+    else:
+        r.refuse("loss_weight_fn", weight, f"choose one of CONSTANT, SIGMA, {', '.join(SNR_LOSS_WEIGHTS)}")
+
+
+#: OneTrainer's ``loss_weight_fn`` values of a DDPM schedule (its ``_flow_matching_losses`` raises for them)
+SNR_LOSS_WEIGHTS = ("P2", "MIN_SNR_GAMMA", "DEBIASED_ESTIMATION")
 #: SD2 model types whose models predict v (the 768 models; the _BASE ones predict epsilon)
 V_PREDICTION_TYPES = ("STABLE_DIFFUSION_20", "STABLE_DIFFUSION_21")
 
@@ -967,62 +971,65 @@ def _noise(r: _Reader, family: str) -> None:
     low, high = float(r.get("min_noising_strength")), float(r.get("max_noising_strength"))
     weight, bias = float(r.get("noising_weight")), float(r.get("noising_bias"))
     shift, dynamic = float(r.get("timestep_shift")), bool(r.get("dynamic_timestep_shifting"))
+    narrowed = (low, high) != (0.0, 1.0)
     if family not in ("sd3", "flux"):
-        # UNIFORM: int(min + (max - min) * U) over 1000 steps = kohya's uniform draw from [min, max)
-        if kind != "UNIFORM":
-            r.refuse("timestep_distribution", kind, "sdcore draws SD1/SD2/SDXL timesteps uniformly (kohya's "
-                     "--min-timestep/--max-timestep), with no other density")  # fmt: skip
         if shift != 1:
             r.refuse("timestep_shift", shift, "sdcore shifts flow-matching timesteps only (SD3, Flux)")
-        if (low, high) != (0.0, 1.0):
-            v["min_timestep"], v["max_timestep"] = int(1000 * low), int(1000 * high)
+        if kind == "UNIFORM":  # int(min + (max - min) * U) over 1000 steps = kohya's uniform draw from [min, max)
+            if narrowed:
+                v["min_timestep"], v["max_timestep"] = int(1000 * low), int(1000 * high)
+        else:
+            _distribution(r, kind, low, high, weight, bias)
         return
-    if (low, high) != (0.0, 1.0):
-        r.refuse("min/max_noising_strength", (low, high), "OneTrainer narrows the flow-matching draw before the "
-                 "timestep shift, sdcore's --min-timestep/--max-timestep (kohya's SD3) after it")  # fmt: skip
     v["model_prediction_type"] = "raw"  # OneTrainer's flow loss: the prediction against noise - latents
     v["weighting_scheme"] = "uniform"
     if dynamic and family == "flux":
-        if kind == "LOGIT_NORMAL" and (weight, bias) == (0.0, 0.0):
+        if kind == "LOGIT_NORMAL" and (weight, bias) == (0.0, 0.0) and not narrowed:
             # sigmoid(N(0, 1)), shifted by the resolution's exp(mu) (Flux's calculate_timestep_shift) = kohya flux_shift
             v["timestep_sampling"], v["sigmoid_scale"] = "flux_shift", 1.0
         else:
             r.refuse(
                 "dynamic_timestep_shifting",
                 True,
-                "sdcore shifts by resolution with LOGIT_NORMAL (weight 0, bias 0) only",
+                "sdcore shifts by resolution with LOGIT_NORMAL (weight 0, bias 0, the whole range) only",
             )
         return
     if dynamic:
         r.note("dynamic_timestep_shifting: OneTrainer shifts by resolution for Flux only")
     v["discrete_flow_shift"] = shift  # t' = s t / ((s - 1) t + 1), as OneTrainer shifts
-    if kind == "UNIFORM":
+    low_scale, high_scale = MODE_SCALE_RANGE
+    if narrowed or kind not in ("UNIFORM", "LOGIT_NORMAL", "HEAVY_TAIL"):
+        # OneTrainer's own draw: narrowed before the shift, its weighted buckets (sdcore.train.timestep_distributions)
+        _distribution(r, kind, low, high, weight, bias)
+    elif kind == "UNIFORM":
         v["timestep_sampling"] = "uniform"
     elif kind == "LOGIT_NORMAL":
         # sigmoid(N(noising_bias, noising_weight + 1))
         v["timestep_sampling"], v["logit_mean"], v["logit_std"] = "logit_normal", bias, weight + 1.0
-    elif kind == "HEAVY_TAIL":
-        # 1 - u - w (cos(pi u / 2)^2 - 1 + u), u uniform: the SD3 paper's mode sampling (kohya's "mode") with
-        # scale noising_weight (noising_bias unused)
-        low_scale, high_scale = MODE_SCALE_RANGE
-        if low_scale <= weight <= high_scale:
-            v["timestep_sampling"], v["mode_scale"] = "mode", weight
-        else:
-            r.refuse("noising_weight", weight, f"HEAVY_TAIL's scale must lie in [{low_scale:g}, {high_scale:.4f}] "
-                     "(outside it the mapping is not monotone; sdcore's --mode-scale refuses it)")  # fmt: skip
+    elif low_scale <= weight <= high_scale:
+        # HEAVY_TAIL: 1 - u - w (cos(pi u / 2)^2 - 1 + u), u uniform: the SD3 paper's mode sampling (kohya's "mode")
+        # with scale noising_weight (noising_bias unused)
+        v["timestep_sampling"], v["mode_scale"] = "mode", weight
     else:
-        r.refuse("timestep_distribution", kind, FLOW_DISTRIBUTION_REFUSALS.get(
-            kind, "sdcore reads UNIFORM, LOGIT_NORMAL and HEAVY_TAIL for SD3 and Flux"))  # fmt: skip
+        r.refuse("noising_weight", weight, f"HEAVY_TAIL's scale must lie in [{low_scale:g}, {high_scale:.4f}] "
+                 "(outside it the mapping is not monotone; sdcore's --mode-scale refuses it)")  # fmt: skip
 
 
-#: flow-matching timestep distributions sdcore has no counterpart for, and why (ModelSetupNoiseMixin)
-FLOW_DISTRIBUTION_REFUSALS = {
-    "SIGMOID": "OneTrainer's SIGMOID draws from the density 1 / (1 + exp(-weight (t - bias - 0.5))) over the "
-    "timesteps, not kohya's sigmoid(N(0, 1)) sampling",
-    "COS_MAP": "OneTrainer's COS_MAP draws from the cosmap density; sdcore's cosmap is a loss weight (kohya's)",
-    "INVERTED_PARABOLA": "no sdcore sampling draws from a parabola",
-    "BETA": "no sdcore sampling draws from a beta distribution",
-}
+def _distribution(r: _Reader, kind: str, low: float, high: float, weight: float, bias: float) -> None:
+    """A OneTrainer distribution as sdcore's ``--timestep-distribution`` (the same draw, on every family)."""
+    from .timestep_distributions import TIMESTEP_DISTRIBUTIONS
+
+    name = kind.lower()
+    if name not in TIMESTEP_DISTRIBUTIONS:
+        r.refuse("timestep_distribution", kind, f"choose one of {', '.join(d.upper() for d in TIMESTEP_DISTRIBUTIONS)}")
+        return
+    if name == "heavy_tail" and not MODE_SCALE_RANGE[0] <= weight <= MODE_SCALE_RANGE[1]:
+        r.refuse("noising_weight", weight, f"HEAVY_TAIL's scale must lie in [{MODE_SCALE_RANGE[0]:g}, "
+                 f"{MODE_SCALE_RANGE[1]:.4f}] (outside it the mapping is not monotone)")  # fmt: skip
+        return
+    v = r.out.values
+    v["timestep_distribution"], v["noising_weight"], v["noising_bias"] = name, weight, bias
+    v["min_noising_strength"], v["max_noising_strength"] = low, high
 
 
 def _lora(r: _Reader, family: str) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 from ..builtin.part_options import PART_OPTIONS
 from ..options import option
 from .ema import EMA_DEVICES, EMA_WARMUPS
-from .loss import HUBER_SCHEDULES, LOSS_TYPES
+from .loss import HUBER_SCHEDULES, SDCORE_LOSS_TYPES
 from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
+from .timestep_distributions import TIMESTEP_DISTRIBUTIONS
 
 #: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid", "sigma", "flux_shift")
@@ -397,8 +398,9 @@ class TrainOptions:
     loss_type: str = option(
         "l2",
         "Per-element loss: l2 (squared error), l1, huber (pseudo-Huber 2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
-        "(2(sqrt(d^2+c^2)-c)), with c from --huber-schedule (kohya's --loss_type).",
-        choices=LOSS_TYPES,
+        "(2(sqrt(d^2+c^2)-c)), with c from --huber-schedule (kohya's --loss_type); mix = OneTrainer's sum "
+        "--mse-strength*MSE + --mae-strength*MAE + --log-cosh-strength*log-cosh + --huber-strength*Huber.",
+        choices=SDCORE_LOSS_TYPES,
         group="loss",
     )
     huber_schedule: str = option(
@@ -412,9 +414,37 @@ class TrainOptions:
     huber_scale: float = option(
         1.0, "huber/smooth_l1: scale of the constant and exponential thresholds (kohya's --huber_scale).", group="loss"
     )
+    # OneTrainer's loss sum (--loss-type mix; sdcore.train.loss): its field names and defaults
+    mse_strength: float = option(1.0, "--loss-type mix: weight of the squared error (OneTrainer's).", group="loss")
+    mae_strength: float = option(0.0, "--loss-type mix: weight of the absolute error (OneTrainer's).", group="loss")
+    log_cosh_strength: float = option(
+        0.0, "--loss-type mix: weight of log(cosh(d)) (OneTrainer's log-cosh loss).", group="loss"
+    )
+    huber_strength: float = option(
+        0.0,
+        "--loss-type mix: weight of torch's Huber loss (d^2/2 below --huber-delta, delta*(|d|-delta/2) above; "
+        "OneTrainer's, not kohya's pseudo-Huber).",
+        group="loss",
+    )
+    huber_delta: float = option(1.0, "--loss-type mix: the Huber loss's delta (OneTrainer's).", group="loss")
+    p2_loss_gamma: float | None = option(
+        None,
+        "P2 loss weight (1+SNR)^-gamma, (2+SNR)^-gamma on v-prediction models (OneTrainer's P2 with "
+        "loss_weight_strength; DDPM families).",
+        group="loss",
+    )
+    sigma_loss_weight: bool = option(
+        False, "Flow-matching families: weigh the loss by the noise level sigma (OneTrainer's SIGMA).", group="loss"
+    )
     debiased_estimation_loss: bool = option(
         False,
         "Weigh the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), SNR clamped at 1000 (kohya; DDPM families only).",
+        group="loss",
+    )
+    debiased_estimation_sqrt: bool = option(
+        False,
+        "With --debiased-estimation-loss on a v-prediction model: weigh by 1/sqrt(SNR+1) as OneTrainer does "
+        "instead of kohya's 1/(SNR+1) (epsilon models: 1/sqrt(SNR) either way).",
         group="loss",
     )
     scale_v_pred_loss_like_noise_pred: bool = option(
@@ -462,6 +492,26 @@ class TrainOptions:
         "Rescale the DDPM noise schedule to zero SNR at the last timestep (Lin et al. 2023; best with "
         "v-prediction; DDPM families).",
         group="loss",
+    )
+    # OneTrainer's timestep distributions (sdcore.train.timestep_distributions), every family
+    timestep_distribution: str | None = option(
+        None,
+        "Draw timesteps as OneTrainer does, on every family (replaces uniform DDPM timesteps and "
+        "--timestep-sampling): uniform, logit_normal (sigmoid of N(bias, weight+1)), heavy_tail (SD3's mode with "
+        "scale weight), beta (Beta(weight, bias)), or weighted buckets: sigmoid, cos_map, inverted_parabola. "
+        "Flow matching shifts by --discrete-flow-shift.",
+        choices=TIMESTEP_DISTRIBUTIONS,
+        group="loss",
+    )
+    noising_weight: float = option(0.0, "--timestep-distribution: OneTrainer's noising_weight.", group="loss")
+    noising_bias: float = option(0.0, "--timestep-distribution: OneTrainer's noising_bias.", group="loss")
+    min_noising_strength: float = option(
+        0.0,
+        "--timestep-distribution: lowest noise level as a share of the timesteps (narrowed before the shift).",
+        group="loss",
+    )
+    max_noising_strength: float = option(
+        1.0, "--timestep-distribution: highest noise level as a share of the timesteps (excluded).", group="loss"
     )
     # flow matching (SD3, Flux): kohya's flag names
     timestep_sampling: str = option(

@@ -233,7 +233,43 @@ def noise_option_problems(o: TrainOptions) -> list[str]:
     problem = timestep_range_problem(o.min_timestep, o.max_timestep, 1000)
     if problem:
         problems.append(problem)
+    problems.extend(distribution_option_problems(o))
     return problems
+
+
+#: what --timestep-distribution reads (without it they do nothing; we say so)
+_DISTRIBUTION_OPTIONS = ("noising_weight", "noising_bias", "min_noising_strength", "max_noising_strength")
+
+
+def distribution_option_problems(o: TrainOptions) -> list[str]:
+    """Bad ``--timestep-distribution`` settings (OneTrainer's), one line each."""
+    if o.timestep_distribution is None:
+        return []
+    from .timestep_distributions import distribution_problems
+
+    problems = distribution_problems(
+        o.timestep_distribution, o.noising_weight, o.noising_bias, o.min_noising_strength, o.max_noising_strength
+    )
+    if o.min_timestep is not None or o.max_timestep is not None:
+        problems.append(
+            "--min-timestep/--max-timestep with --timestep-distribution: give the range as "
+            "--min-noising-strength/--max-noising-strength (OneTrainer's, narrowed before the shift)"
+        )
+    return problems
+
+
+def _distribution_notes(options: TrainOptions) -> list[str]:
+    """The options --timestep-distribution replaces or needs, where they have no effect."""
+    from dataclasses import fields
+
+    names = _DISTRIBUTION_OPTIONS if options.timestep_distribution is None else _FLOW_SAMPLING_OPTIONS
+    defaults = {f.name: f.default for f in fields(type(options)) if f.name in names}
+    changed = ["--" + n.replace("_", "-") for n in names if getattr(options, n) != defaults[n]]
+    if not changed:
+        return []
+    if options.timestep_distribution is None:
+        return [f"{', '.join(changed)}: without effect without --timestep-distribution"]
+    return [f"{', '.join(changed)}: without effect with --timestep-distribution (it draws the timesteps)"]
 
 
 #: the noise options kohya's SD3/Flux scripts do not apply (their noise is plain N(0, 1))
@@ -273,6 +309,8 @@ def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
 #: the flow-matching options and their defaults (a DDPM family ignores them; we say so)
 _FLOW_OPTIONS = ("timestep_sampling", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
                  "weighting_scheme")  # fmt: skip
+#: the flow-matching draw's own options (--timestep-distribution replaces them; the shift stays)
+_FLOW_SAMPLING_OPTIONS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale")
 
 
 def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[list[str], list[str]]:
@@ -295,6 +333,8 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
     if family.objective == "flow-matching":
         problems.extend(_flow_noise_problems(options, family.name))
         notes.extend(_flow_reading_notes(options))
+    if family.objective == "flow-matching" or options.timestep_distribution is None:
+        notes.extend(_distribution_notes(options))
     if family.objective == "ddpm" and options.model_prediction_type != "raw":
         problems.append(
             f"--model-prediction-type {options.model_prediction_type}: how a flow-matching denoiser's output is read "

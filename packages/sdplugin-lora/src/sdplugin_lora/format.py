@@ -451,7 +451,8 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
         shape = tuple(target.module.weight.shape)
         widths = weights.in_out()
         if widths is not None:
-            fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 and weights.down.dim() == 2 else 1)
+            flat = len(shape) == 4 and weights.kind == "lora" and weights.down.dim() == 2  # a kxk LoRA down, flattened
+            fan_in = shape[1] * (shape[2] * shape[3] if flat else 1)
             if widths != (fan_in, shape[0]):
                 made_for, _ = detect_family(lora)
                 hint = f"; it looks made for {made_for}" if made_for else ""

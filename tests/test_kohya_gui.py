@@ -24,7 +24,13 @@ LORA_FIELDS = list(field_types(LoraOptions))
 #: presets refused, with the by-name problem each gets (every other preset loads)
 REFUSED: dict[str, list[str]] = {}
 #: LoRA_type -> sdcore --algo for the types sdcore trains (networks.lora: conv_dim decides lora/locon)
-ALGOS = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "LyCORIS/iA3": "ia3", "Flux1": "lora"}
+ALGOS = {
+    "LyCORIS/LoCon": "locon",
+    "LyCORIS/LoHa": "loha",
+    "LyCORIS/LoKr": "lokr",
+    "LyCORIS/iA3": "ia3",
+    "Flux1": "lora",
+}
 
 
 def _presets() -> list[str]:

@@ -109,7 +109,9 @@ def test_ia3_module_is_lycoris(conv, on_input):
         vector = ia3.weight.detach().flatten()
         base = _op(layer, x, w)
         scaled = base * (1 + 0.7 * (vector.reshape(1, -1, 1, 1) if conv else vector))
-        torch.testing.assert_close(layer(x), scaled + _op(layer, x, torch.zeros_like(w), layer.bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            layer(x), scaled + _op(layer, x, torch.zeros_like(w), layer.bias), atol=1e-5, rtol=1e-5
+        )
     ia3.detach()
     before = w.clone()
     backup = ia3.merge(0.7)
@@ -149,7 +151,7 @@ def test_glora_init_keys_and_forward_are_lycoris(conv):
     else:
         mods = [nn.Linear(6, 2, bias=False), nn.Linear(2, 6, bias=False),
                 nn.Linear(6, 2, bias=False), nn.Linear(2, 8, bias=False)]  # fmt: skip
-    a2, a1, b2, b1 = (m.weight.detach().clone() for m in mods)
+    _a2, a1, _b2, b1 = (m.weight.detach().clone() for m in mods)  # a2, b2 are zeroed after their draws
     nn.init.kaiming_uniform_(a1, a=math.sqrt(5))
     nn.init.kaiming_uniform_(b1, a=math.sqrt(5))
     state = glora.state_dict()
@@ -171,7 +173,9 @@ def test_glora_init_keys_and_forward_are_lycoris(conv):
     glora.multiplier = 0.7
     glora.attach()
     x = _x(conv)
-    torch.testing.assert_close(layer(x), _op(layer, x, w, layer.bias) + _op(layer, x, change * 0.7), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(x), _op(layer, x, w, layer.bias) + _op(layer, x, change * 0.7), rtol=1e-5, atol=1e-5
+    )
     glora.detach()
     # ComfyUI's GLoRA adapter (new layout): W += strength * alpha / rank * (W @ a1 @ a2 + b1 @ b2)
     if not conv:
@@ -201,7 +205,9 @@ def test_full_module_is_lycoris(conv):
     x = _x(conv)
     w, b = layer.weight.detach(), layer.bias.detach()
     # LyCORIS forward: base + op(x, (W + m·diff) - W, (b + m·diff_b) - b)
-    torch.testing.assert_close(layer(x), _op(layer, x, w, b) + _op(layer, x, 0.7 * diff, 0.7 * diff_b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(x), _op(layer, x, w, b) + _op(layer, x, 0.7 * diff, 0.7 * diff_b), rtol=1e-5, atol=1e-5
+    )
     full.detach()
     # A1111 network_full: updown = diff, ex_bias = diff_b, both times the multiplier
     w0, b0 = w.clone(), b.clone()
@@ -278,7 +284,12 @@ def test_lycoris_written_files_apply_as_the_uis(tmp_path, merge):
         w, b = originals[name]
         change, bias_change = _ui_change(w, {k: v.float() for k, v in weights.tensors.items()})
         x = torch.randn(2, w.shape[1], 6, 6) if w.dim() == 4 else torch.randn(3, w.shape[1])
-        want = _op(module, x, w + 0.7 * change, None if b is None else b + (0.7 * bias_change if bias_change is not None else 0))
+        want = _op(
+            module,
+            x,
+            w + 0.7 * change,
+            None if b is None else b + (0.7 * bias_change if bias_change is not None else 0),
+        )
         torch.testing.assert_close(_layer_out(bundle, name, x), want, rtol=1e-5, atol=1e-5, msg=name)
         if merge:
             torch.testing.assert_close(module.weight.detach(), w + 0.7 * change, rtol=1e-5, atol=1e-6)
@@ -330,7 +341,9 @@ def test_info_names_the_algos_and_tools_need_the_base(tmp_path):
     assert info["kinds"] == {"ia3": 3, "glora": 2, "full": 2}
     from sdcore.errors import NetworkMismatchError
 
-    with pytest.raises(NetworkMismatchError, match=r"is (\(IA\)\^3|GLoRA): its change depends on the base weights; pass --base-model"):
+    with pytest.raises(
+        NetworkMismatchError, match=r"is (\(IA\)\^3|GLoRA): its change depends on the base weights; pass --base-model"
+    ):
         effective_deltas(read_lora(path))
 
 
@@ -353,7 +366,9 @@ def test_trained_file_has_lycoris_keys_and_reapplies_exactly(tmp_path, algo):
         assert CONV in names and LINEAR in names
     for i, m in enumerate(modules):
         _randomize(m, seed=i, std=0.05)
-    path = method.save(bundle, SaveInfo(path=tmp_path / f"{algo}.safetensors", step=1, epoch=1, metadata={}, final=True))
+    path = method.save(
+        bundle, SaveInfo(path=tmp_path / f"{algo}.safetensors", step=1, epoch=1, metadata={}, final=True)
+    )
     saved = read_lora(path)
     assert (saved.metadata["ss_network_module"], json.loads(saved.metadata["ss_network_args"])["algo"]) == (
         "lycoris.kohya", algo)  # fmt: skip

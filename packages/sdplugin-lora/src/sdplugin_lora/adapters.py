@@ -1789,7 +1789,9 @@ def weight_change(t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None 
     if variant is None:
         raise ValueError(f"unsupported LoRA module with tensors {sorted(t)}")
     if base is None and needs_base(t):
-        raise ValueError("DoRA, OFT, (IA)^3 and GLoRA modules change the weight relative to the base weight: it is needed")
+        raise ValueError(
+            "DoRA, OFT, (IA)^3 and GLoRA modules change the weight relative to the base weight: it is needed"
+        )
     delta = variant.delta(t, shape, base)
     if "dora_scale" in t:
         assert base is not None

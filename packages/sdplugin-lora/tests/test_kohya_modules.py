@@ -376,7 +376,11 @@ def test_lycoris_algos_sdcore_lacks_are_refused_with_what_they_are(algo):
 def test_lycoris_dylora_and_diag_oft_point_at_kohyas_modules():
     assert "networks.dylora" in LYCORIS_OTHER_ALGOS["dylora"]
     assert "networks.oft" in LYCORIS_OTHER_ALGOS["diag-oft"] and "not the same" in LYCORIS_OTHER_ALGOS["diag-oft"]
-    assert _translate("lycoris.kohya", "algo=somethingelse").problems[0].endswith("(lora/locon, loha, lokr, ia3, glora, full)")
+    assert (
+        _translate("lycoris.kohya", "algo=somethingelse")
+        .problems[0]
+        .endswith("(lora/locon, loha, lokr, ia3, glora, full)")
+    )
 
 
 def test_algo_network_arg_with_a_kohya_module_is_refused():

@@ -22,12 +22,15 @@ PRESETS = Path(__file__).parent / "data" / "kohya_ss_gui"
 LORA_FIELDS = list(field_types(LoraOptions))
 
 #: presets refused, with the by-name problem each gets (every other preset loads)
-REFUSED = {
-    "lora/iA3-Prodigy-sd15.json": ["algo='ia3' is not supported"],
-    "lora/ia3-sd15.json": ["algo='ia3' is not supported"],
-}
+REFUSED: dict[str, list[str]] = {}
 #: LoRA_type -> sdcore --algo for the types sdcore trains (networks.lora: conv_dim decides lora/locon)
-ALGOS = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr", "Flux1": "lora"}
+ALGOS = {
+    "LyCORIS/LoCon": "locon",
+    "LyCORIS/LoHa": "loha",
+    "LyCORIS/LoKr": "lokr",
+    "LyCORIS/iA3": "ia3",
+    "Flux1": "lora",
+}
 
 
 def _presets() -> list[str]:

@@ -232,7 +232,7 @@ def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, k
     [
         ({"network_module": "networks.my_lora"}, "network_module 'networks.my_lora' is not available"),
         ({"network_module": "networks.oft_flux"}, "network_module 'networks.oft_flux' is not supported by sdcore"),
-        ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]}, "algo='ia3' is not supported by sdcore"),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=oft"]}, "algo='oft' is not supported by sdcore"),
         ({"network_args": ["dylora_unit=4"]}, "network_args dylora_unit=4 is not supported"),
         ({"network_args": ["algo=loha"]}, "algo= needs network_module = lycoris.kohya"),
         ({"network_args": ["conv_dim"]}, "is not key=value"),

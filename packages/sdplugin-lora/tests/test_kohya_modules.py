@@ -377,7 +377,7 @@ def test_lycoris_dylora_and_oft_point_at_kohyas_modules():
     assert "networks.dylora" in LYCORIS_OTHER_ALGOS["dylora"]
     assert "networks.oft" in LYCORIS_OTHER_ALGOS["oft"] and "diag-oft" not in LYCORIS_OTHER_ALGOS  # trained now
     problem = _translate("lycoris.kohya", "algo=somethingelse").problems[0]
-    assert problem.endswith("(lora/locon, loha, lokr, diag-oft, boft)")
+    assert problem.endswith("(lora/locon, loha, lokr, diag-oft, boft, ia3, glora, full)")
 
 
 def test_algo_network_arg_with_a_kohya_module_is_refused():

@@ -290,6 +290,11 @@ class FullVariant(Variant):
     def shape(cls, t: Tensors) -> tuple[int, ...] | None:
         return tuple(int(d) for d in t["diff"].shape)
 
+    @classmethod
+    def bias(cls, t: Tensors) -> torch.Tensor | None:
+        """The bias change ``diff_b`` (``None`` when the module stores none)."""
+        return t["diff_b"].float() if "diff_b" in t else None
+
 
 class NormVariant(Variant):
     """LyCORIS ``train_norm`` (``NormModule``): a GroupNorm/LayerNorm's affine parameters get an
@@ -372,6 +377,96 @@ class OftVariant(Variant):
         w = base.detach().float().reshape(shape[0], -1)
         rotated = cls.rotation(t, int(shape[0])).to(w.device).T @ w
         return (rotated - w).reshape(shape)
+
+
+class Ia3Variant(Variant):
+    """LyCORIS ``ia3`` ((IA)^3): a learned vector rescales the layer's output channels (``on_input`` 0) or
+    its input channels (``on_input`` 1): ``W' = W ⊙ (1 + m · weight)`` along that axis, so
+    ``ΔW = W ⊙ weight`` (no alpha, scale 1). ``weight`` is ``[out]`` (``[in]``) for a Linear and
+    ``[1, out, 1, 1]`` for a conv, as LyCORIS' ``IA3Module`` stores it; A1111's ``network_ia3``
+    computes the same ``orig_weight * w``. The change needs the base weight (:attr:`multiplicative`)."""
+
+    algo = "ia3"
+    markers = ("on_input",)
+    keys = ("weight", "on_input")
+    multiplicative = True
+
+    @classmethod
+    def complete(cls, t: Tensors) -> bool:
+        return "weight" in t and "on_input" in t
+
+    @classmethod
+    def on_input(cls, t: Tensors) -> bool:
+        return bool(int(t["on_input"]))
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError("(IA)^3 scales the base weight: its change needs that weight")
+        w = base.detach().float().reshape(shape)
+        vector = t["weight"].float().flatten().to(w.device)
+        rest = [1] * (len(shape) - 2)
+        if cls.on_input(t):
+            return w * vector.reshape(1, -1, *rest)
+        return w * vector.reshape(-1, 1, *rest)
+
+
+class GloraVariant(Variant):
+    """LyCORIS ``glora`` (generalised LoRA): ``ΔW = (W @ A + B) · alpha/r`` with ``A = a1 @ a2``
+    (``a1`` ``[in, r]``, ``a2`` ``[r, in]``, 1x1 kernels for convs) and ``B = b1 @ b2`` (``b1``
+    ``[out, r]``, ``b2`` ``[r, in, k, k]``), ``r`` = ``a2``'s rows; for a conv ``W @ A`` contracts
+    the input axis (LyCORIS ``GLoRAModule.make_weight``, ComfyUI's GLoRA adapter). Files of older
+    LyCORIS versions keep the transposed layout (``a1`` ``[r, in]``, ``a2`` ``[in, r]``, ``b1``
+    ``[r, in]``, ``b2`` ``[out, r]``: ``ΔW = W @ a2 @ a1 + b2 @ b1``, ``r`` = ``a1``'s rows);
+    the layout is told from the shapes as ComfyUI tells it. A Tucker core (``bm.weight``) is not read.
+    """
+
+    algo = "glora"
+    markers = ("a1.weight",)
+    keys = ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight")
+    multiplicative = True
+
+    @classmethod
+    def complete(cls, t: Tensors) -> bool:
+        return all(key in t for key in cls.keys[:4]) and "bm.weight" not in t
+
+    @classmethod
+    def old_layout(cls, t: Tensors, shape: tuple[int, ...] | None = None) -> bool:
+        """ComfyUI's test: the old layout when the rank sits where it puts it, unless the new layout
+        fits too and the layer is not square with ``a2`` as tall as it."""
+        a1, a2, b1, b2 = (t[k].shape for k in cls.keys[:4])
+        old = b2[1] == b1[0] == a1[0] == a2[1]
+        new = b2[0] == b1[1] == a1[1] == a2[0]
+        if old and new:
+            return shape is not None and a2[0] == shape[0] and shape[0] == shape[1]
+        return bool(old)
+
+    @classmethod
+    def rank(cls, t: Tensors) -> int:
+        return int(t["a1.weight"].shape[0] if cls.old_layout(t) else t["a2.weight"].shape[0])
+
+    @classmethod
+    def full_matrix(cls, t: Tensors) -> bool:
+        return False
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError("GLoRA's W @ A term needs the base weight")
+        f = {key: value.float().flatten(1) for key, value in t.items() if key in cls.keys}
+        w = base.detach().float().reshape(shape).to(f["a1.weight"].device)
+        if cls.old_layout(t, shape):
+            wide = w.flatten(1)
+            return (f["b2.weight"] @ f["b1.weight"] + wide @ f["a2.weight"] @ f["a1.weight"]).reshape(shape)
+        a = f["a1.weight"] @ f["a2.weight"]  # [in, in]
+        wa = torch.einsum("o i ..., i j -> o j ...", w, a)
+        return wa + (f["b1.weight"] @ f["b2.weight"]).reshape(shape)
+
+    @classmethod
+    def in_out(cls, t: Tensors) -> tuple[int, int] | None:
+        if cls.old_layout(t):
+            return int(t["a1.weight"].shape[1]), int(t["b2.weight"].shape[0])
+        return int(t["a1.weight"].shape[0]), int(t["b1.weight"].shape[0])
 
 
 def butterfly_factorization(dimension: int, factor: int = -1) -> tuple[int, int] | None:
@@ -489,6 +584,8 @@ VARIANTS: tuple[type[Variant], ...] = (
     DiagOftVariant,
     OftVariant,
     NormVariant,
+    Ia3Variant,
+    GloraVariant,
 )
 
 
@@ -797,11 +894,37 @@ class Adapter(nn.Module):
         delta = self.delta_weight().to(param.device)
         with torch.no_grad():
             param.copy_((param.detach().float() + delta * m).to(param.dtype))
+        self._merge_bias(m)
         return backup
 
     def unmerge(self, backup: torch.Tensor) -> None:
         with torch.no_grad():
             self.base.weight.copy_(backup.to(self.base.weight.device))
+        self._unmerge_bias()
+
+    def bias_change(self, *, detach: bool = True) -> torch.Tensor | None:
+        """The change of the layer's bias at multiplier 1, in fp32 (``None``: the module changes no bias)."""
+        return None
+
+    def _merge_bias(self, m: float) -> None:
+        """``bias + m · bias_change`` (LyCORIS ``full``'s ``diff_b``, ``train_norm``'s ``b_norm``), backed up
+        for :meth:`unmerge`."""
+        change = self.bias_change()
+        if change is None:
+            return
+        bias = self.base.bias
+        if bias is None:
+            raise ValueError(f"{self.lora_name}: the module changes a bias but the layer has none")
+        self._bias_backup = bias.detach().to("cpu", copy=True)
+        with torch.no_grad():
+            bias.copy_((bias.detach().float() + change.to(bias.device) * m).to(bias.dtype))
+
+    def _unmerge_bias(self) -> None:
+        backup = getattr(self, "_bias_backup", None)
+        if backup is not None:
+            with torch.no_grad():
+                self.base.bias.copy_(backup.to(self.base.bias.device))
+            self._bias_backup = None
 
     # --- files -----------------------------------------------------------------------------------
     @classmethod
@@ -1500,8 +1623,9 @@ class NormAdapter(Adapter):
         return True  # the forward is the norm op itself: freezing precomputes nothing
 
     def bias_change(self, *, detach: bool = True) -> torch.Tensor | None:
-        """The change of the layer's bias at multiplier 1, in fp32 (``None`` without ``b_norm``)."""
-        if self.b_norm is None:
+        """The change of the layer's bias at multiplier 1, in fp32 (``None`` without ``b_norm``;
+        :meth:`Adapter.merge` adds it, :meth:`Adapter.unmerge` restores the bias)."""
+        if self.b_norm is None or self.base.bias is None:
             return None
         return (self.b_norm.detach() if detach else self.b_norm).float()
 
@@ -1526,25 +1650,6 @@ class NormAdapter(Adapter):
         factor = self.sample_factor(out)
         return out if factor is None else out * factor
 
-    def merge(self, multiplier: float | None = None) -> torch.Tensor:
-        """``weight + m · w_norm`` and ``bias + m · b_norm``; :meth:`unmerge` restores both."""
-        m = self.multiplier if multiplier is None else multiplier
-        backup = super().merge(m)
-        bias = self.base.bias
-        change = self.bias_change()
-        if bias is not None and change is not None:
-            self._bias_backup = bias.detach().to("cpu", copy=True)
-            with torch.no_grad():
-                bias.copy_((bias.detach().float() + change.to(bias.device) * m).to(bias.dtype))
-        return backup
-
-    def unmerge(self, backup: torch.Tensor) -> None:
-        super().unmerge(backup)
-        if self._bias_backup is not None:
-            with torch.no_grad():
-                self.base.bias.copy_(self._bias_backup.to(self.base.bias.device))
-            self._bias_backup = None
-
     @classmethod
     def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
         adapter = cls(name, base, multiplier=multiplier)
@@ -1558,11 +1663,194 @@ class NormAdapter(Adapter):
         return adapter
 
 
+def _no_alpha(adapter: Adapter) -> None:
+    """LyCORIS' ``ia3`` and ``full`` modules store no alpha: keep it out of the ``state_dict``."""
+    adapter.register_buffer("alpha", torch.tensor(1.0), persistent=False)
+    adapter._scale = 1.0
+
+
+def _channel(vector: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over ``out`` (channels first for convs, last for Linears)."""
+    return vector.reshape(1, -1, *[1] * (out.dim() - 2)) if out.dim() == 4 else vector
+
+
 class FullAdapter(Adapter):
-    """LyCORIS ``full`` files (``diff``): applied, never trained here."""
+    """LyCORIS ``full`` (native fine-tuning): the whole weight change ``diff`` (and the bias change
+    ``diff_b`` when the layer has a bias) trains, no factorisation, no alpha, scale 1.
+
+    Both start at zero, so the layer starts as the base (LyCORIS' ``FullModule`` copies the base
+    weight into its parameter; its file stores ``weight - base`` = ``diff``, the same numbers). The
+    forward adds ``m · (diff x + diff_b)``, LyCORIS' ``op(x, weight - base, bias - base_bias)``.
+    One difference: here the optimizer's weight decay pulls ``diff`` towards zero (the base
+    model), where LyCORIS' decays its parameter, the whole weight. LyCORIS has no dropout here
+    that behaves (its rank-dropout mask is shaped by the output width but broadcast over the input
+    axis), so none is offered."""
 
     variant = FullVariant
     algo = "full"
+    diff_b: nn.Parameter | None
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int = 0,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+    ) -> None:
+        super().__init__(name, base, 0, None, multiplier=multiplier, module_dropout=module_dropout)
+        _no_alpha(self)
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        self.diff = nn.Parameter(torch.zeros(weight.shape, dtype=torch.float32))
+        bias = getattr(base, "bias", None)
+        self.diff_b = nn.Parameter(torch.zeros(bias.shape, dtype=torch.float32)) if bias is not None else None
+
+    def bias_change(self, *, detach: bool = True) -> torch.Tensor | None:
+        if self.diff_b is None:
+            return None
+        return (self.diff_b.detach() if detach else self.diff_b).float()
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``m · (diff x + diff_b)`` (per-sample strengths too)."""
+        out = super().delta(x)
+        change = self.bias_change(detach=False)
+        if change is None:
+            return out
+        bias = _channel(change.to(device=out.device, dtype=out.dtype) * self.multiplier, out)
+        factor = self.sample_factor(out)
+        return out + (bias if factor is None else bias * factor)
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        adapter = cls(name, base, multiplier=multiplier)
+        with torch.no_grad():
+            adapter.diff.copy_(t["diff"].detach().float().reshape(adapter.diff.shape))
+            if "diff_b" in t:
+                if adapter.diff_b is None:
+                    raise ValueError(f"{name}: the file changes the bias (diff_b) of a layer that has none")
+                adapter.diff_b.copy_(t["diff_b"].detach().float().reshape(adapter.diff_b.shape))
+            else:
+                adapter.diff_b = None
+        return adapter
+
+
+class Ia3Adapter(Adapter):
+    """LyCORIS ``ia3`` ((IA)^3, arXiv 2205.05638): a vector ``weight`` rescales the layer's output
+    channels, or with ``on_input`` its input channels: ``W' = W ⊙ (1 + m · weight)``.
+
+    ``weight`` starts at zero (the layer starts as the base) and is ``[width]`` for a Linear,
+    ``[1, width, 1, 1]`` for a conv; the file holds ``weight`` and ``on_input`` (an int tensor),
+    no alpha, as LyCORIS' ``IA3Module`` stores them. The forward is LyCORIS' (non-bypass):
+    ``base(x) + op(x, m · W ⊙ weight)``, which is the base output times ``1 + m · weight`` per
+    output channel. No dropout applies (LyCORIS' IA3 has only module dropout). LyCORIS recommends a
+    much higher learning rate than LoRA's (5e-3 to 1e-2, docs/Algo-List.md)."""
+
+    variant = Ia3Variant
+    algo = "ia3"
+    on_input: torch.Tensor
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int = 0,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+        on_input: bool = False,
+    ) -> None:
+        super().__init__(name, base, 0, None, multiplier=multiplier, module_dropout=module_dropout)
+        _no_alpha(self)
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        width = int(weight.shape[1] if on_input else weight.shape[0])
+        shape = (1, width, *[1] * (weight.dim() - 2)) if weight.dim() > 2 else (width,)
+        self.weight = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("on_input", torch.tensor(int(on_input)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "on_input": self.on_input}
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        adapter = cls(name, base, multiplier=multiplier, on_input=Ia3Variant.on_input(t))
+        vector = t["weight"].detach().float()
+        if vector.numel() != adapter.weight.numel():
+            raise ValueError(
+                f"{name}: (IA)^3 weight has {vector.numel()} entries, the layer {adapter.weight.numel()} "
+                f"{'input' if int(adapter.on_input) else 'output'} channels"
+            )
+        with torch.no_grad():
+            adapter.weight.copy_(vector.reshape(adapter.weight.shape))
+        return adapter
+
+
+class GloraAdapter(Adapter):
+    """LyCORIS ``glora`` (arXiv 2306.07967): ``W' = W + m · (alpha/r) · (W @ a1 @ a2 + b1 @ b2)``.
+
+    The four factors are layers as LyCORIS' ``GLoRAModule`` builds them, in its order (``a2``:
+    in → r, ``a1``: r → in, ``b2``: in → r with the layer's kernel, stride and padding, ``b1``:
+    r → out, all 1x1 for convs but ``b2``), so their ``state_dict`` is the file's ``a1.weight`` ...
+    ``b2.weight`` plus ``alpha``. Init as LyCORIS: ``a1``, ``b1`` kaiming-uniform(a=√5), ``a2``,
+    ``b2`` zero (the change starts at zero). The forward is LyCORIS' non-bypass one: the rebuilt
+    change applied with the layer's op (no dropout there; LyCORIS' GLoRA drops ranks only in its
+    bypass forward)."""
+
+    variant = GloraVariant
+    algo = "glora"
+
+    def __init__(
+        self,
+        name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float | None = None,
+        *,
+        multiplier: float = 1.0,
+        module_dropout: float | None = None,
+    ) -> None:
+        super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout)
+        self.a1: nn.Module
+        self.a2: nn.Module
+        self.b1: nn.Module
+        self.b2: nn.Module
+        if isinstance(base, nn.Conv2d):
+            self.a2 = nn.Conv2d(base.in_channels, rank, 1, bias=False)
+            self.a1 = nn.Conv2d(rank, base.in_channels, 1, bias=False)
+            self.b2 = nn.Conv2d(
+                base.in_channels,
+                rank,
+                base.kernel_size,  # type: ignore[arg-type]
+                base.stride,  # type: ignore[arg-type]
+                base.padding,  # type: ignore[arg-type]
+                bias=False,
+            )
+            self.b1 = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            assert isinstance(base, nn.Linear)
+            self.a2 = nn.Linear(base.in_features, rank, bias=False)
+            self.a1 = nn.Linear(rank, base.in_features, bias=False)
+            self.b2 = nn.Linear(base.in_features, rank, bias=False)
+            self.b1 = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.a1.weight, a=math.sqrt(5))  # type: ignore[arg-type]
+        nn.init.kaiming_uniform_(self.b1.weight, a=math.sqrt(5))  # type: ignore[arg-type]
+        nn.init.zeros_(self.a2.weight)  # type: ignore[arg-type]
+        nn.init.zeros_(self.b2.weight)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, t: Tensors, *, multiplier: float = 1.0) -> Adapter:
+        """A holder of the file's four factors as they are (either layout) on ``base``."""
+        variant = cls.variant
+        adapter = cls.__new__(cls)
+        Adapter.__init__(adapter, name, base, variant.rank(t), variant.alpha(t), multiplier=multiplier)
+        for key in variant.keys:
+            if key in t:
+                holder = nn.Module()
+                holder.register_parameter("weight", nn.Parameter(t[key].detach().float().clone()))
+                adapter.add_module(key.split(".")[0], holder)
+        return adapter
 
 
 class DiagOftAdapter(Adapter):
@@ -1671,6 +1959,8 @@ ADAPTER_OF_VARIANT: dict[type[Variant], type[Adapter]] = {
     NormVariant: NormAdapter,
     DiagOftVariant: DiagOftAdapter,
     BoftVariant: BoftAdapter,
+    Ia3Variant: Ia3Adapter,
+    GloraVariant: GloraAdapter,
 }
 TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
     "lora": LoraAdapter,
@@ -1683,6 +1973,9 @@ TRAINING_ADAPTERS: dict[str, type[Adapter]] = {
     "dylora": DyLoraAdapter,
     "diag_oft": DiagOftAdapter,
     "boft": BoftAdapter,
+    "ia3": Ia3Adapter,
+    "glora": GloraAdapter,
+    "full": FullAdapter,
 }
 assert set(TRAINING_ADAPTERS) == set(ALGOS), "algos.ALGOS and the adapter registry must list the same algorithms"
 
@@ -1699,7 +1992,7 @@ def adapter_from_tensors(
 
 
 def needs_base(t: Tensors) -> bool:
-    """Whether the module's weight change depends on the base weight (DoRA, OFT)."""
+    """Whether the module's weight change depends on the base weight (DoRA, OFT, (IA)^3, GLoRA)."""
     variant = variant_of(t)
     return "dora_scale" in t or (variant is not None and variant.multiplicative)
 
@@ -1714,7 +2007,9 @@ def weight_change(t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None 
     if variant is None:
         raise ValueError(f"unsupported LoRA module with tensors {sorted(t)}")
     if base is None and needs_base(t):
-        raise ValueError("DoRA and OFT modules change the weight relative to the base weight: it is needed")
+        raise ValueError(
+            "DoRA, OFT, (IA)^3 and GLoRA modules change the weight relative to the base weight: it is needed"
+        )
     delta = variant.delta(t, shape, base)
     if "dora_scale" in t:
         assert base is not None
@@ -1742,6 +2037,10 @@ __all__ = [
     "DyLoraAdapter",
     "FullAdapter",
     "FullVariant",
+    "GloraAdapter",
+    "GloraVariant",
+    "Ia3Adapter",
+    "Ia3Variant",
     "LohaAdapter",
     "LohaVariant",
     "LokrAdapter",

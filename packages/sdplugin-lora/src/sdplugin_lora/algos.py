@@ -11,16 +11,34 @@ from __future__ import annotations
 #: ``lora_fa`` is kohya's ``networks.lora_fa`` (LoRA-FA: ``lora_down`` frozen at its init, only ``lora_up``
 #: trains); ``dylora`` is kohya's ``networks.dylora`` (nested ranks trained ``--dylora-unit`` at a time).
 #: Both write plain LoRA files. ``diag_oft`` and ``boft`` are LyCORIS' ``diag-oft`` and ``boft`` (``--rank`` =
-#: LyCORIS' network_dim, the block size; ``--constraint``, ``--rescaled``).
-ALGOS = ("lora", "locon", "loha", "lokr", "dora", "oft", "lora_fa", "dylora", "diag_oft", "boft")
+#: LyCORIS' network_dim, the block size; ``--constraint``, ``--rescaled``). ``ia3``, ``glora`` and ``full`` are
+#: LyCORIS' (IA)^3 (per-channel scaling vectors), GLoRA (``W + W·A + B``) and native fine-tuning (the whole
+#: weight change ``diff``), in LyCORIS' keys.
+ALGOS = (
+    "lora",
+    "locon",
+    "loha",
+    "lokr",
+    "dora",
+    "oft",
+    "lora_fa",
+    "dylora",
+    "diag_oft",
+    "boft",
+    "ia3",
+    "glora",
+    "full",
+)
 
 ALGO_HELP = (
     "lora; locon (= lora with conv modules, conv rank defaults to --rank); LyCORIS loha, lokr or dora "
     "(files load in A1111/ComfyUI and here, not in diffusers); oft (kohya networks.oft: --rank = blocks, "
     "--alpha = constraint, default 1e-3); lora_fa (kohya networks.lora_fa: lora_down frozen, only lora_up "
     "trains); dylora (kohya networks.dylora: each step trains one --dylora-unit slice of the rank). lora_fa and "
-    "dylora files are plain LoRA files; LyCORIS diag_oft / boft (orthogonal rotations: --rank = block size, "
-    "--constraint, --rescaled; files load in ComfyUI and LyCORIS)."
+    "dylora files are plain LoRA files. LyCORIS diag_oft / boft (orthogonal rotations: --rank = block size, "
+    "--constraint, --rescaled; files load in ComfyUI and LyCORIS), ia3 (per-channel scaling, --rank unused, lr "
+    "~5e-3..1e-2), glora (W + W·A + B; UNet attention blocks and text encoder) or full (the whole weight change: "
+    "large files)."
 )
 
 #: ``ss_network_module`` each algorithm's files carry (what sd-scripts writes)
@@ -35,6 +53,9 @@ NETWORK_MODULE = {
     "dylora": "networks.dylora",
     "diag_oft": "lycoris.kohya",
     "boft": "lycoris.kohya",
+    "ia3": "lycoris.kohya",
+    "glora": "lycoris.kohya",
+    "full": "lycoris.kohya",
 }
 
 #: kohya's plain-LoRA module of its FLUX.1 and SD3 scripts (flux_train_network.py, sd3_train_network.py)

@@ -20,7 +20,7 @@ import torch
 from sdcore.errors import NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
 
-from .adapters import Adapter, NormAdapter, adapter_from_tensors
+from .adapters import Adapter, adapter_from_tensors
 from .format import LoraFile, Match, ModuleWeights, match_modules, read_lora
 from .naming import ModuleIndex, Target
 
@@ -141,7 +141,7 @@ def _adapter(target: Target, weights: ModuleWeights, multiplier: float) -> Adapt
 def _merge_one(applied: AppliedLoras, target: Target, weights: ModuleWeights, multiplier: float) -> None:
     adapter = _adapter(target, weights, multiplier)
     bias = getattr(target.module, "bias", None)
-    if isinstance(adapter, NormAdapter) and adapter.b_norm is not None and bias is not None:  # b_norm changes it
+    if adapter.bias_change() is not None and bias is not None:  # b_norm / diff_b change it
         applied.backups.setdefault(id(bias), (bias, bias.detach().to("cpu", copy=True)))
     backup = adapter.merge()
     param = target.module.weight

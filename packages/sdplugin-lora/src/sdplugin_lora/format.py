@@ -24,7 +24,7 @@ import torch
 from sdcore.errors import ModelFormatError, NetworkMismatchError
 from sdcore.models.hashes import sshs_hashes
 
-from .adapters import VARIANTS, Variant, variant_of
+from .adapters import VARIANTS, GloraVariant, Variant, variant_of
 from .naming import ModuleIndex, Target
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
             ".alpha": "alpha",
             ".scale": "scale",
             ".dora_scale": "dora_scale",
-            **{f".{key}": key for variant in VARIANTS for key in variant.keys if "." not in key},
+            **{f".{key}": key for variant in VARIANTS for key in variant.keys if "." not in key and key != "weight"},
+            **{f".{key}": key for key in GloraVariant.keys},
         }.items(),
         key=lambda item: -len(item[0]),
     )
@@ -74,7 +75,7 @@ class ModuleWeights:
 
     @property
     def kind(self) -> str:
-        """``lora`` (LoRA/LoCon), ``loha``, ``lokr``, ``full`` or ``unknown``."""
+        """``lora`` (LoRA/LoCon), ``loha``, ``lokr``, ``full``, ``ia3``, ``glora``, ``oft``, ``norm`` or ``unknown``."""
         variant = self.variant
         return variant.algo if variant is not None else "unknown"
 
@@ -169,6 +170,9 @@ def parse_state_dict(
     for key, tensor in state.items():
         if key.startswith("bundle_emb."):
             embeddings.append(key)
+            continue
+        if key.endswith(".weight") and key[: -len(".weight")] + ".on_input" in state:  # LyCORIS (IA)^3's vector
+            modules.setdefault(key[: -len(".weight")], ModuleWeights()).tensors["weight"] = tensor
             continue
         for suffix, part in _SUFFIXES:
             if key.endswith(suffix):
@@ -449,7 +453,8 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
         shape = tuple(target.module.weight.shape)
         widths = weights.in_out()
         if widths is not None:
-            fan_in = shape[1] * (shape[2] * shape[3] if len(shape) == 4 and weights.down.dim() == 2 else 1)
+            flat = len(shape) == 4 and weights.kind == "lora" and weights.down.dim() == 2  # a kxk LoRA down, flattened
+            fan_in = shape[1] * (shape[2] * shape[3] if flat else 1)
             if widths != (fan_in, shape[0]):
                 made_for, _ = detect_family(lora)
                 hint = f"; it looks made for {made_for}" if made_for else ""

@@ -23,6 +23,15 @@ from sdcore.train.te_stop import TextEncoderStopOptions
 
 from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE, network_module
 
+#: LyCORIS algos without neuron/rank dropout, Tucker core or max-norm here -> why (conv rank: GLoRA adapts no conv block)
+LYCORIS_PLAIN = {
+    "ia3": "a scaling vector per layer, no rank",
+    "glora": "its forward rebuilds the weight; it adapts the UNet's transformer blocks only",
+    "full": "the whole weight change, no rank",
+    "diag_oft": "rotation blocks, no Tucker core; its dropouts and max-norm on the blocks are not reproduced",
+    "boft": "butterfly rotation blocks, no Tucker core; its dropouts and max-norm on the blocks are not reproduced",
+}
+
 if TYPE_CHECKING:
     import torch
     from sdcore.models.bundle import ModelBundle
@@ -392,6 +401,24 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 )
         elif o.dylora_unit != 1:
             problems.append(f"--dylora-unit is for --algo dylora (got --algo {o.algo})")
+        if o.algo in LYCORIS_PLAIN:
+            plain = [
+                flag
+                for flag, value in (
+                    ("--dropout", o.dropout),
+                    ("--rank-dropout", o.rank_dropout),
+                    ("--rank-dropout-scale", o.rank_dropout_scale),
+                    ("--use-tucker", o.use_tucker),
+                    ("--scale-weight-norms", o.scale_weight_norms),
+                    ("--conv-rank", o.conv_rank if o.algo == "glora" else 0),
+                )
+                if value
+            ]
+            if plain:
+                problems.append(
+                    f"{', '.join(plain)} with --algo {o.algo}: LyCORIS' {o.algo} has no such option here "
+                    f"({LYCORIS_PLAIN[o.algo]}); --module-dropout applies"
+                )
         if o.decompose_both and o.algo != "lokr":
             problems.append(f"--decompose-both is LyCORIS' LoKr option (got --algo {o.algo})")
         lycoris = [f for f, v in (("--train-norm", o.train_norm), ("--rank-dropout-scale", o.rank_dropout_scale)) if v]
@@ -407,7 +434,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             raise ConfigError("; ".join(problems))
 
     def _lycoris_oft_problems(self) -> list[str]:
-        """What LyCORIS' diag-oft/BOFT modules do not have, and their options given to other algos."""
+        """The constraint and multiplier of LyCORIS' diag-oft/BOFT modules, and their options given to other algos."""
         o = self.options
         problems: list[str] = []
         if o.algo not in ("diag_oft", "boft"):
@@ -417,13 +444,6 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             return problems
         if o.constraint < 0 or o.constraint != o.constraint:
             problems.append(f"--constraint must be 0 (no limit) or positive (got {o.constraint})")
-        unused = [f for f, v in (("--dropout", o.dropout), ("--rank-dropout", o.rank_dropout),
-                                 ("--use-tucker", o.use_tucker), ("--scale-weight-norms", o.scale_weight_norms)) if v]  # fmt: skip
-        if unused:
-            problems.append(
-                f"{', '.join(unused)} with --algo {o.algo}: not reproduced for LyCORIS' orthogonal modules "
-                "(no Tucker core; their dropouts and max-norm act on the rotation blocks); drop them"
-            )
         if o.network_multiplier != 1 and (o.algo == "boft" or o.rescaled):
             problems.append(
                 f"--network-multiplier {o.network_multiplier} with --algo {o.algo}"
@@ -552,6 +572,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         file_ranks = self._ranks_from_weights(index) if self.options.dim_from_weights else None
         # kohya builds a network from a file's ranks over the conv targets too (modules_dim given)
         conv = self.conv_rank > 0 or bool(plan and plan.conv_dims) or file_ranks is not None
+        if self.options.algo == "glora":  # LyCORIS (kohya.py): GLoRA adapts only the UNet's transformer blocks
+            conv = False
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
         if self.options.algo == "oft" and not self.options.oft_all_linear:
             # kohya networks.oft without enable_all_linear: its CrossAttention modules' Linears only

@@ -93,7 +93,10 @@ class LoraNetwork(nn.Module):
         LyCORIS options: ``decompose_both`` (LoKr: ``w1`` low-rank too), ``rank_dropout_scale`` (the
         rank-dropout mask divided by its mean) and ``norms`` (``train_norm``: a :class:`NormAdapter`
         on each of these GroupNorm/LayerNorm targets, ``ModuleIndex.select_norms``); ``constraint`` and
-        ``rescaled`` (diag-oft, BOFT). A layer BOFT cannot split is a ``ConfigError`` naming every one."""
+        ``rescaled`` (diag-oft, BOFT). A layer BOFT cannot split is a ``ConfigError`` naming every one.
+
+        LyCORIS ``ia3`` and ``full`` have no rank: ``rank``/``conv_rank`` only say which targets get a
+        module (a kxk conv needs a conv rank, as LyCORIS' ``conv_dim``)."""
         if algo not in ALGOS:
             raise ValueError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
         adapter_cls = TRAINING_ADAPTERS[algo]
@@ -176,6 +179,8 @@ class LoraNetwork(nn.Module):
             elif adapter_cls is LoraAdapter:
                 common.update(dropout=dropout, rank_dropout=rank_dropout, dora=algo == "dora", tucker=use_tucker)
                 common.update(rank_dropout_scale=rank_dropout_scale)
+            elif algo in ("ia3", "glora", "full"):  # LyCORIS: module dropout only (see their adapters)
+                pass
             elif algo == "lokr":
                 common.update(factor=lokr_factor, tucker=use_tucker, rank_dropout=rank_dropout)
                 common.update(decompose_both=decompose_both, rank_dropout_scale=rank_dropout_scale)

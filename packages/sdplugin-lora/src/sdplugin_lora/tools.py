@@ -249,8 +249,8 @@ def dense_module(
 ) -> DenseModule:
     """The dense change of any variant (the variant's own formula, :mod:`sdplugin_lora.adapters`).
 
-    LoRA, LoHa, LoKr and full modules need nothing else. DoRA and OFT change the weight relative
-    to the base weight, so they need ``base`` and give ``W' - W`` (scale 1); with ``keep_dora`` a
+    LoRA, LoHa, LoKr and full modules need nothing else. DoRA, OFT, (IA)^3 and GLoRA change the weight
+    relative to the base weight, so they need ``base`` and give ``W' - W`` (scale 1); with ``keep_dora`` a
     DoRA module instead keeps its magnitude and its inner ``ΔW`` is what gets re-factored.
     """
     t = weights.tensors
@@ -265,7 +265,7 @@ def dense_module(
         )
     keep = keep_dora and "dora_scale" in t and not variant.multiplicative
     if base is None and needs_base(t) and not keep:
-        kind = "OFT" if variant.multiplicative else "DoRA"
+        kind = {"oft": "OFT", "ia3": "(IA)^3", "glora": "GLoRA"}.get(variant.algo, "DoRA")
         raise NetworkMismatchError(
             f"{lora.label}: {name} is {kind}: its change depends on the base weights; pass --base-model"
         )
@@ -513,7 +513,7 @@ def module_shape(name: str, weights: ModuleWeights, family: str | None) -> str:
     are 1x1 convs on SD1 and Linear on SD2/SDXL).
     """
     t = weights.tensors
-    for key in ("lora_mid.weight", "hada_t1", "lokr_t2", "lora_down.weight", "lokr_w2", "diff"):
+    for key in ("lora_mid.weight", "hada_t1", "lokr_t2", "lora_down.weight", "lokr_w2", "diff", "b2.weight"):
         if key in t and t[key].dim() == 4:
             return "conv1x1" if tuple(t[key].shape[2:]) == (1, 1) else "conv3x3"
     if "lora_down.weight" in t:
@@ -528,8 +528,8 @@ def module_shape(name: str, weights: ModuleWeights, family: str | None) -> str:
     return "linear"
 
 
-_ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "oft": "OFT", "unknown": "unknown"}
-_ALGO_LABEL |= {"diag_oft": "Diag-OFT", "boft": "BOFT"}  # LyCORIS' orthogonal modules
+_ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "oft": "OFT", "unknown": "unknown",
+               "diag_oft": "Diag-OFT", "boft": "BOFT", "ia3": "(IA)^3", "glora": "GLoRA"}  # fmt: skip
 
 
 def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:

@@ -721,20 +721,14 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
 }
 #: LyCORIS network_args that are sdcore LoRA options of the same name (kohya's own modules ignore them)
 _LYCORIS_ONLY_ARGS = ("decompose_both", "rank_dropout_scale", "train_norm")
-_LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
-_LYCORIS_ALGOS |= {"diag-oft": "diag_oft", "boft": "boft"}  # LyCORIS' orthogonal algos (sdcore's spelling)
+_LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "diag-oft": "diag_oft",
+                  "boft": "boft", "ia3": "ia3", "glora": "glora", "full": "full"}  # fmt: skip
 #: LyCORIS algos sdcore does not train -> what each is, and the nearest thing sdcore trains (LyCORIS f49d30d)
 LYCORIS_OTHER_ALGOS = {
     "dylora": "LyCORIS' DyLoRA trains only the first b+1 blocks per step, scaled by alpha/(b+1); kohya's "
     "networks.dylora (which sdcore trains) keeps the whole rank and scales by alpha/rank * sqrt(rank/(b+unit)), "
     "another network; the nearest is network_module = networks.dylora with unit = block_size",
     "oft": "LyCORIS has no algo=oft (its OFT is diag-oft); kohya's OFT is network_module = networks.oft",
-    "ia3": "(IA)^3 learns per-channel scaling vectors (weight, on_input); sdcore does not train it and has no "
-    "equivalent (a low-rank lora/locon is the nearest small network)",
-    "glora": "GLoRA (generalised LoRA: W + W·A + B, a1/a2/b1/b2) is not trained by sdcore; the nearest is "
-    "algo=lora (or locon)",
-    "full": "algo=full trains every weight of each layer (diff, diff_b): a full fine-tune stored per layer; "
-    "sdcore does not train it as a network: fine-tune the model, then `sdcore lora extract` a LoRA from it",
 }
 #: networks.lora's block-wise network_args (LyCORIS has none of them)
 _BLOCK_ARGS = {"block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight",
@@ -1329,7 +1323,7 @@ def _network(
             return
         if algo and algo not in _LYCORIS_ALGOS:
             out.problems.append(
-                f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, loha, lokr, diag-oft, boft)"
+                f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, {', '.join(list(_LYCORIS_ALGOS)[2:])})"
             )
             return
         chosen = _LYCORIS_ALGOS[algo or "lora"]
@@ -1346,8 +1340,14 @@ def _network(
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")
             chosen = "dora"
+        if args.pop("train_on_input", None) is not None:  # lycoris.kohya's create_network does not pass it on
+            out.notes.append("network_args train_on_input has no effect: lycoris.kohya does not pass it to its modules")
         preset = args.get("preset", "full").lower()
-        if preset == "full":
+        if chosen == "glora":  # lycoris.kohya: GLoRA adapts only Transformer2DModel/Attention in the UNet
+            for key in ("conv_dim", "conv_alpha"):
+                if args.pop(key, None) is not None:
+                    out.notes.append(f"network_args {key} has no effect with algo=glora (LyCORIS adapts no conv block)")
+        elif preset == "full":
             out.notes.append(
                 "LyCORIS preset 'full' also adapts conv_in/conv_out/time embedding; sdcore adapts kohya's "
                 "LoCon modules (attention, MLP, ResNet and sampler convs)"

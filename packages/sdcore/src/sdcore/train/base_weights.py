@@ -105,7 +105,7 @@ class StorageFormat:
     def problem(self, device: Any) -> str | None:
         """Why this format cannot be used on ``device`` (``None`` when it can): a round trip must run there."""
         try:
-            probe = torch.tensor([[1.0, -0.5, 0.25, 0.0]], device=device)
+            probe = torch.tensor([[1.0, -1.0, 0.0, 1.0]], device=device)  # values every format keeps exactly
             back = self.dequantise(self.quantise(probe), probe.shape, torch.float32)
             if not torch.equal(back, probe):
                 return f"--base-weights-dtype {self.name}: a round trip on {device} does not keep exact values"
@@ -206,11 +206,14 @@ class _StoredWeightFunction(torch.autograd.Function):
     """The layer's op with its weight dequantised per call; backward saves the stored tensors only."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, layer: Any, *stored: Any) -> Any:
+    def forward(
+        ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, layer: Any, *stored: Any
+    ) -> Any:
         ctx.save_for_backward(*stored)
         ctx.dtype, ctx.x_dtype, ctx.input_shape, ctx.layer = dtype, x.dtype, x.shape, layer
         ctx.storage, ctx.shape = layer.storage, layer.stored_shape
         ctx.bias_grad = bias is not None and bias.requires_grad
+        ctx.count = len(stored)
         weight = layer.storage.dequantise(stored, layer.stored_shape, dtype)
         if isinstance(layer, nn.Conv2d):
             return layer._conv_forward(x.to(dtype) if x.dtype != dtype else x, weight, bias)
@@ -232,7 +235,7 @@ class _StoredWeightFunction(torch.autograd.Function):
                 grad_x = grad.to(weight.dtype).matmul(weight).to(ctx.x_dtype)
         if ctx.bias_grad:
             grad_b = grad.sum((0, 2, 3)) if conv else grad.reshape(-1, grad.shape[-1]).sum(0)
-        return (grad_x, grad_b, None, None, *[None] * len(ctx.saved_tensors))
+        return (grad_x, grad_b, None, None, *[None] * ctx.count)
 
 
 class _StoredWeightLayer(nn.Module):
@@ -253,9 +256,10 @@ class _StoredWeightLayer(nn.Module):
     def _stored_forward(self, input: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(input, self.compute_dtype)
         bias: torch.Tensor | None = self._parameters.get("bias")
-        if bias is not None and bias.dtype != dtype:
-            if isinstance(self, nn.Conv2d) or not torch.is_autocast_enabled(input.device.type):
-                bias = bias.to(dtype)
+        # a Linear under autocast casts the bias itself; a convolution gets it in the compute dtype
+        autocast = torch.is_autocast_enabled(input.device.type)
+        if bias is not None and bias.dtype != dtype and (isinstance(self, nn.Conv2d) or not autocast):
+            bias = bias.to(dtype)
         out: torch.Tensor = _StoredWeightFunction.apply(input, bias, dtype, self, *self.stored())
         return out
 

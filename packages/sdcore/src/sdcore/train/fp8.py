@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base_weights import QuantizedConv2d as Fp8Conv2d
-from .base_weights import QuantizedLinear as Fp8Linear
 from .base_weights import (
     STORAGE_FORMATS,
     convert_base_weights,
@@ -25,6 +23,8 @@ from .base_weights import (
     fp8_dtype,
     weight_elements,
 )
+from .base_weights import QuantizedConv2d as Fp8Conv2d
+from .base_weights import QuantizedLinear as Fp8Linear
 
 __all__ = [
     "Fp8Conv2d",

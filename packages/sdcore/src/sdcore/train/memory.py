@@ -75,6 +75,7 @@ from ..dtypes import element_bytes, stored_weight_bytes
 from ..models.family import get_family
 from .fused import FUSED_OPTIMIZERS, kohya_groups
 from .fused import steps_in_backward as fused_steps
+from .memory_options import base_weights_dtype
 from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
@@ -145,10 +146,6 @@ class ParameterPlan:
     denoiser_fp8: int = 0
     #: per swappable transformer block, forward order: (frozen elements, of which fp8-convertible)
     blocks: tuple[tuple[int, int], ...] = ()
-    #: output rows of the frozen Linear/Conv2d weights (``--base-weights-dtype int8`` keeps a maximum per row)
-    denoiser_rows: int = 0
-    #: the same per swappable block (forward order, as ``blocks``)
-    block_rows: tuple[int, ...] = ()
     #: elements of the largest trainable tensor: the gradient ``--fused-backward-pass`` holds at most
     largest_trainable: int = 0
     #: (elements, group rate or None) of each trainable tensor in optimizer order: the groups
@@ -156,6 +153,10 @@ class ParameterPlan:
     tensors: tuple[tuple[int, float | None], ...] = ()
     #: each of ``tensors``' blockwise group (:func:`sdcore.train.fused.block_key`)
     tensor_blocks: tuple[str, ...] = ()
+    #: output rows of the frozen Linear/Conv2d weights (``--base-weights-dtype int8`` keeps a maximum per row)
+    denoiser_rows: int = 0
+    #: the same per swappable block (forward order, as ``blocks``)
+    block_rows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -409,8 +410,6 @@ def transformer_activation_bytes(
 def swapped_block_bytes(params: ParameterPlan, options: TrainOptions, frozen_bytes: int) -> tuple[int, int] | None:
     """``--blocks-to-swap``: (bytes of the swapped blocks' weights, bytes of the two largest of them,
     the copies in flight on the device), at the stored dtypes (``--base-weights-dtype``)."""
-    from .memory_options import base_weights_dtype
-
     count = getattr(options, "blocks_to_swap", 0)
     if count <= 0 or not params.blocks:
         return None
@@ -441,8 +440,6 @@ def estimate_memory(
     latents_cached = o.cache_latents and not needs_pixels
     text_cached = o.cache_text_encoder_outputs and text_encoder_frozen
     family = get_family(layout.family)
-    from .memory_options import base_weights_dtype
-
     stored = base_weights_dtype(o)
     # --full-bf16/--full-fp16: the trained weights, their gradients and float optimizer states in 2 bytes
     full_half = bool(getattr(o, "full_bf16", False) or getattr(o, "full_fp16", False))
@@ -623,11 +620,7 @@ def suggestions(
         variants.append(("--cache-latents", {"cache_latents": True}))
     if o.mixed_precision == "no":
         variants.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
-    if (
-        not base_weights_dtype(o)
-        and params.denoiser_fp8
-        and params.trainable_in.isdisjoint({"unet", "transformer"})
-    ):
+    if not base_weights_dtype(o) and params.denoiser_fp8 and params.trainable_in.isdisjoint({"unet", "transformer"}):
         variants.append(("--fp8-base", {"fp8_base": True}))
     if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and not params.trainable_in:
         # two swapped blocks are in flight anyway: the fewest blocks (3 or more) that fit, else all

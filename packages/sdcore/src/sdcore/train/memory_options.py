@@ -105,7 +105,9 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
             problems.append(problem)
     if stored and params is not None and params.denoiser_fp8 == 0:
         problems.append(f"{flag}: the {family.denoiser} has no frozen Linear/Conv2d weights to store in {stored}")
-    frozen_saved = params is not None and params.result - params.trainable >= params.components.get(family.denoiser, 0) > 0
+    frozen_saved = (
+        params is not None and params.result - params.trainable >= params.components.get(family.denoiser, 0) > 0
+    )
     if stored in ("nf4", "int8") and frozen_saved:  # a result holding the frozen denoiser would hold its packed codes
         problems.append(
             f"{flag}: this method saves the whole model, {family.denoiser} included, and its {stored} codes are not "

@@ -472,3 +472,11 @@ def test_the_option_reaches_the_cli():
         "nf4",
         "int8",
     )
+
+
+def test_dora_reads_the_dequantised_base_weight_and_trains(tmp_path):
+    """DoRA's magnitude needs the base weight's norm: ``layer.weight`` gives the dequantised one."""
+    result, saved, bundle = _lora_run(tmp_path, "sd1", "dora", algo="dora", base_weights_dtype="nf4")
+    assert any(isinstance(m, QuantizedLinear) for m in bundle.denoiser.modules())
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    assert saved.modules and all(m.up.abs().sum() > 0 for m in saved.modules.values())

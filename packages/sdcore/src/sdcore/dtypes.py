@@ -35,6 +35,25 @@ ELEMENT_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "flo
 SHORT_NAMES: dict[str, str] = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "fp8"}
 
 
+#: elements per absmax block of the ``nf4`` base-weight format (bitsandbytes' default 4-bit block size)
+NF4_BLOCK = 64
+
+
+def stored_weight_bytes(storage: str, elements: int, rows: int) -> float:
+    """Bytes of ``elements`` frozen weight elements in ``rows`` output rows under
+    ``--base-weights-dtype storage`` (:mod:`sdcore.train.base_weights`), without torch: ``fp8`` 1 byte
+    each; ``nf4`` half a byte plus an fp32 maximum per block of :data:`NF4_BLOCK` (0.5 + 4/64);
+    ``int8`` 1 byte plus an fp32 maximum per output row (1 + 4/in_features). Blocks are padded to 64
+    elements per tensor; the plan counts the formula (the padding is at most 63 elements a layer)."""
+    if storage == "fp8":
+        return float(elements * ELEMENT_BYTES[FP8_STORAGE])
+    if storage == "nf4":
+        return elements * (0.5 + 4 / NF4_BLOCK)
+    if storage == "int8":
+        return elements + 4.0 * rows
+    raise SdcoreError(f"unknown base-weight storage {storage!r}; use fp8, nf4 or int8")
+
+
 def element_bytes(name: str) -> int:
     """Bytes per element of a precision name (``"bf16"`` -> 2, ``"no"``/``"fp32"`` -> 4), without torch."""
     attribute = DTYPE_NAMES.get(name.lower())

@@ -742,13 +742,7 @@ def translate_job(
                 "prediction type, sdcore's (kohya's) --min-snr-gamma min(snr, gamma) / (snr + 1) for v-prediction"
             )
     if model.get("quantize"):
-        if str(model.get("qtype", "qfloat8")) != "qfloat8":
-            out.problems.append(f"{w}.model.qtype {model.get('qtype')!r}: sdcore quantizes to float8 only (qfloat8)")
-        v["fp8_base"] = True
-        out.notes.append(
-            f"{w}.model.quantize: the denoiser's frozen weights are stored in float8 (sdcore's fp8_base, "
-            "not optimum-quanto's qfloat8: the same kind of rounding, not the same numbers)"
-        )
+        _quantize(str(model.get("qtype", "qfloat8")), w, out)
     _merged_loras(model, family, w, out)
     if model.get("attn_masking"):
         if family == "flux":
@@ -830,6 +824,43 @@ def local_lora_file(value: Any, field: str, out: JobTranslation) -> str | None:
         "pytorch_lora_weights.safetensors and give its path)"
     )
     return None
+
+
+#: ai-toolkit ``model.qtype`` -> ``--base-weights-dtype`` and what differs (optimum-quanto's and torchao's names)
+QTYPES: dict[str, tuple[str, str]] = {
+    "qfloat8": ("fp8", "not optimum-quanto's qfloat8: the same kind of rounding, not the same numbers"),
+    "float8": ("fp8", "not torchao's float8 weight-only: the same kind of rounding, not the same numbers"),
+    "qint8": ("int8", "symmetric absmax per output row like quanto's qint8, maxima kept in fp32: a few codes may differ"),
+    "int8": ("int8", "symmetric absmax per output row like torchao's int8 weight-only, maxima in fp32"),
+    "qint4": ("nf4", "NOT quanto's qint4 (uniform codes, a scale per group): QLoRA's NormalFloat4 in blocks of 64; "
+              "the same memory class, different numbers"),
+    "uint4": ("nf4", "NOT ai-toolkit's uint4 (uniform codes with a scale and zero point per group): QLoRA's "
+              "NormalFloat4 in blocks of 64; the same memory class, different numbers"),
+}  # fmt: skip
+
+
+def _quantize(qtype: str, where: str, out: JobTranslation) -> None:
+    """``model.quantize`` with its ``qtype``: the denoiser's frozen weights in sdcore's nearest storage format."""
+    if "|" in qtype:  # e.g. "uint4|ostris/accuracy_recovery_adapters/...": a 4-bit base plus a recovery LoRA
+        out.problems.append(
+            f"{where}.model.qtype {qtype!r}: sdcore does not load accuracy-recovery adapters; use the plain qtype"
+        )
+        return
+    if qtype not in QTYPES:
+        out.problems.append(
+            f"{where}.model.qtype {qtype!r}: sdcore stores frozen weights as fp8, int8 or nf4 "
+            f"(qtype {', '.join(QTYPES)})"
+        )
+        return
+    storage, difference = QTYPES[qtype]
+    if storage == "fp8":
+        out.values["fp8_base"] = True
+    else:
+        out.values["base_weights_dtype"] = storage
+    out.notes.append(
+        f"{where}.model.quantize: the denoiser's frozen weights are stored as {storage} "
+        f"(sdcore's --base-weights-dtype {storage}, {difference})"
+    )
 
 
 def _merged_loras(model: dict[str, Any], family: str | None, where: str, out: JobTranslation) -> None:

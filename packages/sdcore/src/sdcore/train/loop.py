@@ -188,7 +188,7 @@ class TrainSession:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ConfigError(f"method {method.name!r} returned no trainable parameters")
-        memory = MemorySetup.before_placement(bundle, o)  # --fp8-base on the CPU, blocks to leave there
+        memory = MemorySetup.before_placement(bundle, o)  # --base-weights-dtype on the CPU, blocks to leave there
         place_model(
             bundle,
             self.params,

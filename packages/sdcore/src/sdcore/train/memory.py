@@ -48,8 +48,10 @@ caches and method.
   (:data:`FLUX_ACTIVATION_CONSTANTS`). Blocks swapped to the CPU (``--blocks-to-swap``) always run
   checkpointed, so they count their inputs, plus one of them recomputed.
 
-- **Memory options**: ``--fp8-base`` counts the denoiser's frozen Linear/Conv2d weights at 1 byte
-  (:data:`sdcore.dtypes.FP8_STORAGE`), the rest of it at the compute dtype (a bf16 base: 2 bytes);
+- **Memory options**: ``--base-weights-dtype`` counts the denoiser's frozen Linear/Conv2d weights in
+  their storage format (:func:`sdcore.dtypes.stored_weight_bytes`: ``fp8``/``--fp8-base`` 1 byte,
+  ``nf4`` 0.5 + 4/64 bytes, ``int8`` 1 byte plus 4 per output row), the rest of it at the compute
+  dtype (a bf16 base: 2 bytes);
   ``--blocks-to-swap N`` takes the last N blocks' weights off the device except the two largest
   (copies in flight); on the CPU those copies add to the weights instead.
 
@@ -69,10 +71,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import FP8_STORAGE, element_bytes
+from ..dtypes import element_bytes, stored_weight_bytes
 from ..models.family import get_family
 from .fused import FUSED_OPTIMIZERS, kohya_groups
 from .fused import steps_in_backward as fused_steps
+from .memory_options import base_weights_dtype
 from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
@@ -150,6 +153,10 @@ class ParameterPlan:
     tensors: tuple[tuple[int, float | None], ...] = ()
     #: each of ``tensors``' blockwise group (:func:`sdcore.train.fused.block_key`)
     tensor_blocks: tuple[str, ...] = ()
+    #: output rows of the frozen Linear/Conv2d weights (``--base-weights-dtype int8`` keeps a maximum per row)
+    denoiser_rows: int = 0
+    #: the same per swappable block (forward order, as ``blocks``)
+    block_rows: tuple[int, ...] = ()
 
 
 @dataclass
@@ -213,13 +220,13 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
             else:
                 added += p.numel()
     result = sum(components.values()) + added if whole_model_result else trainable
-    from .block_swap import block_sizes
-    from .fp8 import weight_elements
+    from .base_weights import convertible_counts
+    from .block_swap import block_sizes, swappable_blocks
 
     denoiser = bundle.denoiser
-    layers = [m for m in denoiser.modules() if type(m).__name__ in ("Linear", "Conv2d") and id(m.weight) not in seen]
-    fp8 = sum(weight_elements(m) for m in layers)
+    fp8, rows = convertible_counts(denoiser, seen)
     blocks = tuple(block_sizes(denoiser, trainable=seen))
+    block_rows = tuple(convertible_counts(block, seen)[1] for block in swappable_blocks(denoiser))
     return ParameterPlan(
         components,
         trainable,
@@ -231,6 +238,8 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
         largest,
         tuple(tensors),
         tuple(tensor_blocks),
+        rows,
+        block_rows,
     )
 
 
@@ -400,17 +409,18 @@ def transformer_activation_bytes(
 
 def swapped_block_bytes(params: ParameterPlan, options: TrainOptions, frozen_bytes: int) -> tuple[int, int] | None:
     """``--blocks-to-swap``: (bytes of the swapped blocks' weights, bytes of the two largest of them,
-    the copies in flight on the device), at the stored dtypes (fp8 under ``--fp8-base``)."""
+    the copies in flight on the device), at the stored dtypes (``--base-weights-dtype``)."""
     count = getattr(options, "blocks_to_swap", 0)
     if count <= 0 or not params.blocks:
         return None
-    fp8 = getattr(options, "fp8_base", False)
-    one = element_bytes(FP8_STORAGE)
+    stored = base_weights_dtype(options)
+    rows = params.block_rows if len(params.block_rows) == len(params.blocks) else (0,) * len(params.blocks)
     sizes = [
-        (frozen - convertible) * frozen_bytes + convertible * (one if fp8 else frozen_bytes)
-        for frozen, convertible in params.blocks[-count:]
+        (frozen - convertible) * frozen_bytes
+        + (stored_weight_bytes(stored, convertible, n) if stored else convertible * frozen_bytes)
+        for (frozen, convertible), n in zip(params.blocks[-count:], rows[-count:], strict=True)
     ]
-    return sum(sizes), sum(sorted(sizes)[-2:])
+    return math.ceil(sum(sizes)), math.ceil(sum(sorted(sizes)[-2:]))
 
 
 def estimate_memory(
@@ -430,7 +440,7 @@ def estimate_memory(
     latents_cached = o.cache_latents and not needs_pixels
     text_cached = o.cache_text_encoder_outputs and text_encoder_frozen
     family = get_family(layout.family)
-    fp8 = getattr(o, "fp8_base", False)
+    stored = base_weights_dtype(o)
     # --full-bf16/--full-fp16: the trained weights, their gradients and float optimizer states in 2 bytes
     full_half = bool(getattr(o, "full_bf16", False) or getattr(o, "full_fp16", False))
     trained = 2 if full_half else 4
@@ -447,8 +457,9 @@ def estimate_memory(
         per = frozen_bytes
         if name == "vae" and o.mixed_precision == "fp16":
             per = 4
-        if name == family.denoiser and fp8:  # 1 byte per converted weight element, the rest as before
-            weights += params.denoiser_fp8 * element_bytes(FP8_STORAGE) + (count - params.denoiser_fp8) * per
+        if name == family.denoiser and stored:  # converted weights in their format, the rest as before
+            weights += stored_weight_bytes(stored, params.denoiser_fp8, params.denoiser_rows)
+            weights += (count - params.denoiser_fp8) * per
             continue
         weights += count * per
     weights += params.added * trained
@@ -515,7 +526,8 @@ def estimate_memory(
             "mixed_precision": o.mixed_precision,
             "gradient_checkpointing": o.gradient_checkpointing,
             "optimizer": o.optimizer,
-            "fp8_base": fp8,
+            "fp8_base": stored == "fp8",
+            "base_weights_dtype": stored or "none",
             "full_half": full_half,
             "fused_backward_pass": fused,
             "blocks_to_swap": getattr(o, "blocks_to_swap", 0),
@@ -608,11 +620,7 @@ def suggestions(
         variants.append(("--cache-latents", {"cache_latents": True}))
     if o.mixed_precision == "no":
         variants.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
-    if (
-        not getattr(o, "fp8_base", False)
-        and params.denoiser_fp8
-        and params.trainable_in.isdisjoint({"unet", "transformer"})
-    ):
+    if not base_weights_dtype(o) and params.denoiser_fp8 and params.trainable_in.isdisjoint({"unet", "transformer"}):
         variants.append(("--fp8-base", {"fp8_base": True}))
     if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and not params.trainable_in:
         # two swapped blocks are in flight anyway: the fewest blocks (3 or more) that fit, else all

@@ -1,8 +1,9 @@
 """The memory options on a run: their checks (pre-flight) and their application to the loaded model.
 
-- ``--fp8-base`` (:mod:`sdcore.train.fp8`): converted on the CPU after the method prepared the model
-  (so its trainable weights are known and skipped) and before placement, so the device only ever
-  receives the 1-byte weights.
+- ``--base-weights-dtype fp8|nf4|int8`` (``--fp8-base`` = ``fp8``; :mod:`sdcore.train.base_weights`):
+  converted on the CPU after the method prepared the model (so its trainable weights are known and
+  skipped) and before placement, so the device only ever receives the stored (1- or 4-bit) weights.
+  Block swap moves the stored tensors of a swapped block like its other frozen tensors.
 - ``--blocks-to-swap N`` (:mod:`sdcore.train.block_swap`): the last N transformer blocks are left
   on the CPU by placement and the swap is installed after it.
 - gradient checkpointing and ``--mixed-precision bf16`` (frozen weights stored in bf16) are the
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from .options import BASE_WEIGHTS_DTYPES
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
@@ -25,17 +27,50 @@ if TYPE_CHECKING:
     from .options import TrainOptions
 
 
+def base_weights_dtype(options: Any) -> str | None:
+    """The storage format a run asks for: ``--base-weights-dtype`` or kohya's ``--fp8-base``; ``None``
+    for the compute dtype. The pre-flight refuses ``--fp8-base`` with another format
+    (:func:`base_weights_problem`), so here ``--fp8-base`` only fills an unset option."""
+    name = str(getattr(options, "base_weights_dtype", "none") or "none")
+    if name == "none" and getattr(options, "fp8_base", False):
+        return "fp8"
+    return None if name == "none" else name
+
+
+def base_weights_flag(options: Any) -> str:
+    """How the user spelled the storage option (for messages)."""
+    name = base_weights_dtype(options)
+    if name == "fp8" and getattr(options, "fp8_base", False):
+        return "--fp8-base"
+    return f"--base-weights-dtype {name}"
+
+
+def base_weights_problem(options: Any) -> str | None:
+    """``--fp8-base`` together with ``--base-weights-dtype nf4/int8``, or an unknown value."""
+    name = str(getattr(options, "base_weights_dtype", "none") or "none")
+    if name not in BASE_WEIGHTS_DTYPES:
+        return f"--base-weights-dtype {name!r}: choose one of {', '.join(BASE_WEIGHTS_DTYPES)}"
+    if getattr(options, "fp8_base", False) and name not in ("none", "fp8"):
+        return f"--fp8-base with --base-weights-dtype {name}: the frozen weights have one storage format; choose one"
+    return None
+
+
 def option_problems(options: TrainOptions, device: str | None = None) -> list[str]:
-    """What is wrong with the memory options alone (negative counts, fp8 on a device without it)."""
+    """What is wrong with the memory options alone (negative counts, ``--fp8-base`` with another
+    storage format, a storage format the device cannot hold)."""
     problems = []
     count = getattr(options, "blocks_to_swap", 0)
     if count < 0:
         problems.append(f"--blocks-to-swap must be 0 (off) or more, got {count}")
-    if getattr(options, "fp8_base", False):
-        from .fp8 import fp8_problem
+    problem = base_weights_problem(options)
+    if problem:
+        return [*problems, problem]
+    name = base_weights_dtype(options)
+    if name:
+        from .base_weights import STORAGE_FORMATS
         from .memory import training_device
 
-        problem = fp8_problem(device or training_device())
+        problem = STORAGE_FORMATS[name].problem(device or training_device())
         if problem:
             problems.append(problem)
     return problems
@@ -49,16 +84,17 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
 
     problems: list[str] = []
     count = getattr(options, "blocks_to_swap", 0)
-    fp8 = getattr(options, "fp8_base", False)
+    stored = base_weights_dtype(options)
+    flag = base_weights_flag(options)
     try:
         family = get_family(layout.family)
     except ConfigError:
         return problems
     if params is not None and family.denoiser in params.trainable_in:
-        for flag, on in (("--fp8-base", fp8), (f"--blocks-to-swap {count}", count > 0)):
+        for name, on in ((flag, bool(stored)), (f"--blocks-to-swap {count}", count > 0)):
             if on:
                 problems.append(
-                    f"{flag}: this method trains the {family.denoiser}'s own weights; the option applies to frozen "
+                    f"{name}: this method trains the {family.denoiser}'s own weights; the option applies to frozen "
                     "base weights (adapter training such as LoRA)"
                 )
         return problems
@@ -67,8 +103,16 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
         problem = blocks_to_swap_problem(count, available, f"the {family.label} {family.denoiser}")
         if problem:
             problems.append(problem)
-    if fp8 and params is not None and params.denoiser_fp8 == 0:
-        problems.append(f"--fp8-base: the {family.denoiser} has no frozen Linear/Conv2d weights to store in fp8")
+    if stored and params is not None and params.denoiser_fp8 == 0:
+        problems.append(f"{flag}: the {family.denoiser} has no frozen Linear/Conv2d weights to store in {stored}")
+    frozen_saved = (
+        params is not None and params.result - params.trainable >= params.components.get(family.denoiser, 0) > 0
+    )
+    if stored in ("nf4", "int8") and frozen_saved:  # a result holding the frozen denoiser would hold its packed codes
+        problems.append(
+            f"{flag}: this method saves the whole model, {family.denoiser} included, and its {stored} codes are not "
+            "a model file; train an adapter (LoRA) or choose --fp8-base"
+        )
     return problems
 
 
@@ -76,25 +120,29 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
 class MemorySetup:
     """What the memory options did to one loaded model."""
 
+    #: weight elements stored in the ``--base-weights-dtype`` format (``--fp8-base``: fp8)
     fp8_elements: int = 0
     swapped: list[Any] = field(default_factory=list)  # the blocks placement leaves on the CPU
     swap: Any = None  # the installed BlockSwap
 
     @classmethod
     def before_placement(cls, bundle: ModelBundle, options: TrainOptions) -> MemorySetup:
-        """fp8 conversion (on the CPU) and the choice of blocks to swap; raises :class:`ConfigError`
+        """Base-weight conversion (on the CPU) and the choice of blocks to swap; raises :class:`ConfigError`
         where the model or the method leaves nothing to convert or swap."""
         from ..dtypes import torch_dtype
         from .block_swap import blocks_to_swap_problem, swappable_blocks
 
         setup = cls()
         denoiser = bundle.denoiser
-        if getattr(options, "fp8_base", False):
-            from .fp8 import convert_to_fp8
+        from .base_weights import convert_base_weights
 
-            setup.fp8_elements = convert_to_fp8(denoiser, torch_dtype(options.mixed_precision))
+        stored = base_weights_dtype(options)
+        if stored:
+            setup.fp8_elements = convert_base_weights(denoiser, stored, torch_dtype(options.mixed_precision))
             if not setup.fp8_elements:
-                raise ConfigError("--fp8-base: the denoiser has no frozen Linear/Conv2d weights to store in fp8")
+                raise ConfigError(
+                    f"{base_weights_flag(options)}: the denoiser has no frozen Linear/Conv2d weights to store in {stored}"
+                )
         count = getattr(options, "blocks_to_swap", 0)
         if count:
             blocks = swappable_blocks(denoiser)

@@ -180,6 +180,8 @@ PRECISIONS = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "no", "TFLOAT
 SAVE_DTYPES = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "fp32"}
 #: weight dtypes that store a frozen part in a plain float type (sdcore keeps frozen parts in the training dtype)
 PLAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16", "TFLOAT_32", "NONE")
+#: OneTrainer's bitsandbytes storage types of the denoiser -> ``--base-weights-dtype``
+STORED_DTYPES = {"NFLOAT_4": "nf4", "INT_8": "int8"}
 #: a fallback that create.py passes as None where the library's default is something else (ProdigyPlus' eps:
 #: None turns on its Adam-atan2 update); a fallback of None leaves the argument to the library's default,
 #: which is create.py's value there (tests/test_onetrainer_config.py checks each against the installed class)
@@ -668,9 +670,20 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
         dtype = _text(part["weight_dtype"])
         if name == denoiser_name and dtype == "FLOAT_8":
             v["fp8_base"] = True  # OneTrainer's float8 storage of the frozen weights, upcast per layer = fp8_base
+        elif name == denoiser_name and dtype in STORED_DTYPES:
+            v["base_weights_dtype"] = STORED_DTYPES[dtype]
+            r.note(
+                f"{name}.weight_dtype {dtype}: the frozen weights are stored as sdcore's {STORED_DTYPES[dtype]} "
+                + ("(NF4 in blocks of 64, no double quantisation: bitsandbytes' codes, not its exact maxima)"
+                   if dtype == "NFLOAT_4" else
+                   "(absmax int8 per output row, weight-only: LLM.int8's fp16 outlier columns are not kept apart, "
+                   "so the numbers differ slightly)")
+            )  # fmt: skip
         elif dtype not in PLAIN_DTYPES:
             r.refuse(
-                f"{name}.weight_dtype", dtype, "sdcore stores frozen weights in float8 (the denoiser's) or a float type"
+                f"{name}.weight_dtype",
+                dtype,
+                "sdcore stores frozen weights in float8, nf4 or int8 (the denoiser's) or a float type",
             )
         elif dtype != "FLOAT_32":
             r.note(f"{name}.weight_dtype {dtype}: sdcore keeps frozen weights in the training precision")

@@ -25,6 +25,8 @@ MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
 WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+#: ``--base-weights-dtype`` (the formats of :mod:`sdcore.train.base_weights`; ``none``: the compute dtype)
+BASE_WEIGHTS_DTYPES = ("none", "fp8", "nf4", "int8")
 #: kohya's ``resize_interpolation`` names -> the PIL filter sdcore resizes with. kohya resizes with PIL
 #: for ``lanczos`` and ``box`` (the same pixels) and with OpenCV for the others (``nearest``:
 #: INTER_NEAREST_EXACT, which OpenCV documents as PIL's nearest; ``bilinear``/``linear``: INTER_LINEAR;
@@ -332,7 +334,15 @@ class TrainOptions:
     fp8_base: bool = option(
         False,
         "Store the denoiser's frozen Linear/Conv2d weights in float8 (1 byte each, upcast per layer in forward); "
-        "trained adapters keep their dtype (kohya --fp8_base).",
+        "trained adapters keep their dtype (kohya --fp8_base; the same as --base-weights-dtype fp8).",
+        group="training",
+    )
+    base_weights_dtype: str = option(
+        "none",
+        "Store the denoiser's frozen Linear/Conv2d weights as fp8 (1 byte each), nf4 (QLoRA's 4-bit NormalFloat "
+        "in blocks of 64: 0.5625 bytes) or int8 (absmax per output row: about 1 byte), dequantised per layer in "
+        "forward; trained adapters keep their dtype (OneTrainer's weight_dtype, ai-toolkit's quantize).",
+        choices=BASE_WEIGHTS_DTYPES,
         group="training",
     )
     blocks_to_swap: int = option(

@@ -65,3 +65,19 @@ def test_kohya_names_reach_the_options_and_block_swap_on_a_unet_is_refused(tmp_p
     result = CliRunner().invoke(_cli(), [*args, "--fp8_base", "--resolution", "64", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "estimated peak memory" in result.output
+
+
+def test_kohya_metadata_records_fp8_storage_however_it_was_asked_for():
+    """kohya's ss_fp8_base says the frozen weights were stored in fp8: --fp8-base or --base-weights-dtype fp8;
+    nf4/int8 are not fp8."""
+    from pathlib import Path
+
+    from sdcore.train.method import SaveInfo
+    from sdplugin_lora.method import LoraOptions, kohya_training_metadata
+
+    info = SaveInfo(path=Path("x.safetensors"), step=1, epoch=0, metadata={}, final=True)
+    recorded = {
+        str(values): kohya_training_metadata(LoraOptions(**values), info)["ss_fp8_base"]
+        for values in ({}, {"fp8_base": True}, {"base_weights_dtype": "fp8"}, {"base_weights_dtype": "nf4"})
+    }
+    assert list(recorded.values()) == ["False", "True", "True", "False"]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
 from sdcore.options import option
+from sdcore.train.memory_options import base_weights_dtype
 from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 from sdcore.train.te_stop import TextEncoderStopOptions
@@ -1044,7 +1045,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_gradient_accumulation_steps": str(o.gradient_accumulation),
         "ss_mixed_precision": o.mixed_precision,
         "ss_gradient_checkpointing": str(o.gradient_checkpointing),
-        "ss_fp8_base": str(o.fp8_base),
+        "ss_fp8_base": str(base_weights_dtype(o) == "fp8"),  # --fp8-base or --base-weights-dtype fp8
         "ss_full_fp16": str(o.full_fp16),  # kohya records full_fp16 only (no ss_full_bf16)
         "ss_seed": str(o.seed),
         "ss_clip_skip": str(o.clip_skip),

@@ -23,7 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from runtime_methods import ConvOutMethod, ProjOutMethod
 from sdcore.testing.contract import contract_options
 from sdcore.train.loop import TrainSession
-from sdcore.train.objectives import FlowMatchingObjective, aitoolkit_timestep_table
+from sdcore.train.objectives import FlowMatchingObjective, aitoolkit_lognorm_blend_table, aitoolkit_timestep_table
 
 T = 1000
 #: toolkit/sampler.py's scheduler configurations (the fields that matter here)
@@ -93,6 +93,49 @@ def test_tables_and_draws_are_ai_toolkits(sampling, kind, config, shift, dynamic
     assert float((got - uniform).abs().max()) < 1.95 / math.sqrt(count)
 
 
+def ref_lognorm_blend_table() -> torch.Tensor:
+    """``set_train_timesteps(1000, timestep_type="lognorm_blend")``: from torch's global generator, as there."""
+    from torch.distributions import LogNormal
+
+    t1 = LogNormal(loc=0, scale=0.333).sample((int(1000 * 0.75),))
+    t1 = (1 - t1 / t1.max()) * 1000
+    t2 = torch.linspace(1000, 1, int(1000 * (1 - 0.75)))
+    return torch.sort(torch.cat((t1, t2)), descending=True).values.to(torch.int)
+
+
+def test_the_lognorm_blend_table_is_ai_toolkits():
+    state = torch.get_rng_state()
+    try:
+        for seed in (0, 7, 123):
+            torch.manual_seed(seed)
+            want = ref_lognorm_blend_table()
+            got = aitoolkit_lognorm_blend_table(torch.Generator().manual_seed(seed))
+            assert got.dtype == torch.int32 and torch.equal(got, want)
+        # the marginal of one drawn timestep: ai-toolkit's (a table per step, randint(0, 999) of it) against
+        # sdcore's (a table per sample from its generator): two-sample Kolmogorov-Smirnov at 0.1 %
+        count = 4000
+        torch.manual_seed(99)
+        ref = torch.stack([ref_lognorm_blend_table()[int(torch.randint(0, T - 1, (1,)))] for _ in range(count)])
+    finally:
+        torch.set_rng_state(state)
+    objective = FlowMatchingObjective(timestep_sampling="lognorm_blend_table")
+    drawn = objective.sample_sigmas(count, torch.Generator().manual_seed(5)) * T  # integer timesteps / T, times T
+    assert float((drawn - drawn.round()).abs().max()) < 1e-3
+    drawn = drawn.round()
+    assert float(drawn.min()) >= 0 and float(drawn.max()) <= 1000
+    grid = torch.arange(0, T + 1, dtype=torch.float64)
+    cdf_ref = (ref.double()[None, :] <= grid[:, None]).double().mean(1)
+    cdf_got = (drawn.double()[None, :] <= grid[:, None]).double().mean(1)
+    assert float((cdf_ref - cdf_got).abs().max()) < 1.95 * math.sqrt(2 / count)
+    # per sample: the noise, then the table, then the index, all from the sample's generator
+    _, steps = objective.sample([3, 4], (4, 8, 8))
+    for i, key in enumerate((3, 4)):
+        gen = torch.Generator().manual_seed(key)
+        torch.randn((4, 8, 8), generator=gen)
+        table = aitoolkit_lognorm_blend_table(gen)
+        assert float(steps[i]) == pytest.approx(float(table[int(torch.randint(0, T - 1, (1,), generator=gen))]))
+
+
 def test_the_dynamic_table_follows_the_resolution():
     small = FlowMatchingObjective(timestep_sampling="shift_table", dynamic_shift=True)
     a = small.sample_sigmas(4000, torch.Generator().manual_seed(0), (32, 32))  # 256 tokens: exp(0.5)
@@ -133,6 +176,7 @@ FLOW = {"noise_scheduler": "flowmatch"}
         (SD3, "shift", ("shift_table", 3.0, False)),
         (SD3, "flux_shift", ("shift_table", 3.0, False)),
         (FLUX, "linear", ("linear_table", 1.0, False)),
+        (SD3, "lognorm_blend", ("lognorm_blend_table", 1.0, False)),
     ],
 )
 def test_timestep_types_map_to_the_tables(tmp_path, model, kind, expected):
@@ -146,12 +190,22 @@ def test_the_rest_stays_refused_with_the_reason(tmp_path):
 
     for train, expected in (
         ({**FLOW, "timestep_type": "weighted"}, "1000 values measured on Flex.1-alpha"),
-        ({**FLOW, "timestep_type": "lognorm_blend"}, "a table drawn anew every step"),
         ({**FLOW, "loss_type": "pseudo_huber"}, "--loss-type mix has no pseudo-Huber term"),
     ):
         with pytest.raises(ConfigError) as info:
             _load(_job(tmp_path, FLUX, train))
         assert len(info.value.problems) == 1 and expected in info.value.problems[0], info.value.problems
+
+
+def test_lognorm_blend_says_sdcore_draws_a_table_per_sample(tmp_path):
+    notes: list[str] = []
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    path = _job(tmp_path, FLUX, {**FLOW, "timestep_type": "lognorm_blend", "batch_size": 2})
+    o = load_options(LoraOptions, path, notes=notes)
+    assert o.timestep_sampling == "lognorm_blend_table" and o.batch_size == 2
+    assert any("one table per step for the whole batch; sdcore draws one per sample" in n for n in notes), notes
 
 
 def test_a_shift_table_job_trains_on_tiny_flux(tmp_path):
@@ -181,7 +235,7 @@ def test_preflight_says_where_the_shifts_do_nothing(tmp_path):
 
     o = contract_options(ConvOutMethod, tmp_path, {"timestep_sampling": "linear_table", "discrete_flow_shift": 3.0})
     _, notes = objective_option_checks(o, "sd3")
-    assert any("ai-toolkit's linear table is not shifted" in n for n in notes), notes
+    assert any("linear_table (ai-toolkit does not shift this table" in n for n in notes), notes
     o = contract_options(ConvOutMethod, tmp_path, {"timestep_sampling": "shift_table", "dynamic_timestep_shift": True,
                                                    "discrete_flow_shift": 3.0})  # fmt: skip
     _, notes = objective_option_checks(o, "flux")

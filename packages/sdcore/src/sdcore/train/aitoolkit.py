@@ -484,9 +484,6 @@ LOSS_REFUSALS = {
 TIMESTEP_REFUSALS = {
     "weighted": "the linear table with a loss weight per timestep that is a list of 1000 values measured on "
     "Flex.1-alpha (toolkit/timestep_weighing/default_weighing_scheme.py), not a formula sdcore can rewrite",
-    "lognorm_blend": "a table drawn anew every step (750 log-normal(0, 0.333) draws scaled by their own maximum, "
-    "1000 (1 - x / max), and 250 linear timesteps, truncated to integers) and shared by the batch, which sdcore "
-    "does not draw",
     "next_sample": "sdcore does not train on the next sampling step",
     "one_step": "sdcore does not train at one fixed timestep",
     "two_step": "sdcore does not train at fixed timesteps",
@@ -498,8 +495,10 @@ TIMESTEP_REFUSALS = {
 DDPM_TIMESTEPS = 1000
 #: flow-matching ``train.timestep_type`` -> sdcore ``timestep_sampling`` (``toolkit/samplers/custom_flowmatch_sampler.py``:
 #: ``sigmoid`` = sigmoid(N(0, 1)) unshifted; ``linear`` = an index of linspace(1000, 1, 1000); ``shift`` and
-#: ``flux_shift`` (one branch) = an index of the scheduler's shifted table: sdcore's ai-toolkit tables)
-TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "linear_table", "shift": "shift_table", "flux_shift": "shift_table"}
+#: ``flux_shift`` (one branch) = an index of the scheduler's shifted table; ``lognorm_blend`` = an index of a table
+#: drawn anew (per step there, per sample in sdcore): sdcore's ai-toolkit tables)
+TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "linear_table", "shift": "shift_table", "flux_shift": "shift_table",
+                  "lognorm_blend": "lognorm_blend_table"}  # fmt: skip
 #: ai-toolkit's flow-matching scheduler per family (``toolkit/sampler.py``): ``sd_flow_config`` shifts by 3.0,
 #: ``flux_config`` by the resolution (use_dynamic_shifting) -> (sdcore's --discrete-flow-shift, --dynamic-timestep-shift)
 FLOW_SCHEDULER_SHIFTS = {"sd3": (3.0, False), "flux": (1.0, True)}
@@ -1021,6 +1020,11 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
             v["discrete_flow_shift"] = 1.0
             if TIMESTEP_TYPES[kind] == "shift_table":
                 v["discrete_flow_shift"], v["dynamic_timestep_shift"] = FLOW_SCHEDULER_SHIFTS[family]
+            if kind == "lognorm_blend" and int(train.get("batch_size", 1)) > 1:
+                out.notes.append(
+                    f"{where}.timestep_type lognorm_blend: ai-toolkit draws one table per step for the whole batch; "
+                    "sdcore draws one per sample (the same distribution for each sample)"
+                )
             v["model_prediction_type"] = "raw"
             v["weighting_scheme"] = "uniform"
         if family == "flux":

@@ -224,13 +224,29 @@ def aitoolkit_timestep_table(
     return sigmas.float() * num_timesteps
 
 
+def aitoolkit_lognorm_blend_table(generator: torch.Generator | None = None, num_timesteps: int = 1000) -> torch.Tensor:
+    """ai-toolkit's ``lognorm_blend`` table (``set_train_timesteps``), drawn from ``generator``: 3/4 of it
+    log-normal draws ``x = exp(0.333 N(0, 1))`` mapped to ``1000 (1 - x / max x)`` (so the largest draw is 0),
+    1/4 ``linspace(1000, 1)``, sorted from the noisiest down and truncated to integers (int32). ai-toolkit
+    builds one per step for the whole batch; sdcore builds one per sample from its generator (the same
+    distribution for each sample, without the batch sharing a table)."""
+    import torch
+
+    blend = 0.75
+    draws = torch.exp(0.333 * torch.randn(int(num_timesteps * blend), generator=generator))
+    logs = (1 - draws / draws.max()) * 1000
+    linear = torch.linspace(1000, 1, int(num_timesteps * (1 - blend)))
+    return torch.sort(torch.cat((logs, linear)), descending=True).values.to(torch.int)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_table(kind: str, shift: float, mu: float | None, num_timesteps: int) -> torch.Tensor:
     return aitoolkit_timestep_table(kind, shift, mu, num_timesteps)
 
 
-#: ai-toolkit's flow-matching samplings (an index of :func:`aitoolkit_timestep_table`)
-TABLE_SAMPLINGS = ("linear_table", "shift_table")
+#: ai-toolkit's flow-matching samplings (an index of :func:`aitoolkit_timestep_table` or, drawn anew each
+#: time, :func:`aitoolkit_lognorm_blend_table`)
+TABLE_SAMPLINGS = ("linear_table", "shift_table", "lognorm_blend_table")
 
 
 def density_draw(
@@ -329,6 +345,12 @@ class FlowMatchingObjective(TrainingObjective):
             shift = math.exp(resolution_mu()) if self.dynamic_shift else None
             return self.distribution.sigmas(generator, count, shift)
         kind = self.timestep_sampling
+        if kind == "lognorm_blend_table":  # a fresh table per sample, then the index as below
+            picks = []
+            for _ in range(count):
+                blend = aitoolkit_lognorm_blend_table(generator, self.num_timesteps)
+                picks.append(blend[torch.randint(0, self.num_timesteps - 1, (1,), generator=generator)])
+            return torch.cat(picks).float() / self.num_timesteps
         if kind in TABLE_SAMPLINGS:  # ai-toolkit: randint(0, T - 1) picks one of the table's first T - 1
             mu = resolution_mu() if self.dynamic_shift and kind == "shift_table" else None
             table = _cached_table(kind, float(self.shift), mu, self.num_timesteps)
@@ -511,6 +533,7 @@ __all__ = [
     "FlowMatchingObjective",
     "Noised",
     "TrainingObjective",
+    "aitoolkit_lognorm_blend_table",
     "aitoolkit_timestep_table",
     "density_draw",
     "exponential_time_shift",

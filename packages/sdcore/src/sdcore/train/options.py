@@ -18,7 +18,7 @@ from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 from .timestep_distributions import TIMESTEP_DISTRIBUTIONS
 
 #: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names, and
-#: ai-toolkit's training tables linear_table/shift_table)
+#: ai-toolkit's training tables linear_table/shift_table/lognorm_blend_table)
 TIMESTEP_SAMPLINGS = (
     "uniform",
     "logit_normal",
@@ -28,6 +28,7 @@ TIMESTEP_SAMPLINGS = (
     "flux_shift",
     "linear_table",
     "shift_table",
+    "lognorm_blend_table",
 )
 #: how the flow-matching denoiser's output is read (kohya's --model_prediction_type, plus SD3's "x0")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
@@ -545,7 +546,8 @@ class TrainOptions:
         "drawn with --weighting-scheme's density; flux_shift = sigmoid sampling with Flux's "
         "resolution-dependent shift instead of --discrete-flow-shift; ai-toolkit's tables, an index drawn "
         "uniformly from the first 999 of 1000 timesteps: linear_table = 1000, 999, ..., 1, shift_table = "
-        "diffusers' flow-matching schedule shifted by --discrete-flow-shift or --dynamic-timestep-shift).",
+        "diffusers' flow-matching schedule shifted by --discrete-flow-shift or --dynamic-timestep-shift, "
+        "lognorm_blend_table = a table drawn per sample, 3/4 log-normal and 1/4 linear).",
         choices=TIMESTEP_SAMPLINGS,
         group="loss",
     )

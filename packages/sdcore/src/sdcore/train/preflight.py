@@ -379,10 +379,10 @@ def _flow_shift_notes(options: TrainOptions) -> list[str]:
         elif options.timestep_shift is not None or options.discrete_flow_shift != 1.0:
             flag = "--timestep-shift" if options.timestep_shift is not None else "--discrete-flow-shift"
             notes.append(f"{flag}: without effect with --dynamic-timestep-shift (the resolution decides the shift)")
-    if table and sampling == "linear_table" and options.discrete_flow_shift != 1.0:
+    if table and sampling != "shift_table" and options.discrete_flow_shift != 1.0:
         notes.append(
-            "--discrete-flow-shift: without effect with --timestep-sampling linear_table (ai-toolkit's linear table "
-            "is not shifted; shift_table is)"
+            f"--discrete-flow-shift: without effect with --timestep-sampling {sampling} (ai-toolkit does not shift "
+            "this table; shift_table is shifted)"
         )
     return notes
 

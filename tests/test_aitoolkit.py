@@ -83,7 +83,8 @@ def test_sd35_example_uses_linear_timesteps():
     o = _load(DATA / "train_lora_sd35_large_24gb.yaml")  # loads unmodified, its EMA on
     assert (o.ema, o.ema_decay) == (True, 0.99)
     assert o.model == "stabilityai/stable-diffusion-3.5-large"
-    assert o.timestep_sampling == "uniform"  # timestep_type: linear = linspace(1000, 1) drawn uniformly
+    # timestep_type linear: an index drawn uniformly from linspace(1000, 1, 1000), unshifted (ai-toolkit's table)
+    assert (o.timestep_sampling, o.discrete_flow_shift, o.dynamic_timestep_shift) == ("linear_table", 1.0, False)
     assert (o.key_layout, o.split_qkv, o.alpha) == ("diffusers", True, 16.0)
     assert o.sample_steps == 25
 
@@ -491,7 +492,7 @@ def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
              "min_denoising_steps": 100, "content_or_style": "style", "loss_type": "pseudo_huber"}  # fmt: skip
     text = " | ".join(_problems(_job(tmp_path, {**flux, "train": train})))
     assert "linear_timesteps: linear timesteps with ai-toolkit's bell-shaped loss weight" in text
-    assert "timestep_type 'weighted': uniform timesteps with ai-toolkit's bell-shaped loss weight" in text
+    assert "timestep_type 'weighted': the linear table with a loss weight per timestep that is a list" in text
     assert "min/max_denoising_steps: on flow matching" in text
     assert "1 - U^3 (style)" in text
     assert "half of sdcore's --loss-type smooth_l1" in text

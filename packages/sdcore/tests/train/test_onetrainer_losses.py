@@ -358,7 +358,8 @@ SD3 = {
 #: what the configs below set, and the sdcore options they become
 LOSS_FIELDS = ("loss_type", "mse_strength", "mae_strength", "log_cosh_strength", "huber_strength", "huber_delta",
                "p2_loss_gamma", "sigma_loss_weight", "timestep_distribution", "noising_weight", "noising_bias",
-               "min_noising_strength", "max_noising_strength", "discrete_flow_shift")  # fmt: skip
+               "min_noising_strength", "max_noising_strength", "discrete_flow_shift", "timestep_shift",
+               "dynamic_timestep_shift")  # fmt: skip
 
 
 def _load(tmp_path: Path, config: dict):
@@ -373,8 +374,10 @@ def _load(tmp_path: Path, config: dict):
 def test_onetrainer_configs_load_and_train(tmp_path):
     sd15 = {**SD15, "mse_strength": 1.0, "huber_strength": 0.5, "huber_delta": 0.3, "log_cosh_strength": 0.2,
             "loss_weight_fn": "P2", "loss_weight_strength": 1.0, "timestep_distribution": "INVERTED_PARABOLA",
-            "noising_weight": 4.0, "noising_bias": 0.1, "min_noising_strength": 0.1, "max_noising_strength": 0.9}  # fmt: skip
+            "noising_weight": 4.0, "noising_bias": 0.1, "min_noising_strength": 0.1, "max_noising_strength": 0.9,
+            "timestep_shift": 2.0}  # fmt: skip
     o = _load(tmp_path, sd15)
+    assert o.timestep_shift == 2.0  # OneTrainer shifts DDPM timesteps with the same formula
     assert (o.loss_type, o.mse_strength, o.mae_strength, o.log_cosh_strength, o.huber_strength, o.huber_delta) == (
         "mix", 1.0, 0.0, 0.2, 0.5, 0.3)  # fmt: skip
     assert (o.p2_loss_gamma, o.timestep_distribution, o.noising_weight, o.noising_bias) == (
@@ -417,7 +420,6 @@ def test_onetrainer_refusals_that_remain(tmp_path):
         ({**SD3, "loss_weight_fn": "P2"}, "an SNR weight of a DDPM schedule"),
         ({**SD15, "mse_strength": 0.0}, "every loss strength is 0"),
         ({**SD15, "timestep_distribution": "LINEAR"}, "timestep_distribution 'LINEAR': choose one of UNIFORM"),
-        ({**SD15, "timestep_distribution": "SIGMOID", "timestep_shift": 2.0}, "timestep_shift 2.0"),
     ):
         with pytest.raises(ConfigError) as info:
             _load(tmp_path, config)
@@ -443,3 +445,124 @@ def test_cli_flags_reach_the_preflight_one_line_each(tmp_path):
     good = ["--loss-type", "mix", "--mae-strength", "0.5", "--timestep-distribution", "cos_map", "--p2-loss-gamma", "1"]
     result = CliRunner().invoke(command, [*base, *good])
     assert result.exit_code == 0, result.output
+
+
+# --- the timestep shift on DDPM, the resolution's shift after any distribution ------------------------------
+
+
+def ref_flux_shift(height: int, width: int) -> float:
+    """``FluxModel.calculate_timestep_shift`` with FLUX.1's scheduler (256/4096 tokens, shifts 0.5/1.15), exp(mu)."""
+    tokens = (width // 2) * (height // 2)
+    m = (1.15 - 0.5) / (4096 - 256)
+    return math.exp(tokens * m + (0.5 - m * 256))
+
+
+def _ks(steps: torch.Tensor, want: torch.Tensor) -> float:
+    got = torch.bincount(steps, minlength=T).double().cumsum(0) / steps.numel()
+    return float((got - want).abs().max())
+
+
+def test_ddpm_timestep_shift_reaches_the_objective(tmp_path):
+    from sdcore.train.objectives import objective_for
+
+    notes: list[str] = []
+    o = _load_noted(tmp_path, {**SD15, "timestep_shift": 3.0, "max_noising_strength": 0.8}, notes)
+    # UNIFORM shifted: OneTrainer's own draw (int(shift(y)), y uniform in [0, 800)), not kohya's range
+    assert (o.timestep_distribution, o.timestep_shift, o.max_noising_strength) == ("uniform", 3.0, 0.8)
+    assert (o.min_timestep, o.max_timestep) == (None, None)
+    objective = objective_for(create_tiny_bundle("sd1"), o)
+    assert isinstance(objective, DdpmObjective) and objective.distribution.shift == 3.0
+    count = 20000
+    steps = objective.distribution.draw(torch.Generator().manual_seed(5), count)
+    assert _ks(steps, ref_timestep_cdf("uniform", 0.0, 0.0, 0.0, 0.8, 3.0)) < 1.95 / math.sqrt(count)
+    from sdcore.train.preflight import distribution_option_problems
+
+    assert distribution_option_problems(o) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "w", "b", "lo", "hi"),
+    [("logit_normal", 0.5, 0.3, 0.0, 1.0), ("beta", 2.0, 3.0, 0.1, 0.9), ("cos_map", 0.0, 0.0, 0.0, 1.0),
+     ("sigmoid", 3.0, -0.2, 0.1, 0.9)],
+)  # fmt: skip
+def test_dynamic_shift_is_the_resolutions_after_any_distribution(kind, w, b, lo, hi):
+    size = (48, 80)  # the latents of a 384x640 image: 960 tokens
+    shift = ref_flux_shift(*size)
+    dist = TimestepDistribution(kind, weight=w, bias=b, min_strength=lo, max_strength=hi)  # its own shift: 1
+    flow = FlowMatchingObjective(distribution=dist, dynamic_shift=True)
+    fixed = TimestepDistribution(kind, weight=w, bias=b, min_strength=lo, max_strength=hi, shift=shift)
+    keys = list(range(30))
+    _, steps = flow.sample(keys, (16, *size))
+    for i, key in enumerate(keys):  # each sample: the draw of the distribution with the resolution's shift
+        gen = torch.Generator().manual_seed(key)
+        torch.randn((16, *size), generator=gen)
+        assert float(steps[i]) == pytest.approx(int(fixed.draw(gen)) + 1, abs=1e-3)
+    count = 20000
+    sigmas = flow.sample_sigmas(count, torch.Generator().manual_seed(3), size)
+    drawn = (sigmas.double() * T).round().long() - 1  # OneTrainer's sigma (t + 1) / T
+    assert _ks(drawn, ref_timestep_cdf(kind, w, b, lo, hi, shift)) < 1.95 / math.sqrt(count), kind
+    other = flow.sample_sigmas(count, torch.Generator().manual_seed(3), (128, 128))  # 4096 tokens: exp(1.15)
+    assert float(other.mean()) > float(sigmas.mean())
+
+
+def _load_noted(tmp_path: Path, config: dict, notes: list[str]):
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return load_options(LoraOptions, path, notes=notes)
+
+
+FLUX = {**SD3, "model_type": "FLUX_DEV_1", "base_model_name": "tiny:flux", "dynamic_timestep_shifting": True}
+FLUX.pop("text_encoder_3")
+
+
+def test_flux_dynamic_shifting_with_other_distributions_loads_and_trains(tmp_path):
+    notes: list[str] = []
+    config = {**FLUX, "timestep_distribution": "COS_MAP", "min_noising_strength": 0.2, "timestep_shift": 2.0}
+    o = _load_noted(tmp_path, config, notes)
+    assert (o.timestep_distribution, o.dynamic_timestep_shift, o.min_noising_strength) == ("cos_map", True, 0.2)
+    assert (o.discrete_flow_shift, o.timestep_shift) == (1.0, None)
+    assert any("keeps the bucket weights of its first batch's resolution" in n for n in notes), notes
+    assert any("timestep_shift: without effect with dynamic_timestep_shifting" in n for n in notes), notes
+    beta = _load_noted(tmp_path, {**FLUX, "timestep_distribution": "BETA", "noising_weight": 0.5,
+                                  "noising_bias": 1.0, "max_noising_strength": 0.9}, [])  # fmt: skip
+    assert (beta.timestep_distribution, beta.dynamic_timestep_shift, beta.timestep_sampling) == ("beta", True,
+                                                                                                 "logit_normal")  # fmt: skip
+    # LOGIT_NORMAL(0, 0) over the whole range stays kohya's flux_shift (sigmoid(N(0, 1)) shifted by exp(mu))
+    plain = _load_noted(tmp_path, {**FLUX, "timestep_distribution": "LOGIT_NORMAL"}, [])
+    assert (plain.timestep_sampling, plain.timestep_distribution, plain.dynamic_timestep_shift) == (
+        "flux_shift", None, False)  # fmt: skip
+    kw = {name: getattr(o, name) for name in LOSS_FIELDS}
+    s = _session(tmp_path / "flux", "flux", method=ProjOutMethod, max_steps=2, save_state=False, **kw)
+    assert not option_problems(s.options, s.method)
+    seen: list[torch.Tensor] = []
+    original = s.objective.draw_for
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out[1])
+        return out
+
+    s.objective.draw_for = recording
+    result = s.run()
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    drawn = torch.cat(seen)  # t + 1 for buckets t in [200, 1000)
+    assert torch.equal(drawn, drawn.round()) and float(drawn.min()) >= 201 and float(drawn.max()) <= 1000
+
+
+def test_shift_options_are_checked_where_they_apply(tmp_path):
+    from sdcore.train.preflight import objective_option_checks
+
+    problems = _problems(tmp_path, timestep_distribution="uniform", timestep_shift=0.0)
+    assert any("the timestep shift must be positive" in p for p in problems), problems
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_distribution": "uniform", "dynamic_timestep_shift": True})
+    problems, _ = objective_option_checks(o, "sd1")
+    assert any("--dynamic-timestep-shift: a flow-matching shift by resolution" in p for p in problems), problems
+    _, notes = objective_option_checks(
+        contract_options(ConvOutMethod, tmp_path, {"dynamic_timestep_shift": True}), "flux"
+    )
+    assert any("without effect with --timestep-sampling logit_normal" in n for n in notes), notes
+    _, notes = objective_option_checks(contract_options(ConvOutMethod, tmp_path, {"timestep_shift": 2.0}), "sd3")
+    assert any("--timestep-shift: without effect without --timestep-distribution" in n for n in notes), notes

@@ -474,18 +474,16 @@ LOSS_TYPES = {"mse": "l2", "mae": "l1"}
 LOSS_REFUSALS = {
     "pseudo_huber": "ai-toolkit's pseudo_huber is sqrt(d^2 + c^2) - c with c = 0.01, half of sdcore's --loss-type "
     "smooth_l1 (--huber-schedule constant --huber-c 0.01): the gradients differ by a factor of 2 (clipping, "
-    "non-adaptive optimizers)",
+    "non-adaptive optimizers), --loss-type mix has no pseudo-Huber term (its huber is torch's true Huber) and "
+    "sdcore has no loss scale to halve it",
     "wavelet": "sdcore has no wavelet loss",
     "stepped": "sdcore has no stepped loss",
 }
 #: flow-matching timestep types sdcore has no counterpart for, and why (``toolkit/samplers/
 #: custom_flowmatch_sampler.py``, ``BaseSDTrainProcess``)
 TIMESTEP_REFUSALS = {
-    "weighted": "uniform timesteps with ai-toolkit's bell-shaped loss weight per timestep, which sdcore does not have",
-    "flux_shift": "a uniform draw shifted by the resolution; sdcore's flux_shift shifts a sigmoid(N(0, 1)) draw",
-    "shift": "a uniform draw through the scheduler's shift (by resolution on Flux); not verified against sdcore's "
-    "--discrete-flow-shift for this scheduler",
-    "lognorm_blend": "a blend of log-normal and linear timesteps, which sdcore does not draw",
+    "weighted": "the linear table with a loss weight per timestep that is a list of 1000 values measured on "
+    "Flex.1-alpha (toolkit/timestep_weighing/default_weighing_scheme.py), not a formula sdcore can rewrite",
     "next_sample": "sdcore does not train on the next sampling step",
     "one_step": "sdcore does not train at one fixed timestep",
     "two_step": "sdcore does not train at fixed timesteps",
@@ -496,8 +494,14 @@ TIMESTEP_REFUSALS = {
 #: "leading" spacing) set to 1000 steps, so index i is timestep 999 - i
 DDPM_TIMESTEPS = 1000
 #: flow-matching ``train.timestep_type`` -> sdcore ``timestep_sampling`` (``toolkit/samplers/custom_flowmatch_sampler.py``:
-#: ``sigmoid`` = sigmoid(N(0, 1)) unshifted, ``linear`` = uniform over 1000..1)
-TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "uniform"}
+#: ``sigmoid`` = sigmoid(N(0, 1)) unshifted; ``linear`` = an index of linspace(1000, 1, 1000); ``shift`` and
+#: ``flux_shift`` (one branch) = an index of the scheduler's shifted table; ``lognorm_blend`` = an index of a table
+#: drawn anew (per step there, per sample in sdcore): sdcore's ai-toolkit tables)
+TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "linear_table", "shift": "shift_table", "flux_shift": "shift_table",
+                  "lognorm_blend": "lognorm_blend_table"}  # fmt: skip
+#: ai-toolkit's flow-matching scheduler per family (``toolkit/sampler.py``): ``sd_flow_config`` shifts by 3.0,
+#: ``flux_config`` by the resolution (use_dynamic_shifting) -> (sdcore's --discrete-flow-shift, --dynamic-timestep-shift)
+FLOW_SCHEDULER_SHIFTS = {"sd3": (3.0, False), "flux": (1.0, True)}
 
 
 def _float_resolver_loader() -> Any:
@@ -1038,13 +1042,20 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
         if kind not in TIMESTEP_TYPES:
             why = TIMESTEP_REFUSALS.get(kind, "")
             out.problems.append(
-                f"{where}.timestep_type {kind!r}: {why}{'; ' if why else ''}sdcore implements ai-toolkit's sigmoid "
-                "and linear timesteps"
+                f"{where}.timestep_type {kind!r}: {why}{'; ' if why else ''}sdcore implements ai-toolkit's "
+                f"{', '.join(TIMESTEP_TYPES)} timesteps"
             )
         else:
             v["timestep_sampling"] = TIMESTEP_TYPES[kind]
             v["sigmoid_scale"] = 1.0
             v["discrete_flow_shift"] = 1.0
+            if TIMESTEP_TYPES[kind] == "shift_table":
+                v["discrete_flow_shift"], v["dynamic_timestep_shift"] = FLOW_SCHEDULER_SHIFTS[family]
+            if kind == "lognorm_blend" and int(train.get("batch_size", 1)) > 1:
+                out.notes.append(
+                    f"{where}.timestep_type lognorm_blend: ai-toolkit draws one table per step for the whole batch; "
+                    "sdcore draws one per sample (the same distribution for each sample)"
+                )
             v["model_prediction_type"] = "raw"
             v["weighting_scheme"] = "uniform"
         if family == "flux":

@@ -15,9 +15,13 @@ builds it from the run's options.
   ``flux_shift`` (a resolution-dependent shift), its ``--model_prediction_type`` (how the output is
   read: :meth:`FlowMatchingObjective.model_output`) and its ``--weighting_scheme`` loss weights
   (:func:`flow_loss_weights`); see :mod:`sdcore.train.kohya` for which kohya script means what.
+  ai-toolkit's flow-matching draws are the samplings ``linear_table`` and ``shift_table``
+  (:func:`aitoolkit_timestep_table`): an index of a 1000-entry table of timesteps, drawn uniformly.
 
 With ``--timestep-distribution`` both objectives draw their timesteps as OneTrainer does instead
-(:mod:`.timestep_distributions`: an integer ``t``; flow matching noises with ``sigma = (t + 1) / T``).
+(:mod:`.timestep_distributions`: an integer ``t``; flow matching noises with ``sigma = (t + 1) / T``),
+shifted by ``--timestep-shift`` on every family, or per batch by the resolution on flow matching
+(``--dynamic-timestep-shift``: Flux's ``exp(mu)``, which replaces the fixed shift after any distribution).
 
 Noise and the timestep are drawn per sample from a generator seeded by the sample's identity (see
 :mod:`.noise`), so every objective keeps the runtime's batch-size/accumulation/resume invariance.
@@ -25,6 +29,7 @@ Noise and the timestep are drawn per sample from a generator seeded by the sampl
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,6 +196,59 @@ def exponential_time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
 
 
+def aitoolkit_timestep_table(
+    kind: str, shift: float = 1.0, mu: float | None = None, num_timesteps: int = 1000
+) -> torch.Tensor:
+    """ai-toolkit's flow-matching training table (``CustomFlowMatchEulerDiscreteScheduler.set_train_timesteps``),
+    ``num_timesteps`` float32 timesteps from the noisiest down; a sample noises with ``sigma = t / T``.
+
+    ``linear_table`` (its ``linear`` and ``weighted``): ``linspace(T, 1, T)``. ``shift_table`` (its ``shift``
+    and ``flux_shift``, one branch): diffusers' scheduler keeps its ends ``sigma_max``/``sigma_min`` from
+    construction (float32 ``T/T`` and ``1/T``, time-shifted by ``shift`` unless the shift is dynamic), the
+    table is ``linspace`` between them (float64), time-shifted again, by ``shift`` (so the low end is shifted
+    twice, as diffusers' scheduler does) or with ``mu`` (Flux's resolution, :func:`exponential_time_shift`),
+    then rounded to float32 and times ``T``. Its scheduler configurations for the families sdcore trains
+    have no terminal stretch and no Karras/exponential/beta spacing, so nothing else applies."""
+    import torch
+
+    if kind == "linear_table":
+        return torch.linspace(float(num_timesteps), 1.0, num_timesteps)
+    if kind != "shift_table":
+        raise ValueError(f"{kind!r} is not one of ai-toolkit's timestep tables")
+    ends = torch.tensor([num_timesteps, 1], dtype=torch.float32) / num_timesteps
+    if mu is None:
+        ends = time_shift(ends, shift)
+    high, low = (float(end) * num_timesteps for end in ends)
+    sigmas = torch.linspace(high, low, num_timesteps, dtype=torch.float64) / num_timesteps
+    sigmas = time_shift(sigmas, shift) if mu is None else exponential_time_shift(sigmas, mu)
+    return sigmas.float() * num_timesteps
+
+
+def aitoolkit_lognorm_blend_table(generator: torch.Generator | None = None, num_timesteps: int = 1000) -> torch.Tensor:
+    """ai-toolkit's ``lognorm_blend`` table (``set_train_timesteps``), drawn from ``generator``: 3/4 of it
+    log-normal draws ``x = exp(0.333 N(0, 1))`` mapped to ``1000 (1 - x / max x)`` (so the largest draw is 0),
+    1/4 ``linspace(1000, 1)``, sorted from the noisiest down and truncated to integers (int32). ai-toolkit
+    builds one per step for the whole batch; sdcore builds one per sample from its generator (the same
+    distribution for each sample, without the batch sharing a table)."""
+    import torch
+
+    blend = 0.75
+    draws = torch.exp(0.333 * torch.randn(int(num_timesteps * blend), generator=generator))
+    logs = (1 - draws / draws.max()) * 1000
+    linear = torch.linspace(1000, 1, int(num_timesteps * (1 - blend)))
+    return torch.sort(torch.cat((logs, linear)), descending=True).values.to(torch.int)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_table(kind: str, shift: float, mu: float | None, num_timesteps: int) -> torch.Tensor:
+    return aitoolkit_timestep_table(kind, shift, mu, num_timesteps)
+
+
+#: ai-toolkit's flow-matching samplings (an index of :func:`aitoolkit_timestep_table` or, drawn anew each
+#: time, :func:`aitoolkit_lognorm_blend_table`)
+TABLE_SAMPLINGS = ("linear_table", "shift_table", "lognorm_blend_table")
+
+
 def density_draw(
     scheme: str,
     count: int,
@@ -251,6 +309,8 @@ class FlowMatchingObjective(TrainingObjective):
     #: OneTrainer's timestep distribution (--timestep-distribution; it shifts by its own shift) instead of
     #: ``timestep_sampling``; None: ``timestep_sampling``
     distribution: TimestepDistribution | None = None
+    #: shift ``distribution`` and ``shift_table`` by the latents' resolution (Flux's ``exp(mu)``) instead
+    dynamic_shift: bool = False
 
     name = "flow-matching"
 
@@ -276,9 +336,26 @@ class FlowMatchingObjective(TrainingObjective):
             return density_draw(scheme, count, generator, logit_mean=self.logit_mean,
                                 logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
 
+        def resolution_mu() -> float:
+            if latent_size is None:
+                raise ConfigError("a resolution-dependent timestep shift needs the latents' size")
+            return flux_shift_mu(*latent_size)
+
         if self.distribution is not None:  # OneTrainer's integer draw, sigma = (t + 1) / T
-            return self.distribution.sigmas(generator, count)
+            shift = math.exp(resolution_mu()) if self.dynamic_shift else None
+            return self.distribution.sigmas(generator, count, shift)
         kind = self.timestep_sampling
+        if kind == "lognorm_blend_table":  # a fresh table per sample, then the index as below
+            picks = []
+            for _ in range(count):
+                blend = aitoolkit_lognorm_blend_table(generator, self.num_timesteps)
+                picks.append(blend[torch.randint(0, self.num_timesteps - 1, (1,), generator=generator)])
+            return torch.cat(picks).float() / self.num_timesteps
+        if kind in TABLE_SAMPLINGS:  # ai-toolkit: randint(0, T - 1) picks one of the table's first T - 1
+            mu = resolution_mu() if self.dynamic_shift and kind == "shift_table" else None
+            table = _cached_table(kind, float(self.shift), mu, self.num_timesteps)
+            index = torch.randint(0, self.num_timesteps - 1, (count,), generator=generator)
+            return table[index] / self.num_timesteps
         if kind == "sigma":  # kohya Flux's default: --discrete_flow_shift through the scheduler's table
             return scheduler_table_sigmas(density(self.weighting_scheme), self.shift, self.num_timesteps)
         if kind in ("sigmoid", "flux_shift"):  # kohya's flux sampling, sigmoid(scale * N(0, 1))
@@ -419,15 +496,17 @@ def timestep_distribution(options: TrainOptions, num_timesteps: int, shift: floa
 def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjective:
     """The objective of ``bundle``'s family, configured from the run's options."""
     objective = bundle.family_spec.objective
+    shift = options.timestep_shift  # --timestep-distribution's (OneTrainer's timestep_shift on every family)
     if objective == "ddpm":
         scheduler = bundle.noise_scheduler
+        steps = int(scheduler.config["num_train_timesteps"])
         return DdpmObjective(
             scheduler,
             min_snr_gamma=options.min_snr_gamma,
             min_timestep=options.min_timestep,
             max_timestep=options.max_timestep,
             zero_terminal_snr=options.zero_terminal_snr,
-            distribution=timestep_distribution(options, int(scheduler.config["num_train_timesteps"]), 1.0),
+            distribution=timestep_distribution(options, steps, 1.0 if shift is None else shift),
         )
     if objective == "flow-matching":
         return FlowMatchingObjective(
@@ -441,17 +520,21 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             max_timestep=options.max_timestep,
             model_prediction_type=options.model_prediction_type,
             weighting_scheme=options.weighting_scheme,
-            distribution=timestep_distribution(options, 1000, options.discrete_flow_shift),
+            distribution=timestep_distribution(options, 1000, options.discrete_flow_shift if shift is None else shift),
+            dynamic_shift=options.dynamic_timestep_shift,
         )
     raise ConfigError(f"model family {bundle.family!r} has an objective sdcore does not know: {objective!r}")
 
 
 __all__ = [
+    "TABLE_SAMPLINGS",
     "TIMESTEP_SAMPLINGS",
     "DdpmObjective",
     "FlowMatchingObjective",
     "Noised",
     "TrainingObjective",
+    "aitoolkit_lognorm_blend_table",
+    "aitoolkit_timestep_table",
     "density_draw",
     "exponential_time_shift",
     "flow_loss_weights",

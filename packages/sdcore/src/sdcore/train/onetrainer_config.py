@@ -986,9 +986,10 @@ def _noise(r: _Reader, family: str) -> None:
     shift, dynamic = float(r.get("timestep_shift")), bool(r.get("dynamic_timestep_shifting"))
     narrowed = (low, high) != (0.0, 1.0)
     if family not in ("sd3", "flux"):
-        if shift != 1:
-            r.refuse("timestep_shift", shift, "sdcore shifts flow-matching timesteps only (SD3, Flux)")
-        if kind == "UNIFORM":  # int(min + (max - min) * U) over 1000 steps = kohya's uniform draw from [min, max)
+        if shift != 1:  # _get_timestep_discrete shifts the DDPM timesteps with config.timestep_shift too
+            v["timestep_shift"] = shift
+            _distribution(r, kind, low, high, weight, bias)
+        elif kind == "UNIFORM":  # int(min + (max - min) * U) over 1000 steps = kohya's uniform draw from [min, max)
             if narrowed:
                 v["min_timestep"], v["max_timestep"] = int(1000 * low), int(1000 * high)
         else:
@@ -1001,11 +1002,14 @@ def _noise(r: _Reader, family: str) -> None:
             # sigmoid(N(0, 1)), shifted by the resolution's exp(mu) (Flux's calculate_timestep_shift) = kohya flux_shift
             v["timestep_sampling"], v["sigmoid_scale"] = "flux_shift", 1.0
         else:
-            r.refuse(
-                "dynamic_timestep_shifting",
-                True,
-                "sdcore shifts by resolution with LOGIT_NORMAL (weight 0, bias 0, the whole range) only",
-            )
+            # BaseFluxSetup: any distribution, then the resolution's exp(mu) as the shift of _get_timestep_discrete
+            v["dynamic_timestep_shift"] = True
+            _distribution(r, kind, low, high, weight, bias)
+            if kind in ("SIGMOID", "COS_MAP", "INVERTED_PARABOLA"):
+                r.note(f"dynamic_timestep_shifting with {kind}: OneTrainer keeps the bucket weights of its first "
+                       "batch's resolution; sdcore weighs each batch by its own (the same with one image size)")  # fmt: skip
+        if shift != 1:
+            r.note("timestep_shift: without effect with dynamic_timestep_shifting (the resolution decides the shift)")
         return
     if dynamic:
         r.note("dynamic_timestep_shifting: OneTrainer shifts by resolution for Flux only")

@@ -17,8 +17,19 @@ from .loss import HUBER_SCHEDULES, SDCORE_LOSS_TYPES
 from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 from .timestep_distributions import TIMESTEP_DISTRIBUTIONS
 
-#: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names)
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid", "sigma", "flux_shift")
+#: the flow-matching timestep samplings (see :mod:`sdcore.train.objectives`; kohya's/diffusers' names, and
+#: ai-toolkit's training tables linear_table/shift_table/lognorm_blend_table)
+TIMESTEP_SAMPLINGS = (
+    "uniform",
+    "logit_normal",
+    "mode",
+    "sigmoid",
+    "sigma",
+    "flux_shift",
+    "linear_table",
+    "shift_table",
+    "lognorm_blend_table",
+)
 #: how the flow-matching denoiser's output is read (kohya's --model_prediction_type, plus SD3's "x0")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
 #: kohya's --weighting_scheme: the density of the "sigma" sampling, or a loss weight (sigma_sqrt, cosmap)
@@ -523,6 +534,19 @@ class TrainOptions:
     max_noising_strength: float = option(
         1.0, "--timestep-distribution: highest noise level as a share of the timesteps (excluded).", group="loss"
     )
+    timestep_shift: float | None = option(
+        None,
+        "--timestep-distribution: OneTrainer's timestep_shift t' = T*s*t/((s-1)*t+T) of the drawn timestep, on every "
+        "family (default: --discrete-flow-shift on flow-matching families, 1 = none on SD1/SD2/SDXL).",
+        group="loss",
+    )
+    dynamic_timestep_shift: bool = option(
+        False,
+        "Flow-matching families, with --timestep-distribution or --timestep-sampling shift_table: shift by the "
+        "batch's resolution (Flux's exp(mu), as OneTrainer's dynamic_timestep_shifting and ai-toolkit's Flux "
+        "scheduler do) instead of a fixed shift.",
+        group="loss",
+    )
     # flow matching (SD3, Flux): kohya's flag names
     timestep_sampling: str = option(
         "logit_normal",
@@ -530,7 +554,10 @@ class TrainOptions:
         "--logit-std), SD3's default; mode = SD3's f_mode with --mode-scale; sigmoid = sigmoid of "
         "--sigmoid-scale * N(0, 1); uniform; kohya Flux's sigma = a sigma of its shifted 1000-step table, "
         "drawn with --weighting-scheme's density; flux_shift = sigmoid sampling with Flux's "
-        "resolution-dependent shift instead of --discrete-flow-shift).",
+        "resolution-dependent shift instead of --discrete-flow-shift; ai-toolkit's tables, an index drawn "
+        "uniformly from the first 999 of 1000 timesteps: linear_table = 1000, 999, ..., 1, shift_table = "
+        "diffusers' flow-matching schedule shifted by --discrete-flow-shift or --dynamic-timestep-shift, "
+        "lognorm_blend_table = a table drawn per sample, 3/4 log-normal and 1/4 linear).",
         choices=TIMESTEP_SAMPLINGS,
         group="loss",
     )

@@ -238,7 +238,8 @@ def noise_option_problems(o: TrainOptions) -> list[str]:
 
 
 #: what --timestep-distribution reads (without it they do nothing; we say so)
-_DISTRIBUTION_OPTIONS = ("noising_weight", "noising_bias", "min_noising_strength", "max_noising_strength")
+_DISTRIBUTION_OPTIONS = ("noising_weight", "noising_bias", "min_noising_strength", "max_noising_strength",
+                         "timestep_shift")  # fmt: skip
 
 
 def distribution_option_problems(o: TrainOptions) -> list[str]:
@@ -247,8 +248,9 @@ def distribution_option_problems(o: TrainOptions) -> list[str]:
         return []
     from .timestep_distributions import distribution_problems
 
+    shift = 1.0 if o.timestep_shift is None else o.timestep_shift
     problems = distribution_problems(
-        o.timestep_distribution, o.noising_weight, o.noising_bias, o.min_noising_strength, o.max_noising_strength
+        o.timestep_distribution, o.noising_weight, o.noising_bias, o.min_noising_strength, o.max_noising_strength, shift
     )
     if o.min_timestep is not None or o.max_timestep is not None:
         problems.append(
@@ -297,6 +299,13 @@ def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
             f"--min-timestep/--max-timestep: kohya's scripts for {family} (a flow-matching family) ignore them; "
             "only its SD3 script bounds the noise levels with them (choose them with --timestep-sampling instead)"
         )
+    from .objectives import TABLE_SAMPLINGS
+
+    if (low, high) != (0, 1000) and family == "sd3" and options.timestep_sampling in TABLE_SAMPLINGS:
+        problems.append(
+            f"--min-timestep/--max-timestep with --timestep-sampling {options.timestep_sampling}: ai-toolkit's tables "
+            "are drawn from their first 999 entries, not narrowed by kohya's SD3 range"
+        )
     if family == "sd3" and options.ip_noise_gamma:
         problems.append("--ip-noise-gamma: kohya's SD3 scripts do not apply input perturbation (its Flux script does)")
     return problems
@@ -333,6 +342,12 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
     if family.objective == "flow-matching":
         problems.extend(_flow_noise_problems(options, family.name))
         notes.extend(_flow_reading_notes(options))
+        notes.extend(_flow_shift_notes(options))
+    if family.objective == "ddpm" and options.dynamic_timestep_shift:
+        problems.append(
+            f"--dynamic-timestep-shift: a flow-matching shift by resolution (Flux's); {family.name} trains with DDPM "
+            "(shift its --timestep-distribution with --timestep-shift)"
+        )
     if family.objective == "flow-matching" or options.timestep_distribution is None:
         notes.extend(_distribution_notes(options))
     if family.objective == "ddpm" and options.model_prediction_type != "raw":
@@ -347,6 +362,29 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
             notes.append(f"{flags}: flow-matching options, without effect on {family.name} (a DDPM family)")
     return problems, notes
+
+
+def _flow_shift_notes(options: TrainOptions) -> list[str]:
+    """The shift options that a flow-matching draw does not read (it says which one it reads)."""
+    from .objectives import TABLE_SAMPLINGS
+
+    sampling, notes = options.timestep_sampling, []
+    table = options.timestep_distribution is None and sampling in TABLE_SAMPLINGS
+    if options.dynamic_timestep_shift:
+        if options.timestep_distribution is None and sampling != "shift_table":
+            notes.append(
+                "--dynamic-timestep-shift: shifts --timestep-distribution and --timestep-sampling shift_table only; "
+                f"without effect with --timestep-sampling {sampling}"
+            )
+        elif options.timestep_shift is not None or options.discrete_flow_shift != 1.0:
+            flag = "--timestep-shift" if options.timestep_shift is not None else "--discrete-flow-shift"
+            notes.append(f"{flag}: without effect with --dynamic-timestep-shift (the resolution decides the shift)")
+    if table and sampling != "shift_table" and options.discrete_flow_shift != 1.0:
+        notes.append(
+            f"--discrete-flow-shift: without effect with --timestep-sampling {sampling} (ai-toolkit does not shift "
+            "this table; shift_table is shifted)"
+        )
+    return notes
 
 
 def _flow_reading_notes(options: TrainOptions) -> list[str]:

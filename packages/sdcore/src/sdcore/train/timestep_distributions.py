@@ -6,7 +6,7 @@ alike; the flow models then noise with ``sigma = (t + 1) / T``. The draw, rewrit
 
 - the range: ``low = int(T * min_noising_strength)``, ``high = int(T * max_noising_strength)``,
   ``n = high - low``; ``w`` = ``noising_weight``, ``b`` = ``noising_bias``, ``s`` = the timestep shift
-  (``--discrete-flow-shift``; 1 on the DDPM families, where OneTrainer's shift is refused by sdcore).
+  (``--timestep-shift``, by default ``--discrete-flow-shift`` on the flow families and 1 on the DDPM ones).
 - *continuous* kinds draw ``x`` in ``[0, 1)``, narrow it to ``y = low + n x``, shift it
   ``T s y / ((s - 1) y + T)`` (so the narrowing comes *before* the shift) and truncate to an integer:
   ``uniform`` ``x = u``; ``logit_normal`` ``x = sigmoid(N(b, w + 1))``; ``heavy_tail`` the SD3 paper's
@@ -27,6 +27,13 @@ drawn from that generator too (two gamma variates, Marsaglia and Tsang) where On
 ``heavy_tail``, a sigmoid rounding to 1, with ``max_noising_strength`` 1) is kept at ``T - 1`` where
 OneTrainer would index past its table. The shift moves a continuous draw out of ``[low, high)``
 (``[shift(low), shift(high))``); it is kept there, as in OneTrainer.
+
+The shift is OneTrainer's ``timestep_shift`` on every family (it shifts SD1/SD2/SDXL's DDPM timesteps
+with the same formula), or, with its ``dynamic_timestep_shifting`` (Flux), a shift per batch: the
+resolution's ``exp(mu)`` (``FluxModel.calculate_timestep_shift``), passed to :meth:`TimestepDistribution.draw`
+*after* whichever distribution drew (``_get_timestep_discrete(..., shift=...)``). OneTrainer computes a
+discrete kind's bucket weights once, with the first batch's shift, and keeps them; sdcore weighs each
+draw with its own batch's shift (the same draw while every image has one size).
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ class TimestepDistribution:
     shift: float = 1.0
     num_timesteps: int = 1000
     _weights: Any = field(default=None, init=False, repr=False, compare=False)
+    #: a discrete kind's bucket weights for the shifts given to :meth:`draw` (the dynamic shift)
+    _shifted: dict[float, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         problems = distribution_problems(
@@ -147,22 +156,42 @@ class TimestepDistribution:
             values.append(1.0 / (1.0 + math.exp(min(log_b - log_a, 700.0))))
         return torch.tensor(values, dtype=torch.float32)
 
-    def draw(self, generator: torch.Generator | None = None, count: int = 1) -> torch.Tensor:
-        """``count`` integer timesteps (int64, CPU) drawn from ``generator``."""
+    def _bucket_weights(self, shift: float) -> Any:
+        """A discrete kind's weights for ``shift`` (the constructor's are computed once; others cached)."""
+        if shift == self.shift:
+            return self._weights
+        if shift not in self._shifted:
+            if not (math.isfinite(shift) and shift > 0):
+                from ..errors import ConfigError
+
+                raise ConfigError(f"the timestep shift must be positive (1 = none), got {shift}")
+            low, high = self.bounds
+            self._shifted[shift] = bucket_weights(self.kind, high - low, self.weight, self.bias, shift)
+        return self._shifted[shift]
+
+    def draw(
+        self, generator: torch.Generator | None = None, count: int = 1, shift: float | None = None
+    ) -> torch.Tensor:
+        """``count`` integer timesteps (int64, CPU) drawn from ``generator``; ``shift`` replaces the
+        distribution's own (OneTrainer's dynamic shift: the batch's resolution decides it)."""
         import torch
 
         low, high = self.bounds
+        shift = self.shift if shift is None else float(shift)
         if self._weights is not None:
-            picks = torch.multinomial(self._weights, count, replacement=True, generator=generator)
+            weights = self._bucket_weights(shift)
+            picks = torch.multinomial(weights, count, replacement=True, generator=generator)
             return picks.long() + low
         steps = low + (high - low) * self._unit(count, generator)
-        total, shift = self.num_timesteps, self.shift
+        total = self.num_timesteps
         steps = total * shift * steps / ((shift - 1.0) * steps + total)
         return steps.long().clamp(0, total - 1)
 
-    def sigmas(self, generator: torch.Generator | None = None, count: int = 1) -> torch.Tensor:
+    def sigmas(
+        self, generator: torch.Generator | None = None, count: int = 1, shift: float | None = None
+    ) -> torch.Tensor:
         """Flow matching: OneTrainer's noise level ``(t + 1) / T`` of :meth:`draw`'s timesteps (float32)."""
-        return (self.draw(generator, count) + 1).float() / self.num_timesteps
+        return (self.draw(generator, count, shift) + 1).float() / self.num_timesteps
 
 
 def distribution_problems(

@@ -213,7 +213,9 @@ def read_chroma_diffusers(
         t5_tokenizer = folder / "tokenizer"
     _finish(parts, t5xxl, ae, t5_tokenizer, dtype)
     sched = folder / "scheduler" / "scheduler_config.json"
-    parts["scheduler"] = scheduler_for("dev", json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else None)
+    parts["scheduler"] = scheduler_for(
+        "dev", json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else None
+    )
     bundle = make_bundle(parts, source=str(folder), source_format="diffusers")
     if device is not None:
         bundle.to(device=device)

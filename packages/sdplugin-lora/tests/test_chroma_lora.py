@@ -78,7 +78,7 @@ def _deltas(path) -> dict[str, torch.Tensor]:
 def test_kohya_chroma_run_names_and_metadata(trained):
     from sdplugin_lora.format import read_lora
 
-    root, path, output = trained
+    _, path, output = trained
     lora = read_lora(path)
     want = {f"lora_unet_double_blocks_{i}_{n}" for i in range(2) for n in DOUBLE}
     want |= {f"lora_unet_single_blocks_{i}_{n}" for i in range(2) for n in SINGLE}
@@ -96,10 +96,10 @@ def test_kohya_chroma_run_names_and_metadata(trained):
 
 def test_diffusers_chroma_pipeline_fuses_it_and_sdcore_applies_it(trained):
     import diffusers
+    from safetensors.torch import load_file
     from sdcore.models.load import load_model
     from sdplugin_lora.apply import apply_loras
     from sdplugin_lora.format import parse_state_dict
-    from safetensors.torch import load_file
 
     root, path, _ = trained
     deltas = _deltas(path)

@@ -60,7 +60,8 @@ def create_tiny_parts(*, seed: int = 0) -> dict[str, Any]:
         t5, t5_tokenizer = create_tiny_t5(seed=seed + 1)
     finally:
         torch.random.set_rng_state(state)
-    for module in (transformer, vae, t5):
+    modules: list[Any] = [transformer, vae, t5]
+    for module in modules:
         module.eval()
     return {
         "transformer": transformer,

@@ -232,5 +232,5 @@ def test_kohya_flux_model_type_is_known(tmp_path):
 
     o, _ = _kohya(tmp_path, "tiny:flux", 'model_type = "flux"\n')
     assert o.timestep_sampling == "sigma"
-    with pytest.raises(ConfigError, match="model_type = 'chroma' is not supported"):
+    with pytest.raises(ConfigError, match="model_type = 'chroma' but the model is a flux model"):
         _kohya(tmp_path, "tiny:flux", 'model_type = "chroma"\n')

@@ -79,13 +79,14 @@ def test_cpu_offload_checkpointing_turns_on_checkpointing_and_refuses_block_swap
 @pytest.mark.parametrize(
     ("name", "on", "off", "reason"),
     [
-        ("model_type", "chroma", "flux", "no Chroma model family"),
+        ("model_type", "lumina", "flux", "model types are flux and chroma"),
     ],
 )
 def test_refused_options_name_their_reason_and_accept_kohyas_off_value(name, on, off, reason):
     problems = _translate(**{name: on}).problems
     assert len(problems) == 1 and name in problems[0] and reason in problems[0]
     assert _translate(**{name: off}) == kohya.Translation()
+    assert _translate(model_type="chroma") == kohya.Translation()  # the family comes from the model file
 
 
 def test_a_kohya_flux_toml_with_these_names_loads(tmp_path):
@@ -103,7 +104,7 @@ def test_a_kohya_flux_toml_with_these_names_loads(tmp_path):
     o = load_options(ConvOutOptions, path, notes=notes)
     assert o.blocks_to_swap == 8 and not o.gradient_checkpointing
     assert o.enable_scaled_pos_embed and o.pos_emb_random_crop_rate == 0.25
-    path.write_text(path.read_text().replace('"flux"', '"chroma"'), encoding="utf-8")
+    path.write_text(path.read_text().replace('"flux"', '"lumina"'), encoding="utf-8")
     with pytest.raises(ConfigError) as err:
         load_options(ConvOutOptions, path, notes=notes)
-    assert "model_type = 'chroma'" in str(err.value) and "unknown" not in str(err.value)
+    assert "model_type = 'lumina'" in str(err.value) and "unknown" not in str(err.value)

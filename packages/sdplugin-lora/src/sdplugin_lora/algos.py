@@ -59,7 +59,7 @@ NETWORK_MODULE = {
 }
 
 #: kohya's plain-LoRA module of its FLUX.1 and SD3 scripts (flux_train_network.py, sd3_train_network.py)
-FAMILY_LORA_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+FAMILY_LORA_MODULE = {"flux": "networks.lora_flux", "chroma": "networks.lora_flux", "sd3": "networks.lora_sd3"}
 #: every ``ss_network_module`` of a plain kohya LoRA file
 PLAIN_LORA_MODULES = ("networks.lora", *FAMILY_LORA_MODULE.values())
 

@@ -1,4 +1,4 @@
-"""kohya's LoRA names for the DiT families (SD3/SD3.5, FLUX.1) on diffusers transformers.
+"""kohya's LoRA names for the DiT families (SD3/SD3.5, FLUX.1, Chroma) on diffusers transformers.
 
 kohya's sd-scripts (``networks/lora_sd3.py``, ``networks/lora_flux.py``) trains SAI's and BFL's own
 model classes, so its module names are those checkpoints' paths flattened with ``_``:
@@ -44,9 +44,11 @@ if TYPE_CHECKING:
     from .naming import ModuleIndex, Target
 
 #: families whose denoiser is a diffusers transformer with kohya names from SAI/BFL checkpoints
-DIT_FAMILIES = ("sd3", "flux")
-#: kohya text-encoder prefixes per family (te1 CLIP-L, te2 CLIP-G, te3 T5-XXL), in bundle order
-DIT_TE_PREFIXES = {"sd3": ("lora_te1", "lora_te2", "lora_te3"), "flux": ("lora_te1", "lora_te3")}
+DIT_FAMILIES = ("sd3", "flux", "chroma")
+#: kohya text-encoder prefixes per family (te1 CLIP-L, te2 CLIP-G, te3 T5-XXL), in bundle order (Chroma: kohya's
+#: lora_flux keeps T5 second behind a dummy CLIP-L, so its only encoder is lora_te3)
+DIT_TE_PREFIXES = {"sd3": ("lora_te1", "lora_te2", "lora_te3"), "flux": ("lora_te1", "lora_te3"),
+                   "chroma": ("lora_te3",)}  # fmt: skip
 #: our own name of a transformer module (the diffusers path flattened, as OneTrainer writes it and ComfyUI reads it)
 TRANSFORMER_PREFIX = "lora_transformer"
 
@@ -106,6 +108,8 @@ def flux_table(transformer: Any) -> list[KohyaModule]:
     Default targets are every Linear of BFL's ``DoubleStreamBlock`` (img/txt attention qkv and
     proj, MLP 0 and 2, modulation) and ``SingleStreamBlock`` (``linear1``, ``linear2``,
     ``modulation.lin``); kohya's ``in_dims`` adds the embedders, and ComfyUI also maps the final layer.
+    A diffusers ``ChromaTransformer2DModel`` gets the same table less the modules Chroma lacks (modulation
+    Linears, time/vector/guidance embedders): kohya's Chroma blocks are these blocks without them.
     """
     t = _Table(transformer)
     for i in range(len(getattr(transformer, "transformer_blocks", ()))):
@@ -183,7 +187,7 @@ def sd3_table(transformer: Any) -> list[KohyaModule]:
 
 
 def kohya_table(family: str, transformer: Any) -> list[KohyaModule]:
-    if family == "flux":
+    if family in ("flux", "chroma"):
         return flux_table(transformer)
     if family == "sd3":
         return sd3_table(transformer)
@@ -193,6 +197,8 @@ def kohya_table(family: str, transformer: Any) -> list[KohyaModule]:
 def variant_of_transformer(family: str, transformer: Any) -> str:
     """What kohya's metadata calls the model: Flux ``dev``/``schnell`` (guidance embedding or not),
     SD3 ``medium`` (3.0: no QK norm), ``5-large`` or ``5-medium`` (3.5 with MMDiT-X ``attn2`` layers)."""
+    if family == "chroma":
+        return "chroma"  # kohya's flux_train_network model description for --model_type chroma
     config = getattr(transformer, "config", {})
     get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
     if family == "flux":

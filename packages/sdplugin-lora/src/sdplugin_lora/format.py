@@ -267,7 +267,9 @@ _SD3_VERSIONS = ("medium", "5-large", "5-medium", "large")
 def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture``."""
     version = metadata.get("ss_base_model_version", "")
-    if version.startswith(("flux", "chroma")):
+    if version.startswith("chroma"):
+        return "chroma"
+    if version.startswith("flux"):
         return "flux"
     if version.startswith("sd3") or version in _SD3_VERSIONS:
         return "sd3"
@@ -278,7 +280,9 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     if version.startswith("sd_v1"):
         return "sd1"
     architecture = metadata.get("modelspec.architecture", "")
-    if architecture.startswith(("flux-1", "chroma")):
+    if architecture.startswith("chroma"):
+        return "chroma"
+    if architecture.startswith("flux-1"):
         return "flux"
     if architecture.startswith("stable-diffusion-3"):
         return "sd3"
@@ -423,6 +427,8 @@ def _kohya_stack(index: ModuleIndex, key: str) -> KohyaModule | None:
 def check_family(lora: LoraFile, family: str) -> None:
     """Refuse a LoRA made for another family with one line naming both."""
     made_for, why = detect_family(lora)
+    if made_for == "flux" and family == "chroma" and why != "its metadata":
+        return  # BFL block names alone do not tell FLUX.1 from Chroma: the shapes decide
     if made_for is not None and not _same_family(made_for, family):
         raise NetworkMismatchError(
             f"{lora.label}: this LoRA was made for {_named(made_for)} (from {why}); "
@@ -495,6 +501,7 @@ BASE_MODEL_VERSION = {
     "sdxl": "sdxl_base_v1-0",
     "sdxl-refiner": "sdxl_refiner_v1-0",
     "flux": "flux1",  # kohya flux_utils.MODEL_VERSION_FLUX_V1
+    "chroma": "chroma",  # kohya flux_utils.MODEL_VERSION_CHROMA
     "sd3": "medium",  # kohya writes the MMDiT model type: medium, 5-large or 5-medium (see ``variant``)
 }
 ARCHITECTURE = {
@@ -506,10 +513,15 @@ ARCHITECTURE = {
 }
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+CHROMA_IMPLEMENTATION = "https://huggingface.co/lodestones/Chroma"  # kohya sai_model_spec IMPL_CHROMA
+#: the families kohya's flux_train_network.py trains (one modelspec shape: no prediction type)
+_FLUX_SCRIPT = ("flux", "chroma")
 
 
 def _dit_architecture(family: str, variant: str | None) -> str:
     """kohya's sai_model_spec ids: ``flux-1-dev``/``flux-1-schnell``, ``stable-diffusion-3-<model type>``."""
+    if family == "chroma":
+        return "chroma"
     if family == "flux":
         return {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "chroma": "chroma"}.get(variant or "", "flux-1")
     return f"stable-diffusion-3-{variant or 'medium'}"
@@ -563,7 +575,7 @@ def network_metadata(
     if isinstance(resolution, int):
         resolution = (resolution, resolution)
     if resolution is None:
-        dit = family in ("sd3", "flux")
+        dit = family in ("sd3", *_FLUX_SCRIPT)
         side = 1024 if family.startswith("sdxl") or dit else (768 if v_pred and family == "sd2" else 512)
         resolution = (side, side)
     meta: dict[str, Any] = {
@@ -577,17 +589,17 @@ def network_metadata(
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": ARCHITECTURE["sd2-v" if (family == "sd2" and v_pred) else family]
         if family in ARCHITECTURE
-        else (f"{_dit_architecture(family, variant)}/lora" if family in ("sd3", "flux") else f"{family}/lora"),
+        else (f"{_dit_architecture(family, variant)}/lora" if family in ("sd3", *_FLUX_SCRIPT) else f"{family}/lora"),
         "modelspec.implementation": SGM_IMPLEMENTATION
         if family.startswith("sdxl")
-        else (FLUX_IMPLEMENTATION if family == "flux" else "diffusers"),
+        else {"flux": FLUX_IMPLEMENTATION, "chroma": CHROMA_IMPLEMENTATION}.get(family, "diffusers"),
         "modelspec.title": title or f"LoRA@{time.strftime('%Y-%m-%d %H:%M:%S')}",
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.implementation_version": "sdcore/sdplugin-lora",
     }
-    if family == "flux":  # kohya writes no prediction type for Flux (sai_model_spec)
+    if family in _FLUX_SCRIPT:  # kohya writes no prediction type for Flux or Chroma (sai_model_spec)
         del meta["modelspec.prediction_type"]
     if clip_skip is not None:
         meta["modelspec.encoder_layer"] = clip_skip

@@ -991,10 +991,11 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
     flux_train_network.py / sd3_train_network.py), as strings the way kohya writes them; empty for
     other families."""
     o = options
-    if family not in ("flux", "sd3"):
+    if family not in ("flux", "sd3", "chroma"):
         return {}
     meta = {
-        "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask),
+        # Chroma's adapter masks T5 always (kohya asserts --apply_t5_attn_mask for it)
+        "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask or family == "chroma"),
         "ss_weighting_scheme": o.weighting_scheme,
         "ss_logit_mean": str(o.logit_mean),
         "ss_logit_std": str(o.logit_std),
@@ -1002,10 +1003,10 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
     }
     if family == "sd3":
         meta["ss_apply_lg_attn_mask"] = str(o.apply_lg_attn_mask)
-    if family == "flux":  # sdcore has no Chroma
+    if family in ("flux", "chroma"):  # flux_train_network.py, for both of its model types
         meta.update(
             {
-                "ss_model_type": "flux",
+                "ss_model_type": family,
                 "ss_guidance_scale": str(o.guidance_scale),
                 "ss_timestep_sampling": kohya_timestep_sampling(o),
                 "ss_sigmoid_scale": str(o.sigmoid_scale),

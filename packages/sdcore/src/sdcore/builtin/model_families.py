@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..hookspecs import hookimpl
+from ..models.chroma import CHROMA
 from ..models.family import BUILTIN_FAMILIES, ModelFamily
 from ..models.flux import FLUX
 from ..models.sd3 import SD3
@@ -12,4 +13,4 @@ from ..models.sd3 import SD3
 
 @hookimpl
 def sdcore_model_families() -> Iterable[ModelFamily]:
-    return (*BUILTIN_FAMILIES, SD3, FLUX)
+    return (*BUILTIN_FAMILIES, SD3, FLUX, CHROMA)

@@ -447,7 +447,9 @@ HANDLED: dict[str, set[str]] = {
 
 #: ai-toolkit model flags / ``arch`` -> sdcore family (the others are models sdcore does not train)
 FAMILY_FLAGS = {"is_flux": "flux", "is_v3": "sd3", "is_xl": "sdxl", "is_v2": "sd2"}
-ARCH_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+ARCH_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "chroma": "chroma"}
+#: the flow-matching families ai-toolkit trains that sdcore trains too
+FLOW_FAMILIES = ("flux", "sd3", "chroma")
 #: ai-toolkit's ``toolkit/optimizer.py`` names -> (sdcore optimizer, arguments ai-toolkit adds)
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {"eps": 1e-6}),
@@ -501,7 +503,7 @@ TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "linear_table", "shift": "shif
                   "lognorm_blend": "lognorm_blend_table"}  # fmt: skip
 #: ai-toolkit's flow-matching scheduler per family (``toolkit/sampler.py``): ``sd_flow_config`` shifts by 3.0,
 #: ``flux_config`` by the resolution (use_dynamic_shifting) -> (sdcore's --discrete-flow-shift, --dynamic-timestep-shift)
-FLOW_SCHEDULER_SHIFTS = {"sd3": (3.0, False), "flux": (1.0, True)}
+FLOW_SCHEDULER_SHIFTS = {"sd3": (3.0, False), "flux": (1.0, True), "chroma": (1.0, True)}  # chroma_model.py: flux's
 
 
 def _float_resolver_loader() -> Any:
@@ -722,7 +724,7 @@ def translate_job(
     for i, dataset in enumerate(datasets):
         check_section(dataset, "dataset", f"{w}.datasets[{i}]", out)
     family = job_family(model, w, out)
-    flow = family in ("flux", "sd3")
+    flow = family in FLOW_FAMILIES
     v: dict[str, Any] = out.values
 
     # model and output: <training_folder>/<name>/<name>.safetensors, as ai-toolkit names its final save
@@ -751,7 +753,7 @@ def translate_job(
     if model.get("attn_masking"):
         if family == "flux":
             v["apply_t5_attn_mask"] = True
-        else:
+        elif family != "chroma":  # Chroma's T5 padding is always masked (ai-toolkit's chroma_model.py too)
             out.problems.append(f"{w}.model.attn_masking: sdcore masks T5's padding on Flux only")
     if process.get("training_seed") is not None:
         v["seed"] = process["training_seed"]
@@ -917,7 +919,7 @@ def _network(network: dict[str, Any], family: str | None, where: str, out: JobTr
     else:
         out.problems.append(f"{where}.type {kind!r}: sdcore trains lora, locon and lokr networks")
     v["rank"] = rank
-    if family in ("flux", "sd3"):
+    if family in FLOW_FAMILIES:
         # ai-toolkit saves transformer LoRAs in PEFT format, which has no alpha: the scale is 1 (alpha = rank)
         v["alpha"] = rank
         if ("linear_alpha" in network or "alpha" in network) and not _same(alpha, rank):

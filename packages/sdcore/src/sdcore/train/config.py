@@ -199,6 +199,7 @@ def load_options(
     found_notes += translation.notes
     if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
         family = _family_for_kohya_defaults(raw, fields, found_notes)
+        problems += k.model_type_problems(merged, family, kohya_where)
         # kohya's timestep_sampling as kohya means it; sdcore's --timestep-sampling flag keeps sdcore's meaning
         from_kohya = translation.origin.get("timestep_sampling") == "timestep_sampling"
         sampling = merged.get("timestep_sampling") if from_kohya and "timestep_sampling" not in cli_values else None

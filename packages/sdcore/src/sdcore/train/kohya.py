@@ -611,7 +611,8 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
         _OFF,
     ),
     "noise_offset_type": (*_OFF, "Original"),
-    "model_type": (*_OFF, "flux"),  # flux_train_utils: flux (default) or chroma (no Chroma family in sdcore)
+    # flux_train_utils: flux (default) or chroma; the model file decides the family, model_type_problems checks it
+    "model_type": (*_OFF, "flux", "chroma"),
 }
 #: options of kohya's scripts for models and methods sdcore does not train (script -> its own options); a
 #: TOML written for them is refused by name while these hold their off values (the kohya_ss GUI writes them all)
@@ -635,7 +636,7 @@ _FLAG_UNSUPPORTED: set[str] = {
 }  # fmt: skip
 #: why an :data:`UNSUPPORTED` option is refused, where "it changes the result" does not say enough
 _UNSUPPORTED_NOTES = {
-    "model_type": "sdcore has no Chroma model family, only FLUX.1 dev/schnell: model_type = 'flux'",
+    "model_type": "flux_train_network.py's model types are flux and chroma",
     **{
         name: f"an option of {scripts}, for models or methods sdcore does not train (its training methods are "
         "`sdcore train --help`'s, on SD1/SD2/SDXL, SD3 and FLUX.1 models)"
@@ -757,6 +758,14 @@ KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         ("model_prediction_type", "sigma_scaled", "flux: model_prediction_type defaults to sigma_scaled"),
         ("discrete_flow_shift", 3.0, "flux: discrete_flow_shift defaults to 3.0"),
         ("guidance_scale", 3.5, "flux: guidance_scale defaults to 3.5"),
+    ),
+    # flux_train_network.py --model_type chroma: the same script defaults; guidance 0 as kohya's docs require
+    # (sdcore's Chroma transformer gets 0 whatever is set: diffusers' ChromaTransformer2DModel has no guidance input)
+    "chroma": (
+        ("timestep_sampling", "sigma", "chroma: timestep_sampling defaults to sigma (kohya recommends sigmoid)"),
+        ("model_prediction_type", "sigma_scaled", "chroma: model_prediction_type defaults to sigma_scaled"),
+        ("discrete_flow_shift", 3.0, "chroma: discrete_flow_shift defaults to 3.0"),
+        ("guidance_scale", 0.0, "chroma: guidance_scale 0.0 (kohya's docs require it)"),
     ),
     "sd3": (
         # sd3_train_utils.get_noisy_model_input_and_timesteps: u from weighting_scheme's density, shifted by
@@ -1506,7 +1515,7 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
     own flag gave it).
     """
     sampling = _text(kohya_sampling or "").lower()  # kohya's own name ("shift" is sdcore's sigmoid, shifted)
-    if family not in (None, "flux") or sampling not in ("uniform", "sigmoid"):
+    if family not in (None, "flux", "chroma") or sampling not in ("uniform", "sigmoid"):
         return []  # SD3 (and the DDPM families, which ignore the flow options) keep sdcore's meaning
     shift = values.get("discrete_flow_shift")
     try:
@@ -1520,6 +1529,29 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
         f"timestep_sampling {sampling}: kohya's Flux script does not time-shift it, so discrete_flow_shift "
         f"{shift} has no effect (use timestep_sampling shift for a shifted sigmoid)"
     ]
+
+
+def model_type_problems(kohya: Mapping[str, Any], family: str | None, where: str) -> list[str]:
+    """flux_train_network.py's ``model_type`` against the model's family (read from its file; sdcore needs no
+    model_type), and the Chroma settings kohya's script asserts or documents that sdcore cannot honour otherwise:
+    ``guidance_scale`` must be 0 (the approximator's guidance input is 0 in sdcore, as in diffusers)."""
+    problems: list[str] = []
+    model_type = _text(kohya.get("model_type") or "").lower()
+    if model_type == "chroma" and family not in (None, "chroma"):
+        problems.append(f"{where}: model_type = 'chroma' but the model is a {family} model (use model_type = 'flux')")
+    if model_type == "flux" and family == "chroma":
+        problems.append(f"{where}: model_type = 'flux' but the model is Chroma (use model_type = 'chroma')")
+    if family == "chroma" and kohya.get("guidance_scale") not in (None, ""):
+        try:
+            value = float(kohya["guidance_scale"])
+        except (TypeError, ValueError):
+            value = 0.0  # not a number: reported with the option's type
+        if value != 0.0:
+            problems.append(
+                f"{where}: guidance_scale {kohya['guidance_scale']}: Chroma is trained with guidance 0 (kohya's docs "
+                "require --guidance_scale 0.0; sdcore's Chroma has no guidance input): set 0.0 or drop it"
+            )
+    return problems
 
 
 def written_in_kohya_terms(names: Iterable[str], fields: Iterable[str]) -> bool:

@@ -454,6 +454,10 @@ def translate_config(
         return out
     model_type = _text(r.get("model_type"))
     family = FAMILIES.get(model_type)
+    if family is None and model_type == "CHROMA_1":  # sdcore has the family; this reader has no Chroma table yet
+        r.refuse("model_type", model_type, "sdcore trains Chroma, but does not read OneTrainer's Chroma settings yet: "
+                 "give the run as a kohya config (model_type = 'chroma') or sdcore options")  # fmt: skip
+        return out
     if family is None:
         kind = (
             "inpainting and depth models"

@@ -11,6 +11,13 @@ ComfyUI/Forge read) for every size including the tiny test model. Facts (from di
   the attention output and MLP output into ``linear2`` (diffusers' ``proj_out``, unchanged);
 - the final ``adaLN_modulation.1`` stores (shift, scale), diffusers' ``norm_out.linear`` (scale, shift);
 - RMSNorm weights are ``*.norm.query_norm.scale`` / ``key_norm.scale``.
+
+Chroma (lodestones' FLUX.1-schnell derivative) keeps BFL's names for everything it kept: it has no
+modulation Linears (``img_mod``/``txt_mod``/``modulation``/``final_layer.adaLN_modulation``) and no
+``time_in``/``vector_in``/``guidance_in``; one ``distilled_guidance_layer`` (the approximator) makes
+every block's modulation instead (diffusers' ``convert_chroma_transformer_checkpoint_to_diffusers``:
+``layers.i.in_layer``/``out_layer`` -> ``linear_1``/``linear_2``, ``norms.i.scale`` -> ``norms.i.weight``).
+The plan below is one table for both: ``approximator`` (its layer count) selects Chroma's.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ COMFY_PREFIX = "model.diffusion_model."
 #: the first double block's fused image qkv: present in every Flux.1 transformer file
 PROBE = "double_blocks.0.img_attn.qkv.weight"
 GUIDANCE_PROBE = "guidance_in.in_layer.weight"
+#: Chroma's approximator input: present in every Chroma transformer file (BFL and diffusers names alike)
+CHROMA_PROBE = "distilled_guidance_layer.in_proj.weight"
+_APPROXIMATOR = "distilled_guidance_layer"
 #: the rotary axes of the released models (head dim 128); not stored in the weights
 RELEASED_AXES = (16, 56, 56)
 
@@ -81,21 +91,38 @@ class Group:
     op: str = "same"
 
 
-def key_plan(num_double: int, num_single: int, guidance: bool) -> list[Group]:
-    """Every tensor of a Flux.1 transformer of this shape, as :class:`Group` s."""
+#: modules a Chroma transformer lacks (its approximator makes the modulations; no time/vector/guidance input)
+_NOT_IN_CHROMA = ("time_in.", "vector_in.", "guidance_in.", "img_mod.", "txt_mod.", "modulation.")
+
+
+def key_plan(num_double: int, num_single: int, guidance: bool, approximator: int | None = None) -> list[Group]:
+    """Every tensor of a Flux.1 transformer of this shape, as :class:`Group` s; with ``approximator``
+    (its layer count), of a Chroma transformer (see the module doc)."""
     plan: list[Group] = []
+    chroma = approximator is not None
 
     def linear(diff: str, bfl: str, op: str = "same") -> None:
         for kind in ("weight", "bias"):
             plan.append(Group(f"{bfl}.{kind}", (f"{diff}.{kind}",), op))
 
-    for diff, bfl in _GLOBAL + (_GUIDANCE if guidance else ()):
-        linear(diff, bfl)
-    linear("norm_out.linear", "final_layer.adaLN_modulation.1", "swap")
+    for diff, bfl in _GLOBAL + (_GUIDANCE if guidance and not chroma else ()):
+        if not (chroma and bfl.startswith(_NOT_IN_CHROMA)):
+            linear(diff, bfl)
+    if chroma:
+        a = _APPROXIMATOR
+        linear(f"{a}.in_proj", f"{a}.in_proj")
+        linear(f"{a}.out_proj", f"{a}.out_proj")
+        for i in range(approximator or 0):
+            linear(f"{a}.layers.{i}.linear_1", f"{a}.layers.{i}.in_layer")
+            linear(f"{a}.layers.{i}.linear_2", f"{a}.layers.{i}.out_layer")
+            plan.append(Group(f"{a}.norms.{i}.scale", (f"{a}.norms.{i}.weight",)))
+    else:
+        linear("norm_out.linear", "final_layer.adaLN_modulation.1", "swap")
     for i in range(num_double):
         d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         for diff, bfl in _DOUBLE:
-            linear(d + diff, b + bfl)
+            if not (chroma and bfl.startswith(_NOT_IN_CHROMA)):
+                linear(d + diff, b + bfl)
         plan += [Group(b + bfl, (d + diff,)) for diff, bfl in _DOUBLE_NORMS]
         for parts, bfl in _DOUBLE_FUSED:
             for kind in ("weight", "bias"):
@@ -103,7 +130,8 @@ def key_plan(num_double: int, num_single: int, guidance: bool) -> list[Group]:
     for i in range(num_single):
         d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         for diff, bfl in _SINGLE:
-            linear(d + diff, b + bfl)
+            if not (chroma and bfl.startswith(_NOT_IN_CHROMA)):
+                linear(d + diff, b + bfl)
         plan += [Group(b + bfl, (d + diff,)) for diff, bfl in _SINGLE_NORMS]
         for kind in ("weight", "bias"):
             plan.append(Group(f"{b}linear1.{kind}", tuple(f"{d}{p}.{kind}" for p in _SINGLE_FUSED), "cat"))
@@ -126,6 +154,14 @@ def bfl_counts(keys: Collection[str], prefix: str = "") -> tuple[int, int, bool]
         _count_blocks(keys, p + r"single_blocks\.(\d+)\."),
         prefix + GUIDANCE_PROBE in keys,
     )
+
+
+def approximator_layers(keys: Collection[str], prefix: str = "") -> int | None:
+    """Chroma's approximator depth (``distilled_guidance_layer.layers.N``), or ``None`` for a Flux.1 transformer
+    (the same in BFL and diffusers names)."""
+    if prefix + CHROMA_PROBE not in keys:
+        return None
+    return _count_blocks(keys, re.escape(prefix) + re.escape(_APPROXIMATOR) + r"\.layers\.(\d+)\.")
 
 
 def diffusers_counts(keys: Collection[str]) -> tuple[int, int, bool]:
@@ -156,7 +192,7 @@ def bfl_to_diffusers(
     if num_double == 0:
         raise ModelFormatError(f"not a Flux.1 transformer: no {prefix}{PROBE}")
     dim = inner_dim or _shape_rows(get(prefix + "img_in.weight"))
-    plan = key_plan(num_double, num_single, guidance)
+    plan = key_plan(num_double, num_single, guidance, approximator_layers(keys, prefix))
     wanted = {prefix + g.bfl for g in plan}
     if prefix:
         extra = sorted(k for k in keys if k.startswith(prefix) and k not in wanted)
@@ -191,7 +227,7 @@ def diffusers_to_bfl(state: Mapping[str, Any], prefix: str = "") -> dict[str, An
     import torch
 
     num_double, num_single, guidance = diffusers_counts(state.keys())
-    plan = key_plan(num_double, num_single, guidance)
+    plan = key_plan(num_double, num_single, guidance, approximator_layers(state.keys()))
     used = {name for group in plan for name in group.diffusers}
     extra = sorted(set(state) - used)
     if extra:
@@ -213,6 +249,7 @@ def diffusers_to_bfl(state: Mapping[str, Any], prefix: str = "") -> dict[str, An
 
 _TRANSFORMER_ROOTS = (
     "double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.",
+    f"{_APPROXIMATOR}.",
 )  # fmt: skip
 
 
@@ -245,7 +282,8 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 def transformer_config_from_bfl(
     keys: Collection[str], shape: Callable[[str], tuple[int, ...]], prefix: str = ""
 ) -> dict[str, Any]:
-    """A diffusers ``FluxTransformer2DModel`` config from the shapes of a BFL-layout file.
+    """A diffusers ``FluxTransformer2DModel`` (or ``ChromaTransformer2DModel``) config from the shapes of a
+    BFL-layout file.
 
     ``mlp_ratio`` is fixed at 4 in diffusers; ``patch_size`` 1 (Flux packs 2x2 latent patches
     outside the model, so ``in_channels`` is 4 x the latent channels).
@@ -259,6 +297,24 @@ def transformer_config_from_bfl(
     out_channels = shape(prefix + "final_layer.linear.weight")[0]
     if mlp_rows != 4 * inner:
         raise ModelFormatError(f"Flux transformer MLP width {mlp_rows} is not 4 x {inner} (unsupported variant)")
+    layers = approximator_layers(keys, prefix)
+    if layers is not None:  # Chroma: no pooled projection or guidance embedding; the approximator's sizes
+        hidden, channels = shape(prefix + CHROMA_PROBE)
+        return {
+            "_class_name": "ChromaTransformer2DModel",
+            "patch_size": 1,
+            "in_channels": in_channels,
+            "out_channels": None if out_channels == in_channels else out_channels,
+            "num_layers": num_double,
+            "num_single_layers": num_single,
+            "attention_head_dim": head_dim,
+            "num_attention_heads": inner // head_dim,
+            "joint_attention_dim": shape(prefix + "txt_in.weight")[1],
+            "axes_dims_rope": list(rope_axes(head_dim)),
+            "approximator_num_channels": channels,
+            "approximator_hidden_dim": hidden,
+            "approximator_layers": layers,
+        }
     return {
         "_class_name": "FluxTransformer2DModel",
         "patch_size": 1,

@@ -28,7 +28,7 @@ from typing import Any
 from ...errors import ModelFormatError, SdcoreError
 from ..bundle import ModelBundle
 from ..load import config_fields, empty_module
-from .convert import COMFY_PREFIX, GUIDANCE_PROBE, PROBE, bfl_to_diffusers, transformer_config_from_bfl
+from .convert import CHROMA_PROBE, COMFY_PREFIX, GUIDANCE_PROBE, PROBE, bfl_to_diffusers, transformer_config_from_bfl
 
 VAE_PREFIX = "vae."
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
@@ -75,7 +75,7 @@ def is_flux_file(keys: Collection[str]) -> bool:
     or a diffusers-layout ``FluxTransformer2DModel`` file."""
     prefix = transformer_prefix(keys)
     if prefix is None:
-        return is_diffusers_transformer_file(keys)
+        return is_diffusers_transformer_file(keys) and CHROMA_PROBE not in keys
     return not any(prefix + key in keys for key in NOT_FLUX1)
 
 
@@ -90,10 +90,10 @@ def _refuse_quantized(keys: Collection[str], file: Path) -> None:
 
 def diffusers_transformer_config(keys: Collection[str], shape: Shape) -> dict[str, Any]:
     """The config of a diffusers-layout Flux transformer file, read through the BFL shape rules."""
-    from .convert import diffusers_counts, key_plan
+    from .convert import approximator_layers, diffusers_counts, key_plan
 
     num_double, num_single, guidance = diffusers_counts(keys)
-    plan = key_plan(num_double, num_single, guidance)
+    plan = key_plan(num_double, num_single, guidance, approximator_layers(keys))
     renamed = {group.bfl: group.diffusers[0] for group in plan if group.op == "same"}
     return transformer_config_from_bfl({g.bfl for g in plan}, lambda key: shape(renamed[key]))
 
@@ -120,9 +120,11 @@ def variant_of_transformer(transformer: Any) -> str:
 
 
 def empty_transformer(config: dict[str, Any]) -> Any:
-    from diffusers import FluxTransformer2DModel
+    """A ``FluxTransformer2DModel``, or a ``ChromaTransformer2DModel`` for a config with Chroma's approximator."""
+    import diffusers
 
-    return empty_module(lambda: FluxTransformer2DModel.from_config(config_fields(config)))
+    cls = diffusers.ChromaTransformer2DModel if "approximator_layers" in config else diffusers.FluxTransformer2DModel
+    return empty_module(lambda: cls.from_config(config_fields(config)))
 
 
 def empty_vae(config: dict[str, Any]) -> Any:

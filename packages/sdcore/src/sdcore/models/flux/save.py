@@ -9,6 +9,9 @@ T5 under ``text_encoders.t5xxl.transformer.``: ComfyUI's "checkpoint" Flux files
 
 Metadata: modelspec with kohya's Flux architecture names (``flux-1-dev`` / ``flux-1-schnell``) and
 our ``sdcore.config`` entry (exact component configs) so non-standard sizes read back exactly.
+
+Chroma bundles are written the same way (their transformer in BFL keys with ``distilled_guidance_layer``,
+T5 and the VAE under ComfyUI's prefixes, no CLIP-L), with kohya's modelspec architecture ``chroma``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ from .load import CLIP_L_PREFIX, CONFIG_METADATA_KEY, VAE_PREFIX
 
 LAYOUTS = ("comfy", "bfl")
 IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+#: kohya's sai_model_spec for Chroma (ARCH_FLUX_1_CHROMA, IMPL_CHROMA)
+CHROMA_ARCHITECTURE, CHROMA_IMPLEMENTATION = "chroma", "https://huggingface.co/lodestones/Chroma"
+
+
+def _encoders(bundle: ModelBundle) -> tuple[Any, Any]:
+    """(CLIP-L, T5) of a Flux bundle, or (None, T5) of a Chroma one (T5 is its only encoder)."""
+    te = bundle.text_encoders
+    if bundle.family == "chroma":
+        return None, (te[0] if te else None)
+    return (te[0] if te else None), (te[1] if len(te) > 1 else None)
 
 
 def flux_state(bundle: ModelBundle, layout: str = "comfy") -> dict[str, Any]:
@@ -48,13 +61,13 @@ def flux_state(bundle: ModelBundle, layout: str = "comfy") -> dict[str, Any]:
             if is_conv_attention(file_key) and value.ndim == 2:
                 value = value.reshape(*value.shape, 1, 1)
             out[VAE_PREFIX + file_key[len(LDM_VAE_PREFIX) :]] = value
-    if bundle.text_encoders:
-        clip = bundle.text_encoders[0]
+    clip, t5 = _encoders(bundle)
+    if clip is not None:
         state = {k: v for k, v in clip.state_dict().items() if not k.endswith("position_ids")}
         for key, file_key in clip_key_map(list(state), CLIP_L_PREFIX, has_text_model_level(clip)).items():
             out[file_key] = state[key]
-    if len(bundle.text_encoders) > 1:
-        out.update(t5_file_tensors(bundle.text_encoders[1], COMFY_T5_PREFIX))
+    if t5 is not None:
+        out.update(t5_file_tensors(t5, COMFY_T5_PREFIX))
     return out
 
 
@@ -67,9 +80,10 @@ def flux_configs(bundle: ModelBundle, layout: str) -> dict[str, Any]:
     if layout == "comfy":
         if bundle.vae is not None:
             components["vae"] = _json_config(bundle.vae.config)
-        for name, module in zip(("text_encoder", "text_encoder_2"), bundle.text_encoders, strict=False):
+        names = ("text_encoder",) if bundle.family == "chroma" else ("text_encoder", "text_encoder_2")
+        for name, module in zip(names, bundle.text_encoders, strict=False):
             components[name] = _json_config(module.config)
-    return {"family": "flux", "layout": layout, "components": components}
+    return {"family": bundle.family, "layout": layout, "components": components}
 
 
 def write_flux_single_file(
@@ -103,12 +117,16 @@ def write_flux_single_file(
             value = value.clone()
         seen.add(pointer)
         tensors[key] = value
-    variant = "dev" if bundle.transformer.config.guidance_embeds else "schnell"
+    if bundle.family == "chroma":
+        architecture, implementation = CHROMA_ARCHITECTURE, CHROMA_IMPLEMENTATION
+    else:
+        variant = "dev" if bundle.transformer.config.guidance_embeds else "schnell"
+        architecture, implementation = f"flux-1-{variant}", IMPLEMENTATION
     first = next(iter(bundle.transformer.parameters()))
     meta = {
         "modelspec.sai_model_spec": SAI_SPEC_VERSION,
-        "modelspec.architecture": f"flux-1-{variant}",
-        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
         "modelspec.title": target.stem,
         "modelspec.resolution": "1024x1024",
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),

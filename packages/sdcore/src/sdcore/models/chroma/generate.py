@@ -1,0 +1,84 @@
+"""``sdcore generate`` for Chroma: diffusers' ``ChromaPipeline`` over the bundle's own modules.
+
+Chroma has no distilled guidance: ``--cfg`` is real classifier-free guidance against the negative prompt
+(an empty one when none is given), each step running the transformer twice, as ComfyUI and the pipeline
+do; ``--cfg 1`` turns it off. The prompts are encoded by :class:`~sdcore.models.chroma.adapter.ChromaAdapter`
+(the training encoding) and handed to the pipeline with boolean masks, so the joint attention hides T5's
+padding as in training. Samplers and the resolution-dependent shift are Flux's
+(:mod:`sdcore.generate.flow_samplers`); sides are multiples of 16; A1111 emphasis weights are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ...errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..bundle import ModelBundle
+
+
+def build_chroma_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
+    """A ``ChromaPipeline`` (or ``ChromaImg2ImgPipeline``) sharing the bundle's modules."""
+    import diffusers
+
+    from ...generate.flow_samplers import flow_scheduler
+    from .adapter import require_complete
+
+    scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Chroma", pipeline_sigmas=True,
+                               img2img=img2img)  # fmt: skip
+    require_complete(bundle)
+    cls: Any = diffusers.ChromaImg2ImgPipeline if img2img else diffusers.ChromaPipeline
+    return cls(scheduler=scheduler, vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+               tokenizer=bundle.tokenizers[0], transformer=bundle.transformer)  # fmt: skip
+
+
+def run_chroma(
+    pipe: Any,
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    *,
+    seeds: list[int],
+    steps: int,
+    cfg: float,
+    width: int,
+    height: int,
+    image: Any = None,
+    strength: float = 0.75,
+    sampler: str = "euler",
+    **_: Any,
+) -> list[Image.Image]:
+    """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``)."""
+    import torch
+
+    from ...generate.flow_samplers import run_pipeline
+    from ...generate.prompt_syntax import parse_emphasis, plain_text
+    from ..flux.adapter import T5_MASK
+    from .adapter import ChromaAdapter
+
+    if width % 16 or height % 16:
+        raise ConfigError(f"Chroma image sides must be multiples of 16, got {width}x{height}")
+    adapter = ChromaAdapter()
+    cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(p)) for p in prompts])
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": cond.hidden_states,
+        "prompt_attention_mask": cond.extra[T5_MASK],
+        "num_inference_steps": steps,
+        "guidance_scale": cfg,
+        "generator": generators,
+        "output_type": "pil",
+        "width": width,
+        "height": height,
+    }
+    if cfg > 1.0:  # the pipeline's condition for CFG
+        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negatives],
+                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
+        kwargs.update(negative_prompt_embeds=uncond.hidden_states, negative_prompt_attention_mask=uncond.extra[T5_MASK])
+    if image is not None:
+        kwargs["image"] = [image] * len(prompts)
+        kwargs["strength"] = strength
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)

@@ -226,3 +226,34 @@ def test_memory_plan_counts_the_released_chroma(tmp_path):
         p.numel() for p in tiny.transformer.parameters()
     )
     assert sum(p.numel() for p in bundle.text_encoders[0].parameters()) > 4e9  # T5-XXL planned at its real size
+
+
+def test_gradient_checkpointing_keeps_the_mask_in_every_block():
+    """diffusers 0.42 calls Chroma's single blocks under checkpointing without the attention mask; the runtime's
+    checkpointing must compute what the plain call computes (padded prompts: the mask matters), gradients too."""
+    from sdcore.models.family import family_adapter
+    from sdcore.train.method import Capabilities
+    from sdcore.train.placement import enable_gradient_checkpointing
+
+    adapter = family_adapter("chroma")
+    bundle = adapter.create_tiny()
+    with torch.no_grad():
+        cond = adapter.encode_prompts(bundle, ["a ring", "a small blue cube on a wooden table"], t5_max_length=32)
+    latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300.0, 800.0])
+
+    def output_and_gradients():
+        bundle.denoiser.zero_grad(set_to_none=True)
+        out = adapter.predict(bundle, latents, t, cond)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in bundle.denoiser.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    plain, plain_grads = output_and_gradients()
+    enable_gradient_checkpointing(bundle, Capabilities())
+    assert bundle.denoiser.gradient_checkpointing
+    checkpointed, grads = output_and_gradients()
+    torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=0)
+    assert grads.keys() == plain_grads.keys() and any(n.startswith("single_transformer_blocks") for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -137,6 +137,8 @@ class FamilyAdapter(Protocol):
     ``sample_draws(bundle, options, batch, count) -> list[hook]`` gives the training step hooks
     ``hook(sample_index, generator)`` that draw more per sample after its noise and timestep and record
     the result in ``batch.extra`` (SD3: kohya's per-encoder caption dropout, positional-embedding crop).
+    ``enable_gradient_checkpointing(bundle)`` replaces the denoiser's own ``enable_gradient_checkpointing()``
+    for ``--gradient-checkpointing`` (Chroma: diffusers' checkpointed single blocks would drop the mask).
     """
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

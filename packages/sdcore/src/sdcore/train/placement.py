@@ -150,8 +150,15 @@ def _move(module: torch.nn.Module, device: Any, skip: set[int]) -> None:
 
 
 def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> None:
-    """Also when the denoiser is frozen: gradients still flow through it to LoRA/TI parameters."""
-    bundle.denoiser.enable_gradient_checkpointing()
+    """Also when the denoiser is frozen: gradients still flow through it to LoRA/TI parameters. A family
+    adapter with ``enable_gradient_checkpointing(bundle)`` does it its own way (Chroma: keeps its mask)."""
+    from ..models.family import family_adapter
+
+    own = getattr(family_adapter(bundle.family_spec), "enable_gradient_checkpointing", None)
+    if own is not None:
+        own(bundle)
+    else:
+        bundle.denoiser.enable_gradient_checkpointing()
     if caps.trains_text_encoder:
         for te in bundle.text_encoders:
             if hasattr(te, "gradient_checkpointing_enable"):

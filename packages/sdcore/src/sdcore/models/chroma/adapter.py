@@ -68,6 +68,12 @@ class ChromaAdapter:
     #: real CFG with a negative prompt (no distilled guidance): ChromaPipeline's default scale
     default_cfg = 5.0
 
+    def enable_gradient_checkpointing(self, bundle: ModelBundle) -> None:
+        """diffusers' checkpointing with the attention mask kept in the single blocks (:mod:`.checkpointing`)."""
+        from .checkpointing import enable_masked_checkpointing
+
+        enable_masked_checkpointing(bundle.denoiser)
+
     def __repr__(self) -> str:
         return "ChromaAdapter()"
 

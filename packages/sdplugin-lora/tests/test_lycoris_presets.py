@@ -115,9 +115,9 @@ def test_ia3_and_unknown_presets_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match="no module of an SD1/SD2/SDXL UNet or CLIP encoder matches"):
         _method(algo="ia3", lycoris_preset="ia3")
     # LyCORIS compares names exactly; anything else is read as a TOML file
-    with pytest.raises(ConfigError, match="neither a built-in preset .* nor a TOML file"):
+    with pytest.raises(ConfigError, match=r"neither a built-in preset .* nor a TOML file"):
         _method(algo="lokr", lycoris_preset="Full")
-    with pytest.raises(ConfigError, match="kohya's networks.oft has none"):
+    with pytest.raises(ConfigError, match=r"kohya's networks\.oft has none"):
         _method(algo="oft", lycoris_preset="attn-mlp")
     with pytest.raises(ConfigError, match="adapts nothing that trains here"):
         _method(algo="lokr", lycoris_preset="unet-only", te_only=True)

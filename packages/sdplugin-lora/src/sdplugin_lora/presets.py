@@ -331,8 +331,8 @@ class _Walk:
             if node is not root and node.kohya_class in self.preset.module_algo_map:
                 nested = self.preset.module_algo_map[node.kohya_class or ""]
                 algo = nested.algo or (settings.algo if settings else None)  # else the parent block's algo
-                for choice in self.block(inside, j, ModuleSettings(**{**vars(nested), "algo": algo})):
-                    found.setdefault(choice.target.name, choice)
+                for inner in self.block(inside, j, ModuleSettings(**{**vars(nested), "algo": algo})):
+                    found.setdefault(inner.target.name, inner)
                 continue
             choice = self.single(node, settings)
             if choice is not None:

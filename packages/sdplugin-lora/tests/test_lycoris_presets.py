@@ -306,3 +306,39 @@ def test_cli_trains_a_preset(tmp_path):
     lora = read_lora(out)
     assert set(lora.modules) == _expected(fresh_bundle("sd1"), "unet-convblock-only", True, te=False)
     assert json.loads(lora.metadata["ss_network_args"])["preset"] == "unet-convblock-only"
+
+
+def test_lycoris_example_preset_file_mixes_algos_per_class(tmp_path):
+    """LyCORIS' own example_configs/preset_configs/example.toml (Apache-2.0, tests/data/lycoris): LoKr full
+    matrices on CrossAttention/FeedForward/CLIPMLP (dim 1e13/1e11 triggers LyCORIS' full w2), Tucker LoCon
+    rank 4 alpha 1 on the ResNets, LoRA rank 8 alpha 1 on CLIPAttention; the rest at the network's settings."""
+    bundle = fresh_bundle("sd1")
+    preset = str(Path(__file__).parent / "data" / "lycoris" / "example.toml")
+    method = _method(rank=6, alpha=3.0, conv_rank=6, algo="locon", train_text_encoder=True, lycoris_preset=preset)
+    method.prepare(bundle)
+    modules = method.network.loras
+    assert set(modules) == _expected(bundle, "full", True)  # its targets are full's
+    for name, module in modules.items():
+        if re.search(r"_attn[12]_|_ff_|_mlp_", name):
+            assert isinstance(module, LokrAdapter) and module.full_matrix, name
+        elif "_resnets_" in name:
+            assert isinstance(module, LoraAdapter) and (module.rank, module.alpha) == (4, 1.0), name
+            assert (module.lora_mid is not None) == name.endswith(("_conv1", "_conv2")), name  # Tucker: kxk only
+        elif "_self_attn_" in name:
+            assert isinstance(module, LoraAdapter) and (module.rank, module.alpha) == (8, 1.0), name
+        else:  # proj_in/out, samplers, conv_in/out, time embedding: the network's LoCon
+            assert isinstance(module, LoraAdapter) and (module.rank, module.alpha) == (6, 3.0), name
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in method.network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    saved = method.save(bundle, SaveInfo(path=tmp_path / "ex.safetensors", step=1, epoch=1, metadata={}, final=True))
+    latents, t, hidden, _ = unet_inputs(bundle)
+    with torch.no_grad():
+        trained = bundle.unet(latents, t, encoder_hidden_states=hidden).sample
+    merged = fresh_bundle("sd1")
+    apply_lora(merged, saved, merge=True, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.unet(latents, t, encoder_hidden_states=hidden).sample, trained, atol=1e-4, rtol=0
+        )

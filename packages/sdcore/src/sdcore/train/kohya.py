@@ -1239,13 +1239,6 @@ def _deepspeed(items: dict[str, Any], out: Translation, where: str) -> None:
     )
 
 
-def _is_zero(value: str | None) -> bool:
-    try:
-        return value is not None and float(value) == 0
-    except ValueError:
-        return False
-
-
 def _lycoris_str_bool(raw: str, key: str, out: Translation) -> bool:
     """LyCORIS' ``str_bool`` (lycoris/utils ``str(val).lower() != "false"``): every text but "false" is on, so
     "0", "no", "off" or an empty value turn the switch on in a kohya run too (a note says so)."""

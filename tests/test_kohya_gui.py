@@ -455,3 +455,13 @@ def test_gui_signature_names_are_no_kohya_or_sdcore_option():
         fields |= set(field_types(options_class))
     assert not {n for n in _GUI_SIGNATURE if kohya.is_kohya_name(n) or n in fields}
     assert not is_gui_preset({"optimizer": "adamw", "network_dim": 4, "learning_rate": 1e-4})
+
+
+def test_gui_glora_with_preset_full_still_validates(tmp_path):
+    """The GUI always writes preset=full; sdcore's GLoRA keeps its transformer-block targets for it."""
+    from sdplugin_lora.method import LoraMethod
+
+    data = _gui(LoRA_type="LyCORIS/GLoRA", LyCORIS_preset="full")
+    o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    assert (o.algo, o.lycoris_preset) == ("glora", None)
+    LoraMethod(o).validate()

@@ -1340,7 +1340,10 @@ def _network(
         # LyCORIS reads preset= by its exact name (a built-in one) or as a TOML file path; sdcore's
         # --lycoris-preset selects the same modules (sdplugin_lora.presets), conv_dim defaults to network_dim
         preset = args.pop("preset", None)
-        if preset is not None or chosen != "glora":
+        if chosen != "glora" or preset not in (
+            None,
+            "full",
+        ):  # sdcore's GLoRA: transformer blocks (refused with others)
             put("lycoris_preset", "full" if preset is None else preset, "network_args preset")
         if chosen == "glora":
             for key in ("conv_dim", "conv_alpha"):

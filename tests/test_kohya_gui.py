@@ -178,6 +178,21 @@ def test_lycoris_types_write_the_guis_network_args():
     assert items["network_args"][-2:] == ["train_on_input=False", "algo=ia3"]
 
 
+@pytest.mark.parametrize(
+    "preset", ["attn-mlp", "attn-only", "full", "full-lin", "unet-transformer-only", "unet-convblock-only"]
+)
+def test_every_gui_lycoris_preset_choice_loads(preset, tmp_path):
+    """lora_gui.py LYCORIS_PRESETS_CHOICES: each one is a LyCORIS built-in preset sdcore selects exactly."""
+    from sdplugin_lora.method import LoraMethod
+
+    data = _gui(LoRA_type="LyCORIS/LoKr", LyCORIS_preset=preset, conv_dim=4, conv_alpha=2, factor=4)
+    o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    assert (o.lycoris_preset, o.algo) == (preset, "lokr")
+    LoraMethod(o).validate()
+    # enable_conv=False presets (LyCORIS config.py): the GUI's conv_dim does nothing; the others keep it
+    assert o.conv_rank == (4 if preset in ("full", "unet-convblock-only") else 0)
+
+
 def test_kohya_network_types_pass_only_the_fields_that_are_set():
     items, _, _ = gui_preset(_gui(LoRA_type="Standard", conv_dim=8, block_dims="2,4", rank_dropout=0), "x")
     assert items["network_args"] == ["block_dims=2,4"]  # Standard has no conv; zero fields are left out
@@ -440,3 +455,13 @@ def test_gui_signature_names_are_no_kohya_or_sdcore_option():
         fields |= set(field_types(options_class))
     assert not {n for n in _GUI_SIGNATURE if kohya.is_kohya_name(n) or n in fields}
     assert not is_gui_preset({"optimizer": "adamw", "network_dim": 4, "learning_rate": 1e-4})
+
+
+def test_gui_glora_with_preset_full_still_validates(tmp_path):
+    """The GUI always writes preset=full; sdcore's GLoRA keeps its transformer-block targets for it."""
+    from sdplugin_lora.method import LoraMethod
+
+    data = _gui(LoRA_type="LyCORIS/GLoRA", LyCORIS_preset="full")
+    o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    assert (o.algo, o.lycoris_preset) == ("glora", None)
+    LoraMethod(o).validate()

@@ -443,19 +443,21 @@ def test_kohya_lycoris_switches_read_as_lycoris_str_bool_reads_them(value):
     assert (o.train_norm, o.algo) == (False, "locon")
 
 
-def test_kohya_lycoris_conv_dim_zero_says_what_lycoris_still_adapts():
+def test_kohya_lycoris_conv_dim_zero_still_adapts_the_resnets_linears_and_norms():
     """LyCORIS f49d30d kohya.py ``create_single_module``: a Linear gets a module whenever lora_dim > 0 and a
     1x1 conv as a Linear; only kxk convs need conv_dim; with train_norm every "Norm" class is taken first. Preset
-    full walks ResnetBlock2D whatever conv_dim is, so conv_dim=0 still adapts time_emb_proj and the shortcuts."""
+    full walks ResnetBlock2D whatever conv_dim is, so conv_dim=0 still adapts time_emb_proj, the shortcuts and
+    (train_norm) the ResNet norms: sdcore's preset selection trains them too."""
     from sdcore.train.config import load_options
 
-    notes: list[str] = []
     kohya = {"network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=0", "train_norm=True"]}
-    o = load_options(LoraOptions, None, kohya=kohya, notes=notes)
-    assert o.conv_rank == 0
-    assert any("conv_dim=0 with LyCORIS preset 'full'" in n and "time_emb_proj" in n for n in notes)
-    notes = []
-    load_options(
-        LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": ["algo=loha"]}, notes=notes
-    )
-    assert not any("conv_dim=0" in n for n in notes)
+    o = load_options(LoraOptions, None, kohya=kohya, notes=[])
+    assert (o.conv_rank, o.lycoris_preset) == (0, "full")
+    method = LoraMethod(o)
+    method.validate()
+    method.prepare(fresh_bundle("sd1"))
+    names = set(method.network.loras)
+    resnet = {n for n in names if "_resnets_" in n}
+    assert any(n.endswith("_time_emb_proj") for n in resnet) and any(n.endswith("_conv_shortcut") for n in resnet)
+    assert any(n.endswith("_norm1") for n in resnet)
+    assert not any(n.endswith(("_conv1", "_conv2")) for n in resnet)  # kxk: need conv_dim

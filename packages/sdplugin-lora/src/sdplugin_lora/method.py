@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .blocks import BlockPlan
     from .naming import ModuleIndex
     from .network import LoraNetwork
+    from .presets import Choice, LycorisPreset
 
 
 @dataclass
@@ -151,6 +152,14 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "LyCORIS rescaled (--algo diag_oft/boft): also train a per-output-channel scale (rescale, starting at 1).",
         group="lora",
     )
+    lycoris_preset: str | None = option(
+        None,
+        "LyCORIS preset (kohya network_args preset=): full, full-lin, attn-mlp, attn-only, unet-only, "
+        "unet-transformer-only, unet-convblock-only, or a preset .toml file (target classes/names, "
+        "module_algo_map/name_algo_map with per-module algo, dim, alpha). Adapts exactly the modules a kohya run "
+        "with lycoris.kohya adapts (kxk convs need a conv rank). Default: kohya networks.lora's targets.",
+        group="lora",
+    )
     block_dims: str | None = option(
         None,
         "kohya block_dims: ranks per UNet block, comma-separated (25 values SD1/SD2, 23 SDXL); 0 leaves a block out.",
@@ -231,7 +240,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (
         "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
-        "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled",
+        "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -239,15 +248,36 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         self.network: LoraNetwork | None = None
         self.index: ModuleIndex | None = None
         self._te_frozen = False  # the text-encoder stop has frozen the lora_te* modules
+        self._preset: LycorisPreset | None = None
 
     # --- resolved settings ------------------------------------------------------------------------
     @property
     def train_unet(self) -> bool:
-        return not self.options.te_only
+        preset = self._safe_preset()
+        return not self.options.te_only and (preset is None or preset.has_unet)
 
     @property
     def train_te(self) -> bool:
-        return (self.options.train_text_encoder or self.options.te_only) and not self.options.unet_only
+        preset = self._safe_preset()
+        wanted = (self.options.train_text_encoder or self.options.te_only) and not self.options.unet_only
+        return wanted and (preset is None or preset.has_text_encoder)
+
+    def lycoris_preset(self) -> LycorisPreset | None:
+        """The --lycoris-preset, read once (``ConfigError`` when it is neither built in nor a valid TOML file)."""
+        text = self.options.lycoris_preset
+        if text is None:
+            return None
+        if self._preset is None or self._preset.name != text:
+            from .presets import load_preset
+
+            self._preset = load_preset(text)
+        return self._preset
+
+    def _safe_preset(self) -> LycorisPreset | None:
+        try:
+            return self.lycoris_preset()
+        except ConfigError:  # validate() reports it
+            return None
 
     @property
     def alpha(self) -> float:
@@ -431,8 +461,47 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if not o.oft_all_linear and o.algo != "oft":
             problems.append(f"--no-oft-all-linear is for --algo oft (got --algo {o.algo})")
         problems += self._lycoris_oft_problems()
+        problems += self._preset_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _preset_problems(self) -> list[str]:
+        """--lycoris-preset: a preset that loads, with an algo lycoris.kohya trains and options it reads."""
+        o = self.options
+        if o.lycoris_preset is None:
+            return []
+        flag = f"--lycoris-preset {o.lycoris_preset}"
+        problems: list[str] = []
+        try:
+            preset = self.lycoris_preset()
+        except ConfigError as exc:
+            return [str(exc)]
+        if o.algo in ("oft", "lora_fa", "dylora"):
+            problems.append(f"{flag} with --algo {o.algo}: presets are LyCORIS', kohya's networks.{o.algo} has none")
+        elif o.algo == "glora":
+            problems.append(f"{flag} with --algo glora: sdcore's GLoRA adapts the UNet's transformer blocks only")
+        maps = [*preset.module_algo_map.values(), *preset.name_algo_map.values()] if preset else []
+        if maps and o.algo == "dora":
+            problems.append(
+                f"{flag}: module_algo_map/name_algo_map with --algo dora (one DoRA network) is not supported"
+            )
+        blockwise = [name for name, value in self.block_options().items() if value is not None]
+        if blockwise or o.dim_from_weights:
+            given = [*blockwise, *(["dim_from_weights"] if o.dim_from_weights else [])]
+            problems.append(
+                f"{flag} with {', '.join('--' + n.replace('_', '-') for n in given)}: kohya networks.lora's options; "
+                "lycoris.kohya ignores them"
+            )
+        wanted_te = (o.train_text_encoder or o.te_only) and not o.unet_only
+        if (
+            preset is not None
+            and not (preset.has_unet and not o.te_only)
+            and not (preset.has_text_encoder and wanted_te)
+        ):
+            problems.append(
+                f"{flag}: the preset adapts nothing that trains here (its UNet/text-encoder targets are empty)"
+            )
+        return problems
 
     def _lycoris_oft_problems(self) -> list[str]:
         """The constraint and multiplier of LyCORIS' diag-oft/BOFT modules, and their options given to other algos."""
@@ -518,6 +587,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         except ConfigError as exc:
             problems.append(str(exc))
+        if o.lycoris_preset not in (None, "full") and not family.startswith(("sd1", "sd2", "sdxl")):
+            problems.append(
+                f"--lycoris-preset {o.lycoris_preset} on {family}: sdcore applies LyCORIS presets to SD1/SD2/SDXL "
+                "UNets and CLIP encoders (full on other families: kohya's blocks)"
+            )
         if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
             problems.append(
                 f"--train-norm on {family}: sdcore trains LyCORIS' norm modules on the SD1/SD2/SDXL UNet's "
@@ -575,6 +649,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         conv = self.conv_rank > 0 or bool(plan and plan.conv_dims) or file_ranks is not None
         if self.options.algo == "glora":  # LyCORIS (kohya.py): GLoRA adapts only the UNet's transformer blocks
             conv = False
+        preset = self.lycoris_preset() if index.denoiser == "unet" else None
+        if preset is not None:
+            network = self._preset_network(bundle, index, preset)
+            return self._finish_prepare(bundle, index, network, plan)
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
         if self.options.algo == "oft" and not self.options.oft_all_linear:
             # kohya networks.oft without enable_all_linear: its CrossAttention modules' Linears only
@@ -606,6 +684,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             rescaled=self.options.rescaled,
             norms=index.select_norms(conv=conv) if self.options.train_norm and self.train_unet else (),
         )
+        return self._finish_prepare(bundle, index, network, plan)
+
+    def _finish_prepare(
+        self, bundle: ModelBundle, index: ModuleIndex, network: LoraNetwork, plan: BlockPlan | None
+    ) -> list[dict[str, Any]]:
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
         network.to(bundle.device)
@@ -614,6 +697,57 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         self.network = network
         self.index = index
         return self.param_groups(network, plan)
+
+    def _preset_network(self, bundle: ModelBundle, index: ModuleIndex, preset: LycorisPreset) -> LoraNetwork:
+        """The modules :func:`sdplugin_lora.presets.select` picks, each with its map entry's algo, rank, alpha,
+        factor and Tucker setting (LyCORIS: a map's ``dim``/``alpha`` replace the network's for Linear and
+        kxk conv alike; 0 or missing keeps them); modules sharing settings are built together."""
+        from .network import LoraNetwork
+        from .presets import select
+
+        o = self.options
+        choices = select(
+            bundle,
+            index,
+            preset,
+            unet=self.train_unet,
+            text_encoder=self.train_te,
+            conv=self.conv_rank > 0,
+            norms=o.train_norm,
+        )
+        if not choices:
+            raise ConfigError(
+                f"--lycoris-preset {preset.name}: the preset selects no module of this {index.family} model"
+            )
+        groups: dict[Any, list[Choice]] = {}
+        for choice in choices:
+            groups.setdefault((choice.norm, choice.settings), []).append(choice)
+        built: dict[str, Any] = {}
+        for (norm, settings), members in groups.items():
+            s = settings
+            algo = (s.algo if s and s.algo else None) or o.algo
+            conv_alpha = self.conv_alpha if self.conv_alpha is not None else self.alpha
+            network = LoraNetwork.create(
+                [] if norm else [c.target for c in members],
+                rank=(s.dim if s and s.dim else None) or o.rank,
+                alpha=(s.alpha if s and s.alpha else None) or self.alpha,
+                conv_rank=(s.dim if s and s.dim else None) or self.conv_rank,
+                conv_alpha=(s.alpha if s and s.alpha else None) or conv_alpha,
+                dropout=o.dropout,
+                rank_dropout=o.rank_dropout,
+                module_dropout=o.module_dropout,
+                algo=algo,
+                lokr_factor=s.factor if s and s.factor is not None else o.lokr_factor,
+                use_tucker=s.use_tucker if s and s.use_tucker is not None else o.use_tucker,
+                multiplier=o.network_multiplier,
+                decompose_both=s.decompose_both if s and s.decompose_both is not None else o.decompose_both,
+                rank_dropout_scale=o.rank_dropout_scale,
+                constraint=o.constraint,
+                rescaled=o.rescaled,
+                norms=[c.target for c in members] if norm else (),
+            )
+            built.update(network.loras)
+        return LoraNetwork([built[c.target.name] for c in choices if c.target.name in built])
 
     @staticmethod
     def _rank_for(
@@ -915,6 +1049,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             args["enable_all_linear"] = True  # Transformer2DModel linears, as our LoRA targets
         if o.algo == "dylora":
             args["unit"] = o.dylora_unit
+        if o.lycoris_preset is not None:  # kohya keeps network_args as written: preset=<name or path>
+            module = "lycoris.kohya"
+            args["preset"] = o.lycoris_preset
         if module == "lycoris.kohya":  # what sd-scripts writes for LyCORIS networks
             args["algo"] = {"dora": "lora", "lora": "locon", "diag_oft": "diag-oft"}.get(o.algo, o.algo)
             if o.algo in ("diag_oft", "boft"):

@@ -720,6 +720,8 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
 }
+#: LyCORIS' built-in presets with enable_conv=False (lycoris/config.py)
+_LYCORIS_LINEAR_PRESETS = ("full-lin", "attn-mlp", "attn-only", "unet-transformer-only")
 #: LyCORIS network_args that are sdcore LoRA options of the same name (kohya's own modules ignore them)
 _LYCORIS_ONLY_ARGS = ("decompose_both", "rank_dropout_scale", "train_norm")
 _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "diag-oft": "diag_oft",
@@ -1246,13 +1248,6 @@ def _deepspeed(items: dict[str, Any], out: Translation, where: str) -> None:
     )
 
 
-def _is_zero(value: str | None) -> bool:
-    try:
-        return value is not None and float(value) == 0
-    except ValueError:
-        return False
-
-
 def _lycoris_str_bool(raw: str, key: str, out: Translation) -> bool:
     """LyCORIS' ``str_bool`` (lycoris/utils ``str(val).lower() != "false"``): every text but "false" is on, so
     "0", "no", "off" or an empty value turn the switch on in a kohya run too (a note says so)."""
@@ -1351,36 +1346,29 @@ def _network(
             chosen = "dora"
         if args.pop("train_on_input", None) is not None:  # lycoris.kohya's create_network does not pass it on
             out.notes.append("network_args train_on_input has no effect: lycoris.kohya does not pass it to its modules")
-        preset = args.get("preset", "full").lower()
-        if chosen == "glora":  # lycoris.kohya: GLoRA adapts only Transformer2DModel/Attention in the UNet
+        # LyCORIS reads preset= by its exact name (a built-in one) or as a TOML file path; sdcore's
+        # --lycoris-preset selects the same modules (sdplugin_lora.presets), conv_dim defaults to network_dim
+        preset = args.pop("preset", None)
+        if chosen != "glora" or preset not in (
+            None,
+            "full",
+        ):  # sdcore's GLoRA: transformer blocks (refused with others)
+            put("lycoris_preset", "full" if preset is None else preset, "network_args preset")
+        if chosen == "glora":
             for key in ("conv_dim", "conv_alpha"):
                 if args.pop(key, None) is not None:
-                    out.notes.append(f"network_args {key} has no effect with algo=glora (LyCORIS adapts no conv block)")
-        elif preset == "full":
-            out.notes.append(
-                "LyCORIS preset 'full' also adapts conv_in/conv_out/time embedding; sdcore adapts kohya's "
-                "LoCon modules (attention, MLP, ResNet and sampler convs)"
-            )
-            # LyCORIS (lycoris.kohya create_network): conv_dim/conv_alpha default to network_dim/network_alpha
-            # (kohya's defaults 4 and 1), so every algo, LoHa/LoKr/DoRA included, also adapts the 3x3 convs
-            # unless conv_dim=0; networks.lora has no convs unless conv_dim is given
-            if "conv_dim" not in args and "conv_rank" in present:
-                out.follow["conv_rank"] = "rank"
-            elif _is_zero(args.get("conv_dim")):
-                # LyCORIS still walks the ResNet blocks (preset full) and only skips their kxk convs
-                out.notes.append(
-                    "network_args conv_dim=0 with LyCORIS preset 'full': LyCORIS still adapts the ResNet blocks' "
-                    "time_emb_proj Linears and 1x1 shortcuts (and with train_norm their norms); sdcore adapts no "
-                    "ResNet module without convs"
-                )
-            if "conv_alpha" not in args and "conv_alpha" in present:
-                out.follow["conv_alpha"] = "alpha"
-        elif preset == "attn-mlp":  # LyCORIS: enable_conv=False, Transformer blocks only = kohya's LierLa set
+                    out.notes.append(f"network_args {key} has no effect with algo=glora (sdcore's GLoRA has no conv)")
+        elif preset in _LYCORIS_LINEAR_PRESETS:  # enable_conv=False: no kxk conv whatever conv_dim says
             if chosen == "locon":
                 chosen = "lora"
             for key in ("conv_dim", "conv_alpha"):
                 if args.pop(key, None) is not None:
-                    out.notes.append(f"network_args {key} has no effect with preset=attn-mlp (LyCORIS adapts no convs)")
+                    out.notes.append(f"network_args {key} has no effect with preset={preset} (enable_conv=False)")
+        else:
+            if "conv_dim" not in args and "conv_rank" in present:
+                out.follow["conv_rank"] = "rank"
+            if "conv_alpha" not in args and "conv_alpha" in present:
+                out.follow["conv_alpha"] = "alpha"
         put("algo", chosen, "network_args algo")
         blockwise = sorted(set(args) & _BLOCK_ARGS)
         if blockwise:  # networks.lora's options: lycoris.kohya reads none of them

@@ -1,0 +1,409 @@
+"""LyCORIS presets (``network_args = ["preset=attn-only"]``, ``preset=my_preset.toml``): which modules a
+kohya run with ``network_module = lycoris.kohya`` adapts, and with which algo and rank.
+
+A kohya run builds LyCORIS' ``LycorisNetworkKohya`` over sd-scripts' own UNet (SD1/SD2: diffusers paths and
+class names, its attention class named ``CrossAttention``; SDXL: Stability's SGM paths such as
+``input_blocks.4.1``) and the transformers CLIP encoders (``text_model.encoder...``). The preset's
+``*_target_module`` lists name module classes whose Linear/Conv sub-modules get adapters;
+``*_target_name`` lists module paths matched from their start (``re.match``, or ``fnmatch`` with
+``use_fnmatch``). :func:`select` walks sdcore's diffusers modules with the kohya path and class of each
+(:func:`_unet_nodes`) and repeats that walk rule for rule, so the set of adapted modules is the kohya run's
+(LyCORIS f49d30d ``lycoris/kohya.py`` ``create_modules``/``create_modules_``/``create_single_module``):
+
+- a module of a target class (and not matched by a target name) adapts every Linear (rank) and 1x1 conv
+  (rank) under it, kxk convs only with a conv rank; with ``train_norm`` every module whose class has "Norm"
+  in its name becomes a norm module first;
+- a module matched by a target name is adapted itself by the same rule (a block matched by name adapts
+  nothing);
+- ``module_algo_map`` (class -> settings) applies to a target block of that class and to every module of
+  that class inside one (the outermost map wins); ``name_algo_map`` (path pattern -> settings) to modules
+  taken by name. The settings' ``dim``/``alpha`` replace the rank and alpha (a ``dim`` also lets a kxk conv
+  in without a conv rank), ``algo`` the algo;
+- ``enable_conv = false`` sets the conv rank to 0.
+
+The built-in presets' class lists also name DiT block classes (Flux, SD3.5, HunYuan...) that no SD UNet has;
+only the SD1/SD2/SDXL entries are kept here. ``preset=ia3`` names ``to_k``/``to_v``/``ff.net.2`` and
+``k_proj``/``v_proj``/``mlp.fc2``, which ``re.match`` compares with the start of each full path: no module
+of an SD UNet or CLIP encoder matches, so it trains nothing and is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdcore.errors import ConfigError
+
+from .naming import ModuleIndex, Target, flatten, sgm_block_table, te_relative_path, unet_path_to_sgm
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+_CLIP_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    """One ``module_algo_map``/``name_algo_map`` entry (the keys sdcore can train)."""
+
+    algo: str | None = None
+    dim: int | None = None
+    alpha: float | None = None
+    factor: int | None = None
+    use_tucker: bool | None = None
+    decompose_both: bool | None = None
+
+
+@dataclass(frozen=True)
+class LycorisPreset:
+    """A LyCORIS preset as ``LycorisNetworkKohya.apply_preset`` reads it (missing keys keep ``full``'s values)."""
+
+    name: str
+    enable_conv: bool = True
+    unet_target_module: tuple[str, ...] = _UNET_BLOCKS
+    unet_target_name: tuple[str, ...] = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+    text_encoder_target_module: tuple[str, ...] = _CLIP_BLOCKS
+    text_encoder_target_name: tuple[str, ...] = ()
+    module_algo_map: Mapping[str, ModuleSettings] = field(default_factory=dict)
+    name_algo_map: Mapping[str, ModuleSettings] = field(default_factory=dict)
+    use_fnmatch: bool = False
+
+    @property
+    def has_unet(self) -> bool:
+        return bool(self.unet_target_module or self.unet_target_name)
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return bool(self.text_encoder_target_module or self.text_encoder_target_name)
+
+
+#: LyCORIS' built-in presets (lycoris/config.py PRESET, f49d30d), SD UNet/CLIP class names only
+BUILTIN: dict[str, LycorisPreset] = {
+    "full": LycorisPreset("full"),
+    "full-lin": LycorisPreset(
+        "full-lin",
+        enable_conv=False,
+        unet_target_module=("Transformer2DModel", "ResnetBlock2D"),
+        unet_target_name=("time_embedding.linear_1", "time_embedding.linear_2"),
+    ),
+    "attn-mlp": LycorisPreset(
+        "attn-mlp", enable_conv=False, unet_target_module=("Transformer2DModel",), unet_target_name=()
+    ),
+    "attn-only": LycorisPreset(
+        "attn-only",
+        enable_conv=False,
+        unet_target_module=("CrossAttention", "SelfAttention"),
+        unet_target_name=(),
+        text_encoder_target_module=("CLIPAttention", "CLIPSdpaAttention"),
+    ),
+    "unet-only": LycorisPreset("unet-only", text_encoder_target_module=()),
+    "unet-transformer-only": LycorisPreset(
+        "unet-transformer-only",
+        enable_conv=False,
+        unet_target_module=("Transformer2DModel",),
+        unet_target_name=(),
+        text_encoder_target_module=(),
+    ),
+    "unet-convblock-only": LycorisPreset(
+        "unet-convblock-only",
+        unet_target_module=("ResnetBlock2D", "Downsample2D", "Upsample2D"),
+        unet_target_name=("conv_in", "conv_out"),
+        text_encoder_target_module=(),
+    ),
+}
+#: built-in presets sdcore refuses -> why
+REFUSED = {
+    "ia3": "LyCORIS' ia3 preset names to_k/to_v/ff.net.2 and k_proj/v_proj/mlp.fc2, which it matches (re.match) "
+    "against the start of each full module path: no module of an SD1/SD2/SDXL UNet or CLIP encoder matches, "
+    "so a kohya run trains an empty network; use preset=attn-only or a preset TOML with use_fnmatch and "
+    "'*.to_k'-style names",
+}
+#: the LyCORIS algos a map entry may name -> sdcore's --algo
+MAP_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "full": "full", "ia3": "ia3",
+             "diag-oft": "diag_oft", "boft": "boft"}  # fmt: skip
+_LIST_KEYS = ("unet_target_module", "unet_target_name", "text_encoder_target_module", "text_encoder_target_name")
+#: keys of LyCORIS' generic wrapper (LycorisNetwork) that lycoris.kohya's apply_preset does not read
+_WRAPPER_ONLY = ("target_module", "target_name", "lora_prefix", "exclude_name")
+
+
+def is_builtin(text: str) -> bool:
+    return text in BUILTIN or text in REFUSED
+
+
+def load_preset(text: str) -> LycorisPreset:
+    """A built-in preset by its exact name (LyCORIS compares case-sensitively), else a TOML file; every
+    problem at once as a :class:`ConfigError`."""
+    if text in BUILTIN:
+        return BUILTIN[text]
+    if text in REFUSED:
+        raise ConfigError(f"LyCORIS preset {text!r}: {REFUSED[text]}")
+    path = Path(text)
+    if not path.is_file():
+        names = ", ".join([*BUILTIN, *REFUSED])
+        raise ConfigError(f"LyCORIS preset {text!r} is neither a built-in preset ({names}) nor a TOML file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"LyCORIS preset {text}: not a readable TOML file ({exc})") from None
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _LIST_KEYS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                problems.append(f"{key} must be a list of strings")
+            else:
+                values[key] = tuple(value)
+        elif key in ("enable_conv", "use_fnmatch"):
+            if not isinstance(value, bool):
+                problems.append(f"{key} must be true or false")
+            else:
+                values[key] = value
+        elif key in ("module_algo_map", "name_algo_map"):
+            if not isinstance(value, dict):
+                problems.append(f"{key} must be a table of tables")
+                continue
+            values[key] = {name: _settings(f"{key}.{name}", entry, problems) for name, entry in value.items()}
+        elif key in _WRAPPER_ONLY:
+            problems.append(
+                f"{key} is read by LyCORIS' generic wrapper only: lycoris.kohya (what kohya runs) ignores it, so "
+                "a kohya run would adapt those modules; narrow the target lists instead"
+            )
+        else:
+            problems.append(f"unknown key {key!r}")
+    for pattern in values.get("unet_target_name", ()) + values.get("text_encoder_target_name", ()):
+        if not values.get("use_fnmatch", False):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"target name {pattern!r} is not a regular expression ({exc}); or set use_fnmatch")
+    if problems:
+        raise ConfigError(f"LyCORIS preset {text}: " + "; ".join(problems), problems)
+    return LycorisPreset(str(text), **values)
+
+
+def _settings(where: str, entry: Any, problems: list[str]) -> ModuleSettings:
+    if not isinstance(entry, dict):
+        problems.append(f"{where} must be a table (algo, dim, alpha, ...)")
+        return ModuleSettings()
+    known: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key == "algo":
+            if not isinstance(value, str) or value.lower() not in MAP_ALGOS:
+                problems.append(f"{where}.algo {value!r}: sdcore trains {', '.join(MAP_ALGOS)} per module")
+            else:
+                known["algo"] = MAP_ALGOS[value.lower()]
+        elif key in ("dim", "factor"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                problems.append(f"{where}.{key} must be an integer")
+            else:
+                known[key] = value
+        elif key == "alpha":
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                problems.append(f"{where}.alpha must be a number")
+            else:
+                known["alpha"] = float(value)
+        elif key in ("use_tucker", "decompose_both"):
+            if not isinstance(value, bool):
+                problems.append(f"{where}.{key} must be true or false")
+            else:
+                known[key] = value
+        else:
+            problems.append(
+                f"{where}.{key}: sdcore applies algo, dim, alpha, factor, use_tucker, decompose_both per module"
+            )
+    return ModuleSettings(**known)
+
+
+# --- the walk ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Node:
+    path: str  # sdcore (diffusers / transformers) path in the component
+    kohya_path: str | None  # the path in a kohya run's model (None: that model has no such module)
+    kohya_class: str | None
+    module: Any
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One adapted module: its target, the algo map's settings (``None``: the network's) and whether it is
+    a norm module (``train_norm``)."""
+
+    target: Target
+    settings: ModuleSettings | None
+    norm: bool = False
+
+
+#: sd-scripts' SDXL UNet (sdxl_original_unet.py) classes that diffusers' UNet has too; its containers are
+#: plain Sequential/ModuleList, so diffusers' block classes (CrossAttnDownBlock2D...) have no counterpart
+_SDXL_CLASSES = {"Transformer2DModel", "BasicTransformerBlock", "CrossAttention", "FeedForward", "GEGLU",
+                 "ResnetBlock2D", "Downsample2D", "Upsample2D"}  # fmt: skip
+
+
+def _kohya_class(module: Any, sdxl: bool) -> str | None:
+    name = type(module).__name__
+    name = "CrossAttention" if name == "Attention" else name  # sd-scripts' attention class
+    if sdxl and name not in _SDXL_CLASSES and not type(module).__module__.startswith("torch.nn"):
+        return None
+    return name
+
+
+def _unet_nodes(unet: Any, sdxl: bool) -> list[_Node]:
+    table = sgm_block_table(unet.config) if sdxl else None
+    nodes = []
+    for path, module in unet.named_modules():
+        kohya_path: str | None = path
+        if table is not None and path:
+            kohya_path = unet_path_to_sgm(path, table)
+            if kohya_path is None and type(module).__name__ in ("Downsample2D", "Upsample2D"):
+                conv = unet_path_to_sgm(f"{path}.conv", table)  # the sampler itself: its conv's parent
+                kohya_path = conv.rsplit(".", 1)[0] if conv else None
+        nodes.append(_Node(path, kohya_path, _kohya_class(module, sdxl), module))
+    return nodes
+
+
+def _te_nodes(encoder: Any) -> list[_Node]:
+    nodes = []
+    for path, module in encoder.named_modules():
+        kohya_path = "text_model." + te_relative_path(path) if path and path != "text_model" else path
+        nodes.append(_Node(path, kohya_path, type(module).__name__, module))
+    return nodes
+
+
+class _Walk:
+    """LyCORIS' create_modules over one component (kohya names for duplicates, sdcore targets out)."""
+
+    def __init__(self, preset: LycorisPreset, index: ModuleIndex, component: str, *, conv: bool, norms: bool) -> None:
+        self.preset = preset
+        self.index = index
+        self.component = component
+        self.conv = conv
+        self.norms = norms
+        self.norm_prefix = ""
+
+    def match(self, pattern: str, name: str | None) -> bool:
+        if name is None:
+            return False
+        if self.preset.use_fnmatch:
+            return fnmatch.fnmatch(name, pattern)
+        return re.match(pattern, name) is not None
+
+    def name_settings(self, name: str) -> ModuleSettings | None:
+        names = self.preset.name_algo_map
+        if name in names:
+            return names[name]
+        return next((value for key, value in names.items() if self.match(key, name)), None)
+
+    def run(self, nodes: list[_Node], classes: Iterable[str], names: Iterable[str]) -> list[Choice]:
+        classes, names = tuple(classes), tuple(names)
+        out: list[Choice] = []
+        for i, node in enumerate(nodes):
+            by_name = node.kohya_path is not None and (
+                node.kohya_path in names or any(self.match(t, node.kohya_path) for t in names)
+            )
+            if node.kohya_class in classes and not by_name:
+                settings = self.preset.module_algo_map.get(node.kohya_class or "")
+                out.extend(self.block(nodes, i, settings))
+            elif by_name:
+                settings = self.name_settings(node.kohya_path or "")
+                if settings is None:
+                    settings = self.preset.module_algo_map.get(node.kohya_class or "")
+                choice = self.single(node, settings)
+                if choice is not None:
+                    out.append(choice)
+        return out
+
+    def block(self, nodes: list[_Node], start: int, settings: ModuleSettings | None) -> list[Choice]:
+        """create_modules_: the block and everything under it; a nested map class restarts with its settings."""
+        root = nodes[start]
+        inside = [n for n in nodes[start:] if n is root or not root.path or n.path.startswith(root.path + ".")]
+        found: dict[str, Choice] = {}
+        for j, node in enumerate(inside):
+            if node is not root and node.kohya_class in self.preset.module_algo_map:
+                nested = self.preset.module_algo_map[node.kohya_class or ""]
+                algo = nested.algo or (settings.algo if settings else None)  # else the parent block's algo
+                for inner in self.block(inside, j, ModuleSettings(**{**vars(nested), "algo": algo})):
+                    found.setdefault(inner.target.name, inner)
+                continue
+            choice = self.single(node, settings)
+            if choice is not None:
+                found.setdefault(choice.target.name, choice)
+        return list(found.values())
+
+    def single(self, node: _Node, settings: ModuleSettings | None) -> Choice | None:
+        """create_single_module: a norm (train_norm), a Linear, a 1x1 conv, a kxk conv with a conv rank or a
+        mapped dim; anything else gets no module."""
+        module = node.module
+        kind = type(module).__name__
+        if self.norms and "Norm" in kind:
+            return Choice(self.norm_target(node), settings, norm=True) if hasattr(module, "weight") else None
+        target = self.index.resolve_path(self.component, node.path)
+        if target is None:
+            return None
+        if target.is_conv3x3 and not (self.conv or (settings is not None and settings.dim)):
+            return None
+        return Choice(target, settings)
+
+    def norm_target(self, node: _Node) -> Target:
+        """A norm module, named as the kohya run names it (SDXL's UNet in SGM paths)."""
+        if self.component == "unet":
+            sdxl = self.index.family.startswith("sdxl")
+            name = flatten("lora_unet", (node.kohya_path if sdxl else None) or node.path)
+        else:
+            name = flatten(self.norm_prefix, node.kohya_path or node.path)
+        return Target(name, self.component, node.path, node.module, "other")
+
+
+def select(
+    bundle: Any,
+    index: ModuleIndex,
+    preset: LycorisPreset,
+    *,
+    unet: bool = True,
+    text_encoder: bool = True,
+    conv: bool = True,
+    norms: bool = False,
+) -> list[Choice]:
+    """The modules a kohya run with ``preset`` adapts on ``bundle`` (SD1/SD2/SDXL), each once, in the
+    run's order (text encoders first). ``conv``: a conv rank is set (kxk convs get modules; the preset's
+    ``enable_conv = false`` turns it off). A module reached twice is an error, as in LyCORIS (its
+    ``duplicated lora name`` assertion)."""
+    conv = conv and preset.enable_conv
+    components = bundle.components()
+    sdxl = index.family.startswith("sdxl")
+    chosen: list[Choice] = []
+    if text_encoder:
+        for component, encoder in components.items():
+            if not component.startswith("text_encoder"):
+                continue
+            walk = _Walk(preset, index, component, conv=conv, norms=norms)
+            some = next((t for t in index.targets.values() if t.component == component), None)
+            walk.norm_prefix = some.name.split("_text_model_")[0] if some else component
+            chosen += walk.run(_te_nodes(encoder), preset.text_encoder_target_module, preset.text_encoder_target_name)
+    if unet:
+        walk = _Walk(preset, index, "unet", conv=conv, norms=norms)
+        chosen += walk.run(_unet_nodes(components["unet"], sdxl), preset.unet_target_module, preset.unet_target_name)
+    seen: set[str] = set()
+    twice = []
+    for choice in chosen:
+        if choice.target.name in seen:
+            twice.append(choice.target.name)
+        seen.add(choice.target.name)
+    if twice:
+        raise ConfigError(
+            f"LyCORIS preset {preset.name}: {len(twice)} modules are reached twice (a target name or class inside "
+            f"another target block), which stops a kohya run (LyCORIS: duplicated lora name): {', '.join(twice[:5])}"
+        )
+    return chosen
+
+
+__all__ = ["BUILTIN", "MAP_ALGOS", "REFUSED", "Choice", "LycorisPreset", "ModuleSettings", "load_preset", "select"]

@@ -458,10 +458,11 @@ def test_gui_signature_names_are_no_kohya_or_sdcore_option():
 
 
 def test_gui_glora_with_preset_full_still_validates(tmp_path):
-    """The GUI always writes preset=full; sdcore's GLoRA keeps its transformer-block targets for it."""
+    """The GUI always writes preset=full; GLoRA adapts its modules as lycoris.kohya's GLoRA does (its
+    transformer-only branch never runs in LyCORIS f49d30d)."""
     from sdplugin_lora.method import LoraMethod
 
     data = _gui(LoRA_type="LyCORIS/GLoRA", LyCORIS_preset="full")
     o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
-    assert (o.algo, o.lycoris_preset) == ("glora", None)
+    assert (o.algo, o.lycoris_preset) == ("glora", "full")
     LoraMethod(o).validate()

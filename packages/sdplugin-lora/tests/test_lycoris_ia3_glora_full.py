@@ -353,17 +353,14 @@ def test_info_names_the_algos_and_tools_need_the_base(tmp_path):
 @pytest.mark.parametrize("algo", ["ia3", "glora", "full"])
 def test_trained_file_has_lycoris_keys_and_reapplies_exactly(tmp_path, algo):
     bundle = fresh_bundle("sd1")
-    method = LoraMethod(LoraOptions(rank=2, conv_rank=2 if algo != "glora" else 0, algo=algo, save_dtype="fp32"))
+    method = LoraMethod(LoraOptions(rank=2, conv_rank=2, algo=algo, save_dtype="fp32"))
     method.validate()
     method.prepare(bundle)
     modules = list(method.network)
     kinds = {type(m) for m in modules}
     assert kinds == {{"ia3": Ia3Adapter, "glora": GloraAdapter, "full": FullAdapter}[algo]}
     names = {m.lora_name for m in modules}
-    if algo == "glora":  # LyCORIS: GLoRA adapts only the UNet's transformer blocks
-        assert CONV not in names and LINEAR in names and all("resnets" not in n for n in names)
-    else:
-        assert CONV in names and LINEAR in names
+    assert CONV in names and LINEAR in names  # GLoRA too: lycoris.kohya's transformer-only branch never runs
     for i, m in enumerate(modules):
         _randomize(m, seed=i, std=0.05)
     path = method.save(
@@ -393,9 +390,7 @@ def test_kohya_config_lycoris_algo_trains_a_step(tmp_path, algo):
     notes: list[str] = []
     o = load_options(LoraOptions, None, kohya=kohya, notes=notes)
     assert o.algo == algo
-    assert o.conv_rank == (0 if algo == "glora" else 2)
-    if algo == "glora":
-        assert any("conv_dim has no effect with algo=glora" in n for n in notes)
+    assert (o.conv_rank, o.lycoris_preset) == (2, "full")
     o.save_dtype = "fp32"
     bundle = fresh_bundle("sd1")
     method = LoraMethod(o)
@@ -430,7 +425,7 @@ def test_kohya_train_on_input_is_said_to_do_nothing_and_other_algos_stay_refused
     [
         ({"algo": "ia3", "dropout": 0.1}, "--dropout with --algo ia3"),
         ({"algo": "full", "rank_dropout": 0.1, "use_tucker": True}, "--rank-dropout, --use-tucker with --algo full"),
-        ({"algo": "glora", "conv_rank": 4}, "--conv-rank with --algo glora"),
+        ({"algo": "glora", "use_tucker": True}, "--use-tucker with --algo glora"),
         ({"algo": "ia3", "scale_weight_norms": 1.0}, "--scale-weight-norms with --algo ia3"),
     ],
 )

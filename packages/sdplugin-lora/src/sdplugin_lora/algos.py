@@ -37,7 +37,7 @@ ALGO_HELP = (
     "trains); dylora (kohya networks.dylora: each step trains one --dylora-unit slice of the rank). lora_fa and "
     "dylora files are plain LoRA files. LyCORIS diag_oft / boft (orthogonal rotations: --rank = block size, "
     "--constraint, --rescaled; files load in ComfyUI and LyCORIS), ia3 (per-channel scaling, --rank unused, lr "
-    "~5e-3..1e-2), glora (W + W·A + B; UNet attention blocks and text encoder) or full (the whole weight change: "
+    "~5e-3..1e-2), glora (W + W·A + B) or full (the whole weight change: "
     "large files)."
 )
 

@@ -24,10 +24,10 @@ from sdcore.train.te_stop import TextEncoderStopOptions
 
 from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE, network_module
 
-#: LyCORIS algos without neuron/rank dropout, Tucker core or max-norm here -> why (conv rank: GLoRA adapts no conv block)
+#: LyCORIS algos without neuron/rank dropout, Tucker core or max-norm here -> why
 LYCORIS_PLAIN = {
     "ia3": "a scaling vector per layer, no rank",
-    "glora": "its forward rebuilds the weight; it adapts the UNet's transformer blocks only",
+    "glora": "its forward rebuilds the weight",
     "full": "the whole weight change, no rank",
     "diag_oft": "rotation blocks, no Tucker core; its dropouts and max-norm on the blocks are not reproduced",
     "boft": "butterfly rotation blocks, no Tucker core; its dropouts and max-norm on the blocks are not reproduced",
@@ -441,7 +441,6 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                     ("--rank-dropout-scale", o.rank_dropout_scale),
                     ("--use-tucker", o.use_tucker),
                     ("--scale-weight-norms", o.scale_weight_norms),
-                    ("--conv-rank", o.conv_rank if o.algo == "glora" else 0),
                 )
                 if value
             ]
@@ -478,8 +477,6 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             return [str(exc)]
         if o.algo in ("oft", "lora_fa", "dylora"):
             problems.append(f"{flag} with --algo {o.algo}: presets are LyCORIS', kohya's networks.{o.algo} has none")
-        elif o.algo == "glora":
-            problems.append(f"{flag} with --algo glora: sdcore's GLoRA adapts the UNet's transformer blocks only")
         maps = [*preset.module_algo_map.values(), *preset.name_algo_map.values()] if preset else []
         if maps and o.algo == "dora":
             problems.append(
@@ -647,8 +644,6 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         file_ranks = self._ranks_from_weights(index) if self.options.dim_from_weights else None
         # kohya builds a network from a file's ranks over the conv targets too (modules_dim given)
         conv = self.conv_rank > 0 or bool(plan and plan.conv_dims) or file_ranks is not None
-        if self.options.algo == "glora":  # LyCORIS (kohya.py): GLoRA adapts only the UNet's transformer blocks
-            conv = False
         preset = self.lycoris_preset() if index.denoiser == "unet" else None
         if preset is not None:
             network = self._preset_network(bundle, index, preset)

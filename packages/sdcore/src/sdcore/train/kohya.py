@@ -1349,16 +1349,10 @@ def _network(
         # LyCORIS reads preset= by its exact name (a built-in one) or as a TOML file path; sdcore's
         # --lycoris-preset selects the same modules (sdplugin_lora.presets), conv_dim defaults to network_dim
         preset = args.pop("preset", None)
-        if chosen != "glora" or preset not in (
-            None,
-            "full",
-        ):  # sdcore's GLoRA: transformer blocks (refused with others)
-            put("lycoris_preset", "full" if preset is None else preset, "network_args preset")
-        if chosen == "glora":
-            for key in ("conv_dim", "conv_alpha"):
-                if args.pop(key, None) is not None:
-                    out.notes.append(f"network_args {key} has no effect with algo=glora (sdcore's GLoRA has no conv)")
-        elif preset in _LYCORIS_LINEAR_PRESETS:  # enable_conv=False: no kxk conv whatever conv_dim says
+        # GLoRA too: lycoris.kohya's "only train transformer" branch compares the algo's name with the
+        # GLoRAModule class, which never holds, so its GLoRA adapts the preset's modules (LyCORIS f49d30d)
+        put("lycoris_preset", "full" if preset is None else preset, "network_args preset")
+        if preset in _LYCORIS_LINEAR_PRESETS:  # enable_conv=False: no kxk conv whatever conv_dim says
             if chosen == "locon":
                 chosen = "lora"
             for key in ("conv_dim", "conv_alpha"):

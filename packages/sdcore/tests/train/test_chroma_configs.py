@@ -1,5 +1,5 @@
 """Chroma runs written for other trainers: kohya's flux_train_network.py ``--model_type chroma`` (its script
-defaults, ``guidance_scale`` 0 as its docs require), ai-toolkit's ``arch: chroma`` and OneTrainer's CHROMA_1."""
+defaults, ``guidance_scale`` 0 as its docs require), ai-toolkit's ``arch: chroma``."""
 
 from __future__ import annotations
 
@@ -58,13 +58,4 @@ def test_aitoolkit_arch_chroma(tmp_path):
     assert (o.alpha, o.key_layout) == (4, "diffusers")
 
 
-def test_onetrainer_chroma_is_refused_with_the_reason(tmp_path):
-    from sdcore.errors import ConfigError
-    from sdcore.train.config import load_options
-    from sdplugin_lora.method import LoraOptions
-
-    path = tmp_path / "ot.json"
-    path.write_text(json.dumps({"__version": 11, "training_method": "LORA", "model_type": "CHROMA_1",
-                                "base_model_name": "tiny:chroma"}), encoding="utf-8")  # fmt: skip
-    with pytest.raises(ConfigError, match="does not read OneTrainer's Chroma settings yet"):
-        load_options(LoraOptions, path, notes=[])
+# OneTrainer's CHROMA_1 configs: tests/test_onetrainer_chroma.py

@@ -153,6 +153,13 @@ SAMPLE_MODEL_DEFAULTS: dict[str | None, tuple[int, int, int, float, str]] = {
     "sdxl": (1024, 1024, 30, 7.5, "EULER_A"),
     "sd3": (1024, 1024, 28, 7.0, "DDIM"),
     "flux": (1024, 1024, 30, 3.5, "DDIM"),
+    "chroma": (1024, 1024, 30, 3.5, "DDIM"),  # cfg_scale: Chroma's real CFG (ChromaSampler), not a guidance input
+}
+#: ``SampleConfig._get_model_defaults``' ``negative_prompt`` where it is not empty
+SAMPLE_NEGATIVE_DEFAULTS: dict[str | None, str] = {
+    "chroma": "This low-quality, greyscale, unfinished sketch is inaccurate and flawed. The image is very blurred "
+    "and lacks detail, with excessive chromatic aberrations and artifacts. The image is overly saturated with "
+    "excessive bloom.",
 }
 #: OneTrainer's ``NoiseScheduler`` -> sdcore sampler (SD1/SD2/SDXL samples; flow families use their own)
 SAMPLERS = {"DDIM": "ddim", "EULER": "euler", "EULER_A": "euler_a", "DPMPP": "dpm++2m", "DPMPP_KARRAS": "dpm++2m_karras",
@@ -164,7 +171,7 @@ METHODS = {"LORA": "lora", "FINE_TUNE": "dreambooth", "EMBEDDING": "ti"}
 FAMILIES = {
     "STABLE_DIFFUSION_15": "sd1", "STABLE_DIFFUSION_20": "sd2", "STABLE_DIFFUSION_20_BASE": "sd2",
     "STABLE_DIFFUSION_21": "sd2", "STABLE_DIFFUSION_21_BASE": "sd2", "STABLE_DIFFUSION_XL_10_BASE": "sdxl",
-    "STABLE_DIFFUSION_3": "sd3", "STABLE_DIFFUSION_35": "sd3", "FLUX_DEV_1": "flux",
+    "STABLE_DIFFUSION_3": "sd3", "STABLE_DIFFUSION_35": "sd3", "FLUX_DEV_1": "flux", "CHROMA_1": "chroma",
 }  # fmt: skip
 #: the model parts OneTrainer trains for each family (``ModelType.model_parts``); the first is the denoiser
 FAMILY_PARTS = {
@@ -173,9 +180,34 @@ FAMILY_PARTS = {
     "sdxl": ("unet", "text_encoder", "text_encoder_2", "vae"),
     "sd3": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"),
     "flux": ("transformer", "text_encoder", "text_encoder_2", "vae"),
+    "chroma": ("transformer", "text_encoder", "vae"),  # T5-XXL is Chroma's only text encoder
 }
 #: the T5 encoder's part (sdcore's ``train_t5``)
-T5_PART = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
+T5_PART = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}
+#: the families OneTrainer trains with flow matching (``ModelType.is_flow_matching``; its flow noise and loss)
+FLOW_FAMILIES = ("sd3", "flux", "chroma")
+#: ``LAYER_PRESETS`` of each family's ``Base*Setup``: ``layer_filter_preset`` -> the ``layer_filter`` patterns
+#: it fills in (what OneTrainer's UI and presets write next to the preset name)
+LAYER_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sd1": {"attn-mlp": ("attentions",), "attn-only": ("attn",), "full": ()},
+    "sd2": {"attn-mlp": ("attentions",), "attn-only": ("attn",), "full": ()},
+    "sdxl": {"attn-mlp": ("attentions",), "attn-only": ("attn",), "full": ()},
+    "sd3": {"attn-only": ("attn",), "blocks": ("transformer_block",), "full": ()},
+    "flux": {"attn-mlp": ("attn", "ff.net", "proj_mlp"), "attn-only": ("attn",), "blocks": ("transformer_block",),
+             "full": ()},
+    "chroma": {"attn-mlp": ("attn", "ff.net", "proj_mlp"), "attn-only": ("attn",), "blocks": ("transformer_block",),
+               "full": ()},
+}  # fmt: skip
+#: what OneTrainer's Chroma layer presets select (substrings of the diffusers module names, every Linear of
+#: ``ChromaTransformer2DModel`` for ``full``) against sdcore's Chroma targets: every Linear of the double and
+#: single blocks (kohya's lora_flux modules; Chroma's blocks have no modulation Linears)
+CHROMA_LAYER_PRESETS = {
+    "blocks": None,  # "transformer_block" names every Linear of transformer_blocks and single_transformer_blocks
+    "attn-mlp": "OneTrainer's patterns (attn, ff.net, proj_mlp) leave out the text stream's MLP (ff_context) and "
+    "the single blocks' proj_out; sdcore adapts every Linear of the blocks (as preset blocks)",
+    "full": "OneTrainer also adapts the Linears outside the blocks (x_embedder, context_embedder, "
+    "distilled_guidance_layer, proj_out); sdcore adapts every Linear of the blocks (as preset blocks)",
+}
 PRECISIONS = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "no", "TFLOAT_32": "no"}
 SAVE_DTYPES = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "fp32"}
 #: weight dtypes that store a frozen part in a plain float type (sdcore keeps frozen parts in the training dtype)
@@ -352,6 +384,7 @@ HANDLED = frozenset(
      "offset_noise_weight", "rescale_noise_scheduler_to_zero_terminal_snr", "min_noising_strength",
      "max_noising_strength", "timestep_distribution", "noising_weight", "noising_bias", "timestep_shift",
      "dynamic_timestep_shifting", "text_encoder_layer_skip", "text_encoder_2_layer_skip", "layer_filter_preset",
+     "layer_filter",
      "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
      "lokr_dim", "lokr_decompose_factor", "lokr_decompose_both", "lokr_use_tucker", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
@@ -454,10 +487,6 @@ def translate_config(
         return out
     model_type = _text(r.get("model_type"))
     family = FAMILIES.get(model_type)
-    if family is None and model_type == "CHROMA_1":  # sdcore has the family; this reader has no Chroma table yet
-        r.refuse("model_type", model_type, "sdcore trains Chroma, but does not read OneTrainer's Chroma settings yet: "
-                 "give the run as a kohya config (model_type = 'chroma') or sdcore options")  # fmt: skip
-        return out
     if family is None:
         kind = (
             "inpainting and depth models"
@@ -467,7 +496,7 @@ def translate_config(
         r.refuse(
             "model_type",
             model_type,
-            f"sdcore does not train {kind} (it trains SD1.5, SD2.x, SDXL, SD3/3.5 and FLUX.1 dev)",
+            f"sdcore does not train {kind} (it trains SD1.5, SD2.x, SDXL, SD3/3.5, FLUX.1 dev and Chroma)",
         )
         return out
 
@@ -503,6 +532,11 @@ def translate_config(
     _noise(r, family)
     if method == "lora":
         _lora(r, family)
+    elif _text(r.get("layer_filter")) and method == "ti":  # no *EmbeddingSetup reads it
+        r.note("layer_filter: accepted, no effect on an embedding (as in OneTrainer)")
+    elif _text(r.get("layer_filter")):  # a fine-tune's freeze filter (ModuleFilter.create in *FineTuneSetup)
+        r.refuse("layer_filter", r.get("layer_filter"), "OneTrainer then trains only the matching denoiser "
+                 "parameters; sdcore trains all of them (leave it empty)")  # fmt: skip
     if method == "ti":
         _embedding(r)
     _ema(r, fields)
@@ -607,13 +641,27 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     if method == "lora":
         if fmt == "KOHYA_LORA":
             v["key_layout"] = "kohya"
-        elif fmt == "DIFFUSERS_LORA" and family in ("sd3", "flux"):
+        elif fmt == "DIFFUSERS_LORA" and family in FLOW_FAMILIES:
             v["key_layout"] = "diffusers"
         elif fmt in ("LEGACY_LORA", "SAFETENSORS") and family in ("sd1", "sd2", "sdxl"):
             v["key_layout"] = "kohya"
             r.note(f"output_model_format {fmt}: written in kohya's LoRA layout (OneTrainer's SD LoRA keys)")
         else:
-            r.refuse("output_model_format", fmt, "sdcore writes LoRAs as KOHYA_LORA (and DIFFUSERS_LORA for SD3/Flux)")
+            r.refuse("output_model_format", fmt,
+                     "sdcore writes LoRAs as KOHYA_LORA (and DIFFUSERS_LORA for SD3/Flux/Chroma)")  # fmt: skip
+    elif method == "dreambooth" and family == "chroma":
+        # ChromaModelSaver: DIFFUSERS, or the transformer alone in BFL keys (LEGACY_SAFETENSORS and
+        # ORIGINAL_TRANSFORMER: lodestones' Chroma1-HD.safetensors layout)
+        if fmt == "DIFFUSERS":
+            v["save_format"] = "diffusers"
+        elif fmt in ("ORIGINAL_TRANSFORMER", "LEGACY_SAFETENSORS"):
+            v["save_format"] = "single-file"
+            r.note(f"output_model_format {fmt}: sdcore writes a ComfyUI checkpoint (the transformer's BFL keys "
+                   "under model.diffusion_model., with T5 and the VAE); `sdcore model convert --format bfl` "
+                   "writes the transformer alone, as OneTrainer does")  # fmt: skip
+        else:
+            r.refuse("output_model_format", fmt, "OneTrainer writes Chroma as DIFFUSERS, ORIGINAL_TRANSFORMER or "
+                     "LEGACY_SAFETENSORS")  # fmt: skip
     elif method == "dreambooth":
         if fmt in ("SAFETENSORS", "LEGACY_SAFETENSORS", "ORIGINAL_SINGLE_FILE"):
             v["save_format"] = "single-file"
@@ -695,7 +743,11 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             if part["model_name"]:
                 v["vae"] = str(part["model_name"])
             continue
-        if name == denoiser_name and part["model_name"]:
+        if name == denoiser_name and part["model_name"] and family == "chroma":
+            _chroma_transformer_file(r, str(part["model_name"]))
+        elif name != denoiser_name and part["model_name"] and family == "chroma":
+            r.note(f"{name}.model_name: no effect (OneTrainer's Chroma reads T5 from base_model_name's text_encoder)")
+        elif name == denoiser_name and part["model_name"]:
             r.refuse(f"{name}.model_name", part["model_name"], "sdcore reads the whole model from base_model_name")
         if part["dropout_probability"]:
             r.refuse(
@@ -703,7 +755,7 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             )
         if part["offload_fraction"] or part["activation_offloading"]:
             r.note(f"{name}: offloading accepted, no effect on the result here (memory)")
-        if part["attention_mask"]:
+        if part["attention_mask"] and family != "chroma":
             if name == "transformer" and family == "flux":
                 v["apply_t5_attn_mask"] = True
             else:
@@ -712,6 +764,13 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             r.refuse(f"{name}.train_embedding", False, "sdcore trains the embedding in every text encoder")
     if family == "flux" and not same_value(denoiser["guidance_scale"], 1.0):
         v["guidance_scale"] = denoiser["guidance_scale"]
+    if family == "chroma":
+        # ChromaModel.encode_text masks T5's padding but one token (expand_mask=1) and BaseChromaSetup.predict
+        # hands the transformer that mask whatever transformer.attention_mask says: sdcore's Chroma does the same
+        v["apply_t5_attn_mask"] = True
+        if not same_value(denoiser["guidance_scale"], PART_DEFAULTS["guidance_scale"]):
+            r.note(f"transformer.guidance_scale {denoiser['guidance_scale']}: no effect (BaseChromaSetup.predict "
+                   "passes no guidance; Chroma's approximator gets 0, in OneTrainer and in sdcore)")  # fmt: skip
     v["gradient_checkpointing"] = bool(denoiser["gradient_checkpointing"])
     if method == "ti":
         return
@@ -724,7 +783,7 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
     t5 = T5_PART.get(family)
     clip_training = [n for n in training if n != t5]
     if t5 in training:
-        if not clip_training:
+        if not clip_training and family != "chroma":  # Chroma's T5 is its only text encoder
             r.refuse(f"{t5}.train", True, "sdcore trains T5 together with the CLIP text encoders (train_t5)")
         v["train_t5"] = True
     v["train_text_encoder"] = bool(training)
@@ -749,10 +808,25 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
         if family in ("sd1", "sd2") and rates.get("text_encoder") is not None:
             v["te_lr"] = rates["text_encoder"]
         elif family not in ("sd1", "sd2"):
-            for i, n in enumerate(encoders, 1):
+            for i, n in enumerate(encoders, 1):  # sdcore's te1 CLIP-L, te2 CLIP-G, te3 T5 (Flux's 2nd, Chroma's 1st)
                 if rates.get(n) is not None:
-                    v[f"te{i}_lr"] = rates[n]
+                    v[f"te{3 if n == t5 else i}_lr"] = rates[n]
     _text_encoder_stop(r, training, parts)
+
+
+def _chroma_transformer_file(r: _Reader, name: str) -> None:
+    """``transformer.model_name`` on Chroma: ChromaModelLoader reads the transformer from that single file
+    (``from_single_file``: lodestones' BFL file or a diffusers-layout one) and everything else from the
+    ``base_model_name`` diffusers folder: sdcore's model is the file, with ``--t5xxl``, ``--t5-tokenizer``
+    and ``--vae`` (``vae.model_name`` wins, as in OneTrainer) taken from the folder's components."""
+    v = r.out.values
+    base = Path(_text(v.get("model"))).expanduser()
+    if not base.is_dir():
+        r.refuse("transformer.model_name", name, "OneTrainer then takes T5 and the VAE from base_model_name's "
+                 "diffusers folder: give base_model_name as a local Chroma diffusers folder")  # fmt: skip
+        return
+    v["model"] = name
+    v["t5xxl"], v["t5_tokenizer"], v["vae"] = str(base / "text_encoder"), str(base / "tokenizer"), str(base / "vae")
 
 
 def _text_encoder_stop(r: _Reader, training: list[str], parts: dict[str, dict[str, Any]]) -> None:
@@ -837,7 +911,7 @@ def _loss(r: _Reader, family: str) -> None:
         v["huber_delta"] = float(r.get("huber_delta"))
     weight = _text(r.get("loss_weight_fn"))
     strength = r.get("loss_weight_strength")
-    flow = family in ("sd3", "flux")
+    flow = family in FLOW_FAMILIES
     if weight == "CONSTANT":
         return
     if weight == "SIGMA" and flow:
@@ -855,7 +929,7 @@ def _loss(r: _Reader, family: str) -> None:
                  "(OneTrainer refuses it too)")  # fmt: skip
     elif weight in SNR_LOSS_WEIGHTS:
         r.refuse("loss_weight_fn", weight, "an SNR weight of a DDPM schedule; SD3/Flux train with flow matching "
-                 "(OneTrainer refuses it too)")  # fmt: skip
+                 "(Chroma too; OneTrainer refuses it too)")  # fmt: skip
     else:
         r.refuse("loss_weight_fn", weight, f"choose one of CONSTANT, SIGMA, {', '.join(SNR_LOSS_WEIGHTS)}")
 
@@ -989,7 +1063,7 @@ def _noise(r: _Reader, family: str) -> None:
     weight, bias = float(r.get("noising_weight")), float(r.get("noising_bias"))
     shift, dynamic = float(r.get("timestep_shift")), bool(r.get("dynamic_timestep_shifting"))
     narrowed = (low, high) != (0.0, 1.0)
-    if family not in ("sd3", "flux"):
+    if family not in FLOW_FAMILIES:
         if shift != 1:  # _get_timestep_discrete shifts the DDPM timesteps with config.timestep_shift too
             v["timestep_shift"] = shift
             _distribution(r, kind, low, high, weight, bias)
@@ -1015,7 +1089,7 @@ def _noise(r: _Reader, family: str) -> None:
         if shift != 1:
             r.note("timestep_shift: without effect with dynamic_timestep_shifting (the resolution decides the shift)")
         return
-    if dynamic:
+    if dynamic:  # BaseChromaSetup (and SD3's) draw with timestep_shift alone
         r.note("dynamic_timestep_shifting: OneTrainer shifts by resolution for Flux only")
     v["discrete_flow_shift"] = shift  # t' = s t / ((s - 1) t + 1), as OneTrainer shifts
     low_scale, high_scale = MODE_SCALE_RANGE
@@ -1077,8 +1151,17 @@ def _lora(r: _Reader, family: str) -> None:
     else:
         r.refuse("peft_type", kind, "sdcore trains LORA, LOHA and LOKR")
     preset, custom = _text(r.get("layer_filter_preset")), _text(r.get("layer_filter"))
+    patterns = tuple(x.strip() for x in custom.split(",")) if custom else ()
+    if patterns == LAYER_PRESETS[family].get(preset) and not r.get("layer_filter_regex"):
+        custom = ""  # the preset's own patterns, as OneTrainer writes them next to its name
     if custom:
         r.refuse("layer_filter", custom, "sdcore adapts its preset targets (layer_filter_preset full or attn-mlp)")
+    elif family == "chroma":
+        if preset not in CHROMA_LAYER_PRESETS:
+            r.refuse("layer_filter_preset", preset, "sdcore adapts every Linear of Chroma's blocks (blocks; "
+                     "attn-mlp and full with a note)")  # fmt: skip
+        elif CHROMA_LAYER_PRESETS[preset]:
+            r.note(f"layer_filter_preset {preset}: {CHROMA_LAYER_PRESETS[preset]}")
     elif family in ("sd1", "sd2", "sdxl"):
         if preset == "attn-mlp":  # modules under "attentions": the transformer blocks, kohya's default targets
             pass
@@ -1266,7 +1349,7 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
         prompts.append(
             SamplePrompt(
                 prompt=e["prompt"],
-                negative=str(e.get("negative_prompt", "")),
+                negative=str(e.get("negative_prompt", SAMPLE_NEGATIVE_DEFAULTS.get(family, ""))),
                 width=int(e.get("width", width)),
                 height=int(e.get("height", height)),
                 steps=int(e.get("diffusion_steps", steps)),

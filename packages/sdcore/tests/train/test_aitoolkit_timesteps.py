@@ -1,5 +1,7 @@
-"""ai-toolkit's flow-matching timesteps in sdcore (``--timestep-sampling linear_table|shift_table``,
-``--dynamic-timestep-shift``) and the ``timestep_type``/``loss_type`` values of its jobs that stay refused.
+"""ai-toolkit's flow-matching timesteps in sdcore (``--timestep-sampling linear_table|shift_table|
+lognorm_blend_table|sigmoid_table``, ``--dynamic-timestep-shift``, ``--min/--max-table-index``), its
+``linear_timesteps`` loss weight (``--timestep-loss-weight``), ``arch: flex1``, and the ``timestep_type``/
+``loss_type``/``arch`` values of its jobs that stay refused.
 
 The reference is rewritten here from ostris/ai-toolkit (mirror HEAD): ``toolkit/sampler.py`` (the scheduler
 configurations ``flux_config``: dynamic shifting, ``sd_flow_config``: shift 3.0),

@@ -72,7 +72,9 @@ def test_flux_example_translates_with_ai_toolkit_meanings():
     assert (o.max_steps, o.batch_size, o.gradient_accumulation) == (2000, 1, 1)
     assert (o.mixed_precision, o.save_dtype, o.save_every, o.save_limit) == ("bf16", "fp16", 250, 4)
     assert o.gradient_checkpointing and o.fp8_base and o.cache_latents_to_disk and not o.train_text_encoder
-    assert (o.timestep_sampling, o.sigmoid_scale, o.discrete_flow_shift) == ("sigmoid", 1.0, 1.0)
+    # timestep_type sigmoid: an index of a table of 1000 sorted sigmoid draws (its default range [0, 999))
+    assert (o.timestep_sampling, o.sigmoid_scale, o.discrete_flow_shift) == ("sigmoid_table", 1.0, 1.0)
+    assert (o.min_table_index, o.max_table_index, o.timestep_loss_weight) == (0, 999, "none")
     assert (o.model_prediction_type, o.guidance_scale) == ("raw", 1.0)
     assert o.data == str(path) and o.sample_prompts == str(path)
     assert (o.sample_every, o.sample_steps, o.sample_at_first) == (250, 20, True)
@@ -89,10 +91,15 @@ def test_sd35_example_uses_linear_timesteps():
     assert o.sample_steps == 25
 
 
+def test_chroma_example_loads_with_the_sigmoid_table():
+    o = _load(DATA / "train_lora_chroma_24gb.yaml")  # arch chroma: sdcore's Chroma family, unmodified
+    assert o.model == "lodestones/Chroma"
+    assert (o.timestep_sampling, o.min_table_index, o.max_table_index) == ("sigmoid_table", 0, 999)
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("train_lora_chroma_24gb.yaml", "process.model.arch 'chroma': sdcore does not train this model family"),
         ("train_lora_lumina.yaml", "process.model: is_lumina2: sdcore does not train this model family"),
         ("train_lora_wan21_1b_24gb.yaml", "process.model.arch 'wan21': sdcore does not train this model family"),
         ("train_lora_qwen_image_24gb.yaml", "process.model.arch 'qwen_image'"),
@@ -491,9 +498,8 @@ def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
     train = {"noise_scheduler": "flowmatch", "linear_timesteps": True, "timestep_type": "weighted",
              "min_denoising_steps": 100, "content_or_style": "style", "loss_type": "pseudo_huber"}  # fmt: skip
     text = " | ".join(_problems(_job(tmp_path, {**flux, "train": train})))
-    assert "linear_timesteps: linear timesteps with ai-toolkit's bell-shaped loss weight" in text
     assert "timestep_type 'weighted': the linear table with a loss weight per timestep that is a list" in text
-    assert "min/max_denoising_steps: on flow matching" in text
+    assert "linear_timesteps" not in text and "denoising_steps" not in text  # both translate now
     assert "1 - U^3 (style)" in text
     assert "half of sdcore's --loss-type smooth_l1" in text
     # SDTrainer's pseudo_huber, rewritten: sqrt(d^2 + c^2) - c with c = 0.01; sdcore's smooth_l1 is twice that
@@ -503,7 +509,7 @@ def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
     torch.testing.assert_close(sdcore, 2 * ai_toolkit)
     # the flowmatch defaults written out are not refusals
     o = _load(_job(tmp_path, {**flux, "train": {"noise_scheduler": "flowmatch", "min_denoising_steps": 0}}))
-    assert o.timestep_sampling == "sigmoid"
+    assert (o.timestep_sampling, o.min_table_index, o.max_table_index) == ("sigmoid_table", 0, 999)
 
 
 def test_min_snr_gamma_is_sdcores_for_epsilon_models_only(tmp_path):

@@ -1,5 +1,7 @@
-"""ai-toolkit's flow-matching timesteps in sdcore (``--timestep-sampling linear_table|shift_table``,
-``--dynamic-timestep-shift``) and the ``timestep_type``/``loss_type`` values of its jobs that stay refused.
+"""ai-toolkit's flow-matching timesteps in sdcore (``--timestep-sampling linear_table|shift_table|
+lognorm_blend_table|sigmoid_table``, ``--dynamic-timestep-shift``, ``--min/--max-table-index``), its
+``linear_timesteps`` loss weight (``--timestep-loss-weight``), ``arch: flex1``, and the ``timestep_type``/
+``loss_type``/``arch`` values of its jobs that stay refused.
 
 The reference is rewritten here from ostris/ai-toolkit (mirror HEAD): ``toolkit/sampler.py`` (the scheduler
 configurations ``flux_config``: dynamic shifting, ``sd_flow_config``: shift 3.0),
@@ -242,5 +244,231 @@ def test_preflight_says_where_the_shifts_do_nothing(tmp_path):
     assert any("--discrete-flow-shift: without effect with --dynamic-timestep-shift" in n for n in notes), notes
     o = contract_options(ConvOutMethod, tmp_path, {"timestep_sampling": "shift_table", "min_timestep": 100})
     problems, _ = objective_option_checks(o, "sd3")
-    assert any("ai-toolkit's tables are drawn from their first 999 entries" in p for p in problems), problems
+    assert any("ai-toolkit's tables are narrowed by --min-table-index/--max-table-index" in p for p in problems)
     assert not [p for p in option_problems(o) if "--timestep-sampling 'shift_table'" in p]  # a valid choice
+
+
+# --- linear_timesteps' loss weight, min/max_denoising_steps, the sigmoid table, flex1 -------------------------
+
+
+def ref_bell_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """``CustomFlowMatchEulerDiscreteScheduler.__init__``'s ``linear_timesteps_weights`` (bsmntw) and
+    ``linear_timesteps_weights2`` (hbsmntw), rewritten: one weight per index of linspace(1000, 1, 1000)."""
+    x = torch.arange(T, dtype=torch.float32)
+    y = torch.exp(-2 * ((x - T / 2) / T) ** 2)
+    shifted = y - y.min()
+    bell = shifted * (T / shifted.sum())
+    half = bell.clone()
+    half[T // 2 :] = half[T // 2 :].max()
+    return bell, half
+
+
+def test_the_bell_weights_are_ai_toolkits():
+    from sdcore.train.loss import bell_timestep_weights
+
+    bell, half = ref_bell_tables()
+    sigmas = torch.linspace(1000, 1, T) / T  # get_weights_for_timesteps: the weight of the timestep's index
+    torch.testing.assert_close(bell_timestep_weights(sigmas), bell, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bell_timestep_weights(sigmas, half=True), half, rtol=0, atol=1e-6)
+    assert float(bell.mean()) == pytest.approx(1.0, abs=1e-5) and float(bell[0]) == 0.0  # the noisiest: weight 0
+    assert float(half[600]) == float(half.max()) and float(half[100]) < float(half.max()) - 0.5
+
+
+def test_the_bell_weight_multiplies_the_flow_loss(tmp_path):
+    from sdcore.train.loss import apply_loss_weights
+
+    bell, half = ref_bell_tables()
+    objective = FlowMatchingObjective(timestep_sampling="linear_table")
+    index = torch.tensor([0, 250, 500, 998])
+    timesteps = torch.linspace(1000, 1, T)[index]
+    loss = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    for weight, table in (("bell", bell), ("half_bell", half), ("none", torch.ones(T))):
+        o = contract_options(ConvOutMethod, tmp_path, {"timestep_loss_weight": weight})
+        got = apply_loss_weights(o, objective, loss, timesteps)
+        torch.testing.assert_close(got, loss * table[index], rtol=1e-6, atol=1e-6)
+
+
+def _indices(sigmas: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    distance = ((sigmas.double() * T)[:, None] - table.double()[None, :]).abs()
+    assert float(distance.min(1).values.max()) < 1e-3
+    return distance.argmin(1)
+
+
+@pytest.mark.parametrize(("sampling", "low", "high"), [("linear_table", 100, 400), ("shift_table", 0, 500)])
+def test_the_index_range_is_drawn_uniformly(sampling, low, high):
+    objective = FlowMatchingObjective(timestep_sampling=sampling, shift=3.0, min_table_index=low, max_table_index=high)
+    table = aitoolkit_timestep_table(sampling, 3.0)
+    count = 20000
+    index = _indices(objective.sample_sigmas(count, torch.Generator().manual_seed(2)), table)
+    assert int(index.min()) == low and int(index.max()) == high - 1
+    got = torch.bincount(index - low, minlength=high - low).double().cumsum(0) / count
+    uniform = torch.arange(1, high - low + 1, dtype=torch.float64) / (high - low)
+    assert float((got - uniform).abs().max()) < 1.95 / math.sqrt(count)  # KS at 0.1 %
+    # per sample: the noise, then randint(low, high) from the sample's generator
+    _, steps = objective.sample([5, 6], (16, 8, 8))
+    for i, key in enumerate((5, 6)):
+        gen = torch.Generator().manual_seed(key)
+        torch.randn((16, 8, 8), generator=gen)
+        assert float(steps[i]) == pytest.approx(float(table[int(torch.randint(low, high, (1,), generator=gen))]))
+
+
+def ref_sigmoid_table() -> torch.Tensor:
+    """``set_train_timesteps(1000, timestep_type="sigmoid")``: from torch's global generator, as there."""
+    t = torch.sigmoid(torch.randn((T,)))
+    return torch.sort((1 - t) * 1000, descending=True).values
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def test_the_sigmoid_table_is_ai_toolkits_and_differs_from_the_continuous_draw_by_its_range():
+    from sdcore.train.objectives import aitoolkit_sigmoid_table
+
+    state = torch.get_rng_state()
+    try:
+        for seed in (0, 11):
+            torch.manual_seed(seed)
+            want = ref_sigmoid_table()
+            torch.testing.assert_close(aitoolkit_sigmoid_table(torch.Generator().manual_seed(seed)), want)
+        # ai-toolkit's draw with min/max_denoising_steps 0/500: a table per step, randint(0, 500) of it
+        count = 4000
+        torch.manual_seed(3)
+        ref = torch.stack([ref_sigmoid_table()[int(torch.randint(0, 500, (1,)))] for _ in range(count)]) / T
+    finally:
+        torch.set_rng_state(state)
+    grid = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    inner = grid[1:-1]
+    # the continuous sigmoid's CDF of sigma = 1 - sigmoid(N): Phi(logit(s)); the table's over [0, 999) leaves out
+    # the least noisy of 1000 order statistics: G = (1000 F - 1 + (1 - F)^1000) / 999, within 1/999 of F
+    f = _normal_cdf(torch.log(inner / (1 - inner)))
+    g = (1000 * f - 1 + (1 - f) ** 1000) / 999
+    assert 0.9 / 999 < float((g - f).abs().max()) <= 1 / 999
+    default = FlowMatchingObjective(timestep_sampling="sigmoid_table")
+    drawn = default.sample_sigmas(count, torch.Generator().manual_seed(4)).double()
+    empirical = (drawn[None, :] <= inner[:, None]).double().mean(1)
+    assert float((empirical - g).abs().max()) < 1.95 / math.sqrt(count)  # KS at 0.1 % against G
+    # the range: sdcore's table draw matches ai-toolkit's (two-sample KS); the continuous sigmoid is far off
+    ranged = FlowMatchingObjective(timestep_sampling="sigmoid_table", max_table_index=500)
+    ours = ranged.sample_sigmas(count, torch.Generator().manual_seed(6)).double()
+    cdf_ref = (ref.double()[None, :] <= grid[:, None]).double().mean(1)
+    cdf_ours = (ours[None, :] <= grid[:, None]).double().mean(1)
+    assert float((cdf_ref - cdf_ours).abs().max()) < 1.95 * math.sqrt(2 / count)
+    continuous = FlowMatchingObjective(timestep_sampling="sigmoid").sample_sigmas(
+        count, torch.Generator().manual_seed(7)
+    )
+    cdf_cont = (continuous.double()[None, :] <= grid[:, None]).double().mean(1)
+    assert float((cdf_ref - cdf_cont).abs().max()) > 0.3
+    assert float(ours.min()) > 0.2  # the noisier half of each table
+
+
+def test_linear_timesteps_and_denoising_steps_translate(tmp_path):
+    cases = [
+        ({"linear_timesteps": True}, ("linear_table", "bell", 0, 999, 1.0, False)),
+        ({"linear_timesteps2": True}, ("linear_table", "half_bell", 0, 999, 1.0, False)),
+        ({"linear_timesteps": True, "linear_timesteps2": True}, ("linear_table", "half_bell", 0, 999, 1.0, False)),
+        # BaseSDTrainProcess: linear_timesteps replaces the shift table with the linear one
+        ({"linear_timesteps": True, "timestep_type": "shift"}, ("linear_table", "bell", 0, 999, 1.0, False)),
+        ({"min_denoising_steps": 200, "max_denoising_steps": 700}, ("sigmoid_table", "none", 200, 700, 1.0, False)),
+        ({"min_denoising_steps": -5, "max_denoising_steps": 5000}, ("sigmoid_table", "none", 0, 999, 1.0, False)),
+        ({"timestep_type": "flux_shift", "min_denoising_steps": 300, "max_denoising_steps": 300},
+         ("shift_table", "none", 300, 301, 1.0, True)),  # equal: always that index
+    ]  # fmt: skip
+    for train, expected in cases:
+        o = _load(_job(tmp_path, FLUX, {**FLOW, **train}))
+        got = (o.timestep_sampling, o.timestep_loss_weight, o.min_table_index, o.max_table_index,
+               o.discrete_flow_shift, o.dynamic_timestep_shift)  # fmt: skip
+        assert got == expected, train
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _load(_job(tmp_path, FLUX, {**FLOW, "min_denoising_steps": 600, "max_denoising_steps": 500}))
+    assert any("randint(600, 500) needs min <= max" in p for p in info.value.problems)
+    notes: list[str] = []
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    load_options(LoraOptions, _job(tmp_path, FLUX, {**FLOW, "batch_size": 2}), notes=notes)
+    assert any("timestep_type sigmoid: ai-toolkit draws one table per step" in n for n in notes), notes
+
+
+def test_preflight_checks_the_new_options(tmp_path):
+    from sdcore.train.loss import loss_family_checks
+    from sdcore.train.preflight import objective_option_checks, option_problems
+
+    o = contract_options(ConvOutMethod, tmp_path, {"min_table_index": 500, "max_table_index": 400})
+    assert any("--min-table-index 500 / --max-table-index 400: need 0 <= min < max <= 1000" in p
+               for p in option_problems(o))  # fmt: skip
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_sampling": "logit_normal", "max_table_index": 500})
+    _, notes = objective_option_checks(o, "flux")
+    assert any("--min-table-index/--max-table-index" in n and "without effect with --timestep-sampling logit_normal"
+               in n for n in notes), notes  # fmt: skip
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_loss_weight": "bell"})
+    problems, _ = loss_family_checks(o, "sd1", "epsilon")
+    assert any("--timestep-loss-weight bell: ai-toolkit's weight of a flow-matching noise level" in p for p in problems)
+    assert not loss_family_checks(o, "flux", "flow")[0]
+
+
+def test_flex1_is_flux_and_loads_with_8_double_blocks(tmp_path):
+    """config_modules: arch flex1 becomes flux. Flex.1-alpha is a FLUX.1 with 8 double blocks and the guidance
+    embedding: a BFL-layout file of that shape (no sdcore metadata) loads as a Flux with those counts."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from sdcore.models.flux.convert import diffusers_to_bfl
+    from sdcore.models.flux.tiny import transformer_config
+    from sdcore.models.load import load_model
+
+    o = _load(_job(tmp_path, {"name_or_path": "tiny:flux", "arch": "flex1"}, FLOW))
+    assert (o.key_layout, o.split_qkv, o.timestep_sampling) == ("diffusers", True, "sigmoid_table")
+    torch.manual_seed(0)
+    flex = FluxTransformer2DModel(**{**transformer_config("dev"), "num_layers": 8})
+    path = tmp_path / "flex1.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_to_bfl(flex.state_dict()).items()}, str(path))
+    bundle = load_model(path)
+    config = bundle.transformer.config
+    assert (bundle.family, config.num_layers, config.num_single_layers, config.guidance_embeds) == ("flux", 8, 2, True)
+    theirs = flex.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in bundle.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"arch": "flex2"}, "control and inpainting latents as extra input channels"),
+        ({"arch": "ssd"}, "Segmind SSD-1B is a distilled SDXL"),
+        ({"is_vega": True}, "is_vega: sdcore does not train this model family: Segmind Vega is a distilled SDXL"),
+        ({"arch": "lumina2"}, "model.arch 'lumina2': sdcore does not train this model family (it trains"),
+    ],
+)
+def test_other_arches_are_refused_with_their_family(tmp_path, model, expected):
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _load(_job(tmp_path, {"name_or_path": "tiny:flux", **model}, FLOW))
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_a_linear_timesteps_job_trains_on_tiny_flux_with_the_weights(tmp_path, monkeypatch):
+    import sdcore.train.loss as loss_module
+
+    train = {**FLOW, "linear_timesteps2": True, "min_denoising_steps": 100, "max_denoising_steps": 600}
+    o = _load(_job(tmp_path, FLUX, train))
+    names = ("timestep_sampling", "timestep_loss_weight", "min_table_index", "max_table_index")
+    kw = {name: getattr(o, name) for name in names}
+    assert tuple(kw.values()) == ("linear_table", "half_bell", 100, 600)
+    options = contract_options(ProjOutMethod, tmp_path, {"max_steps": 2, "save_state": False, **kw}, family="flux")
+    s = TrainSession(ProjOutMethod(options), bundle=None)
+    s.setup()
+    weighed: list[tuple[torch.Tensor, bool]] = []
+    original = loss_module.bell_timestep_weights
+
+    def recording(sigmas, half=False, num_timesteps=1000):
+        weighed.append((sigmas.detach().cpu().clone(), half))
+        return original(sigmas, half, num_timesteps)
+
+    monkeypatch.setattr(loss_module, "bell_timestep_weights", recording)
+    result = s.run()
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses) and weighed
+    for sigmas, half in weighed:  # every weighed sample: an entry 100..599 of the linear table, the half bell
+        index = _indices(sigmas, torch.linspace(1000, 1, T))
+        assert half and int(index.min()) >= 100 and int(index.max()) <= 599

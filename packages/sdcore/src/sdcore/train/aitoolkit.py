@@ -432,7 +432,7 @@ HANDLED: dict[str, set[str]] = {
               "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
               "max_grad_norm", "noise_offset", "min_snr_gamma", "skip_first_sample", "force_first_sample",
               "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight", "min_denoising_steps",
-              "max_denoising_steps", "content_or_style", "linear_timesteps", "snr_gamma"},
+              "max_denoising_steps", "content_or_style", "linear_timesteps", "linear_timesteps2", "snr_gamma"},
     "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking", "lora_path",
               "assistant_lora_path"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
@@ -447,7 +447,19 @@ HANDLED: dict[str, set[str]] = {
 
 #: ai-toolkit model flags / ``arch`` -> sdcore family (the others are models sdcore does not train)
 FAMILY_FLAGS = {"is_flux": "flux", "is_v3": "sd3", "is_xl": "sdxl", "is_v2": "sd2"}
-ARCH_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "chroma": "chroma"}
+#: (config_modules.ModelConfig turns ``flex1`` into ``flux``: Ostris' Flex.1-alpha is a FLUX.1 with 8 double blocks
+#: and the guidance embedding, which sdcore's Flux loader reads with its block counts from the weights)
+ARCH_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flex1": "flux",
+                 "chroma": "chroma"}  # fmt: skip
+#: ai-toolkit models derived from a family sdcore trains, and why sdcore does not train them (``arch`` or flag)
+ARCH_REFUSALS = {
+    "flex2": "Flex.2 is a FLUX.1 derivative whose transformer takes control and inpainting latents as extra input "
+    "channels (extensions_built_in/flex2); sdcore's Flux trains text-to-image only",
+    "ssd": "Segmind SSD-1B is a distilled SDXL with fewer UNet blocks; sdcore's SDXL family is built and tested on "
+    "the full SDXL UNet only",
+    "vega": "Segmind Vega is a distilled SDXL with fewer UNet blocks; sdcore's SDXL family is built and tested on "
+    "the full SDXL UNet only",
+}
 #: the flow-matching families ai-toolkit trains that sdcore trains too
 FLOW_FAMILIES = ("flux", "sd3", "chroma")
 #: ai-toolkit's ``toolkit/optimizer.py`` names -> (sdcore optimizer, arguments ai-toolkit adds)
@@ -496,11 +508,17 @@ TIMESTEP_REFUSALS = {
 #: "leading" spacing) set to 1000 steps, so index i is timestep 999 - i
 DDPM_TIMESTEPS = 1000
 #: flow-matching ``train.timestep_type`` -> sdcore ``timestep_sampling`` (``toolkit/samplers/custom_flowmatch_sampler.py``:
-#: ``sigmoid`` = sigmoid(N(0, 1)) unshifted; ``linear`` = an index of linspace(1000, 1, 1000); ``shift`` and
-#: ``flux_shift`` (one branch) = an index of the scheduler's shifted table; ``lognorm_blend`` = an index of a table
-#: drawn anew (per step there, per sample in sdcore): sdcore's ai-toolkit tables)
-TIMESTEP_TYPES = {"sigmoid": "sigmoid", "linear": "linear_table", "shift": "shift_table", "flux_shift": "shift_table",
-                  "lognorm_blend": "lognorm_blend_table"}  # fmt: skip
+#: ``linear`` = an index of linspace(1000, 1, 1000); ``shift`` and ``flux_shift`` (one branch) = an index of the
+#: scheduler's shifted table; ``sigmoid`` (1000 sorted 1000 (1 - sigmoid(N(0, 1)))) and ``lognorm_blend`` = an index
+#: of a table drawn anew (per step there, per sample in sdcore): sdcore's ai-toolkit tables. ``sigmoid`` is the
+#: table, not sdcore's continuous sigmoid sampling: the index leaves out the least noisy value of each table (a
+#: CDF within 1/999 of the continuous one) and min/max_denoising_steps keep a quantile band of it)
+TIMESTEP_TYPES = {"sigmoid": "sigmoid_table", "linear": "linear_table", "shift": "shift_table",
+                  "flux_shift": "shift_table", "lognorm_blend": "lognorm_blend_table"}  # fmt: skip
+#: the samplings whose table ai-toolkit draws once per step for the batch (sdcore: per sample)
+DRAWN_TABLE_TYPES = ("sigmoid_table", "lognorm_blend_table")
+#: entries of ai-toolkit's flow-matching training table (``num_train_timesteps``)
+FLOW_TABLE_SIZE = 1000
 #: ai-toolkit's flow-matching scheduler per family (``toolkit/sampler.py``): ``sd_flow_config`` shifts by 3.0,
 #: ``flux_config`` by the resolution (use_dynamic_shifting) -> (sdcore's --discrete-flow-shift, --dynamic-timestep-shift)
 FLOW_SCHEDULER_SHIFTS = {"sd3": (3.0, False), "flux": (1.0, True), "chroma": (1.0, True)}  # chroma_model.py: flux's
@@ -674,13 +692,18 @@ def job_family(model: dict[str, Any], where: str, out: JobTranslation) -> str | 
     refused = [k for k in other_flags if model.get(k)]
     arch = model.get("arch")
     if refused:
-        out.problems.append(f"{where}.model: {', '.join(refused)}: sdcore does not train this model family")
+        why = [ARCH_REFUSALS[k[3:]] for k in refused if k[3:] in ARCH_REFUSALS]
+        out.problems.append(
+            f"{where}.model: {', '.join(refused)}: sdcore does not train this model family{': ' if why else ''}"
+            + "; ".join(why)
+        )
         return None
     if arch is not None:
         arch = str(arch).split(":")[0]
         if arch not in ARCH_FAMILIES:
+            reason = f" ({ARCH_REFUSALS[arch]})" if arch in ARCH_REFUSALS else ""
             out.problems.append(
-                f"{where}.model.arch {arch!r}: sdcore does not train this model family "
+                f"{where}.model.arch {arch!r}: sdcore does not train this model family{reason} "
                 f"(it trains {', '.join(ARCH_FAMILIES)})"
             )
             return None
@@ -1031,16 +1054,9 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
         if scheduler != "flowmatch":
             out.notes.append(f"{where}.noise_scheduler {scheduler!r}: sdcore trains {family} with flow matching")
         kind = str(train.get("timestep_type", "sigmoid")).lower()
-        if train.get("linear_timesteps"):
-            out.problems.append(
-                f"{where}.linear_timesteps: linear timesteps with ai-toolkit's bell-shaped loss weight per "
-                "timestep, which sdcore does not have (timestep_type linear has no weight)"
-            )
-        if (train.get("min_denoising_steps", 0), train.get("max_denoising_steps", 999)) != (0, 999):
-            out.problems.append(
-                f"{where}.min/max_denoising_steps: on flow matching ai-toolkit picks indices of its timestep table "
-                "(a quantile range for sigmoid); sdcore's --min-timestep/--max-timestep rescale the drawn sigma"
-            )
+        # BaseSDTrainProcess: linear_timesteps(2) build the linear table whatever the timestep_type; SDTrainer
+        # then weighs the loss by the bell (half bell with linear_timesteps2, which wins)
+        linear = bool(train.get("linear_timesteps") or train.get("linear_timesteps2"))
         if kind not in TIMESTEP_TYPES:
             why = TIMESTEP_REFUSALS.get(kind, "")
             out.problems.append(
@@ -1048,16 +1064,20 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
                 f"{', '.join(TIMESTEP_TYPES)} timesteps"
             )
         else:
-            v["timestep_sampling"] = TIMESTEP_TYPES[kind]
+            sampling = "linear_table" if linear else TIMESTEP_TYPES[kind]
+            v["timestep_sampling"] = sampling
             v["sigmoid_scale"] = 1.0
             v["discrete_flow_shift"] = 1.0
-            if TIMESTEP_TYPES[kind] == "shift_table":
+            if sampling == "shift_table":
                 v["discrete_flow_shift"], v["dynamic_timestep_shift"] = FLOW_SCHEDULER_SHIFTS[family]
-            if kind == "lognorm_blend" and int(train.get("batch_size", 1)) > 1:
+            if linear:
+                v["timestep_loss_weight"] = "half_bell" if train.get("linear_timesteps2") else "bell"
+            if sampling in DRAWN_TABLE_TYPES and int(train.get("batch_size", 1)) > 1:
                 out.notes.append(
-                    f"{where}.timestep_type lognorm_blend: ai-toolkit draws one table per step for the whole batch; "
+                    f"{where}.timestep_type {kind}: ai-toolkit draws one table per step for the whole batch; "
                     "sdcore draws one per sample (the same distribution for each sample)"
                 )
+            _flow_range(train, where, out)
             v["model_prediction_type"] = "raw"
             v["weighting_scheme"] = "uniform"
         if family == "flux":
@@ -1067,11 +1087,26 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
             out.problems.append(f"{where}.noise_scheduler flowmatch: sdcore trains {family} with its DDPM schedule")
         elif scheduler != "ddpm":
             out.notes.append(f"{where}.noise_scheduler {scheduler!r}: sdcore adds noise with the DDPM schedule")
-        if "timestep_type" in train or "linear_timesteps" in train:
+        if {"timestep_type", "linear_timesteps", "linear_timesteps2"} & set(train):
             out.notes.append(f"{where}.timestep_type/linear_timesteps: used by ai-toolkit with flowmatch only")
         _ddpm_range(train, where, out)
         if train.get("cfg_scale", 1.0) != 1.0:
             out.problems.append(f"{where}.cfg_scale: a guidance embedding value, Flux only")
+
+
+def _flow_range(train: dict[str, Any], where: str, out: JobTranslation) -> None:
+    """``min/max_denoising_steps`` on flowmatch (BaseSDTrainProcess, content_or_style balanced): clipped to
+    [0, 999], then the table index ``randint(min, max)`` (max excluded), or ``min`` itself when they are equal:
+    sdcore's ``--min-table-index``/``--max-table-index`` (for the sigmoid table a quantile band of each table)."""
+    low = max(int(train.get("min_denoising_steps", 0)), 0)
+    high = min(int(train.get("max_denoising_steps", 999)), FLOW_TABLE_SIZE - 1)
+    if low > high:
+        out.problems.append(
+            f"{where}.min/max_denoising_steps {low}/{high}: ai-toolkit's randint({low}, {high}) needs min <= max"
+        )
+        return
+    out.values["min_table_index"] = low
+    out.values["max_table_index"] = high if high > low else low + 1
 
 
 def _ddpm_range(train: dict[str, Any], where: str, out: JobTranslation) -> None:

@@ -41,6 +41,10 @@ users bring their configs too:
   its ``DEBIASED_ESTIMATION`` on v-prediction, ``1 / sqrt(min(snr, 1000) + 1)`` (on epsilon it is kohya's
   ``1 / sqrt(min(snr, 1000))``); ``--sigma-loss-weight`` its flow-matching ``SIGMA``: the noise level
   ``sigma`` of the sample (OneTrainer's ``(t + 1) / T``, the sigma the input was noised with).
+
+ai-toolkit's loss weight per timestep (``--timestep-loss-weight``; its ``linear_timesteps``/``linear_timesteps2``,
+``toolkit/samplers/custom_flowmatch_sampler.py`` and ``SDTrainer``): a per-sample factor on the flow-matching
+loss, a function of the noise level (:func:`bell_timestep_weights`).
 """
 
 from __future__ import annotations
@@ -259,9 +263,12 @@ def apply_loss_weights(
     """The per-sample loss ``[B]`` after the run's kohya weights (unchanged when they are off)."""
     scheduler = _ddpm_scheduler(objective)
     if scheduler is None:  # flow matching: the pre-flight refused the SNR weights (kohya's SD3/Flux skip them)
+        total = float(getattr(objective, "num_timesteps", 1000))
         if options.sigma_loss_weight:  # OneTrainer's SIGMA: the sample's noise level
-            total = float(getattr(objective, "num_timesteps", 1000))
             loss = loss * (timesteps.float().to(loss.device) / total)
+        if options.timestep_loss_weight != "none":  # ai-toolkit's linear_timesteps(2)
+            sigmas = timesteps.float() / total
+            loss = loss * bell_timestep_weights(sigmas, options.timestep_loss_weight == "half_bell").to(loss.device)
         return loss
     return post_process_loss(
         loss,
@@ -273,6 +280,33 @@ def apply_loss_weights(
         debiased_estimation_sqrt=options.debiased_estimation_sqrt,
         p2_loss_gamma=options.p2_loss_gamma,
     )
+
+
+#: ``--timestep-loss-weight`` choices: none, ai-toolkit's bell (linear_timesteps) and half bell (linear_timesteps2)
+TIMESTEP_LOSS_WEIGHTS = ("none", "bell", "half_bell")
+
+
+def bell_timestep_weights(sigmas: torch.Tensor, half: bool = False, num_timesteps: int = 1000) -> torch.Tensor:
+    """ai-toolkit's "bell-shaped mean-normalized timestep weighting" for flow-matching noise levels ``sigmas``
+    (float32, the shape of ``sigmas``).
+
+    ai-toolkit builds it on its linear table ``linspace(1000, 1, T)``, whose index ``i`` is the timestep
+    ``T - i``: ``y_i = exp(-2 ((i - T/2) / T)^2)``, minus its lowest value (at ``i = 0``: ``exp(-1/2)``), scaled
+    so that the ``T`` values have mean 1; the half bell (``linear_timesteps2``) keeps the first half and holds
+    ``i >= T/2`` at the second half's largest value (the peak, ``i = T/2``). With ``sigma = (T - i) / T``,
+    ``(i - T/2) / T = 1/2 - sigma``, so the weight is the same bell in ``sigma`` for every sigma (the table's
+    points give ai-toolkit's values); the half bell holds ``sigma <= 1/2`` at the peak. ai-toolkit multiplies
+    the per-element loss of each sample by its weight before the mean, which is the per-sample mean times it."""
+    import torch
+
+    index = torch.arange(num_timesteps, dtype=torch.float64)
+    table = torch.exp(-2.0 * ((index - num_timesteps / 2) / num_timesteps) ** 2)
+    low, total = float(table.min()), float((table - table.min()).sum())
+    s = sigmas.double()
+    if half:
+        s = torch.clamp(s, min=0.5)
+    weights = (torch.exp(-2.0 * (s - 0.5) ** 2) - low) * (num_timesteps / total)
+    return weights.float()
 
 
 def loss_option_problems(options: TrainOptions) -> list[str]:
@@ -295,6 +329,10 @@ def loss_option_problems(options: TrainOptions) -> list[str]:
         problems.append(f"--p2-loss-gamma must be positive (OneTrainer's loss_weight_strength), got {o.p2_loss_gamma}")
     if o.debiased_estimation_sqrt and not o.debiased_estimation_loss:
         problems.append("--debiased-estimation-sqrt changes --debiased-estimation-loss's weight: it needs it")
+    if o.timestep_loss_weight not in TIMESTEP_LOSS_WEIGHTS:
+        problems.append(
+            f"--timestep-loss-weight {o.timestep_loss_weight!r}: choose one of {', '.join(TIMESTEP_LOSS_WEIGHTS)}"
+        )
     if o.huber_schedule not in HUBER_SCHEDULES:
         problems.append(f"--huber-schedule {o.huber_schedule!r}: choose one of {', '.join(HUBER_SCHEDULES)}")
     if o.loss_type in HUBER_LOSS_TYPES:
@@ -337,6 +375,11 @@ def loss_family_checks(
                 f"{family.name} trains with flow matching: choose --huber-schedule exponential or constant"
             )
     else:
+        if o.timestep_loss_weight != "none":
+            problems.append(
+                f"--timestep-loss-weight {o.timestep_loss_weight}: ai-toolkit's weight of a flow-matching noise level; "
+                f"{family.name} trains with DDPM (ai-toolkit weighs flowmatch only)"
+            )
         if o.sigma_loss_weight:
             problems.append(
                 f"--sigma-loss-weight weighs a flow-matching noise level; {family.name} trains with DDPM "
@@ -375,7 +418,9 @@ __all__ = [
     "MIX_STRENGTHS",
     "SDCORE_LOSS_TYPES",
     "SNR_CLAMP",
+    "TIMESTEP_LOSS_WEIGHTS",
     "apply_loss_weights",
+    "bell_timestep_weights",
     "elementwise_loss",
     "huber_threshold",
     "log_cosh",

@@ -16,7 +16,9 @@ builds it from the run's options.
   read: :meth:`FlowMatchingObjective.model_output`) and its ``--weighting_scheme`` loss weights
   (:func:`flow_loss_weights`); see :mod:`sdcore.train.kohya` for which kohya script means what.
   ai-toolkit's flow-matching draws are the samplings ``linear_table`` and ``shift_table``
-  (:func:`aitoolkit_timestep_table`): an index of a 1000-entry table of timesteps, drawn uniformly.
+  (:func:`aitoolkit_timestep_table`), ``lognorm_blend_table`` and ``sigmoid_table`` (a table drawn anew):
+  an index of a 1000-entry table of timesteps, drawn uniformly from ``[--min-table-index,
+  --max-table-index)`` (ai-toolkit's ``min/max_denoising_steps``).
 
 With ``--timestep-distribution`` both objectives draw their timesteps as OneTrainer does instead
 (:mod:`.timestep_distributions`: an integer ``t``; flow matching noises with ``sigma = (t + 1) / T``),
@@ -239,14 +241,35 @@ def aitoolkit_lognorm_blend_table(generator: torch.Generator | None = None, num_
     return torch.sort(torch.cat((logs, linear)), descending=True).values.to(torch.int)
 
 
+def aitoolkit_sigmoid_table(generator: torch.Generator | None = None, num_timesteps: int = 1000) -> torch.Tensor:
+    """ai-toolkit's ``sigmoid`` table (``set_train_timesteps``), drawn from ``generator``: ``num_timesteps`` values
+    ``1000 (1 - sigmoid(N(0, 1)))`` sorted from the noisiest down (float32). ai-toolkit builds one per step for the
+    whole batch and picks an index of it; sdcore builds one per sample from its generator.
+
+    Why a table and not sdcore's continuous ``sigmoid`` sampling (``sigmoid(N(0, 1))``, the same law for one
+    value, as ``1 - sigmoid(x) = sigmoid(-x)``): the index picks an order statistic. Over the default index range
+    ``[0, 999)`` the draw is a uniform mixture of all order statistics but the least noisy, so its CDF is
+    ``(1000 F - 1 + (1 - F)^1000) / 999``, within ``1/999`` of the continuous ``F`` (no test of practical size
+    tells them apart); a narrower range (``min/max_denoising_steps``) keeps a quantile band of each table, which
+    the continuous sampling cannot express."""
+    import torch
+
+    values = (1.0 - torch.sigmoid(torch.randn(num_timesteps, generator=generator))) * 1000
+    return torch.sort(values, descending=True).values
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_table(kind: str, shift: float, mu: float | None, num_timesteps: int) -> torch.Tensor:
     return aitoolkit_timestep_table(kind, shift, mu, num_timesteps)
 
 
 #: ai-toolkit's flow-matching samplings (an index of :func:`aitoolkit_timestep_table` or, drawn anew each
-#: time, :func:`aitoolkit_lognorm_blend_table`)
-TABLE_SAMPLINGS = ("linear_table", "shift_table", "lognorm_blend_table")
+#: time, :func:`aitoolkit_lognorm_blend_table` / :func:`aitoolkit_sigmoid_table`)
+TABLE_SAMPLINGS = ("linear_table", "shift_table", "lognorm_blend_table", "sigmoid_table")
+#: the tables drawn anew for each sample
+DRAWN_TABLES = {"lognorm_blend_table": aitoolkit_lognorm_blend_table, "sigmoid_table": aitoolkit_sigmoid_table}
+#: the index range ai-toolkit draws from by default: ``randint(0, 999)`` (its min/max_denoising_steps 0 and 999)
+DEFAULT_TABLE_RANGE = (0, 999)
 
 
 def density_draw(
@@ -311,6 +334,9 @@ class FlowMatchingObjective(TrainingObjective):
     distribution: TimestepDistribution | None = None
     #: shift ``distribution`` and ``shift_table`` by the latents' resolution (Flux's ``exp(mu)``) instead
     dynamic_shift: bool = False
+    #: ai-toolkit's tables: the index is drawn uniformly from ``[min_table_index, max_table_index)``
+    min_table_index: int = DEFAULT_TABLE_RANGE[0]
+    max_table_index: int = DEFAULT_TABLE_RANGE[1]
 
     name = "flow-matching"
 
@@ -319,11 +345,20 @@ class FlowMatchingObjective(TrainingObjective):
             self.timestep_sampling, self.shift, self.logit_std, self.mode_scale, self.sigmoid_scale
         )
         problems += flow_reading_problems(self.model_prediction_type, self.weighting_scheme)
-        problem = timestep_range_problem(self.min_timestep, self.max_timestep, self.num_timesteps)
-        if problem:
-            problems.append(problem)
+        for problem in (
+            timestep_range_problem(self.min_timestep, self.max_timestep, self.num_timesteps),
+            table_range_problem(self.min_table_index, self.max_table_index, self.num_timesteps),
+        ):
+            if problem:
+                problems.append(problem)
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def table_index(self, count: int, generator: torch.Generator | None) -> torch.Tensor:
+        """ai-toolkit's ``randint(min_denoising_steps, max_denoising_steps)``: ``count`` table indices."""
+        import torch
+
+        return torch.randint(self.min_table_index, self.max_table_index, (count,), generator=generator)
 
     def sample_sigmas(
         self, count: int, generator: torch.Generator | None = None, latent_size: tuple[int, int] | None = None
@@ -345,17 +380,16 @@ class FlowMatchingObjective(TrainingObjective):
             shift = math.exp(resolution_mu()) if self.dynamic_shift else None
             return self.distribution.sigmas(generator, count, shift)
         kind = self.timestep_sampling
-        if kind == "lognorm_blend_table":  # a fresh table per sample, then the index as below
+        if kind in DRAWN_TABLES:  # a fresh table per sample, then the index as below
             picks = []
             for _ in range(count):
-                blend = aitoolkit_lognorm_blend_table(generator, self.num_timesteps)
-                picks.append(blend[torch.randint(0, self.num_timesteps - 1, (1,), generator=generator)])
+                drawn = DRAWN_TABLES[kind](generator, self.num_timesteps)
+                picks.append(drawn[self.table_index(1, generator)])
             return torch.cat(picks).float() / self.num_timesteps
-        if kind in TABLE_SAMPLINGS:  # ai-toolkit: randint(0, T - 1) picks one of the table's first T - 1
+        if kind in TABLE_SAMPLINGS:  # ai-toolkit: randint(min, max) picks an entry (by default of the first T - 1)
             mu = resolution_mu() if self.dynamic_shift and kind == "shift_table" else None
             table = _cached_table(kind, float(self.shift), mu, self.num_timesteps)
-            index = torch.randint(0, self.num_timesteps - 1, (count,), generator=generator)
-            return table[index] / self.num_timesteps
+            return table[self.table_index(count, generator)] / self.num_timesteps
         if kind == "sigma":  # kohya Flux's default: --discrete_flow_shift through the scheduler's table
             return scheduler_table_sigmas(density(self.weighting_scheme), self.shift, self.num_timesteps)
         if kind in ("sigmoid", "flux_shift"):  # kohya's flux sampling, sigmoid(scale * N(0, 1))
@@ -476,6 +510,16 @@ def timestep_range_problem(min_timestep: int | None, max_timestep: int | None, n
     return None
 
 
+def table_range_problem(min_index: int, max_index: int, num_timesteps: int) -> str | None:
+    """The table index range must satisfy ``0 <= min < max <= T``; one line saying what is wrong, else None."""
+    if not 0 <= min_index < max_index <= num_timesteps:
+        return (
+            f"--min-table-index {min_index} / --max-table-index {max_index}: need 0 <= min < max <= {num_timesteps} "
+            "(the index of ai-toolkit's timestep table is drawn uniformly in [min, max))"
+        )
+    return None
+
+
 def timestep_distribution(options: TrainOptions, num_timesteps: int, shift: float) -> TimestepDistribution | None:
     """The run's ``--timestep-distribution`` over ``num_timesteps`` steps with ``shift`` (None when not given)."""
     if options.timestep_distribution is None:
@@ -522,11 +566,15 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             weighting_scheme=options.weighting_scheme,
             distribution=timestep_distribution(options, 1000, options.discrete_flow_shift if shift is None else shift),
             dynamic_shift=options.dynamic_timestep_shift,
+            min_table_index=options.min_table_index,
+            max_table_index=options.max_table_index,
         )
     raise ConfigError(f"model family {bundle.family!r} has an objective sdcore does not know: {objective!r}")
 
 
 __all__ = [
+    "DEFAULT_TABLE_RANGE",
+    "DRAWN_TABLES",
     "TABLE_SAMPLINGS",
     "TIMESTEP_SAMPLINGS",
     "DdpmObjective",
@@ -534,6 +582,7 @@ __all__ = [
     "Noised",
     "TrainingObjective",
     "aitoolkit_lognorm_blend_table",
+    "aitoolkit_sigmoid_table",
     "aitoolkit_timestep_table",
     "density_draw",
     "exponential_time_shift",
@@ -544,6 +593,7 @@ __all__ = [
     "mode_sigmas",
     "objective_for",
     "scheduler_table_sigmas",
+    "table_range_problem",
     "time_shift",
     "timestep_distribution",
     "timestep_range_problem",

@@ -13,7 +13,7 @@ from typing import Any
 from ..builtin.part_options import PART_OPTIONS
 from ..options import option
 from .ema import EMA_DEVICES, EMA_WARMUPS
-from .loss import HUBER_SCHEDULES, SDCORE_LOSS_TYPES
+from .loss import HUBER_SCHEDULES, SDCORE_LOSS_TYPES, TIMESTEP_LOSS_WEIGHTS
 from .optim import LR_SCHEDULES, OPTIMIZER_TABLE
 from .timestep_distributions import TIMESTEP_DISTRIBUTIONS
 
@@ -29,6 +29,7 @@ TIMESTEP_SAMPLINGS = (
     "linear_table",
     "shift_table",
     "lognorm_blend_table",
+    "sigmoid_table",
 )
 #: how the flow-matching denoiser's output is read (kohya's --model_prediction_type, plus SD3's "x0")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
@@ -557,7 +558,8 @@ class TrainOptions:
         "resolution-dependent shift instead of --discrete-flow-shift; ai-toolkit's tables, an index drawn "
         "uniformly from the first 999 of 1000 timesteps: linear_table = 1000, 999, ..., 1, shift_table = "
         "diffusers' flow-matching schedule shifted by --discrete-flow-shift or --dynamic-timestep-shift, "
-        "lognorm_blend_table = a table drawn per sample, 3/4 log-normal and 1/4 linear).",
+        "lognorm_blend_table = a table drawn per sample, 3/4 log-normal and 1/4 linear, sigmoid_table = a table "
+        "drawn per sample, 1000 sorted sigmoid(N(0, 1)) values).",
         choices=TIMESTEP_SAMPLINGS,
         group="loss",
     )
@@ -565,6 +567,26 @@ class TrainOptions:
         1.0,
         "Flow-matching families: time shift s' = shift*s/(1+(shift-1)*s) applied to the sampled noise level "
         "(every sampling but flux_shift; 1 = none; SD3 uses 3.0 at 1024px).",
+        group="loss",
+    )
+    min_table_index: int = option(
+        0,
+        "Flow matching, ai-toolkit's tables (--timestep-sampling *_table): the lowest index drawn (index 0 is the "
+        "noisiest entry; ai-toolkit's min_denoising_steps).",
+        group="loss",
+    )
+    max_table_index: int = option(
+        999,
+        "Flow matching, ai-toolkit's tables: the index is drawn from [--min-table-index, this) (ai-toolkit's "
+        "max_denoising_steps; its default 999 leaves out the table's last entry).",
+        group="loss",
+    )
+    timestep_loss_weight: str = option(
+        "none",
+        "Flow-matching families: ai-toolkit's loss weight per noise level sigma (its linear_timesteps): bell = "
+        "exp(-2 (sigma - 0.5)^2) minus its lowest value on the 1000-step table, scaled to mean 1 there; half_bell "
+        "(linear_timesteps2) = the same, held at its peak for sigma <= 0.5.",
+        choices=TIMESTEP_LOSS_WEIGHTS,
         group="loss",
     )
     logit_mean: float = option(0.0, "Flow matching, logit_normal sampling: mean of the normal.", group="loss")

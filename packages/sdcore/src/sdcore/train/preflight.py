@@ -218,7 +218,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 def noise_option_problems(o: TrainOptions) -> list[str]:
     """Bad values of the noise/timestep options (kohya's meanings; the family checks are in
     :func:`objective_option_checks`)."""
-    from .objectives import timestep_range_problem
+    from .objectives import table_range_problem, timestep_range_problem
 
     problems = []
     if o.adaptive_noise_scale is not None and not o.noise_offset:
@@ -230,9 +230,12 @@ def noise_option_problems(o: TrainOptions) -> list[str]:
     if o.ip_noise_gamma is not None and not o.ip_noise_gamma >= 0:
         problems.append(f"--ip-noise-gamma must be >= 0, got {o.ip_noise_gamma}")
     # every family sdcore trains has 1000 training timesteps; the objective checks the model's own count again
-    problem = timestep_range_problem(o.min_timestep, o.max_timestep, 1000)
-    if problem:
-        problems.append(problem)
+    for problem in (
+        timestep_range_problem(o.min_timestep, o.max_timestep, 1000),
+        table_range_problem(o.min_table_index, o.max_table_index, 1000),
+    ):
+        if problem:
+            problems.append(problem)
     problems.extend(distribution_option_problems(o))
     return problems
 
@@ -304,7 +307,8 @@ def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
     if (low, high) != (0, 1000) and family == "sd3" and options.timestep_sampling in TABLE_SAMPLINGS:
         problems.append(
             f"--min-timestep/--max-timestep with --timestep-sampling {options.timestep_sampling}: ai-toolkit's tables "
-            "are drawn from their first 999 entries, not narrowed by kohya's SD3 range"
+            "are narrowed by --min-table-index/--max-table-index (ai-toolkit's min/max_denoising_steps), not by kohya's "
+            "SD3 range"
         )
     if family == "sd3" and options.ip_noise_gamma:
         problems.append("--ip-noise-gamma: kohya's SD3 scripts do not apply input perturbation (its Flux script does)")
@@ -317,7 +321,7 @@ def _flow_noise_problems(options: TrainOptions, family: str) -> list[str]:
 
 #: the flow-matching options and their defaults (a DDPM family ignores them; we say so)
 _FLOW_OPTIONS = ("timestep_sampling", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
-                 "weighting_scheme")  # fmt: skip
+                 "weighting_scheme", "min_table_index", "max_table_index")  # fmt: skip
 #: the flow-matching draw's own options (--timestep-distribution replaces them; the shift stays)
 _FLOW_SAMPLING_OPTIONS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale")
 
@@ -366,7 +370,7 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
 
 def _flow_shift_notes(options: TrainOptions) -> list[str]:
     """The shift options that a flow-matching draw does not read (it says which one it reads)."""
-    from .objectives import TABLE_SAMPLINGS
+    from .objectives import DEFAULT_TABLE_RANGE, TABLE_SAMPLINGS
 
     sampling, notes = options.timestep_sampling, []
     table = options.timestep_distribution is None and sampling in TABLE_SAMPLINGS
@@ -379,6 +383,12 @@ def _flow_shift_notes(options: TrainOptions) -> list[str]:
         elif options.timestep_shift is not None or options.discrete_flow_shift != 1.0:
             flag = "--timestep-shift" if options.timestep_shift is not None else "--discrete-flow-shift"
             notes.append(f"{flag}: without effect with --dynamic-timestep-shift (the resolution decides the shift)")
+    if not table and (options.min_table_index, options.max_table_index) != DEFAULT_TABLE_RANGE:
+        why = f"--timestep-sampling {sampling}" if options.timestep_distribution is None else "--timestep-distribution"
+        notes.append(
+            f"--min-table-index/--max-table-index: the index range of ai-toolkit's tables (--timestep-sampling "
+            f"{', '.join(TABLE_SAMPLINGS)}); without effect with {why}"
+        )
     if table and sampling != "shift_table" and options.discrete_flow_shift != 1.0:
         notes.append(
             f"--discrete-flow-shift: without effect with --timestep-sampling {sampling} (ai-toolkit does not shift "

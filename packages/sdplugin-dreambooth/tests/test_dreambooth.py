@@ -256,7 +256,7 @@ def test_contradictory_options_fail_before_loading(tmp_path):
     from sdcore.train.preflight import validate_options
 
     options = _options(tmp_path, stop_text_encoder_at=3)  # the runtime's stop check (sdcore.train.te_stop)
-    with pytest.raises(ConfigError, match="--stop-text-encoder-at need a run that trains the text encoder"):
+    with pytest.raises(ConfigError, match="--stop-text-encoder-at needs a run that trains the text encoder"):
         validate_options(options, DreamBoothMethod(options))
     with pytest.raises(ConfigError, match="class-data"):
         DreamBoothMethod(_options(tmp_path, class_prompt="a dog")).validate()

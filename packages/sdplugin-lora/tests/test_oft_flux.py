@@ -370,3 +370,25 @@ def test_comfyui_conversion_refuses_per_part_blocks(tmp_path):
 
     assert isinstance(result.exception, NetworkMismatchError) and "networks.oft_flux" in str(result.exception)
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_chroma_gets_the_same_module_less_the_modulation(tmp_path):
+    """kohya's Chroma blocks are BFL's without the modulation Linears (chroma_models.py); oft_flux selects the
+    same way on them (flux_train_network.py --model_type chroma)."""
+    from sdcore.models.load import load_model
+    from sdcore.train.method import SaveInfo
+    from sdplugin_lora.apply import apply_lora
+    from sdplugin_lora.format import read_lora
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    bundle = load_model("tiny:chroma")
+    method = LoraMethod(LoraOptions(rank=2, alpha=0.02, algo="oft", save_dtype="fp32"))
+    method.prepare(bundle)
+    path = method.save(bundle, SaveInfo(path=tmp_path / "c.safetensors", step=1, epoch=1, metadata={}, final=True))
+    lora = read_lora(path)
+    want = {
+        n for n in kohya_modules(_transformer(bundle).config, True) if not n.endswith(("_mod_lin", "_modulation_lin"))
+    }
+    assert set(lora.modules) == want
+    assert lora.metadata["ss_network_module"] == "networks.oft_flux"
+    assert len(apply_lora(load_model("tiny:chroma"), path, strict=True).matches[0].modules) == len(method.network)

@@ -29,6 +29,9 @@ models are named alike). The conversions are exact, with no new LoRA maths:
   the per-part alpha instead, so its fused files load with a third of the trained scale in every
   loader that reads fused modules (kohya's own ``create_network_from_weights`` included); sdcore
   does not repeat that.
+* OFT (kohya ``networks.oft_flux``, :func:`oft_flux_modules`): kohya rotates each fused Linear per part
+  ("to mimic the split qkv of FLUX as same as Diffusers"), so each diffusers module trains as one OFT
+  module and the file keeps one ``oft_blocks.<i>`` per part (:func:`oft_flux_state_dict`, :func:`split_module`).
 """
 
 from __future__ import annotations

@@ -231,7 +231,10 @@ def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, k
     ("items", "message"),
     [
         ({"network_module": "networks.my_lora"}, "network_module 'networks.my_lora' is not available"),
-        ({"network_module": "networks.oft_flux"}, "network_module 'networks.oft_flux' is not supported by sdcore"),
+        (
+            {"network_module": "networks.lora_lumina"},
+            "network_module 'networks.lora_lumina' is not supported by sdcore",
+        ),
         ({"network_module": "lycoris.kohya", "network_args": ["algo=oft"]}, "algo='oft' is not supported by sdcore"),
         ({"network_args": ["dylora_unit=4"]}, "network_args dylora_unit=4 is not supported"),
         ({"network_args": ["algo=loha"]}, "algo= needs network_module = lycoris.kohya"),

@@ -361,9 +361,14 @@ def test_other_kohya_modules_are_refused_by_name_with_a_reason(module):
     assert f"network_module {module!r} is not supported by sdcore: {KOHYA_OTHER_MODULES[module][1]}" in out.problems[0]
 
 
-def test_oft_flux_names_what_to_use_instead():
-    (problem,) = _translate("networks.oft_flux").problems
-    assert "networks.lora_flux" in problem and "SD1/SD2/SDXL" in problem
+def test_oft_flux_translates_like_networks_oft():
+    """kohya's oft_flux.py: attention only unless enable_all_linear (bool of the string); enable_conv unread."""
+    out = _translate("networks.oft_flux")
+    assert not out.problems
+    assert (out.values["algo"], out.values["oft_all_linear"], out.values["unet_only"]) == ("oft", False, True)
+    out = _translate("networks.oft_flux", "enable_all_linear=True", "enable_conv=True")
+    assert not out.problems and out.values["oft_all_linear"] is True
+    assert any("enable_conv" in n and "ignores" in n for n in out.notes)
 
 
 @pytest.mark.parametrize("algo", sorted(LYCORIS_OTHER_ALGOS))

@@ -64,11 +64,25 @@ FAMILY_LORA_MODULE = {"flux": "networks.lora_flux", "chroma": "networks.lora_flu
 PLAIN_LORA_MODULES = ("networks.lora", *FAMILY_LORA_MODULE.values())
 
 
+#: kohya's OFT module of flux_train_network.py (FLUX.1 and Chroma: BFL's DoubleStreamBlock/SingleStreamBlock)
+FAMILY_OFT_MODULE = {"flux": "networks.oft_flux", "chroma": "networks.oft_flux"}
+
+
 def network_module(algo: str, family: str) -> str:
     """The ``ss_network_module`` sd-scripts writes for ``algo`` on ``family``: a plain LoRA on FLUX.1 or SD3
-    comes from that family's own module."""
+    comes from that family's own module, OFT on FLUX.1 from ``networks.oft_flux``."""
     module = NETWORK_MODULE[algo]
+    if module == "networks.oft":
+        return FAMILY_OFT_MODULE.get(family, module)
     return FAMILY_LORA_MODULE.get(family, module) if module == "networks.lora" else module
 
 
-__all__ = ["ALGOS", "ALGO_HELP", "FAMILY_LORA_MODULE", "NETWORK_MODULE", "PLAIN_LORA_MODULES", "network_module"]
+__all__ = [
+    "ALGOS",
+    "ALGO_HELP",
+    "FAMILY_LORA_MODULE",
+    "FAMILY_OFT_MODULE",
+    "NETWORK_MODULE",
+    "PLAIN_LORA_MODULES",
+    "network_module",
+]

@@ -29,6 +29,9 @@ models are named alike). The conversions are exact, with no new LoRA maths:
   the per-part alpha instead, so its fused files load with a third of the trained scale in every
   loader that reads fused modules (kohya's own ``create_network_from_weights`` included); sdcore
   does not repeat that.
+* OFT (kohya ``networks.oft_flux``, :func:`oft_flux_modules`): kohya rotates each fused Linear per part
+  ("to mimic the split qkv of FLUX as same as Diffusers"), so each diffusers module trains as one OFT
+  module and the file keeps one ``oft_blocks.<i>`` per part (:func:`oft_flux_state_dict`, :func:`split_module`).
 """
 
 from __future__ import annotations
@@ -228,6 +231,8 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
 
     from .format import ModuleWeights
 
+    if weights.kind == "oft":
+        return _split_oft(name, weights, module, label)
     widths = weights.in_out()
     if widths is not None and widths[1] != module.rows:
         raise NetworkMismatchError(
@@ -275,6 +280,73 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
         rows = delta[start : start + part.rows]
         out.append(ModuleWeights({"diff": (swap_halves(rows) if part.swap_halves else rows).contiguous()}))
         start += part.rows
+    return out
+
+
+def _split_oft(name: str, weights: ModuleWeights, module: KohyaModule, label: str) -> list[ModuleWeights]:
+    """kohya oft_flux's fused module -> one OFT module per part: block set ``i`` rotates part ``i``'s rows
+    with the module's alpha, and a part's clamp ``alpha · its rows`` is kohya's ``alpha · split_dim``."""
+    from sdcore.errors import NetworkMismatchError
+
+    from .adapters import OftVariant
+    from .format import ModuleWeights
+
+    parts = OftVariant.parts(weights.tensors)
+    rows = [int(b.shape[0]) * int(b.shape[1]) for b in parts]
+    if rows != [part.rows for part in module.parts] or any(part.swap_halves for part in module.parts):
+        raise NetworkMismatchError(
+            f"{label}: {name} has OFT block sets over {' + '.join(map(str, rows))} rows but the model's "
+            f"{module.name} has {' + '.join(str(p.rows) for p in module.parts)}: this OFT does not fit the loaded model"
+        )
+    alpha = {"alpha": weights.tensors["alpha"]} if "alpha" in weights.tensors else {}
+    return [ModuleWeights({"oft_blocks": blocks, **alpha}, key=name) for blocks in parts]
+
+
+def oft_flux_modules(index: ModuleIndex, all_linear: bool) -> list[KohyaModule]:
+    """The BFL Linears kohya's ``networks.oft_flux`` rotates: with ``enable_all_linear`` every Linear of
+    the ``DoubleStreamBlock`` and ``SingleStreamBlock`` modules, else those of their ``SelfAttention``
+    (BFL's single blocks have none: the double blocks' img/txt ``attn.qkv`` and ``attn.proj`` only).
+    kohya's fused parts are split "as diffusers does": ``qkv`` in q, k, v and ``linear1`` in q, k, v and the
+    MLP input (kohya writes 3072 and 12288, FLUX.1's widths; here the loaded model's widths)."""
+    chosen = []
+    for module in index.kohya.values():
+        block = module.name.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))
+        attention = module.name.startswith("lora_unet_double_blocks_") and (
+            "_img_attn_" in module.name or "_txt_attn_" in module.name
+        )
+        if attention or (all_linear and block):
+            chosen.append(module)
+    return chosen
+
+
+def oft_flux_state_dict(state: Mapping[str, torch.Tensor], index: ModuleIndex) -> dict[str, torch.Tensor]:
+    """An OFT network's ``state_dict`` (``lora_transformer_<path>.oft_blocks``/``.alpha``) in kohya's
+    ``networks.oft_flux`` layout: ``oft_unet_<BFL name>.oft_blocks.<i>`` per part (its ParameterList,
+    ``.0`` alone for an unfused Linear) and one ``.alpha``, which kohya's loader and sdcore's read."""
+    from sdcore.errors import NetworkMismatchError
+
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, _, part = key.rpartition(".")
+        by_name.setdefault(name, {})[part] = tensor
+    by_path = {index.targets[name].path: (name, t) for name, t in by_name.items() if name in index.targets}
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for module in index.kohya.values():
+        found = [by_path.get(part.path) for part in module.parts]
+        if not any(found):
+            continue
+        missing = [part.path for part, f in zip(module.parts, found, strict=True) if f is None]
+        if missing:
+            raise NetworkMismatchError(f"{module.name}: OFT on some of its parts only (not {', '.join(missing)})")
+        key = "oft_unet_" + module.name[len("lora_unet_") :]
+        for i, (name, tensors) in enumerate(f for f in found if f is not None):
+            out[f"{key}.oft_blocks.{i}"] = tensors["oft_blocks"]
+            out.setdefault(f"{key}.alpha", tensors["alpha"])
+            used.add(name)
+    left = sorted(set(by_name) - used)
+    if left:
+        raise NetworkMismatchError(f"{len(left)} OFT modules have no kohya oft_flux name ({', '.join(left[:5])})")
     return out
 
 
@@ -482,6 +554,8 @@ __all__ = [
     "fuse_parts",
     "kohya_state_dict",
     "kohya_table",
+    "oft_flux_modules",
+    "oft_flux_state_dict",
     "sd3_table",
     "shared_down_groups",
     "shared_down_weights",

@@ -14,6 +14,7 @@ Files we write are exactly kohya's layout (``<name>.lora_down.weight``, ``.lora_
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
         key=lambda item: -len(item[0]),
     )
 )
+
+
+#: kohya ``networks.oft_flux``'s tensors: ``<module>.oft_blocks.<i>`` (its ``oft_blocks`` ParameterList)
+_OFT_PART = re.compile(r"^(.+)\.(oft_blocks\.\d+)$")
 
 
 @dataclass
@@ -174,6 +179,11 @@ def parse_state_dict(
         if key.endswith(".weight") and key[: -len(".weight")] + ".on_input" in state:  # LyCORIS (IA)^3's vector
             modules.setdefault(key[: -len(".weight")], ModuleWeights()).tensors["weight"] = tensor
             continue
+        oft_part = _OFT_PART.match(key)
+        if oft_part:  # kohya oft_flux: one block set per row part of a fused Linear (a ParameterList)
+            module_key = oft_part.group(1)
+            modules.setdefault(module_key, ModuleWeights(key=module_key)).tensors[oft_part.group(2)] = tensor
+            continue
         for suffix, part in _SUFFIXES:
             if key.endswith(suffix):
                 module_key = key[: -len(suffix)]
@@ -219,6 +229,8 @@ def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
 
 def is_lora_key(key: str) -> bool:
     """Whether a tensor name is a LoRA/LyCORIS part (``.alpha``/``.scale`` alone do not count)."""
+    if _OFT_PART.match(key):
+        return True
     return any(key.endswith(suffix) for suffix, part in _SUFFIXES if part not in ("alpha", "scale"))
 
 
@@ -418,6 +430,8 @@ def _kohya_stack(index: ModuleIndex, key: str) -> KohyaModule | None:
         return None
     if key.startswith("lora_unet_"):
         return index.resolve_kohya(key)
+    if key.startswith("oft_unet_"):  # kohya networks.oft_flux names the same BFL modules
+        return index.resolve_kohya("lora_unet_" + key[len("oft_unet_") :])
     component, path = _strip_component(key)
     if component in ("unet", "transformer"):
         return index.resolve_kohya("lora_unet_" + path.replace(".", "_"))
@@ -456,6 +470,7 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
         if target is None:
             unmatched.append(key)
             continue
+        weights = _one_oft_part(weights)
         shape = tuple(target.module.weight.shape)
         widths = weights.in_out()
         if widths is not None:
@@ -479,6 +494,20 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
             f"first keys: {', '.join(list(lora.modules)[:5])}"
         )
     return Match(matched, unmatched)
+
+
+def _one_oft_part(weights: ModuleWeights) -> ModuleWeights:
+    """kohya oft_flux's unfused Linears keep their one block set as ``oft_blocks.0``: the module as
+    ``networks.oft`` stores it (``oft_blocks``), which the adapters and a warm start read."""
+    if "oft_blocks.0" not in weights.tensors or weights.kind != "oft":
+        return weights
+    from .adapters import OftVariant
+
+    parts = OftVariant.parts(weights.tensors)
+    if len(parts) != 1:
+        return weights  # several parts on a plain layer: the adapter names the problem
+    rest = {k: v for k, v in weights.tensors.items() if k != "oft_blocks.0"}
+    return ModuleWeights({"oft_blocks": parts[0], **rest}, key=weights.key)
 
 
 # --- hashes and metadata ------------------------------------------------------------------------

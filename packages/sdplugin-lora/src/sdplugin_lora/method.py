@@ -649,11 +649,18 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             network = self._preset_network(bundle, index, preset)
             return self._finish_prepare(bundle, index, network, plan)
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
-        if self.options.algo == "oft" and not self.options.oft_all_linear:
+        if self.options.algo == "oft" and index.kohya:  # kohya networks.oft_flux: its BFL Linears, split per part
+            from .dit import oft_flux_modules
+
+            paths = {p.path for m in oft_flux_modules(index, self.options.oft_all_linear) for p in m.parts}
+            targets = [t for t in targets if t.component == index.denoiser and t.path in paths]
+        elif self.options.algo == "oft" and not self.options.oft_all_linear:
             # kohya networks.oft without enable_all_linear: its CrossAttention modules' Linears only
             targets = [t for t in targets if "_attn1_" in t.name or "_attn2_" in t.name]
         shared: list[Any] = []
-        if index.kohya and not self.options.split_qkv:  # SD3/Flux: kohya's one LoRA per fused qkv/linear1
+        if (
+            index.kohya and not self.options.split_qkv and self.options.algo != "oft"
+        ):  # SD3/Flux: kohya's one LoRA per fused qkv/linear1
             from .dit import shared_down_groups
 
             shared = shared_down_groups(index, targets)
@@ -818,6 +825,15 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             if o.split_qkv:
                 raise ConfigError(
                     f"--split-qkv: SD3/Flux only (their q/k/v are one fused Linear); {index.family} has separate ones"
+                )
+            return
+        if o.algo == "oft" and index.family in ("flux", "chroma"):  # kohya networks.oft_flux (flux_train_network.py)
+            given = [f for f, v in (("--key-layout diffusers", o.key_layout == "diffusers"),
+                                    ("--split-qkv", o.split_qkv)) if v]  # fmt: skip
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} with --algo oft: kohya's networks.oft_flux writes its own layout (oft_unet_ "
+                    "names, one block set per q/k/v/MLP part); diffusers/PEFT files hold LoRA only"
                 )
             return
         if o.algo not in ("lora", "locon"):
@@ -1094,7 +1110,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if self.index is not None and self.index.kohya:  # SD3/Flux: SAI/BFL names, or diffusers' on request
             from .dit import diffusers_state_dict, kohya_state_dict
 
-            if self.options.key_layout == "diffusers":
+            if self.options.algo == "oft":  # kohya networks.oft_flux
+                from .dit import oft_flux_state_dict
+
+                state = oft_flux_state_dict(state, self.index)
+            elif self.options.key_layout == "diffusers":
                 state, header = diffusers_state_dict(state, self.index)
                 metadata.update(header)
             else:

@@ -133,7 +133,8 @@ class LoraNetwork(nn.Module):
             if algo == "oft":  # kohya networks.oft: UNet Linear/1x1 layers, named oft_unet_...
                 if target.is_text_encoder or target.is_conv3x3:
                     continue
-                name = OFT_PREFIX + target.name[len("lora_unet") :]
+                # SD3/Flux modules keep their lora_transformer_ names: oft_flux's are written at save (dit.py)
+                name = OFT_PREFIX + target.name[len("lora_unet") :] if target.component == "unet" else target.name
                 try:
                     modules.append(
                         OftAdapter(

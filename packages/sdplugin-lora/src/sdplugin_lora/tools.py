@@ -478,6 +478,11 @@ def oft_for_comfyui(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, 
                 f"{lora.label}: {name} is {weights.kind}, not OFT; ComfyUI loads such modules as they are"
             )
         t = weights.tensors
+        if "oft_blocks" not in t:  # oft_flux's per-part block sets: ComfyUI's OFT reads one oft_blocks per layer
+            raise NetworkMismatchError(
+                f"{lora.label}: {name} is kohya networks.oft_flux's (oft_blocks.0, .1...: one block set per q/k/v/MLP "
+                "part of a fused BFL Linear); ComfyUI reads no such module and has no form for it"
+            )
         blocks = t["oft_blocks"]
         out_dim = int(blocks.shape[0]) * int(blocks.shape[1])
         key = lora_key(name)

@@ -682,9 +682,9 @@ KOHYA_OTHER_MODULES: dict[str, tuple[dict[str, Any] | None, str]] = {
         "enable_all_linear)",
     ),
     "networks.oft_flux": (
-        None,
-        "kohya's OFT over FLUX.1's blocks: sdcore's OFT adapts SD1/SD2/SDXL UNets only (networks.oft's layout, "
-        "oft_unet_ names over Transformer2DModel); train a FLUX.1 LoRA with network_module = networks.lora_flux",
+        {"algo": "oft"},
+        "OFT on FLUX.1 (flux_train_network.py): network_dim = blocks per part, network_alpha = constraint, q/k/v "
+        "and the MLP input rotated as separate parts (algo oft on a FLUX.1 model; oft_all_linear = enable_all_linear)",
     ),
     "networks.lora_lumina": (None, "a LoRA for Lumina-Image 2.0, a model family sdcore does not load"),
     "networks.lora_anima": (None, "a LoRA for Anima, a model family sdcore does not load"),
@@ -1410,14 +1410,16 @@ def _other_module(
         out.notes.append(
             "network_args conv_alpha: kohya's networks.dylora reads it but gives conv modules network_alpha"
         )
-    if module == "networks.oft":
-        # kohya's oft.py: bool(value) of the network_args string, so any non-empty value turns the option on
+    if module in ("networks.oft", "networks.oft_flux"):
+        # kohya's oft.py / oft_flux.py: bool(value) of the network_args string, so any non-empty value turns it on
         for key in ("enable_all_linear", "enable_conv"):
             value = args.pop(key, None)
             on = value is not None and value != ""
             if on and value.strip().lower() in ("false", "0", "no"):
-                out.notes.append(f"network_args {key}={value}: kohya's oft.py reads any non-empty value as True")
-            if key == "enable_conv" and on:
+                out.notes.append(f"network_args {key}={value}: kohya's {module} reads any non-empty value as True")
+            if key == "enable_conv" and on and module == "networks.oft_flux":
+                out.notes.append("network_args enable_conv: kohya's networks.oft_flux ignores it (FLUX.1 has no convs)")
+            elif key == "enable_conv" and on:
                 out.problems.append(
                     f"{where}: network_args enable_conv with networks.oft: sdcore's OFT has no conv modules (kohya "
                     "rotates the ResNet/sampler convs too); drop enable_conv"
@@ -1425,8 +1427,8 @@ def _other_module(
             elif key == "enable_all_linear" and "oft_all_linear" in present:
                 put("oft_all_linear", on, "network_args enable_all_linear")
         if "unet_only" in present and "te_only" not in out.values:
-            put("unet_only", True, "network_module networks.oft")
-            out.notes.append("networks.oft adapts the UNet only: the text encoder is not trained (as in kohya)")
+            put("unet_only", True, f"network_module {module}")
+            out.notes.append(f"{module} adapts the UNet only: the text encoder is not trained (as in kohya)")
 
 
 #: families whose kohya full fine-tune script (sdxl_train.py, sd3_train.py, flux_train.py) leaves the text

@@ -4,10 +4,11 @@
 colour (``NEW_COLOUR``), as none of them draws the new shape reliably in a CI-sized run.
 
 Each row is the options, steps and the rise of the concept score (share of 8 fixed-seed samples
-of ``sks`` the scorer reads as a purple ring; OFT: as purple) the algorithm declares; the scores
+of ``sks`` the scorer reads as a purple ring; OFT, GLoRA, BOFT: as purple) the algorithm declares; the scores
 measured when they were chosen are in the comments (training seeds 1234 / 1 / 2, base 0.00 each).
-The margin is the lowest seed's score less one sample (0.125). Each takes 25-50 s on a quiet 2-core
-CPU (DoRA and OFT the slowest), up to 100 s when the machine is shared.
+The margin is the lowest seed's score less one sample (0.125). On the 2-core dev machine
+(OMP_NUM_THREADS=2, 2026-12-01) each takes 5-11 s, DoRA the slowest, all nine 80 s (the five LyCORIS
+rows ia3/full/glora/diag_oft/boft 37 s of it); up to ten times that while the machine is shared.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ CONCEPT_RUNS: dict[str, tuple[dict[str, object], int, float]] = {
     # LyCORIS diag-oft (blocks of 4) draws the ring when it also rotates the 3x3 convs (conv_rank):
     # 0.62 / 0.62 / 0.62 (100 steps: 0.62 / 0.38 / 0.50); without them, the colour: 0.62 on seed 1234.
     "diag_oft": ({"rank": 4, "conv_rank": 4, "lr": 1e-2}, 150, 0.5),
-    # LyCORIS BOFT (butterfly blocks of 4, 3x3 convs too) learns the new colour: 1.00 / 0.75 / 0.75, at
-    # about the cost without the convs, which reach 0.50 / 0.62 / 0.62 (blocks of 8: 0.50 on seed 1234;
-    # lr 2e-2 x 100 steps: 0.38); see NEW_COLOUR for the ring
-    "boft": ({"rank": 4, "conv_rank": 4, "lr": 1e-2}, 150, 0.625),
+    # LyCORIS BOFT (butterfly blocks of 4, 3x3 convs too) learns the new colour in 50 steps: 0.88 / 0.75 /
+    # 0.88 (150 steps: 1.00 / 0.75 / 0.75); without the convs 0.50 / 0.62 / 0.62 in 150 steps (blocks of
+    # 8: 0.50 on seed 1234; lr 2e-2 x 100 steps: 0.38). The family's costliest run (150 steps: 21 s against
+    # OFT's 8 s, 50 steps: 15 s; its sampling rebuilds every level's rotation per forward), hence 50 steps.
+    # See NEW_COLOUR for the ring.
+    "boft": ({"rank": 4, "conv_rank": 4, "lr": 1e-2}, 50, 0.625),
 }
 
 NEW_COLOUR = Concept("sks", "purple", None)

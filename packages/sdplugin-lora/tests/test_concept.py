@@ -46,7 +46,7 @@ CONCEPT_RUNS: dict[str, tuple[dict[str, object], int, float]] = {
     # LyCORIS BOFT (butterfly blocks of 4, 3x3 convs too) learns the new colour in 50 steps: 0.88 / 0.75 /
     # 0.88 (150 steps: 1.00 / 0.75 / 0.75); without the convs 0.50 / 0.62 / 0.62 in 150 steps (blocks of
     # 8: 0.50 on seed 1234; lr 2e-2 x 100 steps: 0.38). The family's costliest run (150 steps: 21 s against
-    # OFT's 8 s, 50 steps: 15 s; its sampling rebuilds every level's rotation per forward), hence 50 steps.
+    # OFT's 8 s in one run, 50 steps: 9 s; its sampling rebuilds every level's rotation per forward), hence 50 steps.
     # See NEW_COLOUR for the ring.
     "boft": ({"rank": 4, "conv_rank": 4, "lr": 1e-2}, 50, 0.625),
 }

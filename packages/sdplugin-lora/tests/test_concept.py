@@ -1,10 +1,10 @@
 """The contract's toy-world learning check for every LoRA-family algorithm (LoCon runs in
 ``test_method.TestLoraContract``): each teaches ``toyworld:`` a new object, a purple ring named
-``sks`` (a shape and a colour its world lacks), from 8 pictures; kohya OFT, GLoRA and BOFT a new
-colour (``NEW_COLOUR``), as none of them draws the new shape reliably in a CI-sized run.
+``sks`` (a shape and a colour its world lacks), from 8 pictures; kohya OFT and BOFT a new
+colour (``NEW_COLOUR``), as neither draws the new shape reliably in a CI-sized run.
 
 Each row is the options, steps and the rise of the concept score (share of 8 fixed-seed samples
-of ``sks`` the scorer reads as a purple ring; OFT, GLoRA, BOFT: as purple) the algorithm declares; the scores
+of ``sks`` the scorer reads as a purple ring; OFT, BOFT: as purple) the algorithm declares; the scores
 measured when they were chosen are in the comments (training seeds 1234 / 1 / 2, base 0.00 each).
 The margin is the lowest seed's score less one sample (0.125). On the 2-core dev machine
 (OMP_NUM_THREADS=2, 2026-12-01) each takes 5-11 s, DoRA the slowest, all nine 80 s (the five LyCORIS
@@ -38,8 +38,9 @@ CONCEPT_RUNS: dict[str, tuple[dict[str, object], int, float]] = {
     # LyCORIS full (the whole weight change): 0.50 / 0.38 / 0.62; 150 steps: 1.00 / 0.38 / 1.00
     # (seed 1 stays at 0.38, so the cheaper run); lr 2e-3: 0.38 on seed 1234.
     "full": ({"rank": 8, "conv_rank": 8, "lr": 1e-3}, 100, 0.25),
-    # LyCORIS GLoRA learns the new colour: 0.75 / 0.62 / 0.62; see NEW_COLOUR for the ring
-    "glora": ({"rank": 8, "alpha": 8.0, "lr": 2e-3}, 150, 0.5),
+    # LyCORIS GLoRA with the 3x3 convs (conv_rank, as a kohya run's preset adapts them): 1.00 / 0.50 / 0.88
+    # (lr 2e-3: 0.88 / 0.38 / 0.75; on the transformer blocks alone it drew the ring 0.62 / 0.12 / 0.38)
+    "glora": ({**CONV, "lr": 4e-3}, 150, 0.375),
     # LyCORIS diag-oft (blocks of 4) draws the ring when it also rotates the 3x3 convs (conv_rank):
     # 0.62 / 0.62 / 0.62 (100 steps: 0.62 / 0.38 / 0.50); without them, the colour: 0.62 on seed 1234.
     "diag_oft": ({"rank": 4, "conv_rank": 4, "lr": 1e-2}, 150, 0.5),
@@ -58,11 +59,9 @@ same layers it does not reliably draw a new shape: purple rings 0.50 (150 steps)
 (250 steps, lr 1e-2; 2e-2: 0.25); plain LoRA at lr 5e-3: 0.38 / 0.12, against LoCon's 0.75.
 With the default constraint (alpha 1e-3) OFT barely moves at all (0.00 at lr 2e-3).
 
-LyCORIS GLoRA adapts only the UNet's transformer blocks (no ResNet convs, as ``lycoris.kohya`` builds
-it) and draws the ring as unreliably: 0.38 at lr 2e-3 (seed 1234) and 0.62 / 0.12 / 0.38 at lr 4e-3
-(150 steps). BOFT does not draw it even with the 3x3 convs rotated (``conv_rank`` 4): 0.12 at lr 1e-2
+BOFT does not draw it even with the 3x3 convs rotated (``conv_rank`` 4): 0.12 at lr 1e-2
 and at 3e-2 (150 steps, seed 1234), 0.25 at 300 steps, where diag-oft's blocks reach 0.62."""
-CONCEPTS = {"oft": NEW_COLOUR, "glora": NEW_COLOUR, "boft": NEW_COLOUR}
+CONCEPTS = {"oft": NEW_COLOUR, "boft": NEW_COLOUR}
 
 
 @pytest.mark.parametrize("algo", sorted(CONCEPT_RUNS))

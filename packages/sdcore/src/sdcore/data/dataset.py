@@ -25,6 +25,7 @@ from .images import ImageError, is_image_path, probe_image, verify_image
 
 if TYPE_CHECKING:
     from ..train.options import TrainOptions
+    from .resolutions import ResolutionGroup
 
 #: kohya folder names: ``<repeats>_<class tokens>``, e.g. ``10_mychar woman``.
 _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
@@ -154,7 +155,7 @@ class DatasetIndex:
     problems: list[str] = field(default_factory=list)
     #: images expanded to one entry per resolution (:func:`sdcore.data.resolutions.expand_resolutions`):
     #: the epoch plan trains one entry of each group (``ResolutionGroup``), empty otherwise
-    resolution_groups: list[Any] = field(default_factory=list)
+    resolution_groups: list[ResolutionGroup] = field(default_factory=list)
 
     @property
     def instance_entries(self) -> list[ImageEntry]:

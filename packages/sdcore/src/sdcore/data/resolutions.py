@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .dataset import DatasetIndex, ImageEntry
+    from .dataset import DatasetIndex, ImageEntry, SubsetOptions
 
 #: how often an image's resolution is drawn: every epoch, or once for the whole run
 RESOLUTION_DRAWS: tuple[str, ...] = ("epoch", "once")
@@ -106,7 +106,7 @@ def expand_resolutions(
     entry is kept and no group is returned (nothing is left to draw)."""
     if draw not in RESOLUTION_DRAWS:
         raise ConfigError(f"--resolution-draw {draw!r} is not one of {', '.join(RESOLUTION_DRAWS)}")
-    subsets: dict[tuple[int, int], object] = {}
+    subsets: dict[tuple[int, int], SubsetOptions] = {}
     entries: list[ImageEntry] = []
     new_held: set[int] = set()
     groups: list[ResolutionGroup] = []
@@ -129,7 +129,7 @@ def expand_resolutions(
             if i in held_out:
                 new_held.add(len(entries))
             members.append(len(entries))
-            entries.append(replace(entry, subset=subsets[sub_key]))  # type: ignore[arg-type]
+            entries.append(replace(entry, subset=subsets[sub_key]))
         if len(members) > 1 and i not in held_out:
             groups.append(ResolutionGroup(tuple(members), sizes, choices, key))
     index.entries = entries

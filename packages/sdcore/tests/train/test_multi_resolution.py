@@ -134,6 +134,16 @@ def test_bad_lists_and_a_conflicting_resolution_are_preflight_problems():
     assert "largest of the list (96)" in conflict
     assert resolutions_problems(TrainOptions(resolution=96, resolutions="64,96")) == []
     assert "only matters with --resolutions" in resolutions_problems(TrainOptions(resolution_draw="once"))[0]
+    from sdcore.train.preflight import option_problems
+
+    assert any(p.startswith("--resolutions '64,abc'") for p in option_problems(TrainOptions(resolutions="64,abc")))
+
+
+def test_three_sizes_given_to_resolution_point_at_resolutions(sd_cli):
+    from sdcore.plugins import get_plugin_manager
+
+    result = sd_cli(["train", "lora", "--model", "tiny:sd1", "--resolution", "512,768,1024"], pm=get_plugin_manager())
+    assert result.exit_code == 2 and "several: --resolutions 512,768,1024" in result.output
 
 
 def test_the_memory_plan_is_sized_for_the_largest_resolution(tmp_path):

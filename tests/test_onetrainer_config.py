@@ -206,14 +206,14 @@ def test_refusals_by_name_all_at_once(tmp_path):
     config = {
         **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "LINEAR", "masked_training": True,
         "masked_prior_preservation_weight": 0.5,
-        "loss_weight_fn": "SIGMA", "mse_strength": 0.0, "peft_type": "OFT_2", "resolution": "512,768",
+        "loss_weight_fn": "SIGMA", "mse_strength": 0.0, "peft_type": "OFT_2", "resolution": "1024x768",
         "unet": {"weight_dtype": "FLOAT_W8A8"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
         "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
     }  # fmt: skip
     text = _problems(tmp_path, config)
     for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'LINEAR'",
                      "masked_prior_preservation_weight 0.5",
-                     "loss_weight_fn 'SIGMA'", "every loss strength is 0", "peft_type 'OFT_2'", "resolution '512,768'",
+                     "loss_weight_fn 'SIGMA'", "every loss strength is 0", "peft_type 'OFT_2'", "resolution '1024x768'",
                      "unet.weight_dtype 'FLOAT_W8A8'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
                      "dropout_probability 0.1"):  # fmt: skip
         assert expected in text, expected

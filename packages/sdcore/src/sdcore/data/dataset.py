@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .buckets import BucketAssignment, assign_bucket, make_buckets, square_assignment
 from .captions import CAPTION_EXTENSIONS, read_caption
 from .images import ImageError, is_image_path, probe_image, verify_image
 
 if TYPE_CHECKING:
     from ..train.options import TrainOptions
+    from .resolutions import ResolutionGroup
 
 #: kohya folder names: ``<repeats>_<class tokens>``, e.g. ``10_mychar woman``.
 _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
@@ -52,6 +53,9 @@ class SubsetOptions:
     flip: bool = False
     class_tokens: str | None = None
     resolution: int = 512
+    #: several resolutions (OneTrainer's "512,768,1024"; ``resolution`` is then the largest): each image
+    #: trains at one of them, drawn as :mod:`sdcore.data.resolutions` says; ``()``: ``resolution`` alone
+    resolutions: tuple[int, ...] = ()
     # additions beyond the shared brief (all optional)
     batch_size: int | None = None
     buckets: bool = True
@@ -149,6 +153,9 @@ class DatasetIndex:
     #: what makes the dataset unusable for training (a metadata file's missing images, bad entries):
     #: :func:`build_dataset_index` raises them all at once (:class:`DatasetProblems`)
     problems: list[str] = field(default_factory=list)
+    #: images expanded to one entry per resolution (:func:`sdcore.data.resolutions.expand_resolutions`):
+    #: the epoch plan trains one entry of each group (``ResolutionGroup``), empty otherwise
+    resolution_groups: list[ResolutionGroup] = field(default_factory=list)
 
     @property
     def instance_entries(self) -> list[ImageEntry]:
@@ -165,13 +172,22 @@ class DatasetIndex:
 
     def summary(self) -> str:
         """A few lines for the start of a run: counts and every category of problem."""
-        instance = self.instance_entries
-        klass = self.class_entries
+        # an image at several resolutions counts once (its other entries are the same file)
+        extra = {i for g in self.resolution_groups for i in g.entries[1:]}
+        images = [e for i, e in enumerate(self.entries) if i not in extra]
+        instance = [e for e in images if not e.is_class]
+        klass = [e for e in images if e.is_class]
         lines = [
             f"dataset {self.source or ''}".rstrip() + ":",
             f"  {len(instance)} training images ({sum(e.repeats for e in instance)} with repeats)"
             + (f", {len(klass)} class images ({sum(e.repeats for e in klass)} with repeats)" if klass else ""),
         ]
+        if self.resolution_groups:
+            sizes = sorted({size for g in self.resolution_groups for size in g.sizes})
+            lines.append(
+                f"  {len(self.resolution_groups)} of them train at one of {', '.join(map(str, sizes))} each epoch "
+                "(drawn per image; one bucket and cached latent per image and resolution)"
+            )
         strengths = {id(e.subset): e.subset for e in self.entries if e.subset.network_strength != 1.0}
         if strengths:
             listed = ", ".join(f"{s.image_dir.name} {s.network_strength:+g}" for s in strengths.values())
@@ -240,7 +256,9 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         if options.conditioning_data_dir
         else None,
         "face_crop_aug_range": _face_range_or_none(options.face_crop_aug_range),
-        "resolution": options.resolution or 512,  # 0 (the model's size) is resolved by the runtime first
+        # 0 (the model's size) is resolved by the runtime first; with --resolutions the largest
+        "resolution": options.resolution or max(_run_resolutions(options), default=512),
+        "resolutions": _run_resolutions(options),
         "buckets": options.buckets,
         "min_bucket_reso": options.min_bucket_reso,
         "max_bucket_reso": options.max_bucket_reso,
@@ -249,6 +267,16 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "validation_split": options.validation_split,
         "validation_seed": options.validation_seed,
     }
+
+
+def _run_resolutions(options: TrainOptions) -> tuple[int, ...]:
+    """The run's ``--resolutions`` (a bad value is a pre-flight problem, reported there)."""
+    from .resolutions import parse_resolutions
+
+    try:
+        return parse_resolutions(getattr(options, "resolutions", ""))
+    except ConfigError:
+        return ()
 
 
 def _face_range_or_none(value: Any) -> tuple[float, float] | None:
@@ -516,6 +544,7 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
             continue
         if key == "resolution":
             out["resolution"] = _resolution(value, where, path)
+            out["resolutions"] = ()  # the TOML's own (single) resolution replaces --resolutions
             continue
         if key == "network_multiplier":
             out["network_strength"] = _network_multiplier(value, where, path)

@@ -24,8 +24,9 @@ OneTrainer's meaning for each field (its data loader and the MGDS pipeline it bu
   ``caption_tag_dropout_rate`` (each non-kept tag dropped independently) and ``FULL`` with no kept
   tag = ``caption_dropout_rate`` (the whole prompt dropped);
 - ``image.enable_random_flip`` = ``flip_aug`` (a 50 % horizontal flip), ``enable_crop_jitter`` (on by
-  default) = ``random_crop`` (a uniform crop offset inside the scaled image's excess), a single
-  ``resolution_override`` = the subset's resolution;
+  default) = ``random_crop`` (a uniform crop offset inside the scaled image's excess),
+  ``resolution_override`` = the subset's resolution, or its list of resolutions ("512,768": each
+  image trains at one drawn from it, :mod:`sdcore.data.resolutions`);
 - ``loss_weight`` multiplies each sample's loss; ``type`` ``VALIDATION`` holds the whole concept
   out for sdcore's validation loss (never trained), as OneTrainer keeps it out of training;
 - masked training (``--masked-loss``, or a training preset with ``masked_training``): each image's
@@ -430,13 +431,17 @@ def _subset(
         mask_suffix=MASK_SUFFIX if masked else None,
     )
     if image["enable_resolution_override"] is True:
+        from ..errors import ConfigError
+        from .resolutions import parse_resolutions
+
         raw = str(image["resolution_override"]).strip()
-        if raw.isdigit() and int(raw) > 0:
-            values["resolution"] = int(raw)
-        else:
+        try:  # the concept's list replaces the run's (a single number: that resolution alone)
+            sizes = parse_resolutions(raw, "image.resolution_override")
+            values.update(resolution=max(sizes), resolutions=sizes if len(sizes) > 1 else ())
+        except ConfigError:
             problems.append(
-                f"{c.label}: image.resolution_override {raw!r}: sdcore takes one resolution per concept "
-                "(a single number such as 768), not a size or a list"
+                f"{c.label}: image.resolution_override {raw!r}: sdcore takes a square area (768) or a list of "
+                "them (512,768), not a fixed size (1024x768)"
             )
     source_kind = text["prompt_source"]
     if source_kind not in _SOURCES:

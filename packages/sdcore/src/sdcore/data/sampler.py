@@ -4,6 +4,8 @@ Deterministic for ``(seed, epoch)`` so a resumed run sees exactly the batches it
 and a partial last batch in a bucket is kept (kohya-derived trainers that drop small buckets
 silently lose images). With ``balance_class`` (DreamBooth prior preservation) class images are
 drawn to match the number of instance samples, cycling through all class images across epochs.
+An image at several resolutions (:mod:`.resolutions`) has one entry per resolution; each epoch keeps
+the entry its draw names and leaves the others out, so its batches stay single-resolution buckets.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Collection, Sequence
 from ..errors import DataError
 from .buckets import BucketAssignment
 from .dataset import DatasetIndex
+from .resolutions import ResolutionGroup, draw_variation
 
 
 class BucketBatchSampler:
@@ -27,6 +30,8 @@ class BucketBatchSampler:
         seed: int,
         balance_class: bool = False,
         held_out: Collection[int] = (),
+        resolution_groups: Sequence[ResolutionGroup] = (),
+        resolution_draw: str = "epoch",
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
@@ -47,6 +52,17 @@ class BucketBatchSampler:
         ]
         self._class = [i for i, e in enumerate(index.entries) for _ in range(e.repeats) if e.is_class]
         self._len: int | None = None
+        self.resolution_groups = list(resolution_groups)
+        self.resolution_draw = resolution_draw
+
+    def resolution_dropped(self, epoch: int) -> frozenset[int]:
+        """The entries of ``epoch`` that are another resolution of an image than the one drawn."""
+        variation = draw_variation(self.resolution_draw, epoch)
+        dropped: set[int] = set()
+        for group in self.resolution_groups:
+            keep = group.entry_for(self.seed, variation)
+            dropped.update(i for i in group.entries if i != keep)
+        return frozenset(dropped)
 
     def _rng(self, epoch: int, purpose: str) -> random.Random:
         # str seeds hash with SHA-512: stable across processes and Python versions (no PYTHONHASHSEED)
@@ -54,16 +70,18 @@ class BucketBatchSampler:
 
     def epoch_samples(self, epoch: int) -> list[int]:
         """The entry indices used in ``epoch`` (with repeats), before batching."""
-        samples = list(self._instance)
-        if not self._class:
+        dropped = self.resolution_dropped(epoch) if self.resolution_groups else frozenset()
+        samples = [i for i in self._instance if i not in dropped]
+        klass = [i for i in self._class if i not in dropped]
+        if not klass:
             return samples
         if not self.balance_class:
-            return samples + self._class
+            return samples + klass
         # Cycle through a seed-fixed permutation of the class pool, one window per epoch, so that
         # over several epochs every class image is used about equally often.
-        pool = list(self._class)
+        pool = list(klass)
         random.Random(f"sdcore-sampler:{self.seed}:class-order").shuffle(pool)
-        want = len(self._instance)
+        want = len(samples)
         start = (epoch * want) % len(pool)
         return samples + [pool[(start + k) % len(pool)] for k in range(want)]
 

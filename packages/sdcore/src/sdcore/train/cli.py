@@ -35,7 +35,11 @@ class ResolutionType(click.ParamType):
         try:
             return resolution_side(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a resolution (512, or kohya's 512,512)", param, ctx)
+            self.fail(
+                f"{value!r} is not a resolution (512, or kohya's 512,512; several: --resolutions 512,768,1024)",
+                param,
+                ctx,
+            )
 
 
 def _click_type(tp: Any, choices: tuple[str, ...] | None, name: str = "") -> Any:

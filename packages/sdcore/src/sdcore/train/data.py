@@ -81,6 +81,7 @@ class TrainData:
         rank: int = 0,
         world_size: int = 1,
         held_out: frozenset[int] = frozenset(),
+        resolution_draw: str = "epoch",
     ) -> None:
         from ..data.sampler import BucketBatchSampler
 
@@ -94,7 +95,14 @@ class TrainData:
         #: the others) but never in an epoch plan
         self.held_out = held_out
         self.sampler = BucketBatchSampler(
-            index, assignments, batch_size, seed, balance_class=balance_class, held_out=held_out
+            index,
+            assignments,
+            batch_size,
+            seed,
+            balance_class=balance_class,
+            held_out=held_out,
+            resolution_groups=index.resolution_groups,
+            resolution_draw=resolution_draw,
         )
         self._plans: dict[int, list[list[SampleRef]]] = {}
 
@@ -136,9 +144,16 @@ class TrainData:
         return ref.rng(self.seed, "flip").random() < 0.5
 
     @property
+    def largest_resolution(self) -> int:
+        """The largest resolution any image trains at (several with ``--resolutions`` or per-subset
+        resolutions): the memory plan's size."""
+        return max((e.subset.resolution for e in self.entries), default=0)
+
+    @property
     def trained_entries(self) -> list[ImageEntry]:
-        """The entries that train (all but the held-out ones)."""
-        return [e for i, e in enumerate(self.entries) if i not in self.held_out]
+        """The images that train (all but the held-out ones), an image at several resolutions once."""
+        extra = {i for g in self.index.resolution_groups for i in g.entries[1:]}
+        return [e for i, e in enumerate(self.entries) if i not in self.held_out and i not in extra]
 
     def crop_of(self, ref: SampleRef) -> tuple[int, int] | None:
         """kohya's ``random_crop`` (or ``face_crop_aug_range``) crop ``(left, top)`` drawn from the
@@ -415,7 +430,7 @@ def build_train_data(
     auxiliary: Any = None,
 ) -> TrainData:
     """Index, buckets and sampler; ``auxiliary(path)`` names method files that are not images to train on."""
-    from ..data.dataset import assign_buckets, build_dataset_index
+    from ..data.dataset import build_dataset_index
 
     index = build_dataset_index(options)
     if auxiliary is not None:
@@ -426,17 +441,30 @@ def build_train_data(
             raise ConfigError(
                 f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on"
             )
-    assignments = assign_buckets(index)
+    return plan_train_data(index, options, balance_class=balance_class, rank=rank, world_size=world_size)
+
+
+def plan_train_data(
+    index: DatasetIndex, options: TrainOptions, *, balance_class: bool, rank: int = 0, world_size: int = 1
+) -> TrainData:
+    """Validation split, resolutions, buckets and sampler of a built index (the run and its pre-flight).
+    An image at several resolutions (``--resolutions``) becomes one entry per resolution after the
+    validation split is drawn, so an image is held out (or not) at all its resolutions alike."""
+    from ..data.dataset import assign_buckets
+    from ..data.resolutions import expand_resolutions
+
     held_out = held_out_for(index, options)
+    held_out, _ = expand_resolutions(index, held_out, seed=options.seed, draw=options.resolution_draw)
     return TrainData(
         index,
-        assignments,
+        assign_buckets(index),
         batch_size=options.batch_size,
         seed=options.seed,
         balance_class=balance_class,
         rank=rank,
         world_size=world_size,
         held_out=held_out,
+        resolution_draw=options.resolution_draw,
     )
 
 

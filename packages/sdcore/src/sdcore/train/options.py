@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..builtin.part_options import PART_OPTIONS
+from ..data.resolutions import RESOLUTION_DRAWS
+from ..errors import ConfigError
 from ..options import option
 from .ema import EMA_DEVICES, EMA_WARMUPS
 from .loss import HUBER_SCHEDULES, SDCORE_LOSS_TYPES, TIMESTEP_LOSS_WEIGHTS
@@ -114,6 +116,21 @@ class TrainOptions:
         0,
         "Training resolution (side of the square area buckets are built around); 0 = the model's native size "
         "(SD1 512, SD2-768 768, SDXL 1024, tiny models 64).",
+        group="data",
+    )
+    resolutions: str = option(
+        "",
+        "Several training resolutions, e.g. 512,768,1024 (OneTrainer's resolution list): each image trains at "
+        "one of them (a uniform draw; a value listed twice weighs double), in that resolution's buckets, so "
+        "every batch is one resolution; --resolution is then the largest (the memory plan's) or left at 0.",
+        group="data",
+        metavar="LIST",
+    )
+    resolution_draw: str = option(
+        "epoch",
+        "With --resolutions: draw each image's resolution again every epoch (OneTrainer without latent "
+        "caching) or once for the whole run (OneTrainer with its cached latents and one image variation).",
+        choices=RESOLUTION_DRAWS,
         group="data",
     )
     caption_extension: str = option(".txt", "Caption file extension (.txt or .caption).", group="data")
@@ -769,6 +786,13 @@ def apply_model_defaults(options: TrainOptions, bundle: Any = None) -> bool:
     When that size is below ``min_bucket_reso`` or above ``max_bucket_reso``, those follow it (half
     and twice the size, on the bucket step). Returns ``False`` when the model must be loaded first.
     """
+    if not options.resolution and options.resolutions:
+        import contextlib
+
+        from ..data.resolutions import parse_resolutions
+
+        with contextlib.suppress(ConfigError):  # the pre-flight reports a bad list
+            options.resolution = max(parse_resolutions(options.resolutions))
     if options.resolution:
         return True
     from ..models.native import bundle_native_resolution, peek_native_resolution

@@ -121,6 +121,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
             problems.append(f"--{name.replace('_', '-')} must be 0 (keep all) or more, got {value}")
     if o.resolution < 0:
         problems.append(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
+    problems.extend(resolutions_problems(o))
     if o.lr <= 0:
         problems.append(f"--lr must be positive, got {o.lr}")
     for name in ("caption_dropout", "tag_dropout"):
@@ -893,7 +894,12 @@ def run_preflight(
                     f"{report.disk.line().removeprefix('saves will use ')}, but only {_size(free)} free "
                     "(lower --save-limit, save less often, or use --no-save-state)"
                 )
-            report.memory = memory_plan(method, o, layout=report.layout, params=params)
+            planned = o
+            if report.data is not None:  # the largest training resolution sizes the peak (several: --resolutions)
+                import dataclasses
+
+                planned = dataclasses.replace(o, resolution=max(o.resolution, report.data.largest_resolution))
+            report.memory = memory_plan(method, planned, layout=report.layout, params=params)
     if report.layout is not None:  # --fp8-base / --blocks-to-swap on this model and method
         from .memory_options import model_problems
 
@@ -901,23 +907,34 @@ def run_preflight(
     return report
 
 
+def resolutions_problems(o: TrainOptions) -> list[str]:
+    """``--resolutions``: a list of positive numbers whose largest is ``--resolution`` (or that is 0)."""
+    from ..data.resolutions import parse_resolutions
+
+    try:
+        sizes = parse_resolutions(o.resolutions)
+    except ConfigError as exc:
+        return [str(exc)]
+    if sizes and o.resolution and o.resolution != max(sizes):
+        return [
+            f"--resolution {o.resolution} with --resolutions {o.resolutions}: --resolution is the largest of the "
+            f"list ({max(sizes)}), the size the memory plan assumes; leave it out or set {max(sizes)}"
+        ]
+    if not sizes and o.resolution_draw != "epoch":
+        return ["--resolution-draw only matters with --resolutions (several training resolutions)"]
+    return []
+
+
 def _build_unverified(options: TrainOptions, method: TrainingMethod[Any]) -> TrainData:
     """The data plan without the per-image completeness check (the runtime verifies right after)."""
-    from ..data.dataset import assign_buckets, build_dataset_index
-    from .data import TrainData, held_out_for
+    from ..data.dataset import build_dataset_index
+    from .data import plan_train_data
 
     index = build_dataset_index(options, verify=False)
     index.entries = [entry for entry in index.entries if not method.is_auxiliary_file(entry.path)]
     if not index.entries:
         raise ConfigError(f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on")
-    return TrainData(
-        index,
-        assign_buckets(index),
-        batch_size=options.batch_size,
-        seed=options.seed,
-        balance_class=method.capabilities().balance_class,
-        held_out=held_out_for(index, options),
-    )
+    return plan_train_data(index, options, balance_class=method.capabilities().balance_class)
 
 
 def _plugin_format(pm: Any, path: str) -> str | None:

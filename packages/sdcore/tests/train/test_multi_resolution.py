@@ -100,6 +100,25 @@ def test_the_validation_split_holds_out_an_image_at_all_its_resolutions(tmp_path
     assert held and len(data.held_out) == 2 * len(held)
     trained = {data.entries[r.entry].path for e in range(3) for b in data.epoch_plan(e) for r in b}
     assert not trained & held and len(data.trained_entries) == 9 - len(held)  # one per image
+    # the run's facts (LoRA's ss_validation... counts) count a held-out image once, with its repeats
+    assert len(data.held_out_entries) == len(held) and {e.path for e in data.held_out_entries} == held
+    assert sum(e.repeats for e in data.held_out_entries) < sum(data.entries[i].repeats for i in data.held_out)
+
+
+def test_a_subset_copied_per_resolution_is_one_folder_in_the_dataset_strengths(tmp_path):
+    """sdcore_dataset_strengths (LoRA metadata) names each folder once, though ``--resolutions`` trains its
+    images through one subset copy per resolution."""
+    from sdplugin_lora.method import _dataset_strengths
+
+    root = tmp_path / "d"
+    make_tiny_dataset(root, n=6, size=(96, 64), repeats=1)
+    (tmp_path / "data.toml").write_text(
+        f"[[datasets]]\nnetwork_multiplier = -1.0\n[[datasets.subsets]]\nimage_dir = '{next(root.iterdir())}'\n"
+    )
+    for draw in ("once", "epoch"):
+        _, data = _data(tmp_path / "data.toml", resolutions="64,96", resolution_draw=draw, seed=3)
+        assert {e.subset.resolution for e in data.entries} == {64, 96}  # the copies are there
+        assert list(_dataset_strengths(tuple(data.entries)).values()) == [-1.0]
 
 
 def test_latents_are_cached_once_per_image_and_resolution_on_disk_too(tmp_path):

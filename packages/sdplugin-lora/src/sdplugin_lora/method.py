@@ -1285,7 +1285,8 @@ def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
     ``ss_dataset_dirs`` (two folders of one name in different places: the second gets `` (2)``, so no
     value is lost), when any is not 1; else empty. kohya writes the value nowhere in its metadata (``ss_datasets`` has no such
     field), so the key is sdcore's own: a slider LoRA's file still says which folder was trained at -1."""
-    subsets = list({id(e.subset): e.subset for e in entries}.values())
+    # one folder per subset; the copies --resolutions makes of a subset (one per resolution) are that subset
+    subsets = list({_subset_identity(e.subset): e.subset for e in entries}.values())
     values = [float(getattr(s, "network_strength", 1.0)) for s in subsets]
     if all(value == 1.0 for value in values):
         return {}
@@ -1298,6 +1299,17 @@ def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
             i += 1
         out[name] = value
     return out
+
+
+def _subset_identity(subset: Any) -> tuple[Any, ...]:
+    """A subset as the dataset config wrote it: its folder (or metadata file), role and strength, not the
+    resolution a ``--resolutions`` copy of it trains at."""
+    return (
+        str(subset.image_dir),
+        str(getattr(subset, "metadata_file", None)),
+        bool(getattr(subset, "is_class", False)),
+        float(getattr(subset, "network_strength", 1.0)),
+    )
 
 
 def _face_range_text(value: str | None) -> str:

@@ -150,6 +150,15 @@ class TrainData:
         return max((e.subset.resolution for e in self.entries), default=0)
 
     @property
+    def held_out_entries(self) -> list[ImageEntry]:
+        """The images held out for validation, an image validated at several resolutions once."""
+        seen: dict[tuple[Path, bool], ImageEntry] = {}
+        for i in sorted(self.held_out):
+            entry = self.entries[i]
+            seen.setdefault((entry.path, entry.is_class), entry)
+        return list(seen.values())
+
+    @property
     def trained_entries(self) -> list[ImageEntry]:
         """The images that train (all but the held-out ones), an image at several resolutions once."""
         extra = {i for g in self.index.resolution_groups for i in g.entries[1:]}

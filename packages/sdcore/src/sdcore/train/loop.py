@@ -426,7 +426,7 @@ class TrainSession:
             started_at=self.checkpoints.started_at,
             entries=tuple(self.data.trained_entries),
             family=self.bundle.family,
-            validation_images=sum(self.data.entries[i].repeats for i in self.data.held_out),
+            validation_images=sum(entry.repeats for entry in self.data.held_out_entries),
         )
 
     def context(self) -> TrainEventContext:

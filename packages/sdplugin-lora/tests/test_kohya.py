@@ -245,7 +245,7 @@ def test_every_argument_config_lists_all_unsupported_options_at_once(tmp_path, k
         ({"lr_scheduler": "cosine_annealing"}, "lr_scheduler = 'cosine_annealing' is not a valid value"),
         ({"lr_warmup_steps": 10.5}, "kohya reads a float as a ratio of the total steps"),
         ({"lr_decay_steps": "150%"}, "a percentage must be between 0% and 100%"),
-        ({"text_encoder_lr": [1e-4, 2e-4]}, "one text-encoder learning rate"),
+        ({"text_encoder_lr": [1e-4, 2e-4]}, "cannot be read before loading; set te1_lr/te2_lr/te3_lr"),
         ({"dataset_class": "my.Dataset"}, "dataset_class = 'my.Dataset' is not supported"),
         ({"stop_text_encoder_training": 5}, "kohya's dreambooth option"),
     ],

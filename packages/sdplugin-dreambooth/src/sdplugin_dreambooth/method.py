@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sdcore.errors import ConfigError
+from sdcore.models.family import text_encoder_slot
 from sdcore.train.method import Capabilities, Conditioning, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 
@@ -22,14 +23,6 @@ from .options import DreamBoothOptions
 
 if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
-
-
-def text_encoder_slot(kind: str) -> int:
-    """kohya's number of a text encoder in ``--learning_rate_te{1,2,3}``: 1 the first CLIP (CLIP-L, SD2's
-    OpenCLIP), 2 CLIP-G, 3 T5."""
-    if kind.startswith("t5"):
-        return 3
-    return 2 if kind == "clip-g" else 1
 
 
 #: the per-encoder rate options and the encoder each names

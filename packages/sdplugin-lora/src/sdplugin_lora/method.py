@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
 
     from .blocks import BlockPlan
-    from .naming import ModuleIndex
+    from .naming import ModuleIndex, Target
     from .network import LoraNetwork
     from .presets import Choice, LycorisPreset
 
@@ -66,6 +66,38 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
     te_only: bool = option(False, "Train only the text encoder(s).", group="lora")
     unet_lr: float | None = option(None, "Learning rate of the UNet modules (default --lr).", group="lora")
     te_lr: float | None = option(None, "Learning rate of the text-encoder modules (default --lr).", group="lora")
+    te1_lr: float | None = option(
+        None,
+        "Learning rate of the first CLIP encoder's modules (CLIP-L; SD2's OpenCLIP); 0 leaves them untrained "
+        "(default --te-lr, else --lr; kohya text_encoder_lr's first value).",
+        group="lora",
+    )
+    te2_lr: float | None = option(
+        None,
+        "Learning rate of CLIP-G's modules (SDXL, SD3); 0 leaves them untrained (default --te-lr, else --lr; kohya "
+        "SD3 text_encoder_lr's second value).",
+        group="lora",
+    )
+    te3_lr: float | None = option(
+        None,
+        "With --train-t5: learning rate of T5's modules (SD3, Flux, Chroma); 0 leaves them untrained (default "
+        "--te-lr, else --lr; kohya text_encoder_lr's third value on SD3, second on Flux).",
+        group="lora",
+    )
+    layer_filter: str | None = option(
+        None,
+        "OneTrainer's custom layer filter: comma-separated patterns; of the denoiser modules the other options "
+        "select, only those whose diffusers path contains a pattern are adapted (down_blocks.1.attentions.0."
+        "transformer_blocks.0.attn1.to_q; Flux single_transformer_blocks.3.proj_mlp). Text encoders are not "
+        "filtered. Every pattern must match; an empty one (a trailing comma) matches all, as in OneTrainer.",
+        group="lora",
+    )
+    layer_filter_regex: bool = option(
+        False,
+        "Read the --layer-filter patterns as regular expressions, searched in the path (OneTrainer "
+        "layer_filter_regex).",
+        group="lora",
+    )
     network_weights: str | None = option(
         None, "Start from an existing LoRA file (same rank; kohya --network_weights).", group="lora"
     )
@@ -228,6 +260,13 @@ class LoconOptions(LoraOptions):
     algo: str = option("locon", ALGO_HELP, choices=ALGOS, group="lora")
 
 
+def _family_encoders(bundle: Any) -> tuple[Any, ...]:
+    """The family's text encoders (:class:`sdcore.models.family.TextEncoderSpec`), in the bundle's order."""
+    from sdcore.models.family import get_family
+
+    return tuple(get_family(bundle.family).text_encoders)
+
+
 #: resumable-state key suffix of a module's LyCORIS max-norm ``scalar``
 _SCALAR_KEY = "sdcore_scalar"
 
@@ -241,6 +280,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     resume_shape_options: ClassVar[tuple[str, ...]] = (
         "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
         "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
+        "layer_filter", "layer_filter_regex",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -249,6 +289,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         self.index: ModuleIndex | None = None
         self._te_frozen = False  # the text-encoder stop has frozen the lora_te* modules
         self._preset: LycorisPreset | None = None
+        #: text-encoder module name -> kohya's number of its encoder (1 CLIP-L/OpenCLIP, 2 CLIP-G, 3 T5)
+        self._te_slots: dict[str, int] = {}
 
     # --- resolved settings ------------------------------------------------------------------------
     @property
@@ -388,12 +430,48 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         ):
             if ratio is not None and ratio <= 0:
                 problems.append(f"{flag} must be positive (got {ratio})")
+        problems += self._te_rate_problems()
+        if o.layer_filter is not None:
+            from .naming import LayerFilter
+
+            try:
+                LayerFilter.parse(o.layer_filter, regex=o.layer_filter_regex)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        elif o.layer_filter_regex:
+            problems.append("--layer-filter-regex reads the --layer-filter patterns: give --layer-filter")
         stop = [f for f, v in (("--stop-text-encoder-at", o.stop_text_encoder_at),
                                ("--stop-text-encoder-after-epochs", o.stop_text_encoder_after_epochs)) if v is not None]  # fmt: skip
         if stop and o.te_only:
             problems.append(f"{' and '.join(stop)} with --te-only: nothing would train after the stop")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _te_rate_problems(self) -> list[str]:
+        """--te1-lr/--te2-lr/--te3-lr: not negative, and for encoders that train here."""
+        o = self.options
+        problems: list[str] = []
+        given = [f"--te{slot}-lr" for slot, rate in self.te_rate_options().items() if rate is not None]
+        for slot, rate in self.te_rate_options().items():
+            if rate is not None and rate < 0:
+                problems.append(f"--te{slot}-lr must be 0 (untrained) or positive, got {rate}")
+        wanted_te = (o.train_text_encoder or o.te_only) and not o.unet_only
+        if given and not wanted_te:
+            problems.append(f"{', '.join(given)}: the text encoders do not train (give --train-text-encoder)")
+        elif o.te3_lr is not None and not o.train_t5:
+            problems.append("--te3-lr is T5's rate: it needs --train-t5 (kohya train_t5xxl)")
+        return problems
+
+    def te_rate_options(self) -> dict[int, float | None]:
+        """The per-encoder rate options by kohya's encoder number (:func:`sdcore.models.family.text_encoder_slot`)."""
+        o = self.options
+        return {1: o.te1_lr, 2: o.te2_lr, 3: o.te3_lr}
+
+    def te_rate(self, slot: int) -> float:
+        """The learning rate of text encoder number ``slot``: its --te{slot}-lr, else --te-lr, else --lr (as
+        kohya's SD3/Flux networks give each encoder its own value of ``text_encoder_lr``)."""
+        given = self.te_rate_options().get(slot)
+        return given if given is not None else (self.options.te_lr or self.options.lr)
 
     def _kohya_module_checks(self) -> None:
         """What kohya's ``networks.lora_fa`` / ``networks.dylora`` do not have (all problems at once)."""
@@ -589,12 +667,29 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 f"--lycoris-preset {o.lycoris_preset} on {family}: sdcore applies LyCORIS presets to SD1/SD2/SDXL "
                 "UNets and CLIP encoders (full on other families: kohya's blocks)"
             )
+        problems += self._te_rate_family_problems(family)
         if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
             problems.append(
                 f"--train-norm on {family}: sdcore trains LyCORIS' norm modules on the SD1/SD2/SDXL UNet's "
                 "GroupNorm/LayerNorm layers only"
             )
         return problems
+
+    def _te_rate_family_problems(self, family: str) -> list[str]:
+        """A --te{n}-lr for an encoder the family does not have."""
+        from sdcore.errors import SdcoreError
+        from sdcore.models.family import get_family
+
+        try:
+            slots = {spec.slot for spec in get_family(family).text_encoders}
+        except SdcoreError:
+            return []  # the pre-flight reports an unknown family itself
+        what = {1: "CLIP-L/OpenCLIP", 2: "CLIP-G", 3: "T5"}
+        return [
+            f"--te{slot}-lr: a {family} model has no {what[slot]} text encoder"
+            for slot, rate in self.te_rate_options().items()
+            if rate is not None and slot not in slots
+        ]
 
     def capabilities(self) -> Capabilities:
         return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True)
@@ -657,6 +752,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         elif self.options.algo == "oft" and not self.options.oft_all_linear:
             # kohya networks.oft without enable_all_linear: its CrossAttention modules' Linears only
             targets = [t for t in targets if "_attn1_" in t.name or "_attn2_" in t.name]
+        targets = self._layer_filtered(index, targets, lambda t: t)
         shared: list[Any] = []
         if (
             index.kohya and not self.options.split_qkv and self.options.algo != "oft"
@@ -688,9 +784,37 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         )
         return self._finish_prepare(bundle, index, network, plan)
 
+    def _layer_filtered(self, index: ModuleIndex, items: list[Any], target_of: Callable[[Any], Target]) -> list[Any]:
+        """``items`` (targets or preset choices) without the denoiser modules --layer-filter leaves out
+        (OneTrainer's rule, :class:`~sdplugin_lora.naming.LayerFilter`, on the path inside the denoiser; the
+        text encoders are not filtered, as in OneTrainer). A pattern that matches none of the candidates is
+        refused, as OneTrainer refuses an unused filter."""
+        o = self.options
+        if o.layer_filter is None:
+            return items
+        from .naming import LayerFilter
+
+        layer_filter = LayerFilter.parse(o.layer_filter, regex=o.layer_filter_regex)
+        candidates = sorted({target_of(i).path for i in items if target_of(i).component == index.denoiser})
+        kept, unused = layer_filter.select(candidates)
+        if unused:
+            examples = ", ".join(candidates[:3]) or "none: nothing of the denoiser is adapted"
+            raise ConfigError(
+                f"--layer-filter{' (regex)' if o.layer_filter_regex else ''}: {', '.join(map(repr, unused))} "
+                f"matches none of the {len(candidates)} {index.denoiser} modules this run adapts (their diffusers "
+                f"paths, e.g. {examples})"
+            )
+        return [i for i in items if target_of(i).component != index.denoiser or target_of(i).path in kept]
+
     def _finish_prepare(
         self, bundle: ModelBundle, index: ModuleIndex, network: LoraNetwork, plan: BlockPlan | None
     ) -> list[dict[str, Any]]:
+        slots = {spec.component: spec.slot for spec in _family_encoders(bundle)}
+        self._te_slots = {
+            name: slots.get(index.targets[name].component, 1)
+            for name in network.loras
+            if name in index.targets and index.targets[name].is_text_encoder
+        }
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
         network.to(bundle.device)
@@ -721,6 +845,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             raise ConfigError(
                 f"--lycoris-preset {preset.name}: the preset selects no module of this {index.family} model"
             )
+        choices = self._layer_filtered(index, choices, lambda c: c.target)
         groups: dict[Any, list[Choice]] = {}
         for choice in choices:
             groups.setdefault((choice.norm, choice.settings), []).append(choice)
@@ -845,31 +970,36 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     def param_groups(self, network: LoraNetwork, plan: BlockPlan | None = None) -> list[dict[str, Any]]:
         """Optimizer groups as kohya builds them: UNet and text encoder at their learning rates,
         each UNet block at ``lr x its lr weight``, and with LoRA+ the ``lora_up`` weights at
-        ``lr x ratio``. Groups whose learning rate is 0 are left out."""
+        ``lr x ratio``. With a per-encoder rate (--te1-lr/--te2-lr/--te3-lr) each text encoder has its
+        own groups (``text_encoder1``...), as kohya's SD3/Flux networks split ``text_encoder_lr``.
+        Groups whose learning rate is 0 are left out."""
         o = self.options
+        per_encoder = any(rate is not None for rate in self.te_rate_options().values())
         groups: list[dict[str, Any]] = []
         for te in (False, True):
             base_lr = (o.te_lr or o.lr) if te else (o.unet_lr or o.lr)
             ratio = (o.loraplus_text_encoder_lr_ratio if te else o.loraplus_unet_lr_ratio) or o.loraplus_lr_ratio
-            buckets: dict[tuple[int, bool], list[Any]] = {}
+            buckets: dict[tuple[int, int, bool], list[Any]] = {}
             weights: dict[int, float] = {}
             for module in network:
                 if module.lora_name.startswith("lora_te") != te:
                     continue
+                slot = self._te_slots.get(module.lora_name, 1) if te and per_encoder else 0
                 block = plan.block(module.lora_name) if plan is not None and plan.lr_weights and not te else -1
                 weights[block] = plan.lr_weight(module.lora_name) if plan is not None and block >= 0 else 1.0
                 for name, param in module.named_parameters():
                     if not param.requires_grad:  # LoRA-FA's frozen lora_down
                         continue
                     plus = ratio is not None and ("lora_up" in name or "lora_B" in name)  # kohya dylora: lora_B
-                    buckets.setdefault((block, plus), []).append(param)
-            if ratio is not None and buckets and not any(plus for _, plus in buckets):
+                    buckets.setdefault((slot, block, plus), []).append(param)
+            if ratio is not None and buckets and not any(plus for *_, plus in buckets):
                 warnings.warn(f"LoRA+ has no effect on {o.algo}: it has no lora_up weights", stacklevel=2)
-            for (block, plus), params in sorted(buckets.items()):
-                lr = base_lr * weights[block] * (ratio if plus and ratio is not None else 1.0)
+            for (slot, block, plus), params in sorted(buckets.items()):
+                lr = (self.te_rate(slot) if slot else base_lr) * weights[block]
+                lr *= ratio if plus and ratio is not None else 1.0
                 if lr == 0:
                     continue
-                name = "text_encoder" if te else "unet"
+                name = ("text_encoder" + (str(slot) if slot else "")) if te else "unet"
                 name += f"_block{block:02d}" if block >= 0 else ""
                 name += "_plus" if plus else ""
                 groups.append({"params": params, "lr": lr, "name": name})
@@ -1005,6 +1135,13 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         for key, value in scalars.items():
             modules[key.rsplit(".", 1)[0]].scalar = float(value)
 
+    def _te_lr_metadata(self, bundle: ModelBundle) -> float | list[float]:
+        """``ss_text_encoder_lr`` as kohya writes it: one number, or with different per-encoder rates kohya's
+        list (``text_encoder_lr``), one value per training text encoder in the family's order."""
+        trained = [s.slot for s in _family_encoders(bundle) if s.slot != 3 or self.options.train_t5]
+        rates = [self.te_rate(slot) for slot in trained]
+        return rates if len(set(rates)) > 1 else self.te_rate(trained[0] if trained else 1)
+
     def metadata(self, bundle: ModelBundle, info: SaveInfo) -> dict[str, str]:
         from .format import network_metadata
 
@@ -1022,7 +1159,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             {
                 "ss_network_dropout": o.dropout,
                 "ss_unet_lr": (o.unet_lr or o.lr) if self.train_unet else None,
-                "ss_text_encoder_lr": (o.te_lr or o.lr) if self.train_te else None,
+                "ss_text_encoder_lr": self._te_lr_metadata(bundle) if self.train_te else None,
                 "ss_network_train_unet_only": not self.train_te,
                 "ss_network_train_text_encoder_only": not self.train_unet,
                 "ss_sd_model_name": Path(o.model).name if o.model else None,

@@ -401,6 +401,48 @@ class ModuleIndex:
         return list(chosen.values())
 
 
+@dataclass(frozen=True)
+class LayerFilter:
+    """OneTrainer's custom layer filter (``layer_filter``, ``layer_filter_regex``; its ``ModuleFilter``): the
+    comma-separated patterns, each stripped of surrounding spaces, are matched against a module's path inside
+    the denoiser (diffusers names: ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``), as a
+    substring or, with ``regex``, by ``re.search``; an empty pattern matches every path. A module is kept when
+    any pattern matches it. OneTrainer refuses a run where a pattern matched nothing."""
+
+    patterns: tuple[str, ...]
+    regex: bool = False
+
+    @classmethod
+    def parse(cls, text: str, *, regex: bool = False) -> LayerFilter:
+        """The filter of ``text``; ``ConfigError`` (every problem in one line) for a non-printable character
+        or a pattern that is not a regular expression (OneTrainer's ``ValueError``s)."""
+        from sdcore.errors import ConfigError
+
+        flag = "--layer-filter"
+        problems = [f"{flag} {raw!r}: a non-printable character" for raw in text.split(",") if not raw.isprintable()]
+        patterns = tuple(raw.strip() for raw in text.split(","))
+        for pattern in patterns if regex else ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(f"{flag} {pattern!r}: not a regular expression ({exc})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(patterns, regex)
+
+    def matches(self, pattern: str, path: str) -> bool:
+        if not pattern:
+            return True
+        return re.search(pattern, path) is not None if self.regex else pattern in path
+
+    def select(self, paths: Iterable[str]) -> tuple[set[str], list[str]]:
+        """The ``paths`` some pattern matches, and the patterns that match none of them."""
+        paths = list(paths)
+        kept = {path for path in paths if any(self.matches(p, path) for p in self.patterns)}
+        unused = [p for p in self.patterns if not any(self.matches(p, path) for path in paths)]
+        return kept, unused
+
+
 _KOHYA_PREFIX = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?)_")
 
 
@@ -415,6 +457,7 @@ def kohya_component(name: str) -> str | None:
 
 
 __all__ = [
+    "LayerFilter",
     "ModuleIndex",
     "Target",
     "flatten",

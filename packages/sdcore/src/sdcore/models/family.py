@@ -32,6 +32,16 @@ DENOISERS = ("unet", "transformer")
 OBJECTIVES = ("ddpm", "flow-matching")
 
 
+def text_encoder_slot(kind: str) -> int:
+    """kohya's number of a text encoder, the same in every script: ``--learning_rate_te{1,2,3}``
+    (sdxl_train.py, sd3_train.py) and the LoRA prefixes ``lora_te1/2/3`` (SD3, Flux); 1 the first CLIP
+    (CLIP-L, SD2's OpenCLIP), 2 CLIP-G, 3 T5. sdcore's per-encoder rate options ``te1_lr``/``te2_lr``/
+    ``te3_lr`` are numbered so."""
+    if kind.startswith("t5"):
+        return 3
+    return 2 if kind == "clip-g" else 1
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder of a family, in the order ``bundle.text_encoders`` holds them."""
@@ -39,6 +49,11 @@ class TextEncoderSpec:
     component: str  # diffusers component name: "text_encoder", "text_encoder_2", "text_encoder_3"
     kind: str  # "clip-l", "openclip-h", "clip-g", "t5-xxl"
     max_length: int  # tokens per sequence (77 for CLIP; T5 is configurable per family)
+
+    @property
+    def slot(self) -> int:
+        """kohya's number of this encoder (:func:`text_encoder_slot`)."""
+        return text_encoder_slot(self.kind)
 
     @property
     def tokenizer_component(self) -> str:
@@ -354,4 +369,5 @@ __all__ = [
     "register_family",
     "reset_family_cache",
     "temporary_family",
+    "text_encoder_slot",
 ]

@@ -76,16 +76,62 @@ def _precision(value: Any) -> str:
     return {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(text, text)
 
 
-def _single_lr(value: Any) -> float | None:
-    """``text_encoder_lr`` may be a list (SDXL: one per text encoder); sdcore has one rate."""
+def _te_rates(value: Any) -> float | tuple[float, ...] | None:
+    """``text_encoder_lr`` (argparse ``nargs="*"``): one number, or a list whose values are one per text
+    encoder. A list of one value (or of equal ones) is that rate; different values stay a tuple, which
+    :func:`kohya_text_encoder_rates` gives to the encoders once the model's family is known."""
     if isinstance(value, (list, tuple)):
-        rates = {float(v) for v in value}
+        rates = tuple(float(v) for v in value)
         if not rates:
             return None
-        if len(rates) > 1:
-            raise ValueError("sdcore uses one text-encoder learning rate; give one value")
-        return rates.pop()
+        return rates[0] if len(set(rates)) == 1 else rates
     return float(value)
+
+
+def kohya_text_encoder_rates(values: dict[str, Any], family: str | None, where: str) -> tuple[list[str], list[str]]:
+    """Give a ``text_encoder_lr`` list of different rates (``values["te_lr"]`` a tuple, :func:`_te_rates`) to the
+    text encoders as kohya's ``train_network.py`` does for the model's family, in place; (notes, problems).
+
+    SD3 (``networks.lora_sd3``): CLIP-L, CLIP-G, T5; two values give CLIP-G's to T5 too, values past the third
+    are unused. Flux and Chroma (``networks.lora_flux``): CLIP-L, T5 (Chroma has T5 only: the second value).
+    SD1/SD2/SDXL: ``networks.lora`` (and LyCORIS) take one rate, so kohya passes the first value to every
+    text encoder. The T5 rate applies only when T5 trains (``train_t5xxl``)."""
+    rates = values.get("te_lr")
+    if not isinstance(rates, tuple):
+        return [], []
+    shown = "[" + ", ".join(f"{r:g}" for r in rates) + "]"
+    values["te_lr"] = None
+    if family is None:
+        return [], [
+            f"{where}: text_encoder_lr {shown}: which text encoder each rate is for depends on the model family "
+            "(kohya: SD3 CLIP-L, CLIP-G, T5; Flux CLIP-L, T5; SD1/SDXL the first for all), which cannot be read "
+            "before loading; set te1_lr/te2_lr/te3_lr"
+        ]
+    if values.get("unet_only"):
+        return [f"text_encoder_lr {shown}: no effect with network_train_unet_only (as in kohya)"], []
+    if family == "sd3":
+        per_slot = {1: rates[0], 2: rates[1], 3: rates[2] if len(rates) > 2 else rates[1]}
+        used = 3
+    elif family in ("flux", "chroma"):
+        per_slot, used = {1: rates[0], 3: rates[1]}, 2
+    else:
+        values["te_lr"] = rates[0]
+        return [
+            f"text_encoder_lr {shown}: kohya's networks.lora takes one text-encoder rate, so every text encoder "
+            f"trains at the first, {rates[0]:g} (set te2_lr for CLIP-G's own rate)"
+        ], []
+    notes = [f"text_encoder_lr {shown}: the values after the first {used} are unused (as in kohya's {family} network)"]
+    notes = notes if len(rates) > used else []
+    if family == "chroma":
+        per_slot.pop(1)  # Chroma's only text encoder is T5 (lora_te3): kohya gives it the second value
+    if 3 in per_slot and not values.get("train_t5"):
+        per_slot.pop(3)  # kohya trains T5 only with train_t5xxl
+    given = [f"te{slot}_lr" for slot in per_slot if values.get(f"te{slot}_lr") is not None]
+    if given:
+        return [], [f"{where}: text_encoder_lr {shown} and {', '.join(given)} both set a text encoder's rate"]
+    for slot, rate in per_slot.items():
+        values[f"te{slot}_lr"] = rate
+    return notes, []
 
 
 def _rate_zero_freezes(value: Any) -> float | str:
@@ -407,7 +453,7 @@ ALIASES: dict[str, Alias] = {
     "network_train_unet_only": _a("unet_only", flag=True, methods="lora"),
     "network_train_text_encoder_only": _a("te_only", flag=True, methods="lora"),
     "unet_lr": _a("unet_lr", methods="lora"),
-    "text_encoder_lr": _a("te_lr", _single_lr, methods="lora"),
+    "text_encoder_lr": _a("te_lr", _te_rates, methods="lora"),
     "metadata_title": _a("metadata_title"),  # modelspec.title only: kohya's ss_output_name stays output_name
     "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
     "scale_weight_norms": _a("scale_weight_norms", methods="lora"),
@@ -1593,6 +1639,7 @@ __all__ = [
     "is_kohya_name",
     "kohya_defaults",
     "kohya_flow_semantics",
+    "kohya_text_encoder_rates",
     "nearest",
     "nearest_name",
     "translate",

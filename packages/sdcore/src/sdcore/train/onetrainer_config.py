@@ -36,6 +36,8 @@ from .loss import MIX_STRENGTHS
 from .objectives import MODE_SCALE_RANGE
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .sample_prompts import SamplePrompt
 
 #: the config version whose field names this reader knows (``TrainConfig.__init__``'s ``config_version``)
@@ -384,7 +386,7 @@ HANDLED = frozenset(
      "offset_noise_weight", "rescale_noise_scheduler_to_zero_terminal_snr", "min_noising_strength",
      "max_noising_strength", "timestep_distribution", "noising_weight", "noising_bias", "timestep_shift",
      "dynamic_timestep_shifting", "text_encoder_layer_skip", "text_encoder_2_layer_skip", "layer_filter_preset",
-     "layer_filter",
+     "layer_filter", "layer_filter_regex",
      "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
      "lokr_dim", "lokr_decompose_factor", "lokr_decompose_both", "lokr_use_tucker", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
@@ -804,10 +806,10 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
         if denoiser["learning_rate"] is not None:
             v["unet_lr"] = denoiser["learning_rate"]
         given = {rate for rate in rates.values() if rate is not None}
-        if len(given) > 1 or (given and None in rates.values()):
-            r.refuse("text encoder learning_rate", rates, "sdcore's LoRA has one text-encoder rate (te_lr)")
-        elif given:
+        if len(given) == 1 and None not in rates.values():
             v["te_lr"] = given.pop()
+        else:  # each encoder its own rate; one without (None) trains at learning_rate, sdcore's --lr
+            _encoder_rates(v, encoders, t5, rates)
     else:  # dreambooth: the denoiser's rate is the run's rate, each text encoder may have its own
         if not denoiser["train"]:
             r.refuse(f"{denoiser_name}.train", False, "sdcore's fine-tuning always trains the denoiser")
@@ -816,10 +818,15 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
         if family in ("sd1", "sd2") and rates.get("text_encoder") is not None:
             v["te_lr"] = rates["text_encoder"]
         elif family not in ("sd1", "sd2"):
-            for i, n in enumerate(encoders, 1):  # sdcore's te1 CLIP-L, te2 CLIP-G, te3 T5 (Flux's 2nd, Chroma's 1st)
-                if rates.get(n) is not None:
-                    v[f"te{3 if n == t5 else i}_lr"] = rates[n]
+            _encoder_rates(v, encoders, t5, rates)
     _text_encoder_stop(r, training, parts)
+
+
+def _encoder_rates(v: dict[str, Any], encoders: Sequence[str], t5: str | None, rates: dict[str, Any]) -> None:
+    """Each text encoder's ``learning_rate`` as sdcore's te1 CLIP-L, te2 CLIP-G, te3 T5 (Flux's 2nd, Chroma's 1st)."""
+    for i, n in enumerate(encoders, 1):
+        if rates.get(n) is not None:
+            v[f"te{3 if n == t5 else i}_lr"] = rates[n]
 
 
 def _chroma_transformer_file(r: _Reader, name: str) -> None:
@@ -1162,8 +1169,17 @@ def _lora(r: _Reader, family: str) -> None:
     patterns = tuple(x.strip() for x in custom.split(",")) if custom else ()
     if patterns == LAYER_PRESETS[family].get(preset) and not r.get("layer_filter_regex"):
         custom = ""  # the preset's own patterns, as OneTrainer writes them next to its name
-    if custom:
-        r.refuse("layer_filter", custom, "sdcore adapts its preset targets (layer_filter_preset full or attn-mlp)")
+    if custom:  # LoRAModuleWrapper: the denoiser's modules whose name a pattern matches (ModuleFilter)
+        v["layer_filter"], v["layer_filter_regex"] = custom, bool(r.get("layer_filter_regex"))
+        if family in ("sd1", "sd2", "sdxl") and kind == "LORA" and not r.get("lora_decompose"):
+            v["algo"], v["conv_rank"], v["conv_alpha"] = "locon", v["rank"], v["alpha"]
+            where = "every Linear and Conv2d of the UNet's attention and ResNet blocks (LoCon, conv rank = rank)"
+        elif family in ("sd1", "sd2", "sdxl"):
+            where = "the Linear layers of the UNet's attention blocks"
+        else:
+            where = f"the Linear layers of the {family} blocks (kohya's targets)"
+        r.note(f"layer_filter {custom!r}: applied to {where}; OneTrainer matches every Linear and Conv2d of the "
+               "denoiser, so a layer outside them is not adapted")  # fmt: skip
     elif family == "chroma":
         if preset not in CHROMA_LAYER_PRESETS:
             r.refuse("layer_filter_preset", preset, "sdcore adapts every Linear of Chroma's blocks (blocks; "

@@ -876,6 +876,8 @@ def run_preflight(
     if plan and report.layout is not None and report.output is not None:
         try:
             params = parameter_plan(method, o, report.layout, tokenizers)
+        except ConfigError as exc:  # the options select nothing of this model (e.g. a LoRA --layer-filter)
+            report.problems.append(str(exc))
         except Exception as exc:  # a method that cannot run on a shapes-only model: no plan, no failure
             log.debug("parameter plan failed", exc_info=True)
             report.notes.append(f"memory plan unavailable: {method.name!r} could not be sized without weights ({exc})")

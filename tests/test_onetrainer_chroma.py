@@ -160,8 +160,11 @@ def test_chroma_refusals_one_line_each(tmp_path):
     for name in expected:
         assert sum(name in p for p in problems) == 1, (name, problems)
     assert all("\n" not in p for p in problems)
-    custom = _problems(tmp_path, {**CHROMA_LORA, "layer_filter": "attn,ff.net"})  # not the preset's patterns
-    assert len(custom) == 1 and "layer_filter 'attn,ff.net'" in custom[0]
+    # a custom filter (not the preset's own patterns) restricts the adapted modules: --layer-filter, with a note
+    notes: list[str] = []
+    custom = _load(tmp_path, {**CHROMA_LORA, "layer_filter": "attn,ff.net"}, notes=notes)
+    assert (custom.layer_filter, custom.layer_filter_regex) == ("attn,ff.net", False)
+    assert any("layer_filter 'attn,ff.net': applied to" in n for n in notes)
 
 
 def test_chroma_samples_get_onetrainers_chroma_defaults(tmp_path):

@@ -265,3 +265,22 @@ def test_flux_cached_outputs_equal_the_rebuilt_ones(algo):
         assert cache is None
     else:
         assert cache is not None and cache.hits > 0 and cache.builds == len(method.network)
+
+
+def test_forwards_under_autocast_get_their_own_change():
+    """Autocast lowers the precision of the rebuild's matmuls: a change cached without it is not reused
+    under it (validation runs under the accelerator's autocast, sample images may not)."""
+    method, bundle = _method("loha")
+    inputs = unet_inputs(bundle, batch=1, seed=7)
+    method.network.eval()
+    with torch.no_grad():
+        plain = _unet(bundle, inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = _unet(bundle, inputs)
+        with method.network.cached_changes() as cache:
+            assert torch.equal(_unet(bundle, inputs), plain)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert torch.equal(_unet(bundle, inputs), mixed)
+                assert torch.equal(_unet(bundle, inputs), mixed)
+            assert cache.hits > 0
+    assert not torch.equal(mixed.float(), plain)

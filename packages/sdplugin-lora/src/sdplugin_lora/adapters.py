@@ -1020,14 +1020,18 @@ class Adapter(nn.Module):
         return cache.weight(self)
 
     def _cache_key(self) -> tuple[Any, ...]:
-        """What :meth:`_change` · multiplier depends on: the multiplier and scales, and every tensor read
-        (the variant's, ``dora_scale``, the base weight) by storage and version counter, so an in-place
-        update (an optimizer step, EMA weights swapped in, a ``load_state_dict``) or a move shows."""
-        tensors = [*self.tensors().values(), self.base.weight]
+        """What :meth:`_change` · multiplier depends on: the multiplier and scales, the autocast state (it
+        changes the precision of the rebuild's matmuls), and every tensor read (the variant's,
+        ``dora_scale``, the base weight) by storage and version counter, so an in-place update (an
+        optimizer step, EMA weights swapped in, a ``load_state_dict``) or a move shows."""
+        weight: torch.Tensor = self.base.weight
+        tensors = [*self.tensors().values(), weight]
         if self.dora_scale is not None:
             tensors.append(self.dora_scale)
         stamps = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
-        return (self.multiplier, self._scale, self.scalar, *stamps)
+        kind = weight.device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return (self.multiplier, self._scale, self.scalar, autocast, *stamps)
 
     # --- merge / unmerge -------------------------------------------------------------------------
     def merge(self, multiplier: float | None = None) -> torch.Tensor:

@@ -714,6 +714,100 @@ def scaled_hidden(
     return hidden * scale
 
 
+# --- the change cache of sampling and validation ------------------------------------------------------
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: CUDA's free memory plus what PyTorch's caching
+    allocator holds unused; elsewhere the host's available memory (``MemAvailable``: the page cache
+    of the model files read counts as available), 0 when it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class ChangeCache:
+    """The weight changes ``m · ΔW`` of the adapters that rebuild them each forward (LoHa, LoKr, DoRA,
+    OFT/diag-oft/BOFT, (IA)^3, GLoRA, full, Tucker LoCon), each computed once, fp32, while the weights
+    cannot change: the sample images' denoising steps and the validation loss, under ``no_grad``
+    (:meth:`sdplugin_lora.network.LoraNetwork.cached_changes`). A forward then costs the base layer's op
+    with the cached weight, exactly the rebuilt forward's numbers (the same fp32 tensor, computed by the
+    same code; the multiplier, per-sample strengths, the bias change and module dropout are applied as
+    before).
+
+    A cached change is used only while its key holds (:meth:`Adapter._cache_key`: multiplier, scales and
+    the version counter of every tensor it was computed from), so a change of any of them rebuilds it.
+    Each change is built at the layer's first forward and counted against a budget per device:
+    ``max_bytes``, or half of what the device can still allocate when the first change is built there
+    (:func:`free_memory`); a change over the budget is not kept and that layer rebuilds its change every
+    forward, as without the cache (a large model's fp32 changes can exceed the memory left: a LoHa over
+    every SDXL UNet layer changes about 2.5 billion weights, 10 GB in fp32)."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._left: dict[torch.device, int] = {}
+        self._entries: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
+        #: forwards served from the cache, changes built (kept or not), changes over the budget
+        self.hits = 0
+        self.builds = 0
+        self.refused = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept changes hold."""
+        return sum(weight.numel() * weight.element_size() for _, weight in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def weight(self, adapter: Adapter) -> torch.Tensor:
+        """``adapter``'s ``m · ΔW`` in fp32, from the cache while its key holds, else built (and kept when
+        the budget allows)."""
+        key = adapter._cache_key()
+        entry = self._entries.get(id(adapter))
+        if entry is not None:
+            if entry[0] == key:
+                self.hits += 1
+                return entry[1]
+            self._drop(id(adapter))
+        with torch.no_grad():
+            weight = adapter._change() * adapter.multiplier
+        self.builds += 1
+        size = weight.numel() * weight.element_size()
+        left = self._left.get(weight.device)
+        if left is None:
+            left = self.max_bytes if self.max_bytes is not None else free_memory(weight.device) // 2
+        if size > left:
+            self.refused += 1
+            self._left[weight.device] = left
+            return weight
+        self._left[weight.device] = left - size
+        self._entries[id(adapter)] = (key, weight)
+        return weight
+
+    def _drop(self, key: int) -> None:
+        _, weight = self._entries.pop(key)
+        self._left[weight.device] += weight.numel() * weight.element_size()
+
+    def clear(self) -> None:
+        """Let every change go (the memory returns to the allocator)."""
+        self._entries.clear()
+        self._left.clear()
+
+
 # --- adapters: one adapted layer --------------------------------------------------------------------
 
 
@@ -747,6 +841,8 @@ class Adapter(nn.Module):
     #: ``network_multiplier``), set by :meth:`sdplugin_lora.network.LoraNetwork.sample_strengths`;
     #: ``None`` (the usual case) leaves the forward exactly as it is without them
     sample_strength: torch.Tensor | None = None
+    #: the change cache of a sampling/validation pass (:meth:`sdplugin_lora.network.LoraNetwork.cached_changes`)
+    _change_cache: ChangeCache | None = None
 
     def __init__(
         self,
@@ -870,8 +966,9 @@ class Adapter(nn.Module):
 
         The increment is linear in the multiplier for every algorithm (DoRA and OFT too: the multiplier
         scales ``W' - W``), so sample ``b`` at strength ``s_b`` is the increment times ``s_b``."""
-        if self._frozen is not None:
-            out = self._apply_weight(x, self._frozen.to(device=x.device))
+        cached = self._cached_weight() if self._frozen is None else self._frozen
+        if cached is not None:
+            out = self._apply_weight(x, cached.to(device=x.device))
         else:
             rows = None
             if self.training and self.rank_dropout:
@@ -912,6 +1009,29 @@ class Adapter(nn.Module):
 
     def _factorised(self) -> bool:
         return False
+
+    def _cached_weight(self) -> torch.Tensor | None:
+        """``m · ΔW`` from the :class:`ChangeCache` the adapter is in (:meth:`LoraNetwork.cached_changes`),
+        or ``None``: no cache, or a forward that must rebuild the change (gradients enabled, or rank
+        dropout while training: a new mask each forward)."""
+        cache = self._change_cache
+        if cache is None or torch.is_grad_enabled() or (self.training and self.rank_dropout):
+            return None
+        return cache.weight(self)
+
+    def _cache_key(self) -> tuple[Any, ...]:
+        """What :meth:`_change` · multiplier depends on: the multiplier and scales, the autocast state (it
+        changes the precision of the rebuild's matmuls), and every tensor read (the variant's,
+        ``dora_scale``, the base weight) by storage and version counter, so an in-place update (an
+        optimizer step, EMA weights swapped in, a ``load_state_dict``) or a move shows."""
+        weight: torch.Tensor = self.base.weight
+        tensors = [*self.tensors().values(), weight]
+        if self.dora_scale is not None:
+            tensors.append(self.dora_scale)
+        stamps = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        kind = weight.device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return (self.multiplier, self._scale, self.scalar, autocast, *stamps)
 
     # --- merge / unmerge -------------------------------------------------------------------------
     def merge(self, multiplier: float | None = None) -> torch.Tensor:
@@ -2066,6 +2186,7 @@ __all__ = [
     "Adapter",
     "BoftAdapter",
     "BoftVariant",
+    "ChangeCache",
     "DiagOftAdapter",
     "DiagOftVariant",
     "Dora",
@@ -2093,6 +2214,7 @@ __all__ = [
     "butterfly_factorization",
     "effective_delta",
     "factorization",
+    "free_memory",
     "lycoris_cayley",
     "needs_base",
     "rank_dropout_mask",

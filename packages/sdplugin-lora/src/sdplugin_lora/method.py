@@ -1093,12 +1093,17 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
     @contextlib.contextmanager
     def sampling(self, bundle: ModelBundle) -> Iterator[dict[str, Any]]:
+        """Sample images and the validation loss (the runtime enters this for both): the network in eval
+        mode (dropouts off) and, as its weights cannot change meanwhile, each weight-rebuilding module's
+        change computed once (:meth:`LoraNetwork.cached_changes`; the same outputs, fewer rebuilds),
+        dropped again when training resumes."""
         network = self.network
         was_training = bool(network is not None and network.training)
         if network is not None:
             network.eval()
         try:
-            yield {}
+            with network.cached_changes() if network is not None else contextlib.nullcontext():
+                yield {}
         finally:
             if network is not None and was_training:
                 network.train()

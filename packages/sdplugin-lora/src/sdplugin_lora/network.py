@@ -20,6 +20,7 @@ from torch import nn
 from .adapters import (
     TRAINING_ADAPTERS,
     Adapter,
+    ChangeCache,
     DiagOftAdapter,
     DyLoraAdapter,
     LohaAdapter,
@@ -241,6 +242,31 @@ class LoraNetwork(nn.Module):
         finally:
             for module, old in zip(modules, previous, strict=True):
                 module.sample_strength = old
+
+    @contextlib.contextmanager
+    def cached_changes(self, max_bytes: int | None = None) -> Iterator[ChangeCache]:
+        """Inside the ``with`` block, every module that rebuilds its weight change each forward (all
+        but plain LoRA/LoCon, DyLoRA, the shared-down LoRA and ``train_norm``, whose factorised forward
+        is cheaper than a cached weight) computes it once and reuses it in every forward run under
+        ``no_grad``: what sample images (one UNet forward per denoising step and guidance pass) and the
+        validation loss cost is then the base op with the cached weight instead of the rebuild.
+
+        Outputs are exactly those without the cache (:class:`ChangeCache`); forwards with gradients, or
+        with rank dropout while training, rebuild as usual, so no gradient ever reaches a cached
+        tensor. The cache is dropped on exit (training resumes on the parameters); nested blocks
+        restore the outer cache. ``max_bytes``: the per-device budget (default: half of the memory
+        free when the first change is built)."""
+        cache = ChangeCache(max_bytes)
+        modules = [module for module in self._modules_of() if not module._factorised()]
+        previous = [module._change_cache for module in modules]
+        for module in modules:
+            module._change_cache = cache
+        try:
+            yield cache
+        finally:
+            for module, old in zip(modules, previous, strict=True):
+                module._change_cache = old
+            cache.clear()
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:

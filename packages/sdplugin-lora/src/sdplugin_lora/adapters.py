@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+from sdcore.train.memory import device_free_memory
 from torch import nn
 
 from .algos import ALGOS
@@ -717,28 +718,6 @@ def scaled_hidden(
 # --- the change cache of sampling and validation ------------------------------------------------------
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on ``device``: CUDA's free memory plus what PyTorch's caching
-    allocator holds unused; elsewhere the host's available memory (``MemAvailable``: the page cache
-    of the model files read counts as available), 0 when it cannot be told."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import os
-
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 class ChangeCache:
     """The weight changes ``m · ΔW`` of the adapters that rebuild them each forward (LoHa, LoKr, DoRA,
     OFT/diag-oft/BOFT, (IA)^3, GLoRA, full, Tucker LoCon), each computed once, fp32, while the weights
@@ -752,7 +731,7 @@ class ChangeCache:
     the version counter of every tensor it was computed from), so a change of any of them rebuilds it.
     Each change is built at the layer's first forward and counted against a budget per device:
     ``max_bytes``, or half of what the device can still allocate when the first change is built there
-    (:func:`free_memory`); a change over the budget is not kept and that layer rebuilds its change every
+    (:func:`sdcore.train.memory.device_free_memory`); a change over the budget is not kept and that layer rebuilds its change every
     forward, as without the cache (a large model's fp32 changes can exceed the memory left: a LoHa over
     every SDXL UNet layer changes about 2.5 billion weights, 10 GB in fp32)."""
 
@@ -789,7 +768,7 @@ class ChangeCache:
         size = weight.numel() * weight.element_size()
         left = self._left.get(weight.device)
         if left is None:
-            left = self.max_bytes if self.max_bytes is not None else free_memory(weight.device) // 2
+            left = self.max_bytes if self.max_bytes is not None else (device_free_memory(weight.device) or 0) // 2
         if size > left:
             self.refused += 1
             self._left[weight.device] = left
@@ -2214,7 +2193,6 @@ __all__ = [
     "butterfly_factorization",
     "effective_delta",
     "factorization",
-    "free_memory",
     "lycoris_cayley",
     "needs_base",
     "rank_dropout_mask",

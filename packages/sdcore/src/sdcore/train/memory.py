@@ -68,6 +68,7 @@ Nothing here imports torch at module level; :func:`device_free_memory` imports i
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -556,15 +557,18 @@ def held_gradient_elements(params: ParameterPlan, options: TrainOptions) -> int:
     return params.trainable
 
 
-def device_free_memory(device: str) -> int | None:
-    """Free memory of ``device`` in bytes: available RAM (``/proc/meminfo``) for the CPU,
-    ``torch.cuda.mem_get_info`` for a GPU; ``None`` when unknown."""
-    if device == "cuda":
+def device_free_memory(device: Any) -> int | None:
+    """Bytes that can still be allocated on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a
+    ``torch.device``): for a GPU ``torch.cuda.mem_get_info``'s free memory plus what PyTorch's caching
+    allocator holds unused; for the CPU the host's available memory (``MemAvailable``: the page cache of
+    the model files read counts as available), else the OS's available pages; ``None`` when unknown."""
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    if kind == "cuda":
         try:
             import torch
 
-            free, _total = torch.cuda.mem_get_info()
-            return int(free)
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
         except Exception:
             return None
     try:
@@ -573,8 +577,11 @@ def device_free_memory(device: str) -> int | None:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
         return None
-    return None
 
 
 def training_device() -> str:

@@ -1,0 +1,106 @@
+"""LyCORIS presets and LoHa/LoKr on SD3 and FLUX.1 (kohya ``flux_train_network.py``/``sd3_train_network.py`` with
+``network_module = lycoris.kohya``).
+
+LyCORIS (f49d30d lycoris/config.py PRESET, lycoris/kohya.py ``create_modules``) walks kohya's own SAI/BFL model
+classes (sd-scripts library/flux_models.py, library/sd3_models.py), so the expected sets are written here from
+those classes: a target class adapts every Linear under it, named ``lora_unet_<kohya path>``; the fused
+``qkv``/``linear1`` Linear is one module. Not computed with sdplugin_lora.presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sdcore.errors import ConfigError
+from sdcore.train.method import SaveInfo
+from sdplugin_lora.format import read_lora
+from sdplugin_lora.method import LoraMethod, LoraOptions
+from test_dit import _DitBundle, _tiny_encoders, fresh
+
+#: BFL DoubleStreamBlock's Linears by sub-module (class): Modulation, SelfAttention, Sequential MLP
+FLUX_DOUBLE = {"Modulation": ("img_mod_lin", "txt_mod_lin"),
+               "SelfAttention": ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj"),
+               "Sequential": ("img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2")}  # fmt: skip
+#: BFL SingleStreamBlock's Linears (no SelfAttention inside: its qkv is part of linear1)
+FLUX_SINGLE = ("linear1", "linear2", "modulation_lin")
+#: SAI SingleDiTBlock's Linears (attention class AttentionLinears); the tiny SD3.5-medium: 3 blocks, attn2 in 0 and
+#: 1, the last context block pre-only (no attn proj, no MLP)
+SD3_BLOCK = ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1")
+BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock", "SingleDiTBlock")
+CLIP = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+#: LyCORIS' built-in presets: (DiT block classes of the UNet list, other UNet classes, TE classes)
+PRESETS = {
+    "full": (BLOCKS, (), CLIP),
+    "full-lin": (BLOCKS, (), CLIP),
+    "attn-mlp": (BLOCKS, (), CLIP),
+    "attn-only": ((), ("CrossAttention", "SelfAttention"), ("CLIPAttention", "CLIPSdpaAttention")),
+    "unet-only": (BLOCKS, (), ()),
+    "unet-transformer-only": (BLOCKS, (), ()),
+    "unet-convblock-only": ((), ("ResnetBlock2D", "Downsample2D", "Upsample2D"), ()),
+}
+
+
+def _expected_dit(family: str, preset: str) -> set[str]:
+    blocks, others, _ = PRESETS[preset]
+    want: set[str] = set()
+    if family == "flux":
+        for i in range(2):
+            if "DoubleStreamBlock" in blocks:
+                want |= {f"lora_unet_double_blocks_{i}_{n}" for names in FLUX_DOUBLE.values() for n in names}
+            if "SelfAttention" in others:
+                want |= {f"lora_unet_double_blocks_{i}_{n}" for n in FLUX_DOUBLE["SelfAttention"]}
+            if "SingleStreamBlock" in blocks:
+                want |= {f"lora_unet_single_blocks_{i}_{n}" for n in FLUX_SINGLE}
+    elif "SingleDiTBlock" in blocks:
+        for i in range(3):
+            want |= {f"lora_unet_joint_blocks_{i}_x_block_{n}" for n in SD3_BLOCK}
+            context = SD3_BLOCK if i < 2 else ("attn_qkv", "adaLN_modulation_1")
+            want |= {f"lora_unet_joint_blocks_{i}_context_block_{n}" for n in context}
+            if i < 2:
+                want |= {f"lora_unet_joint_blocks_{i}_x_block_attn2_{n}" for n in ("qkv", "proj")}
+    return want
+
+
+def _expected_te(encoder, preset: str) -> set[str]:
+    from sdplugin_lora.naming import te_relative_path
+
+    want = set()
+    for path, module in encoder.named_modules():
+        if type(module).__name__ in PRESETS[preset][2]:
+            for sub, leaf in module.named_modules():
+                if isinstance(leaf, torch.nn.Linear):
+                    full = te_relative_path(f"{path}.{sub}")
+                    want.add("lora_te1_text_model_" + full.replace(".", "_"))
+    return want
+
+
+def _kohya_names(method: LoraMethod) -> set[str]:
+    """The network's modules by the names a kohya run gives them (fused ones already are; plain aliases)."""
+    index = method.index
+    names = set()
+    for name in method.network.loras:
+        target = index.targets.get(name)
+        if target is None or target.is_text_encoder:
+            names.add(name)
+        else:
+            names.add(next(a for a in target.aliases if a in index.kohya))
+    return names
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_builtin_presets_adapt_what_lycoris_adapts_on_kohyas_model(family, preset):
+    clip = _tiny_encoders()[0]
+    bundle = _DitBundle(family, fresh(family), [("text_encoder", clip)])
+    method = LoraMethod(LoraOptions(rank=2, algo="lokr", lycoris_preset=preset, train_text_encoder=True))
+    method.validate()
+    assert method.family_problems(family) == []
+    want = _expected_dit(family, preset) | _expected_te(clip, preset)
+    if not want:  # e.g. unet-convblock-only: no ResNet block nor conv_in in a DiT, and no CLIP target
+        with pytest.raises(ConfigError, match="selects no module"):
+            method.prepare(bundle)
+        return
+    method.prepare(bundle)
+    assert _kohya_names(method) == want

@@ -104,3 +104,66 @@ def test_builtin_presets_adapt_what_lycoris_adapts_on_kohyas_model(family, prese
         return
     method.prepare(bundle)
     assert _kohya_names(method) == want
+
+
+def _flux_out(model, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return model(
+        hidden_states=torch.randn(1, 4, 4, generator=gen),
+        encoder_hidden_states=torch.randn(1, 3, 16, generator=gen),
+        pooled_projections=torch.randn(1, 8, generator=gen),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(4, 3),
+        txt_ids=torch.zeros(3, 3),
+        guidance=torch.tensor([1.0]),
+    ).sample
+
+
+@pytest.mark.parametrize(("algo", "key"), [("lokr", "lokr_w1"), ("loha", "hada_w1_a")])
+def test_lokr_loha_on_flux_train_save_lycoris_names_and_reapply_exactly(tmp_path, algo, key):
+    from sdplugin_lora.adapters import FusedMixin
+    from sdplugin_lora.apply import apply_loras
+
+    bundle = _DitBundle("flux", fresh("flux"), [])
+    method = LoraMethod(LoraOptions(rank=2, algo=algo, lycoris_preset="full", save_dtype="fp32"))
+    method.validate()
+    groups = method.prepare(bundle)
+    fused = {n: m for n, m in method.network.loras.items() if isinstance(m, FusedMixin)}
+    assert set(fused) == {f"lora_unet_double_blocks_{i}_{s}_attn_qkv" for i in range(2) for s in ("img", "txt")} | {
+        f"lora_unet_single_blocks_{i}_linear1" for i in range(2)
+    }
+    optimizer = torch.optim.SGD([p for g in groups for p in g["params"]], lr=0.5)
+    for _ in range(2):
+        loss = _flux_out(bundle.transformer).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    qkv = fused["lora_unet_double_blocks_0_img_attn_qkv"]
+    assert float(qkv.delta_weight().abs().max()) > 0  # two steps moved the fused module
+    # the members' changes are the rows of the one fused ΔW, q then k then v
+    deltas = qkv.member_deltas()
+    torch.testing.assert_close(torch.cat([deltas[p] for p in qkv.paths]), qkv.delta_weight())
+    method.network.eval()
+    with torch.no_grad():
+        trained = _flux_out(bundle.transformer)
+    path = method.save(bundle, SaveInfo(path=tmp_path / "x.safetensors", step=2, epoch=1, metadata={}, final=True))
+    from safetensors.torch import load_file
+
+    lora, keys = read_lora(path), set(load_file(str(path)))
+    assert f"lora_unet_double_blocks_0_img_attn_qkv.{key}" in keys
+    assert f"lora_unet_single_blocks_1_linear1.{key}" in keys
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert {w.kind for w in lora.modules.values()} == {algo}
+    assert json.loads(lora.metadata["ss_network_args"])["algo"] == algo
+    method.network.remove()
+    model = bundle.transformer
+    with torch.no_grad():
+        base = _flux_out(model)
+    assert float((trained - base).abs().max()) > 1e-4
+    for merge in (False, True):  # the file alone (split per diffusers module on load) gives the trained output
+        applied = apply_loras(bundle, [str(path)], merge=merge, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(_flux_out(model), trained, atol=1e-5, rtol=0)
+        applied.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(_flux_out(model), base, atol=0, rtol=0)

@@ -273,6 +273,14 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
             start += part.rows
         return out
     in_dim = widths[0] if widths is not None else None
+    shape = weights.variant.shape(weights.tensors) if weights.variant is not None else None
+    if in_dim is None and shape is not None and len(shape) == 2:  # LoHa/LoKr: the factors tell the fused shape
+        if shape[0] != module.rows:
+            raise NetworkMismatchError(
+                f"{label}: {name} has {shape[0]} output rows but the model's {module.name} has {module.rows}: "
+                "this LoRA does not fit the loaded model"
+            )
+        in_dim = shape[1]
     if in_dim is None:
         raise NetworkMismatchError(f"{label}: {name}: cannot tell the input width of this {weights.kind} module")
     delta = weights.delta((module.rows, in_dim))

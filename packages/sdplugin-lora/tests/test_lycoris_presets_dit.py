@@ -167,3 +167,43 @@ def test_lokr_loha_on_flux_train_save_lycoris_names_and_reapply_exactly(tmp_path
         applied.remove()
     with torch.no_grad():
         torch.testing.assert_close(_flux_out(model), base, atol=0, rtol=0)
+
+
+def test_kohya_flux_config_with_lycoris_lokr_attn_only_translates_and_trains(tmp_path):
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.contract import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    out = tmp_path / "out"
+    cfg = tmp_path / "kohya.toml"
+    cfg.write_text(
+        f"""pretrained_model_name_or_path = "tiny:flux"
+train_data_dir = "{data}"
+output_dir = "{out}"
+output_name = "lokr"
+resolution = "64"
+max_train_steps = 2
+save_precision = "float"
+network_dim = 2
+guidance_scale = 1.0
+timestep_sampling = "sigmoid"
+network_module = "lycoris.kohya"
+network_args = ["algo=lokr", "preset=attn-only"]
+"""
+    )
+    result = CliRunner().invoke(
+        build_cli(get_plugin_manager()), ["train", "lora", "--config", str(cfg), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    lora = read_lora(out / "lokr.safetensors")
+    assert lora.metadata["ss_network_module"] == "lycoris.kohya"
+    assert (json.loads(lora.metadata["ss_network_args"])["preset"]) == "attn-only"
+    assert {w.kind for w in lora.modules.values()} == {"lokr"}
+    # attn-only on BFL's model: the double blocks' SelfAttention (img/txt qkv and proj), nothing else
+    unet = {n for n in lora.modules if n.startswith("lora_unet_")}
+    blocks = sorted({int(n.split("_")[4]) for n in unet})
+    assert blocks and unet == {f"lora_unet_double_blocks_{i}_{n}" for i in blocks for n in FLUX_DOUBLE["SelfAttention"]}
+    # kohya trains the text encoder by default: attn-only adapts CLIP's self_attn too (and nothing of T5)
+    te = set(lora.modules) - unet
+    assert te and all(n.startswith("lora_te1_") and "_self_attn_" in n for n in te)

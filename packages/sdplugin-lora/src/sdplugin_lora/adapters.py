@@ -1687,7 +1687,8 @@ def fused_adapter(
     rows = sum(int(layer.out_features) for layer in layers)  # type: ignore[arg-type,misc]
     stand_in = nn.Linear(widths.pop(), rows, bias=False, device="meta")  # the fused shape, no storage
     adapter = FUSED_ADAPTERS[algo](name, stand_in, rank, alpha, **kwargs)
-    adapter._fused_init(members)  # type: ignore[attr-defined]
+    assert isinstance(adapter, FusedMixin)
+    adapter._fused_init(members)
     return adapter
 
 
@@ -2205,6 +2206,7 @@ def effective_delta(base: nn.Module, t: Tensors, multiplier: float = 1.0) -> tor
 
 __all__ = [
     "ADAPTER_OF_VARIANT",
+    "FUSED_ADAPTERS",
     "TRAINING_ADAPTERS",
     "VARIANTS",
     "Adapter",
@@ -2214,12 +2216,11 @@ __all__ = [
     "DiagOftVariant",
     "Dora",
     "DyLoraAdapter",
-    "FUSED_ADAPTERS",
     "FullAdapter",
+    "FullVariant",
     "FusedLohaAdapter",
     "FusedLokrAdapter",
     "FusedMixin",
-    "FullVariant",
     "GloraAdapter",
     "GloraVariant",
     "Ia3Adapter",
@@ -2238,10 +2239,10 @@ __all__ = [
     "SharedDownLora",
     "Variant",
     "adapter_from_tensors",
-    "fused_adapter",
     "butterfly_factorization",
     "effective_delta",
     "factorization",
+    "fused_adapter",
     "lycoris_cayley",
     "needs_base",
     "rank_dropout_mask",

@@ -433,7 +433,8 @@ def _dit_nodes(transformer: Any, index: ModuleIndex) -> list[_Node]:
     that this model has (module: their :class:`~sdplugin_lora.dit.KohyaModule`, named by kohya's path)."""
     if index.family == "flux":
         tree = _flux_tree(
-            len(getattr(transformer, "transformer_blocks", ())), len(getattr(transformer, "single_transformer_blocks", ()))
+            len(getattr(transformer, "transformer_blocks", ())),
+            len(getattr(transformer, "single_transformer_blocks", ())),
         )
     else:
         tree = _sd3_tree(len(getattr(transformer, "transformer_blocks", ())))

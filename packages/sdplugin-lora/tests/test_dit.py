@@ -660,8 +660,12 @@ def test_method_trains_saves_kohya_or_diffusers_and_warm_starts_exactly(tmp_path
     assert json.loads(saved.metadata["lora_adapter_metadata"])["transformer.r"] == 2
     assert saved.modules["transformer.transformer_blocks.0.attn.to_q"].alpha == 1.0  # rank/2, from the header
 
-    with pytest.raises(ConfigError, match="only plain LoRA"):
-        LoraMethod(LoraOptions(rank=2, algo="loha")).prepare(_DitBundle("flux", fresh("flux"), []))
+    with pytest.raises(ConfigError, match="diffusers/PEFT files hold LoRA only"):  # LoHa/LoKr: kohya names only
+        LoraMethod(LoraOptions(rank=2, algo="loha", key_layout="diffusers")).prepare(
+            _DitBundle("flux", fresh("flux"), [])
+        )
+    with pytest.raises(ConfigError, match="train --algo lora, loha or lokr"):
+        LoraMethod(LoraOptions(rank=2, algo="ia3")).prepare(_DitBundle("flux", fresh("flux"), []))
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

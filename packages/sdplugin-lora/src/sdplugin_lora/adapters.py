@@ -1646,6 +1646,151 @@ class LokrAdapter(Adapter):
         return self.variant.full_matrix(self.tensors())
 
 
+class FusedMixin:
+    """A LyCORIS weight module (LoHa, LoKr) on a fused SAI/BFL Linear, trained on the diffusers modules
+    it stacks.
+
+    On SD3/Flux a kohya run with ``network_module = lycoris.kohya`` gives BFL's ``img_attn.qkv`` or
+    ``linear1`` (q, k, v and the MLP input) *one* module: its ``ΔW [Σ rows, in]`` is one LoKr ``kron``
+    or one LoHa product over the fused weight, which no per-part module can express (a Kronecker
+    factor spans the parts' rows). So the module is built as LyCORIS builds it, over a stand-in
+    Linear of the fused shape on the meta device (shape only, no memory), and each diffusers member
+    (``to_q``, ``to_k``, ``to_v``, ``proj_mlp``) gets its rows of that ``ΔW`` by a forward hook:
+    ``y_j += x @ ΔW[rows_j]ᵀ``. A member whose halves SAI/BFL order ``[shift; scale]`` where diffusers
+    has ``[scale; shift]`` (SD3's pre-only context modulation) reads its rows with the halves swapped.
+    Its ``state_dict`` is LyCORIS' module under the kohya name (``lokr_w1``, ``hada_w1_a``...).
+
+    ``ΔW`` (with its rank-dropout mask and module-dropout draw) is computed once per input and reused
+    by the members called with that very tensor, as the one fused module of a kohya run draws once."""
+
+    bases: tuple[nn.Module, ...]
+    paths: tuple[str, ...]
+    rows: list[tuple[int, int]]
+    swaps: tuple[bool, ...]
+
+    def _fused_init(self, members: Sequence[tuple[str, nn.Module, bool]]) -> None:
+        self.paths = tuple(path for path, _, _ in members)
+        object.__setattr__(self, "bases", tuple(layer for _, layer, _ in members))
+        self.swaps = tuple(swap for _, _, swap in members)
+        self.rows = []
+        start = 0
+        for _, layer, _ in members:
+            out = int(layer.weight.shape[0])  # type: ignore[union-attr,index]
+            self.rows.append((start, start + out))
+            start += out
+        self._handles: list[Any] = []
+        self._cache: list[Any] | None = None
+
+    def member_deltas(self) -> dict[str, torch.Tensor]:
+        """Each member's change at multiplier 1, in its own (diffusers) row order, by module path."""
+        delta = self.delta_weight()  # type: ignore[attr-defined]
+        return {path: self._rows_of(delta, i) for i, path in enumerate(self.paths)}
+
+    def _rows_of(self, weight: torch.Tensor, i: int) -> torch.Tensor:
+        lo, hi = self.rows[i]
+        rows = weight[lo:hi]
+        if self.swaps[i]:
+            first, second = rows.chunk(2, dim=0)
+            rows = torch.cat([second, first], dim=0)
+        return rows
+
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [
+                layer.register_forward_hook(functools.partial(self._member_hook, i))
+                for i, layer in enumerate(self.bases)
+            ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._cache = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _fused_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``m · ΔW`` for this input (``None``: module dropout skips the module), shared by the members
+        called with the very same tensor (see :meth:`SharedDownLora._hidden` for the cache's rules)."""
+        me: Any = self
+        version = -1 if x.is_inference() else x._version
+        key = (version, me.training, torch.is_grad_enabled(), me.multiplier)
+        cache = self._cache
+        if cache is not None and cache[0] is x and cache[1] == key:
+            cache[3] += 1
+            if cache[3] >= len(self.bases):
+                self._cache = None
+            return cache[2]  # type: ignore[no-any-return]
+        weight: torch.Tensor | None
+        if me._frozen is not None:
+            weight = me._frozen.to(device=x.device)
+        elif me.training and me.module_dropout and torch.rand(()) < me.module_dropout:
+            weight = None
+        else:
+            rows = None
+            if me.training and me.rank_dropout:
+                rows = rank_dropout_mask(int(me.base.weight.shape[0]), me.rank_dropout, me.rank_dropout_scale)
+            weight = me._change(detach=False, rows=rows) * me.multiplier
+        self._cache = None
+        if len(self.bases) > 1:
+            token = object()
+            self._cache = [x, key, weight, 1, token]
+            if weight is not None and weight.requires_grad:  # a backward frees its graph: never reuse it after
+                weight.register_hook(lambda grad, token=token: self._forget(token))
+        return weight
+
+    def _forget(self, token: object) -> None:
+        if self._cache is not None and self._cache[4] is token:
+            self._cache = None
+
+    def _member_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        me: Any = self
+        if me.multiplier == 0:
+            return output
+        weight = self._fused_weight(args[0])
+        if weight is None:
+            return output
+        out = me._apply_weight(args[0], self._rows_of(weight, i))
+        factor = me.sample_factor(out)
+        return output + (out if factor is None else out * factor).to(output.dtype)
+
+    def merge(self, multiplier: float | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{getattr(self, 'lora_name', '')}: save the network and apply the file to merge it")
+
+
+class FusedLohaAdapter(FusedMixin, LohaAdapter):
+    """LyCORIS LoHa on a fused SAI/BFL Linear (:class:`FusedMixin`)."""
+
+
+class FusedLokrAdapter(FusedMixin, LokrAdapter):
+    """LyCORIS LoKr on a fused SAI/BFL Linear (:class:`FusedMixin`)."""
+
+
+#: the LyCORIS algos sdcore trains as one module over a fused SAI/BFL Linear
+FUSED_ADAPTERS: dict[str, type[Adapter]] = {"loha": FusedLohaAdapter, "lokr": FusedLokrAdapter}
+
+
+def fused_adapter(
+    algo: str, name: str, members: Sequence[tuple[str, nn.Module, bool]], rank: int, alpha: float | None, **kwargs: Any
+) -> Adapter:
+    """A :class:`FusedMixin` module of ``algo`` named ``name`` over ``members`` ((path, Linear, swapped
+    halves) in SAI/BFL row order); ``kwargs`` are the algo's adapter options."""
+    layers = [layer for _, layer, _ in members]
+    if not members or not all(isinstance(layer, nn.Linear) for layer in layers):
+        raise TypeError(f"{name}: a fused module needs Linear members")
+    widths = {int(layer.in_features) for layer in layers}  # type: ignore[arg-type]
+    if len(widths) != 1:
+        raise ValueError(f"{name}: members read inputs of different widths {sorted(widths)}")
+    rows = sum(int(layer.out_features) for layer in layers)  # type: ignore[arg-type,misc]
+    stand_in = nn.Linear(widths.pop(), rows, bias=False, device="meta")  # the fused shape, no storage
+    adapter = FUSED_ADAPTERS[algo](name, stand_in, rank, alpha, **kwargs)
+    assert isinstance(adapter, FusedMixin)
+    adapter._fused_init(members)
+    return adapter
+
+
 class OftAdapter(Adapter):
     """kohya OFT on a Linear/Conv2d: ``rank`` is the number of blocks (it must divide the output
     width) and ``alpha`` the constraint (kohya ``network_alpha``); ``oft_blocks`` start at zero,
@@ -2160,6 +2305,7 @@ def effective_delta(base: nn.Module, t: Tensors, multiplier: float = 1.0) -> tor
 
 __all__ = [
     "ADAPTER_OF_VARIANT",
+    "FUSED_ADAPTERS",
     "TRAINING_ADAPTERS",
     "VARIANTS",
     "Adapter",
@@ -2172,6 +2318,9 @@ __all__ = [
     "DyLoraAdapter",
     "FullAdapter",
     "FullVariant",
+    "FusedLohaAdapter",
+    "FusedLokrAdapter",
+    "FusedMixin",
     "GloraAdapter",
     "GloraVariant",
     "Ia3Adapter",
@@ -2193,6 +2342,7 @@ __all__ = [
     "butterfly_factorization",
     "effective_delta",
     "factorization",
+    "fused_adapter",
     "lycoris_cayley",
     "needs_base",
     "rank_dropout_mask",

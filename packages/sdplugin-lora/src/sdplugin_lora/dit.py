@@ -273,6 +273,14 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
             start += part.rows
         return out
     in_dim = widths[0] if widths is not None else None
+    shape = weights.variant.shape(weights.tensors) if weights.variant is not None else None
+    if in_dim is None and shape is not None and len(shape) == 2:  # LoHa/LoKr: the factors tell the fused shape
+        if shape[0] != module.rows:
+            raise NetworkMismatchError(
+                f"{label}: {name} has {shape[0]} output rows but the model's {module.name} has {module.rows}: "
+                "this LoRA does not fit the loaded model"
+            )
+        in_dim = shape[1]
     if in_dim is None:
         raise NetworkMismatchError(f"{label}: {name}: cannot tell the input width of this {weights.kind} module")
     delta = weights.delta((module.rows, in_dim))
@@ -414,6 +422,37 @@ def shared_down_groups(index: ModuleIndex, targets: Iterable[Target]) -> list[tu
     return groups
 
 
+def fused_groups(
+    index: ModuleIndex, targets: Iterable[Target]
+) -> tuple[list[tuple[str, list[Target]]], dict[str, tuple[bool, ...]]]:
+    """The kohya modules that LyCORIS' LoHa/LoKr train as one module over the fused weight
+    (:class:`sdplugin_lora.adapters.FusedMixin`): every module that is not a plain alias (several parts,
+    or halves in another order) whose every part is among ``targets``; and, per group, which members
+    have their halves swapped. A module with only some parts among ``targets`` is a ``ConfigError``:
+    LyCORIS adapts the fused Linear whole, and a LoHa/LoKr of a part alone has no kohya name."""
+    from sdcore.errors import ConfigError
+
+    chosen = {t.path: t for t in targets if t.component == index.denoiser and not t.is_conv}
+    groups: list[tuple[str, list[Target]]] = []
+    swapped: dict[str, tuple[bool, ...]] = {}
+    partial: list[str] = []
+    for module in index.kohya.values():
+        if module.direct:
+            continue
+        members = [chosen.get(part.path) for part in module.parts]
+        if all(member is not None for member in members):
+            groups.append((module.name, [m for m in members if m is not None]))
+            swapped[module.name] = tuple(part.swap_halves for part in module.parts)
+        elif any(member is not None for member in members):
+            partial.append(module.name)
+    if partial:
+        raise ConfigError(
+            f"{len(partial)} fused SAI/BFL layers would get a LoHa/LoKr on some of their diffusers parts only "
+            f"({', '.join(partial[:3])}): LyCORIS adapts each fused Linear whole; adapt all its parts or none"
+        )
+    return groups, swapped
+
+
 def shared_down_weights(
     name: str, module: KohyaModule, raw: ModuleWeights | None, parts: Mapping[str, ModuleWeights]
 ) -> ModuleWeights | None:
@@ -552,6 +591,7 @@ __all__ = [
     "diffusers_state_dict",
     "flux_table",
     "fuse_parts",
+    "fused_groups",
     "kohya_state_dict",
     "kohya_table",
     "oft_flux_modules",

@@ -662,10 +662,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         except ConfigError as exc:
             problems.append(str(exc))
-        if o.lycoris_preset not in (None, "full") and not family.startswith(("sd1", "sd2", "sdxl")):
+        if o.lycoris_preset not in (None, "full") and not family.startswith(("sd1", "sd2", "sdxl", "sd3", "flux")):
             problems.append(
                 f"--lycoris-preset {o.lycoris_preset} on {family}: sdcore applies LyCORIS presets to SD1/SD2/SDXL "
-                "UNets and CLIP encoders (full on other families: kohya's blocks)"
+                "UNets, SD3/FLUX.1 transformers and CLIP encoders (full on other families: kohya's blocks)"
             )
         problems += self._te_rate_family_problems(family)
         if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
@@ -739,7 +739,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         file_ranks = self._ranks_from_weights(index) if self.options.dim_from_weights else None
         # kohya builds a network from a file's ranks over the conv targets too (modules_dim given)
         conv = self.conv_rank > 0 or bool(plan and plan.conv_dims) or file_ranks is not None
-        preset = self.lycoris_preset() if index.denoiser == "unet" else None
+        from .presets import DIT_PRESET_FAMILIES
+
+        walks = index.denoiser == "unet" or index.family.startswith(DIT_PRESET_FAMILIES)
+        preset = self.lycoris_preset() if walks else None
         if preset is not None:
             network = self._preset_network(bundle, index, preset)
             return self._finish_prepare(bundle, index, network, plan)
@@ -753,13 +756,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             # kohya networks.oft without enable_all_linear: its CrossAttention modules' Linears only
             targets = [t for t in targets if "_attn1_" in t.name or "_attn2_" in t.name]
         targets = self._layer_filtered(index, targets, lambda t: t)
-        shared: list[Any] = []
-        if (
-            index.kohya and not self.options.split_qkv and self.options.algo != "oft"
-        ):  # SD3/Flux: kohya's one LoRA per fused qkv/linear1
-            from .dit import shared_down_groups
-
-            shared = shared_down_groups(index, targets)
+        shared, swapped = self._fused_groups(index, targets, self.options.algo)
         network = LoraNetwork.create(
             targets,
             rank=self.options.rank,
@@ -775,6 +772,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             use_tucker=self.options.use_tucker,
             rank_for=self._rank_for(plan, file_ranks),
             shared_down=shared,
+            swapped=swapped,
             multiplier=self.options.network_multiplier,
             decompose_both=self.options.decompose_both,
             rank_dropout_scale=self.options.rank_dropout_scale,
@@ -783,6 +781,30 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             norms=index.select_norms(conv=conv) if self.options.train_norm and self.train_unet else (),
         )
         return self._finish_prepare(bundle, index, network, plan)
+
+    def _fused_groups(
+        self, index: ModuleIndex, targets: list[Target], algo: str
+    ) -> tuple[list[Any], dict[str, tuple[bool, ...]]]:
+        """SD3/Flux: the targets trained as one module per fused SAI/BFL Linear (kohya's one LoRA per
+        qkv/linear1 unless split_qkv; LyCORIS' one LoHa/LoKr per fused or half-swapped Linear). Other
+        algos on a fused layer's parts are refused: kohya's names have no place for them."""
+        if not index.kohya or algo == "oft":
+            return [], {}
+        from .adapters import FUSED_ADAPTERS
+        from .dit import fused_groups, shared_down_groups
+
+        if algo in FUSED_ADAPTERS:
+            return fused_groups(index, targets)  # type: ignore[return-value]
+        if algo in ("lora", "locon"):
+            return ([] if self.options.split_qkv else shared_down_groups(index, targets)), {}
+        parts = {t.path for t in targets if t.component == index.denoiser}
+        fused = [m.name for m in index.kohya.values() if not m.direct and parts & {p.path for p in m.parts}]
+        if fused:
+            raise ConfigError(
+                f"algo {algo} on {len(fused)} fused SAI/BFL layers ({', '.join(fused[:3])}): sdcore trains "
+                "lora, loha or lokr there (one module over the fused weight, as LyCORIS)"
+            )
+        return [], {}
 
     def _layer_filtered(self, index: ModuleIndex, items: list[Any], target_of: Callable[[Any], Target]) -> list[Any]:
         """``items`` (targets or preset choices) without the denoiser modules --layer-filter leaves out
@@ -850,9 +872,12 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         for choice in choices:
             groups.setdefault((choice.norm, choice.settings), []).append(choice)
         built: dict[str, Any] = {}
+        owner: dict[str, str] = {}  # target -> the fused module it belongs to (SD3/Flux)
         for (norm, settings), members in groups.items():
             s = settings
             algo = (s.algo if s and s.algo else None) or o.algo
+            shared, swapped = self._fused_groups(index, [] if norm else [c.target for c in members], algo)
+            owner.update({t.name: name for name, group in shared for t in group})
             conv_alpha = self.conv_alpha if self.conv_alpha is not None else self.alpha
             network = LoraNetwork.create(
                 [] if norm else [c.target for c in members],
@@ -872,9 +897,12 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 constraint=o.constraint,
                 rescaled=o.rescaled,
                 norms=[c.target for c in members] if norm else (),
+                shared_down=shared,
+                swapped=swapped,
             )
             built.update(network.loras)
-        return LoraNetwork([built[c.target.name] for c in choices if c.target.name in built])
+        order = dict.fromkeys(owner.get(c.target.name, c.target.name) for c in choices)
+        return LoraNetwork([built[name] for name in order if name in built])
 
     @staticmethod
     def _rank_for(
@@ -961,10 +989,21 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                     "names, one block set per q/k/v/MLP part); diffusers/PEFT files hold LoRA only"
                 )
             return
+        if o.algo in ("loha", "lokr") and index.family.startswith(("flux", "sd3")):
+            # lycoris.kohya: one LoHa/LoKr per fused SAI/BFL Linear, saved under kohya's names
+            given = [f for f, v in (("--key-layout diffusers", o.key_layout == "diffusers"),
+                                    ("--split-qkv", o.split_qkv)) if v]  # fmt: skip
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} with --algo {o.algo}: LyCORIS adapts each fused qkv/linear1 Linear as one "
+                    "module (kohya names); diffusers/PEFT files hold LoRA only and LyCORIS has no split_qkv"
+                )
+            return
         if o.algo not in ("lora", "locon"):
             raise ConfigError(
                 f"--algo {o.algo} on {index.family}: kohya's {index.family} names fuse q/k/v (and Flux's MLP input), "
-                "which only plain LoRA expresses exactly; train --algo lora"
+                "which sdcore trains as plain LoRA, or LoHa/LoKr on SD3/FLUX.1 (one LyCORIS module per fused "
+                "Linear); train --algo lora, loha or lokr"
             )
 
     def param_groups(self, network: LoraNetwork, plan: BlockPlan | None = None) -> list[dict[str, Any]]:

@@ -11,13 +11,14 @@ every hook off again. The network's own ``state_dict`` is already the kohya/LyCO
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters import (
+    FUSED_ADAPTERS,
     TRAINING_ADAPTERS,
     Adapter,
     ChangeCache,
@@ -30,6 +31,7 @@ from .adapters import (
     NormAdapter,
     OftAdapter,
     SharedDownLora,
+    fused_adapter,
 )
 from .algos import ALGOS
 from .naming import Target
@@ -74,6 +76,7 @@ class LoraNetwork(nn.Module):
         use_tucker: bool = False,
         rank_for: RankFor | None = None,
         shared_down: Iterable[SharedGroup] = (),
+        swapped: Mapping[str, Sequence[bool]] | None = None,
         decompose_both: bool = False,
         rank_dropout_scale: bool = False,
         norms: Iterable[Target] = (),
@@ -89,7 +92,9 @@ class LoraNetwork(nn.Module):
         ``shared_down`` (SD3/Flux, plain LoRA only): groups of targets that one fused SAI/BFL Linear
         computes (q/k/v, Flux's ``linear1``) get one :class:`SharedDownLora` named by kohya, as
         kohya's ``lora_sd3``/``lora_flux`` train them unless ``split_qkv``; the rank is the first
-        member's.
+        member's. With ``--algo loha``/``lokr`` each group is one LyCORIS module over the fused weight
+        instead (:class:`sdplugin_lora.adapters.FusedMixin`, what ``lycoris.kohya`` trains on kohya's model);
+        ``swapped`` (kohya name -> per member) marks members whose halves SAI/BFL order otherwise.
 
         LyCORIS options: ``decompose_both`` (LoKr: ``w1`` low-rank too), ``rank_dropout_scale`` (the
         rank-dropout mask divided by its mean) and ``norms`` (``train_norm``: a :class:`NormAdapter`
@@ -103,8 +108,8 @@ class LoraNetwork(nn.Module):
         adapter_cls = TRAINING_ADAPTERS[algo]
         targets = list(targets)
         groups = [(name, list(members)) for name, members in shared_down]
-        if groups and algo not in ("lora", "locon"):
-            raise ValueError(f"a shared-down LoRA is plain LoRA; --algo {algo} cannot share downs")
+        if groups and algo not in ("lora", "locon", *FUSED_ADAPTERS):
+            raise ValueError(f"a fused SAI/BFL module trains as plain LoRA, LoHa or LoKr, not --algo {algo}")
         grouped = {target.name for _, members in groups for target in members}
         modules: list[Adapter] = []
         unsplit: list[str] = []
@@ -115,6 +120,16 @@ class LoraNetwork(nn.Module):
                 if override is not None:
                     r, a = override
             if not r:
+                continue
+            if algo in FUSED_ADAPTERS:
+                swaps = (swapped or {}).get(name) or [False] * len(members)
+                options: dict[str, Any] = {"multiplier": multiplier, "module_dropout": module_dropout,
+                                           "rank_dropout": rank_dropout, "tucker": use_tucker,
+                                           "rank_dropout_scale": rank_dropout_scale}  # fmt: skip
+                if algo == "lokr":
+                    options.update(factor=lokr_factor, decompose_both=decompose_both)
+                parts = [(t.path, t.module, bool(swap)) for t, swap in zip(members, swaps, strict=True)]
+                modules.append(fused_adapter(algo, name, parts, r, a, **options))
                 continue
             modules.append(
                 SharedDownLora(

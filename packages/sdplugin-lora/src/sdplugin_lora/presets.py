@@ -21,8 +21,16 @@ class names, its attention class named ``CrossAttention``; SDXL: Stability's SGM
   in without a conv rank), ``algo`` the algo;
 - ``enable_conv = false`` sets the conv rank to 0.
 
-The built-in presets' class lists also name DiT block classes (Flux, SD3.5, HunYuan...) that no SD UNet has;
-only the SD1/SD2/SDXL entries are kept here. ``preset=ia3`` names ``to_k``/``to_v``/``ff.net.2`` and
+SD3 and FLUX.1: kohya's ``sd3_train_network.py``/``flux_train_network.py`` hand LyCORIS SAI's and BFL's own
+model classes (sd-scripts ``library/sd3_models.py`` ``MMDiT``, ``library/flux_models.py`` ``Flux``), named
+``lora_unet_<path>`` (``lora_unet_double_blocks_0_img_attn_qkv``). :func:`select` walks that model's tree
+(:func:`_flux_tree`, :func:`_sd3_tree`) over the kohya modules of :mod:`sdplugin_lora.dit`: the built-in lists'
+``DoubleStreamBlock``/``SingleStreamBlock`` (Flux) and ``SingleDiTBlock`` (SD3's x/context blocks) adapt every
+Linear of those blocks (kohya's default LoRA targets), ``attn-only``'s ``SelfAttention`` is Flux's double-block
+img/txt attention (``qkv``, ``proj``) and no SD3 module (its class is ``AttentionLinears``), and no top-level name
+(``conv_in``, ``time_embedding.linear_1``) exists there. A fused ``qkv``/``linear1`` is one LyCORIS module
+(:class:`sdplugin_lora.adapters.FusedMixin` for LoHa/LoKr, the shared-down LoRA for LoRA). Of the other
+built-in classes (HunYuan, Wan, Lumina...) no sdcore model has any. ``preset=ia3`` names ``to_k``/``to_v``/``ff.net.2`` and
 ``k_proj``/``v_proj``/``mlp.fc2``, which ``re.match`` compares with the start of each full path: no module
 of an SD UNet or CLIP encoder matches, so it trains nothing and is refused.
 """
@@ -46,7 +54,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+#: the DiT block classes of LyCORIS' lists that kohya's FLUX.1 and SD3 models have (flux_models.py, sd3_models.py)
+_DIT_BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock", "SingleDiTBlock")
+_UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", *_DIT_BLOCKS)
 _CLIP_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
@@ -85,17 +95,18 @@ class LycorisPreset:
         return bool(self.text_encoder_target_module or self.text_encoder_target_name)
 
 
-#: LyCORIS' built-in presets (lycoris/config.py PRESET, f49d30d), SD UNet/CLIP class names only
+#: LyCORIS' built-in presets (lycoris/config.py PRESET, f49d30d): the SD UNet/CLIP class names and the DiT blocks
+#: kohya's FLUX.1/SD3 models have (HunYuan, Wan, Lumina... entries name classes no sdcore model has)
 BUILTIN: dict[str, LycorisPreset] = {
     "full": LycorisPreset("full"),
     "full-lin": LycorisPreset(
         "full-lin",
         enable_conv=False,
-        unet_target_module=("Transformer2DModel", "ResnetBlock2D"),
+        unet_target_module=("Transformer2DModel", "ResnetBlock2D", *_DIT_BLOCKS),
         unet_target_name=("time_embedding.linear_1", "time_embedding.linear_2"),
     ),
     "attn-mlp": LycorisPreset(
-        "attn-mlp", enable_conv=False, unet_target_module=("Transformer2DModel",), unet_target_name=()
+        "attn-mlp", enable_conv=False, unet_target_module=("Transformer2DModel", *_DIT_BLOCKS), unet_target_name=()
     ),
     "attn-only": LycorisPreset(
         "attn-only",
@@ -108,7 +119,7 @@ BUILTIN: dict[str, LycorisPreset] = {
     "unet-transformer-only": LycorisPreset(
         "unet-transformer-only",
         enable_conv=False,
-        unet_target_module=("Transformer2DModel",),
+        unet_target_module=("Transformer2DModel", *_DIT_BLOCKS),
         unet_target_name=(),
         text_encoder_target_module=(),
     ),
@@ -363,6 +374,109 @@ class _Walk:
         return Target(name, self.component, node.path, node.module, "other")
 
 
+# --- SD3 / FLUX.1: kohya's SAI/BFL model as LyCORIS walks it ---------------------------------------------
+
+
+def _flux_tree(blocks: int, singles: int) -> list[tuple[str, str]]:
+    """(path, class) of kohya's ``library/flux_models.py`` ``Flux`` in ``named_modules`` order: its
+    containers and Linears (norms and activations hold nothing LyCORIS adapts without ``train_norm``)."""
+    tree = [("img_in", "Linear")]
+    for emb in ("time_in", "vector_in", "guidance_in"):
+        tree += [(emb, "MLPEmbedder"), (f"{emb}.in_layer", "Linear"), (f"{emb}.out_layer", "Linear")]
+    tree += [("txt_in", "Linear"), ("double_blocks", "ModuleList")]
+    for i in range(blocks):
+        b = f"double_blocks.{i}"
+        tree.append((b, "DoubleStreamBlock"))
+        for s in ("img", "txt"):
+            tree += [(f"{b}.{s}_mod", "Modulation"), (f"{b}.{s}_mod.lin", "Linear")]
+            tree += [(f"{b}.{s}_attn", "SelfAttention"), (f"{b}.{s}_attn.qkv", "Linear")]
+            tree += [(f"{b}.{s}_attn.proj", "Linear"), (f"{b}.{s}_mlp", "Sequential")]
+            tree += [(f"{b}.{s}_mlp.0", "Linear"), (f"{b}.{s}_mlp.2", "Linear")]
+    tree.append(("single_blocks", "ModuleList"))
+    for i in range(singles):
+        b = f"single_blocks.{i}"
+        tree += [(b, "SingleStreamBlock"), (f"{b}.linear1", "Linear"), (f"{b}.linear2", "Linear")]
+        tree += [(f"{b}.modulation", "Modulation"), (f"{b}.modulation.lin", "Linear")]
+    tree += [("final_layer", "LastLayer"), ("final_layer.linear", "Linear")]
+    tree += [("final_layer.adaLN_modulation", "Sequential"), ("final_layer.adaLN_modulation.1", "Linear")]
+    return tree
+
+
+def _sd3_tree(blocks: int) -> list[tuple[str, str]]:
+    """(path, class) of kohya's ``library/sd3_models.py`` ``MMDiT`` in ``named_modules`` order (its
+    attention class is ``AttentionLinears``, so no SD3 module is a ``SelfAttention``/``CrossAttention``)."""
+    tree = [("x_embedder", "PatchEmbed"), ("x_embedder.proj", "Conv2d")]
+    for emb, cls in (("t_embedder", "TimestepEmbedding"), ("y_embedder", "Embedder")):
+        tree += [(emb, cls), (f"{emb}.mlp", "Sequential"), (f"{emb}.mlp.0", "Linear"), (f"{emb}.mlp.2", "Linear")]
+    tree += [("context_embedder", "Linear"), ("joint_blocks", "ModuleList")]
+    for i in range(blocks):
+        tree.append((f"joint_blocks.{i}", "MMDiTBlock"))
+        for part in ("context_block", "x_block"):
+            b = f"joint_blocks.{i}.{part}"
+            tree += [(b, "SingleDiTBlock")]
+            for attn in ("attn", "attn2"):
+                tree += [(f"{b}.{attn}", "AttentionLinears"), (f"{b}.{attn}.qkv", "Linear")]
+                tree += [(f"{b}.{attn}.proj", "Linear")]
+            tree += [(f"{b}.mlp", "MLP"), (f"{b}.mlp.fc1", "Linear"), (f"{b}.mlp.fc2", "Linear")]
+            tree += [(f"{b}.adaLN_modulation", "Sequential"), (f"{b}.adaLN_modulation.1", "Linear")]
+    tree += [("final_layer", "UnPatch"), ("final_layer.linear", "Linear")]
+    tree += [("final_layer.adaLN_modulation", "Sequential"), ("final_layer.adaLN_modulation.1", "Linear")]
+    return tree
+
+
+#: the DiT families whose kohya model sdcore walks for presets
+DIT_PRESET_FAMILIES = ("flux", "sd3")
+
+
+def _dit_nodes(transformer: Any, index: ModuleIndex) -> list[_Node]:
+    """kohya's model of ``index.family`` as LyCORIS sees it: containers (module ``None``) and the Linears
+    that this model has (module: their :class:`~sdplugin_lora.dit.KohyaModule`, named by kohya's path)."""
+    if index.family == "flux":
+        tree = _flux_tree(
+            len(getattr(transformer, "transformer_blocks", ())),
+            len(getattr(transformer, "single_transformer_blocks", ())),
+        )
+    else:
+        tree = _sd3_tree(len(getattr(transformer, "transformer_blocks", ())))
+    nodes = []
+    for path, cls in tree:
+        leaf = cls in ("Linear", "Conv2d")
+        module = index.kohya.get(flatten("lora_unet", path)) if leaf else None
+        if leaf and module is None:
+            continue  # this configuration has no such layer (attn2, a pre-only block's proj/MLP, guidance_in...)
+        nodes.append(_Node(path, path, cls, module))
+    return nodes
+
+
+class _DitWalk(_Walk):
+    """The walk over kohya's SAI/BFL model: a chosen Linear is one kohya module (fused or not)."""
+
+    def single(self, node: _Node, settings: ModuleSettings | None) -> Choice | None:
+        module = node.module
+        if module is None or self.norms:
+            return None  # a container, or a norm (train_norm is refused on SD3/Flux before this)
+        first = self.index.resolve_path("transformer", module.parts[0].path)
+        if first is None:
+            return None
+        if first.is_conv3x3 and not (self.conv or (settings is not None and settings.dim)):
+            return None
+        return Choice(Target(module.name, "transformer", node.path, module, first.group), settings)
+
+
+def _dit_parts(choices: list[Choice], index: ModuleIndex) -> list[Choice]:
+    """kohya-module choices -> one choice per diffusers module they stack (the network's targets)."""
+    out = []
+    for choice in choices:
+        if choice.target.component != "transformer" or choice.target.name not in index.kohya:
+            out.append(choice)
+            continue
+        for part in index.kohya[choice.target.name].parts:
+            target = index.resolve_path("transformer", part.path)
+            if target is not None:
+                out.append(Choice(target, choice.settings))
+    return out
+
+
 def select(
     bundle: Any,
     index: ModuleIndex,
@@ -389,7 +503,11 @@ def select(
             some = next((t for t in index.targets.values() if t.component == component), None)
             walk.norm_prefix = some.name.split("_text_model_")[0] if some else component
             chosen += walk.run(_te_nodes(encoder), preset.text_encoder_target_module, preset.text_encoder_target_name)
-    if unet:
+    if unet and index.kohya:  # SD3/Flux: kohya's SAI/BFL model, its modules named as lycoris.kohya names them
+        dit = _DitWalk(preset, index, "transformer", conv=conv, norms=norms)
+        nodes = _dit_nodes(components["transformer"], index)
+        chosen += dit.run(nodes, preset.unet_target_module, preset.unet_target_name)
+    elif unet:
         walk = _Walk(preset, index, "unet", conv=conv, norms=norms)
         chosen += walk.run(_unet_nodes(components["unet"], sdxl), preset.unet_target_module, preset.unet_target_name)
     seen: set[str] = set()
@@ -403,7 +521,7 @@ def select(
             f"LyCORIS preset {preset.name}: {len(twice)} modules are reached twice (a target name or class inside "
             f"another target block), which stops a kohya run (LyCORIS: duplicated lora name): {', '.join(twice[:5])}"
         )
-    return chosen
+    return _dit_parts(chosen, index) if index.kohya else chosen
 
 
 __all__ = ["BUILTIN", "MAP_ALGOS", "REFUSED", "Choice", "LycorisPreset", "ModuleSettings", "load_preset", "select"]

@@ -275,6 +275,11 @@ def test_ai_toolkit_other_network_kwargs_are_refused_in_one_line(tmp_path):
     assert any("sdcore implements only_if_contains and ignore_if_contains (got ['block_dims'])" in p for p in problems)
     assert any("only_if_contains: a list of strings, got 'attn'" in p for p in problems)
     assert all("\n" not in p for p in problems)
+    # ai-toolkit's Chroma names its modules in BFL's layout: the words cannot be matched on diffusers paths
+    chroma = {"model": {"name_or_path": "tiny:chroma", "arch": "chroma"}, "datasets": [{"folder_path": "imgs"}],
+              "network": {"network_kwargs": {"ignore_if_contains": ["img_attn"]}}}  # fmt: skip
+    with pytest.raises(ConfigError, match="ai-toolkit's Chroma matches these words against its BFL-layout"):
+        load_options(LoraOptions, _job(tmp_path, chroma), notes=[])
 
 
 def test_ai_toolkit_flux_job_with_contains_lists_trains_the_selected_modules(tmp_path, monkeypatch):

@@ -973,7 +973,9 @@ def _network(network: dict[str, Any], family: str | None, where: str, out: JobTr
 #: ai-toolkit's name of the denoiser in the module names ``only_if_contains``/``ignore_if_contains`` are
 #: matched against (``toolkit/lora_special.py``): ``<prefix>.<diffusers path>``, and the LoRA name, where the
 #: dots are ``_`` (``lora_unet``, SD) or ``$$`` (PEFT format, which ai-toolkit always uses on transformers)
-CONTAINS_PREFIX = {"flux": ("transformer", "$$"), "sd3": ("transformer", "$$"), "chroma": ("transformer", "$$")}
+#: (Flex.1 is read as flux). ai-toolkit's Chroma is its own BFL-layout model (``double_blocks.N.img_attn.qkv``):
+#: its names are not the diffusers paths sdcore matches, so the lists are refused there
+CONTAINS_PREFIX = {"flux": ("transformer", "$$"), "sd3": ("transformer", "$$")}
 _SD_PREFIX = ("lora_unet", "_")
 
 
@@ -1038,6 +1040,11 @@ def _network_kwargs(kwargs: Any, family: str | None, where: str, out: JobTransla
             continue
         lists[key] = words
     if not lists:
+        return
+    if family == "chroma":
+        out.problems.append(f"{where}: ai-toolkit's Chroma matches these words against its BFL-layout module names "
+                            "(double_blocks.N.img_attn.qkv), sdcore's Chroma has diffusers ones; write --layer-filter/"
+                            "--layer-exclude patterns on the paths `sdcore lora targets` lists")  # fmt: skip
         return
     prefix, sep = CONTAINS_PREFIX.get(family or "", _SD_PREFIX)
     only, ignore = lists.get("only_if_contains"), lists.get("ignore_if_contains")

@@ -1,4 +1,4 @@
-"""``sdcore lora ...``: merge, extract, resize and info (click only here; torch inside commands)."""
+"""``sdcore lora ...``: merge, extract, resize, info, targets (click only here; torch inside commands)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 
 @click.group("lora")
 def lora_group() -> None:
-    """LoRA files: merge, extract, resize, convert, info (kohya format)."""
+    """LoRA files: merge, extract, resize, convert, info (kohya format); targets: what a training run adapts."""
 
 
 @lora_group.command("info")

@@ -208,7 +208,9 @@ def test_cli_trains_a_onetrainer_chroma_lora_two_steps(tmp_path, sd_cli, pm, mon
     out = tmp_path / "out" / "ot_chroma.safetensors"
     with safe_open(str(out), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-        down = next(k for k in keys if k.endswith("single_transformer_blocks.0.proj_out.lora_A.weight"))
+        down = next(k for k in keys if k.endswith("single_transformer_blocks.0.proj_mlp.lora_A.weight"))
         assert f.get_tensor(down).shape[0] == 4
+    # attn-mlp's patterns (attn, ff.net, proj_mlp), exactly as OneTrainer: no proj_out, no text-stream MLP
+    assert not any(".proj_out." in k or ".ff_context." in k for k in keys)
     assert all(k.startswith("transformer.") for k in keys)  # no T5 LoRA (text_encoder.train false)
     assert meta["ss_max_train_steps"] == "2" and float(meta["ss_learning_rate"]) == 0.002

@@ -103,7 +103,7 @@ def test_chroma_example_loads_with_the_sigmoid_table():
         ("train_lora_lumina.yaml", "process.model: is_lumina2: sdcore does not train this model family"),
         ("train_lora_wan21_1b_24gb.yaml", "process.model.arch 'wan21': sdcore does not train this model family"),
         ("train_lora_qwen_image_24gb.yaml", "process.model.arch 'qwen_image'"),
-        ("train_lora_hidream_48.yaml", "process.network.network_kwargs = {'ignore_if_contains'"),
+        ("train_lora_hidream_48.yaml", "process.model.arch 'hidream': sdcore does not train this model family"),
         ("train_lora_flux_kontext_24gb.yaml", "process.datasets[0].control_path = '/path/to/control/folder'"),
         ("train_lora_flux_schnell_24gb.yaml", "sdcore reads no model hub"),
         ("train_full_fine_tune_flex.yaml", "process.save.save_format = 'diffusers'"),

@@ -75,8 +75,9 @@ def test_chroma_lora_options(tmp_path):
     from sdcore.models.family import family_adapter
 
     assert o.t5xxl_max_token_length is None and family_adapter("chroma").t5_max_length(None) == 512
-    # the preset's own patterns are accepted; attn-mlp leaves out ff_context and proj_out there, not here
-    assert "layer_filter_preset attn-mlp: OneTrainer's patterns (attn, ff.net, proj_mlp) leave out" in text
+    # the preset's own patterns select a subset of sdcore's Chroma targets: the same filter, exactly, no note
+    assert (o.layer_filter, o.layer_filter_regex) == ("attn,ff.net,proj_mlp", False)
+    assert "layer_filter" not in text
     assert "quantization: accepted" in text
 
 
@@ -90,7 +91,8 @@ def test_chroma_noise_settings_follow_onetrainers_chroma_path(tmp_path):
     assert (o.timestep_sampling, o.logit_mean, o.logit_std) == ("logit_normal", -0.3, 1.5)
     assert (o.discrete_flow_shift, o.dynamic_timestep_shift) == (3.0, False)
     assert any("dynamic_timestep_shifting: OneTrainer shifts by resolution for Flux only" in n for n in notes)
-    assert not any("layer_filter_preset" in n for n in notes)  # blocks = every Linear of the blocks, exactly
+    assert not any("layer_filter" in n for n in notes)  # blocks = every Linear of the blocks, exactly
+    assert o.layer_filter == "transformer_block"
 
 
 def test_chroma_text_encoder_training_and_guidance(tmp_path):
@@ -149,13 +151,13 @@ def test_chroma_fine_tune_is_dreambooth(tmp_path):
 
 def test_chroma_refusals_one_line_each(tmp_path):
     config = {
-        **CHROMA_LORA, "text_encoder_layer_skip": 2, "layer_filter": "", "layer_filter_preset": "attn-only",
+        **CHROMA_LORA, "text_encoder_layer_skip": 2, "layer_filter": "", "layer_filter_preset": "attn-mlp-x",
         "output_model_format": "COMFY_LORA", "loss_weight_fn": "MIN_SNR_GAMMA",
         "text_encoder": {"train": False, "dropout_probability": 0.1},
     }  # fmt: skip
     problems = _problems(tmp_path, config)
     assert len(problems) == 5, problems
-    expected = ("text_encoder_layer_skip 2", "layer_filter_preset 'attn-only'", "output_model_format 'COMFY_LORA'",
+    expected = ("text_encoder_layer_skip 2", "layer_filter_preset 'attn-mlp-x'", "output_model_format 'COMFY_LORA'",
                 "loss_weight_fn 'MIN_SNR_GAMMA'", "text_encoder.dropout_probability 0.1")  # fmt: skip
     for name in expected:
         assert sum(name in p for p in problems) == 1, (name, problems)
@@ -206,7 +208,9 @@ def test_cli_trains_a_onetrainer_chroma_lora_two_steps(tmp_path, sd_cli, pm, mon
     out = tmp_path / "out" / "ot_chroma.safetensors"
     with safe_open(str(out), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-        down = next(k for k in keys if k.endswith("single_transformer_blocks.0.proj_out.lora_A.weight"))
+        down = next(k for k in keys if k.endswith("single_transformer_blocks.0.proj_mlp.lora_A.weight"))
         assert f.get_tensor(down).shape[0] == 4
+    # attn-mlp's patterns (attn, ff.net, proj_mlp), exactly as OneTrainer: no proj_out, no text-stream MLP
+    assert not any(".proj_out." in k or ".ff_context." in k for k in keys)
     assert all(k.startswith("transformer.") for k in keys)  # no T5 LoRA (text_encoder.train false)
     assert meta["ss_max_train_steps"] == "2" and float(meta["ss_learning_rate"]) == 0.002

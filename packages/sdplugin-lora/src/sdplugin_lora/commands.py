@@ -1,4 +1,4 @@
-"""``sdcore lora ...``: merge, extract, resize and info (click only here; torch inside commands)."""
+"""``sdcore lora ...``: merge, extract, resize, info, targets (click only here; torch inside commands)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 
 @click.group("lora")
 def lora_group() -> None:
-    """LoRA files: merge, extract, resize, convert, info (kohya format)."""
+    """LoRA files: merge, extract, resize, convert, info (kohya format); targets: what a training run adapts."""
 
 
 @lora_group.command("info")
@@ -235,3 +235,72 @@ def convert_command(file: str, output: str, target: str, save_dtype: str) -> Non
     tensors, meta = oft_for_comfyui(read_lora(file))
     path = save_lora(output, tensors, meta, dtype=save_dtype)
     click.echo(f"wrote {path}: {len(tensors) // 2} OFT modules for {target}")
+
+
+#: the option groups of ``sdcore train lora`` that decide what is adapted (the model and its parts, the LoRA
+#: options); the other training options (data, schedule, output...) have no say and are not offered
+_TARGET_GROUPS = ("model", "lora")
+
+
+class _TargetsCommand(click.Command):
+    """Its options are ``sdcore train lora``'s model and LoRA options, built from ``LoraOptions`` the first
+    time they are needed (importing the options class imports no torch, so ``--help`` stays light)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not getattr(self, "_built", False):
+            import dataclasses
+
+            from sdcore.train.cli import options_to_click
+
+            from .method import LoraOptions
+
+            wanted = {f.name for f in dataclasses.fields(LoraOptions) if f.metadata.get("group") in _TARGET_GROUPS}
+            self.params[:0] = [p for p in options_to_click(LoraOptions) if p.name in wanted]
+            self._built = True
+        return super().get_params(ctx)
+
+
+@lora_group.command("targets", cls=_TargetsCommand)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, exists=True),
+    help="A training config (sdcore TOML, kohya TOML, OneTrainer JSON, ai-toolkit job): list what it adapts; "
+    "flags given here override it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the modules, counts and pattern matches as JSON.")
+@click.pass_context
+def targets_command(ctx: click.Context, config: str | None, as_json: bool, **kwargs: Any) -> None:
+    """List what a LoRA would adapt on --model: one line per module (kohya name, diffusers path, layer type
+    and shape, algorithm and rank), the counts, and with --layer-filter/--layer-exclude which pattern matched
+    what. Reads the model's header and configs only (no weights) and takes `sdcore train lora`'s options."""
+    import dataclasses
+
+    from sdcore.errors import ConfigError
+    from sdcore.train.cli import command_line_overrides
+    from sdcore.train.config import load_options
+
+    from .method import LoraOptions
+    from .targets import format_report, list_targets
+
+    notes: list[str] = []
+    try:
+        options = load_options(LoraOptions, config, command_line_overrides(ctx, kwargs), notes=notes)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"Error: {problem}", err=True)
+        ctx.exit(2)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    report = list_targets(options)  # ConfigError: one line from the root group
+    if as_json:
+        data = {
+            "family": report.family,
+            "modules": [dataclasses.asdict(row) for row in report.rows],
+            "counts": report.counts(),
+            "candidates": report.candidates,
+            "patterns": [dataclasses.asdict(match) for match in report.patterns],
+        }
+        click.echo(json.dumps(data, indent=2))
+        return
+    for line in format_report(report):
+        click.echo(line)

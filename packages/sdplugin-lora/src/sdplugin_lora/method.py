@@ -94,8 +94,15 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
     )
     layer_filter_regex: bool = option(
         False,
-        "Read the --layer-filter patterns as regular expressions, searched in the path (OneTrainer "
-        "layer_filter_regex).",
+        "Read the --layer-filter (and --layer-exclude) patterns as regular expressions, searched in the path "
+        "(OneTrainer layer_filter_regex).",
+        group="lora",
+    )
+    layer_exclude: str | None = option(
+        None,
+        "Comma-separated patterns, matched as --layer-filter's: the denoiser modules a pattern matches are not "
+        "adapted, even where --layer-filter keeps them (ai-toolkit ignore_if_contains). A pattern that matches "
+        "nothing is no error. `sdcore lora targets` shows what each pattern matched.",
         group="lora",
     )
     network_weights: str | None = option(
@@ -280,7 +287,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     resume_shape_options: ClassVar[tuple[str, ...]] = (
         "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
         "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
-        "layer_filter", "layer_filter_regex",
+        "layer_filter", "layer_filter_regex", "layer_exclude",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -438,7 +445,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 LayerFilter.parse(o.layer_filter, regex=o.layer_filter_regex)
             except ConfigError as exc:
                 problems.append(str(exc))
-        elif o.layer_filter_regex:
+        if o.layer_exclude is not None:
+            from .naming import LayerFilter
+
+            try:
+                LayerFilter.parse(o.layer_exclude, regex=o.layer_filter_regex, flag="--layer-exclude")
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if o.layer_filter_regex and o.layer_filter is None and o.layer_exclude is None:
             problems.append("--layer-filter-regex reads the --layer-filter patterns: give --layer-filter")
         stop = [f for f, v in (("--stop-text-encoder-at", o.stop_text_encoder_at),
                                ("--stop-text-encoder-after-epochs", o.stop_text_encoder_after_epochs)) if v is not None]  # fmt: skip
@@ -812,20 +826,25 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         text encoders are not filtered, as in OneTrainer). A pattern that matches none of the candidates is
         refused, as OneTrainer refuses an unused filter."""
         o = self.options
-        if o.layer_filter is None:
+        if o.layer_filter is None and o.layer_exclude is None:
             return items
         from .naming import LayerFilter
 
-        layer_filter = LayerFilter.parse(o.layer_filter, regex=o.layer_filter_regex)
         candidates = sorted({target_of(i).path for i in items if target_of(i).component == index.denoiser})
-        kept, unused = layer_filter.select(candidates)
-        if unused:
-            examples = ", ".join(candidates[:3]) or "none: nothing of the denoiser is adapted"
-            raise ConfigError(
-                f"--layer-filter{' (regex)' if o.layer_filter_regex else ''}: {', '.join(map(repr, unused))} "
-                f"matches none of the {len(candidates)} {index.denoiser} modules this run adapts (their diffusers "
-                f"paths, e.g. {examples})"
-            )
+        kept = set(candidates)
+        if o.layer_filter is not None:
+            layer_filter = LayerFilter.parse(o.layer_filter, regex=o.layer_filter_regex)
+            kept, unused = layer_filter.select(candidates)
+            if unused:
+                examples = ", ".join(candidates[:3]) or "none: nothing of the denoiser is adapted"
+                raise ConfigError(
+                    f"--layer-filter{' (regex)' if o.layer_filter_regex else ''}: {', '.join(map(repr, unused))} "
+                    f"matches none of the {len(candidates)} {index.denoiser} modules this run adapts (their "
+                    f"diffusers paths, e.g. {examples}; `sdcore lora targets` lists them)"
+                )
+        if o.layer_exclude is not None:  # ai-toolkit's ignore_if_contains: wins over the filter; unused is no error
+            exclude = LayerFilter.parse(o.layer_exclude, regex=o.layer_filter_regex, flag="--layer-exclude")
+            kept -= exclude.select(kept)[0]
         return [i for i in items if target_of(i).component != index.denoiser or target_of(i).path in kept]
 
     def _finish_prepare(

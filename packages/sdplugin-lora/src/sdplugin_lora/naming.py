@@ -413,12 +413,11 @@ class LayerFilter:
     regex: bool = False
 
     @classmethod
-    def parse(cls, text: str, *, regex: bool = False) -> LayerFilter:
-        """The filter of ``text``; ``ConfigError`` (every problem in one line) for a non-printable character
-        or a pattern that is not a regular expression (OneTrainer's ``ValueError``s)."""
+    def parse(cls, text: str, *, regex: bool = False, flag: str = "--layer-filter") -> LayerFilter:
+        """The filter of ``text``; ``ConfigError`` (every problem in one line, naming ``flag``) for a
+        non-printable character or a pattern that is not a regular expression (OneTrainer's ``ValueError``s)."""
         from sdcore.errors import ConfigError
 
-        flag = "--layer-filter"
         problems = [f"{flag} {raw!r}: a non-printable character" for raw in text.split(",") if not raw.isprintable()]
         patterns = tuple(raw.strip() for raw in text.split(","))
         for pattern in patterns if regex else ():

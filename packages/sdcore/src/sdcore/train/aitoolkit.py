@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -425,7 +426,7 @@ HANDLED: dict[str, set[str]] = {
     "process": {"type", "name", "training_folder", "trigger_word", "network", "save", "datasets", "train", "model",
                 "sample", "logging", "training_seed", "log_dir"},
     "network": {"type", "rank", "linear", "alpha", "linear_alpha", "conv", "conv_alpha", "dropout", "lokr_factor",
-                "lokr_full_rank", "pretrained_lora_path"},
+                "lokr_full_rank", "pretrained_lora_path", "network_kwargs"},
     "save": {"dtype", "save_every", "max_step_saves_to_keep"},
     "train": {"steps", "lr", "unet_lr", "text_encoder_lr", "optimizer", "optimizer_params", "lr_scheduler",
               "lr_scheduler_params", "batch_size", "gradient_accumulation_steps", "gradient_accumulation", "dtype",
@@ -788,6 +789,9 @@ def translate_job(
 
     _network(network, family, f"{w}.network", out)
     _train(train, family, flow, f"{w}.train", out)  # family None: refused above; its rules are skipped
+    if v.get("train_text_encoder") and (v.get("layer_filter") is not None or v.get("layer_exclude") is not None):
+        out.notes.append(f"{w}.network.network_kwargs: only_if_contains/ignore_if_contains apply to the denoiser's "
+                         "modules here; ai-toolkit also matches them against the text encoders' names")  # fmt: skip
     if ema.get("use_ema"):  # ai-toolkit saves and samples the EMA; its decay is constant (no use_num_updates)
         v["ema"] = True
         v["ema_decay"] = ema.get("ema_decay", DEFAULTS["ema_config"]["ema_decay"])
@@ -963,6 +967,101 @@ def _network(network: dict[str, Any], family: str | None, where: str, out: JobTr
             v["conv_alpha"] = conv_alpha
     if network.get("dropout") is not None:
         v["dropout"] = network["dropout"]
+    _network_kwargs(network.get("network_kwargs"), family, f"{where}.network_kwargs", out)
+
+
+#: ai-toolkit's name of the denoiser in the module names ``only_if_contains``/``ignore_if_contains`` are
+#: matched against (``toolkit/lora_special.py``): ``<prefix>.<diffusers path>``, and the LoRA name, where the
+#: dots are ``_`` (``lora_unet``, SD) or ``$$`` (PEFT format, which ai-toolkit always uses on transformers)
+#: (Flex.1 is read as flux). ai-toolkit's Chroma is its own BFL-layout model (``double_blocks.N.img_attn.qkv``):
+#: its names are not the diffusers paths sdcore matches, so the lists are refused there
+CONTAINS_PREFIX = {"flux": ("transformer", "$$"), "sd3": ("transformer", "$$")}
+_SD_PREFIX = ("lora_unet", "_")
+
+
+def contains_regex(word: str, prefix: str, sep: str | None) -> str:
+    """A regular expression searched in a diffusers path that matches exactly the paths ai-toolkit's ``word``
+    matches: ``word in f"{prefix}.{path}"`` and, with ``sep`` (``only_if_contains``), ``word`` in the LoRA
+    name (the dots written ``sep``). A word may start inside the prefix (``transformer.single_transformer_blocks.``
+    matches paths that start ``single_transformer_blocks.``); a word inside the prefix matches every path."""
+
+    def forms(text: str, head: str, char: Callable[[str], str]) -> list[str] | None:
+        """Where ``text`` occurs in ``head + path`` (path written with ``char``); None: every path."""
+        if text in head:
+            return None
+        out = ["".join(map(char, text))]
+        for k in range(len(head)):
+            tail = head[k:]
+            if text.startswith(tail):
+                out.append("^" + "".join(map(char, text[len(tail) :])))
+        return out
+
+    alternatives = forms(word, prefix + ".", re.escape)
+    if alternatives is None:
+        return ""
+    if sep == "_" and "." not in word:  # lora_unet_down_blocks_0_...: a "_" of the word is a "_" or "." of the path
+        lora = forms(word, prefix + "_", lambda c: "[._]" if c == "_" else re.escape(c))
+        if lora is None:
+            return ""
+        alternatives += lora
+    elif sep == "$$" and "$$" in word:  # transformer$$single_transformer_blocks$$...: "$$" is a dot
+        plain = word.replace("$$", ".")
+        lora = forms(plain, prefix + ".", re.escape) if "$" not in plain else []
+        if lora is None:
+            return ""
+        alternatives += lora
+    unique = list(dict.fromkeys(alternatives))
+    return unique[0] if len(unique) == 1 else "|".join(f"(?:{a})" for a in unique)
+
+
+def _network_kwargs(kwargs: Any, family: str | None, where: str, out: JobTranslation) -> None:
+    """``only_if_contains`` -> ``--layer-filter``, ``ignore_if_contains`` -> ``--layer-exclude`` (which wins, as
+    ignore does in ai-toolkit), as regular expressions on the diffusers path (:func:`contains_regex`) unless the
+    words are plain substrings of it; other kwargs are refused."""
+    if kwargs is None or kwargs == {}:
+        return
+    if not isinstance(kwargs, dict):
+        out.problems.append(f"{where}: must be a table, got {kwargs!r}")
+        return
+    other = sorted(str(k) for k in kwargs if k not in ("only_if_contains", "ignore_if_contains"))
+    if other:
+        out.problems.append(f"{where}: sdcore implements only_if_contains and ignore_if_contains (got {other})")
+    lists: dict[str, list[str]] = {}
+    for key in ("only_if_contains", "ignore_if_contains"):
+        words = kwargs.get(key)
+        if words is None:
+            continue
+        if isinstance(words, str) or not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            out.problems.append(f"{where}.{key}: a list of strings, got {words!r}")
+            continue
+        bad = [w for w in words if "," in w or w != w.strip()]
+        if bad:
+            out.problems.append(f"{where}.{key} {bad}: a comma or surrounding spaces cannot be written in a pattern")
+            continue
+        lists[key] = words
+    if not lists:
+        return
+    if family == "chroma":
+        out.problems.append(f"{where}: ai-toolkit's Chroma matches these words against its BFL-layout module names "
+                            "(double_blocks.N.img_attn.qkv), sdcore's Chroma has diffusers ones; write --layer-filter/"
+                            "--layer-exclude patterns on the paths `sdcore lora targets` lists")  # fmt: skip
+        return
+    prefix, sep = CONTAINS_PREFIX.get(family or "", _SD_PREFIX)
+    only, ignore = lists.get("only_if_contains"), lists.get("ignore_if_contains")
+    regexes = {key: [contains_regex(w, prefix, sep if key == "only_if_contains" else None) for w in words]
+               for key, words in lists.items()}  # fmt: skip
+    plain = all(r == re.escape(w) for k in lists for w, r in zip(lists[k], regexes[k], strict=True))
+    if only is not None and not only:
+        out.problems.append(f"{where}.only_if_contains is empty: ai-toolkit then adapts nothing")
+    elif only is not None:
+        if plain and len(only) == 1:
+            out.values["layer_filter"] = only[0]
+        else:  # one alternation: ai-toolkit lets a word match nothing, sdcore's filter refuses an unused pattern
+            out.values["layer_filter"] = "|".join(f"(?:{r})" for r in regexes["only_if_contains"])
+            plain = False
+    if ignore:
+        out.values["layer_exclude"] = ",".join(ignore if plain else regexes["ignore_if_contains"])
+    out.values["layer_filter_regex"] = not plain
 
 
 def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, out: JobTranslation) -> None:

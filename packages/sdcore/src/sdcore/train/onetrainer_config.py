@@ -200,15 +200,16 @@ LAYER_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "chroma": {"attn-mlp": ("attn", "ff.net", "proj_mlp"), "attn-only": ("attn",), "blocks": ("transformer_block",),
                "full": ()},
 }  # fmt: skip
-#: what OneTrainer's Chroma layer presets select (substrings of the diffusers module names, every Linear of
-#: ``ChromaTransformer2DModel`` for ``full``) against sdcore's Chroma targets: every Linear of the double and
-#: single blocks (kohya's lora_flux modules; Chroma's blocks have no modulation Linears)
-CHROMA_LAYER_PRESETS = {
-    "blocks": None,  # "transformer_block" names every Linear of transformer_blocks and single_transformer_blocks
-    "attn-mlp": "OneTrainer's patterns (attn, ff.net, proj_mlp) leave out the text stream's MLP (ff_context) and "
-    "the single blocks' proj_out; sdcore adapts every Linear of the blocks (as preset blocks)",
-    "full": "OneTrainer also adapts the Linears outside the blocks (x_embedder, context_embedder, "
-    "distilled_guidance_layer, proj_out); sdcore adapts every Linear of the blocks (as preset blocks)",
+#: what OneTrainer's ``full`` preset (an empty filter: every Linear and Conv2d of the denoiser) adapts outside
+#: sdcore's candidates (kohya's targets; SD's LoCon adds the ResNets and down/upsamplers). Every other preset's
+#: patterns select a subset of the candidates, so they map exactly to ``--layer-filter``
+FULL_PRESET_OUTSIDE = {
+    "sd1": "conv_in, conv_out, time_embedding",
+    "sd2": "conv_in, conv_out, time_embedding",
+    "sdxl": "conv_in, conv_out, time_embedding, add_embedding",
+    "sd3": "pos_embed.proj, context_embedder, time_text_embed, norm_out.linear, proj_out",
+    "flux": "x_embedder, context_embedder, time_text_embed, norm_out.linear, proj_out",
+    "chroma": "x_embedder, context_embedder, distilled_guidance_layer, proj_out",
 }
 PRECISIONS = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "no", "TFLOAT_32": "no"}
 SAVE_DTYPES = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "fp32"}
@@ -1166,12 +1167,21 @@ def _lora(r: _Reader, family: str) -> None:
     else:
         r.refuse("peft_type", kind, "sdcore trains LORA, LOHA and LOKR")
     preset, custom = _text(r.get("layer_filter_preset")), _text(r.get("layer_filter"))
+    regex = bool(r.get("layer_filter_regex"))
     patterns = tuple(x.strip() for x in custom.split(",")) if custom else ()
-    if patterns == LAYER_PRESETS[family].get(preset) and not r.get("layer_filter_regex"):
-        custom = ""  # the preset's own patterns, as OneTrainer writes them next to its name
-    if custom:  # LoRAModuleWrapper: the denoiser's modules whose name a pattern matches (ModuleFilter)
-        v["layer_filter"], v["layer_filter_regex"] = custom, bool(r.get("layer_filter_regex"))
-        if family in ("sd1", "sd2", "sdxl") and kind == "LORA" and not r.get("lora_decompose"):
+    if not custom and preset in LAYER_PRESETS[family]:  # OneTrainer's UI writes the preset's patterns
+        patterns = LAYER_PRESETS[family][preset]
+    elif not custom and preset != "custom":
+        r.refuse("layer_filter_preset", preset, f"OneTrainer's {family} presets are "
+                 f"{', '.join(LAYER_PRESETS[family])}")  # fmt: skip
+        return
+    lora_conv = kind == "LORA" and not r.get("lora_decompose")
+    if patterns and patterns in LAYER_PRESETS[family].values() and not regex:
+        # a preset's patterns select only modules among sdcore's candidates (kohya's targets): exact as a filter
+        v["layer_filter"] = ",".join(patterns)
+    elif custom and any(patterns):  # LoRAModuleWrapper: the denoiser's modules whose name a pattern matches
+        v["layer_filter"], v["layer_filter_regex"] = custom, regex
+        if family in ("sd1", "sd2", "sdxl") and lora_conv:
             v["algo"], v["conv_rank"], v["conv_alpha"] = "locon", v["rank"], v["alpha"]
             where = "every Linear and Conv2d of the UNet's attention and ResNet blocks (LoCon, conv rank = rank)"
         elif family in ("sd1", "sd2", "sdxl"):
@@ -1179,29 +1189,16 @@ def _lora(r: _Reader, family: str) -> None:
         else:
             where = f"the Linear layers of the {family} blocks (kohya's targets)"
         r.note(f"layer_filter {custom!r}: applied to {where}; OneTrainer matches every Linear and Conv2d of the "
-               "denoiser, so a layer outside them is not adapted")  # fmt: skip
-    elif family == "chroma":
-        if preset not in CHROMA_LAYER_PRESETS:
-            r.refuse("layer_filter_preset", preset, "sdcore adapts every Linear of Chroma's blocks (blocks; "
-                     "attn-mlp and full with a note)")  # fmt: skip
-        elif CHROMA_LAYER_PRESETS[preset]:
-            r.note(f"layer_filter_preset {preset}: {CHROMA_LAYER_PRESETS[preset]}")
-    elif family in ("sd1", "sd2", "sdxl"):
-        if preset == "attn-mlp":  # modules under "attentions": the transformer blocks, kohya's default targets
-            pass
-        elif preset == "full" and kind == "LORA" and not r.get("lora_decompose"):
+               f"denoiser, so a layer outside them is not adapted ({FULL_PRESET_OUTSIDE[family]})")  # fmt: skip
+    elif family in ("sd1", "sd2", "sdxl") and not lora_conv:  # full: an empty filter
+        r.refuse("layer_filter_preset", preset or "full", "OneTrainer then adapts every Linear and Conv2d of the "
+                 "UNet; sdcore does that (but conv_in, conv_out, the time embeddings) as LoCon, for LORA")  # fmt: skip
+    else:  # full (or an empty filter): every Linear and Conv2d of the denoiser
+        if family in ("sd1", "sd2", "sdxl"):
             v["algo"], v["conv_rank"], v["conv_alpha"] = "locon", v["rank"], v["alpha"]
-            r.note("layer_filter_preset full: every Linear and Conv2d of the UNet, as LoCon (conv rank = rank)")
-        else:
-            r.refuse(
-                "layer_filter_preset",
-                preset,
-                "sdcore adapts SD's attention blocks (attn-mlp), or all layers as LoCon (full)",
-            )
-    elif preset in ("full", "attn-mlp"):
-        r.note(f"layer_filter_preset {preset}: sdcore adapts the {family} blocks' Linear layers (kohya's targets)")
-    else:
-        r.refuse("layer_filter_preset", preset, f"sdcore adapts the {family} blocks' Linear layers (full or attn-mlp)")
+        what = "the UNet, as LoCon (conv rank = rank)" if family in ("sd1", "sd2", "sdxl") else f"the {family} blocks"
+        r.note(f"layer_filter_preset full: sdcore adapts every Linear and Conv2d of {what}; OneTrainer also adapts "
+               f"{FULL_PRESET_OUTSIDE[family]}")  # fmt: skip
 
 
 def _embedding(r: _Reader) -> None:

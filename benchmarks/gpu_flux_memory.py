@@ -41,9 +41,10 @@ MIB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from sdcore.train.options import BASE_WEIGHTS_DTYPES
+
     from benchmarks.bench_memory import FLUX_SIZES
     from benchmarks.common import SDPA_CHOICES
-    from sdcore.train.options import BASE_WEIGHTS_DTYPES
 
     parser = argparse.ArgumentParser(prog="python benchmarks/gpu_flux_memory.py", description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="flux", choices=tuple(FLUX_SIZES), help="flux = FLUX.1's shape")

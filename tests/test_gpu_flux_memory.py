@@ -173,6 +173,20 @@ def test_gpu_session_commands_parse_here(monkeypatch):
             assert (size, steps, device, dtype) == ("sd15_512", 20, "cuda", "bf16")
 
 
+def test_sample_cache_network_builds_where_the_unet_is():
+    """The session's sample_cache check builds the UNet on the GPU: DoRA's magnitude is made there
+    from the base weight, and the CPU-drawn noise has to follow it (the meta device stands in for CUDA)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_sample_cache import _network
+    from benchmarks.bench_train import build_bundle
+
+    bundle = build_bundle("tiny")
+    bundle.unet.to("meta")
+    network = _network(bundle, "dora", 4, "meta")
+    assert {p.device.type for p in network.parameters()} == {"meta"}
+    assert any(name.endswith("dora_scale") for name, _ in network.named_parameters())
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_session_script_is_valid_bash():
     out = subprocess.run(["bash", "-n", str(SESSION)], capture_output=True, text=True, check=False)

@@ -224,6 +224,14 @@ FLUX_SIZES: dict[str, dict[str, Any]] = {
 }
 #: what each transformer variant changes (``swap``: half the blocks, at least one)
 FLUX_VARIANTS = ("plain", "checkpointing", "fp8", "swap", "fp8+checkpointing")
+#: variant parts naming the frozen weights' storage (``--base-weights-dtype``); none of them: the compute dtype
+FLUX_STORAGES = ("fp8", "nf4", "int8")
+
+
+def variant_storage(variant: str) -> str:
+    """The ``--base-weights-dtype`` a variant such as ``nf4+checkpointing`` asks for (``none`` without one)."""
+    named = [part for part in variant.split("+") if part in FLUX_STORAGES]
+    return named[0] if named else "none"
 
 
 def flux_config(size: str) -> dict[str, Any]:
@@ -280,6 +288,9 @@ class FluxLoraStep:
         self.model = model
         self.factors = self._lora(model, cfg["rank"])
         self.options = self.train_options()
+        # the plan's counts from the unconverted model: after nf4/int8 conversion the weights are
+        # buffers, and no converted layer is a plain Linear any more
+        self._counts = self._plan_counts(model)
         if plan_only:  # shapes only: enough for the estimate
             return
         if big:  # random weights made where they train, in the compute dtype (no fp32 copy of 12B weights)
@@ -315,11 +326,26 @@ class FluxLoraStep:
             resolution=FLUX_SIZES[self.size]["resolution"],
             mixed_precision=self.mixed_precision,
             gradient_checkpointing="checkpointing" in self.variant,
-            fp8_base="fp8" in self.variant,
+            base_weights_dtype=variant_storage(self.variant),
             blocks_to_swap=self._swap
             if self._swap is not None
             else (max(1, count // 2) if "swap" in self.variant else 0),
         )
+
+    @staticmethod
+    def _plan_counts(model: Any) -> dict[str, Any]:
+        """What :class:`ParameterPlan` needs of the frozen model, counted by the runtime's own functions."""
+        from sdcore.train.base_weights import convertible_counts
+        from sdcore.train.block_swap import block_sizes, swappable_blocks
+
+        linear, rows = convertible_counts(model)
+        return {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "linear": linear,
+            "rows": rows,
+            "blocks": tuple(block_sizes(model, trainable=set())),
+            "block_rows": tuple(convertible_counts(block)[1] for block in swappable_blocks(model)),
+        }
 
     @staticmethod
     def _lora(model: Any, rank: int) -> list[Any]:
@@ -387,18 +413,24 @@ class FluxLoraStep:
         from sdcore.models.flux import FLUX
         from sdcore.models.layout import ModelLayout
         from sdcore.testing.toyfamily import toy_flow_family
-        from sdcore.train.block_swap import block_sizes
         from sdcore.train.memory import ParameterPlan, estimate_memory
 
         name = f"bench-flux-{self.size}"
         register_family(toy_flow_family(name, FLUX, FLUX_SIZES[self.size]["text"]))  # equal again: a no-op
         config = {**dict(self.model.config), "_class_name": "FluxTransformer2DModel"}
         layout = ModelLayout("bench", name, "flow", {"transformer": config, "vae": {}, "text_encoders": []}, "bench")
-        n = sum(p.numel() for p in self.model.parameters())
+        counts = self._counts
         lora = sum(p.numel() for p in self.factors)
-        linear = sum(m.weight.numel() for m in self.model.modules() if type(m).__name__ in ("Linear", "Fp8Linear"))
-        blocks = tuple(block_sizes(self.model, trainable=set()))
-        plan = ParameterPlan({"transformer": n}, lora, lora, result=lora, denoiser_fp8=linear, blocks=blocks)
+        plan = ParameterPlan(
+            {"transformer": counts["parameters"]},
+            lora,
+            lora,
+            result=lora,
+            denoiser_fp8=counts["linear"],
+            blocks=counts["blocks"],
+            denoiser_rows=counts["rows"],
+            block_rows=counts["block_rows"],
+        )
         return estimate_memory(layout, plan, self.options, device=device)
 
 

@@ -40,7 +40,9 @@ def _network(bundle: Any, algo: str, rank: int, device: str) -> Any:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the identity init (LoHa's w2_a, BOFT's blocks start at zero)
         for name, param in network.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
+            # drawn on the CPU (the same values on every device), then moved: DoRA's magnitude is
+            # made from the base weight, so on a GPU run it is already there
+            noise = torch.randn(param.shape, generator=generator).to(param.device)
             param.copy_(param * (1 + 0.1 * noise) if name.endswith("dora_scale") else param + 0.02 * noise)
     return network.to(device).eval().attach()
 

@@ -1,24 +1,28 @@
 """The GPU check of issue 19: a FLUX.1-size LoRA step with gradient checkpointing and fp8 base
-weights, its peak memory (``torch.cuda.max_memory_allocated``) against the memory plan's estimate.
+weights, its peak memory (``torch.cuda.max_memory_allocated``) against the memory plan's estimate;
+``--base-weights-dtype nf4|int8`` makes the same check for the packed formats (whose layers
+dequantise their weight per op, so their step time against fp8's is the other figure to read).
 
 Nothing is downloaded: the transformer is diffusers' ``FluxTransformer2DModel`` with FLUX.1-dev's
 shape (hidden 3072, 19 double + 38 single blocks, guidance embedding) and random weights, made on
-the GPU in bf16 (the fp8 conversion then runs there too). A rank-16 LoRA on every block Linear
+the GPU in bf16 (the fp8/nf4/int8 conversion then runs there too). A rank-16 LoRA on every block Linear
 trains in fp32 with AdamW under bf16 autocast, on 1024 px latents (4096 image tokens) and 512 T5
 tokens, batch 1; the memory options are applied by the runtime's own code
 (:class:`sdcore.train.memory_options.MemorySetup` and ``place_model``). The peak counter is reset
 after setup, when the weights and the LoRA are resident, so the steps' peak covers weights, LoRA,
 optimizer state and activations, which is what the estimate covers; the setup's own peak (the
-bf16 -> fp8 conversion) is reported beside it. One call, a few minutes on an H100/H200:
+bf16 -> stored-format conversion) is reported beside it. One call, a few minutes on an H100/H200:
 
     python benchmarks/gpu_flux_memory.py                       # fp8 base + gradient checkpointing
     python benchmarks/gpu_flux_memory.py --blocks-to-swap 20   # also block swap
-    python benchmarks/gpu_flux_memory.py --no-fp8 --steps 2    # bf16 base for comparison
+    python benchmarks/gpu_flux_memory.py --base-weights-dtype nf4 --steps 2   # QLoRA's 4-bit base
+    python benchmarks/gpu_flux_memory.py --no-fp8 --steps 2    # bf16 base (= --base-weights-dtype none)
     python benchmarks/gpu_flux_memory.py --size tiny --device cpu   # the CPU-side check (tests)
     python benchmarks/gpu_flux_memory.py --plan-only           # the estimate alone (no GPU needed)
 
-It prints one line per step and a final ``peak ... estimate ... ratio`` line (and JSON with
-``--json``); the goal is a ratio within 0.75-1.25.
+It prints one line per step, the weights as stored against the plan's weight part, and a final
+``peak ... estimate ... ratio`` line naming the storage and the mean step time after the first
+(and JSON with ``--json``); the goal is a ratio within 0.75-1.25.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ MIB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from sdcore.train.options import BASE_WEIGHTS_DTYPES
+
     from benchmarks.bench_memory import FLUX_SIZES
     from benchmarks.common import SDPA_CHOICES
 
@@ -45,7 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="LoRA steps to run (peak over all of them)")
     parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a tiny dry run)")
     parser.add_argument("--mixed-precision", default="bf16", choices=("no", "fp16", "bf16"))
-    parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="bf16 base weights instead of fp8")
+    storage = parser.add_mutually_exclusive_group()
+    storage.add_argument(
+        "--base-weights-dtype",
+        default="fp8",
+        choices=BASE_WEIGHTS_DTYPES,
+        help="how the frozen transformer weights are stored (none: the compute dtype), as the runtime's option",
+    )
+    storage.add_argument(
+        "--no-fp8",
+        dest="base_weights_dtype",
+        action="store_const",
+        const="none",
+        help="the compute dtype's base weights (= --base-weights-dtype none; the first session's spelling)",
+    )
     parser.add_argument(
         "--no-checkpointing", dest="checkpointing", action="store_false", help="without gradient checkpointing"
     )
@@ -64,8 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def variant_of(args: argparse.Namespace) -> str:
-    parts = [name for name, on in (("fp8", args.fp8), ("checkpointing", args.checkpointing)) if on]
+    """The :class:`benchmarks.bench_memory.FluxLoraStep` variant: the storage, then checkpointing."""
+    storage = args.base_weights_dtype
+    parts = [name for name, on in ((storage, storage != "none"), ("checkpointing", args.checkpointing)) if on]
     return "+".join(parts) or "plain"
+
+
+def stored_mb(step: Any) -> float:
+    """MiB of the transformer's weights as stored (parameters and buffers: nf4/int8 codes and their
+    maxima are buffers) plus the LoRA factors: what the plan's weight part counts when nothing is swapped."""
+    tensors = [*step.model.parameters(), *step.model.buffers(), *step.factors]
+    return sum(t.numel() * t.element_size() for t in tensors) / MIB
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,27 +121,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "size": args.size,
         "variant": variant_of(args),
+        "base_weights_dtype": args.base_weights_dtype,
         "blocks_to_swap": args.blocks_to_swap,
         "mixed_precision": args.mixed_precision,
         "device": args.device,
         "sdpa": args.sdpa,
         "estimate_line": estimate.line(),
         "estimate_mb": estimate.total / MIB,  # on a GPU: no runtime part
+        "estimate_weights_mb": estimate.weights / MIB,
     }
     print(f"{args.size} {variant_of(args)} swap={args.blocks_to_swap}: {estimate.line()}", flush=True)
     if args.plan_only:
         return result
     result["setup_seconds"] = time.perf_counter() - start
+    if not args.blocks_to_swap:  # swapped blocks live in CPU memory; the plan then counts two in flight
+        result["stored_weights_mb"] = stored_mb(step)
+        print(
+            f"weights as stored ({args.base_weights_dtype} base + fp32 LoRA): {result['stored_weights_mb']:,.1f} MiB, "
+            f"plan {result['estimate_weights_mb']:,.1f} MiB",
+            flush=True,
+        )
     if cuda:  # the steps' peak: weights, LoRA and optimizer are resident, the construction's transients are not
         result["setup_peak_mb"] = torch.cuda.max_memory_allocated() / MIB
         result["resident_after_setup_mb"] = torch.cuda.memory_allocated() / MIB
         torch.cuda.reset_peak_memory_stats()
-    losses = []
+    losses, seconds = [], []
     for index in range(args.steps):
         t0 = time.perf_counter()
-        losses.append(step.step())
-        print(f"step {index + 1}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.2f} s)", flush=True)
+        losses.append(step.step())  # float(loss) waits for the device: the time is the step's
+        seconds.append(time.perf_counter() - t0)
+        print(f"step {index + 1}: loss {losses[-1]:.4f} ({seconds[-1]:.2f} s)", flush=True)
     result["losses"] = losses
+    result["step_seconds"] = seconds
+    # the first step pays kernel selection and allocator growth: the steady figure is the mean of the rest
+    steady = seconds[1:] or seconds
+    result["steady_step_seconds"] = sum(steady) / len(steady)
+    timing = f"{args.base_weights_dtype} base, {result['steady_step_seconds']:.2f} s/step after the first"
     if cuda:
         peak = torch.cuda.max_memory_allocated() / MIB
         result["peak_mb"] = peak
@@ -121,10 +164,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["ratio"] = result["estimate_mb"] / peak
         print(
             f"peak {peak:,.0f} MiB (torch.cuda.max_memory_allocated), estimate {result['estimate_mb']:,.0f} MiB, "
-            f"estimate/peak {result['ratio']:.2f} on {result['device_name']}"
+            f"estimate/peak {result['ratio']:.2f} on {result['device_name']} ({timing})"
         )
     else:
-        print("cpu dry run: the GPU peak is measured with --device cuda")
+        print(f"cpu dry run ({timing}): the GPU peak is measured with --device cuda")
     return result
 
 

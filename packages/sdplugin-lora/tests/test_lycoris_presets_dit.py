@@ -207,3 +207,122 @@ network_args = ["algo=lokr", "preset=attn-only"]
     # kohya trains the text encoder by default: attn-only adapts CLIP's self_attn too (and nothing of T5)
     te = set(lora.modules) - unet
     assert te and all(n.startswith("lora_te1_") and "_self_attn_" in n for n in te)
+
+
+# --- Chroma (flux_train_network.py --model_type chroma: sd-scripts library/chroma_models.py Chroma) ----------
+
+#: kohya's Chroma DoubleStreamBlock: BFL's without Modulation (its Approximator makes every modulation)
+CHROMA_DOUBLE = {"SelfAttention": FLUX_DOUBLE["SelfAttention"], "Sequential": FLUX_DOUBLE["Sequential"]}
+#: kohya's Chroma SingleStreamBlock: linear1 and linear2 only
+CHROMA_SINGLE = ("linear1", "linear2")
+
+
+def _expected_chroma(preset: str) -> set[str]:
+    """LyCORIS' rule over kohya's Chroma: a DoubleStreamBlock/SingleStreamBlock adapts every Linear of it,
+    a SelfAttention (attn-only) its qkv and proj; the tiny Chroma has 2 + 2 blocks."""
+    blocks, others, _ = PRESETS[preset]
+    want: set[str] = set()
+    for i in range(2):
+        if "DoubleStreamBlock" in blocks:
+            want |= {f"lora_unet_double_blocks_{i}_{n}" for names in CHROMA_DOUBLE.values() for n in names}
+        if "SelfAttention" in others:
+            want |= {f"lora_unet_double_blocks_{i}_{n}" for n in CHROMA_DOUBLE["SelfAttention"]}
+        if "SingleStreamBlock" in blocks:
+            want |= {f"lora_unet_single_blocks_{i}_{n}" for n in CHROMA_SINGLE}
+    return want
+
+
+_CHROMA: list = []
+
+
+def _chroma_bundle() -> _DitBundle:
+    """The tiny Chroma's transformer and T5 (its only encoder: no CLIP class, so no preset adapts it)."""
+    import copy
+
+    if not _CHROMA:
+        from sdcore.models.load import load_model
+
+        _CHROMA.append(load_model("tiny:chroma"))
+    bundle = _CHROMA[0]
+    return _DitBundle("chroma", copy.deepcopy(bundle.transformer), [("text_encoder", bundle.text_encoders[0])])
+
+
+def _chroma_out(model, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    c = model.config
+    return model(
+        hidden_states=torch.randn(1, 4, c.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(1, 3, c.joint_attention_dim, generator=gen),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(4, 3),
+        txt_ids=torch.zeros(3, 3),
+    ).sample
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_builtin_presets_on_chroma_adapt_what_lycoris_adapts_on_kohyas_chroma(preset):
+    bundle = _chroma_bundle()
+    method = LoraMethod(LoraOptions(rank=2, algo="lokr", lycoris_preset=preset, train_text_encoder=True))
+    method.validate()
+    assert method.family_problems("chroma") == []
+    want = _expected_chroma(preset)
+    if not want:  # unet-convblock-only: no ResNet block nor conv_in in Chroma, and T5 has no CLIP class
+        with pytest.raises(ConfigError, match="selects no module"):
+            method.prepare(bundle)
+        return
+    method.prepare(bundle)
+    assert _kohya_names(method) == want
+
+
+def test_a_preset_reaching_chromas_approximator_is_refused(tmp_path):
+    toml = tmp_path / "approx.toml"
+    toml.write_text('unet_target_module = ["MLPEmbedder", "SingleStreamBlock"]\nunet_target_name = []\n')
+    method = LoraMethod(LoraOptions(rank=2, algo="loha", lycoris_preset=str(toml)))
+    method.validate()
+    with pytest.raises(ConfigError, match=r"4 Linears of chroma's approximator \(distilled_guidance_layer\.layers"):
+        method.prepare(_chroma_bundle())
+
+
+def test_lokr_full_on_chroma_trains_saves_lycoris_names_and_reapplies_exactly(tmp_path):
+    from safetensors.torch import load_file
+    from sdplugin_lora.adapters import FusedLokrAdapter
+    from sdplugin_lora.apply import apply_loras
+
+    bundle = _chroma_bundle()
+    method = LoraMethod(LoraOptions(rank=2, algo="lokr", lycoris_preset="full", save_dtype="fp32"))
+    method.validate()
+    groups = method.prepare(bundle)
+    fused = {n for n, m in method.network.loras.items() if isinstance(m, FusedLokrAdapter)}
+    assert fused == {f"lora_unet_double_blocks_{i}_{s}_attn_qkv" for i in range(2) for s in ("img", "txt")} | {
+        f"lora_unet_single_blocks_{i}_linear1" for i in range(2)
+    }
+    model = bundle.transformer
+    optimizer = torch.optim.SGD([p for g in groups for p in g["params"]], lr=0.5)
+    for _ in range(2):
+        _chroma_out(model).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(float(m.delta_weight().abs().max()) > 0 for m in method.network)  # two steps moved every module
+    method.network.eval()
+    with torch.no_grad():
+        trained = _chroma_out(model)
+    path = method.save(bundle, SaveInfo(path=tmp_path / "c.safetensors", step=2, epoch=1, metadata={}, final=True))
+    keys = set(load_file(str(path)))
+    modules = {k.rsplit(".", 1)[0] for k in keys}
+    assert modules == _expected_chroma("full")  # kohya's BFL names, no modulation
+    assert all(k.rsplit(".", 1)[1] in ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha") for k in keys)
+    lora = read_lora(path)
+    assert {w.kind for w in lora.modules.values()} == {"lokr"}
+    assert lora.metadata["ss_network_module"] == "lycoris.kohya"
+    assert lora.metadata["ss_base_model_version"] == "chroma"
+    method.network.remove()
+    with torch.no_grad():
+        base = _chroma_out(model)
+    assert float((trained - base).abs().max()) > 1e-4
+    for merge in (False, True):  # the file alone (split per diffusers module on load) gives the trained output
+        applied = apply_loras(bundle, [str(path)], merge=merge, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(_chroma_out(model), trained, atol=1e-5, rtol=0)
+        applied.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(_chroma_out(model), base, atol=0, rtol=0)

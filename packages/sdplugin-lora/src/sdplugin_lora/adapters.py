@@ -1003,14 +1003,18 @@ class Adapter(nn.Module):
         changes the precision of the rebuild's matmuls), and every tensor read (the variant's,
         ``dora_scale``, the base weight) by storage and version counter, so an in-place update (an
         optimizer step, EMA weights swapped in, a ``load_state_dict``) or a move shows."""
-        weight: torch.Tensor = self.base.weight
-        tensors = [*self.tensors().values(), weight]
+        weights = self._layer_weights()
+        tensors = [*self.tensors().values(), *weights]
         if self.dora_scale is not None:
             tensors.append(self.dora_scale)
         stamps = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
-        kind = weight.device.type
+        kind = weights[0].device.type
         autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         return (self.multiplier, self._scale, self.scalar, autocast, *stamps)
+
+    def _layer_weights(self) -> list[torch.Tensor]:
+        """The weights of the layers the module adapts (the first one's device decides the autocast state)."""
+        return [self.base.weight]  # type: ignore[list-item]
 
     # --- merge / unmerge -------------------------------------------------------------------------
     def merge(self, multiplier: float | None = None) -> torch.Tensor:
@@ -1661,7 +1665,10 @@ class FusedMixin:
     Its ``state_dict`` is LyCORIS' module under the kohya name (``lokr_w1``, ``hada_w1_a``...).
 
     ``ΔW`` (with its rank-dropout mask and module-dropout draw) is computed once per input and reused
-    by the members called with that very tensor, as the one fused module of a kohya run draws once."""
+    by the members called with that very tensor, as the one fused module of a kohya run draws once.
+    Inside :meth:`sdplugin_lora.network.LoraNetwork.cached_changes` it is the :class:`ChangeCache`'s one
+    entry for the module (built once for all the members, keyed on the members' weights: the stand-in has
+    no storage), so sampling costs each member its rows of the cached tensor."""
 
     bases: tuple[nn.Module, ...]
     paths: tuple[str, ...]
@@ -1728,6 +1735,8 @@ class FusedMixin:
             weight = me._frozen.to(device=x.device)
         elif me.training and me.module_dropout and torch.rand(()) < me.module_dropout:
             weight = None
+        elif (cached := me._cached_weight()) is not None:
+            weight = cached.to(device=x.device)
         else:
             rows = None
             if me.training and me.rank_dropout:
@@ -1744,6 +1753,10 @@ class FusedMixin:
     def _forget(self, token: object) -> None:
         if self._cache is not None and self._cache[4] is token:
             self._cache = None
+
+    def _layer_weights(self) -> list[torch.Tensor]:
+        """The members' weights (the stand-in Linear is on the meta device, no autocast state of its own)."""
+        return [layer.weight for layer in self.bases]  # type: ignore[misc]
 
     def _member_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         me: Any = self

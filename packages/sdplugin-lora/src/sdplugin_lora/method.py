@@ -676,10 +676,12 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         except ConfigError as exc:
             problems.append(str(exc))
-        if o.lycoris_preset not in (None, "full") and not family.startswith(("sd1", "sd2", "sdxl", "sd3", "flux")):
+        if o.lycoris_preset not in (None, "full") and not family.startswith(
+            ("sd1", "sd2", "sdxl", "sd3", "flux", "chroma")
+        ):
             problems.append(
                 f"--lycoris-preset {o.lycoris_preset} on {family}: sdcore applies LyCORIS presets to SD1/SD2/SDXL "
-                "UNets, SD3/FLUX.1 transformers and CLIP encoders (full on other families: kohya's blocks)"
+                "UNets, SD3/FLUX.1/Chroma transformers and CLIP encoders (full on other families: kohya's blocks)"
             )
         problems += self._te_rate_family_problems(family)
         if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
@@ -1008,7 +1010,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                     "names, one block set per q/k/v/MLP part); diffusers/PEFT files hold LoRA only"
                 )
             return
-        if o.algo in ("loha", "lokr") and index.family.startswith(("flux", "sd3")):
+        if o.algo in ("loha", "lokr") and index.family.startswith(("flux", "sd3", "chroma")):
             # lycoris.kohya: one LoHa/LoKr per fused SAI/BFL Linear, saved under kohya's names
             given = [f for f, v in (("--key-layout diffusers", o.key_layout == "diffusers"),
                                     ("--split-qkv", o.split_qkv)) if v]  # fmt: skip
@@ -1021,7 +1023,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if o.algo not in ("lora", "locon"):
             raise ConfigError(
                 f"--algo {o.algo} on {index.family}: kohya's {index.family} names fuse q/k/v (and Flux's MLP input), "
-                "which sdcore trains as plain LoRA, or LoHa/LoKr on SD3/FLUX.1 (one LyCORIS module per fused "
+                "which sdcore trains as plain LoRA, or LoHa/LoKr on SD3/FLUX.1/Chroma (one LyCORIS module per fused "
                 "Linear); train --algo lora, loha or lokr"
             )
 

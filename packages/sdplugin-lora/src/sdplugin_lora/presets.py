@@ -21,14 +21,18 @@ class names, its attention class named ``CrossAttention``; SDXL: Stability's SGM
   in without a conv rank), ``algo`` the algo;
 - ``enable_conv = false`` sets the conv rank to 0.
 
-SD3 and FLUX.1: kohya's ``sd3_train_network.py``/``flux_train_network.py`` hand LyCORIS SAI's and BFL's own
+SD3, FLUX.1 and Chroma: kohya's ``sd3_train_network.py``/``flux_train_network.py`` hand LyCORIS SAI's and BFL's own
 model classes (sd-scripts ``library/sd3_models.py`` ``MMDiT``, ``library/flux_models.py`` ``Flux``), named
 ``lora_unet_<path>`` (``lora_unet_double_blocks_0_img_attn_qkv``). :func:`select` walks that model's tree
 (:func:`_flux_tree`, :func:`_sd3_tree`) over the kohya modules of :mod:`sdplugin_lora.dit`: the built-in lists'
 ``DoubleStreamBlock``/``SingleStreamBlock`` (Flux) and ``SingleDiTBlock`` (SD3's x/context blocks) adapt every
 Linear of those blocks (kohya's default LoRA targets), ``attn-only``'s ``SelfAttention`` is Flux's double-block
 img/txt attention (``qkv``, ``proj``) and no SD3 module (its class is ``AttentionLinears``), and no top-level name
-(``conv_in``, ``time_embedding.linear_1``) exists there. A fused ``qkv``/``linear1`` is one LyCORIS module
+(``conv_in``, ``time_embedding.linear_1``) exists there. Chroma (``flux_train_network.py --model_type chroma``):
+kohya hands LyCORIS sd-scripts' ``library/chroma_models.py`` ``Chroma`` (:func:`_chroma_tree`), whose
+``DoubleStreamBlock``/``SingleStreamBlock`` are BFL's without modulation Linears (its ``Approximator`` makes every
+modulation): the same lists adapt the same attention/MLP Linears; a preset that reaches the approximator
+(``MLPEmbedder``, ``distilled_guidance_layer``) is refused, as sdcore has no kohya module for it. A fused ``qkv``/``linear1`` is one LyCORIS module
 (:class:`sdplugin_lora.adapters.FusedMixin` for LoHa/LoKr, the shared-down LoRA for LoRA). Of the other
 built-in classes (HunYuan, Wan, Lumina...) no sdcore model has any. ``preset=ia3`` names ``to_k``/``to_v``/``ff.net.2`` and
 ``k_proj``/``v_proj``/``mlp.fc2``, which ``re.match`` compares with the start of each full path: no module
@@ -377,18 +381,16 @@ class _Walk:
 # --- SD3 / FLUX.1: kohya's SAI/BFL model as LyCORIS walks it ---------------------------------------------
 
 
-def _flux_tree(blocks: int, singles: int) -> list[tuple[str, str]]:
-    """(path, class) of kohya's ``library/flux_models.py`` ``Flux`` in ``named_modules`` order: its
-    containers and Linears (norms and activations hold nothing LyCORIS adapts without ``train_norm``)."""
-    tree = [("img_in", "Linear")]
-    for emb in ("time_in", "vector_in", "guidance_in"):
-        tree += [(emb, "MLPEmbedder"), (f"{emb}.in_layer", "Linear"), (f"{emb}.out_layer", "Linear")]
-    tree += [("txt_in", "Linear"), ("double_blocks", "ModuleList")]
+def _bfl_blocks(blocks: int, singles: int, *, modulation: bool) -> list[tuple[str, str]]:
+    """(path, class) of BFL's ``double_blocks``/``single_blocks`` in ``named_modules`` order; Chroma's
+    blocks (sd-scripts ``library/chroma_models.py``, the same class names) have no ``Modulation``."""
+    tree = [("double_blocks", "ModuleList")]
     for i in range(blocks):
         b = f"double_blocks.{i}"
         tree.append((b, "DoubleStreamBlock"))
         for s in ("img", "txt"):
-            tree += [(f"{b}.{s}_mod", "Modulation"), (f"{b}.{s}_mod.lin", "Linear")]
+            if modulation:
+                tree += [(f"{b}.{s}_mod", "Modulation"), (f"{b}.{s}_mod.lin", "Linear")]
             tree += [(f"{b}.{s}_attn", "SelfAttention"), (f"{b}.{s}_attn.qkv", "Linear")]
             tree += [(f"{b}.{s}_attn.proj", "Linear"), (f"{b}.{s}_mlp", "Sequential")]
             tree += [(f"{b}.{s}_mlp.0", "Linear"), (f"{b}.{s}_mlp.2", "Linear")]
@@ -396,10 +398,36 @@ def _flux_tree(blocks: int, singles: int) -> list[tuple[str, str]]:
     for i in range(singles):
         b = f"single_blocks.{i}"
         tree += [(b, "SingleStreamBlock"), (f"{b}.linear1", "Linear"), (f"{b}.linear2", "Linear")]
-        tree += [(f"{b}.modulation", "Modulation"), (f"{b}.modulation.lin", "Linear")]
+        if modulation:
+            tree += [(f"{b}.modulation", "Modulation"), (f"{b}.modulation.lin", "Linear")]
+    return tree
+
+
+def _flux_tree(blocks: int, singles: int) -> list[tuple[str, str]]:
+    """(path, class) of kohya's ``library/flux_models.py`` ``Flux`` in ``named_modules`` order: its
+    containers and Linears (norms and activations hold nothing LyCORIS adapts without ``train_norm``)."""
+    tree = [("img_in", "Linear")]
+    for emb in ("time_in", "vector_in", "guidance_in"):
+        tree += [(emb, "MLPEmbedder"), (f"{emb}.in_layer", "Linear"), (f"{emb}.out_layer", "Linear")]
+    tree += [("txt_in", "Linear"), *_bfl_blocks(blocks, singles, modulation=True)]
     tree += [("final_layer", "LastLayer"), ("final_layer.linear", "Linear")]
     tree += [("final_layer.adaLN_modulation", "Sequential"), ("final_layer.adaLN_modulation.1", "Linear")]
     return tree
+
+
+def _chroma_tree(blocks: int, singles: int, layers: int) -> list[tuple[str, str]]:
+    """(path, class) of kohya's ``library/chroma_models.py`` ``Chroma`` (``--model_type chroma``) in
+    ``named_modules`` order: FLUX.1's blocks without modulation Linears (the ``Approximator``
+    ``distilled_guidance_layer`` computes every modulation), and a ``LastLayer`` without ``adaLN_modulation``."""
+    tree = [("img_in", "Linear"), ("distilled_guidance_layer", "Approximator")]
+    a = "distilled_guidance_layer"
+    tree += [(f"{a}.in_proj", "Linear"), (f"{a}.layers", "ModuleList")]
+    for i in range(layers):
+        tree += [(f"{a}.layers.{i}", "MLPEmbedder")]
+        tree += [(f"{a}.layers.{i}.in_layer", "Linear"), (f"{a}.layers.{i}.out_layer", "Linear")]
+    tree += [(f"{a}.norms", "ModuleList"), *((f"{a}.norms.{i}", "RMSNorm") for i in range(layers))]
+    tree += [(f"{a}.out_proj", "Linear"), ("txt_in", "Linear"), *_bfl_blocks(blocks, singles, modulation=False)]
+    return [*tree, ("final_layer", "LastLayer"), ("final_layer.linear", "Linear")]
 
 
 def _sd3_tree(blocks: int) -> list[tuple[str, str]]:
@@ -425,24 +453,29 @@ def _sd3_tree(blocks: int) -> list[tuple[str, str]]:
 
 
 #: the DiT families whose kohya model sdcore walks for presets
-DIT_PRESET_FAMILIES = ("flux", "sd3")
+DIT_PRESET_FAMILIES = ("flux", "sd3", "chroma")
+#: kohya model layers that sdcore has no module table for (a preset reaching one is refused, not dropped)
+_UNTABLED = ("distilled_guidance_layer.",)
 
 
 def _dit_nodes(transformer: Any, index: ModuleIndex) -> list[_Node]:
     """kohya's model of ``index.family`` as LyCORIS sees it: containers (module ``None``) and the Linears
-    that this model has (module: their :class:`~sdplugin_lora.dit.KohyaModule`, named by kohya's path)."""
+    that this model has (module: their :class:`~sdplugin_lora.dit.KohyaModule`, named by kohya's path;
+    ``None`` for a layer sdcore has no kohya module for, Chroma's approximator)."""
+    blocks = len(getattr(transformer, "transformer_blocks", ()))
+    singles = len(getattr(transformer, "single_transformer_blocks", ()))
     if index.family == "flux":
-        tree = _flux_tree(
-            len(getattr(transformer, "transformer_blocks", ())),
-            len(getattr(transformer, "single_transformer_blocks", ())),
-        )
+        tree = _flux_tree(blocks, singles)
+    elif index.family == "chroma":
+        layers = len(getattr(getattr(transformer, "distilled_guidance_layer", None), "layers", ()))
+        tree = _chroma_tree(blocks, singles, layers)
     else:
-        tree = _sd3_tree(len(getattr(transformer, "transformer_blocks", ())))
+        tree = _sd3_tree(blocks)
     nodes = []
     for path, cls in tree:
         leaf = cls in ("Linear", "Conv2d")
         module = index.kohya.get(flatten("lora_unet", path)) if leaf else None
-        if leaf and module is None:
+        if leaf and module is None and not path.startswith(_UNTABLED):
             continue  # this configuration has no such layer (attn2, a pre-only block's proj/MLP, guidance_in...)
         nodes.append(_Node(path, path, cls, module))
     return nodes
@@ -451,8 +484,16 @@ def _dit_nodes(transformer: Any, index: ModuleIndex) -> list[_Node]:
 class _DitWalk(_Walk):
     """The walk over kohya's SAI/BFL model: a chosen Linear is one kohya module (fused or not)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: kohya paths of Linears the preset reaches that sdcore cannot train under kohya's name
+        self.untabled: list[str] = []
+
     def single(self, node: _Node, settings: ModuleSettings | None) -> Choice | None:
         module = node.module
+        if module is None and node.kohya_class == "Linear" and not self.norms:
+            self.untabled.append(node.path)
+            return None
         if module is None or self.norms:
             return None  # a container, or a norm (train_norm is refused on SD3/Flux before this)
         first = self.index.resolve_path("transformer", module.parts[0].path)
@@ -507,6 +548,12 @@ def select(
         dit = _DitWalk(preset, index, "transformer", conv=conv, norms=norms)
         nodes = _dit_nodes(components["transformer"], index)
         chosen += dit.run(nodes, preset.unet_target_module, preset.unet_target_name)
+        if dit.untabled:
+            raise ConfigError(
+                f"LyCORIS preset {preset.name}: it reaches {len(dit.untabled)} Linears of {index.family}'s "
+                f"approximator ({', '.join(dit.untabled[:3])}), which sdcore does not train (kohya's LoRA names "
+                "none of them); leave distilled_guidance_layer/MLPEmbedder/Approximator out of the preset"
+            )
     elif unet:
         walk = _Walk(preset, index, "unet", conv=conv, norms=norms)
         chosen += walk.run(_unet_nodes(components["unet"], sdxl), preset.unet_target_module, preset.unet_target_name)

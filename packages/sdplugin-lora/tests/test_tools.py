@@ -178,7 +178,7 @@ def test_plugin_registration():
     assert networks[0].load().tag == "lora"
     cli = click.Group("sdcore")
     plugin.sdcore_register_commands(cli)
-    assert set(cli.commands["lora"].commands) == {"info", "extract", "resize", "merge", "convert"}
+    assert set(cli.commands["lora"].commands) == {"info", "extract", "resize", "merge", "convert", "targets"}
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])

@@ -31,6 +31,7 @@ from ..flux.load import (
     is_diffusers_transformer_file,
     part_config,
     read_diffusers_transformer,
+    read_folder_components,
     read_transformer,
     read_vae_tensors,
     scheduler_for,
@@ -181,34 +182,14 @@ def read_chroma_diffusers(
     import transformers
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
 
-    from ..load import stored_dtype
-
     folder = Path(path)
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-
-    def target(component: str) -> Any:
-        if dtype == "auto":
-            return stored_dtype(folder / component) or _dtype(None)
-        return _dtype(dtype)
-
-    parts: dict[str, Any] = {}
-    try:
-        parts["transformer"] = ChromaTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", local_files_only=True, torch_dtype=target("transformer")
-        )
-        if index.get("vae", [None])[0] and ae is None:
-            parts["vae"] = AutoencoderKL.from_pretrained(
-                folder, subfolder="vae", local_files_only=True, torch_dtype=target("vae")
-            )
-        if index.get("text_encoder", [None])[0] and t5xxl is None:
-            parts["text_encoder"] = transformers.T5EncoderModel.from_pretrained(
-                folder / "text_encoder", local_files_only=True, dtype=target("text_encoder")
-            )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFormatError(f"{folder}: cannot read Chroma diffusers folder ({first})") from None
-    for module in parts.values():
-        module.eval()
+    wanted: dict[str, Any] = {"transformer": ChromaTransformer2DModel}
+    if ae is None:
+        wanted["vae"] = AutoencoderKL
+    if t5xxl is None:
+        wanted["text_encoder"] = transformers.T5EncoderModel
+    parts = read_folder_components(folder, index, dtype, wanted, "Chroma")
     if (folder / "tokenizer").is_dir() and t5_tokenizer is None:
         t5_tokenizer = folder / "tokenizer"
     _finish(parts, t5xxl, ae, t5_tokenizer, dtype)

@@ -315,6 +315,39 @@ def _dtype(dtype: Any) -> Any:
     return None if dtype == "auto" else resolve_dtype(dtype)
 
 
+def read_folder_components(
+    folder: Path, index: dict[str, Any], dtype: Any, wanted: dict[str, Any], label: str
+) -> dict[str, Any]:
+    """The components of a diffusers pipeline folder, each through its class's ``from_pretrained`` (offline): every
+    ``wanted`` name -> class that ``model_index.json`` lists (``transformer`` always), in ``dtype`` (``"auto"``: the
+    dtype each component stores). diffusers models read ``subfolder=``, transformers models their own folder. A
+    component that cannot be read is a one-line :class:`ModelFormatError` naming the ``label`` folder."""
+    from ..load import stored_dtype
+
+    def target(component: str) -> Any:
+        if dtype == "auto":
+            return stored_dtype(folder / component) or _dtype(None)
+        return _dtype(dtype)
+
+    parts: dict[str, Any] = {}
+    try:
+        for name, cls in wanted.items():
+            if name != "transformer" and not (index.get(name) or [None])[0]:
+                continue
+            if cls.__module__.startswith("transformers"):
+                parts[name] = cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name))
+            else:
+                parts[name] = cls.from_pretrained(
+                    folder, subfolder=name, local_files_only=True, torch_dtype=target(name)
+                )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFormatError(f"{folder}: cannot read {label} diffusers folder ({first})") from None
+    for module in parts.values():
+        module.eval()
+    return parts
+
+
 def _folder_dtype(folder: Path, target: Any) -> Any:
     from ..load import stored_dtype
 
@@ -509,38 +542,16 @@ def read_flux_diffusers(
     import transformers
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from ..load import stored_dtype
-
     folder = Path(path)
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-
-    def target(component: str) -> Any:
-        if dtype == "auto":
-            return stored_dtype(folder / component) or _dtype(None)
-        return _dtype(dtype)
-
-    parts: dict[str, Any] = {}
-    try:
-        parts["transformer"] = FluxTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", local_files_only=True, torch_dtype=target("transformer")
-        )
-        if index.get("vae", [None])[0] and ae is None:
-            parts["vae"] = AutoencoderKL.from_pretrained(
-                folder, subfolder="vae", local_files_only=True, torch_dtype=target("vae")
-            )
-        if index.get("text_encoder", [None])[0] and clip_l is None:
-            parts["text_encoder"] = transformers.CLIPTextModel.from_pretrained(
-                folder / "text_encoder", local_files_only=True, dtype=target("text_encoder")
-            )
-        if index.get("text_encoder_2", [None])[0] and t5xxl is None:
-            parts["text_encoder_2"] = transformers.T5EncoderModel.from_pretrained(
-                folder / "text_encoder_2", local_files_only=True, dtype=target("text_encoder_2")
-            )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFormatError(f"{folder}: cannot read Flux diffusers folder ({first})") from None
-    for module in parts.values():
-        module.eval()
+    wanted: dict[str, Any] = {"transformer": FluxTransformer2DModel}
+    if ae is None:
+        wanted["vae"] = AutoencoderKL
+    if clip_l is None:
+        wanted["text_encoder"] = transformers.CLIPTextModel
+    if t5xxl is None:
+        wanted["text_encoder_2"] = transformers.T5EncoderModel
+    parts = read_folder_components(folder, index, dtype, wanted, "Flux")
     _separate_parts(parts, clip_l, t5xxl, ae, dtype)
     variant = variant_of_transformer(parts["transformer"])
     sched = folder / "scheduler" / "scheduler_config.json"

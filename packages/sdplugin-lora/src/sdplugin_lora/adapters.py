@@ -1200,7 +1200,79 @@ class LoraAdapter(Adapter):
         return adapter
 
 
-class SharedDownLora(Adapter):
+class MemberHooks:
+    """One module over the diffusers parts ("members") of one fused SAI/BFL Linear (``qkv``, ``linear1``):
+    their paths, their rows of the fused weight, one forward hook on each, and the value the members
+    called with the same input share (:meth:`_shared`). No merge: the members are separate layers.
+
+    The shared value is cached for one input: reused only for the very same tensor, unchanged (its
+    version counter), under the same ``key`` (mode, multiplier...), before any backward through it, and
+    let go once every member has read it."""
+
+    bases: tuple[nn.Module, ...]
+    paths: tuple[str, ...]
+    rows: list[tuple[int, int]]
+
+    def _init_members(self, paths: Sequence[str], layers: Sequence[nn.Module]) -> None:
+        self.paths = tuple(paths)
+        object.__setattr__(self, "bases", tuple(layers))  # not submodules: the model owns them
+        self.rows = []
+        start = 0
+        for layer in layers:
+            out = int(layer.weight.shape[0])  # type: ignore[union-attr,index]
+            self.rows.append((start, start + out))
+            start += out
+        self._handles: list[Any] = []
+        self._cache: list[Any] | None = None
+
+    def _member_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [
+                layer.register_forward_hook(functools.partial(self._member_hook, i))
+                for i, layer in enumerate(self.bases)
+            ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._cache = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _shared(self, x: torch.Tensor, key: tuple[Any, ...], compute: Any) -> torch.Tensor | None:
+        """``compute()`` for input ``x``, or the value a member computed for this very ``x`` under ``key``."""
+        key = (-1 if x.is_inference() else x._version, *key)  # inference tensors keep no version counter
+        cache = self._cache
+        if cache is not None and cache[0] is x and cache[1] == key:
+            cache[3] += 1
+            value = cache[2]
+            if cache[3] >= len(self.bases):  # every member served: let go of the input
+                self._cache = None
+            return value  # type: ignore[no-any-return]
+        value = compute()
+        self._cache = None
+        if len(self.bases) > 1:
+            token = object()
+            self._cache = [x, key, value, 1, token]
+            if value is not None and value.requires_grad:  # a backward frees its graph: never reuse it after
+                value.register_hook(lambda grad, token=token: self._forget(token))
+        return value  # type: ignore[no-any-return]
+
+    def _forget(self, token: object) -> None:
+        if self._cache is not None and self._cache[4] is token:
+            self._cache = None
+
+    def merge(self, multiplier: float | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{getattr(self, 'lora_name', '')}: save the network and apply the file to merge it")
+
+
+class SharedDownLora(MemberHooks, Adapter):
     """kohya's default LoRA on a fused SAI/BFL Linear, trained on the diffusers modules it stacks.
 
     SD3's and Flux's checkpoints compute q, k and v (Flux's single blocks: and the MLP input) with
@@ -1247,22 +1319,13 @@ class SharedDownLora(Adapter):
         if len(widths) != 1:
             raise ValueError(f"{name}: members read inputs of different widths {sorted(widths)}")
         super().__init__(name, layers[0], rank, alpha, multiplier=multiplier, module_dropout=module_dropout)
-        self.paths = tuple(path for path, _ in members)
-        object.__setattr__(self, "bases", tuple(layers))
-        self.rows: list[tuple[int, int]] = []
-        start = 0
-        for layer in layers:
-            out = int(layer.out_features)  # type: ignore[arg-type]
-            self.rows.append((start, start + out))
-            start += out
+        self._init_members([path for path, _ in members], layers)
         self.lora_down = nn.Linear(widths.pop(), rank, bias=False, dtype=dtype)
-        self.lora_up = nn.Linear(rank, start, bias=False, dtype=dtype)
+        self.lora_up = nn.Linear(rank, self.rows[-1][1], bias=False, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
-        self._handles: list[Any] = []
-        self._cache: list[Any] | None = None
 
     @property
     def out_features(self) -> int:
@@ -1284,60 +1347,23 @@ class SharedDownLora(Adapter):
         return {path: delta[lo:hi] for path, (lo, hi) in zip(self.paths, self.rows, strict=True)}
 
     # --- hooks -----------------------------------------------------------------------------------
-    def attach(self) -> None:
-        if not self._handles:
-            self._handles = [
-                layer.register_forward_hook(functools.partial(self._member_hook, i))
-                for i, layer in enumerate(self.bases)
-            ]
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._cache = None
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def _hidden(self, x: torch.Tensor) -> torch.Tensor | None:
         """``m · s · down(x)`` after the dropouts, shared by the members called with this ``x``
-        (``None``: module dropout skips the group for this input).
+        (``None``: module dropout skips the group for this input; :meth:`MemberHooks._shared`)."""
 
-        The cache holds one input: it is reused only for the very same tensor, unchanged (version
-        counters of the input and the down), in the same mode, before any backward through it, and
-        let go once every member has read it."""
-        version = -1 if x.is_inference() else x._version  # inference tensors keep no version counter
-        key = (version, self.lora_down.weight._version, self.training, torch.is_grad_enabled(), self.multiplier,
-               id(self.sample_strength))  # fmt: skip
-        cache = self._cache
-        if cache is not None and cache[0] is x and cache[1] == key:
-            cache[3] += 1
-            hidden = cache[2]
-            if cache[3] >= len(self.bases):  # every member served: let go of the input
-                self._cache = None
-            return hidden  # type: ignore[no-any-return]
-        skip = bool(self.training and self.module_dropout and torch.rand(()) < self.module_dropout)
-        hidden = None
-        if not skip:
+        def compute() -> torch.Tensor | None:
+            if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+                return None
             hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
             scale: float | torch.Tensor = self._scale * self.multiplier
             factor = self.sample_factor(hidden)
             if factor is not None:
                 scale = factor * scale
-            hidden = scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
-        self._cache = None
-        if len(self.bases) > 1:
-            token = object()
-            self._cache = [x, key, hidden, 1, token]
-            if hidden is not None and hidden.requires_grad:  # a backward frees its graph: never reuse it after
-                hidden.register_hook(lambda grad, token=token: self._forget(token))
-        return hidden
+            return scaled_hidden(hidden, scale, self.training, self.dropout, self.rank_dropout)
 
-    def _forget(self, token: object) -> None:
-        if self._cache is not None and self._cache[4] is token:
-            self._cache = None
+        key = (self.lora_down.weight._version, self.training, torch.is_grad_enabled(), self.multiplier,
+               id(self.sample_strength))  # fmt: skip
+        return self._shared(x, key, compute)
 
     def _member_hook(self, i: int, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if self.multiplier == 0:
@@ -1356,9 +1382,6 @@ class SharedDownLora(Adapter):
         if factor is not None:
             scale = factor * scale
         return self.lora_up(scaled_hidden(hidden, scale, False, None, None))
-
-    def merge(self, multiplier: float | None = None) -> torch.Tensor:
-        raise NotImplementedError(f"{self.lora_name}: save the network and apply the file to merge it")
 
 
 class LoraFaAdapter(LoraAdapter):
@@ -1650,7 +1673,7 @@ class LokrAdapter(Adapter):
         return self.variant.full_matrix(self.tensors())
 
 
-class FusedMixin:
+class FusedMixin(MemberHooks):
     """A LyCORIS weight module (LoHa, LoKr) on a fused SAI/BFL Linear, trained on the diffusers modules
     it stacks.
 
@@ -1670,23 +1693,11 @@ class FusedMixin:
     entry for the module (built once for all the members, keyed on the members' weights: the stand-in has
     no storage), so sampling costs each member its rows of the cached tensor."""
 
-    bases: tuple[nn.Module, ...]
-    paths: tuple[str, ...]
-    rows: list[tuple[int, int]]
     swaps: tuple[bool, ...]
 
     def _fused_init(self, members: Sequence[tuple[str, nn.Module, bool]]) -> None:
-        self.paths = tuple(path for path, _, _ in members)
-        object.__setattr__(self, "bases", tuple(layer for _, layer, _ in members))
+        self._init_members([path for path, _, _ in members], [layer for _, layer, _ in members])
         self.swaps = tuple(swap for _, _, swap in members)
-        self.rows = []
-        start = 0
-        for _, layer, _ in members:
-            out = int(layer.weight.shape[0])  # type: ignore[union-attr,index]
-            self.rows.append((start, start + out))
-            start += out
-        self._handles: list[Any] = []
-        self._cache: list[Any] | None = None
 
     def member_deltas(self) -> dict[str, torch.Tensor]:
         """Each member's change at multiplier 1, in its own (diffusers) row order, by module path."""
@@ -1701,58 +1712,24 @@ class FusedMixin:
             rows = torch.cat([second, first], dim=0)
         return rows
 
-    def attach(self) -> None:
-        if not self._handles:
-            self._handles = [
-                layer.register_forward_hook(functools.partial(self._member_hook, i))
-                for i, layer in enumerate(self.bases)
-            ]
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._cache = None
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
     def _fused_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """``m · ΔW`` for this input (``None``: module dropout skips the module), shared by the members
-        called with the very same tensor (see :meth:`SharedDownLora._hidden` for the cache's rules)."""
+        called with the very same tensor (:meth:`MemberHooks._shared`)."""
         me: Any = self
-        version = -1 if x.is_inference() else x._version
-        key = (version, me.training, torch.is_grad_enabled(), me.multiplier)
-        cache = self._cache
-        if cache is not None and cache[0] is x and cache[1] == key:
-            cache[3] += 1
-            if cache[3] >= len(self.bases):
-                self._cache = None
-            return cache[2]  # type: ignore[no-any-return]
-        weight: torch.Tensor | None
-        if me._frozen is not None:
-            weight = me._frozen.to(device=x.device)
-        elif me.training and me.module_dropout and torch.rand(()) < me.module_dropout:
-            weight = None
-        elif (cached := me._cached_weight()) is not None:
-            weight = cached.to(device=x.device)
-        else:
+
+        def compute() -> torch.Tensor | None:
+            if me._frozen is not None:
+                return me._frozen.to(device=x.device)  # type: ignore[no-any-return]
+            if me.training and me.module_dropout and torch.rand(()) < me.module_dropout:
+                return None
+            if (cached := me._cached_weight()) is not None:
+                return cached.to(device=x.device)  # type: ignore[no-any-return]
             rows = None
             if me.training and me.rank_dropout:
                 rows = rank_dropout_mask(int(me.base.weight.shape[0]), me.rank_dropout, me.rank_dropout_scale)
-            weight = me._change(detach=False, rows=rows) * me.multiplier
-        self._cache = None
-        if len(self.bases) > 1:
-            token = object()
-            self._cache = [x, key, weight, 1, token]
-            if weight is not None and weight.requires_grad:  # a backward frees its graph: never reuse it after
-                weight.register_hook(lambda grad, token=token: self._forget(token))
-        return weight
+            return me._change(detach=False, rows=rows) * me.multiplier  # type: ignore[no-any-return]
 
-    def _forget(self, token: object) -> None:
-        if self._cache is not None and self._cache[4] is token:
-            self._cache = None
+        return self._shared(x, (me.training, torch.is_grad_enabled(), me.multiplier), compute)
 
     def _layer_weights(self) -> list[torch.Tensor]:
         """The members' weights (the stand-in Linear is on the meta device, no autocast state of its own)."""
@@ -1768,9 +1745,6 @@ class FusedMixin:
         out = me._apply_weight(args[0], self._rows_of(weight, i))
         factor = me.sample_factor(out)
         return output + (out if factor is None else out * factor).to(output.dtype)
-
-    def merge(self, multiplier: float | None = None) -> torch.Tensor:
-        raise NotImplementedError(f"{getattr(self, 'lora_name', '')}: save the network and apply the file to merge it")
 
 
 class FusedLohaAdapter(FusedMixin, LohaAdapter):

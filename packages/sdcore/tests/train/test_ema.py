@@ -273,10 +273,15 @@ def test_a_failed_save_rescues_the_average(tmp_path, disk_full_at):
     result_path = Path(o.output)
     disk_full_at(result_path)
     session = _session(o)
-    with pytest.raises(SaveFailedError):
+    with pytest.raises(SaveFailedError, match="No space left on device") as info:
         session.run()
-    (rescued,) = (result_path.parent / "result-state").glob("sdcore-rescue-result-*/result.safetensors")
-    _equal(load_file(str(rescued)), _shadow(session))
+    rescued_files = list((result_path.parent / "result-state").glob("sdcore-rescue-result-*/result.safetensors"))
+    assert len(rescued_files) == 1 and str(rescued_files[0]) in str(info.value)  # one rescue, named in the error
+    assert not result_path.exists()
+    saved = load_file(str(rescued_files[0]))
+    assert saved.keys() == set(KEYS)
+    assert not all(torch.equal(saved[k], session.method.raw[2][k]) for k in KEYS)  # the average, not the raw weights
+    _equal(saved, _shadow(session))
     _equal(session.method.trainable_state_dict(), session.method.raw[2])  # the raw weights back
 
 

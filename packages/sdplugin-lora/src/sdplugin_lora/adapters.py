@@ -276,28 +276,33 @@ class LokrVariant(Variant):
         return out_m * int(t["lokr_w2_a"].shape[0]), in_m * int(t["lokr_w2_b"].shape[1])
 
 
-class FullVariant(Variant):
-    """LyCORIS ``full``: the difference itself (``diff``), scale 1."""
+class AdditiveVariant(Variant):
+    """A module that stores its changes themselves: ``keys[0]`` is added to the weight, the optional
+    ``keys[1]`` to the bias (no alpha, scale 1)."""
+
+    @classmethod
+    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        return t[cls.keys[0]].float().reshape(shape)
+
+    @classmethod
+    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
+        return tuple(int(d) for d in t[cls.keys[0]].shape)
+
+    @classmethod
+    def bias(cls, t: Tensors) -> torch.Tensor | None:
+        """The bias change (``None`` when the module stores none)."""
+        return t[cls.keys[1]].float() if cls.keys[1] in t else None
+
+
+class FullVariant(AdditiveVariant):
+    """LyCORIS ``full``: the difference itself (``diff``, ``diff_b``), scale 1."""
 
     algo = "full"
     markers = ("diff",)
     keys = ("diff", "diff_b")
 
-    @classmethod
-    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
-        return t["diff"].float().reshape(shape)
 
-    @classmethod
-    def shape(cls, t: Tensors) -> tuple[int, ...] | None:
-        return tuple(int(d) for d in t["diff"].shape)
-
-    @classmethod
-    def bias(cls, t: Tensors) -> torch.Tensor | None:
-        """The bias change ``diff_b`` (``None`` when the module stores none)."""
-        return t["diff_b"].float() if "diff_b" in t else None
-
-
-class NormVariant(Variant):
+class NormVariant(AdditiveVariant):
     """LyCORIS ``train_norm`` (``NormModule``): a GroupNorm/LayerNorm's affine parameters get an
     additive change, ``weight + w_norm`` and ``bias + b_norm`` (no alpha, scale 1), as LyCORIS'
     ``get_merged_weight``, A1111's ``network_norm`` and ComfyUI's ``diff`` patches apply them."""
@@ -307,17 +312,8 @@ class NormVariant(Variant):
     keys = ("w_norm", "b_norm")
 
     @classmethod
-    def weight(cls, t: Tensors, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
-        return t["w_norm"].float().reshape(shape)
-
-    @classmethod
-    def bias(cls, t: Tensors) -> torch.Tensor | None:
-        """The bias change (``None`` when the module stores none)."""
-        return t["b_norm"].float() if "b_norm" in t else None
-
-    @classmethod
     def shape(cls, t: Tensors) -> tuple[int, ...] | None:
-        return (int(t["w_norm"].numel()),)
+        return (int(t["w_norm"].numel()),)  # a norm's affine vector, however the file shaped it
 
 
 class OftVariant(Variant):

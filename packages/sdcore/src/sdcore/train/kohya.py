@@ -1373,7 +1373,8 @@ def _network(
             return
         if algo and algo not in _LYCORIS_ALGOS:
             out.problems.append(
-                f"{where}: LyCORIS algo={algo!r} is not available (lora/locon, {', '.join(list(_LYCORIS_ALGOS)[2:])})"
+                f"{where}: LyCORIS algo={algo!r} is not available "
+                f"(lora/locon, {', '.join(a for a in _LYCORIS_ALGOS if a not in ('lora', 'locon'))})"
             )
             return
         chosen = _LYCORIS_ALGOS[algo or "lora"]

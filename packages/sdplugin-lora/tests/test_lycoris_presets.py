@@ -342,3 +342,21 @@ def test_lycoris_example_preset_file_mixes_algos_per_class(tmp_path):
         torch.testing.assert_close(
             merged.unet(latents, t, encoder_hidden_states=hidden).sample, trained, atol=1e-4, rtol=0
         )
+
+
+def test_a_missing_preset_file_is_one_line_in_the_dry_run(tmp_path):
+    """The option check and the memory plan's dry prepare both meet a preset that does not load; the user
+    reads it once, beside the other problems, and nothing is written."""
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    out = tmp_path / "out" / "p.safetensors"
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(out), "--resolution", "64",
+            "--lycoris-preset", str(tmp_path / "nope.toml"), "--resolutions", "64,x", "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert sum("nope.toml" in line for line in errors) == 1, errors
+    assert any("--resolutions '64,x'" in line for line in errors), errors
+    assert "Traceback" not in result.output and not out.parent.exists()

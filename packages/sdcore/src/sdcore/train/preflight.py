@@ -56,7 +56,8 @@ class PreflightError(ConfigError):
     """One or more problems found before training; ``problems`` holds one line each."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems), list(problems))
+        problems = list(dict.fromkeys(problems))  # two checks that meet the same fault say it once
+        super().__init__("\n".join(problems), problems)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,10 +45,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, SdcoreError
+from ..errors import ConfigError, SdcoreError, debug_enabled
 from .checkpoints import intermediate_path, output_paths
 from .data import total_steps_for
 from .events import HookCaller, TrainEventContext
+from .memory_watch import MemoryWatch, TrainingOutOfMemoryError, is_out_of_memory, release_failed_step
 from .method import Batch, RunFacts, TrainingMethod
 from .options import TrainOptions, apply_model_defaults
 from .preflight import validate_options
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from .data import SampleRef
     from .ema import WeightEMA
     from .fused import StepInBackward
+    from .preflight import PreflightReport
     from .state import TrainPosition
     from .step import StepOutcome
     from .te_stop import TextEncoderStop
@@ -128,6 +130,8 @@ class TrainSession:
         self.fused: StepInBackward | None = None
         self.ema: WeightEMA | None = None  # --ema: the average of self.params (sdcore.train.ema)
         self.te_stop: TextEncoderStop | None = None  # until the text encoder stops (sdcore.train.te_stop)
+        self.preflight: PreflightReport | None = None
+        self.memory_watch: MemoryWatch | None = None  # device memory peaks (sdcore.train.memory_watch)
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
@@ -170,6 +174,13 @@ class TrainSession:
         backend = tracker_backend(o)
         self.accelerator = acc = create_accelerator(o, log_with=backend)
         self.device = acc.device
+        plan = self.preflight.memory
+        self.memory_watch = MemoryWatch(
+            self.device,
+            estimate=plan.estimate.total if plan is not None else None,
+            say=self.say,
+            relief=self._memory_relief,
+        )
         self._restore_attention = restrict_attention_kernels(self.device, allow_cudnn=o.cudnn_attention)
         self.progress = Progress(o, acc, name=method.name)
         self.checkpoints = Checkpoints(method, o, acc, say=self.progress.say)
@@ -463,7 +474,12 @@ class TrainSession:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         if not self._setup_done:
-            self.setup()
+            try:
+                self.setup()
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise self._out_of_memory(exc) from (exc if debug_enabled() else None)
+                raise
         self.checkpoints.started_at = time.time()
         restore_sigterm = _sigterm_as_interrupt()
         try:
@@ -480,6 +496,8 @@ class TrainSession:
             self._error_hook(exc)
             raise rescue(self, exc) from exc
         except Exception as exc:
+            if is_out_of_memory(exc):  # one line with the peak and what to change, the state saved first
+                raise self._out_of_memory(exc) from (exc if debug_enabled() else None)
             self._save_on_error(exc, "error")
             raise
         finally:
@@ -535,6 +553,8 @@ class TrainSession:
                     self.ema.update(pos.step)
                 lr = float(self.scheduler.get_last_lr()[0])
                 logs = self.progress.step(pos.step, pos.epoch, outcome.loss, lr, extra=method_logs)
+                if self.memory_watch is not None:
+                    self.memory_watch.after_step(pos.step)
                 if o.validate_every_n_steps and pos.step % o.validate_every_n_steps == 0:
                     self.validate("step")
                 if pos.batch >= len(plan):
@@ -590,6 +610,9 @@ class TrainSession:
             with self.ema_applied():  # --ema: the average is the result
                 output = self.checkpoints.save_result(self.bundle, self.position, self.run_facts())
         log.info(f"saved {output}")  # the caller reports it (the CLI prints one "saved" line)
+        peak = self.memory_watch.summary() if self.memory_watch is not None else None
+        if peak is not None:
+            self.say(peak)
         self.accelerator.wait_for_everyone()
         return TrainResult(
             main_process=self.is_main,
@@ -659,7 +682,36 @@ class TrainSession:
             "use --mixed-precision bf16 instead of fp16, or check the data"
         )
 
-    def _save_on_error(self, exc: BaseException, why: str) -> None:
+    def _memory_relief(self) -> list[str]:
+        """The option changes that lower this run's memory need most (advice for a full or overflowing device)."""
+        from .preflight import memory_relief
+
+        report = self.preflight
+        if report is None or report.layout is None or report.memory is None:
+            return []
+        return memory_relief(self.method, self.options, report.layout, report.memory.params, device=self.device.type)
+
+    def _out_of_memory(self, exc: BaseException) -> TrainingOutOfMemoryError:
+        """The one-line error for an allocator that ran out; the resumable state is saved first (after the
+        failed step's tensors are let go, unless ``SDCORE_DEBUG`` keeps its traceback)."""
+        from .memory_watch import out_of_memory_error
+
+        if not debug_enabled():
+            release_failed_step(exc)
+        if not self._setup_done:
+            where = "while loading the model and setting up"
+        elif self.position.step < self.total_steps:
+            where = f"in step {self.position.step + 1}"
+        else:
+            where = f"after the last step ({self.position.step}), while sampling or saving"
+        if self._setup_done:
+            self._save_on_error(exc, "out of memory", quiet=True)
+        state = getattr(exc, "sdcore_state", None)
+        if self.memory_watch is None:
+            return out_of_memory_error(where=where, reading=None, estimate=None, changes=[], state=state)
+        return self.memory_watch.out_of_memory(where=where, state=state)
+
+    def _save_on_error(self, exc: BaseException, why: str, *, quiet: bool = False) -> None:
         mixed = self.fused is not None and self.fused.in_backward  # stopped with some weights stepped
         if mixed:
             self.say(f"{why} during a fused backward pass: some weights had taken the step, so no state was saved")
@@ -668,7 +720,7 @@ class TrainSession:
                 folder = self.save_state()
                 message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"
                 # the CLI prints the interruption once, with this folder (KeyboardInterrupt carries it)
-                if why == "interrupted":
+                if why == "interrupted" or quiet:
                     log.info(message)
                 else:
                     self.say(message)

@@ -633,16 +633,7 @@ def memory_plan(
         params = parameter_plan(method, options, layout, bundle.tokenizers if bundle is not None else None)
     device = device or training_device()
     caps = method.capabilities()
-    if not caps.cacheable_text and options.cache_text_encoder_outputs:  # the text encoders run every step
-        import dataclasses
-
-        options = dataclasses.replace(options, cache_text_encoder_outputs=False)
-    kwargs: dict[str, Any] = dict(
-        device=device,
-        text_encoder_frozen=not caps.trains_text_encoder,
-        needs_pixels=caps.needs_pixels,
-        cast_frozen_weights=caps.cast_frozen_weights,
-    )
+    options, kwargs = _estimate_settings(method, options, device)
     estimate = estimate_memory(layout, params, options, **kwargs)
     free = device_free_memory(device)
     budget = None if free is None else free - RUNTIME_OVERHEAD.get(device, 0)
@@ -660,6 +651,59 @@ def memory_plan(
             **kwargs,
         )
     return plan
+
+
+def _estimate_settings(
+    method: TrainingMethod[Any], options: TrainOptions, device: str
+) -> tuple[TrainOptions, dict[str, Any]]:
+    """The options and keyword arguments :func:`~sdcore.train.memory.estimate_memory` needs for
+    ``method`` on ``device`` (what the method trains and caches decides parts of the estimate)."""
+    caps = method.capabilities()
+    if not caps.cacheable_text and options.cache_text_encoder_outputs:  # the text encoders run every step
+        import dataclasses
+
+        options = dataclasses.replace(options, cache_text_encoder_outputs=False)
+    kwargs: dict[str, Any] = dict(
+        device=device,
+        text_encoder_frozen=not caps.trains_text_encoder,
+        needs_pixels=caps.needs_pixels,
+        cast_frozen_weights=caps.cast_frozen_weights,
+    )
+    return options, kwargs
+
+
+def memory_relief(
+    method: TrainingMethod[Any],
+    options: TrainOptions,
+    layout: ModelLayout,
+    params: ParameterPlan,
+    *,
+    device: str,
+    limit: int = 4,
+) -> list[str]:
+    """The option changes that lower the memory estimate of a running ``method`` most, largest saving
+    first, each as ``"--flag (-N MiB)"``: the advice of a run that nearly fills or overflows its device
+    (:mod:`sdcore.train.memory_watch`). Savings are differences of two estimates of the same run, so they
+    hold where the estimate's absolute level is off."""
+    import importlib.util
+
+    from .memory import estimate_memory, suggestions
+
+    options, kwargs = _estimate_settings(method, options, device)
+    now = estimate_memory(layout, params, options, **kwargs).total
+    changes = suggestions(
+        layout,
+        params,
+        options,
+        budget=now // 2,
+        optimizer_8bit_available=importlib.util.find_spec("bitsandbytes") is not None,
+        steps_in_backward=method.capabilities().steps_in_backward,
+        **kwargs,
+    )
+    names = [s.flags for s in changes]  # the last is all of them together: left to the user
+    single = [s for s in changes if sum(other in s.flags for other in names if other != s.flags) < 2]
+    saving = sorted(((now - s.estimate.total, s.flags) for s in single), key=lambda pair: -pair[0])
+    return [f"{flags} (-{gain / MIB:,.0f} MiB)" for gain, flags in saving if gain >= MIB][:limit]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""Device memory while training: the full-device warning, the out-of-memory error, the closing peak line."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from runtime_methods import ConvOutMethod
+from sdcore.errors import expected_error_message
+from sdcore.models.layout import ModelLayout
+from sdcore.models.load import bundled_config
+from sdcore.models.tiny import create_tiny_bundle
+from sdcore.testing.contract import contract_options
+from sdcore.train import memory_watch
+from sdcore.train.loop import TrainSession, train
+from sdcore.train.memory import MIB, ParameterPlan, estimate_memory
+from sdcore.train.memory_watch import (
+    CHECK_STEPS,
+    MemoryReading,
+    MemoryWatch,
+    TrainingOutOfMemoryError,
+    is_out_of_memory,
+)
+from sdcore.train.preflight import memory_relief
+
+GIB = 1024 * MIB
+
+
+class _Gauge:
+    """A stand-in for the CUDA allocator's peaks: returns ``reserved`` of a 24 GiB device, counts reads."""
+
+    def __init__(self, reserved: int, allocated: int | None = None) -> None:
+        self.reserved = reserved
+        self.allocated = allocated if allocated is not None else reserved - GIB
+        self.reads = 0
+
+    def __call__(self, device):
+        self.reads += 1
+        return MemoryReading("cuda:0", self.allocated, self.reserved, 24 * GIB)
+
+
+def test_reads_only_on_checking_steps_and_warns_once_when_full():
+    said: list[str] = []
+    gauge = _Gauge(int(0.5 * 24 * GIB))
+    watch = MemoryWatch("cuda:0", estimate=10 * GIB, say=said.append, relief=lambda: ["--x (-5 MiB)"], read=gauge)
+    for step in range(1, 301):
+        watch.after_step(step)
+    assert gauge.reads == len(CHECK_STEPS) + 3  # 1, 2, 3, 5, 10, 20, 50, then 100, 200 and 300
+    assert said == []  # half full: nothing to say
+    gauge.reserved = int(0.96 * 24 * GIB)
+    watch.after_step(400)
+    watch.after_step(500)
+    assert len(said) == 1  # once
+    assert said[0].startswith("warning: after step 400 the run holds 23,593 MiB of the 24,576 MiB on cuda:0 (96%)")
+    assert "sysmem fallback" in said[0] and said[0].endswith("Options that lower the need: --x (-5 MiB)")
+
+
+def test_just_below_the_threshold_is_not_full():
+    said: list[str] = []
+    watch = MemoryWatch("cuda:0", estimate=None, say=said.append, read=_Gauge(int(0.94 * 24 * GIB)))
+    watch.after_step(1)
+    assert said == [] and watch.last is not None and watch.last.fraction == pytest.approx(0.94, abs=1e-6)
+
+
+def test_summary_names_the_peaks_and_the_estimate():
+    watch = MemoryWatch("cuda:0", estimate=9 * GIB, say=print, read=_Gauge(12 * GIB, 11 * GIB))
+    assert watch.summary() == (
+        "memory: peak 11,264 MiB allocated, 12,288 MiB reserved of 24,576 MiB on cuda:0 "
+        "(the pre-flight estimated 9,216 MiB)"
+    )
+    assert MemoryWatch("cpu", estimate=9 * GIB, say=print).summary() is None  # a CPU run reads nothing
+
+
+def test_what_counts_as_out_of_memory():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"))
+    assert is_out_of_memory(
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+        )
+    )
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only the allocators' RuntimeErrors
+
+
+def test_relief_lists_single_changes_by_their_saving():
+    layout = ModelLayout("sd15", "sd1", "epsilon", bundled_config("sd1"), "test")
+    counts = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    params = ParameterPlan(counts, trainable=12_750_000, added=12_750_000, result=12_750_000)
+    options = ConvOutMethod.options_class(model="m", data="d", output="o", resolution=512, batch_size=4)
+    method = ConvOutMethod(options)
+    lines = memory_relief(method, options, layout, params, device="cuda")
+    assert lines and len(lines) <= 4
+    gains = [int(re.search(r"\(-([\d,]+) MiB\)$", line).group(1).replace(",", "")) for line in lines]
+    assert gains == sorted(gains, reverse=True) and gains[-1] >= 1
+    assert lines[0].startswith("--gradient-checkpointing (")  # SD1.5 at batch 4: activations dominate
+    # the saving is the difference of the two estimates of the same run
+    now = estimate_memory(layout, params, options, device="cuda").total
+    with_gc = estimate_memory(
+        layout, params, dataclasses.replace(options, gradient_checkpointing=True), device="cuda"
+    ).total
+    assert gains[0] == round((now - with_gc) / MIB)
+    assert not any(line.count("--") > 2 for line in lines)  # "all together" is not one of them
+
+
+class _OutOfMemoryAtStep3(ConvOutMethod):
+    def compute_loss(self, ctx):
+        if ctx.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return None
+
+
+def test_out_of_memory_in_a_step_saves_the_state_and_says_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory_watch, "read_device_memory", _Gauge(23 * GIB))
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5})
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        train(_OutOfMemoryAtStep3(o), bundle=create_tiny_bundle("sd1"))
+    message = expected_error_message(info.value)  # what the CLI prints: one line, no traceback
+    state = tmp_path / "run" / "result-state" / "step-00000002"
+    assert message is not None and "\n" not in message
+    assert message.startswith("out of memory in step 3; peak 23,552 MiB reserved of 24,576 MiB on cuda:0")
+    assert "the pre-flight estimated" in message
+    assert message.endswith(f"The resumable state is in {state} (continue with --resume latest)")
+    assert (state / "train_state.json").exists()
+    assert info.value.__cause__ is None  # the failed step's traceback is let go (its tensors with it)
+
+
+def test_out_of_memory_while_setting_up_names_the_phase(tmp_path):
+    class _TooBig(ConvOutMethod):
+        def prepare(self, bundle):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    o = contract_options(ConvOutMethod, tmp_path)
+    with pytest.raises(TrainingOutOfMemoryError, match=r"^out of memory while loading the model and setting up"):
+        train(_TooBig(o), bundle=create_tiny_bundle("sd1"))
+    assert not (tmp_path / "run" / "result-state").exists()  # nothing trained, nothing to save
+
+
+def test_debug_mode_keeps_the_original_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDCORE_DEBUG", "1")
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5})
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        train(_OutOfMemoryAtStep3(o), bundle=create_tiny_bundle("sd1"))
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert info.value.__cause__.__traceback__ is not None
+
+
+def test_a_full_device_is_told_once_and_the_peak_closes_the_run(tmp_path, monkeypatch, capsys):
+    gauge = _Gauge(int(0.97 * 24 * GIB))
+    monkeypatch.setattr(memory_watch, "read_device_memory", gauge)
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 4})
+    session = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    session.run()
+    err = capsys.readouterr().err
+    assert err.count("warning: after step 1 the run holds 23,839 MiB of the 24,576 MiB on cuda:0 (97%)") == 1
+    assert "warning: after step 2" not in err
+    estimate = session.preflight.memory.estimate.total
+    assert (
+        f"memory: peak 22,815 MiB allocated, 23,839 MiB reserved of 24,576 MiB on cuda:0 "
+        f"(the pre-flight estimated {estimate / MIB:,.0f} MiB)"
+    ) in err
+    assert gauge.reads == 3 + 1  # steps 1, 2, 3 and the closing line (step 4 is no checking step)

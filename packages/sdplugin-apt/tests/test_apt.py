@@ -427,3 +427,27 @@ def _tiny_bundle():
     from sdcore.models.tiny import create_tiny_bundle
 
     return create_tiny_bundle("sd1")
+
+
+def test_x0_decoding_options_are_refused_on_flow_matching_models(tmp_path):
+    from sdcore.models.load import load_model
+
+    """--reconstruction and --discriminator decode DreamArtist's x0 = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
+    (cptuning.py p_losses_hook, the DDPM ``alphas_cumprod``): on SD3/Flux (flow matching, no such schedule)
+    they crashed with an AttributeError traceback at the first step; now the pre-flight names them."""
+    weights = tmp_path / "disc.safetensors"
+    weights.write_bytes(b"x")
+    rec = APTMethod(contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "reconstruction": True}))
+    both = APTMethod(
+        contract_options(APTMethod, tmp_path, {**APT_OPTIONS, "reconstruction": True, "discriminator": str(weights)})
+    )
+    plain = APTMethod(contract_options(APTMethod, tmp_path, APT_OPTIONS))
+    for family in ("sd3", "flux"):
+        (problem,) = rec.family_problems(family)
+        assert problem.startswith("--reconstruction:") and "flow-matching" in problem
+        (problem,) = both.family_problems(family)
+        assert problem.startswith("--reconstruction and --discriminator:")
+        assert plain.family_problems(family) == []
+    assert rec.family_problems("sd1") == [] and rec.family_problems("sdxl") == []
+    with pytest.raises(ConfigError, match="--reconstruction"):
+        rec.prepare(load_model("tiny:flux"))

@@ -176,3 +176,13 @@ def test_save_records_the_checkpoint_hash_and_name(tmp_path: Path) -> None:
     assert saved.sd_checkpoint == hashlib.sha256(b"not really a model").hexdigest()[:10]
     assert saved.sd_checkpoint_name == "model"
     method.remove()
+
+
+def test_name_is_a_word_not_a_path(tmp_path: Path) -> None:
+    """A1111's create_hypernetwork keeps only letters, digits and '._- ' of the name (hypernetworks/ui.py);
+    the name is the file stem, so '../x' used to write the result outside --output."""
+    for bad in ("../escape", "sub/net", "..", "a\\b"):
+        with pytest.raises(ConfigError, match="--name"):
+            HNMethod(HNOptions(name=bad, output=str(tmp_path / "out"))).validate()
+    HNMethod(HNOptions(name="my net-v1.2_x", output=str(tmp_path / "out"))).validate()
+    HNMethod(HNOptions(output=str(tmp_path / "out"))).validate()  # no --name: the output's stem

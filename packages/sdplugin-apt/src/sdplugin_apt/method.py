@@ -127,9 +127,35 @@ class APTMethod(TIMethod[APTOptions]):
         if o.positive_filewords_only:
             self._negative_template_lines()
 
+    def family_problems(self, family: str) -> list[str]:
+        """TI's checks, and the options that decode the predicted clean image (``--reconstruction``,
+        ``--discriminator``): DreamArtist's x0 formula is the DDPM one (``alphas_cumprod``), which a
+        flow-matching model (SD3, Flux) has no schedule for."""
+        from sdcore.errors import SdcoreError
+        from sdcore.models.family import get_family
+
+        problems = super().family_problems(family)
+        try:
+            objective = get_family(family).objective
+        except SdcoreError:
+            return problems  # the pre-flight reports an unknown family itself
+        o = self.options
+        decoding = [
+            flag for flag, on in (("--reconstruction", o.reconstruction), ("--discriminator", o.discriminator)) if on
+        ]
+        if decoding and objective != "ddpm":
+            problems.append(
+                f"{' and '.join(decoding)}: DreamArtist decodes the predicted x0 with a DDPM (epsilon/v) schedule; "
+                f"this {family} model is {objective}"
+            )
+        return problems
+
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         import torch
 
+        problems = self.family_problems(bundle.family)
+        if problems:
+            raise ConfigError("; ".join(problems))
         super().prepare(bundle)
         assert self.handle is not None
         # DreamArtist adds N(0, 1e-3) noise to a fresh "-neg" embedding so it does not start as a copy

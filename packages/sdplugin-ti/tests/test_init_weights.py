@@ -103,3 +103,22 @@ def test_kohya_weights_name(tmp_path):
     )
     o = load_options(TIOptions, cfg, notes=[])
     assert o.init_weights.endswith("start.pt") and o.vectors == 2
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_a_long_init_text_gives_its_first_words_where_a1111_cuts_it(make_bundle, family):
+    """A1111 tokenizes the init text with ``max_length=vectors`` for SD1 and every CLIP-L (the HF
+    tokenizer then truncates: modules/sd_hijack_clip.py ``encode_embedding_init_text``), but not on its
+    OpenCLIP path (SD2, SDXL's CLIP-G); then ``vec[i] = rows[i * L // n]`` (textual_inversion.py
+    ``create_embedding``). "a photo of a red cat" with 2 vectors: "a", "photo" where cut, else tokens 0 and 3."""
+    from sdplugin_ti.apply import encoder_keys, init_vectors
+
+    bundle = make_bundle(family)
+    vectors = init_vectors(bundle, "a photo of a red cat", 2)
+    for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, encoder_keys(bundle), strict=True):
+        ids = tokenizer("a photo of a red cat", add_special_tokens=False).input_ids
+        assert len(ids) == 6
+        cut = key == "clip_l" or family == "sd1"
+        picked = ids[:2] if cut else [ids[0], ids[3]]
+        rows = encoder.get_input_embeddings().weight[picked].detach().float()
+        assert torch.equal(vectors[key], rows), (family, key)

@@ -411,6 +411,9 @@ def init_vectors(
 
     ``vec[i] = rows[i * L // count]`` (tokens repeated when L < count, sampled when L > count);
     zeros when the init text is empty. ``keys`` limits the encoders (default: all of the model's).
+    For SD1's encoder and every CLIP-L, A1111 first cuts the tokens to ``count`` (it tokenizes with
+    ``max_length=count``, which the HF tokenizer truncates to), so a long init text gives its first
+    words, not words sampled over it; its OpenCLIP path (SD2, SDXL's CLIP-G) does not cut.
     """
     out: dict[str, torch.Tensor] = {}
     wanted = None if keys is None else set(keys)
@@ -421,6 +424,8 @@ def init_vectors(
         weight = table.weight.detach()
         ids = tokenizer(init_text, add_special_tokens=False).input_ids if init_text.strip() else []
         ids = [i for i in ids if i < int(table.num_embeddings)]
+        if key == "clip_l" or bundle.family == "sd1":
+            ids = ids[:count]
         vectors = torch.zeros(count, weight.shape[1], dtype=torch.float32)
         if ids:
             rows = weight[torch.tensor(ids, device=weight.device)].float().cpu()

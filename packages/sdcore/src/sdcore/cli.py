@@ -134,13 +134,13 @@ class TagGroup(LazyGroup):
 
 
 class RootGroup(click.Group):
-    """Prints expected errors (ours, and permission / disk-full / missing-file OSErrors) as one
-    line, no traceback, and exits 1; ``SDCORE_DEBUG=1`` shows the traceback instead."""
+    """Prints expected errors (ours, permission / disk-full / missing-file OSErrors, out of memory) as
+    one line, no traceback, and exits 1; ``SDCORE_DEBUG=1`` shows the traceback instead."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (SdcoreError, OSError) as exc:
+        except (SdcoreError, OSError, RuntimeError) as exc:  # click's Exit/Abort are RuntimeErrors: re-raised
             message = expected_error_message(exc)
             if message is None or debug_enabled():
                 raise

@@ -81,8 +81,37 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}: {reason}{hint}" if where else f"{reason}{hint}"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator running out: torch's ``OutOfMemoryError`` (CUDA), or the
+    RuntimeErrors the CPU and MPS allocators raise. Never imports torch (an error from torch means it is
+    imported already)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom_class = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom_class is not None and isinstance(exc, oom_class):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text.lower() or "DefaultCPUAllocator: can't allocate memory" in text
+    )
+
+
+def describe_out_of_memory(exc: BaseException) -> str:
+    """One line for an out-of-memory outside training (generation, tagging, conversion): the allocator's
+    first sentence and what lowers the need. Training says more (``sdcore.train.memory_watch``)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cut = first.find(". ", first.find("Tried to allocate") + 1 if "Tried to allocate" in first else 0)
+    reason = first[: cut + 1] if 0 < cut < 200 else first[:200]
+    return (
+        f"out of memory ({reason.rstrip('.')}): use a smaller batch or image size, fewer images at once, "
+        "or another device"
+    )
+
+
 def expected_error_message(exc: BaseException) -> str | None:
-    """The one line to print for an expected error (ours, or a user-fixable OSError); ``None`` for a bug.
+    """The one line to print for an expected error (ours, a user-fixable OSError, an allocator that ran
+    out of memory); ``None`` for a bug.
 
     With ``SDCORE_DEBUG=1`` set, callers re-raise instead so the traceback shows.
     """
@@ -90,6 +119,8 @@ def expected_error_message(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, OSError) and is_disk_error(exc):
         return describe_os_error(exc)
+    if is_out_of_memory(exc):
+        return describe_out_of_memory(exc)
     return None
 
 

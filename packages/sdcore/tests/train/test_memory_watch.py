@@ -162,3 +162,42 @@ def test_a_full_device_is_told_once_and_the_peak_closes_the_run(tmp_path, monkey
         f"(the pre-flight estimated {estimate / MIB:,.0f} MiB)"
     ) in err
     assert gauge.reads == 3 + 1  # steps 1, 2, 3 and the closing line (step 4 is no checking step)
+
+
+def test_out_of_memory_outside_training_is_one_line_in_every_command(monkeypatch):
+    """Generation, tagging and conversion have no state to save: the CLI prints the allocator's first
+    sentence and what lowers the need; other RuntimeErrors (bugs) and click's own exits pass through."""
+    import click
+    from click.testing import CliRunner
+    from sdcore.cli import RootGroup
+
+    @click.group(cls=RootGroup)
+    def root() -> None:
+        pass
+
+    @root.command()
+    def boom() -> None:
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB of which "
+            "1.02 GiB is free. Of the allocated memory 20.1 GiB is allocated by PyTorch"
+        )
+
+    @root.command()
+    def bug() -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    @root.command()
+    def stop() -> None:
+        raise click.exceptions.Exit(3)
+
+    result = CliRunner().invoke(root, ["boom"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): use a smaller batch or image size, "
+        "fewer images at once, or another device\n"
+    )
+    result = CliRunner().invoke(root, ["bug"])
+    assert isinstance(result.exception, RuntimeError) and "shapes" in str(result.exception)
+    assert CliRunner().invoke(root, ["stop"]).exit_code == 3
+    monkeypatch.setenv("SDCORE_DEBUG", "1")
+    assert isinstance(CliRunner().invoke(root, ["boom"]).exception, torch.OutOfMemoryError)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SdcoreError
+from ..errors import SdcoreError, is_out_of_memory
 
 MIB = 1024 * 1024
 #: the share of the device's memory a run may hold before it is told it is (nearly) full
@@ -64,22 +64,6 @@ def read_device_memory(device: Any) -> MemoryReading | None:
         )
     except Exception:  # a driver that cannot tell: the watch stays silent
         return None
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator running out: torch's ``OutOfMemoryError`` (CUDA), or the
-    RuntimeErrors the CPU and MPS allocators raise."""
-    try:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text.lower() or "DefaultCPUAllocator: can't allocate memory" in text
-    )
 
 
 def release_failed_step(exc: BaseException) -> None:

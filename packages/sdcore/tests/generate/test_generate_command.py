@@ -95,6 +95,10 @@ def test_generate_writes_pngs_with_parameters(tmp_path):
         assert (params.steps, params.sampler, params.cfg, params.seed) == (2, "dpm++2m", 7.0, 7 + index)
         assert params.size == (64, 64) and params.model_name == "tiny:sd1"
         assert params.extra["Clip skip"] == "2" and params.extra["Test hashes"] == "shift"
+        # the noise is drawn by CPU generators: A1111 (processing.py create_infotext) says "RNG: CPU"
+        # for that source and leaves the field out only for its default GPU source
+        assert params.extra["RNG"] == "CPU"
+        assert list(params.extra).index("RNG") == list(params.extra).index("Clip skip") + 1
         assert params.extra["Version"].startswith("sdcore ")
     assert OptionEcho.seen[-1]["aesthetic"] == "foo"
 

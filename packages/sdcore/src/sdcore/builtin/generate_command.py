@@ -208,7 +208,7 @@ def _run_generate(params: dict[str, Any]) -> None:
 
     from .. import __version__
     from ..generate.pipeline import generate_images, sampler_id
-    from ..generate.pnginfo import format_parameters, model_short_hash, save_png
+    from ..generate.pnginfo import RNG_SOURCE, format_parameters, model_short_hash, save_png
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
@@ -268,6 +268,7 @@ def _run_generate(params: dict[str, Any]) -> None:
             extra["Denoising strength"] = params["strength"]
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
+        extra["RNG"] = RNG_SOURCE  # every family's noise comes from seeded CPU generators
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
         extra.update(infos[index] if index < len(infos) else {})

@@ -146,6 +146,23 @@ def test_unknown_tag_fails_before_loading(tmp_path, monkeypatch):
     assert "known tags: test" in str(result.exception)
 
 
+def test_prompt_editing_alternation_and_and_are_refused_before_loading(tmp_path, monkeypatch):
+    """A1111 modules/prompt_parser.py renders [from:to:when], [a|b] and AND (positive prompt only)
+    differently from plain text; sdcore does not, so it says so instead of encoding 'cat:dog:0.5'."""
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(generate_command, "_load_bundle", no_load)
+    out = str(tmp_path / "o.png")
+    result = _invoke(["-m", "tiny:sd1", "a [cat:dog:0.5] <test:a:1>", "-n", "[ugly|bad]", "-o", out])
+    assert isinstance(result.exception, sdcore.ConfigError)
+    message = str(result.exception)
+    assert "prompt editing '[cat:dog:0.5]'" in message and "negative prompt uses A1111 alternation" in message
+    result = _invoke(["-m", "tiny:sd1", "a cat AND a dog", "-o", out])
+    assert isinstance(result.exception, sdcore.ConfigError) and "AND" in str(result.exception)
+
+
 def test_bad_size_and_sampler(tmp_path):
     assert _invoke(["-m", "tiny:sd1", "a", "--size", "abc"]).exit_code == 2
     result = _invoke(["-m", "tiny:sd1", "a", "--sampler", "nope", "-o", str(tmp_path / "o.png")])

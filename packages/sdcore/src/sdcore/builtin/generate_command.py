@@ -207,8 +207,10 @@ def _run_generate(params: dict[str, Any]) -> None:
     import random
 
     from .. import __version__
+    from ..errors import ConfigError
     from ..generate.pipeline import generate_images, sampler_id
     from ..generate.pnginfo import RNG_SOURCE, format_parameters, model_short_hash, save_png
+    from ..generate.prompt_syntax import unsupported_syntax
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
@@ -223,6 +225,9 @@ def _run_generate(params: dict[str, Any]) -> None:
     session = NetworkSession(handlers)
     # Fail on unknown tags and malformed syntax before spending time on loading the model.
     session.parse(params["prompt"], params["negative"])
+    problems = [unsupported_syntax(params["prompt"]), unsupported_syntax(params["negative"], negative=True)]
+    if any(problems):
+        raise ConfigError("; ".join(problem for problem in problems if problem))
 
     bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
     device, dtype = _device_and_dtype(params["device"], params["dtype"])

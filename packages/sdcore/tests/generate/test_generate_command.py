@@ -163,6 +163,22 @@ def test_prompt_editing_alternation_and_and_are_refused_before_loading(tmp_path,
     assert isinstance(result.exception, sdcore.ConfigError) and "AND" in str(result.exception)
 
 
+def test_existing_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    (tmp_path / "img-1.png").write_bytes(b"earlier image")
+    args = ["-m", "tiny:sd1", "cat", "--steps", "1", "--batch", "2", "--device", "cpu", "-o", str(tmp_path / "img.png")]
+    real_load = generate_command._load_bundle
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    result = _invoke(args)
+    assert isinstance(result.exception, sdcore.ConfigError) and "--overwrite" in str(result.exception)
+    assert str(tmp_path / "img-1.png") in str(result.exception)
+    assert (tmp_path / "img-1.png").read_bytes() == b"earlier image" and not (tmp_path / "img-0.png").exists()
+    monkeypatch.setattr(generate_command, "_load_bundle", real_load)
+    result = _invoke([*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "img-1.png") as image:
+        assert image.size == (64, 64)
+
+
 def test_bad_size_and_sampler(tmp_path):
     assert _invoke(["-m", "tiny:sd1", "a", "--size", "abc"]).exit_code == 2
     result = _invoke(["-m", "tiny:sd1", "a", "--sampler", "nope", "-o", str(tmp_path / "o.png")])

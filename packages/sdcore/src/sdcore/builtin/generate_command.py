@@ -141,6 +141,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Output PNG (a batch writes NAME-0.png, NAME-1.png ...).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace output files that already exist (else that is an error).")
 @part_options
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
@@ -226,6 +227,10 @@ def _run_generate(params: dict[str, Any]) -> None:
     # Fail on unknown tags and malformed syntax before spending time on loading the model.
     session.parse(params["prompt"], params["negative"])
     problems = [unsupported_syntax(params["prompt"]), unsupported_syntax(params["negative"], negative=True)]
+    existing = [str(p) for p in _output_paths(params["output"], params["batch"]) if p.exists()]
+    if existing and not params["overwrite"]:  # an earlier image is never replaced in silence
+        verb = "exists" if len(existing) == 1 else "exist"
+        problems.append(f"{', '.join(existing)} already {verb}; pass --overwrite to replace, or choose another -o")
     if any(problems):
         raise ConfigError("; ".join(problem for problem in problems if problem))
 

@@ -118,8 +118,11 @@ def format_parameters(
     for key, value in (extra or {}).items():
         if value is None:
             continue
-        if not re.fullmatch(r"\w[\w \-/]*", key) or key != key.strip():
-            raise ConfigError(f"infotext field name {key!r} must be letters, digits, spaces, '-', '/' or '_'")
+        # A1111's field regex (infotext_utils.py) reads names of two or more of these characters
+        if not re.fullmatch(r"\w[\w \-/]+", key) or key != key.strip():
+            raise ConfigError(
+                f"infotext field name {key!r} must be two or more letters, digits, spaces, '-', '/' or '_'"
+            )
         fields.append(
             (key, value if isinstance(value, str) else _number(value) if isinstance(value, float) else str(value))
         )

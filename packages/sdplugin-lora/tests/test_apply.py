@@ -378,3 +378,35 @@ def test_handler_picks_only_lora_files_and_lists_ambiguous_ones(tmp_path):
         handler.find("mychar")
     assert str(lora) in str(info.value) and str(other) in str(info.value)
     assert "apt" not in str(info.value)
+
+
+def test_lora_hashes_without_kohya_metadata_are_computed_as_a1111_does(tmp_path):
+    """A1111 extensions-builtin/Lora/network.py (NetworkOnDisk.__init__/read_hash): the hash is
+    ``sshs_model_hash`` from the metadata, else the addnet hash (sha256 of the bytes after the
+    header) for a .safetensors file and the whole file's sha256 otherwise; the infotext shows its
+    first 12 hex digits. extra_networks_lora.py: the prompt name loses ':' and ',' and each name is
+    listed once."""
+    import hashlib
+
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    source = fresh_bundle("sd1")
+    state = random_network(source, seed=3).state_dict()
+    plain = lora_dir / "a,b.safetensors"
+    save_file(state, str(plain))  # no metadata at all (diffusers / hand-made files)
+    torch.save(state, lora_dir / "old.pt")
+    data = plain.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    expected_st = hashlib.sha256(data[8 + header :]).hexdigest()[:12]
+    expected_pt = hashlib.sha256((lora_dir / "old.pt").read_bytes()).hexdigest()[:12]
+    bundle = fresh_bundle("sd1")
+    refs = [
+        NetworkRef("lora", "a,b", (0.5,), "<lora:a,b:0.5>"),
+        NetworkRef("lora", "old", (0.25,), "<lora:old:0.25>"),
+        NetworkRef("lora", "a,b", (0.25,), "<lora:a,b:0.25>"),
+    ]
+    activation = LoraHandler(lora_dir).activate(bundle, refs, "cat", "")
+    try:
+        assert activation.info["Lora hashes"] == f"ab: {expected_st}, old: {expected_pt}"
+    finally:
+        activation.undo()

@@ -177,3 +177,20 @@ def test_handler_activates_from_prompt_and_negative_and_undoes(make_bundle, tmp_
     with pytest.raises(NetworkMismatchError, match="needs vectors of width 32"):
         handler.activate(bundle, [], "a wide shot", "")
     assert len(bundle.tokenizers[0]) == 49408
+
+
+def test_ti_hashes_are_a1111s(make_bundle, tmp_path):
+    """A1111 modules/sd_hijack_clip.py (forward): "TI hashes" lists each used embedding once as
+    ``name: shorthash`` with ':' and ',' taken out of the name; the shorthash is the first 12 hex
+    digits of the file's sha256 (modules/textual_inversion/textual_inversion.py)."""
+    import hashlib
+
+    bundle = make_bundle("sd1")
+    path = tmp_path / "bad,hands.pt"
+    save_embedding(Embedding("x", {SINGLE: _vectors(1, 32, 3)}), path)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    act = EmbeddingHandler(tmp_path).activate(bundle, [], "a cat, bad,hands", "bad,hands")
+    try:
+        assert act.info["TI hashes"] == f"badhands: {expected}"
+    finally:
+        act.undo()

@@ -95,6 +95,10 @@ def test_generate_writes_pngs_with_parameters(tmp_path):
         assert (params.steps, params.sampler, params.cfg, params.seed) == (2, "dpm++2m", 7.0, 7 + index)
         assert params.size == (64, 64) and params.model_name == "tiny:sd1"
         assert params.extra["Clip skip"] == "2" and params.extra["Test hashes"] == "shift"
+        # the noise is drawn by CPU generators: A1111 (processing.py create_infotext) says "RNG: CPU"
+        # for that source and leaves the field out only for its default GPU source
+        assert params.extra["RNG"] == "CPU"
+        assert list(params.extra).index("RNG") == list(params.extra).index("Clip skip") + 1
         assert params.extra["Version"].startswith("sdcore ")
     assert OptionEcho.seen[-1]["aesthetic"] == "foo"
 
@@ -140,6 +144,39 @@ def test_unknown_tag_fails_before_loading(tmp_path, monkeypatch):
     assert result.exit_code != 0
     assert isinstance(result.exception, sdcore.NetworkMismatchError)
     assert "known tags: test" in str(result.exception)
+
+
+def test_prompt_editing_alternation_and_and_are_refused_before_loading(tmp_path, monkeypatch):
+    """A1111 modules/prompt_parser.py renders [from:to:when], [a|b] and AND (positive prompt only)
+    differently from plain text; sdcore does not, so it says so instead of encoding 'cat:dog:0.5'."""
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(generate_command, "_load_bundle", no_load)
+    out = str(tmp_path / "o.png")
+    result = _invoke(["-m", "tiny:sd1", "a [cat:dog:0.5] <test:a:1>", "-n", "[ugly|bad]", "-o", out])
+    assert isinstance(result.exception, sdcore.ConfigError)
+    message = str(result.exception)
+    assert "prompt editing '[cat:dog:0.5]'" in message and "negative prompt uses A1111 alternation" in message
+    result = _invoke(["-m", "tiny:sd1", "a cat AND a dog", "-o", out])
+    assert isinstance(result.exception, sdcore.ConfigError) and "AND" in str(result.exception)
+
+
+def test_existing_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    (tmp_path / "img-1.png").write_bytes(b"earlier image")
+    args = ["-m", "tiny:sd1", "cat", "--steps", "1", "--batch", "2", "--device", "cpu", "-o", str(tmp_path / "img.png")]
+    real_load = generate_command._load_bundle
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    result = _invoke(args)
+    assert isinstance(result.exception, sdcore.ConfigError) and "--overwrite" in str(result.exception)
+    assert str(tmp_path / "img-1.png") in str(result.exception)
+    assert (tmp_path / "img-1.png").read_bytes() == b"earlier image" and not (tmp_path / "img-0.png").exists()
+    monkeypatch.setattr(generate_command, "_load_bundle", real_load)
+    result = _invoke([*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "img-1.png") as image:
+        assert image.size == (64, 64)
 
 
 def test_bad_size_and_sampler(tmp_path):

@@ -99,6 +99,21 @@ def test_v_prediction_sampler_config(sd2):
     assert type(make_scheduler(sd2, "euler_a")).__name__ == "EulerAncestralDiscreteScheduler"
 
 
+def test_unipc_is_configured_as_a1111s(sd1):
+    """A1111 modules/shared_options.py: uni_pc_variant "bh1", uni_pc_order 3, uni_pc_lower_order_final
+    True; sd_samplers_timesteps_impl.py runs UniPC with predict_x0=True and skip type "time_uniform", whose
+    times run from 1 to 1/N: the last step lands on sigma_min (discrete t = 0), not on 0. (diffusers'
+    defaults: order 2, bh2, last sigma 0.)"""
+    scheduler = make_scheduler(sd1, "UniPC")
+    config = scheduler.config
+    assert (config.solver_order, config.solver_type) == (3, "bh1")
+    assert config.predict_x0 is True and config.lower_order_final is True
+    scheduler.set_timesteps(10)
+    alphas = sd1.noise_scheduler.alphas_cumprod
+    sigma_min = float(((1 - alphas[0]) / alphas[0]).sqrt())
+    assert scheduler.timesteps[0] == 999 and float(scheduler.sigmas[-1]) == pytest.approx(sigma_min, rel=1e-5)
+
+
 def test_sampler_names():
     assert sampler_id("Euler a") == "euler_a"
     assert sampler_id("k_euler_a") == "euler_a"

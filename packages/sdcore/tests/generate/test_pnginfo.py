@@ -115,3 +115,81 @@ def test_model_short_hash(tmp_path):
 def test_bad_extra_key():
     with pytest.raises(ConfigError):
         format_parameters("p", extra={"bad:key": "1"})
+
+
+def _a1111_parse(text: str) -> dict[str, str]:
+    """A1111's PNG Info reader rewritten from its documented behaviour (modules/infotext_utils.py
+    parse_generation_parameters): the last line holds the fields when its field regex finds 3 or
+    more; a field is ``\\w[\\w \\-/]+`` (two or more characters), ':' and a JSON string or text up to
+    the next ','; quoted values are json-decoded; ``WxH`` values become ``Key-1`` and ``Key-2``;
+    lines are stripped; "Negative prompt:" starts the negative prompt."""
+    import json
+    import re
+
+    field = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+    lines = text.strip().split("\n")
+    last = lines[-1]
+    if len(field.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = "", "", False
+    for line in lines[:-1] if last else lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[16:].strip()
+        if in_negative:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    result = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in field.findall(last):
+        value = value.strip()
+        if value[:1] == '"' and value[-1:] == '"':
+            value = json.loads(value)
+        size = re.match(r"^(\d+)x(\d+)$", value)
+        if size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            result[key] = value
+    return result
+
+
+def test_what_we_write_parses_back_in_a1111():
+    extra = {
+        "Clip skip": 2,
+        "RNG": "CPU",
+        "Lora hashes": "style: 0123456789ab, b: ba9876543210",
+        "TI hashes": "bad-hands: 00112233aabb",
+        "Note": 'say "hi"',
+        "Version": "sdcore 1.0",
+    }
+    text = format_parameters(
+        "a castle, (detailed:1.2)\nsecond: line", "lowres, bad hands", 25, "dpm++2m_karras", 6.5, 42,
+        (768, 512), "abcdef1234", "my model", extra,
+    )  # fmt: skip
+    parsed = _a1111_parse(text)
+    assert parsed == {
+        "Prompt": "a castle, (detailed:1.2)\nsecond: line",
+        "Negative prompt": "lowres, bad hands",
+        "Steps": "25",
+        "Sampler": "DPM++ 2M Karras",
+        "CFG scale": "6.5",
+        "Seed": "42",
+        "Size-1": "768",
+        "Size-2": "512",
+        "Model hash": "abcdef1234",
+        "Model": "my model",
+        "Clip skip": "2",
+        "RNG": "CPU",
+        "Lora hashes": "style: 0123456789ab, b: ba9876543210",
+        "TI hashes": "bad-hands: 00112233aabb",
+        "Note": 'say "hi"',
+        "Version": "sdcore 1.0",
+    }
+
+
+def test_one_letter_field_names_are_refused():
+    """A1111's field regex needs two or more characters in a name: a one-letter field would be
+    read as part of the previous value, so it is refused when writing."""
+    with pytest.raises(ConfigError):
+        format_parameters("p", extra={"X": "1"})

@@ -535,7 +535,7 @@ def test_cli_parts_in_separate_files(dev, pipeline_folder, tmp_path):
     result = runner.invoke(cli, ["generate", "--model", str(bfl), *parts, "a ring", "--size", "32", "--steps", "1",
                                  "-o", str(png), "--models-dir", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0 and png.is_file(), result.output
-    missing = runner.invoke(cli, ["generate", "--model", str(bfl), "a ring", "--steps", "1", "-o", str(png),
+    missing = runner.invoke(cli, ["generate", "--model", str(bfl), "a ring", "--steps", "1", "-o", str(tmp_path / "y.png"),
                                   "--models-dir", str(tmp_path)])  # fmt: skip
     assert missing.exit_code != 0 and "clip_l=" in missing.output and "Traceback" not in missing.output
 

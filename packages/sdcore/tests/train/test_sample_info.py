@@ -29,6 +29,7 @@ def test_sample_grid_has_prompt_seed_and_settings(tmp_path, capsys):
     assert params.prompt == "a red thing" and params.seed == 77 and params.steps == 2
     assert params.size == (64, 64) and params.sampler == "euler_a" and params.cfg == 7
     assert params.model_name == "tiny:sd1" and params.extra["Training step"] == "2"
+    assert params.extra["RNG"] == "CPU"  # the samples' noise comes from CPU generators (A1111 processing.py)
     with Image.open(path) as image:
         assert "Sampler: Euler a" in image.info["parameters"]
         everything = json.loads(image.info[ALL_PARAMETERS_KEY])

@@ -154,6 +154,21 @@ def _hook_one(target: Target, weights: ModuleWeights, multiplier: float) -> Adap
     return adapter
 
 
+_NAME_SYMBOLS = str.maketrans("", "", ":,")
+
+
+def lora_short_hash(path: Path, metadata: dict[str, str]) -> str:
+    """A1111's LoRA hash in the infotext (Lora/network.py): the first 12 hex digits of kohya's
+    ``sshs_model_hash`` when the file has it, else of the addnet hash (sha256 of the tensor data)
+    for a ``.safetensors`` file and of the whole file's sha256 for other files."""
+    from sdcore.models.hashes import autov3_hash, sha256_file
+
+    stored = metadata.get("sshs_model_hash")
+    if stored:
+        return stored[:12]
+    return (autov3_hash(path) if path.suffix.lower() == ".safetensors" else sha256_file(path))[:12]
+
+
 class LoraHandler(PromptNetworkHandler):
     """``<lora:name:te_weight[:unet_weight]>`` in prompts: merged for one generation, then restored."""
 
@@ -179,7 +194,7 @@ class LoraHandler(PromptNetworkHandler):
         if not refs:
             return Activation(prompt, negative_prompt)
         specs: list[LoraSpec] = []
-        hashes: list[str] = []
+        hashes: dict[str, str] = {}
         for ref in refs:
             path = self.find(ref.name)
             lora = read_lora(path)
@@ -187,9 +202,8 @@ class LoraHandler(PromptNetworkHandler):
             te_weight = ref.arg(0, "te", 1.0)
             unet_weight = ref.arg(1, "unet", te_weight)
             specs.append(LoraSpec(lora, te_weight, unet_weight))
-            short = (lora.metadata.get("sshs_model_hash") or "")[:12]
-            if short:
-                hashes.append(f"{ref.name}: {short}")
+            # A1111 (Lora/extra_networks_lora.py): the prompt name without ':' and ',', listed once
+            hashes.setdefault(ref.name.translate(_NAME_SYMBOLS), lora_short_hash(path, lora.metadata))
             for text in (ref.text,):
                 if text:
                     prompt = prompt.replace(text, "")
@@ -197,7 +211,7 @@ class LoraHandler(PromptNetworkHandler):
         # merged by default (no per-step cost); ``-O lora_mode=hooks`` keeps the weights untouched
         merge = str(getattr(self, "options", {}).get("lora_mode", "merge")).lower() != "hooks"
         applied = apply_loras(bundle, specs, merge=merge)
-        info = {"Lora hashes": ", ".join(hashes)} if hashes else {}
+        info = {"Lora hashes": ", ".join(f"{name}: {short}" for name, short in hashes.items())} if hashes else {}
         return Activation(prompt, negative_prompt, undo=applied.remove, info=info)
 
 

@@ -574,7 +574,10 @@ class EmbeddingHandler(PromptNetworkHandler):
                 for name in handle.tokens:
                     active.pop(name, None)
 
-        hashes = ", ".join(f"{name}: {short_hash(files[name.lower()][1])}" for name in wanted)
+        # A1111 (sd_hijack_clip.py): each name once, without ':' and ',' (they would split the field)
+        hashes = ", ".join(
+            f"{name.replace(':', '').replace(',', '')}: {short_hash(files[name.lower()][1])}" for name in wanted
+        )
         return Activation(
             prompt=expand_prompt(prompt, tokens),
             negative_prompt=expand_prompt(negative_prompt, tokens),

@@ -141,6 +141,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Output PNG (a batch writes NAME-0.png, NAME-1.png ...).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace output files that already exist (else that is an error).")
 @part_options
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
@@ -207,8 +208,10 @@ def _run_generate(params: dict[str, Any]) -> None:
     import random
 
     from .. import __version__
+    from ..errors import ConfigError
     from ..generate.pipeline import generate_images, sampler_id
-    from ..generate.pnginfo import format_parameters, model_short_hash, save_png
+    from ..generate.pnginfo import RNG_SOURCE, format_parameters, model_short_hash, save_png
+    from ..generate.prompt_syntax import unsupported_syntax
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
@@ -223,6 +226,13 @@ def _run_generate(params: dict[str, Any]) -> None:
     session = NetworkSession(handlers)
     # Fail on unknown tags and malformed syntax before spending time on loading the model.
     session.parse(params["prompt"], params["negative"])
+    problems = [unsupported_syntax(params["prompt"]), unsupported_syntax(params["negative"], negative=True)]
+    existing = [str(p) for p in _output_paths(params["output"], params["batch"]) if p.exists()]
+    if existing and not params["overwrite"]:  # an earlier image is never replaced in silence
+        verb = "exists" if len(existing) == 1 else "exist"
+        problems.append(f"{', '.join(existing)} already {verb}; pass --overwrite to replace, or choose another -o")
+    if any(problems):
+        raise ConfigError("; ".join(problem for problem in problems if problem))
 
     bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
@@ -268,6 +278,7 @@ def _run_generate(params: dict[str, Any]) -> None:
             extra["Denoising strength"] = params["strength"]
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
+        extra["RNG"] = RNG_SOURCE  # every family's noise comes from seeded CPU generators
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
         extra.update(infos[index] if index < len(infos) else {})

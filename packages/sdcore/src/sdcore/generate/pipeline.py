@@ -37,7 +37,14 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "lms": ("LMSDiscreteScheduler", {}, "LMS"),
     "heun": ("HeunDiscreteScheduler", {}, "Heun"),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    # A1111's UniPC (modules/shared_options.py: variant "bh1", order 3, lower order final; data prediction,
+    # "time_uniform" times ending at t = 1/N, i.e. at sigma_min, not 0), not diffusers' order-2 "bh2" defaults;
+    # bh1's last step to sigma 0 would divide by zero
+    "unipc": (
+        "UniPCMultistepScheduler",
+        {"solver_order": 3, "solver_type": "bh1", "predict_x0": True, "final_sigmas_type": "sigma_min"},
+        "UniPC",
+    ),
 }
 _ALIASES = {
     "eulera": "euler_a",

@@ -22,6 +22,11 @@ from ..errors import ConfigError
 from ..io import atomic_save
 
 PARAMETERS_KEY = "parameters"
+#: A1111's "RNG" field (modules/processing.py create_infotext; the "randn_source" option): sdcore draws
+#: every image's noise from a CPU ``torch.Generator`` seeded with its seed, on any device, which is
+#: A1111's "CPU" source. A1111 leaves the field out only for its default "GPU" source, so without it
+#: A1111 would redraw the noise on the GPU and make a different image from the same seed.
+RNG_SOURCE = "CPU"
 _NEGATIVE_PREFIX = "Negative prompt:"
 _FIELD_RE = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -113,8 +118,11 @@ def format_parameters(
     for key, value in (extra or {}).items():
         if value is None:
             continue
-        if not re.fullmatch(r"\w[\w \-/]*", key) or key != key.strip():
-            raise ConfigError(f"infotext field name {key!r} must be letters, digits, spaces, '-', '/' or '_'")
+        # A1111's field regex (infotext_utils.py) reads names of two or more of these characters
+        if not re.fullmatch(r"\w[\w \-/]+", key) or key != key.strip():
+            raise ConfigError(
+                f"infotext field name {key!r} must be two or more letters, digits, spaces, '-', '/' or '_'"
+            )
         fields.append(
             (key, value if isinstance(value, str) else _number(value) if isinstance(value, float) else str(value))
         )
@@ -234,6 +242,7 @@ def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:
 
 __all__ = [
     "PARAMETERS_KEY",
+    "RNG_SOURCE",
     "GenerationParameters",
     "file_sha256",
     "format_parameters",

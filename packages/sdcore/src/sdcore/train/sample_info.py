@@ -35,7 +35,7 @@ def sample_infotexts(
     guidance-distilled family (``distilled``, FLUX.1) "CFG scale" is the true CFG and the guidance is
     "Distilled CFG Scale", as ``sdcore generate`` and Forge write them."""
     from .. import __version__
-    from ..generate.pnginfo import format_parameters
+    from ..generate.pnginfo import RNG_SOURCE, format_parameters
     from .sample_prompts import generation_arguments
 
     try:
@@ -57,6 +57,7 @@ def sample_infotexts(
         fields: dict[str, Any] = {}
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
+        fields["RNG"] = RNG_SOURCE
         if distilled:
             fields["Distilled CFG Scale"] = float(arguments.get("cfg", 7.0))
         fields["Training step"] = step

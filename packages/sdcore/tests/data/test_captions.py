@@ -130,3 +130,14 @@ def test_face_crop_image_falls_back_to_the_shared_caption(tmp_path):
     (tmp_path / "ph_100_120_40_50.txt").write_text("own caption", encoding="utf-8")
     assert read_caption(tmp_path / "ph_100_120_40_50.png") == "own caption"  # its own file first
     assert read_caption(tmp_path / "ph_1_2_3.png") is None  # four parts: not a face-crop name
+
+
+def test_a_warmup_fraction_of_zero_steps_still_splits_the_caption():
+    """kohya enters the tag block when ``token_warmup_step > 0`` as given (train_util.py:867), before the
+    fraction is floored to steps (:890-891): with 0.05 of 10 steps (0 steps of warm-up) the caption is still
+    split and re-joined with ", ", so the ``|||`` keep-tokens separator leaves the text."""
+    rng = random.Random(0)
+    out = process_caption(
+        "a,b ||| c,d", rng=rng, keep_tokens_separator="|||", token_warmup_step=0.05, max_steps=10, step=3
+    )
+    assert out == "a, b, c, d"

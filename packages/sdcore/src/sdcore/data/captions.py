@@ -172,7 +172,8 @@ def process_caption(
         return ""
     caption = choose_wildcards(caption, rng) if enable_wildcard else caption.split("\n")[0]
     warmup = warmup_steps(token_warmup_step, max_steps)
-    if shuffle or warmup > 0 or tag_dropout > 0.0:
+    # kohya tests the option as given (a fraction that floors to 0 steps still splits and re-joins)
+    if shuffle or token_warmup_step > 0 or tag_dropout > 0.0:
         fixed, flex, tail = _split_parts(caption, keep_tokens, caption_separator, keep_tokens_separator)
         if warmup > 0 and step < warmup:
             flex = flex[: warmup_tag_count(len(flex), token_warmup_min, warmup, step)]

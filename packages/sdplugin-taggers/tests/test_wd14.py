@@ -205,3 +205,41 @@ def test_images_go_through_sdcores_reader(tmp_path: Path) -> None:
     (tmp_path / "bomb.png").write_bytes(bytes(data))
     with pytest.raises(ImageError, match=r"bomb|too large|pixel limit"):
         open_image(tmp_path / "bomb.png")
+
+
+def _kohya_preprocess_no_resize(path: Path) -> np.ndarray:
+    """kohya's ``preprocess_image`` (sd-scripts finetune/tag_images_by_wd14_tagger.py:37-65) for an image whose
+    long side already is the model size: RGBA (also LA and palette transparency) pasted on white through its
+    alpha, RGB -> BGR, padded centred to a square with 255 (its resize step is then a no-op)."""
+    image = Image.open(path)
+    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        image = background
+    array = np.array(image)[:, :, ::-1]
+    size = max(array.shape[:2])
+    pad_x, pad_y = size - array.shape[1], size - array.shape[0]
+    array = np.pad(
+        array,
+        ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
+        mode="constant",
+        constant_values=255,
+    )
+    return array.astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB", "L"])
+def test_preprocess_equals_kohyas_when_no_resize_is_needed(tmp_path: Path, mode: str) -> None:
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, size=(21, 32, 4), dtype=np.uint8), "RGBA")
+    image = rgba.convert(mode) if mode not in ("P",) else rgba.convert("RGB").quantize(16)
+    if mode == "P":
+        image.info["transparency"] = 3  # one palette entry transparent
+    path = tmp_path / f"im_{mode}.png"
+    image.save(path, **({"transparency": 3} if mode == "P" else {}))
+    array, _ = wd_preprocess(path, 32)
+    np.testing.assert_array_equal(array, _kohya_preprocess_no_resize(path))

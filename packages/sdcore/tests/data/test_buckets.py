@@ -60,9 +60,9 @@ def test_assignment_covers_bucket_and_picks_nearest_aspect(size):
     assert abs(left - (rw - bw - left)) <= 1 and abs(top - (rh - bh - top)) <= 1
     # resize keeps the aspect ratio (up to rounding)
     assert abs(rw / rh - size[0] / size[1]) <= 2.0 / min(rw, rh) * max(rw / rh, 1)
-    # nearest aspect ratio among all buckets
-    err = abs(math.log(bw / bh) - math.log(size[0] / size[1]))
-    assert err <= min(abs(math.log(w / h) - math.log(size[0] / size[1])) for w, h in BUCKETS_512) + 1e-12
+    # nearest aspect ratio among all buckets (kohya's linear |w/h - ratio|)
+    err = abs(bw / bh - size[0] / size[1])
+    assert err <= min(abs(w / h - size[0] / size[1]) for w, h in BUCKETS_512) + 1e-12
 
 
 def test_aspect_error_small_within_bucket_range():
@@ -99,3 +99,72 @@ def test_no_upscale_tiny_image_is_refused():
 def test_square_assignment():
     a = square_assignment((200, 100), 64)
     assert a.bucket == (64, 64) and a.resized == (128, 64) and a.crop == (32, 0)
+
+
+# --- kohya's BucketManager.select_bucket, rewritten from its documented behaviour -------------------------
+# sd-scripts library/train_util.py:286-346 (select_bucket) and :282-284 (round_to_steps).
+
+
+def _kohya_select(size, buckets, *, no_upscale=False, max_area=512 * 512, step=64):
+    w, h = size
+    ar = w / h
+    if not no_upscale:
+        if (w, h) in buckets:
+            reso = (w, h)
+        else:  # np.argmin of |w/h - ar| over the sorted list: the first smallest *linear* error
+            errors = [abs(bw / bh - ar) for bw, bh in buckets]
+            reso = buckets[errors.index(min(errors))]
+        scale = reso[1] / h if ar > reso[0] / reso[1] else reso[0] / w
+        return reso, (int(w * scale + 0.5), int(h * scale + 0.5))
+
+    def rts(x):
+        x = int(x + 0.5)
+        return x - x % step
+
+    if w * h > max_area:
+        rw = math.sqrt(max_area * ar)
+        rh = max_area / rw
+        bwr = rts(rw)
+        ar_wr = bwr / rts(bwr / ar)
+        bhr = rts(rh)
+        ar_hr = rts(bhr * ar) / bhr
+        resized = (bwr, int(bwr / ar + 0.5)) if abs(ar_wr - ar) < abs(ar_hr - ar) else (int(bhr * ar + 0.5), bhr)
+    else:
+        resized = (w, h)
+    return (resized[0] - resized[0] % step, resized[1] - resized[1] % step), resized
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        (1140, 1000),  # between 512x512 and 576x448: the linear error picks the square, the log one would not
+        (1000, 1140),
+        (1500, 1000), (1000, 1500), (1920, 1080), (1080, 1920), (3000, 1000), (700, 2400), (640, 480),
+        (1025, 1024),  # 1025 * 0.5 = 512.5: kohya rounds half up (513), Python's round() to even (512)
+        (448, 576),  # exactly a bucket
+        (4000, 300),
+    ],
+)  # fmt: skip
+def test_bucket_and_resize_match_kohya(size):
+    a = assign_bucket(size, BUCKETS_512, resolution=512)
+    bucket, resized = _kohya_select(size, BUCKETS_512)
+    assert (a.bucket, a.resized) == (bucket, resized)
+    # trim_and_resize_if_required (train_util.py:2976-2985): centre crop = excess // 2
+    assert a.crop == ((resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2)
+
+
+@pytest.mark.parametrize(
+    "size", [(1500, 1000), (1000, 1500), (1920, 1080), (4000, 3000), (2000, 500), (600, 500), (700, 300), (1111, 777)]
+)
+def test_no_upscale_matches_kohya(size):
+    a = assign_bucket(size, BUCKETS_512, resolution=512, no_upscale=True, step=64)
+    bucket, resized = _kohya_select(size, BUCKETS_512, no_upscale=True)
+    assert (a.bucket, a.resized) == (bucket, resized)
+    assert a.crop == ((resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=sizes)
+def test_random_sizes_match_kohya(size):
+    a = assign_bucket(size, BUCKETS_512, resolution=512)
+    assert (a.bucket, a.resized) == _kohya_select(size, BUCKETS_512)

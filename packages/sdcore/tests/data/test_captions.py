@@ -117,3 +117,27 @@ def test_processing_invariants(tags, keep, shuffle, tag_dropout, seed):
     assert not (Counter(out_tags) - Counter(tags))
     if tag_dropout == 0.0:
         assert sorted(out_tags) == sorted(tags)
+
+
+def test_face_crop_image_falls_back_to_the_shared_caption(tmp_path):
+    """kohya's read_caption (sd-scripts library/train_util.py:1946-1970) also tries ``<name><ext>`` for an
+    image named ``<name>_<cx>_<cy>_<w>_<h>``: crops of one photo share its caption."""
+    (tmp_path / "ph.txt").write_text("face caption\n", encoding="utf-8")
+    assert read_caption(tmp_path / "ph_100_120_40_50.png") == "face caption"
+    assert read_caption(tmp_path / "my_photo_100_120_40_50.png") is None  # name "my_photo": no my_photo.txt
+    (tmp_path / "my_photo.txt").write_text("two-part name", encoding="utf-8")
+    assert read_caption(tmp_path / "my_photo_100_120_40_50.png") == "two-part name"
+    (tmp_path / "ph_100_120_40_50.txt").write_text("own caption", encoding="utf-8")
+    assert read_caption(tmp_path / "ph_100_120_40_50.png") == "own caption"  # its own file first
+    assert read_caption(tmp_path / "ph_1_2_3.png") is None  # four parts: not a face-crop name
+
+
+def test_a_warmup_fraction_of_zero_steps_still_splits_the_caption():
+    """kohya enters the tag block when ``token_warmup_step > 0`` as given (train_util.py:867), before the
+    fraction is floored to steps (:890-891): with 0.05 of 10 steps (0 steps of warm-up) the caption is still
+    split and re-joined with ", ", so the ``|||`` keep-tokens separator leaves the text."""
+    rng = random.Random(0)
+    out = process_caption(
+        "a,b ||| c,d", rng=rng, keep_tokens_separator="|||", token_warmup_step=0.05, max_steps=10, step=3
+    )
+    assert out == "a, b, c, d"

@@ -251,3 +251,20 @@ def test_pointing_at_a_concept_folder_uses_its_name(tmp_path, make):
     make.noise().save(plain / "a.png")
     entry = build_dataset_index(TrainOptions(data=str(plain))).entries[0]
     assert entry.repeats == 1 and entry.caption == "" and entry.subset.class_tokens is None
+
+
+def test_no_upscale_skips_a_long_thin_image_its_area_shrink_takes_under_the_step(tmp_path):
+    """8000x70 at 512 with no-upscale: kohya's select_bucket (sd-scripts train_util.py:309-338) shrinks it to
+    the 512x512 area, about 4000x35, whose bucket height is 0. It is skipped with its reason, not an error
+    that stops the index (its short side, 70, is over the step)."""
+    from PIL import Image
+
+    folder = tmp_path / "2_x"
+    folder.mkdir()
+    Image.new("RGB", (8000, 70)).save(folder / "long.png")
+    Image.new("RGB", (600, 500)).save(folder / "ok.png")
+    index = build_dataset_index(TrainOptions(data=str(tmp_path), resolution=512, bucket_no_upscale=True))
+    reasons = {s.path.name: s.reason for s in index.skipped}
+    assert "under the bucket step 64" in reasons["long.png"]
+    assert [e.path.name for e in index.entries] == ["ok.png"]
+    assert [a.bucket for a in assign_buckets(index)] == [(512, 448)]

@@ -63,15 +63,46 @@ def make_buckets(
     return sorted(buckets)
 
 
+def _round_half_up(x: float) -> int:
+    """kohya's ``int(x + 0.5)`` (Python's ``round`` goes to even at .5: 512.5 -> 512, kohya's 513)."""
+    return int(x + 0.5)
+
+
 def _cover(size: tuple[int, int], bucket: tuple[int, int]) -> BucketAssignment:
-    """Smallest resize of ``size`` (keeping its aspect ratio) that covers ``bucket``; center crop."""
+    """Smallest resize of ``size`` (keeping its aspect ratio) that covers ``bucket``; center crop.
+
+    As kohya's ``select_bucket``: the side that is relatively shorter is scaled to the bucket's and
+    the other follows, both rounded half up."""
     width, height = size
     bucket_w, bucket_h = bucket
-    scale = max(bucket_w / width, bucket_h / height)
-    resized_w = max(bucket_w, round(width * scale))
-    resized_h = max(bucket_h, round(height * scale))
+    scale = bucket_h / height if width / height > bucket_w / bucket_h else bucket_w / width
+    resized_w = max(bucket_w, _round_half_up(width * scale))
+    resized_h = max(bucket_h, _round_half_up(height * scale))
     crop = ((resized_w - bucket_w) // 2, (resized_h - bucket_h) // 2)
     return BucketAssignment(bucket=(bucket_w, bucket_h), resized=(resized_w, resized_h), crop=crop)
+
+
+def _no_upscale_size(width: int, height: int, max_area: int, step: int) -> tuple[int, int]:
+    """kohya's ``bucket_no_upscale`` resize of an image larger than ``max_area``: scaled to the area,
+    then one side rounded to ``step`` (whichever keeps the aspect ratio better) and the other
+    following it, rounded half up."""
+    aspect = width / height
+
+    def to_steps(x: float) -> int:
+        rounded = _round_half_up(x)
+        return rounded - rounded % step
+
+    scaled_w = math.sqrt(max_area * aspect)
+    scaled_h = max_area / scaled_w
+    by_width = to_steps(scaled_w)
+    height_of_width = to_steps(by_width / aspect)
+    by_height = to_steps(scaled_h)
+    width_of_height = to_steps(by_height * aspect)
+    err_width = abs(by_width / height_of_width - aspect) if height_of_width else math.inf
+    err_height = abs(width_of_height / by_height - aspect) if by_height else math.inf
+    if err_width < err_height:
+        return by_width, _round_half_up(by_width / aspect)
+    return _round_half_up(by_height * aspect), by_height
 
 
 def assign_bucket(
@@ -84,11 +115,12 @@ def assign_bucket(
 ) -> BucketAssignment:
     """The bucket, resize and crop for an image of ``size`` = (w, h).
 
-    Normally the bucket with the nearest aspect ratio (compared in log space, so portrait and
-    landscape errors weigh the same) is chosen. With ``no_upscale`` the image gets a bucket of
-    its own: if its area exceeds ``resolution**2`` it is first scaled down to that area; the
-    sides are then rounded *down* to ``step`` so the image is never enlarged (an image within
-    the area is not resampled at all, only center-cropped to the rounded size). An image smaller
+    Normally the bucket with the nearest aspect ratio (kohya's plain difference of ``w / h``, not
+    a log ratio, so the buckets are kohya's for every image) is chosen. With ``no_upscale`` the
+    image gets a bucket of its own: if its area exceeds ``resolution**2`` it is first scaled down
+    to about that area (kohya's rounding, :func:`_no_upscale_size`); the sides are then rounded
+    *down* to ``step`` (an image within the area is not resampled at all, only center-cropped to
+    the rounded size). An image smaller
     than ``step`` on a side raises :class:`ImageTooSmallError` (the dataset index counts it).
     """
     width, height = size
@@ -96,24 +128,26 @@ def assign_bucket(
         raise DataError(f"invalid image size {width}x{height}")
     if no_upscale:
         max_area = resolution * resolution
-        scale = min(1.0, math.sqrt(max_area / (width * height)))
-        bucket_w = int(width * scale) // step * step
-        bucket_h = int(height * scale) // step * step
+        resized = (width, height) if width * height <= max_area else _no_upscale_size(width, height, max_area, step)
+        bucket_w = resized[0] - resized[0] % step
+        bucket_h = resized[1] - resized[1] % step
         if bucket_w < step or bucket_h < step:
             raise ImageTooSmallError(
                 f"image of {width}x{height} is smaller than the bucket step {step} on a side (bucket_no_upscale)"
             )
-        if scale >= 1.0:  # within the area: no resampling at all, only crop the remainder (as kohya)
-            return BucketAssignment(
-                bucket=(bucket_w, bucket_h),
-                resized=(width, height),
-                crop=((width - bucket_w) // 2, (height - bucket_h) // 2),
-            )
-        return _cover(size, (bucket_w, bucket_h))
+        # within the area no resampling at all, only the remainder is cropped (as kohya)
+        return BucketAssignment(
+            bucket=(bucket_w, bucket_h),
+            resized=resized,
+            crop=((resized[0] - bucket_w) // 2, (resized[1] - bucket_h) // 2),
+        )
     if not buckets:
         raise ConfigError("no buckets to assign images to (check the bucket settings)")
-    log_ratio = math.log(width / height)
-    best = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - log_ratio), -b[0] * b[1]))
+    if (width, height) in buckets:  # an image of a bucket's size keeps it (kohya: same ratio, other size)
+        return _cover(size, (width, height))
+    ratio = width / height
+    # kohya: numpy argmin of |bucket w/h - image w/h| over the sorted buckets (first of equal errors)
+    best = min(sorted(buckets), key=lambda b: abs(b[0] / b[1] - ratio))
     return _cover(size, best)
 
 

@@ -30,14 +30,22 @@ def _normalise_extension(extension: str) -> str:
 
 
 def caption_path_candidates(image_path: str | os.PathLike[str], extension: str = ".txt") -> list[Path]:
-    """Caption files looked at for ``image_path``, in order (the configured extension first)."""
+    """Caption files looked at for ``image_path``, in order (the configured extension first).
+
+    As kohya's ``read_caption``, a file named like a face-crop image, ``<name>_<cx>_<cy>_<w>_<h>``
+    (five or more ``_``-separated parts), falls back to ``<name>``'s caption, so several crops
+    share one caption file. kohya splits the whole path; sdcore splits only the file name, so a
+    folder such as ``10_a_b_c`` cannot make ``img_x.png`` look for ``10.txt``."""
     image_path = Path(image_path)
     extension = _normalise_extension(extension)
-    stem = image_path.with_suffix("")
-    candidates = [Path(f"{stem}{extension}")]
+    stems = [image_path.with_suffix("")]
+    parts = stems[0].name.split("_")
+    if len(parts) >= 5:
+        stems.append(stems[0].with_name("_".join(parts[:-4])))
+    candidates = [Path(f"{stem}{extension}") for stem in stems]
     for other in CAPTION_EXTENSIONS:
         if other != extension.lower():
-            candidates.append(Path(f"{stem}{other}"))
+            candidates.extend(Path(f"{stem}{other}") for stem in stems)
     return candidates
 
 
@@ -164,7 +172,8 @@ def process_caption(
         return ""
     caption = choose_wildcards(caption, rng) if enable_wildcard else caption.split("\n")[0]
     warmup = warmup_steps(token_warmup_step, max_steps)
-    if shuffle or warmup > 0 or tag_dropout > 0.0:
+    # kohya tests the option as given (a fraction that floors to 0 steps still splits and re-joins)
+    if shuffle or token_warmup_step > 0 or tag_dropout > 0.0:
         fixed, flex, tail = _split_parts(caption, keep_tokens, caption_separator, keep_tokens_separator)
         if warmup > 0 and step < warmup:
             flex = flex[: warmup_tag_count(len(flex), token_warmup_min, warmup, step)]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
-from .buckets import BucketAssignment, assign_bucket, make_buckets, square_assignment
+from .buckets import BucketAssignment, ImageTooSmallError, assign_bucket, make_buckets, square_assignment
 from .captions import CAPTION_EXTENSIONS, read_caption
 from .images import ImageError, is_image_path, probe_image, verify_image
 
@@ -705,9 +705,23 @@ def _usable_sizes(
 
 
 def _too_small(subset: SubsetOptions, size: tuple[int, int]) -> str | None:
-    """Why an image is skipped under ``bucket_no_upscale`` (smaller than one bucket step), else ``None``."""
-    if subset.bucket_no_upscale and min(size) < subset.bucket_step:
+    """Why an image is skipped under ``bucket_no_upscale`` (a side of its bucket would be under one
+    bucket step, at any of the subset's resolutions: a long thin image shrunk to the area too), else
+    ``None``."""
+    if not subset.bucket_no_upscale:
+        return None
+    if min(size) < subset.bucket_step:
         return f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)"
+    for resolution in tuple(subset.resolutions) or (subset.resolution,):
+        if resolution <= 0:
+            continue
+        try:
+            assign_bucket(size, (), no_upscale=True, resolution=resolution, step=subset.bucket_step)
+        except ImageTooSmallError:
+            return (
+                f"{size[0]}x{size[1]} shrunk to the area of {resolution}x{resolution} is under the bucket step "
+                f"{subset.bucket_step} on a side (no-upscale)"
+            )
     return None
 
 

@@ -241,6 +241,17 @@ def _run_generate(params: dict[str, Any]) -> None:
     from ..models.family import default_cfg, family_adapter
 
     adapter = family_adapter(bundle.family_spec)
+    from ..generate.prompt_editing import StepPrompts
+    from ..models.sd_unet import SdUnetAdapter
+
+    if (
+        not isinstance(adapter, SdUnetAdapter)
+        and StepPrompts.build([params["prompt"]], [params["negative"]], params["steps"]).changes
+    ):
+        raise ConfigError(
+            "A1111 prompt editing ([from:to:when]) and alternation ([a|b]) work with SD1, SD2 and SDXL models, "
+            f"not yet with this {bundle.family} model; write the words you want (escape literal brackets as \\[ \\])"
+        )
     if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
         sampler = getattr(adapter, "default_sampler", "euler_a")
     # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge

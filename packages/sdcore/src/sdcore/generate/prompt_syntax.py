@@ -230,61 +230,22 @@ def plain_text(chunks: list[Chunk]) -> str:
     return "".join(" " if is_break(chunk) else chunk.text for chunk in chunks)
 
 
-# A1111's prompt editing (modules/prompt_parser.py): ``[from:to:when]``, ``[to:when]``, ``[from::when]``
-# (a group ending in ':' and a number), ``[a|b]`` alternation, and ``AND`` composition (positive prompt only)
-_SCHEDULE_END_RE = re.compile(rf":\s*{_NUMBER}\s*$")
+# A1111's AND (composable diffusion, modules/prompt_parser.py): splits the positive prompt only
 _AND_RE = re.compile(r"\bAND\b(?!_PERP|_SALT|_TOPK)")
-
-
-def _square_groups(text: str) -> list[tuple[str, str]]:
-    """``(group text, its top-level text)`` of each ``[...]`` group (escapes skipped, nested groups blanked)."""
-    groups: list[tuple[str, str]] = []
-    stack: list[tuple[int, list[str]]] = []
-    index = 0
-    while index < len(text):
-        char = text[index]
-        if char == "\\":
-            if stack:
-                stack[-1][1].append("_")
-            index += 2
-            continue
-        if char == "[":
-            stack.append((index, []))
-        elif char == "]" and stack:
-            start, inner = stack.pop()
-            groups.append((text[start : index + 1], "".join(inner)))
-            if stack:
-                stack[-1][1].append("_")
-        elif stack:
-            stack[-1][1].append(char)
-        index += 1
-    return groups
 
 
 def unsupported_syntax(prompt: str, *, negative: bool = False) -> str | None:
     """Why ``prompt`` uses A1111 syntax sdcore does not render, or ``None``.
 
-    Prompt editing ``[from:to:when]``, alternation ``[a|b]`` and ``AND`` change the conditioning
-    from step to step or combine several predictions; read as plain emphasis they would silently
-    encode the words ``cat:dog:0.5``, ``cat|dog`` or ``AND`` instead, so they are refused. A1111
-    splits ``AND`` only in the positive prompt, so a negative prompt may hold the word.
+    ``AND`` combines several predictions per step (composable diffusion); read as plain text it would
+    silently encode the word ``AND`` instead, so it is refused. A1111 splits ``AND`` only in the positive
+    prompt, so a negative prompt may hold the word. Prompt editing and alternation are rendered
+    (:mod:`sdcore.generate.prompt_editing`).
     """
     clean, _ = parse_networks(prompt)
-    what = "negative prompt" if negative else "prompt"
-    for shown, inner in _square_groups(clean):
-        if _SCHEDULE_END_RE.search(inner):
-            return (
-                f"the {what} uses A1111 prompt editing {shown!r} ([from:to:when]), which sdcore does not support; "
-                "write the words you want (escape literal brackets as \\[ \\])"
-            )
-        if "|" in inner:
-            return (
-                f"the {what} uses A1111 alternation {shown!r} ([a|b]), which sdcore does not support; "
-                "write the words you want (escape literal brackets as \\[ \\])"
-            )
     if not negative and _AND_RE.search(clean):
         return (
-            f"the {what} uses A1111's AND (composable diffusion), which sdcore does not support; "
+            "the prompt uses A1111's AND (composable diffusion), which sdcore does not support; "
             "write 'and' in lower case for the word"
         )
     return None

@@ -1,0 +1,113 @@
+"""A1111 prompt editing and alternation: the schedules, and which conditioning each UNet call receives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sdcore.generate.conditioning import encode_cond_uncond
+from sdcore.generate.pipeline import generate_images
+from sdcore.generate.prompt_editing import StepPrompts, prompt_schedule, text_at_call
+
+# Behaviour of A1111's get_learned_conditioning_prompt_schedules (modules/prompt_parser.py, 10 steps, no
+# hires pass), from its documented examples and grammar.
+A1111_SCHEDULES = {
+    "test": [(10, "test")],
+    "a [b:3]": [(3, "a "), (10, "a b")],
+    "a [b: 3]": [(3, "a "), (10, "a b")],
+    "a [[[b]]:2]": [(2, "a "), (10, "a [[b]]")],
+    "[(a:2):3]": [(3, ""), (10, "(a:2)")],
+    "a [b : c : 1] d": [(1, "a b  d"), (10, "a  c  d")],
+    "a[b:[c:d:2]:1]e": [(1, "abe"), (2, "ace"), (10, "ade")],
+    "a [unbalanced": [(10, "a [unbalanced")],
+    "a [b:.5] c": [(5, "a  c"), (10, "a b c")],
+    "((a][:b:c [d:3]": [(3, "((a][:b:c "), (10, "((a][:b:c d")],
+    "[a|(b:1.1)]": [(i, "a" if i % 2 else "(b:1.1)") for i in range(1, 11)],
+    "[fe|]male": [(i, "female" if i % 2 else "male") for i in range(1, 11)],
+    "[fe|||]male": [(i, "female" if i % 4 == 1 else "male") for i in range(1, 11)],
+}
+
+
+@pytest.mark.parametrize(("prompt", "expected"), list(A1111_SCHEDULES.items()))
+def test_schedules_as_a1111(prompt, expected):
+    assert prompt_schedule(prompt, 10) == expected
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("[cat:dog:0.25]", [(5, "cat"), (20, "dog")]),  # a decimal point: a fraction of the steps
+        ("[cat:dog:1.0]", [(20, "cat")]),  # the whole run
+        ("[cat:dog:1]", [(1, "cat"), (20, "dog")]),  # no decimal point: an absolute step
+        ("[cat:dog:99]", [(20, "cat")]),  # capped at the steps
+        ("[cat:dog:0]", [(20, "dog")]),  # step 0 adds no entry: 'to' throughout
+        ("[cat:dog:-3]", [(20, "dog")]),
+        ("[cat:dog:1e1]", [(10, "cat"), (20, "dog")]),  # no '.': absolute
+        ("[cat::.5], photo", [(10, "cat, photo"), (20, ", photo")]),
+        ("\\[cat:dog:5\\]", [(20, "\\[cat:dog:5\\]")]),  # escaped brackets are text
+        ("(a [red:blue:10] car:1.2)", [(10, "(a red car:1.2)"), (20, "(a blue car:1.2)")]),
+        ("a|b [c:d:5]", [(20, "a|b [c:d:5]")]),  # '|' outside brackets: A1111's parser gives up
+        ("[a (b:c:d) e:f:5]", [(20, "[a (b:c:d) e:f:5]")]),  # invalid inside a group: all literal
+    ],
+)
+def test_when_values_nesting_and_literal_text(prompt, expected):
+    assert prompt_schedule(prompt, 20) == expected
+
+
+def test_each_denoiser_call_reads_the_first_entry_that_has_not_ended():
+    schedule = prompt_schedule("[cat:dog:10]", 20)
+    texts = [text_at_call(schedule, call) for call in range(25)]
+    assert texts == ["cat"] * 11 + ["dog"] * 14  # calls 0..10 (A1111 counts calls from 0), and past the end
+    alternating = prompt_schedule("[cat|dog]", 4)
+    assert [text_at_call(alternating, call) for call in range(4)] == ["cat", "cat", "dog", "cat"]
+
+
+def test_a_batch_encodes_once_per_change():
+    edits = StepPrompts.build(["a [cat:dog:2]", "plain"], ["[ugly::3]", ""], 6)
+    assert edits.changes and edits.ends == [2, 3, 6]
+    assert edits.texts_at(0) == (["a cat", "plain"], ["ugly", ""])
+    assert edits.texts_at(3) == (["a dog", "plain"], ["ugly", ""])  # call 3 is the last of [ugly::3]
+    assert edits.texts_at(4) == (["a dog", "plain"], ["", ""])
+    assert [edits.end_for(call) for call in (0, 2, 3, 4, 9)] == [2, 2, 3, 6, 6]
+    assert not StepPrompts.build(["(a:1.2) [b]"], [""], 6).changes
+
+
+@pytest.mark.parametrize(("family", "sampler", "calls_per_step"), [("sd1", "euler", 1), ("sdxl", "heun", 2)])
+def test_each_unet_call_gets_its_steps_conditioning(tiny_bundles, family, sampler, calls_per_step):
+    bundle = tiny_bundles(family)
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def record(module, args, kwargs):  # runs after the pipeline's own pre-hook (which goes first)
+        added = kwargs.get("added_cond_kwargs") or {}
+        seen.append((kwargs["encoder_hidden_states"].clone(), added.get("text_embeds")))
+
+    handle = bundle.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        edited = generate_images(
+            bundle, ["a [cat:dog:1] x"], negative_prompt="[ugly|bad]", steps=3, seed=2, sampler=sampler
+        )[0]
+    finally:
+        handle.remove()
+    assert len(seen) == (3 if calls_per_step == 1 else 5)  # Heun: two calls per step, one for the last step
+    texts = {name: encode_cond_uncond(bundle, [p], [n]) for name, p, n in [
+        ("cat-ugly", "a cat x", "ugly"), ("dog-ugly", "a dog x", "ugly"), ("dog-bad", "a dog x", "bad"),
+    ]}  # fmt: skip
+    # call 0 and 1 read step 1 ("cat", alternation's first option), call 2 reads step 2, then step 3
+    expected = ["cat-ugly", "cat-ugly", "dog-bad", "dog-ugly", "dog-ugly"][: len(seen)]
+    for (states, pooled), name in zip(seen, expected, strict=True):
+        cond, uncond = texts[name]
+        torch.testing.assert_close(states, torch.cat([uncond.embeds, cond.embeds]).to(states))
+        if family == "sdxl":
+            torch.testing.assert_close(pooled, torch.cat([uncond.pooled, cond.pooled]).to(pooled))
+    static = generate_images(bundle, ["a cat x"], negative_prompt="ugly", steps=3, seed=2, sampler=sampler)[0]
+    assert not np.array_equal(np.asarray(edited), np.asarray(static))
+    # the hook is gone afterwards: the same static prompt renders the same image again
+    again = generate_images(bundle, ["a cat x"], negative_prompt="ugly", steps=3, seed=2, sampler=sampler)[0]
+    assert np.array_equal(np.asarray(static), np.asarray(again))
+
+
+def test_an_edit_after_the_last_step_is_the_plain_prompt(sd1):
+    """[cat:dog:N] with N >= steps never switches: the image is the plain "cat" image, bit for bit."""
+    plain = generate_images(sd1, ["a cat"], steps=3, seed=4)[0]
+    never = generate_images(sd1, ["a [cat:dog:3]"], steps=3, seed=4)[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(never))

@@ -59,3 +59,40 @@ def test_aitoolkit_arch_chroma(tmp_path):
 
 
 # OneTrainer's CHROMA_1 configs: tests/test_onetrainer_chroma.py
+
+
+def test_aitoolkit_chroma_says_where_its_shift_and_t5_differ(tmp_path):
+    """ai-toolkit's Chroma differs from its Flux in two places sdcore does not copy, so the translation says so.
+
+    - The resolution shift: BaseSDTrainProcess (jobs/process/BaseSDTrainProcess.py, ``patch_size = 2`` only for
+      ``is_flux``/flex, else ``unet.config.patch_size``) hands ``set_train_timesteps`` patch size 1 for Chroma
+      (chroma_model.py's FakeConfig), and custom_flowmatch_sampler.py counts ``h * w // patch_size**2`` tokens:
+      4x the packed token count sdcore (and ChromaPipeline at inference) uses.
+    - T5: chroma_model.py ``get_prompt_embeds`` calls the encoder without the attention mask (the padding is
+      masked in the transformer only); kohya, OneTrainer and ChromaPipeline give the encoder the mask, as sdcore.
+    """
+    from sdcore.train.config import load_options
+    from sdcore.train.objectives import flux_shift_mu
+    from sdplugin_lora.method import LoraOptions
+
+    def aitoolkit_mu(h, w, patch):  # custom_flowmatch_sampler.calculate_shift with Chroma's scheduler_config
+        m = (1.15 - 0.5) / (4096 - 256)
+        return h * w // patch**2 * m + (0.5 - m * 256)
+
+    # sdcore's resolution shift is the packed (patch 2) one; ai-toolkit's Chroma gets patch 1, a larger shift
+    assert flux_shift_mu(128, 128) == pytest.approx(aitoolkit_mu(128, 128, 2))
+    assert aitoolkit_mu(128, 128, 1) > flux_shift_mu(128, 128) + 2.0
+
+    notes: list[str] = []
+    path = _job(tmp_path, {"name_or_path": "tiny:chroma", "arch": "chroma"},
+                {"noise_scheduler": "flowmatch", "timestep_type": "shift"})  # fmt: skip
+    o = load_options(LoraOptions, path, notes=notes)
+    assert (o.timestep_sampling, o.dynamic_timestep_shift) == ("shift_table", True)
+    shift_notes = [n for n in notes if "timestep_type shift" in n and "patch size 1" in n]
+    t5_notes = [n for n in notes if "without T5's attention mask" in n]
+    assert len(shift_notes) == 1 and len(t5_notes) == 1, notes
+
+    notes = []  # the sigmoid table has no resolution shift: only the T5 note
+    load_options(LoraOptions, _job(tmp_path, {"name_or_path": "tiny:chroma", "arch": "chroma"},
+                                   {"noise_scheduler": "flowmatch"}), notes=notes)  # fmt: skip
+    assert not [n for n in notes if "patch size 1" in n] and len([n for n in notes if "T5" in n]) == 1, notes

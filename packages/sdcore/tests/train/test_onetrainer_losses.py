@@ -198,6 +198,28 @@ def test_p2_weight_is_onetrainers(prediction, gamma):
     torch.testing.assert_close(got.double(), (1.0 + snr) ** -gamma, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_p2_weight_reads_the_zero_terminal_snr_schedule_as_onetrainer(prediction):
+    """OneTrainer rescales model.noise_scheduler itself (StableDiffusionModel.rescale_noise_scheduler_to_zero_terminal_snr)
+    and hands its betas to _diffusion_losses (BaseStableDiffusionSetup.calculate_loss), so P2's SNR is the
+    rescaled schedule's (ModelSetupDiffusionLossMixin.__snr / __p2_loss_weight)."""
+    from types import SimpleNamespace
+
+    from sdcore.train.loss import apply_loss_weights
+
+    objective = DdpmObjective(_sd_scheduler(prediction), zero_terminal_snr=True)
+    options = SimpleNamespace(scale_v_pred_loss_like_noise_pred=False, v_pred_like_loss=0.0,
+                              debiased_estimation_loss=False, debiased_estimation_sqrt=False, p2_loss_gamma=1.0)  # fmt: skip
+    t = torch.arange(0, T, 7)
+    got = apply_loss_weights(options, objective, torch.ones(len(t)), t)
+    rescaled = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             prediction_type=prediction, rescale_betas_zero_snr=True)  # fmt: skip
+    snr = ref_snr(rescaled, t)
+    if prediction == "v_prediction":
+        snr = snr + 1.0
+    torch.testing.assert_close(got.double(), (1.0 + snr) ** -1.0, rtol=1e-4, atol=1e-7)
+
+
 def test_v_prediction_debiased_weight_is_onetrainers_through_the_step(tmp_path):
     bundle = create_tiny_bundle("sd2")
     assert bundle.noise_scheduler.config.prediction_type == "v_prediction"

@@ -777,8 +777,13 @@ def translate_job(
     if model.get("attn_masking"):
         if family == "flux":
             v["apply_t5_attn_mask"] = True
-        elif family != "chroma":  # Chroma's T5 padding is always masked (ai-toolkit's chroma_model.py too)
+        elif family != "chroma":  # Chroma's T5 padding is always masked in the transformer (ai-toolkit's too)
             out.problems.append(f"{w}.model.attn_masking: sdcore masks T5's padding on Flux only")
+    if family == "chroma":  # chroma_model.py get_prompt_embeds: text_encoder(ids) with no attention_mask
+        out.notes.append(
+            f"{w}.model.arch chroma: ai-toolkit runs T5 without T5's attention mask (the padding is hidden in the "
+            "transformer only); sdcore gives T5 the mask too, as kohya, OneTrainer and ChromaPipeline do"
+        )
     if process.get("training_seed") is not None:
         v["seed"] = process["training_seed"]
     if process.get("log_dir"):
@@ -1169,6 +1174,12 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
             v["discrete_flow_shift"] = 1.0
             if sampling == "shift_table":
                 v["discrete_flow_shift"], v["dynamic_timestep_shift"] = FLOW_SCHEDULER_SHIFTS[family]
+                if family == "chroma":  # BaseSDTrainProcess: patch 2 for is_flux only; chroma_model.py's FakeConfig 1
+                    out.notes.append(
+                        f"{where}.timestep_type {kind}: ai-toolkit's Chroma counts the resolution shift's tokens "
+                        "with patch size 1 (h * w latent pixels, 4x the packed tokens, so a larger shift); sdcore "
+                        "counts the packed tokens, as its Flux and ChromaPipeline do"
+                    )
             if linear:
                 v["timestep_loss_weight"] = "half_bell" if train.get("linear_timesteps2") else "bell"
             if sampling in DRAWN_TABLE_TYPES and int(train.get("batch_size", 1)) > 1:

@@ -92,3 +92,11 @@ def test_convert_never_replaces_a_folder_or_file_that_is_not_a_model(tmp_path):
         result = runner.invoke(model_commands.model_group, ["convert", str(src), str(dst)])
         assert result.exit_code == 0, result.output
         assert (dst / "model_index.json").is_file()
+
+
+def test_info_on_a_tiny_model(tmp_path):
+    """``model info`` reads every model as stored (``dtype="auto"``); ``tiny:<family>`` refused that name."""
+    result = CliRunner().invoke(model_commands.model_group, ["info", "tiny:sd1"])
+    assert result.exit_code == 0, result.output
+    assert "family:          sd1" in result.output and "UNet2DConditionModel" in result.output
+    assert load_model("tiny:sd1", dtype="auto").unet.dtype == load_model("tiny:sd1").unet.dtype

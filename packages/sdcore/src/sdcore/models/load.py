@@ -535,7 +535,7 @@ def read_tiny(
         bundle = family_adapter(name).create_tiny(**options)
     except (ValueError, SdcoreError) as exc:
         raise SdcoreError(f"{spec}: {exc}") from None
-    if dtype is not None:
+    if dtype is not None and dtype != "auto":  # "auto" (model info): as created
         bundle.to(dtype=resolve_dtype(dtype))
     return _finish(bundle, device)
 

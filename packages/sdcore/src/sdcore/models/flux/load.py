@@ -154,9 +154,14 @@ def read_transformer(
     config: dict[str, Any] | None = None,
 ) -> Any:  # fmt: skip
     """The ``FluxTransformer2DModel`` of a BFL-layout file (config from shapes unless given)."""
-    cfg = config or transformer_config_from_bfl(keys, shape, prefix)
-    module = empty_transformer(cfg)
-    tensors = bfl_to_diffusers(keys, get, prefix, inner_dim=module.inner_dim)
+    try:  # the converter's complaints (a tensor missing, blocks not numbered 0..n) say which file
+        cfg = config or transformer_config_from_bfl(keys, shape, prefix)
+        module = empty_transformer(cfg)
+        tensors = bfl_to_diffusers(keys, get, prefix, inner_dim=module.inner_dim)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{path}: {exc}") from None
+    except KeyError as exc:  # a tensor the shapes are read from
+        raise ModelFormatError(f"{path}: Flux transformer tensor {exc} missing from the file") from None
     return _assign(module, tensors, "Flux transformer", path, dtype)
 
 

@@ -257,3 +257,22 @@ def test_gradient_checkpointing_keeps_the_mask_in_every_block():
     assert grads.keys() == plain_grads.keys() and any(n.startswith("single_transformer_blocks") for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_file_without_img_in_is_one_line_naming_the_file(chroma, tmp_path):
+    """A cut-down file without ``img_in`` (the tensor the transformer's width is read from): loading and the
+    pre-flight's layout raised a bare KeyError traceback."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.family import family_adapter
+    from sdcore.models.load import load_model
+
+    full = chroma.save(tmp_path / "full.safetensors")
+    state = {k: v for k, v in load_file(str(full)).items() if k != "model.diffusion_model.img_in.weight"}
+    path = tmp_path / "cut.safetensors"
+    save_file(state, str(path))
+    for read in (load_model, family_adapter("chroma").read_layout):
+        with pytest.raises(ModelFormatError) as info:
+            read(path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and "img_in.weight" in message

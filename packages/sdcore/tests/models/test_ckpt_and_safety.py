@@ -109,3 +109,54 @@ def test_pickle_with_non_tensor_object_is_refused(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1)}, path)
     with pytest.raises(UnsafeFileError, match="Namespace"):
         load_model(path)
+
+
+def test_lightning_and_numpy_values_in_a_ckpt_load(tiny_files, tmp_path, monkeypatch, assert_modules_equal):
+    """The original SD 1.x ``.ckpt`` files are PyTorch Lightning saves: their ``callbacks`` dict is keyed by the
+    ``ModelCheckpoint`` class, and Lightning training values may be numpy numbers. A1111's restricted unpickler
+    allows exactly these names (modules/safe.py ``RestrictedUnpickler.find_class``: ``pytorch_lightning.callbacks.
+    model_checkpoint.ModelCheckpoint``, ``numpy.core.multiarray.scalar``/``_reconstruct``, ``numpy.dtype``/
+    ``ndarray``), so such a file must load here too, without Lightning installed."""
+    import sys
+    import types
+
+    import numpy as np
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    checkpoint_class = type("ModelCheckpoint", (), {"__module__": module.__name__})
+    module.ModelCheckpoint = checkpoint_class  # type: ignore[attr-defined]
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    state = load_file(str(tiny_files["sd1"]))
+    path = tmp_path / "sd-v1-4-like.ckpt"
+    torch.save({"epoch": np.int64(6), "global_step": np.int64(470000), "pytorch-lightning_version": "1.4.2",
+                "state_dict": state, "loss_history": np.arange(3.0),
+                "callbacks": {checkpoint_class: {"monitor": None, "best_model_path": "x"}}}, path)  # fmt: skip
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # what reads the file has no Lightning
+
+    from sdcore.models.safe_pickle import load_pickle
+
+    data = load_pickle(path)
+    assert data["global_step"] == 470000 and list(data["loss_history"]) == [0.0, 1.0, 2.0]
+    (key,) = data["callbacks"]
+    assert data["callbacks"][key]["best_model_path"] == "x"
+    loaded = load_model(path)
+    ref = load_model(tiny_files["sd1"])
+    for name, component in ref.components().items():
+        assert_modules_equal(component, loaded.components()[name])
+
+
+def test_numpy_object_arrays_do_not_open_the_door_to_code(tmp_path):
+    """Allowing numpy arrays must not allow what an object array holds: its items go through the same checks."""
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+    items = np.empty(1, dtype=object)
+    items[0] = _Exploit(str(marker))
+    path = tmp_path / "evil_array.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "values": items}, path)
+    with pytest.raises(UnsafeFileError, match="system"):
+        load_model(path)
+    assert not marker.exists()

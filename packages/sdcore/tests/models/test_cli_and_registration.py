@@ -61,3 +61,42 @@ def test_registrations():
     cli = click.Group("root")
     model_commands.sdcore_register_commands(cli)
     assert cli.commands["model"] is model_commands.model_group
+
+
+def test_convert_never_replaces_a_folder_or_file_that_is_not_a_model(tmp_path):
+    """``model convert SRC DST`` writes a diffusers folder when DST has no .safetensors suffix. A DST folder
+    holding other things (the user's models folder) or a file must be refused and left as it was; diffusers'
+    ``save_pretrained`` and kohya's converter write into a folder and never delete what is in it. An earlier
+    model folder, or an empty folder, is replaced."""
+    from sdcore.errors import SdcoreError
+
+    runner = CliRunner()
+    src = tmp_path / "m.safetensors"
+    assert runner.invoke(model_commands.model_group, ["create-tiny", str(src)]).exit_code == 0
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "other.safetensors").write_bytes(b"precious")
+    a_file = tmp_path / "out.ckpt"
+    a_file.write_bytes(b"also precious")
+    for dst in (models, a_file):
+        result = runner.invoke(model_commands.model_group, ["convert", str(src), str(dst)])
+        assert result.exit_code != 0 and isinstance(result.exception, SdcoreError), result.output
+        assert str(dst) in str(result.exception) and "\n" not in str(result.exception)
+    assert sorted(p.name for p in models.iterdir()) == ["other.safetensors"]
+    assert (models / "other.safetensors").read_bytes() == b"precious" and a_file.read_bytes() == b"also precious"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-built folder left behind
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for dst in (empty, empty):  # an empty folder, then the model folder written there the first time
+        result = runner.invoke(model_commands.model_group, ["convert", str(src), str(dst)])
+        assert result.exit_code == 0, result.output
+        assert (dst / "model_index.json").is_file()
+
+
+def test_info_on_a_tiny_model(tmp_path):
+    """``model info`` reads every model as stored (``dtype="auto"``); ``tiny:<family>`` refused that name."""
+    result = CliRunner().invoke(model_commands.model_group, ["info", "tiny:sd1"])
+    assert result.exit_code == 0, result.output
+    assert "family:          sd1" in result.output and "UNet2DConditionModel" in result.output
+    assert load_model("tiny:sd1", dtype="auto").unet.dtype == load_model("tiny:sd1").unet.dtype

@@ -72,6 +72,17 @@ def test_unknown_layout(tiny_files, tmp_path):
     assert "unknown model layout" in _one_line(info, path)
 
 
+def test_file_without_a_vae_names_the_file(tiny_files, tmp_path):
+    """A checkpoint with UNet and text encoder but no ``first_stage_model.*`` (no sdcore.config to say its
+    layout): the shape inference's complaint used to come without the file's name."""
+    state = {k: v for k, v in load_file(str(tiny_files["sd1"])).items() if not k.startswith("first_stage_model.")}
+    path = tmp_path / "no-vae.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelFormatError) as info:
+        load_model(path)
+    assert "VAE" in _one_line(info, path)
+
+
 def test_missing_path_and_uncached_hub_id(tmp_path):
     with pytest.raises(ModelFormatError):
         load_model(tmp_path / "nope.safetensors")

@@ -577,3 +577,25 @@ def test_diffusers_layout_transformer_file(dev, schnell, pipeline_folder, tmp_pa
         assert loaded.family_label == bundle.family_label
         _same(bundle.transformer, loaded.transformer)
         assert read_layout(path).configs["transformer"]["guidance_embeds"] == (bundle is dev)
+
+
+@pytest.mark.parametrize("dropped", ["img_in.weight", "double_blocks.0.img_attn.norm.query_norm.scale",
+                                     "double_blocks.0.img_attn.norm.key_norm.scale"])  # fmt: skip
+def test_transformer_file_missing_a_tensor_is_one_line_naming_the_file(dev, tmp_path, dropped):
+    """A cut-down BFL/ComfyUI file without a tensor the config is read from (``img_in``, the QK norm) raised a
+    bare KeyError traceback (loading, and the pre-flight's layout); one the converter wants gave a message
+    without the file."""
+    from safetensors.torch import load_file
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.family import family_adapter
+    from sdcore.models.load import load_model
+
+    full = dev.save(tmp_path / "full.safetensors")
+    state = {k: v for k, v in load_file(str(full)).items() if k != "model.diffusion_model." + dropped}
+    path = _save(state, tmp_path / "cut.safetensors")
+    readers = [load_model] + ([family_adapter("flux").read_layout] if dropped == "img_in.weight" else [])
+    for read in readers:
+        with pytest.raises(ModelFormatError) as info:
+            read(path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and dropped in message

@@ -48,3 +48,18 @@ def test_sshs_hashes_match_saved_file(tmp_path):
     path = tmp_path / "net.safetensors"
     path.write_bytes(save(tensors, metadata={**meta, "sshs_model_hash": model_hash}))
     assert hashes.sshs_model_hash(path) == model_hash
+
+
+def test_sshs_hashes_without_training_metadata_match_kohya():
+    """kohya's ``precalculate_safetensors_hashes`` (library/train_util.py) keeps the ``ss_*`` keys, possibly none,
+    and serialises with that dict: an empty one still writes ``"__metadata__":{}`` into the header, which moves
+    the bytes the legacy hash reads (offset 0x100000) in a file over 1 MiB."""
+    tensors = {"w": torch.arange(400000, dtype=torch.float32)}
+    for meta in ({}, {"modelspec.title": "not ss_"}):
+        blob = save(tensors, metadata={})
+        assert b'"__metadata__":{}' in blob[:100]
+        (length,) = struct.unpack("<Q", blob[:8])
+        assert hashes.sshs_hashes(tensors, meta) == (
+            hashlib.sha256(blob[8 + length :]).hexdigest(),
+            hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+        )

@@ -510,3 +510,23 @@ def test_native_size_from_the_header(sd3, sd3_folder, tmp_path):
 
     assert peek_native_resolution(sd3.save(tmp_path / "m.safetensors")) == 64
     assert peek_native_resolution(sd3_folder) == 64
+
+
+@pytest.mark.parametrize("dropped", ["pos_embed", "x_embedder.proj.weight", "context_embedder.weight",
+                                     "y_embedder.mlp.0.weight", "final_layer.linear.weight"])  # fmt: skip
+def test_file_missing_a_tensor_the_sizes_come_from(sd3, tmp_path, dropped):
+    """A cut-down SAI/ComfyUI file without a tensor whose shape gives the transformer's config raised a bare
+    KeyError traceback, from ``model info`` and the pre-flight's layout alike."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.load import load_model
+    from sdcore.models.sd3.load import sd3_file_configs
+
+    full = sd3.save(tmp_path / "full.safetensors")
+    state = {k: v for k, v in load_file(str(full)).items() if k != "model.diffusion_model." + dropped}
+    path = tmp_path / "cut.safetensors"
+    save_file(state, str(path))
+    for read in (load_model, sd3_file_configs):
+        with pytest.raises(ModelFormatError) as info:
+            read(path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and dropped in message

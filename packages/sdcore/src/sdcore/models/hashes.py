@@ -103,7 +103,7 @@ def sshs_hashes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None =
     from safetensors.torch import save
 
     kept = {k: str(v) for k, v in (metadata or {}).items() if k.startswith("ss_")}
-    data = save(dict(tensors), metadata=kept or None)
+    data = save(dict(tensors), metadata=kept)  # {} even when empty: kohya's bytes carry "__metadata__":{}
     (length,) = struct.unpack("<Q", data[:8])
     model = hashlib.sha256(data[8 + length :]).hexdigest()
     legacy = hashlib.sha256(data[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]

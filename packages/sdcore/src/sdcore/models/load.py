@@ -289,7 +289,10 @@ def single_file_configs(source: Any, found: Detection, config: Any = None) -> di
     configs = bundled_config(found.family, found.prediction_type)
     if found.inpainting:
         configs["unet"]["in_channels"] = 9
-    inferred = infer_configs(source.keys, source.shape, found.family)
+    try:
+        inferred = infer_configs(source.keys, source.shape, found.family)
+    except ModelFormatError as exc:  # "VAE has no encoder blocks": say which file
+        raise ModelFormatError(f"{source.path}: {exc}") from None
     if not same_structure(configs, inferred):  # a distilled/pruned variant: sizes from the file
         inferred["scheduler"] = configs["scheduler"]
         configs = inferred
@@ -532,7 +535,7 @@ def read_tiny(
         bundle = family_adapter(name).create_tiny(**options)
     except (ValueError, SdcoreError) as exc:
         raise SdcoreError(f"{spec}: {exc}") from None
-    if dtype is not None:
+    if dtype is not None and dtype != "auto":  # "auto" (model info): as created
         bundle.to(dtype=resolve_dtype(dtype))
     return _finish(bundle, device)
 

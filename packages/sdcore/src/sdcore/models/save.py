@@ -260,6 +260,21 @@ def prefix_text_model_keys(folder: Path) -> None:
         index.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
+def check_diffusers_target(target: Path) -> None:
+    """Refuse a diffusers output path that holds something other than a diffusers model (see
+    :func:`write_diffusers`): an empty folder or an earlier model folder (``model_index.json``) may be replaced."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise SdcoreError(f"{target}: a file is there; a diffusers model is a folder (give a new folder name)")
+    if (target / "model_index.json").is_file() or not any(target.iterdir()):
+        return
+    raise SdcoreError(
+        f"{target}: the folder exists and is not a diffusers model (no model_index.json); not replacing it "
+        "(give a new or empty folder)"
+    )
+
+
 def write_diffusers(
     bundle: ModelBundle,
     path: str | os.PathLike[str],
@@ -268,10 +283,17 @@ def write_diffusers(
     prune: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``bundle`` as a diffusers folder (safetensors weights, configs, scheduler, tokenizers)."""
+    """Write ``bundle`` as a diffusers folder (safetensors weights, configs, scheduler, tokenizers).
+
+    The folder is built beside ``path`` and renamed into place, replacing an earlier diffusers model there
+    (a later save of the same training output). Anything else at ``path`` is refused, not replaced: a file, or
+    a folder with other content (``sdcore model convert model.safetensors ~/models`` must not delete the
+    user's models; diffusers' ``save_pretrained`` and kohya write into a folder and never delete it).
+    """
     from .load import resolve_dtype
 
     target = Path(path)
+    check_diffusers_target(target)
     want = resolve_dtype(dtype)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

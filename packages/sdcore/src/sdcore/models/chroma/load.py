@@ -27,7 +27,7 @@ from ..flux.load import (
     _open,
     _refuse_quantized,
     _stored_configs,
-    diffusers_transformer_config,
+    file_transformer_config,
     is_diffusers_transformer_file,
     part_config,
     read_diffusers_transformer,
@@ -225,7 +225,6 @@ def chroma_part_slots(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tu
 def read_chroma_layout(path: str | os.PathLike[str], **parts: Any) -> Any:
     """The :class:`~sdcore.models.layout.ModelLayout` of a Chroma single file from its header alone (the
     pre-flight's memory plan); parts it lacks from the ``parts`` given, else at the released sizes."""
-    from ..flux.convert import transformer_config_from_bfl
     from ..flux.tiny import vae_config
     from ..layout import ModelLayout, _bytes_per_weight
     from ..source import read_safetensors_header
@@ -239,11 +238,7 @@ def read_chroma_layout(path: str | os.PathLike[str], **parts: Any) -> Any:
             raise ModelFormatError(f"{file}: not a Chroma file (no {PROBE} with {CHROMA_PROBE})")
         stored = _stored_configs(source.metadata, file, None)
         prefix = transformer_prefix(keys)
-        transformer = stored.get("transformer") or (
-            transformer_config_from_bfl(keys, shape, prefix)
-            if prefix is not None
-            else diffusers_transformer_config(keys, shape)
-        )
+        transformer = stored.get("transformer") or file_transformer_config(keys, shape, prefix, file)
         vae = stored.get("vae") or (
             vae_config_from_shapes(keys, shape, VAE_PREFIX) if VAE_PREFIX + _VAE_LDM_PROBE in keys else None
         )

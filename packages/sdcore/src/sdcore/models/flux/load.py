@@ -149,14 +149,32 @@ def _assign(module: Any, tensors: dict[str, Any], name: str, path: Path, dtype: 
     return module
 
 
+def file_transformer_config(keys: Collection[str], shape: Shape, prefix: str | None, path: Path) -> dict[str, Any]:
+    """The transformer config of a Flux/Chroma file from its shapes (BFL keys under ``prefix``, or diffusers'
+    names when ``prefix`` is ``None``); a cut-down file's missing tensor is one line naming ``path``."""
+    try:
+        if prefix is None:
+            return diffusers_transformer_config(keys, shape)
+        return transformer_config_from_bfl(keys, shape, prefix)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{path}: {exc}") from None
+    except KeyError as exc:
+        raise ModelFormatError(f"{path}: Flux transformer tensor {exc} missing from the file") from None
+
+
 def read_transformer(
     keys: Collection[str], shape: Shape, get: Callable[[str], Any], prefix: str, path: Path, dtype: Any,
     config: dict[str, Any] | None = None,
 ) -> Any:  # fmt: skip
     """The ``FluxTransformer2DModel`` of a BFL-layout file (config from shapes unless given)."""
-    cfg = config or transformer_config_from_bfl(keys, shape, prefix)
-    module = empty_transformer(cfg)
-    tensors = bfl_to_diffusers(keys, get, prefix, inner_dim=module.inner_dim)
+    try:  # the converter's complaints (a tensor missing, blocks not numbered 0..n) say which file
+        cfg = config or transformer_config_from_bfl(keys, shape, prefix)
+        module = empty_transformer(cfg)
+        tensors = bfl_to_diffusers(keys, get, prefix, inner_dim=module.inner_dim)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{path}: {exc}") from None
+    except KeyError as exc:  # a tensor the shapes are read from
+        raise ModelFormatError(f"{path}: Flux transformer tensor {exc} missing from the file") from None
     return _assign(module, tensors, "Flux transformer", path, dtype)
 
 
@@ -651,11 +669,7 @@ def read_flux_layout(path: str | os.PathLike[str], **parts: Any) -> Any:
             raise ModelFormatError(f"{file}: not a Flux.1 file (no {PROBE})")
         stored = _stored_configs(source.metadata, file, None)
         notes: list[str] = []
-        transformer = stored.get("transformer") or (
-            transformer_config_from_bfl(keys, shape, prefix)
-            if prefix is not None
-            else diffusers_transformer_config(keys, shape)
-        )
+        transformer = stored.get("transformer") or file_transformer_config(keys, shape, prefix, file)
         vae = stored.get("vae") or (
             vae_config_from_shapes(keys, shape, VAE_PREFIX) if VAE_PREFIX + _VAE_LDM_PROBE in keys else None
         )

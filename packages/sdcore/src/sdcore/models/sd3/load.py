@@ -301,12 +301,17 @@ def component_configs(source: Any, config: Any = None) -> dict[str, Any]:
     keys = source.keys
     stored = _file_configs(source, config)
     transformer = stored.get("transformer")
-    if not transformer and is_diffusers_mmdit(keys):
-        transformer = infer_transformer_config(*sai_view(keys, source.shape))
-    transformer = dict(transformer or infer_transformer_config(keys, source.shape))
-    transformer["_class_name"] = "SD3Transformer2DModel"
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
-    vae = (stored.get("vae") or infer_vae_config(keys, source.shape)) if has_vae else None
+    try:  # sizes from shapes: a tensor they are read from may be missing from a cut-down file
+        if not transformer and is_diffusers_mmdit(keys):
+            transformer = infer_transformer_config(*sai_view(keys, source.shape))
+        transformer = dict(transformer or infer_transformer_config(keys, source.shape))
+        vae = (stored.get("vae") or infer_vae_config(keys, source.shape)) if has_vae else None
+    except KeyError as exc:
+        raise ModelFormatError(f"{source.path}: tensor {exc} missing from the file") from None
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{source.path}: {exc}") from None
+    transformer["_class_name"] = "SD3Transformer2DModel"
     kept = list(stored.get("text_encoders") or [])
     encoders: list[dict[str, Any] | None] = []
     for index, (_name, kind, prefix) in enumerate(ENCODER_SLOTS):

@@ -111,3 +111,75 @@ def test_an_edit_after_the_last_step_is_the_plain_prompt(sd1):
     plain = generate_images(sd1, ["a cat"], steps=3, seed=4)[0]
     never = generate_images(sd1, ["a [cat:dog:3]"], steps=3, seed=4)[0]
     assert np.array_equal(np.asarray(plain), np.asarray(never))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "parts"),
+    [
+        # A1111 modules/prompt_parser.py get_multicond_prompt_list: split at \bAND\b, a trailing ':number' weighs
+        ("a cat AND a dog:0.5", [("a cat", 1.0), (" a dog", 0.5)]),
+        ("a cat:1.5", [("a cat", 1.5)]),  # without AND too
+        ("a (cat:1.5)", [("a (cat:1.5)", 1.0)]),  # emphasis, not a weight
+        ("ANDROID AND_X", [("ANDROID AND_X", 1.0)]),
+        ("a cat AND", [("a cat", 1.0), ("", 1.0)]),
+        ("two\nlines:2", [("two\nlines:2", 1.0)]),  # A1111's pattern does not cross a line break
+        ("[cat:dog:5] AND hat : -0.5", [("[cat:dog:5]", 1.0), (" hat", -0.5)]),
+    ],
+)
+def test_and_splits_the_prompt_into_weighted_parts(prompt, parts):
+    from sdcore.generate.prompt_editing import composable_parts
+
+    assert composable_parts(prompt) == parts
+
+
+def _close(a, b):
+    return np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 2
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_and_combines_the_parts_guidance(tiny_bundles, family):
+    """u + cfg * sum(w_i (c_i - u)): two equal parts at cfg 4 are the plain prompt at cfg 8, a part of
+    weight 0.5 at cfg 8 is the plain prompt at cfg 4, and without guidance (cfg 1: the pipeline has no
+    negative half, sdcore runs it) two equal parts are the plain prompt at cfg 2."""
+    bundle = tiny_bundles(family)
+
+    def image(prompt, cfg):
+        return generate_images(bundle, [prompt], negative_prompt="blurry", steps=2, seed=3, cfg=cfg)[0]
+
+    doubled = image("a red cat AND a red cat", 4.0)
+    assert _close(doubled, image("a red cat", 8.0))
+    assert not _close(doubled, image("a red cat", 4.0))
+    assert _close(image("a red cat:0.5", 8.0), image("a red cat", 4.0))
+    assert _close(image("a red cat AND a red cat", 1.0), image("a red cat", 2.0))
+
+
+def test_and_composition_maps_parts_to_their_images():
+    """Two images, the first with three parts: each image's guided output is u + sum(w (c - u)), computed
+    with a stand-in UNet whose output is its conditioning's mean (so every row's source shows)."""
+    from sdcore.generate.conditioning import Conditioning
+    from sdcore.generate.step_conditioning import StepConditioning
+
+    edits = StepPrompts.build(["a AND b:0.5 AND c:-1", "d"], ["n1", "n2"], 4)
+    value = {"a": 1.0, " b": 2.0, " c": 3.0, "d": 4.0, "n1": 10.0, "n2": 20.0}
+
+    def encode(texts, negatives):
+        def cond(items):
+            return Conditioning(torch.stack([torch.full((2, 3), value[t]) for t in items]))
+
+        return cond(texts), cond(negatives)
+
+    per_call = StepConditioning(edits, encode)
+
+    def unet(sample, timestep, *, encoder_hidden_states, return_dict=False, **kwargs):
+        return (sample + encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1),)
+
+    sample = torch.zeros(4, 1, 2, 2)  # [uncond x2, cond x2]
+    kwargs = {"encoder_hidden_states": torch.cat([torch.full((2, 2, 3), 10.0), torch.full((2, 2, 3), 1.0)])}
+    kwargs["encoder_hidden_states"][1] = 20.0
+    kwargs["encoder_hidden_states"][3] = 4.0
+    output = unet(sample, 0, **kwargs)
+    combined = per_call._compose(unet, (sample, 0), kwargs, output, call=0, guided=True)
+    expected_first = 10 + (1 - 10) + 0.5 * (2 - 10) - 1 * (3 - 10)
+    assert combined[:2, 0, 0, 0].tolist() == [10.0, 20.0]  # the negative half is kept
+    assert combined[2, 0, 0, 0].item() == pytest.approx(expected_first)
+    assert combined[3, 0, 0, 0].item() == pytest.approx(4.0)  # one part of weight 1: the plain prediction

@@ -364,6 +364,7 @@ def _run(
 
     from .conditioning import encode_cond_uncond
     from .prompt_editing import StepPrompts
+    from .step_conditioning import StepConditioning
 
     def encode(texts: list[str], negative_texts: list[str]) -> tuple[Any, Any]:
         cond, uncond = encode_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip)
@@ -372,10 +373,9 @@ def _run(
             uncond = _transform_rows(handler, bundle, negative_texts, uncond, negative=True, clip_skip=clip_skip)
         return cond, uncond
 
-    # A1111 prompt editing and alternation: one encoding per point where a text changes
-    edits = StepPrompts.build(prompts, negatives, steps)
-    encoded = {end: encode(*edits.texts_at(end)) for end in edits.ends}
-    cond, uncond = encoded[edits.end_for(0)]
+    # A1111 prompt editing, alternation and AND: one encoding per point where a text changes
+    per_call = StepConditioning(StepPrompts.build(prompts, negatives, steps), encode)
+    cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
         "prompt_embeds": cond.embeds,
@@ -398,47 +398,9 @@ def _run(
     if bundle.is_sdxl and bundle.family != "sdxl-refiner":
         kwargs["original_size"] = (height, width)
         kwargs["target_size"] = (height, width)
-    with _conditioning_per_call(pipe.unet, edits, encoded, batch=len(prompts), pooled=bundle.is_sdxl):
+    with per_call.installed(pipe.unet, pooled=bundle.is_sdxl):
         output = pipe(**kwargs)
     return list(output.images)
-
-
-@contextlib.contextmanager
-def _conditioning_per_call(
-    unet: Any, edits: Any, encoded: dict[int, tuple[Any, Any]], *, batch: int, pooled: bool
-) -> Iterator[None]:
-    """While the pipeline runs, give each UNet call the conditioning of its step's texts (A1111 counts
-    denoiser calls from 0: :mod:`sdcore.generate.prompt_editing`). The pipeline batches negative and
-    positive as ``[uncond, cond]`` when it guides; SDXL's pooled text embedding switches with them."""
-    if not edits.changes:
-        yield
-        return
-    import itertools
-
-    import torch
-
-    calls = itertools.count()
-
-    def before_call(module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        cond, uncond = encoded[edits.end_for(next(calls))]
-        hidden = kwargs.get("encoder_hidden_states")
-        if hidden is None:
-            return None
-        guided = hidden.shape[0] == 2 * batch
-        states = torch.cat([uncond.embeds, cond.embeds]) if guided else cond.embeds
-        kwargs["encoder_hidden_states"] = states.to(device=hidden.device, dtype=hidden.dtype)
-        added = kwargs.get("added_cond_kwargs")
-        if pooled and added and "text_embeds" in added:
-            vector = torch.cat([uncond.pooled, cond.pooled]) if guided else cond.pooled
-            kwargs["added_cond_kwargs"] = {**added, "text_embeds": vector.to(added["text_embeds"])}
-        return args, kwargs
-
-    # first of the UNet's pre-hooks, so any other (a user's, a test's) sees the call's real conditioning
-    handle = unet.register_forward_pre_hook(before_call, with_kwargs=True, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _transform_rows(

@@ -1,4 +1,5 @@
-"""A1111's prompt editing: ``[from:to:when]`` and alternation ``[a|b]``, the prompt changing with the step.
+"""A1111's prompt editing: ``[from:to:when]`` and alternation ``[a|b]``, the prompt changing with the step,
+and ``AND``: several prompts guiding one image (composable diffusion).
 
 The forms, as A1111's ``modules/prompt_parser.py`` reads them (behaviour rewritten here, no A1111 code):
 
@@ -17,8 +18,12 @@ The forms, as A1111's ``modules/prompt_parser.py`` reads them (behaviour rewritt
 
 A1111 counts denoiser calls, not sampler steps: a second-order sampler (Heun, DPM2) calls the model
 twice per step, so its edits come at half the step count, in A1111 and here (the conditioning is
-switched per model call, :func:`sdcore.generate.pipeline`). ``AND`` (composable diffusion) is a
-different mechanism and is not handled here.
+switched per model call, :mod:`sdcore.generate.step_conditioning`).
+
+``AND`` splits the positive prompt (never the negative one) into parts; a part ending in ``:number``
+weighs that much (``a cat AND a hat:0.5``; this holds for a prompt without ``AND`` too: a trailing
+``:1.5`` scales its guidance), 1 otherwise. Each part has its own schedule, and the guided prediction is
+``uncond + cfg * sum(weight_i * (cond_i - uncond))`` (A1111's ``combine_denoised``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from dataclasses import dataclass
 from .prompt_syntax import _NUMBER
 
 _WHEN_RE = re.compile(rf"\s*({_NUMBER})\s*\]")
+_AND_RE = re.compile(r"\bAND\b")
+#: a part's text and its optional ``:weight`` (no DOTALL: A1111's pattern does not cross a line break)
+_PART_WEIGHT_RE = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,18 @@ def _render(nodes: Sequence[_Node], step: int, steps: int) -> str:
     return "".join(pieces)
 
 
+def composable_parts(prompt: str) -> list[tuple[str, float]]:
+    """``prompt`` split at ``AND`` into ``(text, weight)`` parts (one part when there is no ``AND``)."""
+    parts = []
+    for part in _AND_RE.split(prompt):
+        match = _PART_WEIGHT_RE.search(part)
+        if match is None:  # a line break in the part: A1111 keeps it whole, weight 1
+            parts.append((part, 1.0))
+        else:
+            parts.append((match.group(1), float(match.group(2)) if match.group(2) is not None else 1.0))
+    return parts
+
+
 def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """``[(end_step, text), ...]``: the text ``prompt`` renders up to each end step, ends ascending, the
     last one ``steps`` (A1111's schedule for a prompt; one entry when nothing changes)."""
@@ -227,26 +247,42 @@ def text_at_call(schedule: Sequence[tuple[int, str]], call: int) -> str:
 
 @dataclass(frozen=True)
 class StepPrompts:
-    """The prompts and negative prompts of one batch as schedules over ``steps``.
+    """The prompts (split into their ``AND`` parts) and negative prompts of one batch as schedules over
+    ``steps``.
 
-    ``texts_at(call)`` gives the batch's ``(prompts, negatives)`` for one denoiser call; ``ends`` are the
-    calls at which some text of the batch last holds, so the batch needs one encoding per entry of ``ends``
-    (:meth:`end_for`)."""
+    ``prompts`` holds every part of every prompt, in order; ``owners[i]`` is the image part ``i`` guides and
+    ``weights[i]`` its weight; ``firsts[b]`` is image ``b``'s first part. ``texts_at(call)`` gives the parts'
+    and the negatives' texts for one denoiser call; ``ends`` are the calls at which some text last holds,
+    so the batch needs one encoding per entry of ``ends`` (:meth:`end_for`)."""
 
     prompts: tuple[tuple[tuple[int, str], ...], ...]
     negatives: tuple[tuple[tuple[int, str], ...], ...]
+    owners: tuple[int, ...]
+    weights: tuple[float, ...]
 
     @classmethod
     def build(cls, prompts: Sequence[str], negatives: Sequence[str], steps: int) -> StepPrompts:
+        parts = [(image, text, weight) for image, p in enumerate(prompts) for text, weight in composable_parts(p)]
         return cls(
-            tuple(tuple(prompt_schedule(p, steps)) for p in prompts),
+            tuple(tuple(prompt_schedule(text, steps)) for _, text, _ in parts),
             tuple(tuple(prompt_schedule(n, steps)) for n in negatives),
+            tuple(image for image, _, _ in parts),
+            tuple(weight for _, _, weight in parts),
         )
 
     @property
     def changes(self) -> bool:
         """Whether any text of the batch changes during sampling."""
         return any(len(schedule) > 1 for schedule in (*self.prompts, *self.negatives))
+
+    @property
+    def composed(self) -> bool:
+        """Whether some image is guided by more than one part, or by a part of weight other than 1."""
+        return len(self.owners) != len(self.negatives) or any(weight != 1.0 for weight in self.weights)
+
+    @property
+    def firsts(self) -> list[int]:
+        return [self.owners.index(image) for image in range(len(self.negatives))]
 
     @property
     def ends(self) -> list[int]:
@@ -264,4 +300,4 @@ class StepPrompts:
         )
 
 
-__all__ = ["StepPrompts", "prompt_schedule", "text_at_call"]
+__all__ = ["StepPrompts", "composable_parts", "prompt_schedule", "text_at_call"]

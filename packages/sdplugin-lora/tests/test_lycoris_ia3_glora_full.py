@@ -416,6 +416,9 @@ def test_kohya_train_on_input_is_said_to_do_nothing_and_other_algos_stay_refused
     kohya = {"network_module": "lycoris.kohya", "network_args": ["algo=ia3", "train_on_input=True"]}
     assert load_options(LoraOptions, None, kohya=kohya, notes=notes).algo == "ia3"
     assert any("train_on_input has no effect" in n for n in notes)
+    # LyCORIS f49d30d lycoris/wrapper.py:45-55: network_module_dict has no "ia3", and lycoris/kohya.py:403 looks
+    # the algo up there, so a kohya run with algo=ia3 stops with KeyError 'ia3': a note says sdcore trains it anyway
+    assert any("kohya run stops with KeyError 'ia3'" in n for n in notes)
     with pytest.raises(ConfigError, match="algo='glokr' is not available"):
         load_options(LoraOptions, None, kohya={"network_module": "lycoris.kohya", "network_args": ["algo=glokr"]})
 

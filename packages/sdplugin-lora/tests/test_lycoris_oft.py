@@ -391,3 +391,19 @@ def test_kohya_command_line_trains_diag_oft_and_sdcore_cli_trains_boft(tmp_path)
     boft = read_lora(tmp_path / "boft.safetensors")
     assert {w.kind for w in boft.modules.values()} == {"boft"}
     assert '"algo": "boft"' in boft.metadata["ss_network_args"]
+
+
+@pytest.mark.parametrize(("blocks", "label"), [(torch.zeros(4, 8, 8), "Diag-OFT"), (torch.zeros(3, 4, 8, 8), "BOFT")])
+def test_tools_without_the_base_name_the_algorithm_that_needs_it(blocks, label):
+    """resize/merge of a diag-oft or BOFT file without --base-model: the error names that algorithm (it
+    said "is DoRA": the label table had no entry for these two). Both rotate W, so they need it."""
+    from sdcore.errors import NetworkMismatchError
+    from sdplugin_lora.tools import resize_lora
+
+    lora = parse_state_dict({"lora_unet_mid_block_attentions_0_proj_in.oft_blocks": blocks,
+                             "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(0.0)})  # fmt: skip
+    with pytest.raises(NetworkMismatchError) as info:
+        resize_lora(lora, rank=2)
+    assert f"lora_unet_mid_block_attentions_0_proj_in is {label}: its change depends on the base weights" in str(
+        info.value
+    )

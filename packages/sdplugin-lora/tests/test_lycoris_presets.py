@@ -20,7 +20,7 @@ from lora_testutil import fresh_bundle, unet_inputs
 from sdcore.errors import ConfigError
 from sdcore.testing.contract import make_tiny_dataset
 from sdcore.train.method import SaveInfo
-from sdplugin_lora.adapters import LohaAdapter, LokrAdapter, LoraAdapter
+from sdplugin_lora.adapters import GloraAdapter, LohaAdapter, LokrAdapter, LoraAdapter
 from sdplugin_lora.apply import apply_lora
 from sdplugin_lora.format import read_lora
 from sdplugin_lora.method import LoraMethod, LoraOptions
@@ -221,6 +221,32 @@ dim = 2
     downs = {p for p, _ in bundle.unet.named_modules() if re.match(r"down_blocks\.\d\.resnets\.0\.time_emb_proj$", p)}
     assert emb == {f"lora_unet_{p}".replace(".", "_") for p in downs} and emb
     assert all(isinstance(modules[n], LokrAdapter) for n in emb)  # no map for Linear: the network's algo
+
+
+def test_preset_toml_maps_glora_as_lycoris_does(tmp_path):
+    """LyCORIS f49d30d lycoris/wrapper.py:45-55 network_module_dict has "glora" (lycoris/kohya.py:403 builds a map
+    entry's algo from it), so a preset may give a class GLoRA: its Linears get a1/a2/b1/b2 at the map's dim,
+    the rest the network's algo. sdcore refused the entry ("sdcore trains ... per module") though it trains GLoRA."""
+    bundle = fresh_bundle("sd1")
+    path = _toml(
+        tmp_path,
+        """
+unet_target_module = ["Transformer2DModel"]
+unet_target_name = []
+text_encoder_target_module = []
+[module_algo_map.CrossAttention]
+algo = "glora"
+dim = 2
+""",
+    )
+    method = _method(rank=4, algo="lokr", lycoris_preset=path)
+    method.prepare(bundle)
+    modules = method.network.loras
+    attn = {n: m for n, m in modules.items() if "_attn1_" in n or "_attn2_" in n}
+    assert attn and all(isinstance(m, GloraAdapter) and m.rank == 2 for m in attn.values())
+    assert all(isinstance(m, LokrAdapter) for n, m in modules.items() if n not in attn)
+    assert {k for m in attn.values() for k in m.state_dict()} == {
+        "a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"}  # fmt: skip
 
 
 def test_preset_toml_problems_are_listed_at_once(tmp_path):

@@ -142,7 +142,7 @@ REFUSED = {
     "'*.to_k'-style names",
 }
 #: the LyCORIS algos a map entry may name -> sdcore's --algo
-MAP_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "full": "full", "ia3": "ia3",
+MAP_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "full": "full", "ia3": "ia3", "glora": "glora",
              "diag-oft": "diag_oft", "boft": "boft"}  # fmt: skip
 _LIST_KEYS = ("unet_target_module", "unet_target_name", "text_encoder_target_module", "text_encoder_target_name")
 #: keys of LyCORIS' generic wrapper (LycorisNetwork) that lycoris.kohya's apply_preset does not read

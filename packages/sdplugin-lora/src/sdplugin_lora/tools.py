@@ -265,7 +265,7 @@ def dense_module(
         )
     keep = keep_dora and "dora_scale" in t and not variant.multiplicative
     if base is None and needs_base(t) and not keep:
-        kind = {"oft": "OFT", "ia3": "(IA)^3", "glora": "GLoRA"}.get(variant.algo, "DoRA")
+        kind = _ALGO_LABEL.get(variant.algo, variant.algo) if variant.multiplicative else "DoRA"
         raise NetworkMismatchError(
             f"{lora.label}: {name} is {kind}: its change depends on the base weights; pass --base-model"
         )

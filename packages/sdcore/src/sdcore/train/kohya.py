@@ -1391,6 +1391,11 @@ def _network(
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")
             chosen = "dora"
+        if chosen == "ia3":  # LyCORIS f49d30d lycoris/wrapper.py network_module_dict has no "ia3" (since 9598468)
+            out.notes.append(
+                "network_args algo=ia3: lycoris.kohya's algo table has no ia3 (LyCORIS 3.x: network_module_dict), so a "
+                "kohya run stops with KeyError 'ia3'; sdcore trains (IA)^3 on the preset's modules (--algo ia3)"
+            )
         if args.pop("train_on_input", None) is not None:  # lycoris.kohya's create_network does not pass it on
             out.notes.append("network_args train_on_input has no effect: lycoris.kohya does not pass it to its modules")
         # LyCORIS reads preset= by its exact name (a built-in one) or as a TOML file path; sdcore's

@@ -146,28 +146,20 @@ def test_unknown_tag_fails_before_loading(tmp_path, monkeypatch):
     assert "known tags: test" in str(result.exception)
 
 
-def test_and_is_refused_before_loading(tmp_path, monkeypatch):
-    """A1111 modules/prompt_parser.py splits the positive prompt at AND (composable diffusion); sdcore does
-    not, so it says so instead of encoding the word 'AND'."""
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr(generate_command, "_load_bundle", no_load)
-    out = str(tmp_path / "o.png")
-    result = _invoke(["-m", "tiny:sd1", "a cat AND a dog", "-o", out])
-    assert isinstance(result.exception, sdcore.ConfigError) and "AND" in str(result.exception)
-
-
 def test_prompt_editing_renders_on_sd_and_is_refused_on_flux(tmp_path):
     out = tmp_path / "o.png"
-    args = ["a [cat:dog:0.5] <test:a:1>", "-n", "[ugly|bad]", "--steps", "2", "--device", "cpu", "-o", str(out)]
+    args = ["a [cat:dog:0.5] <test:a:1> AND hat:0.5", "-n", "[ugly|bad]", "--steps", "2", "--device", "cpu"]
+    args += ["-o", str(out)]
     result = _invoke(["-m", "tiny:sd1", *args])
     assert result.exit_code == 0, result.output
     assert out.exists()
     result = _invoke(["-m", "tiny:flux", *args, "--overwrite"])
     assert isinstance(result.exception, sdcore.ConfigError)
-    assert "work with SD1, SD2 and SDXL models, not yet with this flux model" in str(result.exception)
+    assert "and AND work with SD1, SD2 and SDXL models, not yet with this flux model" in str(result.exception)
+    result = _invoke(
+        ["-m", "tiny:flux", "a cat AND a hat", "--steps", "1", "--device", "cpu", "-o", str(out), "--overwrite"]
+    )
+    assert "not yet with this flux model" in str(result.exception)  # AND alone is refused there too
 
 
 def test_existing_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):

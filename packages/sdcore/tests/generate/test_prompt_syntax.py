@@ -21,7 +21,6 @@ from sdcore.generate.prompt_syntax import (
     parse_prompt,
     plain_text,
     split_breaks,
-    unsupported_syntax,
 )
 
 # The examples A1111 documents for its attention parser (behaviour, not code).
@@ -263,25 +262,3 @@ def test_network_round_trip(parts, tail):
     assert clean == "".join(text for text, _ in parts) + tail
     assert [(r.tag, r.name, r.weights) for r in refs] == [(r.tag, r.name.strip(), r.weights) for _, r in parts]
     assert [r.text for r in refs] == [format_network(r) for _, r in parts]
-
-
-@pytest.mark.parametrize(
-    ("text", "negative", "found"),
-    [
-        # A1111 modules/prompt_parser.py: AND splits only the positive prompt
-        ("a [cat:dog:0.5] x", False, None),  # prompt editing renders (sdcore.generate.prompt_editing)
-        ("[a|b|c]", False, None),
-        ("cat AND dog", False, "AND"),
-        ("cat AND dog", True, None),
-        ("[a] (b:1.2) [c:d]", False, None),
-        ("\\[a:b:0.5\\] \\[a|b\\]", False, None),
-        ("rating:safe, score 1:2 ANDROID", False, None),
-        ("<lora:x:0.5> [b]", False, None),
-    ],
-)
-def test_unsupported_a1111_syntax(text, negative, found):
-    problem = unsupported_syntax(text, negative=negative)
-    if found is None:
-        assert problem is None
-    else:
-        assert problem is not None and found in problem

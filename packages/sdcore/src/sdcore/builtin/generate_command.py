@@ -211,7 +211,6 @@ def _run_generate(params: dict[str, Any]) -> None:
     from ..errors import ConfigError
     from ..generate.pipeline import generate_images, sampler_id
     from ..generate.pnginfo import RNG_SOURCE, format_parameters, model_short_hash, save_png
-    from ..generate.prompt_syntax import unsupported_syntax
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
@@ -226,13 +225,13 @@ def _run_generate(params: dict[str, Any]) -> None:
     session = NetworkSession(handlers)
     # Fail on unknown tags and malformed syntax before spending time on loading the model.
     session.parse(params["prompt"], params["negative"])
-    problems = [unsupported_syntax(params["prompt"]), unsupported_syntax(params["negative"], negative=True)]
+    problems: list[str] = []
     existing = [str(p) for p in _output_paths(params["output"], params["batch"]) if p.exists()]
     if existing and not params["overwrite"]:  # an earlier image is never replaced in silence
         verb = "exists" if len(existing) == 1 else "exist"
         problems.append(f"{', '.join(existing)} already {verb}; pass --overwrite to replace, or choose another -o")
-    if any(problems):
-        raise ConfigError("; ".join(problem for problem in problems if problem))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
     bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
@@ -244,13 +243,12 @@ def _run_generate(params: dict[str, Any]) -> None:
     from ..generate.prompt_editing import StepPrompts
     from ..models.sd_unet import SdUnetAdapter
 
-    if (
-        not isinstance(adapter, SdUnetAdapter)
-        and StepPrompts.build([params["prompt"]], [params["negative"]], params["steps"]).changes
-    ):
+    edits = StepPrompts.build([params["prompt"]], [params["negative"]], params["steps"])
+    if not isinstance(adapter, SdUnetAdapter) and (edits.changes or len(edits.owners) > 1):
         raise ConfigError(
-            "A1111 prompt editing ([from:to:when]) and alternation ([a|b]) work with SD1, SD2 and SDXL models, "
-            f"not yet with this {bundle.family} model; write the words you want (escape literal brackets as \\[ \\])"
+            "A1111 prompt editing ([from:to:when]), alternation ([a|b]) and AND work with SD1, SD2 and SDXL "
+            f"models, not yet with this {bundle.family} model; write the words you want (escape literal "
+            "brackets as \\[ \\], write 'and' in lower case)"
         )
     if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
         sampler = getattr(adapter, "default_sampler", "euler_a")

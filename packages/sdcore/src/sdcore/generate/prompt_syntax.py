@@ -230,27 +230,6 @@ def plain_text(chunks: list[Chunk]) -> str:
     return "".join(" " if is_break(chunk) else chunk.text for chunk in chunks)
 
 
-# A1111's AND (composable diffusion, modules/prompt_parser.py): splits the positive prompt only
-_AND_RE = re.compile(r"\bAND\b(?!_PERP|_SALT|_TOPK)")
-
-
-def unsupported_syntax(prompt: str, *, negative: bool = False) -> str | None:
-    """Why ``prompt`` uses A1111 syntax sdcore does not render, or ``None``.
-
-    ``AND`` combines several predictions per step (composable diffusion); read as plain text it would
-    silently encode the word ``AND`` instead, so it is refused. A1111 splits ``AND`` only in the positive
-    prompt, so a negative prompt may hold the word. Prompt editing and alternation are rendered
-    (:mod:`sdcore.generate.prompt_editing`).
-    """
-    clean, _ = parse_networks(prompt)
-    if not negative and _AND_RE.search(clean):
-        return (
-            "the prompt uses A1111's AND (composable diffusion), which sdcore does not support; "
-            "write 'and' in lower case for the word"
-        )
-    return None
-
-
 def parse_prompt(prompt: str, *, strict: bool = False) -> tuple[list[Chunk], list[NetworkRef]]:
     """Both layers at once: network refs cut out, then the rest split into weighted chunks."""
     clean, refs = parse_networks(prompt)
@@ -270,5 +249,4 @@ __all__ = [
     "parse_prompt",
     "plain_text",
     "split_breaks",
-    "unsupported_syntax",
 ]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sdcore.errors import ConfigError, NetworkMismatchError
 from sdplugin_lora.commands import lora_group
 from sdplugin_lora.format import parse_state_dict, save_lora
-from sdplugin_lora.tools import merge_into_model, merge_loras, resize_lora
+from sdplugin_lora.tools import extract_lora, merge_into_model, merge_loras, resize_lora
 
 LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
@@ -99,6 +99,14 @@ def test_ranks_below_one_refused():
         resize_lora(lora, 2, conv_rank=-1)
     with pytest.raises(ConfigError, match="at least 1"):
         merge_loras([(lora, 1.0)], mode="svd", rank=-3)
+
+
+@pytest.mark.parametrize("quantile", [0.0, -0.5, 1.5])
+def test_clamp_quantile_outside_zero_one_refused(quantile):
+    with pytest.raises(ConfigError, match="clamp-quantile"):
+        merge_loras([(_lora(1), 1.0)], mode="svd", rank=2, clamp_quantile=quantile)
+    with pytest.raises(ConfigError, match="clamp-quantile"):
+        extract_lora(None, None, clamp_quantile=quantile)
 
 
 def test_cli_bad_ratio_names_file_and_ratio(tmp_path):

@@ -38,6 +38,12 @@ def check_ranks(**ranks: int | None) -> None:
         raise ConfigError(f"{', '.join(bad)}: a rank must be at least 1")
 
 
+def check_quantile(clamp_quantile: float | None) -> None:
+    """``--clamp-quantile`` is a quantile: in (0, 1] (1 = no clamp), or ``None`` for none."""
+    if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
+        raise ConfigError(f"--clamp-quantile {clamp_quantile}: choose a value in (0, 1] (1 = no clamp)")
+
+
 def check_ratios(loras: Sequence[tuple[Any, float]]) -> None:
     """Refuse NaN or infinite ratios, which would write NaN weights without a word."""
     bad = [f"{getattr(lora, 'label', lora)}:{ratio}" for lora, ratio in loras if not math.isfinite(ratio)]
@@ -105,6 +111,7 @@ def extract_lora(
     ``conv_rank``.
     """
     check_ranks(rank=rank, conv_rank=conv_rank)
+    check_quantile(clamp_quantile)
     if base.family != tuned.family:
         raise NetworkMismatchError(f"cannot extract between a {base.family} base and a {tuned.family} fine-tune")
     base_index = ModuleIndex.from_bundle(base)
@@ -446,6 +453,7 @@ def merge_loras(
     if mode == "svd" and not rank:
         raise ConfigError("svd merge needs --rank")
     check_ranks(rank=rank, conv_rank=conv_rank)
+    check_quantile(clamp_quantile)
     check_ratios(loras)
     families = {family for family in (detect_family(lora)[0] for lora, _ in loras) if family is not None}
     if len(families) > 1:

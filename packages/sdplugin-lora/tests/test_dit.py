@@ -688,6 +688,8 @@ def test_extract_writes_kohya_modules_and_recovers_a_known_fused_lora(family):
     extracted = parse_state_dict(result.tensors, result.metadata)
     assert set(extracted.modules) == names and {w.rank for w in extracted.modules.values()} == {2}
     assert result.metadata["ss_base_model_version"] == ("flux1" if family == "flux" else "5-medium")
+    # flux_extract_lora.py: ss_network_module "networks.lora_flux" (SD3: lora_sd3, what loads its names)
+    assert result.metadata["ss_network_module"] == f"networks.lora_{family}"
     base_index = _index(family, base)
     apply_loras(None, [extracted], index=base_index, merge=True, strict=True)
     want, got = _weights(tuned), _weights(base)

@@ -17,8 +17,12 @@ def _load_model(source: str) -> Any:
 
 
 def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
-    """``file.safetensors[:ratio]`` (ratio 1.0 by default)."""
+    """``file.safetensors[:ratio]`` (ratio 1.0 by default); a ratio that is no number is an error
+    (naming the file and the ratio) when the file before it exists."""
+    from sdcore.errors import ConfigError
+
     out = []
+    bad = []
     for value in values:
         path, sep, ratio = value.rpartition(":")
         if sep and path and not Path(value).exists():
@@ -26,8 +30,12 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
                 out.append((path, float(ratio)))
                 continue
             except ValueError:
-                pass
+                if Path(path).exists():
+                    bad.append(f"{value}: the ratio {ratio!r} is not a number")
+                    continue
         out.append((value, 1.0))
+    if bad:
+        raise ConfigError("; ".join(bad))
     return out
 
 
@@ -182,6 +190,12 @@ def resize_command(
 @click.option("--rank", type=int, default=None, help="Rank for --mode svd.")
 @click.option("--conv-rank", type=int, default=None, help="Conv rank for --mode svd.")
 @click.option(
+    "--clamp-quantile",
+    default=0.99,
+    show_default=True,
+    help="--mode svd: clamp the factors to this quantile, as kohya's svd_merge_lora.py (1 = off).",
+)
+@click.option(
     "--base-model",
     default=None,
     help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
@@ -194,6 +208,7 @@ def merge_command(
     mode: str,
     rank: int | None,
     conv_rank: int | None,
+    clamp_quantile: float,
     base_model: str | None,
     save_dtype: str,
 ) -> None:
@@ -210,7 +225,12 @@ def merge_command(
         return
     base = _load_model(base_model) if base_model else None
     tensors, meta = merge_loras(
-        [(read_lora(p), r) for p, r in weighted], mode=mode, rank=rank, conv_rank=conv_rank, base=base
+        [(read_lora(p), r) for p, r in weighted],
+        mode=mode,
+        rank=rank,
+        conv_rank=conv_rank,
+        base=base,
+        clamp_quantile=clamp_quantile,
     )
     path = save_lora(output, tensors, meta, dtype=save_dtype)
     click.echo(f"wrote {path}: {len(tensors) // 3} modules")

@@ -20,11 +20,35 @@ import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 
 from .adapters import LoraVariant, OftVariant, needs_base, weight_change
-from .algos import PLAIN_LORA_MODULES
+from .algos import FAMILY_LORA_MODULE, PLAIN_LORA_MODULES
 from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+#: kohya ``svd_merge_lora.py`` ``CLAMP_QUANTILE`` (and ``extract_lora_from_models.py``'s
+#: ``--clamp_quantile`` default): factors are clamped to this quantile of their values
+CLAMP_QUANTILE = 0.99
+
+
+def check_ranks(**ranks: int | None) -> None:
+    """Refuse ranks below 1 (a zero or negative rank would write empty or nonsense modules)."""
+    bad = [f"--{name.replace('_', '-')} {value}" for name, value in ranks.items() if value is not None and value < 1]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: a rank must be at least 1")
+
+
+def check_quantile(clamp_quantile: float | None) -> None:
+    """``--clamp-quantile`` is a quantile: in (0, 1] (1 = no clamp), or ``None`` for none."""
+    if clamp_quantile is not None and not 0 < clamp_quantile <= 1:
+        raise ConfigError(f"--clamp-quantile {clamp_quantile}: choose a value in (0, 1] (1 = no clamp)")
+
+
+def check_ratios(loras: Sequence[tuple[Any, float]]) -> None:
+    """Refuse NaN or infinite ratios, which would write NaN weights without a word."""
+    bad = [f"{getattr(lora, 'label', lora)}:{ratio}" for lora, ratio in loras if not math.isfinite(ratio)]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: a ratio must be a finite number")
 
 
 def _quantile(values: torch.Tensor, q: float) -> float:
@@ -76,7 +100,7 @@ def extract_lora(
     *,
     rank: int = 4,
     conv_rank: int | None = None,
-    clamp_quantile: float = 0.99,
+    clamp_quantile: float = CLAMP_QUANTILE,
     min_diff: float = 0.01,
     text_encoder: bool = True,
 ) -> ExtractResult:
@@ -86,6 +110,8 @@ def extract_lora(
     a UNet-only fine-tune does not produce noise TE modules). 3x3 convs are extracted only with
     ``conv_rank``.
     """
+    check_ranks(rank=rank, conv_rank=conv_rank)
+    check_quantile(clamp_quantile)
     if base.family != tuned.family:
         raise NetworkMismatchError(f"cannot extract between a {base.family} base and a {tuned.family} fine-tune")
     base_index = ModuleIndex.from_bundle(base)
@@ -132,9 +158,16 @@ def extract_lora(
         alpha=rank,
         conv_rank=conv_rank,
         conv_alpha=conv_rank,
+        network_module=lora_module(base.family),
         extra={"ss_training_comment": "extracted with sdcore lora extract"},
     )
     return ExtractResult(tensors, meta, skipped, len(tensors) // 3)
+
+
+def lora_module(family: str | None) -> str:
+    """kohya's ``ss_network_module`` of a plain LoRA for ``family``: ``networks.lora_flux`` for Flux
+    (``flux_extract_lora.py``), ``networks.lora_sd3`` for SD3, ``networks.lora`` otherwise."""
+    return FAMILY_LORA_MODULE.get(family or "", "networks.lora")
 
 
 def _kohya_deltas(index: ModuleIndex, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -319,6 +352,7 @@ def resize_lora(
     DoRA (their inner ΔW is re-factored, ``dora_scale`` kept); OFT modules need ``base`` (the
     model they were trained on) and become the LoRA of ``Rᵀ W - W``.
     """
+    check_ranks(rank=rank, conv_rank=conv_rank)
     if dynamic is not None and dynamic_param is None:
         raise ConfigError(f"--dynamic {dynamic} needs --dynamic-param")
     family = detect_family(lora)[0]
@@ -326,9 +360,11 @@ def resize_lora(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, int]] = {}
     retained: dict[str, float] = {}
+    conv_keys: dict[str, bool] = {}
     for name, weights in lora.modules.items():
         dense = dense_module(lora, name, weights, family=family, base=weights_of.get(name), keep_dora=True)
         conv = len(dense.shape) == 4 and tuple(dense.shape[2:]) != (1, 1)
+        conv_keys[dense.key] = conv
         cap = (conv_rank or rank) if conv else rank
         U, S, Vh = torch.linalg.svd(dense.delta, full_matrices=False)
         new = min(dynamic_rank(S, cap, dynamic, dynamic_param), S.numel())
@@ -344,11 +380,20 @@ def resize_lora(
     meta = dict(lora.metadata)
     meta.pop("sshs_model_hash", None)
     meta.pop("sshs_legacy_hash", None)
-    old_dim = meta.get("ss_network_dim", "?")
-    meta["ss_network_dim"] = "Dynamic" if dynamic else str(rank)
-    meta["ss_network_alpha"] = "Dynamic"
+    # kohya resize_lora.py: the largest old rank of the tensors; dim/alpha "Dynamic" with a dynamic method,
+    # else the new rank and the new alpha (kohya writes the last module's: here the Linear/1x1 modules'
+    # when they share one, "Dynamic" when they do not)
+    old_dim = max((old for old, _ in ranks.values()), default=0)
+    if dynamic:
+        meta["ss_network_dim"] = meta["ss_network_alpha"] = "Dynamic"
+        note = f"Dynamic resize with {dynamic}: {dynamic_param} from {old_dim}"
+    else:
+        alphas = {float(tensors[f"{key}.alpha"]) for key in ranks if not conv_keys[key]}
+        meta["ss_network_dim"] = str(rank)
+        meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+        conv_note = f" (conv: {conv_rank})" if conv_rank and conv_rank != rank else ""
+        note = f"dimension is resized from {old_dim} to {rank}{conv_note}"
     comment = meta.get("ss_training_comment", "")
-    note = f"dimension is resized from {old_dim} to {meta['ss_network_dim']}"
     meta["ss_training_comment"] = f"{note}; {comment}" if comment and comment != "None" else note
     raw = meta.get("ss_network_args")
     args = json.loads(raw) if raw not in (None, "", "None") else {}
@@ -361,7 +406,7 @@ def resize_lora(
         args = {k: v for k, v in args.items() if k in ("conv_dim", "conv_alpha")}
         if dora:
             args.update({"algo": "lora", "dora_wd": "True"})
-        meta["ss_network_module"] = "lycoris.kohya" if dora else "networks.lora"
+        meta["ss_network_module"] = "lycoris.kohya" if dora else lora_module(family)
     if conv_rank:
         args["conv_dim"] = str(conv_rank)
         args["conv_alpha"] = "Dynamic"
@@ -377,6 +422,7 @@ def merge_into_model(bundle: Any, loras: Sequence[tuple[str | Path | LoraFile, f
     """Bake LoRA-family files into ``bundle``'s weights (``W += ratio * (W' - W)``); returns modules touched."""
     from .apply import LoraSpec, apply_loras
 
+    check_ratios(loras)
     applied = apply_loras(bundle, [LoraSpec(lora, ratio) for lora, ratio in loras], merge=True, strict=strict)
     touched = applied.touched
     applied.backups.clear()  # nothing to restore: the merge is permanent
@@ -390,12 +436,14 @@ def merge_loras(
     rank: int | None = None,
     conv_rank: int | None = None,
     base: Any = None,
+    clamp_quantile: float | None = CLAMP_QUANTILE,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Several LoRA-family files into one LoRA.
 
     ``concat`` stacks ranks (exact: ΔW = Σ ratio·scale·up@down, alpha = total rank; plain
     LoRA/LoCon only); ``svd`` sums the dense ΔW each variant computes and re-factors the sum to
-    ``rank`` (kohya ``svd_merge_lora``), for every algorithm: DoRA and OFT modules contribute
+    ``rank`` (kohya ``svd_merge_lora``, its factors clamped to ``clamp_quantile`` as kohya's
+    ``CLAMP_QUANTILE`` does; 1 or ``None`` = no clamp), for every algorithm: DoRA and OFT modules contribute
     ``W' - W`` against ``base`` (the model they were trained on), which they need. Modules are
     matched by layer name, so all inputs must use the same naming (the same family and trainer
     style; kohya's ``oft_unet_`` names count as ``lora_unet_``).
@@ -404,6 +452,9 @@ def merge_loras(
         raise ConfigError(f"merge mode {mode!r}: choose concat or svd")
     if mode == "svd" and not rank:
         raise ConfigError("svd merge needs --rank")
+    check_ranks(rank=rank, conv_rank=conv_rank)
+    check_quantile(clamp_quantile)
+    check_ratios(loras)
     families = {family for family in (detect_family(lora)[0] for lora, _ in loras) if family is not None}
     if len(families) > 1:
         raise NetworkMismatchError(f"cannot merge LoRAs of different families: {', '.join(sorted(families))}")
@@ -421,10 +472,12 @@ def merge_loras(
     tensors: dict[str, torch.Tensor] = {}
     for key, group in parts.items():
         if mode == "concat":
+            weight_shape = lora_flat_delta(group[0][2])[1]
+            if any(LoraVariant.shape(w.tensors) != weight_shape for _, _, w, _ in group[1:]):
+                raise NetworkMismatchError(f"{key}: the files give this layer different shapes")
             ups = [w.up.float().flatten(1) * (ratio * w.scale) for _, _, w, ratio in group]
             downs = [w.down.float().flatten(1) for _, _, w, _ in group]
             up, down = torch.cat(ups, 1), torch.cat(downs, 0)
-            weight_shape = lora_flat_delta(group[0][2])[1]
             r = up.shape[1]
         else:
             denses = [
@@ -439,16 +492,21 @@ def merge_loras(
             conv = len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1)
             cap = int((conv_rank or rank) if conv else rank)  # type: ignore[arg-type]
             r = min(cap, *delta.shape)
-            up, down = _factor(delta, r, None)
+            up, down = _factor(delta, r, clamp_quantile)
         up, down = _shape_factors(up, down, weight_shape)
         tensors[f"{key}.lora_up.weight"] = up.contiguous()
         tensors[f"{key}.lora_down.weight"] = down.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(r))
-    ranks = [int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_down.weight")]
+    downs = [t for k, t in tensors.items() if k.endswith(".lora_down.weight")]
+    ranks = [int(t.shape[0]) for t in downs if not (t.dim() == 4 and tuple(t.shape[2:]) != (1, 1))]
+    conv_ranks = [int(t.shape[0]) for t in downs if t.dim() == 4 and tuple(t.shape[2:]) != (1, 1)]
     meta = network_metadata(
         family=family or "sd1",
         rank=max(ranks) if ranks else 0,
         alpha=max(ranks) if ranks else 0,
+        conv_rank=max(conv_ranks) if conv_ranks else None,
+        conv_alpha=max(conv_ranks) if conv_ranks else None,
+        network_module=lora_module(family),
         extra={
             "ss_training_comment": f"merged ({mode}) from "
             + ", ".join(f"{lora.label}:{ratio}" for lora, ratio in loras),

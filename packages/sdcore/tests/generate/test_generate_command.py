@@ -146,20 +146,19 @@ def test_unknown_tag_fails_before_loading(tmp_path, monkeypatch):
     assert "known tags: test" in str(result.exception)
 
 
-def test_prompt_editing_renders_on_sd_and_is_refused_on_flux(tmp_path):
+def test_prompt_editing_renders_on_sd_and_on_flux(tmp_path):
     out = tmp_path / "o.png"
-    args = ["a [cat:dog:0.5] <test:a:1> AND hat:0.5", "-n", "[ugly|bad]", "--steps", "2", "--device", "cpu"]
-    args += ["-o", str(out)]
-    result = _invoke(["-m", "tiny:sd1", *args])
+    args = ["-n", "[ugly|bad]", "--steps", "2", "--device", "cpu", "-o", str(out)]
+    result = _invoke(["-m", "tiny:sd1", "a [cat:dog:0.5] <test:a:1> AND hat:0.5", *args])
     assert result.exit_code == 0, result.output
     assert out.exists()
-    result = _invoke(["-m", "tiny:flux", *args, "--overwrite"])
-    assert isinstance(result.exception, sdcore.ConfigError)
-    assert "and AND work with SD1, SD2 and SDXL models, not yet with this flux model" in str(result.exception)
-    result = _invoke(
-        ["-m", "tiny:flux", "a cat AND a hat", "--steps", "1", "--device", "cpu", "-o", str(out), "--overwrite"]
-    )
-    assert "not yet with this flux model" in str(result.exception)  # AND alone is refused there too
+    # the flow families render them too (no refusal after loading); the infotext keeps the prompt as written
+    prompt = "a [cat:dog:0.5] AND hat:0.5"
+    result = _invoke(["-m", "tiny:flux", prompt, *args, "--true-cfg-scale", "2", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        params = parse_parameters(image.info["parameters"])
+    assert (params.prompt, params.negative_prompt) == (prompt, "[ugly|bad]")
 
 
 def test_existing_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def test_and_composition_maps_parts_to_their_images():
     """Two images, the first with three parts: each image's guided output is u + sum(w (c - u)), computed
     with a stand-in UNet whose output is its conditioning's mean (so every row's source shows)."""
     from sdcore.generate.conditioning import Conditioning
-    from sdcore.generate.step_conditioning import StepConditioning
+    from sdcore.generate.step_conditioning import StepConditioning, UnetSlots, output_tensor
 
     edits = StepPrompts.build(["a AND b:0.5 AND c:-1", "d"], ["n1", "n2"], 4)
     value = {"a": 1.0, " b": 2.0, " c": 3.0, "d": 4.0, "n1": 10.0, "n2": 20.0}
@@ -178,7 +178,9 @@ def test_and_composition_maps_parts_to_their_images():
     kwargs["encoder_hidden_states"][1] = 20.0
     kwargs["encoder_hidden_states"][3] = 4.0
     output = unet(sample, 0, **kwargs)
-    combined = per_call._compose(unet, (sample, 0), kwargs, output, call=0, guided=True)
+    slots = UnetSlots()
+    named = slots.arguments((sample, 0), kwargs)
+    combined = per_call._compose(unet, slots, named, output_tensor(output), call=0, guided=True)
     expected_first = 10 + (1 - 10) + 0.5 * (2 - 10) - 1 * (3 - 10)
     assert combined[:2, 0, 0, 0].tolist() == [10.0, 20.0]  # the negative half is kept
     assert combined[2, 0, 0, 0].item() == pytest.approx(expected_first)

@@ -240,16 +240,6 @@ def _run_generate(params: dict[str, Any]) -> None:
     from ..models.family import default_cfg, family_adapter
 
     adapter = family_adapter(bundle.family_spec)
-    from ..generate.prompt_editing import StepPrompts
-    from ..models.sd_unet import SdUnetAdapter
-
-    edits = StepPrompts.build([params["prompt"]], [params["negative"]], params["steps"])
-    if not isinstance(adapter, SdUnetAdapter) and (edits.changes or len(edits.owners) > 1):
-        raise ConfigError(
-            "A1111 prompt editing ([from:to:when]), alternation ([a|b]) and AND work with SD1, SD2 and SDXL "
-            f"models, not yet with this {bundle.family} model; write the words you want (escape literal "
-            "brackets as \\[ \\], write 'and' in lower case)"
-        )
     if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
         sampler = getattr(adapter, "default_sampler", "euler_a")
     # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,21 +171,30 @@ def _euler_schedule_heun() -> Any:
     return EulerScheduleHeun
 
 
-def run_pipeline(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int], device: Any = None) -> list[Any]:
+def run_pipeline(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int], device: Any = None,
+                 hooks: Callable[[list[int]], AbstractContextManager[Any]] | None = None) -> list[Any]:  # fmt: skip
     """``pipe(**kwargs).images``; for a stochastic sampler one call per image (``seeds[i]``'s rows of every
-    batched argument: tensors and lists as long as ``seeds``) under :func:`sampler_noise`."""
+    batched argument: tensors and lists as long as ``seeds``) under :func:`sampler_noise`.
+
+    ``hooks(images)``: a context around each pipeline call for the images it renders (numbered in the batch),
+    e.g. :meth:`sdcore.generate.step_conditioning.StepConditioning.installed` for those images' conditioning
+    (its evaluation count starts again with each call)."""
     import torch
 
-    if not FLOW_SAMPLERS[flow_sampler_id(sampler)].stochastic:
-        return list(pipe(**kwargs).images)
-    images: list[Any] = []
+    def around(images: list[int]) -> AbstractContextManager[Any]:
+        return hooks(images) if hooks is not None else contextlib.nullcontext()
+
     count = len(seeds)
+    if not FLOW_SAMPLERS[flow_sampler_id(sampler)].stochastic:
+        with around(list(range(count))):
+            return list(pipe(**kwargs).images)
+    images: list[Any] = []
     for index, seed in enumerate(seeds):
         one = {
             key: value[index : index + 1] if isinstance(value, (list, torch.Tensor)) and len(value) == count else value
             for key, value in kwargs.items()
         }
-        with sampler_noise(sampler, seed, device):
+        with sampler_noise(sampler, seed, device), around([index]):
             images.extend(pipe(**one).images)
     return images
 

@@ -16,9 +16,10 @@ The forms, as A1111's ``modules/prompt_parser.py`` reads them (behaviour rewritt
 - A prompt that does not parse (an unmatched bracket inside a group, a ``|`` outside ``[...]``) renders
   as written at every step, as A1111 does on a grammar error.
 
-A1111 counts denoiser calls, not sampler steps: a second-order sampler (Heun, DPM2) calls the model
-twice per step, so its edits come at half the step count, in A1111 and here (the conditioning is
-switched per model call, :mod:`sdcore.generate.step_conditioning`).
+A1111 (and Forge) count denoiser evaluations, not sampler steps: a second-order sampler (Heun, DPM2)
+evaluates the model twice per step, so its edits come at half the step count, in A1111 and here; a CFG
+pass of prompt and negative is one evaluation, in one batched call or two (the conditioning is switched
+per evaluation, :mod:`sdcore.generate.step_conditioning`).
 
 ``AND`` splits the positive prompt (never the negative one) into parts; a part ending in ``:number``
 weighs that much (``a cat AND a hat:0.5``; this holds for a prompt without ``AND`` too: a trailing

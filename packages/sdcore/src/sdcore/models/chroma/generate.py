@@ -6,6 +6,8 @@ do; ``--cfg 1`` turns it off. The prompts are encoded by :class:`~sdcore.models.
 (the training encoding) and handed to the pipeline with boolean masks, so the joint attention hides T5's
 padding as in training. Samplers and the resolution-dependent shift are Flux's
 (:mod:`sdcore.generate.flow_samplers`); sides are multiples of 16; A1111 emphasis weights are dropped.
+A1111 prompt editing, alternation and ``AND`` render as on the other real-CFG families
+(:mod:`sdcore.generate.step_conditioning`).
 """
 
 from __future__ import annotations
@@ -51,22 +53,41 @@ def run_chroma(
     sampler: str = "euler",
     **_: Any,
 ) -> list[Image.Image]:
-    """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``)."""
+    """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); A1111 prompt
+    editing, alternation and ``AND`` switch per transformer evaluation, CFG's prompt and negative calls
+    counting once (:mod:`sdcore.generate.step_conditioning`)."""
     import torch
 
     from ...generate.flow_samplers import run_pipeline
+    from ...generate.prompt_editing import StepPrompts
     from ...generate.prompt_syntax import parse_emphasis, plain_text
+    from ...generate.step_conditioning import ChromaSlots, StepConditioning, TextRows
     from ..flux.adapter import T5_MASK
     from .adapter import ChromaAdapter
 
     if width % 16 or height % 16:
         raise ConfigError(f"Chroma image sides must be multiples of 16, got {width}x{height}")
     adapter = ChromaAdapter()
-    cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(p)) for p in prompts])
+    edits = StepPrompts.build(prompts, negatives, steps)
+    guided = cfg > 1.0  # the pipeline's condition for CFG
+    needs_uncond = guided or edits.composed  # AND without CFG runs the uncond itself, as A1111 does
+
+    def encode(texts: list[str], negative_texts: list[str]) -> tuple[TextRows, TextRows | None]:
+        # emphasis is read after the schedule rendered the text (its brackets are the schedule's first)
+        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts])
+        rows = TextRows(cond.hidden_states, mask=cond.extra[T5_MASK])
+        if not needs_uncond:
+            return rows, None
+        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negative_texts],
+                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
+        return rows, TextRows(uncond.hidden_states, mask=uncond.extra[T5_MASK])
+
+    per_call = StepConditioning(edits, encode)
+    cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
-        "prompt_embeds": cond.hidden_states,
-        "prompt_attention_mask": cond.extra[T5_MASK],
+        "prompt_embeds": cond.embeds,
+        "prompt_attention_mask": cond.mask,
         "num_inference_steps": steps,
         "guidance_scale": cfg,
         "generator": generators,
@@ -74,11 +95,11 @@ def run_chroma(
         "width": width,
         "height": height,
     }
-    if cfg > 1.0:  # the pipeline's condition for CFG
-        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negatives],
-                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
-        kwargs.update(negative_prompt_embeds=uncond.hidden_states, negative_prompt_attention_mask=uncond.extra[T5_MASK])
+    if guided:
+        kwargs.update(negative_prompt_embeds=uncond.embeds, negative_prompt_attention_mask=uncond.mask)
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
-    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)
+    slots = ChromaSlots(split=guided)
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
+                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip

@@ -12,6 +12,8 @@ What differs from the SD families, as Forge and ComfyUI users know it:
   default, ``euler_a``, ``heun``, ``dpm++2m``, ``unipc``), each on dev's resolution-dependent shift.
 - Image sides are multiples of 16 (8x VAE, then 2x2 packing), and A1111 emphasis weights are dropped
   (the text is encoded plainly by CLIP-L and T5).
+- A1111 prompt editing, alternation and ``AND`` render as Forge renders them on Flux
+  (:mod:`sdcore.generate.step_conditioning`).
 """
 
 from __future__ import annotations
@@ -72,22 +74,41 @@ def run_flux(
     **_: Any,
 ) -> list[Image.Image]:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); with
-    ``true_cfg_scale`` > 1, true CFG against ``negatives`` (empty ones too, as Forge and ComfyUI do)."""
+    ``true_cfg_scale`` > 1, true CFG against ``negatives`` (empty ones too, as Forge and ComfyUI do).
+
+    A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
+    (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
+    counts them; without true CFG, ``AND`` is Forge's ``sum(w_i * denoised_i)`` (see that module)."""
     import torch
 
+    from ...generate.conditioning import Conditioning
     from ...generate.flow_samplers import run_pipeline
+    from ...generate.prompt_editing import StepPrompts
     from ...generate.prompt_syntax import parse_emphasis, plain_text
+    from ...generate.step_conditioning import FluxSlots, StepConditioning
     from .adapter import FluxAdapter
 
     check_true_cfg(negatives, true_cfg_scale)
     if width % 16 or height % 16:
         raise ConfigError(f"Flux image sides must be multiples of 16, got {width}x{height}")
     adapter = FluxAdapter()
-    texts = [plain_text(parse_emphasis(prompt)) for prompt in prompts]
-    cond = adapter.encode_prompts(bundle, texts)
+    true_cfg = true_cfg_scale > 1.0
+
+    def encode(texts: list[str], negative_texts: list[str]) -> tuple[Conditioning, Conditioning | None]:
+        # emphasis is read after the schedule rendered the text (its brackets are the schedule's first)
+        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts])
+        if not true_cfg:
+            return Conditioning(cond.hidden_states, cond.pooled), None
+        # the same T5 length as the prompt's, as the pipeline requires
+        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negative_texts],
+                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
+        return Conditioning(cond.hidden_states, cond.pooled), Conditioning(uncond.hidden_states, uncond.pooled)
+
+    per_call = StepConditioning(StepPrompts.build(prompts, negatives, steps), encode)
+    cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
-        "prompt_embeds": cond.hidden_states,
+        "prompt_embeds": cond.embeds,
         "pooled_prompt_embeds": cond.pooled,
         "num_inference_steps": steps,
         "guidance_scale": cfg,
@@ -96,15 +117,15 @@ def run_flux(
         "width": width,
         "height": height,
     }
-    if true_cfg_scale > 1.0:  # the same T5 length as the prompt's, as the pipeline requires
-        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negatives],
-                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
-        kwargs.update(negative_prompt_embeds=uncond.hidden_states, negative_pooled_prompt_embeds=uncond.pooled,
+    if true_cfg:
+        kwargs.update(negative_prompt_embeds=uncond.embeds, negative_pooled_prompt_embeds=uncond.pooled,
                       true_cfg_scale=true_cfg_scale)  # fmt: skip
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
-    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)
+    slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
+                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
 
 
 def check_true_cfg(negatives: list[str], true_cfg_scale: float) -> None:

@@ -4,7 +4,9 @@ Samplers are the flow-matching ones every flow family shares (:mod:`sdcore.gener
 ``euler``, SD3's reference sampler, ``euler_a``, ``heun``, ``dpm++2m``, ``unipc``), configured from the bundle's schedule (its
 ``shift``). Prompts are encoded by the family adapter (what training
 uses) and handed to the pipeline as embeddings; A1111's ``clip_skip`` counts from the last layer
-(1 = SD3's default, the penultimate hidden state of both CLIPs).
+(1 = SD3's default, the penultimate hidden state of both CLIPs). A1111's prompt editing, alternation and
+``AND`` render as on the SD families (:mod:`sdcore.generate.step_conditioning`: each transformer call gets
+its evaluation's embeddings and pooled vectors).
 """
 
 from __future__ import annotations
@@ -93,12 +95,20 @@ def generate_sd3(
     import torch
 
     from ...generate.flow_samplers import run_pipeline
+    from ...generate.prompt_editing import StepPrompts
+    from ...generate.step_conditioning import StepConditioning, TextSlots
 
     if true_cfg_scale != 1.0:
         raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD3 takes --cfg")
     pipe = build_sd3_pipeline(bundle, img2img=image is not None, sampler=sampler)
     pipe.set_progress_bar_config(disable=True)
-    cond, uncond = encode_sd3_cond_uncond(bundle, prompts, negatives, clip_skip=clip_skip)
+    # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into
+    # each transformer call (the pipeline batches [uncond, cond] as the SD pipelines do)
+    per_call = StepConditioning(
+        StepPrompts.build(prompts, negatives, steps),
+        lambda texts, negative_texts: encode_sd3_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip),
+    )
+    cond, uncond = per_call.first_parts(0)
     kwargs: dict[str, Any] = {
         "prompt_embeds": cond.embeds,
         "negative_prompt_embeds": uncond.embeds,
@@ -113,4 +123,6 @@ def generate_sd3(
         kwargs.update(image=[image] * len(prompts), strength=strength)
     else:
         kwargs.update(width=width, height=height)
-    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device)
+    slots = TextSlots()
+    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
+                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip

@@ -627,10 +627,28 @@ def test_uncached_images_are_prefetched_in_background_threads(tmp_path, monkeypa
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
 
 
-def test_run_method_contract_helper_and_a_method_that_does_not_learn(tmp_path):
-    from sdcore.testing.contract import run_method_contract
+def test_run_method_contract_helper_and_a_method_that_does_not_learn(tmp_path, monkeypatch):
+    """``run_method_contract`` (for plugins without pytest classes) runs every check in order, each in its
+    own folder, with the overrides; the checks themselves run in TestConvOutContract above."""
+    from sdcore.testing import contract
 
-    run_method_contract(ConvOutMethod, {"train_text_norm": True}, tmp_path=tmp_path / "ok")
+    calls = []
+    names = ("check_config_roundtrip", "check_one_step", "check_learning", "check_save_load", "check_resume",
+             "check_determinism")  # fmt: skip
+
+    def recorder(name):
+        def check(cls, folder, overrides, *, family):
+            calls.append((name, cls, folder, overrides, family))
+
+        check.__name__ = name  # the helper names each check's folder after it
+        return check
+
+    for name in names:
+        monkeypatch.setattr(contract, name, recorder(name))
+    contract.run_method_contract(ConvOutMethod, {"train_text_norm": True}, tmp_path=tmp_path / "ok")
+    assert [c[0] for c in calls] == list(names)
+    assert all(c[1] is ConvOutMethod and c[3] == {"train_text_norm": True} and c[4] == "sd1" for c in calls)
+    assert [c[2] for c in calls] == [tmp_path / "ok" / name for name in names] and all(c[2].is_dir() for c in calls)
 
     class Lazy(ConvOutMethod):
         def prepare(self, bundle):

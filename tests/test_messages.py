@@ -94,3 +94,43 @@ def test_empty_image_says_empty_file(tmp_path):
     for reader in (probe_image, open_image_rgb):
         with pytest.raises(ImageError, match=r"blank\.png: empty file \(0 bytes\)"):
             reader(tmp_path / "blank.png")
+
+
+def _dataset_toml(tmp_path, *batch_sizes, general=None):
+    """A kohya dataset TOML with one [[datasets]] per entry of ``batch_sizes`` (None: no batch_size key)."""
+    lines = ["[general]", f"batch_size = {general}" if general is not None else ""]
+    for size in batch_sizes:
+        lines += ["[[datasets]]", f"batch_size = {size}" if size is not None else ""]
+        lines += ["  [[datasets.subsets]]", "  image_dir = 'data'"]
+    path = tmp_path / "dataset.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_dataset_toml_batch_size_is_the_runs(tmp_path):
+    """kohya reads a dataset's batch_size before --train_batch_size; sdcore used to ignore it in silence."""
+    from sdcore.errors import ConfigError
+    from sdcore.train.config import load_options
+    from sdcore.train.options import TrainOptions
+
+    notes: list[str] = []
+    options = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2)}, notes=notes)
+    assert options.batch_size == 2
+    assert any("batch size 2 from" in note for note in notes), notes
+    # the file wins over the command line, as kohya's fallback order [dataset, general, argparse]
+    options = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2), "batch_size": 4}, notes=[])
+    assert options.batch_size == 2
+    assert load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, None, general=3)}).batch_size == 3
+    # no batch_size anywhere: the run's stays, without a note
+    notes = []
+    options = load_options(
+        TrainOptions, overrides={"data": _dataset_toml(tmp_path, None), "batch_size": 4}, notes=notes
+    )
+    assert options.batch_size == 4 and not notes
+    # datasets that would batch differently: one problem, not a silent choice
+    with pytest.raises(ConfigError, match=r"batch sizes 2, 3 .*give every \[\[datasets\]\] the same batch_size"):
+        load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, 3)})
+    with pytest.raises(ConfigError, match=r"batch sizes 1, 2 \(batch_size; --batch-size 1 where one gives none\)"):
+        load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None)})
+    both = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 2})
+    assert both.batch_size == 2

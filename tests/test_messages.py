@@ -134,3 +134,27 @@ def test_dataset_toml_batch_size_is_the_runs(tmp_path):
         load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None)})
     both = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 2})
     assert both.batch_size == 2
+
+
+def test_missing_lora_lists_only_loras_not_a_training_state(tmp_path):
+    """`--lora-dir out` after `--output out/x.safetensors`: the not-found error offered the state's
+    optimizer, rng, scheduler and trainable files as LoRA names, and `<lora:trainable>` loaded the state."""
+    import torch
+    from safetensors.torch import save_file
+    from sdcore.errors import NetworkMismatchError
+    from sdplugin_lora.apply import LoraHandler
+
+    lora = {"lora_unet_x.lora_down.weight": torch.zeros(1, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 1)}
+    save_file(lora, str(tmp_path / "mychar.safetensors"))
+    state = tmp_path / "mychar-state" / "step-00000010"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text("{}")
+    save_file(lora, str(state / "trainable.safetensors"))
+    save_file({"a": torch.zeros(1)}, str(state / "rng.safetensors"))
+    torch.save({"state": {}}, state / "optimizer.pt")
+    handler = LoraHandler(tmp_path)
+    with pytest.raises(NetworkMismatchError, match=r"'other' not found in .*; available: mychar$"):
+        handler.find("other")
+    with pytest.raises(NetworkMismatchError, match="'trainable' not found"):
+        handler.find("trainable")
+    assert handler.find("mychar") == tmp_path / "mychar.safetensors"

@@ -158,3 +158,16 @@ def test_missing_lora_lists_only_loras_not_a_training_state(tmp_path):
     with pytest.raises(NetworkMismatchError, match="'trainable' not found"):
         handler.find("trainable")
     assert handler.find("mychar") == tmp_path / "mychar.safetensors"
+
+
+def test_plan_says_which_epoch_max_steps_ends_the_run_in(cli, data, tmp_path):
+    """--epochs 3 --max-steps 3 (whichever first) said "3 optimizer steps over 3 epochs" for a run that
+    stops in its second epoch (2 images, batch 1: 2 steps an epoch)."""
+    runner = CliRunner()
+    base = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "o.safetensors")]
+    result = runner.invoke(cli, [*base, "--dry-run", "--epochs", "3", "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert "2 batches of 1 per epoch" in result.output
+    assert "3 optimizer steps (--max-steps ends the run in epoch 2 of 3)" in result.output
+    result = runner.invoke(cli, [*base, "--dry-run", "--epochs", "3", "--max-steps", "6"])
+    assert "6 optimizer steps over 3 epochs" in result.output, result.output

@@ -171,3 +171,19 @@ def test_plan_says_which_epoch_max_steps_ends_the_run_in(cli, data, tmp_path):
     assert "3 optimizer steps (--max-steps ends the run in epoch 2 of 3)" in result.output
     result = runner.invoke(cli, [*base, "--dry-run", "--epochs", "3", "--max-steps", "6"])
     assert "6 optimizer steps over 3 epochs" in result.output, result.output
+
+
+def test_resume_from_a_kohya_state_says_what_to_do(cli, data, tmp_path):
+    """kohya's `--save_state` folder (accelerate's files + {"current_epoch", "current_step"}) said
+    "training state format None is not supported"."""
+    import json
+
+    state = tmp_path / "out" / "mychar-000002-state"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text(json.dumps({"current_epoch": 2, "current_step": 80}))
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "model.safetensors"):
+        (state / name).write_bytes(b"")
+    output = str(tmp_path / "o.safetensors")
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", output, "--resume", str(state)]
+    line = _error_line(CliRunner().invoke(cli, args))
+    assert "a kohya sd-scripts state" in line and "--network_weights" in line, line

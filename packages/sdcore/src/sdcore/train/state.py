@@ -153,6 +153,12 @@ def read_position(folder: Path) -> tuple[TrainPosition, dict[str, Any]]:
         record = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{folder / 'train_state.json'}: unreadable training state ({exc})") from exc
+    if record.get("format") is None and "current_step" in record:  # kohya's train_state.json (accelerate state)
+        raise ConfigError(
+            f"--resume {folder}: a kohya sd-scripts state (accelerate's), which sdcore cannot resume; start a LoRA "
+            "from the .safetensors kohya saved with it (--network_weights FILE; optimizer and schedule start "
+            "afresh), or start without --resume"
+        )
     if record.get("format") != STATE_FORMAT:
         raise ConfigError(f"{folder}: training state format {record.get('format')!r} is not supported")
     return TrainPosition(int(record["step"]), int(record["epoch"]), int(record["batch"])), record

@@ -187,3 +187,19 @@ def test_resume_from_a_kohya_state_says_what_to_do(cli, data, tmp_path):
     args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", output, "--resume", str(state)]
     line = _error_line(CliRunner().invoke(cli, args))
     assert "a kohya sd-scripts state" in line and "--network_weights" in line, line
+
+
+def test_resume_from_the_output_folder_names_its_state_folders(tmp_path):
+    """`--resume out` (the folder of `--output out/x.safetensors`) said only "no train_state.json"."""
+    from sdcore.errors import ConfigError
+    from sdcore.train.state import resolve_resume
+
+    state = tmp_path / "out" / "x-state" / "step-00000004"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text("{}")
+    (tmp_path / "out" / "empty-state").mkdir()
+    assert resolve_resume(str(tmp_path / "out" / "x-state"), tmp_path) == state
+    with pytest.raises(ConfigError, match=r"no train_state.json\); the state folders in it: .*x-state$"):
+        resolve_resume(str(tmp_path / "out"), tmp_path)
+    with pytest.raises(ConfigError, match=r"no train_state.json\)$"):
+        resolve_resume(str(tmp_path / "out" / "empty-state"), tmp_path)

@@ -59,7 +59,10 @@ def resolve_resume(resume: str, root: Path) -> Path:
     states = list_states(path)
     if states:
         return states[-1]
-    raise ConfigError(f"--resume {resume}: not a training state folder (no train_state.json)")
+    # the output folder given instead of the run's state folder beside the result: name the ones it holds
+    inside = sorted(str(p) for p in path.iterdir() if p.is_dir() and list_states(p)) if path.is_dir() else []
+    hint = f"; the state folders in it: {', '.join(inside)}" if inside else ""
+    raise ConfigError(f"--resume {resume}: not a training state folder (no train_state.json){hint}")
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:

@@ -94,3 +94,112 @@ def test_empty_image_says_empty_file(tmp_path):
     for reader in (probe_image, open_image_rgb):
         with pytest.raises(ImageError, match=r"blank\.png: empty file \(0 bytes\)"):
             reader(tmp_path / "blank.png")
+
+
+def _dataset_toml(tmp_path, *batch_sizes, general=None):
+    """A kohya dataset TOML with one [[datasets]] per entry of ``batch_sizes`` (None: no batch_size key)."""
+    lines = ["[general]", f"batch_size = {general}" if general is not None else ""]
+    for size in batch_sizes:
+        lines += ["[[datasets]]", f"batch_size = {size}" if size is not None else ""]
+        lines += ["  [[datasets.subsets]]", "  image_dir = 'data'"]
+    path = tmp_path / "dataset.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_dataset_toml_batch_size_is_the_runs(tmp_path):
+    """kohya reads a dataset's batch_size before --train_batch_size; sdcore used to ignore it in silence."""
+    from sdcore.errors import ConfigError
+    from sdcore.train.config import load_options
+    from sdcore.train.options import TrainOptions
+
+    notes: list[str] = []
+    options = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2)}, notes=notes)
+    assert options.batch_size == 2
+    assert any("batch size 2 from" in note for note in notes), notes
+    # the file wins over the command line, as kohya's fallback order [dataset, general, argparse]
+    options = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2), "batch_size": 4}, notes=[])
+    assert options.batch_size == 2
+    assert load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, None, general=3)}).batch_size == 3
+    # no batch_size anywhere: the run's stays, without a note
+    notes = []
+    options = load_options(
+        TrainOptions, overrides={"data": _dataset_toml(tmp_path, None), "batch_size": 4}, notes=notes
+    )
+    assert options.batch_size == 4 and not notes
+    # datasets that would batch differently: one problem, not a silent choice
+    with pytest.raises(ConfigError, match=r"batch sizes 2, 3 .*give every \[\[datasets\]\] the same batch_size"):
+        load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, 3)})
+    with pytest.raises(ConfigError, match=r"batch sizes 1, 2 \(batch_size; --batch-size 1 where one gives none\)"):
+        load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None)})
+    both = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 2})
+    assert both.batch_size == 2
+
+
+def test_missing_lora_lists_only_loras_not_a_training_state(tmp_path):
+    """`--lora-dir out` after `--output out/x.safetensors`: the not-found error offered the state's
+    optimizer, rng, scheduler and trainable files as LoRA names, and `<lora:trainable>` loaded the state."""
+    import torch
+    from safetensors.torch import save_file
+    from sdcore.errors import NetworkMismatchError
+    from sdplugin_lora.apply import LoraHandler
+
+    lora = {"lora_unet_x.lora_down.weight": torch.zeros(1, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 1)}
+    save_file(lora, str(tmp_path / "mychar.safetensors"))
+    state = tmp_path / "mychar-state" / "step-00000010"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text("{}")
+    save_file(lora, str(state / "trainable.safetensors"))
+    save_file({"a": torch.zeros(1)}, str(state / "rng.safetensors"))
+    torch.save({"state": {}}, state / "optimizer.pt")
+    handler = LoraHandler(tmp_path)
+    with pytest.raises(NetworkMismatchError, match=r"'other' not found in .*; available: mychar$"):
+        handler.find("other")
+    with pytest.raises(NetworkMismatchError, match="'trainable' not found"):
+        handler.find("trainable")
+    assert handler.find("mychar") == tmp_path / "mychar.safetensors"
+
+
+def test_plan_says_which_epoch_max_steps_ends_the_run_in(cli, data, tmp_path):
+    """--epochs 3 --max-steps 3 (whichever first) said "3 optimizer steps over 3 epochs" for a run that
+    stops in its second epoch (2 images, batch 1: 2 steps an epoch)."""
+    runner = CliRunner()
+    base = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "o.safetensors")]
+    result = runner.invoke(cli, [*base, "--dry-run", "--epochs", "3", "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert "2 batches of 1 per epoch" in result.output
+    assert "3 optimizer steps (--max-steps ends the run in epoch 2 of 3)" in result.output
+    result = runner.invoke(cli, [*base, "--dry-run", "--epochs", "3", "--max-steps", "6"])
+    assert "6 optimizer steps over 3 epochs" in result.output, result.output
+
+
+def test_resume_from_a_kohya_state_says_what_to_do(cli, data, tmp_path):
+    """kohya's `--save_state` folder (accelerate's files + {"current_epoch", "current_step"}) said
+    "training state format None is not supported"."""
+    import json
+
+    state = tmp_path / "out" / "mychar-000002-state"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text(json.dumps({"current_epoch": 2, "current_step": 80}))
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "model.safetensors"):
+        (state / name).write_bytes(b"")
+    output = str(tmp_path / "o.safetensors")
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", output, "--resume", str(state)]
+    line = _error_line(CliRunner().invoke(cli, args))
+    assert "a kohya sd-scripts state" in line and "--network_weights" in line, line
+
+
+def test_resume_from_the_output_folder_names_its_state_folders(tmp_path):
+    """`--resume out` (the folder of `--output out/x.safetensors`) said only "no train_state.json"."""
+    from sdcore.errors import ConfigError
+    from sdcore.train.state import resolve_resume
+
+    state = tmp_path / "out" / "x-state" / "step-00000004"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text("{}")
+    (tmp_path / "out" / "empty-state").mkdir()
+    assert resolve_resume(str(tmp_path / "out" / "x-state"), tmp_path) == state
+    with pytest.raises(ConfigError, match=r"no train_state.json\); the state folders in it: .*x-state$"):
+        resolve_resume(str(tmp_path / "out"), tmp_path)
+    with pytest.raises(ConfigError, match=r"no train_state.json\)$"):
+        resolve_resume(str(tmp_path / "out" / "empty-state"), tmp_path)

@@ -186,3 +186,17 @@ def test_name_is_a_word_not_a_path(tmp_path: Path) -> None:
             HNMethod(HNOptions(name=bad, output=str(tmp_path / "out"))).validate()
     HNMethod(HNOptions(name="my net-v1.2_x", output=str(tmp_path / "out"))).validate()
     HNMethod(HNOptions(output=str(tmp_path / "out"))).validate()  # no --name: the output's stem
+
+
+def test_folder_output_names_result_and_state_after_the_hypernetwork(tmp_path: Path) -> None:
+    """Two hypernetworks trained into one --output folder keep separate states (both were `hn-state`)."""
+    from sdcore.train.checkpoints import output_paths
+
+    out = tmp_path / "out"
+    for name in ("mystyle", "other"):
+        options = HNOptions(output=str(out), name=name)
+        assert output_paths(HNMethod(options), options) == (out / f"{name}.pt", out / f"{name}-state")
+    unnamed = HNOptions(output=str(out))
+    assert output_paths(HNMethod(unnamed), unnamed) == (out / "hypernetwork.pt", out / "hypernetwork-state")
+    explicit = HNOptions(output=str(out / "given.pt"), name="mystyle")
+    assert output_paths(HNMethod(explicit), explicit)[0] == out / "given.pt"

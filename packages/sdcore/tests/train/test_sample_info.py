@@ -37,7 +37,7 @@ def test_sample_grid_has_prompt_seed_and_settings(tmp_path, capsys):
     assert "rendering 2 sample image(s), 2 steps each" in capsys.readouterr().err
 
 
-def test_sample_infotext_follows_each_kohya_prompt_line(tmp_path):
+def test_sample_infotext_follows_each_kohya_prompt_line(tmp_path, capsys):
     """A prompt line's own kohya options (--n, --d, --s, --l) are what its image's infotext says."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red thing --n blurry --d 5 --s 3 --l 4.5\na blue thing\n", encoding="utf-8")
@@ -53,3 +53,5 @@ def test_sample_infotext_follows_each_kohya_prompt_line(tmp_path):
     assert first.prompt == "a red thing" and first.negative_prompt == "blurry"
     assert (first.seed, first.steps, first.cfg) == (5, 3, 4.5)
     assert (second.prompt, second.seed, second.steps, second.negative_prompt) == ("a blue thing", 78, 2, "")
+    # the announcement names the lines' own --s too (it said "2 steps each")
+    assert "rendering 2 sample image(s), 2 or 3 steps each" in capsys.readouterr().err

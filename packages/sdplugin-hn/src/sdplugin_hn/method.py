@@ -232,6 +232,15 @@ class HNMethod(TrainingMethod[HNOptions]):
                 f"resume state does not match this hypernetwork's structure: {str(exc).splitlines()[0]}"
             ) from exc
 
+    def resolve_output(self, path: Path) -> Path:
+        """``--output folder`` -> ``folder/<name>.pt``, so the step saves and the resumable state
+        (``<name>-state``) carry the hypernetwork's name too: with the method's ``hn.pt`` every
+        hypernetwork trained into one folder shared ``hn-state``, and one run's retention deleted
+        another's state."""
+        if path.is_dir() or not path.suffix:
+            return path / f"{self.network_name}{self.output_suffix}"
+        return path
+
     def output_path(self, info: SaveInfo) -> Path:
         """Where to write: ``OUTPUT/<name>.pt`` (and ``<name>-step<N>.pt``) when ``--output`` is a folder.
 

@@ -645,6 +645,30 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
     return subsets
 
 
+def toml_batch_sizes(path: str | os.PathLike[str]) -> list[int | None]:
+    """Each ``[[datasets]]``'s ``batch_size`` in a kohya dataset TOML (else ``[general]``'s, else ``None``:
+    the run's ``--train_batch_size``, as kohya falls back); ``[]`` for a file that is not one.
+
+    kohya batches every dataset with its own size; sdcore's runtime has one batch size for the run,
+    so :func:`sdcore.train.config.load_options` makes the file's value the run's instead of
+    ignoring it. Unreadable files give ``[]`` here: the pre-flight reports them.
+    """
+    try:
+        data = _load_toml(Path(path))
+    except DataError:
+        return []
+    general = data.get("general")
+    fallback = general.get("batch_size") if isinstance(general, dict) else None
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list):
+        return []
+    sizes: list[int | None] = []
+    for dataset in datasets:
+        value = dataset.get("batch_size", fallback) if isinstance(dataset, dict) else fallback
+        sizes.append(value if isinstance(value, int) and not isinstance(value, bool) else None)
+    return sizes
+
+
 def _is_fine_tuning(entries: list[Any], where: str, path: Path) -> bool:
     """Whether a ``[[datasets]]`` is kohya's fine-tuning kind (every subset has ``metadata_file``)."""
     with_metadata = [isinstance(e, dict) and "metadata_file" in e for e in entries]
@@ -987,4 +1011,5 @@ __all__ = [
     "load_toml_dataset_config",
     "scan_dataset",
     "subset_defaults",
+    "toml_batch_sizes",
 ]

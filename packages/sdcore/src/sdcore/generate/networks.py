@@ -10,6 +10,7 @@ rewrite the prompt text (for example, register embedding tokens found in it).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +86,14 @@ class PromptNetworkHandler:
         self.options: dict[str, Any] = {}
 
     def available(self) -> list[Path]:
-        """Files this handler could load from its directory (recursively)."""
+        """Files this handler could load from its directory (recursively), leaving out resumable
+        training states (a folder with ``train_state.json``: its ``trainable.safetensors`` has a
+        network's keys but is no network to name in a prompt)."""
         if self.directory is None or not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file())
+        files = [p for p in self.directory.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file()]
+        states = {folder for folder in {p.parent for p in files} if (folder / "train_state.json").is_file()}
+        return sorted(p for p in files if p.parent not in states)
 
     def accepts(self, path: Path) -> bool:
         """Whether ``path`` holds this handler's kind of network, judged from its keys or metadata
@@ -123,7 +128,8 @@ class PromptNetworkHandler:
                 f"{label} {name!r}: no {self.kind} file of that name in {where} ({listed} "
                 f"{'is' if len(named) == 1 else 'are'} not a {self.kind} file)"
             )
-        known = ", ".join(p.stem for p in self.available()[:20]) or "none"
+        # only files of this kind: a training state's optimizer.pt or rng.safetensors is no name to offer
+        known = ", ".join(itertools.islice((p.stem for p in self.available() if self.accepts(p)), 20)) or "none"
         raise NetworkMismatchError(f"{label} {name!r} not found in {where}; available: {known}")
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:

@@ -318,6 +318,7 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
     memory), without loading a model. Problems raise :class:`PreflightError` (exit code 2)."""
     import dataclasses as dc
 
+    from .data import steps_text
     from .loop import output_paths
     from .options import apply_model_defaults
     from .preflight import run_preflight
@@ -336,7 +337,7 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
         click.echo(line)
     click.echo(
         f"{per_epoch} batches of {options.batch_size} per epoch, gradient accumulation {options.gradient_accumulation}: "
-        f"{report.total_steps} optimizer steps" + (f" over {report.epochs} epochs" if report.epochs else "")
+        + steps_text(data, report.total_steps, report.epochs, options.gradient_accumulation)
     )
     caps = method.capabilities()
     latents = "no (decoded every step)"

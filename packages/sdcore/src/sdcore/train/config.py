@@ -222,6 +222,8 @@ def load_options(
             values[name] = coerce(value, types_[name], name=name, where=source)
         except ConfigError as exc:
             problems.append(str(exc))
+    if "batch_size" in types_ and isinstance(values.get("data"), str):
+        _dataset_batch_size(values, options_class, found_notes, problems)
     for f in dataclasses.fields(options_class):  # type: ignore[arg-type]
         choices = f.metadata.get("choices") if f.metadata else None
         if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
@@ -238,6 +240,35 @@ def load_options(
         for note in found_notes:
             log.warning("%s", note)
     return options_class(**values)
+
+
+def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list[str], problems: list[str]) -> None:
+    """A kohya dataset TOML's ``batch_size`` becomes the run's (kohya reads it before ``--train_batch_size``,
+    which only fills datasets that give none); sdcore has one batch size per run, so datasets that
+    would batch differently are a problem rather than a value silently ignored."""
+    data = Path(values["data"]).expanduser()
+    if data.suffix.lower() != ".toml" or not data.is_file():
+        return
+    from ..data.dataset import toml_batch_sizes
+
+    sizes = toml_batch_sizes(data)
+    if not any(size is not None for size in sizes):
+        return
+    default = next(f.default for f in dataclasses.fields(options_class) if f.name == "batch_size")  # type: ignore[arg-type]
+    run = values.get("batch_size", default)
+    distinct = sorted({run if size is None else size for size in sizes})
+    if len(distinct) > 1:
+        problems.append(
+            f"{data}: its [[datasets]] have batch sizes {', '.join(map(str, distinct))} (batch_size; --batch-size "
+            f"{run} where one gives none); sdcore trains with one batch size: give every [[datasets]] the same "
+            "batch_size"
+        )
+    elif distinct[0] != run:
+        notes.append(
+            f"batch size {distinct[0]} from {data} (a dataset config's batch_size wins over "
+            "--batch-size/--train_batch_size, as in kohya)"
+        )
+        values["batch_size"] = distinct[0]
 
 
 def _other_trainer_config(config_path: str | Path, fields: list[str], where: str) -> Any | None:

@@ -505,6 +505,22 @@ def total_steps_for(options: TrainOptions, data: TrainData) -> tuple[int, int | 
     return steps, epochs
 
 
+def steps_text(data: TrainData, total_steps: int, max_epochs: int | None, accumulation: int) -> str:
+    """``"80 optimizer steps over 2 epochs"``; when ``--max-steps`` ends the run before the epochs do,
+    the epoch it ends in (``--epochs 2 --max-steps 10`` said "10 optimizer steps over 2 epochs" for a
+    run that stops inside the first)."""
+    text = f"{total_steps} optimizer steps"
+    if not max_epochs:
+        return text
+    ends, done = 0, 0
+    for epoch in range(max_epochs):
+        done += data.steps_in_epoch(epoch, accumulation)
+        ends = ends or (epoch + 1 if done >= total_steps else 0)
+    if total_steps < done:
+        return f"{text} (--max-steps ends the run in epoch {ends} of {max_epochs})"
+    return f"{text} over {max_epochs} epochs"
+
+
 def _face_cropped(entry: ImageEntry) -> bool:
     s = entry.subset
     return getattr(s, "face_crop_aug_range", None) is not None and not s.buckets

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, SdcoreError, debug_enabled
 from .checkpoints import intermediate_path, output_paths
-from .data import total_steps_for
+from .data import steps_text, total_steps_for
 from .events import HookCaller, TrainEventContext
 from .memory_watch import MemoryWatch, TrainingOutOfMemoryError, is_out_of_memory, release_failed_step
 from .method import Batch, RunFacts, TrainingMethod
@@ -306,6 +306,7 @@ class TrainSession:
                 per_epoch=len(self.data.epoch_plan(0)),
                 total_steps=self.total_steps,
                 max_epochs=self.max_epochs,
+                steps=steps_text(self.data, self.total_steps, self.max_epochs, options.gradient_accumulation),
             )
 
     def _apply_start(self, *, resumed: TrainPosition | None) -> None:

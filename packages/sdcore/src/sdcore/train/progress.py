@@ -197,7 +197,7 @@ class Progress:
         if self.accelerator.is_main_process:
             print(message, file=sys.stderr)
 
-    def plan(self, summary: str, *, per_epoch: int, total_steps: int, max_epochs: int | None) -> None:
+    def plan(self, summary: str, *, per_epoch: int, total_steps: int, max_epochs: int | None, steps: str = "") -> None:
         """The dataset summary and the step math, once before training (shown with --no-progress
         too: it lists skipped files)."""
         o, processes = self.options, self.accelerator.num_processes
@@ -207,8 +207,8 @@ class Progress:
         print(
             f"{per_epoch} batches of up to {o.batch_size} per epoch"
             + (f" per process ({processes} processes)" if processes > 1 else "")
-            + f", gradient accumulation {o.gradient_accumulation}: {total_steps} optimizer steps"
-            + (f" over {max_epochs} epochs" if max_epochs else ""),
+            + f", gradient accumulation {o.gradient_accumulation}: "
+            + (steps or f"{total_steps} optimizer steps" + (f" over {max_epochs} epochs" if max_epochs else "")),
             file=sys.stderr,
         )
 

@@ -70,7 +70,10 @@ def render_samples(
         )
     elif not distilled and any(p.guidance is not None for p in prompts):
         log.warning("sample prompts: --g is the embedded guidance of FLUX.1; %s has none", bundle.family_spec.label)
-    say(f"rendering {len(prompts)} sample image(s), {options.sample_steps} steps each ...")
+    # a line's --s wins over --sample-steps: name the steps the images really get
+    steps = [str(n) for n in sorted({p.steps if p.steps is not None else options.sample_steps for p in prompts})]
+    counts = steps[0] if len(steps) == 1 else f"{', '.join(steps[:-1])} or {steps[-1]}"
+    say(f"rendering {len(prompts)} sample image(s), {counts} steps each ...")
     moved = []
     for module in [bundle.vae, *bundle.text_encoders]:
         if next(module.parameters()).device != device:

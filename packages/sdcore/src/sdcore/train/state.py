@@ -59,7 +59,10 @@ def resolve_resume(resume: str, root: Path) -> Path:
     states = list_states(path)
     if states:
         return states[-1]
-    raise ConfigError(f"--resume {resume}: not a training state folder (no train_state.json)")
+    # the output folder given instead of the run's state folder beside the result: name the ones it holds
+    inside = sorted(str(p) for p in path.iterdir() if p.is_dir() and list_states(p)) if path.is_dir() else []
+    hint = f"; the state folders in it: {', '.join(inside)}" if inside else ""
+    raise ConfigError(f"--resume {resume}: not a training state folder (no train_state.json){hint}")
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -153,6 +156,12 @@ def read_position(folder: Path) -> tuple[TrainPosition, dict[str, Any]]:
         record = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{folder / 'train_state.json'}: unreadable training state ({exc})") from exc
+    if record.get("format") is None and "current_step" in record:  # kohya's train_state.json (accelerate state)
+        raise ConfigError(
+            f"--resume {folder}: a kohya sd-scripts state (accelerate's), which sdcore cannot resume; start a LoRA "
+            "from the .safetensors kohya saved with it (--network_weights FILE; optimizer and schedule start "
+            "afresh), or start without --resume"
+        )
     if record.get("format") != STATE_FORMAT:
         raise ConfigError(f"{folder}: training state format {record.get('format')!r} is not supported")
     return TrainPosition(int(record["step"]), int(record["epoch"]), int(record["batch"])), record

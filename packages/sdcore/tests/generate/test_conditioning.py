@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -161,3 +163,29 @@ def test_all_zero_weights_do_not_divide_by_zero():
     z = torch.zeros(1, 3, 2)
     out = apply_emphasis(z, torch.tensor([[0.0, 0.0, 0.0]]))
     assert torch.isfinite(out).all()
+
+
+def test_token_groups_stay_in_one_chunk_unless_longer_than_one(sd1):
+    """A declared group (how a plugin marks a multi-vector embedding) moves whole to the next chunk
+    (A1111 sd_hijack_clip.py tokenize_line); one longer than 75 tokens fits no chunk and is split like
+    words (A1111 fails there); removing the group restores plain chunking."""
+    from sdcore.generate.conditioning import add_token_group, remove_token_group, token_groups
+
+    tok = copy.deepcopy(sd1.tokenizers[0])
+    cat, dog = tok.convert_tokens_to_ids("cat</w>"), tok.convert_tokens_to_ids("dog</w>")
+    text = " ".join(["cat"] * 74) + " dog cat"
+    plain = tokenize_weighted(tok, parse_emphasis(text))
+    assert plain.ids[0][75] == dog and plain.ids[1][1] == cat  # "dog cat" split by the boundary
+    add_token_group(tok, [dog, cat])
+    grouped = tokenize_weighted(tok, parse_emphasis(text))
+    assert grouped.ids[0][75] == 49407 and grouped.ids[1][1:3] == [dog, cat]
+    add_token_group(tok, [cat] * 76)
+    long = " ".join(["cat"] * 80)
+    assert (
+        tokenize_weighted(tok, parse_emphasis(long)).ids
+        == tokenize_weighted(sd1.tokenizers[0], parse_emphasis(long)).ids
+    )
+    remove_token_group(tok, [cat] * 76)
+    remove_token_group(tok, [dog, cat])
+    assert token_groups(tok) == {} and not hasattr(tok, "sdcore_token_groups")
+    assert tokenize_weighted(tok, parse_emphasis(text)).ids == plain.ids

@@ -100,6 +100,8 @@ def test_generate_writes_pngs_with_parameters(tmp_path):
         assert params.extra["RNG"] == "CPU"
         assert list(params.extra).index("RNG") == list(params.extra).index("Clip skip") + 1
         assert params.extra["Version"].startswith("sdcore ")
+        # plain DPM++ 2M ran on uniform sigmas: A1111 1.9+ would read a bare "DPM++ 2M" as Karras
+        assert params.extra["Schedule type"] == "SGM Uniform"
     assert OptionEcho.seen[-1]["aesthetic"] == "foo"
 
 

@@ -193,3 +193,127 @@ def test_one_letter_field_names_are_refused():
     read as part of the previous value, so it is refused when writing."""
     with pytest.raises(ConfigError):
         format_parameters("p", extra={"X": "1"})
+
+
+# --- "Schedule type" (A1111 1.9+) -------------------------------------------------------------------
+# Rewritten from A1111 (facts only): modules/sd_schedulers.py (uniform, sgm_uniform, ddim, karras),
+# modules/sd_samplers_kdiffusion.py (DPM++ 2M's default scheduler is karras, Euler/Euler a/Heun/LMS have
+# none: "Automatic" is then the model's uniform sigmas), modules/sd_samplers.py get_sampler_and_scheduler
+# (a schedule label at the end of the sampler name wins; the sampler's own default reads as Automatic)
+# and modules/infotext_utils.py (a missing "Schedule type" is "Automatic").
+_A1111_SCHEDULES = ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "DDIM"]
+_A1111_DEFAULT = {"DPM++ 2M": "Karras"}
+
+
+def _a1111_19_schedule(fields: dict[str, str]) -> tuple[str, str]:
+    """(sampler, schedule actually used) that A1111 1.9+ restores from infotext ``fields``."""
+    name, schedule = fields["Sampler"], fields.get("Schedule type", "Automatic")
+    for label in _A1111_SCHEDULES:
+        if name.endswith(" " + label):
+            name, schedule = name[: -len(label) - 1], label
+            break
+    if schedule == "Automatic":
+        schedule = _A1111_DEFAULT.get(name, "Uniform")
+    return name, schedule
+
+
+def _a1111_18_schedule(fields: dict[str, str]) -> tuple[str, str]:
+    """Before 1.9 the sampler name alone decides: "X Karras" is Karras, every other one uniform."""
+    name = fields["Sampler"]
+    return (name[:-7], "Karras") if name.endswith(" Karras") else (name, "Uniform")
+
+
+def _a1111_sigmas(bundle, schedule: str, n: int):
+    """A1111's sigmas of ``schedule`` for ``n`` steps over the model's trained sigmas (k-diffusion's
+    discrete schedule: log sigma interpolated between integer timesteps)."""
+    import numpy as np
+
+    acp = bundle.noise_scheduler.alphas_cumprod.double().numpy()
+    trained = np.sqrt((1 - acp) / acp)
+
+    def at(t):
+        return np.exp(np.interp(t, np.arange(len(trained)), np.log(trained)))
+
+    if schedule == "Uniform":
+        sig = at(np.linspace(999, 0, n))
+    elif schedule == "SGM Uniform":
+        sig = at(np.linspace(999, 0, n + 1)[:-1])
+    elif schedule == "Karras":
+        ramp = np.linspace(0, 1, n)
+        lo, hi = trained[0] ** (1 / 7), trained[-1] ** (1 / 7)
+        sig = (hi + ramp * (lo - hi)) ** 7
+    elif schedule == "DDIM":
+        sig = trained[list(range(1, 1000, max(1000 // n, 1)))][::-1]
+    else:
+        raise AssertionError(schedule)
+    return np.append(sig, 0.0)
+
+
+def _field(sd1, sampler):
+    from sdcore.generate.pipeline import schedule_type_field
+
+    return schedule_type_field(sd1, sampler)
+
+
+def test_schedule_type_is_written_where_a1111_19_needs_it(sd1):
+    from sdcore.generate.pipeline import SAMPLERS
+
+    expected = {"euler_a": None, "euler": None, "dpm++2m": "SGM Uniform", "dpm++2m_karras": None, "ddim": None,
+                "heun": None, "pndm": None, "unipc": None}  # fmt: skip
+    assert {s: _field(sd1, s) for s in SAMPLERS if s != "lms"} == expected
+    assert _field(sd1, "DPM++ 2M") == "SGM Uniform"  # labels work as ids
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "euler", "dpm++2m", "dpm++2m_karras"])
+def test_a1111_19_restores_the_sigmas_sdcore_used(sd1, sampler):
+    """What A1111 1.9+ reads from the infotext is the schedule sdcore sampled with: the sigmas agree
+    (to diffusers' linear-vs-log interpolation and whole-number timesteps)."""
+    import numpy as np
+    from sdcore.generate.pipeline import make_scheduler
+
+    text = format_parameters("p", "", 20, sampler, 7, 1, (64, 64), extra={"Schedule type": _field(sd1, sampler)})
+    fields = _a1111_parse(text)
+    name, schedule = _a1111_19_schedule(fields)
+    scheduler = make_scheduler(sd1, sampler)
+    scheduler.set_timesteps(20)
+    ours = scheduler.sigmas.double().numpy()
+    np.testing.assert_allclose(ours, _a1111_sigmas(sd1, schedule, 20), rtol=0.03, atol=1e-3)
+    # the old reader gets the same sampler; the same schedule where it has one (not SGM Uniform)
+    old_name, old_schedule = _a1111_18_schedule(fields)
+    assert old_name == name and (old_schedule == schedule or schedule == "SGM Uniform")
+    if sampler == "dpm++2m":  # without the field A1111 1.9+ would sample it with Karras sigmas
+        assert _a1111_19_schedule({"Sampler": "DPM++ 2M"})[1] == "Karras"
+        assert not np.allclose(ours, _a1111_sigmas(sd1, "Karras", 20), rtol=0.03, atol=1e-3)
+
+
+def test_leading_spacing_is_the_ddim_schedule(sd1):
+    """A model whose scheduler config asks for ``leading`` timesteps (SDXL's diffusers folder) samples
+    Euler on A1111's "DDIM" schedule, and says so."""
+    import copy
+
+    import numpy as np
+    from sdcore.generate.pipeline import make_scheduler
+    from sdcore.models.load import _noise_scheduler
+
+    bundle = copy.copy(sd1)
+    bundle.noise_scheduler = _noise_scheduler({"steps_offset": 1, "timestep_spacing": "leading"}, "epsilon")
+    assert _field(bundle, "euler") == "DDIM" and _field(bundle, "dpm++2m_karras") is None
+    scheduler = make_scheduler(bundle, "euler")
+    scheduler.set_timesteps(20)
+    np.testing.assert_allclose(scheduler.sigmas.double().numpy(), _a1111_sigmas(bundle, "DDIM", 20), rtol=1e-5)
+
+
+def test_schedule_type_sits_after_the_sampler_and_parses_back():
+    text = format_parameters(
+        "p", "", 20, "dpm++2m", 7, 1, (64, 64), extra={"RNG": "CPU", "Schedule type": "SGM Uniform"}
+    )
+    assert "Steps: 20, Sampler: DPM++ 2M, Schedule type: SGM Uniform, CFG scale: 7" in text
+    assert _a1111_parse(text)["Schedule type"] == "SGM Uniform"
+    back = parse_parameters(text)
+    assert back.sampler == "dpm++2m" and back.extra["Schedule type"] == "SGM Uniform"
+    assert format_parameters("p", "", 20, "euler_a", extra={"Schedule type": None}).endswith("Sampler: Euler a")
+    # A1111 1.9+ images: DPM++ 2M with Karras, or with Automatic (Karras for it), is dpm++2m_karras
+    for schedule in ("Karras", "Automatic"):
+        parsed = parse_parameters(f"p\nSteps: 20, Sampler: DPM++ 2M, Schedule type: {schedule}, Seed: 1")
+        assert parsed.sampler == "dpm++2m_karras" and "Schedule type" not in parsed.extra
+    assert parse_parameters("p\nSteps: 20, Sampler: DPM++ 2M, Seed: 1").sampler == "dpm++2m"  # before 1.9

@@ -55,3 +55,21 @@ def test_sample_infotext_follows_each_kohya_prompt_line(tmp_path, capsys):
     assert (second.prompt, second.seed, second.steps, second.negative_prompt) == ("a blue thing", 78, 2, "")
     # the announcement names the lines' own --s too (it said "2 steps each")
     assert "rendering 2 sample image(s), 2 or 3 steps each" in capsys.readouterr().err
+
+
+def test_sample_infotext_says_the_schedule_a1111_19_needs(tmp_path):
+    """Plain dpm++2m samples on uniform (SGM Uniform) sigmas; A1111 1.9+ reads a bare "DPM++ 2M" as
+    Karras (modules/sd_samplers.py get_sampler_and_scheduler, "Automatic"), so the field is written."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red thing\n", encoding="utf-8")
+    o = contract_options(
+        ConvOutMethod,
+        tmp_path,
+        {"max_steps": 1, "sample_every": 1, "sample_prompts": str(prompts), "sample_steps": 2,
+         "sample_sampler": "dpm++2m"},
+    )  # fmt: skip
+    train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    with Image.open(tmp_path / "run" / "result-samples" / "step00000001.png") as image:
+        text = image.info["parameters"]
+    assert "Sampler: DPM++ 2M, Schedule type: SGM Uniform, CFG scale" in text
+    assert parse_parameters(text).sampler == "dpm++2m"

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sdcore.errors import ConfigError, ModelFormatError, NetworkMismatchError
+from sdcore.generate.conditioning import add_token_group, remove_token_group
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
 from torch import nn
 
@@ -318,6 +319,8 @@ class EmbeddingHandle:
     embeddings: list[Embedding]
     tokens: dict[str, list[str]] = field(default_factory=dict)
     tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: (tokenizer, one embedding's placeholder ids) declared as a token group, undone by :meth:`remove`
+    groups: list[tuple[Any, list[int]]] = field(default_factory=list)
     removed: bool = False
 
     def expand(self, prompt: str) -> str:
@@ -351,6 +354,8 @@ class EmbeddingHandle:
                 if isinstance(current, ExtendedTokenEmbedding):
                     current.remove_table(name)
             _release(encoder)
+        for tokenizer, ids in self.groups:
+            remove_token_group(tokenizer, ids)
         seen: set[int] = set()
         for tokenizer in self.bundle.tokenizers:
             if id(tokenizer) in seen:
@@ -392,6 +397,9 @@ def apply_embeddings(
                     # new tokens get ids past the tokenizer's own: rows its words never use (past
                     # CLIP's matrix, or T5's spare rows), which the table then answers for
                     ids_per_tokenizer[id(tokenizer)] = _add_tokens(tokenizer, tokens)
+                    # the prompt chunker keeps the vectors in one 75-token chunk, as A1111 does
+                    add_token_group(tokenizer, ids_per_tokenizer[id(tokenizer)])
+                    handle.groups.append((tokenizer, ids_per_tokenizer[id(tokenizer)]))
                 ids = ids_per_tokenizer[id(tokenizer)]
                 table = source.detach().to(dtype=torch.float32).clone()
                 if trainable:

@@ -209,8 +209,8 @@ def _run_generate(params: dict[str, Any]) -> None:
 
     from .. import __version__
     from ..errors import ConfigError
-    from ..generate.pipeline import generate_images, sampler_id
-    from ..generate.pnginfo import RNG_SOURCE, format_parameters, model_short_hash, save_png
+    from ..generate.pipeline import generate_images, sampler_id, schedule_type_field
+    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash, save_png
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
@@ -272,7 +272,7 @@ def _run_generate(params: dict[str, Any]) -> None:
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler)}  # None: not written
         if params["init_image"] is not None:
             extra["Denoising strength"] = params["strength"]
         if params["clip_skip"] > 1:

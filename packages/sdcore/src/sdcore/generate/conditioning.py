@@ -8,6 +8,13 @@ becomes ``BOS + 75 tokens + EOS`` (the rest padded with the tokenizer's pad toke
 ``!`` for OpenCLIP), runs through the text encoder, and the chunks are concatenated, so a prompt
 of ``k`` chunks gives ``77 * k`` positions.
 
+Token groups: a run of ids that stands for one thing (a multi-vector embedding's placeholder
+tokens) is never split over two chunks, as in A1111 (``sd_hijack_clip.py`` ``tokenize_line``): when
+it would cross the 75-token boundary the chunk is closed (padded) and the whole group starts the
+next one. Whoever adds such tokens to a tokenizer declares them with :func:`add_token_group`; the
+core knows nothing else about them. A group longer than 75 tokens cannot fit any chunk (A1111's chunk
+then outgrows the text encoder's 77 positions and fails); sdcore splits it at the boundaries like words.
+
 Emphasis ("Original" mode): the hidden states are multiplied by each token's weight and then
 rescaled so their mean equals the mean before weighting. With all weights 1.0 nothing is touched,
 so plain prompts encode exactly as an ordinary 77-token encoding does.
@@ -37,6 +44,33 @@ if TYPE_CHECKING:
 
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20
+#: the tokenizer attribute holding its token groups: ``{first id: (every id of the group, in order)}``
+TOKEN_GROUPS_ATTR = "sdcore_token_groups"
+
+
+def token_groups(tokenizer: Any) -> dict[int, tuple[int, ...]]:
+    """The token groups declared on ``tokenizer`` (see module doc); empty when there are none."""
+    groups = getattr(tokenizer, TOKEN_GROUPS_ATTR, None)
+    return groups if isinstance(groups, dict) else {}
+
+
+def add_token_group(tokenizer: Any, ids: list[int] | tuple[int, ...]) -> None:
+    """Declare that ``ids``, wherever they occur together in this order, stay in one 75-token chunk."""
+    if len(ids) > 1:
+        groups = dict(token_groups(tokenizer))
+        groups[int(ids[0])] = tuple(int(i) for i in ids)
+        setattr(tokenizer, TOKEN_GROUPS_ATTR, groups)
+
+
+def remove_token_group(tokenizer: Any, ids: list[int] | tuple[int, ...]) -> None:
+    """Undo :func:`add_token_group` (the attribute goes when the last group does)."""
+    groups = dict(token_groups(tokenizer))
+    if ids and groups.get(int(ids[0])) == tuple(int(i) for i in ids):
+        del groups[int(ids[0])]
+    if groups:
+        setattr(tokenizer, TOKEN_GROUPS_ATTR, groups)
+    elif hasattr(tokenizer, TOKEN_GROUPS_ATTR):
+        delattr(tokenizer, TOKEN_GROUPS_ATTR)
 
 
 @dataclass
@@ -76,6 +110,7 @@ def tokenize_weighted(
 ) -> TokenChunks:
     """Tokenize weighted runs into 77-token chunks with per-token multipliers (see module doc)."""
     bos, eos, pad, comma = _special_ids(tokenizer)
+    groups = token_groups(tokenizer)
     texts = [chunk[0] for chunk in chunks if not is_break(chunk)]
     encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if texts else []
     token_lists = iter(encoded)
@@ -97,7 +132,10 @@ def tokenize_weighted(
             finish()
             continue
         weight = float(chunk[1])
-        for token in next(token_lists):
+        tokens = [int(t) for t in next(token_lists)]
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(current)
             elif (
@@ -113,8 +151,17 @@ def tokenize_weighted(
                 current, weights = moved, moved_weights
             if len(current) == CHUNK_TOKENS:
                 finish()
-            current.append(int(token))
-            weights.append(weight)
+            group = groups.get(token)
+            if group is None or len(group) > CHUNK_TOKENS or tuple(tokens[position : position + len(group)]) != group:
+                current.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            if len(current) + len(group) > CHUNK_TOKENS:
+                finish()  # the whole group moves on to the next chunk
+            current.extend(group)
+            weights.extend([weight] * len(group))
+            position += len(group)
     if current or not out.ids:
         finish()
     return out
@@ -242,12 +289,16 @@ def encode_cond_uncond(
 
 __all__ = [
     "CHUNK_TOKENS",
+    "TOKEN_GROUPS_ATTR",
     "Conditioning",
     "TokenChunks",
+    "add_token_group",
     "apply_emphasis",
     "chunk_count",
     "encode_cond_uncond",
     "encode_hidden",
     "encode_weighted_prompts",
+    "remove_token_group",
+    "token_groups",
     "tokenize_weighted",
 ]

@@ -80,6 +80,58 @@ def sampler_label(name: str) -> str:
     return SAMPLERS[sampler_id(name)][2]
 
 
+#: A1111 1.9+'s "Automatic" schedule type of a sampler where it is not "Uniform" (its sampler table,
+#: modules/sd_samplers_kdiffusion.py, gives DPM++ 2M the option ``scheduler: karras``)
+_A1111_AUTOMATIC = {"DPM++ 2M": "Karras"}
+#: samplers A1111 runs on timesteps (modules/sd_samplers_timesteps.py), which ignore the schedule type
+_TIMESTEP_SAMPLERS = frozenset({"ddim", "pndm", "unipc"})
+
+
+def schedule_type(scheduler: Any) -> str:
+    """A1111's "Schedule type" label (modules/sd_schedulers.py) for the sigmas a diffusers ``scheduler`` makes.
+
+    Karras sigmas are "Karras". ``linspace`` spacing gives Euler, Heun and LMS ``n`` timesteps from 999
+    to 0, A1111's "Uniform" (A1111 interpolates log sigma between the trained ones, diffusers sigma: a
+    small difference between integer timesteps), and DPM-Solver ``linspace(999, 0, n + 1)[:-1]``,
+    "SGM Uniform", as ``trailing`` spacing does for all. ``leading`` (with ``steps_offset`` 1, what
+    SDXL's diffusers folder asks for) is timesteps ``1, 1 + 1000 // n, ...`` reversed: "DDIM" (the same
+    sigmas when ``n`` divides 1000; otherwise A1111 takes one step more).
+    """
+    config = scheduler.config
+    if config.get("use_karras_sigmas"):
+        return "Karras"
+    spacing = config.get("timestep_spacing", "linspace")
+    if spacing == "leading":
+        return "DDIM"
+    if spacing == "trailing" or type(scheduler).__name__ == "DPMSolverMultistepScheduler":
+        return "SGM Uniform"
+    return "Uniform"
+
+
+def schedule_type_field(bundle: ModelBundle, sampler: str) -> str | None:
+    """The "Schedule type" infotext field A1111 1.9+ needs to restore ``sampler``'s sigmas on ``bundle``.
+
+    None where the "Sampler" field says it all: for A1111's timestep samplers (DDIM, PLMS, UniPC), when
+    the label names the schedule ("DPM++ 2M Karras": A1111 1.9+ reads the suffix as the schedule, older
+    versions have the sampler), and when the schedule is the one A1111 1.9+ picks for "Automatic", which
+    it assumes when the field is missing (infotext_utils.py). Plain "DPM++ 2M" needs it most: its
+    Automatic is Karras there, but uniform sigmas before 1.9 and in sdcore.
+    """
+    if bundle.family_spec.denoiser != "unet":  # flow-matching samplers: no A1111 schedule to name
+        return None
+    try:
+        sid = sampler_id(sampler)
+        if sid in _TIMESTEP_SAMPLERS:
+            return None
+        found = schedule_type(make_scheduler(bundle, sid))
+    except ConfigError:  # an unknown sampler, or one whose backend is missing, made no image here
+        return None
+    label = sampler_label(sid)
+    if label.endswith(" " + found) or found == _A1111_AUTOMATIC.get(label, "Uniform"):
+        return None
+    return found
+
+
 def make_scheduler(bundle: ModelBundle, sampler: str = "euler_a") -> Any:
     """A fresh diffusers scheduler for ``sampler`` with the bundle's noise schedule and prediction type."""
     import diffusers
@@ -434,4 +486,6 @@ __all__ = [
     "make_scheduler",
     "sampler_id",
     "sampler_label",
+    "schedule_type",
+    "schedule_type_field",
 ]

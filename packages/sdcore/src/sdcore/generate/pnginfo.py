@@ -27,6 +27,9 @@ PARAMETERS_KEY = "parameters"
 #: A1111's "CPU" source. A1111 leaves the field out only for its default "GPU" source, so without it
 #: A1111 would redraw the noise on the GPU and make a different image from the same seed.
 RNG_SOURCE = "CPU"
+#: A1111 1.9+'s schedule field (see :func:`~sdcore.generate.pipeline.schedule_type_field` for when
+#: sdcore writes it); given in ``extra``, it is written right after "Sampler"
+SCHEDULE_TYPE = "Schedule type"
 _NEGATIVE_PREFIX = "Negative prompt:"
 _FIELD_RE = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -105,6 +108,9 @@ def format_parameters(
         except ConfigError:
             label = sampler
         fields.append(("Sampler", label))
+    schedule = (extra or {}).get(SCHEDULE_TYPE)
+    if schedule is not None:  # right after the sampler, where A1111 1.9+ writes it
+        fields.append((SCHEDULE_TYPE, str(schedule)))
     if cfg is not None:
         fields.append(("CFG scale", _number(cfg)))
     if seed is not None:
@@ -116,7 +122,7 @@ def format_parameters(
     if model_name:
         fields.append(("Model", model_name))
     for key, value in (extra or {}).items():
-        if value is None:
+        if value is None or key == SCHEDULE_TYPE:
             continue
         # A1111's field regex (infotext_utils.py) reads names of two or more of these characters
         if not re.fullmatch(r"\w[\w \-/]+", key) or key != key.strip():
@@ -200,6 +206,10 @@ def parse_parameters(text: str) -> GenerationParameters:
                 result.extra[key] = value
         except ValueError as exc:
             raise ConfigError(f"infotext field {key!r} has an invalid value {value!r}") from exc
+    # A1111 1.9+: "DPM++ 2M" with Karras (or with "Automatic", which is Karras for it) is dpm++2m_karras
+    if result.sampler == "dpm++2m" and result.extra.get(SCHEDULE_TYPE) in ("Karras", "karras", "Automatic"):
+        result.sampler = "dpm++2m_karras"
+        del result.extra[SCHEDULE_TYPE]
     return result
 
 
@@ -243,6 +253,7 @@ def model_short_hash(source: str | os.PathLike[str] | None) -> str | None:
 __all__ = [
     "PARAMETERS_KEY",
     "RNG_SOURCE",
+    "SCHEDULE_TYPE",
     "GenerationParameters",
     "file_sha256",
     "format_parameters",

@@ -26,6 +26,7 @@ def sample_infotexts(
     extra: dict[str, Any],
     *,
     distilled: bool = False,
+    bundle: Any = None,
 ) -> list[str]:
     """One infotext per rendered image, from the generation ``calls`` that rendered them
     (:func:`~sdcore.train.sample_prompts.generation_calls`) with the same arguments the renderer
@@ -33,12 +34,15 @@ def sample_infotexts(
     the method's sampling extras, the run's ``defaults``): prompt, negative prompt, steps, sampler,
     CFG, seed (A1111's ``seed + i`` batch rule), size, model name, clip skip, training step. On a
     guidance-distilled family (``distilled``, FLUX.1) "CFG scale" is the true CFG and the guidance is
-    "Distilled CFG Scale", as ``sdcore generate`` and Forge write them."""
+    "Distilled CFG Scale", as ``sdcore generate`` and Forge write them. With the ``bundle`` that rendered
+    them, "Schedule type" where A1111 1.9+ needs it (:func:`~sdcore.generate.pipeline.schedule_type_field`)."""
     from .. import __version__
-    from ..generate.pnginfo import RNG_SOURCE, format_parameters
+    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters
     from .sample_prompts import generation_arguments
 
     try:
+        from ..generate.pipeline import schedule_type_field
+
         format_parameters("", sampler="euler_a")  # needs the generation pipeline's sampler table
     except ImportError:  # a partial install (or a test's stand-in pipeline): samples without infotext
         return []
@@ -55,6 +59,8 @@ def sample_infotexts(
     texts = []
     for (prompt_text, negative, seed, arguments), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
+        if bundle is not None:
+            fields[SCHEDULE_TYPE] = schedule_type_field(bundle, str(arguments["sampler"]))
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["RNG"] = RNG_SOURCE

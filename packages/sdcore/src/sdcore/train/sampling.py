@@ -102,7 +102,11 @@ def render_samples(
         for module in moved:
             module.to("cpu")
     path = folder / f"{tag}.png"
-    write_grid(images, path, sample_infotexts(options, step, calls, defaults, images, extra, distilled=distilled))
+    write_grid(
+        images,
+        path,
+        sample_infotexts(options, step, calls, defaults, images, extra, distilled=distilled, bundle=bundle),
+    )
     return path
 
 

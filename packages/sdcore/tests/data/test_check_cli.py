@@ -141,3 +141,41 @@ def test_dedupe_groups_and_moves_only_when_asked(tmp_path):
     assert not (data / "small.png").exists() and not (data / "small.txt").exists()
     assert (moved_to / "small.png").exists() and (moved_to / "small.txt").read_text(encoding="utf-8") == "b"
     assert (data / "big.png").exists() and (data / "other.png").exists()
+
+
+def _toml_dataset(tmp_path, *batch_sizes: int, images: int = 4):
+    """A kohya dataset TOML with one [[datasets]] per batch size, over one folder of 64px images."""
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    make_tiny_dataset(tmp_path, n=images, size=64)
+    lines = []
+    for size in batch_sizes:
+        lines += ["[[datasets]]", "resolution = 64", f"batch_size = {size}"]
+        lines += ["  [[datasets.subsets]]", f"  image_dir = '{(tmp_path / '1_sks').as_posix()}'"]
+    path = tmp_path / "dataset.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_cli_check_counts_batches_at_the_dataset_toml_batch_size(tmp_path):
+    """A run batches at the TOML's batch_size (kohya reads it before --train_batch_size); data check
+    counted at --batch-size, so the two disagreed."""
+    from sdcore.train.config import load_options
+    from sdcore.train.data import build_train_data
+
+    toml = _toml_dataset(tmp_path, 2, images=4)
+    args = ["check", toml, "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "128"]
+    result = CliRunner().invoke(data_group, [*args, "--batch-size", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    # 4 images of one bucket at batch size 2: ceil(4 / 2) batches, as the run's own plan
+    assert data["batch_size"] == 2 and data["batches_per_epoch"] == 2
+    assert any("batch size 2 from" in note for note in data["notes"]), data["notes"]
+    run = load_options(TrainOptions, overrides={"data": toml, "resolution": 64, "min_bucket_reso": 64}, notes=[])
+    assert len(build_train_data(run, balance_class=False).epoch_plan(0)) == data["batches_per_epoch"]
+    text = CliRunner().invoke(data_group, args)
+    assert "batches per epoch at batch size 2: 2" in text.output and "note: batch size 2 from" in text.output
+    # datasets that batch differently: the run's one-line error, exit 2, no report
+    both = CliRunner().invoke(data_group, ["check", _toml_dataset(tmp_path / "two", 2, 3)])
+    assert both.exit_code == 2 and "Error: " in both.output and "batch sizes 2, 3" in both.output
+    assert "Traceback" not in both.output and "Dataset " not in both.output

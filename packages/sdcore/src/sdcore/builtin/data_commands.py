@@ -44,7 +44,11 @@ def data_group() -> None:
     "--dataset-repeats", type=int, default=1, show_default=True, help="Repeats of the --metadata-file images."
 )
 @click.option(
-    "--batch-size", type=int, default=1, show_default=True, help="Batch size for the batches-per-epoch count."
+    "--batch-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Batch size for the batches-per-epoch count (a dataset TOML's batch_size wins, as in a run).",
 )
 @click.option("--top", type=int, default=30, show_default=True, help="How many of the most frequent tags to show.")
 @click.option(
@@ -78,10 +82,14 @@ def check_command(
     OneTrainer concepts .json.
     Exits with status 1 when there is no usable image (or on any problem with --strict).
     """
+    import sys
+
     from ..data.check import check_dataset
+    from ..errors import ConfigError
+    from ..train.config import load_options
     from ..train.options import TrainOptions
 
-    options = TrainOptions(
+    values: dict[str, Any] = dict(
         data=path,
         reg_data=reg_data,
         resolution=resolution,
@@ -96,7 +104,17 @@ def check_command(
         batch_size=batch_size,
         masked_loss=masked_loss,
     )
+    notes: list[str] = []
+    try:
+        # the run's own reading of the options, so the counts are the run's (a dataset TOML's
+        # batch_size wins over --batch-size there); problems are one line each, exit 2, as a run's
+        options = load_options(TrainOptions, overrides=values, notes=notes)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"Error: {problem}", err=True)
+        sys.exit(2)
     report = check_dataset(path, options, top=top)
+    report.notes[:0] = notes
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

@@ -49,6 +49,8 @@ class DatasetReport:
     #: full mask, as OneTrainer does); ``None`` when no subset reads such masks
     masks: int | None = None
     unmasked: list[str] = field(default_factory=list)
+    #: how the options were read (e.g. a dataset TOML's batch_size replacing --batch-size)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -91,6 +93,7 @@ class DatasetReport:
             "images_per_tag": self.images_per_tag,
             "errors": self.errors,
             "problems": self.problems,
+            "notes": self.notes,
             **({} if self.masks is None else {"masks": {"with_mask": self.masks, "without_mask": self.unmasked}}),
         }
 
@@ -105,6 +108,7 @@ class DatasetReport:
             return out
 
         lines = [f"Dataset {self.path}"]
+        lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  ERROR: {error}" for error in self.errors]
         lines.append(
             f"  images: {self.images} usable ({self.instance_images} training, {self.class_images} class), "

@@ -454,6 +454,48 @@ def test_debiased_estimation_maps_with_onetrainer_s_v_prediction_weight(tmp_path
     )
 
 
+def test_zero_terminal_snr_loss_weights_follow_onetrainer_or_say_what_differs(tmp_path):
+    """OneTrainer's SNR loss weights read its rescaled scheduler (rescale_noise_scheduler_to_zero_terminal_snr).
+    P2 and the v-prediction debiased weight follow it; min-SNR and the epsilon debiased weight keep kohya's
+    schedule (an option of their own would be needed), and the translation says so."""
+    import torch
+    from diffusers import DDPMScheduler
+    from sdcore.train.objectives import DdpmObjective
+
+    rescale = {"rescale_noise_scheduler_to_zero_terminal_snr": True}
+    min_snr = {**SD15_LORA, **rescale, "loss_weight_fn": "MIN_SNR_GAMMA", "loss_weight_strength": 5.0}
+    notes: list[str] = []
+    o = _load(tmp_path, min_snr, notes=notes)
+    assert o.zero_terminal_snr and o.min_snr_gamma == 5.0
+    said = [n for n in notes if "loss_weight_fn MIN_SNR_GAMMA with rescale_noise_scheduler_to_zero_terminal_snr" in n]
+    assert len(said) == 1 and "before the zero-terminal rescale" in said[0], notes
+    # what the note says, in numbers: sdcore's weight is the original schedule's, not the rescaled one's
+    kwargs = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    plain, rescaled = DDPMScheduler(**kwargs), DDPMScheduler(**kwargs, rescale_betas_zero_snr=True)
+    t = torch.arange(0, 999, 9)
+    objective = DdpmObjective(DDPMScheduler(**kwargs), min_snr_gamma=5.0, zero_terminal_snr=True)
+    got = objective.noised(torch.zeros(len(t), 1), torch.ones(len(t), 1), t).weights.double()
+    for scheduler, same in ((plain, True), (rescaled, False)):
+        abar = scheduler.alphas_cumprod.double()[t]
+        snr = abar / (1 - abar)
+        want = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr  # OneTrainer's __min_snr_weight, epsilon
+        assert torch.allclose(got, want, rtol=1e-4) is same
+    # DEBIASED_ESTIMATION: the epsilon weight keeps kohya's schedule (noted), the v-prediction one follows
+    debiased = {**SD15_LORA, **rescale, "loss_weight_fn": "DEBIASED_ESTIMATION"}
+    notes = []
+    _load(tmp_path, debiased, notes=notes)
+    assert any("loss_weight_fn DEBIASED_ESTIMATION with rescale_noise" in n for n in notes), notes
+    notes = []
+    o = _load(tmp_path, {**debiased, "model_type": "STABLE_DIFFUSION_21", "base_model_name": ""}, notes=notes)
+    assert o.debiased_estimation_sqrt and not any("DEBIASED_ESTIMATION with" in n for n in notes), notes
+    # P2 follows too; and without the rescale nothing is said
+    notes = []
+    _load(tmp_path, {**SD15_LORA, **rescale, "loss_weight_fn": "P2"}, notes=notes)
+    notes_plain: list[str] = []
+    _load(tmp_path, {**SD15_LORA, "loss_weight_fn": "MIN_SNR_GAMMA"}, notes=notes_plain)
+    assert not any("zero_terminal_snr: sdcore" in n for n in [*notes, *notes_plain]), [*notes, *notes_plain]
+
+
 def test_learning_rate_scaler_multiplies_every_rate_by_the_square_root(tmp_path):
     import math
 

@@ -185,5 +185,5 @@ def test_every_algorithm_round_trips(tmp_path, algo):
         result = CliRunner().invoke(lora_group, args)
         assert result.exit_code == 0, result.output
         _close(effective_deltas(read_lora(cli_out)), effective_deltas(small_lora), 1e-6)
-        result = CliRunner().invoke(lora_group, ["resize", str(path), "-o", str(cli_out), "--rank", "1"])
+        result = CliRunner().invoke(lora_group, ["resize", str(path), "-o", str(cli_out), "--rank", "1", "--overwrite"])
         assert result.exit_code != 0 and "base-model" in str(result.exception or result.output)

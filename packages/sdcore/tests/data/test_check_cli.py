@@ -141,3 +141,97 @@ def test_dedupe_groups_and_moves_only_when_asked(tmp_path):
     assert not (data / "small.png").exists() and not (data / "small.txt").exists()
     assert (moved_to / "small.png").exists() and (moved_to / "small.txt").read_text(encoding="utf-8") == "b"
     assert (data / "big.png").exists() and (data / "other.png").exists()
+
+
+def _toml_dataset(tmp_path, *batch_sizes: int, images: int = 4):
+    """A kohya dataset TOML with one [[datasets]] per batch size, over one folder of 64px images."""
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    make_tiny_dataset(tmp_path, n=images, size=64)
+    lines = []
+    for size in batch_sizes:
+        lines += ["[[datasets]]", "resolution = 64", f"batch_size = {size}"]
+        lines += ["  [[datasets.subsets]]", f"  image_dir = '{(tmp_path / '1_sks').as_posix()}'"]
+    path = tmp_path / "dataset.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_cli_check_counts_batches_at_the_dataset_toml_batch_size(tmp_path):
+    """A run batches at the TOML's batch_size (kohya reads it before --train_batch_size); data check
+    counted at --batch-size, so the two disagreed."""
+    from sdcore.train.config import load_options
+    from sdcore.train.data import build_train_data
+
+    toml = _toml_dataset(tmp_path, 2, images=4)
+    args = ["check", toml, "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "128"]
+    result = CliRunner().invoke(data_group, [*args, "--batch-size", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    # 4 images of one bucket at batch size 2: ceil(4 / 2) batches, as the run's own plan
+    assert data["batch_size"] == 2 and data["batches_per_epoch"] == 2
+    assert any("batch size 2 from" in note for note in data["notes"]), data["notes"]
+    run = load_options(TrainOptions, overrides={"data": toml, "resolution": 64, "min_bucket_reso": 64}, notes=[])
+    assert len(build_train_data(run, balance_class=False).epoch_plan(0)) == data["batches_per_epoch"]
+    text = CliRunner().invoke(data_group, args)
+    assert "batches per epoch at batch size 2: 2" in text.output and "note: batch size 2 from" in text.output
+    # datasets that batch differently: the run's one-line error, exit 2, no report
+    both = CliRunner().invoke(data_group, ["check", _toml_dataset(tmp_path / "two", 2, 3)])
+    assert both.exit_code == 2 and "Error: " in both.output and "batch sizes 2, 3" in both.output
+    assert "Traceback" not in both.output and "Dataset " not in both.output
+
+
+def _run_buckets_by_resolution(data) -> dict[str, dict[str, int]]:
+    """The run's own bucket assignments (TrainData), grouped by the resolution each entry trains at."""
+    out: dict[str, dict[str, int]] = {}
+    for entry, assignment in zip(data.entries, data.assignments, strict=True):
+        name = f"{assignment.bucket[0]}x{assignment.bucket[1]}"
+        sized = out.setdefault(str(entry.subset.resolution), {})
+        sized[name] = sized.get(name, 0) + 1
+    return out
+
+
+def test_cli_check_shows_each_resolutions_buckets(tmp_path):
+    """With several resolutions data check showed only the largest one's buckets; the run trains each
+    image at one drawn resolution, in that resolution's buckets."""
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdcore.train.config import load_options
+    from sdcore.train.data import build_train_data
+
+    make_tiny_dataset(tmp_path, n=3, size=256)
+    make_tiny_dataset(tmp_path, n=2, size=(256, 128), concept="wide")
+    bucket_args = ["--min-bucket-reso", "64", "--max-bucket-reso", "512", "--bucket-step", "64"]
+    for draw in ("epoch", "once"):
+        args = ["check", str(tmp_path), "--resolutions", "128,256", "--resolution-draw", draw, *bucket_args]
+        result = CliRunner().invoke(data_group, [*args, "--seed", "7", "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        shown = data["buckets_by_resolution"]
+        assert data["resolution_draw"] == draw and data["images"] == 5
+        # the smaller resolution's buckets are there (before: only 256's), each within its area
+        assert set(shown) == {"128", "256"} if draw == "epoch" else set(shown) <= {"128", "256"}
+        for size, buckets in shown.items():
+            assert all(int(w) * int(h) <= int(size) ** 2 for w, h in (b.split("x") for b in buckets))
+        counted = sum(n for buckets in shown.values() for n in buckets.values())
+        assert counted == (10 if draw == "epoch" else 5)  # every image at each resolution, or at its drawn one
+        run = load_options(
+            TrainOptions,
+            overrides={
+                "data": str(tmp_path),
+                "resolutions": "128,256",
+                "resolution_draw": draw,
+                "seed": 7,
+                "min_bucket_reso": 64,
+                "max_bucket_reso": 512,
+                "bucket_step": 64,
+            },
+        )
+        plan = build_train_data(run, balance_class=False)
+        assert shown == _run_buckets_by_resolution(plan)
+        assert data["batches_per_epoch"] == len(plan.epoch_plan(0))
+        text = CliRunner().invoke(data_group, [*args, "--seed", "7"]).output
+        for size in shown:
+            assert f"buckets at resolution {size} (" in text
+    # a list whose largest is not --resolution: the run's one-line error
+    bad = CliRunner().invoke(data_group, ["check", str(tmp_path), "--resolution", "128", "--resolutions", "128,256"])
+    assert bad.exit_code == 2 and "Error: --resolution 128 with --resolutions 128,256" in bad.output

@@ -220,6 +220,34 @@ def test_p2_weight_reads_the_zero_terminal_snr_schedule_as_onetrainer(prediction
     torch.testing.assert_close(got.double(), (1.0 + snr) ** -1.0, rtol=1e-4, atol=1e-7)
 
 
+def test_debiased_sqrt_weight_reads_the_zero_terminal_snr_schedule_as_onetrainer():
+    """OneTrainer's DEBIASED_ESTIMATION reads the same rescaled schedule as its P2 (__snr); sdcore's
+    --debiased-estimation-sqrt (OneTrainer's v-prediction weight, set by the config translation) read the
+    schedule before the rescale, kohya's. kohya's own debiased weight keeps kohya's schedule."""
+    from types import SimpleNamespace
+
+    from sdcore.train.loss import apply_loss_weights
+
+    objective = DdpmObjective(_sd_scheduler("v_prediction"), zero_terminal_snr=True)
+    t = torch.arange(0, T, 7)
+    rescaled = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             prediction_type="v_prediction", rescale_betas_zero_snr=True)  # fmt: skip
+    plain = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          prediction_type="v_prediction")  # fmt: skip
+    for sqrt, scheduler in ((True, rescaled), (False, plain)):
+        options = SimpleNamespace(scale_v_pred_loss_like_noise_pred=False, v_pred_like_loss=0.0, p2_loss_gamma=None,
+                                  debiased_estimation_loss=True, debiased_estimation_sqrt=sqrt)  # fmt: skip
+        got = apply_loss_weights(options, objective, torch.ones(len(t)), t)
+        snr = torch.clip(ref_snr(scheduler, t), max=1.0e3) + 1.0  # __debiased_estimation_weight on v-prediction
+        want = torch.rsqrt(snr) if sqrt else 1.0 / snr  # kohya's v-prediction weight: 1 / (min(snr, 1000) + 1)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    # the two schedules give weights far enough apart for the comparison above to tell them apart
+    apart = torch.rsqrt(torch.clip(ref_snr(rescaled, t), max=1.0e3) + 1) - torch.rsqrt(
+        torch.clip(ref_snr(plain, t), max=1.0e3) + 1
+    )
+    assert float(apart.abs().max()) > 1e-2
+
+
 def test_v_prediction_debiased_weight_is_onetrainers_through_the_step(tmp_path):
     bundle = create_tiny_bundle("sd2")
     assert bundle.noise_scheduler.config.prediction_type == "v_prediction"

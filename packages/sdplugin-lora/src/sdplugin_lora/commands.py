@@ -39,6 +39,40 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
     return out
 
 
+#: the ``--overwrite`` flag of the commands that write a file (``sdcore generate``'s rule)
+_OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
+
+
+def _same_path(a: Path, b: str) -> bool:
+    """Whether ``b`` (a file, folder or a source such as ``tiny:sd1``) names the same place as ``a``."""
+    other = Path(b)
+    try:
+        if a.exists() and other.exists():
+            return a.samefile(other)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == other.expanduser().resolve()
+
+
+def _check_output(output: str, inputs: list[str], overwrite: bool, problems: list[str] | None = None) -> None:
+    """``sdcore generate``'s rule for an output, before any model or file is read: an existing output is
+    an error unless ``--overwrite``, and an output that is one of the inputs is always refused (it would be
+    replaced while it is still needed, and the original lost). All problems come in one :class:`ConfigError`."""
+    from sdcore.errors import ConfigError
+
+    problems = list(problems or [])
+    out = Path(output)
+    same = [source for source in inputs if _same_path(out, source)]
+    if same:
+        problems.append(
+            f"-o {output} is the input {same[0]}: the result cannot replace a file it is made from; choose another -o"
+        )
+    elif out.exists() and not overwrite:
+        problems.append(f"{output} already exists; pass --overwrite to replace it, or choose another -o")
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+
+
 @click.group("lora")
 def lora_group() -> None:
     """LoRA files: merge, extract, resize, convert, info (kohya format); targets: what a training run adapts."""
@@ -101,6 +135,7 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
 @click.option("--min-diff", default=0.01, show_default=True, help="Skip text encoders whose weights differ less.")
 @click.option("--no-text-encoder", is_flag=True, help="Extract the UNet only.")
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 def extract_command(
     base: str,
     tuned: str,
@@ -111,10 +146,13 @@ def extract_command(
     min_diff: float,
     no_text_encoder: bool,
     save_dtype: str,
+    overwrite: bool,
 ) -> None:
     """A LoRA approximating TUNED - BASE (SVD of the weight differences, kohya-style)."""
     from .format import save_lora
     from .tools import extract_lora
+
+    _check_output(output, [base, tuned], overwrite)
 
     result = extract_lora(
         _load_model(base),
@@ -150,6 +188,7 @@ def extract_command(
     help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
 )
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 def resize_command(
     file: str,
     output: str,
@@ -159,10 +198,13 @@ def resize_command(
     dynamic_param: float | None,
     base_model: str | None,
     save_dtype: str,
+    overwrite: bool,
 ) -> None:
     """Re-factor a LoRA-family FILE (any algorithm) to a LoRA of a new rank, keeping its strength."""
     from .format import read_lora, save_lora
     from .tools import resize_lora
+
+    _check_output(output, [file, *([base_model] if base_model else [])], overwrite)
 
     base = _load_model(base_model) if base_model else None
     result = resize_lora(
@@ -201,6 +243,7 @@ def resize_command(
     help="The model the files were trained on: needed for DoRA (merge) and OFT modules, whose change depends on it.",
 )
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 def merge_command(
     loras: tuple[str, ...],
     output: str,
@@ -211,12 +254,23 @@ def merge_command(
     clamp_quantile: float,
     base_model: str | None,
     save_dtype: str,
+    overwrite: bool,
 ) -> None:
     """Merge LORAS (each FILE[:RATIO]) into a checkpoint (--model) or into one LoRA."""
+    from sdcore.errors import ConfigError
+
     from .format import read_lora, save_lora
     from .tools import merge_into_model, merge_loras
 
-    weighted = _parse_weighted(loras)
+    problems: list[str] = []
+    try:
+        weighted = _parse_weighted(loras)
+    except ConfigError as exc:
+        problems = exc.problems  # the files are still checked against -o: every problem at once
+        heads = [value.rpartition(":")[0] for value in loras]
+        weighted = [(head if head and Path(head).exists() else v, 1.0) for head, v in zip(heads, loras, strict=True)]
+    sources = [p for p, _ in weighted] + [m for m in (model, base_model) if m]
+    _check_output(output, sources, overwrite, problems)
     if model:
         bundle = _load_model(model)
         touched = merge_into_model(bundle, weighted)
@@ -247,10 +301,13 @@ def merge_command(
     help="comfyui: a kohya OFT file under the names and constraint ComfyUI reads (same merged weights).",
 )
 @click.option("--save-dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp32", show_default=True)
-def convert_command(file: str, output: str, target: str, save_dtype: str) -> None:
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+def convert_command(file: str, output: str, target: str, save_dtype: str, overwrite: bool) -> None:
     """Rewrite FILE for a loader that cannot read it as it is (kohya OFT -> ComfyUI)."""
     from .format import read_lora, save_lora
     from .tools import oft_for_comfyui
+
+    _check_output(output, [file], overwrite)
 
     tensors, meta = oft_for_comfyui(read_lora(file))
     path = save_lora(output, tensors, meta, dtype=save_dtype)

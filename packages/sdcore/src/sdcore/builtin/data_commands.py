@@ -24,7 +24,22 @@ def data_group() -> None:
 @data_group.command(name="check")
 @click.argument("path", type=click.Path(exists=True))
 @click.option(
-    "--resolution", type=int, default=512, show_default=True, help="Training resolution buckets are built around."
+    "--resolution",
+    type=int,
+    default=None,
+    help="Training resolution buckets are built around  [default: 512, or the largest of --resolutions].",
+)
+@click.option(
+    "--resolutions",
+    default="",
+    metavar="LIST",
+    help="Several training resolutions, e.g. 512,768 (as `sdcore train --resolutions`): buckets per resolution.",
+)
+@click.option(
+    "--resolution-draw",
+    default="epoch",
+    show_default=True,
+    help="With --resolutions: each image's resolution drawn every epoch or once for the run (epoch, once).",
 )
 @click.option("--min-bucket-reso", type=int, default=256, show_default=True, help="Smallest bucket side.")
 @click.option("--max-bucket-reso", type=int, default=1024, show_default=True, help="Largest bucket side.")
@@ -44,8 +59,13 @@ def data_group() -> None:
     "--dataset-repeats", type=int, default=1, show_default=True, help="Repeats of the --metadata-file images."
 )
 @click.option(
-    "--batch-size", type=int, default=1, show_default=True, help="Batch size for the batches-per-epoch count."
+    "--batch-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Batch size for the batches-per-epoch count (a dataset TOML's batch_size wins, as in a run).",
 )
+@click.option("--seed", type=int, default=None, help="The run's --seed (resolution draws, batch order).")
 @click.option("--top", type=int, default=30, show_default=True, help="How many of the most frequent tags to show.")
 @click.option(
     "--masked-loss",
@@ -56,7 +76,9 @@ def data_group() -> None:
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any problem is found.")
 def check_command(
     path: str,
-    resolution: int,
+    resolution: int | None,
+    resolutions: str,
+    resolution_draw: str,
     min_bucket_reso: int,
     max_bucket_reso: int,
     bucket_step: int,
@@ -67,6 +89,7 @@ def check_command(
     metadata_file: str | None,
     dataset_repeats: int,
     batch_size: int,
+    seed: int | None,
     top: int,
     masked_loss: bool,
     as_json: bool,
@@ -78,13 +101,20 @@ def check_command(
     OneTrainer concepts .json.
     Exits with status 1 when there is no usable image (or on any problem with --strict).
     """
-    from ..data.check import check_dataset
-    from ..train.options import TrainOptions
+    import sys
 
-    options = TrainOptions(
+    from ..data.check import check_dataset
+    from ..errors import ConfigError
+    from ..train.config import load_options
+    from ..train.options import TrainOptions
+    from ..train.preflight import resolutions_problems
+
+    values: dict[str, Any] = dict(
         data=path,
         reg_data=reg_data,
-        resolution=resolution,
+        resolution=(0 if resolutions else 512) if resolution is None else resolution,
+        resolutions=resolutions,
+        resolution_draw=resolution_draw,
         min_bucket_reso=min_bucket_reso,
         max_bucket_reso=max_bucket_reso,
         bucket_step=bucket_step,
@@ -95,8 +125,22 @@ def check_command(
         dataset_repeats=dataset_repeats,
         batch_size=batch_size,
         masked_loss=masked_loss,
+        **({} if seed is None else {"seed": seed}),
     )
+    notes: list[str] = []
+    try:
+        # the run's own reading of the options, so the counts are the run's (a dataset TOML's
+        # batch_size wins over --batch-size there); problems are one line each, exit 2, as a run's
+        options = load_options(TrainOptions, overrides=values, notes=notes)
+        problems = resolutions_problems(options)
+    except ConfigError as exc:
+        problems = exc.problems
+    if problems:
+        for problem in problems:
+            click.echo(f"Error: {problem}", err=True)
+        sys.exit(2)
     report = check_dataset(path, options, top=top)
+    report.notes[:0] = notes
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

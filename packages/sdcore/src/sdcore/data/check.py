@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .captions import split_tags, tag_frequencies
 from .dataset import assign_buckets, scan_dataset
 
@@ -41,6 +41,12 @@ class DatasetReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     upscaled: list[tuple[str, float]] = field(default_factory=list)
     buckets: dict[str, int] = field(default_factory=dict)
+    #: with several training resolutions (``--resolutions``, a concepts file's resolution list, datasets
+    #: of different resolutions): each resolution's buckets, images per bucket, as the run assigns them;
+    #: an image whose resolution is drawn every epoch counts at each resolution it may train at
+    buckets_by_resolution: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: ``--resolution-draw`` when some image has several resolutions, else ``None``
+    resolution_draw: str | None = None
     unique_tags: int = 0
     tag_frequencies: dict[str, int] = field(default_factory=dict)
     images_per_tag: dict[str, list[str]] = field(default_factory=dict)
@@ -49,6 +55,8 @@ class DatasetReport:
     #: full mask, as OneTrainer does); ``None`` when no subset reads such masks
     masks: int | None = None
     unmasked: list[str] = field(default_factory=list)
+    #: how the options were read (e.g. a dataset TOML's batch_size replacing --batch-size)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -86,11 +94,20 @@ class DatasetReport:
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "upscaled": [{"path": p, "factor": round(f, 2)} for p, f in self.upscaled],
             "buckets": self.buckets,
+            **(
+                {
+                    "buckets_by_resolution": {str(r): b for r, b in self.buckets_by_resolution.items()},
+                    "resolution_draw": self.resolution_draw,
+                }
+                if self.buckets_by_resolution
+                else {}
+            ),
             "unique_tags": self.unique_tags,
             "tag_frequencies": self.tag_frequencies,
             "images_per_tag": self.images_per_tag,
             "errors": self.errors,
             "problems": self.problems,
+            "notes": self.notes,
             **({} if self.masks is None else {"masks": {"with_mask": self.masks, "without_mask": self.unmasked}}),
         }
 
@@ -105,6 +122,7 @@ class DatasetReport:
             return out
 
         lines = [f"Dataset {self.path}"]
+        lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  ERROR: {error}" for error in self.errors]
         lines.append(
             f"  images: {self.images} usable ({self.instance_images} training, {self.class_images} class), "
@@ -128,11 +146,25 @@ class DatasetReport:
         lines += listing(
             f"small images (enlarged more than {UPSCALE_WARNING:g}x)", [f"{p}: x{f:.1f}" for p, f in self.upscaled]
         )
-        if self.buckets:
+
+        def bucket_lines(buckets: dict[str, int]) -> list[str]:
+            return [f"    {n:>10}  {c}" for n, c in sorted(buckets.items(), key=lambda item: (-item[1], item[0]))]
+
+        if self.buckets_by_resolution:
+            if self.resolution_draw == "epoch":
+                lines.append("  resolutions: each image trains at one of its resolutions, drawn again every epoch")
+            elif self.resolution_draw == "once":
+                lines.append("  resolutions: each image trains at one of its resolutions, drawn once for the run")
+            per = "; an image counts at each resolution it may draw" if self.resolution_draw == "epoch" else ""
+            for size, buckets in sorted(self.buckets_by_resolution.items()):
+                lines.append(f"  buckets at resolution {size} ({len(buckets)}; images per bucket{per}):")
+                lines += bucket_lines(buckets)
+        elif self.buckets:
             lines.append(f"  buckets ({len(self.buckets)}; images per bucket):")
-            for name, count in sorted(self.buckets.items(), key=lambda item: (-item[1], item[0])):
-                lines.append(f"    {name:>10}  {count}")
-            lines.append(f"  batches per epoch at batch size {self.batch_size}: {self.batches_per_epoch}")
+            lines += bucket_lines(self.buckets)
+        if self.buckets:
+            first = " (the first epoch's draw)" if self.resolution_draw == "epoch" else ""
+            lines.append(f"  batches per epoch at batch size {self.batch_size}: {self.batches_per_epoch}{first}")
         if self.tag_frequencies:
             lines.append(f"  tags: {self.unique_tags} unique; most frequent (images):")
             for tag, count in self.tag_frequencies.items():
@@ -183,29 +215,51 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
     if counted is not None:
         report.masks, report.unmasked = counted[0], [rel(p) for p in counted[1]]
 
+    images = list(index.entries)  # one entry per image, before the expansion into resolutions
     if index.entries:
+        from .resolutions import expand_resolutions
+
         try:
+            # as the run: an image at several resolutions is one entry per resolution it may train at
+            expand_resolutions(index, frozenset(), seed=options.seed, draw=options.resolution_draw)
             assignments = assign_buckets(index)
-        except DataError as exc:
+        except (DataError, ConfigError) as exc:
             report.errors.append(f"bucket settings: {exc}")
             assignments = []
+        upscaled: dict[Path, float] = {}
+        by_resolution: dict[int, dict[str, int]] = {}
         for entry, assignment in zip(index.entries, assignments, strict=False):
             name = f"{assignment.bucket[0]}x{assignment.bucket[1]}"
             report.buckets[name] = report.buckets.get(name, 0) + 1
+            sized = by_resolution.setdefault(entry.subset.resolution, {})
+            sized[name] = sized.get(name, 0) + 1
             factor = assignment.resized[0] / entry.size[0]
             if factor > UPSCALE_WARNING:
-                report.upscaled.append((rel(entry.path), factor))
+                upscaled[entry.path] = max(factor, upscaled.get(entry.path, 0.0))
+        report.upscaled = [(rel(p), f) for p, f in upscaled.items()]
+        if len(by_resolution) > 1:
+            report.buckets_by_resolution = by_resolution
+        if any(len(set(e.subset.resolutions)) > 1 for e in images):
+            report.resolution_draw = options.resolution_draw
         if assignments:
             from .sampler import BucketBatchSampler
 
-            report.batches_per_epoch = len(BucketBatchSampler(index, assignments, options.batch_size, options.seed))
+            sampler = BucketBatchSampler(
+                index,
+                assignments,
+                options.batch_size,
+                options.seed,
+                resolution_groups=index.resolution_groups,
+                resolution_draw=options.resolution_draw,
+            )
+            report.batches_per_epoch = len(sampler)
 
-    captions = [e.caption for e in index.entries]
+    captions = [e.caption for e in images]
     frequencies = tag_frequencies(captions)
     report.unique_tags = len(frequencies)
     report.tag_frequencies = dict(list(frequencies.items())[:top])
     wanted = set(report.tag_frequencies)
-    for entry in index.entries:
+    for entry in images:
         for tag in dict.fromkeys(split_tags(entry.caption)):
             if tag in wanted:
                 report.images_per_tag.setdefault(tag, []).append(rel(entry.path))

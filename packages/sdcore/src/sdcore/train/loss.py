@@ -39,8 +39,8 @@ users bring their configs too:
   (``loss_weight_fn``); all are products, so the order is the value's. ``--p2-loss-gamma`` is its ``P2``
   ``(1 + snr')^-gamma`` with ``snr' = snr + 1`` on v-prediction (unclamped; the SNR of the schedule the input
   is noised with, zero-terminal when asked, as OneTrainer rescales its scheduler); ``--debiased-estimation-sqrt``
-  its ``DEBIASED_ESTIMATION`` on v-prediction, ``1 / sqrt(min(snr, 1000) + 1)`` (on epsilon it is kohya's
-  ``1 / sqrt(min(snr, 1000))``); ``--sigma-loss-weight`` its flow-matching ``SIGMA``: the noise level
+  its ``DEBIASED_ESTIMATION`` on v-prediction, ``1 / sqrt(min(snr, 1000) + 1)`` on that same schedule (on
+  epsilon it is kohya's ``1 / sqrt(min(snr, 1000))``, on kohya's schedule); ``--sigma-loss-weight`` its flow-matching ``SIGMA``: the noise level
   ``sigma`` of the sample (OneTrainer's ``(t + 1) / T``, the sigma the input was noised with).
 
 ai-toolkit's loss weight per timestep (``--timestep-loss-weight``; its ``linear_timesteps``/``linear_timesteps2``,
@@ -227,12 +227,14 @@ def post_process_loss(
     debiased_estimation_loss: bool = False,
     debiased_estimation_sqrt: bool = False,
     p2_loss_gamma: float | None = None,
-    p2_scheduler: Any = None,
+    onetrainer_scheduler: Any = None,
 ) -> torch.Tensor:
     """kohya's weights after min-SNR, in kohya's order, on the per-sample loss ``[B]``, then OneTrainer's
     P2 (``debiased_estimation_sqrt``: OneTrainer's v-prediction debiased weight instead of kohya's).
-    ``p2_scheduler``: the schedule P2 reads its SNR from (default ``scheduler``); OneTrainer's is the
-    noising one, rescaled when zero terminal SNR is on (it rescales the model's scheduler itself)."""
+    ``onetrainer_scheduler``: the schedule OneTrainer's own weights (P2, the ``debiased_estimation_sqrt``
+    one) read their SNR from (default ``scheduler``); OneTrainer's is the noising one, rescaled when zero
+    terminal SNR is on (it rescales the model's scheduler itself). kohya's weights read ``scheduler``:
+    kohya takes its SNR table before fixing the betas."""
     if not (scale_v_pred_loss_like_noise_pred or v_pred_like_loss or debiased_estimation_loss or p2_loss_gamma):
         return loss
     import torch
@@ -244,9 +246,10 @@ def post_process_loss(
     if v_pred_like_loss:
         loss = loss + loss / scale * v_pred_like_loss
     v_pred = scheduler.config.prediction_type == "v_prediction"
+    onetrainer = onetrainer_scheduler or scheduler
     if debiased_estimation_loss:
-        if v_pred and debiased_estimation_sqrt:
-            loss = loss * torch.rsqrt(ratio + 1.0)  # OneTrainer's
+        if v_pred and debiased_estimation_sqrt:  # OneTrainer's, clamped as its own, on its schedule
+            loss = loss * torch.rsqrt(_clamped_snr(onetrainer, timesteps).to(loss.device) + 1.0)
         elif v_pred:
             loss = loss * (1.0 / (ratio + 1.0))
         else:
@@ -254,7 +257,7 @@ def post_process_loss(
     if p2_loss_gamma:
         from .noise import snr
 
-        full = snr(p2_scheduler or scheduler, timesteps.long()).to(loss.device)  # OneTrainer does not clamp it
+        full = snr(onetrainer, timesteps.long()).to(loss.device)  # OneTrainer does not clamp it
         if v_pred:
             full = full + 1.0
         loss = loss * (1.0 + full) ** -float(p2_loss_gamma)
@@ -283,7 +286,7 @@ def apply_loss_weights(
         debiased_estimation_loss=options.debiased_estimation_loss,
         debiased_estimation_sqrt=options.debiased_estimation_sqrt,
         p2_loss_gamma=options.p2_loss_gamma,
-        p2_scheduler=_noising_scheduler(objective),
+        onetrainer_scheduler=_noising_scheduler(objective),
     )
 
 

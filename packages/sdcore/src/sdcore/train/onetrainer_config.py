@@ -934,10 +934,13 @@ def _loss(r: _Reader, family: str) -> None:
         v["sigma_loss_weight"] = True  # sigma of the sample's timestep, (t + 1) / T
     elif weight == "MIN_SNR_GAMMA" and not flow:
         v["min_snr_gamma"] = strength  # min(snr, gamma) / snr, / (snr + 1) for v-prediction: the same as sdcore's
+        _zero_terminal_snr_note(r, weight, "min(snr, gamma) / snr (/ (snr + 1) on v-prediction)")
     elif weight == "DEBIASED_ESTIMATION" and not flow:
         v["debiased_estimation_loss"] = True  # 1 / sqrt(min(snr, 1000)) for epsilon prediction, as kohya's
         if v_prediction(r):  # 1 / sqrt(min(snr, 1000) + 1), not kohya's 1 / (min(snr, 1000) + 1)
-            v["debiased_estimation_sqrt"] = True
+            v["debiased_estimation_sqrt"] = True  # on the rescaled schedule, as OneTrainer's (sdcore.train.loss)
+        else:
+            _zero_terminal_snr_note(r, weight, "1 / sqrt(min(snr, 1000))")
     elif weight == "P2" and not flow:
         v["p2_loss_gamma"] = strength  # (1 + snr)^-strength, snr + 1 for v-prediction
     elif weight == "SIGMA":
@@ -954,6 +957,24 @@ def _loss(r: _Reader, family: str) -> None:
 SNR_LOSS_WEIGHTS = ("P2", "MIN_SNR_GAMMA", "DEBIASED_ESTIMATION")
 #: SD2 model types whose models predict v (the 768 models; the _BASE ones predict epsilon)
 V_PREDICTION_TYPES = ("STABLE_DIFFUSION_20", "STABLE_DIFFUSION_21")
+
+
+def _zero_terminal_snr_note(r: _Reader, weight: str, formula: str) -> None:
+    """What differs for an SNR loss weight that keeps kohya's meaning under OneTrainer's zero terminal SNR.
+
+    OneTrainer rescales the model's scheduler and its loss weights read the rescaled SNR (lower at every
+    timestep, 0 at the last). sdcore's ``--min-snr-gamma`` and epsilon ``--debiased-estimation-loss`` are
+    kohya's, whose SNR table is taken before the betas are fixed; following OneTrainer would need an option
+    of its own, so the translation says what differs instead (P2 and the v-prediction debiased weight are
+    OneTrainer's only and read the rescaled schedule, :mod:`sdcore.train.loss`)."""
+    if not r.get("rescale_noise_scheduler_to_zero_terminal_snr"):
+        return
+    r.note(
+        f"loss_weight_fn {weight} with rescale_noise_scheduler_to_zero_terminal_snr: sdcore's {formula} reads the "
+        "SNR of the model's schedule before the zero-terminal rescale (kohya's meaning); OneTrainer's reads the "
+        "rescaled schedule's, lower at every timestep and 0 at the last (where its epsilon weight is not finite), "
+        "so the weights differ, most at high timesteps"
+    )
 
 
 def v_prediction(r: _Reader) -> bool:

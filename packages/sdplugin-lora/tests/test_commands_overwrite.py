@@ -1,0 +1,77 @@
+"""``sdcore lora merge|extract|resize|convert`` and an output that exists: ``sdcore generate``'s rule.
+
+They replaced an existing output in silence, even when ``-o`` named one of their inputs (a LoRA resized
+onto itself was lost if anything went wrong). Now an existing output is an error found before any model
+or file is read, unless ``--overwrite``; an output that is an input is refused even with it.
+"""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+from lora_testutil import fresh_bundle, random_network
+from sdcore.errors import ConfigError
+from sdplugin_lora.commands import lora_group
+from sdplugin_lora.format import network_metadata, save_lora
+from sdplugin_lora.tools import lora_info
+
+
+def _lora(tmp_path, name="in.safetensors", rank=4):
+    bundle = fresh_bundle("sd1")
+    network = random_network(bundle, rank=rank, alpha=float(rank), conv_rank=None)
+    return save_lora(tmp_path / name, network.state_dict(), network_metadata(family="sd1", rank=rank, alpha=rank))
+
+
+def _run(*args):
+    return CliRunner().invoke(lora_group, [str(a) for a in args])
+
+
+def _refused(result) -> str:
+    """The one-line error (a ConfigError the root command prints as ``Error: ...``, no traceback)."""
+    assert isinstance(result.exception, ConfigError), (result.exception, result.output)
+    return str(result.exception)
+
+
+def test_existing_output_is_an_error_before_any_work_unless_overwrite(tmp_path):
+    source = _lora(tmp_path)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"an earlier result")
+    # a --base-model that cannot load shows that nothing was read before the refusal
+    result = _run("resize", source, "-o", out, "--rank", "2", "--base-model", tmp_path / "no-such-model")
+    assert _refused(result) == f"{out} already exists; pass --overwrite to replace it, or choose another -o"
+    assert out.read_bytes() == b"an earlier result"
+    for args in (
+        ("extract", "tiny:sd1", tmp_path / "no-such-model", "-o", out, "--rank", "2"),
+        ("merge", source, "-o", out),
+        ("merge", source, "-o", out, "--model", tmp_path / "no-such-model"),
+        ("convert", source, "-o", out, "--to", "comfyui"),
+    ):
+        result = _run(*args)
+        assert "already exists; pass --overwrite" in _refused(result), args
+        assert out.read_bytes() == b"an earlier result"
+    result = _run("resize", source, "-o", out, "--rank", "2", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert set(lora_info(out)["ranks"]) == {2}
+    # a new file needs no flag
+    fresh = tmp_path / "fresh.safetensors"
+    assert _run("merge", f"{source}:0.5", "-o", fresh).exit_code == 0 and fresh.exists()
+
+
+def test_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path):
+    source = _lora(tmp_path)
+    other = _lora(tmp_path, "other.safetensors", rank=2)
+    before = source.read_bytes()
+    spelled = tmp_path / "sub" / ".." / source.name  # the same file under another spelling
+    (tmp_path / "sub").mkdir()
+    for args in (
+        ("resize", source, "-o", spelled, "--rank", "2"),
+        ("merge", other, f"{source}:0.5", "-o", source),
+        ("convert", source, "-o", source, "--to", "comfyui"),
+    ):
+        result = _run(*args, "--overwrite")
+        message = _refused(result)
+        assert "is the input" in message and "cannot replace a file it is made from" in message, args
+        assert source.read_bytes() == before
+    # every problem at once: a ratio that is no number and the output
+    result = _run("merge", f"{other}:half", "-o", other)
+    assert "the ratio 'half' is not a number" in _refused(result) and "is the input" in _refused(result)
+    assert result.exception.problems[-1].startswith(f"-o {other} is the input {other}")

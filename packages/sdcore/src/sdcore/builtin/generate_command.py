@@ -110,9 +110,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     help="A1111's Hires. fix: txt2img at --size, upscale, img2img at the large size (SD1/SD2/SDXL). "
     "Any --hr-* option turns it on too.",
 )
-@click.option(
-    "--hr-scale", default=None, type=click.FloatRange(min=1.0), help="Hires: upscale by (default 2)."
-)
+@click.option("--hr-scale", default=None, type=click.FloatRange(min=1.0), help="Hires: upscale by (default 2).")
 @click.option(
     "--hr-resize-x",
     default=None,
@@ -351,7 +349,16 @@ def _run_generate(params: dict[str, Any]) -> None:
         click.echo(str(path))
 
 
-_HIRES_OPTIONS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_steps", "hr_prompt", "hr_negative", "hr_sampler")
+_HIRES_OPTIONS = (
+    "hr_scale",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_upscaler",
+    "hr_steps",
+    "hr_prompt",
+    "hr_negative",
+    "hr_sampler",
+)
 
 
 def _hires_settings(params: dict[str, Any]) -> Any:

@@ -28,6 +28,7 @@ RNG (which no seed fixes): the image depends on its seed alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -179,10 +180,8 @@ def hires_from_fields(fields: dict[str, str], sampler: str | None = None) -> Hir
         if hires_sampler is not None and hires_sampler != "Use same sampler":
             from .pipeline import sampler_id
 
-            try:  # an A1111 label ("DPM++ 2M Karras") reads as sdcore's id; another one stays as written
+            with contextlib.suppress(ConfigError):  # an A1111 label reads as sdcore's id; others stay as written
                 hires_sampler = sampler_id(hires_sampler)
-            except ConfigError:
-                pass
         return HiresFix(
             scale=float(fields.get("Hires upscale", DEFAULT_SCALE)),
             resize_x=resize_x,

@@ -368,24 +368,8 @@ def generate_images(
         for indices in groups.values():
             group_info: dict[str, str] = {}
 
-            def apply(stack: contextlib.ExitStack, texts: list[str], negative_texts: list[str]) -> tuple[Any, Any]:
-                """Enter the networks and embeddings of ``indices``' texts; their rewritten texts."""
-                applied_prompts: list[str] = []
-                applied_negatives: list[str] = []
-                for position, i in enumerate(indices):
-                    # The first prompt activates the group's networks; the others only let the
-                    # untagged handlers (embeddings) rewrite their text.
-                    applied = stack.enter_context(
-                        session.apply(bundle, texts[i], negative_texts[i], networks=position == 0)
-                    )
-                    applied_prompts.append(applied.prompt)
-                    applied_negatives.append(applied.negative_prompt)
-                    for key, value in applied.info.items():
-                        group_info.setdefault(key, value)
-                return applied_prompts, applied_negatives
-
             hr_same = all(hr_prompts[i] == prompts[i] and hr_negatives[i] == negatives[i] for i in indices)
-            hires_settings = {
+            hires_settings: dict[str, Any] = {
                 "seeds": [seed + i for i in indices],
                 "first_steps": steps,
                 "cfg": cfg,
@@ -395,7 +379,8 @@ def generate_images(
                 "transforms": transforms,
             }
             with contextlib.ExitStack() as stack:
-                group_prompts, group_negatives = apply(stack, prompts, negatives)
+                pairs = [(prompts[i], negatives[i]) for i in indices]
+                group_prompts, group_negatives = _apply_networks(stack, session, bundle, pairs, group_info)
                 run: Any = _run if family_generate is None else _family_run(family_generate, sampler, true_cfg_scale)
                 images = run(
                     pipe,
@@ -414,11 +399,16 @@ def generate_images(
                     **({"output_type": "latent"} if hires is not None else {}),
                 )
                 if hires is not None and hr_same:  # the same networks stay on for the second pass
-                    images = _hires_run(hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings)
+                    images = _hires_run(
+                        hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings
+                    )
             if hires is not None and not hr_same:
                 with contextlib.ExitStack() as stack:
-                    group_prompts, group_negatives = apply(stack, hr_prompts, hr_negatives)
-                    images = _hires_run(hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings)
+                    pairs = [(hr_prompts[i], hr_negatives[i]) for i in indices]
+                    group_prompts, group_negatives = _apply_networks(stack, session, bundle, pairs, group_info)
+                    images = _hires_run(
+                        hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings
+                    )
             for i, generated in zip(indices, images, strict=True):
                 results[i] = generated
                 if info is not None:
@@ -426,6 +416,28 @@ def generate_images(
                         info.append({})
                     info[i] = dict(group_info)
     return [results[i] for i in range(len(prompts))]
+
+
+def _apply_networks(
+    stack: contextlib.ExitStack,
+    session: NetworkSession,
+    bundle: ModelBundle,
+    pairs: list[tuple[str, str]],
+    info: dict[str, str],
+) -> tuple[list[str], list[str]]:
+    """Enter the networks and embeddings of one group's (prompt, negative) ``pairs``; their rewritten texts
+    (the handlers' infotext fields are added to ``info``)."""
+    prompts: list[str] = []
+    negatives: list[str] = []
+    for position, (prompt, negative) in enumerate(pairs):
+        # The first prompt activates the group's networks; the others only let the
+        # untagged handlers (embeddings) rewrite their text.
+        applied = stack.enter_context(session.apply(bundle, prompt, negative, networks=position == 0))
+        prompts.append(applied.prompt)
+        negatives.append(applied.negative_prompt)
+        for key, value in applied.info.items():
+            info.setdefault(key, value)
+    return prompts, negatives
 
 
 def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0) -> Any:

@@ -98,11 +98,43 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 )
 @click.option(
     "--strength",
-    default=0.75,
-    show_default=True,
-    type=click.FloatRange(0.0, 1.0, min_open=True),
-    help="img2img denoising strength.",
+    "--denoising-strength",
+    "strength",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    help="Denoising strength: of img2img (default 0.75, above 0) and of the hires pass (default 0.7; 0 only upscales).",
 )
+@click.option(
+    "--hires",
+    is_flag=True,
+    help="A1111's Hires. fix: txt2img at --size, upscale, img2img at the large size (SD1/SD2/SDXL). "
+    "Any --hr-* option turns it on too.",
+)
+@click.option("--hr-scale", default=None, type=click.FloatRange(min=1.0), help="Hires: upscale by (default 2).")
+@click.option(
+    "--hr-resize-x",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Hires: resize width to (0: from the height, keeping the aspect ratio); overrides --hr-scale.",
+)
+@click.option(
+    "--hr-resize-y",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Hires: resize height to (0: from the width); overrides --hr-scale.",
+)
+@click.option(
+    "--hr-upscaler",
+    default=None,
+    help="Hires upscaler (default Latent): Latent, 'Latent (antialiased)', 'Latent (bicubic)', "
+    "'Latent (bicubic antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest.",
+)
+@click.option(
+    "--hr-steps", default=None, type=click.IntRange(min=0), help="Hires steps (default 0: the first pass's --steps)."
+)
+@click.option("--hr-prompt", default=None, help="Hires pass prompt (default: PROMPT).")
+@click.option("--hr-negative", default=None, help="Hires pass negative prompt (default: --negative).")
+@click.option("--hr-sampler", default=None, help="Hires pass sampler (default: --sampler).")
 @click.option("--clip-skip", default=1, show_default=True, type=click.IntRange(1, 12), help="1 = last CLIP layer.")
 @click.option(
     "--models-dir",
@@ -217,6 +249,7 @@ def _run_generate(params: dict[str, Any]) -> None:
     extra_options.update(params["extra_pairs"])
     sampler = sampler_id(params["sampler"]) if params["sampler"] else None
     seed = params["seed"] if params["seed"] >= 0 else random.randrange(2**32)
+    hires = _hires_settings(params)
 
     pm = _plugin_manager()
     directories: dict[str, Any] = {name: params[name] for name in _DIRECTORY_OPTIONS if params.get(name)}
@@ -226,6 +259,13 @@ def _run_generate(params: dict[str, Any]) -> None:
     # Fail on unknown tags and malformed syntax before spending time on loading the model.
     session.parse(params["prompt"], params["negative"])
     problems: list[str] = []
+    if hires is not None:
+        session.parse(hires.prompt or "", hires.negative_prompt or "")
+        problems.extend(hires.problems())
+        if params["init_image"] is not None:
+            problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
+    elif params["init_image"] is not None and params["strength"] == 0:
+        problems.append("--strength of img2img must be above 0")
     existing = [str(p) for p in _output_paths(params["output"], params["batch"]) if p.exists()]
     if existing and not params["overwrite"]:  # an earlier image is never replaced in silence
         verb = "exists" if len(existing) == 1 else "exist"
@@ -249,6 +289,9 @@ def _run_generate(params: dict[str, Any]) -> None:
         params["cfg"] = default_cfg(adapter)
 
     width, height = params["size"] or (None, None)
+    strength = params["strength"]
+    if strength is None:
+        strength = hires.denoising_strength if hires is not None else 0.75
     infos: list[dict[str, str]] = []
     prompts = [params["prompt"]] * params["batch"]
     images = generate_images(
@@ -262,24 +305,32 @@ def _run_generate(params: dict[str, Any]) -> None:
         height=height,
         sampler=sampler,
         init_image=params["init_image"],
-        strength=params["strength"],
+        strength=strength,
         clip_skip=params["clip_skip"],
         networks=session,
         info=infos,
         true_cfg_scale=params["true_cfg_scale"],
+        hires=hires,
     )
+    first_size = None
+    if hires is not None:  # A1111's "Size" is the first pass's
+        from ..generate.pipeline import default_size
+
+        first_size = (width or default_size(bundle), height or default_size(bundle))
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
         extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler)}  # None: not written
-        if params["init_image"] is not None:
-            extra["Denoising strength"] = params["strength"]
+        if params["init_image"] is not None or hires is not None:
+            extra["Denoising strength"] = strength
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
         extra["RNG"] = RNG_SOURCE  # every family's noise comes from seeded CPU generators
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
+        if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
+            extra.update(hires.infotext_fields(params["prompt"], params["negative"], sampler))
         extra.update(infos[index] if index < len(infos) else {})
         extra["Version"] = f"sdcore {__version__}"
         text = format_parameters(
@@ -289,13 +340,46 @@ def _run_generate(params: dict[str, Any]) -> None:
             sampler,
             params["true_cfg_scale"] if distilled else params["cfg"],
             seed + index,
-            image.size,
+            first_size or image.size,
             model_hash,
             model_name,
             extra,
         )
         save_png(image, path, text)
         click.echo(str(path))
+
+
+_HIRES_OPTIONS = (
+    "hr_scale",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_upscaler",
+    "hr_steps",
+    "hr_prompt",
+    "hr_negative",
+    "hr_sampler",
+)
+
+
+def _hires_settings(params: dict[str, Any]) -> Any:
+    """The :class:`~sdcore.generate.hires.HiresFix` of ``--hires``/``--hr-*`` (``None`` when off), with
+    A1111's txt2img defaults for what is not given."""
+    if not params["hires"] and all(params[name] is None for name in _HIRES_OPTIONS):
+        return None
+    from ..generate.hires import DEFAULT_DENOISING_STRENGTH, DEFAULT_SCALE, DEFAULT_UPSCALER, HiresFix
+
+    strength = params["strength"]
+    return HiresFix(
+        scale=params["hr_scale"] if params["hr_scale"] is not None else DEFAULT_SCALE,
+        resize_x=params["hr_resize_x"] or 0,
+        resize_y=params["hr_resize_y"] or 0,
+        upscaler=params["hr_upscaler"] or DEFAULT_UPSCALER,
+        steps=params["hr_steps"] or 0,
+        denoising_strength=strength if strength is not None else DEFAULT_DENOISING_STRENGTH,
+        prompt=params["hr_prompt"],
+        negative_prompt=params["hr_negative"],
+        sampler=params["hr_sampler"],
+    )
 
 
 @hookimpl

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..models.bundle import ModelBundle
+    from .hires import HiresFix
     from .networks import NetworkRef
     from .session import NetworkSession
 
@@ -275,6 +276,7 @@ def generate_images(
     networks: NetworkSession | None = None,
     info: list[dict[str, str]] | None = None,
     true_cfg_scale: float = 1.0,
+    hires: HiresFix | None = None,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -284,7 +286,8 @@ def generate_images(
     ``info``, when given, is filled with one dict per image of infotext fields the handlers
     reported (``Lora hashes`` ...). ``true_cfg_scale`` > 1 runs true CFG on a guidance-distilled family
     (Flux.1), whose ``cfg`` is the distilled guidance; SD families take ``cfg`` alone. ``sampler``:
-    the family's default (``euler_a``; Flux.1's ``euler``) when not given.
+    the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``hires``: A1111's "Hires. fix"
+    after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL; see :mod:`.hires`).
     """
     import torch
 
@@ -299,6 +302,12 @@ def generate_images(
         raise ConfigError(f"steps must be at least 1, got {steps}")
     if init_image is not None and not 0.0 < strength <= 1.0:
         raise ConfigError(f"strength must be in (0, 1], got {strength}")
+    if hires is not None:
+        problems = hires.problems()
+        if init_image is not None:
+            problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
+        if problems:
+            raise ConfigError("; ".join(problems))
     from ..models.family import family_adapter
 
     complete = getattr(family_adapter(bundle.family_spec), "require_complete", None)
@@ -320,9 +329,12 @@ def generate_images(
 
     session = networks if networks is not None else NetworkSession({})
     # Networks apply to a whole pipeline call, so prompts naming the same networks share a call.
-    groups: dict[tuple[NetworkRef, ...], list[int]] = {}
+    # The hires pass has its own prompts (by default the same) and so its own networks.
+    hr_prompts = [p if hires is None or hires.prompt is None else hires.prompt for p in prompts]
+    hr_negatives = [n if hires is None or hires.negative_prompt is None else hires.negative_prompt for n in negatives]
+    groups: dict[tuple[tuple[NetworkRef, ...], ...], list[int]] = {}
     for index, prompt in enumerate(prompts):
-        groups.setdefault(_network_key(prompt), []).append(index)
+        groups.setdefault((_network_key(prompt), _network_key(hr_prompts[index])), []).append(index)
 
     from ..models.family import family_adapter
     from ..models.sd_unet import SdUnetAdapter
@@ -332,39 +344,50 @@ def generate_images(
         sampler = str(getattr(adapter, "default_sampler", "euler_a"))
     family_generate = None
     pipe: Any = None
+    hr_pipe: Any = None
     if isinstance(adapter, SdUnetAdapter):
         if true_cfg_scale != 1.0:
             raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD models take --cfg")
         pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
         pipe.set_progress_bar_config(disable=True)
+        if hires is not None:
+            hr_pipe = build_pipeline(bundle, img2img=True, sampler=hires.sampler or sampler)
+            hr_pipe.set_progress_bar_config(disable=True)
+    elif hires is not None:
+        raise ConfigError(
+            f"the hires fix runs on SD1/SD2/SDXL; {bundle.family} generates through its own pipelines, "
+            "which take no latents to upscale"
+        )
     else:  # another family renders through its adapter (same prompts, seeds, networks and sizes)
         family_generate = getattr(adapter, "generate", None)
         if family_generate is None:
             raise ConfigError(f"generating with {bundle.family} models is not supported")
     results: dict[int, Image.Image] = {}
+    transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
     with _eval_mode(bundle), torch.no_grad():
         for indices in groups.values():
-            group_prompts: list[str] = []
-            group_negatives: list[str] = []
             group_info: dict[str, str] = {}
+
+            hr_same = all(hr_prompts[i] == prompts[i] and hr_negatives[i] == negatives[i] for i in indices)
+            hires_settings: dict[str, Any] = {
+                "seeds": [seed + i for i in indices],
+                "first_steps": steps,
+                "cfg": cfg,
+                "width": width,
+                "height": height,
+                "clip_skip": clip_skip,
+                "transforms": transforms,
+            }
             with contextlib.ExitStack() as stack:
-                for position, i in enumerate(indices):
-                    # The first prompt activates the group's networks; the others only let the
-                    # untagged handlers (embeddings) rewrite their text.
-                    applied = stack.enter_context(
-                        session.apply(bundle, prompts[i], negatives[i], networks=position == 0)
-                    )
-                    group_prompts.append(applied.prompt)
-                    group_negatives.append(applied.negative_prompt)
-                    for key, value in applied.info.items():
-                        group_info.setdefault(key, value)
+                pairs = [(prompts[i], negatives[i]) for i in indices]
+                group_prompts, group_negatives = _apply_networks(stack, session, bundle, pairs, group_info)
                 run: Any = _run if family_generate is None else _family_run(family_generate, sampler, true_cfg_scale)
                 images = run(
                     pipe,
                     bundle,
                     group_prompts,
                     group_negatives,
-                    transforms=[h for h in session.handlers() if hasattr(h, "transform_conditioning")],
+                    transforms=transforms,
                     seeds=[seed + i for i in indices],
                     steps=steps,
                     cfg=cfg,
@@ -373,7 +396,19 @@ def generate_images(
                     image=image,
                     strength=strength,
                     clip_skip=clip_skip,
+                    **({"output_type": "latent"} if hires is not None else {}),
                 )
+                if hires is not None and hr_same:  # the same networks stay on for the second pass
+                    images = _hires_run(
+                        hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings
+                    )
+            if hires is not None and not hr_same:
+                with contextlib.ExitStack() as stack:
+                    pairs = [(hr_prompts[i], hr_negatives[i]) for i in indices]
+                    group_prompts, group_negatives = _apply_networks(stack, session, bundle, pairs, group_info)
+                    images = _hires_run(
+                        hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings
+                    )
             for i, generated in zip(indices, images, strict=True):
                 results[i] = generated
                 if info is not None:
@@ -381,6 +416,28 @@ def generate_images(
                         info.append({})
                     info[i] = dict(group_info)
     return [results[i] for i in range(len(prompts))]
+
+
+def _apply_networks(
+    stack: contextlib.ExitStack,
+    session: NetworkSession,
+    bundle: ModelBundle,
+    pairs: list[tuple[str, str]],
+    info: dict[str, str],
+) -> tuple[list[str], list[str]]:
+    """Enter the networks and embeddings of one group's (prompt, negative) ``pairs``; their rewritten texts
+    (the handlers' infotext fields are added to ``info``)."""
+    prompts: list[str] = []
+    negatives: list[str] = []
+    for position, (prompt, negative) in enumerate(pairs):
+        # The first prompt activates the group's networks; the others only let the
+        # untagged handlers (embeddings) rewrite their text.
+        applied = stack.enter_context(session.apply(bundle, prompt, negative, networks=position == 0))
+        prompts.append(applied.prompt)
+        negatives.append(applied.negative_prompt)
+        for key, value in applied.info.items():
+            info.setdefault(key, value)
+    return prompts, negatives
 
 
 def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0) -> Any:
@@ -411,22 +468,16 @@ def _run(
     strength: float,
     clip_skip: int,
     transforms: list[Any] = (),  # type: ignore[assignment]
-) -> list[Image.Image]:
+    output_type: str = "pil",
+) -> Any:
+    """One txt2img/img2img pipeline call; PIL images, or the batch's latents with ``output_type="latent"``."""
     import torch
 
-    from .conditioning import encode_cond_uncond
     from .prompt_editing import StepPrompts
     from .step_conditioning import StepConditioning
 
-    def encode(texts: list[str], negative_texts: list[str]) -> tuple[Any, Any]:
-        cond, uncond = encode_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip)
-        for handler in transforms:  # e.g. aesthetic gradients: per-prompt conditioning rewrites
-            cond = _transform_rows(handler, bundle, texts, cond, negative=False, clip_skip=clip_skip)
-            uncond = _transform_rows(handler, bundle, negative_texts, uncond, negative=True, clip_skip=clip_skip)
-        return cond, uncond
-
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes
-    per_call = StepConditioning(StepPrompts.build(prompts, negatives, steps), encode)
+    per_call = StepConditioning(StepPrompts.build(prompts, negatives, steps), _encoder(bundle, clip_skip, transforms))
     cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
@@ -435,7 +486,7 @@ def _run(
         "num_inference_steps": steps,
         "guidance_scale": cfg,
         "generator": generators,
-        "output_type": "pil",
+        "output_type": output_type,
     }
     if bundle.is_sdxl:
         kwargs["pooled_prompt_embeds"] = cond.pooled
@@ -450,6 +501,140 @@ def _run(
     if bundle.is_sdxl and bundle.family != "sdxl-refiner":
         kwargs["original_size"] = (height, width)
         kwargs["target_size"] = (height, width)
+    with per_call.installed(pipe.unet, pooled=bundle.is_sdxl):
+        output = pipe(**kwargs)
+    return output.images if output_type == "latent" else list(output.images)
+
+
+def _encoder(bundle: ModelBundle, clip_skip: int, transforms: Sequence[Any]) -> Any:
+    """``encode(texts, negative_texts) -> (cond, uncond)`` with the handlers' conditioning rewrites."""
+    from .conditioning import encode_cond_uncond
+
+    def encode(texts: list[str], negative_texts: list[str]) -> tuple[Any, Any]:
+        cond, uncond = encode_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip)
+        for handler in transforms:  # e.g. aesthetic gradients: per-prompt conditioning rewrites
+            cond = _transform_rows(handler, bundle, texts, cond, negative=False, clip_skip=clip_skip)
+            uncond = _transform_rows(handler, bundle, negative_texts, uncond, negative=True, clip_skip=clip_skip)
+        return cond, uncond
+
+    return encode
+
+
+@contextlib.contextmanager
+def _vae_for_coding(vae: Any) -> Iterator[Any]:
+    """The VAE in float32 while it codes when fp16 overflows it (``force_upcast``, as the SDXL pipelines do)."""
+    import torch
+
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield vae
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+
+
+def _decode_latents(pipe: Any, latents: Any, output_type: str) -> Any:
+    """The pipeline's own decode (scaling, ``latents_mean``/``std`` where the VAE has them, postprocess)."""
+    import torch
+
+    with _vae_for_coding(pipe.vae) as vae:
+        config = vae.config
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, latents.shape[1], 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents)
+            std_t = torch.tensor(std).view(shape).to(latents)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor
+        decoded = vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(decoded, output_type=output_type)
+
+
+def _encode_images(pipe: Any, images: Sequence[Image.Image]) -> Any:
+    """Images (any size: the VAE floors it to its factor, as in A1111) to scaled latents: the posterior's mean."""
+    import numpy as np
+    import torch
+
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
+    pixels = pixels.permute(0, 3, 1, 2) * 2.0 - 1.0
+    with _vae_for_coding(pipe.vae) as vae:
+        config = vae.config
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, latents.shape[1], 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents)
+            std_t = torch.tensor(std).view(shape).to(latents)
+            latents = (latents - mean_t) * config.scaling_factor / std_t
+        else:
+            latents = latents * config.scaling_factor
+    return latents
+
+
+def _hires_run(
+    pipe: Any,
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    latents: Any,
+    hires: HiresFix,
+    *,
+    seeds: list[int],
+    first_steps: int,
+    cfg: float,
+    width: int,
+    height: int,
+    clip_skip: int,
+    transforms: Sequence[Any] = (),
+) -> list[Image.Image]:
+    """A1111's second pass over the first pass's ``latents`` (see :mod:`.hires` for what each step follows)."""
+    import numpy as np
+    import torch
+    from PIL import Image as PILImage
+
+    from .hires import crop_latents, upscale_image, upscale_latents
+    from .prompt_editing import StepPrompts
+    from .step_conditioning import StepConditioning
+
+    factor = bundle.vae_scale_factor
+    to_x, to_y, truncate_x, truncate_y = hires.target(width, height, factor)
+    if hires.latent_mode is not None:
+        latents = upscale_latents(latents.float(), to_x, to_y, hires.upscaler, factor)
+    else:  # decode, upscale the 8-bit image (A1111 truncates to uint8), encode again
+        pixels = _decode_latents(pipe, latents, "np")
+        small = [PILImage.fromarray((255.0 * p).astype(np.uint8)) for p in pixels]
+        latents = _encode_images(pipe, [upscale_image(im, to_x, to_y, hires.upscaler) for im in small])
+    latents = crop_latents(latents, truncate_x, truncate_y)
+    schedule, run = hires.schedule(first_steps)
+    if run == 0:  # strength 0: A1111's sampler gets a one-sigma schedule and returns its input
+        return list(_decode_latents(pipe, latents, "pil"))
+    # the second pass's prompt editing counts on from the first pass (A1111's hires offsets)
+    per_call = StepConditioning(
+        StepPrompts.build(prompts, negatives, run, first_steps=first_steps), _encoder(bundle, clip_skip, transforms)
+    )
+    cond, uncond = per_call.first_parts(0)
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": cond.embeds,
+        "negative_prompt_embeds": uncond.embeds,
+        "image": latents.to(device=bundle.device, dtype=bundle.denoiser.dtype),
+        # the pipeline runs int(schedule * strength) steps: exactly `run`, the last ones of the schedule
+        "num_inference_steps": schedule,
+        "strength": min(1.0, (run + 0.5) / schedule),
+        "guidance_scale": cfg,
+        # fresh noise from each image's seed at the large latent's shape, as A1111 draws it
+        "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
+        "output_type": "pil",
+    }
+    if bundle.is_sdxl:
+        kwargs["pooled_prompt_embeds"] = cond.pooled
+        kwargs["negative_pooled_prompt_embeds"] = uncond.pooled
+        kwargs["original_size"] = (to_y, to_x)  # A1111's SDXL conditioning of the hires pass
+        kwargs["target_size"] = (to_y, to_x)
     with per_call.installed(pipe.unet, pooled=bundle.is_sdxl):
         output = pipe(**kwargs)
     return list(output.images)

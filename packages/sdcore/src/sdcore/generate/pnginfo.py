@@ -16,9 +16,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .hires import HiresFix
 from ..io import atomic_save
 
 PARAMETERS_KEY = "parameters"
@@ -48,6 +51,14 @@ class GenerationParameters:
     model_hash: str | None = None
     model_name: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def hires_fix(self) -> HiresFix | None:
+        """The "Hires. fix" the fields describe (``Denoising strength``, ``Hires upscale``/``Hires resize``,
+        ``Hires steps``, ``Hires upscaler``, ``Hires prompt`` ...), ``None`` when there is none; ``size``
+        is then the first pass's, as A1111 writes it."""
+        from .hires import hires_from_fields
+
+        return hires_from_fields(self.extra, self.sampler)
 
     def format(self) -> str:
         return format_parameters(

@@ -166,12 +166,15 @@ class _Parser:
         return _Scheduled(first, second, when.group(1)), when.end()
 
 
-def _when_step(when: str, steps: int) -> int:
+def _when_step(when: str, steps: int, first_steps: int | None = None) -> int:
     """``when`` as a step: a fraction of ``steps`` when written with a decimal point, else absolute;
-    truncated and capped at ``steps``."""
+    truncated and capped at ``steps``. In a hires pass (``first_steps``: the first pass's steps) A1111
+    counts on from the first pass: a fraction from 1.0, an absolute step from ``first_steps``."""
     value = float(when)
     if "." in when:
-        value *= steps
+        value = (value - (1.0 if first_steps is not None else 0.0)) * steps
+    else:
+        value -= first_steps or 0
     return min(steps, int(value))
 
 
@@ -191,19 +194,19 @@ def _walk(nodes: Sequence[_Node]) -> list[_Node]:
     return out
 
 
-def _render(nodes: Sequence[_Node], step: int, steps: int) -> str:
+def _render(nodes: Sequence[_Node], step: int, steps: int, first_steps: int | None = None) -> str:
     pieces: list[str] = []
     for node in nodes:
         if isinstance(node, _Text):
             pieces.append(node.text)
         elif isinstance(node, _Group):
-            inside = ":".join(_render(part, step, steps) for part in node.parts)
+            inside = ":".join(_render(part, step, steps, first_steps) for part in node.parts)
             pieces.append(node.opening + inside + node.closing)
         elif isinstance(node, _Scheduled):
-            chosen = node.before if step <= _when_step(node.when, steps) else node.after
-            pieces.append(_render(chosen, step, steps))
+            chosen = node.before if step <= _when_step(node.when, steps, first_steps) else node.after
+            pieces.append(_render(chosen, step, steps, first_steps))
         else:
-            pieces.append(_render(node.options[(step - 1) % len(node.options)], step, steps))
+            pieces.append(_render(node.options[(step - 1) % len(node.options)], step, steps, first_steps))
     return "".join(pieces)
 
 
@@ -219,9 +222,10 @@ def composable_parts(prompt: str) -> list[tuple[str, float]]:
     return parts
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, first_steps: int | None = None) -> list[tuple[int, str]]:
     """``[(end_step, text), ...]``: the text ``prompt`` renders up to each end step, ends ascending, the
-    last one ``steps`` (A1111's schedule for a prompt; one entry when nothing changes)."""
+    last one ``steps`` (A1111's schedule for a prompt; one entry when nothing changes). ``first_steps``:
+    ``steps`` are a hires pass's after a first pass of that many (see :func:`_when_step`)."""
     try:
         nodes = _Parser(prompt).top()
     except _Unparsable:
@@ -229,12 +233,12 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     ends = {steps}
     for node in _walk(nodes):
         if isinstance(node, _Scheduled):
-            end = _when_step(node.when, steps)
+            end = _when_step(node.when, steps, first_steps)
             if end >= 1:
                 ends.add(end)
         elif isinstance(node, _Alternate):
             ends.update(range(1, steps + 1))
-    return [(end, _render(nodes, end, steps)) for end in sorted(ends)]
+    return [(end, _render(nodes, end, steps, first_steps)) for end in sorted(ends)]
 
 
 def text_at_call(schedule: Sequence[tuple[int, str]], call: int) -> str:
@@ -262,11 +266,14 @@ class StepPrompts:
     weights: tuple[float, ...]
 
     @classmethod
-    def build(cls, prompts: Sequence[str], negatives: Sequence[str], steps: int) -> StepPrompts:
+    def build(
+        cls, prompts: Sequence[str], negatives: Sequence[str], steps: int, first_steps: int | None = None
+    ) -> StepPrompts:
+        """``first_steps``: these are a hires pass's ``steps`` after a first pass of ``first_steps``."""
         parts = [(image, text, weight) for image, p in enumerate(prompts) for text, weight in composable_parts(p)]
         return cls(
-            tuple(tuple(prompt_schedule(text, steps)) for _, text, _ in parts),
-            tuple(tuple(prompt_schedule(n, steps)) for n in negatives),
+            tuple(tuple(prompt_schedule(text, steps, first_steps)) for _, text, _ in parts),
+            tuple(tuple(prompt_schedule(n, steps, first_steps)) for n in negatives),
             tuple(image for image, _, _ in parts),
             tuple(weight for _, _, weight in parts),
         )

@@ -1,0 +1,249 @@
+"""A1111's "Hires. fix": a txt2img pass at the base size, an upscale, and an img2img pass at the large size.
+
+What A1111 does (``modules/processing.py`` ``StableDiffusionProcessingTxt2Img``, facts rewritten here):
+
+- **Target size** (``calculate_target_resolution``): with ``hr_scale`` ``s`` and no resize, the upscale goes
+  to ``int(width * s) x int(height * s)``. With ``--hr-resize-x/-y`` one side 0 keeps the aspect ratio
+  (``x * height // width``); both given, the image is scaled to cover that box and the latent cropped
+  afterwards by ``(upscaled - wanted) // 8`` latent pixels, half on each side (the extra one at the end).
+  The latent is ``size // 8`` (the VAE floors odd sizes as well), so the final image is the target rounded
+  down to a multiple of 8: 1.5 x 500 = 750 gives 744.
+- **Upscalers**: the ``Latent`` modes interpolate the first pass's latent (``torch.nn.functional.interpolate``
+  with the mode and antialias of A1111's ``latent_upscale_modes``); the image upscalers decode it, upscale
+  the 8-bit image (A1111's ``images.resize_image``: the upscaler to ``(w * scale) // 8 * 8``, then Lanczos
+  to the exact size) and encode it again. Only the upscalers A1111 has without a model are offered
+  (``Lanczos``, ``Nearest``); ESRGAN and friends need weights sdcore does not ship.
+- **Steps** (``sd_samplers_common.setup_img2img_steps`` with an explicit step count): the second pass
+  runs exactly ``hr_steps`` (0: the first pass's steps) on a schedule of ``int(hr_steps / min(strength,
+  0.999))`` steps, starting ``hr_steps`` steps before its end; strength 0 runs none (the upscaled latent
+  is decoded as it is).
+- **Noise**: fresh noise drawn from each image's own seed at the large latent's shape, as the first pass does.
+- **Prompts**: the hires prompt (default the prompt) is scheduled with A1111's hires offsets (an integer
+  step counts from the first pass's steps, a fraction from 1.0: ``[a:b:1.5]`` switches half-way through
+  the second pass); its networks are the ones its tags name.
+
+Encoding an upscaled image takes the VAE posterior's mean where A1111 draws a sample from its global
+RNG (which no seed fixes): the image depends on its seed alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+#: A1111's ``shared.latent_upscale_modes``: name -> (torch interpolate mode, antialias)
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+#: the image upscalers A1111 has without a model (``modules/upscaler.py``) -> PIL filter name
+IMAGE_UPSCALERS: dict[str, str] = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+#: A1111's txt2img defaults (the UI's "Upscale by", "Denoising strength", "Upscaler")
+DEFAULT_SCALE = 2.0
+DEFAULT_DENOISING_STRENGTH = 0.7
+DEFAULT_UPSCALER = "Latent"
+
+
+def upscaler_name(name: str) -> str:
+    """A1111's spelling of an upscaler (``latent (bicubic)`` -> ``Latent (bicubic)``), or a one-line error."""
+    for known in (*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS):
+        if name.strip().lower() == known.lower():
+            return known
+    choices = ", ".join(repr(n) for n in (*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS))
+    raise ConfigError(f"unknown hires upscaler {name!r}; choose one of: {choices} (model upscalers are not supported)")
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """The second pass's settings, named and defaulted as A1111's txt2img has them.
+
+    ``prompt``/``negative_prompt``/``sampler`` ``None``: the first pass's. ``steps`` 0: the first pass's.
+    ``resize_x``/``resize_y`` (0 = unset) take over from ``scale`` when either is set.
+    """
+
+    scale: float = DEFAULT_SCALE
+    resize_x: int = 0
+    resize_y: int = 0
+    upscaler: str = DEFAULT_UPSCALER
+    steps: int = 0
+    denoising_strength: float = DEFAULT_DENOISING_STRENGTH
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    sampler: str | None = None
+
+    def problems(self) -> list[str]:
+        """Everything wrong with these settings, one line each (checked before a model loads)."""
+        found = []
+        try:
+            upscaler_name(self.upscaler)
+        except ConfigError as exc:
+            found.append(str(exc))
+        if not self.scale > 0 or not math.isfinite(self.scale):
+            found.append(f"--hr-scale must be a positive number, got {self.scale}")
+        if self.resize_x < 0 or self.resize_y < 0:
+            found.append(f"--hr-resize-x/-y must be 0 or more, got {self.resize_x}x{self.resize_y}")
+        if self.steps < 0:
+            found.append(f"--hr-steps must be 0 (the first pass's) or more, got {self.steps}")
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            found.append(f"--denoising-strength must be in [0, 1], got {self.denoising_strength}")
+        if self.sampler is not None:
+            from .pipeline import sampler_id
+
+            try:
+                sampler_id(self.sampler)
+            except ConfigError as exc:
+                found.append(f"--hr-sampler: {exc}")
+        return found
+
+    @property
+    def latent_mode(self) -> tuple[str, bool] | None:
+        """(interpolate mode, antialias) of a ``Latent`` upscaler, ``None`` for an image upscaler."""
+        return LATENT_UPSCALE_MODES.get(upscaler_name(self.upscaler))
+
+    def target(self, width: int, height: int, factor: int = 8) -> tuple[int, int, int, int]:
+        """``(upscale_to_x, upscale_to_y, truncate_x, truncate_y)`` for a first pass of ``width x height``
+        (A1111's ``calculate_target_resolution``; the truncations are in latent pixels of ``factor``)."""
+        rx, ry = self.resize_x, self.resize_y
+        if rx == 0 and ry == 0:
+            return int(width * self.scale), int(height * self.scale), 0, 0
+        if ry == 0:
+            return rx, rx * height // width, 0, 0
+        if rx == 0:
+            return ry * width // height, ry, 0, 0
+        if width / height < rx / ry:
+            to_x, to_y = rx, rx * height // width
+        else:
+            to_x, to_y = ry * width // height, ry
+        return to_x, to_y, (to_x - rx) // factor, (to_y - ry) // factor
+
+    def final_size(self, width: int, height: int, factor: int = 8) -> tuple[int, int]:
+        """The size of the image the second pass makes (the cropped latent times ``factor``)."""
+        to_x, to_y, tx, ty = self.target(width, height, factor)
+        return (to_x // factor - tx) * factor, (to_y // factor - ty) * factor
+
+    def schedule(self, first_steps: int) -> tuple[int, int]:
+        """``(schedule steps, steps run)`` of the second pass (A1111's ``setup_img2img_steps`` when it is
+        given the steps): the last ``run`` steps of a ``schedule``-step sampler; (0, 0) at strength 0."""
+        run = self.steps or first_steps
+        if self.denoising_strength <= 0:
+            return 0, 0
+        return int(run / min(self.denoising_strength, 0.999)), run
+
+    def infotext_fields(self, prompt: str, negative_prompt: str, sampler: str) -> dict[str, Any]:
+        """A1111's infotext fields for this pass, in A1111's order ("Denoising strength" is placed by the
+        caller where A1111 writes it): "Hires sampler"/"Hires prompt"/"Hires negative prompt" only when they
+        differ from the first pass's, "Hires upscale" or "Hires resize", "Hires steps" when set, "Hires
+        upscaler"."""
+        from .pipeline import sampler_id, sampler_label
+
+        fields: dict[str, Any] = {}
+        if self.sampler is not None and sampler_id(self.sampler) != sampler_id(sampler):
+            fields["Hires sampler"] = sampler_label(self.sampler)
+        if self.prompt is not None and self.prompt != prompt:
+            fields["Hires prompt"] = self.prompt
+        if self.negative_prompt is not None and self.negative_prompt != negative_prompt:
+            fields["Hires negative prompt"] = self.negative_prompt
+        if self.resize_x == 0 and self.resize_y == 0:
+            fields["Hires upscale"] = float(self.scale)
+        else:
+            fields["Hires resize"] = f"{self.resize_x}x{self.resize_y}"
+        if self.steps:
+            fields["Hires steps"] = self.steps
+        fields["Hires upscaler"] = upscaler_name(self.upscaler)
+        return fields
+
+
+def hires_from_fields(fields: dict[str, str], sampler: str | None = None) -> HiresFix | None:
+    """The :class:`HiresFix` an infotext's fields describe, or ``None`` when it has none (A1111 turns the
+    hires fix on when "Denoising strength" comes with "Hires upscale", "Hires upscaler" or "Hires resize")."""
+    if "Denoising strength" not in fields or not any(
+        key in fields for key in ("Hires upscale", "Hires upscaler", "Hires resize")
+    ):
+        return None
+    try:
+        resize_x = resize_y = 0
+        if "Hires resize" in fields:
+            x_text, _, y_text = fields["Hires resize"].partition("x")
+            resize_x, resize_y = int(x_text), int(y_text)
+        hires_sampler = fields.get("Hires sampler")
+        if hires_sampler is not None and hires_sampler != "Use same sampler":
+            from .pipeline import sampler_id
+
+            with contextlib.suppress(ConfigError):  # an A1111 label reads as sdcore's id; others stay as written
+                hires_sampler = sampler_id(hires_sampler)
+        return HiresFix(
+            scale=float(fields.get("Hires upscale", DEFAULT_SCALE)),
+            resize_x=resize_x,
+            resize_y=resize_y,
+            upscaler=fields.get("Hires upscaler", DEFAULT_UPSCALER),
+            steps=int(fields.get("Hires steps", 0)),
+            denoising_strength=float(fields["Denoising strength"]),
+            prompt=fields.get("Hires prompt"),
+            negative_prompt=fields.get("Hires negative prompt"),
+            sampler=None if hires_sampler in (None, "Use same sampler", sampler) else hires_sampler,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"infotext hires fields are invalid: {exc}") from exc
+
+
+def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
+    """``image`` at ``width x height`` through an image upscaler, as A1111's ``images.resize_image``
+    (mode "Just resize") runs it: when enlarging, the upscaler scales by ``max`` of the two ratios to
+    ``int(side * scale)``, Lanczos takes that to ``(side * scale) // 8 * 8`` and then to the exact size."""
+    from PIL import Image as PILImage
+
+    name = upscaler_name(upscaler)
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0:
+        resample = getattr(PILImage.Resampling, IMAGE_UPSCALERS[name])
+        dest = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))
+        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
+        if image.size != dest:
+            image = image.resize(dest, resample=PILImage.Resampling.LANCZOS)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=PILImage.Resampling.LANCZOS)
+    return image
+
+
+def upscale_latents(latents: Any, width: int, height: int, upscaler: str, factor: int = 8) -> Any:
+    """The first pass's latents interpolated to the latent of a ``width x height`` image (``size // factor``)."""
+    import torch
+
+    mode, antialias = LATENT_UPSCALE_MODES[upscaler_name(upscaler)]
+    return torch.nn.functional.interpolate(
+        latents, size=(height // factor, width // factor), mode=mode, antialias=antialias
+    )
+
+
+def crop_latents(latents: Any, truncate_x: int, truncate_y: int) -> Any:
+    """A1111's crop of a "Hires resize" box: ``truncate // 2`` latent pixels at the start, the rest at the end."""
+    height, width = latents.shape[-2:]
+    return latents[
+        :, :, truncate_y // 2 : height - (truncate_y + 1) // 2, truncate_x // 2 : width - (truncate_x + 1) // 2
+    ]
+
+
+__all__ = [
+    "DEFAULT_DENOISING_STRENGTH",
+    "DEFAULT_SCALE",
+    "DEFAULT_UPSCALER",
+    "IMAGE_UPSCALERS",
+    "LATENT_UPSCALE_MODES",
+    "HiresFix",
+    "crop_latents",
+    "hires_from_fields",
+    "upscale_image",
+    "upscale_latents",
+    "upscaler_name",
+]

@@ -82,8 +82,9 @@ def test_each_transformer_call_gets_its_evaluations_conditioning(flow_bundles, c
     with torch.no_grad():  # as generation encodes
         encoded = {(p, n): _encode(name, bundle, f"a {p} x", n if negative else "") for p in ("cat", "dog")
                    for n in ("ugly", "bad")}  # fmt: skip
-    # evaluations 0 and 1 read step 1 ("cat", the alternation's first option), 2 reads step 2, then step 3
-    expected = [("cat", "ugly"), ("cat", "ugly"), ("dog", "bad"), ("dog", "ugly"), ("dog", "ugly")]
+    # evaluations 0 and 1 read step 1 ("cat", the alternation's first option), 2 reads step 2, then step 3;
+    # Heun's schedule is over twice the steps (A1111's second-order total_steps), so evaluation 4 reads step 4
+    expected = [("cat", "ugly"), ("cat", "ugly"), ("dog", "bad"), ("dog", "ugly"), ("dog", "bad")]
     for call, got in enumerate(seen):
         evaluation, is_negative = divmod(call, per_evaluation)
         cond, uncond = encoded[expected[evaluation]]

@@ -92,8 +92,9 @@ def test_each_unet_call_gets_its_steps_conditioning(tiny_bundles, family, sample
     texts = {name: encode_cond_uncond(bundle, [p], [n]) for name, p, n in [
         ("cat-ugly", "a cat x", "ugly"), ("dog-ugly", "a dog x", "ugly"), ("dog-bad", "a dog x", "bad"),
     ]}  # fmt: skip
-    # call 0 and 1 read step 1 ("cat", alternation's first option), call 2 reads step 2, then step 3
-    expected = ["cat-ugly", "cat-ugly", "dog-bad", "dog-ugly", "dog-ugly"][: len(seen)]
+    # call 0 and 1 read step 1 ("cat", alternation's first option), call 2 reads step 2, then step 3; Heun's
+    # schedule is over twice the steps (A1111's total_steps of a second-order sampler): call 4 reads step 4
+    expected = ["cat-ugly", "cat-ugly", "dog-bad", "dog-ugly", "dog-bad"][: len(seen)]
     for (states, pooled), name in zip(seen, expected, strict=True):
         cond, uncond = texts[name]
         torch.testing.assert_close(states, torch.cat([uncond.embeds, cond.embeds]).to(states))
@@ -185,3 +186,16 @@ def test_and_composition_maps_parts_to_their_images():
     assert combined[:2, 0, 0, 0].tolist() == [10.0, 20.0]  # the negative half is kept
     assert combined[2, 0, 0, 0].item() == pytest.approx(expected_first)
     assert combined[3, 0, 0, 0].item() == pytest.approx(4.0)  # one part of weight 1: the plain prediction
+
+
+def test_second_order_samplers_schedule_over_twice_the_steps():
+    """A1111 builds a second-order sampler's schedules over 2 * steps (sd_samplers_kdiffusion "second_order",
+    processing.py total_steps), so [cat:dog:0.5] switches halfway through its model calls."""
+    from types import SimpleNamespace
+
+    from sdcore.generate.prompt_editing import schedule_steps
+
+    heun, euler = SimpleNamespace(order=2), SimpleNamespace(order=1)
+    assert schedule_steps(4, heun) == 8 and schedule_steps(4, euler) == 4 and schedule_steps(4, None) == 4
+    halfway = prompt_schedule("[cat:dog:0.5]", schedule_steps(4, heun))
+    assert [text_at_call(halfway, call) for call in range(7)] == ["cat"] * 5 + ["dog"] * 2  # Heun: 7 calls

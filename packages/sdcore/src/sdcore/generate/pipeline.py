@@ -372,6 +372,7 @@ def generate_images(
             hires_settings: dict[str, Any] = {
                 "seeds": [seed + i for i in indices],
                 "first_steps": steps,
+                "first_scheduler": getattr(pipe, "scheduler", None),
                 "cfg": cfg,
                 "width": width,
                 "height": height,
@@ -473,11 +474,12 @@ def _run(
     """One txt2img/img2img pipeline call; PIL images, or the batch's latents with ``output_type="latent"``."""
     import torch
 
-    from .prompt_editing import StepPrompts
+    from .prompt_editing import StepPrompts, schedule_steps
     from .step_conditioning import StepConditioning
 
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes
-    per_call = StepConditioning(StepPrompts.build(prompts, negatives, steps), _encoder(bundle, clip_skip, transforms))
+    edits = StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler))
+    per_call = StepConditioning(edits, _encoder(bundle, clip_skip, transforms))
     cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
@@ -586,6 +588,7 @@ def _hires_run(
     *,
     seeds: list[int],
     first_steps: int,
+    first_scheduler: Any = None,
     cfg: float,
     width: int,
     height: int,
@@ -598,7 +601,7 @@ def _hires_run(
     from PIL import Image as PILImage
 
     from .hires import crop_latents, upscale_image, upscale_latents
-    from .prompt_editing import StepPrompts
+    from .prompt_editing import StepPrompts, schedule_steps
     from .step_conditioning import StepConditioning
 
     factor = bundle.vae_scale_factor
@@ -614,9 +617,14 @@ def _hires_run(
     if run == 0:  # strength 0: A1111's sampler gets a one-sigma schedule and returns its input
         return list(_decode_latents(pipe, latents, "pil"))
     # the second pass's prompt editing counts on from the first pass (A1111's hires offsets)
-    per_call = StepConditioning(
-        StepPrompts.build(prompts, negatives, run, first_steps=first_steps), _encoder(bundle, clip_skip, transforms)
+    # (both counted as A1111 does: twice the steps for a second-order sampler)
+    edits = StepPrompts.build(
+        prompts,
+        negatives,
+        schedule_steps(run, pipe.scheduler),
+        first_steps=schedule_steps(first_steps, first_scheduler),
     )
+    per_call = StepConditioning(edits, _encoder(bundle, clip_skip, transforms))
     cond, uncond = per_call.first_parts(0)
     kwargs: dict[str, Any] = {
         "prompt_embeds": cond.embeds,

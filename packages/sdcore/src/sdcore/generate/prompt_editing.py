@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .prompt_syntax import _NUMBER
 
@@ -210,6 +211,14 @@ def _render(nodes: Sequence[_Node], step: int, steps: int, first_steps: int | No
     return "".join(pieces)
 
 
+def schedule_steps(steps: int, scheduler: Any) -> int:
+    """The step count A1111 builds schedules over for a sampler: twice the steps for a second-order one
+    (Heun, DPM2: two model calls per step; A1111's ``total_steps`` of a "second_order" sampler), so a fraction
+    (``[a:b:0.5]``) lands halfway through the calls while an absolute ``when`` counts calls. A diffusers
+    scheduler's ``order`` is its model calls per step."""
+    return steps * 2 if int(getattr(scheduler, "order", 1) or 1) == 2 else steps
+
+
 def composable_parts(prompt: str) -> list[tuple[str, float]]:
     """``prompt`` split at ``AND`` into ``(text, weight)`` parts (one part when there is no ``AND``)."""
     parts = []
@@ -308,4 +317,4 @@ class StepPrompts:
         )
 
 
-__all__ = ["StepPrompts", "composable_parts", "prompt_schedule", "text_at_call"]
+__all__ = ["StepPrompts", "composable_parts", "prompt_schedule", "schedule_steps", "text_at_call"]

@@ -59,7 +59,7 @@ def run_chroma(
     import torch
 
     from ...generate.flow_samplers import run_pipeline
-    from ...generate.prompt_editing import StepPrompts
+    from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import ChromaSlots, StepConditioning, TextRows
     from ..flux.adapter import T5_MASK
@@ -68,7 +68,7 @@ def run_chroma(
     if width % 16 or height % 16:
         raise ConfigError(f"Chroma image sides must be multiples of 16, got {width}x{height}")
     adapter = ChromaAdapter()
-    edits = StepPrompts.build(prompts, negatives, steps)
+    edits = StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler))
     guided = cfg > 1.0  # the pipeline's condition for CFG
     needs_uncond = guided or edits.composed  # AND without CFG runs the uncond itself, as A1111 does
 

@@ -83,7 +83,7 @@ def run_flux(
 
     from ...generate.conditioning import Conditioning
     from ...generate.flow_samplers import run_pipeline
-    from ...generate.prompt_editing import StepPrompts
+    from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import FluxSlots, StepConditioning
     from .adapter import FluxAdapter
@@ -104,7 +104,7 @@ def run_flux(
                                         t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
         return Conditioning(cond.hidden_states, cond.pooled), Conditioning(uncond.hidden_states, uncond.pooled)
 
-    per_call = StepConditioning(StepPrompts.build(prompts, negatives, steps), encode)
+    per_call = StepConditioning(StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler)), encode)
     cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {

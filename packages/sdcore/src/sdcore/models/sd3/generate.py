@@ -95,7 +95,7 @@ def generate_sd3(
     import torch
 
     from ...generate.flow_samplers import run_pipeline
-    from ...generate.prompt_editing import StepPrompts
+    from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.step_conditioning import StepConditioning, TextSlots
 
     if true_cfg_scale != 1.0:
@@ -105,7 +105,7 @@ def generate_sd3(
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into
     # each transformer call (the pipeline batches [uncond, cond] as the SD pipelines do)
     per_call = StepConditioning(
-        StepPrompts.build(prompts, negatives, steps),
+        StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler)),
         lambda texts, negative_texts: encode_sd3_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip),
     )
     cond, uncond = per_call.first_parts(0)

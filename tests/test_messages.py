@@ -203,3 +203,22 @@ def test_resume_from_the_output_folder_names_its_state_folders(tmp_path):
         resolve_resume(str(tmp_path / "out"), tmp_path)
     with pytest.raises(ConfigError, match=r"no train_state.json\)$"):
         resolve_resume(str(tmp_path / "out" / "empty-state"), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+def test_flow_generate_does_not_ask_for_torchvision(tmp_path, family):
+    """Building FluxPipeline/ChromaPipeline made transformers print two lines per run telling the user to install
+    torchvision (for IP-Adapter image processors never used); SD1/SDXL/SD3 already silenced them. A fresh
+    process: transformers warns once per process."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.png"
+    code = "from sdcore.cli import main; main()"
+    args = ["generate", "-m", f"tiny:{family}", "a cat", "--steps", "1", "--size", "64x64", "-o", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
+    assert "torchvision" not in done.stdout + done.stderr

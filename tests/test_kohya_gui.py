@@ -258,11 +258,11 @@ def test_flux_config_loads_with_its_flow_options(tmp_path):
                 img_attn_dim=4, rank_dropout=0.1, **FLUX_FIELDS)  # fmt: skip
     items, _, _ = gui_preset(data, "x")
     assert items["network_args"] == ["img_attn_dim=4", "train_blocks=single", "train_t5xxl=True", "rank_dropout=0.1"]
-    # the GUI's split mode trains the single blocks only, which sdcore does not: refused by name
-    with pytest.raises(ConfigError, match="train_blocks=single is not supported"):
-        load_options(LoraOptions, _write(tmp_path, data), notes=[])
-    data.update(split_mode=False)
+    # the GUI's split mode trains the single blocks only (lora_flux train_blocks=single): sdcore's layer filter
     data.pop("img_attn_dim")  # lora_flux's per-block ranks are not sdcore's
+    split = load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    assert (split.layer_filter, split.layer_exclude, split.blocks_to_swap) == ("single_transformer_blocks.", None, 18)
+    data.update(split_mode=False)
     o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
     assert (o.vae, o.clip_l, o.t5xxl, o.guidance_scale, o.discrete_flow_shift) == (
         "ae.sft", "clip_l.sft", "t5.sft", 1.0, 3.1

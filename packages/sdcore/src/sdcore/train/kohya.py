@@ -766,6 +766,13 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
 }
+#: lora_flux's ``train_blocks`` (FLUX.1/Chroma: kohya adapts only BFL's SingleStreamBlocks or DoubleStreamBlocks;
+#: the text encoders are not filtered) -> the LoRA option that selects the same diffusers modules
+#: (``single_transformer_blocks.N`` are the single blocks, ``transformer_blocks.N`` the double ones)
+_FLUX_TRAIN_BLOCKS = {
+    "single": ("layer_filter", "single_transformer_blocks."),
+    "double": ("layer_exclude", "single_transformer_blocks."),
+}
 #: LyCORIS' built-in presets with enable_conv=False (lycoris/config.py)
 _LYCORIS_LINEAR_PRESETS = ("full-lin", "attn-mlp", "attn-only", "unet-transformer-only")
 #: LyCORIS network_args that are sdcore LoRA options of the same name (kohya's own modules ignore them)
@@ -1432,6 +1439,13 @@ def _network(
     elif algo:
         out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya")
         return
+    blocks = args.get("train_blocks", "all").lower()
+    if module == "networks.lora_flux" and blocks in _FLUX_TRAIN_BLOCKS:
+        args.pop("train_blocks")
+        target, pattern = _FLUX_TRAIN_BLOCKS[blocks]
+        put(target, pattern, f"network_args train_blocks={blocks}")
+    elif module == "networks.lora_flux" and blocks != "all":
+        out.problems.append(f"{where}: network_args train_blocks={args.pop('train_blocks')}: all, single or double")
     for key, value in args.items():
         target = NETWORK_ARGS.get(key, key)
         if key in ("dylora_unit", "oft_all_linear"):

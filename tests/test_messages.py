@@ -222,3 +222,33 @@ def test_flow_generate_does_not_ask_for_torchvision(tmp_path, family):
     assert done.returncode == 0, done.stderr
     assert out.exists()
     assert "torchvision" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "recipe"),
+    [
+        (["tag", "wd14"], "hf download SmilingWolf/wd-vit-tagger-v3 model.onnx selected_tags.csv --local-dir ./wd-v3"),
+        (["tag", "caption"], "hf download Salesforce/blip-image-captioning-large config.json"),
+        (["tag", "caption", "--blip", "."], "hf download openai/clip-vit-large-patch14 config.json"),
+        (["tag", "deepdanbooru"], "curl -L -o model-resnet_custom_v3.pt https://github.com/AUTOMATIC1111/"),
+    ],
+)
+def test_tagger_without_a_local_model_says_how_to_get_one(cli, tmp_path, args, recipe):
+    """Offline, a tagger with no model (or a path that is not there) is one line with the docs' download
+    command, not click's bare "Missing option" / "does not exist"."""
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "offline-models.md").read_text(encoding="utf-8")
+    runner = CliRunner()
+    if args[-1] == ".":  # --clip given but not there
+        args = [*args, "--clip", "./clip-vit-large-patch14"]
+    line = _error_line(runner.invoke(cli, [*args, str(tmp_path)]))
+    assert recipe in line and "sdcore downloads nothing" in line, line
+    command = line.split("online: ")[1].split(", then ")[0]
+    assert command in docs, command  # the exact recipe docs/offline-models.md gives
+    if args[1] == "wd14":  # a Hugging Face id given as the folder: that repository's recipe
+        hub = _error_line(
+            runner.invoke(cli, [*args, str(tmp_path), "--model-dir", "SmilingWolf/wd-v1-4-convnext-tagger-v2"])
+        )
+        assert "hf download SmilingWolf/wd-v1-4-convnext-tagger-v2 model.onnx selected_tags.csv" in hub, hub
+        assert "--model-dir ./wd-v1-4-convnext-tagger-v2 " in hub, hub

@@ -252,3 +252,21 @@ def test_tagger_without_a_local_model_says_how_to_get_one(cli, tmp_path, args, r
         )
         assert "hf download SmilingWolf/wd-v1-4-convnext-tagger-v2 model.onnx selected_tags.csv" in hub, hub
         assert "--model-dir ./wd-v1-4-convnext-tagger-v2 " in hub, hub
+
+
+def test_plugins_says_what_the_environment_left_out(monkeypatch):
+    """SDCORE_LOAD_PLUGINS with a typo printed "No plugins installed." although all were installed."""
+    from importlib import metadata
+
+    installed = sorted(ep.name for ep in metadata.entry_points(group="sdcore"))
+    assert "lora" in installed
+    monkeypatch.setenv("SDCORE_LOAD_PLUGINS", "loar")
+    out = CliRunner().invoke(build_cli(get_plugin_manager()), ["plugins"]).output
+    assert "No plugins installed" not in out and "No plugins loaded." in out, out
+    assert f"not loaded (SDCORE_LOAD_PLUGINS): {', '.join(installed)}" in out, out
+    assert "SDCORE_LOAD_PLUGINS names loar: no installed plugin has that name" in out, out
+    monkeypatch.delenv("SDCORE_LOAD_PLUGINS")
+    monkeypatch.setenv("SDCORE_DISABLE_PLUGINS", "lora,nothere")
+    out = CliRunner().invoke(build_cli(get_plugin_manager()), ["plugins"]).output
+    assert "not loaded (SDCORE_DISABLE_PLUGINS): lora\n" in out and "lora  (" not in out, out
+    assert "SDCORE_DISABLE_PLUGINS names nothere:" in out and "ti  (" in out, out

@@ -258,11 +258,11 @@ def test_flux_config_loads_with_its_flow_options(tmp_path):
                 img_attn_dim=4, rank_dropout=0.1, **FLUX_FIELDS)  # fmt: skip
     items, _, _ = gui_preset(data, "x")
     assert items["network_args"] == ["img_attn_dim=4", "train_blocks=single", "train_t5xxl=True", "rank_dropout=0.1"]
-    # the GUI's split mode trains the single blocks only, which sdcore does not: refused by name
-    with pytest.raises(ConfigError, match="train_blocks=single is not supported"):
-        load_options(LoraOptions, _write(tmp_path, data), notes=[])
-    data.update(split_mode=False)
+    # the GUI's split mode trains the single blocks only (lora_flux train_blocks=single): sdcore's layer filter
     data.pop("img_attn_dim")  # lora_flux's per-block ranks are not sdcore's
+    split = load_options(LoraOptions, _write(tmp_path, data), notes=[])
+    assert (split.layer_filter, split.layer_exclude, split.blocks_to_swap) == ("single_transformer_blocks.", None, 18)
+    data.update(split_mode=False)
     o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
     assert (o.vae, o.clip_l, o.t5xxl, o.guidance_scale, o.discrete_flow_shift) == (
         "ae.sft", "clip_l.sft", "t5.sft", 1.0, 3.1
@@ -466,3 +466,26 @@ def test_gui_glora_with_preset_full_still_validates(tmp_path):
     o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
     assert (o.algo, o.lycoris_preset) == ("glora", "full")
     LoraMethod(o).validate()
+
+
+@pytest.mark.parametrize("model", ["tiny:flux", "tiny:sd3", "tiny:sd1"])
+def test_gui_flux_preset_min_snr_gamma_is_skipped_on_flow_models_as_kohya_skips_it(tmp_path, model):
+    """The GUI's own Flux preset sets min_snr_gamma 7, which kohya's Flux/SD3 LoRA scripts never apply (their
+    post_process_loss returns the loss unweighted): the preset loads and trains without it, with a note; the
+    same kohya options on SD1 keep the weighting (train_network.py applies it there)."""
+    data = json.loads((PRESETS / "lora" / "flux1D - adamw8bit fp8.json").read_text())
+    assert data["min_snr_gamma"] == 7
+    data.update(optimizer="AdamW", ae="", clip_l="", t5xxl="")  # the preset's placeholder paths, bitsandbytes
+    notes: list[str] = []
+    o = load_options(LoraOptions, _write(tmp_path, data), {"model": model, "data": "d", "output": "o"}, notes=notes)
+    kohya = {"pretrained_model_name_or_path": model, "debiased_estimation_loss": True, "v_pred_like_loss": 0.5,
+             "min_snr_gamma": 5}  # fmt: skip
+    flags = load_options(LoraOptions, None, {"data": "d", "output": "o"}, kohya=kohya, notes=notes)
+    if model == "tiny:sd1":
+        assert (o.min_snr_gamma, flags.min_snr_gamma, flags.debiased_estimation_loss) == (7, 5, True)
+        assert not any("SNR loss weights" in n for n in notes)
+        return
+    assert (o.min_snr_gamma, flags.min_snr_gamma, flags.debiased_estimation_loss, flags.v_pred_like_loss) == (
+        None, None, False, 0.0
+    )  # fmt: skip
+    assert any(n.startswith("min_snr_gamma 7: kohya's") and "ignored" in n for n in notes), notes

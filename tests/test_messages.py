@@ -203,3 +203,70 @@ def test_resume_from_the_output_folder_names_its_state_folders(tmp_path):
         resolve_resume(str(tmp_path / "out"), tmp_path)
     with pytest.raises(ConfigError, match=r"no train_state.json\)$"):
         resolve_resume(str(tmp_path / "out" / "empty-state"), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+def test_flow_generate_does_not_ask_for_torchvision(tmp_path, family):
+    """Building FluxPipeline/ChromaPipeline made transformers print two lines per run telling the user to install
+    torchvision (for IP-Adapter image processors never used); SD1/SDXL/SD3 already silenced them. A fresh
+    process: transformers warns once per process."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.png"
+    code = "from sdcore.cli import main; main()"
+    args = ["generate", "-m", f"tiny:{family}", "a cat", "--steps", "1", "--size", "64x64", "-o", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
+    assert "torchvision" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "recipe"),
+    [
+        (["tag", "wd14"], "hf download SmilingWolf/wd-vit-tagger-v3 model.onnx selected_tags.csv --local-dir ./wd-v3"),
+        (["tag", "caption"], "hf download Salesforce/blip-image-captioning-large config.json"),
+        (["tag", "caption", "--blip", "."], "hf download openai/clip-vit-large-patch14 config.json"),
+        (["tag", "deepdanbooru"], "curl -L -o model-resnet_custom_v3.pt https://github.com/AUTOMATIC1111/"),
+    ],
+)
+def test_tagger_without_a_local_model_says_how_to_get_one(cli, tmp_path, args, recipe):
+    """Offline, a tagger with no model (or a path that is not there) is one line with the docs' download
+    command, not click's bare "Missing option" / "does not exist"."""
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[1] / "docs" / "offline-models.md").read_text(encoding="utf-8")
+    runner = CliRunner()
+    if args[-1] == ".":  # --clip given but not there
+        args = [*args, "--clip", "./clip-vit-large-patch14"]
+    line = _error_line(runner.invoke(cli, [*args, str(tmp_path)]))
+    assert recipe in line and "sdcore downloads nothing" in line, line
+    command = line.split("online: ")[1].split(", then ")[0]
+    assert command in docs, command  # the exact recipe docs/offline-models.md gives
+    if args[1] == "wd14":  # a Hugging Face id given as the folder: that repository's recipe
+        hub = _error_line(
+            runner.invoke(cli, [*args, str(tmp_path), "--model-dir", "SmilingWolf/wd-v1-4-convnext-tagger-v2"])
+        )
+        assert "hf download SmilingWolf/wd-v1-4-convnext-tagger-v2 model.onnx selected_tags.csv" in hub, hub
+        assert "--model-dir ./wd-v1-4-convnext-tagger-v2 " in hub, hub
+
+
+def test_plugins_says_what_the_environment_left_out(monkeypatch):
+    """SDCORE_LOAD_PLUGINS with a typo printed "No plugins installed." although all were installed."""
+    from importlib import metadata
+
+    installed = sorted(ep.name for ep in metadata.entry_points(group="sdcore"))
+    assert "lora" in installed
+    monkeypatch.setenv("SDCORE_LOAD_PLUGINS", "loar")
+    out = CliRunner().invoke(build_cli(get_plugin_manager()), ["plugins"]).output
+    assert "No plugins installed" not in out and "No plugins loaded." in out, out
+    assert f"not loaded (SDCORE_LOAD_PLUGINS): {', '.join(installed)}" in out, out
+    assert "SDCORE_LOAD_PLUGINS names loar: no installed plugin has that name" in out, out
+    monkeypatch.delenv("SDCORE_LOAD_PLUGINS")
+    monkeypatch.setenv("SDCORE_DISABLE_PLUGINS", "lora,nothere")
+    out = CliRunner().invoke(build_cli(get_plugin_manager()), ["plugins"]).output
+    assert "not loaded (SDCORE_DISABLE_PLUGINS): lora\n" in out and "lora  (" not in out, out
+    assert "SDCORE_DISABLE_PLUGINS names nothere:" in out and "ti  (" in out, out

@@ -748,9 +748,32 @@ def test_kohya_network_args_train_t5xxl_is_train_t5():
     assert options.train_t5 is True and options.split_qkv is True
     kohya = {"network_module": "networks.lora_sd3", "network_args": ["train_t5xxl=False"]}
     assert load_options(LoraOptions, None, kohya=kohya, notes=[]).train_t5 is False
-    with pytest.raises(ConfigError, match="train_blocks=single is not supported"):
-        kohya = {"network_module": "networks.lora_flux", "network_args": ["train_blocks=single"]}
+    with pytest.raises(ConfigError, match="train_blocks=single is not supported"):  # networks.lora has none
+        kohya = {"network_module": "networks.lora", "network_args": ["train_blocks=single"]}
         load_options(LoraOptions, None, kohya=kohya, notes=[])
+
+
+@pytest.mark.parametrize("blocks", ["single", "double", "all"])
+def test_kohya_train_blocks_adapts_kohyas_block_set(blocks, tmp_path):
+    """lora_flux's ``train_blocks=single|double`` (also what the kohya_ss GUI's split mode sends): only the
+    SingleStreamBlocks' or DoubleStreamBlocks' modules, kohya's names and count; the text encoder as before."""
+    from sdcore.train.config import load_options
+    from sdcore.train.method import SaveInfo
+    from sdplugin_lora.format import read_lora
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    kohya = {"network_module": "networks.lora_flux", "network_args": [f"train_blocks={blocks}"], "network_dim": 2}
+    method = LoraMethod(load_options(LoraOptions, None, kohya=kohya, notes=[]))
+    clip_l, _, t5 = _tiny_encoders()
+    bundle = _DitBundle("flux", fresh("flux"), [("text_encoder", clip_l), ("text_encoder_2", t5)])
+    method.prepare(bundle)
+    info = SaveInfo(path=tmp_path / "f.safetensors", step=1, epoch=1, metadata={}, final=True)
+    saved = read_lora(method.save(bundle, info)).modules
+    prefix = {"single": "lora_unet_single_blocks_", "double": "lora_unet_double_blocks_", "all": "lora_unet_"}[blocks]
+    assert {name for name in saved if name.startswith("lora_unet_")} == {
+        name for name in kohya_flux_names(2, 2) if name.startswith(prefix)
+    }
+    assert any(name.startswith("lora_te1_") for name in saved)
 
 
 def _transformer_families() -> list[str]:

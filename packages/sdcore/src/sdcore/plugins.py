@@ -94,6 +94,10 @@ class SdPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.load_errors: list[LoadError] = []
         self.distributions: dict[str, tuple[str | None, str | None]] = {}
+        #: installed entry points left out by SDCORE_LOAD_PLUGINS/SDCORE_DISABLE_PLUGINS -> that variable;
+        #: names those variables give that no installed entry point has -> the variable (for `sdcore plugins`)
+        self.skipped: dict[str, str] = {}
+        self.unknown_requested: dict[str, str] = {}
         self._registries: dict[str, dict[str, Registration]] | None = None
 
     # --- loading -----------------------------------------------------------------------------
@@ -113,9 +117,17 @@ class SdPluginManager(pluggy.PluginManager):
         blocked = set(disabled)
         for name in blocked:
             self.set_blocked(name)
-        for ep in sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name):
+        points = sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name)
+        names = {ep.name for ep in points}
+        for name, variable in ((n, "SDCORE_LOAD_PLUGINS") for n in sorted(allowed or ())):
+            if name not in names:
+                self.unknown_requested[name] = variable
+        for name in sorted(blocked - names):
+            self.unknown_requested[name] = "SDCORE_DISABLE_PLUGINS"
+        for ep in points:
             dist_name, version = _distribution_of(ep)
             if ep.name in blocked or (allowed is not None and ep.name not in allowed):
+                self.skipped[ep.name] = "SDCORE_DISABLE_PLUGINS" if ep.name in blocked else "SDCORE_LOAD_PLUGINS"
                 continue
             if self.has_plugin(ep.name) or ep.name in self.distributions:
                 other = self.distributions.get(ep.name, (None, None))[0]

@@ -109,13 +109,47 @@ def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) ->
         click.echo(line)
 
 
+#: how to get each tagger's model once, online (docs/offline-models.md): hub id -> (files, default folder)
+_WD_FILES = "model.onnx selected_tags.csv"
+_BLIP_FILES = (
+    "config.json model.safetensors preprocessor_config.json tokenizer.json tokenizer_config.json vocab.txt "
+    "special_tokens_map.json"
+)
+_CLIP_FILES = (
+    "config.json model.safetensors preprocessor_config.json tokenizer.json tokenizer_config.json vocab.json "
+    "merges.txt special_tokens_map.json"
+)
+_DDB_URL = "https://github.com/AUTOMATIC1111/TorchDeepDanbooru/releases/download/v1/model-resnet_custom_v3.pt"
+
+
+def _local_model(value: str | None, option: str, what: str, recipe: tuple[str, str, str] | None) -> str:
+    """The model path a tagger option names, or one line saying how to get a local model: the taggers never
+    download (a missing option, a path that is not there, or a Hugging Face id given as a path).
+    ``recipe`` is (default hub id, files, default folder) for ``hf download``; None for DeepDanbooru's file."""
+    from pathlib import Path
+
+    if value is not None and Path(value).exists():
+        return value
+    if recipe is None:
+        file = value or "model-resnet_custom_v3.pt"
+        fetch = f"curl -L -o {file} {_DDB_URL}, then {option} {file}"
+    else:
+        repo, files, folder = recipe
+        if value is not None and value.count("/") == 1 and not value.startswith((".", "/", "~")):
+            repo, folder = value, "./" + value.split("/")[1]  # a hub id given as the path
+        elif value is not None:
+            folder = value
+        fetch = f"hf download {repo} {files} --local-dir {folder}, then {option} {folder}"
+    start = f"{option} {value}: no such file or folder" if value is not None else f"no {what} given ({option})"
+    raise click.UsageError(f"{start}; sdcore downloads nothing: get it once, online: {fetch} (docs/offline-models.md)")
+
+
 @click.command("wd14")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--model-dir",
-    required=True,
-    type=click.Path(exists=True),
-    help="WD model folder (model.onnx + selected_tags.csv), v2 or v3.",
+    default=None,
+    help="WD model folder (model.onnx + selected_tags.csv), v2 or v3 (docs/offline-models.md).",
 )
 @click.option("--general-threshold", type=click.FloatRange(0, 1), default=0.35, show_default=True)
 @click.option("--character-threshold", type=click.FloatRange(0, 1), default=0.85, show_default=True)
@@ -130,8 +164,11 @@ def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) ->
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--fast-decode", is_flag=True, help="Let libjpeg downscale large JPEGs while decoding (faster).")
 @_output_options
-def wd14_command(directory: str, model_dir: str, **kw: Any) -> None:
+def wd14_command(directory: str, model_dir: str | None, **kw: Any) -> None:
     """Tag images with a WD14 / WD v3 ONNX tagger and write caption files."""
+    model_dir = _local_model(
+        model_dir, "--model-dir", "WD tagger", ("SmilingWolf/wd-vit-tagger-v3", _WD_FILES, "./wd-v3")
+    )
     try:
         from .wd14 import WD14Tagger
 
@@ -159,17 +196,18 @@ def wd14_command(directory: str, model_dir: str, **kw: Any) -> None:
 @click.option(
     "--model",
     "model_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="TorchDeepDanbooru model-resnet_custom_v3.pt (state dict with a 'tags' list).",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="TorchDeepDanbooru model-resnet_custom_v3.pt (state dict with a 'tags' list; docs/offline-models.md).",
 )
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decode threads.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @_output_options
-def deepdanbooru_command(directory: str, model_path: str, **kw: Any) -> None:
+def deepdanbooru_command(directory: str, model_path: str | None, **kw: Any) -> None:
     """Tag images with DeepDanbooru (resnet_custom_v3, torch) and write caption files."""
+    model_path = _local_model(model_path, "--model", "DeepDanbooru model", None)
     try:
         from .deepdanbooru import DeepDanbooruTagger
 
@@ -189,8 +227,8 @@ def deepdanbooru_command(directory: str, model_path: str, **kw: Any) -> None:
 
 @click.command("caption")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--blip", "blip_path", required=True, type=click.Path(exists=True), help="BLIP captioning model folder.")
-@click.option("--clip", "clip_path", default=None, type=click.Path(exists=True), help="CLIP model folder (ranking).")
+@click.option("--blip", "blip_path", default=None, help="BLIP captioning model folder (docs/offline-models.md).")
+@click.option("--clip", "clip_path", default=None, help="CLIP model folder (ranking).")
 @click.option(
     "--ci-mode",
     type=click.Choice(("caption", "best", "classic", "fast", "negative")),
@@ -212,8 +250,13 @@ def deepdanbooru_command(directory: str, model_path: str, **kw: Any) -> None:
 @click.option("--recursive", is_flag=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--no-progress", is_flag=True)
-def caption_command(directory: str, blip_path: str, clip_path: str | None, **kw: Any) -> None:
+def caption_command(directory: str, blip_path: str | None, clip_path: str | None, **kw: Any) -> None:
     """Caption images with BLIP, then extend the caption with CLIP-ranked phrases (clip-interrogator style)."""
+    blip = ("Salesforce/blip-image-captioning-large", _BLIP_FILES, "./blip-large")
+    blip_path = _local_model(blip_path, "--blip", "BLIP captioning model", blip)
+    if clip_path is not None:
+        clip = ("openai/clip-vit-large-patch14", _CLIP_FILES, "./clip-vit-large-patch14")
+        clip_path = _local_model(clip_path, "--clip", "CLIP model", clip)
     try:
         from .caption import CaptionTagger
 

@@ -48,7 +48,14 @@ def plugins_command(ctx: click.Context, as_json: bool, show_all: bool, show_trac
         click.echo(json.dumps(payload, indent=2))
         return
     if not shown:
-        click.echo("No plugins installed.")
+        click.echo("No plugins loaded." if pm.skipped else "No plugins installed.")
+    for variable in ("SDCORE_LOAD_PLUGINS", "SDCORE_DISABLE_PLUGINS"):
+        skipped = [name for name, why in pm.skipped.items() if why == variable]
+        unknown = [name for name, why in pm.unknown_requested.items() if why == variable]
+        if skipped:
+            click.echo(f"not loaded ({variable}): {', '.join(skipped)}")
+        if unknown:
+            click.echo(f"{variable} names {', '.join(unknown)}: no installed plugin has that name")
     for info in shown:
         version = f" {info.version}" if info.version else ""
         click.echo(f"{info.name}  ({info.distribution or 'unknown distribution'}{version})")

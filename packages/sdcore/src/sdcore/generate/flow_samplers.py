@@ -77,6 +77,19 @@ FLOW_SAMPLERS: dict[str, FlowSampler] = {
 }
 
 
+def quiet_pipeline_import() -> None:
+    """Importing diffusers' pipelines makes transformers warn that ``CLIPImageProcessor`` and
+    ``SiglipImageProcessor`` want torchvision (IP-Adapter image processors a flow pipeline here never uses):
+    two lines telling the user to install a package that does not work with this torch. Call before
+    ``import diffusers``; ``SDCORE_VERBOSE=1`` keeps transformers' warnings."""
+    import os
+
+    import transformers
+
+    if not os.environ.get("SDCORE_VERBOSE"):
+        transformers.utils.logging.set_verbosity_error()
+
+
 def flow_sampler_id(sampler: str, family: str = "flow-matching") -> str:
     """The table's id of ``sampler`` (A1111 spellings too: ``"Euler a"``, ``k_heun``) or a one-line error."""
     from .pipeline import sampler_id

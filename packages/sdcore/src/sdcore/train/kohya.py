@@ -766,6 +766,13 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
 }
+#: lora_flux's ``train_blocks`` (FLUX.1/Chroma: kohya adapts only BFL's SingleStreamBlocks or DoubleStreamBlocks;
+#: the text encoders are not filtered) -> the LoRA option that selects the same diffusers modules
+#: (``single_transformer_blocks.N`` are the single blocks, ``transformer_blocks.N`` the double ones)
+_FLUX_TRAIN_BLOCKS = {
+    "single": ("layer_filter", "single_transformer_blocks."),
+    "double": ("layer_exclude", "single_transformer_blocks."),
+}
 #: LyCORIS' built-in presets with enable_conv=False (lycoris/config.py)
 _LYCORIS_LINEAR_PRESETS = ("full-lin", "attn-mlp", "attn-only", "unet-transformer-only")
 #: LyCORIS network_args that are sdcore LoRA options of the same name (kohya's own modules ignore them)
@@ -1432,6 +1439,13 @@ def _network(
     elif algo:
         out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya")
         return
+    blocks = args.get("train_blocks", "all").lower()
+    if module == "networks.lora_flux" and blocks in _FLUX_TRAIN_BLOCKS:
+        args.pop("train_blocks")
+        target, pattern = _FLUX_TRAIN_BLOCKS[blocks]
+        put(target, pattern, f"network_args train_blocks={blocks}")
+    elif module == "networks.lora_flux" and blocks != "all":
+        out.problems.append(f"{where}: network_args train_blocks={args.pop('train_blocks')}: all, single or double")
     for key, value in args.items():
         target = NETWORK_ARGS.get(key, key)
         if key in ("dylora_unit", "oft_all_linear"):
@@ -1550,9 +1564,10 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
     ``kohya_sampling``: the run's ``timestep_sampling`` as written in kohya's terms (None when sdcore's
     own flag gave it).
     """
+    notes = _kohya_flow_loss_weights(values, family)
     sampling = _text(kohya_sampling or "").lower()  # kohya's own name ("shift" is sdcore's sigmoid, shifted)
     if family not in (None, "flux", "chroma") or sampling not in ("uniform", "sigmoid"):
-        return []  # SD3 (and the DDPM families, which ignore the flow options) keep sdcore's meaning
+        return notes  # SD3 (and the DDPM families, which ignore the flow options) keep sdcore's meaning
     shift = values.get("discrete_flow_shift")
     try:
         number = 1.0 if shift is None else float(shift)
@@ -1560,11 +1575,35 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
         return []  # not a number: reported with the given value's type
     values["discrete_flow_shift"] = 1.0  # and not kohya Flux's default 3.0
     if number == 1.0:
-        return []
+        return notes
     return [
+        *notes,
         f"timestep_sampling {sampling}: kohya's Flux script does not time-shift it, so discrete_flow_shift "
-        f"{shift} has no effect (use timestep_sampling shift for a shifted sigmoid)"
+        f"{shift} has no effect (use timestep_sampling shift for a shifted sigmoid)",
     ]
+
+
+#: train_network.py's SNR loss weightings, which kohya's SD3/Flux/Chroma LoRA scripts skip (their
+#: ``post_process_loss`` returns the loss as it is) -> the value that is off
+_DDPM_LOSS_WEIGHTS = {"min_snr_gamma": None, "debiased_estimation_loss": False,
+                      "scale_v_pred_loss_like_noise_pred": False, "v_pred_like_loss": 0.0}  # fmt: skip
+
+
+def _kohya_flow_loss_weights(values: dict[str, Any], family: str | None) -> list[str]:
+    """A kohya run on a flow family trains without the SNR weightings kohya's SD3/Flux scripts skip, so a
+    kohya config that sets them (the kohya_ss GUI's own Flux preset has min_snr_gamma 7) trains as it does in
+    kohya instead of being refused; sdcore's own names on such a model stay refused by the pre-flight."""
+    if family not in ("flux", "chroma", "sd3"):
+        return []
+    dropped = []
+    for name, off in _DDPM_LOSS_WEIGHTS.items():
+        value = values.get(name)
+        if value is not None and str(value).strip().lower() not in ("", "0", "0.0", "false", "none"):
+            values[name] = off
+            dropped.append(f"{name} {value}")
+    if not dropped:
+        return []
+    return [f"{', '.join(dropped)}: kohya's {family} script does not apply SNR loss weights (flow matching); ignored"]
 
 
 def model_type_problems(kohya: Mapping[str, Any], family: str | None, where: str) -> list[str]:

@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 
 def build_chroma_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
     """A ``ChromaPipeline`` (or ``ChromaImg2ImgPipeline``) sharing the bundle's modules."""
+    from ...generate.flow_samplers import flow_scheduler, quiet_pipeline_import
+
+    quiet_pipeline_import()
     import diffusers
 
-    from ...generate.flow_samplers import flow_scheduler
     from .adapter import require_complete
 
     scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Chroma", pipeline_sigmas=True,

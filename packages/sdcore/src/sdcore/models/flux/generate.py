@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 
 def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
     """A ``FluxPipeline`` (or ``FluxImg2ImgPipeline``) sharing the bundle's modules."""
+    from ...generate.flow_samplers import flow_scheduler, quiet_pipeline_import
+
+    quiet_pipeline_import()
     import diffusers
 
-    from ...generate.flow_samplers import flow_scheduler
     from .adapter import require_complete
     from .variants import require_supported
 

@@ -30,12 +30,9 @@ def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler", *, img2img: 
 
 def build_sd3_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
     """``StableDiffusion3Pipeline`` (or its img2img sibling) sharing the bundle's modules."""
-    import os
+    from ...generate.flow_samplers import quiet_pipeline_import
 
-    import transformers
-
-    if not os.environ.get("SDCORE_VERBOSE"):  # importing the pipelines warns about image processors never used
-        transformers.utils.logging.set_verbosity_error()
+    quiet_pipeline_import()
     import diffusers
 
     clip_l, clip_g, t5 = bundle.text_encoders

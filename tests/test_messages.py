@@ -270,3 +270,31 @@ def test_plugins_says_what_the_environment_left_out(monkeypatch):
     out = CliRunner().invoke(build_cli(get_plugin_manager()), ["plugins"]).output
     assert "not loaded (SDCORE_DISABLE_PLUGINS): lora\n" in out and "lora  (" not in out, out
     assert "SDCORE_DISABLE_PLUGINS names nothere:" in out and "ti  (" in out, out
+
+
+@pytest.mark.parametrize(
+    ("model", "noise"),
+    [("tiny:chroma", "FluxPosEmbed"), ("toyworld:", "Loading weights")],
+)
+def test_generate_stderr_has_no_library_noise(tmp_path, model, noise):
+    """Building a Chroma transformer made diffusers print a FutureWarning about its own import of
+    ``FluxPosEmbed``; loading ``toyworld:`` drew transformers' "Loading weights" bar. Both are silenced where
+    they are raised; ``SDCORE_VERBOSE=1`` shows them again. A fresh process: each warns once per process."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from sdcore.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
+    for verbose in (False, True):
+        out = tmp_path / f"{verbose}.png"
+        args = ["generate", "-m", model, "a cat", "--steps", "1", "--size", "64x64", "-o", str(out)]
+        run_env = {**env, "SDCORE_VERBOSE": "1"} if verbose else env
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=run_env,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert out.exists()
+        if verbose:
+            assert noise in done.stderr  # what the quiet run hides is there to hide
+        else:
+            assert done.stderr == "", done.stderr

@@ -284,3 +284,28 @@ def test_cli_bad_upscaler_is_one_line_before_loading(tmp_path, monkeypatch):
     assert isinstance(result.exception, ConfigError) and "must be above 0" in str(result.exception)
     result = _invoke(["a", "-m", "tiny:sd1", "--init-image", str(image), "--hires", "-o", str(tmp_path / "z.png")])
     assert isinstance(result.exception, ConfigError) and "follows a txt2img pass" in str(result.exception)
+
+
+def test_cli_writes_hires_schedule_type_as_the_first_pass_does(tmp_path):
+    """A1111 1.9+ reads a plain "Hires sampler: DPM++ 2M" with its Automatic (Karras) schedule; sdcore ran
+    uniform sigmas, so the schedule is named, as "Schedule type" is for the first pass."""
+
+    def fields(*args):
+        out = tmp_path / f"hr{len(list(tmp_path.iterdir()))}.png"
+        result = _invoke(["a cat", "-m", "tiny:sd1", "--steps", "1", "--size", "64x64", "--hires",
+                          "--hr-steps", "1", *args, "-o", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with Image.open(out) as image:
+            return parse_parameters(image.info["parameters"])
+
+    params = fields("--sampler", "euler_a", "--hr-sampler", "DPM++ 2M")
+    assert params.extra["Hires sampler"] == "DPM++ 2M" and params.extra["Hires schedule type"] == "SGM Uniform"
+    assert "Schedule type" not in params.extra  # Euler a: Automatic, as A1111 assumes
+    assert params.hires_fix().sampler == "dpm++2m"
+    params = fields("--sampler", "euler_a", "--hr-sampler", "DPM++ 2M Karras")  # the label names it
+    assert params.extra["Hires sampler"] == "DPM++ 2M Karras" and "Hires schedule type" not in params.extra
+    # the first pass names its schedule: a missing hires field would mean "Use same scheduler" in A1111
+    params = fields("--sampler", "dpm++2m", "--hr-sampler", "Euler")
+    assert params.extra["Schedule type"] == "SGM Uniform" and params.extra["Hires schedule type"] == "Automatic"
+    params = fields("--sampler", "dpm++2m", "--hr-sampler", "dpm++2m")  # same sampler: no hires fields
+    assert "Hires sampler" not in params.extra and "Hires schedule type" not in params.extra

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from sdcore.errors import SdcoreError
 
 _MODES = ("skip", "overwrite", "append", "prepend")
@@ -81,6 +82,8 @@ def _format(kw: dict[str, Any]) -> Any:
         max_tags=kw["max_tags"],
         order=kw["tag_order"],
         characters_first=kw["characters"] == "first",
+        first_if_found=tuple(kw.get("first_if_found") or ()),
+        replace=tuple(kw.get("replace") or ()),
     )
 
 
@@ -95,7 +98,7 @@ def _run(tagger: Any, directory: str, kw: dict[str, Any], render: Any = None) ->
     # the caption command has fewer output options: only what it has counts
     fmt = TagFormat(underscores=kw.get("underscores", False), escape=kw.get("escape", False))
     first = tuple(fmt.render(t) for t in split_tag_list(kw.get("include_first") or ""))
-    writer = CaptionWriter(kw["mode"], kw["ext"], first=first)
+    writer = CaptionWriter(kw["mode"], kw["ext"], separator=kw.get("separator") or ", ", first=first)
     summary = label_folder(
         tagger,
         directory,
@@ -144,7 +147,124 @@ def _local_model(value: str | None, option: str, what: str, recipe: tuple[str, s
     raise click.UsageError(f"{start}; sdcore downloads nothing: get it once, online: {fetch} (docs/offline-models.md)")
 
 
-@click.command("wd14")
+#: kohya's tagger keeps its model in ``--model_dir``/``<repo_id with / as _>`` (finetune/tag_images_by_wd14_tagger.py)
+KOHYA_MODEL_DIR, KOHYA_REPO_ID = "wd14_tagger_model", "SmilingWolf/wd-v1-4-convnext-tagger-v2"
+
+
+class _KohyaSpellings(click.Command):
+    """Reads kohya's underscore spellings (``--batch_size``, ``--model_dir``) as sdcore's hyphenated options,
+    with the rewrite ``sdcore train`` uses, so kohya's ``tag_images_by_wd14_tagger.py`` lines run as typed."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from sdcore.train.cli import underscores_to_hyphens
+
+        return super().parse_args(ctx, underscores_to_hyphens(self, ctx, list(args)))
+
+
+_KOHYA_FLAGS = (
+    "append-tags",
+    "use-rating-tags",
+    "use-rating-tags-as-last-tag",
+    "character-tags-first",
+    "remove-underscore",
+    "force-download",
+    "onnx",
+    "frequency-tags",
+    "debug",
+)
+
+
+def _kohya_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """kohya's tagger flags sdcore has no option of that name for (hidden; README "kohya's flags")."""
+    text: dict[str, Any] = {"default": None, "hidden": True}
+    flag: dict[str, Any] = {"is_flag": True, "hidden": True}
+    options = [
+        click.option("--thresh", type=click.FloatRange(0, 1), **text),
+        click.option("--caption-extension", "--caption-extention", "caption_extension", **text),
+        click.option("--undesired-tags", **text),
+        click.option("--always-first-tags", **text),
+        click.option("--tag-replacement", **text),
+        click.option("--caption-separator", **text),
+        click.option("--repo-id", **text),
+        click.option("--max-data-loader-n-workers", type=click.IntRange(min=0), **text),
+        *(click.option(f"--{name}", **flag) for name in _KOHYA_FLAGS),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
+def _apply_kohya(ctx: click.Context, model_dir: str | None, kw: dict[str, Any]) -> str | None:
+    """Turn kohya's flags in ``kw`` into sdcore's options (kohya's meaning where the two differ) and return
+    the model folder; notes for flags with nothing to do here go to stderr."""
+    from .tags import parse_tag_replacement, split_tag_list
+
+    notes = {
+        "onnx": "--onnx: sdcore's WD tagger always runs the ONNX model",
+        "frequency_tags": "--frequency_tags: the summary after the run lists the most frequent tags",
+        "debug": "--debug: --json writes every image's tags with their probabilities",
+        "remove_underscore": "--remove_underscore: sdcore writes spaces already (--underscores keeps them)",
+    }
+    for name, note in notes.items():
+        if kw.pop(name):
+            click.echo(f"note: {note}", err=True)
+    if kw.pop("force_download"):
+        repo = kw["repo_id"] or KOHYA_REPO_ID
+        raise click.UsageError(
+            f"--force_download: sdcore downloads nothing: get it once, online: hf download {repo} {_WD_FILES} "
+            f"--local-dir <folder>, then --model-dir <folder> (docs/offline-models.md)"
+        )
+    thresh = kw.pop("thresh")
+    if thresh is not None:  # kohya: --general_threshold/--character_threshold default to --thresh
+        for name in ("general_threshold", "character_threshold"):
+            if not _given(ctx, name):
+                kw[name] = thresh
+    if kw["caption_extension"] is not None:
+        kw["ext"] = kw["caption_extension"]
+    if kw["undesired_tags"]:
+        kw["exclude"] = ",".join(filter(None, (kw["exclude"], kw["undesired_tags"])))
+    if kw["append_tags"]:
+        kw["mode"] = "append"
+    if kw["use_rating_tags"] or kw["use_rating_tags_as_last_tag"]:
+        kw["ratings"] = "first" if kw["use_rating_tags"] else "last"  # kohya: first wins
+    if kw["character_tags_first"]:
+        kw["characters"] = "first"
+    if kw["max_data_loader_n_workers"] is not None and not _given(ctx, "workers"):
+        kw["workers"] = kw["max_data_loader_n_workers"]
+    if kw["always_first_tags"]:
+        kw["first_if_found"] = split_tag_list(kw["always_first_tags"])
+    if kw["tag_replacement"]:
+        try:
+            kw["replace"] = parse_tag_replacement(kw["tag_replacement"])
+        except SdcoreError as exc:
+            raise click.UsageError(f"--tag_replacement: {exc}") from None
+    if kw["caption_separator"] is not None:
+        kw["separator"] = kw["caption_separator"]
+    return _kohya_model_dir(model_dir, kw["repo_id"])
+
+
+def _kohya_model_dir(model_dir: str | None, repo_id: str | None) -> str | None:
+    """sdcore's ``--model-dir`` is the model folder; kohya's is the folder holding ``<repo_id as a_b>``: a
+    folder without ``model.onnx`` is read kohya's way, and ``--repo_id`` names the model in it."""
+    from pathlib import Path
+
+    if model_dir is not None and (Path(model_dir) / "model.onnx").is_file():
+        return model_dir
+    if repo_id is None and (model_dir is None or not (Path(model_dir) / KOHYA_REPO_ID.replace("/", "_")).is_dir()):
+        return model_dir  # nothing kohya-shaped: sdcore's own message when it is missing
+    repo = repo_id or KOHYA_REPO_ID
+    folder = Path(model_dir or KOHYA_MODEL_DIR) / repo.replace("/", "_")
+    where = str(folder) if folder.is_absolute() else f"./{folder}"
+    if not (folder / "model.onnx").is_file():
+        _local_model(where, "--model-dir", "WD tagger", (repo, _WD_FILES, where))
+    return where
+
+
+@click.command("wd14", cls=_KohyaSpellings)
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--model-dir",
@@ -164,8 +284,13 @@ def _local_model(value: str | None, option: str, what: str, recipe: tuple[str, s
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--fast-decode", is_flag=True, help="Let libjpeg downscale large JPEGs while decoding (faster).")
 @_output_options
-def wd14_command(directory: str, model_dir: str | None, **kw: Any) -> None:
-    """Tag images with a WD14 / WD v3 ONNX tagger and write caption files."""
+@_kohya_options
+@click.pass_context
+def wd14_command(ctx: click.Context, directory: str, model_dir: str | None, **kw: Any) -> None:
+    """Tag images with a WD14 / WD v3 ONNX tagger and write caption files.
+
+    kohya's finetune/tag_images_by_wd14_tagger.py flags work too (--thresh, --undesired_tags, ...: README)."""
+    model_dir = _apply_kohya(ctx, model_dir, kw)
     model_dir = _local_model(
         model_dir, "--model-dir", "WD tagger", ("SmilingWolf/wd-vit-tagger-v3", _WD_FILES, "./wd-v3")
     )

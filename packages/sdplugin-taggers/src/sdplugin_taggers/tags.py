@@ -193,6 +193,26 @@ def split_tag_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def parse_tag_replacement(text: str) -> tuple[tuple[str, str], ...]:
+    """kohya's ``--tag_replacement`` syntax, ``source1,target1;source2,target2`` (``\\,`` and ``\\;`` escape a
+    comma or semicolon inside a tag), as (source, target) pairs; every malformed pair named in one error."""
+    comma, semicolon = "\0comma\0", "\0semicolon\0"
+    escaped = text.replace("\\,", comma).replace("\\;", semicolon)
+    pairs: list[tuple[str, str]] = []
+    bad: list[str] = []
+    for part in escaped.split(";"):
+        if not part.strip():
+            continue
+        sides = [side.replace(comma, ",").replace(semicolon, ";").strip() for side in part.split(",")]
+        if len(sides) != 2 or not all(sides):
+            bad.append(part.replace(comma, "\\,").replace(semicolon, "\\;"))
+        else:
+            pairs.append((sides[0], sides[1]))
+    if bad:
+        raise ConfigError(f"tag replacement must be source,target pairs separated by ';' (got {'; '.join(bad)!r})")
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class TagFormat:
     """How selected tags become a caption (the options every tagger command shares).
@@ -212,6 +232,10 @@ class TagFormat:
     max_tags: int | None = None
     characters_first: bool = True
     order: str = "model"
+    #: kohya's ``--always_first_tags``: these move to the front of the caption when it has them (unlike
+    #: ``include_first``, never added); ``replace``: kohya's ``--tag_replacement`` (source, target) pairs
+    first_if_found: tuple[str, ...] = ()
+    replace: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.order not in TAG_ORDERS:
@@ -238,11 +262,13 @@ def format_tags(
 ) -> list[str]:
     """Order and render the selected tags into the caption's tag list (no duplicates)."""
     excluded = {normalize_tag(t) for t in fmt.exclude}
+    renames = {normalize_tag(source): target for source, target in fmt.replace}
 
     def ordered_items(d: Mapping[str, float]) -> list[tuple[str, float]]:
+        items = [(renames.get(normalize_tag(n), n), p) for n, p in d.items()]
         if fmt.order == "model":
-            return list(d.items())
-        return sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))
+            return items
+        return sorted(items, key=lambda kv: (-kv[1], kv[0]))
 
     chars = ordered_items(character)
     gens = ordered_items(general)
@@ -253,11 +279,16 @@ def format_tags(
         predicted = [(n, p) for n, p in predicted if n in keep]
     ordered = list(fmt.include_first) + [n for n, _ in predicted]
     rating_tag = max(rating.items(), key=lambda kv: kv[1])[0] if rating and fmt.ratings != "off" else None
+    if rating_tag is not None:
+        rating_tag = renames.get(normalize_tag(rating_tag), rating_tag)
     if rating_tag is not None and normalize_tag(rating_tag) not in excluded:
         if fmt.ratings == "first":
             ordered.insert(0, rating_tag)
         else:
             ordered.append(rating_tag)
+    if fmt.first_if_found:
+        found = {normalize_tag(t) for t in ordered}
+        ordered = [t for t in fmt.first_if_found if normalize_tag(t) in found] + ordered
     out: list[str] = []
     seen: set[str] = set()
     for tag in ordered:

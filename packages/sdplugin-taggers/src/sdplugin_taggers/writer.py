@@ -68,8 +68,10 @@ def put_first(tags: list[str], first: tuple[str, ...]) -> list[str]:
     return head + [t for t in tags if normalize_tag(t) not in set(keys)]
 
 
-def split_caption(text: str) -> list[str]:
-    return [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
+def split_caption(text: str, separator: str = ",") -> list[str]:
+    """A caption's tags: split on ``separator`` (kohya's ``--caption_separator``, stripped) and on lines."""
+    sep = separator.strip() or ","
+    return [part.strip() for part in text.replace("\n", sep).split(sep) if part.strip()]
 
 
 class CaptionWriter:
@@ -104,7 +106,7 @@ class CaptionWriter:
             return "skipped"
         if target.exists() and self.mode in ("append", "prepend"):
             try:
-                existing = split_caption(target.read_text(encoding="utf-8-sig"))
+                existing = split_caption(target.read_text(encoding="utf-8-sig"), self.separator)
             except (OSError, UnicodeDecodeError) as exc:
                 self.problems.append(f"{target}: existing caption unreadable ({exc}); left as is")
                 self.counts["kept"] += 1

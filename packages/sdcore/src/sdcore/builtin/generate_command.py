@@ -330,7 +330,7 @@ def _run_generate(params: dict[str, Any]) -> None:
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
-            extra.update(hires.infotext_fields(params["prompt"], params["negative"], sampler))
+            extra.update(hires.infotext_fields(params["prompt"], params["negative"], sampler, bundle))
         extra.update(infos[index] if index < len(infos) else {})
         extra["Version"] = f"sdcore {__version__}"
         text = format_parameters(

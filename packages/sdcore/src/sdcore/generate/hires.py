@@ -38,6 +38,8 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from PIL import Image
 
+    from ..models.bundle import ModelBundle
+
 #: A1111's ``shared.latent_upscale_modes``: name -> (torch interpolate mode, antialias)
 LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
     "Latent": ("bilinear", False),
@@ -140,16 +142,30 @@ class HiresFix:
             return 0, 0
         return int(run / min(self.denoising_strength, 0.999)), run
 
-    def infotext_fields(self, prompt: str, negative_prompt: str, sampler: str) -> dict[str, Any]:
+    def infotext_fields(
+        self, prompt: str, negative_prompt: str, sampler: str, bundle: ModelBundle | None = None
+    ) -> dict[str, Any]:
         """A1111's infotext fields for this pass, in A1111's order ("Denoising strength" is placed by the
         caller where A1111 writes it): "Hires sampler"/"Hires prompt"/"Hires negative prompt" only when they
         differ from the first pass's, "Hires upscale" or "Hires resize", "Hires steps" when set, "Hires
-        upscaler"."""
-        from .pipeline import sampler_id, sampler_label
+        upscaler".
+
+        With ``bundle``, a differing hires sampler also gets "Hires schedule type", decided as the first
+        pass's "Schedule type" is (:func:`~sdcore.generate.pipeline.schedule_type_field`): A1111 1.9+ reads
+        a plain "Hires sampler: DPM++ 2M" with its Automatic (Karras) schedule, sdcore ran uniform sigmas.
+        A missing field means "Use same scheduler" there, so when the first pass names its schedule and the
+        hires sampler's is A1111's Automatic, "Automatic" is written rather than nothing."""
+        from .pipeline import sampler_id, sampler_label, schedule_type_field
 
         fields: dict[str, Any] = {}
         if self.sampler is not None and sampler_id(self.sampler) != sampler_id(sampler):
             fields["Hires sampler"] = sampler_label(self.sampler)
+            if bundle is not None:
+                schedule = schedule_type_field(bundle, self.sampler)
+                if schedule is None and schedule_type_field(bundle, sampler) is not None:
+                    schedule = "Automatic"
+                if schedule is not None:
+                    fields["Hires schedule type"] = schedule
         if self.prompt is not None and self.prompt != prompt:
             fields["Hires prompt"] = self.prompt
         if self.negative_prompt is not None and self.negative_prompt != negative_prompt:

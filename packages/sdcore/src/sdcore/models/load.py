@@ -427,6 +427,28 @@ def stored_dtype(component: Path) -> Any:
     return None
 
 
+@contextlib.contextmanager
+def quiet_transformers_loading() -> Iterator[None]:
+    """transformers 5's ``from_pretrained`` draws a "Loading weights" bar on stderr for every text encoder, in
+    a command that has its own output (``sdcore generate -m toyworld:`` printed it before the image's line).
+    Its bars are off while the encoders load and as they were after; ``SDCORE_VERBOSE=1`` keeps them (as
+    :func:`~sdcore.generate.flow_samplers.quiet_pipeline_import` keeps transformers' warnings)."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    if os.environ.get("SDCORE_VERBOSE") or not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    hub_disabled = huggingface_hub.utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # turns the Hub's bars off too
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+        if hub_disabled:
+            huggingface_hub.utils.disable_progress_bars()
+
+
 def read_diffusers(
     path: str | os.PathLike[str],
     *,
@@ -477,9 +499,10 @@ def read_diffusers(
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs("unet"))
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs("vae"))
         encoders = []
-        for name in [te.component for te in get_family(found).text_encoders]:
-            cls = getattr(transformers, index[name][1])
-            encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)))
+        with quiet_transformers_loading():
+            for name in [te.component for te in get_family(found).text_encoders]:
+                cls = getattr(transformers, index[name][1])
+                encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)))
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFormatError(f"{folder}: cannot read diffusers folder ({first})") from None

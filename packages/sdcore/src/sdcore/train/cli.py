@@ -125,6 +125,40 @@ def expand_multi_values(args: list[str]) -> list[str]:
     return out
 
 
+def underscores_to_hyphens(command: click.Command, ctx: click.Context, args: list[str]) -> list[str]:
+    """``--max_steps 5`` / ``--no_cache_latents`` (kohya users' habit) -> ``--max-steps 5`` /
+    ``--no-cache-latents`` when only the hyphenated flag exists; kohya's own names, which are
+    options of their own (``--network_dim``), are left to those. The values of options that take
+    one are passed on as they are, as click reads them (``--training-comment --max_steps``)."""
+    params = command.get_params(ctx)
+    known = {opt for param in params for opt in (*param.opts, *param.secondary_opts)}
+    takes = {  # options that consume the next token(s) as their value: how many
+        opt: max(1, param.nargs)
+        for param in params
+        if isinstance(param, click.Option) and not param.is_flag and not param.count
+        for opt in param.opts
+    }
+    out: list[str] = []
+    values = 0  # tokens still to pass on as the previous option's value
+    for index, token in enumerate(args):
+        if values:
+            values -= 1
+            out.append(token)
+            continue
+        if token == "--":
+            return out + args[index:]
+        flag, equals, value = token.partition("=")
+        if flag.startswith("--") and "_" in flag and flag not in known:
+            dashed = "--" + flag[2:].replace("_", "-")
+            if dashed in known:
+                flag = dashed
+                token = dashed + equals + value
+        if not equals:
+            values = takes.get(flag, 0)
+        out.append(token)
+    return out
+
+
 class GroupedCommand(click.Command):
     """``--help`` with one section per option group (Model, Data, Training, ...), then kohya's names."""
 
@@ -132,7 +166,7 @@ class GroupedCommand(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, self._underscores_to_hyphens(ctx, expand_multi_values(list(args))))
+            return super().parse_args(ctx, underscores_to_hyphens(self, ctx, expand_multi_values(list(args))))
         except click.NoSuchOption as exc:
             hint = self._hint(exc.option_name)
             if hint is None:
@@ -140,39 +174,6 @@ class GroupedCommand(click.Command):
             raise click.NoSuchOption(
                 exc.option_name, message=f"No such option: {exc.option_name}{hint}", ctx=ctx
             ) from None
-
-    def _underscores_to_hyphens(self, ctx: click.Context, args: list[str]) -> list[str]:
-        """``--max_steps 5`` / ``--no_cache_latents`` (kohya users' habit) -> ``--max-steps 5`` /
-        ``--no-cache-latents`` when only the hyphenated flag exists; kohya's own names, which are
-        options of their own (``--network_dim``), are left to those. The values of options that take
-        one are passed on as they are, as click reads them (``--training-comment --max_steps``)."""
-        params = self.get_params(ctx)
-        known = {opt for param in params for opt in (*param.opts, *param.secondary_opts)}
-        takes = {  # options that consume the next token(s) as their value: how many
-            opt: max(1, param.nargs)
-            for param in params
-            if isinstance(param, click.Option) and not param.is_flag and not param.count
-            for opt in param.opts
-        }
-        out: list[str] = []
-        values = 0  # tokens still to pass on as the previous option's value
-        for index, token in enumerate(args):
-            if values:
-                values -= 1
-                out.append(token)
-                continue
-            if token == "--":
-                return out + args[index:]
-            flag, equals, value = token.partition("=")
-            if flag.startswith("--") and "_" in flag and flag not in known:
-                dashed = "--" + flag[2:].replace("_", "-")
-                if dashed in known:
-                    flag = dashed
-                    token = dashed + equals + value
-            if not equals:
-                values = takes.get(flag, 0)
-            out.append(token)
-        return out
 
     def _hint(self, option: str) -> str | None:
         """``--network-dim`` / ``--network_dimm`` -> `` (did you mean --rank?)``."""

@@ -11,8 +11,11 @@ file, or our writer's files (one of those plus ``sdcore.config``). Parts a file 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,19 @@ TAKES_PARTS = ("t5xxl", "vae", "t5_tokenizer")
 #: which option supplies each part, for messages
 PART_OPTIONS = {"text_encoder": "t5xxl", "vae": "ae"}
 _T5_PROBE = "encoder.final_layer_norm.weight"
+
+
+@contextlib.contextmanager
+def quiet_chroma_construction() -> Iterator[None]:
+    """Building a ``ChromaTransformer2DModel`` (diffusers 0.42) makes diffusers' own code import
+    ``FluxPosEmbed`` from its old place and warn the user, on stderr, that *they* import it from there: a
+    FutureWarning about diffusers' code they can do nothing about. Only that warning is hidden, only while
+    a Chroma transformer is built; ``SDCORE_VERBOSE=1`` shows it (as
+    :func:`~sdcore.generate.flow_samplers.quiet_pipeline_import` does)."""
+    with warnings.catch_warnings():
+        if not os.environ.get("SDCORE_VERBOSE"):
+            warnings.filterwarnings("ignore", message=r"`FluxPosEmbed` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_chroma_file(keys: Any) -> bool:
@@ -143,10 +159,11 @@ def read_chroma_single_file(
         _refuse_quantized(keys, file)
         stored = _stored_configs(source.metadata, file, config)
         prefix = transformer_prefix(keys)
-        if prefix is None:
-            transformer = read_diffusers_transformer(keys, shape, get, file, target, stored.get("transformer"))
-        else:
-            transformer = read_transformer(keys, shape, get, prefix, file, target, stored.get("transformer"))
+        with quiet_chroma_construction():
+            if prefix is None:
+                transformer = read_diffusers_transformer(keys, shape, get, file, target, stored.get("transformer"))
+            else:
+                transformer = read_transformer(keys, shape, get, prefix, file, target, stored.get("transformer"))
         parts: dict[str, Any] = {"transformer": transformer}
         if t5xxl is None and COMFY_T5_PREFIX + _T5_PROBE in keys:
             t5_cfg = stored.get("text_encoder") or t5_config_from_shapes(keys, shape, COMFY_T5_PREFIX)
@@ -189,7 +206,8 @@ def read_chroma_diffusers(
         wanted["vae"] = AutoencoderKL
     if t5xxl is None:
         wanted["text_encoder"] = transformers.T5EncoderModel
-    parts = read_folder_components(folder, index, dtype, wanted, "Chroma")
+    with quiet_chroma_construction():
+        parts = read_folder_components(folder, index, dtype, wanted, "Chroma")
     if (folder / "tokenizer").is_dir() and t5_tokenizer is None:
         t5_tokenizer = folder / "tokenizer"
     _finish(parts, t5xxl, ae, t5_tokenizer, dtype)

@@ -51,11 +51,13 @@ def create_tiny_parts(*, seed: int = 0) -> dict[str, Any]:
     from ..flux.load import scheduler_for
     from ..flux.tiny import vae_config
     from ..t5 import create_tiny_t5
+    from .load import quiet_chroma_construction
 
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        transformer = ChromaTransformer2DModel(**transformer_config())
+        with quiet_chroma_construction():
+            transformer = ChromaTransformer2DModel(**transformer_config())
         vae = AutoencoderKL(**vae_config())
         t5, t5_tokenizer = create_tiny_t5(seed=seed + 1)
     finally:

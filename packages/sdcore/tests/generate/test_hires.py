@@ -101,8 +101,10 @@ def test_each_image_depends_on_its_seed_alone(sd1):
     hires = HiresFix(scale=1.5, steps=2, upscaler="Lanczos")
     pair = generate_images(sd1, ["a cat", "a cat"], steps=2, seed=20, width=64, height=64, hires=hires)
     alone = generate_images(sd1, ["a cat"], steps=2, seed=21, width=64, height=64, hires=hires)
-    assert np.array_equal(_arr(pair[1]), _arr(alone[0]))
-    assert not np.array_equal(_arr(pair[0]), _arr(pair[1]))
+    # batched and single runs may differ by 1/255 in a pixel (float order), as in test_pipeline's seed test
+    assert np.abs(_arr(pair[1]) - _arr(alone[0])).max() <= 1
+    assert np.abs(_arr(pair[1]) - _arr(alone[0])).mean() < 0.01
+    assert np.abs(_arr(pair[0]) - _arr(pair[1])).mean() > 5  # another seed: another image
 
 
 def test_scale_1_strength_0_is_the_first_pass_and_runs_no_second_pass(sd1):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -110,6 +110,36 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], Any]) -> 
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+def _same_place(a: Path, b: str) -> bool:
+    """Whether ``b`` (a file, folder or a source such as ``tiny:sd1``) names the same place as ``a``."""
+    other = Path(b)
+    try:
+        if a.exists() and other.exists():
+            return a.samefile(other)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == other.expanduser().resolve()
+
+
+def output_problems(outputs: Sequence[Path], *, inputs: Sequence[str] = (), overwrite: bool) -> list[str]:
+    """The rule of every command that writes a file, checked before any work: an output that is one of the
+    ``inputs`` is always refused (it would be replaced while it is still needed, and the original lost), an
+    existing output is refused unless ``--overwrite``. One line per problem (empty when all is well)."""
+    problems, refused = [], set()
+    for out in outputs:
+        same = [source for source in inputs if _same_place(out, source)]
+        if same:
+            refused.add(out)
+            problems.append(
+                f"-o {out} is the input {same[0]}: the result cannot replace a file it is made from; choose another -o"
+            )
+    existing = [str(out) for out in outputs if out not in refused and out.exists()]
+    if existing and not overwrite:  # an earlier file is never replaced in silence
+        verb, it = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        problems.append(f"{', '.join(existing)} already {verb}; pass --overwrite to replace {it}, or choose another -o")
+    return problems
 
 
 def cache_dir() -> Path:

@@ -220,3 +220,25 @@ def test_registered_through_the_hook():
     group = __import__("click").Group("root")
     generate_command.sdcore_register_commands(group)
     assert group.commands["generate"] is generate
+
+
+def test_output_rule_is_one_for_every_command(tmp_path, monkeypatch):
+    """sdcore.io.output_problems (also the LoRA tools' rule): an output that is an input is refused even with
+    --overwrite, an existing output without it; generate treats --init-image as its input."""
+    from sdcore.io import output_problems
+
+    src = tmp_path / "in.png"
+    src.write_bytes(b"image")
+    done = tmp_path / "done.png"
+    done.write_bytes(b"earlier")
+    assert output_problems([tmp_path / "new.png"], inputs=[str(src)], overwrite=False) == []
+    assert output_problems([done, tmp_path / "x.png"], overwrite=False) == [
+        f"{done} already exists; pass --overwrite to replace it, or choose another -o"
+    ]
+    assert output_problems([done], overwrite=True) == []
+    refused = output_problems([src], inputs=[str(tmp_path / "." / "in.png")], overwrite=True)
+    assert len(refused) == 1 and refused[0].startswith(f"-o {src} is the input")
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    result = _invoke(["-m", "tiny:sd1", "cat", "--init-image", str(src), "-o", str(src), "--overwrite"])
+    assert isinstance(result.exception, sdcore.ConfigError) and "is the input" in str(result.exception)
+    assert src.read_bytes() == b"image"

@@ -43,34 +43,15 @@ def _parse_weighted(values: tuple[str, ...]) -> list[tuple[str, float]]:
 _OVERWRITE_HELP = "Replace the output if it already exists (else that is an error, found before any work)."
 
 
-def _same_path(a: Path, b: str) -> bool:
-    """Whether ``b`` (a file, folder or a source such as ``tiny:sd1``) names the same place as ``a``."""
-    other = Path(b)
-    try:
-        if a.exists() and other.exists():
-            return a.samefile(other)
-    except OSError:
-        pass
-    return a.expanduser().resolve() == other.expanduser().resolve()
-
-
 def _check_output(output: str, inputs: list[str], overwrite: bool, problems: list[str] | None = None) -> None:
-    """``sdcore generate``'s rule for an output, before any model or file is read: an existing output is
-    an error unless ``--overwrite``, and an output that is one of the inputs is always refused (it would be
-    replaced while it is still needed, and the original lost). All problems come in one :class:`ConfigError`."""
+    """``sdcore.io.output_problems`` for ``output`` (sdcore's rule for every written file), with the command's
+    other ``problems``, all in one :class:`ConfigError` before any model or file is read."""
     from sdcore.errors import ConfigError
+    from sdcore.io import output_problems
 
-    problems = list(problems or [])
-    out = Path(output)
-    same = [source for source in inputs if _same_path(out, source)]
-    if same:
-        problems.append(
-            f"-o {output} is the input {same[0]}: the result cannot replace a file it is made from; choose another -o"
-        )
-    elif out.exists() and not overwrite:
-        problems.append(f"{output} already exists; pass --overwrite to replace it, or choose another -o")
-    if problems:
-        raise ConfigError("; ".join(problems), problems)
+    found = [*(problems or []), *output_problems([Path(output)], inputs=inputs, overwrite=overwrite)]
+    if found:
+        raise ConfigError("; ".join(found), found)
 
 
 @click.group("lora")

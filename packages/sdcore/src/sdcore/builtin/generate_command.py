@@ -266,10 +266,11 @@ def _run_generate(params: dict[str, Any]) -> None:
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
     elif params["init_image"] is not None and params["strength"] == 0:
         problems.append("--strength of img2img must be above 0")
-    existing = [str(p) for p in _output_paths(params["output"], params["batch"]) if p.exists()]
-    if existing and not params["overwrite"]:  # an earlier image is never replaced in silence
-        verb = "exists" if len(existing) == 1 else "exist"
-        problems.append(f"{', '.join(existing)} already {verb}; pass --overwrite to replace, or choose another -o")
+    from ..io import output_problems
+
+    init = [str(params["init_image"])] if params["init_image"] is not None else []
+    outputs = _output_paths(params["output"], params["batch"])
+    problems += output_problems(outputs, inputs=init, overwrite=params["overwrite"])
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -149,13 +149,9 @@ def make_scheduler(bundle: ModelBundle, sampler: str = "euler_a") -> Any:
 
 def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler_a") -> Any:
     """A diffusers pipeline sharing the bundle's modules (safety checker off, no watermark)."""
-    import os
+    from .flow_samplers import quiet_pipeline_import
 
-    import transformers
-
-    if not os.environ.get("SDCORE_VERBOSE"):
-        # importing the pipelines makes transformers warn about image processors we never use
-        transformers.utils.logging.set_verbosity_error()
+    quiet_pipeline_import()  # importing the pipelines makes transformers warn about processors never used
     import diffusers
 
     if bundle.inpainting:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -110,6 +111,18 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], Any]) -> 
     with atomic_path(path) as tmp:
         writer(tmp)
     return Path(path)
+
+
+#: the characters A1111 keeps in an embedding's or a hypernetwork's name, which is also its file stem
+_FILE_STEM = re.compile(r"^[\w.\- ]+$")
+
+
+def file_stem_problem(name: str, option: str = "--name") -> str | None:
+    """Why ``name`` cannot be a result's file stem (A1111's letters, digits and "._- "; a '/' or '..' would
+    put the file outside its folder), or ``None``."""
+    if not _FILE_STEM.match(name) or name.strip(" .") == "":
+        return f"{option} {name!r}: use letters, digits, '.', '_', '-' and spaces only"
+    return None
 
 
 def _same_place(a: Path, b: str) -> bool:

@@ -8,13 +8,13 @@ is trained is exactly what ``<hypernet:name:1>`` applies later.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
+from sdcore.io import file_stem_problem
 from sdcore.options import option
 from sdcore.train.lr_schedule import parse_schedule, schedule_lambda
 from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 WEIGHT_INIT_CHOICES = ("normal", "xavier-uniform", "xavier-normal", "kaiming-uniform", "kaiming-normal")
 BUILTIN_TEMPLATES = ("hypernetwork", "none", "style_filewords", "subject_filewords")
-#: the characters A1111 keeps in a hypernetwork name (the file stem)
-_VALID_NAME = re.compile(r"^[\w.\- ]+$")
 
 
 def load_template(template: str) -> tuple[str, ...]:
@@ -129,10 +127,9 @@ class HNMethod(TrainingMethod[HNOptions]):
         from .modules import check_structure, make_activation
 
         name = self.options.name
-        if name and (not _VALID_NAME.match(name) or name.strip(" .") == ""):
-            # A1111's create_hypernetwork keeps only letters, digits and "._- " in the name; here the name
-            # is the file stem, so a "/" or ".." would put the result outside --output
-            raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_', '-' and spaces only")
+        problem = file_stem_problem(name) if name else None  # A1111's create_hypernetwork rule
+        if problem:
+            raise ConfigError(problem)
         layers, dropout = self._structures()
         check_structure(layers, dropout)
         make_activation(self.options.activation)

@@ -12,13 +12,13 @@ template prompts and writes A1111 files.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sdcore.errors import ConfigError, NetworkMismatchError, SdcoreError
+from sdcore.io import file_stem_problem
 from sdcore.options import option
 from sdcore.train.lr_schedule import LearnSchedule, parse_schedule, schedule_lambda
 from sdcore.train.method import Capabilities, Conditioning, SaveInfo, TrainingMethod
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 EXTRA_FORMATS = ("pt", "safetensors", "bin")
 LATENT_SAMPLING = ("once", "deterministic", "random")
-_VALID_NAME = re.compile(r"^[\w.\- ]+$")
 
 
 @dataclass
@@ -126,8 +125,9 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         for item in self.trained_embeddings():
             if not item.name.strip():
                 raise ConfigError("--name is required: the embedding's prompt word and file name")
-            if not _VALID_NAME.match(item.name):
-                raise ConfigError(f"--name {item.name!r}: use letters, digits, '.', '_', '-' and spaces only")
+            problem = file_stem_problem(item.name)
+            if problem:
+                raise ConfigError(problem)
             if not 1 <= item.vectors <= 75:
                 raise ConfigError(f"embedding {item.name!r}: vectors must be between 1 and 75, got {item.vectors}")
         self.schedule = parse_schedule(o.lr_schedule) if o.lr_schedule.strip() else None

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -189,9 +190,18 @@ class StepConditioning:
             return
         if encode is None:
             raise TypeError("StepConditioning needs encode or encoded")
+        from .conditioning_memo import active_memo
+
+        memo = active_memo()  # a training run's sample renders: the texts were encoded at caching time
         for end in edits.ends:
             texts, negatives = edits.texts_at(end)
-            self.encoded[end] = encode(texts, [negatives[owner] for owner in edits.owners])
+            per_part = [negatives[owner] for owner in edits.owners]
+            if memo is None:
+                self.encoded[end] = encode(texts, per_part)
+            else:
+                self.encoded[end] = memo.encode(texts, per_part, functools.partial(encode, texts, per_part))
+        if memo is not None:
+            memo.encoded_all()
 
     @property
     def active(self) -> bool:

@@ -281,3 +281,21 @@ def test_textual_inversion_and_lora_on_clip_do_not_cache_text():
 
     assert not uses_text_cache(options, NoWarmup(), trains_text_encoder=True)
     assert uses_text_cache(options, NoWarmup(), trains_text_encoder=False)
+
+
+def test_the_validation_loss_reads_the_cached_captions(tmp_path, monkeypatch):
+    """Held-out images are entries of the text cache too: validating runs no text-encoder forward."""
+    from sdcore.train.loop import TrainSession
+
+    values = {"max_steps": 1, "validation_split": 0.5, "cache_text_encoder_outputs": True}
+    session = TrainSession(ConvOutMethod(contract_options(ConvOutMethod, tmp_path, values)), bundle=_bundle("sd1"))
+    session.setup()
+    assert session.text_cache is not None and session.validation_groups
+    forwards = []
+    handles = [te.register_forward_pre_hook(lambda *_: forwards.append(1)) for te in session.bundle.text_encoders]
+    try:
+        loss = session.validate()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert loss is not None and forwards == []

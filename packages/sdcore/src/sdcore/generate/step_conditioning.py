@@ -32,6 +32,10 @@ guides, and the final prediction is A1111's ``uncond + cfg * sum(w_i * (cond_i -
   parts' weighted mean times the weights' sum). Forge works in x0 (``denoised = x - sigma * v``); here, in
   velocity, that is ``sum(w_i * v_i) + (1 - sum(w_i)) * x / t`` with ``t`` the transformer's timestep
   (sigma). With weights summing to 1 it is the weighted mean of the parts' velocities.
+
+Every family's text encoding passes through :class:`StepConditioning`, so it is also where a training run's
+sample renders take their texts from the encodings made at caching time instead of the text encoders
+(:mod:`sdcore.generate.conditioning_memo`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Sample images during training: ``--sample-prompts`` (one prompt or a kohya-style prompt file,
 see :mod:`.sample_prompts`) rendered into a grid every ``--sample-every`` steps /
 ``--sample-every-epochs`` epochs (and once at the end) as ``<result stem>-samples/<tag>.png``,
-with A1111 infotext in the PNG (:mod:`.sample_info`)."""
+with A1111 infotext in the PNG (:mod:`.sample_info`). With cached text-encoder outputs the sample
+prompts are encoded once at caching time (:func:`encode_sample_prompts`) and renders leave the text
+encoders on the CPU."""
 
 from __future__ import annotations
 
@@ -62,23 +64,24 @@ def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device:
     caching (kohya's ``sample_prompts_te_outputs``): the prompts, negatives and each text A1111 prompt
     editing, alternation and ``AND`` produce, with generation's own encoding settings (a recording pass of
     the renders' calls, :mod:`sdcore.generate.conditioning_memo`). Kept on the CPU; renders then leave the
-    text encoders where the cache put them. None when there is nothing to render, or when the pass failed
-    (the renders then encode live, as without it)."""
+    text encoders where the cache put them (the caller moves them off ``device`` afterwards, as
+    :func:`.cache.build_caches` does). None when there is nothing to render, or when the pass failed (the
+    renders then encode live and report the problem, as without it)."""
     import torch
 
     from ..generate.conditioning_memo import ConditioningMemo
     from .sample_prompts import read_sample_prompts
 
-    prompts = read_sample_prompts(options.sample_prompts or "")
-    if not prompts:
-        return None
     memo = ConditioningMemo()
-    for module in bundle.text_encoders:  # where a render puts them, so the encodings are the render's
-        if module is not None and next(module.parameters()).device != device:
-            module.to(device)
     try:
+        prompts = read_sample_prompts(options.sample_prompts or "")
+        if not prompts:
+            return None
         from ..generate.pipeline import record_encodings
 
+        for module in bundle.text_encoders:  # where a render puts them, so the encodings are the render's
+            if module is not None and next(module.parameters()).device != device:
+                module.to(device)
         with torch.no_grad():
             for index, (texts, arguments) in enumerate(_generations(bundle, options, prompts, {})[2]):
                 record_encodings(memo, index, bundle, texts, **arguments)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..models.bundle import ModelBundle
+    from .conditioning_memo import ConditioningMemo
     from .hires import HiresFix
     from .networks import NetworkRef
     from .session import NetworkSession
@@ -415,6 +416,17 @@ def generate_images(
     return [results[i] for i in range(len(prompts))]
 
 
+def record_encodings(
+    memo: ConditioningMemo, scope: Any, bundle: ModelBundle, prompts: list[str], **settings: Any
+) -> None:
+    """Encode what ``generate_images(bundle, prompts, **settings)`` would encode, into ``memo`` under ``scope``,
+    and nothing more: the generation stops once its texts are encoded, before the first denoiser call
+    (:meth:`~sdcore.generate.conditioning_memo.ConditioningMemo.recording`). A later ``generate_images``
+    with the same arguments inside ``memo.replaying(scope)`` then needs no text encoder."""
+    with memo.recording(scope, bundle.denoiser):
+        generate_images(bundle, prompts, **settings)
+
+
 def _apply_networks(
     stack: contextlib.ExitStack,
     session: NetworkSession,
@@ -673,6 +685,7 @@ __all__ = [
     "default_size",
     "generate_images",
     "make_scheduler",
+    "record_encodings",
     "sampler_id",
     "sampler_label",
     "schedule_type",

@@ -32,12 +32,17 @@ guides, and the final prediction is A1111's ``uncond + cfg * sum(w_i * (cond_i -
   parts' weighted mean times the weights' sum). Forge works in x0 (``denoised = x - sigma * v``); here, in
   velocity, that is ``sum(w_i * v_i) + (1 - sum(w_i)) * x / t`` with ``t`` the transformer's timestep
   (sigma). With weights summing to 1 it is the weighted mean of the parts' velocities.
+
+Every family's text encoding passes through :class:`StepConditioning`, so it is also where a training run's
+sample renders take their texts from the encodings made at caching time instead of the text encoders
+(:mod:`sdcore.generate.conditioning_memo`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -189,9 +194,18 @@ class StepConditioning:
             return
         if encode is None:
             raise TypeError("StepConditioning needs encode or encoded")
+        from .conditioning_memo import active_memo
+
+        memo = active_memo()  # a training run's sample renders: the texts were encoded at caching time
         for end in edits.ends:
             texts, negatives = edits.texts_at(end)
-            self.encoded[end] = encode(texts, [negatives[owner] for owner in edits.owners])
+            per_part = [negatives[owner] for owner in edits.owners]
+            if memo is None:
+                self.encoded[end] = encode(texts, per_part)
+            else:
+                self.encoded[end] = memo.encode(texts, per_part, functools.partial(encode, texts, per_part))
+        if memo is not None:
+            memo.encoded_all()
 
     @property
     def active(self) -> bool:

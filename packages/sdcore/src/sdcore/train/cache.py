@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from ..data.buckets import BucketAssignment
     from ..data.dataset import ImageEntry
+    from ..generate.conditioning_memo import ConditioningMemo
     from ..models.bundle import ModelBundle
     from .method import Conditioning
 
@@ -219,6 +220,9 @@ class TextCache:
         self.empty_chunk: Any = None
         self.encoded = 0  # prompts run through the text encoders by this cache (tests and logs)
         self.reused = 0  # prompts read from a text-store file
+        #: the sample prompts' encodings (:func:`sdcore.train.sampling.encode_sample_prompts`), so sample
+        #: renders leave the text encoders on the CPU; None without sample prompts
+        self.sample_conditioning: ConditioningMemo | None = None
         self._build_variants(max(1, variants))
 
     def _build_variants(self, count: int) -> None:
@@ -369,7 +373,8 @@ def build_caches(
 
     With several processes and a disk cache, the main process encodes and writes the files and the
     others read them. Off the CPU, the VAE and text encoders move back to the CPU once cached
-    (sampling brings them back). ``progress`` is a :class:`sdcore.train.progress.Progress`.
+    (sampling brings the VAE back; the text encoders only when the sample prompts could not be encoded
+    here first, :attr:`TextCache.sample_conditioning`). ``progress`` is a :class:`sdcore.train.progress.Progress`.
     """
     from ..dtypes import torch_dtype
 
@@ -426,6 +431,12 @@ def build_caches(
             progress.say(
                 f"text-encoder outputs: {text_cache.encoded} prompts encoded, {text_cache.reused} reused from disk"
             )
+        if options.sample_prompts and is_main:  # only the main process renders samples
+            from .sampling import encode_sample_prompts
+
+            text_cache.sample_conditioning = encode_sample_prompts(bundle, options, device=device)
+            if text_cache.sample_conditioning is not None:
+                progress.say(f"sample prompts: {len(text_cache.sample_conditioning.texts())} texts encoded")
         if device.type != "cpu":
             for te in bundle.text_encoders:
                 te.to("cpu")

@@ -664,6 +664,7 @@ class TrainSession:
                 tag=tag,
                 step=self.position.step,
                 say=self.say,
+                conditioning=self.text_cache.sample_conditioning if self.text_cache is not None else None,
             )
 
     # -- errors -----------------------------------------------------------------------------------

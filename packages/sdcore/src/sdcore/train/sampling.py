@@ -1,7 +1,9 @@
 """Sample images during training: ``--sample-prompts`` (one prompt or a kohya-style prompt file,
 see :mod:`.sample_prompts`) rendered into a grid every ``--sample-every`` steps /
 ``--sample-every-epochs`` epochs (and once at the end) as ``<result stem>-samples/<tag>.png``,
-with A1111 infotext in the PNG (:mod:`.sample_info`)."""
+with A1111 infotext in the PNG (:mod:`.sample_info`). With cached text-encoder outputs the sample
+prompts are encoded once at caching time (:func:`encode_sample_prompts`) and renders leave the text
+encoders on the CPU."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from .method import TrainingMethod
 from .options import TrainOptions
 
 if TYPE_CHECKING:
+    from ..generate.conditioning_memo import ConditioningMemo
     from ..models.bundle import ModelBundle
     from .sample_prompts import SamplePrompt
 
@@ -29,6 +32,65 @@ def sample_prompt_list(options: TrainOptions) -> list[SamplePrompt]:
     return prompts
 
 
+def _generations(
+    bundle: ModelBundle, options: TrainOptions, prompts: list[SamplePrompt], extra: dict[str, Any]
+) -> tuple[list[tuple[list[SamplePrompt], int]], dict[str, Any], list[tuple[list[str], dict[str, Any]]]]:
+    """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
+    caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
+    from ..models.family import default_cfg, family_adapter
+    from .sample_prompts import generation_arguments, generation_calls
+
+    adapter = family_adapter(bundle.family_spec)
+    distilled = bool(getattr(adapter, "distilled_guidance", False))
+    o = options
+    defaults = {
+        "steps": o.sample_steps,
+        "width": o.resolution,
+        "height": o.resolution,
+        "sampler": o.sample_sampler,
+        "cfg": default_cfg(adapter),
+    }
+    calls = generation_calls(prompts, options.seed)
+    generations = []
+    for group, seed in calls:
+        # a line's own options win over the method's extras (APT's negative embedding, CFG)
+        arguments = generation_arguments(group, defaults, extra, distilled=distilled)
+        generations.append(([p.prompt for p in group], {"seed": seed, "clip_skip": options.clip_skip, **arguments}))
+    return calls, defaults, generations
+
+
+def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device: Any) -> ConditioningMemo | None:
+    """Encode every text the sample renders will encode, once, while the text encoders are on ``device`` for
+    caching (kohya's ``sample_prompts_te_outputs``): the prompts, negatives and each text A1111 prompt
+    editing, alternation and ``AND`` produce, with generation's own encoding settings (a recording pass of
+    the renders' calls, :mod:`sdcore.generate.conditioning_memo`). Kept on the CPU; renders then leave the
+    text encoders where the cache put them (the caller moves them off ``device`` afterwards, as
+    :func:`.cache.build_caches` does). None when there is nothing to render, or when the pass failed (the
+    renders then encode live and report the problem, as without it)."""
+    import torch
+
+    from ..generate.conditioning_memo import ConditioningMemo
+    from .sample_prompts import read_sample_prompts
+
+    memo = ConditioningMemo()
+    try:
+        prompts = read_sample_prompts(options.sample_prompts or "")
+        if not prompts:
+            return None
+        from ..generate.pipeline import record_encodings
+
+        for module in bundle.text_encoders:  # where a render puts them, so the encodings are the render's
+            if module is not None and next(module.parameters()).device != device:
+                module.to(device)
+        with torch.no_grad():
+            for index, (texts, arguments) in enumerate(_generations(bundle, options, prompts, {})[2]):
+                record_encodings(memo, index, bundle, texts, **arguments)
+    except Exception:  # the render will meet the same problem and report it; until then, no memo
+        log.debug("sample prompts: not encoded ahead (the renders encode them live)", exc_info=True)
+        return None
+    return memo if memo.scopes else None
+
+
 def render_samples(
     bundle: ModelBundle,
     method: TrainingMethod[Any],
@@ -39,11 +101,14 @@ def render_samples(
     tag: str,
     step: int,
     say: Any = log.info,
+    conditioning: ConditioningMemo | None = None,
 ) -> Path | None:
     """Render the sample prompts with the model as it trains into ``folder/<tag>.png`` (a grid).
 
-    Modules the caches moved off ``device`` (VAE, text encoders) come back for the render and go
-    back to the CPU afterwards.
+    Modules the caches moved off ``device`` come back for the render and go back to the CPU afterwards:
+    the VAE, and the text encoders unless ``conditioning`` (:func:`encode_sample_prompts`) holds every
+    text. A text it lacks, or a method whose sampling extras change the prompts (APT's negative
+    embedding), brings the text encoders back as before (a debug log says why).
     """
     try:
         from ..generate.pipeline import generate_images
@@ -52,9 +117,10 @@ def render_samples(
         return None
     import torch
 
-    from ..models.family import default_cfg, family_adapter
+    from ..generate.conditioning_memo import MemoMiss
+    from ..models.family import family_adapter
     from .sample_info import sample_infotexts
-    from .sample_prompts import dropped_negatives, generation_arguments, generation_calls
+    from .sample_prompts import dropped_negatives
 
     prompts = sample_prompt_list(options)
     if not prompts:
@@ -74,30 +140,40 @@ def render_samples(
     steps = [str(n) for n in sorted({p.steps if p.steps is not None else options.sample_steps for p in prompts})]
     counts = steps[0] if len(steps) == 1 else f"{', '.join(steps[:-1])} or {steps[-1]}"
     say(f"rendering {len(prompts)} sample image(s), {counts} steps each ...")
-    moved = []
-    for module in [bundle.vae, *bundle.text_encoders]:
-        if next(module.parameters()).device != device:
-            module.to(device)
-            moved.append(module)
-    o = options
-    defaults = {
-        "steps": o.sample_steps,
-        "width": o.resolution,
-        "height": o.resolution,
-        "sampler": o.sample_sampler,
-        "cfg": default_cfg(adapter),
-    }
+    moved: list[Any] = []
+
+    def bring(modules: list[Any]) -> None:
+        for module in modules:
+            if module is not None and module not in moved and next(module.parameters()).device != device:
+                module.to(device)
+                moved.append(module)
+
+    bring([bundle.vae])
     images: list[Any] = []
-    calls = generation_calls(prompts, options.seed)
     extra: dict[str, Any] = {}
+    calls: list[Any] = []
+    defaults: dict[str, Any] = {}
     try:
         with torch.no_grad(), method.sampling(bundle) as extra:
-            for group, seed in calls:
-                # a line's own options win over the method's extras (APT's negative embedding, CFG)
-                arguments = generation_arguments(group, defaults, extra, distilled=distilled)
-                images += generate_images(
-                    bundle, [p.prompt for p in group], seed=seed, clip_skip=options.clip_skip, **arguments
-                )
+            calls, defaults, generations = _generations(bundle, options, prompts, extra)
+            memo = conditioning
+            if memo is not None and extra:
+                log.debug("sample prompts: the method's sampling options %s change the prompts: encoded live",
+                          sorted(extra))  # fmt: skip
+                memo = None
+            if memo is None:
+                bring(list(bundle.text_encoders))
+            for index, (texts, arguments) in enumerate(generations):
+                if memo is not None:
+                    try:
+                        with memo.replaying(index, bundle.text_encoders):
+                            images += generate_images(bundle, texts, **arguments)
+                        continue
+                    except MemoMiss as miss:
+                        log.debug("sample prompts: %s not encoded at caching time: encoded live", miss)
+                        memo = None
+                        bring(list(bundle.text_encoders))
+                images += generate_images(bundle, texts, **arguments)
     finally:
         for module in moved:
             module.to("cpu")

@@ -705,10 +705,9 @@ def _flow_hires_run(
         run,
         schedule_steps(first_steps, first_scheduler),
     )
-    return list(
-        second(None, bundle, prompts, negatives, seeds=seeds, steps=run, cfg=cfg, width=latents.shape[-1] * factor,
-               height=latents.shape[-2] * factor, image=None, clip_skip=clip_skip, hires_start=start)  # fmt: skip
-    )
+    size = {"width": latents.shape[-1] * factor, "height": latents.shape[-2] * factor}
+    settings = {"seeds": seeds, "steps": run, "cfg": cfg, "image": None, "clip_skip": clip_skip}
+    return list(second(None, bundle, prompts, negatives, **size, **settings, hires_start=start))
 
 
 def _transform_rows(

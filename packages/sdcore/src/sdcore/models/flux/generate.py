@@ -150,7 +150,7 @@ def run_packed(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int]
     def pack(latents: Any) -> Any:
         return pipe._pack_latents(latents, *latents.shape)
 
-    second = contextlib.nullcontext() if hires_start is None else flow_second_pass(pipe, kwargs, hires_start, seeds, pack)
+    second = flow_second_pass(pipe, kwargs, hires_start, seeds, pack) if hires_start else contextlib.nullcontext()
     with second:
         images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device, hooks=hooks)
     if kwargs["output_type"] != "latent":

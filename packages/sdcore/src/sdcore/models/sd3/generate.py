@@ -111,9 +111,9 @@ def generate_sd3(
     pipe.set_progress_bar_config(disable=True)
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into
     # each transformer call (the pipeline batches [uncond, cond] as the SD pipelines do)
+    first_steps = None if hires_start is None else hires_start.first_steps  # a hires pass's prompt-editing offsets
     per_call = StepConditioning(
-        StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler),
-                          first_steps=None if hires_start is None else hires_start.first_steps),  # fmt: skip
+        StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps),
         lambda texts, negative_texts: encode_sd3_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip),
     )
     cond, uncond = per_call.first_parts(0)

@@ -182,6 +182,20 @@ def test_second_pass_runs_hr_steps_at_the_rules_sigmas(flow_bundles, family, ste
     assert second == pytest.approx(expected, rel=1e-5)
 
 
+def test_hr_sampler_heun_runs_its_steps_on_the_tail_of_the_schedule(flow_bundles):
+    """--hr-sampler heun after an Euler first pass: ``run`` Heun steps from the rule's start sigma, each a
+    predictor and a corrector call except the last (k-diffusion's Heun, as Forge samples: 2 * run - 1 calls)."""
+    bundle = flow_bundles("flux")
+    steps, run, strength = 2, 2, 0.5
+    with _Calls(bundle.transformer) as rec:
+        generate_images(bundle, ["a cat"], steps=steps, cfg=3.5, seed=2, width=32, height=32,
+                        hires=HiresFix(scale=1, steps=run, denoising_strength=strength, sampler="heun"))  # fmt: skip
+    schedule = int(run / strength)
+    tail = _expected_timesteps(bundle, "flux", schedule, 32, 32)[schedule - run :]
+    expected = [tail[0], tail[1], tail[1]]  # step 1: predictor at s0, corrector at s1; step 2 (to 0): Euler at s1
+    assert [t for _, t in rec.calls[steps:]] == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_second_pass_starts_from_the_flow_noised_upscale(flow_bundles, family):
     from diffusers import FluxPipeline

@@ -40,8 +40,8 @@ flow predictor of ``backend/modules/k_prediction.py``; facts rewritten here):
   ``mu`` instead (FLUX.1-dev: the value of a 1024x1024 image whatever the size; Chroma: 1.0), as it does
   for its first pass; sdcore's first pass follows diffusers, and so does its second.
 - Sizes: these models take latents of even sides (SD3's 2x2 patches, Flux's and Chroma's 2x2 packing), so
-  the target is rounded down to a multiple of 16 pixels where the SD families round to 8 (1.5 x 500 gives
-  736, not 744; a "Hires resize" crop counts 16-pixel units). Forge pads the odd latent and makes 744.
+  the target is rounded down to a multiple of 16 pixels where the SD families round to 8 (1.5 x 496 = 744
+  gives 736; a "Hires resize" crop counts 16-pixel units). Forge pads the odd latent and makes 744.
 - Each family's pipeline runs the pass (:class:`FlowStart`, :func:`flow_second_pass`): the prompt
   encoding, CFG, true CFG, distilled guidance and masks are those of its first pass.
 """

@@ -269,3 +269,22 @@ def test_cli_flux_hires_writes_the_target_size_and_hires_fields(tmp_path):
                        "Hires upscaler": "Latent (bicubic)"}.items():  # fmt: skip
         assert params.extra[key] == value
     assert params.hires_fix() == HiresFix(scale=2.0, steps=1, denoising_strength=0.5, upscaler="Latent (bicubic)")
+
+
+def test_prompt_editing_counts_on_from_the_first_pass(flow_bundles):
+    """A1111's hires offsets (prompt_parser.py): ``[a:b:1.5]`` is ``a`` through the first pass and switches
+    half-way through the second."""
+    bundle = flow_bundles("flux")
+    texts = []
+    handle = bundle.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: texts.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        generate_images(bundle, ["[a cat:a dog:1.5]"], steps=2, cfg=3.5, seed=1, width=32, height=32,
+                        hires=HiresFix(scale=1, steps=4, denoising_strength=0.5))  # fmt: skip
+    finally:
+        handle.remove()
+    # second pass schedule [(2, "a cat"), (4, "a dog")]: A1111's evaluations 0..2 are "a cat"
+    assert len(texts) == 2 + 4
+    assert all(torch.equal(texts[0], text) for text in texts[1:5])
+    assert not torch.equal(texts[4], texts[5])

@@ -107,7 +107,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option(
     "--hires",
     is_flag=True,
-    help="A1111's Hires. fix: txt2img at --size, upscale, img2img at the large size (SD1/SD2/SDXL). "
+    help="A1111's Hires. fix: txt2img at --size, upscale, img2img at the large size (also on SD3/Flux/Chroma, as Forge). "
     "Any --hr-* option turns it on too.",
 )
 @click.option("--hr-scale", default=None, type=click.FloatRange(min=1.0), help="Hires: upscale by (default 2).")

@@ -24,12 +24,34 @@ What A1111 does (``modules/processing.py`` ``StableDiffusionProcessingTxt2Img``,
 
 Encoding an upscaled image takes the VAE posterior's mean where A1111 draws a sample from its global
 RNG (which no seed fixes): the image depends on its seed alone.
+
+**Flow-matching families** (SD3/SD3.5, FLUX.1, Chroma) run the same rules, as Forge runs them
+(lllyasviel/stable-diffusion-webui-forge, ``modules/sd_samplers_kdiffusion.py`` ``sample_img2img`` with the
+flow predictor of ``backend/modules/k_prediction.py``; facts rewritten here):
+
+- The second pass runs the last ``hr_steps`` steps of an ``int(hr_steps / min(strength, 0.999))``-step
+  schedule, as on SD; the start latent is noised at that step's sigma the flow way,
+  ``(1 - sigma) * x0 + sigma * noise`` (Forge's ``noise_scaling`` of a flow model). This is not diffusers'
+  img2img ``strength`` rule (there a ``steps``-step schedule cut to about ``steps * strength`` steps), which
+  Forge users would not recognise: ``--hr-steps 10 --denoising-strength 0.5`` runs 10 steps of a 20-step
+  schedule.
+- The sigmas are the family pipeline's for the large image (its shift; FLUX.1-dev's and Chroma's dynamic
+  shift ``mu`` from the large image's sequence length, as diffusers' pipelines compute it). Forge fixes
+  ``mu`` instead (FLUX.1-dev: the value of a 1024x1024 image whatever the size; Chroma: 1.0), as it does
+  for its first pass; sdcore's first pass follows diffusers, and so does its second.
+- Sizes: these models take latents of even sides (SD3's 2x2 patches, Flux's and Chroma's 2x2 packing), so
+  the target is rounded down to a multiple of 16 pixels where the SD families round to 8 (1.5 x 496 = 744
+  gives 736; a "Hires resize" crop counts 16-pixel units). Forge pads the odd latent and makes 744.
+- Each family's pipeline runs the pass (:class:`FlowStart`, :func:`flow_second_pass`): the prompt
+  encoding, CFG, true CFG, distilled guidance and masks are those of its first pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -232,33 +254,144 @@ def upscale_image(image: Image.Image, width: int, height: int, upscaler: str) ->
     return image
 
 
-def upscale_latents(latents: Any, width: int, height: int, upscaler: str, factor: int = 8) -> Any:
-    """The first pass's latents interpolated to the latent of a ``width x height`` image (``size // factor``)."""
+def upscale_latents(latents: Any, width: int, height: int, upscaler: str, factor: int = 8, patch: int = 1) -> Any:
+    """The first pass's latents interpolated to the latent of a ``width x height`` image (``size // factor``;
+    with ``patch``, a multiple of it: ``size // (factor * patch) * patch``)."""
     import torch
 
     mode, antialias = LATENT_UPSCALE_MODES[upscaler_name(upscaler)]
-    return torch.nn.functional.interpolate(
-        latents, size=(height // factor, width // factor), mode=mode, antialias=antialias
-    )
+    size = (height // (factor * patch) * patch, width // (factor * patch) * patch)
+    return torch.nn.functional.interpolate(latents, size=size, mode=mode, antialias=antialias)
 
 
-def crop_latents(latents: Any, truncate_x: int, truncate_y: int) -> Any:
-    """A1111's crop of a "Hires resize" box: ``truncate // 2`` latent pixels at the start, the rest at the end."""
+def crop_latents(latents: Any, truncate_x: int, truncate_y: int, patch: int = 1) -> Any:
+    """A1111's crop of a "Hires resize" box: ``truncate // 2`` units at the start, the rest at the end.
+
+    A unit is a latent pixel, or ``patch`` of them for a family whose latent sides are multiples of
+    ``patch`` (the truncations then come from :meth:`HiresFix.target` with ``factor * patch``); the rows
+    and columns past the last whole patch (an image upscaler's odd latent side) are dropped first."""
     height, width = latents.shape[-2:]
-    return latents[
-        :, :, truncate_y // 2 : height - (truncate_y + 1) // 2, truncate_x // 2 : width - (truncate_x + 1) // 2
-    ]
+    height, width = height - height % patch, width - width % patch
+    top, bottom = truncate_y // 2 * patch, height - (truncate_y + 1) // 2 * patch
+    left, right = truncate_x // 2 * patch, width - (truncate_x + 1) // 2 * patch
+    return latents[:, :, top:bottom, left:right]
+
+
+#: latent pixels per side of a flow family's token: SD3's 2x2 patches, Flux's and Chroma's 2x2 packing
+FLOW_PATCH = 2
+
+
+@dataclass(frozen=True)
+class FlowStart:
+    """A flow family's second pass, as :func:`sdcore.generate.pipeline.generate_images` hands it to the
+    family's ``generate`` (``hires_start=``; that call's ``steps`` is ``run``, its size the latent's).
+
+    ``latents``: the upscaled (and cropped) first pass, clean, ``[B, C, h, w]`` in the denoiser's latent
+    space (unpacked); ``schedule``/``run`` from :meth:`HiresFix.schedule`; ``first_steps``: the first
+    pass's step count as prompt editing counts it (its hires offsets)."""
+
+    latents: Any
+    schedule: int
+    run: int
+    first_steps: int
+
+
+class _Probed(Exception):
+    """Stops a pipeline call once its scheduler has made its sigmas (see :func:`flow_second_pass`)."""
+
+
+@contextlib.contextmanager
+def last_steps(scheduler: Any, run: int, on_schedule: Callable[[float], None] | None = None) -> Iterator[None]:
+    """While inside, a pipeline over ``scheduler`` runs only the last ``run`` steps of the schedule it asks
+    for (A1111's ``sigma_sched = sigmas[steps - t_enc - 1:]``), as diffusers' img2img pipelines cut theirs:
+    the loop gets the tail of the timesteps (``order`` entries a step: Heun's are doubled) and the scheduler
+    begins at its index, keeping its whole schedule for its own bookkeeping (a multistep solver's last step
+    is the schedule's). ``on_schedule(sigma)`` is told the first step's sigma each time a schedule is made.
+    """
+    set_timesteps, set_begin_index, step = scheduler.set_timesteps, scheduler.set_begin_index, scheduler.step
+    state: dict[str, Any] = {}
+
+    @functools.wraps(set_timesteps)  # the pipelines read its signature (does it take ``sigmas``?)
+    def cut_set_timesteps(*args: Any, **kwargs: Any) -> None:
+        set_timesteps(*args, **kwargs)
+        order = int(getattr(scheduler, "order", 1) or 1)
+        full = scheduler.timesteps
+        steps = -(-len(full) // order)  # Heun lists every timestep after the first twice
+        begin = max(steps - run, 0) * order
+        if on_schedule is not None:
+            on_schedule(float(scheduler.sigmas[begin]))
+        state.update(full=full, begin=begin)
+        scheduler.timesteps = full[begin:]
+        set_begin_index(begin)
+
+    def keep_begin(begin_index: int = 0) -> None:  # the pipelines set 0 before their loop
+        set_begin_index(state.get("begin", begin_index))
+
+    def first_step(*args: Any, **kwargs: Any) -> Any:
+        if "full" in state:  # the pipeline holds the tail; the scheduler gets its whole schedule back
+            scheduler.timesteps = state.pop("full")
+        return step(*args, **kwargs)
+
+    scheduler.set_timesteps, scheduler.set_begin_index, scheduler.step = cut_set_timesteps, keep_begin, first_step
+    try:
+        yield
+    finally:
+        for name in ("set_timesteps", "set_begin_index", "step"):
+            vars(scheduler).pop(name, None)
+        if "full" in state:
+            scheduler.timesteps = state["full"]
+
+
+@contextlib.contextmanager
+def flow_second_pass(
+    pipe: Any, kwargs: dict[str, Any], start: FlowStart, seeds: list[int], pack: Callable[[Any], Any] | None = None
+) -> Iterator[None]:
+    """Make ``kwargs`` (a flow pipeline's txt2img call at the large size, ``prompt_embeds`` set) the second
+    pass of ``start``, and run the pipeline inside for the last ``start.run`` steps only.
+
+    The pipeline's own schedule for ``start.schedule`` steps gives the start sigma (a first call stops as
+    soon as the scheduler has made it: the sigmas, shift and ``mu`` are what the pipeline computes for the
+    large image); the noise is drawn from each image's seed at the large latent's shape as the pipeline
+    draws a txt2img's (``randn_tensor`` over per-seed CPU generators, the embeddings' dtype), and the start
+    is ``(1 - sigma) * x0 + sigma * noise``. ``pack``: the family's latent packing (Flux, Chroma)."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pack = pack or (lambda x: x)
+    x0 = start.latents
+    dtype = kwargs["prompt_embeds"].dtype
+    kwargs.update(num_inference_steps=start.schedule, latents=pack(x0.to(dtype)))
+    found: list[float] = []
+
+    def stop(sigma: float) -> None:
+        found.append(sigma)
+        raise _Probed
+
+    with contextlib.suppress(_Probed), last_steps(pipe.scheduler, start.run, on_schedule=stop):
+        pipe(**kwargs)
+    if not found:
+        raise RuntimeError(f"{type(pipe).__name__} made no schedule")  # pragma: no cover - a diffusers change
+    sigma = found[0]
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    noise = randn_tensor(tuple(x0.shape), generator=generators, device=x0.device, dtype=dtype)
+    kwargs["latents"] = pack(((1.0 - sigma) * x0.float() + sigma * noise.float()).to(dtype))
+    with last_steps(pipe.scheduler, start.run):
+        yield
 
 
 __all__ = [
     "DEFAULT_DENOISING_STRENGTH",
     "DEFAULT_SCALE",
     "DEFAULT_UPSCALER",
+    "FLOW_PATCH",
     "IMAGE_UPSCALERS",
     "LATENT_UPSCALE_MODES",
+    "FlowStart",
     "HiresFix",
     "crop_latents",
+    "flow_second_pass",
     "hires_from_fields",
+    "last_steps",
     "upscale_image",
     "upscale_latents",
     "upscaler_name",

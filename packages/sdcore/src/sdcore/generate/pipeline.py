@@ -284,7 +284,8 @@ def generate_images(
     reported (``Lora hashes`` ...). ``true_cfg_scale`` > 1 runs true CFG on a guidance-distilled family
     (Flux.1), whose ``cfg`` is the distilled guidance; SD families take ``cfg`` alone. ``sampler``:
     the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``hires``: A1111's "Hires. fix"
-    after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL; see :mod:`.hires`).
+    after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL, and as Forge runs it on SD3/SD3.5,
+    FLUX.1 and Chroma; see :mod:`.hires`).
     """
     import torch
 
@@ -342,25 +343,31 @@ def generate_images(
     family_generate = None
     pipe: Any = None
     hr_pipe: Any = None
+    first_scheduler: Any = None
     if isinstance(adapter, SdUnetAdapter):
         if true_cfg_scale != 1.0:
             raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD models take --cfg")
         pipe = build_pipeline(bundle, img2img=image is not None, sampler=sampler)
         pipe.set_progress_bar_config(disable=True)
+        first_scheduler = pipe.scheduler
         if hires is not None:
             hr_pipe = build_pipeline(bundle, img2img=True, sampler=hires.sampler or sampler)
             hr_pipe.set_progress_bar_config(disable=True)
-    elif hires is not None:
-        raise ConfigError(
-            f"the hires fix runs on SD1/SD2/SDXL; {bundle.family} generates through its own pipelines, "
-            "which take no latents to upscale"
-        )
     else:  # another family renders through its adapter (same prompts, seeds, networks and sizes)
         family_generate = getattr(adapter, "generate", None)
         if family_generate is None:
             raise ConfigError(f"generating with {bundle.family} models is not supported")
+        if hires is not None:  # the flow families' hires pass: their own pipelines from the upscaled latent
+            from .flow_samplers import FLOW_SAMPLERS, flow_sampler_id
+
+            if bundle.family_spec.denoiser == "unet":
+                raise ConfigError(f"the hires fix does not run on {bundle.family} models")
+            hr_sampler = flow_sampler_id(hires.sampler or sampler, bundle.family)  # before the first pass
+            hr_pipe = _family_run(family_generate, hr_sampler, true_cfg_scale)
+            first_scheduler = FLOW_SAMPLERS[flow_sampler_id(sampler, bundle.family)]  # its order counts steps
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
+    second_pass: Any = _hires_run if family_generate is None else _flow_hires_run
     with _eval_mode(bundle), torch.no_grad():
         for indices in groups.values():
             group_info: dict[str, str] = {}
@@ -369,7 +376,7 @@ def generate_images(
             hires_settings: dict[str, Any] = {
                 "seeds": [seed + i for i in indices],
                 "first_steps": steps,
-                "first_scheduler": getattr(pipe, "scheduler", None),
+                "first_scheduler": first_scheduler,
                 "cfg": cfg,
                 "width": width,
                 "height": height,
@@ -397,14 +404,14 @@ def generate_images(
                     **({"output_type": "latent"} if hires is not None else {}),
                 )
                 if hires is not None and hr_same:  # the same networks stay on for the second pass
-                    images = _hires_run(
+                    images = second_pass(
                         hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings
                     )
             if hires is not None and not hr_same:
                 with contextlib.ExitStack() as stack:
                     pairs = [(hr_prompts[i], hr_negatives[i]) for i in indices]
                     group_prompts, group_negatives = _apply_networks(stack, session, bundle, pairs, group_info)
-                    images = _hires_run(
+                    images = second_pass(
                         hr_pipe, bundle, group_prompts, group_negatives, images, hires, **hires_settings
                     )
             for i, generated in zip(indices, images, strict=True):
@@ -457,7 +464,8 @@ def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0)
         settings.pop("transforms", None)
         if true_cfg_scale != 1.0:
             settings["true_cfg_scale"] = true_cfg_scale
-        return list(family_generate(bundle, prompts, negatives, sampler=sampler, **settings))
+        out = family_generate(bundle, prompts, negatives, sampler=sampler, **settings)
+        return out if settings.get("output_type") == "latent" else list(out)  # latents: one [B, C, h, w] tensor
 
     return run
 
@@ -547,7 +555,8 @@ def _vae_for_coding(vae: Any) -> Iterator[Any]:
 
 
 def _decode_latents(pipe: Any, latents: Any, output_type: str) -> Any:
-    """The pipeline's own decode (scaling, ``latents_mean``/``std`` where the VAE has them, postprocess)."""
+    """The pipeline's own decode (scaling, ``latents_mean``/``std`` or ``shift_factor`` where the VAE has them,
+    postprocess); ``pipe``: anything with the ``vae`` and ``image_processor`` a pipeline has."""
     import torch
 
     with _vae_for_coding(pipe.vae) as vae:
@@ -561,6 +570,8 @@ def _decode_latents(pipe: Any, latents: Any, output_type: str) -> Any:
             latents = latents * std_t / config.scaling_factor + mean_t
         else:
             latents = latents / config.scaling_factor
+            if getattr(config, "shift_factor", None) is not None:  # SD3, Flux, Chroma (their pipelines' decode)
+                latents = latents + config.shift_factor
         decoded = vae.decode(latents, return_dict=False)[0]
     return pipe.image_processor.postprocess(decoded, output_type=output_type)
 
@@ -582,6 +593,8 @@ def _encode_images(pipe: Any, images: Sequence[Image.Image]) -> Any:
             std_t = torch.tensor(std).view(shape).to(latents)
             latents = (latents - mean_t) * config.scaling_factor / std_t
         else:
+            if getattr(config, "shift_factor", None) is not None:
+                latents = latents - config.shift_factor
             latents = latents * config.scaling_factor
     return latents
 
@@ -604,23 +617,14 @@ def _hires_run(
     transforms: Sequence[Any] = (),
 ) -> list[Image.Image]:
     """A1111's second pass over the first pass's ``latents`` (see :mod:`.hires` for what each step follows)."""
-    import numpy as np
     import torch
-    from PIL import Image as PILImage
 
-    from .hires import crop_latents, upscale_image, upscale_latents
     from .prompt_editing import StepPrompts, schedule_steps
     from .step_conditioning import StepConditioning
 
     factor = bundle.vae_scale_factor
-    to_x, to_y, truncate_x, truncate_y = hires.target(width, height, factor)
-    if hires.latent_mode is not None:
-        latents = upscale_latents(latents.float(), to_x, to_y, hires.upscaler, factor)
-    else:  # decode, upscale the 8-bit image (A1111 truncates to uint8), encode again
-        pixels = _decode_latents(pipe, latents, "np")
-        small = [PILImage.fromarray((255.0 * p).astype(np.uint8)) for p in pixels]
-        latents = _encode_images(pipe, [upscale_image(im, to_x, to_y, hires.upscaler) for im in small])
-    latents = crop_latents(latents, truncate_x, truncate_y)
+    to_x, to_y = hires.target(width, height, factor)[:2]
+    latents = _upscaled(pipe, latents, hires, width, height, factor)
     schedule, run = hires.schedule(first_steps)
     if run == 0:  # strength 0: A1111's sampler gets a one-sigma schedule and returns its input
         return list(_decode_latents(pipe, latents, "pil"))
@@ -654,6 +658,68 @@ def _hires_run(
     with per_call.installed(pipe.unet, pooled=bundle.is_sdxl):
         output = pipe(**kwargs)
     return list(output.images)
+
+
+def _upscaled(pipe: Any, latents: Any, hires: HiresFix, width: int, height: int, factor: int, patch: int = 1) -> Any:
+    """The first pass's ``latents`` upscaled and cropped to the second pass's (A1111's rules, :mod:`.hires`);
+    ``pipe``: its ``vae`` and ``image_processor`` code the image upscalers'; ``patch``: see :func:`.hires.crop_latents`."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from .hires import crop_latents, upscale_image, upscale_latents
+
+    to_x, to_y, truncate_x, truncate_y = hires.target(width, height, factor * patch)
+    if hires.latent_mode is not None:
+        latents = upscale_latents(latents.float(), to_x, to_y, hires.upscaler, factor, patch)
+    else:  # decode, upscale the 8-bit image (A1111 truncates to uint8), encode again
+        pixels = _decode_latents(pipe, latents, "np")
+        small = [PILImage.fromarray((255.0 * p).astype(np.uint8)) for p in pixels]
+        latents = _encode_images(pipe, [upscale_image(im, to_x, to_y, hires.upscaler) for im in small])
+    return crop_latents(latents, truncate_x, truncate_y, patch)
+
+
+def _flow_hires_run(
+    second: Any,
+    bundle: ModelBundle,
+    prompts: list[str],
+    negatives: list[str],
+    latents: Any,
+    hires: HiresFix,
+    *,
+    seeds: list[int],
+    first_steps: int,
+    first_scheduler: Any = None,
+    cfg: float,
+    width: int,
+    height: int,
+    clip_skip: int,
+    transforms: Sequence[Any] = (),
+) -> list[Image.Image]:
+    """The hires pass of a flow family (SD3, Flux.1, Chroma): A1111's upscale of the first pass's unpacked
+    ``latents`` to even latent sides, then ``second`` (:func:`_family_run` over the family's ``generate``)
+    runs the last steps from it (:class:`.hires.FlowStart`; see :mod:`.hires` for how Forge's rules map)."""
+    import types
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    from .hires import FLOW_PATCH, FlowStart
+    from .prompt_editing import schedule_steps
+
+    factor = bundle.vae_scale_factor
+    coder = types.SimpleNamespace(vae=bundle.vae, image_processor=VaeImageProcessor(vae_scale_factor=factor))
+    latents = _upscaled(coder, latents, hires, width, height, factor, FLOW_PATCH)
+    schedule, run = hires.schedule(first_steps)
+    if run == 0:  # strength 0: the upscaled latent as it is (Forge's sampler gets no step to run)
+        return list(_decode_latents(coder, latents, "pil"))
+    start = FlowStart(
+        latents.to(device=bundle.device, dtype=bundle.denoiser.dtype),
+        schedule,
+        run,
+        schedule_steps(first_steps, first_scheduler),
+    )
+    size = {"width": latents.shape[-1] * factor, "height": latents.shape[-2] * factor}
+    settings = {"seeds": seeds, "steps": run, "cfg": cfg, "image": None, "clip_skip": clip_skip}
+    return list(second(None, bundle, prompts, negatives, **size, **settings, hires_start=start))
 
 
 def _transform_rows(

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import ConfigError
 
 if TYPE_CHECKING:
-    from PIL import Image
-
+    from ...generate.hires import FlowStart
     from ..bundle import ModelBundle
 
 
@@ -53,24 +52,28 @@ def run_chroma(
     image: Any = None,
     strength: float = 0.75,
     sampler: str = "euler",
+    output_type: str = "pil",
+    hires_start: FlowStart | None = None,
     **_: Any,
-) -> list[Image.Image]:
+) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); A1111 prompt
     editing, alternation and ``AND`` switch per transformer evaluation, CFG's prompt and negative calls
-    counting once (:mod:`sdcore.generate.step_conditioning`)."""
+    counting once (:mod:`sdcore.generate.step_conditioning`). ``output_type="latent"`` and ``hires_start``:
+    a hires fix's passes, as :func:`sdcore.models.flux.generate.run_flux` has them (masks and CFG as here)."""
     import torch
 
-    from ...generate.flow_samplers import run_pipeline
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import ChromaSlots, StepConditioning, TextRows
     from ..flux.adapter import T5_MASK
+    from ..flux.generate import run_packed
     from .adapter import ChromaAdapter
 
     if width % 16 or height % 16:
         raise ConfigError(f"Chroma image sides must be multiples of 16, got {width}x{height}")
     adapter = ChromaAdapter()
-    edits = StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler))
+    first_steps = None if hires_start is None else hires_start.first_steps
+    edits = StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps)
     guided = cfg > 1.0  # the pipeline's condition for CFG
     needs_uncond = guided or edits.composed  # AND without CFG runs the uncond itself, as A1111 does
 
@@ -93,7 +96,7 @@ def run_chroma(
         "num_inference_steps": steps,
         "guidance_scale": cfg,
         "generator": generators,
-        "output_type": "pil",
+        "output_type": output_type,
         "width": width,
         "height": height,
     }
@@ -103,5 +106,5 @@ def run_chroma(
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
     slots = ChromaSlots(split=guided)
-    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
-                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+    return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
+                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip

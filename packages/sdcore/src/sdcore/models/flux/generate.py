@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import ConfigError
 
 if TYPE_CHECKING:
-    from PIL import Image
-
+    from ...generate.hires import FlowStart
     from ..bundle import ModelBundle
 
 
@@ -73,10 +72,15 @@ def run_flux(
     strength: float = 0.75,
     sampler: str = "euler",
     true_cfg_scale: float = 1.0,
+    output_type: str = "pil",
+    hires_start: FlowStart | None = None,
     **_: Any,
-) -> list[Image.Image]:
+) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); with
     ``true_cfg_scale`` > 1, true CFG against ``negatives`` (empty ones too, as Forge and ComfyUI do).
+    ``output_type="latent"``: the batch's latents unpacked, ``[B, 16, h, w]`` (a hires fix's first pass);
+    ``hires_start``: the hires fix's second pass from them upscaled, with the same guidance and true CFG
+    (:func:`sdcore.generate.hires.flow_second_pass`).
 
     A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
     (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
@@ -84,7 +88,6 @@ def run_flux(
     import torch
 
     from ...generate.conditioning import Conditioning
-    from ...generate.flow_samplers import run_pipeline
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import FluxSlots, StepConditioning
@@ -106,7 +109,10 @@ def run_flux(
                                         t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
         return Conditioning(cond.hidden_states, cond.pooled), Conditioning(uncond.hidden_states, uncond.pooled)
 
-    per_call = StepConditioning(StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler)), encode)
+    first_steps = None if hires_start is None else hires_start.first_steps
+    per_call = StepConditioning(
+        StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps), encode
+    )
     cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {
@@ -115,7 +121,7 @@ def run_flux(
         "num_inference_steps": steps,
         "guidance_scale": cfg,
         "generator": generators,
-        "output_type": "pil",
+        "output_type": output_type,
         "width": width,
         "height": height,
     }
@@ -126,8 +132,30 @@ def run_flux(
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
     slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
-    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
-                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+    return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
+                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+
+
+def run_packed(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int], bundle: ModelBundle,
+               hires_start: FlowStart | None, hooks: Any) -> Any:  # fmt: skip
+    """:func:`~sdcore.generate.flow_samplers.run_pipeline` for a pipeline that packs its latents 2x2 (Flux,
+    Chroma): a hires fix's first pass comes back unpacked, its second pass starts from them packed."""
+    import contextlib
+
+    import torch
+
+    from ...generate.flow_samplers import run_pipeline
+    from ...generate.hires import flow_second_pass
+
+    def pack(latents: Any) -> Any:
+        return pipe._pack_latents(latents, *latents.shape)
+
+    second = flow_second_pass(pipe, kwargs, hires_start, seeds, pack) if hires_start else contextlib.nullcontext()
+    with second:
+        images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device, hooks=hooks)
+    if kwargs["output_type"] != "latent":
+        return images
+    return pipe._unpack_latents(torch.stack(images), kwargs["height"], kwargs["width"], pipe.vae_scale_factor)
 
 
 def check_true_cfg(negatives: list[str], true_cfg_scale: float) -> None:

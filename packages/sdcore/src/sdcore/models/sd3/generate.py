@@ -17,6 +17,7 @@ from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ...generate.conditioning import Conditioning
+    from ...generate.hires import FlowStart
     from ..bundle import ModelBundle
 
 
@@ -86,12 +87,21 @@ def generate_sd3(
     clip_skip: int = 1,
     sampler: str = "euler",
     true_cfg_scale: float = 1.0,
+    output_type: str = "pil",
+    hires_start: FlowStart | None = None,
     **_: Any,
-) -> list[Any]:
-    """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them."""
+) -> Any:
+    """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them.
+
+    ``output_type="latent"``: the batch's latents ``[B, 16, h, w]`` instead (a hires fix's first pass);
+    ``hires_start``: this call is the hires fix's second pass from those latents upscaled
+    (:func:`sdcore.generate.hires.flow_second_pass`)."""
+    import contextlib
+
     import torch
 
     from ...generate.flow_samplers import run_pipeline
+    from ...generate.hires import flow_second_pass
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.step_conditioning import StepConditioning, TextSlots
 
@@ -101,8 +111,9 @@ def generate_sd3(
     pipe.set_progress_bar_config(disable=True)
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into
     # each transformer call (the pipeline batches [uncond, cond] as the SD pipelines do)
+    first_steps = None if hires_start is None else hires_start.first_steps  # a hires pass's prompt-editing offsets
     per_call = StepConditioning(
-        StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler)),
+        StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps),
         lambda texts, negative_texts: encode_sd3_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip),
     )
     cond, uncond = per_call.first_parts(0)
@@ -114,12 +125,15 @@ def generate_sd3(
         "num_inference_steps": steps,
         "guidance_scale": cfg,
         "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
-        "output_type": "pil",
+        "output_type": output_type,
     }
     if image is not None:
         kwargs.update(image=[image] * len(prompts), strength=strength)
     else:
         kwargs.update(width=width, height=height)
     slots = TextSlots()
-    return run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
-                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+    second = contextlib.nullcontext() if hires_start is None else flow_second_pass(pipe, kwargs, hires_start, seeds)
+    with second:
+        images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
+                              hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+    return torch.stack(images) if output_type == "latent" else images

@@ -276,3 +276,37 @@ def test_file_without_img_in_is_one_line_naming_the_file(chroma, tmp_path):
             read(path)
         message = str(info.value)
         assert "\n" not in message and str(path) in message and "img_in.weight" in message
+
+
+@pytest.mark.parametrize(("sampler", "name"), [("dpm++2m", "DPMSolverMultistepScheduler"),
+                                               ("unipc", "UniPCMultistepScheduler")])  # fmt: skip
+def test_solvers_run_on_their_own_flow_sigmas_as_on_flux(chroma, sampler, name):
+    """``ChromaPipeline`` always hands the scheduler its Euler sigma list, which diffusers' DPM-Solver refused
+    with a raw ValueError ("does not support custom sigmas") and UniPC shifted instead of its own; the
+    solvers now lay out their own flow sigmas as ``FluxPipeline`` has them (it drops the list for a scheduler
+    with ``use_flow_sigmas``): the transformer sees the timesteps of diffusers' solver in flow mode with
+    Chroma's dynamic shift at the image's ``mu`` (``calculate_shift`` of its token count); its
+    timesteps are whole numbers, the list's are not."""
+    import diffusers
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from sdcore.generate.pipeline import generate_images
+
+    seen = []
+    hook = chroma.transformer.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True
+    )
+    try:
+        image = generate_images(chroma, ["a ring"], steps=4, cfg=1.0, seed=3, width=32, height=48, sampler=sampler)[0]
+    finally:
+        hook.remove()
+    assert image.size == (32, 48)
+    config = chroma.noise_scheduler.config
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "DPMSolverMultistepScheduler" else {}
+    solver = getattr(diffusers, name)(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+                                      use_dynamic_shifting=True, time_shift_type="exponential", **extra)  # fmt: skip
+    tokens = (32 // 16) * (48 // 16)  # the packed latent's tokens: (side / 8 / 2) each way
+    mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                         config.max_shift)  # fmt: skip
+    solver.set_timesteps(4, mu=mu)
+    expected = (solver.timesteps.float() / 1000).tolist()  # the pipeline hands the transformer t / 1000
+    assert seen == pytest.approx(expected, abs=1e-6)

@@ -140,11 +140,34 @@ def flow_scheduler(config: Mapping[str, Any], sampler: str = "euler", *, family:
             "use_dynamic_shifting": dynamic,
             "time_shift_type": base.get("time_shift_type", "exponential"),
         }
+        if pipeline_sigmas:  # the solver's own flow sigmas, as FluxPipeline arranges; ChromaPipeline does not
+            cls = _own_sigmas(cls)
         return cls.from_config({**solver, **spec.overrides})
     if pipeline_sigmas or dynamic:
         return _euler_schedule_heun()(base)
     keep = set(cls.from_config({}).config)
     return cls.from_config({**{k: v for k, v in base.items() if k in keep}, **spec.overrides})
+
+
+@functools.cache
+def _own_sigmas(cls: Any) -> Any:
+    """``cls`` (a multistep solver in flow mode) taking and ignoring the sigma list a pipeline hands it.
+
+    ``FluxPipeline`` drops its Euler sigma list for a scheduler with ``use_flow_sigmas``, so the solver lays
+    out its own (``linspace(1, 1/1000, n + 1)``, shifted); ``ChromaPipeline`` and its img2img sibling always
+    pass the list: diffusers' DPM-Solver then refuses it ("does not support custom sigmas") and UniPC
+    would shift the pipeline's list instead of its own. Ignoring the list here gives every flow family the
+    same solver schedule; the step count is the list's length when only the list is given, as diffusers'
+    ``retrieve_timesteps`` counts it.
+    """
+
+    def set_timesteps(self: Any, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None,
+                      mu: float | None = None, **kwargs: Any) -> None:  # fmt: skip
+        if num_inference_steps is None and sigmas is not None:
+            num_inference_steps = len(sigmas)
+        cls.set_timesteps(self, num_inference_steps, device=device, mu=mu, **kwargs)
+
+    return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__doc__": _own_sigmas.__doc__})
 
 
 @functools.cache

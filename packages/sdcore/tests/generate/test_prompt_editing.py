@@ -123,7 +123,10 @@ def test_an_edit_after_the_last_step_is_the_plain_prompt(sd1):
         ("a (cat:1.5)", [("a (cat:1.5)", 1.0)]),  # emphasis, not a weight
         ("ANDROID AND_X", [("ANDROID AND_X", 1.0)]),
         ("a cat AND", [("a cat", 1.0), ("", 1.0)]),
-        ("two\nlines:2", [("two\nlines:2", 1.0)]),  # A1111's pattern does not cross a line break
+        # A1111's re_weight (modules/prompt_parser.py:207 at 28bd8e1, "^((?:\s|.)*?)...") crosses line breaks:
+        # a multi-line part keeps its weight
+        ("two\nlines:2", [("two\nlines", 2.0)]),
+        ("a cat,\nsitting AND a hat,\non a chair : 0.5\n", [("a cat,\nsitting", 1.0), (" a hat,\non a chair", 0.5)]),
         ("[cat:dog:5] AND hat : -0.5", [("[cat:dog:5]", 1.0), (" hat", -0.5)]),
     ],
 )

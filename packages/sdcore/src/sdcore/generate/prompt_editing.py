@@ -38,8 +38,9 @@ from .prompt_syntax import _NUMBER
 
 _WHEN_RE = re.compile(rf"\s*({_NUMBER})\s*\]")
 _AND_RE = re.compile(r"\bAND\b")
-#: a part's text and its optional ``:weight`` (no DOTALL: A1111's pattern does not cross a line break)
-_PART_WEIGHT_RE = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+#: a part's text and its optional ``:weight``; DOTALL: A1111's pattern crosses line breaks, so a
+#: prompt written over several lines keeps its weight
+_PART_WEIGHT_RE = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -224,10 +225,8 @@ def composable_parts(prompt: str) -> list[tuple[str, float]]:
     parts = []
     for part in _AND_RE.split(prompt):
         match = _PART_WEIGHT_RE.search(part)
-        if match is None:  # a line break in the part: A1111 keeps it whole, weight 1
-            parts.append((part, 1.0))
-        else:
-            parts.append((match.group(1), float(match.group(2)) if match.group(2) is not None else 1.0))
+        text, weight = (match.group(1), match.group(2)) if match is not None else (part, None)  # always matches
+        parts.append((text, float(weight) if weight is not None else 1.0))
     return parts
 
 

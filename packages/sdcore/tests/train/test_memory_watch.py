@@ -201,3 +201,23 @@ def test_out_of_memory_outside_training_is_one_line_in_every_command(monkeypatch
     assert CliRunner().invoke(root, ["stop"]).exit_code == 3
     monkeypatch.setenv("SDCORE_DEBUG", "1")
     assert isinstance(CliRunner().invoke(root, ["boom"]).exception, torch.OutOfMemoryError)
+
+
+def test_out_of_memory_while_sampling_names_the_sampling_not_the_next_step(tmp_path, monkeypatch):
+    """An allocator running out in the samples after step 2 happened after that step, not in step 3 (which never
+    started): the message says where it was, and the state of step 2 is saved first."""
+    from sdcore.train import sampling
+
+    def _sampling_runs_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(sampling, "render_samples", _sampling_runs_out)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo\n")
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, "sample_every": 2, "sample_prompts": str(prompts)})
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    message = str(info.value)
+    assert message.startswith("out of memory while sampling after step 2"), message
+    assert message.endswith(f"The resumable state is in {tmp_path / 'run' / 'result-state' / 'step-00000002'} "
+                            "(continue with --resume latest)")  # fmt: skip

@@ -221,3 +221,31 @@ def test_out_of_memory_while_sampling_names_the_sampling_not_the_next_step(tmp_p
     assert message.startswith("out of memory while sampling after step 2"), message
     assert message.endswith(f"The resumable state is in {tmp_path / 'run' / 'result-state' / 'step-00000002'} "
                             "(continue with --resume latest)")  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_state_saved_at_an_out_of_memory_resumes_exactly(tmp_path, accumulation):
+    """Out of memory in step 3 (with accumulation: in its second micro-batch, after the first one's backward):
+    the state of step 2 resumes to the run that never failed, loss for loss and weight for weight."""
+
+    class _OutOfMemoryInStep3(ConvOutMethod):
+        calls = 0
+
+        def compute_loss(self, ctx):
+            if ctx.step == 2:
+                self.calls += 1
+                if self.calls == accumulation:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+            return None
+
+    base = {"batch_size": 1, "gradient_accumulation": accumulation, "lr": 3e-3}
+    straight = ConvOutMethod(contract_options(ConvOutMethod, tmp_path, {**base, "max_steps": 4}, tag="straight"))
+    want = train(straight, bundle=create_tiny_bundle("sd1"))
+    o = contract_options(ConvOutMethod, tmp_path, {**base, "max_steps": 4}, tag="parts")
+    with pytest.raises(TrainingOutOfMemoryError, match="out of memory in step 3"):
+        train(_OutOfMemoryInStep3(o), bundle=create_tiny_bundle("sd1"))
+    resumed = ConvOutMethod(dataclasses.replace(o, resume="latest"))
+    got = train(resumed, bundle=create_tiny_bundle("sd1"))
+    assert got.steps == 4 and got.losses == want.losses
+    a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -249,3 +249,22 @@ def test_the_state_saved_at_an_out_of_memory_resumes_exactly(tmp_path, accumulat
     assert got.steps == 4 and got.losses == want.losses
     a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_out_of_memory_in_one_of_several_processes_does_not_wait_for_the_others(tmp_path, monkeypatch):
+    """DDP: one process runs out while the others are inside the step's gradient all-reduce (or gone).
+    Saving a state needs every process (``Checkpoints.save_state`` waits for them all), so the failed one
+    would hang there instead of printing its error; it says its line without a collective save."""
+    from accelerate import Accelerator
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5})
+    session = TrainSession(_OutOfMemoryAtStep3(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    waits: list[int] = []
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(session.accelerator, "wait_for_everyone", lambda: waits.append(session.position.step))
+    with pytest.raises(TrainingOutOfMemoryError, match=r"^out of memory in step 3") as info:
+        session.run()
+    assert waits == []  # no process waited for the others: they may never come
+    assert "resumable state" not in str(info.value)
+    assert not (tmp_path / "run" / "result-state" / "step-00000002").exists()

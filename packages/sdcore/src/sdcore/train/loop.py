@@ -732,7 +732,14 @@ class TrainSession:
         mixed = self.fused is not None and self.fused.in_backward  # stopped with some weights stepped
         if mixed:
             self.say(f"{why} during a fused backward pass: some weights had taken the step, so no state was saved")
-        if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed:
+        # Saving needs every process (it waits for them all). An error (not an interrupt, which every
+        # process gets) may stop one process alone while the others sit in the step's gradient all-reduce
+        # or have stopped: waiting for them would hang instead of reporting the error.
+        alone = why != "interrupted" and self._setup_done and self.accelerator.num_processes > 1
+        if alone and self.position.step > 0 and self.options.save_state:
+            self.say(f"{why} in one of several processes: no state saved now (saving needs them all); "
+                     "resume from the last saved state")  # fmt: skip
+        if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed and not alone:
             try:
                 folder = self.save_state()
                 message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"

@@ -250,12 +250,14 @@ def prompt_schedule(prompt: str, steps: int, first_steps: int | None = None) -> 
 
 
 def text_at_call(schedule: Sequence[tuple[int, str]], call: int) -> str:
-    """The text a denoiser call ``call`` (counted from 0) reads: the first entry with ``call <= end``
-    (the last entry past the end: second-order samplers call the model more often than ``steps``)."""
+    """The text a denoiser call ``call`` (counted from 0) reads: the first entry with ``call <= end``; past
+    the last end the first entry, as A1111's ``reconstruct_cond_batch`` (its index stays 0). Only a sampler
+    that calls the model more often than its schedule's steps gets there: PLMS, whose first step evaluates
+    twice (``steps + 1`` calls; A1111's and diffusers' PNDM alike), so its last call reads the first text."""
     for end, text in schedule:
         if call <= end:
             return text
-    return schedule[-1][1]
+    return schedule[0][1]
 
 
 @dataclass(frozen=True)
@@ -305,9 +307,10 @@ class StepPrompts:
         return sorted({end for schedule in (*self.prompts, *self.negatives) for end, _ in schedule})
 
     def end_for(self, call: int) -> int:
-        """The first of :attr:`ends` at or after ``call`` (the last one past them)."""
+        """The first of :attr:`ends` at or after ``call``; past them the first one, where every text is its
+        schedule's first (:func:`text_at_call`)."""
         ends = self.ends
-        return next((end for end in ends if call <= end), ends[-1])
+        return next((end for end in ends if call <= end), ends[0])
 
     def texts_at(self, call: int) -> tuple[list[str], list[str]]:
         return (

@@ -56,10 +56,13 @@ def test_when_values_nesting_and_literal_text(prompt, expected):
 
 def test_each_denoiser_call_reads_the_first_entry_that_has_not_ended():
     schedule = prompt_schedule("[cat:dog:10]", 20)
-    texts = [text_at_call(schedule, call) for call in range(25)]
-    assert texts == ["cat"] * 11 + ["dog"] * 14  # calls 0..10 (A1111 counts calls from 0), and past the end
+    texts = [text_at_call(schedule, call) for call in range(23)]
+    # calls 0..10 (A1111 counts calls from 0); past the last end the first entry: A1111's reconstruct_cond_batch
+    # (modules/prompt_parser.py:293 at 28bd8e1) keeps target_index 0 when no entry has call <= end_at_step
+    # (PLMS's last call: sd_samplers_timesteps_impl.plms evaluates twice in its first step, steps + 1 calls)
+    assert texts == ["cat"] * 11 + ["dog"] * 10 + ["cat"] * 2
     alternating = prompt_schedule("[cat|dog]", 4)
-    assert [text_at_call(alternating, call) for call in range(4)] == ["cat", "cat", "dog", "cat"]
+    assert [text_at_call(alternating, call) for call in range(6)] == ["cat", "cat", "dog", "cat", "dog", "cat"]
 
 
 def test_a_batch_encodes_once_per_change():
@@ -68,7 +71,8 @@ def test_a_batch_encodes_once_per_change():
     assert edits.texts_at(0) == (["a cat", "plain"], ["ugly", ""])
     assert edits.texts_at(3) == (["a dog", "plain"], ["ugly", ""])  # call 3 is the last of [ugly::3]
     assert edits.texts_at(4) == (["a dog", "plain"], ["", ""])
-    assert [edits.end_for(call) for call in (0, 2, 3, 4, 9)] == [2, 2, 3, 6, 6]
+    assert [edits.end_for(call) for call in (0, 2, 3, 4, 6, 7)] == [2, 2, 3, 6, 6, 2]
+    assert edits.texts_at(7) == edits.texts_at(0)  # past the end: every schedule's first text, as in A1111
     assert not StepPrompts.build(["(a:1.2) [b]"], [""], 6).changes
 
 
@@ -123,7 +127,10 @@ def test_an_edit_after_the_last_step_is_the_plain_prompt(sd1):
         ("a (cat:1.5)", [("a (cat:1.5)", 1.0)]),  # emphasis, not a weight
         ("ANDROID AND_X", [("ANDROID AND_X", 1.0)]),
         ("a cat AND", [("a cat", 1.0), ("", 1.0)]),
-        ("two\nlines:2", [("two\nlines:2", 1.0)]),  # A1111's pattern does not cross a line break
+        # A1111's re_weight (modules/prompt_parser.py:207 at 28bd8e1, "^((?:\s|.)*?)...") crosses line breaks:
+        # a multi-line part keeps its weight
+        ("two\nlines:2", [("two\nlines", 2.0)]),
+        ("a cat,\nsitting AND a hat,\non a chair : 0.5\n", [("a cat,\nsitting", 1.0), (" a hat,\non a chair", 0.5)]),
         ("[cat:dog:5] AND hat : -0.5", [("[cat:dog:5]", 1.0), (" hat", -0.5)]),
     ],
 )

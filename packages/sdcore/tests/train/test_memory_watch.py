@@ -201,3 +201,70 @@ def test_out_of_memory_outside_training_is_one_line_in_every_command(monkeypatch
     assert CliRunner().invoke(root, ["stop"]).exit_code == 3
     monkeypatch.setenv("SDCORE_DEBUG", "1")
     assert isinstance(CliRunner().invoke(root, ["boom"]).exception, torch.OutOfMemoryError)
+
+
+def test_out_of_memory_while_sampling_names_the_sampling_not_the_next_step(tmp_path, monkeypatch):
+    """An allocator running out in the samples after step 2 happened after that step, not in step 3 (which never
+    started): the message says where it was, and the state of step 2 is saved first."""
+    from sdcore.train import sampling
+
+    def _sampling_runs_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(sampling, "render_samples", _sampling_runs_out)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo\n")
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, "sample_every": 2, "sample_prompts": str(prompts)})
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    message = str(info.value)
+    assert message.startswith("out of memory while sampling after step 2"), message
+    assert message.endswith(f"The resumable state is in {tmp_path / 'run' / 'result-state' / 'step-00000002'} "
+                            "(continue with --resume latest)")  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_state_saved_at_an_out_of_memory_resumes_exactly(tmp_path, accumulation):
+    """Out of memory in step 3 (with accumulation: in its second micro-batch, after the first one's backward):
+    the state of step 2 resumes to the run that never failed, loss for loss and weight for weight."""
+
+    class _OutOfMemoryInStep3(ConvOutMethod):
+        calls = 0
+
+        def compute_loss(self, ctx):
+            if ctx.step == 2:
+                self.calls += 1
+                if self.calls == accumulation:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+            return None
+
+    base = {"batch_size": 1, "gradient_accumulation": accumulation, "lr": 3e-3}
+    straight = ConvOutMethod(contract_options(ConvOutMethod, tmp_path, {**base, "max_steps": 4}, tag="straight"))
+    want = train(straight, bundle=create_tiny_bundle("sd1"))
+    o = contract_options(ConvOutMethod, tmp_path, {**base, "max_steps": 4}, tag="parts")
+    with pytest.raises(TrainingOutOfMemoryError, match="out of memory in step 3"):
+        train(_OutOfMemoryInStep3(o), bundle=create_tiny_bundle("sd1"))
+    resumed = ConvOutMethod(dataclasses.replace(o, resume="latest"))
+    got = train(resumed, bundle=create_tiny_bundle("sd1"))
+    assert got.steps == 4 and got.losses == want.losses
+    a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_out_of_memory_in_one_of_several_processes_does_not_wait_for_the_others(tmp_path, monkeypatch):
+    """DDP: one process runs out while the others are inside the step's gradient all-reduce (or gone).
+    Saving a state needs every process (``Checkpoints.save_state`` waits for them all), so the failed one
+    would hang there instead of printing its error; it says its line without a collective save."""
+    from accelerate import Accelerator
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5})
+    session = TrainSession(_OutOfMemoryAtStep3(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    waits: list[int] = []
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    monkeypatch.setattr(session.accelerator, "wait_for_everyone", lambda: waits.append(session.position.step))
+    with pytest.raises(TrainingOutOfMemoryError, match=r"^out of memory in step 3") as info:
+        session.run()
+    assert waits == []  # no process waited for the others: they may never come
+    assert "resumable state" not in str(info.value)
+    assert not (tmp_path / "run" / "result-state" / "step-00000002").exists()

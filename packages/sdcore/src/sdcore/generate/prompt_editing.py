@@ -38,8 +38,9 @@ from .prompt_syntax import _NUMBER
 
 _WHEN_RE = re.compile(rf"\s*({_NUMBER})\s*\]")
 _AND_RE = re.compile(r"\bAND\b")
-#: a part's text and its optional ``:weight`` (no DOTALL: A1111's pattern does not cross a line break)
-_PART_WEIGHT_RE = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+#: a part's text and its optional ``:weight``; DOTALL: A1111's pattern crosses line breaks, so a
+#: prompt written over several lines keeps its weight
+_PART_WEIGHT_RE = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -224,10 +225,8 @@ def composable_parts(prompt: str) -> list[tuple[str, float]]:
     parts = []
     for part in _AND_RE.split(prompt):
         match = _PART_WEIGHT_RE.search(part)
-        if match is None:  # a line break in the part: A1111 keeps it whole, weight 1
-            parts.append((part, 1.0))
-        else:
-            parts.append((match.group(1), float(match.group(2)) if match.group(2) is not None else 1.0))
+        text, weight = (match.group(1), match.group(2)) if match is not None else (part, None)  # always matches
+        parts.append((text, float(weight) if weight is not None else 1.0))
     return parts
 
 
@@ -251,12 +250,14 @@ def prompt_schedule(prompt: str, steps: int, first_steps: int | None = None) -> 
 
 
 def text_at_call(schedule: Sequence[tuple[int, str]], call: int) -> str:
-    """The text a denoiser call ``call`` (counted from 0) reads: the first entry with ``call <= end``
-    (the last entry past the end: second-order samplers call the model more often than ``steps``)."""
+    """The text a denoiser call ``call`` (counted from 0) reads: the first entry with ``call <= end``; past
+    the last end the first entry, as A1111's ``reconstruct_cond_batch`` (its index stays 0). Only a sampler
+    that calls the model more often than its schedule's steps gets there: PLMS, whose first step evaluates
+    twice (``steps + 1`` calls; A1111's and diffusers' PNDM alike), so its last call reads the first text."""
     for end, text in schedule:
         if call <= end:
             return text
-    return schedule[-1][1]
+    return schedule[0][1]
 
 
 @dataclass(frozen=True)
@@ -306,9 +307,10 @@ class StepPrompts:
         return sorted({end for schedule in (*self.prompts, *self.negatives) for end, _ in schedule})
 
     def end_for(self, call: int) -> int:
-        """The first of :attr:`ends` at or after ``call`` (the last one past them)."""
+        """The first of :attr:`ends` at or after ``call``; past them the first one, where every text is its
+        schedule's first (:func:`text_at_call`)."""
         ends = self.ends
-        return next((end for end in ends if call <= end), ends[-1])
+        return next((end for end in ends if call <= end), ends[0])
 
     def texts_at(self, call: int) -> tuple[list[str], list[str]]:
         return (

@@ -132,6 +132,7 @@ class TrainSession:
         self.te_stop: TextEncoderStop | None = None  # until the text encoder stops (sdcore.train.te_stop)
         self.preflight: PreflightReport | None = None
         self.memory_watch: MemoryWatch | None = None  # device memory peaks (sdcore.train.memory_watch)
+        self._phase: str | None = None  # what runs between steps ("sampling"), for an out-of-memory message
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
@@ -353,7 +354,7 @@ class TrainSession:
         o, acc = self.options, self.accelerator
         mine = self.validation_groups[acc.process_index :: acc.num_processes]
         seed = o.seed if o.validation_seed is None else o.validation_seed
-        with self.result_weights(), evaluation_mode(self.bundle, self.method):
+        with self._during("validating"), self.result_weights(), evaluation_mode(self.bundle, self.method):
             total, count = self.objective.validation_loss(
                 self.batches, acc, mine, self.validation_timesteps, seed=seed, step=self.position.step
             )
@@ -424,6 +425,15 @@ class TrainSession:
         from .ema import applied
 
         return applied(self.ema)
+
+    @contextlib.contextmanager
+    def _during(self, phase: str) -> Iterator[None]:
+        """Names what runs between steps (``"sampling"``) for the out-of-memory message: an allocator running
+        out there did so after the last finished step, not in the next one. An error leaves the name set
+        (the message is made after the block is left); each step clears it."""
+        before, self._phase = self._phase, phase
+        yield
+        self._phase = before
 
     @contextlib.contextmanager
     def result_weights(self) -> Iterator[None]:
@@ -535,6 +545,7 @@ class TrainSession:
                 if self.te_stop is not None and self.te_stop.due(pos):  # also a resume past the stop point
                     self._stop_text_encoder()
                 group = plan[pos.batch : pos.batch + accum]
+                self._phase = None
                 self.batches.prefetch(plan[pos.batch + len(group) : pos.batch + len(group) + accum])
                 outcome = optimizer_step(
                     group,
@@ -608,7 +619,7 @@ class TrainSession:
                 self.render_samples("final")
             if o.save_state:
                 self.save_state()
-            with self.ema_applied():  # --ema: the average is the result
+            with self.ema_applied(), self._during("saving"):  # --ema: the average is the result
                 output = self.checkpoints.save_result(self.bundle, self.position, self.run_facts())
         log.info(f"saved {output}")  # the caller reports it (the CLI prints one "saved" line)
         peak = self.memory_watch.summary() if self.memory_watch is not None else None
@@ -630,14 +641,15 @@ class TrainSession:
     @guarded
     def save_checkpoint(self, *, step: int | None = None, epoch: int | None = None) -> None:
         """An intermediate result plus (when enabled) a resumable state, with retention."""
-        with self.evaluating():
+        with self._during("saving"), self.evaluating():
             with self.ema_applied():  # --ema: the average is the result; the state keeps both apart
                 self.checkpoints.save_intermediate(self.bundle, self.position, self.run_facts(), step=step, epoch=epoch)
             if self.options.save_state:
                 self.save_state()
 
     def save_state(self) -> Path:
-        with self.evaluating():  # the trainable tensors and the optimizer state in the same mode
+        # the trainable tensors and the optimizer state in the same mode
+        with self._during("saving"), self.evaluating():
             return self.checkpoints.save_state(
                 self.position,
                 optimizer=self.optimizer,
@@ -652,7 +664,7 @@ class TrainSession:
         from .checkpoints import samples_dir
         from .sampling import render_samples
 
-        with self.result_weights():  # every process switches, so the weights stay equal across processes
+        with self._during("sampling"), self.result_weights():  # every process switches: the weights stay equal
             if not self.is_main:
                 return None
             return render_samples(
@@ -702,6 +714,10 @@ class TrainSession:
             release_failed_step(exc)
         if not self._setup_done:
             where = "while loading the model and setting up"
+        elif self._phase is not None:  # between steps: after the last finished one
+            where = f"while {self._phase} " + (
+                f"after step {self.position.step}" if self.position.step else "before the first step"
+            )
         elif self.position.step < self.total_steps:
             where = f"in step {self.position.step + 1}"
         else:
@@ -717,7 +733,14 @@ class TrainSession:
         mixed = self.fused is not None and self.fused.in_backward  # stopped with some weights stepped
         if mixed:
             self.say(f"{why} during a fused backward pass: some weights had taken the step, so no state was saved")
-        if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed:
+        # Saving needs every process (it waits for them all). An error (not an interrupt, which every
+        # process gets) may stop one process alone while the others sit in the step's gradient all-reduce
+        # or have stopped: waiting for them would hang instead of reporting the error.
+        alone = why != "interrupted" and self._setup_done and self.accelerator.num_processes > 1
+        if alone and self.position.step > 0 and self.options.save_state:
+            self.say(f"{why} in one of several processes: no state saved now (saving needs them all); "
+                     "resume from the last saved state")  # fmt: skip
+        if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed and not alone:
             try:
                 folder = self.save_state()
                 message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"

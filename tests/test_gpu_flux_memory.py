@@ -17,6 +17,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SESSION = ROOT / "benchmarks" / "gpu_session.sh"
 
 
+@pytest.fixture(autouse=True)
+def _torch_attention_kernels_restored():
+    """The script sets torch's process-wide SDPA kernel switches (``--sdpa``, default ``no-cudnn``) as a
+    GPU job should; in the test process they go back afterwards, so later tests see torch's defaults."""
+    torch = pytest.importorskip("torch")
+    cuda = torch.backends.cuda
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    yield
+    cuda.enable_cudnn_sdp(before[0])
+    cuda.enable_flash_sdp(before[1])
+    cuda.enable_mem_efficient_sdp(before[2])
+
+
 def _script():
     sys.path.insert(0, str(ROOT))
     from benchmarks import gpu_flux_memory

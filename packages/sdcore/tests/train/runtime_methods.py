@@ -82,3 +82,15 @@ class ProjOutMethod(ConvOutMethod):
 
     def _modules(self, bundle: Any) -> dict[str, Any]:
         return {"proj_out": bundle.transformer.proj_out}
+
+
+class FailsOnRank1AtStep3(ConvOutMethod):
+    """Raises in step 3 on the process of rank 1 only (a corrupt batch, a disk error), for multi-process runs;
+    the other processes go on into the step's gradient all-reduce."""
+
+    def compute_loss(self, ctx: Any) -> Any:
+        import os
+
+        if ctx.step == 2 and os.environ.get("RANK") == "1":
+            raise RuntimeError("injected failure on rank 1 in step 3")
+        return None

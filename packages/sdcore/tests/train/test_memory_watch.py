@@ -251,20 +251,154 @@ def test_the_state_saved_at_an_out_of_memory_resumes_exactly(tmp_path, accumulat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_out_of_memory_in_one_of_several_processes_does_not_wait_for_the_others(tmp_path, monkeypatch):
+#: what a process alone must never call: each waits for (or talks to) the other processes
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "barrier",
+    "monitored_barrier", "broadcast", "broadcast_object_list", "gather", "gather_object", "reduce",
+    "reduce_scatter", "reduce_scatter_tensor", "scatter", "scatter_object_list",
+)  # fmt: skip
+
+
+def _spy_on_collectives(monkeypatch, accelerator) -> tuple[list[tuple[str, bool]], list[bool]]:
+    """Record every collective call as (name, whether ``armed[0]`` was set): the accelerator's waits, gathers
+    and reductions, and every ``torch.distributed`` collective (accelerate's own operations call those)."""
+    import torch.distributed as dist
+
+    calls: list[tuple[str, bool]] = []
+    armed = [False]
+
+    def spy(name, original):
+        def record(*args, **kwargs):
+            calls.append((name, armed[0]))
+            return original(*args, **kwargs)
+
+        return record
+
+    for name in ("wait_for_everyone", "gather", "gather_for_metrics", "reduce", "pad_across_processes"):
+        monkeypatch.setattr(accelerator, name, spy(f"accelerator.{name}", getattr(accelerator, name)))
+    for name in _COLLECTIVES:
+        if hasattr(dist, name):
+            monkeypatch.setattr(dist, name, spy(f"torch.distributed.{name}", getattr(dist, name)))
+    return calls, armed
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_an_error_in_one_of_several_processes_writes_the_weights_alone(tmp_path, monkeypatch, capsys, ema):
     """DDP: one process runs out while the others are inside the step's gradient all-reduce (or gone).
     Saving a state needs every process (``Checkpoints.save_state`` waits for them all), so the failed one
-    would hang there instead of printing its error; it says its line without a collective save."""
+    would hang there; it writes the weights it holds (every process holds the same after a step) where the
+    intermediate save of that step goes, with no collective call, and says so on its own stderr. With
+    ``--ema`` the file holds the average, as every save does."""
     from accelerate import Accelerator
+    from safetensors.torch import load_file
 
-    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5})
-    session = TrainSession(_OutOfMemoryAtStep3(o), bundle=create_tiny_bundle("sd1"))
+    extra = {"ema": True, "ema_decay": 0.5} if ema else {}
+    straight = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, "save_every": 2, **extra}, tag="straight")
+    train(ConvOutMethod(straight), bundle=create_tiny_bundle("sd1"))
+    want = load_file(str(tmp_path / "straight" / "result-step00000002.safetensors"))  # after step 2, uninterrupted
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, **extra})
+    method = _OutOfMemoryAtStep3(o)
+    if ema:  # a method that can start from its result (LoRA's --network-weights) names the option
+        monkeypatch.setattr(_OutOfMemoryAtStep3, "start_from_result", "--network-weights", raising=False)
+    session = TrainSession(method, bundle=create_tiny_bundle("sd1"))
     session.setup()
-    waits: list[int] = []
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
-    monkeypatch.setattr(session.accelerator, "wait_for_everyone", lambda: waits.append(session.position.step))
+    calls, armed = _spy_on_collectives(monkeypatch, session.accelerator)
+    raises = method.compute_loss
+
+    def arm_then_fail(ctx):  # from the failing step on, nothing may wait for the other process
+        armed[0] = ctx.step == 2
+        return raises(ctx)
+
+    monkeypatch.setattr(method, "compute_loss", arm_then_fail)
+    capsys.readouterr()
     with pytest.raises(TrainingOutOfMemoryError, match=r"^out of memory in step 3") as info:
         session.run()
-    assert waits == []  # no process waited for the others: they may never come
+    assert ("accelerator.reduce", False) in calls  # the spies see the steps' loss agreement...
+    assert armed[0] and [name for name, when in calls if when] == []  # ...and nothing from the failing step on
     assert "resumable state" not in str(info.value)
     assert not (tmp_path / "run" / "result-state" / "step-00000002").exists()
+    written = tmp_path / "run" / "result-step00000002.safetensors"
+    got = load_file(str(written))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "one of several processes" in line]
+    again = f"continue from it with --network-weights {written}, or " if ema else ""
+    assert lines == [
+        f"out of memory in one of several processes: this process wrote the weights after step 2 to {written} "
+        f"(a result, not a resumable state: saving one needs every process); {again}resume from the last saved "
+        "state with --resume"
+    ]
+    assert not [p for p in written.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_under_a_sharding_engine_the_failed_process_writes_nothing(tmp_path, monkeypatch, capsys):
+    """FSDP: each process holds a shard of the weights, and gathering them needs every process: the
+    failed one writes nothing and says why."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5})
+    method = _OutOfMemoryAtStep3(o)
+    session = TrainSession(method, bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    raises = method.compute_loss
+
+    def shard_then_fail(ctx):  # FSDP from the failing step on (the steps before train as plain DDP here)
+        if ctx.step == 2:
+            monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+        return raises(ctx)
+
+    monkeypatch.setattr(method, "compute_loss", shard_then_fail)
+    capsys.readouterr()
+    with pytest.raises(TrainingOutOfMemoryError, match=r"^out of memory in step 3"):
+        session.run()
+    assert [line for line in capsys.readouterr().err.splitlines() if "one of several processes" in line] == [
+        "out of memory in one of several processes: nothing saved now (under FSDP each process holds a shard "
+        "of the weights, and saving them or a state needs every process); resume from the last saved state "
+        "with --resume"
+    ]
+    assert not (tmp_path / "run" / "result-step00000002.safetensors").exists()
+    assert not (tmp_path / "run" / "result-state" / "step-00000002").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage", "want"),
+    [
+        ("MULTI_GPU", None, None),
+        ("MULTI_CPU", None, None),
+        ("FSDP", None, "FSDP"),
+        ("DEEPSPEED", 0, None),
+        ("DEEPSPEED", 2, None),
+        ("DEEPSPEED", 3, "DeepSpeed ZeRO-3"),
+        ("DEEPSPEED", None, "DeepSpeed (ZeRO stage unknown)"),
+    ],
+)
+def test_which_engines_leave_every_process_all_the_weights(kind, stage, want):
+    """DDP and ZeRO stages 0-2 replicate the parameters (ZeRO-1/2 shard only optimizer state and gradients);
+    FSDP and ZeRO-3 shard them. The stage is read from the launch config's ``deepspeed_config``."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from sdcore.train.save_fallback import weights_sharding
+
+    config = {} if stage is None else {"zero_optimization": {"stage": stage}}
+    plugin = SimpleNamespace(deepspeed_config=config, zero_stage=None)
+    state = SimpleNamespace(deepspeed_plugin=plugin if kind == "DEEPSPEED" else None)
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], state=state, parallelism_config=None)
+    assert weights_sharding(accelerator) == want
+
+
+def test_processes_writing_one_file_at_once_each_replace_it_whole(tmp_path):
+    """Several failed processes write the same result at once: each writes its own temporary name and
+    renames it over the target, so the file is always one writer's whole bytes."""
+    from sdcore.io import atomic_path
+
+    target = tmp_path / "result-step00000002.safetensors"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second  # interleaved writers never share a temporary file
+        first.write_bytes(b"A" * 4096)
+        second.write_bytes(b"B" * 4096)
+    assert target.read_bytes() == b"A" * 4096  # the last rename wins, whole
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

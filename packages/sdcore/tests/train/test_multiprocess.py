@@ -4,8 +4,8 @@ with the gradients synced by accelerate's prepared (DDP) model."""
 from pathlib import Path
 
 import pytest
-from runtime_methods import ConvOutMethod
-from sdcore.testing.distributed import check_processes_equal_accumulation, torchrun_command
+from runtime_methods import ConvOutMethod, FailsOnRank1AtStep3
+from sdcore.testing.distributed import check_processes_equal_accumulation, launch_workers, torchrun_command
 
 
 @pytest.mark.skipif(torchrun_command() is None, reason="torchrun not available")
@@ -44,6 +44,40 @@ def test_two_processes_skip_to_the_initial_step_like_one(tmp_path):
         ConvOutMethod, tmp_path, values, extra_pythonpath=[str(Path(__file__).parent)]
     )
     assert len(record["losses"]) == 2  # steps 2 and 3 trained; the counter ended at 3
+
+
+@pytest.mark.skipif(torchrun_command() is None, reason="torchrun not available")
+@pytest.mark.slow
+def test_a_process_failing_alone_writes_the_weights_of_the_last_step(tmp_path):
+    """Rank 1 raises in step 3 while rank 0 goes into the step's gradient all-reduce: the run ends (no
+    hang waiting for a state save), and rank 1 has written the weights after step 2 where the step-2
+    intermediate save goes, equal to one process accumulating two micro-batches after its step 2."""
+    import torch
+    from safetensors.torch import load_file
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import train
+
+    values = {"batch_size": 1, "lr": 1e-2, "max_steps": 4}
+    single = contract_options(ConvOutMethod, tmp_path, {**values, "gradient_accumulation": 2, "save_every": 2},
+                              tag="single")  # fmt: skip
+    train(ConvOutMethod(single))
+    want = load_file(str(tmp_path / "single" / "result-step00000002.safetensors"))
+    multi = contract_options(FailsOnRank1AtStep3, tmp_path, values, tag="multi")
+    proc = launch_workers(
+        FailsOnRank1AtStep3, multi, tmp_path / "unused.safetensors", extra_pythonpath=[str(Path(__file__).parent)],
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 in step 3" in proc.stderr
+    written = tmp_path / "multi" / "result-step00000002.safetensors"
+    assert f"error in one of several processes: this process wrote the weights after step 2 to {written}" in (
+        proc.stderr
+    ), proc.stderr[-3000:]
+    got = load_file(str(written))
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.allclose(got[key], value, atol=1e-6), key
+    assert not (tmp_path / "multi" / "result.safetensors").exists()  # the run did not finish
 
 
 def test_the_process_group_is_destroyed_before_the_interpreter_exits(tmp_path):

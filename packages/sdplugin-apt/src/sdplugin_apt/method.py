@@ -82,6 +82,7 @@ class APTMethod(TIMethod[APTOptions]):
     """DreamArtist: a positive and a negative embedding trained through a CFG-combined loss."""
 
     name: ClassVar[str] = "apt"
+    start_from_result: ClassVar[str | None] = None  # --init-weights would restore the positive vectors only
     options_class: ClassVar[type[TrainOptions]] = APTOptions
     output_suffix: ClassVar[str] = ".pt"
     resume_shape_options: ClassVar[tuple[str, ...]] = ("vectors", "neg_vectors")

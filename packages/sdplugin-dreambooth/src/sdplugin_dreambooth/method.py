@@ -31,6 +31,7 @@ _RATE_OPTIONS = (("te1_lr", 1, "CLIP-L (or SD2's OpenCLIP)"), ("te2_lr", 2, "CLI
 
 class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
     name: ClassVar[str] = "dreambooth"
+    start_from_result: ClassVar[str | None] = "--model"  # the saved checkpoint is a whole model
     options_class: ClassVar[type[TrainOptions]] = DreamBoothOptions
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = ("train_text_encoder", "train_t5")

@@ -282,6 +282,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     """LoRA / LoCon on the UNet (and optionally the text encoders), saved in kohya's format."""
 
     name: ClassVar[str] = "lora"
+    start_from_result: ClassVar[str | None] = "--network-weights"
     options_class: ClassVar[type[TrainOptions]] = LoraOptions
     output_suffix: ClassVar[str] = ".safetensors"
     resume_shape_options: ClassVar[tuple[str, ...]] = (

@@ -103,6 +103,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
     """
 
     name: ClassVar[str] = "ti"
+    start_from_result: ClassVar[str | None] = "--init-weights"
     options_class: ClassVar[type[TrainOptions]] = TIOptions
     output_suffix: ClassVar[str] = ".pt"
     resume_shape_options: ClassVar[tuple[str, ...]] = ("vectors",)

@@ -47,7 +47,6 @@ def check_processes_equal_accumulation(
     count must be ``processes``) instead of plain torchrun; ``trained_through`` is the class name
     of the prepared model the workers must report (``FullyShardedDataParallel`` under FSDP).
     """
-    import dataclasses
 
     import torch
     from safetensors.torch import load_file
@@ -66,21 +65,9 @@ def check_processes_equal_accumulation(
     method = method_class(single)
     expected = train(method)
     multi = contract_options(method_class, tmp_path, values, tag="multi")
-    payload = {
-        "method": f"{method_class.__module__}:{method_class.__qualname__}",
-        "options": {k: v for k, v in dataclasses.asdict(multi).items() if k not in _SKIP},
-        "output": str(tmp_path / "multi" / f"result{method_class.output_suffix}"),
-    }
     out = tmp_path / "multi-trained.safetensors"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    if extra_pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join([*extra_pythonpath, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [*launcher, "-m", __name__, json.dumps(payload), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    proc = launch_workers(
+        method_class, multi, out, launcher=launcher, extra_pythonpath=extra_pythonpath, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = load_file(str(out))
@@ -99,6 +86,42 @@ def check_processes_equal_accumulation(
     for key, value in state.items():
         assert torch.allclose(got[key].float(), value.float().cpu(), atol=atol), key
     return record
+
+
+def launch_workers(
+    method_class: Any,
+    options: Any,
+    out: Path,
+    *,
+    processes: int = 2,
+    launcher: list[str] | None = None,
+    extra_pythonpath: list[str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Train ``method_class`` with ``options`` in ``processes`` worker processes (``torchrun --standalone``
+    unless ``launcher`` says otherwise, CPU and gloo) and return the finished launcher process; the main
+    worker writes the trained tensors to ``out`` (and its record beside it) when the run ends well."""
+    import dataclasses
+
+    if launcher is None:
+        command = torchrun_command()
+        assert command is not None, "torchrun not available"
+        launcher = [*command, "--standalone", "--nproc_per_node", str(processes)]
+    payload = {
+        "method": f"{method_class.__module__}:{method_class.__qualname__}",
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in _SKIP},
+        "output": str(options.output),
+    }
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    if extra_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*extra_pythonpath, env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [*launcher, "-m", __name__, json.dumps(payload), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def main() -> None:

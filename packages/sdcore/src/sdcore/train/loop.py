@@ -53,7 +53,7 @@ from .memory_watch import MemoryWatch, TrainingOutOfMemoryError, is_out_of_memor
 from .method import Batch, RunFacts, TrainingMethod
 from .options import TrainOptions, apply_model_defaults
 from .preflight import validate_options
-from .save_fallback import SaveTargetError, guarded, rescue
+from .save_fallback import SaveTargetError, guarded, rescue, save_alone
 
 if TYPE_CHECKING:
     import torch
@@ -733,13 +733,15 @@ class TrainSession:
         mixed = self.fused is not None and self.fused.in_backward  # stopped with some weights stepped
         if mixed:
             self.say(f"{why} during a fused backward pass: some weights had taken the step, so no state was saved")
-        # Saving needs every process (it waits for them all). An error (not an interrupt, which every
+        # Saving a state needs every process (it waits for them all). An error (not an interrupt, which every
         # process gets) may stop one process alone while the others sit in the step's gradient all-reduce
-        # or have stopped: waiting for them would hang instead of reporting the error.
+        # or have stopped: waiting for them would hang instead of reporting the error. Under DDP this
+        # process holds the trained weights all the same and writes them alone (save_fallback.save_alone).
         alone = why != "interrupted" and self._setup_done and self.accelerator.num_processes > 1
-        if alone and self.position.step > 0 and self.options.save_state:
-            self.say(f"{why} in one of several processes: no state saved now (saving needs them all); "
-                     "resume from the last saved state")  # fmt: skip
+        if alone and self.position.step > 0 and not mixed:
+            message = save_alone(self, why)
+            log.info(message)
+            print(message, file=sys.stderr)  # this process's own line: say() prints on the main process only
         if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed and not alone:
             try:
                 folder = self.save_state()

@@ -199,6 +199,10 @@ class TrainingMethod(Generic[OptionsT]):
     #: option names that decide the shapes of the trained tensors (LoRA rank, TI vector count): a
     #: ``--resume`` state saved with other values is refused in the pre-flight, before any loading
     resume_shape_options: ClassVar[tuple[str, ...]] = ()
+    #: the option that starts a new run from a saved result (LoRA: ``--network-weights``), named where a
+    #: run could write its result but no resumable state (one process of several failed); ``None``: the
+    #: method has none. Since 0.1.
+    start_from_result: ClassVar[str | None] = None
 
     def __init__(self, options: OptionsT) -> None:
         if not isinstance(options, self.options_class):

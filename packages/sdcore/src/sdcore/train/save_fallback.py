@@ -7,6 +7,10 @@ returns a :class:`~sdcore.errors.SaveFailedError` whose one-line message names b
 
 The session's save calls run inside :func:`guard`, which turns a user-fixable disk error into
 :class:`SaveTargetError` so the run loop can tell "the save failed" from any other failure.
+
+An error that stops one process of a multi-process run cannot save a state (that waits for every
+process, and the others sit in the gradient all-reduce); :func:`save_alone` has that process write
+the trained result itself, with no collective call, where the weights are replicated (DDP).
 """
 
 from __future__ import annotations
@@ -93,7 +97,6 @@ def rescue(session: Any, failure: SaveTargetError) -> SaveFailedError:
     multi-process runs, where the others may already have stopped).
     """
     output: Path = session.output
-    checkpoints = session.checkpoints
     what = f"could not save {output}: {failure}"
     if not session.is_main:
         return SaveFailedError(what)
@@ -102,12 +105,7 @@ def rescue(session: Any, failure: SaveTargetError) -> SaveFailedError:
         try:
             with guard():
                 folder.mkdir(parents=True, exist_ok=True)
-                info = checkpoints.save_info(
-                    session.bundle, folder / output.name, session.position, session.run_facts(), final=True
-                )
-                # the weights every save writes: a schedule-free optimizer's evaluation weights, the --ema average
-                with getattr(session, "result_weights", contextlib.nullcontext)():
-                    result = Path(session.method.save(session.bundle, info))
+                result = write_result(session, folder / output.name, final=True)
                 state = _rescue_state(session, folder)
         except SaveTargetError as exc:
             problems.append(f"{folder}: {exc}")
@@ -115,6 +113,91 @@ def rescue(session: Any, failure: SaveTargetError) -> SaveFailedError:
         resume = f"; its resumable state (for --resume) is {state}" if state is not None else ""
         return SaveFailedError(f"{what}. The trained result was written to {result}{resume}")
     return SaveFailedError(f"{what}; the fallback folders failed too ({'; '.join(problems)}): the result is lost")
+
+
+def write_result(session: Any, path: Path, *, final: bool) -> Path:
+    """Write ``session``'s trained result to ``path`` as a save at its position does (``method.save`` with
+    the runtime's metadata); returns the path the method wrote.
+
+    The weights are those every save writes (a schedule-free optimizer's evaluation weights, then the
+    ``--ema`` average), the raw ones back after. Nothing here waits for or talks to other processes: the
+    save info, the weight swaps and the methods' writers are local (checked by
+    ``test_memory_watch.py``), so a process may call it alone.
+    """
+    info = session.checkpoints.save_info(session.bundle, path, session.position, session.run_facts(), final=final)
+    with getattr(session, "result_weights", contextlib.nullcontext)():
+        return Path(session.method.save(session.bundle, info))
+
+
+def weights_sharding(accelerator: Any) -> str | None:
+    """The engine under which each process holds only part of the trained weights (FSDP, DeepSpeed
+    ZeRO-3, Megatron-LM, tensor parallelism), or ``None`` when every process holds all of them, equal after
+    each optimizer step (one process, DDP, DeepSpeed ZeRO stages 0-2, which shard only the optimizer
+    state and gradients and give every process the stepped parameters)."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
+    if kind == "FSDP":
+        return "FSDP"
+    if kind == "MEGATRON_LM":
+        return "Megatron-LM"
+    if kind == "DEEPSPEED":
+        stage = _zero_stage(getattr(accelerator.state, "deepspeed_plugin", None))
+        if stage is None or stage >= 3:
+            return "DeepSpeed ZeRO-3" if stage == 3 else "DeepSpeed (ZeRO stage unknown)"
+    parallel = getattr(accelerator, "parallelism_config", None)
+    if getattr(parallel, "tp_enabled", False) or getattr(parallel, "dp_shard_enabled", False):
+        return "tensor or sharded data parallelism"
+    return None
+
+
+def _zero_stage(plugin: Any) -> int | None:
+    """The ZeRO stage of accelerate's DeepSpeed plugin (its config file's, else the plugin's own field)."""
+    if plugin is None:
+        return None
+    config = getattr(plugin, "deepspeed_config", None) or {}
+    stage: Any = (config.get("zero_optimization") or {}).get("stage", getattr(plugin, "zero_stage", None))
+    try:
+        return int(stage)
+    except (TypeError, ValueError):  # missing, or "auto"
+        return None
+
+
+def save_alone(session: Any, why: str) -> str:
+    """An error stopped this process of several: write the weights after the last finished step without
+    any other process, and return the one line to print (this process's own: the others may be gone).
+
+    Saving a state needs every process and they may never come (they wait in the gradient all-reduce,
+    or the launcher stops them), but under DDP each process holds the weights every other one does, so
+    this one writes the result an intermediate save of this step would (its name and place, kohya's
+    ``name-stepNNNNNNNN``; written atomically through a temporary name of this process's own, so several
+    processes failing at once each replace the file whole with the same bytes). Under a sharding engine
+    this process holds a shard only: nothing is written and the line says why.
+    """
+    from .checkpoints import intermediate_path
+
+    step = session.position.step
+    head = f"{why} in one of several processes"
+    resume = "resume from the last saved state with --resume" if session.options.save_state else None
+    engine = weights_sharding(session.accelerator)
+    if engine is not None:
+        return (
+            f"{head}: nothing saved now (under {engine} each process holds a shard of the weights, and saving "
+            f"them or a state needs every process); {resume or 'the steps since the last save are lost'}"
+        )
+    path = intermediate_path(session.output, step=step)
+    try:
+        with guard():
+            written = write_result(session, path, final=False)
+    except Exception as exc:  # the original error is what ends the run
+        failed = f"{head}: the weights after step {step} could not be written to {path} ({reason(exc)})"
+        return failed + (f"; {resume}" if resume else "")
+    option = getattr(session.method, "start_from_result", None)
+    again = [f"continue from it with {option} {written}"] if option else []
+    if resume:
+        again.append(resume)
+    return (
+        f"{head}: this process wrote the weights after step {step} to {written} (a result, not a resumable "
+        "state: saving one needs every process)" + (f"; {', or '.join(again)}" if again else "")
+    )
 
 
 def _rescue_state(session: Any, folder: Path) -> Path | None:
@@ -129,4 +212,13 @@ def _rescue_state(session: Any, folder: Path) -> Path | None:
         checkpoints.state_root = saved_root
 
 
-__all__ = ["SaveTargetError", "fallback_folders", "guard", "guarded", "rescue"]
+__all__ = [
+    "SaveTargetError",
+    "fallback_folders",
+    "guard",
+    "guarded",
+    "rescue",
+    "save_alone",
+    "weights_sharding",
+    "write_result",
+]

@@ -77,12 +77,22 @@ def test_documented_examples(text, expected):
         ("a) b]", [("a) b]", 1.0)]),
         ("[unclosed", [("unclosed", 1 / 1.1)]),
         ("\\\\", [("\\", 1.0)]),
-        ("a\\b", [("a\\b", 1.0)]),  # a lone backslash stays literal
         ("(\\(x\\):1.5)", [("(x)", 1.5)]),
         ("()", [("", 1.0)]),
     ],
 )
 def test_emphasis_cases(text, expected):
+    _close(parse_emphasis(text), expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("a\\b", [("ab", 1.0)]), ("C:\\x\\", [("C:x", 1.0)]), ("(a\\ b)", [("a b", 1.1)]), ("\\", [("", 1.0)])],
+)
+def test_a_lone_backslash_is_dropped(text, expected):
+    # A1111's parse_prompt_attention (modules/prompt_parser.py:421 at 28bd8e1) keeps what follows the backslash
+    # of any token starting with one: nothing for the lone-backslash token; kohya's weighted captions alike
+    # (library/strategy_base.py parse_prompt_attention)
     _close(parse_emphasis(text), expected)
 
 

@@ -7,10 +7,10 @@ Two independent layers, parsed in this order:
    :class:`~sdcore.generate.networks.NetworkRef` items for the plugin that claims ``tag``.
 2. **Emphasis** on the remaining text: ``(word)`` multiplies the attention weight by 1.1,
    ``[word]`` divides it by 1.1, ``(word:1.3)`` multiplies it by 1.3; brackets nest and multiply;
-   ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal characters; the word ``BREAK`` ends the current
-   75-token chunk. Like A1111 the parser is forgiving: an unclosed bracket applies to the end of
-   the prompt and a stray closing bracket is literal text (``strict=True`` turns both into a
-   :class:`~sdcore.errors.ConfigError`, useful for training captions).
+   ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal characters (any other backslash is dropped, as
+   in A1111); the word ``BREAK`` ends the current 75-token chunk. Like A1111 the parser is forgiving:
+   an unclosed bracket applies to the end of the prompt and a stray closing bracket is literal text
+   (``strict=True`` turns both into a :class:`~sdcore.errors.ConfigError`, useful for training captions).
 
 This is an independent implementation written from the documented behaviour (no A1111 code).
 """
@@ -147,8 +147,8 @@ def parse_emphasis(text: str, *, strict: bool = False, breaks: bool = True) -> l
     for match in _EMPHASIS_TOKEN_RE.finditer(text):
         token = match.group(0)
         weight = match.group(1)
-        if len(token) == 2 and token[0] == "\\":
-            pieces.append([token[1], 1.0])
+        if token[0] == "\\":
+            pieces.append([token[1:], 1.0])  # a lone backslash escapes nothing and is dropped, as in A1111
         elif token == "(":
             round_open.append(len(pieces))
         elif token == "[":

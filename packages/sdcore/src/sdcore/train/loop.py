@@ -140,7 +140,16 @@ class TrainSession:
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
-        """Validate, load, prepare, build data, caches, optimizer; restore a state when resuming."""
+        """Validate, load, prepare, build data, caches, optimizer; restore a state when resuming. A failure
+        puts torch's attention setting back (process-wide: a caller that catches the error goes on with it)."""
+        try:
+            self._setup()
+        except BaseException:
+            self._restore_attention()
+            self._restore_attention = lambda: None
+            raise
+
+    def _setup(self) -> None:
         import torch
 
         from .attention import restrict_attention_kernels

@@ -272,18 +272,41 @@ def test_plugins_says_what_the_environment_left_out(monkeypatch):
     assert "SDCORE_DISABLE_PLUGINS names nothere:" in out and "ti  (" in out, out
 
 
+def _flow_folder(tmp_path, family: str) -> str:
+    """A tiny FLUX.1 or Chroma saved as a diffusers folder; Chroma's transformer in two shards, as the real
+    ones are saved (diffusers draws its "Loading checkpoint shards" bar for a model of several files)."""
+    import shutil
+
+    from sdcore.models.load import load_model
+
+    bundle = load_model(f"tiny:{family}")
+    folder = bundle.save(tmp_path / family, format="diffusers")
+    if family == "chroma":
+        shutil.rmtree(folder / "transformer")
+        bundle.transformer.save_pretrained(folder / "transformer", max_shard_size="200KB")
+    return str(folder)
+
+
 @pytest.mark.parametrize(
     ("model", "noise"),
-    [("tiny:chroma", "FluxPosEmbed"), ("toyworld:", "Loading weights")],
+    [
+        ("tiny:chroma", "FluxPosEmbed"),
+        ("toyworld:", "Loading weights"),
+        ("folder:flux", "Loading weights"),
+        ("folder:chroma", "Loading checkpoint shards"),
+    ],
 )
 def test_generate_stderr_has_no_library_noise(tmp_path, model, noise):
     """Building a Chroma transformer made diffusers print a FutureWarning about its own import of
-    ``FluxPosEmbed``; loading ``toyworld:`` drew transformers' "Loading weights" bar. Both are silenced where
+    ``FluxPosEmbed``; loading ``toyworld:`` or a FLUX.1/Chroma diffusers folder drew transformers' "Loading
+    weights" bar (and diffusers' "Loading checkpoint shards" for a sharded transformer). All are silenced where
     they are raised; ``SDCORE_VERBOSE=1`` shows them again. A fresh process: each warns once per process."""
     import os
     import subprocess
     import sys
 
+    if model.startswith("folder:"):
+        model = _flow_folder(tmp_path, model.removeprefix("folder:"))
     code = "from sdcore.cli import main; main()"
     env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
     for verbose in (False, True):

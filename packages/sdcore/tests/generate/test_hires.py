@@ -312,3 +312,51 @@ def test_cli_writes_hires_schedule_type_as_the_first_pass_does(tmp_path):
     assert params.extra["Schedule type"] == "SGM Uniform" and params.extra["Hires schedule type"] == "Automatic"
     params = fields("--sampler", "dpm++2m", "--hr-sampler", "dpm++2m")  # same sampler: no hires fields
     assert "Hires sampler" not in params.extra and "Hires schedule type" not in params.extra
+
+
+# Forge's txt2img "Hires CFG Scale" (lllyasviel/stable-diffusion-webui-forge modules/processing.py,
+# StableDiffusionProcessingTxt2Img.hr_cfg; its UI slider starts at the first pass's default, 7): the guidance
+# scale of the second pass alone.
+@pytest.mark.parametrize(("hr_cfg", "second"), [(3.0, 3.0), (None, 7.0)])
+def test_hr_cfg_is_the_second_pass_guidance(sd1, monkeypatch, hr_cfg, second):
+    from sdcore.generate import pipeline
+
+    scales: list[float] = []
+    real = pipeline._hires_run
+
+    def spy(pipe, *args, **kwargs):
+        call = type(pipe).__call__
+
+        def recording(self, *a, **k):
+            scales.append(k["guidance_scale"])
+            return call(self, *a, **k)
+
+        monkeypatch.setattr(type(pipe), "__call__", recording)
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_hires_run", spy)
+    generate_images(sd1, ["a cat"], steps=1, cfg=7.0, seed=1, width=64, height=64,
+                    hires=HiresFix(scale=1, steps=1, cfg=hr_cfg))  # fmt: skip
+    assert scales == [second]
+
+
+def test_hr_distilled_cfg_is_only_for_distilled_guidance(sd1):
+    with pytest.raises(ConfigError, match="--hr-distilled-cfg is for guidance-distilled models"):
+        generate_images(sd1, ["x"], steps=1, width=64, height=64, hires=HiresFix(distilled_cfg=3.0))
+    assert HiresFix(cfg=float("nan")).problems() == ["--hr-cfg must be a finite number, got nan"]
+
+
+def test_cli_writes_and_reads_hires_cfg_only_when_it_differs(tmp_path):
+    texts = []
+    for hr_cfg in ("5", "7"):
+        out = tmp_path / f"hr{hr_cfg}.png"
+        result = _invoke(["a cat", "-m", "tiny:sd1", "--steps", "1", "--size", "64x64", "--cfg", "7",
+                          "--hr-cfg", hr_cfg, "--hr-scale", "1", "-o", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with Image.open(out) as image:
+            texts.append(image.info["parameters"])
+    fields = texts[0].splitlines()[-1]
+    # Forge's order: after the hires prompts, before the size fields
+    assert fields.index("Hires CFG Scale: 5") < fields.index("Hires upscale: 1") < fields.index("Hires upscaler")
+    assert parse_parameters(texts[0]).hires_fix() == HiresFix(scale=1.0, cfg=5.0)
+    assert "Hires CFG Scale" not in texts[1] and parse_parameters(texts[1]).hires_fix() == HiresFix(scale=1.0)

@@ -288,3 +288,33 @@ def test_prompt_editing_counts_on_from_the_first_pass(flow_bundles):
     assert len(texts) == 2 + 4
     assert all(torch.equal(texts[0], text) for text in texts[1:5])
     assert not torch.equal(texts[4], texts[5])
+
+
+def test_hr_cfg_and_hr_distilled_cfg_guide_the_second_pass(flow_bundles):
+    """Forge's "Hires Distilled CFG Scale" (modules/processing.py hr_distilled_cfg, given to the hires
+    conditioning as its distilled_cfg_scale) is FLUX.1's embedded guidance in the second pass, and its "Hires
+    CFG Scale" (hr_cfg) the pass's real CFG: above 1, a prompt and a negative call a step."""
+    bundle = flow_bundles("flux")
+    guidance: list[float] = []
+
+    def hook(module, args, kwargs):
+        guidance.append(float(kwargs["guidance"].flatten()[0]))
+
+    handle = bundle.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        generate_images(bundle, ["a cat"], steps=2, cfg=3.5, seed=1, width=32, height=32,
+                        hires=HiresFix(scale=1, steps=2, cfg=2.0, distilled_cfg=1.5))  # fmt: skip
+    finally:
+        handle.remove()
+    assert guidance == [3.5, 3.5] + [1.5] * 4  # one call a step, then prompt and negative a step
+
+
+def test_flux_infotext_writes_forges_hires_cfg_fields_when_they_differ():
+    hires = HiresFix(cfg=2.0, distilled_cfg=1.5)
+    fields = hires.infotext_fields("a", "", "euler", cfg=1.0, distilled_cfg=3.5)
+    assert fields["Hires CFG Scale"] == 2.0 and fields["Hires Distilled CFG Scale"] == 1.5
+    same = hires.infotext_fields("a", "", "euler", cfg=2.0, distilled_cfg=1.5)
+    assert "Hires CFG Scale" not in same and "Hires Distilled CFG Scale" not in same
+    text = "a\nSteps: 2, Sampler: Euler, CFG scale: 1, Seed: 1, Size: 32x32, Distilled CFG Scale: 3.5, "
+    text += "Denoising strength: 0.7, Hires CFG Scale: 2, Hires Distilled CFG Scale: 1.5, Hires upscale: 2"
+    assert parse_parameters(text).hires_fix() == HiresFix(cfg=2.0, distilled_cfg=1.5)

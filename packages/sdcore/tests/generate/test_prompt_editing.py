@@ -54,6 +54,28 @@ def test_when_values_nesting_and_literal_text(prompt, expected):
     assert prompt_schedule(prompt, 20) == expected
 
 
+# A1111's grammar (modules/prompt_parser.py:25 at 28bd8e1, the plain rule) reads a backslash only as ``\\.``,
+# an escape of one character other than a line break; a lone one at the end or before a line break fails the
+# whole parse, and get_learned_conditioning_prompt_schedules (:130) then returns the prompt as written for
+# every step.
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a [b:c:5] \\", [(20, "a [b:c:5] \\")]),
+        ("a [b:c:5] \\\nd", [(20, "a [b:c:5] \\\nd")]),
+        ("a [b\\\n:c:5]", [(20, "a [b\\\n:c:5]")]),  # inside a group too
+        ("(\\\n)[a:b:3]", [(20, "(\\\n)[a:b:3]")]),
+        ("\\", [(20, "\\")]),
+        # an escaped backslash, or one before any other character (a carriage return too), is text
+        ("a [b:c:5] \\\\", [(5, "a b \\\\"), (20, "a c \\\\")]),
+        ("a [b:c:5] \\\r\nd", [(5, "a b \\\r\nd"), (20, "a c \\\r\nd")]),
+        ("a\\b [b:c:5]", [(5, "a\\b b"), (20, "a\\b c")]),
+    ],
+)
+def test_a_backslash_escaping_nothing_fails_the_parse(prompt, expected):
+    assert prompt_schedule(prompt, 20) == expected
+
+
 def test_each_denoiser_call_reads_the_first_entry_that_has_not_ended():
     schedule = prompt_schedule("[cat:dog:10]", 20)
     texts = [text_at_call(schedule, call) for call in range(23)]

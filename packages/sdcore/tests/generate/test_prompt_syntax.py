@@ -68,7 +68,6 @@ def test_documented_examples(text, expected):
         ("(word:0.25)", [("word", 0.25)]),
         ("(word: 1.5 )", [("word", 1.5)]),
         ("(word:-1)", [("word", -1.0)]),
-        ("(word:1e-1)", [("word", 0.1)]),
         ("(word:.5)", [("word", 0.5)]),
         ("((word:2))", [("word", 2.2)]),
         ("[(word:2)]", [("word", 2 / 1.1)]),
@@ -78,12 +77,22 @@ def test_documented_examples(text, expected):
         ("a) b]", [("a) b]", 1.0)]),
         ("[unclosed", [("unclosed", 1 / 1.1)]),
         ("\\\\", [("\\", 1.0)]),
-        ("a\\b", [("a\\b", 1.0)]),  # a lone backslash stays literal
         ("(\\(x\\):1.5)", [("(x)", 1.5)]),
         ("()", [("", 1.0)]),
     ],
 )
 def test_emphasis_cases(text, expected):
+    _close(parse_emphasis(text), expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("a\\b", [("ab", 1.0)]), ("C:\\x\\", [("C:x", 1.0)]), ("(a\\ b)", [("a b", 1.1)]), ("\\", [("", 1.0)])],
+)
+def test_a_lone_backslash_is_dropped(text, expected):
+    # A1111's parse_prompt_attention (modules/prompt_parser.py:421 at 28bd8e1) keeps what follows the backslash
+    # of any token starting with one: nothing for the lone-backslash token; kohya's weighted captions alike
+    # (library/strategy_base.py parse_prompt_attention)
     _close(parse_emphasis(text), expected)
 
 
@@ -112,9 +121,45 @@ def test_strict_mode_rejects_unbalanced():
     ]
 
 
+# A1111's re_attention (modules/prompt_parser.py:361 at 28bd8e1) reads a weight as ``:\s*([+-]?[.\d]+)\s*\)``:
+# digits, dots and a sign only. An exponent ends that match, the ':' is then a lone literal token and the
+# ')' closes the bracket at 1.1; spaces around the number are allowed.
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("(x:1e-1)", [("x:1e-1", 1.1)]),
+        ("a (x:1E2) b", [("a ", 1.0), ("x:1E2", 1.1), (" b", 1.0)]),
+        ("(x:-1)", [("x", -1.0)]),
+        ("(x:+.5)", [("x", 0.5)]),
+        ("(x:.5)", [("x", 0.5)]),
+        ("(x:2.)", [("x", 2.0)]),
+        ("(x: 1.2)", [("x", 1.2)]),
+        ("(x:\t1.2 \n)", [("x", 1.2)]),
+        ("(x:1 .2)", [("x:1 .2", 1.1)]),  # a space inside the number: no weight
+        ("x:1.2.3) y", [("x:1.2.3) y", 1.0)]),  # no bracket open: the text stays, as in A1111
+    ],
+)
+def test_emphasis_weight_is_a1111s_pattern(text, expected):
+    _close(parse_emphasis(text), expected)
+
+
+@pytest.mark.parametrize("text", ["(x:1.2.3)", "(x:.)", "(x:-.)", "(x:1..)"])
+def test_a_weight_of_digits_and_dots_that_is_no_number_is_config_error(text):
+    # A1111 matches these as a weight and float() raises (modules/prompt_parser.py:428 at 28bd8e1)
+    with pytest.raises(ConfigError, match="invalid emphasis weight"):
+        parse_emphasis(text)
+
+
 def test_non_finite_weight_is_config_error():
-    with pytest.raises(ConfigError):
-        parse_emphasis("(a:1e999)")
+    with pytest.raises(ConfigError, match="finite"):
+        parse_emphasis("(a:" + "9" * 400 + ")")
+
+
+@pytest.mark.parametrize("weight", [1e-5, 5e-324, 1.5e20, -2.5e-7, 0.1])
+def test_format_writes_weights_the_parser_reads(weight):
+    text = format_emphasis([Chunk("a", weight)])
+    assert "e" not in text.lower().replace("a", "", 1)
+    assert parse_emphasis(text) == [("a", weight)]
 
 
 # --- networks -----------------------------------------------------------------------------

@@ -223,6 +223,33 @@ def test_out_of_memory_while_sampling_names_the_sampling_not_the_next_step(tmp_p
                             "(continue with --resume latest)")  # fmt: skip
 
 
+@pytest.mark.parametrize("where", ["on_step_end", "ema"])
+def test_out_of_memory_right_after_a_step_names_that_step(tmp_path, monkeypatch, where):
+    """The method's step end (or the --ema update) runs after step 2's update and the step count: an allocator
+    running out there finishes step 2, not "in step 3" (which never started)."""
+    from sdcore.train import ema
+
+    def _runs_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    class _EndRunsOut(ConvOutMethod):
+        def on_step_end(self, bundle, step):
+            if step == 2:
+                _runs_out()
+            return super().on_step_end(bundle, step)
+
+    if where == "ema":
+        monkeypatch.setattr(ema.WeightEMA, "update", lambda self, step: _runs_out() if step == 2 else None)
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, "ema": where == "ema"})
+    method = _EndRunsOut(o) if where == "on_step_end" else ConvOutMethod(o)
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        train(method, bundle=create_tiny_bundle("sd1"))
+    message = str(info.value)
+    assert message.startswith("out of memory while finishing step 2;"), message
+    assert message.endswith(f"The resumable state is in {tmp_path / 'run' / 'result-state' / 'step-00000002'} "
+                            "(continue with --resume latest)")  # fmt: skip
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_the_state_saved_at_an_out_of_memory_resumes_exactly(tmp_path, accumulation):
     """Out of memory in step 3 (with accumulation: in its second micro-batch, after the first one's backward):

@@ -135,6 +135,18 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--hr-prompt", default=None, help="Hires pass prompt (default: PROMPT).")
 @click.option("--hr-negative", default=None, help="Hires pass negative prompt (default: --negative).")
 @click.option("--hr-sampler", default=None, help="Hires pass sampler (default: --sampler).")
+@click.option(
+    "--hr-cfg",
+    default=None,
+    type=float,
+    help="Forge's Hires CFG Scale: the hires pass's CFG (FLUX.1: its true CFG) (default: the first pass's).",
+)
+@click.option(
+    "--hr-distilled-cfg",
+    default=None,
+    type=float,
+    help="Forge's Hires Distilled CFG Scale (FLUX.1): the hires pass's embedded guidance (default: --cfg).",
+)
 @click.option("--clip-skip", default=1, show_default=True, type=click.IntRange(1, 12), help="1 = last CLIP layer.")
 @click.option(
     "--models-dir",
@@ -331,7 +343,17 @@ def _run_generate(params: dict[str, Any]) -> None:
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
-            extra.update(hires.infotext_fields(params["prompt"], params["negative"], sampler, bundle))
+            first_cfg = params["true_cfg_scale"] if distilled else params["cfg"]  # the "CFG scale" written
+            extra.update(
+                hires.infotext_fields(
+                    params["prompt"],
+                    params["negative"],
+                    sampler,
+                    bundle,
+                    cfg=first_cfg,
+                    distilled_cfg=params["cfg"] if distilled else None,
+                )
+            )
         extra.update(infos[index] if index < len(infos) else {})
         extra["Version"] = f"sdcore {__version__}"
         text = format_parameters(
@@ -359,6 +381,8 @@ _HIRES_OPTIONS = (
     "hr_prompt",
     "hr_negative",
     "hr_sampler",
+    "hr_cfg",
+    "hr_distilled_cfg",
 )
 
 
@@ -380,6 +404,8 @@ def _hires_settings(params: dict[str, Any]) -> Any:
         prompt=params["hr_prompt"],
         negative_prompt=params["hr_negative"],
         sampler=params["hr_sampler"],
+        cfg=params["hr_cfg"],
+        distilled_cfg=params["hr_distilled_cfg"],
     )
 
 

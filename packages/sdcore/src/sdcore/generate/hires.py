@@ -43,7 +43,9 @@ flow predictor of ``backend/modules/k_prediction.py``; facts rewritten here):
   the target is rounded down to a multiple of 16 pixels where the SD families round to 8 (1.5 x 496 = 744
   gives 736; a "Hires resize" crop counts 16-pixel units). Forge pads the odd latent and makes 744.
 - Each family's pipeline runs the pass (:class:`FlowStart`, :func:`flow_second_pass`): the prompt
-  encoding, CFG, true CFG, distilled guidance and masks are those of its first pass.
+  encoding, CFG, true CFG, distilled guidance and masks are those of its first pass (Forge's "Hires CFG
+  Scale" and, on FLUX.1, "Hires Distilled CFG Scale" replace the CFG and the distilled guidance: ``HiresFix.cfg``,
+  ``HiresFix.distilled_cfg``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class HiresFix:
 
     ``prompt``/``negative_prompt``/``sampler`` ``None``: the first pass's. ``steps`` 0: the first pass's.
     ``resize_x``/``resize_y`` (0 = unset) take over from ``scale`` when either is set.
+
+    ``cfg`` and ``distilled_cfg`` are Forge's "Hires CFG Scale" and "Hires Distilled CFG Scale" (its txt2img
+    ``hr_cfg``/``hr_distilled_cfg``), ``None``: the first pass's. ``cfg`` is the pass's real CFG scale (on
+    FLUX.1 its true CFG, ``--true-cfg-scale``), ``distilled_cfg`` FLUX.1's embedded guidance (its ``--cfg``).
     """
 
     scale: float = DEFAULT_SCALE
@@ -105,6 +111,8 @@ class HiresFix:
     prompt: str | None = None
     negative_prompt: str | None = None
     sampler: str | None = None
+    cfg: float | None = None
+    distilled_cfg: float | None = None
 
     def problems(self) -> list[str]:
         """Everything wrong with these settings, one line each (checked before a model loads)."""
@@ -121,6 +129,9 @@ class HiresFix:
             found.append(f"--hr-steps must be 0 (the first pass's) or more, got {self.steps}")
         if not 0.0 <= self.denoising_strength <= 1.0:
             found.append(f"--denoising-strength must be in [0, 1], got {self.denoising_strength}")
+        for option, value in (("--hr-cfg", self.cfg), ("--hr-distilled-cfg", self.distilled_cfg)):
+            if value is not None and not math.isfinite(value):
+                found.append(f"{option} must be a finite number, got {value}")
         if self.sampler is not None:
             from .pipeline import sampler_id
 
@@ -165,12 +176,22 @@ class HiresFix:
         return int(run / min(self.denoising_strength, 0.999)), run
 
     def infotext_fields(
-        self, prompt: str, negative_prompt: str, sampler: str, bundle: ModelBundle | None = None
+        self,
+        prompt: str,
+        negative_prompt: str,
+        sampler: str,
+        bundle: ModelBundle | None = None,
+        *,
+        cfg: float | None = None,
+        distilled_cfg: float | None = None,
     ) -> dict[str, Any]:
         """A1111's infotext fields for this pass, in A1111's order ("Denoising strength" is placed by the
         caller where A1111 writes it): "Hires sampler"/"Hires prompt"/"Hires negative prompt" only when they
-        differ from the first pass's, "Hires upscale" or "Hires resize", "Hires steps" when set, "Hires
-        upscaler".
+        differ from the first pass's, then Forge's "Hires CFG Scale"/"Hires Distilled CFG Scale" when they
+        differ from the first pass's ``cfg`` ("CFG scale") and ``distilled_cfg`` ("Distilled CFG Scale"),
+        "Hires upscale" or "Hires resize", "Hires steps" when set, "Hires upscaler". (Forge writes its two on
+        every hires image; an infotext without them reads as the first pass's values here, and A1111, which
+        has no hires CFG, gets the fields it knows.)
 
         With ``bundle``, a differing hires sampler also gets "Hires schedule type", decided as the first
         pass's "Schedule type" is (:func:`~sdcore.generate.pipeline.schedule_type_field`): A1111 1.9+ reads
@@ -192,6 +213,10 @@ class HiresFix:
             fields["Hires prompt"] = self.prompt
         if self.negative_prompt is not None and self.negative_prompt != negative_prompt:
             fields["Hires negative prompt"] = self.negative_prompt
+        if self.cfg is not None and self.cfg != cfg:
+            fields["Hires CFG Scale"] = float(self.cfg)
+        if self.distilled_cfg is not None and self.distilled_cfg != distilled_cfg:
+            fields["Hires Distilled CFG Scale"] = float(self.distilled_cfg)
         if self.resize_x == 0 and self.resize_y == 0:
             fields["Hires upscale"] = float(self.scale)
         else:
@@ -230,6 +255,8 @@ def hires_from_fields(fields: dict[str, str], sampler: str | None = None) -> Hir
             prompt=fields.get("Hires prompt"),
             negative_prompt=fields.get("Hires negative prompt"),
             sampler=None if hires_sampler in (None, "Use same sampler", sampler) else hires_sampler,
+            cfg=float(fields["Hires CFG Scale"]) if "Hires CFG Scale" in fields else None,
+            distilled_cfg=float(fields["Hires Distilled CFG Scale"]) if "Hires Distilled CFG Scale" in fields else None,
         )
     except ValueError as exc:
         raise ConfigError(f"infotext hires fields are invalid: {exc}") from exc

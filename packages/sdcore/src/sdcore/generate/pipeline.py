@@ -343,6 +343,7 @@ def generate_images(
     family_generate = None
     pipe: Any = None
     hr_pipe: Any = None
+    hr_cfg, hr_true_cfg = _hires_guidance(adapter, hires, cfg, true_cfg_scale)
     first_scheduler: Any = None
     if isinstance(adapter, SdUnetAdapter):
         if true_cfg_scale != 1.0:
@@ -363,7 +364,7 @@ def generate_images(
             if bundle.family_spec.denoiser == "unet":
                 raise ConfigError(f"the hires fix does not run on {bundle.family} models")
             hr_sampler = flow_sampler_id(hires.sampler or sampler, bundle.family)  # before the first pass
-            hr_pipe = _family_run(family_generate, hr_sampler, true_cfg_scale)
+            hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg)
             first_scheduler = FLOW_SAMPLERS[flow_sampler_id(sampler, bundle.family)]  # its order counts steps
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
@@ -377,7 +378,7 @@ def generate_images(
                 "seeds": [seed + i for i in indices],
                 "first_steps": steps,
                 "first_scheduler": first_scheduler,
-                "cfg": cfg,
+                "cfg": hr_cfg,
                 "width": width,
                 "height": height,
                 "clip_skip": clip_skip,
@@ -454,6 +455,26 @@ def _apply_networks(
         for key, value in applied.info.items():
             info.setdefault(key, value)
     return prompts, negatives
+
+
+def _hires_guidance(adapter: Any, hires: HiresFix | None, cfg: float, true_cfg_scale: float) -> tuple[float, float]:
+    """``(cfg, true_cfg_scale)`` of the hires pass: Forge's "Hires CFG Scale" is the pass's real CFG (FLUX.1's
+    true CFG), its "Hires Distilled CFG Scale" FLUX.1's embedded guidance (sdcore's ``cfg`` there); each
+    unset one is the first pass's, as Forge's UI starts its sliders at the first pass's defaults."""
+    if hires is None:
+        return cfg, true_cfg_scale
+    if not getattr(adapter, "distilled_guidance", False):
+        if hires.distilled_cfg is not None:
+            raise ConfigError(
+                "--hr-distilled-cfg is for guidance-distilled models (FLUX.1); this model's hires CFG is --hr-cfg"
+            )
+        return (cfg if hires.cfg is None else hires.cfg), true_cfg_scale
+    if hires.cfg is not None and hires.cfg < 1.0:
+        raise ConfigError(f"--hr-cfg of a FLUX.1 model is its true CFG scale, at least 1; got {hires.cfg}")
+    return (
+        cfg if hires.distilled_cfg is None else hires.distilled_cfg,
+        true_cfg_scale if hires.cfg is None else hires.cfg,
+    )
 
 
 def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0) -> Any:

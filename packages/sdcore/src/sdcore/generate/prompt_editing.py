@@ -13,8 +13,9 @@ The forms, as A1111's ``modules/prompt_parser.py`` reads them (behaviour rewritt
   ``max(1, n)``, so the first two calls both read ``a`` (the same quirk as A1111).
 - Groups nest (``[a:[b:c:5]:2]``), and ``(x)``, ``(x:1.2)``, ``[x]`` emphasis around or inside them is kept
   for the emphasis parser, which reads each rendered text afterwards.
-- A prompt that does not parse (an unmatched bracket inside a group, a ``|`` outside ``[...]``) renders
-  as written at every step, as A1111 does on a grammar error.
+- A prompt that does not parse (an unmatched bracket inside a group, a ``|`` outside ``[...]``, a
+  backslash at the very end or before a line break) renders as written at every step, as A1111 does on a
+  grammar error.
 
 A1111 (and Forge) count denoiser evaluations, not sampler steps: a second-order sampler (Heun, DPM2)
 evaluates the model twice per step, so its edits come at half the step count, in A1111 and here; a CFG
@@ -111,11 +112,18 @@ class _Parser:
         return tuple(nodes)
 
     def plain_end(self, index: int) -> int:
-        """The end of a run of plain text (backslash escapes included) starting at ``index``."""
+        """The end of a run of plain text (backslash escapes included) starting at ``index``. A backslash
+        escapes any one character but a line break: one at the very end or before a line break matches
+        no rule of A1111's grammar, which then fails as a whole."""
         text = self.text
         while index < len(text) and text[index] not in "[]():|":
-            index += 2 if text[index] == "\\" else 1
-        return min(index, len(text))
+            if text[index] == "\\":
+                if index + 1 == len(text) or text[index + 1] == "\n":
+                    raise _Unparsable
+                index += 2
+            else:
+                index += 1
+        return index
 
     def inner(self, index: int, stops: str) -> tuple[tuple[_Node, ...], int]:
         """Nodes up to the first character of ``stops`` (not consumed); anything else special fails."""

@@ -7,10 +7,10 @@ Two independent layers, parsed in this order:
    :class:`~sdcore.generate.networks.NetworkRef` items for the plugin that claims ``tag``.
 2. **Emphasis** on the remaining text: ``(word)`` multiplies the attention weight by 1.1,
    ``[word]`` divides it by 1.1, ``(word:1.3)`` multiplies it by 1.3; brackets nest and multiply;
-   ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal characters; the word ``BREAK`` ends the current
-   75-token chunk. Like A1111 the parser is forgiving: an unclosed bracket applies to the end of
-   the prompt and a stray closing bracket is literal text (``strict=True`` turns both into a
-   :class:`~sdcore.errors.ConfigError`, useful for training captions).
+   ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal characters (any other backslash is dropped, as
+   in A1111); the word ``BREAK`` ends the current 75-token chunk. Like A1111 the parser is forgiving:
+   an unclosed bracket applies to the end of the prompt and a stray closing bracket is literal text
+   (``strict=True`` turns both into a :class:`~sdcore.errors.ConfigError`, useful for training captions).
 
 This is an independent implementation written from the documented behaviour (no A1111 code).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from typing import NamedTuple
 
 from ..errors import ConfigError
@@ -34,9 +35,12 @@ _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
 _NETWORK_RE = re.compile(r"<(\w+):([^<>]*)>")
 _NAMED_ARG_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(.*?)\s*$", re.DOTALL)
 
-# Emphasis tokens: escapes, brackets, a weighted close ``:1.3)``, plain text runs, lone ':' or '\'.
+# Emphasis tokens: escapes, brackets, a weighted close ``:1.3)``, plain text runs, lone ':' or '\'. The weight
+# is A1111's ``[+-]?[.\d]+`` (modules/prompt_parser.py ``re_attention``), not a general number: ``(x:1e-1)`` is
+# the literal text ``x:1e-1`` at 1.1, and a run of digits and dots that is no number (``(x:1.2.3)``) fails
+# there (a ValueError) and is a ConfigError here.
 _EMPHASIS_TOKEN_RE = re.compile(
-    rf"\\[()\[\]\\]|\(|\[|:\s*({_NUMBER})\s*\)|\)|\]|[^\\()\[\]:]+|:|\\",
+    r"\\[()\[\]\\]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:|\\",
 )
 _BREAK_RE = re.compile(rf"\s*\b{BREAK}\b\s*")
 
@@ -143,14 +147,14 @@ def parse_emphasis(text: str, *, strict: bool = False, breaks: bool = True) -> l
     for match in _EMPHASIS_TOKEN_RE.finditer(text):
         token = match.group(0)
         weight = match.group(1)
-        if len(token) == 2 and token[0] == "\\":
-            pieces.append([token[1], 1.0])
+        if token[0] == "\\":
+            pieces.append([token[1:], 1.0])  # a lone backslash escapes nothing and is dropped, as in A1111
         elif token == "(":
             round_open.append(len(pieces))
         elif token == "[":
             square_open.append(len(pieces))
         elif weight is not None and round_open:
-            _scale(round_open.pop(), _finite(float(weight), token))
+            _scale(round_open.pop(), _emphasis_weight(weight, token))
         elif token == ")" and round_open:
             _scale(round_open.pop(), ROUND_MULTIPLIER)
         elif token == "]" and square_open:
@@ -185,7 +189,11 @@ def parse_emphasis(text: str, *, strict: bool = False, breaks: bool = True) -> l
     return result or [Chunk("", 1.0)]
 
 
-def _finite(value: float, token: str) -> float:
+def _emphasis_weight(weight: str, token: str) -> float:
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ConfigError(f"invalid emphasis weight {weight!r} in {token!r}: expected a number such as 1.2") from None
     if not math.isfinite(value):
         raise ConfigError(f"invalid emphasis weight in {token!r}: the weight must be finite")
     return value
@@ -210,8 +218,14 @@ def format_emphasis(chunks: list[Chunk] | list[tuple[str, float]]) -> str:
         elif weight == 1.0:
             out.append(escape_emphasis(text))
         else:
-            out.append(f"({escape_emphasis(text)}:{weight!r})")
+            out.append(f"({escape_emphasis(text)}:{_positional(weight)})")
     return "".join(out)
+
+
+def _positional(value: float) -> str:
+    """``value`` without an exponent (the emphasis weight pattern takes digits and dots only), in as many
+    digits as ``repr`` uses, so it reads back to the same float."""
+    return f"{Decimal(repr(value)):f}"
 
 
 def split_breaks(chunks: list[Chunk]) -> list[list[Chunk]]:

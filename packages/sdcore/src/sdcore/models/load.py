@@ -430,23 +430,32 @@ def stored_dtype(component: Path) -> Any:
 @contextlib.contextmanager
 def quiet_transformers_loading() -> Iterator[None]:
     """transformers 5's ``from_pretrained`` draws a "Loading weights" bar on stderr for every text encoder, in
-    a command that has its own output (``sdcore generate -m toyworld:`` printed it before the image's line).
-    Its bars are off while the encoders load and as they were after; ``SDCORE_VERBOSE=1`` keeps them (as
-    :func:`~sdcore.generate.flow_samplers.quiet_pipeline_import` keeps transformers' warnings)."""
+    a command that has its own output (``sdcore generate -m toyworld:`` printed it before the image's line),
+    and diffusers' draws "Loading checkpoint shards" for a model saved in several files (FLUX.1's and
+    Chroma's transformers). Both libraries' bars are off while the parts load and as they were after;
+    ``SDCORE_VERBOSE=1`` keeps them (as :func:`~sdcore.generate.flow_samplers.quiet_pipeline_import` keeps
+    transformers' warnings)."""
     import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    if os.environ.get("SDCORE_VERBOSE") or not transformers_logging.is_progress_bar_enabled():
+    if os.environ.get("SDCORE_VERBOSE"):
         yield
         return
+    transformers_on = transformers_logging.is_progress_bar_enabled()
+    diffusers_on = diffusers_logging.is_progress_bar_enabled()
     hub_disabled = huggingface_hub.utils.are_progress_bars_disabled()
     transformers_logging.disable_progress_bar()  # turns the Hub's bars off too
+    diffusers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        transformers_logging.enable_progress_bar()
-        if hub_disabled:
-            huggingface_hub.utils.disable_progress_bars()
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+            if hub_disabled:
+                huggingface_hub.utils.disable_progress_bars()
+        if diffusers_on:
+            diffusers_logging.enable_progress_bar()
 
 
 def read_diffusers(

@@ -335,7 +335,10 @@ def _load_t5_folder(folder: Path, dtype: Any) -> Any:
         config = candidate / "config.json"
         if config.is_file() and _read_config(candidate).get("model_type") == "t5":
             try:
-                model = T5EncoderModel.from_pretrained(str(candidate), local_files_only=True, dtype=dtype)
+                from .load import quiet_transformers_loading
+
+                with quiet_transformers_loading():  # no "Loading weights" bar in a command's output
+                    model = T5EncoderModel.from_pretrained(str(candidate), local_files_only=True, dtype=dtype)
             except (OSError, ValueError) as exc:
                 raise ModelFormatError(f"{candidate}: cannot read T5 encoder ({exc})") from None
             model.eval()

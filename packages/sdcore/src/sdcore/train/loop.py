@@ -109,6 +109,10 @@ def load_bundle(options: TrainOptions, plugin_manager: Any = None) -> ModelBundl
     return load_model(options.model, pm=pm, **given_parts(options))
 
 
+#: the phase (:meth:`TrainSession._during`) of the work after a step's update: ``on_step_end``, the EMA update
+_FINISHING = "finishing"
+
+
 class TrainSession:
     """One training run. ``train()`` is ``TrainSession(method).run()``; tests and the contract
     suite use the pieces (``setup``, ``make_batch``, ``fixed_loss``) directly."""
@@ -136,7 +140,16 @@ class TrainSession:
 
     # -- setup: every part, in order -----------------------------------------------------------
     def setup(self) -> None:
-        """Validate, load, prepare, build data, caches, optimizer; restore a state when resuming."""
+        """Validate, load, prepare, build data, caches, optimizer; restore a state when resuming. A failure
+        puts torch's attention setting back (process-wide: a caller that catches the error goes on with it)."""
+        try:
+            self._setup()
+        except BaseException:
+            self._restore_attention()
+            self._restore_attention = lambda: None
+            raise
+
+    def _setup(self) -> None:
         import torch
 
         from .attention import restrict_attention_kernels
@@ -560,9 +573,10 @@ class TrainSession:
                 pos.step += 1
                 pos.batch += len(group)
                 self.losses.append(outcome.loss)
-                method_logs = self.method.on_step_end(self.bundle, pos.step)
-                if self.ema is not None and outcome.stepped:  # the weights as the step (and the method) left them
-                    self.ema.update(pos.step)
+                with self._during(_FINISHING):  # an error here ends step pos.step, not one that never started
+                    method_logs = self.method.on_step_end(self.bundle, pos.step)
+                    if self.ema is not None and outcome.stepped:  # the weights as the step (and method) left them
+                        self.ema.update(pos.step)
                 lr = float(self.scheduler.get_last_lr()[0])
                 logs = self.progress.step(pos.step, pos.epoch, outcome.loss, lr, extra=method_logs)
                 if self.memory_watch is not None:
@@ -714,6 +728,8 @@ class TrainSession:
             release_failed_step(exc)
         if not self._setup_done:
             where = "while loading the model and setting up"
+        elif self._phase == _FINISHING:  # the method's step end or the --ema update of the step just taken
+            where = f"while finishing step {self.position.step}"
         elif self._phase is not None:  # between steps: after the last finished one
             where = f"while {self._phase} " + (
                 f"after step {self.position.step}" if self.position.step else "before the first step"

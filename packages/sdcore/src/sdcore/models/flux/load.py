@@ -277,10 +277,13 @@ def load_clip_l(path: str | os.PathLike[str], *, dtype: Any = None) -> Any:
         folder = _component_folder(file, ("text_encoder",))
         if folder is None:
             raise ModelFormatError(f"{file}: no CLIP text encoder folder here (config.json)")
+        from ..load import quiet_transformers_loading
+
         try:
-            module = transformers.CLIPTextModel.from_pretrained(
-                str(folder), local_files_only=True, dtype=_folder_dtype(folder, target)
-            )
+            with quiet_transformers_loading():  # no "Loading weights" bar in a command's output
+                module = transformers.CLIPTextModel.from_pretrained(
+                    str(folder), local_files_only=True, dtype=_folder_dtype(folder, target)
+                )
         except (OSError, ValueError) as exc:
             raise ModelFormatError(f"{folder}: cannot read CLIP text encoder ({exc})") from None
         return module.eval()
@@ -340,7 +343,7 @@ def read_folder_components(
     ``wanted`` name -> class that ``model_index.json`` lists (``transformer`` always), in ``dtype`` (``"auto"``: the
     dtype each component stores). diffusers models read ``subfolder=``, transformers models their own folder. A
     component that cannot be read is a one-line :class:`ModelFormatError` naming the ``label`` folder."""
-    from ..load import stored_dtype
+    from ..load import quiet_transformers_loading, stored_dtype
 
     def target(component: str) -> Any:
         if dtype == "auto":
@@ -352,12 +355,13 @@ def read_folder_components(
         for name, cls in wanted.items():
             if name != "transformer" and not (index.get(name) or [None])[0]:
                 continue
-            if cls.__module__.startswith("transformers"):
-                parts[name] = cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name))
-            else:
-                parts[name] = cls.from_pretrained(
-                    folder, subfolder=name, local_files_only=True, torch_dtype=target(name)
-                )
+            with quiet_transformers_loading():  # no library progress bars in a command's output
+                if cls.__module__.startswith("transformers"):
+                    parts[name] = cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name))
+                else:
+                    parts[name] = cls.from_pretrained(
+                        folder, subfolder=name, local_files_only=True, torch_dtype=target(name)
+                    )
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFormatError(f"{folder}: cannot read {label} diffusers folder ({first})") from None

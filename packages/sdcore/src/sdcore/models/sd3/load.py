@@ -227,8 +227,13 @@ def _encoder_from_path(path: str | os.PathLike[str], kind: str, dtype: Any) -> A
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         if config.get("model_type") not in ("clip_text_model", "clip"):
             raise ModelFormatError(f"{where}: not a CLIP text encoder folder (model_type {config.get('model_type')!r})")
+        from ..load import quiet_transformers_loading
+
         try:
-            module = transformers.CLIPTextModelWithProjection.from_pretrained(where, local_files_only=True, dtype=dtype)
+            with quiet_transformers_loading():  # no "Loading weights" bar in a command's output
+                module = transformers.CLIPTextModelWithProjection.from_pretrained(
+                    where, local_files_only=True, dtype=dtype
+                )
         except (OSError, ValueError) as exc:
             raise ModelFormatError(f"{where}: cannot read {kind} folder ({str(exc).splitlines()[0]})") from None
         return module.eval()
@@ -502,7 +507,7 @@ def read_sd3_diffusers(
     import transformers
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    from ..load import _read_json, resolve_dtype, stored_dtype
+    from ..load import _read_json, quiet_transformers_loading, resolve_dtype, stored_dtype
 
     folder = Path(path)
     index = _read_json(folder / "model_index.json")
@@ -512,28 +517,33 @@ def read_sd3_diffusers(
             return stored_dtype(folder / component) or torch.float32
         return resolve_dtype(dtype) or torch.float32
 
-    try:
-        transformer = SD3Transformer2DModel.from_pretrained(
-            folder, subfolder="transformer", local_files_only=True, torch_dtype=target("transformer")
-        )
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=target("vae"))
-        encoders = []
-        tokenizers = []
-        for name, tok in (
-            ("text_encoder", "tokenizer"),
-            ("text_encoder_2", "tokenizer_2"),
-            ("text_encoder_3", "tokenizer_3"),
-        ):
-            entry = index.get(name)
-            if not entry or entry[0] is None:
-                raise ModelFormatError(f"{folder}: SD3 folder without {name} (sdcore needs all three text encoders)")
-            cls = getattr(transformers, entry[1])
-            encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)).eval())
-            tok_cls = getattr(transformers, index[tok][1])
-            tokenizers.append(tok_cls.from_pretrained(folder / tok, local_files_only=True))
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFormatError(f"{folder}: cannot read SD3 diffusers folder ({first})") from None
+    with quiet_transformers_loading():  # no library progress bars in a command's output
+        try:
+            transformer = SD3Transformer2DModel.from_pretrained(
+                folder, subfolder="transformer", local_files_only=True, torch_dtype=target("transformer")
+            )
+            vae = AutoencoderKL.from_pretrained(
+                folder, subfolder="vae", local_files_only=True, torch_dtype=target("vae")
+            )
+            encoders = []
+            tokenizers = []
+            for name, tok in (
+                ("text_encoder", "tokenizer"),
+                ("text_encoder_2", "tokenizer_2"),
+                ("text_encoder_3", "tokenizer_3"),
+            ):
+                entry = index.get(name)
+                if not entry or entry[0] is None:
+                    raise ModelFormatError(
+                        f"{folder}: SD3 folder without {name} (sdcore needs all three text encoders)"
+                    )
+                cls = getattr(transformers, entry[1])
+                encoders.append(cls.from_pretrained(folder / name, local_files_only=True, dtype=target(name)).eval())
+                tok_cls = getattr(transformers, index[tok][1])
+                tokenizers.append(tok_cls.from_pretrained(folder / tok, local_files_only=True))
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFormatError(f"{folder}: cannot read SD3 diffusers folder ({first})") from None
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     bundle = make_bundle(
         transformer.eval(), vae.eval(), encoders, tokenizers,

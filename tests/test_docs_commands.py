@@ -91,7 +91,7 @@ def fenced_blocks(text: str) -> list[Block]:
         j = i - 1
         while j >= 0 and not lines[j].strip():
             j -= 1
-        while j >= 0 and lines[j].strip() and len(para) < 8:
+        while j >= 0 and lines[j].strip() and not _FENCE.match(lines[j]) and len(para) < 8:
             para.insert(0, lines[j])
             j -= 1
         body: list[tuple[int, str]] = []
@@ -386,50 +386,61 @@ def test_every_sdcore_command_in_the_docs_exists(checker: CliChecker) -> None:
     assert not problems, f"{len(problems)} problem(s) in the docs' commands:\n" + "\n".join(problems)
 
 
-def test_every_import_in_the_docs_works(checker: CliChecker) -> None:
-    problems: list[str] = []
-    checked = 0
+def import_problem(statement: str, where: str) -> str | None:
+    """Run one import statement (with the docs' example plugin importable); the error, or None."""
     sys.path.insert(0, str(EXAMPLE_SRC))
     try:
-        for path in doc_files():
-            for block in fenced_blocks(path.read_text()):
-                if block.lang not in ("python", "py", "pycon"):
-                    continue
-                for lineno, statement in import_statements(block):
-                    checked += 1
-                    try:
-                        exec(compile(statement, f"{_rel(path)}:{lineno}", "exec"), {})
-                    except Exception as exc:  # ImportError, or a module failing as it imports
-                        problems.append(f"{_rel(path)}:{lineno}: {statement}: {type(exc).__name__}: {exc}")
+        exec(compile(statement, where, "exec"), {})
+    except Exception as exc:  # ImportError, or a module failing as it imports
+        return f"{statement}: {type(exc).__name__}: {exc}"
     finally:
         sys.path.remove(str(EXAMPLE_SRC))
+    return None
+
+
+def config_problems(block: Block, methods: dict[str, Any], file: Path) -> list[str]:
+    """What ``sdcore train <method> --config FILE`` finds wrong in a toml block (written to ``file``):
+    an unknown method, unknown keys (with the nearest name), wrong types, kohya names sdcore refuses."""
+    from sdcore.errors import ConfigError
+    from sdcore.train.config import load_options
+
+    method = config_method(block)
+    if method not in methods:
+        return [f"sdcore train {method}: no such training method"]
+    file.write_text("\n".join(t for _, t in block.lines) + "\n")
+    try:
+        load_options(methods[method].load().options_class, file, {}, notes=[])
+    except ConfigError as exc:
+        return [f"sdcore train {method} --config: {p.replace(f'{file}: ', '')}" for p in exc.problems or [str(exc)]]
+    return []
+
+
+def test_every_import_in_the_docs_works() -> None:
+    problems: list[str] = []
+    checked = 0
+    for path in doc_files():
+        for block in fenced_blocks(path.read_text()):
+            if block.lang not in ("python", "py", "pycon"):
+                continue
+            for lineno, statement in import_statements(block):
+                checked += 1
+                problem = import_problem(statement, f"{_rel(path)}:{lineno}")
+                if problem is not None:
+                    problems.append(f"{_rel(path)}:{lineno}: {problem}")
     assert checked > 10, f"only {checked} imports found in the docs"
     assert not problems, f"{len(problems)} import(s) in the docs fail:\n" + "\n".join(problems)
 
 
 def test_every_sdcore_config_in_the_docs_loads(checker: CliChecker, tmp_path: Path) -> None:
-    from sdcore.errors import ConfigError
-    from sdcore.train.config import load_options
-
     problems: list[str] = []
     checked = 0
     methods = checker.obj.pm.methods()
     for path in doc_files():
         for block in fenced_blocks(path.read_text()):
-            method = config_method(block) if block.lang == "toml" else None
-            if method is None:
-                continue
-            checked += 1
-            where = f"{_rel(path)}:{block.line}"
-            if method not in methods:
-                problems.append(f"{where}: sdcore train {method}: no such training method")
-                continue
-            config = tmp_path / f"config{checked}.toml"
-            config.write_text("\n".join(t for _, t in block.lines) + "\n")
-            try:
-                load_options(methods[method].load().options_class, config, {}, notes=[])
-            except ConfigError as exc:
-                problems += [f"{where}: sdcore train {method} --config: {p}" for p in exc.problems or [str(exc)]]
+            if block.lang == "toml" and config_method(block) is not None:
+                checked += 1
+                found = config_problems(block, methods, tmp_path / f"config{checked}.toml")
+                problems += [f"{_rel(path)}:{block.line}: {p}" for p in found]
     assert checked >= 1, "no sdcore --config TOML found in the docs"
     assert not problems, f"{len(problems)} problem(s) in the docs' config files:\n" + "\n".join(problems)
 
@@ -495,14 +506,21 @@ def test_the_checker_reports_every_problem(checker: CliChecker) -> None:
     assert len(found) == 7, text
 
 
-def test_python_and_toml_readers() -> None:
+def test_python_and_toml_readers(checker: CliChecker, tmp_path: Path) -> None:
     doc = (
         "```python\nfrom sdcore.nowhere import (\n    a,  # comment\n    b,\n)\nimport os\nimport sdplugin_mydit\n"
-        "x = 1\n```\n\nRun it with `sdcore train ti --config ti.toml`:\n\n```toml\nlr = 1\n```\n\n"
-        "```toml\n[project]\nname = 'x'\n```\n"
+        "from sdcore.train.config import load_options, no_such_name\nx = 1\n```\n\n"
+        "Run it with `sdcore train ti --config ti.toml`:\n\n```toml\nlr = 'fast'\nvectros = 2\n```\n\n"
+        "```toml\n# sdcore train lroa --config x.toml\nrank = 4\n```\n\n```toml\n[project]\nname = 'x'\n```\n"
     )
-    python, config, pyproject = fenced_blocks(doc)
-    assert import_statements(python) == [(2, "from sdcore.nowhere import ( a, b, )")]
-    with pytest.raises(ImportError):
-        exec(import_statements(python)[0][1], {})
+    python, config, typo, pyproject = fenced_blocks(doc)
+    imports = import_statements(python)
+    assert [n for n, _ in imports] == [2, 8] and imports[0][1] == "from sdcore.nowhere import ( a, b, )"
+    assert "ModuleNotFoundError: No module named 'sdcore.nowhere'" in str(import_problem(imports[0][1], "x"))
+    assert "cannot import name 'no_such_name'" in str(import_problem(imports[1][1], "x"))
+    assert import_problem("from sdcore.train.config import load_options", "x") is None
     assert config_method(config) == "ti" and config_method(pyproject) is None
+    methods = checker.obj.pm.methods()
+    problems = " ".join(config_problems(config, methods, tmp_path / "c.toml"))
+    assert "lr must be float" in problems and "'vectros' (did you mean" in problems, problems
+    assert config_problems(typo, methods, tmp_path / "t.toml") == ["sdcore train lroa: no such training method"]

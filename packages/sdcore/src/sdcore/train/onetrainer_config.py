@@ -660,7 +660,7 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
         elif fmt in ("ORIGINAL_TRANSFORMER", "LEGACY_SAFETENSORS"):
             v["save_format"] = "single-file"
             r.note(f"output_model_format {fmt}: sdcore writes a ComfyUI checkpoint (the transformer's BFL keys "
-                   "under model.diffusion_model., with T5 and the VAE); `sdcore model convert --format bfl` "
+                   "under model.diffusion_model., with T5 and the VAE); `sdcore model convert --to bfl` "
                    "writes the transformer alone, as OneTrainer does")  # fmt: skip
         else:
             r.refuse("output_model_format", fmt, "OneTrainer writes Chroma as DIFFUSERS, ORIGINAL_TRANSFORMER or "

@@ -321,3 +321,21 @@ def test_generate_stderr_has_no_library_noise(tmp_path, model, noise):
             assert noise in done.stderr  # what the quiet run hides is there to hide
         else:
             assert done.stderr == "", done.stderr
+
+
+def test_diffusers_save_stderr_has_no_progress_bar(tmp_path):
+    """Writing a diffusers folder (``model create-tiny``/``model convert``, DreamBooth's diffusers saves, all
+    through ``write_diffusers``) drew transformers' "Writing model shards" bar for each text encoder on
+    stderr; saves are as quiet as loads now. A fresh process, as a user runs the command."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny"
+    code = "from sdcore.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
+    done = subprocess.run([sys.executable, "-c", code, "model", "create-tiny", str(out), "--format", "diffusers"],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    assert done.stderr == "", done.stderr

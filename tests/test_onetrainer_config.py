@@ -684,3 +684,22 @@ def test_lokr_options_map_to_lycoris_lokr(tmp_path):
     assert (o.algo, o.rank, o.lokr_factor, o.decompose_both, o.use_tucker) == ("lokr", 8, 4, True, True)
     o = _load(tmp_path, {**SD15_LORA, "peft_type": "LOKR"})
     assert (o.algo, o.rank, o.decompose_both, o.use_tucker) == ("lokr", 16, False, False)
+
+
+def test_every_resolution_form_onetrainer_reads(tmp_path):
+    """MGDS reads ``resolution`` with Python's int per comma part (mgds 3a6994a src/mgds/pipelineModules/
+    SingleAspectCalculation.py:81, AspectBucketing.py:188-190), and, with aspect_ratio_bucketing, text with an 'x'
+    and no comma as a fixed size WIDTHxHEIGHT that every image covers and is cropped to (AspectBucketing.py:182-208;
+    without bucketing SingleAspectCalculation's int('1024x1024') fails). A square fixed size is sdcore's
+    buckets-off square crop."""
+    o = _load(tmp_path, {**SD15_LORA, "resolution": "+768"})
+    assert (o.resolution, o.resolutions) == (768, "")
+    o = _load(tmp_path, {**SD15_LORA, "resolution": " 512 , 768,512", "latent_caching": False})
+    assert (o.resolution, o.resolutions, o.resolution_draw) == (768, "512,768,512", "epoch")
+    o = _load(tmp_path, {**SD15_LORA, "resolution": "1024x1024", "aspect_ratio_bucketing": True})
+    assert (o.resolution, o.resolutions, o.buckets) == (1024, "", False)
+    text = _problems(tmp_path, {**SD15_LORA, "resolution": "1024x1024", "aspect_ratio_bucketing": False})
+    assert "resolution '1024x1024': OneTrainer reads a fixed size only with aspect_ratio_bucketing" in text
+    text = _problems(tmp_path, {**SD15_LORA, "resolution": "1024x768", "aspect_ratio_bucketing": True})
+    assert "resolution '1024x768': OneTrainer's fixed size" in text and "(e.g. 832)" in text  # isqrt(1024*768)=886
+    assert "'12a'" in _problems(tmp_path, {**SD15_LORA, "resolution": "512,12a"})

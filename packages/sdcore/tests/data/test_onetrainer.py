@@ -254,7 +254,14 @@ def test_everything_sdcore_cannot_reproduce_is_refused_by_name_at_once(tmp_path)
         tmp_path / "c.json",
         [
             concept(folder, type="PRIOR_PREDICTION", image__enable_random_rotate=True, image__enable_fixed_flip=True),
-            concept(folder, image_variations=3, text__caps_randomize_enable=True, image__enable_random_hue=True),
+            concept(
+                folder,
+                image_variations=3,
+                image__enable_resolution_override=True,
+                image__resolution_override="64,96",
+                text__caps_randomize_enable=True,
+                image__enable_random_hue=True,
+            ),
             concept(
                 folder,
                 text__tag_dropout_enable=True,
@@ -283,7 +290,7 @@ def test_everything_sdcore_cannot_reproduce_is_refused_by_name_at_once(tmp_path)
         "concept 0 ('f'): type PRIOR_PREDICTION",
         "concept 0 ('f'): image.enable_random_rotate",
         "concept 0 ('f'): image.enable_fixed_flip",
-        "concept 1 ('f'): image_variations 3",
+        "concept 1 ('f'): image_variations 3 with a resolution list",
         "concept 1 ('f'): text.caps_randomize_enable",
         "concept 1 ('f'): image.enable_random_hue",
         "concept 2 ('f'): text.tag_dropout_mode 'RANDOM WEIGHTED'",
@@ -317,6 +324,58 @@ def test_defaults_settings_away_from_their_switch_are_not_refused(tmp_path):
     )
     (subset,) = index_of(cfg).subsets
     assert subset.tag_dropout == 0.0 and subset.resolution == 96
+
+
+def test_resolution_override_forms_read_as_onetrainer(tmp_path):
+    """MGDS reads a concept's resolution_override like the run's resolution (mgds 3a6994a
+    src/mgds/pipelineModules/AspectBucketing.py:175-190): int() per comma part, and with aspect_ratio_bucketing
+    an 'x' without a comma is a fixed WIDTHxHEIGHT every image covers and is cropped to (:182-208)."""
+    folder = images(tmp_path / "f", ["1.png"])
+
+    def override(value: str, **options: Any):
+        cfg = write_concepts(
+            tmp_path / "c.json",
+            [concept(folder, image__enable_resolution_override=True, image__resolution_override=value)],
+        )
+        return index_of(cfg, **options).subsets[0]
+
+    assert override("+96").resolution == 96  # int("+96")
+    assert (override(" 64, 96").resolution, override(" 64, 96").resolutions) == (96, (64, 96))
+    square = override("128x128")
+    assert (square.resolution, square.resolutions, square.buckets) == (128, (), False)
+    for value, options, needle in [
+        ("96x64", {}, "'96x64': OneTrainer's fixed size (every image scaled to cover 96x64"),
+        ("100x100", {}, "NxN with N a multiple of 64"),
+        ("128x128", {"buckets": False}, "'128x128': OneTrainer reads a fixed size only with aspect_ratio_bucketing"),
+        ("64,", {}, "'' is not a number"),
+    ]:
+        with pytest.raises(DatasetProblems) as info:
+            override(value, **options)
+        (problem,) = info.value.problems
+        assert f"concept 0 ('f'): image.resolution_override {value!r}" in problem and needle in problem, problem
+
+
+def test_image_variations_refused_only_where_sdcore_differs(tmp_path):
+    """OneTrainer caches image_variations copies only with latent caching (OneTrainer 23df3832
+    modules/dataLoader/mixin/DataLoaderText2ImageMixin.py:347,356: the image DiskCache is added only then) and
+    cycles them by epoch (mgds DiskCache.py:137, variation % variations). What a copy fixes that sdcore does not
+    redraw anyway is a resolution list's draw: refused there; elsewhere a note."""
+    folder = images(tmp_path / "f", ["1.png"])
+    listed = {"image__enable_resolution_override": True, "image__resolution_override": "64,96"}
+    cfg = write_concepts(tmp_path / "c.json", [concept(folder, image_variations=4)])
+    index = index_of(cfg)
+    assert len(index.subsets) == 1
+    assert any("image_variations 4: sdcore caches each image once" in s.reason for s in index.skipped)
+    cfg = write_concepts(tmp_path / "c.json", [concept(folder, image_variations=4, **listed)])
+    index = index_of(cfg, cache_latents=False)
+    assert index.subsets[0].resolutions == (64, 96)
+    assert any("image_variations 4: no effect without latent caching" in s.reason for s in index.skipped)
+    with pytest.raises(DatasetProblems) as info:
+        index_of(cfg)
+    assert "image_variations 4 with a resolution list" in info.value.problems[0]
+    cfg = write_concepts(tmp_path / "c.json", [concept(folder, text_variations=2)])
+    with pytest.raises(DatasetProblems, match="text_variations 2"):
+        index_of(cfg)
 
 
 def test_validation_concept_is_held_out_and_presets_point_at_the_file(tmp_path):

@@ -247,7 +247,9 @@ def test_onetrainer_resolution_lists_map_to_resolutions(tmp_path):
     subsets = {s.image_dir: s for s in build_dataset_index(o).subsets}
     assert (subsets[a].resolution, subsets[a].resolutions) == (96, (64, 96))
     assert (subsets[b].resolution, subsets[b].resolutions) == (80, ())
-    with pytest.raises(ConfigError, match=r"resolution '1024x768': sdcore trains at a square area"):
+    with pytest.raises(
+        ConfigError, match=r"resolution '1024x768': OneTrainer's fixed size .* no sdcore equivalent but a square one"
+    ):
         _onetrainer(tmp_path, [{"path": str(a)}], resolution="1024x768")
 
 
@@ -258,7 +260,9 @@ def test_onetrainer_fixed_size_override_is_refused(tmp_path):
     o = _onetrainer(
         tmp_path, [{"path": str(a), "image__enable_resolution_override": True, "image__resolution_override": "96x64"}]
     )
-    with pytest.raises(DatasetProblems, match=r"resolution_override '96x64'.*not a fixed size"):
+    with pytest.raises(
+        DatasetProblems, match=r"resolution_override '96x64': OneTrainer's fixed size .*no sdcore equivalent"
+    ):
         build_dataset_index(o)
 
 

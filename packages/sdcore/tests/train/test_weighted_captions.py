@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 from runtime_methods import ConvOutMethod
-from sdcore.generate.prompt_syntax import parse_emphasis
-from sdcore.models.text import encode_prompts
+from sdcore.generate.prompt_syntax import parse_emphasis, parse_kohya_emphasis
+from sdcore.models.text import encode_prompts, weighted_input_ids
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import contract_options, make_tiny_dataset
 from sdcore.train import kohya
@@ -75,15 +75,57 @@ CAPTIONS = [
     r"\(literal\] brackets",
     "(red:1.5), BREAK, (blue:0.5)",  # kohya knows no BREAK: plain text in training captions
     "([mixed:0.5]), (a)(b)",
+    # kohya's weighted close is ':' digits ')' with nothing between (library/strategy_base.py:35 at
+    # 48d368f): a space after the colon or before the bracket leaves the weight as text at 1.1,
+    # where A1111's generation parser (and sdcore generate) reads 1.3
+    "a (red: 1.3) circle",
+    "a (red:1.3 ) circle, (blue : 0.5)",
+    "[(nested: 2)], ((deep:2) )",
+    "trailing backslash \\",
+    "(x:1.3)) stray, (y:1e-1)",
 ]
 
 
 @pytest.mark.parametrize("caption", CAPTIONS)
 def test_caption_parsing_equals_kohya(caption):
-    ours = [[chunk.text, chunk.weight] for chunk in parse_emphasis(caption, breaks=False)]
+    ours = [[chunk.text, chunk.weight] for chunk in parse_kohya_emphasis(caption)]
     want = kohya_parse(caption)
     assert [t for t, _ in ours] == [t for t, _ in want]
     assert [w for _, w in ours] == pytest.approx([w for _, w in want], rel=1e-12)
+
+
+def test_generation_keeps_a1111_spaces_around_the_weight():
+    """Generation keeps A1111's rule (modules/prompt_parser.py re_attention allows spaces): only
+    training captions follow kohya."""
+    assert parse_emphasis("a (red: 1.3 ) circle") == [("a ", 1.0), ("red", 1.3), (" circle", 1.0)]
+
+
+def _kohya_ids_and_weights(tokenizer, caption: str, chunks: int) -> tuple[list[list[int]], list[list[float]]]:
+    """kohya's weighted tokenization (library/strategy_base.py:174-210 at 48d368f): each parsed run
+    tokenized alone without BOS/EOS, the weight copied per token, cut at 75 per chunk, each chunk
+    BOS + tokens + EOS + padding with BOS/EOS/padding at 1.0."""
+    tokens: list[int] = []
+    weights: list[float] = []
+    for text, weight in kohya_parse(caption):
+        ids = tokenizer(text).input_ids[1:-1]
+        tokens += ids
+        weights += [weight] * len(ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out_ids, out_weights = [], []
+    for index in range(chunks):
+        part, part_w = tokens[index * 75 : (index + 1) * 75], weights[index * 75 : (index + 1) * 75]
+        out_ids.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id] + [pad] * (75 - len(part)))
+        out_weights.append([1.0, *part_w, 1.0] + [1.0] * (75 - len(part_w)))
+    return out_ids, out_weights
+
+
+@pytest.mark.parametrize("caption", CAPTIONS)
+def test_training_tokens_and_weights_equal_kohya(bundles, caption):
+    tokenizer = bundles["sd1"].tokenizers[0]
+    ids, weights = weighted_input_ids(tokenizer, [caption], chunks=1)
+    want_ids, want_weights = _kohya_ids_and_weights(tokenizer, caption, 1)
+    assert ids[0].tolist() == want_ids
+    torch.testing.assert_close(weights[0], torch.tensor(want_weights), rtol=1e-6, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ OneTrainer's meaning for each field (its data loader and the MGDS pipeline it bu
 - ``image.enable_random_flip`` = ``flip_aug`` (a 50 % horizontal flip), ``enable_crop_jitter`` (on by
   default) = ``random_crop`` (a uniform crop offset inside the scaled image's excess),
   ``resolution_override`` = the subset's resolution, or its list of resolutions ("512,768": each
-  image trains at one drawn from it, :mod:`sdcore.data.resolutions`);
+  image trains at one drawn from it, :mod:`sdcore.data.resolutions`), or a square fixed size
+  ("768x768", buckets off; :func:`parse_onetrainer_resolution` reads every form as OneTrainer does);
+- ``image_variations`` (OneTrainer's cached augmented copies): see :func:`_image_variations`;
 - ``loss_weight`` multiplies each sample's loss; ``type`` ``VALIDATION`` holds the whole concept
   out for sdcore's validation loss (never trained), as OneTrainer keeps it out of training;
 - masked training (``--masked-loss``, or a training preset with ``masked_training``): each image's
@@ -51,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from ..train.options import TrainOptions
@@ -355,7 +357,8 @@ def load_concepts(
         except DataError as exc:
             problems.append(str(exc))
             continue
-        subset = _subset(concept, source, base, problems, notes, skipped, masked=masked)
+        cached = defaults.cache_latents if defaults is not None else True
+        subset = _subset(concept, source, base, problems, notes, skipped, masked=masked, cached=cached)
         if subset is not None:
             subsets.append(SubsetOptions(**subset))
     if skipped is not None:
@@ -367,6 +370,61 @@ def load_concepts(
     return subsets
 
 
+#: OneTrainer rounds a fixed size to its bucket grid (``AspectBucketing``'s quantization: 8 for SD1/SD2,
+#: 64 for SDXL, SD3, FLUX.1 and Chroma); a multiple of 64 is kept as written by every family
+FIXED_SIZE_GRID = 64
+
+
+@dataclass(frozen=True)
+class OneTrainerResolution:
+    """A OneTrainer ``resolution`` string read as its data loader reads it: ``sizes`` (one number or a
+    list, each image drawing one) or, for a fixed ``WxH``, ``fixed`` as (width, height)."""
+
+    sizes: tuple[int, ...] = ()
+    fixed: tuple[int, int] | None = None
+
+
+def parse_onetrainer_resolution(raw: object, what: str, *, buckets: bool) -> OneTrainerResolution:
+    """Read a ``resolution`` / ``image.resolution_override`` as MGDS does (``AspectBucketing`` with
+    ``aspect_ratio_bucketing``, ``SingleAspectCalculation`` without): text with an ``x`` and no comma is
+    a fixed size ``W x H`` (bucketing only; without it MGDS fails on it), anything else a comma list read
+    with Python's ``int`` (so `` 512``, ``+512`` and ``1_024`` are numbers there too). Raises
+    :class:`~sdcore.errors.ConfigError` with one line for what sdcore cannot train the same way."""
+    text = str(raw).strip()
+    if "x" in text and "," not in text:
+        width_text, _, height_text = text.partition("x")
+        try:
+            width, height = int(width_text), int(height_text)
+        except ValueError:
+            raise ConfigError(f"{what} {text!r}: a fixed size is WIDTHxHEIGHT such as 1024x768") from None
+        if not buckets:
+            raise ConfigError(
+                f"{what} {text!r}: OneTrainer reads a fixed size only with aspect_ratio_bucketing on (without "
+                "it its data loader fails on it); give one number or a list"
+            )
+        if width != height or width <= 0 or width % FIXED_SIZE_GRID:
+            area = math.isqrt(max(width, 0) * max(height, 0)) // FIXED_SIZE_GRID * FIXED_SIZE_GRID
+            raise ConfigError(
+                f"{what} {text!r}: OneTrainer's fixed size (every image scaled to cover {width}x{height} and "
+                f"cropped to it) has no sdcore equivalent but a square one, NxN with N a multiple of "
+                f"{FIXED_SIZE_GRID}; give one number for buckets of that area (e.g. {area or FIXED_SIZE_GRID})"
+            )
+        return OneTrainerResolution(fixed=(width, height))
+    sizes: list[int] = []
+    for part in text.split(","):
+        try:
+            size = int(part)
+        except ValueError:
+            size = 0
+        if size <= 0:
+            raise ConfigError(
+                f"{what} {text!r}: one number (1024), a comma list (512,768,1024) or, with "
+                f"aspect_ratio_bucketing, a fixed size (1024x1024) is needed ({part.strip()!r} is not a number)"
+            )
+        sizes.append(size)
+    return OneTrainerResolution(sizes=tuple(sizes))
+
+
 def _subset(
     c: Concept,
     source: Path,
@@ -376,9 +434,11 @@ def _subset(
     skipped: list[SkippedFile] | None,
     *,
     masked: bool = False,
+    cached: bool = True,
 ) -> dict[str, Any] | None:
     """The :class:`SubsetOptions` values of one concept (``None`` when it trains nothing); ``masked``:
-    OneTrainer's masked training (each image's ``-masklabel.png`` is its loss mask)."""
+    OneTrainer's masked training (each image's ``-masklabel.png`` is its loss mask); ``cached``: the run
+    caches latents (OneTrainer's ``latent_caching``)."""
     from .dataset import SkippedFile
 
     f, image, text = c.fields, c.image, c.text
@@ -405,12 +465,11 @@ def _subset(
                 problems.append(f"{c.label}: {key}: {why}")
             else:
                 notes.append(f"{c.label}: {key}: no effect without masked training (as in OneTrainer)")
-    for key in ("image_variations", "text_variations"):
-        if f[key] != 1:
-            problems.append(
-                f"{c.label}: {key} {f[key]!r}: sdcore draws a fresh variation every time an image is used "
-                "(it has no fixed set of cached variations); set 1"
-            )
+    if f["text_variations"] != 1:
+        problems.append(
+            f"{c.label}: text_variations {f['text_variations']!r}: sdcore draws a fresh caption every time an "
+            "image is used (its --caption-variants is one count for the whole run); set 1"
+        )
     loss_weight = _number(f["loss_weight"])
     if loss_weight is None or loss_weight < 0:
         problems.append(f"{c.label}: loss_weight must be a finite number >= 0, got {f['loss_weight']!r}")
@@ -431,18 +490,18 @@ def _subset(
         mask_suffix=MASK_SUFFIX if masked else None,
     )
     if image["enable_resolution_override"] is True:
-        from ..errors import ConfigError
-        from .resolutions import parse_resolutions
-
-        raw = str(image["resolution_override"]).strip()
         try:  # the concept's list replaces the run's (a single number: that resolution alone)
-            sizes = parse_resolutions(raw, "image.resolution_override")
-            values.update(resolution=max(sizes), resolutions=sizes if len(sizes) > 1 else ())
-        except ConfigError:
-            problems.append(
-                f"{c.label}: image.resolution_override {raw!r}: sdcore takes a square area (768) or a list of "
-                "them (512,768), not a fixed size (1024x768)"
+            read = parse_onetrainer_resolution(
+                image["resolution_override"], "image.resolution_override", buckets=bool(base.get("buckets", True))
             )
+        except ConfigError as exc:
+            problems.append(f"{c.label}: {exc}")
+        else:
+            if read.fixed is not None:  # NxN: every image covers the square and is cropped, no buckets
+                values.update(resolution=read.fixed[0], resolutions=(), buckets=False)
+            else:
+                values.update(resolution=max(read.sizes), resolutions=read.sizes if len(read.sizes) > 1 else ())
+    _image_variations(c, values, problems, notes, cached=cached)
     source_kind = text["prompt_source"]
     if source_kind not in _SOURCES:
         problems.append(f"{c.label}: text.prompt_source {source_kind!r} is not one of {', '.join(_SOURCES)}")
@@ -474,6 +533,36 @@ def _subset(
     if len(problems) > start or values["repeats"] == 0:
         return None
     return values
+
+
+def _image_variations(
+    c: Concept, values: dict[str, Any], problems: list[str], notes: list[str], *, cached: bool
+) -> None:
+    """``image_variations`` N: OneTrainer's image cache (MGDS ``DiskCache``, only with latent caching) holds N
+    augmented copies of each image (each its own resolution draw, flip, crop jitter and VAE sample) and the
+    epochs go through them in turn. Without latent caching there is no such cache and N changes nothing. With
+    it, what N varies is, in sdcore: the flip, drawn at every use from the two cached latents (more variety
+    than N fixed copies); crop jitter and the colour augmentations, refused with cached latents anyway; and
+    the resolution draw of a list, which sdcore makes once per image for the run: that case is refused."""
+    variations = c.fields["image_variations"]
+    if variations == 1:
+        return
+    if isinstance(variations, bool) or not isinstance(variations, int) or variations < 1:
+        problems.append(f"{c.label}: image_variations must be a whole number >= 1, got {variations!r}")
+        return
+    if not cached:
+        notes.append(f"{c.label}: image_variations {variations}: no effect without latent caching (as in OneTrainer)")
+    elif len(set(values.get("resolutions") or ())) > 1:
+        problems.append(
+            f"{c.label}: image_variations {variations} with a resolution list: OneTrainer caches {variations} "
+            "resolution draws per image and cycles them, sdcore with cached latents draws once per image for the "
+            "run; set 1, or turn latent caching off (sdcore then draws every epoch)"
+        )
+    else:
+        notes.append(
+            f"{c.label}: image_variations {variations}: sdcore caches each image once (both flips, the flip drawn "
+            f"at every use) instead of {variations} fixed copies"
+        )
 
 
 def _repeats(c: Concept, directory: Path, problems: list[str], notes: list[str]) -> int:

@@ -12,6 +12,10 @@ Two independent layers, parsed in this order:
    an unclosed bracket applies to the end of the prompt and a stray closing bracket is literal text
    (``strict=True`` turns both into a :class:`~sdcore.errors.ConfigError`, useful for training captions).
 
+Training captions with ``--weighted-captions`` are read by :func:`parse_kohya_emphasis`, the rules of the
+kohya option: the same layer 2 except that a weight has no spaces around it (``(red: 1.3)`` is the text
+``red: 1.3`` at 1.1 there) and ``BREAK`` is a plain word.
+
 This is an independent implementation written from the documented behaviour (no A1111 code).
 """
 
@@ -41,6 +45,11 @@ _NAMED_ARG_RE = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(.*?)\s*$", re.DOTALL)
 # there (a ValueError) and is a ConfigError here.
 _EMPHASIS_TOKEN_RE = re.compile(
     r"\\[()\[\]\\]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:|\\",
+)
+# kohya's training captions (sd-scripts library/strategy_base.py ``_re_attention``): the same tokens, but the
+# weighted close is ':' then the weight then ')' with nothing between, so ``(red: 1.3)`` stays text.
+_KOHYA_EMPHASIS_TOKEN_RE = re.compile(
+    r"\\[()\[\]\\]|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]+|:|\\",
 )
 _BREAK_RE = re.compile(rf"\s*\b{BREAK}\b\s*")
 
@@ -132,9 +141,21 @@ def parse_emphasis(text: str, *, strict: bool = False, breaks: bool = True) -> l
     Adjacent runs with equal weights are merged and empty runs dropped; ``BREAK`` becomes
     :data:`BREAK_CHUNK`. Text with no markup gives ``[Chunk(text, 1.0)]``; an empty prompt gives
     ``[Chunk("", 1.0)]``. With ``strict=True`` unbalanced brackets raise ConfigError instead of
-    being handled the forgiving A1111 way. ``breaks=False`` reads ``BREAK`` as plain text (kohya's
-    weighted training captions know no ``BREAK``).
+    being handled the forgiving A1111 way. ``breaks=False`` reads ``BREAK`` as plain text.
     """
+    return _parse_emphasis(text, _EMPHASIS_TOKEN_RE, strict=strict, breaks=breaks)
+
+
+def parse_kohya_emphasis(text: str) -> list[Chunk]:
+    """:func:`parse_emphasis` by the rules of kohya's ``--weighted_captions`` (sdcore's
+    ``--weighted-captions`` for training captions): no spaces around a weight (``(red: 1.3)`` and
+    ``(red:1.3 )`` are text at 1.1) and no ``BREAK``; nesting, escapes, ``[x]``, unbalanced brackets
+    and a lone backslash are read as :func:`parse_emphasis` reads them, which kohya's parser shares
+    with A1111's. Generation keeps A1111's rules: the option and its syntax are kohya's."""
+    return _parse_emphasis(text, _KOHYA_EMPHASIS_TOKEN_RE, strict=False, breaks=False)
+
+
+def _parse_emphasis(text: str, token_re: re.Pattern[str], *, strict: bool, breaks: bool) -> list[Chunk]:
     pieces: list[list[object]] = []  # [text, weight] or the break marker (weight None)
     round_open: list[int] = []
     square_open: list[int] = []
@@ -144,7 +165,7 @@ def parse_emphasis(text: str, *, strict: bool = False, breaks: bool = True) -> l
             if piece[1] is not None:
                 piece[1] = float(piece[1]) * factor  # type: ignore[arg-type]
 
-    for match in _EMPHASIS_TOKEN_RE.finditer(text):
+    for match in token_re.finditer(text):
         token = match.group(0)
         weight = match.group(1)
         if token[0] == "\\":
@@ -259,6 +280,7 @@ __all__ = [
     "format_network",
     "is_break",
     "parse_emphasis",
+    "parse_kohya_emphasis",
     "parse_networks",
     "parse_prompt",
     "plain_text",

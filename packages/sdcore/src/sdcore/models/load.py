@@ -432,7 +432,8 @@ def quiet_transformers_loading() -> Iterator[None]:
     """transformers 5's ``from_pretrained`` draws a "Loading weights" bar on stderr for every text encoder, in
     a command that has its own output (``sdcore generate -m toyworld:`` printed it before the image's line),
     and diffusers' draws "Loading checkpoint shards" for a model saved in several files (FLUX.1's and
-    Chroma's transformers). Both libraries' bars are off while the parts load and as they were after;
+    Chroma's transformers); saving draws transformers' "Writing model shards" (``write_diffusers`` runs its
+    ``save_pretrained`` calls in here too). Both libraries' bars are off inside and as they were after;
     ``SDCORE_VERBOSE=1`` keeps them (as :func:`~sdcore.generate.flow_samplers.quiet_pipeline_import` keeps
     transformers' warnings)."""
     import huggingface_hub.utils

@@ -290,7 +290,7 @@ def write_diffusers(
     a folder with other content (``sdcore model convert model.safetensors ~/models`` must not delete the
     user's models; diffusers' ``save_pretrained`` and kohya write into a folder and never delete it).
     """
-    from .load import resolve_dtype
+    from .load import quiet_transformers_loading, resolve_dtype
 
     target = Path(path)
     check_diffusers_target(target)
@@ -302,7 +302,8 @@ def write_diffusers(
         for name, module in components.items():
             first = next(iter(module.parameters()))
             out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module
-            out.save_pretrained(tmp / name, safe_serialization=True)
+            with quiet_transformers_loading():  # no "Writing model shards" bar in a command's output
+                out.save_pretrained(tmp / name, safe_serialization=True)
             if name.startswith("text_encoder") and type(module).__name__.startswith("CLIP"):  # not T5
                 prefix_text_model_keys(tmp / name)
         token_names = [te.tokenizer_component for te in bundle.family_spec.text_encoders]

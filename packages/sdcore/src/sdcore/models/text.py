@@ -72,8 +72,9 @@ def chunked_input_ids(tokenizer: Any, prompts: Sequence[str], *, chunks: int) ->
 
 
 def weighted_input_ids(tokenizer: Any, prompts: Sequence[str], *, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, chunks, 77]`` ids and per-token weights of prompts with A1111 emphasis (kohya's
-    ``--weighted_captions``).
+    """``[B, chunks, 77]`` ids and per-token weights of prompts with kohya's ``--weighted_captions``
+    emphasis (:func:`~sdcore.generate.prompt_syntax.parse_kohya_emphasis`: A1111's brackets, no spaces
+    around a weight, no ``BREAK``).
 
     The emphasis is parsed and tokenized run by run by the generation code
     (:func:`sdcore.generate.conditioning.tokenize_weighted`, without comma backtracking, so chunks
@@ -84,14 +85,14 @@ def weighted_input_ids(tokenizer: Any, prompts: Sequence[str], *, chunks: int) -
     import torch
 
     from ..generate.conditioning import tokenize_weighted
-    from ..generate.prompt_syntax import parse_emphasis
+    from ..generate.prompt_syntax import parse_kohya_emphasis
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     empty = [bos, eos] + [pad] * CHUNK_TOKENS
     ids, weights = [], []
     for prompt in prompts:
-        tokens = tokenize_weighted(tokenizer, parse_emphasis(prompt, breaks=False), comma_backtrack=0)
+        tokens = tokenize_weighted(tokenizer, parse_kohya_emphasis(prompt), comma_backtrack=0)
         missing = max(0, chunks - len(tokens))
         ids.append(tokens.ids[:chunks] + [empty] * missing)
         weights.append(tokens.multipliers[:chunks] + [[1.0] * len(empty)] * missing)
@@ -101,10 +102,10 @@ def weighted_input_ids(tokenizer: Any, prompts: Sequence[str], *, chunks: int) -
 def weighted_chunk_count(tokenizer: Any, prompts: Sequence[str], *, max_chunks: int = 3) -> int:
     """:func:`chunk_count` for prompts with emphasis (brackets and weights take no tokens)."""
     from ..generate.conditioning import tokenize_weighted
-    from ..generate.prompt_syntax import parse_emphasis
+    from ..generate.prompt_syntax import parse_kohya_emphasis
 
     longest = max(
-        (len(tokenize_weighted(tokenizer, parse_emphasis(p, breaks=False), comma_backtrack=0)) for p in prompts),
+        (len(tokenize_weighted(tokenizer, parse_kohya_emphasis(p), comma_backtrack=0)) for p in prompts),
         default=1,
     )
     return max(1, min(max_chunks, longest))

@@ -678,20 +678,22 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     else:
         r.refuse("output_model_format", fmt, "sdcore writes embeddings as SAFETENSORS (and A1111's .pt)")
     # data: the concepts (in the config or its concept_file_name) are read by sdcore.data.onetrainer
-    from ..data.resolutions import parse_resolutions
+    from ..data.onetrainer import parse_onetrainer_resolution
 
-    resolution = _text(r.get("resolution")).strip()
-    try:
-        sizes = parse_resolutions(resolution, "resolution")
-    except ConfigError:  # OneTrainer's "1024x768" (one fixed size) or something else
-        sizes = ()
-        r.refuse("resolution", resolution, "sdcore trains at a square area (512) or a list of them (512,768,1024)")
-    if len(sizes) == 1:
-        v["resolution"] = sizes[0]
-    elif sizes:  # one uniform draw per image: per epoch, or once for the run with cached latents
-        v.update(resolution=max(sizes), resolutions=",".join(map(str, sizes)))
-        v["resolution_draw"] = "once" if r.get("latent_caching") else "epoch"
     v["buckets"] = bool(r.get("aspect_ratio_bucketing"))
+    try:
+        read = parse_onetrainer_resolution(_text(r.get("resolution")), "resolution", buckets=v["buckets"])
+    except ConfigError as exc:  # a fixed WxH that is not square, or no number
+        r.out.problems.append(f"{r.where}: {exc}")
+    else:
+        sizes = read.sizes
+        if read.fixed is not None:  # NxN: every image covers the square and is cropped to it, no buckets
+            v.update(resolution=read.fixed[0], buckets=False)
+        elif len(sizes) == 1:
+            v["resolution"] = sizes[0]
+        else:  # one uniform draw per image: per epoch, or once for the run with cached latents
+            v.update(resolution=max(sizes), resolutions=",".join(map(str, sizes)))
+            v["resolution_draw"] = "once" if r.get("latent_caching") else "epoch"
     v["cache_latents"] = bool(r.get("latent_caching"))
     for key in ("text_encoder_layer_skip", "text_encoder_2_layer_skip"):
         skip = r.get(key)

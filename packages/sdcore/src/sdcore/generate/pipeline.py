@@ -343,7 +343,7 @@ def generate_images(
     family_generate = None
     pipe: Any = None
     hr_pipe: Any = None
-    hr_cfg, hr_true_cfg = _hires_guidance(adapter, hires, cfg, true_cfg_scale)
+    hr_cfg, hr_true_cfg = _hires_guidance(adapter, hires, cfg, true_cfg_scale, hr_negatives)
     first_scheduler: Any = None
     if isinstance(adapter, SdUnetAdapter):
         if true_cfg_scale != 1.0:
@@ -457,10 +457,16 @@ def _apply_networks(
     return prompts, negatives
 
 
-def _hires_guidance(adapter: Any, hires: HiresFix | None, cfg: float, true_cfg_scale: float) -> tuple[float, float]:
+def _hires_guidance(
+    adapter: Any, hires: HiresFix | None, cfg: float, true_cfg_scale: float, negatives: Sequence[str] = ()
+) -> tuple[float, float]:
     """``(cfg, true_cfg_scale)`` of the hires pass: Forge's "Hires CFG Scale" is the pass's real CFG (FLUX.1's
     true CFG), its "Hires Distilled CFG Scale" FLUX.1's embedded guidance (sdcore's ``cfg`` there); each
-    unset one is the first pass's, as Forge's UI starts its sliders at the first pass's defaults."""
+    unset one is the first pass's, as Forge's UI starts its sliders at the first pass's defaults.
+
+    ``negatives``: the hires pass's negative prompts. On FLUX.1 a negative needs true CFG there too (the first
+    pass's rule, :func:`sdcore.models.flux.generate.check_true_cfg`); checked here, before the first pass runs,
+    naming ``--hr-cfg``."""
     if hires is None:
         return cfg, true_cfg_scale
     if not getattr(adapter, "distilled_guidance", False):
@@ -471,10 +477,17 @@ def _hires_guidance(adapter: Any, hires: HiresFix | None, cfg: float, true_cfg_s
         return (cfg if hires.cfg is None else hires.cfg), true_cfg_scale
     if hires.cfg is not None and hires.cfg < 1.0:
         raise ConfigError(f"--hr-cfg of a FLUX.1 model is its true CFG scale, at least 1; got {hires.cfg}")
-    return (
-        cfg if hires.distilled_cfg is None else hires.distilled_cfg,
-        true_cfg_scale if hires.cfg is None else hires.cfg,
-    )
+    hr_true_cfg = true_cfg_scale if hires.cfg is None else hires.cfg
+    # (both inherited, the first pass's own check says it first: its negatives are these)
+    if hr_true_cfg == 1.0 and (hires.cfg is not None or hires.negative_prompt is not None):
+        from .prompt_syntax import parse_networks
+
+        if any(parse_networks(negative)[0].strip() for negative in negatives):
+            raise ConfigError(
+                "a negative prompt in the hires pass on FLUX.1 needs true CFG there: --hr-cfg above 1 (its default "
+                "is --true-cfg-scale), or an empty hires negative (--hr-negative '')"
+            )
+    return (cfg if hires.distilled_cfg is None else hires.distilled_cfg), hr_true_cfg
 
 
 def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0) -> Any:

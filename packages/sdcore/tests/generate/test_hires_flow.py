@@ -346,3 +346,24 @@ def test_flux_hr_negative_without_true_cfg_is_one_line_before_the_first_pass(flo
     with pytest.raises(ConfigError, match="add --true-cfg-scale above 1"):  # the first pass's own negative
         generate_images(bundle, ["a cat"], negative_prompt="dark", steps=1, cfg=3.5, seed=1, width=32, height=32,
                         hires=HiresFix(scale=1, steps=1))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "hires", "final"),
+    [
+        # cover 40x8 from 32x32: 40x40, crop (40 - 8) // 16 = 2 units of 16 from 40 // 16 = 2: nothing left
+        ("flux", HiresFix(resize_x=40, resize_y=8, steps=1), "32x0"),
+        ("chroma", HiresFix(resize_x=8, steps=1, upscaler="Lanczos"), "0x0"),  # 8x8: less than one 16-pixel unit
+        ("sd1", HiresFix(resize_x=4, resize_y=4, steps=1), "0x0"),  # A1111's rule: 4 // 8 = 0 latent pixels
+    ],
+)
+def test_a_hires_target_with_no_whole_unit_is_one_line_before_the_first_pass(flow_bundles, family, hires, final):
+    """A target that rounds (or crops) down to nothing (sides of 16 pixels on the flow families, 8 on SD) is
+    refused with one line naming the size, not a torch error from an empty latent after the first pass."""
+    from sdcore.models.load import load_model
+
+    bundle = load_model("tiny:sd1") if family == "sd1" else flow_bundles(family)
+    size = 64 if family == "sd1" else 32
+    with _Calls(bundle.denoiser) as rec, pytest.raises(ConfigError, match=f"makes a {final} image"):
+        generate_images(bundle, ["a"], steps=1, cfg=3.5, width=size, height=size, hires=hires)
+    assert rec.calls == []

@@ -366,6 +366,21 @@ def generate_images(
             hr_sampler = flow_sampler_id(hires.sampler or sampler, bundle.family)  # before the first pass
             hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg)
             first_scheduler = FLOW_SAMPLERS[flow_sampler_id(sampler, bundle.family)]  # its order counts steps
+    if hires is not None:  # an empty latent fails in torch after the first pass: say it first
+        from .hires import FLOW_PATCH
+
+        unit = factor * (1 if family_generate is None else FLOW_PATCH)
+        final_x, final_y = hires.final_size(width, height, unit)
+        if final_x <= 0 or final_y <= 0:
+            how = (
+                f"by {hires.scale} (--hr-scale)"
+                if hires.resize_x == 0 and hires.resize_y == 0
+                else f"to {hires.resize_x}x{hires.resize_y} (--hr-resize-x/-y)"
+            )
+            raise ConfigError(
+                f"the hires fix of a {width}x{height} image {how} makes a {final_x}x{final_y} image: "
+                f"{bundle.family} image sides come in {unit}-pixel units; make the hires size larger"
+            )
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
     second_pass: Any = _hires_run if family_generate is None else _flow_hires_run

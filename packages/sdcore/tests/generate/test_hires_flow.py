@@ -318,3 +318,52 @@ def test_flux_infotext_writes_forges_hires_cfg_fields_when_they_differ():
     text = "a\nSteps: 2, Sampler: Euler, CFG scale: 1, Seed: 1, Size: 32x32, Distilled CFG Scale: 3.5, "
     text += "Denoising strength: 0.7, Hires CFG Scale: 2, Hires Distilled CFG Scale: 1.5, Hires upscale: 2"
     assert parse_parameters(text).hires_fix() == HiresFix(cfg=2.0, distilled_cfg=1.5)
+
+
+def test_flux_hr_cfg_1_with_a_negative_prompt_is_one_line_before_the_first_pass(flow_bundles):
+    """--hr-cfg is FLUX.1's true CFG in the hires pass: at 1 that pass has no negative, and a negative prompt there
+    is refused as on the first pass (sdcore does not drop it silently), but before the first pass runs and naming
+    the hires option, not --true-cfg-scale, which the user already set."""
+    bundle = flow_bundles("flux")
+    settings = {"steps": 1, "cfg": 3.5, "seed": 1, "width": 32, "height": 32, "true_cfg_scale": 2.0}
+    with _Calls(bundle.transformer) as rec, pytest.raises(ConfigError, match="--hr-cfg") as info:
+        generate_images(bundle, ["a cat"], negative_prompt="dark", hires=HiresFix(scale=1, steps=1, cfg=1.0),
+                        **settings)  # fmt: skip
+    assert rec.calls == [] and "--true-cfg-scale above 1" not in str(info.value)
+    with _Calls(bundle.transformer) as rec:  # an empty hires negative needs no true CFG
+        generate_images(bundle, ["a cat"], negative_prompt="dark", hires=HiresFix(scale=1, steps=1, cfg=1.0,
+                        negative_prompt=""), **settings)  # fmt: skip
+    assert len(rec.calls) == 2 + 1  # true CFG's two calls in the first pass, one in the second
+
+
+def test_flux_hr_negative_without_true_cfg_is_one_line_before_the_first_pass(flow_bundles):
+    """--hr-negative without true CFG (none on the first pass, no --hr-cfg): refused before the first pass too."""
+    bundle = flow_bundles("flux")
+    with _Calls(bundle.transformer) as rec, pytest.raises(ConfigError, match="--hr-cfg above 1"):
+        generate_images(bundle, ["a cat"], steps=1, cfg=3.5, seed=1, width=32, height=32,
+                        hires=HiresFix(scale=1, steps=1, negative_prompt="blurry"))  # fmt: skip
+    assert rec.calls == []
+    with pytest.raises(ConfigError, match="add --true-cfg-scale above 1"):  # the first pass's own negative
+        generate_images(bundle, ["a cat"], negative_prompt="dark", steps=1, cfg=3.5, seed=1, width=32, height=32,
+                        hires=HiresFix(scale=1, steps=1))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "hires", "final"),
+    [
+        # cover 40x8 from 32x32: 40x40, crop (40 - 8) // 16 = 2 units of 16 from 40 // 16 = 2: nothing left
+        ("flux", HiresFix(resize_x=40, resize_y=8, steps=1), "32x0"),
+        ("chroma", HiresFix(resize_x=8, steps=1, upscaler="Lanczos"), "0x0"),  # 8x8: less than one 16-pixel unit
+        ("sd1", HiresFix(resize_x=4, resize_y=4, steps=1), "0x0"),  # A1111's rule: 4 // 8 = 0 latent pixels
+    ],
+)
+def test_a_hires_target_with_no_whole_unit_is_one_line_before_the_first_pass(flow_bundles, family, hires, final):
+    """A target that rounds (or crops) down to nothing (sides of 16 pixels on the flow families, 8 on SD) is
+    refused with one line naming the size, not a torch error from an empty latent after the first pass."""
+    from sdcore.models.load import load_model
+
+    bundle = load_model("tiny:sd1") if family == "sd1" else flow_bundles(family)
+    size = 64 if family == "sd1" else 32
+    with _Calls(bundle.denoiser) as rec, pytest.raises(ConfigError, match=f"makes a {final} image"):
+        generate_images(bundle, ["a"], steps=1, cfg=3.5, width=size, height=size, hires=hires)
+    assert rec.calls == []

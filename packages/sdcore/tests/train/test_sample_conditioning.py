@@ -299,3 +299,26 @@ def test_the_validation_loss_reads_the_cached_captions(tmp_path, monkeypatch):
         for handle in handles:
             handle.remove()
     assert loss is not None and forwards == []
+
+
+@pytest.mark.parametrize(("family", "cached", "edited"), [("chroma", "a cat --l 1", "a cat --l 4"),
+                                                          ("flux", "a cat", "a cat --l 3")])  # fmt: skip
+def test_a_line_whose_cfg_changed_after_caching_is_encoded_live(tmp_path, monkeypatch, family, cached, edited):
+    """The prompt file is read again at each render: a line edited to turn CFG on (Chroma's --l above 1, FLUX.1's
+    true CFG) keeps its text but now needs its negative encoded too, which caching did not do (Chroma and FLUX.1
+    encode an uncond only with CFG). The render encodes live, as after any edit, instead of failing on the
+    missing uncond ('NoneType' object has no attribute 'embeds')."""
+    bundle = _bundle(family)
+    options = _options(tmp_path, family, sample_steps=2)
+    Path(options.sample_prompts).write_text(cached, encoding="utf-8")
+    memo = encode_sample_prompts(bundle, options, device=torch.device("cpu"))
+    assert memo is not None
+    Path(options.sample_prompts).write_text(edited, encoding="utf-8")
+    live = _render(bundle, options, tmp_path, "live")
+    watch = _Watch(bundle, monkeypatch)
+    try:
+        fallback = _render(bundle, options, tmp_path, "fallback", memo)
+    finally:
+        watch.close()
+    assert watch.forwards > 0  # encoded live: the memo holds no uncond for it
+    assert np.array_equal(fallback, live)

@@ -343,7 +343,7 @@ def generate_images(
     family_generate = None
     pipe: Any = None
     hr_pipe: Any = None
-    hr_cfg, hr_true_cfg = _hires_guidance(adapter, hires, cfg, true_cfg_scale)
+    hr_cfg, hr_true_cfg = _hires_guidance(adapter, hires, cfg, true_cfg_scale, hr_negatives)
     first_scheduler: Any = None
     if isinstance(adapter, SdUnetAdapter):
         if true_cfg_scale != 1.0:
@@ -366,6 +366,21 @@ def generate_images(
             hr_sampler = flow_sampler_id(hires.sampler or sampler, bundle.family)  # before the first pass
             hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg)
             first_scheduler = FLOW_SAMPLERS[flow_sampler_id(sampler, bundle.family)]  # its order counts steps
+    if hires is not None:  # an empty latent fails in torch after the first pass: say it first
+        from .hires import FLOW_PATCH
+
+        unit = factor * (1 if family_generate is None else FLOW_PATCH)
+        final_x, final_y = hires.final_size(width, height, unit)
+        if final_x <= 0 or final_y <= 0:
+            how = (
+                f"by {hires.scale} (--hr-scale)"
+                if hires.resize_x == 0 and hires.resize_y == 0
+                else f"to {hires.resize_x}x{hires.resize_y} (--hr-resize-x/-y)"
+            )
+            raise ConfigError(
+                f"the hires fix of a {width}x{height} image {how} makes a {final_x}x{final_y} image: "
+                f"{bundle.family} image sides come in {unit}-pixel units; make the hires size larger"
+            )
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
     second_pass: Any = _hires_run if family_generate is None else _flow_hires_run
@@ -457,10 +472,16 @@ def _apply_networks(
     return prompts, negatives
 
 
-def _hires_guidance(adapter: Any, hires: HiresFix | None, cfg: float, true_cfg_scale: float) -> tuple[float, float]:
+def _hires_guidance(
+    adapter: Any, hires: HiresFix | None, cfg: float, true_cfg_scale: float, negatives: Sequence[str] = ()
+) -> tuple[float, float]:
     """``(cfg, true_cfg_scale)`` of the hires pass: Forge's "Hires CFG Scale" is the pass's real CFG (FLUX.1's
     true CFG), its "Hires Distilled CFG Scale" FLUX.1's embedded guidance (sdcore's ``cfg`` there); each
-    unset one is the first pass's, as Forge's UI starts its sliders at the first pass's defaults."""
+    unset one is the first pass's, as Forge's UI starts its sliders at the first pass's defaults.
+
+    ``negatives``: the hires pass's negative prompts. On FLUX.1 a negative needs true CFG there too (the first
+    pass's rule, :func:`sdcore.models.flux.generate.check_true_cfg`); checked here, before the first pass runs,
+    naming ``--hr-cfg``."""
     if hires is None:
         return cfg, true_cfg_scale
     if not getattr(adapter, "distilled_guidance", False):
@@ -471,10 +492,17 @@ def _hires_guidance(adapter: Any, hires: HiresFix | None, cfg: float, true_cfg_s
         return (cfg if hires.cfg is None else hires.cfg), true_cfg_scale
     if hires.cfg is not None and hires.cfg < 1.0:
         raise ConfigError(f"--hr-cfg of a FLUX.1 model is its true CFG scale, at least 1; got {hires.cfg}")
-    return (
-        cfg if hires.distilled_cfg is None else hires.distilled_cfg,
-        true_cfg_scale if hires.cfg is None else hires.cfg,
-    )
+    hr_true_cfg = true_cfg_scale if hires.cfg is None else hires.cfg
+    # (both inherited, the first pass's own check says it first: its negatives are these)
+    if hr_true_cfg == 1.0 and (hires.cfg is not None or hires.negative_prompt is not None):
+        from .prompt_syntax import parse_networks
+
+        if any(parse_networks(negative)[0].strip() for negative in negatives):
+            raise ConfigError(
+                "a negative prompt in the hires pass on FLUX.1 needs true CFG there: --hr-cfg above 1 (its default "
+                "is --true-cfg-scale), or an empty hires negative (--hr-negative '')"
+            )
+    return (cfg if hires.distilled_cfg is None else hires.distilled_cfg), hr_true_cfg
 
 
 def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0) -> Any:

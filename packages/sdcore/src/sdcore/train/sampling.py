@@ -59,6 +59,14 @@ def _generations(
     return calls, defaults, generations
 
 
+def _memo_scope(index: int, texts: list[str], arguments: dict[str, Any]) -> tuple[Any, ...]:
+    """The memo's name for a render's ``index``-th call: its place, texts and every argument. The prompt file
+    is read again at each render; a line edited after caching can keep its texts and change what is encoded
+    for them (``--l`` turning on Chroma's CFG or FLUX.1's true CFG adds the negative's encoding), so a call
+    whose arguments changed finds nothing and is encoded live rather than replayed without its uncond."""
+    return (index, tuple(texts), repr(sorted(arguments.items())))
+
+
 def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device: Any) -> ConditioningMemo | None:
     """Encode every text the sample renders will encode, once, while the text encoders are on ``device`` for
     caching (kohya's ``sample_prompts_te_outputs``): the prompts, negatives and each text A1111 prompt
@@ -84,7 +92,7 @@ def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device:
                 module.to(device)
         with torch.no_grad():
             for index, (texts, arguments) in enumerate(_generations(bundle, options, prompts, {})[2]):
-                record_encodings(memo, index, bundle, texts, **arguments)
+                record_encodings(memo, _memo_scope(index, texts, arguments), bundle, texts, **arguments)
     except Exception:  # the render will meet the same problem and report it; until then, no memo
         log.debug("sample prompts: not encoded ahead (the renders encode them live)", exc_info=True)
         return None
@@ -166,7 +174,7 @@ def render_samples(
             for index, (texts, arguments) in enumerate(generations):
                 if memo is not None:
                     try:
-                        with memo.replaying(index, bundle.text_encoders):
+                        with memo.replaying(_memo_scope(index, texts, arguments), bundle.text_encoders):
                             images += generate_images(bundle, texts, **arguments)
                         continue
                     except MemoMiss as miss:

@@ -32,7 +32,9 @@ sampler's later noise is the same as without variation), applies the variation a
 ``latents=`` (diffusers scales it by ``init_noise_sigma`` exactly as its own draw; Flux and Chroma get it
 packed). Where a pipeline draws the noise itself (img2img, the SD hires pass), :meth:`ImageNoise.swapped`
 rewrites that draw where the scheduler adds it to the image. With strength 0 and no resize the noise is
-the plain run's, bit for bit.
+the plain run's, bit for bit. One difference from A1111: where the pipeline draws in half precision
+(fp16/bf16 models, img2img and hires noise), the slerp starts from that draw's rounded values (the same
+numbers as a float32 draw, rounded) where A1111 slerps the float32 draw.
 """
 
 from __future__ import annotations

@@ -85,6 +85,26 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option(
     "--seed", default=-1, show_default=True, type=int, help="Seed (-1: random); image i of a batch uses seed+i."
 )
+@click.option(
+    "--subseed",
+    default=-1,
+    show_default=True,
+    type=int,
+    help="A1111's variation seed (-1: random); image i of a batch uses subseed+i (and, with a strength, all --seed).",
+)
+@click.option(
+    "--subseed-strength",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="A1111's variation strength: 0 the seed's noise, 1 the variation seed's (slerp between them).",
+)
+@click.option(
+    "--seed-resize-from",
+    default=None,
+    callback=_parse_size,
+    help="A1111's 'Resize seed from' WIDTHxHEIGHT: draw the seed's noise at that size, centred in this one.",
+)
 @click.option("--size", default=None, callback=_parse_size, help="WIDTHxHEIGHT (default: the model's native size).")
 @click.option(
     "--sampler",
@@ -261,6 +281,7 @@ def _run_generate(params: dict[str, Any]) -> None:
     extra_options.update(params["extra_pairs"])
     sampler = sampler_id(params["sampler"]) if params["sampler"] else None
     seed = params["seed"] if params["seed"] >= 0 else random.randrange(2**32)
+    variation = _variation_seeds(params)
     hires = _hires_settings(params)
 
     pm = _plugin_manager()
@@ -283,6 +304,7 @@ def _run_generate(params: dict[str, Any]) -> None:
     init = [str(params["init_image"])] if params["init_image"] is not None else []
     outputs = _output_paths(params["output"], params["batch"])
     problems += output_problems(outputs, inputs=init, overwrite=params["overwrite"])
+    problems += variation.problems() if variation is not None else []
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -324,7 +346,11 @@ def _run_generate(params: dict[str, Any]) -> None:
         info=infos,
         true_cfg_scale=params["true_cfg_scale"],
         hires=hires,
+        variation=variation,
     )
+    from ..generate.variation import VariationSeeds
+
+    seeds, subseeds = (variation or VariationSeeds()).batch(seed, len(images))
     first_size = None
     if hires is not None:  # A1111's "Size" is the first pass's
         from ..generate.pipeline import default_size
@@ -335,6 +361,8 @@ def _run_generate(params: dict[str, Any]) -> None:
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
         extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler)}  # None: not written
+        if variation is not None:  # after "Model", before "Denoising strength" (A1111's order)
+            extra.update(variation.infotext_fields(subseeds[index]))
         if params["init_image"] is not None or hires is not None:
             extra["Denoising strength"] = strength
         if params["clip_skip"] > 1:
@@ -362,7 +390,7 @@ def _run_generate(params: dict[str, Any]) -> None:
             params["steps"],
             sampler,
             params["true_cfg_scale"] if distilled else params["cfg"],
-            seed + index,
+            seeds[index],
             first_size or image.size,
             model_hash,
             model_name,
@@ -370,6 +398,19 @@ def _run_generate(params: dict[str, Any]) -> None:
         )
         save_png(image, path, text)
         click.echo(str(path))
+
+
+def _variation_seeds(params: dict[str, Any]) -> Any:
+    """The :class:`~sdcore.generate.variation.VariationSeeds` of ``--subseed*``/``--seed-resize-from``
+    (``None`` when neither a strength nor a resize is given; a random subseed for -1, as A1111)."""
+    import random
+
+    if params["subseed_strength"] == 0 and params["seed_resize_from"] is None:
+        return None
+    from ..generate.variation import VariationSeeds
+
+    subseed = params["subseed"] if params["subseed"] >= 0 else random.randrange(2**32)
+    return VariationSeeds(subseed, params["subseed_strength"], params["seed_resize_from"])
 
 
 _HIRES_OPTIONS = (

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..models.bundle import ModelBundle
+    from .variation import ImageNoise
 
 #: A1111's ``shared.latent_upscale_modes``: name -> (torch interpolate mode, antialias)
 LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
@@ -371,7 +372,12 @@ def last_steps(scheduler: Any, run: int, on_schedule: Callable[[float], None] | 
 
 @contextlib.contextmanager
 def flow_second_pass(
-    pipe: Any, kwargs: dict[str, Any], start: FlowStart, seeds: list[int], pack: Callable[[Any], Any] | None = None
+    pipe: Any,
+    kwargs: dict[str, Any],
+    start: FlowStart,
+    seeds: list[int],
+    pack: Callable[[Any], Any] | None = None,
+    noise: ImageNoise | None = None,
 ) -> Iterator[None]:
     """Make ``kwargs`` (a flow pipeline's txt2img call at the large size, ``prompt_embeds`` set) the second
     pass of ``start``, and run the pipeline inside for the last ``start.run`` steps only.
@@ -380,7 +386,8 @@ def flow_second_pass(
     soon as the scheduler has made it: the sigmas, shift and ``mu`` are what the pipeline computes for the
     large image); the noise is drawn from each image's seed at the large latent's shape as the pipeline
     draws a txt2img's (``randn_tensor`` over per-seed CPU generators, the embeddings' dtype), and the start
-    is ``(1 - sigma) * x0 + sigma * noise``. ``pack``: the family's latent packing (Flux, Chroma)."""
+    is ``(1 - sigma) * x0 + sigma * noise``. ``pack``: the family's latent packing (Flux, Chroma); ``noise``:
+    A1111's variation seeds, applied to that noise as its hires pass does (:mod:`.variation`)."""
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -400,8 +407,10 @@ def flow_second_pass(
         raise RuntimeError(f"{type(pipe).__name__} made no schedule")  # pragma: no cover - a diffusers change
     sigma = found[0]
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    noise = randn_tensor(tuple(x0.shape), generator=generators, device=x0.device, dtype=dtype)
-    kwargs["latents"] = pack(((1.0 - sigma) * x0.float() + sigma * noise.float()).to(dtype))
+    drawn = randn_tensor(tuple(x0.shape), generator=generators, device=x0.device, dtype=dtype)
+    if noise is not None:
+        drawn = noise.apply(drawn)
+    kwargs["latents"] = pack(((1.0 - sigma) * x0.float() + sigma * drawn.float()).to(dtype))
     with last_steps(pipe.scheduler, start.run):
         yield
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .hires import HiresFix
     from .networks import NetworkRef
     from .session import NetworkSession
+    from .variation import ImageNoise, VariationSeeds
 
 # id -> (diffusers scheduler class, config overrides, A1111 display name)
 SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -274,6 +275,7 @@ def generate_images(
     info: list[dict[str, str]] | None = None,
     true_cfg_scale: float = 1.0,
     hires: HiresFix | None = None,
+    variation: VariationSeeds | None = None,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -285,7 +287,9 @@ def generate_images(
     (Flux.1), whose ``cfg`` is the distilled guidance; SD families take ``cfg`` alone. ``sampler``:
     the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``hires``: A1111's "Hires. fix"
     after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL, and as Forge runs it on SD3/SD3.5,
-    FLUX.1 and Chroma; see :mod:`.hires`).
+    FLUX.1 and Chroma; see :mod:`.hires`). ``variation``: A1111's variation seed, strength and "Resize seed
+    from" (:mod:`.variation`; with a strength above 0 every image has ``seed`` and image ``i`` the
+    subseed ``subseed + i``), on every family, the hires pass and img2img included.
     """
     import torch
 
@@ -308,6 +312,8 @@ def generate_images(
             raise ConfigError("; ".join(problems))
     from ..models.family import family_adapter
 
+    if variation is not None and (trouble := variation.problems(bundle.vae_scale_factor)):
+        raise ConfigError("; ".join(trouble))
     complete = getattr(family_adapter(bundle.family_spec), "require_complete", None)
     if complete is not None:  # a transformer-only Flux file needs its parts before anything reads the VAE
         complete(bundle)
@@ -384,13 +390,20 @@ def generate_images(
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
     second_pass: Any = _hires_run if family_generate is None else _flow_hires_run
+    from .variation import ImageNoise, VariationSeeds
+
+    all_seeds, all_subseeds = (variation or VariationSeeds()).batch(seed, len(prompts))
     with _eval_mode(bundle), torch.no_grad():
         for indices in groups.values():
             group_info: dict[str, str] = {}
 
             hr_same = all(hr_prompts[i] == prompts[i] and hr_negatives[i] == negatives[i] for i in indices)
+            group_seeds = [all_seeds[i] for i in indices]
+            varied: dict[str, Any] = {}  # the family functions see `noise` only with a variation
+            if variation is not None:
+                varied["noise"] = ImageNoise.of(variation, group_seeds, [all_subseeds[i] for i in indices], factor)
             hires_settings: dict[str, Any] = {
-                "seeds": [seed + i for i in indices],
+                "seeds": group_seeds,
                 "first_steps": steps,
                 "first_scheduler": first_scheduler,
                 "cfg": hr_cfg,
@@ -398,6 +411,7 @@ def generate_images(
                 "height": height,
                 "clip_skip": clip_skip,
                 "transforms": transforms,
+                **varied,
             }
             with contextlib.ExitStack() as stack:
                 pairs = [(prompts[i], negatives[i]) for i in indices]
@@ -409,7 +423,7 @@ def generate_images(
                     group_prompts,
                     group_negatives,
                     transforms=transforms,
-                    seeds=[seed + i for i in indices],
+                    seeds=group_seeds,
                     steps=steps,
                     cfg=cfg,
                     width=width,
@@ -417,6 +431,7 @@ def generate_images(
                     image=image,
                     strength=strength,
                     clip_skip=clip_skip,
+                    **varied,
                     **({"output_type": "latent"} if hires is not None else {}),
                 )
                 if hires is not None and hr_same:  # the same networks stay on for the second pass
@@ -535,12 +550,15 @@ def _run(
     clip_skip: int,
     transforms: list[Any] = (),  # type: ignore[assignment]
     output_type: str = "pil",
+    noise: ImageNoise | None = None,
 ) -> Any:
-    """One txt2img/img2img pipeline call; PIL images, or the batch's latents with ``output_type="latent"``."""
+    """One txt2img/img2img pipeline call; PIL images, or the batch's latents with ``output_type="latent"``;
+    ``noise``: the images' variation seeds (:mod:`.variation`)."""
     import torch
 
     from .prompt_editing import StepPrompts, schedule_steps
     from .step_conditioning import StepConditioning
+    from .variation import maybe_swapped
 
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes
     edits = StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler))
@@ -568,7 +586,12 @@ def _run(
     if bundle.is_sdxl and bundle.family != "sdxl-refiner":
         kwargs["original_size"] = (height, width)
         kwargs["target_size"] = (height, width)
-    with per_call.installed(pipe.unet, pooled=bundle.is_sdxl):
+    if noise is not None and image is None:  # the pipeline scales it by init_noise_sigma, as its own draw
+        factor = bundle.vae_scale_factor
+        shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+        kwargs["latents"] = noise.initial(shape, cond.embeds.dtype, generators)
+    img2img_noise = noise if image is not None else None
+    with per_call.installed(pipe.unet, pooled=bundle.is_sdxl), maybe_swapped(img2img_noise, pipe.scheduler):
         output = pipe(**kwargs)
     return output.images if output_type == "latent" else list(output.images)
 
@@ -664,12 +687,15 @@ def _hires_run(
     height: int,
     clip_skip: int,
     transforms: Sequence[Any] = (),
+    noise: ImageNoise | None = None,
 ) -> list[Image.Image]:
-    """A1111's second pass over the first pass's ``latents`` (see :mod:`.hires` for what each step follows)."""
+    """A1111's second pass over the first pass's ``latents`` (see :mod:`.hires` for what each step follows);
+    ``noise``: the variation seeds, applied to its start noise at the large shape as A1111 does."""
     import torch
 
     from .prompt_editing import StepPrompts, schedule_steps
     from .step_conditioning import StepConditioning
+    from .variation import maybe_swapped
 
     factor = bundle.vae_scale_factor
     to_x, to_y = hires.target(width, height, factor)[:2]
@@ -704,7 +730,7 @@ def _hires_run(
         kwargs["negative_pooled_prompt_embeds"] = uncond.pooled
         kwargs["original_size"] = (to_y, to_x)  # A1111's SDXL conditioning of the hires pass
         kwargs["target_size"] = (to_y, to_x)
-    with per_call.installed(pipe.unet, pooled=bundle.is_sdxl):
+    with per_call.installed(pipe.unet, pooled=bundle.is_sdxl), maybe_swapped(noise, pipe.scheduler):
         output = pipe(**kwargs)
     return list(output.images)
 
@@ -743,6 +769,7 @@ def _flow_hires_run(
     height: int,
     clip_skip: int,
     transforms: Sequence[Any] = (),
+    noise: ImageNoise | None = None,
 ) -> list[Image.Image]:
     """The hires pass of a flow family (SD3, Flux.1, Chroma): A1111's upscale of the first pass's unpacked
     ``latents`` to even latent sides, then ``second`` (:func:`_family_run` over the family's ``generate``)
@@ -768,6 +795,8 @@ def _flow_hires_run(
     )
     size = {"width": latents.shape[-1] * factor, "height": latents.shape[-2] * factor}
     settings = {"seeds": seeds, "steps": run, "cfg": cfg, "image": None, "clip_skip": clip_skip}
+    if noise is not None:
+        settings["noise"] = noise
     return list(second(None, bundle, prompts, negatives, **size, **settings, hires_start=start))
 
 

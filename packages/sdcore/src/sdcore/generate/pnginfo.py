@@ -22,6 +22,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from .hires import HiresFix
+    from .variation import VariationSeeds
 from ..io import atomic_save
 
 PARAMETERS_KEY = "parameters"
@@ -59,6 +60,16 @@ class GenerationParameters:
         from .hires import hires_from_fields
 
         return hires_from_fields(self.extra, self.sampler)
+
+    def variation_seeds(self) -> VariationSeeds | None:
+        """A1111's "Variation seed", "Variation seed strength" and "Seed resize from" fields (``None`` when
+        there are none); a bad value is a one-line error."""
+        from .variation import VariationSeeds
+
+        try:
+            return VariationSeeds.from_fields(self.extra)
+        except ValueError as exc:
+            raise ConfigError(f"infotext variation seed fields are invalid: {exc}") from exc
 
     def format(self) -> str:
         return format_parameters(

@@ -18,6 +18,7 @@ from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ...generate.hires import FlowStart
+    from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
 
@@ -54,12 +55,14 @@ def run_chroma(
     sampler: str = "euler",
     output_type: str = "pil",
     hires_start: FlowStart | None = None,
+    noise: ImageNoise | None = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); A1111 prompt
     editing, alternation and ``AND`` switch per transformer evaluation, CFG's prompt and negative calls
     counting once (:mod:`sdcore.generate.step_conditioning`). ``output_type="latent"`` and ``hires_start``:
-    a hires fix's passes, as :func:`sdcore.models.flux.generate.run_flux` has them (masks and CFG as here)."""
+    a hires fix's passes, as :func:`sdcore.models.flux.generate.run_flux` has them (masks and CFG as here);
+    ``noise``: A1111's variation seeds (:mod:`sdcore.generate.variation`)."""
     import torch
 
     from ...generate.prompt_editing import StepPrompts, schedule_steps
@@ -107,4 +110,5 @@ def run_chroma(
         kwargs["strength"] = strength
     slots = ChromaSlots(split=guided)
     return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
-                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
+                      noise=noise)  # fmt: skip

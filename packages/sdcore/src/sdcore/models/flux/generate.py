@@ -24,6 +24,7 @@ from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ...generate.hires import FlowStart
+    from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
 
@@ -74,9 +75,11 @@ def run_flux(
     true_cfg_scale: float = 1.0,
     output_type: str = "pil",
     hires_start: FlowStart | None = None,
+    noise: ImageNoise | None = None,
     **_: Any,
 ) -> Any:
-    """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); with
+    """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``, varied by ``noise``:
+    :mod:`sdcore.generate.variation`); with
     ``true_cfg_scale`` > 1, true CFG against ``negatives`` (empty ones too, as Forge and ComfyUI do).
     ``output_type="latent"``: the batch's latents unpacked, ``[B, 16, h, w]`` (a hires fix's first pass);
     ``hires_start``: the hires fix's second pass from them upscaled, with the same guidance and true CFG
@@ -133,25 +136,40 @@ def run_flux(
         kwargs["strength"] = strength
     slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
     return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
-                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
+                      noise=noise)  # fmt: skip
 
 
 def run_packed(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int], bundle: ModelBundle,
-               hires_start: FlowStart | None, hooks: Any) -> Any:  # fmt: skip
+               hires_start: FlowStart | None, hooks: Any, noise: ImageNoise | None = None) -> Any:  # fmt: skip
     """:func:`~sdcore.generate.flow_samplers.run_pipeline` for a pipeline that packs its latents 2x2 (Flux,
-    Chroma): a hires fix's first pass comes back unpacked, its second pass starts from them packed."""
+    Chroma): a hires fix's first pass comes back unpacked, its second pass starts from them packed.
+    ``noise``: the variation seeds (:mod:`sdcore.generate.variation`), drawn unpacked as the pipeline draws
+    its noise, then packed."""
     import contextlib
 
     import torch
 
     from ...generate.flow_samplers import run_pipeline
     from ...generate.hires import flow_second_pass
+    from ...generate.variation import maybe_swapped
 
     def pack(latents: Any) -> Any:
         return pipe._pack_latents(latents, *latents.shape)
 
-    second = flow_second_pass(pipe, kwargs, hires_start, seeds, pack) if hires_start else contextlib.nullcontext()
-    with second:
+    img2img = "image" in kwargs
+    if noise is not None and not img2img and hires_start is None:  # the pipeline's draw: 2 * (side // 16)
+        unit = pipe.vae_scale_factor * 2
+        shape = (
+            pipe.transformer.config.in_channels // 4,
+            2 * (kwargs["height"] // unit),
+            2 * (kwargs["width"] // unit),
+        )
+        kwargs["latents"] = pack(noise.initial(shape, kwargs["prompt_embeds"].dtype, kwargs["generator"]))
+    second: Any = contextlib.nullcontext()
+    if hires_start is not None:
+        second = flow_second_pass(pipe, kwargs, hires_start, seeds, pack, noise=noise)
+    with second, maybe_swapped(noise if img2img else None, pipe.scheduler):
         images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device, hooks=hooks)
     if kwargs["output_type"] != "latent":
         return images

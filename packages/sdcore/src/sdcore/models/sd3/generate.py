@@ -18,6 +18,7 @@ from ...errors import ConfigError
 if TYPE_CHECKING:
     from ...generate.conditioning import Conditioning
     from ...generate.hires import FlowStart
+    from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
 
@@ -89,13 +90,15 @@ def generate_sd3(
     true_cfg_scale: float = 1.0,
     output_type: str = "pil",
     hires_start: FlowStart | None = None,
+    noise: ImageNoise | None = None,
     **_: Any,
 ) -> Any:
     """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them.
 
     ``output_type="latent"``: the batch's latents ``[B, 16, h, w]`` instead (a hires fix's first pass);
     ``hires_start``: this call is the hires fix's second pass from those latents upscaled
-    (:func:`sdcore.generate.hires.flow_second_pass`)."""
+    (:func:`sdcore.generate.hires.flow_second_pass`); ``noise``: A1111's variation seeds
+    (:mod:`sdcore.generate.variation`)."""
     import contextlib
 
     import torch
@@ -104,6 +107,7 @@ def generate_sd3(
     from ...generate.hires import flow_second_pass
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.step_conditioning import StepConditioning, TextSlots
+    from ...generate.variation import maybe_swapped
 
     if true_cfg_scale != 1.0:
         raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD3 takes --cfg")
@@ -131,9 +135,15 @@ def generate_sd3(
         kwargs.update(image=[image] * len(prompts), strength=strength)
     else:
         kwargs.update(width=width, height=height)
+    if noise is not None and image is None and hires_start is None:  # the pipeline takes it as it is
+        factor = pipe.vae_scale_factor
+        shape = (pipe.transformer.config.in_channels, height // factor, width // factor)
+        kwargs["latents"] = noise.initial(shape, cond.embeds.dtype, kwargs["generator"])
     slots = TextSlots()
-    second = contextlib.nullcontext() if hires_start is None else flow_second_pass(pipe, kwargs, hires_start, seeds)
-    with second:
+    second: Any = contextlib.nullcontext()
+    if hires_start is not None:
+        second = flow_second_pass(pipe, kwargs, hires_start, seeds, noise=noise)
+    with second, maybe_swapped(noise if image is not None else None, pipe.scheduler):
         images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
                               hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
     return torch.stack(images) if output_type == "latent" else images

@@ -333,7 +333,9 @@ def optimizer_step(
             on_bad(StepOutcome(step_loss, float(norm), "gradient norm"))
     elif acc.scaler is not None:
         acc.unscale_gradients()
+    placement.in_optimizer_step = True  # an error inside (out of memory part-way) leaves it set: mixed weights
     placement.optimizer.step()
+    placement.in_optimizer_step = False
     skipped = bool(getattr(placement.optimizer, "step_was_skipped", False))  # accelerate's, from the scaler
     placement.scheduler.step()
     placement.optimizer.zero_grad(set_to_none=True)

@@ -244,3 +244,33 @@ def test_an_error_inside_the_optimizer_step_saves_nothing_from_mixed_weights(tmp
         assert len(list_states(tmp_path / "after" / "result-state")) == 1
     else:
         assert (tmp_path / "after" / "result-step00000003.safetensors").is_file()
+
+
+def test_a_failed_lone_save_names_the_methods_result_not_the_generic_path(tmp_path, monkeypatch):
+    """save_alone's failure line: the method decides its file (TI writes embeddings/<name>-<step>.pt, not
+    the runtime's intermediate path), so the line names the step-N result of the method and the writer's
+    own reason (with the file it failed on), never a path nothing was meant to be written to."""
+    from types import SimpleNamespace
+
+    from sdcore.train import save_fallback
+    from sdcore.train.checkpoints import intermediate_path
+
+    output = tmp_path / "run" / "result.safetensors"
+    embeddings = tmp_path / "run" / "embeddings"
+
+    def write_result(session, path, *, final):
+        raise PermissionError(errno.EACCES, "Permission denied", str(embeddings))
+
+    monkeypatch.setattr(save_fallback, "write_result", write_result)
+    session = SimpleNamespace(
+        position=SimpleNamespace(step=3), options=SimpleNamespace(save_state=True), output=output,
+        method=SimpleNamespace(name="ti"), fused=None, placement=None,
+        accelerator=SimpleNamespace(distributed_type="MULTI_GPU", state=SimpleNamespace(), parallelism_config=None),
+    )  # fmt: skip
+    line = save_fallback.save_alone(session, "error")
+    assert line == (
+        "error in one of several processes: the weights after step 3 (the step-3 result of ti) could not be "
+        f"written ({embeddings}: Permission denied (no permission: choose a folder you can write, or fix its "
+        "permissions)); resume from the last saved state with --resume"
+    )
+    assert str(intermediate_path(output, step=3)) not in line

@@ -210,7 +210,10 @@ def save_alone(session: Any, why: str) -> str:
         with guard():
             written = write_result(session, path, final=False)
     except Exception as exc:  # the original error is what ends the run
-        failed = f"{head}: the weights after step {step} could not be written to {path} ({reason(exc)})"
+        # the method decides its file (TI: embeddings/<name>-<step>.pt beside the output), so ``path`` may not
+        # be it: name the result by step and method, and the reason names the file the writer failed on
+        what = f"the step-{step} result of {getattr(session.method, 'name', '') or 'the method'}"
+        failed = f"{head}: the weights after step {step} ({what}) could not be written ({reason(exc)})"
         return failed + (f"; {resume}" if resume else "")
     option = getattr(session.method, "start_from_result", None)
     again = [f"continue from it with {option} {written}"] if option else []

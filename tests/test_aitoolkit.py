@@ -81,6 +81,34 @@ def test_flux_example_translates_with_ai_toolkit_meanings():
     assert any("process.device" in n for n in notes) and any("model.quantize" in n for n in notes)
 
 
+def test_flex_example_trains_with_the_guidance_embedding_bypassed():
+    """train_lora_flex_24gb.yaml (Ostris' Flex.1-alpha, is_flux) loads unmodified: its
+    bypass_guidance_embedding is sdcore's --bypass-guidance-embedding; the rest as the Flux example."""
+    path = DATA / "train_lora_flex_24gb.yaml"
+    o = _load(path)
+    assert o.bypass_guidance_embedding and o.model == "ostris/Flex.1-alpha"
+    assert (o.key_layout, o.split_qkv, o.rank, o.alpha) == ("diffusers", True, 16, 16.0)
+    assert (o.timestep_sampling, o.lr, o.max_steps, o.mixed_precision) == ("sigmoid_table", 1e-4, 2000, "bf16")
+    assert (o.ema, o.ema_decay, o.fp8_base) == (True, 0.99, True)
+    assert o.base_weights_exclude == "*time_text_embed*"  # quantize_kwargs exclude: that embedder stays as it is
+    assert not _load(DATA / "train_lora_flux_24gb.yaml").bypass_guidance_embedding
+
+
+def test_use_flux_cfg_bypasses_the_guidance_embedding_on_flux_only(tmp_path):
+    """config_modules.validate_configs: model.use_flux_cfg on Flux sets bypass_guidance_embedding (its
+    samples differ: a note); on other families neither field has an effect in ai-toolkit (a note)."""
+    flux = {"model": {"name_or_path": "flux.safetensors", "is_flux": True, "use_flux_cfg": True},
+            "datasets": [{"folder_path": "imgs"}]}  # fmt: skip
+    notes: list[str] = []
+    assert _load(_job(tmp_path, flux), notes).bypass_guidance_embedding
+    assert any("model.use_flux_cfg: trains with the guidance embedding bypassed" in n for n in notes), notes
+    sd3 = {"model": {"name_or_path": "sd3.safetensors", "is_v3": True}, "train": {"bypass_guidance_embedding": True},
+           "datasets": [{"folder_path": "imgs"}]}  # fmt: skip
+    notes = []
+    assert not _load(_job(tmp_path, sd3), notes).bypass_guidance_embedding
+    assert any("train.bypass_guidance_embedding: no effect on sd3" in n for n in notes), notes
+
+
 def test_sd35_example_uses_linear_timesteps():
     o = _load(DATA / "train_lora_sd35_large_24gb.yaml")  # loads unmodified, its EMA on
     assert (o.ema, o.ema_decay) == (True, 0.99)
@@ -120,7 +148,7 @@ def test_every_example_file_is_an_ai_toolkit_job():
     from sdcore.train.aitoolkit import read_job
 
     files = sorted(DATA.glob("*.yaml"))
-    assert len(files) == 11
+    assert len(files) == 12
     for path in files:
         assert read_job(path) is not None, path
 

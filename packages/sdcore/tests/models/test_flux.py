@@ -599,3 +599,63 @@ def test_transformer_file_missing_a_tensor_is_one_line_naming_the_file(dev, tmp_
             read(path)
         message = str(info.value)
         assert "\n" not in message and str(path) in message and dropped in message
+
+
+def test_bypass_guidance_embedding_leaves_the_guidance_term_out(dev, schnell):
+    """ai-toolkit's bypass_guidance_embedding (toolkit/models/flux.py): the time/text embedding is
+    timestep_embedder(time_proj(1000 t)) + text_embedder(pooled), written here from diffusers'
+    CombinedTimestepGuidanceTextProjEmbeddings parts; the guidance embedder gets no gradient, and the
+    transformer is itself again afterwards."""
+    from sdcore.errors import ConfigError
+    from sdcore.models.flux.adapter import FluxAdapter, pack_latents, unpack_latents
+    from sdcore.train.method import Conditioning
+
+    adapter, transformer = FluxAdapter(), dev.transformer
+    embed = transformer.time_text_embed
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 16, 4, 6, generator=gen)
+    cond = Conditioning(hidden_states=torch.randn(2, 8, 32, generator=gen), pooled=torch.randn(2, 32, generator=gen))
+    timesteps = torch.tensor([250.0, 800.0])
+
+    def formula(module, args, out):  # replaces the embedding the guided forward computed
+        timestep, pooled = args[0], args[-1]
+        return embed.timestep_embedder(embed.time_proj(timestep).to(pooled.dtype)) + embed.text_embedder(pooled)
+
+    handle = embed.register_forward_hook(formula)
+    try:
+        with torch.no_grad():
+            packed = transformer(hidden_states=pack_latents(latents), timestep=timesteps / 1000,
+                                 guidance=torch.tensor([3.5, 3.5]), pooled_projections=cond.pooled,
+                                 encoder_hidden_states=cond.hidden_states, txt_ids=torch.zeros(8, 3),
+                                 img_ids=_image_ids(4, 6), return_dict=False)[0]  # fmt: skip
+    finally:
+        handle.remove()
+    expected = unpack_latents(packed, 4, 6)
+    with torch.no_grad():
+        bypassed = adapter.predict(dev, latents, timesteps, cond, guidance=3.5, bypass_guidance_embedding=True)
+        other_guidance = adapter.predict(dev, latents, timesteps, cond, guidance=1.0, bypass_guidance_embedding=True)
+        guided = adapter.predict(dev, latents, timesteps, cond, guidance=3.5)
+    assert torch.allclose(bypassed, expected, atol=1e-6) and torch.equal(bypassed, other_guidance)
+    assert not torch.allclose(guided, bypassed, atol=1e-4)
+    assert "forward" not in vars(embed)  # the class's forward again: sampling keeps the guidance
+    with torch.no_grad():
+        assert torch.equal(adapter.predict(dev, latents, timesteps, cond, guidance=3.5), guided)
+
+    transformer.zero_grad(set_to_none=True)
+    try:
+        adapter.predict(
+            dev, latents, timesteps, cond, guidance=3.5, bypass_guidance_embedding=True
+        ).square().sum().backward()
+        assert all(p.grad is None for p in embed.guidance_embedder.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in embed.timestep_embedder.parameters())
+        assert all(p.grad is not None for p in embed.text_embedder.parameters())
+    finally:
+        transformer.zero_grad(set_to_none=True)
+    with pytest.raises(ConfigError, match="no guidance embedding"):
+        adapter.predict(schnell, latents, timesteps, cond, bypass_guidance_embedding=True)
+
+
+def _image_ids(height, width):
+    from sdcore.models.flux.adapter import image_ids
+
+    return image_ids(height, width)

@@ -203,3 +203,74 @@ def test_user_tokenizer_folder_wins(tiny_files, tmp_path):
     assert default.tokenizers[0].pad_token == "<|endoftext|>"
     assert chosen.tokenizers[0].pad_token == "!"
     assert load_model(tiny_files["sd2"]).tokenizers[0].pad_token == "!"  # OpenCLIP pads with "!"
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_writer_whose_diffusers_folder_is_beaten_into_place_still_succeeds(tiny_bundles, tmp_path, monkeypatch):
+    """Two processes of a run save one diffusers folder: the other writer's finished folder lands at the
+    target between this writer's check and its rename (the rename then finds a non-empty folder). This
+    writer replaces it with its own whole folder instead of reporting that it could not write."""
+    import os
+    from pathlib import Path
+
+    from sdcore.models import save as save_module
+
+    bundle, target = tiny_bundles["sd1"], tmp_path / "out" / "model"
+    rival = save_module.write_diffusers(bundle, tmp_path / "rival", metadata={"writer": "rival"})
+
+    class OsWithARival:
+        landed = False
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def replace(self, src, dst):
+            if Path(dst) == target and not self.landed:
+                self.landed = True
+                os.replace(rival, target)  # the other writer wins the first rename
+            return os.replace(src, dst)
+
+    monkeypatch.setattr(save_module, "os", OsWithARival())
+    assert save_module.write_diffusers(bundle, target, metadata={"writer": "this"}) == target
+    assert json.loads((target / "sdcore_metadata.json").read_text())["writer"] == "this"
+    assert load_model(target).family == "sd1"
+    assert _leftovers(target.parent) == []
+
+
+def test_two_threads_saving_one_diffusers_folder_at_once_both_succeed(tiny_bundles, tmp_path, monkeypatch):
+    """Real concurrent writers (threads released together at the move into place): no error, and the
+    target is always one writer's whole folder, with no temporary folder left beside it."""
+    import threading
+
+    from sdcore.models import save as save_module
+
+    bundle, target = tiny_bundles["sd1"], tmp_path / "model"
+    barrier = threading.Barrier(2)
+    real = save_module.move_folder_into_place
+
+    def together(folder, where):
+        barrier.wait()
+        real(folder, where)
+
+    monkeypatch.setattr(save_module, "move_folder_into_place", together)
+    for _ in range(4):
+        errors: list[BaseException] = []
+
+        def write(name, errors):
+            try:
+                save_module.write_diffusers(bundle, target, metadata={"writer": name})
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(name, errors)) for name in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert json.loads((target / "sdcore_metadata.json").read_text())["writer"] in ("a", "b")
+        assert (target / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert _leftovers(tmp_path) == []

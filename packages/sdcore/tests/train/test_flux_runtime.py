@@ -66,3 +66,26 @@ def test_kohya_flux_sample_prompts_render_with_g_l_and_n_as_kohya_means_them(tmp
     assert [t.negative_prompt for t in texts] == ["", "blurry"]  # kohya drops --n without --l above 1
     assert [t.cfg for t in texts] == [1.0, 2.5]  # "CFG scale": the true CFG
     assert [t.extra.get("Distilled CFG Scale") for t in texts] == ["4", "3.5"]  # --g, else FLUX.1's 3.5
+
+
+def test_bypass_guidance_embedding_reaches_predict_and_is_refused_without_a_guidance_embedding(tmp_path):
+    """--bypass-guidance-embedding: the training loss no longer depends on --guidance-scale (the
+    guidance embedding is left out) but differs from the guided loss; schnell and SD have no guidance
+    embedding, so the pre-flight refuses the option there in one line."""
+    from sdcore.train.preflight import run_preflight
+
+    base = {"max_steps": 1, "save_state": False, "bypass_guidance_embedding": True}
+    o = contract_options(ProjOutMethod, tmp_path, base, family="flux")
+    assert not [p for p in run_preflight(ProjOutMethod(o), o, plan=False).problems if "guidance" in p]
+    s = TrainSession(ProjOutMethod(o), bundle=None)
+    s.setup()
+    bypassed = s.fixed_loss()
+    s.options.guidance_scale = 3.5
+    assert s.fixed_loss() == bypassed
+    s.options.bypass_guidance_embedding = False
+    assert s.fixed_loss() != bypassed
+    for family, what in (("flux-schnell", "this FLUX.1 (schnell)"), ("sd1", "sd1")):
+        o = contract_options(ProjOutMethod, tmp_path / family, base, family=family)
+        problems = [p for p in run_preflight(ProjOutMethod(o), o, plan=False).problems if "guidance" in p]
+        assert problems == [f"--bypass-guidance-embedding: {what} has no guidance embedding to bypass (the option "
+                            "is for FLUX.1 dev and Flex.1)"]  # fmt: skip

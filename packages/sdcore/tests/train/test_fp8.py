@@ -134,3 +134,30 @@ def test_linear_on_3d_tokens(bias):
     convert_to_fp8(layer, torch.float32)
     x = torch.randn(2, 7, 24)
     assert torch.equal(layer(x), ref(x))
+
+
+def test_base_weights_exclude_keeps_the_matching_layers_in_their_dtype():
+    """--base-weights-exclude (ai-toolkit's quantize_kwargs exclude, optimum-quanto's fnmatch on module names):
+    Flex.1's '*time_text_embed*' keeps that embedder's Linear layers as they are and converts the rest; a
+    pattern matching nothing and the option without a storage format are one-line errors."""
+    from types import SimpleNamespace
+
+    from sdcore.errors import ConfigError
+    from sdcore.models.flux.adapter import FluxAdapter
+    from sdcore.train.memory_options import MemorySetup, option_problems
+
+    bundle = FluxAdapter().create_tiny(variant="dev", seed=0)
+    bundle.denoiser.requires_grad_(False)
+    options = SimpleNamespace(base_weights_dtype="fp8", fp8_base=False, mixed_precision="no", blocks_to_swap=0,
+                              base_weights_exclude="*time_text_embed*")  # fmt: skip
+    setup = MemorySetup.before_placement(bundle, options)
+    layers = {name: m for name, m in bundle.denoiser.named_modules() if isinstance(m, nn.Linear)}
+    kept = [name for name, m in layers.items() if m.weight.dtype == torch.float32]
+    assert kept and all("time_text_embed" in name for name in kept)
+    assert len(kept) == sum("time_text_embed" in name for name in layers)
+    assert setup.fp8_elements == sum(m.weight.numel() for name, m in layers.items() if name not in kept)
+    options.base_weights_exclude = "*no_such_layer*"
+    with pytest.raises(ConfigError, match=r"--base-weights-exclude \*no_such_layer\*: matches none"):
+        MemorySetup.before_placement(FluxAdapter().create_tiny(variant="dev", seed=0), options)
+    options.base_weights_dtype = "none"
+    assert any("--base-weights-exclude: keeps layers out of" in p for p in option_problems(options, "cpu"))

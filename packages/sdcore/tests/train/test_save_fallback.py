@@ -183,3 +183,94 @@ def test_expected_os_errors_are_one_line_unless_sdcore_debug(tmp_path, monkeypat
     monkeypatch.setenv("SDCORE_DEBUG", "1")
     result = CliRunner().invoke(root, ["boom"])
     assert isinstance(result.exception, PermissionError)
+
+
+class StopsMidStep(torch.optim.SGD):
+    """SGD whose third step updates the first parameter, then raises (an out of memory part-way through
+    a non-foreach optimizer): the weights hold step 3 for that tensor and step 2 for the others."""
+
+    def step(self, closure=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 3:
+            first = next(p for group in self.param_groups for p in group["params"] if p.grad is not None)
+            with torch.no_grad():
+                first.add_(first.grad, alpha=-self.param_groups[0]["lr"])
+            raise RuntimeError("failed part-way through the optimizer step")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_error_inside_the_optimizer_step_saves_nothing_from_mixed_weights(tmp_path, monkeypatch, capsys, processes):
+    """An error inside ``optimizer.step()`` may leave some tensors stepped and others not: neither the
+    state (one process) nor the weights a failed process writes alone (several) are saved from them, and
+    one line says so; an error outside the step still saves the state of the last finished step."""
+    from accelerate import Accelerator
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.train.loop import TrainSession
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, "optimizer": f"{__name__}.StopsMidStep"})
+    session = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    if processes > 1:
+        monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="part-way"):
+        session.run()
+    assert session.position.step == 2
+    assert list_states(tmp_path / "run" / "result-state") == []
+    assert not list((tmp_path / "run").glob("result-step*"))
+    err = capsys.readouterr().err
+    if processes == 1:
+        assert "error during the optimizer step: some weights may have taken the step and others not, so no " \
+            "state was saved" in err  # fmt: skip
+    else:
+        assert (
+            "error in one of several processes during the optimizer step: some weights may have taken the step "
+            "and others not, so nothing was saved; resume from the last saved state with --resume"
+        ) in err
+
+    class AfterTheStep(ConvOutMethod):  # the same error after step 3: its state (or weights) are saved
+        def on_step_end(self, bundle, step):
+            if step == 3:
+                raise RuntimeError("failed after the step")
+            return super().on_step_end(bundle, step)
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 5}, tag="after")
+    session = TrainSession(AfterTheStep(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    with pytest.raises(RuntimeError, match="after the step"):
+        session.run()
+    if processes == 1:
+        assert len(list_states(tmp_path / "after" / "result-state")) == 1
+    else:
+        assert (tmp_path / "after" / "result-step00000003.safetensors").is_file()
+
+
+def test_a_failed_lone_save_names_the_methods_result_not_the_generic_path(tmp_path, monkeypatch):
+    """save_alone's failure line: the method decides its file (TI writes embeddings/<name>-<step>.pt, not
+    the runtime's intermediate path), so the line names the step-N result of the method and the writer's
+    own reason (with the file it failed on), never a path nothing was meant to be written to."""
+    from types import SimpleNamespace
+
+    from sdcore.train import save_fallback
+    from sdcore.train.checkpoints import intermediate_path
+
+    output = tmp_path / "run" / "result.safetensors"
+    embeddings = tmp_path / "run" / "embeddings"
+
+    def write_result(session, path, *, final):
+        raise PermissionError(errno.EACCES, "Permission denied", str(embeddings))
+
+    monkeypatch.setattr(save_fallback, "write_result", write_result)
+    session = SimpleNamespace(
+        position=SimpleNamespace(step=3), options=SimpleNamespace(save_state=True), output=output,
+        method=SimpleNamespace(name="ti"), fused=None, placement=None,
+        accelerator=SimpleNamespace(distributed_type="MULTI_GPU", state=SimpleNamespace(), parallelism_config=None),
+    )  # fmt: skip
+    line = save_fallback.save_alone(session, "error")
+    assert line == (
+        "error in one of several processes: the weights after step 3 (the step-3 result of ti) could not be "
+        f"written ({embeddings}: Permission denied (no permission: choose a folder you can write, or fix its "
+        "permissions)); resume from the last saved state with --resume"
+    )
+    assert str(intermediate_path(output, step=3)) not in line

@@ -275,6 +275,41 @@ def check_diffusers_target(target: Path) -> None:
     )
 
 
+#: swaps a folder move tries while other writers keep putting their folders at the same place
+MOVE_ATTEMPTS = 20
+
+
+def move_folder_into_place(folder: Path, target: Path) -> None:
+    """Rename the finished ``folder`` to ``target``, replacing the folder there (moved aside under a name of
+    this call's own, then deleted). Several writers of one target at once (the processes of a run each saving
+    the same result) race between these renames: a rename that finds another writer's folder newly in place,
+    or no folder left to move aside, tries again, so each writer ends with a whole folder at ``target`` (the
+    last one's) and none reports a failure. ``target`` is never a partly written folder: only finished
+    folders are renamed there."""
+    import errno
+    import uuid
+
+    for _ in range(MOVE_ATTEMPTS):
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.replace(target, old)
+            except FileNotFoundError:  # another writer moved it aside first
+                continue
+        try:
+            os.replace(folder, target)
+        except OSError as exc:  # another writer's folder arrived between the two renames
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(errno.EBUSY, f"other writers kept replacing it ({MOVE_ATTEMPTS} attempts)")
+
+
 def write_diffusers(
     bundle: ModelBundle,
     path: str | os.PathLike[str],
@@ -315,13 +350,7 @@ def write_diffusers(
         if metadata:
             (tmp / "sdcore_metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
         apply_default_modes(tmp)  # mkdtemp made it 0700, save_pretrained writes 0600 files
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        move_folder_into_place(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SdcoreError(f"could not write {target}: {exc.strerror or exc}") from exc

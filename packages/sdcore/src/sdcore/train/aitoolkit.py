@@ -433,9 +433,10 @@ HANDLED: dict[str, set[str]] = {
               "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
               "max_grad_norm", "noise_offset", "min_snr_gamma", "skip_first_sample", "force_first_sample",
               "disable_sampling", "loss_type", "cfg_scale", "ema_config", "reg_weight", "min_denoising_steps",
-              "max_denoising_steps", "content_or_style", "linear_timesteps", "linear_timesteps2", "snr_gamma"},
+              "max_denoising_steps", "content_or_style", "linear_timesteps", "linear_timesteps2", "snr_gamma",
+              "bypass_guidance_embedding"},
     "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking", "lora_path",
-              "assistant_lora_path"}
+              "assistant_lora_path", "use_flux_cfg", "quantize_kwargs"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
     "sample": {"prompts", "samples", "sample_every", "sample_steps", "width", "height", "neg", "seed", "walk_seed",
                "guidance_scale"},
@@ -773,6 +774,7 @@ def translate_job(
             )
     if model.get("quantize"):
         _quantize(str(model.get("qtype", "qfloat8")), w, out)
+    _quantize_kwargs(model.get("quantize_kwargs"), bool(model.get("quantize")), f"{w}.model.quantize_kwargs", out)
     _merged_loras(model, family, w, out)
     if model.get("attn_masking"):
         if family == "flux":
@@ -794,6 +796,7 @@ def translate_job(
 
     _network(network, family, f"{w}.network", out)
     _train(train, family, flow, f"{w}.train", out)  # family None: refused above; its rules are skipped
+    _bypass_guidance(train, model, family, w, out)
     if v.get("train_text_encoder") and (v.get("layer_filter") is not None or v.get("layer_exclude") is not None):
         out.notes.append(f"{w}.network.network_kwargs: only_if_contains/ignore_if_contains apply to the denoiser's "
                          "modules here; ai-toolkit also matches them against the text encoders' names")  # fmt: skip
@@ -899,6 +902,32 @@ def _quantize(qtype: str, where: str, out: JobTranslation) -> None:
         f"{where}.model.quantize: the denoiser's frozen weights are stored as {storage} "
         f"(sdcore's --base-weights-dtype {storage}, {difference})"
     )
+
+
+def _quantize_kwargs(kwargs: Any, quantize: bool, where: str, out: JobTranslation) -> None:
+    """``quantize_kwargs: {exclude: [...]}`` (optimum-quanto's ``quantize`` arguments: glob patterns of the
+    transformer's module names kept unquantized; Ostris' Flex.1 examples keep ``*time_text_embed*``) ->
+    ``--base-weights-exclude``; other arguments are refused."""
+    if kwargs is None or kwargs == {}:
+        return
+    if not isinstance(kwargs, dict):
+        out.problems.append(f"{where}: must be a table, got {kwargs!r}")
+        return
+    other = sorted(str(k) for k in kwargs if k != "exclude")
+    if other:
+        out.problems.append(f"{where}: sdcore implements exclude only (got {other})")
+    patterns = kwargs.get("exclude")
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p and "," not in p for p in patterns):
+        out.problems.append(f"{where}.exclude: a list of glob patterns without commas, got {patterns!r}")
+        return
+    if not quantize:
+        out.notes.append(f"{where}: no effect without model.quantize (as in ai-toolkit)")
+        return
+    out.values["base_weights_exclude"] = ",".join(patterns)
 
 
 def _merged_loras(model: dict[str, Any], family: str | None, where: str, out: JobTranslation) -> None:
@@ -1202,6 +1231,30 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
         _ddpm_range(train, where, out)
         if train.get("cfg_scale", 1.0) != 1.0:
             out.problems.append(f"{where}.cfg_scale: a guidance embedding value, Flux only")
+
+
+def _bypass_guidance(train: dict[str, Any], model: dict[str, Any], family: str | None, where: str,
+                     out: JobTranslation) -> None:  # fmt: skip
+    """``train.bypass_guidance_embedding`` -> ``--bypass-guidance-embedding`` on Flux (Ostris' Flex.1 examples set
+    it); ``model.use_flux_cfg`` turns it on too (``config_modules.validate_configs``, Flux only). Elsewhere
+    ai-toolkit's other models have no guidance embedding and ignore it: a note."""
+    cfg = bool(model.get("use_flux_cfg"))
+    bypass = bool(train.get("bypass_guidance_embedding"))
+    if family is None or not (bypass or cfg):
+        return
+    if family != "flux":
+        fields = [f"{where}.{name}" for name, on in (("train.bypass_guidance_embedding", bypass),
+                                                     ("model.use_flux_cfg", cfg)) if on]  # fmt: skip
+        out.notes.append(f"{', '.join(fields)}: no effect on {family} (no guidance embedding; ai-toolkit reads "
+                         "it on Flux only)")  # fmt: skip
+        return
+    out.values["bypass_guidance_embedding"] = True
+    if cfg:
+        out.notes.append(
+            f"{where}.model.use_flux_cfg: trains with the guidance embedding bypassed, as ai-toolkit; ai-toolkit "
+            "also samples without it, with true CFG at sample.guidance_scale against neg, where sdcore's samples "
+            "keep the embedded guidance (the previews differ, the trained weights do not)"
+        )
 
 
 def _flow_range(train: dict[str, Any], where: str, out: JobTranslation) -> None:

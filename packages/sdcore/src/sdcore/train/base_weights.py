@@ -44,6 +44,7 @@ The output equals the float path on the dequantised weight bit for bit:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -330,14 +331,27 @@ def weight_rows(module: nn.Module) -> int:
     return int(weight.shape[0])
 
 
-def convert_base_weights(root: nn.Module, storage: str | StorageFormat, compute_dtype: torch.dtype) -> int:
+def excluded_names(root: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
+    """Per glob pattern (``fnmatch`` on the names of ``root.named_modules()``, as optimum-quanto's ``exclude``
+    that ai-toolkit's ``quantize_kwargs`` passes), the convertible layers it keeps out of the conversion."""
+    from fnmatch import fnmatch
+
+    names = [name for name, module in root.named_modules() if convertible(module)]
+    return {pattern: [name for name in names if fnmatch(name, pattern)] for pattern in patterns}
+
+
+def convert_base_weights(
+    root: nn.Module, storage: str | StorageFormat, compute_dtype: torch.dtype, exclude: Sequence[str] = ()
+) -> int:
     """Store every frozen Linear/Conv2d weight under ``root`` in ``storage`` (a :data:`STORAGE_FORMATS`
-    name or object), in place; returns the number of weight elements converted. ``compute_dtype`` is
-    the dtype each op runs in when no autocast is active (the dtype the weights would have had)."""
+    name or object), in place, except the layers under ``exclude``'s glob patterns (:func:`excluded_names`);
+    returns the number of weight elements converted. ``compute_dtype`` is the dtype each op runs in when no
+    autocast is active (the dtype the weights would have had)."""
     fmt = STORAGE_FORMATS[storage] if isinstance(storage, str) else storage
+    kept = {name for names in excluded_names(root, exclude).values() for name in names} if exclude else set()
     converted = 0
-    for module in list(root.modules()):
-        if not convertible(module):
+    for name, module in list(root.named_modules()):
+        if not convertible(module) or name in kept:
             continue
         weight = module._parameters["weight"]
         assert weight is not None

@@ -53,7 +53,7 @@ from .memory_watch import MemoryWatch, TrainingOutOfMemoryError, is_out_of_memor
 from .method import Batch, RunFacts, TrainingMethod
 from .options import TrainOptions, apply_model_defaults
 from .preflight import validate_options
-from .save_fallback import SaveTargetError, guarded, rescue, save_alone
+from .save_fallback import SaveTargetError, guarded, mixed_message, mixed_step, rescue, save_alone
 
 if TYPE_CHECKING:
     import torch
@@ -746,15 +746,16 @@ class TrainSession:
         return self.memory_watch.out_of_memory(where=where, state=state)
 
     def _save_on_error(self, exc: BaseException, why: str, *, quiet: bool = False) -> None:
-        mixed = self.fused is not None and self.fused.in_backward  # stopped with some weights stepped
-        if mixed:
-            self.say(f"{why} during a fused backward pass: some weights had taken the step, so no state was saved")
+        where = mixed_step(self)  # stopped with some weights stepped and others not
+        mixed = where is not None
         # Saving a state needs every process (it waits for them all). An error (not an interrupt, which every
         # process gets) may stop one process alone while the others sit in the step's gradient all-reduce
         # or have stopped: waiting for them would hang instead of reporting the error. Under DDP this
         # process holds the trained weights all the same and writes them alone (save_fallback.save_alone).
         alone = why != "interrupted" and self._setup_done and self.accelerator.num_processes > 1
-        if alone and self.position.step > 0 and not mixed:
+        if where is not None and not alone:
+            self.say(mixed_message(why, where))
+        if alone and self.position.step > 0:  # save_alone writes nothing from mixed weights, and says so
             message = save_alone(self, why)
             log.info(message)
             print(message, file=sys.stderr)  # this process's own line: say() prints on the main process only

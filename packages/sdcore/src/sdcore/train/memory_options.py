@@ -45,6 +45,12 @@ def base_weights_flag(options: Any) -> str:
     return f"--base-weights-dtype {name}"
 
 
+def exclude_patterns(options: Any) -> list[str]:
+    """``--base-weights-exclude``'s glob patterns (comma-separated)."""
+    text = getattr(options, "base_weights_exclude", None) or ""
+    return [p for p in text.split(",") if p]
+
+
 def base_weights_problem(options: Any) -> str | None:
     """``--fp8-base`` together with ``--base-weights-dtype nf4/int8``, or an unknown value."""
     name = str(getattr(options, "base_weights_dtype", "none") or "none")
@@ -66,6 +72,12 @@ def option_problems(options: TrainOptions, device: str | None = None) -> list[st
     if problem:
         return [*problems, problem]
     name = base_weights_dtype(options)
+    exclude = exclude_patterns(options)
+    if exclude and not name:
+        problems.append("--base-weights-exclude: keeps layers out of --fp8-base / --base-weights-dtype; give one")
+    bad = [p for p in exclude if p != p.strip()]
+    if bad:
+        problems.append(f"--base-weights-exclude {bad}: patterns are separated by commas without spaces")
     if name:
         from .base_weights import STORAGE_FORMATS
         from .memory import training_device
@@ -138,7 +150,18 @@ class MemorySetup:
 
         stored = base_weights_dtype(options)
         if stored:
-            setup.fp8_elements = convert_base_weights(denoiser, stored, torch_dtype(options.mixed_precision))
+            exclude = exclude_patterns(options)
+            if exclude:
+                from .base_weights import excluded_names
+
+                unused = [p for p, names in excluded_names(denoiser, exclude).items() if not names]
+                if unused:
+                    raise ConfigError(
+                        f"--base-weights-exclude {','.join(unused)}: matches none of the {type(denoiser).__name__}'s "
+                        "frozen Linear/Conv2d layers (glob patterns on module names such as "
+                        "'time_text_embed.timestep_embedder.linear_1')"
+                    )
+            setup.fp8_elements = convert_base_weights(denoiser, stored, torch_dtype(options.mixed_precision), exclude)
             if not setup.fp8_elements:
                 raise ConfigError(
                     f"{base_weights_flag(options)}: the denoiser has no frozen Linear/Conv2d weights to store in {stored}"

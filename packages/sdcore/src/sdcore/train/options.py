@@ -374,6 +374,13 @@ class TrainOptions:
         choices=BASE_WEIGHTS_DTYPES,
         group="training",
     )
+    base_weights_exclude: str | None = option(
+        None,
+        "With --fp8-base / --base-weights-dtype: comma-separated glob patterns of the denoiser's module names "
+        "(e.g. '*time_text_embed*') whose frozen weights keep their dtype (ai-toolkit's quantize_kwargs exclude, "
+        "matched as optimum-quanto matches it); a pattern matching no layer is an error.",
+        group="training",
+    )
     blocks_to_swap: int = option(
         0,
         "Keep the frozen weights of the denoiser's last N transformer blocks in CPU memory; each block's weights "
@@ -631,6 +638,13 @@ class TrainOptions:
         1.0,
         "Flux dev: the value its guidance embedding gets while training (kohya's --guidance_scale; 1.0 as "
         "kohya's examples use; schnell has no guidance embedding).",
+        group="loss",
+    )
+    bypass_guidance_embedding: bool = option(
+        False,
+        "Flux dev (and Flex.1): train with the time/text embedding = timestep embedding + pooled-text embedding, "
+        "the guidance embedding left out (ai-toolkit's bypass_guidance_embedding, which Flex.1 needs); samples "
+        "keep the guidance. Refused on models without a guidance embedding (schnell, SD3, Chroma, SD).",
         group="loss",
     )
     t5xxl_max_token_length: int | None = option(

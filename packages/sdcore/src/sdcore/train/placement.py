@@ -213,6 +213,9 @@ class Placement:
         self.model: Any = None  # the prepared TrainedModules (DDP-wrapped under accelerate launch)
         self.optimizer: Any = None
         self.scheduler: Any = None
+        #: set by :func:`~sdcore.train.step.optimizer_step` while ``optimizer.step()`` runs and left set when it
+        #: raises: some tensors may have taken the step and others not, so nothing may be saved from them
+        self.in_optimizer_step = False
 
     @property
     def device(self) -> Any:

@@ -370,6 +370,21 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
     return problems, notes
 
 
+def guidance_bypass_problems(options: TrainOptions, layout: ModelLayout) -> list[str]:
+    """``--bypass-guidance-embedding`` needs a denoiser with a guidance embedding (FLUX.1 dev, Flex.1): on
+    any other model there is nothing to bypass, and a silent no-op would hide a wrong model or option."""
+    if not options.bypass_guidance_embedding:
+        return []
+    config = layout.configs.get("transformer") or {}
+    if layout.family == "flux" and config.get("guidance_embeds", True):
+        return []
+    what = "this FLUX.1 (schnell)" if layout.family == "flux" else layout.family
+    return [
+        f"--bypass-guidance-embedding: {what} has no guidance embedding to bypass (the option is for FLUX.1 dev "
+        "and Flex.1)"
+    ]
+
+
 def _flow_shift_notes(options: TrainOptions) -> list[str]:
     """The shift options that a flow-matching draw does not read (it says which one it reads)."""
     from .objectives import DEFAULT_TABLE_RANGE, TABLE_SAMPLINGS
@@ -838,6 +853,7 @@ def run_preflight(
         from .fused import fused_family_problems
 
         report.problems.extend(fused_family_problems(o, report.layout.family))
+        report.problems.extend(guidance_bypass_problems(o, report.layout))
 
     # folders
     if o.output:

@@ -161,6 +161,23 @@ def _zero_stage(plugin: Any) -> int | None:
         return None
 
 
+def mixed_step(session: Any) -> str | None:
+    """Where an error stopped a step part-way through updating the weights (some tensors stepped, others
+    not), or ``None`` when the weights are those after the last finished step: a save from mixed weights
+    would hold neither step's model."""
+    fused = getattr(session, "fused", None)
+    if fused is not None and fused.in_backward:
+        return "during a fused backward pass: some weights had taken the step"
+    if getattr(getattr(session, "placement", None), "in_optimizer_step", False):
+        return "during the optimizer step: some weights may have taken the step and others not"
+    return None
+
+
+def mixed_message(why: str, where: str, saved: str = "no state was saved") -> str:
+    """The one line for an error :func:`mixed_step` found (nothing is saved from mixed weights)."""
+    return f"{why} {where}, so {saved}"
+
+
 def save_alone(session: Any, why: str) -> str:
     """An error stopped this process of several: write the weights after the last finished step without
     any other process, and return the one line to print (this process's own: the others may be gone).
@@ -170,13 +187,18 @@ def save_alone(session: Any, why: str) -> str:
     this one writes the result an intermediate save of this step would (its name and place, kohya's
     ``name-stepNNNNNNNN``; written atomically through a temporary name of this process's own, so several
     processes failing at once each replace the file whole with the same bytes). Under a sharding engine
-    this process holds a shard only: nothing is written and the line says why.
+    this process holds a shard only, or the error came part-way through a step (:func:`mixed_step`): nothing
+    is written and the line says why.
     """
     from .checkpoints import intermediate_path
 
     step = session.position.step
     head = f"{why} in one of several processes"
     resume = "resume from the last saved state with --resume" if session.options.save_state else None
+    where = mixed_step(session)
+    if where is not None:
+        lost = resume or "the steps since the last save are lost"
+        return f"{mixed_message(head, where, 'nothing was saved')}; {lost}"
     engine = weights_sharding(session.accelerator)
     if engine is not None:
         return (
@@ -188,7 +210,10 @@ def save_alone(session: Any, why: str) -> str:
         with guard():
             written = write_result(session, path, final=False)
     except Exception as exc:  # the original error is what ends the run
-        failed = f"{head}: the weights after step {step} could not be written to {path} ({reason(exc)})"
+        # the method decides its file (TI: embeddings/<name>-<step>.pt beside the output), so ``path`` may not
+        # be it: name the result by step and method, and the reason names the file the writer failed on
+        what = f"the step-{step} result of {getattr(session.method, 'name', '') or 'the method'}"
+        failed = f"{head}: the weights after step {step} ({what}) could not be written ({reason(exc)})"
         return failed + (f"; {resume}" if resume else "")
     option = getattr(session.method, "start_from_result", None)
     again = [f"continue from it with {option} {written}"] if option else []
@@ -217,6 +242,8 @@ __all__ = [
     "fallback_folders",
     "guard",
     "guarded",
+    "mixed_message",
+    "mixed_step",
     "rescue",
     "save_alone",
     "weights_sharding",

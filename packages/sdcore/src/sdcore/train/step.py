@@ -99,9 +99,11 @@ class Objective:
         return replace(settings, after_draws=after_draws)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:
-        """The denoiser's output, called the family's way (SDXL adds its size conditioning from ``batch``)."""
+        """The denoiser's output, called the family's way (SDXL adds its size conditioning from ``batch``;
+        Flux its training guidance, or none with ``--bypass-guidance-embedding``)."""
         return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch,
-                                    guidance=self.options.guidance_scale)  # fmt: skip
+                                    guidance=self.options.guidance_scale,
+                                    bypass_guidance_embedding=self.options.bypass_guidance_embedding)  # fmt: skip
 
     def sample_loss(
         self,
@@ -331,7 +333,9 @@ def optimizer_step(
             on_bad(StepOutcome(step_loss, float(norm), "gradient norm"))
     elif acc.scaler is not None:
         acc.unscale_gradients()
+    placement.in_optimizer_step = True  # an error inside (out of memory part-way) leaves it set: mixed weights
     placement.optimizer.step()
+    placement.in_optimizer_step = False
     skipped = bool(getattr(placement.optimizer, "step_was_skipped", False))  # accelerate's, from the scaler
     placement.scheduler.step()
     placement.optimizer.zero_grad(set_to_none=True)

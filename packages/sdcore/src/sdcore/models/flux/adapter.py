@@ -11,12 +11,14 @@ trained through sdcore and sampled by diffusers (or ComfyUI) sees the same input
 - the transformer gets ``timestep / 1000`` (sdcore's timesteps are sigma * 1000 as the pipelines'),
   and, with ``t5_attention_mask=True`` at encoding, a joint-attention mask hiding T5's padding tokens,
   and, for dev models, the guidance value (kohya's ``--guidance_scale``; 1.0 by default for
-  training as kohya's examples use).
+  training as kohya's examples use), unless training bypasses the guidance embedding
+  (:func:`guidance_bypassed`, ai-toolkit's ``bypass_guidance_embedding`` for Flex.1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, ModelFormatError
@@ -65,6 +67,37 @@ def text_ids(length: int, *, device: Any = None, dtype: Any = None) -> torch.Ten
     import torch
 
     return torch.zeros(length, 3, device=device, dtype=dtype)
+
+
+def bypassed_embedding(embedder: Any, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The time/text embedding of a guidance-embedding Flux without its guidance term: the timestep's
+    sinusoidal projection through ``timestep_embedder``, plus ``text_embedder`` of the pooled CLIP-L output
+    (diffusers' ``CombinedTimestepGuidanceTextProjEmbeddings`` with ``guidance_embedder``'s summand left out)."""
+    projected = embedder.time_proj(timestep)
+    return embedder.timestep_embedder(projected.to(dtype=pooled.dtype)) + embedder.text_embedder(pooled)
+
+
+@contextlib.contextmanager
+def guidance_bypassed(transformer: Any) -> Iterator[None]:
+    """Inside the block the transformer's ``time_text_embed`` (called without a guidance value) computes
+    :func:`bypassed_embedding`, so the guidance embedder takes no part and gets no gradient. Why: Ostris'
+    Flex.1 examples require it ("you must bypass the guidance embedder during training"; ai-toolkit's
+    ``bypass_guidance_embedding``); sampling, outside the block, keeps the guidance."""
+    embedder = transformer.time_text_embed
+    if not hasattr(embedder, "guidance_embedder"):
+        raise ConfigError(
+            "--bypass-guidance-embedding: this FLUX.1 has no guidance embedding (schnell); the option is for "
+            "guidance-distilled models (dev, Flex.1)"
+        )
+
+    def forward(timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return bypassed_embedding(embedder, timestep, pooled)
+
+    embedder.forward = forward  # the instance attribute shadows the class's forward for this call only
+    try:
+        yield
+    finally:
+        del embedder.forward
 
 
 def _require(bundle: ModelBundle, what: str) -> None:
@@ -239,9 +272,11 @@ class FluxAdapter:
         conditioning: Conditioning,
         *,
         guidance: float | torch.Tensor | None = None,
+        bypass_guidance_embedding: bool = False,
         **options: Any,
     ) -> torch.Tensor:
-        """The transformer's velocity for ``noisy_latents`` [B, 16, H, W] at ``timesteps`` (sigma * 1000)."""
+        """The transformer's velocity for ``noisy_latents`` [B, 16, H, W] at ``timesteps`` (sigma * 1000);
+        ``bypass_guidance_embedding`` (training only): without the guidance term (:func:`guidance_bypassed`)."""
         import torch
 
         from ...dtypes import compute_dtype
@@ -257,7 +292,7 @@ class FluxAdapter:
         hidden = conditioning.hidden_states.to(device=device, dtype=dtype)
         step = torch.as_tensor(timesteps, device=device).reshape(-1).expand(batch).to(dtype) / 1000
         value = None
-        if transformer.config.guidance_embeds:
+        if transformer.config.guidance_embeds and not bypass_guidance_embedding:
             given = DEFAULT_GUIDANCE if guidance is None else guidance
             value = torch.as_tensor(given, device=device, dtype=torch.float32).reshape(-1).expand(batch)
         kwargs: dict[str, Any] = {}
@@ -265,15 +300,17 @@ class FluxAdapter:
             text = conditioning.extra[T5_MASK].to(device=device, dtype=torch.bool)
             image = torch.ones(batch, packed.shape[1], device=device, dtype=torch.bool)
             kwargs["joint_attention_kwargs"] = {"attention_mask": torch.cat([text, image], dim=1)[:, None, None, :]}
-        out = transformer(
-            hidden_states=packed,
-            timestep=step,
-            guidance=value,
-            pooled_projections=conditioning.pooled.to(device=device, dtype=dtype),
-            encoder_hidden_states=hidden,
-            txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
-            img_ids=image_ids(height, width, device=device, dtype=dtype),
-            return_dict=False,
-            **kwargs,
-        )[0]
+        bypass = guidance_bypassed(transformer) if bypass_guidance_embedding else contextlib.nullcontext()
+        with bypass:
+            out = transformer(
+                hidden_states=packed,
+                timestep=step,
+                guidance=value,
+                pooled_projections=conditioning.pooled.to(device=device, dtype=dtype),
+                encoder_hidden_states=hidden,
+                txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
+                img_ids=image_ids(height, width, device=device, dtype=dtype),
+                return_dict=False,
+                **kwargs,
+            )[0]
         return unpack_latents(out, height, width)

@@ -270,6 +270,7 @@ def generate_images(
     init_image: Any = None,
     strength: float = 0.75,
     clip_skip: int = 1,
+    tiling: bool = False,
     networks: NetworkSession | None = None,
     info: list[dict[str, str]] | None = None,
     true_cfg_scale: float = 1.0,
@@ -285,7 +286,8 @@ def generate_images(
     (Flux.1), whose ``cfg`` is the distilled guidance; SD families take ``cfg`` alone. ``sampler``:
     the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``hires``: A1111's "Hires. fix"
     after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL, and as Forge runs it on SD3/SD3.5,
-    FLUX.1 and Chroma; see :mod:`.hires`).
+    FLUX.1 and Chroma; see :mod:`.hires`). ``tiling``: A1111's "Tiling", circular padding in the denoiser's
+    and the VAE's convolutions for the call (:mod:`.tiling`).
     """
     import torch
 
@@ -384,7 +386,9 @@ def generate_images(
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
     second_pass: Any = _hires_run if family_generate is None else _flow_hires_run
-    with _eval_mode(bundle), torch.no_grad():
+    from .tiling import tiling as _tiling
+
+    with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling):
         for indices in groups.values():
             group_info: dict[str, str] = {}
 

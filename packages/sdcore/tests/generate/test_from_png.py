@@ -85,6 +85,15 @@ def test_sdcore_png_regenerates_bit_identically_and_command_line_wins(tmp_path):
     assert (other_params.steps, other_params.sampler, other_params.extra["Clip skip"]) == (2, "dpm++2m", "2")
     assert "Tiling" not in other_params.extra and "Hires upscale" not in other_params.extra
     assert other_params.size == (64, 64)
+    # with --init-image the hires fields stay out and the PNG's denoising strength is img2img's (A1111's
+    # "Send to img2img" pastes it into img2img's slider)
+    redo = tmp_path / "redo.png"
+    result = _invoke(
+        ["-m", "tiny:sd1", "--from-png", str(first), "--init-image", str(first), "--device", "cpu", "-o", str(redo)]
+    )
+    assert result.exit_code == 0, result.output
+    _, redo_params = _pixels(redo)
+    assert redo_params.extra["Denoising strength"] == "0.6" and redo_params.hires_fix() is None
 
 
 def test_a1111_documented_infotext_maps_to_options(sd1):
@@ -131,7 +140,7 @@ def test_a1111_19_fields_hires_schedule_and_forge_cfg(sd1):
     values = recalled.values
     assert values["prompt"] == "a castle <lora:x:0.5><hypernet:anime:1.0>"  # A1111 appends the old Hypernet field
     assert values["sampler"] == "dpm++2m_karras" and values["clip_skip"] == 2 and values["tiling"] is True
-    assert values["hires"] is True and values["strength"] == 0.45
+    assert values["hires"] is True and recalled.strength == 0.45 and recalled.img2img_strength is None
     assert (values["hr_scale"], values["hr_steps"], values["hr_upscaler"]) == (1.5, 12, "Latent (nearest-exact)")
     assert values["hr_sampler"] is None and values["hr_prompt"] is None
     assert recalled.ignored == ["ENSD: 31337"]

@@ -414,12 +414,16 @@ def _recall(params: dict[str, Any]) -> Any:
 
         recalled = recall_png(params["from_png"])
         given = _given(params)
-        skip = set(_HIRES_OPTIONS) if "hires" in given and not params["hires"] else set()
+        # as A1111's "Send to img2img", an --init-image leaves the hires fields out; so does --no-hires
+        hires = (
+            "hires" in recalled.values and params["init_image"] is None and ("hires" not in given or params["hires"])
+        )
+        skip = set() if hires else {"hires", *_HIRES_OPTIONS}
         for name, value in recalled.values.items():
             if name not in given and name not in skip:
                 params[name] = value
-        if "strength" not in given and recalled.img2img_strength is not None and params["init_image"] is not None:
-            params["strength"] = recalled.img2img_strength
+        if "strength" not in given and recalled.strength is not None and (hires or params["init_image"] is not None):
+            params["strength"] = recalled.strength
     if params["prompt"] is None:
         raise click.UsageError("Missing argument 'PROMPT' (or take it from an image with --from-png).")
     if params["styles"]:

@@ -51,12 +51,15 @@ _CHECKED = frozenset({SCHEDULE_TYPE, "Hires schedule type", "RNG", DISTILLED_CFG
 class Recalled:
     """What an infotext sets. ``values``: ``generate`` parameter name -> value (only the ones it names);
     ``cfg``/``distilled_cfg``: its "CFG scale" and "Distilled CFG Scale", mapped by :meth:`cfg_values` once the
-    model says whether it is guidance-distilled; ``ignored``: ``"Key: value"`` of fields sdcore has no option for."""
+    model says whether it is guidance-distilled; ``strength``: its "Denoising strength" (the hires pass's, or
+    an img2img image's, then also ``img2img_strength``), for ``--denoising-strength`` when the hires fix or
+    ``--init-image`` uses it; ``ignored``: ``"Key: value"`` of fields sdcore has no option for."""
 
     parameters: GenerationParameters
     values: dict[str, Any] = field(default_factory=dict)
     cfg: float | None = None
     distilled_cfg: float | None = None
+    strength: float | None = None
     img2img_strength: float | None = None
     ignored: list[str] = field(default_factory=list)
 
@@ -161,8 +164,10 @@ def recall_parameters(parameters: GenerationParameters) -> Recalled:
         if DISTILLED_CFG in extra:
             recalled.distilled_cfg = float(extra[DISTILLED_CFG])
         hires = parameters.hires_fix()
-        if hires is None and "Denoising strength" in extra:
-            recalled.img2img_strength = float(extra["Denoising strength"])
+        if "Denoising strength" in extra:
+            recalled.strength = float(extra["Denoising strength"])
+            if hires is None:
+                recalled.img2img_strength = recalled.strength
     except ValueError as exc:
         raise ConfigError(f"the PNG's infotext has an invalid value: {exc}") from None
     if extra.get(TILING_FIELD) is not None:
@@ -170,7 +175,6 @@ def recall_parameters(parameters: GenerationParameters) -> Recalled:
     if hires is not None:
         values.update(
             hires=True,
-            strength=hires.denoising_strength,
             hr_scale=hires.scale,
             hr_resize_x=hires.resize_x,
             hr_resize_y=hires.resize_y,

@@ -96,6 +96,19 @@ def test_sdcore_png_regenerates_bit_identically_and_command_line_wins(tmp_path):
     assert redo_params.extra["Denoising strength"] == "0.6" and redo_params.hires_fix() is None
 
 
+def test_flux_png_regenerates_with_its_true_and_distilled_cfg(tmp_path):
+    # sdcore writes FLUX.1's CFG as Forge does ("CFG scale" the true CFG, "Distilled CFG Scale" --cfg)
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    args = ["-m", "tiny:flux", "--steps", "1", "--size", "32", "--device", "cpu"]
+    result = _invoke([*args, "a ring", "-n", "blurry", "--cfg", "4", "--true-cfg-scale", "2", "-o", str(first)])
+    assert result.exit_code == 0, result.output
+    result = _invoke([*args, "--from-png", str(first), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    (pixels, params), (again_pixels, again_params) = _pixels(first), _pixels(again)
+    assert (params.cfg, params.extra["Distilled CFG Scale"]) == (2.0, "4")
+    assert again_params == params and np.array_equal(pixels, again_pixels)
+
+
 def test_a1111_documented_infotext_maps_to_options(sd1):
     recalled = recall_parameters(parse_parameters(A1111_DOC_EXAMPLE))
     values = recalled.values

@@ -60,7 +60,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 @click.command("generate")
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option(
     "-m",
     "--model",
@@ -125,10 +125,10 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     help="Denoising strength: of img2img (default 0.75, above 0) and of the hires pass (default 0.7; 0 only upscales).",
 )
 @click.option(
-    "--hires",
-    is_flag=True,
+    "--hires/--no-hires",
+    default=False,
     help="A1111's Hires. fix: txt2img at --size, upscale, img2img at the large size (also on SD3/Flux/Chroma, as Forge). "
-    "Any --hr-* option turns it on too.",
+    "Any --hr-* option turns it on too; --no-hires drops a --from-png image's.",
 )
 @click.option("--hr-scale", default=None, type=click.FloatRange(min=1.0), help="Hires: upscale by (default 2).")
 @click.option(
@@ -206,10 +206,26 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     help="Output PNG (a batch writes NAME-0.png, NAME-1.png ...).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace output files that already exist (else that is an error).")
+@click.option(
+    "--from-png",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Take every generation parameter from this image's infotext (A1111's PNG Info -> Send to txt2img); "
+    "options given here win. PROMPT is then optional.",
+)
+@click.option(
+    "--style", "styles", multiple=True, help="A1111 style from --styles-file, applied to the prompts (repeatable)."
+)
+@click.option(
+    "--styles-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A1111 styles.csv (default: styles.csv in the parent of --models-dir, the A1111 root).",
+)
+@click.option("--tiling/--no-tiling", default=False, help="A1111's Tiling: seamless textures (circular padding).")
 @part_options
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
-    _run_generate(params)
+    recalled = _recall(params)
+    _run_generate(params, recalled)
 
 
 _CORE_PARAMS = frozenset(p.name for p in generate.params if p.name)
@@ -268,7 +284,7 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     return torch.device(device), chosen
 
 
-def _run_generate(params: dict[str, Any]) -> None:
+def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
     import random
 
     from .. import __version__
@@ -320,6 +336,8 @@ def _run_generate(params: dict[str, Any]) -> None:
     # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
     # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
     distilled = bool(getattr(adapter, "distilled_guidance", False))
+    if recalled is not None:  # the PNG's CFG fields, now that the family says what they mean
+        _recalled_cfg(params, recalled, bundle, sampler, distilled)
     if params["cfg"] is None:
         params["cfg"] = default_cfg(adapter)
 
@@ -342,6 +360,7 @@ def _run_generate(params: dict[str, Any]) -> None:
         init_image=params["init_image"],
         strength=strength,
         clip_skip=params["clip_skip"],
+        tiling=params["tiling"],
         networks=session,
         info=infos,
         true_cfg_scale=params["true_cfg_scale"],
@@ -368,6 +387,8 @@ def _run_generate(params: dict[str, Any]) -> None:
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
         extra["RNG"] = RNG_SOURCE  # every family's noise comes from seeded CPU generators
+        if params["tiling"]:  # A1111 writes it after RNG (processing.py create_infotext)
+            extra["Tiling"] = "True"
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
@@ -411,6 +432,82 @@ def _variation_seeds(params: dict[str, Any]) -> Any:
 
     subseed = params["subseed"] if params["subseed"] >= 0 else random.randrange(2**32)
     return VariationSeeds(subseed, params["subseed_strength"], params["seed_resize_from"])
+
+
+def _given(params: dict[str, Any]) -> set[str]:
+    """The parameters typed on the command line (or set in the environment), not click defaults."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set(params)
+    from ..train.cli import command_line_overrides
+
+    return set(command_line_overrides(ctx, params))
+
+
+def _recall(params: dict[str, Any]) -> Any:
+    """``--from-png`` and ``--style``: the PNG's parameters fill the options not given (the returned
+    :class:`~sdcore.generate.recall.Recalled`, ``None`` without one), then the styles join the prompts."""
+    from ..errors import ConfigError
+
+    recalled = None
+    if params["from_png"] is not None:
+        from ..generate.recall import recall_png
+
+        recalled = recall_png(params["from_png"])
+        given = _given(params)
+        # as A1111's "Send to img2img", an --init-image leaves the hires fields out; so does --no-hires
+        hires = (
+            "hires" in recalled.values and params["init_image"] is None and ("hires" not in given or params["hires"])
+        )
+        skip = set() if hires else {"hires", *_HIRES_OPTIONS}
+        for name, value in recalled.values.items():
+            if name not in given and name not in skip:
+                params[name] = value
+        if "strength" not in given and recalled.strength is not None and (hires or params["init_image"] is not None):
+            params["strength"] = recalled.strength
+    if params["prompt"] is None:
+        raise click.UsageError("Missing argument 'PROMPT' (or take it from an image with --from-png).")
+    if params["styles"]:
+        from ..generate.styles import STYLES_FILE, apply_styles, read_styles, select_styles
+
+        path = params["styles_file"] or Path(params["models_dir"]).parent / STYLES_FILE
+        chosen = select_styles(read_styles(path), params["styles"], path)
+        for name, kind in (
+            ("prompt", "prompt"),
+            ("negative", "negative_prompt"),
+            ("hr_prompt", "prompt"),
+            ("hr_negative", "negative_prompt"),
+        ):
+            if params[name] is not None:
+                params[name] = apply_styles(params[name], [getattr(style, kind) for style in chosen])
+    elif params["styles_file"] is not None:
+        raise ConfigError("--styles-file needs --style NAME")
+    return recalled
+
+
+def _recalled_cfg(params: dict[str, Any], recalled: Any, bundle: Any, sampler: str, distilled: bool) -> None:
+    """The PNG's "CFG scale"/"Distilled CFG Scale" for the options not given, and one line for each thing
+    the image will not follow (another model, fields sdcore has no option for)."""
+    from ..generate.pipeline import sampler_id
+    from ..generate.pnginfo import model_short_hash
+    from ..models.hashes import legacy_hash
+
+    given = _given(params)
+    for name, value in recalled.cfg_values(distilled).items():
+        if name not in given:
+            params[name] = value
+    model = Path(str(bundle.source or params["model"]))
+    hires_sampler = sampler_id(params["hr_sampler"]) if params["hr_sampler"] else None
+    for line in recalled.notes(
+        bundle,
+        sampler=sampler,
+        hires_sampler=hires_sampler,
+        distilled=distilled,
+        model_hash=model_short_hash(model),
+        legacy_model_hash=legacy_hash(model) if model.is_file() else None,
+        init_image=params["init_image"] is not None,
+    ):
+        click.echo(line, err=True)
 
 
 _HIRES_OPTIONS = (

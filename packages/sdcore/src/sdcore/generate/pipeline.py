@@ -271,6 +271,7 @@ def generate_images(
     init_image: Any = None,
     strength: float = 0.75,
     clip_skip: int = 1,
+    tiling: bool = False,
     networks: NetworkSession | None = None,
     info: list[dict[str, str]] | None = None,
     true_cfg_scale: float = 1.0,
@@ -289,7 +290,8 @@ def generate_images(
     after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL, and as Forge runs it on SD3/SD3.5,
     FLUX.1 and Chroma; see :mod:`.hires`). ``variation``: A1111's variation seed, strength and "Resize seed
     from" (:mod:`.variation`; with a strength above 0 every image has ``seed`` and image ``i`` the
-    subseed ``subseed + i``), on every family, the hires pass and img2img included.
+    subseed ``subseed + i``), on every family, the hires pass and img2img included. ``tiling``: A1111's
+    "Tiling", circular padding in the denoiser's and the VAE's convolutions for the call (:mod:`.tiling`).
     """
     import torch
 
@@ -390,10 +392,11 @@ def generate_images(
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
     second_pass: Any = _hires_run if family_generate is None else _flow_hires_run
+    from .tiling import tiling as _tiling
     from .variation import ImageNoise, VariationSeeds
 
     all_seeds, all_subseeds = (variation or VariationSeeds()).batch(seed, len(prompts))
-    with _eval_mode(bundle), torch.no_grad():
+    with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling):
         for indices in groups.values():
             group_info: dict[str, str] = {}
 

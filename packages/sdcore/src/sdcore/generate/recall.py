@@ -1,0 +1,217 @@
+"""``sdcore generate --from-png``: a PNG's infotext turned back into ``generate`` options (A1111's "PNG Info ->
+Send to txt2img").
+
+What A1111 restores from an infotext (``modules/infotext_utils.py`` ``parse_generation_parameters`` and the
+txt2img paste fields; facts rewritten here): prompt, negative prompt, steps, sampler and "Schedule type", CFG
+scale, seed, size (the first pass's with a hires fix), "Clip skip" (missing: 1), the "Hires ..." fields with
+"Denoising strength", Forge's "Distilled CFG Scale" and hires CFG fields, and "Tiling". An old "Hypernet: name"
+field with "Hypernet strength" (default 1.0) becomes ``<hypernet:name:strength>`` at the end of the prompt;
+"Variation seed", "Variation seed strength" and "Seed resize from" set ``--subseed``, ``--subseed-strength``
+and ``--seed-resize-from``.
+
+sdcore maps each field onto the option that sets it (:attr:`Recalled.values`, keyed by the ``generate``
+parameter names); options given on the command line win over them. What cannot be applied is said, not
+dropped in silence: an unknown sampler is an error listing sdcore's; a model hash other than ``--model``'s
+is a warning naming both; other fields (``ENSD``, ``VAE``, "Schedule type" values sdcore's sampler does not
+run, an ``RNG`` other than sdcore's CPU noise, a "Denoising strength" of an img2img image without
+``--init-image``) are listed on one line as ignored (:meth:`Recalled.notes`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .pnginfo import RNG_SOURCE, SCHEDULE_TYPE, GenerationParameters, read_png_parameters
+from .tiling import TILING_FIELD
+from .variation import SEED_RESIZE_FROM, VARIATION_SEED, VARIATION_STRENGTH
+
+if TYPE_CHECKING:
+    from ..models.bundle import ModelBundle
+
+DISTILLED_CFG = "Distilled CFG Scale"
+#: fields a hires fix consumes (hires.hires_from_fields) besides "Denoising strength"
+_HIRES_FIELDS = (
+    "Hires upscale",
+    "Hires resize",
+    "Hires steps",
+    "Hires upscaler",
+    "Hires sampler",
+    "Hires prompt",
+    "Hires negative prompt",
+    "Hires CFG Scale",
+    "Hires Distilled CFG Scale",
+)
+#: fields that say what was used but set nothing: the networks come from the prompt's tags
+_INFORMATIONAL = frozenset({"Version", "Lora hashes", "TI hashes", "Hypernet hashes", "Hypernet strength"})
+#: fields whose value is checked against what sdcore will do (see Recalled.notes)
+_CHECKED = frozenset({SCHEDULE_TYPE, "Hires schedule type", "RNG", DISTILLED_CFG, "Denoising strength", "Hypernet"})
+
+
+@dataclass
+class Recalled:
+    """What an infotext sets. ``values``: ``generate`` parameter name -> value (only the ones it names);
+    ``cfg``/``distilled_cfg``: its "CFG scale" and "Distilled CFG Scale", mapped by :meth:`cfg_values` once the
+    model says whether it is guidance-distilled; ``strength``: its "Denoising strength" (the hires pass's, or
+    an img2img image's, then also ``img2img_strength``), for ``--denoising-strength`` when the hires fix or
+    ``--init-image`` uses it; ``ignored``: ``"Key: value"`` of fields sdcore has no option for."""
+
+    parameters: GenerationParameters
+    values: dict[str, Any] = field(default_factory=dict)
+    cfg: float | None = None
+    distilled_cfg: float | None = None
+    strength: float | None = None
+    img2img_strength: float | None = None
+    ignored: list[str] = field(default_factory=list)
+
+    def cfg_values(self, distilled: bool) -> dict[str, float]:
+        """``cfg``/``true_cfg_scale`` values: on a guidance-distilled family (FLUX.1) "CFG scale" is the true
+        CFG and "Distilled CFG Scale" the embedded guidance (``--cfg``), as Forge writes and pastes them;
+        elsewhere "CFG scale" is ``--cfg``."""
+        found: dict[str, float] = {}
+        if distilled:
+            if self.distilled_cfg is not None:
+                found["cfg"] = self.distilled_cfg
+            if self.cfg is not None:
+                found["true_cfg_scale"] = max(1.0, self.cfg)
+        elif self.cfg is not None:
+            found["cfg"] = self.cfg
+        return found
+
+    def notes(
+        self,
+        bundle: ModelBundle,
+        *,
+        sampler: str,
+        hires_sampler: str | None,
+        distilled: bool,
+        model_hash: str | None,
+        legacy_model_hash: str | None = None,
+        init_image: bool = False,
+    ) -> list[str]:
+        """One line per thing the image will not follow: a different model hash, then the ignored fields."""
+        lines: list[str] = []
+        wanted = self.parameters.model_hash
+        ours = legacy_model_hash if wanted is not None and len(wanted) == 8 else model_hash
+        if wanted and ours and wanted.lower() != ours.lower():
+            named = f" ({self.parameters.model_name})" if self.parameters.model_name else ""
+            lines.append(f"warning: the PNG was made with model hash {wanted}{named}, --model has {ours}")
+        extra = self.parameters.extra
+        ignored = list(self.ignored)
+        schedule = extra.get(SCHEDULE_TYPE)
+        if schedule is not None and not _schedule_matches(bundle, sampler, schedule):
+            ignored.append(f"{SCHEDULE_TYPE}: {schedule} (sdcore's {sampler} runs its own)")
+        hires_schedule = extra.get("Hires schedule type")
+        hires_sampler = hires_sampler or sampler
+        if hires_schedule is not None and not _schedule_matches(bundle, hires_sampler, hires_schedule):
+            ignored.append(f"Hires schedule type: {hires_schedule}")
+        rng = extra.get("RNG", "GPU")  # A1111 leaves the field out for its default GPU source
+        if rng != RNG_SOURCE:
+            ignored.append(f"RNG: {rng} (sdcore draws CPU noise, A1111's 'CPU' source)")
+        if DISTILLED_CFG in extra and not distilled:
+            ignored.append(f"{DISTILLED_CFG}: {extra[DISTILLED_CFG]} (not a guidance-distilled model)")
+        if self.img2img_strength is not None and not init_image:
+            ignored.append(f"Denoising strength: {extra['Denoising strength']} (img2img: pass --init-image)")
+        if ignored:
+            lines.append("ignored from the PNG (sdcore has no option for them): " + ", ".join(ignored))
+        return lines
+
+
+def _schedule_matches(bundle: ModelBundle, sampler: str, value: str) -> bool:
+    """Whether an infotext's "Schedule type" names the sigmas sdcore's ``sampler`` runs on ``bundle``."""
+    from .pipeline import _TIMESTEP_SAMPLERS, make_scheduler, sampler_id, schedule_type, schedule_type_field
+
+    written = schedule_type_field(bundle, sampler)
+    if value == written or (written is None and value == "Automatic"):
+        return True
+    if bundle.family_spec.denoiser != "unet":
+        return False
+    try:
+        sid = sampler_id(sampler)
+        return sid in _TIMESTEP_SAMPLERS or value == schedule_type(make_scheduler(bundle, sid))
+    except ConfigError:
+        return False
+
+
+def recall_parameters(parameters: GenerationParameters) -> Recalled:
+    """The ``generate`` options an infotext sets (see the module docstring)."""
+    from .pipeline import SAMPLERS, sampler_id
+
+    recalled = Recalled(parameters)
+    values = recalled.values
+    extra = parameters.extra
+    prompt = parameters.prompt
+    if "Hypernet" in extra:  # A1111's parse_generation_parameters appends it to the prompt
+        prompt += f"<hypernet:{extra['Hypernet']}:{extra.get('Hypernet strength', '1.0')}>"
+    values["prompt"] = prompt
+    values["negative"] = parameters.negative_prompt
+    if parameters.steps is not None:
+        values["steps"] = parameters.steps
+    if parameters.sampler is not None:
+        try:
+            values["sampler"] = sampler_id(parameters.sampler)
+        except ConfigError:
+            raise ConfigError(
+                f"the PNG's sampler {parameters.sampler!r} is not one sdcore has; pass --sampler with one of: "
+                + ", ".join(SAMPLERS)
+            ) from None
+    if parameters.seed is not None:
+        values["seed"] = parameters.seed
+    if parameters.size is not None:
+        values["size"] = parameters.size
+    recalled.cfg = parameters.cfg
+    try:
+        values["clip_skip"] = int(extra.get("Clip skip", 1))
+        if DISTILLED_CFG in extra:
+            recalled.distilled_cfg = float(extra[DISTILLED_CFG])
+        hires = parameters.hires_fix()
+        if "Denoising strength" in extra:
+            recalled.strength = float(extra["Denoising strength"])
+            if hires is None:
+                recalled.img2img_strength = recalled.strength
+    except ValueError as exc:
+        raise ConfigError(f"the PNG's infotext has an invalid value: {exc}") from None
+    if extra.get(TILING_FIELD) is not None:
+        values["tiling"] = extra[TILING_FIELD] == "True"
+    variation = parameters.variation_seeds()  # A1111's "Variation seed" / "Seed resize from" fields
+    if variation is not None:
+        values.update(
+            subseed=variation.subseed, subseed_strength=variation.strength, seed_resize_from=variation.resize_from
+        )
+    if hires is not None:
+        values.update(
+            hires=True,
+            hr_scale=hires.scale,
+            hr_resize_x=hires.resize_x,
+            hr_resize_y=hires.resize_y,
+            hr_upscaler=hires.upscaler,
+            hr_steps=hires.steps,
+            hr_prompt=hires.prompt,
+            hr_negative=hires.negative_prompt,
+            hr_sampler=hires.sampler,
+            hr_cfg=hires.cfg,
+            hr_distilled_cfg=hires.distilled_cfg,
+        )
+    used = {*_INFORMATIONAL, *_CHECKED, TILING_FIELD, "Clip skip", VARIATION_SEED, VARIATION_STRENGTH, SEED_RESIZE_FROM}
+    if hires is not None:
+        used.update(_HIRES_FIELDS)
+    if extra.get("Hires checkpoint", "Use same checkpoint") == "Use same checkpoint":
+        used.add("Hires checkpoint")
+    recalled.ignored = [f"{key}: {value}" for key, value in extra.items() if key not in used]
+    return recalled
+
+
+def recall_png(path: str | os.PathLike[str]) -> Recalled:
+    """:func:`recall_parameters` of a PNG's ``parameters`` chunk; a one-line error when it has none."""
+    try:
+        parameters = read_png_parameters(path)
+    except OSError as exc:
+        raise ConfigError(f"--from-png {path}: cannot read the image ({exc})") from None
+    if parameters is None:
+        raise ConfigError(f"--from-png {path}: the image has no generation parameters (no 'parameters' PNG text)")
+    return recall_parameters(parameters)
+
+
+__all__ = ["DISTILLED_CFG", "Recalled", "recall_parameters", "recall_png"]

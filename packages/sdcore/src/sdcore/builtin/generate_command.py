@@ -353,7 +353,7 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
     if plot is None:
         outputs = _output_paths(params["output"], params["batch"])
     else:
-        problems += _plot_problems(plot, params, runs)
+        problems += _plot_problems(plot, params)
         outputs = [params["output"], *(_cell_paths(params["output"], len(runs)) if params["grid_cells"] else [])]
     problems += output_problems(outputs, inputs=init, overwrite=params["overwrite"])
     if problems:
@@ -542,17 +542,10 @@ def _xyz_plot(params: dict[str, Any]) -> Any:
 def _plot_cells(plot: Any, params: dict[str, Any], problems: list[str]) -> list[dict[str, Any]]:
     """Every cell's parameters, in the plot's order (X fastest); a Prompt S/R search string that is not
     there is a problem (A1111's message)."""
-    cells = []
-    for ix, iy, iz in plot.cells():
-        try:
-            cells.append(plot.cell_params(params, ix, iy, iz))
-        except ValueError as exc:
-            problems.append(str(exc))
-            cells.append(dict(params))
-    return cells
+    return [plot.cell_params(params, ix, iy, iz, problems) for ix, iy, iz in plot.cells()]
 
 
-def _plot_problems(plot: Any, params: dict[str, Any], runs: list[_Run]) -> list[str]:
+def _plot_problems(plot: Any, params: dict[str, Any]) -> list[str]:
     """What A1111 would quietly ignore and sdcore refuses: a setting axis that changes nothing."""
     from ..generate.xyz_plot import uses_hires
 
@@ -560,9 +553,10 @@ def _plot_problems(plot: Any, params: dict[str, Any], runs: list[_Run]) -> list[
     if params["batch"] > 1:
         problems.append("an X/Y/Z plot makes one image per cell; drop --batch")
     labels = [axis.type.label for _, axis in plot.axes]
-    if uses_hires(plot) and runs[0].hires is None:
+    hires = _hires_settings(params)  # the options', before an axis's --hr-* value turns it on
+    if uses_hires(plot) and hires is None:
         problems.append("the Hires axes vary the hires fix: add --hires")
-    if "Denoising" in labels and params["init_image"] is None and runs[0].hires is None:
+    if "Denoising" in labels and params["init_image"] is None and hires is None:
         problems.append("the Denoising axis varies img2img or the hires fix: add --init-image or --hires")
     return problems
 

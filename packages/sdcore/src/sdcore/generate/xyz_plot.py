@@ -201,10 +201,10 @@ class XYZPlot:
                 axis.values = [random.randrange(4294967294) if value == -1 else value for value in axis.values]
                 self.fixed[f"Fixed {name} Values"] = ", ".join(str(value) for value in axis.values)
 
-    def cell_params(self, params: dict[str, Any], ix: int, iy: int, iz: int) -> dict[str, Any]:
+    def cell_params(self, params: dict[str, Any], ix: int, iy: int, iz: int, problems: list[str]) -> dict[str, Any]:
         """``params`` with the cell's values applied in X, Y, Z order (A1111's order: a later Prompt S/R
-        searches the prompt an earlier one changed); a search string not found is a :class:`ValueError`
-        with A1111's message."""
+        searches the prompt an earlier one changed); a search string not found goes to ``problems`` with
+        A1111's message, and the other axes still apply (so their problems show too)."""
         cell = dict(params)
         for axis, index in ((self.x, ix), (self.y, iy), (self.z, iz)):
             param, value = axis.type.param, axis.values[index]
@@ -213,7 +213,8 @@ class XYZPlot:
             if param == "prompt":
                 search = axis.values[0]
                 if search not in cell["prompt"] and search not in cell["negative"]:
-                    raise ValueError(f"Prompt S/R did not find {search} in prompt or negative prompt.")
+                    problems.append(f"Prompt S/R did not find {search} in prompt or negative prompt.")
+                    continue
                 cell["prompt"] = cell["prompt"].replace(search, value)
                 cell["negative"] = cell["negative"].replace(search, value)
             else:
@@ -274,7 +275,7 @@ def build_plot(
     used = [axis.type.label for _, axis in plot.axes if axis.type.param not in (None, "prompt")]
     for label in sorted({label for label in used if used.count(label) > 1}):
         problems.append(f"{label} is on two axes; A1111 would apply only the last")
-    return (plot if given else None), problems
+    return (plot if given and not problems else None), problems
 
 
 def uses_hires(plot: XYZPlot) -> bool:

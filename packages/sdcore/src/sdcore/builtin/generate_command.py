@@ -27,6 +27,10 @@ from .part_options import part_kwargs, part_options
 _SAMPLER_HELP = (
     "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
 )
+_AXIS_HELP = (
+    "Seed, 'Var. seed', 'Var. strength', Steps, 'Hires steps', 'CFG Scale', 'Prompt S/R', Sampler, "
+    "'Hires sampler', 'Clip skip', Denoising, 'Hires upscaler' (A1111's names)."
+)
 _DIRECTORY_OPTIONS = ("lora_dir", "embeddings_dir", "hypernetwork_dir")
 
 
@@ -221,6 +225,42 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     help="A1111 styles.csv (default: styles.csv in the parent of --models-dir, the A1111 root).",
 )
 @click.option("--tiling/--no-tiling", default=False, help="A1111's Tiling: seamless textures (circular padding).")
+@click.option(
+    "--x-type",
+    default=None,
+    metavar="TYPE",
+    help="A1111's X/Y/Z plot: what varies across the grid (-o is the grid): " + _AXIS_HELP,
+)
+@click.option(
+    "--x-values",
+    default=None,
+    metavar="VALUES",
+    help='Comma-separated (quote a value holding commas: a,"b, c"); numbers take ranges 1-5, 1-9 (+2), 0-1 [5].',
+)
+@click.option("--y-type", default=None, metavar="TYPE", help="X/Y/Z plot: what varies down the grid.")
+@click.option("--y-values", default=None, metavar="VALUES", help="Y values (as --x-values).")
+@click.option("--z-type", default=None, metavar="TYPE", help="X/Y/Z plot: one grid per value, side by side.")
+@click.option("--z-values", default=None, metavar="VALUES", help="Z values (as --x-values).")
+@click.option(
+    "--keep-random-seeds",
+    is_flag=True,
+    help="A1111's 'Keep -1 for seeds': each plot cell draws its own random seed (else -1 is fixed once for all).",
+)
+@click.option(
+    "--grid-legend/--no-grid-legend", default=True, help="A1111's 'Draw legend': label the plot's columns and rows."
+)
+@click.option(
+    "--grid-margin",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 500),
+    help="A1111's 'Grid margins (px)' between the plot's cells.",
+)
+@click.option(
+    "--grid-cells/--no-grid-cells",
+    default=True,
+    help="Also write each plot cell with its own infotext, as NAME-0.png, NAME-1.png ... (X varies fastest).",
+)
 @part_options
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
@@ -287,27 +327,95 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
 def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
     import random
 
-    from .. import __version__
     from ..errors import ConfigError
-    from ..generate.pipeline import generate_images, sampler_id, schedule_type_field
-    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash, save_png
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
+    plot = _xyz_plot(params)
+    if plot is None or not plot.keep_random_seeds:  # A1111 fixes -1 seeds once, so every cell shares them
+        for name in ("seed", "subseed") if plot is not None else ("seed",):
+            if params[name] < 0:
+                params[name] = random.randrange(2**32)
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
     extra_options.update(params["extra_pairs"])
-    sampler = sampler_id(params["sampler"]) if params["sampler"] else None
-    seed = params["seed"] if params["seed"] >= 0 else random.randrange(2**32)
-    variation = _variation_seeds(params)
-    hires = _hires_settings(params)
 
     pm = _plugin_manager()
     directories: dict[str, Any] = {name: params[name] for name in _DIRECTORY_OPTIONS if params.get(name)}
     directories.update({k: v for k, v in extra_options.items() if k.endswith("_dir") and v})
     handlers = handlers_from_plugin_manager(pm, directories, models_dir=params["models_dir"], options=extra_options)
     session = NetworkSession(handlers)
-    # Fail on unknown tags and malformed syntax before spending time on loading the model.
-    session.parse(params["prompt"], params["negative"])
     problems: list[str] = []
+    cells = [params] if plot is None else _plot_cells(plot, params, problems)
+    # Fail on unknown tags, malformed syntax and bad settings of any cell before spending time on loading the model.
+    runs = [_prepare_run(cell, session, problems) for cell in cells]
+    from ..io import output_problems
+
+    init = [str(params["init_image"])] if params["init_image"] is not None else []
+    if plot is None:
+        outputs = _output_paths(params["output"], params["batch"])
+    else:
+        problems += _plot_problems(plot, params)
+        outputs = [params["output"], *(_cell_paths(params["output"], len(runs)) if params["grid_cells"] else [])]
+    problems += output_problems(outputs, inputs=init, overwrite=params["overwrite"])
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))  # a cell's problem once, not once per cell
+
+    bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
+    device, dtype = _device_and_dtype(params["device"], params["dtype"])
+    if bundle.device != device or bundle.denoiser.dtype != dtype:
+        bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)
+    from ..models.family import family_adapter
+
+    adapter = family_adapter(bundle.family_spec)
+    # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
+    # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
+    distilled = bool(getattr(adapter, "distilled_guidance", False))
+    if recalled is not None:  # the PNG's CFG fields, now that the family says what they mean
+        before = dict(params)
+        _recalled_cfg(params, recalled, bundle, runs[0].sampler or _default_sampler(adapter), distilled)
+        axis_params = {axis.type.param for _, axis in plot.axes} if plot is not None else set()
+        for run in runs:  # an axis's own value wins over the PNG's
+            run.params.update({k: v for k, v in params.items() if before.get(k) != v and k not in axis_params})
+
+    if plot is None:
+        from ..generate.pnginfo import save_png
+
+        for image, path, text in _render(runs[0], bundle, session, adapter, distilled):
+            save_png(image, path, text({}))
+            click.echo(str(path))
+        return
+    _run_plot(plot, params, runs, bundle, session, adapter, distilled)
+
+
+def _default_sampler(adapter: Any) -> str:
+    """The family's sampler when none is given (Flux: flow-matching Euler)."""
+    return str(getattr(adapter, "default_sampler", "euler_a"))
+
+
+class _Run:
+    """One generation's settings: the parameters and what is derived from them before the model loads."""
+
+    def __init__(self, params: dict[str, Any], sampler: str | None, seed: int, variation: Any, hires: Any) -> None:
+        self.params, self.sampler, self.seed, self.variation, self.hires = params, sampler, seed, variation, hires
+
+
+def _prepare_run(params: dict[str, Any], session: Any, problems: list[str]) -> _Run:
+    """Check one generation's settings (prompt syntax and tags, sampler, hires, img2img strength, variation
+    seeds), adding each problem to ``problems``; a -1 seed becomes a random one."""
+    import random
+
+    from ..errors import ConfigError
+    from ..generate.pipeline import sampler_id
+
+    sampler = None
+    if params["sampler"]:
+        try:
+            sampler = sampler_id(params["sampler"])
+        except ConfigError as exc:
+            problems.append(str(exc))
+    seed = params["seed"] if params["seed"] >= 0 else random.randrange(2**32)
+    variation = _variation_seeds(params)
+    hires = _hires_settings(params)
+    session.parse(params["prompt"], params["negative"])
     if hires is not None:
         session.parse(hires.prompt or "", hires.negative_prompt or "")
         problems.extend(hires.problems())
@@ -315,32 +423,22 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
     elif params["init_image"] is not None and params["strength"] == 0:
         problems.append("--strength of img2img must be above 0")
-    from ..io import output_problems
-
-    init = [str(params["init_image"])] if params["init_image"] is not None else []
-    outputs = _output_paths(params["output"], params["batch"])
-    problems += output_problems(outputs, inputs=init, overwrite=params["overwrite"])
     problems += variation.problems() if variation is not None else []
-    if problems:
-        raise ConfigError("; ".join(problems))
+    return _Run(params, sampler, seed, variation, hires)
 
-    bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
-    device, dtype = _device_and_dtype(params["device"], params["dtype"])
-    if bundle.device != device or bundle.denoiser.dtype != dtype:
-        bundle.to(device=device, dtype=dtype if bundle.denoiser.dtype != dtype else None)
-    from ..models.family import default_cfg, family_adapter
 
-    adapter = family_adapter(bundle.family_spec)
-    if sampler is None:  # a family may sample with something else by default (Flux: flow-matching Euler)
-        sampler = getattr(adapter, "default_sampler", "euler_a")
-    # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
-    # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
-    distilled = bool(getattr(adapter, "distilled_guidance", False))
-    if recalled is not None:  # the PNG's CFG fields, now that the family says what they mean
-        _recalled_cfg(params, recalled, bundle, sampler, distilled)
+def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool) -> list[tuple[Any, Path, Any]]:
+    """Generate ``run``'s images: ``(image, output path, infotext)`` each, the infotext a function of the
+    fields to add before "Version" (the X/Y/Z plot's on its grid)."""
+    from .. import __version__
+    from ..generate.pipeline import generate_images, schedule_type_field
+    from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash
+    from ..models.family import default_cfg
+
+    params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
+    sampler = run.sampler or _default_sampler(adapter)  # a family may sample with something else by default
     if params["cfg"] is None:
         params["cfg"] = default_cfg(adapter)
-
     width, height = params["size"] or (None, None)
     strength = params["strength"]
     if strength is None:
@@ -378,6 +476,7 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
+    rendered: list[tuple[Any, Path, Any]] = []
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
         extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler)}  # None: not written
         if variation is not None:  # after "Model", before "Denoising strength" (A1111's order)
@@ -404,21 +503,90 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
                 )
             )
         extra.update(infos[index] if index < len(infos) else {})
-        extra["Version"] = f"sdcore {__version__}"
-        text = format_parameters(
-            params["prompt"],
-            params["negative"],
-            params["steps"],
-            sampler,
-            params["true_cfg_scale"] if distilled else params["cfg"],
-            seeds[index],
-            first_size or image.size,
-            model_hash,
-            model_name,
-            extra,
-        )
-        save_png(image, path, text)
-        click.echo(str(path))
+
+        def text(more: dict[str, Any], extra: dict[str, Any] = extra, index: int = index) -> str:
+            fields = {**extra, **more, "Version": f"sdcore {__version__}"}  # A1111: extra params, then Version
+            return format_parameters(
+                params["prompt"],
+                params["negative"],
+                params["steps"],
+                sampler,
+                params["true_cfg_scale"] if distilled else params["cfg"],
+                seeds[index],
+                first_size or images[index].size,
+                model_hash,
+                model_name,
+                fields,
+            )
+
+        rendered.append((image, path, text))
+    return rendered
+
+
+def _xyz_plot(params: dict[str, Any]) -> Any:
+    """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one); every axis problem at once."""
+    from ..errors import ConfigError
+    from ..generate.xyz_plot import build_plot
+
+    plot, problems = build_plot(
+        [(name, params[f"{name.lower()}_type"], params[f"{name.lower()}_values"]) for name in "XYZ"],
+        keep_random_seeds=params["keep_random_seeds"],
+    )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if plot is not None:
+        plot.fix_seeds()
+    return plot
+
+
+def _plot_cells(plot: Any, params: dict[str, Any], problems: list[str]) -> list[dict[str, Any]]:
+    """Every cell's parameters, in the plot's order (X fastest); a Prompt S/R search string that is not
+    there is a problem (A1111's message)."""
+    return [plot.cell_params(params, ix, iy, iz, problems) for ix, iy, iz in plot.cells()]
+
+
+def _plot_problems(plot: Any, params: dict[str, Any]) -> list[str]:
+    """What A1111 would quietly ignore and sdcore refuses: a setting axis that changes nothing."""
+    from ..generate.xyz_plot import uses_hires
+
+    problems = []
+    if params["batch"] > 1:
+        problems.append("an X/Y/Z plot makes one image per cell; drop --batch")
+    labels = [axis.type.label for _, axis in plot.axes]
+    hires = _hires_settings(params)  # the options', before an axis's --hr-* value turns it on
+    if uses_hires(plot) and hires is None:
+        problems.append("the Hires axes vary the hires fix: add --hires")
+    if "Denoising" in labels and params["init_image"] is None and hires is None:
+        problems.append("the Denoising axis varies img2img or the hires fix: add --init-image or --hires")
+    return problems
+
+
+def _cell_paths(output: Path, count: int) -> list[Path]:
+    """The cells' images next to the grid: NAME-0.png, NAME-1.png ... in the plot's order."""
+    return [output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}") for index in range(count)]
+
+
+def _run_plot(plot: Any, params: dict[str, Any], runs: list[_Run], bundle: Any, *context: Any) -> None:
+    """Render every cell (one ``generate_images`` call each), write the cells when asked and the grid,
+    which carries the first cell's infotext and the plot's fields (A1111's xyz_grid)."""
+    from ..generate.pnginfo import save_png
+    from ..generate.xyz_plot import xyz_grid
+
+    nx, ny, nz = plot.shape
+    click.echo(f"X/Y/Z plot will create {len(runs)} images on {nz} {nx}x{ny} grid{'s' if nz > 1 else ''}.", err=True)
+    images, first_text = [], None
+    for index, run in enumerate(runs):
+        ((image, _, text),) = _render(run, bundle, *context)
+        images.append(image)
+        if first_text is None:
+            first_text = text(plot.infotext_fields())
+        if params["grid_cells"]:
+            path = _cell_paths(params["output"], len(runs))[index]
+            save_png(image, path, text({}))
+            click.echo(str(path))
+    grid = xyz_grid(images, plot, legend=params["grid_legend"], margin=params["grid_margin"])
+    save_png(grid, params["output"], first_text)
+    click.echo(str(params["output"]))
 
 
 def _variation_seeds(params: dict[str, Any]) -> Any:

@@ -1,0 +1,229 @@
+"""``sdcore generate --x-type/--x-values ...``: A1111's X/Y/Z plot (scripts/xyz_grid.py, modules/images.py).
+
+Expected values come from A1111's documentation (the wiki's "X/Y/Z plot" range examples) and from the layout
+rule of ``modules/images.py draw_grid_annotations``, rewritten here: font size ``(w + h) // 25``, line
+spacing half of it, row labels ``w * 3 // 4`` wide, the column-label band the tallest label plus two spacings.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import sdcore
+import torch
+from click.testing import CliRunner
+from PIL import Image, ImageDraw, ImageFont
+from sdcore.builtin import generate_command
+from sdcore.builtin.generate_command import generate
+from sdcore.generate.pipeline import generate_images
+from sdcore.generate.pnginfo import parse_parameters
+from sdcore.generate.session import session_from_plugin_manager
+from sdcore.generate.xyz_plot import build_plot, parse_values, split_values
+
+
+def _pm():
+    import sdplugin_lora.plugin
+    from sdcore.plugins import get_plugin_manager
+
+    return get_plugin_manager(builtins=False, entrypoints=False, extra=[sdplugin_lora.plugin])
+
+
+@pytest.fixture
+def cli(sd1, monkeypatch):
+    """Run ``sdcore generate`` on the session's tiny SD1 (the loader itself is tested elsewhere)."""
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: sd1)
+
+    def run(*args):
+        return CliRunner().invoke(
+            generate, ["-m", "tiny:sd1", "--device", "cpu", *args], obj=types.SimpleNamespace(pm=_pm())
+        )
+
+    return run
+
+
+def _pixels(image):
+    return np.asarray(image.convert("RGB"))
+
+
+def _label_height(text, font):
+    box = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font)
+    return box[3] - box[1]
+
+
+def test_values_parse_as_a1111_documents():
+    # the A1111 wiki's examples (Features, "X/Y/Z plot")
+    assert parse_values(int, "1-5") == [1, 2, 3, 4, 5]
+    assert parse_values(int, "1-5 (+2)") == [1, 3, 5]
+    assert parse_values(int, "10-5 (-3)") == [10, 7]
+    assert parse_values(float, "1-3 (+0.5)") == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert parse_values(int, "1-10 [5]") == [1, 3, 5, 7, 10]  # linspace 1, 3.25, 5.5, 7.75, 10 truncated
+    assert parse_values(float, "0.0-1.0 [6]") == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    # lists and ranges mix; spaces around values are dropped
+    assert parse_values(int, " 7, 1-3 , -1") == [7, 1, 2, 3, -1]
+    assert parse_values(float, "5, 7.5") == [5.0, 7.5]
+    # one CSV line: a quoted value keeps its commas only when the quote follows the comma directly
+    assert split_values('darkness,"light, green",heat') == ["darkness", "light, green", "heat"]
+    assert split_values('darkness, "light, green", heat') == ["darkness", '"light', 'green"', "heat"]
+    assert parse_values(str, "<lora:a-000004:1>,<lora:a-000008:0.5>") == ["<lora:a-000004:1>", "<lora:a-000008:0.5>"]
+    with pytest.raises(ValueError, match="'1-x' is not a whole number"):
+        parse_values(int, "1-x")
+    with pytest.raises(ValueError, match=r"'1\.5' is not a whole number"):
+        parse_values(int, "1.5")
+
+
+def test_axis_problems_are_collected():
+    plot, problems = build_plot([("X", "Seeds", "1"), ("Y", "Steps", "0-2"), ("Z", None, "1,2")])
+    assert plot is None and len(problems) == 3
+    assert problems[0].startswith("--x-type 'Seeds' is not an axis type") and "'Prompt S/R'" in problems[0]
+    assert problems[1] == "--y-values: Steps must be 1..1000, not 0"
+    assert problems[2] == "--z-values needs --z-type"
+    plot, problems = build_plot([("X", "cfg scale", "5-9 (+2)"), ("Y", "Nothing", ""), ("Z", None, None)])
+    assert problems == [] and plot is not None and plot.x.values == [5.0, 7.0, 9.0]
+    assert plot.x.labels == ["CFG Scale: 5.0", "CFG Scale: 7.0", "CFG Scale: 9.0"] and plot.y.labels == [""]
+
+
+def test_cells_equal_single_runs_and_the_grid_follows_a1111s_layout(cli, sd1, tmp_path):
+    out = tmp_path / "grid.png"
+    args = ["a cat", "-n", "ugly", "--size", "64x64", "--sampler", "euler", "--seed", "5", "-o", str(out)]
+    result = cli(*args, "--x-type", "Seed", "--x-values", "3,-1", "--y-type", "Steps", "--y-values", "1-2")
+    assert result.exit_code == 0, result.output
+    cells = [tmp_path / f"grid-{i}.png" for i in range(4)]
+    assert result.stdout.split() == [*map(str, cells), str(out)]
+    infos = []
+    for path in cells:
+        with Image.open(path) as image:
+            infos.append((parse_parameters(image.info["parameters"]), _pixels(image)))
+    # X varies fastest; -1 on the Seed axis became one fixed seed, the same in both rows
+    seeds = [info.seed for info, _ in infos]
+    assert seeds[0] == seeds[2] == 3 and seeds[1] == seeds[3] != -1
+    assert [info.steps for info, _ in infos] == [1, 1, 2, 2]
+    for info, pixels in infos:  # each cell is the plain generation of its settings, bit for bit
+        single = generate_images(
+            sd1,
+            ["a cat"],
+            negative_prompt="ugly",
+            steps=info.steps,
+            seed=info.seed,
+            width=64,
+            height=64,
+            sampler="euler",
+        )[0]
+        assert np.array_equal(pixels, _pixels(single))
+    with Image.open(out) as grid:
+        grid_info = parse_parameters(grid.info["parameters"])
+        grid_pixels = _pixels(grid)
+    # the grid: the first cell's infotext and the script's fields, before Version (A1111 create_infotext)
+    first = infos[0][0]
+    assert (grid_info.seed, grid_info.steps, grid_info.prompt) == (first.seed, first.steps, first.prompt)
+    extra = grid_info.extra
+    assert extra["Script"] == "X/Y/Z plot" and (extra["X Type"], extra["X Values"]) == ("Seed", "3,-1")
+    assert extra["Fixed X Values"] == f"3, {seeds[1]}" and (extra["Y Type"], extra["Y Values"]) == ("Steps", "1-2")
+    assert "Z Type" not in extra and list(extra)[-1] == "Version"
+    # size: 2x2 cells of 64, the row labels' 64 * 3 // 4 on the left, the column labels' band on top
+    font_size = (64 + 64) // 25
+    font = ImageFont.load_default(font_size)
+    pad_left = 64 * 3 // 4
+    pad_top = max(_label_height(f"Seed: {s}", font) for s in seeds[:2]) + 2 * (font_size // 2)
+    assert grid_pixels.shape[:2] == (pad_top + 2 * 64, pad_left + 2 * 64)
+    for index, (_, pixels) in enumerate(infos):
+        x, y = pad_left + 64 * (index % 2), pad_top + 64 * (index // 2)
+        assert np.array_equal(grid_pixels[y : y + 64, x : x + 64], pixels)
+    assert (grid_pixels[:pad_top, :pad_left] == 255).all()  # the corner stays blank
+    assert (grid_pixels[:pad_top, pad_left:] < 128).any()  # column labels drawn
+    assert (grid_pixels[pad_top:, :pad_left] < 128).any()  # row labels drawn
+
+
+def test_prompt_sr_over_lora_epochs_and_z_grids_side_by_side(cli, sd1, tmp_path):
+    from sdplugin_lora.format import network_metadata, save_lora
+    from sdplugin_lora.naming import ModuleIndex
+    from sdplugin_lora.network import LoraNetwork
+
+    lora_dir = tmp_path / "Lora"
+    for epoch in (4, 8):  # what a training run leaves: name-000004, name-000008
+        network = LoraNetwork.create(ModuleIndex.from_bundle(sd1).select(conv=False), rank=2, alpha=2.0)
+        generator = torch.Generator().manual_seed(epoch)
+        with torch.no_grad():
+            for module in network:
+                module.lora_down.weight.copy_(torch.randn(module.lora_down.weight.shape, generator=generator) * 0.5)
+                module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=generator) * 0.5)
+        save_lora(
+            lora_dir / f"ep-{epoch:06d}.safetensors",
+            network.state_dict(),
+            network_metadata(family="sd1", rank=2, alpha=2.0),
+            dtype="fp32",
+        )
+    out = tmp_path / "epochs.png"
+    values = "<lora:ep-000004:1>,<lora:ep-000008:1>"
+    result = cli(
+        "castle <lora:ep-000004:1>",
+        *("--steps", "1", "--size", "32x32", "--lora-dir", str(lora_dir), "-o", str(out)),
+        *("--x-type", "Prompt S/R", "--x-values", values, "--z-type", "Seed", "--z-values", "1,2"),
+    )
+    assert result.exit_code == 0, result.output
+    session = session_from_plugin_manager(_pm(), {"lora_dir": lora_dir})
+    cells = []
+    for index, (tag, seed) in enumerate([(t, s) for s in (1, 2) for t in values.split(",")]):
+        with Image.open(tmp_path / f"epochs-{index}.png") as image:
+            info = parse_parameters(image.info["parameters"])
+            cells.append(_pixels(image))
+        assert info.prompt == f"castle {tag}" and info.seed == seed and "Lora hashes" in info.extra
+        single = generate_images(sd1, [f"castle {tag}"], steps=1, seed=seed, width=32, height=32, networks=session)[0]
+        assert np.array_equal(cells[-1], _pixels(single))
+    assert not np.array_equal(cells[0], cells[1])  # the epochs differ
+    with Image.open(out) as grid:
+        grid_info = parse_parameters(grid.info["parameters"])
+        grid_pixels = _pixels(grid)
+    assert grid_info.extra["X Values"] == values and grid_info.extra["Z Type"] == "Seed"
+    # each Z grid: 2 cells across under their labels (Prompt S/R labels are the bare values), no row labels
+    font = ImageFont.load_default((32 + 32) // 25)
+    sub_top = max(_label_height(v, font) for v in values.split(",")) + 2 * (((32 + 32) // 25) // 2)
+    sub_w, sub_h = 2 * 32, sub_top + 32
+    # the Z grids side by side under the Z labels, drawn at the sub-grid's scale
+    z_size = (sub_w + sub_h) // 25
+    z_top = _label_height("Seed: 1", ImageFont.load_default(z_size)) + 2 * (z_size // 2)
+    assert grid_pixels.shape[:2] == (z_top + sub_h, 2 * sub_w)
+    for index, pixels in enumerate(cells):
+        x, y = (index // 2) * sub_w + (index % 2) * 32, z_top + sub_top
+        assert np.array_equal(grid_pixels[y : y + 32, x : x + 32], pixels)
+
+
+def test_plot_problems_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+
+    def run(*args):
+        return CliRunner().invoke(
+            generate, ["-m", "tiny:sd1", *args, "-o", str(tmp_path / "g.png")], obj=types.SimpleNamespace(pm=_pm())
+        )
+
+    result = run("a cat", "--x-type", "Steps", "--x-values", "1-x", "--y-type", "Seedz", "--y-values", "1")
+    assert isinstance(result.exception, sdcore.ConfigError)
+    assert "--x-values: '1-x' is not a whole number" in str(result.exception)
+    assert "--y-type 'Seedz' is not an axis type" in str(result.exception)
+    # A1111's own message for a search string the prompts lack; a bad sampler and a hires axis without
+    # --hires come in the same line
+    result = run(
+        "a cat",
+        *("--x-type", "Prompt S/R", "--x-values", "dog,cat", "--y-type", "Sampler", "--y-values", "Euler,nope"),
+        *("--z-type", "Hires steps", "--z-values", "1,2"),
+    )
+    message = str(result.exception)
+    assert isinstance(result.exception, sdcore.ConfigError) and message.count("Prompt S/R did not find") == 1
+    assert "Prompt S/R did not find dog in prompt or negative prompt." in message
+    assert "unknown sampler 'nope'" in message and "add --hires" in message
+    result = run("a cat", "--x-type", "Seed", "--x-values", "1,2", "--batch", "2")
+    assert "drop --batch" in str(result.exception)
+    assert not list(tmp_path.iterdir())
+
+
+def test_plot_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):
+    (tmp_path / "g-1.png").write_bytes(b"earlier")
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    result = CliRunner().invoke(
+        generate,
+        ["-m", "tiny:sd1", "a", "--x-type", "Seed", "--x-values", "1,2", "-o", str(tmp_path / "g.png")],
+        obj=types.SimpleNamespace(pm=_pm()),
+    )
+    assert isinstance(result.exception, sdcore.ConfigError) and str(tmp_path / "g-1.png") in str(result.exception)
+    assert (tmp_path / "g-1.png").read_bytes() == b"earlier"

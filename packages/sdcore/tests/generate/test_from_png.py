@@ -341,8 +341,8 @@ def test_tiling_pads_every_conv_circularly_during_the_call_only(sd1):
 def test_tiling_on_flux_wraps_the_vae():
     from sdcore.models.flux.adapter import FluxAdapter
 
-    # lllyasviel's Forge (modules_forge/utils.py apply_circular_forge) switches every conv of the model on any
-    # family; FLUX.1's transformer embeds patches with a linear layer, so its VAE is what wraps
+    # A1111's rule (every Conv2d of the model; Forge's apply_circular_forge is disabled since before its FLUX.1
+    # support): FLUX.1's transformer embeds patches with a linear layer, so its VAE is what wraps
     flux = FluxAdapter().create_tiny(variant="dev", seed=0)
     with tiling(flux) as layers:
         assert layers and set(_modes(flux.vae)) == {"circular"}

@@ -210,13 +210,28 @@ def test_from_png_errors_are_one_line_before_the_model_loads(tmp_path, monkeypat
     assert isinstance(result.exception, sdcore.ConfigError)
     message = str(result.exception)
     assert "'DPM++ SDE Karras'" in message and "euler_a" in message and "\n" not in message
-    # an explicit --sampler replaces the unknown one
+    # (an explicit --sampler replaces the unknown one: test_an_unknown_sampler_gives_way_to_sampler)
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     result = _invoke(["-m", "tiny:sd1", "--from-png", str(plain), "-o", str(tmp_path / "o.png")])
     assert isinstance(result.exception, sdcore.ConfigError) and "no generation parameters" in str(result.exception)
     result = _invoke(["-m", "tiny:sd1", "-o", str(tmp_path / "o.png")])
     assert result.exit_code == 2 and "PROMPT" in result.output
+
+
+def test_an_unknown_sampler_gives_way_to_sampler(tmp_path):
+    # the error says "pass --sampler": with it the PNG's other fields apply and the image is made
+    png = tmp_path / "sde.png"
+    save_png(
+        Image.new("RGB", (8, 8)), png, "a cat\nSteps: 1, Sampler: DPM++ SDE Karras, CFG scale: 6, Seed: 3, RNG: CPU"
+    )
+    out = tmp_path / "o.png"
+    result = _invoke(
+        ["-m", "tiny:sd1", "--from-png", str(png), "--sampler", "euler", "--size", "32x32", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    _, params = _pixels(out)
+    assert (params.prompt, params.steps, params.sampler, params.cfg, params.seed) == ("a cat", 1, "euler", 6.0, 3)
 
 
 def test_from_png_says_what_it_ignores(tmp_path):
@@ -326,8 +341,8 @@ def test_tiling_pads_every_conv_circularly_during_the_call_only(sd1):
 def test_tiling_on_flux_wraps_the_vae():
     from sdcore.models.flux.adapter import FluxAdapter
 
-    # lllyasviel's Forge (modules_forge/utils.py apply_circular_forge) switches every conv of the model on any
-    # family; FLUX.1's transformer embeds patches with a linear layer, so its VAE is what wraps
+    # A1111's rule (every Conv2d of the model; Forge's apply_circular_forge is disabled since before its FLUX.1
+    # support): FLUX.1's transformer embeds patches with a linear layer, so its VAE is what wraps
     flux = FluxAdapter().create_tiny(variant="dev", seed=0)
     with tiling(flux) as layers:
         assert layers and set(_modes(flux.vae)) == {"circular"}

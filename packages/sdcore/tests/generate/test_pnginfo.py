@@ -59,6 +59,33 @@ def test_parse_a1111_text():
         parse_parameters("p\nSteps: many, Sampler: x, Seed: 1")
 
 
+def test_a_field_line_with_unparsable_stretches_is_read_around_them():
+    # A1111 reads the last line with re_param.findall (modules/infotext_utils.py parse_generation_parameters):
+    # a stretch no field pattern matches is skipped, the fields around it still count. Civitai's generator
+    # writes such a line (its unquoted "Civitai resources" JSON list); the settings must not become the
+    # negative prompt.
+    text = (
+        "a cat\nNegative prompt: dog\n"
+        "Steps: 22, Sampler: DPM++ 2M Karras, CFG scale: 3.8, Seed: 894409639, Size: 832x1216, Clip skip: 2, "
+        "Created Date: 2024-09-23T06:17:42.9952795Z, Civitai resources: "
+        '[{"type":"checkpoint","modelVersionId":128078,"modelName":"SD XL","modelVersionName":"v1.0 VAE fix"}], '
+        "Civitai metadata: {}"
+    )
+    params = parse_parameters(text)
+    assert (params.prompt, params.negative_prompt) == ("a cat", "dog")
+    assert (params.steps, params.sampler, params.cfg, params.seed, params.size) == (
+        22,
+        "dpm++2m_karras",
+        3.8,
+        894409639,
+        (832, 1216),
+    )
+    assert params.extra["Clip skip"] == "2" and params.extra["Created Date"] == "2024-09-23T06:17:42.9952795Z"
+    assert params.extra["Civitai metadata"] == "{}"
+    # fewer than three fields is still a prompt line, as in A1111
+    assert parse_parameters("a: b, {c}").prompt == "a: b, {c}"
+
+
 _TEXT = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
     max_size=30,

@@ -161,3 +161,32 @@ def test_base_weights_exclude_keeps_the_matching_layers_in_their_dtype():
         MemorySetup.before_placement(FluxAdapter().create_tiny(variant="dev", seed=0), options)
     options.base_weights_dtype = "none"
     assert any("--base-weights-exclude: keeps layers out of" in p for p in option_problems(options, "cpu"))
+
+
+def test_memory_plan_counts_excluded_layers_in_their_dtype():
+    """The plan's converted elements are what --base-weights-exclude leaves to convert (the excluded layers stay in
+    the load dtype, so counting them at 1 byte made the estimate low), and the estimate grows by exactly their bytes."""
+    from types import SimpleNamespace
+
+    from sdcore.models.flux.adapter import FluxAdapter
+    from sdcore.models.layout import layout_of_bundle
+    from sdcore.train.memory import count_parameters, estimate_memory
+    from sdcore.train.memory_options import MemorySetup
+
+    bundle = FluxAdapter().create_tiny(variant="dev", seed=0)
+    bundle.denoiser.requires_grad_(False)
+    whole = count_parameters(bundle, [], whole_model_result=False)
+    plan = count_parameters(bundle, [], whole_model_result=False, exclude=["*time_text_embed*"])
+    excluded = [m.weight for n, m in bundle.denoiser.named_modules() if isinstance(m, nn.Linear) and "time_text" in n]
+    assert plan.denoiser_fp8 == whole.denoiser_fp8 - sum(w.numel() for w in excluded)
+    assert plan.denoiser_rows == whole.denoiser_rows - sum(w.shape[0] for w in excluded)
+    options = SimpleNamespace(base_weights_dtype="fp8", fp8_base=False, mixed_precision="bf16", blocks_to_swap=0,
+                              base_weights_exclude="*time_text_embed*")  # fmt: skip
+    setup = MemorySetup.before_placement(bundle, options)
+    assert setup.fp8_elements == plan.denoiser_fp8  # the plan counts what the run converts
+    from sdcore.train.options import TrainOptions
+
+    train = TrainOptions(base_weights_dtype="fp8", mixed_precision="bf16", base_weights_exclude="*time_text_embed*")
+    layout = layout_of_bundle(FluxAdapter().create_tiny(variant="dev", seed=0))
+    grown = estimate_memory(layout, plan, train).weights - estimate_memory(layout, whole, train).weights
+    assert grown == sum(w.numel() for w in excluded) * (2 - 1)  # bf16 instead of fp8

@@ -621,8 +621,8 @@ def _recall(params: dict[str, Any]) -> Any:
     if params["from_png"] is not None:
         from ..generate.recall import recall_png
 
-        recalled = recall_png(params["from_png"])
         given = _given(params)
+        recalled = recall_png(params["from_png"], sampler_given="sampler" in given)
         # as A1111's "Send to img2img", an --init-image leaves the hires fields out; so does --no-hires
         hires = (
             "hires" in recalled.values and params["init_image"] is None and ("hires" not in given or params["hires"])

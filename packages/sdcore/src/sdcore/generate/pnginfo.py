@@ -162,13 +162,11 @@ def format_parameters(
     return "\n".join(lines)
 
 
-def _parse_fields(line: str) -> list[tuple[str, str]] | None:
+def _parse_fields(line: str) -> list[tuple[str, str]]:
+    """The ``key: value`` fields of ``line``, found as A1111 finds them (``re_param.findall``): a stretch no
+    field matches (Civitai's unquoted ``Civitai resources: [{...}]`` JSON) is skipped, not fatal."""
     fields: list[tuple[str, str]] = []
-    position = 0
-    while position < len(line):
-        match = _FIELD_RE.match(line, position)
-        if match is None or match.end() == position:
-            return None
+    for match in _FIELD_RE.finditer(line):
         key, value = match.group(1).strip(), match.group(2).strip()
         if value.startswith('"') and value.endswith('"') and len(value) >= 2:
             try:
@@ -176,7 +174,6 @@ def _parse_fields(line: str) -> list[tuple[str, str]] | None:
             except json.JSONDecodeError:
                 value = value[1:-1]
         fields.append((key, value))
-        position = match.end()
     return fields
 
 
@@ -192,7 +189,7 @@ def parse_parameters(text: str) -> GenerationParameters:
     fields: list[tuple[str, str]] = []
     if lines:
         parsed = _parse_fields(lines[-1])
-        if parsed is not None and len(parsed) >= 3 and not lines[-1].startswith(_NEGATIVE_PREFIX):
+        if len(parsed) >= 3 and not lines[-1].startswith(_NEGATIVE_PREFIX):
             fields = parsed
             lines = lines[:-1]
     prompt_lines: list[str] = []

@@ -135,8 +135,9 @@ def _schedule_matches(bundle: ModelBundle, sampler: str, value: str) -> bool:
         return False
 
 
-def recall_parameters(parameters: GenerationParameters) -> Recalled:
-    """The ``generate`` options an infotext sets (see the module docstring)."""
+def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool = False) -> Recalled:
+    """The ``generate`` options an infotext sets (see the module docstring). ``sampler_given``: ``--sampler``
+    is on the command line, so the infotext's sampler is not used (and one sdcore lacks is no error)."""
     from .pipeline import SAMPLERS, sampler_id
 
     recalled = Recalled(parameters)
@@ -149,7 +150,7 @@ def recall_parameters(parameters: GenerationParameters) -> Recalled:
     values["negative"] = parameters.negative_prompt
     if parameters.steps is not None:
         values["steps"] = parameters.steps
-    if parameters.sampler is not None:
+    if parameters.sampler is not None and not sampler_given:
         try:
             values["sampler"] = sampler_id(parameters.sampler)
         except ConfigError:
@@ -203,7 +204,7 @@ def recall_parameters(parameters: GenerationParameters) -> Recalled:
     return recalled
 
 
-def recall_png(path: str | os.PathLike[str]) -> Recalled:
+def recall_png(path: str | os.PathLike[str], *, sampler_given: bool = False) -> Recalled:
     """:func:`recall_parameters` of a PNG's ``parameters`` chunk; a one-line error when it has none."""
     try:
         parameters = read_png_parameters(path)
@@ -211,7 +212,7 @@ def recall_png(path: str | os.PathLike[str]) -> Recalled:
         raise ConfigError(f"--from-png {path}: cannot read the image ({exc})") from None
     if parameters is None:
         raise ConfigError(f"--from-png {path}: the image has no generation parameters (no 'parameters' PNG text)")
-    return recall_parameters(parameters)
+    return recall_parameters(parameters, sampler_given=sampler_given)
 
 
 __all__ = ["DISTILLED_CFG", "Recalled", "recall_parameters", "recall_png"]

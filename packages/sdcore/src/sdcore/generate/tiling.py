@@ -5,9 +5,11 @@ from ``processing.py`` with ``p.tiling`` for the whole generation) sets ``paddin
 ``Conv2d`` of the loaded model (UNet, VAE encoder and decoder; the text encoders have none) and back to
 ``'zeros'`` when tiling is off; the infotext says ``Tiling: True`` (after ``RNG``, before the
 extra-network and hires fields). lllyasviel's Forge (``modules_forge/utils.py`` ``apply_circular_forge``)
-does the same on every family, FLUX.1 included, where the transformer's patch embedding is a linear
-layer, so only the VAE wraps (SD3's patch embedding is a convolution without padding, which circular
-padding leaves as it is).
+switched every layer whose class name has ``Conv`` from February 2024, and has been a no-op that prints
+"Tiling is currently under maintenance and unavailable" since August 2024, before its FLUX.1 support:
+no reference tiles SD3/FLUX.1/Chroma. sdcore applies A1111's rule there too: the transformers embed
+patches with a linear layer (SD3: a convolution without padding, which circular padding leaves as it
+is), so only the VAE wraps.
 
 sdcore does it the same way for the duration of one call and puts every layer's own mode back
 afterwards (not ``'zeros'`` blindly), so a model that had other modes keeps them. Every ``Conv2d``

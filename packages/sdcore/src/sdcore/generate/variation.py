@@ -33,8 +33,10 @@ sampler's later noise is the same as without variation), applies the variation a
 packed). Where a pipeline draws the noise itself (img2img, the SD hires pass), :meth:`ImageNoise.swapped`
 rewrites that draw where the scheduler adds it to the image. With strength 0 and no resize the noise is
 the plain run's, bit for bit. One difference from A1111: where the pipeline draws in half precision
-(fp16/bf16 models, img2img and hires noise), the slerp starts from that draw's rounded values (the same
-numbers as a float32 draw, rounded) where A1111 slerps the float32 draw.
+(fp16/bf16 models, img2img and hires noise), the slerp starts from that draw's values where A1111 slerps
+the float32 draw. torch's CPU ``randn`` gives a float32 draw's numbers, rounded, only when the image's
+element count ``C * h * w`` is a multiple of 16; otherwise its last 16 values differ and the generator
+advances differently (SD at e.g. 1000x1000: a 125x125 latent), in the plain run as well.
 """
 
 from __future__ import annotations
@@ -175,8 +177,8 @@ class ImageNoise:
 
     def initial(self, shape: tuple[int, int, int], dtype: Any, generators: Sequence[Any]) -> Any:
         """A txt2img call's start noise ``[B, C, h, w]`` (unscaled, unpacked) from the pipeline's per-image
-        CPU ``generators``, drawn as diffusers' ``randn_tensor`` draws it (float32 then ``dtype``: the same
-        numbers) and consuming that draw, varied."""
+        CPU ``generators``, drawn as diffusers' ``randn_tensor`` draws it in float32 (then ``dtype``: a half-precision
+        draw's numbers when ``C * h * w`` is a multiple of 16, see the module doc) and consuming that draw, varied."""
         import torch
 
         base = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])

@@ -340,6 +340,19 @@ def excluded_names(root: nn.Module, patterns: Sequence[str]) -> dict[str, list[s
     return {pattern: [name for name in names if fnmatch(name, pattern)] for pattern in patterns}
 
 
+def excluded_weights(root: nn.Module, patterns: Sequence[str]) -> list[torch.Tensor]:
+    """The weights of the Linear/Conv2d layers under ``root`` that ``patterns`` keep out of the conversion
+    (the names :func:`excluded_names` matches, without its frozen-weights condition: the memory plan's
+    meta-device model need not have its training flags yet)."""
+    from fnmatch import fnmatch
+
+    return [
+        module.weight
+        for name, module in root.named_modules()
+        if type(module) in (nn.Linear, nn.Conv2d) and any(fnmatch(name, pattern) for pattern in patterns)
+    ]
+
+
 def convert_base_weights(
     root: nn.Module, storage: str | StorageFormat, compute_dtype: torch.dtype, exclude: Sequence[str] = ()
 ) -> int:

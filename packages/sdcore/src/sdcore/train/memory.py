@@ -80,6 +80,8 @@ from .memory_options import base_weights_dtype
 from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..models.bundle import ModelBundle
     from ..models.layout import ModelLayout
     from .options import TrainOptions
@@ -192,8 +194,11 @@ class MemoryEstimate:
 # parameters
 
 
-def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole_model_result: bool) -> ParameterPlan:
-    """Counts for the plan from a (meta) bundle after the method's ``prepare`` returned ``groups``."""
+def count_parameters(
+    bundle: ModelBundle, groups: list[dict[str, Any]], *, whole_model_result: bool, exclude: Sequence[str] = ()
+) -> ParameterPlan:
+    """Counts for the plan from a (meta) bundle after the method's ``prepare`` returned ``groups``;
+    ``exclude``: ``--base-weights-exclude``'s patterns, whose layers keep their dtype (not counted as converted)."""
     components = {name: sum(p.numel() for p in module.parameters()) for name, module in bundle.components().items()}
     owners: dict[int, str] = {}
     for name, module in bundle.components().items():
@@ -221,13 +226,15 @@ def count_parameters(bundle: ModelBundle, groups: list[dict[str, Any]], *, whole
             else:
                 added += p.numel()
     result = sum(components.values()) + added if whole_model_result else trainable
-    from .base_weights import convertible_counts
+    from .base_weights import convertible_counts, excluded_weights
     from .block_swap import block_sizes, swappable_blocks
 
     denoiser = bundle.denoiser
-    fp8, rows = convertible_counts(denoiser, seen)
+    # the excluded layers' weights are left out of the conversion as the trained ones are
+    unconverted = seen | {id(w) for w in excluded_weights(denoiser, exclude)} if exclude else seen
+    fp8, rows = convertible_counts(denoiser, unconverted)
     blocks = tuple(block_sizes(denoiser, trainable=seen))
-    block_rows = tuple(convertible_counts(block, seen)[1] for block in swappable_blocks(denoiser))
+    block_rows = tuple(convertible_counts(block, unconverted)[1] for block in swappable_blocks(denoiser))
     return ParameterPlan(
         components,
         trainable,

@@ -616,6 +616,7 @@ def parameter_plan(
 
     from ..models.layout import meta_bundle
     from .memory import count_parameters
+    from .memory_options import exclude_patterns
 
     bundle = meta_bundle(layout, tokenizers)
     fresh = type(method)(copy.deepcopy(options))
@@ -624,7 +625,8 @@ def parameter_plan(
         groups = fresh.plan_groups(bundle)
     finally:
         torch.random.set_rng_state(rng)
-    return count_parameters(bundle, groups, whole_model_result=method.capabilities().saves_whole_model)
+    whole = method.capabilities().saves_whole_model
+    return count_parameters(bundle, groups, whole_model_result=whole, exclude=exclude_patterns(options))
 
 
 def memory_plan(

@@ -348,3 +348,22 @@ def test_tiling_on_flux_wraps_the_vae():
         assert layers and set(_modes(flux.vae)) == {"circular"}
         assert set(_modes(flux.denoiser)) <= {"circular"}
     assert set(_modes(flux.vae)) == {"zeros"}
+
+
+def test_from_png_reads_a_jpegs_exif_and_a_jpeg_without_one_is_one_line(tmp_path, monkeypatch):
+    from test_pnginfo import _a1111_exif
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    bare = tmp_path / "bare.jpg"
+    Image.new("RGB", (8, 8)).save(bare, format="JPEG")
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(bare), "-o", str(tmp_path / "o.png")])
+    assert isinstance(result.exception, sdcore.ConfigError)
+    assert str(result.exception) == (
+        f"--from-png {bare}: the image has no generation parameters (no 'parameters' PNG text, no EXIF UserComment)"
+    )
+    # an A1111 JPEG (EXIF UserComment, "UNICODE" + UTF-16BE) is recalled: its unknown sampler is the error here
+    a1111 = tmp_path / "a1111.jpg"
+    text = "x\nSteps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1"
+    Image.new("RGB", (8, 8)).save(a1111, format="JPEG", exif=_a1111_exif(b"UNICODE\0" + text.encode("utf-16-be")))
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(a1111), "-o", str(tmp_path / "o.png")])
+    assert isinstance(result.exception, sdcore.ConfigError) and "'DPM++ SDE Karras'" in str(result.exception)

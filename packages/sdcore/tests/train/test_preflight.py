@@ -341,3 +341,29 @@ def test_missing_sample_prompts_file_and_unwritable_latent_cache_are_reported(tm
     o = _opts(tmp_path, cache_latents_to_disk=True, cache_dir=str(read_only / "latents"))
     problems = run_preflight(ConvOutMethod(o), o, plan=False).problems
     assert len(problems) == 1 and "latent cache folder" in problems[0] and "--cache-dir" in problems[0]
+
+
+def test_dry_run_reports_an_unused_base_weights_exclude_pattern_before_loading(tmp_path, no_model_load):
+    """--base-weights-exclude patterns are matched on the pre-flight's meta-device model (after the method's
+    prepare, as the run matches them after loading): one that keeps nothing out is a pre-flight problem,
+    reported with the others, and no weights load."""
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    model = tmp_path / "m.safetensors"
+    create_tiny_bundle("sd1").save(model)
+    o = _opts(tmp_path)
+    args = ["train", "lora", "--model", str(model), "--data", o.data, "--output", str(tmp_path / "o.safetensors"),
+            "--resolution", "64", "--min-bucket-reso", "64", "--fp8-base", "--dry-run"]  # fmt: skip
+    cli = build_cli(get_plugin_manager())
+    used = CliRunner().invoke(cli, [*args, "--base-weights-exclude", "time_embedding.*"])
+    assert used.exit_code == 0, used.output
+    result = CliRunner().invoke(cli, [*args, "--base-weights-exclude", "time_embedding.*,*no_such*,x", "--lr", "-1"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert "Error: --lr must be positive, got -1.0" in errors
+    assert (
+        "Error: --base-weights-exclude *no_such*,x: matches none of the UNet2DConditionModel's frozen Linear/Conv2d "
+        "layers (glob patterns on module names such as 'time_text_embed.timestep_embedder.linear_1')"
+    ) in errors, result.output
+    assert "Traceback" not in result.output

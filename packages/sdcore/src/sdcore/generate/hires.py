@@ -385,11 +385,12 @@ def flow_second_pass(
     The pipeline's own schedule for ``start.schedule`` steps gives the start sigma (a first call stops as
     soon as the scheduler has made it: the sigmas, shift and ``mu`` are what the pipeline computes for the
     large image); the noise is drawn from each image's seed at the large latent's shape as the pipeline
-    draws a txt2img's (``randn_tensor`` over per-seed CPU generators, the embeddings' dtype), and the start
+    draws a txt2img's (per-seed CPU generators, float32 then the embeddings' dtype: :mod:`.rng`), and the start
     is ``(1 - sigma) * x0 + sigma * noise``. ``pack``: the family's latent packing (Flux, Chroma); ``noise``:
     A1111's variation seeds, applied to that noise as its hires pass does (:mod:`.variation`)."""
     import torch
-    from diffusers.utils.torch_utils import randn_tensor
+
+    from .rng import randn_float32
 
     pack = pack or (lambda x: x)
     x0 = start.latents
@@ -407,9 +408,10 @@ def flow_second_pass(
         raise RuntimeError(f"{type(pipe).__name__} made no schedule")  # pragma: no cover - a diffusers change
     sigma = found[0]
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    drawn = randn_tensor(tuple(x0.shape), generator=generators, device=x0.device, dtype=dtype)
-    if noise is not None:
+    drawn = randn_float32(tuple(x0.shape), generator=generators, device=x0.device, dtype=torch.float32)
+    if noise is not None:  # A1111 slerps the float32 draw
         drawn = noise.apply(drawn)
+    drawn = drawn.to(dtype)
     kwargs["latents"] = pack(((1.0 - sigma) * x0.float() + sigma * drawn.float()).to(dtype))
     with last_steps(pipe.scheduler, start.run):
         yield

@@ -392,11 +392,13 @@ def generate_images(
     results: dict[int, Image.Image] = {}
     transforms = [h for h in session.handlers() if hasattr(h, "transform_conditioning")]
     second_pass: Any = _hires_run if family_generate is None else _flow_hires_run
+    from .rng import float32_noise
     from .tiling import tiling as _tiling
     from .variation import ImageNoise, VariationSeeds
 
     all_seeds, all_subseeds = (variation or VariationSeeds()).batch(seed, len(prompts))
-    with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling):
+    # every noise drawn in float32 on the CPU generators, then the model's dtype (A1111's numbers: .rng)
+    with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling), float32_noise():
         for indices in groups.values():
             group_info: dict[str, str] = {}
 

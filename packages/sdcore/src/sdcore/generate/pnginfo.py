@@ -232,12 +232,47 @@ def parse_parameters(text: str) -> GenerationParameters:
     return result
 
 
+#: Where A1111 keeps a JPEG's or WebP's infotext (``modules/images.py`` ``save_image_with_geninfo``, which has
+#: no PNG text chunk there): the EXIF UserComment tag (0x9286) of the Exif sub-IFD (pointer tag 0x8769),
+#: written with the EXIF standard's 8-byte character-code prefix "UNICODE\0" and UTF-16 big-endian text
+_EXIF_IFD_POINTER = 0x8769
+_EXIF_USER_COMMENT = 0x9286
+#: the EXIF character-code prefixes a UserComment reader places (the standard's table, as piexif's
+#: ``UserComment.load`` reads them; A1111 reads through it)
+_USER_COMMENT_CODES = {b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis", b"UNICODE\0": "utf_16_be"}
+
+
+def _exif_user_comment(image: Any) -> str:
+    """The EXIF UserComment of an opened image as A1111's ``read_info_from_image`` reads it: the text after a
+    known 8-byte prefix (undecodable bytes replaced); otherwise (no prefix, "undefined" or an unknown one) the
+    whole value as UTF-8 with undecodable bytes dropped, where sdcore also drops the undefined prefix's NULs.
+    Empty when the image has no readable EXIF or no comment."""
+    if "exif" not in image.info:
+        return ""
+    try:
+        raw = image.getexif().get_ifd(_EXIF_IFD_POINTER).get(_EXIF_USER_COMMENT)
+    except Exception:  # malformed EXIF: no comment (the image's PNG text, if any, still counts)
+        return ""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes):
+        return ""
+    code = _USER_COMMENT_CODES.get(raw[:8]) if len(raw) >= 8 else None
+    if code is not None:
+        return raw[8:].decode(code, errors="replace")
+    return raw.decode("utf8", errors="ignore").lstrip("\0")
+
+
 def read_png_parameters(path: str | os.PathLike[str]) -> GenerationParameters | None:
-    """The infotext of a PNG, or ``None`` when it has none."""
+    """The infotext of an image, or ``None`` when it has none: a PNG's ``parameters`` text, a JPEG's or WebP's
+    EXIF UserComment (A1111's places; as in A1111 a non-empty comment wins over the text)."""
     from PIL import Image
 
     with Image.open(path) as image:
         text = image.info.get(PARAMETERS_KEY)
+        comment = _exif_user_comment(image)
+    if comment:
+        text = comment
     return parse_parameters(text) if isinstance(text, str) else None
 
 

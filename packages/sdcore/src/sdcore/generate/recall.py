@@ -205,13 +205,16 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
 
 
 def recall_png(path: str | os.PathLike[str], *, sampler_given: bool = False) -> Recalled:
-    """:func:`recall_parameters` of a PNG's ``parameters`` chunk; a one-line error when it has none."""
+    """:func:`recall_parameters` of an image's infotext (a PNG's ``parameters`` chunk, a JPEG's or WebP's EXIF
+    UserComment: :func:`~.pnginfo.read_png_parameters`); a one-line error when it has none."""
     try:
         parameters = read_png_parameters(path)
     except OSError as exc:
         raise ConfigError(f"--from-png {path}: cannot read the image ({exc})") from None
     if parameters is None:
-        raise ConfigError(f"--from-png {path}: the image has no generation parameters (no 'parameters' PNG text)")
+        raise ConfigError(
+            f"--from-png {path}: the image has no generation parameters (no 'parameters' PNG text, no EXIF UserComment)"
+        )
     return recall_parameters(parameters, sampler_given=sampler_given)
 
 

@@ -32,11 +32,11 @@ sampler's later noise is the same as without variation), applies the variation a
 ``latents=`` (diffusers scales it by ``init_noise_sigma`` exactly as its own draw; Flux and Chroma get it
 packed). Where a pipeline draws the noise itself (img2img, the SD hires pass), :meth:`ImageNoise.swapped`
 rewrites that draw where the scheduler adds it to the image. With strength 0 and no resize the noise is
-the plain run's, bit for bit. One difference from A1111: where the pipeline draws in half precision
-(fp16/bf16 models, img2img and hires noise), the slerp starts from that draw's values where A1111 slerps
-the float32 draw. torch's CPU ``randn`` gives a float32 draw's numbers, rounded, only when the image's
-element count ``C * h * w`` is a multiple of 16; otherwise its last 16 values differ and the generator
-advances differently (SD at e.g. 1000x1000: a 125x125 latent), in the plain run as well.
+the plain run's, bit for bit. Every draw is float32 on the CPU generators, then the model's dtype, as
+A1111's (:mod:`.rng`). One difference from A1111: where the pipeline adds the noise itself to a
+half-precision model's image (fp16/bf16 models, img2img and the SD hires pass), the slerp starts from the
+float32 draw rounded to that dtype where A1111 slerps the float32 draw (the txt2img start and the flow
+hires start slerp the float32 draw).
 """
 
 from __future__ import annotations
@@ -177,11 +177,13 @@ class ImageNoise:
 
     def initial(self, shape: tuple[int, int, int], dtype: Any, generators: Sequence[Any]) -> Any:
         """A txt2img call's start noise ``[B, C, h, w]`` (unscaled, unpacked) from the pipeline's per-image
-        CPU ``generators``, drawn as diffusers' ``randn_tensor`` draws it in float32 (then ``dtype``: a half-precision
-        draw's numbers when ``C * h * w`` is a multiple of 16, see the module doc) and consuming that draw, varied."""
+        CPU ``generators``, drawn in float32 as the pipeline's own draw (:func:`.rng.randn_float32`) and consuming
+        it, varied in float32, then ``dtype``."""
         import torch
 
-        base = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+        from .rng import randn_float32
+
+        base = randn_float32((len(generators), *shape), generator=list(generators), dtype=torch.float32)
         return self.apply(base).to(dtype)
 
     @contextlib.contextmanager

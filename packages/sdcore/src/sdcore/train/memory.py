@@ -160,6 +160,10 @@ class ParameterPlan:
     denoiser_rows: int = 0
     #: the same per swappable block (forward order, as ``blocks``)
     block_rows: tuple[int, ...] = ()
+    #: ``--base-weights-exclude`` patterns that match none of the denoiser's frozen Linear/Conv2d layers (the
+    #: pre-flight reports them before any weight loads), and the denoiser's class for that line
+    unused_exclude: tuple[str, ...] = ()
+    denoiser_class: str = ""
 
 
 @dataclass
@@ -226,7 +230,7 @@ def count_parameters(
             else:
                 added += p.numel()
     result = sum(components.values()) + added if whole_model_result else trainable
-    from .base_weights import convertible_counts, excluded_weights
+    from .base_weights import convertible_counts, excluded_names, excluded_weights
     from .block_swap import block_sizes, swappable_blocks
 
     denoiser = bundle.denoiser
@@ -235,6 +239,7 @@ def count_parameters(
     fp8, rows = convertible_counts(denoiser, unconverted)
     blocks = tuple(block_sizes(denoiser, trainable=seen))
     block_rows = tuple(convertible_counts(block, unconverted)[1] for block in swappable_blocks(denoiser))
+    unused = [pattern for pattern, names in excluded_names(denoiser, exclude).items() if not names]
     return ParameterPlan(
         components,
         trainable,
@@ -248,6 +253,8 @@ def count_parameters(
         tuple(tensor_blocks),
         rows,
         block_rows,
+        tuple(unused),
+        type(denoiser).__name__,
     )
 
 

@@ -21,6 +21,8 @@ from ..errors import ConfigError
 from .options import BASE_WEIGHTS_DTYPES
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..models.bundle import ModelBundle
     from ..models.layout import ModelLayout
     from .memory import ParameterPlan
@@ -88,6 +90,15 @@ def option_problems(options: TrainOptions, device: str | None = None) -> list[st
     return problems
 
 
+def unused_exclude_problem(unused: Sequence[str], denoiser_class: str) -> str:
+    """The line for ``--base-weights-exclude`` patterns that keep nothing out (the pre-flight's, from the
+    meta-device model, and the run's own check after loading)."""
+    return (
+        f"--base-weights-exclude {','.join(unused)}: matches none of the {denoiser_class}'s frozen Linear/Conv2d "
+        "layers (glob patterns on module names such as 'time_text_embed.timestep_embedder.linear_1')"
+    )
+
+
 def model_problems(options: TrainOptions, layout: ModelLayout, params: ParameterPlan | None) -> list[str]:
     """What the memory options cannot do on this model with this method (from its layout and, when
     the plan could size it, the method's trainable parameters)."""
@@ -115,6 +126,8 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
         problem = blocks_to_swap_problem(count, available, f"the {family.label} {family.denoiser}")
         if problem:
             problems.append(problem)
+    if stored and params is not None and params.unused_exclude:  # the layers the run would look for after loading
+        problems.append(unused_exclude_problem(params.unused_exclude, params.denoiser_class))
     if stored and params is not None and params.denoiser_fp8 == 0:
         problems.append(f"{flag}: the {family.denoiser} has no frozen Linear/Conv2d weights to store in {stored}")
     frozen_saved = (
@@ -156,11 +169,7 @@ class MemorySetup:
 
                 unused = [p for p, names in excluded_names(denoiser, exclude).items() if not names]
                 if unused:
-                    raise ConfigError(
-                        f"--base-weights-exclude {','.join(unused)}: matches none of the {type(denoiser).__name__}'s "
-                        "frozen Linear/Conv2d layers (glob patterns on module names such as "
-                        "'time_text_embed.timestep_embedder.linear_1')"
-                    )
+                    raise ConfigError(unused_exclude_problem(unused, type(denoiser).__name__))
             setup.fp8_elements = convert_base_weights(denoiser, stored, torch_dtype(options.mixed_precision), exclude)
             if not setup.fp8_elements:
                 raise ConfigError(

@@ -227,3 +227,26 @@ def test_plot_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):
     )
     assert isinstance(result.exception, sdcore.ConfigError) and str(tmp_path / "g-1.png") in str(result.exception)
     assert (tmp_path / "g-1.png").read_bytes() == b"earlier"
+
+
+def _refused(tmp_path, monkeypatch, *args):
+    """The ConfigError of ``sdcore generate`` with ``args``, checked before any model loads."""
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    result = CliRunner().invoke(
+        generate, ["-m", "tiny:sd1", *args, "-o", str(tmp_path / "g.png")], obj=types.SimpleNamespace(pm=_pm())
+    )
+    assert isinstance(result.exception, sdcore.ConfigError), result.output
+    return str(result.exception)
+
+
+def test_a_var_seed_axis_without_a_strength_is_refused(tmp_path, monkeypatch):
+    # A1111 draws the variation seed's noise only with a strength above 0 (modules/rng.py ImageRNG.first:
+    # ``if self.subseeds is not None and self.subseed_strength != 0``): the axis alone would make identical
+    # columns, so it is refused like the Hires axes without --hires
+    message = _refused(tmp_path, monkeypatch, "a cat", "--x-type", "Var. seed", "--x-values", "1,2")
+    assert "the Var. seed axis varies the variation seed, which needs a strength" in message
+    # with a strength or a Var. strength axis it is accepted (only the existing output stops these runs)
+    (tmp_path / "g.png").write_bytes(b"")
+    for extra in (["--subseed-strength", "0.5"], ["--y-type", "Var. strength", "--y-values", "0.2,0.4"]):
+        message = _refused(tmp_path, monkeypatch, "a cat", "--x-type", "Var. seed", "--x-values", "1,2", *extra)
+        assert "Var. seed" not in message and "already exists" in message

@@ -558,6 +558,12 @@ def _plot_problems(plot: Any, params: dict[str, Any]) -> list[str]:
         problems.append("the Hires axes vary the hires fix: add --hires")
     if "Denoising" in labels and params["init_image"] is None and hires is None:
         problems.append("the Denoising axis varies img2img or the hires fix: add --init-image or --hires")
+    if "Var. seed" in labels and "Var. strength" not in labels and params["subseed_strength"] == 0:
+        # A1111 draws the variation seed's noise only with a strength (modules/rng.py ImageRNG.first)
+        problems.append(
+            "the Var. seed axis varies the variation seed, which needs a strength: add --subseed-strength "
+            "or a Var. strength axis"
+        )
     return problems
 
 

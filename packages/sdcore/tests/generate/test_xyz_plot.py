@@ -250,3 +250,15 @@ def test_a_var_seed_axis_without_a_strength_is_refused(tmp_path, monkeypatch):
     for extra in (["--subseed-strength", "0.5"], ["--y-type", "Var. strength", "--y-values", "0.2,0.4"]):
         message = _refused(tmp_path, monkeypatch, "a cat", "--x-type", "Var. seed", "--x-values", "1,2", *extra)
         assert "Var. seed" not in message and "already exists" in message
+
+
+def test_an_empty_sampler_or_upscaler_value_is_refused():
+    # A1111 refuses an empty Sampler value before the first cell (scripts/xyz_grid.py:70-73 confirm_samplers:
+    # "Unknown sampler: "), and an empty Hires upscaler names no upscaler (processing.py
+    # StableDiffusionProcessingTxt2Img.init: "could not find upscaler named"); neither is the default
+    for axis, values in (("Sampler", "Euler,"), ("Hires upscaler", "Latent,,Lanczos"), ("Hires sampler", ",Euler")):
+        plot, problems = build_plot([("X", axis, values), ("Y", None, None), ("Z", None, None)])
+        assert plot is None and problems == [f"--x-values: an empty {axis} value; each value must name one"]
+    # Prompt S/R may replace with nothing
+    plot, problems = build_plot([("X", "Prompt S/R", "red,,blue"), ("Y", None, None), ("Z", None, None)])
+    assert problems == [] and plot is not None and plot.x.values == ["red", "", "blue"]

@@ -262,3 +262,22 @@ def test_an_empty_sampler_or_upscaler_value_is_refused():
     # Prompt S/R may replace with nothing
     plot, problems = build_plot([("X", "Prompt S/R", "red,,blue"), ("Y", None, None), ("Z", None, None)])
     assert problems == [] and plot is not None and plot.x.values == ["red", "", "blue"]
+
+
+def test_a_sampler_the_flow_family_lacks_stops_the_plot_before_its_first_cell(tmp_path):
+    # FLUX.1 samples with the flow-matching samplers only (sdcore.generate.flow_samplers); A1111 confirms
+    # every Sampler value before the first cell (scripts/xyz_grid.py:70-73 confirm_samplers), so a plot
+    # must not write cells and then stop at the one whose sampler the family lacks
+    from sdcore.plugins import get_plugin_manager
+
+    result = CliRunner().invoke(
+        generate,
+        ["a cat", "-m", "tiny:flux", "--steps", "1", "--size", "32x32", "-o", str(tmp_path / "g.png"), "--hires",
+         "--x-type", "Sampler", "--x-values", "euler,lms", "--y-type", "Hires sampler", "--y-values", "euler,ddim"],
+        obj=types.SimpleNamespace(pm=get_plugin_manager(builtins=False, entrypoints=False)),
+    )  # fmt: skip
+    assert isinstance(result.exception, sdcore.ConfigError), result.output
+    message = str(result.exception)
+    assert "sampler 'lms' does not sample flow-matching" in message
+    assert "sampler 'ddim' does not sample flow-matching" in message
+    assert not list(tmp_path.iterdir())

@@ -383,7 +383,32 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
             save_png(image, path, text({}))
             click.echo(str(path))
         return
+    if trouble := _flow_sampler_problems(runs, bundle, adapter):  # before the first cell, not at its cell
+        raise ConfigError("; ".join(dict.fromkeys(trouble)))
     _run_plot(plot, params, runs, bundle, session, adapter, distilled)
+
+
+def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[str]:
+    """The samplers (and hires samplers) of ``runs`` that a flow-matching family (SD3, FLUX.1, Chroma) lacks,
+    one line each: known only once the model is loaded, and checked for every plot cell before the first
+    renders (A1111 confirms a Sampler axis's values before its first cell, xyz_grid.py confirm_samplers)."""
+    from ..models.sd_unet import SdUnetAdapter
+
+    if isinstance(adapter, SdUnetAdapter) or bundle.family_spec.denoiser == "unet":
+        return []
+    from ..errors import ConfigError
+    from ..generate.flow_samplers import flow_sampler_id
+
+    problems = []
+    for run in runs:
+        names = [run.sampler or _default_sampler(adapter)]
+        names += [run.hires.sampler] if run.hires is not None and run.hires.sampler else []
+        for name in names:
+            try:
+                flow_sampler_id(name, bundle.family)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def _default_sampler(adapter: Any) -> str:

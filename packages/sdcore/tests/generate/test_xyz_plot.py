@@ -281,3 +281,24 @@ def test_a_sampler_the_flow_family_lacks_stops_the_plot_before_its_first_cell(tm
     assert "sampler 'lms' does not sample flow-matching" in message
     assert "sampler 'ddim' does not sample flow-matching" in message
     assert not list(tmp_path.iterdir())
+
+
+def test_the_from_png_image_is_never_an_output(tmp_path, monkeypatch):
+    # sdcore's rule for every writer (sdcore.io.output_problems): an output that is an input is refused even
+    # with --overwrite; the --from-png image is an input, whether -o or a plot's cell file would replace it
+    from sdcore.generate.pnginfo import save_png
+
+    source = tmp_path / "g-1.png"
+    save_png(Image.new("RGB", (64, 64)), source, "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64")
+    before = source.read_bytes()
+    plot = ["--x-type", "Seed", "--x-values", "1,2"]
+    for args in (["-o", str(source)], ["-o", str(tmp_path / "g.png"), *plot]):
+        monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+        result = CliRunner().invoke(
+            generate,
+            ["-m", "tiny:sd1", "--from-png", str(source), "--overwrite", *args],
+            obj=types.SimpleNamespace(pm=_pm()),
+        )
+        assert isinstance(result.exception, sdcore.ConfigError), result.output
+        assert f"-o {source} is the input {source}" in str(result.exception)
+    assert source.read_bytes() == before

@@ -349,7 +349,8 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
     runs = [_prepare_run(cell, session, problems) for cell in cells]
     from ..io import output_problems
 
-    init = [str(params["init_image"])] if params["init_image"] is not None else []
+    # the images read: an output may never replace one (the --from-png image too, read before any is written)
+    init = [str(params[name]) for name in ("init_image", "from_png") if params[name] is not None]
     if plot is None:
         outputs = _output_paths(params["output"], params["batch"])
     else:

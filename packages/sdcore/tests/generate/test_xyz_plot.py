@@ -302,3 +302,23 @@ def test_the_from_png_image_is_never_an_output(tmp_path, monkeypatch):
         assert isinstance(result.exception, sdcore.ConfigError), result.output
         assert f"-o {source} is the input {source}" in str(result.exception)
     assert source.read_bytes() == before
+
+
+def test_prompt_sr_searches_the_prompt_before_the_styles_join_it(cli, tmp_path):
+    # A1111's Prompt S/R changes p.prompt before process_images (scripts/xyz_grid.py apply_prompt), which joins
+    # the styles only then (modules/processing.py setup_prompts: apply_styles_to_prompt): a style's text is
+    # neither searched nor replaced
+    (tmp_path / "styles.csv").write_text('name,prompt,negative_prompt\nears,"{prompt}, cat ears",cat\n')
+    style = ["--style", "ears", "--styles-file", str(tmp_path / "styles.csv"), "--steps", "1", "--size", "32x32"]
+    out = tmp_path / "g.png"
+    result = cli("a cat", *style, "-o", str(out), "--x-type", "Prompt S/R", "--x-values", "cat,dog")
+    assert result.exit_code == 0, result.output
+    prompts = []
+    for index in range(2):
+        with Image.open(tmp_path / f"g-{index}.png") as image:
+            info = parse_parameters(image.info["parameters"])
+        prompts.append((info.prompt, info.negative_prompt))
+    assert prompts == [("a cat, cat ears", "cat"), ("a dog, cat ears", "cat")]
+    # a search string only the style holds is not found (A1111's message)
+    result = cli("a cat", *style, "-o", str(tmp_path / "h.png"), "--x-type", "Prompt S/R", "--x-values", "ears,paws")
+    assert "Prompt S/R did not find ears in prompt or negative prompt." in str(result.exception)

@@ -227,3 +227,98 @@ def test_plot_outputs_are_not_replaced_without_overwrite(tmp_path, monkeypatch):
     )
     assert isinstance(result.exception, sdcore.ConfigError) and str(tmp_path / "g-1.png") in str(result.exception)
     assert (tmp_path / "g-1.png").read_bytes() == b"earlier"
+
+
+def _refused(tmp_path, monkeypatch, *args):
+    """The ConfigError of ``sdcore generate`` with ``args``, checked before any model loads."""
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    result = CliRunner().invoke(
+        generate, ["-m", "tiny:sd1", *args, "-o", str(tmp_path / "g.png")], obj=types.SimpleNamespace(pm=_pm())
+    )
+    assert isinstance(result.exception, sdcore.ConfigError), result.output
+    return str(result.exception)
+
+
+def test_a_var_seed_axis_without_a_strength_is_refused(tmp_path, monkeypatch):
+    # A1111 draws the variation seed's noise only with a strength above 0 (modules/rng.py ImageRNG.first:
+    # ``if self.subseeds is not None and self.subseed_strength != 0``): the axis alone would make identical
+    # columns, so it is refused like the Hires axes without --hires
+    message = _refused(tmp_path, monkeypatch, "a cat", "--x-type", "Var. seed", "--x-values", "1,2")
+    assert "the Var. seed axis varies the variation seed, which needs a strength" in message
+    # with a strength or a Var. strength axis it is accepted (only the existing output stops these runs)
+    (tmp_path / "g.png").write_bytes(b"")
+    for extra in (["--subseed-strength", "0.5"], ["--y-type", "Var. strength", "--y-values", "0.2,0.4"]):
+        message = _refused(tmp_path, monkeypatch, "a cat", "--x-type", "Var. seed", "--x-values", "1,2", *extra)
+        assert "Var. seed" not in message and "already exists" in message
+
+
+def test_an_empty_sampler_or_upscaler_value_is_refused():
+    # A1111 refuses an empty Sampler value before the first cell (scripts/xyz_grid.py:70-73 confirm_samplers:
+    # "Unknown sampler: "), and an empty Hires upscaler names no upscaler (processing.py
+    # StableDiffusionProcessingTxt2Img.init: "could not find upscaler named"); neither is the default
+    for axis, values in (("Sampler", "Euler,"), ("Hires upscaler", "Latent,,Lanczos"), ("Hires sampler", ",Euler")):
+        plot, problems = build_plot([("X", axis, values), ("Y", None, None), ("Z", None, None)])
+        assert plot is None and problems == [f"--x-values: an empty {axis} value; each value must name one"]
+    # Prompt S/R may replace with nothing
+    plot, problems = build_plot([("X", "Prompt S/R", "red,,blue"), ("Y", None, None), ("Z", None, None)])
+    assert problems == [] and plot is not None and plot.x.values == ["red", "", "blue"]
+
+
+def test_a_sampler_the_flow_family_lacks_stops_the_plot_before_its_first_cell(tmp_path):
+    # FLUX.1 samples with the flow-matching samplers only (sdcore.generate.flow_samplers); A1111 confirms
+    # every Sampler value before the first cell (scripts/xyz_grid.py:70-73 confirm_samplers), so a plot
+    # must not write cells and then stop at the one whose sampler the family lacks
+    from sdcore.plugins import get_plugin_manager
+
+    result = CliRunner().invoke(
+        generate,
+        ["a cat", "-m", "tiny:flux", "--steps", "1", "--size", "32x32", "-o", str(tmp_path / "g.png"), "--hires",
+         "--x-type", "Sampler", "--x-values", "euler,lms", "--y-type", "Hires sampler", "--y-values", "euler,ddim"],
+        obj=types.SimpleNamespace(pm=get_plugin_manager(builtins=False, entrypoints=False)),
+    )  # fmt: skip
+    assert isinstance(result.exception, sdcore.ConfigError), result.output
+    message = str(result.exception)
+    assert "sampler 'lms' does not sample flow-matching" in message
+    assert "sampler 'ddim' does not sample flow-matching" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_from_png_image_is_never_an_output(tmp_path, monkeypatch):
+    # sdcore's rule for every writer (sdcore.io.output_problems): an output that is an input is refused even
+    # with --overwrite; the --from-png image is an input, whether -o or a plot's cell file would replace it
+    from sdcore.generate.pnginfo import save_png
+
+    source = tmp_path / "g-1.png"
+    save_png(Image.new("RGB", (64, 64)), source, "a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64")
+    before = source.read_bytes()
+    plot = ["--x-type", "Seed", "--x-values", "1,2"]
+    for args in (["-o", str(source)], ["-o", str(tmp_path / "g.png"), *plot]):
+        monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+        result = CliRunner().invoke(
+            generate,
+            ["-m", "tiny:sd1", "--from-png", str(source), "--overwrite", *args],
+            obj=types.SimpleNamespace(pm=_pm()),
+        )
+        assert isinstance(result.exception, sdcore.ConfigError), result.output
+        assert f"-o {source} is the input {source}" in str(result.exception)
+    assert source.read_bytes() == before
+
+
+def test_prompt_sr_searches_the_prompt_before_the_styles_join_it(cli, tmp_path):
+    # A1111's Prompt S/R changes p.prompt before process_images (scripts/xyz_grid.py apply_prompt), which joins
+    # the styles only then (modules/processing.py setup_prompts: apply_styles_to_prompt): a style's text is
+    # neither searched nor replaced
+    (tmp_path / "styles.csv").write_text('name,prompt,negative_prompt\nears,"{prompt}, cat ears",cat\n')
+    style = ["--style", "ears", "--styles-file", str(tmp_path / "styles.csv"), "--steps", "1", "--size", "32x32"]
+    out = tmp_path / "g.png"
+    result = cli("a cat", *style, "-o", str(out), "--x-type", "Prompt S/R", "--x-values", "cat,dog")
+    assert result.exit_code == 0, result.output
+    prompts = []
+    for index in range(2):
+        with Image.open(tmp_path / f"g-{index}.png") as image:
+            info = parse_parameters(image.info["parameters"])
+        prompts.append((info.prompt, info.negative_prompt))
+    assert prompts == [("a cat, cat ears", "cat"), ("a dog, cat ears", "cat")]
+    # a search string only the style holds is not found (A1111's message)
+    result = cli("a cat", *style, "-o", str(tmp_path / "h.png"), "--x-type", "Prompt S/R", "--x-values", "ears,paws")
+    assert "Prompt S/R did not find ears in prompt or negative prompt." in str(result.exception)

@@ -265,7 +265,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
     recalled = _recall(params)
-    _run_generate(params, recalled)
+    _run_generate(params, recalled, _chosen_styles(params))
 
 
 _CORE_PARAMS = frozenset(p.name for p in generate.params if p.name)
@@ -324,7 +324,7 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     return torch.device(device), chosen
 
 
-def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
+def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()) -> None:
     import random
 
     from ..errors import ConfigError
@@ -345,11 +345,14 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
     session = NetworkSession(handlers)
     problems: list[str] = []
     cells = [params] if plot is None else _plot_cells(plot, params, problems)
+    for cell in cells:  # after Prompt S/R, as A1111 applies styles in process_images (setup_prompts)
+        _apply_styles(cell, styles)
     # Fail on unknown tags, malformed syntax and bad settings of any cell before spending time on loading the model.
     runs = [_prepare_run(cell, session, problems) for cell in cells]
     from ..io import output_problems
 
-    init = [str(params["init_image"])] if params["init_image"] is not None else []
+    # the images read: an output may never replace one (the --from-png image too, read before any is written)
+    init = [str(params[name]) for name in ("init_image", "from_png") if params[name] is not None]
     if plot is None:
         outputs = _output_paths(params["output"], params["batch"])
     else:
@@ -383,7 +386,32 @@ def _run_generate(params: dict[str, Any], recalled: Any = None) -> None:
             save_png(image, path, text({}))
             click.echo(str(path))
         return
+    if trouble := _flow_sampler_problems(runs, bundle, adapter):  # before the first cell, not at its cell
+        raise ConfigError("; ".join(dict.fromkeys(trouble)))
     _run_plot(plot, params, runs, bundle, session, adapter, distilled)
+
+
+def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[str]:
+    """The samplers (and hires samplers) of ``runs`` that a flow-matching family (SD3, FLUX.1, Chroma) lacks,
+    one line each: known only once the model is loaded, and checked for every plot cell before the first
+    renders (A1111 confirms a Sampler axis's values before its first cell, xyz_grid.py confirm_samplers)."""
+    from ..models.sd_unet import SdUnetAdapter
+
+    if isinstance(adapter, SdUnetAdapter) or bundle.family_spec.denoiser == "unet":
+        return []
+    from ..errors import ConfigError
+    from ..generate.flow_samplers import flow_sampler_id
+
+    problems = []
+    for run in runs:
+        names = [run.sampler or _default_sampler(adapter)]
+        names += [run.hires.sampler] if run.hires is not None and run.hires.sampler else []
+        for name in names:
+            try:
+                flow_sampler_id(name, bundle.family)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 def _default_sampler(adapter: Any) -> str:
@@ -558,6 +586,12 @@ def _plot_problems(plot: Any, params: dict[str, Any]) -> list[str]:
         problems.append("the Hires axes vary the hires fix: add --hires")
     if "Denoising" in labels and params["init_image"] is None and hires is None:
         problems.append("the Denoising axis varies img2img or the hires fix: add --init-image or --hires")
+    if "Var. seed" in labels and "Var. strength" not in labels and params["subseed_strength"] == 0:
+        # A1111 draws the variation seed's noise only with a strength (modules/rng.py ImageRNG.first)
+        problems.append(
+            "the Var. seed axis varies the variation seed, which needs a strength: add --subseed-strength "
+            "or a Var. strength axis"
+        )
     return problems
 
 
@@ -613,10 +647,9 @@ def _given(params: dict[str, Any]) -> set[str]:
 
 
 def _recall(params: dict[str, Any]) -> Any:
-    """``--from-png`` and ``--style``: the PNG's parameters fill the options not given (the returned
-    :class:`~sdcore.generate.recall.Recalled`, ``None`` without one), then the styles join the prompts."""
-    from ..errors import ConfigError
-
+    """``--from-png``: the PNG's parameters fill the options not given (the returned
+    :class:`~sdcore.generate.recall.Recalled`, ``None`` without one); the ``--style`` texts join the prompts
+    later, each plot cell's after its Prompt S/R (:func:`_apply_styles`)."""
     recalled = None
     if params["from_png"] is not None:
         from ..generate.recall import recall_png
@@ -635,22 +668,37 @@ def _recall(params: dict[str, Any]) -> Any:
             params["strength"] = recalled.strength
     if params["prompt"] is None:
         raise click.UsageError("Missing argument 'PROMPT' (or take it from an image with --from-png).")
+    return recalled
+
+
+def _chosen_styles(params: dict[str, Any]) -> list[Any]:
+    """The ``--style`` entries of the styles file (an unknown name or a missing file is an error now)."""
+    from ..errors import ConfigError
+
     if params["styles"]:
-        from ..generate.styles import STYLES_FILE, apply_styles, read_styles, select_styles
+        from ..generate.styles import STYLES_FILE, read_styles, select_styles
 
         path = params["styles_file"] or Path(params["models_dir"]).parent / STYLES_FILE
-        chosen = select_styles(read_styles(path), params["styles"], path)
-        for name, kind in (
-            ("prompt", "prompt"),
-            ("negative", "negative_prompt"),
-            ("hr_prompt", "prompt"),
-            ("hr_negative", "negative_prompt"),
-        ):
-            if params[name] is not None:
-                params[name] = apply_styles(params[name], [getattr(style, kind) for style in chosen])
-    elif params["styles_file"] is not None:
+        return list(select_styles(read_styles(path), params["styles"], path))
+    if params["styles_file"] is not None:
         raise ConfigError("--styles-file needs --style NAME")
-    return recalled
+    return []
+
+
+def _apply_styles(params: dict[str, Any], styles: Any) -> None:
+    """The styles joined to one generation's prompts, negative prompts and hires prompts (A1111's order)."""
+    if not styles:
+        return
+    from ..generate.styles import apply_styles
+
+    for name, kind in (
+        ("prompt", "prompt"),
+        ("negative", "negative_prompt"),
+        ("hr_prompt", "prompt"),
+        ("hr_negative", "negative_prompt"),
+    ):
+        if params[name] is not None:
+            params[name] = apply_styles(params[name], [getattr(style, kind) for style in styles])
 
 
 def _recalled_cfg(params: dict[str, Any], recalled: Any, bundle: Any, sampler: str, distilled: bool) -> None:

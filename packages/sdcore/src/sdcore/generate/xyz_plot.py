@@ -263,6 +263,10 @@ def build_plot(
         if not values:
             problems.append(f"{flag}-values is empty: give the {kind.label} values, comma-separated")
             continue
+        if kind.kind is str and kind.param != "prompt" and "" in values:
+            # A1111 refuses it (xyz_grid.py confirm_samplers; an unknown hires upscaler), not the default
+            problems.append(f"{flag}-values: an empty {kind.label} value; each value must name one")
+            continue
         outside = [
             v for v in values if (kind.low is not None and v < kind.low) or (kind.high is not None and v > kind.high)
         ]

@@ -322,3 +322,21 @@ def test_prompt_sr_searches_the_prompt_before_the_styles_join_it(cli, tmp_path):
     # a search string only the style holds is not found (A1111's message)
     result = cli("a cat", *style, "-o", str(tmp_path / "h.png"), "--x-type", "Prompt S/R", "--x-values", "ears,paws")
     assert "Prompt S/R did not find ears in prompt or negative prompt." in str(result.exception)
+
+
+def test_a_sampler_that_cannot_start_from_the_init_image_stops_the_plot_before_its_first_cell(tmp_path):
+    # the same rule for img2img: the flow families' DPM++ 2M and UniPC cannot noise an init image
+    # (sdcore.generate.flow_samplers FlowSampler.img2img); cell 0 (euler) was written, then cell 1 stopped the plot
+    from sdcore.plugins import get_plugin_manager
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), "red").save(init)
+    result = CliRunner().invoke(
+        generate,
+        ["a cat", "-m", "tiny:flux", "--steps", "1", "--size", "32x32", "-o", str(tmp_path / "g.png"), "--init-image",
+         str(init), "--strength", "0.5", "--x-type", "Sampler", "--x-values", "euler,unipc"],
+        obj=types.SimpleNamespace(pm=get_plugin_manager(builtins=False, entrypoints=False)),
+    )  # fmt: skip
+    assert isinstance(result.exception, sdcore.ConfigError), result.output
+    assert "sampler 'unipc' cannot start from an init image" in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]

@@ -367,3 +367,24 @@ def test_dry_run_reports_an_unused_base_weights_exclude_pattern_before_loading(t
         "layers (glob patterns on module names such as 'time_text_embed.timestep_embedder.linear_1')"
     ) in errors, result.output
     assert "Traceback" not in result.output
+
+
+def test_base_weights_exclude_is_matched_on_a_denoiser_a_method_leaves_unfrozen_in_its_plan(tmp_path, no_model_load):
+    """Textual Inversion's plan_groups (no init-text lookup on a shapes-only model) trains new vectors and leaves the
+    meta-device model's requires_grad flags as built (True); its prepare freezes every component, so the run converts
+    the whole denoiser and a pattern naming one of its layers keeps it out. The pre-flight must judge "frozen" by what
+    the plan trains, as its fp8 count does, not by those flags: it reported every pattern as matching nothing."""
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    model = tmp_path / "m.safetensors"
+    create_tiny_bundle("sd1").save(model)
+    o = _opts(tmp_path)
+    args = ["train", "ti", "--model", str(model), "--data", o.data, "--output", str(tmp_path / "o.pt"), "--name", "tok",
+            "--init-text", "cat", "--resolution", "64", "--min-bucket-reso", "64", "--fp8-base", "--dry-run"]  # fmt: skip
+    cli = build_cli(get_plugin_manager())
+    used = CliRunner().invoke(cli, [*args, "--base-weights-exclude", "time_embedding.*"])
+    assert used.exit_code == 0, used.output
+    unused = CliRunner().invoke(cli, [*args, "--base-weights-exclude", "time_embedding.*,*no_such*"])
+    assert unused.exit_code == 2, unused.output
+    assert "Error: --base-weights-exclude *no_such*: matches none" in unused.output, unused.output

@@ -400,7 +400,7 @@ def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[
     if isinstance(adapter, SdUnetAdapter) or bundle.family_spec.denoiser == "unet":
         return []
     from ..errors import ConfigError
-    from ..generate.flow_samplers import flow_sampler_id
+    from ..generate.flow_samplers import flow_sampler_id, flow_scheduler
 
     problems = []
     for run in runs:
@@ -409,6 +409,8 @@ def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[
         for name in names:
             try:
                 flow_sampler_id(name, bundle.family)
+                if run.params["init_image"] is not None and name == names[0]:  # a sampler that cannot noise it
+                    flow_scheduler(bundle.noise_scheduler.config, name, family=bundle.family, img2img=True)
             except ConfigError as exc:
                 problems.append(str(exc))
     return problems

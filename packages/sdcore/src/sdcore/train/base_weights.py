@@ -331,12 +331,20 @@ def weight_rows(module: nn.Module) -> int:
     return int(weight.shape[0])
 
 
-def excluded_names(root: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
+def excluded_names(root: nn.Module, patterns: Sequence[str], trainable: set[int] | None = None) -> dict[str, list[str]]:
     """Per glob pattern (``fnmatch`` on the names of ``root.named_modules()``, as optimum-quanto's ``exclude``
-    that ai-toolkit's ``quantize_kwargs`` passes), the convertible layers it keeps out of the conversion."""
+    that ai-toolkit's ``quantize_kwargs`` passes), the convertible layers it keeps out of the conversion.
+    ``trainable``: ids of the parameters that will train, as :func:`convertible_counts` takes them (the memory
+    plan's meta-device model keeps the flags a method's ``plan_groups`` left, which need not be the run's)."""
     from fnmatch import fnmatch
 
-    names = [name for name, module in root.named_modules() if convertible(module)]
+    def frozen(module: nn.Module) -> bool:
+        if trainable is None:
+            return convertible(module)
+        weight = module._parameters.get("weight") if type(module) in (nn.Linear, nn.Conv2d) else None
+        return isinstance(weight, torch.Tensor) and weight.is_floating_point() and id(weight) not in trainable
+
+    names = [name for name, module in root.named_modules() if frozen(module)]
     return {pattern: [name for name in names if fnmatch(name, pattern)] for pattern in patterns}
 
 

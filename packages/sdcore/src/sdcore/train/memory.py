@@ -239,7 +239,7 @@ def count_parameters(
     fp8, rows = convertible_counts(denoiser, unconverted)
     blocks = tuple(block_sizes(denoiser, trainable=seen))
     block_rows = tuple(convertible_counts(block, unconverted)[1] for block in swappable_blocks(denoiser))
-    unused = [pattern for pattern, names in excluded_names(denoiser, exclude).items() if not names]
+    unused = [pattern for pattern, names in excluded_names(denoiser, exclude, seen).items() if not names]
     return ParameterPlan(
         components,
         trainable,

@@ -53,7 +53,10 @@ MIB = 1024 * 1024
 
 
 class PreflightError(ConfigError):
-    """One or more problems found before training; ``problems`` holds one line each."""
+    """One or more problems found before training (or before ``sdcore generate`` loads its model); ``problems``
+    holds one line each. The CLI exits with status 2."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str]) -> None:
         problems = list(dict.fromkeys(problems))  # two checks that meet the same fault say it once

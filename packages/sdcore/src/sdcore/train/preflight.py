@@ -180,10 +180,13 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     if o.sample_prompts and not o.sample_prompts.strip():
         problems.append("--sample-prompts is empty")
     elif o.sample_prompts:
-        from .sample_prompts import read_sample_prompts, sampler_name
+        from .sample_prompts import network_problems, read_sample_prompts, sampler_name
 
-        for check in (lambda: sampler_name(o.sample_sampler), lambda: read_sample_prompts(o.sample_prompts or "")):
-            try:  # syntax errors now, not after an hour of training
+        for check in (
+            lambda: sampler_name(o.sample_sampler),
+            lambda: problems.extend(network_problems(read_sample_prompts(o.sample_prompts or ""))),
+        ):
+            try:  # syntax errors and <lora:...> tags now, not after an hour of training
                 check()
             except SdcoreError as exc:
                 problems.append(str(exc))

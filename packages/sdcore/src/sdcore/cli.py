@@ -135,7 +135,7 @@ class TagGroup(LazyGroup):
 
 class RootGroup(click.Group):
     """Prints expected errors (ours, permission / disk-full / missing-file OSErrors, out of memory) as
-    one line, no traceback, and exits 1; ``SDCORE_DEBUG=1`` shows the traceback instead."""
+    one line, no traceback, and exits 1 (2 for a pre-flight's problems); ``SDCORE_DEBUG=1`` shows the traceback instead."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -145,7 +145,7 @@ class RootGroup(click.Group):
             if message is None or debug_enabled():
                 raise
             click.echo(f"Error: {message}", err=True)
-            ctx.exit(1)
+            ctx.exit(exc.exit_code if isinstance(exc, SdcoreError) else 1)
 
 
 def build_cli(pm: SdPluginManager) -> click.Group:

@@ -11,6 +11,9 @@ from __future__ import annotations
 class SdcoreError(Exception):
     """Base class for errors caused by input, configuration or files (not by bugs)."""
 
+    #: the CLI's exit status for it: 2 for problems found before any model loads (as click's usage errors)
+    exit_code: int = 1
+
 
 class ConfigError(SdcoreError):
     """An option or config file is invalid or contradicts another option. ``problems`` holds one line

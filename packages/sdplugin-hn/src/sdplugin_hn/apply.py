@@ -117,6 +117,7 @@ class HypernetworkHandler(PromptNetworkHandler):
 
     tag = "hypernet"
     kind = "hypernetwork"
+    resolves_names = True  # activate finds each name: checked before the model loads
     suffixes = (".pt",)
 
     def accepts(self, path: Path) -> bool:

@@ -174,6 +174,7 @@ class LoraHandler(PromptNetworkHandler):
 
     tag = "lora"
     kind = "LoRA"
+    resolves_names = True  # activate finds each name: checked before the model loads
     suffixes = (".safetensors", ".pt", ".ckpt", ".bin")
 
     def accepts(self, path: Path) -> bool:

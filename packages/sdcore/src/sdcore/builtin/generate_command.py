@@ -348,7 +348,9 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     for cell in cells:  # after Prompt S/R, as A1111 applies styles in process_images (setup_prompts)
         _apply_styles(cell, styles)
     # Fail on unknown tags, malformed syntax and bad settings of any cell before spending time on loading the model.
-    runs = [_prepare_run(cell, session, problems) for cell in cells]
+    runs = [_prepare_run(cell, problems) for cell in cells]
+    # every network file every prompt names, resolved as the session will resolve it, all missing ones at once
+    problems += session.check(pair for run in runs for pair in _network_prompts(run))
     from ..io import output_problems
 
     # the images read: an output may never replace one (the --from-png image too, read before any is written)
@@ -359,8 +361,10 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
         problems += _plot_problems(plot, params)
         outputs = [params["output"], *(_cell_paths(params["output"], len(runs)) if params["grid_cells"] else [])]
     problems += output_problems(outputs, inputs=init, overwrite=params["overwrite"])
-    if problems:
-        raise ConfigError("; ".join(dict.fromkeys(problems)))  # a cell's problem once, not once per cell
+    if problems:  # a cell's problem once, not once per cell; exit status 2, as the training pre-flight's
+        from ..train.preflight import PreflightError
+
+        raise PreflightError(["; ".join(dict.fromkeys(problems))])
 
     bundle = _load_bundle(params["model"], pm, **part_kwargs(params))
     device, dtype = _device_and_dtype(params["device"], params["dtype"])
@@ -428,9 +432,10 @@ class _Run:
         self.params, self.sampler, self.seed, self.variation, self.hires = params, sampler, seed, variation, hires
 
 
-def _prepare_run(params: dict[str, Any], session: Any, problems: list[str]) -> _Run:
-    """Check one generation's settings (prompt syntax and tags, sampler, hires, img2img strength, variation
-    seeds), adding each problem to ``problems``; a -1 seed becomes a random one."""
+def _prepare_run(params: dict[str, Any], problems: list[str]) -> _Run:
+    """Check one generation's settings (sampler, hires, img2img strength, variation seeds), adding each problem
+    to ``problems``; a -1 seed becomes a random one. Its networks are checked with every run's
+    (:func:`_network_prompts`)."""
     import random
 
     from ..errors import ConfigError
@@ -445,9 +450,7 @@ def _prepare_run(params: dict[str, Any], session: Any, problems: list[str]) -> _
     seed = params["seed"] if params["seed"] >= 0 else random.randrange(2**32)
     variation = _variation_seeds(params)
     hires = _hires_settings(params)
-    session.parse(params["prompt"], params["negative"])
     if hires is not None:
-        session.parse(hires.prompt or "", hires.negative_prompt or "")
         problems.extend(hires.problems())
         if params["init_image"] is not None:
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
@@ -455,6 +458,15 @@ def _prepare_run(params: dict[str, Any], session: Any, problems: list[str]) -> _
         problems.append("--strength of img2img must be above 0")
     problems += variation.problems() if variation is not None else []
     return _Run(params, sampler, seed, variation, hires)
+
+
+def _network_prompts(run: _Run) -> list[tuple[str, str]]:
+    """The ``(prompt, negative prompt)`` pairs of ``run`` whose networks apply: the first pass's and the hires
+    pass's own (``--hr-prompt``/``--hr-negative``; unset, they are the first pass's)."""
+    pairs = [(run.params["prompt"], run.params["negative"])]
+    if run.hires is not None:
+        pairs.append((run.hires.prompt or "", run.hires.negative_prompt or ""))
+    return pairs
 
 
 def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool) -> list[tuple[Any, Path, Any]]:

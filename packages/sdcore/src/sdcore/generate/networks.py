@@ -11,7 +11,7 @@ rewrite the prompt text (for example, register embedding tokens found in it).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -53,6 +53,11 @@ class NetworkRef:
         return default
 
 
+class _NotFoundError(NetworkMismatchError):
+    """:meth:`PromptNetworkHandler.find` met no file of that name (so :meth:`~PromptNetworkHandler.check` can
+    list every such name in one line)."""
+
+
 def _noop() -> None:
     return None
 
@@ -78,6 +83,10 @@ class PromptNetworkHandler:
     suffixes: ClassVar[tuple[str, ...]] = (".safetensors", ".pt", ".ckpt", ".bin")
     #: what the user calls these files, for messages ("LoRA", "hypernetwork")
     kind: ClassVar[str] = "network"
+    #: ``True`` when :meth:`activate` resolves each ref's name with :meth:`find` (LoRA, hypernetworks): then
+    #: :meth:`check` resolves them the same way before the model loads. A handler whose names are no files,
+    #: or that resolves them otherwise, leaves it ``False`` (or overrides :meth:`check`).
+    resolves_names: ClassVar[bool] = False
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
@@ -128,9 +137,38 @@ class PromptNetworkHandler:
                 f"{label} {name!r}: no {self.kind} file of that name in {where} ({listed} "
                 f"{'is' if len(named) == 1 else 'are'} not a {self.kind} file)"
             )
+        raise _NotFoundError(self._not_found([name]))
+
+    def _not_found(self, names: Sequence[str]) -> str:
+        """The message for ``names`` that match no file, with the names there are (one line for them all)."""
+        label = self.tag or self.kind
+        where = self.directory or "(no directory set)"
         # only files of this kind: a training state's optimizer.pt or rng.safetensors is no name to offer
         known = ", ".join(itertools.islice((p.stem for p in self.available() if self.accepts(p)), 20)) or "none"
-        raise NetworkMismatchError(f"{label} {name!r} not found in {where}; available: {known}")
+        return f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
+
+    def check(self, names: Iterable[str]) -> list[str]:
+        """Why :meth:`find` would fail for each of ``names``, as :meth:`activate` will call it, without loading
+        any file: ``sdcore generate`` calls it before the model loads, so every missing file of every prompt
+        (plot cells included) is reported at once instead of one at a time after the load. Names that match
+        no file share one line; ambiguous names and files of another kind get :meth:`find`'s own message.
+
+        Without :attr:`resolves_names` it finds nothing (``activate`` reports what it meets, after the load);
+        a handler with its own resolver overrides it."""
+        if not self.resolves_names:
+            return []
+        problems: list[str] = []
+        missing: list[str] = []
+        for name in dict.fromkeys(names):
+            try:
+                self.find(name)
+            except _NotFoundError:
+                missing.append(name)
+            except NetworkMismatchError as exc:
+                problems.append(str(exc))
+        if missing:
+            problems.append(self._not_found(missing))
+        return problems
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         """Apply ``refs`` to ``bundle`` (or rewrite the prompts) and say how to undo it."""

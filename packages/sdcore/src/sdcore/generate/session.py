@@ -14,12 +14,12 @@ command) reach handlers as ``handler.options``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, NetworkMismatchError, PluginError
+from ..errors import ConfigError, NetworkMismatchError, PluginError, SdcoreError
 from .networks import Activation, NetworkRef, PromptNetworkHandler, undo_all
 from .prompt_syntax import parse_networks
 
@@ -70,17 +70,51 @@ class NetworkSession:
         """Strip the tags and check each has a handler; nothing is applied yet."""
         clean, refs = parse_networks(prompt)
         clean_negative, negative_refs = parse_networks(negative_prompt)
-        if negative_refs:
-            raise ConfigError(
-                f"the negative prompt contains {negative_refs[0].text}: networks apply to the whole image, "
-                "put the tag in the prompt"
-            )
-        unknown = sorted({ref.tag for ref in refs if ref.tag not in self.tagged})
-        if unknown:
-            first = next(ref for ref in refs if ref.tag == unknown[0])
-            known = ", ".join(self.known_tags) or "none (no network plugin is installed or enabled)"
-            raise NetworkMismatchError(f"no handler for {first.text} (tag {unknown[0]!r}); known tags: {known}")
+        for problem in self._tag_problems(refs, negative_refs):
+            raise problem
         return clean, clean_negative, refs
+
+    def _tag_problems(self, refs: list[NetworkRef], negative_refs: list[NetworkRef]) -> list[SdcoreError]:
+        """A tag in the negative prompt, and a tag no handler claims (the first ref of each such tag)."""
+        problems: list[SdcoreError] = []
+        if negative_refs:
+            problems.append(
+                ConfigError(
+                    f"the negative prompt contains {negative_refs[0].text}: networks apply to the whole image, "
+                    "put the tag in the prompt"
+                )
+            )
+        known = ", ".join(self.known_tags) or "none (no network plugin is installed or enabled)"
+        for tag in sorted({ref.tag for ref in refs if ref.tag not in self.tagged}):
+            first = next(ref for ref in refs if ref.tag == tag)
+            problems.append(NetworkMismatchError(f"no handler for {first.text} (tag {tag!r}); known tags: {known}"))
+        return problems
+
+    def check(self, prompts: Iterable[tuple[str, str]]) -> list[str]:
+        """Every problem with the networks ``prompts`` (``(prompt, negative prompt)`` pairs) name, without
+        loading a model or a network: malformed tags, tags in a negative prompt, tags no handler claims (the
+        messages :meth:`parse` raises) and names each handler cannot resolve to a file
+        (:meth:`~sdcore.generate.networks.PromptNetworkHandler.check`, the lookup :meth:`apply` makes).
+
+        ``sdcore generate`` passes every prompt it will render (hires prompts, each X/Y/Z plot cell's after
+        Prompt S/R and ``--style``), so a missing epoch file is found before the first cell, not at its own.
+        Returns one line per problem; a handler's missing names share one line."""
+        problems: list[str] = []
+        names: dict[str, list[str]] = {}
+        for prompt, negative_prompt in prompts:
+            try:
+                _, refs = parse_networks(prompt)
+                _, negative_refs = parse_networks(negative_prompt)
+            except SdcoreError as exc:  # a malformed tag
+                problems.append(str(exc))
+                continue
+            problems += [str(problem) for problem in self._tag_problems(refs, negative_refs)]
+            for ref in refs:
+                if ref.tag in self.tagged:
+                    names.setdefault(ref.tag, []).append(ref.name)
+        for tag, tag_names in names.items():
+            problems += self.tagged[tag].check(tag_names)
+        return list(dict.fromkeys(problems))
 
     @contextlib.contextmanager
     def apply(

@@ -53,7 +53,10 @@ MIB = 1024 * 1024
 
 
 class PreflightError(ConfigError):
-    """One or more problems found before training; ``problems`` holds one line each."""
+    """One or more problems found before training (or before ``sdcore generate`` loads its model); ``problems``
+    holds one line each. The CLI exits with status 2."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str]) -> None:
         problems = list(dict.fromkeys(problems))  # two checks that meet the same fault say it once
@@ -177,10 +180,13 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     if o.sample_prompts and not o.sample_prompts.strip():
         problems.append("--sample-prompts is empty")
     elif o.sample_prompts:
-        from .sample_prompts import read_sample_prompts, sampler_name
+        from .sample_prompts import network_problems, read_sample_prompts, sampler_name
 
-        for check in (lambda: sampler_name(o.sample_sampler), lambda: read_sample_prompts(o.sample_prompts or "")):
-            try:  # syntax errors now, not after an hour of training
+        for check in (
+            lambda: sampler_name(o.sample_sampler),
+            lambda: problems.extend(network_problems(read_sample_prompts(o.sample_prompts or ""))),
+        ):
+            try:  # syntax errors and <lora:...> tags now, not after an hour of training
                 check()
             except SdcoreError as exc:
                 problems.append(str(exc))

@@ -251,11 +251,37 @@ def dropped_negatives(prompts: list[SamplePrompt]) -> int:
     return sum(1 for p in prompts if p.negative and (p.cfg is None or p.cfg <= 1.0))
 
 
+def network_problems(prompts: list[SamplePrompt]) -> list[str]:
+    """One line for each network tag (``<lora:name:1>``) in the sample prompts, for the training pre-flight.
+
+    Sample images render the model as it trains, with the network in training already applied; no handler
+    applies a tag from a sample prompt (the render has no ``--lora-dir``), so the render would stop the run
+    at the first sample. Malformed tags are reported in :func:`~sdcore.generate.prompt_syntax.parse_networks`'s
+    words."""
+    from ..generate.prompt_syntax import parse_networks
+
+    problems: list[str] = []
+    for prompt in prompts:
+        for text in (prompt.prompt, prompt.negative):
+            try:
+                refs = parse_networks(text)[1]
+            except ConfigError as exc:
+                problems.append(f"--sample-prompts: {exc}")
+                continue
+            problems += [
+                f"--sample-prompts: {ref.text}: sample images apply no networks named in the prompt (the one in "
+                "training is applied already); remove the tag"
+                for ref in refs
+            ]
+    return list(dict.fromkeys(problems))
+
+
 __all__ = [
     "SamplePrompt",
     "dropped_negatives",
     "generation_arguments",
     "generation_calls",
+    "network_problems",
     "parse_prompt_file",
     "parse_prompt_line",
     "read_sample_prompts",

@@ -1,0 +1,169 @@
+"""Network tags are resolved before the model loads (``NetworkSession.check``), all at once, with the session's
+own lookup: ``sdcore generate`` reports every missing LoRA / LyCORIS / hypernetwork file of every prompt (hires
+prompts, X/Y/Z plot cells after Prompt S/R, ``--style`` texts) in one line and exits 2 without loading a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sdcore.builtin import generate_command
+from sdcore.errors import NetworkMismatchError
+from sdcore.generate.networks import Activation, PromptNetworkHandler
+from sdcore.generate.session import NetworkSession, session_from_plugin_manager
+
+
+def _pm():
+    import sdplugin_hn.plugin
+    import sdplugin_lora.plugin
+    from sdcore.plugins import get_plugin_manager
+
+    return get_plugin_manager(entrypoints=False, extra=[sdplugin_lora.plugin, sdplugin_hn.plugin])
+
+
+def _lora(bundle, folder, name, seed=0):
+    """A tiny SD1 LoRA saved with the plugin's own writer (the UNet's attention layers, rank 2)."""
+    from sdplugin_lora.format import network_metadata, save_lora
+    from sdplugin_lora.naming import ModuleIndex
+    from sdplugin_lora.network import LoraNetwork
+
+    network = LoraNetwork.create(ModuleIndex.from_bundle(bundle).select(conv=False), rank=2, alpha=2.0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network:
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=generator) * 0.5)
+    return save_lora(folder / name, network.state_dict(), network_metadata(family="sd1", rank=2, alpha=2.0))
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("the model must not load"))
+
+
+def _sdcore(tmp_path, *args):
+    from sdcore.cli import build_cli
+
+    out = str(tmp_path / "out.png")
+    return CliRunner().invoke(build_cli(_pm()), ["generate", "-m", "tiny:sd1", *args, "-o", out])
+
+
+def _error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0].removeprefix("Error: ")
+
+
+def test_missing_files_of_the_prompt_and_of_a_prompt_sr_cell_in_one_line_before_loading(tmp_path, no_load, sd1):
+    lora_dir = tmp_path / "Lora"
+    _lora(sd1, lora_dir, "ep-000004.safetensors")
+    result = _sdcore(
+        tmp_path,
+        "castle <lora:ep-000004:1> <lora:gone:0.5>",
+        *("--lora-dir", str(lora_dir), "--x-type", "Prompt S/R", "--x-values", "ep-000004,ep-000009"),
+    )
+    # one handler's missing names share the line the session gives for one, with the names it offers
+    assert _error(result) == f"lora 'gone', 'ep-000009' not found in {lora_dir}; available: ep-000004"
+
+
+def test_hires_prompts_styles_and_every_handler_are_checked_with_an_unknown_tag_in_todays_words(tmp_path, no_load, sd1):
+    models = tmp_path / "models"
+    _lora(sd1, models / "Lora", "present.safetensors")
+    (models / "hypernetworks").mkdir(parents=True)
+    (tmp_path / "styles.csv").write_text('name,prompt,negative_prompt\nfancy,"{prompt} <lyco:styled:1>",\n')
+    result = _sdcore(
+        tmp_path,
+        "a <lora:present:1> <hypernet:hn:1> <lorra:typo:1>",
+        *("--models-dir", str(models), "--style", "fancy"),
+        *("--hires", "--hr-prompt", "b <lora:hires-only:1>"),
+    )
+    message = _error(result)
+    lora = models / "Lora"
+    for line in (
+        "no handler for <lorra:typo:1> (tag 'lorra'); known tags: hypernet, lora, lyco",
+        f"lora 'hires-only' not found in {lora}; available: present",  # the hires pass's own prompt
+        f"lyco 'styled' not found in {lora}; available: present",  # brought in by --style
+        f"hypernet 'hn' not found in {models / 'hypernetworks'}; available: none",
+    ):
+        assert line in message
+        message = message.replace(line, "", 1)
+    assert message.strip("; ") == "", message  # nothing else: the present LoRA passed
+
+
+def test_present_tags_pass_and_resolve_to_the_file_the_session_loads(tmp_path, monkeypatch, sd1):
+    """The check and the generation choose the same file for each name: a stem in a subfolder, a name with
+    its extension, a path, and ``<lyco:...>`` from the ``LyCORIS`` folder next to the LoRA folder."""
+    lora_dir = tmp_path / "models" / "Lora"
+    nested = _lora(sd1, lora_dir / "chars", "mychar.safetensors", seed=1)
+    styled = _lora(sd1, lora_dir, "style.safetensors", seed=2)
+    lyco = _lora(sd1, tmp_path / "models" / "LyCORIS", "loha.safetensors", seed=3)
+    elsewhere = _lora(sd1, tmp_path / "elsewhere", "direct.safetensors", seed=4)
+    seen: list[tuple[str, str, object]] = []
+    find = PromptNetworkHandler.find
+
+    def spy(self, name):
+        path = find(self, name)
+        seen.append((self.tag, name, path))
+        return path
+
+    def load(*args, **kwargs):
+        seen.append(("loaded", "", None))
+        return sd1
+
+    monkeypatch.setattr(PromptNetworkHandler, "find", spy)
+    monkeypatch.setattr(generate_command, "_load_bundle", load)
+    prompt = f"x <lora:mychar:0.5> <lora:style.safetensors:0.5> <lyco:loha:0.5> <lora:{elsewhere}:0.5>"
+    args = ["generate", "-m", "tiny:sd1", prompt, "--lora-dir", str(lora_dir), "--steps", "1", "--size", "32x32"]
+    from sdcore.cli import build_cli
+
+    result = CliRunner().invoke(build_cli(_pm()), [*args, "--device", "cpu", "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 0, result.output
+    cut = seen.index(("loaded", "", None))
+    before, after = seen[:cut], seen[cut + 1 :]
+    assert sorted(before, key=str) == sorted(after, key=str)
+    assert {name: path for _, name, path in before} == {
+        "mychar": nested,
+        "style.safetensors": styled,
+        "loha": lyco,
+        str(elsewhere): elsewhere,
+    }
+
+
+def test_ambiguous_names_and_files_of_another_kind_get_the_sessions_message(tmp_path, sd1):
+    lora_dir = tmp_path / "Lora"
+    first, second = _lora(sd1, lora_dir / "a", "twin.safetensors"), _lora(sd1, lora_dir / "b", "twin.safetensors")
+    (lora_dir / "emb").mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "tok"}, lora_dir / "emb" / "tok.pt")
+    session = session_from_plugin_manager(_pm(), {"lora_dir": lora_dir})
+    problems = session.check([("a <lora:twin:1> <lora:tok:1>", "")])
+    expected = []
+    for name in ("twin", "tok"):
+        with pytest.raises(NetworkMismatchError) as info:
+            session.tagged["lora"].find(name)
+        expected.append(str(info.value))
+    assert problems == expected
+    assert str(first) in problems[0] and str(second) in problems[0] and "not a LoRA file" in problems[1]
+
+
+class _Names(PromptNetworkHandler):
+    """A third party's tag whose names are no files (it resolves them itself)."""
+
+    tag = "wild"
+
+    def activate(self, bundle, refs, prompt, negative_prompt):
+        return Activation(prompt, negative_prompt)
+
+
+def test_check_collects_syntax_negative_and_tag_problems_and_leaves_other_resolvers_alone(tmp_path):
+    session = NetworkSession({"wild": _Names(tmp_path)})
+    assert session.check([("a <wild:anything:1>", "")]) == []  # not resolved with find: not judged early
+    problems = session.check(
+        [("a <wild:x:nan>", ""), ("b", "c <wild:y:1>"), ("d <odd:z:1> <wild:w:1>", ""), ("d <odd:z:1>", "")]
+    )
+    assert len(problems) == 3, problems  # the repeated unknown tag once
+    assert problems[0].startswith("invalid weight 'nan' in <wild:x:nan>")
+    assert problems[1].startswith("the negative prompt contains <wild:y:1>")
+    assert problems[2] == "no handler for <odd:z:1> (tag 'odd'); known tags: wild"
+    with pytest.raises(NetworkMismatchError, match=r"^no handler for <odd:z:1> \(tag 'odd'\); known tags: wild$"):
+        session.parse("d <odd:z:1>")  # the message the session raises itself

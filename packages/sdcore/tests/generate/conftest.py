@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the helper modules beside the tests (exif_bytes)
 
 os.environ.setdefault("SDCORE_CACHE_DIR", "/tmp/sdcore-cache-tests")
 

@@ -351,7 +351,7 @@ def test_tiling_on_flux_wraps_the_vae():
 
 
 def test_from_png_reads_a_jpegs_exif_and_a_jpeg_without_one_is_one_line(tmp_path, monkeypatch):
-    from test_pnginfo import _a1111_exif
+    from exif_bytes import a1111_exif
 
     monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
     bare = tmp_path / "bare.jpg"
@@ -364,6 +364,6 @@ def test_from_png_reads_a_jpegs_exif_and_a_jpeg_without_one_is_one_line(tmp_path
     # an A1111 JPEG (EXIF UserComment, "UNICODE" + UTF-16BE) is recalled: its unknown sampler is the error here
     a1111 = tmp_path / "a1111.jpg"
     text = "x\nSteps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1"
-    Image.new("RGB", (8, 8)).save(a1111, format="JPEG", exif=_a1111_exif(b"UNICODE\0" + text.encode("utf-16-be")))
+    Image.new("RGB", (8, 8)).save(a1111, format="JPEG", exif=a1111_exif(b"UNICODE\0" + text.encode("utf-16-be")))
     result = _invoke(["-m", "tiny:sd1", "--from-png", str(a1111), "-o", str(tmp_path / "o.png")])
     assert isinstance(result.exception, sdcore.ConfigError) and "'DPM++ SDE Karras'" in str(result.exception)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from exif_bytes import a1111_exif
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -346,22 +347,6 @@ def test_schedule_type_sits_after_the_sampler_and_parses_back():
     assert parse_parameters("p\nSteps: 20, Sampler: DPM++ 2M, Seed: 1").sampler == "dpm++2m"  # before 1.9
 
 
-def _a1111_exif(comment: bytes) -> bytes:
-    """EXIF bytes as A1111's ``save_image_with_geninfo`` has piexif write them for a JPEG/WebP (modules/images.py):
-    an ``Exif\\0\\0`` header, a big-endian TIFF structure whose IFD0 holds only the Exif IFD pointer (tag 0x8769,
-    LONG), and an Exif IFD holding only UserComment (tag 0x9286, UNDEFINED, its bytes after the two IFDs)."""
-
-    def entry(tag: int, kind: int, count: int, value: int) -> bytes:
-        return tag.to_bytes(2, "big") + kind.to_bytes(2, "big") + count.to_bytes(4, "big") + value.to_bytes(4, "big")
-
-    ifd_size = 2 + 12 + 4  # entry count, one entry, next-IFD offset
-    exif_ifd_at = 8 + ifd_size
-    data_at = exif_ifd_at + ifd_size
-    ifd0 = (1).to_bytes(2, "big") + entry(0x8769, 4, 1, exif_ifd_at) + bytes(4)
-    exif_ifd = (1).to_bytes(2, "big") + entry(0x9286, 7, len(comment), data_at) + bytes(4)
-    return b"Exif\0\0" + b"MM\0\x2a" + (8).to_bytes(4, "big") + ifd0 + exif_ifd + comment
-
-
 _EXIF_INFOTEXT = (
     "a castle on a hill, 城, (masterpiece:1.2)\nNegative prompt: blurry\n"
     "Steps: 24, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, Size: 64x48, Model hash: 0123456789"
@@ -373,7 +358,7 @@ def test_jpeg_and_webp_infotext_is_read_from_the_exif_user_comment(tmp_path, fmt
     # A1111: piexif.helper.UserComment.dump(geninfo, encoding="unicode"): the EXIF character code "UNICODE\0"
     # (8 bytes) and the text in UTF-16 big-endian (piexif's "unicode")
     path = tmp_path / f"a1111.{fmt.lower()}"
-    exif = _a1111_exif(b"UNICODE\0" + _EXIF_INFOTEXT.encode("utf-16-be"))
+    exif = a1111_exif(b"UNICODE\0" + _EXIF_INFOTEXT.encode("utf-16-be"))
     Image.new("RGB", (64, 48), "gray").save(path, format=fmt, quality=90, exif=exif)
     read = read_png_parameters(path)
     assert read is not None
@@ -388,7 +373,7 @@ def test_exif_user_comment_prefixes_as_a1111_reads_them(tmp_path):
     path = tmp_path / "x.jpg"
     text = "a dog\nSteps: 7, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 8x8"
     for comment in (b"ASCII\0\0\0" + text.encode(), text.encode(), bytes(8) + text.encode() + b"\xff"):
-        Image.new("RGB", (8, 8)).save(path, format="JPEG", exif=_a1111_exif(comment))
+        Image.new("RGB", (8, 8)).save(path, format="JPEG", exif=a1111_exif(comment))
         read = read_png_parameters(path)
         assert read is not None and (read.prompt, read.steps, read.seed) == ("a dog", 7, 3), comment
     Image.new("RGB", (8, 8)).save(path, format="JPEG")  # no EXIF at all

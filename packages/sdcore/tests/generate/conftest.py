@@ -27,6 +27,22 @@ def tiny_bundles():
     return get
 
 
+@pytest.fixture(scope="module")
+def loaded_tiny():
+    """``tiny:<family>`` through the model loader, built on first use and kept for one test module (the
+    flow-family tests install hooks and schedulers on them)."""
+    from sdcore.models.load import load_model
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = load_model(f"tiny:{family}")
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def sd1(tiny_bundles):
     return tiny_bundles("sd1")

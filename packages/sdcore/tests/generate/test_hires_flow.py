@@ -30,17 +30,8 @@ FAMILIES = ("sd3", "flux", "chroma")
 
 
 @pytest.fixture(scope="module")
-def flow_bundles():
-    from sdcore.models.load import load_model
-
-    cache: dict[str, object] = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = load_model(f"tiny:{family}")
-        return cache[family]
-
-    return get
+def flow_bundles(loaded_tiny):
+    return loaded_tiny
 
 
 class _Calls:

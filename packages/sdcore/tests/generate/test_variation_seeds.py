@@ -34,17 +34,8 @@ from sdcore.generate.variation import ImageNoise, VariationSeeds
 
 
 @pytest.fixture(scope="module")
-def bundles():
-    from sdcore.models.load import load_model
-
-    cache: dict[str, object] = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = load_model(f"tiny:{family}")
-        return cache[family]
-
-    return get
+def bundles(loaded_tiny):
+    return loaded_tiny
 
 
 def _run(bundle, prompts=("a cat",), **settings):

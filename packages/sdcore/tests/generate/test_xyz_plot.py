@@ -373,3 +373,20 @@ def test_the_family_pipelines_sampler_rules_stop_the_plot_before_its_first_cell(
     assert isinstance(result.exception, sdcore.ConfigError), result.output
     assert expected in str(result.exception)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]
+
+
+def test_axis_problems_exit_2_as_every_other_refusal_before_the_model_loads(tmp_path, monkeypatch):
+    # errors.py SdcoreError.exit_code: 2 for problems found before any model loads; a cell's unknown sampler
+    # (PreflightError) exited 2 while an unknown axis type, in the same documented list, exited 1
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    out = str(tmp_path / "g.png")
+    cli = build_cli(get_plugin_manager(entrypoints=False))
+    for axis in (["--x-type", "Sampler", "--x-values", "euler,nope"], ["--x-type", "Nonsense", "--x-values", "1"]):
+        result = CliRunner().invoke(cli, ["generate", "-m", "tiny:sd1", "a cat", "-o", out, *axis])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2, (axis, result.output)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output
+    assert "Nonsense" in lines[0]

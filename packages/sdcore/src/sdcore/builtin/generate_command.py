@@ -575,16 +575,17 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
 
 
 def _xyz_plot(params: dict[str, Any]) -> Any:
-    """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one); every axis problem at once."""
-    from ..errors import ConfigError
+    """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one); every axis problem at once,
+    exit status 2 as every other problem found before the model loads."""
     from ..generate.xyz_plot import build_plot
+    from ..train.preflight import PreflightError
 
     plot, problems = build_plot(
         [(name, params[f"{name.lower()}_type"], params[f"{name.lower()}_values"]) for name in "XYZ"],
         keep_random_seeds=params["keep_random_seeds"],
     )
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise PreflightError(["; ".join(problems)])
     if plot is not None:
         plot.fix_seeds()
     return plot

@@ -340,3 +340,53 @@ def test_a_sampler_that_cannot_start_from_the_init_image_stops_the_plot_before_i
     assert isinstance(result.exception, sdcore.ConfigError), result.output
     assert "sampler 'unipc' cannot start from an init image" in str(result.exception)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "expected"),
+    [
+        # FluxImg2ImgPipeline/ChromaImg2ImgPipeline hand the scheduler their own sigmas: Heun cannot start there
+        ("tiny:flux", ["--init-image", "INIT", "--strength", "0.5", "--x-type", "Sampler"],
+         "sampler 'heun' cannot start from an init image on Flux.1 models"),
+        ("tiny:chroma", ["--init-image", "INIT", "--strength", "0.5", "--x-type", "Sampler"],
+         "sampler 'heun' cannot start from an init image on Chroma models"),
+        # schnell's schedule has a fixed shift: DPM++ 2M in FluxPipeline would apply the resolution shift
+        ("tiny:flux-schnell", ["--x-type", "Sampler"], "sampler 'dpm++2m' cannot sample this Flux.1 model"),
+        ("tiny:flux-schnell", ["--hires", "--x-type", "Hires sampler"], "sampler 'dpm++2m' cannot sample this Flux.1"),
+    ],
+)  # fmt: skip
+def test_the_family_pipelines_sampler_rules_stop_the_plot_before_its_first_cell(tmp_path, model, args, expected):
+    # the rules of flow_scheduler as each family builds its scheduler (FLUX.1 and Chroma: the pipeline's sigmas);
+    # before the fix cell 0 (euler) was written, then the bad cell stopped the plot with the same message
+    from sdcore.plugins import get_plugin_manager
+
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), "red").save(init)
+    bad = "heun" if "init" in expected else "dpm++2m"
+    args = [str(init) if arg == "INIT" else arg for arg in args]
+    result = CliRunner().invoke(
+        generate,
+        ["a cat", "-m", model, "--steps", "1", "--size", "32x32", "-o", str(tmp_path / "g.png"), *args,
+         "--x-values", f"euler,{bad}"],
+        obj=types.SimpleNamespace(pm=get_plugin_manager(builtins=False, entrypoints=False)),
+    )  # fmt: skip
+    assert isinstance(result.exception, sdcore.ConfigError), result.output
+    assert expected in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]
+
+
+def test_axis_problems_exit_2_as_every_other_refusal_before_the_model_loads(tmp_path, monkeypatch):
+    # errors.py SdcoreError.exit_code: 2 for problems found before any model loads; a cell's unknown sampler
+    # (PreflightError) exited 2 while an unknown axis type, in the same documented list, exited 1
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    out = str(tmp_path / "g.png")
+    cli = build_cli(get_plugin_manager(entrypoints=False))
+    for axis in (["--x-type", "Sampler", "--x-values", "euler,nope"], ["--x-type", "Nonsense", "--x-values", "1"]):
+        result = CliRunner().invoke(cli, ["generate", "-m", "tiny:sd1", "a cat", "-o", out, *axis])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2, (axis, result.output)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output
+    assert "Nonsense" in lines[0]

@@ -396,27 +396,36 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
 
 
 def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[str]:
-    """The samplers (and hires samplers) of ``runs`` that a flow-matching family (SD3, FLUX.1, Chroma) lacks,
-    one line each: known only once the model is loaded, and checked for every plot cell before the first
-    renders (A1111 confirms a Sampler axis's values before its first cell, xyz_grid.py confirm_samplers)."""
+    """The samplers (and hires samplers) of ``runs`` that a flow-matching family (SD3, FLUX.1, Chroma) cannot
+    run, one line each: known only once the model is loaded, and checked for every plot cell before the first
+    renders (A1111 confirms a Sampler axis's values before its first cell, xyz_grid.py confirm_samplers).
+
+    Each pass's scheduler is built as the family's pipeline builds it (the adapter's ``flow_scheduler_for``:
+    FLUX.1's and Chroma's pipelines hand it their own sigmas, so Heun cannot start from an init image there and
+    DPM++ 2M cannot run schnell's fixed shift), so the rules are :func:`~sdcore.generate.flow_samplers.flow_scheduler`'s
+    own. The hires pass starts from the first pass's latent, not from an image."""
     from ..models.sd_unet import SdUnetAdapter
 
     if isinstance(adapter, SdUnetAdapter) or bundle.family_spec.denoiser == "unet":
         return []
     from ..errors import ConfigError
-    from ..generate.flow_samplers import flow_sampler_id, flow_scheduler
+    from ..generate.flow_samplers import flow_sampler_id
 
-    problems = []
+    build = getattr(adapter, "flow_scheduler_for", None)
+    passes: dict[tuple[str, bool], None] = {}  # each sampler once per kind of start
     for run in runs:
-        names = [run.sampler or _default_sampler(adapter)]
-        names += [run.hires.sampler] if run.hires is not None and run.hires.sampler else []
-        for name in names:
-            try:
+        passes[(run.sampler or _default_sampler(adapter), run.params["init_image"] is not None)] = None
+        if run.hires is not None and run.hires.sampler:
+            passes[(run.hires.sampler, False)] = None
+    problems = []
+    for name, img2img in passes:
+        try:
+            if build is not None:
+                build(bundle, name, img2img=img2img)
+            else:  # a family without the hook: the table at least
                 flow_sampler_id(name, bundle.family)
-                if run.params["init_image"] is not None and name == names[0]:  # a sampler that cannot noise it
-                    flow_scheduler(bundle.noise_scheduler.config, name, family=bundle.family, img2img=True)
-            except ConfigError as exc:
-                problems.append(str(exc))
+        except ConfigError as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -566,16 +575,17 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
 
 
 def _xyz_plot(params: dict[str, Any]) -> Any:
-    """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one); every axis problem at once."""
-    from ..errors import ConfigError
+    """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one); every axis problem at once,
+    exit status 2 as every other problem found before the model loads."""
     from ..generate.xyz_plot import build_plot
+    from ..train.preflight import PreflightError
 
     plot, problems = build_plot(
         [(name, params[f"{name.lower()}_type"], params[f"{name.lower()}_values"]) for name in "XYZ"],
         keep_random_seeds=params["keep_random_seeds"],
     )
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise PreflightError(["; ".join(problems)])
     if plot is not None:
         plot.fix_seeds()
     return plot

@@ -22,17 +22,27 @@ if TYPE_CHECKING:
     from ..bundle import ModelBundle
 
 
+def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler", *, img2img: bool = False) -> Any:
+    """The scheduler :func:`build_chroma_pipeline` gives ``sampler``: ``ChromaPipeline`` and its img2img sibling
+    always hand it their own sigmas (no Heun from an init image; see
+    :func:`~sdcore.generate.flow_samplers.flow_scheduler`). ``sdcore generate`` asks it for every X/Y/Z cell's
+    sampler before the first cell renders."""
+    from ...generate.flow_samplers import flow_scheduler
+
+    return flow_scheduler(bundle.noise_scheduler.config, sampler, family="Chroma", pipeline_sigmas=True,
+                          img2img=img2img)  # fmt: skip
+
+
 def build_chroma_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
     """A ``ChromaPipeline`` (or ``ChromaImg2ImgPipeline``) sharing the bundle's modules."""
-    from ...generate.flow_samplers import flow_scheduler, quiet_pipeline_import
+    from ...generate.flow_samplers import quiet_pipeline_import
 
     quiet_pipeline_import()
     import diffusers
 
     from .adapter import require_complete
 
-    scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Chroma", pipeline_sigmas=True,
-                               img2img=img2img)  # fmt: skip
+    scheduler = flow_scheduler_for(bundle, sampler, img2img=img2img)
     require_complete(bundle)
     cls: Any = diffusers.ChromaImg2ImgPipeline if img2img else diffusers.ChromaPipeline
     return cls(scheduler=scheduler, vae=bundle.vae, text_encoder=bundle.text_encoders[0],

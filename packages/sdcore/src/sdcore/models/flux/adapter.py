@@ -200,6 +200,13 @@ class FluxAdapter:
         pipe.set_progress_bar_config(disable=True)
         return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, **settings)
 
+    def flow_scheduler_for(self, bundle: ModelBundle, sampler: str, *, img2img: bool = False) -> Any:
+        """The scheduler ``sdcore generate`` builds for ``sampler`` (a one-line ConfigError for a sampler the
+        family's pipeline cannot run); the X/Y/Z plot asks it for every cell before the first renders."""
+        from .generate import flow_scheduler_for
+
+        return flow_scheduler_for(bundle, sampler, img2img=img2img)
+
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A diffusers folder's ``model_index.json`` of a Flux pipeline."""
         from .load import is_flux_index

@@ -28,9 +28,20 @@ if TYPE_CHECKING:
     from ..bundle import ModelBundle
 
 
+def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler", *, img2img: bool = False) -> Any:
+    """The scheduler :func:`build_flux_pipeline` gives ``sampler``: ``FluxPipeline`` hands it its own sigmas
+    and ``mu``, which rules out Heun from an init image and DPM++ 2M on schnell's fixed shift (one line each,
+    :func:`~sdcore.generate.flow_samplers.flow_scheduler`). ``sdcore generate`` asks it for every X/Y/Z cell's
+    sampler before the first cell renders."""
+    from ...generate.flow_samplers import flow_scheduler
+
+    return flow_scheduler(bundle.noise_scheduler.config, sampler, family="Flux.1", pipeline_sigmas=True,
+                          img2img=img2img)  # fmt: skip
+
+
 def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
     """A ``FluxPipeline`` (or ``FluxImg2ImgPipeline``) sharing the bundle's modules."""
-    from ...generate.flow_samplers import flow_scheduler, quiet_pipeline_import
+    from ...generate.flow_samplers import quiet_pipeline_import
 
     quiet_pipeline_import()
     import diffusers
@@ -39,8 +50,7 @@ def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: 
     from .variants import require_supported
 
     require_supported(bundle, "generate with")
-    scheduler = flow_scheduler(bundle.noise_scheduler.config, sampler, family="Flux.1", pipeline_sigmas=True,
-                               img2img=img2img)  # fmt: skip
+    scheduler = flow_scheduler_for(bundle, sampler, img2img=img2img)
     require_complete(bundle)
     if bundle.tokenizers[1] is None:
         from ..t5 import load_t5_tokenizer

@@ -129,6 +129,13 @@ class Sd3Adapter:
 
         return generate_sd3(bundle, prompts, negatives, **settings)
 
+    def flow_scheduler_for(self, bundle: ModelBundle, sampler: str, *, img2img: bool = False) -> Any:
+        """The scheduler ``sdcore generate`` builds for ``sampler`` (a one-line ConfigError for a sampler the
+        family's pipeline cannot run); the X/Y/Z plot asks it for every cell before the first renders."""
+        from .generate import flow_scheduler_for
+
+        return flow_scheduler_for(bundle, sampler, img2img=img2img)
+
     def detect_diffusers(self, index: dict[str, Any]) -> bool:
         """A ``StableDiffusion3Pipeline`` (or img2img/inpaint sibling) folder."""
         return str(index.get("_class_name", "")).startswith("StableDiffusion3")

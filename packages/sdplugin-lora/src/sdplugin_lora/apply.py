@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sdcore.errors import NetworkMismatchError
+from sdcore.errors import ConfigError, NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
 
 from .adapters import Adapter, adapter_from_tensors
@@ -38,6 +38,8 @@ class LoraSpec:
     lora: LoraFile | str | Path
     te_weight: float = 1.0
     unet_weight: float | None = None
+    dyn_dim: int | None = None
+    """A1111's ``dyn``: use only the first ``dyn_dim`` ranks of each plain LoRA module (:func:`truncate_rank`)."""
 
     def parsed(self) -> LoraFile:
         return self.lora if isinstance(self.lora, LoraFile) else read_lora(self.lora)
@@ -104,7 +106,8 @@ def apply_loras(
     try:
         for (spec, _lora), match in zip(parsed, matches, strict=True):
             unet_weight = spec.te_weight if spec.unet_weight is None else spec.unet_weight
-            for target, weights in match.modules.values():
+            for target, full_weights in match.modules.values():
+                weights = truncate_rank(full_weights, spec.dyn_dim)
                 multiplier = _multiplier(target, spec.te_weight, unet_weight)
                 if multiplier == 0:
                     continue
@@ -116,6 +119,28 @@ def apply_loras(
         applied.remove()
         raise
     return applied
+
+
+def truncate_rank(weights: ModuleWeights, dyn_dim: int | None) -> ModuleWeights:
+    """The module cut to its first ``dyn_dim`` ranks, as A1111 renders ``<lora:x:dyn=N>`` (a DyLoRA file's
+    smaller ranks): ``up[:, :N] @ down[:N]`` (Lora/lyco_helpers.py ``rebuild_conventional``), scaled by the
+    file's alpha over the FULL rank (Lora/network.py ``calc_scale``: ``dim`` is ``lora_down``'s first axis, set
+    in network_lora.py before any truncation), which is stored here as the module's ``scale`` so the adapter
+    uses exactly that number. As in A1111 only plain LoRA/LoCon modules are cut (no ``lora_mid`` Tucker core,
+    no LyCORIS algorithm), and ``N`` at or above the rank leaves the module whole."""
+    tensors = weights.tensors
+    if dyn_dim is None or weights.kind != "lora" or weights.is_tucker or dyn_dim >= weights.rank:
+        return weights
+    cut = dict(tensors)
+    cut["lora_up.weight"] = tensors["lora_up.weight"][:, :dyn_dim]
+    cut["lora_down.weight"] = tensors["lora_down.weight"][:dyn_dim]
+    cut["scale"] = torch.tensor(weights.scale, dtype=torch.float64)  # alpha / full rank, or the stored scale
+    return ModuleWeights(tensors=cut, key=weights.key)
+
+
+def truncatable(lora: LoraFile) -> bool:
+    """Whether ``dyn`` can cut any module of ``lora`` (:func:`truncate_rank`)."""
+    return any(w.kind == "lora" and not w.is_tucker for w in lora.modules.values())
 
 
 def apply_lora(
@@ -155,6 +180,15 @@ def _hook_one(target: Target, weights: ModuleWeights, multiplier: float) -> Adap
 
 
 _NAME_SYMBOLS = str.maketrans("", "", ":,")
+#: A1111's LoRA tag arguments, in their positional order
+_LORA_ARGS = ("te", "unet", "dyn")
+
+
+def _dyn_value(ref: NetworkRef) -> float | None:
+    """The tag's ``dyn`` (third positional value or ``dyn=``), ``None`` when not given."""
+    if len(ref.weights) > 2 or any(key == "dyn" for key, _ in ref.named):
+        return ref.arg(2, "dyn", 0.0)
+    return None
 
 
 def lora_short_hash(path: Path, metadata: dict[str, str]) -> str:
@@ -170,7 +204,7 @@ def lora_short_hash(path: Path, metadata: dict[str, str]) -> str:
 
 
 class LoraHandler(PromptNetworkHandler):
-    """``<lora:name:te_weight[:unet_weight]>`` in prompts: merged for one generation, then restored."""
+    """``<lora:name:te_weight[:unet_weight[:dyn]]>`` in prompts: merged for one generation, then restored."""
 
     tag = "lora"
     kind = "LoRA"
@@ -191,18 +225,41 @@ class LoraHandler(PromptNetworkHandler):
             return True
         return any(is_lora_key(k) for k in keys)
 
+    def check_ref(self, ref: NetworkRef) -> str | None:
+        """A1111's arguments (Lora/extra_networks_lora.py ``activate``): positional ``name:te:unet:dyn`` or named
+        ``te=``, ``unet=`` (default: te), ``dyn=`` (a whole number of ranks, ≥ 1); anything else is an error."""
+        wrong: list[str] = []
+        if len(ref.weights) > len(_LORA_ARGS):
+            wrong.append(f"{len(ref.weights)} positional values (at most {len(_LORA_ARGS)}: te, unet, dyn)")
+        unknown = [key for key, _ in ref.named if key not in _LORA_ARGS]
+        if unknown:
+            wrong.append(f"unknown argument {', '.join(repr(k) for k in unknown)} (known: te, unet, dyn)")
+        dyn = _dyn_value(ref)
+        if dyn is not None and (dyn != int(dyn) or dyn < 1):
+            wrong.append(f"dyn={dyn:g} must be a whole number of ranks, 1 or more")
+        return f"{ref.text or ref.name}: {'; '.join(wrong)}" if wrong else None
+
     def activate(self, bundle: Any, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         if not refs:
             return Activation(prompt, negative_prompt)
+        problems = [problem for problem in map(self.check_ref, refs) if problem]
+        if problems:
+            raise ConfigError("; ".join(problems))
         specs: list[LoraSpec] = []
         hashes: dict[str, str] = {}
         for ref in refs:
             path = self.find(ref.name)
             lora = read_lora(path)
-            # A1111: <lora:x:te_w:unet_w> or the named form <lora:x:te=0.5:unet=1>
+            # A1111: <lora:x:te_w:unet_w:dyn> or the named form <lora:x:te=0.5:unet=1:dyn=16>
             te_weight = ref.arg(0, "te", 1.0)
             unet_weight = ref.arg(1, "unet", te_weight)
-            specs.append(LoraSpec(lora, te_weight, unet_weight))
+            dyn = _dyn_value(ref)
+            if dyn is not None and not truncatable(lora):
+                raise NetworkMismatchError(
+                    f"{ref.text or ref.name}: dyn cuts plain LoRA modules only and {path} has none "
+                    "(LyCORIS or Tucker modules); drop dyn"
+                )
+            specs.append(LoraSpec(lora, te_weight, unet_weight, None if dyn is None else int(dyn)))
             # A1111 (Lora/extra_networks_lora.py): the prompt name without ':' and ',', listed once
             hashes.setdefault(ref.name.translate(_NAME_SYMBOLS), lora_short_hash(path, lora.metadata))
             for text in (ref.text,):
@@ -236,4 +293,13 @@ def unmatched_report(matches: Iterable[Match]) -> list[str]:
     return [key for match in matches for key in match.unmatched]
 
 
-__all__ = ["AppliedLoras", "LoraHandler", "LoraSpec", "LoraWarning", "LycoHandler", "apply_lora", "apply_loras"]
+__all__ = [
+    "AppliedLoras",
+    "LoraHandler",
+    "LoraSpec",
+    "LoraWarning",
+    "LycoHandler",
+    "apply_lora",
+    "apply_loras",
+    "truncate_rank",
+]

@@ -170,6 +170,12 @@ class PromptNetworkHandler:
             problems.append(self._not_found(missing))
         return problems
 
+    def check_ref(self, ref: NetworkRef) -> str | None:
+        """Why ``ref``'s arguments are wrong for this handler (one line), else ``None``; needs no file or model:
+        :meth:`sdcore.generate.session.NetworkSession.check` calls it before the model loads, so an unknown
+        argument is an error there instead of being dropped in silence. The default accepts anything."""
+        return None
+
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         """Apply ``refs`` to ``bundle`` (or rewrite the prompts) and say how to undo it."""
         raise NotImplementedError

@@ -93,7 +93,7 @@ class NetworkSession:
     def check(self, prompts: Iterable[tuple[str, str]]) -> list[str]:
         """Every problem with the networks ``prompts`` (``(prompt, negative prompt)`` pairs) name, without
         loading a model or a network: malformed tags, tags in a negative prompt, tags no handler claims (the
-        messages :meth:`parse` raises) and names each handler cannot resolve to a file
+        messages :meth:`parse` raises), arguments the handler does not take (its ``check_ref``) and names each handler cannot resolve to a file
         (:meth:`~sdcore.generate.networks.PromptNetworkHandler.check`, the lookup :meth:`apply` makes).
 
         ``sdcore generate`` passes every prompt it will render (hires prompts, each X/Y/Z plot cell's after
@@ -112,6 +112,9 @@ class NetworkSession:
             for ref in refs:
                 if ref.tag in self.tagged:
                     names.setdefault(ref.tag, []).append(ref.name)
+                    wrong = self.tagged[ref.tag].check_ref(ref)
+                    if wrong:
+                        problems.append(wrong)
         for tag, tag_names in names.items():
             problems += self.tagged[tag].check(tag_names)
         return list(dict.fromkeys(problems))

@@ -367,3 +367,16 @@ def test_from_png_reads_a_jpegs_exif_and_a_jpeg_without_one_is_one_line(tmp_path
     Image.new("RGB", (8, 8)).save(a1111, format="JPEG", exif=a1111_exif(b"UNICODE\0" + text.encode("utf-16-be")))
     result = _invoke(["-m", "tiny:sd1", "--from-png", str(a1111), "-o", str(tmp_path / "o.png")])
     assert isinstance(result.exception, sdcore.ConfigError) and "'DPM++ SDE Karras'" in str(result.exception)
+
+
+def test_a_styles_problem_is_said_with_the_axis_and_network_problems(tmp_path, monkeypatch):
+    """A missing styles file, a wrong X/Y/Z axis and a LoRA tag nothing can resolve: one line naming all three, before
+    the model loads (each used to stop the command on its own, the first one found hiding the others)."""
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("must not load"))
+    models = tmp_path / "models"
+    (models / "Lora").mkdir(parents=True)
+    args = ["-m", "tiny:sd1", "a <lora:gone:0.5>", "--style", "nope", "--models-dir", str(models)]
+    result = _invoke([*args, "--x-type", "Bogus", "--x-values", "1", "-o", str(tmp_path / "o.png")])
+    message = str(result.exception)
+    assert isinstance(result.exception, sdcore.ConfigError) and "\n" not in message
+    assert "styles.csv does not exist" in message and "'Bogus'" in message and "<lora:gone:0.5>" in message

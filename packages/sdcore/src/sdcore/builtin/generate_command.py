@@ -16,6 +16,7 @@ ways in, neither needing a new hook:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +265,14 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @part_options
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
+    from ..errors import ConfigError
+
     recalled = _recall(params)
-    _run_generate(params, recalled, _chosen_styles(params))
+    try:
+        styles, early = _chosen_styles(params), []
+    except ConfigError as exc:  # reported with every other problem found before the model loads
+        styles, early = [], [str(exc)]
+    _run_generate(params, recalled, styles, early)
 
 
 _CORE_PARAMS = frozenset(p.name for p in generate.params if p.name)
@@ -324,13 +331,14 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     return torch.device(device), chosen
 
 
-def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()) -> None:
+def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = (), early: Sequence[str] = ()) -> None:
     import random
 
     from ..errors import ConfigError
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
-    plot = _xyz_plot(params)
+    problems: list[str] = list(early)  # found before this point (a styles file); all are said at once
+    plot = _xyz_plot(params, problems)
     if plot is None or not plot.keep_random_seeds:  # A1111 fixes -1 seeds once, so every cell shares them
         for name in ("seed", "subseed") if plot is not None else ("seed",):
             if params[name] < 0:
@@ -343,7 +351,6 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     directories.update({k: v for k, v in extra_options.items() if k.endswith("_dir") and v})
     handlers = handlers_from_plugin_manager(pm, directories, models_dir=params["models_dir"], options=extra_options)
     session = NetworkSession(handlers)
-    problems: list[str] = []
     cells = [params] if plot is None else _plot_cells(plot, params, problems)
     for cell in cells:  # after Prompt S/R, as A1111 applies styles in process_images (setup_prompts)
         _apply_styles(cell, styles)
@@ -574,18 +581,18 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     return rendered
 
 
-def _xyz_plot(params: dict[str, Any]) -> Any:
-    """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one); every axis problem at once,
-    exit status 2 as every other problem found before the model loads."""
+def _xyz_plot(params: dict[str, Any], problems: list[str]) -> Any:
+    """The X/Y/Z plot of ``--x-type``/``--x-values`` ... (``None`` without one, or when an axis is wrong: every
+    axis problem goes to ``problems``, said with the others found before the model loads, exit status 2)."""
     from ..generate.xyz_plot import build_plot
-    from ..train.preflight import PreflightError
 
-    plot, problems = build_plot(
+    plot, found = build_plot(
         [(name, params[f"{name.lower()}_type"], params[f"{name.lower()}_values"]) for name in "XYZ"],
         keep_random_seeds=params["keep_random_seeds"],
     )
-    if problems:
-        raise PreflightError(["; ".join(problems)])
+    if found:
+        problems += found
+        return None
     if plot is not None:
         plot.fix_seeds()
     return plot

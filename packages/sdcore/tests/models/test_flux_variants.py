@@ -102,12 +102,13 @@ def test_generation_and_training_refuse_tools_with_one_line(dev, width):
 
 
 def test_kontext_folder_is_named_by_its_pipeline(dev, tmp_path):
-    """Kontext has dev's shapes: its diffusers folder's pipeline class is what names it; dev stays dev."""
+    """Kontext has dev's shapes: its diffusers folder's pipeline class is what names it; dev stays dev; Kontext
+    is not refused."""
     import json
 
     from diffusers import FluxPipeline
-    from sdcore.errors import ConfigError
     from sdcore.generate.pipeline import generate_images
+    from sdcore.models.flux.adapter import FluxAdapter
     from sdcore.models.load import load_model
 
     folder = tmp_path / "kontext"
@@ -119,8 +120,10 @@ def test_kontext_folder_is_named_by_its_pipeline(dev, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
     kontext = load_model(folder)
     assert kontext.family_label == "flux-kontext"
-    with pytest.raises(ConfigError, match=r"is FLUX.1 Kontext \[dev\] \(image editing"):
-        generate_images(kontext, ["a cat"], steps=1, width=32, height=32)
+    assert FluxAdapter().release(kontext).startswith("kontext: FLUX.1 Kontext [dev]")
+    # without a reference image, Kontext makes images from text as dev does (FluxKontextPipeline with no image)
+    images = generate_images(kontext, ["a cat"], steps=1, width=32, height=32, seed=1)
+    assert images[0].size == (32, 32)
 
 
 def test_training_preflight_refuses_a_fill_file_before_loading(dev, tmp_path):

@@ -137,7 +137,7 @@ class FluxAdapter:
         return "FluxAdapter()"
 
     def release(self, bundle: ModelBundle) -> str | None:
-        """``model info``'s variant line: dev (guidance embedding), schnell, or a FLUX.1 Tools/Kontext
+        """``model info``'s variant line: dev (guidance embedding), schnell, Kontext, or a FLUX.1 Tools
         release sdcore cannot run (see :mod:`sdcore.models.flux.variants`)."""
         from .variants import bundle_variant, describe
 
@@ -253,7 +253,7 @@ class FluxAdapter:
         from ..t5 import encode_t5
         from .variants import require_supported
 
-        require_supported(bundle, "train or generate with")  # before caching: Fill/Depth/Kontext need images too
+        require_supported(bundle, "train or generate with")  # before caching: Fill/Depth need images too
         _require(bundle, "text_encoder")
         _require(bundle, "text_encoder_2")
         clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]
@@ -280,10 +280,13 @@ class FluxAdapter:
         *,
         guidance: float | torch.Tensor | None = None,
         bypass_guidance_embedding: bool = False,
+        reference_latents: torch.Tensor | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """The transformer's velocity for ``noisy_latents`` [B, 16, H, W] at ``timesteps`` (sigma * 1000);
-        ``bypass_guidance_embedding`` (training only): without the guidance term (:func:`guidance_bypassed`)."""
+        ``bypass_guidance_embedding`` (training only): without the guidance term (:func:`guidance_bypassed`);
+        ``reference_latents`` [B or 1, 16, h, w]: FLUX.1 Kontext's clean reference images, as extra tokens
+        whose output is dropped (:mod:`sdcore.models.flux.kontext`)."""
         import torch
 
         from ...dtypes import compute_dtype
@@ -302,6 +305,12 @@ class FluxAdapter:
         if transformer.config.guidance_embeds and not bypass_guidance_embedding:
             given = DEFAULT_GUIDANCE if guidance is None else guidance
             value = torch.as_tensor(given, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        ids = image_ids(height, width, device=device, dtype=dtype)
+        target_tokens = packed.shape[1]
+        if reference_latents is not None:
+            from .kontext import join_reference
+
+            packed, ids = join_reference(packed, ids, reference_latents)
         kwargs: dict[str, Any] = {}
         if T5_MASK in conditioning.extra:  # padding tokens masked as keys in every joint attention
             text = conditioning.extra[T5_MASK].to(device=device, dtype=torch.bool)
@@ -316,8 +325,8 @@ class FluxAdapter:
                 pooled_projections=conditioning.pooled.to(device=device, dtype=dtype),
                 encoder_hidden_states=hidden,
                 txt_ids=text_ids(hidden.shape[1], device=device, dtype=dtype),
-                img_ids=image_ids(height, width, device=device, dtype=dtype),
+                img_ids=ids,
                 return_dict=False,
                 **kwargs,
             )[0]
-        return unpack_latents(out, height, width)
+        return unpack_latents(out[:, :target_tokens], height, width)

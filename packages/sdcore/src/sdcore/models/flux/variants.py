@@ -12,10 +12,11 @@ what tells them apart (the rules of diffusers' single-file detection, ``infer_di
 - **Kontext** has exactly dev's shapes; only a diffusers folder says it (``FluxKontextPipeline`` in its
   ``model_index.json``). A Kontext single file is read as dev.
 
-sdcore trains and samples dev and schnell. The others need an extra image input (mask, control image,
-reference image) that neither its data pipeline nor its generation builds, so they load (``model info``
-names them) and every generation or training step refuses them with one line instead of a shape error
-deep inside the transformer.
+sdcore trains and samples dev, schnell and Kontext (dev's shapes; its reference images join the latents as
+tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does). Fill and
+Depth/Canny need an extra image input on the channels (mask, control image) that neither its data pipeline
+nor its generation builds, so they load (``model info`` names them) and every generation or training step
+refuses them with one line instead of a shape error deep inside the transformer.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ PIPELINE_METADATA_KEY = "diffusers.pipeline"
 UNSUPPORTED = {
     "fill": "FLUX.1 Fill [dev] (inpainting: the masked image and mask enter with the latents, img_in 384 wide)",
     "control": "FLUX.1 Depth or Canny [dev] (a control image enters with the latents, img_in 128 wide)",
-    "kontext": "FLUX.1 Kontext [dev] (image editing: reference image tokens join the latents)",
 }
+#: the releases sdcore trains and generates with, and what ``model info`` says of each
+SUPPORTED = {"dev": "dev", "schnell": "schnell",
+             "kontext": "kontext: FLUX.1 Kontext [dev] (image editing: a reference image's tokens join the latents)"}  # fmt: skip
 
 
 def flux_variant(transformer: Any, metadata: dict[str, str] | None = None) -> str:
@@ -64,6 +67,8 @@ def bundle_variant(bundle: ModelBundle) -> str:
 
 def describe(variant: str) -> str:
     """``model info``'s variant line."""
+    if variant in SUPPORTED:
+        return SUPPORTED[variant]
     if variant in UNSUPPORTED:
         return f"{variant}: {UNSUPPORTED[variant]}; sdcore cannot train or generate with it yet"
     if variant.startswith("in"):
@@ -80,10 +85,19 @@ def require_supported(bundle: ModelBundle, doing: str) -> None:
 def refuse(variant: str, source: str, doing: str) -> None:
     """Raise the one line for ``variant`` unless it is dev or schnell (also for a file's header alone:
     the training pre-flight's layout, before anything loads)."""
-    if variant in ("dev", "schnell"):
+    if variant in SUPPORTED:
         return
     what = UNSUPPORTED.get(variant) or f"a Flux transformer whose img_in takes {variant[2:]} channels"
-    raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev and schnell only)")
+    raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev, schnell and Kontext only)")
 
 
-__all__ = ["PIPELINE_VARIANTS", "TOOL_INPUTS", "UNSUPPORTED", "describe", "flux_variant", "refuse", "require_supported"]
+__all__ = [
+    "PIPELINE_VARIANTS",
+    "SUPPORTED",
+    "TOOL_INPUTS",
+    "UNSUPPORTED",
+    "describe",
+    "flux_variant",
+    "refuse",
+    "require_supported",
+]

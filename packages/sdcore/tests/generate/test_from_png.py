@@ -361,6 +361,12 @@ def test_from_png_reads_a_jpegs_exif_and_a_jpeg_without_one_is_one_line(tmp_path
     assert str(result.exception) == (
         f"--from-png {bare}: the image has no generation parameters (no 'parameters' PNG text, no EXIF UserComment)"
     )
+    assert result.exception.exit_code == 2  # found before the model loads: the CLI exits 2 as for every such problem
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    result = _invoke(["-m", "tiny:sd1", "--from-png", str(broken), "-o", str(tmp_path / "o.png")])
+    assert result.exception.exit_code == 2
+    assert str(result.exception).startswith(f"--from-png {broken}: cannot read the image")
     # an A1111 JPEG (EXIF UserComment, "UNICODE" + UTF-16BE) is recalled: its unknown sampler is the error here
     a1111 = tmp_path / "a1111.jpg"
     text = "x\nSteps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1"

@@ -167,3 +167,13 @@ def test_check_collects_syntax_negative_and_tag_problems_and_leaves_other_resolv
     assert problems[2] == "no handler for <odd:z:1> (tag 'odd'); known tags: wild"
     with pytest.raises(NetworkMismatchError, match=r"^no handler for <odd:z:1> \(tag 'odd'\); known tags: wild$"):
         session.parse("d <odd:z:1>")  # the message the session raises itself
+
+
+def test_a_name_too_long_for_the_filesystem_is_not_found_not_a_traceback(tmp_path, no_load, sd1):
+    """``<lora:xxx...:1>`` with a name past the OS's file-name limit used to raise ``OSError: File name too long``
+    from the lookup; it is a name that matches no file."""
+    lora_dir = tmp_path / "Lora"
+    _lora(sd1, lora_dir, "present.safetensors")
+    name = "x" * 300
+    result = _sdcore(tmp_path, f"castle <lora:{name}:1>", "--lora-dir", str(lora_dir))
+    assert _error(result) == f"lora {name!r} not found in {lora_dir}; available: present"

@@ -683,10 +683,15 @@ def _recall(params: dict[str, Any]) -> Any:
     later, each plot cell's after its Prompt S/R (:func:`_apply_styles`)."""
     recalled = None
     if params["from_png"] is not None:
+        from ..errors import ConfigError
         from ..generate.recall import recall_png
+        from ..train.preflight import PreflightError
 
         given = _given(params)
-        recalled = recall_png(params["from_png"], sampler_given="sampler" in given)
+        try:
+            recalled = recall_png(params["from_png"], sampler_given="sampler" in given)
+        except ConfigError as exc:  # found before the model loads: exit 2 as every such problem
+            raise PreflightError(exc.problems) from None
         # as A1111's "Send to img2img", an --init-image leaves the hires fields out; so does --no-hires
         hires = (
             "hires" in recalled.values and params["init_image"] is None and ("hires" not in given or params["hires"])

@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
 
 
+def _is_file(path: Path) -> bool:
+    """Whether a prompt's network name is an existing file; a name the OS cannot even look up (too long, a
+    NUL byte) is no file, so it gets the "not found" line with the names there are instead of a traceback."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class NetworkRef:
     """One ``<tag:name:w1[:w2...]>`` occurrence. A1111 allows a second weight (LoRA: text encoder
@@ -117,7 +126,7 @@ class PromptNetworkHandler:
         right kind with that name are an error listing them.
         """
         direct = Path(name)
-        if direct.is_file():
+        if _is_file(direct):
             return direct
         named = [p for p in self.available() if p.stem == name or p.name == name]
         mine = [p for p in named if self.accepts(p)]

@@ -526,7 +526,7 @@ def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
     train = {"noise_scheduler": "flowmatch", "linear_timesteps": True, "timestep_type": "weighted",
              "min_denoising_steps": 100, "content_or_style": "style", "loss_type": "pseudo_huber"}  # fmt: skip
     text = " | ".join(_problems(_job(tmp_path, {**flux, "train": train})))
-    assert "timestep_type 'weighted': the linear table with a loss weight per timestep that is a list" in text
+    assert "timestep_type" not in text  # weighted: sdcore's linear_table with --timestep-loss-weight weighted_table
     assert "linear_timesteps" not in text and "denoising_steps" not in text  # both translate now
     assert "1 - U^3 (style)" in text
     assert "half of sdcore's --loss-type smooth_l1" in text

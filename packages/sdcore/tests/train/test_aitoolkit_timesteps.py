@@ -1,7 +1,7 @@
 """ai-toolkit's flow-matching timesteps in sdcore (``--timestep-sampling linear_table|shift_table|
 lognorm_blend_table|sigmoid_table``, ``--dynamic-timestep-shift``, ``--min/--max-table-index``), its
-``linear_timesteps`` loss weight (``--timestep-loss-weight``), ``arch: flex1``, and the ``timestep_type``/
-``loss_type``/``arch`` values of its jobs that stay refused.
+``linear_timesteps`` and ``weighted`` loss weights (``--timestep-loss-weight``), ``arch: flex1``, and the
+``timestep_type``/``loss_type``/``arch`` values of its jobs that stay refused.
 
 The reference is rewritten here from ostris/ai-toolkit (mirror HEAD): ``toolkit/sampler.py`` (the scheduler
 configurations ``flux_config``: dynamic shifting, ``sd_flow_config``: shift 3.0),
@@ -191,7 +191,7 @@ def test_the_rest_stays_refused_with_the_reason(tmp_path):
     from sdcore.errors import ConfigError
 
     for train, expected in (
-        ({**FLOW, "timestep_type": "weighted"}, "1000 values measured on Flex.1-alpha"),
+        ({**FLOW, "timestep_type": "next_sample"}, "sdcore does not train on the next sampling step"),
         ({**FLOW, "loss_type": "pseudo_huber"}, "--loss-type mix has no pseudo-Huber term"),
     ):
         with pytest.raises(ConfigError) as info:
@@ -472,3 +472,187 @@ def test_a_linear_timesteps_job_trains_on_tiny_flux_with_the_weights(tmp_path, m
     for sigmas, half in weighed:  # every weighed sample: an entry 100..599 of the linear table, the half bell
         index = _indices(sigmas, torch.linspace(1000, 1, T))
         assert half and int(index.min()) >= 100 and int(index.max()) <= 599
+
+
+# --- timestep_type weighted: the linear table with ai-toolkit's measured loss weights -----------------------------
+
+#: entries of ai-toolkit's default_weighing_scheme (toolkit/timestep_weighing/default_weighing_scheme.py at
+#: 27a03a91), typed from the source: index -> value
+WEIGHING_SCHEME_ENTRIES = {0: 0.905706524848938, 1: 0.9097874164581299, 16: 1.1399472951889038,
+                           500: 0.9254037141799927, 998: 0.4453802704811096, 999: 0.4472601115703583}  # fmt: skip
+
+
+def _weights_file() -> list[float]:
+    """The shipped data file, read here on its own terms: comment lines, then one value a line."""
+    from importlib import resources
+
+    text = resources.files("sdcore.train").joinpath("aitoolkit_data/timestep_weights.txt").read_text("utf-8")
+    return [float(line) for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_the_weighted_table_is_ai_toolkits_with_its_license_beside_it():
+    from importlib import resources
+
+    from sdcore.train.loss import weighted_table
+
+    values = _weights_file()
+    assert len(values) == T and tuple(values) == weighted_table()
+    for index, value in WEIGHING_SCHEME_ENTRIES.items():
+        assert values[index] == value, index
+    assert sum(values) / T == pytest.approx(1.0, abs=1e-6)  # measured weights normalised to mean 1
+    folder = resources.files("sdcore.train").joinpath("aitoolkit_data")
+    header = folder.joinpath("timestep_weights.txt").read_text("utf-8")
+    assert "toolkit/timestep_weighing/default_weighing_scheme.py" in header
+    assert "27a03a91f23eb1b757d5ec2e80ee3e129cfcc350" in header and "Copyright (c) 2024 Ostris, LLC" in header
+    license_text = folder.joinpath("LICENSE-ai-toolkit.txt").read_text("utf-8")
+    assert license_text.startswith("MIT License") and "Permission is hereby granted, free of charge" in license_text
+
+
+def test_the_wheel_ships_the_weighted_table():
+    """hatchling's own file selection for sdcore's wheel (what ``pip install`` gets) holds the table and license."""
+    from hatchling.builders.wheel import WheelBuilder  # a dev requirement (requirements-dev.txt)
+
+    root = Path(__file__).parents[2]  # packages/sdcore
+    assert (root / "pyproject.toml").is_file()
+    shipped = {f.distribution_path for f in WheelBuilder(str(root)).recurse_included_files()}
+    assert {"sdcore/train/aitoolkit_data/timestep_weights.txt",
+            "sdcore/train/aitoolkit_data/LICENSE-ai-toolkit.txt"} <= shipped  # fmt: skip
+
+
+def test_the_weighted_loss_weight_is_the_table_at_the_drawn_index(tmp_path):
+    """``weighted``: set_train_timesteps builds linspace(1000, 1, 1000), the index is randint(min, max) of it
+    (balanced), and get_weights_for_timesteps(timestep_type="weighted") takes the table's entry at that index."""
+    from sdcore.train.loss import apply_loss_weights
+
+    table = torch.tensor(_weights_file())
+    objective = FlowMatchingObjective(timestep_sampling="linear_table", min_table_index=10, max_table_index=990)
+    keys = list(range(40, 72))
+    _, steps = objective.sample(keys, (16, 8, 8))
+    index = []
+    for key in keys:  # the sample's generator: its noise, then randint(10, 990) (recomputed here)
+        gen = torch.Generator().manual_seed(key)
+        torch.randn((16, 8, 8), generator=gen)
+        index.append(int(torch.randint(10, 990, (1,), generator=gen)))
+    want_index = torch.tensor(index)
+    assert torch.equal(steps, torch.linspace(1000, 1, T)[want_index] / T * T)
+    loss = torch.rand(len(keys), generator=torch.Generator().manual_seed(0)) + 0.5
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_loss_weight": "weighted_table"})
+    got = apply_loss_weights(o, objective, loss, steps)
+    torch.testing.assert_close(got, loss * table[want_index], rtol=0, atol=0)
+    # the typed entries, through the weight function at their timesteps 1000 - i
+    for i, value in WEIGHING_SCHEME_ENTRIES.items():
+        one = apply_loss_weights(o, objective, torch.ones(1), torch.tensor([float(T - i)]))
+        assert float(one) == pytest.approx(value, rel=1e-7), i
+
+
+def test_the_weighted_table_takes_the_nearest_entry_of_other_noise_levels():
+    from sdcore.train.loss import weighted_table_timestep_weights
+
+    table = torch.tensor(_weights_file())
+    sigmas = torch.tensor([1.0, 0.9996, 0.9994, 0.5, 0.0014, 0.0006, 0.0])
+    index = [0, 0, 1, 500, 999, 999, 999]  # round(1000 (1 - s)), held to the table
+    torch.testing.assert_close(weighted_table_timestep_weights(sigmas), table[index], rtol=0, atol=0)
+
+
+def test_weighted_translates_to_the_linear_table_with_the_measured_weights(tmp_path):
+    cases = [
+        (FLUX, {}, ("linear_table", "weighted_table", 0, 999, 1.0, False)),
+        (SD3, {}, ("linear_table", "weighted_table", 0, 999, 1.0, False)),  # linear: SD3's shift 3 not applied
+        # SDTrainer: timestep_type weighted wins over linear_timesteps(2)'s bells (get_weights_for_timesteps)
+        (FLUX, {"linear_timesteps2": True}, ("linear_table", "weighted_table", 0, 999, 1.0, False)),
+        (FLUX, {"min_denoising_steps": 100, "max_denoising_steps": 900},
+         ("linear_table", "weighted_table", 100, 900, 1.0, False)),
+    ]  # fmt: skip
+    for model, train, expected in cases:
+        o = _load(_job(tmp_path, model, {**FLOW, "timestep_type": "weighted", **train}))
+        got = (o.timestep_sampling, o.timestep_loss_weight, o.min_table_index, o.max_table_index,
+               o.discrete_flow_shift, o.dynamic_timestep_shift)  # fmt: skip
+        assert got == expected, (model, train)
+    # the other types keep their weights
+    assert _load(_job(tmp_path, FLUX, {**FLOW, "timestep_type": "linear"})).timestep_loss_weight == "none"
+
+
+def test_the_kontext_example_no_longer_fails_on_its_timestep_type(tmp_path):
+    """train_lora_flux_kontext_24gb.yaml sets timestep_type "weighted"; its Kontext model and control folder are
+    another matter, so the check reads its train section with a plain Flux model and no control folder."""
+    import yaml
+    from sdcore.errors import ConfigError
+
+    source = Path(__file__).parents[4] / "tests" / "data" / "ai_toolkit" / "train_lora_flux_kontext_24gb.yaml"
+    job = yaml.safe_load(source.read_text(encoding="utf-8"))
+    process = job["config"]["process"][0]
+    assert process["train"]["timestep_type"] == "weighted"
+    try:
+        _load(source)
+    except ConfigError as exc:  # whatever still stops it, not the timestep type
+        assert not [p for p in exc.problems if "timestep_type" in p], exc.problems
+    process["model"] = {**FLUX, "quantize": process["model"].get("quantize", False)}
+    for dataset in process["datasets"]:
+        dataset.pop("control_path", None)
+    path = tmp_path / "kontext.json"
+    path.write_text(json.dumps(job), encoding="utf-8")
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    o = load_options(LoraOptions, path, notes=[])
+    assert (o.timestep_sampling, o.timestep_loss_weight, o.min_table_index, o.max_table_index) == (
+        "linear_table", "weighted_table", 0, 999)  # fmt: skip
+
+
+def test_preflight_notes_the_weighted_table_off_its_linear_table(tmp_path):
+    from sdcore.train.loss import loss_family_checks
+
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_loss_weight": "weighted_table"})
+    problems, _ = loss_family_checks(o, "sd1", "epsilon")
+    assert any("--timestep-loss-weight weighted_table: ai-toolkit's weight of a flow-matching" in p for p in problems)
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_loss_weight": "weighted_table",
+                                                   "timestep_sampling": "linear_table"})  # fmt: skip
+    assert loss_family_checks(o, "flux", "flow") == ([], [])
+    o = contract_options(ConvOutMethod, tmp_path, {"timestep_loss_weight": "weighted_table",
+                                                   "timestep_sampling": "logit_normal"})  # fmt: skip
+    problems, notes = loss_family_checks(o, "sd3", "flow")
+    assert not problems
+    assert any("weighted_table with --timestep-sampling logit_normal: ai-toolkit applies these weights" in n
+               for n in notes), notes  # fmt: skip
+
+
+def test_a_weighted_job_trains_on_tiny_flux_with_the_table_weights(tmp_path, monkeypatch):
+    """One step of a ``weighted`` job against the same step unweighted (same seed: the same draws): each
+    sample's loss is the unweighted one times the table's entry at its drawn index, and the step's loss is
+    their mean."""
+    import sdcore.train.loss as loss_module
+
+    o = _load(_job(tmp_path, FLUX, {**FLOW, "timestep_type": "weighted"}))
+    kw = {name: getattr(o, name) for name in ("timestep_sampling", "timestep_loss_weight")}
+    assert kw == {"timestep_sampling": "linear_table", "timestep_loss_weight": "weighted_table"}
+    table = torch.tensor(_weights_file())
+    original = loss_module.apply_loss_weights
+
+    def run(weight: str, tag: str) -> tuple[list[float], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def recording(options, objective, loss, timesteps):
+            out = original(options, objective, loss, timesteps)
+            seen.append((loss.detach().clone(), timesteps.detach().clone(), out.detach().clone()))
+            return out
+
+        monkeypatch.setattr(loss_module, "apply_loss_weights", recording)
+        overrides = {"max_steps": 1, "save_state": False, **kw, "timestep_loss_weight": weight}
+        options = contract_options(ProjOutMethod, tmp_path, overrides, family="flux", tag=tag)
+        s = TrainSession(ProjOutMethod(options), bundle=None)
+        s.setup()
+        result = s.run()
+        assert result.steps == 1 and len(seen) == 1
+        return result.losses, seen
+
+    weighted_losses, weighted = run("weighted_table", "weighted")
+    plain_losses, plain = run("none", "plain")
+    (_, steps, out), (plain_in, plain_steps, plain_out) = weighted[0], plain[0]
+    assert torch.equal(steps, plain_steps) and torch.equal(plain_in, plain_out)
+    index = _indices(steps / T, torch.linspace(1000, 1, T))  # an entry of the linear table
+    assert int(index.max()) <= 998
+    want = plain_in * table[index]
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
+    assert weighted_losses[0] == pytest.approx(float(want.mean()), rel=1e-6)
+    assert plain_losses[0] == pytest.approx(float(plain_in.mean()), rel=1e-6)
+    assert weighted_losses[0] != pytest.approx(plain_losses[0], rel=1e-3)  # the weights changed the loss

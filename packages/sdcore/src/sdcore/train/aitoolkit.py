@@ -498,8 +498,6 @@ LOSS_REFUSALS = {
 #: flow-matching timestep types sdcore has no counterpart for, and why (``toolkit/samplers/
 #: custom_flowmatch_sampler.py``, ``BaseSDTrainProcess``)
 TIMESTEP_REFUSALS = {
-    "weighted": "the linear table with a loss weight per timestep that is a list of 1000 values measured on "
-    "Flex.1-alpha (toolkit/timestep_weighing/default_weighing_scheme.py), not a formula sdcore can rewrite",
     "next_sample": "sdcore does not train on the next sampling step",
     "one_step": "sdcore does not train at one fixed timestep",
     "two_step": "sdcore does not train at fixed timesteps",
@@ -514,9 +512,15 @@ DDPM_TIMESTEPS = 1000
 #: scheduler's shifted table; ``sigmoid`` (1000 sorted 1000 (1 - sigmoid(N(0, 1)))) and ``lognorm_blend`` = an index
 #: of a table drawn anew (per step there, per sample in sdcore): sdcore's ai-toolkit tables. ``sigmoid`` is the
 #: table, not sdcore's continuous sigmoid sampling: the index leaves out the least noisy value of each table (a
-#: CDF within 1/999 of the continuous one) and min/max_denoising_steps keep a quantile band of it)
+#: CDF within 1/999 of the continuous one) and min/max_denoising_steps keep a quantile band of it); ``weighted`` =
+#: the linear table with its measured loss weights (WEIGHTED_LOSS_WEIGHT)
 TIMESTEP_TYPES = {"sigmoid": "sigmoid_table", "linear": "linear_table", "shift": "shift_table",
-                  "flux_shift": "shift_table", "lognorm_blend": "lognorm_blend_table"}  # fmt: skip
+                  "flux_shift": "shift_table", "lognorm_blend": "lognorm_blend_table",
+                  "weighted": "linear_table"}  # fmt: skip
+#: ``weighted``'s loss weight (SDTrainer: get_weights_for_timesteps(timestep_type="weighted") on flowmatch, which
+#: takes ai-toolkit's default_weighing_scheme and wins over linear_timesteps(2)'s bells): sdcore's
+#: ``--timestep-loss-weight``
+WEIGHTED_LOSS_WEIGHT = "weighted_table"
 #: the samplings whose table ai-toolkit draws once per step for the batch (sdcore: per sample)
 DRAWN_TABLE_TYPES = ("sigmoid_table", "lognorm_blend_table")
 #: entries of ai-toolkit's flow-matching training table (``num_train_timesteps``)
@@ -1209,7 +1213,9 @@ def _train(train: dict[str, Any], family: str | None, flow: bool, where: str, ou
                         "with patch size 1 (h * w latent pixels, 4x the packed tokens, so a larger shift); sdcore "
                         "counts the packed tokens, as its Flux and ChromaPipeline do"
                     )
-            if linear:
+            if kind == "weighted":
+                v["timestep_loss_weight"] = WEIGHTED_LOSS_WEIGHT
+            elif linear:
                 v["timestep_loss_weight"] = "half_bell" if train.get("linear_timesteps2") else "bell"
             if sampling in DRAWN_TABLE_TYPES and int(train.get("batch_size", 1)) > 1:
                 out.notes.append(

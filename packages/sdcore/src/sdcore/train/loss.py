@@ -43,13 +43,15 @@ users bring their configs too:
   epsilon it is kohya's ``1 / sqrt(min(snr, 1000))``, on kohya's schedule); ``--sigma-loss-weight`` its flow-matching ``SIGMA``: the noise level
   ``sigma`` of the sample (OneTrainer's ``(t + 1) / T``, the sigma the input was noised with).
 
-ai-toolkit's loss weight per timestep (``--timestep-loss-weight``; its ``linear_timesteps``/``linear_timesteps2``,
-``toolkit/samplers/custom_flowmatch_sampler.py`` and ``SDTrainer``): a per-sample factor on the flow-matching
-loss, a function of the noise level (:func:`bell_timestep_weights`).
+ai-toolkit's loss weight per timestep (``--timestep-loss-weight``; its ``linear_timesteps``/``linear_timesteps2``
+and ``timestep_type: weighted``, ``toolkit/samplers/custom_flowmatch_sampler.py`` and ``SDTrainer``): a per-sample
+factor on the flow-matching loss, a function of the noise level (:func:`bell_timestep_weights`, or the measured
+table of :func:`weighted_table_timestep_weights`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -273,9 +275,9 @@ def apply_loss_weights(
         total = float(getattr(objective, "num_timesteps", 1000))
         if options.sigma_loss_weight:  # OneTrainer's SIGMA: the sample's noise level
             loss = loss * (timesteps.float().to(loss.device) / total)
-        if options.timestep_loss_weight != "none":  # ai-toolkit's linear_timesteps(2)
+        if options.timestep_loss_weight != "none":  # ai-toolkit's linear_timesteps(2), weighted
             sigmas = timesteps.float() / total
-            loss = loss * bell_timestep_weights(sigmas, options.timestep_loss_weight == "half_bell").to(loss.device)
+            loss = loss * timestep_loss_weights(options.timestep_loss_weight, sigmas).to(loss.device)
         return loss
     return post_process_loss(
         loss,
@@ -290,8 +292,18 @@ def apply_loss_weights(
     )
 
 
-#: ``--timestep-loss-weight`` choices: none, ai-toolkit's bell (linear_timesteps) and half bell (linear_timesteps2)
-TIMESTEP_LOSS_WEIGHTS = ("none", "bell", "half_bell")
+#: ``--timestep-loss-weight`` choices: none, ai-toolkit's bell (linear_timesteps), half bell (linear_timesteps2) and
+#: measured table (timestep_type weighted)
+TIMESTEP_LOSS_WEIGHTS = ("none", "bell", "half_bell", "weighted_table")
+#: ai-toolkit's measured weights (``weighted``), shipped as package data with its MIT notice
+WEIGHTED_TABLE_FILE = "aitoolkit_data/timestep_weights.txt"
+
+
+def timestep_loss_weights(kind: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """``--timestep-loss-weight kind`` (not ``none``) at the flow-matching noise levels ``sigmas`` (float32)."""
+    if kind == "weighted_table":
+        return weighted_table_timestep_weights(sigmas)
+    return bell_timestep_weights(sigmas, kind == "half_bell")
 
 
 def bell_timestep_weights(sigmas: torch.Tensor, half: bool = False, num_timesteps: int = 1000) -> torch.Tensor:
@@ -315,6 +327,36 @@ def bell_timestep_weights(sigmas: torch.Tensor, half: bool = False, num_timestep
         s = torch.clamp(s, min=0.5)
     weights = (torch.exp(-2.0 * (s - 0.5) ** 2) - low) * (num_timesteps / total)
     return weights.float()
+
+
+@functools.cache
+def weighted_table() -> tuple[float, ...]:
+    """ai-toolkit's ``default_weighing_scheme`` (``toolkit/timestep_weighing/default_weighing_scheme.py``): 1000 loss
+    weights its comment says were measured on Flex.1-alpha; weight ``i`` belongs to entry ``i`` (timestep
+    ``1000 - i``) of its linear table ``linspace(1000, 1, 1000)``. Data, not a formula, so it ships as a package file (with ai-toolkit's MIT notice
+    beside it) read on first use rather than at import."""
+    from importlib import resources
+
+    text = resources.files("sdcore.train").joinpath(WEIGHTED_TABLE_FILE).read_text(encoding="utf-8")
+    values = tuple(float(line) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    if len(values) != 1000:
+        raise SdcoreError(f"sdcore's {WEIGHTED_TABLE_FILE} has {len(values)} weights, not 1000: reinstall sdcore")
+    return values
+
+
+def weighted_table_timestep_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    """ai-toolkit's ``weighted`` loss weight (``get_weights_for_timesteps(..., timestep_type="weighted")``): the
+    measured table's entry at the index of the sample's timestep in the linear table ``linspace(1000, 1, 1000)``,
+    i.e. ``i = 1000 - 1000 sigma``. ai-toolkit only draws from that table with ``weighted``, so ``i`` is the drawn
+    index (``--timestep-sampling linear_table``); another sampling takes the nearest entry, ``round(1000 (1 -
+    sigma))`` held to [0, 999] (sigma near 0 takes the last, least noisy, entry). Multiplied into the per-sample
+    loss, as ai-toolkit multiplies each sample's per-element loss before the mean (float32, shape of ``sigmas``)."""
+    import torch
+
+    table = torch.tensor(weighted_table(), dtype=torch.float32)
+    size = table.numel()
+    index = torch.round((1.0 - sigmas.detach().double().cpu()) * size).long().clamp(0, size - 1)
+    return table[index].to(sigmas.device)
 
 
 def loss_option_problems(options: TrainOptions) -> list[str]:
@@ -377,6 +419,15 @@ def loss_family_checks(
                 f"{', '.join(given)}: SNR weights of a DDPM schedule; {family.name} trains with flow matching "
                 "(kohya's SD3/Flux scripts skip them)"
             )
+        table = o.timestep_distribution is None and o.timestep_sampling == "linear_table"
+        if o.timestep_loss_weight == "weighted_table" and not table:
+            drawn = (f"--timestep-sampling {o.timestep_sampling}" if o.timestep_distribution is None
+                     else "--timestep-distribution")  # fmt: skip
+            notes.append(
+                f"--timestep-loss-weight weighted_table with {drawn}: ai-toolkit applies these weights with its "
+                "linear table only (--timestep-sampling linear_table); sdcore weighs each sample by the entry "
+                "nearest its noise level"
+            )
         if huber and o.huber_schedule == "snr":
             problems.append(
                 f"--loss-type {o.loss_type} with --huber-schedule snr (kohya's default) needs a DDPM schedule; "
@@ -427,6 +478,7 @@ __all__ = [
     "SDCORE_LOSS_TYPES",
     "SNR_CLAMP",
     "TIMESTEP_LOSS_WEIGHTS",
+    "WEIGHTED_TABLE_FILE",
     "apply_loss_weights",
     "bell_timestep_weights",
     "elementwise_loss",
@@ -437,4 +489,7 @@ __all__ = [
     "mixed_loss",
     "post_process_loss",
     "step_loss",
+    "timestep_loss_weights",
+    "weighted_table",
+    "weighted_table_timestep_weights",
 ]

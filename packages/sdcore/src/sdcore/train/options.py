@@ -609,7 +609,9 @@ class TrainOptions:
         "none",
         "Flow-matching families: ai-toolkit's loss weight per noise level sigma (its linear_timesteps): bell = "
         "exp(-2 (sigma - 0.5)^2) minus its lowest value on the 1000-step table, scaled to mean 1 there; half_bell "
-        "(linear_timesteps2) = the same, held at its peak for sigma <= 0.5.",
+        "(linear_timesteps2) = the same, held at its peak for sigma <= 0.5; weighted_table (its timestep_type "
+        "weighted, with --timestep-sampling linear_table) = its 1000 weights measured on Flex.1-alpha, the entry "
+        "at index 1000 (1 - sigma) of its linear table (the nearest one with another sampling).",
         choices=TIMESTEP_LOSS_WEIGHTS,
         group="loss",
     )

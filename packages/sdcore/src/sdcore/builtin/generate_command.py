@@ -122,6 +122,17 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="img2img source image."
 )
 @click.option(
+    "--reference-image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FLUX.1 Kontext: the image to edit (its tokens join the latents'; the output takes its size unless --size).",
+)
+@click.option(
+    "--reference-resize/--no-reference-resize",
+    default=True,
+    help="Kontext: resize the reference to the trained resolution nearest its aspect ratio (diffusers', ComfyUI's "
+    "FluxKontextImageScale), or keep its own size (floored to 16).",
+)
+@click.option(
     "--strength",
     "--denoising-strength",
     "strength",
@@ -356,12 +367,13 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
         _apply_styles(cell, styles)
     # Fail on unknown tags, malformed syntax and bad settings of any cell before spending time on loading the model.
     runs = [_prepare_run(cell, problems) for cell in cells]
+    problems += _reference_problems(params)
     # every network file every prompt names, resolved as the session will resolve it, all missing ones at once
     problems += session.check(pair for run in runs for pair in _network_prompts(run))
     from ..io import output_problems
 
     # the images read: an output may never replace one (the --from-png image too, read before any is written)
-    init = [str(params[name]) for name in ("init_image", "from_png") if params[name] is not None]
+    init = [str(params[name]) for name in ("init_image", "from_png", "reference_image") if params[name] is not None]
     if plot is None:
         outputs = _output_paths(params["output"], params["batch"])
     else:
@@ -522,6 +534,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         true_cfg_scale=params["true_cfg_scale"],
         hires=hires,
         variation=variation,
+        **_reference_arguments(params),
     )
     from ..generate.variation import VariationSeeds
 
@@ -531,6 +544,10 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         from ..generate.pipeline import default_size
 
         first_size = (width or default_size(bundle), height or default_size(bundle))
+        if params["reference_image"] is not None and params["size"] is None:  # the first pass's: the reference's
+            from ..models.flux.kontext import open_reference, sized_reference
+
+            first_size = sized_reference(open_reference(params["reference_image"]), _reference_mode(params)).size
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
@@ -546,6 +563,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         extra["RNG"] = RNG_SOURCE  # every family's noise comes from seeded CPU generators
         if params["tiling"]:  # A1111 writes it after RNG (processing.py create_infotext)
             extra["Tiling"] = "True"
+        extra.update(_reference_fields(params))
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
@@ -579,6 +597,58 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
 
         rendered.append((image, path, text))
     return rendered
+
+
+def _reference_mode(params: dict[str, Any]) -> str:
+    """How ``--reference-image`` is sized (:data:`sdcore.models.flux.kontext.REFERENCE_RESIZE_MODES`)."""
+    return "kontext" if params["reference_resize"] else "none"
+
+
+def _reference_arguments(params: dict[str, Any]) -> dict[str, Any]:
+    """``generate_images``' reference arguments (none without ``--reference-image``)."""
+    if params["reference_image"] is None:
+        return {}
+    return {"reference_image": params["reference_image"], "reference_resize": _reference_mode(params)}
+
+
+def _reference_fields(params: dict[str, Any]) -> dict[str, str]:
+    """The infotext of a Kontext edit: the reference's file name, and "Reference resize: none" when it kept its
+    size (:data:`sdcore.models.flux.kontext.REFERENCE_FIELD`; A1111 and Forge write none, having no Kontext)."""
+    if params["reference_image"] is None:
+        return {}
+    from ..models.flux.kontext import REFERENCE_FIELD, REFERENCE_RESIZE_FIELD
+
+    fields = {REFERENCE_FIELD: Path(params["reference_image"]).name}
+    if not params["reference_resize"]:
+        fields[REFERENCE_RESIZE_FIELD] = "none"
+    return fields
+
+
+def _reference_problems(params: dict[str, Any]) -> list[str]:
+    """``--reference-image``'s problems before the model loads: a model of another family than Flux.1 (when its
+    headers tell), an init image with it, a file that is missing, not an image or too small."""
+    if params["reference_image"] is None:
+        if not params["reference_resize"] and "reference_resize" in _given(params):
+            return ["--no-reference-resize sizes a --reference-image; give one or drop it"]
+        return []
+    from ..errors import ConfigError
+    from ..generate.pipeline import kontext_family_problem
+    from ..models.family import get_family
+    from ..models.flux.generate import KONTEXT_INIT_IMAGE
+    from ..models.flux.kontext import open_reference, sized_reference
+    from ..models.layout import peek_family
+
+    problems = []
+    family = peek_family(params["model"])
+    if family is not None and family != "flux":
+        problems.append(kontext_family_problem(get_family(family).label))
+    if params["init_image"] is not None:
+        problems.append(KONTEXT_INIT_IMAGE)
+    try:
+        sized_reference(open_reference(params["reference_image"]), _reference_mode(params))
+    except ConfigError as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def _xyz_plot(params: dict[str, Any], problems: list[str]) -> Any:
@@ -758,6 +828,7 @@ def _recalled_cfg(params: dict[str, Any], recalled: Any, bundle: Any, sampler: s
         model_hash=model_short_hash(model),
         legacy_model_hash=legacy_hash(model) if model.is_file() else None,
         init_image=params["init_image"] is not None,
+        reference_image=params["reference_image"] is not None,
     ):
         click.echo(line, err=True)
 

@@ -251,6 +251,32 @@ def _load_init_image(init_image: Any) -> Image.Image:
     raise ConfigError(f"init_image must be a path or a PIL image, not {type(init_image).__name__}")
 
 
+def _kontext_reference(bundle: ModelBundle, reference_image: Any, mode: str, init_image: Any, width: int | None,
+                       height: int | None) -> tuple[Any, int | None, int | None]:  # fmt: skip
+    """``generate_images``' reference image sized for the transformer, and the output size (the sized
+    reference's where none is given; with ``mode="output"`` the size must be given)."""
+    from ..models.flux.generate import KONTEXT_INIT_IMAGE
+    from ..models.flux.kontext import open_reference, sized_reference
+
+    if bundle.family != "flux":
+        raise ConfigError(kontext_family_problem(bundle.family_spec.label))
+    if init_image is not None:
+        raise ConfigError(KONTEXT_INIT_IMAGE)
+    output = (width, height) if width is not None and height is not None else None
+    reference = sized_reference(open_reference(reference_image), mode, output)
+    if width is None and height is None:
+        width, height = reference.size
+    return reference, width, height
+
+
+def kontext_family_problem(label: str) -> str:
+    """The line for a reference image on a model of another family than Flux.1."""
+    return (
+        f"--reference-image is FLUX.1 Kontext's image to edit; this is a {label} model (use a Flux.1 model, "
+        "ideally FLUX.1 Kontext [dev])"
+    )
+
+
 def _network_key(prompt: str) -> tuple[NetworkRef, ...]:
     from .prompt_syntax import parse_networks
 
@@ -277,6 +303,8 @@ def generate_images(
     true_cfg_scale: float = 1.0,
     hires: HiresFix | None = None,
     variation: VariationSeeds | None = None,
+    reference_image: Any = None,
+    reference_resize: str = "kontext",
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -292,6 +320,10 @@ def generate_images(
     from" (:mod:`.variation`; with a strength above 0 every image has ``seed`` and image ``i`` the
     subseed ``subseed + i``), on every family, the hires pass and img2img included. ``tiling``: A1111's
     "Tiling", circular padding in the denoiser's and the VAE's convolutions for the call (:mod:`.tiling`).
+    ``reference_image`` (a path or a PIL image; Flux.1 only): FLUX.1 Kontext's image to edit, shared by every
+    prompt, sized as ``reference_resize`` says (:func:`sdcore.models.flux.kontext.sized_reference`: ``kontext``
+    its preferred resolution, ``none`` its own size, ``output`` the output's); the output is the sized
+    reference's size unless ``width``/``height`` are given.
     """
     import torch
 
@@ -320,6 +352,10 @@ def generate_images(
     if complete is not None:  # a transformer-only Flux file needs its parts before anything reads the VAE
         complete(bundle)
     factor = bundle.vae_scale_factor
+    reference = None
+    if reference_image is not None:
+        reference, width, height = _kontext_reference(bundle, reference_image, reference_resize, init_image,
+                                                      width, height)  # fmt: skip
     image = _load_init_image(init_image) if init_image is not None else None
     if image is not None and width is None and height is None:
         width, height = image.width - image.width % factor, image.height - image.height % factor
@@ -397,6 +433,7 @@ def generate_images(
     from .variation import ImageNoise, VariationSeeds
 
     all_seeds, all_subseeds = (variation or VariationSeeds()).batch(seed, len(prompts))
+    kontext = {"reference": reference} if reference is not None else {}  # only a Kontext call sees the key
     # every noise drawn in float32 on the CPU generators, then the model's dtype (A1111's numbers: .rng)
     with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling), float32_noise():
         for indices in groups.values():
@@ -417,6 +454,7 @@ def generate_images(
                 "clip_skip": clip_skip,
                 "transforms": transforms,
                 **varied,
+                **kontext,
             }
             with contextlib.ExitStack() as stack:
                 pairs = [(prompts[i], negatives[i]) for i in indices]
@@ -437,6 +475,7 @@ def generate_images(
                     strength=strength,
                     clip_skip=clip_skip,
                     **varied,
+                    **kontext,
                     **({"output_type": "latent"} if hires is not None else {}),
                 )
                 if hires is not None and hr_same:  # the same networks stay on for the second pass
@@ -775,6 +814,7 @@ def _flow_hires_run(
     clip_skip: int,
     transforms: Sequence[Any] = (),
     noise: ImageNoise | None = None,
+    reference: Any = None,
 ) -> list[Image.Image]:
     """The hires pass of a flow family (SD3, Flux.1, Chroma): A1111's upscale of the first pass's unpacked
     ``latents`` to even latent sides, then ``second`` (:func:`_family_run` over the family's ``generate``)
@@ -802,6 +842,8 @@ def _flow_hires_run(
     settings = {"seeds": seeds, "steps": run, "cfg": cfg, "image": None, "clip_skip": clip_skip}
     if noise is not None:
         settings["noise"] = noise
+    if reference is not None:  # FLUX.1 Kontext: the same reference as the first pass (ComfyUI's conditioning)
+        settings["reference"] = reference
     return list(second(None, bundle, prompts, negatives, **size, **settings, hires_start=start))
 
 

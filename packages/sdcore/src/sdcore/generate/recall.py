@@ -90,8 +90,12 @@ class Recalled:
         model_hash: str | None,
         legacy_model_hash: str | None = None,
         init_image: bool = False,
+        reference_image: bool = False,
     ) -> list[str]:
-        """One line per thing the image will not follow: a different model hash, then the ignored fields."""
+        """One line per thing the image will not follow: a different model hash, a FLUX.1 Kontext edit's
+        reference image not given (``reference_image``: ``--reference-image`` is), then the ignored fields."""
+        from ..models.flux.kontext import REFERENCE_FIELD
+
         lines: list[str] = []
         wanted = self.parameters.model_hash
         ours = legacy_model_hash if wanted is not None and len(wanted) == 8 else model_hash
@@ -99,6 +103,11 @@ class Recalled:
             named = f" ({self.parameters.model_name})" if self.parameters.model_name else ""
             lines.append(f"warning: the PNG was made with model hash {wanted}{named}, --model has {ours}")
         extra = self.parameters.extra
+        if REFERENCE_FIELD in extra and not reference_image:
+            lines.append(
+                f"warning: the PNG is a FLUX.1 Kontext edit of {extra[REFERENCE_FIELD]}; without --reference-image "
+                "this makes a new image instead"
+            )
         ignored = list(self.ignored)
         schedule = extra.get(SCHEDULE_TYPE)
         if schedule is not None and not _schedule_matches(bundle, sampler, schedule):
@@ -176,6 +185,10 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
         raise ConfigError(f"the PNG's infotext has an invalid value: {exc}") from None
     if extra.get(TILING_FIELD) is not None:
         values["tiling"] = extra[TILING_FIELD] == "True"
+    from ..models.flux.kontext import REFERENCE_FIELD, REFERENCE_RESIZE_FIELD
+
+    if extra.get(REFERENCE_RESIZE_FIELD) is not None:  # "none": --no-reference-resize
+        values["reference_resize"] = extra[REFERENCE_RESIZE_FIELD] != "none"
     variation = parameters.variation_seeds()  # A1111's "Variation seed" / "Seed resize from" fields
     if variation is not None:
         values.update(
@@ -195,7 +208,8 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
             hr_cfg=hires.cfg,
             hr_distilled_cfg=hires.distilled_cfg,
         )
-    used = {*_INFORMATIONAL, *_CHECKED, TILING_FIELD, "Clip skip", VARIATION_SEED, VARIATION_STRENGTH, SEED_RESIZE_FROM}
+    used = {*_INFORMATIONAL, *_CHECKED, TILING_FIELD, "Clip skip", VARIATION_SEED, VARIATION_STRENGTH, SEED_RESIZE_FROM,
+            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD}  # fmt: skip
     if hires is not None:
         used.update(_HIRES_FIELDS)
     if extra.get("Hires checkpoint", "Use same checkpoint") == "Use same checkpoint":

@@ -178,7 +178,9 @@ def _family_model_index(bundle: ModelBundle, index: dict[str, Any]) -> dict[str,
     from .family import family_adapter
 
     spec = bundle.family_spec
-    pipeline = getattr(family_adapter(spec), "diffusers_pipeline", None)
+    adapter = family_adapter(spec)
+    named = getattr(adapter, "diffusers_pipeline_of", None)  # a release's own pipeline (FLUX.1 Kontext)
+    pipeline = named(bundle) if named is not None else getattr(adapter, "diffusers_pipeline", None)
     if pipeline is None:
         raise SdcoreError(f"family {spec.name!r}: its adapter names no diffusers pipeline (diffusers_pipeline)")
     none: list[str | None] = [None, None]

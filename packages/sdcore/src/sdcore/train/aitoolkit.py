@@ -1454,7 +1454,8 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
     prompt's own ``--w``/``--h``/``--s``/``--n``/``--l`` flags say otherwise; seeds are ``seed`` (+ the
     prompt's position with ``walk_seed``; a ``samples`` table's own ``seed`` stays for the prompts after it
     unless ``walk_seed``, as ai-toolkit's loop does); ``[trigger]`` becomes the process' trigger word. On Flux
-    ``guidance_scale`` (and ``--l``) is the embedded guidance, as in ai-toolkit."""
+    ``guidance_scale`` (and ``--l``) is the embedded guidance, as in ai-toolkit. A prompt's ``--ctrl_img PATH``
+    (or a ``samples`` table's ``ctrl_img``) is FLUX.1 Kontext's reference image for that sample."""
     from dataclasses import replace
 
     from .sample_prompts import parse_prompt_line
@@ -1494,6 +1495,7 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
                 height=line.height or int(item.get("height", sample.get("height", 512))),
                 steps=line.steps or int(item.get("sample_steps", sample.get("sample_steps", 20))),
                 seed=line.seed if line.seed is not None else int(seed),
+                reference=line.reference or (str(item["ctrl_img"]) if item.get("ctrl_img") else None),
                 cfg=None if family == "flux" else cfg,
                 guidance=cfg if family == "flux" else line.guidance,
             )

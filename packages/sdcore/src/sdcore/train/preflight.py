@@ -180,11 +180,19 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     if o.sample_prompts and not o.sample_prompts.strip():
         problems.append("--sample-prompts is empty")
     elif o.sample_prompts:
-        from .sample_prompts import network_problems, read_sample_prompts, sampler_name
+        from .sample_prompts import network_problems, read_sample_prompts, reference_problems, sampler_name
+
+        def sample_problems() -> list[str]:
+            from ..models.layout import peek_family
+
+            prompts = read_sample_prompts(o.sample_prompts or "")
+            references = any(p.reference is not None for p in prompts)  # Kontext's --ctrl_img/--ci
+            family = peek_family(o.model) if references and o.model else None
+            return network_problems(prompts) + reference_problems(prompts, family)
 
         for check in (
             lambda: sampler_name(o.sample_sampler),
-            lambda: problems.extend(network_problems(read_sample_prompts(o.sample_prompts or ""))),
+            lambda: problems.extend(sample_problems()),
         ):
             try:  # syntax errors and <lora:...> tags now, not after an hour of training
                 check()

@@ -15,6 +15,11 @@ Like kohya, the file may also be JSON (a list of objects) or TOML (``[prompt]`` 
 kohya knows for other features (``--cn``, ...) are not part of the prompt either: they are reported in
 :attr:`SamplePrompt.ignored`; ``--g`` on a family without embedded guidance is warned about when rendering.
 
+FLUX.1 Kontext: ``--ctrl_img PATH`` (ai-toolkit's sample prompt flag) or ``--ci PATH`` (musubi-tuner's) names
+the reference image the sample edits; as ai-toolkit renders its Kontext samples, the image is stretched to the
+sample's width x height (bilinear) and used at that size (:attr:`SamplePrompt.reference`). A missing file, or
+one on a model of another family, is a pre-flight problem (:func:`reference_problems`).
+
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
 """
 
@@ -31,7 +36,9 @@ from ..errors import ConfigError
 #: kohya's sampler names that sdcore's sampler normaliser does not know by itself
 KOHYA_SAMPLERS = {"dpmsolver++": "dpm++2m", "k_dpm_2_a": "", "k_dpm_2": "", "dpm_2": "", "dpm_2_a": ""}
 
-_OPTION = re.compile(r"^(ss|n|w|h|s|d|l|g)\s+(.*)$", re.IGNORECASE | re.DOTALL)
+_OPTION = re.compile(r"^(ss|n|w|h|s|d|l|g|ctrl_img|ci)\s+(.*)$", re.IGNORECASE | re.DOTALL)
+#: the sample prompt flags naming a FLUX.1 Kontext reference image: ai-toolkit's and musubi-tuner's
+REFERENCE_FLAGS = ("ctrl_img", "ci")
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,12 @@ class SamplePrompt:
     #: ``--g``: the embedded guidance of a guidance-distilled family (FLUX.1); ``cfg`` is then true CFG
     guidance: float | None = None
     ignored: tuple[str, ...] = field(default=())
+    #: ``--ctrl_img``/``--ci``: FLUX.1 Kontext's reference image (a path), sized to the sample's
+    reference: str | None = None
 
     def settings(self) -> tuple[Any, ...]:
         """What must be equal for two prompts to share one generation call (the seed is separate)."""
-        return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance)
+        return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance, self.reference)
 
 
 def sampler_name(name: str) -> str:
@@ -97,6 +106,8 @@ def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
             values[name] = _number(int, text, option, where)
         elif option == "g":
             values["guidance"] = _number(float, text, option, where)
+        elif option in REFERENCE_FLAGS:
+            values["reference"] = text
         else:
             values["cfg"] = _number(float, text, option, where)
     if not values["prompt"]:
@@ -241,6 +252,8 @@ def generation_arguments(
             negatives = ["" for _ in group]
     elif first.cfg is not None:
         arguments["cfg"] = first.cfg
+    if first.reference is not None:  # stretched to the sample's size, as ai-toolkit renders Kontext samples
+        arguments.update(reference_image=first.reference, reference_resize="output")
     if any(negatives) or "negative_prompt" not in arguments:
         arguments["negative_prompt"] = negatives
     return arguments
@@ -249,6 +262,25 @@ def generation_arguments(
 def dropped_negatives(prompts: list[SamplePrompt]) -> int:
     """How many lines' ``--n`` a guidance-distilled family renders without (no ``--l`` above 1)."""
     return sum(1 for p in prompts if p.negative and (p.cfg is None or p.cfg <= 1.0))
+
+
+def reference_problems(prompts: list[SamplePrompt], family: str | None = None) -> list[str]:
+    """One line for each ``--ctrl_img``/``--ci`` reference image that cannot be read, and one when the model's
+    ``family`` (when known before loading) is not Flux.1, for the training pre-flight."""
+    from ..models.flux.kontext import open_reference
+
+    problems: list[str] = []
+    references = list(dict.fromkeys(p.reference for p in prompts if p.reference is not None))
+    if references and family is not None and family != "flux":
+        problems.append(
+            f"--sample-prompts: --ctrl_img/--ci is FLUX.1 Kontext's reference image; a {family} model takes none"
+        )
+    for path in references:
+        try:
+            open_reference(path)
+        except ConfigError as exc:
+            problems.append(f"--sample-prompts: {exc}")
+    return problems
 
 
 def network_problems(prompts: list[SamplePrompt]) -> list[str]:
@@ -285,5 +317,6 @@ __all__ = [
     "parse_prompt_file",
     "parse_prompt_line",
     "read_sample_prompts",
+    "reference_problems",
     "sampler_name",
 ]

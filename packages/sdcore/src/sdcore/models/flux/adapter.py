@@ -191,14 +191,16 @@ class FluxAdapter:
         raise SdcoreError(f"unknown model format {format!r} for Flux; use single-file, bfl or diffusers")
 
     def generate(self, bundle: ModelBundle, prompts: list[str], negatives: list[str], *, sampler: str = "euler",
-                 image: Any = None, **settings: Any) -> list[Any]:  # fmt: skip
-        """``sdcore generate``: diffusers' ``FluxPipeline`` (``FluxImg2ImgPipeline`` with an init image)
-        over the bundle's modules; see :mod:`sdcore.models.flux.generate`."""
+                 image: Any = None, reference: Any = None, **settings: Any) -> list[Any]:  # fmt: skip
+        """``sdcore generate``: diffusers' ``FluxPipeline`` (``FluxImg2ImgPipeline`` with an init image,
+        ``FluxKontextPipeline`` with a ``reference`` image) over the bundle's modules; see
+        :mod:`sdcore.models.flux.generate`."""
         from .generate import build_flux_pipeline, run_flux
 
-        pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler)
+        pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler, kontext=reference is not None)
         pipe.set_progress_bar_config(disable=True)
-        return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, **settings)
+        return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, reference=reference,
+                        **settings)  # fmt: skip
 
     def flow_scheduler_for(self, bundle: ModelBundle, sampler: str, *, img2img: bool = False) -> Any:
         """The scheduler ``sdcore generate`` builds for ``sampler`` (a one-line ConfigError for a sampler the
@@ -219,16 +221,27 @@ class FluxAdapter:
         return read_flux_diffusers(folder, **options)
 
     def create_tiny(self, *, variant: str = "dev", seed: int = 0, **options: Any) -> ModelBundle:
-        """The tiny Flux.1 ``variant`` (``dev`` with guidance embedding, or ``schnell``)."""
+        """The tiny Flux.1 ``variant``: ``dev`` with guidance embedding, ``schnell``, or ``kontext`` (dev's
+        weights, its metadata naming ``FluxKontextPipeline`` as a Kontext folder's does, so ``model info`` says
+        Kontext and a diffusers save writes that ``_class_name``)."""
         from .load import make_bundle
         from .tiny import create_tiny_parts
+        from .variants import PIPELINE_METADATA_KEY
 
+        metadata = {PIPELINE_METADATA_KEY: "FluxKontextPipeline"} if variant == "kontext" else None
         try:
-            parts = create_tiny_parts(variant, seed=seed)
+            parts = create_tiny_parts("dev" if variant == "kontext" else variant, seed=seed)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{exc} (or kontext)") from None
         name = "flux" if variant == "dev" else f"flux-{variant}"
-        return make_bundle(parts, source=f"tiny:{name}", source_format="tiny")
+        return make_bundle(parts, source=f"tiny:{name}", source_format="tiny", metadata=metadata)
+
+    def diffusers_pipeline_of(self, bundle: ModelBundle) -> str:
+        """The ``_class_name`` a diffusers save of ``bundle`` writes: the release's own pipeline where its source
+        named one (a Kontext folder: ``FluxKontextPipeline``), else :attr:`diffusers_pipeline`."""
+        from .variants import PIPELINE_METADATA_KEY
+
+        return (bundle.metadata or {}).get(PIPELINE_METADATA_KEY) or self.diffusers_pipeline
 
     # --- conditioning and prediction -----------------------------------------------------------
     def t5_max_length(self, bundle: ModelBundle) -> int:

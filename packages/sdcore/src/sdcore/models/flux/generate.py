@@ -14,6 +14,10 @@ What differs from the SD families, as Forge and ComfyUI users know it:
   (the text is encoded plainly by CLIP-L and T5).
 - A1111 prompt editing, alternation and ``AND`` render as Forge renders them on Flux
   (:mod:`sdcore.generate.step_conditioning`).
+- A reference image (``--reference-image``) makes the call FLUX.1 Kontext's: diffusers' ``FluxKontextPipeline``
+  encodes it clean and appends its tokens to the latents' (:mod:`sdcore.models.flux.kontext`); the image comes
+  already sized (:func:`~sdcore.models.flux.kontext.sized_reference`), so the pipeline's own resize is off and
+  the output keeps the size asked for (its ``max_area`` is that size's area).
 """
 
 from __future__ import annotations
@@ -39,8 +43,18 @@ def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler", *, img2img: 
                           img2img=img2img)  # fmt: skip
 
 
-def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler") -> Any:
-    """A ``FluxPipeline`` (or ``FluxImg2ImgPipeline``) sharing the bundle's modules."""
+#: why a reference image and an init image do not go together (said before the model loads)
+KONTEXT_INIT_IMAGE = (
+    "--reference-image with --init-image: a Kontext edit starts from noise with the reference as its context "
+    "(diffusers' FluxKontextPipeline has no img2img strength); drop --init-image"
+)
+
+
+def build_flux_pipeline(
+    bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler", kontext: bool = False
+) -> Any:
+    """A ``FluxPipeline`` (``FluxImg2ImgPipeline`` with ``img2img``, ``FluxKontextPipeline`` with ``kontext``)
+    sharing the bundle's modules."""
     from ...generate.flow_samplers import quiet_pipeline_import
 
     quiet_pipeline_import()
@@ -56,7 +70,11 @@ def build_flux_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: 
         from ..t5 import load_t5_tokenizer
 
         load_t5_tokenizer(vocab_size=bundle.text_encoders[1].config.vocab_size)  # the message naming the option
+    if kontext and img2img:
+        raise ConfigError(KONTEXT_INIT_IMAGE)
     cls: Any = diffusers.FluxImg2ImgPipeline if img2img else diffusers.FluxPipeline
+    if kontext:
+        cls = diffusers.FluxKontextPipeline
     return cls(
         scheduler=scheduler,
         vae=bundle.vae,
@@ -86,6 +104,7 @@ def run_flux(
     output_type: str = "pil",
     hires_start: FlowStart | None = None,
     noise: ImageNoise | None = None,
+    reference: Any = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``, varied by ``noise``:
@@ -93,7 +112,8 @@ def run_flux(
     ``true_cfg_scale`` > 1, true CFG against ``negatives`` (empty ones too, as Forge and ComfyUI do).
     ``output_type="latent"``: the batch's latents unpacked, ``[B, 16, h, w]`` (a hires fix's first pass);
     ``hires_start``: the hires fix's second pass from them upscaled, with the same guidance and true CFG
-    (:func:`sdcore.generate.hires.flow_second_pass`).
+    (:func:`sdcore.generate.hires.flow_second_pass`). ``reference``: FLUX.1 Kontext's reference image, a PIL
+    image already at its size (``pipe`` a ``FluxKontextPipeline``), shared by the batch and both hires passes.
 
     A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
     (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
@@ -144,6 +164,11 @@ def run_flux(
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
+    if reference is not None:
+        if image is not None:
+            raise ConfigError(KONTEXT_INIT_IMAGE)
+        # sized already: the pipeline's Kontext resize off, and its output size the one asked for
+        kwargs.update(image=reference, _auto_resize=False, max_area=width * height)
     slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
     return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
                       hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
@@ -167,7 +192,7 @@ def run_packed(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int]
     def pack(latents: Any) -> Any:
         return pipe._pack_latents(latents, *latents.shape)
 
-    img2img = "image" in kwargs
+    img2img = "strength" in kwargs  # a Kontext reference is an "image" too, but the call is a txt2img's
     if noise is not None and not img2img and hires_start is None:  # the pipeline's draw: 2 * (side // 16)
         unit = pipe.vae_scale_factor * 2
         shape = (

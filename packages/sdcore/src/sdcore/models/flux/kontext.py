@@ -26,6 +26,102 @@ if TYPE_CHECKING:
 #: the first position-id component of a reference image's tokens (the latents' is 0)
 REFERENCE_INDEX = 1
 
+#: The (width, height) resolutions FLUX.1 Kontext was trained at, about one megapixel each: a reference image
+#: is resized to the one whose aspect ratio is nearest its own. The table is diffusers'
+#: ``PREFERRED_KONTEXT_RESOLUTIONS`` (``pipelines/flux/pipeline_flux_kontext.py``); ComfyUI's
+#: ``FluxKontextImageScale`` node (``comfy_extras/nodes_flux.py``) picks from the same list the same way (it
+#: crops the centre to the new aspect ratio where diffusers, and so sdcore, stretches the whole image).
+PREFERRED_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+)
+#: reference image sides are floored to this many pixels (the VAE's 8x, then 2x2 packing)
+SIDE_UNIT = 16
+#: how a reference image is sized (``sdcore generate --reference-image``, training samples' ``--ctrl_img``):
+#: ``kontext`` to the preferred resolution nearest its aspect ratio (diffusers' default, ComfyUI's
+#: FluxKontextImageScale), ``none`` its own size (diffusers' ``_auto_resize=False``, musubi-tuner's
+#: ``--no_resize_control``), ``output`` stretched to the image being made with bilinear filtering (ai-toolkit's
+#: sample renders during Kontext training)
+REFERENCE_RESIZE_MODES = ("kontext", "none", "output")
+#: infotext fields of a Kontext edit: the reference's file name (A1111 records no init image and Forge's Kontext
+#: extension nothing; the name at least says the image is an edit, and of what), and the resize when it was not
+#: Kontext's own (``--no-reference-resize``: "none"), which ``--from-png`` restores
+REFERENCE_FIELD = "Reference image"
+REFERENCE_RESIZE_FIELD = "Reference resize"
+
+
+def reference_size(width: int, height: int, *, resize: bool = True) -> tuple[int, int]:
+    """The (width, height) a ``width`` x ``height`` reference image is encoded at, as ``FluxKontextPipeline``
+    sizes it: with ``resize``, the :data:`PREFERRED_RESOLUTIONS` entry of the nearest aspect ratio (ties to the
+    narrower one), else its own size; both sides floored to :data:`SIDE_UNIT`."""
+    if resize:
+        aspect = width / height
+        _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_RESOLUTIONS)
+    return width // SIDE_UNIT * SIDE_UNIT, height // SIDE_UNIT * SIDE_UNIT
+
+
+def open_reference(path: Any) -> Any:
+    """The reference image at ``path`` (or a PIL image) as RGB; a missing or unreadable file is one
+    :class:`~sdcore.errors.ConfigError` line."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ...errors import ConfigError
+
+    if isinstance(path, Image.Image):
+        return path.convert("RGB")
+    if not isinstance(path, (str, Path)):
+        raise ConfigError(f"a reference image must be a path or a PIL image, not {type(path).__name__}")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError:
+        raise ConfigError(f"reference image {path}: no such file") from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ConfigError(f"cannot read reference image {path}: {exc}") from None
+
+
+def sized_reference(image: Any, mode: str = "kontext", output: tuple[int, int] | None = None) -> Any:
+    """``image`` (PIL, RGB) at the size the transformer sees it, resized as the tool ``mode`` names does it
+    (:data:`REFERENCE_RESIZE_MODES`): ``kontext``/``none`` with Lanczos to :func:`reference_size` (diffusers'
+    ``VaeImageProcessor.resize``), ``output`` with bilinear to ``output`` (width, height) when its size
+    differs (ai-toolkit's sample renders)."""
+    from PIL import Image
+
+    from ...errors import ConfigError
+
+    if mode == "output":
+        if output is None:
+            raise ConfigError("a reference image sized to the output needs the output size")
+        size = output
+        resample = Image.Resampling.BILINEAR
+    elif mode in ("kontext", "none"):
+        size = reference_size(*image.size, resize=mode == "kontext")
+        resample = Image.Resampling.LANCZOS
+    else:
+        raise ConfigError(f"unknown reference resize {mode!r}; choose one of: {', '.join(REFERENCE_RESIZE_MODES)}")
+    if size[0] < SIDE_UNIT or size[1] < SIDE_UNIT:
+        raise ConfigError(
+            f"the reference image is {image.width}x{image.height}: Flux needs at least {SIDE_UNIT} pixels a side"
+        )
+    return image if image.size == size else image.resize(size, resample=resample)
+
 
 def reference_ids(height: int, width: int, *, device: Any = None, dtype: Any = None) -> torch.Tensor:
     """Position ids [(H/2)(W/2), 3] of a reference image's packed patches: (1, row, column)."""
@@ -65,4 +161,16 @@ def join_reference(
     return torch.cat([packed, reference], dim=1), joined_ids
 
 
-__all__ = ["REFERENCE_INDEX", "join_reference", "reference_ids"]
+__all__ = [
+    "PREFERRED_RESOLUTIONS",
+    "REFERENCE_FIELD",
+    "REFERENCE_INDEX",
+    "REFERENCE_RESIZE_FIELD",
+    "REFERENCE_RESIZE_MODES",
+    "SIDE_UNIT",
+    "join_reference",
+    "open_reference",
+    "reference_ids",
+    "reference_size",
+    "sized_reference",
+]

@@ -176,3 +176,35 @@ def test_memory_plan_counts_the_reference_tokens():
     kontext = transformer_activation_bytes(config, resolution=1024, reference_images=1, **common)
     n = 4096  # (1024 / 8 / 2)^2 packed tokens
     assert plain * (2 * n + 512) == pytest.approx(kontext * (n + 512), rel=1e-6)
+
+
+def test_control_latents_ride_in_the_disk_cache_and_an_edited_control_image_re_encodes(tmp_path):
+    """--cache-latents-to-disk keeps the control latents in the image's cache file: a second run encodes
+    nothing and reads the same reference latents; a changed control image makes its file stale."""
+    import os
+
+    from sdcore.train.data import SampleRef
+
+    _options(tmp_path)
+    folder = _controls(tmp_path)
+    o = _options(tmp_path, control_dir=str(folder), cache_latents=True, cache_latents_to_disk=True)
+
+    def session():
+        s = TrainSession(ProjOutMethod(o), bundle=None)
+        s.setup()
+        return s, s.make_batch([SampleRef(i, 0, -1) for i in range(len(s.data.entries))]).reference_latents
+
+    first, written = session()
+    assert first.latent_cache.encoded == 4
+    second, read = session()
+    assert (second.latent_cache.encoded, second.latent_cache.reused) == (0, 4)
+    torch.testing.assert_close(read, written)
+    edited = folder / "img02.jpg"
+    Image.open(edited).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(edited, quality=95)
+    os.utime(edited, ns=(os.stat(edited).st_atime_ns, os.stat(edited).st_mtime_ns + 10**9))
+    third, changed = session()
+    assert third.latent_cache.encoded == 1
+    row = [e.path.stem for e in third.data.entries].index("img02")
+    assert not torch.allclose(changed[row], written[row])
+    others = [i for i in range(len(third.data.entries)) if i != row]
+    torch.testing.assert_close(changed[others], written[others])

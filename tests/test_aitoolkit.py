@@ -132,7 +132,7 @@ def test_chroma_example_loads_with_the_sigmoid_table():
         ("train_lora_wan21_1b_24gb.yaml", "process.model.arch 'wan21': sdcore does not train this model family"),
         ("train_lora_qwen_image_24gb.yaml", "process.model.arch 'qwen_image'"),
         ("train_lora_hidream_48.yaml", "process.model.arch 'hidream': sdcore does not train this model family"),
-        ("train_lora_flux_kontext_24gb.yaml", "process.datasets[0].control_path = '/path/to/control/folder'"),
+        ("train_lora_flux_kontext_24gb.yaml", "process.train.timestep_type 'weighted'"),  # control_path: read
         ("train_lora_flux_schnell_24gb.yaml", "sdcore reads no model hub"),
         ("train_full_fine_tune_flex.yaml", "process.save.save_format = 'diffusers'"),
         ("sd_trainer_train.example.yaml", "process type(s) textual_inversion_trainer"),
@@ -349,6 +349,26 @@ def test_keep_tokens_only_spares_tokens_from_token_dropout(tmp_path, monkeypatch
         subset(token_dropout_rate=0.3, trigger_word="zyx")
     assert subset(token_dropout_rate=0.3, trigger_word="zyx", keep_tokens=1).keep_tokens == 1
     assert subset(token_dropout_rate=0.3, trigger_word="zyx", is_reg=True).keep_tokens == 0  # no trigger added
+
+
+def test_control_path_is_the_kontext_control_folder_and_several_are_refused(tmp_path, monkeypatch):
+    """ai-toolkit's control_path (one folder, or a list of one) becomes the subset's control folder; arch
+    flux_kontext trains the Flux family; several control folders (several references) are one problem."""
+    from sdcore.data.dataset import DatasetProblems
+    from sdcore.train.aitoolkit import DEFAULTS, JobTranslation, job_family, load_datasets
+
+    monkeypatch.chdir(tmp_path)
+
+    def subset(**fields):
+        return load_datasets(_job(tmp_path, {**BASE, "datasets": [{"folder_path": "d", **fields}]}), None)[0]
+
+    assert subset(control_path="ctrl").control_dir == Path("ctrl")
+    assert subset(control_path=["ctrl"]).control_dir == Path("ctrl")
+    assert subset().control_dir is None
+    with pytest.raises(DatasetProblems, match=r"control_path = \['a', 'b'\]: sdcore trains FLUX.1 Kontext with one"):
+        subset(control_path=["a", "b"])
+    out = JobTranslation()
+    assert job_family({**DEFAULTS["model"], "arch": "flux_kontext"}, "job", out) == "flux" and not out.problems
 
 
 def test_sample_section_becomes_prompts(tmp_path):

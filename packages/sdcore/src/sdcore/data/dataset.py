@@ -82,6 +82,9 @@ class SubsetOptions:
     alpha_mask: bool = False
     #: ``--masked-loss``: a same-named mask image here weights the loss by its R channel
     conditioning_data_dir: Path | None = None
+    #: FLUX.1 Kontext: each image's control (reference) image, the file of the same stem in this folder
+    #: (musubi-tuner's ``control_directory``, ai-toolkit's ``control_path``; :mod:`sdcore.train.kontext_data`)
+    control_dir: Path | None = None
     #: kohya's face-centred crop (buckets off; faces named ``<name>_<cx>_<cy>_<w>_<h>``)
     face_crop_aug_range: tuple[float, float] | None = None
     enable_wildcard: bool = False
@@ -255,6 +258,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
         if options.conditioning_data_dir
         else None,
+        "control_dir": Path(options.control_dir).expanduser() if options.control_dir else None,
         "face_crop_aug_range": _face_range_or_none(options.face_crop_aug_range),
         # 0 (the model's size) is resolved by the runtime first; with --resolutions the largest
         "resolution": options.resolution or max(_run_resolutions(options), default=512),
@@ -376,12 +380,13 @@ _SUBSET_KEYS = {
     "resize_interpolation",
     "alpha_mask",
     "conditioning_data_dir",
+    "control_directory",  # musubi-tuner's key: FLUX.1 Kontext's control images (sdcore.train.kontext_data)
     "face_crop_aug_range",
     "metadata_file",
     "cache_info",  # kohya's cache of image sizes and captions: loading speed only, read and ignored
 }
 #: kohya subset keys that belong to one subset only (kohya's schema refuses them in [general] and [[datasets]])
-_SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "metadata_file"}
+_SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "control_directory", "metadata_file"}
 #: keys of kohya's DreamBooth (caption-file) subsets that its fine-tuning schema refuses in a
 #: ``metadata_file`` subset (captions come from the metadata; no class images there); the ones a
 #: fine-tuning ``[[datasets]]`` table refuses too are those that are not subset-only
@@ -540,7 +545,7 @@ _FIELD_OF = {
 def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
     out = dict(values)
     for key, value in table.items():
-        if key in ("subsets", "datasets", "image_dir", "conditioning_data_dir", "metadata_file"):
+        if key in ("subsets", "datasets", "image_dir", "conditioning_data_dir", "control_directory", "metadata_file"):
             continue
         if key == "resolution":
             out["resolution"] = _resolution(value, where, path)
@@ -632,6 +637,7 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
                     else Path()
                 )
                 values.update(class_tokens=None, is_class=False, conditioning_data_dir=None)
+                values.update(_control_dir(subset, s_where, path))
                 subsets.append(SubsetOptions(image_dir=image_dir, metadata_file=metadata_file, **values))
                 continue
             if "image_dir" not in subset:
@@ -641,8 +647,17 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
             if "conditioning_data_dir" in subset:
                 raw = _typed(subset["conditioning_data_dir"], "a string", "conditioning_data_dir", s_where, path)
                 values["conditioning_data_dir"] = _resolve_dir(raw, path)
+            values.update(_control_dir(subset, s_where, path))
             subsets.append(SubsetOptions(image_dir=image_dir, **values))
     return subsets
+
+
+def _control_dir(subset: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
+    """A subset's ``control_directory`` (musubi-tuner's key), resolved like ``image_dir``; else the run's."""
+    if "control_directory" not in subset:
+        return {}
+    raw = _typed(subset["control_directory"], "a string", "control_directory", where, path)
+    return {"control_dir": _resolve_dir(raw, path)}
 
 
 def toml_batch_sizes(path: str | os.PathLike[str]) -> list[int | None]:

@@ -443,7 +443,7 @@ HANDLED: dict[str, set[str]] = {
     "dataset": {"folder_path", "caption_ext", "caption_dropout_rate", "shuffle_tokens", "token_dropout_rate",
                 "keep_tokens", "flip_x", "resolution", "num_repeats", "is_reg", "trigger_word", "default_caption",
                 "cache_latents", "cache_latents_to_disk", "buckets", "bucket_tolerance", "random_crop",
-                "alpha_mask", "loss_multiplier", "cache_text_embeddings"},
+                "alpha_mask", "loss_multiplier", "cache_text_embeddings", "control_path"},
     "ema_config": {"use_ema", "ema_decay"},  # use_feedback / param_multiplier: refused away from their defaults
 }  # fmt: skip
 
@@ -451,8 +451,9 @@ HANDLED: dict[str, set[str]] = {
 FAMILY_FLAGS = {"is_flux": "flux", "is_v3": "sd3", "is_xl": "sdxl", "is_v2": "sd2"}
 #: (config_modules.ModelConfig turns ``flex1`` into ``flux``: Ostris' Flex.1-alpha is a FLUX.1 with 8 double blocks
 #: and the guidance embedding, which sdcore's Flux loader reads with its block counts from the weights)
+#: (``flux_kontext``: FLUX.1 Kontext [dev] has dev's shapes; its datasets' ``control_path`` makes the run Kontext's)
 ARCH_FAMILIES = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "flex1": "flux",
-                 "chroma": "chroma"}  # fmt: skip
+                 "chroma": "chroma", "flux_kontext": "flux"}  # fmt: skip
 #: ai-toolkit models derived from a family sdcore trains, and why sdcore does not train them (``arch`` or flag)
 ARCH_REFUSALS = {
     "flex2": "Flex.2 is a FLUX.1 derivative whose transformer takes control and inpainting latents as extra input "
@@ -1409,6 +1410,7 @@ def load_datasets(
         d = _cached_captions(d)
         trigger = d.get("trigger_word", process.get("trigger_word"))
         keep_tokens = _keep_tokens(d, bool(trigger), w, out)
+        control = _control_folder(d.get("control_path"), w, out)
         resolutions = d.get("resolution", 512)
         resolutions = resolutions if isinstance(resolutions, list) else [resolutions]
         step = int(d.get("bucket_tolerance", 64))
@@ -1441,11 +1443,28 @@ def load_datasets(
                     caption_prefix="",
                     caption_suffix="",
                     trigger_word=str(trigger) if trigger else "",
+                    control_dir=control,
                 )
             )
     if out.problems:
         raise DatasetProblems(out.problems)
     return subsets
+
+
+def _control_folder(value: Any, where: str, out: JobTranslation) -> Path | None:
+    """A dataset's ``control_path`` (FLUX.1 Kontext's control images, matched by file stem as ai-toolkit's
+    ``dataloader_mixins`` does): one folder, or a list of one. Several folders are several reference images
+    per sample, which Kontext places with ComfyUI's offset position ids; sdcore trains one reference."""
+    if value is None:
+        return None
+    folders = value if isinstance(value, list) else [value]
+    if len(folders) != 1 or not isinstance(folders[0], str) or not folders[0]:
+        out.problems.append(
+            f"{where}.control_path = {value!r}: sdcore trains FLUX.1 Kontext with one control folder (one reference "
+            "image per sample); several control folders are not supported"
+        )
+        return None
+    return Path(folders[0]).expanduser()
 
 
 def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:

@@ -67,6 +67,15 @@ class BatchMaker:
         self.total_steps = total_steps  # kohya's max_train_steps, for the token warm-up
         self.prefetcher: Prefetcher | None = None
         self._mask_cache: dict[tuple[int, SampleView], Any] = {}
+        from .kontext_data import has_control
+
+        family = getattr(bundle, "family", None)
+        if family != "flux" and any(has_control(e) for e in data.entries):  # the pre-flight says it before loading
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"control images train FLUX.1 Kontext; this model is {family}, which takes no reference image"
+            )
 
     @property
     def reads_images(self) -> bool:
@@ -137,9 +146,38 @@ class BatchMaker:
         if any(value != 1.0 for value in strengths):  # else None: the usual path, untouched
             batch.network_strength = torch.tensor(strengths, dtype=torch.float32, device=self.device)
         batch.masks = self.loss_masks(refs, latent_batch.shape[-2:])
+        batch.reference_latents = self.reference_latents(refs)
         if self.text_cache is not None and with_conditioning:
             batch.conditioning = self.text_cache.batch(captions).to(self.device)
         return batch
+
+    def reference_latents(self, refs: list[SampleRef]) -> Any:
+        """FLUX.1 Kontext's reference latents ``[B, C, h, w]`` (scaled) of the samples' control images, or None
+        when the dataset has none: from the latent cache, else each control image loaded with its sample's own
+        view (flip, crop) and encoded now (:mod:`.kontext_data`)."""
+        import torch
+
+        from .kontext_data import control_seed, encode_controls, has_control, load_control_pixels
+
+        entries = [self.data.entries[ref.entry] for ref in refs]
+        if not any(has_control(e) for e in entries):
+            return None
+        latents: list[Any] = []
+        pending: list[tuple[int, Any, int]] = []
+        for ref, entry in zip(refs, entries, strict=True):
+            view = self.data.view_of(ref)
+            if self.latent_cache is not None:
+                latents.append(self.latent_cache.control(ref.entry, view.flip))
+                continue
+            assignment = view.apply(self.data.assignments[ref.entry])
+            pixels = load_control_pixels(entry, assignment, flip=view.flip)
+            pending.append((len(latents), pixels, control_seed(self.options.seed, entry, view.flip)))
+            latents.append(None)
+        if pending:
+            encoded = encode_controls(self.bundle, [p for _, p, _ in pending], [s for _, _, s in pending])
+            for (slot, _, _), latent in zip(pending, encoded, strict=True):
+                latents[slot] = latent
+        return self.bundle.normalize_latents(torch.stack(latents).to(self.device))
 
     def caption(self, ref: SampleRef, step: int = 0) -> str:
         """The prompt sample ``ref`` trains with at optimizer step ``step``: a cached variant when the

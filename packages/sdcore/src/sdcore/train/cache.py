@@ -70,6 +70,10 @@ def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str) -> s
         parts.append(f"resize:{entry.subset.resize_interpolation}")  # other pixels; None keeps older keys valid
     if getattr(entry.subset, "alpha_mask", False):
         parts.append("rgb-as-stored")  # alpha_mask reads RGB without compositing: other latents
+    if getattr(entry.subset, "control_dir", None) is not None:
+        from .kontext_data import control_identity
+
+        parts.append(("control", control_identity(entry)))  # FLUX.1 Kontext: an edited control image re-encodes
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -83,18 +87,18 @@ def cache_file(entry: ImageEntry, assignment: BucketAssignment, vae_id: str, cac
     return path.parent / name
 
 
-def latent_seed(base_seed: int, entry: ImageEntry, flipped: bool) -> int:
+def latent_seed(base_seed: int, entry: ImageEntry, flipped: bool, purpose: str = "latent") -> int:
     """Seed of an image's VAE posterior draw, from its path *inside* the dataset folder.
 
     Moving or copying the dataset elsewhere therefore does not change the run (a seed from the
-    absolute path did).
+    absolute path did). ``purpose`` separates other draws about the same sample (a Kontext control image's).
     """
     folder = Path(entry.subset.image_dir)
     try:
         where = f"{folder.name}/{entry.path.relative_to(folder).as_posix()}"
     except ValueError:  # not under its subset folder: the file name alone
         where = entry.path.name
-    return sample_seed(base_seed, "latent", where, flipped)
+    return sample_seed(base_seed, purpose, where, flipped)
 
 
 def encode_pixels(bundle: ModelBundle, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -131,6 +135,8 @@ class LatentCache:
         self.cache_dir = cache_dir
         self.vae_id = vae_identity(bundle.vae)
         self.latents: dict[tuple[int, bool], Any] = {}
+        #: FLUX.1 Kontext's control latents (unscaled), beside the latents of the same (entry, flipped)
+        self.controls: dict[tuple[int, bool], Any] = {}
         self.meta: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.encoded = 0  # images run through the VAE by this cache (tests and logs)
         self.reused = 0
@@ -144,6 +150,7 @@ class LatentCache:
         import torch
 
         from .data import load_pixels
+        from .kontext_data import has_control
 
         by_entry: dict[int, list[bool]] = {}
         for index, flipped in wanted:
@@ -162,6 +169,8 @@ class LatentCache:
                     stored = {}
             changed = False
             for flipped in flips:
+                if has_control(entry):
+                    changed |= self._fill_control(index, flipped, stored)
                 name = "latents_flipped" if flipped else "latents"
                 if name in stored:
                     self.latents[(index, flipped)] = torch.from_numpy(np.array(stored[name]))
@@ -185,6 +194,28 @@ class LatentCache:
                 atomic_write_bytes(path, buffer.getvalue())
             if progress is not None:
                 progress.update(1)
+
+    def _fill_control(self, index: int, flipped: bool, stored: dict[str, Any]) -> bool:
+        """The control latent of (index, flipped) from ``stored`` or encoded into it; True when encoded."""
+        import numpy as np
+        import torch
+
+        from .kontext_data import control_seed, encode_controls, load_control_pixels
+
+        name = "control_flipped" if flipped else "control"
+        if name in stored:
+            self.controls[(index, flipped)] = torch.from_numpy(np.array(stored[name]))
+            return False
+        entry = self.entries[index]
+        pixels = load_control_pixels(entry, self.assignments[index], flip=flipped)
+        latent = encode_controls(self.bundle, [pixels], [control_seed(self.seed, entry, flipped)])[0]
+        self.controls[(index, flipped)] = latent
+        stored[name] = latent.numpy()
+        return True
+
+    def control(self, index: int, flipped: bool) -> Any:
+        """The unscaled control latent ``[C, h, w]`` of a FLUX.1 Kontext pair (KeyError without one)."""
+        return self.controls[(index, flipped)]
 
     def get(self, index: int, flipped: bool) -> tuple[Any, tuple[int, ...], tuple[int, ...]]:
         """``(unscaled latent [4, h, w], original (h, w), crop (top, left))``."""

@@ -392,16 +392,19 @@ def transformer_activation_bytes(
     gradient_checkpointing: bool = False,
     mode: str = "adapter",
     recomputed_blocks: int = 0,
+    reference_images: int = 0,
 ) -> int:
     """Bytes autograd keeps for one micro-batch through a transformer denoiser (SD3's joint blocks,
     Flux's double and single blocks; :data:`TRANSFORMER_ACTIVATION_CONSTANTS`).
 
     ``recomputed_blocks`` (``--blocks-to-swap``) blocks always run checkpointed: they keep only
-    their inputs, and one of them is recomputed at a time in backward."""
+    their inputs, and one of them is recomputed at a time in backward. ``reference_images`` (FLUX.1
+    Kontext) each add the image's tokens again: the reference's tokens run through every block beside
+    the latents' (the control image is resized to the training image's size)."""
     k_img, k_txt = TRANSFORMER_ACTIVATION_CONSTANTS[mode]
     width = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 64))
     side = resolution / vae_scale
-    n = transformer_tokens(config, side * side, latent_channels)
+    n = transformer_tokens(config, side * side, latent_channels) * (1 + max(reference_images, 0))
     inputs = width * (n + context_tokens)
     if "num_single_layers" in config:  # Flux: double-stream then single-stream blocks, measured apart
         k_double, k_single = FLUX_ACTIVATION_CONSTANTS[mode]
@@ -447,8 +450,10 @@ def estimate_memory(
     text_encoder_frozen: bool = True,
     needs_pixels: bool = False,
     cast_frozen_weights: bool = True,
+    reference_images: int = 0,
 ) -> MemoryEstimate:
-    """The peak-memory estimate for training ``layout`` with ``options`` on ``device`` (``cpu``/``cuda``)."""
+    """The peak-memory estimate for training ``layout`` with ``options`` on ``device`` (``cpu``/``cuda``);
+    ``reference_images``: FLUX.1 Kontext reference images per sample (more image tokens)."""
     o = options
     compute = element_bytes(o.mixed_precision)
     frozen_bytes = compute if cast_frozen_weights else 4
@@ -513,6 +518,7 @@ def estimate_memory(
             gradient_checkpointing=o.gradient_checkpointing,
             mode="full" if full else "adapter",
             recomputed_blocks=getattr(o, "blocks_to_swap", 0),
+            reference_images=reference_images,
         )
         if not text_encoder_frozen:
             te_units = text_encoder_units(
@@ -624,6 +630,7 @@ def suggestions(
     cast_frozen_weights: bool = True,
     optimizer_8bit_available: bool = True,
     steps_in_backward: bool = False,
+    reference_images: int = 0,
 ) -> list[Suggestion]:
     """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
     (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, bf16, an fp8 base and block
@@ -655,6 +662,7 @@ def suggestions(
                 text_encoder_frozen=text_encoder_frozen,
                 needs_pixels=needs_pixels,
                 cast_frozen_weights=cast_frozen_weights,
+                reference_images=reference_images,
             )
             if trial.total <= budget:
                 count = n
@@ -697,6 +705,7 @@ def suggestions(
             text_encoder_frozen=text_encoder_frozen,
             needs_pixels=needs_pixels,
             cast_frozen_weights=cast_frozen_weights,
+            reference_images=reference_images,
         )
         out.append(Suggestion(flags, estimate, estimate.total <= budget))
     return out

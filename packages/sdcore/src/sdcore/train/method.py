@@ -138,6 +138,9 @@ class Batch:
     conditioning: Conditioning | None = None  # set by the runtime from the text-encoder cache
     extra: dict[str, Any] = field(default_factory=dict)
     network_strength: torch.Tensor | None = None
+    #: FLUX.1 Kontext's clean reference latents ``[B, C, h, w]`` (scaled like ``latents``), one per sample, from
+    #: the dataset's control images (:mod:`sdcore.train.kontext_data`); None without control images
+    reference_latents: torch.Tensor | None = None
 
 
 @dataclass

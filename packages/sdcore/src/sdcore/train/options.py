@@ -220,6 +220,13 @@ class TrainOptions:
     conditioning_data_dir: str | None = option(
         None, "Folder of --masked-loss mask images, same base names as the images (kohya).", group="data"
     )
+    control_dir: str | None = option(
+        None,
+        "FLUX.1 Kontext training: folder of control (reference) images, one per training image with the same "
+        "base name (musubi-tuner's control_directory, ai-toolkit's control_path); the images are the edited results.",
+        group="data",
+        metavar="DIR",
+    )
     masked_loss_unmasked_weight: float = option(
         0.0,
         "Loss masks are clamped to [this, 1] before they weight the loss (OneTrainer's unmasked_weight; "

@@ -651,8 +651,10 @@ def memory_plan(
     bundle: ModelBundle | None = None,
     params: ParameterPlan | None = None,
     device: str | None = None,
+    reference_images: int = 0,
 ) -> MemoryPlan:
-    """The memory estimate (and, when over the device's free memory, the options that would fit)."""
+    """The memory estimate (and, when over the device's free memory, the options that would fit);
+    ``reference_images``: FLUX.1 Kontext reference images per sample (their tokens join the latents')."""
     from ..models.layout import layout_of_bundle
     from .memory import RUNTIME_OVERHEAD, device_free_memory, estimate_memory, suggestions, training_device
 
@@ -665,6 +667,8 @@ def memory_plan(
     device = device or training_device()
     caps = method.capabilities()
     options, kwargs = _estimate_settings(method, options, device)
+    if reference_images:
+        kwargs["reference_images"] = reference_images
     estimate = estimate_memory(layout, params, options, **kwargs)
     free = device_free_memory(device)
     budget = None if free is None else free - RUNTIME_OVERHEAD.get(device, 0)
@@ -923,6 +927,11 @@ def run_preflight(
                     "the folder names (as in kohya)"
                 )
             report.problems.extend(image_option_problems(o, data.index))
+            from .kontext_data import control_family_problems, control_problems
+
+            report.problems.extend(control_problems(data.index))  # FLUX.1 Kontext's control images
+            if report.layout is not None:
+                report.problems.extend(control_family_problems(report.layout, data.index))
             report.problems.extend(strength_problems(method, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
@@ -978,7 +987,12 @@ def run_preflight(
                 import dataclasses
 
                 planned = dataclasses.replace(o, resolution=max(o.resolution, report.data.largest_resolution))
-            report.memory = memory_plan(method, planned, layout=report.layout, params=params)
+            from .kontext_data import reference_count
+
+            references = reference_count(report.data.index if report.data is not None else None)
+            report.memory = memory_plan(
+                method, planned, layout=report.layout, params=params, reference_images=references
+            )
     if report.layout is not None:  # --fp8-base / --blocks-to-swap on this model and method
         from .memory_options import model_problems
 

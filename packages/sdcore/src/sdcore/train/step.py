@@ -101,9 +101,12 @@ class Objective:
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:
         """The denoiser's output, called the family's way (SDXL adds its size conditioning from ``batch``;
         Flux its training guidance, or none with ``--bypass-guidance-embedding``)."""
+        # FLUX.1 Kontext's reference latents, only to the adapter of a batch that has them (pre-flight: Flux)
+        reference = {} if batch.reference_latents is None else {"reference_latents": batch.reference_latents}
         return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch,
                                     guidance=self.options.guidance_scale,
-                                    bypass_guidance_embedding=self.options.bypass_guidance_embedding)  # fmt: skip
+                                    bypass_guidance_embedding=self.options.bypass_guidance_embedding,
+                                    **reference)  # fmt: skip
 
     def sample_loss(
         self,

@@ -1,0 +1,195 @@
+"""FLUX.1 Kontext training data: a control (reference) image beside every training image.
+
+A Kontext pair is "edit this (the control image) into that (the training image, with its caption)". The
+control images live in their own folder with the training images' file stems (musubi-tuner's
+``control_directory``, ai-toolkit's ``control_path``: ``data/cat.png`` pairs with ``controls/cat.jpg``);
+``--control-dir`` sets that folder for every subset, a dataset TOML subset's ``control_directory`` for one.
+
+How a control image becomes the reference latents (what the two peers do, and which sdcore follows):
+
+- geometry: ai-toolkit resizes the control image to the size its target is resized to, crops it at the
+  target's crop and mirrors it with the target (``load_control_image`` with ``full_size_control_images``),
+  so control and target stay aligned pixel for pixel under every augmentation. sdcore does the same
+  through the one geometry every sample goes through (:func:`sdcore.data.loading.fit_to_bucket`, with
+  the subset's resize filter): a control image of the target's size lands exactly where the target does;
+  one of another size is stretched to it first (as ai-toolkit). musubi-tuner resizes to the target's
+  bucket keeping the control's own aspect (its default; it has no flips or random crops).
+  ``color_aug`` changes the training image only (ai-toolkit replays spatial augmentations alone).
+- encoding: both peers take a posterior *sample* of the VAE (ai-toolkit's ``encode_images``,
+  musubi-tuner's ``ae.encode``), then Flux's shift and scale; sdcore draws it as it draws the training
+  latents, from a generator seeded by the image (another purpose than the target's draw), so a cached run
+  and an uncached one see the same reference latents.
+- the step: :func:`sdcore.models.flux.kontext.join_reference` puts the reference's tokens after the noisy
+  latents' with position ids ``(1, row, col)``; the loss is on the latents' tokens only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..data.buckets import BucketAssignment
+    from ..data.dataset import DatasetIndex, ImageEntry
+    from ..models.layout import ModelLayout
+
+
+def has_control(entry: ImageEntry) -> bool:
+    """Whether ``entry``'s subset pairs its images with control images."""
+    return getattr(entry.subset, "control_dir", None) is not None
+
+
+def control_image_path(entry: ImageEntry) -> Path | None:
+    """The control image of ``entry``: the file named like it (any image extension kohya and musubi-tuner
+    read, the first in sorted order as their ``glob_images``) in its subset's control folder; None without."""
+    from .data import MASK_EXTENSIONS
+
+    folder = getattr(entry.subset, "control_dir", None)
+    if folder is None:
+        return None
+    found = sorted({str(Path(folder) / f"{entry.path.stem}{ext}") for ext in MASK_EXTENSIONS})
+    found = [p for p in found if Path(p).is_file()]
+    return Path(found[0]) if found else None
+
+
+def control_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
+    """``(path, mtime, size)`` of ``entry``'s control image (a latent cache key part), None without one."""
+    path = control_image_path(entry)
+    if path is None:
+        return None
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def load_control_pixels(
+    entry: ImageEntry,
+    assignment: BucketAssignment,
+    *,
+    flip: bool,
+    crop: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The control image of ``entry`` as float32 CHW in [-1, 1], resized, cropped and mirrored exactly as the
+    training image with ``assignment``, ``crop`` and ``flip`` is (so the pair stays aligned)."""
+    import numpy as np
+
+    from ..data.images import open_image_rgb
+    from ..data.loading import fit_to_bucket
+    from ..errors import DataError
+
+    path = control_image_path(entry)
+    if path is None:
+        raise DataError(f"{entry.path}: no control image named {entry.path.stem}.* in {entry.subset.control_dir}")
+    image = open_image_rgb(path)
+    interpolation = getattr(entry.subset, "resize_interpolation", None)
+    image, _ = fit_to_bucket(image, assignment, flip=flip, crop=crop, interpolation=interpolation)
+    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
+def _listed(paths: list[str], limit: int = 10) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def control_problems(index: DatasetIndex) -> list[str]:
+    """Pre-flight problems of the control images (no model needed): a control folder that is not one,
+    training images without a control image (listed, as the mask images are), unreadable control images,
+    and a dataset where some subsets have control images and others not (a Kontext batch needs a reference
+    for every sample: ai-toolkit and musubi-tuner pair every image of a control dataset)."""
+    from ..data.images import ImageError, probe_image
+
+    subsets = index.subsets or list({id(e.subset): e.subset for e in index.entries}.values())
+    with_dir = [s for s in subsets if getattr(s, "control_dir", None) is not None]
+    if not with_dir:
+        return []
+    problems: list[str] = []
+    for folder in dict.fromkeys(Path(s.control_dir) for s in with_dir if s.control_dir is not None):
+        if not folder.is_dir():
+            problems.append(f"control images: {folder} is not a folder (--control-dir / control_directory)")
+    without = [str(s.image_dir) for s in subsets if getattr(s, "control_dir", None) is None]
+    if without:
+        problems.append(
+            f"control images: {len(without)} subset(s) have no control folder while others do ({_listed(without)}); "
+            "every training image of a FLUX.1 Kontext run needs its control image (give each subset a "
+            "control_directory)"
+        )
+    missing: list[str] = []
+    unreadable: list[str] = []
+    for entry in index.entries:
+        control_dir = getattr(entry.subset, "control_dir", None)
+        if control_dir is None or not Path(control_dir).is_dir():
+            continue
+        path = control_image_path(entry)
+        if path is None:
+            missing.append(str(entry.path))
+            continue
+        try:
+            probe_image(path)
+        except ImageError as exc:
+            unreadable.append(str(exc))
+    if missing:
+        problems.append(
+            f"control images: {len(missing)} image(s) without a control image of the same name in their control "
+            f"folder: {_listed(missing)}"
+        )
+    if unreadable:
+        problems.append(f"control images: {len(unreadable)} unreadable: {_listed(unreadable)}")
+    return problems
+
+
+def control_family_problems(layout: ModelLayout, index: DatasetIndex) -> list[str]:
+    """Control images train FLUX.1 Kontext: a model of another family has no reference-image input, and a
+    FLUX.1 without the guidance embedding (schnell) is not what Kontext [dev] was distilled from, so both
+    are refused in one line rather than trained on tokens the model cannot place."""
+    if not any(has_control(e) for e in index.entries):
+        return []
+    if layout.family != "flux":
+        return [
+            f"control images (--control-dir / control_directory) train FLUX.1 Kontext; this model is {layout.family}, "
+            "which takes no reference image (train a FLUX.1 Kontext [dev] model, or leave out the control images)"
+        ]
+    config = layout.configs.get("transformer") or {}
+    if not config.get("guidance_embeds", True):
+        return [
+            "control images (--control-dir / control_directory): this FLUX.1 (schnell) has no guidance embedding; "
+            "FLUX.1 Kontext is a dev model (train FLUX.1 Kontext [dev], or dev to teach it references)"
+        ]
+    return []
+
+
+def reference_count(index: DatasetIndex | None) -> int:
+    """Reference images per sample of a dataset (0 or 1): the memory plan's extra image tokens."""
+    if index is None:
+        return 0
+    return 1 if any(has_control(e) for e in index.entries) else 0
+
+
+def control_seed(base_seed: int, entry: ImageEntry, flipped: bool) -> int:
+    """Seed of the control image's VAE posterior draw (as :func:`sdcore.train.cache.latent_seed`, another purpose)."""
+    from .cache import latent_seed
+
+    return latent_seed(base_seed, entry, flipped, purpose="control-latent")
+
+
+def encode_controls(bundle: Any, pixels: list[Any], seeds: list[int]) -> Any:
+    """Unscaled posterior samples of control pixel arrays (CHW, [-1, 1]) as the training latents are drawn."""
+    import torch
+
+    from .cache import encode_pixels
+
+    return encode_pixels(bundle, torch.stack([torch.as_tensor(p) for p in pixels]), seeds)
+
+
+__all__ = [
+    "control_family_problems",
+    "control_identity",
+    "control_image_path",
+    "control_problems",
+    "control_seed",
+    "encode_controls",
+    "has_control",
+    "load_control_pixels",
+    "reference_count",
+]

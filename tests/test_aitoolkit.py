@@ -125,6 +125,26 @@ def test_chroma_example_loads_with_the_sigmoid_table():
     assert (o.timestep_sampling, o.min_table_index, o.max_table_index) == ("sigmoid_table", 0, 999)
 
 
+def test_kontext_example_loads_unmodified_with_its_controls_and_weighted_timesteps():
+    """train_lora_flux_kontext_24gb.yaml: arch flux_kontext trains the Flux family on its control_path pairs,
+    timestep_type weighted is the linear table with ai-toolkit's measured loss weights, and its sample prompts
+    keep their --ctrl_img reference images."""
+    from sdcore.train.aitoolkit import load_datasets
+    from sdcore.train.sample_prompts import read_sample_prompts
+
+    path = DATA / "train_lora_flux_kontext_24gb.yaml"
+    o = _load(path)
+    assert o.model == "black-forest-labs/FLUX.1-Kontext-dev"
+    assert (o.timestep_sampling, o.timestep_loss_weight) == ("linear_table", "weighted_table")
+    assert (o.rank, o.alpha, o.lr, o.max_steps, o.optimizer) == (16, 16.0, 1e-4, 3000, "adamw8bit")
+    assert o.gradient_checkpointing and o.fp8_base and not o.train_text_encoder
+    subsets = load_datasets(path, None)  # one per resolution, [512, 768]
+    assert len(subsets) == 2 and {s.control_dir for s in subsets} == {Path("/path/to/control/folder")}
+    prompts = read_sample_prompts(str(path))
+    assert prompts[0].prompt == "make the person smile"
+    assert {str(p.reference) for p in prompts} == {"/path/to/control/folder/person1.jpg"}
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -132,7 +152,6 @@ def test_chroma_example_loads_with_the_sigmoid_table():
         ("train_lora_wan21_1b_24gb.yaml", "process.model.arch 'wan21': sdcore does not train this model family"),
         ("train_lora_qwen_image_24gb.yaml", "process.model.arch 'qwen_image'"),
         ("train_lora_hidream_48.yaml", "process.model.arch 'hidream': sdcore does not train this model family"),
-        ("train_lora_flux_kontext_24gb.yaml", "process.train.timestep_type 'weighted'"),  # control_path: read
         ("train_lora_flux_schnell_24gb.yaml", "sdcore reads no model hub"),
         ("train_full_fine_tune_flex.yaml", "process.save.save_format = 'diffusers'"),
         ("sd_trainer_train.example.yaml", "process type(s) textual_inversion_trainer"),

@@ -572,33 +572,6 @@ def test_weighted_translates_to_the_linear_table_with_the_measured_weights(tmp_p
     assert _load(_job(tmp_path, FLUX, {**FLOW, "timestep_type": "linear"})).timestep_loss_weight == "none"
 
 
-def test_the_kontext_example_no_longer_fails_on_its_timestep_type(tmp_path):
-    """train_lora_flux_kontext_24gb.yaml sets timestep_type "weighted"; its Kontext model and control folder are
-    another matter, so the check reads its train section with a plain Flux model and no control folder."""
-    import yaml
-    from sdcore.errors import ConfigError
-
-    source = Path(__file__).parents[4] / "tests" / "data" / "ai_toolkit" / "train_lora_flux_kontext_24gb.yaml"
-    job = yaml.safe_load(source.read_text(encoding="utf-8"))
-    process = job["config"]["process"][0]
-    assert process["train"]["timestep_type"] == "weighted"
-    try:
-        _load(source)
-    except ConfigError as exc:  # whatever still stops it, not the timestep type
-        assert not [p for p in exc.problems if "timestep_type" in p], exc.problems
-    process["model"] = {**FLUX, "quantize": process["model"].get("quantize", False)}
-    for dataset in process["datasets"]:
-        dataset.pop("control_path", None)
-    path = tmp_path / "kontext.json"
-    path.write_text(json.dumps(job), encoding="utf-8")
-    from sdcore.train.config import load_options
-    from sdplugin_lora.method import LoraOptions
-
-    o = load_options(LoraOptions, path, notes=[])
-    assert (o.timestep_sampling, o.timestep_loss_weight, o.min_table_index, o.max_table_index) == (
-        "linear_table", "weighted_table", 0, 999)  # fmt: skip
-
-
 def test_preflight_notes_the_weighted_table_off_its_linear_table(tmp_path):
     from sdcore.train.loss import loss_family_checks
 

@@ -129,6 +129,34 @@ def test_the_sized_reference_is_what_the_pipeline_encodes(dev, size):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("mode", ["exif", "RGBA", "P", "L", "LA", "CMYK"])
+def test_a_reference_file_reads_as_diffusers_load_image_reads_it(tmp_path, mode):
+    """``open_reference`` gives the pixels of diffusers' ``load_image`` (utils/loading_utils.py: EXIF orientation
+    applied, then ``convert("RGB")``), the reader its FluxKontextPipeline examples use; ComfyUI's LoadImage also
+    applies the EXIF orientation. A phone photo's rotation must not reach the model sideways."""
+    from diffusers.utils import load_image
+    from sdcore.models.flux.kontext import open_reference
+
+    picture = _picture(80, 48)
+    if mode == "exif":
+        path = tmp_path / "rotated.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+        picture.save(path, exif=exif.tobytes(), quality=95)
+    else:
+        converted = picture.convert(mode)
+        if mode in ("RGBA", "LA"):
+            alpha = np.zeros((48, 80), dtype=np.uint8)
+            alpha[:20, :30] = 255
+            converted.putalpha(Image.fromarray(alpha))
+        path = tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        converted.save(path)
+    expected = load_image(str(path))
+    got = open_reference(path)
+    assert got.mode == "RGB" and got.size == expected.size
+    assert np.array_equal(_array(got), _array(expected))
+
+
 # ----------------------------------------------------------------------------------------------- generation
 
 

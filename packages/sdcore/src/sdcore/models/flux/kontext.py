@@ -87,10 +87,12 @@ def reference_size(width: int, height: int, *, resize: bool = True) -> tuple[int
 
 def open_reference(path: Any) -> Any:
     """The reference image at ``path`` (or a PIL image) as RGB; a missing or unreadable file is one
-    :class:`~sdcore.errors.ConfigError` line."""
+    :class:`~sdcore.errors.ConfigError` line. A file is read as diffusers' ``load_image`` reads it (the reader
+    of its Kontext examples; ComfyUI's LoadImage does the same): turned upright by its EXIF orientation, then
+    ``convert("RGB")`` (alpha dropped, not composited). A PIL image is taken as it is, as the pipeline does."""
     from pathlib import Path
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from ...errors import ConfigError
 
@@ -100,7 +102,7 @@ def open_reference(path: Any) -> Any:
         raise ConfigError(f"a reference image must be a path or a PIL image, not {type(path).__name__}")
     try:
         with Image.open(path) as opened:
-            return opened.convert("RGB")
+            return ImageOps.exif_transpose(opened).convert("RGB")
     except FileNotFoundError:
         raise ConfigError(f"reference image {path}: no such file") from None
     except (OSError, UnidentifiedImageError) as exc:

@@ -297,6 +297,19 @@ def test_cli_problems_are_one_line_before_the_model_loads(tmp_path, monkeypatch)
             assert text in lines[0], (text, result.output)
 
 
+def test_cli_an_oversized_reference_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """Pillow refuses an image above twice ``Image.MAX_IMAGE_PIXELS`` with DecompressionBombError, which is
+    not an OSError: one problem line before the model loads (the limit lowered so a small file trips it)."""
+    big = tmp_path / "big.png"
+    _picture(40, 40).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    result = _invoke(["x", "-m", "tiny:flux", "--reference-image", str(big), "--steps", "1", "--models-dir",
+                      str(tmp_path), "-o", str(tmp_path / "o.png")], monkeypatch, load=False)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot read reference image" in lines[0] and "1600 pixels" in lines[0], lines
+
+
 def test_cli_edit_writes_its_infotext_and_from_png_repeats_it(tmp_path, monkeypatch):
     from sdcore.generate.pnginfo import read_png_parameters
 

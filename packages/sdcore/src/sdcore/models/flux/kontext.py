@@ -105,7 +105,7 @@ def open_reference(path: Any) -> Any:
             return ImageOps.exif_transpose(opened).convert("RGB")
     except FileNotFoundError:
         raise ConfigError(f"reference image {path}: no such file") from None
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
         raise ConfigError(f"cannot read reference image {path}: {exc}") from None
 
 

@@ -45,8 +45,11 @@ def _array(image):
 
 
 def _nearest(width: int, height: int, table) -> tuple[int, int]:
-    """The rule as diffusers' docs describe it: the table entry whose w/h is nearest the image's (the narrower on
-    a tie), both sides floored to 16."""
+    """The rule as diffusers' FluxKontextPipeline applies it (pipeline_flux_kontext.py, "3. Preprocess image":
+    the image's sides are first floored to 16 by ``image_processor.get_default_height_width``, then the aspect
+    ratio of those is compared): the table entry whose w/h is nearest (the narrower on a tie), both sides
+    floored to 16."""
+    width, height = width - width % 16, height - height % 16
     best = None
     for w, h in sorted(table):
         distance = abs(width / height - w / h)
@@ -56,7 +59,8 @@ def _nearest(width: int, height: int, table) -> tuple[int, int]:
     return best[1] - best[1] % 16, best[2] - best[2] % 16
 
 
-@pytest.mark.parametrize("size", [(64, 64), (70, 50), (50, 70), (1920, 1080), (1080, 1920), (300, 1000), (1000, 10)])
+@pytest.mark.parametrize("size", [(64, 64), (70, 50), (50, 70), (1920, 1080), (1080, 1920), (300, 1000), (1000, 16),
+                                  (500, 542), (500, 704), (23, 30)])  # fmt: skip
 def test_reference_size_is_the_preferred_resolution_nearest_the_aspect_ratio(size):
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
     from sdcore.models.flux.kontext import PREFERRED_RESOLUTIONS, reference_size
@@ -79,6 +83,78 @@ def test_sized_reference_modes_and_a_too_small_image():
     assert _array(out).tolist() == _array(image.resize((32, 48), Image.Resampling.BILINEAR)).tolist()
     with pytest.raises(ConfigError, match="at least 16 pixels"):
         sized_reference(_picture(40, 12), "none")
+    # below 16 pixels a side the pipeline's floored side is 0 (ZeroDivisionError in diffusers): refused in the
+    # Kontext resize too, as docs/generation.md says; ai-toolkit's stretch to the output takes any image
+    for small in (_picture(100, 10), _picture(10, 100)):
+        with pytest.raises(ConfigError, match="at least 16 pixels"):
+            sized_reference(small, "kontext")
+    assert sized_reference(_picture(10, 10), "output", (32, 32)).size == (32, 32)
+
+
+class _Preprocessed(Exception):
+    """Raised by the pipeline's prepare_latents with the reference tensor the pipeline made."""
+
+    def __init__(self, image) -> None:
+        super().__init__()
+        self.image = image
+
+
+def _pipeline_reference(pipe, image, **call):
+    """The [1, 3, H, W] reference tensor FluxKontextPipeline VAE-encodes for ``image`` (stopped right there)."""
+
+    def stop(image, *args, **kwargs):
+        raise _Preprocessed(image)
+
+    pipe.prepare_latents = stop
+    try:
+        with torch.no_grad(), pytest.raises(_Preprocessed) as caught:
+            pipe(prompt="x", image=image, num_inference_steps=1, width=32, height=32, max_area=32 * 32, **call)
+    finally:
+        del pipe.prepare_latents
+    return caught.value.image
+
+
+@pytest.mark.parametrize("size", [(500, 542), (500, 704), (70, 50), (1000, 1090)])
+def test_the_sized_reference_is_what_the_pipeline_encodes(dev, size):
+    """The pipeline given our sized reference (its resize off, as sdcore calls it) encodes the same tensor as the
+    pipeline given the original image with its own resize: same size (500x542 is 1024x1024 there, its floored
+    sides 496x528 being nearer square than 944x1104) and same pixels."""
+    from sdcore.models.flux.kontext import sized_reference
+
+    pipe = _kontext_pipe(dev)
+    image = _picture(*size, seed=size[0])
+    theirs = _pipeline_reference(pipe, image)
+    ours = _pipeline_reference(pipe, sized_reference(image), _auto_resize=False)
+    assert tuple(ours.shape) == tuple(theirs.shape)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("mode", ["exif", "RGBA", "P", "L", "LA", "CMYK"])
+def test_a_reference_file_reads_as_diffusers_load_image_reads_it(tmp_path, mode):
+    """``open_reference`` gives the pixels of diffusers' ``load_image`` (utils/loading_utils.py: EXIF orientation
+    applied, then ``convert("RGB")``), the reader its FluxKontextPipeline examples use; ComfyUI's LoadImage also
+    applies the EXIF orientation. A phone photo's rotation must not reach the model sideways."""
+    from diffusers.utils import load_image
+    from sdcore.models.flux.kontext import open_reference
+
+    picture = _picture(80, 48)
+    if mode == "exif":
+        path = tmp_path / "rotated.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+        picture.save(path, exif=exif.tobytes(), quality=95)
+    else:
+        converted = picture.convert(mode)
+        if mode in ("RGBA", "LA"):
+            alpha = np.zeros((48, 80), dtype=np.uint8)
+            alpha[:20, :30] = 255
+            converted.putalpha(Image.fromarray(alpha))
+        path = tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        converted.save(path)
+    expected = load_image(str(path))
+    got = open_reference(path)
+    assert got.mode == "RGB" and got.size == expected.size
+    assert np.array_equal(_array(got), _array(expected))
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -197,6 +273,8 @@ def test_cli_problems_are_one_line_before_the_model_loads(tmp_path, monkeypatch)
     _picture(40, 40).save(good)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not a png")
+    small = tmp_path / "small.png"
+    _picture(40, 12).save(small)
     base = ["x", "--steps", "1", "--models-dir", str(tmp_path), "-o", str(tmp_path / "o.png")]
     cases = [
         (["-m", "tiny:sd1", "--reference-image", str(good)], ["this is a Stable Diffusion 1"]),
@@ -205,6 +283,7 @@ def test_cli_problems_are_one_line_before_the_model_loads(tmp_path, monkeypatch)
         (["-m", "tiny:flux", "--reference-image", str(corrupt)], ["cannot read reference image"]),
         (["-m", "tiny:flux", "--reference-image", str(good), "--init-image", str(good)], ["with --init-image"]),
         (["-m", "tiny:flux", "--no-reference-resize"], ["--no-reference-resize sizes a --reference-image"]),
+        (["-m", "tiny:flux", "--reference-image", str(small)], ["is 40x12: Flux needs at least 16 pixels a side"]),
         # every problem at once, one line
         (["-m", "tiny:chroma", "--reference-image", str(corrupt), "--init-image", str(good)],
          ["this is a", "cannot read reference image", "with --init-image"]),
@@ -216,6 +295,19 @@ def test_cli_problems_are_one_line_before_the_model_loads(tmp_path, monkeypatch)
         assert len(lines) == 1, result.output
         for text in expected:
             assert text in lines[0], (text, result.output)
+
+
+def test_cli_an_oversized_reference_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """Pillow refuses an image above twice ``Image.MAX_IMAGE_PIXELS`` with DecompressionBombError, which is
+    not an OSError: one problem line before the model loads (the limit lowered so a small file trips it)."""
+    big = tmp_path / "big.png"
+    _picture(40, 40).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    result = _invoke(["x", "-m", "tiny:flux", "--reference-image", str(big), "--steps", "1", "--models-dir",
+                      str(tmp_path), "-o", str(tmp_path / "o.png")], monkeypatch, load=False)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot read reference image" in lines[0] and "1600 pixels" in lines[0], lines
 
 
 def test_cli_edit_writes_its_infotext_and_from_png_repeats_it(tmp_path, monkeypatch):

@@ -37,6 +37,15 @@ def test_ctrl_img_and_ci_are_parsed_and_reach_the_generation_arguments():
     assert len(calls) == 2
 
 
+def test_a_repeated_flag_keeps_the_image_its_tool_samples_with():
+    """musubi-tuner collects every ``--ci`` (hv_train_network.py parse_prompt_line appends to
+    ``control_image_path``) and its FLUX.1 Kontext sample edits the first (flux_kontext_train_network.py
+    do_inference: ``control_image_path[0]``); ai-toolkit's ``--ctrl_img`` is one value, the last one given
+    (toolkit/config_modules.py ``_process_prompt_string``: ``self.ctrl_img = content``)."""
+    assert parse_prompt_line("x --ci first.png --ci second.png").reference == "first.png"
+    assert parse_prompt_line("x --ctrl_img first.png --ctrl_img second.png").reference == "second.png"
+
+
 def test_ai_toolkit_job_prompts_carry_their_control_image(tmp_path):
     from sdcore.train.aitoolkit import read_sample_prompts
 

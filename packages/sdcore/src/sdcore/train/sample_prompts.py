@@ -106,8 +106,9 @@ def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
             values[name] = _number(int, text, option, where)
         elif option == "g":
             values["guidance"] = _number(float, text, option, where)
-        elif option in REFERENCE_FLAGS:
-            values["reference"] = text
+        elif option in REFERENCE_FLAGS:  # musubi-tuner's Kontext sample edits the first --ci; ai-toolkit the last
+            if option == "ctrl_img" or "reference" not in values:
+                values["reference"] = text
         else:
             values["cfg"] = _number(float, text, option, where)
     if not values["prompt"]:

@@ -29,8 +29,9 @@ REFERENCE_INDEX = 1
 #: The (width, height) resolutions FLUX.1 Kontext was trained at, about one megapixel each: a reference image
 #: is resized to the one whose aspect ratio is nearest its own. The table is diffusers'
 #: ``PREFERRED_KONTEXT_RESOLUTIONS`` (``pipelines/flux/pipeline_flux_kontext.py``); ComfyUI's
-#: ``FluxKontextImageScale`` node (``comfy_extras/nodes_flux.py``) picks from the same list the same way (it
-#: crops the centre to the new aspect ratio where diffusers, and so sdcore, stretches the whole image).
+#: ``FluxKontextImageScale`` node (``comfy_extras/nodes_flux.py``) picks from the same list by the unfloored
+#: ratio (:func:`reference_size`) and crops the centre to the new aspect ratio where diffusers, and so sdcore,
+#: stretches the whole image.
 PREFERRED_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (672, 1568),
     (688, 1504),
@@ -67,20 +68,31 @@ REFERENCE_RESIZE_FIELD = "Reference resize"
 
 def reference_size(width: int, height: int, *, resize: bool = True) -> tuple[int, int]:
     """The (width, height) a ``width`` x ``height`` reference image is encoded at, as ``FluxKontextPipeline``
-    sizes it: with ``resize``, the :data:`PREFERRED_RESOLUTIONS` entry of the nearest aspect ratio (ties to the
-    narrower one), else its own size; both sides floored to :data:`SIDE_UNIT`."""
-    if resize:
-        aspect = width / height
-        _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_RESOLUTIONS)
+    sizes it: its sides floored to :data:`SIDE_UNIT` first (the pipeline's ``get_default_height_width``), then
+    with ``resize`` the :data:`PREFERRED_RESOLUTIONS` entry whose aspect ratio is nearest *those* sides' (ties
+    to the narrower one; BFL's and ComfyUI's ratio is the unfloored image's, which picks the next entry for
+    some sizes near a boundary, e.g. 500x542), else the floored size. A side under :data:`SIDE_UNIT` floors to
+    nothing (the pipeline divides by zero): one :class:`~sdcore.errors.ConfigError` line."""
+    from ...errors import ConfigError
+
+    floored = (width - width % SIDE_UNIT, height - height % SIDE_UNIT)
+    if floored[0] < SIDE_UNIT or floored[1] < SIDE_UNIT:
+        raise ConfigError(f"the reference image is {width}x{height}: Flux needs at least {SIDE_UNIT} pixels a side")
+    if not resize:
+        return floored
+    aspect = floored[0] / floored[1]
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_RESOLUTIONS)
     return width // SIDE_UNIT * SIDE_UNIT, height // SIDE_UNIT * SIDE_UNIT
 
 
 def open_reference(path: Any) -> Any:
     """The reference image at ``path`` (or a PIL image) as RGB; a missing or unreadable file is one
-    :class:`~sdcore.errors.ConfigError` line."""
+    :class:`~sdcore.errors.ConfigError` line. A file is read as diffusers' ``load_image`` reads it (the reader
+    of its Kontext examples; ComfyUI's LoadImage does the same): turned upright by its EXIF orientation, then
+    ``convert("RGB")`` (alpha dropped, not composited). A PIL image is taken as it is, as the pipeline does."""
     from pathlib import Path
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from ...errors import ConfigError
 
@@ -90,10 +102,10 @@ def open_reference(path: Any) -> Any:
         raise ConfigError(f"a reference image must be a path or a PIL image, not {type(path).__name__}")
     try:
         with Image.open(path) as opened:
-            return opened.convert("RGB")
+            return ImageOps.exif_transpose(opened).convert("RGB")
     except FileNotFoundError:
         raise ConfigError(f"reference image {path}: no such file") from None
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
         raise ConfigError(f"cannot read reference image {path}: {exc}") from None
 
 

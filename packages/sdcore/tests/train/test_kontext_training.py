@@ -208,3 +208,24 @@ def test_control_latents_ride_in_the_disk_cache_and_an_edited_control_image_re_e
     assert not torch.allclose(changed[row], written[row])
     others = [i for i in range(len(third.data.entries)) if i != row]
     torch.testing.assert_close(changed[others], written[others])
+
+
+def test_a_control_image_may_have_any_extension_a_training_image_may(tmp_path):
+    """The docs promise "any image extension": a .tif/.TIFF/.gif control image is found as a .tif training image
+    is (before, only kohya's mask extensions were tried, and the pre-flight said the control image was missing)."""
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.data.images import IMAGE_SUFFIXES
+    from sdcore.train.kontext_data import control_image_path, control_problems
+
+    _options(tmp_path)
+    folder = tmp_path / "controls"
+    folder.mkdir()
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    names = ["img00.tif", "img01.TIFF", "img02.gif", "img03.PNG"]
+    assert {Path(n).suffix.lower() for n in names} <= set(IMAGE_SUFFIXES)
+    for name in names:
+        Image.new("RGB", (64, 64), (10, 200, 30)).save(folder / name)
+    index = build_dataset_index(_options(tmp_path, control_dir=str(folder)))
+    assert control_problems(index) == []
+    found = {e.path.stem: control_image_path(e) for e in index.entries}
+    assert found == {image.stem: folder / name for image, name in zip(images, names, strict=True)}

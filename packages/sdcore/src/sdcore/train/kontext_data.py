@@ -28,6 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..data.images import IMAGE_SUFFIXES
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -41,15 +43,18 @@ def has_control(entry: ImageEntry) -> bool:
     return getattr(entry.subset, "control_dir", None) is not None
 
 
-def control_image_path(entry: ImageEntry) -> Path | None:
-    """The control image of ``entry``: the file named like it (any image extension kohya and musubi-tuner
-    read, the first in sorted order as their ``glob_images``) in its subset's control folder; None without."""
-    from .data import MASK_EXTENSIONS
+#: extensions a control image may have: every image extension sdcore trains on (a training image may be a
+#: ``.tif``, so may its control image), in lower and upper case as kohya's and musubi-tuner's lists spell them
+CONTROL_EXTENSIONS = tuple(dict.fromkeys(ext for s in IMAGE_SUFFIXES for ext in (s, s.upper())))
 
+
+def control_image_path(entry: ImageEntry) -> Path | None:
+    """The control image of ``entry``: the file named like it (:data:`CONTROL_EXTENSIONS`, the first in sorted
+    order as kohya's and musubi-tuner's ``glob_images``) in its subset's control folder; None without."""
     folder = getattr(entry.subset, "control_dir", None)
     if folder is None:
         return None
-    found = sorted({str(Path(folder) / f"{entry.path.stem}{ext}") for ext in MASK_EXTENSIONS})
+    found = sorted({str(Path(folder) / f"{entry.path.stem}{ext}") for ext in CONTROL_EXTENSIONS})
     found = [p for p in found if Path(p).is_file()]
     return Path(found[0]) if found else None
 
@@ -183,6 +188,7 @@ def encode_controls(bundle: Any, pixels: list[Any], seeds: list[int]) -> Any:
 
 
 __all__ = [
+    "CONTROL_EXTENSIONS",
     "control_family_problems",
     "control_identity",
     "control_image_path",

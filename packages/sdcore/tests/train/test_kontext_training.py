@@ -229,3 +229,20 @@ def test_a_control_image_may_have_any_extension_a_training_image_may(tmp_path):
     assert control_problems(index) == []
     found = {e.path.stem: control_image_path(e) for e in index.entries}
     assert found == {image.stem: folder / name for image, name in zip(images, names, strict=True)}
+
+
+def test_a_control_folder_that_is_the_image_folder_is_refused(tmp_path):
+    """--control-dir naming the training images' own folder pairs every image with itself (an identity edit):
+    a pre-flight problem naming the folder, given once however the path is spelled (was accepted silently)."""
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.train.kontext_data import control_problems
+
+    _options(tmp_path)
+    images = tmp_path / "data" / "1_tiny"
+    spelled = images / ".." / "1_tiny"
+    problems = control_problems(build_dataset_index(_options(tmp_path, control_dir=str(spelled))))
+    assert problems == [
+        f"control images: the control folder is the image folder itself ({images}): each image would be its own "
+        "control image; put the control images in a folder of their own"
+    ]
+    assert control_problems(build_dataset_index(_options(tmp_path, control_dir=str(_controls(tmp_path))))) == []

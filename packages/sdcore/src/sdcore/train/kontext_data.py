@@ -98,9 +98,16 @@ def _listed(paths: list[str], limit: int = 10) -> str:
     return shown + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def _same_folder(a: Path | None, b: Path | None) -> bool:
+    try:
+        return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 def control_problems(index: DatasetIndex) -> list[str]:
-    """Pre-flight problems of the control images (no model needed): a control folder that is not one,
-    training images without a control image (listed, as the mask images are), unreadable control images,
+    """Pre-flight problems of the control images (no model needed): a control folder that is not one or is
+    the image folder itself, training images without a control image (listed, as the mask images are), unreadable control images,
     and a dataset where some subsets have control images and others not (a Kontext batch needs a reference
     for every sample: ai-toolkit and musubi-tuner pair every image of a control dataset)."""
     from ..data.images import ImageError, probe_image
@@ -113,6 +120,14 @@ def control_problems(index: DatasetIndex) -> list[str]:
     for folder in dict.fromkeys(Path(s.control_dir) for s in with_dir if s.control_dir is not None):
         if not folder.is_dir():
             problems.append(f"control images: {folder} is not a folder (--control-dir / control_directory)")
+    # the control folder is the subset's own image folder: every image pairs with itself (or with a same-stem
+    # training image beside it), an identity "edit" no user means; the peers have no such check, sdcore refuses
+    own = [str(s.image_dir) for s in with_dir if _same_folder(s.control_dir, s.image_dir)]
+    if own:
+        problems.append(
+            f"control images: the control folder is the image folder itself ({_listed(own)}): each image would be "
+            "its own control image; put the control images in a folder of their own"
+        )
     without = [str(s.image_dir) for s in subsets if getattr(s, "control_dir", None) is None]
     if without:
         problems.append(

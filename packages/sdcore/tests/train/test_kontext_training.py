@@ -246,3 +246,32 @@ def test_a_control_folder_that_is_the_image_folder_is_refused(tmp_path):
         "control image; put the control images in a folder of their own"
     ]
     assert control_problems(build_dataset_index(_options(tmp_path, control_dir=str(_controls(tmp_path))))) == []
+
+
+def test_regularisation_images_pair_with_control_images_too(tmp_path):
+    """--reg-data images take --control-dir as the training images do (a Kontext batch needs a reference for every
+    sample, and a Kontext regularisation image is an edit pair too): missing ones are listed with a hint that
+    says so and points to a dataset TOML's per-subset control_directory; present ones are found."""
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.train.kontext_data import control_image_path, control_problems
+
+    _options(tmp_path)
+    folder = _controls(tmp_path)
+    reg = tmp_path / "reg" / "1_class"
+    reg.mkdir(parents=True)
+    for name in ("r0", "r1"):
+        Image.new("RGB", (64, 64), (0, 90, 0)).save(reg / f"{name}.png")
+    index = build_dataset_index(_options(tmp_path, control_dir=str(folder), reg_data=str(reg.parent)))
+    assert control_problems(index) == [
+        f"control images: 2 image(s) without a control image of the same name in their control folder: {reg / 'r0.png'}"
+        f", {reg / 'r1.png'} (2 of them regularisation images: a Kontext regularisation image is a pair too, and "
+        "--control-dir serves --reg-data as well; a dataset TOML gives each subset its own control_directory)"
+    ]
+    Image.new("RGB", (64, 64), (0, 0, 90)).save(folder / "r0.webp")
+    Image.new("RGB", (64, 64), (0, 0, 90)).save(folder / "r1.png")
+    index = build_dataset_index(_options(tmp_path, control_dir=str(folder), reg_data=str(reg.parent)))
+    assert control_problems(index) == []
+    assert {e.path.name: control_image_path(e) for e in index.entries if e.is_class} == {
+        "r0.png": folder / "r0.webp",
+        "r1.png": folder / "r1.png",
+    }

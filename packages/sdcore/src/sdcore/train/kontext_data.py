@@ -136,6 +136,7 @@ def control_problems(index: DatasetIndex) -> list[str]:
             "control_directory)"
         )
     missing: list[str] = []
+    missing_class = 0
     unreadable: list[str] = []
     for entry in index.entries:
         control_dir = getattr(entry.subset, "control_dir", None)
@@ -144,6 +145,7 @@ def control_problems(index: DatasetIndex) -> list[str]:
         path = control_image_path(entry)
         if path is None:
             missing.append(str(entry.path))
+            missing_class += entry.is_class
             continue
         try:
             probe_image(path)
@@ -153,6 +155,13 @@ def control_problems(index: DatasetIndex) -> list[str]:
         problems.append(
             f"control images: {len(missing)} image(s) without a control image of the same name in their control "
             f"folder: {_listed(missing)}"
+            + (
+                f" ({missing_class} of them regularisation images: a Kontext regularisation image is a pair too, "
+                "and --control-dir serves --reg-data as well; a dataset TOML gives each subset its own "
+                "control_directory)"
+                if missing_class
+                else ""
+            )
         )
     if unreadable:
         problems.append(f"control images: {len(unreadable)} unreadable: {_listed(unreadable)}")

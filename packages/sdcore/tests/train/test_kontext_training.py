@@ -37,7 +37,7 @@ def _options(tmp_path: Path, family: str = "flux", **extra):
 
 def test_preflight_lists_every_control_problem_in_one_go_before_loading(tmp_path, monkeypatch):
     """Missing control images are listed (as the mask images are), a missing folder and a model that is not a
-    FLUX.1 with a guidance embedding are one line each; nothing is loaded for it."""
+    FLUX.1 with a guidance embedding are one line each; nothing is loaded for it. The plan names the pairing."""
     import sdcore.models.load as load
     from sdcore.train.preflight import run_preflight
 
@@ -65,7 +65,13 @@ def test_preflight_lists_every_control_problem_in_one_go_before_loading(tmp_path
         "FLUX.1 Kontext is a dev model (train FLUX.1 Kontext [dev], or dev to teach it references)",
     ]
     o = _options(tmp_path, control_dir=str(_controls(tmp_path)))
-    assert not [p for p in run_preflight(ProjOutMethod(o), o, plan=False).problems if "control" in p]
+    report = run_preflight(ProjOutMethod(o), o, plan=False)
+    assert not [p for p in report.problems if "control" in p]
+    # the dry run's plan says the run pairs its samples (it said nothing of the control images)
+    line = f"  FLUX.1 Kontext: every sample paired with its control image from {tmp_path / 'controls'}"
+    assert line in report.plan_lines()
+    plain = _options(tmp_path / "plain")
+    assert not [x for x in run_preflight(ProjOutMethod(plain), plain, plan=False).plan_lines() if "Kontext" in x]
 
 
 def test_dataset_toml_control_directory_is_musubi_tuners_key_per_subset(tmp_path):

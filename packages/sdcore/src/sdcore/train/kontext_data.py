@@ -188,6 +188,15 @@ def control_family_problems(layout: ModelLayout, index: DatasetIndex) -> list[st
     return []
 
 
+def control_summary(index: DatasetIndex) -> list[str]:
+    """The plan's line for a Kontext dataset (none without control images): that it trains FLUX.1 Kontext and
+    from which control folders, so a dry run shows what the run will pair."""
+    folders = list(dict.fromkeys(str(e.subset.control_dir) for e in index.entries if has_control(e)))
+    if not folders:
+        return []
+    return [f"  FLUX.1 Kontext: every sample paired with its control image from {_listed(folders)}"]
+
+
 def reference_count(index: DatasetIndex | None) -> int:
     """Reference images per sample of a dataset (0 or 1): the memory plan's extra image tokens."""
     if index is None:
@@ -218,6 +227,7 @@ __all__ = [
     "control_image_path",
     "control_problems",
     "control_seed",
+    "control_summary",
     "encode_controls",
     "has_control",
     "load_control_pixels",

@@ -101,7 +101,7 @@ def test_dataset_toml_control_directory_is_musubi_tuners_key_per_subset(tmp_path
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_control_latents_are_the_resized_control_image_encoded_like_the_latents(tmp_path, cached):
+def test_control_latents_are_the_resized_control_image_encoded_like_the_latents(tmp_path, cached, capsys):
     """The reference latents of a sample equal the VAE posterior draw of its control image resized to the
     training image's bucket (area filter when shrinking, as the training image) and mirrored with it,
     shifted and scaled like every Flux latent; cached and uncached runs give the same latents."""
@@ -113,6 +113,8 @@ def test_control_latents_are_the_resized_control_image_encoded_like_the_latents(
     o = _options(tmp_path, control_dir=str(folder), cache_latents=cached, flip=True)
     s = TrainSession(ProjOutMethod(o), bundle=None)
     s.setup()
+    shown = capsys.readouterr()
+    assert f"FLUX.1 Kontext: every sample paired with its control image from {folder}" in shown.out + shown.err
     refs = [SampleRef(i, 0, 0) for i in range(len(s.data.entries))]
     batch = s.make_batch(refs)
     vae = s.bundle.vae

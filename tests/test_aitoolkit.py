@@ -384,6 +384,9 @@ def test_control_path_is_the_kontext_control_folder_and_several_are_refused(tmp_
     assert subset(control_path="ctrl").control_dir == Path("ctrl")
     assert subset(control_path=["ctrl"]).control_dir == Path("ctrl")
     assert subset().control_dir is None
+    # ai-toolkit reads an empty control_path as none (toolkit/config_modules.py DatasetConfig: '' -> None; a list
+    # with no folder finds no control image, dataloader_mixins.py); was "several control folders are not supported"
+    assert subset(control_path="").control_dir is None and subset(control_path=[]).control_dir is None
     with pytest.raises(DatasetProblems, match=r"control_path = \['a', 'b'\]: sdcore trains FLUX.1 Kontext with one"):
         subset(control_path=["a", "b"])
     out = JobTranslation()

@@ -37,7 +37,7 @@ def _options(tmp_path: Path, family: str = "flux", **extra):
 
 def test_preflight_lists_every_control_problem_in_one_go_before_loading(tmp_path, monkeypatch):
     """Missing control images are listed (as the mask images are), a missing folder and a model that is not a
-    FLUX.1 with a guidance embedding are one line each; nothing is loaded for it."""
+    FLUX.1 with a guidance embedding are one line each; nothing is loaded for it. The plan names the pairing."""
     import sdcore.models.load as load
     from sdcore.train.preflight import run_preflight
 
@@ -65,7 +65,13 @@ def test_preflight_lists_every_control_problem_in_one_go_before_loading(tmp_path
         "FLUX.1 Kontext is a dev model (train FLUX.1 Kontext [dev], or dev to teach it references)",
     ]
     o = _options(tmp_path, control_dir=str(_controls(tmp_path)))
-    assert not [p for p in run_preflight(ProjOutMethod(o), o, plan=False).problems if "control" in p]
+    report = run_preflight(ProjOutMethod(o), o, plan=False)
+    assert not [p for p in report.problems if "control" in p]
+    # the dry run's plan says the run pairs its samples (it said nothing of the control images)
+    line = f"  FLUX.1 Kontext: every sample paired with its control image from {tmp_path / 'controls'}"
+    assert line in report.plan_lines()
+    plain = _options(tmp_path / "plain")
+    assert not [x for x in run_preflight(ProjOutMethod(plain), plain, plan=False).plan_lines() if "Kontext" in x]
 
 
 def test_dataset_toml_control_directory_is_musubi_tuners_key_per_subset(tmp_path):
@@ -95,7 +101,7 @@ def test_dataset_toml_control_directory_is_musubi_tuners_key_per_subset(tmp_path
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_control_latents_are_the_resized_control_image_encoded_like_the_latents(tmp_path, cached):
+def test_control_latents_are_the_resized_control_image_encoded_like_the_latents(tmp_path, cached, capsys):
     """The reference latents of a sample equal the VAE posterior draw of its control image resized to the
     training image's bucket (area filter when shrinking, as the training image) and mirrored with it,
     shifted and scaled like every Flux latent; cached and uncached runs give the same latents."""
@@ -107,6 +113,8 @@ def test_control_latents_are_the_resized_control_image_encoded_like_the_latents(
     o = _options(tmp_path, control_dir=str(folder), cache_latents=cached, flip=True)
     s = TrainSession(ProjOutMethod(o), bundle=None)
     s.setup()
+    shown = capsys.readouterr()
+    assert f"FLUX.1 Kontext: every sample paired with its control image from {folder}" in shown.out + shown.err
     refs = [SampleRef(i, 0, 0) for i in range(len(s.data.entries))]
     batch = s.make_batch(refs)
     vae = s.bundle.vae
@@ -208,3 +216,70 @@ def test_control_latents_ride_in_the_disk_cache_and_an_edited_control_image_re_e
     assert not torch.allclose(changed[row], written[row])
     others = [i for i in range(len(third.data.entries)) if i != row]
     torch.testing.assert_close(changed[others], written[others])
+
+
+def test_a_control_image_may_have_any_extension_a_training_image_may(tmp_path):
+    """The docs promise "any image extension": a .tif/.TIFF/.gif control image is found as a .tif training image
+    is (before, only kohya's mask extensions were tried, and the pre-flight said the control image was missing)."""
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.data.images import IMAGE_SUFFIXES
+    from sdcore.train.kontext_data import control_image_path, control_problems
+
+    _options(tmp_path)
+    folder = tmp_path / "controls"
+    folder.mkdir()
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    names = ["img00.tif", "img01.TIFF", "img02.gif", "img03.PNG"]
+    assert {Path(n).suffix.lower() for n in names} <= set(IMAGE_SUFFIXES)
+    for name in names:
+        Image.new("RGB", (64, 64), (10, 200, 30)).save(folder / name)
+    index = build_dataset_index(_options(tmp_path, control_dir=str(folder)))
+    assert control_problems(index) == []
+    found = {e.path.stem: control_image_path(e) for e in index.entries}
+    assert found == {image.stem: folder / name for image, name in zip(images, names, strict=True)}
+
+
+def test_a_control_folder_that_is_the_image_folder_is_refused(tmp_path):
+    """--control-dir naming the training images' own folder pairs every image with itself (an identity edit):
+    a pre-flight problem naming the folder, given once however the path is spelled (was accepted silently)."""
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.train.kontext_data import control_problems
+
+    _options(tmp_path)
+    images = tmp_path / "data" / "1_tiny"
+    spelled = images / ".." / "1_tiny"
+    problems = control_problems(build_dataset_index(_options(tmp_path, control_dir=str(spelled))))
+    assert problems == [
+        f"control images: the control folder is the image folder itself ({images}): each image would be its own "
+        "control image; put the control images in a folder of their own"
+    ]
+    assert control_problems(build_dataset_index(_options(tmp_path, control_dir=str(_controls(tmp_path))))) == []
+
+
+def test_regularisation_images_pair_with_control_images_too(tmp_path):
+    """--reg-data images take --control-dir as the training images do (a Kontext batch needs a reference for every
+    sample, and a Kontext regularisation image is an edit pair too): missing ones are listed with a hint that
+    says so and points to a dataset TOML's per-subset control_directory; present ones are found."""
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.train.kontext_data import control_image_path, control_problems
+
+    _options(tmp_path)
+    folder = _controls(tmp_path)
+    reg = tmp_path / "reg" / "1_class"
+    reg.mkdir(parents=True)
+    for name in ("r0", "r1"):
+        Image.new("RGB", (64, 64), (0, 90, 0)).save(reg / f"{name}.png")
+    index = build_dataset_index(_options(tmp_path, control_dir=str(folder), reg_data=str(reg.parent)))
+    assert control_problems(index) == [
+        f"control images: 2 image(s) without a control image of the same name in their control folder: {reg / 'r0.png'}"
+        f", {reg / 'r1.png'} (2 of them regularisation images: a Kontext regularisation image is a pair too, and "
+        "--control-dir serves --reg-data as well; a dataset TOML gives each subset its own control_directory)"
+    ]
+    Image.new("RGB", (64, 64), (0, 0, 90)).save(folder / "r0.webp")
+    Image.new("RGB", (64, 64), (0, 0, 90)).save(folder / "r1.png")
+    index = build_dataset_index(_options(tmp_path, control_dir=str(folder), reg_data=str(reg.parent)))
+    assert control_problems(index) == []
+    assert {e.path.name: control_image_path(e) for e in index.entries if e.is_class} == {
+        "r0.png": folder / "r0.webp",
+        "r1.png": folder / "r1.png",
+    }

@@ -1454,8 +1454,9 @@ def load_datasets(
 def _control_folder(value: Any, where: str, out: JobTranslation) -> Path | None:
     """A dataset's ``control_path`` (FLUX.1 Kontext's control images, matched by file stem as ai-toolkit's
     ``dataloader_mixins`` does): one folder, or a list of one. Several folders are several reference images
-    per sample, which Kontext places with ComfyUI's offset position ids; sdcore trains one reference."""
-    if value is None:
+    per sample, which Kontext places with ComfyUI's offset position ids; sdcore trains one reference. An empty
+    ``control_path`` (``''``, ai-toolkit's DatasetConfig reads it as none; ``[]``, no folder to search) is none."""
+    if value is None or value == "" or value == []:
         return None
     folders = value if isinstance(value, list) else [value]
     if len(folders) != 1 or not isinstance(folders[0], str) or not folders[0]:

@@ -28,6 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..data.images import IMAGE_SUFFIXES
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -41,15 +43,18 @@ def has_control(entry: ImageEntry) -> bool:
     return getattr(entry.subset, "control_dir", None) is not None
 
 
-def control_image_path(entry: ImageEntry) -> Path | None:
-    """The control image of ``entry``: the file named like it (any image extension kohya and musubi-tuner
-    read, the first in sorted order as their ``glob_images``) in its subset's control folder; None without."""
-    from .data import MASK_EXTENSIONS
+#: extensions a control image may have: every image extension sdcore trains on (a training image may be a
+#: ``.tif``, so may its control image), in lower and upper case as kohya's and musubi-tuner's lists spell them
+CONTROL_EXTENSIONS = tuple(dict.fromkeys(ext for s in IMAGE_SUFFIXES for ext in (s, s.upper())))
 
+
+def control_image_path(entry: ImageEntry) -> Path | None:
+    """The control image of ``entry``: the file named like it (:data:`CONTROL_EXTENSIONS`, the first in sorted
+    order as kohya's and musubi-tuner's ``glob_images``) in its subset's control folder; None without."""
     folder = getattr(entry.subset, "control_dir", None)
     if folder is None:
         return None
-    found = sorted({str(Path(folder) / f"{entry.path.stem}{ext}") for ext in MASK_EXTENSIONS})
+    found = sorted({str(Path(folder) / f"{entry.path.stem}{ext}") for ext in CONTROL_EXTENSIONS})
     found = [p for p in found if Path(p).is_file()]
     return Path(found[0]) if found else None
 
@@ -93,9 +98,16 @@ def _listed(paths: list[str], limit: int = 10) -> str:
     return shown + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def _same_folder(a: Path | None, b: Path | None) -> bool:
+    try:
+        return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 def control_problems(index: DatasetIndex) -> list[str]:
-    """Pre-flight problems of the control images (no model needed): a control folder that is not one,
-    training images without a control image (listed, as the mask images are), unreadable control images,
+    """Pre-flight problems of the control images (no model needed): a control folder that is not one or is
+    the image folder itself, training images without a control image (listed, as the mask images are), unreadable control images,
     and a dataset where some subsets have control images and others not (a Kontext batch needs a reference
     for every sample: ai-toolkit and musubi-tuner pair every image of a control dataset)."""
     from ..data.images import ImageError, probe_image
@@ -108,6 +120,14 @@ def control_problems(index: DatasetIndex) -> list[str]:
     for folder in dict.fromkeys(Path(s.control_dir) for s in with_dir if s.control_dir is not None):
         if not folder.is_dir():
             problems.append(f"control images: {folder} is not a folder (--control-dir / control_directory)")
+    # the control folder is the subset's own image folder: every image pairs with itself (or with a same-stem
+    # training image beside it), an identity "edit" no user means; the peers have no such check, sdcore refuses
+    own = [str(s.image_dir) for s in with_dir if _same_folder(s.control_dir, s.image_dir)]
+    if own:
+        problems.append(
+            f"control images: the control folder is the image folder itself ({_listed(own)}): each image would be "
+            "its own control image; put the control images in a folder of their own"
+        )
     without = [str(s.image_dir) for s in subsets if getattr(s, "control_dir", None) is None]
     if without:
         problems.append(
@@ -116,6 +136,7 @@ def control_problems(index: DatasetIndex) -> list[str]:
             "control_directory)"
         )
     missing: list[str] = []
+    missing_class = 0
     unreadable: list[str] = []
     for entry in index.entries:
         control_dir = getattr(entry.subset, "control_dir", None)
@@ -124,6 +145,7 @@ def control_problems(index: DatasetIndex) -> list[str]:
         path = control_image_path(entry)
         if path is None:
             missing.append(str(entry.path))
+            missing_class += entry.is_class
             continue
         try:
             probe_image(path)
@@ -133,6 +155,13 @@ def control_problems(index: DatasetIndex) -> list[str]:
         problems.append(
             f"control images: {len(missing)} image(s) without a control image of the same name in their control "
             f"folder: {_listed(missing)}"
+            + (
+                f" ({missing_class} of them regularisation images: a Kontext regularisation image is a pair too, "
+                "and --control-dir serves --reg-data as well; a dataset TOML gives each subset its own "
+                "control_directory)"
+                if missing_class
+                else ""
+            )
         )
     if unreadable:
         problems.append(f"control images: {len(unreadable)} unreadable: {_listed(unreadable)}")
@@ -159,6 +188,15 @@ def control_family_problems(layout: ModelLayout, index: DatasetIndex) -> list[st
     return []
 
 
+def control_summary(index: DatasetIndex) -> list[str]:
+    """The plan's line for a Kontext dataset (none without control images): that it trains FLUX.1 Kontext and
+    from which control folders, so a dry run shows what the run will pair."""
+    folders = list(dict.fromkeys(str(e.subset.control_dir) for e in index.entries if has_control(e)))
+    if not folders:
+        return []
+    return [f"  FLUX.1 Kontext: every sample paired with its control image from {_listed(folders)}"]
+
+
 def reference_count(index: DatasetIndex | None) -> int:
     """Reference images per sample of a dataset (0 or 1): the memory plan's extra image tokens."""
     if index is None:
@@ -183,11 +221,13 @@ def encode_controls(bundle: Any, pixels: list[Any], seeds: list[int]) -> Any:
 
 
 __all__ = [
+    "CONTROL_EXTENSIONS",
     "control_family_problems",
     "control_identity",
     "control_image_path",
     "control_problems",
     "control_seed",
+    "control_summary",
     "encode_controls",
     "has_control",
     "load_control_pixels",

@@ -315,8 +315,10 @@ class TrainSession:
         per_epoch = self.data.steps_in_epoch(0, options.gradient_accumulation)
         self.save_every_epochs = epoch_save_interval(options, self.total_steps, per_epoch)
         if class_data is None:
+            from .kontext_data import control_summary
+
             self.progress.plan(
-                self.data.index.summary(),
+                "\n".join([self.data.index.summary(), *control_summary(self.data.index)]),
                 per_epoch=len(self.data.epoch_plan(0)),
                 total_steps=self.total_steps,
                 max_epochs=self.max_epochs,

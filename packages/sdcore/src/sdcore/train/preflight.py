@@ -769,6 +769,9 @@ class PreflightReport:
             lines.append(f"model: {self.layout.source} ({self.layout.family}, {self.layout.source_format})")
         if self.data is not None:
             lines.append(self.data.index.summary())
+            from .kontext_data import control_summary
+
+            lines.extend(control_summary(self.data.index))
             if self.data.held_out:
                 held = [self.data.entries[i] for i in sorted(self.data.held_out)]
                 lines.append(

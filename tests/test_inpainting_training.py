@@ -197,7 +197,7 @@ def test_onetrainer_inpainting_options(tmp_path):
               "base_model_name": str(model), "resolution": "64", "masked_training": True}  # fmt: skip
     o = _ot(tmp_path, config, "dreambooth")
     assert (o.masked_loss, o.masked_loss_unmasked_weight, o.inpainting_unmasked_probability) == (True, 0.1, 0.1)
-    with pytest.raises(ConfigError, match="-condlabel.png images replace an inpainting model's masked image"):
+    with pytest.raises(ConfigError, match=r"-condlabel\.png images replace an inpainting model's masked image"):
         _ot(tmp_path, {**config, "custom_conditioning_image": True}, "dreambooth")
     with pytest.raises(ConfigError, match="sdcore does not train depth models"):
         _ot(tmp_path, {**config, "model_type": "STABLE_DIFFUSION_20_DEPTH"}, "dreambooth")
@@ -212,5 +212,7 @@ def test_kohya_gui_train_inpainting_is_refused_with_the_reason(tmp_path):
     gui = {"LoRA_type": "Standard", "network_dim": 8, "network_alpha": 4, "learning_rate": 1e-4,
            "optimizer": "AdamW", "max_resolution": "512,512", "lr_warmup": 0, "train_inpainting": True}  # fmt: skip
     path.write_text(json.dumps(gui), encoding="utf-8")
-    with pytest.raises(ConfigError, match="train_inpainting: the GUI passes --train_inpainting, which kohya sd-scripts"):
+    with pytest.raises(
+        ConfigError, match="train_inpainting: the GUI passes --train_inpainting, which kohya sd-scripts"
+    ):
         load_options(LoraOptions, path, notes=[])

@@ -1,6 +1,6 @@
 """FLUX.1 Fill / Depth / Canny / Kontext: told apart from dev and schnell by the rules diffusers' single-file
 detection uses (the guidance embedding, ``img_in``'s input width, a folder's pipeline class), named in
-``model info``, and refused with one line by generation and training."""
+``model info``, and refused with one line by generation and (Depth/Canny; Fill trains) training."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_model_info_names_the_release(dev, tmp_path):
     assert result.exit_code == 0, result.output
     assert "family:          flux-fill (FLUX.1)" in result.output
     assert "variant:         fill: FLUX.1 Fill [dev] (inpainting" in result.output
-    assert "sdcore cannot train or generate with it yet" in result.output
+    assert "sdcore trains it, and cannot generate with it yet" in result.output
 
 
 @pytest.mark.parametrize("width", [384, 128])
@@ -94,10 +94,13 @@ def test_generation_and_training_refuse_tools_with_one_line(dev, width):
     with pytest.raises(ConfigError, match=rf"flux1-tool.safetensors is FLUX.1 {release} \[dev\].*cannot generate with"):
         generate_images(bundle, ["a cat"], steps=1, width=32, height=32)
     adapter = FluxAdapter()
-    with pytest.raises(ConfigError, match="cannot train or generate with it yet"):
-        adapter.encode_prompts(bundle, ["a cat"])
+    if width == 384:  # Fill trains: its prompts encode as dev's (its step joins the mask and masked image)
+        assert adapter.encode_prompts(bundle, ["a cat"], t5_max_length=8).pooled is not None
+    else:
+        with pytest.raises(ConfigError, match="cannot train or generate with it yet"):
+            adapter.encode_prompts(bundle, ["a cat"])
     cond = adapter.encode_prompts(dev, ["a cat"], t5_max_length=8)
-    with pytest.raises(ConfigError, match=rf"FLUX.1 {release} \[dev\]"):
+    with pytest.raises(ConfigError, match=rf"FLUX.1 {release} \[dev\]"):  # without its extra input: one line
         adapter.predict(bundle, torch.zeros(1, 16, 4, 4), torch.tensor([500.0]), cond)
 
 
@@ -126,12 +129,17 @@ def test_kontext_folder_is_named_by_its_pipeline(dev, tmp_path):
     assert images[0].size == (32, 32)
 
 
-def test_training_preflight_refuses_a_fill_file_before_loading(dev, tmp_path):
-    """The pre-flight reads the file's header (its memory plan): a Fill file is one problem line there."""
+def test_training_preflight_reads_fill_and_refuses_depth_before_loading(dev, tmp_path):
+    """The pre-flight reads the file's header (its memory plan): a Depth/Canny file is one problem line there;
+    a Fill file is read (it trains) as an inpainting layout."""
     from sdcore.errors import ConfigError
     from sdcore.models.layout import read_layout
+    from sdcore.train.inpainting import layout_kind
 
-    fill = _bfl_file(_with_input_width(dev, 384), tmp_path / "fill.safetensors")
-    with pytest.raises(ConfigError, match=r"fill.safetensors is FLUX.1 Fill \[dev\].*cannot train it yet"):
-        read_layout(fill)
-    assert read_layout(_bfl_file(dev, tmp_path / "dev.safetensors")).family == "flux"
+    control = _bfl_file(_with_input_width(dev, 128), tmp_path / "depth.safetensors")
+    with pytest.raises(ConfigError, match=r"depth.safetensors is FLUX.1 Depth or Canny \[dev\].*cannot train it yet"):
+        read_layout(control)
+    fill = read_layout(_bfl_file(_with_input_width(dev, 384), tmp_path / "fill.safetensors"))
+    assert (fill.family, layout_kind(fill)) == ("flux", "fill")
+    plain = read_layout(_bfl_file(dev, tmp_path / "dev.safetensors"))
+    assert (plain.family, layout_kind(plain)) == ("flux", None)

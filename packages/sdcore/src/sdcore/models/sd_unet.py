@@ -70,10 +70,25 @@ class SdUnetAdapter:
         conditioning: Conditioning,
         *,
         batch: Batch | None = None,
+        inpainting: tuple[torch.Tensor, torch.Tensor] | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """The UNet's output; SDXL gets its pooled embedding and size conditioning (from ``batch``,
-        or the latent size with no crop when there is no batch)."""
+        or the latent size with no crop when there is no batch). ``inpainting``: an inpainting UNet's
+        ``(mask [B, 1, h, w], masked-image latents [B, 4, h, w])``, joined on the channels after the noisy
+        latents as ``[noisy, mask, masked latents]`` (diffusers' inpaint pipelines, OneTrainer's training)."""
+        import torch
+
+        in_channels = int(bundle.unet.config.in_channels)
+        if inpainting is not None:
+            mask, masked = inpainting
+            noisy_latents = torch.cat([noisy_latents, mask.to(noisy_latents), masked.to(noisy_latents)], dim=1)
+        if noisy_latents.shape[1] != in_channels:
+            raise ConfigError(
+                f"{bundle.source or 'this model'}: the UNet takes {in_channels} input channels, given "
+                f"{noisy_latents.shape[1]}"
+                + (" (an inpainting UNet needs its mask and masked image)" if bundle.inpainting else "")
+            )
         kwargs: dict[str, Any] = {}
         if self.family.startswith("sdxl"):
             pooled = conditioning.pooled

@@ -67,6 +67,12 @@ class BatchMaker:
         self.total_steps = total_steps  # kohya's max_train_steps, for the token warm-up
         self.prefetcher: Prefetcher | None = None
         self._mask_cache: dict[tuple[int, SampleView], Any] = {}
+        from .inpainting import bundle_kind
+
+        #: ``"unet"``/``"fill"`` for an inpainting model (its batches carry the mask and masked image), else None
+        self.inpainting = bundle_kind(bundle)
+        self._inpaint_masks: dict[tuple[int, SampleView], Any] = {}
+        self._blank_latents: dict[tuple[int, int], Any] = {}
         from .kontext_data import has_control
 
         family = getattr(bundle, "family", None)
@@ -100,6 +106,7 @@ class BatchMaker:
         weights: list[float] = []
         strengths: list[float] = []
         to_encode: list[tuple[int, Any, int]] = []  # (slot, pixels, seed) when latents are not cached
+        loaded: list[Any] = []  # each sample's pixels when decoded now (an inpainting model's masked image)
         for ref in refs:
             entry, assignment = data.entries[ref.entry], data.assignments[ref.entry]
             view = data.view_of(ref)
@@ -113,6 +120,7 @@ class BatchMaker:
                 pixels = torch.from_numpy(array)
                 to_encode.append((len(latents), pixels, self.latent_seed(ref.entry, flipped)))
                 latents.append(None)
+            loaded.append(pixels)
             if self.caps.needs_pixels:
                 if pixels is None:
                     array, _, _ = self.pixels(ref.entry, view)
@@ -145,7 +153,12 @@ class BatchMaker:
         )
         if any(value != 1.0 for value in strengths):  # else None: the usual path, untouched
             batch.network_strength = torch.tensor(strengths, dtype=torch.float32, device=self.device)
-        batch.masks = self.loss_masks(refs, latent_batch.shape[-2:])
+        unmasked = self.unmasked(refs)
+        batch.masks = self.loss_masks(refs, latent_batch.shape[-2:], unmasked=unmasked)
+        if self.inpainting is not None:
+            batch.inpainting_mask, batch.masked_latents = self.inpainting_conditioning(
+                refs, latent_batch.shape[-2:], loaded, unmasked
+            )
         batch.reference_latents = self.reference_latents(refs)
         if self.text_cache is not None and with_conditioning:
             batch.conditioning = self.text_cache.batch(captions).to(self.device)
@@ -179,6 +192,75 @@ class BatchMaker:
                 latents[slot] = latent
         return self.bundle.normalize_latents(torch.stack(latents).to(self.device))
 
+    def unmasked(self, refs: list[SampleRef]) -> set[int]:
+        """Positions in ``refs`` that an inpainting model trains with a full mask and a blank masked image
+        (``--inpainting-unmasked-probability``, each sample's own draw: :func:`.inpainting.unmasked_draw`)."""
+        from .inpainting import unmasked_draw
+
+        p = float(self.options.inpainting_unmasked_probability)
+        if self.inpainting is None or p <= 0:
+            return set()
+        return {i for i, ref in enumerate(refs) if unmasked_draw(ref.seed(self.options.seed, "inpainting-unmasked"), p)}
+
+    def inpainting_conditioning(
+        self, refs: list[SampleRef], latent_size: Any, loaded: list[Any], unmasked: set[int]
+    ) -> tuple[Any, Any]:
+        """An inpainting model's ``(mask, masked latents)`` for the samples ``refs`` (:mod:`.inpainting`): the
+        mask at latent size in the denoiser's layout, and the masked image's latents (scaled) from the latent
+        cache or encoded now from the pixels the sample's latents were made from (``loaded``); an ``unmasked`` sample gets the
+        full mask and the latents of a blank (all-zero) image of its size."""
+        import torch
+
+        from .data import SampleView
+        from .inpainting import encode_mean, latent_mask, masked_pixels, pixel_mask
+
+        kind = self.inpainting
+        assert kind is not None
+        size = (int(latent_size[0]), int(latent_size[1]))
+        masks: list[Any] = []
+        latents: list[Any] = [None] * len(refs)
+        pending: list[tuple[int, Any]] = []
+        for i, ref in enumerate(refs):
+            view = self.data.view_of(ref)
+            assignment = view.apply(self.data.assignments[ref.entry])
+            if i in unmasked:
+                ones = torch.ones(size[0] * 8, size[1] * 8)
+                masks.append(latent_mask(ones, size, kind))
+                latents[i] = self.blank_latent(size)
+                continue
+            key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
+            pixel = None
+            mask = self._inpaint_masks.get(key)
+            if mask is None:
+                pixel = pixel_mask(self.data.entries[ref.entry], assignment, flip=view.flip, crop=view.crop)
+                mask = latent_mask(pixel, size, kind)
+                if view.crop is None and view.resized is None:
+                    self._inpaint_masks[key] = mask
+            masks.append(mask)
+            if self.latent_cache is not None:  # encoded with the latents, from the same pixels
+                latents[i] = self.latent_cache.masked_latent(ref.entry, view.flip)
+                continue
+            if pixel is None:
+                pixel = pixel_mask(self.data.entries[ref.entry], assignment, flip=view.flip, crop=view.crop)
+            pending.append((i, masked_pixels(loaded[i], pixel)))
+        if pending:
+            encoded = encode_mean(self.bundle, torch.stack([p for _, p in pending]))
+            for (i, _), latent in zip(pending, encoded, strict=True):
+                latents[i] = latent
+        masked = self.bundle.normalize_latents(torch.stack(latents).to(self.device))
+        return torch.stack(masks).to(self.device), masked
+
+    def blank_latent(self, size: tuple[int, int]) -> Any:
+        """The unscaled latents of an all-zero (grey) image of latent size ``size``, encoded once per size
+        (mgds' ``RandomLatentMaskRemove`` encodes one per resolution)."""
+        import torch
+
+        from .inpainting import encode_mean
+
+        if size not in self._blank_latents:
+            self._blank_latents[size] = encode_mean(self.bundle, torch.zeros(1, 3, size[0] * 8, size[1] * 8))[0]
+        return self._blank_latents[size]
+
     def caption(self, ref: SampleRef, step: int = 0) -> str:
         """The prompt sample ``ref`` trains with at optimizer step ``step``: a cached variant when the
         text-encoder outputs are cached, else the caption processed with the sample's own generator."""
@@ -191,21 +273,26 @@ class BatchMaker:
         entry = self.data.entries[ref.entry]
         return make_caption(self.method, entry, rng, epoch=ref.epoch, step=step, total_steps=self.total_steps)
 
-    def loss_masks(self, refs: list[SampleRef], latent_size: Any) -> Any:
+    def loss_masks(self, refs: list[SampleRef], latent_size: Any, *, unmasked: set[int] | None = None) -> Any:
         """``[B, 1, h, w]`` loss weights, or ``None``: the product of the method's mask
         (:meth:`~sdcore.train.method.TrainingMethod.loss_mask`) and the dataset's (kohya's
         ``alpha_mask`` / ``--masked-loss`` mask images, OneTrainer's ``-masklabel.png``:
         :func:`~sdcore.train.data.load_mask`); the step weighs the loss with them
         (:func:`~sdcore.train.data.weigh_by_mask`).
-        Cached per image and view (flip; not for random crops, which differ every time)."""
+        Cached per image and view (flip; not for random crops, which differ every time). The positions in
+        ``unmasked`` (an inpainting model's full-mask draws) leave out the dataset's mask, as OneTrainer's loss
+        reads the replaced mask."""
         import torch
 
         from .data import SampleView
 
         size = (int(latent_size[0]), int(latent_size[1]))
         masks = []
-        for ref in refs:
+        for i, ref in enumerate(refs):
             view = self.data.view_of(ref)
+            if unmasked and i in unmasked:
+                masks.append(self.sample_mask(ref.entry, view, size, dataset_mask=False))
+                continue
             key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
             mask = self._mask_cache.get(key)
             if key not in self._mask_cache:
@@ -218,14 +305,15 @@ class BatchMaker:
         ones = torch.ones(1, *size)
         return torch.stack([ones if mask is None else mask.reshape(1, *size).float() for mask in masks]).to(self.device)
 
-    def sample_mask(self, index: int, view: SampleView, size: tuple[int, int]) -> Any:
-        """The method's mask times the dataset's for one sample view, ``[1, h, w]`` or None."""
+    def sample_mask(self, index: int, view: SampleView, size: tuple[int, int], *, dataset_mask: bool = True) -> Any:
+        """The method's mask times the dataset's (unless not ``dataset_mask``) for one sample view, ``[1, h, w]``
+        or None."""
         from .data import clamp_unmasked, has_dataset_mask, load_mask, mask_filter, mask_to_latent, normalize_mask_area
 
         entry = self.data.entries[index]
         assignment = view.apply(self.data.assignments[index])  # a random crop: the maps are cropped there too
         mask = self.method.loss_mask(entry, assignment, flipped=view.flip, latent_size=size)
-        if has_dataset_mask(entry):
+        if dataset_mask and has_dataset_mask(entry):
             pixel_mask = load_mask(entry, assignment, flip=view.flip)
             if pixel_mask is not None:
                 own = clamp_unmasked(

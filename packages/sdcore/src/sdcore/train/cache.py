@@ -53,7 +53,7 @@ def vae_identity(vae: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str) -> str:
+def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str, *, inpainting: bool = False) -> str:
     path = Path(entry.path).resolve()
     stat = path.stat()
     parts = [
@@ -74,6 +74,10 @@ def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str) -> s
         from .kontext_data import control_identity
 
         parts.append(("control", control_identity(entry)))  # FLUX.1 Kontext: an edited control image re-encodes
+    if inpainting:  # an inpainting model's masked image: an edited mask re-encodes (other models keep their keys)
+        from .inpainting import mask_identity
+
+        parts.append(("inpainting-mask", mask_identity(entry)))
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -137,6 +141,11 @@ class LatentCache:
         self.latents: dict[tuple[int, bool], Any] = {}
         #: FLUX.1 Kontext's control latents (unscaled), beside the latents of the same (entry, flipped)
         self.controls: dict[tuple[int, bool], Any] = {}
+        #: an inpainting model's masked-image latents (unscaled VAE means), beside the latents of the same key
+        from .inpainting import bundle_kind
+
+        self.inpainting = bundle_kind(bundle)
+        self.masked: dict[tuple[int, bool], Any] = {}
         self.meta: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.encoded = 0  # images run through the VAE by this cache (tests and logs)
         self.reused = 0
@@ -157,7 +166,11 @@ class LatentCache:
             by_entry.setdefault(index, []).append(flipped)
         for index, flips in by_entry.items():
             entry, assignment = self.entries[index], self.assignments[index]
-            key = image_key(entry, assignment, self.vae_id) if self.to_disk else ""
+            key = (
+                image_key(entry, assignment, self.vae_id, inpainting=self.inpainting is not None)
+                if self.to_disk
+                else ""
+            )
             path = cache_file(entry, assignment, self.vae_id, self.cache_dir) if self.to_disk else None
             stored: dict[str, Any] = {}
             if path is not None and path.exists():
@@ -171,6 +184,8 @@ class LatentCache:
             for flipped in flips:
                 if has_control(entry):
                     changed |= self._fill_control(index, flipped, stored)
+                if self.inpainting is not None:
+                    changed |= self._fill_masked(index, flipped, stored)
                 name = "latents_flipped" if flipped else "latents"
                 if name in stored:
                     self.latents[(index, flipped)] = torch.from_numpy(np.array(stored[name]))
@@ -212,6 +227,30 @@ class LatentCache:
         self.controls[(index, flipped)] = latent
         stored[name] = latent.numpy()
         return True
+
+    def _fill_masked(self, index: int, flipped: bool, stored: dict[str, Any]) -> bool:
+        """The masked-image latent of (index, flipped) from ``stored`` or encoded into it; True when encoded."""
+        import numpy as np
+        import torch
+
+        from .data import load_pixels
+        from .inpainting import encode_mean, masked_pixels, pixel_mask
+
+        name = "masked_flipped" if flipped else "masked"
+        if name in stored:
+            self.masked[(index, flipped)] = torch.from_numpy(np.array(stored[name]))
+            return False
+        entry, assignment = self.entries[index], self.assignments[index]
+        pixels, _, _ = load_pixels(entry, assignment, flip=flipped)
+        mask = pixel_mask(entry, assignment, flip=flipped, crop=None)
+        latent = encode_mean(self.bundle, masked_pixels(pixels, mask)[None])[0]
+        self.masked[(index, flipped)] = latent
+        stored[name] = latent.numpy()
+        return True
+
+    def masked_latent(self, index: int, flipped: bool) -> Any:
+        """The unscaled masked-image latent ``[C, h, w]`` of an inpainting model's sample (KeyError without)."""
+        return self.masked[(index, flipped)]
 
     def control(self, index: int, flipped: bool) -> Any:
         """The unscaled control latent ``[C, h, w]`` of a FLUX.1 Kontext pair (KeyError without one)."""

@@ -141,6 +141,11 @@ class Batch:
     #: FLUX.1 Kontext's clean reference latents ``[B, C, h, w]`` (scaled like ``latents``), one per sample, from
     #: the dataset's control images (:mod:`sdcore.train.kontext_data`); None without control images
     reference_latents: torch.Tensor | None = None
+    #: an inpainting model's conditioning (:mod:`sdcore.train.inpainting`): the mask at latent size (``[B, 1, h, w]``
+    #: for an SD inpainting UNet, ``[B, 64, h, w]`` for FLUX.1 Fill; 1 = repaint) and the masked image's latents
+    #: ``[B, C, h, w]`` (scaled like ``latents``); None for other models
+    inpainting_mask: torch.Tensor | None = None
+    masked_latents: torch.Tensor | None = None
 
 
 @dataclass

@@ -174,7 +174,15 @@ FAMILIES = {
     "STABLE_DIFFUSION_15": "sd1", "STABLE_DIFFUSION_20": "sd2", "STABLE_DIFFUSION_20_BASE": "sd2",
     "STABLE_DIFFUSION_21": "sd2", "STABLE_DIFFUSION_21_BASE": "sd2", "STABLE_DIFFUSION_XL_10_BASE": "sdxl",
     "STABLE_DIFFUSION_3": "sd3", "STABLE_DIFFUSION_35": "sd3", "FLUX_DEV_1": "flux", "CHROMA_1": "chroma",
+    "STABLE_DIFFUSION_15_INPAINTING": "sd1", "STABLE_DIFFUSION_20_INPAINTING": "sd2",
+    "STABLE_DIFFUSION_XL_10_BASE_INPAINTING": "sdxl", "FLUX_FILL_DEV_1": "flux",
 }  # fmt: skip
+#: the ``model_type`` values of inpainting models (``has_mask_input`` and ``has_conditioning_image_input``):
+#: the mask and masked image enter the denoiser (:mod:`sdcore.train.inpainting`); the loaded model must be one
+INPAINTING_TYPES = frozenset(
+    {"STABLE_DIFFUSION_15_INPAINTING", "STABLE_DIFFUSION_20_INPAINTING", "STABLE_DIFFUSION_XL_10_BASE_INPAINTING",
+     "FLUX_FILL_DEV_1"}
+)  # fmt: skip
 #: the model parts OneTrainer trains for each family (``ModelType.model_parts``); the first is the denoiser
 FAMILY_PARTS = {
     "sd1": ("unet", "text_encoder", "vae"),
@@ -366,7 +374,8 @@ REFUSED: dict[str, str] = {
     "loss scale (it changes gradient clipping and non-adaptive optimizers)",
     "force_v_prediction": "sdcore trains with the model's own prediction type",
     "force_epsilon_prediction": "sdcore trains with the model's own prediction type",
-    "custom_conditioning_image": "an inpainting setting; sdcore does not train inpainting models",
+    "custom_conditioning_image": "OneTrainer's -condlabel.png images replace an inpainting model's masked image; "
+    "sdcore makes the masked image from each image and its mask",
 }
 #: ``learning_rate_scaler`` -> what ``get_scale`` multiplies (every parameter group's rate is multiplied by
 #: the square root, ``NamedParameterGroup.parameters_for_optimizer``); GLOBAL_*: times the world size, 1 here
@@ -491,15 +500,12 @@ def translate_config(
     model_type = _text(r.get("model_type"))
     family = FAMILIES.get(model_type)
     if family is None:
-        kind = (
-            "inpainting and depth models"
-            if model_type.endswith(("INPAINTING", "DEPTH")) or "FILL" in model_type
-            else "this model family"
-        )
+        kind = "depth models" if model_type.endswith("DEPTH") else "this model family"
         r.refuse(
             "model_type",
             model_type,
-            f"sdcore does not train {kind} (it trains SD1.5, SD2.x, SDXL, SD3/3.5, FLUX.1 dev and Chroma)",
+            f"sdcore does not train {kind} (it trains SD1.5, SD2.x, SDXL, SD3/3.5, FLUX.1 dev, Chroma and the "
+            "SD/SDXL inpainting and FLUX.1 Fill models)",
         )
         return out
 
@@ -531,7 +537,7 @@ def translate_config(
     }
     _parts(r, parts, family, method, fields)
     _training(r, family, method)
-    _masked(r, method)
+    _masked(r, method, inpainting=model_type in INPAINTING_TYPES)
     _noise(r, family)
     if method == "lora":
         _lora(r, family)
@@ -544,25 +550,38 @@ def translate_config(
         _embedding(r)
     _ema(r, fields)
     _saves_and_samples(r, family, path)
+    if model_type in INPAINTING_TYPES and v.get("sample_prompts"):
+        for key in ("sample_prompts", "sample_every", "sample_every_epochs", "sample_at_first"):
+            v.pop(key, None)
+        r.note("samples: left out (sdcore generate cannot render inpainting models yet)")
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
 
 
-def _masked(r: _Reader, method: str) -> None:
+def _masked(r: _Reader, method: str, *, inpainting: bool = False) -> None:
     """``masked_training``: each image's ``-masklabel.png`` weighs its loss (:mod:`sdcore.data.onetrainer` pairs
     them; a missing one is a full mask). OneTrainer's per-sample loss (``masked_losses``) is
     ``mean(loss * m) / mean(m)`` with ``m = clamp(mask, unmasked_weight, 1)``, the division only with
     ``normalize_masked_area_loss``: ``--masked-loss --masked-loss-unmasked-weight W [--masked-loss-normalize]``
-    (:func:`sdcore.train.data.weigh_by_mask`). ``unmasked_probability`` only acts on inpainting models (its data
-    loader adds ``RandomLatentMaskRemove`` for ``has_mask_input`` model types), which sdcore does not train."""
+    (:func:`sdcore.train.data.weigh_by_mask`). ``unmasked_probability`` only acts on inpainting models, with or
+    without ``masked_training`` (its data loader adds ``RandomLatentMaskRemove`` for ``has_mask_input`` model
+    types): ``--inpainting-unmasked-probability``; the masks are then also the inpainting masks (without
+    ``masked_training`` every mask is a full one, as in OneTrainer)."""
     v = r.out.values
     on = r.get("masked_training")
     if not isinstance(on, bool):
         r.refuse("masked_training", on, "must be true or false")
         return
+    if inpainting:
+        p = r.get("unmasked_probability")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+            r.refuse("unmasked_probability", p, "must be a number in [0, 1]")
+        else:
+            v["inpainting_unmasked_probability"] = float(p)
     if not on:
-        changed = [k for k in MASK_FIELDS if k in r.data and not same_value(r.data[k], DEFAULTS[k])]
+        fields = [k for k in MASK_FIELDS if not (inpainting and k == "unmasked_probability")]
+        changed = [k for k in fields if k in r.data and not same_value(r.data[k], DEFAULTS[k])]
         for key in changed:
             r.note(f"{key}: accepted, no effect without masked_training (as in OneTrainer)")
         return
@@ -577,10 +596,11 @@ def _masked(r: _Reader, method: str) -> None:
         r.refuse("normalize_masked_area_loss", normalize, "must be true or false")
     else:
         v["masked_loss_normalize"] = normalize
-    r.note(
-        f"unmasked_probability {r.get('unmasked_probability')!r}: no effect (OneTrainer replaces the mask by a full "
-        "one at this probability for inpainting models only)"
-    )
+    if not inpainting:
+        r.note(
+            f"unmasked_probability {r.get('unmasked_probability')!r}: no effect (OneTrainer replaces the mask by a "
+            "full one at this probability for inpainting models only)"
+        )
     prior = r.get("masked_prior_preservation_weight")
     if isinstance(prior, bool) or not isinstance(prior, (int, float)):
         r.refuse("masked_prior_preservation_weight", prior, "must be a number")
@@ -593,6 +613,26 @@ def _masked(r: _Reader, method: str) -> None:
         )
     elif prior != 0:
         r.note("masked_prior_preservation_weight: accepted, no effect (OneTrainer uses it for LoRA only)")
+
+
+def _inpainting_match(r: _Reader, model: str) -> None:
+    """An inpainting ``model_type`` needs an inpainting model (an SD UNet with 9 input channels, FLUX.1 Fill's
+    384-wide ``img_in``) and any other type a plain one: OneTrainer's denoiser input is built from the type,
+    so a mismatch is a shape error at its first step; here it is one line (from the model's header)."""
+    from ..models.layout import read_layout
+    from .inpainting import layout_kind
+
+    try:
+        layout = read_layout(model)
+    except Exception:  # unreadable here: the loader and the pre-flight say why
+        return
+    model_type = _text(r.get("model_type"))
+    wanted = model_type in INPAINTING_TYPES
+    if wanted and layout_kind(layout) is None:
+        r.refuse("model_type", model_type, f"base_model_name {model} is not an inpainting model (no mask input)")
+    elif not wanted and layout_kind(layout) is not None:
+        kind = "a FLUX.1 Fill" if layout.family == "flux" else "an inpainting"
+        r.refuse("model_type", model_type, f"base_model_name {model} is {kind} model: use its _INPAINTING/FILL type")
 
 
 def _rate_scaler(r: _Reader) -> None:
@@ -629,6 +669,8 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
         found = peek_family(model) if (model.startswith("tiny:") or Path(model).expanduser().exists()) else None
         if found is not None and found != family:
             r.refuse("model_type", r.get("model_type"), f"base_model_name {model} is a {found} model, not {family}")
+        elif found is not None:
+            _inpainting_match(r, model)
     v["output"] = _text(r.get("output_model_destination"))
     train_dtype = _text(r.get("train_dtype"))
     if train_dtype in PRECISIONS:

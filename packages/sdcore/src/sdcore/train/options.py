@@ -239,6 +239,13 @@ class TrainOptions:
         "kohya does not).",
         group="loss",
     )
+    inpainting_unmasked_probability: float = option(
+        0.0,
+        "Inpainting models: the share of samples trained with a full mask and a blank masked image "
+        "(OneTrainer's unmasked_probability; its default is 0.1).",
+        group="data",
+        metavar="P",
+    )
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")
     max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")

@@ -935,6 +935,9 @@ def run_preflight(
             report.problems.extend(control_problems(data.index))  # FLUX.1 Kontext's control images
             if report.layout is not None:
                 report.problems.extend(control_family_problems(report.layout, data.index))
+            from .inpainting import inpainting_problems
+
+            report.problems.extend(inpainting_problems(o, report.layout, data.index))  # SD inpainting, FLUX.1 Fill
             report.problems.extend(strength_problems(method, data.index))
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:

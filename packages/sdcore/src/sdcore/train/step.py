@@ -102,7 +102,11 @@ class Objective:
         """The denoiser's output, called the family's way (SDXL adds its size conditioning from ``batch``;
         Flux its training guidance, or none with ``--bypass-guidance-embedding``)."""
         # FLUX.1 Kontext's reference latents, only to the adapter of a batch that has them (pre-flight: Flux)
-        reference = {} if batch.reference_latents is None else {"reference_latents": batch.reference_latents}
+        reference: dict[str, Any] = {}
+        if batch.reference_latents is not None:
+            reference["reference_latents"] = batch.reference_latents
+        if batch.inpainting_mask is not None:  # an inpainting model's mask and masked image (:mod:`.inpainting`)
+            reference["inpainting"] = (batch.inpainting_mask, batch.masked_latents)
         return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch,
                                     guidance=self.options.guidance_scale,
                                     bypass_guidance_embedding=self.options.bypass_guidance_embedding,

@@ -238,10 +238,14 @@ class FluxAdapter:
 
     def diffusers_pipeline_of(self, bundle: ModelBundle) -> str:
         """The ``_class_name`` a diffusers save of ``bundle`` writes: the release's own pipeline where its source
-        named one (a Kontext folder: ``FluxKontextPipeline``), else :attr:`diffusers_pipeline`."""
-        from .variants import PIPELINE_METADATA_KEY
+        named one (a Kontext folder: ``FluxKontextPipeline``), ``FluxFillPipeline`` for a Fill transformer (a
+        trained Fill stays Fill), else :attr:`diffusers_pipeline`."""
+        from .variants import PIPELINE_METADATA_KEY, bundle_variant
 
-        return (bundle.metadata or {}).get(PIPELINE_METADATA_KEY) or self.diffusers_pipeline
+        named = (bundle.metadata or {}).get(PIPELINE_METADATA_KEY)
+        if named:
+            return named
+        return "FluxFillPipeline" if bundle_variant(bundle) == "fill" else self.diffusers_pipeline
 
     # --- conditioning and prediction -----------------------------------------------------------
     def t5_max_length(self, bundle: ModelBundle) -> int:
@@ -266,7 +270,8 @@ class FluxAdapter:
         from ..t5 import encode_t5
         from .variants import require_supported
 
-        require_supported(bundle, "train or generate with")  # before caching: Fill/Depth need images too
+        # before caching: Depth/Canny need images too (Fill's text encoding is dev's: it trains)
+        require_supported(bundle, "train or generate with", training=True)
         _require(bundle, "text_encoder")
         _require(bundle, "text_encoder_2")
         clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]
@@ -294,24 +299,35 @@ class FluxAdapter:
         guidance: float | torch.Tensor | None = None,
         bypass_guidance_embedding: bool = False,
         reference_latents: torch.Tensor | None = None,
+        inpainting: tuple[torch.Tensor, torch.Tensor] | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """The transformer's velocity for ``noisy_latents`` [B, 16, H, W] at ``timesteps`` (sigma * 1000);
         ``bypass_guidance_embedding`` (training only): without the guidance term (:func:`guidance_bypassed`);
         ``reference_latents`` [B or 1, 16, h, w]: FLUX.1 Kontext's clean reference images, as extra tokens
-        whose output is dropped (:mod:`sdcore.models.flux.kontext`)."""
+        whose output is dropped (:mod:`sdcore.models.flux.kontext`); ``inpainting``: FLUX.1 Fill's
+        ``(mask [B, 64, h, w], masked-image latents [B, 16, h, w])``, packed after the noisy latents as
+        ``FluxFillPipeline`` joins them (``[noisy, masked latents, mask]`` per token)."""
         import torch
 
         from ...dtypes import compute_dtype
         from .variants import require_supported
 
-        require_supported(bundle, "train or generate with")  # not a shape error inside img_in
+        if inpainting is None:
+            require_supported(bundle, "train or generate with")  # not a shape error inside img_in
         transformer = bundle.transformer
         if conditioning.pooled is None:
             raise ConfigError("Flux conditioning without the pooled CLIP-L embedding")
         batch, _, height, width = noisy_latents.shape
         device, dtype = noisy_latents.device, compute_dtype(transformer)  # not fp8 storage (--fp8-base)
         packed = pack_latents(noisy_latents).to(dtype)
+        if inpainting is not None:
+            from .variants import require_fill
+
+            require_fill(bundle)
+            mask, masked = inpainting
+            extra = torch.cat([masked.to(noisy_latents), mask.to(noisy_latents)], dim=1)
+            packed = torch.cat([packed, pack_latents(extra).to(dtype)], dim=2)
         hidden = conditioning.hidden_states.to(device=device, dtype=dtype)
         step = torch.as_tensor(timesteps, device=device).reshape(-1).expand(batch).to(dtype) / 1000
         value = None

@@ -14,9 +14,10 @@ what tells them apart (the rules of diffusers' single-file detection, ``infer_di
 
 sdcore trains and samples dev, schnell and Kontext (dev's shapes; its reference images join the latents as
 tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does). Fill and
-Depth/Canny need an extra image input on the channels (mask, control image) that neither its data pipeline
-nor its generation builds, so they load (``model info`` names them) and every generation or training step
-refuses them with one line instead of a shape error deep inside the transformer.
+Depth/Canny need an extra image input on the channels (mask, control image): sdcore trains Fill (its data
+pipeline builds the mask and masked image, :mod:`sdcore.train.inpainting`) but does not generate with it yet,
+and Depth/Canny neither; they load (``model info`` names them) and what sdcore cannot do with them is refused
+with one line instead of a shape error deep inside the transformer.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ UNSUPPORTED = {
     "fill": "FLUX.1 Fill [dev] (inpainting: the masked image and mask enter with the latents, img_in 384 wide)",
     "control": "FLUX.1 Depth or Canny [dev] (a control image enters with the latents, img_in 128 wide)",
 }
+#: the releases above that sdcore trains (not generates with yet): Fill, from its inpainting training data
+TRAINABLE = {"fill"}
 #: the releases sdcore trains and generates with, and what ``model info`` says of each
 SUPPORTED = {"dev": "dev", "schnell": "schnell",
              "kontext": "kontext: FLUX.1 Kontext [dev] (image editing: a reference image's tokens join the latents)"}  # fmt: skip
@@ -69,6 +72,8 @@ def describe(variant: str) -> str:
     """``model info``'s variant line."""
     if variant in SUPPORTED:
         return SUPPORTED[variant]
+    if variant in TRAINABLE:
+        return f"{variant}: {UNSUPPORTED[variant]}; sdcore trains it, and cannot generate with it yet"
     if variant in UNSUPPORTED:
         return f"{variant}: {UNSUPPORTED[variant]}; sdcore cannot train or generate with it yet"
     if variant.startswith("in"):
@@ -76,16 +81,26 @@ def describe(variant: str) -> str:
     return variant
 
 
-def require_supported(bundle: ModelBundle, doing: str) -> None:
-    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train")."""
+def require_supported(bundle: ModelBundle, doing: str, *, training: bool = False) -> None:
+    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train"); ``training``:
+    the :data:`TRAINABLE` releases pass too."""
     if bundle.transformer is not None:
-        refuse(bundle_variant(bundle), bundle.source or "this model", doing)
+        refuse(bundle_variant(bundle), bundle.source or "this model", doing, training=training)
 
 
-def refuse(variant: str, source: str, doing: str) -> None:
-    """Raise the one line for ``variant`` unless it is dev or schnell (also for a file's header alone:
-    the training pre-flight's layout, before anything loads)."""
-    if variant in SUPPORTED:
+def require_fill(bundle: ModelBundle) -> None:
+    """An inpainting conditioning is given to a Flux transformer: it must be FLUX.1 Fill's 384-wide one."""
+    variant = bundle_variant(bundle)
+    if variant != "fill":
+        raise ConfigError(
+            f"{bundle.source or 'this model'} is FLUX.1 {variant}, not FLUX.1 Fill: it takes no mask or masked image"
+        )
+
+
+def refuse(variant: str, source: str, doing: str, *, training: bool = False) -> None:
+    """Raise the one line for ``variant`` unless it is dev, schnell or Kontext, or (``training``) one sdcore
+    trains (also for a file's header alone: the training pre-flight's layout, before anything loads)."""
+    if variant in SUPPORTED or (training and variant in TRAINABLE):
         return
     what = UNSUPPORTED.get(variant) or f"a Flux transformer whose img_in takes {variant[2:]} channels"
     raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev, schnell and Kontext only)")
@@ -95,9 +110,11 @@ __all__ = [
     "PIPELINE_VARIANTS",
     "SUPPORTED",
     "TOOL_INPUTS",
+    "TRAINABLE",
     "UNSUPPORTED",
     "describe",
     "flux_variant",
     "refuse",
+    "require_fill",
     "require_supported",
 ]

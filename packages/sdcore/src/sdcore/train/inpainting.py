@@ -1,0 +1,187 @@
+"""Training inpainting models: SD1.5/SD2/SDXL inpainting UNets (9 input channels) and FLUX.1 Fill [dev].
+
+An inpainting model denoises its latents *given* a mask and the image with the masked area blanked out; a
+training sample therefore carries that conditioning beside its latents. OneTrainer is the peer that trains
+these models (model types ``STABLE_DIFFUSION_15_INPAINTING``, ``..._20_INPAINTING``, ``..._XL_10_BASE_INPAINTING``,
+``FLUX_FILL_DEV_1``); sdcore builds the conditioning by its rules (its data loader and mgds modules):
+
+- the mask: the sample's dataset mask when it has one (OneTrainer's ``-masklabel.png`` with
+  ``masked_training``; kohya's ``alpha_mask`` / ``--masked-loss`` mask images read the same way here), else a
+  full mask (OneTrainer's ``GenerateImageLike`` of 255: the whole image is the hole, no random masks). The
+  mask follows its image's resize, crop and flip (:func:`sdcore.train.data.load_mask`). 1 (white) = repaint.
+- the masked image: ``image * (1 - mask) + 0.5 * mask`` on 0..1 pixels (mgds' ``GenerateMaskedConditioningImage``),
+  which in the [-1, 1] range the VAE takes is ``pixels * (1 - mask)``: the hole is 0, mid grey, as diffusers'
+  ``StableDiffusionInpaintPipeline`` (``image * (mask < 0.5)``) and ``FluxFillPipeline`` (``image * (1 - mask)``)
+  make it at generation time. It is made from the colour-augmented pixels (OneTrainer's order).
+- its latents: the VAE posterior's *mean* (OneTrainer's ``SampleVAEDistribution(mode='mean')``), then the
+  family's shift and scale as every latent; cached beside the latents (:class:`sdcore.train.cache.LatentCache`).
+- the mask at latent size: SD's UNet takes one channel, the pixel mask shrunk by OneTrainer's ``ScaleImage(0.125)``
+  (torchvision's bilinear resize with antialias); FLUX.1 Fill takes 64, each 8x8 pixel block laid out as
+  channels (``ShuffleFluxFillMaskChannels``, the same view/permute as ``FluxFillPipeline.prepare_mask_latents``).
+- ``unmasked_probability`` (``--inpainting-unmasked-probability``): per sample draw, the mask becomes a full
+  one and the masked-image latents those of an all-zero (grey) image (mgds' ``RandomLatentMaskRemove``; the
+  latent mode of a zero image); the dataset mask then no longer weighs that sample's loss either (OneTrainer's
+  loss reads the same replaced mask).
+- the denoiser input: SD ``[noisy, mask, masked latents]`` on the channels (OneTrainer's
+  ``BaseStableDiffusionSetup.predict``, diffusers' inpaint pipelines' ``latent_model_input``); FLUX.1 Fill
+  ``[noisy, masked latents, mask]`` on the channels before packing, which is diffusers' packed
+  ``cat(latents, masked_image_latents, mask)`` (``BaseFluxSetup.predict``): the adapters' ``predict``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.buckets import BucketAssignment
+    from ..data.dataset import DatasetIndex, ImageEntry
+    from ..models.bundle import ModelBundle
+    from ..models.layout import ModelLayout
+    from .options import TrainOptions
+
+#: FLUX.1 Fill's ``img_in`` input width (64 noisy + 64 masked-image + 256 mask channels, packed 2x2)
+FILL_INPUT = 384
+#: the VAE's downscale: FLUX.1 Fill's mask channels are the 8x8 pixel blocks of each latent position
+VAE_SCALE = 8
+
+
+def bundle_kind(bundle: ModelBundle) -> str | None:
+    """``"unet"`` for an SD inpainting UNet (9 input channels), ``"fill"`` for FLUX.1 Fill, else None."""
+    if getattr(bundle, "inpainting", False) and getattr(bundle, "unet", None) is not None:
+        return "unet"
+    transformer = getattr(bundle, "transformer", None)
+    if bundle.family == "flux" and transformer is not None and int(transformer.config.in_channels) == FILL_INPUT:
+        return "fill"
+    return None
+
+
+def layout_kind(layout: ModelLayout) -> str | None:
+    """:func:`bundle_kind` from a model's header (the pre-flight, before anything loads)."""
+    if layout.inpainting:
+        return "unet"
+    config = layout.configs.get("transformer") or {}
+    if layout.family == "flux" and int(config.get("in_channels", 64)) == FILL_INPUT:
+        return "fill"
+    return None
+
+
+def pixel_mask(entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None) -> Any:
+    """The sample's inpainting mask at pixel size (float32 ``[H, W]``, 1 = repaint): its dataset mask, or a full
+    mask when it has none (OneTrainer's default mask)."""
+    import numpy as np
+
+    from .data import has_dataset_mask, load_mask
+
+    mask = load_mask(entry, assignment, flip=flip, crop=crop) if has_dataset_mask(entry) else None
+    if mask is None:
+        w, h = assignment.bucket
+        return np.ones((h, w), dtype=np.float32)
+    return np.asarray(mask, dtype=np.float32)
+
+
+def masked_pixels(pixels: Any, mask: Any) -> Any:
+    """The masked image: ``pixels`` (CHW in [-1, 1]) with the hole blanked to 0 (grey), softly where the mask
+    is grey (``GenerateMaskedConditioningImage`` rewritten for the [-1, 1] range)."""
+    import torch
+
+    image = torch.as_tensor(pixels, dtype=torch.float32)
+    m = torch.as_tensor(mask, dtype=torch.float32)
+    return image * (1.0 - m)
+
+
+def latent_mask(mask: Any, latent_size: tuple[int, int], kind: str) -> Any:
+    """The pixel mask ``[H, W]`` as the denoiser's mask input: ``[1, h, w]`` for an SD UNet (bilinear with
+    antialias, OneTrainer's ``ScaleImage``), ``[64, h, w]`` for FLUX.1 Fill (8x8 blocks as channels)."""
+    import torch
+
+    from .data import mask_to_latent
+
+    if kind == "unet":
+        return mask_to_latent(mask, latent_size, "bilinear")
+    m = torch.as_tensor(mask, dtype=torch.float32)
+    h, w = latent_size
+    blocks = m.reshape(h, VAE_SCALE, w, VAE_SCALE).permute(1, 3, 0, 2)  # 8, 8, h, w
+    return blocks.reshape(VAE_SCALE * VAE_SCALE, h, w).contiguous()
+
+
+def encode_mean(bundle: ModelBundle, pixels: Any) -> torch.Tensor:
+    """Unscaled VAE posterior means ``[B, C, h, w]`` (float32, CPU) of pixel batch ``[B, 3, H, W]``."""
+    import torch
+
+    vae = bundle.vae
+    param = next(vae.parameters())
+    with torch.no_grad():
+        dist = vae.encode(torch.as_tensor(pixels).to(device=param.device, dtype=param.dtype)).latent_dist
+        return dist.mean.float().cpu().contiguous()
+
+
+def unmasked_draw(seed: int, probability: float) -> bool:
+    """Whether a sample trains with the full mask and a blank masked image (``unmasked_probability``), drawn from
+    the sample's own generator (so a resumed or cached run draws the same)."""
+    import random
+
+    return probability > 0 and random.Random(seed).random() < probability
+
+
+def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
+    """``(path, mtime, size)`` of the sample's mask file (part of an inpainting latent cache key: an edited mask
+    re-encodes the masked image); None without a mask file."""
+    from pathlib import Path
+
+    from .data import mask_image_path
+
+    path = mask_image_path(entry)
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index: DatasetIndex | None) -> list[str]:
+    """Pre-flight problems: ``--inpainting-unmasked-probability`` out of range or on a model without the mask
+    input; control images (FLUX.1 Kontext) on an inpainting model; sample images of an inpainting model (sdcore
+    generate does not render them yet)."""
+    problems: list[str] = []
+    p = options.inpainting_unmasked_probability
+    if not 0.0 <= p <= 1.0:
+        problems.append(f"--inpainting-unmasked-probability {p}: must be in [0, 1]")
+    if layout is None:
+        return problems
+    kind = layout_kind(layout)
+    if kind is None:
+        if p > 0:
+            problems.append(
+                f"--inpainting-unmasked-probability {p} acts on inpainting models (an SD inpainting UNet or FLUX.1 "
+                f"Fill); {layout.source} is a {layout.family} model without the mask input (leave it at 0)"
+            )
+        return problems
+    if index is not None:
+        from .kontext_data import has_control
+
+        if any(has_control(e) for e in index.entries):
+            problems.append(
+                "control images (--control-dir / control_directory) train FLUX.1 Kontext; this is an inpainting "
+                "model, whose conditioning is the mask and the masked image (leave out the control images)"
+            )
+    if options.sample_prompts:
+        problems.append(
+            "--sample-prompts: sdcore generate cannot render inpainting models yet, so samples of this inpainting "
+            "model cannot be made during training (leave out --sample-prompts)"
+        )
+    return problems
+
+
+__all__ = [
+    "FILL_INPUT",
+    "bundle_kind",
+    "encode_mean",
+    "inpainting_problems",
+    "latent_mask",
+    "layout_kind",
+    "mask_identity",
+    "masked_pixels",
+    "pixel_mask",
+    "unmasked_draw",
+]

@@ -13,10 +13,11 @@ what tells them apart (the rules of diffusers' single-file detection, ``infer_di
   ``model_index.json``). A Kontext single file is read as dev.
 
 sdcore trains and samples dev, schnell and Kontext (dev's shapes; its reference images join the latents as
-tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does). Fill and
-Depth/Canny need an extra image input on the channels (mask, control image) that neither its data pipeline
+tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does). Fill
+generates (``sdcore generate --init-image --mask``: diffusers' ``FluxFillPipeline``, :data:`GENERATES`).
+Depth/Canny need an extra image input on the channels (a control image) that neither its data pipeline
 nor its generation builds, so they load (``model info`` names them) and every generation or training step
-refuses them with one line instead of a shape error deep inside the transformer.
+refuses them with one line instead of a shape error deep inside the transformer; so does training Fill.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ UNSUPPORTED = {
     "fill": "FLUX.1 Fill [dev] (inpainting: the masked image and mask enter with the latents, img_in 384 wide)",
     "control": "FLUX.1 Depth or Canny [dev] (a control image enters with the latents, img_in 128 wide)",
 }
+#: the releases of :data:`UNSUPPORTED` that ``sdcore generate`` runs all the same (what it needs for them)
+GENERATES = {"fill": "generates with --init-image and --mask (inpainting)"}
 #: the releases sdcore trains and generates with, and what ``model info`` says of each
 SUPPORTED = {"dev": "dev", "schnell": "schnell",
              "kontext": "kontext: FLUX.1 Kontext [dev] (image editing: a reference image's tokens join the latents)"}  # fmt: skip
@@ -69,6 +72,8 @@ def describe(variant: str) -> str:
     """``model info``'s variant line."""
     if variant in SUPPORTED:
         return SUPPORTED[variant]
+    if variant in GENERATES:
+        return f"{variant}: {UNSUPPORTED[variant]}; sdcore {GENERATES[variant]}, and cannot train it yet"
     if variant in UNSUPPORTED:
         return f"{variant}: {UNSUPPORTED[variant]}; sdcore cannot train or generate with it yet"
     if variant.startswith("in"):
@@ -76,10 +81,14 @@ def describe(variant: str) -> str:
     return variant
 
 
-def require_supported(bundle: ModelBundle, doing: str) -> None:
-    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train")."""
+def require_supported(bundle: ModelBundle, doing: str, *, generating: bool = False) -> None:
+    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train"); ``generating``:
+    the releases of :data:`GENERATES` pass too (their pipelines check what they need)."""
     if bundle.transformer is not None:
-        refuse(bundle_variant(bundle), bundle.source or "this model", doing)
+        variant = bundle_variant(bundle)
+        if generating and variant in GENERATES:
+            return
+        refuse(variant, bundle.source or "this model", doing)
 
 
 def refuse(variant: str, source: str, doing: str) -> None:
@@ -92,6 +101,7 @@ def refuse(variant: str, source: str, doing: str) -> None:
 
 
 __all__ = [
+    "GENERATES",
     "PIPELINE_VARIANTS",
     "SUPPORTED",
     "TOOL_INPUTS",

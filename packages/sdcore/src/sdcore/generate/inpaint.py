@@ -19,7 +19,8 @@ modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_
   the blurred mask itself. A blank mask: A1111 falls back to plain img2img; sdcore refuses it (one line).
 - **masked content** (``--inpainting-fill``): ``fill`` (the masked pixels replaced by the unmasked ones blurred
   outward: PIL Gaussian blurs of radius 256, 64, 16 x2, 4 x4, 2 x2, 0 composited), ``original``, ``latent
-  noise`` (the masked latent is the seed's noise) and ``latent nothing`` (zero there).
+  noise`` (the masked latent is the seed's noise) and ``latent nothing`` (zero there). As in A1111, every mode
+  but ``original`` fills the pixels first (what an inpainting model's conditioning image shows).
 - **the latent mask**: the mask (not doubled) resized to the latent size (PIL's bicubic ``resize`` of the RGB
   image), /255, rounded to 0 or 1 (A1111's "mask_round", on by default); ``nmask`` repaints, ``mask = 1 - nmask``.
 - **the per-step blend**: each denoised estimate becomes ``denoised * nmask + init_latent * mask`` (A1111's
@@ -416,8 +417,11 @@ def blended_output(output: Any, latents: Any, ab: float, init_latent: Any, nmask
     (the VP latent at ``alpha_bar`` ``ab``). The blend is affine, so blending each CFG half is blending their mix."""
     import math
 
+    import torch
+
     a, s = math.sqrt(ab), math.sqrt(1.0 - ab)
-    z, out = latents.float(), output.float()
+    work = torch.promote_types(output.dtype, torch.float32)  # at least float32 (fp16 UNets)
+    z, out = latents.to(work), output.to(work)
     x0 = a * z - s * out if prediction == "v_prediction" else (z - s * out) / a
     target = blend(x0, init_latent.to(x0), nmask.to(x0))
     fixed = (a * z - target) / s if prediction == "v_prediction" else (z - a * target) / s

@@ -380,7 +380,7 @@ def generate_images(
         _check_inpaint_family(bundle)
         prepared = prepare(inpaint, image, width, height)
         image = prepared.image
-    elif _is_flux_fill(bundle):
+    elif is_flux_fill(bundle):
         raise ConfigError(
             f"{bundle.source or 'this model'} is FLUX.1 Fill, an inpainting model: give --init-image and --mask"
         )
@@ -752,7 +752,7 @@ def _check_inpaint_family(bundle: ModelBundle) -> None:
     """A mask runs on SD1/SD2/SDXL (regular and inpainting models) and FLUX.1 Fill; one line elsewhere."""
     if bundle.family_spec.denoiser == "unet" and bundle.family != "sdxl-refiner":
         return
-    if _is_flux_fill(bundle):
+    if is_flux_fill(bundle):
         return
     raise ConfigError(mask_family_problem(bundle.family_spec.label))
 
@@ -764,7 +764,8 @@ def mask_family_problem(label: str) -> str:
     )
 
 
-def _is_flux_fill(bundle: ModelBundle) -> bool:
+def is_flux_fill(bundle: ModelBundle) -> bool:
+    """Whether ``bundle`` is FLUX.1 Fill (``img_in`` 384 wide): it needs an init image and a mask."""
     if bundle.family != "flux" or bundle.transformer is None:
         return False
     from ..models.flux.variants import bundle_variant
@@ -1013,6 +1014,8 @@ __all__ = [
     "build_pipeline",
     "default_size",
     "generate_images",
+    "is_flux_fill",
+    "mask_family_problem",
     "make_scheduler",
     "record_encodings",
     "sampler_id",

@@ -191,7 +191,9 @@ def test_latent_fill_modes():
     nmask[..., 1:3, 1:3] = 1
     assert torch.equal(fill_latents(init, nmask, "original"), init)
     nothing = fill_latents(init, nmask, "latent nothing")
-    assert torch.equal(nothing[..., 1:3, 1:3], torch.zeros(1, 4, 2, 2)) and torch.equal(nothing[..., 0, :], init[..., 0, :])
+    assert torch.equal(nothing[..., 1:3, 1:3], torch.zeros(1, 4, 2, 2)) and torch.equal(
+        nothing[..., 0, :], init[..., 0, :]
+    )
     noisy = fill_latents(init, nmask, "latent noise", noise)
     assert torch.equal(noisy[..., 1:3, 1:3], noise[..., 1:3, 1:3]) and torch.equal(noisy[..., 3, :], init[..., 3, :])
 
@@ -269,8 +271,9 @@ def test_generation_blends_every_step_and_the_end_with_the_init_latent(sd1, monk
         seen.append((z.double() - math.sqrt(1 - ab) * out.double()) / math.sqrt(ab))
 
     decode = pipeline._decode_latents
-    monkeypatch.setattr(pipeline, "_decode_latents", lambda pipe, latents, kind: finals.append(latents) or decode(
-        pipe, latents, kind))
+    monkeypatch.setattr(
+        pipeline, "_decode_latents", lambda pipe, latents, kind: finals.append(latents) or decode(pipe, latents, kind)
+    )
     handle = sd1.unet.register_forward_hook(record, with_kwargs=True)
     try:
         out = pipeline.generate_images(sd1, ["a cat"], steps=4, seed=3, sampler="ddim", init_image=image,
@@ -288,7 +291,7 @@ def test_generation_blends_every_step_and_the_end_with_the_init_latent(sd1, monk
 
 
 def test_latent_noise_starts_from_the_seed_noise_in_the_mask(sd1, monkeypatch):
-    """"latent noise": the img2img start latent is the seed's noise (what the pipeline draws too) in the mask."""
+    """A1111's "latent noise": the img2img start latent is the seed's noise (what the pipeline draws too) in the mask."""
     from sdcore.generate import pipeline
     from sdcore.generate.inpaint import Inpaint, prepare
 
@@ -392,7 +395,7 @@ def test_flux_fill_refusals(flux_fill):
     from sdcore.generate.pipeline import generate_images
     from sdcore.models.flux.adapter import FluxAdapter
 
-    with pytest.raises(ConfigError, match="FLUX.1 Fill, an inpainting model: give --init-image and --mask"):
+    with pytest.raises(ConfigError, match=r"FLUX\.1 Fill, an inpainting model: give --init-image and --mask"):
         generate_images(flux_fill, ["a cat"], steps=1, width=32, height=32)
     with pytest.raises(ConfigError, match="drop --true-cfg-scale"):
         generate_images(flux_fill, ["a cat"], steps=1, init_image=_picture(), true_cfg_scale=2.0,

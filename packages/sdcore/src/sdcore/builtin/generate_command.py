@@ -553,12 +553,10 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     """Generate ``run``'s images: ``(image, output path, infotext)`` each, the infotext a function of the
     fields to add before "Version" (the X/Y/Z plot's on its grid)."""
     from .. import __version__
-    from ..generate.pipeline import generate_images, schedule_type_field
+    from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
+    from ..generate.pipeline import generate_images, is_flux_fill, schedule_type_field
     from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash
     from ..models.family import default_cfg
-
-    from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
-    from ..generate.pipeline import is_flux_fill
 
     params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
     sampler = run.sampler or _default_sampler(adapter)  # a family may sample with something else by default

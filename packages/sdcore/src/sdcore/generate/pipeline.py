@@ -759,9 +759,7 @@ def _check_inpaint_family(bundle: ModelBundle) -> None:
 
 def mask_family_problem(label: str) -> str:
     """The line for a mask on a model that does not inpaint in sdcore."""
-    return (
-        f"--mask inpaints with SD1/SD2/SDXL models (regular or inpainting) and FLUX.1 Fill; this is a {label} model"
-    )
+    return f"--mask inpaints with SD1/SD2/SDXL models (regular or inpainting) and FLUX.1 Fill; this is a {label} model"
 
 
 def is_flux_fill(bundle: ModelBundle) -> bool:
@@ -1015,8 +1013,8 @@ __all__ = [
     "default_size",
     "generate_images",
     "is_flux_fill",
-    "mask_family_problem",
     "make_scheduler",
+    "mask_family_problem",
     "record_encodings",
     "sampler_id",
     "sampler_label",

@@ -250,11 +250,16 @@ def _vae_latent(bundle, pixels):
         return bundle.vae.encode(pixels).latent_dist.mean * bundle.vae.config.scaling_factor
 
 
-def test_generation_blends_every_step_and_the_end_with_the_init_latent(sd1, monkeypatch):
-    """A regular model (DDIM: alpha_bar = alphas_cumprod[t]): every denoiser output's x0 is the init latent where
-    the latent mask keeps; the final latent is the init latent there; the image keeps the unmasked pixels."""
+@pytest.mark.parametrize(("family", "sampler"), [("sd1", "ddim"), ("sd2", "dpm++2m")])
+def test_generation_blends_every_step_and_the_end_with_the_init_latent(tiny_bundles, monkeypatch, family, sampler):
+    """A regular model (DDIM, and DPM++ 2M on integer timesteps: alpha_bar = alphas_cumprod[t]; SD1 epsilon, the
+    tiny SD2 v-prediction): every denoiser output's x0 is the init latent where the latent mask keeps; the final
+    latent is the init latent there; the image keeps the unmasked pixels."""
     from sdcore.generate import pipeline
     from sdcore.generate.inpaint import Inpaint, prepare
+
+    sd1 = tiny_bundles(family)
+    v = sd1.prediction_type == "v_prediction"
 
     image, mask = _picture(), _box_mask()
     prepared = prepare(Inpaint(mask), image, 64, 64)
@@ -268,7 +273,8 @@ def test_generation_blends_every_step_and_the_end_with_the_init_latent(sd1, monk
         z, t = args[0], args[1]
         ab = float(alphas[int(t)])
         out = output[0] if isinstance(output, tuple) else output.sample
-        seen.append((z.double() - math.sqrt(1 - ab) * out.double()) / math.sqrt(ab))
+        z, out = z.double(), out.double()
+        seen.append(math.sqrt(ab) * z - math.sqrt(1 - ab) * out if v else (z - math.sqrt(1 - ab) * out) / math.sqrt(ab))
 
     decode = pipeline._decode_latents
     monkeypatch.setattr(
@@ -276,7 +282,7 @@ def test_generation_blends_every_step_and_the_end_with_the_init_latent(sd1, monk
     )
     handle = sd1.unet.register_forward_hook(record, with_kwargs=True)
     try:
-        out = pipeline.generate_images(sd1, ["a cat"], steps=4, seed=3, sampler="ddim", init_image=image,
+        out = pipeline.generate_images(sd1, ["a cat"], steps=4, seed=3, sampler=sampler, init_image=image,
                                        inpaint=Inpaint(mask))[0]  # fmt: skip
     finally:
         handle.remove()

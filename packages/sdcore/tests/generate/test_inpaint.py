@@ -468,3 +468,32 @@ def test_cli_writes_a1111_inpaint_fields_and_from_png_reads_them(files):
     assert values["inpaint_full_res"] is True and values["inpaint_full_res_padding"] == 8
     assert values["inpainting_mask_invert"] is True
     assert not recall_png(out).ignored
+
+
+def test_a_mask_of_another_size_is_resized_as_a1111_does():
+    """Whole picture: the mask is resized to the output (LANCZOS, "Just resize") after the blur, as A1111 does."""
+    from PIL import Image
+    from sdcore.generate.inpaint import Inpaint, blur_mask, prepare
+
+    small = _box_mask(32, 32, (8, 8, 20, 20))
+    prepared = prepare(Inpaint(small, blur=2), _picture(), 64, 64)
+    expected = blur_mask(small, 2).resize((64, 64), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(prepared.mask), np.asarray(expected))
+
+
+def test_from_png_reads_a1111_inpaint_fields():
+    """An A1111 infotext of an inpainting model's "Inpaint upload" restores every inpaint option it names."""
+    from sdcore.generate.pnginfo import parse_parameters
+    from sdcore.generate.recall import recall_parameters
+
+    text = (
+        "a red door\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: x, "
+        "Denoising strength: 0.75, Conditional mask weight: 0.5, Mask blur: 8, Inpaint area: Only masked, "
+        "Masked area padding: 16, Masked content: fill, Version: v1.10.1"
+    )
+    recalled = recall_parameters(parse_parameters(text))
+    values = recalled.values
+    assert values["inpainting_mask_weight"] == 0.5 and values["mask_blur"] == 8
+    assert values["inpaint_full_res"] is True and values["inpaint_full_res_padding"] == 16
+    assert values["inpainting_fill"] == "fill" and "inpainting_mask_invert" not in values
+    assert not recalled.ignored

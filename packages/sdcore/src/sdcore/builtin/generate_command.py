@@ -58,6 +58,20 @@ def _parse_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, 
     return pairs
 
 
+def _parse_fill(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A1111's "Masked content": its names, or the API's ``inpainting_fill`` numbers 0-3."""
+    if value is None:
+        return None
+    from ..generate.inpaint import FILL_MODES
+
+    text = value.strip().lower().replace("_", " ")
+    if text.isdigit() and int(text) < len(FILL_MODES):
+        return FILL_MODES[int(text)]
+    if text not in FILL_MODES:
+        raise click.BadParameter(f"{value!r}: choose one of {', '.join(FILL_MODES)} (or 0-3, A1111's API numbers)")
+    return text
+
+
 def _output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
@@ -120,6 +134,42 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
 @click.option(
     "--init-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="img2img source image."
+)
+@click.option(
+    "--mask",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Inpaint the init image where this mask is white (A1111's Inpaint upload; an RGBA mask's alpha). "
+    "SD1/SD2/SDXL (regular and inpainting models) and FLUX.1 Fill.",
+)
+@click.option(
+    "--mask-blur", default=4, show_default=True, type=click.IntRange(0, 64), help="A1111's Mask blur (pixels)."
+)
+@click.option(
+    "--inpainting-fill",
+    default="original",
+    show_default=True,
+    callback=_parse_fill,
+    help="A1111's Masked content: fill, original, 'latent noise', 'latent nothing' (or 0-3).",
+)
+@click.option(
+    "--inpaint-full-res/--inpaint-whole-picture",
+    default=False,
+    help="A1111's Inpaint area: Only masked (generate the masked region at --size, paste it back) or Whole picture.",
+)
+@click.option(
+    "--inpaint-full-res-padding",
+    default=32,
+    show_default=True,
+    type=click.IntRange(0, 256),
+    help="A1111's Only masked padding, pixels.",
+)
+@click.option("--inpainting-mask-invert", is_flag=True, help="A1111's Mask mode 'Inpaint not masked'.")
+@click.option(
+    "--inpainting-mask-weight",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="A1111's Inpainting conditioning mask strength (inpainting models: 1 hides the masked area from them).",
 )
 @click.option(
     "--reference-image",
@@ -368,12 +418,14 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     # Fail on unknown tags, malformed syntax and bad settings of any cell before spending time on loading the model.
     runs = [_prepare_run(cell, problems) for cell in cells]
     problems += _reference_problems(params)
+    problems += _mask_problems(params)
     # every network file every prompt names, resolved as the session will resolve it, all missing ones at once
     problems += session.check(pair for run in runs for pair in _network_prompts(run))
     from ..io import output_problems
 
     # the images read: an output may never replace one (the --from-png image too, read before any is written)
-    init = [str(params[name]) for name in ("init_image", "from_png", "reference_image") if params[name] is not None]
+    init = [str(params[name]) for name in ("init_image", "from_png", "reference_image", "mask") if params[name]
+            is not None]  # fmt: skip
     if plot is None:
         outputs = _output_paths(params["output"], params["batch"])
     else:
@@ -501,18 +553,21 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     """Generate ``run``'s images: ``(image, output path, infotext)`` each, the infotext a function of the
     fields to add before "Version" (the X/Y/Z plot's on its grid)."""
     from .. import __version__
-    from ..generate.pipeline import generate_images, schedule_type_field
+    from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
+    from ..generate.pipeline import generate_images, is_flux_fill, schedule_type_field
     from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash
     from ..models.family import default_cfg
 
     params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
     sampler = run.sampler or _default_sampler(adapter)  # a family may sample with something else by default
-    if params["cfg"] is None:
-        params["cfg"] = default_cfg(adapter)
+    fill_model = is_flux_fill(bundle)
+    if params["cfg"] is None:  # FLUX.1 Fill: BFL's and diffusers' guidance 30
+        params["cfg"] = FILL_GUIDANCE if fill_model else default_cfg(adapter)
     width, height = params["size"] or (None, None)
     strength = params["strength"]
-    if strength is None:
-        strength = hires.denoising_strength if hires is not None else 0.75
+    if strength is None:  # FLUX.1 Fill repaints from pure noise, as BFL's and ComfyUI's workflows do
+        strength = hires.denoising_strength if hires is not None else 1.0 if fill_model else 0.75
+    inpaint = _inpaint_settings(params)
     infos: list[dict[str, str]] = []
     prompts = [params["prompt"]] * params["batch"]
     images = generate_images(
@@ -535,11 +590,15 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         hires=hires,
         variation=variation,
         **_reference_arguments(params),
+        inpaint=inpaint,
+        inpainting_mask_weight=params["inpainting_mask_weight"],
     )
     from ..generate.variation import VariationSeeds
 
     seeds, subseeds = (variation or VariationSeeds()).batch(seed, len(images))
     first_size = None
+    if inpaint is not None and params["size"] is not None:  # A1111's "Size": the processing size (only masked)
+        first_size = params["size"]
     if hires is not None:  # A1111's "Size" is the first pass's
         from ..generate.pipeline import default_size
 
@@ -558,11 +617,15 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
             extra.update(variation.infotext_fields(subseeds[index]))
         if params["init_image"] is not None or hires is not None:
             extra["Denoising strength"] = strength
+        if bundle.inpainting:  # A1111: whenever an inpainting model's image conditioning is used
+            extra[CONDITIONAL_MASK_WEIGHT] = params["inpainting_mask_weight"]
         if params["clip_skip"] > 1:
             extra["Clip skip"] = params["clip_skip"]
         extra["RNG"] = RNG_SOURCE  # every family's noise comes from seeded CPU generators
         if params["tiling"]:  # A1111 writes it after RNG (processing.py create_infotext)
             extra["Tiling"] = "True"
+        if inpaint is not None:  # A1111's, after Tiling (its extra_generation_params)
+            extra.update(inpaint.infotext_fields())
         extra.update(_reference_fields(params))
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
@@ -597,6 +660,58 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
 
         rendered.append((image, path, text))
     return rendered
+
+
+def _inpaint_settings(params: dict[str, Any]) -> Any:
+    """The :class:`~sdcore.generate.inpaint.Inpaint` of ``--mask`` and its options (None without a mask)."""
+    if params["mask"] is None:
+        return None
+    from ..generate.inpaint import Inpaint
+
+    return Inpaint(
+        params["mask"],
+        blur=params["mask_blur"],
+        fill=params["inpainting_fill"],
+        full_res=params["inpaint_full_res"],
+        padding=params["inpaint_full_res_padding"],
+        invert=params["inpainting_mask_invert"],
+        mask_weight=params["inpainting_mask_weight"],
+    )
+
+
+#: the options that only mean something with --mask
+_MASK_OPTIONS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+                 "inpainting_mask_invert")  # fmt: skip
+
+
+def _mask_problems(params: dict[str, Any]) -> list[str]:
+    """``--mask``'s problems before the model loads: no init image, a file that is not an image, a model of a
+    family that does not inpaint (when its headers tell), the hires fix; the mask options without a mask."""
+    if params["mask"] is None:
+        typed = [name for name in _MASK_OPTIONS if name in _given(params)]
+        if typed:
+            named = ", ".join("--" + name.replace("_", "-") for name in typed)
+            return [f"{named} set how --mask inpaints; give --mask (and --init-image) or drop them"]
+        return []
+    from ..errors import ConfigError
+    from ..generate.inpaint import open_mask
+    from ..generate.pipeline import mask_family_problem
+    from ..models.family import get_family
+    from ..models.layout import peek_family
+
+    problems = []
+    if params["init_image"] is None:
+        problems.append("--mask repaints part of an init image: add --init-image")
+    try:
+        open_mask(params["mask"])
+    except ConfigError as exc:
+        problems.append(str(exc))
+    family = peek_family(params["model"])
+    if family is not None and family not in ("sd1", "sd2", "sdxl", "flux"):
+        problems.append(mask_family_problem(get_family(family).label))
+    if _hires_settings(params) is not None:
+        problems.append("--mask inpaints an init image; the hires fix follows a txt2img pass: drop the --hr options")
+    return problems
 
 
 def _reference_mode(params: dict[str, Any]) -> str:
@@ -829,6 +944,7 @@ def _recalled_cfg(params: dict[str, Any], recalled: Any, bundle: Any, sampler: s
         legacy_model_hash=legacy_hash(model) if model.is_file() else None,
         init_image=params["init_image"] is not None,
         reference_image=params["reference_image"] is not None,
+        mask=params["mask"] is not None,
     ):
         click.echo(line, err=True)
 

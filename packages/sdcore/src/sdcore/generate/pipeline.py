@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
     from .conditioning_memo import ConditioningMemo
     from .hires import HiresFix
+    from .inpaint import Inpaint, PreparedInpaint
     from .networks import NetworkRef
     from .session import NetworkSession
     from .variation import ImageNoise, VariationSeeds
@@ -156,10 +157,6 @@ def build_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler: str =
     quiet_pipeline_import()  # importing the pipelines makes transformers warn about processors never used
     import diffusers
 
-    if bundle.inpainting:
-        raise ConfigError(
-            f"{bundle.source or 'this model'} is an inpainting model; generate does not support masks yet"
-        )
     scheduler = make_scheduler(bundle, sampler)
     if bundle.is_sdxl:
         if bundle.family == "sdxl-refiner":
@@ -305,6 +302,8 @@ def generate_images(
     variation: VariationSeeds | None = None,
     reference_image: Any = None,
     reference_resize: str = "kontext",
+    inpaint: Inpaint | None = None,
+    inpainting_mask_weight: float = 1.0,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -323,7 +322,12 @@ def generate_images(
     ``reference_image`` (a path or a PIL image; Flux.1 only): FLUX.1 Kontext's image to edit, shared by every
     prompt, sized as ``reference_resize`` says (:func:`sdcore.models.flux.kontext.sized_reference`: ``kontext``
     its preferred resolution, ``none`` its own size, ``output`` the output's); the output is the sized
-    reference's size unless ``width``/``height`` are given.
+    reference's size unless ``width``/``height`` are given. ``inpaint`` (with ``init_image``): A1111's inpainting
+    (:mod:`.inpaint`: mask blur, masked content, whole picture or only masked, the per-step blend and the
+    paste-back; an inpainting model's image conditioning) on SD1/SD2/SDXL, and FLUX.1 Fill through diffusers'
+    ``FluxFillPipeline``. An inpainting model (9-channel UNet) without it runs as A1111 runs it: on a mask of
+    ones and a grey masked image (txt2img) or the init image scaled by ``1 - weight`` (img2img), ``weight`` being
+    ``inpainting_mask_weight`` (``inpaint``'s own when given).
     """
     import torch
 
@@ -338,8 +342,15 @@ def generate_images(
         raise ConfigError(f"steps must be at least 1, got {steps}")
     if init_image is not None and not 0.0 < strength <= 1.0:
         raise ConfigError(f"strength must be in (0, 1], got {strength}")
+    if inpaint is not None:
+        if init_image is None:
+            raise ConfigError("a mask (--mask) repaints part of an init image: add --init-image")
+        if trouble := inpaint.problems():
+            raise ConfigError("; ".join(trouble))
     if hires is not None:
         problems = hires.problems()
+        if bundle.inpainting:
+            problems.append("the hires fix does not run on inpainting models in sdcore; drop the --hr options")
         if init_image is not None:
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
         if problems:
@@ -362,6 +373,17 @@ def generate_images(
     size = default_size(bundle)
     width = _check_size(width or size, "width", factor)
     height = _check_size(height or size, "height", factor)
+    prepared: PreparedInpaint | None = None
+    if inpaint is not None and image is not None:
+        from .inpaint import prepare
+
+        _check_inpaint_family(bundle)
+        prepared = prepare(inpaint, image, width, height)
+        image = prepared.image
+    elif is_flux_fill(bundle):
+        raise ConfigError(
+            f"{bundle.source or 'this model'} is FLUX.1 Fill, an inpainting model: give --init-image and --mask"
+        )
     if image is not None and image.size != (width, height):
         from PIL import Image as PILImage
 
@@ -434,6 +456,11 @@ def generate_images(
 
     all_seeds, all_subseeds = (variation or VariationSeeds()).batch(seed, len(prompts))
     kontext = {"reference": reference} if reference is not None else {}  # only a Kontext call sees the key
+    masked: dict[str, Any] = {}  # only an inpainting call sees the key
+    if prepared is not None:
+        masked["inpaint"] = prepared
+    elif bundle.inpainting:
+        masked["mask_weight"] = inpainting_mask_weight
     # every noise drawn in float32 on the CPU generators, then the model's dtype (A1111's numbers: .rng)
     with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling), float32_noise():
         for indices in groups.values():
@@ -476,6 +503,7 @@ def generate_images(
                     clip_skip=clip_skip,
                     **varied,
                     **kontext,
+                    **masked,
                     **({"output_type": "latent"} if hires is not None else {}),
                 )
                 if hires is not None and hr_same:  # the same networks stay on for the second pass
@@ -595,9 +623,12 @@ def _run(
     transforms: list[Any] = (),  # type: ignore[assignment]
     output_type: str = "pil",
     noise: ImageNoise | None = None,
+    inpaint: PreparedInpaint | None = None,
+    mask_weight: float = 1.0,
 ) -> Any:
     """One txt2img/img2img pipeline call; PIL images, or the batch's latents with ``output_type="latent"``;
-    ``noise``: the images' variation seeds (:mod:`.variation`)."""
+    ``noise``: the images' variation seeds (:mod:`.variation`). ``inpaint``: A1111's inpainting of ``image``
+    (:mod:`.inpaint`); ``mask_weight``: an inpainting model's conditioning mask strength without one."""
     import torch
 
     from .prompt_editing import StepPrompts, schedule_steps
@@ -630,14 +661,114 @@ def _run(
     if bundle.is_sdxl and bundle.family != "sdxl-refiner":
         kwargs["original_size"] = (height, width)
         kwargs["target_size"] = (height, width)
+    factor = bundle.vae_scale_factor
+    channels = int(bundle.vae.config.latent_channels)  # an inpainting UNet takes 5 more: not drawn
     if noise is not None and image is None:  # the pipeline scales it by init_noise_sigma, as its own draw
-        factor = bundle.vae_scale_factor
-        shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+        shape = (channels, height // factor, width // factor)
         kwargs["latents"] = noise.initial(shape, cond.embeds.dtype, generators)
+    elif image is None and bundle.inpainting:  # the pipeline would draw in_channels (9): the same draw at 4
+        from .rng import randn_float32
+
+        shape4 = (len(seeds), channels, height // factor, width // factor)
+        fresh = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        kwargs["latents"] = randn_float32(shape4, generator=fresh, device=torch.device("cpu"), dtype=cond.embeds.dtype)
+    masking: dict[str, Any] = {}
+    if inpaint is not None:
+        kwargs["image"], masking = _inpaint_latents(pipe, bundle, inpaint, seeds)
+        kwargs["output_type"] = "latent"  # the last blend, then the decode and the paste-back
+    if bundle.inpainting:
+        masking["conditioning"] = _image_conditioning(pipe, bundle, inpaint, image, width, height, mask_weight)
     img2img_noise = noise if image is not None else None
-    with per_call.installed(pipe.unet, pooled=bundle.is_sdxl), maybe_swapped(img2img_noise, pipe.scheduler):
+    with (
+        per_call.installed(pipe.unet, pooled=bundle.is_sdxl),
+        maybe_swapped(img2img_noise, pipe.scheduler),
+        _unet_inpainting(pipe, bundle, masking),
+    ):
         output = pipe(**kwargs)
-    return output.images if output_type == "latent" else list(output.images)
+    if inpaint is None:
+        return output.images if output_type == "latent" else list(output.images)
+    from .inpaint import blend
+
+    latents = blend(output.images.float(), masking["init_latent"], masking["nmask"]).to(output.images.dtype)
+    if output_type == "latent":
+        return latents
+    return [inpaint.paste_back(im) for im in _decode_latents(pipe, latents, "pil")]
+
+
+def _unet_inpainting(pipe: Any, bundle: ModelBundle, masking: dict[str, Any]) -> Any:
+    """:func:`.inpaint.unet_inpainting` on the pipeline's UNet (nothing without an inpainting)."""
+    if not masking:
+        return contextlib.nullcontext()
+    from .inpaint import unet_inpainting
+
+    return unet_inpainting(pipe.unet, pipe.scheduler, prediction=bundle.prediction_type, **masking)
+
+
+def _inpaint_latents(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint, seeds: list[int]) -> tuple[Any, dict]:
+    """The img2img pipeline's start latents (one per seed: A1111's "latent noise" is the seed's noise) and the
+    blend's ``init_latent`` and ``nmask`` (A1111's ``init``)."""
+    import torch
+
+    from .inpaint import fill_latents
+    from .rng import randn_float32
+
+    init = _encode_pixels(pipe, inpaint.pixels()).float()
+    height, width = init.shape[-2:]
+    nmask = torch.from_numpy(inpaint.latent_mask(width, height)).to(init.device)[None, None]
+    starts = []
+    for seed in seeds:
+        noise = None
+        if inpaint.settings.fill == "latent noise":  # the noise the pipeline draws from the same seed
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+            noise = randn_float32(tuple(init.shape), generator=generator, device=torch.device("cpu"),
+                                  dtype=torch.float32).to(init.device)  # fmt: skip
+        starts.append(fill_latents(init, nmask, inpaint.settings.fill, noise))
+    start = torch.cat(starts).to(dtype=bundle.denoiser.dtype)
+    return start, {"init_latent": init, "nmask": nmask}
+
+
+def _image_conditioning(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint | None, image: Any, width: int,
+                        height: int, weight: float) -> Any:  # fmt: skip
+    """An inpainting model's extra UNet channels ``[1, 5, h, w]`` (A1111's ``c_concat``): the mask (rounded,
+    nearest-resized to the latent) and the latent of the masked image; without a mask the mask is ones and the
+    image the init image times ``1 - weight`` (img2img) or mid-grey (txt2img)."""
+    import numpy as np
+    import torch
+
+    if inpaint is not None:
+        pixels, mask = inpaint.conditioning_pixels(), inpaint.conditioning_mask()
+    elif image is not None:  # lerp(x, x * (1 - 1), weight)
+        array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+        pixels = (array.permute(2, 0, 1)[None] * 2.0 - 1.0) * (1.0 - weight)
+        mask = torch.ones(1, 1, height, width)
+    else:
+        pixels, mask = torch.zeros(1, 3, height, width), torch.ones(1, 1, height, width)
+    latent = _encode_pixels(pipe, pixels).float()
+    small = torch.nn.functional.interpolate(mask.to(latent.device), size=latent.shape[-2:])
+    return torch.cat([small, latent], dim=1)
+
+
+def _check_inpaint_family(bundle: ModelBundle) -> None:
+    """A mask runs on SD1/SD2/SDXL (regular and inpainting models) and FLUX.1 Fill; one line elsewhere."""
+    if bundle.family_spec.denoiser == "unet" and bundle.family != "sdxl-refiner":
+        return
+    if is_flux_fill(bundle):
+        return
+    raise ConfigError(mask_family_problem(bundle.family_spec.label))
+
+
+def mask_family_problem(label: str) -> str:
+    """The line for a mask on a model that does not inpaint in sdcore."""
+    return f"--mask inpaints with SD1/SD2/SDXL models (regular or inpainting) and FLUX.1 Fill; this is a {label} model"
+
+
+def is_flux_fill(bundle: ModelBundle) -> bool:
+    """Whether ``bundle`` is FLUX.1 Fill (``img_in`` 384 wide): it needs an init image and a mask."""
+    if bundle.family != "flux" or bundle.transformer is None:
+        return False
+    from ..models.flux.variants import bundle_variant
+
+    return bundle_variant(bundle) == "fill"
 
 
 def _encoder(bundle: ModelBundle, clip_skip: int, transforms: Sequence[Any]) -> Any:
@@ -698,7 +829,13 @@ def _encode_images(pipe: Any, images: Sequence[Image.Image]) -> Any:
     import torch
 
     pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
-    pixels = pixels.permute(0, 3, 1, 2) * 2.0 - 1.0
+    return _encode_pixels(pipe, pixels.permute(0, 3, 1, 2) * 2.0 - 1.0)
+
+
+def _encode_pixels(pipe: Any, pixels: Any) -> Any:
+    """Pixels in [-1, 1] (``[B, 3, H, W]``) to scaled latents: the posterior's mean."""
+    import torch
+
     with _vae_for_coding(pipe.vae) as vae:
         config = vae.config
         latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
@@ -875,7 +1012,9 @@ __all__ = [
     "build_pipeline",
     "default_size",
     "generate_images",
+    "is_flux_fill",
     "make_scheduler",
+    "mask_family_problem",
     "record_encodings",
     "sampler_id",
     "sampler_label",

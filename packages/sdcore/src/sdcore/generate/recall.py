@@ -91,9 +91,11 @@ class Recalled:
         legacy_model_hash: str | None = None,
         init_image: bool = False,
         reference_image: bool = False,
+        mask: bool = False,
     ) -> list[str]:
         """One line per thing the image will not follow: a different model hash, a FLUX.1 Kontext edit's
-        reference image not given (``reference_image``: ``--reference-image`` is), then the ignored fields."""
+        reference image not given (``reference_image``: ``--reference-image`` is), an inpainting's mask not given
+        (``mask``: ``--mask`` is), then the ignored fields."""
         from ..models.flux.kontext import REFERENCE_FIELD
 
         lines: list[str] = []
@@ -107,6 +109,13 @@ class Recalled:
             lines.append(
                 f"warning: the PNG is a FLUX.1 Kontext edit of {extra[REFERENCE_FIELD]}; without --reference-image "
                 "this makes a new image instead"
+            )
+        from .inpaint import CONDITIONAL_MASK_WEIGHT, FIELDS
+
+        if not mask and any(name in extra for name in FIELDS if name != CONDITIONAL_MASK_WEIGHT):
+            lines.append(
+                "warning: the PNG is an inpainting (A1111's Inpaint fields); without --init-image and --mask this "
+                "makes a whole new image instead"
             )
         ignored = list(self.ignored)
         schedule = extra.get(SCHEDULE_TYPE)
@@ -189,6 +198,13 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
 
     if extra.get(REFERENCE_RESIZE_FIELD) is not None:  # "none": --no-reference-resize
         values["reference_resize"] = extra[REFERENCE_RESIZE_FIELD] != "none"
+    from .inpaint import FIELDS as INPAINT_FIELDS
+    from .inpaint import inpaint_from_fields
+
+    try:  # A1111's inpainting fields ("Mask blur", "Masked content" ...): the --mask options (not the mask)
+        values.update(inpaint_from_fields(extra))
+    except ValueError as exc:
+        raise ConfigError(f"the PNG's infotext has an invalid value: {exc}") from None
     variation = parameters.variation_seeds()  # A1111's "Variation seed" / "Seed resize from" fields
     if variation is not None:
         values.update(
@@ -209,7 +225,7 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
             hr_distilled_cfg=hires.distilled_cfg,
         )
     used = {*_INFORMATIONAL, *_CHECKED, TILING_FIELD, "Clip skip", VARIATION_SEED, VARIATION_STRENGTH, SEED_RESIZE_FROM,
-            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD}  # fmt: skip
+            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD, *INPAINT_FIELDS}  # fmt: skip
     if hires is not None:
         used.update(_HIRES_FIELDS)
     if extra.get("Hires checkpoint", "Use same checkpoint") == "Use same checkpoint":

@@ -148,7 +148,7 @@ class FluxAdapter:
         naming the option that supplies it)."""
         from .variants import require_supported
 
-        require_supported(bundle, "generate with")
+        require_supported(bundle, "generate with", inpainting=True)
         require_complete(bundle)
 
     # --- model I/O ---------------------------------------------------------------------------
@@ -197,7 +197,9 @@ class FluxAdapter:
         :mod:`sdcore.models.flux.generate`."""
         from .generate import build_flux_pipeline, run_flux
 
-        pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler, kontext=reference is not None)
+        fill = settings.get("inpaint") is not None  # FLUX.1 Fill's FluxFillPipeline
+        pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler, kontext=reference is not None,
+                                   fill=fill)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, reference=reference,
                         **settings)  # fmt: skip
@@ -270,8 +272,8 @@ class FluxAdapter:
         from ..t5 import encode_t5
         from .variants import require_supported
 
-        # before caching: Depth/Canny need images too (Fill's text encoding is dev's: it trains)
-        require_supported(bundle, "train or generate with", training=True)
+        # before caching: Depth/Canny need images too; Fill's text encoding is dev's (its mask comes with the image)
+        require_supported(bundle, "train or generate with", inpainting=True)
         _require(bundle, "text_encoder")
         _require(bundle, "text_encoder_2")
         clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]

@@ -28,6 +28,7 @@ from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ...generate.hires import FlowStart
+    from ...generate.inpaint import PreparedInpaint
     from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
@@ -51,10 +52,10 @@ KONTEXT_INIT_IMAGE = (
 
 
 def build_flux_pipeline(
-    bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler", kontext: bool = False
+    bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler", kontext: bool = False, fill: bool = False
 ) -> Any:
-    """A ``FluxPipeline`` (``FluxImg2ImgPipeline`` with ``img2img``, ``FluxKontextPipeline`` with ``kontext``)
-    sharing the bundle's modules."""
+    """A ``FluxPipeline`` (``FluxImg2ImgPipeline`` with ``img2img``, ``FluxKontextPipeline`` with ``kontext``,
+    ``FluxFillPipeline`` with ``fill``: FLUX.1 Fill's inpainting) sharing the bundle's modules."""
     from ...generate.flow_samplers import quiet_pipeline_import
 
     quiet_pipeline_import()
@@ -63,7 +64,7 @@ def build_flux_pipeline(
     from .adapter import require_complete
     from .variants import require_supported
 
-    require_supported(bundle, "generate with")
+    require_supported(bundle, "generate with", inpainting=fill)
     scheduler = flow_scheduler_for(bundle, sampler, img2img=img2img)
     require_complete(bundle)
     if bundle.tokenizers[1] is None:
@@ -75,6 +76,8 @@ def build_flux_pipeline(
     cls: Any = diffusers.FluxImg2ImgPipeline if img2img else diffusers.FluxPipeline
     if kontext:
         cls = diffusers.FluxKontextPipeline
+    if fill:
+        cls = diffusers.FluxFillPipeline
     return cls(
         scheduler=scheduler,
         vae=bundle.vae,
@@ -105,6 +108,7 @@ def run_flux(
     hires_start: FlowStart | None = None,
     noise: ImageNoise | None = None,
     reference: Any = None,
+    inpaint: PreparedInpaint | None = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``, varied by ``noise``:
@@ -114,6 +118,9 @@ def run_flux(
     ``hires_start``: the hires fix's second pass from them upscaled, with the same guidance and true CFG
     (:func:`sdcore.generate.hires.flow_second_pass`). ``reference``: FLUX.1 Kontext's reference image, a PIL
     image already at its size (``pipe`` a ``FluxKontextPipeline``), shared by the batch and both hires passes.
+    ``inpaint``: FLUX.1 Fill's inpainting (``pipe`` a ``FluxFillPipeline``): the prepared image and mask
+    (:func:`sdcore.generate.inpaint.prepare`: A1111's blur, invert, only masked) go to the pipeline as they are,
+    and its images are pasted back (A1111's overlay, as Forge does for every model).
 
     A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
     (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
@@ -127,6 +134,8 @@ def run_flux(
     from .adapter import FluxAdapter
 
     check_true_cfg(negatives, true_cfg_scale)
+    if inpaint is not None and true_cfg_scale > 1.0:
+        raise ConfigError(FILL_TRUE_CFG)
     if width % 16 or height % 16:
         raise ConfigError(f"Flux image sides must be multiples of 16, got {width}x{height}")
     adapter = FluxAdapter()
@@ -161,6 +170,9 @@ def run_flux(
     if true_cfg:
         kwargs.update(negative_prompt_embeds=uncond.embeds, negative_pooled_prompt_embeds=uncond.pooled,
                       true_cfg_scale=true_cfg_scale)  # fmt: skip
+    if inpaint is not None:
+        image = inpaint.image  # the pipeline masks it and encodes it itself
+        kwargs["mask_image"] = [inpaint.mask] * len(prompts)
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = strength
@@ -170,9 +182,16 @@ def run_flux(
         # sized already: the pipeline's Kontext resize off, and its output size the one asked for
         kwargs.update(image=reference, _auto_resize=False, max_area=width * height)
     slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
-    return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
-                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
-                      noise=noise)  # fmt: skip
+    images = run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
+                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
+                        noise=noise)  # fmt: skip
+    if inpaint is not None and output_type != "latent":
+        return [inpaint.paste_back(generated) for generated in images]
+    return images
+
+
+#: why FLUX.1 Fill takes no true CFG (diffusers' FluxFillPipeline has none)
+FILL_TRUE_CFG = "FLUX.1 Fill runs on its distilled guidance (--cfg, default 30); drop --true-cfg-scale"
 
 
 def run_packed(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int], bundle: ModelBundle,

@@ -13,11 +13,12 @@ what tells them apart (the rules of diffusers' single-file detection, ``infer_di
   ``model_index.json``). A Kontext single file is read as dev.
 
 sdcore trains and samples dev, schnell and Kontext (dev's shapes; its reference images join the latents as
-tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does). Fill and
-Depth/Canny need an extra image input on the channels (mask, control image): sdcore trains Fill (its data
-pipeline builds the mask and masked image, :mod:`sdcore.train.inpainting`) but does not generate with it yet,
-and Depth/Canny neither; they load (``model info`` names them) and what sdcore cannot do with them is refused
-with one line instead of a shape error deep inside the transformer.
+tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does), and
+Fill when an inpainting conditioning comes with it (:data:`INPAINTING`): training builds the mask and masked
+image (:mod:`sdcore.train.inpainting`), ``sdcore generate --init-image --mask`` runs diffusers'
+``FluxFillPipeline``. Depth/Canny need a control image on the channels that neither its data pipeline nor its
+generation builds, so they load (``model info`` names them) and every generation or training step refuses
+them with one line instead of a shape error deep inside the transformer; so does Fill without a mask.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ UNSUPPORTED = {
     "fill": "FLUX.1 Fill [dev] (inpainting: the masked image and mask enter with the latents, img_in 384 wide)",
     "control": "FLUX.1 Depth or Canny [dev] (a control image enters with the latents, img_in 128 wide)",
 }
-#: the releases above that sdcore trains (not generates with yet): Fill, from its inpainting training data
-TRAINABLE = {"fill"}
+#: the releases of :data:`UNSUPPORTED` that run when the caller gives them an inpainting conditioning (the mask
+#: and masked image): training's inpainting data, generation's ``--mask``
+INPAINTING = {
+    "fill": "sdcore trains it (a mask and masked image per sample) and generates with it (--init-image and --mask)"
+}
 #: the releases sdcore trains and generates with, and what ``model info`` says of each
 SUPPORTED = {"dev": "dev", "schnell": "schnell",
              "kontext": "kontext: FLUX.1 Kontext [dev] (image editing: a reference image's tokens join the latents)"}  # fmt: skip
@@ -72,8 +76,8 @@ def describe(variant: str) -> str:
     """``model info``'s variant line."""
     if variant in SUPPORTED:
         return SUPPORTED[variant]
-    if variant in TRAINABLE:
-        return f"{variant}: {UNSUPPORTED[variant]}; sdcore trains it, and cannot generate with it yet"
+    if variant in INPAINTING:
+        return f"{variant}: {UNSUPPORTED[variant]}; {INPAINTING[variant]}"
     if variant in UNSUPPORTED:
         return f"{variant}: {UNSUPPORTED[variant]}; sdcore cannot train or generate with it yet"
     if variant.startswith("in"):
@@ -81,11 +85,11 @@ def describe(variant: str) -> str:
     return variant
 
 
-def require_supported(bundle: ModelBundle, doing: str, *, training: bool = False) -> None:
-    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train"); ``training``:
-    the :data:`TRAINABLE` releases pass too."""
+def require_supported(bundle: ModelBundle, doing: str, *, inpainting: bool = False) -> None:
+    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train"); ``inpainting``:
+    the caller gives an inpainting conditioning, so the :data:`INPAINTING` releases pass too."""
     if bundle.transformer is not None:
-        refuse(bundle_variant(bundle), bundle.source or "this model", doing, training=training)
+        refuse(bundle_variant(bundle), bundle.source or "this model", doing, inpainting=inpainting)
 
 
 def require_fill(bundle: ModelBundle) -> None:
@@ -97,20 +101,23 @@ def require_fill(bundle: ModelBundle) -> None:
         )
 
 
-def refuse(variant: str, source: str, doing: str, *, training: bool = False) -> None:
-    """Raise the one line for ``variant`` unless it is dev, schnell or Kontext, or (``training``) one sdcore
-    trains (also for a file's header alone: the training pre-flight's layout, before anything loads)."""
-    if variant in SUPPORTED or (training and variant in TRAINABLE):
+def refuse(variant: str, source: str, doing: str, *, inpainting: bool = False) -> None:
+    """Raise the one line for ``variant`` unless it is dev, schnell or Kontext, or (``inpainting``) one that runs
+    with an inpainting conditioning (also for a file's header alone: the training pre-flight's layout, before
+    anything loads)."""
+    if variant in SUPPORTED or (inpainting and variant in INPAINTING):
         return
     what = UNSUPPORTED.get(variant) or f"a Flux transformer whose img_in takes {variant[2:]} channels"
+    if variant in INPAINTING:
+        raise ConfigError(f"{source} is {what}; it needs a mask: generate with --init-image and --mask")
     raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev, schnell and Kontext only)")
 
 
 __all__ = [
+    "INPAINTING",
     "PIPELINE_VARIANTS",
     "SUPPORTED",
     "TOOL_INPUTS",
-    "TRAINABLE",
     "UNSUPPORTED",
     "describe",
     "flux_variant",

@@ -225,18 +225,34 @@ class FluxAdapter:
         return read_flux_diffusers(folder, **options)
 
     def create_tiny(self, *, variant: str = "dev", seed: int = 0, **options: Any) -> ModelBundle:
-        """The tiny Flux.1 ``variant``: ``dev`` with guidance embedding, ``schnell``, or ``kontext`` (dev's
+        """The tiny Flux.1 ``variant``: ``dev`` with guidance embedding, ``schnell``, ``kontext`` (dev's
         weights, its metadata naming ``FluxKontextPipeline`` as a Kontext folder's does, so ``model info`` says
-        Kontext and a diffusers save writes that ``_class_name``)."""
+        Kontext and a diffusers save writes that ``_class_name``), or ``depth``/``canny`` (FLUX.1 Depth/Canny
+        [dev]'s layout: dev's parts with a transformer whose ``img_in`` takes 128 channels, seeded ``seed``)."""
         from .load import make_bundle
         from .tiny import create_tiny_parts
         from .variants import PIPELINE_METADATA_KEY
 
-        metadata = {PIPELINE_METADATA_KEY: "FluxKontextPipeline"} if variant == "kontext" else None
+        names = {"kontext": "FluxKontextPipeline", "depth": "FluxControlPipeline", "canny": "FluxControlPipeline"}
+        metadata = {PIPELINE_METADATA_KEY: names[variant]} if variant in names else None
         try:
-            parts = create_tiny_parts("dev" if variant == "kontext" else variant, seed=seed)
+            parts = create_tiny_parts("dev" if variant in names else variant, seed=seed)
         except ValueError as exc:
-            raise ConfigError(f"{exc} (or kontext)") from None
+            raise ConfigError(f"{exc} (or kontext, depth, canny)") from None
+        if variant in ("depth", "canny"):
+            import torch
+            from diffusers import FluxTransformer2DModel
+
+            from .variants import TOOL_INPUTS
+
+            config = {k: v for k, v in parts["transformer"].config.items() if not k.startswith("_")}
+            config.update(in_channels=next(w for w, v in TOOL_INPUTS.items() if v == "control"), out_channels=64)
+            state = torch.random.get_rng_state()
+            try:
+                torch.manual_seed(seed)
+                parts["transformer"] = FluxTransformer2DModel.from_config(config).eval()
+            finally:
+                torch.random.set_rng_state(state)
         name = "flux" if variant == "dev" else f"flux-{variant}"
         return make_bundle(parts, source=f"tiny:{name}", source_format="tiny", metadata=metadata)
 

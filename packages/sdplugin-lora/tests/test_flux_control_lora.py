@@ -41,8 +41,8 @@ def _control_lora(bundle, path, *, img_in_width: int = 128, rank: int = 2):
 
 
 def test_a_control_lora_is_refused_in_one_line_naming_its_kind(tmp_path):
-    from sdcore.models.load import load_model
     from sdcore.errors import NetworkMismatchError
+    from sdcore.models.load import load_model
     from sdplugin_lora.apply import apply_lora
 
     bundle = load_model("tiny:flux")

@@ -481,9 +481,9 @@ def control_lora_problem(lora: LoraFile) -> str | None:
     width = widened_input(lora)
     if width is None:
         return None
-    kind = "a FLUX.1 Depth/Canny control LoRA (BFL's flux1-depth-dev-lora / flux1-canny-dev-lora)" if width == 128 else (
-        "a LoRA for a FLUX.1 transformer of another input width"
-    )
+    kind = "a LoRA for a FLUX.1 transformer of another input width"
+    if width == 128:
+        kind = "a FLUX.1 Depth/Canny control LoRA (BFL's flux1-depth-dev-lora / flux1-canny-dev-lora)"
     return (
         f"{lora.label}: {kind}: it widens img_in from {_FLUX_LATENT_WIDTH} to {width} inputs, which sdcore's LoRA "
         "loader does not do; use the full FLUX.1 Depth or Canny [dev] model with --control-image"

@@ -1059,9 +1059,9 @@ def _transform_rows(
 __all__ = [
     "SAMPLERS",
     "build_pipeline",
+    "control_family_problem",
     "default_size",
     "generate_images",
-    "control_family_problem",
     "is_flux_control",
     "is_flux_fill",
     "make_scheduler",

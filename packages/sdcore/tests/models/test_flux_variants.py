@@ -93,16 +93,17 @@ def test_generation_and_training_refuse_tools_with_one_line(dev, width):
     bundle = _with_input_width(dev, width)
     bundle.source = "flux1-tool.safetensors"
     release = "Fill" if width == 384 else "Depth or Canny"
-    # Fill generates, but only inpainting (an init image and a mask: tests/generate/test_inpaint.py)
+    # Fill generates, but only inpainting (an init image and a mask: tests/generate/test_inpaint.py); Depth/Canny
+    # only with a control image (tests/models/test_flux_control.py)
     refusal = ("is FLUX.1 Fill, an inpainting model: give --init-image and --mask" if width == 384
-               else rf"is FLUX.1 {release} \[dev\].*cannot generate with")  # fmt: skip
+               else rf"is FLUX.1 {release} \[dev\].*it needs a control image: generate with --control-image")  # fmt: skip
     with pytest.raises(ConfigError, match=rf"flux1-tool.safetensors {refusal}"):
         generate_images(bundle, ["a cat"], steps=1, width=32, height=32)
     adapter = FluxAdapter()
     if width == 384:  # Fill trains: its prompts encode as dev's (its step joins the mask and masked image)
         assert adapter.encode_prompts(bundle, ["a cat"], t5_max_length=8).pooled is not None
     else:
-        with pytest.raises(ConfigError, match="cannot train or generate with it yet"):
+        with pytest.raises(ConfigError, match=r"generates with it \(--control-image\) but cannot train it"):
             adapter.encode_prompts(bundle, ["a cat"])
     cond = adapter.encode_prompts(dev, ["a cat"], t5_max_length=8)
     with pytest.raises(ConfigError, match=rf"FLUX.1 {release} \[dev\]"):  # without its extra input: one line
@@ -142,7 +143,9 @@ def test_training_preflight_reads_fill_and_refuses_depth_before_loading(dev, tmp
     from sdcore.train.inpainting import layout_kind
 
     control = _bfl_file(_with_input_width(dev, 128), tmp_path / "depth.safetensors")
-    with pytest.raises(ConfigError, match=r"depth.safetensors is FLUX.1 Depth or Canny \[dev\].*cannot train it yet"):
+    with pytest.raises(
+        ConfigError, match=r"depth.safetensors is FLUX.1 Depth or Canny \[dev\].*cannot train it \(no trainer"
+    ):
         read_layout(control)
     fill = read_layout(_bfl_file(_with_input_width(dev, 384), tmp_path / "fill.safetensors"))
     assert (fill.family, layout_kind(fill)) == ("flux", "fill")

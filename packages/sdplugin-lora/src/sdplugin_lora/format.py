@@ -450,10 +450,52 @@ def check_family(lora: LoraFile, family: str) -> None:
         )
 
 
+#: the module names (after a component prefix) of FLUX.1's patch embedding: BFL's ``img_in``, diffusers' ``x_embedder``
+_PATCH_EMBEDDING = ("img_in", "x_embedder", "lora_unet_img_in", "lora_transformer_x_embedder")
+#: FLUX.1's packed latent width (16 channels x 2x2): what a plain dev/schnell ``img_in`` takes
+_FLUX_LATENT_WIDTH = 64
+
+
+def widened_input(lora: LoraFile) -> int | None:
+    """The input width a FLUX.1 LoRA's patch-embedding module takes when it is not the 64 of dev's ``img_in``: BFL's
+    control LoRAs (``flux1-depth-dev-lora``, ``flux1-canny-dev-lora``) take 128, the noisy latents and a control
+    image's latents, and come with full RMSNorm scales (``...norm.query_norm.scale``)."""
+    for key, weights in lora.modules.items():
+        name = _strip_component(key)[1]
+        if name.startswith("diffusion_model."):
+            name = name[len("diffusion_model.") :]
+        widths = weights.in_out() if name in _PATCH_EMBEDDING else None
+        if widths is not None and widths[0] != _FLUX_LATENT_WIDTH:
+            return widths[0]
+    return None
+
+
+def control_lora_problem(lora: LoraFile) -> str | None:
+    """One line for a LoRA that widens FLUX.1's ``img_in`` (BFL's Depth/Canny control LoRAs), None otherwise.
+
+    diffusers' ``load_lora_weights`` applies them by swapping in a wider ``x_embedder`` (zero columns for the new
+    inputs), changing the transformer's ``in_channels`` and replacing the attention RMSNorm scales for as long as
+    the LoRA is loaded; sdcore's LoRAs change a module's weights in place or hook it, never its shape or its
+    config, so it refuses these files instead of applying part of one. The full FLUX.1 Depth/Canny [dev] models
+    run with ``sdcore generate --control-image``."""
+    width = widened_input(lora)
+    if width is None:
+        return None
+    kind = "a LoRA for a FLUX.1 transformer of another input width"
+    if width == 128:
+        kind = "a FLUX.1 Depth/Canny control LoRA (BFL's flux1-depth-dev-lora / flux1-canny-dev-lora)"
+    return (
+        f"{lora.label}: {kind}: it widens img_in from {_FLUX_LATENT_WIDTH} to {width} inputs, which sdcore's LoRA "
+        "loader does not do; use the full FLUX.1 Depth or Canny [dev] model with --control-image"
+    )
+
+
 def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> Match:
     """Resolve every module of ``lora`` on the model; shape mismatches and wrong families raise."""
     if check:
         check_family(lora, index.family)
+    if index.family == "flux" and (problem := control_lora_problem(lora)) is not None:
+        raise NetworkMismatchError(problem)
     matched: dict[str, tuple[Target, ModuleWeights]] = {}
     unmatched: list[str] = []
     for key, weights in lora.modules.items():

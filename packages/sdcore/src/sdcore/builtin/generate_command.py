@@ -183,6 +183,12 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "FluxKontextImageScale), or keep its own size (floored to 16).",
 )
 @click.option(
+    "--control-image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FLUX.1 Depth/Canny [dev]: the depth map or canny edges to follow, made beforehand (stretched to the "
+    "output size; the output takes its size unless --size or --init-image).",
+)
+@click.option(
     "--strength",
     "--denoising-strength",
     "strength",
@@ -419,13 +425,14 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     runs = [_prepare_run(cell, problems) for cell in cells]
     problems += _reference_problems(params)
     problems += _mask_problems(params)
+    problems += _control_problems(params)
     # every network file every prompt names, resolved as the session will resolve it, all missing ones at once
     problems += session.check(pair for run in runs for pair in _network_prompts(run))
     from ..io import output_problems
 
     # the images read: an output may never replace one (the --from-png image too, read before any is written)
-    init = [str(params[name]) for name in ("init_image", "from_png", "reference_image", "mask") if params[name]
-            is not None]  # fmt: skip
+    init = [str(params[name]) for name in ("init_image", "from_png", "reference_image", "mask", "control_image")
+            if params[name] is not None]  # fmt: skip
     if plot is None:
         outputs = _output_paths(params["output"], params["batch"])
     else:
@@ -554,13 +561,17 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     fields to add before "Version" (the X/Y/Z plot's on its grid)."""
     from .. import __version__
     from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT, FILL_GUIDANCE
-    from ..generate.pipeline import generate_images, is_flux_fill, schedule_type_field
+    from ..generate.pipeline import generate_images, is_flux_control, is_flux_fill, schedule_type_field
     from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters, model_short_hash
     from ..models.family import default_cfg
 
     params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
     sampler = run.sampler or _default_sampler(adapter)  # a family may sample with something else by default
     fill_model = is_flux_fill(bundle)
+    if params["cfg"] is None and is_flux_control(bundle):  # BFL's cli_control: 10 for Depth, 30 for Canny
+        from ..models.flux.control import default_guidance
+
+        params["cfg"] = default_guidance(bundle.source or params["model"])
     if params["cfg"] is None:  # FLUX.1 Fill: BFL's and diffusers' guidance 30
         params["cfg"] = FILL_GUIDANCE if fill_model else default_cfg(adapter)
     width, height = params["size"] or (None, None)
@@ -592,6 +603,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         **_reference_arguments(params),
         inpaint=inpaint,
         inpainting_mask_weight=params["inpainting_mask_weight"],
+        **({"control_image": params["control_image"]} if params["control_image"] is not None else {}),
     )
     from ..generate.variation import VariationSeeds
 
@@ -607,6 +619,10 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
             from ..models.flux.kontext import open_reference, sized_reference
 
             first_size = sized_reference(open_reference(params["reference_image"]), _reference_mode(params)).size
+        if params["control_image"] is not None and params["size"] is None:  # the first pass's: the control's
+            from ..models.flux.control import control_size, open_control
+
+            first_size = control_size(open_control(params["control_image"]))
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
@@ -627,6 +643,10 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         if inpaint is not None:  # A1111's, after Tiling (its extra_generation_params)
             extra.update(inpaint.infotext_fields())
         extra.update(_reference_fields(params))
+        if params["control_image"] is not None:  # FLUX.1 Depth/Canny: the control image's file name
+            from ..models.flux.control import CONTROL_FIELD
+
+            extra[CONTROL_FIELD] = Path(params["control_image"]).name
         if distilled:
             extra["Distilled CFG Scale"] = params["cfg"]
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
@@ -761,6 +781,30 @@ def _reference_problems(params: dict[str, Any]) -> list[str]:
         problems.append(KONTEXT_INIT_IMAGE)
     try:
         sized_reference(open_reference(params["reference_image"]), _reference_mode(params))
+    except ConfigError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def _control_problems(params: dict[str, Any]) -> list[str]:
+    """``--control-image``'s problems before the model loads: a model of another family than Flux.1 (when its
+    headers tell), a file that is missing, not an image or too small. Whether the Flux model is Depth/Canny is
+    known once it loads (a diffusers folder's transformer config; a single file's header would do, but one rule
+    for both is simpler to read)."""
+    if params["control_image"] is None:
+        return []
+    from ..errors import ConfigError
+    from ..generate.pipeline import control_family_problem
+    from ..models.family import get_family
+    from ..models.flux.control import control_size, open_control
+    from ..models.layout import peek_family
+
+    problems = []
+    family = peek_family(params["model"])
+    if family is not None and family != "flux":
+        problems.append(control_family_problem(get_family(family).label))
+    try:
+        control_size(open_control(params["control_image"]))
     except ConfigError as exc:
         problems.append(str(exc))
     return problems
@@ -945,6 +989,7 @@ def _recalled_cfg(params: dict[str, Any], recalled: Any, bundle: Any, sampler: s
         init_image=params["init_image"] is not None,
         reference_image=params["reference_image"] is not None,
         mask=params["mask"] is not None,
+        control_image=params["control_image"] is not None,
     ):
         click.echo(line, err=True)
 

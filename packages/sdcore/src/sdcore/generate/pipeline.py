@@ -266,6 +266,41 @@ def _kontext_reference(bundle: ModelBundle, reference_image: Any, mode: str, ini
     return reference, width, height
 
 
+def _flux_control(bundle: ModelBundle, control_image: Any) -> Any:
+    """``generate_images``' control image, read (None without one): only FLUX.1 Depth/Canny take one, and they
+    need it (one line each way)."""
+    if control_image is None:
+        if is_flux_control(bundle):
+            from ..models.flux.variants import require_supported
+
+            require_supported(bundle, "generate with")  # the line naming --control-image
+        return None
+    if bundle.family != "flux":
+        raise ConfigError(control_family_problem(bundle.family_spec.label))
+    from ..models.flux.control import open_control
+    from ..models.flux.variants import require_control
+
+    require_control(bundle)
+    return open_control(control_image)
+
+
+def is_flux_control(bundle: ModelBundle) -> bool:
+    """Whether ``bundle`` is FLUX.1 Depth or Canny [dev] (``img_in`` 128 wide): it needs a control image."""
+    if bundle.family != "flux" or bundle.transformer is None:
+        return False
+    from ..models.flux.variants import CONTROL, bundle_variant
+
+    return bundle_variant(bundle) in CONTROL
+
+
+def control_family_problem(label: str) -> str:
+    """The line for a control image on a model of another family than Flux.1."""
+    return (
+        f"--control-image is FLUX.1 Depth/Canny [dev]'s depth map or canny edges; this is a {label} model (use "
+        "FLUX.1 Depth or Canny [dev])"
+    )
+
+
 def kontext_family_problem(label: str) -> str:
     """The line for a reference image on a model of another family than Flux.1."""
     return (
@@ -304,6 +339,7 @@ def generate_images(
     reference_resize: str = "kontext",
     inpaint: Inpaint | None = None,
     inpainting_mask_weight: float = 1.0,
+    control_image: Any = None,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -327,7 +363,10 @@ def generate_images(
     paste-back; an inpainting model's image conditioning) on SD1/SD2/SDXL, and FLUX.1 Fill through diffusers'
     ``FluxFillPipeline``. An inpainting model (9-channel UNet) without it runs as A1111 runs it: on a mask of
     ones and a grey masked image (txt2img) or the init image scaled by ``1 - weight`` (img2img), ``weight`` being
-    ``inpainting_mask_weight`` (``inpaint``'s own when given).
+    ``inpainting_mask_weight`` (``inpaint``'s own when given). ``control_image`` (a path or a PIL image): FLUX.1
+    Depth/Canny's preprocessed depth map or canny edges (:mod:`sdcore.models.flux.control`), shared by every prompt
+    and stretched to the output size, which is its own (floored to 16) unless ``width``/``height`` or an init
+    image give one; those models need it and other models refuse it.
     """
     import torch
 
@@ -370,6 +409,11 @@ def generate_images(
     image = _load_init_image(init_image) if init_image is not None else None
     if image is not None and width is None and height is None:
         width, height = image.width - image.width % factor, image.height - image.height % factor
+    control = _flux_control(bundle, control_image)
+    if control is not None and width is None and height is None:
+        from ..models.flux.control import control_size
+
+        width, height = control_size(control)
     size = default_size(bundle)
     width = _check_size(width or size, "width", factor)
     height = _check_size(height or size, "height", factor)
@@ -456,6 +500,8 @@ def generate_images(
 
     all_seeds, all_subseeds = (variation or VariationSeeds()).batch(seed, len(prompts))
     kontext = {"reference": reference} if reference is not None else {}  # only a Kontext call sees the key
+    if control is not None:  # only a Depth/Canny call sees the key
+        kontext["control"] = control
     masked: dict[str, Any] = {}  # only an inpainting call sees the key
     if prepared is not None:
         masked["inpaint"] = prepared
@@ -952,6 +998,7 @@ def _flow_hires_run(
     transforms: Sequence[Any] = (),
     noise: ImageNoise | None = None,
     reference: Any = None,
+    control: Any = None,
 ) -> list[Image.Image]:
     """The hires pass of a flow family (SD3, Flux.1, Chroma): A1111's upscale of the first pass's unpacked
     ``latents`` to even latent sides, then ``second`` (:func:`_family_run` over the family's ``generate``)
@@ -981,6 +1028,8 @@ def _flow_hires_run(
         settings["noise"] = noise
     if reference is not None:  # FLUX.1 Kontext: the same reference as the first pass (ComfyUI's conditioning)
         settings["reference"] = reference
+    if control is not None:  # FLUX.1 Depth/Canny: the same control image, stretched to the large size
+        settings["control"] = control
     return list(second(None, bundle, prompts, negatives, **size, **settings, hires_start=start))
 
 
@@ -1010,8 +1059,10 @@ def _transform_rows(
 __all__ = [
     "SAMPLERS",
     "build_pipeline",
+    "control_family_problem",
     "default_size",
     "generate_images",
+    "is_flux_control",
     "is_flux_fill",
     "make_scheduler",
     "mask_family_problem",

@@ -92,10 +92,12 @@ class Recalled:
         init_image: bool = False,
         reference_image: bool = False,
         mask: bool = False,
+        control_image: bool = False,
     ) -> list[str]:
         """One line per thing the image will not follow: a different model hash, a FLUX.1 Kontext edit's
         reference image not given (``reference_image``: ``--reference-image`` is), an inpainting's mask not given
-        (``mask``: ``--mask`` is), then the ignored fields."""
+        (``mask``: ``--mask`` is), a FLUX.1 Depth/Canny image's control image not given (``control_image``:
+        ``--control-image`` is), then the ignored fields."""
         from ..models.flux.kontext import REFERENCE_FIELD
 
         lines: list[str] = []
@@ -109,6 +111,13 @@ class Recalled:
             lines.append(
                 f"warning: the PNG is a FLUX.1 Kontext edit of {extra[REFERENCE_FIELD]}; without --reference-image "
                 "this makes a new image instead"
+            )
+        from ..models.flux.control import CONTROL_FIELD
+
+        if CONTROL_FIELD in extra and not control_image:
+            lines.append(
+                f"warning: the PNG is a FLUX.1 Depth/Canny image controlled by {extra[CONTROL_FIELD]}; give it (or "
+                "another) with --control-image: those models generate with one only"
             )
         from .inpaint import CONDITIONAL_MASK_WEIGHT, FIELDS
 
@@ -194,6 +203,7 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
         raise ConfigError(f"the PNG's infotext has an invalid value: {exc}") from None
     if extra.get(TILING_FIELD) is not None:
         values["tiling"] = extra[TILING_FIELD] == "True"
+    from ..models.flux.control import CONTROL_FIELD
     from ..models.flux.kontext import REFERENCE_FIELD, REFERENCE_RESIZE_FIELD
 
     if extra.get(REFERENCE_RESIZE_FIELD) is not None:  # "none": --no-reference-resize
@@ -225,7 +235,7 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
             hr_distilled_cfg=hires.distilled_cfg,
         )
     used = {*_INFORMATIONAL, *_CHECKED, TILING_FIELD, "Clip skip", VARIATION_SEED, VARIATION_STRENGTH, SEED_RESIZE_FROM,
-            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD, *INPAINT_FIELDS}  # fmt: skip
+            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD, CONTROL_FIELD, *INPAINT_FIELDS}  # fmt: skip
     if hires is not None:
         used.update(_HIRES_FIELDS)
     if extra.get("Hires checkpoint", "Use same checkpoint") == "Use same checkpoint":

@@ -148,7 +148,8 @@ class FluxAdapter:
         naming the option that supplies it)."""
         from .variants import require_supported
 
-        require_supported(bundle, "generate with", inpainting=True)
+        # Fill without a mask and Depth/Canny without a control image: generate_images says so once it knows
+        require_supported(bundle, "generate with", inpainting=True, control=True)
         require_complete(bundle)
 
     # --- model I/O ---------------------------------------------------------------------------
@@ -193,13 +194,14 @@ class FluxAdapter:
     def generate(self, bundle: ModelBundle, prompts: list[str], negatives: list[str], *, sampler: str = "euler",
                  image: Any = None, reference: Any = None, **settings: Any) -> list[Any]:  # fmt: skip
         """``sdcore generate``: diffusers' ``FluxPipeline`` (``FluxImg2ImgPipeline`` with an init image,
-        ``FluxKontextPipeline`` with a ``reference`` image) over the bundle's modules; see
-        :mod:`sdcore.models.flux.generate`."""
+        ``FluxKontextPipeline`` with a ``reference`` image, ``FluxControlPipeline`` with a ``control`` image)
+        over the bundle's modules; see :mod:`sdcore.models.flux.generate`."""
         from .generate import build_flux_pipeline, run_flux
 
         fill = settings.get("inpaint") is not None  # FLUX.1 Fill's FluxFillPipeline
+        control = settings.get("control") is not None  # FLUX.1 Depth/Canny's FluxControlPipeline
         pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler, kontext=reference is not None,
-                                   fill=fill)  # fmt: skip
+                                   fill=fill, control=control)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, reference=reference,
                         **settings)  # fmt: skip
@@ -223,18 +225,34 @@ class FluxAdapter:
         return read_flux_diffusers(folder, **options)
 
     def create_tiny(self, *, variant: str = "dev", seed: int = 0, **options: Any) -> ModelBundle:
-        """The tiny Flux.1 ``variant``: ``dev`` with guidance embedding, ``schnell``, or ``kontext`` (dev's
+        """The tiny Flux.1 ``variant``: ``dev`` with guidance embedding, ``schnell``, ``kontext`` (dev's
         weights, its metadata naming ``FluxKontextPipeline`` as a Kontext folder's does, so ``model info`` says
-        Kontext and a diffusers save writes that ``_class_name``)."""
+        Kontext and a diffusers save writes that ``_class_name``), or ``depth``/``canny`` (FLUX.1 Depth/Canny
+        [dev]'s layout: dev's parts with a transformer whose ``img_in`` takes 128 channels, seeded ``seed``)."""
         from .load import make_bundle
         from .tiny import create_tiny_parts
         from .variants import PIPELINE_METADATA_KEY
 
-        metadata = {PIPELINE_METADATA_KEY: "FluxKontextPipeline"} if variant == "kontext" else None
+        names = {"kontext": "FluxKontextPipeline", "depth": "FluxControlPipeline", "canny": "FluxControlPipeline"}
+        metadata = {PIPELINE_METADATA_KEY: names[variant]} if variant in names else None
         try:
-            parts = create_tiny_parts("dev" if variant == "kontext" else variant, seed=seed)
+            parts = create_tiny_parts("dev" if variant in names else variant, seed=seed)
         except ValueError as exc:
-            raise ConfigError(f"{exc} (or kontext)") from None
+            raise ConfigError(f"{exc} (or kontext, depth, canny)") from None
+        if variant in ("depth", "canny"):
+            import torch
+            from diffusers import FluxTransformer2DModel
+
+            from .variants import TOOL_INPUTS
+
+            config = {k: v for k, v in parts["transformer"].config.items() if not k.startswith("_")}
+            config.update(in_channels=next(w for w, v in TOOL_INPUTS.items() if v == "control"), out_channels=64)
+            state = torch.random.get_rng_state()
+            try:
+                torch.manual_seed(seed)
+                parts["transformer"] = FluxTransformer2DModel.from_config(config).eval()
+            finally:
+                torch.random.set_rng_state(state)
         name = "flux" if variant == "dev" else f"flux-{variant}"
         return make_bundle(parts, source=f"tiny:{name}", source_format="tiny", metadata=metadata)
 
@@ -263,17 +281,20 @@ class FluxAdapter:
         *,
         t5_max_length: int | None = None,
         t5_attention_mask: bool = False,
+        control: bool = False,
         **options: Any,
     ) -> Conditioning:
         """CLIP-L pooled output and the T5 sequence, as ``FluxPipeline.encode_prompt`` (``t5_max_length``:
         T5 tokens, default :meth:`t5_max_length`, kohya's ``--t5xxl_max_token_length``;
-        ``t5_attention_mask``: mask T5's padding, kohya's ``--apply_t5_attn_mask``)."""
+        ``t5_attention_mask``: mask T5's padding, kohya's ``--apply_t5_attn_mask``; ``control``: a control image
+        comes with the call, ``sdcore generate --control-image``, so FLUX.1 Depth/Canny encode as dev does)."""
         from ...train.method import Conditioning
         from ..t5 import encode_t5
         from .variants import require_supported
 
-        # before caching: Depth/Canny need images too; Fill's text encoding is dev's (its mask comes with the image)
-        require_supported(bundle, "train or generate with", inpainting=True)
+        # before caching: Depth/Canny train nowhere and generate with a control image only; Fill's text encoding is
+        # dev's (its mask comes with the image)
+        require_supported(bundle, "train or generate with", inpainting=True, control=control)
         _require(bundle, "text_encoder")
         _require(bundle, "text_encoder_2")
         clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]

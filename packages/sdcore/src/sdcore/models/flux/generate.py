@@ -18,6 +18,9 @@ What differs from the SD families, as Forge and ComfyUI users know it:
   encodes it clean and appends its tokens to the latents' (:mod:`sdcore.models.flux.kontext`); the image comes
   already sized (:func:`~sdcore.models.flux.kontext.sized_reference`), so the pipeline's own resize is off and
   the output keeps the size asked for (its ``max_area`` is that size's area).
+- A control image (``--control-image``) makes the call FLUX.1 Depth's or Canny's: diffusers' ``FluxControlPipeline``
+  (``FluxControlImg2ImgPipeline`` from an init image) stretches it to the output size, encodes it and joins its
+  latents to the noisy ones on the channels (:mod:`sdcore.models.flux.control`).
 """
 
 from __future__ import annotations
@@ -52,19 +55,28 @@ KONTEXT_INIT_IMAGE = (
 
 
 def build_flux_pipeline(
-    bundle: ModelBundle, *, img2img: bool = False, sampler: str = "euler", kontext: bool = False, fill: bool = False
+    bundle: ModelBundle,
+    *,
+    img2img: bool = False,
+    sampler: str = "euler",
+    kontext: bool = False,
+    fill: bool = False,
+    control: bool = False,
 ) -> Any:
     """A ``FluxPipeline`` (``FluxImg2ImgPipeline`` with ``img2img``, ``FluxKontextPipeline`` with ``kontext``,
-    ``FluxFillPipeline`` with ``fill``: FLUX.1 Fill's inpainting) sharing the bundle's modules."""
+    ``FluxFillPipeline`` with ``fill``: FLUX.1 Fill's inpainting, ``FluxControlPipeline`` or, with ``img2img``,
+    ``FluxControlImg2ImgPipeline`` with ``control``: FLUX.1 Depth/Canny) sharing the bundle's modules."""
     from ...generate.flow_samplers import quiet_pipeline_import
 
     quiet_pipeline_import()
     import diffusers
 
     from .adapter import require_complete
-    from .variants import require_supported
+    from .variants import require_control, require_supported
 
-    require_supported(bundle, "generate with", inpainting=fill)
+    if control:  # before the generic refusal: a control image on dev says so
+        require_control(bundle)
+    require_supported(bundle, "generate with", inpainting=fill, control=control)
     scheduler = flow_scheduler_for(bundle, sampler, img2img=img2img)
     require_complete(bundle)
     if bundle.tokenizers[1] is None:
@@ -78,6 +90,8 @@ def build_flux_pipeline(
         cls = diffusers.FluxKontextPipeline
     if fill:
         cls = diffusers.FluxFillPipeline
+    if control:
+        cls = diffusers.FluxControlImg2ImgPipeline if img2img else diffusers.FluxControlPipeline
     return cls(
         scheduler=scheduler,
         vae=bundle.vae,
@@ -109,6 +123,7 @@ def run_flux(
     noise: ImageNoise | None = None,
     reference: Any = None,
     inpaint: PreparedInpaint | None = None,
+    control: Any = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``, varied by ``noise``:
@@ -120,7 +135,9 @@ def run_flux(
     image already at its size (``pipe`` a ``FluxKontextPipeline``), shared by the batch and both hires passes.
     ``inpaint``: FLUX.1 Fill's inpainting (``pipe`` a ``FluxFillPipeline``): the prepared image and mask
     (:func:`sdcore.generate.inpaint.prepare`: A1111's blur, invert, only masked) go to the pipeline as they are,
-    and its images are pasted back (A1111's overlay, as Forge does for every model).
+    and its images are pasted back (A1111's overlay, as Forge does for every model). ``control``: FLUX.1
+    Depth/Canny's control image, a PIL image (``pipe`` a ``FluxControlPipeline`` or ``FluxControlImg2ImgPipeline``,
+    which stretches it to the output size), shared by the batch and both hires passes.
 
     A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
     (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
@@ -136,6 +153,10 @@ def run_flux(
     check_true_cfg(negatives, true_cfg_scale)
     if inpaint is not None and true_cfg_scale > 1.0:
         raise ConfigError(FILL_TRUE_CFG)
+    if control is not None and true_cfg_scale > 1.0:
+        from .control import CONTROL_TRUE_CFG
+
+        raise ConfigError(CONTROL_TRUE_CFG)
     if width % 16 or height % 16:
         raise ConfigError(f"Flux image sides must be multiples of 16, got {width}x{height}")
     adapter = FluxAdapter()
@@ -143,7 +164,8 @@ def run_flux(
 
     def encode(texts: list[str], negative_texts: list[str]) -> tuple[Conditioning, Conditioning | None]:
         # emphasis is read after the schedule rendered the text (its brackets are the schedule's first)
-        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts])
+        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts],
+                                      control=control is not None)  # fmt: skip
         if not true_cfg:
             return Conditioning(cond.hidden_states, cond.pooled), None
         # the same T5 length as the prompt's, as the pipeline requires
@@ -181,6 +203,8 @@ def run_flux(
             raise ConfigError(KONTEXT_INIT_IMAGE)
         # sized already: the pipeline's Kontext resize off, and its output size the one asked for
         kwargs.update(image=reference, _auto_resize=False, max_area=width * height)
+    if control is not None:  # one image for the batch: the pipeline repeats it (each sample's own VAE draw)
+        kwargs["control_image"] = control
     slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
     images = run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
                         hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
@@ -214,8 +238,8 @@ def run_packed(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int]
     img2img = "strength" in kwargs  # a Kontext reference is an "image" too, but the call is a txt2img's
     if noise is not None and not img2img and hires_start is None:  # the pipeline's draw: 2 * (side // 16)
         unit = pipe.vae_scale_factor * 2
-        shape = (
-            pipe.transformer.config.in_channels // 4,
+        shape = (  # the latent channels (Depth/Canny's img_in also takes the control image's)
+            int(pipe.vae.config.latent_channels),
             2 * (kwargs["height"] // unit),
             2 * (kwargs["width"] // unit),
         )

@@ -16,9 +16,11 @@ sdcore trains and samples dev, schnell and Kontext (dev's shapes; its reference 
 tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does), and
 Fill when an inpainting conditioning comes with it (:data:`INPAINTING`): training builds the mask and masked
 image (:mod:`sdcore.train.inpainting`), ``sdcore generate --init-image --mask`` runs diffusers'
-``FluxFillPipeline``. Depth/Canny need a control image on the channels that neither its data pipeline nor its
-generation builds, so they load (``model info`` names them) and every generation or training step refuses
-them with one line instead of a shape error deep inside the transformer; so does Fill without a mask.
+``FluxFillPipeline``. Depth/Canny generate when a control image comes with the call (:data:`CONTROL`:
+``sdcore generate --control-image``, diffusers' ``FluxControlPipeline``, :mod:`sdcore.models.flux.control`);
+sdcore does not train them (no peer does: kohya, OneTrainer, ai-toolkit and musubi-tuner have no Depth/Canny
+training), so training refuses them with one line instead of a shape error deep inside the transformer; so does
+generation without a control image, and Fill without a mask.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ UNSUPPORTED = {
 INPAINTING = {
     "fill": "sdcore trains it (a mask and masked image per sample) and generates with it (--init-image and --mask)"
 }
+#: the releases of :data:`UNSUPPORTED` that generate when the caller gives them a control image (``--control-image``)
+CONTROL = {
+    "control": "sdcore generates with it (--control-image: a depth map or canny edges made beforehand); "
+    "it does not train it"
+}
 #: the releases sdcore trains and generates with, and what ``model info`` says of each
 SUPPORTED = {"dev": "dev", "schnell": "schnell",
              "kontext": "kontext: FLUX.1 Kontext [dev] (image editing: a reference image's tokens join the latents)"}  # fmt: skip
@@ -78,6 +85,8 @@ def describe(variant: str) -> str:
         return SUPPORTED[variant]
     if variant in INPAINTING:
         return f"{variant}: {UNSUPPORTED[variant]}; {INPAINTING[variant]}"
+    if variant in CONTROL:
+        return f"{variant}: {UNSUPPORTED[variant]}; {CONTROL[variant]}"
     if variant in UNSUPPORTED:
         return f"{variant}: {UNSUPPORTED[variant]}; sdcore cannot train or generate with it yet"
     if variant.startswith("in"):
@@ -85,11 +94,12 @@ def describe(variant: str) -> str:
     return variant
 
 
-def require_supported(bundle: ModelBundle, doing: str, *, inpainting: bool = False) -> None:
+def require_supported(bundle: ModelBundle, doing: str, *, inpainting: bool = False, control: bool = False) -> None:
     """One clear line for a release sdcore cannot run (``doing``: "generate with", "train"); ``inpainting``:
-    the caller gives an inpainting conditioning, so the :data:`INPAINTING` releases pass too."""
+    the caller gives an inpainting conditioning, so the :data:`INPAINTING` releases pass too; ``control``: a
+    control image comes with the call, so the :data:`CONTROL` releases pass too."""
     if bundle.transformer is not None:
-        refuse(bundle_variant(bundle), bundle.source or "this model", doing, inpainting=inpainting)
+        refuse(bundle_variant(bundle), bundle.source or "this model", doing, inpainting=inpainting, control=control)
 
 
 def require_fill(bundle: ModelBundle) -> None:
@@ -101,19 +111,37 @@ def require_fill(bundle: ModelBundle) -> None:
         )
 
 
-def refuse(variant: str, source: str, doing: str, *, inpainting: bool = False) -> None:
+def require_control(bundle: ModelBundle) -> None:
+    """A control image is given to a Flux transformer: it must be FLUX.1 Depth's or Canny's 128-wide one."""
+    variant = bundle_variant(bundle)
+    if variant not in CONTROL:
+        raise ConfigError(
+            f"{bundle.source or 'this model'} is FLUX.1 {variant}, not FLUX.1 Depth or Canny [dev]: it takes no "
+            "control image (drop --control-image)"
+        )
+
+
+def refuse(variant: str, source: str, doing: str, *, inpainting: bool = False, control: bool = False) -> None:
     """Raise the one line for ``variant`` unless it is dev, schnell or Kontext, or (``inpainting``) one that runs
-    with an inpainting conditioning (also for a file's header alone: the training pre-flight's layout, before
-    anything loads)."""
-    if variant in SUPPORTED or (inpainting and variant in INPAINTING):
+    with an inpainting conditioning, or (``control``) one that runs with a control image (also for a file's
+    header alone: the training pre-flight's layout, before anything loads)."""
+    if variant in SUPPORTED or (inpainting and variant in INPAINTING) or (control and variant in CONTROL):
         return
     what = UNSUPPORTED.get(variant) or f"a Flux transformer whose img_in takes {variant[2:]} channels"
     if variant in INPAINTING:
         raise ConfigError(f"{source} is {what}; it needs a mask: generate with --init-image and --mask")
+    if variant in CONTROL:
+        if doing == "generate with":
+            raise ConfigError(f"{source} is {what}; it needs a control image: generate with --control-image")
+        raise ConfigError(
+            f"{source} is {what}; sdcore generates with it (--control-image) but cannot {doing.replace(' or generate with', '')} "
+            "it (no trainer sdcore follows trains FLUX.1 Depth/Canny)"
+        )
     raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev, schnell and Kontext only)")
 
 
 __all__ = [
+    "CONTROL",
     "INPAINTING",
     "PIPELINE_VARIANTS",
     "SUPPORTED",
@@ -122,6 +150,7 @@ __all__ = [
     "describe",
     "flux_variant",
     "refuse",
+    "require_control",
     "require_fill",
     "require_supported",
 ]

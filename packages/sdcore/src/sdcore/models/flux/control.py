@@ -1,0 +1,72 @@
+"""FLUX.1 Depth and Canny [dev]: a control image's latents enter the transformer on the channels.
+
+Depth and Canny [dev] are dev with ``img_in`` 128 wide (:mod:`sdcore.models.flux.variants`: ``control``); what
+they take, as diffusers' ``FluxControlPipeline`` (and ``FluxControlImg2ImgPipeline``) gives it, which is what
+``sdcore generate --control-image`` runs over the bundle's modules:
+
+- the control image is the *preprocessed* one: a depth map for Depth, canny edges for Canny, made beforehand
+  (BFL's ``cli_control`` runs Depth Anything or OpenCV's Canny itself, ComfyUI and Forge users run a
+  preprocessor node or extension; sdcore ships no depth estimator or edge detector);
+- it is stretched to the output size (the pipeline's ``VaeImageProcessor.preprocess``: Lanczos, then [-1, 1]),
+  VAE-encoded as a *sample* of the posterior drawn from each image's seeded generator (before the start noise),
+  shifted and scaled as every Flux latent, packed 2x2 and joined to the noisy latents on the channels at every
+  step (64 + 64 = 128 inputs); the transformer's output is dev's 64-wide velocity;
+- guidance is the distilled guidance dev embeds, much higher than dev's 3.5: BFL's ``cli_control`` uses 10 for
+  Depth and 30 for Canny (diffusers' examples the same), which :func:`default_guidance` picks from the model's
+  name (Depth and Canny have the same shapes); there is no true CFG (the pipeline has none).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: the distilled guidance BFL's ``cli_control`` defaults to (``flux-dev-depth``: 10, ``flux-dev-canny``: 30)
+DEPTH_GUIDANCE = 10.0
+CANNY_GUIDANCE = 30.0
+#: the infotext field of a controlled image: the control image's file name (A1111's ControlNet extension writes
+#: its own "ControlNet 0" field of a ControlNet unit; FLUX.1 Depth/Canny are no ControlNet), which ``--from-png``
+#: reads back as a warning when no ``--control-image`` is given
+CONTROL_FIELD = "Control image"
+#: why FLUX.1 Depth/Canny take no true CFG (diffusers' FluxControlPipeline has none)
+CONTROL_TRUE_CFG = "FLUX.1 Depth/Canny run on their distilled guidance (--cfg, default 10 or 30); drop --true-cfg-scale"
+
+
+def default_guidance(source: Any) -> float:
+    """BFL's default guidance for a Depth/Canny model: 30 when its file or folder name says ``canny``, else 10
+    (Depth's); the shapes cannot tell the two apart."""
+    return CANNY_GUIDANCE if "canny" in Path(str(source or "")).name.lower() else DEPTH_GUIDANCE
+
+
+def open_control(path: Any) -> Any:
+    """The control image at ``path`` (or a PIL image) as RGB, read as a reference image is
+    (:func:`~sdcore.models.flux.kontext.open_reference`: EXIF orientation, ``convert("RGB")``); a missing or
+    unreadable file is one :class:`~sdcore.errors.ConfigError` line."""
+    from .kontext import open_reference
+
+    return open_reference(path, "control image")
+
+
+def control_size(image: Any) -> tuple[int, int]:
+    """The output size when none is given: the control image's sides floored to 16 (ComfyUI's Depth/Canny
+    workflows make the latent at the control image's size); a side under 16 pixels is one line."""
+    from ...errors import ConfigError
+    from .kontext import SIDE_UNIT
+
+    width, height = image.width - image.width % SIDE_UNIT, image.height - image.height % SIDE_UNIT
+    if width < SIDE_UNIT or height < SIDE_UNIT:
+        raise ConfigError(
+            f"the control image is {image.width}x{image.height}: Flux needs at least {SIDE_UNIT} pixels a side"
+        )
+    return width, height
+
+
+__all__ = [
+    "CANNY_GUIDANCE",
+    "CONTROL_FIELD",
+    "CONTROL_TRUE_CFG",
+    "DEPTH_GUIDANCE",
+    "control_size",
+    "default_guidance",
+    "open_control",
+]

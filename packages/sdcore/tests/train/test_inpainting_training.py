@@ -213,8 +213,9 @@ def test_fill_input_is_flux_fill_pipelines_layout():
 
 
 def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
-    """--inpainting-unmasked-probability out of range or on a model without the mask input, control images and
-    sample prompts on an inpainting model: one line each, before the first step."""
+    """--inpainting-unmasked-probability out of range or on a model without the mask input, control images on an
+    inpainting model and sample prompts on FLUX.1 Fill: one line each, before the first step (an SD inpainting
+    model's samples render)."""
     from sdcore.models.layout import layout_of_bundle
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.inpainting import inpainting_problems
@@ -226,10 +227,12 @@ def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
     plain = layout_of_bundle(create_tiny_bundle("sd1"))
     assert "acts on inpainting models" in inpainting_problems(o, plain, None)[0]
     o = contract_options(ProjOutMethod, tmp_path, {"inpainting_unmasked_probability": 0.1, "sample_prompts": "x"})
-    problems = inpainting_problems(o, layout_of_bundle(sd1_inpainting()), None)
+    assert inpainting_problems(o, layout_of_bundle(sd1_inpainting()), None) == []  # renders as A1111's txt2img
+    problems = inpainting_problems(o, layout_of_bundle(flux_fill()), None)
     assert problems == [
-        "--sample-prompts: sdcore generate cannot render inpainting models yet, so samples of this inpainting "
-        "model cannot be made during training (leave out --sample-prompts)"
+        "--sample-prompts: FLUX.1 Fill renders only from an init image and a mask (sdcore generate --init-image "
+        "--mask), which sample prompts do not carry, so samples of it cannot be made during training (leave out "
+        "--sample-prompts)"
     ]
 
 

@@ -251,3 +251,28 @@ def test_trained_inpainting_models_stay_inpainting(tmp_path):
     folder = flux_fill().save(tmp_path / "fill", format="diffusers")
     assert json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "FluxFillPipeline"
     assert load_model(folder).family_label == "flux-fill"
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [("sd1", "stable-diffusion-v1-inpainting"), ("sdxl", "stable-diffusion-xl-v1-base-inpainting")],
+)
+def test_inpainting_single_files_say_so(tmp_path, family, architecture):
+    """A full fine-tune's single file keeps the 9-channel conv_in where A1111 reads it
+    (``model.diffusion_model.input_blocks.0.0.weight``: its sd_models_config picks the inpainting config when
+    that weight takes 9 channels), reloads as an inpainting model, and names the inpainting architecture in its
+    modelspec as OneTrainer's model specs do (resources/sd_model_spec/sd_1.5_inpainting.json,
+    sd_xl_base_1.0_inpainting.json: "stable-diffusion-xl-v1-base-inpainting")."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from sdcore.models.load import load_model
+    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+
+    bundle = create_tiny_bundle(family)
+    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config(family), "in_channels": 9}).eval()
+    bundle.inpainting = True
+    path = bundle.save(tmp_path / f"{family}-inpainting.safetensors")
+    with safe_open(path, "pt") as f:
+        assert f.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[1] == 9
+        assert (f.metadata() or {})["modelspec.architecture"] == architecture
+    assert load_model(path).inpainting

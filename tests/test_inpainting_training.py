@@ -225,10 +225,17 @@ def test_kohya_gui_train_inpainting_is_refused_with_the_reason(tmp_path):
     gui = {"LoRA_type": "Standard", "network_dim": 8, "network_alpha": 4, "learning_rate": 1e-4,
            "optimizer": "AdamW", "max_resolution": "512,512", "lr_warmup": 0, "train_inpainting": True}  # fmt: skip
     path.write_text(json.dumps(gui), encoding="utf-8")
-    with pytest.raises(
-        ConfigError, match="train_inpainting: the GUI passes --train_inpainting, which kohya sd-scripts"
-    ):
+    with pytest.raises(ConfigError, match="train_inpainting: kohya's --train_inpainting trains on random masks"):
         load_options(LoraOptions, path, notes=[])
+    # sd-scripts v0.10.4+ defines --train_inpainting (PRs #2309/#2318: random masks each step): a kohya TOML or
+    # command line giving it gets the same reason, not "unknown option"
+    toml = tmp_path / "kohya.toml"
+    toml.write_text('pretrained_model_name_or_path = "tiny:sd1"\nnetwork_dim = 4\ntrain_inpainting = true\n')
+    with pytest.raises(ConfigError, match="train_inpainting = True is not supported by sdcore \\(kohya's --train_in"):
+        load_options(LoraOptions, toml, notes=[])
+    from sdcore.train.kohya import flag_names, is_kohya_name
+
+    assert is_kohya_name("train_inpainting") and "train_inpainting" in flag_names()
 
 
 def test_onetrainer_inpainting_samples(tmp_path):

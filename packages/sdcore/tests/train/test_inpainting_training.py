@@ -276,3 +276,39 @@ def test_inpainting_single_files_say_so(tmp_path, family, architecture):
         assert f.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[1] == 9
         assert (f.metadata() or {})["modelspec.architecture"] == architecture
     assert load_model(path).inpainting
+
+
+def test_alpha_masks_follow_random_crops_and_flips(tmp_path):
+    """alpha_mask images with random crops and flips (OneTrainer's ScaleCropImage and RandomFlip take the image
+    and its mask together): each sample's inpainting mask, masked image and loss mask are those of the very
+    pixels its latents come from. The images carry their mask in the red channel too (0 or 255), so the mask
+    a view should have is read off its own pixels."""
+    data = tmp_path / "data" / "1_x"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image = (rng.random((64, 96, 3)) * 255).astype(np.uint8)
+        image[..., 0] = np.where(rng.random((64, 96)) > 0.5, 255, 0)
+        Image.fromarray(np.concatenate([image, image[..., :1]], axis=-1), "RGBA").save(data / f"i{i}.png")
+        (data / f"i{i}.txt").write_text("x", encoding="utf-8")
+    s = _session(tmp_path, sd1_inpainting(), alpha_mask=True, random_crop=True, buckets=False, flip=True,
+                 cache_latents=False)  # fmt: skip
+    views = set()
+    for epoch in range(2):
+        for i in range(3):
+            ref = SampleRef(i, 0, epoch)
+            view = s.data.view_of(ref)
+            views.add((view.crop, view.flip))
+            batch = s.make_batch([ref])
+            pixels = torch.from_numpy(s.batches.pixels(i, view)[0])
+            m = (pixels[0] + 1) / 2
+            want = torch.nn.functional.interpolate(m[None, None], size=(8, 8), mode="bilinear", antialias=True)[0]
+            torch.testing.assert_close(batch.inpainting_mask[0], want, rtol=0, atol=1e-5)
+            with torch.no_grad():
+                mean = s.bundle.vae.encode((pixels * (1 - m))[None]).latent_dist.mean
+            torch.testing.assert_close(
+                batch.masked_latents[0], s.bundle.normalize_latents(mean)[0], rtol=1e-4, atol=1e-5
+            )
+            area = torch.nn.functional.interpolate(m[None, None], size=(8, 8), mode="area")[0]  # kohya's loss mask
+            torch.testing.assert_close(batch.masks[0], area, rtol=0, atol=1e-5)
+    assert len({crop for crop, _ in views}) > 1 and len({flip for _, flip in views}) == 2

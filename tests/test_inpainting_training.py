@@ -61,7 +61,9 @@ def _colours(root: Path, n: int, seed: int = 0) -> Path:
 @pytest.mark.parametrize("kind", ["sd1", "fill"])
 def test_sdcore_train_lora_on_an_inpainting_model(tmp_path, sd_cli, pm, kind):
     """The CLI path with mask images (--masked-loss): the LoRA trains and keeps kohya's key names; the same run
-    with --sample-prompts stops before loading with one line (generate cannot render inpainting models yet)."""
+    with --sample-prompts renders its samples on the SD inpainting model (A1111's txt2img on an inpainting model,
+    as OneTrainer's samples without sample_inpainting) and stops before loading with one line on FLUX.1 Fill
+    (generate renders Fill only from an init image and a mask)."""
     from sdplugin_lora.format import read_lora
 
     model = _sd1_inpainting(tmp_path) if kind == "sd1" else _flux_fill(tmp_path)
@@ -82,8 +84,19 @@ def test_sdcore_train_lora_on_an_inpainting_model(tmp_path, sd_cli, pm, kind):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a colour\n", encoding="utf-8")
     result = sd_cli([*args, "--sample-prompts", str(prompts), "--sample-every", "1"], pm=pm)
-    assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "sdcore generate cannot render inpainting models yet" in result.output
+    if kind == "fill":
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert "FLUX.1 Fill renders only from an init image and a mask" in result.output
+        return
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    samples = sorted((tmp_path / "inpaint-samples").glob("*.png"))
+    assert len(samples) >= 2  # step 1, step 2 (and the end)
+    from PIL import Image
+
+    image = Image.open(samples[-1])
+    assert image.size == (64, 64)
+    # A1111 writes the weight whenever an inpainting model's conditioning is used (txt2img too)
+    assert ", Conditional mask weight: 1, RNG: CPU, " in image.info["parameters"]  # as sdcore generate writes it
 
 
 def test_an_inpainting_lora_learns_to_read_the_masked_image(tmp_path):
@@ -212,7 +225,41 @@ def test_kohya_gui_train_inpainting_is_refused_with_the_reason(tmp_path):
     gui = {"LoRA_type": "Standard", "network_dim": 8, "network_alpha": 4, "learning_rate": 1e-4,
            "optimizer": "AdamW", "max_resolution": "512,512", "lr_warmup": 0, "train_inpainting": True}  # fmt: skip
     path.write_text(json.dumps(gui), encoding="utf-8")
-    with pytest.raises(
-        ConfigError, match="train_inpainting: the GUI passes --train_inpainting, which kohya sd-scripts"
-    ):
+    with pytest.raises(ConfigError, match="train_inpainting: kohya's --train_inpainting trains on random masks"):
         load_options(LoraOptions, path, notes=[])
+    # sd-scripts v0.10.4+ defines --train_inpainting (PRs #2309/#2318: random masks each step): a kohya TOML or
+    # command line giving it gets the same reason, not "unknown option"
+    toml = tmp_path / "kohya.toml"
+    toml.write_text('pretrained_model_name_or_path = "tiny:sd1"\nnetwork_dim = 4\ntrain_inpainting = true\n')
+    with pytest.raises(ConfigError, match="train_inpainting = True is not supported by sdcore \\(kohya's --train_in"):
+        load_options(LoraOptions, toml, notes=[])
+    from sdcore.train.kohya import flag_names, is_kohya_name
+
+    assert is_kohya_name("train_inpainting") and "train_inpainting" in flag_names()
+
+
+def test_onetrainer_inpainting_samples(tmp_path):
+    """An SD inpainting type keeps its samples (rendered from text on a full mask, as OneTrainer's sampler does
+    without sample_inpainting: StableDiffusionSampler.__sample_inpainting's else branch); a sample with
+    sample_inpainting says its image and mask are left out; FLUX_FILL_DEV_1's samples are left out with a note
+    (sdcore generate renders Fill only from an init image and a mask)."""
+    from sdcore.train.onetrainer_config import read_sample_prompts
+
+    samples = [{"prompt": "a colour", "width": 64, "height": 64},
+               {"prompt": "a door", "sample_inpainting": True, "base_image_path": "x.png", "mask_image_path": "m.png"}]  # fmt: skip
+    model = _inpainting_model(tmp_path, "sd1")
+    config = {"training_method": "LORA", "model_type": "STABLE_DIFFUSION_15_INPAINTING", "base_model_name": str(model),
+              "resolution": "64", "output_model_format": "KOHYA_LORA", "samples": samples, "sample_after": 5,
+              "sample_after_unit": "STEP"}  # fmt: skip
+    notes: list[str] = []
+    o = _ot(tmp_path, config, notes=notes)
+    assert o.sample_prompts == str(tmp_path / "config.json") and o.sample_every == 5
+    assert not any("samples: left out" in n for n in notes)
+    prompts = read_sample_prompts(tmp_path / "config.json")
+    assert [p.ignored != () for p in prompts] == [False, True]
+    assert prompts[1].ignored[0].startswith("sample_inpainting (base_image_path, mask_image_path")
+    fill = _flux_fill(tmp_path)
+    notes = []
+    o = _ot(tmp_path, {**config, "model_type": "FLUX_FILL_DEV_1", "base_model_name": str(fill)}, notes=notes)
+    assert o.sample_prompts is None
+    assert any("samples: left out (FLUX.1 Fill renders only from an init image and a mask" in n for n in notes)

@@ -213,8 +213,9 @@ def test_fill_input_is_flux_fill_pipelines_layout():
 
 
 def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
-    """--inpainting-unmasked-probability out of range or on a model without the mask input, control images and
-    sample prompts on an inpainting model: one line each, before the first step."""
+    """--inpainting-unmasked-probability out of range or on a model without the mask input, control images on an
+    inpainting model and sample prompts on FLUX.1 Fill: one line each, before the first step (an SD inpainting
+    model's samples render)."""
     from sdcore.models.layout import layout_of_bundle
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.inpainting import inpainting_problems
@@ -226,10 +227,12 @@ def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
     plain = layout_of_bundle(create_tiny_bundle("sd1"))
     assert "acts on inpainting models" in inpainting_problems(o, plain, None)[0]
     o = contract_options(ProjOutMethod, tmp_path, {"inpainting_unmasked_probability": 0.1, "sample_prompts": "x"})
-    problems = inpainting_problems(o, layout_of_bundle(sd1_inpainting()), None)
+    assert inpainting_problems(o, layout_of_bundle(sd1_inpainting()), None) == []  # renders as A1111's txt2img
+    problems = inpainting_problems(o, layout_of_bundle(flux_fill()), None)
     assert problems == [
-        "--sample-prompts: sdcore generate cannot render inpainting models yet, so samples of this inpainting "
-        "model cannot be made during training (leave out --sample-prompts)"
+        "--sample-prompts: FLUX.1 Fill renders only from an init image and a mask (sdcore generate --init-image "
+        "--mask), which sample prompts do not carry, so samples of it cannot be made during training (leave out "
+        "--sample-prompts)"
     ]
 
 
@@ -248,3 +251,64 @@ def test_trained_inpainting_models_stay_inpainting(tmp_path):
     folder = flux_fill().save(tmp_path / "fill", format="diffusers")
     assert json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "FluxFillPipeline"
     assert load_model(folder).family_label == "flux-fill"
+
+
+@pytest.mark.parametrize(
+    ("family", "architecture"),
+    [("sd1", "stable-diffusion-v1-inpainting"), ("sdxl", "stable-diffusion-xl-v1-base-inpainting")],
+)
+def test_inpainting_single_files_say_so(tmp_path, family, architecture):
+    """A full fine-tune's single file keeps the 9-channel conv_in where A1111 reads it
+    (``model.diffusion_model.input_blocks.0.0.weight``: its sd_models_config picks the inpainting config when
+    that weight takes 9 channels), reloads as an inpainting model, and names the inpainting architecture in its
+    modelspec as OneTrainer's model specs do (resources/sd_model_spec/sd_1.5_inpainting.json,
+    sd_xl_base_1.0_inpainting.json: "stable-diffusion-xl-v1-base-inpainting")."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from sdcore.models.load import load_model
+    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+
+    bundle = create_tiny_bundle(family)
+    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config(family), "in_channels": 9}).eval()
+    bundle.inpainting = True
+    path = bundle.save(tmp_path / f"{family}-inpainting.safetensors")
+    with safe_open(path, "pt") as f:
+        assert f.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[1] == 9
+        assert (f.metadata() or {})["modelspec.architecture"] == architecture
+    assert load_model(path).inpainting
+
+
+def test_alpha_masks_follow_random_crops_and_flips(tmp_path):
+    """alpha_mask images with random crops and flips (OneTrainer's ScaleCropImage and RandomFlip take the image
+    and its mask together): each sample's inpainting mask, masked image and loss mask are those of the very
+    pixels its latents come from. The images carry their mask in the red channel too (0 or 255), so the mask
+    a view should have is read off its own pixels."""
+    data = tmp_path / "data" / "1_x"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image = (rng.random((64, 96, 3)) * 255).astype(np.uint8)
+        image[..., 0] = np.where(rng.random((64, 96)) > 0.5, 255, 0)
+        Image.fromarray(np.concatenate([image, image[..., :1]], axis=-1), "RGBA").save(data / f"i{i}.png")
+        (data / f"i{i}.txt").write_text("x", encoding="utf-8")
+    s = _session(tmp_path, sd1_inpainting(), alpha_mask=True, random_crop=True, buckets=False, flip=True,
+                 cache_latents=False)  # fmt: skip
+    views = set()
+    for epoch in range(2):
+        for i in range(3):
+            ref = SampleRef(i, 0, epoch)
+            view = s.data.view_of(ref)
+            views.add((view.crop, view.flip))
+            batch = s.make_batch([ref])
+            pixels = torch.from_numpy(s.batches.pixels(i, view)[0])
+            m = (pixels[0] + 1) / 2
+            want = torch.nn.functional.interpolate(m[None, None], size=(8, 8), mode="bilinear", antialias=True)[0]
+            torch.testing.assert_close(batch.inpainting_mask[0], want, rtol=0, atol=1e-5)
+            with torch.no_grad():
+                mean = s.bundle.vae.encode((pixels * (1 - m))[None]).latent_dist.mean
+            torch.testing.assert_close(
+                batch.masked_latents[0], s.bundle.normalize_latents(mean)[0], rtol=1e-4, atol=1e-5
+            )
+            area = torch.nn.functional.interpolate(m[None, None], size=(8, 8), mode="area")[0]  # kohya's loss mask
+            torch.testing.assert_close(batch.masks[0], area, rtol=0, atol=1e-5)
+    assert len({crop for crop, _ in views}) > 1 and len({flip for _, flip in views}) == 2

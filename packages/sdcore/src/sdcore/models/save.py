@@ -38,8 +38,8 @@ def modelspec_architecture(bundle: ModelBundle) -> str:
         if bundle.inpainting:
             return "stable-diffusion-v2-inpainting"
         return "stable-diffusion-v2-768-v" if bundle.is_v_prediction else "stable-diffusion-v2-512"
-    if bundle.family == "sdxl":
-        return "stable-diffusion-xl-v1-base"
+    if bundle.family == "sdxl":  # OneTrainer's SDXL inpainting model spec says "...-base-inpainting"
+        return "stable-diffusion-xl-v1-base-inpainting" if bundle.inpainting else "stable-diffusion-xl-v1-base"
     return "stable-diffusion-xl-v1-refiner"
 
 

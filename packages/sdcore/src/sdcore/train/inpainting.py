@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 
 #: FLUX.1 Fill's ``img_in`` input width (64 noisy + 64 masked-image + 256 mask channels, packed 2x2)
 FILL_INPUT = 384
+#: the pre-flight's line for ``--sample-prompts`` on FLUX.1 Fill (the OneTrainer importer's note says the same)
+FILL_SAMPLES = (
+    "--sample-prompts: FLUX.1 Fill renders only from an init image and a mask (sdcore generate --init-image "
+    "--mask), which sample prompts do not carry, so samples of it cannot be made during training (leave out "
+    "--sample-prompts)"
+)
 #: the VAE's downscale: FLUX.1 Fill's mask channels are the 8x8 pixel blocks of each latent position
 VAE_SCALE = 8
 
@@ -141,8 +147,11 @@ def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
 
 def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index: DatasetIndex | None) -> list[str]:
     """Pre-flight problems: ``--inpainting-unmasked-probability`` out of range or on a model without the mask
-    input; control images (FLUX.1 Kontext) on an inpainting model; sample images of an inpainting model (sdcore
-    generate does not render them yet)."""
+    input; control images (FLUX.1 Kontext) on an inpainting model; sample images of FLUX.1 Fill (``sdcore
+    generate`` renders Fill only from an init image and a mask, which sample prompts do not carry). An SD
+    inpainting UNet's samples render as A1111's txt2img on an inpainting model does (a blank image's
+    conditioning under a full mask: :mod:`sdcore.generate.pipeline`), as OneTrainer's samples without
+    ``sample_inpainting`` do."""
     problems: list[str] = []
     p = options.inpainting_unmasked_probability
     if not 0.0 <= p <= 1.0:
@@ -165,16 +174,14 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
                 "control images (--control-dir / control_directory) train FLUX.1 Kontext; this is an inpainting "
                 "model, whose conditioning is the mask and the masked image (leave out the control images)"
             )
-    if options.sample_prompts:
-        problems.append(
-            "--sample-prompts: sdcore generate cannot render inpainting models yet, so samples of this inpainting "
-            "model cannot be made during training (leave out --sample-prompts)"
-        )
+    if options.sample_prompts and kind == "fill":
+        problems.append(FILL_SAMPLES)
     return problems
 
 
 __all__ = [
     "FILL_INPUT",
+    "FILL_SAMPLES",
     "bundle_kind",
     "encode_mean",
     "inpainting_problems",

@@ -553,11 +553,9 @@ def gui_preset(
             notes.append("read as a kohya_ss GUI preset (textual inversion tab)")
     _family_fields(items, "finetune" if tab == "finetune" else tab, family, notes)
     if _on(items.pop("train_inpainting", None)):
-        problems.append(
-            f"{where}: train_inpainting: the GUI passes --train_inpainting, which kohya sd-scripts does not define "
-            "(only an unmerged 2023 pull request did, with random masks); sdcore trains an inpainting model when "
-            "--model is one (masks from --masked-loss mask images or alpha_mask, else full masks, as OneTrainer)"
-        )
+        from .kohya import TRAIN_INPAINTING_NOTE
+
+        problems.append(f"{where}: train_inpainting: {TRAIN_INPAINTING_NOTE}")
     for old, new in _OLD_NAMES.items():
         if old in items and new not in items:
             items[new] = items.pop(old)

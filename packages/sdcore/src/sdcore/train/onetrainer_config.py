@@ -550,10 +550,13 @@ def translate_config(
         _embedding(r)
     _ema(r, fields)
     _saves_and_samples(r, family, path)
-    if model_type in INPAINTING_TYPES and v.get("sample_prompts"):
+    if model_type == "FLUX_FILL_DEV_1" and v.get("sample_prompts"):  # SD inpainting types render (from text)
         for key in ("sample_prompts", "sample_every", "sample_every_epochs", "sample_at_first"):
             v.pop(key, None)
-        r.note("samples: left out (sdcore generate cannot render inpainting models yet)")
+        r.note(
+            "samples: left out (FLUX.1 Fill renders only from an init image and a mask in sdcore generate, "
+            "which sample prompts do not carry)"
+        )
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
@@ -1432,6 +1435,9 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
                 sampler = sampler_name(SAMPLERS[chosen])
             else:
                 ignored = (f"noise_scheduler {chosen} (sdcore has no such sampler; the run's sampler is used)",)
+        if e.get("sample_inpainting"):  # OneTrainer's inpainting sample: the model fills a given image's mask
+            ignored = (*ignored, "sample_inpainting (base_image_path, mask_image_path: sdcore's sample prompts "
+                       "carry no image or mask; an inpainting model renders from text, on a full mask)")  # fmt: skip
         prompts.append(
             SamplePrompt(
                 prompt=e["prompt"],

@@ -35,7 +35,8 @@ def sample_infotexts(
     CFG, seed (A1111's ``seed + i`` batch rule), size, model name, clip skip, training step. On a
     guidance-distilled family (``distilled``, FLUX.1) "CFG scale" is the true CFG and the guidance is
     "Distilled CFG Scale", as ``sdcore generate`` and Forge write them. With the ``bundle`` that rendered
-    them, "Schedule type" where A1111 1.9+ needs it (:func:`~sdcore.generate.pipeline.schedule_type_field`)."""
+    them, "Schedule type" where A1111 1.9+ needs it (:func:`~sdcore.generate.pipeline.schedule_type_field`) and, on an
+    SD inpainting model, "Conditional mask weight" (as ``sdcore generate`` and A1111 write it)."""
     from .. import __version__
     from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters
     from .sample_prompts import generation_arguments
@@ -61,6 +62,12 @@ def sample_infotexts(
         fields: dict[str, Any] = {}
         if bundle is not None:
             fields[SCHEDULE_TYPE] = schedule_type_field(bundle, str(arguments["sampler"]))
+        if bundle is not None and getattr(bundle, "inpainting", False):
+            # an SD inpainting UNet renders on A1111's image conditioning at the default weight 1, and A1111
+            # writes the weight whenever that conditioning is used (txt2img too), before "Clip skip"
+            from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT
+
+            fields[CONDITIONAL_MASK_WEIGHT] = 1.0
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["RNG"] = RNG_SOURCE

@@ -499,3 +499,36 @@ def test_from_png_reads_a1111_inpaint_fields():
     assert values["inpaint_full_res"] is True and values["inpaint_full_res_padding"] == 16
     assert values["inpainting_fill"] == "fill" and "inpainting_mask_invert" not in values
     assert not recalled.ignored
+
+
+def _exif_rotated(path, array):
+    """``array`` saved as a PNG whose EXIF orientation is 6: a viewer (and A1111) shows it turned 90 degrees
+    clockwise."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(array).save(path, exif=exif.tobytes())
+
+
+def test_exif_orientation_turns_the_init_image_and_the_mask_upright(tmp_path, sd1):
+    """A1111 reads the init image and the mask through ``images.fix_image`` (``ImageOps.exif_transpose``;
+    modules/img2img.py ``img2img``: ``image = images.fix_image(image); mask = images.fix_image(mask)``), so a
+    phone photo and its mask are generated on upright: orientation 6 = the stored pixels turned 90 degrees
+    clockwise, a 64x32 file giving a 32x64 image."""
+    from sdcore.generate.inpaint import Inpaint, open_mask
+    from sdcore.generate.pipeline import _load_init_image, generate_images
+
+    stored = np.random.default_rng(4).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    stored_mask = np.zeros((32, 64), dtype=np.uint8)
+    stored_mask[4:12, 40:60] = 255
+    _exif_rotated(tmp_path / "init.png", stored)
+    _exif_rotated(tmp_path / "mask.png", stored_mask)
+    upright = np.rot90(stored, k=-1)  # clockwise
+    assert np.array_equal(np.asarray(_load_init_image(tmp_path / "init.png")), upright)
+    assert np.array_equal(np.asarray(open_mask(tmp_path / "mask.png")), np.rot90(stored_mask, k=-1))
+    out = generate_images(sd1, ["a cat"], steps=2, seed=0, init_image=tmp_path / "init.png",
+                          inpaint=Inpaint(tmp_path / "mask.png", blur=0))[0]  # fmt: skip
+    assert out.size == (32, 64)  # no --size: the upright image's
+    keep = np.rot90(stored_mask, k=-1) == 0  # blur 0: the paste-back keeps every unmasked pixel exactly
+    assert np.array_equal(np.asarray(out)[keep], upright[keep])

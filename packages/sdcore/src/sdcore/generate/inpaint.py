@@ -6,7 +6,8 @@ modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_
 
 - **the mask**: white repaints. An RGBA mask whose alpha is not all opaque gives its alpha, cut at 128 (above:
   255); any other image its grey level (``convert("L")``, not cut). ``--inpainting-mask-invert`` inverts it
-  (infotext "Mask mode: Inpaint not masked").
+  (infotext "Mask mode: Inpaint not masked"). A mask file (and the init image file) is turned upright by its EXIF
+  orientation first (A1111's ``images.fix_image``).
 - **blur** (``--mask-blur``, default 4): OpenCV's ``GaussianBlur`` along x, then y, kernel ``2 * int(2.5 * s +
   0.5) + 1`` wide, sigma ``s``, borders reflected without repeating the edge (OpenCV's default); sdcore computes it
   in float and rounds (OpenCV's 8-bit fixed point can differ by one level).
@@ -140,15 +141,15 @@ FIELDS = (MASK_BLUR, MASK_MODE, MASKED_CONTENT, INPAINT_AREA, MASKED_AREA_PADDIN
 
 def open_mask(source: Any) -> Image.Image:
     """The mask as an 8-bit grey image, by A1111's rule (``create_binary_mask``): the alpha of an RGBA image that
-    has transparency, cut at 128; the grey level of anything else."""
+    has transparency, cut at 128; the grey level of anything else. A file is turned upright by its EXIF
+    orientation first, as A1111 does to the mask and the init image alike (``images.fix_image``)."""
     from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     if isinstance(source, (str, Path)):
         try:
             with PILImage.open(source) as opened:
-                opened.load()
-                image = opened.copy()
+                image = ImageOps.exif_transpose(opened)  # a new image (loaded), or a copy without orientation
         except (OSError, UnidentifiedImageError) as exc:
             raise ConfigError(f"cannot read mask {source}: {exc}") from exc
     elif isinstance(source, PILImage.Image):

@@ -235,12 +235,15 @@ def _eval_mode(bundle: ModelBundle) -> Iterator[None]:
 
 
 def _load_init_image(init_image: Any) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
+    """The init image as RGB; a file is turned upright by its EXIF orientation first, as A1111 reads every image
+    it is given (``images.fix_image``: ``ImageOps.exif_transpose``), so a phone photo is not generated on
+    sideways. A PIL image is taken as it is."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(init_image, (str, Path)):
         try:
             with Image.open(init_image) as opened:
-                return opened.convert("RGB")
+                return ImageOps.exif_transpose(opened).convert("RGB")
         except (OSError, UnidentifiedImageError) as exc:
             raise ConfigError(f"cannot read init image {init_image}: {exc}") from exc
     if isinstance(init_image, Image.Image):

@@ -532,3 +532,24 @@ def test_exif_orientation_turns_the_init_image_and_the_mask_upright(tmp_path, sd
     assert out.size == (32, 64)  # no --size: the upright image's
     keep = np.rot90(stored_mask, k=-1) == 0  # blur 0: the paste-back keeps every unmasked pixel exactly
     assert np.array_equal(np.asarray(out)[keep], upright[keep])
+
+
+def test_only_masked_size_field_is_the_processing_size_and_from_png_runs(tmp_path):
+    """Only masked without --size on a 100x70 image: the crop is generated at 96x64 (the image's size rounded down
+    to 8) and pasted into the 100x70 original; A1111 writes "Size" as ``p.width x p.height`` (modules/processing.py
+    ``create_infotext``), the processing size, so ``--from-png`` gives a size that runs again."""
+    from PIL import Image
+    from sdcore.generate.pnginfo import read_png_parameters
+
+    _picture(100, 70).save(tmp_path / "init.png")
+    _box_mask(100, 70, (40, 20, 60, 40)).save(tmp_path / "mask.png")
+    inputs = ["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")]
+    out = tmp_path / "out.png"
+    result = _cli("a cat", "-m", "tiny:sd1", *inputs, "--inpaint-full-res", "--steps", "1", "--strength", "1",
+                 "-o", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (100, 70)
+    assert read_png_parameters(out).size == (96, 64)
+    again = _cli("-m", "tiny:sd1", "--from-png", str(out), *inputs, "-o", str(tmp_path / "again.png"))
+    assert again.exit_code == 0, again.output
+    assert Image.open(tmp_path / "again.png").size == (100, 70)

@@ -214,6 +214,15 @@ def default_size(bundle: ModelBundle) -> int:
     return bundle.family_spec.native_resolution
 
 
+def init_image_size(bundle: ModelBundle, init_image: Any) -> tuple[int, int]:
+    """The size ``generate_images`` works at when an init image comes without ``width``/``height``: the image's
+    (upright) size rounded down to the VAE's factor. With only masked inpainting that is A1111's processing size,
+    which its "Size" field says (the output keeps the init image's own size)."""
+    image = _load_init_image(init_image)
+    factor = bundle.vae_scale_factor
+    return image.width - image.width % factor, image.height - image.height % factor
+
+
 def _check_size(value: int, what: str, factor: int) -> int:
     if value <= 0 or value % factor:
         raise ConfigError(f"{what} {value} must be a positive multiple of {factor}")
@@ -372,7 +381,7 @@ def generate_images(
                                                       width, height)  # fmt: skip
     image = _load_init_image(init_image) if init_image is not None else None
     if image is not None and width is None and height is None:
-        width, height = image.width - image.width % factor, image.height - image.height % factor
+        width, height = init_image_size(bundle, image)
     size = default_size(bundle)
     width = _check_size(width or size, "width", factor)
     height = _check_size(height or size, "height", factor)
@@ -1015,6 +1024,7 @@ __all__ = [
     "build_pipeline",
     "default_size",
     "generate_images",
+    "init_image_size",
     "is_flux_fill",
     "make_scheduler",
     "mask_family_problem",

@@ -553,3 +553,19 @@ def test_only_masked_size_field_is_the_processing_size_and_from_png_runs(tmp_pat
     again = _cli("-m", "tiny:sd1", "--from-png", str(out), *inputs, "-o", str(tmp_path / "again.png"))
     assert again.exit_code == 0, again.output
     assert Image.open(tmp_path / "again.png").size == (100, 70)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_mask_with_a_transparent_colour_gives_its_alpha(tmp_path, mode):
+    """A1111's "Inpaint upload" mask is read as RGBA (modules/ui.py ``init_mask_inpaint = gr.Image(...,
+    image_mode="RGBA")``: PIL's ``convert("RGBA")``, which turns a PNG's transparent colour (tRNS) into alpha 0),
+    then ``create_binary_mask`` takes that alpha, cut at 128: the white pixels saved as the transparent colour
+    repaint nothing, the black ones repaint."""
+    from PIL import Image
+    from sdcore.generate.inpaint import open_mask
+
+    white, black = (255, 255, 255) if mode == "RGB" else 255, (0, 0, 0) if mode == "RGB" else 0
+    picture = Image.new(mode, (4, 1), white)
+    picture.putpixel((1, 0), black)
+    picture.save(tmp_path / "mask.png", transparency=white)
+    assert np.asarray(open_mask(tmp_path / "mask.png")).tolist() == [[0, 255, 0, 0]]

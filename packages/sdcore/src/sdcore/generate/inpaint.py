@@ -5,7 +5,8 @@ The numbers are A1111's (modules/processing.py ``StableDiffusionProcessingImg2Im
 modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_denoiser.py), rewritten:
 
 - **the mask**: white repaints. An RGBA mask whose alpha is not all opaque gives its alpha, cut at 128 (above:
-  255); any other image its grey level (``convert("L")``, not cut). ``--inpainting-mask-invert`` inverts it
+  255; a PNG's transparent colour counts, as A1111's RGBA upload reads it); any other image its grey level
+  (``convert("L")``, not cut). ``--inpainting-mask-invert`` inverts it
   (infotext "Mask mode: Inpaint not masked"). A mask file (and the init image file) is turned upright by its EXIF
   orientation first (A1111's ``images.fix_image``).
 - **blur** (``--mask-blur``, default 4): OpenCV's ``GaussianBlur`` along x, then y, kernel ``2 * int(2.5 * s +
@@ -156,7 +157,9 @@ def open_mask(source: Any) -> Image.Image:
         image = source
     else:
         raise ConfigError(f"mask must be a path or a PIL image, not {type(source).__name__}")
-    if image.mode in ("LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    # A1111's UI reads the mask as RGBA (gradio's image_mode="RGBA": PIL's convert), so every kind of
+    # transparency, a PNG's transparent colour (tRNS) of an RGB, L or P image included, becomes the alpha
+    if image.mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
         return image.getchannel("A").point(lambda value: 255 if value > 128 else 0)

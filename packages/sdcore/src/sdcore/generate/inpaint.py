@@ -26,9 +26,10 @@ modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_
 - **the latent mask**: the mask (not doubled) resized to the latent size (PIL's bicubic ``resize`` of the RGB
   image), /255, rounded to 0 or 1 (A1111's "mask_round", on by default); ``nmask`` repaints, ``mask = 1 - nmask``.
 - **the per-step blend**: each denoised estimate becomes ``denoised * nmask + init_latent * mask`` (A1111's
-  k-diffusion samplers; its timestep samplers DDIM/PLMS/UniPC blend the noisy input with the init latent noised by
-  the global RNG instead, which no seed reproduces, so sdcore blends the denoised estimate for every sampler), and
-  the sampler's final latent once more.
+  k-diffusion samplers; its timestep samplers DDIM/PLMS/UniPC instead blend the noisy input with the clean init
+  latent before each call (``CFGDenoiserTimesteps.mask_before_denoising``; Forge noises that latent with its
+  unseeded global RNG), so sdcore blends the denoised estimate for every sampler), and the sampler's final latent
+  once more.
 - **the paste-back**: the original with alpha ``255 - paste-back mask`` composited over the decoded image; an
   unmasked pixel is the original's exactly.
 - **inpainting models** (UNet ``in_channels`` 9: sd-v1-5-inpainting, SD2 and SDXL inpainting): the UNet's extra

@@ -569,3 +569,20 @@ def test_a_mask_with_a_transparent_colour_gives_its_alpha(tmp_path, mode):
     picture.putpixel((1, 0), black)
     picture.save(tmp_path / "mask.png", transparency=white)
     assert np.asarray(open_mask(tmp_path / "mask.png")).tolist() == [[0, 255, 0, 0]]
+
+
+def test_an_oversized_init_image_or_mask_is_one_line(tmp_path, monkeypatch):
+    """PIL refuses an image over twice ``MAX_IMAGE_PIXELS`` with ``DecompressionBombError``, which is no OSError:
+    the init image and the mask say so in one line, as an unreadable file does (the Kontext reference too)."""
+    from PIL import Image
+    from sdcore.errors import ConfigError
+    from sdcore.generate.inpaint import open_mask
+    from sdcore.generate.pipeline import _load_init_image
+
+    _picture().save(tmp_path / "init.png")
+    _box_mask().save(tmp_path / "mask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is twice over: an error, not a warning
+    with pytest.raises(ConfigError, match=r"cannot read init image .*init\.png"):
+        _load_init_image(tmp_path / "init.png")
+    with pytest.raises(ConfigError, match=r"cannot read mask .*mask\.png"):
+        open_mask(tmp_path / "mask.png")

@@ -152,7 +152,7 @@ def open_mask(source: Any) -> Image.Image:
         try:
             with PILImage.open(source) as opened:
                 image = ImageOps.exif_transpose(opened)  # a new image (loaded), or a copy without orientation
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, PILImage.DecompressionBombError) as exc:  # the last is no OSError
             raise ConfigError(f"cannot read mask {source}: {exc}") from exc
     elif isinstance(source, PILImage.Image):
         image = source

@@ -253,7 +253,7 @@ def _load_init_image(init_image: Any) -> Image.Image:
         try:
             with Image.open(init_image) as opened:
                 return ImageOps.exif_transpose(opened).convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
             raise ConfigError(f"cannot read init image {init_image}: {exc}") from exc
     if isinstance(init_image, Image.Image):
         return init_image.convert("RGB")

@@ -499,3 +499,90 @@ def test_from_png_reads_a1111_inpaint_fields():
     assert values["inpaint_full_res"] is True and values["inpaint_full_res_padding"] == 16
     assert values["inpainting_fill"] == "fill" and "inpainting_mask_invert" not in values
     assert not recalled.ignored
+
+
+def _exif_rotated(path, array):
+    """``array`` saved as a PNG whose EXIF orientation is 6: a viewer (and A1111) shows it turned 90 degrees
+    clockwise."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(array).save(path, exif=exif.tobytes())
+
+
+def test_exif_orientation_turns_the_init_image_and_the_mask_upright(tmp_path, sd1):
+    """A1111 reads the init image and the mask through ``images.fix_image`` (``ImageOps.exif_transpose``;
+    modules/img2img.py ``img2img``: ``image = images.fix_image(image); mask = images.fix_image(mask)``), so a
+    phone photo and its mask are generated on upright: orientation 6 = the stored pixels turned 90 degrees
+    clockwise, a 64x32 file giving a 32x64 image."""
+    from sdcore.generate.inpaint import Inpaint, open_mask
+    from sdcore.generate.pipeline import _load_init_image, generate_images
+
+    stored = np.random.default_rng(4).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    stored_mask = np.zeros((32, 64), dtype=np.uint8)
+    stored_mask[4:12, 40:60] = 255
+    _exif_rotated(tmp_path / "init.png", stored)
+    _exif_rotated(tmp_path / "mask.png", stored_mask)
+    upright = np.rot90(stored, k=-1)  # clockwise
+    assert np.array_equal(np.asarray(_load_init_image(tmp_path / "init.png")), upright)
+    assert np.array_equal(np.asarray(open_mask(tmp_path / "mask.png")), np.rot90(stored_mask, k=-1))
+    out = generate_images(sd1, ["a cat"], steps=2, seed=0, init_image=tmp_path / "init.png",
+                          inpaint=Inpaint(tmp_path / "mask.png", blur=0))[0]  # fmt: skip
+    assert out.size == (32, 64)  # no --size: the upright image's
+    keep = np.rot90(stored_mask, k=-1) == 0  # blur 0: the paste-back keeps every unmasked pixel exactly
+    assert np.array_equal(np.asarray(out)[keep], upright[keep])
+
+
+def test_only_masked_size_field_is_the_processing_size_and_from_png_runs(tmp_path):
+    """Only masked without --size on a 100x70 image: the crop is generated at 96x64 (the image's size rounded down
+    to 8) and pasted into the 100x70 original; A1111 writes "Size" as ``p.width x p.height`` (modules/processing.py
+    ``create_infotext``), the processing size, so ``--from-png`` gives a size that runs again."""
+    from PIL import Image
+    from sdcore.generate.pnginfo import read_png_parameters
+
+    _picture(100, 70).save(tmp_path / "init.png")
+    _box_mask(100, 70, (40, 20, 60, 40)).save(tmp_path / "mask.png")
+    inputs = ["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")]
+    out = tmp_path / "out.png"
+    result = _cli("a cat", "-m", "tiny:sd1", *inputs, "--inpaint-full-res", "--steps", "1", "--strength", "1",
+                 "-o", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (100, 70)
+    assert read_png_parameters(out).size == (96, 64)
+    again = _cli("-m", "tiny:sd1", "--from-png", str(out), *inputs, "-o", str(tmp_path / "again.png"))
+    assert again.exit_code == 0, again.output
+    assert Image.open(tmp_path / "again.png").size == (100, 70)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_mask_with_a_transparent_colour_gives_its_alpha(tmp_path, mode):
+    """A1111's "Inpaint upload" mask is read as RGBA (modules/ui.py ``init_mask_inpaint = gr.Image(...,
+    image_mode="RGBA")``: PIL's ``convert("RGBA")``, which turns a PNG's transparent colour (tRNS) into alpha 0),
+    then ``create_binary_mask`` takes that alpha, cut at 128: the white pixels saved as the transparent colour
+    repaint nothing, the black ones repaint."""
+    from PIL import Image
+    from sdcore.generate.inpaint import open_mask
+
+    white, black = (255, 255, 255) if mode == "RGB" else 255, (0, 0, 0) if mode == "RGB" else 0
+    picture = Image.new(mode, (4, 1), white)
+    picture.putpixel((1, 0), black)
+    picture.save(tmp_path / "mask.png", transparency=white)
+    assert np.asarray(open_mask(tmp_path / "mask.png")).tolist() == [[0, 255, 0, 0]]
+
+
+def test_an_oversized_init_image_or_mask_is_one_line(tmp_path, monkeypatch):
+    """PIL refuses an image over twice ``MAX_IMAGE_PIXELS`` with ``DecompressionBombError``, which is no OSError:
+    the init image and the mask say so in one line, as an unreadable file does (the Kontext reference too)."""
+    from PIL import Image
+    from sdcore.errors import ConfigError
+    from sdcore.generate.inpaint import open_mask
+    from sdcore.generate.pipeline import _load_init_image
+
+    _picture().save(tmp_path / "init.png")
+    _box_mask().save(tmp_path / "mask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is twice over: an error, not a warning
+    with pytest.raises(ConfigError, match=r"cannot read init image .*init\.png"):
+        _load_init_image(tmp_path / "init.png")
+    with pytest.raises(ConfigError, match=r"cannot read mask .*mask\.png"):
+        open_mask(tmp_path / "mask.png")

@@ -609,8 +609,10 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
 
     seeds, subseeds = (variation or VariationSeeds()).batch(seed, len(images))
     first_size = None
-    if inpaint is not None and params["size"] is not None:  # A1111's "Size": the processing size (only masked)
-        first_size = params["size"]
+    if inpaint is not None and inpaint.full_res:  # A1111's "Size": the processing size, not the pasted-into image's
+        from ..generate.pipeline import init_image_size
+
+        first_size = params["size"] or init_image_size(bundle, params["init_image"])
     if hires is not None:  # A1111's "Size" is the first pass's
         from ..generate.pipeline import default_size
 

@@ -5,8 +5,10 @@ The numbers are A1111's (modules/processing.py ``StableDiffusionProcessingImg2Im
 modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_denoiser.py), rewritten:
 
 - **the mask**: white repaints. An RGBA mask whose alpha is not all opaque gives its alpha, cut at 128 (above:
-  255); any other image its grey level (``convert("L")``, not cut). ``--inpainting-mask-invert`` inverts it
-  (infotext "Mask mode: Inpaint not masked").
+  255; a PNG's transparent colour counts, as A1111's RGBA upload reads it); any other image its grey level
+  (``convert("L")``, not cut). ``--inpainting-mask-invert`` inverts it
+  (infotext "Mask mode: Inpaint not masked"). A mask file (and the init image file) is turned upright by its EXIF
+  orientation first (A1111's ``images.fix_image``).
 - **blur** (``--mask-blur``, default 4): OpenCV's ``GaussianBlur`` along x, then y, kernel ``2 * int(2.5 * s +
   0.5) + 1`` wide, sigma ``s``, borders reflected without repeating the edge (OpenCV's default); sdcore computes it
   in float and rounds (OpenCV's 8-bit fixed point can differ by one level).
@@ -24,9 +26,10 @@ modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_
 - **the latent mask**: the mask (not doubled) resized to the latent size (PIL's bicubic ``resize`` of the RGB
   image), /255, rounded to 0 or 1 (A1111's "mask_round", on by default); ``nmask`` repaints, ``mask = 1 - nmask``.
 - **the per-step blend**: each denoised estimate becomes ``denoised * nmask + init_latent * mask`` (A1111's
-  k-diffusion samplers; its timestep samplers DDIM/PLMS/UniPC blend the noisy input with the init latent noised by
-  the global RNG instead, which no seed reproduces, so sdcore blends the denoised estimate for every sampler), and
-  the sampler's final latent once more.
+  k-diffusion samplers; its timestep samplers DDIM/PLMS/UniPC instead blend the noisy input with the clean init
+  latent before each call (``CFGDenoiserTimesteps.mask_before_denoising``; Forge noises that latent with its
+  unseeded global RNG), so sdcore blends the denoised estimate for every sampler), and the sampler's final latent
+  once more.
 - **the paste-back**: the original with alpha ``255 - paste-back mask`` composited over the decoded image; an
   unmasked pixel is the original's exactly.
 - **inpainting models** (UNet ``in_channels`` 9: sd-v1-5-inpainting, SD2 and SDXL inpainting): the UNet's extra
@@ -140,22 +143,24 @@ FIELDS = (MASK_BLUR, MASK_MODE, MASKED_CONTENT, INPAINT_AREA, MASKED_AREA_PADDIN
 
 def open_mask(source: Any) -> Image.Image:
     """The mask as an 8-bit grey image, by A1111's rule (``create_binary_mask``): the alpha of an RGBA image that
-    has transparency, cut at 128; the grey level of anything else."""
+    has transparency, cut at 128; the grey level of anything else. A file is turned upright by its EXIF
+    orientation first, as A1111 does to the mask and the init image alike (``images.fix_image``)."""
     from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     if isinstance(source, (str, Path)):
         try:
             with PILImage.open(source) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, UnidentifiedImageError) as exc:
+                image = ImageOps.exif_transpose(opened)  # a new image (loaded), or a copy without orientation
+        except (OSError, UnidentifiedImageError, PILImage.DecompressionBombError) as exc:  # the last is no OSError
             raise ConfigError(f"cannot read mask {source}: {exc}") from exc
     elif isinstance(source, PILImage.Image):
         image = source
     else:
         raise ConfigError(f"mask must be a path or a PIL image, not {type(source).__name__}")
-    if image.mode in ("LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    # A1111's UI reads the mask as RGBA (gradio's image_mode="RGBA": PIL's convert), so every kind of
+    # transparency, a PNG's transparent colour (tRNS) of an RGB, L or P image included, becomes the alpha
+    if image.mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
         return image.getchannel("A").point(lambda value: 255 if value > 128 else 0)

@@ -214,6 +214,15 @@ def default_size(bundle: ModelBundle) -> int:
     return bundle.family_spec.native_resolution
 
 
+def init_image_size(bundle: ModelBundle, init_image: Any) -> tuple[int, int]:
+    """The size ``generate_images`` works at when an init image comes without ``width``/``height``: the image's
+    (upright) size rounded down to the VAE's factor. With only masked inpainting that is A1111's processing size,
+    which its "Size" field says (the output keeps the init image's own size)."""
+    image = _load_init_image(init_image)
+    factor = bundle.vae_scale_factor
+    return image.width - image.width % factor, image.height - image.height % factor
+
+
 def _check_size(value: int, what: str, factor: int) -> int:
     if value <= 0 or value % factor:
         raise ConfigError(f"{what} {value} must be a positive multiple of {factor}")
@@ -235,13 +244,16 @@ def _eval_mode(bundle: ModelBundle) -> Iterator[None]:
 
 
 def _load_init_image(init_image: Any) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
+    """The init image as RGB; a file is turned upright by its EXIF orientation first, as A1111 reads every image
+    it is given (``images.fix_image``: ``ImageOps.exif_transpose``), so a phone photo is not generated on
+    sideways. A PIL image is taken as it is."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(init_image, (str, Path)):
         try:
             with Image.open(init_image) as opened:
-                return opened.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
+                return ImageOps.exif_transpose(opened).convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
             raise ConfigError(f"cannot read init image {init_image}: {exc}") from exc
     if isinstance(init_image, Image.Image):
         return init_image.convert("RGB")
@@ -408,7 +420,7 @@ def generate_images(
                                                       width, height)  # fmt: skip
     image = _load_init_image(init_image) if init_image is not None else None
     if image is not None and width is None and height is None:
-        width, height = image.width - image.width % factor, image.height - image.height % factor
+        width, height = init_image_size(bundle, image)
     control = _flux_control(bundle, control_image)
     if control is not None and width is None and height is None:
         from ..models.flux.control import control_size
@@ -1062,6 +1074,7 @@ __all__ = [
     "control_family_problem",
     "default_size",
     "generate_images",
+    "init_image_size",
     "is_flux_control",
     "is_flux_fill",
     "make_scheduler",

@@ -1,6 +1,6 @@
 """Inpainting models trained end to end: `sdcore train lora` on a tiny SD1 inpainting model and a tiny FLUX.1
 Fill (files the test saves), OneTrainer configs of each inpainting model type imported (and refused in one line
-on a model of the other kind), kohya_ss GUI's train_inpainting refused with its reason, and a learning check: a
+on a model of the other kind), and a learning check (kohya's --train_inpainting: test_kohya_inpainting.py): a
 LoRA on an inpainting model learns to read the masked image (the loss inside the hole with each sample's own
 masked image falls below the loss with another sample's)."""
 
@@ -214,28 +214,6 @@ def test_onetrainer_inpainting_options(tmp_path):
         _ot(tmp_path, {**config, "custom_conditioning_image": True}, "dreambooth")
     with pytest.raises(ConfigError, match="sdcore does not train depth models"):
         _ot(tmp_path, {**config, "model_type": "STABLE_DIFFUSION_20_DEPTH"}, "dreambooth")
-
-
-def test_kohya_gui_train_inpainting_is_refused_with_the_reason(tmp_path):
-    from sdcore.errors import ConfigError
-    from sdcore.train.config import load_options
-    from sdplugin_lora.method import LoraOptions
-
-    path = tmp_path / "gui.json"
-    gui = {"LoRA_type": "Standard", "network_dim": 8, "network_alpha": 4, "learning_rate": 1e-4,
-           "optimizer": "AdamW", "max_resolution": "512,512", "lr_warmup": 0, "train_inpainting": True}  # fmt: skip
-    path.write_text(json.dumps(gui), encoding="utf-8")
-    with pytest.raises(ConfigError, match="train_inpainting: kohya's --train_inpainting trains on random masks"):
-        load_options(LoraOptions, path, notes=[])
-    # sd-scripts v0.10.4+ defines --train_inpainting (PRs #2309/#2318: random masks each step): a kohya TOML or
-    # command line giving it gets the same reason, not "unknown option"
-    toml = tmp_path / "kohya.toml"
-    toml.write_text('pretrained_model_name_or_path = "tiny:sd1"\nnetwork_dim = 4\ntrain_inpainting = true\n')
-    with pytest.raises(ConfigError, match="train_inpainting = True is not supported by sdcore \\(kohya's --train_in"):
-        load_options(LoraOptions, toml, notes=[])
-    from sdcore.train.kohya import flag_names, is_kohya_name
-
-    assert is_kohya_name("train_inpainting") and "train_inpainting" in flag_names()
 
 
 def test_onetrainer_inpainting_samples(tmp_path):

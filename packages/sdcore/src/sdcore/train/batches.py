@@ -72,6 +72,13 @@ class BatchMaker:
         #: ``"unet"``/``"fill"`` for an inpainting model (its batches carry the mask and masked image), else None
         self.inpainting = bundle_kind(bundle)
         self._inpaint_masks: dict[tuple[int, SampleView], Any] = {}
+        #: ``--inpainting-masks random``: kohya's random masks, drawn per sample and step (the masked image with them)
+        self.random_masks = self.inpainting is not None and options.inpainting_masks == "random"
+        if self.random_masks and latent_cache is not None:  # the pre-flight says it before loading
+            from ..errors import ConfigError
+            from .inpainting import RANDOM_CACHE
+
+            raise ConfigError(RANDOM_CACHE)
         self._blank_latents: dict[tuple[int, int], Any] = {}
         from .kontext_data import has_control
 
@@ -208,11 +215,12 @@ class BatchMaker:
         """An inpainting model's ``(mask, masked latents)`` for the samples ``refs`` (:mod:`.inpainting`): the
         mask at latent size in the denoiser's layout, and the masked image's latents (scaled) from the latent
         cache or encoded now from the pixels the sample's latents were made from (``loaded``); an ``unmasked`` sample gets the
-        full mask and the latents of a blank (all-zero) image of its size."""
+        full mask and the latents of a blank (all-zero) image of its size. With ``--inpainting-masks random`` each
+        draw of a sample gets its own random mask (:func:`.inpainting.random_pixel_mask`), never cached."""
         import torch
 
         from .data import SampleView
-        from .inpainting import encode_mean, latent_mask, masked_pixels, pixel_mask
+        from .inpainting import encode_mean, latent_mask, masked_pixels, pixel_mask, random_pixel_mask
 
         kind = self.inpainting
         assert kind is not None
@@ -228,8 +236,13 @@ class BatchMaker:
                 masks.append(latent_mask(ones, size, kind))
                 latents[i] = self.blank_latent(size)
                 continue
-            key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
             pixel = None
+            if self.random_masks:  # kohya's --train_inpainting: a new mask for each draw of the sample
+                pixel = random_pixel_mask(assignment, ref.seed(self.options.seed, "inpainting-mask"))
+                masks.append(latent_mask(pixel, size, kind))
+                pending.append((i, masked_pixels(loaded[i], pixel)))
+                continue
+            key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
             mask = self._inpaint_masks.get(key)
             if mask is None:
                 pixel = pixel_mask(self.data.entries[ref.entry], assignment, flip=view.flip, crop=view.crop)

@@ -9,6 +9,13 @@ these models (model types ``STABLE_DIFFUSION_15_INPAINTING``, ``..._20_INPAINTIN
   ``masked_training``; kohya's ``alpha_mask`` / ``--masked-loss`` mask images read the same way here), else a
   full mask (OneTrainer's ``GenerateImageLike`` of 255: the whole image is the hole, no random masks). The
   mask follows its image's resize, crop and flip (:func:`sdcore.train.data.load_mask`). 1 (white) = repaint.
+  With ``--inpainting-masks random`` (kohya's ``--train_inpainting``) it is instead a procedural mask drawn anew
+  for each sample every step (:mod:`sdcore.train.random_masks`: kohya's clouds, polygons and shapes, seeded by
+  ``--seed`` and the sample's draw) at the sample's pixel size; dataset masks then only weigh the loss, as
+  kohya's ``alpha_mask`` / ``--masked_loss`` do beside its random masks. The masked image changes every step,
+  so latents are not cached (kohya refuses ``--cache_latents`` with ``--train_inpainting``). kohya shrinks its
+  mask with nearest-neighbour interpolation and encodes the masked image with a posterior *sample*; sdcore keeps
+  one conditioning for both sources (the bilinear shrink and the posterior mean below).
 - the masked image: ``image * (1 - mask) + 0.5 * mask`` on 0..1 pixels (mgds' ``GenerateMaskedConditioningImage``),
   which in the [-1, 1] range the VAE takes is ``pixels * (1 - mask)``: the hole is 0, mid grey, as diffusers'
   ``StableDiffusionInpaintPipeline`` (``image * (mask < 0.5)``) and ``FluxFillPipeline`` (``image * (1 - mask)``)
@@ -49,6 +56,11 @@ FILL_SAMPLES = (
     "--mask), which sample prompts do not carry, so samples of it cannot be made during training (leave out "
     "--sample-prompts)"
 )
+#: the pre-flight's line for random masks with cached latents (the kohya importers' refusal says the same)
+RANDOM_CACHE = (
+    "--inpainting-masks random draws a new mask every step, so the masked image is encoded every step and "
+    "latents cannot be cached (kohya refuses --cache_latents with --train_inpainting too): pass --no-cache-latents"
+)
 #: the VAE's downscale: FLUX.1 Fill's mask channels are the 8x8 pixel blocks of each latent position
 VAE_SCALE = 8
 
@@ -85,6 +97,15 @@ def pixel_mask(entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, c
         w, h = assignment.bucket
         return np.ones((h, w), dtype=np.float32)
     return np.asarray(mask, dtype=np.float32)
+
+
+def random_pixel_mask(assignment: BucketAssignment, seed: int) -> Any:
+    """``--inpainting-masks random``: kohya's random training mask number ``seed`` (float32 ``[H, W]``, 1 =
+    repaint) at the sample's bucket size (kohya draws it after crop and flip, at the pixels' size)."""
+    from .random_masks import random_mask
+
+    w, h = assignment.bucket
+    return random_mask(int(w), int(h), seed)
 
 
 def masked_pixels(pixels: Any, mask: Any) -> Any:
@@ -147,7 +168,7 @@ def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
 
 def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index: DatasetIndex | None) -> list[str]:
     """Pre-flight problems: ``--inpainting-unmasked-probability`` out of range or on a model without the mask
-    input; control images (FLUX.1 Kontext) on an inpainting model; sample images of FLUX.1 Fill (``sdcore
+    input; ``--inpainting-masks random`` with cached latents or on a model without the mask input; control images (FLUX.1 Kontext) on an inpainting model; sample images of FLUX.1 Fill (``sdcore
     generate`` renders Fill only from an init image and a mask, which sample prompts do not carry). An SD
     inpainting UNet's samples render as A1111's txt2img on an inpainting model does (a blank image's
     conditioning under a full mask: :mod:`sdcore.generate.pipeline`), as OneTrainer's samples without
@@ -156,6 +177,9 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
     p = options.inpainting_unmasked_probability
     if not 0.0 <= p <= 1.0:
         problems.append(f"--inpainting-unmasked-probability {p}: must be in [0, 1]")
+    random_masks = options.inpainting_masks == "random"
+    if random_masks and options.cache_latents:
+        problems.append(RANDOM_CACHE)
     if layout is None:
         return problems
     kind = layout_kind(layout)
@@ -164,6 +188,12 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
             problems.append(
                 f"--inpainting-unmasked-probability {p} acts on inpainting models (an SD inpainting UNet or FLUX.1 "
                 f"Fill); {layout.source} is a {layout.family} model without the mask input (leave it at 0)"
+            )
+        if random_masks:
+            problems.append(
+                f"--inpainting-masks random (kohya's --train_inpainting) trains an inpainting model's mask input; "
+                f"{layout.source} is a {layout.family} model without it: start from an inpainting checkpoint "
+                "(kohya's LoRA needs one too; sdcore does not widen a plain UNet's conv_in to 9 channels)"
             )
         return problems
     if index is not None:
@@ -182,6 +212,7 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
 __all__ = [
     "FILL_INPUT",
     "FILL_SAMPLES",
+    "RANDOM_CACHE",
     "bundle_kind",
     "encode_mean",
     "inpainting_problems",
@@ -190,5 +221,6 @@ __all__ = [
     "mask_identity",
     "masked_pixels",
     "pixel_mask",
+    "random_pixel_mask",
     "unmasked_draw",
 ]

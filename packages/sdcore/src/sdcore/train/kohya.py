@@ -329,6 +329,9 @@ ALIASES: dict[str, Alias] = {
     "debug_dataset": _a("debug_dataset", flag=True),
     "prior_loss_weight": _a("prior_loss_weight"),
     "cache_latents": _a("cache_latents", flag=True),
+    # sd-scripts v0.10.4+ (PRs #2309/#2318): an inpainting UNet trained on random masks drawn each step
+    # (:mod:`sdcore.train.random_masks`); kohya refuses latent caching with it, as the pre-flight does
+    "train_inpainting": _a("inpainting_masks", lambda on: "dataset" if _is_off(on, _OFF) else "random", flag=True),
     "cache_latents_to_disk": _a("cache_latents_to_disk", flag=True),
     "cache_text_encoder_outputs": _a("cache_text_encoder_outputs", flag=True),
     "cache_text_encoder_outputs_to_disk": _a("cache_text_encoder_outputs_to_disk", flag=True),
@@ -659,7 +662,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "noise_offset_type": (*_OFF, "Original"),
     # flux_train_utils: flux (default) or chroma; the model file decides the family, model_type_problems checks it
     "model_type": (*_OFF, "flux", "chroma"),
-    "train_inpainting": _OFF,  # sd-scripts v0.10.4+ (PR #2309/#2318): random masks drawn each step
 }
 #: options of kohya's scripts for models and methods sdcore does not train (script -> its own options); a
 #: TOML written for them is refused by name while these hold their off values (the kohya_ss GUI writes them all)
@@ -678,22 +680,12 @@ OTHER_SCRIPTS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 UNSUPPORTED.update(dict.fromkeys((n for names in OTHER_SCRIPTS.values() for n in names), _OFF))
 _FLAG_UNSUPPORTED: set[str] = {
-    "train_inpainting",
     "split_attn", "fp8_scaled", "fp8_vl", "text_encoder_cpu", "unsloth_offload_checkpointing", "vae_disable_cache",
     "use_flash_attn", "use_sage_attn",
 }  # fmt: skip
 #: why an :data:`UNSUPPORTED` option is refused, where "it changes the result" does not say enough
-#: kohya sd-scripts' ``--train_inpainting`` (v0.10.4, PRs #2309/#2318, after the 48d368f this table was read
-#: from; the kohya_ss GUI passes it): an inpainting UNet trained on masks its ``mask_generator`` draws at random
-#: each step (clouds, polygons, shapes), so it refuses latent caching; sdcore has no random masks
-TRAIN_INPAINTING_NOTE = (
-    "kohya's --train_inpainting trains on random masks drawn each step, which sdcore does not make; sdcore trains "
-    "an inpainting model when --model is one, on the --masked-loss mask images or alpha_mask (a full mask without "
-    "them), as OneTrainer does: leave train_inpainting out"
-)
 _UNSUPPORTED_NOTES = {
     "model_type": "flux_train_network.py's model types are flux and chroma",
-    "train_inpainting": TRAIN_INPAINTING_NOTE,
     **{
         name: f"an option of {scripts}, for models or methods sdcore does not train (its training methods are "
         "`sdcore train --help`'s, on SD1/SD2/SDXL, SD3 and FLUX.1 models)"
@@ -1554,10 +1546,14 @@ def kohya_defaults(
             continue  # full fine-tuning: train_db.py trains the text encoder, sdxl/sd3/flux_train.py do not
         if target == "max_steps" and "epochs" in given:
             continue
-        if target == "cache_latents" and not any(
-            str((given_values or {}).get(name, False)).strip().lower() not in ("false", "0", "", "none")
-            for name in ("random_crop", "color_aug", "face_crop_aug_range")
-        ):  # sdcore caches by default; kohya's default matters only where caching is refused
+        if (
+            target == "cache_latents"
+            and (given_values or {}).get("inpainting_masks") != "random"
+            and not any(
+                str((given_values or {}).get(name, False)).strip().lower() not in ("false", "0", "", "none")
+                for name in ("random_crop", "color_aug", "face_crop_aug_range")
+            )
+        ):  # sdcore caches by default; kohya's default matters only where caching is refused (train_inpainting too)
             continue
         values[target] = value
         applied.append(why)

@@ -552,10 +552,13 @@ def gui_preset(
             _ti_tab(items)
             notes.append("read as a kohya_ss GUI preset (textual inversion tab)")
     _family_fields(items, "finetune" if tab == "finetune" else tab, family, notes)
-    if _on(items.pop("train_inpainting", None)):
-        from .kohya import TRAIN_INPAINTING_NOTE
-
-        problems.append(f"{where}: train_inpainting: {TRAIN_INPAINTING_NOTE}")
+    if _on(items.get("train_inpainting")):  # kohya's random masks: --inpainting-masks random (kohya.ALIASES)
+        items["train_inpainting"] = True
+        cached = [k for k in ("cache_latents", "cache_latents_to_disk") if _on(items.pop(k, None))]
+        if cached:  # the GUI greys them out and never passes them with --train_inpainting (kohya_ss #3527)
+            notes.append(f"train_inpainting: {' and '.join(cached)} left out, as the kohya_ss GUI leaves them out")
+    else:
+        items.pop("train_inpainting", None)
     for old, new in _OLD_NAMES.items():
         if old in items and new not in items:
             items[new] = items.pop(old)

@@ -63,6 +63,8 @@ RESIZE_INTERPOLATIONS = tuple(RESIZE_FILTERS)
 OPTIMIZERS = tuple(OPTIMIZER_TABLE)
 LR_SCHEDULERS = LR_SCHEDULES
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+#: where an inpainting model's training masks come from (``--inpainting-masks``: :mod:`sdcore.train.inpainting`)
+INPAINTING_MASKS = ("dataset", "random")
 #: intermediate results kept by default (``--save-every`` without ``--save-limit``)
 DEFAULT_SAVE_LIMIT = 5
 
@@ -245,6 +247,14 @@ class TrainOptions:
         "(OneTrainer's unmasked_probability; its default is 0.1).",
         group="data",
         metavar="P",
+    )
+    inpainting_masks: str = option(
+        "dataset",
+        "Inpainting models: the masks their mask input is trained on: 'dataset' (each image's mask image or "
+        "alpha_mask, else a full mask: OneTrainer's) or 'random' (kohya's --train_inpainting: a new cloud, polygon "
+        "or shape mask for each sample every step, seeded by --seed; needs --no-cache-latents).",
+        choices=INPAINTING_MASKS,
+        group="data",
     )
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")

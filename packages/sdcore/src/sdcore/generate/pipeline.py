@@ -710,9 +710,18 @@ def _run(
         kwargs["pooled_prompt_embeds"] = cond.pooled
         kwargs["negative_pooled_prompt_embeds"] = uncond.pooled
     if image is not None:
-        # one init image per prompt so the batch sizes agree
-        kwargs["image"] = [image] * len(prompts)
-        kwargs["strength"] = strength
+        from .hires import img2img_steps, pipeline_strength
+
+        # A1111's count: the last int(min(strength, 0.999) * steps) + 1 steps of the `steps`-step schedule
+        schedule, run = img2img_steps(steps, strength)
+        kwargs["num_inference_steps"] = schedule
+        kwargs["strength"] = pipeline_strength(schedule, run)
+        if inpaint is None:
+            # the init latent as the inpaint and hires paths make it (the posterior's mean; A1111 samples it from
+            # its unseeded global RNG), one per prompt: the pipeline's noise is then each seed's first draw, as
+            # A1111's is (diffusers would sample the posterior from the seed's generator first)
+            start = _encode_images(pipe, [image]).to(dtype=bundle.denoiser.dtype)
+            kwargs["image"] = start.repeat(len(prompts), 1, 1, 1)
     else:
         kwargs["width"] = width
         kwargs["height"] = height
@@ -932,6 +941,7 @@ def _hires_run(
     ``noise``: the variation seeds, applied to its start noise at the large shape as A1111 does."""
     import torch
 
+    from .hires import pipeline_strength
     from .prompt_editing import StepPrompts, schedule_steps
     from .step_conditioning import StepConditioning
     from .variation import maybe_swapped
@@ -956,9 +966,9 @@ def _hires_run(
         "prompt_embeds": cond.embeds,
         "negative_prompt_embeds": uncond.embeds,
         "image": latents.to(device=bundle.device, dtype=bundle.denoiser.dtype),
-        # the pipeline runs int(schedule * strength) steps: exactly `run`, the last ones of the schedule
+        # the pipeline runs exactly `run` steps, the last ones of the schedule
         "num_inference_steps": schedule,
-        "strength": min(1.0, (run + 0.5) / schedule),
+        "strength": pipeline_strength(schedule, run),
         "guidance_scale": cfg,
         # fresh noise from each image's seed at the large latent's shape, as A1111 draws it
         "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],

@@ -148,3 +148,76 @@ def test_flow_img2img_runs_forges_steps(loaded_tiny, family, steps, strength):
         generate_images(bundle, ["a cat"], steps=steps, seed=1, init_image=_init_image(), strength=strength, cfg=1.0)
     t_enc = _a1111_t_enc(steps, strength)
     assert [t for _, t in rec.calls] == pytest.approx(full[steps - t_enc - 1 :])
+
+
+# -- transparent init images -------------------------------------------------------------------------------------
+# A1111 1.10: the img2img tab's image is a gr.Image(image_mode="RGBA") and modules/processing.py
+# StableDiffusionProcessingImg2Img.init composites every init image over opts.img2img_background_color ("#ffffff")
+# with modules/images.py flatten (alpha-weighted paste); the "Inpaint upload" tab's image is a plain
+# gr.Image(type="pil") (image_mode "RGB"), which drops the alpha (modules/ui.py; modules/img2img.py modes 0 and 4).
+
+
+def _half_transparent(tmp_path):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (64, 64, 3), np.uint8)
+    alpha = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))  # transparent left, opaque right
+    alpha[:, 24:40] = 128  # a half-transparent band
+    path = tmp_path / "init.png"
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+    return path, rgb, alpha
+
+
+def _flattened(rgb, alpha, background=255.0):
+    a = alpha[..., None].astype(np.float64) / 255.0
+    return rgb * a + background * (1.0 - a)  # the source over white, weighted by its alpha
+
+
+def test_img2img_flattens_a_transparent_init_image_onto_white(tmp_path):
+    from sdcore.generate.pipeline import _load_init_image
+
+    path, rgb, alpha = _half_transparent(tmp_path)
+    flat = np.asarray(_load_init_image(path), dtype=np.float64)
+    assert np.abs(flat - _flattened(rgb, alpha)).max() <= 1.0  # PIL's 8-bit blend rounds
+    assert (flat[:, 0] == 255).all()  # alpha 0: the background
+    assert np.array_equal(flat[:, -1], rgb[:, -1])  # alpha 255: the image
+    # the inpainting mode drops the alpha and keeps the colours under it
+    assert np.array_equal(np.asarray(_load_init_image(path, flatten=False)), rgb)
+
+
+@pytest.mark.parametrize("mode", ["LA", "P"])
+def test_other_transparent_modes_are_flattened_too(tmp_path, mode):
+    from sdcore.generate.pipeline import _load_init_image
+
+    grey = np.random.default_rng(5).integers(0, 255, (16, 16), np.uint8)
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[:, 8:] = 255
+    if mode == "LA":
+        image = Image.fromarray(np.dstack([grey, alpha]), "LA")
+    else:  # a palette PNG with a transparent index (the tab's RGBA conversion honours it)
+        image = Image.fromarray(np.where(alpha > 0, grey // 2 + 1, 0).astype(np.uint8), "L").convert("P")
+        image.info["transparency"] = 0
+    path = tmp_path / f"init-{mode}.png"
+    image.save(path)
+    flat = np.asarray(_load_init_image(path))
+    assert (flat[:, :8] == 255).all()
+    assert not (flat[:, 8:] == 255).all()
+
+
+def test_a_transparent_init_image_generates_as_its_white_flattening(sd1, tmp_path):
+    from sdcore.generate.inpaint import Inpaint
+
+    path, rgb, _ = _half_transparent(tmp_path)
+    settings = {"steps": 1, "seed": 2, "strength": 0.5}
+    got = generate_images(sd1, ["a cat"], init_image=path, **settings)[0]
+    # PIL's alpha-weighted paste over white, as images.flatten does it (its numbers: the test above)
+    flat = Image.composite(Image.open(path), Image.new("RGBA", (64, 64), "white"), Image.open(path).getchannel("A"))
+    want = generate_images(sd1, ["a cat"], init_image=flat.convert("RGB"), **settings)[0]
+    dropped = generate_images(sd1, ["a cat"], init_image=Image.fromarray(rgb), **settings)[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert not np.array_equal(np.asarray(got), np.asarray(dropped))
+    # with a mask (the Inpaint upload tab) the alpha is dropped instead
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    masked = generate_images(sd1, ["a cat"], init_image=path, inpaint=Inpaint(mask), **settings)[0]
+    plain = generate_images(sd1, ["a cat"], init_image=Image.fromarray(rgb), inpaint=Inpaint(mask), **settings)[0]
+    assert np.array_equal(np.asarray(masked), np.asarray(plain))

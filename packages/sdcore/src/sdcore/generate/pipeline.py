@@ -243,21 +243,43 @@ def _eval_mode(bundle: ModelBundle) -> Iterator[None]:
             module.train(mode)
 
 
-def _load_init_image(init_image: Any) -> Image.Image:
+#: A1111's ``img2img_background_color`` default: what transparent parts of an img2img init image become
+IMG2IMG_BACKGROUND = "#ffffff"
+
+
+def _load_init_image(init_image: Any, *, flatten: bool = True) -> Image.Image:
     """The init image as RGB; a file is turned upright by its EXIF orientation first, as A1111 reads every image
     it is given (``images.fix_image``: ``ImageOps.exif_transpose``), so a phone photo is not generated on
-    sideways. A PIL image is taken as it is."""
+    sideways. A PIL image is taken as it is.
+
+    Transparency follows A1111 1.10's tab for the mode. ``flatten`` (plain img2img, the "img2img" tab): the tab
+    loads the image as RGBA and ``processing`` composites it over ``img2img_background_color`` (white) with
+    ``images.flatten``, so an image with an alpha band (RGBA, LA, PA) or a transparent colour (a PNG ``tRNS``)
+    has white where it is transparent and a blend where half so. Without (inpainting with a mask, the "Inpaint
+    upload" tab): that tab loads the image as RGB, which drops the alpha and keeps the colours under it."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(init_image, (str, Path)):
         try:
             with Image.open(init_image) as opened:
-                return ImageOps.exif_transpose(opened).convert("RGB")
+                return _as_rgb(ImageOps.exif_transpose(opened), flatten)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
             raise ConfigError(f"cannot read init image {init_image}: {exc}") from exc
     if isinstance(init_image, Image.Image):
-        return init_image.convert("RGB")
+        return _as_rgb(init_image, flatten)
     raise ConfigError(f"init_image must be a path or a PIL image, not {type(init_image).__name__}")
+
+
+def _as_rgb(image: Image.Image, flatten: bool) -> Image.Image:
+    """``image`` in RGB; with ``flatten`` its transparent parts composited over :data:`IMG2IMG_BACKGROUND`
+    (``_load_init_image``)."""
+    from PIL import Image
+
+    if not flatten or (not {"A", "a"} & set(image.getbands()) and "transparency" not in image.info):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")  # a palette or a single transparent colour becomes an alpha band
+    background = Image.new("RGBA", rgba.size, IMG2IMG_BACKGROUND)
+    return Image.composite(rgba, background, rgba.getchannel("A")).convert("RGB")
 
 
 def _kontext_reference(bundle: ModelBundle, reference_image: Any, mode: str, init_image: Any, width: int | None,
@@ -418,7 +440,8 @@ def generate_images(
     if reference_image is not None:
         reference, width, height = _kontext_reference(bundle, reference_image, reference_resize, init_image,
                                                       width, height)  # fmt: skip
-    image = _load_init_image(init_image) if init_image is not None else None
+    # plain img2img flattens transparency onto white, inpainting drops it (A1111's tab for each mode)
+    image = _load_init_image(init_image, flatten=inpaint is None) if init_image is not None else None
     if image is not None and width is None and height is None:
         width, height = init_image_size(bundle, image)
     control = _flux_control(bundle, control_image)

@@ -383,7 +383,9 @@ def generate_images(
     ``info``, when given, is filled with one dict per image of infotext fields the handlers
     reported (``Lora hashes`` ...). ``true_cfg_scale`` > 1 runs true CFG on a guidance-distilled family
     (Flux.1), whose ``cfg`` is the distilled guidance; SD families take ``cfg`` alone. ``sampler``:
-    the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``hires``: A1111's "Hires. fix"
+    the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``init_image`` with ``strength``:
+    img2img, the last ``int(min(strength, 0.999) * steps) + 1`` steps as A1111 counts them
+    (:func:`.hires.img2img_steps`; a transparent image flattened onto white unless ``inpaint``). ``hires``: A1111's "Hires. fix"
     after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL, and as Forge runs it on SD3/SD3.5,
     FLUX.1 and Chroma; see :mod:`.hires`). ``variation``: A1111's variation seed, strength and "Resize seed
     from" (:mod:`.variation`; with a strength above 0 every image has ``seed`` and image ``i`` the

@@ -69,8 +69,8 @@ def test_true_cfg_img2img_equals_flux_img2img_pipeline(dev):
                                vae=dev.vae, text_encoder=dev.text_encoders[0], tokenizer=dev.tokenizers[0],
                                text_encoder_2=dev.text_encoders[1], tokenizer_2=dev.tokenizers[1],
                                transformer=dev.transformer)  # fmt: skip
-    with torch.no_grad():
-        expected = pipe("a ring", negative_prompt="a square", true_cfg_scale=2.0, image=[init], strength=0.5,
+    with torch.no_grad():  # A1111's strength 0.5 of 4 steps runs 3 (t_enc + 1): the pipeline's strength 0.75
+        expected = pipe("a ring", negative_prompt="a square", true_cfg_scale=2.0, image=[init], strength=0.75,
                         width=32, height=32, num_inference_steps=4, guidance_scale=2.0,
                         generator=[torch.Generator().manual_seed(1)]).images[0]  # fmt: skip
     assert np.array_equal(_array(got), _array(expected))
@@ -218,7 +218,9 @@ def test_heun_through_generate_images(dev, tiny_model):
         )
     finally:
         hook.remove()
-    assert len(calls) == 3  # the last 2 of 4 steps: a Heun step (2 evaluations), then Euler's to sigma 0
+    # A1111's count, the last 3 of 4 steps (t_enc + 1 = int(0.5 * 4) + 1): two Heun steps (2 evaluations each),
+    # then Euler's to sigma 0
+    assert len(calls) == 5
 
 
 def test_flow_sampler_table_is_shared_and_refuses_others(dev):

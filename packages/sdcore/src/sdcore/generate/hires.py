@@ -171,10 +171,7 @@ class HiresFix:
     def schedule(self, first_steps: int) -> tuple[int, int]:
         """``(schedule steps, steps run)`` of the second pass (A1111's ``setup_img2img_steps`` when it is
         given the steps): the last ``run`` steps of a ``schedule``-step sampler; (0, 0) at strength 0."""
-        run = self.steps or first_steps
-        if self.denoising_strength <= 0:
-            return 0, 0
-        return int(run / min(self.denoising_strength, 0.999)), run
+        return img2img_steps(first_steps, self.denoising_strength, requested=self.steps or first_steps)
 
     def infotext_fields(
         self,
@@ -226,6 +223,40 @@ class HiresFix:
             fields["Hires steps"] = self.steps
         fields["Hires upscaler"] = upscaler_name(self.upscaler)
         return fields
+
+
+def img2img_steps(steps: int, strength: float, requested: int | None = None) -> tuple[int, int]:
+    """``(schedule, run)``: an img2img pass runs the last ``run`` steps of a ``schedule``-step sampler, starting
+    from the init latent noised to the sigma (timestep) of its first one (A1111's ``setup_img2img_steps``, whose
+    ``t_enc`` is ``run - 1``, and ``sample_img2img``'s ``sigmas[schedule - t_enc - 1:]``; Forge's the same).
+
+    Plain img2img (``requested`` None; A1111's default, "With img2img, do exactly the amount of steps the slider
+    specifies" off): the schedule is ``steps`` and ``run`` is ``int(min(strength, 0.999) * steps) + 1``, one step
+    more than diffusers' img2img pipelines run (``int(steps * strength)``, from a step later), and never 0: one
+    step at strength 0.75 runs that step. The hires pass asks for ``requested`` steps: ``run`` is exactly that,
+    on a schedule of ``int(requested / min(strength, 0.999))`` steps; (0, 0) at strength 0 (no pass)."""
+    if requested is not None:
+        if strength <= 0:
+            return 0, 0
+        return int(requested / min(strength, 0.999)), requested
+    return steps, int(min(strength, 0.999) * steps) + 1
+
+
+def pipeline_strength(schedule: int, run: int, *, flow: bool = False) -> float:
+    """The ``strength`` that makes a diffusers img2img pipeline of ``schedule`` steps run exactly its last ``run``
+    (:func:`img2img_steps`): the SD1/SD2/SDXL pipelines run ``int(schedule * strength)`` steps, the flow ones
+    (SD3, FLUX.1, Chroma) start at ``int(schedule - schedule * strength)``; half a step inside the boundary, so
+    that no rounding of the product moves it."""
+    return min(1.0, (run - 0.5 if flow else run + 0.5) / schedule)
+
+
+def flow_img2img_strength(steps: int, strength: float) -> float:
+    """The ``strength`` a flow family's img2img pipeline (SD3, FLUX.1 incl. Fill, Chroma) is given for A1111's
+    ``strength``: Forge's plain img2img on those models counts as A1111's (:func:`img2img_steps`; its
+    ``sample_img2img``, the flow noise ``(1 - sigma) * x + sigma * noise`` at the first step's sigma, which the
+    pipelines' ``scale_noise`` is)."""
+    schedule, run = img2img_steps(steps, strength)
+    return pipeline_strength(schedule, run, flow=True)
 
 
 def hires_from_fields(fields: dict[str, str], sampler: str | None = None) -> HiresFix | None:
@@ -427,9 +458,12 @@ __all__ = [
     "FlowStart",
     "HiresFix",
     "crop_latents",
+    "flow_img2img_strength",
     "flow_second_pass",
     "hires_from_fields",
+    "img2img_steps",
     "last_steps",
+    "pipeline_strength",
     "upscale_image",
     "upscale_latents",
     "upscaler_name",

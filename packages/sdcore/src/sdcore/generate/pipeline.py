@@ -243,21 +243,43 @@ def _eval_mode(bundle: ModelBundle) -> Iterator[None]:
             module.train(mode)
 
 
-def _load_init_image(init_image: Any) -> Image.Image:
+#: A1111's ``img2img_background_color`` default: what transparent parts of an img2img init image become
+IMG2IMG_BACKGROUND = "#ffffff"
+
+
+def _load_init_image(init_image: Any, *, flatten: bool = True) -> Image.Image:
     """The init image as RGB; a file is turned upright by its EXIF orientation first, as A1111 reads every image
     it is given (``images.fix_image``: ``ImageOps.exif_transpose``), so a phone photo is not generated on
-    sideways. A PIL image is taken as it is."""
+    sideways. A PIL image is taken as it is.
+
+    Transparency follows A1111 1.10's tab for the mode. ``flatten`` (plain img2img, the "img2img" tab): the tab
+    loads the image as RGBA and ``processing`` composites it over ``img2img_background_color`` (white) with
+    ``images.flatten``, so an image with an alpha band (RGBA, LA, PA) or a transparent colour (a PNG ``tRNS``)
+    has white where it is transparent and a blend where half so. Without (inpainting with a mask, the "Inpaint
+    upload" tab): that tab loads the image as RGB, which drops the alpha and keeps the colours under it."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(init_image, (str, Path)):
         try:
             with Image.open(init_image) as opened:
-                return ImageOps.exif_transpose(opened).convert("RGB")
+                return _as_rgb(ImageOps.exif_transpose(opened), flatten)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
             raise ConfigError(f"cannot read init image {init_image}: {exc}") from exc
     if isinstance(init_image, Image.Image):
-        return init_image.convert("RGB")
+        return _as_rgb(init_image, flatten)
     raise ConfigError(f"init_image must be a path or a PIL image, not {type(init_image).__name__}")
+
+
+def _as_rgb(image: Image.Image, flatten: bool) -> Image.Image:
+    """``image`` in RGB; with ``flatten`` its transparent parts composited over :data:`IMG2IMG_BACKGROUND`
+    (``_load_init_image``)."""
+    from PIL import Image
+
+    if not flatten or (not {"A", "a"} & set(image.getbands()) and "transparency" not in image.info):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")  # a palette or a single transparent colour becomes an alpha band
+    background = Image.new("RGBA", rgba.size, IMG2IMG_BACKGROUND)
+    return Image.composite(rgba, background, rgba.getchannel("A")).convert("RGB")
 
 
 def _kontext_reference(bundle: ModelBundle, reference_image: Any, mode: str, init_image: Any, width: int | None,
@@ -361,7 +383,9 @@ def generate_images(
     ``info``, when given, is filled with one dict per image of infotext fields the handlers
     reported (``Lora hashes`` ...). ``true_cfg_scale`` > 1 runs true CFG on a guidance-distilled family
     (Flux.1), whose ``cfg`` is the distilled guidance; SD families take ``cfg`` alone. ``sampler``:
-    the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``hires``: A1111's "Hires. fix"
+    the family's default (``euler_a``; Flux.1's ``euler``) when not given. ``init_image`` with ``strength``:
+    img2img, the last ``int(min(strength, 0.999) * steps) + 1`` steps as A1111 counts them
+    (:func:`.hires.img2img_steps`; a transparent image flattened onto white unless ``inpaint``). ``hires``: A1111's "Hires. fix"
     after a txt2img first pass at ``width x height`` (SD1/SD2/SDXL, and as Forge runs it on SD3/SD3.5,
     FLUX.1 and Chroma; see :mod:`.hires`). ``variation``: A1111's variation seed, strength and "Resize seed
     from" (:mod:`.variation`; with a strength above 0 every image has ``seed`` and image ``i`` the
@@ -418,7 +442,8 @@ def generate_images(
     if reference_image is not None:
         reference, width, height = _kontext_reference(bundle, reference_image, reference_resize, init_image,
                                                       width, height)  # fmt: skip
-    image = _load_init_image(init_image) if init_image is not None else None
+    # plain img2img flattens transparency onto white, inpainting drops it (A1111's tab for each mode)
+    image = _load_init_image(init_image, flatten=inpaint is None) if init_image is not None else None
     if image is not None and width is None and height is None:
         width, height = init_image_size(bundle, image)
     control = _flux_control(bundle, control_image)
@@ -710,9 +735,18 @@ def _run(
         kwargs["pooled_prompt_embeds"] = cond.pooled
         kwargs["negative_pooled_prompt_embeds"] = uncond.pooled
     if image is not None:
-        # one init image per prompt so the batch sizes agree
-        kwargs["image"] = [image] * len(prompts)
-        kwargs["strength"] = strength
+        from .hires import img2img_steps, pipeline_strength
+
+        # A1111's count: the last int(min(strength, 0.999) * steps) + 1 steps of the `steps`-step schedule
+        schedule, run = img2img_steps(steps, strength)
+        kwargs["num_inference_steps"] = schedule
+        kwargs["strength"] = pipeline_strength(schedule, run)
+        if inpaint is None:
+            # the init latent as the inpaint and hires paths make it (the posterior's mean; A1111 samples it from
+            # its unseeded global RNG), one per prompt: the pipeline's noise is then each seed's first draw, as
+            # A1111's is (diffusers would sample the posterior from the seed's generator first)
+            start = _encode_images(pipe, [image]).to(dtype=bundle.denoiser.dtype)
+            kwargs["image"] = start.repeat(len(prompts), 1, 1, 1)
     else:
         kwargs["width"] = width
         kwargs["height"] = height
@@ -932,6 +966,7 @@ def _hires_run(
     ``noise``: the variation seeds, applied to its start noise at the large shape as A1111 does."""
     import torch
 
+    from .hires import pipeline_strength
     from .prompt_editing import StepPrompts, schedule_steps
     from .step_conditioning import StepConditioning
     from .variation import maybe_swapped
@@ -956,9 +991,9 @@ def _hires_run(
         "prompt_embeds": cond.embeds,
         "negative_prompt_embeds": uncond.embeds,
         "image": latents.to(device=bundle.device, dtype=bundle.denoiser.dtype),
-        # the pipeline runs int(schedule * strength) steps: exactly `run`, the last ones of the schedule
+        # the pipeline runs exactly `run` steps, the last ones of the schedule
         "num_inference_steps": schedule,
-        "strength": min(1.0, (run + 0.5) / schedule),
+        "strength": pipeline_strength(schedule, run),
         "guidance_scale": cfg,
         # fresh noise from each image's seed at the large latent's shape, as A1111 draws it
         "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],

@@ -75,6 +75,7 @@ def run_chroma(
     ``noise``: A1111's variation seeds (:mod:`sdcore.generate.variation`)."""
     import torch
 
+    from ...generate.hires import flow_img2img_strength
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import ChromaSlots, StepConditioning, TextRows
@@ -117,7 +118,7 @@ def run_chroma(
         kwargs.update(negative_prompt_embeds=uncond.embeds, negative_prompt_attention_mask=uncond.mask)
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
-        kwargs["strength"] = strength
+        kwargs["strength"] = flow_img2img_strength(steps, strength)
     slots = ChromaSlots(split=guided)
     return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
                       hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),

@@ -145,6 +145,7 @@ def run_flux(
     import torch
 
     from ...generate.conditioning import Conditioning
+    from ...generate.hires import flow_img2img_strength
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import FluxSlots, StepConditioning
@@ -197,7 +198,7 @@ def run_flux(
         kwargs["mask_image"] = [inpaint.mask] * len(prompts)
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
-        kwargs["strength"] = strength
+        kwargs["strength"] = flow_img2img_strength(steps, strength)
     if reference is not None:
         if image is not None:
             raise ConfigError(KONTEXT_INIT_IMAGE)

@@ -104,7 +104,7 @@ def generate_sd3(
     import torch
 
     from ...generate.flow_samplers import run_pipeline
-    from ...generate.hires import flow_second_pass
+    from ...generate.hires import flow_img2img_strength, flow_second_pass
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.step_conditioning import StepConditioning, TextSlots
     from ...generate.variation import maybe_swapped
@@ -132,7 +132,7 @@ def generate_sd3(
         "output_type": output_type,
     }
     if image is not None:
-        kwargs.update(image=[image] * len(prompts), strength=strength)
+        kwargs.update(image=[image] * len(prompts), strength=flow_img2img_strength(steps, strength))
     else:
         kwargs.update(width=width, height=height)
     if noise is not None and image is None and hires_start is None:  # the pipeline takes it as it is

@@ -38,6 +38,10 @@ modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_
   in [-1, 1] after the masked content is applied. Without a mask (txt2img) A1111 conditions on a mask of ones and a
   mid-grey image (``0.5``, 0 in [-1, 1]); so does sdcore. The latents are the VAE posterior's mean (A1111 samples
   it with the global RNG).
+- **a txt2img on an inpainting model's own conditioning** (:class:`ImageConditioning`, no A1111 counterpart):
+  kohya sd-scripts' inpainting sample images (``--i``) run its txt2img pipeline from the seed's noise with the UNet's
+  extra channels made from a given image and mask: the mask cut at 0.5, nearest-resized to the latent, and the
+  latent of ``image * (1 - mask)`` (the hole zeroed, i.e. mid-grey); no per-step blend, no paste-back.
 """
 
 from __future__ import annotations
@@ -117,6 +121,48 @@ class Inpaint:
         if self.fill != "original":
             fields[MASKED_CONTENT] = self.fill
         return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConditioning:
+    """An inpainting model's image conditioning for a txt2img (kohya's inpainting sample images, see the module's
+    notes): ``image`` (RGB PIL) and ``mask`` (``[H, W]`` array or grey PIL image, 1 or white = the hole) at the
+    output size; ``label`` says what they are in the repr and equality (both compare by it, so a memo keyed on a
+    generation's arguments finds the same call again)."""
+
+    image: Any = dataclasses.field(repr=False, compare=False)
+    mask: Any = dataclasses.field(repr=False, compare=False)
+    label: str = ""
+
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of the image and the mask (one line when they differ)."""
+        import numpy as np
+
+        width, height = self.image.size
+        mask_height, mask_width = np.asarray(self.mask).shape[:2]
+        if (mask_width, mask_height) != (width, height):
+            raise ConfigError(f"the conditioning mask is {mask_width}x{mask_height}, its image {width}x{height}")
+        return int(width), int(height)
+
+    def binary_mask(self) -> Any:
+        """The mask cut at 0.5 (kohya: ``>= 0.5``), ``[1, 1, H, W]`` float32."""
+        import numpy as np
+        import torch
+        from PIL import Image as PILImage
+
+        if isinstance(self.mask, PILImage.Image):  # 8-bit grey levels
+            values = np.asarray(self.mask.convert("L"), dtype=np.float32) / 255.0
+        else:
+            values = np.asarray(self.mask, dtype=np.float32)
+        return torch.from_numpy((values >= 0.5).astype(np.float32))[None, None]
+
+    def conditioning_pixels(self) -> Any:
+        """The masked image before encoding: the image in [-1, 1] times ``1 - mask``, ``[1, 3, H, W]``."""
+        import numpy as np
+        import torch
+
+        array = np.asarray(self.image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1)[None] * (1.0 - self.binary_mask())
 
 
 def inpaint_from_fields(fields: dict[str, str]) -> dict[str, Any]:
@@ -477,6 +523,7 @@ __all__ = [
     "FIELDS",
     "FILL_GUIDANCE",
     "FILL_MODES",
+    "ImageConditioning",
     "Inpaint",
     "PreparedInpaint",
     "alpha_bar",

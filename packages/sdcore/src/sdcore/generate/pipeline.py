@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
     from .conditioning_memo import ConditioningMemo
     from .hires import HiresFix
-    from .inpaint import Inpaint, PreparedInpaint
+    from .inpaint import ImageConditioning, Inpaint, PreparedInpaint
     from .networks import NetworkRef
     from .session import NetworkSession
     from .variation import ImageNoise, VariationSeeds
@@ -374,6 +374,7 @@ def generate_images(
     inpaint: Inpaint | None = None,
     inpainting_mask_weight: float = 1.0,
     control_image: Any = None,
+    image_conditioning: ImageConditioning | None = None,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -402,7 +403,9 @@ def generate_images(
     ``inpainting_mask_weight`` (``inpaint``'s own when given). ``control_image`` (a path or a PIL image): FLUX.1
     Depth/Canny's preprocessed depth map or canny edges (:mod:`sdcore.models.flux.control`), shared by every prompt
     and stretched to the output size, which is its own (floored to 16) unless ``width``/``height`` or an init
-    image give one; those models need it and other models refuse it.
+    image give one; those models need it and other models refuse it. ``image_conditioning`` (an SD inpainting
+    model's txt2img only): the image and mask its UNet's extra channels carry instead of A1111's blank ones
+    (:class:`.inpaint.ImageConditioning`: kohya's inpainting sample images), at the output size.
     """
     import torch
 
@@ -422,6 +425,11 @@ def generate_images(
             raise ConfigError("a mask (--mask) repaints part of an init image: add --init-image")
         if trouble := inpaint.problems():
             raise ConfigError("; ".join(trouble))
+    if image_conditioning is not None and (init_image is not None or inpaint is not None or not bundle.inpainting):
+        raise ConfigError(
+            "an image conditioning is an SD inpainting model's txt2img (kohya's inpainting samples): "
+            + ("drop the init image and the mask" if bundle.inpainting else "this model has no mask input")
+        )
     if hires is not None:
         problems = hires.problems()
         if bundle.inpainting:
@@ -454,6 +462,9 @@ def generate_images(
     size = default_size(bundle)
     width = _check_size(width or size, "width", factor)
     height = _check_size(height or size, "height", factor)
+    if image_conditioning is not None and image_conditioning.size() != (width, height):
+        given = "x".join(map(str, image_conditioning.size()))
+        raise ConfigError(f"the image conditioning is {given}; the output {width}x{height}: make them the same")
     prepared: PreparedInpaint | None = None
     if inpaint is not None and image is not None:
         from .inpaint import prepare
@@ -544,6 +555,8 @@ def generate_images(
         masked["inpaint"] = prepared
     elif bundle.inpainting:
         masked["mask_weight"] = inpainting_mask_weight
+    if image_conditioning is not None:
+        masked["conditioning_image"] = image_conditioning
     # every noise drawn in float32 on the CPU generators, then the model's dtype (A1111's numbers: .rng)
     with _eval_mode(bundle), torch.no_grad(), _tiling(bundle, tiling), float32_noise():
         for indices in groups.values():
@@ -708,10 +721,12 @@ def _run(
     noise: ImageNoise | None = None,
     inpaint: PreparedInpaint | None = None,
     mask_weight: float = 1.0,
+    conditioning_image: ImageConditioning | None = None,
 ) -> Any:
     """One txt2img/img2img pipeline call; PIL images, or the batch's latents with ``output_type="latent"``;
     ``noise``: the images' variation seeds (:mod:`.variation`). ``inpaint``: A1111's inpainting of ``image``
-    (:mod:`.inpaint`); ``mask_weight``: an inpainting model's conditioning mask strength without one."""
+    (:mod:`.inpaint`); ``mask_weight``: an inpainting model's conditioning mask strength without one;
+    ``conditioning_image``: its txt2img's own image conditioning."""
     import torch
 
     from .prompt_editing import StepPrompts, schedule_steps
@@ -769,7 +784,8 @@ def _run(
         kwargs["image"], masking = _inpaint_latents(pipe, bundle, inpaint, seeds)
         kwargs["output_type"] = "latent"  # the last blend, then the decode and the paste-back
     if bundle.inpainting:
-        masking["conditioning"] = _image_conditioning(pipe, bundle, inpaint, image, width, height, mask_weight)
+        masking["conditioning"] = _image_conditioning(pipe, bundle, inpaint, image, width, height, mask_weight,
+                                                      conditioning_image)  # fmt: skip
     img2img_noise = noise if image is not None else None
     with (
         per_call.installed(pipe.unet, pooled=bundle.is_sdxl),
@@ -820,15 +836,18 @@ def _inpaint_latents(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint, s
 
 
 def _image_conditioning(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint | None, image: Any, width: int,
-                        height: int, weight: float) -> Any:  # fmt: skip
+                        height: int, weight: float, given: ImageConditioning | None = None) -> Any:  # fmt: skip
     """An inpainting model's extra UNet channels ``[1, 5, h, w]`` (A1111's ``c_concat``): the mask (rounded,
     nearest-resized to the latent) and the latent of the masked image; without a mask the mask is ones and the
-    image the init image times ``1 - weight`` (img2img) or mid-grey (txt2img)."""
+    image the init image times ``1 - weight`` (img2img) or mid-grey (txt2img), unless a txt2img is ``given`` its
+    own (kohya's inpainting samples)."""
     import numpy as np
     import torch
 
     if inpaint is not None:
         pixels, mask = inpaint.conditioning_pixels(), inpaint.conditioning_mask()
+    elif given is not None:
+        pixels, mask = given.conditioning_pixels(), given.binary_mask()
     elif image is not None:  # lerp(x, x * (1 - 1), weight)
         array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
         pixels = (array.permute(2, 0, 1)[None] * 2.0 - 1.0) * (1.0 - weight)

@@ -166,13 +166,26 @@ def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
     return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
 
+def _inpaint_samples(options: TrainOptions) -> bool:
+    """Whether a sample prompt has ``--i``/``--img`` (a prompt file that cannot be read is reported elsewhere)."""
+    if not options.sample_prompts:
+        return False
+    from ..errors import SdcoreError
+    from .sample_prompts import read_sample_prompts
+
+    try:
+        return any(p.inpaint_image is not None for p in read_sample_prompts(options.sample_prompts))
+    except SdcoreError:
+        return False
+
+
 def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index: DatasetIndex | None) -> list[str]:
     """Pre-flight problems: ``--inpainting-unmasked-probability`` out of range or on a model without the mask
     input; ``--inpainting-masks random`` with cached latents or on a model without the mask input; control images (FLUX.1 Kontext) on an inpainting model; sample images of FLUX.1 Fill (``sdcore
     generate`` renders Fill only from an init image and a mask, which sample prompts do not carry). An SD
     inpainting UNet's samples render as A1111's txt2img on an inpainting model does (a blank image's
     conditioning under a full mask: :mod:`sdcore.generate.pipeline`), as OneTrainer's samples without
-    ``sample_inpainting`` do."""
+    ``sample_inpainting`` do; a kohya inpainting sample prompt (``--i``/``--img``) needs one of those UNets."""
     problems: list[str] = []
     p = options.inpainting_unmasked_probability
     if not 0.0 <= p <= 1.0:
@@ -183,6 +196,11 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
     if layout is None:
         return problems
     kind = layout_kind(layout)
+    if kind is None and _inpaint_samples(options):  # FLUX.1 Fill: FILL_SAMPLES below refuses every sample
+        problems.append(
+            f"--sample-prompts: --i/--img (kohya's inpainting samples) inpaints through an SD inpainting model's "
+            f"mask input; {layout.source} is a {layout.family} model without it (remove --i)"
+        )
     if kind is None:
         if p > 0:
             problems.append(

@@ -180,7 +180,13 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     if o.sample_prompts and not o.sample_prompts.strip():
         problems.append("--sample-prompts is empty")
     elif o.sample_prompts:
-        from .sample_prompts import network_problems, read_sample_prompts, reference_problems, sampler_name
+        from .sample_prompts import (
+            inpaint_image_problems,
+            network_problems,
+            read_sample_prompts,
+            reference_problems,
+            sampler_name,
+        )
 
         def sample_problems() -> list[str]:
             from ..models.layout import peek_family
@@ -188,7 +194,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
             prompts = read_sample_prompts(o.sample_prompts or "")
             references = any(p.reference is not None for p in prompts)  # Kontext's --ctrl_img/--ci
             family = peek_family(o.model) if references and o.model else None
-            return network_problems(prompts) + reference_problems(prompts, family)
+            return network_problems(prompts) + reference_problems(prompts, family) + inpaint_image_problems(prompts)
 
         for check in (
             lambda: sampler_name(o.sample_sampler),

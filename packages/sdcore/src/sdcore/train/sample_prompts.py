@@ -11,7 +11,7 @@ On a guidance-distilled family (FLUX.1) they mean what kohya's FLUX.1 samples me
 needs: a line's ``--n`` without ``--l`` above 1 is rendered without its negative (kohya ignores it too).
 Like kohya, the file may also be JSON (a list of objects) or TOML (``[prompt]`` defaults plus
 ``[[prompt.subset]]`` entries) with the keys ``prompt``, ``negative_prompt``, ``width``,
-``height``, ``sample_steps``, ``seed``, ``scale``, ``guidance_scale``, ``sample_sampler``. Options
+``height``, ``sample_steps``, ``seed``, ``scale``, ``guidance_scale``, ``sample_sampler``, ``image``. Options
 kohya knows for other features (``--cn``, ...) are not part of the prompt either: they are reported in
 :attr:`SamplePrompt.ignored`; ``--g`` on a family without embedded guidance is warned about when rendering.
 
@@ -19,6 +19,15 @@ FLUX.1 Kontext: ``--ctrl_img PATH`` (ai-toolkit's sample prompt flag) or ``--ci 
 the reference image the sample edits; as ai-toolkit renders its Kontext samples, the image is stretched to the
 sample's width x height (bilinear) and used at that size (:attr:`SamplePrompt.reference`). A missing file, or
 one on a model of another family, is a pre-flight problem (:func:`reference_problems`).
+
+SD inpainting models: ``--i PATH`` (kohya sd-scripts' flag since v0.10.4, PR #2309; its docs say ``--img``, which
+sdcore reads too; a JSON/TOML prompt's ``image``) names the image the sample inpaints. As kohya's
+``sample_image_inference`` does, the image is stretched to the sample's width x height (Lanczos), a wobbly ellipse
+mask is drawn at that size from the sample's seed (:func:`sdcore.train.random_masks.wobbly_ellipse`), and the
+sample is a txt2img from the seed's noise (full denoise, no blend, no paste-back) whose UNet's extra channels are
+that mask and the latent of the image with the hole zeroed (:func:`inpaint_conditioning`). A missing or
+unreadable file is a pre-flight problem (:func:`inpaint_image_problems`; kohya skips the sample with a warning),
+and so is the option on a model without the mask input (:func:`sdcore.train.inpainting.inpainting_problems`).
 
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
 """
@@ -36,9 +45,12 @@ from ..errors import ConfigError
 #: kohya's sampler names that sdcore's sampler normaliser does not know by itself
 KOHYA_SAMPLERS = {"dpmsolver++": "dpm++2m", "k_dpm_2_a": "", "k_dpm_2": "", "dpm_2": "", "dpm_2_a": ""}
 
-_OPTION = re.compile(r"^(ss|n|w|h|s|d|l|g|ctrl_img|ci)\s+(.*)$", re.IGNORECASE | re.DOTALL)
+_OPTION = re.compile(r"^(ss|n|w|h|s|d|l|g|ctrl_img|ci|img|i)\s+(.*)$", re.IGNORECASE | re.DOTALL)
 #: the sample prompt flags naming a FLUX.1 Kontext reference image: ai-toolkit's and musubi-tuner's
 REFERENCE_FLAGS = ("ctrl_img", "ci")
+#: the sample prompt flags naming the image an inpainting model's sample inpaints: kohya's code reads ``--i``,
+#: its docs (docs/inpainting_training.md) write ``--img``
+INPAINT_FLAGS = ("i", "img")
 
 
 @dataclass(frozen=True)
@@ -58,10 +70,13 @@ class SamplePrompt:
     ignored: tuple[str, ...] = field(default=())
     #: ``--ctrl_img``/``--ci``: FLUX.1 Kontext's reference image (a path), sized to the sample's
     reference: str | None = None
+    #: ``--i``/``--img``: the image an SD inpainting model's sample inpaints (a path; kohya's inpainting samples)
+    inpaint_image: str | None = None
 
     def settings(self) -> tuple[Any, ...]:
         """What must be equal for two prompts to share one generation call (the seed is separate)."""
-        return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance, self.reference)
+        return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance, self.reference,
+                self.inpaint_image)  # fmt: skip
 
 
 def sampler_name(name: str) -> str:
@@ -109,6 +124,8 @@ def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
         elif option in REFERENCE_FLAGS:  # musubi-tuner's Kontext sample edits the first --ci; ai-toolkit the last
             if option == "ctrl_img" or "reference" not in values:
                 values["reference"] = text
+        elif option in INPAINT_FLAGS:  # kohya keeps the last one (a dict key written again)
+            values["inpaint_image"] = text
         else:
             values["cfg"] = _number(float, text, option, where)
     if not values["prompt"]:
@@ -126,6 +143,7 @@ _DICT_KEYS = {
     "scale": "cfg",
     "guidance_scale": "guidance",
     "sample_sampler": "sampler",
+    "image": "inpaint_image",
 }
 
 
@@ -150,6 +168,8 @@ def _from_dict(entry: Any, where: str) -> SamplePrompt:
         values["sampler"] = sampler_name(str(values["sampler"]))
     if "negative" in values:
         values["negative"] = str(values["negative"])
+    if "inpaint_image" in values:
+        values["inpaint_image"] = str(values["inpaint_image"]).strip()
     return SamplePrompt(**values, ignored=tuple(unknown))
 
 
@@ -215,11 +235,11 @@ def generation_calls(prompts: list[SamplePrompt], seed: int) -> list[tuple[list[
     """Group prompts into generation calls: ``(prompts, first seed)``; image ``i`` of a call uses
     ``first seed + i``. A prompt without ``--d`` gets the run's ``seed`` + its position (so the
     images do not change when another line gets options); consecutive prompts with equal settings
-    share one call."""
+    share one call, except inpainting ones (``--i``): each has its own mask, drawn from its own seed."""
     calls: list[tuple[list[SamplePrompt], int]] = []
     for index, prompt in enumerate(prompts):
         own_seed = prompt.seed if prompt.seed is not None else seed + index
-        if calls and prompt.seed is None:
+        if calls and prompt.seed is None and prompt.inpaint_image is None:
             group, first = calls[-1]
             last = group[-1]
             if last.seed is None and last.settings() == prompt.settings() and first + len(group) == own_seed:
@@ -284,6 +304,39 @@ def reference_problems(prompts: list[SamplePrompt], family: str | None = None) -
     return problems
 
 
+def inpaint_image_problems(prompts: list[SamplePrompt]) -> list[str]:
+    """One line for each ``--i``/``--img`` image that cannot be read, for the training pre-flight (kohya skips
+    such a sample with a warning at each render; sdcore says it before the first step). Whether the model has
+    the mask input is :func:`sdcore.train.inpainting.inpainting_problems`'s check (it needs the model's header)."""
+    from ..models.flux.kontext import open_reference
+
+    problems: list[str] = []
+    for path in dict.fromkeys(p.inpaint_image for p in prompts if p.inpaint_image is not None):
+        try:
+            open_reference(path, "inpaint image (--i)")
+        except ConfigError as exc:
+            problems.append(f"--sample-prompts: {exc}")
+    return problems
+
+
+def inpaint_conditioning(path: str, width: int, height: int, seed: int) -> Any:
+    """The image conditioning of a ``--i`` sample (:class:`sdcore.generate.inpaint.ImageConditioning`), made as
+    kohya's ``sample_image_inference`` makes it: the image (read as :func:`open_reference` reads one, so upright by
+    its EXIF orientation, where kohya takes the stored pixels) stretched to ``width`` x ``height`` with Lanczos,
+    and the wobbly ellipse of ``seed`` at that size (kohya's ``wobbly_ellipse_mask(width, height, seed=seed)``)."""
+    from PIL import Image
+
+    from ..generate.inpaint import ImageConditioning
+    from ..models.flux.kontext import open_reference
+    from .random_masks import wobbly_ellipse
+
+    image = open_reference(path, "inpaint image (--i)")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    mask = wobbly_ellipse(width, height, seed)
+    return ImageConditioning(image, mask, f"{path} under the wobbly ellipse of seed {seed}")
+
+
 def network_problems(prompts: list[SamplePrompt]) -> list[str]:
     """One line for each network tag (``<lora:name:1>``) in the sample prompts, for the training pre-flight.
 
@@ -314,6 +367,8 @@ __all__ = [
     "dropped_negatives",
     "generation_arguments",
     "generation_calls",
+    "inpaint_conditioning",
+    "inpaint_image_problems",
     "network_problems",
     "parse_prompt_file",
     "parse_prompt_line",

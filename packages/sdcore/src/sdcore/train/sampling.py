@@ -38,7 +38,7 @@ def _generations(
     """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
     caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
     from ..models.family import default_cfg, family_adapter
-    from .sample_prompts import generation_arguments, generation_calls
+    from .sample_prompts import generation_arguments, generation_calls, inpaint_conditioning
 
     adapter = family_adapter(bundle.family_spec)
     distilled = bool(getattr(adapter, "distilled_guidance", False))
@@ -55,6 +55,9 @@ def _generations(
     for group, seed in calls:
         # a line's own options win over the method's extras (APT's negative embedding, CFG)
         arguments = generation_arguments(group, defaults, extra, distilled=distilled)
+        if group[0].inpaint_image is not None:  # kohya's --i: alone in its call, the mask drawn from its seed
+            size = int(arguments["width"]), int(arguments["height"])
+            arguments["image_conditioning"] = inpaint_conditioning(group[0].inpaint_image, *size, seed)
         generations.append(([p.prompt for p in group], {"seed": seed, "clip_skip": options.clip_skip, **arguments}))
     return calls, defaults, generations
 

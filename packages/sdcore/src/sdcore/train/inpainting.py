@@ -65,8 +65,11 @@ RANDOM_CACHE = (
 VAE_SCALE = 8
 
 
-def bundle_kind(bundle: ModelBundle) -> str | None:
-    """``"unet"`` for an SD inpainting UNet (9 input channels), ``"fill"`` for FLUX.1 Fill, else None."""
+def bundle_kind(bundle: ModelBundle | None) -> str | None:
+    """``"unet"`` for an SD inpainting UNet (9 input channels), ``"fill"`` for FLUX.1 Fill, else None (also
+    without a model: ``sdcore train --debug-dataset`` walks the batches without opening one)."""
+    if bundle is None:
+        return None
     if getattr(bundle, "inpainting", False) and getattr(bundle, "unet", None) is not None:
         return "unet"
     transformer = getattr(bundle, "transformer", None)

@@ -143,7 +143,8 @@ def test_kohya_toml_and_gui_train_inpainting_import(tmp_path):
     notes: list[str] = []
     o = _load(toml, notes=notes)
     assert (o.inpainting_masks, o.cache_latents) == ("random", False)  # kohya does not cache by default
-    assert any("latents are not cached unless --cache_latents" in n for n in notes)
+    # the note gives the reason that applies here (it named only random_crop/color_aug/face_crop_aug_range)
+    assert any("latents are not cached unless --cache_latents" in n and "train_inpainting" in n for n in notes)
     toml.write_text(f'pretrained_model_name_or_path = "{model}"\nnetwork_dim = 4\ntrain_inpainting = false\n')
     assert _load(toml).inpainting_masks == "dataset"
     from sdcore.train.kohya import flag_names, is_kohya_name

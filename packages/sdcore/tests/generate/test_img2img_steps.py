@@ -150,6 +150,33 @@ def test_flow_img2img_runs_forges_steps(loaded_tiny, family, steps, strength):
     assert [t for _, t in rec.calls] == pytest.approx(full[steps - t_enc - 1 :])
 
 
+@pytest.mark.parametrize(("family", "seed"), [("sd3", 5), ("flux", 6), ("chroma", 7)])
+def test_flow_img2img_starts_from_the_mean_and_the_seeds_first_draw(loaded_tiny, family, seed):
+    # Forge (modules/processing.py:1845 StableDiffusionProcessingImg2Img.sample: x = self.rng.next(), the seed's
+    # first draw; modules/sd_samplers_kdiffusion.py:143-147 sample_img2img: the flow noise_scaling at
+    # sigma_sched[0]) and sdcore's own img2img rule (docs/generation.md: the init latent is the posterior's mean,
+    # the noise the seed's first draw). diffusers' flow img2img pipelines sample the posterior from the seed's
+    # generator first, which made the start noise the seed's second draw.
+    from types import SimpleNamespace
+
+    from diffusers import FluxPipeline
+    from sdcore.generate.pipeline import _encode_images
+
+    bundle = loaded_tiny(family)
+    init_image = _init_image()
+    with _Calls(bundle.transformer) as rec:
+        generate_images(bundle, ["a cat"], steps=4, seed=seed, init_image=init_image, strength=0.5, cfg=1.0)
+    sample, timestep = rec.calls[0]
+    with torch.no_grad():
+        init = _encode_images(SimpleNamespace(vae=bundle.vae), [init_image]).float()
+    noise = torch.randn(tuple(init.shape), generator=torch.Generator().manual_seed(seed))  # the first draw
+    sigma = timestep / 1000 if family == "sd3" else timestep  # the Flux/Chroma transformers take t / 1000
+    expected = (1 - sigma) * init + sigma * noise  # FlowMatchEulerDiscreteScheduler.scale_noise
+    if family != "sd3":  # packed 2x2 as the pipelines pack their latents
+        expected = FluxPipeline._pack_latents(expected, *expected.shape)
+    torch.testing.assert_close(sample[:1].float(), expected, atol=2e-3, rtol=2e-3)
+
+
 # -- transparent init images -------------------------------------------------------------------------------------
 # A1111 1.10: the img2img tab's image is a gr.Image(image_mode="RGBA") and modules/processing.py
 # StableDiffusionProcessingImg2Img.init composites every init image over opts.img2img_background_color ("#ffffff")

@@ -70,7 +70,10 @@ def test_true_cfg_img2img_equals_flux_img2img_pipeline(dev):
                                text_encoder_2=dev.text_encoders[1], tokenizer_2=dev.tokenizers[1],
                                transformer=dev.transformer)  # fmt: skip
     with torch.no_grad():  # A1111's strength 0.5 of 4 steps runs 3 (t_enc + 1): the pipeline's strength 0.75
-        expected = pipe("a ring", negative_prompt="a square", true_cfg_scale=2.0, image=[init], strength=0.75,
+        # from the posterior's mean (the pipeline takes latents as they are): its noise is the seed's first draw
+        mean = pipe.vae.encode(pipe.image_processor.preprocess(init)).latent_dist.mean
+        start = (mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        expected = pipe("a ring", negative_prompt="a square", true_cfg_scale=2.0, image=start, strength=0.75,
                         width=32, height=32, num_inference_steps=4, guidance_scale=2.0,
                         generator=[torch.Generator().manual_seed(1)]).images[0]  # fmt: skip
     assert np.array_equal(_array(got), _array(expected))

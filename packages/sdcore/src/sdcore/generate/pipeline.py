@@ -963,6 +963,33 @@ def _encode_pixels(pipe: Any, pixels: Any) -> Any:
     return latents
 
 
+@contextlib.contextmanager
+def posterior_mean(vae: Any) -> Iterator[None]:
+    """While inside, a sample of ``vae.encode``'s posterior is its mean and draws nothing from the generator.
+
+    diffusers' flow img2img pipelines (SD3, FLUX.1, Chroma) encode the init image themselves, sampling the
+    posterior from each seed's generator before drawing the start noise from it. Inside, their init latent is the
+    posterior's mean, as sdcore's SD img2img encodes it (:func:`_encode_pixels`), and their start noise each seed's
+    first draw, as A1111/Forge's ``rng.next()`` is (Forge ``StableDiffusionProcessingImg2Img.sample``)."""
+    original = vae.encode
+    own = vars(vae).get("encode")  # an instance's own encode (another wrapper), put back on leaving
+
+    def encode(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        posterior = output.latent_dist if hasattr(output, "latent_dist") else output[0]
+        posterior.sample = lambda generator=None: posterior.mean
+        return output
+
+    vae.encode = encode
+    try:
+        yield
+    finally:
+        if own is None:
+            del vae.encode  # the class's method again
+        else:
+            vae.encode = own
+
+
 def _hires_run(
     pipe: Any,
     bundle: ModelBundle,

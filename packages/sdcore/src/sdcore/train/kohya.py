@@ -803,7 +803,8 @@ KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     (
         "cache_latents",
         False,
-        "latents are not cached unless --cache_latents (random_crop/color_aug/face_crop_aug_range need that)",
+        "latents are not cached unless --cache_latents (random_crop/color_aug/face_crop_aug_range and "
+        "train_inpainting need that)",
     ),
 )
 

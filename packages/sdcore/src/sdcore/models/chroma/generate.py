@@ -73,9 +73,12 @@ def run_chroma(
     counting once (:mod:`sdcore.generate.step_conditioning`). ``output_type="latent"`` and ``hires_start``:
     a hires fix's passes, as :func:`sdcore.models.flux.generate.run_flux` has them (masks and CFG as here);
     ``noise``: A1111's variation seeds (:mod:`sdcore.generate.variation`)."""
+    import contextlib
+
     import torch
 
     from ...generate.hires import flow_img2img_strength
+    from ...generate.pipeline import posterior_mean
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import ChromaSlots, StepConditioning, TextRows
@@ -120,6 +123,8 @@ def run_chroma(
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = flow_img2img_strength(steps, strength)
     slots = ChromaSlots(split=guided)
-    return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
-                      hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
-                      noise=noise)  # fmt: skip
+    # img2img: the mean init latent and each seed's first draw as its noise (:func:`posterior_mean`)
+    with posterior_mean(pipe.vae) if image is not None else contextlib.nullcontext():
+        return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
+                          hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
+                          noise=noise)  # fmt: skip

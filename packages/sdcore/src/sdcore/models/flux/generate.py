@@ -142,10 +142,13 @@ def run_flux(
     A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
     (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
     counts them; without true CFG, ``AND`` is Forge's ``sum(w_i * denoised_i)`` (see that module)."""
+    import contextlib
+
     import torch
 
     from ...generate.conditioning import Conditioning
     from ...generate.hires import flow_img2img_strength
+    from ...generate.pipeline import posterior_mean
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import FluxSlots, StepConditioning
@@ -207,9 +210,13 @@ def run_flux(
     if control is not None:  # one image for the batch: the pipeline repeats it (each sample's own VAE draw)
         kwargs["control_image"] = control
     slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
-    images = run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
-                        hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
-                        noise=noise)  # fmt: skip
+    # plain img2img: the mean init latent and each seed's first draw as its noise (Fill and Depth/Canny encode
+    # as their pipelines do, the posterior sampled from the seed's generator: see their docs)
+    plain = image is not None and inpaint is None and control is None
+    with posterior_mean(pipe.vae) if plain else contextlib.nullcontext():
+        images = run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
+                            hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
+                            noise=noise)  # fmt: skip
     if inpaint is not None and output_type != "latent":
         return [inpaint.paste_back(generated) for generated in images]
     return images

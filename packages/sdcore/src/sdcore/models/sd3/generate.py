@@ -105,6 +105,7 @@ def generate_sd3(
 
     from ...generate.flow_samplers import run_pipeline
     from ...generate.hires import flow_img2img_strength, flow_second_pass
+    from ...generate.pipeline import posterior_mean
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.step_conditioning import StepConditioning, TextSlots
     from ...generate.variation import maybe_swapped
@@ -143,7 +144,9 @@ def generate_sd3(
     second: Any = contextlib.nullcontext()
     if hires_start is not None:
         second = flow_second_pass(pipe, kwargs, hires_start, seeds, noise=noise)
-    with second, maybe_swapped(noise if image is not None else None, pipe.scheduler):
+    # img2img: the mean init latent and each seed's first draw as its noise (:func:`posterior_mean`)
+    mean = posterior_mean(pipe.vae) if image is not None else contextlib.nullcontext()
+    with second, maybe_swapped(noise if image is not None else None, pipe.scheduler), mean:
         images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
                               hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
     return torch.stack(images) if output_type == "latent" else images

@@ -763,7 +763,7 @@ def _reference_fields(params: dict[str, Any]) -> dict[str, str]:
 
 def _reference_problems(params: dict[str, Any]) -> list[str]:
     """``--reference-image``'s problems before the model loads: a model of another family than Flux.1 (when its
-    headers tell), an init image with it, a file that is missing, not an image or too small."""
+    headers tell), an init image or a control image with it, a file that is missing, not an image or too small."""
     if params["reference_image"] is None:
         if not params["reference_resize"] and "reference_resize" in _given(params):
             return ["--no-reference-resize sizes a --reference-image; give one or drop it"]
@@ -771,7 +771,7 @@ def _reference_problems(params: dict[str, Any]) -> list[str]:
     from ..errors import ConfigError
     from ..generate.pipeline import kontext_family_problem
     from ..models.family import get_family
-    from ..models.flux.generate import KONTEXT_INIT_IMAGE
+    from ..models.flux.generate import KONTEXT_CONTROL, KONTEXT_INIT_IMAGE
     from ..models.flux.kontext import open_reference, sized_reference
     from ..models.layout import peek_family
 
@@ -781,6 +781,8 @@ def _reference_problems(params: dict[str, Any]) -> list[str]:
         problems.append(kontext_family_problem(get_family(family).label))
     if params["init_image"] is not None:
         problems.append(KONTEXT_INIT_IMAGE)
+    if params["control_image"] is not None:
+        problems.append(KONTEXT_CONTROL)
     try:
         sized_reference(open_reference(params["reference_image"]), _reference_mode(params))
     except ConfigError as exc:

@@ -92,7 +92,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "--cfg",
     default=None,
     type=float,
-    help="Classifier-free guidance scale (default 7; FLUX.1: its embedded guidance, default 3.5).",
+    help="Classifier-free guidance scale (default 7; FLUX.1: its embedded guidance, default 3.5, FLUX.1 Fill and "
+    "Canny 30, Depth 10).",
 )
 @click.option(
     "--true-cfg-scale",
@@ -124,7 +125,13 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     callback=_parse_size,
     help="A1111's 'Resize seed from' WIDTHxHEIGHT: draw the seed's noise at that size, centred in this one.",
 )
-@click.option("--size", default=None, callback=_parse_size, help="WIDTHxHEIGHT (default: the model's native size).")
+@click.option(
+    "--size",
+    default=None,
+    callback=_parse_size,
+    help="WIDTHxHEIGHT (default: --init-image's or --control-image's size floored to the model's multiple, or "
+    "the resized --reference-image's; without one the model's native size).",
+)
 @click.option(
     "--sampler",
     default=None,
@@ -194,7 +201,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "strength",
     default=None,
     type=click.FloatRange(0.0, 1.0),
-    help="Denoising strength: of img2img (default 0.75, above 0) and of the hires pass (default 0.7; 0 only upscales).",
+    help="Denoising strength: of img2img and inpainting (default 0.75, FLUX.1 Fill 1; above 0) and of the hires pass "
+    "(default 0.7; 0 only upscales).",
 )
 @click.option(
     "--hires/--no-hires",

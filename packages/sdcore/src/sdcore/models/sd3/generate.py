@@ -130,11 +130,13 @@ def generate_sd3(
         "guidance_scale": cfg,
         "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
         "output_type": output_type,
+        # img2img too: StableDiffusion3Img2ImgPipeline resizes its image to these, and without them to the
+        # model's sample size (1024 on SD3), not to the init image's size
+        "width": width,
+        "height": height,
     }
     if image is not None:
         kwargs.update(image=[image] * len(prompts), strength=flow_img2img_strength(steps, strength))
-    else:
-        kwargs.update(width=width, height=height)
     if noise is not None and image is None and hires_start is None:  # the pipeline takes it as it is
         factor = pipe.vae_scale_factor
         shape = (pipe.transformer.config.in_channels, height // factor, width // factor)

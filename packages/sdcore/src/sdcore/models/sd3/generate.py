@@ -111,6 +111,8 @@ def generate_sd3(
 
     if true_cfg_scale != 1.0:
         raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD3 takes --cfg")
+    if width % 16 or height % 16:  # the pipeline's own check is a ValueError traceback
+        raise ConfigError(f"SD3 image sides must be multiples of 16, got {width}x{height}")
     pipe = build_sd3_pipeline(bundle, img2img=image is not None, sampler=sampler)
     pipe.set_progress_bar_config(disable=True)
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into

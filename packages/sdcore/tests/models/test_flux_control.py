@@ -98,7 +98,7 @@ def test_the_output_takes_the_control_images_size_floored_to_16(depth):
 
 def test_refusals_after_load(depth, tmp_path):
     """Depth/Canny without a control image, a control image on dev and on another family, true CFG (the pipeline
-    has none): one line each; training still refuses Depth/Canny (no trainer sdcore follows trains them)."""
+    has none), a Kontext reference beside the control image: one line each; training still refuses Depth/Canny (no trainer sdcore follows trains them)."""
     from sdcore.errors import ConfigError
     from sdcore.generate.pipeline import generate_images
     from sdcore.models.flux.adapter import FluxAdapter
@@ -114,6 +114,8 @@ def test_refusals_after_load(depth, tmp_path):
         generate_images(depth, ["a cat"], steps=1, control_image=_picture(32, 32), true_cfg_scale=2.0)
     with pytest.raises(ConfigError, match="no such file"):
         generate_images(depth, ["a cat"], steps=1, control_image=tmp_path / "missing.png")
+    with pytest.raises(ConfigError, match="--reference-image with --control-image"):  # not diffusers' TypeError
+        generate_images(depth, ["a cat"], steps=1, control_image=_picture(32, 32), reference_image=_picture(32, 32))
     adapter = FluxAdapter()
     with pytest.raises(ConfigError, match=r"generates with it \(--control-image\) but cannot train it"):
         adapter.encode_prompts(depth, ["a cat"])  # training's text caching
@@ -161,6 +163,9 @@ def test_cli_problems_are_one_line_before_the_model_loads(tmp_path, monkeypatch)
         (["-m", "tiny:flux-depth", "--control-image", str(tmp_path / "missing.png")], ["missing.png: no such file"]),
         (["-m", "tiny:flux-depth", "--control-image", str(corrupt)], ["cannot read control image"]),
         (["-m", "tiny:flux-depth", "--control-image", str(small)], ["is 40x12: Flux needs at least 16 pixels"]),
+        # a Kontext reference and a Depth/Canny control image: no model takes both (was a traceback after load)
+        (["-m", "tiny:flux-depth", "--control-image", str(good), "--reference-image", str(good)],
+         ["--reference-image with --control-image", "drop one"]),
         # with the other problems, all at once, one line
         (["-m", "tiny:chroma", "--control-image", str(corrupt), "--mask", str(good)],
          ["this is a", "cannot read control image", "--mask repaints part of an init image"]),

@@ -151,3 +151,29 @@ def test_training_preflight_reads_fill_and_refuses_depth_before_loading(dev, tmp
     assert (fill.family, layout_kind(fill)) == ("flux", "fill")
     plain = read_layout(_bfl_file(dev, tmp_path / "dev.safetensors"))
     assert (plain.family, layout_kind(plain)) == ("flux", None)
+
+
+@pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
+def test_create_tiny_writes_a_fill_model(tmp_path, fmt):
+    """``sdcore model create-tiny --family flux-fill`` writes FLUX.1 Fill's layout (``img_in`` 384 wide, output 64)
+    as a user's download would be, so inpainting can be tried offline as Kontext, Depth and Canny can: the file
+    reads back as Fill, and a diffusers folder names ``FluxFillPipeline``."""
+    import json
+
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.models.load import load_model
+    from sdcore.plugins import get_plugin_manager
+
+    dst = tmp_path / ("flux1-fill-dev.safetensors" if fmt == "single-file" else "flux1-fill-dev")
+    cli = build_cli(get_plugin_manager())
+    result = CliRunner().invoke(cli, ["model", "create-tiny", str(dst), "--family", "flux-fill", "--format", fmt])
+    assert result.exit_code == 0, result.output
+    loaded = load_model(dst)
+    assert loaded.family_label == "flux-fill"
+    assert loaded.transformer.config.in_channels == 384 and loaded.transformer.out_channels == 64
+    if fmt == "diffusers":
+        assert json.loads((dst / "model_index.json").read_text())["_class_name"] == "FluxFillPipeline"
+    assert load_model("tiny:flux-fill").family_label == "flux-fill"
+    bad = CliRunner().invoke(cli, ["model", "create-tiny", str(tmp_path / "x"), "--family", "flux-nope"])
+    assert bad.exit_code != 0 and "(or kontext, fill, depth, canny)" in bad.output

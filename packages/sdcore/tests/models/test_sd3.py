@@ -467,6 +467,16 @@ def test_generate_command_txt2img_and_img2img(tmp_path):
     result = CliRunner().invoke(generate, args, obj=obj)
     assert result.exit_code == 0, result.output
     assert Image.open(again).size == (64, 64)
+    # img2img from an init image of another size than the model's native one keeps that size (or --size's), as
+    # on every other family (was the native 64x64: the img2img pipeline's default)
+    Image.open(out).resize((96, 80)).save(tmp_path / "wide.png")
+    for extra, size in (([], (96, 80)), (["--size", "48x32"], (48, 32))):
+        args = ["-m", "tiny:sd3", "a red cat", "--steps", "2", "--seed", "3", "--init-image", str(tmp_path / "wide.png"),
+                "-o", str(tmp_path / f"w{size[0]}.png"), *extra]  # fmt: skip
+        result = CliRunner().invoke(generate, args, obj=obj)
+        assert result.exit_code == 0, result.output
+        assert Image.open(tmp_path / f"w{size[0]}.png").size == size
+        assert f"Size: {size[0]}x{size[1]}," in Image.open(tmp_path / f"w{size[0]}.png").info["parameters"]
     args = ["-m", "tiny:sd3", "a red cat", "--steps", "1", "--sampler", "ddim", "-o", str(tmp_path / "c.png")]
     result = CliRunner().invoke(generate, args, obj=obj)
     assert result.exit_code != 0 and "euler, euler_a, heun" in str(result.exception)

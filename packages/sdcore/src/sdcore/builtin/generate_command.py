@@ -92,7 +92,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "--cfg",
     default=None,
     type=float,
-    help="Classifier-free guidance scale (default 7; FLUX.1: its embedded guidance, default 3.5).",
+    help="Classifier-free guidance scale (default 7; FLUX.1: its embedded guidance, default 3.5, FLUX.1 Fill and "
+    "Canny 30, Depth 10).",
 )
 @click.option(
     "--true-cfg-scale",
@@ -124,7 +125,13 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     callback=_parse_size,
     help="A1111's 'Resize seed from' WIDTHxHEIGHT: draw the seed's noise at that size, centred in this one.",
 )
-@click.option("--size", default=None, callback=_parse_size, help="WIDTHxHEIGHT (default: the model's native size).")
+@click.option(
+    "--size",
+    default=None,
+    callback=_parse_size,
+    help="WIDTHxHEIGHT (default: --init-image's or --control-image's size floored to the model's multiple, or "
+    "the resized --reference-image's; without one the model's native size).",
+)
 @click.option(
     "--sampler",
     default=None,
@@ -194,7 +201,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "strength",
     default=None,
     type=click.FloatRange(0.0, 1.0),
-    help="Denoising strength: of img2img (default 0.75, above 0) and of the hires pass (default 0.7; 0 only upscales).",
+    help="Denoising strength: of img2img and inpainting (default 0.75, FLUX.1 Fill 1; above 0) and of the hires pass "
+    "(default 0.7; 0 only upscales).",
 )
 @click.option(
     "--hires/--no-hires",
@@ -763,7 +771,7 @@ def _reference_fields(params: dict[str, Any]) -> dict[str, str]:
 
 def _reference_problems(params: dict[str, Any]) -> list[str]:
     """``--reference-image``'s problems before the model loads: a model of another family than Flux.1 (when its
-    headers tell), an init image with it, a file that is missing, not an image or too small."""
+    headers tell), an init image or a control image with it, a file that is missing, not an image or too small."""
     if params["reference_image"] is None:
         if not params["reference_resize"] and "reference_resize" in _given(params):
             return ["--no-reference-resize sizes a --reference-image; give one or drop it"]
@@ -771,7 +779,7 @@ def _reference_problems(params: dict[str, Any]) -> list[str]:
     from ..errors import ConfigError
     from ..generate.pipeline import kontext_family_problem
     from ..models.family import get_family
-    from ..models.flux.generate import KONTEXT_INIT_IMAGE
+    from ..models.flux.generate import KONTEXT_CONTROL, KONTEXT_INIT_IMAGE
     from ..models.flux.kontext import open_reference, sized_reference
     from ..models.layout import peek_family
 
@@ -781,6 +789,8 @@ def _reference_problems(params: dict[str, Any]) -> list[str]:
         problems.append(kontext_family_problem(get_family(family).label))
     if params["init_image"] is not None:
         problems.append(KONTEXT_INIT_IMAGE)
+    if params["control_image"] is not None:
+        problems.append(KONTEXT_CONTROL)
     try:
         sized_reference(open_reference(params["reference_image"]), _reference_mode(params))
     except ConfigError as exc:

@@ -216,10 +216,11 @@ def default_size(bundle: ModelBundle) -> int:
 
 def init_image_size(bundle: ModelBundle, init_image: Any) -> tuple[int, int]:
     """The size ``generate_images`` works at when an init image comes without ``width``/``height``: the image's
-    (upright) size rounded down to the VAE's factor. With only masked inpainting that is A1111's processing size,
+    (upright) size rounded down to the VAE's factor (twice it on SD3, Flux and Chroma, whose tokens are 2x2 latent
+    pixels, as diffusers' pipelines floor it). With only masked inpainting that is A1111's processing size,
     which its "Size" field says (the output keeps the init image's own size)."""
     image = _load_init_image(init_image)
-    factor = bundle.vae_scale_factor
+    factor = bundle.vae_scale_factor * (1 if bundle.family_spec.denoiser == "unet" else 2)
     return image.width - image.width % factor, image.height - image.height % factor
 
 

@@ -631,11 +631,11 @@ class TrainOptions:
     )
     timestep_loss_weight: str = option(
         "none",
-        "Flow-matching families: ai-toolkit's loss weight per noise level sigma (its linear_timesteps): bell = "
+        "Flow-matching families: ai-toolkit's loss weight per noise level sigma: bell (its linear_timesteps) = "
         "exp(-2 (sigma - 0.5)^2) minus its lowest value on the 1000-step table, scaled to mean 1 there; half_bell "
         "(linear_timesteps2) = the same, held at its peak for sigma <= 0.5; weighted_table (its timestep_type "
-        "weighted, with --timestep-sampling linear_table) = its 1000 weights measured on Flex.1-alpha, the entry "
-        "at index 1000 (1 - sigma) of its linear table (the nearest one with another sampling).",
+        "weighted, meant for --timestep-sampling linear_table) = entry 1000 (1 - sigma) of its 1000 weights "
+        "measured on Flex.1-alpha (with another sampling the entry nearest sigma).",
         choices=TIMESTEP_LOSS_WEIGHTS,
         group="loss",
     )

@@ -161,8 +161,13 @@ def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> No
         bundle.denoiser.enable_gradient_checkpointing()
     if caps.trains_text_encoder:
         for te in bundle.text_encoders:
-            if hasattr(te, "gradient_checkpointing_enable"):
-                te.gradient_checkpointing_enable()
+            # transformers 5.x renamed it (the old name is a deprecated alias that prints a FutureWarning on
+            # every training run); the old name stays for older transformers
+            enable = getattr(te, "activation_checkpointing_enable", None) or getattr(
+                te, "gradient_checkpointing_enable", None
+            )
+            if enable is not None:
+                enable()
 
 
 def allow_fp16_gradients(accelerator: Any) -> None:

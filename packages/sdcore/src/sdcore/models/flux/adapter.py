@@ -227,26 +227,30 @@ class FluxAdapter:
     def create_tiny(self, *, variant: str = "dev", seed: int = 0, **options: Any) -> ModelBundle:
         """The tiny Flux.1 ``variant``: ``dev`` with guidance embedding, ``schnell``, ``kontext`` (dev's
         weights, its metadata naming ``FluxKontextPipeline`` as a Kontext folder's does, so ``model info`` says
-        Kontext and a diffusers save writes that ``_class_name``), or ``depth``/``canny`` (FLUX.1 Depth/Canny
-        [dev]'s layout: dev's parts with a transformer whose ``img_in`` takes 128 channels, seeded ``seed``)."""
+        Kontext and a diffusers save writes that ``_class_name``), ``fill`` (FLUX.1 Fill [dev]'s layout: ``img_in``
+        384 wide, so a user without the real download can try ``--mask`` inpainting and inpainting training on
+        it), or ``depth``/``canny`` (FLUX.1 Depth/Canny [dev]'s layout: ``img_in`` 128 wide); the tools' layouts
+        are dev's parts with a wider transformer seeded ``seed``."""
         from .load import make_bundle
         from .tiny import create_tiny_parts
         from .variants import PIPELINE_METADATA_KEY
 
-        names = {"kontext": "FluxKontextPipeline", "depth": "FluxControlPipeline", "canny": "FluxControlPipeline"}
+        names = {"kontext": "FluxKontextPipeline", "fill": "FluxFillPipeline", "depth": "FluxControlPipeline",
+                 "canny": "FluxControlPipeline"}  # fmt: skip
         metadata = {PIPELINE_METADATA_KEY: names[variant]} if variant in names else None
         try:
             parts = create_tiny_parts("dev" if variant in names else variant, seed=seed)
         except ValueError as exc:
-            raise ConfigError(f"{exc} (or kontext, depth, canny)") from None
-        if variant in ("depth", "canny"):
+            raise ConfigError(f"{exc} (or kontext, fill, depth, canny)") from None
+        if variant in ("fill", "depth", "canny"):
             import torch
             from diffusers import FluxTransformer2DModel
 
             from .variants import TOOL_INPUTS
 
             config = {k: v for k, v in parts["transformer"].config.items() if not k.startswith("_")}
-            config.update(in_channels=next(w for w, v in TOOL_INPUTS.items() if v == "control"), out_channels=64)
+            tool = "fill" if variant == "fill" else "control"
+            config.update(in_channels=next(w for w, v in TOOL_INPUTS.items() if v == tool), out_channels=64)
             state = torch.random.get_rng_state()
             try:
                 torch.manual_seed(seed)

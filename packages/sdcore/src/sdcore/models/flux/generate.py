@@ -53,6 +53,14 @@ KONTEXT_INIT_IMAGE = (
     "(diffusers' FluxKontextPipeline has no img2img strength); drop --init-image"
 )
 
+#: why a reference image and a control image do not go together (said before the model loads): a Kontext
+#: reference joins the latents as tokens, a Depth/Canny control image on the channels; no FLUX.1 model (and no
+#: diffusers pipeline) takes both
+KONTEXT_CONTROL = (
+    "--reference-image with --control-image: a reference is FLUX.1 Kontext's image to edit, a control image the "
+    "depth map or canny edges FLUX.1 Depth/Canny follow, and no model takes both; drop one"
+)
+
 
 def build_flux_pipeline(
     bundle: ModelBundle,
@@ -85,6 +93,8 @@ def build_flux_pipeline(
         load_t5_tokenizer(vocab_size=bundle.text_encoders[1].config.vocab_size)  # the message naming the option
     if kontext and img2img:
         raise ConfigError(KONTEXT_INIT_IMAGE)
+    if kontext and control:
+        raise ConfigError(KONTEXT_CONTROL)
     cls: Any = diffusers.FluxImg2ImgPipeline if img2img else diffusers.FluxPipeline
     if kontext:
         cls = diffusers.FluxKontextPipeline

@@ -112,6 +112,8 @@ def generate_sd3(
 
     if true_cfg_scale != 1.0:
         raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD3 takes --cfg")
+    if width % 16 or height % 16:  # the pipeline's own check is a ValueError traceback
+        raise ConfigError(f"SD3 image sides must be multiples of 16, got {width}x{height}")
     pipe = build_sd3_pipeline(bundle, img2img=image is not None, sampler=sampler)
     pipe.set_progress_bar_config(disable=True)
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into
@@ -131,11 +133,13 @@ def generate_sd3(
         "guidance_scale": cfg,
         "generator": [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds],
         "output_type": output_type,
+        # img2img too: StableDiffusion3Img2ImgPipeline resizes its image to these, and without them to the
+        # model's sample size (1024 on SD3), not to the init image's size
+        "width": width,
+        "height": height,
     }
     if image is not None:
         kwargs.update(image=[image] * len(prompts), strength=flow_img2img_strength(steps, strength))
-    else:
-        kwargs.update(width=width, height=height)
     if noise is not None and image is None and hires_start is None:  # the pipeline takes it as it is
         factor = pipe.vae_scale_factor
         shape = (pipe.transformer.config.in_channels, height // factor, width // factor)

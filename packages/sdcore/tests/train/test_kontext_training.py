@@ -283,3 +283,19 @@ def test_regularisation_images_pair_with_control_images_too(tmp_path):
         "r0.png": folder / "r0.webp",
         "r1.png": folder / "r1.png",
     }
+
+
+def test_a_kontext_model_without_control_images_says_it_trains_text_to_image(tmp_path, caplog):
+    """A Kontext folder (FluxKontextPipeline) trained without --control-dir learns text-to-image: one warning says
+    so and how to pair the images; a dev model without controls trains quietly, as always."""
+    import logging
+
+    said: dict[str, list[str]] = {}
+    for model in ("tiny:flux-kontext", "tiny:flux"):
+        caplog.clear()
+        session = TrainSession(ProjOutMethod(_options(tmp_path / model[5:], model=model)), bundle=None)
+        with caplog.at_level(logging.WARNING, logger="sdcore.train"):
+            session.setup()
+        said[model] = [r.getMessage() for r in caplog.records if "trains as text-to-image" in r.getMessage()]
+    assert len(said["tiny:flux-kontext"]) == 1 and "--control-dir" in said["tiny:flux-kontext"][0]
+    assert said["tiny:flux"] == []

@@ -83,12 +83,17 @@ class BatchMaker:
         from .kontext_data import has_control
 
         family = getattr(bundle, "family", None)
-        if family != "flux" and any(has_control(e) for e in data.entries):  # the pre-flight says it before loading
+        paired = any(has_control(e) for e in data.entries)
+        if family != "flux" and paired:  # the pre-flight says it before loading
             from ..errors import ConfigError
 
             raise ConfigError(
                 f"control images train FLUX.1 Kontext; this model is {family}, which takes no reference image"
             )
+        if family == "flux" and not paired:
+            from .kontext_data import warn_unpaired_kontext
+
+            warn_unpaired_kontext(bundle)
 
     @property
     def reads_images(self) -> bool:

@@ -25,6 +25,7 @@ How a control image becomes the reference latents (what the two peers do, and wh
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from ..data.buckets import BucketAssignment
     from ..data.dataset import DatasetIndex, ImageEntry
     from ..models.layout import ModelLayout
+
+log = logging.getLogger("sdcore.train")
 
 
 def has_control(entry: ImageEntry) -> bool:
@@ -195,6 +198,20 @@ def control_summary(index: DatasetIndex) -> list[str]:
     if not folders:
         return []
     return [f"  FLUX.1 Kontext: every sample paired with its control image from {_listed(folders)}"]
+
+
+def warn_unpaired_kontext(bundle: Any) -> None:
+    """A FLUX.1 Kontext model (a folder saying ``FluxKontextPipeline``) trained without control images learns
+    text-to-image, which is rarely what its user meant: say so once the model is known (a Kontext single file
+    reads as dev, so nothing can tell it there)."""
+    from ..models.flux.variants import bundle_variant
+
+    if getattr(bundle, "transformer", None) is not None and bundle_variant(bundle) == "kontext":
+        log.warning(
+            "%s is FLUX.1 Kontext and the dataset has no control images: it trains as text-to-image; to teach "
+            "edits, pair each image with its source (--control-dir, or control_directory in the dataset TOML)",
+            bundle.source or "this model",
+        )
 
 
 def reference_count(index: DatasetIndex | None) -> int:

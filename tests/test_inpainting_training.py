@@ -219,7 +219,7 @@ def test_onetrainer_inpainting_options(tmp_path):
 def test_onetrainer_inpainting_samples(tmp_path):
     """An SD inpainting type keeps its samples (rendered from text on a full mask, as OneTrainer's sampler does
     without sample_inpainting: StableDiffusionSampler.__sample_inpainting's else branch); a sample with
-    sample_inpainting says its image and mask are left out; FLUX_FILL_DEV_1's samples are left out with a note
+    sample_inpainting carries its image and mask; FLUX_FILL_DEV_1's samples are left out with a note
     (sdcore generate renders Fill only from an init image and a mask)."""
     from sdcore.train.onetrainer_config import read_sample_prompts
 
@@ -234,8 +234,8 @@ def test_onetrainer_inpainting_samples(tmp_path):
     assert o.sample_prompts == str(tmp_path / "config.json") and o.sample_every == 5
     assert not any("samples: left out" in n for n in notes)
     prompts = read_sample_prompts(tmp_path / "config.json")
-    assert [p.ignored != () for p in prompts] == [False, True]
-    assert prompts[1].ignored[0].startswith("sample_inpainting (base_image_path, mask_image_path")
+    assert [(p.inpaint_image, p.inpaint_mask, p.ignored) for p in prompts] == [(None, None, ()),
+                                                                               ("x.png", "m.png", ())]  # fmt: skip
     fill = _flux_fill(tmp_path)
     notes = []
     o = _ot(tmp_path, {**config, "model_type": "FLUX_FILL_DEV_1", "base_model_name": str(fill)}, notes=notes)

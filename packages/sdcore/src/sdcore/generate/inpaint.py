@@ -42,6 +42,12 @@ modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_
   kohya sd-scripts' inpainting sample images (``--i``) run its txt2img pipeline from the seed's noise with the UNet's
   extra channels made from a given image and mask: the mask cut at 0.5, nearest-resized to the latent, and the
   latent of ``image * (1 - mask)`` (the hole zeroed, i.e. mid-grey); no per-step blend, no paste-back.
+  OneTrainer's inpainting samples (``sample_inpainting`` with ``base_image_path`` and ``mask_image_path``; its
+  StableDiffusionSampler/StableDiffusionXLSampler ``__sample_inpainting``) make the same channels by their own rule
+  (:func:`onetrainer_conditioning`): the image and the grey mask stretched to the output size (torchvision's
+  antialiased bilinear ``Resize`` on the [0, 1] tensors), the hole of the masked image where a 5x5 box average of the
+  mask (replicated borders) is above 0.5, and the latent mask the mask's antialiased bilinear resize to the latent
+  size, above 0 (any trace of the mask counts).
 """
 
 from __future__ import annotations
@@ -125,27 +131,32 @@ class Inpaint:
 
 @dataclasses.dataclass(frozen=True)
 class ImageConditioning:
-    """An inpainting model's image conditioning for a txt2img (kohya's inpainting sample images, see the module's
-    notes): ``image`` (RGB PIL) and ``mask`` (``[H, W]`` array or grey PIL image, 1 or white = the hole) at the
-    output size; ``label`` says what they are in the repr and equality (both compare by it, so a memo keyed on a
-    generation's arguments finds the same call again)."""
+    """An inpainting model's image conditioning for a txt2img (kohya's and OneTrainer's inpainting sample images,
+    see the module's notes): ``image`` (RGB PIL, or a float ``[H, W, 3]`` array in [0, 1]) and ``mask`` (``[H, W]``
+    array or grey PIL image, 1 or white = the hole) at the output size; ``rule`` (``kohya`` or ``onetrainer``) says
+    how the mask cuts the image and becomes the latent mask; ``label`` says what they are in the repr and equality
+    (both compare by it, so a memo keyed on a generation's arguments finds the same call again)."""
 
     image: Any = dataclasses.field(repr=False, compare=False)
     mask: Any = dataclasses.field(repr=False, compare=False)
     label: str = ""
+    rule: str = "kohya"
 
     def size(self) -> tuple[int, int]:
         """``(width, height)`` of the image and the mask (one line when they differ)."""
         import numpy as np
 
-        width, height = self.image.size
+        if isinstance(self.image, np.ndarray):
+            height, width = self.image.shape[:2]
+        else:
+            width, height = self.image.size
         mask_height, mask_width = np.asarray(self.mask).shape[:2]
         if (mask_width, mask_height) != (width, height):
             raise ConfigError(f"the conditioning mask is {mask_width}x{mask_height}, its image {width}x{height}")
         return int(width), int(height)
 
-    def binary_mask(self) -> Any:
-        """The mask cut at 0.5 (kohya: ``>= 0.5``), ``[1, 1, H, W]`` float32."""
+    def _mask_values(self) -> Any:
+        """The mask as float32 ``[1, 1, H, W]`` (an 8-bit grey image /255)."""
         import numpy as np
         import torch
         from PIL import Image as PILImage
@@ -154,15 +165,58 @@ class ImageConditioning:
             values = np.asarray(self.mask.convert("L"), dtype=np.float32) / 255.0
         else:
             values = np.asarray(self.mask, dtype=np.float32)
-        return torch.from_numpy((values >= 0.5).astype(np.float32))[None, None]
+        return torch.from_numpy(np.ascontiguousarray(values))[None, None]
+
+    def binary_mask(self) -> Any:
+        """The hole the image is cut with, ``[1, 1, H, W]`` float32: kohya's mask cut at 0.5 (``>= 0.5``);
+        OneTrainer's 5x5 box average of the mask (replicated borders, its ``__create_erode_kernel``) above 0.5."""
+        import torch
+
+        values = self._mask_values()
+        if self.rule == "onetrainer":
+            padded = torch.nn.functional.pad(values, (2, 2, 2, 2), mode="replicate")
+            return (torch.nn.functional.avg_pool2d(padded, 5, stride=1) > 0.5).float()
+        return (values >= 0.5).float()
+
+    def latent_mask(self, height: int, width: int) -> Any:
+        """The mask channel at the latent size, ``[1, 1, height, width]``: kohya's cut mask nearest-resized;
+        OneTrainer's mask resized with antialiased bilinear (torchvision's ``Resize``), above 0."""
+        import torch.nn.functional as F
+
+        if self.rule == "onetrainer":
+            small = F.interpolate(self._mask_values(), size=(height, width), mode="bilinear", align_corners=False,
+                                  antialias=True)  # fmt: skip
+            return (small > 0).float()
+        return F.interpolate(self.binary_mask(), size=(height, width))
 
     def conditioning_pixels(self) -> Any:
         """The masked image before encoding: the image in [-1, 1] times ``1 - mask``, ``[1, 3, H, W]``."""
         import numpy as np
         import torch
 
-        array = np.asarray(self.image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1)[None] * (1.0 - self.binary_mask())
+        if isinstance(self.image, np.ndarray):
+            array = np.asarray(self.image, dtype=np.float32) * 2.0 - 1.0
+        else:
+            array = np.asarray(self.image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None] * (1.0 - self.binary_mask())
+
+
+def onetrainer_conditioning(image: Image.Image, mask: Image.Image, width: int, height: int,
+                            label: str = "") -> ImageConditioning:  # fmt: skip
+    """OneTrainer's inpainting sample conditioning (see the module's notes) of an RGB ``image`` and a grey
+    ``mask``: both as [0, 1] tensors stretched to ``width`` x ``height`` with antialiased bilinear (torchvision's
+    ``Resize((height, width), BILINEAR, antialias=True)`` is this ``interpolate``), kept in float."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    def stretched(picture: Image.Image, mode: str) -> Any:
+        values = np.asarray(picture.convert(mode), dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(values.reshape(values.shape[0], values.shape[1], -1)).permute(2, 0, 1)[None]
+        tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        return tensor[0].permute(1, 2, 0).numpy()
+
+    return ImageConditioning(stretched(image, "RGB"), stretched(mask, "L")[:, :, 0], label, rule="onetrainer")
 
 
 def inpaint_from_fields(fields: dict[str, str]) -> dict[str, Any]:
@@ -536,6 +590,7 @@ __all__ = [
     "fill_masked",
     "gaussian_kernel",
     "inpaint_from_fields",
+    "onetrainer_conditioning",
     "open_mask",
     "prepare",
     "resize_image",

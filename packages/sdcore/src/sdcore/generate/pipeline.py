@@ -406,7 +406,7 @@ def generate_images(
     and stretched to the output size, which is its own (floored to 16) unless ``width``/``height`` or an init
     image give one; those models need it and other models refuse it. ``image_conditioning`` (an SD inpainting
     model's txt2img only): the image and mask its UNet's extra channels carry instead of A1111's blank ones
-    (:class:`.inpaint.ImageConditioning`: kohya's inpainting sample images), at the output size.
+    (:class:`.inpaint.ImageConditioning`: kohya's and OneTrainer's inpainting sample images), at the output size.
     """
     import torch
 
@@ -841,7 +841,7 @@ def _image_conditioning(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint
     """An inpainting model's extra UNet channels ``[1, 5, h, w]`` (A1111's ``c_concat``): the mask (rounded,
     nearest-resized to the latent) and the latent of the masked image; without a mask the mask is ones and the
     image the init image times ``1 - weight`` (img2img) or mid-grey (txt2img), unless a txt2img is ``given`` its
-    own (kohya's inpainting samples)."""
+    own (kohya's and OneTrainer's inpainting samples, each mask by its tool's rule: :class:`.inpaint.ImageConditioning`)."""
     import numpy as np
     import torch
 
@@ -856,7 +856,10 @@ def _image_conditioning(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint
     else:
         pixels, mask = torch.zeros(1, 3, height, width), torch.ones(1, 1, height, width)
     latent = _encode_pixels(pipe, pixels).float()
-    small = torch.nn.functional.interpolate(mask.to(latent.device), size=latent.shape[-2:])
+    if inpaint is None and given is not None:  # kohya's or OneTrainer's rule
+        small = given.latent_mask(*latent.shape[-2:]).to(latent.device)
+    else:
+        small = torch.nn.functional.interpolate(mask.to(latent.device), size=latent.shape[-2:])
     return torch.cat([small, latent], dim=1)
 
 

@@ -177,7 +177,9 @@ def _inpaint_samples(options: TrainOptions) -> bool:
     from .sample_prompts import read_sample_prompts
 
     try:
-        return any(p.inpaint_image is not None for p in read_sample_prompts(options.sample_prompts))
+        # kohya's only: OneTrainer renders its own inpainting samples from text on a model without the mask input
+        prompts = read_sample_prompts(options.sample_prompts)
+        return any(p.inpaint_image is not None and p.inpaint_mask is None for p in prompts)
     except SdcoreError:
         return False
 

@@ -555,7 +555,8 @@ def translate_config(
             v.pop(key, None)
         r.note(
             "samples: left out (FLUX.1 Fill renders only from an init image and a mask in sdcore generate, "
-            "which sample prompts do not carry)"
+            "--init-image and --mask with A1111's blur and paste-back, not from sample prompts, sample_inpainting's "
+            "included)"
         )
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
@@ -1369,22 +1370,22 @@ def _saves_and_samples(r: _Reader, family: str, path: str | os.PathLike[str]) ->
 
 def _samples_of(data: Any, path: Path) -> tuple[list[Any], str | None]:
     """The sample list of a TrainConfig (``samples``, else ``sample_definition_file_name``) or of a samples
-    file, and the config's family (None for a bare samples file)."""
+    file, and the config's ``model_type`` (None for a bare samples file)."""
     from ..data.onetrainer import resolve_path
 
     if isinstance(data, list):
         return data, None
     if not is_train_config(data):
         raise ConfigError(f"{path}: not a OneTrainer config or samples file")
-    family = FAMILIES.get(_text(data.get("model_type", DEFAULTS["model_type"])))
+    model_type = _text(data.get("model_type", DEFAULTS["model_type"]))
     if isinstance(data.get("samples"), list):
-        return data["samples"], family
+        return data["samples"], model_type
     name = _text(data.get("sample_definition_file_name", DEFAULTS["sample_definition_file_name"]))
     samples_file = resolve_path(name, path)
     listed = _read_json(samples_file)
     if not isinstance(listed, list):
         raise ConfigError(f"{samples_file}: a OneTrainer samples file is a JSON list of samples")
-    return listed, family
+    return listed, model_type
 
 
 def is_samples_list(data: Any) -> bool:
@@ -1408,11 +1409,14 @@ def is_sample_source(path: str | os.PathLike[str]) -> bool:
 def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
     """The enabled samples of a TrainConfig or samples file as sample prompts, with OneTrainer's per-family
     defaults (``SampleConfig._get_model_defaults``); on Flux ``cfg_scale`` is the embedded guidance, and a
-    sample with ``random_seed`` gets sdcore's seed for its position."""
+    sample with ``random_seed`` gets sdcore's seed for its position. A ``sample_inpainting`` sample carries its
+    ``base_image_path`` and ``mask_image_path`` (resolved as OneTrainer's other relative paths are) for an
+    inpainting model to fill (:func:`_inpainting_files`)."""
     from .sample_prompts import SamplePrompt, sampler_name
 
     p = Path(path).expanduser()
-    entries, family = _samples_of(_read_json(p), p)
+    entries, model_type = _samples_of(_read_json(p), p)
+    family = FAMILIES.get(model_type) if model_type is not None else None
     width, height, steps, cfg, scheduler = SAMPLE_MODEL_DEFAULTS[family]
     prompts: list[SamplePrompt] = []
     for i, e in enumerate(entries):
@@ -1435,9 +1439,7 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
                 sampler = sampler_name(SAMPLERS[chosen])
             else:
                 ignored = (f"noise_scheduler {chosen} (sdcore has no such sampler; the run's sampler is used)",)
-        if e.get("sample_inpainting"):  # OneTrainer's inpainting sample: the model fills a given image's mask
-            ignored = (*ignored, "sample_inpainting (base_image_path, mask_image_path: sdcore's sample prompts "
-                       "carry no image or mask; an inpainting model renders from text, on a full mask)")  # fmt: skip
+        files, notes = _inpainting_files(e, model_type, family, p, where)
         prompts.append(
             SamplePrompt(
                 prompt=e["prompt"],
@@ -1449,10 +1451,38 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
                 cfg=None if family == "flux" else scale,
                 guidance=scale if family == "flux" else None,
                 sampler=sampler,
-                ignored=ignored,
+                ignored=(*ignored, *notes),
+                inpaint_image=files[0] if files else None,
+                inpaint_mask=files[1] if files else None,
             )
         )
     return prompts
+
+
+def _inpainting_files(entry: dict[str, Any], model_type: str | None, family: str | None, path: Path,
+                      where: str) -> tuple[tuple[str, str] | None, tuple[str, ...]]:  # fmt: skip
+    """A ``sample_inpainting`` sample's ``(base image, mask)`` paths and its notes. OneTrainer's samplers read
+    the fields only on a model with the conditioning-image input (``has_conditioning_image_input``): on another
+    ``model_type`` they are left out, as OneTrainer leaves them. On SDXL OneTrainer starts the sample one step in,
+    from the masked image's latent noised to that step (its StableDiffusionXLSampler); sdcore denoises it from the
+    seed's noise over every step, as OneTrainer's SD 1.5/2.x sampler does (a note says so)."""
+    from ..data.onetrainer import resolve_path
+
+    if not entry.get("sample_inpainting"):
+        return None, ()
+    if model_type is not None and model_type not in INPAINTING_TYPES:
+        return None, (f"sample_inpainting (OneTrainer reads base_image_path and mask_image_path only on an "
+                      f"inpainting model; {model_type} renders the sample from text)",)  # fmt: skip
+    base, mask = _text(entry.get("base_image_path")).strip(), _text(entry.get("mask_image_path")).strip()
+    if not base or not mask:
+        missing = " and ".join(name for name, value in (("base_image_path", base), ("mask_image_path", mask))
+                               if not value)  # fmt: skip
+        raise ConfigError(f"{where}: sample_inpainting needs {missing} (the image to fill and its mask)")
+    notes: tuple[str, ...] = ()
+    if family == "sdxl":
+        notes = ("sample_inpainting's SDXL start (OneTrainer skips the first step and starts from the masked "
+                 "image's noised latent; sdcore denoises from the seed's noise over every step)",)  # fmt: skip
+    return (str(resolve_path(base, path)), str(resolve_path(mask, path))), notes
 
 
 __all__ = [

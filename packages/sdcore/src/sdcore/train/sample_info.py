@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 #: a PNG text chunk holding every sample's infotext (JSON list) when a grid holds several prompts;
 #: the ``parameters`` chunk holds the first one, as A1111 does for its grids
 ALL_PARAMETERS_KEY = "sdcore-sample-parameters"
-#: sdcore's infotext fields of a kohya inpainting sample (``--i``): the image's file name and the mask's kind
+#: sdcore's infotext fields of an inpainting sample: the image's file name and the mask's (kohya's ``--i``: its kind;
+#: OneTrainer's: the mask file's name)
 INPAINT_IMAGE, INPAINT_MASK, WOBBLY_ELLIPSE = "Inpaint image", "Inpaint mask", "wobbly ellipse"
 
 
@@ -40,7 +41,7 @@ def sample_infotexts(
     them, "Schedule type" where A1111 1.9+ needs it (:func:`~sdcore.generate.pipeline.schedule_type_field`) and, on an
     SD inpainting model, "Conditional mask weight" (as ``sdcore generate`` and A1111 write it). A kohya inpainting
     sample (``--i``) adds sdcore's "Inpaint image" (the file's name) and "Inpaint mask" (``wobbly ellipse``, drawn
-    from the Seed): it is a txt2img on that conditioning, so none of A1111's img2img/inpaint fields (denoising
+    from the Seed; a OneTrainer one the mask file's name): it is a txt2img on that conditioning, so none of A1111's img2img/inpaint fields (denoising
     strength, mask blur, masked content) apply."""
     from .. import __version__
     from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters
@@ -55,15 +56,15 @@ def sample_infotexts(
     o = options
     model = str(o.model)
     model_name = model if model.startswith("tiny:") else Path(model).stem
-    per_image: list[tuple[str, str, int, dict[str, Any], str | None]] = []
+    per_image: list[tuple[str, str, int, dict[str, Any], SamplePrompt]] = []
     for group, first_seed in calls:
         arguments = generation_arguments(group, defaults, extra, distilled=distilled)
         negatives = arguments.get("negative_prompt", "")
         for index, prompt in enumerate(group):
             negative = negatives if isinstance(negatives, str) else negatives[index]
-            per_image.append((prompt.prompt, negative, first_seed + index, arguments, prompt.inpaint_image))
+            per_image.append((prompt.prompt, negative, first_seed + index, arguments, prompt))
     texts = []
-    for (prompt_text, negative, seed, arguments, inpaint_image), image in zip(per_image, images, strict=False):
+    for (prompt_text, negative, seed, arguments, sample), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
         if bundle is not None:
             fields[SCHEDULE_TYPE] = schedule_type_field(bundle, str(arguments["sampler"]))
@@ -73,9 +74,10 @@ def sample_infotexts(
             from ..generate.inpaint import CONDITIONAL_MASK_WEIGHT
 
             fields[CONDITIONAL_MASK_WEIGHT] = 1.0
-        if inpaint_image is not None:
-            fields[INPAINT_IMAGE] = Path(inpaint_image).name
-            fields[INPAINT_MASK] = WOBBLY_ELLIPSE
+        # a OneTrainer inpainting sample on a model without the mask input renders from text (as in OneTrainer)
+        if sample.inpaint_image is not None and (sample.inpaint_mask is None or getattr(bundle, "inpainting", False)):
+            fields[INPAINT_IMAGE] = Path(sample.inpaint_image).name
+            fields[INPAINT_MASK] = WOBBLY_ELLIPSE if sample.inpaint_mask is None else Path(sample.inpaint_mask).name
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["RNG"] = RNG_SOURCE

@@ -28,6 +28,10 @@ sample is a txt2img from the seed's noise (full denoise, no blend, no paste-back
 that mask and the latent of the image with the hole zeroed (:func:`inpaint_conditioning`). A missing or
 unreadable file is a pre-flight problem (:func:`inpaint_image_problems`; kohya skips the sample with a warning),
 and so is the option on a model without the mask input (:func:`sdcore.train.inpainting.inpainting_problems`).
+OneTrainer's inpainting samples (``sample_inpainting`` with ``base_image_path`` and ``mask_image_path``, read by
+:mod:`sdcore.train.onetrainer_config`) carry the image and a mask file (:attr:`SamplePrompt.inpaint_mask`) and render
+the same way with OneTrainer's own conditioning (:func:`onetrainer_inpaint_conditioning`); as in OneTrainer, a
+model without the mask input renders them from text (a warning says so).
 
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
 """
@@ -72,11 +76,14 @@ class SamplePrompt:
     reference: str | None = None
     #: ``--i``/``--img``: the image an SD inpainting model's sample inpaints (a path; kohya's inpainting samples)
     inpaint_image: str | None = None
+    #: OneTrainer's ``mask_image_path`` (with ``inpaint_image`` its ``base_image_path``): the mask an inpainting
+    #: model's sample fills, by OneTrainer's rule instead of kohya's wobbly ellipse
+    inpaint_mask: str | None = None
 
     def settings(self) -> tuple[Any, ...]:
         """What must be equal for two prompts to share one generation call (the seed is separate)."""
         return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance, self.reference,
-                self.inpaint_image)  # fmt: skip
+                self.inpaint_image, self.inpaint_mask)  # fmt: skip
 
 
 def sampler_name(name: str) -> str:
@@ -304,16 +311,28 @@ def reference_problems(prompts: list[SamplePrompt], family: str | None = None) -
     return problems
 
 
+#: how the pre-flight and the errors name each file of an inpainting sample: kohya's flag, OneTrainer's fields
+KOHYA_IMAGE, ONETRAINER_IMAGE, ONETRAINER_MASK = ("inpaint image (--i)", "inpaint image (base_image_path)",
+                                                  "inpaint mask (mask_image_path)")  # fmt: skip
+
+
 def inpaint_image_problems(prompts: list[SamplePrompt]) -> list[str]:
-    """One line for each ``--i``/``--img`` image that cannot be read, for the training pre-flight (kohya skips
-    such a sample with a warning at each render; sdcore says it before the first step). Whether the model has
-    the mask input is :func:`sdcore.train.inpainting.inpainting_problems`'s check (it needs the model's header)."""
+    """One line for each ``--i``/``--img`` image, and each OneTrainer base image and mask, that cannot be read, for
+    the training pre-flight (kohya skips such a sample with a warning at each render, OneTrainer stops at it;
+    sdcore says it before the first step). Whether the model has the mask input is
+    :func:`sdcore.train.inpainting.inpainting_problems`'s check (it needs the model's header)."""
     from ..models.flux.kontext import open_reference
 
+    files: dict[str, str] = {}
+    for p in prompts:
+        if p.inpaint_image is not None:
+            files.setdefault(p.inpaint_image, KOHYA_IMAGE if p.inpaint_mask is None else ONETRAINER_IMAGE)
+        if p.inpaint_mask is not None:
+            files.setdefault(p.inpaint_mask, ONETRAINER_MASK)
     problems: list[str] = []
-    for path in dict.fromkeys(p.inpaint_image for p in prompts if p.inpaint_image is not None):
+    for path, what in files.items():
         try:
-            open_reference(path, "inpaint image (--i)")
+            open_reference(path, what)
         except ConfigError as exc:
             problems.append(f"--sample-prompts: {exc}")
     return problems
@@ -330,11 +349,23 @@ def inpaint_conditioning(path: str, width: int, height: int, seed: int) -> Any:
     from ..models.flux.kontext import open_reference
     from .random_masks import wobbly_ellipse
 
-    image = open_reference(path, "inpaint image (--i)")
+    image = open_reference(path, KOHYA_IMAGE)
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     mask = wobbly_ellipse(width, height, seed)
     return ImageConditioning(image, mask, f"{path} under the wobbly ellipse of seed {seed}")
+
+
+def onetrainer_inpaint_conditioning(image_path: str, mask_path: str, width: int, height: int) -> Any:
+    """The image conditioning of a OneTrainer inpainting sample (:func:`sdcore.generate.inpaint.onetrainer_conditioning`):
+    the base image and the mask read as OneTrainer's ``load_image`` reads them (upright by their EXIF orientation,
+    then ``convert("RGB")``; the mask's RGB then to grey, as ``convert("L")`` would), at the sample's size."""
+    from ..generate.inpaint import onetrainer_conditioning
+    from ..models.flux.kontext import open_reference
+
+    image = open_reference(image_path, ONETRAINER_IMAGE)
+    mask = open_reference(mask_path, ONETRAINER_MASK).convert("L")
+    return onetrainer_conditioning(image, mask, width, height, f"{image_path} under the mask {mask_path}")
 
 
 def network_problems(prompts: list[SamplePrompt]) -> list[str]:
@@ -370,6 +401,7 @@ __all__ = [
     "inpaint_conditioning",
     "inpaint_image_problems",
     "network_problems",
+    "onetrainer_inpaint_conditioning",
     "parse_prompt_file",
     "parse_prompt_line",
     "read_sample_prompts",

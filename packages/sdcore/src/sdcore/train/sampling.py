@@ -38,7 +38,12 @@ def _generations(
     """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
     caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
     from ..models.family import default_cfg, family_adapter
-    from .sample_prompts import generation_arguments, generation_calls, inpaint_conditioning
+    from .sample_prompts import (
+        generation_arguments,
+        generation_calls,
+        inpaint_conditioning,
+        onetrainer_inpaint_conditioning,
+    )
 
     adapter = family_adapter(bundle.family_spec)
     distilled = bool(getattr(adapter, "distilled_guidance", False))
@@ -55,9 +60,14 @@ def _generations(
     for group, seed in calls:
         # a line's own options win over the method's extras (APT's negative embedding, CFG)
         arguments = generation_arguments(group, defaults, extra, distilled=distilled)
-        if group[0].inpaint_image is not None:  # kohya's --i: alone in its call, the mask drawn from its seed
-            size = int(arguments["width"]), int(arguments["height"])
-            arguments["image_conditioning"] = inpaint_conditioning(group[0].inpaint_image, *size, seed)
+        first = group[0]
+        size = int(arguments["width"]), int(arguments["height"])
+        if first.inpaint_image is not None and first.inpaint_mask is not None:
+            if bundle.inpainting:  # OneTrainer's: its mask file; without the mask input OneTrainer renders from text
+                arguments["image_conditioning"] = onetrainer_inpaint_conditioning(first.inpaint_image,
+                                                                                  first.inpaint_mask, *size)  # fmt: skip
+        elif first.inpaint_image is not None:  # kohya's --i: alone in its call, the mask drawn from its seed
+            arguments["image_conditioning"] = inpaint_conditioning(first.inpaint_image, *size, seed)
         generations.append(([p.prompt for p in group], {"seed": seed, "clip_skip": options.clip_skip, **arguments}))
     return calls, defaults, generations
 
@@ -147,6 +157,9 @@ def render_samples(
         )
     elif not distilled and any(p.guidance is not None for p in prompts):
         log.warning("sample prompts: --g is the embedded guidance of FLUX.1; %s has none", bundle.family_spec.label)
+    if not bundle.inpainting and any(p.inpaint_mask is not None for p in prompts):
+        log.warning("sample prompts: %s has no mask input: OneTrainer's inpainting samples render from text, as "
+                    "OneTrainer renders them on such a model", bundle.family_spec.label)  # fmt: skip
     # a line's --s wins over --sample-steps: name the steps the images really get
     steps = [str(n) for n in sorted({p.steps if p.steps is not None else options.sample_steps for p in prompts})]
     counts = steps[0] if len(steps) == 1 else f"{', '.join(steps[:-1])} or {steps[-1]}"

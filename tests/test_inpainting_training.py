@@ -17,13 +17,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sd1_inpainting(tmp_path: Path) -> Path:
-    from diffusers import UNet2DConditionModel
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle("sd1")
-    torch.manual_seed(0)
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle("sd1", variant="inpainting")  # conv_in takes 9 channels
     return Path(bundle.save(tmp_path / "sd1-inpainting.safetensors"))
 
 
@@ -166,12 +162,9 @@ def _ot(tmp_path: Path, config: dict, method: str = "lora", notes: list[str] | N
 
 def _inpainting_model(tmp_path: Path, family: str) -> Path:
     """A tiny inpainting single file of ``family`` (sd1, sd2, sdxl: the UNet widened to 9 channels)."""
-    from diffusers import UNet2DConditionModel
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle(family)
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config(family), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle(family, variant="inpainting")
     return Path(bundle.save(tmp_path / f"{family}-inpainting.safetensors"))
 
 

@@ -88,13 +88,9 @@ def test_the_sample_mask_is_one_blob_of_about_a_fifth():
 
 
 def _sd1_inpainting(tmp_path: Path) -> Path:
-    from diffusers import UNet2DConditionModel
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle("sd1")
-    torch.manual_seed(0)
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle("sd1", variant="inpainting")  # conv_in takes 9 channels
     return Path(bundle.save(tmp_path / "sd1-inpainting.safetensors"))
 
 

@@ -234,13 +234,9 @@ def test_blended_output_makes_the_euler_step_see_the_blended_denoised(prediction
 
 
 def _inpainting_sd1():
-    from diffusers import UNet2DConditionModel
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle("sd1")
-    torch.manual_seed(0)
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle("sd1", variant="inpainting")  # conv_in takes 9 channels
     return bundle
 
 

@@ -171,12 +171,10 @@ def test_ztsnr_marker_roundtrip(tiny_bundles, tmp_path):
 
 
 def test_inpainting_roundtrip(tmp_path):
-    from diffusers import UNet2DConditionModel
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle("sd1")
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle("sd1", variant="inpainting")
+    assert bundle.unet.config.in_channels == 9
     single = load_model(bundle.save(tmp_path / "inpaint.safetensors"))
     assert single.inpainting and single.family_label == "sd1-inpainting"
     assert single.metadata["modelspec.architecture"] == "stable-diffusion-v1-inpainting"

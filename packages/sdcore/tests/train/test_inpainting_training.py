@@ -30,13 +30,9 @@ def _one_thread():
 
 def sd1_inpainting():
     """A tiny SD1 model whose UNet's conv_in takes 9 channels (the layout of sd-v1-5-inpainting)."""
-    from diffusers import UNet2DConditionModel
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle("sd1")
-    torch.manual_seed(0)
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle("sd1", variant="inpainting")  # conv_in takes 9 channels
     return bundle
 
 
@@ -263,14 +259,11 @@ def test_inpainting_single_files_say_so(tmp_path, family, architecture):
     that weight takes 9 channels), reloads as an inpainting model, and names the inpainting architecture in its
     modelspec as OneTrainer's model specs do (resources/sd_model_spec/sd_1.5_inpainting.json,
     sd_xl_base_1.0_inpainting.json: "stable-diffusion-xl-v1-base-inpainting")."""
-    from diffusers import UNet2DConditionModel
     from safetensors import safe_open
     from sdcore.models.load import load_model
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle(family)
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config(family), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle(family, variant="inpainting")
     path = bundle.save(tmp_path / f"{family}-inpainting.safetensors")
     with safe_open(path, "pt") as f:
         assert f.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[1] == 9

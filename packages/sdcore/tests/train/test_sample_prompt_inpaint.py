@@ -39,13 +39,9 @@ def _picture(path: Path, width: int = 50, height: int = 30) -> Path:
 
 
 def _inpainting_sd1():
-    from diffusers import UNet2DConditionModel
-    from sdcore.models.tiny import create_tiny_bundle, tiny_unet_config
+    from sdcore.models.tiny import create_tiny_bundle
 
-    bundle = create_tiny_bundle("sd1")
-    torch.manual_seed(0)
-    bundle.unet = UNet2DConditionModel(**{**tiny_unet_config("sd1"), "in_channels": 9}).eval()
-    bundle.inpainting = True
+    bundle = create_tiny_bundle("sd1", variant="inpainting")  # conv_in takes 9 channels
     return bundle
 
 

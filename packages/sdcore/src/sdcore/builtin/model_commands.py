@@ -125,7 +125,8 @@ def convert_command(src: str, dst: str, to: str | None, dtype: str | None, prune
     "--family",
     default="sd1",
     show_default=True,
-    help="Model family: sd1, sd2, sdxl, sd3, flux (FLUX.1-dev), flux-schnell, flux-kontext, flux-fill, flux-depth, flux-canny, chroma, or another declared family "
+    help="Model family: sd1, sd2, sdxl (and sd1-inpainting, sd2-inpainting, sdxl-inpainting), sd3, flux (FLUX.1-dev), "
+    "flux-schnell, flux-kontext, flux-fill, flux-depth, flux-canny, chroma, or another declared family "
     "(sdcore plugins --all lists them; FAMILY-VARIANT picks a variant).",
 )
 @click.option(

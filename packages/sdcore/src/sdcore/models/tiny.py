@@ -116,8 +116,12 @@ def noise_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
     }
 
 
-def create_tiny_bundle(family: str = "sd1", *, seed: int = 0, prediction_type: str | None = None) -> ModelBundle:
-    """Build a tiny random model of ``family`` (``sd1``, ``sd2`` or ``sdxl``), deterministic per seed."""
+def create_tiny_bundle(
+    family: str = "sd1", *, seed: int = 0, prediction_type: str | None = None, variant: str | None = None
+) -> ModelBundle:
+    """Build a tiny random model of ``family`` (``sd1``, ``sd2`` or ``sdxl``), deterministic per seed;
+    ``variant="inpainting"``: its inpainting model (the UNet's ``conv_in`` takes 9 channels, the layout of
+    sd-v1-5-inpainting: ``tiny:sd1-inpainting``), for trying and testing inpainting without a download."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -126,11 +130,14 @@ def create_tiny_bundle(family: str = "sd1", *, seed: int = 0, prediction_type: s
 
     if family not in ("sd1", "sd2", "sdxl"):
         raise ValueError(f"unknown family {family!r}; choose sd1, sd2 or sdxl")
+    if variant not in (None, "inpainting"):
+        raise ValueError(f"unknown variant {variant!r} of {family}; the one there is: inpainting")
+    inpainting = variant == "inpainting"
     prediction = prediction_type or get_family(family).default_prediction_type
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_unet_config(family))
+        unet = UNet2DConditionModel(**{**tiny_unet_config(family), **({"in_channels": 9} if inpainting else {})})
         vae = AutoencoderKL(**tiny_vae_config(family))
         encoders: list[Any] = []
         tokenizers: list[Any] = []
@@ -153,6 +160,7 @@ def create_tiny_bundle(family: str = "sd1", *, seed: int = 0, prediction_type: s
         text_encoders=encoders,
         tokenizers=tokenizers,
         noise_scheduler=scheduler,
-        source=f"tiny:{family}",
+        source=f"tiny:{family}-inpainting" if inpainting else f"tiny:{family}",
         source_format="tiny",
+        inpainting=inpainting,
     )

@@ -6,6 +6,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (short CPU runs are faster without thread start-up, and CI's two cores
+    stay free for the other worker)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     from sdcore.testing.contract import make_tiny_dataset

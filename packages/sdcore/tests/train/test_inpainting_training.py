@@ -19,13 +19,7 @@ from sdcore.testing.contract import contract_options  # noqa: E402
 from sdcore.train.data import SampleRef  # noqa: E402
 from sdcore.train.loop import TrainSession  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sd1_inpainting():

@@ -33,13 +33,7 @@ from sdcore.train.data import SampleRef, clamp_unmasked, mask_to_latent, weigh_b
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 from test_onetrainer import concept  # the UI-saved concept object
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def onetrainer_sample_loss(loss: np.ndarray, mask: np.ndarray, unmasked_weight: float, normalize: bool) -> np.ndarray:

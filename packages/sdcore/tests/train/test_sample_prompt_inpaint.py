@@ -24,13 +24,7 @@ from sdcore.testing.contract import contract_options  # noqa: E402
 from sdcore.train.options import TrainOptions  # noqa: E402
 from sdcore.train.sample_prompts import generation_calls, parse_prompt_file, parse_prompt_line  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _picture(path: Path, width: int = 50, height: int = 30) -> Path:

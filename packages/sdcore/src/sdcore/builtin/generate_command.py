@@ -146,7 +146,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "--mask",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Inpaint the init image where this mask is white (A1111's Inpaint upload; an RGBA mask's alpha). "
-    "SD1/SD2/SDXL (regular and inpainting models) and FLUX.1 Fill.",
+    "SD1/SD2/SDXL (regular and inpainting models), SD3/SD3.5, FLUX.1 (Fill too) and Chroma.",
 )
 @click.option(
     "--mask-blur", default=4, show_default=True, type=click.IntRange(0, 64), help="A1111's Mask blur (pixels)."
@@ -725,7 +725,7 @@ def _mask_problems(params: dict[str, Any]) -> list[str]:
         return []
     from ..errors import ConfigError
     from ..generate.inpaint import open_mask
-    from ..generate.pipeline import mask_family_problem
+    from ..generate.pipeline import MASK_WITH_CONTROL, mask_family_problem
     from ..models.family import get_family
     from ..models.layout import peek_family
 
@@ -737,8 +737,10 @@ def _mask_problems(params: dict[str, Any]) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
     family = peek_family(params["model"])
-    if family is not None and family not in ("sd1", "sd2", "sdxl", "flux"):
+    if family is not None and not get_family(family).inpaints:
         problems.append(mask_family_problem(get_family(family).label))
+    if params["control_image"] is not None:
+        problems.append(MASK_WITH_CONTROL)
     if _hires_settings(params) is not None:
         problems.append("--mask inpaints an init image; the hires fix follows a txt2img pass: drop the --hr options")
     return problems

@@ -470,7 +470,7 @@ def generate_images(
     if inpaint is not None and image is not None:
         from .inpaint import prepare
 
-        _check_inpaint_family(bundle)
+        _check_inpaint_family(bundle, control=control is not None)
         prepared = prepare(inpaint, image, width, height)
         image = prepared.image
     elif is_flux_fill(bundle):
@@ -782,7 +782,9 @@ def _run(
         kwargs["latents"] = randn_float32(shape4, generator=fresh, device=torch.device("cpu"), dtype=cond.embeds.dtype)
     masking: dict[str, Any] = {}
     if inpaint is not None:
-        kwargs["image"], masking = _inpaint_latents(pipe, bundle, inpaint, seeds)
+        starts, init_latent, nmask = inpaint_latents(pipe, inpaint, seeds)
+        kwargs["image"] = starts.to(dtype=bundle.denoiser.dtype)
+        masking = {"init_latent": init_latent, "nmask": nmask}
         kwargs["output_type"] = "latent"  # the last blend, then the decode and the paste-back
     if bundle.inpainting:
         masking["conditioning"] = _image_conditioning(pipe, bundle, inpaint, image, width, height, mask_weight,
@@ -801,7 +803,7 @@ def _run(
     latents = blend(output.images.float(), masking["init_latent"], masking["nmask"]).to(output.images.dtype)
     if output_type == "latent":
         return latents
-    return [inpaint.paste_back(im) for im in _decode_latents(pipe, latents, "pil")]
+    return [inpaint.paste_back(im) for im in decode_latents(pipe, latents, "pil")]
 
 
 def _unet_inpainting(pipe: Any, bundle: ModelBundle, masking: dict[str, Any]) -> Any:
@@ -813,9 +815,11 @@ def _unet_inpainting(pipe: Any, bundle: ModelBundle, masking: dict[str, Any]) ->
     return unet_inpainting(pipe.unet, pipe.scheduler, prediction=bundle.prediction_type, **masking)
 
 
-def _inpaint_latents(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint, seeds: list[int]) -> tuple[Any, dict]:
-    """The img2img pipeline's start latents (one per seed: A1111's "latent noise" is the seed's noise) and the
-    blend's ``init_latent`` and ``nmask`` (A1111's ``init``)."""
+def inpaint_latents(pipe: Any, inpaint: PreparedInpaint, seeds: list[int]) -> tuple[Any, Any, Any]:
+    """``(starts, init_latent, nmask)`` of A1111's ``init`` for an inpainting: the img2img pipeline's start latents
+    (float32 ``[B, C, h, w]``, one per seed: A1111's "latent noise" is the seed's noise, the noise the pipeline
+    draws from the same seed), the blend's init latent (the posterior's mean, ``[1, C, h, w]``) and its latent
+    mask (``[1, 1, h, w]``, 1 repaints). ``pipe``: anything with a pipeline's ``vae``."""
     import torch
 
     from .inpaint import fill_latents
@@ -827,13 +831,12 @@ def _inpaint_latents(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint, s
     starts = []
     for seed in seeds:
         noise = None
-        if inpaint.settings.fill == "latent noise":  # the noise the pipeline draws from the same seed
+        if inpaint.settings.fill == "latent noise":
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
             noise = randn_float32(tuple(init.shape), generator=generator, device=torch.device("cpu"),
                                   dtype=torch.float32).to(init.device)  # fmt: skip
         starts.append(fill_latents(init, nmask, inpaint.settings.fill, noise))
-    start = torch.cat(starts).to(dtype=bundle.denoiser.dtype)
-    return start, {"init_latent": init, "nmask": nmask}
+    return torch.cat(starts), init, nmask
 
 
 def _image_conditioning(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint | None, image: Any, width: int,
@@ -863,18 +866,26 @@ def _image_conditioning(pipe: Any, bundle: ModelBundle, inpaint: PreparedInpaint
     return torch.cat([small, latent], dim=1)
 
 
-def _check_inpaint_family(bundle: ModelBundle) -> None:
-    """A mask runs on SD1/SD2/SDXL (regular and inpainting models) and FLUX.1 Fill; one line elsewhere."""
-    if bundle.family_spec.denoiser == "unet" and bundle.family != "sdxl-refiner":
-        return
-    if is_flux_fill(bundle):
-        return
-    raise ConfigError(mask_family_problem(bundle.family_spec.label))
+#: why a mask and a FLUX.1 Depth/Canny control image do not go together (said before the model loads too)
+MASK_WITH_CONTROL = "--mask with --control-image: sdcore does not inpaint with FLUX.1 Depth/Canny; drop one"
+
+
+def _check_inpaint_family(bundle: ModelBundle, *, control: bool = False) -> None:
+    """A mask runs on the families that inpaint (:attr:`~sdcore.models.family.ModelFamily.inpaints`: SD1/SD2/SDXL,
+    regular or inpainting, SD3, FLUX.1 and Chroma), not beside a Depth/Canny control image (a Kontext reference
+    takes no init image, so no mask either); one line otherwise."""
+    if not bundle.family_spec.inpaints:
+        raise ConfigError(mask_family_problem(bundle.family_spec.label))
+    if control:
+        raise ConfigError(MASK_WITH_CONTROL)
 
 
 def mask_family_problem(label: str) -> str:
     """The line for a mask on a model that does not inpaint in sdcore."""
-    return f"--mask inpaints with SD1/SD2/SDXL models (regular or inpainting) and FLUX.1 Fill; this is a {label} model"
+    return (
+        "--mask inpaints with SD1/SD2/SDXL (regular or inpainting), SD3/SD3.5, FLUX.1 and Chroma models; "
+        f"this is a {label} model"
+    )
 
 
 def is_flux_fill(bundle: ModelBundle) -> bool:
@@ -916,7 +927,7 @@ def _vae_for_coding(vae: Any) -> Iterator[Any]:
             vae.to(dtype=dtype)
 
 
-def _decode_latents(pipe: Any, latents: Any, output_type: str) -> Any:
+def decode_latents(pipe: Any, latents: Any, output_type: str) -> Any:
     """The pipeline's own decode (scaling, ``latents_mean``/``std`` or ``shift_factor`` where the VAE has them,
     postprocess); ``pipe``: anything with the ``vae`` and ``image_processor`` a pipeline has."""
     import torch
@@ -1026,7 +1037,7 @@ def _hires_run(
     latents = _upscaled(pipe, latents, hires, width, height, factor)
     schedule, run = hires.schedule(first_steps)
     if run == 0:  # strength 0: A1111's sampler gets a one-sigma schedule and returns its input
-        return list(_decode_latents(pipe, latents, "pil"))
+        return list(decode_latents(pipe, latents, "pil"))
     # the second pass's prompt editing counts on from the first pass (A1111's hires offsets)
     # (both counted as A1111 does: twice the steps for a second-order sampler)
     edits = StepPrompts.build(
@@ -1071,7 +1082,7 @@ def _upscaled(pipe: Any, latents: Any, hires: HiresFix, width: int, height: int,
     if hires.latent_mode is not None:
         latents = upscale_latents(latents.float(), to_x, to_y, hires.upscaler, factor, patch)
     else:  # decode, upscale the 8-bit image (A1111 truncates to uint8), encode again
-        pixels = _decode_latents(pipe, latents, "np")
+        pixels = decode_latents(pipe, latents, "np")
         small = [PILImage.fromarray((255.0 * p).astype(np.uint8)) for p in pixels]
         latents = _encode_images(pipe, [upscale_image(im, to_x, to_y, hires.upscaler) for im in small])
     return crop_latents(latents, truncate_x, truncate_y, patch)
@@ -1112,7 +1123,7 @@ def _flow_hires_run(
     latents = _upscaled(coder, latents, hires, width, height, factor, FLOW_PATCH)
     schedule, run = hires.schedule(first_steps)
     if run == 0:  # strength 0: the upscaled latent as it is (Forge's sampler gets no step to run)
-        return list(_decode_latents(coder, latents, "pil"))
+        return list(decode_latents(coder, latents, "pil"))
     start = FlowStart(
         latents.to(device=bundle.device, dtype=bundle.denoiser.dtype),
         schedule,
@@ -1154,12 +1165,15 @@ def _transform_rows(
 
 
 __all__ = [
+    "MASK_WITH_CONTROL",
     "SAMPLERS",
     "build_pipeline",
     "control_family_problem",
+    "decode_latents",
     "default_size",
     "generate_images",
     "init_image_size",
+    "inpaint_latents",
     "is_flux_control",
     "is_flux_fill",
     "make_scheduler",

@@ -94,6 +94,9 @@ class ModelFamily:
     lora_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya LoRA prefix
     default_prediction_type: str = "epsilon"  # DDPM families: what a file without a marker is
     context_tokens: int = 77  # text tokens the denoiser attends to by default (SD3: 77 + T5's; Flux: T5's)
+    #: ``sdcore generate --mask`` inpaints with it (A1111's inpainting; a non-UNet family's adapter ``generate``
+    #: then takes ``inpaint=``, a :class:`sdcore.generate.inpaint.PreparedInpaint`)
+    inpaints: bool = False
 
     def __post_init__(self) -> None:
         from ..specs import _check_import_string, _check_name
@@ -197,6 +200,7 @@ SD1 = ModelFamily(
     native_resolution=512,
     adapter=f"{_UNET_ADAPTERS}:SD1_ADAPTER",
     lora_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
+    inpaints=True,
 )
 SD2 = ModelFamily(
     name="sd2",
@@ -209,6 +213,7 @@ SD2 = ModelFamily(
     adapter=f"{_UNET_ADAPTERS}:SD2_ADAPTER",
     lora_prefixes={"unet": "lora_unet", "text_encoder": "lora_te"},
     default_prediction_type="v_prediction",  # SD2.x-768 is the common release (see models.detect)
+    inpaints=True,
 )
 SDXL = ModelFamily(
     name="sdxl",
@@ -220,6 +225,7 @@ SDXL = ModelFamily(
     native_resolution=1024,
     adapter=f"{_UNET_ADAPTERS}:SDXL_ADAPTER",
     lora_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    inpaints=True,
 )
 SDXL_REFINER = ModelFamily(
     name="sdxl-refiner",

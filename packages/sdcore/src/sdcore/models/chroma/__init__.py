@@ -31,6 +31,7 @@ CHROMA = ModelFamily(
     # kohya's lora_flux with model_type chroma: T5 stays the third encoder (lora_te3), CLIP-L is a dummy
     lora_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te3"},
     context_tokens=512,
+    inpaints=True,
 )
 
 __all__ = ["CHROMA"]

@@ -18,6 +18,7 @@ from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ...generate.hires import FlowStart
+    from ...generate.inpaint import PreparedInpaint
     from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
@@ -45,8 +46,14 @@ def build_chroma_pipeline(bundle: ModelBundle, *, img2img: bool = False, sampler
     scheduler = flow_scheduler_for(bundle, sampler, img2img=img2img)
     require_complete(bundle)
     cls: Any = diffusers.ChromaImg2ImgPipeline if img2img else diffusers.ChromaPipeline
-    return cls(scheduler=scheduler, vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+    pipe = cls(scheduler=scheduler, vae=bundle.vae, text_encoder=bundle.text_encoders[0],
                tokenizer=bundle.tokenizers[0], transformer=bundle.transformer)  # fmt: skip
+    if img2img:  # an init image given as latents passes through unencoded, as FluxImg2ImgPipeline's (inpainting)
+        from diffusers.image_processor import VaeImageProcessor
+
+        pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2,
+                                                 vae_latent_channels=pipe.latent_channels)  # fmt: skip
+    return pipe
 
 
 def run_chroma(
@@ -66,13 +73,15 @@ def run_chroma(
     output_type: str = "pil",
     hires_start: FlowStart | None = None,
     noise: ImageNoise | None = None,
+    inpaint: PreparedInpaint | None = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); A1111 prompt
     editing, alternation and ``AND`` switch per transformer evaluation, CFG's prompt and negative calls
     counting once (:mod:`sdcore.generate.step_conditioning`). ``output_type="latent"`` and ``hires_start``:
     a hires fix's passes, as :func:`sdcore.models.flux.generate.run_flux` has them (masks and CFG as here);
-    ``noise``: A1111's variation seeds (:mod:`sdcore.generate.variation`)."""
+    ``noise``: A1111's variation seeds (:mod:`sdcore.generate.variation`); ``inpaint`` (with ``image``): A1111's
+    inpainting as Forge runs it (:mod:`sdcore.generate.flow_inpaint`)."""
     import contextlib
 
     import torch
@@ -122,9 +131,20 @@ def run_chroma(
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = flow_img2img_strength(steps, strength)
+    masking = None  # the starts as latents and the per-step blend
+    if inpaint is not None:
+        from ...generate.flow_inpaint import FlowInpainting
+
+        masking = FlowInpainting.of(pipe, inpaint, seeds, cond.embeds.dtype,
+                                    pack=lambda latents: pipe._pack_latents(latents, *latents.shape))  # fmt: skip
+        kwargs.update(masking.pipeline_kwargs())
     slots = ChromaSlots(split=guided)
     # img2img: the mean init latent and each seed's first draw as its noise (:func:`posterior_mean`)
-    with posterior_mean(pipe.vae) if image is not None else contextlib.nullcontext():
-        return run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
-                          hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
-                          noise=noise)  # fmt: skip
+    with (
+        posterior_mean(pipe.vae) if image is not None else contextlib.nullcontext(),
+        masking.blending(pipe.scheduler) if masking is not None else contextlib.nullcontext(),
+    ):
+        images = run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
+                            hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
+                            noise=noise)  # fmt: skip
+    return images if masking is None else masking.finish(pipe, images, output_type)

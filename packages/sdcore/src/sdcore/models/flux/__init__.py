@@ -22,6 +22,7 @@ FLUX = ModelFamily(
     adapter="sdcore.models.flux.adapter:FluxAdapter",
     # kohya sd-scripts' Flux LoRA names (networks/lora_flux.py): T5 is lora_te3 as in SD3
     lora_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
+    inpaints=True,
 )
 
 __all__ = ["FLUX"]

@@ -143,9 +143,11 @@ def run_flux(
     ``hires_start``: the hires fix's second pass from them upscaled, with the same guidance and true CFG
     (:func:`sdcore.generate.hires.flow_second_pass`). ``reference``: FLUX.1 Kontext's reference image, a PIL
     image already at its size (``pipe`` a ``FluxKontextPipeline``), shared by the batch and both hires passes.
-    ``inpaint``: FLUX.1 Fill's inpainting (``pipe`` a ``FluxFillPipeline``): the prepared image and mask
+    ``inpaint``: with ``pipe`` a ``FluxFillPipeline``, FLUX.1 Fill's inpainting: the prepared image and mask
     (:func:`sdcore.generate.inpaint.prepare`: A1111's blur, invert, only masked) go to the pipeline as they are,
-    and its images are pasted back (A1111's overlay, as Forge does for every model). ``control``: FLUX.1
+    and its images are pasted back (A1111's overlay, as Forge does for every model); with a
+    ``FluxImg2ImgPipeline`` (dev, schnell, Kontext), A1111's inpainting as Forge runs it
+    (:mod:`sdcore.generate.flow_inpaint`: the masked start, the per-step blend, the paste-back). ``control``: FLUX.1
     Depth/Canny's control image, a PIL image (``pipe`` a ``FluxControlPipeline`` or ``FluxControlImg2ImgPipeline``,
     which stretches it to the output size), shared by the batch and both hires passes.
 
@@ -163,9 +165,11 @@ def run_flux(
     from ...generate.prompt_syntax import parse_emphasis, plain_text
     from ...generate.step_conditioning import FluxSlots, StepConditioning
     from .adapter import FluxAdapter
+    from .variants import bundle_variant
 
     check_true_cfg(negatives, true_cfg_scale)
-    if inpaint is not None and true_cfg_scale > 1.0:
+    fill = inpaint is not None and bundle_variant(bundle) == "fill"  # the adapter built a FluxFillPipeline
+    if fill and true_cfg_scale > 1.0:
         raise ConfigError(FILL_TRUE_CFG)
     if control is not None and true_cfg_scale > 1.0:
         from .control import CONTROL_TRUE_CFG
@@ -206,12 +210,19 @@ def run_flux(
     if true_cfg:
         kwargs.update(negative_prompt_embeds=uncond.embeds, negative_pooled_prompt_embeds=uncond.pooled,
                       true_cfg_scale=true_cfg_scale)  # fmt: skip
-    if inpaint is not None:
+    if fill and inpaint is not None:
         image = inpaint.image  # the pipeline masks it and encodes it itself
         kwargs["mask_image"] = [inpaint.mask] * len(prompts)
     if image is not None:
         kwargs["image"] = [image] * len(prompts)
         kwargs["strength"] = flow_img2img_strength(steps, strength)
+    masking = None  # A1111's inpainting on a regular model: the starts as latents, the per-step blend
+    if inpaint is not None and not fill:
+        from ...generate.flow_inpaint import FlowInpainting
+
+        masking = FlowInpainting.of(pipe, inpaint, seeds, cond.embeds.dtype,
+                                    pack=lambda latents: pipe._pack_latents(latents, *latents.shape))  # fmt: skip
+        kwargs.update(masking.pipeline_kwargs())
     if reference is not None:
         if image is not None:
             raise ConfigError(KONTEXT_INIT_IMAGE)
@@ -223,10 +234,15 @@ def run_flux(
     # plain img2img: the mean init latent and each seed's first draw as its noise (Fill and Depth/Canny encode
     # as their pipelines do, the posterior sampled from the seed's generator: see their docs)
     plain = image is not None and inpaint is None and control is None
-    with posterior_mean(pipe.vae) if plain else contextlib.nullcontext():
+    with (
+        posterior_mean(pipe.vae) if plain else contextlib.nullcontext(),
+        masking.blending(pipe.scheduler) if masking is not None else contextlib.nullcontext(),
+    ):
         images = run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
                             hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
                             noise=noise)  # fmt: skip
+    if masking is not None:
+        return masking.finish(pipe, images, output_type)
     if inpaint is not None and output_type != "latent":
         return [inpaint.paste_back(generated) for generated in images]
     return images

@@ -36,6 +36,7 @@ SD3 = ModelFamily(
         "text_encoder_3": "lora_te3",
     },
     default_prediction_type="flow_matching",
+    inpaints=True,
 )
 
 __all__ = ["SD3", "T5_MAX_LENGTH"]

@@ -18,6 +18,7 @@ from ...errors import ConfigError
 if TYPE_CHECKING:
     from ...generate.conditioning import Conditioning
     from ...generate.hires import FlowStart
+    from ...generate.inpaint import PreparedInpaint
     from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
@@ -91,6 +92,7 @@ def generate_sd3(
     output_type: str = "pil",
     hires_start: FlowStart | None = None,
     noise: ImageNoise | None = None,
+    inpaint: PreparedInpaint | None = None,
     **_: Any,
 ) -> Any:
     """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them.
@@ -98,7 +100,8 @@ def generate_sd3(
     ``output_type="latent"``: the batch's latents ``[B, 16, h, w]`` instead (a hires fix's first pass);
     ``hires_start``: this call is the hires fix's second pass from those latents upscaled
     (:func:`sdcore.generate.hires.flow_second_pass`); ``noise``: A1111's variation seeds
-    (:mod:`sdcore.generate.variation`)."""
+    (:mod:`sdcore.generate.variation`); ``inpaint`` (with ``image``): A1111's inpainting as Forge runs it
+    (:mod:`sdcore.generate.flow_inpaint`)."""
     import contextlib
 
     import torch
@@ -140,6 +143,12 @@ def generate_sd3(
     }
     if image is not None:
         kwargs.update(image=[image] * len(prompts), strength=flow_img2img_strength(steps, strength))
+    masking = None  # the starts as latents and the per-step blend
+    if inpaint is not None:
+        from ...generate.flow_inpaint import FlowInpainting
+
+        masking = FlowInpainting.of(pipe, inpaint, seeds, cond.embeds.dtype)
+        kwargs.update(masking.pipeline_kwargs())
     if noise is not None and image is None and hires_start is None:  # the pipeline takes it as it is
         factor = pipe.vae_scale_factor
         shape = (pipe.transformer.config.in_channels, height // factor, width // factor)
@@ -150,7 +159,10 @@ def generate_sd3(
         second = flow_second_pass(pipe, kwargs, hires_start, seeds, noise=noise)
     # img2img: the mean init latent and each seed's first draw as its noise (:func:`posterior_mean`)
     mean = posterior_mean(pipe.vae) if image is not None else contextlib.nullcontext()
-    with second, maybe_swapped(noise if image is not None else None, pipe.scheduler), mean:
+    blend = masking.blending(pipe.scheduler) if masking is not None else contextlib.nullcontext()
+    with second, maybe_swapped(noise if image is not None else None, pipe.scheduler), mean, blend:
         images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
                               hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+    if masking is not None:
+        return masking.finish(pipe, torch.stack(images), output_type)
     return torch.stack(images) if output_type == "latent" else images

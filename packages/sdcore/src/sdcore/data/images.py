@@ -165,6 +165,30 @@ def raw_rgba(image: PILImage.Image) -> PILImage.Image:
     return to_rgb(image).convert("RGBA")
 
 
+def open_upright(source: str | os.PathLike[str] | PILImage.Image, what: str) -> PILImage.Image:
+    """A generation input (the init image, a mask, a Kontext reference, a Depth/Canny control image) in its own mode,
+    for the caller's reading rule: a PIL image as it is; a file decoded and turned upright by its EXIF orientation,
+    as A1111 reads every image it is given (``images.fix_image``) and diffusers' ``load_image`` (ComfyUI's LoadImage
+    too) reads one. A missing or unreadable file (a decompression bomb too) is one
+    :class:`~sdcore.errors.ConfigError` line naming it ``what``: unlike a training image, there is nothing to skip."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from ..errors import ConfigError
+
+    if isinstance(source, Image.Image):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"a {what} must be a path or a PIL image, not {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as opened:
+            return ImageOps.exif_transpose(opened)  # a new (decoded) image, or a copy when upright already
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
+        raise ConfigError(f"cannot read {what} {path}: {_describe(exc)}") from None
+
+
 def open_image_rgb(
     path: str | os.PathLike[str], *, draft: tuple[int, int] | None = None, keep_alpha: bool = False
 ) -> PILImage.Image:

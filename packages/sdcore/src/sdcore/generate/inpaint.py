@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -245,19 +244,9 @@ def open_mask(source: Any) -> Image.Image:
     """The mask as an 8-bit grey image, by A1111's rule (``create_binary_mask``): the alpha of an RGBA image that
     has transparency, cut at 128; the grey level of anything else. A file is turned upright by its EXIF
     orientation first, as A1111 does to the mask and the init image alike (``images.fix_image``)."""
-    from PIL import Image as PILImage
-    from PIL import ImageOps, UnidentifiedImageError
+    from ..data.images import open_upright
 
-    if isinstance(source, (str, Path)):
-        try:
-            with PILImage.open(source) as opened:
-                image = ImageOps.exif_transpose(opened)  # a new image (loaded), or a copy without orientation
-        except (OSError, UnidentifiedImageError, PILImage.DecompressionBombError) as exc:  # the last is no OSError
-            raise ConfigError(f"cannot read mask {source}: {exc}") from exc
-    elif isinstance(source, PILImage.Image):
-        image = source
-    else:
-        raise ConfigError(f"mask must be a path or a PIL image, not {type(source).__name__}")
+    image = open_upright(source, "mask")
     # A1111's UI reads the mask as RGBA (gradio's image_mode="RGBA": PIL's convert), so every kind of
     # transparency, a PNG's transparent colour (tRNS) of an RGB, L or P image included, becomes the alpha
     if image.mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info:

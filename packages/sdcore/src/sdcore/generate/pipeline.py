@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -258,17 +257,9 @@ def _load_init_image(init_image: Any, *, flatten: bool = True) -> Image.Image:
     ``images.flatten``, so an image with an alpha band (RGBA, LA, PA) or a transparent colour (a PNG ``tRNS``)
     has white where it is transparent and a blend where half so. Without (inpainting with a mask, the "Inpaint
     upload" tab): that tab loads the image as RGB, which drops the alpha and keeps the colours under it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from ..data.images import open_upright
 
-    if isinstance(init_image, (str, Path)):
-        try:
-            with Image.open(init_image) as opened:
-                return _as_rgb(ImageOps.exif_transpose(opened), flatten)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
-            raise ConfigError(f"cannot read init image {init_image}: {exc}") from exc
-    if isinstance(init_image, Image.Image):
-        return _as_rgb(init_image, flatten)
-    raise ConfigError(f"init_image must be a path or a PIL image, not {type(init_image).__name__}")
+    return _as_rgb(open_upright(init_image, "init image"), flatten)
 
 
 def _as_rgb(image: Image.Image, flatten: bool) -> Image.Image:

@@ -86,28 +86,13 @@ def reference_size(width: int, height: int, *, resize: bool = True) -> tuple[int
 
 
 def open_reference(path: Any, what: str = "reference image") -> Any:
-    """The reference image at ``path`` (or a PIL image) as RGB; a missing or unreadable file is one
-    :class:`~sdcore.errors.ConfigError` line naming it ``what`` (FLUX.1 Depth/Canny's control image is read
-    the same way). A file is read as diffusers' ``load_image`` reads it (the reader
-    of its Kontext examples; ComfyUI's LoadImage does the same): turned upright by its EXIF orientation, then
-    ``convert("RGB")`` (alpha dropped, not composited). A PIL image is taken as it is, as the pipeline does."""
-    from pathlib import Path
+    """The reference image at ``path`` (or a PIL image) as RGB, read as diffusers' ``load_image`` reads it (the
+    reader of its Kontext examples; ComfyUI's LoadImage does the same): turned upright by its EXIF orientation,
+    then ``convert("RGB")`` (alpha dropped, not composited); a missing or unreadable file is one line naming it
+    ``what`` (:func:`sdcore.data.images.open_upright`; FLUX.1 Depth/Canny's control image is read the same way)."""
+    from ...data.images import open_upright
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from ...errors import ConfigError
-
-    if isinstance(path, Image.Image):
-        return path.convert("RGB")
-    if not isinstance(path, (str, Path)):
-        raise ConfigError(f"a {what} must be a path or a PIL image, not {type(path).__name__}")
-    try:
-        with Image.open(path) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: no such file") from None
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    return open_upright(path, what).convert("RGB")
 
 
 def sized_reference(image: Any, mode: str = "kontext", output: tuple[int, int] | None = None) -> Any:

@@ -57,6 +57,7 @@ def _a1111_t_enc(steps: int, strength: float) -> int:
         ("sd1", "euler_a", 10, 0.75),
         ("sd1", "euler_a", 3, 1.0),
         ("sd1", "euler_a", 1, 0.75),
+        ("sd1", "euler_a", 4, 0.0),  # A1111's slider starts at 0: t_enc 0, one step at the last sigma
         ("sd1", "dpm++2m", 5, 0.3),
         ("sd1", "dpm++2m", 4, 0.75),
         ("sd1", "ddim", 4, 0.5),
@@ -135,7 +136,9 @@ def test_inpainting_counts_as_img2img(sd1):
     assert [t for _, t in rec.calls] == pytest.approx([float(t) for t in scheduler.timesteps[steps - t_enc - 1 :]])
 
 
-@pytest.mark.parametrize(("family", "steps", "strength"), [("sd3", 4, 0.5), ("flux", 4, 0.75), ("chroma", 5, 0.6)])
+@pytest.mark.parametrize(
+    ("family", "steps", "strength"), [("sd3", 4, 0.5), ("flux", 4, 0.75), ("chroma", 5, 0.6), ("flux", 3, 0.0)]
+)
 def test_flow_img2img_runs_forges_steps(loaded_tiny, family, steps, strength):
     # Forge's sample_img2img on a flow model: the same setup_img2img_steps and sigmas[steps - t_enc - 1:]
     # (the flow pipelines start at int(steps - steps * strength): one step fewer where steps * strength is whole)

@@ -201,8 +201,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "strength",
     default=None,
     type=click.FloatRange(0.0, 1.0),
-    help="Denoising strength: of img2img and inpainting (default 0.75, FLUX.1 Fill 1; above 0) and of the hires pass "
-    "(default 0.7; 0 only upscales).",
+    help="Denoising strength: of img2img and inpainting (default 0.75, FLUX.1 Fill 1; 0 runs A1111's one step at the "
+    "lowest noise) and of the hires pass (default 0.7; 0 only upscales).",
 )
 @click.option(
     "--hires/--no-hires",
@@ -549,8 +549,6 @@ def _prepare_run(params: dict[str, Any], problems: list[str]) -> _Run:
         problems.extend(hires.problems())
         if params["init_image"] is not None:
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
-    elif params["init_image"] is not None and params["strength"] == 0:
-        problems.append("--strength of img2img must be above 0")
     problems += variation.problems() if variation is not None else []
     return _Run(params, sampler, seed, variation, hires)
 

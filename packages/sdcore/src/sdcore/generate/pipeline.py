@@ -410,8 +410,8 @@ def generate_images(
         raise ConfigError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}")
-    if init_image is not None and not 0.0 < strength <= 1.0:
-        raise ConfigError(f"strength must be in (0, 1], got {strength}")
+    if init_image is not None and not 0.0 <= strength <= 1.0:  # 0: A1111's one step at the last sigma
+        raise ConfigError(f"strength must be in [0, 1], got {strength}")
     if inpaint is not None:
         if init_image is None:
             raise ConfigError("a mask (--mask) repaints part of an init image: add --init-image")

@@ -194,8 +194,9 @@ def test_onetrainer_inpainting_model_types_import(tmp_path, model_type, family):
 
 
 def test_onetrainer_inpainting_options(tmp_path):
-    """masked_training gives the masks of both the loss and the conditioning; custom_conditioning_image and the
-    depth models stay refused with their reason."""
+    """masked_training gives the masks of both the loss and the conditioning; custom_conditioning_image reads the
+    -condlabel.png images (a note on a model without the mask input, as OneTrainer ignores it there); the depth
+    models stay refused with their reason."""
     from sdcore.errors import ConfigError
 
     model = _inpainting_model(tmp_path, "sd1")
@@ -203,8 +204,19 @@ def test_onetrainer_inpainting_options(tmp_path):
               "base_model_name": str(model), "resolution": "64", "masked_training": True}  # fmt: skip
     o = _ot(tmp_path, config, "dreambooth")
     assert (o.masked_loss, o.masked_loss_unmasked_weight, o.inpainting_unmasked_probability) == (True, 0.1, 0.1)
-    with pytest.raises(ConfigError, match=r"-condlabel\.png images replace an inpainting model's masked image"):
-        _ot(tmp_path, {**config, "custom_conditioning_image": True}, "dreambooth")
+    assert o.inpainting_conditioning_images is False
+    assert _ot(tmp_path, {**config, "custom_conditioning_image": True}, "dreambooth").inpainting_conditioning_images
+    notes: list[str] = []
+    plain = {
+        **config,
+        "model_type": "STABLE_DIFFUSION_15",
+        "base_model_name": "tiny:sd1",
+        "custom_conditioning_image": True,
+    }
+    assert not _ot(tmp_path, plain, "dreambooth", notes=notes).inpainting_conditioning_images
+    assert any("custom_conditioning_image: accepted, no effect" in n for n in notes), notes
+    with pytest.raises(ConfigError, match="custom_conditioning_image 'yes'"):
+        _ot(tmp_path, {**config, "custom_conditioning_image": "yes"}, "dreambooth")
     with pytest.raises(ConfigError, match="sdcore does not train depth models"):
         _ot(tmp_path, {**config, "model_type": "STABLE_DIFFUSION_20_DEPTH"}, "dreambooth")
 

@@ -105,6 +105,46 @@ def test_conditioning_is_onetrainers_rule_cached_or_not(tmp_path, kind, cached):
     assert batch.masks is not None  # the same masks still weigh the loss (kohya's area filter)
 
 
+def _condlabels(tmp_path: Path) -> dict[str, np.ndarray]:
+    """OneTrainer's custom conditioning images for two of the four images: one of the image's size, one of half of
+    it (stretched to the image's size first); the values they should give as pixels 0..255."""
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    rng = np.random.default_rng(5)
+    wanted = {}
+    for image, side in ((images[0], 64), (images[2], 32)):
+        array = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(array).save(image.with_name(image.stem + "-condlabel.png"))
+        stretched = Image.fromarray(array).resize((64, 64)) if side != 64 else Image.fromarray(array)
+        wanted[image.stem] = np.asarray(stretched, dtype=np.float32)
+    return wanted
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_custom_conditioning_images_are_the_masked_images(tmp_path, cached):
+    """--inpainting-conditioning-images (OneTrainer's custom_conditioning_image): an image's -condlabel.png is its
+    masked image as it is (mgds' SelectFirstInput picks it before GenerateMaskedConditioningImage's); the others
+    keep the generated one; the mask is the dataset's either way; -condlabel files are not training images."""
+    bundle = sd1_inpainting()
+    contract_options(ProjOutMethod, tmp_path, {})
+    masks = _masks(tmp_path)
+    wanted = _condlabels(tmp_path)
+    s = _session(tmp_path, bundle, masked_loss=True, conditioning_data_dir=str(masks), cache_latents=cached,
+                 inpainting_conditioning_images=True)  # fmt: skip
+    assert len(s.data.entries) == 4 and not any("condlabel" in e.path.name for e in s.data.entries)
+    batch = s.make_batch([SampleRef(i, 0, 0) for i in range(4)])
+    want_mask, generated = _expected(s, masks, "unet")
+    torch.testing.assert_close(batch.inpainting_mask, want_mask, rtol=0, atol=1e-6)
+    for i, entry in enumerate(s.data.entries):
+        if entry.path.stem not in wanted:
+            torch.testing.assert_close(batch.masked_latents[i], generated[i], rtol=1e-4, atol=1e-5)
+            continue
+        pixels = torch.from_numpy(wanted[entry.path.stem] / 127.5 - 1.0).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            own = s.bundle.normalize_latents(s.bundle.vae.encode(pixels).latent_dist.mean)[0]
+        torch.testing.assert_close(batch.masked_latents[i], own, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(own, generated[i], atol=1e-2)
+
+
 def test_no_mask_means_the_whole_image_and_unmasked_draws_blank_it(tmp_path):
     """Without dataset masks every sample is a full hole (masked image all grey); with
     --inpainting-unmasked-probability 1 every sample gets the full mask and a zero image's latents (mgds'
@@ -218,6 +258,15 @@ def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
     assert "acts on inpainting models" in inpainting_problems(o, plain, None)[0]
     o = contract_options(ProjOutMethod, tmp_path, {"inpainting_unmasked_probability": 0.1, "sample_prompts": "x"})
     assert inpainting_problems(o, layout_of_bundle(sd1_inpainting()), None) == []  # renders as A1111's txt2img
+    custom = contract_options(ProjOutMethod, tmp_path, {"inpainting_conditioning_images": True})
+    assert "without the mask input" in inpainting_problems(custom, plain, None)[0]
+    random = contract_options(ProjOutMethod, tmp_path, {"inpainting_conditioning_images": True,
+                                                        "inpainting_masks": "random", "cache_latents": False})  # fmt: skip
+    assert "not of kohya's random masks" in inpainting_problems(random, layout_of_bundle(sd1_inpainting()), None)[0]
+    from sdcore.data.dataset import scan_dataset
+
+    (line,) = inpainting_problems(custom, layout_of_bundle(sd1_inpainting()), scan_dataset(custom))
+    assert "no image of the dataset has a <name>-condlabel.png beside it" in line
     problems = inpainting_problems(o, layout_of_bundle(flux_fill()), None)
     assert problems == [
         "--sample-prompts: FLUX.1 Fill renders only from an init image and a mask (sdcore generate --init-image "

@@ -34,6 +34,10 @@ _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
 _SIDECAR_SUFFIXES = frozenset(CAPTION_EXTENSIONS) | {".npz", ".json", ".toml", ".yaml", ".yml", ".md", ".db", ".ini"}
 
 
+#: OneTrainer's custom conditioning image beside ``<stem>.<ext>``: ``<stem>-condlabel.png`` (its ``ModifyPath``)
+CONDITIONING_SUFFIX = "-condlabel.png"
+
+
 @dataclass(frozen=True)
 class SubsetOptions:
     """One folder of images and how to use it (a kohya ``[[datasets.subsets]]`` entry).
@@ -110,6 +114,10 @@ class SubsetOptions:
     #: OneTrainer's masked training: each image's mask is the file beside it named ``<stem><mask_suffix>``
     #: (its ``-masklabel.png``), greyscale, a missing one weighting the whole image (``None``: no such masks)
     mask_suffix: str | None = None
+    #: OneTrainer's custom conditioning images (``--inpainting-conditioning-images``): the file beside each image
+    #: named ``<stem><conditioning_suffix>`` (its ``-condlabel.png``) is an inpainting model's masked image as it
+    #: is; those files are not training images (``None``: no such images)
+    conditioning_suffix: str | None = None
     #: ai-toolkit datasets (:mod:`sdcore.train.aitoolkit`): ``[trigger]``/``[name]`` in captions become this
     #: word and a training caption without it gets it in front (``None``: not an ai-toolkit dataset)
     trigger_word: str | None = None
@@ -259,6 +267,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         if options.conditioning_data_dir
         else None,
         "control_dir": Path(options.control_dir).expanduser() if options.control_dir else None,
+        "conditioning_suffix": CONDITIONING_SUFFIX if options.inpainting_conditioning_images else None,
         "face_crop_aug_range": _face_range_or_none(options.face_crop_aug_range),
         # 0 (the model's size) is resolved by the runtime first; with --resolutions the largest
         "resolution": options.resolution or max(_run_resolutions(options), default=512),
@@ -865,6 +874,8 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             continue
         if subset.excluded_stem_suffixes and path.stem.endswith(subset.excluded_stem_suffixes):
             continue  # a mask beside its image, not a training image
+        if subset.conditioning_suffix is not None and path.name.endswith(subset.conditioning_suffix):
+            continue  # the conditioning image of the image beside it
         images.append(path)
     images.sort()
     for position, size in _usable_sizes(subset, images, index, verify):
@@ -1015,6 +1026,7 @@ def assign_buckets(index: DatasetIndex) -> list[BucketAssignment]:
 
 
 __all__ = [
+    "CONDITIONING_SUFFIX",
     "DatasetIndex",
     "DatasetProblems",
     "ImageEntry",

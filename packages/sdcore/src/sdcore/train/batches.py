@@ -219,13 +219,21 @@ class BatchMaker:
     ) -> tuple[Any, Any]:
         """An inpainting model's ``(mask, masked latents)`` for the samples ``refs`` (:mod:`.inpainting`): the
         mask at latent size in the denoiser's layout, and the masked image's latents (scaled) from the latent
-        cache or encoded now from the pixels the sample's latents were made from (``loaded``); an ``unmasked`` sample gets the
+        cache or encoded now from the pixels the sample's latents were made from (``loaded``; a custom conditioning
+        image instead where the sample has one: :func:`.inpainting.conditioning_pixels`); an ``unmasked`` sample gets the
         full mask and the latents of a blank (all-zero) image of its size. With ``--inpainting-masks random`` each
         draw of a sample gets its own random mask (:func:`.inpainting.random_pixel_mask`), never cached."""
         import torch
 
         from .data import SampleView
-        from .inpainting import encode_mean, latent_mask, masked_pixels, pixel_mask, random_pixel_mask
+        from .inpainting import (
+            conditioning_pixels,
+            encode_mean,
+            latent_mask,
+            masked_pixels,
+            pixel_mask,
+            random_pixel_mask,
+        )
 
         kind = self.inpainting
         assert kind is not None
@@ -258,9 +266,11 @@ class BatchMaker:
             if self.latent_cache is not None:  # encoded with the latents, from the same pixels
                 latents[i] = self.latent_cache.masked_latent(ref.entry, view.flip)
                 continue
+            entry = self.data.entries[ref.entry]
             if pixel is None:
-                pixel = pixel_mask(self.data.entries[ref.entry], assignment, flip=view.flip, crop=view.crop)
-            pending.append((i, masked_pixels(loaded[i], pixel)))
+                pixel = pixel_mask(entry, assignment, flip=view.flip, crop=view.crop)
+            pending.append((i, conditioning_pixels(entry, assignment, loaded[i], pixel, flip=view.flip, crop=view.crop,
+                                                   color=view.color)))  # fmt: skip
         if pending:
             encoded = encode_mean(self.bundle, torch.stack([p for _, p in pending]))
             for (i, _), latent in zip(pending, encoded, strict=True):

@@ -78,6 +78,10 @@ def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str, *, i
         from .inpainting import mask_identity
 
         parts.append(("inpainting-mask", mask_identity(entry)))
+        if getattr(entry.subset, "conditioning_suffix", None) is not None:  # a new or edited -condlabel re-encodes
+            from .inpainting import conditioning_identity
+
+            parts.append(("inpainting-conditioning", conditioning_identity(entry)))
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -234,7 +238,7 @@ class LatentCache:
         import torch
 
         from .data import load_pixels
-        from .inpainting import encode_mean, masked_pixels, pixel_mask
+        from .inpainting import conditioning_pixels, encode_mean, pixel_mask
 
         name = "masked_flipped" if flipped else "masked"
         if name in stored:
@@ -243,7 +247,7 @@ class LatentCache:
         entry, assignment = self.entries[index], self.assignments[index]
         pixels, _, _ = load_pixels(entry, assignment, flip=flipped)
         mask = pixel_mask(entry, assignment, flip=flipped, crop=None)
-        latent = encode_mean(self.bundle, masked_pixels(pixels, mask)[None])[0]
+        latent = encode_mean(self.bundle, conditioning_pixels(entry, assignment, pixels, mask, flip=flipped)[None])[0]
         self.masked[(index, flipped)] = latent
         stored[name] = latent.numpy()
         return True

@@ -25,6 +25,12 @@ these models (model types ``STABLE_DIFFUSION_15_INPAINTING``, ``..._20_INPAINTIN
 - the mask at latent size: SD's UNet takes one channel, the pixel mask shrunk by OneTrainer's ``ScaleImage(0.125)``
   (torchvision's bilinear resize with antialias); FLUX.1 Fill takes 64, each 8x8 pixel block laid out as
   channels (``ShuffleFluxFillMaskChannels``, the same view/permute as ``FluxFillPipeline.prepare_mask_latents``).
+- a custom conditioning image (``--inpainting-conditioning-images``, OneTrainer's ``custom_conditioning_image``):
+  the ``<stem>-condlabel.png`` beside an image *is* its masked image, as it is (no hole blanked: e.g. the scene
+  with the object removed, to teach object removal), given the image's resize, crop, flip and colour
+  augmentation (OneTrainer lists it with the image in ``ScaleCropImage``, ``RandomFlip`` and the colour
+  modules); an image without one gets the masked image above (mgds' ``SelectFirstInput``). The mask still comes
+  from the dataset (or is full). The ``-condlabel`` files are not training images.
 - ``unmasked_probability`` (``--inpainting-unmasked-probability``): per sample draw, the mask becomes a full
   one and the masked-image latents those of an all-zero (grey) image (mgds' ``RandomLatentMaskRemove``; the
   latent mode of a zero image); the dataset mask then no longer weighs that sample's loss either (OneTrainer's
@@ -37,7 +43,10 @@ these models (model types ``STABLE_DIFFUSION_15_INPAINTING``, ``..._20_INPAINTIN
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..data.dataset import CONDITIONING_SUFFIX
 
 if TYPE_CHECKING:
     import torch
@@ -121,6 +130,61 @@ def masked_pixels(pixels: Any, mask: Any) -> Any:
     return image * (1.0 - m)
 
 
+def conditioning_image_path(entry: ImageEntry) -> Path | None:
+    """The custom conditioning image beside ``entry`` (``<stem>-condlabel.png``) when its subset reads them
+    (``--inpainting-conditioning-images``) and the file is there; None otherwise."""
+    suffix = getattr(entry.subset, "conditioning_suffix", None)
+    if suffix is None:
+        return None
+    beside = entry.path.with_name(entry.path.stem + suffix)
+    return beside if beside.is_file() else None
+
+
+def load_conditioning_pixels(
+    entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None = None,
+    color: Any = None,
+) -> Any:  # fmt: skip
+    """``entry``'s custom conditioning image as float32 CHW in [-1, 1] with the image's own resize, crop, flip and
+    colour augmentation (a file of another size is stretched to the image's first, as OneTrainer's
+    ``ScaleCropImage`` scales both to one size), or None when it has none."""
+    import numpy as np
+
+    from ..data.augment import apply_color_aug
+    from ..data.images import open_image_rgb
+    from ..data.loading import fit_to_bucket
+
+    path = conditioning_image_path(entry)
+    if path is None:
+        return None
+    image = open_image_rgb(path)
+    if image.size != entry.size:  # the image's size after its EXIF rotation
+        image = image.resize(entry.size)
+    interpolation = getattr(entry.subset, "resize_interpolation", None)
+    image, _ = fit_to_bucket(image, assignment, flip=flip, crop=crop, interpolation=interpolation)
+    array = np.asarray(image, dtype=np.uint8)
+    values = apply_color_aug(array, color).astype(np.float32) if color is not None else array.astype(np.float32)
+    return np.ascontiguousarray(values.transpose(2, 0, 1) / 127.5 - 1.0, dtype=np.float32)
+
+
+def conditioning_pixels(entry: ImageEntry, assignment: BucketAssignment, pixels: Any, mask: Any, *, flip: bool,
+                        crop: tuple[int, int] | None = None, color: Any = None) -> Any:  # fmt: skip
+    """The masked image (a CHW tensor in [-1, 1]) an inpainting sample is conditioned on: its custom conditioning
+    image when it has one, else :func:`masked_pixels` of its (augmented) ``pixels`` and ``mask``."""
+    import torch
+
+    custom = load_conditioning_pixels(entry, assignment, flip=flip, crop=crop, color=color)
+    return masked_pixels(pixels, mask) if custom is None else torch.from_numpy(custom)
+
+
+def conditioning_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
+    """``(path, mtime, size)`` of ``entry``'s custom conditioning image (a latent cache key part), None without."""
+    path = conditioning_image_path(entry)
+    if path is None:
+        return None
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 def latent_mask(mask: Any, latent_size: tuple[int, int], kind: str) -> Any:
     """The pixel mask ``[H, W]`` as the denoiser's mask input: ``[1, h, w]`` for an SD UNet (bilinear with
     antialias, OneTrainer's ``ScaleImage``), ``[64, h, w]`` for FLUX.1 Fill (8x8 blocks as channels)."""
@@ -198,6 +262,17 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
     random_masks = options.inpainting_masks == "random"
     if random_masks and options.cache_latents:
         problems.append(RANDOM_CACHE)
+    custom = options.inpainting_conditioning_images
+    if custom and random_masks:
+        problems.append(
+            "--inpainting-conditioning-images: a -condlabel.png is the masked image of one mask (OneTrainer's dataset "
+            "masks), not of kohya's random masks (--inpainting-masks random); use one of them"
+        )
+    if custom and index is not None and not any(conditioning_image_path(e) for e in index.entries):
+        problems.append(
+            f"--inpainting-conditioning-images: no image of the dataset has a <name>{CONDITIONING_SUFFIX} beside it "
+            "(OneTrainer's name for a custom conditioning image)"
+        )
     if layout is None:
         return problems
     kind = layout_kind(layout)
@@ -211,6 +286,11 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
             problems.append(
                 f"--inpainting-unmasked-probability {p} acts on inpainting models (an SD inpainting UNet or FLUX.1 "
                 f"Fill); {layout.source} is a {layout.family} model without the mask input (leave it at 0)"
+            )
+        if custom:
+            problems.append(
+                f"--inpainting-conditioning-images gives an inpainting model its masked images; {layout.source} is a "
+                f"{layout.family} model without the mask input"
             )
         if random_masks:
             problems.append(
@@ -237,10 +317,14 @@ __all__ = [
     "FILL_SAMPLES",
     "RANDOM_CACHE",
     "bundle_kind",
+    "conditioning_identity",
+    "conditioning_image_path",
+    "conditioning_pixels",
     "encode_mean",
     "inpainting_problems",
     "latent_mask",
     "layout_kind",
+    "load_conditioning_pixels",
     "mask_identity",
     "masked_pixels",
     "pixel_mask",

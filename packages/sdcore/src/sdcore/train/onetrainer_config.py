@@ -374,8 +374,6 @@ REFUSED: dict[str, str] = {
     "loss scale (it changes gradient clipping and non-adaptive optimizers)",
     "force_v_prediction": "sdcore trains with the model's own prediction type",
     "force_epsilon_prediction": "sdcore trains with the model's own prediction type",
-    "custom_conditioning_image": "OneTrainer's -condlabel.png images replace an inpainting model's masked image; "
-    "sdcore makes the masked image from each image and its mask",
 }
 #: ``learning_rate_scaler`` -> what ``get_scale`` multiplies (every parameter group's rate is multiplied by
 #: the square root, ``NamedParameterGroup.parameters_for_optimizer``); GLOBAL_*: times the world size, 1 here
@@ -400,7 +398,8 @@ HANDLED = frozenset(
      "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
      "lokr_dim", "lokr_decompose_factor", "lokr_decompose_both", "lokr_use_tucker", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
-     "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler", "masked_training", *MASK_FIELDS}
+     "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler", "masked_training", *MASK_FIELDS,
+     "custom_conditioning_image"}
 )  # fmt: skip
 _NESTED = frozenset({*PARTS, "optimizer", "embedding", "quantization", "cloud", "secrets"})
 
@@ -538,6 +537,7 @@ def translate_config(
     _parts(r, parts, family, method, fields)
     _training(r, family, method)
     _masked(r, method, inpainting=model_type in INPAINTING_TYPES)
+    _custom_conditioning(r, inpainting=model_type in INPAINTING_TYPES)
     _noise(r, family)
     if method == "lora":
         _lora(r, family)
@@ -561,6 +561,18 @@ def translate_config(
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
+
+
+def _custom_conditioning(r: _Reader, *, inpainting: bool) -> None:
+    """``custom_conditioning_image``: each image's ``-condlabel.png`` is an inpainting model's masked image
+    (``--inpainting-conditioning-images``); OneTrainer reads it for the models with the mask input only."""
+    on = r.get("custom_conditioning_image")
+    if not isinstance(on, bool):
+        r.refuse("custom_conditioning_image", on, "must be true or false")
+    elif on and inpainting:
+        r.out.values["inpainting_conditioning_images"] = True
+    elif on:
+        r.note("custom_conditioning_image: accepted, no effect on a model without the mask input (as in OneTrainer)")
 
 
 def _masked(r: _Reader, method: str, *, inpainting: bool = False) -> None:

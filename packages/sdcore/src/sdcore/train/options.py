@@ -256,6 +256,13 @@ class TrainOptions:
         choices=INPAINTING_MASKS,
         group="data",
     )
+    inpainting_conditioning_images: bool = option(
+        False,
+        "Inpainting models: the '<stem>-condlabel.png' beside an image is its masked image, used as it is "
+        "(OneTrainer's custom conditioning image, e.g. the scene with the object removed); an image without one gets "
+        "the masked image made from its mask. The -condlabel files are not trained on.",
+        group="data",
+    )
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")
     max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")

@@ -110,6 +110,32 @@ def test_every_step_and_the_end_keep_the_init_latent_outside_the_mask(loaded_tin
     assert np.array_equal(np.asarray(out)[alpha == 255], np.asarray(image)[alpha == 255])
 
 
+def test_sd3_heun_blends_both_evaluations_of_each_step(loaded_tiny, monkeypatch):
+    """SD3 starts Heun from an init image (diffusers' own ``FlowMatchHeunDiscreteScheduler``: every timestep after
+    the first listed twice, the corrector evaluated at the next sigma). The blend's ``timestep / 1000`` is the sigma
+    of both evaluations: each denoised estimate, with the scheduler's sigma, is the init latent where the mask keeps
+    (two prompts, a 48x80 image: latents 6 wide, 10 high)."""
+    import diffusers
+    from sdcore.generate import pipeline
+    from sdcore.generate.inpaint import Inpaint, prepare
+
+    bundle = loaded_tiny("sd3")
+    image, mask = _picture(), _box_mask()
+    settings = Inpaint(mask, blur=0)
+    prepared = prepare(settings, image, 48, 80)
+    init = _init_latent(bundle, prepared.pixels()).double()
+    nmask = torch.from_numpy(prepared.latent_mask(6, 10))[None, None].double()
+    keep = ((1 - nmask) == 1).expand(2, *init.shape[1:])
+    seen = _recording_steps(monkeypatch, diffusers.FlowMatchHeunDiscreteScheduler)
+    pipeline.generate_images(bundle, ["a cat", "a dog"], steps=3, seed=2, sampler="heun", init_image=image,
+                             inpaint=settings, width=48, height=80)  # fmt: skip
+    # A1111's int(0.75 * 3) + 1 = 3 steps of 3: the first one evaluation, the others two (Heun's), 5 in all
+    assert len(seen) == 5 and len({sigma for _, _, sigma in seen}) == 3
+    for output, sample, sigma in seen:
+        denoised = sample - sigma * output
+        torch.testing.assert_close(denoised[keep], init.expand_as(denoised)[keep], rtol=1e-4, atol=1e-4)
+
+
 def test_a_mask_repaints_what_the_prompt_says_and_only_there(loaded_tiny):
     """Two prompts, one seed: the hole differs between them, the unmasked pixels are the original's in both, and
     ``--inpainting-mask-invert`` repaints the outside instead."""

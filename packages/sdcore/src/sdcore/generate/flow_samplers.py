@@ -170,6 +170,10 @@ def _own_sigmas(cls: Any) -> Any:
     return type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "__doc__": _own_sigmas.__doc__})
 
 
+#: the schedule settings a flow pipeline reads from its scheduler's config to compute the resolution shift ``mu``
+_DYNAMIC_SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+
+
 @functools.cache
 def _euler_schedule_heun() -> Any:
     """The Heun scheduler class over the Euler schedule (built on first use: diffusers is a heavy import)."""
@@ -190,6 +194,9 @@ def _euler_schedule_heun() -> Any:
             self.euler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
                 {**euler_config, "stochastic_sampling": False}
             )
+            # a pipeline asks its scheduler's config whether to compute the resolution shift ``mu`` (SD3's
+            # pipelines only then do): the Euler schedule's dynamic-shift settings are this scheduler's too
+            self.register_to_config(**{k: euler_config[k] for k in _DYNAMIC_SHIFT_KEYS if k in euler_config})
 
         def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
                           sigmas: Any = None, mu: float | None = None, timesteps: Any = None) -> None:  # fmt: skip

@@ -224,8 +224,9 @@ def test_onetrainer_inpainting_options(tmp_path):
 def test_onetrainer_inpainting_samples(tmp_path):
     """An SD inpainting type keeps its samples (rendered from text on a full mask, as OneTrainer's sampler does
     without sample_inpainting: StableDiffusionSampler.__sample_inpainting's else branch); a sample with
-    sample_inpainting carries its image and mask; FLUX_FILL_DEV_1's samples are left out with a note
-    (sdcore generate renders Fill only from an init image and a mask)."""
+    sample_inpainting carries its image and mask; FLUX_FILL_DEV_1 keeps its samples when each has sample_inpainting
+    (rendered on that image and mask) and leaves them out with a note otherwise (sdcore renders Fill only from an
+    image and a mask, where OneTrainer renders a blank image under a full mask)."""
     from sdcore.train.onetrainer_config import read_sample_prompts
 
     samples = [{"prompt": "a colour", "width": 64, "height": 64},
@@ -245,4 +246,14 @@ def test_onetrainer_inpainting_samples(tmp_path):
     notes = []
     o = _ot(tmp_path, {**config, "model_type": "FLUX_FILL_DEV_1", "base_model_name": str(fill)}, notes=notes)
     assert o.sample_prompts is None
-    assert any("samples: left out (FLUX.1 Fill renders only from an init image and a mask" in n for n in notes)
+    assert any(
+        "samples: left out (FLUX.1 Fill renders a sample only from an image and a mask: kohya's --i IMAGE (a wobbly "
+        "ellipse mask drawn from the seed) or OneTrainer's sample_inpainting with base_image_path and "
+        "mask_image_path; 1 of 2 prompt(s) have none (the first: 'a colour'): give them one or leave them out)" in n
+        for n in notes
+    )
+    notes = []
+    o = _ot(tmp_path, {**config, "model_type": "FLUX_FILL_DEV_1", "base_model_name": str(fill),
+                       "samples": samples[1:]}, notes=notes)  # fmt: skip
+    assert o.sample_prompts == str(tmp_path / "config.json") and o.sample_every == 5
+    assert not any("samples: left out" in n for n in notes)

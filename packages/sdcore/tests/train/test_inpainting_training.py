@@ -244,7 +244,7 @@ def test_fill_input_is_flux_fill_pipelines_layout():
 
 def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
     """--inpainting-unmasked-probability out of range or on a model without the mask input, control images on an
-    inpainting model and sample prompts on FLUX.1 Fill: one line each, before the first step (an SD inpainting
+    inpainting model and sample prompts without an image on FLUX.1 Fill: one line each, before the first step (an SD inpainting
     model's samples render)."""
     from sdcore.models.layout import layout_of_bundle
     from sdcore.models.tiny import create_tiny_bundle
@@ -268,10 +268,10 @@ def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
     (line,) = inpainting_problems(custom, layout_of_bundle(sd1_inpainting()), scan_dataset(custom))
     assert "no image of the dataset has a <name>-condlabel.png beside it" in line
     problems = inpainting_problems(o, layout_of_bundle(flux_fill()), None)
-    assert problems == [
-        "--sample-prompts: FLUX.1 Fill renders only from an init image and a mask (sdcore generate --init-image "
-        "--mask), which sample prompts do not carry, so samples of it cannot be made during training (leave out "
-        "--sample-prompts)"
+    assert problems == [  # a prompt without an image (--i, sample_inpainting): tests/train/test_fill_samples.py
+        "--sample-prompts: FLUX.1 Fill renders a sample only from an image and a mask: kohya's --i IMAGE (a wobbly "
+        "ellipse mask drawn from the seed) or OneTrainer's sample_inpainting with base_image_path and "
+        "mask_image_path; 1 of 1 prompt(s) have none (the first: 'x'): give them one or leave them out"
     ]
 
 

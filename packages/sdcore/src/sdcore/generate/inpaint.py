@@ -48,6 +48,13 @@ modules/masking.py, modules/images.py ``resize_image``, modules/sd_samplers_cfg_
   antialiased bilinear ``Resize`` on the [0, 1] tensors), the hole of the masked image where a 5x5 box average of the
   mask (replicated borders) is above 0.5, and the latent mask the mask's antialiased bilinear resize to the latent
   size, above 0 (any trace of the mask counts).
+- **FLUX.1 Fill's own conditioning for a txt2img** (the same :class:`ImageConditioning`, kohya's ``--i`` and
+  OneTrainer's ``sample_inpainting`` samples of a Fill model): the masked image is cut and encoded (posterior mean,
+  the family's shift and scale) as each rule does for an SD model, and the mask input is FLUX.1 Fill's 64 channels
+  (each 8x8 pixel block): kohya's cut mask, OneTrainer's stretched grey mask uncut (its FluxSampler
+  ``__sample_inpainting``: the masked image under the box-averaged cut, the packed mask the resized grey values);
+  the sample is a txt2img from the seed's noise on the distilled guidance, no per-step blend, no paste-back
+  (:func:`sdcore.models.flux.generate.fill_conditioning`).
 """
 
 from __future__ import annotations
@@ -187,6 +194,18 @@ class ImageConditioning:
                                   antialias=True)  # fmt: skip
             return (small > 0).float()
         return F.interpolate(self.binary_mask(), size=(height, width))
+
+    def fill_mask(self) -> Any:
+        """FLUX.1 Fill's mask input ``[1, 64, H / 8, W / 8]``, each 8x8 pixel block of the mask as 64 channels (the
+        view/permute of ``FluxFillPipeline.prepare_mask_latents``, :func:`sdcore.train.inpainting.latent_mask`):
+        kohya's cut mask (the one its image is cut with, as its SD rule takes); OneTrainer's stretched grey mask as
+        it is, uncut (its FluxSampler ``__sample_inpainting`` packs that tensor, while the image is cut by the box
+        average)."""
+        from ..train.inpainting import VAE_SCALE, latent_mask
+
+        values = self._mask_values() if self.rule == "onetrainer" else self.binary_mask()
+        height, width = values.shape[-2:]
+        return latent_mask(values[0, 0], (height // VAE_SCALE, width // VAE_SCALE), "fill")[None]
 
     def conditioning_pixels(self) -> Any:
         """The masked image before encoding: the image in [-1, 1] times ``1 - mask``, ``[1, 3, H, W]``."""

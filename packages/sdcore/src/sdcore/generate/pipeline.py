@@ -396,8 +396,9 @@ def generate_images(
     Depth/Canny's preprocessed depth map or canny edges (:mod:`sdcore.models.flux.control`), shared by every prompt
     and stretched to the output size, which is its own (floored to 16) unless ``width``/``height`` or an init
     image give one; those models need it and other models refuse it. ``image_conditioning`` (an SD inpainting
-    model's txt2img only): the image and mask its UNet's extra channels carry instead of A1111's blank ones
-    (:class:`.inpaint.ImageConditioning`: kohya's and OneTrainer's inpainting sample images), at the output size.
+    model's or FLUX.1 Fill's txt2img only): the image and mask its UNet's extra channels (Fill's transformer's
+    conditioning tokens) carry instead of A1111's blank ones (:class:`.inpaint.ImageConditioning`: kohya's and
+    OneTrainer's inpainting sample images), at the output size.
     """
     import torch
 
@@ -417,14 +418,15 @@ def generate_images(
             raise ConfigError("a mask (--mask) repaints part of an init image: add --init-image")
         if trouble := inpaint.problems():
             raise ConfigError("; ".join(trouble))
-    if image_conditioning is not None and (init_image is not None or inpaint is not None or not bundle.inpainting):
+    takes_mask = bundle.inpainting or is_flux_fill(bundle)
+    if image_conditioning is not None and (init_image is not None or inpaint is not None or not takes_mask):
         raise ConfigError(
-            "an image conditioning is an SD inpainting model's txt2img (kohya's inpainting samples): "
-            + ("drop the init image and the mask" if bundle.inpainting else "this model has no mask input")
+            "an image conditioning is an inpainting model's txt2img (kohya's and OneTrainer's inpainting samples): "
+            + ("drop the init image and the mask" if takes_mask else "this model has no mask input")
         )
     if hires is not None:
         problems = hires.problems()
-        if bundle.inpainting:
+        if bundle.inpainting or image_conditioning is not None:
             problems.append("the hires fix does not run on inpainting models in sdcore; drop the --hr options")
         if init_image is not None:
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
@@ -464,7 +466,7 @@ def generate_images(
         _check_inpaint_family(bundle, control=control is not None)
         prepared = prepare(inpaint, image, width, height)
         image = prepared.image
-    elif is_flux_fill(bundle):
+    elif is_flux_fill(bundle) and image_conditioning is None:
         raise ConfigError(
             f"{bundle.source or 'this model'} is FLUX.1 Fill, an inpainting model: give --init-image and --mask"
         )

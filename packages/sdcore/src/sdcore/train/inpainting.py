@@ -56,14 +56,21 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
     from ..models.layout import ModelLayout
     from .options import TrainOptions
+    from .sample_prompts import SamplePrompt
 
 #: FLUX.1 Fill's ``img_in`` input width (64 noisy + 64 masked-image + 256 mask channels, packed 2x2)
 FILL_INPUT = 384
-#: the pre-flight's line for ``--sample-prompts`` on FLUX.1 Fill (the OneTrainer importer's note says the same)
+#: the pre-flight's line for sample prompts without an image on FLUX.1 Fill (``{count}`` of ``{total}``, the
+#: first one ``{first}``; the OneTrainer importer's note says the same)
 FILL_SAMPLES = (
-    "--sample-prompts: FLUX.1 Fill renders only from an init image and a mask (sdcore generate --init-image "
-    "--mask), which sample prompts do not carry, so samples of it cannot be made during training (leave out "
-    "--sample-prompts)"
+    "--sample-prompts: FLUX.1 Fill renders a sample only from an image and a mask: kohya's --i IMAGE (a wobbly "
+    "ellipse mask drawn from the seed) or OneTrainer's sample_inpainting with base_image_path and mask_image_path; "
+    "{count} of {total} prompt(s) have none (the first: {first!r}): give them one or leave them out"
+)
+#: the pre-flight's line for ``--l`` on FLUX.1 Fill samples (as ``sdcore generate`` refuses --true-cfg-scale there)
+FILL_TRUE_CFG_SAMPLES = (
+    "--sample-prompts: --l is true CFG, which FLUX.1 Fill does not take (it runs on its distilled guidance: --g, "
+    "default 30); drop --l"
 )
 #: the pre-flight's line for random masks with cached latents (the kohya importers' refusal says the same)
 RANDOM_CACHE = (
@@ -82,8 +89,8 @@ def bundle_kind(bundle: ModelBundle | None) -> str | None:
     if getattr(bundle, "inpainting", False) and getattr(bundle, "unet", None) is not None:
         return "unet"
     transformer = getattr(bundle, "transformer", None)
-    if bundle.family == "flux" and transformer is not None and int(transformer.config.in_channels) == FILL_INPUT:
-        return "fill"
+    if transformer is not None and getattr(bundle, "family", None) == "flux":
+        return "fill" if int(transformer.config.in_channels) == FILL_INPUT else None
     return None
 
 
@@ -233,25 +240,36 @@ def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
     return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
 
-def _inpaint_samples(options: TrainOptions) -> bool:
-    """Whether a sample prompt has ``--i``/``--img`` (a prompt file that cannot be read is reported elsewhere)."""
+def _sample_prompts(options: TrainOptions) -> list[SamplePrompt]:
+    """The sample prompts (none when a prompt file cannot be read: that is reported elsewhere)."""
     if not options.sample_prompts:
-        return False
+        return []
     from ..errors import SdcoreError
     from .sample_prompts import read_sample_prompts
 
     try:
-        # kohya's only: OneTrainer renders its own inpainting samples from text on a model without the mask input
-        prompts = read_sample_prompts(options.sample_prompts)
-        return any(p.inpaint_image is not None and p.inpaint_mask is None for p in prompts)
+        return read_sample_prompts(options.sample_prompts)
     except SdcoreError:
-        return False
+        return []
+
+
+def fill_sample_problem(prompts: list[SamplePrompt]) -> str | None:
+    """The one line for FLUX.1 Fill sample prompts without an image (:data:`FILL_SAMPLES`), or None. Fill has no
+    text-only rendering in sdcore (``sdcore generate`` asks for ``--init-image`` and ``--mask``); a prompt with
+    kohya's ``--i`` or OneTrainer's ``sample_inpainting`` renders on its image conditioning
+    (:class:`sdcore.generate.inpaint.ImageConditioning`)."""
+    bare = [p for p in prompts if p.inpaint_image is None]
+    if not bare:
+        return None
+    first = bare[0].prompt if len(bare[0].prompt) <= 40 else bare[0].prompt[:37] + "..."
+    return FILL_SAMPLES.format(count=len(bare), total=len(prompts), first=first)
 
 
 def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index: DatasetIndex | None) -> list[str]:
     """Pre-flight problems: ``--inpainting-unmasked-probability`` out of range or on a model without the mask
-    input; ``--inpainting-masks random`` with cached latents or on a model without the mask input; control images (FLUX.1 Kontext) on an inpainting model; sample images of FLUX.1 Fill (``sdcore
-    generate`` renders Fill only from an init image and a mask, which sample prompts do not carry). An SD
+    input; ``--inpainting-masks random`` with cached latents or on a model without the mask input; control images
+    (FLUX.1 Kontext) on an inpainting model; FLUX.1 Fill sample prompts without an image and a mask
+    (:func:`fill_sample_problem`: kohya's ``--i`` and OneTrainer's ``sample_inpainting`` render). An SD
     inpainting UNet's samples render as A1111's txt2img on an inpainting model does (a blank image's
     conditioning under a full mask: :mod:`sdcore.generate.pipeline`), as OneTrainer's samples without
     ``sample_inpainting`` do; a kohya inpainting sample prompt (``--i``/``--img``) needs one of those UNets."""
@@ -276,7 +294,9 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
     if layout is None:
         return problems
     kind = layout_kind(layout)
-    if kind is None and _inpaint_samples(options):  # FLUX.1 Fill: FILL_SAMPLES below refuses every sample
+    prompts = _sample_prompts(options)
+    # kohya's --i only: OneTrainer renders its own inpainting samples from text on a model without the mask input
+    if kind is None and any(p.inpaint_image is not None and p.inpaint_mask is None for p in prompts):
         problems.append(
             f"--sample-prompts: --i/--img (kohya's inpainting samples) inpaints through an SD inpainting model's "
             f"mask input; {layout.source} is a {layout.family} model without it (remove --i)"
@@ -307,8 +327,10 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
                 "control images (--control-dir / control_directory) train FLUX.1 Kontext; this is an inpainting "
                 "model, whose conditioning is the mask and the masked image (leave out the control images)"
             )
-    if options.sample_prompts and kind == "fill":
-        problems.append(FILL_SAMPLES)
+    if kind == "fill" and (line := fill_sample_problem(prompts)) is not None:
+        problems.append(line)
+    if kind == "fill" and any(p.cfg is not None and p.cfg > 1.0 for p in prompts):
+        problems.append(FILL_TRUE_CFG_SAMPLES)
     return problems
 
 
@@ -321,6 +343,7 @@ __all__ = [
     "conditioning_image_path",
     "conditioning_pixels",
     "encode_mean",
+    "fill_sample_problem",
     "inpainting_problems",
     "latent_mask",
     "layout_kind",

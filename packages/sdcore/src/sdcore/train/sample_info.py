@@ -63,6 +63,9 @@ def sample_infotexts(
         for index, prompt in enumerate(group):
             negative = negatives if isinstance(negatives, str) else negatives[index]
             per_image.append((prompt.prompt, negative, first_seed + index, arguments, prompt))
+    from .inpainting import bundle_kind
+
+    takes_mask = bundle_kind(bundle) is not None  # an SD inpainting UNet or FLUX.1 Fill
     texts = []
     for (prompt_text, negative, seed, arguments, sample), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
@@ -75,7 +78,7 @@ def sample_infotexts(
 
             fields[CONDITIONAL_MASK_WEIGHT] = 1.0
         # a OneTrainer inpainting sample on a model without the mask input renders from text (as in OneTrainer)
-        if sample.inpaint_image is not None and (sample.inpaint_mask is None or getattr(bundle, "inpainting", False)):
+        if sample.inpaint_image is not None and (sample.inpaint_mask is None or takes_mask):
             fields[INPAINT_IMAGE] = Path(sample.inpaint_image).name
             fields[INPAINT_MASK] = WOBBLY_ELLIPSE if sample.inpaint_mask is None else Path(sample.inpaint_mask).name
         if o.clip_skip > 1:

@@ -33,6 +33,11 @@ OneTrainer's inpainting samples (``sample_inpainting`` with ``base_image_path`` 
 the same way with OneTrainer's own conditioning (:func:`onetrainer_inpaint_conditioning`); as in OneTrainer, a
 model without the mask input renders them from text (a warning says so).
 
+FLUX.1 Fill takes both kinds by the same rules, its mask input being the rule's mask in 8x8 blocks
+(:meth:`sdcore.generate.inpaint.ImageConditioning.fill_mask`, :func:`sdcore.models.flux.generate.fill_conditioning`);
+a Fill prompt without an image is a pre-flight line (:func:`sdcore.train.inpainting.fill_sample_problem`), as is
+``--l`` there (Fill has no true CFG), and a line without ``--g`` gets Fill's guidance 30.
+
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
 """
 

@@ -37,7 +37,9 @@ def _generations(
 ) -> tuple[list[tuple[list[SamplePrompt], int]], dict[str, Any], list[tuple[list[str], dict[str, Any]]]]:
     """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
     caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
+    from ..generate.inpaint import FILL_GUIDANCE
     from ..models.family import default_cfg, family_adapter
+    from .inpainting import bundle_kind
     from .sample_prompts import (
         generation_arguments,
         generation_calls,
@@ -48,12 +50,14 @@ def _generations(
     adapter = family_adapter(bundle.family_spec)
     distilled = bool(getattr(adapter, "distilled_guidance", False))
     o = options
+    kind = bundle_kind(bundle)
     defaults = {
         "steps": o.sample_steps,
         "width": o.resolution,
         "height": o.resolution,
         "sampler": o.sample_sampler,
-        "cfg": default_cfg(adapter),
+        # FLUX.1 Fill's own default guidance (BFL's, diffusers', sdcore generate's) where a line gives no --g
+        "cfg": FILL_GUIDANCE if kind == "fill" else default_cfg(adapter),
     }
     calls = generation_calls(prompts, options.seed)
     generations = []
@@ -63,7 +67,7 @@ def _generations(
         first = group[0]
         size = int(arguments["width"]), int(arguments["height"])
         if first.inpaint_image is not None and first.inpaint_mask is not None:
-            if bundle.inpainting:  # OneTrainer's: its mask file; without the mask input OneTrainer renders from text
+            if kind is not None:  # OneTrainer's: its mask file; without the mask input OneTrainer renders from text
                 arguments["image_conditioning"] = onetrainer_inpaint_conditioning(first.inpaint_image,
                                                                                   first.inpaint_mask, *size)  # fmt: skip
         elif first.inpaint_image is not None:  # kohya's --i: alone in its call, the mask drawn from its seed
@@ -157,7 +161,9 @@ def render_samples(
         )
     elif not distilled and any(p.guidance is not None for p in prompts):
         log.warning("sample prompts: --g is the embedded guidance of FLUX.1; %s has none", bundle.family_spec.label)
-    if not bundle.inpainting and any(p.inpaint_mask is not None for p in prompts):
+    from .inpainting import bundle_kind
+
+    if bundle_kind(bundle) is None and any(p.inpaint_mask is not None for p in prompts):
         log.warning("sample prompts: %s has no mask input: OneTrainer's inpainting samples render from text, as "
                     "OneTrainer renders them on such a model", bundle.family_spec.label)  # fmt: skip
     # a line's --s wins over --sample-steps: name the steps the images really get

@@ -194,7 +194,8 @@ class FluxAdapter:
     def generate(self, bundle: ModelBundle, prompts: list[str], negatives: list[str], *, sampler: str = "euler",
                  image: Any = None, reference: Any = None, **settings: Any) -> list[Any]:  # fmt: skip
         """``sdcore generate``: diffusers' ``FluxPipeline`` (``FluxImg2ImgPipeline`` with an init image, with a
-        mask too, ``FluxFillPipeline`` for FLUX.1 Fill's mask, ``FluxKontextPipeline`` with a ``reference`` image,
+        mask too, ``FluxFillPipeline`` for FLUX.1 Fill's mask, a ``FluxPipeline`` on FLUX.1 Fill's given image
+        conditioning (its training samples), ``FluxKontextPipeline`` with a ``reference`` image,
         ``FluxControlPipeline`` with a ``control`` image) over the bundle's modules; see
         :mod:`sdcore.models.flux.generate`."""
         from .generate import build_flux_pipeline, run_flux
@@ -203,8 +204,9 @@ class FluxAdapter:
         # FLUX.1 Fill's FluxFillPipeline; a mask on the others inpaints on FluxImg2ImgPipeline
         fill = settings.get("inpaint") is not None and bundle_variant(bundle) == "fill"
         control = settings.get("control") is not None  # FLUX.1 Depth/Canny's FluxControlPipeline
+        conditioned = settings.get("conditioning_image") is not None  # Fill's txt2img on its own conditioning
         pipe = build_flux_pipeline(bundle, img2img=image is not None, sampler=sampler, kontext=reference is not None,
-                                   fill=fill, control=control)  # fmt: skip
+                                   fill=fill, control=control, conditioned=conditioned)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         return run_flux(pipe, bundle, prompts, negatives, image=image, sampler=sampler, reference=reference,
                         **settings)  # fmt: skip

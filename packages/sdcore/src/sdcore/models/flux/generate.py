@@ -18,6 +18,9 @@ What differs from the SD families, as Forge and ComfyUI users know it:
   encodes it clean and appends its tokens to the latents' (:mod:`sdcore.models.flux.kontext`); the image comes
   already sized (:func:`~sdcore.models.flux.kontext.sized_reference`), so the pipeline's own resize is off and
   the output keeps the size asked for (its ``max_area`` is that size's area).
+- An image conditioning (FLUX.1 Fill's training samples: kohya's ``--i``, OneTrainer's ``sample_inpainting``)
+  makes the call a txt2img of FLUX.1 Fill on that conditioning: ``FluxPipeline`` from the seed's noise, the
+  transformer given the rule's masked-image latent and mask beside the noisy latents (:func:`fill_conditioning`).
 - A control image (``--control-image``) makes the call FLUX.1 Depth's or Canny's: diffusers' ``FluxControlPipeline``
   (``FluxControlImg2ImgPipeline`` from an init image) stretches it to the output size, encodes it and joins its
   latents to the noisy ones on the channels (:mod:`sdcore.models.flux.control`).
@@ -25,13 +28,15 @@ What differs from the SD families, as Forge and ComfyUI users know it:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
 
 if TYPE_CHECKING:
     from ...generate.hires import FlowStart
-    from ...generate.inpaint import PreparedInpaint
+    from ...generate.inpaint import ImageConditioning, PreparedInpaint
     from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
@@ -70,10 +75,12 @@ def build_flux_pipeline(
     kontext: bool = False,
     fill: bool = False,
     control: bool = False,
+    conditioned: bool = False,
 ) -> Any:
     """A ``FluxPipeline`` (``FluxImg2ImgPipeline`` with ``img2img``, ``FluxKontextPipeline`` with ``kontext``,
     ``FluxFillPipeline`` with ``fill``: FLUX.1 Fill's inpainting, ``FluxControlPipeline`` or, with ``img2img``,
-    ``FluxControlImg2ImgPipeline`` with ``control``: FLUX.1 Depth/Canny) sharing the bundle's modules."""
+    ``FluxControlImg2ImgPipeline`` with ``control``: FLUX.1 Depth/Canny) sharing the bundle's modules.
+    ``conditioned``: a ``FluxPipeline`` for FLUX.1 Fill, whose conditioning :func:`fill_conditioning` gives."""
     from ...generate.flow_samplers import quiet_pipeline_import
 
     quiet_pipeline_import()
@@ -84,7 +91,11 @@ def build_flux_pipeline(
 
     if control:  # before the generic refusal: a control image on dev says so
         require_control(bundle)
-    require_supported(bundle, "generate with", inpainting=fill, control=control)
+    if conditioned:
+        from .variants import require_fill
+
+        require_fill(bundle)
+    require_supported(bundle, "generate with", inpainting=fill or conditioned, control=control)
     scheduler = flow_scheduler_for(bundle, sampler, img2img=img2img)
     require_complete(bundle)
     if bundle.tokenizers[1] is None:
@@ -134,6 +145,7 @@ def run_flux(
     reference: Any = None,
     inpaint: PreparedInpaint | None = None,
     control: Any = None,
+    conditioning_image: ImageConditioning | None = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``, varied by ``noise``:
@@ -149,7 +161,9 @@ def run_flux(
     ``FluxImg2ImgPipeline`` (dev, schnell, Kontext), A1111's inpainting as Forge runs it
     (:mod:`sdcore.generate.flow_inpaint`: the masked start, the per-step blend, the paste-back). ``control``: FLUX.1
     Depth/Canny's control image, a PIL image (``pipe`` a ``FluxControlPipeline`` or ``FluxControlImg2ImgPipeline``,
-    which stretches it to the output size), shared by the batch and both hires passes.
+    which stretches it to the output size), shared by the batch and both hires passes. ``conditioning_image``: with
+    ``pipe`` a ``FluxPipeline`` (``conditioned``) over FLUX.1 Fill, a txt2img on that image conditioning (kohya's and
+    OneTrainer's inpainting samples, :func:`fill_conditioning`), shared by the batch; no paste-back.
 
     A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
     (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
@@ -169,7 +183,7 @@ def run_flux(
 
     check_true_cfg(negatives, true_cfg_scale)
     fill = inpaint is not None and bundle_variant(bundle) == "fill"  # the adapter built a FluxFillPipeline
-    if fill and true_cfg_scale > 1.0:
+    if (fill or conditioning_image is not None) and true_cfg_scale > 1.0:
         raise ConfigError(FILL_TRUE_CFG)
     if control is not None and true_cfg_scale > 1.0:
         from .control import CONTROL_TRUE_CFG
@@ -230,6 +244,16 @@ def run_flux(
         kwargs.update(image=reference, _auto_resize=False, max_area=width * height)
     if control is not None:  # one image for the batch: the pipeline repeats it (each sample's own VAE draw)
         kwargs["control_image"] = control
+    conditioning = None  # FLUX.1 Fill's txt2img on a given conditioning: the seeds' noise as FluxPipeline draws it
+    if conditioning_image is not None:
+        from ...generate.rng import randn_float32
+
+        conditioning = fill_conditioning_latents(pipe, conditioning_image)
+        unit = pipe.vae_scale_factor * 2
+        shape = (1, int(pipe.vae.config.latent_channels), 2 * (height // unit), 2 * (width // unit))
+        cpu, dtype = torch.device("cpu"), cond.embeds.dtype
+        start = torch.cat([randn_float32(shape, generator=g, device=cpu, dtype=dtype) for g in generators])
+        kwargs["latents"] = pipe._pack_latents(start, *start.shape)  # variation seeds replace it: run_packed
     slots = FluxSlots(split=true_cfg, zero_uncond=not true_cfg)
     # plain img2img: the mean init latent and each seed's first draw as its noise (Fill and Depth/Canny encode
     # as their pipelines do, the posterior sampled from the seed's generator: see their docs)
@@ -237,6 +261,7 @@ def run_flux(
     with (
         posterior_mean(pipe.vae) if plain else contextlib.nullcontext(),
         masking.blending(pipe.scheduler) if masking is not None else contextlib.nullcontext(),
+        fill_conditioning(pipe.transformer, conditioning) if conditioning is not None else contextlib.nullcontext(),
     ):
         images = run_packed(pipe, kwargs, sampler, seeds, bundle, hires_start,
                             hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots),
@@ -250,6 +275,51 @@ def run_flux(
 
 #: why FLUX.1 Fill takes no true CFG (diffusers' FluxFillPipeline has none)
 FILL_TRUE_CFG = "FLUX.1 Fill runs on its distilled guidance (--cfg, default 30); drop --true-cfg-scale"
+
+
+def fill_conditioning_latents(pipe: Any, given: ImageConditioning) -> Any:
+    """FLUX.1 Fill's packed conditioning ``[1, tokens, 320]`` of an image conditioning: the masked image's latent
+    (posterior mean, shifted and scaled) packed, then its 64-channel mask packed, on the last axis, which is
+    ``FluxFillPipeline``'s ``masked_image_latents`` (``cat(packed latents, packed mask)``); each piece by the
+    conditioning's rule (:meth:`~sdcore.generate.inpaint.ImageConditioning.fill_mask`)."""
+    import torch
+
+    from ...generate.pipeline import _encode_pixels
+
+    latent = _encode_pixels(pipe, given.conditioning_pixels()).float()
+    mask = given.fill_mask().to(latent.device)
+    if mask.shape[-2:] != latent.shape[-2:]:
+        raise ConfigError(f"the image conditioning's mask is {tuple(mask.shape[-2:])} latents, its image "
+                          f"{tuple(latent.shape[-2:])}")  # fmt: skip
+    return torch.cat([pipe._pack_latents(latent, *latent.shape), pipe._pack_latents(mask, *mask.shape)], dim=-1)
+
+
+@contextlib.contextmanager
+def fill_conditioning(transformer: Any, conditioning: Any) -> Iterator[None]:
+    """While inside, FLUX.1 Fill's ``transformer`` takes the packed noisy latents ``FluxPipeline`` gives it with
+    ``conditioning`` (:func:`fill_conditioning_latents`, one for the batch) joined on the last axis, as
+    ``FluxFillPipeline`` joins its ``masked_image_latents``. The forward itself is wrapped (not a hook), so the
+    prompt-editing hooks' own extra calls get the same input; a call whose input is already full passes as it is."""
+    import torch
+
+    had_own = "forward" in vars(transformer)
+    original = transformer.forward
+    full = int(transformer.config.in_channels)
+
+    def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        if hidden_states.shape[-1] + conditioning.shape[-1] == full:
+            extra = conditioning.to(device=hidden_states.device, dtype=hidden_states.dtype)
+            hidden_states = torch.cat([hidden_states, extra.expand(hidden_states.shape[0], -1, -1)], dim=-1)
+        return original(hidden_states, *args, **kwargs)
+
+    transformer.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            transformer.forward = original
+        else:
+            del transformer.forward
 
 
 def run_packed(pipe: Any, kwargs: dict[str, Any], sampler: str, seeds: list[int], bundle: ModelBundle,

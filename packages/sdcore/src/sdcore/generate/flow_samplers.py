@@ -196,7 +196,7 @@ def _euler_schedule_heun() -> Any:
             )
             # a pipeline asks its scheduler's config whether to compute the resolution shift ``mu`` (SD3's
             # pipelines only then do): the Euler schedule's dynamic-shift settings are this scheduler's too
-            self.register_to_config(**{k: euler_config[k] for k in _DYNAMIC_SHIFT_KEYS if k in euler_config})
+            self.register_to_config(**{k: euler_config[k] for k in _DYNAMIC_SHIFT_KEYS if k in euler_config})  # type: ignore[attr-defined]
 
         def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
                           sigmas: Any = None, mu: float | None = None, timesteps: Any = None) -> None:  # fmt: skip

@@ -82,7 +82,9 @@ def test_sdcore_train_lora_on_an_inpainting_model(tmp_path, sd_cli, pm, kind):
     result = sd_cli([*args, "--sample-prompts", str(prompts), "--sample-every", "1"], pm=pm)
     if kind == "fill":
         assert result.exit_code != 0 and "Traceback" not in result.output
-        assert "FLUX.1 Fill renders only from an init image and a mask" in result.output
+        # a Fill sample needs its image and mask (kohya's --i, OneTrainer's sample_inpainting): one line, exit 2
+        assert "FLUX.1 Fill renders a sample only from an image and a mask" in result.output
+        assert "1 of 1 prompt(s) have none (the first: 'a colour')" in result.output
         return
     assert result.exit_code == 0, result.output + repr(result.exception)
     samples = sorted((tmp_path / "inpaint-samples").glob("*.png"))

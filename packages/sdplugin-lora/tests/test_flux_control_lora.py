@@ -337,3 +337,30 @@ def test_the_same_layout_without_the_wider_img_in_applies_whole(tmp_path):
     assert applied.touched > 0 and dev.transformer.config.in_channels == 64
     applied.remove()
     _same(dev, before)
+
+
+def test_the_command_runs_dev_with_the_lora_and_a_control_image(tmp_path):
+    """``sdcore generate -m <dev> "<lora:flux1-canny-dev-lora:0.85> ..." --control-image``: the image is made (at the
+    control image's size), the guidance defaults to BFL's Canny 30 from the LoRA's file name, and the infotext
+    names the control image and the LoRA's hash."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.models.load import load_model
+    from sdcore.plugins import get_plugin_manager
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    _save(_control_lora(load_model("tiny:flux").transformer)[0], loras / f"{NAME}.safetensors")
+    control, out = tmp_path / "edges.png", tmp_path / "o.png"
+    _picture(48).save(control)
+    result = CliRunner().invoke(
+        build_cli(get_plugin_manager()),
+        ["generate", f"<lora:{NAME}:0.85> a cat", "-m", "tiny:flux", "--steps", "1", "--lora-dir", str(loras),
+         "--control-image", str(control), "-o", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (48, 48)
+    params = read_png_parameters(out)
+    assert params is not None and params.extra["Distilled CFG Scale"] == "30"
+    assert params.extra["Control image"] == "edges.png" and NAME in params.extra["Lora hashes"]

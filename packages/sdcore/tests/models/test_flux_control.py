@@ -214,3 +214,34 @@ def test_model_info_says_depth_and_canny_generate(tmp_path):
     line = describe("control")
     assert line.startswith("control: FLUX.1 Depth or Canny [dev]")
     assert "sdcore generates with it (--control-image" in line and "it does not train it" in line
+
+
+def test_widen_img_in_is_diffusers_and_undoes_bit_for_bit():
+    """What a control LoRA's handler asks of the core (diffusers' ``_maybe_expand_transformer_param_shape_or_error_``):
+    a new img_in ``width`` wide, dev's weight in its first columns and zeros after, the same bias, ``in_channels``
+    set, so the bundle reads as Depth/Canny and refusals name the file; the undo puts the same module and config
+    back. Nothing narrows img_in."""
+    from sdcore.errors import ConfigError, NetworkMismatchError
+    from sdcore.models.flux.control import widen_img_in, widened_by
+    from sdcore.models.flux.variants import bundle_variant, require_supported
+    from sdcore.models.load import load_model
+
+    dev = load_model("tiny:flux")
+    transformer = dev.transformer
+    old, config = transformer.x_embedder, dict(transformer.config)
+    state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    undo = widen_img_in(dev, 128, "edges-lora.safetensors")
+    new = transformer.x_embedder
+    assert new is not old and tuple(new.weight.shape) == (old.weight.shape[0], 128)
+    assert torch.equal(new.weight[:, :64], old.weight) and not new.weight[:, 64:].any()
+    assert torch.equal(new.bias, old.bias) and new.bias.data_ptr() != old.bias.data_ptr()
+    assert transformer.config.in_channels == 128 and bundle_variant(dev) == "control"
+    assert widened_by(dev) == "edges-lora.safetensors"
+    with pytest.raises(ConfigError, match=r"tiny:flux with edges-lora.safetensors is FLUX.1 Depth or Canny"):
+        require_supported(dev, "generate with")
+    with pytest.raises(NetworkMismatchError, match="takes 128 inputs already"):
+        widen_img_in(dev, 128, "again")
+    undo()
+    assert transformer.x_embedder is old and transformer.config.in_channels == 64 and widened_by(dev) is None
+    assert dict(transformer.config) == config and bundle_variant(dev) == "dev"
+    assert all(torch.equal(transformer.state_dict()[k], v) for k, v in state.items())

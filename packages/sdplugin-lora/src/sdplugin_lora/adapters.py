@@ -1140,6 +1140,8 @@ class LoraAdapter(Adapter):
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
+        #: ``lora_up``'s bias when a file has one (BFL's ``LinearLora``: ``lora_B.bias``), scaled with the rest
+        self.up_bias: nn.Parameter | None = None
 
     def _init_down(self) -> None:
         """The down's (and Tucker core's) init after the layers are built: kaiming-uniform(a=√5), as
@@ -1160,9 +1162,31 @@ class LoraAdapter(Adapter):
         dropout (LyCORIS' rebuilt weight has none), rather than a rank-channel mask per sample times
         ``1/(1-p)``. That is :meth:`Adapter.delta`'s path, the one LoHa/LoKr/DoRA take."""
         if not self._factorised() or self._frozen is not None:
-            return super().delta(x)
+            return self._with_bias(super().delta(x))
         if self.training and self.rank_dropout and self.rank_dropout_scale:
-            return super().delta(x)
+            return self._with_bias(super().delta(x))
+        return self._with_bias(self._factorised_delta(x))
+
+    def bias_change(self, *, detach: bool = True) -> torch.Tensor | None:
+        """``s · lora_up.bias`` (BFL's ``LinearLora`` adds ``lora_B(lora_A(x)) · scale``, its bias included, as
+        PEFT's ``lora_bias`` does for diffusers), ``None`` without one."""
+        if self.up_bias is None:
+            return None
+        bias = self.up_bias.detach() if detach else self.up_bias
+        return bias.float() * (self._scale * self.scalar)
+
+    def _with_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus ``m · s · lora_up.bias`` (per-sample strengths too) when the module has that bias."""
+        change = self.bias_change(detach=False)
+        if change is None:
+            return out
+        term = (change * self.multiplier).to(out.dtype)
+        if out.dim() == 4:  # a conv's output: channels first
+            term = term.reshape(-1, 1, 1)
+        factor = self.sample_factor(out)
+        return out + (term if factor is None else term * factor)
+
+    def _factorised_delta(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
         if self.lora_mid is not None:
             hidden = self.lora_mid(hidden)
@@ -1193,6 +1217,8 @@ class LoraAdapter(Adapter):
                     param.copy_(t[key].detach().float().reshape(param.shape))
         if "dora_scale" in t:  # kept in the file's layout: it tells the axis
             adapter.dora_scale = nn.Parameter(t["dora_scale"].detach().float().clone())
+        if "lora_up.bias" in t:
+            adapter.up_bias = nn.Parameter(t["lora_up.bias"].detach().float().clone().reshape(-1))
         return adapter
 
 

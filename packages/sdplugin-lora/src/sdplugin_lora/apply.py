@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
-from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
+from sdcore.generate.networks import Activation, ControlNetwork, NetworkRef, PromptNetworkHandler
 
 from .adapters import Adapter, adapter_from_tensors
-from .format import LoraFile, Match, ModuleWeights, match_modules, read_lora
+from .format import LoraFile, Match, ModuleWeights, match_modules, patch_input_width, read_lora
 from .naming import ModuleIndex, Target
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class AppliedLoras:
     modules: list[Adapter] = field(default_factory=list)
     backups: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     removed: bool = False
+    #: undoes shape changes made before the modules applied (a control LoRA's wider ``img_in``), in order
+    reshapes: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def touched(self) -> int:
@@ -67,6 +69,8 @@ class AppliedLoras:
         with torch.no_grad():
             for param, backup in self.backups.values():
                 param.data.copy_(backup.to(param.device))
+        for undo in reversed(self.reshapes):  # the original modules back, untouched
+            undo()
         self.removed = True
 
 
@@ -81,28 +85,43 @@ def apply_loras(
     merge: bool = False,
     strict: bool = False,
     index: ModuleIndex | None = None,
+    widen: bool = False,
 ) -> AppliedLoras:
     """Apply several LoRAs (each at its own weights) to ``bundle``.
 
     ``merge=False`` adds forward hooks (weights untouched, switchable); ``merge=True`` patches the
     weights in place with a restore copy of each touched weight. Keys matching no module are
     listed in a :class:`LoraWarning` (an error with ``strict``); a LoRA made for another family or
-    with mismatched shapes raises :class:`~sdcore.errors.NetworkMismatchError`.
+    with mismatched shapes raises :class:`~sdcore.errors.NetworkMismatchError`. Norm scales a file holds in
+    full (BFL's control LoRAs) replace the model's, backed up, in either mode, as diffusers' ``load_lora_weights``
+    loads them.
+
+    ``widen``: a FLUX.1 LoRA whose ``img_in`` is wider than the model's (BFL's Depth/Canny control LoRAs: 128 where
+    dev has 64) first widens the transformer's (:func:`sdcore.models.flux.control.widen_img_in`, diffusers' zero
+    columns), so the model becomes a Depth/Canny one until :meth:`AppliedLoras.remove`; generation asks for it
+    (:class:`LoraHandler`). Without it such a file is refused, as every shape change is.
     """
-    index = index or ModuleIndex.from_bundle(bundle)
     specs = [spec if isinstance(spec, LoraSpec) else LoraSpec(spec) for spec in loras]
     parsed = [(spec, spec.parsed()) for spec in specs]
-    matches = []
-    for _spec, lora in parsed:  # validate all before touching the model
-        match = match_modules(lora, index)
-        if match.unmatched:
-            message = f"{lora.label}: {match.summary()}"
-            if strict:
-                raise NetworkMismatchError(message)
-            warnings.warn(message, LoraWarning, stacklevel=2)
-            log.warning(message)
-        matches.append(match)
-    applied = AppliedLoras(merged=merge, matches=matches)
+    applied = AppliedLoras(merged=merge)
+    if widen and (reshape := _widen(bundle, [lora for _spec, lora in parsed])) is not None:
+        applied.reshapes.append(reshape)
+        index = None  # the index must see the new img_in
+    try:
+        index = index or ModuleIndex.from_bundle(bundle)
+        for _spec, lora in parsed:  # validate all before touching the weights
+            match = match_modules(lora, index)
+            if match.unmatched:
+                message = f"{lora.label}: {match.summary()}"
+                if strict:
+                    raise NetworkMismatchError(message)
+                warnings.warn(message, LoraWarning, stacklevel=2)
+                log.warning(message)
+            applied.matches.append(match)
+    except BaseException:
+        applied.remove()
+        raise
+    matches = applied.matches
     try:
         for (spec, _lora), match in zip(parsed, matches, strict=True):
             unet_weight = spec.te_weight if spec.unet_weight is None else spec.unet_weight
@@ -115,10 +134,34 @@ def apply_loras(
                     _merge_one(applied, target, weights, multiplier)
                 else:
                     applied.modules.append(_hook_one(target, weights, multiplier))
+            for target, scale in match.scales.values():
+                _set_one(applied, target.module.weight, scale)
     except BaseException:
         applied.remove()
         raise
     return applied
+
+
+def _widen(bundle: Any, loras: Sequence[LoraFile]) -> Callable[[], None] | None:
+    """Widen a FLUX.1 transformer's ``img_in`` to the widest of ``loras``' (None when none is wider)."""
+    if getattr(bundle, "family", None) != "flux" or getattr(bundle, "transformer", None) is None:
+        return None
+    from sdcore.models.flux.control import widen_img_in
+
+    current = int(bundle.transformer.x_embedder.weight.shape[1])
+    wider = [(width, lora) for lora in loras if (width := patch_input_width(lora)) is not None and width > current]
+    if not wider:
+        return None
+    width, lora = max(wider, key=lambda item: item[0])
+    return widen_img_in(bundle, width, lora.path.name if lora.path is not None else lora.label)
+
+
+def _set_one(applied: AppliedLoras, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Replace ``param`` with ``value`` (a norm scale the file holds in full; no multiplier, as diffusers loads
+    it), keeping the first backup so :meth:`AppliedLoras.remove` restores it bit for bit."""
+    applied.backups.setdefault(id(param), (param, param.detach().to("cpu", copy=True)))
+    with torch.no_grad():
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def truncate_rank(weights: ModuleWeights, dyn_dim: int | None) -> ModuleWeights:
@@ -151,9 +194,11 @@ def apply_lora(
     unet_weight: float | None = None,
     merge: bool = False,
     strict: bool = False,
+    widen: bool = False,
 ) -> AppliedLoras:
-    """One LoRA: ``weight`` for the text encoders and (unless ``unet_weight``) the UNet."""
-    return apply_loras(bundle, [LoraSpec(lora, weight, unet_weight)], merge=merge, strict=strict)
+    """One LoRA: ``weight`` for the text encoders and (unless ``unet_weight``) the UNet (``widen``: see
+    :func:`apply_loras`)."""
+    return apply_loras(bundle, [LoraSpec(lora, weight, unet_weight)], merge=merge, strict=strict, widen=widen)
 
 
 def _adapter(target: Target, weights: ModuleWeights, multiplier: float) -> Adapter:
@@ -239,6 +284,16 @@ class LoraHandler(PromptNetworkHandler):
             wrong.append(f"dyn={dyn:g} must be a whole number of ranks, 1 or more")
         return f"{ref.text or ref.name}: {'; '.join(wrong)}" if wrong else None
 
+    def control_network(self, name: str) -> ControlNetwork | None:
+        """BFL's FLUX.1 Depth/Canny control LoRAs (``img_in`` 128 wide in the file's header) make dev take a
+        control image while applied."""
+        from .format import CONTROL_LORA, CONTROL_WIDTH, file_input_width
+
+        path = self.find(name)
+        if file_input_width(path) != CONTROL_WIDTH:
+            return None
+        return ControlNetwork(path, f"{path.name}: {CONTROL_LORA}")
+
     def activate(self, bundle: Any, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         if not refs:
             return Activation(prompt, negative_prompt)
@@ -268,7 +323,8 @@ class LoraHandler(PromptNetworkHandler):
                     negative_prompt = negative_prompt.replace(text, "")
         # merged by default (no per-step cost); ``-O lora_mode=hooks`` keeps the weights untouched
         merge = str(getattr(self, "options", {}).get("lora_mode", "merge")).lower() != "hooks"
-        applied = apply_loras(bundle, specs, merge=merge)
+        # a FLUX.1 control LoRA widens dev's img_in for the call: the generation then runs on FluxControlPipeline
+        applied = apply_loras(bundle, specs, merge=merge, widen=True)
         info = {"Lora hashes": ", ".join(f"{name}: {short}" for name, short in hashes.items())} if hashes else {}
         return Activation(prompt, negative_prompt, undo=applied.remove, info=info)
 

@@ -248,10 +248,13 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
     start = 0
     if weights.plain_lora:
         up, down, scale = weights.up.flatten(1), weights.down.flatten(1), weights.scale
+        bias = weights.tensors.get("lora_up.bias")  # BFL's LinearLora: split by the same rows
         for part in module.parts:
             rows = up[start : start + part.rows]
+            part_bias = None if bias is None else bias[start : start + part.rows]
             if part.swap_halves:
                 rows = swap_halves(rows)
+                part_bias = None if part_bias is None else swap_halves(part_bias)
             # columns of up that are zero for this part (the other parts' blocks of a block-diagonal
             # up) add nothing: dropping them with their down rows, and keeping alpha/rank, is exact
             # and gives back the factors of each part of a file we fused ourselves
@@ -261,15 +264,14 @@ def split_module(name: str, weights: ModuleWeights, module: KohyaModule, label: 
             else:
                 part_down = down
             rank = int(part_down.shape[0])
-            out.append(
-                ModuleWeights(
-                    {
-                        "lora_down.weight": part_down.contiguous(),
-                        "lora_up.weight": rows.contiguous(),
-                        "alpha": _scalar(scale * rank),
-                    }
-                )
-            )
+            tensors = {
+                "lora_down.weight": part_down.contiguous(),
+                "lora_up.weight": rows.contiguous(),
+                "alpha": _scalar(scale * rank),
+            }
+            if part_bias is not None:
+                tensors["lora_up.bias"] = part_bias.contiguous()
+            out.append(ModuleWeights(tensors))
             start += part.rows
         return out
     in_dim = widths[0] if widths is not None else None

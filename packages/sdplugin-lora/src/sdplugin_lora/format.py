@@ -47,6 +47,8 @@ _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
             ".lora_B.weight": "lora_up.weight",
             ".lora.down.weight": "lora_down.weight",
             ".lora.up.weight": "lora_up.weight",
+            ".lora_B.bias": "lora_up.bias",  # BFL's LinearLora (its control LoRAs): lora_B has a bias
+            ".lora_up.bias": "lora_up.bias",
             ".lora_linear_layer.down.weight": "lora_down.weight",
             ".lora_linear_layer.up.weight": "lora_up.weight",
             "_lora.down.weight": "lora_down.weight",
@@ -149,6 +151,10 @@ class LoraFile:
     path: Path | None = None
     unknown_keys: list[str] = field(default_factory=list)
     embedding_keys: list[str] = field(default_factory=list)
+    #: full RMSNorm scales the file sets rather than changes (``<key>.scale`` of a ``query_norm``/``key_norm``: BFL's
+    #: control LoRAs carry every attention norm's), by the file's key; applied as diffusers' ``load_lora_weights``
+    #: applies them, replacing the model's for as long as the file is applied (:func:`match_modules` resolves them)
+    norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -191,12 +197,21 @@ def parse_state_dict(
                 break
         else:
             unknown.append(key)
-    # a lone ".alpha"/".scale" without weights is not a module
+    # a lone ".alpha"/".scale" without weights is not a module; a lone RMSNorm ".scale" is a norm the file sets
+    norm_scales: dict[str, torch.Tensor] = {}
     for key in [k for k, w in modules.items() if w.kind == "unknown"]:
-        unknown.extend(f"{key}.{part}" for part in modules[key].tensors)
-        del modules[key]
+        tensors = modules.pop(key).tensors
+        if key.endswith(_NORM_MODULES) and set(tensors) == {"scale"} and tensors["scale"].dim() == 1:
+            norm_scales[f"{key}.scale"] = tensors["scale"]
+        else:
+            unknown.extend(f"{key}.{part}" for part in tensors)
     _peft_alphas(modules, (metadata or {}).get("lora_adapter_metadata"))
-    return LoraFile(modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings))
+    return LoraFile(modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales)
+
+
+#: BFL's names of FLUX.1's attention RMSNorms (``<block>.img_attn.norm.query_norm``), whose ``scale`` a control LoRA
+#: holds in full
+_NORM_MODULES = (".query_norm", ".key_norm")
 
 
 def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
@@ -383,6 +398,8 @@ class Match:
 
     modules: dict[str, tuple[Target, ModuleWeights]]
     unmatched: list[str]
+    #: the file's norm scales (:attr:`LoraFile.norm_scales`) by the norm they replace: (that norm, the scale)
+    scales: dict[str, tuple[Target, torch.Tensor]] = field(default_factory=dict)
 
     def summary(self) -> str:
         shown = ", ".join(self.unmatched[:12]) + (
@@ -456,45 +473,90 @@ _PATCH_EMBEDDING = ("img_in", "x_embedder", "lora_unet_img_in", "lora_transforme
 _FLUX_LATENT_WIDTH = 64
 
 
-def widened_input(lora: LoraFile) -> int | None:
-    """The input width a FLUX.1 LoRA's patch-embedding module takes when it is not the 64 of dev's ``img_in``: BFL's
-    control LoRAs (``flux1-depth-dev-lora``, ``flux1-canny-dev-lora``) take 128, the noisy latents and a control
-    image's latents, and come with full RMSNorm scales (``...norm.query_norm.scale``)."""
+def patch_input_width(lora: LoraFile) -> int | None:
+    """The input width of the file's FLUX.1 patch-embedding module (``img_in``/``x_embedder``), ``None`` without
+    one."""
     for key, weights in lora.modules.items():
         name = _strip_component(key)[1]
         if name.startswith("diffusion_model."):
             name = name[len("diffusion_model.") :]
         widths = weights.in_out() if name in _PATCH_EMBEDDING else None
-        if widths is not None and widths[0] != _FLUX_LATENT_WIDTH:
+        if widths is not None:
             return widths[0]
     return None
 
 
-def control_lora_problem(lora: LoraFile) -> str | None:
-    """One line for a LoRA that widens FLUX.1's ``img_in`` (BFL's Depth/Canny control LoRAs), None otherwise.
+def widened_input(lora: LoraFile) -> int | None:
+    """The input width a FLUX.1 LoRA's patch-embedding module takes when it is not the 64 of dev's ``img_in``: BFL's
+    control LoRAs (``flux1-depth-dev-lora``, ``flux1-canny-dev-lora``) take 128, the noisy latents and a control
+    image's latents, and come with full RMSNorm scales (``...norm.query_norm.scale``)."""
+    width = patch_input_width(lora)
+    return width if width is not None and width != _FLUX_LATENT_WIDTH else None
 
-    diffusers' ``load_lora_weights`` applies them by swapping in a wider ``x_embedder`` (zero columns for the new
-    inputs), changing the transformer's ``in_channels`` and replacing the attention RMSNorm scales for as long as
-    the LoRA is loaded; sdcore's LoRAs change a module's weights in place or hook it, never its shape or its
-    config, so it refuses these files instead of applying part of one. The full FLUX.1 Depth/Canny [dev] models
-    run with ``sdcore generate --control-image``."""
-    width = widened_input(lora)
-    if width is None:
+
+def file_input_width(path: str | Path) -> int | None:
+    """:func:`widened_input` of a ``.safetensors`` file from its header alone (the shapes of its patch-embedding
+    ``lora_A``/``lora_down``), without reading a tensor; ``None`` for other files or when it cannot tell."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
         return None
-    kind = "a LoRA for a FLUX.1 transformer of another input width"
-    if width == 128:
-        kind = "a FLUX.1 Depth/Canny control LoRA (BFL's flux1-depth-dev-lora / flux1-canny-dev-lora)"
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    for key, entry in header.items():
+        module, _, part = key.rpartition(".lora_")
+        name = _strip_component(module)[1].removeprefix("diffusion_model.")
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if name in _PATCH_EMBEDDING and part in ("A.weight", "down.weight") and shape and len(shape) == 2:
+            width = int(shape[1])
+            return width if width != _FLUX_LATENT_WIDTH else None
+    return None
+
+
+#: the ``img_in`` width of BFL's control LoRAs: the noisy latents and the control image's latents, 64 + 64
+CONTROL_WIDTH = 128
+#: what sdcore calls a file whose ``img_in`` takes :data:`CONTROL_WIDTH` inputs
+CONTROL_LORA = "a FLUX.1 Depth/Canny control LoRA (BFL's flux1-depth-dev-lora / flux1-canny-dev-lora)"
+
+
+def control_lora_problem(lora: LoraFile, model_width: int = _FLUX_LATENT_WIDTH) -> str | None:
+    """One line for a LoRA whose FLUX.1 ``img_in`` takes another input width than the model's (``model_width``),
+    None otherwise.
+
+    BFL's Depth/Canny control LoRAs take 128 where dev takes 64: generation applies them by widening dev's
+    ``img_in`` first (``apply_loras(widen=True)``, as diffusers' ``load_lora_weights`` does), and runs the call on
+    ``FluxControlPipeline`` with the control image. Everything else that applies a LoRA to a model (training's
+    ``--network-weights`` and ``--base-weights``, ``sdcore lora merge``) changes no module's shape, so it refuses
+    them with this line instead of applying part of one."""
+    width = patch_input_width(lora)
+    if width is None or width == model_width:
+        return None
+    if width == CONTROL_WIDTH and model_width == _FLUX_LATENT_WIDTH:
+        return (
+            f"{lora.label}: {CONTROL_LORA}: it widens img_in from {model_width} to {width} inputs, which sdcore does "
+            "only when generating (<lora:name:weight> in the prompt with --control-image), not in training or merges"
+        )
     return (
-        f"{lora.label}: {kind}: it widens img_in from {_FLUX_LATENT_WIDTH} to {width} inputs, which sdcore's LoRA "
-        "loader does not do; use the full FLUX.1 Depth or Canny [dev] model with --control-image"
+        f"{lora.label}: a LoRA for a FLUX.1 transformer whose img_in takes {width} inputs; the loaded model's takes "
+        f"{model_width}"
     )
+
+
+def _model_input_width(index: ModuleIndex) -> int:
+    target = index.resolve_path(index.denoiser, "x_embedder")
+    return int(target.module.weight.shape[1]) if target is not None else _FLUX_LATENT_WIDTH
 
 
 def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> Match:
     """Resolve every module of ``lora`` on the model; shape mismatches and wrong families raise."""
     if check:
         check_family(lora, index.family)
-    if index.family == "flux" and (problem := control_lora_problem(lora)) is not None:
+    if index.family == "flux" and (problem := control_lora_problem(lora, _model_input_width(index))) is not None:
         raise NetworkMismatchError(problem)
     matched: dict[str, tuple[Target, ModuleWeights]] = {}
     unmatched: list[str] = []
@@ -526,6 +588,7 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
                     f"this LoRA does not fit the loaded {index.family} model{hint}"
                 )
         matched[target.name] = (target, weights)
+    scales = _match_scales(lora, index, unmatched)
     unmatched.extend(lora.unknown_keys)
     unmatched.extend(f"{key} (bundled embedding: not applied by the LoRA loader)" for key in lora.embedding_keys)
     if not matched:
@@ -535,7 +598,27 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
             f"{lora.label}: none of its {len(lora.modules)} modules match the loaded {index.family} model{hint}; "
             f"first keys: {', '.join(list(lora.modules)[:5])}"
         )
-    return Match(matched, unmatched)
+    return Match(matched, unmatched, scales)
+
+
+def _match_scales(lora: LoraFile, index: ModuleIndex, unmatched: list[str]) -> dict[str, tuple[Target, torch.Tensor]]:
+    """The file's norm scales (BFL names) on the model's norms (:attr:`ModuleIndex.scales`); a key naming no norm
+    goes to ``unmatched``, a scale of another width is a mismatch."""
+    scales: dict[str, tuple[Target, torch.Tensor]] = {}
+    for key, tensor in lora.norm_scales.items():
+        name = _strip_component(key)[1].removeprefix("diffusion_model.")
+        target = index.scales.get(name)
+        if target is None:
+            unmatched.append(key)
+            continue
+        shape = tuple(target.module.weight.shape)
+        if tuple(tensor.shape) != shape:
+            raise NetworkMismatchError(
+                f"{lora.label}: {key} has shape {tuple(tensor.shape)} but {target.path} is {shape}: this LoRA does "
+                f"not fit the loaded {index.family} model"
+            )
+        scales[target.name] = (target, tensor)
+    return scales
 
 
 def _one_oft_part(weights: ModuleWeights) -> ModuleWeights:
@@ -759,9 +842,11 @@ __all__ = [
     "Match",
     "ModuleWeights",
     "check_family",
+    "control_lora_problem",
     "detect_family",
     "family_from_metadata",
     "family_label",
+    "file_input_width",
     "file_sshs_hash",
     "header_metadata",
     "match_modules",

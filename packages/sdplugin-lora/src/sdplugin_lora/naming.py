@@ -213,6 +213,28 @@ def _groups(root: Any, classes: Mapping[str, str], pick: Any = _linear_or_conv) 
     return found
 
 
+def _flux_norm_scales(transformer: Any) -> dict[str, Target]:
+    """A FLUX.1 transformer's attention RMSNorms by the BFL name of their scale (sdcore's Flux key plan)."""
+    from sdcore.models.flux.convert import key_plan
+
+    config = transformer.config
+    modules = dict(transformer.named_modules())
+    found: dict[str, Target] = {}
+    for group in key_plan(int(config.num_layers), int(config.num_single_layers), bool(config.guidance_embeds)):
+        if not group.bfl.endswith("norm.scale"):
+            continue
+        path = group.diffusers[0].removesuffix(".weight")
+        if path in modules:
+            found[group.bfl] = Target(
+                flatten(TRANSFORMER_NORM_PREFIX, path), "transformer", path, modules[path], "norm"
+            )
+    return found
+
+
+#: the canonical names of :func:`_flux_norm_scales`' targets (no file writes them; they key a match)
+TRANSFORMER_NORM_PREFIX = "norm_transformer"
+
+
 @dataclass
 class ModuleIndex:
     """Every patchable module of a bundle, by canonical kohya name and by every alias.
@@ -232,6 +254,9 @@ class ModuleIndex:
     #: SD1/SD2/SDXL: the affine GroupNorm/LayerNorm of the UNet's transformer and ResNet blocks
     #: (LyCORIS ``train_norm``), by canonical name and every alias; group ``transformer`` or ``resnet``
     norms: dict[str, Target] = field(default_factory=dict)
+    #: FLUX.1: the attention RMSNorms by BFL's name (``double_blocks.0.img_attn.norm.query_norm.scale``), whose
+    #: scale a file may set in full (BFL's control LoRAs: :attr:`sdplugin_lora.format.LoraFile.norm_scales`)
+    scales: dict[str, Target] = field(default_factory=dict)
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> ModuleIndex:
@@ -272,6 +297,8 @@ class ModuleIndex:
             group = "transformer" if path in default_paths else "other"
             index._add(Target(canonical, "transformer", path, module, group, aliases))
         index.kohya = {module.name: module for module in table}
+        if family == "flux":
+            index.scales = _flux_norm_scales(transformer)
         encoders = list(encoders)
         order = DIT_TE_PREFIXES.get(family, ("lora_te1", "lora_te2", "lora_te3"))
         for position, (component, encoder) in enumerate(encoders):

@@ -436,6 +436,9 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     problems += _control_problems(params)
     # every network file every prompt names, resolved as the session will resolve it, all missing ones at once
     problems += session.check(pair for run in runs for pair in _network_prompts(run))
+    # a network that makes the model a FLUX.1 Depth/Canny one (BFL's control LoRAs) needs --control-image
+    problems += session.control_problems([pair for run in runs for pair in _network_prompts(run)],
+                                         control_image=params["control_image"] is not None)  # fmt: skip
     from ..io import output_problems
 
     # the images read: an output may never replace one (the --from-png image too, read before any is written)
@@ -574,10 +577,13 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     params, seed, variation, hires = run.params, run.seed, run.variation, run.hires
     sampler = run.sampler or _default_sampler(adapter)  # a family may sample with something else by default
     fill_model = is_flux_fill(bundle)
-    if params["cfg"] is None and is_flux_control(bundle):  # BFL's cli_control: 10 for Depth, 30 for Canny
+    if params["cfg"] is None and params["control_image"] is not None:  # BFL's cli_control: Depth 10, Canny 30
         from ..models.flux.control import default_guidance
 
-        params["cfg"] = default_guidance(bundle.source or params["model"])
+        if is_flux_control(bundle):
+            params["cfg"] = default_guidance(bundle.source or params["model"])
+        elif controls := session.control_networks(_network_prompts(run)):  # dev with a control LoRA: its name
+            params["cfg"] = default_guidance(controls[0].path)
     if params["cfg"] is None:  # FLUX.1 Fill: BFL's and diffusers' guidance 30
         params["cfg"] = FILL_GUIDANCE if fill_model else default_cfg(adapter)
     width, height = params["size"] or (None, None)

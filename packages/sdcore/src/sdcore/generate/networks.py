@@ -62,6 +62,17 @@ class NetworkRef:
         return default
 
 
+@dataclass(frozen=True)
+class ControlNetwork:
+    """A network file that turns the model into one taking a control image while it is applied (BFL's FLUX.1
+    Depth/Canny control LoRAs widen dev's ``img_in``: :func:`sdcore.models.flux.control.widen_img_in`), as its
+    handler tells from the file's header (:meth:`PromptNetworkHandler.control_network`)."""
+
+    path: Path
+    #: what it is, for the line that asks for a control image ("... is a FLUX.1 Depth/Canny control LoRA")
+    what: str
+
+
 class _NotFoundError(NetworkMismatchError):
     """:meth:`PromptNetworkHandler.find` met no file of that name (so :meth:`~PromptNetworkHandler.check` can
     list every such name in one line)."""
@@ -185,6 +196,13 @@ class PromptNetworkHandler:
         argument is an error there instead of being dropped in silence. The default accepts anything."""
         return None
 
+    def control_network(self, name: str) -> ControlNetwork | None:
+        """The file ``name`` resolves to when applying it makes the model take a control image (its header tells:
+        nothing is loaded), else ``None``. ``sdcore generate`` asks before the model loads, so such a network
+        without ``--control-image`` is one line then, and a Depth/Canny default guidance can follow its file
+        name. The default: no network of this handler does."""
+        return None
+
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         """Apply ``refs`` to ``bundle`` (or rewrite the prompts) and say how to undo it."""
         raise NotImplementedError
@@ -196,4 +214,4 @@ def undo_all(activations: Iterable[Activation]) -> None:
         activation.undo()
 
 
-__all__: list[str] = ["Activation", "NetworkRef", "PromptNetworkHandler", "undo_all"]
+__all__: list[str] = ["Activation", "ControlNetwork", "NetworkRef", "PromptNetworkHandler", "undo_all"]

@@ -294,7 +294,9 @@ def _kontext_reference(bundle: ModelBundle, reference_image: Any, mode: str, ini
 
 def _flux_control(bundle: ModelBundle, control_image: Any) -> Any:
     """``generate_images``' control image, read (None without one): only FLUX.1 Depth/Canny take one, and they
-    need it (one line each way)."""
+    need it (one line each way). Whether a FLUX.1 model takes it is asked when its pipeline is built
+    (:func:`sdcore.models.flux.generate.build_flux_pipeline`), after the prompt's networks are applied: BFL's control
+    LoRAs make dev a Depth/Canny model for the call (:func:`sdcore.models.flux.control.widen_img_in`)."""
     if control_image is None:
         if is_flux_control(bundle):
             from ..models.flux.variants import require_supported
@@ -304,9 +306,7 @@ def _flux_control(bundle: ModelBundle, control_image: Any) -> Any:
     if bundle.family != "flux":
         raise ConfigError(control_family_problem(bundle.family_spec.label))
     from ..models.flux.control import open_control
-    from ..models.flux.variants import require_control
 
-    require_control(bundle)
     return open_control(control_image)
 
 

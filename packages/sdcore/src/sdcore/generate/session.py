@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, NetworkMismatchError, PluginError, SdcoreError
-from .networks import Activation, NetworkRef, PromptNetworkHandler, undo_all
+from .networks import Activation, ControlNetwork, NetworkRef, PromptNetworkHandler, undo_all
 from .prompt_syntax import parse_networks
 
 DEFAULT_MODELS_DIR = Path("models")
@@ -118,6 +118,36 @@ class NetworkSession:
         for tag, tag_names in names.items():
             problems += self.tagged[tag].check(tag_names)
         return list(dict.fromkeys(problems))
+
+    def control_networks(self, prompts: Iterable[tuple[str, str]]) -> list[ControlNetwork]:
+        """The networks ``prompts`` name whose files make the model take a control image (each file once, judged
+        from its header: :meth:`~sdcore.generate.networks.PromptNetworkHandler.control_network`). A tag or name
+        that does not resolve counts as none here: :meth:`check` reports it."""
+        found: dict[Path, ControlNetwork] = {}
+        for prompt, _negative in prompts:
+            try:
+                _, refs = parse_networks(prompt)
+            except SdcoreError:
+                continue
+            for ref in refs:
+                handler = self.tagged.get(ref.tag)
+                if handler is None:
+                    continue
+                try:
+                    control = handler.control_network(ref.name)
+                except SdcoreError:
+                    continue
+                if control is not None:
+                    found.setdefault(control.path, control)
+        return list(found.values())
+
+    def control_problems(self, prompts: Iterable[tuple[str, str]], *, control_image: bool) -> list[str]:
+        """Without a control image, one line per network of ``prompts`` that needs one (:meth:`control_networks`),
+        said before the model loads."""
+        if control_image:
+            return []
+        return [f"{control.what}: it needs a control image (a depth map or canny edges): add --control-image"
+                for control in self.control_networks(prompts)]  # fmt: skip
 
     @contextlib.contextmanager
     def apply(

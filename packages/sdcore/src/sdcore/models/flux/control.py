@@ -14,12 +14,20 @@ they take, as diffusers' ``FluxControlPipeline`` (and ``FluxControlImg2ImgPipeli
 - guidance is the distilled guidance dev embeds, much higher than dev's 3.5: BFL's ``cli_control`` uses 10 for
   Depth and 30 for Canny (diffusers' examples the same), which :func:`default_guidance` picks from the model's
   name (Depth and Canny have the same shapes); there is no true CFG (the pipeline has none).
+
+BFL's control LoRAs (``flux1-depth-dev-lora``, ``flux1-canny-dev-lora``) make FLUX.1 dev a Depth/Canny model for as
+long as they are applied: :func:`widen_img_in` widens dev's ``img_in`` exactly as diffusers' ``load_lora_weights``
+does, and a network handler that applies such a file calls it and undoes it with the rest of the file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..bundle import ModelBundle
 
 #: the distilled guidance BFL's ``cli_control`` defaults to (``flux-dev-depth``: 10, ``flux-dev-canny``: 30)
 DEPTH_GUIDANCE = 10.0
@@ -61,12 +69,67 @@ def control_size(image: Any) -> tuple[int, int]:
     return width, height
 
 
+#: the transformer attribute naming what widened its ``img_in`` while it is widened (:func:`widen_img_in`), so a
+#: refusal can say the 128-wide model is dev with that file rather than a Depth/Canny download
+WIDENED_BY = "_sdcore_widened_by"
+
+
+def widened_by(bundle: ModelBundle) -> str | None:
+    """What widened the bundle's ``img_in`` (a file's label), ``None`` when nothing did."""
+    return getattr(bundle.transformer, WIDENED_BY, None) if bundle.transformer is not None else None
+
+
+def widen_img_in(bundle: ModelBundle, width: int, by: str) -> Callable[[], None]:
+    """Make the bundle's Flux transformer take ``width`` inputs for a while; returns the undo.
+
+    As diffusers' ``FluxLoraLoaderMixin._maybe_expand_transformer_param_shape_or_error_`` does for a control LoRA:
+    a new ``x_embedder`` Linear ``width`` wide whose first columns are the old weight and the new ones zeros, the
+    same bias, and ``config.in_channels`` set to ``width`` (what ``FluxControlPipeline`` reads to size the latents).
+    The old module is kept aside untouched (the new one holds copies), so the undo puts the very same module and
+    ``in_channels`` back and the bundle is bit for bit what it was. ``by`` names the file for refusals
+    (:func:`widened_by`). A ``width`` at or below the current one is refused: nothing narrows ``img_in``."""
+    import torch
+
+    from ...errors import NetworkMismatchError
+
+    transformer = bundle.transformer
+    old = transformer.x_embedder
+    current = int(old.weight.shape[1])
+    if width <= current:
+        raise NetworkMismatchError(f"{by}: img_in takes {current} inputs already; it cannot be widened to {width}")
+    new = torch.nn.Linear(width, int(old.weight.shape[0]), bias=old.bias is not None,
+                          device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :current].copy_(old.weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    new.requires_grad_(old.weight.requires_grad)
+    new.train(old.training)
+    config = transformer.config
+    before = config.in_channels
+    transformer.x_embedder = new
+    config.in_channels = width  # diffusers sets the attribute the same way
+    setattr(transformer, WIDENED_BY, by)
+
+    def undo() -> None:
+        transformer.x_embedder = old
+        config.in_channels = before
+        if WIDENED_BY in transformer.__dict__:
+            delattr(transformer, WIDENED_BY)
+
+    return undo
+
+
 __all__ = [
     "CANNY_GUIDANCE",
     "CONTROL_FIELD",
     "CONTROL_TRUE_CFG",
     "DEPTH_GUIDANCE",
+    "WIDENED_BY",
     "control_size",
     "default_guidance",
     "open_control",
+    "widen_img_in",
+    "widened_by",
 ]

@@ -20,7 +20,8 @@ image (:mod:`sdcore.train.inpainting`), ``sdcore generate --init-image --mask`` 
 ``sdcore generate --control-image``, diffusers' ``FluxControlPipeline``, :mod:`sdcore.models.flux.control`);
 sdcore does not train them (no peer does: kohya, OneTrainer, ai-toolkit and musubi-tuner have no Depth/Canny
 training), so training refuses them with one line instead of a shape error deep inside the transformer; so does
-generation without a control image, and Fill without a mask.
+generation without a control image, and Fill without a mask. BFL's control LoRAs make dev a Depth/Canny model
+while they are applied (:func:`sdcore.models.flux.control.widen_img_in`), so the same rules hold for dev with one.
 """
 
 from __future__ import annotations
@@ -99,7 +100,17 @@ def require_supported(bundle: ModelBundle, doing: str, *, inpainting: bool = Fal
     the caller gives an inpainting conditioning, so the :data:`INPAINTING` releases pass too; ``control``: a
     control image comes with the call, so the :data:`CONTROL` releases pass too."""
     if bundle.transformer is not None:
-        refuse(bundle_variant(bundle), bundle.source or "this model", doing, inpainting=inpainting, control=control)
+        refuse(bundle_variant(bundle), _source(bundle), doing, inpainting=inpainting, control=control)
+
+
+def _source(bundle: ModelBundle) -> str:
+    """The model as refusals name it: with the file that widened its ``img_in`` for this call, if one did (a
+    control LoRA makes dev a Depth/Canny model: :func:`sdcore.models.flux.control.widen_img_in`)."""
+    from .control import widened_by
+
+    source = bundle.source or "this model"
+    by = widened_by(bundle)
+    return f"{source} with {by}" if by else str(source)
 
 
 def require_fill(bundle: ModelBundle) -> None:

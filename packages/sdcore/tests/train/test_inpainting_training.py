@@ -366,3 +366,23 @@ def test_preflight_lists_unreadable_conditioning_images(tmp_path):
     problems = inpainting_problems(o, layout_of_bundle(sd1_inpainting()), scan_dataset(o))
     assert len(problems) == 1 and problems[0].startswith("--inpainting-conditioning-images: 1 -condlabel image(s)")
     assert str(broken) in problems[0] and images[0].stem + "-condlabel" not in problems[0]
+
+
+def test_every_condlabel_file_stays_out_of_training(tmp_path):
+    """With --inpainting-conditioning-images no -condlabel file is a training image, whatever its image suffix:
+    OneTrainer's CollectPaths drops every file whose name without its extension ends with '-condlabel'
+    (modules/dataLoader/mixin/DataLoaderText2ImageMixin.py, exclude_postfix=['-masklabel','-condlabel'];
+    mgds CollectPaths.start: os.path.splitext(name)[0].endswith(postfix)); only <stem>-condlabel.png is read as
+    one (ModifyPath with extension '.png')."""
+    from sdcore.data.dataset import scan_dataset
+
+    o = contract_options(ProjOutMethod, tmp_path, {"inpainting_conditioning_images": True})
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    grey = Image.new("RGB", (64, 64), (9, 9, 9))
+    grey.save(images[0].with_name(images[0].stem + "-condlabel.png"))
+    grey.save(images[1].with_name(images[1].stem + "-condlabel.jpg"))
+    grey.save(images[2].with_name(images[2].stem + "-condlabel.PNG"), format="PNG")
+    names = sorted(e.path.name for e in scan_dataset(o).entries)
+    assert names == sorted(p.name for p in images)
+    plain = contract_options(ProjOutMethod, tmp_path, {})
+    assert len(scan_dataset(plain).entries) == 7  # without the option they are images, as kohya reads a folder

@@ -235,3 +235,21 @@ def test_cli_check_shows_each_resolutions_buckets(tmp_path):
     # a list whose largest is not --resolution: the run's one-line error
     bad = CliRunner().invoke(data_group, ["check", str(tmp_path), "--resolution", "128", "--resolutions", "128,256"])
     assert bad.exit_code == 2 and "Error: --resolution 128 with --resolutions 128,256" in bad.output
+
+
+def test_cli_check_counts_images_as_a_conditioning_image_run(tmp_path):
+    """`sdcore data check --inpainting-conditioning-images` counts the images that run trains on: its
+    <name>-condlabel files are masked images, not training images (OneTrainer's CollectPaths drops every
+    '-condlabel' stem, modules/dataLoader/mixin/DataLoaderText2ImageMixin.py exclude_postfix)."""
+    folder = tmp_path / "1_sks"
+    folder.mkdir()
+    for name in ("a.png", "a-condlabel.png", "b.png"):
+        Image.new("RGB", (64, 64), (len(name), 0, 0)).save(folder / name)
+    runner = CliRunner()
+    args = ["check", str(tmp_path), "--resolution", "64", "--json"]
+    plain = runner.invoke(data_group, args)
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.output)["images"] == 3  # a kohya folder: every image trains
+    result = runner.invoke(data_group, [*args, "--inpainting-conditioning-images"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["images"] == 2

@@ -348,3 +348,41 @@ def test_alpha_masks_follow_random_crops_and_flips(tmp_path):
             area = torch.nn.functional.interpolate(m[None, None], size=(8, 8), mode="area")[0]  # kohya's loss mask
             torch.testing.assert_close(batch.masks[0], area, rtol=0, atol=1e-5)
     assert len({crop for crop, _ in views}) > 1 and len({flip for _, flip in views}) == 2
+
+
+def test_preflight_lists_unreadable_conditioning_images(tmp_path):
+    """A damaged -condlabel.png is one pre-flight line (as a damaged -masklabel mask is), not an error at the step
+    that first reads it: mgds' LoadImage (src/mgds/pipelineModules/LoadImage.py, get_item) raises on a file it
+    cannot decode ("could not load image, it might be corrupted") instead of falling back to the generated image."""
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.models.layout import layout_of_bundle
+    from sdcore.train.inpainting import inpainting_problems
+
+    o = contract_options(ProjOutMethod, tmp_path, {"inpainting_conditioning_images": True})
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(images[0].with_name(images[0].stem + "-condlabel.png"))
+    broken = images[1].with_name(images[1].stem + "-condlabel.png")
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    problems = inpainting_problems(o, layout_of_bundle(sd1_inpainting()), scan_dataset(o))
+    assert len(problems) == 1 and problems[0].startswith("--inpainting-conditioning-images: 1 -condlabel image(s)")
+    assert str(broken) in problems[0] and images[0].stem + "-condlabel" not in problems[0]
+
+
+def test_every_condlabel_file_stays_out_of_training(tmp_path):
+    """With --inpainting-conditioning-images no -condlabel file is a training image, whatever its image suffix:
+    OneTrainer's CollectPaths drops every file whose name without its extension ends with '-condlabel'
+    (modules/dataLoader/mixin/DataLoaderText2ImageMixin.py, exclude_postfix=['-masklabel','-condlabel'];
+    mgds CollectPaths.start: os.path.splitext(name)[0].endswith(postfix)); only <stem>-condlabel.png is read as
+    one (ModifyPath with extension '.png')."""
+    from sdcore.data.dataset import scan_dataset
+
+    o = contract_options(ProjOutMethod, tmp_path, {"inpainting_conditioning_images": True})
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    grey = Image.new("RGB", (64, 64), (9, 9, 9))
+    grey.save(images[0].with_name(images[0].stem + "-condlabel.png"))
+    grey.save(images[1].with_name(images[1].stem + "-condlabel.jpg"))
+    grey.save(images[2].with_name(images[2].stem + "-condlabel.PNG"), format="PNG")
+    names = sorted(e.path.name for e in scan_dataset(o).entries)
+    assert names == sorted(p.name for p in images)
+    plain = contract_options(ProjOutMethod, tmp_path, {})
+    assert len(scan_dataset(plain).entries) == 7  # without the option they are images, as kohya reads a folder

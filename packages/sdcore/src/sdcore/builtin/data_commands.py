@@ -72,6 +72,11 @@ def data_group() -> None:
     is_flag=True,
     help="Count the masks masked training reads (a OneTrainer concepts file's <name>-masklabel.png).",
 )
+@click.option(
+    "--inpainting-conditioning-images",
+    is_flag=True,
+    help="Leave out the <name>-condlabel images, as a run with this option does (they are masked images).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any problem is found.")
 def check_command(
@@ -92,6 +97,7 @@ def check_command(
     seed: int | None,
     top: int,
     masked_loss: bool,
+    inpainting_conditioning_images: bool,
     as_json: bool,
     strict: bool,
 ) -> None:
@@ -125,6 +131,7 @@ def check_command(
         dataset_repeats=dataset_repeats,
         batch_size=batch_size,
         masked_loss=masked_loss,
+        inpainting_conditioning_images=inpainting_conditioning_images,
         **({} if seed is None else {"seed": seed}),
     )
     notes: list[str] = []

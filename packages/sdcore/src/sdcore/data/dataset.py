@@ -874,8 +874,8 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             continue
         if subset.excluded_stem_suffixes and path.stem.endswith(subset.excluded_stem_suffixes):
             continue  # a mask beside its image, not a training image
-        if subset.conditioning_suffix is not None and path.name.endswith(subset.conditioning_suffix):
-            continue  # the conditioning image of the image beside it
+        if subset.conditioning_suffix is not None and path.stem.endswith(Path(subset.conditioning_suffix).stem):
+            continue  # a conditioning image (OneTrainer skips every '-condlabel' stem, whatever its suffix)
         images.append(path)
     images.sort()
     for position, size in _usable_sizes(subset, images, index, verify):

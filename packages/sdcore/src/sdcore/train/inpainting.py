@@ -265,6 +265,31 @@ def fill_sample_problem(prompts: list[SamplePrompt]) -> str | None:
     return FILL_SAMPLES.format(count=len(bare), total=len(prompts), first=first)
 
 
+def _conditioning_image_problems(index: DatasetIndex) -> list[str]:
+    """``--inpainting-conditioning-images`` without any ``-condlabel.png`` (a misnamed set), and the damaged
+    ones (mgds' ``LoadImage`` raises on them), listed before loading rather than at the step that first reads one."""
+    from ..data.images import ImageError, probe_image
+    from .data import _listed
+
+    found = [path for path in dict.fromkeys(conditioning_image_path(e) for e in index.entries) if path is not None]
+    if not found:
+        return [
+            f"--inpainting-conditioning-images: no image of the dataset has a <name>{CONDITIONING_SUFFIX} beside it "
+            "(OneTrainer's name for a custom conditioning image)"
+        ]
+    unreadable: list[str] = []
+    for path in found:
+        try:
+            probe_image(path)
+        except ImageError as exc:
+            unreadable.append(str(exc))
+    if not unreadable:
+        return []
+    return [
+        f"--inpainting-conditioning-images: {len(unreadable)} -condlabel image(s) unreadable: {_listed(unreadable)}"
+    ]
+
+
 def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index: DatasetIndex | None) -> list[str]:
     """Pre-flight problems: ``--inpainting-unmasked-probability`` out of range or on a model without the mask
     input; ``--inpainting-masks random`` with cached latents or on a model without the mask input; control images
@@ -286,11 +311,8 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
             "--inpainting-conditioning-images: a -condlabel.png is the masked image of one mask (OneTrainer's dataset "
             "masks), not of kohya's random masks (--inpainting-masks random); use one of them"
         )
-    if custom and index is not None and not any(conditioning_image_path(e) for e in index.entries):
-        problems.append(
-            f"--inpainting-conditioning-images: no image of the dataset has a <name>{CONDITIONING_SUFFIX} beside it "
-            "(OneTrainer's name for a custom conditioning image)"
-        )
+    if custom and index is not None:
+        problems.extend(_conditioning_image_problems(index))
     if layout is None:
         return problems
     kind = layout_kind(layout)

@@ -338,3 +338,33 @@ def test_cli_default_guidance_is_the_familys(tmp_path):
             assert params.extra.get("Distilled CFG Scale") == "3.5" and params.cfg == 1.0
         else:
             assert params.cfg == 7.0 and "Distilled CFG Scale" not in params.extra
+
+
+def test_cli_schnell_writes_no_distilled_guidance(tmp_path):
+    """Forge writes "Distilled CFG Scale" (and "Hires Distilled CFG Scale") only on models with the guidance
+    embedding: schnell ignores the value, so its PNG leaves it out and a typed --cfg is a warning, not silence."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    cli = build_cli(get_plugin_manager())
+    for model in ("tiny:flux-schnell", "tiny:flux"):
+        out = tmp_path / f"{model.split(':')[1]}.png"
+        result = CliRunner().invoke(cli, ["generate", "--model", model, "a ring", "--steps", "1", "--size", "32",
+                                          "--cfg", "5", "--hr-scale", "1.5", "--hr-distilled-cfg", "2",
+                                          "--models-dir", str(tmp_path), "-o", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        params = read_png_parameters(out)
+        assert params is not None and params.cfg == 1.0
+        if model == "tiny:flux-schnell":
+            assert "Distilled CFG Scale" not in params.extra and "Hires Distilled CFG Scale" not in params.extra
+            assert "--cfg and --hr-distilled-cfg set the distilled guidance, which FLUX.1 schnell has not" in (
+                result.output
+            )
+        else:
+            assert (
+                float(params.extra["Distilled CFG Scale"]) == 5
+                and float(params.extra["Hires Distilled CFG Scale"]) == 2
+            )
+            assert "warning" not in result.output

@@ -462,6 +462,8 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
     # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
     distilled = bool(getattr(adapter, "distilled_guidance", False))
+    for line in _ignored_option_warnings(params, bundle, distilled):
+        click.echo(line, err=True)
     if recalled is not None:  # the PNG's CFG fields, now that the family says what they mean
         before = dict(params)
         _recalled_cfg(params, recalled, bundle, runs[0].sampler or _default_sampler(adapter), distilled)
@@ -513,6 +515,24 @@ def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[
         except ConfigError as exc:
             problems.append(str(exc))
     return problems
+
+
+def _ignored_option_warnings(params: dict[str, Any], bundle: Any, distilled: bool) -> list[str]:
+    """One warning line for each option typed on the command line that the loaded model cannot use, where
+    Forge, too, renders on without it: the distilled guidance on FLUX.1 schnell (no guidance embedding; Forge
+    prints that it is ignored)."""
+    if not distilled:
+        return []
+    from ..models.flux.variants import embeds_guidance
+
+    given = _given(params)
+    if embeds_guidance(bundle):
+        return []
+    typed = [f"--{name.replace('_', '-')}" for name in ("cfg", "hr_distilled_cfg") if name in given]
+    if not typed:
+        return []
+    return [f"warning: {' and '.join(typed)} set the distilled guidance, which FLUX.1 schnell has not "
+            "(no guidance embedding): ignored, as Forge ignores it; --true-cfg-scale is its CFG"]  # fmt: skip
 
 
 def _default_sampler(adapter: Any) -> str:
@@ -631,6 +651,9 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
             from ..models.flux.control import control_size, open_control
 
             first_size = control_size(open_control(params["control_image"]))
+    from ..models.flux.variants import embeds_guidance
+
+    guided = distilled and embeds_guidance(bundle)  # "Distilled CFG Scale" is written (Forge: not on schnell)
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
@@ -655,7 +678,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
             from ..models.flux.control import CONTROL_FIELD
 
             extra[CONTROL_FIELD] = Path(params["control_image"]).name
-        if distilled:
+        if guided:  # Forge: only where the model takes it (not on schnell)
             extra["Distilled CFG Scale"] = params["cfg"]
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
             first_cfg = params["true_cfg_scale"] if distilled else params["cfg"]  # the "CFG scale" written
@@ -666,7 +689,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
                     sampler,
                     bundle,
                     cfg=first_cfg,
-                    distilled_cfg=params["cfg"] if distilled else None,
+                    distilled_cfg=params["cfg"] if guided else None,
                 )
             )
         extra.update(infos[index] if index < len(infos) else {})

@@ -309,9 +309,9 @@ def test_solvers_on_schnell_and_sd3(tiny_model):
     assert np.array_equal(_array(got), _array(expected))
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", ["sd1", "sd3", "chroma"])
 def test_true_cfg_scale_is_refused_where_cfg_is_real(family, tiny_model):
-    """SD1/SD2/SDXL and SD3 have real CFG in --cfg: --true-cfg-scale there is one clear line, not ignored."""
+    """SD1/SD2/SDXL, SD3 and Chroma have real CFG in --cfg: --true-cfg-scale there is one clear line, not ignored."""
     from sdcore.errors import ConfigError
     from sdcore.generate.pipeline import generate_images
 

@@ -29,8 +29,9 @@ _SAMPLER_HELP = (
     "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
 )
 _AXIS_HELP = (
-    "Seed, 'Var. seed', 'Var. strength', Steps, 'Hires steps', 'CFG Scale', 'Prompt S/R', Sampler, "
-    "'Hires sampler', 'Clip skip', Denoising, 'Hires upscaler' (A1111's names)."
+    "Seed, 'Var. seed', 'Var. strength', Steps, 'Hires steps', 'CFG Scale' (FLUX.1: the true CFG), "
+    "'Distilled CFG Scale' (FLUX.1's guidance, --cfg), 'Prompt S/R', Sampler, 'Hires sampler', 'Clip skip', "
+    "Denoising, 'Hires upscaler' (A1111's and Forge's names)."
 )
 _DIRECTORY_OPTIONS = ("lora_dir", "embeddings_dir", "hypernetwork_dir")
 
@@ -471,6 +472,14 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
         for run in runs:  # an axis's own value wins over the PNG's
             run.params.update({k: v for k, v in params.items() if before.get(k) != v and k not in axis_params})
 
+    if plot is not None:  # Forge's CFG Scale / Distilled CFG Scale axes, now that the family says what they set
+        from ..generate.xyz_plot import guidance_axes
+
+        label = bundle.family_spec.label
+        if trouble := guidance_axes(
+            plot, [run.params for run in runs], params["cfg"], distilled=distilled, family=label
+        ):
+            raise ConfigError("; ".join(trouble))
     if plot is None:
         from ..generate.pnginfo import save_png
 

@@ -368,3 +368,29 @@ def test_cli_schnell_writes_no_distilled_guidance(tmp_path):
                 and float(params.extra["Hires Distilled CFG Scale"]) == 2
             )
             assert "warning" not in result.output
+
+
+def test_cli_clip_skip_that_changes_nothing_is_a_warning(tmp_path):
+    """FLUX.1 takes only CLIP-L's pooled vector (the last layer whatever the skip, in Forge too) and Chroma has no
+    CLIP: --clip-skip there renders the same image, so it says so (the PNG keeps the field, as Forge writes it);
+    SD3's CLIP hidden states do move with it, so no warning there."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    cli = build_cli(get_plugin_manager())
+    for model, ignored in (("tiny:flux", True), ("tiny:chroma", True), ("tiny:sd3", False)):
+        pixels = []
+        for skip in ("1", "2"):
+            out = tmp_path / f"{model.split(':')[1]}-{skip}.png"
+            result = CliRunner().invoke(cli, ["generate", "--model", model, "a ring", "--steps", "1", "--size", "32",
+                                              "--seed", "1", "--clip-skip", skip, "--models-dir", str(tmp_path),
+                                              "-o", str(out)])  # fmt: skip
+            assert result.exit_code == 0, result.output
+            assert ("--clip-skip 2 changes nothing" in result.output) == (ignored and skip == "2"), result.output
+            pixels.append(np.asarray(Image.open(out)))
+        params = read_png_parameters(out)
+        assert params is not None and params.extra.get("Clip skip") == "2"
+        assert np.array_equal(*pixels) == ignored

@@ -463,7 +463,7 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
     # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
     distilled = bool(getattr(adapter, "distilled_guidance", False))
-    for line in _ignored_option_warnings(params, bundle, distilled):
+    for line in _ignored_option_warnings(params, adapter, bundle, distilled):
         click.echo(line, err=True)
     if recalled is not None:  # the PNG's CFG fields, now that the family says what they mean
         before = dict(params)
@@ -526,22 +526,28 @@ def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[
     return problems
 
 
-def _ignored_option_warnings(params: dict[str, Any], bundle: Any, distilled: bool) -> list[str]:
-    """One warning line for each option typed on the command line that the loaded model cannot use, where
-    Forge, too, renders on without it: the distilled guidance on FLUX.1 schnell (no guidance embedding; Forge
-    prints that it is ignored)."""
-    if not distilled:
-        return []
+def _ignored_option_warnings(params: dict[str, Any], adapter: Any, bundle: Any, distilled: bool) -> list[str]:
+    """One warning line for each option typed on the command line (or taken from --from-png) that the loaded
+    model cannot use, where Forge, too, renders on without it: the distilled guidance on FLUX.1 schnell (no
+    guidance embedding; Forge prints that it is ignored) and a clip skip on FLUX.1 and Chroma (the adapter's
+    ``clip_skip_ignored``: no CLIP hidden states reach the transformer). The PNG still says them, as Forge's."""
     from ..models.flux.variants import embeds_guidance
 
     given = _given(params)
-    if embeds_guidance(bundle):
-        return []
-    typed = [f"--{name.replace('_', '-')}" for name in ("cfg", "hr_distilled_cfg") if name in given]
-    if not typed:
-        return []
-    return [f"warning: {' and '.join(typed)} set the distilled guidance, which FLUX.1 schnell has not "
-            "(no guidance embedding): ignored, as Forge ignores it; --true-cfg-scale is its CFG"]  # fmt: skip
+    warnings = []
+    if distilled and not embeds_guidance(bundle):
+        typed = [f"--{name.replace('_', '-')}" for name in ("cfg", "hr_distilled_cfg") if name in given]
+        if typed:
+            warnings.append(
+                f"warning: {' and '.join(typed)} set the distilled guidance, which FLUX.1 schnell has not "
+                "(no guidance embedding): ignored, as Forge ignores it; --true-cfg-scale is its CFG"
+            )
+    if params["clip_skip"] > 1 and getattr(adapter, "clip_skip_ignored", False):
+        warnings.append(
+            f"warning: --clip-skip {params['clip_skip']} changes nothing on {bundle.family_spec.label} models "
+            "(no CLIP hidden states condition them; Forge ignores it too)"
+        )
+    return warnings
 
 
 def _default_sampler(adapter: Any) -> str:

@@ -93,8 +93,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "--cfg",
     default=None,
     type=float,
-    help="Classifier-free guidance scale (default 7; FLUX.1: its embedded guidance, default 3.5, FLUX.1 Fill and "
-    "Canny 30, Depth 10).",
+    help="Classifier-free guidance scale (default 7, Chroma 5; FLUX.1: its embedded guidance, default 3.5, FLUX.1 "
+    "Fill and Canny 30, Depth 10).",
 )
 @click.option(
     "--true-cfg-scale",
@@ -136,8 +136,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option(
     "--sampler",
     default=None,
-    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1). "
-    "SD3 and Flux.1 take euler, euler_a, heun, dpm++2m, unipc.",
+    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1 and Chroma). "
+    "SD3, Flux.1 and Chroma take euler, euler_a, heun, dpm++2m, unipc.",
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
 @click.option(

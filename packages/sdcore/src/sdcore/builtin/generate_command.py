@@ -582,7 +582,7 @@ def _prepare_run(params: dict[str, Any], problems: list[str]) -> _Run:
     hires = _hires_settings(params)
     if hires is not None:
         problems.extend(hires.problems())
-        if params["init_image"] is not None:
+        if params["init_image"] is not None and params["mask"] is None:  # with --mask: _mask_problems says it
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
     problems += variation.problems() if variation is not None else []
     return _Run(params, sampler, seed, variation, hires)

@@ -34,3 +34,17 @@ def test_hires_with_an_inpainting_is_said_once_and_keeps_the_init_image(tmp_path
     assert isinstance(result.exception, ConfigError)
     assert "drop --init-image or the --hr options" in str(result.exception)
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_kontext_reference_with_an_inpainting_says_to_drop_both(tmp_path):
+    """The Kontext refusal of --init-image names the mask too, else following it only meets '--mask repaints
+    part of an init image: add --init-image'."""
+    from sdcore.errors import ConfigError
+
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "init.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    result = _cli("make it red", "-m", "tiny:flux-kontext", "--reference-image", str(tmp_path / "init.png"),
+                  "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "-o",
+                  str(tmp_path / "o.png"))  # fmt: skip
+    assert isinstance(result.exception, ConfigError) and result.exception.exit_code == 2
+    assert "drop --init-image (and its --mask" in str(result.exception)

@@ -390,3 +390,29 @@ def test_axis_problems_exit_2_as_every_other_refusal_before_the_model_loads(tmp_
         assert result.exit_code == 2, (axis, result.output)
         assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output
     assert "Nonsense" in lines[0]
+
+
+def test_forge_guidance_axes_on_flux_and_elsewhere(tmp_path):
+    """Forge's xyz_grid: "CFG Scale" sets cfg_scale, FLUX.1's true CFG, and "Distilled CFG Scale" the embedded
+    guidance (sdcore's --cfg there); each cell's infotext says the values its axes gave it. On a family with real
+    CFG the Distilled axis is refused after loading, before any cell; a true CFG under 1 is refused on FLUX.1."""
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    obj = types.SimpleNamespace(pm=get_plugin_manager(builtins=False, entrypoints=False))
+    base = ["a cat", "--steps", "1", "--size", "32x32", "--seed", "3", "-o", str(tmp_path / "g.png")]
+    axes = ["--x-type", "CFG Scale", "--x-values", "1,2", "--y-type", "Distilled CFG Scale", "--y-values", "2.5,4"]
+    result = CliRunner().invoke(generate, [*base, "-m", "tiny:flux", *axes], obj=obj)
+    assert result.exit_code == 0, result.output
+    cells = [read_png_parameters(tmp_path / f"g-{index}.png") for index in range(4)]
+    assert [(c.cfg, float(c.extra["Distilled CFG Scale"])) for c in cells if c is not None] == [
+        (1.0, 2.5), (2.0, 2.5), (1.0, 4.0), (2.0, 4.0)]  # fmt: skip
+    for model, args, message in (
+        ("tiny:sd3", axes, "the Distilled CFG Scale axis varies FLUX.1's embedded guidance"),
+        ("tiny:flux", ["--x-type", "CFG Scale", "--x-values", "0.5,2"], "the CFG Scale axis is the true CFG"),
+    ):
+        out = tmp_path / model.split(":")[1]
+        out.mkdir()
+        result = CliRunner().invoke(generate, [*base[:-1], str(out / "g.png"), "-m", model, *args], obj=obj)
+        assert isinstance(result.exception, sdcore.ConfigError) and message in str(result.exception), result.output
+        assert not list(out.iterdir())

@@ -309,9 +309,9 @@ def test_solvers_on_schnell_and_sd3(tiny_model):
     assert np.array_equal(_array(got), _array(expected))
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd3"])
+@pytest.mark.parametrize("family", ["sd1", "sd3", "chroma"])
 def test_true_cfg_scale_is_refused_where_cfg_is_real(family, tiny_model):
-    """SD1/SD2/SDXL and SD3 have real CFG in --cfg: --true-cfg-scale there is one clear line, not ignored."""
+    """SD1/SD2/SDXL, SD3 and Chroma have real CFG in --cfg: --true-cfg-scale there is one clear line, not ignored."""
     from sdcore.errors import ConfigError
     from sdcore.generate.pipeline import generate_images
 
@@ -338,3 +338,59 @@ def test_cli_default_guidance_is_the_familys(tmp_path):
             assert params.extra.get("Distilled CFG Scale") == "3.5" and params.cfg == 1.0
         else:
             assert params.cfg == 7.0 and "Distilled CFG Scale" not in params.extra
+
+
+def test_cli_schnell_writes_no_distilled_guidance(tmp_path):
+    """Forge writes "Distilled CFG Scale" (and "Hires Distilled CFG Scale") only on models with the guidance
+    embedding: schnell ignores the value, so its PNG leaves it out and a typed --cfg is a warning, not silence."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    cli = build_cli(get_plugin_manager())
+    for model in ("tiny:flux-schnell", "tiny:flux"):
+        out = tmp_path / f"{model.split(':')[1]}.png"
+        result = CliRunner().invoke(cli, ["generate", "--model", model, "a ring", "--steps", "1", "--size", "32",
+                                          "--cfg", "5", "--hr-scale", "1.5", "--hr-distilled-cfg", "2",
+                                          "--models-dir", str(tmp_path), "-o", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        params = read_png_parameters(out)
+        assert params is not None and params.cfg == 1.0
+        if model == "tiny:flux-schnell":
+            assert "Distilled CFG Scale" not in params.extra and "Hires Distilled CFG Scale" not in params.extra
+            assert "--cfg and --hr-distilled-cfg set the distilled guidance, which FLUX.1 schnell has not" in (
+                result.output
+            )
+        else:
+            assert (
+                float(params.extra["Distilled CFG Scale"]) == 5
+                and float(params.extra["Hires Distilled CFG Scale"]) == 2
+            )
+            assert "warning" not in result.output
+
+
+def test_cli_clip_skip_that_changes_nothing_is_a_warning(tmp_path):
+    """FLUX.1 takes only CLIP-L's pooled vector (the last layer whatever the skip, in Forge too) and Chroma has no
+    CLIP: --clip-skip there renders the same image, so it says so (the PNG keeps the field, as Forge writes it);
+    SD3's CLIP hidden states do move with it, so no warning there."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from sdcore.cli import build_cli
+    from sdcore.generate.pnginfo import read_png_parameters
+    from sdcore.plugins import get_plugin_manager
+
+    cli = build_cli(get_plugin_manager())
+    for model, ignored in (("tiny:flux", True), ("tiny:chroma", True), ("tiny:sd3", False)):
+        pixels = []
+        for skip in ("1", "2"):
+            out = tmp_path / f"{model.split(':')[1]}-{skip}.png"
+            result = CliRunner().invoke(cli, ["generate", "--model", model, "a ring", "--steps", "1", "--size", "32",
+                                              "--seed", "1", "--clip-skip", skip, "--models-dir", str(tmp_path),
+                                              "-o", str(out)])  # fmt: skip
+            assert result.exit_code == 0, result.output
+            assert ("--clip-skip 2 changes nothing" in result.output) == (ignored and skip == "2"), result.output
+            pixels.append(np.asarray(Image.open(out)))
+        params = read_png_parameters(out)
+        assert params is not None and params.extra.get("Clip skip") == "2"
+        assert np.array_equal(*pixels) == ignored

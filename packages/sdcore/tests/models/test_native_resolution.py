@@ -45,3 +45,24 @@ def test_tiny_models_and_their_files(tmp_path):
     assert peek_native_resolution(tmp_path / "tiny.safetensors") == 64
     assert peek_native_resolution(tmp_path / "tiny-diffusers") == 64
     assert peek_native_resolution("someone/some-model") is None  # a hub id: known once loaded
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+def test_a_tiny_transformer_file_keeps_its_64_and_a_real_one_its_familys_size(tmp_path, family):
+    """FLUX.1 and Chroma transformers have no sample_size: the single file's modelspec.resolution is the only
+    record, so a tiny model written to disk (as `sdcore model create-tiny` does) generates and trains at 64 as
+    `tiny:<family>` does, not at the family's 1024; a file that says nothing (BFL's) is the family's size."""
+    from safetensors import safe_open
+    from sdcore.generate.pipeline import default_size
+    from sdcore.models.load import load_model
+
+    path = tmp_path / "tiny.safetensors"
+    load_model(f"tiny:{family}").save(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+    assert metadata["modelspec.resolution"] == "64x64"
+    assert peek_native_resolution(path) == 64
+    loaded = load_model(path)
+    assert bundle_native_resolution(loaded) == default_size(loaded) == 64
+    loaded.metadata = {k: v for k, v in (loaded.metadata or {}).items() if k != "modelspec.resolution"}
+    assert bundle_native_resolution(loaded) == 1024

@@ -29,8 +29,9 @@ _SAMPLER_HELP = (
     "euler_a, euler, dpm++2m, dpm++2m_karras, ddim, lms, heun, pndm, unipc (A1111 names such as 'Euler a' work too)"
 )
 _AXIS_HELP = (
-    "Seed, 'Var. seed', 'Var. strength', Steps, 'Hires steps', 'CFG Scale', 'Prompt S/R', Sampler, "
-    "'Hires sampler', 'Clip skip', Denoising, 'Hires upscaler' (A1111's names)."
+    "Seed, 'Var. seed', 'Var. strength', Steps, 'Hires steps', 'CFG Scale' (FLUX.1: the true CFG), "
+    "'Distilled CFG Scale' (FLUX.1's guidance, --cfg), 'Prompt S/R', Sampler, 'Hires sampler', 'Clip skip', "
+    "Denoising, 'Hires upscaler' (A1111's and Forge's names)."
 )
 _DIRECTORY_OPTIONS = ("lora_dir", "embeddings_dir", "hypernetwork_dir")
 
@@ -92,8 +93,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     "--cfg",
     default=None,
     type=float,
-    help="Classifier-free guidance scale (default 7; FLUX.1: its embedded guidance, default 3.5, FLUX.1 Fill and "
-    "Canny 30, Depth 10).",
+    help="Classifier-free guidance scale (default 7, Chroma 5; FLUX.1: its embedded guidance, default 3.5, FLUX.1 "
+    "Fill and Canny 30, Depth 10).",
 )
 @click.option(
     "--true-cfg-scale",
@@ -135,8 +136,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 @click.option(
     "--sampler",
     default=None,
-    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1). "
-    "SD3 and Flux.1 take euler, euler_a, heun, dpm++2m, unipc.",
+    help=_SAMPLER_HELP + " (default: euler_a, or the family's own default: euler for Flux.1 and Chroma). "
+    "SD3, Flux.1 and Chroma take euler, euler_a, heun, dpm++2m, unipc.",
 )
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 64), help="Number of images.")
 @click.option(
@@ -465,6 +466,8 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
     # --cfg of a guidance-distilled family (Flux.1) is its embedded guidance: the infotext says it as Forge
     # does ("CFG scale" the true CFG, "Distilled CFG Scale" the guidance), so PNG Info restores both
     distilled = bool(getattr(adapter, "distilled_guidance", False))
+    for line in _ignored_option_warnings(params, adapter, bundle, distilled):
+        click.echo(line, err=True)
     if recalled is not None:  # the PNG's CFG fields, now that the family says what they mean
         before = dict(params)
         _recalled_cfg(params, recalled, bundle, runs[0].sampler or _default_sampler(adapter), distilled)
@@ -472,6 +475,14 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
         for run in runs:  # an axis's own value wins over the PNG's
             run.params.update({k: v for k, v in params.items() if before.get(k) != v and k not in axis_params})
 
+    if plot is not None:  # Forge's CFG Scale / Distilled CFG Scale axes, now that the family says what they set
+        from ..generate.xyz_plot import guidance_axes
+
+        label = bundle.family_spec.label
+        if trouble := guidance_axes(
+            plot, [run.params for run in runs], params["cfg"], distilled=distilled, family=label
+        ):
+            raise ConfigError("; ".join(trouble))
     if plot is None:
         from ..generate.pnginfo import save_png
 
@@ -518,6 +529,30 @@ def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[
     return problems
 
 
+def _ignored_option_warnings(params: dict[str, Any], adapter: Any, bundle: Any, distilled: bool) -> list[str]:
+    """One warning line for each option typed on the command line (or taken from --from-png) that the loaded
+    model cannot use, where Forge, too, renders on without it: the distilled guidance on FLUX.1 schnell (no
+    guidance embedding; Forge prints that it is ignored) and a clip skip on FLUX.1 and Chroma (the adapter's
+    ``clip_skip_ignored``: no CLIP hidden states reach the transformer). The PNG still says them, as Forge's."""
+    from ..models.flux.variants import embeds_guidance
+
+    given = _given(params)
+    warnings = []
+    if distilled and not embeds_guidance(bundle):
+        typed = [f"--{name.replace('_', '-')}" for name in ("cfg", "hr_distilled_cfg") if name in given]
+        if typed:
+            warnings.append(
+                f"warning: {' and '.join(typed)} set the distilled guidance, which FLUX.1 schnell has not "
+                "(no guidance embedding): ignored, as Forge ignores it; --true-cfg-scale is its CFG"
+            )
+    if params["clip_skip"] > 1 and getattr(adapter, "clip_skip_ignored", False):
+        warnings.append(
+            f"warning: --clip-skip {params['clip_skip']} changes nothing on {bundle.family_spec.label} models "
+            "(no CLIP hidden states condition them; Forge ignores it too)"
+        )
+    return warnings
+
+
 def _default_sampler(adapter: Any) -> str:
     """The family's sampler when none is given (Flux: flow-matching Euler)."""
     return str(getattr(adapter, "default_sampler", "euler_a"))
@@ -550,7 +585,7 @@ def _prepare_run(params: dict[str, Any], problems: list[str]) -> _Run:
     hires = _hires_settings(params)
     if hires is not None:
         problems.extend(hires.problems())
-        if params["init_image"] is not None:
+        if params["init_image"] is not None and params["mask"] is None:  # with --mask: _mask_problems says it
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
     problems += variation.problems() if variation is not None else []
     return _Run(params, sampler, seed, variation, hires)
@@ -637,6 +672,9 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
             from ..models.flux.control import control_size, open_control
 
             first_size = control_size(open_control(params["control_image"]))
+    from ..models.flux.variants import embeds_guidance
+
+    guided = distilled and embeds_guidance(bundle)  # "Distilled CFG Scale" is written (Forge: not on schnell)
     source = bundle.source or params["model"]
     model_hash = model_short_hash(source)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
@@ -661,7 +699,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
             from ..models.flux.control import CONTROL_FIELD
 
             extra[CONTROL_FIELD] = Path(params["control_image"]).name
-        if distilled:
+        if guided:  # Forge: only where the model takes it (not on schnell)
             extra["Distilled CFG Scale"] = params["cfg"]
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
             first_cfg = params["true_cfg_scale"] if distilled else params["cfg"]  # the "CFG scale" written
@@ -672,7 +710,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
                     sampler,
                     bundle,
                     cfg=first_cfg,
-                    distilled_cfg=params["cfg"] if distilled else None,
+                    distilled_cfg=params["cfg"] if guided else None,
                 )
             )
         extra.update(infos[index] if index < len(infos) else {})

@@ -189,7 +189,8 @@ class HiresFix:
         differ from the first pass's ``cfg`` ("CFG scale") and ``distilled_cfg`` ("Distilled CFG Scale"),
         "Hires upscale" or "Hires resize", "Hires steps" when set, "Hires upscaler". (Forge writes its two on
         every hires image; an infotext without them reads as the first pass's values here, and A1111, which
-        has no hires CFG, gets the fields it knows.)
+        has no hires CFG, gets the fields it knows; ``distilled_cfg`` None, a model without the guidance, FLUX.1
+        schnell included, writes no hires one, as Forge.)
 
         With ``bundle``, a differing hires sampler also gets "Hires schedule type", decided as the first
         pass's "Schedule type" is (:func:`~sdcore.generate.pipeline.schedule_type_field`): A1111 1.9+ reads
@@ -213,7 +214,7 @@ class HiresFix:
             fields["Hires negative prompt"] = self.negative_prompt
         if self.cfg is not None and self.cfg != cfg:
             fields["Hires CFG Scale"] = float(self.cfg)
-        if self.distilled_cfg is not None and self.distilled_cfg != distilled_cfg:
+        if self.distilled_cfg is not None and distilled_cfg is not None and self.distilled_cfg != distilled_cfg:
             fields["Hires Distilled CFG Scale"] = float(self.distilled_cfg)
         if self.resize_x == 0 and self.resize_y == 0:
             fields["Hires upscale"] = float(self.scale)

@@ -510,6 +510,11 @@ def generate_images(
         family_generate = getattr(adapter, "generate", None)
         if family_generate is None:
             raise ConfigError(f"generating with {bundle.family} models is not supported")
+        if true_cfg_scale != 1.0 and not getattr(adapter, "distilled_guidance", False):
+            # a family whose --cfg is real CFG (Chroma) would otherwise drop it in silence
+            raise ConfigError(
+                f"--true-cfg-scale is for guidance-distilled models (Flux.1); {bundle.family_spec.label} takes --cfg"
+            )
         if hires is not None:  # the flow families' hires pass: their own pipelines from the upscaled latent
             from .flow_samplers import FLOW_SAMPLERS, flow_sampler_id
 

@@ -63,7 +63,8 @@ AXIS_TYPES: tuple[AxisType, ...] = (
     AxisType("Var. strength", float, "subseed_strength", low=0.0, high=1.0),
     AxisType("Steps", int, "steps", low=1, high=1000),
     AxisType("Hires steps", int, "hr_steps", low=0),
-    AxisType("CFG Scale", float, "cfg"),
+    AxisType("CFG Scale", float, "cfg"),  # FLUX.1: the true CFG, as Forge's (see DISTILLED_CFG_AXIS)
+    AxisType("Distilled CFG Scale", float, "distilled_cfg"),  # Forge's: FLUX.1's embedded guidance (--cfg)
     AxisType("Prompt S/R", str, "prompt", with_label=False),
     AxisType("Sampler", str, "sampler", with_label=False),
     AxisType("Hires sampler", str, "hr_sampler"),
@@ -72,6 +73,10 @@ AXIS_TYPES: tuple[AxisType, ...] = (
     AxisType("Hires upscaler", str, "hr_upscaler"),
 )
 _SEED_AXES = ("Seed", "Var. seed")
+#: Forge's two guidance axes: on a guidance-distilled family (FLUX.1) "CFG Scale" sets its true CFG (Forge's
+#: ``cfg_scale``) and "Distilled CFG Scale" the embedded guidance (``distilled_cfg_scale``, sdcore's ``--cfg``
+#: there); the second means nothing on other families. :func:`guidance_axes` maps them once the family is known.
+CFG_AXIS, DISTILLED_CFG_AXIS = "CFG Scale", "Distilled CFG Scale"
 _HIRES_AXES = ("Hires steps", "Hires sampler", "Hires upscaler")
 
 # A1111's range forms (xyz_grid.py re_range*, rewritten): "a-b", "a-b (+s)", "a-b [n]"
@@ -280,6 +285,40 @@ def build_plot(
     for label in sorted({label for label in used if used.count(label) > 1}):
         problems.append(f"{label} is on two axes; A1111 would apply only the last")
     return (plot if given and not problems else None), problems
+
+
+def guidance_axes(
+    plot: XYZPlot, cells: Sequence[dict[str, Any]], cfg: Any, *, distilled: bool, family: str
+) -> list[str]:
+    """Map Forge's guidance axes onto ``cells`` (each plot cell's parameters, changed in place) once the model's
+    family is known, and return the problems: on a guidance-distilled family (``distilled``: FLUX.1) a "CFG
+    Scale" value is the cell's ``true_cfg_scale`` (its ``cfg`` goes back to ``cfg``, the command's) and must be
+    at least 1, and a "Distilled CFG Scale" value is its ``cfg``; on other families "Distilled CFG Scale" is
+    refused (Forge would change nothing)."""
+    labels = {axis.type.label: axis for _, axis in plot.axes}
+    problems: list[str] = []
+    if DISTILLED_CFG_AXIS in labels and not distilled:
+        problems.append(
+            f"the {DISTILLED_CFG_AXIS} axis varies FLUX.1's embedded guidance; {family} models have real CFG: "
+            f"use the {CFG_AXIS} axis"
+        )
+        return problems
+    if not distilled:
+        return problems
+    if CFG_AXIS in labels:
+        low = [value for value in labels[CFG_AXIS].values if value < 1]
+        if low:
+            problems.append(
+                f"on {family} the {CFG_AXIS} axis is the true CFG (--true-cfg-scale, as Forge's), at least 1, "
+                f"not {', '.join(map(str, low))}; the embedded guidance (--cfg) is the {DISTILLED_CFG_AXIS} axis"
+            )
+            return problems
+    for cell in cells:
+        if CFG_AXIS in labels:
+            cell["true_cfg_scale"], cell["cfg"] = cell["cfg"], cfg
+        if DISTILLED_CFG_AXIS in labels:
+            cell["cfg"] = cell["distilled_cfg"]
+    return problems
 
 
 def uses_hires(plot: XYZPlot) -> bool:

@@ -36,13 +36,32 @@ def _as_mapping(config: Any) -> Mapping[str, Any]:
     return config if isinstance(config, Mapping) else vars(config)
 
 
+#: the modelspec field (SAI's model spec, which sdcore's writers fill) that says a model's preferred size
+MODELSPEC_RESOLUTION = "modelspec.resolution"
+
+
+def modelspec_side(metadata: Mapping[str, str] | None) -> int | None:
+    """The larger side of a file's ``modelspec.resolution`` (``"1024x1024"``), ``None`` when it has none or it
+    does not read. A transformer without ``sample_size`` (FLUX.1, Chroma) has no other record of its size, so
+    this is how a tiny model written to disk (``sdcore model create-tiny``) keeps its 64 as ``tiny:flux`` has it."""
+    text = (metadata or {}).get(MODELSPEC_RESOLUTION, "")
+    try:
+        sides = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        return None
+    return max(sides) if len(sides) == 2 and min(sides) > 0 else None
+
+
 def bundle_native_resolution(bundle: Any) -> int | None:
     """Native size of a loaded :class:`~sdcore.models.bundle.ModelBundle`: from its denoiser's
-    ``sample_size`` when it has one (a transformer may not), else its family's declared size."""
+    ``sample_size`` when it has one (a transformer may not), else the file's ``modelspec.resolution``, else its
+    family's declared size."""
     vae = _as_mapping(bundle.vae.config) if bundle.vae is not None else {}  # a transformer-only Flux file
     found = native_resolution(_as_mapping(bundle.denoiser.config), vae)
     if found is None and bundle.source_format == "tiny":
         return TINY_TRANSFORMER_RESOLUTION
+    if found is None:
+        found = modelspec_side(getattr(bundle, "metadata", None))
     return found if found is not None else bundle.family_spec.native_resolution
 
 
@@ -89,6 +108,7 @@ def _single_file(path: Path) -> int | None:
     try:
         if CONFIG_METADATA_KEY in source.metadata:
             stored = json.loads(source.metadata[CONFIG_METADATA_KEY])
+            stored = stored.get("components", stored)  # the FLUX.1/Chroma writer nests the component configs
             if "transformer" not in stored:
                 return native_resolution(stored.get("unet") or {}, stored.get("vae") or {})
             found_size = native_resolution(stored["transformer"], stored.get("vae") or {})  # SD3 has sample_size
@@ -97,8 +117,8 @@ def _single_file(path: Path) -> int | None:
         from .family import get_family
 
         family = get_family(detect_family(source.keys, path))
-        if family.denoiser != "unet":  # no ldm configs to read: the family's declared size
-            return family.native_resolution
+        if family.denoiser != "unet":  # no ldm configs to read: the file's modelspec, else the family's size
+            return modelspec_side(source.metadata) or family.native_resolution
         found = detect(
             source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
         )
@@ -108,4 +128,4 @@ def _single_file(path: Path) -> int | None:
     return native_resolution(configs["unet"], configs["vae"])
 
 
-__all__ = ["bundle_native_resolution", "native_resolution", "peek_native_resolution"]
+__all__ = ["bundle_native_resolution", "modelspec_side", "native_resolution", "peek_native_resolution"]

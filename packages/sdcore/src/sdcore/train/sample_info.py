@@ -45,6 +45,7 @@ def sample_infotexts(
     strength, mask blur, masked content) apply."""
     from .. import __version__
     from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters
+    from ..models.flux.variants import embeds_guidance
     from .sample_prompts import generation_arguments
 
     try:
@@ -84,7 +85,7 @@ def sample_infotexts(
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["RNG"] = RNG_SOURCE
-        if distilled:
+        if distilled and (bundle is None or embeds_guidance(bundle)):  # Forge: not on schnell
             fields["Distilled CFG Scale"] = float(arguments.get("cfg", 7.0))
         fields["Training step"] = step
         fields["Version"] = f"sdcore {__version__}"

@@ -65,6 +65,8 @@ class ChromaAdapter:
     #: ``_class_name`` of the diffusers folders the core's writer makes of this family
     diffusers_pipeline = "ChromaPipeline"
     default_sampler = "euler"
+    #: ``sdcore generate`` warns that ``--clip-skip`` changes nothing here: T5 alone encodes the prompt: there is no CLIP to skip layers of
+    clip_skip_ignored = True
     #: real CFG with a negative prompt (no distilled guidance): ChromaPipeline's default scale
     default_cfg = 5.0
 

@@ -126,6 +126,8 @@ class FluxAdapter:
     diffusers_pipeline = "FluxPipeline"
     #: ``sdcore generate``'s sampler when none is given (and what the PNG's parameters record)
     default_sampler = "euler"
+    #: ``sdcore generate`` warns that ``--clip-skip`` changes nothing here: its CLIP-L gives only the pooled vector, which takes the last layer whatever the skip (Forge's too)
+    clip_skip_ignored = True
     #: ``cfg`` is the guidance dev embeds, not CFG: the PNG's parameters write it as Forge's "Distilled CFG
     #: Scale" and ``--true-cfg-scale`` as "CFG scale"
     distilled_guidance = True

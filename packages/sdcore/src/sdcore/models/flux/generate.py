@@ -55,7 +55,8 @@ def flow_scheduler_for(bundle: ModelBundle, sampler: str = "euler", *, img2img: 
 #: why a reference image and an init image do not go together (said before the model loads)
 KONTEXT_INIT_IMAGE = (
     "--reference-image with --init-image: a Kontext edit starts from noise with the reference as its context "
-    "(diffusers' FluxKontextPipeline has no img2img strength); drop --init-image"
+    "(diffusers' FluxKontextPipeline has no img2img strength); drop --init-image (and its --mask: no inpainting "
+    "with a reference)"
 )
 
 #: why a reference image and a control image do not go together (said before the model loads): a Kontext

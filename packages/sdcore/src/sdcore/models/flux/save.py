@@ -99,6 +99,7 @@ def write_flux_single_file(
 
     from ...io import atomic_path
     from ..load import resolve_dtype
+    from ..native import bundle_native_resolution
     from ..save import _HASH_PLACEHOLDER, SAI_SPEC_VERSION, _dtype_name, _fill_data_hash
 
     target = Path(path)
@@ -123,12 +124,13 @@ def write_flux_single_file(
         variant = "dev" if bundle.transformer.config.guidance_embeds else "schnell"
         architecture, implementation = f"flux-1-{variant}", IMPLEMENTATION
     first = next(iter(bundle.transformer.parameters()))
+    side = bundle_native_resolution(bundle) or 1024
     meta = {
         "modelspec.sai_model_spec": SAI_SPEC_VERSION,
         "modelspec.architecture": architecture,
         "modelspec.implementation": implementation,
         "modelspec.title": target.stem,
-        "modelspec.resolution": "1024x1024",
+        "modelspec.resolution": f"{side}x{side}",  # a tiny model's 64, so it reads back as tiny:flux generates
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "modelspec.hash_sha256": _HASH_PLACEHOLDER,
         CONFIG_METADATA_KEY: json.dumps(flux_configs(bundle, layout), sort_keys=True),

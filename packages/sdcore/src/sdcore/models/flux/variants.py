@@ -80,6 +80,14 @@ def bundle_variant(bundle: ModelBundle) -> str:
     return flux_variant(bundle.transformer, bundle.metadata)
 
 
+def embeds_guidance(bundle: Any) -> bool:
+    """Whether ``bundle``'s transformer takes the distilled guidance (``--cfg``): dev and the dev-based releases
+    do, schnell has no ``guidance_in``. Forge writes "Distilled CFG Scale" only then (its ``use_distilled_cfg_scale``
+    is off for schnell, which ignores the value), so the infotext leaves it out on schnell too."""
+    config = getattr(getattr(bundle, "transformer", None), "config", None)
+    return bool(getattr(config, "guidance_embeds", True))
+
+
 def describe(variant: str) -> str:
     """``model info``'s variant line."""
     if variant in SUPPORTED:

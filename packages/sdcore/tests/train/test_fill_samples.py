@@ -210,3 +210,25 @@ def test_the_preflight_refuses_fill_prompts_without_an_image_in_one_line(fill, t
         "--sample-prompts: --l is true CFG, which FLUX.1 Fill does not take (it runs on its distilled guidance: "
         "--g, default 30); drop --l"
     ]
+
+
+def test_a_kontext_reference_on_a_fill_sample_is_one_line_before_and_during_the_run(fill, tmp_path):
+    """``--ci``/``--ctrl_img`` is FLUX.1 Kontext's reference image (FluxKontextPipeline); FLUX.1 Fill takes none (its
+    transformer's extra input is the masked image and the mask, diffusers' FluxFillPipeline has no reference). A
+    Fill sample with ``--i`` and ``--ci`` was a torch reshape error at the first render (the Kontext pipeline
+    drawing Fill's 384 / 4 = 96 latent channels); it is a pre-flight line, and a one-line ConfigError at render."""
+    from sdcore.errors import ConfigError
+    from sdcore.models.layout import layout_of_bundle
+    from sdcore.train.inpainting import inpainting_problems
+
+    image = _picture(tmp_path / "door.png")
+    line = f"a door --i {image} --ci {image} --w 32 --h 32 --s 1"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(line, encoding="utf-8")
+    o = contract_options(ConvOutMethod, tmp_path, {"sample_prompts": str(prompts), "model": "tiny:flux-fill"})
+    assert inpainting_problems(o, layout_of_bundle(fill), None) == [
+        "--sample-prompts: --ctrl_img/--ci is FLUX.1 Kontext's reference image; FLUX.1 Fill takes none (its "
+        "sample renders from the --i image and its mask): drop --ci"
+    ]
+    with pytest.raises(ConfigError, match=r"FLUX\.1 Fill takes no reference image"):
+        _render(fill, tmp_path, line, "reference")

@@ -424,6 +424,9 @@ def generate_images(
             "an image conditioning is an inpainting model's txt2img (kohya's and OneTrainer's inpainting samples): "
             + ("drop the init image and the mask" if takes_mask else "this model has no mask input")
         )
+    if image_conditioning is not None and reference_image is not None and is_flux_fill(bundle):
+        # FluxKontextPipeline would draw Fill's 384 / 4 channels of noise (a torch reshape error)
+        raise ConfigError("FLUX.1 Fill takes no reference image (a sample's --ci, FLUX.1 Kontext's): drop it")
     if hires is not None:
         problems = hires.problems()
         if bundle.inpainting or image_conditioning is not None:

@@ -72,6 +72,11 @@ FILL_TRUE_CFG_SAMPLES = (
     "--sample-prompts: --l is true CFG, which FLUX.1 Fill does not take (it runs on its distilled guidance: --g, "
     "default 30); drop --l"
 )
+#: the pre-flight's line for ``--ci``/``--ctrl_img`` on FLUX.1 Fill samples (Kontext's reference; Fill takes none)
+FILL_REFERENCE_SAMPLES = (
+    "--sample-prompts: --ctrl_img/--ci is FLUX.1 Kontext's reference image; FLUX.1 Fill takes none (its sample "
+    "renders from the --i image and its mask): drop --ci"
+)
 #: the pre-flight's line for random masks with cached latents (the kohya importers' refusal says the same)
 RANDOM_CACHE = (
     "--inpainting-masks random draws a new mask every step, so the masked image is encoded every step and "
@@ -294,7 +299,8 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
     """Pre-flight problems: ``--inpainting-unmasked-probability`` out of range or on a model without the mask
     input; ``--inpainting-masks random`` with cached latents or on a model without the mask input; control images
     (FLUX.1 Kontext) on an inpainting model; FLUX.1 Fill sample prompts without an image and a mask
-    (:func:`fill_sample_problem`: kohya's ``--i`` and OneTrainer's ``sample_inpainting`` render). An SD
+    (:func:`fill_sample_problem`: kohya's ``--i`` and OneTrainer's ``sample_inpainting`` render), ``--l`` or a
+    Kontext reference (``--ci``) on them. An SD
     inpainting UNet's samples render as A1111's txt2img on an inpainting model does (a blank image's
     conditioning under a full mask: :mod:`sdcore.generate.pipeline`), as OneTrainer's samples without
     ``sample_inpainting`` do; a kohya inpainting sample prompt (``--i``/``--img``) needs one of those UNets."""
@@ -353,6 +359,8 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
         problems.append(line)
     if kind == "fill" and any(p.cfg is not None and p.cfg > 1.0 for p in prompts):
         problems.append(FILL_TRUE_CFG_SAMPLES)
+    if kind == "fill" and any(p.reference is not None for p in prompts):
+        problems.append(FILL_REFERENCE_SAMPLES)
     return problems
 
 

@@ -66,3 +66,69 @@ def test_hooks_add_the_bias_on_a_layer_without_one(tmp_path):
     scale = 2.0 / 4  # alpha / rank
     expected = base + 0.7 * scale * (x @ (up @ down).T + state[f"{to_q}.lora_up.bias"])
     torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=1e-5)
+
+
+def _bfl_file(seed: int, *, norms: bool = True, rank: int = 3):
+    """A BFL-layout FLUX.1 LoRA (``LinearLora``: lora_A, lora_B with a bias, no alpha) of two modules, with a full
+    attention-norm scale when ``norms``."""
+    from sdplugin_lora.format import parse_state_dict
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for module, (out, fan_in) in {"double_blocks.0.img_attn.proj": (8, 8), "single_blocks.0.linear2": (8, 40)}.items():
+        state[f"{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator)
+        state[f"{module}.lora_B.weight"] = torch.randn(out, rank, generator=generator)
+        state[f"{module}.lora_B.bias"] = torch.randn(out, generator=generator)
+    if norms:
+        state["double_blocks.0.img_attn.norm.query_norm.scale"] = 1 + torch.randn(4, generator=generator) * 0.1
+    lora = parse_state_dict(state)
+    assert {w.tensors.get("lora_up.bias") is not None for w in lora.modules.values()} == {True}
+    return lora, state
+
+
+def _bias_change(lora, name):
+    """``s · b``: what a module's ``lora_up.bias`` adds at multiplier 1 (``LoraAdapter.bias_change``)."""
+    weights = lora.modules[name]
+    return weights.tensors["lora_up.bias"].float() * weights.scale
+
+
+def test_resize_keeps_the_biases_and_the_norm_scales():
+    from sdplugin_lora.format import parse_state_dict
+    from sdplugin_lora.tools import resize_lora
+
+    lora, state = _bfl_file(0)
+    result = resize_lora(lora, 2)
+    resized = parse_state_dict(result.tensors, result.metadata)
+    for name in lora.modules:
+        torch.testing.assert_close(_bias_change(resized, name), _bias_change(lora, name))
+    assert resized.norm_scales.keys() == lora.norm_scales.keys()
+    key = "double_blocks.0.img_attn.norm.query_norm.scale"
+    assert torch.equal(resized.norm_scales[key], state[key])
+    assert resized.unknown_keys == []
+
+
+@pytest.mark.parametrize("mode", ["concat", "svd"])
+def test_merge_sums_the_biases_at_their_ratios(mode):
+    """``Σ ratio · s · b``: the merged file's modules change the layers' outputs by the same bias term."""
+    from sdplugin_lora.format import parse_state_dict
+    from sdplugin_lora.tools import merge_loras
+
+    first, _ = _bfl_file(0, norms=False)
+    second, _ = _bfl_file(1, norms=False, rank=2)
+    tensors, meta = merge_loras([(first, 0.5), (second, -0.75)], mode=mode, rank=4)
+    merged = parse_state_dict(tensors, meta)
+    for name in first.modules:
+        expected = 0.5 * _bias_change(first, name) - 0.75 * _bias_change(second, name)
+        torch.testing.assert_close(_bias_change(merged, name), expected)
+
+
+def test_merge_refuses_a_file_that_sets_norm_scales_in_one_line():
+    from sdcore.errors import NetworkMismatchError
+    from sdplugin_lora.tools import merge_loras
+
+    control, _ = _bfl_file(0)
+    other, _ = _bfl_file(1, norms=False)
+    with pytest.raises(NetworkMismatchError) as caught:
+        merge_loras([(other, 1.0), (control, 0.5)], mode="concat")
+    message = str(caught.value)
+    assert "\n" not in message and "query_norm.scale" in message

@@ -268,7 +268,7 @@ def merge_command(
         clamp_quantile=clamp_quantile,
     )
     path = save_lora(output, tensors, meta, dtype=save_dtype)
-    click.echo(f"wrote {path}: {len(tensors) // 3} modules")
+    click.echo(f"wrote {path}: {sum(key.endswith('.lora_down.weight') for key in tensors)} modules")
 
 
 @lora_group.command("convert")

@@ -132,3 +132,20 @@ def test_merge_refuses_a_file_that_sets_norm_scales_in_one_line():
         merge_loras([(other, 1.0), (control, 0.5)], mode="concat")
     message = str(caught.value)
     assert "\n" not in message and "query_norm.scale" in message
+
+
+def test_info_counts_the_biases_and_norm_scales(tmp_path):
+    """They were listed as unknown keys before sdcore applied them; ``lora info`` still shows them."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+    from sdplugin_lora.commands import info_command
+    from sdplugin_lora.tools import lora_info
+
+    _, state = _bfl_file(0)
+    path = tmp_path / "flux1-canny-dev-lora.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    info = lora_info(path)
+    assert (info["bias_modules"], info["norm_scales"], info["unknown_keys"]) == (2, 1, [])
+    result = CliRunner().invoke(info_command, [str(path)])
+    assert result.exit_code == 0, result.output
+    assert "lora_up bias: 2" in result.output and "norm scales (set in full): 1" in result.output

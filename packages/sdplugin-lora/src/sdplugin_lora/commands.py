@@ -89,6 +89,8 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
             ("dora_modules", "DoRA"),
             ("tucker_modules", "Tucker"),
             ("full_matrix_modules", "full-matrix"),
+            ("bias_modules", "lora_up bias"),
+            ("norm_scales", "norm scales (set in full)"),
         )
         if info[key]
     ]

@@ -682,6 +682,9 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         "full_matrix_modules": full,
         "block_dims": block_dims if has_blocks else None,
         "conv_block_dims": conv_block_dims if any(conv_block_dims) else None,
+        # lora_up biases and full norm scales (BFL's control LoRAs) apply with the file: said, not hidden
+        "bias_modules": sum("lora_up.bias" in weights.tensors for weights in lora.modules.values()),
+        "norm_scales": len(lora.norm_scales),
         "unknown_keys": lora.unknown_keys,
         "embeddings": len(lora.embedding_keys),
         "title": meta.get("modelspec.title") or meta.get("ss_output_name"),

@@ -118,6 +118,8 @@ def apply_loras(
                 warnings.warn(message, LoraWarning, stacklevel=2)
                 log.warning(message)
             applied.matches.append(match)
+        if merge and (unmergeable := _biases_without_a_bias(applied.matches)):
+            raise NetworkMismatchError("; ".join(unmergeable))
     except BaseException:
         applied.remove()
         raise
@@ -140,6 +142,19 @@ def apply_loras(
         applied.remove()
         raise
     return applied
+
+
+def _biases_without_a_bias(matches: Iterable[Match]) -> list[str]:
+    """One line per module whose ``lora_up.bias`` (BFL's/PEFT's ``lora_B.bias``) targets a layer without a bias:
+    applied as hooks it adds to the output, but merged it has no weight to go into (PEFT refuses that merge too:
+    peft/tuners/lora/layer.py ``Linear.merge``), so merging says so before any weight changes."""
+    return [
+        f"{target.name}: the LoRA adds a bias (lora_up.bias) to a layer without one, which cannot be merged into "
+        "its weights; apply it unmerged (generation: -O lora_mode=hooks)"
+        for match in matches
+        for target, weights in match.modules.values()
+        if "lora_up.bias" in weights.tensors and getattr(target.module, "bias", None) is None
+    ]
 
 
 def _widen(bundle: Any, loras: Sequence[LoraFile]) -> Callable[[], None] | None:

@@ -89,6 +89,8 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
             ("dora_modules", "DoRA"),
             ("tucker_modules", "Tucker"),
             ("full_matrix_modules", "full-matrix"),
+            ("bias_modules", "lora_up bias"),
+            ("norm_scales", "norm scales (set in full)"),
         )
         if info[key]
     ]
@@ -268,7 +270,7 @@ def merge_command(
         clamp_quantile=clamp_quantile,
     )
     path = save_lora(output, tensors, meta, dtype=save_dtype)
-    click.echo(f"wrote {path}: {len(tensors) // 3} modules")
+    click.echo(f"wrote {path}: {sum(key.endswith('.lora_down.weight') for key in tensors)} modules")
 
 
 @lora_group.command("convert")

@@ -374,9 +374,12 @@ def resize_lora(
         tensors[f"{dense.key}.alpha"] = torch.tensor(dense.scale * new)
         if dense.dora_scale is not None:
             tensors[f"{dense.key}.dora_scale"] = dense.dora_scale
+        if (bias := weights.tensors.get("lora_up.bias")) is not None:  # s · b stays what it was: the new scale's
+            tensors[f"{dense.key}.lora_up.bias"] = bias.float() * (weights.scale / (dense.scale or 1.0))
         ranks[dense.key] = (weights.rank, new)
         total = float((S**2).sum())
         retained[dense.key] = math.sqrt(float((S[:new] ** 2).sum()) / total) if total > 0 else 1.0
+    tensors.update(lora.norm_scales)  # full norm scales (BFL's control LoRAs) are set, not factored: kept as they are
     meta = dict(lora.metadata)
     meta.pop("sshs_model_hash", None)
     meta.pop("sshs_legacy_hash", None)
@@ -459,6 +462,13 @@ def merge_loras(
     if len(families) > 1:
         raise NetworkMismatchError(f"cannot merge LoRAs of different families: {', '.join(sorted(families))}")
     family = next(iter(families), None)
+    for lora, _ratio in loras:  # a full norm scale replaces the model's: no ratio or sum of two makes one
+        if lora.norm_scales:
+            raise NetworkMismatchError(
+                f"{lora.label}: it sets {len(lora.norm_scales)} attention norm scales in full ("
+                f"{', '.join(list(lora.norm_scales)[:3])}...), which a merge of LoRAs cannot weight or add; "
+                "apply the file as it is"
+            )
     parts: dict[str, list[tuple[LoraFile, str, ModuleWeights, float]]] = {}
     for lora, ratio in loras:
         for name, weights in lora.modules.items():
@@ -497,6 +507,11 @@ def merge_loras(
         tensors[f"{key}.lora_up.weight"] = up.contiguous()
         tensors[f"{key}.lora_down.weight"] = down.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(r))
+        # lora_up biases (BFL's/PEFT's lora_B.bias) add ratio · s · b each; the merged module's scale is 1 (alpha = r)
+        biases = [w.tensors["lora_up.bias"].float() * (ratio * w.scale) for _, _, w, ratio in group
+                  if "lora_up.bias" in w.tensors]  # fmt: skip
+        if biases:
+            tensors[f"{key}.lora_up.bias"] = torch.stack(biases).sum(0).contiguous()
     downs = [t for k, t in tensors.items() if k.endswith(".lora_down.weight")]
     ranks = [int(t.shape[0]) for t in downs if not (t.dim() == 4 and tuple(t.shape[2:]) != (1, 1))]
     conv_ranks = [int(t.shape[0]) for t in downs if t.dim() == 4 and tuple(t.shape[2:]) != (1, 1)]
@@ -667,6 +682,9 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         "full_matrix_modules": full,
         "block_dims": block_dims if has_blocks else None,
         "conv_block_dims": conv_block_dims if any(conv_block_dims) else None,
+        # lora_up biases and full norm scales (BFL's control LoRAs) apply with the file: said, not hidden
+        "bias_modules": sum("lora_up.bias" in weights.tensors for weights in lora.modules.values()),
+        "norm_scales": len(lora.norm_scales),
         "unknown_keys": lora.unknown_keys,
         "embeddings": len(lora.embedding_keys),
         "title": meta.get("modelspec.title") or meta.get("ss_output_name"),

@@ -477,10 +477,11 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
 
     if plot is not None:  # Forge's CFG Scale / Distilled CFG Scale axes, now that the family says what they set
         from ..generate.xyz_plot import guidance_axes
+        from ..models.flux.variants import embeds_guidance
 
-        label = bundle.family_spec.label
+        label, guided = bundle.family_spec.label, embeds_guidance(bundle)
         if trouble := guidance_axes(
-            plot, [run.params for run in runs], params["cfg"], distilled=distilled, family=label
+            plot, [run.params for run in runs], params["cfg"], distilled=distilled, family=label, guided=guided
         ):
             raise ConfigError("; ".join(trouble))
     if plot is None:

@@ -416,3 +416,18 @@ def test_forge_guidance_axes_on_flux_and_elsewhere(tmp_path):
         result = CliRunner().invoke(generate, [*base[:-1], str(out / "g.png"), "-m", model, *args], obj=obj)
         assert isinstance(result.exception, sdcore.ConfigError) and message in str(result.exception), result.output
         assert not list(out.iterdir())
+
+
+def test_distilled_cfg_axis_on_schnell_is_refused(tmp_path):
+    """schnell has no guidance embedding: Forge's "Distilled CFG Scale" axis would render the same image in every
+    cell under different labels (backend/diffusion_engine/flux.py get_learned_conditioning: "Distilled CFG Scale
+    will be ignored for Schnell"), the kind of axis sdcore refuses, as it does on families with real CFG."""
+    from sdcore.plugins import get_plugin_manager
+
+    obj = types.SimpleNamespace(pm=get_plugin_manager(builtins=False, entrypoints=False))
+    args = ["a cat", "--steps", "1", "--size", "32x32", "-o", str(tmp_path / "g.png"), "-m", "tiny:flux-schnell",
+            "--x-type", "Distilled CFG Scale", "--x-values", "2.5,4"]  # fmt: skip
+    result = CliRunner().invoke(generate, args, obj=obj)
+    assert isinstance(result.exception, sdcore.ConfigError), result.output
+    assert "schnell" in str(result.exception) and "Distilled CFG Scale" in str(result.exception)
+    assert not list(tmp_path.iterdir())

@@ -66,3 +66,25 @@ def test_a_tiny_transformer_file_keeps_its_64_and_a_real_one_its_familys_size(tm
     assert bundle_native_resolution(loaded) == default_size(loaded) == 64
     loaded.metadata = {k: v for k, v in (loaded.metadata or {}).items() if k != "modelspec.resolution"}
     assert bundle_native_resolution(loaded) == 1024
+
+
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+def test_another_tools_modelspec_resolution_is_not_the_native_size(tmp_path, family):
+    """kohya's trainers write their --resolution into modelspec.resolution (sd-scripts library/train_util.py
+    get_sai_model_spec: ``reso = args.resolution``; library/sai_model_spec.py determine_resolution: "1024x1024"
+    only when none was given), and the kohya_ss GUI always passes its max resolution (kohya_gui/
+    dreambooth_gui.py: ``"resolution": max_resolution``): a FLUX.1 fine-tune trained at 512 says "512x512" but is
+    still a 1024 model. Only sdcore's own files (with ``sdcore.config``) record the native size there."""
+    from safetensors import safe_open
+    from sdcore.models.load import load_model
+
+    path = tmp_path / "tiny.safetensors"
+    load_model(f"tiny:{family}").save(path)
+    with safe_open(str(path), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        metadata = dict(f.metadata())
+    assert "sdcore.config" in metadata
+    foreign = {k: v for k, v in metadata.items() if k.startswith("modelspec.")} | {"modelspec.resolution": "512x512"}
+    save_file(tensors, str(tmp_path / "kohya.safetensors"), metadata=foreign)
+    assert peek_native_resolution(tmp_path / "kohya.safetensors") == 1024
+    assert bundle_native_resolution(load_model(tmp_path / "kohya.safetensors")) == 1024

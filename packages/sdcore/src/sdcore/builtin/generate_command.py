@@ -477,10 +477,11 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
 
     if plot is not None:  # Forge's CFG Scale / Distilled CFG Scale axes, now that the family says what they set
         from ..generate.xyz_plot import guidance_axes
+        from ..models.flux.variants import embeds_guidance
 
-        label = bundle.family_spec.label
+        label, guided = bundle.family_spec.label, embeds_guidance(bundle)
         if trouble := guidance_axes(
-            plot, [run.params for run in runs], params["cfg"], distilled=distilled, family=label
+            plot, [run.params for run in runs], params["cfg"], distilled=distilled, family=label, guided=guided
         ):
             raise ConfigError("; ".join(trouble))
     if plot is None:
@@ -680,7 +681,9 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
     model_name = Path(str(source)).stem if not str(source).startswith(("tiny:", "toyworld:")) else str(source)
     rendered: list[tuple[Any, Path, Any]] = []
     for index, (image, path) in enumerate(zip(images, _output_paths(params["output"], len(images)), strict=True)):
-        extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler)}  # None: not written
+        # None: not written; a flow family's at the pass's size, not after a hires pass (another size's shift)
+        pass_size = (first_size or image.size) if hires is None else None
+        extra: dict[str, Any] = {SCHEDULE_TYPE: schedule_type_field(bundle, sampler, pass_size)}
         if variation is not None:  # after "Model", before "Denoising strength" (A1111's order)
             extra.update(variation.infotext_fields(subseeds[index]))
         if params["init_image"] is not None or hires is not None:
@@ -1025,7 +1028,7 @@ def _apply_styles(params: dict[str, Any], styles: Any) -> None:
 def _recalled_cfg(params: dict[str, Any], recalled: Any, bundle: Any, sampler: str, distilled: bool) -> None:
     """The PNG's "CFG scale"/"Distilled CFG Scale" for the options not given, and one line for each thing
     the image will not follow (another model, fields sdcore has no option for)."""
-    from ..generate.pipeline import sampler_id
+    from ..generate.pipeline import default_size, sampler_id
     from ..generate.pnginfo import model_short_hash
     from ..models.hashes import legacy_hash
 
@@ -1043,6 +1046,7 @@ def _recalled_cfg(params: dict[str, Any], recalled: Any, bundle: Any, sampler: s
         model_hash=model_short_hash(model),
         legacy_model_hash=legacy_hash(model) if model.is_file() else None,
         init_image=params["init_image"] is not None,
+        size=params["size"] or (default_size(bundle), default_size(bundle)),
         reference_image=params["reference_image"] is not None,
         mask=params["mask"] is not None,
         control_image=params["control_image"] is not None,

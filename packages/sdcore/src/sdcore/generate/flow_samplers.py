@@ -261,4 +261,58 @@ def sampler_noise(sampler: str, seed: int, device: Any = None) -> Iterator[None]
         yield
 
 
-__all__ = ["FLOW_SAMPLERS", "FlowSampler", "flow_sampler_id", "flow_scheduler", "run_pipeline", "sampler_noise"]
+#: the samplers that run the Euler scheduler's own sigmas (Heun too, see :func:`flow_scheduler`)
+_EULER_SIGMAS = ("euler", "euler_a", "heun")
+#: Forge's flow schedules (backend/modules/k_prediction.py, its engines in backend/diffusion_engine/): FLUX.1
+#: dev's sigma table is shifted by exp(mu) with mu fixed at load, ``calculate_shift`` at 4096 tokens = 1.15, at
+#: every image size; schnell's and Chroma's by exp(1.0); SD3's by a fixed 3.0
+FORGE_FLUX_MU, FORGE_FIXED_MU, FORGE_SD3_SHIFT = 1.15, 1.0, 3.0
+
+
+def forge_schedule_type(bundle: Any, sampler: str, size: tuple[int, int]) -> str | None:
+    """Forge's "Schedule type" label (modules/sd_schedulers.py) for the sigmas ``sampler`` runs on a flow
+    ``bundle`` at ``size`` (width, height), ``None`` where no Forge schedule gives them.
+
+    Only the samplers on Euler's sigmas (``euler``, ``euler_a``, ``heun``); DPM++ 2M and UniPC make their own.
+    SD3: diffusers' ``linspace(1000, 1000 * sigma_min, n)`` shifted is Forge's "Normal" (its ``timestep(sigma)``
+    is ``sigma * 1000``) when the shift is Forge's 3.0. FLUX.1/Chroma: the pipelines' ``linspace(1, 1/n, n)``
+    shifted by ``exp(mu)`` is Forge's "Simple" when ``mu`` is Forge's: FLUX.1 dev (and the releases with the
+    guidance embedding) at 4096 tokens (1024x1024), as diffusers' mu grows with the token count and Forge's does
+    not; never schnell (diffusers: no shift, Forge: exp(1)) nor Chroma (diffusers: the resolution's mu). Forge
+    reads "Simple" off a 10000-entry table, so where the steps do not divide 10000 its t is within 1/10000."""
+    import math
+
+    try:
+        sid = flow_sampler_id(sampler, bundle.family)
+    except ConfigError:
+        return None
+    if sid not in _EULER_SIGMAS or bundle.family not in ("flux", "chroma", "sd3"):
+        return None
+    config = dict(bundle.noise_scheduler.config)
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    if bundle.family == "sd3":
+        shift = float(config.get("shift", 1.0))
+        return "Normal" if not dynamic and math.isclose(shift, FORGE_SD3_SHIFT) else None
+    from ..models.flux.variants import embeds_guidance
+
+    forge_mu = FORGE_FLUX_MU if bundle.family == "flux" and embeds_guidance(bundle) else FORGE_FIXED_MU
+    if dynamic:  # FluxPipeline/ChromaPipeline: mu from the image's 2x2-packed latent tokens
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        tokens = (int(size[0]) // 16) * (int(size[1]) // 16)
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))  # fmt: skip
+    else:  # a fixed shift s is exp(mu) with mu = log(s)
+        mu = math.log(float(config.get("shift", 1.0)))
+    return "Simple" if math.isclose(mu, forge_mu, abs_tol=1e-9) else None
+
+
+__all__ = [
+    "FLOW_SAMPLERS",
+    "FlowSampler",
+    "flow_sampler_id",
+    "flow_scheduler",
+    "forge_schedule_type",
+    "run_pipeline",
+    "sampler_noise",
+]

@@ -111,8 +111,12 @@ def schedule_type(scheduler: Any) -> str:
     return "Uniform"
 
 
-def schedule_type_field(bundle: ModelBundle, sampler: str) -> str | None:
+def schedule_type_field(bundle: ModelBundle, sampler: str, size: tuple[int, int] | None = None) -> str | None:
     """The "Schedule type" infotext field A1111 1.9+ needs to restore ``sampler``'s sigmas on ``bundle``.
+
+    On the flow families (SD3, FLUX.1, Chroma) Forge's label where its schedule gives the very sigmas sdcore runs
+    at ``size`` (the pass's width, height; :func:`~sdcore.generate.flow_samplers.forge_schedule_type`), else
+    None, as without ``size``.
 
     None where the "Sampler" field says it all: for A1111's timestep samplers (DDIM, PLMS, UniPC), when
     the label names the schedule ("DPM++ 2M Karras": A1111 1.9+ reads the suffix as the schedule, older
@@ -120,8 +124,10 @@ def schedule_type_field(bundle: ModelBundle, sampler: str) -> str | None:
     it assumes when the field is missing (infotext_utils.py). Plain "DPM++ 2M" needs it most: its
     Automatic is Karras there, but uniform sigmas before 1.9 and in sdcore.
     """
-    if bundle.family_spec.denoiser != "unet":  # flow-matching samplers: no A1111 schedule to name
-        return None
+    if bundle.family_spec.denoiser != "unet":  # flow-matching samplers: Forge's label where it is exact
+        from .flow_samplers import forge_schedule_type
+
+        return forge_schedule_type(bundle, sampler, size) if size is not None else None
     try:
         sid = sampler_id(sampler)
         if sid in _TIMESTEP_SAMPLERS:

@@ -90,6 +90,7 @@ class Recalled:
         model_hash: str | None,
         legacy_model_hash: str | None = None,
         init_image: bool = False,
+        size: tuple[int, int] | None = None,
         reference_image: bool = False,
         mask: bool = False,
         control_image: bool = False,
@@ -97,7 +98,8 @@ class Recalled:
         """One line per thing the image will not follow: a different model hash, a FLUX.1 Kontext edit's
         reference image not given (``reference_image``: ``--reference-image`` is), an inpainting's mask not given
         (``mask``: ``--mask`` is), a FLUX.1 Depth/Canny image's control image not given (``control_image``:
-        ``--control-image`` is), then the ignored fields."""
+        ``--control-image`` is), then the ignored fields. ``size``: the image's (width, height), which decides
+        whether a flow family's sigmas are Forge's "Simple" (FLUX.1 dev's shift follows the token count)."""
         from ..models.flux.kontext import REFERENCE_FIELD
 
         lines: list[str] = []
@@ -128,8 +130,8 @@ class Recalled:
             )
         ignored = list(self.ignored)
         schedule = extra.get(SCHEDULE_TYPE)
-        if schedule is not None and not _schedule_matches(bundle, sampler, schedule):
-            ignored.append(f"{SCHEDULE_TYPE}: {schedule} (sdcore's {sampler} runs its own)")
+        if schedule is not None and not _schedule_matches(bundle, sampler, schedule, size):
+            ignored.append(f"{SCHEDULE_TYPE}: {schedule} ({_own_schedule(bundle, sampler, schedule)})")
         hires_schedule = extra.get("Hires schedule type")
         hires_sampler = hires_sampler or sampler
         if hires_schedule is not None and not _schedule_matches(bundle, hires_sampler, hires_schedule):
@@ -146,15 +148,28 @@ class Recalled:
         return lines
 
 
-def _schedule_matches(bundle: ModelBundle, sampler: str, value: str) -> bool:
-    """Whether an infotext's "Schedule type" names the sigmas sdcore's ``sampler`` runs on ``bundle``."""
+def _own_schedule(bundle: ModelBundle, sampler: str, value: str) -> str:
+    """Why a "Schedule type" is not followed: FLUX.1 dev's Euler is Forge's "Simple" at 1024x1024 only."""
+    from .flow_samplers import forge_schedule_type
+
+    if bundle.family_spec.denoiser != "unet" and forge_schedule_type(bundle, sampler, (1024, 1024)) == value:
+        return (
+            f"sdcore's {sampler} shifts the sigmas by the image's token count, as diffusers does; they are Forge's "
+            f"{value}, whose shift is fixed, at 1024x1024 only"
+        )
+    return f"sdcore's {sampler} runs its own"
+
+
+def _schedule_matches(bundle: ModelBundle, sampler: str, value: str, size: tuple[int, int] | None = None) -> bool:
+    """Whether an infotext's "Schedule type" names the sigmas sdcore's ``sampler`` runs on ``bundle`` (at
+    ``size`` on a flow family: see :func:`~sdcore.generate.flow_samplers.forge_schedule_type`)."""
     from .pipeline import _TIMESTEP_SAMPLERS, make_scheduler, sampler_id, schedule_type, schedule_type_field
 
-    written = schedule_type_field(bundle, sampler)
+    written = schedule_type_field(bundle, sampler, size)
+    if bundle.family_spec.denoiser != "unet":  # Forge's Automatic there is neither diffusers' nor Simple/Normal
+        return value == written
     if value == written or (written is None and value == "Automatic"):
         return True
-    if bundle.family_spec.denoiser != "unet":
-        return False
     try:
         sid = sampler_id(sampler)
         return sid in _TIMESTEP_SAMPLERS or value == schedule_type(make_scheduler(bundle, sid))

@@ -288,13 +288,14 @@ def build_plot(
 
 
 def guidance_axes(
-    plot: XYZPlot, cells: Sequence[dict[str, Any]], cfg: Any, *, distilled: bool, family: str
+    plot: XYZPlot, cells: Sequence[dict[str, Any]], cfg: Any, *, distilled: bool, family: str, guided: bool = True
 ) -> list[str]:
     """Map Forge's guidance axes onto ``cells`` (each plot cell's parameters, changed in place) once the model's
     family is known, and return the problems: on a guidance-distilled family (``distilled``: FLUX.1) a "CFG
     Scale" value is the cell's ``true_cfg_scale`` (its ``cfg`` goes back to ``cfg``, the command's) and must be
     at least 1, and a "Distilled CFG Scale" value is its ``cfg``; on other families "Distilled CFG Scale" is
-    refused (Forge would change nothing)."""
+    refused (Forge would change nothing), and so it is on a distilled model without the guidance embedding
+    (``guided`` False: FLUX.1 schnell, whose cells would all be the same image)."""
     labels = {axis.type.label: axis for _, axis in plot.axes}
     problems: list[str] = []
     if DISTILLED_CFG_AXIS in labels and not distilled:
@@ -304,6 +305,12 @@ def guidance_axes(
         )
         return problems
     if not distilled:
+        return problems
+    if DISTILLED_CFG_AXIS in labels and not guided:
+        problems.append(
+            f"the {DISTILLED_CFG_AXIS} axis varies the embedded guidance, which FLUX.1 schnell has not (no guidance "
+            f"embedding: every cell would be the same image, as Forge ignores it); use the {CFG_AXIS} axis"
+        )
         return problems
     if CFG_AXIS in labels:
         low = [value for value in labels[CFG_AXIS].values if value < 1]

@@ -41,9 +41,15 @@ MODELSPEC_RESOLUTION = "modelspec.resolution"
 
 
 def modelspec_side(metadata: Mapping[str, str] | None) -> int | None:
-    """The larger side of a file's ``modelspec.resolution`` (``"1024x1024"``), ``None`` when it has none or it
-    does not read. A transformer without ``sample_size`` (FLUX.1, Chroma) has no other record of its size, so
-    this is how a tiny model written to disk (``sdcore model create-tiny``) keeps its 64 as ``tiny:flux`` has it."""
+    """The larger side of a file's ``modelspec.resolution`` (``"1024x1024"``), ``None`` when it has none, it
+    does not read, or another tool wrote the file. A transformer without ``sample_size`` (FLUX.1, Chroma) has no
+    other record of its size, so this is how a tiny model written to disk (``sdcore model create-tiny``) keeps
+    its 64 as ``tiny:flux`` has it. Only sdcore's own files (with ``sdcore.config``) count: kohya's trainers
+    write their training ``--resolution`` there (a FLUX.1 fine-tune at 512 says "512x512"), not the size."""
+    from .detect import CONFIG_METADATA_KEY
+
+    if CONFIG_METADATA_KEY not in (metadata or {}):
+        return None
     text = (metadata or {}).get(MODELSPEC_RESOLUTION, "")
     try:
         sides = [int(part) for part in text.lower().split("x")]

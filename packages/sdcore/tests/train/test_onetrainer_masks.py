@@ -263,20 +263,19 @@ def test_preflight_problems_of_the_mask_options(tmp_path):
     assert "alpha_mask and OneTrainer's -masklabel.png masks both give masks" in text
 
 
-def test_mask_augmentations_refused_with_masks_and_noted_without(tmp_path):
-    from sdcore.data.dataset import DatasetProblems
+def test_mask_augmentations_map_with_or_without_masks(tmp_path):
+    """The switches become the subset's fields either way: whether they act (masked training or a mask input)
+    is the pre-flight's to say, as it knows the model (tests/train/test_mask_augment.py)."""
     from sdcore.data.onetrainer import load_concepts
     from sdcore.train.options import TrainOptions
 
     cfg, folder, _ = _masked_concepts(tmp_path)
     cfg.write_text(json.dumps([concept(folder, image__enable_random_circular_mask_shrink=True)]), encoding="utf-8")
-    skipped: list = []
-    subsets = load_concepts(cfg, TrainOptions(), skipped)
-    assert subsets[0].mask_suffix is None
-    assert any("no effect without masked training" in s.reason for s in skipped)
-    with pytest.raises(DatasetProblems) as info:
-        load_concepts(cfg, TrainOptions(masked_loss=True))
-    assert "enable_random_circular_mask_shrink: sdcore has no mask augmentation" in str(info.value)
+    for masked in (False, True):
+        skipped: list = []
+        (subset,) = load_concepts(cfg, TrainOptions(masked_loss=masked, resolution=512), skipped)
+        assert (subset.mask_shrink, subset.mask_rotate_crop) == (True, False)
+        assert (subset.mask_suffix is not None) is masked and not skipped
 
 
 def test_normalising_divides_by_the_dataset_masks_area_not_the_methods_map(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError, DataError
 
@@ -21,11 +22,14 @@ class ImageTooSmallError(DataError):
 @dataclass(frozen=True)
 class BucketAssignment:
     """Where one image goes: ``bucket`` (w, h), the size it is resized to first (w, h), and the
-    center-crop offset ``crop`` = (left, top) inside the resized image."""
+    center-crop offset ``crop`` = (left, top) inside the resized image. ``augment``: a sample's
+    OneTrainer mask augmentation (:class:`sdcore.data.mask_augment.MaskGeometry`), the rotation and crop
+    every image of the sample gets before that resize (None: none)."""
 
     bucket: tuple[int, int]
     resized: tuple[int, int]
     crop: tuple[int, int]
+    augment: Any = None
 
 
 def _check_bucket_settings(resolution: int, min_reso: int, max_reso: int, step: int) -> None:

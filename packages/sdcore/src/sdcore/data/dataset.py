@@ -118,6 +118,13 @@ class SubsetOptions:
     #: named ``<stem><conditioning_suffix>`` (its ``-condlabel.png``) is an inpainting model's masked image as it
     #: is; those files are not training images (``None``: no such images)
     conditioning_suffix: str | None = None
+    #: OneTrainer's mask augmentations (:mod:`sdcore.data.mask_augment`; its concept's
+    #: ``enable_random_circular_mask_shrink`` / ``enable_random_mask_rotate_crop``, kohya-style TOML keys
+    #: ``mask_shrink`` / ``mask_rotate_crop``): on samples with a dataset mask, or every sample of an inpainting
+    #: model; ``mask_crop_min_size`` the rotated crop's smallest side (None: the subset's lowest resolution)
+    mask_shrink: bool = False
+    mask_rotate_crop: bool = False
+    mask_crop_min_size: int | None = None
     #: ai-toolkit datasets (:mod:`sdcore.train.aitoolkit`): ``[trigger]``/``[name]`` in captions become this
     #: word and a training caption without it gets it in front (``None``: not an ai-toolkit dataset)
     trigger_word: str | None = None
@@ -261,6 +268,8 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "flip": options.flip,
         "color_aug": options.color_aug,
         "random_crop": options.random_crop,
+        "mask_shrink": options.mask_shrink,
+        "mask_rotate_crop": options.mask_rotate_crop,
         "resize_interpolation": options.resize_interpolation,
         "alpha_mask": options.alpha_mask,
         "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
@@ -386,6 +395,8 @@ _SUBSET_KEYS = {
     "token_warmup_step",
     "color_aug",
     "random_crop",
+    "mask_shrink",
+    "mask_rotate_crop",
     "resize_interpolation",
     "alpha_mask",
     "conditioning_data_dir",
@@ -535,6 +546,8 @@ _FIELD_OF = {
     "caption_dropout_every_n_epochs": ("caption_dropout_every_n_epochs", "a non-negative integer"),
     "color_aug": ("color_aug", "a boolean"),
     "random_crop": ("random_crop", "a boolean"),
+    "mask_shrink": ("mask_shrink", "a boolean"),
+    "mask_rotate_crop": ("mask_rotate_crop", "a boolean"),
     "resize_interpolation": ("resize_interpolation", "a resize interpolation"),
     "alpha_mask": ("alpha_mask", "a boolean"),
     "enable_wildcard": ("enable_wildcard", "a boolean"),

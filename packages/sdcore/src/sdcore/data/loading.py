@@ -48,10 +48,13 @@ def fit_to_bucket(
 ) -> tuple[PILImage.Image, tuple[int, int]]:
     """Resize to cover the bucket, crop at ``crop`` (``(left, top)`` in the resized image; the
     bucket's centre crop when None), mirror when ``flip``; returns the image and ``(top, left)``
-    of the crop (mirrored when ``flip``). The one geometry every sample, mask and map goes through;
+    of the crop (mirrored when ``flip``). The one geometry every sample, mask and map goes through (a
+    sample's mask augmentation, ``assignment.augment``, rotates and crops the image before all that);
     ``interpolation`` is the subset's ``resize_interpolation`` (:func:`resize_for_bucket`)."""
     from PIL import ImageOps
 
+    if assignment.augment is not None:  # OneTrainer's mask augmentation: rotated and cropped first
+        image = assignment.augment.apply(image)
     resized_w, resized_h = assignment.resized
     if image.size != (resized_w, resized_h):
         image = resize_for_bucket(image, (resized_w, resized_h), interpolation)

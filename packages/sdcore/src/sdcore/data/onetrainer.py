@@ -35,7 +35,10 @@ OneTrainer's meaning for each field (its data loader and the MGDS pipeline it bu
   mask is ``<stem>-masklabel.png`` beside it (only PNG, as OneTrainer's ``ModifyPath``), read as
   greyscale; an image without one trains with a full mask (OneTrainer's ``GenerateImageLike`` of
   255); the mask follows its image's resize, crop and flip (:func:`sdcore.train.data.load_mask`).
-  The mask augmentations are refused with masked training and have no effect without it.
+- ``image.enable_random_circular_mask_shrink`` / ``enable_random_mask_rotate_crop`` = the subset's
+  ``mask_shrink`` / ``mask_rotate_crop`` (:mod:`sdcore.data.mask_augment`, OneTrainer's settings, the rotated
+  crop at least the run's lowest resolution square); they act with masked training or an inpainting model
+  (the pre-flight notes them as doing nothing otherwise, as in OneTrainer).
 
 Everything else OneTrainer can do that sdcore does not reproduce exactly is refused by name when
 set away from its default (:data:`REFUSED`), all problems of the file at once
@@ -138,11 +141,12 @@ REFUSED: dict[str, str] = {
     "image.enable_fixed_hue": "sdcore has no hue augmentation (kohya's color_aug shifts hue differently)",
     "text.caps_randomize_enable": "sdcore has no capitalisation augmentation",
 }
-#: OneTrainer's mask augmentations: its data loader adds them with ``masked_training`` only, so sdcore
-#: refuses them with masked training and notes them (no effect) without
+#: OneTrainer's mask augmentations and the subset fields they become (:mod:`sdcore.data.mask_augment`): its data
+#: loader adds them with ``masked_training`` or a model with a mask input (inpainting); the pre-flight, which
+#: knows the model, notes them as doing nothing otherwise
 MASK_AUGMENTATIONS: dict[str, str] = {
-    "image.enable_random_circular_mask_shrink": "sdcore has no mask augmentation (a random circular shrink)",
-    "image.enable_random_mask_rotate_crop": "sdcore has no mask augmentation (a rotated crop around the mask)",
+    "image.enable_random_circular_mask_shrink": "mask_shrink",
+    "image.enable_random_mask_rotate_crop": "mask_rotate_crop",
 }
 #: OneTrainer's mask file name: ``<image stem>-masklabel.png`` beside each image (``ModifyPath``; only PNG)
 MASK_SUFFIX = "-masklabel.png"
@@ -459,12 +463,6 @@ def _subset(
         part, name = key.split(".")
         if (image if part == "image" else text)[name] is True:
             problems.append(f"{c.label}: {key}: {why}")
-    for key, why in MASK_AUGMENTATIONS.items():
-        if image[key.split(".")[1]] is True:
-            if masked:
-                problems.append(f"{c.label}: {key}: {why}")
-            else:
-                notes.append(f"{c.label}: {key}: no effect without masked training (as in OneTrainer)")
     if f["text_variations"] != 1:
         problems.append(
             f"{c.label}: text_variations {f['text_variations']!r}: sdcore draws a fresh caption every time an "
@@ -488,6 +486,9 @@ def _subset(
         is_class=False,
         validation_split=1.0 if kind == "VALIDATION" else 0.0,
         mask_suffix=MASK_SUFFIX if masked else None,
+        # OneTrainer's rotated crop is at least the run's lowest resolution square (not the concept's override)
+        mask_crop_min_size=min(base.get("resolutions") or (base.get("resolution") or 512,)),
+        **{field: image[key.split(".")[1]] is True for key, field in MASK_AUGMENTATIONS.items()},
     )
     if image["enable_resolution_override"] is True:
         try:  # the concept's list replaces the run's (a single number: that resolution alone)

@@ -4,6 +4,7 @@ threads when they do not."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,8 @@ class BatchMaker:
 
         #: ``"unet"``/``"fill"`` for an inpainting model (its batches carry the mask and masked image), else None
         self.inpainting = bundle_kind(bundle)
+        if self.inpainting is not None:  # OneTrainer's mask augmentations act on every sample of a mask input
+            data.mask_input = True
         self._inpaint_masks: dict[tuple[int, SampleView], Any] = {}
         #: ``--inpainting-masks random``: kohya's random masks, drawn per sample and step (the masked image with them)
         self.random_masks = self.inpainting is not None and options.inpainting_masks == "random"
@@ -225,7 +228,6 @@ class BatchMaker:
         draw of a sample gets its own random mask (:func:`.inpainting.random_pixel_mask`), never cached."""
         import torch
 
-        from .data import SampleView
         from .inpainting import (
             conditioning_pixels,
             encode_mean,
@@ -255,12 +257,12 @@ class BatchMaker:
                 masks.append(latent_mask(pixel, size, kind))
                 pending.append((i, masked_pixels(loaded[i], pixel)))
                 continue
-            key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
+            key = (ref.entry, dataclasses.replace(view, color=None))  # colour: same mask
             mask = self._inpaint_masks.get(key)
             if mask is None:
                 pixel = pixel_mask(self.data.entries[ref.entry], assignment, flip=view.flip, crop=view.crop)
                 mask = latent_mask(pixel, size, kind)
-                if view.crop is None and view.resized is None:
+                if view.crop is None and view.resized is None and view.augment is None:
                     self._inpaint_masks[key] = mask
             masks.append(mask)
             if self.latent_cache is not None:  # encoded with the latents, from the same pixels
@@ -312,8 +314,6 @@ class BatchMaker:
         reads the replaced mask."""
         import torch
 
-        from .data import SampleView
-
         size = (int(latent_size[0]), int(latent_size[1]))
         masks = []
         for i, ref in enumerate(refs):
@@ -321,11 +321,11 @@ class BatchMaker:
             if unmasked and i in unmasked:
                 masks.append(self.sample_mask(ref.entry, view, size, dataset_mask=False))
                 continue
-            key = (ref.entry, SampleView(view.flip, view.crop, None, view.resized))  # colour: same mask
+            key = (ref.entry, dataclasses.replace(view, color=None))  # colour: same mask
             mask = self._mask_cache.get(key)
             if key not in self._mask_cache:
                 mask = self.sample_mask(ref.entry, key[1], size)
-                if view.crop is None and view.resized is None:
+                if view.crop is None and view.resized is None and view.augment is None:
                     self._mask_cache[key] = mask
             masks.append(mask)
         if all(mask is None for mask in masks):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ..data.augment import ColorAug
     from ..data.buckets import BucketAssignment
     from ..data.dataset import DatasetIndex, ImageEntry
+    from ..data.mask_augment import MaskGeometry
     from .method import TrainingMethod
     from .options import TrainOptions
 
@@ -53,10 +55,13 @@ class SampleView:
     color: ColorAug | None = None
     #: ``face_crop_aug_range``: the size the image is resized to first (None: the bucket's)
     resized: tuple[int, int] | None = None
+    #: OneTrainer's mask augmentation (:mod:`sdcore.data.mask_augment`): the sample's shrunk mask and the
+    #: rotation and crop its images get before the resize (``resized``/``crop`` are then the crop's)
+    augment: MaskGeometry | None = None
 
     def apply(self, assignment: BucketAssignment) -> BucketAssignment:
         """``assignment`` with this view's resize and crop (the same object when it has neither)."""
-        if self.crop is None and self.resized is None:
+        if self.crop is None and self.resized is None and self.augment is None:
             return assignment
         import dataclasses
 
@@ -64,6 +69,7 @@ class SampleView:
             assignment,
             resized=self.resized or assignment.resized,
             crop=self.crop if self.crop is not None else assignment.crop,
+            augment=self.augment,
         )
 
 
@@ -105,6 +111,9 @@ class TrainData:
             resolution_draw=resolution_draw,
         )
         self._plans: dict[int, list[list[SampleRef]]] = {}
+        #: the model has a mask input (an inpainting model; set by the runtime): OneTrainer's mask
+        #: augmentations then act on every sample of a subset with them on, not only on masked ones
+        self.mask_input = False
 
     def epoch_plan(self, epoch: int) -> list[list[SampleRef]]:
         """This process's micro-batches of ``epoch``, in order."""
@@ -207,10 +216,43 @@ class TrainData:
 
         return draw_color_aug(ref.rng(self.seed, "color-aug"))
 
+    def mask_augment_of(self, ref: SampleRef) -> MaskGeometry | None:
+        """OneTrainer's mask augmentations of this sample (:mod:`sdcore.data.mask_augment`), or None: its subset
+        has neither on, the sample has no mask to augment (no dataset mask and no mask input, where OneTrainer
+        adds neither module) or it is an evaluation ref (epoch < 0). Each augmentation draws from its own
+        stream of the sample's generator."""
+        entry = self.entries[ref.entry]
+        s = entry.subset
+        shrink, rotate = bool(getattr(s, "mask_shrink", False)), bool(getattr(s, "mask_rotate_crop", False))
+        if ref.epoch < 0 or not (shrink or rotate) or not (self.mask_input or has_dataset_mask(entry)):
+            return None
+        from ..data.mask_augment import MaskAug
+
+        aug = MaskAug.draw(
+            ref.rng(self.seed, "mask-shrink") if shrink else None,
+            ref.rng(self.seed, "mask-rotate-crop") if rotate else None,
+            mask_crop_min_size(s),
+        )
+        return None if aug is None else mask_geometry(entry, aug)
+
     def view_of(self, ref: SampleRef) -> SampleView:
-        """Everything drawn about how this sample's pixels look."""
-        resized, crop = self.geometry_of(ref)
-        return SampleView(self.flip_of(ref), crop, self.color_of(ref), resized)
+        """Everything drawn about how this sample's pixels look. With a rotated crop the bucket's resize and crop
+        (and ``random_crop``'s draw) are those of the cropped region, which keeps the image's bucket (sdcore
+        plans its batches per bucket; OneTrainer buckets the region by its own aspect ratio)."""
+        augment = self.mask_augment_of(ref)
+        if augment is None or augment.box == (0, augment.size[1], 0, augment.size[0]):  # no crop: the image's own
+            resized, crop = self.geometry_of(ref)
+            return SampleView(self.flip_of(ref), crop, self.color_of(ref), resized, augment)
+        from ..data.buckets import _cover
+
+        bucket = self.assignments[ref.entry].bucket
+        cover = _cover(augment.cropped_size, bucket)
+        crop = cover.crop
+        if getattr(self.entries[ref.entry].subset, "random_crop", False):
+            from ..data.augment import draw_crop
+
+            crop = draw_crop(ref.rng(self.seed, "crop"), cover.resized, bucket)
+        return SampleView(self.flip_of(ref), crop, self.color_of(ref), cover.resized, augment)
 
     def needed_latents(self) -> list[tuple[int, bool]]:
         """Every (entry, flipped) latent a run may ask for."""
@@ -343,11 +385,20 @@ def load_mask(
     """
     import numpy as np
 
-    from ..data.loading import load_training_channel
+    from ..data.loading import fit_to_bucket, load_training_channel
     from ..errors import DataError
 
     s = entry.subset
     interpolation = getattr(s, "resize_interpolation", None)
+    if assignment.augment is not None:  # the sample's augmented mask (at the crop's size) goes to the bucket
+        import dataclasses
+
+        from PIL import Image
+
+        image = Image.fromarray(np.ascontiguousarray(assignment.augment.mask, dtype=np.float32), mode="F")
+        plain = dataclasses.replace(assignment, augment=None)
+        fitted, _ = fit_to_bucket(image, plain, flip=flip, crop=crop, interpolation=interpolation)
+        return np.clip(np.asarray(fitted, dtype=np.float32), 0.0, 1.0)
     if getattr(s, "mask_suffix", None) is not None:
         path = mask_image_path(entry)
         if path is None:
@@ -368,6 +419,69 @@ def load_mask(
         )
         return alpha.astype(np.float32) / np.float32(255.0)
     return None
+
+
+def mask_at_image_size(entry: ImageEntry) -> Any:
+    """``entry``'s dataset mask as float32 ``[H, W]`` in 0..1 at the image's own size (a mask file of another
+    size stretched to it, bilinear), or ones (OneTrainer's ``GenerateImageLike`` mask) without one: what its
+    mask augmentations start from. Values as :func:`load_mask` reads them."""
+    import numpy as np
+    from PIL import Image
+
+    from ..data.images import open_image_rgb
+    from ..errors import DataError
+
+    s = entry.subset
+    width, height = entry.size
+    path: Path | None = None
+    channel: int | str = "L"
+    if getattr(s, "mask_suffix", None) is not None:
+        path, channel = mask_image_path(entry), "L"
+    elif getattr(s, "conditioning_data_dir", None) is not None:
+        path, channel = mask_image_path(entry), 0
+        if path is None:
+            raise DataError(f"{entry.path}: no mask image named {entry.path.stem}.* in {s.conditioning_data_dir}")
+    elif getattr(s, "alpha_mask", False):
+        path, channel = entry.path, 3
+    if path is None:
+        return np.ones((height, width), dtype=np.float32)
+    rgba = open_image_rgb(path, keep_alpha=True)
+    image = rgba.convert("RGB").convert("L") if channel == "L" else rgba.getchannel(channel)
+    values = Image.fromarray(np.asarray(image, dtype=np.float32) / np.float32(255.0), mode="F")
+    if values.size != (width, height):
+        values = values.resize((width, height), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+
+
+def mask_crop_min_size(subset: Any) -> int:
+    """The rotated crop's ``min_size``: the subset's ``mask_crop_min_size`` (a OneTrainer import: its run's
+    lowest resolution), else the subset's lowest resolution (OneTrainer's rule for its run)."""
+    given = getattr(subset, "mask_crop_min_size", None)
+    if given:
+        return int(given)
+    return int(min(getattr(subset, "resolutions", ()) or (subset.resolution,)))
+
+
+_GEOMETRIES: dict[Any, Any] = {}
+_GEOMETRIES_LOCK = threading.Lock()  # the prefetch threads ask too
+
+
+def mask_geometry(entry: ImageEntry, aug: Any) -> MaskGeometry:
+    """The sample's augmented mask and image geometry (:func:`sdcore.data.mask_augment.augment_mask` of
+    :func:`mask_at_image_size`), kept for the few dozen latest draws (a sample asks for it for its pixels,
+    its loss mask and its inpainting conditioning)."""
+    from ..data.mask_augment import augment_mask
+
+    key = (str(entry.path), entry.size, aug)
+    with _GEOMETRIES_LOCK:
+        found = _GEOMETRIES.get(key)
+    if found is None:
+        found = augment_mask(mask_at_image_size(entry), aug, key=(str(entry.path), entry.size))
+        with _GEOMETRIES_LOCK:
+            if len(_GEOMETRIES) >= 64:
+                _GEOMETRIES.pop(next(iter(_GEOMETRIES)))
+            _GEOMETRIES[key] = found
+    return found  # type: ignore[no-any-return]
 
 
 #: how a pixel mask shrinks to the loss's (latent) size: kohya's ``apply_masked_loss`` averages areas
@@ -680,6 +794,40 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
             f"{_listed(extra)}"
         )
     return problems
+
+
+def mask_augment_checks(options: TrainOptions, index: DatasetIndex, *, mask_input: bool) -> tuple[list[str], list[str]]:
+    """``(problems, notes)`` of OneTrainer's mask augmentations (``mask_shrink`` / ``mask_rotate_crop``): they act
+    on images with a dataset mask, or on every image when the model has a mask input (``mask_input``), as
+    OneTrainer adds them with masked training or an inpainting model; elsewhere a note says they do nothing.
+    The rotated crop changes the pixels every time an image is used and the shrink an inpainting model's masked
+    image, so those cannot use cached latents (as kohya refuses ``random_crop``); the shrink of a loss mask alone
+    can (the mask is read every step). OneTrainer's cache instead keeps one draw per ``image_variations``."""
+    problems: list[str] = []
+    notes: list[str] = []
+    acting: dict[str, set[str]] = {"mask_shrink": set(), "mask_rotate_crop": set()}
+    idle: set[str] = set()
+    for entry in index.entries:
+        s = entry.subset
+        for name in acting:
+            if getattr(s, name, False):
+                (acting[name] if mask_input or has_dataset_mask(entry) else idle).add(str(s.image_dir))
+    if idle:
+        notes.append(
+            f"mask_shrink/mask_rotate_crop (OneTrainer's mask augmentations) do nothing for {_listed(sorted(idle))}: "
+            "no mask images and the model has no mask input (as in OneTrainer without masked training)"
+        )
+    blocking = sorted(
+        name for name in acting if acting[name] and (name == "mask_rotate_crop" or mask_input)
+    )  # fmt: skip
+    if blocking and options.cache_latents:
+        problems.append(
+            f"{' and '.join(blocking)} (OneTrainer's image.enable_random_"
+            f"{'/'.join('circular_mask_shrink' if n == 'mask_shrink' else 'mask_rotate_crop' for n in blocking)}) "
+            "change(s) what is encoded every time an image is used, so latents cannot be cached (OneTrainer's "
+            "cache keeps one draw per image variation for the whole run): pass --no-cache-latents"
+        )
+    return problems, notes
 
 
 def strength_problems(method: TrainingMethod[Any], index: DatasetIndex) -> list[str]:

@@ -116,7 +116,8 @@ def pixel_mask(entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, c
 
     from .data import has_dataset_mask, load_mask
 
-    mask = load_mask(entry, assignment, flip=flip, crop=crop) if has_dataset_mask(entry) else None
+    augmented = assignment.augment is not None  # OneTrainer's mask augmentation: its shrunk, rotated, cropped mask
+    mask = load_mask(entry, assignment, flip=flip, crop=crop) if augmented or has_dataset_mask(entry) else None
     if mask is None:
         w, h = assignment.bucket
         return np.ones((h, w), dtype=np.float32)

@@ -203,6 +203,21 @@ class TrainOptions:
         "gamma (0.95..1.05 on 0..255 values) (needs --no-cache-latents).",
         group="data",
     )
+    mask_shrink: bool = option(
+        False,
+        "OneTrainer's random circular mask shrink: each sample's mask is cut to a disc around a random masked "
+        "point (radius 0.2..1 of the farthest masked pixel); with mask images (--masked-loss, alpha_mask) or an "
+        "inpainting model (needs --no-cache-latents). Per subset: mask_shrink.",
+        group="data",
+    )
+    mask_rotate_crop: bool = option(
+        False,
+        "OneTrainer's random mask rotate-crop: the image and its mask are rotated up to 20 degrees about the "
+        "mask and cropped around it with 10 to 30 percent padding (at least the lowest resolution square) before the "
+        "bucket's resize; with mask images or an inpainting model (needs --no-cache-latents). Per subset: "
+        "mask_rotate_crop.",
+        group="data",
+    )
     face_crop_aug_range: str | None = option(
         None,
         "kohya's face-centred crop with --no-buckets: 'low,high' (e.g. '2.0,4.0'), the face's larger side "

@@ -936,6 +936,13 @@ def run_preflight(
                     "the folder names (as in kohya)"
                 )
             report.problems.extend(image_option_problems(o, data.index))
+            from .data import mask_augment_checks
+            from .inpainting import layout_kind
+
+            has_mask_input = report.layout is not None and layout_kind(report.layout) is not None
+            mask_problems, mask_notes = mask_augment_checks(o, data.index, mask_input=has_mask_input)
+            report.problems.extend(mask_problems)
+            report.notes.extend(mask_notes)
             from .kontext_data import control_family_problems, control_problems
 
             report.problems.extend(control_problems(data.index))  # FLUX.1 Kontext's control images

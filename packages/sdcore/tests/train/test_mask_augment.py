@@ -259,3 +259,24 @@ def test_rotate_crop_min_size_is_the_lowest_of_the_run_resolutions(tmp_path):
         w, h = augment.cropped_size  # grown past 64x64 (mgds' 2 * scale - 1 growth), still under 128x128
         assert 64 * 64 <= w * h < 128 * 128
 
+
+def test_sdxl_original_size_of_a_rotated_crop_is_the_crops(tmp_path):
+    """OneTrainer measures ``original_resolution`` (CalcAspect of the image) after the mask augmentations
+    (DataLoaderText2ImageMixin.py:_create_dataset: mask_augmentation before aspect_bucketing_in) and SDXL's
+    time ids read it (BaseStableDiffusionXLSetup.py:243-244): the cropped region's (h, w), not the file's."""
+    from sdcore.train.data import SampleRef, build_train_data, load_pixels
+    from sdcore.train.options import TrainOptions
+
+    options = TrainOptions(
+        data=str(_alpha_dataset(tmp_path)), resolution=64, alpha_mask=True, mask_rotate_crop=True, seed=3,
+        min_bucket_reso=64, max_bucket_reso=128,
+    )  # fmt: skip
+    data = build_train_data(options, balance_class=False)
+    view = data.view_of(SampleRef(0, 0, 0))
+    assert view.augment is not None
+    w, h = view.augment.cropped_size
+    assert (w, h) != (192, 128)
+    pixels, original, _ = load_pixels(data.entries[0], view.apply(data.assignments[0]), flip=view.flip)
+    assert original == (h, w) and pixels.shape[1:] == tuple(reversed(data.assignments[0].bucket))
+    plain = data.view_of(SampleRef(0, 0, -1))  # no augmentation: the file's size, as before
+    assert load_pixels(data.entries[0], plain.apply(data.assignments[0]), flip=False)[1] == (128, 192)

@@ -224,3 +224,59 @@ def test_preflight_keeps_cached_latents_for_a_shrunk_loss_mask_and_notes_no_effe
     o = contract_options(ConvOutMethod, tmp_path, {"data": str(cfg), "max_bucket_reso": 128}, tag="plain")
     report = run_preflight(ConvOutMethod(o), o, plan=False)  # no masked training, no mask input: nothing
     assert any("do nothing" in n and "mask input" in n for n in report.notes)
+
+
+def _alpha_dataset(tmp_path: Path, size: tuple[int, int] = (192, 128)) -> Path:
+    """A kohya folder of one RGBA image (``alpha_mask``) with a 24x20 opaque patch: the rotated crop is small."""
+    folder = tmp_path / "2_imgs"
+    folder.mkdir(parents=True)
+    w, h = size
+    rgba = np.random.default_rng(6).integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rgba[..., 3] = 0
+    rgba[50:74, 80:100, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(folder / "a.png")
+    (folder / "a.txt").write_text("a photo", encoding="utf-8")
+    return tmp_path
+
+
+def test_rotate_crop_min_size_is_the_lowest_of_the_run_resolutions(tmp_path):
+    """OneTrainer's ``min_size=lowest_resolution``, the smallest number of its ``resolution`` list, for every
+    sample (DataLoaderText2ImageMixin.py:139-141), whichever of the list a sample trains at: with
+    ``--resolutions 64,128`` the image's entry at 128 crops at least 64x64 too, not 128x128."""
+    from sdcore.train.data import SampleRef, build_train_data
+    from sdcore.train.options import TrainOptions
+
+    options = TrainOptions(
+        data=str(_alpha_dataset(tmp_path)), resolutions="64,128", alpha_mask=True, mask_rotate_crop=True, seed=3,
+        min_bucket_reso=64, max_bucket_reso=256,
+    )  # fmt: skip
+    data = build_train_data(options, balance_class=False)
+    sizes = sorted(entry.subset.resolution for entry in data.entries)
+    assert sizes == [64, 128]
+    for i in range(len(data.entries)):
+        augment = data.view_of(SampleRef(i, 0, 0)).augment
+        assert augment is not None and augment.key[-1].min_size == 64
+        w, h = augment.cropped_size  # grown past 64x64 (mgds' 2 * scale - 1 growth), still under 128x128
+        assert 64 * 64 <= w * h < 128 * 128
+
+
+def test_sdxl_original_size_of_a_rotated_crop_is_the_crops(tmp_path):
+    """OneTrainer measures ``original_resolution`` (CalcAspect of the image) after the mask augmentations
+    (DataLoaderText2ImageMixin.py:_create_dataset: mask_augmentation before aspect_bucketing_in) and SDXL's
+    time ids read it (BaseStableDiffusionXLSetup.py:243-244): the cropped region's (h, w), not the file's."""
+    from sdcore.train.data import SampleRef, build_train_data, load_pixels
+    from sdcore.train.options import TrainOptions
+
+    options = TrainOptions(
+        data=str(_alpha_dataset(tmp_path)), resolution=64, alpha_mask=True, mask_rotate_crop=True, seed=3,
+        min_bucket_reso=64, max_bucket_reso=128,
+    )  # fmt: skip
+    data = build_train_data(options, balance_class=False)
+    view = data.view_of(SampleRef(0, 0, 0))
+    assert view.augment is not None
+    w, h = view.augment.cropped_size
+    assert (w, h) != (192, 128)
+    pixels, original, _ = load_pixels(data.entries[0], view.apply(data.assignments[0]), flip=view.flip)
+    assert original == (h, w) and pixels.shape[1:] == tuple(reversed(data.assignments[0].bucket))
+    plain = data.view_of(SampleRef(0, 0, -1))  # no augmentation: the file's size, as before
+    assert load_pixels(data.entries[0], plain.apply(data.assignments[0]), flip=False)[1] == (128, 192)

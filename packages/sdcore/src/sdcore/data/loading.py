@@ -78,8 +78,9 @@ def load_training_image(
     """``(pixels, original_size, crop_coords)`` for one sample.
 
     ``pixels`` is float32 CHW in [-1, 1] of the bucket's size; ``original_size`` is (h, w) of the
-    image after EXIF rotation; ``crop_coords`` is (top, left) of the crop in the resized image,
-    mirrored when ``flip`` (what the flipped pixels really are, as SDXL's conditioning expects).
+    image after EXIF rotation (of the region a OneTrainer mask rotate-crop, ``assignment.augment``, keeps,
+    as OneTrainer's ``CalcAspect`` runs after it); ``crop_coords`` is (top, left) of the crop in the resized
+    image, mirrored when ``flip`` (what the flipped pixels really are, as SDXL's conditioning expects).
     ``crop`` is a ``random_crop`` position (``(left, top)``, else the bucket's centre crop) and
     ``color`` a drawn ``color_aug`` (:mod:`sdcore.data.augment`). When the image's subset uses
     ``alpha_mask``, the RGB channels are read as stored (no compositing on white), as kohya reads them.
@@ -94,6 +95,9 @@ def load_training_image(
     if keep_alpha:
         image = image.convert("RGB")  # drops alpha without compositing (resizing RGBA would premultiply)
     original_size = (image.size[1], image.size[0])
+    if assignment.augment is not None:  # OneTrainer measures the original size after its rotated mask crop
+        crop_w, crop_h = assignment.augment.cropped_size
+        original_size = (crop_h, crop_w)
     interpolation = getattr(entry.subset, "resize_interpolation", None)
     image, coords = fit_to_bucket(image, assignment, flip=flip, crop=crop, interpolation=interpolation)
     if color is not None:

@@ -12,8 +12,9 @@ downloaded. Cached latents are a VAE encoding of exactly the pixels written here
 filled from the same loader, without random crops or colour, which need ``--no-cache-latents``).
 
 Not shown: class images a method has yet to generate with the model (DreamBooth's ``--class-prompt``
-fills ``--class-data`` before training; the images already there are shown) and a method's own loss
-maps (DreamArtist's attention maps).
+fills ``--class-data`` before training; the images already there are shown), a method's own loss
+maps (DreamArtist's attention maps) and OneTrainer's mask augmentations of images without a mask on an
+inpainting model (only the model says it has a mask input; :attr:`TrainData.mask_input` stays off here).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ a Fill prompt without an image is a pre-flight line (:func:`sdcore.train.inpaint
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,7 +401,10 @@ def size_problems(prompts: list[SamplePrompt], family: str | None, resolution: i
             continue
         rule = size_rule(p.source, family)
         rounded = f"; {rule.what}: {size[0]}x{size[1]}" if size != given else ""
-        fit = "x".join(str(max(multiple, side - side % multiple)) for side in given)
+        step = math.lcm(rule.multiple, multiple)  # a side the tool's rule keeps and the model takes
+        least = -(-64 // step) * step if rule.mode == "floor" else step
+        fit = "x".join(str(side if rule.apply(side) % multiple == 0 < rule.apply(side) else
+                           max(least, side - side % step)) for side in given)  # fmt: skip
         text = p.prompt if len(p.prompt) <= 40 else p.prompt[:37] + "..."
         problems.append(
             f"--sample-prompts: sample {number} ({text!r}) is {given[0]}x{given[1]}{rounded}; {label} renders sides "

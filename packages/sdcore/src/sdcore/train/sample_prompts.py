@@ -39,6 +39,11 @@ a Fill prompt without an image is a pre-flight line (:func:`sdcore.train.inpaint
 ``--l`` there (Fill has no true CFG), and a line without ``--g`` gets Fill's guidance 30.
 
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
+
+Each prompt records the tool whose format it came in (:attr:`SamplePrompt.source`: kohya for the formats above,
+OneTrainer's samples, ai-toolkit's sample section), and its size is rounded by that tool's rule for the model's
+family (:data:`SIZE_RULES`, :func:`sample_size`) before it renders; a size the model still cannot take is a
+pre-flight line (:func:`size_problems`).
 """
 
 from __future__ import annotations

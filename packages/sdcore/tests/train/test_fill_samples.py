@@ -30,7 +30,7 @@ from sdcore.train.options import TrainOptions  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-WIDTH, HEIGHT, SEED = 48, 32, 5
+WIDTH, HEIGHT, SEED = 128, 64, 5  # kept by kohya's and OneTrainer's size rules on FLUX.1 (16 / nearest 64)
 
 
 @pytest.fixture(scope="module")

@@ -372,7 +372,7 @@ def test_kohya_sample_prompt_options_reach_the_sampler_not_the_prompt(tmp_path, 
     assert (kw["negative_prompt"], kw["width"], kw["height"], kw["steps"], kw["seed"], kw["cfg"], kw["sampler"]) == (
         ["blurry"],
         96,
-        32,
+        64,  # kohya's sample rule: down to a multiple of 8, at least 64 (sdcore.train.sample_prompts.SIZE_RULES)
         2,
         5,
         4.5,

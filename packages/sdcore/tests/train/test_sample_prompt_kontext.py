@@ -108,8 +108,8 @@ def test_the_sample_edits_its_reference_as_ai_toolkit_renders_it(tmp_path):
 
     bundle = FluxAdapter().create_tiny(variant="dev", seed=0)
     reference = _picture(tmp_path / "person.png")
-    options = TrainOptions(sample_prompts=f"make it red --ctrl_img {reference} --w 32 --h 48 --s 2 --d 5 --g 3 "
-                                          "--ss euler", resolution=32)  # fmt: skip
+    options = TrainOptions(sample_prompts=f"make it red --ctrl_img {reference} --w 64 --h 80 --s 2 --d 5 --g 3 "
+                                          "--ss euler", resolution=64)  # fmt: skip
 
     def render(tag, memo=None):
         path = render_samples(bundle, _Plain(), options, device=torch.device("cpu"), folder=tmp_path, tag=tag,
@@ -123,10 +123,10 @@ def test_the_sample_edits_its_reference_as_ai_toolkit_renders_it(tmp_path):
                                text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1],
                                transformer=bundle.transformer)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
-    control = Image.open(reference).convert("RGB").resize((32, 48), Image.BILINEAR)
+    control = Image.open(reference).convert("RGB").resize((64, 80), Image.BILINEAR)
     with torch.no_grad():
-        expected = pipe(prompt="make it red", image=control, width=32, height=48, num_inference_steps=2,
-                        guidance_scale=3.0, max_area=32 * 48, _auto_resize=False,
+        expected = pipe(prompt="make it red", image=control, width=64, height=80, num_inference_steps=2,
+                        guidance_scale=3.0, max_area=64 * 80, _auto_resize=False,
                         generator=torch.Generator().manual_seed(5)).images[0]  # fmt: skip
     assert np.array_equal(live, np.asarray(expected).astype(np.int16))
     memo = encode_sample_prompts(bundle, options, device=torch.device("cpu"))

@@ -556,7 +556,9 @@ def _ignored_option_warnings(params: dict[str, Any], adapter: Any, bundle: Any, 
 
 def _default_sampler(adapter: Any) -> str:
     """The family's sampler when none is given (Flux: flow-matching Euler)."""
-    return str(getattr(adapter, "default_sampler", "euler_a"))
+    from ..models.family import default_sampler
+
+    return default_sampler(adapter)
 
 
 class _Run:

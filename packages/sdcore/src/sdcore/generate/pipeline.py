@@ -495,12 +495,12 @@ def generate_images(
     for index, prompt in enumerate(prompts):
         groups.setdefault((_network_key(prompt), _network_key(hr_prompts[index])), []).append(index)
 
-    from ..models.family import family_adapter
+    from ..models.family import default_sampler, family_adapter
     from ..models.sd_unet import SdUnetAdapter
 
     adapter = family_adapter(bundle.family)
-    if sampler is None:  # A1111's euler_a, or the family's own (Flux.1: the flow-matching Euler)
-        sampler = str(getattr(adapter, "default_sampler", "euler_a"))
+    if sampler is None:
+        sampler = default_sampler(adapter)
     family_generate = None
     pipe: Any = None
     hr_pipe: Any = None

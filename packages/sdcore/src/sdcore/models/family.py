@@ -335,6 +335,13 @@ def default_cfg(adapter: Any) -> float:
     return float(getattr(adapter, "default_cfg", DEFAULT_CFG))
 
 
+def default_sampler(adapter: Any) -> str:
+    """The sampler a family's model renders with when none is named: A1111's ``euler_a``, or the adapter's own
+    ``default_sampler`` (FLUX.1, Chroma: the flow-matching ``euler``), for ``sdcore generate`` and training samples
+    alike, so both render, and name in their infotext, the same sampler."""
+    return str(getattr(adapter, "default_sampler", "euler_a"))
+
+
 def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None) -> FamilyAdapter:
     """The family's adapter: its import string resolved (a class is instantiated without arguments)."""
     spec = get_family(family, pm)

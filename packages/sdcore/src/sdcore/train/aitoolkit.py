@@ -1478,7 +1478,7 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
     (or a ``samples`` table's ``ctrl_img``) is FLUX.1 Kontext's reference image for that sample."""
     from dataclasses import replace
 
-    from .sample_prompts import parse_prompt_line
+    from .sample_prompts import AITOOLKIT, parse_prompt_line
 
     process, where = _job_process(path, ConfigError)
     out = JobTranslation()
@@ -1518,6 +1518,7 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
                 reference=line.reference or (str(item["ctrl_img"]) if item.get("ctrl_img") else None),
                 cfg=None if family == "flux" else cfg,
                 guidance=cfg if family == "flux" else line.guidance,
+                source=AITOOLKIT,
             )
         )
     return prompts

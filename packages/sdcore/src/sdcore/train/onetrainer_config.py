@@ -1431,17 +1431,22 @@ def is_sample_source(path: str | os.PathLike[str]) -> bool:
     return is_train_config(data) or is_samples_list(data)
 
 
-def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
+def read_sample_prompts(path: str | os.PathLike[str], family: str | None = None) -> list[SamplePrompt]:
     """The enabled samples of a TrainConfig or samples file as sample prompts, with OneTrainer's per-family
-    defaults (``SampleConfig._get_model_defaults``); on Flux ``cfg_scale`` is the embedded guidance, and a
+    defaults (``SampleConfig._get_model_defaults``) for the config's ``model_type``, or for a bare samples file
+    the ``family`` of the model being trained (OneTrainer always reads its samples for a known model; unknown,
+    SampleConfig's model-less defaults); on Flux ``cfg_scale`` is the embedded guidance (its FluxSampler), and a
     sample with ``random_seed`` gets sdcore's seed for its position. A ``sample_inpainting`` sample carries its
     ``base_image_path`` and ``mask_image_path`` (resolved as OneTrainer's other relative paths are) for an
     inpainting model to fill (:func:`_inpainting_files`)."""
-    from .sample_prompts import SamplePrompt, sampler_name
+    from .sample_prompts import ONETRAINER, SamplePrompt, sampler_name
 
     p = Path(path).expanduser()
     entries, model_type = _samples_of(_read_json(p), p)
-    family = FAMILIES.get(model_type) if model_type is not None else None
+    if model_type is not None:
+        family = FAMILIES.get(model_type)
+    elif family not in SAMPLE_MODEL_DEFAULTS:
+        family = None
     width, height, steps, cfg, scheduler = SAMPLE_MODEL_DEFAULTS[family]
     prompts: list[SamplePrompt] = []
     for i, e in enumerate(entries):
@@ -1479,6 +1484,7 @@ def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
                 ignored=(*ignored, *notes),
                 inpaint_image=files[0] if files else None,
                 inpaint_mask=files[1] if files else None,
+                source=ONETRAINER,
             )
         )
     return prompts

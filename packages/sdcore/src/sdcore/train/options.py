@@ -788,8 +788,11 @@ class TrainOptions:
     sample_every: int | None = option(None, "Render the sample prompts every N steps.", group="output")
     sample_every_epochs: int | None = option(None, "Render the sample prompts every N epochs.", group="output")
     sample_steps: int = option(20, "Sampler steps for sample images (a prompt's --s overrides).", group="output")
-    sample_sampler: str = option(
-        "euler_a", "Sampler for sample images (sdcore or kohya names; a prompt's --ss overrides).", group="output"
+    sample_sampler: str | None = option(
+        None,
+        "Sampler for sample images (sdcore or kohya names; a prompt's --ss overrides). Default: the family's own, "
+        "as sdcore generate's (euler_a; the flow-matching Euler on FLUX.1 and Chroma).",
+        group="output",
     )
     validation_split: float = option(
         0.0,

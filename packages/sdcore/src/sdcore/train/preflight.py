@@ -186,18 +186,20 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
             read_sample_prompts,
             reference_problems,
             sampler_name,
+            size_problems,
         )
 
         def sample_problems() -> list[str]:
             from ..models.layout import peek_family
 
-            prompts = read_sample_prompts(o.sample_prompts or "")
-            references = any(p.reference is not None for p in prompts)  # Kontext's --ctrl_img/--ci
-            family = peek_family(o.model) if references and o.model else None
-            return network_problems(prompts) + reference_problems(prompts, family) + inpaint_image_problems(prompts)
+            model = str(o.model or "")  # a header or config read, no weights; a hub id is not looked up here
+            family = peek_family(model) if model.startswith("tiny:") or Path(model).expanduser().exists() else None
+            prompts = read_sample_prompts(o.sample_prompts or "", family)
+            return (network_problems(prompts) + reference_problems(prompts, family) + inpaint_image_problems(prompts)
+                    + size_problems(prompts, family, o.resolution))  # fmt: skip
 
         for check in (
-            lambda: sampler_name(o.sample_sampler),
+            lambda: sampler_name(o.sample_sampler) if o.sample_sampler is not None else None,
             lambda: problems.extend(sample_problems()),
         ):
             try:  # syntax errors and <lora:...> tags now, not after an hour of training

@@ -39,17 +39,26 @@ a Fill prompt without an image is a pre-flight line (:func:`sdcore.train.inpaint
 ``--l`` there (Fill has no true CFG), and a line without ``--g`` gets Fill's guidance 30.
 
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
+
+Each prompt records the tool whose format it came in (:attr:`SamplePrompt.source`: kohya for the formats above,
+OneTrainer's samples, ai-toolkit's sample section), and its size is rounded by that tool's rule for the model's
+family (:data:`SIZE_RULES`, :func:`sample_size`) before it renders; a size the model still cannot take is a
+pre-flight line (:func:`size_problems`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+
+#: the tools whose sample prompt formats sdcore reads (:attr:`SamplePrompt.source`)
+KOHYA, ONETRAINER, AITOOLKIT = "kohya", "onetrainer", "ai-toolkit"
 
 #: kohya's sampler names that sdcore's sampler normaliser does not know by itself
 KOHYA_SAMPLERS = {"dpmsolver++": "dpm++2m", "k_dpm_2_a": "", "k_dpm_2": "", "dpm_2": "", "dpm_2_a": ""}
@@ -84,11 +93,14 @@ class SamplePrompt:
     #: OneTrainer's ``mask_image_path`` (with ``inpaint_image`` its ``base_image_path``): the mask an inpainting
     #: model's sample fills, by OneTrainer's rule instead of kohya's wobbly ellipse
     inpaint_mask: str | None = None
+    #: the tool whose prompt format gave the prompt (:data:`KOHYA`, :data:`ONETRAINER`, :data:`AITOOLKIT`): its
+    #: rule rounds the sample's size (:func:`sample_size`)
+    source: str = "kohya"
 
     def settings(self) -> tuple[Any, ...]:
         """What must be equal for two prompts to share one generation call (the seed is separate)."""
         return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance, self.reference,
-                self.inpaint_image, self.inpaint_mask)  # fmt: skip
+                self.inpaint_image, self.inpaint_mask, self.source)  # fmt: skip
 
 
 def sampler_name(name: str) -> str:
@@ -220,8 +232,11 @@ def parse_prompt_file(text: str, suffix: str, where: str) -> list[SamplePrompt]:
     return prompts
 
 
-def read_sample_prompts(value: str) -> list[SamplePrompt]:
-    """``--sample-prompts``: a prompt file (``.txt``, ``.json``, ``.toml``) or one prompt line."""
+def read_sample_prompts(value: str, family: str | None = None) -> list[SamplePrompt]:
+    """``--sample-prompts``: a prompt file (``.txt``, ``.json``, ``.toml``) or one prompt line. ``family``: the
+    family of the model being trained, where it is known; a bare OneTrainer samples list (no ``model_type`` to say
+    it) is read as OneTrainer reads it for that family (its defaults, and ``cfg_scale`` as FLUX.1's embedded
+    guidance there)."""
     path = Path(value).expanduser()
     is_file = len(value) < 4096 and "\n" not in value and path.is_file()
     if is_file and path.suffix.lower() in (".yaml", ".yml", ".json"):
@@ -232,7 +247,7 @@ def read_sample_prompts(value: str) -> list[SamplePrompt]:
         from . import onetrainer_config
 
         if onetrainer_config.is_sample_source(path):  # a OneTrainer config or samples list
-            return onetrainer_config.read_sample_prompts(path)
+            return onetrainer_config.read_sample_prompts(path, family=family)
     if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
         try:
             text = path.read_text(encoding="utf-8")
@@ -290,6 +305,117 @@ def generation_arguments(
     if any(negatives) or "negative_prompt" not in arguments:
         arguments["negative_prompt"] = negatives
     return arguments
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """How a tool rounds a sample's width and height before it renders it (each side alone)."""
+
+    multiple: int
+    #: ``floor``: down to the multiple, at least 64 (kohya's and ai-toolkit's ``max(64, x - x % multiple)``);
+    #: ``nearest``: OneTrainer's ``quantize_resolution``, ``round(x / multiple) * multiple`` with Python's round
+    #: (half to even: 1056 on 64 gives 1024, 1120 gives 1152; a side under half the multiple gives 0)
+    mode: str
+    #: the words the pre-flight uses for it
+    what: str
+
+    def apply(self, value: int) -> int:
+        if self.mode == "nearest":
+            return round(value / self.multiple) * self.multiple
+        return max(64, value - value % self.multiple)
+
+
+_KOHYA_8 = SizeRule(8, "floor", "kohya rounds down to a multiple of 8")
+_AITOOLKIT_8 = SizeRule(8, "floor", "ai-toolkit rounds down to a multiple of 8")
+
+
+def _onetrainer(multiple: int) -> SizeRule:
+    return SizeRule(multiple, "nearest", f"OneTrainer rounds to the nearest multiple of {multiple}")
+
+
+#: ``(tool, family)`` -> the tool's size rule for that family's samples; ``(tool, None)`` for the others.
+#: kohya sd-scripts 48d368f: library/train_util.py:6540-6541 (sample_image_inference, SD1/SD2/SDXL),
+#: library/sd3_train_utils.py:513-514 (SD3: 8 as well), library/flux_train_utils.py:180-181 (FLUX.1 and Chroma,
+#: kohya's ``--model_type chroma`` of the same script: 16).
+#: OneTrainer 23df383: modules/modelSampler/BaseModelSampler.py:77-78 (``quantize_resolution``) with 8 in
+#: StableDiffusionSampler.py:380-381 (SD 1.5/2.x), 64 in StableDiffusionXLSampler.py:444-445, 16 in
+#: StableDiffusion3Sampler.py:166-167, 64 in FluxSampler.py:397-398 and ChromaSampler.py:166-167; a family
+#: OneTrainer has no sampler for keeps its sizes.
+#: ai-toolkit 27a03a9: toolkit/config_modules.py:1216-1217 (GenerateImageConfig, every family: down to 8, at
+#: least 64); FLUX.1's and Chroma's pipelines then floor the latent to whole 2x2 patches (diffusers
+#: pipeline_flux.py ``prepare_latents``, ai-toolkit's chroma/pipeline.py:112), so down to 16 there; diffusers'
+#: SD3 pipeline refuses a side that is not a multiple of 16 (``check_inputs``), as sdcore's pre-flight does.
+SIZE_RULES: dict[tuple[str, str | None], SizeRule] = {
+    (KOHYA, None): _KOHYA_8,
+    (KOHYA, "sd3"): _KOHYA_8,
+    (KOHYA, "flux"): SizeRule(16, "floor", "kohya rounds down to a multiple of 16"),
+    (KOHYA, "chroma"): SizeRule(16, "floor", "kohya rounds down to a multiple of 16"),
+    (ONETRAINER, None): SizeRule(1, "nearest", "OneTrainer keeps it"),
+    (ONETRAINER, "sd1"): _onetrainer(8),
+    (ONETRAINER, "sd2"): _onetrainer(8),
+    (ONETRAINER, "sdxl"): _onetrainer(64),
+    (ONETRAINER, "sd3"): _onetrainer(16),
+    (ONETRAINER, "flux"): _onetrainer(64),
+    (ONETRAINER, "chroma"): _onetrainer(64),
+    (AITOOLKIT, None): _AITOOLKIT_8,
+    (AITOOLKIT, "flux"): SizeRule(16, "floor", "ai-toolkit rounds down to a multiple of 16"),
+    (AITOOLKIT, "chroma"): SizeRule(16, "floor", "ai-toolkit rounds down to a multiple of 16"),
+}
+
+
+def size_rule(source: str, family: str | None) -> SizeRule:
+    """The rule ``source`` (:data:`KOHYA`, :data:`ONETRAINER`, :data:`AITOOLKIT`) rounds a ``family`` sample by."""
+    return SIZE_RULES.get((source, family)) or SIZE_RULES[(source, None)]
+
+
+def sample_size(width: int, height: int, source: str, family: str | None) -> tuple[int, int]:
+    """The size a sample of ``width`` x ``height`` renders at: rounded by its tool's rule for the model's
+    ``family`` (:data:`SIZE_RULES`), as kohya, OneTrainer and ai-toolkit render their samples, so a prompt file
+    renders at the size its own tool gives it instead of stopping the run at a size the model cannot take."""
+    rule = size_rule(source, family)
+    return rule.apply(int(width)), rule.apply(int(height))
+
+
+def render_multiple(family: str) -> int | None:
+    """What a ``family`` model's image sides must be multiples of for sdcore to render it: the VAE's 8 on the UNet
+    families, 16 on the transformer ones (8 x their 2x2 latent patches); None for a family sdcore does not know."""
+    from ..models.family import get_family
+
+    try:
+        spec = get_family(family)
+    except ConfigError:
+        return None
+    return 8 if spec.denoiser == "unet" else 16
+
+
+def size_problems(prompts: list[SamplePrompt], family: str | None, resolution: int) -> list[str]:
+    """One line for each sample whose size, once its tool's rule rounded it (:func:`sample_size`; ``resolution``
+    where the prompt gives none), a ``family`` model still cannot render, for the training pre-flight: the render
+    would otherwise stop the run at the first sample."""
+    from ..models.family import get_family
+
+    multiple = render_multiple(family) if family is not None else None
+    if multiple is None or family is None:
+        return []
+    label = get_family(family).label
+    problems: list[str] = []
+    for number, p in enumerate(prompts, 1):
+        given = (p.width or resolution, p.height or resolution)
+        size = sample_size(*given, p.source, family)
+        if all(side > 0 and side % multiple == 0 for side in size):
+            continue
+        rule = size_rule(p.source, family)
+        rounded = f"; {rule.what}: {size[0]}x{size[1]}" if size != given else ""
+        step = math.lcm(rule.multiple, multiple)  # a side the tool's rule keeps and the model takes
+        least = -(-64 // step) * step if rule.mode == "floor" else step
+        fit = "x".join(str(side if rule.apply(side) % multiple == 0 < rule.apply(side) else
+                           max(least, side - side % step)) for side in given)  # fmt: skip
+        text = p.prompt if len(p.prompt) <= 40 else p.prompt[:37] + "..."
+        problems.append(
+            f"--sample-prompts: sample {number} ({text!r}) is {given[0]}x{given[1]}{rounded}; {label} renders sides "
+            f"that are multiples of {multiple}: give a size such as {fit}"
+        )
+    return problems
 
 
 def dropped_negatives(prompts: list[SamplePrompt]) -> int:
@@ -399,7 +525,12 @@ def network_problems(prompts: list[SamplePrompt]) -> list[str]:
 
 
 __all__ = [
+    "AITOOLKIT",
+    "KOHYA",
+    "ONETRAINER",
+    "SIZE_RULES",
     "SamplePrompt",
+    "SizeRule",
     "dropped_negatives",
     "generation_arguments",
     "generation_calls",
@@ -411,5 +542,9 @@ __all__ = [
     "parse_prompt_line",
     "read_sample_prompts",
     "reference_problems",
+    "render_multiple",
+    "sample_size",
     "sampler_name",
+    "size_problems",
+    "size_rule",
 ]

@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdcore.train")
 
 
-def sample_prompt_list(options: TrainOptions) -> list[SamplePrompt]:
-    """``--sample-prompts`` parsed; options a prompt line sets that sdcore does not use are warned about."""
+def sample_prompt_list(options: TrainOptions, family: str | None = None) -> list[SamplePrompt]:
+    """``--sample-prompts`` parsed for a ``family`` model; options a prompt line sets that sdcore does not use are
+    warned about."""
     from .sample_prompts import read_sample_prompts
 
-    prompts = read_sample_prompts(options.sample_prompts or "")
+    prompts = read_sample_prompts(options.sample_prompts or "", family)
     for ignored in sorted({option for p in prompts for option in p.ignored}):
         log.warning("sample prompts: option %s is not used by sdcore (left out of the prompt)", ignored)
     return prompts
@@ -38,13 +39,14 @@ def _generations(
     """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
     caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
     from ..generate.inpaint import FILL_GUIDANCE
-    from ..models.family import default_cfg, family_adapter
+    from ..models.family import default_cfg, default_sampler, family_adapter
     from .inpainting import bundle_kind
     from .sample_prompts import (
         generation_arguments,
         generation_calls,
         inpaint_conditioning,
         onetrainer_inpaint_conditioning,
+        sample_size,
     )
 
     adapter = family_adapter(bundle.family_spec)
@@ -55,7 +57,8 @@ def _generations(
         "steps": o.sample_steps,
         "width": o.resolution,
         "height": o.resolution,
-        "sampler": o.sample_sampler,
+        # the family's own, as sdcore generate's (FLUX.1: the flow-matching Euler), so the infotext names what ran
+        "sampler": o.sample_sampler or default_sampler(adapter),
         # FLUX.1 Fill's own default guidance (BFL's, diffusers', sdcore generate's) where a line gives no --g
         "cfg": FILL_GUIDANCE if kind == "fill" else default_cfg(adapter),
     }
@@ -65,7 +68,9 @@ def _generations(
         # a line's own options win over the method's extras (APT's negative embedding, CFG)
         arguments = generation_arguments(group, defaults, extra, distilled=distilled)
         first = group[0]
-        size = int(arguments["width"]), int(arguments["height"])
+        # rounded as the prompt's own tool rounds it (kohya, OneTrainer, ai-toolkit), before anything is sized to it
+        size = sample_size(int(arguments["width"]), int(arguments["height"]), first.source, bundle.family)
+        arguments["width"], arguments["height"] = size
         if first.inpaint_image is not None and first.inpaint_mask is not None:
             if kind is not None:  # OneTrainer's: its mask file; without the mask input OneTrainer renders from text
                 arguments["image_conditioning"] = onetrainer_inpaint_conditioning(first.inpaint_image,
@@ -99,7 +104,7 @@ def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device:
 
     memo = ConditioningMemo()
     try:
-        prompts = read_sample_prompts(options.sample_prompts or "")
+        prompts = read_sample_prompts(options.sample_prompts or "", bundle.family)
         if not prompts:
             return None
         from ..generate.pipeline import record_encodings
@@ -147,7 +152,7 @@ def render_samples(
     from .sample_info import sample_infotexts
     from .sample_prompts import dropped_negatives
 
-    prompts = sample_prompt_list(options)
+    prompts = sample_prompt_list(options, bundle.family)
     if not prompts:
         return None
     adapter = family_adapter(bundle.family_spec)

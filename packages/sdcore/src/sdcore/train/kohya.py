@@ -1595,6 +1595,35 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
     ]
 
 
+def kohya_text_cache_notes(
+    values: Mapping[str, Any], origin: Mapping[str, str], fields: Collection[str], family: str | None
+) -> list[str]:
+    """A note when a kohya LoRA run asks for ``cache_text_encoder_outputs`` while its text encoder trains (kohya's
+    default without ``--network_train_unet_only``): sdcore then encodes every caption at every step and caches
+    nothing, where kohya's SD3/Flux scripts cache T5's outputs (CLIP trains) and its SDXL script refuses the pair;
+    without the note the option looks taken and the run is slower and larger than the user planned."""
+    asked = origin.get("cache_text_encoder_outputs") in (
+        "cache_text_encoder_outputs",
+        "cache_text_encoder_outputs_to_disk",
+    )
+    if not asked or "unet_only" not in fields:  # LoRA's options (DreamBooth's text encoder is frozen by default)
+        return []
+    trains = not _is_off(values.get("train_text_encoder"), _OFF) and _is_off(values.get("unet_only"), _OFF)
+    if not trains:
+        return []
+    peer = {
+        "flux": "kohya caches T5's outputs while CLIP-L trains",
+        "chroma": "kohya refuses caching with train_t5xxl",
+        "sd3": "kohya caches T5's outputs while CLIP-L/G train",
+        "sdxl": "kohya's sdxl_train_network.py refuses the pair",
+    }.get(family or "", "kohya needs --network_train_unet_only for it")
+    return [
+        "cache_text_encoder_outputs: the text encoder trains (kohya's default without --network_train_unet_only), "
+        f"so sdcore encodes the captions at every step and caches nothing ({peer}); add --network_train_unet_only "
+        "to cache them"
+    ]
+
+
 #: train_network.py's SNR loss weightings, which kohya's SD3/Flux/Chroma LoRA scripts skip (their
 #: ``post_process_loss`` returns the loss as it is) -> the value that is off
 _DDPM_LOSS_WEIGHTS = {"min_snr_gamma": None, "debiased_estimation_loss": False,

@@ -134,3 +134,24 @@ def test_kohya_text_cache_with_a_training_text_encoder_says_nothing_is_cached(tm
     assert "cache_text_encoder_outputs: the text encoder trains" in said
     assert "kohya caches T5's outputs while CLIP-L trains" in said
     assert "cache_text_encoder_outputs:" not in notes_of("network_train_unet_only = true\n")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "noted"),
+    [
+        ("[general]\nenable_bucket = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", False),
+        ("[[datasets]]\nenable_bucket = false\n[[datasets.subsets]]\nimage_dir = 'a'\n", False),
+        ("[[datasets]]\nenable_bucket = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", True),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", True),
+    ],
+)
+def test_kohya_bucket_default_note_only_when_the_dataset_toml_leaves_it_to_the_run(tmp_path, dataset, noted):
+    """A dataset TOML's enable_bucket decides its datasets' buckets; the "buckets are off unless
+    --enable_bucket" default note appears only where some dataset falls back to the run's value."""
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(dataset, encoding="utf-8")
+    path = tmp_path / "kohya.toml"
+    path.write_text(f'pretrained_model_name_or_path = "tiny:sd1"\ndataset_config = "{toml}"\n', encoding="utf-8")
+    notes: list[str] = []
+    load_options(TrainOptions, path, notes=notes)
+    assert ("buckets are off unless --enable_bucket" in " | ".join(notes)) is noted

@@ -1512,6 +1512,31 @@ def family_default_targets(family: str | None = None) -> set[str]:
     return {target for table in tables for target, _, _ in table}
 
 
+def _dataset_toml_sets_buckets(data: Any) -> bool:
+    """Whether a kohya dataset TOML (``dataset_config``) sets ``enable_bucket`` for every dataset (in
+    ``[general]`` or in each ``[[datasets]]``): then the run-wide default never applies, and a note saying
+    "buckets are off" would contradict the buckets the run shows. Unreadable files say no (the dataset
+    reader reports them)."""
+    if not isinstance(data, str) or not data.lower().endswith(".toml"):
+        return False
+    import tomllib
+
+    try:
+        with open(data, "rb") as handle:
+            table = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    general = table.get("general")
+    if isinstance(general, dict) and "enable_bucket" in general:
+        return True
+    datasets = table.get("datasets")
+    return (
+        isinstance(datasets, list)
+        and bool(datasets)
+        and all(isinstance(d, dict) and "enable_bucket" in d for d in datasets)
+    )
+
+
 def kohya_defaults(
     options_fields: Iterable[str],
     given: set[str],
@@ -1551,6 +1576,8 @@ def kohya_defaults(
             continue
         if target == "max_steps" and "epochs" in given:
             continue
+        if target == "buckets" and _dataset_toml_sets_buckets((given_values or {}).get("data")):
+            continue  # the dataset TOML's enable_bucket decides (kohya reads the command line's only as a fallback)
         if (
             target == "cache_latents"
             and (given_values or {}).get("inpainting_masks") != "random"

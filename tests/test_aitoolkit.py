@@ -626,3 +626,20 @@ def test_cached_text_embeddings_turn_caption_dropouts_off_and_keep_one_order(tmp
     assert any("every dataset or none" in p for p in _problems(mixed))
     o = _load(_job(tmp_path, {**BASE, "datasets": [{"folder_path": "imgs", "caption_dropout_rate": 0.1}]}))
     assert o.caption_variants == 4  # sdcore's default when ai-toolkit encodes per step
+
+
+def test_a_resolution_off_the_bucket_step_trains_as_ai_toolkit_takes_it(tmp_path, monkeypatch):
+    """ai-toolkit takes any dataset resolution (96, 1100); sdcore's bucket limits for it are rounded to the
+    step (bucket_tolerance) instead of stopping the run with min/max_bucket_reso the job never wrote."""
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdplugin_lora.method import LoraOptions
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny_dataset(tmp_path / "d", n=2, size=64)
+    path = _job(tmp_path, {**BASE, "datasets": [{"folder_path": "d/1_sks", "resolution": [96, 1100]}]})
+    o = _load(path)
+    index = build_dataset_index(LoraOptions(**{**o.__dict__, "model": "tiny:sd1"}), verify=True)
+    limits = [(s.resolution, s.bucket_step, s.min_bucket_reso, s.max_bucket_reso) for s in index.subsets]
+    assert limits == [(96, 64, 64, 1024), (1100, 64, 256, 1152)]
+    assert sorted(e.subset.resolution for e in index.entries) == [96, 96, 1100, 1100]  # both images at both

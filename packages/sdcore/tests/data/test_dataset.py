@@ -268,3 +268,21 @@ def test_no_upscale_skips_a_long_thin_image_its_area_shrink_takes_under_the_step
     assert "under the bucket step 64" in reasons["long.png"]
     assert [e.path.name for e in index.entries] == ["ok.png"]
     assert [a.bucket for a in assign_buckets(index)] == [(512, 448)]
+
+
+def test_own_text_encoder_cache_beside_the_images_is_not_reported_as_skipped(tmp_path):
+    """``--cache-text-encoder-outputs-to-disk`` writes its store beside the images; the next run's scan must
+    not list it as "not an image" (a kohya user sees that after every second run), while another
+    ``.safetensors`` there still is."""
+    from PIL import Image
+    from sdcore.train.text_store import store_file
+
+    folder = tmp_path / "10_ohwx"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(folder / "a.png")
+    store = store_file(folder, "d6225ca0f5bf" + "0" * 52, None)
+    store.write_bytes(b"x")
+    (folder / "lora.safetensors").write_bytes(b"x")
+    index = build_dataset_index(TrainOptions(data=str(tmp_path), resolution=64, min_bucket_reso=64))
+    assert _names(e.path for e in index.entries) == {"a.png"}
+    assert _names(s.path for s in index.skipped) == {"lora.safetensors"}

@@ -96,3 +96,30 @@ def test_aitoolkit_chroma_says_where_its_shift_and_t5_differ(tmp_path):
     load_options(LoraOptions, _job(tmp_path, {"name_or_path": "tiny:chroma", "arch": "chroma"},
                                    {"noise_scheduler": "flowmatch"}), notes=notes)  # fmt: skip
     assert not [n for n in notes if "patch size 1" in n] and len([n for n in notes if "T5" in n]) == 1, notes
+
+
+def test_kohya_lora_on_chroma_leaves_the_text_encoder_frozen_unless_train_t5xxl(tmp_path):
+    """flux_train_network.py trains CLIP-L unless --network_train_unet_only and T5 only with train_t5xxl;
+    Chroma has no CLIP-L, so a kohya LoRA run there trains no text encoder and its T5 outputs can be
+    cached (the same kohya run on FLUX.1 dev trains CLIP-L)."""
+    pytest.importorskip("sdplugin_lora")
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    def run(model, extra=""):
+        path = tmp_path / "kohya.toml"
+        path.write_text(
+            f'pretrained_model_name_or_path = "{model}"\nnetwork_module = "networks.lora_flux"\n'
+            f"cache_text_encoder_outputs = true\n{extra}",
+            encoding="utf-8",
+        )
+        notes: list[str] = []
+        return load_options(LoraOptions, path, notes=notes), " | ".join(notes)
+
+    o, notes = run("tiny:chroma", 'model_type = "chroma"\n')
+    assert (o.train_text_encoder, o.train_t5, o.cache_text_encoder_outputs) == (False, False, True)
+    assert "the text encoder is trained" not in notes
+    o, _ = run("tiny:chroma", 'model_type = "chroma"\nnetwork_args = ["train_t5xxl=True"]\n')
+    assert (o.train_text_encoder, o.train_t5) == (True, True)
+    o, notes = run("tiny:flux")
+    assert o.train_text_encoder is True and "the text encoder is trained unless" in notes

@@ -108,3 +108,50 @@ def test_a_kohya_flux_toml_with_these_names_loads(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_options(ConvOutOptions, path, notes=notes)
     assert "model_type = 'lumina'" in str(err.value) and "unknown" not in str(err.value)
+
+
+@pytest.mark.parametrize("cache_key", ["cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"])
+def test_kohya_text_cache_with_a_training_text_encoder_says_nothing_is_cached(tmp_path, cache_key):
+    """kohya's flux_train_network.py example sets --cache_text_encoder_outputs without
+    --network_train_unet_only: CLIP-L trains there and kohya caches T5 only; sdcore caches nothing while a
+    text encoder trains, so the run says so instead of taking the option silently."""
+    pytest.importorskip("sdplugin_lora")
+    from sdplugin_lora.method import LoraOptions
+
+    def notes_of(extra: str) -> str:
+        path = tmp_path / "kohya.toml"
+        path.write_text(
+            f'pretrained_model_name_or_path = "tiny:flux"\nnetwork_module = "networks.lora_flux"\n'
+            f"{cache_key} = true\n{extra}",
+            encoding="utf-8",
+        )
+        notes: list[str] = []
+        options = load_options(LoraOptions, path, notes=notes)
+        assert options.cache_text_encoder_outputs is True
+        return " | ".join(notes)
+
+    said = notes_of("")
+    assert "cache_text_encoder_outputs: the text encoder trains" in said
+    assert "kohya caches T5's outputs while CLIP-L trains" in said
+    assert "cache_text_encoder_outputs:" not in notes_of("network_train_unet_only = true\n")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "noted"),
+    [
+        ("[general]\nenable_bucket = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", False),
+        ("[[datasets]]\nenable_bucket = false\n[[datasets.subsets]]\nimage_dir = 'a'\n", False),
+        ("[[datasets]]\nenable_bucket = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", True),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n", True),
+    ],
+)
+def test_kohya_bucket_default_note_only_when_the_dataset_toml_leaves_it_to_the_run(tmp_path, dataset, noted):
+    """A dataset TOML's enable_bucket decides its datasets' buckets; the "buckets are off unless
+    --enable_bucket" default note appears only where some dataset falls back to the run's value."""
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(dataset, encoding="utf-8")
+    path = tmp_path / "kohya.toml"
+    path.write_text(f'pretrained_model_name_or_path = "tiny:sd1"\ndataset_config = "{toml}"\n', encoding="utf-8")
+    notes: list[str] = []
+    load_options(TrainOptions, path, notes=notes)
+    assert ("buckets are off unless --enable_bucket" in " | ".join(notes)) is noted

@@ -32,6 +32,9 @@ _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
 
 #: Files that legitimately sit beside images and are not reported as skipped.
 _SIDECAR_SUFFIXES = frozenset(CAPTION_EXTENSIONS) | {".npz", ".json", ".toml", ".yaml", ".yml", ".md", ".db", ".ini"}
+#: sdcore's own caches written beside the images (``train.text_store.store_file``: the text-encoder outputs of
+#: ``--cache-text-encoder-outputs-to-disk``), so a second run does not report them as skipped non-images
+_OWN_CACHE_RE = re.compile(r"^sdcore_text_[0-9a-f]+\.safetensors$")
 
 
 #: OneTrainer's custom conditioning image beside ``<stem>.<ext>``: ``<stem>-condlabel.png`` (its ``ModifyPath``)
@@ -882,7 +885,11 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             continue
         suffixes = subset.image_suffixes
         if not (is_image_path(path) if suffixes is None else path.suffix.lower() in suffixes):
-            if path.suffix.lower() not in _SIDECAR_SUFFIXES and path.suffix.lower() != subset.caption_extension.lower():
+            if (
+                path.suffix.lower() not in _SIDECAR_SUFFIXES
+                and path.suffix.lower() != subset.caption_extension.lower()
+                and not _OWN_CACHE_RE.match(path.name)
+            ):
                 index.skipped.append(SkippedFile(path, f"not an image (suffix '{path.suffix}')"))
             continue
         if subset.excluded_stem_suffixes and path.stem.endswith(subset.excluded_stem_suffixes):

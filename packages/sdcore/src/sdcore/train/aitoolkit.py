@@ -1438,8 +1438,10 @@ def load_datasets(
                     resolution=res,
                     buckets=bool(d.get("buckets", True)),
                     bucket_step=step,
-                    min_bucket_reso=min(base.min_bucket_reso, res),
-                    max_bucket_reso=max(base.max_bucket_reso, res),
+                    # the bucket limits stay multiples of the step, as sdcore's (kohya's) buckets need, for a
+                    # resolution that is not one (ai-toolkit takes any size: 96, 1100)
+                    min_bucket_reso=min(base.min_bucket_reso, max(res // step, 1) * step),
+                    max_bucket_reso=max(base.max_bucket_reso, -(-res // step) * step),
                     caption_prefix="",
                     caption_suffix="",
                     trigger_word=str(trigger) if trigger else "",

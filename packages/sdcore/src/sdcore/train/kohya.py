@@ -1512,6 +1512,31 @@ def family_default_targets(family: str | None = None) -> set[str]:
     return {target for table in tables for target, _, _ in table}
 
 
+def _dataset_toml_sets_buckets(data: Any) -> bool:
+    """Whether a kohya dataset TOML (``dataset_config``) sets ``enable_bucket`` for every dataset (in
+    ``[general]`` or in each ``[[datasets]]``): then the run-wide default never applies, and a note saying
+    "buckets are off" would contradict the buckets the run shows. Unreadable files say no (the dataset
+    reader reports them)."""
+    if not isinstance(data, str) or not data.lower().endswith(".toml"):
+        return False
+    import tomllib
+
+    try:
+        with open(data, "rb") as handle:
+            table = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    general = table.get("general")
+    if isinstance(general, dict) and "enable_bucket" in general:
+        return True
+    datasets = table.get("datasets")
+    return (
+        isinstance(datasets, list)
+        and bool(datasets)
+        and all(isinstance(d, dict) and "enable_bucket" in d for d in datasets)
+    )
+
+
 def kohya_defaults(
     options_fields: Iterable[str],
     given: set[str],
@@ -1545,8 +1570,14 @@ def kohya_defaults(
             continue
         if target == "train_text_encoder" and "unet_only" not in present and family in _FULL_FT_FROZEN_TE:
             continue  # full fine-tuning: train_db.py trains the text encoder, sdxl/sd3/flux_train.py do not
+        if target == "train_text_encoder" and family == "chroma" and not (given_values or {}).get("train_t5"):
+            # flux_train_network.py trains CLIP-L unless --network_train_unet_only, and T5 only with
+            # train_t5xxl: Chroma has no CLIP-L, so nothing of the text encoder trains (and its outputs cache)
+            continue
         if target == "max_steps" and "epochs" in given:
             continue
+        if target == "buckets" and _dataset_toml_sets_buckets((given_values or {}).get("data")):
+            continue  # the dataset TOML's enable_bucket decides (kohya reads the command line's only as a fallback)
         if (
             target == "cache_latents"
             and (given_values or {}).get("inpainting_masks") != "random"
@@ -1588,6 +1619,35 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
         *notes,
         f"timestep_sampling {sampling}: kohya's Flux script does not time-shift it, so discrete_flow_shift "
         f"{shift} has no effect (use timestep_sampling shift for a shifted sigmoid)",
+    ]
+
+
+def kohya_text_cache_notes(
+    values: Mapping[str, Any], origin: Mapping[str, str], fields: Collection[str], family: str | None
+) -> list[str]:
+    """A note when a kohya LoRA run asks for ``cache_text_encoder_outputs`` while its text encoder trains (kohya's
+    default without ``--network_train_unet_only``): sdcore then encodes every caption at every step and caches
+    nothing, where kohya's SD3/Flux scripts cache T5's outputs (CLIP trains) and its SDXL script refuses the pair;
+    without the note the option looks taken and the run is slower and larger than the user planned."""
+    asked = origin.get("cache_text_encoder_outputs") in (
+        "cache_text_encoder_outputs",
+        "cache_text_encoder_outputs_to_disk",
+    )
+    if not asked or "unet_only" not in fields:  # LoRA's options (DreamBooth's text encoder is frozen by default)
+        return []
+    trains = not _is_off(values.get("train_text_encoder"), _OFF) and _is_off(values.get("unet_only"), _OFF)
+    if not trains:
+        return []
+    peer = {
+        "flux": "kohya caches T5's outputs while CLIP-L trains",
+        "chroma": "kohya refuses caching with train_t5xxl",
+        "sd3": "kohya caches T5's outputs while CLIP-L/G train",
+        "sdxl": "kohya's sdxl_train_network.py refuses the pair",
+    }.get(family or "", "kohya needs --network_train_unet_only for it")
+    return [
+        "cache_text_encoder_outputs: the text encoder trains (kohya's default without --network_train_unet_only), "
+        f"so sdcore encodes the captions at every step and caches nothing ({peer}); add --network_train_unet_only "
+        "to cache them"
     ]
 
 

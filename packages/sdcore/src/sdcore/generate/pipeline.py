@@ -320,9 +320,9 @@ def is_flux_control(bundle: ModelBundle) -> bool:
     """Whether ``bundle`` is FLUX.1 Depth or Canny [dev] (``img_in`` 128 wide): it needs a control image."""
     if bundle.family != "flux" or bundle.transformer is None:
         return False
-    from ..models.flux.variants import CONTROL, bundle_variant
+    from ..models.flux.variants import bundle_variant
 
-    return bundle_variant(bundle) in CONTROL
+    return bundle_variant(bundle) == "control"
 
 
 def control_family_problem(label: str) -> str:

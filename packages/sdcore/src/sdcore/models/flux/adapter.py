@@ -151,7 +151,7 @@ class FluxAdapter:
         from .variants import require_supported
 
         # Fill without a mask and Depth/Canny without a control image: generate_images says so once it knows
-        require_supported(bundle, "generate with", inpainting=True, control=True)
+        require_supported(bundle, "generate with", given=("mask", "control image"))
         require_complete(bundle)
 
     # --- model I/O ---------------------------------------------------------------------------
@@ -305,7 +305,7 @@ class FluxAdapter:
 
         # before caching: Depth/Canny train nowhere and generate with a control image only; Fill's text encoding is
         # dev's (its mask comes with the image)
-        require_supported(bundle, "train or generate with", inpainting=True, control=control)
+        require_supported(bundle, "train or generate with", given=("mask", "control image") if control else ("mask",))
         _require(bundle, "text_encoder")
         _require(bundle, "text_encoder_2")
         clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]

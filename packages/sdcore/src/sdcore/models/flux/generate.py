@@ -96,7 +96,11 @@ def build_flux_pipeline(
         from .variants import require_fill
 
         require_fill(bundle)
-    require_supported(bundle, "generate with", inpainting=fill or conditioned, control=control)
+    require_supported(
+        bundle,
+        "generate with",
+        given=(("mask",) if fill or conditioned else ()) + (("control image",) if control else ()),
+    )
     scheduler = flow_scheduler_for(bundle, sampler, img2img=img2img)
     require_complete(bundle)
     if bundle.tokenizers[1] is None:

@@ -698,7 +698,7 @@ def read_flux_layout(path: str | os.PathLike[str], **parts: Any) -> Any:
     from .variants import TOOL_INPUTS, refuse
 
     # the pre-flight reads this before loading: FLUX.1 Depth/Canny stop here, not at the first step (Fill trains)
-    refuse(TOOL_INPUTS.get(width, f"in{width}") if width != 64 else variant, str(file), "train", inpainting=True)
+    refuse(TOOL_INPUTS.get(width, f"in{width}") if width != 64 else variant, str(file), "train", given=("mask",))
     given = {**parts, "vae": parts.get("vae") or parts.get("ae")}
     vae = vae or (part_config("vae", given["vae"]) if given["vae"] else None)
     clip = clip or (part_config("clip_l", given["clip_l"]) if given.get("clip_l") else None)

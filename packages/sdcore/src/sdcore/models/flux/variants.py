@@ -14,9 +14,9 @@ what tells them apart (the rules of diffusers' single-file detection, ``infer_di
 
 sdcore trains and samples dev, schnell and Kontext (dev's shapes; its reference images join the latents as
 tokens, :mod:`sdcore.models.flux.kontext`, and without one it makes images from text as dev does), and
-Fill when an inpainting conditioning comes with it (:data:`INPAINTING`): training builds the mask and masked
+Fill when an inpainting conditioning comes with it (:data:`TOOLS`: a mask): training builds the mask and masked
 image (:mod:`sdcore.train.inpainting`), ``sdcore generate --init-image --mask`` runs diffusers'
-``FluxFillPipeline``. Depth/Canny generate when a control image comes with the call (:data:`CONTROL`:
+``FluxFillPipeline``. Depth/Canny generate when a control image comes with the call (:data:`TOOLS`:
 ``sdcore generate --control-image``, diffusers' ``FluxControlPipeline``, :mod:`sdcore.models.flux.control`);
 sdcore does not train them (no peer does: kohya, OneTrainer, ai-toolkit and musubi-tuner have no Depth/Canny
 training), so training refuses them with one line instead of a shape error deep inside the transformer; so does
@@ -26,6 +26,8 @@ while they are applied (:func:`sdcore.models.flux.control.widen_img_in`), so the
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
@@ -42,20 +44,39 @@ PIPELINE_VARIANTS = {"FluxFillPipeline": "fill", "FluxControlPipeline": "control
                      "FluxKontextPipeline": "kontext"}  # fmt: skip
 #: the bundle metadata key where a folder's pipeline class is kept when it names one of the above
 PIPELINE_METADATA_KEY = "diffusers.pipeline"
-#: what each release sdcore cannot run is, for ``model info`` and the refusals
-UNSUPPORTED = {
-    "fill": "FLUX.1 Fill [dev] (inpainting: the masked image and mask enter with the latents, img_in 384 wide)",
-    "control": "FLUX.1 Depth or Canny [dev] (a control image enters with the latents, img_in 128 wide)",
-}
-#: the releases of :data:`UNSUPPORTED` that run when the caller gives them an inpainting conditioning (the mask
-#: and masked image): training's inpainting data, generation's ``--mask``
-INPAINTING = {
-    "fill": "sdcore trains it (a mask and masked image per sample) and generates with it (--init-image and --mask)"
-}
-#: the releases of :data:`UNSUPPORTED` that generate when the caller gives them a control image (``--control-image``)
-CONTROL = {
-    "control": "sdcore generates with it (--control-image: a depth map or canny edges made beforehand); "
-    "it does not train it"
+
+
+@dataclass(frozen=True)
+class ToolRelease:
+    """A FLUX.1 Tools release: what it is (``model info`` and the refusals), the input that must come with every
+    call of it (``needs``: the ``given=`` name callers pass to :func:`refuse`), the option that gives it at
+    generation, and whether sdcore trains it."""
+
+    what: str
+    needs: str
+    option: str
+    trains: bool
+    #: what sdcore does with it, for ``model info``
+    does: str
+
+
+#: the FLUX.1 Tools releases by variant: they run only when their extra input comes with the call
+TOOLS = {
+    "fill": ToolRelease(
+        "FLUX.1 Fill [dev] (inpainting: the masked image and mask enter with the latents, img_in 384 wide)",
+        needs="mask",
+        option="--init-image and --mask",
+        trains=True,
+        does="sdcore trains it (a mask and masked image per sample) and generates with it (--init-image and --mask)",
+    ),
+    "control": ToolRelease(
+        "FLUX.1 Depth or Canny [dev] (a control image enters with the latents, img_in 128 wide)",
+        needs="control image",
+        option="--control-image",
+        trains=False,
+        does="sdcore generates with it (--control-image: a depth map or canny edges made beforehand); it does not "
+        "train it",
+    ),
 }
 #: the releases sdcore trains and generates with, and what ``model info`` says of each
 SUPPORTED = {"dev": "dev", "schnell": "schnell",
@@ -92,23 +113,19 @@ def describe(variant: str) -> str:
     """``model info``'s variant line."""
     if variant in SUPPORTED:
         return SUPPORTED[variant]
-    if variant in INPAINTING:
-        return f"{variant}: {UNSUPPORTED[variant]}; {INPAINTING[variant]}"
-    if variant in CONTROL:
-        return f"{variant}: {UNSUPPORTED[variant]}; {CONTROL[variant]}"
-    if variant in UNSUPPORTED:
-        return f"{variant}: {UNSUPPORTED[variant]}; sdcore cannot train or generate with it yet"
+    if variant in TOOLS:
+        return f"{variant}: {TOOLS[variant].what}; {TOOLS[variant].does}"
     if variant.startswith("in"):
         return f"unknown: img_in takes {variant[2:]} channels (FLUX.1 takes {PLAIN_INPUT}); not supported"
     return variant
 
 
-def require_supported(bundle: ModelBundle, doing: str, *, inpainting: bool = False, control: bool = False) -> None:
-    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train"); ``inpainting``:
-    the caller gives an inpainting conditioning, so the :data:`INPAINTING` releases pass too; ``control``: a
-    control image comes with the call, so the :data:`CONTROL` releases pass too."""
+def require_supported(bundle: ModelBundle, doing: str, *, given: Collection[str] = ()) -> None:
+    """One clear line for a release sdcore cannot run (``doing``: "generate with", "train", "train or generate
+    with"); ``given``: the extra inputs the caller gives (``"mask"``, ``"control image"``), so the :data:`TOOLS`
+    releases needing one of them pass too."""
     if bundle.transformer is not None:
-        refuse(bundle_variant(bundle), _source(bundle), doing, inpainting=inpainting, control=control)
+        refuse(bundle_variant(bundle), _source(bundle), doing, given=given)
 
 
 def _source(bundle: ModelBundle) -> str:
@@ -133,39 +150,37 @@ def require_fill(bundle: ModelBundle) -> None:
 def require_control(bundle: ModelBundle) -> None:
     """A control image is given to a Flux transformer: it must be FLUX.1 Depth's or Canny's 128-wide one."""
     variant = bundle_variant(bundle)
-    if variant not in CONTROL:
+    if TOOLS.get(variant) is not TOOLS["control"]:
         raise ConfigError(
             f"{bundle.source or 'this model'} is FLUX.1 {variant}, not FLUX.1 Depth or Canny [dev]: it takes no "
             "control image (drop --control-image)"
         )
 
 
-def refuse(variant: str, source: str, doing: str, *, inpainting: bool = False, control: bool = False) -> None:
-    """Raise the one line for ``variant`` unless it is dev, schnell or Kontext, or (``inpainting``) one that runs
-    with an inpainting conditioning, or (``control``) one that runs with a control image (also for a file's
-    header alone: the training pre-flight's layout, before anything loads)."""
-    if variant in SUPPORTED or (inpainting and variant in INPAINTING) or (control and variant in CONTROL):
+def refuse(variant: str, source: str, doing: str, *, given: Collection[str] = ()) -> None:
+    """Raise the one line for ``variant`` unless it is dev, schnell or Kontext, or a :data:`TOOLS` release whose
+    extra input is in ``given`` (also for a file's header alone: the training pre-flight's layout, before
+    anything loads). ``doing``: "generate with", "train" or "train or generate with"."""
+    tool = TOOLS.get(variant)
+    if variant in SUPPORTED or (tool is not None and tool.needs in given):
         return
-    what = UNSUPPORTED.get(variant) or f"a Flux transformer whose img_in takes {variant[2:]} channels"
-    if variant in INPAINTING:
-        raise ConfigError(f"{source} is {what}; it needs a mask: generate with --init-image and --mask")
-    if variant in CONTROL:
-        if doing == "generate with":
-            raise ConfigError(f"{source} is {what}; it needs a control image: generate with --control-image")
-        raise ConfigError(
-            f"{source} is {what}; sdcore generates with it (--control-image) but cannot {doing.replace(' or generate with', '')} "
-            "it (no trainer sdcore follows trains FLUX.1 Depth/Canny)"
-        )
-    raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev, schnell and Kontext only)")
+    if tool is None:
+        what = f"a Flux transformer whose img_in takes {variant[2:]} channels"
+        raise ConfigError(f"{source} is {what}; sdcore cannot {doing} it yet (FLUX.1 dev, schnell and Kontext only)")
+    if tool.trains or doing == "generate with":
+        raise ConfigError(f"{source} is {tool.what}; it needs a {tool.needs}: generate with {tool.option}")
+    raise ConfigError(
+        f"{source} is {tool.what}; sdcore generates with it ({tool.option}) but cannot train it (no "
+        "trainer sdcore follows trains FLUX.1 Depth/Canny)"
+    )
 
 
 __all__ = [
-    "CONTROL",
-    "INPAINTING",
     "PIPELINE_VARIANTS",
     "SUPPORTED",
+    "TOOLS",
     "TOOL_INPUTS",
-    "UNSUPPORTED",
+    "ToolRelease",
     "describe",
     "flux_variant",
     "refuse",

@@ -1570,9 +1570,14 @@ def kohya_defaults(
             continue
         if target == "train_text_encoder" and "unet_only" not in present and family in _FULL_FT_FROZEN_TE:
             continue  # full fine-tuning: train_db.py trains the text encoder, sdxl/sd3/flux_train.py do not
-        if target == "train_text_encoder" and family == "chroma" and not (given_values or {}).get("train_t5"):
+        if (
+            target == "train_text_encoder"
+            and family == "chroma"
+            and _is_off((given_values or {}).get("train_t5"), _OFF)
+        ):
             # flux_train_network.py trains CLIP-L unless --network_train_unet_only, and T5 only with
-            # train_t5xxl: Chroma has no CLIP-L, so nothing of the text encoder trains (and its outputs cache)
+            # train_t5xxl: Chroma has no CLIP-L, so nothing of the text encoder trains (and its outputs cache);
+            # network_args values are strings here ("False" is off)
             continue
         if target == "max_steps" and "epochs" in given:
             continue

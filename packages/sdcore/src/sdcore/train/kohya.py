@@ -1649,6 +1649,8 @@ def kohya_text_cache_notes(
         "sd3": "kohya caches T5's outputs while CLIP-L/G train",
         "sdxl": "kohya's sdxl_train_network.py refuses the pair",
     }.get(family or "", "kohya needs --network_train_unet_only for it")
+    if family in ("flux", "sd3") and not _is_off(values.get("train_t5"), _OFF):
+        peer = "kohya refuses caching with train_t5xxl"  # flux_train_network.py / sd3_train_network.py
     return [
         "cache_text_encoder_outputs: the text encoder trains (kohya's default without --network_train_unet_only), "
         f"so sdcore encodes the captions at every step and caches nothing ({peer}); add --network_train_unet_only "

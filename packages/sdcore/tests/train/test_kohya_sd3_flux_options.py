@@ -174,3 +174,21 @@ def test_kohya_text_cache_note_with_train_t5xxl_says_kohya_refuses_it(tmp_path, 
     load_options(LoraOptions, path, notes=notes)
     (note,) = [n for n in notes if n.startswith("cache_text_encoder_outputs:")]
     assert "kohya refuses caching with train_t5xxl" in note and "caches T5" not in note
+
+
+def test_kohya_text_cache_note_on_sd1_says_kohya_caches_nothing_there(tmp_path):
+    """kohya's train_network.py (SD 1.x/2.x) never caches text-encoder outputs: its
+    cache_text_encoder_outputs_if_needed only moves the encoders to the device (train_network.py:224-226)."""
+    pytest.importorskip("sdplugin_lora")
+    from sdplugin_lora.method import LoraOptions
+
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        'pretrained_model_name_or_path = "tiny:sd1"\nnetwork_module = "networks.lora"\n'
+        "cache_text_encoder_outputs = true\n",
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    load_options(LoraOptions, path, notes=notes)
+    (note,) = [n for n in notes if n.startswith("cache_text_encoder_outputs:")]
+    assert "kohya's train_network.py caches nothing on SD 1.x/2.x" in note

@@ -1648,6 +1648,9 @@ def kohya_text_cache_notes(
         "chroma": "kohya refuses caching with train_t5xxl",
         "sd3": "kohya caches T5's outputs while CLIP-L/G train",
         "sdxl": "kohya's sdxl_train_network.py refuses the pair",
+        # train_network.py's cache_text_encoder_outputs_if_needed only moves the encoders: no cache on SD 1.x/2.x
+        "sd1": "kohya's train_network.py caches nothing on SD 1.x/2.x",
+        "sd2": "kohya's train_network.py caches nothing on SD 1.x/2.x",
     }.get(family or "", "kohya needs --network_train_unet_only for it")
     if family in ("flux", "sd3") and not _is_off(values.get("train_t5"), _OFF):
         peer = "kohya refuses caching with train_t5xxl"  # flux_train_network.py / sd3_train_network.py

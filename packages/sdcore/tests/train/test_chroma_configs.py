@@ -123,3 +123,23 @@ def test_kohya_lora_on_chroma_leaves_the_text_encoder_frozen_unless_train_t5xxl(
     assert (o.train_text_encoder, o.train_t5) == (True, True)
     o, notes = run("tiny:flux")
     assert o.train_text_encoder is True and "the text encoder is trained unless" in notes
+
+
+def test_kohya_lora_on_chroma_with_train_t5xxl_false_keeps_the_text_encoder_frozen(tmp_path):
+    """network_args values are strings: kohya's lora_flux.py create_network reads ``train_t5xxl = True if
+    train_t5xxl == "True" else False`` (networks/lora_flux.py:575-577), so ``train_t5xxl=False`` trains no T5, and on
+    Chroma (no CLIP-L: flux_train_network.py:50-53, 70) no text encoder at all: the T5 outputs are cached."""
+    pytest.importorskip("sdplugin_lora")
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        'pretrained_model_name_or_path = "tiny:chroma"\nmodel_type = "chroma"\nnetwork_module = "networks.lora_flux"\n'
+        'cache_text_encoder_outputs = true\nnetwork_args = ["train_t5xxl=False"]\n',
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    o = load_options(LoraOptions, path, notes=notes)
+    assert (o.train_text_encoder, o.train_t5, o.cache_text_encoder_outputs) == (False, False, True)
+    assert not [n for n in notes if "cache_text_encoder_outputs:" in n or "the text encoder is trained" in n]

@@ -155,3 +155,40 @@ def test_kohya_bucket_default_note_only_when_the_dataset_toml_leaves_it_to_the_r
     notes: list[str] = []
     load_options(TrainOptions, path, notes=notes)
     assert ("buckets are off unless --enable_bucket" in " | ".join(notes)) is noted
+
+
+@pytest.mark.parametrize(("model", "module"), [("tiny:flux", "networks.lora_flux"), ("tiny:sd3", "networks.lora_sd3")])
+def test_kohya_text_cache_note_with_train_t5xxl_says_kohya_refuses_it(tmp_path, model, module):
+    """With train_t5xxl=True kohya's FLUX.1 and SD3 LoRA scripts stop on --cache_text_encoder_outputs
+    (flux_train_network.py:196-199, sd3_train_network.py:172-175): the note says that, not that kohya caches T5."""
+    pytest.importorskip("sdplugin_lora")
+    from sdplugin_lora.method import LoraOptions
+
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        f'pretrained_model_name_or_path = "{model}"\nnetwork_module = "{module}"\ncache_text_encoder_outputs = true\n'
+        'network_args = ["train_t5xxl=True"]\n',
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    load_options(LoraOptions, path, notes=notes)
+    (note,) = [n for n in notes if n.startswith("cache_text_encoder_outputs:")]
+    assert "kohya refuses caching with train_t5xxl" in note and "caches T5" not in note
+
+
+def test_kohya_text_cache_note_on_sd1_says_kohya_caches_nothing_there(tmp_path):
+    """kohya's train_network.py (SD 1.x/2.x) never caches text-encoder outputs: its
+    cache_text_encoder_outputs_if_needed only moves the encoders to the device (train_network.py:224-226)."""
+    pytest.importorskip("sdplugin_lora")
+    from sdplugin_lora.method import LoraOptions
+
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        'pretrained_model_name_or_path = "tiny:sd1"\nnetwork_module = "networks.lora"\n'
+        "cache_text_encoder_outputs = true\n",
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    load_options(LoraOptions, path, notes=notes)
+    (note,) = [n for n in notes if n.startswith("cache_text_encoder_outputs:")]
+    assert "kohya's train_network.py caches nothing on SD 1.x/2.x" in note

@@ -189,3 +189,38 @@ def test_kohya_and_ai_toolkit_samples_render_at_their_tools_sizes():
         generations = _generations(bundle, options, prompts, {})[2]
         assert [(a["width"], a["height"]) for _, a in generations] == sizes
     assert (kohya_floor(100, 16), kohya_floor(100, 8)) == (96, 96)
+
+
+def test_the_preflight_reads_the_family_of_a_hub_id_from_the_local_cache(tmp_path, monkeypatch):
+    """A Hub id already in the local cache (how SD3/FLUX.1 are usually given) has its family read from the cached
+    configs, as ``peek_family`` reads it (``local_files_only``: no network), so kohya's ``--w 1000`` on SD3 (kohya
+    floors SD3 samples to 8 only: library/sd3_train_utils.py:513-514) is a pre-flight line there too, and a
+    Kontext reference with that model is refused as before, instead of stopping the run at its first sample."""
+    import huggingface_hub.constants as hf_constants
+    from sdcore.models.family import family_adapter
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-sd3"
+    family_adapter("sd3").create_tiny(seed=0).save(repo / "snapshots" / revision, format="diffusers")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a ring --w 1000 --h 1024\n", encoding="utf-8")
+    o = TrainOptions(model="someone/tiny-sd3", data=str(tmp_path), sample_prompts=str(prompts), sample_every=1)
+    assert [p for p in option_problems(o) if "renders sides" in p] == [
+        "--sample-prompts: sample 1 ('a ring') is 1000x1024; Stable Diffusion 3 / 3.5 renders sides that are "
+        "multiples of 16: give a size such as 992x1024"
+    ]
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
+    prompts.write_text(f"a ring --w 1024 --h 1024 --ctrl_img {tmp_path / 'ref.png'}\n", encoding="utf-8")
+    assert [p for p in option_problems(o) if "Kontext" in p] == [
+        "--sample-prompts: --ctrl_img/--ci is FLUX.1 Kontext's reference image; a sd3 model takes none"
+    ]
+    # a Hub id that is not in the cache: no family, no size line (the loader says the model is missing)
+    o = TrainOptions(model="someone/not-cached", data=str(tmp_path), sample_prompts=str(prompts), sample_every=1)
+    assert not [p for p in option_problems(o) if "renders sides" in p or "Kontext" in p]

@@ -1570,9 +1570,14 @@ def kohya_defaults(
             continue
         if target == "train_text_encoder" and "unet_only" not in present and family in _FULL_FT_FROZEN_TE:
             continue  # full fine-tuning: train_db.py trains the text encoder, sdxl/sd3/flux_train.py do not
-        if target == "train_text_encoder" and family == "chroma" and not (given_values or {}).get("train_t5"):
+        if (
+            target == "train_text_encoder"
+            and family == "chroma"
+            and _is_off((given_values or {}).get("train_t5"), _OFF)
+        ):
             # flux_train_network.py trains CLIP-L unless --network_train_unet_only, and T5 only with
-            # train_t5xxl: Chroma has no CLIP-L, so nothing of the text encoder trains (and its outputs cache)
+            # train_t5xxl: Chroma has no CLIP-L, so nothing of the text encoder trains (and its outputs cache);
+            # network_args values are strings here ("False" is off)
             continue
         if target == "max_steps" and "epochs" in given:
             continue
@@ -1643,7 +1648,12 @@ def kohya_text_cache_notes(
         "chroma": "kohya refuses caching with train_t5xxl",
         "sd3": "kohya caches T5's outputs while CLIP-L/G train",
         "sdxl": "kohya's sdxl_train_network.py refuses the pair",
+        # train_network.py's cache_text_encoder_outputs_if_needed only moves the encoders: no cache on SD 1.x/2.x
+        "sd1": "kohya's train_network.py caches nothing on SD 1.x/2.x",
+        "sd2": "kohya's train_network.py caches nothing on SD 1.x/2.x",
     }.get(family or "", "kohya needs --network_train_unet_only for it")
+    if family in ("flux", "sd3") and not _is_off(values.get("train_t5"), _OFF):
+        peer = "kohya refuses caching with train_t5xxl"  # flux_train_network.py / sd3_train_network.py
     return [
         "cache_text_encoder_outputs: the text encoder trains (kohya's default without --network_train_unet_only), "
         f"so sdcore encodes the captions at every step and caches nothing ({peer}); add --network_train_unet_only "

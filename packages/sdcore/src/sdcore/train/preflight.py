@@ -192,8 +192,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         def sample_problems() -> list[str]:
             from ..models.layout import peek_family
 
-            model = str(o.model or "")  # a header or config read, no weights; a hub id is not looked up here
-            family = peek_family(model) if model.startswith("tiny:") or Path(model).expanduser().exists() else None
+            # a header or config read, no weights: a Hub id from the local cache only (never the network), a
+            # pickle or a missing model None (no size line then; the loader reports a missing model)
+            family = peek_family(o.model) if o.model else None
             prompts = read_sample_prompts(o.sample_prompts or "", family)
             return (network_problems(prompts) + reference_problems(prompts, family) + inpaint_image_problems(prompts)
                     + size_problems(prompts, family, o.resolution))  # fmt: skip

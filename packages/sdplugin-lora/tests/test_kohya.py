@@ -6,6 +6,7 @@ The configs in ``data/kohya`` are written the way kohya's tools write them (see 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -151,6 +152,10 @@ def test_kohya_gui_flat_toml_runs(tmp_path, kohya_data):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["mychar-000001.safetensors", "mychar.safetensors"]
     samples = sorted(p.name for p in (out / "mychar-samples").iterdir())
     assert samples == ["final.png"]
+    # and each prompt alone where kohya puts it: output_dir/sample/<output_name>_<step>_<line>_<time>_<--d>.png
+    images = sorted(p.name for p in (out / "sample").iterdir())
+    assert len(images) == 2 and all(re.fullmatch(rf"mychar_\d{{6}}_0{i}_\d{{14}}_{i + 1}\.png", n) for i, n in
+                                    enumerate(images)), images  # fmt: skip
 
 
 def test_sections_toml_with_lycoris_and_dataset_config(tmp_path, kohya_data):

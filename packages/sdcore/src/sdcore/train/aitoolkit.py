@@ -83,7 +83,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "walk_seed": False,
         "guidance_scale": 7,
-        "sample_steps": 20,
+        "sample_steps": 20,  # ai-toolkit 27a03a9 toolkit/config_modules.py:90 (a sample's own: :57)
         "network_multiplier": 1,
         "guidance_rescale": 0.0,
         "format": "jpg",

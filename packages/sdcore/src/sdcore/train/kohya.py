@@ -800,6 +800,8 @@ KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("train_text_encoder", True, "the text encoder is trained unless --network_train_unet_only"),
     ("buckets", False, "buckets are off unless --enable_bucket"),
     ("max_steps", 1600, "max_train_steps defaults to 1600"),
+    # sd-scripts 48d368f library/train_util.py:6506 (sample_image_inference: prompt_dict.get("sample_steps", 30))
+    ("sample_steps", 30, "sample images take 30 steps where a prompt gives no --s"),
     (
         "cache_latents",
         False,
@@ -1581,6 +1583,8 @@ def kohya_defaults(
             continue
         if target == "max_steps" and "epochs" in given:
             continue
+        if target == "sample_steps" and not (given_values or {}).get("sample_prompts"):
+            continue  # no samples: nothing to say
         if target == "buckets" and _dataset_toml_sets_buckets((given_values or {}).get("data")):
             continue  # the dataset TOML's enable_bucket decides (kohya reads the command line's only as a fallback)
         if (

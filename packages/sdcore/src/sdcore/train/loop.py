@@ -546,7 +546,7 @@ class TrainSession:
         if o.save_n_epoch_ratio:
             self.say(f"save_n_epoch_ratio {o.save_n_epoch_ratio}: saving every {self.save_every_epochs} epoch(s)")
         if o.sample_at_first:  # kohya's --sample_at_first: the model as it starts, before any update
-            self.render_samples(f"step{pos.step:08d}")
+            self.render_samples(f"step{pos.step:08d}", epoch=pos.epoch if pos.batch == 0 else None)
         self.progress.open_bar(total=self.total_steps, initial=pos.step)
         self.batches.start_prefetching()
         try:
@@ -621,7 +621,7 @@ class TrainSession:
         if self.save_every_epochs and pos.epoch % self.save_every_epochs == 0 and not last:
             self.save_checkpoint(epoch=pos.epoch)
         if o.sample_every_epochs and pos.epoch % o.sample_every_epochs == 0 and not last:
-            self.render_samples(f"epoch{pos.epoch:06d}")
+            self.render_samples(f"epoch{pos.epoch:06d}", epoch=pos.epoch)
 
     def _finish(self) -> TrainResult:
         from .validation import should_validate_epoch
@@ -632,7 +632,9 @@ class TrainSession:
             self.validate("epoch")
         with self.evaluating():  # kohya: a schedule-free optimizer ends in eval mode, the weights saved
             if o.sample_prompts and not (o.sample_every and self.position.step % o.sample_every == 0):
-                self.render_samples("final")
+                # named by its epoch where the run samples by epochs and ended at one's end, as kohya's last
+                by_epochs = bool(o.sample_every_epochs) and not o.sample_every and self.position.batch == 0
+                self.render_samples("final", epoch=self.position.epoch if by_epochs else None)
             if o.save_state:
                 self.save_state()
             with self.ema_applied(), self._during("saving"):  # --ema: the average is the result
@@ -675,10 +677,12 @@ class TrainSession:
                 ema=self.ema,
             )
 
-    def render_samples(self, tag: str) -> Path | None:
-        """Render the sample prompts into ``<output stem>-samples/<tag>.png`` (main process)."""
+    def render_samples(self, tag: str, *, epoch: int | None = None) -> Path | None:
+        """Render the sample prompts into ``<output stem>-samples/<tag>.png`` and, one PNG each, into kohya's
+        ``sample/`` beside the result (main process); ``epoch``: kohya's, for the images' names
+        (:func:`.sampling.kohya_sample_name`)."""
         from .checkpoints import samples_dir
-        from .sampling import render_samples
+        from .sampling import KOHYA_SAMPLE_FOLDER, render_samples
 
         with self._during("sampling"), self.result_weights():  # every process switches: the weights stay equal
             if not self.is_main:
@@ -693,6 +697,9 @@ class TrainSession:
                 step=self.position.step,
                 say=self.say,
                 conditioning=self.text_cache.sample_conditioning if self.text_cache is not None else None,
+                epoch=epoch,
+                images_folder=self.state_root.parent / KOHYA_SAMPLE_FOLDER,
+                output_name=self.state_root.name[: -len("-state")],
             )
 
     # -- errors -----------------------------------------------------------------------------------

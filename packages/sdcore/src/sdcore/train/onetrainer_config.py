@@ -148,6 +148,8 @@ SAMPLE_FIELDS = frozenset(
      "base_image_path", "mask_image_path"}
 )  # fmt: skip
 #: ``SampleConfig._get_model_defaults``: (width, height, diffusion_steps, cfg_scale, noise_scheduler) per family
+#: (OneTrainer 23df383 modules/util/config/SampleConfig.py:13-19 without a model, then sd1 :25-31, sd2 :33-39,
+#: sdxl :41-47, sd3 :49-54, flux :56-61, chroma :63-73; every sample takes them, SampleConfig.py:214)
 SAMPLE_MODEL_DEFAULTS: dict[str | None, tuple[int, int, int, float, str]] = {
     None: (512, 512, 30, 7.0, "DDIM"),
     "sd1": (512, 512, 30, 7.5, "EULER_A"),

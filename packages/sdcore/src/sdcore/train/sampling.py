@@ -1,13 +1,21 @@
 """Sample images during training: ``--sample-prompts`` (one prompt or a kohya-style prompt file,
-see :mod:`.sample_prompts`) rendered into a grid every ``--sample-every`` steps /
-``--sample-every-epochs`` epochs (and once at the end) as ``<result stem>-samples/<tag>.png``,
-with A1111 infotext in the PNG (:mod:`.sample_info`). With cached text-encoder outputs the sample
-prompts are encoded once at caching time (:func:`encode_sample_prompts`) and renders leave the text
-encoders on the CPU."""
+see :mod:`.sample_prompts`) rendered every ``--sample-every`` steps / ``--sample-every-epochs`` epochs
+(and once at the end), with A1111 infotext in the PNGs (:mod:`.sample_info`), written twice:
+
+- one PNG per prompt, named and placed as kohya sd-scripts names its samples (:func:`kohya_sample_name`,
+  ``sample/`` beside the result), each with its own infotext as ``sdcore generate`` writes it, so A1111's
+  PNG Info or ``sdcore generate --from-png`` renders it again;
+- the grid of every prompt as ``<result stem>-samples/<tag>.png`` (sdcore's earlier and only output, kept
+  for those who read it).
+
+Neither overwrites a file already there (a resumed run rendering a step again): :func:`free_path`.
+With cached text-encoder outputs the sample prompts are encoded once at caching time
+(:func:`encode_sample_prompts`) and renders leave the text encoders on the CPU."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +28,39 @@ if TYPE_CHECKING:
     from .sample_prompts import SamplePrompt
 
 log = logging.getLogger("sdcore.train")
+
+#: the folder beside the result where kohya writes its sample images (sd-scripts 48d368f
+#: library/train_util.py:6438, ``save_dir = args.output_dir + "/sample"``)
+KOHYA_SAMPLE_FOLDER = "sample"
+
+
+def kohya_sample_name(
+    output_name: str | None, *, step: int, epoch: int | None, index: int, seed: int | None, when: time.struct_time
+) -> str:
+    """The file name kohya gives a sample image (sd-scripts 48d368f library/train_util.py:6572-6576,
+    ``sample_image_inference``): ``<output_name>_<e + epoch (6 digits) | step (6 digits)>_<index (2 digits)>_
+    <local time YYYYmmddHHMMSS>[_<seed>].png``. ``epoch`` is kohya's: given for the renders at an epoch's end
+    (the epoch just ended) and for ``--sample_at_first`` (0), None for the step renders; ``index`` is the
+    prompt's place in the file (from 0); ``seed`` is the prompt's own (``--d``), kohya writes none without one."""
+    prefix = "" if output_name is None else f"{output_name}_"
+    number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    suffix = "" if seed is None else f"_{seed}"
+    return f"{prefix}{number}_{index:02d}_{time.strftime('%Y%m%d%H%M%S', when)}{suffix}.png"
+
+
+def free_path(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3`` ... when it is taken: a resumed run that renders a step (or
+    ``final``) again keeps the earlier run's images."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def _clock() -> time.struct_time:
+    """The local time a sample's kohya name carries (kohya's ``time.localtime()``; a test fixes it)."""
+    return time.localtime()
 
 
 def sample_prompt_list(options: TrainOptions, family: str | None = None) -> list[SamplePrompt]:
@@ -132,8 +173,13 @@ def render_samples(
     step: int,
     say: Any = log.info,
     conditioning: ConditioningMemo | None = None,
+    epoch: int | None = None,
+    images_folder: Path | None = None,
+    output_name: str | None = None,
 ) -> Path | None:
-    """Render the sample prompts with the model as it trains into ``folder/<tag>.png`` (a grid).
+    """Render the sample prompts with the model as it trains into ``folder/<tag>.png`` (a grid) and, with
+    ``images_folder``, each image alone there under kohya's name (:func:`kohya_sample_name` with
+    ``output_name``, ``step`` and ``epoch``). Returns the grid's path.
 
     Modules the caches moved off ``device`` come back for the render and go back to the CPU afterwards:
     the VAE, and the text encoders unless ``conditioning`` (:func:`encode_sample_prompts`) holds every
@@ -212,13 +258,36 @@ def render_samples(
     finally:
         for module in moved:
             module.to("cpu")
-    path = folder / f"{tag}.png"
-    write_grid(
-        images,
-        path,
-        sample_infotexts(options, step, calls, defaults, images, extra, distilled=distilled, bundle=bundle),
-    )
+    infotexts = sample_infotexts(options, step, calls, defaults, images, extra, distilled=distilled, bundle=bundle)
+    if images_folder is not None:
+        write_images(images, prompts, infotexts, images_folder, output_name, step=step, epoch=epoch)
+    path = free_path(folder / f"{tag}.png")
+    write_grid(images, path, infotexts)
     return path
+
+
+def write_images(
+    images: list[Any],
+    prompts: list[SamplePrompt],
+    infotexts: list[str],
+    folder: Path,
+    output_name: str | None,
+    *,
+    step: int,
+    epoch: int | None,
+) -> list[Path]:
+    """Each sample image as its own PNG in ``folder`` under kohya's name, with its own infotext (the
+    ``parameters`` chunk ``sdcore generate`` writes), atomically and with the umask's mode; ``images`` are in
+    the prompts' order (:func:`_generations` keeps it)."""
+    from ..generate.pnginfo import save_png
+
+    when = _clock()
+    paths = []
+    for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
+        name = kohya_sample_name(output_name, step=step, epoch=epoch, index=index, seed=prompt.seed, when=when)
+        text = infotexts[index] if index < len(infotexts) else None
+        paths.append(save_png(image, free_path(folder / name), text))
+    return paths
 
 
 def write_grid(images: list[Any], path: Path, infotexts: list[str] | None = None) -> None:

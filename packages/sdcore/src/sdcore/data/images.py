@@ -165,6 +165,15 @@ def raw_rgba(image: PILImage.Image) -> PILImage.Image:
     return to_rgb(image).convert("RGBA")
 
 
+def file_identity(path: str | os.PathLike[str] | None) -> tuple[str, int, int] | None:
+    """``(resolved path, mtime, size)`` of a file beside a training image (its mask, control image, conditioning
+    image), the part of a latent cache key that makes an edited, replaced or removed file re-encode; None for none."""
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 def open_upright(source: str | os.PathLike[str] | PILImage.Image, what: str) -> PILImage.Image:
     """A generation input (the init image, a mask, a Kontext reference, a Depth/Canny control image) in its own mode,
     for the caller's reading rule: a PIL image as it is; a file decoded and turned upright by its EXIF orientation,

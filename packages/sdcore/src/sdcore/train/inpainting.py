@@ -190,12 +190,10 @@ def conditioning_pixels(entry: ImageEntry, assignment: BucketAssignment, pixels:
 
 
 def conditioning_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
-    """``(path, mtime, size)`` of ``entry``'s custom conditioning image (a latent cache key part), None without."""
-    path = conditioning_image_path(entry)
-    if path is None:
-        return None
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    """``entry``'s custom conditioning image as a latent cache key part (None without one)."""
+    from ..data.images import file_identity
+
+    return file_identity(conditioning_image_path(entry))
 
 
 def latent_mask(mask: Any, latent_size: tuple[int, int], kind: str) -> Any:
@@ -233,17 +231,12 @@ def unmasked_draw(seed: int, probability: float) -> bool:
 
 
 def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
-    """``(path, mtime, size)`` of the sample's mask file (part of an inpainting latent cache key: an edited mask
-    re-encodes the masked image); None without a mask file."""
-    from pathlib import Path
-
+    """The sample's mask file as part of an inpainting latent cache key (an edited mask re-encodes the masked
+    image); None without a mask file."""
+    from ..data.images import file_identity
     from .data import mask_image_path
 
-    path = mask_image_path(entry)
-    if path is None:
-        return None
-    stat = Path(path).stat()
-    return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    return file_identity(mask_image_path(entry))
 
 
 def _sample_prompts(options: TrainOptions) -> list[SamplePrompt]:

@@ -63,12 +63,10 @@ def control_image_path(entry: ImageEntry) -> Path | None:
 
 
 def control_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
-    """``(path, mtime, size)`` of ``entry``'s control image (a latent cache key part), None without one."""
-    path = control_image_path(entry)
-    if path is None:
-        return None
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    """``entry``'s control image as a latent cache key part (None without one)."""
+    from ..data.images import file_identity
+
+    return file_identity(control_image_path(entry))
 
 
 def load_control_pixels(

@@ -279,3 +279,22 @@ def test_kohya_sample_steps_per_family(family):
     assert values["sample_steps"] == KOHYA_SAMPLE_STEPS[family]
     values, _ = kohya_defaults(fields, set(), {}, family=family)
     assert "sample_steps" not in values  # no samples: nothing to say
+
+
+# the sampler a kohya line renders with where it gives no --ss: --sample_sampler, default "ddim" (sd-scripts 48d368f
+# library/train_util.py:4197-4199, read at :6513) on SD 1.x/2.x/SDXL; SD3 and FLUX.1/Chroma sample with their own
+# Euler whatever is set (sd3_train_utils.py:495 and flux_train_utils.py:163 leave sample_sampler commented out)
+KOHYA_SAMPLER = {"sd1": "ddim", "sd2": "ddim", "sdxl": "ddim", "sd3": None, "flux": None, "chroma": None, None: None}
+
+
+@pytest.mark.parametrize("family", list(KOHYA_SAMPLER))
+def test_kohya_sample_sampler_per_family(family):
+    from sdcore.train.kohya import kohya_defaults
+    from sdcore.train.options import TrainOptions
+
+    fields = [f.name for f in dataclasses.fields(TrainOptions)]
+    values, _ = kohya_defaults(fields, {"sample_prompts"}, {"sample_prompts": "p.txt"}, family=family)
+    assert values.get("sample_sampler") == KOHYA_SAMPLER[family]
+    values, _ = kohya_defaults(fields, {"sample_prompts", "sample_sampler"}, {"sample_prompts": "p.txt"}, family=family)
+    assert "sample_sampler" not in values  # a given one stays
+    assert "sample_sampler" not in kohya_defaults(fields, set(), {}, family=family)[0]

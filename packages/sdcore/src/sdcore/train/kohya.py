@@ -831,6 +831,12 @@ KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         ("guidance_scale", 0.0, "chroma: guidance_scale 0.0 (kohya's docs require it)"),
         ("sample_steps", 20, "chroma: sample images take 20 steps where a prompt gives no --s"),  # as flux
     ),
+    # train_util.py's sample_image_inference (SD 1.x/2.x, SDXL) uses --sample_sampler, whose default is ddim
+    # (sd-scripts 48d368f library/train_util.py:4197-4199, :6513); kohya's SD3/FLUX.1 samples ignore it
+    **{
+        family: (("sample_sampler", "ddim", f"{family}: sample images use the ddim sampler unless --ss"),)
+        for family in ("sd1", "sd2", "sdxl")
+    },
     "sd3": (
         # sd3_train_utils.get_noisy_model_input_and_timesteps: u from weighting_scheme's density, shifted by
         # training_shift, floored to an integer timestep in [min_timestep, max_timestep) (sigma = t / 1000)
@@ -1566,7 +1572,7 @@ def kohya_defaults(
             continue
         if target == "min_timestep" and "max_timestep" in given:
             continue  # the range is on already
-        if target == "sample_steps" and not (given_values or {}).get("sample_prompts"):
+        if target in ("sample_steps", "sample_sampler") and not (given_values or {}).get("sample_prompts"):
             continue  # no samples: nothing to say
         if target == "timestep_sampling" and family == "sd3":
             scheme = str((given_values or {}).get("weighting_scheme", "uniform"))

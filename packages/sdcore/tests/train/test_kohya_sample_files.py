@@ -221,3 +221,80 @@ def test_kohya_sample_name_rule_for_a_missing_output_name():
     assert sampling.kohya_sample_name(None, step=3, epoch=None, index=12, seed=None, when=NOW) == kohya_name(
         None, None, 3, 12, None
     )
+
+
+# -- kohya's render points and per-family defaults ----------------------------------------------------------------
+
+
+def test_a_run_ending_mid_epoch_names_its_last_render_by_the_epoch(tmp_path, fixed_clock):
+    """kohya's step loop only ``break``s at max_train_steps (sd-scripts 48d368f train_network.py:1605-1606); the
+    end-of-epoch code still runs and renders with ``epoch + 1`` (:1707), so a run sampling by epochs that stops
+    inside its last epoch (num_train_epochs = ceil(max_train_steps / steps per epoch), :979) names that render by
+    the epoch it stopped in."""
+    o = contract_options(
+        ConvOutMethod,
+        tmp_path,
+        {"max_steps": 3, "sample_every_epochs": 1, "sample_prompts": _prompts(tmp_path, "a red thing\n"),
+         "sample_steps": 1},
+    )  # fmt: skip
+    train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"))  # 2 steps an epoch: step 3 is inside epoch 2
+    names = sorted(p.name for p in (tmp_path / "run" / "sample").iterdir())
+    assert names == [kohya_name("result", 1, 2, 0, None), kohya_name("result", 2, 3, 0, None)]
+
+
+def test_kohya_ignores_sample_every_n_steps_beside_sample_every_n_epochs(tmp_path):
+    """sd-scripts 48d368f library/train_util.py:6381-6384 (and flux_train_utils.py:52-55, sd3_train_utils.py
+    :391-394): with sample_every_n_epochs set, sample_every_n_steps is not looked at (a render only at epochs)."""
+    from sdcore.train.config import load_options
+    from sdcore.train.options import TrainOptions
+
+    prompts = _prompts(tmp_path)
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text(f'sample_prompts = "{prompts}"\nsample_every_n_steps = 10\nsample_every_n_epochs = 2\n')
+    notes: list[str] = []
+    o = load_options(TrainOptions, kohya, notes=notes)
+    assert (o.sample_every, o.sample_every_epochs) == (None, 2)
+    assert any("sample_every_n_steps is ignored" in n for n in notes)
+    kohya.write_text(f'sample_prompts = "{prompts}"\nsample_every_n_steps = 10\n')
+    assert load_options(TrainOptions, kohya, notes=[]).sample_every == 10  # alone it counts
+    own = tmp_path / "own.toml"  # sdcore's own names render at both
+    own.write_text(f'sample_prompts = "{prompts}"\nsample_every = 10\nsample_every_epochs = 2\n')
+    o = load_options(TrainOptions, own, notes=[])
+    assert (o.sample_every, o.sample_every_epochs) == (10, 2)
+
+
+# a sample line's steps when it gives none, per kohya script: train_util.py:6506 sample_image_inference (SD 1.x/2.x,
+# SDXL through sdxl_train_util.sample_images), sd3_train_utils.py:487 (SD3), flux_train_utils.py:155 (FLUX.1 and
+# Chroma, flux_train_network.py); sd-scripts 48d368f
+KOHYA_SAMPLE_STEPS = {None: 30, "sd1": 30, "sd2": 30, "sdxl": 30, "sd3": 30, "flux": 20, "chroma": 20}
+
+
+@pytest.mark.parametrize("family", list(KOHYA_SAMPLE_STEPS))
+def test_kohya_sample_steps_per_family(family):
+    from sdcore.train.kohya import kohya_defaults
+    from sdcore.train.options import TrainOptions
+
+    fields = [f.name for f in dataclasses.fields(TrainOptions)]
+    values, _ = kohya_defaults(fields, {"sample_prompts"}, {"sample_prompts": "p.txt"}, family=family)
+    assert values["sample_steps"] == KOHYA_SAMPLE_STEPS[family]
+    values, _ = kohya_defaults(fields, set(), {}, family=family)
+    assert "sample_steps" not in values  # no samples: nothing to say
+
+
+# the sampler a kohya line renders with where it gives no --ss: --sample_sampler, default "ddim" (sd-scripts 48d368f
+# library/train_util.py:4197-4199, read at :6513) on SD 1.x/2.x/SDXL; SD3 and FLUX.1/Chroma sample with their own
+# Euler whatever is set (sd3_train_utils.py:495 and flux_train_utils.py:163 leave sample_sampler commented out)
+KOHYA_SAMPLER = {"sd1": "ddim", "sd2": "ddim", "sdxl": "ddim", "sd3": None, "flux": None, "chroma": None, None: None}
+
+
+@pytest.mark.parametrize("family", list(KOHYA_SAMPLER))
+def test_kohya_sample_sampler_per_family(family):
+    from sdcore.train.kohya import kohya_defaults
+    from sdcore.train.options import TrainOptions
+
+    fields = [f.name for f in dataclasses.fields(TrainOptions)]
+    values, _ = kohya_defaults(fields, {"sample_prompts"}, {"sample_prompts": "p.txt"}, family=family)
+    assert values.get("sample_sampler") == KOHYA_SAMPLER[family]
+    values, _ = kohya_defaults(fields, {"sample_prompts", "sample_sampler"}, {"sample_prompts": "p.txt"}, family=family)
+    assert "sample_sampler" not in values  # a given one stays
+    assert "sample_sampler" not in kohya_defaults(fields, set(), {}, family=family)[0]

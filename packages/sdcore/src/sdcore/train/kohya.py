@@ -819,6 +819,8 @@ KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         ("model_prediction_type", "sigma_scaled", "flux: model_prediction_type defaults to sigma_scaled"),
         ("discrete_flow_shift", 3.0, "flux: discrete_flow_shift defaults to 3.0"),
         ("guidance_scale", 3.5, "flux: guidance_scale defaults to 3.5"),
+        # sd-scripts 48d368f library/flux_train_utils.py:155 (sample_image_inference: .get("sample_steps", 20))
+        ("sample_steps", 20, "flux: sample images take 20 steps where a prompt gives no --s"),
     ),
     # flux_train_network.py --model_type chroma: the same script defaults; guidance 0 as kohya's docs require
     # (sdcore's Chroma transformer gets 0 whatever is set: diffusers' ChromaTransformer2DModel has no guidance input)
@@ -827,7 +829,14 @@ KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         ("model_prediction_type", "sigma_scaled", "chroma: model_prediction_type defaults to sigma_scaled"),
         ("discrete_flow_shift", 3.0, "chroma: discrete_flow_shift defaults to 3.0"),
         ("guidance_scale", 0.0, "chroma: guidance_scale 0.0 (kohya's docs require it)"),
+        ("sample_steps", 20, "chroma: sample images take 20 steps where a prompt gives no --s"),  # as flux
     ),
+    # train_util.py's sample_image_inference (SD 1.x/2.x, SDXL) uses --sample_sampler, whose default is ddim
+    # (sd-scripts 48d368f library/train_util.py:4197-4199, :6513); kohya's SD3/FLUX.1 samples ignore it
+    **{
+        family: (("sample_sampler", "ddim", f"{family}: sample images use the ddim sampler unless --ss"),)
+        for family in ("sd1", "sd2", "sdxl")
+    },
     "sd3": (
         # sd3_train_utils.get_noisy_model_input_and_timesteps: u from weighting_scheme's density, shifted by
         # training_shift, floored to an integer timestep in [min_timestep, max_timestep) (sigma = t / 1000)
@@ -1077,6 +1086,10 @@ def _composites(
         if items.get(name) and not items.get("sample_prompts") and target in out.values:
             out.values.pop(target)
             out.notes.append(f"{name} without sample_prompts: no sample images (as in kohya)")
+    if items.get("sample_every_n_steps") and items.get("sample_every_n_epochs") and "sample_every" in out.values:
+        # sd-scripts 48d368f library/train_util.py:6381-6384 (flux/sd3_train_utils the same): epochs decide alone
+        out.values.pop("sample_every")
+        out.notes.append("sample_every_n_steps is ignored beside sample_every_n_epochs (as in kohya)")
     if items.get("sample_at_first") and not items.get("sample_prompts") and "sample_at_first" in out.values:
         out.values.pop("sample_at_first")  # kohya stops on the missing prompt file at its first render
         out.notes.append("sample_at_first without sample_prompts: no sample images")
@@ -1559,6 +1572,8 @@ def kohya_defaults(
             continue
         if target == "min_timestep" and "max_timestep" in given:
             continue  # the range is on already
+        if target in ("sample_steps", "sample_sampler") and not (given_values or {}).get("sample_prompts"):
+            continue  # no samples: nothing to say
         if target == "timestep_sampling" and family == "sd3":
             scheme = str((given_values or {}).get("weighting_scheme", "uniform"))
             value = _SD3_DENSITIES.get(scheme, "uniform")
@@ -1566,8 +1581,8 @@ def kohya_defaults(
         values[target] = value
         applied.append(why)
     for target, value, why in KOHYA_DEFAULTS:
-        if target not in present or target in given:
-            continue
+        if target not in present or target in given or target in values:
+            continue  # (a family's own default wins)
         if target == "train_text_encoder" and {"unet_only", "te_only"} & given:
             continue
         if target == "train_text_encoder" and "unet_only" not in present and family in _FULL_FT_FROZEN_TE:

@@ -632,9 +632,13 @@ class TrainSession:
             self.validate("epoch")
         with self.evaluating():  # kohya: a schedule-free optimizer ends in eval mode, the weights saved
             if o.sample_prompts and not (o.sample_every and self.position.step % o.sample_every == 0):
-                # named by its epoch where the run samples by epochs and ended at one's end, as kohya's last
-                by_epochs = bool(o.sample_every_epochs) and not o.sample_every and self.position.batch == 0
-                self.render_samples("final", epoch=self.position.epoch if by_epochs else None)
+                # named by its epoch where the run samples by epochs, as kohya's last: its step loop only breaks
+                # at max_train_steps and the epoch's end renders with the epoch it stopped in (train_network.py
+                # :1605, :1707), so a run ending inside an epoch names that epoch (one more than those ended)
+                pos = self.position
+                by_epochs = bool(o.sample_every_epochs) and not o.sample_every
+                epoch = pos.epoch + (1 if pos.batch > 0 else 0)
+                self.render_samples("final", epoch=epoch if by_epochs else None)
             if o.save_state:
                 self.save_state()
             with self.ema_applied(), self._during("saving"):  # --ema: the average is the result

@@ -23,6 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sdcore.generate.pipeline")
 
+from inpaint_images import picture as _picture  # noqa: E402
+from inpaint_images import rule_mask as _mask  # noqa: E402
 from PIL import Image  # noqa: E402
 from runtime_methods import ConvOutMethod  # noqa: E402
 from sdcore.testing.contract import contract_options  # noqa: E402
@@ -46,22 +48,6 @@ class _Plain(ConvOutMethod):
 
     def sampling(self, bundle):
         return contextlib.nullcontext({})
-
-
-def _picture(path: Path, width: int = 50, height: int = 30) -> Path:
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _mask(path: Path, width: int = 50, height: int = 30) -> Path:
-    """A hole, a faint grey patch (in OneTrainer's packed mask, not in its cut) and a one-pixel line (gone after
-    the box average)."""
-    values = np.zeros((height, width), dtype=np.uint8)
-    values[8:20, 10:26] = 255
-    values[2:6, 38:46] = 12
-    values[24, 30:48] = 255
-    Image.fromarray(values, mode="L").save(path)
-    return path
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:

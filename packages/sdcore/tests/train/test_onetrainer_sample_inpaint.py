@@ -19,6 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sdcore.generate.pipeline")
 
+from inpaint_images import picture as _picture  # noqa: E402
+from inpaint_images import rule_mask as _mask  # noqa: E402
 from PIL import Image  # noqa: E402
 from runtime_methods import ConvOutMethod  # noqa: E402
 from sdcore.errors import ConfigError  # noqa: E402
@@ -27,22 +29,6 @@ from sdcore.train.onetrainer_config import read_sample_prompts  # noqa: E402
 from sdcore.train.options import TrainOptions  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _picture(path: Path, width: int = 50, height: int = 30) -> Path:
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def _mask(path: Path, width: int = 50, height: int = 30) -> Path:
-    """A hole (a white box), a faint grey patch (a trace: in OneTrainer's latent mask, not in its pixel hole) and
-    a one-pixel white line (gone after the 5x5 box average), so each rule differs from a plain cut at 0.5."""
-    values = np.zeros((height, width), dtype=np.uint8)
-    values[8:20, 10:26] = 255
-    values[2:6, 38:46] = 12
-    values[24, 30:48] = 255
-    Image.fromarray(values, mode="L").save(path)
-    return path
 
 
 def _inpainting_sd1():

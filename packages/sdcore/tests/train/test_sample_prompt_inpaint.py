@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sdcore.generate.pipeline")
 
+from inpaint_images import picture as _picture  # noqa: E402
 from PIL import Image  # noqa: E402
 from runtime_methods import ConvOutMethod  # noqa: E402
 from sdcore.errors import ConfigError  # noqa: E402
@@ -25,11 +25,6 @@ from sdcore.train.options import TrainOptions  # noqa: E402
 from sdcore.train.sample_prompts import generation_calls, parse_prompt_file, parse_prompt_line  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _picture(path: Path, width: int = 50, height: int = 30) -> Path:
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def _inpainting_sd1():

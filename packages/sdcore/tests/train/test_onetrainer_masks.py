@@ -238,6 +238,23 @@ def test_data_check_counts_masks(tmp_path):
     assert check_dataset(preset).masks == 2
 
 
+def test_a_preset_as_data_pairs_its_conditioning_images(tmp_path):
+    """A training preset with custom_conditioning_image given as --data (or to `sdcore data check`) pairs each
+    image's -condlabel.png as the run would (OneTrainer reads them with the preset's setting); its concepts
+    file alone, or the preset with the switch off, pairs none."""
+    from sdcore.data.dataset import CONDITIONING_SUFFIX
+    from sdcore.data.onetrainer import load_concepts
+
+    cfg, _, _ = _masked_concepts(tmp_path)
+    preset = tmp_path / "preset.json"
+    fields = {"training_method": "LORA", "model_type": "STABLE_DIFFUSION_15_INPAINTING"}
+    for on, want in ((True, CONDITIONING_SUFFIX), (False, None)):
+        body = {**fields, "custom_conditioning_image": on, "concept_file_name": str(cfg)}
+        preset.write_text(json.dumps(body), encoding="utf-8")
+        assert [s.conditioning_suffix for s in load_concepts(preset)] == [want]
+    assert [s.conditioning_suffix for s in load_concepts(cfg)] == [None]
+
+
 def test_preflight_problems_of_the_mask_options(tmp_path):
     from sdcore.testing.datasets import make_tiny_dataset
     from sdcore.train.preflight import run_preflight

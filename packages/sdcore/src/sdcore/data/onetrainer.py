@@ -346,7 +346,7 @@ def load_concepts(
     raised at once as :class:`~sdcore.data.dataset.DatasetProblems`; disabled concepts and
     ignored keys are added to ``skipped`` as notes.
     """
-    from .dataset import DatasetProblems, SkippedFile, SubsetOptions, subset_defaults
+    from .dataset import CONDITIONING_SUFFIX, DatasetProblems, SkippedFile, SubsetOptions, subset_defaults
 
     path = Path(path)
     raw_list, source = concepts_of(path)
@@ -355,6 +355,8 @@ def load_concepts(
     subsets: list[SubsetOptions] = []
     base = subset_defaults(defaults)
     masked = bool(defaults is not None and defaults.masked_loss) or preset_is_masked(path)
+    if base.get("conditioning_suffix") is None and preset_sets(path, "custom_conditioning_image"):
+        base = {**base, "conditioning_suffix": CONDITIONING_SUFFIX}
     for i, raw in enumerate(raw_list):
         try:
             concept = _concept(raw, f"concept {i}", notes)
@@ -625,14 +627,21 @@ def caption_problems(index: DatasetIndex) -> list[str]:
     ]
 
 
-def preset_is_masked(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a OneTrainer training preset with ``masked_training`` on (quietly ``False`` for a
-    concepts file or anything unreadable), so ``sdcore data check`` pairs the masks a run would use."""
+def preset_sets(path: str | os.PathLike[str], key: str) -> bool:
+    """Whether ``path`` is a OneTrainer training preset with the switch ``key`` on (quietly ``False`` for a
+    concepts file or anything unreadable): a preset given as ``--data`` (or to ``sdcore data check``) pairs
+    the files its own settings make a run read (``masked_training``: ``-masklabel.png`` masks;
+    ``custom_conditioning_image``: ``-condlabel.png`` conditioning images)."""
     try:
         data = _read_json(Path(path))
     except DataError:
         return False
-    return isinstance(data, dict) and data.get("masked_training") is True
+    return isinstance(data, dict) and data.get(key) is True
+
+
+def preset_is_masked(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a OneTrainer training preset with ``masked_training`` on."""
+    return preset_sets(path, "masked_training")
 
 
 def mask_counts(index: DatasetIndex) -> tuple[int, list[Path]] | None:
@@ -681,6 +690,7 @@ __all__ = [
     "load_concepts",
     "mask_counts",
     "preset_is_masked",
+    "preset_sets",
     "resolve_path",
     "samples_per_epoch",
 ]

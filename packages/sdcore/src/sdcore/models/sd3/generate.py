@@ -6,7 +6,8 @@ Samplers are the flow-matching ones every flow family shares (:mod:`sdcore.gener
 uses) and handed to the pipeline as embeddings; A1111's ``clip_skip`` counts from the last layer
 (1 = SD3's default, the penultimate hidden state of both CLIPs). A1111's prompt editing, alternation and
 ``AND`` render as on the SD families (:mod:`sdcore.generate.step_conditioning`: each transformer call gets
-its evaluation's embeddings and pooled vectors).
+its evaluation's embeddings and pooled vectors). Skip Layer Guidance (``--slg-layers``, diffusers'
+``skip_guidance_layers``) runs on every pass through one hook (:mod:`sdcore.generate.skip_layer_guidance`).
 """
 
 from __future__ import annotations

@@ -78,6 +78,18 @@ def test_a_window_no_step_falls_in_is_plain_cfg(sd3):
     assert not slg.applies(0, 4) and not slg.applies(1, 4) and slg.applies(1, 28) and not slg.applies(6, 28)
 
 
+def test_each_pipeline_call_counts_its_own_steps(sd3):
+    """``euler_a`` renders each image in its own pipeline call: the second image of a batch gets SLG on its own
+    steps 1 and 2 (its count starts again), so it is the image its seed makes alone."""
+    slg = SkipLayerGuidance((1,), start=0.01, end=0.5)
+    settings = {**SETTINGS, "sampler": "euler_a", "steps": 6, "skip_layer_guidance": slg}
+    batch = generate_images(sd3, ["a red cat", "a red cat"], **settings)
+    alone = generate_images(sd3, ["a red cat"], **{**settings, "seed": 6})[0]
+    assert np.array_equal(np.asarray(batch[1]), np.asarray(alone))
+    plain = generate_images(sd3, ["a red cat"], **{**settings, "seed": 6, "skip_layer_guidance": None})[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(alone))
+
+
 def _picture(size=64):
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))

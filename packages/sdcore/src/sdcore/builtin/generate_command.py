@@ -31,7 +31,7 @@ _SAMPLER_HELP = (
 _AXIS_HELP = (
     "Seed, 'Var. seed', 'Var. strength', Steps, 'Hires steps', 'CFG Scale' (FLUX.1: the true CFG), "
     "'Distilled CFG Scale' (FLUX.1's guidance, --cfg), 'Prompt S/R', Sampler, 'Hires sampler', 'Clip skip', "
-    "Denoising, 'Hires upscaler' (A1111's and Forge's names)."
+    "Denoising, 'Hires upscaler' (A1111's and Forge's names), 'SLG scale' (SD3's --slg-scale)."
 )
 _DIRECTORY_OPTIONS = ("lora_dir", "embeddings_dir", "hypernetwork_dir")
 
@@ -102,6 +102,34 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     show_default=True,
     type=click.FloatRange(min=1.0),
     help="Flux.1: true CFG (two passes a step), needed for --negative; --cfg is then the distilled guidance.",
+)
+@click.option(
+    "--slg-layers",
+    default=None,
+    metavar="7,8,9",
+    help="SD3/SD3.5: Skip Layer Guidance, skipping these transformer blocks in an extra pass on some steps "
+    "(Stability's for SD3.5 Medium: 7,8,9); needs --cfg above 1.",
+)
+@click.option(
+    "--slg-scale",
+    default=2.8,
+    show_default=True,
+    type=float,
+    help="Skip Layer Guidance scale (diffusers' default).",
+)
+@click.option(
+    "--slg-start",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Skip Layer Guidance from this fraction of the steps (steps i with steps*start < i < steps*end).",
+)
+@click.option(
+    "--slg-end",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Skip Layer Guidance up to this fraction of the steps.",
 )
 @click.option(
     "--seed", default=-1, show_default=True, type=int, help="Seed (-1: random); image i of a batch uses seed+i."
@@ -564,8 +592,10 @@ def _default_sampler(adapter: Any) -> str:
 class _Run:
     """One generation's settings: the parameters and what is derived from them before the model loads."""
 
-    def __init__(self, params: dict[str, Any], sampler: str | None, seed: int, variation: Any, hires: Any) -> None:
+    def __init__(self, params: dict[str, Any], sampler: str | None, seed: int, variation: Any, hires: Any,
+                 slg: Any = None) -> None:  # fmt: skip
         self.params, self.sampler, self.seed, self.variation, self.hires = params, sampler, seed, variation, hires
+        self.slg = slg  # its SkipLayerGuidance (None: off)
 
 
 def _prepare_run(params: dict[str, Any], problems: list[str]) -> _Run:
@@ -591,7 +621,41 @@ def _prepare_run(params: dict[str, Any], problems: list[str]) -> _Run:
         if params["init_image"] is not None and params["mask"] is None:  # with --mask: _mask_problems says it
             problems.append("the hires fix follows a txt2img pass (as in A1111); drop --init-image or the --hr options")
     problems += variation.problems() if variation is not None else []
-    return _Run(params, sampler, seed, variation, hires)
+    return _Run(params, sampler, seed, variation, hires, _skip_layer_guidance(params, hires, problems))
+
+
+#: the options that only mean something with --slg-layers
+_SLG_OPTIONS = ("slg_scale", "slg_start", "slg_end")
+
+
+def _skip_layer_guidance(params: dict[str, Any], hires: Any, problems: list[str]) -> Any:
+    """The :class:`~sdcore.generate.skip_layer_guidance.SkipLayerGuidance` of ``--slg-layers`` and its options
+    (``None`` without it), with every problem found before the model loads added to ``problems``: the layers'
+    text, the window, a CFG (or hires CFG) of 1 or less, a model of another family than SD3 (when its headers
+    tell), the options without ``--slg-layers``. Block indices the model lacks are found once it loads."""
+    if params["slg_layers"] is None:
+        typed = [name for name in _SLG_OPTIONS if name in _given(params)]
+        if typed:
+            named = ", ".join("--" + name.replace("_", "-") for name in typed)
+            problems.append(f"{named} set skip layer guidance: give --slg-layers (e.g. 7,8,9) or drop them")
+        return None
+    from ..generate.skip_layer_guidance import SkipLayerGuidance, family_problem, parse_layers
+    from ..models.family import get_family
+    from ..models.layout import peek_family
+
+    try:
+        layers = parse_layers(params["slg_layers"])
+    except ValueError as exc:
+        problems.append(str(exc))
+        layers = ()
+    slg = SkipLayerGuidance(layers, params["slg_scale"], params["slg_start"], params["slg_end"])
+    problems += [line for line in slg.problems() if layers or not line.startswith("--slg-layers")]
+    family = peek_family(params["model"])
+    if family is not None and family != "sd3":
+        problems.append(family_problem(get_family(family).label))
+    cfgs = [(params["cfg"], "--cfg"), *([(hires.cfg, "--hr-cfg")] if hires is not None else [])]
+    problems += [line for cfg, option in cfgs if (line := slg.cfg_problem(cfg, option)) is not None]
+    return slg if layers else None
 
 
 def _network_prompts(run: _Run) -> list[tuple[str, str]]:
@@ -648,6 +712,7 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
         networks=session,
         info=infos,
         true_cfg_scale=params["true_cfg_scale"],
+        skip_layer_guidance=run.slg,
         hires=hires,
         variation=variation,
         **_reference_arguments(params),
@@ -706,6 +771,8 @@ def _render(run: _Run, bundle: Any, session: Any, adapter: Any, distilled: bool)
             extra[CONTROL_FIELD] = Path(params["control_image"]).name
         if guided:  # Forge: only where the model takes it (not on schnell)
             extra["Distilled CFG Scale"] = params["cfg"]
+        if run.slg is not None:  # sdcore's own fields (A1111 and Forge have no SLG)
+            extra.update(run.slg.infotext_fields())
         if hires is not None:  # where A1111 writes them: after RNG, before the networks' hashes
             first_cfg = params["true_cfg_scale"] if distilled else params["cfg"]  # the "CFG scale" written
             extra.update(
@@ -907,6 +974,8 @@ def _plot_problems(plot: Any, params: dict[str, Any]) -> list[str]:
         problems.append("the Hires axes vary the hires fix: add --hires")
     if "Denoising" in labels and params["init_image"] is None and hires is None:
         problems.append("the Denoising axis varies img2img or the hires fix: add --init-image or --hires")
+    if "SLG scale" in labels and params["slg_layers"] is None:
+        problems.append("the SLG scale axis varies skip layer guidance: add --slg-layers")
     if "Var. seed" in labels and "Var. strength" not in labels and params["subseed_strength"] == 0:
         # A1111 draws the variation seed's noise only with a strength (modules/rng.py ImageRNG.first)
         problems.append(

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .inpaint import ImageConditioning, Inpaint, PreparedInpaint
     from .networks import NetworkRef
     from .session import NetworkSession
+    from .skip_layer_guidance import SkipLayerGuidance
     from .variation import ImageNoise, VariationSeeds
 
 # id -> (diffusers scheduler class, config overrides, A1111 display name)
@@ -373,6 +374,7 @@ def generate_images(
     inpainting_mask_weight: float = 1.0,
     control_image: Any = None,
     image_conditioning: ImageConditioning | None = None,
+    skip_layer_guidance: SkipLayerGuidance | None = None,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -404,7 +406,8 @@ def generate_images(
     image give one; those models need it and other models refuse it. ``image_conditioning`` (an SD inpainting
     model's or FLUX.1 Fill's txt2img only): the image and mask its UNet's extra channels (Fill's transformer's
     conditioning tokens) carry instead of A1111's blank ones (:class:`.inpaint.ImageConditioning`: kohya's and
-    OneTrainer's inpainting sample images), at the output size.
+    OneTrainer's inpainting sample images), at the output size. ``skip_layer_guidance`` (SD3/SD3.5 only, CFG above
+    1): Skip Layer Guidance on every pass (:mod:`.skip_layer_guidance`).
     """
     import torch
 
@@ -505,6 +508,9 @@ def generate_images(
     pipe: Any = None
     hr_pipe: Any = None
     hr_cfg, hr_true_cfg = _hires_guidance(adapter, hires, cfg, true_cfg_scale, hr_negatives)
+    if skip_layer_guidance is not None:  # every pass's problems before the first runs
+        cfgs = [(cfg, "--cfg"), *([(hr_cfg, "--hr-cfg")] if hires is not None else [])]
+        skip_layer_guidance.check(bundle, *cfgs)
     first_scheduler: Any = None
     if isinstance(adapter, SdUnetAdapter):
         if true_cfg_scale != 1.0:
@@ -530,7 +536,7 @@ def generate_images(
             if bundle.family_spec.denoiser == "unet":
                 raise ConfigError(f"the hires fix does not run on {bundle.family} models")
             hr_sampler = flow_sampler_id(hires.sampler or sampler, bundle.family)  # before the first pass
-            hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg)
+            hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg, skip_layer_guidance)
             first_scheduler = FLOW_SAMPLERS[flow_sampler_id(sampler, bundle.family)]  # its order counts steps
     if hires is not None:  # an empty latent fails in torch after the first pass: say it first
         from .hires import FLOW_PATCH
@@ -590,7 +596,11 @@ def generate_images(
             with contextlib.ExitStack() as stack:
                 pairs = [(prompts[i], negatives[i]) for i in indices]
                 group_prompts, group_negatives = _apply_networks(stack, session, bundle, pairs, group_info)
-                run: Any = _run if family_generate is None else _family_run(family_generate, sampler, true_cfg_scale)
+                run: Any = (
+                    _run
+                    if family_generate is None
+                    else _family_run(family_generate, sampler, true_cfg_scale, skip_layer_guidance)
+                )
                 images = run(
                     pipe,
                     bundle,
@@ -696,14 +706,18 @@ def _hires_guidance(
     return (cfg if hires.distilled_cfg is None else hires.distilled_cfg), hr_true_cfg
 
 
-def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0) -> Any:
+def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0,
+                skip_layer_guidance: SkipLayerGuidance | None = None) -> Any:  # fmt: skip
     """``_run``'s signature over a family adapter's ``generate(bundle, prompts, negatives, **settings)``
-    (``true_cfg_scale`` only when set, so a family without true CFG never sees it unasked)."""
+    (``true_cfg_scale`` and ``skip_layer_guidance`` only when set, so a family without them never sees them
+    unasked)."""
 
     def run(_pipe: Any, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> Any:
         settings.pop("transforms", None)
         if true_cfg_scale != 1.0:
             settings["true_cfg_scale"] = true_cfg_scale
+        if skip_layer_guidance is not None:
+            settings["skip_layer_guidance"] = skip_layer_guidance
         out = family_generate(bundle, prompts, negatives, sampler=sampler, **settings)
         return out if settings.get("output_type") == "latent" else list(out)  # latents: one [B, C, h, w] tensor
 

@@ -230,6 +230,13 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
         values.update(inpaint_from_fields(extra))
     except ValueError as exc:
         raise ConfigError(f"the PNG's infotext has an invalid value: {exc}") from None
+    from .skip_layer_guidance import FIELDS as SLG_FIELDS
+    from .skip_layer_guidance import SkipLayerGuidance
+
+    try:  # sdcore's Skip Layer Guidance fields: --slg-layers and its options
+        values.update(SkipLayerGuidance.option_values(extra))
+    except ValueError as exc:
+        raise ConfigError(f"the PNG's infotext has an invalid value: {exc}") from None
     variation = parameters.variation_seeds()  # A1111's "Variation seed" / "Seed resize from" fields
     if variation is not None:
         values.update(
@@ -250,7 +257,7 @@ def recall_parameters(parameters: GenerationParameters, *, sampler_given: bool =
             hr_distilled_cfg=hires.distilled_cfg,
         )
     used = {*_INFORMATIONAL, *_CHECKED, TILING_FIELD, "Clip skip", VARIATION_SEED, VARIATION_STRENGTH, SEED_RESIZE_FROM,
-            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD, CONTROL_FIELD, *INPAINT_FIELDS}  # fmt: skip
+            REFERENCE_FIELD, REFERENCE_RESIZE_FIELD, CONTROL_FIELD, *INPAINT_FIELDS, *SLG_FIELDS}  # fmt: skip
     if hires is not None:
         used.update(_HIRES_FIELDS)
     if extra.get("Hires checkpoint", "Use same checkpoint") == "Use same checkpoint":

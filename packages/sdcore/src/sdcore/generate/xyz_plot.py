@@ -71,6 +71,7 @@ AXIS_TYPES: tuple[AxisType, ...] = (
     AxisType("Clip skip", int, "clip_skip", low=1, high=12),
     AxisType("Denoising", float, "strength", low=0.0, high=1.0),
     AxisType("Hires upscaler", str, "hr_upscaler"),
+    AxisType("SLG scale", float, "slg_scale"),  # sdcore's: SD3's Skip Layer Guidance scale (needs --slg-layers)
 )
 _SEED_AXES = ("Seed", "Var. seed")
 #: Forge's two guidance axes: on a guidance-distilled family (FLUX.1) "CFG Scale" sets its true CFG (Forge's

@@ -6,11 +6,13 @@ Samplers are the flow-matching ones every flow family shares (:mod:`sdcore.gener
 uses) and handed to the pipeline as embeddings; A1111's ``clip_skip`` counts from the last layer
 (1 = SD3's default, the penultimate hidden state of both CLIPs). A1111's prompt editing, alternation and
 ``AND`` render as on the SD families (:mod:`sdcore.generate.step_conditioning`: each transformer call gets
-its evaluation's embeddings and pooled vectors).
+its evaluation's embeddings and pooled vectors). Skip Layer Guidance (``--slg-layers``, diffusers'
+``skip_guidance_layers``) runs on every pass through one hook (:mod:`sdcore.generate.skip_layer_guidance`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from ...generate.conditioning import Conditioning
     from ...generate.hires import FlowStart
     from ...generate.inpaint import PreparedInpaint
+    from ...generate.skip_layer_guidance import SkipLayerGuidance
     from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
@@ -93,6 +96,7 @@ def generate_sd3(
     hires_start: FlowStart | None = None,
     noise: ImageNoise | None = None,
     inpaint: PreparedInpaint | None = None,
+    skip_layer_guidance: SkipLayerGuidance | None = None,
     **_: Any,
 ) -> Any:
     """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them.
@@ -101,7 +105,8 @@ def generate_sd3(
     ``hires_start``: this call is the hires fix's second pass from those latents upscaled
     (:func:`sdcore.generate.hires.flow_second_pass`); ``noise``: A1111's variation seeds
     (:mod:`sdcore.generate.variation`); ``inpaint`` (with ``image``): A1111's inpainting as Forge runs it
-    (:mod:`sdcore.generate.flow_inpaint`)."""
+    (:mod:`sdcore.generate.flow_inpaint`); ``skip_layer_guidance``: SD3.5's Skip Layer Guidance on this pass
+    (:mod:`sdcore.generate.skip_layer_guidance`; needs ``cfg`` above 1)."""
     import contextlib
 
     import torch
@@ -117,6 +122,8 @@ def generate_sd3(
         raise ConfigError("--true-cfg-scale is for guidance-distilled models (Flux.1); SD3 takes --cfg")
     if width % 16 or height % 16:  # the pipeline's own check is a ValueError traceback
         raise ConfigError(f"SD3 image sides must be multiples of 16, got {width}x{height}")
+    if skip_layer_guidance is not None:
+        skip_layer_guidance.check(bundle, (cfg, "--cfg" if hires_start is None else "--hr-cfg"))
     pipe = build_sd3_pipeline(bundle, img2img=image is not None, sampler=sampler)
     pipe.set_progress_bar_config(disable=True)
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into
@@ -126,6 +133,10 @@ def generate_sd3(
         StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps),
         lambda texts, negative_texts: encode_sd3_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip),
     )
+    if skip_layer_guidance is not None and per_call.edits.composed:
+        raise ConfigError(
+            "skip layer guidance (--slg-layers) does not combine with AND prompts (composable diffusion); drop one"
+        )
     cond, uncond = per_call.first_parts(0)
     kwargs: dict[str, Any] = {
         "prompt_embeds": cond.embeds,
@@ -160,9 +171,16 @@ def generate_sd3(
     # img2img: the mean init latent and each seed's first draw as its noise (:func:`posterior_mean`)
     mean = posterior_mean(pipe.vae) if image is not None else contextlib.nullcontext()
     blend = masking.blending(pipe.scheduler) if masking is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def hooks(images: list[int]) -> Iterator[None]:
+        # SLG inside the inpainting blend: the blend takes the guided output, SLG's term included
+        guided = skip_layer_guidance.installed(pipe) if skip_layer_guidance is not None else contextlib.nullcontext()
+        with per_call.select(images).installed(pipe.transformer, slots), guided:
+            yield
+
     with second, maybe_swapped(noise if image is not None else None, pipe.scheduler), mean, blend:
-        images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device,
-                              hooks=lambda images: per_call.select(images).installed(pipe.transformer, slots))  # fmt: skip
+        images = run_pipeline(pipe, kwargs, sampler, seeds, bundle.device, hooks=hooks)
     if masking is not None:
         return masking.finish(pipe, torch.stack(images), output_type)
     return torch.stack(images) if output_type == "latent" else images

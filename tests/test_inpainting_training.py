@@ -82,8 +82,8 @@ def test_sdcore_train_lora_on_an_inpainting_model(tmp_path, sd_cli, pm, kind):
     result = sd_cli([*args, "--sample-prompts", str(prompts), "--sample-every", "1"], pm=pm)
     if kind == "fill":
         assert result.exit_code != 0 and "Traceback" not in result.output
-        # a Fill sample needs its image and mask (kohya's --i, OneTrainer's sample_inpainting): one line, exit 2
-        assert "FLUX.1 Fill renders a sample only from an image and a mask" in result.output
+        # a kohya-format Fill sample needs its image (--i; kohya trains no Fill model): one line, exit 2
+        assert "a FLUX.1 Fill sample in kohya's prompt format needs an image to inpaint" in result.output
         assert "1 of 1 prompt(s) have none (the first: 'a colour')" in result.output
         return
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -226,9 +226,9 @@ def test_onetrainer_inpainting_options(tmp_path):
 def test_onetrainer_inpainting_samples(tmp_path):
     """An SD inpainting type keeps its samples (rendered from text on a full mask, as OneTrainer's sampler does
     without sample_inpainting: StableDiffusionSampler.__sample_inpainting's else branch); a sample with
-    sample_inpainting carries its image and mask; FLUX_FILL_DEV_1 keeps its samples when each has sample_inpainting
-    (rendered on that image and mask) and leaves them out with a note otherwise (sdcore renders Fill only from an
-    image and a mask, where OneTrainer renders a blank image under a full mask)."""
+    sample_inpainting carries its image and mask; FLUX_FILL_DEV_1 keeps every sample: one with sample_inpainting
+    renders on that image and mask, one without on a blank image under a full mask, as OneTrainer's FluxSampler
+    renders it (tests/train/test_fill_samples.py)."""
     from sdcore.train.onetrainer_config import read_sample_prompts
 
     samples = [{"prompt": "a colour", "width": 64, "height": 64},
@@ -247,13 +247,8 @@ def test_onetrainer_inpainting_samples(tmp_path):
     fill = _flux_fill(tmp_path)
     notes = []
     o = _ot(tmp_path, {**config, "model_type": "FLUX_FILL_DEV_1", "base_model_name": str(fill)}, notes=notes)
-    assert o.sample_prompts is None
-    assert any(
-        "samples: left out (FLUX.1 Fill renders a sample only from an image and a mask: kohya's --i IMAGE (a wobbly "
-        "ellipse mask drawn from the seed) or OneTrainer's sample_inpainting with base_image_path and "
-        "mask_image_path; 1 of 2 prompt(s) have none (the first: 'a colour'): give them one or leave them out)" in n
-        for n in notes
-    )
+    assert o.sample_prompts == str(tmp_path / "config.json") and o.sample_every == 5
+    assert not any("samples: left out" in n for n in notes)
     notes = []
     o = _ot(tmp_path, {**config, "model_type": "FLUX_FILL_DEV_1", "base_model_name": str(fill),
                        "samples": samples[1:]}, notes=notes)  # fmt: skip

@@ -1,5 +1,6 @@
 """Training samples of FLUX.1 Fill (``tiny:flux-fill``): kohya-style ``--i`` lines and OneTrainer's
-``sample_inpainting`` samples render as a txt2img from the seed's noise on the rule's image conditioning.
+``sample_inpainting`` samples render as a txt2img from the seed's noise on the rule's image conditioning; a OneTrainer
+sample without ``sample_inpainting`` on a blank image under a full mask, as OneTrainer's FluxSampler renders it.
 
 - kohya's ``--i``: the image stretched to the sample's size (Lanczos), the wobbly ellipse of the seed, the image cut
   where the mask is at least 0.5, encoded (posterior mean); Fill's mask input is that cut mask's 8x8 blocks. That is
@@ -187,10 +188,12 @@ def test_the_preflight_refuses_fill_prompts_without_an_image_in_one_line(fill, t
         return inpainting_problems(o, layout, None)
 
     assert problems(f"a door --i {image}", f"a window --img {image} --g 20") == []
+    # kohya trains no Fill model (its FLUX.1 loader takes a 64-wide img_in), so a line without --i has no kohya
+    # rendering to follow: refused before the run
     assert problems(f"a door --i {image}", "a plain sky", "a red sea") == [
-        "--sample-prompts: FLUX.1 Fill renders a sample only from an image and a mask: kohya's --i IMAGE (a wobbly "
-        "ellipse mask drawn from the seed) or OneTrainer's sample_inpainting with base_image_path and "
-        "mask_image_path; 2 of 3 prompt(s) have none (the first: 'a plain sky'): give them one or leave them out"
+        "--sample-prompts: a FLUX.1 Fill sample in kohya's prompt format needs an image to inpaint, --i IMAGE (a "
+        "wobbly ellipse mask is drawn from the seed; kohya trains no Fill model, so it has no rendering without one "
+        "to follow); 2 of 3 prompt(s) have none (the first: 'a plain sky'): give them --i or leave them out"
     ]
     assert problems(f"a door --i {image} --l 3 --n dark") == [
         "--sample-prompts: --l is true CFG, which FLUX.1 Fill does not take (it runs on its distilled guidance: "
@@ -218,3 +221,37 @@ def test_a_kontext_reference_on_a_fill_sample_is_one_line_before_and_during_the_
     ]
     with pytest.raises(ConfigError, match=r"FLUX\.1 Fill takes no reference image"):
         _render(fill, tmp_path, line, "reference")
+
+
+def test_a_onetrainer_fill_sample_without_sample_inpainting_renders_on_a_blank_image_under_a_full_mask(fill, tmp_path):
+    """OneTrainer 23df383 modules/modelSampler/FluxSampler.py:271-287 (``__sample_inpainting`` without
+    ``sample_inpainting``), recomputed: the conditioning image is ``zeros(1, 3, H, W)`` (in [-1, 1]), its VAE mode
+    shifted and scaled and packed 2x2, and the mask ``ones(1, tokens, 256)``; the transformer's input tokens are
+    ``[noise, that latent, ones]``. The guidance is OneTrainer's FLUX.1 ``cfg_scale`` default 3.5 (SampleConfig.py
+    :56-61). It was refused (OneTrainer configs: left out with a note) before."""
+    from sdcore.generate.pnginfo import parse_parameters
+    from sdcore.models.layout import layout_of_bundle
+    from sdcore.train.inpainting import inpainting_problems
+
+    sample = {"prompt": "a door", "width": WIDTH, "height": HEIGHT, "diffusion_steps": 1, "seed": SEED}
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps({"training_method": "LORA", "model_type": "FLUX_FILL_DEV_1", "samples": [sample]}), encoding="utf-8"
+    )
+    o = contract_options(ConvOutMethod, tmp_path, {"sample_prompts": str(config), "model": "tiny:flux-fill"})
+    assert inpainting_problems(o, layout_of_bundle(fill), None) == []
+    seen: list = []
+    path = _render(fill, tmp_path, str(config), "blank", seen)
+
+    with torch.no_grad():
+        latent = fill.vae.encode(torch.zeros(1, 3, HEIGHT, WIDTH)).latent_dist.mode()
+    latent = (latent - fill.vae.config.shift_factor) * fill.vae.config.scaling_factor
+    tokens_count = (HEIGHT // 16) * (WIDTH // 16)
+    (tokens,) = [entry[1] for entry in seen if entry[0] == "tokens"]  # 1 step
+    assert tokens.shape == (1, tokens_count, 384)
+    torch.testing.assert_close(tokens[..., :64], _seed_noise(SEED, WIDTH, HEIGHT), rtol=0, atol=0)
+    torch.testing.assert_close(tokens[..., 64:128], _pack(latent), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tokens[..., 128:], torch.ones(1, tokens_count, 256), rtol=0, atol=0)
+    fields = parse_parameters(Image.open(path).info["parameters"]).extra
+    assert fields["Inpaint mask"] == "full" and "Inpaint image" not in fields
+    assert float(fields["Distilled CFG Scale"]) == 3.5

@@ -269,9 +269,9 @@ def test_preflight_says_what_an_inpainting_run_cannot_do(tmp_path):
     assert "no image of the dataset has a <name>-condlabel.png beside it" in line
     problems = inpainting_problems(o, layout_of_bundle(flux_fill()), None)
     assert problems == [  # a prompt without an image (--i, sample_inpainting): tests/train/test_fill_samples.py
-        "--sample-prompts: FLUX.1 Fill renders a sample only from an image and a mask: kohya's --i IMAGE (a wobbly "
-        "ellipse mask drawn from the seed) or OneTrainer's sample_inpainting with base_image_path and "
-        "mask_image_path; 1 of 1 prompt(s) have none (the first: 'x'): give them one or leave them out"
+        "--sample-prompts: a FLUX.1 Fill sample in kohya's prompt format needs an image to inpaint, --i IMAGE (a "
+        "wobbly ellipse mask is drawn from the seed; kohya trains no Fill model, so it has no rendering without one "
+        "to follow); 1 of 1 prompt(s) have none (the first: 'x'): give them --i or leave them out"
     ]
 
 

@@ -298,3 +298,112 @@ def test_kohya_sample_sampler_per_family(family):
     values, _ = kohya_defaults(fields, {"sample_prompts", "sample_sampler"}, {"sample_prompts": "p.txt"}, family=family)
     assert "sample_sampler" not in values  # a given one stays
     assert "sample_sampler" not in kohya_defaults(fields, set(), {}, family=family)[0]
+
+
+# -- a sample line's size and CFG when it gives none, per source tool --------------------------------------------
+
+# kohya sd-scripts 48d368f, each script's sample_image_inference: train_util.py:6507-6509 (SD 1.x/2.x/SDXL: width and
+# height 512, scale 7.5), sd3_train_utils.py:489-491 (SD3: the same), flux_train_utils.py:156-159 (FLUX.1 and Chroma,
+# flux_train_network.py: 512x512, guidance_scale 3.5 embedded, scale 1.0 true CFG): (side, CFG) with the CFG as
+# sdcore's --sample-cfg means it (FLUX.1: the embedded guidance, None = sdcore's own 3.5, equal to kohya's; Chroma:
+# its real CFG, kohya's scale)
+KOHYA_SIZE_CFG = {None: (512, 7.5), "sd1": (512, 7.5), "sd2": (512, 7.5), "sdxl": (512, 7.5), "sd3": (512, 7.5),
+                  "flux": (512, None), "chroma": (512, 1.0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(KOHYA_SIZE_CFG))
+def test_kohya_sample_size_and_cfg_per_family(family):
+    from sdcore.train.kohya import kohya_defaults
+    from sdcore.train.options import TrainOptions
+
+    fields = [f.name for f in dataclasses.fields(TrainOptions)]
+    values, _ = kohya_defaults(fields, {"sample_prompts"}, {"sample_prompts": "p.txt"}, family=family)
+    assert (values["sample_resolution"], values.get("sample_cfg")) == KOHYA_SIZE_CFG[family]
+    given = {"sample_prompts", "sample_resolution", "sample_cfg"}
+    values, _ = kohya_defaults(fields, given, {"sample_prompts": "p.txt"}, family=family)
+    assert "sample_resolution" not in values and "sample_cfg" not in values  # given ones stay
+    values, _ = kohya_defaults(fields, set(), {}, family=family)
+    assert "sample_resolution" not in values and "sample_cfg" not in values  # no samples: nothing to say
+
+
+def _render_once(tmp_path, options, model):
+    import torch
+    from sdcore.models.load import load_model
+
+    class Plain:
+        def sampling(self, bundle):
+            import contextlib
+
+            return contextlib.nullcontext({})
+
+    path = sampling.render_samples(load_model(model), Plain(), options, device=torch.device("cpu"),
+                                   folder=tmp_path / "grids", tag="t", step=1, say=lambda _: None)  # fmt: skip
+    return [parse_parameters(text) for text in json.loads(Image.open(path).info[ALL_PARAMETERS_KEY])]
+
+
+# what a kohya run's line without --w/--h/--l renders at (the table above), and an sdcore run's (--resolution and the
+# family's CFG, as sdcore generate's: 7 by default, FLUX.1's guidance 3.5 with true CFG 1, Chroma's real CFG 5):
+# (size, "CFG scale", "Distilled CFG Scale")
+KOHYA_RENDER = {"tiny:sd1": (512, 7.5, None), "tiny:flux": (512, 1.0, 3.5), "tiny:chroma": (512, 1.0, None)}
+SDCORE_RENDER = {"tiny:sd1": (64, 7.0, None), "tiny:flux": (64, 1.0, 3.5), "tiny:chroma": (64, 5.0, None)}
+
+
+@pytest.mark.parametrize("model", list(KOHYA_RENDER))
+def test_a_kohya_runs_sample_without_size_or_cfg_renders_at_kohyas_read_back_from_the_infotext(tmp_path, model):
+    """The same prompt file through a kohya config (kohya's names) and through sdcore's own: the first line (no
+    --w/--h/--l) takes each tool's defaults, the second keeps its own --w/--h/--l (a true CFG on FLUX.1)."""
+    from sdcore.train.config import load_options
+    from sdcore.train.options import TrainOptions
+
+    prompts = _prompts(tmp_path, "a red thing --s 1\na blue thing --s 1 --w 96 --h 80 --l 3\n")
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text(f'pretrained_model_name_or_path = "{model}"\nsample_prompts = "{prompts}"\n'
+                     'sample_every_n_steps = 1\nresolution = "64"\n')  # fmt: skip
+    notes: list[str] = []
+    o = load_options(TrainOptions, kohya, notes=notes)
+    assert any("sample images are 512x512 where a prompt gives no --w/--h" in n for n in notes)
+    own = load_options(TrainOptions, overrides={"model": model, "sample_prompts": prompts, "resolution": 64})
+    for options, (side, cfg, guidance) in ((o, KOHYA_RENDER[model]), (own, SDCORE_RENDER[model])):
+        first, second = _render_once(tmp_path, options, model)
+        assert (first.size, first.cfg) == ((side, side), cfg)  # the image's own size
+        assert first.extra.get("Distilled CFG Scale") == (None if guidance is None else str(guidance))
+        assert (second.size, second.cfg) == ((96, 80), 3.0)
+
+
+def test_onetrainer_and_aitoolkit_samples_keep_their_own_size_and_cfg_in_a_kohya_sized_run(tmp_path):
+    """Their readers give every prompt its tool's defaults: OneTrainer 23df383 modules/util/config/SampleConfig.py
+    :33-39 (SD 2.x: 768x768, cfg_scale 7.5), ai-toolkit 27a03a9 toolkit/config_modules.py:84-89 (512x512,
+    guidance_scale 7; a sample's own over them, :51-56); a run's --sample-resolution/--sample-cfg (a kohya run's
+    512 and 7.5, here other numbers to tell them apart) do not reach them."""
+    from sdcore.train.sample_prompts import generation_arguments, read_sample_prompts
+
+    defaults = {"steps": 2, "width": 320, "height": 320, "sampler": "euler", "cfg": 2.5}
+    samples = tmp_path / "samples.json"
+    # random_seed: a OneTrainer field (a list of bare {"prompt": ...} is kohya's JSON prompt file)
+    samples.write_text(json.dumps([{"prompt": "a", "random_seed": False}]), encoding="utf-8")
+    (onetrainer,) = read_sample_prompts(str(samples), "sd2")
+    job = tmp_path / "job.yaml"
+    job.write_text("job: extension\nconfig:\n  name: k\n  process:\n    - type: sd_trainer\n"
+                   "      model: {name_or_path: x}\n      sample:\n        prompts: [a]\n", encoding="utf-8")  # fmt: skip
+    (aitoolkit,) = read_sample_prompts(str(job))
+    for prompt, want in ((onetrainer, (768, 768, 7.5)), (aitoolkit, (512, 512, 7.0))):
+        arguments = generation_arguments([prompt], defaults, {})
+        assert (arguments["width"], arguments["height"], arguments["cfg"]) == want
+
+
+def test_sample_resolution_and_cfg_are_checked_before_the_run(tmp_path):
+    """A side below 1 and a CFG of 0 or less are pre-flight lines; the size check takes --sample-resolution where a
+    line gives no size (SD3 renders multiples of 16; kohya's rule floors 1000 to 1000, a multiple of 8 only)."""
+    from sdcore.train.preflight import option_problems
+
+    prompts = _prompts(tmp_path, "a red thing\n")
+    bad = contract_options(ConvOutMethod, tmp_path, {"sample_prompts": prompts, "sample_resolution": 0,
+                                                     "sample_cfg": 0.0})  # fmt: skip
+    problems = option_problems(bad)
+    assert "--sample-resolution must be at least 1 when given, got 0" in problems
+    assert "--sample-cfg must be positive when given, got 0.0" in problems
+    odd = contract_options(ConvOutMethod, tmp_path, {"sample_prompts": prompts, "sample_resolution": 1000,
+                                                     "model": "tiny:sd3", "resolution": 64})  # fmt: skip
+    assert any("sample 1 ('a red thing') is 1000x1000" in p for p in option_problems(odd))
+    fine = dataclasses.replace(odd, sample_resolution=992)
+    assert not any("sample 1" in p for p in option_problems(fine))

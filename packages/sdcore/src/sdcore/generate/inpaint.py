@@ -237,6 +237,18 @@ def onetrainer_conditioning(image: Image.Image, mask: Image.Image, width: int, h
     return ImageConditioning(stretched(image, "RGB"), stretched(mask, "L")[:, :, 0], label, rule="onetrainer")
 
 
+def blank_conditioning(width: int, height: int) -> ImageConditioning:
+    """A blank image under a full mask at ``width`` x ``height`` (OneTrainer's rule): the conditioning OneTrainer's
+    FluxSampler gives a FLUX.1 Fill sample without ``sample_inpainting`` (a zero image in [-1, 1], mid grey, whose
+    latent mode is the masked-image latent, and a mask of ones). Under a full mask the image is cut away whole, so
+    the masked image is zero whatever it held, and Fill's 64 mask channels are all ones."""
+    import numpy as np
+
+    image = np.full((height, width, 3), 0.5, dtype=np.float32)
+    mask = np.ones((height, width), dtype=np.float32)
+    return ImageConditioning(image, mask, f"a blank {width}x{height} image under a full mask", rule="onetrainer")
+
+
 def inpaint_from_fields(fields: dict[str, str]) -> dict[str, Any]:
     """``generate``'s options from an infotext's inpainting fields (PNG Info -> "Send to inpaint")."""
     values: dict[str, Any] = {}
@@ -589,6 +601,7 @@ __all__ = [
     "Inpaint",
     "PreparedInpaint",
     "alpha_bar",
+    "blank_conditioning",
     "blend",
     "blended_output",
     "blur_mask",

@@ -60,12 +60,12 @@ if TYPE_CHECKING:
 
 #: FLUX.1 Fill's ``img_in`` input width (64 noisy + 64 masked-image + 256 mask channels, packed 2x2)
 FILL_INPUT = 384
-#: the pre-flight's line for sample prompts without an image on FLUX.1 Fill (``{count}`` of ``{total}``, the
-#: first one ``{first}``; the OneTrainer importer's note says the same)
+#: the pre-flight's line for kohya-style (and ai-toolkit) sample prompts without an image on FLUX.1 Fill
+#: (``{count}`` of ``{total}``, the first one ``{first}``)
 FILL_SAMPLES = (
-    "--sample-prompts: FLUX.1 Fill renders a sample only from an image and a mask: kohya's --i IMAGE (a wobbly "
-    "ellipse mask drawn from the seed) or OneTrainer's sample_inpainting with base_image_path and mask_image_path; "
-    "{count} of {total} prompt(s) have none (the first: {first!r}): give them one or leave them out"
+    "--sample-prompts: a FLUX.1 Fill sample in kohya's prompt format needs an image to inpaint, --i IMAGE (a "
+    "wobbly ellipse mask is drawn from the seed; kohya trains no Fill model, so it has no rendering without one to "
+    "follow); {count} of {total} prompt(s) have none (the first: {first!r}): give them --i or leave them out"
 )
 #: the pre-flight's line for ``--l`` on FLUX.1 Fill samples (as ``sdcore generate`` refuses --true-cfg-scale there)
 FILL_TRUE_CFG_SAMPLES = (
@@ -252,12 +252,25 @@ def _sample_prompts(options: TrainOptions) -> list[SamplePrompt]:
         return []
 
 
+def renders_on_blank(prompt: SamplePrompt, kind: str | None) -> bool:
+    """Whether ``prompt`` renders on a ``kind`` model (:func:`bundle_kind`) on a blank image under a full mask
+    (:func:`sdcore.generate.inpaint.blank_conditioning`): a OneTrainer sample without ``sample_inpainting`` on
+    FLUX.1 Fill, as OneTrainer's FluxSampler ``__sample_inpainting`` renders it (OneTrainer 23df383
+    modules/modelSampler/FluxSampler.py:271-287: a zero image's latent mode and a mask of ones)."""
+    from .sample_prompts import ONETRAINER
+
+    return kind == "fill" and prompt.inpaint_image is None and prompt.source == ONETRAINER
+
+
 def fill_sample_problem(prompts: list[SamplePrompt]) -> str | None:
-    """The one line for FLUX.1 Fill sample prompts without an image (:data:`FILL_SAMPLES`), or None. Fill has no
-    text-only rendering in sdcore (``sdcore generate`` asks for ``--init-image`` and ``--mask``); a prompt with
-    kohya's ``--i`` or OneTrainer's ``sample_inpainting`` renders on its image conditioning
-    (:class:`sdcore.generate.inpaint.ImageConditioning`)."""
-    bare = [p for p in prompts if p.inpaint_image is None]
+    """The one line for FLUX.1 Fill sample prompts without an image (:data:`FILL_SAMPLES`), or None: those of
+    kohya's prompt format (and ai-toolkit's), which sdcore renders only with ``--i``. kohya trains no Fill model
+    (sd-scripts 48d368f library/flux_utils.py:142 loads a checkpoint into its FLUX.1 model, whose ``img_in`` takes
+    64 channels: Fill's 384-wide one is a size mismatch there), so there is no kohya rendering of such a line to
+    follow, and refusing it before the run beats a guess. OneTrainer's samples without ``sample_inpainting``
+    render as OneTrainer renders them (:func:`renders_on_blank`); a prompt with kohya's ``--i`` or OneTrainer's
+    ``sample_inpainting`` renders on its image conditioning (:class:`sdcore.generate.inpaint.ImageConditioning`)."""
+    bare = [p for p in prompts if p.inpaint_image is None and not renders_on_blank(p, "fill")]
     if not bare:
         return None
     first = bare[0].prompt if len(bare[0].prompt) <= 40 else bare[0].prompt[:37] + "..."
@@ -376,5 +389,6 @@ __all__ = [
     "masked_pixels",
     "pixel_mask",
     "random_pixel_mask",
+    "renders_on_blank",
     "unmasked_draw",
 ]

@@ -802,6 +802,10 @@ KOHYA_DEFAULTS: tuple[tuple[str, Any, str], ...] = (
     ("max_steps", 1600, "max_train_steps defaults to 1600"),
     # sd-scripts 48d368f library/train_util.py:6506 (sample_image_inference: prompt_dict.get("sample_steps", 30))
     ("sample_steps", 30, "sample images take 30 steps where a prompt gives no --s"),
+    # :6507-6509 (width/height 512, scale 7.5); SD3's the same (sd3_train_utils.py:489-491), FLUX.1/Chroma's 512x512
+    # too (flux_train_utils.py:156-157), with their own CFG (KOHYA_FAMILY_DEFAULTS)
+    ("sample_resolution", 512, "sample images are 512x512 where a prompt gives no --w/--h"),
+    ("sample_cfg", 7.5, "sample images take CFG 7.5 where a prompt gives no --l"),
     (
         "cache_latents",
         False,
@@ -821,6 +825,9 @@ KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         ("guidance_scale", 3.5, "flux: guidance_scale defaults to 3.5"),
         # sd-scripts 48d368f library/flux_train_utils.py:155 (sample_image_inference: .get("sample_steps", 20))
         ("sample_steps", 20, "flux: sample images take 20 steps where a prompt gives no --s"),
+        # flux_train_utils.py:158-159: guidance_scale 3.5 (--g) and scale 1.0 (--l, true CFG) are sdcore's own
+        # FLUX.1 defaults; None keeps them (and FLUX.1 Fill's guidance 30: kohya trains no Fill model)
+        ("sample_cfg", None, ""),
     ),
     # flux_train_network.py --model_type chroma: the same script defaults; guidance 0 as kohya's docs require
     # (sdcore's Chroma transformer gets 0 whatever is set: diffusers' ChromaTransformer2DModel has no guidance input)
@@ -830,6 +837,8 @@ KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         ("discrete_flow_shift", 3.0, "chroma: discrete_flow_shift defaults to 3.0"),
         ("guidance_scale", 0.0, "chroma: guidance_scale 0.0 (kohya's docs require it)"),
         ("sample_steps", 20, "chroma: sample images take 20 steps where a prompt gives no --s"),  # as flux
+        # flux_train_utils.py:159 (scale 1.0): kohya's Chroma samples run without CFG unless --l, so --n is unused
+        ("sample_cfg", 1.0, "chroma: sample images take CFG 1 (no CFG: --n unused) where a prompt gives no --l"),
     ),
     # train_util.py's sample_image_inference (SD 1.x/2.x, SDXL) uses --sample_sampler, whose default is ddim
     # (sd-scripts 48d368f library/train_util.py:4197-4199, :6513); kohya's SD3/FLUX.1 samples ignore it
@@ -846,6 +855,8 @@ KOHYA_FAMILY_DEFAULTS: dict[str, tuple[tuple[str, Any, str], ...]] = {
         ("model_prediction_type", "x0", "sd3: noisy - sigma * output is compared with the latents (x0)"),
     ),
 }
+#: the defaults above that only matter with sample prompts (applied, and said, only then)
+_SAMPLE_TARGETS = frozenset({"sample_steps", "sample_sampler", "sample_resolution", "sample_cfg"})
 #: the samplings kohya's SD3 script draws with (its --weighting_scheme's densities)
 _SD3_DENSITIES = {"logit_normal": "logit_normal", "mode": "mode"}
 
@@ -1572,8 +1583,11 @@ def kohya_defaults(
             continue
         if target == "min_timestep" and "max_timestep" in given:
             continue  # the range is on already
-        if target in ("sample_steps", "sample_sampler") and not (given_values or {}).get("sample_prompts"):
+        if target in _SAMPLE_TARGETS and not (given_values or {}).get("sample_prompts"):
             continue  # no samples: nothing to say
+        if value is None:  # kohya's default is sdcore's own: nothing to set or say, but the general one is kept out
+            values[target] = None
+            continue
         if target == "timestep_sampling" and family == "sd3":
             scheme = str((given_values or {}).get("weighting_scheme", "uniform"))
             value = _SD3_DENSITIES.get(scheme, "uniform")
@@ -1598,7 +1612,7 @@ def kohya_defaults(
             continue
         if target == "max_steps" and "epochs" in given:
             continue
-        if target == "sample_steps" and not (given_values or {}).get("sample_prompts"):
+        if target in _SAMPLE_TARGETS and not (given_values or {}).get("sample_prompts"):
             continue  # no samples: nothing to say
         if target == "buckets" and _dataset_toml_sets_buckets((given_values or {}).get("data")):
             continue  # the dataset TOML's enable_bucket decides (kohya reads the command line's only as a fallback)

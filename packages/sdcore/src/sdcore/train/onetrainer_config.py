@@ -552,8 +552,6 @@ def translate_config(
         _embedding(r)
     _ema(r, fields)
     _saves_and_samples(r, family, path)
-    if model_type == "FLUX_FILL_DEV_1" and v.get("sample_prompts"):  # SD inpainting types render (from text)
-        _fill_samples(r, str(v["sample_prompts"]))
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
@@ -569,25 +567,6 @@ def _custom_conditioning(r: _Reader, *, inpainting: bool) -> None:
         r.out.values["inpainting_conditioning_images"] = True
     elif on:
         r.note("custom_conditioning_image: accepted, no effect on a model without the mask input (as in OneTrainer)")
-
-
-def _fill_samples(r: _Reader, source: str) -> None:
-    """FLUX.1 Fill's samples render from their ``sample_inpainting`` image and mask (OneTrainer's FluxSampler
-    rule); a sample without them OneTrainer renders on a blank image under a full mask, which sdcore does not do
-    for Fill (:func:`sdcore.train.inpainting.fill_sample_problem`): then the samples are left out with a note
-    rather than the run refused. A samples file that cannot be read is the pre-flight's to report."""
-    from ..errors import SdcoreError
-    from .inpainting import fill_sample_problem
-
-    try:
-        line = fill_sample_problem(read_sample_prompts(source))
-    except SdcoreError:
-        return
-    if line is None:
-        return
-    for key in ("sample_prompts", "sample_every", "sample_every_epochs", "sample_at_first"):
-        r.out.values.pop(key, None)
-    r.note("samples: left out (" + line.removeprefix("--sample-prompts: ") + ")")
 
 
 def _masked(r: _Reader, method: str, *, inpainting: bool = False) -> None:

@@ -794,6 +794,19 @@ class TrainOptions:
         "as sdcore generate's (euler_a; the flow-matching Euler on FLUX.1 and Chroma).",
         group="output",
     )
+    sample_resolution: int | None = option(
+        None,
+        "Width and height of sample images where a prompt gives no --w/--h. Default: --resolution (a run written "
+        "in kohya's names: kohya's 512).",
+        group="output",
+    )
+    sample_cfg: float | None = option(
+        None,
+        "CFG scale of sample images where a prompt gives no --l (FLUX.1: the embedded guidance where it gives no "
+        "--g). Default: the family's own, as sdcore generate's (a run written in kohya's names: kohya's 7.5; "
+        "Chroma 1, no CFG).",
+        group="output",
+    )
     validation_split: float = option(
         0.0,
         "Hold out this fraction of each training subset's images (kohya's rule: a seeded shuffle, the last "

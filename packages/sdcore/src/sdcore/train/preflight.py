@@ -112,6 +112,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
         "save_n_epoch_ratio",
         "sample_every",
         "sample_every_epochs",
+        "sample_resolution",
     ):
         value = getattr(o, name)
         if value is not None and value < 1:
@@ -128,6 +129,8 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     problems.extend(resolutions_problems(o))
     if o.lr <= 0:
         problems.append(f"--lr must be positive, got {o.lr}")
+    if o.sample_cfg is not None and o.sample_cfg <= 0:
+        problems.append(f"--sample-cfg must be positive when given, got {o.sample_cfg}")
     for name in ("caption_dropout", "tag_dropout"):
         value = getattr(o, name)
         if not 0.0 <= value <= 1.0:
@@ -191,13 +194,14 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
 
         def sample_problems() -> list[str]:
             from ..models.layout import peek_family
+            from .sampling import sample_resolution
 
             # a header or config read, no weights: a Hub id from the local cache only (never the network), a
             # pickle or a missing model None (no size line then; the loader reports a missing model)
             family = peek_family(o.model) if o.model else None
             prompts = read_sample_prompts(o.sample_prompts or "", family)
             return (network_problems(prompts) + reference_problems(prompts, family) + inpaint_image_problems(prompts)
-                    + size_problems(prompts, family, o.resolution))  # fmt: skip
+                    + size_problems(prompts, family, sample_resolution(o)))  # fmt: skip
 
         for check in (
             lambda: sampler_name(o.sample_sampler) if o.sample_sampler is not None else None,

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 #: the ``parameters`` chunk holds the first one, as A1111 does for its grids
 ALL_PARAMETERS_KEY = "sdcore-sample-parameters"
 #: sdcore's infotext fields of an inpainting sample: the image's file name and the mask's (kohya's ``--i``: its kind;
-#: OneTrainer's: the mask file's name)
-INPAINT_IMAGE, INPAINT_MASK, WOBBLY_ELLIPSE = "Inpaint image", "Inpaint mask", "wobbly ellipse"
+#: OneTrainer's: the mask file's name; ``full`` for OneTrainer's FLUX.1 Fill sample without ``sample_inpainting``,
+#: a blank image under a full mask)
+INPAINT_IMAGE, INPAINT_MASK, WOBBLY_ELLIPSE, FULL_MASK = "Inpaint image", "Inpaint mask", "wobbly ellipse", "full"
 
 
 def sample_infotexts(
@@ -64,9 +65,10 @@ def sample_infotexts(
         for index, prompt in enumerate(group):
             negative = negatives if isinstance(negatives, str) else negatives[index]
             per_image.append((prompt.prompt, negative, first_seed + index, arguments, prompt))
-    from .inpainting import bundle_kind
+    from .inpainting import bundle_kind, renders_on_blank
 
-    takes_mask = bundle_kind(bundle) is not None  # an SD inpainting UNet or FLUX.1 Fill
+    kind = bundle_kind(bundle)
+    takes_mask = kind is not None  # an SD inpainting UNet or FLUX.1 Fill
     texts = []
     for (prompt_text, negative, seed, arguments, sample), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
@@ -82,6 +84,8 @@ def sample_infotexts(
         if sample.inpaint_image is not None and (sample.inpaint_mask is None or takes_mask):
             fields[INPAINT_IMAGE] = Path(sample.inpaint_image).name
             fields[INPAINT_MASK] = WOBBLY_ELLIPSE if sample.inpaint_mask is None else Path(sample.inpaint_mask).name
+        elif renders_on_blank(sample, kind):  # under a full mask the image is cut away whole: no image to name
+            fields[INPAINT_MASK] = FULL_MASK
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["RNG"] = RNG_SOURCE
@@ -122,4 +126,12 @@ def grid_pnginfo(texts: list[str]) -> Any:
     return info
 
 
-__all__ = ["ALL_PARAMETERS_KEY", "INPAINT_IMAGE", "INPAINT_MASK", "WOBBLY_ELLIPSE", "grid_pnginfo", "sample_infotexts"]
+__all__ = [
+    "ALL_PARAMETERS_KEY",
+    "FULL_MASK",
+    "INPAINT_IMAGE",
+    "INPAINT_MASK",
+    "WOBBLY_ELLIPSE",
+    "grid_pnginfo",
+    "sample_infotexts",
+]

@@ -35,15 +35,20 @@ model without the mask input renders them from text (a warning says so).
 
 FLUX.1 Fill takes both kinds by the same rules, its mask input being the rule's mask in 8x8 blocks
 (:meth:`sdcore.generate.inpaint.ImageConditioning.fill_mask`, :func:`sdcore.models.flux.generate.fill_conditioning`);
-a Fill prompt without an image is a pre-flight line (:func:`sdcore.train.inpainting.fill_sample_problem`), as is
-``--l`` there (Fill has no true CFG), and a line without ``--g`` gets Fill's guidance 30.
+a OneTrainer sample without ``sample_inpainting`` renders on a blank image under a full mask, as OneTrainer's
+FluxSampler renders it (:func:`sdcore.train.inpainting.renders_on_blank`); a kohya-format prompt without ``--i`` is a
+pre-flight line (:func:`sdcore.train.inpainting.fill_sample_problem`: kohya trains no Fill model), as is ``--l``
+there (Fill has no true CFG), and a line without ``--g`` gets Fill's guidance 30.
 
 ``--sample-prompts`` may also be a single prompt (with the same options) instead of a file.
 
 Each prompt records the tool whose format it came in (:attr:`SamplePrompt.source`: kohya for the formats above,
 OneTrainer's samples, ai-toolkit's sample section), and its size is rounded by that tool's rule for the model's
 family (:data:`SIZE_RULES`, :func:`sample_size`) before it renders; a size the model still cannot take is a
-pre-flight line (:func:`size_problems`).
+pre-flight line (:func:`size_problems`). OneTrainer's and ai-toolkit's readers give every prompt its tool's own
+size and CFG; a kohya-format line without ``--w``/``--h``/``--l`` takes the run's ``--sample-resolution`` and
+``--sample-cfg``, which a run written in kohya's names sets to kohya's (:data:`sdcore.train.kohya.KOHYA_DEFAULTS`)
+and sdcore's own runs leave unset (``--resolution`` and the family's CFG).
 """
 
 from __future__ import annotations

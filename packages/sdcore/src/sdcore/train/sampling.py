@@ -74,14 +74,20 @@ def sample_prompt_list(options: TrainOptions, family: str | None = None) -> list
     return prompts
 
 
+def sample_resolution(options: TrainOptions) -> int:
+    """The side of a sample whose prompt gives no ``--w``/``--h``: ``--sample-resolution`` (a run written in
+    kohya's names: kohya's 512, :data:`sdcore.train.kohya.KOHYA_DEFAULTS`), else ``--resolution``."""
+    return options.sample_resolution if options.sample_resolution is not None else options.resolution
+
+
 def _generations(
     bundle: ModelBundle, options: TrainOptions, prompts: list[SamplePrompt], extra: dict[str, Any]
 ) -> tuple[list[tuple[list[SamplePrompt], int]], dict[str, Any], list[tuple[list[str], dict[str, Any]]]]:
     """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
     caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
-    from ..generate.inpaint import FILL_GUIDANCE
+    from ..generate.inpaint import FILL_GUIDANCE, blank_conditioning
     from ..models.family import default_cfg, default_sampler, family_adapter
-    from .inpainting import bundle_kind
+    from .inpainting import bundle_kind, renders_on_blank
     from .sample_prompts import (
         generation_arguments,
         generation_calls,
@@ -94,14 +100,16 @@ def _generations(
     distilled = bool(getattr(adapter, "distilled_guidance", False))
     o = options
     kind = bundle_kind(bundle)
+    side = sample_resolution(o)
     defaults = {
         "steps": o.sample_steps,
-        "width": o.resolution,
-        "height": o.resolution,
+        "width": side,
+        "height": side,
         # the family's own, as sdcore generate's (FLUX.1: the flow-matching Euler), so the infotext names what ran
         "sampler": o.sample_sampler or default_sampler(adapter),
-        # FLUX.1 Fill's own default guidance (BFL's, diffusers', sdcore generate's) where a line gives no --g
-        "cfg": FILL_GUIDANCE if kind == "fill" else default_cfg(adapter),
+        # --sample-cfg (a kohya run: kohya's), else FLUX.1 Fill's own default guidance (BFL's, diffusers', sdcore
+        # generate's) where a line gives no --g, else the family's
+        "cfg": o.sample_cfg if o.sample_cfg is not None else FILL_GUIDANCE if kind == "fill" else default_cfg(adapter),
     }
     calls = generation_calls(prompts, options.seed)
     generations = []
@@ -118,6 +126,8 @@ def _generations(
                                                                                   first.inpaint_mask, *size)  # fmt: skip
         elif first.inpaint_image is not None:  # kohya's --i: alone in its call, the mask drawn from its seed
             arguments["image_conditioning"] = inpaint_conditioning(first.inpaint_image, *size, seed)
+        elif renders_on_blank(first, kind):  # OneTrainer's Fill sample without sample_inpainting, as OneTrainer's
+            arguments["image_conditioning"] = blank_conditioning(*size)
         generations.append(([p.prompt for p in group], {"seed": seed, "clip_skip": options.clip_skip, **arguments}))
     return calls, defaults, generations
 

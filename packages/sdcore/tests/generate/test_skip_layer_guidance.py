@@ -284,3 +284,99 @@ def test_slg_scale_axis(tmp_path):
     cells = [tmp_path / f"grid-{i}.png" for i in range(2)]
     assert [read_png_parameters(cell).extra["SLG scale"] for cell in cells] == ["0", "3"]
     assert not np.array_equal(np.asarray(Image.open(cells[0])), np.asarray(Image.open(cells[1])))
+
+
+def _block_rows(bundle, run):
+    """``run()``'s result and, for each call of the transformer's first block, the rows it ran on (the guided
+    call runs ``[uncond, cond]``, the skip pass the prompt's rows alone)."""
+    rows: list[int] = []
+
+    def count(module, args, kwargs):
+        rows.append(int(kwargs.get("hidden_states", args[0] if args else None).shape[0]))
+
+    handle = bundle.transformer.transformer_blocks[0].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return result, rows
+
+
+@pytest.mark.parametrize(
+    ("sampler", "evaluations", "skipped_at"),
+    # heun: 2 * 4 - 1 = 7 evaluations, 7 * 0.01 < i < 7 * 0.5 -> 1, 2, 3; the others one a step: 4 * 0.01 < i < 2 -> 1
+    [("euler", 4, [1]), ("heun", 7, [1, 2, 3]), ("dpm++2m", 4, [1]), ("euler_a", 4, [1])],
+)
+def test_skip_pass_per_sampler_runs_on_the_prompt_rows_only(sd3, sampler, evaluations, skipped_at):
+    """The skip pass follows each guided evaluation the rule picks (counted over the evaluations a sampler makes)
+    and runs on the batch's prompt rows only (2 images: 2 rows, where the guided call has 4)."""
+    slg = SkipLayerGuidance((1,), start=0.01, end=0.5)
+    settings = {**SETTINGS, "sampler": sampler, "steps": 4, "skip_layer_guidance": slg}
+    _, rows = _block_rows(sd3, lambda: generate_images(sd3, ["a red cat", "a blue dog"], **settings))
+    per_image = [rows] if sampler != "euler_a" else [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    for calls in per_image:  # euler_a renders each image in its own call (1 image: 2 rows guided, 1 skipped)
+        guided = max(calls)
+        assert calls.count(guided) == evaluations
+        positions = [i for i, n in enumerate(calls) if n == guided]
+        assert [positions.index(i - 1) for i, n in enumerate(calls) if n != guided] == skipped_at
+        assert all(n == guided // 2 for n in calls if n != guided)
+
+
+def test_a_batch_of_two_is_diffusers_batch(sd3):
+    """Two prompts, two seeds, one euler call: diffusers' pipeline given the same batch makes the same latents."""
+    from sdcore.models.sd3.generate import build_sd3_pipeline, generate_sd3
+
+    slg = SkipLayerGuidance((0,), scale=2.0, start=0.1, end=0.6)
+    with torch.no_grad():
+        ours, (uncond, cond), (uncond_pooled, cond_pooled) = _first_call_embeds(
+            sd3,
+            lambda: generate_sd3(sd3, ["a red cat", "a blue dog"], ["blurry", "ugly"], seeds=[5, 9], steps=5,
+                                 cfg=3.0, width=64, height=64, output_type="latent", skip_layer_guidance=slg),
+        )  # fmt: skip
+        pipe = build_sd3_pipeline(sd3)
+        pipe.set_progress_bar_config(disable=True)
+        theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=cond_pooled,
+                      negative_pooled_prompt_embeds=uncond_pooled, num_inference_steps=5, guidance_scale=3.0,
+                      height=64, width=64, generator=[torch.Generator().manual_seed(s) for s in (5, 9)],
+                      output_type="latent", skip_guidance_layers=[0], skip_layer_guidance_scale=2.0,
+                      skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.6).images  # fmt: skip
+    assert torch.equal(ours, theirs)
+
+
+def _hooks(bundle):
+    modules = [bundle.transformer, *bundle.transformer.transformer_blocks]
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules]
+
+
+def test_the_bundle_is_unchanged_after_a_run_a_refusal_and_an_error(sd3):
+    """After a run, a refused call and a run that fails halfway, the transformer carries no hook and a plain
+    generation is the one made before any of them."""
+    from sdcore.generate.hires import HiresFix
+
+    hooks = _hooks(sd3)
+    plain = np.asarray(generate_images(sd3, ["a red cat"], steps=4, **SETTINGS)[0])
+    slg = SkipLayerGuidance((1,), start=0.01, end=0.5)
+    generate_images(sd3, ["a red cat"], steps=4, skip_layer_guidance=slg, **SETTINGS)
+    assert _hooks(sd3) == hooks
+    with pytest.raises(ConfigError):
+        generate_images(sd3, ["a red cat"], steps=4, hires=HiresFix(cfg=1.0), skip_layer_guidance=slg, **SETTINGS)
+    assert _hooks(sd3) == hooks
+
+    class Boom(Exception):
+        pass
+
+    calls = [0]
+
+    def boom(module, args, kwargs):  # fails inside the transformer on its third call, after a skip pass
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Boom
+
+    handle = sd3.transformer.transformer_blocks[1].register_forward_pre_hook(boom, with_kwargs=True)
+    try:
+        with pytest.raises(Boom):
+            generate_images(sd3, ["a red cat"], steps=4, skip_layer_guidance=slg, **SETTINGS)
+    finally:
+        handle.remove()
+    assert _hooks(sd3) == hooks
+    assert np.array_equal(np.asarray(generate_images(sd3, ["a red cat"], steps=4, **SETTINGS)[0]), plain)

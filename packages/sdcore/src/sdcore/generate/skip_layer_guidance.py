@@ -3,7 +3,8 @@
 On some steps the transformer runs once more on the prompt alone with some of its joint blocks skipped, and the
 guided prediction is pushed away from that weakened one. The rule is diffusers' ``StableDiffusion3Pipeline``
 (``skip_guidance_layers``, ``skip_layer_guidance_scale`` 2.8, ``skip_layer_guidance_start`` 0.01,
-``skip_layer_guidance_stop`` 0.2; ComfyUI's ``SkipLayerGuidanceSD3`` node is the same idea), facts rewritten here:
+``skip_layer_guidance_stop`` 0.2; ComfyUI's ``SkipLayerGuidanceSD3`` node adds the same term but defaults to
+3.0/0.01/0.15 and picks steps by sigma, bounds included, and at CFG 1 too: docs/generation.md), facts rewritten here:
 
 - only with CFG (diffusers applies it inside ``do_classifier_free_guidance``, i.e. CFG above 1); sdcore refuses
   SLG with a CFG of 1 or less instead of ignoring it in silence;

@@ -283,11 +283,14 @@ class ModuleIndex:
         kohya's SAI/BFL names as aliases (1:1 modules) or stacks of parts (fused q/k/v, swapped
         halves), and the text encoders as kohya names them (te1 CLIP-L, te2 CLIP-G, te3 T5):
         ``prefixes`` (component -> prefix, the family's declaration), else kohya's order per family."""
-        from .dit import DIT_TE_PREFIXES, TRANSFORMER_PREFIX, kohya_table
+        from .dit import DIT_TE_PREFIXES, TRANSFORMER_PREFIX, block_linears, kohya_table
 
         index = cls(family=family, denoiser="transformer")
         table = kohya_table(family, transformer)
-        default_paths = {part.path for module in table if module.default for part in module.parts}
+        if table:
+            default_paths = {part.path for module in table if module.default for part in module.parts}
+        else:  # a family without kohya names (a plugin's): the Linears of its blocks
+            default_paths = block_linears(transformer)
         alias_of = {module.parts[0].path: module.name for module in table if module.direct}
         for path, module in transformer.named_modules():
             if not path or not _linear_or_conv(module):

@@ -44,6 +44,11 @@ def test_default_targets_of_a_family_without_kohya_names_are_its_block_linears(t
     assert index.kohya == {}  # no SAI/BFL names: the file keeps the diffusers paths
     others = {t.path for t in index.targets.values() if t.component == "transformer" and t.group == "other"}
     assert {"time_step_proj.linear_1", "proj_out"} <= others  # embedders and final layer stay opt-in
+    # its encoder is neither CLIP nor T5: --train-text-encoder trains every Linear of it, named with the declared prefix
+    encoder = bundle.text_encoders[0]
+    te = {t.path: n for n, t in index.targets.items() if t.component == "text_encoder" and t.group == "te"}
+    assert set(te) == {p for p, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)} and len(te) == 7
+    assert te["encoder.block.0.layer.0.SelfAttention.q"] == "lora_te1_encoder_block_0_layer_0_SelfAttention_q"
 
 
 def test_the_metadata_names_a_plugin_family_and_reads_back(toyflow):

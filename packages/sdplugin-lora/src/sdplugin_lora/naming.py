@@ -355,6 +355,8 @@ class ModuleIndex:
         clip = type(encoder).__name__.startswith("CLIP")
         te_groups = _groups(encoder, {name: "te" for name in TE_TARGETS})
         te_groups.update(_groups(encoder, {name: "t5" for name in T5_TARGETS}))
+        if not te_groups:  # neither CLIP nor T5 (a plugin family's UMT5, Gemma...): every Linear trains with the TE
+            te_groups = {p: "te" for p, m in encoder.named_modules() if p and _linear_or_conv(m)}
         for path, module in encoder.named_modules():
             if not path or not _linear_or_conv(module):
                 continue

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from plugin_family import FAMILY, NAME
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sdcore.models import family as fam
 from sdcore.models.family import temporary_family
 
@@ -110,6 +110,10 @@ def test_a_plugin_flow_family_trains_a_lora_through_the_cli_and_renders_with_it(
         moved += int(delta.abs().max() > 0)
     assert moved == len(expected)  # three steps at lr 1e-2 moved every module
     applied.remove()
+    # without its metadata (another tool's copy) the names look like Flux's single blocks: not a refusal here
+    bare = tmp_path / "bare.safetensors"
+    save_file(state, str(bare))
+    apply_lora(bundle, bare, 1.0, merge=False, strict=True).remove()
 
     def render(prompt: str, name: str) -> torch.Tensor:
         target = tmp_path / name

@@ -464,6 +464,8 @@ def check_family(lora: LoraFile, family: str) -> None:
     made_for, why = detect_family(lora)
     if made_for == "flux" and family == "chroma" and why != "its metadata":
         return  # BFL block names alone do not tell FLUX.1 from Chroma: the shapes decide
+    if why != "its metadata" and family not in BASE_MODEL_VERSION:
+        return  # names only tell sdcore's own families apart; on a plugin's family the modules' match decides
     if made_for is not None and not _same_family(made_for, family):
         raise NetworkMismatchError(
             f"{lora.label}: this LoRA was made for {_named(made_for)} (from {why}); "

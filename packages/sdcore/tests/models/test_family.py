@@ -301,3 +301,79 @@ def test_the_documented_plugin_family_registers():
     family = get_family("mydit", pm)
     assert family.denoiser == "transformer" and family.objective == "flow-matching"
     assert pm.registrations("model family")["mydit"].plugin == "sdplugin_mydit_plugin_from_docs"
+
+
+def test_sdcore_plugins_lists_a_plugins_model_families(sd_cli):
+    result = sd_cli(["plugins"], pm=get_plugin_manager(entrypoints=False, extra=[ToyFamilyPlugin()]))
+    assert result.exit_code == 0, result.output
+    assert "    model families: toy-dit\n" in result.output and "familys" not in result.output
+
+
+class _WriterOnlyAdapter:
+    """A plugin family's adapter that saves diffusers folders (through the core's writer, ``diffusers_pipeline``)
+    but reads none: no ``detect_diffusers``/``load_diffusers``."""
+
+    diffusers_pipeline = "ToyWriterPipeline"
+
+    def detect_single_file(self, keys):
+        return False
+
+    def load_single_file(self, path, **options):
+        raise NotImplementedError
+
+    create_tiny = encode_prompts = predict = load_single_file
+
+
+def test_a_transformer_folder_no_family_reads_is_one_line_naming_the_family(monkeypatch, tmp_path):
+    import json
+    import sys
+    import types
+
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.layout import read_layout
+    from sdcore.models.load import load_model
+
+    module = types.ModuleType("sdcore_writer_only_family_for_tests")
+    module.ADAPTER = _WriterOnlyAdapter()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    register_family(dataclasses.replace(TOY, name="toy-writer", adapter=f"{module.__name__}:ADAPTER"))
+    index = {"_class_name": "ToyWriterPipeline", "transformer": ["diffusers", "ToyTransformer2DModel"]}
+    written = tmp_path / "written"
+    written.mkdir()
+    (written / "model_index.json").write_text(json.dumps(index))
+    want = (
+        r"written: a diffusers folder of ToyWriterPipeline without a UNet; the toy-writer family writes them but its "
+        r"adapter has no detect_diffusers/load_diffusers$"
+    )
+    with pytest.raises(ModelFormatError, match=want):
+        load_model(written)
+    with pytest.raises(ModelFormatError, match=want):
+        read_layout(written)  # the pre-flight says the same before loading
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "SomeoneElsesPipeline"}))
+    with pytest.raises(ModelFormatError, match=r"without a UNet; no installed model family reads them$"):
+        load_model(other)
+
+
+def test_meta_modules_take_a_plugin_familys_text_encoder_class_and_refuse_other_names():
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.load import build_empty_modules, text_encoder_class
+    from transformers import UMT5EncoderModel
+
+    configs = {
+        "transformer": {"_class_name": "AuraFlowTransformer2DModel", "num_mmdit_layers": 1,
+                        "num_single_dit_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
+                        "joint_attention_dim": 16, "caption_projection_dim": 16, "pos_embed_max_size": 64},
+        "vae": {"block_out_channels": [8], "norm_num_groups": 8, "latent_channels": 4},
+        "text_encoders": [{"_class_name": "UMT5EncoderModel", "vocab_size": 64, "d_model": 16, "d_kv": 8,
+                           "d_ff": 32, "num_layers": 1, "num_heads": 2}],
+    }  # fmt: skip
+    _denoiser, _vae, (encoder,) = build_empty_modules(configs)
+    assert isinstance(encoder, UMT5EncoderModel) and encoder.shared.weight.shape == (64, 16)
+    assert encoder.shared.weight.is_meta  # a plan, not weights
+    # a header names any class; only transformers' encoder model classes are built
+    for name in ("AutoTokenizer", "UMT5Config", "PreTrainedModel", "os", "GPT2LMHeadModel", "NoSuchEncoderModel"):
+        assert text_encoder_class(name) is None, name
+    with pytest.raises(ModelFormatError, match="unsupported text encoder class 'AutoTokenizer'"):
+        build_empty_modules({**configs, "text_encoders": [{"_class_name": "AutoTokenizer"}]})

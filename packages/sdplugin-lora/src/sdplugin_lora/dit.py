@@ -190,11 +190,26 @@ def sd3_table(transformer: Any) -> list[KohyaModule]:
 
 
 def kohya_table(family: str, transformer: Any) -> list[KohyaModule]:
+    """kohya's SAI/BFL module names of ``family``'s transformer; empty for a family kohya has no script for
+    (a plugin's): its modules keep their diffusers names (``lora_transformer_<path>``), see :func:`block_linears`."""
     if family in ("flux", "chroma"):
         return flux_table(transformer)
     if family == "sd3":
         return sd3_table(transformer)
-    raise ValueError(f"no kohya DiT table for family {family!r}")
+    return []
+
+
+def block_linears(transformer: Any) -> set[str]:
+    """The default LoRA targets of a transformer without a kohya table (a plugin family): every Linear inside its
+    repeated blocks (a path through a numbered ``ModuleList`` entry, ``joint_transformer_blocks.0.attn.to_q``),
+    which is kohya's default for SD3 and Flux (every Linear of the blocks; embedders and final layer opt-in)."""
+    import torch
+
+    return {
+        path
+        for path, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(part.isdigit() for part in path.split(".")[:-1])
+    }
 
 
 def variant_of_transformer(family: str, transformer: Any) -> str:
@@ -590,6 +605,7 @@ __all__ = [
     "TRANSFORMER_PREFIX",
     "KohyaModule",
     "Part",
+    "block_linears",
     "diffusers_state_dict",
     "flux_table",
     "fuse_parts",

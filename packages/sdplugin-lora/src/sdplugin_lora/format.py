@@ -292,8 +292,12 @@ _SD3_VERSIONS = ("medium", "5-large", "5-medium", "large")
 
 
 def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture``."""
+    """kohya ``ss_base_model_version``/``ss_v2`` or ModelSpec ``modelspec.architecture``; a family kohya does not
+    know (a plugin's) by its own name there, as :func:`network_metadata` writes it (``auraflow``, ``auraflow/lora``)."""
     version = metadata.get("ss_base_model_version", "")
+    for declared in (version, metadata.get("modelspec.architecture", "").removesuffix("/lora")):
+        if declared and declared not in BASE_MODEL_VERSION and family_label(declared) is not None:
+            return declared
     if version.startswith("chroma"):
         return "chroma"
     if version.startswith("flux"):
@@ -460,6 +464,8 @@ def check_family(lora: LoraFile, family: str) -> None:
     made_for, why = detect_family(lora)
     if made_for == "flux" and family == "chroma" and why != "its metadata":
         return  # BFL block names alone do not tell FLUX.1 from Chroma: the shapes decide
+    if why != "its metadata" and family not in BASE_MODEL_VERSION:
+        return  # names only tell sdcore's own families apart; on a plugin's family the modules' match decides
     if made_for is not None and not _same_family(made_for, family):
         raise NetworkMismatchError(
             f"{lora.label}: this LoRA was made for {_named(made_for)} (from {why}); "
@@ -755,6 +761,8 @@ def network_metadata(
     }
     if family in _FLUX_SCRIPT:  # kohya writes no prediction type for Flux or Chroma (sai_model_spec)
         del meta["modelspec.prediction_type"]
+    elif family not in BASE_MODEL_VERSION and prediction_type not in ("epsilon", "v_prediction"):
+        del meta["modelspec.prediction_type"]  # a plugin's flow family: neither epsilon nor v
     if clip_skip is not None:
         meta["modelspec.encoder_layer"] = clip_skip
     if extra:

@@ -283,11 +283,14 @@ class ModuleIndex:
         kohya's SAI/BFL names as aliases (1:1 modules) or stacks of parts (fused q/k/v, swapped
         halves), and the text encoders as kohya names them (te1 CLIP-L, te2 CLIP-G, te3 T5):
         ``prefixes`` (component -> prefix, the family's declaration), else kohya's order per family."""
-        from .dit import DIT_TE_PREFIXES, TRANSFORMER_PREFIX, kohya_table
+        from .dit import DIT_TE_PREFIXES, TRANSFORMER_PREFIX, block_linears, kohya_table
 
         index = cls(family=family, denoiser="transformer")
         table = kohya_table(family, transformer)
-        default_paths = {part.path for module in table if module.default for part in module.parts}
+        if table:
+            default_paths = {part.path for module in table if module.default for part in module.parts}
+        else:  # a family without kohya names (a plugin's): the Linears of its blocks
+            default_paths = block_linears(transformer)
         alias_of = {module.parts[0].path: module.name for module in table if module.direct}
         for path, module in transformer.named_modules():
             if not path or not _linear_or_conv(module):
@@ -352,6 +355,8 @@ class ModuleIndex:
         clip = type(encoder).__name__.startswith("CLIP")
         te_groups = _groups(encoder, {name: "te" for name in TE_TARGETS})
         te_groups.update(_groups(encoder, {name: "t5" for name in T5_TARGETS}))
+        if not te_groups:  # neither CLIP nor T5 (a plugin family's UMT5, Gemma...): every Linear trains with the TE
+            te_groups = {p: "te" for p, m in encoder.named_modules() if p and _linear_or_conv(m)}
         for path, module in encoder.named_modules():
             if not path or not _linear_or_conv(module):
                 continue

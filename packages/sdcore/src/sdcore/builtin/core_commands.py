@@ -60,7 +60,8 @@ def plugins_command(ctx: click.Context, as_json: bool, show_all: bool, show_trac
         version = f" {info.version}" if info.version else ""
         click.echo(f"{info.name}  ({info.distribution or 'unknown distribution'}{version})")
         for kind, names in info.registered.items():
-            click.echo(f"    {kind}s: {', '.join(names)}")
+            plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"  # "model families", not "familys"
+            click.echo(f"    {plural}: {', '.join(names)}")
         click.echo(f"    hooks: {', '.join(info.hooks) or 'none'}")
     if pm.load_errors or registry_error:
         click.echo("")

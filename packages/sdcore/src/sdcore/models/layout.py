@@ -119,13 +119,20 @@ def _single_file_layout(path: Path, parts: dict[str, Any] | None = None) -> Mode
 
 
 def _diffusers_layout(folder: Path, source: str, source_format: str) -> ModelLayout:
-    from .load import _folder_family, _other_family_folder, _read_json, configs_from_diffusers_folder
+    from .load import (
+        _folder_family,
+        _other_family_folder,
+        _read_json,
+        configs_from_diffusers_folder,
+        require_unet_folder,
+    )
 
     index = _read_json(folder / "model_index.json")
     other = _other_family_folder(index)
     if other is not None:
         family, configs = other[0], _family_folder_configs(folder, index, other[0])
     else:
+        require_unet_folder(folder, index)
         configs = configs_from_diffusers_folder(folder)
         family = _folder_family(folder, index, configs)
     sched = configs.get("scheduler") or {}

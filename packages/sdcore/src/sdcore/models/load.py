@@ -29,8 +29,21 @@ from .detect import CONFIG_METADATA_KEY, TEXT_ENCODER_PREFIXES, Detection, detec
 
 # ----------------------------------------------------------------------------------------------- configs
 
-#: text-encoder classes a layout may name (built on the meta device from their configs)
+#: text-encoder classes a layout may name (built on the meta device from their configs): sdcore's own families'
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+#: and, for a plugin family's encoder (AuraFlow's ``UMT5EncoderModel``...), any transformers model class so named
+TEXT_ENCODER_SUFFIXES = ("EncoderModel", "TextModel", "TextModelWithProjection")
+
+
+def text_encoder_class(name: str) -> Any:
+    """The transformers class a layout's ``_class_name`` names, or ``None`` when it is no text-encoder model class
+    (a name from a file header never reaches ``getattr`` unchecked)."""
+    import transformers
+
+    if name not in TEXT_ENCODER_CLASSES and not name.endswith(TEXT_ENCODER_SUFFIXES):
+        return None
+    cls = getattr(transformers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
 
 
 def bundled_config(family: str, prediction_type: str = "epsilon") -> dict[str, Any]:
@@ -127,7 +140,6 @@ def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     are the transformers classes their ``_class_name`` names (CLIP, CLIP with projection, T5).
     """
     import diffusers
-    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with empty_weights():
@@ -143,10 +155,10 @@ def build_empty_modules(configs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
         encoders = []
         for te in configs["text_encoders"]:
             cls_name = te.get("_class_name") or (te.get("architectures") or ["CLIPTextModel"])[0]
-            if cls_name not in TEXT_ENCODER_CLASSES:
+            model_cls = text_encoder_class(cls_name)
+            if model_cls is None:
                 raise ModelFormatError(f"unsupported text encoder class {cls_name!r}")
             fields = {k: v for k, v in te.items() if k not in ("_class_name", "architectures", "model_type")}
-            model_cls = getattr(transformers, cls_name)
             encoders.append(model_cls(model_cls.config_class(**fields)))
     return denoiser, vae, encoders
 
@@ -395,6 +407,29 @@ def _other_family_folder(index: dict[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
+def require_unet_folder(folder: Path, index: dict[str, Any]) -> None:
+    """A folder no family's adapter claims is read as a UNet (SD1/SD2/SDXL) folder; one without a UNet (a plugin
+    family's transformer folder, which the core's writer makes from the declaration alone) is refused in one line
+    naming what would read it, not with a missing ``unet/config.json``."""
+    entry = index.get("unet")
+    if entry and entry[0] is not None:
+        return
+    from .family import families, family_adapter
+
+    cls = index.get("_class_name") or "?"
+    writers = []
+    for family in families():
+        try:
+            adapter = family_adapter(family)
+        except SdcoreError:
+            continue
+        if family.denoiser != "unet" and getattr(adapter, "diffusers_pipeline", None) == cls:
+            writers.append(family.name)
+    why = (f"the {', '.join(writers)} family writes them but its adapter has no detect_diffusers/load_diffusers"
+           if writers else "no installed model family reads them")  # fmt: skip
+    raise ModelFormatError(f"{folder}: a diffusers folder of {cls} without a UNet; {why}")
+
+
 def _folder_family(folder: Path, index: dict[str, Any], configs: dict[str, Any]) -> str:
     cls = index.get("_class_name", "")
     if "XL" in cls:
@@ -489,6 +524,7 @@ def read_diffusers(
             folder, prediction_type=prediction_type, dtype=dtype, device=device, tokenizer=tokenizer,
             config=config, use_ema=use_ema, **family_options,
         )  # fmt: skip
+    require_unet_folder(folder, index)
     vae_part = family_options.pop("vae", None)  # the UNet families' one separate part (kohya's --vae)
     if family_options:
         raise SdcoreError(f"{folder}: option(s) {', '.join(sorted(family_options))} do not apply to this model")

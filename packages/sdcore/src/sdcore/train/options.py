@@ -82,7 +82,7 @@ class TrainOptions:
 
     # what and where
     model: str = option(
-        "", "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:sd1|sd2|sdxl.", group="model"
+        "", "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:<family>.", group="model"
     )
     # parts of a model file that lacks them (SD3 without text encoders/VAE, BFL's flux1-dev.safetensors)
     clip_l: str | None = _part("clip_l")

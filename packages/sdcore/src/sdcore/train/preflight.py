@@ -83,7 +83,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     o = options
     problems: list[str] = []
     if not o.model:
-        problems.append("no base model given (--model: a model file or folder, or tiny:sd1|sd2|sdxl)")
+        problems.append("no base model given (--model: a model file or folder, or tiny:<family>)")
     if not o.data:
         problems.append("no dataset given (--data: a folder of images or a dataset .toml)")
     if not o.output:

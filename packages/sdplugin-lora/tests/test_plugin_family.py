@@ -1,0 +1,134 @@
+"""LoRA on a model family only a plugin declares (``plugin_family``: a name sdcore and sdplugin-lora never see
+in their code): the CLI trains it, the file names its modules and family, and ``<lora:...>`` renders with it."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from plugin_family import FAMILY, NAME
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from sdcore.models import family as fam
+from sdcore.models.family import temporary_family
+
+
+@pytest.fixture
+def toyflow():
+    with temporary_family(FAMILY):
+        yield FAMILY
+    fam.reset_family_cache()
+
+
+def _block_linears(transformer: torch.nn.Module) -> set[str]:
+    """The Linears inside numbered blocks, found here independently of the code under test."""
+    return {
+        path
+        for path, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and re.search(r"(^|\.)\d+\.", path)
+    }
+
+
+def test_default_targets_of_a_family_without_kohya_names_are_its_block_linears(toyflow):
+    from sdcore.models.load import load_model
+    from sdplugin_lora.naming import ModuleIndex
+
+    bundle = load_model(f"tiny:{NAME}")
+    index = ModuleIndex.from_bundle(bundle)
+    chosen = {t.path for t in index.targets.values() if t.component == "transformer" and t.group == "transformer"}
+    expected = _block_linears(bundle.transformer)
+    assert chosen == expected and len(expected) > 10
+    assert index.kohya == {}  # no SAI/BFL names: the file keeps the diffusers paths
+    others = {t.path for t in index.targets.values() if t.component == "transformer" and t.group == "other"}
+    assert {"time_step_proj.linear_1", "proj_out"} <= others  # embedders and final layer stay opt-in
+    # its encoder is neither CLIP nor T5: --train-text-encoder trains every Linear of it, named with the declared prefix
+    encoder = bundle.text_encoders[0]
+    te = {t.path: n for n, t in index.targets.items() if t.component == "text_encoder" and t.group == "te"}
+    assert set(te) == {p for p, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)} and len(te) == 7
+    assert te["encoder.block.0.layer.0.SelfAttention.q"] == "lora_te1_encoder_block_0_layer_0_SelfAttention_q"
+
+
+def test_the_metadata_names_a_plugin_family_and_reads_back(toyflow):
+    from sdplugin_lora.format import family_from_metadata, network_metadata
+
+    meta = network_metadata(family=NAME, prediction_type="flow-matching", rank=4, alpha=4.0)
+    assert meta["ss_base_model_version"] == NAME and meta["modelspec.architecture"] == f"{NAME}/lora"
+    assert "modelspec.prediction_type" not in meta  # a flow family is neither epsilon nor v
+    assert family_from_metadata(meta) == NAME
+    assert family_from_metadata({"modelspec.architecture": f"{NAME}/lora"}) == NAME
+    assert family_from_metadata({"ss_base_model_version": "no-such-family"}) is None  # unknown names stay unknown
+    # sdcore's own families keep kohya's values
+    sd1 = network_metadata(family="sd1", prediction_type="epsilon", rank=4, alpha=4.0)
+    assert sd1["modelspec.prediction_type"] == "epsilon"
+
+
+def _png(path) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32))
+
+
+def test_a_plugin_flow_family_trains_a_lora_through_the_cli_and_renders_with_it(toyflow, tmp_path):
+    from sdcore.cli import build_cli
+    from sdcore.models.load import load_model
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdplugin_lora.apply import apply_lora
+
+    cli = build_cli(get_plugin_manager())
+    data = make_tiny_dataset(tmp_path / "data")
+    loras = tmp_path / "loras"
+    out = loras / "toy.safetensors"
+    args = ["train", "lora", "--model", f"tiny:{NAME}", "--data", str(data), "--output", str(out), "--max-steps", "3",
+            "--lr", "1e-2", "--rank", "4", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+
+    bundle = load_model(f"tiny:{NAME}")
+    expected = {"lora_transformer_" + p.replace(".", "_") for p in _block_linears(bundle.transformer)}
+    state = load_file(str(out))
+    assert {k.rsplit(".", 2)[0] if "lora_" in k.rsplit(".", 2)[-2] else k.rsplit(".", 1)[0] for k in state} == expected
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == NAME and meta["modelspec.architecture"] == f"{NAME}/lora"
+
+    # merged at weight w, each module is W + w * alpha/rank * up @ down (kohya's LoRA formula)
+    base = {k: v.clone() for k, v in bundle.transformer.state_dict().items()}
+    applied = apply_lora(bundle, out, 0.5, merge=True, strict=True)
+    merged = bundle.transformer.state_dict()
+    moved = 0
+    for name in expected:
+        path = name.removeprefix("lora_transformer_")
+        module = next(p for p in _block_linears(bundle.transformer) if p.replace(".", "_") == path)
+        up, down = state[f"{name}.lora_up.weight"].float(), state[f"{name}.lora_down.weight"].float()
+        scale = float(state[f"{name}.alpha"]) / down.shape[0]
+        delta = 0.5 * scale * (up @ down)
+        torch.testing.assert_close(merged[f"{module}.weight"], base[f"{module}.weight"] + delta, atol=1e-6, rtol=0)
+        moved += int(delta.abs().max() > 0)
+    assert moved == len(expected)  # three steps at lr 1e-2 moved every module
+    applied.remove()
+    # without its metadata (another tool's copy) the names look like Flux's single blocks: not a refusal here
+    bare = tmp_path / "bare.safetensors"
+    save_file(state, str(bare))
+    apply_lora(bundle, bare, 1.0, merge=False, strict=True).remove()
+
+    def render(prompt: str, name: str) -> torch.Tensor:
+        target = tmp_path / name
+        args = ["generate", prompt, "--model", f"tiny:{NAME}", "--steps", "2", "--seed", "3", "--size", "64x64",
+                "--lora-dir", str(loras), "-o", str(target)]  # fmt: skip
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        return _png(target)
+
+    plain = render("a red circle", "plain.png")
+    assert torch.equal(render("a red circle <lora:toy:0>", "zero.png"), plain)  # weight 0 changes nothing
+    with_lora = render("a red circle <lora:toy:1>", "lora.png")
+    assert (with_lora - plain).abs().max() > 0
+    from sdcore.generate.pnginfo import read_png_parameters
+
+    params = read_png_parameters(tmp_path / "lora.png")
+    assert params is not None and "toy" in params.extra["Lora hashes"]
+    assert (params.cfg, params.sampler) == (3.0, "euler")  # the adapter's default_cfg and default_sampler

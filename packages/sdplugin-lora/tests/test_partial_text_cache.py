@@ -8,13 +8,14 @@ that CLIP's LoRA changes its outputs (else a partial and a full encode would agr
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 from sdcore.models.load import load_model
 from sdcore.testing.contract import contract_options, make_tiny_dataset
 from sdcore.train.loop import TrainSession
-from sdplugin_lora.method import LoraMethod, LoraOptions
+from sdplugin_lora.method import LoraMethod
 
 FAMILIES = ("flux", "sd3")
 #: the component whose outputs are cached while CLIP trains
@@ -112,13 +113,16 @@ def test_gradients_reach_clips_lora_and_equal_the_uncached_runs(tmp_path, family
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_t5_does_not_run_during_steps(tmp_path, family):
-    session = _session(_options(tmp_path, family), family)
+def test_t5_does_not_run_during_steps_or_samples(tmp_path, family):
+    options = _options(tmp_path, family, sample_prompts="a red cube", sample_every=1, sample_steps=2)
+    session = _session(options, family)
+    assert session.text_cache.sample_parts is not None  # T5's encoding of the sample prompt, kept at caching
     t5, clip = _t5(session.bundle), session.bundle.text_encoders[0]
     t5_calls, clip_calls = _count_forwards(t5), _count_forwards(clip)
     session.run()
     assert session.position.step == 2
-    assert t5_calls["n"] == 0 and clip_calls["n"] >= 2  # CLIP runs at each step, T5 never
+    assert len(list((tmp_path / "run").rglob("*.png"))) >= 2  # the samples rendered
+    assert t5_calls["n"] == 0 and clip_calls["n"] >= 4  # CLIP runs at each step and render, T5 never
     assert not any(p.requires_grad for p in t5.parameters())
     assert next(t5.parameters()).device.type == "cpu"
 
@@ -178,3 +182,55 @@ def test_the_disk_cache_is_reused_by_a_partial_run_only(tmp_path, family):
     t5_trained = _session(dataclasses.replace(options, train_t5=True), family)
     assert t5_trained.text_cache is None
     assert len(sorted((tmp_path / "data").rglob("sdcore_text_*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_memory_plan_leaves_the_cached_t5_off_the_device(tmp_path, family):
+    """On a GPU the plan counts T5's weights and activations only without the cache: the difference is T5's
+    parameters at 4 bytes (fp32 run) and its activations ``K_TE * tokens * width * layers`` per sample; with T5
+    trained nothing is cached, so the option changes nothing."""
+    from sdcore.models.layout import read_layout
+    from sdcore.train.memory import ACTIVATION_CONSTANTS
+    from sdcore.train.preflight import memory_plan
+
+    layout = read_layout(f"tiny:{family}")
+    options = _options(tmp_path, family)
+    cached, plain = (
+        memory_plan(LoraMethod(o), o, layout=layout, device="cuda").estimate
+        for o in (options, dataclasses.replace(options, cache_text_encoder_outputs=False))
+    )
+    t5 = layout.configs["text_encoders"][-1]
+    assert "d_model" in t5  # the last encoder is T5
+    counts = memory_plan(LoraMethod(options), options, layout=layout, device="cuda").params.components
+    assert plain.weights - cached.weights == counts[T5[family]] * 4
+    k_te = ACTIVATION_CONSTANTS["adapter"][3]
+    tokens = t5.get("n_positions") or 77  # what the plan counts a T5 config's tokens as (77 without n_positions)
+    t5_units = k_te * tokens * t5["d_model"] * t5["num_layers"]
+    assert plain.activations - cached.activations == pytest.approx(options.batch_size * 4 * t5_units, abs=2)
+    assert cached.settings["text_cached_encoders"] == [T5[family]] and plain.settings["text_cached_encoders"] == []
+    t5_trained = dataclasses.replace(options, train_t5=True)
+    both = [memory_plan(LoraMethod(o), o, layout=layout, device="cuda").estimate.total
+            for o in (t5_trained, dataclasses.replace(t5_trained, cache_text_encoder_outputs=False))]  # fmt: skip
+    assert both[0] == both[1]
+
+
+def test_the_dry_run_plan_names_the_partial_cache_and_its_smaller_estimate(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    args = ["train", "lora", "--model", "tiny:flux", "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+            "--resolution", "64", "--train-text-encoder", "--split-qkv", "--dry-run"]  # fmt: skip
+    texts = []
+    for extra in (["--no-cache-text-encoder-outputs"], ["--cache-text-encoder-outputs"]):
+        result = CliRunner().invoke(build_cli(get_plugin_manager()), args + extra, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        texts.append(result.output)
+    assert "text-encoder outputs no (the text encoder runs every step)" in texts[0]
+    assert "text-encoder outputs in memory, T5-XXL only (the training text encoders run every step)" in texts[1]
+
+    def activations(text: str) -> float:
+        return float(re.search(r"estimated peak memory: .*activations ([\d,]+)", text).group(1).replace(",", ""))
+
+    assert activations(texts[1]) < activations(texts[0])  # T5's are gone (on the CPU its weights stay)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from ..data.buckets import BucketAssignment
     from ..data.dataset import ImageEntry
-    from ..generate.conditioning_memo import ConditioningMemo
+    from ..generate.conditioning_memo import ConditioningMemo, PartMemo
     from ..models.bundle import ModelBundle
     from .method import Conditioning
 
@@ -306,6 +306,9 @@ class TextCache:
         #: the sample prompts' encodings (:func:`sdcore.train.sampling.encode_sample_prompts`), so sample
         #: renders leave the text encoders on the CPU; None without sample prompts
         self.sample_conditioning: ConditioningMemo | None = None
+        #: with :attr:`partial`: the cached encoders' outputs for the sample prompts (their renders run the training
+        #: encoders live and leave the cached ones on the CPU); None otherwise
+        self.sample_parts: PartMemo | None = None
         self._build_variants(max(1, variants))
 
     def _build_variants(self, count: int) -> None:
@@ -446,7 +449,7 @@ def partial_text_encoders(options: Any, caps: Any, family: Any, method: Any = No
     (kohya caches T5 while CLIP trains; a trained T5 caches nothing, as kohya refuses the pair) and some other
     encoder does. Empty when the run caches all of its text encoders' outputs or none (SD1/2/XL, Chroma, a
     method that does not say which encoders train or encodes in its own way)."""
-    from ..models.family import get_family, text_encoder_slot
+    from ..models.family import get_family
     from .method import TrainingMethod
 
     trained = getattr(caps, "trained_text_encoders", None)
@@ -555,13 +558,22 @@ def build_caches(
         if partial:
             names = ", ".join(_encoder_label(bundle, c) for c in partial)
             progress.say(f"text-encoder outputs cached for {names} (the other text encoders train, run every step)")
-        # the sample prompts are encoded ahead only when no encoder trains (a trained CLIP encodes them live)
-        if options.sample_prompts and is_main and not partial:  # only the main process renders samples
+        if options.sample_prompts and is_main:  # only the main process renders samples
             from .sampling import encode_sample_prompts
 
-            text_cache.sample_conditioning = encode_sample_prompts(bundle, options, device=device)
-            if text_cache.sample_conditioning is not None:
-                progress.say(f"sample prompts: {len(text_cache.sample_conditioning.texts())} texts encoded")
+            if partial:  # a training CLIP encodes them at each render: T5's parts alone are kept (kohya's too)
+                from ..generate.conditioning_memo import PartMemo
+
+                parts = PartMemo()
+                with parts.recording():
+                    recorded = encode_sample_prompts(bundle, options, device=device)
+                text_cache.sample_parts = parts if recorded is not None and parts.entries else None
+                if text_cache.sample_parts is not None:
+                    progress.say(f"sample prompts: {len(parts.entries)} encodings of the cached text encoders kept")
+            else:
+                text_cache.sample_conditioning = encode_sample_prompts(bundle, options, device=device)
+                if text_cache.sample_conditioning is not None:
+                    progress.say(f"sample prompts: {len(text_cache.sample_conditioning.texts())} texts encoded")
         if device.type != "cpu":
             for te in cached_text_encoders(bundle, partial):
                 te.to("cpu")  # its outputs are cached: its weights leave the device (renders bring it back)

@@ -364,7 +364,7 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
     if partial and not text.startswith("no"):  # T5's outputs alone; CLIP trains and runs every step
         from ..models.family import get_family
 
-        kinds = {te.component: te.kind.upper() for te in get_family(family).text_encoders}
+        kinds = {te.component: te.kind.upper() for te in get_family(str(family)).text_encoders}
         text += f", {', '.join(kinds[c] for c in partial)} only (the training text encoders run every step)"
     from ..data.captions import warmup_steps
 

@@ -704,6 +704,7 @@ class TrainSession:
                 step=self.position.step,
                 say=self.say,
                 conditioning=self.text_cache.sample_conditioning if self.text_cache is not None else None,
+                parts=self.text_cache.sample_parts if self.text_cache is not None else None,
                 epoch=epoch,
                 images_folder=self.state_root.parent / KOHYA_SAMPLE_FOLDER,
                 output_name=self.state_root.name[: -len("-state")],

@@ -323,7 +323,19 @@ class FluxAdapter:
         **options: Any,
     ) -> Conditioning:
         """T5's part of :meth:`encode_prompts` alone (the family's ``partial_text_cache``): its sequence as
-        ``hidden_states`` (and its mask in ``extra``), no pooled vector; what a run training CLIP-L caches."""
+        ``hidden_states`` (and its mask in ``extra``), no pooled vector; what a run training CLIP-L caches (and,
+        for its sample renders, :class:`~sdcore.generate.conditioning_memo.PartMemo` keeps)."""
+        from ...generate.conditioning_memo import active_part_memo
+
+        memo = active_part_memo()
+        if memo is not None:
+            key = ("flux", tuple(prompts), t5_max_length, t5_attention_mask, control)
+            return memo.encode(key, lambda: self._t5_part(bundle, prompts, t5_max_length, t5_attention_mask, control))
+        return self._t5_part(bundle, prompts, t5_max_length, t5_attention_mask, control)
+
+    def _t5_part(
+        self, bundle: ModelBundle, prompts: list[str], t5_max_length: int | None, t5_attention_mask: bool, control: bool
+    ) -> Conditioning:
         from ...train.method import Conditioning
         from ..t5 import encode_t5
         from .variants import require_supported

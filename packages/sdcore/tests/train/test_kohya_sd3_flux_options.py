@@ -111,29 +111,34 @@ def test_a_kohya_flux_toml_with_these_names_loads(tmp_path):
 
 
 @pytest.mark.parametrize("cache_key", ["cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"])
-def test_kohya_text_cache_with_a_training_text_encoder_says_nothing_is_cached(tmp_path, cache_key):
+@pytest.mark.parametrize(("model", "module"), [("tiny:flux", "networks.lora_flux"), ("tiny:sd3", "networks.lora_sd3")])
+def test_kohya_text_cache_with_a_training_clip_caches_t5_as_kohya(tmp_path, cache_key, model, module):
     """kohya's flux_train_network.py example sets --cache_text_encoder_outputs without
-    --network_train_unet_only: CLIP-L trains there and kohya caches T5 only; sdcore caches nothing while a
-    text encoder trains, so the run says so instead of taking the option silently."""
+    --network_train_unet_only: CLIP trains there and kohya caches T5's outputs only (``is_partial``,
+    flux_train_network.py:205-225, sd3_train_network.py:177-200). sdcore does the same now, so no note says
+    that nothing is cached, and the run builds a text cache of T5's outputs alone."""
     pytest.importorskip("sdplugin_lora")
-    from sdplugin_lora.method import LoraOptions
+    from sdcore.testing.contract import make_tiny_dataset
+    from sdcore.train.loop import TrainSession
+    from sdplugin_lora.method import LoraMethod, LoraOptions
 
-    def notes_of(extra: str) -> str:
-        path = tmp_path / "kohya.toml"
-        path.write_text(
-            f'pretrained_model_name_or_path = "tiny:flux"\nnetwork_module = "networks.lora_flux"\n'
-            f"{cache_key} = true\n{extra}",
-            encoding="utf-8",
-        )
-        notes: list[str] = []
-        options = load_options(LoraOptions, path, notes=notes)
-        assert options.cache_text_encoder_outputs is True
-        return " | ".join(notes)
-
-    said = notes_of("")
-    assert "cache_text_encoder_outputs: the text encoder trains" in said
-    assert "kohya caches T5's outputs while CLIP-L trains" in said
-    assert "cache_text_encoder_outputs:" not in notes_of("network_train_unet_only = true\n")
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        f'pretrained_model_name_or_path = "{model}"\nnetwork_module = "{module}"\n{cache_key} = true\n'
+        f'train_data_dir = "{data}"\noutput_dir = "{tmp_path / "out"}"\nresolution = "64,64"\nmax_train_steps = 1\n'
+        'network_dim = 2\nt5xxl_max_token_length = 16\nnetwork_args = ["split_qkv=True"]\n',
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    options = load_options(LoraOptions, path, notes=notes)
+    assert options.cache_text_encoder_outputs is True and options.train_text_encoder
+    assert not [n for n in notes if n.startswith("cache_text_encoder_outputs:")]
+    session = TrainSession(LoraMethod(dataclasses.replace(options, progress=False)))
+    session.setup()
+    t5 = "text_encoder_2" if model == "tiny:flux" else "text_encoder_3"
+    assert session.text_cache is not None and session.text_cache.partial == (t5,)
+    assert session.text_cache.encoded == 2  # the two captions, once each
 
 
 @pytest.mark.parametrize(

@@ -322,3 +322,35 @@ def test_a_line_whose_cfg_changed_after_caching_is_encoded_live(tmp_path, monkey
         watch.close()
     assert watch.forwards > 0  # encoded live: the memo holds no uncond for it
     assert np.array_equal(fallback, live)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_run_training_clip_renders_from_t5s_kept_outputs_and_clip_live(tmp_path, monkeypatch, family):
+    """Partial caching (T5 cached while CLIP trains): the renders keep T5's encodings of the sample texts
+    (``PartMemo``, kohya's ``sample_prompts_te_outputs`` with CLIP run live), T5 neither runs nor moves, CLIP
+    runs, and the images equal a live render's."""
+    from sdcore.generate.conditioning_memo import PartMemo
+
+    bundle = _bundle(family)
+    options = _options(tmp_path, family)
+    parts = PartMemo()
+    with parts.recording():
+        assert encode_sample_prompts(bundle, options, device=torch.device("cpu")) is not None
+    assert parts.entries
+    t5, clip = bundle.text_encoders[-1], bundle.text_encoders[0]
+    live = _render(bundle, options, tmp_path, "live")
+    calls = {"t5": 0, "clip": 0}
+    handles = [t5.register_forward_pre_hook(lambda *_: calls.__setitem__("t5", calls["t5"] + 1)),
+               clip.register_forward_pre_hook(lambda *_: calls.__setitem__("clip", calls["clip"] + 1))]  # fmt: skip
+    moves: list[str] = []
+    real = t5.to
+    monkeypatch.setattr(t5, "to", lambda *a, **k: moves.append("t5") or real(*a, **k))
+    try:
+        path = render_samples(bundle, _Plain(), options, device=ELSEWHERE, folder=tmp_path, tag="parts", step=0,
+                              say=lambda _: None, parts=parts)  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert path is not None
+    assert calls["t5"] == 0 and moves == [] and calls["clip"] > 0
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), live)

@@ -709,7 +709,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         ]
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True)
+        # kohya's slots: the CLIP encoders train with the text encoder, T5 only with train_t5 (so a cached T5)
+        trained = frozenset({1, 2, 3} if self.options.train_t5 else {1, 2}) if self.train_te else None
+        return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True, trained_text_encoders=trained)
 
     # --- setup -----------------------------------------------------------------------------------
     def block_options(self) -> dict[str, str | None]:

@@ -179,4 +179,68 @@ class ConditioningMemo:
             self._scope, self._ordinal, self._recording = None, 0, False
 
 
-__all__ = ["ConditioningMemo", "EncodingDone", "MemoMiss", "active_memo"]
+_PARTS: ContextVar[PartMemo | None] = ContextVar("sdcore_part_memo", default=None)
+
+
+def active_part_memo() -> PartMemo | None:
+    """The memo of the frozen encoders' outputs active now (None: encode live)."""
+    return _PARTS.get()
+
+
+class PartMemo:
+    """Outputs of the text encoders a partial cache holds (SD3/FLUX.1's T5-XXL while CLIP trains), kept for the
+    sample renders.
+
+    Why: a run that trains CLIP cannot replay whole sample-prompt encodings (CLIP changes with every step), but
+    T5's part of them never changes; kohya keeps it (``sample_prompts_te_outputs``) and runs CLIP live. The family
+    adapter's ``encode_cached_part`` goes through :meth:`encode` while a memo is active: recorded while T5 is on
+    the device for caching, replayed at each render with T5 left on the CPU (a forward of it, or a key not
+    recorded, raises :class:`MemoMiss`, and the caller renders live)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Any, Any] = {}
+        self._recording = False
+
+    def encode(self, key: Any, live: Callable[[], Any]) -> Any:
+        """``live()``'s result for ``key`` (the texts and every setting of the encoding)."""
+        if self._recording:
+            result = live()
+            self.entries[key] = _keep(result)
+            return result
+        if key not in self.entries:
+            raise MemoMiss(f"the cached text encoders' outputs for {key!r}")
+        return _restore(self.entries[key])
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep every cached part encoded inside."""
+        with self._active(recording=True):
+            yield
+
+    @contextlib.contextmanager
+    def replaying(self, text_encoders: Sequence[Any] = ()) -> Iterator[None]:
+        """Take the cached parts from the memo inside; a forward of ``text_encoders`` raises :class:`MemoMiss`."""
+
+        def refuse(module: Any, *_: Any, **__: Any) -> None:
+            raise MemoMiss(f"a {type(module).__name__} forward during a render from the memo")
+
+        handles = [encoder.register_forward_pre_hook(refuse) for encoder in text_encoders if encoder is not None]
+        try:
+            with self._active(recording=False):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def _active(self, *, recording: bool) -> Iterator[None]:
+        self._recording = recording
+        token = _PARTS.set(self)
+        try:
+            yield
+        finally:
+            _PARTS.reset(token)
+            self._recording = False
+
+
+__all__ = ["ConditioningMemo", "EncodingDone", "MemoMiss", "PartMemo", "active_memo", "active_part_memo"]

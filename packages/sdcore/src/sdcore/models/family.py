@@ -97,6 +97,11 @@ class ModelFamily:
     #: ``sdcore generate --mask`` inpaints with it (A1111's inpainting; a non-UNet family's adapter ``generate``
     #: then takes ``inpaint=``, a :class:`sdcore.generate.inpaint.PreparedInpaint`)
     inpaints: bool = False
+    #: the text encoders (components) whose outputs a run may cache while the family's other encoders train
+    #: (kohya's partial caching on SD3/FLUX.1: T5-XXL cached, CLIP trained, ``flux_train_network.py``'s
+    #: ``get_models_for_text_encoding``); the adapter then implements ``encode_cached_part`` and
+    #: ``complete_encoding`` (see :class:`FamilyAdapter`). Empty: caching is all or nothing
+    partial_text_cache: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from ..specs import _check_import_string, _check_name
@@ -111,6 +116,11 @@ class ModelFamily:
             )
         if not self.text_encoders:
             raise PluginError(f"model family {self.name!r} declares no text encoder")
+        unknown = set(self.partial_text_cache) - {te.component for te in self.text_encoders}
+        if unknown:
+            raise PluginError(
+                f"model family {self.name!r}: partial_text_cache names no text encoder of it: {sorted(unknown)}"
+            )
         # a read-only, hashable-by-identity view: the family is shared by every bundle of it
         object.__setattr__(self, "lora_prefixes", MappingProxyType(dict(self.lora_prefixes)))
 
@@ -155,6 +165,11 @@ class FamilyAdapter(Protocol):
     ``sample_draws(bundle, options, batch, count) -> list[hook]`` gives the training step hooks
     ``hook(sample_index, generator)`` that draw more per sample after its noise and timestep and record
     the result in ``batch.extra`` (SD3: kohya's per-encoder caption dropout, positional-embedding crop).
+    ``encode_cached_part(bundle, prompts, **options) -> Conditioning`` encodes with the family's
+    ``partial_text_cache`` encoders alone (what a partial text-encoder cache keeps, in a layout of the adapter's
+    choosing), and ``complete_encoding(bundle, prompts, cached, **options) -> Conditioning`` runs the other
+    encoders and joins their outputs with ``cached`` (a batch of ``encode_cached_part``'s results for the same
+    prompts) into exactly what ``encode_prompts`` returns; both take ``encode_prompts``' options.
     ``enable_gradient_checkpointing(bundle)`` replaces the denoiser's own ``enable_gradient_checkpointing()``
     for ``--gradient-checkpointing`` (Chroma: diffusers' checkpointed single blocks would drop the mask).
     """

@@ -176,7 +176,11 @@ class BatchMaker:
             )
         batch.reference_latents = self.reference_latents(refs)
         if self.text_cache is not None and with_conditioning:
-            batch.conditioning = self.text_cache.batch(captions).to(self.device)
+            cached = self.text_cache.batch(captions).to(self.device)
+            if self.text_cache.partial:  # the frozen encoders' part: the step runs the training ones
+                batch.cached_text = cached
+            else:
+                batch.conditioning = cached
         return batch
 
     def reference_latents(self, refs: list[SampleRef]) -> Any:

@@ -7,11 +7,17 @@ built from the image path, its mtime and size, the bucket/resize/crop, the flip 
 VAE. A later run reuses a file when the key matches and re-encodes (overwriting atomically) when
 anything changed, so an edited image or another VAE never trains on stale latents.
 
-Text encoder outputs (only when the method keeps the text encoders frozen): each image gets
+Text encoder outputs (when the method keeps the text encoders frozen, or, on SD3/FLUX.1, only T5's while CLIP
+trains: :func:`partial_text_encoders`): each image gets
 ``caption_variants`` processed captions when shuffling/dropout is on (one otherwise), every
 distinct prompt is encoded once, and each epoch picks a variant per sample deterministically.
 With ``--cache-text-encoder-outputs-to-disk`` the encodings are also kept in one file per dataset
 folder (:mod:`.text_store`) that a later run with the same encoders and settings reuses.
+
+Partial caching (kohya's ``is_partial`` on SD3/FLUX.1): while CLIP trains, the family's ``partial_text_cache``
+encoders (T5-XXL) are frozen and their outputs do not change, so only those are cached (then the encoder goes to
+the CPU) and each step runs the training encoders on the cached caption variant and joins the two
+(:meth:`~sdcore.train.method.TrainingMethod.encode_partial`) into what a full encode gives.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
 
     from ..data.buckets import BucketAssignment
     from ..data.dataset import ImageEntry
-    from ..generate.conditioning_memo import ConditioningMemo
+    from ..generate.conditioning_memo import ConditioningMemo, PartMemo
     from ..models.bundle import ModelBundle
     from .method import Conditioning
 
@@ -280,8 +286,11 @@ class TextCache:
         dtype: Any = None,
         to_disk: bool = False,
         cache_dir: str | None = None,
+        partial: tuple[str, ...] = (),
     ) -> None:
         self.bundle = bundle
+        #: the text encoders (components) whose outputs alone are cached while the others train; empty: all
+        self.partial = partial
         self.dtype = dtype  # stored precision: the mixed-precision dtype (the UNet consumes that anyway)
         self.method = method
         self.entries = entries
@@ -297,6 +306,9 @@ class TextCache:
         #: the sample prompts' encodings (:func:`sdcore.train.sampling.encode_sample_prompts`), so sample
         #: renders leave the text encoders on the CPU; None without sample prompts
         self.sample_conditioning: ConditioningMemo | None = None
+        #: with :attr:`partial`: the cached encoders' outputs for the sample prompts (their renders run the training
+        #: encoders live and leave the cached ones on the CPU); None otherwise
+        self.sample_parts: PartMemo | None = None
         self._build_variants(max(1, variants))
 
     def _build_variants(self, count: int) -> None:
@@ -337,6 +349,13 @@ class TextCache:
             folders.setdefault(str(entry.subset.image_dir), set()).update(variants, dropped)
         return folders
 
+    def _run(self, prompts: list[str]) -> Conditioning:
+        """What the cache keeps for ``prompts``: the method's encoding, or with :attr:`partial` the cached
+        encoders' part of it."""
+        if self.partial:
+            return self.method.encode_partial(self.bundle, prompts)  # type: ignore[no-any-return]
+        return self.method.encode(self.bundle, prompts)  # type: ignore[no-any-return]
+
     def fill(self, *, batch_size: int = 16, is_main: bool = True) -> None:
         """Encode every distinct prompt once, batching prompts of the same chunk count; with ``to_disk``,
         first take what this setup's store files hold and (main process) write back what was encoded."""
@@ -345,7 +364,7 @@ class TextCache:
         dtype = self.dtype or torch.float32
         prompts = sorted({p for variants in (*self.variants, *self.dropped) for p in variants})
         with torch.no_grad():
-            empty = self.method.encode(self.bundle, [""])
+            empty = self._run([""])
             self.empty_chunk = empty.hidden_states[0].detach().to(device="cpu", dtype=dtype)
         stores: dict[Path, set[str]] = {}
         digest = ""
@@ -353,7 +372,8 @@ class TextCache:
             from .text_store import PROBE_PROMPTS, probe_digest, read_store, store_file
 
             with torch.no_grad():
-                digest = probe_digest([self.method.encode(self.bundle, [p]).to("cpu", dtype) for p in PROBE_PROMPTS])
+                # a partial cache's files are told apart from a full cache's (and the reverse) by the encoders named
+                digest = probe_digest([self._run([p]).to("cpu", dtype) for p in PROBE_PROMPTS], part=self.partial)
             for folder, members in self.prompts_by_folder().items():
                 stores.setdefault(store_file(folder, digest, self.cache_dir), set()).update(members)
             for path, members in stores.items():
@@ -385,11 +405,11 @@ class TextCache:
             for chunks, members in sorted(groups.items()):
                 for start in range(0, len(members), batch_size):
                     part = members[start : start + batch_size]
-                    cond = self.method.encode(self.bundle, part)
+                    cond = self._run(part)
                     if len(part) > 1 and cond.hidden_states.shape[-2] != chunks * width:
                         # the method's encode changed the length (e.g. expanded words): one by one
                         for prompt in part:
-                            self.encodings[prompt] = self.method.encode(self.bundle, [prompt]).to("cpu", dtype)
+                            self.encodings[prompt] = self._run([prompt]).to("cpu", dtype)
                         continue
                     cond = cond.to("cpu", dtype)
                     for i, prompt in enumerate(part):
@@ -423,11 +443,38 @@ def captions_follow_step(options: Any, data: Any) -> bool:
     return any(caption_depends_on_step(entry, total) for entry in data.entries)
 
 
-def uses_text_cache(options: Any, data: Any, *, trains_text_encoder: bool) -> bool:
-    """Whether a run encodes its captions once (:class:`TextCache`): then every sample's caption is one
-    of the cached variants, so ``--debug-dataset`` picks them the same way."""
+def partial_text_encoders(options: Any, caps: Any, family: Any, method: Any = None) -> tuple[str, ...]:
+    """The text encoders (component names) whose outputs ``--cache-text-encoder-outputs`` caches while the
+    method trains the others: the family's ``partial_text_cache`` (SD3/FLUX.1: T5-XXL) when none of them trains
+    (kohya caches T5 while CLIP trains; a trained T5 caches nothing, as kohya refuses the pair) and some other
+    encoder does. Empty when the run caches all of its text encoders' outputs or none (SD1/2/XL, Chroma, a
+    method that does not say which encoders train or encodes in its own way)."""
+    from ..models.family import get_family
+    from .method import TrainingMethod
+
+    trained = getattr(caps, "trained_text_encoders", None)
+    if not options.cache_text_encoder_outputs or not caps.trains_text_encoder or not caps.cacheable_text:
+        return ()
+    if trained is None or family is None:
+        return ()
+    if method is not None and type(method).encode is not TrainingMethod.encode:
+        return ()  # its own encoding (TI's vectors, unpadded tokens): no family split
+    spec = get_family(family)
+    cached = [te for te in spec.text_encoders if te.component in spec.partial_text_cache]
+    others = [te for te in spec.text_encoders if te.component not in spec.partial_text_cache]
+    if not cached or any(te.slot in trained for te in cached) or not any(te.slot in trained for te in others):
+        return ()
+    return tuple(te.component for te in cached)
+
+
+def uses_text_cache(options: Any, data: Any, *, trains_text_encoder: bool, partial: bool = False) -> bool:
+    """Whether a run encodes its captions once (:class:`TextCache`; with ``partial`` the frozen encoders'
+    part, :func:`partial_text_encoders`): then every sample's caption is one of the cached variants, so
+    ``--debug-dataset`` picks them the same way."""
     return bool(
-        options.cache_text_encoder_outputs and not trains_text_encoder and not captions_follow_step(options, data)
+        options.cache_text_encoder_outputs
+        and (not trains_text_encoder or partial)
+        and not captions_follow_step(options, data)
     )
 
 
@@ -441,9 +488,11 @@ def build_caches(
     trains_text_encoder: bool,
     needs_pixels: bool,
     progress: Any,
+    partial: tuple[str, ...] = (),
 ) -> tuple[LatentCache | None, TextCache | None]:
     """Fill the latent cache (``--cache-latents``) and the text-encoder output cache
-    (``--cache-text-encoder-outputs``, only when nothing in the text encoders trains).
+    (``--cache-text-encoder-outputs``, when nothing in the text encoders trains, or, with ``partial``
+    (:func:`partial_text_encoders`), for those encoders alone: they then go to the CPU, the others stay).
 
     With several processes and a disk cache, the main process encodes and writes the files and the
     others read them. Off the CPU, the VAE and text encoders move back to the CPU once cached
@@ -479,9 +528,9 @@ def build_caches(
         if device.type != "cpu" and not needs_pixels:
             bundle.vae.to("cpu")  # frees accelerator memory; samples move it back
     warmup = captions_follow_step(options, data)
-    if options.cache_text_encoder_outputs and not trains_text_encoder and warmup:
+    if options.cache_text_encoder_outputs and (not trains_text_encoder or partial) and warmup:
         progress.say("text-encoder outputs are not cached: the token warm-up changes captions with the step")
-    if uses_text_cache(options, data, trains_text_encoder=trains_text_encoder):
+    if uses_text_cache(options, data, trains_text_encoder=trains_text_encoder, partial=bool(partial)):
         text_cache = TextCache(
             bundle,
             method,
@@ -491,6 +540,7 @@ def build_caches(
             dtype=torch_dtype(options.mixed_precision),
             to_disk=options.cache_text_encoder_outputs_to_disk,
             cache_dir=getattr(options, "cache_dir", None),
+            partial=partial,
         )
         with accelerator.autocast():
             if text_cache.to_disk and accelerator.num_processes > 1:  # the main process writes, the others read
@@ -505,13 +555,48 @@ def build_caches(
             progress.say(
                 f"text-encoder outputs: {text_cache.encoded} prompts encoded, {text_cache.reused} reused from disk"
             )
+        if partial:
+            names = ", ".join(_encoder_label(bundle, c) for c in partial)
+            progress.say(f"text-encoder outputs cached for {names} (the other text encoders train, run every step)")
         if options.sample_prompts and is_main:  # only the main process renders samples
             from .sampling import encode_sample_prompts
 
-            text_cache.sample_conditioning = encode_sample_prompts(bundle, options, device=device)
-            if text_cache.sample_conditioning is not None:
-                progress.say(f"sample prompts: {len(text_cache.sample_conditioning.texts())} texts encoded")
+            if partial:  # a training CLIP encodes them at each render: T5's parts alone are kept (kohya's too)
+                from ..generate.conditioning_memo import PartMemo
+
+                parts = PartMemo()
+                with parts.recording():
+                    recorded = encode_sample_prompts(bundle, options, device=device)
+                text_cache.sample_parts = parts if recorded is not None and parts.entries else None
+                if text_cache.sample_parts is not None:
+                    progress.say(f"sample prompts: {len(parts.entries)} encodings of the cached text encoders kept")
+            else:
+                text_cache.sample_conditioning = encode_sample_prompts(bundle, options, device=device)
+                if text_cache.sample_conditioning is not None:
+                    progress.say(f"sample prompts: {len(text_cache.sample_conditioning.texts())} texts encoded")
         if device.type != "cpu":
-            for te in bundle.text_encoders:
-                te.to("cpu")
+            for te in cached_text_encoders(bundle, partial):
+                te.to("cpu")  # its outputs are cached: its weights leave the device (renders bring it back)
+            if partial and device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()  # T5's blocks back to the driver, so the device's free memory shows it
     return latent_cache, text_cache
+
+
+def cached_text_encoders(bundle: ModelBundle, partial: tuple[str, ...] = ()) -> list[Any]:
+    """The text encoders whose outputs a text cache holds: all, or with ``partial`` those components."""
+    if not partial:
+        return list(bundle.text_encoders)
+    specs = bundle.family_spec.text_encoders
+    return [
+        te
+        for spec, te in zip(specs, bundle.text_encoders, strict=False)
+        if te is not None and spec.component in partial
+    ]
+
+
+def _encoder_label(bundle: ModelBundle, component: str) -> str:
+    """``T5-XXL`` for ``text_encoder_2`` of a FLUX.1 (the kind as users name it)."""
+    kinds = {spec.component: spec.kind for spec in bundle.family_spec.text_encoders}
+    return kinds.get(component, component).upper()

@@ -348,15 +348,24 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
             if options.cache_latents_to_disk
             else "in memory"
         )
+    from .cache import partial_text_encoders
+
+    family = report.layout.family if report.layout is not None else None
+    partial = partial_text_encoders(options, caps, family, method)
     text = (
         (
             "on disk (" + (options.cache_dir or "beside the images") + ")"
             if options.cache_text_encoder_outputs_to_disk
             else "in memory"
         )
-        if options.cache_text_encoder_outputs and not caps.trains_text_encoder and caps.cacheable_text
+        if options.cache_text_encoder_outputs and (not caps.trains_text_encoder or partial) and caps.cacheable_text
         else "no (the text encoder runs every step)"
     )
+    if partial and not text.startswith("no"):  # T5's outputs alone; CLIP trains and runs every step
+        from ..models.family import get_family
+
+        kinds = {te.component: te.kind.upper() for te in get_family(str(family)).text_encoders}
+        text += f", {', '.join(kinds[c] for c in partial)} only (the training text encoders run every step)"
     from ..data.captions import warmup_steps
 
     if not text.startswith("no") and warmup_steps(options.token_warmup_step, report.total_steps) > 0:

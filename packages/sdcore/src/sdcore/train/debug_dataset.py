@@ -123,7 +123,12 @@ def debug_dataset(
     total, max_epochs = total_steps_for(o, data)
     no_model: Any = None  # nothing below reads the model: pixels and captions only
     text_cache = None
-    if uses_text_cache(o, data, trains_text_encoder=caps.trains_text_encoder or not caps.cacheable_text):
+    from ..models.layout import peek_family
+    from .cache import partial_text_encoders
+
+    partial = partial_text_encoders(o, caps, peek_family(o.model) if o.model else None, method)
+    if uses_text_cache(o, data, trains_text_encoder=caps.trains_text_encoder or not caps.cacheable_text,
+                       partial=bool(partial)):  # fmt: skip
         # the variants are plain strings drawn without a model; only ``fill`` would encode them
         text_cache = TextCache(no_model, method, data.entries, seed=o.seed, variants=o.caption_variants)
     batches = BatchMaker(data, method, caps, o, no_model, "cpu", text_cache=text_cache, total_steps=total)

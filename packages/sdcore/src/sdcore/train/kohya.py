@@ -1664,9 +1664,10 @@ def kohya_text_cache_notes(
     values: Mapping[str, Any], origin: Mapping[str, str], fields: Collection[str], family: str | None
 ) -> list[str]:
     """A note when a kohya LoRA run asks for ``cache_text_encoder_outputs`` while its text encoder trains (kohya's
-    default without ``--network_train_unet_only``): sdcore then encodes every caption at every step and caches
-    nothing, where kohya's SD3/Flux scripts cache T5's outputs (CLIP trains) and its SDXL script refuses the pair;
-    without the note the option looks taken and the run is slower and larger than the user planned."""
+    default without ``--network_train_unet_only``) and sdcore then caches nothing: its SDXL script refuses the
+    pair, SD 1.x/2.x cache nothing, a trained T5 (``train_t5xxl``) is refused; without the note the option looks
+    taken and the run is slower and larger than the user planned. On SD3/FLUX.1 with CLIP alone training there is
+    none: sdcore caches T5's outputs as kohya does (:func:`sdcore.train.cache.partial_text_encoders`)."""
     asked = origin.get("cache_text_encoder_outputs") in (
         "cache_text_encoder_outputs",
         "cache_text_encoder_outputs_to_disk",
@@ -1676,10 +1677,10 @@ def kohya_text_cache_notes(
     trains = not _is_off(values.get("train_text_encoder"), _OFF) and _is_off(values.get("unet_only"), _OFF)
     if not trains:
         return []
+    if family in ("flux", "sd3") and _is_off(values.get("train_t5"), _OFF):
+        return []  # T5's outputs cached while CLIP trains, as kohya's scripts do (partial caching)
     peer = {
-        "flux": "kohya caches T5's outputs while CLIP-L trains",
         "chroma": "kohya refuses caching with train_t5xxl",
-        "sd3": "kohya caches T5's outputs while CLIP-L/G train",
         "sdxl": "kohya's sdxl_train_network.py refuses the pair",
         # train_network.py's cache_text_encoder_outputs_if_needed only moves the encoders: no cache on SD 1.x/2.x
         "sd1": "kohya's train_network.py caches nothing on SD 1.x/2.x",

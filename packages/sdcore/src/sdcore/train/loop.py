@@ -227,6 +227,8 @@ class TrainSession:
         self._install_pos_embed(bundle)  # kohya's SD3 --enable_scaled_pos_embed / --pos_emb_random_crop_rate
         if o.gradient_checkpointing:
             enable_gradient_checkpointing(bundle, self.caps)
+        from .cache import partial_text_encoders
+
         self.latent_cache, self.text_cache = build_caches(
             bundle,
             method,
@@ -236,6 +238,7 @@ class TrainSession:
             trains_text_encoder=self.caps.trains_text_encoder or not self.caps.cacheable_text,
             needs_pixels=self.caps.needs_pixels,
             progress=self.progress,
+            partial=partial_text_encoders(o, self.caps, bundle.family, method),  # T5 cached while CLIP trains
         )
         self.batches = BatchMaker(
             self.data,
@@ -701,6 +704,7 @@ class TrainSession:
                 step=self.position.step,
                 say=self.say,
                 conditioning=self.text_cache.sample_conditioning if self.text_cache is not None else None,
+                parts=self.text_cache.sample_parts if self.text_cache is not None else None,
                 epoch=epoch,
                 images_folder=self.state_root.parent / KOHYA_SAMPLE_FOLDER,
                 output_name=self.state_root.name[: -len("-state")],

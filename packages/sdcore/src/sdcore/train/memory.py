@@ -9,7 +9,10 @@ caches and method.
   ones in fp32 (2 bytes with ``--full-bf16``/``--full-fp16``), plus the parameters a method adds
   (LoRA modules, TI vectors, hypernetworks). On a
   GPU the runtime moves the VAE (latents cached, no pixels needed) and the text encoders (outputs
-  cached) back to the CPU after caching, so they do not count there; on the CPU everything stays.
+  cached) back to the CPU after caching, so they do not count there; on the CPU everything stays. With
+  partial caching (``partial_text_cache``: SD3/FLUX.1's T5-XXL cached while CLIP trains,
+  :func:`sdcore.train.cache.partial_text_encoders`) only those encoders leave the device, and their
+  activations are not counted with the training encoders'.
 - **Gradients**: one per trainable parameter, in its dtype (fp32; bf16/fp16 with ``--full-*``, which
   also halves the float optimizer states).
 - **Optimizer**: bytes per trainable parameter (:data:`OPTIMIZER_STATE_BYTES`: AdamW keeps two fp32
@@ -451,15 +454,19 @@ def estimate_memory(
     needs_pixels: bool = False,
     cast_frozen_weights: bool = True,
     reference_images: int = 0,
+    partial_text_cache: tuple[str, ...] = (),
 ) -> MemoryEstimate:
     """The peak-memory estimate for training ``layout`` with ``options`` on ``device`` (``cpu``/``cuda``);
-    ``reference_images``: FLUX.1 Kontext reference images per sample (more image tokens)."""
+    ``reference_images``: FLUX.1 Kontext reference images per sample (more image tokens);
+    ``partial_text_cache``: the text encoders whose outputs ``--cache-text-encoder-outputs`` caches while the
+    others train (:func:`sdcore.train.cache.partial_text_encoders`, asked with the option on)."""
     o = options
     compute = element_bytes(o.mixed_precision)
     frozen_bytes = compute if cast_frozen_weights else 4
     latents_cached = o.cache_latents and not needs_pixels
-    text_cached = o.cache_text_encoder_outputs and text_encoder_frozen
     family = get_family(layout.family)
+    cached_encoders = _cached_encoders(family, o, text_encoder_frozen, partial_text_cache)
+    text_cached = bool(cached_encoders)
     stored = base_weights_dtype(o)
     # --full-bf16/--full-fp16: the trained weights, their gradients and float optimizer states in 2 bytes
     full_half = bool(getattr(o, "full_bf16", False) or getattr(o, "full_fp16", False))
@@ -469,7 +476,7 @@ def estimate_memory(
         if device != "cpu":
             if name == "vae" and latents_cached:
                 continue
-            if name.startswith("text_encoder") and text_cached:
+            if name in cached_encoders:
                 continue
         if name in params.trainable_in:
             weights += count * trained
@@ -503,7 +510,7 @@ def estimate_memory(
             bytes_per_element=compute,
             gradient_checkpointing=o.gradient_checkpointing,
             mode="full" if full else "adapter",
-            text_encoders=layout.configs.get("text_encoders"),
+            text_encoders=_training_encoder_configs(layout, family, cached_encoders),
             text_encoder_trains=not text_encoder_frozen,
         )
     else:
@@ -522,7 +529,7 @@ def estimate_memory(
         )
         if not text_encoder_frozen:
             te_units = text_encoder_units(
-                layout.configs.get("text_encoders") or [],
+                _training_encoder_configs(layout, family, cached_encoders),
                 mode="full" if full else "adapter",
                 gradient_checkpointing=o.gradient_checkpointing,
             )
@@ -554,9 +561,35 @@ def estimate_memory(
             "blocks_to_swap": getattr(o, "blocks_to_swap", 0),
             "latents_cached": latents_cached,
             "text_cached": text_cached,
+            "text_cached_encoders": sorted(cached_encoders),
             "trainable_parameters": params.trainable,
         },
     )
+
+
+def _cached_encoders(
+    family: Any, options: TrainOptions, text_encoder_frozen: bool, partial: tuple[str, ...]
+) -> frozenset[str]:
+    """The text encoders (components) whose outputs the run caches: all with the option and frozen encoders,
+    ``partial``'s with the option while the others train, else none."""
+    if not options.cache_text_encoder_outputs:
+        return frozenset()
+    if text_encoder_frozen:
+        return frozenset(te.component for te in family.text_encoders)
+    return frozenset(partial)
+
+
+def _training_encoder_configs(layout: ModelLayout, family: Any, cached: frozenset[str]) -> list[dict[str, Any]]:
+    """The layout's text-encoder configs without the cached ones (run once, without gradients); the configs
+    follow the family's order when the layout has every encoder, else a T5 (``d_model``) is told by its keys."""
+    configs: list[dict[str, Any]] = list(layout.configs.get("text_encoders") or [])
+    if not cached:
+        return configs
+    specs = family.text_encoders
+    if len(configs) == len(specs):
+        return [c for c, spec in zip(configs, specs, strict=True) if spec.component not in cached]
+    t5_cached = any(spec.kind.startswith("t5") for spec in specs if spec.component in cached)
+    return [c for c in configs if not (t5_cached and "d_model" in c)]
 
 
 def held_gradient_elements(params: ParameterPlan, options: TrainOptions) -> int:
@@ -631,6 +664,7 @@ def suggestions(
     optimizer_8bit_available: bool = True,
     steps_in_backward: bool = False,
     reference_images: int = 0,
+    partial_text_cache: tuple[str, ...] = (),
 ) -> list[Suggestion]:
     """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
     (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, bf16, an fp8 base and block
@@ -642,7 +676,7 @@ def suggestions(
         variants.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     if o.optimizer in ("adamw", "prodigy", "lion") and optimizer_8bit_available:
         variants.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
-    if not o.cache_text_encoder_outputs and text_encoder_frozen:
+    if not o.cache_text_encoder_outputs and (text_encoder_frozen or partial_text_cache):
         variants.append(("--cache-text-encoder-outputs", {"cache_text_encoder_outputs": True}))
     if not o.cache_latents and not needs_pixels:
         variants.append(("--cache-latents", {"cache_latents": True}))
@@ -663,6 +697,7 @@ def suggestions(
                 needs_pixels=needs_pixels,
                 cast_frozen_weights=cast_frozen_weights,
                 reference_images=reference_images,
+                partial_text_cache=partial_text_cache,
             )
             if trial.total <= budget:
                 count = n
@@ -706,6 +741,7 @@ def suggestions(
             needs_pixels=needs_pixels,
             cast_frozen_weights=cast_frozen_weights,
             reference_images=reference_images,
+            partial_text_cache=partial_text_cache,
         )
         out.append(Suggestion(flags, estimate, estimate.total <= budget))
     return out

@@ -57,6 +57,12 @@ class Capabilities:
     #: something in the text encoders trains: their outputs are not cached and gradient
     #: checkpointing (when asked) also covers them
     trains_text_encoder: bool = False
+    #: with ``trains_text_encoder``: the text encoders that train, by kohya's number (1 CLIP-L/OpenCLIP, 2 CLIP-G,
+    #: 3 T5; :func:`sdcore.models.family.text_encoder_slot`); ``None``: every one. A family's
+    #: ``partial_text_cache`` encoders outside this set may then have their outputs cached while the others
+    #: train (:func:`sdcore.train.cache.partial_text_encoders`; the method must encode with the default
+    #: :meth:`TrainingMethod.encode`). Since 0.1.
+    trained_text_encoders: frozenset[int] | None = None
     #: False: a sample's conditioning depends on the other captions of its batch (kohya's
     #: ``no_token_padding`` pads to the longest one), so captions are encoded every step even when
     #: the text encoders are frozen (no text-encoder output cache)
@@ -136,6 +142,9 @@ class Batch:
     pixels: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     conditioning: Conditioning | None = None  # set by the runtime from the text-encoder cache
+    #: partial text-encoder caching: the frozen encoders' cached outputs for ``captions``; the step runs the
+    #: training encoders and joins them (:meth:`TrainingMethod.encode_partial`); None otherwise
+    cached_text: Conditioning | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     network_strength: torch.Tensor | None = None
     #: FLUX.1 Kontext's clean reference latents ``[B, C, h, w]`` (scaled like ``latents``), one per sample, from
@@ -286,6 +295,26 @@ class TrainingMethod(Generic[OptionsT]):
         ``encode_prompts``) with the run's clip skip."""
         from ..models.family import family_adapter
 
+        return family_adapter(bundle.family).encode_prompts(bundle, captions, **self.encode_options(bundle))
+
+    def encode_partial(
+        self, bundle: ModelBundle, captions: list[str], cached: Conditioning | None = None
+    ) -> Conditioning:
+        """Partial text-encoder caching (:func:`sdcore.train.cache.partial_text_encoders`) with the default
+        encoding: without ``cached``, the outputs of the family's ``partial_text_cache`` encoders alone (what the
+        cache keeps); with it (those outputs for ``captions``), what :meth:`encode` returns, running only the
+        other encoders (the ones that train)."""
+        from ..models.family import family_adapter
+
+        adapter: Any = family_adapter(bundle.family)
+        options = self.encode_options(bundle)
+        if cached is None:
+            return adapter.encode_cached_part(bundle, captions, **options)  # type: ignore[no-any-return]
+        return adapter.complete_encoding(bundle, captions, cached, **options)  # type: ignore[no-any-return]
+
+    def encode_options(self, bundle: ModelBundle) -> dict[str, Any]:
+        """The keyword options of the family's ``encode_prompts`` for this run (clip skip, T5 length and mask,
+        SD3's CLIP mask, weighted captions)."""
         options: dict[str, Any] = {"clip_skip": self.options.clip_skip}
         if any(encoder.kind.startswith("t5") for encoder in bundle.family_spec.text_encoders):
             options["t5_max_length"] = self.options.t5xxl_max_token_length
@@ -294,7 +323,7 @@ class TrainingMethod(Generic[OptionsT]):
             options["lg_attention_mask"] = True  # SD3 only (the pre-flight refuses it elsewhere)
         if getattr(self.options, "weighted_captions", False):
             options["weighted"] = True  # the pre-flight allows it for the CLIP-only families
-        return family_adapter(bundle.family).encode_prompts(bundle, captions, **options)
+        return options
 
     def compute_loss(self, ctx: StepContext) -> torch.Tensor | None:
         """Return a custom per-sample loss [B], or ``None`` for the runtime's denoising MSE."""

@@ -298,7 +298,10 @@ class TrainOptions:
         False, "Keep latents in .npz files beside the images, reused across runs.", group="cache"
     )
     cache_text_encoder_outputs: bool = option(
-        True, "Cache text-encoder outputs when the text encoder is frozen.", group="cache"
+        True,
+        "Cache text-encoder outputs when the text encoder is frozen (SD3/FLUX.1 training CLIP: T5's outputs alone, "
+        "as kohya).",
+        group="cache",
     )
     cache_text_encoder_outputs_to_disk: bool = option(
         False,

@@ -679,7 +679,7 @@ def memory_plan(
         params = parameter_plan(method, options, layout, bundle.tokenizers if bundle is not None else None)
     device = device or training_device()
     caps = method.capabilities()
-    options, kwargs = _estimate_settings(method, options, device)
+    options, kwargs = _estimate_settings(method, options, device, layout.family)
     if reference_images:
         kwargs["reference_images"] = reference_images
     estimate = estimate_memory(layout, params, options, **kwargs)
@@ -702,14 +702,19 @@ def memory_plan(
 
 
 def _estimate_settings(
-    method: TrainingMethod[Any], options: TrainOptions, device: str
+    method: TrainingMethod[Any], options: TrainOptions, device: str, family: str | None = None
 ) -> tuple[TrainOptions, dict[str, Any]]:
     """The options and keyword arguments :func:`~sdcore.train.memory.estimate_memory` needs for
-    ``method`` on ``device`` (what the method trains and caches decides parts of the estimate)."""
-    caps = method.capabilities()
-    if not caps.cacheable_text and options.cache_text_encoder_outputs:  # the text encoders run every step
-        import dataclasses
+    ``method`` on ``device`` with a ``family`` model (what the method trains and caches decides parts of the
+    estimate: SD3/FLUX.1's T5 cached while CLIP trains leaves the device, :func:`.cache.partial_text_encoders`)."""
+    import dataclasses
 
+    from .cache import partial_text_encoders
+
+    caps = method.capabilities()
+    # asked as if the option were on, so the suggestions can offer it; the estimate reads the option itself
+    partial = partial_text_encoders(dataclasses.replace(options, cache_text_encoder_outputs=True), caps, family, method)
+    if not caps.cacheable_text and options.cache_text_encoder_outputs:  # the text encoders run every step
         options = dataclasses.replace(options, cache_text_encoder_outputs=False)
     kwargs: dict[str, Any] = dict(
         device=device,
@@ -717,6 +722,8 @@ def _estimate_settings(
         needs_pixels=caps.needs_pixels,
         cast_frozen_weights=caps.cast_frozen_weights,
     )
+    if partial:
+        kwargs["partial_text_cache"] = partial
     return options, kwargs
 
 
@@ -737,7 +744,7 @@ def memory_relief(
 
     from .memory import estimate_memory, suggestions
 
-    options, kwargs = _estimate_settings(method, options, device)
+    options, kwargs = _estimate_settings(method, options, device, layout.family)
     now = estimate_memory(layout, params, options, **kwargs).total
     changes = suggestions(
         layout,

@@ -23,7 +23,7 @@ from .method import TrainingMethod
 from .options import TrainOptions
 
 if TYPE_CHECKING:
-    from ..generate.conditioning_memo import ConditioningMemo
+    from ..generate.conditioning_memo import ConditioningMemo, PartMemo
     from ..models.bundle import ModelBundle
     from .sample_prompts import SamplePrompt
 
@@ -186,6 +186,7 @@ def render_samples(
     epoch: int | None = None,
     images_folder: Path | None = None,
     output_name: str | None = None,
+    parts: PartMemo | None = None,
 ) -> Path | None:
     """Render the sample prompts with the model as it trains into ``folder/<tag>.png`` (a grid) and, with
     ``images_folder``, each image alone there under kohya's name (:func:`kohya_sample_name` with
@@ -194,7 +195,9 @@ def render_samples(
     Modules the caches moved off ``device`` come back for the render and go back to the CPU afterwards:
     the VAE, and the text encoders unless ``conditioning`` (:func:`encode_sample_prompts`) holds every
     text. A text it lacks, or a method whose sampling extras change the prompts (APT's negative
-    embedding), brings the text encoders back as before (a debug log says why).
+    embedding), brings the text encoders back as before (a debug log says why). ``parts`` (a run that trains
+    CLIP while T5's outputs are cached): T5's encodings of the sample prompts; CLIP encodes live and T5 stays on
+    the CPU unless a text is missing (then it comes back for the render, as without it).
     """
     try:
         from ..generate.pipeline import generate_images
@@ -252,8 +255,11 @@ def render_samples(
                 log.debug("sample prompts: the method's sampling options %s change the prompts: encoded live",
                           sorted(extra))  # fmt: skip
                 memo = None
+            from .cache import cached_text_encoders
+
+            frozen = cached_text_encoders(bundle, bundle.family_spec.partial_text_cache) if parts is not None else []
             if memo is None:
-                bring(list(bundle.text_encoders))
+                bring([te for te in bundle.text_encoders if all(te is not f for f in frozen)])
             for index, (texts, arguments) in enumerate(generations):
                 if memo is not None:
                     try:
@@ -263,6 +269,15 @@ def render_samples(
                     except MemoMiss as miss:
                         log.debug("sample prompts: %s not encoded at caching time: encoded live", miss)
                         memo = None
+                        bring(list(bundle.text_encoders))
+                elif parts is not None and frozen:
+                    try:
+                        with parts.replaying(frozen):
+                            images += generate_images(bundle, texts, **arguments)
+                        continue
+                    except MemoMiss as miss:
+                        log.debug("sample prompts: %s not encoded at caching time: encoded live", miss)
+                        parts = None
                         bring(list(bundle.text_encoders))
                 images += generate_images(bundle, texts, **arguments)
     finally:

@@ -63,11 +63,17 @@ class Objective:
         return self.method.network_strength(batch.network_strength)
 
     def conditioning_for(self, batch: Batch) -> Conditioning:
-        """The batch's conditioning (cached, else encoded by the method), with the text encoders that
-        its samples drew to drop zeroed (SD3's per-encoder caption dropout, :mod:`.encoder_dropout`)."""
+        """The batch's conditioning (cached; partly cached and completed by the training encoders; else encoded
+        by the method), with the text encoders that its samples drew to drop zeroed (SD3's per-encoder caption
+        dropout, :mod:`.encoder_dropout`)."""
         from .encoder_dropout import DROPPED_KEY
 
-        cond = batch.conditioning if batch.conditioning is not None else self.method.encode(self.bundle, batch.captions)
+        if batch.conditioning is not None:
+            cond = batch.conditioning
+        elif batch.cached_text is not None:  # T5's outputs cached, CLIP trains (:func:`.cache.partial_text_encoders`)
+            cond = self.method.encode_partial(self.bundle, batch.captions, batch.cached_text)
+        else:
+            cond = self.method.encode(self.bundle, batch.captions)
         dropped = batch.extra.get(DROPPED_KEY)
         if dropped and any(dropped):
             drop = getattr(self.adapter, "drop_text_encoders", None)

@@ -9,8 +9,9 @@ Which setup wrote a file is told by a *probe*: a few fixed prompts (one empty, o
 syntax, one longer than a CLIP window) encoded by this run's method and encoders, in the precision
 the cache stores. A file is reused only when its probe digest equals this run's, so another model,
 another clip skip, T5 length or attention-mask setting, weighted captions switched on or off, or
-another mixed precision never feed stale encodings; what no valid file holds is encoded and the
-file rewritten (atomically) with exactly this run's prompts. A digest that differs only because the
+another mixed precision never feed stale encodings (a partial cache, T5's outputs alone while CLIP
+trains, hashes the encoders it holds too, so it and a full cache never read each other's files); what no
+valid file holds is encoded and the file rewritten (atomically) with exactly this run's prompts. A digest that differs only because the
 GPU computed a bit differently costs one re-encode, never a wrong result.
 """
 
@@ -35,11 +36,15 @@ PROBE_PROMPTS = (
 )
 
 
-def probe_digest(encodings: list[Conditioning]) -> str:
-    """A digest of the probe prompts' encodings: shapes, dtypes and every byte."""
+def probe_digest(encodings: list[Conditioning], *, part: tuple[str, ...] = ()) -> str:
+    """A digest of the probe prompts' encodings: shapes, dtypes and every byte; ``part``: the text encoders of a
+    partial cache (:func:`sdcore.train.cache.partial_text_encoders`), so its files and a full cache's never
+    serve each other even where the encodings' bytes could agree (a full cache's digest is as before)."""
     import torch
 
     digest = hashlib.sha256(STORE_FORMAT.encode())
+    if part:
+        digest.update(f"partial:{','.join(part)}".encode())
     for cond in encodings:
         parts = [("hidden_states", cond.hidden_states), ("pooled", cond.pooled), *sorted(cond.extra.items())]
         for name, tensor in parts:

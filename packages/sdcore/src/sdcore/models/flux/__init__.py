@@ -23,6 +23,8 @@ FLUX = ModelFamily(
     # kohya sd-scripts' Flux LoRA names (networks/lora_flux.py): T5 is lora_te3 as in SD3
     lora_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"},
     inpaints=True,
+    # kohya caches T5-XXL's outputs while CLIP trains (cache_text_encoder_outputs without network_train_unet_only)
+    partial_text_cache=("text_encoder_2",),
 )
 
 __all__ = ["FLUX"]

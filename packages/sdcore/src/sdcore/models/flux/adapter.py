@@ -119,6 +119,13 @@ def require_complete(bundle: ModelBundle) -> None:
         _require(bundle, part)
 
 
+def _joined(cached: Conditioning, pooled: torch.Tensor) -> Conditioning:
+    """The Flux conditioning of T5's part (``hidden_states``, the mask in ``extra``) and CLIP-L's pooled vector."""
+    from ...train.method import Conditioning
+
+    return Conditioning(hidden_states=cached.hidden_states, pooled=pooled, extra=dict(cached.extra))
+
+
 class FluxAdapter:
     """:class:`~sdcore.models.family.FamilyAdapter` of the ``flux`` family (dev and schnell)."""
 
@@ -299,6 +306,36 @@ class FluxAdapter:
         T5 tokens, default :meth:`t5_max_length`, kohya's ``--t5xxl_max_token_length``;
         ``t5_attention_mask``: mask T5's padding, kohya's ``--apply_t5_attn_mask``; ``control``: a control image
         comes with the call, ``sdcore generate --control-image``, so FLUX.1 Depth/Canny encode as dev does)."""
+        # CLIP-L first, as always (a trained CLIP's LoRA dropout draws before T5 runs)
+        pooled = self._clip_pooled(bundle, prompts, control=control)
+        cached = self.encode_cached_part(bundle, prompts, t5_max_length=t5_max_length,
+                                         t5_attention_mask=t5_attention_mask, control=control)  # fmt: skip
+        return _joined(cached, pooled)
+
+    def encode_cached_part(
+        self,
+        bundle: ModelBundle,
+        prompts: list[str],
+        *,
+        t5_max_length: int | None = None,
+        t5_attention_mask: bool = False,
+        control: bool = False,
+        **options: Any,
+    ) -> Conditioning:
+        """T5's part of :meth:`encode_prompts` alone (the family's ``partial_text_cache``): its sequence as
+        ``hidden_states`` (and its mask in ``extra``), no pooled vector; what a run training CLIP-L caches (and,
+        for its sample renders, :class:`~sdcore.generate.conditioning_memo.PartMemo` keeps)."""
+        from ...generate.conditioning_memo import active_part_memo
+
+        memo = active_part_memo()
+        if memo is not None:
+            key = ("flux", tuple(prompts), t5_max_length, t5_attention_mask, control)
+            return memo.encode(key, lambda: self._t5_part(bundle, prompts, t5_max_length, t5_attention_mask, control))
+        return self._t5_part(bundle, prompts, t5_max_length, t5_attention_mask, control)
+
+    def _t5_part(
+        self, bundle: ModelBundle, prompts: list[str], t5_max_length: int | None, t5_attention_mask: bool, control: bool
+    ) -> Conditioning:
         from ...train.method import Conditioning
         from ..t5 import encode_t5
         from .variants import require_supported
@@ -308,20 +345,36 @@ class FluxAdapter:
         require_supported(bundle, "train or generate with", given=("mask", "control image") if control else ("mask",))
         _require(bundle, "text_encoder")
         _require(bundle, "text_encoder_2")
-        clip, t5 = bundle.text_encoders[0], bundle.text_encoders[1]
-        clip_tok, t5_tok = bundle.tokenizers[0], bundle.tokenizers[1]
+        t5, t5_tok = bundle.text_encoders[1], bundle.tokenizers[1]
         if t5_tok is None:
             from ..t5 import load_t5_tokenizer
 
             load_t5_tokenizer(vocab_size=t5.config.vocab_size)  # raises the message naming the option
+        length = t5_max_length or self.t5_max_length(bundle)
+        hidden, mask = encode_t5(t5, t5_tok, prompts, max_length=length, attention_mask=t5_attention_mask)
+        extra = {T5_MASK: mask} if t5_attention_mask else {}
+        return Conditioning(hidden_states=hidden.to(dtype=t5.dtype), pooled=None, extra=extra)
+
+    def complete_encoding(
+        self, bundle: ModelBundle, prompts: list[str], cached: Conditioning, **options: Any
+    ) -> Conditioning:
+        """:meth:`encode_prompts`' result from T5's ``cached`` part (:meth:`encode_cached_part` of the same
+        prompts) and CLIP-L's pooled output, computed now (CLIP-L trains while T5's outputs are cached)."""
+        return _joined(cached, self._clip_pooled(bundle, prompts, control=bool(options.get("control"))))
+
+    def _clip_pooled(self, bundle: ModelBundle, prompts: list[str], *, control: bool = False) -> torch.Tensor:
+        """CLIP-L's pooled output of ``prompts`` (77 tokens), in CLIP-L's dtype."""
+        from .variants import require_supported
+
+        require_supported(bundle, "train or generate with", given=("mask", "control image") if control else ("mask",))
+        _require(bundle, "text_encoder")
+        _require(bundle, "text_encoder_2")
+        clip, clip_tok = bundle.text_encoders[0], bundle.tokenizers[0]
         device = next(clip.parameters()).device
         tokens = clip_tok(list(prompts), padding="max_length", max_length=clip_tok.model_max_length,
                           truncation=True, return_tensors="pt")  # fmt: skip
         pooled = clip(tokens.input_ids.to(device), output_hidden_states=False).pooler_output
-        length = t5_max_length or self.t5_max_length(bundle)
-        hidden, mask = encode_t5(t5, t5_tok, prompts, max_length=length, attention_mask=t5_attention_mask)
-        extra = {T5_MASK: mask} if t5_attention_mask else {}
-        return Conditioning(hidden_states=hidden.to(dtype=t5.dtype), pooled=pooled.to(dtype=clip.dtype), extra=extra)
+        return pooled.to(dtype=clip.dtype)  # type: ignore[no-any-return]
 
     def predict(
         self,

@@ -37,6 +37,8 @@ SD3 = ModelFamily(
     },
     default_prediction_type="flow_matching",
     inpaints=True,
+    # kohya caches T5-XXL's outputs while CLIP trains (cache_text_encoder_outputs without network_train_unet_only)
+    partial_text_cache=("text_encoder_3",),
 )
 
 __all__ = ["SD3", "T5_MAX_LENGTH"]

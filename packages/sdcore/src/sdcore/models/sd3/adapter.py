@@ -47,6 +47,28 @@ def clip_embeds(
     return out.hidden_states[layer], out[0]
 
 
+def _joined(clip: tuple[torch.Tensor, torch.Tensor], cached: Conditioning) -> Conditioning:
+    """SD3's conditioning: the 77 CLIP tokens (CLIP-L and CLIP-G side by side, zero-padded to T5's width), then
+    T5's tokens (``cached.hidden_states``, in CLIP's dtype), and the two pooled vectors side by side."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...train.method import Conditioning
+
+    clip_hidden, pooled = clip
+    t5_hidden = cached.hidden_states
+    if clip_hidden.shape[-1] > t5_hidden.shape[-1]:
+        from ...errors import ModelFormatError
+
+        raise ModelFormatError(
+            f"SD3 text encoders do not fit: CLIP-L + CLIP-G width {clip_hidden.shape[-1]} exceeds T5's "
+            f"{t5_hidden.shape[-1]}"
+        )
+    clip_hidden = F.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
+    hidden = torch.cat([clip_hidden, t5_hidden.to(device=clip_hidden.device, dtype=clip_hidden.dtype)], dim=-2)
+    return Conditioning(hidden, pooled)
+
+
 class Sd3Adapter:
     """:class:`~sdcore.models.family.FamilyAdapter` of ``sd3`` (SD3 medium, SD3.5 large/medium)."""
 
@@ -161,33 +183,73 @@ class Sd3Adapter:
         (default 256, diffusers' ``max_sequence_length``); ``t5_attention_mask`` masks T5's padding
         inside the T5 encoder (SD3 and diffusers do not); ``lg_attention_mask`` masks CLIP-L's and
         CLIP-G's padding inside those encoders (kohya's ``--apply_lg_attn_mask``; diffusers does not)."""
-        import torch
-        import torch.nn.functional as F
+        prompts = list(prompts)
+        clip = self._clip_part(bundle, prompts, clip_skip=clip_skip, lg_attention_mask=lg_attention_mask)
+        cached = self.encode_cached_part(
+            bundle, prompts, t5_max_length=t5_max_length, t5_attention_mask=t5_attention_mask
+        )
+        return _joined(clip, cached)
 
+    def encode_cached_part(
+        self,
+        bundle: ModelBundle,
+        prompts: list[str],
+        *,
+        t5_max_length: int | None = None,
+        t5_attention_mask: bool = False,
+        **_: Any,
+    ) -> Conditioning:
+        """T5's part of :meth:`encode_prompts` alone (the family's ``partial_text_cache``): its sequence as
+        ``hidden_states``, in T5's output dtype, no pooled vector; what a run training CLIP-L/G caches (and, for
+        its sample renders, :class:`~sdcore.generate.conditioning_memo.PartMemo` keeps)."""
+        from ...generate.conditioning_memo import active_part_memo
+
+        memo = active_part_memo()
+        if memo is not None:
+            key = ("sd3", tuple(prompts), t5_max_length, t5_attention_mask)
+            return memo.encode(key, lambda: self._t5_part(bundle, prompts, t5_max_length, t5_attention_mask))
+        return self._t5_part(bundle, prompts, t5_max_length, t5_attention_mask)
+
+    def _t5_part(
+        self, bundle: ModelBundle, prompts: list[str], t5_max_length: int | None, t5_attention_mask: bool
+    ) -> Conditioning:
         from ...train.method import Conditioning
         from ..t5 import encode_t5
 
-        prompts = list(prompts)
-        clip_l, clip_g, t5 = bundle.text_encoders
-        tok_l, tok_g, tok_t5 = bundle.tokenizers
+        t5, tok_t5 = bundle.text_encoders[2], bundle.tokenizers[2]
+        t5_hidden, _mask = encode_t5(
+            t5, tok_t5, list(prompts), max_length=t5_max_length or T5_MAX_LENGTH, attention_mask=t5_attention_mask
+        )
+        return Conditioning(t5_hidden)
+
+    def complete_encoding(
+        self,
+        bundle: ModelBundle,
+        prompts: list[str],
+        cached: Conditioning,
+        *,
+        clip_skip: int | None = None,
+        lg_attention_mask: bool = False,
+        **_: Any,
+    ) -> Conditioning:
+        """:meth:`encode_prompts`' result from T5's ``cached`` part (:meth:`encode_cached_part` of the same
+        prompts) and CLIP-L's and CLIP-G's outputs, computed now (they train while T5's outputs are cached)."""
+        clip = self._clip_part(bundle, list(prompts), clip_skip=clip_skip, lg_attention_mask=lg_attention_mask)
+        return _joined(clip, cached)
+
+    def _clip_part(
+        self, bundle: ModelBundle, prompts: list[str], *, clip_skip: int | None, lg_attention_mask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLIP-L and CLIP-G hidden states side by side [B, 77, L + G], their pooled vectors side by side)."""
+        import torch
+
+        clip_l, clip_g = bundle.text_encoders[0], bundle.text_encoders[1]
+        tok_l, tok_g = bundle.tokenizers[0], bundle.tokenizers[1]
         skip = None if clip_skip is None or clip_skip <= 1 else clip_skip - 1  # diffusers' count
         hidden_l, pooled_l = clip_embeds(tok_l, clip_l, prompts, clip_skip=skip, attention_mask=lg_attention_mask)
         hidden_g, pooled_g = clip_embeds(tok_g, clip_g, prompts, clip_skip=skip, attention_mask=lg_attention_mask)
-        t5_hidden, _mask = encode_t5(
-            t5, tok_t5, prompts, max_length=t5_max_length or T5_MAX_LENGTH, attention_mask=t5_attention_mask
-        )
         clip_hidden = torch.cat([hidden_l, hidden_g.to(hidden_l.device)], dim=-1)
-        if clip_hidden.shape[-1] > t5_hidden.shape[-1]:
-            from ...errors import ModelFormatError
-
-            raise ModelFormatError(
-                f"SD3 text encoders do not fit: CLIP-L + CLIP-G width {clip_hidden.shape[-1]} exceeds T5's "
-                f"{t5_hidden.shape[-1]}"
-            )
-        clip_hidden = F.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
-        hidden = torch.cat([clip_hidden, t5_hidden.to(device=clip_hidden.device, dtype=clip_hidden.dtype)], dim=-2)
-        pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
-        return Conditioning(hidden, pooled)
+        return clip_hidden, torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)
 
     def sample_draws(
         self, bundle: ModelBundle, options: Any, batch: Any, count: int

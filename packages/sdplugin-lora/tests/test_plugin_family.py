@@ -65,6 +65,24 @@ def test_the_metadata_names_a_plugin_family_and_reads_back(toyflow):
     assert sd1["modelspec.prediction_type"] == "epsilon"
 
 
+def test_metadata_without_a_run_resolution_says_the_plugin_familys_native_one():
+    """``lora extract`` and ``lora merge`` have no run resolution: modelspec.resolution is then the family's native
+    side (as kohya's 1024 for SDXL/SD3/Flux, sai_model_spec.determine_resolution), not SD1's 512."""
+    import dataclasses
+
+    from sdplugin_lora.format import network_metadata
+
+    odd = dataclasses.replace(FAMILY, name="toyflow768", native_resolution=768)
+    with temporary_family(odd):
+        meta = network_metadata(family=odd.name, prediction_type="flow-matching", rank=4, alpha=4.0)
+        assert meta["modelspec.resolution"] == "768x768"
+        given = network_metadata(family=odd.name, prediction_type="flow-matching", rank=4, alpha=4.0, resolution=512)
+        assert given["modelspec.resolution"] == "512x512"  # the run's resolution wins
+    fam.reset_family_cache()
+    assert network_metadata(family="sd1", rank=4, alpha=4.0)["modelspec.resolution"] == "512x512"
+    assert network_metadata(family="sdxl", rank=4, alpha=4.0)["modelspec.resolution"] == "1024x1024"
+
+
 def _png(path) -> torch.Tensor:
     from PIL import Image
 

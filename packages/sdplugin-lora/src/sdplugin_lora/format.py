@@ -372,16 +372,23 @@ def _dit_family(keys: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def family_label(name: str | None) -> str | None:
-    """The family's human name from sdcore's family registry (``FLUX.1``...), when it has one."""
+def _declared_family(name: str | None) -> Any:
+    """The family's declaration in sdcore's family registry (``sdcore.models.family.ModelFamily``: its label,
+    native resolution, text encoders), ``None`` when the registry does not know it."""
     if not name:
         return None
     try:
         from sdcore.models.family import get_family  # type: ignore[import-not-found,unused-ignore]
 
-        return str(get_family(name).label)
-    except Exception:  # registry absent or family unknown there: the name says it
+        return get_family(name)
+    except Exception:  # registry absent or family unknown there
         return None
+
+
+def family_label(name: str | None) -> str | None:
+    """The family's human name from sdcore's family registry (``FLUX.1``...), when it has one."""
+    declared = _declared_family(name)
+    return str(declared.label) if declared is not None else None  # else the name says it
 
 
 def _named(name: str) -> str:
@@ -737,6 +744,8 @@ def network_metadata(
     if resolution is None:
         dit = family in ("sd3", *_FLUX_SCRIPT)
         side = 1024 if family.startswith("sdxl") or dit else (768 if v_pred and family == "sd2" else 512)
+        if family not in BASE_MODEL_VERSION and (declared := _declared_family(family)) is not None:
+            side = int(declared.native_resolution)  # a plugin's family (lora extract/merge: no run resolution)
         resolution = (side, side)
     meta: dict[str, Any] = {
         "ss_network_module": network_module,

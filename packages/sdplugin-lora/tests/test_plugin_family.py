@@ -83,6 +83,19 @@ def test_metadata_without_a_run_resolution_says_the_plugin_familys_native_one():
     assert network_metadata(family="sdxl", rank=4, alpha=4.0)["modelspec.resolution"] == "1024x1024"
 
 
+def test_clip_skip_is_written_only_for_a_family_with_a_clip_encoder(toyflow):
+    """``modelspec.encoder_layer`` is a CLIP skip: kohya writes it only from ``--clip_skip`` (sd-scripts
+    library/sai_model_spec.py:452; default None, library/train_util.py:4020), which a T5/UMT5-only model has no use
+    for; sdcore's run always has one (default 1), so the family's encoders decide."""
+    from sdplugin_lora.format import network_metadata
+
+    meta = network_metadata(family=NAME, prediction_type="flow-matching", rank=4, alpha=4.0, clip_skip=1)
+    assert "modelspec.encoder_layer" not in meta  # a UMT5 encoder only
+    assert "modelspec.encoder_layer" not in network_metadata(family="chroma", rank=4, alpha=4.0, clip_skip=1)  # T5
+    for family in ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux"):  # a CLIP encoder: kept
+        assert network_metadata(family=family, rank=4, alpha=4.0, clip_skip=2)["modelspec.encoder_layer"] == "2"
+
+
 def _png(path) -> torch.Tensor:
     from PIL import Image
 

@@ -772,11 +772,18 @@ def network_metadata(
         del meta["modelspec.prediction_type"]
     elif family not in BASE_MODEL_VERSION and prediction_type not in ("epsilon", "v_prediction"):
         del meta["modelspec.prediction_type"]  # a plugin's flow family: neither epsilon nor v
-    if clip_skip is not None:
+    if clip_skip is not None and _has_clip_encoder(family):
         meta["modelspec.encoder_layer"] = clip_skip
     if extra:
         meta.update(extra)
     return stringify(meta)
+
+
+def _has_clip_encoder(family: str) -> bool:
+    """Whether a CLIP skip (``modelspec.encoder_layer``) means anything for ``family``: it has a CLIP encoder
+    (not Chroma's T5 alone, not a plugin family's UMT5); a family the registry does not know keeps it."""
+    declared = _declared_family(family)
+    return declared is None or any("clip" in spec.kind for spec in declared.text_encoders)
 
 
 def _number(value: float) -> float | int:

@@ -96,6 +96,48 @@ def test_clip_skip_is_written_only_for_a_family_with_a_clip_encoder(toyflow):
         assert network_metadata(family=family, rank=4, alpha=4.0, clip_skip=2)["modelspec.encoder_layer"] == "2"
 
 
+def test_a_file_naming_a_family_that_is_not_installed_is_not_taken_for_flux(tmp_path):
+    """sdcore writes a plugin family's name as both ``ss_base_model_version`` and ``modelspec.architecture``
+    (``<family>/lora``); read where that plugin is not installed, the file is still that family's (``lora info``, the
+    refusal on another model), not FLUX.1's because AuraFlow's blocks are also called ``single_transformer_blocks``."""
+    import dataclasses
+
+    from sdcore.errors import NetworkMismatchError
+    from sdplugin_lora.format import check_family, detect_family, family_from_metadata, network_metadata, read_lora
+
+    state = {}
+    for block in ("joint_transformer_blocks", "single_transformer_blocks"):
+        state[f"lora_transformer_{block}_0_attn_to_q.lora_down.weight"] = torch.ones(2, 16)
+        state[f"lora_transformer_{block}_0_attn_to_q.lora_up.weight"] = torch.ones(16, 2)
+    path = tmp_path / "toy.safetensors"
+    save_file(state, str(path), network_metadata(family=NAME, prediction_type="flow-matching", rank=2, alpha=2.0))
+    lora = read_lora(path)
+    assert detect_family(lora) == (NAME, "its metadata")  # the toy family is not registered in this test
+    for family in ("flux", "sd1"):
+        with pytest.raises(NetworkMismatchError, match=rf"made for {NAME} \(from its metadata\); the loaded model is"):
+            check_family(lora, family)
+    # on a plugin's family, a name that no installed family has may be another name for it: the modules' match decides
+    hunyuan = {"ss_base_model_version": "hunyuan-image-2.1", "modelspec.architecture": "hunyuan-image-2.1/lora"}
+    # kohya's HunyuanImage writes its MODEL_VERSION_2_1 (sd-scripts library/hunyuan_image_utils.py:16) as both
+    assert family_from_metadata(hunyuan) == "hunyuan-image-2.1"
+    kohya_hunyuan = dataclasses.replace(lora, metadata=hunyuan)
+    with temporary_family(FAMILY):
+        check_family(lora, NAME)
+        check_family(kohya_hunyuan, NAME)  # not refused by its name
+    fam.reset_family_cache()
+    with pytest.raises(NetworkMismatchError, match=r"made for hunyuan-image-2.1 \(from its metadata\); the loaded"):
+        check_family(kohya_hunyuan, "sd1")  # sdcore's own families know their names
+    # kohya's values, whose version and architecture differ, read as before; a lone unknown version tells nothing
+    flux = {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"}
+    assert family_from_metadata(flux) == "flux"
+    assert (
+        family_from_metadata({"ss_base_model_version": "chroma", "modelspec.architecture": "chroma/lora"}) == "chroma"
+    )
+    assert family_from_metadata({"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
+    assert family_from_metadata({"ss_base_model_version": "whatever"}) is None
+    assert family_from_metadata({"ss_base_model_version": "a", "modelspec.architecture": "b/lora"}) is None
+
+
 def _png(path) -> torch.Tensor:
     from PIL import Image
 

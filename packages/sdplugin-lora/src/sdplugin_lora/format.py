@@ -298,6 +298,8 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     for declared in (version, metadata.get("modelspec.architecture", "").removesuffix("/lora")):
         if declared and declared not in BASE_MODEL_VERSION and family_label(declared) is not None:
             return declared
+    if version and version not in BASE_MODEL_VERSION and metadata.get("modelspec.architecture") == f"{version}/lora":
+        return version  # the same name twice is how sdcore writes a plugin's family, installed here or not
     if version.startswith("chroma"):
         return "chroma"
     if version.startswith("flux"):
@@ -473,6 +475,8 @@ def check_family(lora: LoraFile, family: str) -> None:
         return  # BFL block names alone do not tell FLUX.1 from Chroma: the shapes decide
     if why != "its metadata" and family not in BASE_MODEL_VERSION:
         return  # names only tell sdcore's own families apart; on a plugin's family the modules' match decides
+    if family not in BASE_MODEL_VERSION and made_for not in BASE_MODEL_VERSION and family_label(made_for) is None:
+        return  # a name no installed family has (kohya's hunyuan-image-2.1...) may be this plugin's model: the match
     if made_for is not None and not _same_family(made_for, family):
         raise NetworkMismatchError(
             f"{lora.label}: this LoRA was made for {_named(made_for)} (from {why}); "

@@ -138,6 +138,24 @@ def test_a_file_naming_a_family_that_is_not_installed_is_not_taken_for_flux(tmp_
     assert family_from_metadata({"ss_base_model_version": "a", "modelspec.architecture": "b/lora"}) is None
 
 
+def test_two_module_paths_that_flatten_to_one_lora_name_are_refused_naming_both():
+    """``lora_transformer_<path>`` flattens dots to underscores (kohya's ``replace(".", "_")``), so a plugin's
+    transformer with ``blocks.0.ff_out`` and ``blocks.0.ff.out`` would train one module under both names and lose the
+    other; kohya refuses such a network ("duplicated lora name", sd-scripts networks/lora.py:1059)."""
+    from sdcore.errors import ModelFormatError
+    from sdplugin_lora.naming import ModuleIndex
+
+    block = torch.nn.Module()
+    block.ff_out = torch.nn.Linear(4, 4)
+    block.ff = torch.nn.Module()
+    block.ff.out = torch.nn.Linear(4, 4)
+    transformer = torch.nn.Module()
+    transformer.blocks = torch.nn.ModuleList([block])
+    want = r"blocks\.0\.ff_out and blocks\.0\.ff\.out .*lora_transformer_blocks_0_ff_out"
+    with pytest.raises(ModelFormatError, match=want):
+        ModuleIndex.build_dit(NAME, transformer, [])
+
+
 def _png(path) -> torch.Tensor:
     from PIL import Image
 

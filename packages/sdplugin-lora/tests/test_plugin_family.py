@@ -65,6 +65,97 @@ def test_the_metadata_names_a_plugin_family_and_reads_back(toyflow):
     assert sd1["modelspec.prediction_type"] == "epsilon"
 
 
+def test_metadata_without_a_run_resolution_says_the_plugin_familys_native_one():
+    """``lora extract`` and ``lora merge`` have no run resolution: modelspec.resolution is then the family's native
+    side (as kohya's 1024 for SDXL/SD3/Flux, sai_model_spec.determine_resolution), not SD1's 512."""
+    import dataclasses
+
+    from sdplugin_lora.format import network_metadata
+
+    odd = dataclasses.replace(FAMILY, name="toyflow768", native_resolution=768)
+    with temporary_family(odd):
+        meta = network_metadata(family=odd.name, prediction_type="flow-matching", rank=4, alpha=4.0)
+        assert meta["modelspec.resolution"] == "768x768"
+        given = network_metadata(family=odd.name, prediction_type="flow-matching", rank=4, alpha=4.0, resolution=512)
+        assert given["modelspec.resolution"] == "512x512"  # the run's resolution wins
+    fam.reset_family_cache()
+    assert network_metadata(family="sd1", rank=4, alpha=4.0)["modelspec.resolution"] == "512x512"
+    assert network_metadata(family="sdxl", rank=4, alpha=4.0)["modelspec.resolution"] == "1024x1024"
+
+
+def test_clip_skip_is_written_only_for_a_family_with_a_clip_encoder(toyflow):
+    """``modelspec.encoder_layer`` is a CLIP skip: kohya writes it only from ``--clip_skip`` (sd-scripts
+    library/sai_model_spec.py:452; default None, library/train_util.py:4020), which a T5/UMT5-only model has no use
+    for; sdcore's run always has one (default 1), so the family's encoders decide."""
+    from sdplugin_lora.format import network_metadata
+
+    meta = network_metadata(family=NAME, prediction_type="flow-matching", rank=4, alpha=4.0, clip_skip=1)
+    assert "modelspec.encoder_layer" not in meta  # a UMT5 encoder only
+    assert "modelspec.encoder_layer" not in network_metadata(family="chroma", rank=4, alpha=4.0, clip_skip=1)  # T5
+    for family in ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux"):  # a CLIP encoder: kept
+        assert network_metadata(family=family, rank=4, alpha=4.0, clip_skip=2)["modelspec.encoder_layer"] == "2"
+
+
+def test_a_file_naming_a_family_that_is_not_installed_is_not_taken_for_flux(tmp_path):
+    """sdcore writes a plugin family's name as both ``ss_base_model_version`` and ``modelspec.architecture``
+    (``<family>/lora``); read where that plugin is not installed, the file is still that family's (``lora info``, the
+    refusal on another model), not FLUX.1's because AuraFlow's blocks are also called ``single_transformer_blocks``."""
+    import dataclasses
+
+    from sdcore.errors import NetworkMismatchError
+    from sdplugin_lora.format import check_family, detect_family, family_from_metadata, network_metadata, read_lora
+
+    state = {}
+    for block in ("joint_transformer_blocks", "single_transformer_blocks"):
+        state[f"lora_transformer_{block}_0_attn_to_q.lora_down.weight"] = torch.ones(2, 16)
+        state[f"lora_transformer_{block}_0_attn_to_q.lora_up.weight"] = torch.ones(16, 2)
+    path = tmp_path / "toy.safetensors"
+    save_file(state, str(path), network_metadata(family=NAME, prediction_type="flow-matching", rank=2, alpha=2.0))
+    lora = read_lora(path)
+    assert detect_family(lora) == (NAME, "its metadata")  # the toy family is not registered in this test
+    for family in ("flux", "sd1"):
+        with pytest.raises(NetworkMismatchError, match=rf"made for {NAME} \(from its metadata\); the loaded model is"):
+            check_family(lora, family)
+    # on a plugin's family, a name that no installed family has may be another name for it: the modules' match decides
+    hunyuan = {"ss_base_model_version": "hunyuan-image-2.1", "modelspec.architecture": "hunyuan-image-2.1/lora"}
+    # kohya's HunyuanImage writes its MODEL_VERSION_2_1 (sd-scripts library/hunyuan_image_utils.py:16) as both
+    assert family_from_metadata(hunyuan) == "hunyuan-image-2.1"
+    kohya_hunyuan = dataclasses.replace(lora, metadata=hunyuan)
+    with temporary_family(FAMILY):
+        check_family(lora, NAME)
+        check_family(kohya_hunyuan, NAME)  # not refused by its name
+    fam.reset_family_cache()
+    with pytest.raises(NetworkMismatchError, match=r"made for hunyuan-image-2.1 \(from its metadata\); the loaded"):
+        check_family(kohya_hunyuan, "sd1")  # sdcore's own families know their names
+    # kohya's values, whose version and architecture differ, read as before; a lone unknown version tells nothing
+    flux = {"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"}
+    assert family_from_metadata(flux) == "flux"
+    assert (
+        family_from_metadata({"ss_base_model_version": "chroma", "modelspec.architecture": "chroma/lora"}) == "chroma"
+    )
+    assert family_from_metadata({"ss_base_model_version": "sdxl_base_v1-0"}) == "sdxl"
+    assert family_from_metadata({"ss_base_model_version": "whatever"}) is None
+    assert family_from_metadata({"ss_base_model_version": "a", "modelspec.architecture": "b/lora"}) is None
+
+
+def test_two_module_paths_that_flatten_to_one_lora_name_are_refused_naming_both():
+    """``lora_transformer_<path>`` flattens dots to underscores (kohya's ``replace(".", "_")``), so a plugin's
+    transformer with ``blocks.0.ff_out`` and ``blocks.0.ff.out`` would train one module under both names and lose the
+    other; kohya refuses such a network ("duplicated lora name", sd-scripts networks/lora.py:1059)."""
+    from sdcore.errors import ModelFormatError
+    from sdplugin_lora.naming import ModuleIndex
+
+    block = torch.nn.Module()
+    block.ff_out = torch.nn.Linear(4, 4)
+    block.ff = torch.nn.Module()
+    block.ff.out = torch.nn.Linear(4, 4)
+    transformer = torch.nn.Module()
+    transformer.blocks = torch.nn.ModuleList([block])
+    want = r"blocks\.0\.ff_out and blocks\.0\.ff\.out .*lora_transformer_blocks_0_ff_out"
+    with pytest.raises(ModelFormatError, match=want):
+        ModuleIndex.build_dit(NAME, transformer, [])
+
+
 def _png(path) -> torch.Tensor:
     from PIL import Image
 

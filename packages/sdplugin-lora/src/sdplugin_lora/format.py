@@ -298,6 +298,8 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
     for declared in (version, metadata.get("modelspec.architecture", "").removesuffix("/lora")):
         if declared and declared not in BASE_MODEL_VERSION and family_label(declared) is not None:
             return declared
+    if version and version not in BASE_MODEL_VERSION and metadata.get("modelspec.architecture") == f"{version}/lora":
+        return version  # the same name twice is how sdcore writes a plugin's family, installed here or not
     if version.startswith("chroma"):
         return "chroma"
     if version.startswith("flux"):
@@ -372,16 +374,23 @@ def _dit_family(keys: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def family_label(name: str | None) -> str | None:
-    """The family's human name from sdcore's family registry (``FLUX.1``...), when it has one."""
+def _declared_family(name: str | None) -> Any:
+    """The family's declaration in sdcore's family registry (``sdcore.models.family.ModelFamily``: its label,
+    native resolution, text encoders), ``None`` when the registry does not know it."""
     if not name:
         return None
     try:
         from sdcore.models.family import get_family  # type: ignore[import-not-found,unused-ignore]
 
-        return str(get_family(name).label)
-    except Exception:  # registry absent or family unknown there: the name says it
+        return get_family(name)
+    except Exception:  # registry absent or family unknown there
         return None
+
+
+def family_label(name: str | None) -> str | None:
+    """The family's human name from sdcore's family registry (``FLUX.1``...), when it has one."""
+    declared = _declared_family(name)
+    return str(declared.label) if declared is not None else None  # else the name says it
 
 
 def _named(name: str) -> str:
@@ -466,6 +475,8 @@ def check_family(lora: LoraFile, family: str) -> None:
         return  # BFL block names alone do not tell FLUX.1 from Chroma: the shapes decide
     if why != "its metadata" and family not in BASE_MODEL_VERSION:
         return  # names only tell sdcore's own families apart; on a plugin's family the modules' match decides
+    if family not in BASE_MODEL_VERSION and made_for not in BASE_MODEL_VERSION and family_label(made_for) is None:
+        return  # a name no installed family has (kohya's hunyuan-image-2.1...) may be this plugin's model: the match
     if made_for is not None and not _same_family(made_for, family):
         raise NetworkMismatchError(
             f"{lora.label}: this LoRA was made for {_named(made_for)} (from {why}); "
@@ -737,6 +748,8 @@ def network_metadata(
     if resolution is None:
         dit = family in ("sd3", *_FLUX_SCRIPT)
         side = 1024 if family.startswith("sdxl") or dit else (768 if v_pred and family == "sd2" else 512)
+        if family not in BASE_MODEL_VERSION and (declared := _declared_family(family)) is not None:
+            side = int(declared.native_resolution)  # a plugin's family (lora extract/merge: no run resolution)
         resolution = (side, side)
     meta: dict[str, Any] = {
         "ss_network_module": network_module,
@@ -763,11 +776,18 @@ def network_metadata(
         del meta["modelspec.prediction_type"]
     elif family not in BASE_MODEL_VERSION and prediction_type not in ("epsilon", "v_prediction"):
         del meta["modelspec.prediction_type"]  # a plugin's flow family: neither epsilon nor v
-    if clip_skip is not None:
+    if clip_skip is not None and _has_clip_encoder(family):
         meta["modelspec.encoder_layer"] = clip_skip
     if extra:
         meta.update(extra)
     return stringify(meta)
+
+
+def _has_clip_encoder(family: str) -> bool:
+    """Whether a CLIP skip (``modelspec.encoder_layer``) means anything for ``family``: it has a CLIP encoder
+    (not Chroma's T5 alone, not a plugin family's UMT5); a family the registry does not know keeps it."""
+    declared = _declared_family(family)
+    return declared is None or any("clip" in spec.kind for spec in declared.text_encoders)
 
 
 def _number(value: float) -> float | int:

@@ -367,6 +367,15 @@ class ModuleIndex:
             self._add(Target(canonical, component, path, module, te_groups.get(path, "other"), te_aliases))
 
     def _add(self, target: Target) -> None:
+        known = self.targets.get(target.name)
+        if known is not None and (known.component, known.path) != (target.component, target.path):
+            from sdcore.errors import ModelFormatError
+
+            # kohya refuses it too ("duplicated lora name"): one name would train one module and lose the other
+            raise ModelFormatError(
+                f"{known.component}: {known.path} and {target.path} are both named {target.name} in a LoRA file "
+                "(dots flatten to underscores); this model cannot get kohya-style LoRA names"
+            )
         self.targets[target.name] = target
         for alias in target.aliases:
             self.aliases.setdefault(alias, target.name)

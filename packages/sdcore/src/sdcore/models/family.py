@@ -79,6 +79,34 @@ class LatentFormat:
         return latents / self.scaling_factor + self.shift_factor
 
 
+#: the kinds of repeated transformer block the memory plan tells apart (see :class:`BlockList`)
+BLOCK_STREAMS = ("joint", "single")
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One ``ModuleList`` of repeated blocks of a transformer denoiser, as block swap and the memory plan read it.
+
+    ``attribute`` is the list's attribute on the denoiser (``transformer_blocks``), ``depth_key`` the
+    denoiser config's key that counts its blocks (``num_layers``), so the pre-flight can size a model it
+    has not built; ``stream`` says what a block computes: ``"joint"`` keeps the image and text tokens in
+    two streams (SD3's MMDiT, Flux's double blocks), ``"single"`` runs one stream over both (Flux's single
+    blocks). One declaration serves both readers, so block swap and the memory plan count the same blocks.
+    """
+
+    attribute: str
+    depth_key: str
+    stream: str = "joint"
+
+
+#: SD3's ``transformer_blocks`` (``num_layers``); Flux's and Chroma's ``transformer_blocks`` then
+#: ``single_transformer_blocks`` (``num_single_layers``), in forward order: every family's default
+DEFAULT_BLOCK_LISTS: tuple[BlockList, ...] = (
+    BlockList("transformer_blocks", "num_layers", "joint"),
+    BlockList("single_transformer_blocks", "num_single_layers", "single"),
+)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A model family as the rest of sdcore reads it. Frozen and torch-free; see the module doc."""
@@ -97,6 +125,12 @@ class ModelFamily:
     #: ``sdcore generate --mask`` inpaints with it (A1111's inpainting; a non-UNet family's adapter ``generate``
     #: then takes ``inpaint=``, a :class:`sdcore.generate.inpaint.PreparedInpaint`)
     inpaints: bool = False
+    #: a transformer denoiser's repeated block lists in forward order: what ``--blocks-to-swap`` swaps (the
+    #: last N) and what the memory plan counts per block (:class:`BlockList`)
+    block_lists: tuple[BlockList, ...] = DEFAULT_BLOCK_LISTS
+    #: flow matching: the time shift training uses when ``--discrete-flow-shift`` is not given (1.0 = none, the
+    #: value SD3, Flux and Chroma train with by default; AuraFlow's scheduler says 1.73)
+    flow_shift: float = 1.0
 
     def __post_init__(self) -> None:
         from ..specs import _check_import_string, _check_name
@@ -111,6 +145,16 @@ class ModelFamily:
             )
         if not self.text_encoders:
             raise PluginError(f"model family {self.name!r} declares no text encoder")
+        problems = [
+            f"block list {b!r}: stream must be one of {BLOCK_STREAMS}"
+            for b in self.block_lists
+            if not isinstance(b, BlockList) or b.stream not in BLOCK_STREAMS
+        ]
+        if not self.flow_shift > 0:
+            problems.append(f"flow_shift must be positive, not {self.flow_shift!r}")
+        if problems:
+            raise PluginError(f"model family {self.name!r}: {'; '.join(problems)}")
+        object.__setattr__(self, "block_lists", tuple(self.block_lists))
         # a read-only, hashable-by-identity view: the family is shared by every bundle of it
         object.__setattr__(self, "lora_prefixes", MappingProxyType(dict(self.lora_prefixes)))
 
@@ -366,11 +410,14 @@ def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None)
 
 
 __all__ = [
+    "BLOCK_STREAMS",
     "BUILTIN_FAMILIES",
+    "DEFAULT_BLOCK_LISTS",
     "SD1",
     "SD2",
     "SDXL",
     "SDXL_REFINER",
+    "BlockList",
     "FamilyAdapter",
     "LatentFormat",
     "ModelFamily",

@@ -424,7 +424,7 @@ def _flow_shift_notes(options: TrainOptions) -> list[str]:
                 "--dynamic-timestep-shift: shifts --timestep-distribution and --timestep-sampling shift_table only; "
                 f"without effect with --timestep-sampling {sampling}"
             )
-        elif options.timestep_shift is not None or options.discrete_flow_shift != 1.0:
+        elif options.timestep_shift is not None or options.discrete_flow_shift not in (None, 1.0):
             flag = "--timestep-shift" if options.timestep_shift is not None else "--discrete-flow-shift"
             notes.append(f"{flag}: without effect with --dynamic-timestep-shift (the resolution decides the shift)")
     if not table and (options.min_table_index, options.max_table_index) != DEFAULT_TABLE_RANGE:
@@ -433,7 +433,7 @@ def _flow_shift_notes(options: TrainOptions) -> list[str]:
             f"--min-table-index/--max-table-index: the index range of ai-toolkit's tables (--timestep-sampling "
             f"{', '.join(TABLE_SAMPLINGS)}); without effect with {why}"
         )
-    if table and sampling != "shift_table" and options.discrete_flow_shift != 1.0:
+    if table and sampling != "shift_table" and options.discrete_flow_shift not in (None, 1.0):
         notes.append(
             f"--discrete-flow-shift: without effect with --timestep-sampling {sampling} (ai-toolkit does not shift "
             "this table; shift_table is shifted)"

@@ -1349,6 +1349,7 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
     if family not in ("flux", "sd3", "chroma"):
         return {}
     from sdcore.train.objectives import flow_shift
+
     meta = {
         # Chroma's adapter masks T5 always (kohya asserts --apply_t5_attn_mask for it)
         "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask or family == "chroma"),

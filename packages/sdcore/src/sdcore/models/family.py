@@ -285,8 +285,11 @@ SDXL_REFINER = ModelFamily(
 BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL, SDXL_REFINER)
 
 _REGISTERED: dict[str, ModelFamily] = {family.name: family for family in BUILTIN_FAMILIES}
-_ADAPTERS: dict[str, FamilyAdapter] = {}
+_ADAPTERS: dict[ModelFamily, FamilyAdapter] = {}  # by declaration: two managers may declare one name differently
 _PLUGIN_FAMILIES: dict[str, ModelFamily] | None = None  # from the default plugin manager, once
+#: the plugin managers of the :func:`using_plugin_manager` blocks entered, innermost last (a process-wide stack,
+#: not a context variable: the runtime's worker threads must see it too)
+_ACTIVE_PMS: list[SdPluginManager] = []
 
 
 def register_family(family: ModelFamily) -> None:
@@ -319,8 +322,25 @@ def temporary_family(family: ModelFamily) -> Iterator[ModelFamily]:
         _ADAPTERS.update(adapters)
 
 
+@contextlib.contextmanager
+def using_plugin_manager(pm: SdPluginManager) -> Iterator[SdPluginManager]:
+    """Inside the block, code that asks for a family without ``pm=`` (``bundle.family_spec``, the runtime's
+    ``family_adapter(name)``) also finds the families ``pm``'s plugins declare, before the installed ones.
+
+    Why: a test hands its own manager (``sd_pm_factory([my_plugin])``) to ``build_cli(pm)``; the command then
+    loads and trains through code that never sees ``pm``. ``build_cli`` enters this block for every command
+    it runs, so a family declared only by a plugin of that manager is found as an installed one is. Python
+    code that drives the runtime with its own manager enters it itself (or uses :func:`temporary_family`)."""
+    _ACTIVE_PMS.append(pm)
+    try:
+        yield pm
+    finally:
+        del _ACTIVE_PMS[len(_ACTIVE_PMS) - 1 - _ACTIVE_PMS[::-1].index(pm)]
+
+
 def _plugin_families(pm: SdPluginManager | None) -> dict[str, ModelFamily]:
-    """Families from the ``sdcore_model_families`` hook; without ``pm``, the default manager's (cached)."""
+    """Families from the ``sdcore_model_families`` hook; without ``pm``, the active manager's
+    (:func:`using_plugin_manager`) and then the default manager's (cached)."""
     global _PLUGIN_FAMILIES
     if pm is not None:
         return pm.model_families()
@@ -328,7 +348,12 @@ def _plugin_families(pm: SdPluginManager | None) -> dict[str, ModelFamily]:
         from ..plugins import get_plugin_manager
 
         _PLUGIN_FAMILIES = get_plugin_manager().model_families()
-    return _PLUGIN_FAMILIES
+    if not _ACTIVE_PMS:
+        return _PLUGIN_FAMILIES
+    found = dict(_ACTIVE_PMS[-1].model_families())
+    for name, family in _PLUGIN_FAMILIES.items():
+        found.setdefault(name, family)  # the active manager's declaration wins for its names
+    return found
 
 
 def reset_family_cache() -> None:
@@ -379,6 +404,15 @@ def default_cfg(adapter: Any) -> float:
     return float(getattr(adapter, "default_cfg", DEFAULT_CFG))
 
 
+def guidance_input(adapter: Any) -> bool | None:
+    """Whether a family's denoiser takes the training ``guidance=`` (``--guidance-scale``): the adapter's
+    ``guidance_input``. True: it does (FLUX.1: dev's guidance embedding); False, the default: it has none, and
+    the pre-flight notes a ``--guidance-scale`` given as without effect; None: nothing said (sdcore's SD3,
+    Chroma and SD UNet families, which ignore the value without a note, as kohya's scripts do)."""
+    value = getattr(adapter, "guidance_input", False)
+    return None if value is None else bool(value)
+
+
 def default_sampler(adapter: Any) -> str:
     """The sampler a family's model renders with when none is named: A1111's ``euler_a``, or the adapter's own
     ``default_sampler`` (FLUX.1, Chroma: the flow-matching ``euler``), for ``sdcore generate`` and training samples
@@ -389,7 +423,7 @@ def default_sampler(adapter: Any) -> str:
 def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None) -> FamilyAdapter:
     """The family's adapter: its import string resolved (a class is instantiated without arguments)."""
     spec = get_family(family, pm)
-    cached = _ADAPTERS.get(spec.name)
+    cached = _ADAPTERS.get(spec)
     if cached is not None:
         return cached
     from ..specs import resolve
@@ -405,7 +439,7 @@ def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None)
                if not callable(getattr(adapter, name, None))]  # fmt: skip
     if missing:
         raise PluginError(f"model family {spec.name!r}: adapter {spec.adapter!r} lacks {', '.join(missing)}")
-    _ADAPTERS[spec.name] = adapter
+    _ADAPTERS[spec] = adapter
     return adapter  # type: ignore[no-any-return]
 
 
@@ -426,8 +460,10 @@ __all__ = [
     "family_adapter",
     "family_names",
     "get_family",
+    "guidance_input",
     "register_family",
     "reset_family_cache",
     "temporary_family",
     "text_encoder_slot",
+    "using_plugin_manager",
 ]

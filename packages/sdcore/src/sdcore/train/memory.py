@@ -414,10 +414,14 @@ def transformer_activation_bytes(
     side = resolution / vae_scale
     n = transformer_tokens(config, side * side, latent_channels) * (1 + max(reference_images, 0))
     inputs = width * (n + context_tokens)
-    depths = [(block.stream, int(config.get(block.depth_key) or 0)) for block in block_lists if block.depth_key in config]
+    depths = [
+        (block.stream, int(config.get(block.depth_key) or 0)) for block in block_lists if block.depth_key in config
+    ]
     if any(stream == "single" for stream, _ in depths):  # Flux: double-stream then single-stream, measured apart
         k_double, k_single = FLUX_ACTIVATION_CONSTANTS[mode]
-        per = [(k_single if stream == "single" else k_double) * inputs for stream, depth in depths for _ in range(depth)]
+        per = [
+            (k_single if stream == "single" else k_double) * inputs for stream, depth in depths for _ in range(depth)
+        ]
     else:
         blocks = sum(depth for _, depth in depths) if depths else 1
         per = [width * (k_img * n + k_txt * context_tokens)] * blocks

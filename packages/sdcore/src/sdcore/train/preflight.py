@@ -412,6 +412,31 @@ def guidance_bypass_problems(options: TrainOptions, layout: ModelLayout) -> list
     ]
 
 
+def guidance_scale_notes(options: TrainOptions, family_name: str) -> list[str]:
+    """``--guidance-scale`` given on a family whose adapter says its denoiser has no guidance input
+    (``guidance_input = False``, the default of a plugin's adapter): one note, since the run would take the
+    value and drop it in silence. FLUX.1 says True (dev embeds it; a schnell file has no embedding and keeps
+    its silence, as before); SD3, Chroma and the SD UNet families say None (no note: kohya's configs carry
+    the value there, Chroma's docs even ask for 0.0). The adapter is resolved only when the value is given."""
+    from dataclasses import fields
+
+    default = next(f.default for f in fields(type(options)) if f.name == "guidance_scale")
+    if options.guidance_scale == default:
+        return []
+    from ..models.family import family_adapter, get_family, guidance_input
+
+    try:
+        if guidance_input(family_adapter(family_name)) is not False:
+            return []
+        label = get_family(family_name).label
+    except SdcoreError:
+        return []  # an adapter that does not load is reported where the model loads
+    return [
+        f"--guidance-scale {options.guidance_scale:g}: {label} models have no guidance input (the family's adapter "
+        "says guidance_input = False); without effect"
+    ]
+
+
 def _flow_shift_notes(options: TrainOptions) -> list[str]:
     """The shift options that a flow-matching draw does not read (it says which one it reads)."""
     from .objectives import DEFAULT_TABLE_RANGE, TABLE_SAMPLINGS
@@ -890,6 +915,7 @@ def run_preflight(
 
         report.problems.extend(fused_family_problems(o, report.layout.family))
         report.problems.extend(guidance_bypass_problems(o, report.layout))
+        report.notes.extend(guidance_scale_notes(o, report.layout.family))
 
     # folders
     if o.output:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from sdcore.models.family import LatentFormat, ModelFamily, TextEncoderSpec
+from sdcore.models.family import BlockList, LatentFormat, ModelFamily, TextEncoderSpec
 
 NAME = "toyflow"
 MAX_LENGTH = 16
@@ -29,24 +29,96 @@ FAMILY = ModelFamily(
     adapter="plugin_family:ToyFlowAdapter",
     lora_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te1"},
     context_tokens=MAX_LENGTH,
+    # AuraFlow's MMDiT blocks, then its single-stream blocks, counted by its config's own keys
+    block_lists=(
+        BlockList("joint_transformer_blocks", "num_mmdit_layers", "joint"),
+        BlockList("single_transformer_blocks", "num_single_dit_layers", "single"),
+    ),
+    flow_shift=SCHEDULER["shift"],  # training's shift when --discrete-flow-shift is not given
 )
+#: the single-file layout of this plugin (its own): components' state dicts under their names, configs as JSON
+CONFIG_KEY = "toyflow.config"
+PROBE = "transformer.register_tokens"  # only AuraFlow's transformer has register tokens
+
+
+def _bundle(transformer: Any, vae: Any, encoder: Any, source: str, source_format: str,
+            metadata: dict[str, str] | None = None) -> Any:  # fmt: skip
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from sdcore.models.bundle import ModelBundle
+    from sdcore.models.t5 import tiny_t5_tokenizer
+
+    for module in (transformer, vae, encoder):
+        module.eval()
+    return ModelBundle(
+        family=NAME,
+        prediction_type="flow-matching",
+        unet=None,
+        transformer=transformer,
+        vae=vae,
+        text_encoders=[encoder],
+        tokenizers=[tiny_t5_tokenizer(model_max_length=MAX_LENGTH)],
+        noise_scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        source=source,
+        source_format=source_format,
+        metadata=dict(metadata or {}),
+    )
 
 
 class ToyFlowAdapter:
     default_sampler = "euler"
     default_cfg = 3.0
     diffusers_pipeline = "AuraFlowPipeline"
+    # guidance_input is left to its default (False: no guidance input)
 
     def detect_single_file(self, keys: Collection[str]) -> bool:
-        return False
+        return PROBE in keys
 
     def load_single_file(self, path: Any, **options: Any) -> Any:
-        raise NotImplementedError
+        import json
+
+        from diffusers import AuraFlowTransformer2DModel, AutoencoderKL
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        configs = json.loads(meta.pop(CONFIG_KEY))
+        parts = {"transformer": AuraFlowTransformer2DModel(**configs["transformer"]),
+                 "vae": AutoencoderKL(**configs["vae"]),
+                 "text_encoder": UMT5EncoderModel(UMT5Config(**configs["text_encoder"]))}  # fmt: skip
+        state = load_file(str(path))
+        for name, module in parts.items():
+            module.load_state_dict(
+                {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
+            )
+        return _bundle(parts["transformer"], parts["vae"], parts["text_encoder"], str(path), "single-file", meta)
+
+    def save(self, bundle: Any, path: Any, *, format: str | None = None, metadata: dict[str, str] | None = None,
+             **options: Any) -> Any:  # fmt: skip
+        """The metadata given (``create-tiny``'s tiny mark among it) is kept in the file."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        configs = {name: {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+                   for name, module in bundle.components().items() if name != "text_encoder"}  # fmt: skip
+        configs["text_encoder"] = json.loads(bundle.text_encoders[0].config.to_json_string())
+        tensors = {f"{name}.{k}": v.detach().clone().contiguous() for name, module in bundle.components().items()
+                   for k, v in module.state_dict().items()}  # fmt: skip
+        save_file(tensors, str(path), metadata={**(metadata or {}), CONFIG_KEY: json.dumps(configs)})
+        return Path(path)
+
+    def flow_scheduler_for(self, bundle: Any, sampler: str = "euler", *, img2img: bool = False) -> Any:
+        """sdcore's flow samplers on this model's schedule (``AuraFlowPipeline`` passes no sigmas nor ``mu``)."""
+        from sdcore.generate.flow_samplers import flow_scheduler
+
+        return flow_scheduler(bundle.noise_scheduler.config, sampler, family=FAMILY.label, img2img=img2img)
 
     def create_tiny(self, *, seed: int = 0, **options: Any) -> Any:
         import torch
-        from diffusers import AuraFlowTransformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler
-        from sdcore.models.bundle import ModelBundle
+        from diffusers import AuraFlowTransformer2DModel, AutoencoderKL
         from sdcore.models.t5 import tiny_t5_tokenizer
         from transformers import UMT5Config, UMT5EncoderModel
 
@@ -70,20 +142,7 @@ class ToyFlowAdapter:
             )  # fmt: skip
         finally:
             torch.random.set_rng_state(state)
-        for module in (transformer, vae, encoder):
-            module.eval()
-        return ModelBundle(
-            family=NAME,
-            prediction_type="flow-matching",
-            unet=None,
-            transformer=transformer,
-            vae=vae,
-            text_encoders=[encoder],
-            tokenizers=[tokenizer],
-            noise_scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
-            source=f"tiny:{NAME}",
-            source_format="tiny",
-        )
+        return _bundle(transformer, vae, encoder, f"tiny:{NAME}", "tiny")
 
     def encode_prompts(self, bundle: Any, prompts: list[str], **options: Any) -> Any:
         """As ``AuraFlowPipeline.encode_prompt``: the encoder's hidden states, padding positions zeroed."""
@@ -110,21 +169,20 @@ class ToyFlowAdapter:
                            return_dict=False)[0]  # fmt: skip
 
     def generate(self, bundle: Any, prompts: list[str], negatives: list[str], *, seeds: list[int], steps: int,
-                 cfg: float, width: int, height: int, **settings: Any) -> list[Any]:  # fmt: skip
+                 cfg: float, width: int, height: int, sampler: str = "euler", **settings: Any) -> list[Any]:  # fmt: skip
+        """Every sdcore flow sampler, through the core's table (:mod:`sdcore.generate.flow_samplers`)."""
         import torch
-        from diffusers import AuraFlowPipeline, FlowMatchEulerDiscreteScheduler
+        from diffusers import AuraFlowPipeline
+        from sdcore.generate.flow_samplers import run_pipeline
 
         pipe = AuraFlowPipeline(tokenizer=bundle.tokenizers[0], text_encoder=bundle.text_encoders[0], vae=bundle.vae,
                                 transformer=bundle.transformer,
-                                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER))  # fmt: skip
+                                scheduler=self.flow_scheduler_for(bundle, sampler))  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
-        images = []
-        for prompt, negative, seed in zip(prompts, negatives, seeds, strict=True):
-            pos, neg = self.encode_prompts(bundle, [prompt]), self.encode_prompts(bundle, [negative])
-            ones = torch.ones(pos.hidden_states.shape[:2], dtype=torch.long)
-            out = pipe(prompt_embeds=pos.hidden_states, prompt_attention_mask=ones,
-                       negative_prompt_embeds=neg.hidden_states, negative_prompt_attention_mask=ones,
-                       num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                       generator=torch.Generator("cpu").manual_seed(int(seed)))  # fmt: skip
-            images.append(out.images[0])
-        return images
+        pos, neg = self.encode_prompts(bundle, list(prompts)), self.encode_prompts(bundle, list(negatives))
+        ones = torch.ones(pos.hidden_states.shape[:2], dtype=torch.long)
+        kwargs = {"prompt_embeds": pos.hidden_states, "prompt_attention_mask": ones,
+                  "negative_prompt_embeds": neg.hidden_states, "negative_prompt_attention_mask": ones,
+                  "num_inference_steps": steps, "guidance_scale": cfg, "width": width, "height": height,
+                  "generator": [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]}  # fmt: skip
+        return run_pipeline(pipe, kwargs, sampler, list(seeds))

@@ -159,7 +159,10 @@ def build_cli(pm: SdPluginManager) -> click.Group:
 
         Methods and taggers come from plugins; `sdcore plugins` lists what is installed.
         """
+        from .models.family import using_plugin_manager
+
         ctx.obj = CliState(pm)
+        ctx.with_resource(using_plugin_manager(pm))  # families of pm's plugins are found by the runtime too
 
     @cli.group(cls=TrainGroup)
     def train() -> None:

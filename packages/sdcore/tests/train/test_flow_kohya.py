@@ -161,7 +161,8 @@ def test_kohya_flux_samplings_translate_with_kohyas_shift_rules(tmp_path, model_
 
 def test_a_kohya_sd3_toml_gets_the_sd3_scripts_objective(tmp_path, model_files):
     o, notes = _kohya(tmp_path, model_files["sd3"])
-    assert _flow(o) == ("uniform", "x0", 1.0, 1.0, "uniform") and o.min_timestep == 0 and o.max_timestep is None
+    # the shift unset (None): SD3's own flow_shift 1.0, kohya sd3_train's --training_shift default
+    assert _flow(o) == ("uniform", "x0", None, 1.0, "uniform") and o.min_timestep == 0 and o.max_timestep is None
     assert "sd3: noisy - sigma * output is compared with the latents" in notes
     o, notes = _kohya(
         tmp_path, model_files["sd3"], 'weighting_scheme = "logit_normal"\ntraining_shift = 3.0\nlogit_mean = 0.5\n'
@@ -203,7 +204,7 @@ def test_native_runs_and_ddpm_kohya_runs_keep_sdcores_flow_defaults(tmp_path, mo
     o = load_options(TrainOptions, native, notes=[])
     assert _flow(o) == ("sigmoid", "raw", 3.0, 1.0, "uniform")  # sdcore's sigmoid is shifted
     o, notes = _kohya(tmp_path, "tiny:sd1")
-    assert _flow(o) == ("logit_normal", "raw", 1.0, 1.0, "uniform") and o.min_timestep is None
+    assert _flow(o) == ("logit_normal", "raw", None, 1.0, "uniform") and o.min_timestep is None  # shift unset
     assert "flux:" not in notes and "sd3:" not in notes
     o, notes = _kohya(tmp_path, "tiny:flux")  # the tiny spelling is read without a file
     assert _flow(o)[:2] == ("sigma", "sigma_scaled")

@@ -573,7 +573,7 @@ def test_flux_dynamic_shifting_with_other_distributions_loads_and_trains(tmp_pat
     config = {**FLUX, "timestep_distribution": "COS_MAP", "min_noising_strength": 0.2, "timestep_shift": 2.0}
     o = _load_noted(tmp_path, config, notes)
     assert (o.timestep_distribution, o.dynamic_timestep_shift, o.min_noising_strength) == ("cos_map", True, 0.2)
-    assert (o.discrete_flow_shift, o.timestep_shift) == (1.0, None)
+    assert (o.discrete_flow_shift, o.timestep_shift) == (None, None)  # unset: the family's shift (Flux: 1.0)
     assert any("keeps the bucket weights of its first batch's resolution" in n for n in notes), notes
     assert any("timestep_shift: without effect with dynamic_timestep_shifting" in n for n in notes), notes
     beta = _load_noted(tmp_path, {**FLUX, "timestep_distribution": "BETA", "noising_weight": 0.5,

@@ -1338,7 +1338,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 def kohya_timestep_sampling(options: LoraOptions) -> str:
     """kohya Flux's name of the run's timestep sampling: sdcore's shifted ``sigmoid`` is kohya's ``shift``
     (kohya's ``sigmoid`` and ``uniform`` are never shifted); the others keep their (shared) names."""
-    if options.timestep_sampling == "sigmoid" and options.discrete_flow_shift != 1.0:
+    if options.timestep_sampling == "sigmoid" and options.discrete_flow_shift not in (None, 1.0):
         return "shift"
     return options.timestep_sampling
 
@@ -1350,6 +1350,8 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
     o = options
     if family not in ("flux", "sd3", "chroma"):
         return {}
+    from sdcore.train.objectives import flow_shift
+
     meta = {
         # Chroma's adapter masks T5 always (kohya asserts --apply_t5_attn_mask for it)
         "ss_apply_t5_attn_mask": str(o.apply_t5_attn_mask or family == "chroma"),
@@ -1368,7 +1370,7 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
                 "ss_timestep_sampling": kohya_timestep_sampling(o),
                 "ss_sigmoid_scale": str(o.sigmoid_scale),
                 "ss_model_prediction_type": o.model_prediction_type,
-                "ss_discrete_flow_shift": str(o.discrete_flow_shift),
+                "ss_discrete_flow_shift": str(flow_shift(o, family)),
             }
         )
     return meta

@@ -141,10 +141,12 @@ def create_tiny_command(dst: str, family: str, fmt: str | None, seed: int) -> No
     """Write a tiny random model with the real layout of FAMILY (for tests and demos)."""
     from ..models.family import family_adapter
     from ..models.load import tiny_family
+    from ..models.native import TINY_METADATA_KEY
 
     name, variant = tiny_family(family)
     bundle = family_adapter(name).create_tiny(seed=seed, **variant)
-    out = bundle.save(dst, format=fmt)
+    # the mark that lets the file train and render at tiny:FAMILY's 64 (a family's writer keeps the metadata given)
+    out = bundle.save(dst, format=fmt, metadata={TINY_METADATA_KEY: family})
     click.echo(f"wrote {out} (tiny {family})")
 
 

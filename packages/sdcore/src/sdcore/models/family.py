@@ -79,6 +79,34 @@ class LatentFormat:
         return latents / self.scaling_factor + self.shift_factor
 
 
+#: the kinds of repeated transformer block the memory plan tells apart (see :class:`BlockList`)
+BLOCK_STREAMS = ("joint", "single")
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One ``ModuleList`` of repeated blocks of a transformer denoiser, as block swap and the memory plan read it.
+
+    ``attribute`` is the list's attribute on the denoiser (``transformer_blocks``), ``depth_key`` the
+    denoiser config's key that counts its blocks (``num_layers``), so the pre-flight can size a model it
+    has not built; ``stream`` says what a block computes: ``"joint"`` keeps the image and text tokens in
+    two streams (SD3's MMDiT, Flux's double blocks), ``"single"`` runs one stream over both (Flux's single
+    blocks). One declaration serves both readers, so block swap and the memory plan count the same blocks.
+    """
+
+    attribute: str
+    depth_key: str
+    stream: str = "joint"
+
+
+#: SD3's ``transformer_blocks`` (``num_layers``); Flux's and Chroma's ``transformer_blocks`` then
+#: ``single_transformer_blocks`` (``num_single_layers``), in forward order: every family's default
+DEFAULT_BLOCK_LISTS: tuple[BlockList, ...] = (
+    BlockList("transformer_blocks", "num_layers", "joint"),
+    BlockList("single_transformer_blocks", "num_single_layers", "single"),
+)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A model family as the rest of sdcore reads it. Frozen and torch-free; see the module doc."""
@@ -102,6 +130,12 @@ class ModelFamily:
     #: ``get_models_for_text_encoding``); the adapter then implements ``encode_cached_part`` and
     #: ``complete_encoding`` (see :class:`FamilyAdapter`). Empty: caching is all or nothing
     partial_text_cache: tuple[str, ...] = ()
+    #: a transformer denoiser's repeated block lists in forward order: what ``--blocks-to-swap`` swaps (the
+    #: last N) and what the memory plan counts per block (:class:`BlockList`)
+    block_lists: tuple[BlockList, ...] = DEFAULT_BLOCK_LISTS
+    #: flow matching: the time shift training uses when ``--discrete-flow-shift`` is not given (1.0 = none, the
+    #: value SD3, Flux and Chroma train with by default; AuraFlow's scheduler says 1.73)
+    flow_shift: float = 1.0
 
     def __post_init__(self) -> None:
         from ..specs import _check_import_string, _check_name
@@ -116,11 +150,19 @@ class ModelFamily:
             )
         if not self.text_encoders:
             raise PluginError(f"model family {self.name!r} declares no text encoder")
+        problems = [
+            f"block list {b!r}: stream must be one of {BLOCK_STREAMS}"
+            for b in self.block_lists
+            if not isinstance(b, BlockList) or b.stream not in BLOCK_STREAMS
+        ]
         unknown = set(self.partial_text_cache) - {te.component for te in self.text_encoders}
         if unknown:
-            raise PluginError(
-                f"model family {self.name!r}: partial_text_cache names no text encoder of it: {sorted(unknown)}"
-            )
+            problems.append(f"partial_text_cache names no text encoder of it: {sorted(unknown)}")
+        if not self.flow_shift > 0:
+            problems.append(f"flow_shift must be positive, not {self.flow_shift!r}")
+        if problems:
+            raise PluginError(f"model family {self.name!r}: {'; '.join(problems)}")
+        object.__setattr__(self, "block_lists", tuple(self.block_lists))
         # a read-only, hashable-by-identity view: the family is shared by every bundle of it
         object.__setattr__(self, "lora_prefixes", MappingProxyType(dict(self.lora_prefixes)))
 
@@ -256,8 +298,11 @@ SDXL_REFINER = ModelFamily(
 BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL, SDXL_REFINER)
 
 _REGISTERED: dict[str, ModelFamily] = {family.name: family for family in BUILTIN_FAMILIES}
-_ADAPTERS: dict[str, FamilyAdapter] = {}
+_ADAPTERS: dict[ModelFamily, FamilyAdapter] = {}  # by declaration: two managers may declare one name differently
 _PLUGIN_FAMILIES: dict[str, ModelFamily] | None = None  # from the default plugin manager, once
+#: the plugin managers of the :func:`using_plugin_manager` blocks entered, innermost last (a process-wide stack,
+#: not a context variable: the runtime's worker threads must see it too)
+_ACTIVE_PMS: list[SdPluginManager] = []
 
 
 def register_family(family: ModelFamily) -> None:
@@ -290,8 +335,25 @@ def temporary_family(family: ModelFamily) -> Iterator[ModelFamily]:
         _ADAPTERS.update(adapters)
 
 
+@contextlib.contextmanager
+def using_plugin_manager(pm: SdPluginManager) -> Iterator[SdPluginManager]:
+    """Inside the block, code that asks for a family without ``pm=`` (``bundle.family_spec``, the runtime's
+    ``family_adapter(name)``) also finds the families ``pm``'s plugins declare, before the installed ones.
+
+    Why: a test hands its own manager (``sd_pm_factory([my_plugin])``) to ``build_cli(pm)``; the command then
+    loads and trains through code that never sees ``pm``. ``build_cli`` enters this block for every command
+    it runs, so a family declared only by a plugin of that manager is found as an installed one is. Python
+    code that drives the runtime with its own manager enters it itself (or uses :func:`temporary_family`)."""
+    _ACTIVE_PMS.append(pm)
+    try:
+        yield pm
+    finally:
+        del _ACTIVE_PMS[len(_ACTIVE_PMS) - 1 - _ACTIVE_PMS[::-1].index(pm)]
+
+
 def _plugin_families(pm: SdPluginManager | None) -> dict[str, ModelFamily]:
-    """Families from the ``sdcore_model_families`` hook; without ``pm``, the default manager's (cached)."""
+    """Families from the ``sdcore_model_families`` hook; without ``pm``, the active manager's
+    (:func:`using_plugin_manager`) and then the default manager's (cached)."""
     global _PLUGIN_FAMILIES
     if pm is not None:
         return pm.model_families()
@@ -299,7 +361,12 @@ def _plugin_families(pm: SdPluginManager | None) -> dict[str, ModelFamily]:
         from ..plugins import get_plugin_manager
 
         _PLUGIN_FAMILIES = get_plugin_manager().model_families()
-    return _PLUGIN_FAMILIES
+    if not _ACTIVE_PMS:
+        return _PLUGIN_FAMILIES
+    found = dict(_ACTIVE_PMS[-1].model_families())
+    for name, family in _PLUGIN_FAMILIES.items():
+        found.setdefault(name, family)  # the active manager's declaration wins for its names
+    return found
 
 
 def reset_family_cache() -> None:
@@ -350,6 +417,15 @@ def default_cfg(adapter: Any) -> float:
     return float(getattr(adapter, "default_cfg", DEFAULT_CFG))
 
 
+def guidance_input(adapter: Any) -> bool | None:
+    """Whether a family's denoiser takes the training ``guidance=`` (``--guidance-scale``): the adapter's
+    ``guidance_input``. True: it does (FLUX.1: dev's guidance embedding); False, the default: it has none, and
+    the pre-flight notes a ``--guidance-scale`` given as without effect; None: nothing said (sdcore's SD3,
+    Chroma and SD UNet families, which ignore the value without a note, as kohya's scripts do)."""
+    value = getattr(adapter, "guidance_input", False)
+    return None if value is None else bool(value)
+
+
 def default_sampler(adapter: Any) -> str:
     """The sampler a family's model renders with when none is named: A1111's ``euler_a``, or the adapter's own
     ``default_sampler`` (FLUX.1, Chroma: the flow-matching ``euler``), for ``sdcore generate`` and training samples
@@ -360,7 +436,7 @@ def default_sampler(adapter: Any) -> str:
 def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None) -> FamilyAdapter:
     """The family's adapter: its import string resolved (a class is instantiated without arguments)."""
     spec = get_family(family, pm)
-    cached = _ADAPTERS.get(spec.name)
+    cached = _ADAPTERS.get(spec)
     if cached is not None:
         return cached
     from ..specs import resolve
@@ -376,16 +452,19 @@ def family_adapter(family: str | ModelFamily, pm: SdPluginManager | None = None)
                if not callable(getattr(adapter, name, None))]  # fmt: skip
     if missing:
         raise PluginError(f"model family {spec.name!r}: adapter {spec.adapter!r} lacks {', '.join(missing)}")
-    _ADAPTERS[spec.name] = adapter
+    _ADAPTERS[spec] = adapter
     return adapter  # type: ignore[no-any-return]
 
 
 __all__ = [
+    "BLOCK_STREAMS",
     "BUILTIN_FAMILIES",
+    "DEFAULT_BLOCK_LISTS",
     "SD1",
     "SD2",
     "SDXL",
     "SDXL_REFINER",
+    "BlockList",
     "FamilyAdapter",
     "LatentFormat",
     "ModelFamily",
@@ -394,8 +473,10 @@ __all__ = [
     "family_adapter",
     "family_names",
     "get_family",
+    "guidance_input",
     "register_family",
     "reset_family_cache",
     "temporary_family",
     "text_encoder_slot",
+    "using_plugin_manager",
 ]

@@ -18,6 +18,15 @@ from typing import Any
 #: the tiny models of the transformer families (no ``sample_size`` in their configs) train and
 #: generate at 64x64, as the tiny UNet models do
 TINY_TRANSFORMER_RESOLUTION = 64
+#: the metadata key ``sdcore model create-tiny`` writes (the family, as given): a tiny model of a family whose
+#: files record no size (a plugin's own layout) then defaults to :data:`TINY_TRANSFORMER_RESOLUTION`, as
+#: ``tiny:<family>`` does, instead of the family's native size, from the file as from the loaded bundle
+TINY_METADATA_KEY = "sdcore.tiny"
+
+
+def tiny_side(metadata: Mapping[str, str] | None) -> int | None:
+    """:data:`TINY_TRANSFORMER_RESOLUTION` for a file ``sdcore model create-tiny`` wrote, else ``None``."""
+    return TINY_TRANSFORMER_RESOLUTION if TINY_METADATA_KEY in (metadata or {}) else None
 
 
 def native_resolution(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int | None:
@@ -67,7 +76,8 @@ def bundle_native_resolution(bundle: Any) -> int | None:
     if found is None and bundle.source_format == "tiny":
         return TINY_TRANSFORMER_RESOLUTION
     if found is None:
-        found = modelspec_side(getattr(bundle, "metadata", None))
+        metadata = getattr(bundle, "metadata", None)
+        found = modelspec_side(metadata) or tiny_side(metadata)
     return found if found is not None else bundle.family_spec.native_resolution
 
 
@@ -124,7 +134,7 @@ def _single_file(path: Path) -> int | None:
 
         family = get_family(detect_family(source.keys, path))
         if family.denoiser != "unet":  # no ldm configs to read: the file's modelspec, else the family's size
-            return modelspec_side(source.metadata) or family.native_resolution
+            return modelspec_side(source.metadata) or tiny_side(source.metadata) or family.native_resolution
         found = detect(
             source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
         )
@@ -134,4 +144,11 @@ def _single_file(path: Path) -> int | None:
     return native_resolution(configs["unet"], configs["vae"])
 
 
-__all__ = ["bundle_native_resolution", "modelspec_side", "native_resolution", "peek_native_resolution"]
+__all__ = [
+    "TINY_METADATA_KEY",
+    "bundle_native_resolution",
+    "modelspec_side",
+    "native_resolution",
+    "peek_native_resolution",
+    "tiny_side",
+]

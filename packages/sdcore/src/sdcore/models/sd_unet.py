@@ -25,6 +25,9 @@ REFINER_AESTHETIC_SCORE = 6.0
 class SdUnetAdapter:
     """:class:`~sdcore.models.family.FamilyAdapter` for one of the UNet families."""
 
+    #: no guidance input; ``--guidance-scale`` (a flow-matching option) is ignored without a note, as before
+    guidance_input = None
+
     def __init__(self, family: str) -> None:
         self.family = family
 

@@ -19,9 +19,10 @@ How, and why this way:
 - Trainable parameters inside a swapped block (rare: LoRA factors live outside the blocks) stay on
   the device and are used as they are; a full fine-tune of the denoiser has nothing to swap.
 
-Which blocks: the denoiser's repeated block lists named in :data:`BLOCK_LISTS` (SD3's
-``transformer_blocks``; Flux's ``transformer_blocks`` then ``single_transformer_blocks``), in forward
-order; the last N are swapped. A UNet has no such lists: the pre-flight refuses ``--blocks-to-swap``
+Which blocks: the denoiser's repeated block lists its family declares
+(``ModelFamily.block_lists``, :func:`block_list_names`; by default :data:`BLOCK_LISTS`, SD3's
+``transformer_blocks``, Flux's ``transformer_blocks`` then ``single_transformer_blocks``), in forward
+order; the last N are swapped. The memory plan counts the same declaration. A UNet has no such lists: the pre-flight refuses ``--blocks-to-swap``
 there. With ``accelerate``/DDP each process swaps its own copy (the swapped weights are frozen and
 outside what DDP wraps); sharding engines (FSDP, DeepSpeed ZeRO-3) place weights themselves and
 should not be combined with it.
@@ -29,22 +30,33 @@ should not be combined with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SdcoreError
+from ..models.family import DEFAULT_BLOCK_LISTS
 
-#: attribute names of a denoiser's repeated-block ``ModuleList``s, in forward order
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+#: attribute names of a denoiser's repeated-block ``ModuleList``s, in forward order (the families' default)
+BLOCK_LISTS = tuple(block.attribute for block in DEFAULT_BLOCK_LISTS)
 
 
-def swappable_blocks(denoiser: nn.Module) -> list[nn.Module]:
-    """The denoiser's repeated transformer blocks in forward order (empty for a UNet)."""
+def block_list_names(bundle: Any) -> tuple[str, ...]:
+    """The block lists ``bundle``'s family declares (``ModelFamily.block_lists``), :data:`BLOCK_LISTS` for a
+    bundle-like object without a known family."""
+    try:
+        return tuple(block.attribute for block in bundle.family_spec.block_lists)
+    except (AttributeError, SdcoreError):
+        return BLOCK_LISTS
+
+
+def swappable_blocks(denoiser: nn.Module, lists: Sequence[str] = BLOCK_LISTS) -> list[nn.Module]:
+    """The denoiser's repeated transformer blocks in forward order (empty for a UNet): the ``ModuleList``s
+    named ``lists`` (the family's, :func:`block_list_names`)."""
     blocks: list[nn.Module] = []
-    for name in BLOCK_LISTS:
+    for name in lists:
         found = getattr(denoiser, name, None)
         if isinstance(found, nn.ModuleList):
             blocks.extend(found)
@@ -104,8 +116,9 @@ def _pin(tensor: torch.Tensor) -> torch.Tensor:
 class BlockSwap:
     """The swap installed on one denoiser; :meth:`remove` undoes it (all weights back to the device)."""
 
-    def __init__(self, denoiser: nn.Module, count: int, device: Any, mover: Mover | None = None) -> None:
-        blocks = swappable_blocks(denoiser)
+    def __init__(self, denoiser: nn.Module, count: int, device: Any, mover: Mover | None = None,
+                 lists: Sequence[str] = BLOCK_LISTS) -> None:  # fmt: skip
+        blocks = swappable_blocks(denoiser, lists)
         problem = blocks_to_swap_problem(count, len(blocks), type(denoiser).__name__)
         if problem:
             raise ConfigError(problem)
@@ -160,7 +173,9 @@ class BlockSwap:
         self.blocks, self._originals = [], []
 
 
-def block_sizes(denoiser: nn.Module, *, trainable: Collection[int] | None = None) -> list[tuple[int, int]]:
+def block_sizes(
+    denoiser: nn.Module, *, trainable: Collection[int] | None = None, lists: Sequence[str] = BLOCK_LISTS
+) -> list[tuple[int, int]]:
     """Per swappable block (forward order): (frozen elements, of which ``--fp8-base`` would store in
     fp8). ``trainable``: ids of the parameters that train (default: those requiring grad). Shapes
     only, so it works on a meta-device model (the memory plan)."""
@@ -169,7 +184,7 @@ def block_sizes(denoiser: nn.Module, *, trainable: Collection[int] | None = None
         return p.requires_grad if trainable is None else id(p) in trainable
 
     sizes = []
-    for block in swappable_blocks(denoiser):
+    for block in swappable_blocks(denoiser, lists):
         frozen = sum(p.numel() for p in block.parameters() if not trains(p))
         frozen += sum(b.numel() for b in block.buffers())
         layers = [m for m in block.modules() if type(m) in (nn.Linear, nn.Conv2d)]

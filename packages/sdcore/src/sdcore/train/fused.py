@@ -64,6 +64,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..models.family import DEFAULT_BLOCK_LISTS
+
 if TYPE_CHECKING:
     import torch
 
@@ -154,8 +156,9 @@ KOHYA_GROUP_FAMILIES = ("sdxl",)
 #: --blockwise_fused_optimizers: sd3_train.py and flux_train.py (transformer blocks)
 KOHYA_BLOCKWISE_FAMILIES = ("sd3", "flux")
 #: the repeated transformer blocks of the diffusers SD3/Flux transformers (SD3's and Flux's joint
-#: blocks are ``transformer_blocks``, Flux's single blocks ``single_transformer_blocks``)
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+#: blocks are ``transformer_blocks``, Flux's single blocks ``single_transformer_blocks``): the families'
+#: default ``ModelFamily.block_lists``, the table block swap and the memory plan read
+BLOCK_LISTS = tuple(block.attribute for block in DEFAULT_BLOCK_LISTS)
 
 
 def block_key(component: str, name: str | None) -> str:

@@ -43,7 +43,8 @@ caches and method.
   (RSS on CPU, ``torch.cuda.max_memory_allocated`` on a GPU).
 
   A transformer denoiser (SD3, Flux: ``family.denoiser == "transformer"``) is counted per block
-  instead: with ``D`` its hidden width, ``N`` the image tokens (latent cells per patch, packing
+  instead (its blocks counted from the config keys the family's ``block_lists`` name, the lists block swap
+  swaps): with ``D`` its hidden width, ``N`` the image tokens (latent cells per patch, packing
   included) and ``T`` the family's ``context_tokens``,
   ``A = batch * bytes * blocks * D * (K_IMG * N + K_TXT * T)`` (:data:`TRANSFORMER_ACTIVATION_CONSTANTS`),
   and with gradient checkpointing the blocks' inputs ``D (N + T)`` plus one block. Flux's
@@ -76,7 +77,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import element_bytes, stored_weight_bytes
-from ..models.family import get_family
+from ..models.family import DEFAULT_BLOCK_LISTS, BlockList, get_family
 from .fused import FUSED_OPTIMIZERS, kohya_groups
 from .fused import steps_in_backward as fused_steps
 from .memory_options import base_weights_dtype
@@ -234,14 +235,15 @@ def count_parameters(
                 added += p.numel()
     result = sum(components.values()) + added if whole_model_result else trainable
     from .base_weights import convertible_counts, excluded_names, excluded_weights
-    from .block_swap import block_sizes, swappable_blocks
+    from .block_swap import block_list_names, block_sizes, swappable_blocks
 
     denoiser = bundle.denoiser
+    lists = block_list_names(bundle)
     # the excluded layers' weights are left out of the conversion as the trained ones are
     unconverted = seen | {id(w) for w in excluded_weights(denoiser, exclude)} if exclude else seen
     fp8, rows = convertible_counts(denoiser, unconverted)
-    blocks = tuple(block_sizes(denoiser, trainable=seen))
-    block_rows = tuple(convertible_counts(block, unconverted)[1] for block in swappable_blocks(denoiser))
+    blocks = tuple(block_sizes(denoiser, trainable=seen, lists=lists))
+    block_rows = tuple(convertible_counts(block, unconverted)[1] for block in swappable_blocks(denoiser, lists))
     unused = [pattern for pattern, names in excluded_names(denoiser, exclude, seen).items() if not names]
     return ParameterPlan(
         components,
@@ -396,9 +398,15 @@ def transformer_activation_bytes(
     mode: str = "adapter",
     recomputed_blocks: int = 0,
     reference_images: int = 0,
+    block_lists: Sequence[BlockList] = DEFAULT_BLOCK_LISTS,
 ) -> int:
     """Bytes autograd keeps for one micro-batch through a transformer denoiser (SD3's joint blocks,
     Flux's double and single blocks; :data:`TRANSFORMER_ACTIVATION_CONSTANTS`).
+
+    ``block_lists`` (the family's ``ModelFamily.block_lists``) say which config keys count the blocks: each
+    list whose ``depth_key`` the config has counts that many blocks, in order. With a single-stream list among
+    them the blocks take Flux's constants (joint lists as its double blocks), else SD3's; a config with none
+    of the keys counts as one block.
 
     ``recomputed_blocks`` (``--blocks-to-swap``) blocks always run checkpointed: they keep only
     their inputs, and one of them is recomputed at a time in backward. ``reference_images`` (FLUX.1
@@ -409,12 +417,17 @@ def transformer_activation_bytes(
     side = resolution / vae_scale
     n = transformer_tokens(config, side * side, latent_channels) * (1 + max(reference_images, 0))
     inputs = width * (n + context_tokens)
-    if "num_single_layers" in config:  # Flux: double-stream then single-stream blocks, measured apart
+    depths = [
+        (block.stream, int(config.get(block.depth_key) or 0)) for block in block_lists if block.depth_key in config
+    ]
+    if any(stream == "single" for stream, _ in depths):  # Flux: double-stream then single-stream, measured apart
         k_double, k_single = FLUX_ACTIVATION_CONSTANTS[mode]
-        per = [k_double * inputs] * int(config.get("num_layers", 1))
-        per += [k_single * inputs] * int(config.get("num_single_layers") or 0)
+        per = [
+            (k_single if stream == "single" else k_double) * inputs for stream, depth in depths for _ in range(depth)
+        ]
     else:
-        per = [width * (k_img * n + k_txt * context_tokens)] * int(config.get("num_layers", 1))
+        blocks = sum(depth for _, depth in depths) if depths else 1
+        per = [width * (k_img * n + k_txt * context_tokens)] * blocks
     if gradient_checkpointing:  # block inputs kept, one block recomputed at a time
         units = len(per) * inputs + max(per)
     else:  # the last ``recomputed`` blocks (the swapped ones) keep their inputs, one recomputed at a time
@@ -526,6 +539,7 @@ def estimate_memory(
             mode="full" if full else "adapter",
             recomputed_blocks=getattr(o, "blocks_to_swap", 0),
             reference_images=reference_images,
+            block_lists=family.block_lists,
         )
         if not text_encoder_frozen:
             te_units = text_encoder_units(

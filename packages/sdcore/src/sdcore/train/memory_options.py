@@ -155,7 +155,7 @@ class MemorySetup:
         """Base-weight conversion (on the CPU) and the choice of blocks to swap; raises :class:`ConfigError`
         where the model or the method leaves nothing to convert or swap."""
         from ..dtypes import torch_dtype
-        from .block_swap import blocks_to_swap_problem, swappable_blocks
+        from .block_swap import block_list_names, blocks_to_swap_problem, swappable_blocks
 
         setup = cls()
         denoiser = bundle.denoiser
@@ -177,7 +177,7 @@ class MemorySetup:
                 )
         count = getattr(options, "blocks_to_swap", 0)
         if count:
-            blocks = swappable_blocks(denoiser)
+            blocks = swappable_blocks(denoiser, block_list_names(bundle))
             problem = blocks_to_swap_problem(count, len(blocks), type(denoiser).__name__)
             if problem:
                 raise ConfigError(problem)
@@ -189,6 +189,6 @@ class MemorySetup:
     def after_placement(self, bundle: ModelBundle, device: Any) -> None:
         """Install the block swap once the rest of the model is on ``device``."""
         if self.swapped:
-            from .block_swap import BlockSwap
+            from .block_swap import BlockSwap, block_list_names
 
-            self.swap = BlockSwap(bundle.denoiser, len(self.swapped), device)
+            self.swap = BlockSwap(bundle.denoiser, len(self.swapped), device, lists=block_list_names(bundle))

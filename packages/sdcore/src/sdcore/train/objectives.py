@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..models.bundle import ModelBundle
+    from ..models.family import ModelFamily
     from .options import TrainOptions
     from .timestep_distributions import TimestepDistribution
 
@@ -463,13 +464,14 @@ class FlowMatchingObjective(TrainingObjective):
 
 
 def flow_option_problems(
-    timestep_sampling: str, shift: float, logit_std: float, mode_scale: float, sigmoid_scale: float
+    timestep_sampling: str, shift: float | None, logit_std: float, mode_scale: float, sigmoid_scale: float
 ) -> list[str]:
-    """What is wrong with the flow-matching options (one line each; empty when all is well)."""
+    """What is wrong with the flow-matching options (one line each; empty when all is well); ``shift`` None:
+    not given (the family's)."""
     problems = []
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
         problems.append(f"--timestep-sampling {timestep_sampling!r}: choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
-    if not shift > 0:
+    if shift is not None and not shift > 0:
         problems.append(f"--discrete-flow-shift must be positive (1 = no shift), got {shift}")
     if not logit_std > 0:
         problems.append(f"--logit-std must be positive, got {logit_std}")
@@ -537,6 +539,18 @@ def timestep_distribution(options: TrainOptions, num_timesteps: int, shift: floa
     )
 
 
+def flow_shift(options: Any, family: str | ModelFamily) -> float:
+    """The run's flow-matching time shift: ``--discrete-flow-shift`` when given, else the family's declared
+    ``flow_shift`` (1.0, no shift, for SD3, Flux and Chroma; a plugin family may declare its scheduler's, as
+    AuraFlow's 1.73)."""
+    given = getattr(options, "discrete_flow_shift", None)
+    if given is not None:
+        return float(given)
+    from ..models.family import get_family
+
+    return get_family(family).flow_shift
+
+
 def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjective:
     """The objective of ``bundle``'s family, configured from the run's options."""
     objective = bundle.family_spec.objective
@@ -553,9 +567,10 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             distribution=timestep_distribution(options, steps, 1.0 if shift is None else shift),
         )
     if objective == "flow-matching":
+        flow = flow_shift(options, bundle.family_spec)
         return FlowMatchingObjective(
             timestep_sampling=options.timestep_sampling,
-            shift=options.discrete_flow_shift,
+            shift=flow,
             logit_mean=options.logit_mean,
             logit_std=options.logit_std,
             mode_scale=options.mode_scale,
@@ -564,7 +579,7 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
             max_timestep=options.max_timestep,
             model_prediction_type=options.model_prediction_type,
             weighting_scheme=options.weighting_scheme,
-            distribution=timestep_distribution(options, 1000, options.discrete_flow_shift if shift is None else shift),
+            distribution=timestep_distribution(options, 1000, flow if shift is None else shift),
             dynamic_shift=options.dynamic_timestep_shift,
             min_table_index=options.min_table_index,
             max_table_index=options.max_table_index,
@@ -589,6 +604,7 @@ __all__ = [
     "flow_loss_weights",
     "flow_option_problems",
     "flow_reading_problems",
+    "flow_shift",
     "flux_shift_mu",
     "mode_sigmas",
     "objective_for",

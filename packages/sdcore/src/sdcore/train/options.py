@@ -636,10 +636,11 @@ class TrainOptions:
         choices=TIMESTEP_SAMPLINGS,
         group="loss",
     )
-    discrete_flow_shift: float = option(
-        1.0,
+    discrete_flow_shift: float | None = option(
+        None,
         "Flow-matching families: time shift s' = shift*s/(1+(shift-1)*s) applied to the sampled noise level "
-        "(every sampling but flux_shift; 1 = none; SD3 uses 3.0 at 1024px).",
+        "(every sampling but flux_shift; 1 = none; default: the family's flow_shift, 1 for SD3, Flux and Chroma; "
+        "SD3 uses 3.0 at 1024px).",
         group="loss",
     )
     min_table_index: int = option(

@@ -412,6 +412,31 @@ def guidance_bypass_problems(options: TrainOptions, layout: ModelLayout) -> list
     ]
 
 
+def guidance_scale_notes(options: TrainOptions, family_name: str) -> list[str]:
+    """``--guidance-scale`` given on a family whose adapter says its denoiser has no guidance input
+    (``guidance_input = False``, the default of a plugin's adapter): one note, since the run would take the
+    value and drop it in silence. FLUX.1 says True (dev embeds it; a schnell file has no embedding and keeps
+    its silence, as before); SD3, Chroma and the SD UNet families say None (no note: kohya's configs carry
+    the value there, Chroma's docs even ask for 0.0). The adapter is resolved only when the value is given."""
+    from dataclasses import fields
+
+    default = next(f.default for f in fields(type(options)) if f.name == "guidance_scale")
+    if options.guidance_scale == default:
+        return []
+    from ..models.family import family_adapter, get_family, guidance_input
+
+    try:
+        if guidance_input(family_adapter(family_name)) is not False:
+            return []
+        label = get_family(family_name).label
+    except SdcoreError:
+        return []  # an adapter that does not load is reported where the model loads
+    return [
+        f"--guidance-scale {options.guidance_scale:g}: {label} models have no guidance input (the family's adapter "
+        "says guidance_input = False); without effect"
+    ]
+
+
 def _flow_shift_notes(options: TrainOptions) -> list[str]:
     """The shift options that a flow-matching draw does not read (it says which one it reads)."""
     from .objectives import DEFAULT_TABLE_RANGE, TABLE_SAMPLINGS
@@ -424,7 +449,7 @@ def _flow_shift_notes(options: TrainOptions) -> list[str]:
                 "--dynamic-timestep-shift: shifts --timestep-distribution and --timestep-sampling shift_table only; "
                 f"without effect with --timestep-sampling {sampling}"
             )
-        elif options.timestep_shift is not None or options.discrete_flow_shift != 1.0:
+        elif options.timestep_shift is not None or options.discrete_flow_shift not in (None, 1.0):
             flag = "--timestep-shift" if options.timestep_shift is not None else "--discrete-flow-shift"
             notes.append(f"{flag}: without effect with --dynamic-timestep-shift (the resolution decides the shift)")
     if not table and (options.min_table_index, options.max_table_index) != DEFAULT_TABLE_RANGE:
@@ -433,7 +458,7 @@ def _flow_shift_notes(options: TrainOptions) -> list[str]:
             f"--min-table-index/--max-table-index: the index range of ai-toolkit's tables (--timestep-sampling "
             f"{', '.join(TABLE_SAMPLINGS)}); without effect with {why}"
         )
-    if table and sampling != "shift_table" and options.discrete_flow_shift != 1.0:
+    if table and sampling != "shift_table" and options.discrete_flow_shift not in (None, 1.0):
         notes.append(
             f"--discrete-flow-shift: without effect with --timestep-sampling {sampling} (ai-toolkit does not shift "
             "this table; shift_table is shifted)"
@@ -897,6 +922,7 @@ def run_preflight(
 
         report.problems.extend(fused_family_problems(o, report.layout.family))
         report.problems.extend(guidance_bypass_problems(o, report.layout))
+        report.notes.extend(guidance_scale_notes(o, report.layout.family))
 
     # folders
     if o.output:

@@ -69,6 +69,8 @@ class ChromaAdapter:
     clip_skip_ignored = True
     #: real CFG with a negative prompt (no distilled guidance): ChromaPipeline's default scale
     default_cfg = 5.0
+    #: ``--guidance-scale`` is ignored without a note (the approximator gets 0; kohya's docs ask for 0.0)
+    guidance_input = None
 
     def enable_gradient_checkpointing(self, bundle: ModelBundle) -> None:
         """diffusers' checkpointing with the attention mask kept in the single blocks (:mod:`.checkpointing`)."""

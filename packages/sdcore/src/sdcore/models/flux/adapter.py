@@ -141,6 +141,8 @@ class FluxAdapter:
     #: that guidance when none is given: 3.5, FLUX.1 dev's reference value (Forge's, ComfyUI's FluxGuidance
     #: and kohya's sample default)
     default_cfg = 3.5
+    #: training passes ``--guidance-scale`` to dev's guidance embedding (a schnell file has none: no note either)
+    guidance_input = True
 
     def __repr__(self) -> str:
         return "FluxAdapter()"

@@ -74,6 +74,8 @@ class Sd3Adapter:
 
     #: ``_class_name`` of the diffusers folders the core's writer makes of this family
     diffusers_pipeline = "StableDiffusion3Pipeline"
+    #: no guidance input; ``--guidance-scale`` is ignored without a note, as before
+    guidance_input = None
 
     def release(self, bundle: ModelBundle) -> str | None:
         """``model info``'s variant line: SD3 medium, SD3.5 large or SD3.5 medium, from the MMDiT's config."""

@@ -70,9 +70,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdcore.train")
 
 __all__ = [
+    "StopFlag",
     "TrainResult",
     "TrainSession",
-    "StopFlag",
     "TrainingDivergedError",
     "TrainingStopped",
     "intermediate_path",

@@ -379,7 +379,7 @@ def test_real_sizes_come_back_from_shapes(variant):
                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)  # fmt: skip
     with torch.device("meta"):
         bundle = ModelBundle(
-            family="sd3", prediction_type="flow_matching", unet=None, vae=AutoencoderKL(**vae),
+            family="sd3", prediction_type="flow-matching", unet=None, vae=AutoencoderKL(**vae),
             transformer=SD3Transformer2DModel(**real),
             text_encoders=[CLIPTextModelWithProjection(CLIPTextConfig(**clip_l)),
                            CLIPTextModelWithProjection(CLIPTextConfig(**clip_g)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ConfigError
 from .bundle import ModelBundle
 from .family import get_family
 
@@ -119,19 +120,31 @@ def noise_scheduler_config(prediction_type: str = "epsilon") -> dict[str, Any]:
 def create_tiny_bundle(
     family: str = "sd1", *, seed: int = 0, prediction_type: str | None = None, variant: str | None = None
 ) -> ModelBundle:
-    """Build a tiny random model of ``family`` (``sd1``, ``sd2`` or ``sdxl``), deterministic per seed;
-    ``variant="inpainting"``: its inpainting model (the UNet's ``conv_in`` takes 9 channels, the layout of
-    sd-v1-5-inpainting: ``tiny:sd1-inpainting``), for trying and testing inpainting without a download."""
+    """Build a tiny random model of ``family``, deterministic per seed: SD1, SD2 and SDXL here; any other
+    family (``sd3``, ``flux``, ``chroma``, a plugin's) through its adapter, as ``load_model("tiny:<family>")``
+    does, so the name exported as ``sdcore.create_tiny_bundle`` takes every family ``tiny:`` takes.
+    ``variant="inpainting"``: an SD model's inpainting layout (the UNet's ``conv_in`` takes 9 channels, the
+    layout of sd-v1-5-inpainting: ``tiny:sd1-inpainting``), for trying and testing inpainting without a
+    download; other families take their own variants (``flux``: ``schnell``, ``fill`` ...). An unknown family or
+    variant is a :class:`~sdcore.errors.ConfigError`."""
+    if family not in ("sd1", "sd2", "sdxl"):
+        from .family import family_adapter
+
+        options: dict[str, Any] = {"seed": seed}
+        if variant is not None:
+            options["variant"] = variant
+        if prediction_type is not None:
+            options["prediction_type"] = prediction_type
+        return family_adapter(family).create_tiny(**options)
+    if variant not in (None, "inpainting"):
+        raise ConfigError(f"unknown variant {variant!r} of {family}; the one there is: inpainting")
+
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .tokenizer import EOS_TOKEN, OPENCLIP_PAD_TOKEN, bundled_clip_tokenizer
 
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"unknown family {family!r}; choose sd1, sd2 or sdxl")
-    if variant not in (None, "inpainting"):
-        raise ValueError(f"unknown variant {variant!r} of {family}; the one there is: inpainting")
     inpainting = variant == "inpainting"
     prediction = prediction_type or get_family(family).default_prediction_type
     generator_state = torch.random.get_rng_state()

@@ -3,6 +3,7 @@
 Public API (all import-light: torch loads only when training starts)::
 
     from sdcore.train import train, TrainResult, TrainSession, validate_options
+    from sdcore.train import TrainingStopped, TrainingDivergedError  # train(..., stop=event) / a NaN loss
     from sdcore.train import load_options, dump_options          # TOML/JSON configs
     from sdcore.train.method import TrainingMethod, Capabilities  # the method contract
     from sdcore.train.options import TrainOptions                 # the shared options
@@ -17,12 +18,14 @@ check before anything loads) and ``memory`` (the memory plan), ``data`` (epoch p
 """
 
 from .config import dump_options, load_options
-from .loop import TrainingDivergedError, TrainResult, TrainSession, train, validate_options
+from .loop import StopFlag, TrainingDivergedError, TrainingStopped, TrainResult, TrainSession, train, validate_options
 
 __all__ = [
+    "StopFlag",
     "TrainResult",
     "TrainSession",
     "TrainingDivergedError",
+    "TrainingStopped",
     "dump_options",
     "load_options",
     "train",

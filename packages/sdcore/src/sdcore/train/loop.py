@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, SdcoreError, debug_enabled
 from .checkpoints import intermediate_path, output_paths
@@ -70,9 +70,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdcore.train")
 
 __all__ = [
+    "StopFlag",
     "TrainResult",
     "TrainSession",
     "TrainingDivergedError",
+    "TrainingStopped",
     "intermediate_path",
     "output_paths",
     "total_steps_for",
@@ -83,6 +85,27 @@ __all__ = [
 
 class TrainingDivergedError(SdcoreError):
     """The loss became NaN or infinite; the last good state was kept."""
+
+
+class StopFlag(Protocol):
+    """What ``train(..., stop=...)`` polls: a :class:`threading.Event` (or anything with ``is_set()``)."""
+
+    def is_set(self) -> bool: ...
+
+
+class TrainingStopped(SdcoreError):
+    """The run was stopped through ``train(..., stop=flag)``: an application's cancel button, set from
+    another thread. As on Ctrl-C, the weights trained so far are kept in a resumable state.
+
+    ``step`` is the number of optimizer steps done; ``state`` the state folder written (``None`` when no
+    step had finished or ``save_state`` is off); the same options with ``resume=str(state)`` (or
+    ``"latest"``) continue the run.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training stopped on request after {step} steps")
+        self.step = step
+        self.state: Path | None = None
 
 
 @dataclass
@@ -118,9 +141,15 @@ class TrainSession:
     suite use the pieces (``setup``, ``make_batch``, ``fixed_loss``) directly."""
 
     def __init__(
-        self, method: TrainingMethod[Any], *, bundle: ModelBundle | None = None, plugin_manager: Any = None
+        self,
+        method: TrainingMethod[Any],
+        *,
+        bundle: ModelBundle | None = None,
+        plugin_manager: Any = None,
+        stop: StopFlag | None = None,
     ) -> None:
         self.method = method
+        self.stop = stop
         self.options: TrainOptions = method.options
         self.bundle: Any = bundle  # None until setup() loads it, then always a ModelBundle
         self.hook = HookCaller(plugin_manager)
@@ -518,6 +547,10 @@ class TrainSession:
         except KeyboardInterrupt as exc:
             self._save_on_error(exc, "interrupted")
             raise
+        except TrainingStopped as exc:  # the caller asked for it: no message, the state saved as on Ctrl-C
+            self._save_on_error(exc, "stopped", quiet=True)
+            exc.state = getattr(exc, "sdcore_state", None)
+            raise
         except TrainingDivergedError as exc:
             self._error_hook(exc)
             raise
@@ -554,6 +587,8 @@ class TrainSession:
         self.batches.start_prefetching()
         try:
             while pos.step < self.total_steps and (self.max_epochs is None or pos.epoch < self.max_epochs):
+                if self.stop is not None and self.stop.is_set():  # between optimizer steps: nothing half-done
+                    raise TrainingStopped(pos.step)
                 plan = self.data.epoch_plan(pos.epoch)
                 if pos.batch >= len(plan):
                     if not plan:
@@ -819,18 +854,27 @@ def _sigterm_as_interrupt() -> Any:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def train(method: TrainingMethod[Any], *, bundle: ModelBundle | None = None, plugin_manager: Any = None) -> TrainResult:
+def train(
+    method: TrainingMethod[Any],
+    *,
+    bundle: ModelBundle | None = None,
+    plugin_manager: Any = None,
+    stop: StopFlag | None = None,
+) -> TrainResult:
     """Train ``method`` with its options (``method.options``, the one source of truth) and return
     where the result is.
 
     ``bundle`` skips model loading (the method still prepares it). ``plugin_manager`` (a pluggy
-    manager with sdcore's hookspecs) receives the lifecycle hooks. Raises :class:`ConfigError`
-    before loading anything when the configuration is contradictory; Ctrl-C saves a resumable
-    state and re-raises; a NaN/inf loss stops with :class:`TrainingDivergedError`.
+    manager with sdcore's hookspecs, e.g. ``get_plugin_manager(extra=[my_hooks])``) receives the
+    lifecycle hooks: ``sdcore_on_train_step`` is the per-step progress callback. ``stop`` (a
+    :class:`threading.Event` another thread sets) is checked before each optimizer step; once set, the
+    run saves a resumable state as on Ctrl-C and raises :class:`TrainingStopped` (single-process runs).
+    Raises :class:`ConfigError` before loading anything when the configuration is contradictory;
+    Ctrl-C saves a resumable state and re-raises; a NaN/inf loss stops with :class:`TrainingDivergedError`.
     """
     if method.options.debug_dataset:
         raise ConfigError(
             "debug_dataset is set: it trains nothing (`sdcore train --debug-dataset`, or "
             "sdcore.train.debug_dataset.debug_dataset(method) from Python)"
         )
-    return TrainSession(method, bundle=bundle, plugin_manager=plugin_manager).run()
+    return TrainSession(method, bundle=bundle, plugin_manager=plugin_manager, stop=stop).run()

@@ -55,7 +55,7 @@ def make_bundle(
     """The one place an SD3 :class:`ModelBundle` is put together (text encoders: CLIP-L, CLIP-G, T5)."""
     return ModelBundle(
         family=FAMILY,
-        prediction_type="flow_matching",
+        prediction_type="flow-matching",  # the spelling every flow family uses (flux.load.FLOW_PREDICTION)
         unet=None,
         transformer=transformer,
         vae=vae,

@@ -1,0 +1,86 @@
+"""``train(..., stop=event)``: an application cancels a run from another thread, as Ctrl-C does from a shell."""
+
+import dataclasses
+import threading
+
+import pytest
+from runtime_methods import ConvOutMethod
+from sdcore.errors import SdcoreError
+from sdcore.models.tiny import create_tiny_bundle
+from sdcore.testing.contract import contract_options, plugin_manager_with
+from sdcore.train import TrainingStopped, train
+
+
+class _Events:
+    def __init__(self):
+        self.events = []
+
+    def sdcore_on_train_step(self, context, step, logs):
+        self.events.append(("step", step))
+
+    def sdcore_after_train(self, context, result):
+        self.events.append(("after", result.steps))
+
+    def sdcore_on_train_error(self, context, error):
+        self.events.append(("error", type(error).__name__))
+
+
+def _opts(tmp_path, **kw):
+    return contract_options(ConvOutMethod, tmp_path, {"max_steps": 5, **kw})
+
+
+def test_a_run_stopped_from_another_thread_keeps_its_state_and_resumes(tmp_path, capsys):
+    """The app trains in a worker thread and its UI thread presses "cancel" once step 2 is reported."""
+    stop, reached, pressed = threading.Event(), threading.Event(), threading.Event()
+
+    class Ui(_Events):
+        def sdcore_on_train_step(self, context, step, logs):
+            super().sdcore_on_train_step(context, step, logs)
+            if step == 2:
+                reached.set()
+                assert pressed.wait(30)
+
+    ui, outcome = Ui(), {}
+    o = _opts(tmp_path)
+
+    def work():
+        try:
+            train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"), plugin_manager=plugin_manager_with(ui), stop=stop)
+        except BaseException as exc:  # the worker hands whatever ended it to the UI thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    assert reached.wait(60)
+    stop.set()
+    pressed.set()
+    worker.join(60)
+    assert not worker.is_alive()
+    error = outcome["error"]
+    assert isinstance(error, TrainingStopped) and isinstance(error, SdcoreError)
+    assert error.step == 2 and "after 2 steps" in str(error)
+    state = tmp_path / "run" / "result-state" / "step-00000002"
+    assert error.state == state and (state / "train_state.json").exists()
+    assert not (tmp_path / "run" / "result.safetensors").exists()  # no result pretending to be finished
+    assert ui.events == [("step", 1), ("step", 2), ("error", "TrainingStopped")]
+    assert capsys.readouterr().out == ""  # a library call prints nothing on stdout
+
+    # the kept weights continue (exact resume itself is test_loop's and the contract's)
+    r = train(ConvOutMethod(dataclasses.replace(o, resume=str(error.state))), bundle=create_tiny_bundle("sd1"))
+    assert r.steps == 5 and r.output.exists()
+
+
+def test_a_stop_set_before_the_first_step_trains_nothing(tmp_path):
+    stop = threading.Event()
+    stop.set()
+    method = ConvOutMethod(_opts(tmp_path))
+    with pytest.raises(TrainingStopped, match="after 0 steps") as caught:
+        train(method, bundle=create_tiny_bundle("sd1"), stop=stop)
+    assert caught.value.step == 0 and caught.value.state is None
+    assert not (tmp_path / "run" / "result-state").exists()
+
+
+def test_an_unset_stop_changes_nothing(tmp_path):
+    a = ConvOutMethod(_opts(tmp_path, max_steps=2))
+    r = train(a, bundle=create_tiny_bundle("sd1"), stop=threading.Event())
+    assert r.steps == 2 and r.output.exists()

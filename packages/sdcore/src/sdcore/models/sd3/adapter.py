@@ -119,7 +119,7 @@ class Sd3Adapter:
                 configs["text_encoders"][slots[name]] = config
         if lacking:
             raise LayoutUnavailableError(f"{path}: {', '.join(lacking)} not in the file (given separately)")
-        return ModelLayout(str(path), "sd3", "flow_matching", configs, "single-file", per_weight)
+        return ModelLayout(str(path), "sd3", "flow-matching", configs, "single-file", per_weight)
 
     def part_slots(self, path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(separate parts an SD3 single file takes, parts its header shows it lacks); a diffusers folder has

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 import torch
 from lora_testutil import fresh_bundle, random_network
 from safetensors import safe_open
@@ -80,3 +81,20 @@ def test_minimal_metadata_and_sdxl_keys(tmp_path):
     header = header_metadata(path)
     assert "ss_dataset_dirs" not in header and header["ss_network_dim"] == "8"
     assert "sshs_model_hash" in header and "modelspec.architecture" in header
+
+
+def test_header_metadata_of_a_broken_file_is_one_line(tmp_path):
+    """A truncated or non-safetensors file gives sdcore's one-line ModelFormatError (it raised a bare
+    JSONDecodeError / read the whole file to take 8 bytes)."""
+    from sdcore.errors import ModelFormatError
+
+    bundle = fresh_bundle("sd1")
+    path = save_lora(tmp_path / "x.safetensors", random_network(bundle, rank=2).state_dict(), {"a": "b"})
+    assert header_metadata(path)["a"] == "b"
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are notes, not tensors", encoding="utf-8")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:200])
+    for broken in (text, cut):
+        with pytest.raises(ModelFormatError, match=broken.name):
+            header_metadata(broken)

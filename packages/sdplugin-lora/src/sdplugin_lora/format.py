@@ -517,13 +517,12 @@ def file_input_width(path: str | Path) -> int | None:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return None
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.source import read_safetensors_header
+
     try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(header, dict):
+        header, _ = read_safetensors_header(path)
+    except (OSError, ModelFormatError):
         return None
     for key, entry in header.items():
         module, _, part = key.rpartition(".lora_")
@@ -857,11 +856,12 @@ def tag_frequency(captions_by_dir: Mapping[str, list[str]]) -> dict[str, dict[st
 
 
 def header_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a safetensors file without reading its tensors."""
-    data = Path(path).read_bytes()[:8]
-    with open(path, "rb") as handle:
-        handle.seek(8)
-        header = json.loads(handle.read(int.from_bytes(data, "little")))
+    """The metadata of a safetensors file without reading its tensors (the header alone: a multi-GB file
+    costs one small read). A missing, truncated or non-safetensors file raises sdcore's one-line
+    :class:`~sdcore.errors.ModelFormatError` (``FileNotFoundError`` for a missing path, as ``open``)."""
+    from sdcore.models.source import read_safetensors_header
+
+    header, _ = read_safetensors_header(path)
     return dict(header.get("__metadata__", {}))
 
 

@@ -234,3 +234,24 @@ def test_the_dry_run_plan_names_the_partial_cache_and_its_smaller_estimate(tmp_p
         return float(re.search(r"estimated peak memory: .*activations ([\d,]+)", text).group(1).replace(",", ""))
 
     assert activations(texts[1]) < activations(texts[0])  # T5's are gone (on the CPU its weights stay)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shuffled_and_dropped_captions_join_t5_and_clip_of_the_same_variant(tmp_path, family):
+    """With shuffling, tag and caption dropout the cache holds several variants per image (an empty one among
+    them): at every step of three epochs the live CLIP part and the cached T5 part belong to the caption the
+    batch trains with, so the joined conditioning equals a full encode of it (kohya refuses these options with a
+    cache, flux_train_network.py:67; sdcore caches variants, and the partial cache must not mix two of them)."""
+    options = _options(tmp_path, family, shuffle_caption=True, tag_dropout=0.3, caption_dropout_rate=0.3,
+                       caption_variants=3)  # fmt: skip
+    session = _session(options, family)
+    assert session.text_cache.partial == (T5[family],)
+    assert any(len(set(v)) > 1 for v in session.text_cache.variants)  # the captions really vary
+    seen: set[str] = set()
+    for epoch in range(3):
+        for refs in session.data.epoch_plan(epoch):
+            batch = session.make_batch(refs)
+            seen.update(batch.captions)
+            with torch.no_grad():
+                _same(session.objective.conditioning_for(batch), session.method.encode(session.bundle, batch.captions))
+    assert len(seen) > 2

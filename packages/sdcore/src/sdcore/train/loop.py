@@ -813,7 +813,15 @@ class TrainSession:
             print(message, file=sys.stderr)  # this process's own line: say() prints on the main process only
         if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed and not alone:
             try:
-                folder = self.save_state()
+                from .state import state_name
+
+                last = self.checkpoints.last_state
+                # --save-every just wrote this step's state: rewriting it would leave a moment with no state, for
+                # nothing (decided from the name alone, the same on every process: each waits in save_state)
+                if last is not None and last.name == state_name(self.position.step):
+                    folder = last
+                else:
+                    folder = self.save_state()
                 message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"
                 # the CLI prints the interruption once, with this folder (KeyboardInterrupt carries it)
                 if why == "interrupted" or quiet:

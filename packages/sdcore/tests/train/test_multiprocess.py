@@ -100,3 +100,55 @@ create_accelerator(TrainOptions())
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "group alive at exit: False"
+
+
+_STOP_WORKER = """
+import os, sys, threading
+sys.path.insert(0, {tests!r})
+from runtime_methods import ConvOutMethod
+from sdcore.testing.contract import contract_options, plugin_manager_with
+from sdcore.train import TrainingStopped, train
+from pathlib import Path
+
+stop = threading.Event()
+
+class Ui:  # only rank 1's app presses "cancel", once step 2 is reported
+    def sdcore_on_train_step(self, context, step, logs):
+        if step == 2 and os.environ["RANK"] == "1":
+            stop.set()
+
+options = contract_options(ConvOutMethod, Path({tmp!r}), {{"batch_size": 1, "max_steps": 5}}, tag="multi")
+try:
+    train(ConvOutMethod(options), plugin_manager=plugin_manager_with(Ui()), stop=stop)
+except TrainingStopped as stopped:  # the app handles it and ends well
+    print(f"rank {{os.environ['RANK']}} stopped after {{stopped.step}} steps; state {{stopped.state}}", flush=True)
+"""
+
+
+@pytest.mark.skipif(torchrun_command() is None, reason="torchrun not available")
+@pytest.mark.slow
+def test_a_stop_set_in_one_process_stops_every_process_together(tmp_path):
+    """``train(stop=flag)`` under ``accelerate launch``/torchrun: the flag one process sees is shared before each
+    step, so every process stops before the same step and the state is saved together; a flag read per process
+    left the others in the next step's gradient all-reduce, waiting for a peer that had gone (a hang)."""
+    import os
+    import subprocess
+
+    script = tmp_path / "app.py"
+    script.write_text(_STOP_WORKER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path)), encoding="utf-8")
+    command = torchrun_command()
+    assert command is not None
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [*command, "--standalone", "--nproc_per_node", "2", str(script)],
+            env=env, capture_output=True, text=True, timeout=150,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the processes hung after the stop: {str(exc.stderr)[-2000:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = tmp_path / "multi" / "result-state" / "step-00000002"
+    for rank in (0, 1):
+        assert f"rank {rank} stopped after 2 steps; state {state}" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert (state / "train_state.json").exists()
+    assert not (tmp_path / "multi" / "result.safetensors").exists()

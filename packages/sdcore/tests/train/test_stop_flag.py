@@ -84,3 +84,63 @@ def test_an_unset_stop_changes_nothing(tmp_path):
     a = ConvOutMethod(_opts(tmp_path, max_steps=2))
     r = train(a, bundle=create_tiny_bundle("sd1"), stop=threading.Event())
     assert r.steps == 2 and r.output.exists()
+
+
+class _StopAt:
+    """Sets the flag once step ``at`` is reported (the hook runs last in a step, after its saves)."""
+
+    def __init__(self, at):
+        self.at, self.flag = at, threading.Event()
+
+    def sdcore_on_train_step(self, context, step, logs):
+        if step == self.at:
+            self.flag.set()
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_stop_between_accumulated_steps_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The flag is read before an optimizer step, never between its micro-batches: with accumulation 2 and
+    EMA, stop at step 2 + resume ends with the weights (and the EMA average) of a run that never stopped."""
+    import torch
+
+    values = {"max_steps": 4, "batch_size": 1, "gradient_accumulation": 2, "lr": 1e-2, "ema": True}
+    straight = train(ConvOutMethod(_opts(tmp_path / "a", **values)), bundle=create_tiny_bundle("sd1"))
+    o = _opts(tmp_path / "b", **values)
+    at = _StopAt(2)
+    with pytest.raises(TrainingStopped) as caught:
+        train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"), plugin_manager=plugin_manager_with(at), stop=at.flag)
+    assert caught.value.step == 2
+    resumed = train(ConvOutMethod(dataclasses.replace(o, resume="latest")), bundle=create_tiny_bundle("sd1"))
+    want, got = _weights(straight.output), _weights(resumed.output)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_a_stop_right_after_a_periodic_save_writes_that_state_once(tmp_path, monkeypatch):
+    """--save-every 2 has just written the state of step 2 when the flag is seen: the stop keeps that folder
+    instead of deleting and writing the same state again (a window with no state at all, and the time of a
+    full state for nothing)."""
+    from sdcore.train import state as state_module
+
+    written = []
+    real = state_module.save_state
+
+    def counting(root, position, **kw):
+        written.append(position.step)
+        return real(root, position, **kw)
+
+    monkeypatch.setattr(state_module, "save_state", counting)
+    at = _StopAt(2)
+    o = _opts(tmp_path, save_every=2)
+    with pytest.raises(TrainingStopped) as caught:
+        train(ConvOutMethod(o), bundle=create_tiny_bundle("sd1"), plugin_manager=plugin_manager_with(at), stop=at.flag)
+    folder = tmp_path / "run" / "result-state" / "step-00000002"
+    assert caught.value.state == folder and (folder / "train_state.json").exists()
+    assert written == [2]
+    assert (tmp_path / "run" / "result-step00000002.safetensors").exists()  # the periodic save's result stays

@@ -587,7 +587,7 @@ class TrainSession:
         self.batches.start_prefetching()
         try:
             while pos.step < self.total_steps and (self.max_epochs is None or pos.epoch < self.max_epochs):
-                if self.stop is not None and self.stop.is_set():  # between optimizer steps: nothing half-done
+                if self._stop_requested():  # between optimizer steps: nothing half-done
                     raise TrainingStopped(pos.step)
                 plan = self.data.epoch_plan(pos.epoch)
                 if pos.batch >= len(plan):
@@ -637,6 +637,22 @@ class TrainSession:
         finally:
             self.progress.close_bar()
             self.batches.stop_prefetching()
+
+    def _stop_requested(self) -> bool:
+        """Whether ``stop`` is set, in any process: a multi-process run shares the flag (one small all-reduce
+        per step, every process holding a flag as the same script gives each) so they all stop before the same
+        step and save the state together; one process stopping alone would leave the others waiting in the next
+        step's gradient all-reduce for a peer that has gone."""
+        if self.stop is None:
+            return False
+        requested = bool(self.stop.is_set())
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            import torch
+
+            flag = torch.tensor([1.0 if requested else 0.0], device=acc.device)
+            requested = bool(acc.reduce(flag, reduction="sum").item() > 0)
+        return requested
 
     def _stop_text_encoder(self) -> None:
         """The text-encoder stop is due (:mod:`.te_stop`): the method freezes its text-encoder parameters,
@@ -804,7 +820,8 @@ class TrainSession:
         # process gets) may stop one process alone while the others sit in the step's gradient all-reduce
         # or have stopped: waiting for them would hang instead of reporting the error. Under DDP this
         # process holds the trained weights all the same and writes them alone (save_fallback.save_alone).
-        alone = why != "interrupted" and self._setup_done and self.accelerator.num_processes > 1
+        # (a stop flag is shared before it is acted on: every process stops, as on an interrupt)
+        alone = why not in ("interrupted", "stopped") and self._setup_done and self.accelerator.num_processes > 1
         if where is not None and not alone:
             self.say(mixed_message(why, where))
         if alone and self.position.step > 0:  # save_alone writes nothing from mixed weights, and says so
@@ -813,7 +830,15 @@ class TrainSession:
             print(message, file=sys.stderr)  # this process's own line: say() prints on the main process only
         if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed and not alone:
             try:
-                folder = self.save_state()
+                from .state import state_name
+
+                last = self.checkpoints.last_state
+                # --save-every just wrote this step's state: rewriting it would leave a moment with no state, for
+                # nothing (decided from the name alone, the same on every process: each waits in save_state)
+                if last is not None and last.name == state_name(self.position.step):
+                    folder = last
+                else:
+                    folder = self.save_state()
                 message = f"{why}: resumable state saved in {folder} (continue with --resume latest)"
                 # the CLI prints the interruption once, with this folder (KeyboardInterrupt carries it)
                 if why == "interrupted" or quiet:
@@ -868,7 +893,8 @@ def train(
     manager with sdcore's hookspecs, e.g. ``get_plugin_manager(extra=[my_hooks])``) receives the
     lifecycle hooks: ``sdcore_on_train_step`` is the per-step progress callback. ``stop`` (a
     :class:`threading.Event` another thread sets) is checked before each optimizer step; once set, the
-    run saves a resumable state as on Ctrl-C and raises :class:`TrainingStopped` (single-process runs).
+    run saves a resumable state as on Ctrl-C and raises :class:`TrainingStopped` (in a multi-process run, give
+    every process a flag: one set in any process stops them all before the same step).
     Raises :class:`ConfigError` before loading anything when the configuration is contradictory;
     Ctrl-C saves a resumable state and re-raises; a NaN/inf loss stops with :class:`TrainingDivergedError`.
     """

@@ -196,6 +196,24 @@ def test_preflight_checks_flow_options(tmp_path, flow_family):
     ]
 
 
+def test_ddpm_family_silent_on_the_neutral_flow_shift(tmp_path):
+    """--discrete-flow-shift 1 is no shift (sd-scripts 48d368f library/flux_train_utils.py:491, s' = s*t/(1+(s-1)*t)
+    is t at s = 1) and was the option's default: a config saved with it (every --save-config dump written before the
+    default became None) notes nothing on a DDPM family, as before; another value still notes."""
+    from sdcore.train.config import dump_options, load_options
+
+    saved = tmp_path / "old.toml"
+    dump_options(contract_options(ConvOutMethod, tmp_path, {"discrete_flow_shift": 1.0}), saved)
+    assert "discrete_flow_shift = 1.0" in saved.read_text()
+    o = load_options(ConvOutMethod.options_class, saved)
+    assert o.discrete_flow_shift == 1.0
+    assert objective_option_checks(o, "sd1") == ([], [])
+    o = dataclasses.replace(o, discrete_flow_shift=2.0)
+    assert objective_option_checks(o, "sd1")[1] == [
+        "--discrete-flow-shift: flow-matching options, without effect on sd1 (a DDPM family)"
+    ]
+
+
 def test_kohya_flow_names_translate():
     from dataclasses import fields
 

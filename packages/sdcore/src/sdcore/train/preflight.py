@@ -390,7 +390,9 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
         )
     if family.objective == "ddpm":
         defaults = {f.name: f.default for f in fields(type(options)) if f.name in _FLOW_OPTIONS}
-        changed = [name for name in _FLOW_OPTIONS if getattr(options, name) != defaults[name]]
+        # a shift of 1 is none (and the default configs saved before it became None still carry it)
+        unchanged = {**{name: (default,) for name, default in defaults.items()}, "discrete_flow_shift": (None, 1.0)}
+        changed = [name for name in _FLOW_OPTIONS if getattr(options, name) not in unchanged[name]]
         if changed:
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
             notes.append(f"{flags}: flow-matching options, without effect on {family.name} (a DDPM family)")

@@ -53,16 +53,26 @@ def _options(tmp_path: Path, data: Path, controls: Path, **extra):
     return contract_options(LoraMethod, tmp_path, values, family="flux")
 
 
+#: img_in's weight change as the trained network computed it (alpha 2 over rank 4), for the file to match
+TRAINED_DELTA: dict[str, torch.Tensor] = {}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A control LoRA trained 3 steps on tiny FLUX.1 dev, norm scales included (uncached latents)."""
+    """A control LoRA trained 3 steps on tiny FLUX.1 dev (rank 4, alpha 2), norm scales included (uncached
+    latents)."""
     from sdcore.train.loop import TrainSession
     from sdplugin_lora.method import LoraMethod
 
     root = tmp_path_factory.mktemp("control")
     data, controls = _pairs(root, 4)
-    o = _options(root, data, controls, train_norm_layers=True, output=str(root / "loras" / f"{NAME}.safetensors"))
-    TrainSession(LoraMethod(o), bundle=None).run()
+    o = _options(root, data, controls, train_norm_layers=True, alpha=2,
+                 output=str(root / "loras" / f"{NAME}.safetensors"))  # fmt: skip
+    method = LoraMethod(o)
+    TrainSession(method, bundle=None).run()
+    assert method.network is not None
+    img_in = next(m for name, m in method.network.loras.items() if name.endswith("x_embedder"))
+    TRAINED_DELTA["img_in"] = img_in.delta_weight()
     return Path(o.output)
 
 
@@ -128,10 +138,13 @@ def test_the_file_is_bfls_layout_and_diffusers_fuses_what_sdcore_applies(trained
     count = sum(isinstance(m, torch.nn.Linear) for m in dev.transformer.modules())
     assert len(linears) == count - 4 * config.num_layers - 3 * config.num_single_layers
     assert tensors["img_in.lora_A.weight"].shape == (4, 128)
+    delta = tensors["img_in.lora_B.weight"] @ tensors["img_in.lora_A.weight"]  # alpha/rank folded into lora_B
+    assert float(delta.abs().max()) > 0 and torch.allclose(delta, TRAINED_DELTA["img_in"], atol=1e-7, rtol=0)
     state = dev.transformer.state_dict()
     assert not torch.equal(tensors["double_blocks.0.img_attn.norm.query_norm.scale"],
                            state["transformer_blocks.0.attn.norm_q.weight"])  # fmt: skip
     assert "sdcore_control_lora" in metadata and "128" in metadata["sdcore_control_lora"]
+    assert float(metadata["ss_network_alpha"]) == float(metadata["ss_network_dim"]) == 4  # alpha/rank is in lora_B
     assert lora_info(trained)["control"] == CONTROL_LORA
 
     pipe = _diffusers_pipe(trained, monkeypatch)
@@ -334,3 +347,24 @@ def test_cli_trains_a_control_lora_that_generate_applies_with_a_control_image(tm
         images.append(np.asarray(Image.open(png), dtype=np.int16))
     assert images[0].shape == images[1].shape == (32, 32, 3)
     assert np.abs(images[0] - images[1]).max() > 0
+
+
+def test_an_interrupted_control_lora_run_resumes_exactly_norm_scales_included(tmp_path):
+    """4 steps in one go == 2 steps, Ctrl-C, ``--resume latest``, 2 more: the LoRA and the trained norm scales
+    (kept in the training state) are identical."""
+    from sdcore.testing.contract import check_resume, contract_options
+    from sdplugin_lora.method import LoraMethod
+
+    contract_options(LoraMethod, tmp_path, family="flux")  # writes tmp_path/data
+    controls = tmp_path / "controls"
+    controls.mkdir()
+    for image in sorted((tmp_path / "data").rglob("*.png")):
+        Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(controls / image.name)
+    overrides = {"control_lora": True, "train_norm_layers": True, "control_dir": str(controls), "rank": 2,
+                 "t5xxl_max_token_length": 8}  # fmt: skip
+    check_resume(LoraMethod, tmp_path, overrides, family="flux")
+    from sdcore.models.load import load_model
+
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, overrides, family="flux"))
+    method.prepare(load_model("tiny:flux"))  # 2 double blocks x 4 norms, 2 single blocks x 2, in the state
+    assert sum(key.startswith("sdcore_norm.") for key in method.trainable_state_dict()) == 12

@@ -1392,7 +1392,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             prediction_type=bundle.prediction_type,
             network_module=module,
             rank=o.rank,
-            alpha=self.alpha,
+            alpha=float(o.rank) if o.control_lora else self.alpha,  # a control LoRA's file: alpha/rank in lora_B
             conv_rank=self.conv_rank,
             conv_alpha=self.conv_alpha,
             network_args=args,

@@ -95,6 +95,8 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
         if info[key]
     ]
     click.echo(f"kinds:       {info['kinds']}" + (f"  ({', '.join(extras)})" if extras else ""))
+    if info["control"]:
+        click.echo(f"control:     {info['control']}: apply it with a control image (--control-image)")
     click.echo(f"ranks:       {info['ranks']}")
     click.echo(f"alphas:      {info['alphas']}")
     if info["block_dims"]:

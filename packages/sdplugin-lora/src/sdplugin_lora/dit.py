@@ -545,6 +545,57 @@ def kohya_state_dict(state: Mapping[str, torch.Tensor], index: ModuleIndex) -> d
     return out
 
 
+def control_targets(index: ModuleIndex) -> list[Target]:
+    """The targets of a FLUX.1 control LoRA: every Linear of the transformer, embedders and final layer included,
+    as BFL's control LoRAs adapt them (BFL's ``replace_linear_with_lora`` swaps every ``nn.Linear``; diffusers'
+    ``_convert_bfl_flux_control_lora_to_diffusers`` expects each one); ``img_in`` is already widened."""
+    paths = {part.path for module in index.kohya.values() for part in module.parts}
+    return [t for t in index.targets.values() if t.component == index.denoiser and t.path in paths]
+
+
+def control_state_dict(
+    state: Mapping[str, torch.Tensor], index: ModuleIndex, transformer: Any
+) -> dict[str, torch.Tensor]:
+    """A control LoRA network's ``state_dict`` in the layout of BFL's ``flux1-depth-dev-lora`` /
+    ``flux1-canny-dev-lora``: ``<BFL module>.lora_A.weight`` [rank, in] and ``.lora_B.weight`` [out, rank] for
+    every Linear (fused ``qkv``/``linear1`` as one module, the final ``adaLN_modulation.1`` rows in BFL's (shift,
+    scale) order: kohya's fused modules, :func:`kohya_state_dict`, under BFL's dotted names), no alpha (the
+    files apply at PEFT's scale 1, so alpha/rank is folded into ``lora_B``), and every attention RMSNorm's scale
+    in full (``...norm.query_norm.scale``: the model's, trained or not). ComfyUI recognises the layout by
+    ``img_in.lora_A.weight`` with ``single_blocks.0.norm.key_norm.scale``, diffusers' ``load_lora_weights`` by
+    any ``query_norm.scale``; both then widen ``img_in`` from ``lora_A``'s width, as sdcore's loader does."""
+    import torch
+    from sdcore.errors import NetworkMismatchError
+    from sdcore.models.flux.convert import key_plan
+
+    config = transformer.config
+    plan = key_plan(int(config.num_layers), int(config.num_single_layers), bool(config.guidance_embeds))
+    bfl_of = {
+        group.diffusers[0].removesuffix(".weight"): group.bfl.removesuffix(".weight")
+        for group in plan
+        if group.bfl.endswith(".weight")
+    }
+    names = {module.name: bfl_of.get(module.parts[0].path) for module in index.kohya.values()}
+    swapped = {module.name for module in index.kohya.values() if any(part.swap_halves for part in module.parts)}
+    out: dict[str, torch.Tensor] = {}
+    for name, weights in _modules(kohya_state_dict(state, index)).items():
+        bfl = names.get(name)
+        if bfl is None or not weights.plain_lora:
+            raise NetworkMismatchError(f"{name}: a FLUX.1 control LoRA holds plain LoRA on BFL's Linears only")
+        down = weights.down.flatten(1)
+        up = (weights.up.flatten(1).float() * weights.scale).to(weights.up.dtype)
+        if name in swapped:
+            # diffusers' converter swaps the halves of this module's lora_A as well as lora_B's (its rank halves,
+            # where only the output rows are BFL's (shift, scale)); written twice over at half weight, lora_A's
+            # halves are equal, so diffusers' swap of them changes nothing and every loader gets B A
+            down, up = torch.cat([down, down]), torch.cat([up, up], dim=1) / 2
+        out[f"{bfl}.lora_A.weight"] = down.contiguous()
+        out[f"{bfl}.lora_B.weight"] = up.contiguous()
+    for bfl, target in index.scales.items():
+        out[bfl] = target.module.weight.detach().clone()
+    return out
+
+
 def diffusers_state_dict(
     state: Mapping[str, torch.Tensor], index: ModuleIndex
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -606,6 +657,8 @@ __all__ = [
     "KohyaModule",
     "Part",
     "block_linears",
+    "control_state_dict",
+    "control_targets",
     "diffusers_state_dict",
     "flux_table",
     "fuse_parts",

@@ -538,6 +538,11 @@ def file_input_width(path: str | Path) -> int | None:
 CONTROL_WIDTH = 128
 #: what sdcore calls a file whose ``img_in`` takes :data:`CONTROL_WIDTH` inputs
 CONTROL_LORA = "a FLUX.1 Depth/Canny control LoRA (BFL's flux1-depth-dev-lora / flux1-canny-dev-lora)"
+#: the ``sdcore_control_lora`` header value of a control LoRA sdcore trained (``sdcore train lora --control-lora``)
+CONTROL_LORA_TRAINED = (
+    "FLUX.1 dev control LoRA in BFL's layout: img_in takes 128 inputs (the noisy latents and a control image's "
+    "latents); apply with a control image (sdcore generate --control-image, FluxControlPipeline)"
+)
 
 
 def control_lora_problem(lora: LoraFile, model_width: int = _FLUX_LATENT_WIDTH) -> str | None:
@@ -866,6 +871,7 @@ def header_metadata(path: str | Path) -> dict[str, str]:
 
 
 __all__ = [
+    "CONTROL_LORA_TRAINED",
     "LoraFile",
     "Match",
     "ModuleWeights",

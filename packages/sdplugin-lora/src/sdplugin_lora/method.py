@@ -260,6 +260,21 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "split_qkv=True). Default, as kohya: one LoRA per fused qkv/linear1 Linear, its down shared by q, k, v.",
         group="lora",
     )
+    control_lora: bool = option(
+        False,
+        "FLUX.1 dev: train a control LoRA (BFL's Depth/Canny kind, diffusers' train_control_lora_flux.py): img_in "
+        "widened from 64 to 128 inputs with zero columns, each training image's control image (--control-dir, "
+        "same stem; a depth map, edges, a pose ...) encoded like it and joined to the noisy latents on the "
+        "channels, plain LoRA on every Linear of the transformer; saved in BFL's layout (sdcore generate "
+        "--control-image, diffusers' FluxControlPipeline and ComfyUI load it).",
+        group="lora",
+    )
+    train_norm_layers: bool = option(
+        False,
+        "With --control-lora: also train the attention RMSNorm scales (diffusers' --train_norm_layers); the file "
+        "holds them in full, as BFL's control LoRAs do.",
+        group="lora",
+    )
 
 
 @dataclass
@@ -276,6 +291,10 @@ def _family_encoders(bundle: Any) -> tuple[Any, ...]:
 
 #: resumable-state key suffix of a module's LyCORIS max-norm ``scalar``
 _SCALAR_KEY = "sdcore_scalar"
+#: prefix of the trained RMSNorm scales (--train-norm-layers, BFL names) in a training state
+_NORM_STATE = "sdcore_norm."
+#: the header key saying a file is a FLUX.1 control LoRA and what its img_in takes
+CONTROL_METADATA = "sdcore_control_lora"
 
 
 class LoraMethod(TrainingMethod[LoraOptions]):
@@ -288,7 +307,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     resume_shape_options: ClassVar[tuple[str, ...]] = (
         "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
         "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
-        "layer_filter", "layer_filter_regex", "layer_exclude",
+        "layer_filter", "layer_filter_regex", "layer_exclude", "control_lora", "train_norm_layers",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -459,8 +478,43 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                                ("--stop-text-encoder-after-epochs", o.stop_text_encoder_after_epochs)) if v is not None]  # fmt: skip
         if stop and o.te_only:
             problems.append(f"{' and '.join(stop)} with --te-only: nothing would train after the stop")
+        problems += self._control_lora_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _control_lora_problems(self) -> list[str]:
+        """Options a control LoRA cannot take: BFL's layout is plain LoRA (``lora_A``/``lora_B``, one ``lora_A`` per
+        fused qkv/linear1 Linear) on every Linear of the transformer and nothing else, and its ``img_in`` is wider
+        than any file a run could start from or merge (those are refused rather than half applied)."""
+        o = self.options
+        if not o.control_lora:
+            if o.train_norm_layers:
+                return ["--train-norm-layers trains a control LoRA's norm scales: give --control-lora"]
+            return []
+        given = [
+            flag
+            for flag, on in (
+                (f"--algo {o.algo}", o.algo != "lora"),
+                ("--split-qkv", o.split_qkv),
+                ("--key-layout diffusers", o.key_layout != "kohya"),
+                ("--train-text-encoder/--te-only", o.train_text_encoder or o.te_only),
+                ("--lycoris-preset", o.lycoris_preset is not None),
+                ("--layer-filter/--layer-exclude", o.layer_filter is not None or o.layer_exclude is not None),
+                ("--conv-rank", bool(o.conv_rank)),
+                ("--train-norm", o.train_norm),
+                ("--network-weights", o.network_weights is not None),
+                ("--base-weights", o.base_weights is not None),
+                ("--use-tucker", o.use_tucker),
+            )
+            if on
+        ]
+        if not given:
+            return []
+        return [
+            f"--control-lora with {', '.join(given)}: a FLUX.1 control LoRA is plain LoRA on every Linear of the "
+            "transformer in BFL's layout (one lora_A per fused qkv/linear1; no text encoder), trained from zero on "
+            "the widened img_in; drop them"
+        ]
 
     def _te_rate_problems(self) -> list[str]:
         """--te1-lr/--te2-lr/--te3-lr: not negative, and for encoders that train here."""
@@ -711,7 +765,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     def capabilities(self) -> Capabilities:
         # kohya's slots: the CLIP encoders train with the text encoder, T5 only with train_t5 (so a cached T5)
         trained = frozenset({1, 2, 3} if self.options.train_t5 else {1, 2}) if self.train_te else None
-        return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True, trained_text_encoders=trained)
+        return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True, trained_text_encoders=trained,
+                            control_channels=self.options.control_lora)  # fmt: skip
 
     # --- setup -----------------------------------------------------------------------------------
     def block_options(self) -> dict[str, str | None]:
@@ -749,6 +804,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
         for module in bundle.components().values():
             module.requires_grad_(False)
+        if self.options.control_lora:
+            self._widen_for_control(bundle)
         index = ModuleIndex.from_bundle(bundle)
         self._check_layout(index)
         shapes_only = any(p.is_meta for m in bundle.components().values() for p in m.parameters())
@@ -766,6 +823,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             network = self._preset_network(bundle, index, preset)
             return self._finish_prepare(bundle, index, network, plan)
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
+        if self.options.control_lora:  # BFL's control LoRAs adapt every Linear of the transformer
+            from .dit import control_targets
+
+            targets = control_targets(index)
         if self.options.algo == "oft" and index.kohya:  # kohya networks.oft_flux: its BFL Linears, split per part
             from .dit import oft_flux_modules
 
@@ -799,7 +860,29 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             rescaled=self.options.rescaled,
             norms=index.select_norms(conv=conv) if self.options.train_norm and self.train_unet else (),
         )
-        return self._finish_prepare(bundle, index, network, plan)
+        groups = self._finish_prepare(bundle, index, network, plan)
+        if self.options.train_norm_layers:  # diffusers' --train_norm_layers: the RMSNorm scales at the LoRA's rate
+            norms = [target.module.weight for target in index.scales.values()]
+            for param in norms:
+                param.requires_grad_(True)
+            groups.append({"params": norms, "lr": self.options.unet_lr or self.options.lr, "name": "norm_scales"})
+        return groups
+
+    def _widen_for_control(self, bundle: ModelBundle) -> None:
+        """--control-lora: dev's ``img_in`` takes the control image's latents too (zero columns, as diffusers'
+        trainer widens it), for the run; a FLUX.1 Kontext model is refused here, where it is first known."""
+        from sdcore.models.flux.control import TRAINING_WIDENER, widen_img_in, widened_by
+        from sdcore.models.flux.variants import bundle_variant
+        from sdcore.train.control_lora import kontext_refusal
+
+        from .format import CONTROL_WIDTH
+
+        if bundle.family != "flux" or bundle.transformer is None:  # the pre-flight says it before loading
+            raise ConfigError(f"--control-lora trains FLUX.1 dev; this model is {bundle.family}")
+        if bundle_variant(bundle) == "kontext":
+            raise ConfigError(kontext_refusal(str(bundle.source or "this model")))
+        if widened_by(bundle) != TRAINING_WIDENER:
+            widen_img_in(bundle, CONTROL_WIDTH, TRAINING_WIDENER)
 
     def _fused_groups(
         self, index: ModuleIndex, targets: list[Target], algo: str
@@ -1193,10 +1276,23 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         for name, module in network.loras.items():
             if module.scalar != 1.0:
                 state[f"{name}.{_SCALAR_KEY}"] = torch.tensor(module.scalar, dtype=torch.float64)
+        state.update({_NORM_STATE + key: value.detach().float().cpu().clone() for key, value in self._norms().items()})
         return state
 
+    def _norms(self) -> dict[str, torch.Tensor]:
+        """--train-norm-layers: the trained RMSNorm scales by BFL's name (empty otherwise)."""
+        if not self.options.train_norm_layers or self.index is None:
+            return {}
+        return {bfl: target.module.weight for bfl, target in self.index.scales.items()}
+
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        import torch
+
         network = self._require_network()
+        norms, state = self._norms(), dict(state)
+        with torch.no_grad():
+            for key in [k for k in state if k.startswith(_NORM_STATE)]:
+                norms[key[len(_NORM_STATE) :]].copy_(state.pop(key))
         scalars = {k: v for k, v in state.items() if k.endswith(f".{_SCALAR_KEY}")}
         network.load_kohya_state_dict({k: v for k, v in state.items() if k not in scalars})
         modules = network.loras
@@ -1278,6 +1374,13 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 args["wd_on_output"] = False  # our magnitude layout (LyCORIS' default is True)
             if o.algo == "lokr":
                 args["factor"] = o.lokr_factor
+        if o.control_lora:  # what the file is, beside its shapes (``lora info`` reads both)
+            from .format import CONTROL_LORA_TRAINED
+
+            extra[CONTROL_METADATA] = CONTROL_LORA_TRAINED
+            args["control_lora"] = True
+            if o.train_norm_layers:
+                args["train_norm_layers"] = True
         variant = None
         if self.index is not None and self.index.kohya:
             from .dit import variant_of_transformer
@@ -1289,7 +1392,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             prediction_type=bundle.prediction_type,
             network_module=module,
             rank=o.rank,
-            alpha=self.alpha,
+            alpha=float(o.rank) if o.control_lora else self.alpha,  # a control LoRA's file: alpha/rank in lora_B
             conv_rank=self.conv_rank,
             conv_alpha=self.conv_alpha,
             network_args=args,
@@ -1319,6 +1422,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 from .dit import oft_flux_state_dict
 
                 state = oft_flux_state_dict(state, self.index)
+            elif self.options.control_lora:  # BFL's control-LoRA layout (lora_A/lora_B, norm scales in full)
+                from .dit import control_state_dict
+
+                state = control_state_dict(state, self.index, bundle.transformer)
             elif self.options.key_layout == "diffusers":
                 state, header = diffusers_state_dict(state, self.index)
                 metadata.update(header)
@@ -1332,7 +1439,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         """Hook the saved file onto a fresh bundle (same forward as during training)."""
         from .apply import apply_lora
 
-        apply_lora(bundle, path, 1.0, merge=False, strict=True)
+        apply_lora(bundle, path, 1.0, merge=False, strict=True, widen=self.options.control_lora)
 
 
 def kohya_timestep_sampling(options: LoraOptions) -> str:

@@ -685,6 +685,8 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         # lora_up biases and full norm scales (BFL's control LoRAs) apply with the file: said, not hidden
         "bias_modules": sum("lora_up.bias" in weights.tensors for weights in lora.modules.values()),
         "norm_scales": len(lora.norm_scales),
+        # a widened img_in (BFL's Depth/Canny control LoRAs, sdcore's --control-lora results) needs a control image
+        "control": _control_label(lora),
         "unknown_keys": lora.unknown_keys,
         "embeddings": len(lora.embedding_keys),
         "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
@@ -694,6 +696,16 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         "top_tags": tags,
         "metadata": meta,
     }
+
+
+def _control_label(lora: LoraFile) -> str | None:
+    """What ``lora info`` calls a FLUX.1 LoRA whose ``img_in`` is widened (None for every other file)."""
+    from .format import CONTROL_LORA, CONTROL_WIDTH, widened_input
+
+    width = widened_input(lora)
+    if width is None:
+        return None
+    return CONTROL_LORA if width == CONTROL_WIDTH else f"a FLUX.1 LoRA whose img_in takes {width} inputs"
 
 
 def effective_deltas(lora: LoraFile, base: Any = None) -> dict[str, torch.Tensor]:

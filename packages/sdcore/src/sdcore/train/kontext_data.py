@@ -133,7 +133,7 @@ def control_problems(index: DatasetIndex) -> list[str]:
     if without:
         problems.append(
             f"control images: {len(without)} subset(s) have no control folder while others do ({_listed(without)}); "
-            "every training image of a FLUX.1 Kontext run needs its control image (give each subset a "
+            "every training image of a FLUX.1 Kontext or control-LoRA run needs its control image (give each subset a "
             "control_directory)"
         )
     missing: list[str] = []
@@ -189,13 +189,15 @@ def control_family_problems(layout: ModelLayout, index: DatasetIndex) -> list[st
     return []
 
 
-def control_summary(index: DatasetIndex) -> list[str]:
+def control_summary(index: DatasetIndex, *, channels: bool = False) -> list[str]:
     """The plan's line for a Kontext dataset (none without control images): that it trains FLUX.1 Kontext and
-    from which control folders, so a dry run shows what the run will pair."""
+    from which control folders, so a dry run shows what the run will pair; ``channels``: a FLUX.1 control LoRA
+    (:mod:`sdcore.train.control_lora`) takes them instead."""
     folders = list(dict.fromkeys(str(e.subset.control_dir) for e in index.entries if has_control(e)))
     if not folders:
         return []
-    return [f"  FLUX.1 Kontext: every sample paired with its control image from {_listed(folders)}"]
+    what = "FLUX.1 control LoRA (control latents joined on the channels)" if channels else "FLUX.1 Kontext"
+    return [f"  {what}: every sample paired with its control image from {_listed(folders)}"]
 
 
 def warn_unpaired_kontext(bundle: Any) -> None:

@@ -350,7 +350,9 @@ class TrainSession:
             from .kontext_data import control_summary
 
             self.progress.plan(
-                "\n".join([self.data.index.summary(), *control_summary(self.data.index)]),
+                "\n".join(
+                    [self.data.index.summary(), *control_summary(self.data.index, channels=self.caps.control_channels)]
+                ),
                 per_epoch=len(self.data.epoch_plan(0)),
                 total_steps=self.total_steps,
                 max_epochs=self.max_epochs,

@@ -78,6 +78,10 @@ class Capabilities:
     #: backward (kohya offers it in its full fine-tune scripts only; its ``train_network.py`` ignores the
     #: flag and clips all gradients together, so adapter methods leave this False)
     steps_in_backward: bool = False
+    #: the method trains a FLUX.1 control LoRA (``sdcore train lora --control-lora``): each sample's control image
+    #: (``--control-dir``) joins the noisy latents on the channels of a widened ``img_in`` rather than as FLUX.1
+    #: Kontext's reference tokens, and the pre-flight checks the model and data for it (:mod:`.control_lora`)
+    control_channels: bool = False
 
 
 @dataclass

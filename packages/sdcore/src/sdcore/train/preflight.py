@@ -804,6 +804,8 @@ class PreflightReport:
     disk: DiskPlan | None = None
     memory: MemoryPlan | None = None
     notes: list[str] = field(default_factory=list)
+    #: the method joins the control images on the channels (a FLUX.1 control LoRA), not as Kontext references
+    control_channels: bool = False
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -818,7 +820,7 @@ class PreflightReport:
             lines.append(self.data.index.summary())
             from .kontext_data import control_summary
 
-            lines.extend(control_summary(self.data.index))
+            lines.extend(control_summary(self.data.index, channels=self.control_channels))
             if self.data.held_out:
                 held = [self.data.entries[i] for i in sorted(self.data.held_out)]
                 lines.append(
@@ -924,6 +926,11 @@ def run_preflight(
 
         report.problems.extend(fused_family_problems(o, report.layout.family))
         report.problems.extend(guidance_bypass_problems(o, report.layout))
+        if method.capabilities().control_channels:
+            from .control_lora import control_lora_family_problems, control_lora_notes
+
+            report.problems.extend(control_lora_family_problems(report.layout))
+            report.notes.extend(control_lora_notes(o))
         report.notes.extend(guidance_scale_notes(o, report.layout.family))
 
     # folders
@@ -988,7 +995,13 @@ def run_preflight(
             from .kontext_data import control_family_problems, control_problems
 
             report.problems.extend(control_problems(data.index))  # FLUX.1 Kontext's control images
-            if report.layout is not None:
+            if method.capabilities().control_channels:  # a control LoRA's control images (:mod:`.control_lora`)
+                from .control_lora import control_lora_problems
+
+                report.control_channels = True
+
+                report.problems.extend(control_lora_problems(o, data.index))
+            elif report.layout is not None:
                 report.problems.extend(control_family_problems(report.layout, data.index))
             from .inpainting import inpainting_problems
 

@@ -394,13 +394,15 @@ class FluxAdapter:
         """The transformer's velocity for ``noisy_latents`` [B, 16, H, W] at ``timesteps`` (sigma * 1000);
         ``bypass_guidance_embedding`` (training only): without the guidance term (:func:`guidance_bypassed`);
         ``reference_latents`` [B or 1, 16, h, w]: FLUX.1 Kontext's clean reference images, as extra tokens
-        whose output is dropped (:mod:`sdcore.models.flux.kontext`); ``inpainting``: FLUX.1 Fill's
+        whose output is dropped (:mod:`sdcore.models.flux.kontext`); on a transformer whose ``img_in`` takes the
+        control image too (dev widened for a control LoRA, :func:`join_control`) the control images' latents,
+        joined on the channels instead; ``inpainting``: FLUX.1 Fill's
         ``(mask [B, 64, h, w], masked-image latents [B, 16, h, w])``, packed after the noisy latents as
         ``FluxFillPipeline`` joins them (``[noisy, masked latents, mask]`` per token)."""
         import torch
 
         from ...dtypes import compute_dtype
-        from .variants import require_supported
+        from .variants import bundle_variant, require_supported
 
         if inpainting is None:
             require_supported(bundle, "train or generate with")  # not a shape error inside img_in
@@ -425,7 +427,11 @@ class FluxAdapter:
             value = torch.as_tensor(given, device=device, dtype=torch.float32).reshape(-1).expand(batch)
         ids = image_ids(height, width, device=device, dtype=dtype)
         target_tokens = packed.shape[1]
-        if reference_latents is not None:
+        if reference_latents is not None and bundle_variant(bundle) == "control":
+            from .control import join_control
+
+            packed = join_control(packed, reference_latents)
+        elif reference_latents is not None:
             from .kontext import join_reference
 
             packed, ids = join_reference(packed, ids, reference_latents)

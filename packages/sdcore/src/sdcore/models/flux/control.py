@@ -69,9 +69,40 @@ def control_size(image: Any) -> tuple[int, int]:
     return width, height
 
 
+def join_control(packed: Any, control_latents: Any) -> Any:
+    """The noisy latents' tokens ``packed`` [B, N, 64] with the control images' latents [B or 1, 16, h, w] packed
+    alike and joined on the channels: [B, N, 128], what a 128-wide ``img_in`` takes.
+
+    ``FluxControlPipeline`` joins the packed tensors (``torch.cat([latents, control_image], dim=2)``); diffusers'
+    ``train_control_lora_flux.py`` joins the 16-channel latents before packing them; both give this tensor, since
+    packing keeps each channel's 2x2 values together. The control latents are clean (no noise), scaled and
+    shifted as the noisy ones."""
+    import torch
+
+    from ...errors import ConfigError
+    from .adapter import pack_latents
+
+    batch = packed.shape[0]
+    if control_latents.ndim != 4 or control_latents.shape[0] not in (1, batch):
+        raise ConfigError(
+            f"control latents must be [B, C, H, W] with B = 1 or {batch}, got {tuple(control_latents.shape)}"
+        )
+    control = pack_latents(control_latents).to(device=packed.device, dtype=packed.dtype)
+    if control.shape[1:] != packed.shape[1:]:
+        raise ConfigError(
+            f"the control latents ({tuple(control_latents.shape[1:])}) do not match the noisy latents' size and "
+            "channels; a control image is resized to its training image's bucket"
+        )
+    return torch.cat([packed, control.expand(batch, -1, -1)], dim=2)
+
+
 #: the transformer attribute naming what widened its ``img_in`` while it is widened (:func:`widen_img_in`), so a
 #: refusal can say the 128-wide model is dev with that file rather than a Depth/Canny download
 WIDENED_BY = "_sdcore_widened_by"
+#: the ``by`` of :func:`widen_img_in` when a training run widens ``img_in`` to train a control LoRA
+#: (``sdcore train lora --control-lora``): every step then gives the control latents, so the model counts as a
+#: Depth/Canny one with its control image (:func:`sdcore.models.flux.variants.require_supported`)
+TRAINING_WIDENER = "--control-lora"
 
 
 def widened_by(bundle: ModelBundle) -> str | None:
@@ -126,9 +157,11 @@ __all__ = [
     "CONTROL_FIELD",
     "CONTROL_TRUE_CFG",
     "DEPTH_GUIDANCE",
+    "TRAINING_WIDENER",
     "WIDENED_BY",
     "control_size",
     "default_guidance",
+    "join_control",
     "open_control",
     "widen_img_in",
     "widened_by",

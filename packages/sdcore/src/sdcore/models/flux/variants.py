@@ -123,7 +123,12 @@ def describe(variant: str) -> str:
 def require_supported(bundle: ModelBundle, doing: str, *, given: Collection[str] = ()) -> None:
     """One clear line for a release sdcore cannot run (``doing``: "generate with", "train", "train or generate
     with"); ``given``: the extra inputs the caller gives (``"mask"``, ``"control image"``), so the :data:`TOOLS`
-    releases needing one of them pass too."""
+    releases needing one of them pass too. A dev widened by a control-LoRA training run
+    (:data:`~sdcore.models.flux.control.TRAINING_WIDENER`) gets its control image at every step."""
+    from .control import TRAINING_WIDENER, widened_by
+
+    if bundle.transformer is not None and widened_by(bundle) == TRAINING_WIDENER:
+        given = (*given, "control image")
     if bundle.transformer is not None:
         refuse(bundle_variant(bundle), _source(bundle), doing, given=given)
 

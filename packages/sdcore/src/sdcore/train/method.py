@@ -259,6 +259,16 @@ class TrainingMethod(Generic[OptionsT]):
         """
         return self.prepare(bundle)
 
+    def result_bytes(self, bundle: ModelBundle) -> int | None:
+        """The bytes one saved result takes on disk, for the pre-flight's disk estimate, or ``None``: the
+        trained parameters at ``--save-dtype`` (a LoRA file: its tensors and a small header).
+
+        Called on the throwaway instance right after :meth:`plan_groups` ran on the shapes-only ``bundle``
+        (meta tensors: sizes only). Methods whose files are not their tensors at ``--save-dtype`` say their
+        own (an embedding is always fp32 in a pickled dict, DreamArtist writes two). Since 0.1.
+        """
+        return None
+
     def regularization_data(self) -> Path | None:
         """A folder of class (regularisation) images this method adds to the dataset, or ``None``.
 

@@ -1,13 +1,16 @@
 """A run's sample images encode their prompts as the run encodes its captions: T5's length and attention mask
 (``--t5xxl-max-token-length``, ``--apply-t5-attn-mask``) and SD3's CLIP mask (``--apply-lg-attn-mask``).
 
-kohya sd-scripts (mirror HEAD): FLUX.1's ``flux_train_utils.sample_image_inference`` (L201-L247) encodes the
+kohya sd-scripts (48d368f): FLUX.1's ``flux_train_utils.sample_image_inference`` (L201-L247) encodes the
 sample prompts with the run's ``FluxTextEncodingStrategy(apply_t5_attn_mask=args.apply_t5_attn_mask)``
 (``flux_train_network.py`` L190, ``encode_tokens`` reading that default, ``strategy_flux.py`` L59-L60) and passes
 ``t5_attn_mask`` to ``denoise`` as the transformer's ``txt_attention_mask`` (L247, L265, L367) when the option is
 on; SD3's ``sd3_train_network.py`` (L246-L253) encodes the sample prompts at caching time with
 ``args.apply_lg_attn_mask, args.apply_t5_attn_mask``, the masks inside the encoders only (its MMDiT takes none,
-L344-L356). A render here must give the denoiser exactly what the training step gives it for the same text.
+L344-L356); where kohya re-encodes an SD3 sample prompt live (``sd3_train_utils.py`` L536-L538) its
+``Sd3TextEncodingStrategy.encode_tokens`` defaults the masks to False, not to the run's (``strategy_sd3.py``
+L75-L76): sdcore follows the cached path, the run's own encoding. A render here must give the denoiser
+exactly what the training step gives it for the same text.
 """
 
 from __future__ import annotations

@@ -451,3 +451,17 @@ def test_x0_decoding_options_are_refused_on_flow_matching_models(tmp_path):
     assert rec.family_problems("sd1") == [] and rec.family_problems("sdxl") == []
     with pytest.raises(ConfigError, match="--reconstruction"):
         rec.prepare(load_model("tiny:flux"))
+
+
+def test_preflight_result_size_is_both_embedding_files(tmp_path):
+    """A DreamArtist result is two embeddings (X.pt and X-neg.pt): the pre-flight's estimate is their sizes
+    within 10 % (the vectors at --save-dtype alone said 640 bytes for about 4 KiB of files)."""
+    from sdcore.train.preflight import run_preflight
+
+    options = contract_options(APTMethod, tmp_path / "plan", {**APT_OPTIONS, "max_steps": 1})
+    disk = run_preflight(APTMethod(options), options).disk
+    output = Path(check_one_step(APTMethod, tmp_path / "run", APT_OPTIONS).output)
+    files = APTMethod(options).result_files(output)
+    assert len(files) == 2 and all(p.is_file() for p in files)
+    assert disk is not None
+    assert disk.result_bytes == pytest.approx(sum(p.stat().st_size for p in files), rel=0.1)

@@ -250,3 +250,19 @@ def test_sdxl_embedding_modelspec_title_and_architecture(tmp_path):
     header = _safetensors_header(result.output)
     assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
     assert header["modelspec.title"] == result.output.stem == "result"  # the file name (kohya: output_name)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_preflight_result_size_is_the_files_a_save_writes(tmp_path, fmt):
+    """The pre-flight's disk estimate of a result is the .pt and the --format extra one save writes (within
+    10 %): the vectors alone at --save-dtype said 256 bytes ("about 0 KiB") for about 2 KiB of files."""
+    from sdcore.train.preflight import run_preflight
+
+    overrides = {**TI_OPTIONS, "format": fmt}
+    options = contract_options(TIMethod, tmp_path / "plan", {**overrides, "max_steps": 1})
+    disk = run_preflight(TIMethod(options), options).disk
+    output = Path(check_one_step(TIMethod, tmp_path / "run", overrides).output)
+    written = {output, output.with_suffix(f".{fmt}")}
+    assert disk is not None
+    assert disk.result_bytes == pytest.approx(sum(p.stat().st_size for p in written), rel=0.1)
+    assert "0 KiB" not in disk.line()

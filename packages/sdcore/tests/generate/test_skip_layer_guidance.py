@@ -273,6 +273,28 @@ def test_infotext_and_from_png_round_trip(tmp_path):
     assert np.array_equal(np.asarray(Image.open(other)), np.asarray(Image.open(plain)))  # scale 0: CFG alone
 
 
+def test_no_slg_turns_a_recalled_slg_off(tmp_path):
+    """--from-png of an SLG image with --no-slg: the image's four SLG fields are left out (as --no-hires leaves
+    the hires fields), so the render is plain CFG, the same pixels as the image made without SLG, and its
+    infotext has no SLG field; --no-slg with --slg-layers is a pre-flight line."""
+    from sdcore.generate.pnginfo import read_png_parameters
+
+    args = ["-m", "tiny:sd3", "a red cat", "--steps", "6", "--seed", "3", "--sampler", "euler"]
+    first, plain, off = tmp_path / "first.png", tmp_path / "plain.png", tmp_path / "off.png"
+    slg = ["--slg-layers", "1,0", "--slg-scale", "2", "--slg-start", "0.1", "--slg-end", "0.5"]
+    assert (result := _cli([*args, *slg, "-o", str(first)])).exit_code == 0, result.output
+    assert (result := _cli([*args, "-o", str(plain)])).exit_code == 0, result.output
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(first)))
+    result = _cli(["-m", "tiny:sd3", "--from-png", str(first), "--no-slg", "-o", str(off)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(off)), np.asarray(Image.open(plain)))
+    recalled = read_png_parameters(off)
+    assert not {"Skip layer guidance", "SLG scale", "SLG start", "SLG end"} & set(recalled.extra)
+    assert (recalled.prompt, recalled.seed, recalled.steps) == ("a red cat", 3, 6)  # the rest is still recalled
+    line = _preflight(_cli(["-m", "tiny:sd3", "a cat", "--no-slg", "--slg-layers", "1", "-o", str(tmp_path / "x.png")]))
+    assert line == "--no-slg turns skip layer guidance off: drop it or --slg-layers"
+
+
 def test_slg_scale_axis(tmp_path):
     """An X/Y/Z axis over --slg-scale: each cell's infotext says its scale, and the cells differ."""
     from sdcore.generate.pnginfo import read_png_parameters

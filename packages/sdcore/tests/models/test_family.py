@@ -83,6 +83,23 @@ def test_families_are_frozen():
         SD1.lora_prefixes["unet"] = "x"  # type: ignore[index]
 
 
+def test_flow_families_default_to_flow_matching_as_their_bundles_do(sd_cli):
+    # FLUX.1, Chroma and SD3 train the flow (kohya's flux_train_network.py / sd3_train_network.py have no epsilon
+    # mode); a flow family declared without a prediction type (TOY, a plugin's) reads the same, never "epsilon"
+    flows = [get_family(name) for name in ("sd3", "flux", "chroma")] + [TOY]
+    assert {f.objective for f in flows} == {"flow-matching"}
+    assert [f.default_prediction_type for f in flows] == ["flow-matching"] * 4
+    assert dataclasses.replace(SD1, name="toy-flow", objective="flow-matching").default_prediction_type == (
+        "flow-matching"
+    )
+    with pytest.raises(PluginError, match="default_prediction_type of a ddpm family must be"):
+        dataclasses.replace(SD1, default_prediction_type="flow-matching")
+    # what `sdcore model info` shows for a tiny FLUX.1 model is the family's default
+    result = sd_cli(["model", "info", "tiny:flux", "--no-hash"])
+    assert result.exit_code == 0, result.output
+    assert f"prediction type: {get_family('flux').default_prediction_type}\n" in result.output
+
+
 def test_get_family_unknown_lists_known():
     with pytest.raises(ConfigError, match=r"unknown model family .sd9.*sd1, sd2, sdxl, sdxl-refiner"):
         get_family("sd9", get_plugin_manager(entrypoints=False))

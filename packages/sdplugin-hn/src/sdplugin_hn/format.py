@@ -114,7 +114,8 @@ def load_hypernetwork(path: str | Path, *, name: str | None = None) -> Hypernetw
 
 
 def hypernetwork_to_dict(hn: Hypernetwork, *, dtype: str | torch.dtype | None = None) -> dict[Any, Any]:
-    """The dict A1111 saves: ``{dim: (k_sd, v_sd), ...}`` plus structure and metadata."""
+    """The dict A1111 saves: ``{dim: (k_sd, v_sd), ...}`` plus structure and metadata (a network on the
+    meta device gives meta tensors: the shapes and dtypes of the file, for :func:`saved_size`)."""
     if isinstance(dtype, str):
         dtype = torch_dtype(dtype)
     data: dict[Any, Any] = {}
@@ -125,7 +126,7 @@ def hypernetwork_to_dict(hn: Hypernetwork, *, dtype: str | torch.dtype | None = 
         for module in pair:
             state = {}
             for key, tensor in module.state_dict().items():
-                tensor = tensor.detach().to("cpu")
+                tensor = tensor.detach() if tensor.is_meta else tensor.detach().to("cpu")
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 state[key] = tensor.contiguous().clone()
@@ -142,6 +143,30 @@ def hypernetwork_to_dict(hn: Hypernetwork, *, dtype: str | torch.dtype | None = 
         }
     )
     return data
+
+
+def saved_size(data: Any) -> int:
+    """The bytes ``torch.save(data)`` writes, without the tensors' data in memory: the pickle of the
+    structure with every tensor emptied, plus each tensor's bytes (meta tensors count by shape and
+    dtype). The pre-flight's disk estimate: an A1111 ``.pt`` is its tensors plus a few KiB."""
+    import io
+
+    payload = 0
+
+    def empty(value: Any) -> Any:
+        nonlocal payload
+        if isinstance(value, torch.Tensor):
+            payload += value.numel() * value.element_size()
+            return torch.empty(0, dtype=value.dtype)
+        if isinstance(value, dict):
+            return {key: empty(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(empty(item) for item in value)
+        return value
+
+    buffer = io.BytesIO()
+    torch.save(empty(data), buffer)
+    return buffer.getbuffer().nbytes + payload
 
 
 def save_hypernetwork(hn: Hypernetwork, path: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:

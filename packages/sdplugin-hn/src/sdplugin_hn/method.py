@@ -185,6 +185,16 @@ class HNMethod(TrainingMethod[HNOptions]):
         self.hooks = apply_hypernetworks(bundle.unet, [(network, 1.0)])
         return [{"params": [p for p in network.parameters() if p.requires_grad], "name": "hypernetwork"}]
 
+    def result_bytes(self, bundle: ModelBundle) -> int:
+        """The ``.pt`` :meth:`save` writes, sized from the planned network (meta tensors after
+        :meth:`plan_groups`) at ``--save-dtype`` with A1111's pickled structure around it."""
+        from .format import hypernetwork_to_dict, saved_size
+
+        network = self._require()
+        network.name = self.network_name
+        network.sd_checkpoint, network.sd_checkpoint_name = "0" * 10, Path(str(bundle.source or "model")).stem
+        return saved_size(hypernetwork_to_dict(network, dtype=self.options.save_dtype))
+
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
         if not self.options.template:
             return caption

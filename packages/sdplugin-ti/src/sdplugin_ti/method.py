@@ -257,6 +257,37 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         ]
         return [{"params": params, "name": "embedding"}]
 
+    def result_bytes(self, bundle: ModelBundle) -> int:
+        """The files one save writes (the A1111 ``.pt`` and the ``--format`` extra, for every trained
+        embedding: DreamArtist's two), measured by writing them with zero vectors of the planned shapes to a
+        scratch folder. An embedding is a few vectors in fp32 (whatever ``--save-dtype``) inside a pickle or
+        a header that outweighs them, so the vector count at the save dtype alone says about 0 KiB."""
+        import tempfile
+
+        import torch
+
+        from .apply import encoder_keys
+        from .embedding import Embedding
+
+        keys = set(self.trained_keys(bundle))
+        widths = {
+            key: int(encoder.get_input_embeddings().weight.shape[1])
+            for encoder, key in zip(bundle.text_encoders, encoder_keys(bundle), strict=True)
+            if key in keys
+        }
+        # what save() stores besides the vectors: A1111's 10-digit short hash and the model's name
+        checkpoint = "0" * 10, Path(str(bundle.source or "model")).stem
+        with tempfile.TemporaryDirectory(prefix="sdcore-embedding-size-") as scratch:
+            folder = Path(scratch)
+            for item in self.trained_embeddings():
+                vectors = {key: torch.zeros(item.vectors, width) for key, width in widths.items()}
+                emb = Embedding(name=item.name, vectors=vectors, step=0)
+                emb.sd_checkpoint, emb.sd_checkpoint_name = checkpoint
+                emb.metadata = {"sdcore.method": self.name, "sdcore.family": bundle.family}
+                emb.metadata.update(self.modelspec(bundle, item.name))
+                self.write(emb, folder, item.name)
+            return sum(path.stat().st_size for path in folder.iterdir())
+
     def param_groups(self) -> list[dict[str, Any]]:
         """One group over every trained table; weight decay 0 as A1111 (decay would pull vectors to 0)."""
         assert self.handle is not None

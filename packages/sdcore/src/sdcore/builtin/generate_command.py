@@ -132,6 +132,12 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     help="Skip Layer Guidance up to this fraction of the steps.",
 )
 @click.option(
+    "--no-slg",
+    is_flag=True,
+    default=False,
+    help="No Skip Layer Guidance: leave out the SLG an image given with --from-png recalls (as --no-hires).",
+)
+@click.option(
     "--seed", default=-1, show_default=True, type=int, help="Seed (-1: random); image i of a batch uses seed+i."
 )
 @click.option(
@@ -632,7 +638,11 @@ def _skip_layer_guidance(params: dict[str, Any], hires: Any, problems: list[str]
     """The :class:`~sdcore.generate.skip_layer_guidance.SkipLayerGuidance` of ``--slg-layers`` and its options
     (``None`` without it), with every problem found before the model loads added to ``problems``: the layers'
     text, the window, a CFG (or hires CFG) of 1 or less, a model of another family than SD3 (when its headers
-    tell), the options without ``--slg-layers``. Block indices the model lacks are found once it loads."""
+    tell), the options without ``--slg-layers``, ``--slg-layers`` with ``--no-slg``. Block indices the model lacks
+    are found once it loads."""
+    if params["no_slg"] and "slg_layers" in _given(params):
+        problems.append("--no-slg turns skip layer guidance off: drop it or --slg-layers")
+        return None
     if params["slg_layers"] is None:
         typed = [name for name in _SLG_OPTIONS if name in _given(params)]
         if typed:
@@ -1056,6 +1066,8 @@ def _recall(params: dict[str, Any]) -> Any:
             "hires" in recalled.values and params["init_image"] is None and ("hires" not in given or params["hires"])
         )
         skip = set() if hires else {"hires", *_HIRES_OPTIONS}
+        if params["no_slg"]:  # the image's Skip Layer Guidance fields are left out
+            skip.update(("slg_layers", *_SLG_OPTIONS))
         for name, value in recalled.values.items():
             if name not in given and name not in skip:
                 params[name] = value

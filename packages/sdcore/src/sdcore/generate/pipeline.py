@@ -10,7 +10,7 @@ training noise schedule, so the prediction type (epsilon or v) always matches th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
@@ -375,6 +375,7 @@ def generate_images(
     control_image: Any = None,
     image_conditioning: ImageConditioning | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
+    text_encoding: Mapping[str, Any] | None = None,
 ) -> list[Image.Image]:
     """Generate one image per prompt; image ``i`` uses seed ``seed + i`` (A1111's batch rule).
 
@@ -407,7 +408,11 @@ def generate_images(
     model's or FLUX.1 Fill's txt2img only): the image and mask its UNet's extra channels (Fill's transformer's
     conditioning tokens) carry instead of A1111's blank ones (:class:`.inpaint.ImageConditioning`: kohya's and
     OneTrainer's inpainting sample images), at the output size. ``skip_layer_guidance`` (SD3/SD3.5 only, CFG above
-    1): Skip Layer Guidance on every pass (:mod:`.skip_layer_guidance`).
+    1): Skip Layer Guidance on every pass (:mod:`.skip_layer_guidance`). ``text_encoding`` (the families with T5:
+    SD3, FLUX.1, Chroma): the family adapter's ``encode_prompts`` options every pass encodes with, T5's length
+    and mask and SD3's CLIP mask; a training run's samples pass its own
+    (:func:`sdcore.train.method.text_encoding_options`), where ``sdcore generate``, as Forge and ComfyUI, has the
+    family's defaults. FLUX.1's transformer then hides T5's padding as training does.
     """
     import torch
 
@@ -536,7 +541,7 @@ def generate_images(
             if bundle.family_spec.denoiser == "unet":
                 raise ConfigError(f"the hires fix does not run on {bundle.family} models")
             hr_sampler = flow_sampler_id(hires.sampler or sampler, bundle.family)  # before the first pass
-            hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg, skip_layer_guidance)
+            hr_pipe = _family_run(family_generate, hr_sampler, hr_true_cfg, skip_layer_guidance, text_encoding)
             first_scheduler = FLOW_SAMPLERS[flow_sampler_id(sampler, bundle.family)]  # its order counts steps
     if hires is not None:  # an empty latent fails in torch after the first pass: say it first
         from .hires import FLOW_PATCH
@@ -599,7 +604,7 @@ def generate_images(
                 run: Any = (
                     _run
                     if family_generate is None
-                    else _family_run(family_generate, sampler, true_cfg_scale, skip_layer_guidance)
+                    else _family_run(family_generate, sampler, true_cfg_scale, skip_layer_guidance, text_encoding)
                 )
                 images = run(
                     pipe,
@@ -707,10 +712,11 @@ def _hires_guidance(
 
 
 def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0,
-                skip_layer_guidance: SkipLayerGuidance | None = None) -> Any:  # fmt: skip
+                skip_layer_guidance: SkipLayerGuidance | None = None,
+                text_encoding: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
     """``_run``'s signature over a family adapter's ``generate(bundle, prompts, negatives, **settings)``
-    (``true_cfg_scale`` and ``skip_layer_guidance`` only when set, so a family without them never sees them
-    unasked)."""
+    (``true_cfg_scale``, ``skip_layer_guidance`` and ``text_encoding`` only when set, so a family without them
+    never sees them unasked)."""
 
     def run(_pipe: Any, bundle: ModelBundle, prompts: list[str], negatives: list[str], **settings: Any) -> Any:
         settings.pop("transforms", None)
@@ -718,6 +724,8 @@ def _family_run(family_generate: Any, sampler: str, true_cfg_scale: float = 1.0,
             settings["true_cfg_scale"] = true_cfg_scale
         if skip_layer_guidance is not None:
             settings["skip_layer_guidance"] = skip_layer_guidance
+        if text_encoding:
+            settings["text_encoding"] = dict(text_encoding)
         out = family_generate(bundle, prompts, negatives, sampler=sampler, **settings)
         return out if settings.get("output_type") == "latent" else list(out)  # latents: one [B, C, h, w] tensor
 

@@ -75,6 +75,9 @@ class TextSlots:
 
     latent_key = "hidden_states"
     row_keys: tuple[str, ...] = ("timestep",)
+    #: the pipeline cannot take the text's mask itself: an encoding with a ``mask`` needs the hooks on every call
+    #: (FLUX.1's T5 mask of a run trained with it; Chroma's pipeline takes its mask)
+    puts_mask = False
 
     def __init__(self, *, split: bool = False, zero_uncond: bool = False) -> None:
         self.split = split
@@ -138,13 +141,24 @@ class UnetSlots(TextSlots):
 
 class FluxSlots(TextSlots):
     """Flux.1: the T5 sequence, CLIP-L's pooled vector and ``txt_ids`` (one row of zeros per text token: its
-    length follows the T5 sequence's); the distilled ``guidance`` has a row per latent."""
+    length follows the T5 sequence's); the distilled ``guidance`` has a row per latent. A ``mask`` (T5 encoded
+    with its attention mask, a training run's samples with ``--apply-t5-attn-mask``) goes to the joint attention
+    as training's prediction passes it; ``FluxPipeline`` has no argument for it."""
 
     row_keys = ("timestep", "guidance")
+    puts_mask = True
 
     def put(self, kwargs: dict[str, Any], cond: Any) -> None:
         super().put(kwargs, cond)
         _put_text_ids(kwargs)
+        if getattr(cond, "mask", None) is not None:
+            from ..models.flux.adapter import joint_attention_mask
+
+            image_tokens = kwargs[self.latent_key].shape[1]  # FLUX.1 Kontext's reference tokens included
+            kwargs["joint_attention_kwargs"] = {
+                **(kwargs.get("joint_attention_kwargs") or {}),
+                **joint_attention_mask(cond.mask, image_tokens, kwargs["encoder_hidden_states"].device),
+            }
 
 
 class ChromaSlots(TextSlots):
@@ -212,6 +226,11 @@ class StepConditioning:
         """Whether a text changes or some image is composed of parts (else the pipeline runs unhooked)."""
         return self.edits.changes or self.edits.composed
 
+    @property
+    def masked(self) -> bool:
+        """Whether an encoding carries a text ``mask`` (:class:`TextRows`)."""
+        return any(getattr(part, "mask", None) is not None for pair in self.encoded.values() for part in pair)
+
     def select(self, images: Sequence[int]) -> StepConditioning:
         """The conditioning of ``images`` alone, renumbered from 0 (a pipeline call per image: ``euler_a``)."""
         import torch
@@ -245,11 +264,12 @@ class StepConditioning:
     @contextlib.contextmanager
     def installed(self, module: Any, slots: TextSlots | None = None, *, pooled: bool = False) -> Iterator[None]:
         """Hooks on the denoiser ``module`` for the pipeline call inside the block (nothing when nothing
-        changes); ``slots``: the family's (default: the SD UNet's, with SDXL's ``pooled`` vector)."""
-        if not self.active:
+        changes and no mask must be put); ``slots``: the family's (default: the SD UNet's, with SDXL's ``pooled``
+        vector)."""
+        slots = slots if slots is not None else UnetSlots(pooled=pooled)
+        if not self.active and not (slots.puts_mask and self.masked):
             yield
             return
-        slots = slots if slots is not None else UnetSlots(pooled=pooled)
         calls = itertools.count()
         per_evaluation = 2 if slots.split else 1
         current: dict[str, Any] = {}

@@ -120,7 +120,10 @@ class ModelFamily:
     native_resolution: int  # the side, in pixels, the family was trained at
     adapter: str  # import string "module:attr" of the family's FamilyAdapter (class or instance)
     lora_prefixes: Mapping[str, str] = field(default_factory=dict)  # component -> kohya LoRA prefix
-    default_prediction_type: str = "epsilon"  # DDPM families: what a file without a marker is
+    #: what a file without a marker predicts: DDPM families "epsilon" or "v_prediction"; a flow-matching family
+    #: always "flow-matching" (set from ``objective``, as its bundles say: kohya's Flux/SD3 scripts train the flow
+    #: with no epsilon option), so a family declared flow-matching never reads as epsilon
+    default_prediction_type: str = "epsilon"
     context_tokens: int = 77  # text tokens the denoiser attends to by default (SD3: 77 + T5's; Flux: T5's)
     #: ``sdcore generate --mask`` inpaints with it (A1111's inpainting; a non-UNet family's adapter ``generate``
     #: then takes ``inpaint=``, a :class:`sdcore.generate.inpaint.PreparedInpaint`)
@@ -160,9 +163,16 @@ class ModelFamily:
             problems.append(f"partial_text_cache names no text encoder of it: {sorted(unknown)}")
         if not self.flow_shift > 0:
             problems.append(f"flow_shift must be positive, not {self.flow_shift!r}")
+        if self.objective == "ddpm" and self.default_prediction_type not in ("epsilon", "v_prediction"):
+            problems.append(
+                f"default_prediction_type of a ddpm family must be 'epsilon' or 'v_prediction',"
+                f" not {self.default_prediction_type!r}"
+            )
         if problems:
             raise PluginError(f"model family {self.name!r}: {'; '.join(problems)}")
         object.__setattr__(self, "block_lists", tuple(self.block_lists))
+        if self.objective == "flow-matching":  # the field's default is the DDPM one; a flow model has no other
+            object.__setattr__(self, "default_prediction_type", "flow-matching")
         # a read-only, hashable-by-identity view: the family is shared by every bundle of it
         object.__setattr__(self, "lora_prefixes", MappingProxyType(dict(self.lora_prefixes)))
 

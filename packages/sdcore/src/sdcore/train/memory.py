@@ -168,6 +168,8 @@ class ParameterPlan:
     #: pre-flight reports them before any weight loads), and the denoiser's class for that line
     unused_exclude: tuple[str, ...] = ()
     denoiser_class: str = ""
+    #: bytes of one saved result when the method says (:meth:`~sdcore.train.method.TrainingMethod.result_bytes`)
+    result_bytes: int | None = None
 
 
 @dataclass

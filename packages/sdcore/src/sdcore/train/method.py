@@ -37,8 +37,25 @@ if TYPE_CHECKING:
 
     from ..data.dataset import ImageEntry
     from ..models.bundle import ModelBundle
+    from ..models.family import ModelFamily
 
 OptionsT = TypeVar("OptionsT", bound=TrainOptions)
+
+
+def text_encoding_options(options: TrainOptions, family: ModelFamily) -> dict[str, Any]:
+    """The ``encode_prompts`` options of a run's T5 and SD3 CLIP encoders: T5's length and mask (kohya's
+    ``--t5xxl_max_token_length``, ``--apply_t5_attn_mask``) on a family with T5, SD3's CLIP mask
+    (``--apply_lg_attn_mask``). Its captions are encoded with them and so are its sample prompts (the
+    ``text_encoding`` of :func:`sdcore.generate.pipeline.generate_images`), as kohya's samplers encode with the
+    run's own strategy (``flux_train_utils.sample_image_inference``, ``sd3_train_network.py``'s
+    ``sample_prompts_te_outputs``). Empty on the CLIP-only families."""
+    out: dict[str, Any] = {}
+    if any(encoder.kind.startswith("t5") for encoder in family.text_encoders):
+        out["t5_max_length"] = options.t5xxl_max_token_length
+        out["t5_attention_mask"] = options.apply_t5_attn_mask
+    if options.apply_lg_attn_mask:
+        out["lg_attention_mask"] = True  # SD3 only (the pre-flight refuses it elsewhere)
+    return out
 
 
 @dataclass(frozen=True)
@@ -263,6 +280,16 @@ class TrainingMethod(Generic[OptionsT]):
         """
         return self.prepare(bundle)
 
+    def result_bytes(self, bundle: ModelBundle) -> int | None:
+        """The bytes one saved result takes on disk, for the pre-flight's disk estimate, or ``None``: the
+        trained parameters at ``--save-dtype`` (a LoRA file: its tensors and a small header).
+
+        Called on the throwaway instance right after :meth:`plan_groups` ran on the shapes-only ``bundle``
+        (meta tensors: sizes only). Methods whose files are not their tensors at ``--save-dtype`` say their
+        own (an embedding is always fp32 in a pickled dict, DreamArtist writes two). Since 0.1.
+        """
+        return None
+
     def regularization_data(self) -> Path | None:
         """A folder of class (regularisation) images this method adds to the dataset, or ``None``.
 
@@ -318,13 +345,9 @@ class TrainingMethod(Generic[OptionsT]):
 
     def encode_options(self, bundle: ModelBundle) -> dict[str, Any]:
         """The keyword options of the family's ``encode_prompts`` for this run (clip skip, T5 length and mask,
-        SD3's CLIP mask, weighted captions)."""
+        SD3's CLIP mask: :func:`text_encoding_options`, weighted captions)."""
         options: dict[str, Any] = {"clip_skip": self.options.clip_skip}
-        if any(encoder.kind.startswith("t5") for encoder in bundle.family_spec.text_encoders):
-            options["t5_max_length"] = self.options.t5xxl_max_token_length
-            options["t5_attention_mask"] = self.options.apply_t5_attn_mask
-        if self.options.apply_lg_attn_mask:
-            options["lg_attention_mask"] = True  # SD3 only (the pre-flight refuses it elsewhere)
+        options.update(text_encoding_options(self.options, bundle.family_spec))
         if getattr(self.options, "weighted_captions", False):
             options["weighted"] = True  # the pre-flight allows it for the CLIP-only families
         return options

@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -517,6 +517,8 @@ def folder_problem(folder: Path, what: str, flag: str) -> str | None:
 
 
 def _size(n: int) -> str:
+    if n < 1024:  # a small embedding's state: not "0 KiB"
+        return f"{n} bytes"
     return f"{n / MIB:,.0f} MiB" if n >= MIB else f"{n / 1024:,.0f} KiB"
 
 
@@ -576,12 +578,15 @@ def disk_plan(
     steps_per_epoch: int,
     folder: Path,
 ) -> DiskPlan:
-    """Sizes from the parameter plan: a result is its parameters at ``--save-dtype``; a state holds
-    the trainable tensors in fp32 (twice with ``--ema``: the average too) and the optimizer's moments
-    (:data:`.memory.OPTIMIZER_STATE_BYTES`)."""
+    """Sizes from the parameter plan: a result is what the method says it writes
+    (:meth:`~sdcore.train.method.TrainingMethod.result_bytes`), else its parameters at ``--save-dtype``; a
+    state holds the trainable tensors in fp32 (twice with ``--ema``: the average too) and the optimizer's
+    moments (:data:`.memory.OPTIMIZER_STATE_BYTES`)."""
     from .memory import OPTIMIZER_STATE_BYTES
 
-    result = params.result * (element_bytes(options.save_dtype) if options.save_dtype in SAVE_DTYPES else 2)
+    result = params.result_bytes
+    if result is None:
+        result = params.result * (element_bytes(options.save_dtype) if options.save_dtype in SAVE_DTYPES else 2)
     tensors = 8 if getattr(options, "ema", False) else 4
     state = int(params.trainable * (tensors + OPTIMIZER_STATE_BYTES.get(options.optimizer.lower(), 8.0)))
     results, states = planned_saves(options, total_steps, steps_per_epoch)
@@ -680,7 +685,8 @@ def parameter_plan(
     finally:
         torch.random.set_rng_state(rng)
     whole = method.capabilities().saves_whole_model
-    return count_parameters(bundle, groups, whole_model_result=whole, exclude=exclude_patterns(options))
+    counts = count_parameters(bundle, groups, whole_model_result=whole, exclude=exclude_patterns(options))
+    return replace(counts, result_bytes=fresh.result_bytes(bundle))
 
 
 def memory_plan(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .method import TrainingMethod
+from .method import TrainingMethod, text_encoding_options
 from .options import TrainOptions
 
 if TYPE_CHECKING:
@@ -112,6 +112,8 @@ def _generations(
         "cfg": o.sample_cfg if o.sample_cfg is not None else FILL_GUIDANCE if kind == "fill" else default_cfg(adapter),
     }
     calls = generation_calls(prompts, options.seed)
+    # T5's length and mask, SD3's CLIP mask: the samples are encoded as the run encodes its captions
+    text = {"text_encoding": encoding} if (encoding := text_encoding_options(options, bundle.family_spec)) else {}
     generations = []
     for group, seed in calls:
         # a line's own options win over the method's extras (APT's negative embedding, CFG)
@@ -128,7 +130,8 @@ def _generations(
             arguments["image_conditioning"] = inpaint_conditioning(first.inpaint_image, *size, seed)
         elif renders_on_blank(first, kind):  # OneTrainer's Fill sample without sample_inpainting, as OneTrainer's
             arguments["image_conditioning"] = blank_conditioning(*size)
-        generations.append(([p.prompt for p in group], {"seed": seed, "clip_skip": options.clip_skip, **arguments}))
+        generations.append(([p.prompt for p in group], {"seed": seed, "clip_skip": options.clip_skip, **text,
+                                                        **arguments}))  # fmt: skip
     return calls, defaults, generations
 
 

@@ -12,6 +12,7 @@ A1111 prompt editing, alternation and ``AND`` render as on the other real-CFG fa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
@@ -74,6 +75,7 @@ def run_chroma(
     hires_start: FlowStart | None = None,
     noise: ImageNoise | None = None,
     inpaint: PreparedInpaint | None = None,
+    text_encoding: Mapping[str, Any] | None = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``); A1111 prompt
@@ -81,7 +83,8 @@ def run_chroma(
     counting once (:mod:`sdcore.generate.step_conditioning`). ``output_type="latent"`` and ``hires_start``:
     a hires fix's passes, as :func:`sdcore.models.flux.generate.run_flux` has them (masks and CFG as here);
     ``noise``: A1111's variation seeds (:mod:`sdcore.generate.variation`); ``inpaint`` (with ``image``): A1111's
-    inpainting as Forge runs it (:mod:`sdcore.generate.flow_inpaint`)."""
+    inpainting as Forge runs it (:mod:`sdcore.generate.flow_inpaint`); ``text_encoding``: the adapter's
+    ``encode_prompts`` options (a training run's T5 length; Chroma's T5 mask is always on)."""
     import contextlib
 
     import torch
@@ -103,14 +106,16 @@ def run_chroma(
     guided = cfg > 1.0  # the pipeline's condition for CFG
     needs_uncond = guided or edits.composed  # AND without CFG runs the uncond itself, as A1111 does
 
+    encoding = dict(text_encoding or {})
+
     def encode(texts: list[str], negative_texts: list[str]) -> tuple[TextRows, TextRows | None]:
         # emphasis is read after the schedule rendered the text (its brackets are the schedule's first)
-        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts])
+        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts], **encoding)
         rows = TextRows(cond.hidden_states, mask=cond.extra[T5_MASK])
         if not needs_uncond:
             return rows, None
         uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negative_texts],
-                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
+                                        **{**encoding, "t5_max_length": cond.hidden_states.shape[1]})  # fmt: skip
         return rows, TextRows(uncond.hidden_states, mask=uncond.extra[T5_MASK])
 
     per_call = StepConditioning(edits, encode)

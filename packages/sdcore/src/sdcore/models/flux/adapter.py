@@ -36,6 +36,17 @@ DEFAULT_GUIDANCE = 1.0
 T5_MASK = "t5_attention_mask"
 
 
+def joint_attention_mask(text_mask: torch.Tensor, image_tokens: int, device: Any) -> dict[str, Any]:
+    """The transformer's ``joint_attention_kwargs`` hiding T5's padding (``text_mask`` [B, L], 1 = a real token)
+    as keys in every joint attention, every one of the ``image_tokens`` visible: kohya's ``txt_attention_mask``
+    with ``--apply_t5_attn_mask``, in training and in its sample images alike."""
+    import torch
+
+    text = text_mask.to(device=device, dtype=torch.bool)
+    image = torch.ones(text.shape[0], image_tokens, device=device, dtype=torch.bool)
+    return {"attention_mask": torch.cat([text, image], dim=1)[:, None, None, :]}
+
+
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: 2x2 patches in row-major order, channels (c, dy, dx)."""
     b, c, h, w = latents.shape
@@ -437,9 +448,9 @@ class FluxAdapter:
             packed, ids = join_reference(packed, ids, reference_latents)
         kwargs: dict[str, Any] = {}
         if T5_MASK in conditioning.extra:  # padding tokens masked as keys in every joint attention
-            text = conditioning.extra[T5_MASK].to(device=device, dtype=torch.bool)
-            image = torch.ones(batch, packed.shape[1], device=device, dtype=torch.bool)
-            kwargs["joint_attention_kwargs"] = {"attention_mask": torch.cat([text, image], dim=1)[:, None, None, :]}
+            kwargs["joint_attention_kwargs"] = joint_attention_mask(
+                conditioning.extra[T5_MASK], packed.shape[1], device
+            )
         bypass = guidance_bypassed(transformer) if bypass_guidance_embedding else contextlib.nullcontext()
         with bypass:
             out = transformer(

@@ -29,7 +29,7 @@ What differs from the SD families, as Forge and ComfyUI users know it:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
@@ -151,6 +151,7 @@ def run_flux(
     inpaint: PreparedInpaint | None = None,
     control: Any = None,
     conditioning_image: ImageConditioning | None = None,
+    text_encoding: Mapping[str, Any] | None = None,
     **_: Any,
 ) -> Any:
     """One pipeline call for ``prompts`` (image ``i`` from a generator seeded ``seeds[i]``, varied by ``noise``:
@@ -169,6 +170,9 @@ def run_flux(
     which stretches it to the output size), shared by the batch and both hires passes. ``conditioning_image``: with
     ``pipe`` a ``FluxPipeline`` (``conditioned``) over FLUX.1 Fill, a txt2img on that image conditioning (kohya's and
     OneTrainer's inpainting samples, :func:`fill_conditioning`), shared by the batch; no paste-back.
+    ``text_encoding``: the adapter's ``encode_prompts`` options (a training run's T5 length and mask: with the
+    mask, every transformer call hides T5's padding as training's prediction does, kohya's sampler's
+    ``txt_attention_mask``).
 
     A1111 prompt editing, alternation and ``AND`` switch per transformer evaluation
     (:mod:`sdcore.generate.step_conditioning`): true CFG's prompt and negative calls count once, as Forge
@@ -177,13 +181,12 @@ def run_flux(
 
     import torch
 
-    from ...generate.conditioning import Conditioning
     from ...generate.hires import flow_img2img_strength
     from ...generate.pipeline import posterior_mean
     from ...generate.prompt_editing import StepPrompts, schedule_steps
     from ...generate.prompt_syntax import parse_emphasis, plain_text
-    from ...generate.step_conditioning import FluxSlots, StepConditioning
-    from .adapter import FluxAdapter
+    from ...generate.step_conditioning import FluxSlots, StepConditioning, TextRows
+    from .adapter import T5_MASK, FluxAdapter
     from .variants import bundle_variant
 
     check_true_cfg(negatives, true_cfg_scale)
@@ -199,16 +202,19 @@ def run_flux(
     adapter = FluxAdapter()
     true_cfg = true_cfg_scale > 1.0
 
-    def encode(texts: list[str], negative_texts: list[str]) -> tuple[Conditioning, Conditioning | None]:
+    encoding = dict(text_encoding or {})
+
+    def encode(texts: list[str], negative_texts: list[str]) -> tuple[TextRows, TextRows | None]:
         # emphasis is read after the schedule rendered the text (its brackets are the schedule's first)
         cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts],
-                                      control=control is not None)  # fmt: skip
+                                      control=control is not None, **encoding)  # fmt: skip
+        rows = TextRows(cond.hidden_states, cond.pooled, cond.extra.get(T5_MASK))
         if not true_cfg:
-            return Conditioning(cond.hidden_states, cond.pooled), None
+            return rows, None
         # the same T5 length as the prompt's, as the pipeline requires
         uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negative_texts],
-                                        t5_max_length=cond.hidden_states.shape[1])  # fmt: skip
-        return Conditioning(cond.hidden_states, cond.pooled), Conditioning(uncond.hidden_states, uncond.pooled)
+                                        **{**encoding, "t5_max_length": cond.hidden_states.shape[1]})  # fmt: skip
+        return rows, TextRows(uncond.hidden_states, uncond.pooled, uncond.extra.get(T5_MASK))
 
     first_steps = None if hires_start is None else hires_start.first_steps
     per_call = StepConditioning(

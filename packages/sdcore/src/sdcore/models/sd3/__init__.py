@@ -35,7 +35,6 @@ SD3 = ModelFamily(
         "text_encoder_2": "lora_te2",
         "text_encoder_3": "lora_te3",
     },
-    default_prediction_type="flow-matching",  # as Flux and Chroma bundles say
     inpaints=True,
     # kohya caches T5-XXL's outputs while CLIP trains (cache_text_encoder_outputs without network_train_unet_only)
     partial_text_cache=("text_encoder_3",),

@@ -12,7 +12,7 @@ its evaluation's embeddings and pooled vectors). Skip Layer Guidance (``--slg-la
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
@@ -63,16 +63,18 @@ def encode_sd3_cond_uncond(
     negatives: list[str],
     *,
     clip_skip: int = 1,
-    t5_max_length: int | None = None,
+    **options: Any,
 ) -> tuple[Conditioning, Conditioning]:
-    """(cond, uncond) for the pipeline's ``prompt_embeds``/``pooled_prompt_embeds`` and their negatives."""
+    """(cond, uncond) for the pipeline's ``prompt_embeds``/``pooled_prompt_embeds`` and their negatives;
+    ``options``: the adapter's ``encode_prompts`` options (T5's length and mask, the CLIP mask: a training run's
+    own for its samples)."""
     from ...generate.conditioning import Conditioning
     from .adapter import Sd3Adapter
 
     adapter = Sd3Adapter()
     out = []
     for texts in (prompts, negatives):
-        cond = adapter.encode_prompts(bundle, texts, clip_skip=clip_skip, t5_max_length=t5_max_length)
+        cond = adapter.encode_prompts(bundle, texts, clip_skip=clip_skip, **options)
         out.append(Conditioning(cond.hidden_states, cond.pooled))
     return out[0], out[1]
 
@@ -97,6 +99,7 @@ def generate_sd3(
     noise: ImageNoise | None = None,
     inpaint: PreparedInpaint | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
+    text_encoding: Mapping[str, Any] | None = None,
     **_: Any,
 ) -> Any:
     """One image per prompt (``seeds[i]`` for image ``i``), as ``sdcore generate`` asks a family for them.
@@ -106,7 +109,9 @@ def generate_sd3(
     (:func:`sdcore.generate.hires.flow_second_pass`); ``noise``: A1111's variation seeds
     (:mod:`sdcore.generate.variation`); ``inpaint`` (with ``image``): A1111's inpainting as Forge runs it
     (:mod:`sdcore.generate.flow_inpaint`); ``skip_layer_guidance``: SD3.5's Skip Layer Guidance on this pass
-    (:mod:`sdcore.generate.skip_layer_guidance`; needs ``cfg`` above 1)."""
+    (:mod:`sdcore.generate.skip_layer_guidance`; needs ``cfg`` above 1); ``text_encoding``: the adapter's
+    ``encode_prompts`` options (a training run's T5 length, T5 and CLIP masks, all inside the encoders: SD3's
+    transformer takes no text mask, kohya's sampler passes none either)."""
     import contextlib
 
     import torch
@@ -129,9 +134,10 @@ def generate_sd3(
     # A1111 prompt editing, alternation and AND: one encoding per point where a text changes, swapped into
     # each transformer call (the pipeline batches [uncond, cond] as the SD pipelines do)
     first_steps = None if hires_start is None else hires_start.first_steps  # a hires pass's prompt-editing offsets
+    encoding = dict(text_encoding or {})
     per_call = StepConditioning(
         StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps),
-        lambda texts, negative_texts: encode_sd3_cond_uncond(bundle, texts, negative_texts, clip_skip=clip_skip),
+        lambda texts, negatives: encode_sd3_cond_uncond(bundle, texts, negatives, clip_skip=clip_skip, **encoding),
     )
     if skip_layer_guidance is not None and per_call.edits.composed:
         raise ConfigError(

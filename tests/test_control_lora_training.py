@@ -387,3 +387,21 @@ def test_the_bundle_a_control_run_trained_refuses_a_generation_without_a_control
     assert bundle.transformer.config.in_channels == 128  # left as trained, the LoRA attached
     with pytest.raises(ConfigError, match=r"with --control-lora is FLUX\.1 Depth or Canny .*--control-image"):
         generate_images(bundle, ["a cat"], steps=1, cfg=3.5, width=32, height=32)
+
+
+def test_the_memory_plan_counts_no_extra_tokens_for_the_control_images(tmp_path):
+    """A control LoRA's control latents join the noisy ones on the channels (``join_control``: the token count
+    stays the image's, as in diffusers' ``train_control_lora_flux.py``), so the pre-flight's activation estimate
+    is the one of the same run with no control images, not FLUX.1 Kontext's with a reference image's tokens
+    added (:func:`sdcore.train.memory.transformer_activation_bytes`' ``reference_images``)."""
+    from sdcore.train.preflight import memory_plan, run_preflight
+    from sdplugin_lora.method import LoraMethod
+
+    data, controls = _pairs(tmp_path, 2)
+    o = _options(tmp_path, data, controls)
+    report = run_preflight(LoraMethod(o), o)
+    assert report.memory is not None and report.layout is not None
+    kontext = memory_plan(LoraMethod(o), o, layout=report.layout, params=report.memory.params, reference_images=1)
+    plain = memory_plan(LoraMethod(o), o, layout=report.layout, params=report.memory.params)
+    assert kontext.estimate.activations > plain.estimate.activations  # the extra tokens a reference would add
+    assert report.memory.estimate.activations == plain.estimate.activations

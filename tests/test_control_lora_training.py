@@ -368,3 +368,40 @@ def test_an_interrupted_control_lora_run_resumes_exactly_norm_scales_included(tm
     method = LoraMethod(contract_options(LoraMethod, tmp_path, overrides, family="flux"))
     method.prepare(load_model("tiny:flux"))  # 2 double blocks x 4 norms, 2 single blocks x 2, in the state
     assert sum(key.startswith("sdcore_norm.") for key in method.trainable_state_dict()) == 12
+
+
+def test_the_bundle_a_control_run_trained_refuses_a_generation_without_a_control_image(tmp_path):
+    """After ``train()`` from Python the passed bundle keeps the trained network, as every LoRA run leaves it, so
+    here its widened img_in too; generating on it without a control image is the one line naming
+    --control-image that a FLUX.1 Depth/Canny model gets (``sdcore.generate.pipeline._flux_control``), not
+    diffusers' shape error in the sampler's step (the 128-wide input meets a 64-wide velocity)."""
+    from sdcore.errors import ConfigError
+    from sdcore.generate.pipeline import generate_images
+    from sdcore.models.load import load_model
+    from sdcore.train.loop import train
+    from sdplugin_lora.method import LoraMethod
+
+    data, controls = _pairs(tmp_path, 2)
+    bundle = load_model("tiny:flux")
+    train(LoraMethod(_options(tmp_path, data, controls, max_steps=1)), bundle=bundle)
+    assert bundle.transformer.config.in_channels == 128  # left as trained, the LoRA attached
+    with pytest.raises(ConfigError, match=r"with --control-lora is FLUX\.1 Depth or Canny .*--control-image"):
+        generate_images(bundle, ["a cat"], steps=1, cfg=3.5, width=32, height=32)
+
+
+def test_the_memory_plan_counts_no_extra_tokens_for_the_control_images(tmp_path):
+    """A control LoRA's control latents join the noisy ones on the channels (``join_control``: the token count
+    stays the image's, as in diffusers' ``train_control_lora_flux.py``), so the pre-flight's activation estimate
+    is the one of the same run with no control images, not FLUX.1 Kontext's with a reference image's tokens
+    added (:func:`sdcore.train.memory.transformer_activation_bytes`' ``reference_images``)."""
+    from sdcore.train.preflight import memory_plan, run_preflight
+    from sdplugin_lora.method import LoraMethod
+
+    data, controls = _pairs(tmp_path, 2)
+    o = _options(tmp_path, data, controls)
+    report = run_preflight(LoraMethod(o), o)
+    assert report.memory is not None and report.layout is not None
+    kontext = memory_plan(LoraMethod(o), o, layout=report.layout, params=report.memory.params, reference_images=1)
+    plain = memory_plan(LoraMethod(o), o, layout=report.layout, params=report.memory.params)
+    assert kontext.estimate.activations > plain.estimate.activations  # the extra tokens a reference would add
+    assert report.memory.estimate.activations == plain.estimate.activations

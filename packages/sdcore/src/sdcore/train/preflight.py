@@ -1069,7 +1069,9 @@ def run_preflight(
                 planned = dataclasses.replace(o, resolution=max(o.resolution, report.data.largest_resolution))
             from .kontext_data import reference_count
 
-            references = reference_count(report.data.index if report.data is not None else None)
+            # a control LoRA joins its control images on the channels: no extra tokens (:mod:`.control_lora`)
+            index = report.data.index if report.data is not None else None
+            references = 0 if method.capabilities().control_channels else reference_count(index)
             report.memory = memory_plan(
                 method, planned, layout=report.layout, params=params, reference_images=references
             )

@@ -124,10 +124,12 @@ def require_supported(bundle: ModelBundle, doing: str, *, given: Collection[str]
     """One clear line for a release sdcore cannot run (``doing``: "generate with", "train", "train or generate
     with"); ``given``: the extra inputs the caller gives (``"mask"``, ``"control image"``), so the :data:`TOOLS`
     releases needing one of them pass too. A dev widened by a control-LoRA training run
-    (:data:`~sdcore.models.flux.control.TRAINING_WIDENER`) gets its control image at every step."""
+    (:data:`~sdcore.models.flux.control.TRAINING_WIDENER`) gets its control image at every training step; a
+    generation on it after the run ("generate with": the bundle ``train()`` was given keeps the widened, trained
+    model) needs one as a Depth/Canny model does, and without one gets that model's line."""
     from .control import TRAINING_WIDENER, widened_by
 
-    if bundle.transformer is not None and widened_by(bundle) == TRAINING_WIDENER:
+    if bundle.transformer is not None and widened_by(bundle) == TRAINING_WIDENER and doing != "generate with":
         given = (*given, "control image")
     if bundle.transformer is not None:
         refuse(bundle_variant(bundle), _source(bundle), doing, given=given)

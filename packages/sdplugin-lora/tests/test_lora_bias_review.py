@@ -93,11 +93,15 @@ def _bias_change(lora, name):
 
 
 def test_resize_keeps_the_biases_and_the_norm_scales():
+    """A file in BFL's layout that sets norm scales is written back in it (``lora_A``/``lora_B``/``lora_B.bias``, no
+    alpha: tests/test_control_lora_resize.py checks the loaders)."""
     from sdplugin_lora.format import parse_state_dict
     from sdplugin_lora.tools import resize_lora
 
     lora, state = _bfl_file(0)
     result = resize_lora(lora, 2)
+    assert set(result.tensors) == set(state)
+    assert {tuple(result.tensors[f"{m}.lora_A.weight"].shape) for m in lora.modules} == {(2, 8), (2, 40)}
     resized = parse_state_dict(result.tensors, result.metadata)
     for name in lora.modules:
         torch.testing.assert_close(_bias_change(resized, name), _bias_change(lora, name))

@@ -36,6 +36,8 @@ models are named alike). The conversions are exact, with no new LoRA maths:
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -553,6 +555,51 @@ def control_targets(index: ModuleIndex) -> list[Target]:
     return [t for t in index.targets.values() if t.component == index.denoiser and t.path in paths]
 
 
+@functools.cache
+def _bfl_linear_names() -> tuple[frozenset[str], frozenset[str]]:
+    """(every Linear of a FLUX.1 transformer by BFL's name, its block index written ``N``; the Linears whose row
+    halves BFL and diffusers order differently), from sdcore's Flux key plan."""
+    from sdcore.models.flux.convert import key_plan
+
+    plan = [group for group in key_plan(1, 1, True) if group.bfl.endswith(".weight")]
+    names = {group.bfl.removesuffix(".weight"): group.op for group in plan}
+    generic = frozenset(re.sub(r"^(double_blocks|single_blocks)\.0\.", r"\1.N.", name) for name in names)
+    return generic, frozenset(name for name, op in names.items() if op == "swap")
+
+
+def is_bfl_linear(name: str) -> bool:
+    """Whether a file's module key is a Linear of FLUX.1 under BFL's dotted name (``double_blocks.3.img_attn.qkv``,
+    ``img_in``): the keys of BFL's control LoRAs and of sdcore's ``--control-lora`` results."""
+    return re.sub(r"^(double_blocks|single_blocks)\.\d+\.", r"\1.N.", name) in _bfl_linear_names()[0]
+
+
+def control_module(bfl: str, down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One module of a control LoRA in BFL's layout: ``<bfl>.lora_A.weight`` = ``down`` [r, in] and
+    ``.lora_B.weight`` = ``up`` [out, r], the scale already folded into ``up`` (the files have no alpha).
+
+    The final layer's ``adaLN_modulation.1`` is written at rank ``2r`` with ``lora_A = [down; down]`` and
+    ``lora_B = [up, up] / 2`` (the same ``B A``): diffusers' converter swaps the halves of this module's
+    ``lora_A`` as well as ``lora_B``'s (its rank halves, where only the output rows are BFL's (shift, scale)); with
+    equal halves, that swap of lora_A changes nothing and every loader gets ``B A``. Training's writer
+    (:func:`control_state_dict`) and ``sdcore lora resize`` both write through here."""
+    import torch
+
+    if bfl in _bfl_linear_names()[1]:
+        down, up = torch.cat([down, down]), torch.cat([up, up], dim=1) / 2
+    return {f"{bfl}.lora_A.weight": down.contiguous(), f"{bfl}.lora_B.weight": up.contiguous()}
+
+
+def control_rank(bfl: str, down: torch.Tensor) -> int:
+    """The rank of a control-LoRA module as :func:`control_module` counts it: ``lora_A``'s rows, half of them for a
+    module it wrote twice over (equal halves)."""
+    import torch
+
+    rank = int(down.shape[0])
+    if bfl in _bfl_linear_names()[1] and rank % 2 == 0 and torch.equal(down[: rank // 2], down[rank // 2 :]):
+        return rank // 2
+    return rank
+
+
 def control_state_dict(
     state: Mapping[str, torch.Tensor], index: ModuleIndex, transformer: Any
 ) -> dict[str, torch.Tensor]:
@@ -564,7 +611,6 @@ def control_state_dict(
     in full (``...norm.query_norm.scale``: the model's, trained or not). ComfyUI recognises the layout by
     ``img_in.lora_A.weight`` with ``single_blocks.0.norm.key_norm.scale``, diffusers' ``load_lora_weights`` by
     any ``query_norm.scale``; both then widen ``img_in`` from ``lora_A``'s width, as sdcore's loader does."""
-    import torch
     from sdcore.errors import NetworkMismatchError
     from sdcore.models.flux.convert import key_plan
 
@@ -576,21 +622,13 @@ def control_state_dict(
         if group.bfl.endswith(".weight")
     }
     names = {module.name: bfl_of.get(module.parts[0].path) for module in index.kohya.values()}
-    swapped = {module.name for module in index.kohya.values() if any(part.swap_halves for part in module.parts)}
     out: dict[str, torch.Tensor] = {}
     for name, weights in _modules(kohya_state_dict(state, index)).items():
         bfl = names.get(name)
         if bfl is None or not weights.plain_lora:
             raise NetworkMismatchError(f"{name}: a FLUX.1 control LoRA holds plain LoRA on BFL's Linears only")
-        down = weights.down.flatten(1)
         up = (weights.up.flatten(1).float() * weights.scale).to(weights.up.dtype)
-        if name in swapped:
-            # diffusers' converter swaps the halves of this module's lora_A as well as lora_B's (its rank halves,
-            # where only the output rows are BFL's (shift, scale)); written twice over at half weight, lora_A's
-            # halves are equal, so diffusers' swap of them changes nothing and every loader gets B A
-            down, up = torch.cat([down, down]), torch.cat([up, up], dim=1) / 2
-        out[f"{bfl}.lora_A.weight"] = down.contiguous()
-        out[f"{bfl}.lora_B.weight"] = up.contiguous()
+        out.update(control_module(bfl, weights.down.flatten(1), up))
     for bfl, target in index.scales.items():
         out[bfl] = target.module.weight.detach().clone()
     return out

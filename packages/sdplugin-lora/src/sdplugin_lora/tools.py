@@ -351,10 +351,23 @@ def resize_lora(
     the same strength. LoHa/LoKr/full modules become LoRA of their dense ΔW; DoRA modules stay
     DoRA (their inner ΔW is re-factored, ``dora_scale`` kept); OFT modules need ``base`` (the
     model they were trained on) and become the LoRA of ``Rᵀ W - W``.
+
+    A FLUX.1 control LoRA in BFL's layout (:func:`in_control_layout`) stays in it: ``lora_A``/``lora_B`` with the
+    scale folded into ``lora_B`` and no alpha, ``lora_B.bias`` and the norm scales kept, the final layer's module
+    as :func:`sdplugin_lora.dit.control_module` writes it; ComfyUI and diffusers recognise a control LoRA only in
+    that layout.
     """
+    from .dit import control_module, control_rank
+
     check_ranks(rank=rank, conv_rank=conv_rank)
     if dynamic is not None and dynamic_param is None:
         raise ConfigError(f"--dynamic {dynamic} needs --dynamic-param")
+    control = in_control_layout(lora)
+    if control and (dora_modules := [name for name, w in lora.modules.items() if w.is_dora]):
+        raise NetworkMismatchError(
+            f"{lora.label}: {len(dora_modules)} DoRA modules ({', '.join(dora_modules[:3])}) in a FLUX.1 control LoRA, whose layout "
+            "(BFL's lora_A/lora_B) holds plain LoRA only"
+        )
     family = detect_family(lora)[0]
     weights_of = base_weights(base, lora) if base is not None else {}
     tensors: dict[str, torch.Tensor] = {}
@@ -369,14 +382,23 @@ def resize_lora(
         U, S, Vh = torch.linalg.svd(dense.delta, full_matrices=False)
         new = min(dynamic_rank(S, cap, dynamic, dynamic_param), S.numel())
         new_up, new_down = _shape_factors(U[:, :new] @ torch.diag(S[:new]), Vh[:new], dense.shape)
-        tensors[f"{dense.key}.lora_down.weight"] = new_down.contiguous()
-        tensors[f"{dense.key}.lora_up.weight"] = new_up.contiguous()
-        tensors[f"{dense.key}.alpha"] = torch.tensor(dense.scale * new)
-        if dense.dora_scale is not None:
-            tensors[f"{dense.key}.dora_scale"] = dense.dora_scale
-        if (bias := weights.tensors.get("lora_up.bias")) is not None:  # s · b stays what it was: the new scale's
-            tensors[f"{dense.key}.lora_up.bias"] = bias.float() * (weights.scale / (dense.scale or 1.0))
-        ranks[dense.key] = (weights.rank, new)
+        bias = weights.tensors.get("lora_up.bias")
+        old_rank = weights.rank
+        if control:  # BFL's layout: the scale in lora_B (the new scale is 1), the bias as lora_B's
+            tensors.update(control_module(dense.key, new_down, new_up * dense.scale))
+            if bias is not None:
+                tensors[f"{dense.key}.lora_B.bias"] = bias.float() * weights.scale
+            if weights.kind == "lora":
+                old_rank = control_rank(dense.key, weights.down.flatten(1))
+        else:
+            tensors[f"{dense.key}.lora_down.weight"] = new_down.contiguous()
+            tensors[f"{dense.key}.lora_up.weight"] = new_up.contiguous()
+            tensors[f"{dense.key}.alpha"] = torch.tensor(dense.scale * new)
+            if dense.dora_scale is not None:
+                tensors[f"{dense.key}.dora_scale"] = dense.dora_scale
+            if bias is not None:  # s · b stays what it was: the new scale's
+                tensors[f"{dense.key}.lora_up.bias"] = bias.float() * (weights.scale / (dense.scale or 1.0))
+        ranks[dense.key] = (old_rank, new)
         total = float((S**2).sum())
         retained[dense.key] = math.sqrt(float((S[:new] ** 2).sum()) / total) if total > 0 else 1.0
     tensors.update(lora.norm_scales)  # full norm scales (BFL's control LoRAs) are set, not factored: kept as they are
@@ -391,7 +413,8 @@ def resize_lora(
         meta["ss_network_dim"] = meta["ss_network_alpha"] = "Dynamic"
         note = f"Dynamic resize with {dynamic}: {dynamic_param} from {old_dim}"
     else:
-        alphas = {float(tensors[f"{key}.alpha"]) for key in ranks if not conv_keys[key]}
+        # a control LoRA's alpha is its rank (alpha/rank is in lora_B), as training writes it
+        alphas = {float(rank)} if control else {float(tensors[f"{key}.alpha"]) for key in ranks if not conv_keys[key]}
         meta["ss_network_dim"] = str(rank)
         meta["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
         conv_note = f" (conv: {conv_rank})" if conv_rank and conv_rank != rank else ""
@@ -406,7 +429,7 @@ def resize_lora(
     ):
         # now a LoRA (LoCon): kohya's module, or LyCORIS' when DoRA magnitudes are kept
         dora = any(key.endswith(".dora_scale") for key in tensors)
-        args = {k: v for k, v in args.items() if k in ("conv_dim", "conv_alpha")}
+        args = {k: v for k, v in args.items() if k in ("conv_dim", "conv_alpha", "control_lora")}
         if dora:
             args.update({"algo": "lora", "dora_wd": "True"})
         meta["ss_network_module"] = "lycoris.kohya" if dora else lora_module(family)
@@ -416,6 +439,19 @@ def resize_lora(
     if args or raw is not None:
         meta["ss_network_args"] = json.dumps(args) if args else "None"
     return ResizeResult(tensors, meta, ranks, retained)
+
+
+def in_control_layout(lora: LoraFile) -> bool:
+    """Whether ``lora`` is a FLUX.1 control LoRA in BFL's layout (BFL's ``flux1-depth-dev-lora`` /
+    ``flux1-canny-dev-lora``, sdcore's ``--control-lora`` results): every module a Linear under BFL's dotted name,
+    with full attention-norm scales (what diffusers' ``load_lora_weights`` recognises it by) or an ``img_in`` of
+    :data:`~sdplugin_lora.format.CONTROL_WIDTH` inputs (ComfyUI: ``img_in.lora_A.weight``)."""
+    from .dit import is_bfl_linear
+    from .format import CONTROL_WIDTH, patch_input_width
+
+    if not lora.modules or not all(is_bfl_linear(name) for name in lora.modules):
+        return False
+    return bool(lora.norm_scales) or patch_input_width(lora) == CONTROL_WIDTH
 
 
 # --- merge -------------------------------------------------------------------------------------

@@ -249,8 +249,9 @@ def test_a_control_lora_learns_to_use_the_control_image(tmp_path):
 
 def test_preflight_refuses_what_a_control_lora_cannot_train(tmp_path, monkeypatch):
     """One line per problem, all at once, before any model loads: another family (saying why), schnell, FLUX.1
-    Fill and Depth/Canny (from the header), no control images, missing ones (counted and named), sample prompts,
-    and options a BFL-layout LoRA cannot hold; a FLUX.1 Kontext model is refused once it is known to be one."""
+    Fill and Depth/Canny (from the header), no control images, missing ones (counted and named), a sample prompt
+    without a control image (--cn), and options a BFL-layout LoRA cannot hold; a FLUX.1 Kontext model is refused
+    once it is known to be one."""
     import sdcore.models.load as load
     from sdcore.errors import ConfigError
     from sdcore.models.layout import ModelLayout
@@ -298,9 +299,11 @@ def test_preflight_refuses_what_a_control_lora_cannot_train(tmp_path, monkeypatc
     assert [p for p in found if p.startswith("--control-lora")] == [
         "--control-lora needs a control image beside every training image: give --control-dir (a folder of images "
         "named like the training images), or control_directory for each subset of a dataset TOML",
-        "--control-lora with --sample-prompts: a sample of a control LoRA needs a control image per prompt, which "
-        "sample prompts cannot give yet; render afterwards (sdcore generate --control-image IMAGE with "
-        "<lora:NAME:1> in the prompt)",
+    ]
+    # a sample line without kohya's --cn (tests/test_control_lora_samples.py checks the rest)
+    assert [p for p in found if "--cn IMAGE" in p] == [
+        "--sample-prompts: a control LoRA's sample renders on a control image, --cn IMAGE (controlnet_image in a "
+        "JSON/TOML prompt file); 1 of 1 prompt(s) have none (the first: sample 1, 'a cat'): give them --cn"
     ]
     o = _options(tmp_path, data, controls, split_qkv=True, train_text_encoder=True, algo="lokr")
     found = run_preflight(LoraMethod(o), o, plan=False).problems

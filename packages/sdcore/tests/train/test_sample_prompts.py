@@ -31,8 +31,8 @@ def test_line_with_every_kohya_option():
 
 
 def test_options_in_any_order_and_case_and_unknown_ones_left_out():
-    p = parse_prompt_line("a dog --D 7 --cn cond.png --N ugly --S 5")
-    assert (p.prompt, p.seed, p.negative, p.steps, p.ignored) == ("a dog", 7, "ugly", 5, ("--cn",))
+    p = parse_prompt_line("a dog --D 7 --ctr 0.5 --N ugly --S 5")
+    assert (p.prompt, p.seed, p.negative, p.steps, p.ignored) == ("a dog", 7, "ugly", 5, ("--ctr",))
     assert parse_prompt_line("plain prompt, no options") == SamplePrompt(prompt="plain prompt, no options")
     # a double dash inside a word is not an option (kohya splits at " --")
     assert parse_prompt_line("a--b").prompt == "a--b"
@@ -143,3 +143,54 @@ def test_flux_lines_g_is_the_embedded_guidance_l_the_true_cfg_a_negative_needs()
     assert sd["cfg"] == 2.5 and sd["negative_prompt"] == ["blurry"] and "true_cfg_scale" not in sd
     toml_entry = parse_prompt_file('[[prompt.subset]]\nprompt = "x"\nguidance_scale = 2.5\n', ".toml", "t")[0]
     assert toml_entry.guidance == 2.5
+
+
+def _kohya_controlnet_image(line: str) -> str | None:
+    """kohya's reading of ``--cn``, rewritten: sd-scripts 48d368f library/train_util.py:6254-6256 and 6302-6305
+    (``line_to_prompt_dict``: the line split at " --", each part matched with ``re.match(r"cn (.+)", part,
+    re.IGNORECASE)``, the last match kept as ``controlnet_image``)."""
+    import re
+
+    found = None
+    for part in line.split(" --"):
+        match = re.match(r"cn (.+)", part, re.IGNORECASE)
+        if match:
+            found = match.group(1)
+    return found
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a cat --cn depth.png",
+        "a cat --CN edges/a b.png --w 64",  # any case; the path runs to the next " --"
+        "a cat --n blurry --cn first.png --d 3 --cn second.png",  # the last one wins
+        "a cat --ctr 0.5 --ci ref.png",  # kohya's --ctr (cfg_trunc_ratio) and musubi's --ci are not --cn
+        "a cat --cnx.png",  # no space after cn: not the option
+    ],
+)
+def test_cn_is_kohyas_controlnet_image(line):
+    p = parse_prompt_line(line)
+    assert p.control_image == _kohya_controlnet_image(line)
+    assert p.prompt == "a cat" and "--cn" not in p.ignored
+    assert p.control_image is None or p.control_image not in p.prompt
+
+
+def test_controlnet_image_in_json_and_toml_prompt_files(tmp_path):
+    """kohya's dict form: ``controlnet_image`` (the key ``line_to_prompt_dict`` writes), stripped as ``image`` is;
+    a TOML ``[prompt]`` default applies to every subset; lines with different control images render apart."""
+    j = tmp_path / "p.json"
+    j.write_text(json.dumps([{"prompt": "a cat", "controlnet_image": " pose.png ", "seed": 3}, {"prompt": "a dog"}]))
+    assert [p.control_image for p in read_sample_prompts(str(j))] == ["pose.png", None]
+    t = tmp_path / "p.toml"
+    t.write_text('[prompt]\ncontrolnet_image = "depth.png"\n\n[[prompt.subset]]\nprompt = "a cat"\n\n'
+                 '[[prompt.subset]]\nprompt = "a dog"\ncontrolnet_image = "edges.png"\n')  # fmt: skip
+    prompts = read_sample_prompts(str(t))
+    assert [(p.prompt, p.control_image, p.ignored) for p in prompts] == [("a cat", "depth.png", ()),
+                                                                        ("a dog", "edges.png", ())]  # fmt: skip
+    same = [SamplePrompt("a", control_image="x.png"), SamplePrompt("b", control_image="x.png"),
+            SamplePrompt("c", control_image="y.png")]  # fmt: skip
+    assert [([p.prompt for p in group], seed) for group, seed in generation_calls(same, 10)] == [
+        (["a", "b"], 10),
+        (["c"], 12),
+    ]

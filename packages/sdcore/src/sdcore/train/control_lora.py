@@ -72,8 +72,7 @@ def kontext_refusal(source: str) -> str:
 
 def control_lora_problems(options: TrainOptions, index: DatasetIndex | None) -> list[str]:
     """What the run needs beside the model: control images (the missing ones are listed by
-    :func:`sdcore.train.kontext_data.control_problems`), and no sample prompts (a sample of a control LoRA needs
-    a control image per prompt, which sample prompt lines cannot give yet)."""
+    :func:`sdcore.train.kontext_data.control_problems`). Its sample prompts are :func:`control_sample_checks`'."""
     from .kontext_data import has_control
 
     problems: list[str] = []
@@ -82,13 +81,28 @@ def control_lora_problems(options: TrainOptions, index: DatasetIndex | None) -> 
             f"{FLAG} needs a control image beside every training image: give --control-dir (a folder of images "
             "named like the training images), or control_directory for each subset of a dataset TOML"
         )
-    if options.sample_prompts:
-        problems.append(
-            f"{FLAG} with --sample-prompts: a sample of a control LoRA needs a control image per prompt, which "
-            "sample prompts cannot give yet; render afterwards (sdcore generate --control-image IMAGE with "
-            "<lora:NAME:1> in the prompt)"
-        )
     return problems
+
+
+def control_sample_checks(options: TrainOptions, *, control: bool, family: str | None) -> tuple[list[str], list[str]]:
+    """The pre-flight's ``(problems, notes)`` for the control images of the sample prompts (kohya's ``--cn``,
+    :mod:`sdcore.train.sample_prompts`). A control-LoRA run (``control``) renders every sample on its control image,
+    so each line needs a readable one (:func:`~sdcore.train.sample_prompts.control_image_problems`); any other run
+    renders without it and a note says so (kohya reads ``--cn`` for a ControlNet only). A prompt file that cannot be
+    read gives nothing here: :func:`sdcore.train.preflight.option_problems` reports it."""
+    if not options.sample_prompts or not options.sample_prompts.strip():
+        return [], []
+    from ..errors import SdcoreError
+    from .sample_prompts import control_image_problems, ignored_control_note, read_sample_prompts
+
+    try:
+        prompts = read_sample_prompts(options.sample_prompts, family)
+    except SdcoreError:
+        return [], []
+    if control:
+        return control_image_problems(prompts), []
+    note = ignored_control_note(prompts)
+    return [], [note] if note is not None else []
 
 
 def control_lora_notes(options: TrainOptions) -> list[str]:
@@ -102,4 +116,11 @@ def control_lora_notes(options: TrainOptions) -> list[str]:
     ]
 
 
-__all__ = ["FLAG", "control_lora_family_problems", "control_lora_notes", "control_lora_problems", "kontext_refusal"]
+__all__ = [
+    "FLAG",
+    "control_lora_family_problems",
+    "control_lora_notes",
+    "control_lora_problems",
+    "control_sample_checks",
+    "kontext_refusal",
+]

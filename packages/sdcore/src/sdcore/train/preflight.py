@@ -912,6 +912,13 @@ def run_preflight(
         family = report.layout.family if report.layout is not None else None
         report.problems.extend(part_problems(o.model, given_parts(o), family=family))
 
+    from .control_lora import control_sample_checks  # kohya's --cn: a control LoRA's samples need it
+
+    problems, notes = control_sample_checks(o, control=method.capabilities().control_channels,
+                                            family=report.layout.family if report.layout is not None else None)  # fmt: skip
+    report.problems.extend(problems)
+    report.notes.extend(notes)
+
     if report.layout is not None:
         problems, notes = objective_option_checks(o, report.layout.family)
         report.problems.extend(problems)

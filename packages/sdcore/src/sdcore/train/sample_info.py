@@ -43,7 +43,8 @@ def sample_infotexts(
     SD inpainting model, "Conditional mask weight" (as ``sdcore generate`` and A1111 write it). A kohya inpainting
     sample (``--i``) adds sdcore's "Inpaint image" (the file's name) and "Inpaint mask" (``wobbly ellipse``, drawn
     from the Seed; a OneTrainer one the mask file's name): it is a txt2img on that conditioning, so none of A1111's img2img/inpaint fields (denoising
-    strength, mask blur, masked content) apply."""
+    strength, mask blur, masked content) apply. A control-LoRA run's sample adds "Control image" (its ``--cn`` file's
+    name), as ``sdcore generate --control-image`` writes it."""
     from .. import __version__
     from ..generate.pnginfo import RNG_SOURCE, SCHEDULE_TYPE, format_parameters
     from ..models.flux.variants import embeds_guidance
@@ -69,6 +70,10 @@ def sample_infotexts(
 
     kind = bundle_kind(bundle)
     takes_mask = kind is not None  # an SD inpainting UNet or FLUX.1 Fill
+    from ..generate.pipeline import is_flux_control
+    from ..models.flux.control import CONTROL_FIELD
+
+    control = getattr(bundle, "family", None) == "flux" and is_flux_control(bundle)  # a control-LoRA run's --cn
     texts = []
     for (prompt_text, negative, seed, arguments, sample), image in zip(per_image, images, strict=False):
         fields: dict[str, Any] = {}
@@ -86,6 +91,8 @@ def sample_infotexts(
             fields[INPAINT_MASK] = WOBBLY_ELLIPSE if sample.inpaint_mask is None else Path(sample.inpaint_mask).name
         elif renders_on_blank(sample, kind):  # under a full mask the image is cut away whole: no image to name
             fields[INPAINT_MASK] = FULL_MASK
+        if sample.control_image is not None and control:  # as sdcore generate --control-image writes it
+            fields[CONTROL_FIELD] = Path(sample.control_image).name
         if o.clip_skip > 1:
             fields["Clip skip"] = o.clip_skip
         fields["RNG"] = RNG_SOURCE

@@ -11,9 +11,20 @@ On a guidance-distilled family (FLUX.1) they mean what kohya's FLUX.1 samples me
 needs: a line's ``--n`` without ``--l`` above 1 is rendered without its negative (kohya ignores it too).
 Like kohya, the file may also be JSON (a list of objects) or TOML (``[prompt]`` defaults plus
 ``[[prompt.subset]]`` entries) with the keys ``prompt``, ``negative_prompt``, ``width``,
-``height``, ``sample_steps``, ``seed``, ``scale``, ``guidance_scale``, ``sample_sampler``, ``image``. Options
-kohya knows for other features (``--cn``, ...) are not part of the prompt either: they are reported in
-:attr:`SamplePrompt.ignored`; ``--g`` on a family without embedded guidance is warned about when rendering.
+``height``, ``sample_steps``, ``seed``, ``scale``, ``guidance_scale``, ``sample_sampler``, ``image``,
+``controlnet_image``. Options kohya knows for other features (``--ctr``, ``--rcfg``, ...) are not part of the prompt
+either: they are reported in :attr:`SamplePrompt.ignored`; ``--g`` on a family without embedded guidance is warned
+about when rendering.
+
+Control images: ``--cn PATH`` (kohya's flag, sd-scripts 48d368f library/train_util.py:6302-6305; a JSON/TOML
+prompt's ``controlnet_image``) names a sample's control image (:attr:`SamplePrompt.control_image`). A FLUX.1
+control-LoRA run (``sdcore train lora --control-lora``) renders each sample on it through the run's widened
+transformer: the image is stretched to the sample's (rounded) width x height with Lanczos, as kohya's FLUX.1
+samples stretch theirs (flux_train_utils.py:249-251), by generation's own control path
+(``generate_images(control_image=...)``, diffusers' ``FluxControlPipeline``, as ``sdcore generate
+--control-image``); such a run needs ``--cn`` on every line and refuses a missing or unreadable file in the
+pre-flight (:func:`control_image_problems`). On any other run ``--cn`` is a ControlNet's image in kohya, which
+sdcore does not train: a pre-flight note says it is not used.
 
 FLUX.1 Kontext: ``--ctrl_img PATH`` (ai-toolkit's sample prompt flag) or ``--ci PATH`` (musubi-tuner's) names
 the reference image the sample edits; as ai-toolkit renders its Kontext samples, the image is stretched to the
@@ -68,7 +79,7 @@ KOHYA, ONETRAINER, AITOOLKIT = "kohya", "onetrainer", "ai-toolkit"
 #: kohya's sampler names that sdcore's sampler normaliser does not know by itself
 KOHYA_SAMPLERS = {"dpmsolver++": "dpm++2m", "k_dpm_2_a": "", "k_dpm_2": "", "dpm_2": "", "dpm_2_a": ""}
 
-_OPTION = re.compile(r"^(ss|n|w|h|s|d|l|g|ctrl_img|ci|img|i)\s+(.*)$", re.IGNORECASE | re.DOTALL)
+_OPTION = re.compile(r"^(ss|n|w|h|s|d|l|g|ctrl_img|ci|cn|img|i)\s+(.*)$", re.IGNORECASE | re.DOTALL)
 #: the sample prompt flags naming a FLUX.1 Kontext reference image: ai-toolkit's and musubi-tuner's
 REFERENCE_FLAGS = ("ctrl_img", "ci")
 #: the sample prompt flags naming the image an inpainting model's sample inpaints: kohya's code reads ``--i``,
@@ -98,6 +109,9 @@ class SamplePrompt:
     #: OneTrainer's ``mask_image_path`` (with ``inpaint_image`` its ``base_image_path``): the mask an inpainting
     #: model's sample fills, by OneTrainer's rule instead of kohya's wobbly ellipse
     inpaint_mask: str | None = None
+    #: ``--cn`` (kohya's ``controlnet_image``): the control image a FLUX.1 control-LoRA run's sample renders on
+    #: (a path), stretched to the sample's size
+    control_image: str | None = None
     #: the tool whose prompt format gave the prompt (:data:`KOHYA`, :data:`ONETRAINER`, :data:`AITOOLKIT`): its
     #: rule rounds the sample's size (:func:`sample_size`)
     source: str = "kohya"
@@ -105,7 +119,7 @@ class SamplePrompt:
     def settings(self) -> tuple[Any, ...]:
         """What must be equal for two prompts to share one generation call (the seed is separate)."""
         return (self.width, self.height, self.steps, self.cfg, self.sampler, self.guidance, self.reference,
-                self.inpaint_image, self.inpaint_mask, self.source)  # fmt: skip
+                self.inpaint_image, self.inpaint_mask, self.control_image, self.source)  # fmt: skip
 
 
 def sampler_name(name: str) -> str:
@@ -155,6 +169,8 @@ def parse_prompt_line(line: str, where: str = "sample prompt") -> SamplePrompt:
                 values["reference"] = text
         elif option in INPAINT_FLAGS:  # kohya keeps the last one (a dict key written again)
             values["inpaint_image"] = text
+        elif option == "cn":  # kohya's controlnet_image: the last one, as above
+            values["control_image"] = text
         else:
             values["cfg"] = _number(float, text, option, where)
     if not values["prompt"]:
@@ -173,6 +189,7 @@ _DICT_KEYS = {
     "guidance_scale": "guidance",
     "sample_sampler": "sampler",
     "image": "inpaint_image",
+    "controlnet_image": "control_image",
 }
 
 
@@ -197,8 +214,9 @@ def _from_dict(entry: Any, where: str) -> SamplePrompt:
         values["sampler"] = sampler_name(str(values["sampler"]))
     if "negative" in values:
         values["negative"] = str(values["negative"])
-    if "inpaint_image" in values:
-        values["inpaint_image"] = str(values["inpaint_image"]).strip()
+    for name in ("inpaint_image", "control_image"):
+        if name in values:
+            values[name] = str(values[name]).strip()
     return SamplePrompt(**values, ignored=tuple(unknown))
 
 
@@ -447,6 +465,58 @@ def reference_problems(prompts: list[SamplePrompt], family: str | None = None) -
     return problems
 
 
+def _short(prompt: SamplePrompt) -> str:
+    return prompt.prompt if len(prompt.prompt) <= 40 else prompt.prompt[:37] + "..."
+
+
+def control_image_problems(prompts: list[SamplePrompt]) -> list[str]:
+    """The pre-flight's lines for the sample prompts of a FLUX.1 control-LoRA run, all at once: the lines without
+    ``--cn`` (one line counting them: the widened transformer takes its control latents at every call, and
+    diffusers' ``FluxControlPipeline``, which the render runs, has no rendering without a control image either),
+    each ``--cn`` file that cannot be read (kohya's sample would stop at ``Image.open``), FLUX.1 Kontext's
+    ``--ctrl_img``/``--ci`` (a control LoRA joins its image on the channels, not as reference tokens) and ``--l``
+    (true CFG, which the control pipeline has none of, as ``sdcore generate`` refuses ``--true-cfg-scale`` there)."""
+    from ..models.flux.control import open_control
+
+    problems: list[str] = []
+    bare = [number for number, p in enumerate(prompts, 1) if p.control_image is None]
+    if bare:
+        first = prompts[bare[0] - 1]
+        problems.append(
+            f"--sample-prompts: a control LoRA's sample renders on a control image, --cn IMAGE (controlnet_image in a "
+            f"JSON/TOML prompt file); {len(bare)} of {len(prompts)} prompt(s) have none (the first: sample {bare[0]}, "
+            f"{_short(first)!r}): give them --cn"
+        )
+    for path in dict.fromkeys(p.control_image for p in prompts if p.control_image is not None):
+        try:
+            open_control(path)
+        except ConfigError as exc:
+            problems.append(f"--sample-prompts: {exc}")
+    if any(p.reference is not None for p in prompts):
+        problems.append(
+            "--sample-prompts: --ctrl_img/--ci is FLUX.1 Kontext's reference image; a control LoRA takes its control "
+            "image on the channels, with --cn: drop --ci"
+        )
+    if any(p.cfg is not None and p.cfg > 1.0 for p in prompts):
+        problems.append(
+            "--sample-prompts: --l is true CFG, which a control LoRA's samples do not take (diffusers' "
+            "FluxControlPipeline runs on the distilled guidance alone: --g); drop --l"
+        )
+    return problems
+
+
+def ignored_control_note(prompts: list[SamplePrompt]) -> str | None:
+    """The pre-flight note for ``--cn`` on a run that is no control-LoRA run: kohya uses it only with a ControlNet
+    (its ``controlnet_image``), which sdcore does not train, so the samples render without it; None without one."""
+    count = sum(1 for p in prompts if p.control_image is not None)
+    if not count:
+        return None
+    return (
+        f"--sample-prompts: --cn (a control image) on {count} prompt(s) is not used: kohya reads it for a ControlNet's "
+        "samples, and sdcore renders a control image only on a control-LoRA run (--control-lora)"
+    )
+
+
 #: how the pre-flight and the errors name each file of an inpainting sample: kohya's flag, OneTrainer's fields
 KOHYA_IMAGE, ONETRAINER_IMAGE, ONETRAINER_MASK = ("inpaint image (--i)", "inpaint image (base_image_path)",
                                                   "inpaint mask (mask_image_path)")  # fmt: skip
@@ -536,9 +606,11 @@ __all__ = [
     "SIZE_RULES",
     "SamplePrompt",
     "SizeRule",
+    "control_image_problems",
     "dropped_negatives",
     "generation_arguments",
     "generation_calls",
+    "ignored_control_note",
     "inpaint_conditioning",
     "inpaint_image_problems",
     "network_problems",

@@ -86,6 +86,7 @@ def _generations(
     """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
     caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
     from ..generate.inpaint import FILL_GUIDANCE, blank_conditioning
+    from ..generate.pipeline import is_flux_control
     from ..models.family import default_cfg, default_sampler, family_adapter
     from .inpainting import bundle_kind, renders_on_blank
     from .sample_prompts import (
@@ -100,6 +101,8 @@ def _generations(
     distilled = bool(getattr(adapter, "distilled_guidance", False))
     o = options
     kind = bundle_kind(bundle)
+    # a control-LoRA run's transformer, widened for the run: each sample renders on its line's --cn
+    control = is_flux_control(bundle)
     side = sample_resolution(o)
     defaults = {
         "steps": o.sample_steps,
@@ -111,6 +114,8 @@ def _generations(
         # generate's) where a line gives no --g, else the family's
         "cfg": o.sample_cfg if o.sample_cfg is not None else FILL_GUIDANCE if kind == "fill" else default_cfg(adapter),
     }
+    if control and o.sample_cfg is None:  # the guidance the control LoRA trains at, as diffusers' trainer validates
+        defaults["cfg"] = o.guidance_scale
     calls = generation_calls(prompts, options.seed)
     # T5's length and mask, SD3's CLIP mask: the samples are encoded as the run encodes its captions
     text = {"text_encoding": encoding} if (encoding := text_encoding_options(options, bundle.family_spec)) else {}
@@ -130,6 +135,8 @@ def _generations(
             arguments["image_conditioning"] = inpaint_conditioning(first.inpaint_image, *size, seed)
         elif renders_on_blank(first, kind):  # OneTrainer's Fill sample without sample_inpainting, as OneTrainer's
             arguments["image_conditioning"] = blank_conditioning(*size)
+        if control and first.control_image is not None:  # generation's control path stretches it to ``size``
+            arguments["control_image"] = first.control_image
         generations.append(([p.prompt for p in group], {"seed": seed, "clip_skip": options.clip_skip, **text,
                                                         **arguments}))  # fmt: skip
     return calls, defaults, generations

@@ -28,7 +28,11 @@ WEIGHTS = "pytorch_custom_diffusion_weights.bin"
 class CustomDiffusionOptions(TrainOptions):
     lr: float = option(1e-5, "Learning rate (Custom Diffusion's default).", group="training")
     modifier_token: str = option("<new1>", "The new token learnt with the weights.", group="custom diffusion")
-    initializer_token: str = option("ktn", "The single-token word it starts from.", group="custom diffusion")
+    initializer_token: str = option(
+        "pll",
+        "The single-token word it starts from (the script's first default, 'ktn', is two CLIP tokens).",
+        group="custom diffusion",
+    )
 
 
 class NewTokenEmbedding(torch.nn.Module):

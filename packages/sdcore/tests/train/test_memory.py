@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import pytest
 from sdcore.models.layout import ModelLayout, read_layout
@@ -241,3 +242,33 @@ def test_transformer_family_plan_reads_the_denoiser_and_matches_saved_bytes(mmdi
     checkpointed = estimate_memory(layout, params, dataclasses.replace(options, gradient_checkpointing=True))
     # two blocks: their inputs plus one block recomputed at a time, a bit over half
     assert checkpointed.activations < 0.6 * estimate.activations
+
+
+def test_the_plan_leaves_a_loaded_bundles_tokenizers_alone(tmp_path):
+    """A new-token method (Custom Diffusion's ``<new1>``) adds its token to the tokenizer in ``prepare``; the
+    memory plan runs ``prepare`` on a shapes-only copy of the model, which must not add it to the run's own
+    tokenizers (its real ``prepare`` would then find the token taken)."""
+    from runtime_methods import ConvOutMethod
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.preflight import memory_plan
+
+    class NewTokenMethod(ConvOutMethod):
+        name = "newtoken"
+        seen: list[Any] = []
+
+        def prepare(self, bundle: Any) -> list[dict[str, Any]]:
+            tokenizer = bundle.tokenizers[0]
+            self.seen.append(tokenizer)
+            assert tokenizer.add_tokens("<new1>") == 1, "the token is already there"
+            return super().prepare(bundle)
+
+    bundle = create_tiny_bundle("sd1")
+    size = len(bundle.tokenizers[0])
+    options = contract_options(NewTokenMethod, tmp_path)
+    plan = memory_plan(NewTokenMethod(options), options, bundle=bundle, device="cpu")
+    assert plan.params.trainable == sum(p.numel() for p in bundle.unet.conv_out.parameters())
+    assert NewTokenMethod.seen and NewTokenMethod.seen[0] is not bundle.tokenizers[0]
+    assert len(bundle.tokenizers[0]) == size  # the run's tokenizer did not gain the plan's token
+    NewTokenMethod(options).prepare(bundle)  # so the run's own prepare can add it
+    assert len(bundle.tokenizers[0]) == size + 1

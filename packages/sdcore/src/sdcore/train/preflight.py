@@ -670,14 +670,17 @@ def parameter_plan(
     method: TrainingMethod[Any], options: TrainOptions, layout: ModelLayout, tokenizers: list[Any] | None = None
 ) -> ParameterPlan:
     """Parameter counts of the model and of what ``method`` trains, on a meta-device copy of
-    ``layout`` (the method's :meth:`~TrainingMethod.plan_groups` runs on a throwaway instance)."""
+    ``layout`` (the method's :meth:`~TrainingMethod.plan_groups` runs on a throwaway instance).
+
+    ``tokenizers`` (a loaded bundle's) are copied: a method's ``prepare`` may add its tokens to them
+    (a new-token method), which must not reach the run's own tokenizers before its real ``prepare``."""
     import torch
 
     from ..models.layout import meta_bundle
     from .memory import count_parameters
     from .memory_options import exclude_patterns
 
-    bundle = meta_bundle(layout, tokenizers)
+    bundle = meta_bundle(layout, None if tokenizers is None else copy.deepcopy(tokenizers))
     fresh = type(method)(copy.deepcopy(options))
     rng = torch.random.get_rng_state()
     try:

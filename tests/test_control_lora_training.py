@@ -408,3 +408,39 @@ def test_the_memory_plan_counts_no_extra_tokens_for_the_control_images(tmp_path)
     plain = memory_plan(LoraMethod(o), o, layout=report.layout, params=report.memory.params)
     assert kontext.estimate.activations > plain.estimate.activations  # the extra tokens a reference would add
     assert report.memory.estimate.activations == plain.estimate.activations
+
+
+def test_a_run_in_kohyas_or_diffusers_names_trains_no_text_encoder_by_default(tmp_path, monkeypatch):
+    """A control-LoRA run written with the names diffusers' train_control_lora_flux.py shares with kohya
+    (``--pretrained_model_name_or_path``, ``--learning_rate``, ``--max_train_steps``) gets kohya's defaults, but not
+    "the text encoder is trained unless --network_train_unet_only" (flux_train_network.py trains CLIP-L by default):
+    kohya has no control-LoRA script, and a control LoRA trains no text encoder, so that default only made the
+    pre-flight refuse a --train-text-encoder nobody gave. A run that does give it is still refused."""
+    import sdcore.models.load as load
+    from sdcore.train.config import load_options
+    from sdcore.train.preflight import run_preflight
+    from sdplugin_lora.method import LoraMethod, LoraOptions
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pre-flight loaded the model")
+
+    monkeypatch.setattr(load, "load_model", no_loading)
+    data, controls = _pairs(tmp_path, 2)
+
+    def run(extra: str = ""):
+        path = tmp_path / "kohya.toml"
+        path.write_text(f'pretrained_model_name_or_path = "tiny:flux"\ntrain_data_dir = "{data}"\n'
+                        f'control_dir = "{controls}"\ncontrol_lora = true\nguidance_scale = 30.0\nrank = 4\n'
+                        f"learning_rate = 1e-4\nmax_train_steps = 2\n{extra}", encoding="utf-8")  # fmt: skip
+        notes: list[str] = []
+        o = load_options(LoraOptions, path, notes=notes)
+        o.output = str(tmp_path / "out" / f"{NAME}.safetensors")
+        found = [p for p in run_preflight(LoraMethod(o), o, plan=False).problems if "--control-lora" in p]
+        return o, " | ".join(notes), found
+
+    o, notes, found = run()
+    assert "network_alpha defaults to 1" in notes  # kohya's defaults do apply
+    assert o.train_text_encoder is False and "the text encoder is trained" not in notes
+    assert found == []
+    o, _, found = run("train_text_encoder = true\n")
+    assert o.train_text_encoder is True and len(found) == 1 and "--train-text-encoder/--te-only" in found[0]

@@ -364,3 +364,45 @@ def test_the_command_runs_dev_with_the_lora_and_a_control_image(tmp_path):
     params = read_png_parameters(out)
     assert params is not None and params.extra["Distilled CFG Scale"] == "30"
     assert params.extra["Control image"] == "edges.png" and NAME in params.extra["Lora hashes"]
+
+
+def test_a_diffusers_trained_control_lora_sets_its_norm_scales_as_diffusers_does(tmp_path):
+    """diffusers' ``examples/flux-control/train_control_lora_flux.py --train_norm_layers`` saves its trained norms
+    beside the PEFT LoRA as ``transformer.<path>.weight`` (``NORM_LAYER_PREFIXES`` norm_q, norm_k, norm_added_q,
+    norm_added_k: lines 65 and 1358-1369 at diffusers 58eb52c); ``FluxControlPipeline.load_lora_weights`` sets them
+    on the norms (lora_pipeline.py:1612-1617, ``_load_norm_into_transformer``). sdcore's ``<lora:...>`` on such a file
+    gives diffusers' forward, ``lora info`` counts the norms, and ``lora resize`` keeps them (before: 12 "unknown
+    keys", not applied, and dropped by resize)."""
+    from sdcore.models.load import load_model
+    from sdplugin_lora.apply import apply_lora
+    from sdplugin_lora.format import read_lora
+    from sdplugin_lora.tools import lora_info, resize_lora
+
+    dev = load_model("tiny:flux")
+    _, converted = _control_lora(dev.transformer, seed=2)
+    norms = [k for k in converted if k.endswith(".weight") and ".norm_" in k and "lora" not in k]
+    assert len(norms) == 4 * dev.transformer.config.num_layers + 2 * dev.transformer.config.num_single_layers
+    path = _save({k: v.clone() for k, v in converted.items()}, tmp_path / "pose-control.safetensors")
+    theirs = _diffusers_control(converted, 0.5).transformer
+    generator = torch.Generator().manual_seed(3)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 128, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 8, dev.transformer.config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, dev.transformer.config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([30.0]),
+        "img_ids": torch.zeros(4, 3),
+        "txt_ids": torch.zeros(8, 3),
+    }
+    with torch.no_grad():
+        expected = theirs(**inputs, return_dict=False)[0]
+    lora = read_lora(path)
+    assert not lora.unknown_keys and sorted(lora.norm_scales) == sorted(norms)
+    assert lora_info(path)["norm_scales"] == len(norms)
+    applied = apply_lora(dev, path, 0.5, merge=True, widen=True)
+    with torch.no_grad():
+        ours = dev.transformer(**inputs, return_dict=False)[0]
+    applied.remove()
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=0)
+    resized = resize_lora(lora, rank=2)
+    assert all(torch.equal(resized.tensors[key], converted[key]) for key in norms)

@@ -152,7 +152,8 @@ class LoraFile:
     unknown_keys: list[str] = field(default_factory=list)
     embedding_keys: list[str] = field(default_factory=list)
     #: full RMSNorm scales the file sets rather than changes (``<key>.scale`` of a ``query_norm``/``key_norm``: BFL's
-    #: control LoRAs carry every attention norm's), by the file's key; applied as diffusers' ``load_lora_weights``
+    #: control LoRAs carry every attention norm's; diffusers' ``.attn.norm_q.weight`` ... of a control LoRA its
+    #: trainer wrote), by the file's key; applied as diffusers' ``load_lora_weights``
     #: applies them, replacing the model's for as long as the file is applied (:func:`match_modules` resolves them)
     norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -178,6 +179,7 @@ def parse_state_dict(
     modules: dict[str, ModuleWeights] = {}
     unknown: list[str] = []
     embeddings: list[str] = []
+    norm_scales: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if key.startswith("bundle_emb."):
             embeddings.append(key)
@@ -196,9 +198,11 @@ def parse_state_dict(
                 modules.setdefault(module_key, ModuleWeights(key=module_key)).tensors[part] = tensor
                 break
         else:
-            unknown.append(key)
+            if key.endswith(_DIFFUSERS_NORM_WEIGHTS) and tensor.dim() == 1:  # diffusers' trained norms, set in full
+                norm_scales[key] = tensor
+            else:
+                unknown.append(key)
     # a lone ".alpha"/".scale" without weights is not a module; a lone RMSNorm ".scale" is a norm the file sets
-    norm_scales: dict[str, torch.Tensor] = {}
     for key in [k for k, w in modules.items() if w.kind == "unknown"]:
         tensors = modules.pop(key).tensors
         if key.endswith(_NORM_MODULES) and set(tensors) == {"scale"} and tensors["scale"].dim() == 1:
@@ -212,6 +216,10 @@ def parse_state_dict(
 #: BFL's names of FLUX.1's attention RMSNorms (``<block>.img_attn.norm.query_norm``), whose ``scale`` a control LoRA
 #: holds in full
 _NORM_MODULES = (".query_norm", ".key_norm")
+#: the same norms' weights by diffusers' names (``transformer_blocks.<i>.attn.norm_q.weight``), which diffusers'
+#: ``train_control_lora_flux.py --train_norm_layers`` saves in full beside its LoRA (its ``NORM_LAYER_PREFIXES``) and
+#: ``FluxControlPipeline.load_lora_weights`` sets on the model (``_load_norm_into_transformer``)
+_DIFFUSERS_NORM_WEIGHTS = tuple(f".attn.{n}.weight" for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
 
 
 def _peft_alphas(modules: dict[str, ModuleWeights], raw: str | None) -> None:
@@ -623,12 +631,13 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
 
 
 def _match_scales(lora: LoraFile, index: ModuleIndex, unmatched: list[str]) -> dict[str, tuple[Target, torch.Tensor]]:
-    """The file's norm scales (BFL names) on the model's norms (:attr:`ModuleIndex.scales`); a key naming no norm
-    goes to ``unmatched``, a scale of another width is a mismatch."""
+    """The file's norm scales (BFL's names or diffusers') on the model's norms (:attr:`ModuleIndex.scales`); a key
+    naming no norm goes to ``unmatched``, a scale of another width is a mismatch."""
     scales: dict[str, tuple[Target, torch.Tensor]] = {}
+    by_path = {f"{target.path}.weight": target for target in index.scales.values()}  # diffusers' names
     for key, tensor in lora.norm_scales.items():
         name = _strip_component(key)[1].removeprefix("diffusion_model.")
-        target = index.scales.get(name)
+        target = index.scales.get(name) or by_path.get(name)
         if target is None:
             unmatched.append(key)
             continue

@@ -1599,6 +1599,10 @@ def kohya_defaults(
             continue  # (a family's own default wins)
         if target == "train_text_encoder" and {"unet_only", "te_only"} & given:
             continue
+        if target == "train_text_encoder" and not _is_off((given_values or {}).get("control_lora"), _OFF):
+            # a FLUX.1 control LoRA (diffusers' train_control_lora_flux.py, which shares kohya's names) trains no
+            # text encoder, and kohya has no control-LoRA script whose default would say otherwise
+            continue
         if target == "train_text_encoder" and "unet_only" not in present and family in _FULL_FT_FROZEN_TE:
             continue  # full fine-tuning: train_db.py trains the text encoder, sdxl/sd3/flux_train.py do not
         if (

@@ -240,7 +240,8 @@ class TrainOptions:
     control_dir: str | None = option(
         None,
         "FLUX.1 Kontext training: folder of control (reference) images, one per training image with the same "
-        "base name (musubi-tuner's control_directory, ai-toolkit's control_path); the images are the edited results.",
+        "base name (musubi-tuner's control_directory, ai-toolkit's control_path); the images are the edited results. "
+        "With --control-lora: the control images (poses, edges, depth maps) a FLUX.1 dev control LoRA learns from.",
         group="data",
         metavar="DIR",
     )

@@ -21,10 +21,11 @@ def custom_diffusion_pm(fake_distribution, monkeypatch):
     return get_plugin_manager()
 
 
-def _dataset(root: Path, concept: str) -> Path:
+def _dataset(root: Path, concept: str, *, captions: bool = True) -> Path:
+    """Two images in ``1_<concept>``; without caption files their captions are the folder's class tokens."""
     from sdcore.testing.datasets import make_tiny_dataset
 
-    return make_tiny_dataset(root, n=2, size=64, concept=concept)
+    return make_tiny_dataset(root, n=2, size=64, concept=concept, captions=captions)
 
 
 def test_custom_diffusion_plugin_trains_resumes_and_loads_in_diffusers(
@@ -38,7 +39,7 @@ def test_custom_diffusion_plugin_trains_resumes_and_loads_in_diffusers(
 
     listed = sd_cli(["train", "--help"], pm=custom_diffusion_pm)
     assert listed.exit_code == 0 and "custom-diffusion" in listed.output, listed.output
-    data, reg = _dataset(tmp_path / "data", "<new1> pattern"), _dataset(tmp_path / "reg", "pattern")
+    data, reg = _dataset(tmp_path / "data", "<new1> pattern", captions=False), _dataset(tmp_path / "reg", "pattern")
     out = tmp_path / "cd"
     args = ["train", "custom-diffusion", "--model", "tiny:sd1", "--data", str(data), "--reg-data", str(reg)]
     args += ["--output", str(out), "--initializer-token", "pattern", "--lr", "1e-3", "--no-progress", "--seed", "3"]
@@ -88,3 +89,18 @@ def test_custom_diffusion_plugin_trains_resumes_and_loads_in_diffusers(
     ]
     assert torch.equal(row, state["<new1>"]) and not torch.equal(row, init)
     assert pipe.tokenizer("<new1> pattern").input_ids[1] == token_id  # the prompt word reaches the new row
+
+
+def test_custom_diffusion_checks_its_token_in_the_captions_before_loading(custom_diffusion_pm, sd_cli, tmp_path):
+    """The method's dataset check (TrainingMethod.dataset_problems/dataset_notes) runs in the pre-flight: captions
+    without the token are a problem with the others, all at once; some without it, a note."""
+    data = _dataset(tmp_path / "data", "<new1> pattern")  # caption files: "sks pattern, red, ..." (no <new1>)
+    args = ["train", "custom-diffusion", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "o")]
+    refused = sd_cli([*args, "--max-steps", "2", "--lr", "-1", "--dry-run"], pm=custom_diffusion_pm)
+    assert refused.exit_code == 2, refused.output
+    assert "no caption of the 2 training images contains <new1>: it would never train" in refused.output
+    assert "--lr must be positive" in refused.output  # reported together
+    (data / "1_<new1> pattern" / "000.txt").write_text("<new1> pattern, red", encoding="utf-8")
+    planned = sd_cli([*args, "--max-steps", "2", "--dry-run"], pm=custom_diffusion_pm)
+    assert planned.exit_code == 0, planned.output
+    assert "1 of 2 training captions lack <new1>" in planned.output

@@ -194,3 +194,23 @@ def test_ti_hashes_are_a1111s(make_bundle, tmp_path):
         assert act.info["TI hashes"] == f"badhands: {expected}"
     finally:
         act.undo()
+
+
+def test_the_token_table_is_sdcores_and_the_old_names_still_import():
+    """The lookup with extra rows moved to sdcore.models.token_embeddings (every new-token method uses it);
+    code that imported it from here keeps working, and an embedding's handle is built on sdcore's rows."""
+    import sdcore.models.token_embeddings as core
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdplugin_ti import apply
+
+    assert apply.ExtendedTokenEmbedding is core.ExtendedTokenEmbedding
+    assert (apply._extended, apply._release) == (core.extend_input_embeddings, core.release_input_embeddings)
+    assert (apply._add_tokens, apply._remove_tokens) == (core.add_tokens, core.remove_tokens)
+    assert apply._pool_at_eos is core.pool_at_eos and apply._LEGACY_EOS == core.LEGACY_EOS == 2
+
+    bundle = create_tiny_bundle("sd1")
+    handle = apply_embeddings(bundle, [Embedding(name="zork", vectors={"*": torch.ones(2, 32)})])
+    rows = handle.rows["zork"]
+    assert rows.tokens == handle.tokens["zork"] and rows.tables[0] is handle.tables["zork"]["*"]
+    handle.remove()
+    assert rows.removed and not isinstance(bundle.text_encoders[0].get_input_embeddings(), core.ExtendedTokenEmbedding)

@@ -266,3 +266,25 @@ def test_preflight_result_size_is_the_files_a_save_writes(tmp_path, fmt):
     assert disk is not None
     assert disk.result_bytes == pytest.approx(sum(p.stat().st_size for p in written), rel=0.1)
     assert "0 KiB" not in disk.line()
+
+
+def test_a_template_without_name_needs_the_name_in_the_captions(tmp_path):
+    """filewords (OneTrainer's way), none or a file without [name]: the embedding reaches a prompt only through
+    the captions; when none holds its name it would never train, and the pre-flight says so before loading."""
+    from sdcore.train.preflight import run_preflight
+
+    def problems(**overrides):
+        options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, **overrides})
+        return run_preflight(TIMethod(options), options, plan=False).problems
+
+    n = len(list(Path(contract_options(TIMethod, tmp_path, TI_OPTIONS).data).rglob("*.txt")))
+    assert problems(template="filewords") == []  # the captions start with "tiny", the name (any case, whole word)
+    assert problems(template="filewords", name="TINY") == []
+    assert problems(template="subject", name="zork") == []  # the template says [name]
+    assert problems(template="filewords", name="zork") == [
+        f"--template filewords: no line has [name], and no caption of the {n} training images contains 'zork': the "
+        "embedding would never be in a training prompt (write zork in the captions, or choose a template with [name])"
+    ]
+    assert problems(template="filewords", name="tin") != []  # a whole word, not a part of one
+    assert problems(template="filewords", name="zork", caption_prefix="zork,") == []  # the prefix is written too
+    assert problems(template="none")[0].startswith("--template none: no line has [name] or [filewords] (the captions)")

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sdcore.data.dataset import DatasetIndex, ImageEntry
 from sdcore.errors import ConfigError
 from sdcore.io import atomic_save
 from sdcore.models.bundle import ModelBundle
+from sdcore.models.token_embeddings import TokenRows, add_token_rows
 from sdcore.options import option
 from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
@@ -35,23 +37,6 @@ class CustomDiffusionOptions(TrainOptions):
     )
 
 
-class NewTokenEmbedding(torch.nn.Module):
-    """The text encoder's token table plus one trainable row for the new token (the id after the vocabulary)."""
-
-    def __init__(self, base: torch.nn.Embedding, row: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base
-        self.row = torch.nn.Parameter(row.detach().clone().float()[None])
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([self.base.weight, self.row.to(self.base.weight.dtype)])
-        return torch.nn.functional.embedding(input_ids, table)
-
-
 class CustomDiffusionMethod(TrainingMethod[CustomDiffusionOptions]):
     name = "custom-diffusion"
     options_class = CustomDiffusionOptions
@@ -62,6 +47,24 @@ class CustomDiffusionMethod(TrainingMethod[CustomDiffusionOptions]):
 
     def resolve_output(self, path: Path) -> Path:
         return path
+
+    def _without_token(self, index: DatasetIndex) -> list[ImageEntry]:
+        token = self.options.modifier_token
+        return [e for e in index.instance_entries if token not in e.written_caption]
+
+    def dataset_problems(self, index: DatasetIndex) -> list[str]:
+        """The token trains only through captions that hold it (the script's instance prompt has it)."""
+        entries, lacking = index.instance_entries, self._without_token(index)
+        if entries and len(lacking) == len(entries):
+            token = self.options.modifier_token
+            return [f"no caption of the {len(entries)} training images contains {token}: it would never train"]
+        return []
+
+    def dataset_notes(self, index: DatasetIndex) -> list[str]:
+        lacking, token = self._without_token(index), self.options.modifier_token
+        if lacking and len(lacking) < len(index.instance_entries):
+            return [f"{len(lacking)} of {len(index.instance_entries)} training captions lack {token}"]
+        return []
 
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
@@ -85,26 +88,26 @@ class CustomDiffusionMethod(TrainingMethod[CustomDiffusionOptions]):
                     proc.load_state_dict({k: v.detach().float() for k, v in start.items()})
                 processors[name] = self.trained[name] = proc.to(layer.to_k.weight.device).requires_grad_(True)
         bundle.unet.set_attn_processor(processors)
-        self.embedding = self._add_token(bundle)
+        self.rows = self._add_token(bundle)
         params = [p for proc in self.trained.values() for p in proc.parameters()]
-        return [{"params": params, "name": "custom_diffusion"}, {"params": [self.embedding.row], "name": "token"}]
+        return [{"params": params, "name": "custom_diffusion"}, {"params": self.rows.parameters(), "name": "token"}]
 
-    def _add_token(self, bundle: ModelBundle) -> NewTokenEmbedding:
+    def _add_token(self, bundle: ModelBundle) -> TokenRows:
+        """The token with one trainable row (sdcore's new-token helper), started from the initializer's row."""
         tokenizer, encoder = bundle.tokenizers[0], bundle.text_encoders[0]
         token, init = self.options.modifier_token, self.options.initializer_token
-        if len(tokenizer.encode(token, add_special_tokens=False)) == 1 or tokenizer.add_tokens(token) != 1:
+        if len(tokenizer.encode(token, add_special_tokens=False)) == 1:
             raise ConfigError(f"--modifier-token {token}: the tokenizer already has it; choose another")
         ids = tokenizer.encode(init, add_special_tokens=False)
         if len(ids) != 1:
             raise ConfigError(f"--initializer-token {init}: must be one token, it is {len(ids)}")
-        base = encoder.get_input_embeddings()
-        embedding = NewTokenEmbedding(base, base.weight[ids[0]])
-        encoder.set_input_embeddings(embedding)
-        return embedding
+        start = encoder.get_input_embeddings().weight[ids[0]][None]
+        others = [None] * (len(bundle.text_encoders) - 1)  # the first text encoder only, as the script
+        return add_token_rows(bundle, token, [token], [start, *others], trainable=True)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"{n}.{k}": v.detach().clone() for n, p in self.trained.items() for k, v in p.state_dict().items()}
-        state[self.options.modifier_token] = self.embedding.row[0].detach().clone()
+        state[self.options.modifier_token] = self.rows.tables[0][0].detach().clone()
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -112,7 +115,7 @@ class CustomDiffusionMethod(TrainingMethod[CustomDiffusionOptions]):
             for name, proc in self.trained.items():
                 for key, param in proc.state_dict().items():
                     param.copy_(state[f"{name}.{key}"])
-            self.embedding.row[0].copy_(state[self.options.modifier_token])
+            self.rows.tables[0][0].copy_(state[self.options.modifier_token])
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         info.path.mkdir(parents=True, exist_ok=True)
@@ -124,7 +127,7 @@ class CustomDiffusionMethod(TrainingMethod[CustomDiffusionOptions]):
             else:
                 weights.update({f"{name}.{k}": v.detach().float().cpu() for k, v in trained.state_dict().items()})
         token = self.options.modifier_token
-        vector = {token: self.embedding.row[0].detach().float().cpu()}
+        vector = {token: self.rows.tables[0][0].detach().float().cpu()}
         atomic_save(info.path / WEIGHTS, lambda tmp: torch.save(weights, str(tmp)))
         atomic_save(info.path / f"{token}.bin", lambda tmp: torch.save(vector, str(tmp)))
         return info.path

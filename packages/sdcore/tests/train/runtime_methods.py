@@ -94,3 +94,18 @@ class FailsOnRank1AtStep3(ConvOutMethod):
         if ctx.step == 2 and os.environ.get("RANK") == "1":
             raise RuntimeError("injected failure on rank 1 in step 3")
         return None
+
+
+class RecordsProcesses(ConvOutMethod):
+    """Appends what :attr:`TrainingMethod.processes` says in each ``prepare`` (the pre-flight's plan, then the
+    run's) as ``index/count`` to ``processes-<RANK>.txt`` beside the output."""
+
+    def prepare(self, bundle: Any) -> list[dict[str, Any]]:
+        import os
+
+        p = self.processes
+        record = Path(self.options.output).parent / f"processes-{os.environ.get('RANK', '0')}.txt"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with record.open("a", encoding="utf-8") as f:
+            f.write(f"{p.process_index}/{p.num_processes}\n")
+        return super().prepare(bundle)

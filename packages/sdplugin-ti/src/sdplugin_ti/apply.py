@@ -3,8 +3,10 @@
 An embedding with n vectors gets n placeholder tokens in each tokenizer it has vectors for. Their
 ids lie past the tokenizer's own (past CLIP's matrix; in T5-XXL's spare rows, 32100-32127), and
 :class:`ExtendedTokenEmbedding` (installed in place of the input embedding) returns the embedding's
-vectors for them and the untouched original rows for every other id. The original matrix is never resized or copied, so removing an embedding restores the
-model bit for bit, and in training only the small tables receive gradients.
+vectors for them and the untouched original rows for every other id. The original matrix is never resized or
+copied, so removing an embedding restores the model bit for bit, and in training only the small tables receive
+gradients. That part is sdcore's (:mod:`sdcore.models.token_embeddings`, shared with every method that adds a
+token); this module adds what is A1111's: names, placeholder spelling, prompt expansion, files and the handler.
 
 Prompts name embeddings as A1111 does: by the file stem for ``.pt``/``.bin``/``.safetensors``
 files, by the name stored inside for image (PNG/WEBP) embeddings. :func:`expand_prompt` replaces each
@@ -19,7 +21,6 @@ Which tensor feeds which encoder follows the family: SD1/SD2 the single tensor, 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from sdcore.errors import ConfigError, ModelFormatError, NetworkMismatchError
-from sdcore.generate.conditioning import add_token_group, remove_token_group
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
-from torch import nn
+from sdcore.models.token_embeddings import (
+    LEGACY_EOS,
+    ExtendedTokenEmbedding,
+    TokenRows,
+    add_token_rows,
+    add_tokens,
+    extend_input_embeddings,
+    pool_at_eos,
+    release_input_embeddings,
+    remove_tokens,
+)
 
 from .embedding import CLIP_G, CLIP_L, SINGLE, T5, Embedding
 from .formats import EMBEDDING_SUFFIXES, IMAGE_SUFFIXES, load_embedding
@@ -82,160 +92,19 @@ def encoder_keys(bundle: ModelBundle) -> list[str]:
     return keys
 
 
-class ExtendedTokenEmbedding(nn.Embedding):
-    """An input-embedding lookup with extra rows for placeholder ids at or past ``num_embeddings``.
-
-    It shares the original module's ``weight`` Parameter, so the text encoder's ``state_dict``
-    keys and values are unchanged while embeddings are active (a model saved meanwhile is the
-    plain model). The tables are kept outside the module's parameters on purpose.
-    """
-
-    def __init__(self, base: nn.Embedding) -> None:
-        nn.Module.__init__(self)
-        self.num_embeddings = base.num_embeddings
-        self.embedding_dim = base.embedding_dim
-        self.padding_idx = base.padding_idx
-        self.max_norm = base.max_norm
-        self.norm_type = base.norm_type
-        self.scale_grad_by_freq = base.scale_grad_by_freq
-        self.sparse = base.sparse
-        self.weight = base.weight
-        object.__setattr__(self, "original", base)  # not a submodule: no extra state_dict keys
-        self._tables: dict[str, tuple[list[int], torch.Tensor]] = {}
-        #: (module, its eos_token_id) changed by :func:`_pool_at_eos`, put back on release
-        self.restore_eos: list[tuple[Any, int]] = []
-
-    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(
-            input_ids,
-            self.weight,
-            self.padding_idx,
-            self.max_norm,
-            self.norm_type,
-            self.scale_grad_by_freq,
-            self.sparse,
-        )
-
-    def add_table(self, key: str, ids: Sequence[int], vectors: torch.Tensor) -> None:
-        if key in self._tables:
-            raise NetworkMismatchError(f"embedding {key!r} is already active in this text encoder")
-        if vectors.shape != (len(ids), self.embedding_dim):
-            raise NetworkMismatchError(
-                f"embedding {key!r}: vectors {tuple(vectors.shape)} do not fit {len(ids)} tokens of width {self.embedding_dim}"
-            )
-        self._tables[key] = (list(ids), vectors)
-
-    def remove_table(self, key: str) -> None:
-        self._tables.pop(key, None)
-
-    @property
-    def empty(self) -> bool:
-        return not self._tables
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Rows of the tables for their ids, the original rows for every other id.
-
-        Table ids are usually past the matrix (CLIP: the tokenizer is as long as the matrix), but T5's
-        matrix has spare rows (32128 rows for 32100 tokens), so an id added to its tokenizer can lie
-        inside the matrix: any id a table holds is looked up in the table.
-        """
-        vocab = self.num_embeddings
-        if not self._tables:
-            return self._lookup(input_ids)
-        ids = [i for ids, _ in self._tables.values() for i in ids]
-        id_tensor = torch.tensor(ids, device=input_ids.device)
-        extra = torch.isin(input_ids, id_tensor)
-        stray = (input_ids >= vocab) & ~extra
-        if bool(stray.any()):
-            bad = int(input_ids[stray][0])
-            raise NetworkMismatchError(f"token id {bad} is past the vocabulary and belongs to no active embedding")
-        if not bool(extra.any()):
-            return self._lookup(input_ids)
-        out = self._lookup(torch.where(extra, torch.zeros_like(input_ids), input_ids))
-        rows = torch.cat([t for _, t in self._tables.values()]).to(device=out.device, dtype=out.dtype)
-        low = min(ids)
-        index = torch.full((max(ids) - low + 1,), -1, dtype=torch.long, device=input_ids.device)
-        index[id_tensor - low] = torch.arange(len(ids), device=input_ids.device)
-        row = index[(input_ids - low).clamp(min=0, max=len(index) - 1)]
-        return torch.where(extra.unsqueeze(-1), rows[row.clamp(min=0)], out)
+# the lookup with extra rows and the tokenizer bookkeeping are sdcore's, shared with every new-token method
+# (:mod:`sdcore.models.token_embeddings`); the old names stay importable from here
+_LEGACY_EOS = LEGACY_EOS
+_pool_at_eos = pool_at_eos
+_extended = extend_input_embeddings
+_release = release_input_embeddings
+_add_tokens = add_tokens
+_remove_tokens = remove_tokens
 
 
-#: the ``eos_token_id`` of CLIP configs written before transformers PR #24773 (OpenAI's CLIP-L
-#: config, which SDXL, SD3 and Flux folders ship): transformers then pools at the *largest* id
-_LEGACY_EOS = 2
-
-
-def _pool_at_eos(text_encoder: Any, tokenizer: Any) -> list[tuple[Any, int]]:
-    """Make a legacy-config CLIP pool at its end-of-text token while placeholders are active.
-
-    With ``eos_token_id == 2`` transformers takes the pooled output at ``argmax(input_ids)``: the
-    highest id, which is EOS (49407) for plain prompts but a placeholder (>= 49408) once one is in
-    the prompt, so the pooled vector would stop at the embedding's word (diffusers has the same
-    flaw; transformers' comment says such a model "can't work correctly with extra new tokens").
-    Pooling at the first EOS instead is the same position for every plain prompt and the right one
-    with placeholders; this matters most for Flux, whose only CLIP input is the pooled vector.
-    """
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if not isinstance(eos, int) or eos == _LEGACY_EOS:
-        return []
-    changed = []
-    for module in text_encoder.modules():
-        if getattr(module, "eos_token_id", None) == _LEGACY_EOS and not isinstance(module, ExtendedTokenEmbedding):
-            changed.append((module, _LEGACY_EOS))
-            module.eos_token_id = eos
-    return changed
-
-
-def _extended(text_encoder: Any, tokenizer: Any = None) -> ExtendedTokenEmbedding:
-    current = text_encoder.get_input_embeddings()
-    if isinstance(current, ExtendedTokenEmbedding):
-        return current
-    wrapper = ExtendedTokenEmbedding(current)
-    text_encoder.set_input_embeddings(wrapper)
-    wrapper.restore_eos = _pool_at_eos(text_encoder, tokenizer)
-    return wrapper
-
-
-def _release(text_encoder: Any) -> None:
-    current = text_encoder.get_input_embeddings()
-    if isinstance(current, ExtendedTokenEmbedding) and current.empty:
-        text_encoder.set_input_embeddings(current.original)
-        for module, value in current.restore_eos:
-            module.eos_token_id = value
-
-
-# --- tokenizer bookkeeping -------------------------------------------------------------------------
 def _in_base_vocab(tokenizer: Any, token: str) -> bool:
     vocab = tokenizer.get_vocab()
     return token in vocab
-
-
-def _add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
-    existing = [t for t in tokens if t in tokenizer.get_vocab()]
-    if existing:
-        raise NetworkMismatchError(f"placeholder token {existing[0]!r} already exists in the tokenizer")
-    tokenizer.add_tokens(tokens)
-    return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
-
-
-def _remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
-    """Remove added tokens again (without renumbering the others)."""
-    drop = set(tokens)
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        from tokenizers import Tokenizer
-
-        state = json.loads(backend.to_str())
-        state["added_tokens"] = [t for t in state.get("added_tokens", []) if t.get("content") not in drop]
-        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
-        return
-    # slow (pure Python) tokenizers
-    for token in drop:
-        token_id = tokenizer._added_tokens_encoder.pop(token, None)
-        if token_id is not None:
-            tokenizer._added_tokens_decoder.pop(token_id, None)
-    if hasattr(tokenizer, "_update_trie"):
-        tokenizer._update_trie()
 
 
 def placeholder_tokens(name: str, count: int, tokenizers: Sequence[Any] = ()) -> list[str]:
@@ -321,6 +190,8 @@ class EmbeddingHandle:
     tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     #: (tokenizer, one embedding's placeholder ids) declared as a token group, undone by :meth:`remove`
     groups: list[tuple[Any, list[int]]] = field(default_factory=list)
+    #: each embedding's tokens and tables as sdcore added them (:func:`sdcore.models.token_embeddings.add_token_rows`)
+    rows: dict[str, TokenRows] = field(default_factory=dict)
     removed: bool = False
 
     def expand(self, prompt: str) -> str:
@@ -348,20 +219,8 @@ class EmbeddingHandle:
         if self.removed:
             return
         self.removed = True
-        for encoder in self.bundle.text_encoders:
-            current = encoder.get_input_embeddings()
-            for name in self.tokens:
-                if isinstance(current, ExtendedTokenEmbedding):
-                    current.remove_table(name)
-            _release(encoder)
-        for tokenizer, ids in self.groups:
-            remove_token_group(tokenizer, ids)
-        seen: set[int] = set()
-        for tokenizer in self.bundle.tokenizers:
-            if id(tokenizer) in seen:
-                continue
-            seen.add(id(tokenizer))
-            _remove_tokens(tokenizer, [t for tokens in self.tokens.values() for t in tokens])
+        for rows in reversed(list(self.rows.values())):
+            rows.remove()
 
 
 def apply_embeddings(
@@ -384,28 +243,16 @@ def apply_embeddings(
             tokens = placeholder_tokens(emb.name, emb.num_vectors, bundle.tokenizers)
             handle.tokens[emb.name] = tokens
             handle.tables[emb.name] = {}
-            ids_per_tokenizer: dict[int, list[int]] = {}
-            for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, keys, strict=True):
-                source = _source(emb, key)
-                if source is None:  # an optional part (T5) the file lacks: its tokenizer reads the words as text
-                    continue
-                if int(source.shape[0]) != len(tokens):
+            sources = [_source(emb, key) for key in keys]  # None: an optional part (T5) the file lacks
+            for key, source in zip(keys, sources, strict=True):
+                if source is not None and int(source.shape[0]) != len(tokens):
                     raise NetworkMismatchError(
                         f"embedding {emb.name!r}: {key} has {int(source.shape[0])} vectors but {len(tokens)} are used"
                     )
-                if id(tokenizer) not in ids_per_tokenizer:
-                    # new tokens get ids past the tokenizer's own: rows its words never use (past
-                    # CLIP's matrix, or T5's spare rows), which the table then answers for
-                    ids_per_tokenizer[id(tokenizer)] = _add_tokens(tokenizer, tokens)
-                    # the prompt chunker keeps the vectors in one 75-token chunk, as A1111 does
-                    add_token_group(tokenizer, ids_per_tokenizer[id(tokenizer)])
-                    handle.groups.append((tokenizer, ids_per_tokenizer[id(tokenizer)]))
-                ids = ids_per_tokenizer[id(tokenizer)]
-                table = source.detach().to(dtype=torch.float32).clone()
-                if trainable:
-                    table = nn.Parameter(table.to(encoder.get_input_embeddings().weight.device))
-                _extended(encoder, tokenizer).add_table(emb.name, ids, table)
-                handle.tables[emb.name][key] = table
+            rows = add_token_rows(bundle, emb.name, tokens, sources, trainable=trainable)
+            handle.rows[emb.name] = rows
+            handle.groups.extend(rows.groups)
+            handle.tables[emb.name] = {keys[index]: table for index, table in rows.tables.items()}
     except BaseException:
         handle.remove()
         raise

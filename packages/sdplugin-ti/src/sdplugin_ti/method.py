@@ -28,6 +28,7 @@ from .templates import load_template, pick_line, render
 
 if TYPE_CHECKING:
     import torch
+    from sdcore.data.dataset import DatasetIndex
     from sdcore.models.bundle import ModelBundle
 
     from .apply import EmbeddingHandle
@@ -188,6 +189,31 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         return [
             f"--init-weights {self.options.init_weights}: this {family} model needs {label}; "
             f"the file has {loaded.describe()}"
+        ]
+
+    def dataset_problems(self, index: DatasetIndex) -> list[str]:
+        """A template none of whose lines has ``[name]`` (``filewords``, OneTrainer's way; ``none``; a file) puts
+        the embedding into a training prompt only through the captions: when no training image's caption holds
+        its name (as a whole word, any case, as prompts are expanded) or ``[name]`` (A1111 fills it in
+        captions too), its vectors would never get a gradient. Said before the model loads."""
+        from .apply import find_names
+
+        o = self.options
+        name, entries = o.name.strip(), index.instance_entries
+        lines = load_template(o.template)
+        if not name or not entries or any("[name]" in line for line in lines):
+            return []
+        if any("[filewords]" in line for line in lines):
+            for entry in entries:
+                text = entry.written_caption
+                if "[name]" in text or find_names(text, [name]):
+                    return []
+            why = f"no line has [name], and no caption of the {len(entries)} training images contains {name!r}"
+        else:
+            why = "no line has [name] or [filewords] (the captions)"
+        return [
+            f"--template {o.template}: {why}: the embedding would never be in a training prompt "
+            f"(write {name} in the captions, or choose a template with [name])"
         ]
 
     def _initial_vectors(self, bundle: ModelBundle, item: TrainedEmbedding, keys: list[str]) -> dict[str, torch.Tensor]:

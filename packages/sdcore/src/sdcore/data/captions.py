@@ -115,6 +115,16 @@ def _tags(text: str, separator: str) -> list[str]:
     return [tag.strip() for tag in text.split(separator) if tag.strip()]
 
 
+def join_affixes(caption: str, prefix: str = "", suffix: str = "") -> str:
+    """A subset's ``caption_prefix`` and ``caption_suffix`` joined to a caption with one space each (kohya
+    writes ``caption_prefix + " " + caption``): the first step of :func:`process_caption`."""
+    if prefix:
+        caption = f"{prefix} {caption}"
+    if suffix:
+        caption = f"{caption} {suffix}"
+    return caption
+
+
 def process_caption(
     caption: str,
     *,
@@ -163,10 +173,7 @@ def process_caption(
     ``max_train_steps``). Randomness comes only from ``rng``, so a seeded ``rng`` reproduces the
     variant.
     """
-    if prefix:
-        caption = f"{prefix} {caption}"
-    if suffix:
-        caption = f"{caption} {suffix}"
+    caption = join_affixes(caption, prefix, suffix)
     dropped = caption_dropout > 0.0 and rng.random() < caption_dropout
     if dropped or drop:
         return ""

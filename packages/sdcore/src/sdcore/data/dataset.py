@@ -148,6 +148,15 @@ class ImageEntry:
     #: the ``tags`` of a metadata-file entry as kohya counts them for ``ss_tag_frequency`` (else ``None``)
     tags: str | None = None
 
+    @property
+    def written_caption(self) -> str:
+        """The caption with its subset's ``caption_prefix``/``caption_suffix``: every word training can see
+        before shuffling, dropout and the method's template (what a method's dataset check searches)."""
+        from .captions import join_affixes
+
+        s = self.subset
+        return join_affixes(self.caption, getattr(s, "caption_prefix", ""), getattr(s, "caption_suffix", ""))
+
 
 @dataclass(frozen=True)
 class SkippedFile:

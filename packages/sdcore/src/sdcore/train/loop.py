@@ -50,7 +50,7 @@ from .checkpoints import intermediate_path, output_paths
 from .data import steps_text, total_steps_for
 from .events import HookCaller, TrainEventContext
 from .memory_watch import MemoryWatch, TrainingOutOfMemoryError, is_out_of_memory, release_failed_step
-from .method import Batch, RunFacts, TrainingMethod
+from .method import Batch, ProcessInfo, RunFacts, TrainingMethod
 from .options import TrainOptions, apply_model_defaults
 from .preflight import validate_options
 from .save_fallback import SaveTargetError, guarded, mixed_message, mixed_step, rescue, save_alone
@@ -234,6 +234,7 @@ class TrainSession:
         bundle = self.bundle
 
         torch.manual_seed(o.seed)  # method weight init is seeded
+        method.processes = ProcessInfo(num_processes=acc.num_processes, process_index=acc.process_index)
         groups = method.prepare(bundle)
         class_data = method.regularization_data()
         if class_data is not None and not o.reg_data:

@@ -35,7 +35,7 @@ from .options import TrainOptions
 if TYPE_CHECKING:
     import torch
 
-    from ..data.dataset import ImageEntry
+    from ..data.dataset import DatasetIndex, ImageEntry
     from ..models.bundle import ModelBundle
     from ..models.family import ModelFamily
 
@@ -208,6 +208,32 @@ class RunFacts:
 
 
 @dataclass(frozen=True)
+class ProcessInfo:
+    """The processes of a run (``accelerate launch``): how many train together and which one this is.
+
+    A method reads it as :attr:`TrainingMethod.processes` from :meth:`TrainingMethod.prepare` on (e.g. a
+    learning rate scaled by the total batch, diffusers' ``--scale_lr``). Since 0.1.
+    """
+
+    num_processes: int = 1
+    process_index: int = 0
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    @classmethod
+    def from_environment(cls) -> ProcessInfo:
+        """What the launcher's environment says (``WORLD_SIZE``, ``RANK``): the pre-flight's view, before the
+        runtime's accelerator exists (the runtime then sets the accelerator's own numbers)."""
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+        return cls(num_processes=max(world, 1), process_index=rank)
+
+
+@dataclass(frozen=True)
 class SaveInfo:
     """Passed to ``save``: where the runtime wants the result and the generic metadata to include.
 
@@ -241,6 +267,11 @@ class TrainingMethod(Generic[OptionsT]):
     #: run could write its result but no resumable state (one process of several failed); ``None``: the
     #: method has none. Since 0.1.
     start_from_result: ClassVar[str | None] = None
+    #: the run's processes, set on the instance by the runtime before :meth:`prepare` (from its accelerator; in
+    #: the pre-flight's plan from the launcher's environment); one process when a method is used outside a run.
+    #: Read it rather than creating ``accelerate.PartialState()`` yourself, which in the pre-flight would set up
+    #: the distributed state before the runtime's accelerator and its settings. Since 0.1.
+    processes: ProcessInfo = ProcessInfo()
 
     def __init__(self, options: OptionsT) -> None:
         if not isinstance(options, self.options_class):
@@ -260,6 +291,19 @@ class TrainingMethod(Generic[OptionsT]):
         LoRA options, defined for SD1/SD2/SDXL only), one message each. The pre-flight calls this with
         the family read from the model's header, so such problems are reported before any weights
         load, together with every other problem. Since 0.1."""
+        return []
+
+    def dataset_problems(self, index: DatasetIndex) -> list[str]:
+        """What makes the scanned dataset wrong for this method, one message each (e.g. a new-token method whose
+        token no caption contains: ``entry.written_caption`` of ``index.instance_entries``). The pre-flight calls
+        it once the dataset is indexed, before any model loads, and reports these with every other problem.
+        ``index`` holds the instance and class images (``--reg-data``), not class images the method makes in
+        :meth:`prepare`. Since 0.1."""
+        return []
+
+    def dataset_notes(self, index: DatasetIndex) -> list[str]:
+        """Remarks on the scanned dataset that do not stop the run (printed before training and by
+        ``--dry-run``), one line each; called with :meth:`dataset_problems`. Since 0.1."""
         return []
 
     def prepare(self, bundle: ModelBundle) -> list[dict[str, Any]]:

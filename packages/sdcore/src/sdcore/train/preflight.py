@@ -12,7 +12,8 @@
   make a complete model (:func:`sdcore.models.parts.part_problems`);
 - the output and state folders are writable (a probe file is created and removed; a folder that
   does not exist yet is checked at its nearest existing parent);
-- the dataset has usable images (the runtime's own index and buckets);
+- the dataset has usable images (the runtime's own index and buckets), and what the method asks of it
+  (:meth:`TrainingMethod.dataset_problems`, e.g. a caption with its new token);
 - a ``--resume`` state belongs to this method and was trained with the same shape options
   (:attr:`TrainingMethod.resume_shape_options`: LoRA rank and algorithm, TI vector count...) and
   the same ``--ema`` settings;
@@ -679,9 +680,11 @@ def parameter_plan(
     from ..models.layout import meta_bundle
     from .memory import count_parameters
     from .memory_options import exclude_patterns
+    from .method import ProcessInfo
 
     bundle = meta_bundle(layout, None if tokenizers is None else copy.deepcopy(tokenizers))
     fresh = type(method)(copy.deepcopy(options))
+    fresh.processes = ProcessInfo.from_environment()  # no accelerator yet: the launcher's numbers
     rng = torch.random.get_rng_state()
     try:
         groups = fresh.plan_groups(bundle)
@@ -1023,6 +1026,9 @@ def run_preflight(
 
             report.problems.extend(inpainting_problems(o, report.layout, data.index))  # SD inpainting, FLUX.1 Fill
             report.problems.extend(strength_problems(method, data.index))
+            problems, notes = method_dataset_checks(method, data.index)  # the method's own (a new token's caption)
+            report.problems.extend(problems)
+            report.notes.extend(notes)
             report.total_steps, report.epochs = total_steps_for(o, data)
             if report.total_steps < 1:
                 report.problems.append(
@@ -1090,6 +1096,19 @@ def run_preflight(
 
         report.problems.extend(model_problems(o, report.layout, params))
     return report
+
+
+def method_dataset_checks(method: TrainingMethod[Any], index: Any) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the method's own dataset checks (:meth:`TrainingMethod.dataset_problems`,
+    :meth:`~TrainingMethod.dataset_notes`); a check that raises an sdcore error gives that line as a problem, so
+    every other check still reports."""
+    out: tuple[list[str], list[str]] = ([], [])
+    for found, check in zip(out, (method.dataset_problems, method.dataset_notes), strict=True):
+        try:
+            found.extend(check(index))
+        except SdcoreError as exc:
+            out[0].append(str(exc))
+    return out
 
 
 def resolutions_problems(o: TrainOptions) -> list[str]:

@@ -1,0 +1,193 @@
+"""New tokens with their own embedding rows, for any method that teaches the text encoder a word.
+
+Textual inversion, DreamArtist, Custom Diffusion's ``<new1>`` and "pivotal tuning" LoRAs all add tokens to a
+model's tokenizers and give them vectors. This module does it once, for all of them:
+
+- the tokens are added to the tokenizers (:func:`add_tokens`); their ids lie past the tokenizer's own (past
+  CLIP's matrix, or in T5-XXL's spare rows, 32100-32127);
+- an :class:`ExtendedTokenEmbedding` is put in front of each text encoder's input embeddings: it answers those
+  ids from small tables (one per key) and every other id from the untouched original rows. The original
+  matrix is never resized or copied, so removing the tokens restores the model bit for bit, and in training
+  only the small tables receive gradients;
+- the tokens are declared one token group (:func:`sdcore.generate.conditioning.add_token_group`), so the
+  prompt chunker keeps them in one 75-token chunk;
+- :meth:`TokenRows.remove` undoes all of it (tokens, groups, tables; the original input embeddings come back
+  when the last table goes).
+
+A method calls :func:`add_token_rows` in ``prepare`` and trains ``rows.parameters()``; it declares
+``Capabilities(trains_text_encoder=True)`` so captions are encoded every step. Importing this module does not
+import torch (the lookup module lives in :mod:`sdcore.models._token_table`, loaded on first use).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NetworkMismatchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._token_table import (
+        LEGACY_EOS,
+        ExtendedTokenEmbedding,
+        extend_input_embeddings,
+        pool_at_eos,
+        release_input_embeddings,
+    )
+    from .bundle import ModelBundle
+
+_LAZY = ("LEGACY_EOS", "ExtendedTokenEmbedding", "extend_input_embeddings", "pool_at_eos", "release_input_embeddings")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import _token_table
+
+        return getattr(_token_table, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- tokenizer bookkeeping -------------------------------------------------------------------------
+def add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` and return their ids; NetworkMismatchError when one is already there."""
+    existing = [t for t in tokens if t in tokenizer.get_vocab()]
+    if existing:
+        raise NetworkMismatchError(f"placeholder token {existing[0]!r} already exists in the tokenizer")
+    tokenizer.add_tokens(tokens)
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
+
+
+def remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
+    """Remove added tokens again (without renumbering the others)."""
+    drop = set(tokens)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        from tokenizers import Tokenizer
+
+        state = json.loads(backend.to_str())
+        state["added_tokens"] = [t for t in state.get("added_tokens", []) if t.get("content") not in drop]
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+        return
+    # slow (pure Python) tokenizers
+    for token in drop:
+        token_id = tokenizer._added_tokens_encoder.pop(token, None)
+        if token_id is not None:
+            tokenizer._added_tokens_decoder.pop(token_id, None)
+    if hasattr(tokenizer, "_update_trie"):
+        tokenizer._update_trie()
+
+
+# --- a bundle's tokenizers and text encoders --------------------------------------------------------
+@dataclass
+class TokenRows:
+    """New tokens active in a bundle (:func:`add_token_rows`); :meth:`remove` undoes it exactly.
+
+    ``tables`` and ``ids`` are by text-encoder index (``bundle.text_encoders``): the ``[n, width]`` rows that
+    encoder reads for the tokens and the tokens' ids in its tokenizer.
+    """
+
+    bundle: Any
+    key: str
+    tokens: list[str]
+    tables: dict[int, torch.Tensor] = field(default_factory=dict)
+    ids: dict[int, list[int]] = field(default_factory=dict)
+    #: (tokenizer, the tokens' ids) declared as a token group, undone by :meth:`remove`
+    groups: list[tuple[Any, list[int]]] = field(default_factory=list)
+    #: the tokenizers the tokens were added to (each once, though two encoders may share one)
+    tokenizers: list[Any] = field(default_factory=list)
+    removed: bool = False
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The tables in text-encoder order (leaf Parameters when added ``trainable``)."""
+        return [self.tables[i] for i in sorted(self.tables)]
+
+    def remove(self) -> None:
+        from ..generate.conditioning import remove_token_group
+        from ._token_table import ExtendedTokenEmbedding, release_input_embeddings
+
+        if self.removed:
+            return
+        self.removed = True
+        for index, encoder in enumerate(self.bundle.text_encoders):
+            current = encoder.get_input_embeddings()
+            if index in self.tables and isinstance(current, ExtendedTokenEmbedding):
+                current.remove_table(self.key)
+            release_input_embeddings(encoder)  # every one: a failed add may have left an empty lookup
+        for tokenizer, ids in self.groups:
+            remove_token_group(tokenizer, ids)
+        for tokenizer in self.tokenizers:
+            remove_tokens(tokenizer, self.tokens)
+
+
+def add_token_rows(
+    bundle: ModelBundle,
+    key: str,
+    tokens: Sequence[str],
+    rows: Sequence[torch.Tensor | None],
+    *,
+    trainable: bool = False,
+) -> TokenRows:
+    """Add ``tokens`` to ``bundle`` with the vectors ``rows`` (one entry per text encoder, in
+    ``bundle.text_encoders`` order: ``[len(tokens), width]``, or ``None`` for an encoder whose tokenizer should
+    read the words as text, e.g. T5 when only CLIP vectors exist).
+
+    ``key`` names the table in each encoder (an embedding's name; two active tables may not share one). The
+    tables are float32 copies of ``rows``; with ``trainable`` they are leaf ``nn.Parameter`` s on the
+    encoder's device, for an optimizer. A tokenizer shared by two encoders gets the tokens once. All or nothing:
+    on error, whatever was added is removed again (NetworkMismatchError for a token the tokenizer already has
+    or rows of the wrong shape).
+    """
+    import torch
+
+    from ..generate.conditioning import add_token_group
+    from ._token_table import extend_input_embeddings
+
+    tokens = list(tokens)
+    if len(rows) != len(bundle.text_encoders):
+        raise NetworkMismatchError(
+            f"{key!r}: {len(rows)} row tables for a model with {len(bundle.text_encoders)} text encoders"
+        )
+    added = TokenRows(bundle=bundle, key=key, tokens=tokens)
+    ids_per_tokenizer: dict[int, list[int]] = {}
+    try:
+        for index, (encoder, tokenizer, source) in enumerate(
+            zip(bundle.text_encoders, bundle.tokenizers, rows, strict=True)
+        ):
+            if source is None:
+                continue
+            if id(tokenizer) not in ids_per_tokenizer:
+                # new tokens get ids past the tokenizer's own: rows its words never use (past
+                # CLIP's matrix, or T5's spare rows), which the table then answers for
+                ids_per_tokenizer[id(tokenizer)] = add_tokens(tokenizer, tokens)
+                added.tokenizers.append(tokenizer)
+                # the prompt chunker keeps the vectors in one 75-token chunk, as A1111 does
+                add_token_group(tokenizer, ids_per_tokenizer[id(tokenizer)])
+                added.groups.append((tokenizer, ids_per_tokenizer[id(tokenizer)]))
+            ids = ids_per_tokenizer[id(tokenizer)]
+            table = source.detach().to(dtype=torch.float32).clone()
+            if trainable:
+                table = torch.nn.Parameter(table.to(encoder.get_input_embeddings().weight.device))
+            extend_input_embeddings(encoder, tokenizer).add_table(key, ids, table)
+            added.tables[index] = table
+            added.ids[index] = ids
+    except BaseException:
+        added.remove()
+        raise
+    return added
+
+
+__all__ = [
+    "LEGACY_EOS",
+    "ExtendedTokenEmbedding",
+    "TokenRows",
+    "add_token_rows",
+    "add_tokens",
+    "extend_input_embeddings",
+    "pool_at_eos",
+    "release_input_embeddings",
+    "remove_tokens",
+]

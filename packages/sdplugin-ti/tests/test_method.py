@@ -288,3 +288,51 @@ def test_a_template_without_name_needs_the_name_in_the_captions(tmp_path):
     assert problems(template="filewords", name="tin") != []  # a whole word, not a part of one
     assert problems(template="filewords", name="zork", caption_prefix="zork,") == []  # the prefix is written too
     assert problems(template="none")[0].startswith("--template none: no line has [name] or [filewords] (the captions)")
+
+
+def _preflight_problems(tmp_path, captions=None, **overrides):
+    """The pre-flight's problems for a TI run on the contract's dataset, its captions replaced by ``captions``
+    (one per image, in file order; ``None`` deletes the caption file)."""
+    from sdcore.train.preflight import run_preflight
+
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, **overrides})
+    if captions is not None:
+        files = sorted(Path(options.data).rglob("*.txt"))
+        for path, text in zip(files, captions * len(files), strict=False):
+            if text is None:
+                path.unlink()
+            else:
+                path.write_text(text, encoding="utf-8")
+    return run_preflight(TIMethod(options), options, plan=False).problems
+
+
+@pytest.mark.parametrize(
+    ("name", "caption"),
+    [
+        ("my-emb", "my-emb, red stripes"),  # punctuation inside the name: the whole name is matched
+        ("emb_v2", "a photo of emb_v2"),
+        ("zork", "<zork>, red stripes"),  # inside <...>: '<' and '>' are not word characters
+        ("zork", "{zork|a zork} with red stripes"),  # a wildcard variant
+        ("zork", "a photo of [name]"),  # A1111 fills [name] after [filewords] (create_text's order)
+        ("my emb", "a My Emb drawing"),  # a name of two words, any case
+    ],
+)
+def test_filewords_captions_that_name_the_embedding_are_not_refused(tmp_path, name, caption):
+    """Every spelling that expand_prompt turns into the embedding's tokens at training time passes the check."""
+    from sdplugin_ti.apply import expand_prompt
+    from sdplugin_ti.templates import render
+
+    prompt = render("[filewords]", name, caption)
+    assert expand_prompt(prompt, {name: ["tok"]}) != prompt  # training puts the embedding in this prompt
+    assert _preflight_problems(tmp_path, [caption], template="filewords", name=name) == []
+
+
+def test_class_token_captions_and_other_caption_extensions_count(tmp_path):
+    """The captions training reads: the folder's class tokens for an image without a caption file (here
+    '1_tiny'), and the files of --caption-extension."""
+    assert _preflight_problems(tmp_path / "a", [None], template="filewords", name="tiny") == []
+    options = contract_options(TIMethod, tmp_path / "b", TI_OPTIONS)
+    for path in Path(options.data).rglob("*.txt"):
+        path.with_suffix(".caption").write_text("a zork", encoding="utf-8")
+    assert _preflight_problems(tmp_path / "b", template="filewords", name="zork", caption_extension=".caption") == []
+    assert _preflight_problems(tmp_path / "b", template="filewords", name="zork") != []  # the .txt files say tiny

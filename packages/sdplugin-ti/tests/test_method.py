@@ -336,3 +336,21 @@ def test_class_token_captions_and_other_caption_extensions_count(tmp_path):
         path.with_suffix(".caption").write_text("a zork", encoding="utf-8")
     assert _preflight_problems(tmp_path / "b", template="filewords", name="zork", caption_extension=".caption") == []
     assert _preflight_problems(tmp_path / "b", template="filewords", name="zork") != []  # the .txt files say tiny
+
+
+def test_a_template_line_that_names_the_embedding_itself_is_not_refused(tmp_path):
+    """A template file may spell the embedding's name instead of [name]: the line reaches encode() as written and
+    the name in it is expanded there (TIMethod.encode -> expand_prompt), so the embedding trains. A1111 does the
+    same: its prompt goes through the embedding database, which finds the name's tokens wherever they are
+    (A1111 modules/textual_inversion/dataset.py create_text only replaces [filewords]/[name]; the rest of the line
+    is kept)."""
+    literal = tmp_path / "literal.txt"
+    literal.write_text("a photo of Zork\n", encoding="utf-8")
+    with_filewords = tmp_path / "by.txt"
+    with_filewords.write_text("[filewords], art by zork\n", encoding="utf-8")
+    assert _preflight_problems(tmp_path / "a", template=str(literal), name="zork") == []
+    assert _preflight_problems(tmp_path / "b", template=str(with_filewords), name="zork") == []
+    # a part of a word in the line is not the name (expand_prompt matches whole words only)
+    part = tmp_path / "part.txt"
+    part.write_text("a photo of zorkish things\n", encoding="utf-8")
+    assert _preflight_problems(tmp_path / "c", template=str(part), name="zork") != []

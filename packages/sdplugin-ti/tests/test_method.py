@@ -354,3 +354,49 @@ def test_a_template_line_that_names_the_embedding_itself_is_not_refused(tmp_path
     part = tmp_path / "part.txt"
     part.write_text("a photo of zorkish things\n", encoding="utf-8")
     assert _preflight_problems(tmp_path / "c", template=str(part), name="zork") != []
+
+
+def _imported_problems(tmp_path, config_name, text, captions):
+    """Load a kohya/OneTrainer config as `sdcore train ti --config` does, train it on the contract's dataset with
+    ``captions``, and return the pre-flight's problems."""
+    import dataclasses
+
+    from sdcore.train.config import load_options
+    from sdcore.train.preflight import run_preflight
+
+    base = contract_options(TIMethod, tmp_path, TI_OPTIONS)
+    for path in sorted(Path(base.data).rglob("*.txt")):
+        path.write_text(captions, encoding="utf-8")
+    config = tmp_path / config_name
+    config.write_text(text, encoding="utf-8")
+    loaded = load_options(TIOptions, config, notes=[])
+    keep = {"name", "template", "vectors", "init_text"}
+    options = dataclasses.replace(base, **{k: getattr(loaded, k) for k in keep})
+    return options.template, run_preflight(TIMethod(options), options, plan=False).problems
+
+
+def test_kohya_ti_configs_are_not_refused(tmp_path):
+    """kohya's train_textual_inversion.py: --token_string is the word (-> --name); with --use_object_template /
+    --use_style_template its imagenet templates hold it ("{}" -> the tokens, train_textual_inversion.py:339-346),
+    sdcore's subject/style with [name]; without either flag the run keeps sdcore's default template, which names
+    the embedding too. None of them depends on the captions."""
+    toml = 'token_string = "zork"\ninit_word = "cat"\nnum_vectors_per_token = 2\n'
+    for extra, template in (("", "style_filewords"), ("use_object_template = true\n", "subject"),
+                            ("use_style_template = true\n", "style")):  # fmt: skip
+        assert _imported_problems(tmp_path / template, "ti.toml", toml + extra, "red stripes") == (template, [])
+
+
+def test_onetrainer_embedding_configs_follow_onetrainer_s_placeholder_rule(tmp_path):
+    """OneTrainer puts the embedding into a prompt only by replacing its placeholder in the caption
+    (modules/model/BaseModel.py:252 ``prompt.replace(embedding.placeholder, ...)``): captions holding it train, and
+    sdcore's import (name = placeholder, --template filewords) is not refused for them; captions without it give
+    the embedding no gradient in OneTrainer either, and sdcore says so before loading."""
+    import json
+
+    config = json.dumps(
+        {"training_method": "EMBEDDING", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+         "embedding": {"placeholder": "zork", "token_count": 2, "initial_embedding_text": "a cat"}}
+    )  # fmt: skip
+    assert _imported_problems(tmp_path / "a", "ot.json", config, "a zork, red stripes") == ("filewords", [])
+    template, problems = _imported_problems(tmp_path / "b", "ot.json", config, "red stripes")
+    assert template == "filewords" and len(problems) == 1 and "contains 'zork'" in problems[0]

@@ -288,3 +288,115 @@ def test_a_template_without_name_needs_the_name_in_the_captions(tmp_path):
     assert problems(template="filewords", name="tin") != []  # a whole word, not a part of one
     assert problems(template="filewords", name="zork", caption_prefix="zork,") == []  # the prefix is written too
     assert problems(template="none")[0].startswith("--template none: no line has [name] or [filewords] (the captions)")
+
+
+def _preflight_problems(tmp_path, captions=None, **overrides):
+    """The pre-flight's problems for a TI run on the contract's dataset, its captions replaced by ``captions``
+    (one per image, in file order; ``None`` deletes the caption file)."""
+    from sdcore.train.preflight import run_preflight
+
+    options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, **overrides})
+    if captions is not None:
+        files = sorted(Path(options.data).rglob("*.txt"))
+        for path, text in zip(files, captions * len(files), strict=False):
+            if text is None:
+                path.unlink()
+            else:
+                path.write_text(text, encoding="utf-8")
+    return run_preflight(TIMethod(options), options, plan=False).problems
+
+
+@pytest.mark.parametrize(
+    ("name", "caption"),
+    [
+        ("my-emb", "my-emb, red stripes"),  # punctuation inside the name: the whole name is matched
+        ("emb_v2", "a photo of emb_v2"),
+        ("zork", "<zork>, red stripes"),  # inside <...>: '<' and '>' are not word characters
+        ("zork", "{zork|a zork} with red stripes"),  # a wildcard variant
+        ("zork", "a photo of [name]"),  # A1111 fills [name] after [filewords] (create_text's order)
+        ("my emb", "a My Emb drawing"),  # a name of two words, any case
+    ],
+)
+def test_filewords_captions_that_name_the_embedding_are_not_refused(tmp_path, name, caption):
+    """Every spelling that expand_prompt turns into the embedding's tokens at training time passes the check."""
+    from sdplugin_ti.apply import expand_prompt
+    from sdplugin_ti.templates import render
+
+    prompt = render("[filewords]", name, caption)
+    assert expand_prompt(prompt, {name: ["tok"]}) != prompt  # training puts the embedding in this prompt
+    assert _preflight_problems(tmp_path, [caption], template="filewords", name=name) == []
+
+
+def test_class_token_captions_and_other_caption_extensions_count(tmp_path):
+    """The captions training reads: the folder's class tokens for an image without a caption file (here
+    '1_tiny'), and the files of --caption-extension."""
+    assert _preflight_problems(tmp_path / "a", [None], template="filewords", name="tiny") == []
+    options = contract_options(TIMethod, tmp_path / "b", TI_OPTIONS)
+    for path in Path(options.data).rglob("*.txt"):
+        path.with_suffix(".caption").write_text("a zork", encoding="utf-8")
+    assert _preflight_problems(tmp_path / "b", template="filewords", name="zork", caption_extension=".caption") == []
+    assert _preflight_problems(tmp_path / "b", template="filewords", name="zork") != []  # the .txt files say tiny
+
+
+def test_a_template_line_that_names_the_embedding_itself_is_not_refused(tmp_path):
+    """A template file may spell the embedding's name instead of [name]: the line reaches encode() as written and
+    the name in it is expanded there (TIMethod.encode -> expand_prompt), so the embedding trains. A1111 does the
+    same: its prompt goes through the embedding database, which finds the name's tokens wherever they are
+    (A1111 modules/textual_inversion/dataset.py create_text only replaces [filewords]/[name]; the rest of the line
+    is kept)."""
+    literal = tmp_path / "literal.txt"
+    literal.write_text("a photo of Zork\n", encoding="utf-8")
+    with_filewords = tmp_path / "by.txt"
+    with_filewords.write_text("[filewords], art by zork\n", encoding="utf-8")
+    assert _preflight_problems(tmp_path / "a", template=str(literal), name="zork") == []
+    assert _preflight_problems(tmp_path / "b", template=str(with_filewords), name="zork") == []
+    # a part of a word in the line is not the name (expand_prompt matches whole words only)
+    part = tmp_path / "part.txt"
+    part.write_text("a photo of zorkish things\n", encoding="utf-8")
+    assert _preflight_problems(tmp_path / "c", template=str(part), name="zork") != []
+
+
+def _imported_problems(tmp_path, config_name, text, captions):
+    """Load a kohya/OneTrainer config as `sdcore train ti --config` does, train it on the contract's dataset with
+    ``captions``, and return the pre-flight's problems."""
+    import dataclasses
+
+    from sdcore.train.config import load_options
+    from sdcore.train.preflight import run_preflight
+
+    base = contract_options(TIMethod, tmp_path, TI_OPTIONS)
+    for path in sorted(Path(base.data).rglob("*.txt")):
+        path.write_text(captions, encoding="utf-8")
+    config = tmp_path / config_name
+    config.write_text(text, encoding="utf-8")
+    loaded = load_options(TIOptions, config, notes=[])
+    keep = {"name", "template", "vectors", "init_text"}
+    options = dataclasses.replace(base, **{k: getattr(loaded, k) for k in keep})
+    return options.template, run_preflight(TIMethod(options), options, plan=False).problems
+
+
+def test_kohya_ti_configs_are_not_refused(tmp_path):
+    """kohya's train_textual_inversion.py: --token_string is the word (-> --name); with --use_object_template /
+    --use_style_template its imagenet templates hold it ("{}" -> the tokens, train_textual_inversion.py:339-346),
+    sdcore's subject/style with [name]; without either flag the run keeps sdcore's default template, which names
+    the embedding too. None of them depends on the captions."""
+    toml = 'token_string = "zork"\ninit_word = "cat"\nnum_vectors_per_token = 2\n'
+    for extra, template in (("", "style_filewords"), ("use_object_template = true\n", "subject"),
+                            ("use_style_template = true\n", "style")):  # fmt: skip
+        assert _imported_problems(tmp_path / template, "ti.toml", toml + extra, "red stripes") == (template, [])
+
+
+def test_onetrainer_embedding_configs_follow_onetrainer_s_placeholder_rule(tmp_path):
+    """OneTrainer puts the embedding into a prompt only by replacing its placeholder in the caption
+    (modules/model/BaseModel.py:252 ``prompt.replace(embedding.placeholder, ...)``): captions holding it train, and
+    sdcore's import (name = placeholder, --template filewords) is not refused for them; captions without it give
+    the embedding no gradient in OneTrainer either, and sdcore says so before loading."""
+    import json
+
+    config = json.dumps(
+        {"training_method": "EMBEDDING", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+         "embedding": {"placeholder": "zork", "token_count": 2, "initial_embedding_text": "a cat"}}
+    )  # fmt: skip
+    assert _imported_problems(tmp_path / "a", "ot.json", config, "a zork, red stripes") == ("filewords", [])
+    template, problems = _imported_problems(tmp_path / "b", "ot.json", config, "red stripes")
+    assert template == "filewords" and len(problems) == 1 and "contains 'zork'" in problems[0]

@@ -195,13 +195,15 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         """A template none of whose lines has ``[name]`` (``filewords``, OneTrainer's way; ``none``; a file) puts
         the embedding into a training prompt only through the captions: when no training image's caption holds
         its name (as a whole word, any case, as prompts are expanded) or ``[name]`` (A1111 fills it in
-        captions too), its vectors would never get a gradient. Said before the model loads."""
+        captions too), its vectors would never get a gradient. A line that spells the name itself (``a photo of
+        zork`` in a template file) puts it in the prompt as ``[name]`` does: :meth:`encode` expands it there.
+        Said before the model loads."""
         from .apply import find_names
 
         o = self.options
         name, entries = o.name.strip(), index.instance_entries
         lines = load_template(o.template)
-        if not name or not entries or any("[name]" in line for line in lines):
+        if not name or not entries or any("[name]" in line or find_names(line, [name]) for line in lines):
             return []
         if any("[filewords]" in line for line in lines):
             for entry in entries:

@@ -378,12 +378,17 @@ def _imported_problems(tmp_path, config_name, text, captions):
 def test_kohya_ti_configs_are_not_refused(tmp_path):
     """kohya's train_textual_inversion.py: --token_string is the word (-> --name); with --use_object_template /
     --use_style_template its imagenet templates hold it ("{}" -> the tokens, train_textual_inversion.py:339-346),
-    sdcore's subject/style with [name]; without either flag the run keeps sdcore's default template, which names
-    the embedding too. None of them depends on the captions."""
+    sdcore's subject/style with [name], whatever the captions say; without either flag it trains on the captions as
+    written, the token string replaced inside them (L353-357): sdcore's filewords, so captions must name it."""
     toml = 'token_string = "zork"\ninit_word = "cat"\nnum_vectors_per_token = 2\n'
-    for extra, template in (("", "style_filewords"), ("use_object_template = true\n", "subject"),
-                            ("use_style_template = true\n", "style")):  # fmt: skip
+    for extra, template in (("use_object_template = true\n", "subject"), ("use_style_template = true\n", "style")):
         assert _imported_problems(tmp_path / template, "ti.toml", toml + extra, "red stripes") == (template, [])
+    assert _imported_problems(tmp_path / "named", "ti.toml", toml, "a zork, red stripes") == ("filewords", [])
+    template, problems = _imported_problems(tmp_path / "unnamed", "ti.toml", toml, "red stripes")
+    assert template == "filewords" and len(problems) == 1 and "zork" in problems[0]
+    # a template the config names itself wins (no clash with token_string)
+    named = toml + 'template = "subject_filewords"\n'
+    assert _imported_problems(tmp_path / "own", "ti.toml", named, "red stripes") == ("subject_filewords", [])
 
 
 def test_onetrainer_embedding_configs_follow_onetrainer_s_placeholder_rule(tmp_path):

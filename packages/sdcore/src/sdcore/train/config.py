@@ -196,6 +196,8 @@ def load_options(
             continue
         translated[name] = value
     raw = {**config_values, **translated, **cli_values}
+    for name, value in translation.implied.items():
+        raw.setdefault(name, value)
     found_notes += translation.notes
     if k.written_in_kohya_terms([*config_kohya, *cli_kohya], fields):
         family = _family_for_kohya_defaults(raw, fields, found_notes)

@@ -871,6 +871,9 @@ class Translation:
     origin: dict[str, str] = field(default_factory=dict)  # sdcore option -> the kohya name that set it
     #: option -> the option whose final value it takes unless set itself (LyCORIS: conv_dim = network_dim)
     follow: dict[str, str] = field(default_factory=dict)
+    #: option -> the value a given kohya option implies where the run does not set the option itself (kohya's TI
+    #: without a template flag trains on the captions: ``template`` filewords, unless the config names a template)
+    implied: dict[str, Any] = field(default_factory=dict)
 
 
 def is_kohya_name(name: str) -> bool:
@@ -1141,6 +1144,11 @@ def _composites(
     for name, template in (("use_object_template", "subject"), ("use_style_template", "style")):
         if items.get(name):
             put("template", template, name)
+    # without either flag kohya's train_textual_inversion.py trains on the captions as written, its token_string
+    # replaced inside them (L353-357): sdcore's filewords template, not its A1111 default style_filewords
+    flagged = any(items.get(n) for n in ("use_object_template", "use_style_template"))
+    if items.get("token_string") and not flagged and "template" in present:
+        out.implied["template"] = "filewords"
     # kohya: --cache_text_encoder_outputs_to_disk turns --cache_text_encoder_outputs on (sdxl_train_util and the
     # SD3/Flux scripts set it, over an explicit false); sdcore keeps one store file per dataset folder
     if not _is_off(items.get("cache_text_encoder_outputs_to_disk"), _OFF) and "cache_text_encoder_outputs" in present:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 from sdcore.cli import build_cli
@@ -206,19 +208,11 @@ def test_resume_from_the_output_folder_names_its_state_folders(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["flux", "chroma"])
-def test_flow_generate_does_not_ask_for_torchvision(tmp_path, family):
+def test_flow_generate_does_not_ask_for_torchvision(fresh_generate, family):
     """Building FluxPipeline/ChromaPipeline made transformers print two lines per run telling the user to install
     torchvision (for IP-Adapter image processors never used); SD1/SDXL/SD3 already silenced them. A fresh
     process: transformers warns once per process."""
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "x.png"
-    code = "from sdcore.cli import main; main()"
-    args = ["generate", "-m", f"tiny:{family}", "a cat", "--steps", "1", "--size", "64x64", "-o", str(out)]
-    env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    done, out = fresh_generate(f"tiny:{family}")
     assert done.returncode == 0, done.stderr
     assert out.exists()
     assert "torchvision" not in done.stdout + done.stderr
@@ -272,6 +266,35 @@ def test_plugins_says_what_the_environment_left_out(monkeypatch):
     assert "SDCORE_DISABLE_PLUGINS names nothere:" in out and "ti  (" in out, out
 
 
+@pytest.fixture(scope="module")
+def fresh_generate(tmp_path_factory):
+    """``sdcore generate -m MODEL "a cat" --steps 1 --size 64x64`` in a fresh Python process (libraries warn
+    once per process), without ``SDCORE_VERBOSE`` or with ``SDCORE_VERBOSE=1``: returns the finished process
+    and its image's path. The same command is run once per module: the quiet ``tiny:chroma`` run serves both
+    the torchvision check and the library-noise check (each asserts its own things on it), one start-up of
+    torch and diffusers (5-13 s) fewer."""
+    import os
+    import subprocess
+    import sys
+
+    runs: dict[tuple[str, bool], tuple[subprocess.CompletedProcess[str], Path]] = {}
+    folder = tmp_path_factory.mktemp("generate")
+    env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
+
+    def run(model: str, *, verbose: bool = False) -> tuple[subprocess.CompletedProcess[str], Path]:
+        if (model, verbose) not in runs:
+            out = folder / f"{len(runs)}.png"
+            args = ["generate", "-m", model, "a cat", "--steps", "1", "--size", "64x64", "-o", str(out)]
+            run_env = {**env, "SDCORE_VERBOSE": "1"} if verbose else env
+            code = "from sdcore.cli import main; main()"
+            done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=run_env,
+                                  timeout=300)  # fmt: skip
+            runs[(model, verbose)] = (done, out)
+        return runs[(model, verbose)]
+
+    return run
+
+
 def _flow_folder(tmp_path, family: str) -> str:
     """A tiny FLUX.1 or Chroma saved as a diffusers folder; Chroma's transformer in two shards, as the real
     ones are saved (diffusers draws its "Loading checkpoint shards" bar for a model of several files)."""
@@ -296,25 +319,15 @@ def _flow_folder(tmp_path, family: str) -> str:
         ("folder:chroma", "Loading checkpoint shards"),
     ],
 )
-def test_generate_stderr_has_no_library_noise(tmp_path, model, noise):
+def test_generate_stderr_has_no_library_noise(fresh_generate, tmp_path, model, noise):
     """Building a Chroma transformer made diffusers print a FutureWarning about its own import of
     ``FluxPosEmbed``; loading ``toyworld:`` or a FLUX.1/Chroma diffusers folder drew transformers' "Loading
     weights" bar (and diffusers' "Loading checkpoint shards" for a sharded transformer). All are silenced where
     they are raised; ``SDCORE_VERBOSE=1`` shows them again. A fresh process: each warns once per process."""
-    import os
-    import subprocess
-    import sys
-
     if model.startswith("folder:"):
         model = _flow_folder(tmp_path, model.removeprefix("folder:"))
-    code = "from sdcore.cli import main; main()"
-    env = {k: v for k, v in os.environ.items() if k != "SDCORE_VERBOSE"}
     for verbose in (False, True):
-        out = tmp_path / f"{verbose}.png"
-        args = ["generate", "-m", model, "a cat", "--steps", "1", "--size", "64x64", "-o", str(out)]
-        run_env = {**env, "SDCORE_VERBOSE": "1"} if verbose else env
-        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=run_env,
-                              timeout=300)  # fmt: skip
+        done, out = fresh_generate(model, verbose=verbose)
         assert done.returncode == 0, done.stderr
         assert out.exists()
         if verbose:

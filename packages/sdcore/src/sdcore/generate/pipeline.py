@@ -318,12 +318,11 @@ def _flux_control(bundle: ModelBundle, control_image: Any) -> Any:
 
 
 def is_flux_control(bundle: ModelBundle) -> bool:
-    """Whether ``bundle`` is FLUX.1 Depth or Canny [dev] (``img_in`` 128 wide): it needs a control image."""
-    if bundle.family != "flux" or bundle.transformer is None:
-        return False
-    from ..models.flux.variants import bundle_variant
+    """Whether ``bundle`` is FLUX.1 Depth or Canny [dev]: it needs a control image
+    (:func:`sdcore.models.flux.variants.is_flux_control`)."""
+    from ..models.flux.variants import is_flux_control as control
 
-    return bundle_variant(bundle) == "control"
+    return control(bundle)
 
 
 def control_family_problem(label: str) -> str:

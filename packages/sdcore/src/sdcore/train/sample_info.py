@@ -70,8 +70,8 @@ def sample_infotexts(
 
     kind = bundle_kind(bundle)
     takes_mask = kind is not None  # an SD inpainting UNet or FLUX.1 Fill
-    from ..generate.pipeline import is_flux_control
     from ..models.flux.control import CONTROL_FIELD
+    from ..models.flux.variants import is_flux_control
 
     control = getattr(bundle, "family", None) == "flux" and is_flux_control(bundle)  # a control-LoRA run's --cn
     texts = []

@@ -86,8 +86,8 @@ def _generations(
     """The render's ``generate_images`` calls: ``(calls, defaults, [(prompts, keyword arguments)])``; the
     caching pass (:func:`encode_sample_prompts`) and every render make the same calls from it."""
     from ..generate.inpaint import FILL_GUIDANCE, blank_conditioning
-    from ..generate.pipeline import is_flux_control
     from ..models.family import default_cfg, default_sampler, family_adapter
+    from ..models.flux.variants import is_flux_control
     from .inpainting import bundle_kind, renders_on_blank
     from .sample_prompts import (
         generation_arguments,

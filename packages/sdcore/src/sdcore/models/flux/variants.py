@@ -101,6 +101,14 @@ def bundle_variant(bundle: ModelBundle) -> str:
     return flux_variant(bundle.transformer, bundle.metadata)
 
 
+def is_flux_control(bundle: Any) -> bool:
+    """Whether ``bundle`` is FLUX.1 Depth or Canny [dev] (``img_in`` 128 wide, or widened by a control-LoRA run):
+    it needs a control image."""
+    if getattr(bundle, "family", None) != "flux" or getattr(bundle, "transformer", None) is None:
+        return False
+    return bundle_variant(bundle) == "control"
+
+
 def embeds_guidance(bundle: Any) -> bool:
     """Whether ``bundle``'s transformer takes the distilled guidance (``--cfg``): dev and the dev-based releases
     do, schnell has no ``guidance_in``. Forge writes "Distilled CFG Scale" only then (its ``use_distilled_cfg_scale``
@@ -190,6 +198,7 @@ __all__ = [
     "ToolRelease",
     "describe",
     "flux_variant",
+    "is_flux_control",
     "refuse",
     "require_control",
     "require_fill",

@@ -247,15 +247,20 @@ def test_transformer_family_plan_reads_the_denoiser_and_matches_saved_bytes(mmdi
 def test_the_plan_leaves_a_loaded_bundles_tokenizers_alone(tmp_path):
     """A new-token method (Custom Diffusion's ``<new1>``) adds its token to the tokenizer in ``prepare``; the
     memory plan runs ``prepare`` on a shapes-only copy of the model, which must not add it to the run's own
-    tokenizers (its real ``prepare`` would then find the token taken)."""
+    tokenizers (its real ``prepare`` would then find the token taken). A method that trains no text cannot add
+    tokens (a token's row is a text-encoder weight): its plan reads the tokenizers without copying them (~33 MB)."""
     from runtime_methods import ConvOutMethod
     from sdcore.models.tiny import create_tiny_bundle
     from sdcore.testing.contract import contract_options
+    from sdcore.train.method import Capabilities
     from sdcore.train.preflight import memory_plan
 
     class NewTokenMethod(ConvOutMethod):
         name = "newtoken"
         seen: list[Any] = []
+
+        def capabilities(self) -> Capabilities:
+            return Capabilities(trains_text_encoder=True)
 
         def prepare(self, bundle: Any) -> list[dict[str, Any]]:
             tokenizer = bundle.tokenizers[0]
@@ -272,3 +277,14 @@ def test_the_plan_leaves_a_loaded_bundles_tokenizers_alone(tmp_path):
     assert len(bundle.tokenizers[0]) == size  # the run's tokenizer did not gain the plan's token
     NewTokenMethod(options).prepare(bundle)  # so the run's own prepare can add it
     assert len(bundle.tokenizers[0]) == size + 1
+
+    class UnetOnly(ConvOutMethod):
+        name = "unetonly"
+        seen: list[Any] = []
+
+        def prepare(self, bundle: Any) -> list[dict[str, Any]]:
+            self.seen.append(bundle.tokenizers[0])
+            return super().prepare(bundle)
+
+    memory_plan(UnetOnly(options), options, bundle=bundle, device="cpu")
+    assert UnetOnly.seen and UnetOnly.seen[0] is bundle.tokenizers[0]

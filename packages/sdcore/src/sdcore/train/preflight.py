@@ -673,8 +673,9 @@ def parameter_plan(
     """Parameter counts of the model and of what ``method`` trains, on a meta-device copy of
     ``layout`` (the method's :meth:`~TrainingMethod.plan_groups` runs on a throwaway instance).
 
-    ``tokenizers`` (a loaded bundle's) are copied: a method's ``prepare`` may add its tokens to them
-    (a new-token method), which must not reach the run's own tokenizers before its real ``prepare``."""
+    ``tokenizers`` (a loaded bundle's) are copied for a method that trains text (``trains_text_encoder``): its
+    ``prepare`` may add tokens to them (a new-token method), which must not reach the run's own tokenizers before
+    its real ``prepare``."""
     import torch
 
     from ..models.layout import meta_bundle
@@ -682,7 +683,11 @@ def parameter_plan(
     from .memory_options import exclude_patterns
     from .method import ProcessInfo
 
-    bundle = meta_bundle(layout, None if tokenizers is None else copy.deepcopy(tokenizers))
+    # only a method that trains text can add tokens (a new token's row is a text-encoder weight); copying CLIP's
+    # tokenizers costs ~33 MB of peak memory, which a UNet-only run should not pay
+    if tokenizers is not None and method.capabilities().trains_text_encoder:
+        tokenizers = copy.deepcopy(tokenizers)
+    bundle = meta_bundle(layout, tokenizers)
     fresh = type(method)(copy.deepcopy(options))
     fresh.processes = ProcessInfo.from_environment()  # no accelerator yet: the launcher's numbers
     rng = torch.random.get_rng_state()

@@ -102,10 +102,10 @@ def test_an_inpainting_lora_learns_to_read_the_masked_image(tmp_path):
     is clearly below the loss with the next sample's; before training the two were close. The tiny VAE is made
     sharp (posterior std ~0, latents of about unit spread), as a trained VAE's are."""
     from sdcore.models.load import load_model
+    from sdcore.testing.conditioning import own_and_shuffled_loss
     from sdcore.testing.contract import contract_options
     from sdcore.train.data import SampleRef
     from sdcore.train.loop import TrainSession
-    from sdcore.train.noise import sample_noise
     from sdplugin_lora.method import LoraMethod
 
     n = 8
@@ -123,20 +123,11 @@ def test_an_inpainting_lora_learns_to_read_the_masked_image(tmp_path):
     session = TrainSession(LoraMethod(o), bundle=bundle)
     session.setup()
 
+    check = session.make_batch([SampleRef(i, 0, -1) for i in range(n)])
+    assert check.masked_latents is not None and check.masks is not None
+
     def losses() -> tuple[float, float]:
-        batch = session.make_batch([SampleRef(i, 0, -1) for i in range(n)])
-        own = batch.masked_latents
-        assert own is not None and batch.masks is not None
-        out = []
-        for order in (list(range(n)), [(i + 1) % n for i in range(n)]):
-            batch.masked_latents = own[order]
-            total = 0.0
-            with torch.no_grad():
-                for t in (800, 950):
-                    noise = sample_noise([i * 1000 + t for i in range(n)], batch.latents.shape[1:])[0]
-                    total += float(session.objective.sample_loss(batch, noise, torch.full((n,), t), 0).mean())
-            out.append(total / 2)
-        return out[0], out[1]
+        return own_and_shuffled_loss(session, n, "masked_latents")
 
     before_own, before_other = losses()
     session.run()

@@ -44,10 +44,9 @@ def test_a_kontext_lora_learns_to_use_the_control_image(tmp_path):
     The tiny VAE is made sharp (posterior std ~0) with latents of about unit spread, as a trained Flux VAE's
     are: the random tiny VAE's posterior noise is larger than its mean, so its latents hardly carry the image."""
     from sdcore.models.load import load_model
+    from sdcore.testing.conditioning import own_and_shuffled_loss
     from sdcore.testing.contract import contract_options
-    from sdcore.train.data import SampleRef
     from sdcore.train.loop import TrainSession
-    from sdcore.train.noise import sample_noise
     from sdplugin_lora.method import LoraMethod
 
     n = 8
@@ -65,19 +64,7 @@ def test_a_kontext_lora_learns_to_use_the_control_image(tmp_path):
     session.setup()
 
     def losses() -> tuple[float, float]:
-        batch = session.make_batch([SampleRef(i, 0, -1) for i in range(n)])
-        own = batch.reference_latents
-        assert own is not None
-        out = []
-        for order in (list(range(n)), [(i + 1) % n for i in range(n)]):
-            batch.reference_latents = own[order]
-            total = 0.0
-            with torch.no_grad():
-                for t in (800, 950):
-                    noise = sample_noise([i * 1000 + t for i in range(n)], batch.latents.shape[1:])[0]
-                    total += float(session.objective.sample_loss(batch, noise, torch.full((n,), t), 0).mean())
-            out.append(total / 2)
-        return out[0], out[1]
+        return own_and_shuffled_loss(session, n, "reference_latents")
 
     before_right, before_shuffled = losses()
     session.run()

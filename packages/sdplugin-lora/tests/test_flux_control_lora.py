@@ -126,6 +126,21 @@ def _diffusers_control(converted, multiplier):
     return pipe
 
 
+def _control_inputs(transformer) -> dict:
+    """One seeded forward's inputs for a widened (128-channel) FLUX.1 transformer: 4 image and 8 text tokens."""
+    generator = torch.Generator().manual_seed(3)
+    config = transformer.config
+    return {
+        "hidden_states": torch.randn(1, 4, 128, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 8, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([30.0]),
+        "img_ids": torch.zeros(4, 3),
+        "txt_ids": torch.zeros(8, 3),
+    }
+
+
 @pytest.mark.parametrize("mode", ["merge", "hooks"])
 def test_generation_is_diffusers_control_pipeline_with_load_lora_weights(tmp_path, mode):
     """``<lora:flux1-canny-dev-lora:0.85>`` on dev with a control image: the latents of sdcore's call equal
@@ -177,16 +192,7 @@ def test_the_lora_parts_apply_as_diffusers_applies_them(tmp_path):
     dev = load_model("tiny:flux")
     bfl, converted = _control_lora(dev.transformer, seed=1)
     theirs = _diffusers_control(converted, 0.5).transformer
-    generator = torch.Generator().manual_seed(3)
-    inputs = {
-        "hidden_states": torch.randn(1, 4, 128, generator=generator),
-        "encoder_hidden_states": torch.randn(1, 8, dev.transformer.config.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(1, dev.transformer.config.pooled_projection_dim, generator=generator),
-        "timestep": torch.tensor([0.5]),
-        "guidance": torch.tensor([30.0]),
-        "img_ids": torch.zeros(4, 3),
-        "txt_ids": torch.zeros(8, 3),
-    }
+    inputs = _control_inputs(dev.transformer)
 
     def forward(model):
         with torch.no_grad():
@@ -384,16 +390,7 @@ def test_a_diffusers_trained_control_lora_sets_its_norm_scales_as_diffusers_does
     assert len(norms) == 4 * dev.transformer.config.num_layers + 2 * dev.transformer.config.num_single_layers
     path = _save({k: v.clone() for k, v in converted.items()}, tmp_path / "pose-control.safetensors")
     theirs = _diffusers_control(converted, 0.5).transformer
-    generator = torch.Generator().manual_seed(3)
-    inputs = {
-        "hidden_states": torch.randn(1, 4, 128, generator=generator),
-        "encoder_hidden_states": torch.randn(1, 8, dev.transformer.config.joint_attention_dim, generator=generator),
-        "pooled_projections": torch.randn(1, dev.transformer.config.pooled_projection_dim, generator=generator),
-        "timestep": torch.tensor([0.5]),
-        "guidance": torch.tensor([30.0]),
-        "img_ids": torch.zeros(4, 3),
-        "txt_ids": torch.zeros(8, 3),
-    }
+    inputs = _control_inputs(dev.transformer)
     with torch.no_grad():
         expected = theirs(**inputs, return_dict=False)[0]
     lora = read_lora(path)

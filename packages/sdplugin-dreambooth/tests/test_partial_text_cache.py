@@ -196,7 +196,9 @@ def test_the_memory_plan_leaves_the_cached_t5_off_the_device(tmp_path):
     cached, plain = (p.estimate for p in plans)
     assert plain.weights - cached.weights == plans[0].params.components["text_encoder_3"] * 4
     assert plain.activations > cached.activations  # T5's activations are gone too
-    assert cached.settings["text_cached_encoders"] == ["text_encoder_3"] and plain.settings["text_cached_encoders"] == []
+    assert (
+        cached.settings["text_cached_encoders"] == ["text_encoder_3"] and plain.settings["text_cached_encoders"] == []
+    )
 
 
 def test_a_kohya_sd3_train_toml_with_use_t5xxl_cache_only_caches_t5_alone(tmp_path):
@@ -220,8 +222,47 @@ def test_a_kohya_sd3_train_toml_with_use_t5xxl_cache_only_caches_t5_alone(tmp_pa
     assert session.text_cache.encoded == 2  # the two captions, once each
 
 
-def test_resume_of_a_partial_run_equals_an_uninterrupted_one(tmp_path):
+def test_resume_of_a_partial_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from sdcore.testing.contract import check_resume
 
+    joined: list[int] = []  # the steps' joins of T5's cached part with the live CLIP (every run is a partial one)
+    real = DreamBoothMethod.encode_partial
+
+    def counting(self, bundle, captions, cached=None):
+        if cached is not None:
+            joined.append(len(captions))
+        return real(self, bundle, captions, cached)
+
+    monkeypatch.setattr(DreamBoothMethod, "encode_partial", counting)
     check_resume(DreamBoothMethod, tmp_path, {"train_text_encoder": True, "cache_text_encoder_outputs": True,
                                               "t5xxl_max_token_length": 16, "lr": 1e-4}, steps=4, family="sd3")  # fmt: skip
+    assert len(joined) == 4 + 2 + 2  # the full run's 4 steps, then 2 before the interruption and 2 resumed
+
+
+def test_weighted_captions_follow_the_same_rule(tmp_path):
+    """``--weighted-captions`` needs the family's encoding (kohya's train_db.py/sdxl_train.py read the emphasis):
+    DreamBooth's padded encoding is it, its ``--no-token-padding`` one is not (the same declaration decides)."""
+    from sdcore.train.caption_checks import caption_option_problems
+
+    padded = _options(tmp_path, model="tiny:sd1", weighted_captions=True)
+    assert caption_option_problems(padded, DreamBoothMethod(padded)) == []
+    unpadded = dataclasses.replace(padded, no_token_padding=True)
+    (problem,) = caption_option_problems(unpadded, DreamBoothMethod(unpadded))
+    assert "encodes captions its own way" in problem
+
+
+def test_the_dry_run_plan_names_the_partial_cache(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    args = ["train", "dreambooth", "--model", "tiny:sd3", "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+            "--resolution", "64", "--train-text-encoder", "--dry-run"]  # fmt: skip
+    texts = []
+    for extra in ([], ["--train-t5"]):
+        result = CliRunner().invoke(build_cli(get_plugin_manager()), args + extra, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        texts.append(result.output)
+    assert "text-encoder outputs in memory, T5-XXL only (the training text encoders run every step)" in texts[0]
+    assert "text-encoder outputs no (the text encoder runs every step)" in texts[1]

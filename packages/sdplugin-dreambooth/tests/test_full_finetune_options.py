@@ -1,7 +1,7 @@
 """kohya's full fine-tune options of sdxl_train.py / sd3_train.py on `sdcore train dreambooth`:
 ``--learning_rate_te1/2/3`` (each encoder's rate, 0 = frozen), ``--train_t5xxl`` (T5 trains only with it),
 ``--num_last_block_to_freeze`` (the last N x_block tensors in kohya's MMDiT order), and the names
-accepted with a note or refused (``use_t5xxl_cache_only``, ``save_clip``, ``save_t5xxl``)."""
+accepted with a note or refused (``save_clip``, ``save_t5xxl``), and ``use_t5xxl_cache_only`` (the text cache on)."""
 
 from __future__ import annotations
 
@@ -120,8 +120,18 @@ def test_kohya_sd3_train_names():
     assert (o.te1_lr, o.te2_lr, o.te3_lr, o.train_t5, o.num_last_block_to_freeze) == (1e-5, 0.0, 2e-5, True, 4)
     assert any(n.startswith("save_clip: ") and "DOES NOT WORK" in n for n in notes)
     notes.clear()
-    load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": True, "train_text_encoder": True}, notes=notes)
-    assert any(n.startswith("use_t5xxl_cache_only: ") for n in notes)
+    # kohya sd3_train.py turns cache_text_encoder_outputs on for it, over an explicit false (its L86-91): T5's
+    # outputs are then cached while CLIP trains (test_partial_text_cache.py)
+    o = load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": True, "train_text_encoder": True},
+                     notes=notes)  # fmt: skip
+    assert o.cache_text_encoder_outputs is True and not [n for n in notes if "use_t5xxl_cache_only" in n]
+    o = load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": "true", "cache_text_encoder_outputs": False},
+                     notes=notes)  # fmt: skip
+    assert o.cache_text_encoder_outputs is True
+    assert "use_t5xxl_cache_only: turns cache_text_encoder_outputs on, as kohya does" in notes
+    assert load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": False}).cache_text_encoder_outputs is (
+        DreamBoothOptions().cache_text_encoder_outputs
+    )
     with pytest.raises(ConfigError, match="use_t5xxl_cache_only with train_t5xxl"):
         load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": True, "train_t5xxl": True})
 

@@ -116,9 +116,13 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
     def capabilities(self) -> Capabilities:
         # frozen parts (VAE, a frozen text encoder) stay in full precision: they are saved too; a full
-        # fine-tune may step in backward (--fused-backward-pass, kohya's sdxl/sd3/flux_train.py)
+        # fine-tune may step in backward (--fused-backward-pass, kohya's sdxl/sd3/flux_train.py). The encoders
+        # that train, by kohya's slot: SD3/FLUX.1's frozen T5 then has its outputs cached while CLIP trains
+        # (kohya sd3_train.py's --use_t5xxl_cache_only; sdcore.train.cache.partial_text_encoders)
+        trained = frozenset(s for s in (1, 2, 3) if self._slot_rate(s)) if self.options.train_text_encoder else None
         return Capabilities(
             trains_text_encoder=self.options.train_text_encoder,
+            trained_text_encoders=trained,
             cast_frozen_weights=False,
             saves_whole_model=True,
             cacheable_text=not self.options.no_token_padding,  # padded to the batch's longest caption
@@ -194,24 +198,33 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
         their learning rates, as kohya's sdxl_train.py/sd3_train.py choose them: encoder *i* has
         ``--te{i}-lr`` (kohya ``--learning_rate_te{i}``; CLIP-L/OpenCLIP 1, CLIP-G 2, T5 3), else ``--te-lr``,
         else ``--lr``, and trains only when that rate is not 0; T5 trains only with ``--train-t5``."""
-        o = self.options
-        fallback = o.te_lr if o.te_lr is not None else o.lr
         rates: dict[int, float] = {}
         for index, spec in enumerate(bundle.family_spec.text_encoders):
-            slot = text_encoder_slot(spec.kind)
-            if slot == 3 and not o.train_t5:
-                continue
-            given = (o.te1_lr, o.te2_lr, o.te3_lr)[slot - 1]
-            lr = given if given is not None else fallback
-            if lr != 0:
+            lr = self._slot_rate(text_encoder_slot(spec.kind))
+            if lr:
                 rates[index] = lr
         return rates
+
+    def _slot_rate(self, slot: int) -> float:
+        """The rate of the text encoder in kohya's ``slot`` (:meth:`text_encoder_rates`), 0 when it is frozen."""
+        o = self.options
+        if slot == 3 and not o.train_t5:
+            return 0.0
+        given = (o.te1_lr, o.te2_lr, o.te3_lr)[slot - 1]
+        if given is not None:
+            return given
+        return o.te_lr if o.te_lr is not None else o.lr
 
     def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
         """The family's encoding, or with ``--no-token-padding`` kohya's unpadded one."""
         if not self.options.no_token_padding:
             return super().encode(bundle, captions)
         return encode_unpadded(bundle, captions)
+
+    def encodes_as_family(self) -> bool:
+        """The family's encoding unless ``--no-token-padding`` (then :func:`encode_unpadded`): a partial
+        text-encoder cache applies as it does to LoRA."""
+        return not self.options.no_token_padding
 
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
         if is_class and self.options.class_prompt:

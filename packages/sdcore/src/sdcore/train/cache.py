@@ -450,14 +450,13 @@ def partial_text_encoders(options: Any, caps: Any, family: Any, method: Any = No
     encoder does. Empty when the run caches all of its text encoders' outputs or none (SD1/2/XL, Chroma, a
     method that does not say which encoders train or encodes in its own way)."""
     from ..models.family import get_family
-    from .method import TrainingMethod
 
     trained = getattr(caps, "trained_text_encoders", None)
     if not options.cache_text_encoder_outputs or not caps.trains_text_encoder or not caps.cacheable_text:
         return ()
     if trained is None or family is None:
         return ()
-    if method is not None and type(method).encode is not TrainingMethod.encode:
+    if method is not None and not method.encodes_as_family():
         return ()  # its own encoding (TI's vectors, unpadded tokens): no family split
     spec = get_family(family)
     cached = [te for te in spec.text_encoders if te.component in spec.partial_text_cache]

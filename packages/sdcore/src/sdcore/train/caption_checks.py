@@ -30,14 +30,12 @@ def caption_option_problems(options: TrainOptions, method: TrainingMethod[Any] |
         problems.append("--keep-tokens-separator is only whitespace: it would split every caption (use e.g. '|||')")
     if not o.caption_separator:
         problems.append("--caption-separator is empty: give the text between tags (kohya's default is ',')")
-    if o.weighted_captions and method is not None:
-        from .method import TrainingMethod
-
-        if type(method).encode is not TrainingMethod.encode:
-            problems.append(
-                f"--weighted-captions: method {method.name!r} encodes captions its own way and does not read "
-                "their emphasis (kohya's textual inversion script has no --weighted_captions either)"
-            )
+    # the family's encoding reads the emphasis (DreamBooth's, padded, too): one rule, the method's declaration
+    if o.weighted_captions and method is not None and not method.encodes_as_family():
+        problems.append(
+            f"--weighted-captions: method {method.name!r} encodes captions its own way and does not read "
+            "their emphasis (kohya's textual inversion script has no --weighted_captions either)"
+        )
     return problems
 
 

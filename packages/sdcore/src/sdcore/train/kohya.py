@@ -524,7 +524,8 @@ COMPOSITE: dict[str, str] = {
     "single_blocks_to_swap": "see --double_blocks_to_swap",
     "split_mode": "kohya's old flux_train_network.py flag: --blocks-to-swap 18 (when not given)",
     "cpu_offload_checkpointing": "accepted: gradient checkpointing without the CPU offload (not with blocks_to_swap)",
-    "use_t5xxl_cache_only": "accepted (sd3_train.py): a frozen T5 gives the same outputs uncached (not with train_t5xxl)",
+    "use_t5xxl_cache_only": "sd3_train.py: --cache-text-encoder-outputs, T5's outputs cached while CLIP trains (not with "
+    "train_t5xxl)",
 }
 _FLAG_COMPOSITES = {
     "use_object_template",
@@ -1157,17 +1158,20 @@ def _composites(
         put("cache_text_encoder_outputs_to_disk", True, "cache_text_encoder_outputs_to_disk")
     _deepspeed(items, out, where)
     _block_swap_spellings(items, present, out, where, put)
-    if items.get("use_t5xxl_cache_only") is True:
-        if items.get("train_t5xxl") is True:
+    if not _is_off(items.get("use_t5xxl_cache_only"), _OFF):
+        if not _is_off(items.get("train_t5xxl"), _OFF):
             out.problems.append(
                 f"{where}: use_t5xxl_cache_only with train_t5xxl: kohya refuses the pair (a trained T5's outputs "
                 "cannot be cached)"
             )
-        else:
-            out.notes.append(
-                "use_t5xxl_cache_only: T5's outputs are encoded at every step here while CLIP trains (the same "
-                "values, T5 being frozen); kohya caches them to save time and memory"
-            )
+        elif "cache_text_encoder_outputs" in present and out.values.get("cache_text_encoder_outputs") is not True:
+            # kohya sd3_train.py turns cache_text_encoder_outputs on for it (over an explicit false); sdcore's
+            # partial cache then keeps T5's outputs while CLIP trains (sdcore.train.cache.partial_text_encoders),
+            # all of them when nothing trains (the same values: kohya's frozen CLIP runs uncached)
+            if "cache_text_encoder_outputs" in out.values:
+                out.notes.append("use_t5xxl_cache_only: turns cache_text_encoder_outputs on, as kohya does")
+            out.values["cache_text_encoder_outputs"] = True
+            out.origin["cache_text_encoder_outputs"] = "use_t5xxl_cache_only"
     for name in ("v2", "v_parameterization"):
         if items.get(name):
             what = "family" if name == "v2" else "prediction type"
@@ -1683,6 +1687,7 @@ def kohya_text_cache_notes(
     asked = origin.get("cache_text_encoder_outputs") in (
         "cache_text_encoder_outputs",
         "cache_text_encoder_outputs_to_disk",
+        "use_t5xxl_cache_only",
     )
     if not asked or "unet_only" not in fields:  # LoRA's options (DreamBooth's text encoder is frozen by default)
         return []

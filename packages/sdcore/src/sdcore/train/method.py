@@ -77,8 +77,8 @@ class Capabilities:
     #: with ``trains_text_encoder``: the text encoders that train, by kohya's number (1 CLIP-L/OpenCLIP, 2 CLIP-G,
     #: 3 T5; :func:`sdcore.models.family.text_encoder_slot`); ``None``: every one. A family's
     #: ``partial_text_cache`` encoders outside this set may then have their outputs cached while the others
-    #: train (:func:`sdcore.train.cache.partial_text_encoders`; the method must encode with the default
-    #: :meth:`TrainingMethod.encode`). Since 0.1.
+    #: train (:func:`sdcore.train.cache.partial_text_encoders`; the method's encoding must be the family's,
+    #: :meth:`TrainingMethod.encodes_as_family`). Since 0.1.
     trained_text_encoders: frozenset[int] | None = None
     #: False: a sample's conditioning depends on the other captions of its batch (kohya's
     #: ``no_token_padding`` pads to the longest one), so captions are encoded every step even when
@@ -371,6 +371,15 @@ class TrainingMethod(Generic[OptionsT]):
         from ..models.family import family_adapter
 
         return family_adapter(bundle.family).encode_prompts(bundle, captions, **self.encode_options(bundle))
+
+    def encodes_as_family(self) -> bool:
+        """Whether :meth:`encode` is the family's encoding (its adapter's ``encode_prompts`` with
+        :meth:`encode_options`) for this run's options. Partial text-encoder caching
+        (:func:`sdcore.train.cache.partial_text_encoders`) joins cached and live parts of that encoding, so a
+        method that encodes in its own way (TI's vectors, DreamBooth's ``--no-token-padding``) gets none.
+        The default: True for a method that keeps :meth:`encode`; one that overrides it and delegates to the
+        family's for some options says so here."""
+        return type(self).encode is TrainingMethod.encode
 
     def encode_partial(
         self, bundle: ModelBundle, captions: list[str], cached: Conditioning | None = None

@@ -298,3 +298,18 @@ def test_the_hook_sees_clipped_gradients_before_the_step(tmp_path):
     for (_, _, norm, before), (_, _, _, after) in zip(spy.seen[::2], spy.seen[1::2], strict=True):
         assert norm == pytest.approx(1e-4, rel=1e-3)  # every gradient there, clipped to --max-grad-norm
         assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the step came after
+
+
+def test_kohya_ss_gui_switch_reaches_the_options():
+    """The kohya_ss GUI's Flux1 tab: ``train_lora_ggpo`` writes ggpo_sigma/ggpo_beta into network_args."""
+    from sdcore.train.kohya_gui import gui_preset
+
+    gui = {"LoRA_type": "Flux1", "flux1_checkbox": True, "network_dim": 8, "network_alpha": 4, "learning_rate": 1e-4,
+           "optimizer": "AdamW", "max_resolution": "512,512", "train_lora_ggpo": True, "ggpo_sigma": 0.03,
+           "ggpo_beta": 0.01}  # fmt: skip
+    items, _, problems = gui_preset(gui, "x")
+    assert not problems and {"ggpo_sigma=0.03", "ggpo_beta=0.01"} <= set(items["network_args"])
+    out = translate({k: items[k] for k in ("network_module", "network_args")}, FIELDS, where="x")
+    assert not out.problems and float(out.values["ggpo_sigma"]) == SIGMA and float(out.values["ggpo_beta"]) == BETA
+    items, _, _ = gui_preset({**gui, "train_lora_ggpo": False}, "x")
+    assert not any("ggpo" in a for a in items.get("network_args", []))

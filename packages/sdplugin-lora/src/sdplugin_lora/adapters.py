@@ -30,6 +30,7 @@ from sdcore.train.memory import device_free_memory
 from torch import nn
 
 from .algos import ALGOS
+from .ggpo import Ggpo
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -818,6 +819,8 @@ class Adapter(nn.Module):
     sample_strength: torch.Tensor | None = None
     #: the change cache of a sampling/validation pass (:meth:`sdplugin_lora.network.LoraNetwork.cached_changes`)
     _change_cache: ChangeCache | None = None
+    #: kohya's LoRA-GGPO state (:mod:`sdplugin_lora.ggpo`, plain LoRA only); ``None``: off, no cost
+    ggpo: Ggpo | None = None
 
     def __init__(
         self,
@@ -1165,7 +1168,12 @@ class LoraAdapter(Adapter):
             return self._with_bias(super().delta(x))
         if self.training and self.rank_dropout and self.rank_dropout_scale:
             return self._with_bias(super().delta(x))
-        return self._with_bias(self._factorised_delta(x))
+        out = self._with_bias(self._factorised_delta(x))
+        if self.ggpo is not None and self.training:  # kohya's GGPO noise, training forwards only
+            noise = self.ggpo.output(x, self.base, self.lora_up.weight.dtype)
+            if noise is not None:
+                out = out + noise.to(out.dtype)
+        return out
 
     def bias_change(self, *, detach: bool = True) -> torch.Tensor | None:
         """``s · lora_up.bias`` (BFL's ``LinearLora`` adds ``lora_B(lora_A(x)) · scale``, its bias included, as
@@ -1394,7 +1402,12 @@ class SharedDownLora(MemberHooks, Adapter):
         if hidden is None:
             return output
         lo, hi = self.rows[i]
-        return output + nn.functional.linear(hidden, self.lora_up.weight[lo:hi]).to(output.dtype)
+        out = output + nn.functional.linear(hidden, self.lora_up.weight[lo:hi]).to(output.dtype)
+        if self.ggpo is not None and self.training:  # kohya's GGPO noise: this member's rows of the fused one
+            noise = self.ggpo.output(args[0], module, self.lora_up.weight.dtype, (lo, hi))
+            if noise is not None:
+                out = out + noise.to(out.dtype)
+        return out
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The fused module's output increment ``[..., Σ rows]`` for input ``x``."""

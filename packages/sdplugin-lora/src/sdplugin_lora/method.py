@@ -149,6 +149,16 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "up @ down|| exceeds this to exactly this norm (kohya suggests 1; LoHa/LoKr/DoRA: LyCORIS' rule).",
         group="lora",
     )
+    ggpo_sigma: float | None = option(
+        None,
+        "kohya's LoRA-GGPO (lora_flux network_args ggpo_sigma; kohya suggests 0.03): while training, each LoRA "
+        "layer adds noise x @ P.T, P = randn(out, in) per row times (sigma * weight norm + beta * grad norm^2) / "
+        "sqrt(out); on only with --ggpo-beta too. Plain LoRA on Linear (and 1x1-conv) layers, any family.",
+        group="lora",
+    )
+    ggpo_beta: float | None = option(
+        None, "kohya's LoRA-GGPO gradient term (lora_flux network_args ggpo_beta; kohya suggests 0.01).", group="lora"
+    )
     network_multiplier: float = option(
         1.0,
         "The network's multiplier while training (kohya network_multiplier): the forward adds m * the change; "
@@ -291,6 +301,8 @@ def _family_encoders(bundle: Any) -> tuple[Any, ...]:
 
 #: resumable-state key suffix of a module's LyCORIS max-norm ``scalar``
 _SCALAR_KEY = "sdcore_scalar"
+#: resumable-state key suffix (start) of a module's GGPO norms (``<module>.sdcore_ggpo_weight_norms``)
+_GGPO_KEY = "sdcore_ggpo"
 #: prefix of the trained RMSNorm scales (--train-norm-layers, BFL names) in a training state
 _NORM_STATE = "sdcore_norm."
 #: the header key saying a file is a FLUX.1 control LoRA and what its img_in takes
@@ -479,8 +491,51 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if stop and o.te_only:
             problems.append(f"{' and '.join(stop)} with --te-only: nothing would train after the stop")
         problems += self._control_lora_problems()
+        problems += self._ggpo_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def ggpo(self) -> tuple[float, float] | None:
+        """(sigma, beta) of kohya's LoRA-GGPO, ``None`` when off: kohya turns it on only when both are given."""
+        o = self.options
+        return None if o.ggpo_sigma is None or o.ggpo_beta is None else (o.ggpo_sigma, o.ggpo_beta)
+
+    def _ggpo_problems(self) -> list[str]:
+        """--ggpo-sigma/--ggpo-beta: numbers >= 0, on what kohya's lora_flux defines it for (plain LoRA on
+        Linear layers); one alone does nothing, as in kohya (a warning says so)."""
+        o = self.options
+        given = {flag: v for flag, v in (("--ggpo-sigma", o.ggpo_sigma), ("--ggpo-beta", o.ggpo_beta)) if v is not None}
+        problems = [f"{flag} must be 0 or positive (got {v})" for flag, v in given.items() if not v >= 0]
+        if len(given) == 1:
+            (alone,) = given
+            other = "--ggpo-beta" if alone == "--ggpo-sigma" else "--ggpo-sigma"
+            warnings.warn(
+                f"{alone} without {other}: GGPO is off (kohya's lora_flux turns it on only when both are given)",
+                stacklevel=2,
+            )
+        if self.ggpo is None:
+            return problems
+        others = [
+            flag
+            for flag, on in (
+                (f"--algo {o.algo}", o.algo != "lora"),
+                ("--conv-rank/--conv-block-dims", bool(o.conv_rank or o.conv_block_dims)),
+                ("--split-qkv", o.split_qkv),
+                ("--lycoris-preset", o.lycoris_preset is not None),
+                ("--rank-dropout-scale", o.rank_dropout_scale),
+                ("--train-norm", o.train_norm),
+                ("--fused-backward-pass", o.fused_backward_pass),
+            )
+            if on
+        ]
+        if others:
+            problems.append(
+                f"--ggpo-sigma/--ggpo-beta with {', '.join(others)}: kohya's LoRA-GGPO (networks.lora_flux) is "
+                "defined for plain LoRA on Linear layers, with every gradient known before the optimizer step "
+                "(its split_qkv modules fail there); drop one"
+            )
+        return problems
 
     def _control_lora_problems(self) -> list[str]:
         """Options a control LoRA cannot take: BFL's layout is plain LoRA (``lora_A``/``lora_B``, one ``lora_A`` per
@@ -946,6 +1001,13 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         }
         if self.options.network_weights:
             self._warm_start(network, index, self.options.network_weights)
+        if self.ggpo is not None:
+            from .ggpo import enable
+
+            try:
+                enable(network, *self.ggpo)
+            except TypeError as exc:
+                raise ConfigError(f"--ggpo-sigma/--ggpo-beta: {exc}") from None
         network.to(bundle.device)
         network.train()
         network.attach()
@@ -1216,6 +1278,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         scaled, mean, top = self._require_network().apply_max_norm(limit)
         return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
 
+    def before_optimizer_step(self, bundle: ModelBundle, step: int) -> None:
+        """kohya's LoRA-GGPO norms (:func:`sdplugin_lora.ggpo.update`), from this step's final gradients and
+        the weights they were taken at, as kohya's train_network.py takes them before ``optimizer.step()``."""
+        if self.ggpo is not None:
+            from .ggpo import update
+
+            update(self._require_network())
+
     def stop_text_encoder(self, bundle: ModelBundle) -> None:
         """Freeze the ``lora_te*`` modules (the runtime's text-encoder stop, :mod:`sdcore.train.te_stop`):
         no gradient and no optimizer update from now on, and eval mode, so that their dropout no longer
@@ -1277,6 +1347,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             if module.scalar != 1.0:
                 state[f"{name}.{_SCALAR_KEY}"] = torch.tensor(module.scalar, dtype=torch.float64)
         state.update({_NORM_STATE + key: value.detach().float().cpu().clone() for key, value in self._norms().items()})
+        if self.ggpo is not None:  # the last GGPO norms: a resumed run's first step has the same noise scale
+            from .ggpo import state_dict
+
+            state.update(state_dict(network, _GGPO_KEY))
         return state
 
     def _norms(self) -> dict[str, torch.Tensor]:
@@ -1293,6 +1367,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         with torch.no_grad():
             for key in [k for k in state if k.startswith(_NORM_STATE)]:
                 norms[key[len(_NORM_STATE) :]].copy_(state.pop(key))
+        ggpo = {k: state.pop(k) for k in [k for k in state if k.rsplit(".", 1)[-1].startswith(_GGPO_KEY)]}
+        if self.ggpo is not None:
+            from .ggpo import load_state_dict
+
+            load_state_dict(network.loras, ggpo, _GGPO_KEY)
         scalars = {k: v for k, v in state.items() if k.endswith(f".{_SCALAR_KEY}")}
         network.load_kohya_state_dict({k: v for k, v in state.items() if k not in scalars})
         modules = network.loras
@@ -1315,6 +1394,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             args["rank_dropout"] = o.rank_dropout
         if o.module_dropout:
             args["module_dropout"] = o.module_dropout
+        if self.ggpo is not None:  # kohya's ss_network_args holds the network_args as given
+            args["ggpo_sigma"], args["ggpo_beta"] = self.ggpo
         extra: dict[str, Any] = {**kohya_training_metadata(o, info), **flow_metadata(o, bundle.family), **info.metadata}
         if bundle.family == "sd3" and (o.min_timestep, o.max_timestep) == (0, None):
             # the kohya SD3 default (integer timesteps over the whole range): kohya records a range only when given

@@ -1481,6 +1481,7 @@ def _network(
     elif algo:
         out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya")
         return
+    _ggpo(module or "networks.lora", args, out, put)
     blocks = args.get("train_blocks", "all").lower()
     if module == "networks.lora_flux" and blocks in _FLUX_TRAIN_BLOCKS:
         args.pop("train_blocks")
@@ -1496,6 +1497,28 @@ def _network(
             put(target, value, f"network_args {key}")
         elif key not in NETWORK_ARGS_OFF or value.lower() not in NETWORK_ARGS_OFF[key]:
             out.problems.append(f"{where}: network_args {key}={value} is not supported by sdcore")
+
+
+def _ggpo(module: str, args: dict[str, str], out: Translation, put: Callable[[str, Any, str], None]) -> None:
+    """LoRA-GGPO's ``ggpo_sigma``/``ggpo_beta`` (taken out of ``args``): ``networks.lora_flux`` reads them and
+    turns GGPO on only when both are given; kohya's other modules read neither (their create_network ignores
+    unknown network_args), so that kohya run has no GGPO and neither has this one (a note each)."""
+    given = {key: args.pop(key) for key in ("ggpo_sigma", "ggpo_beta") if key in args}
+    if not given:
+        return
+    if module != "networks.lora_flux":
+        out.notes.append(
+            f"network_args {', '.join(given)}: {module} ignores them (only networks.lora_flux reads them), so GGPO "
+            "is off as in that kohya run; sdcore's --ggpo-sigma/--ggpo-beta turn it on for any family"
+        )
+    elif len(given) == 1:
+        out.notes.append(
+            f"network_args {next(iter(given))} alone: networks.lora_flux turns GGPO on only with both ggpo_sigma and "
+            "ggpo_beta, so it is off, as in that kohya run"
+        )
+    else:
+        for key, value in given.items():
+            put(key, value, f"network_args {key}")
 
 
 def _other_module(

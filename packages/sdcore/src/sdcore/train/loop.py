@@ -37,6 +37,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -612,6 +613,7 @@ class TrainSession:
                     max_grad_norm=o.max_grad_norm,
                     on_bad=self._diverged,
                     fused=self.fused,
+                    before_update=functools.partial(self.method.before_optimizer_step, self.bundle, pos.step + 1),
                 )
                 pos.step += 1
                 pos.batch += len(group)

@@ -418,6 +418,15 @@ class TrainingMethod(Generic[OptionsT]):
         """
         return None
 
+    def before_optimizer_step(self, bundle: ModelBundle, step: int) -> None:
+        """Called once per optimizer step with the step's final gradients (accumulated over the
+        micro-batches, all-reduced across processes, unscaled and clipped to ``--max-grad-norm``), right
+        before the optimizer applies them: the weights are still those the gradients were taken at
+        (kohya's LoRA-GGPO reads its gradient and weight norms here). ``step`` is the number
+        :meth:`on_step_end` gets after this step. An fp16 step the grad scaler then skips (inf/NaN
+        gradients) is called too. Not called with ``--fused-backward-pass``: there the tensors step
+        inside backward, so no moment holds every gradient (refuse your option with it). Since 0.1."""
+
     def on_step_end(self, bundle: ModelBundle, step: int) -> Mapping[str, float] | None:
         """Called after each optimizer step (e.g. rescale weights as LoRA's max-norm regularisation does;
         stopping the text encoder is the runtime's: :meth:`stop_text_encoder`).

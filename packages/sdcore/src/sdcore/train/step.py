@@ -309,12 +309,15 @@ def optimizer_step(
     max_grad_norm: float,
     on_bad: Callable[[StepOutcome], None],
     fused: StepInBackward | None = None,
+    before_update: Callable[[], None] | None = None,
 ) -> StepOutcome:
     """Accumulate ``group`` (micro-batches of sample refs) into one optimizer step.
 
     ``on_bad`` is called (every process, gradients cleared) when any process saw a non-finite
     loss, or the gradient norm is non-finite without a grad scaler; it is expected to raise.
     ``fused`` (``--fused-backward-pass``): the tensors step inside backward (:mod:`.fused`).
+    ``before_update``: called with the final (clipped, unscaled) gradients right before the optimizer
+    step (:meth:`sdcore.train.method.TrainingMethod.before_optimizer_step`; not with ``fused``).
     """
     import torch
 
@@ -346,6 +349,8 @@ def optimizer_step(
             on_bad(StepOutcome(step_loss, float(norm), "gradient norm"))
     elif acc.scaler is not None:
         acc.unscale_gradients()
+    if before_update is not None:
+        before_update()
     placement.in_optimizer_step = True  # an error inside (out of memory part-way) leaves it set: mixed weights
     placement.optimizer.step()
     placement.in_optimizer_step = False

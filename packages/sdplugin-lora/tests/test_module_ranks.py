@@ -280,7 +280,7 @@ def test_kohya_per_module_args_errors_are_one_line_each_before_any_model_loads()
     for text in expected:
         assert sum(text in p for p in problems) == 1, (text, problems)
     assert len(problems) == len(expected)
-    with pytest.raises(ConfigError, match="img_attn_dim is read by networks.lora_flux"):
+    with pytest.raises(ConfigError, match=r"img_attn_dim is read by networks\.lora_flux"):
         load_options(LoraOptions, None, kohya={"network_module": "networks.lora_sd3",
                                                "network_args": ["img_attn_dim=4"]}, notes=[])  # fmt: skip
 

@@ -294,3 +294,27 @@ def test_module_option_errors_are_collected():
                  "--module-ranks 'b=x': 'x' is not a whole number", "--module-lrs 'c=fast': 'fast' is not a number",
                  "--extra-module-ranks 'img_in=1.5'", "with --algo ia3: its modules have no rank"):  # fmt: skip
         assert text in message, message
+
+
+def test_memory_plan_counts_the_rule_ranks_and_the_plan_says_them():
+    """The pre-flight's parameter plan (shapes only, no weights) counts rank x (in + out) per module at each module's
+    own rank, and its notes give the ranks and the rate rule's reach (what --dry-run prints)."""
+    from sdcore.models.layout import read_layout
+    from sdcore.models.parts import given_parts
+    from sdcore.train.preflight import parameter_plan
+    from sdplugin_lora.targets import list_targets
+
+    options = LoraOptions(model="tiny:flux", rank=2, module_ranks="img_attn=6,single_blocks=0",
+                          extra_module_ranks="_img_in=3", module_lrs="txt=1e-5")  # fmt: skip
+    plan = parameter_plan(LoraMethod(options), options, read_layout("tiny:flux", given_parts(options)))
+    rows = list_targets(options).rows
+    want_rank = {
+        row.kohya: 6 if "img_attn" in row.kohya else 3 if row.kohya == "lora_unet_img_in" else 2 for row in rows
+    }
+    assert not any("single_blocks" in name for name in want_rank) and "lora_unet_img_in" in want_rank
+    assert {row.kohya: row.rank for row in rows} == want_rank
+    assert plan.trainable == sum(want_rank[r.kohya] * (r.shape[0] + r.shape[1]) for r in rows)
+    counts = {rank: list(want_rank.values()).count(rank) for rank in (6, 3, 2)}
+    assert plan.notes[0] == f"LoRA network: {len(rows)} modules (rank 6 x{counts[6]}, rank 3 x1, rank 2 x{counts[2]})"
+    txt = sum(1 for name in want_rank if "txt" in name)
+    assert plan.notes[1] == f"--module-lrs: 'txt' -> lr 1e-05 on {txt} modules"

@@ -259,9 +259,10 @@ def test_flux_config_loads_with_its_flow_options(tmp_path):
     items, _, _ = gui_preset(data, "x")
     assert items["network_args"] == ["img_attn_dim=4", "train_blocks=single", "train_t5xxl=True", "rank_dropout=0.1"]
     # the GUI's split mode trains the single blocks only (lora_flux train_blocks=single): sdcore's layer filter
-    data.pop("img_attn_dim")  # lora_flux's per-block ranks are not sdcore's
     split = load_options(LoraOptions, _write(tmp_path, data), notes=[])
     assert (split.layer_filter, split.layer_exclude, split.blocks_to_swap) == ("single_transformer_blocks.", None, 18)
+    assert split.module_ranks == "^lora_unet_(?=.*img_attn)=4"  # lora_flux's img_attn_dim: a rank rule
+    data.pop("img_attn_dim")
     data.update(split_mode=False)
     o = load_options(LoraOptions, _write(tmp_path, data), notes=[])
     assert (o.vae, o.clip_l, o.t5xxl, o.guidance_scale, o.discrete_flow_shift) == (

@@ -236,6 +236,29 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
     block_lr_zero_threshold: float = option(
         0.0, "kohya block_lr_zero_threshold: lr weights not above this become 0 (no modules).", group="lora"
     )
+    module_ranks: str | None = option(
+        None,
+        "Ranks by module: comma-separated REGEX=RANK, each regex searched in the module's kohya name "
+        "(lora_unet_double_blocks_0_img_attn_qkv; `sdcore lora targets` lists them); the first that matches "
+        "gives the rank, 0 = the module is not adapted (kohya network_reg_dims). Alpha stays --alpha "
+        "(--conv-alpha for kxk convs). Wins over --block-dims and --extra-module-ranks.",
+        group="lora",
+    )
+    module_lrs: str | None = option(
+        None,
+        "Learning rates by module: comma-separated REGEX=LR on the kohya name, first match wins (kohya "
+        "network_reg_lrs); replaces the module's --unet-lr/--te-lr/block rate, LoRA+ still multiplies its "
+        "lora_up; 0 leaves the module untrained.",
+        group="lora",
+    )
+    extra_module_ranks: str | None = option(
+        None,
+        "Also adapt denoiser modules outside the default targets (embedders, final layer: FLUX.1 lora_unet_img_in, "
+        "lora_unet_time_in_in_layer; SD3 lora_unet_context_embedder, lora_unet_x_embedder_proj): comma-separated "
+        "REGEX=RANK on the kohya name, first match wins; 0 = only if --module-ranks gives a rank (kohya "
+        "in_dims / emb_dims).",
+        group="lora",
+    )
     loraplus_lr_ratio: float | None = option(
         None, "LoRA+ (kohya loraplus_lr_ratio): lora_up weights learn at lr x this (paper: 16).", group="lora"
     )
@@ -320,6 +343,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         "rank", "conv_rank", "algo", "lokr_factor", "dylora_unit", "oft_all_linear", "train_text_encoder", "unet_only", "te_only", "split_qkv",
         "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
         "layer_filter", "layer_filter_regex", "layer_exclude", "control_lora", "train_norm_layers",
+        "module_ranks", "extra_module_ranks",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -492,6 +516,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             problems.append(f"{' and '.join(stop)} with --te-only: nothing would train after the stop")
         problems += self._control_lora_problems()
         problems += self._ggpo_problems()
+        problems += self._module_rule_problems()
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -536,6 +561,41 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "(its split_qkv modules fail there); drop one"
             )
         return problems
+
+    def _module_rule_problems(self) -> list[str]:
+        """--module-ranks / --module-lrs / --extra-module-ranks: parseable, and ranks only where a rank means
+        something (not OFT's blocks, (IA)^3 or full; not a LyCORIS preset's own dims, nor the ranks a file gives)."""
+        from .module_rules import parse_rules
+
+        o = self.options
+        problems: list[str] = []
+        for flag, text, integer in (("--module-ranks", o.module_ranks, True), ("--module-lrs", o.module_lrs, False),
+                                    ("--extra-module-ranks", o.extra_module_ranks, True)):  # fmt: skip
+            problems += parse_rules(text, flag=flag, integer=integer)[1]
+        ranks = [
+            f for f, v in (("--module-ranks", o.module_ranks), ("--extra-module-ranks", o.extra_module_ranks)) if v
+        ]
+        if not ranks:
+            return problems
+        given = ", ".join(ranks)
+        if o.algo in ("oft", "ia3", "full"):
+            problems.append(f"{given} with --algo {o.algo}: its modules have no rank to set")
+        if o.lycoris_preset is not None:
+            problems.append(f"{given} with --lycoris-preset: the preset's maps set the dims; use one or the other")
+        if o.dim_from_weights:
+            problems.append(f"{given} with --dim-from-weights: kohya takes every rank from the file; drop one")
+        if o.control_lora:
+            problems.append(f"{given} with --control-lora: a control LoRA adapts every transformer Linear at --rank")
+        return problems
+
+    def module_rank_rules(self) -> tuple[list[Any], list[Any]]:
+        """The parsed --module-ranks and --extra-module-ranks (:class:`sdplugin_lora.module_rules.Rule`)."""
+        from .module_rules import parse_rules
+
+        o = self.options
+        ranks = parse_rules(o.module_ranks, flag="--module-ranks", integer=True)[0]
+        extra = parse_rules(o.extra_module_ranks, flag="--extra-module-ranks", integer=True)[0]
+        return ranks, extra
 
     def _control_lora_problems(self) -> list[str]:
         """Options a control LoRA cannot take: BFL's layout is plain LoRA (``lora_A``/``lora_B``, one ``lora_A`` per
@@ -878,6 +938,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             network = self._preset_network(bundle, index, preset)
             return self._finish_prepare(bundle, index, network, plan)
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
+        targets += self._extra_targets(index, targets)
         if self.options.control_lora:  # BFL's control LoRAs adapt every Linear of the transformer
             from .dit import control_targets
 
@@ -905,7 +966,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             lokr_factor=self.options.lokr_factor,
             dylora_unit=self.options.dylora_unit,
             use_tucker=self.options.use_tucker,
-            rank_for=self._rank_for(plan, file_ranks),
+            rank_for=self._module_rank_for(index, self._rank_for(plan, file_ranks)),
             shared_down=shared,
             swapped=swapped,
             multiplier=self.options.network_multiplier,
@@ -1073,6 +1134,47 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         order = dict.fromkeys(owner.get(c.target.name, c.target.name) for c in choices)
         return LoraNetwork([built[name] for name in order if name in built])
 
+    def _extra_targets(self, index: ModuleIndex, chosen: list[Target]) -> list[Target]:
+        """--extra-module-ranks: the denoiser modules outside the default targets whose kohya name a rule
+        matches (kohya's in_dims/emb_dims add the embedders only when asked for)."""
+        extra = self.module_rank_rules()[1]
+        if not extra or not self.train_unet:
+            return []
+        from .module_rules import first_match, kohya_names
+
+        names = kohya_names(index)
+        taken = {t.name for t in chosen}
+        return [t for t in index.targets.values()
+                if t.component == index.denoiser and t.group == "other" and t.name not in taken
+                and first_match(extra, names[t.name]) >= 0]  # fmt: skip
+
+    def _module_rank_for(
+        self, index: ModuleIndex, inner: Callable[[Any], tuple[int, float | None] | None] | None
+    ) -> Callable[[Any], tuple[int, float | None] | None] | None:
+        """kohya lora_flux's order: a --module-ranks rule (first match), else an extra module's
+        --extra-module-ranks rule, else ``inner`` (block dims, the file's ranks) or the defaults. A rule's
+        module keeps the run's alpha (kohya: network_alpha; a kxk conv: --conv-alpha when set)."""
+        ranks, extra = self.module_rank_rules()
+        if not ranks and not extra:
+            return inner
+        from .module_rules import first_match, kohya_names
+
+        names = kohya_names(index)
+
+        def rank_for(target: Any) -> tuple[int, float | None] | None:
+            name = names.get(target.name, target.name)
+            alpha = self.conv_alpha if target.is_conv3x3 and self.conv_alpha is not None else self.alpha
+            found = first_match(ranks, name)
+            if found >= 0:
+                return int(ranks[found].value), alpha
+            if target.group == "other" and target.component == index.denoiser:
+                found = first_match(extra, name)
+                if found >= 0:
+                    return int(extra[found].value), alpha
+            return inner(target) if inner is not None else None
+
+        return rank_for
+
     @staticmethod
     def _rank_for(
         plan: BlockPlan | None, file_ranks: dict[str, tuple[int, float]] | None
@@ -1183,11 +1285,15 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         Groups whose learning rate is 0 are left out."""
         o = self.options
         per_encoder = any(rate is not None for rate in self.te_rate_options().values())
+        from .module_rules import first_match, kohya_names, parse_rules
+
+        rules = parse_rules(o.module_lrs, flag="--module-lrs", integer=False)[0]
+        names = kohya_names(self.index) if rules and self.index is not None else {}
         groups: list[dict[str, Any]] = []
         for te in (False, True):
             base_lr = (o.te_lr or o.lr) if te else (o.unet_lr or o.lr)
             ratio = (o.loraplus_text_encoder_lr_ratio if te else o.loraplus_unet_lr_ratio) or o.loraplus_lr_ratio
-            buckets: dict[tuple[int, int, bool], list[Any]] = {}
+            buckets: dict[tuple[int, int, int, bool], list[Any]] = {}
             weights: dict[int, float] = {}
             for module in network:
                 if module.lora_name.startswith("lora_te") != te:
@@ -1195,23 +1301,46 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 slot = self._te_slots.get(module.lora_name, 1) if te and per_encoder else 0
                 block = plan.block(module.lora_name) if plan is not None and plan.lr_weights and not te else -1
                 weights[block] = plan.lr_weight(module.lora_name) if plan is not None and block >= 0 else 1.0
+                rule = first_match(rules, names.get(module.lora_name, module.lora_name)) if rules else -1
                 for name, param in module.named_parameters():
                     if not param.requires_grad:  # LoRA-FA's frozen lora_down
                         continue
                     plus = ratio is not None and ("lora_up" in name or "lora_B" in name)  # kohya dylora: lora_B
-                    buckets.setdefault((slot, block, plus), []).append(param)
+                    buckets.setdefault((slot, block, rule, plus), []).append(param)
             if ratio is not None and buckets and not any(plus for *_, plus in buckets):
                 warnings.warn(f"LoRA+ has no effect on {o.algo}: it has no lora_up weights", stacklevel=2)
-            for (slot, block, plus), params in sorted(buckets.items()):
+            for (slot, block, rule, plus), params in sorted(buckets.items()):
                 lr = (self.te_rate(slot) if slot else base_lr) * weights[block]
+                lr = rules[rule].value if rule >= 0 else lr  # kohya network_reg_lrs: the rule's rate replaces it
                 lr *= ratio if plus and ratio is not None else 1.0
                 if lr == 0:
                     continue
                 name = ("text_encoder" + (str(slot) if slot else "")) if te else "unet"
                 name += f"_block{block:02d}" if block >= 0 else ""
+                name += f"_rule{rule}" if rule >= 0 else ""
                 name += "_plus" if plus else ""
                 groups.append({"params": params, "lr": lr, "name": name})
         return groups
+
+    def plan_notes(self) -> list[str]:
+        """With --module-ranks/--extra-module-ranks/--module-lrs: how many modules got each rank, and each rate."""
+        o = self.options
+        if self.network is None or not (o.module_ranks or o.extra_module_ranks or o.module_lrs):
+            return []
+        from collections import Counter
+
+        ranks = Counter(int(getattr(module, "rank", 0) or 0) for module in self.network)
+        shown = ", ".join(f"rank {rank} x{count}" for rank, count in sorted(ranks.items(), reverse=True))
+        lines = [f"LoRA network: {len(self.network)} modules ({shown})"]
+        if o.module_lrs:
+            from .module_rules import first_match, kohya_names, parse_rules
+
+            rules = parse_rules(o.module_lrs, flag="--module-lrs", integer=False)[0]
+            names = kohya_names(self.index) if self.index is not None else {}
+            hits = Counter(first_match(rules, names.get(m.lora_name, m.lora_name)) for m in self.network)
+            parts = [f"{rule.pattern!r} -> lr {rule.value:g} on {hits[i]} modules" for i, rule in enumerate(rules)]
+            lines.append("--module-lrs: " + "; ".join(parts))
+        return lines
 
     @staticmethod
     def _warm_start(network: LoraNetwork, index: Any, path: str) -> None:

@@ -33,6 +33,8 @@ class TargetRow:
     algo: str
     rank: int
     text_encoder: bool
+    #: its name in a kohya-layout file, which --module-ranks/--module-lrs match (SD3/Flux: the SAI/BFL name)
+    kohya: str = ""
 
 
 @dataclass
@@ -71,7 +73,10 @@ def _layer_kind(module: Any) -> str:
 
 
 def _rows(network: Any, index: ModuleIndex) -> list[TargetRow]:
+    from .module_rules import kohya_names
+
     by_module: dict[int, Target] = {id(t.module): t for t in (*index.targets.values(), *index.norms.values())}
+    file_names = kohya_names(index)  # SD3/Flux: the SAI/BFL name --module-ranks/--module-lrs match
     rows = []
     for adapter in network:
         bases = getattr(adapter, "bases", None) or (adapter.base,)
@@ -90,6 +95,7 @@ def _rows(network: Any, index: ModuleIndex) -> list[TargetRow]:
                 algo=str(getattr(adapter, "algo", "lora")),
                 rank=int(getattr(adapter, "rank", 0) or 0),
                 text_encoder=adapter.lora_name.startswith("lora_te"),
+                kohya=file_names.get(adapter.lora_name, adapter.lora_name),
             )
         )
     return rows
@@ -168,7 +174,8 @@ def format_report(report: TargetReport, *, examples: int = 3) -> list[str]:
     lines = []
     for row in report.rows:
         shape = "x".join(map(str, row.shape))
-        lines.append(f"{row.name}  {'+'.join(row.paths)}  {row.layer} [{shape}]  {row.algo} rank {row.rank}")
+        kohya = f" = {row.kohya}" if row.kohya and row.kohya != row.name else ""
+        lines.append(f"{row.name}{kohya}  {'+'.join(row.paths)}  {row.layer} [{shape}]  {row.algo} rank {row.rank}")
     counts = report.counts()
     parts = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
     lines.append(f"{len(report.rows)} modules on {report.family} ({sum(counts.values())} layers: {parts or 'none'})")

@@ -769,6 +769,7 @@ NETWORK_ARGS_OFF: dict[str, tuple[str, ...]] = {
     "wd_on_output": ("false",),  # DoRA's magnitude per input channel: the layout sdcore trains and writes
     "bypass_mode": ("false", "true"),  # the same maths, another forward implementation
     "preset": ("full", "attn-mlp"),
+    "verbose": ("true", "false"),  # lora_flux / lora_sd3: logs the modules and their dims, trains the same
 }
 #: lora_flux's ``train_blocks`` (FLUX.1/Chroma: kohya adapts only BFL's SingleStreamBlocks or DoubleStreamBlocks;
 #: the text encoders are not filtered) -> the LoRA option that selects the same diffusers modules
@@ -1483,11 +1484,17 @@ def _network(
         return
     _ggpo(module or "networks.lora", args, out, put)
     blocks = args.get("train_blocks", "all").lower()
-    if module == "networks.lora_flux" and blocks in _FLUX_TRAIN_BLOCKS:
+    if module == "networks.lora_flux" and blocks in _FLUX_TRAIN_BLOCKS and "in_dims" in args:
+        # in_dims' embedders are outside the blocks (a layer filter would drop them): a first rank rule instead
+        args["_train_blocks"] = args.pop("train_blocks").lower()
+    _per_module_args(module, args, out, where, put)
+    if module != "networks.lora_flux" or "train_blocks" not in args:
+        pass
+    elif blocks in _FLUX_TRAIN_BLOCKS:
         args.pop("train_blocks")
         target, pattern = _FLUX_TRAIN_BLOCKS[blocks]
         put(target, pattern, f"network_args train_blocks={blocks}")
-    elif module == "networks.lora_flux" and blocks != "all":
+    elif blocks != "all":
         out.problems.append(f"{where}: network_args train_blocks={args.pop('train_blocks')}: all, single or double")
     for key, value in args.items():
         target = NETWORK_ARGS.get(key, key)
@@ -1519,6 +1526,165 @@ def _ggpo(module: str, args: dict[str, str], out: Translation, put: Callable[[st
     else:
         for key, value in given.items():
             put(key, value, f"network_args {key}")
+
+
+#: kohya lora_flux's type dims: network_args key -> the substrings a module's kohya name must all contain
+#: (create_modules' ``identifier`` list, in its order: the first given one that matches decides)
+_FLUX_TYPE_DIMS = (("img_attn_dim", ("img_attn",)), ("txt_attn_dim", ("txt_attn",)), ("img_mlp_dim", ("img_mlp",)),
+                   ("txt_mlp_dim", ("txt_mlp",)), ("img_mod_dim", ("img_mod",)), ("txt_mod_dim", ("txt_mod",)),
+                   ("single_dim", ("single_blocks", "linear")), ("single_mod_dim", ("modulation",)))  # fmt: skip
+#: kohya lora_sd3's type dims, as :data:`_FLUX_TYPE_DIMS`
+_SD3_TYPE_DIMS = (("context_attn_dim", ("context_block", "attn")), ("context_mlp_dim", ("context_block", "mlp")),
+                  ("context_mod_dim", ("context_block", "adaLN_modulation")), ("x_attn_dim", ("x_block", "attn")),
+                  ("x_mlp_dim", ("x_block", "mlp")), ("x_mod_dim", ("x_block", "adaLN_modulation")))  # fmt: skip
+#: the embedder lists: network_args key -> the name substrings kohya filters the extra modules by, in order
+_EMBEDDER_DIMS = {
+    "networks.lora_flux": ("in_dims", ("_img_in", "_time_in", "_vector_in", "_guidance_in", "_txt_in")),
+    "networks.lora_sd3": ("emb_dims", ("context_embedder", "_t_embedder", "x_embedder", "y_embedder",
+                                       "final_layer_adaLN_modulation", "final_layer_linear")),
+}  # fmt: skip
+#: block selections: network_args key -> (kohya module, the block name prefix, kohya's block count)
+_BLOCK_SELECTIONS = {
+    "train_double_block_indices": ("networks.lora_flux", "double_blocks", 19),
+    "train_single_block_indices": ("networks.lora_flux", "single_blocks", 38),
+    "train_block_indices": ("networks.lora_sd3", "joint_blocks", 999),  # lora_sd3 parses with a dummy 999
+}
+#: which kohya module reads each per-module network_args key
+_PER_MODULE_KEYS = {
+    **{key: "networks.lora_flux" for key, _ in _FLUX_TYPE_DIMS},
+    **{key: "networks.lora_sd3" for key, _ in _SD3_TYPE_DIMS},
+    **{key: module for module, (key, _) in _EMBEDDER_DIMS.items()},
+    **{key: module for key, (module, _, _) in _BLOCK_SELECTIONS.items()},
+    "network_reg_dims": "networks.lora_flux",
+    "network_reg_lrs": "networks.lora_flux",
+}
+_MODULE_FAMILY = {"networks.lora_flux": "FLUX.1/Chroma", "networks.lora_sd3": "SD3"}
+
+
+def _block_selection(text: str, total: int) -> list[int] | str:
+    """kohya's ``parse_block_selection``: ``all``, ``none`` or empty, else comma-separated indices and
+    ``a-b`` ranges (0-based, inclusive, each below ``total``) -> the selected indices, or why not."""
+    if text == "all":
+        return list(range(total))
+    if text in ("none", ""):
+        return []
+    chosen: set[int] = set()
+    for part in text.split(","):
+        try:
+            if "-" in part:
+                first, last = (int(x.strip()) for x in part.split("-"))
+                if not (0 <= first < total and 0 <= last < total and first <= last):
+                    return f"{part.strip()!r} is not a range inside 0-{total - 1}"
+                chosen.update(range(first, last + 1))
+            else:
+                index = int(part)
+                if not 0 <= index < total:
+                    return f"{index} is not inside 0-{total - 1}"
+                chosen.add(index)
+        except ValueError:
+            return f"{part.strip()!r} is not an index or a range a-b (all, none, or e.g. 0,1,5-8)"
+    return sorted(chosen)
+
+
+def _kohya_pairs(text: str, integer: bool, key: str, out: Translation, where: str) -> list[tuple[str, float]]:
+    """kohya lora_flux's ``parse_kv_pairs``: comma-separated ``regex=value``, split at the first ``=``, in order
+    (a repeated regex keeps its first place and its last value, as a dict). kohya warns and skips a bad pair;
+    here it is a problem (the run would train another network than written)."""
+    import re
+
+    pairs: dict[str, float] = {}
+    for raw in text.split(","):
+        pair = raw.strip()
+        if not pair:
+            continue
+        regex, sep, value = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            number = int(value.strip()) if integer else float(value.strip())
+            re.compile(regex.strip())
+        except (ValueError, re.error):
+            want = "an integer rank" if integer else "a learning rate"
+            out.problems.append(f"{where}: network_args {key}: {pair!r} is not regex={want}")
+            continue
+        pairs[regex.strip()] = number
+    return list(pairs.items())
+
+
+def _per_module_args(
+    module: str, args: dict[str, str], out: Translation, where: str, put: Callable[[str, Any, str], None]
+) -> None:
+    """kohya lora_flux / lora_sd3's per-module network_args -> ``module_ranks`` / ``extra_module_ranks`` /
+    ``module_lrs`` rules that build the same network (:mod:`sdplugin_lora.module_rules`): kohya's
+    ``create_modules`` gives a module the first ``network_reg_dims`` regex's dim; else a block left out by the
+    block indices gets none; else the first given type dim whose name parts it contains; else network_dim
+    (an embedder: its in_dims/emb_dims value). Every module keeps network_alpha. ``verbose`` only logs."""
+    import re
+
+    found = [key for key in _PER_MODULE_KEYS if key in args]
+    wrong = [key for key in found if _PER_MODULE_KEYS[key] != module]
+    for key in wrong:
+        reader = _PER_MODULE_KEYS[key]
+        out.problems.append(
+            f"{where}: network_args {key} is read by {reader} ({_MODULE_FAMILY[reader]}), not by "
+            f"{module or 'networks.lora'}"
+        )
+        args.pop(key)
+    if not set(found) - set(wrong) and "_train_blocks" not in args:
+        return
+    prefix = "^lora_unet_"
+    ranks: list[str] = []
+    leftout = args.pop("_train_blocks", None)  # lora_flux train_blocks with in_dims: first, nothing revives them
+    if leftout is not None:
+        ranks.append(f"{prefix}{'double' if leftout == 'single' else 'single'}_blocks_=0")
+    reg = args.pop("network_reg_dims", None)
+    if reg is not None:
+        ranks += [f"{regex}={dim:d}" for regex, dim in _kohya_pairs(reg, True, "network_reg_dims", out, where)]
+    for key, (_, name, total) in _BLOCK_SELECTIONS.items():
+        text = args.pop(key, None)
+        if text is None:
+            continue
+        chosen = _block_selection(text, total)
+        if isinstance(chosen, str):
+            out.problems.append(f"{where}: network_args {key}={text}: {chosen}")
+        elif not chosen:
+            ranks.append(rf"{prefix}{name}_\d+_=0")
+        elif len(chosen) < total:
+            ranks.append(rf"{prefix}{name}_(?!(?:{'|'.join(map(str, chosen))})_)\d+_=0")
+    for key, parts in _FLUX_TYPE_DIMS + _SD3_TYPE_DIMS:
+        text = args.pop(key, None)
+        if text is None:
+            continue
+        try:
+            dim = int(text)
+        except ValueError:
+            out.problems.append(f"{where}: network_args {key}={text}: expected an integer rank (0: not adapted)")
+            continue
+        ranks.append(prefix + "".join(f"(?=.*{re.escape(part)})" for part in parts) + f"={dim}")
+    embedders = _EMBEDDER_DIMS.get(module)
+    if embedders is not None and embedders[0] in args:
+        key, filters = embedders
+        text = args.pop(key).strip()
+        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        try:
+            dims = [int(d) for d in inner.split(",")]
+        except ValueError:
+            dims = []
+        if len(dims) != len(filters):
+            out.problems.append(
+                f"{where}: network_args {key}={text}: expected {len(filters)} integer ranks "
+                f"({', '.join(f.strip('_') for f in filters)})"
+            )
+        else:
+            put("extra_module_ranks", ",".join(f"{re.escape(f)}={d}" for f, d in zip(filters, dims, strict=True)),
+                f"network_args {key}")  # fmt: skip
+    lrs = args.pop("network_reg_lrs", None)
+    if lrs is not None:
+        pairs = _kohya_pairs(lrs, False, "network_reg_lrs", out, where)
+        if pairs:
+            put("module_lrs", ",".join(f"{regex}={lr!r}" for regex, lr in pairs), "network_args network_reg_lrs")
+    if ranks:
+        put("module_ranks", ",".join(ranks), "network_args (per-module dims)")
 
 
 def _other_module(

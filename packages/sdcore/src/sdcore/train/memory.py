@@ -170,6 +170,8 @@ class ParameterPlan:
     denoiser_class: str = ""
     #: bytes of one saved result when the method says (:meth:`~sdcore.train.method.TrainingMethod.result_bytes`)
     result_bytes: int | None = None
+    #: the method's lines about what it built (:meth:`~sdcore.train.method.TrainingMethod.plan_notes`)
+    notes: tuple[str, ...] = ()
 
 
 @dataclass

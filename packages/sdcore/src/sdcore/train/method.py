@@ -334,6 +334,12 @@ class TrainingMethod(Generic[OptionsT]):
         """
         return None
 
+    def plan_notes(self) -> list[str]:
+        """Lines for the pre-flight plan (``--dry-run``) about what :meth:`plan_groups` built, e.g. a LoRA's
+        modules and their ranks when they differ per module. Called on the throwaway instance right after
+        :meth:`plan_groups` ran on the shapes-only bundle. Since 0.1."""
+        return []
+
     def regularization_data(self) -> Path | None:
         """A folder of class (regularisation) images this method adds to the dataset, or ``None``.
 

@@ -697,7 +697,7 @@ def parameter_plan(
         torch.random.set_rng_state(rng)
     whole = method.capabilities().saves_whole_model
     counts = count_parameters(bundle, groups, whole_model_result=whole, exclude=exclude_patterns(options))
-    return replace(counts, result_bytes=fresh.result_bytes(bundle))
+    return replace(counts, result_bytes=fresh.result_bytes(bundle), notes=tuple(fresh.plan_notes()))
 
 
 def memory_plan(
@@ -1070,6 +1070,7 @@ def run_preflight(
             report.notes.append(f"memory plan unavailable: {method.name!r} could not be sized without weights ({exc})")
             params = None
         if params is not None:
+            report.notes.extend(params.notes)
             per_epoch = 0
             if report.data is not None:
                 per_epoch = report.data.steps_in_epoch(0, o.gradient_accumulation)

@@ -676,7 +676,9 @@ def control_state_dict(
     unconditionally, so a file without one fails to load there: a Linear the run did not adapt (``--lora-layers``,
     whose default is diffusers' list, not every Linear) is written as a rank-1 module of zeros, which changes
     nothing in any loader and costs a few kilobytes. ``--lora-bias`` modules carry ``lora_B.bias`` (scale folded
-    in), as BFL's own files do; diffusers' converter and sdcore's loader read it."""
+    in), as BFL's own files do; diffusers' converter and sdcore's loader read it. With biases the zero modules get a
+    zero bias too: PEFT builds every module with ``lora_bias`` once a file has one, and a bias the file lacks stays
+    unloaded (on the meta device under diffusers' low-memory loading, which then fails)."""
     from sdcore.errors import NetworkMismatchError
     from sdcore.models.flux.convert import key_plan
 
@@ -700,6 +702,7 @@ def control_state_dict(
         out.update(control_module(bfl, weights.down.flatten(1), up, bias))
     import torch
 
+    biased = any(key.endswith(".lora_B.bias") for key in out)
     for name, left in names.items():  # a Linear --lora-layers left out: a zero rank-1 module (see the docstring)
         if left is None:
             continue
@@ -707,7 +710,8 @@ def control_state_dict(
         base = _get(transformer, module.parts[0].path)
         dtype = base.weight.dtype
         zero_down = torch.zeros(1, int(base.weight.shape[1]), dtype=dtype)
-        out.update(control_module(left, zero_down, torch.zeros(module.rows, 1, dtype=dtype)))
+        zero_bias = torch.zeros(module.rows, dtype=dtype) if biased else None
+        out.update(control_module(left, zero_down, torch.zeros(module.rows, 1, dtype=dtype), zero_bias))
     for bfl, target in index.scales.items():
         out[bfl] = target.module.weight.detach().clone()
     return out

@@ -150,8 +150,8 @@ def control_problems(index: DatasetIndex) -> list[str]:
     unreadable: list[str] = []
     for entry in index.entries:
         control_dir = getattr(entry.subset, "control_dir", None)
-        own = getattr(entry, "control_path", None) is not None  # a JSONL row's: its absence was reported already
-        if not own and (control_dir is None or not Path(control_dir).is_dir()):
+        row = getattr(entry, "control_path", None) is not None  # a JSONL row's: its absence was reported already
+        if not row and (control_dir is None or not Path(control_dir).is_dir()):
             continue
         path = control_image_path(entry)
         if path is None:

@@ -265,7 +265,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "FLUX.1 dev: train a control LoRA (BFL's Depth/Canny kind, diffusers' train_control_lora_flux.py): img_in "
         "widened from 64 to 128 inputs with zero columns, each training image's control image (--control-dir, "
         "same stem; a depth map, edges, a pose ...) encoded like it and joined to the noisy latents on the "
-        "channels, plain LoRA on every Linear of the transformer; saved in BFL's layout (sdcore generate "
+        "channels, plain LoRA on the transformer's Linears (--lora-layers); saved in BFL's layout (sdcore generate "
         "--control-image, diffusers' FluxControlPipeline and ComfyUI load it).",
         group="lora",
     )
@@ -534,8 +534,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if not given:
             return []
         return [
-            f"--control-lora with {', '.join(given)}: a FLUX.1 control LoRA is plain LoRA on every Linear of the "
-            "transformer in BFL's layout (one lora_A per fused qkv/linear1; no text encoder), trained from zero on "
+            f"--control-lora with {', '.join(given)}: a FLUX.1 control LoRA is plain LoRA on the Linears of the "
+            "transformer (--lora-layers picks them) in BFL's layout (one lora_A per fused qkv/linear1; no text encoder), trained from zero on "
             "the widened img_in; drop them"
         ]
 

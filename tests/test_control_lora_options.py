@@ -321,3 +321,24 @@ def test_a_jsonl_trains_each_image_with_its_own_control_image(tmp_path, monkeypa
         assert gaps[partner[i]] < 1e-3 and min(g for j, g in enumerate(gaps) if j != partner[i]) > 0.05, gaps
     session.run()
     assert Path(o.output).is_file()
+
+
+def test_an_interrupted_lora_bias_run_resumes_exactly(tmp_path):
+    """4 steps in one go == 2 steps, Ctrl-C, ``--resume latest``, 2 more, the lora_up biases included (the training
+    state holds them as ``lora_up.bias``, read back into the modules' bias parameters)."""
+    from sdcore.models.load import load_model
+    from sdcore.testing.contract import check_resume, contract_options
+    from sdplugin_lora.method import LoraMethod
+
+    contract_options(LoraMethod, tmp_path, family="flux")  # writes tmp_path/data
+    controls = tmp_path / "controls"
+    controls.mkdir()
+    for image in sorted((tmp_path / "data").rglob("*.png")):
+        Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(controls / image.name)
+    overrides = {"control_lora": True, "lora_bias": True, "control_dir": str(controls), "rank": 2,
+                 "t5xxl_max_token_length": 8}  # fmt: skip
+    check_resume(LoraMethod, tmp_path, overrides, family="flux")
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, overrides, family="flux"))
+    method.prepare(load_model("tiny:flux"))
+    state = method.trainable_state_dict()
+    assert sum(key.endswith(".lora_up.bias") for key in state) == len(method.network.loras)

@@ -815,7 +815,7 @@ def _add_up_bias(module: nn.Module, rows: int, like: torch.Tensor) -> nn.Paramet
     is built with a bias and ``reset_lora_parameters`` zeroes it with the weight, so the change starts at zero),
     saved and loaded as ``lora_up.bias``."""
     module._register_state_dict_hook(_up_bias_save_hook)
-    module._register_load_state_dict_pre_hook(_up_bias_load_hook)
+    module._register_load_state_dict_pre_hook(_up_bias_load_hook, with_module=True)
     return nn.Parameter(torch.zeros(rows, dtype=torch.float32, device=like.device))
 
 

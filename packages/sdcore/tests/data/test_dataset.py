@@ -217,7 +217,8 @@ def test_toml_missing_image_dir_is_skipped_not_crash(tmp_path, make):
 def test_non_toml_file_is_rejected(tmp_path):
     _write(tmp_path / "data.yaml", "{}")
     with pytest.raises(
-        DataError, match=r"folder, a \.toml dataset config, a OneTrainer concepts \.json or an ai-toolkit job"
+        DataError,
+        match=r"folder, a \.toml dataset config, a OneTrainer concepts \.json, an ai-toolkit job or a diffusers \.jsonl",
     ):
         build_dataset_index(TrainOptions(data=str(tmp_path / "data.yaml")))
     _write(tmp_path / "data.json", "{}")  # JSON: OneTrainer's concepts file or preset, and this is neither

@@ -794,6 +794,32 @@ def _bake_scalar_hook(module: Adapter, state: dict[str, Any], prefix: str, local
         state[key] = state[key] * module.scalar
 
 
+#: where a module's trainable ``lora_up`` bias (:attr:`LoraAdapter.up_bias`) sits in files and states: PEFT's and
+#: BFL's ``lora_B.bias`` in sdcore's own key names (:mod:`sdplugin_lora.format` maps the two)
+UP_BIAS_KEY = "lora_up.bias"
+
+
+def _up_bias_save_hook(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` hook: the ``up_bias`` parameter under its file name, ``lora_up.bias``."""
+    if prefix + "up_bias" in state:
+        state[prefix + UP_BIAS_KEY] = state.pop(prefix + "up_bias")
+
+
+def _up_bias_load_hook(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: a file's ``lora_up.bias`` into the ``up_bias`` parameter."""
+    if prefix + UP_BIAS_KEY in state:
+        state[prefix + "up_bias"] = state.pop(prefix + UP_BIAS_KEY)
+
+
+def _add_up_bias(module: nn.Module, rows: int, like: torch.Tensor) -> nn.Parameter:
+    """A zero ``lora_up`` bias of ``rows`` values for ``module`` to train (PEFT's ``lora_bias=True``: ``lora_B``
+    is built with a bias and ``reset_lora_parameters`` zeroes it with the weight, so the change starts at zero),
+    saved and loaded as ``lora_up.bias``."""
+    module._register_state_dict_hook(_up_bias_save_hook)
+    module._register_load_state_dict_pre_hook(_up_bias_load_hook, with_module=True)
+    return nn.Parameter(torch.zeros(rows, dtype=torch.float32, device=like.device))
+
+
 class Adapter(nn.Module):
     """What every adapted layer shares: the base reference, scale, multiplier, hook, merge.
 
@@ -1104,6 +1130,7 @@ class LoraAdapter(Adapter):
         dora: bool = False,
         tucker: bool = False,
         rank_dropout_scale: bool = False,
+        lora_bias: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
@@ -1143,8 +1170,11 @@ class LoraAdapter(Adapter):
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
-        #: ``lora_up``'s bias when a file has one (BFL's ``LinearLora``: ``lora_B.bias``), scaled with the rest
+        #: ``lora_up``'s bias when a file has one (BFL's ``LinearLora``: ``lora_B.bias``), scaled with the rest;
+        #: ``lora_bias`` trains one from zero (``--lora-bias``, PEFT's ``lora_bias``)
         self.up_bias: nn.Parameter | None = None
+        if lora_bias:
+            self.up_bias = _add_up_bias(self, int(self.lora_up.weight.shape[0]), self.lora_up.weight)
 
     def _init_down(self) -> None:
         """The down's (and Tucker core's) init after the layers are built: kaiming-uniform(a=√5), as
@@ -1338,6 +1368,7 @@ class SharedDownLora(MemberHooks, Adapter):
         dropout: float | None = None,
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
+        lora_bias: bool = False,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if not members:
@@ -1356,6 +1387,27 @@ class SharedDownLora(MemberHooks, Adapter):
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
+        #: ``--lora-bias``: the fused module's ``lora_up`` bias (BFL's ``lora_B.bias`` of a ``qkv``/``linear1``),
+        #: each member adding its rows, from zero as PEFT's ``lora_bias``
+        self.up_bias: nn.Parameter | None = None
+        if lora_bias:
+            self.up_bias = _add_up_bias(self, self.rows[-1][1], self.lora_up.weight)
+
+    def bias_change(self, *, detach: bool = True) -> torch.Tensor | None:
+        """``s · lora_up.bias`` over the fused rows (``None`` without ``--lora-bias``)."""
+        if self.up_bias is None:
+            return None
+        bias = self.up_bias.detach() if detach else self.up_bias
+        return bias.float() * self._scale
+
+    def _bias_term(self, out: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """``out`` plus ``m · s · bias[lo:hi]`` (per-sample strengths too), as :meth:`LoraAdapter._with_bias`."""
+        change = self.bias_change(detach=False)
+        if change is None:
+            return out
+        term = (change[lo:hi] * self.multiplier).to(out.dtype)
+        factor = self.sample_factor(out)
+        return out + (term if factor is None else term * factor)
 
     @property
     def out_features(self) -> int:
@@ -1407,7 +1459,7 @@ class SharedDownLora(MemberHooks, Adapter):
             noise = self.ggpo.output(args[0], module, self.lora_up.weight.dtype, (lo, hi))
             if noise is not None:
                 out = out + noise.to(out.dtype)
-        return out
+        return self._bias_term(out, lo, hi)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The fused module's output increment ``[..., Σ rows]`` for input ``x``."""
@@ -1416,7 +1468,7 @@ class SharedDownLora(MemberHooks, Adapter):
         factor = self.sample_factor(hidden)
         if factor is not None:
             scale = factor * scale
-        return self.lora_up(scaled_hidden(hidden, scale, False, None, None))
+        return self._bias_term(self.lora_up(scaled_hidden(hidden, scale, False, None, None)), 0, self.out_features)
 
 
 class LoraFaAdapter(LoraAdapter):

@@ -423,7 +423,20 @@ def fuse_parts(name: str, module: KohyaModule, parts: Mapping[str, ModuleWeights
             col += found.rank
         row += part.rows
     alpha = total_rank * scales[0] if same else float(total_rank)
-    return ModuleWeights({"lora_down.weight": down, "lora_up.weight": up, "alpha": _scalar(alpha)})
+    tensors = {"lora_down.weight": down, "lora_up.weight": up, "alpha": _scalar(alpha)}
+    if any("lora_up.bias" in weights.tensors for _, weights in present):  # --lora-bias: the rows' biases, stacked
+        bias = torch.zeros(module.rows, dtype=torch.float32, device=ref.device)
+        row = 0
+        for part in module.parts:
+            found = parts.get(part.path)
+            if found is not None and "lora_up.bias" in found.tensors:
+                block = found.tensors["lora_up.bias"].float().reshape(part.rows)
+                if not same:
+                    block = block * found.scale
+                bias[row : row + part.rows] = swap_halves(block) if part.swap_halves else block
+            row += part.rows
+        tensors["lora_up.bias"] = bias
+    return ModuleWeights(tensors)
 
 
 def shared_down_groups(index: ModuleIndex, targets: Iterable[Target]) -> list[tuple[str, list[Target]]]:
@@ -555,6 +568,46 @@ def control_targets(index: ModuleIndex) -> list[Target]:
     return [t for t in index.targets.values() if t.component == index.denoiser and t.path in paths]
 
 
+#: diffusers' ``train_control_lora_flux.py`` target modules without ``--lora_layers``: img_in, the attention
+#: projections (the single blocks' q/k/v too, by PEFT's suffix match) and the double blocks' feed-forwards; not the
+#: modulation Linears, the single blocks' MLP (``proj_mlp``, ``proj_out``), the other embedders or the final layer
+DIFFUSERS_CONTROL_TARGETS = (
+    "x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)  # fmt: skip
+
+
+def control_lora_layers(targets: Iterable[Target], lora_layers: str | None) -> list[Target]:
+    """The control-LoRA targets diffusers' ``--lora_layers`` picks from ``targets`` (every Linear of the transformer):
+    ``all-linear`` keeps them all (the script collects every ``nn.Linear``'s name: BFL's releases' set); otherwise
+    the comma-separated names (:data:`DIFFUSERS_CONTROL_TARGETS` when ``None``) plus ``x_embedder``, each matched as
+    PEFT matches a list of ``target_modules``: the module path itself or a path ending in ``.<name>``.
+
+    A given name that matches no Linear is a ``ConfigError`` listing all of them (PEFT accepts a list as long as
+    one name matches, or fails on a non-Linear module: sdcore says which names did nothing)."""
+    from sdcore.errors import ConfigError
+
+    targets = list(targets)
+    if lora_layers is not None and lora_layers.strip() == "all-linear":
+        return targets
+    names = list(DIFFUSERS_CONTROL_TARGETS) if lora_layers is None else [n.strip() for n in lora_layers.split(",")]
+    if "x_embedder" not in names:  # the script adds the input layer, which takes the control latents
+        names.append("x_embedder")
+    chosen: set[str] = set()
+    unmatched: list[str] = []
+    for name in names:
+        found = {t.path for t in targets if name and (t.path == name or t.path.endswith("." + name))}
+        if not found:
+            unmatched.append(repr(name))
+        chosen |= found
+    if unmatched and lora_layers is not None:
+        raise ConfigError(
+            f"--lora-layers: {len(unmatched)} name(s) match no Linear of the transformer: {', '.join(unmatched)} "
+            "(diffusers module names such as attn.to_q, ff.net.2, proj_mlp, norm1.linear, or all-linear)"
+        )
+    return [t for t in targets if t.path in chosen]
+
+
 @functools.cache
 def _bfl_linear_names() -> tuple[frozenset[str], frozenset[str]]:
     """(every Linear of a FLUX.1 transformer by BFL's name, its block index written ``N``; the Linears whose row
@@ -573,7 +626,9 @@ def is_bfl_linear(name: str) -> bool:
     return re.sub(r"^(double_blocks|single_blocks)\.\d+\.", r"\1.N.", name) in _bfl_linear_names()[0]
 
 
-def control_module(bfl: str, down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
+def control_module(
+    bfl: str, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """One module of a control LoRA in BFL's layout: ``<bfl>.lora_A.weight`` = ``down`` [r, in] and
     ``.lora_B.weight`` = ``up`` [out, r], the scale already folded into ``up`` (the files have no alpha).
 
@@ -581,12 +636,17 @@ def control_module(bfl: str, down: torch.Tensor, up: torch.Tensor) -> dict[str, 
     ``lora_B = [up, up] / 2`` (the same ``B A``): diffusers' converter swaps the halves of this module's
     ``lora_A`` as well as ``lora_B``'s (its rank halves, where only the output rows are BFL's (shift, scale)); with
     equal halves, that swap of lora_A changes nothing and every loader gets ``B A``. Training's writer
-    (:func:`control_state_dict`) and ``sdcore lora resize`` both write through here."""
+    (:func:`control_state_dict`) and ``sdcore lora resize`` both write through here. ``bias`` (``--lora-bias``,
+    scale folded in like ``up``'s) is ``lora_B.bias``, one value per output row whatever the rank.
+    """
     import torch
 
     if bfl in _bfl_linear_names()[1]:
         down, up = torch.cat([down, down]), torch.cat([up, up], dim=1) / 2
-    return {f"{bfl}.lora_A.weight": down.contiguous(), f"{bfl}.lora_B.weight": up.contiguous()}
+    out = {f"{bfl}.lora_A.weight": down.contiguous(), f"{bfl}.lora_B.weight": up.contiguous()}
+    if bias is not None:
+        out[f"{bfl}.lora_B.bias"] = bias.contiguous()
+    return out
 
 
 def control_rank(bfl: str, down: torch.Tensor) -> int:
@@ -610,7 +670,15 @@ def control_state_dict(
     files apply at PEFT's scale 1, so alpha/rank is folded into ``lora_B``), and every attention RMSNorm's scale
     in full (``...norm.query_norm.scale``: the model's, trained or not). ComfyUI recognises the layout by
     ``img_in.lora_A.weight`` with ``single_blocks.0.norm.key_norm.scale``, diffusers' ``load_lora_weights`` by
-    any ``query_norm.scale``; both then widen ``img_in`` from ``lora_A``'s width, as sdcore's loader does."""
+    any ``query_norm.scale``; both then widen ``img_in`` from ``lora_A``'s width, as sdcore's loader does.
+
+    diffusers' converter (``_convert_bfl_flux_control_lora_to_diffusers``) pops every Linear's ``lora_A``/``lora_B``
+    unconditionally, so a file without one fails to load there: a Linear the run did not adapt (``--lora-layers``,
+    whose default is diffusers' list, not every Linear) is written as a rank-1 module of zeros, which changes
+    nothing in any loader and costs a few kilobytes. ``--lora-bias`` modules carry ``lora_B.bias`` (scale folded
+    in), as BFL's own files do; diffusers' converter and sdcore's loader read it. With biases the zero modules get a
+    zero bias too: PEFT builds every module with ``lora_bias`` once a file has one, and a bias the file lacks stays
+    unloaded (on the meta device under diffusers' low-memory loading, which then fails)."""
     from sdcore.errors import NetworkMismatchError
     from sdcore.models.flux.convert import key_plan
 
@@ -624,11 +692,26 @@ def control_state_dict(
     names = {module.name: bfl_of.get(module.parts[0].path) for module in index.kohya.values()}
     out: dict[str, torch.Tensor] = {}
     for name, weights in _modules(kohya_state_dict(state, index)).items():
-        bfl = names.get(name)
+        bfl = names.pop(name, None)
         if bfl is None or not weights.plain_lora:
             raise NetworkMismatchError(f"{name}: a FLUX.1 control LoRA holds plain LoRA on BFL's Linears only")
         up = (weights.up.flatten(1).float() * weights.scale).to(weights.up.dtype)
-        out.update(control_module(bfl, weights.down.flatten(1), up))
+        bias = weights.tensors.get("lora_up.bias")
+        if bias is not None:
+            bias = (bias.float() * weights.scale).to(bias.dtype)
+        out.update(control_module(bfl, weights.down.flatten(1), up, bias))
+    import torch
+
+    biased = any(key.endswith(".lora_B.bias") for key in out)
+    for name, left in names.items():  # a Linear --lora-layers left out: a zero rank-1 module (see the docstring)
+        if left is None:
+            continue
+        module = index.kohya[name]
+        base = _get(transformer, module.parts[0].path)
+        dtype = base.weight.dtype
+        zero_down = torch.zeros(1, int(base.weight.shape[1]), dtype=dtype)
+        zero_bias = torch.zeros(module.rows, dtype=dtype) if biased else None
+        out.update(control_module(left, zero_down, torch.zeros(module.rows, 1, dtype=dtype), zero_bias))
     for bfl, target in index.scales.items():
         out[bfl] = target.module.weight.detach().clone()
     return out
@@ -642,7 +725,8 @@ def diffusers_state_dict(
     Keys are ``transformer.<path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.<path>`` for
     the encoders); alphas go where diffusers' ``save_lora_weights`` puts them, the
     ``lora_adapter_metadata`` header (the PEFT ``LoraConfig`` per component: ``r``,
-    ``lora_alpha``, ``target_modules``, and ``rank_pattern``/``alpha_pattern`` for modules that differ).
+    ``lora_alpha``, ``target_modules``, and ``rank_pattern``/``alpha_pattern`` for modules that differ;
+    ``lora_bias`` when the modules carry PEFT's ``lora_B.bias``, ``--lora-bias``).
     """
     import json
 
@@ -657,22 +741,30 @@ def diffusers_state_dict(
             raise NetworkMismatchError(f"{name}: not a module of the loaded model")
         if not weights.plain_lora:
             raise NetworkMismatchError(f"{name}: diffusers/PEFT files hold plain LoRA only (this is {weights.kind})")
-        entries: list[tuple[str, str, torch.Tensor]] = []  # (component, module path, lora_B)
+        bias = weights.tensors.get("lora_up.bias")  # --lora-bias: PEFT's lora_B.bias
+        entries: list[tuple[str, str, torch.Tensor, torch.Tensor | None]] = []  # (component, path, lora_B, bias)
         if target is not None:
             component = "transformer" if target.component == index.denoiser else target.component
-            entries.append((component, target.path, weights.up))  # the loaded modules' own paths
+            entries.append((component, target.path, weights.up, bias))  # the loaded modules' own paths
         else:
             assert fused is not None  # a shared-down module: each member keeps the down and its rows of up
             up, start = weights.up.flatten(1), 0
             for part in fused.parts:
                 rows = up[start : start + part.rows]
-                entries.append(("transformer", part.path, swap_halves(rows) if part.swap_halves else rows))
+                part_bias = bias[start : start + part.rows] if bias is not None else None
+                if part.swap_halves:
+                    rows = swap_halves(rows)
+                    part_bias = swap_halves(part_bias) if part_bias is not None else None
+                entries.append(("transformer", part.path, rows, part_bias))
                 start += part.rows
-        for component, path, lora_b in entries:
+        for component, path, lora_b, lora_b_bias in entries:
             # one copy of the shared down per member: safetensors refuses tensors that share memory
             out[f"{component}.{path}.lora_A.weight"] = weights.down.clone() if fused is not None else weights.down
             out[f"{component}.{path}.lora_B.weight"] = lora_b.contiguous()
-            config = configs.setdefault(component, {"ranks": {}, "alphas": {}})
+            if lora_b_bias is not None:
+                out[f"{component}.{path}.lora_B.bias"] = lora_b_bias.contiguous()
+            config = configs.setdefault(component, {"ranks": {}, "alphas": {}, "bias": False})
+            config["bias"] = config["bias"] or lora_b_bias is not None
             config["ranks"][path] = weights.rank
             config["alphas"][path] = weights.alpha
     header: dict[str, Any] = {}
@@ -685,16 +777,20 @@ def diffusers_state_dict(
         header[f"{component}.target_modules"] = sorted(ranks)
         header[f"{component}.rank_pattern"] = {p: r for p, r in ranks.items() if r != rank}
         header[f"{component}.alpha_pattern"] = {p: a for p, a in alphas.items() if a != alpha}
+        if config["bias"]:  # diffusers builds the LoraConfig from this header alone when it is there
+            header[f"{component}.lora_bias"] = True
     return out, {"lora_adapter_metadata": json.dumps(header, sort_keys=True), "format": "pt"}
 
 
 __all__ = [
+    "DIFFUSERS_CONTROL_TARGETS",
     "DIT_FAMILIES",
     "DIT_TE_PREFIXES",
     "TRANSFORMER_PREFIX",
     "KohyaModule",
     "Part",
     "block_linears",
+    "control_lora_layers",
     "control_state_dict",
     "control_targets",
     "diffusers_state_dict",

@@ -298,7 +298,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "FLUX.1 dev: train a control LoRA (BFL's Depth/Canny kind, diffusers' train_control_lora_flux.py): img_in "
         "widened from 64 to 128 inputs with zero columns, each training image's control image (--control-dir, "
         "same stem; a depth map, edges, a pose ...) encoded like it and joined to the noisy latents on the "
-        "channels, plain LoRA on every Linear of the transformer; saved in BFL's layout (sdcore generate "
+        "channels, plain LoRA on the transformer's Linears (--lora-layers); saved in BFL's layout (sdcore generate "
         "--control-image, diffusers' FluxControlPipeline and ComfyUI load it).",
         group="lora",
     )
@@ -306,6 +306,21 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         False,
         "With --control-lora: also train the attention RMSNorm scales (diffusers' --train_norm_layers); the file "
         "holds them in full, as BFL's control LoRAs do.",
+        group="lora",
+    )
+    lora_bias: bool = option(
+        False,
+        "Also train a bias on every LoRA module's lora_up, from zero (PEFT's lora_bias=True, diffusers' "
+        "--use_lora_bias), saved as lora_B.bias. Plain LoRA in a layout that holds it: --control-lora (BFL's control "
+        "layout, as BFL's own files) or --key-layout diffusers (PEFT's); kohya's LoRA modules have none.",
+        group="lora",
+    )
+    lora_layers: str | None = option(
+        None,
+        "With --control-lora: the transformer modules to adapt, as diffusers' --lora_layers: comma-separated "
+        "diffusers module names matched as PEFT's target_modules (a name or its dotted tail: attn.to_q), x_embedder "
+        "always added; or all-linear (every Linear, as BFL's releases). Default: the script's list (x_embedder, "
+        "the attention projections and the double blocks' feed-forwards).",
         group="lora",
     )
 
@@ -344,6 +359,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
         "layer_filter", "layer_filter_regex", "layer_exclude", "control_lora", "train_norm_layers",
         "module_ranks", "extra_module_ranks",
+        "lora_bias", "lora_layers",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -517,6 +533,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         problems += self._control_lora_problems()
         problems += self._ggpo_problems()
         problems += self._module_rule_problems()
+        problems += self._lora_bias_problems()
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -603,9 +620,15 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         than any file a run could start from or merge (those are refused rather than half applied)."""
         o = self.options
         if not o.control_lora:
+            problems = []
             if o.train_norm_layers:
-                return ["--train-norm-layers trains a control LoRA's norm scales: give --control-lora"]
-            return []
+                problems.append("--train-norm-layers trains a control LoRA's norm scales: give --control-lora")
+            if o.lora_layers is not None:
+                problems.append(
+                    "--lora-layers picks a control LoRA's modules as diffusers' train_control_lora_flux.py does: give "
+                    "--control-lora (other LoRAs choose theirs with --layer-filter/--layer-exclude)"
+                )
+            return problems
         given = [
             flag
             for flag, on in (
@@ -626,10 +649,29 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if not given:
             return []
         return [
-            f"--control-lora with {', '.join(given)}: a FLUX.1 control LoRA is plain LoRA on every Linear of the "
-            "transformer in BFL's layout (one lora_A per fused qkv/linear1; no text encoder), trained from zero on "
+            f"--control-lora with {', '.join(given)}: a FLUX.1 control LoRA is plain LoRA on the Linears of the "
+            "transformer (--lora-layers picks them) in BFL's layout (one lora_A per fused qkv/linear1; no text encoder), trained from zero on "
             "the widened img_in; drop them"
         ]
+
+    def _lora_bias_problems(self) -> list[str]:
+        """--lora-bias needs plain LoRA and a file layout with a place for ``lora_B.bias``: BFL's control layout and
+        PEFT's diffusers layout have one; kohya's ``networks.lora``/``lora_flux`` build ``lora_up`` without a bias
+        (sd-scripts loads its files non-strictly, so such a bias would be dropped without a word)."""
+        o = self.options
+        if not o.lora_bias:
+            return []
+        problems: list[str] = []
+        if not o.control_lora and o.key_layout != "diffusers":
+            problems.append(
+                "--lora-bias: lora_B.bias has a place in BFL's control layout (--control-lora) and PEFT's diffusers "
+                "layout (--key-layout diffusers, SD3/Flux/Chroma), not in kohya's (its lora_up has no bias; "
+                "sd-scripts would drop it)"
+            )
+        if o.algo != "lora" or o.use_tucker:
+            problems.append(f"--lora-bias trains PEFT's lora_B bias of plain LoRA, not --algo {o.algo}"
+                            f"{' --use-tucker' if o.use_tucker else ''}")  # fmt: skip
+        return problems
 
     def _te_rate_problems(self) -> list[str]:
         """--te1-lr/--te2-lr/--te3-lr: not negative, and for encoders that train here."""
@@ -939,10 +981,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             return self._finish_prepare(bundle, index, network, plan)
         targets = index.select(unet=self.train_unet, text_encoder=self.train_te, conv=conv, t5=self.options.train_t5)
         targets += self._extra_targets(index, targets)
-        if self.options.control_lora:  # BFL's control LoRAs adapt every Linear of the transformer
-            from .dit import control_targets
+        if self.options.control_lora:  # diffusers' --lora_layers over the transformer's Linears
+            from .dit import control_lora_layers, control_targets
 
-            targets = control_targets(index)
+            targets = control_lora_layers(control_targets(index), self.options.lora_layers)
         if self.options.algo == "oft" and index.kohya:  # kohya networks.oft_flux: its BFL Linears, split per part
             from .dit import oft_flux_modules
 
@@ -975,6 +1017,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             constraint=self.options.constraint,
             rescaled=self.options.rescaled,
             norms=index.select_norms(conv=conv) if self.options.train_norm and self.train_unet else (),
+            lora_bias=self.options.lora_bias,
         )
         groups = self._finish_prepare(bundle, index, network, plan)
         if self.options.train_norm_layers:  # diffusers' --train_norm_layers: the RMSNorm scales at the LoRA's rate
@@ -1591,6 +1634,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             args["control_lora"] = True
             if o.train_norm_layers:
                 args["train_norm_layers"] = True
+            args["lora_layers"] = o.lora_layers or "diffusers-default"
+        if o.lora_bias:
+            args["lora_bias"] = True
         variant = None
         if self.index is not None and self.index.kohya:
             from .dit import variant_of_transformer

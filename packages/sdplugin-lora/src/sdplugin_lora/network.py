@@ -82,6 +82,7 @@ class LoraNetwork(nn.Module):
         norms: Iterable[Target] = (),
         constraint: float = 0.0,
         rescaled: bool = False,
+        lora_bias: bool = False,
     ) -> LoraNetwork:
         """kohya's rule: Linear and 1x1 conv get ``rank``/``alpha``; kxk convs ``conv_rank``/``conv_alpha``
         (skipped when no conv rank). ``algo`` picks the adapter (:data:`sdplugin_lora.algos.ALGOS`);
@@ -100,6 +101,8 @@ class LoraNetwork(nn.Module):
         rank-dropout mask divided by its mean) and ``norms`` (``train_norm``: a :class:`NormAdapter`
         on each of these GroupNorm/LayerNorm targets, ``ModuleIndex.select_norms``); ``constraint`` and
         ``rescaled`` (diag-oft, BOFT). A layer BOFT cannot split is a ``ConfigError`` naming every one.
+        ``lora_bias`` (plain LoRA only) gives every module a ``lora_up`` bias trained from zero (PEFT's
+        ``lora_bias``, ``--lora-bias``).
 
         LyCORIS ``ia3`` and ``full`` have no rank: ``rank``/``conv_rank`` only say which targets get a
         module (a kxk conv needs a conv rank, as LyCORIS' ``conv_dim``)."""
@@ -141,6 +144,7 @@ class LoraNetwork(nn.Module):
                     dropout=dropout,
                     rank_dropout=rank_dropout,
                     module_dropout=module_dropout,
+                    lora_bias=lora_bias,
                 )
             )
         for target in targets:
@@ -195,7 +199,7 @@ class LoraNetwork(nn.Module):
                 common.update(dropout=dropout, rank_dropout=rank_dropout)
             elif adapter_cls is LoraAdapter:
                 common.update(dropout=dropout, rank_dropout=rank_dropout, dora=algo == "dora", tucker=use_tucker)
-                common.update(rank_dropout_scale=rank_dropout_scale)
+                common.update(rank_dropout_scale=rank_dropout_scale, lora_bias=lora_bias)
             elif algo in ("ia3", "glora", "full"):  # LyCORIS: module dropout only (see their adapters)
                 pass
             elif algo == "lokr":

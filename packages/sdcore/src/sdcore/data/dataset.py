@@ -92,6 +92,10 @@ class SubsetOptions:
     #: FLUX.1 Kontext: each image's control (reference) image, the file of the same stem in this folder
     #: (musubi-tuner's ``control_directory``, ai-toolkit's ``control_path``; :mod:`sdcore.train.kontext_data`)
     control_dir: Path | None = None
+    #: a diffusers JSONL (:mod:`sdcore.data.jsonl`): its rows are this subset's images, each with its own control
+    #: image and caption, read from ``jsonl_columns`` (image, control image, caption); ``image_dir`` is its folder
+    jsonl_file: Path | None = None
+    jsonl_columns: tuple[str, str, str] = ("image", "conditioning_image", "text")
     #: kohya's face-centred crop (buckets off; faces named ``<name>_<cx>_<cy>_<w>_<h>``)
     face_crop_aug_range: tuple[float, float] | None = None
     enable_wildcard: bool = False
@@ -147,6 +151,8 @@ class ImageEntry:
     subset: SubsetOptions
     #: the ``tags`` of a metadata-file entry as kohya counts them for ``ss_tag_frequency`` (else ``None``)
     tags: str | None = None
+    #: this image's own control image (a JSONL row's); ``None``: the subset's ``control_dir`` pairs by stem
+    control_path: Path | None = None
 
     @property
     def written_caption(self) -> str:
@@ -860,9 +866,42 @@ def _scan_metadata_subset(subset: SubsetOptions, index: DatasetIndex, *, verify:
                 index.skipped.append(SkippedFile(child, f"not listed in {meta.name}: not trained (as kohya)"))
 
 
+def _scan_jsonl_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool) -> None:
+    """Entries of a diffusers JSONL (:mod:`sdcore.data.jsonl`): each usable row's image with its control image and
+    caption; bad rows are problems (all at once, before any model loads), unreadable images skipped and counted as
+    in a folder."""
+    from .jsonl import jsonl_rows
+
+    assert subset.jsonl_file is not None
+    try:
+        rows, problems = jsonl_rows(subset.jsonl_file, subset.jsonl_columns)
+    except DataError as exc:
+        index.problems.append(str(exc))
+        return
+    index.problems.extend(problems)
+    for position, size in _usable_sizes(subset, [row.image for row in rows], index, verify):
+        row = rows[position]
+        if row.caption == "":
+            index.empty_captions.append(row.image)
+        index.entries.append(
+            ImageEntry(
+                path=row.image,
+                caption=row.caption,
+                repeats=subset.repeats,
+                is_class=subset.is_class,
+                size=size,
+                subset=subset,
+                control_path=row.control,
+            )
+        )
+
+
 def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, roots: set[Path]) -> None:
     if subset.metadata_file is not None:
         _scan_metadata_subset(subset, index, verify=verify)
+        return
+    if subset.jsonl_file is not None:
+        _scan_jsonl_subset(subset, index, verify=verify)
         return
     directory = subset.image_dir
     if not directory.is_dir():
@@ -961,6 +1000,22 @@ def _subsets_for(
         metadata_file = Path(options.metadata_file).expanduser()
         values = {**defaults, "class_tokens": None, "conditioning_data_dir": None}
         return [SubsetOptions(image_dir=source, repeats=options.dataset_repeats, metadata_file=metadata_file, **values)]
+    if source.is_file() and source.suffix.lower() == ".jsonl":  # diffusers' --jsonl_for_train
+        columns = (
+            (options.image_column, options.conditioning_image_column, options.caption_column)
+            if options is not None
+            else ("image", "conditioning_image", "text")
+        )
+        if options is not None and options.control_dir:
+            raise DataError(
+                f"--control-dir with the JSONL dataset {source}: each row names its control image "
+                f"(--conditioning-image-column {options.conditioning_image_column!r}); drop --control-dir"
+            )
+        values = {**defaults, "control_dir": None, "class_tokens": None}
+        repeats = options.dataset_repeats if options is not None else 1
+        subset = SubsetOptions(image_dir=source.parent, repeats=repeats, jsonl_file=source, jsonl_columns=columns,
+                               is_class=is_class, **values)  # fmt: skip
+        return [subset]
     if source.is_file():
         from ..train.aitoolkit import is_job_file, load_datasets
 
@@ -972,8 +1027,8 @@ def _subsets_for(
             subsets = load_concepts(source, options, skipped)
         elif source.suffix.lower() != ".toml":
             raise DataError(
-                f"{source}: a dataset is a folder, a .toml dataset config, a OneTrainer concepts .json or an "
-                "ai-toolkit job"
+                f"{source}: a dataset is a folder, a .toml dataset config, a OneTrainer concepts .json, an "
+                "ai-toolkit job or a diffusers .jsonl"
             )
         else:
             subsets = load_toml_dataset_config(source, options)

@@ -4,8 +4,8 @@ A control LoRA makes FLUX.1 dev take a control image (a depth map, canny edges, 
 noisy latents: dev's ``img_in`` is widened from 64 to 128 inputs with zero columns for the run
 (:func:`sdcore.models.flux.control.widen_img_in`), each training image's control image (paired by file stem as
 FLUX.1 Kontext's are: :mod:`sdcore.train.kontext_data`) is VAE-encoded like the image and joined to the noisy
-latents on the channels at every step (:func:`sdcore.models.flux.control.join_control`), and the LoRA (over every
-Linear, ``img_in``'s widened input included) learns to use it. That is diffusers'
+latents on the channels at every step (:func:`sdcore.models.flux.control.join_control`), and the LoRA (over the
+Linears diffusers' script picks, ``--lora-layers``: ``img_in``'s widened input always) learns to use it. That is diffusers'
 ``examples/flux-control/train_control_lora_flux.py``; the method that trains it (``sdcore train lora
 --control-lora``) declares :attr:`sdcore.train.method.Capabilities.control_channels`, and this module refuses in
 the pre-flight what such a run cannot be, all problems at once.

@@ -42,8 +42,14 @@ log = logging.getLogger("sdcore.train")
 
 
 def has_control(entry: ImageEntry) -> bool:
-    """Whether ``entry``'s subset pairs its images with control images."""
-    return getattr(entry.subset, "control_dir", None) is not None
+    """Whether ``entry`` is paired with a control image: its own (a JSONL row's, :mod:`sdcore.data.jsonl`) or one
+    in its subset's control folder."""
+    return getattr(entry, "control_path", None) is not None or _subset_paired(entry.subset)
+
+
+def _subset_paired(subset: Any) -> bool:
+    """Whether a subset's images come with control images: a control folder, or a JSONL naming one per row."""
+    return getattr(subset, "control_dir", None) is not None or getattr(subset, "jsonl_file", None) is not None
 
 
 #: extensions a control image may have: every image extension sdcore trains on (a training image may be a
@@ -54,6 +60,9 @@ CONTROL_EXTENSIONS = tuple(dict.fromkeys(ext for s in IMAGE_SUFFIXES for ext in 
 def control_image_path(entry: ImageEntry) -> Path | None:
     """The control image of ``entry``: the file named like it (:data:`CONTROL_EXTENSIONS`, the first in sorted
     order as kohya's and musubi-tuner's ``glob_images``) in its subset's control folder; None without."""
+    own = getattr(entry, "control_path", None)
+    if own is not None:  # a JSONL row's control image, checked when the row was read
+        return Path(own) if Path(own).is_file() else None
     folder = getattr(entry.subset, "control_dir", None)
     if folder is None:
         return None
@@ -115,7 +124,7 @@ def control_problems(index: DatasetIndex) -> list[str]:
 
     subsets = index.subsets or list({id(e.subset): e.subset for e in index.entries}.values())
     with_dir = [s for s in subsets if getattr(s, "control_dir", None) is not None]
-    if not with_dir:
+    if not any(_subset_paired(s) for s in subsets):
         return []
     problems: list[str] = []
     for folder in dict.fromkeys(Path(s.control_dir) for s in with_dir if s.control_dir is not None):
@@ -129,7 +138,7 @@ def control_problems(index: DatasetIndex) -> list[str]:
             f"control images: the control folder is the image folder itself ({_listed(own)}): each image would be "
             "its own control image; put the control images in a folder of their own"
         )
-    without = [str(s.image_dir) for s in subsets if getattr(s, "control_dir", None) is None]
+    without = [str(s.image_dir) for s in subsets if not _subset_paired(s)]
     if without:
         problems.append(
             f"control images: {len(without)} subset(s) have no control folder while others do ({_listed(without)}); "
@@ -141,7 +150,8 @@ def control_problems(index: DatasetIndex) -> list[str]:
     unreadable: list[str] = []
     for entry in index.entries:
         control_dir = getattr(entry.subset, "control_dir", None)
-        if control_dir is None or not Path(control_dir).is_dir():
+        row = getattr(entry, "control_path", None) is not None  # a JSONL row's: its absence was reported already
+        if not row and (control_dir is None or not Path(control_dir).is_dir()):
             continue
         path = control_image_path(entry)
         if path is None:
@@ -193,7 +203,8 @@ def control_summary(index: DatasetIndex, *, channels: bool = False) -> list[str]
     """The plan's line for a Kontext dataset (none without control images): that it trains FLUX.1 Kontext and
     from which control folders, so a dry run shows what the run will pair; ``channels``: a FLUX.1 control LoRA
     (:mod:`sdcore.train.control_lora`) takes them instead."""
-    folders = list(dict.fromkeys(str(e.subset.control_dir) for e in index.entries if has_control(e)))
+    folders = list(dict.fromkeys(str(e.subset.jsonl_file if getattr(e, "control_path", None) is not None
+                                     else e.subset.control_dir) for e in index.entries if has_control(e)))  # fmt: skip
     if not folders:
         return []
     what = "FLUX.1 control LoRA (control latents joined on the channels)" if channels else "FLUX.1 Kontext"

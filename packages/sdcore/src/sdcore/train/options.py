@@ -92,8 +92,23 @@ class TrainOptions:
     t5_tokenizer: str | None = _part("t5_tokenizer")
     data: str = option(
         "",
-        "Dataset folder (kohya N_name subfolders or plain images), a TOML dataset config or a OneTrainer "
-        "concepts .json.",
+        "Dataset folder (kohya N_name subfolders or plain images), a TOML dataset config, a OneTrainer "
+        "concepts .json, or a diffusers .jsonl of image / control image / caption rows (diffusers' "
+        "--jsonl_for_train; see --image-column).",
+        group="data",
+    )
+    image_column: str = option(
+        "image", "A .jsonl --data: the column of each row's image path (diffusers' --image_column).", group="data"
+    )
+    conditioning_image_column: str = option(
+        "conditioning_image",
+        "A .jsonl --data: the column of each row's control image path (diffusers' --conditioning_image_column).",
+        group="data",
+    )
+    caption_column: str = option(
+        "text",
+        "A .jsonl --data: the column of each row's caption, or list of captions of which the longest is used "
+        "(diffusers' --caption_column).",
         group="data",
     )
     output: str = option("", "Where to write the result (a file or a folder, per method).", group="output")

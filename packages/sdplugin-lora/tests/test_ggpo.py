@@ -313,3 +313,45 @@ def test_kohya_ss_gui_switch_reaches_the_options():
     assert not out.problems and float(out.values["ggpo_sigma"]) == SIGMA and float(out.values["ggpo_beta"]) == BETA
     items, _, _ = gui_preset({**gui, "train_lora_ggpo": False}, "x")
     assert not any("ggpo" in a for a in items.get("network_args", []))
+
+
+@pytest.mark.parametrize("storage", ["nf4", "int8"])
+def test_noise_on_a_packed_base_layer_does_not_dequantise_it_again(storage):
+    """``--base-weights-dtype nf4|int8``: the layer's ``weight`` is dequantised on every read, so the noise
+    takes its shape from the layer (kohya keeps ``org_module_shape``), not from ``layer.weight``: a GGPO
+    training forward dequantises once, as one without GGPO does, and still adds ``x @ P.T``."""
+    from unittest import mock
+
+    from sdcore.train.base_weights import STORAGE_FORMATS, convert_base_weights
+
+    torch.manual_seed(0)
+    root = torch.nn.Sequential(torch.nn.Linear(32, 24)).requires_grad_(False)
+    convert_base_weights(root, STORAGE_FORMATS[storage], torch.float32)
+    layer = root[0]
+    module = LoraAdapter("lin", layer, 4, 2.0)
+    _randomise(module, 0)
+    network = LoraNetwork([module]).attach()
+    enable(network, SIGMA, BETA)
+    network.train()
+    x = torch.randn(3, 32)
+    _backward(network, (layer,), (x,))
+    update(network)
+    kind = type(STORAGE_FORMATS[storage])
+    reads = []
+    original = kind.dequantise
+
+    def counted(self, *args, **kwargs):
+        reads.append(1)
+        return original(self, *args, **kwargs)
+
+    with torch.no_grad(), mock.patch.object(kind, "dequantise", counted):
+        network.eval()
+        clean = layer(x)
+        assert len(reads) == 1
+        network.train()
+        torch.manual_seed(7)
+        got = layer(x)
+        assert len(reads) == 2  # the layer's own op only: no second dequantise for the noise's shape
+    torch.manual_seed(7)
+    noise = torch.randn(24, 32) * module.ggpo.factor
+    torch.testing.assert_close(got, clean + x @ noise.T)

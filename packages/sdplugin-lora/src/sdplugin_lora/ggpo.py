@@ -79,18 +79,29 @@ class Ggpo:
         factor = self.factor
         if factor is None:
             return None
-        weight = layer.weight
-        assert isinstance(weight, torch.Tensor)
+        out_features, in_features = _layer_shape(layer)
         if rows is not None:
             factor = factor[rows[0] : rows[1]]
         with torch.no_grad():
-            noise = torch.randn(int(weight.shape[0]), int(weight.shape[1]), dtype=dtype, device=factor.device)
+            noise = torch.randn(out_features, in_features, dtype=dtype, device=factor.device)
             noise.mul_(factor)
             if not torch.is_autocast_enabled() and x.dtype != noise.dtype:
                 noise = noise.to(x.dtype)
             if isinstance(layer, nn.Conv2d):  # a 1x1 conv: a Linear over the channels
                 return nn.functional.conv2d(x, noise[:, :, None, None])
             return nn.functional.linear(x, noise)
+
+
+def _layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a Linear (a 1x1 conv: its channels) from its attributes: a packed base layer
+    (``--base-weights-dtype nf4|int8``) dequantises its whole ``weight`` on every read."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels, layer.in_channels
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0]), int(weight.shape[1])
 
 
 def ggpo_problem(module: Adapter) -> str | None:

@@ -128,7 +128,7 @@ def test_kohya_sd3_train_names():
     o = load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": "true", "cache_text_encoder_outputs": False},
                      notes=notes)  # fmt: skip
     assert o.cache_text_encoder_outputs is True
-    assert "use_t5xxl_cache_only: turns cache_text_encoder_outputs on, as kohya does" in notes
+    assert "use_t5xxl_cache_only: turns cache_text_encoder_outputs on, as kohya's sd3_train.py does" in notes
     assert load_options(DreamBoothOptions, None, kohya={"use_t5xxl_cache_only": False}).cache_text_encoder_outputs is (
         DreamBoothOptions().cache_text_encoder_outputs
     )
@@ -146,3 +146,23 @@ def test_kohya_terms_train_the_text_encoder_by_default_only_as_train_db(tmp_path
     options = load_options(DreamBoothOptions, config, notes=notes)
     assert options.train_text_encoder is trained
     assert any("text encoder is trained" in note for note in notes) is trained
+
+
+@pytest.mark.parametrize("model", ["tiny:flux", "tiny:sdxl"])
+def test_kohya_use_t5xxl_cache_only_is_read_by_sd3_train_alone(tmp_path, model):
+    """Only kohya's sd3_train.py defines --use_t5xxl_cache_only (its L1009; flux_train.py and sdxl_train.py have no
+    such option, and kohya's read_config_from_file keeps a TOML's unknown keys unread, train_util.py ~L4760): on a
+    FLUX.1 or SDXL model an explicit ``cache_text_encoder_outputs = false`` stays false, with a note saying why."""
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        f'pretrained_model_name_or_path = "{model}"\nuse_t5xxl_cache_only = true\ncache_text_encoder_outputs = false\n'
+        'train_data_dir = "data"\noutput_dir = "out"\n',
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    o = load_options(DreamBoothOptions, path, notes=notes)
+    assert o.cache_text_encoder_outputs is False
+    assert not any("as kohya does" in n for n in notes)
+    assert any(n.startswith("use_t5xxl_cache_only: ") and "sd3_train.py" in n for n in notes), notes
+    path.write_text(path.read_text().replace(model, "tiny:sd3"), encoding="utf-8")
+    assert load_options(DreamBoothOptions, path).cache_text_encoder_outputs is True  # sd3_train.py turns it on

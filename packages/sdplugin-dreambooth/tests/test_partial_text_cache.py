@@ -266,3 +266,23 @@ def test_the_dry_run_plan_names_the_partial_cache(tmp_path):
         texts.append(result.output)
     assert "text-encoder outputs in memory, T5-XXL only (the training text encoders run every step)" in texts[0]
     assert "text-encoder outputs no (the text encoder runs every step)" in texts[1]
+
+
+def test_a_subclass_with_its_own_encode_is_excluded_by_default(tmp_path):
+    """The default of :meth:`TrainingMethod.encodes_as_family`: a method that overrides ``encode`` encodes its own
+    way unless it says otherwise. A plugin subclassing DreamBooth to encode differently (here: a prefix word) must
+    not get DreamBooth's "family encoding" answer: a partial cache would join T5's cached part of the plain caption
+    with the live CLIP, not what its ``encode`` returns, and ``--weighted-captions`` would be taken unread."""
+    from sdcore.train.caption_checks import caption_option_problems
+
+    class Prefixed(DreamBoothMethod):
+        def encode(self, bundle, captions):
+            return super().encode(bundle, [f"sks {c}" for c in captions])
+
+    options = _options(tmp_path)
+    own = Prefixed(options)
+    assert not own.encodes_as_family()
+    assert partial_text_encoders(options, own.capabilities(), "sd3", own) == ()
+    weighted = _options(tmp_path, model="tiny:sd1", weighted_captions=True)
+    assert caption_option_problems(weighted, Prefixed(weighted))  # refused: its encode does not read emphasis
+    assert DreamBoothMethod(options).encodes_as_family()  # DreamBooth itself still delegates

@@ -197,3 +197,16 @@ def test_kohya_text_cache_note_on_sd1_says_kohya_caches_nothing_there(tmp_path):
     load_options(LoraOptions, path, notes=notes)
     (note,) = [n for n in notes if n.startswith("cache_text_encoder_outputs:")]
     assert "kohya's train_network.py caches nothing on SD 1.x/2.x" in note
+
+
+def test_kohya_use_t5xxl_cache_only_is_not_a_lora_script_option():
+    """kohya's LoRA scripts (sd3_train_network.py, flux_train_network.py) have no --use_t5xxl_cache_only (only
+    sd3_train.py's L1009 defines it; a TOML's unknown keys stay unread, train_util.py read_config_from_file): it
+    does not turn an explicit ``cache_text_encoder_outputs = false`` on for a LoRA run."""
+    from sdplugin_lora.method import LoraOptions
+
+    notes: list[str] = []
+    o = load_options(LoraOptions, None, kohya={"use_t5xxl_cache_only": True, "cache_text_encoder_outputs": False},
+                     notes=notes)  # fmt: skip
+    assert o.cache_text_encoder_outputs is False
+    assert any(n.startswith("use_t5xxl_cache_only: ") and "sd3_train.py" in n for n in notes), notes

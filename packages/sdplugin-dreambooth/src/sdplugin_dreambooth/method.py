@@ -223,8 +223,9 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
     def encodes_as_family(self) -> bool:
         """The family's encoding unless ``--no-token-padding`` (then :func:`encode_unpadded`): a partial
-        text-encoder cache applies as it does to LoRA."""
-        return not self.options.no_token_padding
+        text-encoder cache applies as it does to LoRA. A subclass that overrides :meth:`encode` again encodes
+        its own way (the base class's default rule) unless it says otherwise."""
+        return type(self).encode is DreamBoothMethod.encode and not self.options.no_token_padding
 
     def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
         if is_class and self.options.class_prompt:

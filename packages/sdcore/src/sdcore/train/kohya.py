@@ -1165,12 +1165,13 @@ def _composites(
                 f"{where}: use_t5xxl_cache_only with train_t5xxl: kohya refuses the pair (a trained T5's outputs "
                 "cannot be cached)"
             )
+        elif "unet_only" in present:  # LoRA's options: kohya's network scripts have no such option
+            out.notes.append(f"use_t5xxl_cache_only: {_T5_CACHE_ONLY_UNREAD} (LoRA scripts); no effect")
         elif "cache_text_encoder_outputs" in present and out.values.get("cache_text_encoder_outputs") is not True:
             # kohya sd3_train.py turns cache_text_encoder_outputs on for it (over an explicit false); sdcore's
             # partial cache then keeps T5's outputs while CLIP trains (sdcore.train.cache.partial_text_encoders),
-            # all of them when nothing trains (the same values: kohya's frozen CLIP runs uncached)
-            if "cache_text_encoder_outputs" in out.values:
-                out.notes.append("use_t5xxl_cache_only: turns cache_text_encoder_outputs on, as kohya does")
+            # all of them when nothing trains (the same values: kohya's frozen CLIP runs uncached). Other
+            # families' scripts do not read it: kohya_t5_cache_only, once the model's family is known
             out.values["cache_text_encoder_outputs"] = True
             out.origin["cache_text_encoder_outputs"] = "use_t5xxl_cache_only"
     for name in ("v2", "v_parameterization"):
@@ -1863,6 +1864,33 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
         f"timestep_sampling {sampling}: kohya's Flux script does not time-shift it, so discrete_flow_shift "
         f"{shift} has no effect (use timestep_sampling shift for a shifted sigmoid)",
     ]
+
+
+#: why kohya_t5_cache_only ignores ``use_t5xxl_cache_only`` outside sd3_train.py
+_T5_CACHE_ONLY_UNREAD = (
+    "sd3_train.py's option, which kohya's other scripts do not define (a config file's unknown keys stay unread)"
+)
+
+
+def kohya_t5_cache_only(
+    values: dict[str, Any], given: Mapping[str, Any], origin: Mapping[str, str], family: str | None
+) -> list[str]:
+    """``use_t5xxl_cache_only`` once the model's family is known: only kohya's sd3_train.py defines it (and turns
+    ``cache_text_encoder_outputs`` on for it, over an explicit false), so on another family (flux_train.py,
+    sdxl_train.py, train_db.py) the run keeps ``given``'s ``cache_text_encoder_outputs`` (kohya's config names as
+    written); ``values`` is changed in place. None (family unread): as on SD3."""
+    if origin.get("cache_text_encoder_outputs") != "use_t5xxl_cache_only":
+        return []
+    stated = given.get("cache_text_encoder_outputs")
+    # set in the config ("" is the GUI's unset); then off, else the value would not come from use_t5xxl_cache_only
+    explicit_off = stated is not None and not (isinstance(stated, str) and not stated.strip())
+    if family in (None, "sd3"):
+        if not explicit_off:
+            return []
+        return ["use_t5xxl_cache_only: turns cache_text_encoder_outputs on, as kohya's sd3_train.py does"]
+    if explicit_off:
+        values["cache_text_encoder_outputs"] = False
+    return [f"use_t5xxl_cache_only: {_T5_CACHE_ONLY_UNREAD}; no effect on this {family} model"]
 
 
 def kohya_text_cache_notes(

@@ -318,3 +318,24 @@ def test_memory_plan_counts_the_rule_ranks_and_the_plan_says_them():
     assert plan.notes[0] == f"LoRA network: {len(rows)} modules (rank 6 x{counts[6]}, rank 3 x1, rank 2 x{counts[2]})"
     txt = sum(1 for name in want_rank if "txt" in name)
     assert plan.notes[1] == f"--module-lrs: 'txt' -> lr 1e-05 on {txt} modules"
+
+
+@pytest.mark.parametrize("conv_dim", [3, 0])
+def test_kohya_sd3_emb_dims_x_embedder_takes_conv_dim(conv_dim, tmp_path):
+    """SAI's x_embedder.proj is a 2x2 Conv2d: in lora_sd3's create_modules a conv that is not 1x1 takes conv_dim /
+    conv_alpha when conv_dim is given (the ``elif self.conv_lora_dim is not None`` branch, before the emb_dims
+    ``force_incl_conv2d`` one; sd-scripts networks/lora_sd3.py L377-L382), so emb_dims' x value only counts without
+    conv_dim, and conv_dim=0 leaves x_embedder out."""
+    kohya = {"network_module": "networks.lora_sd3", "network_dim": 4, "network_alpha": 1.0,
+             "network_train_unet_only": True,
+             "network_args": [f"conv_dim={conv_dim}", "conv_alpha=0.5", "emb_dims=[2,0,5,0,0,0]"]}  # fmt: skip
+    method = LoraMethod(load_options(LoraOptions, None, kohya=kohya, notes=[]))
+    bundle = _sd3_bundle()
+    method.prepare(bundle)
+    lora, ranks = _saved(method, bundle, tmp_path / "s.safetensors")
+    assert ranks["lora_unet_context_embedder"] == 2
+    if conv_dim:
+        assert ranks["lora_unet_x_embedder_proj"] == conv_dim
+        assert lora.modules["lora_unet_x_embedder_proj"].alpha == 0.5
+    else:
+        assert "lora_unet_x_embedder_proj" not in ranks

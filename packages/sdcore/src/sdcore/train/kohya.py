@@ -1677,6 +1677,11 @@ def _per_module_args(
                 f"({', '.join(f.strip('_') for f in filters)})"
             )
         else:
+            conv_dim = args.get("conv_dim")
+            if module == "networks.lora_sd3" and conv_dim is not None and conv_dim.strip().isdigit():
+                # SAI's x_embedder.proj is a 2x2 conv: lora_sd3 gives a non-1x1 conv conv_dim (and conv_alpha)
+                # whenever conv_dim is set, before emb_dims' value (create_modules' conv branch comes first)
+                dims[filters.index("x_embedder")] = int(conv_dim)
             put("extra_module_ranks", ",".join(f"{re.escape(f)}={d}" for f, d in zip(filters, dims, strict=True)),
                 f"network_args {key}")  # fmt: skip
     lrs = args.pop("network_reg_lrs", None)

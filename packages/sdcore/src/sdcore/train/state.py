@@ -180,7 +180,14 @@ def load_state(folder: Path, *, optimizer: Any, scheduler: Any, scaler: Any = No
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # SafetensorError: a plain Exception
         raise ConfigError(f"{folder}: unreadable training state ({exc})") from exc
     # pickles only through the weights-only loader: a planted file raises UnsafeFileError, runs nothing
-    optimizer.load_state_dict(load_pickle(folder / "optimizer.pt", mmap=False))
+    try:
+        optimizer.load_state_dict(load_pickle(folder / "optimizer.pt", mmap=False))
+    except ValueError as exc:  # torch: another number of groups, or a group of another size
+        raise ConfigError(
+            f"--resume {folder}: the optimizer state does not fit this run's parameter groups ({exc}); an option "
+            "that splits the parameters into learning-rate groups changed since it was saved (LoRA: --module-lrs "
+            "rules, LoRA+ ratios, block or text-encoder rates): use the same ones, or start without --resume"
+        ) from exc
     scheduler.load_state_dict(load_pickle(folder / "scheduler.pt", mmap=False))
     if scaler is not None and (folder / "scaler.pt").exists():
         scaler.load_state_dict(load_pickle(folder / "scaler.pt", mmap=False))

@@ -64,7 +64,7 @@ def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> t
     """The usable rows of the JSONL at ``path`` and one problem line per kind of bad row (each listing its
     lines); ``columns`` are (image, control image, caption). An unreadable file is a :class:`DataError`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) as pyarrow's read_json
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the JSONL dataset: {exc}") from None
     image_col, control_col, caption_col = columns

@@ -33,3 +33,21 @@ def test_a_jsonl_saved_with_a_utf8_bom_reads_every_row(tmp_path):
         (1, "t0.png", "c0.png", "caption 0"),
         (2, "t1.png", "c1.png", "caption 1"),
     ]
+
+
+def test_unicode_line_separators_inside_a_caption_do_not_split_its_row(tmp_path):
+    """JSON strings may hold U+2028/U+2029/U+0085 unescaped (``json.dumps(..., ensure_ascii=False)`` writes them
+    so); JSON Lines separates records by ``\\n`` only (``\\r\\n`` too), so the row stays whole and keeps its caption
+    and the rows after it their line numbers."""
+    rows = _files(tmp_path, 3)
+    rows[0]["text"] = "a line\u2028separator"
+    rows[1]["text"] = "next\u0085line and\u2029paragraph"
+    path = tmp_path / "train.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode("utf-8"))
+    found, problems = jsonl_rows(path)
+    assert problems == []
+    assert [(r.line, r.caption) for r in found] == [
+        (1, "a line\u2028separator"),
+        (2, "next\u0085line and\u2029paragraph"),
+        (3, "caption 2"),
+    ]

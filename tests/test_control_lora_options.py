@@ -342,3 +342,56 @@ def test_an_interrupted_lora_bias_run_resumes_exactly(tmp_path):
     method.prepare(load_model("tiny:flux"))
     state = method.trainable_state_dict()
     assert sum(key.endswith(".lora_up.bias") for key in state) == len(method.network.loras)
+
+
+def test_the_training_forward_adds_the_bias_as_peft_lora_bias_does():
+    """The training forward against PEFT's own layer (``LoraConfig(lora_bias=True)``, peft/tuners/lora/layer.py
+    ``Linear.forward``: ``result + lora_B(lora_A(dropout(x))) * scaling``, lora_B's bias inside the scaling) on the
+    same weights, alpha 2 over rank 4; a multiplier and per-sample strengths scale the bias with the rest. The file
+    tests above check the saved bias against the trained one and the loaders against each other: this checks the
+    trained forward itself, so a bias left unscaled while training (the file scaling it) is caught."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from sdplugin_lora.adapters import LoraAdapter, SharedDownLora
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(6, 3))
+    theirs = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, lora_bias=True, target_modules=["0", "1"]),
+                                     copy.deepcopy(base))  # fmt: skip
+    with torch.no_grad():
+        for layer in theirs:
+            for p in (layer.lora_B["default"].weight, layer.lora_B["default"].bias):
+                p.normal_()
+    x = torch.randn(3, 2, 6)
+    ours = LoraAdapter("a", base[0], 4, 2.0, lora_bias=True)
+    shared = SharedDownLora("qkv", [("0", base[0]), ("1", base[1])], 4, 2.0, lora_bias=True)
+    assert ours.up_bias is not None and shared.up_bias is not None
+    with torch.no_grad():
+        ours.lora_down.weight.copy_(theirs[0].lora_A["default"].weight)
+        ours.lora_up.weight.copy_(theirs[0].lora_B["default"].weight)
+        ours.up_bias.copy_(theirs[0].lora_B["default"].bias)
+        shared.lora_down.weight.copy_(theirs[0].lora_A["default"].weight)
+        theirs[1].lora_A["default"].weight.copy_(theirs[0].lora_A["default"].weight)  # one down for both members
+        shared.lora_up.weight.copy_(torch.cat([theirs[i].lora_B["default"].weight for i in (0, 1)]))
+        shared.up_bias.copy_(torch.cat([theirs[i].lora_B["default"].bias for i in (0, 1)]))
+    plain = [layer(x) for layer in base]
+    want = [layer(x) for layer in theirs]
+    strengths = torch.tensor([1.0, 0.5, -1.0])
+    for adapter, members in ((ours, (0,)), (shared, (0, 1))):
+        adapter.train()
+        adapter.attach()
+        try:
+            for i in members:
+                torch.testing.assert_close(base[i](x), want[i], rtol=1e-5, atol=1e-6)
+            adapter.multiplier = 0.5
+            for i in members:
+                torch.testing.assert_close(base[i](x) - plain[i], 0.5 * (want[i] - plain[i]), rtol=1e-5, atol=1e-6)
+            adapter.multiplier = 1.0
+            adapter.sample_strength = strengths
+            for i in members:
+                got = base[i](x) - plain[i]
+                torch.testing.assert_close(got, strengths[:, None, None] * (want[i] - plain[i]), rtol=1e-5, atol=1e-6)
+            adapter.sample_strength = None
+        finally:
+            adapter.detach()

@@ -299,3 +299,51 @@ def test_a_kontext_model_without_control_images_says_it_trains_text_to_image(tmp
         said[model] = [r.getMessage() for r in caplog.records if "trains as text-to-image" in r.getMessage()]
     assert len(said["tiny:flux-kontext"]) == 1 and "--control-dir" in said["tiny:flux-kontext"][0]
     assert said["tiny:flux"] == []
+
+
+def test_a_jsonl_rows_control_image_is_part_of_the_disk_cache_key(tmp_path):
+    """A diffusers JSONL (``--data x.jsonl``) pairs each row with its own control image (no control folder): with
+    --cache-latents-to-disk an edited control image, or a row pointed at another one, makes the cache file stale as
+    a --control-dir pair's does (before, the key held the control image only for a control folder, so the old
+    control latents were read back without a word)."""
+    import json
+    import os
+
+    from sdcore.train.data import SampleRef
+
+    _options(tmp_path)
+    folder = _controls(tmp_path)
+    images = sorted((tmp_path / "data").rglob("*.png"))
+    jsonl = tmp_path / "train.jsonl"
+
+    def write(controls: list[Path]) -> None:
+        pairs = zip(images, controls, strict=True)
+        rows = [{"image": str(i), "conditioning_image": str(c), "text": "a photo"} for i, c in pairs]
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    write([folder / f"{i.stem}.jpg" for i in images])
+    o = _options(tmp_path, data=str(jsonl), cache_latents=True, cache_latents_to_disk=True)
+
+    def session():
+        s = TrainSession(ProjOutMethod(o), bundle=None)
+        s.setup()
+        return s, s.make_batch([SampleRef(i, 0, -1) for i in range(len(s.data.entries))]).reference_latents
+
+    first, written = session()
+    assert first.latent_cache.encoded == 4
+    second, read = session()
+    assert (second.latent_cache.encoded, second.latent_cache.reused) == (0, 4)
+    torch.testing.assert_close(read, written)
+    edited = folder / "img02.jpg"
+    Image.open(edited).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(edited, quality=95)
+    os.utime(edited, ns=(os.stat(edited).st_atime_ns, os.stat(edited).st_mtime_ns + 10**9))
+    third, changed = session()
+    assert third.latent_cache.encoded == 1
+    row = [e.path.stem for e in third.data.entries].index("img02")
+    assert not torch.allclose(changed[row], written[row])
+    # the row for img00 now names img01's control image: re-encoded, equal to what img01's pairing gave
+    write([folder / f"{i.stem}.jpg" for i in images[1:2] + images[1:]])
+    fourth, repointed = session()
+    assert fourth.latent_cache.encoded == 1
+    stems = [e.path.stem for e in fourth.data.entries]
+    assert not torch.allclose(repointed[stems.index("img00")], changed[stems.index("img00")])

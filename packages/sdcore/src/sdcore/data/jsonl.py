@@ -64,7 +64,7 @@ def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> t
     """The usable rows of the JSONL at ``path`` and one problem line per kind of bad row (each listing its
     lines); ``columns`` are (image, control image, caption). An unreadable file is a :class:`DataError`."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) as pyarrow's read_json
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the JSONL dataset: {exc}") from None
     image_col, control_col, caption_col = columns
@@ -73,7 +73,9 @@ def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> t
     not_objects: list[str] = []
     no_column: dict[str, list[str]] = {}
     missing: dict[str, list[str]] = {image_col: [], control_col: []}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # records end at "\n" alone (JSON Lines; pyarrow's read_json): str.splitlines would also split a caption at an
+    # unescaped U+2028/U+2029/U+0085, which JSON strings may hold
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

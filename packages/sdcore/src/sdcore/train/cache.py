@@ -76,9 +76,9 @@ def image_key(entry: ImageEntry, assignment: BucketAssignment, vae_id: str, *, i
         parts.append(f"resize:{entry.subset.resize_interpolation}")  # other pixels; None keeps older keys valid
     if getattr(entry.subset, "alpha_mask", False):
         parts.append("rgb-as-stored")  # alpha_mask reads RGB without compositing: other latents
-    if getattr(entry.subset, "control_dir", None) is not None:
-        from .kontext_data import control_identity
+    from .kontext_data import control_identity, has_control
 
+    if has_control(entry):  # a control folder's or a JSONL row's control image
         parts.append(("control", control_identity(entry)))  # FLUX.1 Kontext: an edited control image re-encodes
     if inpainting:  # an inpainting model's masked image: an edited mask re-encodes (other models keep their keys)
         from .inpainting import mask_identity

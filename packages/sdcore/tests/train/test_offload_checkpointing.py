@@ -205,3 +205,22 @@ def test_memory_plan_moves_the_block_inputs_to_the_host(flux_like):
     on_cpu = estimate_memory(layout, params, _options(cpu_offload_checkpointing=True), device="cpu")
     assert on_cpu.host == 0
     assert on_cpu.total == estimate_memory(layout, params, _options(gradient_checkpointing=True), device="cpu").total
+
+
+def test_onetrainer_activation_offloading_of_the_transformer_is_the_option(tmp_path):
+    """OneTrainer keeps a checkpointed layer's inputs on its temp device (``LayerOffloadConductor.after_layer``)
+    when the part has ``activation_offloading``: the option on a transformer; a UNet's stays a note."""
+    from test_onetrainer_losses import FLUX, SD15, _load_noted
+
+    notes: list[str] = []
+    part = {"train": True, "gradient_checkpointing": True, "activation_offloading": True}
+    o = _load_noted(tmp_path, {**FLUX, "transformer": part}, notes)
+    assert o.cpu_offload_checkpointing and o.gradient_checkpointing
+    assert not any("transformer: offloading" in n for n in notes), notes
+    o = _load_noted(tmp_path, {**FLUX, "transformer": {**part, "gradient_checkpointing": False}}, notes)
+    assert not o.cpu_offload_checkpointing  # no checkpointing, no checkpointed inputs to keep
+    o = _load_noted(tmp_path, {**FLUX, "transformer": {**part, "offload_fraction": 0.5}}, notes)
+    assert o.cpu_offload_checkpointing and any("transformer: offloading accepted" in n for n in notes)
+    unet_notes: list[str] = []
+    o = _load_noted(tmp_path, {**SD15, "unet": part}, unet_notes)
+    assert not o.cpu_offload_checkpointing and any("unet: offloading accepted" in n for n in unet_notes)

@@ -188,4 +188,3 @@ def enable_offload_checkpointing(bundle: ModelBundle, compute: Any, offload: Any
     else:
         denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=offload_func)
     return offload_func
-

@@ -42,7 +42,7 @@ def enable_masked_checkpointing(transformer: nn.Module, gradient_checkpointing_f
         seen["mask"] = kwargs.get("attention_mask")
 
     def checkpointed(block: nn.Module, *args: Any) -> Any:
-        inner = transformer._sdcore_checkpoint_inner
+        inner: Any = getattr(transformer, "_sdcore_checkpoint_inner", _plain)
         if id(block) in singles and len(args) == _SINGLE_CALL_ARGS and seen["mask"] is not None:
             return inner(block, *args, attention_mask=seen["mask"])
         return inner(block, *args)

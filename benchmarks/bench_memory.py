@@ -221,7 +221,12 @@ FLUX_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"heads": 4, "head_dim": 32, "double": 2, "single": 4, "resolution": 256, "text": 64, "rank": 4},
     "mid": {"heads": 8, "head_dim": 48, "double": 4, "single": 8, "resolution": 512, "text": 128, "rank": 8},
     "flux": {"heads": 24, "head_dim": 128, "double": 19, "single": 38, "resolution": 1024, "text": 512, "rank": 16},
+    # FLUX.1's blocks at FLUX.1's resolution, fewer of them: a short GPU check of per-block effects
+    # (--cpu-offload-checkpointing's block inputs: 4608 tokens x 3072 per block)
+    "stack": {"heads": 24, "head_dim": 128, "double": 4, "single": 8, "resolution": 1024, "text": 512, "rank": 16},
 }
+#: sizes with FLUX.1's own widths (random weights made on the training device, T5/CLIP-sized inputs)
+FLUX_WIDE = ("flux", "stack")
 #: what each transformer variant changes (``swap``: half the blocks, at least one)
 FLUX_VARIANTS = ("plain", "checkpointing", "fp8", "swap", "fp8+checkpointing")
 #: variant parts naming the frozen weights' storage (``--base-weights-dtype``); none of them: the compute dtype
@@ -248,8 +253,8 @@ def flux_config(size: str) -> dict[str, Any]:
         "num_single_layers": cfg["single"],
         "attention_head_dim": head,
         "num_attention_heads": cfg["heads"],
-        "joint_attention_dim": 4096 if size == "flux" else 64,
-        "pooled_projection_dim": 768 if size == "flux" else 32,
+        "joint_attention_dim": 4096 if size in FLUX_WIDE else 64,
+        "pooled_projection_dim": 768 if size in FLUX_WIDE else 32,
         "guidance_embeds": True,
         "axes_dims_rope": rope,
     }
@@ -268,6 +273,7 @@ class FluxLoraStep:
         mixed_precision: str = "no",
         blocks_to_swap: int | None = None,
         plan_only: bool = False,
+        cpu_offload_checkpointing: bool = False,
     ) -> None:
         import torch
         from diffusers import FluxTransformer2DModel
@@ -279,9 +285,10 @@ class FluxLoraStep:
         self.size, self.variant, self.device = size, variant, torch.device(device)
         self.mixed_precision = mixed_precision
         self._swap = blocks_to_swap
+        self._offload = cpu_offload_checkpointing
         cfg = FLUX_SIZES[size]
         torch.manual_seed(0)
-        big = size == "flux" or plan_only
+        big = size in FLUX_WIDE or plan_only
         with torch.device("meta" if big else "cpu"):
             model = FluxTransformer2DModel(**flux_config(size))
         model.requires_grad_(False)
@@ -310,7 +317,11 @@ class FluxLoraStep:
         setup = MemorySetup.before_placement(bundle, self.options)
         place_model(bundle, self.factors, Capabilities(), self.device, mixed_precision, stay_on_cpu=setup.swapped)
         setup.after_placement(bundle, self.device)
-        if "checkpointing" in variant:
+        if cpu_offload_checkpointing:  # the runtime's function, block inputs kept in host memory
+            from sdcore.train.offload_checkpointing import ActivationOffload
+
+            model.enable_gradient_checkpointing(gradient_checkpointing_func=ActivationOffload(self.device))
+        elif "checkpointing" in variant:
             model.enable_gradient_checkpointing()
         model.train()
         self.optimizer = torch.optim.AdamW(self.factors, lr=1e-4)
@@ -326,6 +337,7 @@ class FluxLoraStep:
             resolution=FLUX_SIZES[self.size]["resolution"],
             mixed_precision=self.mixed_precision,
             gradient_checkpointing="checkpointing" in self.variant,
+            cpu_offload_checkpointing=self._offload,
             base_weights_dtype=variant_storage(self.variant),
             blocks_to_swap=self._swap
             if self._swap is not None

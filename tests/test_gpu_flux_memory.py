@@ -135,6 +135,23 @@ def test_tiny_cpu_dry_run_trains_and_prints_the_estimate():
     assert "step 2: loss" in out.stdout and "cpu dry run (fp8 base," in out.stdout
 
 
+def test_tiny_cpu_compare_offload_runs_both_and_the_losses_agree(capsys):
+    """--compare-offload: plain checkpointing, then --cpu-offload-checkpointing, in one process; on the CPU the
+    plan moves nothing (host and device are one memory) and the losses are equal."""
+    script = _script()
+    result = script.main(["--size", "tiny", "--device", "cpu", "--steps", "2", "--no-fp8", "--compare-offload"])
+    out = capsys.readouterr().out
+    assert result["losses_equal"] is True and len(result["plain"]["losses"]) == 2
+    assert result["offloaded"]["cpu_offload_checkpointing"] and not result["plain"]["cpu_offload_checkpointing"]
+    assert "offload: plan -0 MiB on the device, 0 MiB in host memory; losses equal: True" in out
+    stack = script.main(["--size", "stack", "--no-fp8", "--plan-only", "--compare-offload"])
+    assert stack["offloaded"]["estimate_host_mb"] > 0
+    moved = stack["plain"]["estimate_activations_mb"] - stack["offloaded"]["estimate_activations_mb"]
+    assert 0 < moved < stack["offloaded"]["estimate_host_mb"]  # the device keeps two block inputs of them
+    with pytest.raises(SystemExit):
+        script.parse_args(["--cpu-offload-checkpointing", "--blocks-to-swap", "2"])
+
+
 def _session_table() -> tuple[list[str], dict[str, int], dict[str, str]]:
     text = SESSION.read_text()
     defaults = re.search(r"checks=\$\{\*:-([^}]*)\}", text)
@@ -147,7 +164,9 @@ def _session_table() -> tuple[list[str], dict[str, int], dict[str, str]]:
 
 def test_gpu_session_orders_the_checks_and_gives_each_a_limit_and_a_command():
     names, limit, commands = _session_table()
-    assert names[:4] == ["flux_fp8", "flux_nf4", "sample_cache", "flux_int8"]
+    assert names[:5] == ["flux_offload", "flux_fp8", "flux_nf4", "sample_cache", "flux_int8"]
+    assert limit["flux_offload"] <= 40 and "--size stack" in commands["flux_offload"]
+    assert "--compare-offload" in commands["flux_offload"]
     assert len(set(names)) == len(names)
     for name in names:
         assert 30 <= limit[name] <= 200, name  # the loop skips a check with under 30 s left

@@ -68,12 +68,15 @@ def test_deprecated_block_swap_spellings_yield_to_blocks_to_swap():
 
 def test_cpu_offload_checkpointing_turns_on_checkpointing_and_refuses_block_swap():
     out = _translate(cpu_offload_checkpointing=True)
-    assert out.values == {"gradient_checkpointing": True} and not out.problems
+    assert out.values == {"gradient_checkpointing": True, "cpu_offload_checkpointing": True} and not out.problems
+    assert any("gradient checkpointing is on" in n for n in out.notes)
+    out = _translate(cpu_offload_checkpointing=True, gradient_checkpointing=True)
+    assert out.values == {"gradient_checkpointing": True, "cpu_offload_checkpointing": True} and not out.notes
     bad = _translate(cpu_offload_checkpointing=True, blocks_to_swap=8)
     assert any("cpu_offload_checkpointing with blocks_to_swap" in p for p in bad.problems)
     bad = _translate(cpu_offload_checkpointing=True, split_mode=True)
     assert any("kohya refuses the pair" in p for p in bad.problems)
-    assert _translate(cpu_offload_checkpointing=False).values == {}
+    assert not _translate(cpu_offload_checkpointing=False).values.get("cpu_offload_checkpointing")
 
 
 @pytest.mark.parametrize(

@@ -1767,7 +1767,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_batch_size_per_device": str(o.batch_size),
         "ss_gradient_accumulation_steps": str(o.gradient_accumulation),
         "ss_mixed_precision": o.mixed_precision,
-        "ss_gradient_checkpointing": str(o.gradient_checkpointing),
+        "ss_gradient_checkpointing": str(o.gradient_checkpointing or o.cpu_offload_checkpointing),
         "ss_fp8_base": str(base_weights_dtype(o) == "fp8"),  # --fp8-base or --base-weights-dtype fp8
         "ss_full_fp16": str(o.full_fp16),  # kohya records full_fp16 only (no ss_full_bf16)
         "ss_seed": str(o.seed),

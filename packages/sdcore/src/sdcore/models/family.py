@@ -223,7 +223,9 @@ class FamilyAdapter(Protocol):
     encoders and joins their outputs with ``cached`` (a batch of ``encode_cached_part``'s results for the same
     prompts) into exactly what ``encode_prompts`` returns; both take ``encode_prompts``' options.
     ``enable_gradient_checkpointing(bundle)`` replaces the denoiser's own ``enable_gradient_checkpointing()``
-    for ``--gradient-checkpointing`` (Chroma: diffusers' checkpointed single blocks would drop the mask).
+    for ``--gradient-checkpointing`` (Chroma: diffusers' checkpointed single blocks would drop the mask); with
+    ``--cpu-offload-checkpointing`` it is called with ``gradient_checkpointing_func=`` the offloading function,
+    which it must use for every block call (:mod:`sdcore.train.offload_checkpointing`).
     """
 
     def detect_single_file(self, keys: Collection[str]) -> bool:

@@ -523,7 +523,8 @@ COMPOSITE: dict[str, str] = {
     "double_blocks_to_swap": "kohya's old flux_train.py name: --blocks-to-swap double + single // 2 (when not given)",
     "single_blocks_to_swap": "see --double_blocks_to_swap",
     "split_mode": "kohya's old flux_train_network.py flag: --blocks-to-swap 18 (when not given)",
-    "cpu_offload_checkpointing": "accepted: gradient checkpointing without the CPU offload (not with blocks_to_swap)",
+    "cpu_offload_checkpointing": "--cpu-offload-checkpointing, which turns --gradient-checkpointing on as kohya does "
+    "(not with blocks_to_swap)",
     "use_t5xxl_cache_only": "sd3_train.py: --cache-text-encoder-outputs, T5's outputs cached while CLIP trains (not with "
     "train_t5xxl)",
 }
@@ -1214,13 +1215,14 @@ def _block_swap_spellings(
             out.problems.append(
                 f"{where}: cpu_offload_checkpointing with blocks_to_swap: kohya refuses the pair (choose one)"
             )
-        elif "gradient_checkpointing" in present:
-            out.values["gradient_checkpointing"] = True
-            out.origin.setdefault("gradient_checkpointing", "cpu_offload_checkpointing")
-            out.notes.append(
-                "cpu_offload_checkpointing: gradient checkpointing is on (kohya's flux_train.py turns it on too); "
-                "sdcore keeps the checkpointed activations on the device (the same result, a little more memory)"
-            )
+        elif "cpu_offload_checkpointing" in present:
+            put("cpu_offload_checkpointing", True, "cpu_offload_checkpointing")
+            if "gradient_checkpointing" in present and out.values.get("gradient_checkpointing") is not True:
+                out.values["gradient_checkpointing"] = True
+                out.origin.setdefault("gradient_checkpointing", "cpu_offload_checkpointing")
+                out.notes.append(
+                    "cpu_offload_checkpointing: gradient checkpointing is on (kohya's flux_train.py turns it on too)"
+                )
 
 
 def steps_window(last_n_steps: int, every: int) -> int:

@@ -256,7 +256,12 @@ class TrainSession:
         )
         memory.after_placement(bundle, self.device)  # --blocks-to-swap
         self._install_pos_embed(bundle)  # kohya's SD3 --enable_scaled_pos_embed / --pos_emb_random_crop_rate
-        if o.gradient_checkpointing:
+        if o.cpu_offload_checkpointing:  # checkpointing with the block inputs in host memory
+            from .offload_checkpointing import enable_offload_checkpointing
+
+            enable_offload_checkpointing(bundle, self.device)
+            enable_gradient_checkpointing(bundle, self.caps, denoiser=False)
+        elif o.gradient_checkpointing:
             enable_gradient_checkpointing(bundle, self.caps)
         from .cache import partial_text_encoders
 

@@ -50,7 +50,11 @@ caches and method.
   and with gradient checkpointing the blocks' inputs ``D (N + T)`` plus one block. Flux's
   double-stream and single-stream blocks have their own constants per token, image and text alike
   (:data:`FLUX_ACTIVATION_CONSTANTS`). Blocks swapped to the CPU (``--blocks-to-swap``) always run
-  checkpointed, so they count their inputs, plus one of them recomputed.
+  checkpointed, so they count their inputs, plus one of them recomputed. With
+  ``--cpu-offload-checkpointing`` (:mod:`sdcore.train.offload_checkpointing`) the blocks' inputs are kept in
+  host memory (:attr:`MemoryEstimate.host`, :func:`offloaded_input_bytes`, not part of the device's total); the
+  device keeps one block recomputed plus two block inputs (the input's device copy and the block's output).
+  On a CPU run host and device are one memory, so there it counts as plain checkpointing.
 
 - **Memory options**: ``--base-weights-dtype`` counts the denoiser's frozen Linear/Conv2d weights in
   their storage format (:func:`sdcore.dtypes.stored_weight_bytes`: ``fp8``/``--fp8-base`` 1 byte,
@@ -81,6 +85,8 @@ from ..models.family import DEFAULT_BLOCK_LISTS, BlockList, get_family
 from .fused import FUSED_OPTIMIZERS, kohya_groups
 from .fused import steps_in_backward as fused_steps
 from .memory_options import base_weights_dtype
+from .offload_checkpointing import checkpointing as checkpointing_on
+from .offload_checkpointing import offloading
 from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
@@ -185,6 +191,9 @@ class MemoryEstimate:
     settings: dict[str, Any] = field(default_factory=dict)
     #: the ``--ema`` copy of the trained weights (fp32) when it lives on this device
     ema: int = 0
+    #: bytes the options keep in host memory instead (``--cpu-offload-checkpointing``'s block inputs); not in
+    #: :attr:`total`, which is the device's
+    host: int = 0
 
     @property
     def total(self) -> int:
@@ -199,6 +208,7 @@ class MemoryEstimate:
             f"{mib(self.gradients)}, optimizer {mib(self.optimizer)}, activations {mib(self.activations)}"
             + (f", EMA {mib(self.ema)}" if self.ema else "")
             + (f", runtime {mib(self.runtime)})" if self.runtime else ")")
+            + (f"; in host memory: {mib(self.host)} MiB of checkpointed block inputs" if self.host else "")
         )
 
 
@@ -403,6 +413,7 @@ def transformer_activation_bytes(
     recomputed_blocks: int = 0,
     reference_images: int = 0,
     block_lists: Sequence[BlockList] = DEFAULT_BLOCK_LISTS,
+    offload_inputs: bool = False,
 ) -> int:
     """Bytes autograd keeps for one micro-batch through a transformer denoiser (SD3's joint blocks,
     Flux's double and single blocks; :data:`TRANSFORMER_ACTIVATION_CONSTANTS`).
@@ -415,7 +426,52 @@ def transformer_activation_bytes(
     ``recomputed_blocks`` (``--blocks-to-swap``) blocks always run checkpointed: they keep only
     their inputs, and one of them is recomputed at a time in backward. ``reference_images`` (FLUX.1
     Kontext) each add the image's tokens again: the reference's tokens run through every block beside
-    the latents' (the control image is resized to the training image's size)."""
+    the latents' (the control image is resized to the training image's size). ``offload_inputs``
+    (``--cpu-offload-checkpointing``, with ``gradient_checkpointing``): the kept block inputs are in host
+    memory (:func:`offloaded_input_bytes`); the device counts one block recomputed and two block inputs."""
+    per, inputs = _transformer_block_units(config, resolution, latent_channels, context_tokens, vae_scale, mode,
+                                           reference_images, block_lists)  # fmt: skip
+    if gradient_checkpointing and offload_inputs:
+        units = max(per) + 2 * inputs
+    elif gradient_checkpointing:  # block inputs kept, one block recomputed at a time
+        units = len(per) * inputs + max(per)
+    else:  # the last ``recomputed`` blocks (the swapped ones) keep their inputs, one recomputed at a time
+        recomputed = min(max(recomputed_blocks, 0), len(per))
+        kept = per[: len(per) - recomputed]
+        units = sum(kept) + (recomputed * inputs + max(per[len(kept) :]) if recomputed else 0)
+    return math.ceil(batch * bytes_per_element * units)
+
+
+def offloaded_input_bytes(
+    config: dict[str, Any],
+    *,
+    batch: int,
+    resolution: int,
+    latent_channels: int,
+    context_tokens: int,
+    vae_scale: int = 8,
+    bytes_per_element: int = 4,
+    reference_images: int = 0,
+    block_lists: Sequence[BlockList] = DEFAULT_BLOCK_LISTS,
+) -> int:
+    """Host bytes ``--cpu-offload-checkpointing`` keeps: every block's input ``D (N + T)``, the term plain
+    checkpointing counts on the device (:func:`transformer_activation_bytes`)."""
+    per, inputs = _transformer_block_units(config, resolution, latent_channels, context_tokens, vae_scale, "adapter",
+                                           reference_images, block_lists)  # fmt: skip
+    return math.ceil(batch * bytes_per_element * len(per) * inputs)
+
+
+def _transformer_block_units(
+    config: dict[str, Any],
+    resolution: int,
+    latent_channels: int,
+    context_tokens: int,
+    vae_scale: int,
+    mode: str,
+    reference_images: int,
+    block_lists: Sequence[BlockList],
+) -> tuple[list[float], float]:
+    """(each block's activation elements per sample, one block input's elements ``D (N + T)``)."""
     k_img, k_txt = TRANSFORMER_ACTIVATION_CONSTANTS[mode]
     width = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 64))
     side = resolution / vae_scale
@@ -432,13 +488,7 @@ def transformer_activation_bytes(
     else:
         blocks = sum(depth for _, depth in depths) if depths else 1
         per = [width * (k_img * n + k_txt * context_tokens)] * blocks
-    if gradient_checkpointing:  # block inputs kept, one block recomputed at a time
-        units = len(per) * inputs + max(per)
-    else:  # the last ``recomputed`` blocks (the swapped ones) keep their inputs, one recomputed at a time
-        recomputed = min(max(recomputed_blocks, 0), len(per))
-        kept = per[: len(per) - recomputed]
-        units = sum(kept) + (recomputed * inputs + max(per[len(kept) :]) if recomputed else 0)
-    return math.ceil(batch * bytes_per_element * units)
+    return per, inputs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -518,6 +568,10 @@ def estimate_memory(
     full = bool(params.trainable_in & {family.denoiser})
     vae_blocks = layout.configs.get("vae", {}).get("block_out_channels", (128, 256, 512, 512))
     vae_scale = 2 ** (len(vae_blocks) - 1)
+    checkpointed = checkpointing_on(o)
+    # --cpu-offload-checkpointing: the block inputs in host memory (on a CPU run that is the same memory)
+    offload = offloading(o) and device != "cpu" and family.denoiser != "unet"
+    host = 0
     if family.denoiser == "unet":
         activations = activation_bytes(
             layout.configs["unet"],
@@ -525,7 +579,7 @@ def estimate_memory(
             resolution=o.resolution,
             vae_scale=vae_scale,
             bytes_per_element=compute,
-            gradient_checkpointing=o.gradient_checkpointing,
+            gradient_checkpointing=checkpointed,
             mode="full" if full else "adapter",
             text_encoders=_training_encoder_configs(layout, family, cached_encoders),
             text_encoder_trains=not text_encoder_frozen,
@@ -539,17 +593,30 @@ def estimate_memory(
             context_tokens=family.context_tokens,
             vae_scale=vae_scale,
             bytes_per_element=compute,
-            gradient_checkpointing=o.gradient_checkpointing,
+            gradient_checkpointing=checkpointed,
             mode="full" if full else "adapter",
             recomputed_blocks=getattr(o, "blocks_to_swap", 0),
             reference_images=reference_images,
             block_lists=family.block_lists,
+            offload_inputs=offload,
         )
+        if offload:
+            host = offloaded_input_bytes(
+                layout.configs[family.denoiser],
+                batch=o.batch_size,
+                resolution=o.resolution,
+                latent_channels=family.latent.channels,
+                context_tokens=family.context_tokens,
+                vae_scale=vae_scale,
+                bytes_per_element=compute,
+                reference_images=reference_images,
+                block_lists=family.block_lists,
+            )
         if not text_encoder_frozen:
             te_units = text_encoder_units(
                 _training_encoder_configs(layout, family, cached_encoders),
                 mode="full" if full else "adapter",
-                gradient_checkpointing=o.gradient_checkpointing,
+                gradient_checkpointing=checkpointed,
             )
             activations += math.ceil(o.batch_size * compute * te_units)
     # --ema: an fp32 copy of every trained parameter, here unless it lives in host memory (--ema-device cpu)
@@ -566,11 +633,13 @@ def estimate_memory(
         optimizer=int(optimizer),
         activations=activations,
         ema=ema,
+        host=host,
         settings={
             "batch_size": o.batch_size,
             "resolution": o.resolution,
             "mixed_precision": o.mixed_precision,
-            "gradient_checkpointing": o.gradient_checkpointing,
+            "gradient_checkpointing": checkpointed,
+            "cpu_offload_checkpointing": offloading(o),
             "optimizer": o.optimizer,
             "fp8_base": stored == "fp8",
             "base_weights_dtype": stored or "none",
@@ -690,7 +759,7 @@ def suggestions(
     (``steps_in_backward``), smaller batches, all together)."""
     o = options
     variants: list[tuple[str, dict[str, Any]]] = []
-    if not o.gradient_checkpointing:
+    if not checkpointing_on(o):
         variants.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     if o.optimizer in ("adamw", "prodigy", "lion") and optimizer_8bit_available:
         variants.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))

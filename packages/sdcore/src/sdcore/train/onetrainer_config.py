@@ -818,7 +818,12 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             r.refuse(
                 f"{name}.dropout_probability", part["dropout_probability"], "sdcore has no text-encoder output dropout"
             )
-        if part["offload_fraction"] or part["activation_offloading"]:
+        offload_inputs = name == denoiser_name and denoiser_name == "transformer" and part["gradient_checkpointing"]
+        if part["activation_offloading"] and offload_inputs:
+            # LayerOffloadConductor.after_layer keeps each checkpointed block's inputs on the temp device (the CPU)
+            # for backward: what --cpu-offload-checkpointing keeps there
+            v["cpu_offload_checkpointing"] = True
+        if part["offload_fraction"] or (part["activation_offloading"] and not offload_inputs):
             r.note(f"{name}: offloading accepted, no effect on the result here (memory)")
         if part["attention_mask"] and family != "chroma":
             if name == "transformer" and family == "flux":

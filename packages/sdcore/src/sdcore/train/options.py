@@ -452,6 +452,13 @@ class TrainOptions:
         "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
         group="training",
     )
+    cpu_offload_checkpointing: bool = option(
+        False,
+        "Gradient checkpointing (turned on) whose kept block inputs live in CPU memory; each transformer block "
+        "copies them to the GPU to compute (SD3/Flux/Chroma; not with --blocks-to-swap; kohya "
+        "--cpu_offload_checkpointing).",
+        group="training",
+    )
     ddp_timeout: int | None = option(
         None,
         "Several processes: minutes a process waits for the others before giving up (default: accelerate's; "

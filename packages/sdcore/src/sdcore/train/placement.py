@@ -149,13 +149,16 @@ def _move(module: torch.nn.Module, device: Any, skip: set[int]) -> None:
         _move(child, device, skip)
 
 
-def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities) -> None:
+def enable_gradient_checkpointing(bundle: ModelBundle, caps: Capabilities, *, denoiser: bool = True) -> None:
     """Also when the denoiser is frozen: gradients still flow through it to LoRA/TI parameters. A family
-    adapter with ``enable_gradient_checkpointing(bundle)`` does it its own way (Chroma: keeps its mask)."""
+    adapter with ``enable_gradient_checkpointing(bundle)`` does it its own way (Chroma: keeps its mask).
+    ``denoiser`` False: the training text encoders only (``--cpu-offload-checkpointing`` set up the denoiser)."""
     from ..models.family import family_adapter
 
     own = getattr(family_adapter(bundle.family_spec), "enable_gradient_checkpointing", None)
-    if own is not None:
+    if not denoiser:
+        pass
+    elif own is not None:
         own(bundle)
     else:
         bundle.denoiser.enable_gradient_checkpointing()

@@ -220,6 +220,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     from .memory_options import option_problems as memory_option_problems
 
     problems.extend(memory_option_problems(o))
+    from .offload_checkpointing import offload_option_problems
+
+    problems.extend(offload_option_problems(o))  # --cpu-offload-checkpointing with --blocks-to-swap
     from .validation import precision_option_problems, validation_option_problems
 
     problems.extend(validation_option_problems(o))
@@ -894,6 +897,9 @@ def run_preflight(
     from .fused import fused_notes
 
     report.notes.extend(fused_notes(o))
+    from .offload_checkpointing import offload_notes
+
+    report.notes.extend(offload_notes(o))  # --cpu-offload-checkpointing turns checkpointing on
 
     # the model: header only
     if bundle is not None:
@@ -949,6 +955,9 @@ def run_preflight(
         from .fused import fused_family_problems
 
         report.problems.extend(fused_family_problems(o, report.layout.family))
+        from .offload_checkpointing import offload_family_problems
+
+        report.problems.extend(offload_family_problems(o, report.layout.family))  # a UNet has no blocks to offload
         report.problems.extend(guidance_bypass_problems(o, report.layout))
         if method.capabilities().control_channels:
             from .control_lora import control_lora_family_problems, control_lora_notes

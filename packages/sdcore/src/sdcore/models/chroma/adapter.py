@@ -72,11 +72,12 @@ class ChromaAdapter:
     #: ``--guidance-scale`` is ignored without a note (the approximator gets 0; kohya's docs ask for 0.0)
     guidance_input = None
 
-    def enable_gradient_checkpointing(self, bundle: ModelBundle) -> None:
-        """diffusers' checkpointing with the attention mask kept in the single blocks (:mod:`.checkpointing`)."""
+    def enable_gradient_checkpointing(self, bundle: ModelBundle, gradient_checkpointing_func: Any = None) -> None:
+        """diffusers' checkpointing with the attention mask kept in the single blocks (:mod:`.checkpointing`);
+        ``gradient_checkpointing_func``: ``--cpu-offload-checkpointing``'s, else torch's checkpoint."""
         from .checkpointing import enable_masked_checkpointing
 
-        enable_masked_checkpointing(bundle.denoiser)
+        enable_masked_checkpointing(bundle.denoiser, gradient_checkpointing_func)
 
     def __repr__(self) -> str:
         return "ChromaAdapter()"

@@ -395,3 +395,57 @@ def test_the_training_forward_adds_the_bias_as_peft_lora_bias_does():
             adapter.sample_strength = None
         finally:
             adapter.detach()
+
+
+def test_a_control_lora_run_without_guidance_scale_trains_and_samples_at_the_scripts_30(tmp_path):
+    """diffusers' train_control_lora_flux.py trains (its L1241-1250: ``torch.full(..., args.guidance_scale)``) and
+    validates (L140) at ``--guidance_scale``, default 30 (L543): a ``--control-lora`` run that gives no
+    ``--guidance-scale`` does the same, in the step's call to the transformer, the samples without ``--g`` or
+    ``--sample-cfg``, the file's ``ss_guidance_scale`` and the pre-flight's note; a given value (1.0 included) and a
+    plain FLUX.1 run (1.0, kohya's examples) are as before, and a kohya-named config keeps kohya's own 3.5."""
+    from types import SimpleNamespace
+
+    from sdcore.models.flux.control import TRAINING_WIDENER, widen_img_in
+    from sdcore.models.load import load_model
+    from sdcore.train.config import load_options
+    from sdcore.train.control_lora import control_lora_notes
+    from sdcore.train.sample_prompts import read_sample_prompts
+    from sdcore.train.sampling import _generations
+    from sdcore.train.step import Objective
+    from sdplugin_lora.method import LoraMethod, LoraOptions, flow_metadata
+
+    data, controls = _pairs(tmp_path, 1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"one --cn {controls / 'p0.png'}\n", encoding="utf-8")
+    widened = load_model("tiny:flux")
+    widen_img_in(widened, 128, TRAINING_WIDENER)
+    plain = load_model("tiny:flux")
+
+    def used(**extra):
+        """(the step's guidance, the sample's, ss_guidance_scale) of a run with ``extra``."""
+        o = _options(tmp_path, data, controls, sample_prompts=str(prompts), **extra)
+        objective = Objective(SimpleNamespace(family="flux"), LoraMethod(o), o)
+        seen: list[float] = []
+        objective.adapter = SimpleNamespace(predict=lambda *args, guidance, **kwargs: seen.append(guidance))
+        batch = SimpleNamespace(reference_latents=None, inpainting_mask=None)
+        objective.predict(torch.zeros(1), torch.zeros(1), None, batch)  # type: ignore[arg-type]
+        bundle = widened if o.control_lora else plain
+        ((_, arguments),) = _generations(bundle, o, read_sample_prompts(str(prompts), "flux"), {})[2]
+        return seen[0], arguments["cfg"], flow_metadata(o, "flux")["ss_guidance_scale"]
+
+    assert used(guidance_scale=None) == (30.0, 30.0, "30.0")
+    assert used(guidance_scale=1.0) == (1.0, 1.0, "1.0")
+    assert used(guidance_scale=4.5, sample_cfg=6.0) == (4.5, 6.0, "4.5")
+    # a plain FLUX.1 dev run: 1.0 while training, the family's 3.5 in samples (sdcore generate's)
+    assert used(guidance_scale=None, control_lora=False) == (1.0, 3.5, "1.0")
+
+    (note,) = control_lora_notes(_options(tmp_path, data, controls, guidance_scale=None))
+    assert note.startswith("--control-lora: the guidance embedding gets 30 while training and in samples")
+    assert "--guidance-scale not given: diffusers' train_control_lora_flux.py's default" in note
+    (note,) = control_lora_notes(_options(tmp_path, data, controls, guidance_scale=2.0))
+    assert "gets 2 while training" in note and "--guidance-scale given;" in note
+
+    config = tmp_path / "kohya.toml"
+    config.write_text(f'pretrained_model_name_or_path = "tiny:flux"\ntrain_data_dir = "{data}"\n'
+                      f'control_dir = "{controls}"\ncontrol_lora = true\n', encoding="utf-8")  # fmt: skip
+    assert load_options(LoraOptions, config, notes=[]).guidance_scale == 3.5  # kohya's flux default, untouched

@@ -1713,7 +1713,7 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
     o = options
     if family not in ("flux", "sd3", "chroma"):
         return {}
-    from sdcore.train.objectives import flow_shift
+    from sdcore.train.objectives import flow_shift, training_guidance
 
     meta = {
         # Chroma's adapter masks T5 always (kohya asserts --apply_t5_attn_mask for it)
@@ -1729,7 +1729,7 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
         meta.update(
             {
                 "ss_model_type": family,
-                "ss_guidance_scale": str(o.guidance_scale),
+                "ss_guidance_scale": str(training_guidance(o, control=o.control_lora)),
                 "ss_timestep_sampling": kohya_timestep_sampling(o),
                 "ss_sigmoid_scale": str(o.sigmoid_scale),
                 "ss_model_prediction_type": o.model_prediction_type,

@@ -190,6 +190,10 @@ def test_option_refusals_in_one_line_each(tmp_path):
     text = str(err.value)
     assert "--lora-bias: lora_B.bias has a place in BFL's control layout (--control-lora) and PEFT's diffusers" in text
     assert "--lora-bias trains PEFT's lora_B bias of plain LoRA, not --algo loha" in text
+    o = contract_options(LoraMethod, tmp_path, {"lora_bias": True, "algo": "locon"}, family="flux")
+    with pytest.raises(ConfigError) as err:
+        LoraMethod(o).validate()
+    assert "not --algo locon" not in str(err.value) and "--lora-bias: lora_B.bias has a place" in str(err.value)
     o = contract_options(LoraMethod, tmp_path, {"lora_layers": "attn.to_q"}, family="flux")
     with pytest.raises(ConfigError, match=r"--lora-layers picks a control LoRA's modules .* give --control-lora"):
         LoraMethod(o).validate()
@@ -237,6 +241,58 @@ def test_lora_bias_in_the_diffusers_layout_of_a_plain_flux_lora(tmp_path):
     assert max(gaps.values()) <= 1e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:6]
     fresh = load_model("tiny:flux").transformer.state_dict()["transformer_blocks.0.attn.to_q.bias"]
     assert float((ours["transformer_blocks.0.attn.to_q.bias"] - fresh).abs().max()) > 0  # the trained bias merged
+
+
+def test_lora_bias_with_locon_in_the_diffusers_layout_conv_included(tmp_path):
+    """``--algo locon`` is plain LoRA on every target (LyCORIS LoCon: ``up @ down`` on Linears and convs alike), so
+    --lora-bias takes it: on FLUX.1 (no conv targets) every module gets its bias; on SD3 with the 2x2 patch conv
+    adapted (``--extra-module-ranks x_embedder=2``, LoCon's conv path) the diffusers layout holds the conv's bias as
+    PEFT's conv ``lora_B`` (a 1x1 conv built with ``bias=lora_bias``), and diffusers' ``load_lora_weights`` +
+    ``fuse_lora`` gives sdcore's merge, the patch conv's bias and weight included."""
+    import diffusers
+    from safetensors import safe_open
+    from sdcore.models.load import load_model
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import TrainSession
+    from sdplugin_lora.apply import apply_lora
+    from sdplugin_lora.method import LoconMethod, LoraMethod
+
+    flux = contract_options(LoconMethod, tmp_path, {"lora_bias": True, "key_layout": "diffusers", "rank": 2},
+                            family="flux")  # fmt: skip
+    assert flux.algo == "locon"
+    method = LoconMethod(flux)
+    method.validate()
+    method.prepare(load_model("tiny:flux"))
+    modules = list(method.network.loras.values())
+    assert modules and all(m.up_bias is not None for m in modules)
+
+    out = tmp_path / "sd3-locon.safetensors"
+    o = contract_options(LoraMethod, tmp_path, {"lora_bias": True, "key_layout": "diffusers", "algo": "locon",
+                                                 "rank": 2, "extra_module_ranks": "x_embedder=2", "max_steps": 2,
+                                                 "lr": 1e-2, "output": str(out), "save_state": False},
+                         family="sd3")  # fmt: skip
+    TrainSession(LoraMethod(o), bundle=None).run()
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("transformer.pos_embed.proj.lora_A.weight").dim() == 4  # the conv, by LoCon's path
+        assert f.get_tensor("transformer.pos_embed.proj.lora_B.bias").shape == (16,)
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.lora_bias"] is True
+    b = load_model("tiny:sd3")
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=b.noise_scheduler, vae=b.vae, transformer=b.transformer,
+        text_encoder=b.text_encoders[0], tokenizer=b.tokenizers[0], text_encoder_2=b.text_encoders[1],
+        tokenizer_2=b.tokenizers[1], text_encoder_3=b.text_encoders[2], tokenizer_3=b.tokenizers[2],
+    )  # fmt: skip
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    theirs = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    ours_bundle = load_model("tiny:sd3")
+    apply_lora(ours_bundle, out, 1.0, merge=True)
+    ours = ours_bundle.transformer.state_dict()
+    gaps = {k: float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours}
+    assert max(gaps.values()) <= 1e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:6]
+    fresh = load_model("tiny:sd3").transformer.state_dict()
+    for key in ("pos_embed.proj.bias", "pos_embed.proj.weight"):  # the trained conv change merged
+        assert float((ours[key] - fresh[key]).abs().max()) > 0, key
 
 
 # --- the JSONL dataset --------------------------------------------------------------------------------------------

@@ -105,6 +105,37 @@ def test_lora_bias_trains_from_zero_and_the_bfl_file_holds_it(trained):
     assert tensors["double_blocks.0.img_mod.lin.lora_A.weight"].shape[0] == 1
 
 
+def test_lora_info_shows_the_zero_placeholder_modules_apart(trained, sd_cli, pm):
+    """``sdcore lora info`` on a control LoRA with the script's default targets: the modules it left out (rank 1 in
+    the file, all zero) are counted as zero placeholders, not among the ranks, in JSON and text; told by content: a
+    module whose lora_up alone is zero (an untrained LoRA) or whose bias is not zero is no placeholder."""
+    from safetensors.torch import load_file
+    from sdplugin_lora.format import ModuleWeights
+    from sdplugin_lora.tools import lora_info, zero_placeholder
+
+    path = trained[0]
+    tensors = load_file(str(path))
+    modules = {key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}
+    # the trained modules are rank 4 (12 for a single block's linear1: q, k, v stacked); a left-out one rank 1, 2 for
+    # final_layer.adaLN_modulation.1 (its lora_A written twice so diffusers' converter's half swap keeps it)
+    left_out = {m for m in modules if tensors[f"{m}.lora_A.weight"].shape[0] < 4}
+    assert {"double_blocks.0.img_mod.lin", "final_layer.adaLN_modulation.1"} <= left_out
+    assert tensors["final_layer.adaLN_modulation.1.lora_A.weight"].shape[0] == 2 and len(left_out) < len(modules)
+    info = lora_info(path)
+    assert info["modules"] == len(modules) and info["zero_modules"] == len(left_out)
+    assert 1 not in info["ranks"] and sum(info["ranks"].values()) == len(modules) - len(left_out)
+    result = sd_cli(["lora", "info", str(path)], pm=pm)
+    assert result.exit_code == 0, result.output
+    assert f"zero:        {len(left_out)} zero placeholder modules (not trained)" in result.output
+    result = sd_cli(["lora", "info", "--json", str(path)], pm=pm)
+    assert json.loads(result.output)["zero_modules"] == len(left_out)
+
+    zero = {"lora_down.weight": torch.zeros(1, 6), "lora_up.weight": torch.zeros(5, 1), "alpha": torch.tensor(1.0)}
+    assert zero_placeholder(ModuleWeights(dict(zero)))
+    assert not zero_placeholder(ModuleWeights({**zero, "lora_down.weight": torch.ones(1, 6)}))  # lora_up alone zero
+    assert not zero_placeholder(ModuleWeights({**zero, "lora_up.bias": torch.ones(5)}))  # a bias changes the output
+
+
 def test_diffusers_and_sdcore_load_the_biased_file_alike(trained, monkeypatch):
     """diffusers' ``load_lora_weights`` (PEFT with ``lora_bias``) + ``fuse_lora`` equals sdcore's merge (every
     tensor within 1e-5); sdcore's hooked ``<lora:...>`` load gives diffusers' unfused forward, and without the

@@ -234,16 +234,38 @@ def test_option_refusals_in_one_line_each(tmp_path):
         method.prepare(load_model("tiny:flux"))
 
 
+def _merged_as_diffusers_fuses(out: Path, family: str) -> dict[str, torch.Tensor]:
+    """diffusers' pipeline of the tiny ``family`` model, ``load_lora_weights`` + ``fuse_lora`` of the diffusers-layout
+    file ``out``, against sdcore's merge of it: every transformer tensor within 1e-5. sdcore's merged state."""
+    import diffusers
+    from sdcore.models.load import load_model
+    from sdplugin_lora.apply import apply_lora
+
+    b = load_model(f"tiny:{family}")
+    parts = {"scheduler": b.noise_scheduler, "vae": b.vae, "transformer": b.transformer}
+    for i, (encoder, tokenizer) in enumerate(zip(b.text_encoders, b.tokenizers, strict=True)):
+        suffix = f"_{i + 1}" if i else ""
+        parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = encoder, tokenizer
+    pipe = {"flux": diffusers.FluxPipeline, "sd3": diffusers.StableDiffusion3Pipeline}[family](**parts)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    theirs = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    merged = load_model(f"tiny:{family}")
+    apply_lora(merged, out, 1.0, merge=True)
+    ours = merged.transformer.state_dict()
+    gaps = {k: float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours}
+    assert max(gaps.values()) <= 1e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:6]
+    return ours
+
+
 def test_lora_bias_in_the_diffusers_layout_of_a_plain_flux_lora(tmp_path):
     """--lora-bias --key-layout diffusers on a plain FLUX.1 LoRA: PEFT's ``lora_B.bias`` per diffusers module (a
     fused q/k/v's rows split per member), the header's config says ``lora_bias``, and diffusers'
     ``load_lora_weights`` + ``fuse_lora`` gives sdcore's merge."""
-    import diffusers
     from safetensors import safe_open
     from sdcore.models.load import load_model
     from sdcore.testing.contract import contract_options
     from sdcore.train.loop import TrainSession
-    from sdplugin_lora.apply import apply_lora
     from sdplugin_lora.method import LoraMethod
 
     out = tmp_path / "plain.safetensors"
@@ -257,19 +279,7 @@ def test_lora_bias_in_the_diffusers_layout_of_a_plain_flux_lora(tmp_path):
     assert header["transformer.lora_bias"] is True
     assert {"transformer.transformer_blocks.0.attn.to_q.lora_B.bias",
             "transformer.transformer_blocks.0.attn.to_k.lora_B.bias"} <= keys  # fmt: skip
-    b = load_model("tiny:flux")
-    pipe = diffusers.FluxPipeline(
-        scheduler=b.noise_scheduler, vae=b.vae, text_encoder=b.text_encoders[0], tokenizer=b.tokenizers[0],
-        text_encoder_2=b.text_encoders[1], tokenizer_2=b.tokenizers[1], transformer=b.transformer,
-    )  # fmt: skip
-    pipe.load_lora_weights(str(out))
-    pipe.fuse_lora()
-    theirs = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
-    dev = load_model("tiny:flux")
-    apply_lora(dev, out, 1.0, merge=True)
-    ours = dev.transformer.state_dict()
-    gaps = {k: float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours}
-    assert max(gaps.values()) <= 1e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:6]
+    ours = _merged_as_diffusers_fuses(out, "flux")
     fresh = load_model("tiny:flux").transformer.state_dict()["transformer_blocks.0.attn.to_q.bias"]
     assert float((ours["transformer_blocks.0.attn.to_q.bias"] - fresh).abs().max()) > 0  # the trained bias merged
 
@@ -280,12 +290,10 @@ def test_lora_bias_with_locon_in_the_diffusers_layout_conv_included(tmp_path):
     adapted (``--extra-module-ranks x_embedder=2``, LoCon's conv path) the diffusers layout holds the conv's bias as
     PEFT's conv ``lora_B`` (a 1x1 conv built with ``bias=lora_bias``), and diffusers' ``load_lora_weights`` +
     ``fuse_lora`` gives sdcore's merge, the patch conv's bias and weight included."""
-    import diffusers
     from safetensors import safe_open
     from sdcore.models.load import load_model
     from sdcore.testing.contract import contract_options
     from sdcore.train.loop import TrainSession
-    from sdplugin_lora.apply import apply_lora
     from sdplugin_lora.method import LoconMethod, LoraMethod
 
     flux = contract_options(LoconMethod, tmp_path, {"lora_bias": True, "key_layout": "diffusers", "rank": 2},
@@ -307,20 +315,7 @@ def test_lora_bias_with_locon_in_the_diffusers_layout_conv_included(tmp_path):
         assert f.get_tensor("transformer.pos_embed.proj.lora_A.weight").dim() == 4  # the conv, by LoCon's path
         assert f.get_tensor("transformer.pos_embed.proj.lora_B.bias").shape == (16,)
         assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.lora_bias"] is True
-    b = load_model("tiny:sd3")
-    pipe = diffusers.StableDiffusion3Pipeline(
-        scheduler=b.noise_scheduler, vae=b.vae, transformer=b.transformer,
-        text_encoder=b.text_encoders[0], tokenizer=b.tokenizers[0], text_encoder_2=b.text_encoders[1],
-        tokenizer_2=b.tokenizers[1], text_encoder_3=b.text_encoders[2], tokenizer_3=b.tokenizers[2],
-    )  # fmt: skip
-    pipe.load_lora_weights(str(out))
-    pipe.fuse_lora()
-    theirs = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
-    ours_bundle = load_model("tiny:sd3")
-    apply_lora(ours_bundle, out, 1.0, merge=True)
-    ours = ours_bundle.transformer.state_dict()
-    gaps = {k: float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours}
-    assert max(gaps.values()) <= 1e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:6]
+    ours = _merged_as_diffusers_fuses(out, "sd3")
     fresh = load_model("tiny:sd3").transformer.state_dict()
     for key in ("pos_embed.proj.bias", "pos_embed.proj.weight"):  # the trained conv change merged
         assert float((ours[key] - fresh[key]).abs().max()) > 0, key
@@ -415,13 +410,11 @@ def test_an_interrupted_lora_bias_run_resumes_exactly(tmp_path):
     state holds them as ``lora_up.bias``, read back into the modules' bias parameters)."""
     from sdcore.models.load import load_model
     from sdcore.testing.contract import check_resume, contract_options
+    from sdcore.testing.datasets import write_inverted_controls
     from sdplugin_lora.method import LoraMethod
 
     contract_options(LoraMethod, tmp_path, family="flux")  # writes tmp_path/data
-    controls = tmp_path / "controls"
-    controls.mkdir()
-    for image in sorted((tmp_path / "data").rglob("*.png")):
-        Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(controls / image.name)
+    controls = write_inverted_controls(tmp_path / "data", tmp_path / "controls")
     overrides = {"control_lora": True, "lora_bias": True, "control_dir": str(controls), "rank": 2,
                  "t5xxl_max_token_length": 8}  # fmt: skip
     check_resume(LoraMethod, tmp_path, overrides, family="flux")

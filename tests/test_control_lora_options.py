@@ -105,6 +105,37 @@ def test_lora_bias_trains_from_zero_and_the_bfl_file_holds_it(trained):
     assert tensors["double_blocks.0.img_mod.lin.lora_A.weight"].shape[0] == 1
 
 
+def test_lora_info_shows_the_zero_placeholder_modules_apart(trained, sd_cli, pm):
+    """``sdcore lora info`` on a control LoRA with the script's default targets: the modules it left out (rank 1 in
+    the file, all zero) are counted as zero placeholders, not among the ranks, in JSON and text; told by content: a
+    module whose lora_up alone is zero (an untrained LoRA) or whose bias is not zero is no placeholder."""
+    from safetensors.torch import load_file
+    from sdplugin_lora.format import ModuleWeights
+    from sdplugin_lora.tools import lora_info, zero_placeholder
+
+    path = trained[0]
+    tensors = load_file(str(path))
+    modules = {key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}
+    # the trained modules are rank 4 (12 for a single block's linear1: q, k, v stacked); a left-out one rank 1, 2 for
+    # final_layer.adaLN_modulation.1 (its lora_A written twice so diffusers' converter's half swap keeps it)
+    left_out = {m for m in modules if tensors[f"{m}.lora_A.weight"].shape[0] < 4}
+    assert {"double_blocks.0.img_mod.lin", "final_layer.adaLN_modulation.1"} <= left_out
+    assert tensors["final_layer.adaLN_modulation.1.lora_A.weight"].shape[0] == 2 and len(left_out) < len(modules)
+    info = lora_info(path)
+    assert info["modules"] == len(modules) and info["zero_modules"] == len(left_out)
+    assert 1 not in info["ranks"] and sum(info["ranks"].values()) == len(modules) - len(left_out)
+    result = sd_cli(["lora", "info", str(path)], pm=pm)
+    assert result.exit_code == 0, result.output
+    assert f"zero:        {len(left_out)} zero placeholder modules (not trained)" in result.output
+    result = sd_cli(["lora", "info", "--json", str(path)], pm=pm)
+    assert json.loads(result.output)["zero_modules"] == len(left_out)
+
+    zero = {"lora_down.weight": torch.zeros(1, 6), "lora_up.weight": torch.zeros(5, 1), "alpha": torch.tensor(1.0)}
+    assert zero_placeholder(ModuleWeights(dict(zero)))
+    assert not zero_placeholder(ModuleWeights({**zero, "lora_down.weight": torch.ones(1, 6)}))  # lora_up alone zero
+    assert not zero_placeholder(ModuleWeights({**zero, "lora_up.bias": torch.ones(5)}))  # a bias changes the output
+
+
 def test_diffusers_and_sdcore_load_the_biased_file_alike(trained, monkeypatch):
     """diffusers' ``load_lora_weights`` (PEFT with ``lora_bias``) + ``fuse_lora`` equals sdcore's merge (every
     tensor within 1e-5); sdcore's hooked ``<lora:...>`` load gives diffusers' unfused forward, and without the
@@ -190,6 +221,10 @@ def test_option_refusals_in_one_line_each(tmp_path):
     text = str(err.value)
     assert "--lora-bias: lora_B.bias has a place in BFL's control layout (--control-lora) and PEFT's diffusers" in text
     assert "--lora-bias trains PEFT's lora_B bias of plain LoRA, not --algo loha" in text
+    o = contract_options(LoraMethod, tmp_path, {"lora_bias": True, "algo": "locon"}, family="flux")
+    with pytest.raises(ConfigError) as err:
+        LoraMethod(o).validate()
+    assert "not --algo locon" not in str(err.value) and "--lora-bias: lora_B.bias has a place" in str(err.value)
     o = contract_options(LoraMethod, tmp_path, {"lora_layers": "attn.to_q"}, family="flux")
     with pytest.raises(ConfigError, match=r"--lora-layers picks a control LoRA's modules .* give --control-lora"):
         LoraMethod(o).validate()
@@ -199,16 +234,38 @@ def test_option_refusals_in_one_line_each(tmp_path):
         method.prepare(load_model("tiny:flux"))
 
 
+def _merged_as_diffusers_fuses(out: Path, family: str) -> dict[str, torch.Tensor]:
+    """diffusers' pipeline of the tiny ``family`` model, ``load_lora_weights`` + ``fuse_lora`` of the diffusers-layout
+    file ``out``, against sdcore's merge of it: every transformer tensor within 1e-5. sdcore's merged state."""
+    import diffusers
+    from sdcore.models.load import load_model
+    from sdplugin_lora.apply import apply_lora
+
+    b = load_model(f"tiny:{family}")
+    parts = {"scheduler": b.noise_scheduler, "vae": b.vae, "transformer": b.transformer}
+    for i, (encoder, tokenizer) in enumerate(zip(b.text_encoders, b.tokenizers, strict=True)):
+        suffix = f"_{i + 1}" if i else ""
+        parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = encoder, tokenizer
+    pipe = {"flux": diffusers.FluxPipeline, "sd3": diffusers.StableDiffusion3Pipeline}[family](**parts)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    theirs = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    merged = load_model(f"tiny:{family}")
+    apply_lora(merged, out, 1.0, merge=True)
+    ours = merged.transformer.state_dict()
+    gaps = {k: float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours}
+    assert max(gaps.values()) <= 1e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:6]
+    return ours
+
+
 def test_lora_bias_in_the_diffusers_layout_of_a_plain_flux_lora(tmp_path):
     """--lora-bias --key-layout diffusers on a plain FLUX.1 LoRA: PEFT's ``lora_B.bias`` per diffusers module (a
     fused q/k/v's rows split per member), the header's config says ``lora_bias``, and diffusers'
     ``load_lora_weights`` + ``fuse_lora`` gives sdcore's merge."""
-    import diffusers
     from safetensors import safe_open
     from sdcore.models.load import load_model
     from sdcore.testing.contract import contract_options
     from sdcore.train.loop import TrainSession
-    from sdplugin_lora.apply import apply_lora
     from sdplugin_lora.method import LoraMethod
 
     out = tmp_path / "plain.safetensors"
@@ -222,21 +279,46 @@ def test_lora_bias_in_the_diffusers_layout_of_a_plain_flux_lora(tmp_path):
     assert header["transformer.lora_bias"] is True
     assert {"transformer.transformer_blocks.0.attn.to_q.lora_B.bias",
             "transformer.transformer_blocks.0.attn.to_k.lora_B.bias"} <= keys  # fmt: skip
-    b = load_model("tiny:flux")
-    pipe = diffusers.FluxPipeline(
-        scheduler=b.noise_scheduler, vae=b.vae, text_encoder=b.text_encoders[0], tokenizer=b.tokenizers[0],
-        text_encoder_2=b.text_encoders[1], tokenizer_2=b.tokenizers[1], transformer=b.transformer,
-    )  # fmt: skip
-    pipe.load_lora_weights(str(out))
-    pipe.fuse_lora()
-    theirs = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
-    dev = load_model("tiny:flux")
-    apply_lora(dev, out, 1.0, merge=True)
-    ours = dev.transformer.state_dict()
-    gaps = {k: float((ours[k].float() - theirs[k].float()).abs().max()) for k in ours}
-    assert max(gaps.values()) <= 1e-5, sorted(gaps.items(), key=lambda kv: -kv[1])[:6]
+    ours = _merged_as_diffusers_fuses(out, "flux")
     fresh = load_model("tiny:flux").transformer.state_dict()["transformer_blocks.0.attn.to_q.bias"]
     assert float((ours["transformer_blocks.0.attn.to_q.bias"] - fresh).abs().max()) > 0  # the trained bias merged
+
+
+def test_lora_bias_with_locon_in_the_diffusers_layout_conv_included(tmp_path):
+    """``--algo locon`` is plain LoRA on every target (LyCORIS LoCon: ``up @ down`` on Linears and convs alike), so
+    --lora-bias takes it: on FLUX.1 (no conv targets) every module gets its bias; on SD3 with the 2x2 patch conv
+    adapted (``--extra-module-ranks x_embedder=2``, LoCon's conv path) the diffusers layout holds the conv's bias as
+    PEFT's conv ``lora_B`` (a 1x1 conv built with ``bias=lora_bias``), and diffusers' ``load_lora_weights`` +
+    ``fuse_lora`` gives sdcore's merge, the patch conv's bias and weight included."""
+    from safetensors import safe_open
+    from sdcore.models.load import load_model
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import TrainSession
+    from sdplugin_lora.method import LoconMethod, LoraMethod
+
+    flux = contract_options(LoconMethod, tmp_path, {"lora_bias": True, "key_layout": "diffusers", "rank": 2},
+                            family="flux")  # fmt: skip
+    assert flux.algo == "locon"
+    method = LoconMethod(flux)
+    method.validate()
+    method.prepare(load_model("tiny:flux"))
+    modules = list(method.network.loras.values())
+    assert modules and all(m.up_bias is not None for m in modules)
+
+    out = tmp_path / "sd3-locon.safetensors"
+    o = contract_options(LoraMethod, tmp_path, {"lora_bias": True, "key_layout": "diffusers", "algo": "locon",
+                                                 "rank": 2, "extra_module_ranks": "x_embedder=2", "max_steps": 2,
+                                                 "lr": 1e-2, "output": str(out), "save_state": False},
+                         family="sd3")  # fmt: skip
+    TrainSession(LoraMethod(o), bundle=None).run()
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("transformer.pos_embed.proj.lora_A.weight").dim() == 4  # the conv, by LoCon's path
+        assert f.get_tensor("transformer.pos_embed.proj.lora_B.bias").shape == (16,)
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["transformer.lora_bias"] is True
+    ours = _merged_as_diffusers_fuses(out, "sd3")
+    fresh = load_model("tiny:sd3").transformer.state_dict()
+    for key in ("pos_embed.proj.bias", "pos_embed.proj.weight"):  # the trained conv change merged
+        assert float((ours[key] - fresh[key]).abs().max()) > 0, key
 
 
 # --- the JSONL dataset --------------------------------------------------------------------------------------------
@@ -328,13 +410,11 @@ def test_an_interrupted_lora_bias_run_resumes_exactly(tmp_path):
     state holds them as ``lora_up.bias``, read back into the modules' bias parameters)."""
     from sdcore.models.load import load_model
     from sdcore.testing.contract import check_resume, contract_options
+    from sdcore.testing.datasets import write_inverted_controls
     from sdplugin_lora.method import LoraMethod
 
     contract_options(LoraMethod, tmp_path, family="flux")  # writes tmp_path/data
-    controls = tmp_path / "controls"
-    controls.mkdir()
-    for image in sorted((tmp_path / "data").rglob("*.png")):
-        Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(controls / image.name)
+    controls = write_inverted_controls(tmp_path / "data", tmp_path / "controls")
     overrides = {"control_lora": True, "lora_bias": True, "control_dir": str(controls), "rank": 2,
                  "t5xxl_max_token_length": 8}  # fmt: skip
     check_resume(LoraMethod, tmp_path, overrides, family="flux")
@@ -395,3 +475,57 @@ def test_the_training_forward_adds_the_bias_as_peft_lora_bias_does():
             adapter.sample_strength = None
         finally:
             adapter.detach()
+
+
+def test_a_control_lora_run_without_guidance_scale_trains_and_samples_at_the_scripts_30(tmp_path):
+    """diffusers' train_control_lora_flux.py trains (its L1241-1250: ``torch.full(..., args.guidance_scale)``) and
+    validates (L140) at ``--guidance_scale``, default 30 (L543): a ``--control-lora`` run that gives no
+    ``--guidance-scale`` does the same, in the step's call to the transformer, the samples without ``--g`` or
+    ``--sample-cfg``, the file's ``ss_guidance_scale`` and the pre-flight's note; a given value (1.0 included) and a
+    plain FLUX.1 run (1.0, kohya's examples) are as before, and a kohya-named config keeps kohya's own 3.5."""
+    from types import SimpleNamespace
+
+    from sdcore.models.flux.control import TRAINING_WIDENER, widen_img_in
+    from sdcore.models.load import load_model
+    from sdcore.train.config import load_options
+    from sdcore.train.control_lora import control_lora_notes
+    from sdcore.train.sample_prompts import read_sample_prompts
+    from sdcore.train.sampling import _generations
+    from sdcore.train.step import Objective
+    from sdplugin_lora.method import LoraMethod, LoraOptions, flow_metadata
+
+    data, controls = _pairs(tmp_path, 1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"one --cn {controls / 'p0.png'}\n", encoding="utf-8")
+    widened = load_model("tiny:flux")
+    widen_img_in(widened, 128, TRAINING_WIDENER)
+    plain = load_model("tiny:flux")
+
+    def used(**extra):
+        """(the step's guidance, the sample's, ss_guidance_scale) of a run with ``extra``."""
+        o = _options(tmp_path, data, controls, sample_prompts=str(prompts), **extra)
+        objective = Objective(SimpleNamespace(family="flux"), LoraMethod(o), o)
+        seen: list[float] = []
+        objective.adapter = SimpleNamespace(predict=lambda *args, guidance, **kwargs: seen.append(guidance))
+        batch = SimpleNamespace(reference_latents=None, inpainting_mask=None)
+        objective.predict(torch.zeros(1), torch.zeros(1), None, batch)  # type: ignore[arg-type]
+        bundle = widened if o.control_lora else plain
+        ((_, arguments),) = _generations(bundle, o, read_sample_prompts(str(prompts), "flux"), {})[2]
+        return seen[0], arguments["cfg"], flow_metadata(o, "flux")["ss_guidance_scale"]
+
+    assert used(guidance_scale=None) == (30.0, 30.0, "30.0")
+    assert used(guidance_scale=1.0) == (1.0, 1.0, "1.0")
+    assert used(guidance_scale=4.5, sample_cfg=6.0) == (4.5, 6.0, "4.5")
+    # a plain FLUX.1 dev run: 1.0 while training, the family's 3.5 in samples (sdcore generate's)
+    assert used(guidance_scale=None, control_lora=False) == (1.0, 3.5, "1.0")
+
+    (note,) = control_lora_notes(_options(tmp_path, data, controls, guidance_scale=None))
+    assert note.startswith("--control-lora: the guidance embedding gets 30 while training and in samples")
+    assert "--guidance-scale not given: diffusers' train_control_lora_flux.py's default" in note
+    (note,) = control_lora_notes(_options(tmp_path, data, controls, guidance_scale=2.0))
+    assert "gets 2 while training" in note and "--guidance-scale given;" in note
+
+    config = tmp_path / "kohya.toml"
+    config.write_text(f'pretrained_model_name_or_path = "tiny:flux"\ntrain_data_dir = "{data}"\n'
+                      f'control_dir = "{controls}"\ncontrol_lora = true\n', encoding="utf-8")  # fmt: skip
+    assert load_options(LoraOptions, config, notes=[]).guidance_scale == 3.5  # kohya's flux default, untouched

@@ -352,13 +352,11 @@ def test_an_interrupted_control_lora_run_resumes_exactly_norm_scales_included(tm
     """4 steps in one go == 2 steps, Ctrl-C, ``--resume latest``, 2 more: the LoRA and the trained norm scales
     (kept in the training state) are identical."""
     from sdcore.testing.contract import check_resume, contract_options
+    from sdcore.testing.datasets import write_inverted_controls
     from sdplugin_lora.method import LoraMethod
 
     contract_options(LoraMethod, tmp_path, family="flux")  # writes tmp_path/data
-    controls = tmp_path / "controls"
-    controls.mkdir()
-    for image in sorted((tmp_path / "data").rglob("*.png")):
-        Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(controls / image.name)
+    controls = write_inverted_controls(tmp_path / "data", tmp_path / "controls")
     overrides = {"control_lora": True, "train_norm_layers": True, "control_dir": str(controls), "rank": 2,
                  "t5xxl_max_token_length": 8}  # fmt: skip
     check_resume(LoraMethod, tmp_path, overrides, family="flux")

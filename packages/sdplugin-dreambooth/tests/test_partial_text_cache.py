@@ -8,7 +8,6 @@ Each test builds a tiny SD3 or FLUX.1 and a 2-image dataset (T5 cut at 16 tokens
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -105,9 +104,10 @@ def test_a_partial_run_trains_clip_never_runs_t5_and_saves_it_unchanged(tmp_path
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
 
 
-def test_off_the_cpu_t5_leaves_the_device_and_clip_stays(tmp_path, monkeypatch):
+def test_off_the_cpu_t5_leaves_the_device_and_clip_stays(tmp_path):
     """The loop's caching step on a GPU run (a stand-in accelerator whose device says ``cuda``; the moves are
     recorded, not made), with the partial set the runtime asks for a DreamBooth run: T5 alone goes to the CPU."""
+    from sdcore.testing.devices import StandInAccelerator, recording_moves
     from sdcore.train.cache import build_caches
 
     options = _options(tmp_path)
@@ -115,21 +115,10 @@ def test_off_the_cpu_t5_leaves_the_device_and_clip_stays(tmp_path, monkeypatch):
     method = session.method
     partial = partial_text_encoders(options, method.capabilities(), "sd3", method)
     assert partial == ("text_encoder_3",)
-    moved: list[int] = []
-    for index, te in enumerate(session.bundle.text_encoders):
-        monkeypatch.setattr(te, "to", lambda *a, _i=index, _te=te, **k: moved.append(_i) or _te)
-
-    class Accelerator:
-        device = torch.device("cuda")
-        is_main_process = True
-        num_processes = 1
-
-        def autocast(self):
-            return contextlib.nullcontext()
-
-    _, text_cache = build_caches(session.bundle, method, options, session.data, Accelerator(),
-                                 trains_text_encoder=True, needs_pixels=False, progress=session.progress,
-                                 partial=partial)  # fmt: skip
+    with recording_moves(session.bundle.text_encoders) as moved:
+        _, text_cache = build_caches(session.bundle, method, options, session.data, StandInAccelerator(),
+                                     trains_text_encoder=True, needs_pixels=False, progress=session.progress,
+                                     partial=partial)  # fmt: skip
     assert text_cache is not None and moved == [2]
 
 

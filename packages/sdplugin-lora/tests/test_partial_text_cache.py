@@ -127,30 +127,19 @@ def test_t5_does_not_run_during_steps_or_samples(tmp_path, family):
     assert next(t5.parameters()).device.type == "cpu"
 
 
-def test_off_the_cpu_the_cached_t5_leaves_the_device_and_clip_stays(tmp_path, monkeypatch):
+def test_off_the_cpu_the_cached_t5_leaves_the_device_and_clip_stays(tmp_path):
     """``build_caches`` on a GPU run (a stand-in accelerator whose device says ``cuda``; the moves are recorded,
     not made): T5 goes to the CPU once its outputs are cached, the training CLIP stays where it is."""
-    import contextlib
 
+    from sdcore.testing.devices import StandInAccelerator, recording_moves
     from sdcore.train.cache import build_caches
 
     options = _options(tmp_path, "flux")
     session = _session(options, "flux")
-    moved: list[int] = []
-    for index, te in enumerate(session.bundle.text_encoders):
-        monkeypatch.setattr(te, "to", lambda *a, _i=index, _te=te, **k: moved.append(_i) or _te)
-
-    class Accelerator:
-        device = torch.device("cuda")
-        is_main_process = True
-        num_processes = 1
-
-        def autocast(self):
-            return contextlib.nullcontext()
-
-    _, text_cache = build_caches(session.bundle, session.method, options, session.data, Accelerator(),
-                                 trains_text_encoder=True, needs_pixels=False, progress=session.progress,
-                                 partial=("text_encoder_2",))  # fmt: skip
+    with recording_moves(session.bundle.text_encoders) as moved:
+        _, text_cache = build_caches(session.bundle, session.method, options, session.data, StandInAccelerator(),
+                                     trains_text_encoder=True, needs_pixels=False, progress=session.progress,
+                                     partial=("text_encoder_2",))  # fmt: skip
     assert text_cache is not None and text_cache.partial == ("text_encoder_2",)
     assert moved == [1]  # T5 alone
 

@@ -129,7 +129,11 @@ def _kohya(tmp_path, model, body=""):
 
 
 def _flow(o):
-    return (o.timestep_sampling, o.model_prediction_type, o.discrete_flow_shift, o.guidance_scale, o.weighting_scheme)
+    """The flow options as the run reads them (the guidance resolved: --guidance-scale, else 1.0)."""
+    from sdcore.train.objectives import training_guidance
+
+    return (o.timestep_sampling, o.model_prediction_type, o.discrete_flow_shift, training_guidance(o),
+            o.weighting_scheme)  # fmt: skip
 
 
 def test_a_kohya_flux_toml_gets_the_flux_scripts_defaults(tmp_path, model_files):

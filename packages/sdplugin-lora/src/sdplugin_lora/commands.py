@@ -95,6 +95,10 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
         if info[key]
     ]
     click.echo(f"kinds:       {info['kinds']}" + (f"  ({', '.join(extras)})" if extras else ""))
+    if info["zero_modules"]:  # a control LoRA's stand-ins for the Linears it left out: not in ranks/alphas below
+        click.echo(
+            f"zero:        {info['zero_modules']} zero placeholder modules (not trained), left out of ranks and alphas"
+        )
     if info["control"]:
         click.echo(f"control:     {info['control']}: apply it with a control image (--control-image)")
     click.echo(f"ranks:       {info['ranks']}")

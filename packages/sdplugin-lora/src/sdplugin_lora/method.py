@@ -311,8 +311,9 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
     lora_bias: bool = option(
         False,
         "Also train a bias on every LoRA module's lora_up, from zero (PEFT's lora_bias=True, diffusers' "
-        "--use_lora_bias), saved as lora_B.bias. Plain LoRA in a layout that holds it: --control-lora (BFL's control "
-        "layout, as BFL's own files) or --key-layout diffusers (PEFT's); kohya's LoRA modules have none.",
+        "--use_lora_bias), saved as lora_B.bias. Plain LoRA (--algo lora or locon) in a layout that holds it: "
+        "--control-lora (BFL's control layout, as BFL's own files) or --key-layout diffusers (PEFT's, convs "
+        "included); kohya's LoRA modules have none.",
         group="lora",
     )
     lora_layers: str | None = option(
@@ -657,7 +658,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     def _lora_bias_problems(self) -> list[str]:
         """--lora-bias needs plain LoRA and a file layout with a place for ``lora_B.bias``: BFL's control layout and
         PEFT's diffusers layout have one; kohya's ``networks.lora``/``lora_flux`` build ``lora_up`` without a bias
-        (sd-scripts loads its files non-strictly, so such a bias would be dropped without a word)."""
+        (sd-scripts loads its files non-strictly, so such a bias would be dropped without a word). LoCon is plain
+        LoRA on every target (``up @ down``, a kxk conv's ``lora_up`` a 1x1 conv: the same adapter), so it is
+        taken: on FLUX.1 it has no conv to adapt, and where it adapts one (SD3's patch conv) the diffusers layout
+        holds its bias as PEFT's conv ``lora_B`` does (``bias=lora_bias``); the control layout holds Linears only
+        and ``--control-lora`` refuses other algos itself."""
         o = self.options
         if not o.lora_bias:
             return []
@@ -668,7 +673,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "layout (--key-layout diffusers, SD3/Flux/Chroma), not in kohya's (its lora_up has no bias; "
                 "sd-scripts would drop it)"
             )
-        if o.algo != "lora" or o.use_tucker:
+        if o.algo not in ("lora", "locon") or o.use_tucker:
             problems.append(f"--lora-bias trains PEFT's lora_B bias of plain LoRA, not --algo {o.algo}"
                             f"{' --use-tucker' if o.use_tucker else ''}")  # fmt: skip
         return problems
@@ -1713,7 +1718,7 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
     o = options
     if family not in ("flux", "sd3", "chroma"):
         return {}
-    from sdcore.train.objectives import flow_shift
+    from sdcore.train.objectives import flow_shift, training_guidance
 
     meta = {
         # Chroma's adapter masks T5 always (kohya asserts --apply_t5_attn_mask for it)
@@ -1729,7 +1734,7 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
         meta.update(
             {
                 "ss_model_type": family,
-                "ss_guidance_scale": str(o.guidance_scale),
+                "ss_guidance_scale": str(training_guidance(o, control=o.control_lora)),
                 "ss_timestep_sampling": kohya_timestep_sampling(o),
                 "ss_sigmoid_scale": str(o.sigmoid_scale),
                 "ss_model_prediction_type": o.model_prediction_type,

@@ -648,7 +648,12 @@ _ALGO_LABEL = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "full": "full", "
 
 def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     """A summary of a LoRA file: family, algorithm, module counts per part and per layer kind,
-    ranks (full-matrix modules as ``"full"``), DoRA/Tucker counts, kohya block dims, metadata."""
+    ranks (full-matrix modules as ``"full"``), DoRA/Tucker counts, kohya block dims, metadata.
+
+    Zero placeholder modules (:func:`zero_placeholder`: the rank-1 all-zero modules a control LoRA carries for
+    every Linear it did not train, because diffusers' BFL converter needs every module) count in ``modules``,
+    ``parts``, ``kinds`` and ``shapes`` but not in ``ranks``, ``alphas`` or the block dims: ``zero_modules``
+    says how many, so the ranks are what trained."""
     from .blocks import block_count, block_index
 
     lora = read_lora(path)
@@ -658,7 +663,7 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     shapes: Counter[str] = Counter({"linear": 0, "conv1x1": 0, "conv3x3": 0})
     ranks: Counter[int | str] = Counter()
     alphas: Counter[float] = Counter()
-    dora = tucker = full = 0
+    dora = tucker = full = zero = 0
     blocks = block_count(family) if family in ("sd1", "sd2", "sdxl") else 0
     block_dims = [0] * blocks
     conv_block_dims = [0] * blocks
@@ -672,6 +677,9 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         shapes[shape] += 1
         dora += weights.is_dora
         tucker += weights.is_tucker
+        if zero_placeholder(weights):
+            zero += 1
+            continue
         if weights.full_matrix or not weights.rank:
             full += 1
             ranks["full"] += 1
@@ -716,6 +724,7 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         "dora_modules": dora,
         "tucker_modules": tucker,
         "full_matrix_modules": full,
+        "zero_modules": zero,
         "block_dims": block_dims if has_blocks else None,
         "conv_block_dims": conv_block_dims if any(conv_block_dims) else None,
         # lora_up biases and full norm scales (BFL's control LoRAs) apply with the file: said, not hidden
@@ -732,6 +741,17 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         "top_tags": tags,
         "metadata": meta,
     }
+
+
+def zero_placeholder(weights: ModuleWeights) -> bool:
+    """Whether a module is a placeholder that changes nothing: plain LoRA whose ``lora_down`` and ``lora_up`` (and
+    ``lora_up`` bias, if any) are all zero. A control LoRA writes one for each Linear ``--lora-layers`` left out
+    (:func:`sdplugin_lora.dit.control_state_dict`); told by content, not by name, so BFL's, diffusers' and other
+    tools' files read alike. A module with only ``lora_up`` zero (a LoRA saved before training) is not one."""
+    if not weights.plain_lora or "lora_down.weight" not in weights.tensors or "lora_up.weight" not in weights.tensors:
+        return False
+    return not any(bool(weights.tensors[key].any()) for key in ("lora_down.weight", "lora_up.weight", "lora_up.bias")
+                   if key in weights.tensors)  # fmt: skip
 
 
 def _control_label(lora: LoraFile) -> str | None:
@@ -777,4 +797,5 @@ __all__ = [
     "module_shape",
     "oft_for_comfyui",
     "resize_lora",
+    "zero_placeholder",
 ]

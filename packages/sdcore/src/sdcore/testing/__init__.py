@@ -14,7 +14,9 @@ Nothing here imports torch until a fixture that needs it runs.
 
 :mod:`sdcore.testing.toyworld` is a toy world with a trained base model (``toyworld:``) and a
 scorer, to measure whether a method teaches a concept; :mod:`sdcore.testing.contract` is the
-contract suite every training method passes.
+contract suite every training method passes. :mod:`sdcore.testing.datasets` writes tiny datasets (and
+inverted control images beside them); :mod:`sdcore.testing.devices` stands in for a GPU accelerator and
+records the runtime's ``.to(...)`` moves without making them.
 """
 
 from __future__ import annotations

@@ -258,9 +258,11 @@ def flow_held_loss(session: Any, held: FlowHeldSet, *, chunk: int = 5) -> float:
     import torch
 
     from ..models.family import family_adapter
+    from ..train.objectives import training_guidance
 
     bundle, method = session.bundle, session.method
     adapter = family_adapter(bundle.family)
+    guidance = training_guidance(session.options, control=method.capabilities().control_channels)
     modules = [m for m in bundle.components().values() if isinstance(m, torch.nn.Module)]
     modes = [m.training for m in modules]
     total, n = 0.0, 0
@@ -275,7 +277,7 @@ def flow_held_loss(session: Any, held: FlowHeldSet, *, chunk: int = 5) -> float:
                 s = held.sigmas[start:stop].to(session.device)
                 noisy = (1.0 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * eps
                 cond = method.encode(bundle, list(held.captions[start:stop]))
-                pred = adapter.predict(bundle, noisy, s * 1000.0, cond, guidance=session.options.guidance_scale)
+                pred = adapter.predict(bundle, noisy, s * 1000.0, cond, guidance=guidance)
                 per_sample = (pred.float() - (eps - x).float()).pow(2).mean(dim=(1, 2, 3))
                 total += float(per_sample.sum())
                 n += stop - start

@@ -53,3 +53,17 @@ def make_tiny_dataset(
         if captions:
             (folder / f"{index:03d}.txt").write_text(caption_for(index), encoding="utf-8")
     return Path(root)
+
+
+def write_inverted_controls(data: str | Path, controls: str | Path) -> Path:
+    """A control image beside every ``.png`` under ``data`` (a :func:`make_tiny_dataset` folder), written to the
+    ``controls`` folder under the image's file name: its colours inverted (``255 - pixel``), a fixed function of
+    the image, so a control-image run (``--control-dir``: FLUX.1 Kontext, control LoRAs) has a pairing to learn
+    and every image its control image. Returns ``controls``."""
+    controls = Path(controls)
+    controls.mkdir(parents=True, exist_ok=True)
+    for image in sorted(Path(data).rglob("*.png")):
+        with Image.open(image) as opened:
+            pixels = np.asarray(opened.convert("RGB"))
+        Image.fromarray(255 - pixels).save(controls / image.name)
+    return controls

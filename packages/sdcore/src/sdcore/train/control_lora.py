@@ -106,13 +106,21 @@ def control_sample_checks(options: TrainOptions, *, control: bool, family: str |
 
 
 def control_lora_notes(options: TrainOptions) -> list[str]:
-    """The guidance the run trains at, against what generation will use (no refusal: any value trains)."""
+    """The guidance the run trains at and why (given, or diffusers' script's default), against what generation
+    will use (no refusal: any value trains)."""
     from ..models.flux.control import CANNY_GUIDANCE, DEPTH_GUIDANCE
+    from .objectives import CONTROL_TRAINING_GUIDANCE, training_guidance
 
+    value = training_guidance(options, control=True)
+    script = "diffusers' train_control_lora_flux.py"
+    if options.guidance_scale is None:
+        why = f"--guidance-scale not given: {script}'s default, which it trains and validates at"
+    else:
+        why = f"--guidance-scale given; {script}'s default is {CONTROL_TRAINING_GUIDANCE:g}"
     return [
-        f"{FLAG}: the guidance embedding gets --guidance-scale {options.guidance_scale:g} while training; diffusers' "
-        f"train_control_lora_flux.py trains at {CANNY_GUIDANCE:g}, and sdcore generate runs a control LoRA at "
-        f"{DEPTH_GUIDANCE:g} ({CANNY_GUIDANCE:g} when its file name says canny) unless --cfg says otherwise"
+        f"{FLAG}: the guidance embedding gets {value:g} while training and in samples without --g or --sample-cfg "
+        f"({why}); sdcore generate runs a control LoRA at {DEPTH_GUIDANCE:g} ({CANNY_GUIDANCE:g} when its file "
+        "name says canny) unless --cfg says otherwise"
     ]
 
 

@@ -551,6 +551,25 @@ def flow_shift(options: Any, family: str | ModelFamily) -> float:
     return get_family(family).flow_shift
 
 
+#: the guidance a FLUX.1 dev run trains at without --guidance-scale: 1.0, as kohya's examples
+DEFAULT_TRAINING_GUIDANCE = 1.0
+#: the same for a control-LoRA run (``control``): diffusers' train_control_lora_flux.py's --guidance_scale default,
+#: which it trains and validates at (a diffusers user's run without the option gets what the script gives)
+CONTROL_TRAINING_GUIDANCE = 30.0
+
+
+def training_guidance(options: Any, *, control: bool = False) -> float:
+    """The guidance a run's guidance embedding gets while training (and a control-LoRA run's samples where a line
+    gives no ``--g`` and ``--sample-cfg`` is unset): ``--guidance-scale`` when given (a kohya, OneTrainer or
+    ai-toolkit config always gives it), else :data:`CONTROL_TRAINING_GUIDANCE` on a control-LoRA run (the method's
+    :attr:`~sdcore.train.method.Capabilities.control_channels`), else :data:`DEFAULT_TRAINING_GUIDANCE`. One
+    resolution for the step, the samples, the held-out loss and the file's ``ss_guidance_scale``."""
+    given = getattr(options, "guidance_scale", None)
+    if given is not None:
+        return float(given)
+    return CONTROL_TRAINING_GUIDANCE if control else DEFAULT_TRAINING_GUIDANCE
+
+
 def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjective:
     """The objective of ``bundle``'s family, configured from the run's options."""
     objective = bundle.family_spec.objective
@@ -588,7 +607,9 @@ def objective_for(bundle: ModelBundle, options: TrainOptions) -> TrainingObjecti
 
 
 __all__ = [
+    "CONTROL_TRAINING_GUIDANCE",
     "DEFAULT_TABLE_RANGE",
+    "DEFAULT_TRAINING_GUIDANCE",
     "DRAWN_TABLES",
     "TABLE_SAMPLINGS",
     "TIMESTEP_SAMPLINGS",
@@ -613,4 +634,5 @@ __all__ = [
     "time_shift",
     "timestep_distribution",
     "timestep_range_problem",
+    "training_guidance",
 ]

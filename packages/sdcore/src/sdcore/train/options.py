@@ -709,10 +709,11 @@ class TrainOptions:
         choices=WEIGHTING_SCHEMES,
         group="loss",
     )
-    guidance_scale: float = option(
-        1.0,
-        "Flux dev: the value its guidance embedding gets while training (kohya's --guidance_scale; 1.0 as "
-        "kohya's examples use; schnell has no guidance embedding).",
+    guidance_scale: float | None = option(
+        None,
+        "Flux dev: the value its guidance embedding gets while training (kohya's --guidance_scale; default 1.0 as "
+        "kohya's examples use, with --control-lora 30 as diffusers' train_control_lora_flux.py; schnell has no "
+        "guidance embedding).",
         group="loss",
     )
     bypass_guidance_embedding: bool = option(

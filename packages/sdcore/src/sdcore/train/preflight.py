@@ -424,10 +424,7 @@ def guidance_scale_notes(options: TrainOptions, family_name: str) -> list[str]:
     value and drop it in silence. FLUX.1 says True (dev embeds it; a schnell file has no embedding and keeps
     its silence, as before); SD3, Chroma and the SD UNet families say None (no note: kohya's configs carry
     the value there, Chroma's docs even ask for 0.0). The adapter is resolved only when the value is given."""
-    from dataclasses import fields
-
-    default = next(f.default for f in fields(type(options)) if f.name == "guidance_scale")
-    if options.guidance_scale == default:
+    if options.guidance_scale is None:  # not given
         return []
     from ..models.family import family_adapter, get_family, guidance_input
 

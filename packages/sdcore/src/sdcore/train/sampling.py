@@ -115,7 +115,9 @@ def _generations(
         "cfg": o.sample_cfg if o.sample_cfg is not None else FILL_GUIDANCE if kind == "fill" else default_cfg(adapter),
     }
     if control and o.sample_cfg is None:  # the guidance the control LoRA trains at, as diffusers' trainer validates
-        defaults["cfg"] = o.guidance_scale
+        from .objectives import training_guidance
+
+        defaults["cfg"] = training_guidance(o, control=True)
     calls = generation_calls(prompts, options.seed)
     # T5's length and mask, SD3's CLIP mask: the samples are encoded as the run encodes its captions
     text = {"text_encoding": encoding} if (encoding := text_encoding_options(options, bundle.family_spec)) else {}

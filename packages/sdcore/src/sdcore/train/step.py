@@ -113,8 +113,10 @@ class Objective:
             reference["reference_latents"] = batch.reference_latents
         if batch.inpainting_mask is not None:  # an inpainting model's mask and masked image (:mod:`.inpainting`)
             reference["inpainting"] = (batch.inpainting_mask, batch.masked_latents)
-        return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch,
-                                    guidance=self.options.guidance_scale,
+        from .objectives import training_guidance
+
+        guidance = training_guidance(self.options, control=self.method.capabilities().control_channels)
+        return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch, guidance=guidance,
                                     bypass_guidance_embedding=self.options.bypass_guidance_embedding,
                                     **reference)  # fmt: skip
 

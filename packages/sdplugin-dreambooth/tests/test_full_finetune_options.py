@@ -166,3 +166,15 @@ def test_kohya_use_t5xxl_cache_only_is_read_by_sd3_train_alone(tmp_path, model):
     assert any(n.startswith("use_t5xxl_cache_only: ") and "sd3_train.py" in n for n in notes), notes
     path.write_text(path.read_text().replace(model, "tiny:sd3"), encoding="utf-8")
     assert load_options(DreamBoothOptions, path).cache_text_encoder_outputs is True  # sd3_train.py turns it on
+
+
+def test_kohya_learning_rate_te_zero_keeps_the_text_encoder_frozen():
+    """train_db.py / fine_tune.py give the text encoder its own optimizer group at learning_rate_te (train_db.py
+    L189-197, fine_tune.py L221-228): at 0 it does not move. It was read as "not set" (trained at learning_rate)."""
+    notes: list[str] = []
+    kohya = {"learning_rate": 1e-5, "learning_rate_te": 0, "train_text_encoder": True}
+    o = load_options(DreamBoothOptions, None, kohya=kohya, notes=notes)
+    assert o.te_lr == 0.0 and o.train_text_encoder
+    assert "learning_rate_te = 0: the text encoder stays frozen (kohya trains it at rate 0)" in notes
+    bundle = family_adapter("sd1").create_tiny()
+    assert DreamBoothMethod(o).text_encoder_rates(bundle) == {}

@@ -1930,6 +1930,44 @@ def kohya_t5_cache_only(
     return [f"use_t5xxl_cache_only: {_T5_CACHE_ONLY_UNREAD}; no effect on this {family} model"]
 
 
+#: the text-encoder options of kohya's full fine-tune scripts (sdcore option -> kohya name), none of which
+#: flux_train.py defines
+_FULL_FT_TEXT_ENCODER = {"train_text_encoder": "train_text_encoder", "train_t5": "train_t5xxl", "te_lr": "learning_rate_te",
+                         "te1_lr": "learning_rate_te1", "te2_lr": "learning_rate_te2", "te3_lr": "learning_rate_te3"}  # fmt: skip
+
+
+def kohya_flux_train_text_encoder(
+    values: dict[str, Any], origin: Mapping[str, str], cli: Collection[str], fields: Collection[str], family: str | None
+) -> list[str]:
+    """A kohya full fine-tune config on FLUX.1 is for flux_train.py, which defines no ``--train_text_encoder``
+    (nor ``train_t5xxl`` or a text-encoder rate) and keeps CLIP-L and T5 frozen (sd-scripts 48d368f
+    flux_train.py L226-227); a config file's keys the script does not define are read into its arguments and
+    never used (library/train_util.py ``read_config_from_file``, L4760). So those options, given in kohya's
+    names, are dropped from ``values`` (in place) with a note, and the text encoders stay frozen as in kohya;
+    sdcore's own ``--train-text-encoder`` on the command line (``cli``) still trains CLIP-L there. LoRA configs
+    (``unet_only`` among the ``fields``: flux_train_network.py trains CLIP-L) and other families are untouched."""
+    if "unet_only" in fields or family != "flux" or "train_text_encoder" in cli:
+        return []
+    dropped = []
+    for target, name in _FULL_FT_TEXT_ENCODER.items():
+        value = values.get(target)
+        if (
+            origin.get(target) != name
+            or target in cli
+            or value is None
+            or (target.startswith("train") and _is_off(value, _OFF))
+        ):
+            continue  # a rate of 0 is dropped too (it is kohya's "frozen", :func:`_rate_zero_freezes`)
+        values.pop(target, None)
+        dropped.append(name)
+    if not dropped:
+        return []
+    return [
+        f"{', '.join(dropped)}: kohya's FLUX.1 fine-tune script (flux_train.py) does not define it and keeps the "
+        "text encoders frozen; no effect (sdcore's --train-text-encoder trains CLIP-L)"
+    ]
+
+
 def kohya_text_cache_notes(
     values: Mapping[str, Any], origin: Mapping[str, str], fields: Collection[str], family: str | None
 ) -> list[str]:

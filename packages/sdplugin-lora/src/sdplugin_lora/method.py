@@ -1467,10 +1467,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     def on_step_end(self, bundle: ModelBundle, step: int) -> dict[str, float] | None:
         """kohya's max-norm regularisation after the optimizer step (``--scale-weight-norms``);
         reports kohya's "Keys Scaled" / "Average key norm" / max key norm as ``keys_scaled``,
-        ``avg_key_norm`` and ``max_key_norm``."""
+        ``avg_key_norm`` and ``max_key_norm``. Without it, with LoRA-GGPO, kohya's GGPO norms
+        ``avg_key_norm``, ``avg_grad_norm``, ``avg_combined_norm`` (:func:`sdplugin_lora.ggpo.log_values`;
+        kohya logs them as ``norm/<name>``, and with max-norm only max-norm's)."""
         limit = self.options.scale_weight_norms
         if not limit:
-            return None
+            if self.ggpo is None:
+                return None
+            from .ggpo import log_values
+
+            return log_values(self._require_network()) or None
         scaled, mean, top = self._require_network().apply_max_norm(limit)
         return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
 

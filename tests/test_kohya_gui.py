@@ -295,6 +295,7 @@ def test_family_box_problems_are_reported_by_name():
         (5e-5, 1e-4, 2e-5, {"text_encoder_lr": [5e-5, 2e-5]}),
         (0, 1e-4, 0, {"network_train_unet_only": True}),
         (5e-5, 0, 0, {"network_train_text_encoder_only": True, "text_encoder_lr": [5e-5, 5e-5]}),
+        (0, 0, 0, {}),  # neither flag: both train at learning_rate
     ],
 )
 def test_text_encoder_rates_and_train_flags_as_the_gui(te, unet, t5, want):
@@ -302,6 +303,7 @@ def test_text_encoder_rates_and_train_flags_as_the_gui(te, unet, t5, want):
     keys = ("text_encoder_lr", "network_train_unet_only", "network_train_text_encoder_only")
     assert problems == [] and {k: items[k] for k in keys if items.get(k)} == want
     assert ("unet_lr" in items) == (unet != 0)
+    assert ("text_encoder_lr" in items) == (te != 0)  # the GUI writes None for a 0 rate, which kohya would freeze
 
 
 def test_t5_rate_without_a_text_encoder_rate_is_refused():

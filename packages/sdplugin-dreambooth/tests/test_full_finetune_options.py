@@ -166,3 +166,48 @@ def test_kohya_use_t5xxl_cache_only_is_read_by_sd3_train_alone(tmp_path, model):
     assert any(n.startswith("use_t5xxl_cache_only: ") and "sd3_train.py" in n for n in notes), notes
     path.write_text(path.read_text().replace(model, "tiny:sd3"), encoding="utf-8")
     assert load_options(DreamBoothOptions, path).cache_text_encoder_outputs is True  # sd3_train.py turns it on
+
+
+def test_kohya_learning_rate_te_zero_keeps_the_text_encoder_frozen():
+    """train_db.py / fine_tune.py give the text encoder its own optimizer group at learning_rate_te (train_db.py
+    L189-197, fine_tune.py L221-228): at 0 it does not move. It was read as "not set" (trained at learning_rate)."""
+    notes: list[str] = []
+    kohya = {"learning_rate": 1e-5, "learning_rate_te": 0, "train_text_encoder": True}
+    o = load_options(DreamBoothOptions, None, kohya=kohya, notes=notes)
+    assert o.te_lr == 0.0 and o.train_text_encoder
+    assert "learning_rate_te = 0: the text encoder stays frozen (kohya trains it at rate 0)" in notes
+    bundle = family_adapter("sd1").create_tiny()
+    assert DreamBoothMethod(o).text_encoder_rates(bundle) == {}
+
+
+_FLUX_TE_KEYS = "train_text_encoder = true\ntrain_t5xxl = true\nlearning_rate_te1 = 1e-5\nlearning_rate_te3 = 0\n"
+
+
+@pytest.mark.parametrize("model", ["tiny:flux", "tiny:sd3"])
+def test_kohya_flux_train_never_trains_a_text_encoder(tmp_path, model):
+    """kohya's flux_train.py defines no --train_text_encoder, --train_t5xxl or --learning_rate_te* (its setup_parser,
+    L785-850, and the train_util/flux_train_utils argument groups it adds) and freezes CLIP-L and T5 (L226-227); a
+    config file's undefined keys are read and never used (train_util.py read_config_from_file ~L4760). So a kohya
+    FLUX.1 full fine-tune config trains no text encoder (a note says why); sd3_train.py defines all of them."""
+    path = tmp_path / "kohya.toml"
+    path.write_text(f'pretrained_model_name_or_path = "{model}"\n{_FLUX_TE_KEYS}train_data_dir = "data"\n'
+                    'output_dir = "out"\n', encoding="utf-8")  # fmt: skip
+    notes: list[str] = []
+    o = load_options(DreamBoothOptions, path, notes=notes)
+    flux = model == "tiny:flux"
+    assert (o.train_text_encoder, o.train_t5) == (not flux, not flux)
+    assert (o.te1_lr, o.te3_lr) == ((None, None) if flux else (1e-5, 0.0))
+    said = [n for n in notes if "flux_train.py" in n]
+    assert said == (
+        ["train_text_encoder, train_t5xxl, learning_rate_te1, learning_rate_te3: kohya's FLUX.1 fine-tune script "
+         "(flux_train.py) does not define it and keeps the text encoders frozen; no effect (sdcore's "
+         "--train-text-encoder trains CLIP-L)"] if flux else []
+    )  # fmt: skip
+    if flux:
+        bundle, groups = _groups(o, "flux")
+        assert set(groups) == {"unet"} and not any(
+            p.requires_grad for e in bundle.text_encoders for p in e.parameters()
+        )
+        # sdcore's own --train-text-encoder on the command line keeps sdcore's FLUX.1 text-encoder training
+        o = load_options(DreamBoothOptions, path, {"train_text_encoder": True})
+        assert o.train_text_encoder and (o.te1_lr, o.train_t5) == (1e-5, True)

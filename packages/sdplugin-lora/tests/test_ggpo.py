@@ -355,3 +355,100 @@ def test_noise_on_a_packed_base_layer_does_not_dequantise_it_again(storage):
     torch.manual_seed(7)
     noise = torch.randn(24, 32) * module.ggpo.factor
     torch.testing.assert_close(got, clean + x @ noise.T)
+
+
+# --- kohya's per-step logs (train_network.py L1470-1476, generate_step_logs L82-86: norm/avg_key_norm,
+# norm/avg_grad_norm, norm/avg_combined_norm; lora_flux.py LoRANetwork.weight_norms/grad_norms/combined_weight_norms)
+
+
+def kohya_logs(modules):
+    """kohya's three logged means, rewritten: per module ``weight_norms`` = rownorm(up @ down) (update_norms' ``mul``
+    is not in place: no scale), ``combined_weight_norms`` = sqrt(w̄² + rowsum((up @ down)²)), ``grad_norms`` =
+    rownorm(scale · (up @ down.grad + up.grad @ down)); each averaged over its rows (``mean(dim=0)``), the modules'
+    values stacked and averaged. ``modules``: (base weight, up, down, up.grad, down.grad, scale) in float64."""
+    key, grad, combined = [], [], []
+    for weight, up, down, up_grad, down_grad, scale in modules:
+        weight, up, down, up_grad, down_grad = (t.double().reshape(t.shape[0], -1) for t in (weight, up, down, up_grad, down_grad))  # fmt: skip
+        estimate = torch.norm(weight, dim=1, keepdim=True).mean()
+        module_weights = up @ down
+        key.append(torch.norm(module_weights, dim=1, keepdim=True).mean(dim=0))
+        combined.append(torch.sqrt(estimate**2 + torch.sum(module_weights**2, dim=1, keepdim=True)).mean(dim=0))
+        grad.append(torch.norm(scale * (up @ down_grad + up_grad @ down), dim=1, keepdim=True).mean(dim=0))
+    return {name: torch.stack(values).mean().item() for name, values in
+            (("avg_key_norm", key), ("avg_grad_norm", grad), ("avg_combined_norm", combined))}  # fmt: skip
+
+
+def _kohya_inputs(network, bases):
+    return [(bases[m.lora_name], m.lora_up.weight, m.lora_down.weight, m.lora_up.weight.grad, m.lora_down.weight.grad,
+             m.scale) for m in network]  # fmt: skip
+
+
+def test_logged_norms_equal_kohyas_means():
+    from sdplugin_lora.ggpo import log_values
+
+    network, (linear, conv, q, k), inputs = _setup()
+    enable(network, SIGMA, BETA)
+    network.train()
+    assert log_values(network) == {}  # before the first update kohya's norms are None: nothing logged
+    _backward(network, (linear, conv, q), inputs)
+    update(network)
+    bases = {"lin": linear.weight, "pw": conv.weight, "qkv": torch.cat([q.weight, k.weight])}
+    got, want = log_values(network), kohya_logs(_kohya_inputs(network, bases))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+    assert got["avg_combined_norm"] > got["avg_key_norm"] > 0 and got["avg_grad_norm"] > 0
+
+
+class _LogSpy(LoraMethod):
+    """Records the network's weights and final gradients before each optimizer step, and what on_step_end reports."""
+
+    seen: list
+
+    def before_optimizer_step(self, bundle, step):
+        modules = [m for m in self._require_network() if m.ggpo is not None]
+        bases = {m.lora_name: torch.cat([layer.weight for layer in getattr(m, "bases", None) or (m.base,)]).detach().clone()
+                 for m in modules}  # fmt: skip
+        captured = [(bases[m.lora_name], *(t.detach().clone() for t in (m.lora_up.weight, m.lora_down.weight,
+                     m.lora_up.weight.grad, m.lora_down.weight.grad)), m.scale) for m in modules]  # fmt: skip
+        self.seen.append(("before", step, captured))
+        super().before_optimizer_step(bundle, step)
+
+    def on_step_end(self, bundle, step):
+        logs = super().on_step_end(bundle, step)
+        self.seen.append(("end", step, logs))
+        return logs
+
+
+def test_a_tiny_run_logs_kohyas_three_norms_each_step(tmp_path, monkeypatch):
+    """Each step reports the norms of that step's gradients and of the weights they were taken at (kohya updates
+    them before optimizer.step() and logs after it); the trackers get them as train/<name>; off: nothing."""
+    from sdcore.testing.contract import _bundle
+    from sdcore.train.loop import train
+
+    options = contract_options(LoraMethod, tmp_path, {"rank": 4, "max_steps": 2, "lr": 1e-2, "ggpo_sigma": 0.5,
+                                                      "ggpo_beta": 2.0, "output": str(tmp_path / "g.safetensors")})  # fmt: skip
+    spy = _LogSpy(options)
+    spy.seen = []
+    logged: list = []
+    from sdcore.train.progress import Progress
+
+    original = Progress.step
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        logged.append(out)
+        return out
+
+    monkeypatch.setattr(Progress, "step", step)
+    train(spy, bundle=_bundle("sd1"))
+    assert [(kind, s) for kind, s, _ in spy.seen] == [("before", 1), ("end", 1), ("before", 2), ("end", 2)]
+    for (_, _, captured), (_, _, logs) in zip(spy.seen[::2], spy.seen[1::2], strict=True):
+        want = kohya_logs(captured)
+        assert logs.keys() == want.keys()
+        for name in want:
+            assert logs[name] == pytest.approx(want[name], rel=1e-4), name
+    assert [{k: v for k, v in log.items() if k.startswith("avg_")} for log in logged] == [s[2] for s in spy.seen[1::2]]
+    off = LoraMethod(contract_options(LoraMethod, tmp_path, {"rank": 4}))
+    off.prepare(_bundle("sd1"))
+    assert off.on_step_end(_bundle("sd1"), 1) is None

@@ -54,6 +54,8 @@ class Ggpo:
         #: kohya's ``combined_weight_norms`` ``[out, 1]`` and ``grad_norms`` ``[out, 1]`` (fp32)
         self.weight_norms: torch.Tensor | None = None
         self.grad_norms: torch.Tensor | None = None
+        #: kohya's ``weight_norms`` ``[out, 1]``: the row norms of ``U @ D`` (no scale), for the logs only
+        self.key_norms: torch.Tensor | None = None
         self._factor: torch.Tensor | None = None
 
     @property
@@ -195,12 +197,32 @@ def update(modules: Iterable[Adapter]) -> None:
             grads = _row_norms(torch.cat([up, gu], dim=1), torch.cat([gd, down], dim=0)) * module.scale
         change = _row_norms(up, down)  # kohya: U @ D without the scale (see the module docstring)
         weights = (state.base_norm.square() + change.square()).sqrt()
+        state.key_norms = change
         results.append((module, weights, grads))
     fresh = [g for _, _, g in results if g is not None]
     finite = not fresh or bool(torch.stack([g.isfinite().all() for g in fresh]).all())
     for module, weights, grads in results:
         assert module.ggpo is not None
         module.ggpo.set_norms(weights, grads if finite else None)
+
+
+#: kohya's log names (train_network.py ``generate_step_logs``: ``norm/<name>``) -> the Ggpo attribute averaged
+LOG_NORMS = {"avg_key_norm": "key_norms", "avg_grad_norm": "grad_norms", "avg_combined_norm": "weight_norms"}
+
+
+@torch.no_grad()
+def log_values(modules: Iterable[Adapter]) -> dict[str, float]:
+    """kohya's per-step GGPO logs (train_network.py L1470-1476 with lora_flux.py's ``weight_norms`` /
+    ``grad_norms`` / ``combined_weight_norms``): for each of the three norms, the mean over the modules that
+    have it of the module's mean over its output rows, as of the last :func:`update` (this step's, before the
+    optimizer applied it). A norm no module has yet is left out, as kohya logs nothing for ``None``."""
+    states = [m.ggpo for m in modules if m.ggpo is not None]
+    out: dict[str, float] = {}
+    for name, attribute in LOG_NORMS.items():
+        means = [norms.mean() for state in states if (norms := getattr(state, attribute)) is not None]
+        if means:
+            out[name] = float(torch.stack([m.to(means[0].device) for m in means]).mean())
+    return out
 
 
 def state_dict(modules: Iterable[Adapter], suffix: str) -> dict[str, torch.Tensor]:
@@ -230,4 +252,5 @@ def load_state_dict(modules: dict[str, Adapter], state: dict[str, torch.Tensor],
         module.ggpo._factor = None
 
 
-__all__ = ["KOHYA_ARGS", "Ggpo", "enable", "ggpo_problem", "load_state_dict", "mean_row_norm", "state_dict", "update"]
+__all__ = ["KOHYA_ARGS", "LOG_NORMS", "Ggpo", "enable", "ggpo_problem", "load_state_dict", "log_values", "mean_row_norm",
+           "state_dict", "update"]  # fmt: skip

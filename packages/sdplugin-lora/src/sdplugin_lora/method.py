@@ -64,8 +64,18 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
     )
     unet_only: bool = option(False, "Train only the UNet (the default unless --train-text-encoder).", group="lora")
     te_only: bool = option(False, "Train only the text encoder(s).", group="lora")
-    unet_lr: float | None = option(None, "Learning rate of the UNet modules (default --lr).", group="lora")
-    te_lr: float | None = option(None, "Learning rate of the text-encoder modules (default --lr).", group="lora")
+    unet_lr: float | None = option(
+        None,
+        "Learning rate of the UNet modules (default --lr); 0 leaves them untrained, except those a --module-lrs "
+        "rule gives a rate (kohya unet_lr).",
+        group="lora",
+    )
+    te_lr: float | None = option(
+        None,
+        "Learning rate of the text-encoder modules (default --lr); 0 leaves them untrained, except those a "
+        "--te1-lr/--te2-lr/--te3-lr or --module-lrs rule gives a rate (kohya text_encoder_lr).",
+        group="lora",
+    )
     te1_lr: float | None = option(
         None,
         "Learning rate of the first CLIP encoder's modules (CLIP-L; SD2's OpenCLIP); 0 leaves them untrained "
@@ -702,7 +712,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         """The learning rate of text encoder number ``slot``: its --te{slot}-lr, else --te-lr, else --lr (as
         kohya's SD3/Flux networks give each encoder its own value of ``text_encoder_lr``)."""
         given = self.te_rate_options().get(slot)
-        return given if given is not None else (self.options.te_lr or self.options.lr)
+        return given if given is not None else self.part_lr(te=True)
+
+    def part_lr(self, *, te: bool) -> float:
+        """--te-lr (``te``) or --unet-lr, else --lr. A given 0 stays 0, the part's modules untrained: kohya's
+        networks leave a 0-rate group out of the optimizer (``prepare_optimizer_params``), only modules a
+        --module-lrs rule (network_reg_lrs) gives a rate still train."""
+        rate = self.options.te_lr if te else self.options.unet_lr
+        return self.options.lr if rate is None else rate
 
     def _kohya_module_checks(self) -> None:
         """What kohya's ``networks.lora_fa`` / ``networks.dylora`` do not have (all problems at once)."""
@@ -1025,11 +1042,12 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             lora_bias=self.options.lora_bias,
         )
         groups = self._finish_prepare(bundle, index, network, plan)
-        if self.options.train_norm_layers:  # diffusers' --train_norm_layers: the RMSNorm scales at the LoRA's rate
+        if self.options.train_norm_layers and self.part_lr(te=False):
+            # diffusers' --train_norm_layers: the RMSNorm scales at the LoRA's U-Net rate (a 0 rate: untrained)
             norms = [target.module.weight for target in index.scales.values()]
             for param in norms:
                 param.requires_grad_(True)
-            groups.append({"params": norms, "lr": self.options.unet_lr or self.options.lr, "name": "norm_scales"})
+            groups.append({"params": norms, "lr": self.part_lr(te=False), "name": "norm_scales"})
         return groups
 
     def _widen_for_control(self, bundle: ModelBundle) -> None:
@@ -1330,7 +1348,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         each UNet block at ``lr x its lr weight``, and with LoRA+ the ``lora_up`` weights at
         ``lr x ratio``. With a per-encoder rate (--te1-lr/--te2-lr/--te3-lr) each text encoder has its
         own groups (``text_encoder1``...), as kohya's SD3/Flux networks split ``text_encoder_lr``.
-        Groups whose learning rate is 0 are left out."""
+        Groups whose learning rate is 0 are left out (as kohya's ``prepare_optimizer_params``: a 0 --unet-lr or
+        --te-lr keeps that part untrained, except the modules a --module-lrs rule gives a rate)."""
         o = self.options
         per_encoder = any(rate is not None for rate in self.te_rate_options().values())
         from .module_rules import first_match, kohya_names, parse_rules
@@ -1339,7 +1358,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         names = kohya_names(self.index) if rules and self.index is not None else {}
         groups: list[dict[str, Any]] = []
         for te in (False, True):
-            base_lr = (o.te_lr or o.lr) if te else (o.unet_lr or o.lr)
+            base_lr = self.part_lr(te=te)
             ratio = (o.loraplus_text_encoder_lr_ratio if te else o.loraplus_unet_lr_ratio) or o.loraplus_lr_ratio
             buckets: dict[tuple[int, int, int, bool], list[Any]] = {}
             weights: dict[int, float] = {}
@@ -1368,6 +1387,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 name += f"_rule{rule}" if rule >= 0 else ""
                 name += "_plus" if plus else ""
                 groups.append({"params": params, "lr": lr, "name": name})
+        if not groups and any(True for _ in network):
+            raise ConfigError(
+                "every LoRA module's learning rate is 0 (--unet-lr/--te-lr/--te1-lr.../--module-lrs; kohya unet_lr, "
+                "text_encoder_lr, network_reg_lrs): nothing would train"
+            )
         return groups
 
     def plan_notes(self) -> list[str]:
@@ -1448,10 +1472,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
     def on_step_end(self, bundle: ModelBundle, step: int) -> dict[str, float] | None:
         """kohya's max-norm regularisation after the optimizer step (``--scale-weight-norms``);
         reports kohya's "Keys Scaled" / "Average key norm" / max key norm as ``keys_scaled``,
-        ``avg_key_norm`` and ``max_key_norm``."""
+        ``avg_key_norm`` and ``max_key_norm``. Without it, with LoRA-GGPO, kohya's GGPO norms
+        ``avg_key_norm``, ``avg_grad_norm``, ``avg_combined_norm`` (:func:`sdplugin_lora.ggpo.log_values`;
+        kohya logs them as ``norm/<name>``, and with max-norm only max-norm's)."""
         limit = self.options.scale_weight_norms
         if not limit:
-            return None
+            if self.ggpo is None:
+                return None
+            from .ggpo import log_values
+
+            return log_values(self._require_network()) or None
         scaled, mean, top = self._require_network().apply_max_norm(limit)
         return {"keys_scaled": float(scaled), "avg_key_norm": mean, "max_key_norm": top}
 
@@ -1580,7 +1610,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         extra.update(
             {
                 "ss_network_dropout": o.dropout,
-                "ss_unet_lr": (o.unet_lr or o.lr) if self.train_unet else None,
+                "ss_unet_lr": self.part_lr(te=False) if self.train_unet else None,
                 "ss_text_encoder_lr": self._te_lr_metadata(bundle) if self.train_te else None,
                 "ss_network_train_unet_only": not self.train_te,
                 "ss_network_train_text_encoder_only": not self.train_unet,

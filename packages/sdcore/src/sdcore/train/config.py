@@ -207,6 +207,7 @@ def load_options(
         sampling = merged.get("timestep_sampling") if from_kohya and "timestep_sampling" not in cli_values else None
         found_notes += k.kohya_flow_semantics(raw, sampling, family)
         found_notes += k.kohya_t5_cache_only(raw, merged, translation.origin, family)  # sd3_train.py's alone
+        found_notes += k.kohya_flux_train_text_encoder(raw, translation.origin, set(cli_values), fields, family)
         defaults, applied = k.kohya_defaults(fields, set(raw), raw, family=family)
         if applied:
             found_notes.append("kohya defaults applied (set the option to change): " + "; ".join(applied))
@@ -214,7 +215,7 @@ def load_options(
         raw = {**defaults, **{name: v for name, v in raw.items() if not (name in defaults and v is None)}}
         rate_notes, rate_problems = k.kohya_text_encoder_rates(raw, family, kohya_where)  # a text_encoder_lr list
         found_notes += k.kohya_text_cache_notes(raw, translation.origin, fields, family)
-        found_notes += rate_notes
+        found_notes += rate_notes + k.kohya_zero_rate_notes(raw, translation.origin, fields)
         problems += rate_problems
     for target, source in translation.follow.items():  # e.g. LyCORIS' conv_dim defaulting to network_dim
         if target not in raw and raw.get(source) is not None:

@@ -76,16 +76,17 @@ def _precision(value: Any) -> str:
     return {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(text, text)
 
 
-def _te_rates(value: Any) -> float | tuple[float, ...] | None:
+def _te_rates(value: Any) -> float | str | tuple[float, ...] | None:
     """``text_encoder_lr`` (argparse ``nargs="*"``): one number, or a list whose values are one per text
     encoder. A list of one value (or of equal ones) is that rate; different values stay a tuple, which
-    :func:`kohya_text_encoder_rates` gives to the encoders once the model's family is known."""
+    :func:`kohya_text_encoder_rates` gives to the encoders once the model's family is known. A rate of 0
+    keeps the encoders' modules untrained, as in kohya (:func:`_rate_zero_freezes`)."""
     if isinstance(value, (list, tuple)):
         rates = tuple(float(v) for v in value)
         if not rates:
             return None
-        return rates[0] if len(set(rates)) == 1 else rates
-    return float(value)
+        return _rate_zero_freezes(rates[0]) if len(set(rates)) == 1 else rates
+    return _rate_zero_freezes(value)
 
 
 def kohya_text_encoder_rates(values: dict[str, Any], family: str | None, where: str) -> tuple[list[str], list[str]]:
@@ -135,11 +136,42 @@ def kohya_text_encoder_rates(values: dict[str, Any], family: str | None, where: 
 
 
 def _rate_zero_freezes(value: Any) -> float | str:
-    """kohya's ``learning_rate_te{1,2,3}``: 0 is not "unset" there but "keep this encoder frozen" (sdxl_train.py,
-    sd3_train.py), so a 0 is passed on as the text ``"0"``, which the config layer's rule for kohya_ss's
-    untouched fields (a numeric 0 of an optional option means None) leaves as it is."""
+    """kohya's rates whose 0 is not "unset" but "keep this part frozen": ``learning_rate_te{1,2,3}``
+    (sdxl_train.py, sd3_train.py: "0 means not train"), ``learning_rate_te`` (train_db.py, fine_tune.py: the
+    text encoder's optimizer group at rate 0) and the LoRA scripts' ``unet_lr`` / ``text_encoder_lr``
+    (networks/lora*.py ``prepare_optimizer_params`` leave a 0-rate group out of the optimizer; only modules a
+    ``network_reg_lrs`` rule gives a rate still train). A 0 is passed on as the text ``"0"``, which the config
+    layer's rule for kohya_ss's untouched fields (a numeric 0 of an optional option means None) leaves as it
+    is; the kohya_ss GUI writes no 0 rate (its presets' 0 is turned into train flags first)."""
     rate = float(value)
     return "0" if rate == 0 else rate
+
+
+def _is_zero_rate(value: Any) -> bool:
+    try:
+        return value is not None and not isinstance(value, bool) and float(value) == 0
+    except (TypeError, ValueError):
+        return False
+
+
+def kohya_zero_rate_notes(values: Mapping[str, Any], origin: Mapping[str, str], fields: Collection[str]) -> list[str]:
+    """A note for each part a kohya rate of 0 keeps frozen (:func:`_rate_zero_freezes`), so that a run whose
+    U-Net or text encoder does not move says why: LoRA's ``unet_lr`` / ``text_encoder_lr`` (a ``network_reg_lrs``
+    rule's rate still trains its modules, as kohya's lora_flux puts those groups first), DreamBooth's
+    ``learning_rate_te`` (train_db.py / fine_tune.py)."""
+    notes: list[str] = []
+    lora = "unet_only" in fields
+    rules = " (except the modules a network_reg_lrs rule gives a rate)" if values.get("module_lrs") else ""
+    why = "kohya leaves a 0-rate group out of the optimizer" if lora else "kohya trains it at rate 0"
+    trains_te = not _is_off(values.get("train_text_encoder"), _OFF) and _is_off(values.get("unet_only"), _OFF)
+    unet_zero = origin.get("unet_lr") == "unet_lr" and _is_zero_rate(values.get("unet_lr"))
+    if lora and unet_zero and _is_off(values.get("te_only"), _OFF):
+        notes.append(f"unet_lr = 0: the U-Net's LoRA modules stay untrained{rules} ({why})")
+    name = origin.get("te_lr")
+    if name in ("text_encoder_lr", "learning_rate_te") and _is_zero_rate(values.get("te_lr")) and trains_te:
+        what = "the text encoders' LoRA modules stay untrained" + rules if lora else "the text encoder stays frozen"
+        notes.append(f"{name} = 0: {what} ({why})")
+    return notes
 
 
 #: kohya optimizer_type (lower case) -> (sdcore optimizer, extra optimizer args kohya implies): sdcore's
@@ -455,7 +487,7 @@ ALIASES: dict[str, Alias] = {
     "network_weights": _a("network_weights", methods="lora"),
     "network_train_unet_only": _a("unet_only", flag=True, methods="lora"),
     "network_train_text_encoder_only": _a("te_only", flag=True, methods="lora"),
-    "unet_lr": _a("unet_lr", methods="lora"),
+    "unet_lr": _a("unet_lr", _rate_zero_freezes, methods="lora"),
     "text_encoder_lr": _a("te_lr", _te_rates, methods="lora"),
     "metadata_title": _a("metadata_title"),  # modelspec.title only: kohya's ss_output_name stays output_name
     "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
@@ -470,7 +502,7 @@ ALIASES: dict[str, Alias] = {
     "dim_from_weights": _a("dim_from_weights", flag=True, methods="lora"),
     # DreamBooth (train_db.py / fine_tune.py)
     "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth", only_with="instance_prompt"),
-    "learning_rate_te": _a("te_lr", methods="dreambooth"),
+    "learning_rate_te": _a("te_lr", _rate_zero_freezes, methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
     "block_lr": _a("block_lr", _pair_text, methods="dreambooth"),  # sdxl_train.py: 23 U-Net rates ("a,b,..")
@@ -1898,6 +1930,44 @@ def kohya_t5_cache_only(
     if explicit_off:
         values["cache_text_encoder_outputs"] = False
     return [f"use_t5xxl_cache_only: {_T5_CACHE_ONLY_UNREAD}; no effect on this {family} model"]
+
+
+#: the text-encoder options of kohya's full fine-tune scripts (sdcore option -> kohya name), none of which
+#: flux_train.py defines
+_FULL_FT_TEXT_ENCODER = {"train_text_encoder": "train_text_encoder", "train_t5": "train_t5xxl", "te_lr": "learning_rate_te",
+                         "te1_lr": "learning_rate_te1", "te2_lr": "learning_rate_te2", "te3_lr": "learning_rate_te3"}  # fmt: skip
+
+
+def kohya_flux_train_text_encoder(
+    values: dict[str, Any], origin: Mapping[str, str], cli: Collection[str], fields: Collection[str], family: str | None
+) -> list[str]:
+    """A kohya full fine-tune config on FLUX.1 is for flux_train.py, which defines no ``--train_text_encoder``
+    (nor ``train_t5xxl`` or a text-encoder rate) and keeps CLIP-L and T5 frozen (sd-scripts 48d368f
+    flux_train.py L226-227); a config file's keys the script does not define are read into its arguments and
+    never used (library/train_util.py ``read_config_from_file``, L4760). So those options, given in kohya's
+    names, are dropped from ``values`` (in place) with a note, and the text encoders stay frozen as in kohya;
+    sdcore's own ``--train-text-encoder`` on the command line (``cli``) still trains CLIP-L there. LoRA configs
+    (``unet_only`` among the ``fields``: flux_train_network.py trains CLIP-L) and other families are untouched."""
+    if "unet_only" in fields or family != "flux" or "train_text_encoder" in cli:
+        return []
+    dropped = []
+    for target, name in _FULL_FT_TEXT_ENCODER.items():
+        value = values.get(target)
+        if (
+            origin.get(target) != name
+            or target in cli
+            or value is None
+            or (target.startswith("train") and _is_off(value, _OFF))
+        ):
+            continue  # a rate of 0 is dropped too (it is kohya's "frozen", :func:`_rate_zero_freezes`)
+        values.pop(target, None)
+        dropped.append(name)
+    if not dropped:
+        return []
+    return [
+        f"{', '.join(dropped)}: kohya's FLUX.1 fine-tune script (flux_train.py) does not define it and keeps the "
+        "text encoders frozen; no effect (sdcore's --train-text-encoder trains CLIP-L)"
+    ]
 
 
 def kohya_text_cache_notes(

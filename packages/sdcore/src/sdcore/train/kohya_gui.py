@@ -354,8 +354,9 @@ def _lora_tab(items: dict[str, Any], family: str, where: str, notes: list[str], 
         items["network_train_unet_only"] = True
     elif te_lr != 0 and unet_lr == 0:
         items["network_train_text_encoder_only"] = True
-    if unet_lr == 0:
-        items.pop("unet_lr", None)
+    for key, rate in (("unet_lr", unet_lr), ("text_encoder_lr", te_lr)):
+        if rate == 0:  # lora_gui.train_model writes None for a 0 rate (the flags above say what trains)
+            items.pop(key, None)
     if _number(items.get("stop_text_encoder_training")) > 0:
         notes.append("stop_text_encoder_training is ignored for LoRA (as the GUI does)")
     items.pop("stop_text_encoder_training", None)

@@ -164,7 +164,7 @@ def _session_table() -> tuple[list[str], dict[str, int], dict[str, str]]:
 
 def test_gpu_session_orders_the_checks_and_gives_each_a_limit_and_a_command():
     names, limit, commands = _session_table()
-    assert names[:5] == ["flux_offload", "flux_fp8", "flux_nf4", "sample_cache", "flux_int8"]
+    assert names[:5] == ["flux_fp8", "flux_offload", "flux_nf4", "sample_cache", "flux_int8"]
     assert limit["flux_offload"] <= 40 and "--size stack" in commands["flux_offload"]
     assert "--compare-offload" in commands["flux_offload"]
     assert len(set(names)) == len(names)

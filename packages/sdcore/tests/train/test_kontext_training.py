@@ -186,16 +186,13 @@ def test_memory_plan_counts_the_reference_tokens():
     assert plain * (2 * n + 512) == pytest.approx(kontext * (n + 512), rel=1e-6)
 
 
-def test_control_latents_ride_in_the_disk_cache_and_an_edited_control_image_re_encodes(tmp_path):
-    """--cache-latents-to-disk keeps the control latents in the image's cache file: a second run encodes
-    nothing and reads the same reference latents; a changed control image makes its file stale."""
+def _cached_controls_round_trip(o, folder):
+    """Three runs of ``o`` (--cache-latents-to-disk with control images in ``folder``): the first encodes all 4
+    images, the second reads them back unchanged, the third (img02's control image edited) re-encodes that one
+    alone. Returns (the run factory, the third run, the first and third runs' reference latents, img02's row)."""
     import os
 
     from sdcore.train.data import SampleRef
-
-    _options(tmp_path)
-    folder = _controls(tmp_path)
-    o = _options(tmp_path, control_dir=str(folder), cache_latents=True, cache_latents_to_disk=True)
 
     def session():
         s = TrainSession(ProjOutMethod(o), bundle=None)
@@ -214,6 +211,18 @@ def test_control_latents_ride_in_the_disk_cache_and_an_edited_control_image_re_e
     assert third.latent_cache.encoded == 1
     row = [e.path.stem for e in third.data.entries].index("img02")
     assert not torch.allclose(changed[row], written[row])
+    return session, third, written, changed, row
+
+
+def test_control_latents_ride_in_the_disk_cache_and_an_edited_control_image_re_encodes(tmp_path):
+    """--cache-latents-to-disk keeps the control latents in the image's cache file: a second run encodes
+    nothing and reads the same reference latents; a changed control image makes its file stale."""
+
+    _options(tmp_path)
+    folder = _controls(tmp_path)
+    o = _options(tmp_path, control_dir=str(folder), cache_latents=True, cache_latents_to_disk=True)
+
+    _, third, written, changed, row = _cached_controls_round_trip(o, folder)
     others = [i for i in range(len(third.data.entries)) if i != row]
     torch.testing.assert_close(changed[others], written[others])
 
@@ -307,9 +316,6 @@ def test_a_jsonl_rows_control_image_is_part_of_the_disk_cache_key(tmp_path):
     a --control-dir pair's does (before, the key held the control image only for a control folder, so the old
     control latents were read back without a word)."""
     import json
-    import os
-
-    from sdcore.train.data import SampleRef
 
     _options(tmp_path)
     folder = _controls(tmp_path)
@@ -324,23 +330,7 @@ def test_a_jsonl_rows_control_image_is_part_of_the_disk_cache_key(tmp_path):
     write([folder / f"{i.stem}.jpg" for i in images])
     o = _options(tmp_path, data=str(jsonl), cache_latents=True, cache_latents_to_disk=True)
 
-    def session():
-        s = TrainSession(ProjOutMethod(o), bundle=None)
-        s.setup()
-        return s, s.make_batch([SampleRef(i, 0, -1) for i in range(len(s.data.entries))]).reference_latents
-
-    first, written = session()
-    assert first.latent_cache.encoded == 4
-    second, read = session()
-    assert (second.latent_cache.encoded, second.latent_cache.reused) == (0, 4)
-    torch.testing.assert_close(read, written)
-    edited = folder / "img02.jpg"
-    Image.open(edited).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(edited, quality=95)
-    os.utime(edited, ns=(os.stat(edited).st_atime_ns, os.stat(edited).st_mtime_ns + 10**9))
-    third, changed = session()
-    assert third.latent_cache.encoded == 1
-    row = [e.path.stem for e in third.data.entries].index("img02")
-    assert not torch.allclose(changed[row], written[row])
+    session, _, _, changed, _ = _cached_controls_round_trip(o, folder)
     # the row for img00 now names img01's control image: re-encoded, equal to what img01's pairing gave
     write([folder / f"{i.stem}.jpg" for i in images[1:2] + images[1:]])
     fourth, repointed = session()

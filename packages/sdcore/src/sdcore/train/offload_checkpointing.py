@@ -6,8 +6,8 @@ backward pass (the block is recomputed from them in backward). On a FLUX.1 run t
 hidden-state tensor per block (``D (N + T)`` elements, 57 blocks), are most of what the activations
 still take on the device. This option keeps them in CPU memory instead: each checkpointed block call
 
-1. copies its tensor inputs to the *offload device* (the CPU) outside the checkpoint, so the copies are
-   what the checkpoint keeps for backward (the device tensors die once the next block has its output);
+1. copies its hidden-state inputs (:data:`OFFLOADED`) to the *offload device* (the CPU) outside the
+   checkpoint, so the copies are what the checkpoint keeps for backward (the device tensors die once the next block has its output);
 2. runs the block on the *compute device* (the training device) from copies of those inputs, inside
    ``torch.utils.checkpoint`` (non-reentrant), so the recompute in backward copies them in again;
 3. returns the block's outputs on the compute device, so whatever the denoiser does between blocks
@@ -16,15 +16,19 @@ still take on the device. This option keeps them in CPU memory instead: each che
 kohya moves each block's outputs to the CPU and its inputs back (``flux_models.py``'s ``to_cpu``/``to_cuda``
 around the checkpointed ``_forward``), which needs the model's own forward to move the last output back;
 diffusers' forwards cannot be edited, so here the move to the host happens at the next block's door instead:
-what the checkpoint keeps is the same (every block's inputs, on the host), and no tensor between blocks
-changes device. A tensor passed to several blocks (the timestep embedding, the rotary embedding, a mask)
-is copied once per forward and the copy shared (:meth:`ActivationOffload.kept`).
+what the checkpoint keeps is the same (every block's hidden states, on the host), and no tensor between
+blocks changes device. Only the hidden states move (:data:`OFFLOADED`, by the block's parameter names):
+the inputs every block gets (the timestep embedding, the rotary embedding, a mask) stay on the device, as
+kohya keeps ``vec``/``pe`` there and OneTrainer offloads only ``hidden_states``/``encoder_hidden_states``.
+They are small and alive on the device for the whole forward anyway, and moving them would change the
+numbers: the timestep embedding's gradient (trained in a full fine-tune) would sum the blocks' parts
+through the copy before adding the final norm's, another rounding than plain checkpointing's.
 
 The copies are exact, so losses and gradients equal plain checkpointing's bit for bit (tested on CPU,
 where :attr:`ActivationOffload.always_copy` makes the moves real copies a test can watch). One subtlety:
 ``torch.utils.checkpoint`` saves and restores the random state of the devices of its tensor *arguments*;
-with every argument on the CPU it would not restore the GPU's, and a block with dropout (LoRA
-``--network-dropout``, rank/module dropout) would recompute other masks. So each call also passes an empty
+with every tensor argument on the CPU (a block given only hidden states) it would not restore the GPU's,
+and a block with dropout (LoRA ``--network-dropout``, rank/module dropout) would recompute other masks. So each call also passes an empty
 tensor on the compute device (:attr:`ActivationOffload.anchor`), as OneTrainer passes its dummy tensor.
 
 Where: one wrapper for every transformer family, installed as diffusers' ``gradient_checkpointing_func``
@@ -41,7 +45,7 @@ Import-light: torch is imported inside the functions and the class that need it.
 
 from __future__ import annotations
 
-import weakref
+import inspect
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,6 +54,10 @@ if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
 
 FLAG = "--cpu-offload-checkpointing"
+
+#: the block inputs kept in host memory: the previous block's outputs (kohya's ``img``/``txt``; OneTrainer's
+#: ``include_from_offload_param_names`` for SD3/FLUX.1); a block without them offloads its first argument
+OFFLOADED = ("hidden_states", "encoder_hidden_states")
 
 
 def offloading(options: Any) -> bool:
@@ -102,21 +110,6 @@ def offload_notes(options: Any) -> list[str]:
     return [f"{FLAG}: gradient checkpointing is on (the offload is part of it; kohya's flux_train.py turns it on too)"]
 
 
-def _map(function: Any, value: Any) -> Any:
-    """``function`` applied to every tensor in ``value`` (nested tuples, lists, dict values)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return function(value)
-    if isinstance(value, tuple):
-        return tuple(_map(function, item) for item in value)
-    if isinstance(value, list):
-        return [_map(function, item) for item in value]
-    if isinstance(value, dict):
-        return {key: _map(function, item) for key, item in value.items()}
-    return value
-
-
 class ActivationOffload:
     """A diffusers ``gradient_checkpointing_func`` (``func(block, *args, **kwargs)``) that checkpoints the
     block with its inputs kept on :attr:`offload` and computes it on :attr:`compute` (see the module)."""
@@ -131,7 +124,7 @@ class ActivationOffload:
         self.offload = torch.device(offload)
         #: an empty compute-device tensor each checkpoint gets, so it restores that device's random state
         self.anchor = torch.empty(0, device=self.compute)
-        self._copies: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+        self._positions: dict[type, tuple[str, ...]] = {}
 
     def to_offload(self, tensor: torch.Tensor) -> torch.Tensor:
         """The host copy of one block input (differentiable: its gradient flows back to ``tensor``)."""
@@ -141,32 +134,37 @@ class ActivationOffload:
         """The compute-device copy a block runs on (in forward and again in the recompute)."""
         return tensor.to(self.compute, copy=self.always_copy)
 
-    def kept(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor``'s host copy, made once while ``tensor`` lives (the timestep and rotary embeddings go to
-        every block): the cache drops the entry when ``tensor`` dies, the checkpoints keep the copy."""
-        key = id(tensor)
-        entry = self._copies.get(key)
-        if entry is not None and entry[0]() is tensor:
-            return entry[1]
-        copy = self.to_offload(tensor)
-        if copy is tensor:
-            return copy
-
-        def forget(ref: weakref.ref[torch.Tensor], key: int = key) -> None:
-            current = self._copies.get(key)
-            if current is not None and current[0] is ref:
-                del self._copies[key]
-
-        self._copies[key] = (weakref.ref(tensor, forget), copy)
-        return copy
+    def _names(self, block: Any) -> tuple[str, ...]:
+        """``block``'s positional parameter names (diffusers calls blocks positionally), once per block type."""
+        kind = type(block)
+        if kind not in self._positions:
+            try:
+                parameters = list(inspect.signature(block.forward).parameters.values())
+            except (TypeError, ValueError):
+                parameters = []
+            self._positions[kind] = tuple(
+                p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            )
+        return self._positions[kind]
 
     def __call__(self, block: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
         from torch.utils.checkpoint import checkpoint
 
-        kept_args, kept_kwargs = _map(self.kept, args), _map(self.kept, kwargs)
+        names = self._names(block)
+        moved = {i for i, name in enumerate(names[: len(args)]) if name in OFFLOADED}
+        moved_kw = {name for name in kwargs if name in OFFLOADED}
+        if not moved and not moved_kw:
+            moved = {0}  # not a diffusers block: its first argument, the hidden states by convention
+        moved = {i for i in moved if i < len(args) and isinstance(args[i], torch.Tensor)}
+        moved_kw = {name for name in moved_kw if isinstance(kwargs[name], torch.Tensor)}
+        kept_args = [self.to_offload(a) if i in moved else a for i, a in enumerate(args)]
+        kept_kwargs: dict[str, Any] = {k: self.to_offload(v) if k in moved_kw else v for k, v in kwargs.items()}
 
         def run(anchor: torch.Tensor, *inputs: Any, **named: Any) -> Any:
-            return block(*_map(self.to_compute, inputs), **_map(self.to_compute, named))
+            inputs_ = [self.to_compute(a) if i in moved else a for i, a in enumerate(inputs)]
+            named_ = {k: self.to_compute(v) if k in moved_kw else v for k, v in named.items()}
+            return block(*inputs_, **named_)
 
         return checkpoint(run, self.anchor, *kept_args, use_reentrant=False, **kept_kwargs)
 

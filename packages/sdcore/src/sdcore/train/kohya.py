@@ -1826,6 +1826,10 @@ def kohya_defaults(
             continue  # the range is on already
         if target in _SAMPLE_TARGETS and not (given_values or {}).get("sample_prompts"):
             continue  # no samples: nothing to say
+        if target == "guidance_scale" and not _is_off((given_values or {}).get("control_lora"), _OFF):
+            # 3.5 is flux_train_network.py's, which trains no control LoRA: the run keeps the guidance of diffusers'
+            # train_control_lora_flux.py (whose names it shares), 30 (objectives.training_guidance)
+            continue
         if value is None:  # kohya's default is sdcore's own: nothing to set or say, but the general one is kept out
             values[target] = None
             continue

@@ -482,17 +482,16 @@ def test_a_control_lora_run_without_guidance_scale_trains_and_samples_at_the_scr
     validates (L140) at ``--guidance_scale``, default 30 (L543): a ``--control-lora`` run that gives no
     ``--guidance-scale`` does the same, in the step's call to the transformer, the samples without ``--g`` or
     ``--sample-cfg``, the file's ``ss_guidance_scale`` and the pre-flight's note; a given value (1.0 included) and a
-    plain FLUX.1 run (1.0, kohya's examples) are as before, and a kohya-named config keeps kohya's own 3.5."""
+    plain FLUX.1 run (1.0, kohya's examples) are as before (a kohya-named config: see the next test)."""
     from types import SimpleNamespace
 
     from sdcore.models.flux.control import TRAINING_WIDENER, widen_img_in
     from sdcore.models.load import load_model
-    from sdcore.train.config import load_options
     from sdcore.train.control_lora import control_lora_notes
     from sdcore.train.sample_prompts import read_sample_prompts
     from sdcore.train.sampling import _generations
     from sdcore.train.step import Objective
-    from sdplugin_lora.method import LoraMethod, LoraOptions, flow_metadata
+    from sdplugin_lora.method import LoraMethod, flow_metadata
 
     data, controls = _pairs(tmp_path, 1)
     prompts = tmp_path / "prompts.txt"
@@ -525,7 +524,36 @@ def test_a_control_lora_run_without_guidance_scale_trains_and_samples_at_the_scr
     (note,) = control_lora_notes(_options(tmp_path, data, controls, guidance_scale=2.0))
     assert "gets 2 while training" in note and "--guidance-scale given;" in note
 
-    config = tmp_path / "kohya.toml"
-    config.write_text(f'pretrained_model_name_or_path = "tiny:flux"\ntrain_data_dir = "{data}"\n'
-                      f'control_dir = "{controls}"\ncontrol_lora = true\n', encoding="utf-8")  # fmt: skip
-    assert load_options(LoraOptions, config, notes=[]).guidance_scale == 3.5  # kohya's flux default, untouched
+
+def test_a_kohya_named_control_lora_config_without_guidance_scale_trains_at_the_scripts_30(tmp_path):
+    """A config in the names diffusers' train_control_lora_flux.py shares with kohya (``pretrained_model_name_or_path``
+    ...) is read as kohya's, but kohya's 3.5 is flux_train_network.py's default (sd-scripts
+    library/flux_train_utils.py:649-651), a script that trains no control LoRA; the one trainer of this layout,
+    diffusers' script, trains and validates at ``--guidance_scale`` default 30 (train_control_lora_flux.py:543, :1245).
+    So such a run without ``guidance_scale`` trains at 30 (as the text encoder stays untrained there whatever kohya's
+    default), and the pre-flight note does not call the value given; a given one (3.5 included) is used as given,
+    and a kohya FLUX.1 LoRA without --control-lora keeps kohya's 3.5."""
+    from sdcore.train.config import load_options
+    from sdcore.train.control_lora import control_lora_notes
+    from sdcore.train.objectives import training_guidance
+    from sdplugin_lora.method import LoraOptions
+
+    data, controls = _pairs(tmp_path, 1)
+
+    def read(body: str) -> tuple[LoraOptions, list[str]]:
+        config = tmp_path / "kohya.toml"
+        config.write_text(f'pretrained_model_name_or_path = "tiny:flux"\ntrain_data_dir = "{data}"\n{body}',
+                          encoding="utf-8")  # fmt: skip
+        notes: list[str] = []
+        return load_options(LoraOptions, config, notes=notes), notes
+
+    control = f'control_dir = "{controls}"\ncontrol_lora = true\n'
+    o, notes = read(control)
+    assert o.guidance_scale is None and training_guidance(o, control=True) == 30.0
+    assert not any("guidance_scale defaults to 3.5" in n for n in notes)
+    (note,) = control_lora_notes(o)
+    assert "gets 30 while training" in note and "--guidance-scale not given" in note
+    o, _ = read(control + "guidance_scale = 3.5\n")
+    assert training_guidance(o, control=True) == 3.5
+    o, notes = read("")
+    assert o.guidance_scale == 3.5 and any("guidance_scale defaults to 3.5" in n for n in notes)

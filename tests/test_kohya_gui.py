@@ -408,6 +408,20 @@ def test_dreambooth_tab_text_encoder_rates_follow_the_sdxl_box(tmp_path):
     assert (sd.te_lr, sd.te1_lr, sd.resolution, sd.optimizer) == (2e-6, None, 1024, "adamw")
 
 
+def test_a_guidance_scale_of_0_is_dropped_by_the_lora_tab_alone():
+    """lora_gui.py drops every value ``in ["", False, None]`` from the TOML it runs (L2559-2566: 0.0 == False, its
+    own comment says so; Chroma's 0.0 re-added after, a model type sdcore refuses here), so a FLUX.1 LoRA preset's
+    guidance_scale 0 reaches flux_train_network.py as its default 3.5; dreambooth_gui.py drops only ``== ""`` /
+    ``is False`` / ``is None`` (L1156-1160), so its 0.0 reaches flux_train.py as 0."""
+    flux = {"flux1_checkbox": True, "guidance_scale": 0.0}
+    items, _, _ = gui_preset(_gui(LoRA_type="Flux1", **flux), "x")
+    assert "guidance_scale" not in items
+    items, _, _ = gui_preset(_gui(LoRA_type="Flux1", flux1_checkbox=True, guidance_scale=1.0), "x")
+    assert items["guidance_scale"] == 1.0
+    items, _, _ = gui_preset(_db(**flux), "x")
+    assert items["guidance_scale"] == 0.0
+
+
 def test_dreambooth_tab_flux_fields_use_its_own_names():
     items, _, _ = gui_preset(
         _db(flux1_checkbox=True, flux1_clip_l="l.sft", flux1_t5xxl="t5.sft", clip_l="sd3l", ae="ae.sft"), "x"

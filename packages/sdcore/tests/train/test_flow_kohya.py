@@ -146,6 +146,18 @@ def test_a_kohya_flux_toml_gets_the_flux_scripts_defaults(tmp_path, model_files)
     assert _flow(o) == ("sigma", "raw", 3.0, 1.0, "uniform")
 
 
+@pytest.mark.parametrize("zero", ["0", "0.0"])
+def test_a_kohya_guidance_scale_of_0_is_0(tmp_path, model_files, zero):
+    """flux_train_network.py / flux_train.py feed ``float(args.guidance_scale)`` to the guidance embedding (sd-scripts
+    flux_train_network.py:342, flux_train.py:640) and record it as ss_guidance_scale (flux_train_network.py:453):
+    a given 0 trains at 0, not "unset" (kohya's docs ask 0.0 for Chroma). Since --guidance-scale's default became
+    None, the config layer's rule for kohya_ss's untouched fields (a 0 of an optional option is None) read it as not
+    given: the run trained at 1.0."""
+    o, notes = _kohya(tmp_path, model_files["flux"], f"guidance_scale = {zero}\n")
+    assert o.guidance_scale == 0.0 and _flow(o)[3] == 0.0
+    assert "guidance_scale defaults to 3.5" not in notes
+
+
 def test_kohya_flux_samplings_translate_with_kohyas_shift_rules(tmp_path, model_files):
     flux = model_files["flux"]
     # kohya's README: shift = the sigmoid sampling, then the discrete flow shift (weighting_scheme no longer clashes)

@@ -659,3 +659,25 @@ def test_run_method_contract_helper_and_a_method_that_does_not_learn(tmp_path, m
 
     with pytest.raises(AssertionError, match="did not learn"):
         check_learning(Lazy, tmp_path / "lazy", steps=5)
+
+
+def test_resume_warns_when_the_guidance_the_run_trains_at_changes(tmp_path, capsys, caplog):
+    """--guidance-scale (the value FLUX.1 dev's guidance embedding gets: what the run learns to predict at) compared
+    as the run resolves it (:func:`sdcore.train.objectives.training_guidance`): a state saved when the option's
+    default was the number 1.0 resumes without a word on a run that gives none (it trains at 1.0 still), but a
+    control-LoRA state saved then (1.0) resumes at 30 now, and a changed given value warns as the other options do."""
+    from sdcore.train.checkpoints import resumed_guidance_change
+
+    o = _opts(tmp_path, max_steps=2, guidance_scale=1.0)  # as every state saved before the default became None
+    _run(o)
+    _run(dataclasses.replace(o, resume="latest", max_steps=3, guidance_scale=None, progress=True))
+    assert "resuming with changed" not in capsys.readouterr().err
+    _run(dataclasses.replace(o, resume="latest", max_steps=4, guidance_scale=3.5, progress=True))
+    assert "warning: resuming with changed guidance_scale" in capsys.readouterr().err
+    assert "guidance_scale (1 -> 3.5)" in caplog.text
+
+    unset = dataclasses.replace(o, guidance_scale=None)
+    assert resumed_guidance_change({"guidance_scale": 1.0}, unset, control=True) == (1.0, 30.0)
+    assert resumed_guidance_change({"guidance_scale": None}, unset, control=True) is None
+    assert resumed_guidance_change({"guidance_scale": 30.0}, unset, control=True) is None
+    assert resumed_guidance_change({}, unset, control=True) is None  # no record: nothing to compare

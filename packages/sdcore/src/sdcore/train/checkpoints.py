@@ -57,6 +57,24 @@ RESUME_SENSITIVE = (
 )
 
 
+def resumed_guidance_change(
+    saved: dict[str, Any], options: TrainOptions, *, control: bool
+) -> tuple[float, float] | None:
+    """(saved, now) when the guidance the run trains at (:func:`~.objectives.training_guidance`: what FLUX.1 dev's
+    guidance embedding gets, so what the run learns to predict at) differs from the one the state was saved with,
+    else None. Compared as resolved, not as given: a state saved when ``--guidance-scale``'s default was the
+    number 1.0 records 1.0, which a run without the option still trains at, except a control-LoRA run (30 now)."""
+    from types import SimpleNamespace
+
+    from .objectives import training_guidance
+
+    if "guidance_scale" not in saved:
+        return None
+    before = training_guidance(SimpleNamespace(guidance_scale=saved["guidance_scale"]), control=control)
+    now = training_guidance(options, control=control)
+    return None if before == now else (before, now)
+
+
 # --------------------------------------------------------------------------------------------
 # names
 
@@ -253,10 +271,15 @@ class Checkpoints:
         saved = record.get("options") or {}
         current = asdict(self.options)
         changed = [k for k in RESUME_SENSITIVE if k in saved and saved[k] != current.get(k)]
+        described = [f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed]
+        guidance = resumed_guidance_change(saved, self.options, control=self.method.capabilities().control_channels)
+        if guidance is not None:
+            changed.append("guidance_scale")
+            described.append(f"guidance_scale ({guidance[0]:g} -> {guidance[1]:g})")
         if changed:
             log.warning(
                 "resuming with changed %s: the run continues but will not match an uninterrupted one",
-                ", ".join(f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed),
+                ", ".join(described),
             )
             self.say("warning: resuming with changed " + ", ".join(changed))
         losses = [float(x) for x in record.get("losses", [])][: position.step]

@@ -147,6 +147,16 @@ def _rate_zero_freezes(value: Any) -> float | str:
     return "0" if rate == 0 else rate
 
 
+def _zero_is_a_value(value: Any) -> float | str:
+    """A kohya option whose 0 is a value, not "unset": ``guidance_scale`` (flux_train_network.py / flux_train.py feed
+    ``float(args.guidance_scale)`` to the guidance embedding; kohya's docs ask 0.0 for Chroma). Passed on as the
+    text ``"0"``, as :func:`_rate_zero_freezes` does, so that the config layer's rule for kohya_ss's untouched
+    fields (a numeric 0 of an optional option means None, and ``--guidance-scale``'s None is "not given") leaves
+    it; the kohya_ss GUI's LoRA tab, which writes no 0, drops it first (:mod:`.kohya_gui`)."""
+    number = float(value)
+    return "0" if number == 0 else number
+
+
 def _is_zero_rate(value: Any) -> bool:
     try:
         return value is not None and not isinstance(value, bool) and float(value) == 0
@@ -430,7 +440,7 @@ ALIASES: dict[str, Alias] = {
     "logit_mean": _a("logit_mean", float),
     "logit_std": _a("logit_std", float),
     "mode_scale": _a("mode_scale", float),
-    "guidance_scale": _a("guidance_scale", float),
+    "guidance_scale": _a("guidance_scale", _zero_is_a_value),
     # SD3/Flux conditioning (sd3_train_utils.py, flux_train_utils.py): the same names as sdcore's, for kohya's CLI
     "apply_t5_attn_mask": _a("apply_t5_attn_mask", flag=True),
     "apply_lg_attn_mask": _a("apply_lg_attn_mask", flag=True),
@@ -1826,6 +1836,10 @@ def kohya_defaults(
             continue  # the range is on already
         if target in _SAMPLE_TARGETS and not (given_values or {}).get("sample_prompts"):
             continue  # no samples: nothing to say
+        if target == "guidance_scale" and not _is_off((given_values or {}).get("control_lora"), _OFF):
+            # 3.5 is flux_train_network.py's, which trains no control LoRA: the run keeps the guidance of diffusers'
+            # train_control_lora_flux.py (whose names it shares), 30 (objectives.training_guidance)
+            continue
         if value is None:  # kohya's default is sdcore's own: nothing to set or say, but the general one is kept out
             values[target] = None
             continue

@@ -357,6 +357,10 @@ def _lora_tab(items: dict[str, Any], family: str, where: str, notes: list[str], 
     for key, rate in (("unet_lr", unet_lr), ("text_encoder_lr", te_lr)):
         if rate == 0:  # lora_gui.train_model writes None for a 0 rate (the flags above say what trains)
             items.pop(key, None)
+    if "guidance_scale" in items and _number(items["guidance_scale"]) == 0:
+        # lora_gui.train_model leaves every value in ["", False, None] out of its TOML, 0.0 included (Chroma's put
+        # back, a model type refused here): flux_train_network.py then trains at its default
+        items.pop("guidance_scale")
     if _number(items.get("stop_text_encoder_training")) > 0:
         notes.append("stop_text_encoder_training is ignored for LoRA (as the GUI does)")
     items.pop("stop_text_encoder_training", None)

@@ -560,8 +560,9 @@ CONTROL_TRAINING_GUIDANCE = 30.0
 
 def training_guidance(options: Any, *, control: bool = False) -> float:
     """The guidance a run's guidance embedding gets while training (and a control-LoRA run's samples where a line
-    gives no ``--g`` and ``--sample-cfg`` is unset): ``--guidance-scale`` when given (a kohya, OneTrainer or
-    ai-toolkit config always gives it), else :data:`CONTROL_TRAINING_GUIDANCE` on a control-LoRA run (the method's
+    gives no ``--g`` and ``--sample-cfg`` is unset): ``--guidance-scale`` when given (a kohya-named FLUX.1 config
+    gets kohya's 3.5 unless it trains a control LoRA; an ai-toolkit job always gives it), else
+    :data:`CONTROL_TRAINING_GUIDANCE` on a control-LoRA run (the method's
     :attr:`~sdcore.train.method.Capabilities.control_channels`), else :data:`DEFAULT_TRAINING_GUIDANCE`. One
     resolution for the step, the samples, the held-out loss and the file's ``ss_guidance_scale``."""
     given = getattr(options, "guidance_scale", None)

@@ -223,7 +223,7 @@ NOTED = {"report_to", "logging_dir", "resume_from_checkpoint", "checkpoint_epoch
          "ema_foreach_disable", "num_validation_images", "user_prompt_library", "text_encoder_limit",
          "trust_remote_code", "revision", "variant", "base_model_default_dtype", "unet_attention_slice",
          "find_unused_parameters", "delete_unwanted_images", "delete_problematic_images", "metadata_update_interval",
-         "snr_weight", "i_know_what_i_am_doing", "fuse_qkv_projections", "optimizer_offload_gradients",
+         "i_know_what_i_am_doing", "fuse_qkv_projections", "optimizer_offload_gradients",
          "fuse_optimizer", "optimizer_release_gradients", "data_aesthetic_score", "lora_format"}  # fmt: skip
 #: options :func:`translate_config` (or the dataset and sample readers) turn into sdcore settings
 HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name_or_path", "output_dir",

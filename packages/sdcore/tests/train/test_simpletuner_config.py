@@ -33,7 +33,7 @@ def _flux_run(tmp_path: Path, **extra: object) -> Path:
             {"id": "subject", "type": "local", "instance_data_dir": str(a), "caption_strategy": "textfile",
              "resolution": 64, "resolution_type": "pixel_area", "repeats": 2},
             {"id": "style", "type": "local", "instance_data_dir": str(b), "caption_strategy": "instanceprompt",
-             "instance_prompt": "a photo", "resolution": 0.004096, "resolution_type": "area"},
+             "instance_prompt": "a photo"},  # resolution: the config's (area 0.004096 megapixels)
             {"id": "embeds", "dataset_type": "text_embeds", "default": True, "type": "local", "cache_dir": "te"},
         ],
     )  # fmt: skip
@@ -45,6 +45,7 @@ def _flux_run(tmp_path: Path, **extra: object) -> Path:
         "--flux_guidance_value": 3.5, "--seed": 7, "--validation_prompt": "a cat", "--validation_resolution": "64x64",
         "--validation_step_interval": 1, "--validation_num_inference_steps": "2", "--validation_guidance": 3.0,
         "--mixed_precision": "no", "--report_to": "wandb", "--gradient_checkpointing": "false",
+        "--resolution": 0.004096, "--resolution_type": "area", "--aspect_bucket_alignment": 64,
         **extra,
     }  # fmt: skip
     return _write(tmp_path / "config.json", config)

@@ -238,7 +238,7 @@ HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name
            "flux_guidance_min", "flux_guidance_max", "flux_attention_masked_training", "train_text_encoder",
            "pretrained_vae_model_name_or_path", "resolution", "resolution_type", "minimum_image_size",
            "maximum_image_size", "target_downsample_size", "caption_strategy", "instance_prompt",
-           "prepend_instance_prompt", "only_instance_prompt", "aspect_bucket_alignment", "aspect_bucket_rounding",
+           "prepend_instance_prompt", "only_instance_prompt", "aspect_bucket_alignment",
            "validation_prompt", "validation_step_interval", "validation_resolution", "validation_guidance",
            "validation_num_inference_steps", "validation_seed", "validation_negative_prompt", "validation_disable",
            "validation_on_startup", "user_prompt_library", "prediction_type", "checkpoints_total_limit"}  # fmt: skip
@@ -484,7 +484,7 @@ def translate_config(
     if not backend:
         out.problems.append(f"{where}.data_backend_config: the data backend JSON is needed")
     else:
-        for problem in _backend_problems(Path(backend).expanduser(), f"{where}.data_backend_config"):
+        for problem in _backend_problems(Path(backend).expanduser(), f"{where}.data_backend_config", data):
             out.problems.append(problem)
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
@@ -828,16 +828,21 @@ def _backends(path: Path, where: str) -> list[Any]:
     return data
 
 
-def _backend_problems(path: Path, where: str) -> list[str]:
+def _backend_problems(path: Path, where: str, top: dict[str, Any]) -> list[str]:
     """The data backend JSON's problems, reported with the config's (before any model loads)."""
     try:
-        _image_backends(path, where, None)
+        _image_backends(path, where, None, top)
     except (ConfigError, DataError) as exc:
         return list(getattr(exc, "problems", None) or [str(exc)])
     return []
 
 
-def _image_backends(path: Path, where: str, options: TrainOptions | None) -> list[SubsetOptions]:
+#: dataset keys whose value, when a backend leaves it out, is the config's top-level option of that name
+INHERITED = ("resolution", "resolution_type", "caption_strategy", "instance_prompt", "prepend_instance_prompt",
+             "only_instance_prompt", "minimum_image_size", "maximum_image_size", "target_downsample_size")  # fmt: skip
+
+
+def _image_backends(path: Path, where: str, options: TrainOptions | None, top: dict[str, Any]) -> list[SubsetOptions]:
     from dataclasses import replace
 
     from ..data.dataset import SubsetOptions, subset_defaults
@@ -852,6 +857,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None) -> lis
             problems.append(f"{w}: a table is needed")
             continue
         w = f"{where} {path}[{i}] ({backend.get('id', '?')})"
+        backend = {**{k: top[k] for k in INHERITED if k in top}, **backend}
         if _bool(backend.get("disabled", False)):
             continue
         kind = str(backend.get("dataset_type", "image")).lower()
@@ -921,7 +927,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None) -> lis
             )
         if _bool(backend.get("prepend_instance_prompt", False)) and class_tokens is None:
             problems.append(f"{w}: prepend_instance_prompt: not translated yet")
-        step = 64
+        step = int(top.get("aspect_bucket_alignment", DEFAULTS["aspect_bucket_alignment"]))
         subsets.append(
             replace(
                 base,
@@ -958,7 +964,7 @@ def load_datasets(
     backend = data.get("data_backend_config")
     if not backend:
         raise DataError(f"{path}: data_backend_config is needed")
-    return _image_backends(Path(str(backend)).expanduser(), f"{path}: data_backend_config", options)
+    return _image_backends(Path(str(backend)).expanduser(), f"{path}: data_backend_config", options, data)
 
 
 __all__ = ["DEFAULTS", "is_config", "is_config_file", "load_datasets", "read_config", "read_sample_prompts",

@@ -1017,10 +1017,13 @@ def _subsets_for(
                                is_class=is_class, **values)  # fmt: skip
         return [subset]
     if source.is_file():
+        from ..train import simpletuner_config
         from ..train.aitoolkit import is_job_file, load_datasets
 
         if is_job_file(source):
             subsets = load_datasets(source, options, skipped)
+        elif simpletuner_config.is_config_file(source):  # its data_backend_config
+            subsets = simpletuner_config.load_datasets(source, options, skipped)
         elif source.suffix.lower() == ".json":
             from .onetrainer import load_concepts
 
@@ -1053,8 +1056,10 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     for subset in index.subsets:
         _scan_subset(subset, index, verify=verify, roots=roots)
     from ..train.aitoolkit import is_job_file
+    from ..train.simpletuner_config import is_config_file
 
-    if source.suffix.lower() == ".json" and source.is_file() and not is_job_file(source):
+    onetrainer = source.suffix.lower() == ".json" and source.is_file()
+    if onetrainer and not is_job_file(source) and not is_config_file(source):
         from .onetrainer import caption_problems
 
         index.problems.extend(caption_problems(index))

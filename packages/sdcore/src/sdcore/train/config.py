@@ -6,7 +6,7 @@ flattened (``[training] lr = 1e-4`` is ``lr``), so configs may group keys as ``-
 Unknown keys are errors naming the key and the file (all of them at once, each with the nearest
 option name): a typo must never silently train with a default. kohya sd-scripts' names and its
 training TOML (flat, or in ``[model_arguments]``-style sections) are read through
-:mod:`sdcore.train.kohya`; ai-toolkit jobs, kohya_ss GUI and OneTrainer configs through their readers.
+:mod:`sdcore.train.kohya`; ai-toolkit jobs, kohya_ss GUI, OneTrainer and SimpleTuner configs through their readers.
 """
 
 from __future__ import annotations
@@ -277,13 +277,14 @@ def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list
 
 
 def _other_trainer_config(config_path: str | Path, fields: list[str], where: str) -> Any | None:
-    """The translation of an ai-toolkit job or a OneTrainer config (each reader has its own field table and
-    returns values in sdcore's names, notes and problems), or None for any other file."""
-    from . import aitoolkit, onetrainer_config
+    """The translation of an ai-toolkit job, a OneTrainer or a SimpleTuner config (each reader has its own field
+    table and returns values in sdcore's names, notes and problems), or None for any other file."""
+    from . import aitoolkit, onetrainer_config, simpletuner_config
 
     readers: tuple[tuple[Any, Any], ...] = (
         (aitoolkit.read_job, aitoolkit.translate_job),
         (onetrainer_config.read_train_config, onetrainer_config.translate_config),
+        (simpletuner_config.read_config, simpletuner_config.translate_config),
     )
     for read, translate in readers:
         data = read(config_path)

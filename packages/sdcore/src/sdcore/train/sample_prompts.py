@@ -262,6 +262,11 @@ def read_sample_prompts(value: str, family: str | None = None) -> list[SamplePro
     guidance there)."""
     path = Path(value).expanduser()
     is_file = len(value) < 4096 and "\n" not in value and path.is_file()
+    if is_file and path.suffix.lower() in (".json", ".toml"):
+        from . import simpletuner_config
+
+        if simpletuner_config.is_config_file(path):  # a SimpleTuner config: its validation prompts
+            return simpletuner_config.read_sample_prompts(path)
     if is_file and path.suffix.lower() in (".yaml", ".yml", ".json"):
         from . import aitoolkit
 

@@ -1,0 +1,971 @@
+"""SimpleTuner (bghira/SimpleTuner) configs as sdcore options, datasets and sample prompts.
+
+A SimpleTuner run is a flat table of its command-line options (``config/config.json``, ``config.toml``;
+keys with or without the leading ``--``, booleans and numbers often as strings: ``"true"``, ``"1e-4"``), plus
+the data backend JSON its ``data_backend_config`` names (a list of datasets) and, for ``lora_type
+lycoris``, the LyCORIS JSON its ``lycoris_config`` names. ``sdcore train lora --config config.json`` (a
+``model_type lora`` run) or ``sdcore train dreambooth --config config.json`` (``model_type full``) reads it
+through :func:`translate_config`; ``--data`` and ``--sample-prompts`` become the config itself, read by
+:func:`load_datasets` (its data backends) and :func:`read_sample_prompts` (its validation prompts).
+
+Every option name and default below is SimpleTuner's (its field registry,
+``simpletuner/simpletuner_sdk/server/services/field_registry/sections/*.py`` and
+``simpletuner/helpers/models/field_registry/*.py``, which its argument parser is built from), with its
+meaning from the code that uses it (``helpers/models/common.py``, ``helpers/models/flux/model.py``,
+``helpers/training/custom_schedule.py``, ``helpers/training/trainer.py``) and ``documentation/OPTIONS.md``,
+``DATALOADER.md``. SimpleTuner's defaults apply where a config leaves an option out (learning rate 4e-7,
+batch size 4, LoRA rank 16 with alpha = rank, PEFT ``lora_dropout`` 0.1, gradients clipped by *value* at 2.0,
+Flux guidance 1.0, a shift of 3 on flow-matching models), not sdcore's: a default sdcore cannot reproduce
+is a problem like any other value. An option is translated, accepted with a note (no effect on what is
+learned: trackers, the hub, caches, compilation, devices), accepted at SimpleTuner's default and refused by
+name otherwise, or unknown (with the nearest SimpleTuner name). All problems are reported at once.
+SimpleTuner is AGPL-3.0: only facts (names, defaults, meanings) are taken from it here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, DataError
+from .aitoolkit import JobTranslation
+from .field_tables import drop_foreign_options, nearest_field, same_value
+
+if TYPE_CHECKING:
+    from ..data.dataset import SkippedFile, SubsetOptions
+    from .options import TrainOptions
+    from .sample_prompts import SamplePrompt
+
+#: every option of SimpleTuner's argument parser (its field registry: the ``arg_name`` without ``--``) and its
+#: default (None where the registry computes it); bghira/SimpleTuner bc8e6ab
+DEFAULTS: dict[str, Any] = {
+    "accelerate_config": None, "accelerate_extra_args": None, "accelerator_cache_clear_interval": None,
+    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-08, "adam_weight_decay": 0.01,
+    "allow_dataset_oversubscription": False, "aspect_bucket_alignment": 64, "aspect_bucket_disable_rebuild": False,
+    "aspect_bucket_rounding": 2, "aspect_bucket_worker_count": 12, "assistant_lora_inference_strength": 0.0,
+    "assistant_lora_path": None, "assistant_lora_strength": 1.0, "attention_mechanism": "diffusers",
+    "audio_channels": 1, "audio_duration_interval": 3.0, "audio_flow_schedule_shift": None,
+    "audio_max_duration_seconds": None, "audio_min_duration_seconds": None, "audio_truncation_mode": "beginning",
+    "aws_max_pool_connections": 128, "base_model_default_dtype": "bf16", "base_model_precision": "no_change",
+    "cache_dir": None, "cache_dir_text": "cache", "cache_dir_vae": "", "caption_dropout_probability": None,
+    "caption_strategy": "filename", "checkpoint_epoch_interval": None, "checkpoint_step_interval": 500,
+    "checkpointing_rolling_steps": 0, "checkpointing_use_tempdir": False, "checkpoints_rolling_total_limit": 1,
+    "checkpoints_total_limit": 5, "compress_disk_cache": True, "conditioning_multidataset_sampling": "random",
+    "configs_dir": "", "context_parallel_comm_strategy": "allgather", "context_parallel_size": 1, "control": False,
+    "controlnet": False, "controlnet_custom_config": None, "controlnet_model_name_or_path": None,
+    "crepa_adjacent_distance": 1, "crepa_adjacent_tau": 1.0, "crepa_block_index": 8, "crepa_cutoff_step": 0,
+    "crepa_decay_steps": 0, "crepa_drop_vae_encoder": False, "crepa_enabled": False,
+    "crepa_encoder": "dinov2_vitg14", "crepa_encoder_frames_batch_size": -1, "crepa_encoder_image_size": 518,
+    "crepa_feature_source": "encoder", "crepa_lambda": 0.5, "crepa_lambda_end": 0.0,
+    "crepa_normalize_by_frames": True, "crepa_normalize_neighbour_sum": False, "crepa_power": 1.0,
+    "crepa_scheduler": "constant", "crepa_self_flow": False, "crepa_self_flow_mask_ratio": 0.1,
+    "crepa_similarity_ema_decay": 0.99, "crepa_similarity_threshold": None, "crepa_spatial_align": True,
+    "crepa_teacher_block_index": None, "crepa_threshold_mode": "permanent", "crepa_use_backbone_features": False,
+    "crepa_use_tae": False, "crepa_warmup_steps": 0, "custom_text_encoder_intermediary_layers": None,
+    "custom_tracker": None, "data_aesthetic_score": 7.0, "data_backend_config": None,
+    "data_backend_sampling": "auto-weighting", "dataloader_prefetch": False, "dataloader_prefetch_qlen": 10,
+    "debug_aspect_buckets": False, "debug_dataset_loader": False, "deepspeed_config": None,
+    "delete_invalid_checkpoints": False, "delete_model_after_load": False, "delete_nsfw_images": False,
+    "delete_problematic_images": False, "delete_unwanted_images": False, "diff2flow_enabled": False,
+    "diff2flow_loss": False, "diffusion_blocks_config": None, "disable_assistant_lora": False,
+    "disable_benchmark": False, "disable_bucket_pruning": False, "disable_multiline_split": False,
+    "disable_segmented_timestep_sampling": False, "disable_tf32": False, "disk_low_action": "stop",
+    "disk_low_script": None, "disk_low_threshold": None, "distillation_config": None, "distillation_method": None,
+    "dynamo_backend": "no", "dynamo_dynamic": False, "dynamo_fullgraph": False, "dynamo_mode": "",
+    "dynamo_use_regional_compilation": False, "ema_cpu_only": False, "ema_decay": 0.995, "ema_device": "cpu",
+    "ema_foreach_disable": False, "ema_update_interval": 1, "ema_validation": "comparison", "ema_warmup_steps": 0,
+    "enable_group_offload": False, "enable_multiprocessing": False, "enable_nsfw_check": False,
+    "enable_watermark": False, "eval_dataset_id": None, "eval_dataset_pooling": False, "eval_epoch_interval": None,
+    "eval_loss_disable": False, "eval_steps_interval": None, "eval_timesteps": 28, "evaluation_type": "none",
+    "find_unused_parameters": None, "flow_beta_schedule_alpha": 2.0, "flow_beta_schedule_beta": 2.0,
+    "flow_cubic_schedule_weights": None, "flow_custom_timesteps": None, "flow_schedule_auto_shift": False,
+    "flow_schedule_shift": 3.0, "flow_sigmoid_scale": 1.0, "flow_timesteps_mode": "fixed-list",
+    "flow_use_beta_schedule": False, "flow_use_uniform_schedule": False, "flux_attention_masked_training": False,
+    "flux_fast_schedule": False, "flux_guidance_max": 4.0, "flux_guidance_min": 0.0,
+    "flux_guidance_mode": "constant", "flux_guidance_value": 1.0, "flux_lora_target": "all", "framerate": None,
+    "freeze_encoder_after": 17, "freeze_encoder_before": 12, "freeze_encoder_strategy": "after",
+    "fsdp_activation_checkpointing": False, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "fsdp_cpu_offload": False, "fsdp_cpu_ram_efficient_loading": False, "fsdp_enable": False,
+    "fsdp_limit_all_gathers": True, "fsdp_reshard_after_forward": True, "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+    "fsdp_transformer_layer_cls_to_wrap": None, "fsdp_version": 2, "fully_unload_text_encoder": False,
+    "fuse_optimizer": False, "fuse_qkv_projections": False, "grad_clip_method": "value",
+    "gradient_accumulation_steps": 1, "gradient_checkpointing": True, "gradient_checkpointing_backend": "torch",
+    "gradient_checkpointing_interval": None, "gradient_checkpointing_offload_attention": False,
+    "gradient_checkpointing_offload_pin_memory_max_buckets": 12, "gradient_checkpointing_offload_prefetch": False,
+    "gradient_checkpointing_segment_stride": None, "gradient_precision": None, "group_offload_blocks_per_group": 1,
+    "group_offload_text_encoder": False, "group_offload_to_disk_path": "", "group_offload_type": "block_level",
+    "group_offload_use_stream": False, "group_offload_vae": False, "hub_model_id": None, "huber_c": 0.1,
+    "huber_schedule": "snr", "i_know_what_i_am_doing": False, "ignore_missing_files": False,
+    "image_processing_batch_size": 32, "inference_scheduler_timestep_spacing": "trailing", "init_lokr_norm": None,
+    "init_lora": None, "init_lora_ema": None, "init_lora_step": None, "input_perturbation": 0.0,
+    "input_perturbation_steps": 0, "instance_prompt": None, "internal_guidance_block_index": None,
+    "internal_guidance_enabled": False, "internal_guidance_loss_weight": 0.5, "irepa_enabled": False,
+    "irepa_projector_kernel_size": 3, "irepa_spatial_norm_alpha": 0.6, "keep_vae_loaded": False,
+    "layer_freeze_strategy": None, "layersync_enabled": False, "layersync_lambda": 0.2,
+    "layersync_student_block": None, "layersync_teacher_block": None, "learning_rate": 4e-07, "local_rank": -1,
+    "logging_dir": "./logs", "lora_alpha": None, "lora_dropout": 0.1, "lora_format": "diffusers",
+    "lora_init_type": "default", "lora_rank": 16, "lora_type": "standard", "loss_type": "l2", "lr_end": 4e-07,
+    "lr_num_cycles": 1, "lr_power": 0.8, "lr_scale": False, "lr_scale_sqrt": False,
+    "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0, "lycoris_config": "config/lycoris_config.json",
+    "machine_rank": 0, "main_process_ip": "127.0.0.1", "main_process_port": 29500, "masked_loss_probability": 1.0,
+    "max_grad_norm": 2.0, "max_grounding_entities": 0, "max_train_steps": None, "max_upscale_threshold": None,
+    "max_workers": 32, "maximum_image_size": None, "merge_environment_config": None,
+    "metadata_update_interval": 3600, "minimum_image_size": None, "mixed_precision": "bf16",
+    "mixflow_enabled": False, "mixflow_gamma": 0.8, "model_card_note": None, "model_card_private": True,
+    "model_card_safe_for_work": False, "model_family": None, "model_flavour": None, "model_type": "full",
+    "modelspec_comment": None, "musubi_block_swap_device": "cpu", "musubi_blocks_to_swap": 0,
+    "nextlat_block_index": -1, "nextlat_enabled": False, "nextlat_kl_weight": 0.0, "nextlat_state_loss": "smooth_l1",
+    "nextlat_weight": 0.0, "noise_offset": 0.1, "noise_offset_probability": 0.25, "nsfw_check_backend_types": "all",
+    "nsfw_check_min_votes": 2, "nsfw_check_models": None, "nsfw_check_sample_types": "image,conditioning",
+    "nsfw_check_video_frame_count": 3, "nsfw_check_video_frame_selection": "uniform",
+    "nsfw_check_video_min_flagged_frames": 1, "num_eval_images": 4, "num_machines": 1, "num_processes": 1,
+    "num_train_epochs": 1, "num_validation_images": 1, "offload_during_save": False, "offload_during_startup": False,
+    "offload_param_path": None, "offset_noise": False, "only_instance_prompt": False, "optimizer": "adamw_bf16",
+    "optimizer_beta1": None, "optimizer_beta2": None, "optimizer_config": None, "optimizer_cpu_offload_method": None,
+    "optimizer_offload_gradients": False, "optimizer_release_gradients": False, "output_dir": "simpletuner-results",
+    "override_dataset_config": False, "parquet_caption_column": None, "parquet_filename_column": None,
+    "peft_lora_mode": "standard", "peft_lora_target_modules": None, "post_checkpoint_script": None,
+    "post_upload_script": None, "prediction_type": None, "prepend_instance_prompt": False,
+    "preserve_data_backend_cache": False,
+    "pretrained_evaluation_model_name_or_path": "openai/clip-vit-large-patch14-336",
+    "pretrained_gemma_model_name_or_path": None, "pretrained_grounding_model_name_or_path": None,
+    "pretrained_model_name_or_path": None, "pretrained_t5_model_name_or_path": None,
+    "pretrained_transformer_model_name_or_path": None, "pretrained_transformer_subfolder": "transformer",
+    "pretrained_unet_model_name_or_path": None, "pretrained_unet_subfolder": "unet",
+    "pretrained_vae_model_name_or_path": "madebyollin/sdxl-vae-fp16-fix", "print_filenames": False,
+    "print_sampler_statistics": False, "prodigy_steps": None, "publishing_config": None,
+    "push_checkpoints_to_hub": False, "push_to_hub": False, "push_to_hub_background": False,
+    "quantization_config": None, "quantize_activations": False, "quantize_via": "accelerator",
+    "qwen_text_encoder_model_name_or_path": None, "ramtorch": False, "ramtorch_controlnet": False,
+    "ramtorch_disable_extensions": True, "ramtorch_disable_sync_hooks": False, "ramtorch_target_modules": None,
+    "ramtorch_text_encoder": False, "ramtorch_text_encoder_percent": 100, "ramtorch_transformer_percent": 100,
+    "ramtorch_vae": False, "read_batch_size": 25, "refiner_training": False,
+    "refiner_training_invert_schedule": False, "refiner_training_strength": 0.2, "report_to": "none",
+    "rescale_betas_zero_snr": False, "resolution": 1024, "resolution_type": "pixel_area",
+    "resume_from_checkpoint": "latest", "revision": None, "sageattention_usage": "inference", "same_network": True,
+    "save_text_encoder": False, "scheduled_sampling_max_step_offset": 0, "scheduled_sampling_order": 2,
+    "scheduled_sampling_prob_end": 0.5, "scheduled_sampling_prob_start": 0.0, "scheduled_sampling_probability": 0.0,
+    "scheduled_sampling_ramp_shape": "linear", "scheduled_sampling_ramp_steps": 0,
+    "scheduled_sampling_reflexflow": None, "scheduled_sampling_reflexflow_alpha": 1.0,
+    "scheduled_sampling_reflexflow_beta1": 10.0, "scheduled_sampling_reflexflow_beta2": 1.0,
+    "scheduled_sampling_sampler": "unipc", "scheduled_sampling_start_step": 0,
+    "scheduled_sampling_strategy": "uniform", "sd3_clip_uncond_behaviour": "empty_string",
+    "sd3_t5_uncond_behaviour": None, "sdnq_compile_mode": "auto", "sdnq_dequantize_fp32": None,
+    "sdnq_group_size": None, "sdnq_hadamard_group_size": None, "sdnq_modules_dtype_dict": None,
+    "sdnq_modules_quant_config": None, "sdnq_modules_to_not_convert": None, "sdnq_modules_to_not_use_matmul": None,
+    "sdnq_quantized_matmul_dtype": "auto", "sdnq_svd_rank": None, "sdnq_svd_steps": None, "sdnq_use_hadamard": None,
+    "sdnq_use_quantized_matmul": None, "sdnq_use_svd": None, "sdnq_weights_dtype": None,
+    "sdxl_refiner_uses_full_range": False, "sdxl_validation_pipeline_mode": "trained-stage",
+    "sdxl_validation_stage1_model": None, "sdxl_validation_stage2_model": None, "seed": None,
+    "seed_for_each_device": True, "set_grads_to_none": False, "singlora_ramp_up_steps": 0, "skip_file_discovery": "",
+    "sla_config": None, "slider_lora_target": False, "snr_gamma": None, "snr_weight": 1.0,
+    "soft_min_snr_sigma_data": None, "strict_epoch_limit": False, "t5_padding": "unmodified",
+    "target_downsample_size": None, "text_cache_disable": False, "text_cache_ondemand": False,
+    "text_embed_full_cache": False, "text_encoder_1_precision": "no_change", "text_encoder_2_precision": "no_change",
+    "text_encoder_3_precision": "no_change", "text_encoder_4_precision": "no_change", "text_encoder_batch_size": 1,
+    "text_encoder_limit": 100, "text_encoder_lr": None, "timestep_bias_begin": 0, "timestep_bias_end": 1000,
+    "timestep_bias_multiplier": 1.0, "timestep_bias_portion": 0.25, "timestep_bias_strategy": None,
+    "tokenizer_max_length": None, "torch_num_threads": 8, "tracker_image_layout": "gallery",
+    "tracker_project_name": "simpletuner", "tracker_run_name": "simpletuner-testing", "train_batch_size": 4,
+    "train_text_encoder": False, "training_scheduler_timestep_spacing": "trailing", "tread_config": None,
+    "trust_remote_code": False, "twinflow_enabled": False, "twinflow_target_step_count": 1,
+    "unet_attention_slice": False, "urepa_cutoff_step": 0, "urepa_decay_steps": 0, "urepa_enabled": False,
+    "urepa_encoder_image_size": 518, "urepa_lambda": 0.5, "urepa_lambda_end": 0.0, "urepa_manifold_weight": 3.0,
+    "urepa_model": "dinov2_vitg14", "urepa_power": 1.0, "urepa_scheduler": "constant",
+    "urepa_similarity_ema_decay": 0.99, "urepa_similarity_threshold": None, "urepa_threshold_mode": "permanent",
+    "urepa_use_tae": False, "urepa_warmup_steps": 0, "use_dora": False, "use_ema": False, "use_soft_min_snr": False,
+    "user_prompt_library": None, "vae_batch_size": 4, "vae_cache_disable": False, "vae_cache_ondemand": False,
+    "vae_cache_scan_behaviour": "recreate", "vae_dtype": "bf16", "vae_enable_patch_conv": False,
+    "vae_enable_slicing": False, "vae_enable_temporal_roll": False, "vae_enable_tiling": False,
+    "validate_after_epoch": None, "validate_after_step": None, "validation_adapter_config": None,
+    "validation_adapter_mode": "adapter_only", "validation_adapter_name": None, "validation_adapter_path": None,
+    "validation_adapter_strength": 1.0, "validation_disable": False, "validation_disable_unconditional": False,
+    "validation_epoch_interval": None, "validation_external_background": False, "validation_external_script": None,
+    "validation_guidance": 7.5, "validation_guidance_real": 1.0, "validation_guidance_rescale": 0.0,
+    "validation_guidance_skip_layers": None, "validation_guidance_skip_layers_start": 0.01,
+    "validation_guidance_skip_layers_stop": 0.2, "validation_guidance_skip_scale": 2.8,
+    "validation_image_format": "png", "validation_image_quality": 90, "validation_input": None,
+    "validation_internal_guidance_scale": 1.0, "validation_lycoris_strength": 1.0,
+    "validation_method": "simpletuner-local", "validation_multigpu": "batch-parallel",
+    "validation_negative_prompt": "blurry, cropped, ugly", "validation_no_cfg_until_timestep": 2,
+    "validation_noise_scheduler": None, "validation_num_inference_steps": 30, "validation_num_video_frames": None,
+    "validation_on_startup": False, "validation_preview": False, "validation_preview_steps": 1,
+    "validation_prompt": None, "validation_prompt_library": False, "validation_randomize": False,
+    "validation_resolution": "256", "validation_seed": None, "validation_seed_source": "cpu",
+    "validation_step_interval": 100, "validation_stitch_input_location": "left", "validation_using_datasets": None,
+    "variant": None, "webhook_config": None, "webhook_reporting_interval": None, "write_batch_size": 128,
+    "xm_block_size": 0, "xm_candidate_count": 1, "xm_enabled": False, "xm_selection_scope": "sample",
+    "xm_training_target": "noise",
+}  # fmt: skip
+
+#: options read with a note: trackers, the hub, caches, compilation, devices and speed change nothing learned
+NOTED_PREFIXES = ("tracker_", "hub_", "push_", "model_card_", "webhook_", "dynamo_", "fsdp_", "nsfw_", "aws_",
+                  "cache_dir", "vae_cache_", "text_cache_", "ramtorch", "group_offload_", "debug_", "print_",
+                  "disk_low_", "sdnq_", "validation_", "eval_", "num_eval_", "context_parallel_",
+                  "gradient_checkpointing_", "musubi_", "metadata_", "publishing_", "post_")  # fmt: skip
+NOTED = {"report_to", "logging_dir", "resume_from_checkpoint", "checkpoint_epoch_interval",
+         "checkpointing_rolling_steps", "checkpointing_use_tempdir", "delete_invalid_checkpoints",
+         "checkpoints_rolling_total_limit", "custom_tracker", "merge_environment_config", "configs_dir",
+         "enable_watermark", "local_rank", "accelerate_config", "accelerate_extra_args", "deepspeed_config",
+         "num_processes", "num_machines", "main_process_ip", "main_process_port", "machine_rank", "same_network",
+         "max_workers", "torch_num_threads", "dataloader_prefetch", "dataloader_prefetch_qlen",
+         "aspect_bucket_worker_count", "image_processing_batch_size", "write_batch_size", "read_batch_size",
+         "text_encoder_batch_size", "vae_batch_size", "enable_multiprocessing", "keep_vae_loaded",
+         "fully_unload_text_encoder", "offload_during_startup", "offload_during_save", "delete_model_after_load",
+         "quantize_via", "compress_disk_cache", "preserve_data_backend_cache", "override_dataset_config",
+         "skip_file_discovery", "aspect_bucket_disable_rebuild", "disable_benchmark", "disable_tf32",
+         "set_grads_to_none", "attention_mechanism", "sageattention_usage", "vae_enable_slicing", "vae_enable_tiling",
+         "vae_enable_patch_conv", "vae_enable_temporal_roll", "vae_dtype", "enable_group_offload",
+         "accelerator_cache_clear_interval", "seed_for_each_device", "ema_device", "ema_cpu_only",
+         "ema_foreach_disable", "num_validation_images", "user_prompt_library", "text_encoder_limit",
+         "trust_remote_code", "revision", "variant", "base_model_default_dtype", "unet_attention_slice",
+         "find_unused_parameters", "delete_unwanted_images", "delete_problematic_images", "metadata_update_interval",
+         "i_know_what_i_am_doing", "fuse_qkv_projections", "optimizer_offload_gradients",
+         "fuse_optimizer", "optimizer_release_gradients", "data_aesthetic_score", "lora_format"}  # fmt: skip
+#: options :func:`translate_config` (or the dataset and sample readers) turn into sdcore settings
+HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name_or_path", "output_dir",
+           "data_backend_config", "seed", "max_train_steps", "num_train_epochs", "train_batch_size", "learning_rate",
+           "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "lr_end", "optimizer", "adam_beta1",
+           "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "grad_clip_method",
+           "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "lora_rank", "lora_alpha",
+           "lora_type", "lora_dropout", "lycoris_config", "flux_lora_target", "init_lora", "checkpoint_step_interval",
+           "caption_dropout_probability", "snr_gamma", "loss_type", "huber_schedule", "huber_c", "noise_offset",
+           "noise_offset_probability", "offset_noise", "flow_schedule_shift", "flow_schedule_auto_shift",
+           "flow_sigmoid_scale", "flow_use_uniform_schedule", "flux_guidance_mode", "flux_guidance_value",
+           "flux_guidance_min", "flux_guidance_max", "flux_attention_masked_training", "train_text_encoder",
+           "pretrained_vae_model_name_or_path", "resolution", "resolution_type", "minimum_image_size",
+           "maximum_image_size", "target_downsample_size", "caption_strategy", "instance_prompt",
+           "prepend_instance_prompt", "only_instance_prompt", "aspect_bucket_alignment",
+           "validation_prompt", "validation_step_interval", "validation_resolution", "validation_guidance",
+           "validation_num_inference_steps", "validation_seed", "validation_negative_prompt", "validation_disable",
+           "validation_on_startup", "user_prompt_library", "prediction_type", "checkpoints_total_limit"}  # fmt: skip
+#: ``model_family`` -> sdcore's family (sd1x holds SD 1.x and 2.x: sdcore reads which from the model)
+FAMILIES = {"sd1x": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "chroma": "chroma"}
+FLOW_FAMILIES = ("sd3", "flux", "chroma")
+#: ``optimizer`` -> sdcore's optimizer (SimpleTuner's helpers/training/optimizer_param.py names); adamw_bf16 is
+#: AdamW on bf16 weights with stochastic rounding, sdcore's AdamW keeps fp32 weights and moments (a note)
+OPTIMIZERS = {"adamw_bf16": "adamw", "adamw": "adamw", "bnb-adamw8bit": "adamw8bit", "bnb-lion8bit": "lion8bit",
+              "bnb-lion": "lion", "prodigy": "prodigy", "adafactor": "adafactor",
+              "adamw_schedulefree": "adamwschedulefree"}  # fmt: skip
+#: SimpleTuner optimizers sdcore lacks -> the nearest sdcore optimizer to suggest
+NEAREST_OPTIMIZERS = {"optimi-adamw": "adamw", "optimi-stableadamw": "adamw", "optimi-lion": "lion",
+                      "optimi-adan": "adamw", "optimi-adam": "adamw", "optimi-ranger": "adamw",
+                      "optimi-radam": "radamschedulefree", "optimi-sgd": "sgd", "ao-adamw8bit": "adamw8bit",
+                      "ao-adamw4bit": "adamw8bit", "ao-adamfp8": "adamw8bit", "ao-adamwfp8": "adamw8bit",
+                      "soap": "adamw", "bnb-paged-adamw8bit": "pagedadamw8bit", "bnb-ademamix": "adamw"}  # fmt: skip
+#: ``lr_scheduler`` -> sdcore's (diffusers' get_scheduler names; cosine_with_warmup is SimpleTuner's alias of cosine)
+SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_warmup", "cosine": "cosine",
+              "cosine_with_warmup": "cosine", "cosine_with_restarts": "cosine_with_restarts", "linear": "linear",
+              "polynomial": "polynomial"}  # fmt: skip
+#: ``flux_lora_target`` -> the PEFT target module names SimpleTuner gives (helpers/models/flux/model.py
+#: get_lora_target_layers), as sdcore --layer-filter patterns (a diffusers path contains one). The fused names
+#: (to_qkv, add_qkv_proj) exist only with fuse_qkv_projections, which sdcore does not do, so they are left out.
+FLUX_TARGETS = {
+    "all": ("attn.to_k", "attn.to_q", "attn.to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0",
+            "to_add_out"),
+    "context": ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"),
+    "context+ffs": ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "ff_context.net.0.proj",
+                    "ff_context.net.2"),
+    "all+ffs": ("attn.to_k", "attn.to_q", "attn.to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0",
+                "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+                "proj_out"),
+    "tiny": ("single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"),
+    "nano": ("single_transformer_blocks.7.proj_out",),
+}  # fmt: skip
+#: SD3, SDXL and SD 1.x/2.x standard LoRAs: the models' DEFAULT_LORA_TARGET (to_k, to_q, to_v, to_out.0)
+ATTENTION_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+#: the data backend's keys (documentation/DATALOADER.md) this reader translates, notes, or refuses away from
+#: their defaults
+BACKEND_HANDLED = {"id", "type", "dataset_type", "instance_data_dir", "repeats", "resolution", "resolution_type",
+                   "minimum_image_size", "maximum_image_size", "target_downsample_size", "crop", "crop_style",
+                   "crop_aspect", "caption_strategy", "instance_prompt", "prepend_instance_prompt",
+                   "only_instance_prompt", "probability", "is_regularisation_data", "is_regularization_data",
+                   "disabled", "default"}  # fmt: skip
+BACKEND_NOTED = {"cache_dir_vae", "vae_cache_clear_each_epoch", "text_embeds", "image_embeds", "skip_file_discovery",
+                 "preserve_data_backend_cache", "cache_dir", "metadata_backend", "hash_filenames",
+                 "write_batch_size", "vae_cache_ondemand", "vae_cache_disable", "cache_file_suffix",
+                 "metadata_update_interval", "ignore_epochs", "delete_unwanted_images",
+                 "delete_problematic_images"}  # fmt: skip
+#: data backend keys that change what trains and that sdcore does not implement (refused when given)
+BACKEND_REFUSED = {"conditioning", "conditioning_data", "conditioning_type", "source_dataset_id", "caption_shuffle",
+                   "minimum_aspect_ratio", "maximum_aspect_ratio", "max_upscale_threshold", "max_num_samples",
+                   "start_epoch", "start_step", "end_epoch", "end_step", "timestep_sampling_offset",
+                   "slider_strength", "crop_aspect_buckets", "train_batch_size", "parquet", "huggingface",
+                   "disable_multiline_split", "video", "audio"}  # fmt: skip
+#: LyCORIS JSON keys (documentation/LYCORIS.md, LyCORIS' create_lycoris arguments) -> sdcore's options
+LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr")
+LYCORIS_KEYS = {"algo", "multiplier", "linear_dim", "linear_alpha", "conv_dim", "conv_alpha", "factor",
+                "full_matrix", "dropout", "rank_dropout", "module_dropout", "apply_preset", "use_tucker",
+                "decompose_both", "rank_dropout_scale"}  # fmt: skip
+#: ``apply_preset.target_module`` names -> --layer-filter patterns of the diffusers paths inside such modules
+LYCORIS_MODULES = {"Attention": ("attn",), "FeedForward": ("ff.net", "ff_context.net")}
+CONFIG_SUFFIXES = (".json", ".toml")
+
+
+def _strip(key: Any) -> str:
+    return str(key).strip().lstrip("-").replace("-", "_")
+
+
+def _load_table(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid {path.suffix.lstrip('.').upper()}: {exc}") from None
+
+
+def is_config(data: Any) -> bool:
+    """A SimpleTuner config: a flat table whose keys (with or without ``--``) hold ``model_family`` and one of
+    ``model_type``, ``pretrained_model_name_or_path`` or ``data_backend_config``."""
+    if not isinstance(data, dict):
+        return False
+    keys = {_strip(k) for k in data}
+    return "model_family" in keys and bool(
+        keys & {"model_type", "pretrained_model_name_or_path", "data_backend_config"}
+    )
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The config in ``path`` with its keys stripped of ``--``, or None when it is not a SimpleTuner
+    ``config.json``/``config.toml`` (SimpleTuner's ``config.env`` shell files are not read)."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() not in CONFIG_SUFFIXES or not p.is_file():
+        return None
+    if p.suffix.lower() == ".json":
+        try:
+            head = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        if "model_family" not in head:
+            return None
+    data = _load_table(p)
+    if not is_config(data):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[_strip(key)] = value
+    return out
+
+
+def is_config_file(path: str | os.PathLike[str]) -> bool:
+    try:
+        return read_config(path) is not None
+    except ConfigError:
+        return False
+
+
+def _bool(value: Any) -> bool:
+    """SimpleTuner's reading of a boolean option (cli_utils: "true"/"1"/"yes"/"on" and their opposites)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class _Reader:
+    """One config's values over SimpleTuner's defaults; bad numbers are problems, once each."""
+
+    def __init__(self, data: dict[str, Any], where: str, out: JobTranslation) -> None:
+        self.data, self.where, self.out = data, where, out
+
+    def given(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key, DEFAULTS.get(key))
+
+    def flag(self, key: str) -> bool:
+        return _bool(self.get(key))
+
+    def number(self, key: str, kind: type = float) -> Any:
+        value = self.get(key)
+        if value is None or value == "":
+            return None
+        try:
+            number = float(value)
+            if kind is int:
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return number
+        except (TypeError, ValueError):
+            self.out.problems.append(f"{self.where}.{key} {value!r}: a number is needed")
+            return None
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        return "" if value is None else str(value).strip()
+
+
+def _check_options(data: dict[str, Any], where: str, out: JobTranslation) -> None:
+    """Unknown names (with the nearest), noted options away from their default, and refused options."""
+    unknown = [f"{k!r}{nearest_field(k, DEFAULTS)}" for k in data if k not in DEFAULTS]
+    if unknown:
+        out.problems.append(f"{where}: unknown SimpleTuner option(s): {', '.join(unknown)}")
+    for key, value in data.items():
+        if key not in DEFAULTS or key in HANDLED:
+            continue
+        default = DEFAULTS[key]
+        same = same_value(value, default) or (isinstance(default, bool) and _bool(value) == default)
+        if key in NOTED or key.startswith(NOTED_PREFIXES):
+            if not same:
+                out.notes.append(f"{where}.{key}: accepted, no effect on what is learned here")
+        elif not same:
+            out.problems.append(
+                f"{where}.{key} = {value!r}: sdcore does not implement this SimpleTuner option (only its default "
+                f"{default!r} is accepted)"
+            )
+
+
+def translate_config(
+    data: dict[str, Any], fields: list[str], *, where: str, path: str | os.PathLike[str]
+) -> JobTranslation:
+    """sdcore option values for a SimpleTuner config (``fields``: the method's option names); ``data`` and
+    ``sample_prompts`` point at the config ``path`` itself."""
+    out = JobTranslation()
+    _check_options(data, where, out)
+    r = _Reader(data, where, out)
+    v = out.values
+    family_name = r.text("model_family").lower()
+    family = FAMILIES.get(family_name)
+    if family is None:
+        out.problems.append(
+            f"{where}.model_family {family_name!r}: a model family sdcore does not train (it reads SimpleTuner's "
+            f"{', '.join(FAMILIES)})"
+        )
+    flow = family in FLOW_FAMILIES
+    model_type = r.text("model_type").lower()
+    if model_type not in ("lora", "full"):
+        out.problems.append(f"{where}.model_type {model_type!r}: sdcore reads SimpleTuner's lora and full runs")
+    if model_type == "lora" and "rank" not in fields:
+        out.problems.append(f"{where}: model_type lora is a LoRA run: use sdcore train lora")
+    if model_type == "full" and "rank" in fields:
+        out.problems.append(f"{where}: model_type full is a full fine-tune: use sdcore train dreambooth")
+    if not r.text("pretrained_model_name_or_path"):
+        out.problems.append(f"{where}.pretrained_model_name_or_path: the model to train is needed")
+    else:
+        v["model"] = r.text("pretrained_model_name_or_path")
+    if r.text("prediction_type"):
+        out.notes.append(f"{where}.prediction_type: sdcore reads the prediction type from the model")
+    vae = r.text("pretrained_vae_model_name_or_path")
+    if family in ("sdxl", "sd1") and r.given("pretrained_vae_model_name_or_path") and Path(vae).expanduser().exists():
+        v["vae"] = vae
+    elif family in ("sdxl", "sd1"):
+        out.notes.append(
+            f"{where}.pretrained_vae_model_name_or_path {vae!r}: sdcore reads no model hub; the model's own VAE is "
+            "used (give a local VAE file or folder to train on SimpleTuner's)"
+        )
+    output = Path(r.text("output_dir") or "simpletuner-results").expanduser()
+    # SimpleTuner's final LoRA: output_dir/pytorch_lora_weights.safetensors; a full fine-tune: a diffusers folder
+    v["output"] = str(output / "pytorch_lora_weights.safetensors") if model_type == "lora" else str(output)
+    if model_type == "full":
+        v["save_format"] = "diffusers"
+    v["data"] = str(path)
+    seed = r.number("seed", int)
+    if seed is not None:
+        v["seed"] = seed
+    else:
+        out.notes.append(f"{where}.seed: not given (SimpleTuner draws one); sdcore's seed 42 is used")
+    _training(r, family, flow, out)
+    if model_type == "lora":
+        _lora(r, family, out)
+    _timesteps(r, family, flow, out)
+    _validation(r, family, path, out)
+    backend = r.text("data_backend_config")
+    if not backend:
+        out.problems.append(f"{where}.data_backend_config: the data backend JSON is needed")
+    else:
+        for problem in _backend_problems(Path(backend).expanduser(), f"{where}.data_backend_config", data):
+            out.problems.append(problem)
+    drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
+    return out
+
+
+def _training(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -> None:
+    v, w = out.values, r.where
+    steps = r.number("max_train_steps", int)
+    epochs = r.number("num_train_epochs", int)
+    if steps:  # SimpleTuner: max_train_steps wins; num_train_epochs 0 means "run by steps"
+        v["max_steps"] = steps
+    elif epochs:
+        v["epochs"] = epochs
+    else:
+        out.problems.append(f"{w}: max_train_steps or num_train_epochs is needed")
+    for key, target in (("learning_rate", "lr"), ("train_batch_size", "batch_size"),
+                        ("gradient_accumulation_steps", "gradient_accumulation"), ("lr_warmup_steps", "lr_warmup_steps"),
+                        ("checkpoint_step_interval", "save_every"), ("checkpoints_total_limit", "save_limit")):  # fmt: skip
+        number = r.number(key, float if key == "learning_rate" else int)
+        if number is not None:
+            v[target] = number
+    v["save_dtype"] = "bf16" if r.text("mixed_precision") == "bf16" else "fp32"
+    v["gradient_checkpointing"] = r.flag("gradient_checkpointing")
+    precision = r.text("mixed_precision") or "no"
+    if precision in ("no", "fp16", "bf16"):
+        v["mixed_precision"] = precision
+    else:
+        out.problems.append(f"{w}.mixed_precision {precision!r}: sdcore trains with no, fp16 or bf16 mixed precision")
+    _schedule(r, out)
+    _optimizer(r, out)
+    dropout = r.number("caption_dropout_probability")
+    if dropout:
+        v["caption_dropout"] = dropout
+    loss = r.text("loss_type")
+    v["loss_type"] = loss
+    if loss in ("huber", "smooth_l1"):
+        v["huber_schedule"] = r.text("huber_schedule")
+        v["huber_c"] = r.number("huber_c")
+    gamma = r.number("snr_gamma")
+    if gamma and flow:
+        out.notes.append(f"{w}.snr_gamma: no effect on flow-matching models (as in SimpleTuner)")
+    elif gamma:
+        v["min_snr_gamma"] = gamma
+    if r.flag("offset_noise") and not flow:  # common.py: only with offset_noise, never on flow matching
+        v["noise_offset"] = r.number("noise_offset")
+        probability = r.number("noise_offset_probability")
+        if probability is not None and probability != 1.0:
+            out.problems.append(
+                f"{w}.noise_offset_probability {probability}: SimpleTuner adds the offset noise to that share of "
+                "the steps; sdcore adds it on every step (set it to 1)"
+            )
+    if r.flag("train_text_encoder"):
+        out.problems.append(f"{w}.train_text_encoder: not translated yet (train the denoiser only, or use sdcore's "
+                            "--train-text-encoder options directly)")  # fmt: skip
+
+
+def _schedule(r: _Reader, out: JobTranslation) -> None:
+    v, w = out.values, r.where
+    name = r.text("lr_scheduler").lower()
+    warmup = r.number("lr_warmup_steps", int) or 0
+    if name == "constant" and warmup > 0:  # cli_utils.normalize_lr_scheduler_value
+        name = "constant_with_warmup"
+    if name not in SCHEDULERS:
+        out.problems.append(f"{w}.lr_scheduler {name!r}: sdcore reads SimpleTuner's {', '.join(SCHEDULERS)}")
+        return
+    v["lr_scheduler"] = SCHEDULERS[name]
+    if name == "cosine_with_restarts":
+        v["lr_cycles"] = r.number("lr_num_cycles", int)
+    if name == "polynomial":
+        # diffusers' polynomial decay: (lr - lr_end) * (1 - progress)^power + lr_end
+        v["lr_power"] = r.number("lr_power")
+        lr, end = r.number("learning_rate"), r.number("lr_end")
+        if lr and end is not None:
+            v["lr_min_ratio"] = end / lr
+    elif r.given("lr_end") or r.given("lr_power"):
+        out.notes.append(f"{w}.lr_end/lr_power: used by the polynomial schedule only (as in SimpleTuner)")
+
+
+def _optimizer(r: _Reader, out: JobTranslation) -> None:
+    v, w = out.values, r.where
+    name = r.text("optimizer").lower()
+    if name in NEAREST_OPTIMIZERS or name not in OPTIMIZERS:
+        nearest = NEAREST_OPTIMIZERS.get(name, "adamw")
+        out.problems.append(f"{w}.optimizer {name!r}: not in sdcore (the nearest: --optimizer {nearest})")
+        return
+    v["optimizer"] = OPTIMIZERS[name]
+    if name == "adamw_bf16":
+        out.notes.append(
+            f"{w}.optimizer adamw_bf16: trained with sdcore's AdamW (fp32 weights and moments; SimpleTuner's keeps "
+            "bf16 weights with stochastic rounding: the same update, rounded differently)"
+        )
+    if name in ("adamw_bf16", "adamw", "bnb-adamw8bit", "adamw_schedulefree"):
+        b1, b2 = r.number("adam_beta1"), r.number("adam_beta2")
+        args = f"betas={b1},{b2} weight_decay={r.number('adam_weight_decay')} eps={r.number('adam_epsilon')}"
+        v["optimizer_args"] = args
+    norm = r.number("max_grad_norm") or 0.0
+    method = r.text("grad_clip_method")
+    if name == "prodigy" or norm <= 0:  # trainer.py: prodigy and optimi-stableadamw are never clipped
+        v["max_grad_norm"] = 0.0
+    elif method == "norm":
+        v["max_grad_norm"] = norm
+    else:
+        out.problems.append(
+            f"{w}.grad_clip_method {method!r} (SimpleTuner's default) with max_grad_norm {norm}: SimpleTuner clips "
+            "each gradient value to ±max_grad_norm; sdcore clips the gradients' norm (set grad_clip_method norm, "
+            "or max_grad_norm 0)"
+        )
+
+
+def _lora(r: _Reader, family: str | None, out: JobTranslation) -> None:
+    v, w = out.values, r.where
+    kind = r.text("lora_type").lower()
+    if kind == "lycoris":
+        _lycoris(r, family, out)
+        return
+    if kind != "standard":
+        out.problems.append(f"{w}.lora_type {kind!r}: choose standard or lycoris")
+        return
+    rank = r.number("lora_rank", int)
+    alpha = r.number("lora_alpha")
+    v["algo"] = "lora"
+    v["rank"] = rank
+    v["alpha"] = rank if alpha is None else alpha  # common.py add_lora_adapter: lora_alpha or lora_rank
+    dropout = r.number("lora_dropout")
+    if dropout:
+        out.problems.append(
+            f"{w}.lora_dropout {dropout} (SimpleTuner's default 0.1): PEFT drops the LoRA's input features; sdcore's "
+            "--dropout drops the down projection's output (kohya's network_dropout): set lora_dropout 0"
+        )
+    if family in FLOW_FAMILIES:
+        # SimpleTuner saves transformer LoRAs as diffusers/PEFT keys (transformer.<module>.lora_A/B)
+        v["key_layout"] = "diffusers"
+        v["split_qkv"] = True
+        if alpha is not None and alpha != rank:
+            out.problems.append(
+                f"{w}.lora_alpha {alpha} with lora_rank {rank}: sdcore's diffusers-layout LoRA files carry no alpha; "
+                "give lora_alpha = lora_rank (SimpleTuner's default)"
+            )
+    if family == "flux":
+        target = r.text("flux_lora_target")
+        if target not in FLUX_TARGETS:
+            out.problems.append(
+                f"{w}.flux_lora_target {target!r}: sdcore reads {', '.join(FLUX_TARGETS)} (the other targets adapt "
+                "embedders, norms or a ControlNet)"
+            )
+        else:
+            v["layer_filter"] = ",".join(FLUX_TARGETS[target])
+    elif family is not None:
+        v["layer_filter"] = ",".join(ATTENTION_TARGETS)
+    if r.get("init_lora"):
+        init = Path(r.text("init_lora")).expanduser()
+        if init.is_file():
+            v["network_weights"] = str(init)
+        else:
+            out.problems.append(f"{w}.init_lora {r.text('init_lora')!r}: no such file here (sdcore reads no hub)")
+
+
+def _lycoris(r: _Reader, family: str | None, out: JobTranslation) -> None:
+    """``lycoris_config``'s JSON (LyCORIS' create_lycoris arguments plus apply_preset) as sdcore's LyCORIS options."""
+    v, w = out.values, f"{r.where}.lycoris_config"
+    path = Path(r.text("lycoris_config")).expanduser()
+    if not path.is_file():
+        out.problems.append(f"{w} {str(path)!r}: no such file")
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        out.problems.append(f"{w} {path}: cannot read it as JSON ({exc})")
+        return
+    if not isinstance(config, dict):
+        out.problems.append(f"{w} {path}: a JSON table is needed")
+        return
+    wl = f"{w} {path}"
+    unknown = [f"{k!r}{nearest_field(k, LYCORIS_KEYS)}" for k in config if k not in LYCORIS_KEYS]
+    if unknown:
+        out.problems.append(f"{wl}: unknown LyCORIS key(s): {', '.join(unknown)}")
+    algo = str(config.get("algo", "lora")).lower()
+    if algo not in LYCORIS_ALGOS:
+        out.problems.append(f"{wl}: algo {algo!r}: sdcore's LyCORIS reads {', '.join(LYCORIS_ALGOS)} from here")
+        return
+    v["algo"] = algo
+    dim = config.get("linear_dim")
+    if algo == "lokr" and config.get("full_matrix") and (dim is None or dim >= 10000):
+        out.problems.append(f"{wl}: lokr with full_matrix (no linear_dim): sdcore's LoKr is low-rank; give linear_dim")
+    v["rank"] = int(dim) if dim is not None else 4  # LyCORIS create_lycoris: linear_dim 4, linear_alpha 1
+    v["alpha"] = float(config.get("linear_alpha", 1.0))
+    if config.get("conv_dim"):
+        v["conv_rank"] = int(config["conv_dim"])
+        v["conv_alpha"] = float(config.get("conv_alpha", 1.0))
+    if algo == "lokr":
+        v["lokr_factor"] = int(config.get("factor", -1))
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        if config.get(key):
+            v[key] = float(config[key])
+    for key in ("use_tucker", "decompose_both", "rank_dropout_scale"):
+        if config.get(key):
+            v[key] = True
+    if float(config.get("multiplier", 1.0)) != 1.0:
+        out.problems.append(f"{wl}: multiplier {config['multiplier']}: sdcore trains at multiplier 1")
+    preset = config.get("apply_preset")
+    modules: list[str] = ["Attention"]  # SimpleTuner's DEFAULT_LYCORIS_TARGET (flux, sd3, sdxl models)
+    if isinstance(preset, dict):
+        other = sorted(set(preset) - {"target_module", "module_algo_map"})
+        if other:
+            out.problems.append(f"{wl}: apply_preset {other}: sdcore reads target_module (and module_algo_map)")
+        modules = list(preset.get("target_module") or modules)
+        algo_map = preset.get("module_algo_map") or {}
+        differ = [name for name, cfg in algo_map.items() if any(config.get(k) != x for k, x in dict(cfg).items())]
+        if differ:
+            out.problems.append(
+                f"{wl}: apply_preset.module_algo_map gives {', '.join(sorted(differ))} their own settings; sdcore "
+                "trains one network setting (put them in the top-level keys)"
+            )
+    elif preset is not None:
+        out.problems.append(f"{wl}: apply_preset must be a table")
+    bad = [m for m in modules if m not in LYCORIS_MODULES]
+    if bad:
+        out.problems.append(f"{wl}: apply_preset.target_module {bad}: sdcore reads {', '.join(LYCORIS_MODULES)}")
+    else:
+        v["layer_filter"] = ",".join(p for m in modules for p in LYCORIS_MODULES[m])
+    if family in FLOW_FAMILIES:
+        out.notes.append(f"{wl}: saved in sdcore's kohya LyCORIS layout (SimpleTuner saves LyCORIS' own keys)")
+
+
+def _timesteps(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -> None:
+    """Flow matching as SimpleTuner draws it (common.py sample_flow_sigmas, custom_schedule.py
+    apply_flow_schedule_shift): sigmoid(flow_sigmoid_scale * N(0, 1)) (or uniform), then shifted by
+    flow_schedule_shift s: s*t/(1+(s-1)*t), or with flow_schedule_auto_shift (which wins when the shift is
+    also set) by Flux's resolution-dependent exp(mu); the model's raw output against noise - latents."""
+    v, w = out.values, r.where
+    if not flow:
+        return
+    shift = r.number("flow_schedule_shift")
+    auto = r.flag("flow_schedule_auto_shift")
+    if r.flag("flow_use_uniform_schedule"):
+        v["timestep_sampling"] = "uniform"
+        if auto:
+            out.problems.append(f"{w}.flow_schedule_auto_shift with flow_use_uniform_schedule: not in sdcore")
+    else:
+        v["timestep_sampling"] = "flux_shift" if auto else "sigmoid"
+        v["sigmoid_scale"] = r.number("flow_sigmoid_scale")
+    if auto and family not in ("flux", "chroma"):
+        out.problems.append(f"{w}.flow_schedule_auto_shift: sdcore's resolution-dependent shift is Flux's")
+    if not auto:
+        v["discrete_flow_shift"] = shift if shift and shift > 0 else 1.0
+    v["model_prediction_type"] = "raw"
+    v["weighting_scheme"] = "uniform"
+    if family == "flux":
+        mode = r.text("flux_guidance_mode")
+        if mode == "constant":
+            v["guidance_scale"] = r.number("flux_guidance_value")
+        else:
+            out.problems.append(
+                f"{w}.flux_guidance_mode {mode!r}: sdcore trains FLUX.1 with one guidance value (constant)"
+            )
+        if r.flag("flux_attention_masked_training"):
+            v["apply_t5_attn_mask"] = True
+
+
+def _validation(r: _Reader, family: str | None, path: str | os.PathLike[str], out: JobTranslation) -> None:
+    v = out.values
+    if r.flag("validation_disable") or not (r.text("validation_prompt") or r.get("user_prompt_library")):
+        return
+    v["sample_prompts"] = str(path)
+    v["sample_every"] = r.number("validation_step_interval", int)
+    v["sample_steps"] = r.number("validation_num_inference_steps", int)
+    v["sample_at_first"] = r.flag("validation_on_startup")
+
+
+def _size(text: str, where: str) -> tuple[int, int]:
+    """``validation_resolution``: ``1024``, ``1024x768`` (one of a comma list)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) == 1:
+            number = float(parts[0])
+            side = int(number) if number > 8 else int(round(math.sqrt(number * 1e6) / 64) * 64)  # megapixels
+            return side, side
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ConfigError(f"{where}.validation_resolution {text!r}: WIDTHxHEIGHT or a size is needed") from None
+
+
+def read_sample_prompts(path: str | os.PathLike[str]) -> list[SamplePrompt]:
+    """The config's validation prompts: ``validation_prompt`` and the ``user_prompt_library`` JSON's prompts, at
+    each ``validation_resolution``, with ``validation_negative_prompt``, ``validation_num_inference_steps``,
+    ``validation_guidance`` (FLUX.1's embedded guidance there: SimpleTuner's real CFG is off at
+    ``validation_guidance_real`` 1) and ``validation_seed``."""
+    from .sample_prompts import SamplePrompt
+
+    data = read_config(path)
+    if data is None:
+        raise ConfigError(f"{path}: not a SimpleTuner config")
+    where = str(path)
+    out = JobTranslation()
+    r = _Reader(data, where, out)
+    texts = [r.text("validation_prompt")] if r.text("validation_prompt") else []
+    library = r.get("user_prompt_library")
+    if library:
+        lib_path = Path(str(library)).expanduser()
+        try:
+            table = json.loads(lib_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"{where}.user_prompt_library {lib_path}: cannot read it ({exc})") from None
+        for value in table.values() if isinstance(table, dict) else table:
+            texts.append(str(value.get("prompt", "")) if isinstance(value, dict) else str(value))
+    family = FAMILIES.get(r.text("model_family").lower())
+    guidance = r.number("validation_guidance")
+    seed = r.number("validation_seed", int)
+    steps = r.number("validation_num_inference_steps", int)
+    negative = r.text("validation_negative_prompt")
+    if family == "flux" and (r.number("validation_guidance_real") or 1.0) <= 1.0:
+        negative = ""  # FLUX.1 validation uses the negative prompt only with real CFG (validation_guidance_real > 1)
+    if out.problems:
+        raise ConfigError("; ".join(out.problems))
+    sizes = [_size(t.strip(), where) for t in r.text("validation_resolution").split(",") if t.strip()]
+    prompts: list[SamplePrompt] = []
+    for text in texts:
+        for width, height in sizes:
+            prompts.append(
+                SamplePrompt(
+                    prompt=text,
+                    negative=negative,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    seed=seed,
+                    cfg=None if family == "flux" else guidance,
+                    guidance=guidance if family == "flux" else None,
+                )
+            )
+    return prompts
+
+
+def _backends(path: Path, where: str) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{where} {path}: cannot read it as JSON ({getattr(exc, 'strerror', None) or exc})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{where} {path}: a JSON list of data backends is needed")
+    return data
+
+
+def _backend_problems(path: Path, where: str, top: dict[str, Any]) -> list[str]:
+    """The data backend JSON's problems, reported with the config's (before any model loads)."""
+    try:
+        _image_backends(path, where, None, top)
+    except (ConfigError, DataError) as exc:
+        return list(getattr(exc, "problems", None) or [str(exc)])
+    return []
+
+
+#: dataset keys whose value, when a backend leaves it out, is the config's top-level option of that name
+INHERITED = ("resolution", "resolution_type", "caption_strategy", "instance_prompt", "prepend_instance_prompt",
+             "only_instance_prompt", "minimum_image_size", "maximum_image_size", "target_downsample_size")  # fmt: skip
+
+
+def _image_backends(path: Path, where: str, options: TrainOptions | None, top: dict[str, Any]) -> list[SubsetOptions]:
+    from dataclasses import replace
+
+    from ..data.dataset import SubsetOptions, subset_defaults
+
+    backends = _backends(path, where)
+    problems: list[str] = []
+    base = SubsetOptions(image_dir=Path("."), **subset_defaults(options))
+    subsets: list[SubsetOptions] = []
+    for i, backend in enumerate(backends):
+        w = f"{where} {path}[{i}]"
+        if not isinstance(backend, dict):
+            problems.append(f"{w}: a table is needed")
+            continue
+        w = f"{where} {path}[{i}] ({backend.get('id', '?')})"
+        backend = {**{k: top[k] for k in INHERITED if k in top}, **backend}
+        if _bool(backend.get("disabled", False)):
+            continue
+        kind = str(backend.get("dataset_type", "image")).lower()
+        if kind in ("text_embeds", "image_embeds", "conditioning_image_embeds"):
+            continue  # SimpleTuner's caches: sdcore caches text-encoder outputs and latents itself
+        if kind != "image":
+            problems.append(f"{w}: dataset_type {kind!r}: sdcore trains on image datasets (conditioning, video and "
+                            "audio datasets are not read)")  # fmt: skip
+            continue
+        storage = str(backend.get("type", "local")).lower()
+        if storage != "local":
+            problems.append(f"{w}: type {storage!r}: sdcore reads local image folders only (no remote backends)")
+            continue
+        known = BACKEND_HANDLED | BACKEND_NOTED | BACKEND_REFUSED
+        unknown = [f"{k!r}{nearest_field(str(k), known)}" for k in backend if k not in known]
+        if unknown:
+            problems.append(f"{w}: unknown data backend key(s): {', '.join(unknown)}")
+        refused = sorted(k for k in backend if k in BACKEND_REFUSED and backend[k] not in (None, False, "", [], {}))
+        if refused:
+            problems.append(f"{w}: {', '.join(refused)}: not implemented in sdcore")
+        if _bool(backend.get("is_regularisation_data", backend.get("is_regularization_data", False))):
+            problems.append(
+                f"{w}: is_regularisation_data: SimpleTuner trains such data towards the base model's own prediction "
+                "(parent-teacher); sdcore's regularisation images are kohya's prior preservation (use --reg-data)"
+            )
+        if not backend.get("instance_data_dir"):
+            problems.append(f"{w}: instance_data_dir is needed")
+            continue
+        probability = backend.get("probability", 1.0)
+        if float(probability) != 1.0:
+            problems.append(f"{w}: probability {probability}: sdcore draws every dataset by its size and repeats")
+        res_type = str(backend.get("resolution_type", "pixel_area"))
+        res = float(backend.get("resolution", DEFAULTS["resolution"]))
+        if res_type == "pixel_area":
+            side = int(res)
+        elif res_type == "area":  # megapixels: the side of a square of that area
+            side = round(math.sqrt(res * 1e6))
+        else:
+            problems.append(
+                f"{w}: resolution_type {res_type!r}: sdcore's buckets keep an area (pixel_area or area); "
+                "SimpleTuner's pixel sizes the shorter edge"
+            )
+            continue
+        for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size"):
+            if backend.get(key):
+                problems.append(f"{w}: {key}: sdcore does not filter or pre-downsample images by size")
+        crop = _bool(backend.get("crop", False))
+        style = str(backend.get("crop_style", "random"))
+        aspect = str(backend.get("crop_aspect", "square"))
+        if crop and style not in ("random", "center"):
+            problems.append(f"{w}: crop_style {style!r}: sdcore crops at random or at the centre")
+        if crop and aspect not in ("square", "preserve"):
+            problems.append(f"{w}: crop_aspect {aspect!r}: sdcore crops square or to an aspect bucket")
+        strategy = str(backend.get("caption_strategy", "filename")).replace("_", "")
+        prompt = backend.get("instance_prompt")
+        class_tokens = None
+        extension = ".txt"
+        if strategy == "instanceprompt" or _bool(backend.get("only_instance_prompt", False)):
+            if not prompt:
+                problems.append(f"{w}: caption_strategy instanceprompt needs instance_prompt")
+            class_tokens = str(prompt)
+            extension = ".simpletuner-instance-prompt"  # no caption file: every image gets instance_prompt
+        elif strategy != "textfile":
+            problems.append(
+                f"{w}: caption_strategy {strategy!r} (SimpleTuner's default is filename): sdcore reads captions from "
+                ".txt files (textfile) or one prompt for all (instanceprompt)"
+            )
+        if _bool(backend.get("prepend_instance_prompt", False)) and class_tokens is None:
+            problems.append(f"{w}: prepend_instance_prompt: not translated yet")
+        step = int(top.get("aspect_bucket_alignment", DEFAULTS["aspect_bucket_alignment"]))
+        subsets.append(
+            replace(
+                base,
+                image_dir=Path(str(backend["instance_data_dir"])).expanduser(),
+                repeats=int(backend.get("repeats", 0)) + 1,  # DATALOADER.md: 0 = seen once
+                caption_extension=extension,
+                class_tokens=class_tokens,
+                resolution=side,
+                buckets=not (crop and aspect == "square"),
+                bucket_step=step,
+                min_bucket_reso=min(base.min_bucket_reso, max(side // step, 1) * step),
+                max_bucket_reso=max(base.max_bucket_reso, -(-side // step) * step),
+                random_crop=crop and style == "random",
+            )
+        )
+    if not subsets and not problems:
+        problems.append(f"{where} {path}: no local image dataset")
+    if problems:
+        from ..data.dataset import DatasetProblems
+
+        raise DatasetProblems(problems)
+    return subsets
+
+
+def load_datasets(
+    path: str | os.PathLike[str], options: TrainOptions | None, skipped: list[SkippedFile] | None = None
+) -> list[SubsetOptions]:
+    """The config's data backends (``data_backend_config``) as sdcore subsets: each enabled ``local`` image
+    dataset with its ``repeats`` + 1 (SimpleTuner's 0 means once), its resolution as a bucket area, its crop
+    and its captions; cache backends (``text_embeds``, ``image_embeds``) are skipped."""
+    data = read_config(path)
+    if data is None:
+        raise DataError(f"{path}: not a SimpleTuner config")
+    backend = data.get("data_backend_config")
+    if not backend:
+        raise DataError(f"{path}: data_backend_config is needed")
+    return _image_backends(Path(str(backend)).expanduser(), f"{path}: data_backend_config", options, data)
+
+
+__all__ = ["DEFAULTS", "is_config", "is_config_file", "load_datasets", "read_config", "read_sample_prompts",
+           "translate_config"]  # fmt: skip

@@ -1,0 +1,209 @@
+"""SimpleTuner configs (config.json + the data backend JSON + the LyCORIS JSON) as ``--config``.
+
+The expected values are SimpleTuner's documented defaults and meanings (bghira/SimpleTuner bc8e6ab), cited by
+file:line: its field registry ``simpletuner/simpletuner_sdk/server/services/field_registry/sections/*.py``
+(abbreviated ``sections/``), ``simpletuner/helpers/models/field_registry/flux.py``, ``helpers/models/common.py``,
+``helpers/models/flux/model.py`` and ``documentation/DATALOADER.md``. The configs are written here (SimpleTuner
+is AGPL-3.0: none of its example files is copied).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sdcore.errors import ConfigError
+from sdcore.testing.datasets import make_tiny_dataset
+
+
+def _write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _flux_run(tmp_path: Path, **extra: object) -> Path:
+    """A FLUX.1 LoRA config in SimpleTuner's config.json spelling (``--`` keys, numbers and booleans as strings)
+    with a data backend of two local image datasets and a text-embed cache backend."""
+    a = make_tiny_dataset(tmp_path / "a", n=2, size=64) / "1_sks"
+    b = make_tiny_dataset(tmp_path / "b", n=2, size=64) / "1_sks"
+    backend = _write(
+        tmp_path / "multidatabackend.json",
+        [
+            {"id": "subject", "type": "local", "instance_data_dir": str(a), "caption_strategy": "textfile",
+             "resolution": 64, "resolution_type": "pixel_area", "repeats": 2},
+            {"id": "style", "type": "local", "instance_data_dir": str(b), "caption_strategy": "instanceprompt",
+             "instance_prompt": "a photo"},  # resolution: the config's (area 0.004096 megapixels)
+            {"id": "embeds", "dataset_type": "text_embeds", "default": True, "type": "local", "cache_dir": "te"},
+        ],
+    )  # fmt: skip
+    config = {
+        "--model_family": "flux", "--model_type": "lora", "--pretrained_model_name_or_path": "tiny:flux",
+        "--data_backend_config": str(backend), "--output_dir": str(tmp_path / "out"), "--max_train_steps": 2,
+        "--lora_rank": 4, "--lora_dropout": "0", "--grad_clip_method": "norm", "--learning_rate": "1e-4",
+        "--train_batch_size": 1, "--flux_lora_target": "all", "--flow_schedule_shift": 1.5,
+        "--flux_guidance_value": 3.5, "--seed": 7, "--validation_prompt": "a cat", "--validation_resolution": "64x64",
+        "--validation_step_interval": 1, "--validation_num_inference_steps": "2", "--validation_guidance": 3.0,
+        "--mixed_precision": "no", "--report_to": "wandb", "--gradient_checkpointing": "false",
+        "--resolution": 0.004096, "--resolution_type": "area", "--aspect_bucket_alignment": 64,
+        **extra,
+    }  # fmt: skip
+    return _write(tmp_path / "config.json", config)
+
+
+def _lora(path: Path, notes: list[str] | None = None):
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    return load_options(LoraOptions, path, notes=[] if notes is None else notes)
+
+
+def test_flux_lora_config_translates_with_simpletuners_defaults(tmp_path):
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.train.sample_prompts import read_sample_prompts
+
+    path = _flux_run(tmp_path)
+    notes: list[str] = []
+    o = _lora(path, notes)
+    expected = {
+        "model": "tiny:flux", "data": str(path), "output": str(tmp_path / "out" / "pytorch_lora_weights.safetensors"),
+        "max_steps": 2, "lr": 1e-4, "batch_size": 1, "seed": 7, "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "algo": "lora", "rank": 4,
+        "alpha": 4.0,  # sections/lora.py:40 lora_alpha None -> common.py:1092 lora_alpha = lora_rank
+        "key_layout": "diffusers", "split_qkv": True,
+        # helpers/models/flux/model.py:1249 "all" (to_qkv/add_qkv_proj only exist with fused projections)
+        "layer_filter": "attn.to_k,attn.to_q,attn.to_v,add_k_proj,add_q_proj,add_v_proj,to_out.0,to_add_out",
+        # common.py sample_flow_sigmas: sigmoid(flow_sigmoid_scale * N(0,1)) (sections/advanced.py:398 scale 1.0),
+        # custom_schedule.py apply_flow_schedule_shift: s*t/(1+(s-1)*t)
+        "timestep_sampling": "sigmoid", "sigmoid_scale": 1.0, "discrete_flow_shift": 1.5,
+        "guidance_scale": 3.5,  # field_registry/flux.py:86 flux_guidance_mode constant
+        "model_prediction_type": "raw", "weighting_scheme": "uniform",
+        "optimizer": "adamw",  # sections/training.py:107 adamw_bf16
+        # sections/optimizer.py:33,56,168,188: betas 0.9/0.999, weight decay 0.01, eps 1e-8
+        "optimizer_args": "betas=0.9,0.999 weight_decay=0.01 eps=1e-08",
+        "max_grad_norm": 2.0,  # sections/optimizer.py:227
+        "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0,  # sections/training.py:140,179
+        "save_every": 500, "save_limit": 5,  # sections/logging_fields.py:71, sections/training.py:197
+        "sample_prompts": str(path), "sample_every": 1, "sample_steps": 2, "sample_at_first": False,
+    }  # fmt: skip
+    got = {name: getattr(o, name) for name in expected}
+    assert got == expected
+    assert any("report_to: accepted, no effect" in n for n in notes)
+    assert any("adamw_bf16" in n for n in notes)
+
+    index = scan_dataset(o)
+    subsets = sorted(index.subsets, key=lambda s: str(s.image_dir))
+    # DATALOADER.md:677 repeats 0 = once, so 2 -> 3 passes; area 0.004096 megapixels = a 64x64 area
+    assert [(s.repeats, s.resolution) for s in subsets] == [(3, 64), (1, 64)]
+    assert subsets[0].class_tokens is None and subsets[0].caption_extension == ".txt"
+    assert subsets[1].class_tokens == "a photo"  # instanceprompt: every image gets instance_prompt
+    assert not index.problems
+
+    (prompt,) = read_sample_prompts(str(path), family="flux")
+    assert (prompt.prompt, prompt.width, prompt.height, prompt.steps) == ("a cat", 64, 64, 2)
+    assert (prompt.guidance, prompt.cfg, prompt.negative) == (3.0, None, "")  # no real CFG at guidance_real 1
+
+
+def test_auto_shift_and_toml_spelling(tmp_path):
+    import tomli_w
+
+    json_path = _flux_run(tmp_path, **{"--flow_schedule_auto_shift": "true", "--flux_attention_masked_training": True})
+    data = {k.lstrip("-"): v for k, v in json.loads(json_path.read_text()).items()}
+    toml_path = tmp_path / "config.toml"
+    toml_path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    for path in (json_path, toml_path):
+        o = _lora(path)
+        # custom_schedule.py apply_flow_schedule_shift: auto shift wins (safety_check.py zeroes the fixed shift)
+        assert (o.timestep_sampling, o.apply_t5_attn_mask) == ("flux_shift", True)
+
+
+def test_lycoris_config(tmp_path):
+    lycoris = _write(
+        tmp_path / "lycoris.json",
+        {"algo": "lokr", "multiplier": 1.0, "linear_dim": 8, "linear_alpha": 2, "factor": 4,
+         "apply_preset": {"target_module": ["Attention", "FeedForward"],
+                          "module_algo_map": {"Attention": {"factor": 4}, "FeedForward": {"factor": 4}}}},
+    )  # fmt: skip
+    o = _lora(_flux_run(tmp_path, **{"--lora_type": "lycoris", "--lycoris_config": str(lycoris)}))
+    assert (o.algo, o.rank, o.alpha, o.lokr_factor) == ("lokr", 8, 2.0, 4)
+    assert o.layer_filter == "attn,ff.net,ff_context.net"
+    _write(lycoris, {"algo": "lokr", "factor": 16, "full_matrix": True,
+                     "apply_preset": {"target_module": ["Attention", "FeedForward"],
+                                      "module_algo_map": {"FeedForward": {"factor": 8}}}})  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        _lora(_flux_run(tmp_path / "2", **{"--lora_type": "lycoris", "--lycoris_config": str(lycoris)}))
+    text = str(info.value)
+    assert "lokr with full_matrix (no linear_dim)" in text
+    assert "module_algo_map gives FeedForward their own settings" in text
+
+
+def test_full_fine_tune_is_dreambooth(tmp_path):
+    from sdcore.train.config import load_options
+    from sdplugin_dreambooth.options import DreamBoothOptions
+
+    path = _flux_run(tmp_path, **{"--model_type": "full", "--lora_rank": 16, "--lora_dropout": 0.1})
+    o = load_options(DreamBoothOptions, path, notes=[])
+    assert (o.output, o.save_format, o.lr, o.max_steps) == (str(tmp_path / "out"), "diffusers", 1e-4, 2)
+    with pytest.raises(ConfigError, match="model_type full is a full fine-tune: use sdcore train dreambooth"):
+        _lora(path)
+
+
+def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    path = _flux_run(tmp_path)
+    data = json.loads(path.read_text())
+    for key in ("--lora_dropout", "--grad_clip_method"):  # back to SimpleTuner's defaults
+        data.pop(key)
+    data.update({"--model_family": "hidream", "--use_ema": "true", "--lora_rnak": 8,
+                 "--pretrained_model_name_or_path": str(tmp_path / "no-such-model")})  # fmt: skip
+    backends = json.loads(Path(data["--data_backend_config"]).read_text())
+    backends.append({"id": "s3", "type": "aws", "aws_bucket_name": "x"})
+    backends[0]["is_regularisation_data"] = True
+    _write(Path(data["--data_backend_config"]), backends)
+    _write(path, data)
+    result = CliRunner().invoke(build_cli(get_plugin_manager()), ["train", "lora", "--config", str(path), "--dry-run"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    expected = [
+        "model_family 'hidream': a model family sdcore does not train",
+        "lora_dropout 0.1 (SimpleTuner's default 0.1)",  # sections/lora.py:129
+        "grad_clip_method 'value' (SimpleTuner's default) with max_grad_norm 2.0",  # sections/optimizer.py:227,264
+        "use_ema = 'true': sdcore does not implement this SimpleTuner option",
+        "'lora_rnak' (did you mean 'lora_rank'?)",
+        "type 'aws': sdcore reads local image folders only",
+        "is_regularisation_data: SimpleTuner trains such data towards the base model's own prediction",
+    ]
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == len(expected), result.output  # one line each, all at once, no model error
+    for line in expected:
+        assert line in result.output, (line, result.output)
+
+
+def test_two_step_flux_run_trains_simpletuners_targets(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    path = _flux_run(tmp_path)
+    cli = build_cli(get_plugin_manager())
+    dry = CliRunner().invoke(cli, ["train", "lora", "--config", str(path), "--dry-run", "--no-progress"])
+    assert dry.exit_code == 0, dry.output
+    assert "4 training images (8 with repeats)" in dry.output  # 2 x (2 + 1) + 2 x (0 + 1)
+    run = CliRunner().invoke(cli, ["train", "lora", "--config", str(path), "--no-progress"])
+    assert run.exit_code == 0, run.output
+    weights = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    modules = {k.rsplit(".lora_", 1)[0] for k in weights}
+    # PEFT's matching of flux/model.py's "all" list against diffusers' Flux: every double block's image and text
+    # attention projections and outputs, the single blocks' q/k/v (they have no to_out)
+    double = [
+        f"transformer.transformer_blocks.{i}.attn.{m}"
+        for i in range(2)
+        for m in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    ]
+    single = [f"transformer.single_transformer_blocks.{i}.attn.{m}" for i in range(2) for m in ("to_q", "to_k", "to_v")]
+    assert modules == set(double + single)  # fmt: skip
+    assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_B" in k)  # two steps moved lora_B

@@ -78,7 +78,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..dtypes import element_bytes, stored_weight_bytes
 from ..models.family import DEFAULT_BLOCK_LISTS, BlockList, get_family
@@ -399,6 +399,21 @@ def transformer_tokens(config: dict[str, Any], latent_area: float, latent_channe
     return latent_area * packing / (patch * patch)
 
 
+class TransformerShape(TypedDict):
+    """The inputs :func:`transformer_activation_bytes` and :func:`offloaded_input_bytes` share (one micro-batch
+    through a transformer denoiser): built once per estimate, so the device's and the host's share of the block
+    inputs are counted from the same numbers."""
+
+    batch: int
+    resolution: int
+    latent_channels: int
+    context_tokens: int
+    vae_scale: int
+    bytes_per_element: int
+    reference_images: int
+    block_lists: Sequence[BlockList]
+
+
 def transformer_activation_bytes(
     config: dict[str, Any],
     *,
@@ -442,23 +457,13 @@ def transformer_activation_bytes(
     return math.ceil(batch * bytes_per_element * units)
 
 
-def offloaded_input_bytes(
-    config: dict[str, Any],
-    *,
-    batch: int,
-    resolution: int,
-    latent_channels: int,
-    context_tokens: int,
-    vae_scale: int = 8,
-    bytes_per_element: int = 4,
-    reference_images: int = 0,
-    block_lists: Sequence[BlockList] = DEFAULT_BLOCK_LISTS,
-) -> int:
+def offloaded_input_bytes(config: dict[str, Any], shape: TransformerShape) -> int:
     """Host bytes ``--cpu-offload-checkpointing`` keeps: every block's input ``D (N + T)``, the term plain
-    checkpointing counts on the device (:func:`transformer_activation_bytes`)."""
-    per, inputs = _transformer_block_units(config, resolution, latent_channels, context_tokens, vae_scale, "adapter",
-                                           reference_images, block_lists)  # fmt: skip
-    return math.ceil(batch * bytes_per_element * len(per) * inputs)
+    checkpointing counts on the device (:func:`transformer_activation_bytes` with the same ``shape``)."""
+    per, inputs = _transformer_block_units(config, shape["resolution"], shape["latent_channels"],
+                                           shape["context_tokens"], shape["vae_scale"], "adapter",
+                                           shape["reference_images"], shape["block_lists"])  # fmt: skip
+    return math.ceil(shape["batch"] * shape["bytes_per_element"] * len(per) * inputs)
 
 
 def _transformer_block_units(
@@ -585,33 +590,27 @@ def estimate_memory(
             text_encoder_trains=not text_encoder_frozen,
         )
     else:
-        activations = transformer_activation_bytes(
-            layout.configs[family.denoiser],
+        shape = TransformerShape(
             batch=o.batch_size,
             resolution=o.resolution,
             latent_channels=family.latent.channels,
             context_tokens=family.context_tokens,
             vae_scale=vae_scale,
             bytes_per_element=compute,
+            reference_images=reference_images,
+            block_lists=family.block_lists,
+        )
+        config = layout.configs[family.denoiser]
+        activations = transformer_activation_bytes(
+            config,
+            **shape,
             gradient_checkpointing=checkpointed,
             mode="full" if full else "adapter",
             recomputed_blocks=getattr(o, "blocks_to_swap", 0),
-            reference_images=reference_images,
-            block_lists=family.block_lists,
             offload_inputs=offload,
         )
         if offload:
-            host = offloaded_input_bytes(
-                layout.configs[family.denoiser],
-                batch=o.batch_size,
-                resolution=o.resolution,
-                latent_channels=family.latent.channels,
-                context_tokens=family.context_tokens,
-                vae_scale=vae_scale,
-                bytes_per_element=compute,
-                reference_images=reference_images,
-                block_lists=family.block_lists,
-            )
+            host = offloaded_input_bytes(config, shape)
         if not text_encoder_frozen:
             te_units = text_encoder_units(
                 _training_encoder_configs(layout, family, cached_encoders),

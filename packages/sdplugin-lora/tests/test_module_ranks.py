@@ -13,6 +13,7 @@ network_dim (an embedder: its in_dims/emb_dims value). Every module keeps networ
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -339,3 +340,74 @@ def test_kohya_sd3_emb_dims_x_embedder_takes_conv_dim(conv_dim, tmp_path):
         assert lora.modules["lora_unet_x_embedder_proj"].alpha == 0.5
     else:
         assert "lora_unet_x_embedder_proj" not in ranks
+
+
+# --- what the file records ------------------------------------------------------------------------------------------
+
+#: the per-module network_args kohya's lora_flux reads (and its train_blocks)
+FLUX_PER_MODULE_KEYS = {key for key, _ in FLUX_TYPES} | {"in_dims", "train_double_block_indices",
+                        "train_single_block_indices", "network_reg_dims", "network_reg_lrs", "train_blocks"}  # fmt: skip
+RULE_KEYS = ("sdcore_module_ranks", "sdcore_extra_module_ranks", "sdcore_module_lrs")
+
+
+def _network_args(lora):
+    raw = lora.metadata.get("ss_network_args")
+    return json.loads(raw) if raw not in (None, "None") else {}
+
+
+def test_kohya_per_module_network_args_are_recorded_as_kohya_writes_them(tmp_path):
+    """kohya's train_network.py splits each network_args item at its first ``=`` and writes the dict as JSON into
+    ``ss_network_args``: the per-module keys come back with their text as given; sdcore's rules (the translation)
+    are not written under sdcore keys, and ``lora resize`` keeps ss_network_args (as kohya's resize_lora.py)."""
+    args = [*FLUX_ARGS, "train_blocks=all"]
+    kohya = {"network_module": "networks.lora_flux", "network_dim": 4, "network_alpha": 2.0, "network_args": args}
+    method = LoraMethod(load_options(LoraOptions, None, kohya=kohya, notes=[]))
+    bundle = _flux_bundle()
+    method.prepare(bundle)
+    lora, _ = _saved(method, bundle, tmp_path / "f.safetensors")
+    given = dict(item.split("=", 1) for item in args)
+    recorded = _network_args(lora)
+    assert {k: v for k, v in recorded.items() if k in FLUX_PER_MODULE_KEYS} == {
+        k: v for k, v in given.items() if k in FLUX_PER_MODULE_KEYS
+    }
+    assert len(FLUX_PER_MODULE_KEYS & set(recorded)) == 9
+    assert float(recorded["loraplus_lr_ratio"]) == 4.0  # the args sdcore wrote before are still there
+    assert not set(RULE_KEYS) & set(lora.metadata)
+
+    from sdplugin_lora.tools import resize_lora
+
+    resized = resize_lora(lora, 2)
+    assert json.loads(resized.metadata["ss_network_args"]) == recorded
+
+
+def test_sdcore_module_rules_are_recorded_under_sdcore_keys(tmp_path):
+    """--module-ranks / --extra-module-ranks / --module-lrs have no kohya network_args key: ``sdcore_<option>``."""
+    options = LoraOptions(rank=2, alpha=1.0, module_ranks="img_attn=3,single_blocks_1=0",
+                          extra_module_ranks="_img_in=2", module_lrs="double=1e-5")  # fmt: skip
+    method = LoraMethod(options)
+    bundle = _flux_bundle()
+    method.prepare(bundle)
+    lora, ranks = _saved(method, bundle, tmp_path / "f.safetensors")
+    assert ranks["lora_unet_img_in"] == 2
+    assert [lora.metadata.get(key) for key in RULE_KEYS] == ["img_attn=3,single_blocks_1=0", "_img_in=2", "double=1e-5"]
+    assert not FLUX_PER_MODULE_KEYS & set(_network_args(lora))
+
+
+def test_kohya_args_and_sdcore_rules_in_one_run_are_each_recorded_where_they_belong(tmp_path):
+    kohya = {"network_module": "networks.lora_flux", "network_dim": 2, "network_args": ["img_attn_dim=4"]}
+    options = load_options(LoraOptions, None, {"module_lrs": "txt_mlp=2e-5"}, kohya=kohya, notes=[])
+    method = LoraMethod(options)
+    bundle = _flux_bundle()
+    method.prepare(bundle)
+    lora, ranks = _saved(method, bundle, tmp_path / "f.safetensors")
+    assert ranks["lora_unet_double_blocks_0_img_attn_qkv"] == 4
+    assert _network_args(lora)["img_attn_dim"] == "4"
+    assert lora.metadata.get("sdcore_module_lrs") == "txt_mlp=2e-5"
+    assert "sdcore_module_ranks" not in lora.metadata  # the img_attn_dim rule is kohya's, recorded as kohya's
+
+
+def test_kohya_network_args_option_must_be_a_json_object_of_strings():
+    for text in ("in_dims=[1,0,0,0,0]", '{"img_attn_dim": 4}', "[]"):
+        with pytest.raises(ConfigError, match=r"kohya_network_args .*: a JSON object of strings"):
+            LoraMethod(LoraOptions(kohya_network_args=text)).validate()
+    LoraMethod(LoraOptions(kohya_network_args='{"img_attn_dim": "4"}')).validate()

@@ -196,3 +196,71 @@ def test_over_budget_suggestions_include_fp8_and_block_swap(flux_like):
     full = count_parameters(bundle, [{"params": list(bundle.transformer.parameters())}], whole_model_result=True)
     flags = [s.flags for s in suggestions(layout, full, options, 1, device="cuda")]
     assert not any("fp8" in f or "swap" in f for f in flags)
+
+
+def test_over_budget_suggestions_offer_cpu_offload_checkpointing_never_with_block_swap(flux_like):
+    """--cpu-offload-checkpointing on a transformer's blocks: its estimate keeps two block inputs and the largest
+    block on the device and every block's input ``D (N + T)`` in host memory (formula rewritten as in
+    test_offload_checkpointing); refused with --blocks-to-swap, so no suggestion names both."""
+    import math
+
+    from sdcore.models.family import get_family
+    from sdcore.train.memory import (
+        FLUX_ACTIVATION_CONSTANTS,
+        count_parameters,
+        estimate_memory,
+        suggestions,
+        transformer_tokens,
+    )
+    from sdcore.train.preflight import MemoryPlan
+
+    flag, swap = "--cpu-offload-checkpointing", "--blocks-to-swap"
+    layout, bundle = flux_like
+    plan = count_parameters(bundle, _lora_groups(bundle.transformer), whole_model_result=False)
+    options = _options(gradient_checkpointing=True)
+    now = estimate_memory(layout, plan, options, device="cuda")
+    found = {s.flags: s for s in suggestions(layout, plan, options, now.total - 1, device="cuda")}
+    family = get_family(layout.family)
+    vae = layout.configs["vae"].get("block_out_channels", (128, 256, 512, 512))
+    side = 256 / 2 ** (len(vae) - 1)
+    inputs = 4 * 16 * (transformer_tokens(layout.configs["transformer"], side * side, family.latent.channels)
+                       + family.context_tokens)  # fmt: skip
+    largest = max(FLUX_ACTIVATION_CONSTANTS["adapter"]) * inputs
+    offload = found[flag].estimate
+    assert offload.host == math.ceil(4 * 5 * inputs)  # 2 double + 3 single blocks, fp32
+    assert now.activations == math.ceil(4 * (5 * inputs + largest))
+    assert offload.total == now.total - now.activations + math.ceil(4 * (largest + 2 * inputs))
+    assert offload.total < now.total and not now.host
+    assert any(swap in f for f in found)  # both are offered, each alone
+    assert not [f for f in found if flag in f and swap in f]
+    *_, together = found.values()
+    alone = {name: next(s for f, s in found.items() if f.startswith(name)) for name in (flag, swap)}
+    winner = min(alone, key=lambda name: alone[name].estimate.total)
+    assert winner in together.flags and ({flag, swap} - {winner}).pop() not in together.flags
+    # the plan's advice says what moves to the host
+    lines = MemoryPlan(now, plan, now.total - 1, now.total - 1, suggestions=[found[flag]]).lines()
+    assert f"{flag} ({offload.total / 2**20:,.0f} MiB, {offload.host / 2**20:,.0f} MiB in host memory)" in lines[-1]
+
+    # a full fine-tune: no block swap, the offload still applies (and checkpointing off: it turns it on)
+    bundle.transformer.requires_grad_(True)
+    full = count_parameters(bundle, [{"params": list(bundle.transformer.parameters())}], whole_model_result=True)
+    flags = [s.flags for s in suggestions(layout, full, _options(), 1, device="cuda")]
+    assert flag in flags and "--gradient-checkpointing" in flags and not any(swap in f for f in flags)
+    assert flag in flags[-1]
+    # not where it is refused, already on, or moves nothing off the device
+    for kw, device in (({"blocks_to_swap": 3}, "cuda"), ({"cpu_offload_checkpointing": True}, "cuda"), ({}, "cpu")):
+        flags = [
+            s.flags for s in suggestions(layout, full, _options(gradient_checkpointing=True, **kw), 1, device=device)
+        ]
+        assert not any(flag in f for f in flags), (kw, device, flags)
+
+
+def test_unet_suggestions_never_offer_cpu_offload_checkpointing():
+    """An SD1.5 UNet has no transformer blocks to offload (the run refuses the option there)."""
+    from sdcore.train.memory import suggestions
+    from test_memory import LORA, SD15
+
+    for checkpointing in (False, True):
+        flags = [s.flags for s in suggestions(SD15, LORA, _options(gradient_checkpointing=checkpointing), 1,
+                                              device="cuda")]  # fmt: skip
+        assert flags and not any("--cpu-offload-checkpointing" in f for f in flags), flags

@@ -269,6 +269,13 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "in_dims / emb_dims).",
         group="lora",
     )
+    kohya_network_args: str | None = option(
+        None,
+        "Set by a kohya config: its per-module network_args as given (a JSON object of strings), written back "
+        "into the file's ss_network_args as kohya writes them; the rules they become are sdcore's.",
+        group="lora",
+        cli=False,
+    )
     loraplus_lr_ratio: float | None = option(
         None, "LoRA+ (kohya loraplus_lr_ratio): lora_up weights learn at lr x this (paper: 16).", group="lora"
     )
@@ -597,6 +604,10 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
         o = self.options
         problems: list[str] = []
+        if o.kohya_network_args is not None and self.kohya_network_args() is None:
+            problems.append(
+                f"kohya_network_args {o.kohya_network_args!r}: a JSON object of strings (kohya network_args key: value)"
+            )
         for flag, text, integer in (("--module-ranks", o.module_ranks, True), ("--module-lrs", o.module_lrs, False),
                                     ("--extra-module-ranks", o.extra_module_ranks, True)):  # fmt: skip
             problems += parse_rules(text, flag=flag, integer=integer)[1]
@@ -615,6 +626,22 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if o.control_lora:
             problems.append(f"{given} with --control-lora: a control LoRA adapts every transformer Linear at --rank")
         return problems
+
+    def kohya_network_args(self) -> dict[str, str] | None:
+        """The kohya run's per-module network_args as given (``kohya_network_args``), ``None`` when unset or not
+        a JSON object of strings."""
+        import json
+
+        text = self.options.kohya_network_args
+        if text is None:
+            return None
+        try:
+            args = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(args, dict) or not all(isinstance(v, str) for v in args.values()):
+            return None
+        return args
 
     def module_rank_rules(self) -> tuple[list[Any], list[Any]]:
         """The parsed --module-ranks and --extra-module-ranks (:class:`sdplugin_lora.module_rules.Rule`)."""
@@ -1604,6 +1631,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         if self.ggpo is not None:  # kohya's ss_network_args holds the network_args as given
             args["ggpo_sigma"], args["ggpo_beta"] = self.ggpo
         extra: dict[str, Any] = {**kohya_training_metadata(o, info), **flow_metadata(o, bundle.family), **info.metadata}
+        extra.update(self._module_rule_metadata(args))
         if bundle.family == "sd3" and (o.min_timestep, o.max_timestep) == (0, None):
             # the kohya SD3 default (integer timesteps over the whole range): kohya records a range only when given
             extra.pop("modelspec.timestep_range", None)
@@ -1692,6 +1720,20 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             clip_skip=o.clip_skip,
             extra=extra,
         )
+
+    def _module_rule_metadata(self, args: dict[str, Any]) -> dict[str, str]:
+        """The per-module rules, recorded where their reader looks: a kohya run's per-module network_args go into
+        ``args`` (``ss_network_args``) as kohya writes them (key and text as given); --module-ranks /
+        --extra-module-ranks / --module-lrs the user gave have no kohya key, so they are ``sdcore_<option>`` keys
+        (as ``sdcore_ema_*``, ``sdcore_dataset_strengths``) with the rules as given."""
+        from sdcore.train.kohya import kohya_rule_options
+
+        kohya = self.kohya_network_args() or {}
+        args.update(kohya)
+        from_kohya = kohya_rule_options(kohya)
+        o = self.options
+        rules = {"module_ranks": o.module_ranks, "extra_module_ranks": o.extra_module_ranks, "module_lrs": o.module_lrs}
+        return {f"sdcore_{name}": text for name, text in rules.items() if text and name not in from_kohya}
 
     def _output_name(self) -> str:
         """The final result's name, for every save: kohya writes ``ss_output_name``/``modelspec.title`` from

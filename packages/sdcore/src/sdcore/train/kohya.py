@@ -1528,6 +1528,7 @@ def _network(
         out.problems.append(f"{where}: network_args algo= needs network_module = lycoris.kohya")
         return
     _ggpo(module or "networks.lora", args, out, put)
+    _record_per_module_args(module, args, put)
     blocks = args.get("train_blocks", "all").lower()
     if module == "networks.lora_flux" and blocks in _FLUX_TRAIN_BLOCKS and "in_dims" in args:
         # in_dims' embedders are outside the blocks (a layer filter would drop them): a first rank rule instead
@@ -1654,6 +1655,44 @@ def _kohya_pairs(text: str, integer: bool, key: str, out: Translation, where: st
             continue
         pairs[regex.strip()] = number
     return list(pairs.items())
+
+
+#: the option that keeps a kohya run's per-module network_args as given, for ``ss_network_args``
+KOHYA_NETWORK_ARGS = "kohya_network_args"
+
+
+def _record_per_module_args(module: str, args: dict[str, str], put: Callable[[str, Any, str], None]) -> None:
+    """Keep the per-module network_args this module reads (and lora_flux's ``train_blocks``) as given, in their
+    order: kohya writes every network_args it was given into the file's ``ss_network_args``, and the rules they
+    become (``module_ranks``/``extra_module_ranks``/``module_lrs``, layer filters) are sdcore's, not kohya's."""
+    import json
+
+    kept = {
+        key: value
+        for key, value in args.items()
+        if _PER_MODULE_KEYS.get(key) == module or (key == "train_blocks" and module == "networks.lora_flux")
+    }
+    if kept:
+        put(KOHYA_NETWORK_ARGS, json.dumps(kept), "network_args")
+
+
+def kohya_rule_options(args: Mapping[str, str]) -> set[str]:
+    """The sdcore rule options that a run's kept per-module network_args keys set (:func:`_per_module_args`):
+    ``network_reg_lrs`` -> ``module_lrs``, ``in_dims``/``emb_dims`` -> ``extra_module_ranks``, the dims and block
+    indices -> ``module_ranks``; ``train_blocks=single/double`` too when ``in_dims`` is given (else it is a layer
+    filter)."""
+    embedders = {key for key, _ in _EMBEDDER_DIMS.values()}
+    found = set()
+    for key, value in args.items():
+        if key == "network_reg_lrs":
+            found.add("module_lrs")
+        elif key in embedders:
+            found.add("extra_module_ranks")
+        elif key in _PER_MODULE_KEYS or (
+            key == "train_blocks" and value.lower() in _FLUX_TRAIN_BLOCKS and "in_dims" in args
+        ):
+            found.add("module_ranks")
+    return found
 
 
 def _per_module_args(

@@ -78,15 +78,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..dtypes import element_bytes, stored_weight_bytes
 from ..models.family import DEFAULT_BLOCK_LISTS, BlockList, get_family
 from .fused import FUSED_OPTIMIZERS, kohya_groups
 from .fused import steps_in_backward as fused_steps
 from .memory_options import base_weights_dtype
+from .offload_checkpointing import FLAG as OFFLOAD_FLAG
 from .offload_checkpointing import checkpointing as checkpointing_on
-from .offload_checkpointing import offloading
+from .offload_checkpointing import offload_family_problems, offload_option_problems, offloading
 from .optim import OPTIMIZER_TABLE
 
 if TYPE_CHECKING:
@@ -399,6 +400,21 @@ def transformer_tokens(config: dict[str, Any], latent_area: float, latent_channe
     return latent_area * packing / (patch * patch)
 
 
+class TransformerShape(TypedDict):
+    """The inputs :func:`transformer_activation_bytes` and :func:`offloaded_input_bytes` share (one micro-batch
+    through a transformer denoiser): built once per estimate, so the device's and the host's share of the block
+    inputs are counted from the same numbers."""
+
+    batch: int
+    resolution: int
+    latent_channels: int
+    context_tokens: int
+    vae_scale: int
+    bytes_per_element: int
+    reference_images: int
+    block_lists: Sequence[BlockList]
+
+
 def transformer_activation_bytes(
     config: dict[str, Any],
     *,
@@ -442,23 +458,13 @@ def transformer_activation_bytes(
     return math.ceil(batch * bytes_per_element * units)
 
 
-def offloaded_input_bytes(
-    config: dict[str, Any],
-    *,
-    batch: int,
-    resolution: int,
-    latent_channels: int,
-    context_tokens: int,
-    vae_scale: int = 8,
-    bytes_per_element: int = 4,
-    reference_images: int = 0,
-    block_lists: Sequence[BlockList] = DEFAULT_BLOCK_LISTS,
-) -> int:
+def offloaded_input_bytes(config: dict[str, Any], shape: TransformerShape) -> int:
     """Host bytes ``--cpu-offload-checkpointing`` keeps: every block's input ``D (N + T)``, the term plain
-    checkpointing counts on the device (:func:`transformer_activation_bytes`)."""
-    per, inputs = _transformer_block_units(config, resolution, latent_channels, context_tokens, vae_scale, "adapter",
-                                           reference_images, block_lists)  # fmt: skip
-    return math.ceil(batch * bytes_per_element * len(per) * inputs)
+    checkpointing counts on the device (:func:`transformer_activation_bytes` with the same ``shape``)."""
+    per, inputs = _transformer_block_units(config, shape["resolution"], shape["latent_channels"],
+                                           shape["context_tokens"], shape["vae_scale"], "adapter",
+                                           shape["reference_images"], shape["block_lists"])  # fmt: skip
+    return math.ceil(shape["batch"] * shape["bytes_per_element"] * len(per) * inputs)
 
 
 def _transformer_block_units(
@@ -585,33 +591,27 @@ def estimate_memory(
             text_encoder_trains=not text_encoder_frozen,
         )
     else:
-        activations = transformer_activation_bytes(
-            layout.configs[family.denoiser],
+        shape = TransformerShape(
             batch=o.batch_size,
             resolution=o.resolution,
             latent_channels=family.latent.channels,
             context_tokens=family.context_tokens,
             vae_scale=vae_scale,
             bytes_per_element=compute,
+            reference_images=reference_images,
+            block_lists=family.block_lists,
+        )
+        config = layout.configs[family.denoiser]
+        activations = transformer_activation_bytes(
+            config,
+            **shape,
             gradient_checkpointing=checkpointed,
             mode="full" if full else "adapter",
             recomputed_blocks=getattr(o, "blocks_to_swap", 0),
-            reference_images=reference_images,
-            block_lists=family.block_lists,
             offload_inputs=offload,
         )
         if offload:
-            host = offloaded_input_bytes(
-                layout.configs[family.denoiser],
-                batch=o.batch_size,
-                resolution=o.resolution,
-                latent_channels=family.latent.channels,
-                context_tokens=family.context_tokens,
-                vae_scale=vae_scale,
-                bytes_per_element=compute,
-                reference_images=reference_images,
-                block_lists=family.block_lists,
-            )
+            host = offloaded_input_bytes(config, shape)
         if not text_encoder_frozen:
             te_units = text_encoder_units(
                 _training_encoder_configs(layout, family, cached_encoders),
@@ -755,9 +755,26 @@ def suggestions(
 ) -> list[Suggestion]:
     """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
     (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, bf16, an fp8 base and block
-    swap where the method trains adapters, the fused backward pass where it trains whole weights
-    (``steps_in_backward``), smaller batches, all together)."""
+    swap where the method trains adapters, ``--cpu-offload-checkpointing`` on a transformer's blocks where it
+    takes more than the two block inputs in flight off the device (its estimate's ``host`` says what goes to
+    host memory: :func:`offloaded_input_bytes`), the fused backward pass where it trains whole weights
+    (``steps_in_backward``), smaller batches, all together). Block swap and the offload are refused together:
+    both are offered alone, and "all together" takes the one that saves more."""
     o = options
+
+    def trial(change: dict[str, Any]) -> MemoryEstimate:
+        return estimate_memory(
+            layout,
+            params,
+            replace(options, **change),
+            device=device,
+            text_encoder_frozen=text_encoder_frozen,
+            needs_pixels=needs_pixels,
+            cast_frozen_weights=cast_frozen_weights,
+            reference_images=reference_images,
+            partial_text_cache=partial_text_cache,
+        )
+
     variants: list[tuple[str, dict[str, Any]]] = []
     if not checkpointing_on(o):
         variants.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
@@ -771,25 +788,30 @@ def suggestions(
         variants.append(("--mixed-precision bf16", {"mixed_precision": "bf16"}))
     if not base_weights_dtype(o) and params.denoiser_fp8 and params.trainable_in.isdisjoint({"unet", "transformer"}):
         variants.append(("--fp8-base", {"fp8_base": True}))
+    swap: tuple[str, dict[str, Any]] | None = None
     if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and not params.trainable_in:
         # two swapped blocks are in flight anyway: the fewest blocks (3 or more) that fit, else all
-        count = len(params.blocks)
-        for n in range(3, len(params.blocks) + 1):
-            trial = estimate_memory(
-                layout,
-                params,
-                replace(options, blocks_to_swap=n),
-                device=device,
-                text_encoder_frozen=text_encoder_frozen,
-                needs_pixels=needs_pixels,
-                cast_frozen_weights=cast_frozen_weights,
-                reference_images=reference_images,
-                partial_text_cache=partial_text_cache,
-            )
-            if trial.total <= budget:
-                count = n
-                break
-        variants.append((f"--blocks-to-swap {count}", {"blocks_to_swap": count}))
+        count = next(
+            (n for n in range(3, len(params.blocks) + 1) if trial({"blocks_to_swap": n}).total <= budget),
+            len(params.blocks),
+        )
+        swap = (f"--blocks-to-swap {count}", {"blocks_to_swap": count})
+    offload: tuple[str, dict[str, Any]] | None = None
+    offloaded: dict[str, Any] = {"cpu_offload_checkpointing": True}
+    if (
+        hasattr(o, "cpu_offload_checkpointing")
+        and not offloading(o)
+        and device != "cpu"  # host and device are one memory: nothing moves off the device
+        and not offload_family_problems(replace(o, **offloaded), layout.family)  # SD3/FLUX.1/Chroma blocks
+        and not offload_option_problems(replace(o, **offloaded))  # refused with --blocks-to-swap
+    ):
+        with_checkpointing = trial({"gradient_checkpointing": True}) if not checkpointing_on(o) else None
+        baseline = with_checkpointing.total if with_checkpointing is not None else trial({}).total
+        if trial(offloaded).total < baseline:  # block inputs beyond the two in flight: the activations matter
+            offload = (OFFLOAD_FLAG, offloaded)
+    # --blocks-to-swap and --cpu-offload-checkpointing are refused together: each is offered alone, and
+    # the one that saves more on its own goes first, so that the combination below takes it
+    variants += sorted((v for v in (swap, offload) if v is not None), key=lambda v: trial(v[1]).total)
     if (
         not fused_steps(o)
         and steps_in_backward  # the method trains whole weights (kohya offers it for full fine-tunes)
@@ -814,21 +836,13 @@ def suggestions(
         for flags, change in variants:
             if "batch_size" in change and ("batch_size" in combined or combined.get("fused_backward_pass")):
                 continue  # one batch change; none with the fused pass (it needs accumulation 1)
+            if offload_option_problems(replace(o, **{**combined, **change})):
+                continue  # a pair the run refuses (--cpu-offload-checkpointing with --blocks-to-swap)
             combined.update(change)
             names.append(flags)
         variants.append((" ".join(names), combined))
     out = []
     for flags, change in variants:
-        estimate = estimate_memory(
-            layout,
-            params,
-            replace(options, **change),
-            device=device,
-            text_encoder_frozen=text_encoder_frozen,
-            needs_pixels=needs_pixels,
-            cast_frozen_weights=cast_frozen_weights,
-            reference_images=reference_images,
-            partial_text_cache=partial_text_cache,
-        )
+        estimate = trial(change)
         out.append(Suggestion(flags, estimate, estimate.total <= budget))
     return out

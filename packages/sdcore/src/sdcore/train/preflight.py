@@ -659,12 +659,22 @@ class MemoryPlan:
             if fitting:
                 out.append(
                     "options that would fit: "
-                    + "; ".join(f"{s.flags} ({s.estimate.total / MIB:,.0f} MiB)" for s in fitting)
+                    + "; ".join(
+                        f"{s.flags} ({s.estimate.total / MIB:,.0f} MiB{_host_part(s.estimate)})" for s in fitting
+                    )
                 )
             elif self.suggestions:
                 best = min(self.suggestions, key=lambda s: s.estimate.total)
-                out.append(f"even {best.flags} needs about {best.estimate.total / MIB:,.0f} MiB")
+                out.append(
+                    f"even {best.flags} needs about {best.estimate.total / MIB:,.0f} MiB{_host_part(best.estimate)}"
+                )
         return out
+
+
+def _host_part(estimate: MemoryEstimate) -> str:
+    """What a suggestion moves to host memory (``--cpu-offload-checkpointing``'s block inputs), said beside the
+    device's total it leaves."""
+    return f", {estimate.host / MIB:,.0f} MiB in host memory" if estimate.host else ""
 
 
 def parameter_plan(

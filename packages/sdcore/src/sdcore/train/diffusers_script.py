@@ -64,54 +64,54 @@ SCRIPTS: dict[str, Script] = {
         train_batch_size=(4, 440), num_train_epochs=(1, 446), resolution=(512, 412), validation_epochs=(50, 366),
         output_dir=("flux-dreambooth-lora", 405), lr_warmup_steps=(500, 524), checkpointing_steps=(500, 453))),
     "train_dreambooth_lora_sd3.py": Script("sd3", "lora", "dreambooth", _d(
-        rank=(4, 0), learning_rate=(1e-4, 475), max_sequence_length=(77, 338), weighting_scheme=("logit_normal", 521),
+        rank=(4, 365), learning_rate=(1e-4, 475), max_sequence_length=(77, 338), weighting_scheme=("logit_normal", 521),
         adam_weight_decay=(1e-4, 573), train_batch_size=(4, 426), num_train_epochs=(1, 432), resolution=(512, 397),
-        validation_epochs=(50, 356), output_dir=("sd3-dreambooth", 390), lr_warmup_steps=(500, 0),
-        checkpointing_steps=(500, 0), precondition_outputs=(1, 540))),
+        validation_epochs=(50, 356), output_dir=("sd3-dreambooth", 390), lr_warmup_steps=(500, 503),
+        checkpointing_steps=(500, 439), precondition_outputs=(1, 540))),
     "train_dreambooth_lora_sdxl.py": Script("sdxl", "lora", "dreambooth", _d(
-        rank=(4, 0), learning_rate=(1e-4, 490), adam_weight_decay=(1e-4, 572), train_batch_size=(4, 441),
+        rank=(4, 657), learning_rate=(1e-4, 490), adam_weight_decay=(1e-4, 572), train_batch_size=(4, 441),
         num_train_epochs=(1, 447), resolution=(1024, 413), validation_epochs=(50, 370),
-        output_dir=("lora-dreambooth-model", 401), lr_warmup_steps=(500, 0), checkpointing_steps=(500, 0))),
+        output_dir=("lora-dreambooth-model", 401), lr_warmup_steps=(500, 526), checkpointing_steps=(500, 454))),
     "train_dreambooth_lora.py": Script("sd1", "lora", "dreambooth", _d(
-        rank=(4, 0), learning_rate=(5e-4, 389), adam_weight_decay=(1e-2, 433), train_batch_size=(4, 340),
+        rank=(4, 526), learning_rate=(5e-4, 389), adam_weight_decay=(1e-2, 433), train_batch_size=(4, 340),
         num_train_epochs=(1, 346), resolution=(512, 317), validation_epochs=(50, 285),
-        output_dir=("lora-dreambooth-model", 310), lr_warmup_steps=(500, 0), checkpointing_steps=(500, 0))),
+        output_dir=("lora-dreambooth-model", 310), lr_warmup_steps=(500, 410), checkpointing_steps=(500, 353))),
     "train_dreambooth_flux.py": Script("flux", "dreambooth", "dreambooth", _d(
         learning_rate=(1e-4, 455), guidance_scale=(3.5, 462), max_sequence_length=(77, 328),
         weighting_scheme=("none", 508), adam_weight_decay=(1e-4, 554), train_batch_size=(4, 406),
         num_train_epochs=(1, 412), resolution=(512, 378), validation_epochs=(50, 346),
-        output_dir=("flux-dreambooth", 371), lr_warmup_steps=(500, 0), checkpointing_steps=(500, 0))),
+        output_dir=("flux-dreambooth", 371), lr_warmup_steps=(500, 490), checkpointing_steps=(500, 419))),
     "train_dreambooth_sd3.py": Script("sd3", "dreambooth", "dreambooth", _d(
         learning_rate=(1e-4, 441), max_sequence_length=(77, 314), weighting_scheme=("logit_normal", 487),
         adam_weight_decay=(1e-4, 539), train_batch_size=(4, 392), num_train_epochs=(1, 398), resolution=(512, 364),
-        validation_epochs=(50, 332), output_dir=("sd3-dreambooth", 357), lr_warmup_steps=(500, 0),
-        checkpointing_steps=(500, 0), precondition_outputs=(1, 506))),
+        validation_epochs=(50, 332), output_dir=("sd3-dreambooth", 357), lr_warmup_steps=(500, 469),
+        checkpointing_steps=(500, 405), precondition_outputs=(1, 506))),
     "train_dreambooth.py": Script("sd1", "dreambooth", "dreambooth", _d(
         learning_rate=(5e-6, 388), adam_weight_decay=(1e-2, 432), train_batch_size=(4, 333),
-        num_train_epochs=(1, 339), resolution=(512, 310), validation_steps=(100, 0),
-        output_dir=("dreambooth-model", 303), lr_warmup_steps=(500, 0), checkpointing_steps=(500, 0))),
+        num_train_epochs=(1, 339), resolution=(512, 310), validation_steps=(100, 481),
+        output_dir=("dreambooth-model", 303), lr_warmup_steps=(500, 409), checkpointing_steps=(500, 346))),
     "train_text_to_image_lora.py": Script("sd1", "lora", "text_to_image", _d(
-        rank=(4, 0), learning_rate=(1e-4, 293), adam_weight_decay=(1e-2, 345), train_batch_size=(16, 272),
+        rank=(4, 420), learning_rate=(1e-4, 293), adam_weight_decay=(1e-2, 345), train_batch_size=(16, 272),
         num_train_epochs=(100, 275), resolution=(512, 249), validation_epochs=(1, 218),
-        output_dir=("sd-model-finetuned-lora", 236), lr_warmup_steps=(500, 0), checkpointing_steps=(500, 0))),
+        output_dir=("sd-model-finetuned-lora", 236), lr_warmup_steps=(500, 314), checkpointing_steps=(500, 392))),
     "train_text_to_image_lora_sdxl.py": Script("sdxl", "lora", "text_to_image", _d(
-        rank=(4, 0), learning_rate=(1e-4, 366), adam_weight_decay=(1e-2, 418), train_batch_size=(16, 320),
+        rank=(4, 472), learning_rate=(1e-4, 366), adam_weight_decay=(1e-2, 418), train_batch_size=(16, 320),
         num_train_epochs=(100, 323), resolution=(1024, 292), validation_epochs=(1, 261),
-        output_dir=("sd-model-finetuned-lora", 279), lr_warmup_steps=(500, 0), checkpointing_steps=(500, 0))),
+        output_dir=("sd-model-finetuned-lora", 279), lr_warmup_steps=(500, 387), checkpointing_steps=(500, 330))),
     "train_control_lora_flux.py": Script("flux", "lora", "control", _d(
-        rank=(4, 0), learning_rate=(5e-6, 353), guidance_scale=(30.0, 542), weighting_scheme=("none", 558),
+        rank=(4, 321), learning_rate=(5e-6, 353), guidance_scale=(30.0, 542), weighting_scheme=("none", 558),
         adam_weight_decay=(1e-2, 398), train_batch_size=(4, 278), num_train_epochs=(1, 281), resolution=(1024, 269),
-        validation_steps=(100, 0), output_dir=("control-lora", 256), lr_warmup_steps=(500, 0),
-        checkpointing_steps=(500, 0))),
+        validation_steps=(100, 516), output_dir=("control-lora", 256), lr_warmup_steps=(500, 374),
+        checkpointing_steps=(500, 288))),
 }  # fmt: skip
-#: the same for every script here: (value, a line in train_dreambooth_lora_flux.py, where 0 above points)
+#: the same in every script that has the argument: (value, its line in train_dreambooth_lora_flux.py)
 COMMON_DEFAULTS: dict[str, tuple[Any, int]] = {
     "rank": (4, 375), "lr_warmup_steps": (500, 524), "checkpointing_steps": (500, 453), "adam_beta1": (0.9, 574),
     "adam_beta2": (0.999, 577), "adam_epsilon": (1e-8, 602), "optimizer": ("AdamW", 561), "lr_scheduler": ("constant", 515),
     "lr_num_cycles": (1, 527), "lr_power": (1.0, 533), "max_grad_norm": (1.0, 622), "repeats": (1, 326),
     "num_class_images": (100, 396), "prior_loss_weight": (1.0, 395), "text_encoder_lr": (5e-6, 503),
     "logit_mean": (0.0, 549), "logit_std": (1.0, 552), "mode_scale": (1.29, 555), "gradient_accumulation_steps": (1, 478),
-    "image_interpolation_mode": ("lanczos", 0), "lora_dropout": (0.0, 387),
+    "lora_dropout": (0.0, 387),
 }  # fmt: skip
 
 #: other diffusers example scripts, refused by name: the model families sdcore does not train, or what they train

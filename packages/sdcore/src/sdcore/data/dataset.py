@@ -1019,11 +1019,15 @@ def _subsets_for(
     if source.is_file():
         from ..train import simpletuner_config
         from ..train.aitoolkit import is_job_file, load_datasets
+        from ..train.diffusers_script import is_command_file
+        from ..train.diffusers_script import load_datasets as load_command_datasets
 
         if is_job_file(source):
             subsets = load_datasets(source, options, skipped)
         elif simpletuner_config.is_config_file(source):  # its data_backend_config
             subsets = simpletuner_config.load_datasets(source, options, skipped)
+        elif is_command_file(source):  # a diffusers example-script command (sdcore.train.diffusers_script)
+            subsets = load_command_datasets(source, options)
         elif source.suffix.lower() == ".json":
             from .onetrainer import load_concepts
 

@@ -277,14 +277,16 @@ def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list
 
 
 def _other_trainer_config(config_path: str | Path, fields: list[str], where: str) -> Any | None:
-    """The translation of an ai-toolkit job, a OneTrainer or a SimpleTuner config (each reader has its own field
-    table and returns values in sdcore's names, notes and problems), or None for any other file."""
-    from . import aitoolkit, onetrainer_config, simpletuner_config
+    """The translation of an ai-toolkit job, a OneTrainer or a SimpleTuner config, or a diffusers example-script
+    command (each reader has its own field table and returns values in sdcore's names, notes and problems), or
+    None for any other file."""
+    from . import aitoolkit, diffusers_script, onetrainer_config, simpletuner_config
 
     readers: tuple[tuple[Any, Any], ...] = (
         (aitoolkit.read_job, aitoolkit.translate_job),
         (onetrainer_config.read_train_config, onetrainer_config.translate_config),
         (simpletuner_config.read_config, simpletuner_config.translate_config),
+        (diffusers_script.read_command, diffusers_script.translate_command),
     )
     for read, translate in readers:
         data = read(config_path)

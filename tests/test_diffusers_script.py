@@ -1,0 +1,244 @@
+"""diffusers example-script commands as ``--config`` (sdcore.train.diffusers_script).
+
+Expected values are the scripts' own (diffusers examples/ at 58eb52c): the argument the command gives, else the
+argparse default at the cited line of that script.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+FLUX_COMMAND = """\
+export MODEL_NAME="black-forest-labs/FLUX.1-dev"
+export INSTANCE_DIR="dog"
+accelerate launch train_dreambooth_lora_flux.py \\
+  --pretrained_model_name_or_path=$MODEL_NAME --instance_data_dir=${INSTANCE_DIR} --instance_prompt="a photo of sks dog" \\
+  --output_dir=trained-flux-lora --mixed_precision=bf16 --resolution=512 --train_batch_size=1 \\
+  --guidance_scale=1 --gradient_accumulation_steps=4 --optimizer=prodigy --learning_rate=1. --rank=16 \\
+  --lr_scheduler=constant --lr_warmup_steps=0 --max_train_steps=500 --validation_prompt="A photo of sks dog in a bucket" \\
+  --validation_epochs=25 --seed=0
+"""
+
+
+def _images(folder: Path, n: int = 2, size: int = 64) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (40 * i, 90, 150)).save(folder / f"{i}.png")
+    return folder
+
+
+def _write(tmp_path: Path, text: str, name: str = "train.sh") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _load(path: Path, overrides: dict | None = None, method: str = "lora", notes: list | None = None):
+    from sdcore.train.config import load_options
+
+    if method == "lora":
+        from sdplugin_lora.method import LoraOptions as cls
+    else:
+        from sdplugin_dreambooth.options import DreamBoothOptions as cls
+    return load_options(cls, path, overrides or {}, notes=notes)
+
+
+def _problems(path: Path, method: str = "lora") -> list[str]:
+    from sdcore.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _load(path, method=method)
+    return list(info.value.args[1]) if len(info.value.args) > 1 else [str(info.value)]
+
+
+def test_flux_lora_command_translates_with_the_scripts_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, FLUX_COMMAND)
+    notes: list[str] = []
+    o = _load(path, {"model": "tiny:flux"}, notes=notes)
+    expected = {
+        "model": "tiny:flux",  # the command line wins over --pretrained_model_name_or_path
+        "data": str(path),
+        "output": "trained-flux-lora/pytorch_lora_weights.safetensors",
+        "rank": 16,
+        "alpha": 4,  # --lora_alpha default 4 (train_dreambooth_lora_flux.py:381), not the rank
+        "lr": 1.0,
+        "optimizer": "prodigy",
+        "batch_size": 1,
+        "gradient_accumulation": 4,
+        "max_steps": 500,
+        "lr_scheduler": "constant",
+        "lr_warmup_steps": 0,
+        "mixed_precision": "bf16",
+        "resolution": 512,
+        "buckets": False,
+        "flip": False,
+        "random_crop": False,
+        "guidance_scale": 1.0,
+        "t5xxl_max_token_length": 512,  # :348
+        "timestep_sampling": "sigma",
+        "weighting_scheme": "uniform",  # --weighting_scheme none (:542)
+        "discrete_flow_shift": 1.0,
+        "model_prediction_type": "raw",
+        "seed": 0,
+        "sample_prompts": "A photo of sks dog in a bucket",
+        "sample_every_epochs": 25,
+        "save_every": 500,  # --checkpointing_steps default (:453)
+        "save_limit": 0,  # --checkpoints_total_limit None: keep all
+        "key_layout": "diffusers",
+        "split_qkv": True,
+        "layer_filter_regex": True,
+    }
+    assert {k: getattr(o, k) for k in expected} == expected
+    # prodigy with the script's betas (:574, :577), weight decay (:588), eps (:602) and its bool flags (:587, :609, :615)
+    assert o.optimizer_args == (
+        "betas=0.9,0.999 weight_decay=0.0001 eps=1e-08 decouple=True use_bias_correction=True safeguard_warmup=True"
+    )
+    assert any("--mixed_precision bf16" in n for n in notes)
+
+
+def test_flux_lora_target_regex_is_peft_suffix_matching():
+    from sdcore.train.diffusers_script import TARGETS, peft_target_regex
+
+    patterns = peft_target_regex(TARGETS["train_dreambooth_lora_flux.py"][0]).split(",")
+
+    def kept(path: str) -> bool:
+        return any(re.search(p, path) for p in patterns)
+
+    assert kept("transformer_blocks.0.attn.to_q") and kept("single_transformer_blocks.3.attn.to_k")
+    assert kept("transformer_blocks.0.ff.net.0.proj") and not kept("single_transformer_blocks.3.proj_mlp")
+    assert not kept("transformer_blocks.0.norm1.linear") and not kept("transformer_blocks.0.attn.to_out.0x")
+
+
+@pytest.mark.skipif(shutil.which("sdcore") is None, reason="the sdcore command is not installed")
+def test_flux_command_dry_run_and_two_steps_train_the_scripts_modules(tmp_path):
+    _images(tmp_path / "dog")
+    _write(tmp_path, FLUX_COMMAND)
+    base = ["sdcore", "train", "lora", "--config", "train.sh", "--model", "tiny:flux", "--resolution", "64",
+            "--mixed-precision", "no", "--no-progress"]  # fmt: skip
+    dry = subprocess.run([*base, "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    assert "2 training images" in dry.stdout + dry.stderr
+    run = subprocess.run([*base, "--max-steps", "2", "--gradient-accumulation", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "trained-flux-lora" / "pytorch_lora_weights.safetensors", "pt") as f:
+        keys = set(f.keys())
+    modules = {re.sub(r"\.\d+\.", ".N.", k.rsplit(".lora_", 1)[0]) for k in keys}
+    # the script's list (train_dreambooth_lora_flux.py:1257) matched as PEFT matches it
+    expected = {f"transformer.transformer_blocks.N.{m}" for m in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+        "attn.to_add_out", "ff.net.N.proj", "ff_context.net.N.proj")}  # fmt: skip
+    expected |= {"transformer.transformer_blocks.N.attn.to_out.0", "transformer.transformer_blocks.N.ff.net.2",
+                 "transformer.transformer_blocks.N.ff_context.net.2"}  # fmt: skip
+    expected |= {f"transformer.single_transformer_blocks.N.attn.{m}" for m in ("to_q", "to_k", "to_v")}
+    assert modules == expected
+
+
+def test_sd3_dreambooth_lora_with_prior_preservation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "dog")
+    _images(tmp_path / "class", n=3)
+    text = (
+        "accelerate launch train_dreambooth_lora_sd3.py --pretrained_model_name_or_path=x "
+        "--instance_data_dir=dog --instance_prompt='a sks dog' --with_prior_preservation --class_data_dir=class "
+        "--class_prompt='a dog' --num_class_images=3 --prior_loss_weight=0.5 --rank=8 --center_crop --random_flip\n"
+    )
+    path = _write(tmp_path, text)
+    o = _load(path, {"model": "tiny:sd3"})
+    assert (o.rank, o.alpha, o.lr, o.batch_size, o.epochs) == (8, 8, 1e-4, 4, 1)  # lora_alpha=rank; :475 :426 :432
+    assert (o.timestep_sampling, o.weighting_scheme, o.model_prediction_type) == ("sigma", "logit_normal", "x0")
+    assert (o.discrete_flow_shift, o.t5xxl_max_token_length, o.prior_loss_weight) == (3.0, 77, 0.5)
+    assert (o.flip, o.random_crop, o.resolution) == (True, False, 512)
+    assert "weight_decay=0.0001" in o.optimizer_args  # :573
+    from sdcore.data.dataset import scan_dataset
+
+    index = scan_dataset(o, verify=False)
+    captions = sorted({(e.subset.is_class, e.caption) for e in index.entries})
+    assert captions == [(False, "a sks dog"), (True, "a dog")]
+    # fewer class images than --num_class_images: the script would generate them, sdcore's LoRA cannot
+    short = _write(tmp_path, text.replace("--num_class_images=3", "--num_class_images=10"), "short.sh")
+    assert any("holds 3 of --num_class_images 10" in p for p in _problems(short))
+
+
+def test_sdxl_text_to_image_lora_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = _images(tmp_path / "pics")
+    for i in range(2):
+        (folder / f"{i}.txt").write_text("a picture")
+    path = _write(tmp_path, (
+        "accelerate launch --mixed_precision=fp16 train_text_to_image_lora_sdxl.py --pretrained_model_name_or_path=m "
+        "--train_data_dir=pics --snr_gamma=5.0 --noise_offset 0.05 --rank 8 --checkpointing_steps=100 "
+        "--use_8bit_adam\n"))  # fmt: skip
+    o = _load(path, {"model": "tiny:sdxl"})
+    assert (o.data, o.batch_size, o.epochs, o.resolution, o.lr) == ("pics", 16, 100, 1024, 1e-4)  # :320 :323 :292 :366
+    assert (o.min_snr_gamma, o.noise_offset, o.rank, o.alpha, o.save_every) == (5.0, 0.05, 8, 8, 100)
+    assert (o.optimizer, o.mixed_precision, o.key_layout, o.buckets) == ("adamw8bit", "fp16", "kohya", False)
+    assert "weight_decay=0.01" in o.optimizer_args  # :418
+    assert o.output == "sd-model-finetuned-lora/pytorch_lora_weights.safetensors"  # :279
+
+
+def test_control_lora_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(
+        tmp_path,
+        (
+            "accelerate launch train_control_lora_flux.py --pretrained_model_name_or_path=m --jsonl_for_train=t.jsonl "
+            "--rank=64 --use_lora_bias --lora_layers=attn.to_q,attn.to_k --validation_prompt=x --validation_steps=20\n"
+        ),
+    )
+    o = _load(path, {"model": "tiny:flux"})
+    assert (o.control_lora, o.data, o.rank, o.alpha, o.lora_bias, o.lora_layers) == (
+        True,
+        "t.jsonl",
+        64,
+        64,
+        True,
+        "attn.to_q,attn.to_k",
+    )
+    assert (o.guidance_scale, o.lr, o.resolution, o.sample_every) == (30.0, 5e-6, 1024, 20)  # :542 :353 :269
+    assert o.layer_filter is None
+
+
+def test_problems_come_all_at_once_before_any_model_loads(tmp_path):
+    path = _write(
+        tmp_path,
+        (
+            "accelerate launch train_dreambooth_lora_flux.py --pretrained_model_name_or_path=m "
+            "--dataset_name=org/dogs --instance_prompt=x --lora_dropout=0.1 --frobnicate=3 --prediction_type=epsilon\n"
+        ),
+    )
+    problems = " | ".join(_problems(path))
+    assert "--dataset_name 'org/dogs' is a Hugging Face hub dataset" in problems
+    assert "--lora_dropout" in problems and "--frobnicate" in problems
+    assert "--prediction_type" in problems
+    other = _write(tmp_path, "accelerate launch train_dreambooth_lora_sana.py --rank=4\n", "sana.sh")
+    assert any("model family sdcore does not train" in p for p in _problems(other))
+
+
+def test_full_fine_tune_script_with_train_lora_names_the_right_command(tmp_path):
+    path = _write(tmp_path, "python train_dreambooth.py --pretrained_model_name_or_path=m --instance_data_dir=d "
+                            "--instance_prompt=x\n")  # fmt: skip
+    assert any("sdcore train dreambooth --config" in p for p in _problems(path))
+
+
+def test_variables_are_substituted_and_unset_ones_named(tmp_path, monkeypatch):
+    from sdcore.train.diffusers_script import read_command
+
+    monkeypatch.setenv("FROM_ENV", "/data/dog")
+    path = _write(tmp_path, 'A=1e-4\nexport B="$A"\npython train_dreambooth_lora.py --learning_rate $B '
+                            '--instance_data_dir=${FROM_ENV} --output_dir=$NOPE  # comment\n')  # fmt: skip
+    command = read_command(path)
+    assert command is not None
+    assert command.args["learning_rate"] == "1e-4" and command.args["instance_data_dir"] == "/data/dog"
+    assert command.problems == [f"{path}: variable(s) not set: NOPE"]
+    assert read_command(_write(tmp_path, "just some text\n", "notes.txt")) is None

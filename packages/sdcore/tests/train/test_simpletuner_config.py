@@ -207,3 +207,27 @@ def test_two_step_flux_run_trains_simpletuners_targets(tmp_path):
     single = [f"transformer.single_transformer_blocks.{i}.attn.{m}" for i in range(2) for m in ("to_q", "to_k", "to_v")]
     assert modules == set(double + single)  # fmt: skip
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_B" in k)  # two steps moved lora_B
+
+
+@pytest.mark.parametrize(
+    ("resolution", "resolution_type", "side"),
+    [
+        # multiaspect/image.py:179-183 calculate_new_size_by_pixel_area: the square edge is
+        # _round_to_nearest_multiple(sqrt(megapixels * 1e6)) (image.py:92-101: to aspect_bucket_alignment, at least
+        # one step): 1.0 megapixels -> 1000 -> 1024, 0.5 -> 707 -> 704
+        (1.0, "area", 1024),
+        (0.5, "area", 704),
+        # factory.py:2968-2975: pixel_area E -> area E*E/1e6 megapixels, so 1000 -> 1.0 -> 1024
+        (1000, "pixel_area", 1024),
+        (1024, "pixel_area", 1024),
+    ],
+)
+def test_area_resolution_is_rounded_to_the_bucket_alignment(tmp_path, resolution, resolution_type, side):
+    from sdcore.train.simpletuner_config import load_datasets
+
+    path = _flux_run(tmp_path, **{"--resolution": resolution, "--resolution_type": resolution_type})
+    backend = json.loads(path.read_text())["--data_backend_config"]
+    _write(Path(backend), [{"id": "a", "type": "local", "instance_data_dir": str(tmp_path / "a" / "1_sks"),
+                            "caption_strategy": "textfile"}])  # fmt: skip
+    (subset,) = load_datasets(path, None)
+    assert subset.resolution == side

@@ -891,10 +891,12 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             problems.append(f"{w}: probability {probability}: sdcore draws every dataset by its size and repeats")
         res_type = str(backend.get("resolution_type", "pixel_area"))
         res = float(backend.get("resolution", DEFAULTS["resolution"]))
-        if res_type == "pixel_area":
-            side = int(res)
-        elif res_type == "area":  # megapixels: the side of a square of that area
-            side = round(math.sqrt(res * 1e6))
+        step = int(top.get("aspect_bucket_alignment", DEFAULTS["aspect_bucket_alignment"]))
+        # SimpleTuner turns pixel_area E into E*E/1e6 megapixels, and a square of that area into the edge
+        # sqrt(area) rounded to the nearest multiple of the alignment (at least one step): area 1.0 is 1024
+        if res_type in ("pixel_area", "area"):
+            edge = res if res_type == "pixel_area" else math.sqrt(res * 1e6)
+            side = max(round(edge / step) * step, step)
         else:
             problems.append(
                 f"{w}: resolution_type {res_type!r}: sdcore's buckets keep an area (pixel_area or area); "
@@ -927,7 +929,6 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             )
         if _bool(backend.get("prepend_instance_prompt", False)) and class_tokens is None:
             problems.append(f"{w}: prepend_instance_prompt: not translated yet")
-        step = int(top.get("aspect_bucket_alignment", DEFAULTS["aspect_bucket_alignment"]))
         subsets.append(
             replace(
                 base,

@@ -44,7 +44,7 @@ def _flux_run(tmp_path: Path, **extra: object) -> Path:
         "--train_batch_size": 1, "--flux_lora_target": "all", "--flow_schedule_shift": 1.5,
         "--flux_guidance_value": 3.5, "--seed": 7, "--validation_prompt": "a cat", "--validation_resolution": "64x64",
         "--validation_step_interval": 1, "--validation_num_inference_steps": "2", "--validation_guidance": 3.0,
-        "--mixed_precision": "no", "--report_to": "wandb", "--gradient_checkpointing": "false",
+        "--mixed_precision": "no", "--report_to": "wandb", "--gradient_checkpointing": False,
         "--resolution": 0.004096, "--resolution_type": "area", "--aspect_bucket_alignment": 64,
         **extra,
     }  # fmt: skip
@@ -231,3 +231,22 @@ def test_area_resolution_is_rounded_to_the_bucket_alignment(tmp_path, resolution
                             "caption_strategy": "textfile"}])  # fmt: skip
     (subset,) = load_datasets(path, None)
     assert subset.resolution == side
+
+
+def test_legacy_names_and_values_simpletuners_loader_skips(tmp_path):
+    # cli_utils.py mapping_to_cli_args (the config.json/config.toml loader): None, "" and the string "false" are
+    # not passed on (the option keeps its default: gradient_checkpointing's is True, sections/training.py:224), so an
+    # unknown key holding "false" is never seen (config/config.json.example's validation_torch_compile); the legacy
+    # names are forwarded (cli_utils.py:81-164: checkpointing_steps, validation_steps, save_total_limit) or dropped
+    # (UI-only and dataset-only keys)
+    path = _flux_run(
+        tmp_path,
+        **{"--checkpointing_steps": 100, "--validation_steps": "50", "--save_total_limit": 3,
+           "--validation_torch_compile": "false", "--gradient_checkpointing": "false", "--lora_alpha": None,
+           "--instance_prompt": "", "--aspect_ratio_bucketing": True, "--repeats": 4, "__active_tab__": "model",
+           "ez_model_type": "lora"},
+    )  # fmt: skip
+    o = _lora(path)
+    assert (o.save_every, o.sample_every, o.save_limit) == (100, 50, 3)
+    assert o.gradient_checkpointing is True
+    assert o.alpha == 4.0  # lora_alpha None: not given, the rank

@@ -303,6 +303,13 @@ LYCORIS_KEYS = {"algo", "multiplier", "linear_dim", "linear_alpha", "conv_dim", 
 #: ``apply_preset.target_module`` names -> --layer-filter patterns of the diffusers paths inside such modules
 LYCORIS_MODULES = {"Attention": ("attn",), "FeedForward": ("ff.net", "ff_context.net")}
 CONFIG_SUFFIXES = (".json", ".toml")
+#: SimpleTuner's legacy option names its config loader forwards (cli_utils.py _LEGACY_ARG_HANDLERS, the
+#: registry's aliases) -> today's names
+LEGACY_NAMES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval",
+                "save_total_limit": "checkpoints_total_limit", "fused_qkv_projections": "fuse_qkv_projections"}  # fmt: skip
+#: keys SimpleTuner's config loader drops (UI-only and dataset-only names; vae_cache_preprocess: a cache choice)
+LOADER_DROPPED = {"aspect_ratio_bucketing", "aspect_ratio_bucket_min", "aspect_ratio_bucket_max", "repeats",
+                  "ez_model_type", "__disabled_fields__", "__active_tab__", "vae_cache_preprocess"}  # fmt: skip
 
 
 def _strip(key: Any) -> str:
@@ -352,8 +359,17 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not is_config(data):
         return None
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        out[_strip(key)] = value
+    for raw, value in data.items():
+        # SimpleTuner's loader (cli_utils.py mapping_to_cli_args) passes nothing on for None, "" or the string
+        # "false": the option keeps its default (gradient_checkpointing "false" stays on)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "false")):
+            continue
+        key = _strip(raw)
+        if key in LOADER_DROPPED:
+            continue
+        if key == "ignore_final_epochs":  # forwarded as strict_epoch_limit = not the value
+            key, value = "strict_epoch_limit", not _bool(value)
+        out[LEGACY_NAMES.get(key, key)] = value
     return out
 
 

@@ -250,3 +250,20 @@ def test_legacy_names_and_values_simpletuners_loader_skips(tmp_path):
     assert (o.save_every, o.sample_every, o.save_limit) == (100, 50, 3)
     assert o.gradient_checkpointing is True
     assert o.alpha == 4.0  # lora_alpha None: not given, the rank
+
+
+def test_flux_all_ffs_adapts_what_peft_matches_including_the_final_proj_out(tmp_path):
+    from sdplugin_lora.targets import list_targets
+
+    o = _lora(_flux_run(tmp_path, **{"--flux_lora_target": "all+ffs"}))
+    paths = {p.split(".", 1)[1] for row in list_targets(o).rows for p in row.paths}
+    # flux/model.py:1283-1300 all+ffs, matched as PEFT matches target_modules (a module's name equals a target or
+    # ends with "." + target: tuners_utils.check_target_module_exists), so "proj_out" is the single blocks' and the
+    # transformer's own final proj_out too
+    double = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+              "ff_context.net.2")  # fmt: skip
+    single = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+    expected = {f"transformer_blocks.{i}.{m}" for i in range(2) for m in double}
+    expected |= {f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in single}
+    assert paths == expected | {"proj_out"}

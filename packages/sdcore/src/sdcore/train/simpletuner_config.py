@@ -263,6 +263,7 @@ SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_war
 #: ``flux_lora_target`` -> the PEFT target module names SimpleTuner gives (helpers/models/flux/model.py
 #: get_lora_target_layers), as sdcore --layer-filter patterns (a diffusers path contains one). The fused names
 #: (to_qkv, add_qkv_proj) exist only with fuse_qkv_projections, which sdcore does not do, so they are left out.
+#: PEFT matches a name or its dotted tail, so all+ffs's proj_out is also the final layer (added by the reader).
 FLUX_TARGETS = {
     "all": ("attn.to_k", "attn.to_q", "attn.to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0",
             "to_add_out"),
@@ -648,6 +649,10 @@ def _lora(r: _Reader, family: str | None, out: JobTranslation) -> None:
             )
         else:
             v["layer_filter"] = ",".join(FLUX_TARGETS[target])
+            if "proj_out" in FLUX_TARGETS[target] and rank:
+                # PEFT also matches the transformer's own final proj_out (kohya's final_layer.linear), which is
+                # outside sdcore's default targets
+                v["extra_module_ranks"] = f"final_layer_linear={rank}"
     elif family is not None:
         v["layer_filter"] = ",".join(ATTENTION_TARGETS)
     if r.get("init_lora"):

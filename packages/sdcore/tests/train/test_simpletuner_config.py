@@ -44,7 +44,7 @@ def _flux_run(tmp_path: Path, **extra: object) -> Path:
         "--train_batch_size": 1, "--flux_lora_target": "all", "--flow_schedule_shift": 1.5,
         "--flux_guidance_value": 3.5, "--seed": 7, "--validation_prompt": "a cat", "--validation_resolution": "64x64",
         "--validation_step_interval": 1, "--validation_num_inference_steps": "2", "--validation_guidance": 3.0,
-        "--mixed_precision": "no", "--report_to": "wandb", "--gradient_checkpointing": "false",
+        "--mixed_precision": "no", "--report_to": "wandb", "--gradient_checkpointing": False,
         "--resolution": 0.004096, "--resolution_type": "area", "--aspect_bucket_alignment": 64,
         **extra,
     }  # fmt: skip
@@ -207,3 +207,63 @@ def test_two_step_flux_run_trains_simpletuners_targets(tmp_path):
     single = [f"transformer.single_transformer_blocks.{i}.attn.{m}" for i in range(2) for m in ("to_q", "to_k", "to_v")]
     assert modules == set(double + single)  # fmt: skip
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_B" in k)  # two steps moved lora_B
+
+
+@pytest.mark.parametrize(
+    ("resolution", "resolution_type", "side"),
+    [
+        # multiaspect/image.py:179-183 calculate_new_size_by_pixel_area: the square edge is
+        # _round_to_nearest_multiple(sqrt(megapixels * 1e6)) (image.py:92-101: to aspect_bucket_alignment, at least
+        # one step): 1.0 megapixels -> 1000 -> 1024, 0.5 -> 707 -> 704
+        (1.0, "area", 1024),
+        (0.5, "area", 704),
+        # factory.py:2968-2975: pixel_area E -> area E*E/1e6 megapixels, so 1000 -> 1.0 -> 1024
+        (1000, "pixel_area", 1024),
+        (1024, "pixel_area", 1024),
+    ],
+)
+def test_area_resolution_is_rounded_to_the_bucket_alignment(tmp_path, resolution, resolution_type, side):
+    from sdcore.train.simpletuner_config import load_datasets
+
+    path = _flux_run(tmp_path, **{"--resolution": resolution, "--resolution_type": resolution_type})
+    backend = json.loads(path.read_text())["--data_backend_config"]
+    _write(Path(backend), [{"id": "a", "type": "local", "instance_data_dir": str(tmp_path / "a" / "1_sks"),
+                            "caption_strategy": "textfile"}])  # fmt: skip
+    (subset,) = load_datasets(path, None)
+    assert subset.resolution == side
+
+
+def test_legacy_names_and_values_simpletuners_loader_skips(tmp_path):
+    # cli_utils.py mapping_to_cli_args (the config.json/config.toml loader): None, "" and the string "false" are
+    # not passed on (the option keeps its default: gradient_checkpointing's is True, sections/training.py:224), so an
+    # unknown key holding "false" is never seen (config/config.json.example's validation_torch_compile); the legacy
+    # names are forwarded (cli_utils.py:81-164: checkpointing_steps, validation_steps, save_total_limit) or dropped
+    # (UI-only and dataset-only keys)
+    path = _flux_run(
+        tmp_path,
+        **{"--checkpointing_steps": 100, "--validation_steps": "50", "--save_total_limit": 3,
+           "--validation_torch_compile": "false", "--gradient_checkpointing": "false", "--lora_alpha": None,
+           "--instance_prompt": "", "--aspect_ratio_bucketing": True, "--repeats": 4, "__active_tab__": "model",
+           "ez_model_type": "lora"},
+    )  # fmt: skip
+    o = _lora(path)
+    assert (o.save_every, o.sample_every, o.save_limit) == (100, 50, 3)
+    assert o.gradient_checkpointing is True
+    assert o.alpha == 4.0  # lora_alpha None: not given, the rank
+
+
+def test_flux_all_ffs_adapts_what_peft_matches_including_the_final_proj_out(tmp_path):
+    from sdplugin_lora.targets import list_targets
+
+    o = _lora(_flux_run(tmp_path, **{"--flux_lora_target": "all+ffs"}))
+    paths = {p.split(".", 1)[1] for row in list_targets(o).rows for p in row.paths}
+    # flux/model.py:1283-1300 all+ffs, matched as PEFT matches target_modules (a module's name equals a target or
+    # ends with "." + target: tuners_utils.check_target_module_exists), so "proj_out" is the single blocks' and the
+    # transformer's own final proj_out too
+    double = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+              "ff_context.net.2")  # fmt: skip
+    single = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+    expected = {f"transformer_blocks.{i}.{m}" for i in range(2) for m in double}
+    expected |= {f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in single}
+    assert paths == expected | {"proj_out"}

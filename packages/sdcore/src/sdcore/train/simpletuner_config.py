@@ -263,6 +263,7 @@ SCHEDULERS = {"constant": "constant", "constant_with_warmup": "constant_with_war
 #: ``flux_lora_target`` -> the PEFT target module names SimpleTuner gives (helpers/models/flux/model.py
 #: get_lora_target_layers), as sdcore --layer-filter patterns (a diffusers path contains one). The fused names
 #: (to_qkv, add_qkv_proj) exist only with fuse_qkv_projections, which sdcore does not do, so they are left out.
+#: PEFT matches a name or its dotted tail, so all+ffs's proj_out is also the final layer (added by the reader).
 FLUX_TARGETS = {
     "all": ("attn.to_k", "attn.to_q", "attn.to_v", "add_k_proj", "add_q_proj", "add_v_proj", "to_out.0",
             "to_add_out"),
@@ -303,6 +304,13 @@ LYCORIS_KEYS = {"algo", "multiplier", "linear_dim", "linear_alpha", "conv_dim", 
 #: ``apply_preset.target_module`` names -> --layer-filter patterns of the diffusers paths inside such modules
 LYCORIS_MODULES = {"Attention": ("attn",), "FeedForward": ("ff.net", "ff_context.net")}
 CONFIG_SUFFIXES = (".json", ".toml")
+#: SimpleTuner's legacy option names its config loader forwards (cli_utils.py _LEGACY_ARG_HANDLERS, the
+#: registry's aliases) -> today's names
+LEGACY_NAMES = {"checkpointing_steps": "checkpoint_step_interval", "validation_steps": "validation_step_interval",
+                "save_total_limit": "checkpoints_total_limit", "fused_qkv_projections": "fuse_qkv_projections"}  # fmt: skip
+#: keys SimpleTuner's config loader drops (UI-only and dataset-only names; vae_cache_preprocess: a cache choice)
+LOADER_DROPPED = {"aspect_ratio_bucketing", "aspect_ratio_bucket_min", "aspect_ratio_bucket_max", "repeats",
+                  "ez_model_type", "__disabled_fields__", "__active_tab__", "vae_cache_preprocess"}  # fmt: skip
 
 
 def _strip(key: Any) -> str:
@@ -352,8 +360,17 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not is_config(data):
         return None
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        out[_strip(key)] = value
+    for raw, value in data.items():
+        # SimpleTuner's loader (cli_utils.py mapping_to_cli_args) passes nothing on for None, "" or the string
+        # "false": the option keeps its default (gradient_checkpointing "false" stays on)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "false")):
+            continue
+        key = _strip(raw)
+        if key in LOADER_DROPPED:
+            continue
+        if key == "ignore_final_epochs":  # forwarded as strict_epoch_limit = not the value
+            key, value = "strict_epoch_limit", not _bool(value)
+        out[LEGACY_NAMES.get(key, key)] = value
     return out
 
 
@@ -632,6 +649,10 @@ def _lora(r: _Reader, family: str | None, out: JobTranslation) -> None:
             )
         else:
             v["layer_filter"] = ",".join(FLUX_TARGETS[target])
+            if "proj_out" in FLUX_TARGETS[target] and rank:
+                # PEFT also matches the transformer's own final proj_out (kohya's final_layer.linear), which is
+                # outside sdcore's default targets
+                v["extra_module_ranks"] = f"final_layer_linear={rank}"
     elif family is not None:
         v["layer_filter"] = ",".join(ATTENTION_TARGETS)
     if r.get("init_lora"):
@@ -891,10 +912,12 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             problems.append(f"{w}: probability {probability}: sdcore draws every dataset by its size and repeats")
         res_type = str(backend.get("resolution_type", "pixel_area"))
         res = float(backend.get("resolution", DEFAULTS["resolution"]))
-        if res_type == "pixel_area":
-            side = int(res)
-        elif res_type == "area":  # megapixels: the side of a square of that area
-            side = round(math.sqrt(res * 1e6))
+        step = int(top.get("aspect_bucket_alignment", DEFAULTS["aspect_bucket_alignment"]))
+        # SimpleTuner turns pixel_area E into E*E/1e6 megapixels, and a square of that area into the edge
+        # sqrt(area) rounded to the nearest multiple of the alignment (at least one step): area 1.0 is 1024
+        if res_type in ("pixel_area", "area"):
+            edge = res if res_type == "pixel_area" else math.sqrt(res * 1e6)
+            side = max(round(edge / step) * step, step)
         else:
             problems.append(
                 f"{w}: resolution_type {res_type!r}: sdcore's buckets keep an area (pixel_area or area); "
@@ -927,7 +950,6 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             )
         if _bool(backend.get("prepend_instance_prompt", False)) and class_tokens is None:
             problems.append(f"{w}: prepend_instance_prompt: not translated yet")
-        step = int(top.get("aspect_bucket_alignment", DEFAULTS["aspect_bucket_alignment"]))
         subsets.append(
             replace(
                 base,

@@ -105,6 +105,21 @@ def test_flux_lora_config_translates_with_simpletuners_defaults(tmp_path):
     assert (prompt.guidance, prompt.cfg, prompt.negative) == (3.0, None, "")  # no real CFG at guidance_real 1
 
 
+def test_lora_dropout_is_peft_input_dropout(tmp_path):
+    """SimpleTuner's lora_dropout (sections/lora.py:129, default 0.1) goes to PEFT's LoraConfig(lora_dropout)
+    (common.py add_lora_adapter): sdcore's --lora-input-dropout, not kohya's --dropout."""
+    path = _flux_run(tmp_path)
+    data = json.loads(path.read_text())
+    data.pop("--lora_dropout")
+    _write(path, data)
+    o = _lora(path)
+    assert (o.lora_input_dropout, o.dropout) == (0.1, None)
+    _write(path, {**data, "--lora_dropout": "0.25"})
+    assert _lora(path).lora_input_dropout == 0.25
+    _write(path, {**data, "--lora_dropout": 0})
+    assert _lora(path).lora_input_dropout is None
+
+
 def test_auto_shift_and_toml_spelling(tmp_path):
     import tomli_w
 
@@ -156,7 +171,7 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
 
     path = _flux_run(tmp_path)
     data = json.loads(path.read_text())
-    for key in ("--lora_dropout", "--grad_clip_method"):  # back to SimpleTuner's defaults
+    for key in ("--grad_clip_method",):  # back to SimpleTuner's default
         data.pop(key)
     data.update({"--model_family": "hidream", "--use_ema": "true", "--lora_rnak": 8,
                  "--pretrained_model_name_or_path": str(tmp_path / "no-such-model")})  # fmt: skip
@@ -169,7 +184,6 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     expected = [
         "model_family 'hidream': a model family sdcore does not train",
-        "lora_dropout 0.1 (SimpleTuner's default 0.1)",  # sections/lora.py:129
         "grad_clip_method 'value' (SimpleTuner's default) with max_grad_norm 2.0",  # sections/optimizer.py:227,264
         "use_ema = 'true': sdcore does not implement this SimpleTuner option",
         "'lora_rnak' (did you mean 'lora_rank'?)",

@@ -609,11 +609,8 @@ def _lora(r: _Reader, family: str | None, out: JobTranslation) -> None:
     v["rank"] = rank
     v["alpha"] = rank if alpha is None else alpha  # common.py add_lora_adapter: lora_alpha or lora_rank
     dropout = r.number("lora_dropout")
-    if dropout:
-        out.problems.append(
-            f"{w}.lora_dropout {dropout} (SimpleTuner's default 0.1): PEFT drops the LoRA's input features; sdcore's "
-            "--dropout drops the down projection's output (kohya's network_dropout): set lora_dropout 0"
-        )
+    if dropout:  # common.py add_lora_adapter: PEFT's LoraConfig(lora_dropout=...), dropout on each module's input
+        v["lora_input_dropout"] = dropout
     if family in FLOW_FAMILIES:
         # SimpleTuner saves transformer LoRAs as diffusers/PEFT keys (transformer.<module>.lora_A/B)
         v["key_layout"] = "diffusers"

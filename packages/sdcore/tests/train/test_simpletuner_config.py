@@ -82,7 +82,7 @@ def test_flux_lora_config_translates_with_simpletuners_defaults(tmp_path):
         "optimizer": "adamw",  # sections/training.py:107 adamw_bf16
         # sections/optimizer.py:33,56,168,188: betas 0.9/0.999, weight decay 0.01, eps 1e-8
         "optimizer_args": "betas=0.9,0.999 weight_decay=0.01 eps=1e-08",
-        "max_grad_norm": 2.0,  # sections/optimizer.py:227
+        "max_grad_norm": 2.0, "grad_clip_method": "norm",  # sections/optimizer.py:227; given norm in _flux_run
         "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0,  # sections/training.py:140,179
         "save_every": 500, "save_limit": 5,  # sections/logging_fields.py:71, sections/training.py:197
         "sample_prompts": str(path), "sample_every": 1, "sample_steps": 2, "sample_at_first": False,
@@ -114,6 +114,22 @@ def test_lora_dropout_is_peft_input_dropout(tmp_path):
     _write(path, data)
     o = _lora(path)
     assert (o.lora_input_dropout, o.dropout) == (0.1, None)
+
+
+def test_grad_clip_method_value_is_the_default(tmp_path):
+    """sections/optimizer.py:227,264: max_grad_norm 2.0 applied by value unless grad_clip_method norm; prodigy is
+    never clipped (trainer.py should_clip_gradients)."""
+    path = _flux_run(tmp_path)
+    data = json.loads(path.read_text())
+    data.pop("--grad_clip_method")
+    _write(path, data)
+    o = _lora(path)
+    assert (o.grad_clip_method, o.max_grad_norm) == ("value", 2.0)
+    _write(path, {**data, "--max_grad_norm": "0.5", "--grad_clip_method": "norm"})
+    o = _lora(path)
+    assert (o.grad_clip_method, o.max_grad_norm) == ("norm", 0.5)
+    _write(path, {**data, "--optimizer": "prodigy"})
+    assert _lora(path).max_grad_norm == 0.0
     _write(path, {**data, "--lora_dropout": "0.25"})
     assert _lora(path).lora_input_dropout == 0.25
     _write(path, {**data, "--lora_dropout": 0})
@@ -171,9 +187,7 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
 
     path = _flux_run(tmp_path)
     data = json.loads(path.read_text())
-    for key in ("--grad_clip_method",):  # back to SimpleTuner's default
-        data.pop(key)
-    data.update({"--model_family": "hidream", "--use_ema": "true", "--lora_rnak": 8,
+    data.update({"--grad_clip_method": "percentile", "--model_family": "hidream", "--use_ema": "true", "--lora_rnak": 8,
                  "--pretrained_model_name_or_path": str(tmp_path / "no-such-model")})  # fmt: skip
     backends = json.loads(Path(data["--data_backend_config"]).read_text())
     backends.append({"id": "s3", "type": "aws", "aws_bucket_name": "x"})
@@ -184,7 +198,7 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     expected = [
         "model_family 'hidream': a model family sdcore does not train",
-        "grad_clip_method 'value' (SimpleTuner's default) with max_grad_norm 2.0",  # sections/optimizer.py:227,264
+        "grad_clip_method 'percentile': SimpleTuner clips by value or norm",  # sections/optimizer.py:264 choices
         "use_ema = 'true': sdcore does not implement this SimpleTuner option",
         "'lora_rnak' (did you mean 'lora_rank'?)",
         "type 'aws': sdcore reads local image folders only",

@@ -584,14 +584,11 @@ def _optimizer(r: _Reader, out: JobTranslation) -> None:
     method = r.text("grad_clip_method")
     if name == "prodigy" or norm <= 0:  # trainer.py: prodigy and optimi-stableadamw are never clipped
         v["max_grad_norm"] = 0.0
-    elif method == "norm":
+    elif method in ("norm", "value"):  # trainer.py: accelerator.clip_grad_norm_ / clip_grad_value_
         v["max_grad_norm"] = norm
+        v["grad_clip_method"] = method
     else:
-        out.problems.append(
-            f"{w}.grad_clip_method {method!r} (SimpleTuner's default) with max_grad_norm {norm}: SimpleTuner clips "
-            "each gradient value to ±max_grad_norm; sdcore clips the gradients' norm (set grad_clip_method norm, "
-            "or max_grad_norm 0)"
-        )
+        out.problems.append(f"{w}.grad_clip_method {method!r}: SimpleTuner clips by value or norm")
 
 
 def _lora(r: _Reader, family: str | None, out: JobTranslation) -> None:

@@ -136,6 +136,30 @@ def test_grad_clip_method_value_is_the_default(tmp_path):
     assert _lora(path).lora_input_dropout is None
 
 
+def test_caption_strategy_filename_is_the_stem_with_spaces(tmp_path):
+    """prompts.py prepare_instance_prompt_from_filename (caption_strategy filename, the default: DATALOADER.md):
+    ``Path(image).stem`` with every ``_`` a space, nothing else stripped (OneTrainer's filename source keeps the
+    underscores: mgds GetFilename(include_extension=False))."""
+    from sdcore.data.captions import filename_caption
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.testing.datasets import pattern_image
+
+    assert filename_caption("d/a_photo_of_a_cat-123.png", "spaces") == "a photo of a cat-123"
+    assert filename_caption("d/a_photo_of_a_cat-123.png") == "a_photo_of_a_cat-123"  # OneTrainer's rule
+    assert filename_caption("d/two__under_scores.v2.jpg", "spaces") == "two  under scores.v2"  # last suffix only
+    path = _flux_run(tmp_path)
+    images = tmp_path / "named"
+    images.mkdir()
+    for i, name in enumerate(("a_photo_of_a_cat-123.png", "dog_on_a_sofa_0001.png")):
+        pattern_image(i, 64).save(images / name)
+    (images / "dog_on_a_sofa_0001.txt").write_text("not read", encoding="utf-8")
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    _write(backend, [{"id": "named", "type": "local", "instance_data_dir": str(images)}])  # caption_strategy left out
+    index = scan_dataset(_lora(path))
+    assert sorted(e.caption for e in index.entries) == ["a photo of a cat-123", "dog on a sofa 0001"]
+    assert not index.problems
+
+
 def test_auto_shift_and_toml_spelling(tmp_path):
     import tomli_w
 

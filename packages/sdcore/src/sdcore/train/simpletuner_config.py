@@ -909,15 +909,18 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
         prompt = backend.get("instance_prompt")
         class_tokens = None
         extension = ".txt"
+        from_filename = False
         if strategy == "instanceprompt" or _bool(backend.get("only_instance_prompt", False)):
             if not prompt:
                 problems.append(f"{w}: caption_strategy instanceprompt needs instance_prompt")
             class_tokens = str(prompt)
             extension = ".simpletuner-instance-prompt"  # no caption file: every image gets instance_prompt
+        elif strategy == "filename":  # prompts.py prepare_instance_prompt_from_filename: the stem, "_" -> " "
+            from_filename = True
         elif strategy != "textfile":
             problems.append(
-                f"{w}: caption_strategy {strategy!r} (SimpleTuner's default is filename): sdcore reads captions from "
-                ".txt files (textfile) or one prompt for all (instanceprompt)"
+                f"{w}: caption_strategy {strategy!r}: sdcore reads captions from the file name (filename), .txt "
+                "files (textfile) or one prompt for all (instanceprompt)"
             )
         if _bool(backend.get("prepend_instance_prompt", False)) and class_tokens is None:
             problems.append(f"{w}: prepend_instance_prompt: not translated yet")
@@ -929,6 +932,8 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 repeats=int(backend.get("repeats", 0)) + 1,  # DATALOADER.md: 0 = seen once
                 caption_extension=extension,
                 class_tokens=class_tokens,
+                caption_from_filename=from_filename,
+                filename_caption_rule="spaces" if from_filename else base.filename_caption_rule,
                 resolution=side,
                 buckets=not (crop and aspect == "square"),
                 bucket_step=step,

@@ -160,6 +160,30 @@ def test_caption_strategy_filename_is_the_stem_with_spaces(tmp_path):
     assert not index.problems
 
 
+def test_crop_false_is_noted_as_a_centred_excess_crop(tmp_path):
+    """training_sample.py prepare(): with crop false (the default) the image is resized to an intermediary size of
+    its own aspect that covers the aspect bucket, then cropped to the bucket by the crop_style handler (default
+    random, cropping.py RandomCropping) once, when latents are cached. sdcore buckets the same way and crops the
+    excess at the centre (random_crop off, so latents stay cached): a note says so, and nothing for crop_style
+    center or the text-embed cache backend."""
+    from sdcore.data.dataset import scan_dataset
+
+    path = _flux_run(tmp_path)
+    notes: list[str] = []
+    o = _lora(path, notes)
+    crop_notes = [n for n in notes if "crop false" in n]
+    assert len(crop_notes) == 2 and all("cropped at the centre" in n and "'random'" in n for n in crop_notes)
+    subsets = scan_dataset(o).subsets
+    assert [(s.buckets, s.random_crop) for s in subsets] == [(True, False), (True, False)]
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    data = json.loads(backend.read_text())
+    data[0]["crop_style"] = "center"
+    _write(backend, data)
+    notes.clear()
+    _lora(path, notes)
+    assert len([n for n in notes if "crop false" in n]) == 1
+
+
 def test_auto_shift_and_toml_spelling(tmp_path):
     import tomli_w
 

@@ -486,6 +486,7 @@ def translate_config(
     else:
         for problem in _backend_problems(Path(backend).expanduser(), f"{where}.data_backend_config", data):
             out.problems.append(problem)
+        out.notes.extend(_crop_notes(Path(backend).expanduser(), f"{where}.data_backend_config"))
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
 
@@ -820,6 +821,28 @@ def _backends(path: Path, where: str) -> list[Any]:
     if not isinstance(data, list):
         raise ConfigError(f"{where} {path}: a JSON list of data backends is needed")
     return data
+
+
+def _crop_notes(path: Path, where: str) -> list[str]:
+    """``crop`` false (the default) is not "no crop" in SimpleTuner (training_sample.py ``prepare``/``resize``): the
+    image is resized keeping its aspect to an intermediary size covering the aspect bucket
+    (``calculate_new_size_by_pixel_area``) and the excess cropped off by the ``crop_style`` handler (default random,
+    cropping.py), once, when its VAE cache is built. sdcore does the same bucket resize + crop with the excess at
+    the centre (a random spot per use would forbid cached latents), so the pixels differ by that excess only."""
+    try:
+        backends = _backends(path, where)
+    except ConfigError:
+        return []  # reported with the backend's problems
+    return [
+        f"{where} {path}[{i}] ({b.get('id', '?')}): crop false: resized to cover its aspect bucket and the few pixels "
+        f"over it cropped at the centre (SimpleTuner crops them by crop_style {b.get('crop_style', 'random')!r}, "
+        "once when it caches latents)"
+        for i, b in enumerate(backends)
+        if isinstance(b, dict)
+        and not _bool(b.get("crop", False))
+        and str(b.get("dataset_type", "image")).lower() == "image"
+        and str(b.get("crop_style", "random")) != "center"
+    ]
 
 
 def _backend_problems(path: Path, where: str, top: dict[str, Any]) -> list[str]:

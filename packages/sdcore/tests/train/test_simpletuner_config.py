@@ -82,7 +82,7 @@ def test_flux_lora_config_translates_with_simpletuners_defaults(tmp_path):
         "optimizer": "adamw",  # sections/training.py:107 adamw_bf16
         # sections/optimizer.py:33,56,168,188: betas 0.9/0.999, weight decay 0.01, eps 1e-8
         "optimizer_args": "betas=0.9,0.999 weight_decay=0.01 eps=1e-08",
-        "max_grad_norm": 2.0,  # sections/optimizer.py:227
+        "max_grad_norm": 2.0, "grad_clip_method": "norm",  # sections/optimizer.py:227; given norm in _flux_run
         "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0,  # sections/training.py:140,179
         "save_every": 500, "save_limit": 5,  # sections/logging_fields.py:71, sections/training.py:197
         "sample_prompts": str(path), "sample_every": 1, "sample_steps": 2, "sample_at_first": False,
@@ -103,6 +103,85 @@ def test_flux_lora_config_translates_with_simpletuners_defaults(tmp_path):
     (prompt,) = read_sample_prompts(str(path), family="flux")
     assert (prompt.prompt, prompt.width, prompt.height, prompt.steps) == ("a cat", 64, 64, 2)
     assert (prompt.guidance, prompt.cfg, prompt.negative) == (3.0, None, "")  # no real CFG at guidance_real 1
+
+
+def test_lora_dropout_is_peft_input_dropout(tmp_path):
+    """SimpleTuner's lora_dropout (sections/lora.py:129, default 0.1) goes to PEFT's LoraConfig(lora_dropout)
+    (common.py add_lora_adapter): sdcore's --lora-input-dropout, not kohya's --dropout."""
+    path = _flux_run(tmp_path)
+    data = json.loads(path.read_text())
+    data.pop("--lora_dropout")
+    _write(path, data)
+    o = _lora(path)
+    assert (o.lora_input_dropout, o.dropout) == (0.1, None)
+
+
+def test_grad_clip_method_value_is_the_default(tmp_path):
+    """sections/optimizer.py:227,264: max_grad_norm 2.0 applied by value unless grad_clip_method norm; prodigy is
+    never clipped (trainer.py should_clip_gradients)."""
+    path = _flux_run(tmp_path)
+    data = json.loads(path.read_text())
+    data.pop("--grad_clip_method")
+    _write(path, data)
+    o = _lora(path)
+    assert (o.grad_clip_method, o.max_grad_norm) == ("value", 2.0)
+    _write(path, {**data, "--max_grad_norm": "0.5", "--grad_clip_method": "norm"})
+    o = _lora(path)
+    assert (o.grad_clip_method, o.max_grad_norm) == ("norm", 0.5)
+    _write(path, {**data, "--optimizer": "prodigy"})
+    assert _lora(path).max_grad_norm == 0.0
+    _write(path, {**data, "--lora_dropout": "0.25"})
+    assert _lora(path).lora_input_dropout == 0.25
+    _write(path, {**data, "--lora_dropout": 0})
+    assert _lora(path).lora_input_dropout is None
+
+
+def test_caption_strategy_filename_is_the_stem_with_spaces(tmp_path):
+    """prompts.py prepare_instance_prompt_from_filename (caption_strategy filename, the default: DATALOADER.md):
+    ``Path(image).stem`` with every ``_`` a space, nothing else stripped (OneTrainer's filename source keeps the
+    underscores: mgds GetFilename(include_extension=False))."""
+    from sdcore.data.captions import filename_caption
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.testing.datasets import pattern_image
+
+    assert filename_caption("d/a_photo_of_a_cat-123.png", "spaces") == "a photo of a cat-123"
+    assert filename_caption("d/a_photo_of_a_cat-123.png") == "a_photo_of_a_cat-123"  # OneTrainer's rule
+    assert filename_caption("d/two__under_scores.v2.jpg", "spaces") == "two  under scores.v2"  # last suffix only
+    path = _flux_run(tmp_path)
+    images = tmp_path / "named"
+    images.mkdir()
+    for i, name in enumerate(("a_photo_of_a_cat-123.png", "dog_on_a_sofa_0001.png")):
+        pattern_image(i, 64).save(images / name)
+    (images / "dog_on_a_sofa_0001.txt").write_text("not read", encoding="utf-8")
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    _write(backend, [{"id": "named", "type": "local", "instance_data_dir": str(images)}])  # caption_strategy left out
+    index = scan_dataset(_lora(path))
+    assert sorted(e.caption for e in index.entries) == ["a photo of a cat-123", "dog on a sofa 0001"]
+    assert not index.problems
+
+
+def test_crop_false_is_noted_as_a_centred_excess_crop(tmp_path):
+    """training_sample.py prepare(): with crop false (the default) the image is resized to an intermediary size of
+    its own aspect that covers the aspect bucket, then cropped to the bucket by the crop_style handler (default
+    random, cropping.py RandomCropping) once, when latents are cached. sdcore buckets the same way and crops the
+    excess at the centre (random_crop off, so latents stay cached): a note says so, and nothing for crop_style
+    center or the text-embed cache backend."""
+    from sdcore.data.dataset import scan_dataset
+
+    path = _flux_run(tmp_path)
+    notes: list[str] = []
+    o = _lora(path, notes)
+    crop_notes = [n for n in notes if "crop false" in n]
+    assert len(crop_notes) == 2 and all("cropped at the centre" in n and "'random'" in n for n in crop_notes)
+    subsets = scan_dataset(o).subsets
+    assert [(s.buckets, s.random_crop) for s in subsets] == [(True, False), (True, False)]
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    data = json.loads(backend.read_text())
+    data[0]["crop_style"] = "center"
+    _write(backend, data)
+    notes.clear()
+    _lora(path, notes)
+    assert len([n for n in notes if "crop false" in n]) == 1
 
 
 def test_auto_shift_and_toml_spelling(tmp_path):
@@ -156,9 +235,7 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
 
     path = _flux_run(tmp_path)
     data = json.loads(path.read_text())
-    for key in ("--lora_dropout", "--grad_clip_method"):  # back to SimpleTuner's defaults
-        data.pop(key)
-    data.update({"--model_family": "hidream", "--use_ema": "true", "--lora_rnak": 8,
+    data.update({"--grad_clip_method": "percentile", "--model_family": "hidream", "--use_ema": "true", "--lora_rnak": 8,
                  "--pretrained_model_name_or_path": str(tmp_path / "no-such-model")})  # fmt: skip
     backends = json.loads(Path(data["--data_backend_config"]).read_text())
     backends.append({"id": "s3", "type": "aws", "aws_bucket_name": "x"})
@@ -169,8 +246,7 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     expected = [
         "model_family 'hidream': a model family sdcore does not train",
-        "lora_dropout 0.1 (SimpleTuner's default 0.1)",  # sections/lora.py:129
-        "grad_clip_method 'value' (SimpleTuner's default) with max_grad_norm 2.0",  # sections/optimizer.py:227,264
+        "grad_clip_method 'percentile': SimpleTuner clips by value or norm",  # sections/optimizer.py:264 choices
         "use_ema = 'true': sdcore does not implement this SimpleTuner option",
         "'lora_rnak' (did you mean 'lora_rank'?)",
         "type 'aws': sdcore reads local image folders only",

@@ -687,6 +687,18 @@ def rank_dropout_mask(size: int, p: float, rescale: bool, device: torch.device |
     return mask
 
 
+def lora_input(x: torch.Tensor, training: bool, p: float | None) -> torch.Tensor:
+    """The LoRA branch's input: ``x`` after PEFT's ``lora_dropout`` while training (``--lora-input-dropout``).
+
+    PEFT computes ``lora_B(lora_A(dropout(x))) * scaling`` (``peft.tuners.lora.layer.Linear.forward``): the
+    dropout (``nn.Dropout``: zero with probability p, the rest divided by ``1 - p``, a fresh mask per forward
+    from torch's global generator) is on the input features the LoRA reads, the base layer seeing ``x`` as it is.
+    kohya's ``--dropout`` drops the down projection's output instead (:func:`scaled_hidden`)."""
+    if training and p:
+        return torch.nn.functional.dropout(x, p=p)
+    return x
+
+
 def scaled_hidden(
     hidden: torch.Tensor,
     scale: float | torch.Tensor,
@@ -1131,10 +1143,14 @@ class LoraAdapter(Adapter):
         tucker: bool = False,
         rank_dropout_scale: bool = False,
         lora_bias: bool = False,
+        input_dropout: float | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(name, base, rank, alpha, multiplier=multiplier, module_dropout=module_dropout, dora=dora)
         self.rank_dropout_scale = rank_dropout_scale
+        #: PEFT's ``lora_dropout`` (``--lora-input-dropout``): on the input of ``lora_down``, training only
+        #: (:func:`lora_input`); each module draws its own mask, as PEFT's separate ``to_q``/``to_k``/``to_v`` do
+        self.input_dropout = input_dropout
         self.lora_mid = None
         if isinstance(base, nn.Conv2d):
             kernel = tuple(base.kernel_size)
@@ -1225,7 +1241,8 @@ class LoraAdapter(Adapter):
         return out + (term if factor is None else term * factor)
 
     def _factorised_delta(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
+        inputs = lora_input(self._input(x, self.lora_down.weight.dtype), self.training, self.input_dropout)
+        hidden = self.lora_down(inputs)
         if self.lora_mid is not None:
             hidden = self.lora_mid(hidden)
         scale: float | torch.Tensor = self._scale * self.scalar * self.multiplier
@@ -1369,6 +1386,7 @@ class SharedDownLora(MemberHooks, Adapter):
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
         lora_bias: bool = False,
+        input_dropout: float | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if not members:
@@ -1387,6 +1405,9 @@ class SharedDownLora(MemberHooks, Adapter):
         nn.init.zeros_(self.lora_up.weight)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
+        #: PEFT's ``lora_dropout`` on the input (``--lora-input-dropout``): drawn once per input in :meth:`_hidden`,
+        #: so the members share one mask, as PEFT's one module on a fused ``to_qkv`` draws one
+        self.input_dropout = input_dropout
         #: ``--lora-bias``: the fused module's ``lora_up`` bias (BFL's ``lora_B.bias`` of a ``qkv``/``linear1``),
         #: each member adding its rows, from zero as PEFT's ``lora_bias``
         self.up_bias: nn.Parameter | None = None
@@ -1436,7 +1457,8 @@ class SharedDownLora(MemberHooks, Adapter):
         def compute() -> torch.Tensor | None:
             if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
                 return None
-            hidden = self.lora_down(self._input(x, self.lora_down.weight.dtype))
+            inputs = lora_input(self._input(x, self.lora_down.weight.dtype), self.training, self.input_dropout)
+            hidden = self.lora_down(inputs)
             scale: float | torch.Tensor = self._scale * self.multiplier
             factor = self.sample_factor(hidden)
             if factor is not None:

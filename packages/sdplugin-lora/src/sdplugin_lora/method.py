@@ -153,6 +153,13 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         None, "Per-sample dropout of whole rank channels (kohya rank_dropout).", group="lora"
     )
     module_dropout: float | None = option(None, "Probability of skipping a LoRA module for a step.", group="lora")
+    lora_input_dropout: float | None = option(
+        None,
+        "PEFT's lora_dropout (diffusers' and SimpleTuner's LoRAs): while training, dropout on the features the LoRA "
+        "reads, lora_up(lora_down(dropout(x))), a fresh mask per module and forward (a fused SD3/Flux module: one "
+        "for its q/k/v); the base layer sees x unchanged. Plain LoRA (--algo lora or locon) only.",
+        group="lora",
+    )
     scale_weight_norms: float | None = option(
         None,
         "kohya max-norm regularisation: after each step, rescale every module whose change ||alpha/rank * "
@@ -472,6 +479,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             ("--dropout", o.dropout),
             ("--rank-dropout", o.rank_dropout),
             ("--module-dropout", o.module_dropout),
+            ("--lora-input-dropout", o.lora_input_dropout),
         ):
             if value is not None and not 0 <= value < 1:
                 raise ConfigError(f"{flag} must be in [0, 1) (got {value})")
@@ -552,6 +560,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         problems += self._ggpo_problems()
         problems += self._module_rule_problems()
         problems += self._lora_bias_problems()
+        problems += self._input_dropout_problems()
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -714,6 +723,25 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             problems.append(f"--lora-bias trains PEFT's lora_B bias of plain LoRA, not --algo {o.algo}"
                             f"{' --use-tucker' if o.use_tucker else ''}")  # fmt: skip
         return problems
+
+    def _input_dropout_problems(self) -> list[str]:
+        """--lora-input-dropout is PEFT's ``lora_dropout``, defined for plain LoRA's ``up(down(x))`` (LoCon's convs
+        and a Tucker core read the same dropped input). Where the change is a rebuilt weight there is no LoRA input
+        to drop: LoHa, LoKr, OFT..., DoRA (PEFT's DoRA drops the input of the whole rescaled layer, another
+        formula) and LyCORIS' rank dropout (--rank-dropout-scale); DyLoRA and LoRA-FA are kohya's, without it."""
+        o = self.options
+        if not o.lora_input_dropout:
+            return []
+        if o.algo not in ("lora", "locon"):
+            return [f"--lora-input-dropout is PEFT's lora_dropout of plain LoRA, not defined for --algo {o.algo}"]
+        if o.lycoris_preset is not None:
+            return ["--lora-input-dropout with --lycoris-preset: LyCORIS' modules have no PEFT lora_dropout"]
+        if o.rank_dropout and o.rank_dropout_scale:
+            return [
+                "--lora-input-dropout with --rank-dropout-scale: LyCORIS' rank dropout rebuilds the weight, so there "
+                "is no LoRA input to drop"
+            ]
+        return []
 
     def _te_rate_problems(self) -> list[str]:
         """--te1-lr/--te2-lr/--te3-lr: not negative, and for encoders that train here."""
@@ -1067,6 +1095,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             rescaled=self.options.rescaled,
             norms=index.select_norms(conv=conv) if self.options.train_norm and self.train_unet else (),
             lora_bias=self.options.lora_bias,
+            input_dropout=self.options.lora_input_dropout,
         )
         groups = self._finish_prepare(bundle, index, network, plan)
         if self.options.train_norm_layers and self.part_lr(te=False):

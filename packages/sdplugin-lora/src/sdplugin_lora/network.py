@@ -83,6 +83,7 @@ class LoraNetwork(nn.Module):
         constraint: float = 0.0,
         rescaled: bool = False,
         lora_bias: bool = False,
+        input_dropout: float | None = None,
     ) -> LoraNetwork:
         """kohya's rule: Linear and 1x1 conv get ``rank``/``alpha``; kxk convs ``conv_rank``/``conv_alpha``
         (skipped when no conv rank). ``algo`` picks the adapter (:data:`sdplugin_lora.algos.ALGOS`);
@@ -102,7 +103,8 @@ class LoraNetwork(nn.Module):
         on each of these GroupNorm/LayerNorm targets, ``ModuleIndex.select_norms``); ``constraint`` and
         ``rescaled`` (diag-oft, BOFT). A layer BOFT cannot split is a ``ConfigError`` naming every one.
         ``lora_bias`` (plain LoRA only) gives every module a ``lora_up`` bias trained from zero (PEFT's
-        ``lora_bias``, ``--lora-bias``).
+        ``lora_bias``, ``--lora-bias``); ``input_dropout`` (plain LoRA only) is PEFT's ``lora_dropout`` on the
+        LoRA's input (``--lora-input-dropout``, :func:`sdplugin_lora.adapters.lora_input`).
 
         LyCORIS ``ia3`` and ``full`` have no rank: ``rank``/``conv_rank`` only say which targets get a
         module (a kxk conv needs a conv rank, as LyCORIS' ``conv_dim``)."""
@@ -145,6 +147,7 @@ class LoraNetwork(nn.Module):
                     rank_dropout=rank_dropout,
                     module_dropout=module_dropout,
                     lora_bias=lora_bias,
+                    input_dropout=input_dropout,
                 )
             )
         for target in targets:
@@ -199,7 +202,7 @@ class LoraNetwork(nn.Module):
                 common.update(dropout=dropout, rank_dropout=rank_dropout)
             elif adapter_cls is LoraAdapter:
                 common.update(dropout=dropout, rank_dropout=rank_dropout, dora=algo == "dora", tucker=use_tucker)
-                common.update(rank_dropout_scale=rank_dropout_scale, lora_bias=lora_bias)
+                common.update(rank_dropout_scale=rank_dropout_scale, lora_bias=lora_bias, input_dropout=input_dropout)
             elif algo in ("ia3", "glora", "full"):  # LyCORIS: module dropout only (see their adapters)
                 pass
             elif algo == "lokr":

@@ -49,6 +49,24 @@ def caption_path_candidates(image_path: str | os.PathLike[str], extension: str =
     return candidates
 
 
+#: how :func:`filename_caption` turns a file name into a caption: ``stem`` (OneTrainer's ``prompt_source
+#: filename``: mgds ``GetFilename(include_extension=False)``, the name without its last suffix, as it is) or
+#: ``spaces`` (SimpleTuner's ``caption_strategy filename``: the same stem with every ``_`` a space). Neither strips
+#: trailing numbers, hashes or dashes: ``a_photo_of_a_cat-123.png`` is ``a_photo_of_a_cat-123`` or
+#: ``a photo of a cat-123``.
+FILENAME_CAPTION_RULES = ("stem", "spaces")
+
+
+def filename_caption(image_path: str | os.PathLike[str], rule: str = "stem") -> str:
+    """The caption a trainer reads from the image's file name by ``rule`` (:data:`FILENAME_CAPTION_RULES`)."""
+    stem = Path(image_path).stem
+    if rule == "spaces":
+        return stem.replace("_", " ")
+    if rule != "stem":
+        raise ValueError(f"filename caption rule {rule!r}: choose one of {', '.join(FILENAME_CAPTION_RULES)}")
+    return stem
+
+
 def find_caption_file(image_path: str | os.PathLike[str], extension: str = ".txt") -> Path | None:
     """The caption file :func:`read_caption` would read, or ``None``."""
     for candidate in caption_path_candidates(image_path, extension):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
 from .buckets import BucketAssignment, ImageTooSmallError, assign_bucket, make_buckets, square_assignment
-from .captions import CAPTION_EXTENSIONS, read_caption
+from .captions import CAPTION_EXTENSIONS, filename_caption, read_caption
 from .images import ImageError, is_image_path, probe_image, verify_image
 
 if TYPE_CHECKING:
@@ -117,6 +117,9 @@ class SubsetOptions:
     excluded_stem_suffixes: tuple[str, ...] = ()
     caption_text: str | None = None
     caption_from_filename: bool = False
+    #: the file-name caption's rule (:data:`sdcore.data.captions.FILENAME_CAPTION_RULES`): OneTrainer's stem as it
+    #: is, or SimpleTuner's (``caption_strategy filename``) with underscores as spaces
+    filename_caption_rule: str = "stem"
     loss_weight: float = 1.0
     #: OneTrainer's masked training: each image's mask is the file beside it named ``<stem><mask_suffix>``
     #: (its ``-masklabel.png``), greyscale, a missing one weighting the whole image (``None``: no such masks)
@@ -950,7 +953,7 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         path = images[position]
         try:
             if subset.caption_from_filename:
-                caption: str | None = path.stem
+                caption: str | None = filename_caption(path, subset.filename_caption_rule)
             elif subset.caption_text is not None:
                 caption = subset.caption_text
             else:

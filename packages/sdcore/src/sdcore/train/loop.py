@@ -616,6 +616,7 @@ class TrainSession:
                     objective=self.objective,
                     placement=self.placement,
                     max_grad_norm=o.max_grad_norm,
+                    grad_clip_method=o.grad_clip_method,
                     on_bad=self._diverged,
                     fused=self.fused,
                     before_update=functools.partial(self.method.before_optimizer_step, self.bundle, pos.step + 1),

@@ -386,6 +386,14 @@ class TrainOptions:
         "", "Extra optimizer arguments, e.g. 'weight_decay=0.01 betas=0.9,0.99'.", group="training"
     )
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training")
+    grad_clip_method: str = option(
+        "norm",
+        "How --max-grad-norm clips: norm (scale all gradients down to that global L2 norm: kohya, diffusers) or "
+        "value (clamp each gradient element to +-max-grad-norm: SimpleTuner's default grad_clip_method, torch's "
+        "clip_grad_value_), after the gradients are summed over processes and unscaled.",
+        choices=("norm", "value"),
+        group="training",
+    )
     gradient_accumulation: int = option(1, "Micro-batches per optimizer step.", group="training")
     fused_backward_pass: bool = option(
         False,

@@ -162,6 +162,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     problems.extend(flow_reading_problems(o.model_prediction_type, o.weighting_scheme))
     if o.max_grad_norm < 0:
         problems.append(f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
+    problems.extend(grad_clip_problems(o))
     if o.cache_latents_to_disk and not o.cache_latents:
         problems.append("--cache-latents-to-disk needs --cache-latents")
     if o.cache_text_encoder_outputs_to_disk and not o.cache_text_encoder_outputs:
@@ -245,6 +246,33 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
             method.validate()
         except SdcoreError as exc:
             problems.append(str(exc))
+    return problems
+
+
+#: --grad-clip-method values (SimpleTuner's grad_clip_method choices: value, norm)
+GRAD_CLIP_METHODS = ("norm", "value")
+
+
+def grad_clip_problems(o: TrainOptions) -> list[str]:
+    """--grad-clip-method: one of :data:`GRAD_CLIP_METHODS`; ``value`` (accelerate's ``clip_grad_value_``) needs
+    every gradient whole on each process, so not with a sharding engine (accelerate refuses it under FSDP and
+    DeepSpeed, SimpleTuner skips the clipping there) nor with the tensors stepping inside backward (which clip
+    each tensor by its own norm, kohya's rule)."""
+    from .ema import sharded_engine
+    from .fused import steps_in_backward
+
+    if o.grad_clip_method not in GRAD_CLIP_METHODS:
+        return [f"--grad-clip-method {o.grad_clip_method!r}: choose one of {', '.join(GRAD_CLIP_METHODS)}"]
+    if o.grad_clip_method != "value" or o.max_grad_norm <= 0:
+        return []
+    problems = []
+    engine = sharded_engine()
+    if engine:
+        problems.append(f"--grad-clip-method value with {engine}: accelerate clips values only on whole gradients "
+                        "(use --grad-clip-method norm, or plain multi-GPU)")  # fmt: skip
+    if steps_in_backward(o):
+        problems.append("--grad-clip-method value with a fused backward pass: the tensors step inside backward, "
+                        "clipped by their own norm (kohya's rule); use --grad-clip-method norm")  # fmt: skip
     return problems
 
 

@@ -503,6 +503,7 @@ def translate_config(
     else:
         for problem in _backend_problems(Path(backend).expanduser(), f"{where}.data_backend_config", data):
             out.problems.append(problem)
+        out.notes.extend(_crop_notes(Path(backend).expanduser(), f"{where}.data_backend_config"))
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
 
@@ -601,14 +602,11 @@ def _optimizer(r: _Reader, out: JobTranslation) -> None:
     method = r.text("grad_clip_method")
     if name == "prodigy" or norm <= 0:  # trainer.py: prodigy and optimi-stableadamw are never clipped
         v["max_grad_norm"] = 0.0
-    elif method == "norm":
+    elif method in ("norm", "value"):  # trainer.py: accelerator.clip_grad_norm_ / clip_grad_value_
         v["max_grad_norm"] = norm
+        v["grad_clip_method"] = method
     else:
-        out.problems.append(
-            f"{w}.grad_clip_method {method!r} (SimpleTuner's default) with max_grad_norm {norm}: SimpleTuner clips "
-            "each gradient value to ±max_grad_norm; sdcore clips the gradients' norm (set grad_clip_method norm, "
-            "or max_grad_norm 0)"
-        )
+        out.problems.append(f"{w}.grad_clip_method {method!r}: SimpleTuner clips by value or norm")
 
 
 def _lora(r: _Reader, family: str | None, out: JobTranslation) -> None:
@@ -626,11 +624,8 @@ def _lora(r: _Reader, family: str | None, out: JobTranslation) -> None:
     v["rank"] = rank
     v["alpha"] = rank if alpha is None else alpha  # common.py add_lora_adapter: lora_alpha or lora_rank
     dropout = r.number("lora_dropout")
-    if dropout:
-        out.problems.append(
-            f"{w}.lora_dropout {dropout} (SimpleTuner's default 0.1): PEFT drops the LoRA's input features; sdcore's "
-            "--dropout drops the down projection's output (kohya's network_dropout): set lora_dropout 0"
-        )
+    if dropout:  # common.py add_lora_adapter: PEFT's LoraConfig(lora_dropout=...), dropout on each module's input
+        v["lora_input_dropout"] = dropout
     if family in FLOW_FAMILIES:
         # SimpleTuner saves transformer LoRAs as diffusers/PEFT keys (transformer.<module>.lora_A/B)
         v["key_layout"] = "diffusers"
@@ -849,6 +844,28 @@ def _backends(path: Path, where: str) -> list[Any]:
     return data
 
 
+def _crop_notes(path: Path, where: str) -> list[str]:
+    """``crop`` false (the default) is not "no crop" in SimpleTuner (training_sample.py ``prepare``/``resize``): the
+    image is resized keeping its aspect to an intermediary size covering the aspect bucket
+    (``calculate_new_size_by_pixel_area``) and the excess cropped off by the ``crop_style`` handler (default random,
+    cropping.py), once, when its VAE cache is built. sdcore does the same bucket resize + crop with the excess at
+    the centre (a random spot per use would forbid cached latents), so the pixels differ by that excess only."""
+    try:
+        backends = _backends(path, where)
+    except ConfigError:
+        return []  # reported with the backend's problems
+    return [
+        f"{where} {path}[{i}] ({b.get('id', '?')}): crop false: resized to cover its aspect bucket and the few pixels "
+        f"over it cropped at the centre (SimpleTuner crops them by crop_style {b.get('crop_style', 'random')!r}, "
+        "once when it caches latents)"
+        for i, b in enumerate(backends)
+        if isinstance(b, dict)
+        and not _bool(b.get("crop", False))
+        and str(b.get("dataset_type", "image")).lower() == "image"
+        and str(b.get("crop_style", "random")) != "center"
+    ]
+
+
 def _backend_problems(path: Path, where: str, top: dict[str, Any]) -> list[str]:
     """The data backend JSON's problems, reported with the config's (before any model loads)."""
     try:
@@ -938,15 +955,18 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
         prompt = backend.get("instance_prompt")
         class_tokens = None
         extension = ".txt"
+        from_filename = False
         if strategy == "instanceprompt" or _bool(backend.get("only_instance_prompt", False)):
             if not prompt:
                 problems.append(f"{w}: caption_strategy instanceprompt needs instance_prompt")
             class_tokens = str(prompt)
             extension = ".simpletuner-instance-prompt"  # no caption file: every image gets instance_prompt
+        elif strategy == "filename":  # prompts.py prepare_instance_prompt_from_filename: the stem, "_" -> " "
+            from_filename = True
         elif strategy != "textfile":
             problems.append(
-                f"{w}: caption_strategy {strategy!r} (SimpleTuner's default is filename): sdcore reads captions from "
-                ".txt files (textfile) or one prompt for all (instanceprompt)"
+                f"{w}: caption_strategy {strategy!r}: sdcore reads captions from the file name (filename), .txt "
+                "files (textfile) or one prompt for all (instanceprompt)"
             )
         if _bool(backend.get("prepend_instance_prompt", False)) and class_tokens is None:
             problems.append(f"{w}: prepend_instance_prompt: not translated yet")
@@ -957,6 +977,8 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 repeats=int(backend.get("repeats", 0)) + 1,  # DATALOADER.md: 0 = seen once
                 caption_extension=extension,
                 class_tokens=class_tokens,
+                caption_from_filename=from_filename,
+                filename_caption_rule="spaces" if from_filename else base.filename_caption_rule,
                 resolution=side,
                 buckets=not (crop and aspect == "square"),
                 bucket_step=step,

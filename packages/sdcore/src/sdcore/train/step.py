@@ -312,6 +312,7 @@ def optimizer_step(
     on_bad: Callable[[StepOutcome], None],
     fused: StepInBackward | None = None,
     before_update: Callable[[], None] | None = None,
+    grad_clip_method: str = "norm",
 ) -> StepOutcome:
     """Accumulate ``group`` (micro-batches of sample refs) into one optimizer step.
 
@@ -320,6 +321,11 @@ def optimizer_step(
     ``fused`` (``--fused-backward-pass``): the tensors step inside backward (:mod:`.fused`).
     ``before_update``: called with the final (clipped, unscaled) gradients right before the optimizer
     step (:meth:`sdcore.train.method.TrainingMethod.before_optimizer_step`; not with ``fused``).
+    ``grad_clip_method`` ``value`` clamps each gradient element to ``±max_grad_norm`` (SimpleTuner's
+    default) instead of scaling the global norm down; accelerate unscales the fp16 gradients first in
+    both (the scaler has already recorded an inf, so it still skips such a step), and the gradients are
+    already summed over processes. Clamping would turn an inf into a finite value, so without a scaler a
+    non-finite gradient stops the run as a non-finite norm does.
     """
     import torch
 
@@ -344,7 +350,15 @@ def optimizer_step(
     if any_bad:
         placement.optimizer.zero_grad(set_to_none=True)
         on_bad(StepOutcome(step_loss, bad if bad is not None else float("nan")))
-    if max_grad_norm > 0:
+    if max_grad_norm > 0 and grad_clip_method == "value":
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if acc.scaler is None and grads:
+            largest = float(torch.stack([g.detach().abs().amax().float() for g in grads]).amax())
+            if not math.isfinite(largest):
+                placement.optimizer.zero_grad(set_to_none=True)
+                on_bad(StepOutcome(step_loss, largest, "largest gradient value"))
+        acc.clip_grad_value_(model.parameters(), max_grad_norm)
+    elif max_grad_norm > 0:
         norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm)
         if acc.scaler is None and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
             placement.optimizer.zero_grad(set_to_none=True)

@@ -184,6 +184,33 @@ def test_crop_false_is_noted_as_a_centred_excess_crop(tmp_path):
     assert len([n for n in notes if "crop false" in n]) == 1
 
 
+def test_crop_true_random_keeps_latents_cached_and_crops_at_the_centre(tmp_path):
+    """crop true with crop_style random (SimpleTuner's default style): SimpleTuner's RandomCropping picks the spot
+    once, when it caches latents (the VAE cache is always on there); sdcore's random crop draws a new spot at every
+    use, which forbids cached latents and made the translated run refuse itself. The subset crops at the centre and
+    a note says what differs; crop_style center gets no note."""
+    from sdcore.data.dataset import scan_dataset
+
+    path = _flux_run(tmp_path)
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    data = json.loads(backend.read_text())
+    for entry in data:
+        if entry.get("dataset_type", "image") == "image":
+            entry.update(crop=True, crop_style="random", crop_aspect="preserve")
+    _write(backend, data)
+    notes: list[str] = []
+    o = _lora(path, notes)
+    assert len([n for n in notes if "crop_style random: cropped at the centre" in n]) == 2
+    assert [s.random_crop for s in scan_dataset(o).subsets] == [False, False]
+    for entry in data:
+        if entry.get("dataset_type", "image") == "image":
+            entry["crop_style"] = "center"
+    _write(backend, data)
+    notes.clear()
+    _lora(path, notes)
+    assert not [n for n in notes if "crop_style random" in n or "crop false" in n]
+
+
 def test_auto_shift_and_toml_spelling(tmp_path):
     import tomli_w
 

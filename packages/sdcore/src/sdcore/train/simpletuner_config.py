@@ -854,16 +854,24 @@ def _crop_notes(path: Path, where: str) -> list[str]:
         backends = _backends(path, where)
     except ConfigError:
         return []  # reported with the backend's problems
-    return [
-        f"{where} {path}[{i}] ({b.get('id', '?')}): crop false: resized to cover its aspect bucket and the few pixels "
-        f"over it cropped at the centre (SimpleTuner crops them by crop_style {b.get('crop_style', 'random')!r}, "
-        "once when it caches latents)"
-        for i, b in enumerate(backends)
-        if isinstance(b, dict)
-        and not _bool(b.get("crop", False))
-        and str(b.get("dataset_type", "image")).lower() == "image"
-        and str(b.get("crop_style", "random")) != "center"
-    ]
+    notes = []
+    for i, b in enumerate(backends):
+        if not isinstance(b, dict) or str(b.get("dataset_type", "image")).lower() != "image":
+            continue
+        style = str(b.get("crop_style", "random"))
+        head = f"{where} {path}[{i}] ({b.get('id', '?')})"
+        if not _bool(b.get("crop", False)) and style != "center":
+            notes.append(
+                f"{head}: crop false: resized to cover its aspect bucket and the few pixels over it cropped at the "
+                f"centre (SimpleTuner crops them by crop_style {style!r}, once when it caches latents)"
+            )
+        elif _bool(b.get("crop", False)) and style == "random":
+            notes.append(
+                f"{head}: crop_style random: cropped at the centre (SimpleTuner picks one random spot per image, once "
+                "when it caches latents; sdcore's --random-crop draws a new spot at every use, which cached latents "
+                "cannot hold)"
+            )
+    return notes
 
 
 def _backend_problems(path: Path, where: str, top: dict[str, Any]) -> list[str]:
@@ -984,7 +992,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 bucket_step=step,
                 min_bucket_reso=min(base.min_bucket_reso, max(side // step, 1) * step),
                 max_bucket_reso=max(base.max_bucket_reso, -(-side // step) * step),
-                random_crop=crop and style == "random",
+                random_crop=False,  # SimpleTuner's random spot is fixed when it caches latents: _crop_notes
             )
         )
     if not subsets and not problems:

@@ -242,3 +242,20 @@ def test_variables_are_substituted_and_unset_ones_named(tmp_path, monkeypatch):
     assert command.args["learning_rate"] == "1e-4" and command.args["instance_data_dir"] == "/data/dog"
     assert command.problems == [f"{path}: variable(s) not set: NOPE"]
     assert read_command(_write(tmp_path, "just some text\n", "notes.txt")) is None
+
+
+def test_sd1_dreambooth_lora_targets_match_as_peft_matches_them(tmp_path, monkeypatch):
+    """train_dreambooth_lora.py:945 lists add_k_proj/add_v_proj, which an SD1.5 UNet lacks: PEFT adapts the names
+    that match (it fails only when none does), so the run adapts to_q/to_k/to_v/to_out.0 and does not fail."""
+    from sdplugin_lora.targets import list_targets
+
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "dog")
+    path = _write(tmp_path, "accelerate launch train_dreambooth_lora.py --pretrained_model_name_or_path=m "
+                            "--instance_data_dir=dog --instance_prompt='a sks dog'\n")  # fmt: skip
+    report = list_targets(_load(path, {"model": "tiny:sd1"}))
+    paths = {p for row in report.rows for p in row.paths}
+    assert paths and {p.rsplit(".", 1)[-1] if not p.endswith("to_out.0") else "to_out.0" for p in paths} == {
+        "to_q", "to_k", "to_v", "to_out.0"}  # fmt: skip
+    # every pattern matches something: one PEFT list is one pattern (nothing matched at all is still refused)
+    assert [m.pattern for m in report.patterns] == [_load(path, {"model": "tiny:sd1"}).layer_filter]

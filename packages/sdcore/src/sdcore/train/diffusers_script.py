@@ -564,9 +564,11 @@ ALPHA_ARG = {"train_dreambooth_lora_flux.py"}
 
 
 def peft_target_regex(names: list[str] | tuple[str, ...]) -> str:
-    """``--layer-filter`` regexes matching PEFT's list ``target_modules``: the module path or a path ending in
-    ``.<name>`` (comma-separated, one per name)."""
-    return ",".join(f"(^|\\.){re.escape(name)}$" for name in names)
+    """One ``--layer-filter`` regex matching PEFT's list ``target_modules``: the module path or a path ending in
+    ``.<name>``. One pattern for the whole list, because PEFT fails only when no name matches (a script's list may
+    name modules the model lacks: train_dreambooth_lora.py:945's add_k_proj/add_v_proj on an SD1.5 UNet), while
+    sdcore refuses each pattern that matches nothing."""
+    return f"(^|\\.)({'|'.join(re.escape(name) for name in names)})$"
 
 
 def _network(a: _Args, script: Script, method: str, w: str, out: JobTranslation) -> None:

@@ -259,3 +259,20 @@ def test_sd1_dreambooth_lora_targets_match_as_peft_matches_them(tmp_path, monkey
         "to_q", "to_k", "to_v", "to_out.0"}  # fmt: skip
     # every pattern matches something: one PEFT list is one pattern (nothing matched at all is still refused)
     assert [m.pattern for m in report.patterns] == [_load(path, {"model": "tiny:sd1"}).layer_filter]
+
+
+def test_text_to_image_lora_sdxl_crops_and_flips_each_time_an_image_is_used(tmp_path, monkeypatch):
+    """train_text_to_image_lora_sdxl.py:942-960 runs preprocess_train through dataset.with_transform (:982): a new
+    RandomCrop and flip coin on every access, as train_text_to_image_lora.py's Compose; no build-time crop."""
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "pics")
+    notes: list[str] = []
+    path = _write(tmp_path, "accelerate launch train_text_to_image_lora_sdxl.py --pretrained_model_name_or_path=m "
+                            "--train_data_dir=pics --random_flip\n")  # fmt: skip
+    o = _load(path, {"model": "tiny:sdxl"}, notes=notes)
+    assert (o.random_crop, o.cache_latents, o.flip) == (True, False, True)
+    assert not any("when it builds the dataset" in n for n in notes)
+    centre = _load(_write(tmp_path, path.read_text().replace("--random_flip", "--center_crop"), "c.sh"),
+                   {"model": "tiny:sdxl"})  # fmt: skip
+    assert (centre.random_crop, centre.flip) == (False, False)
+

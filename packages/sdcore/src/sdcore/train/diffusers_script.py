@@ -544,9 +544,11 @@ def _prior(a: _Args, method: str, w: str, out: JobTranslation) -> None:
                      "instance image in a batch")  # fmt: skip
 
 
-#: scripts that crop each time an image is used (the others draw one crop per image at dataset build, e.g.
-#: train_dreambooth_lora_flux.py:813-839)
-PER_STEP_CROP = {"train_dreambooth_lora.py", "train_dreambooth.py", "train_text_to_image_lora.py"}
+#: scripts that crop each time an image is used (torchvision transforms in __getitem__, or the text_to_image
+#: scripts' preprocess_train through dataset.with_transform: train_text_to_image_lora_sdxl.py:942-982); the others
+#: draw one crop per image at dataset build, e.g. train_dreambooth_lora_flux.py:813-839
+PER_STEP_CROP = {"train_dreambooth_lora.py", "train_dreambooth.py", "train_text_to_image_lora.py",
+                 "train_text_to_image_lora_sdxl.py"}  # fmt: skip
 #: PEFT target modules of each LoRA script without --lora_layers (the file's line of the list)
 TARGETS = {
     "train_dreambooth_lora_flux.py": (("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",

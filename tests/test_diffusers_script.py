@@ -276,3 +276,13 @@ def test_text_to_image_lora_sdxl_crops_and_flips_each_time_an_image_is_used(tmp_
                    {"model": "tiny:sdxl"})  # fmt: skip
     assert (centre.random_crop, centre.flip) == (False, False)
 
+
+def test_control_lora_command_notes_the_stretch_not_a_crop(tmp_path, monkeypatch):
+    """train_control_lora_flux.py:681 resizes both images to a --resolution square (no crop, no --center_crop)."""
+    monkeypatch.chdir(tmp_path)
+    notes: list[str] = []
+    path = _write(tmp_path, "accelerate launch train_control_lora_flux.py --pretrained_model_name_or_path=m "
+                            "--jsonl_for_train=t.jsonl\n")  # fmt: skip
+    _load(path, {"model": "tiny:flux"}, notes=notes)
+    assert not any("random crop" in n for n in notes)
+    assert any("stretches" in n for n in notes)

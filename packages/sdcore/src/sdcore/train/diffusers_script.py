@@ -496,7 +496,10 @@ def _data(a: _Args, script: Script, method: str, path: str | os.PathLike[str], w
         v["buckets"] = False
         _prior(a, method, w, out)
     v["resolution"] = a.num("resolution", int)
-    if not a.flag("center_crop"):
+    if script.kind == "control":  # train_control_lora_flux.py:681: Resize((resolution, resolution)), no crop
+        out.notes.append(f"{w}: the script stretches the image and control image to a --resolution square; sdcore "
+                         "resizes, crops and buckets them together")  # fmt: skip
+    elif not a.flag("center_crop"):
         name = next(k for k, s in SCRIPTS.items() if s is script)
         if name in PER_STEP_CROP:  # torchvision RandomCrop in __getitem__: a new crop each time
             v["random_crop"] = True

@@ -286,3 +286,13 @@ def test_control_lora_command_notes_the_stretch_not_a_crop(tmp_path, monkeypatch
     _load(path, {"model": "tiny:flux"}, notes=notes)
     assert not any("random crop" in n for n in notes)
     assert any("stretches" in n for n in notes)
+
+
+def test_continuation_with_trailing_spaces_and_crlf(tmp_path):
+    """A ``\\`` followed by spaces before the line end (a common copy-paste slip, and CRLF files) still continues
+    the command, instead of a cryptic 'No escaped character'."""
+    from sdcore.train.diffusers_script import read_command
+
+    text = "accelerate launch train_dreambooth_lora_flux.py \\  \r\n  --rank=8 \\\t\r\n  --seed=1\r\n"
+    command = read_command(_write(tmp_path, text))
+    assert command is not None and (command.args, command.problems) == ({"rank": "8", "seed": "1"}, [])

@@ -211,7 +211,9 @@ class Command:
 
 
 def _logical_lines(text: str) -> list[str]:
-    return re.sub(r"\\\r?\n", " ", text).splitlines()
+    """The file's lines with continuations joined; a ``\\`` followed by spaces or tabs before the line end (a
+    copy-paste slip bash would read as an escaped space ending the command) continues the line too."""
+    return re.sub(r"\\[ \t]*\r?\n", " ", text).splitlines()
 
 
 _ASSIGN = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")

@@ -288,6 +288,27 @@ def test_control_lora_command_notes_the_stretch_not_a_crop(tmp_path, monkeypatch
     assert any("stretches" in n for n in notes)
 
 
+def test_shell_words_as_bash_reads_them(tmp_path, monkeypatch):
+    """bash's own rules: an environment prefix (``VAR=x command``) runs the command; ``${VAR:-default}`` /
+    ``${VAR-default}`` take the default when the variable is unset (``:-`` also when empty); nothing is substituted
+    inside single quotes; ``export A=1 B=2`` sets both."""
+    from sdcore.train.diffusers_script import read_command
+
+    monkeypatch.delenv("RDIFF_UNSET", raising=False)
+    monkeypatch.setenv("RDIFF_EMPTY", "")
+    text = (
+        "export A=1 B='x y'\n"
+        "CUDA_VISIBLE_DEVICES=0 accelerate launch train_dreambooth_lora_flux.py --rank=${RDIFF_UNSET:-8} \\\n"
+        "  --output_dir=${RDIFF_EMPTY:-out} --seed=${RDIFF_EMPTY-7} --repeats=${A:-5} \\\n"
+        "  --instance_prompt='costs $A' --validation_prompt=\"$B\"\n"
+    )
+    command = read_command(_write(tmp_path, text))
+    assert command is not None and command.problems == []
+    assert command.script == "train_dreambooth_lora_flux.py"
+    assert command.args == {"rank": "8", "output_dir": "out", "seed": "", "repeats": "1",
+                            "instance_prompt": "costs $A", "validation_prompt": "x y"}  # fmt: skip
+
+
 def test_continuation_with_trailing_spaces_and_crlf(tmp_path):
     """A ``\\`` followed by spaces before the line end (a common copy-paste slip, and CRLF files) still continues
     the command, instead of a cryptic 'No escaped character'."""
@@ -296,3 +317,15 @@ def test_continuation_with_trailing_spaces_and_crlf(tmp_path):
     text = "accelerate launch train_dreambooth_lora_flux.py \\  \r\n  --rank=8 \\\t\r\n  --seed=1\r\n"
     command = read_command(_write(tmp_path, text))
     assert command is not None and (command.args, command.problems) == ({"rank": "8", "seed": "1"}, [])
+
+
+def test_unsupported_expansion_is_named(tmp_path):
+    from sdcore.train.diffusers_script import read_command
+
+    command = read_command(_write(tmp_path, "python train_dreambooth_lora.py --rank=${R:+4} --seed=$(date +%s)\n"))
+    assert command is not None
+    assert any("${R:+4}" in p and "$(date +%s)" in p for p in command.problems)
+    used = read_command(_write(tmp_path, "D=$(pwd)/dog\nT=$(date)\npython train_dreambooth_lora.py --instance_data_dir=$D\n",
+                               "used.sh"))  # fmt: skip
+    assert used is not None and used.problems == [f"{tmp_path / 'used.sh'}: shell expansion(s) sdcore does not run: "
+                                                  "$(pwd) (write the value)"]  # fmt: skip

@@ -217,20 +217,61 @@ def _logical_lines(text: str) -> list[str]:
 
 
 _ASSIGN = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_NAME_IS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+#: ``$VAR``, ``${VAR}``, ``${VAR:-default}``/``${VAR-default}`` (``=`` forms read alike: the default is used)
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)[-=]([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+#: what bash would expand and sdcore does not: other ``${...}`` forms, ``$(...)``, backquotes
+_OTHER_EXPANSION = re.compile(r"\$\{[^}]*\}?|\$\([^)]*\)?|`[^`]*`?")
 
 
-def _substitute(line: str, variables: dict[str, str], missing: list[str]) -> str:
+def _substitute(line: str, variables: dict[str, str], missing: list[str], unsupported: list[str] | None = None) -> str:
+    """``line`` with its variables filled in as bash fills them: not inside single quotes; a ``${VAR:-x}``
+    default when the variable is unset (``:-`` also when it is empty). Other expansions are left as written and
+    listed in ``unsupported``."""
+
     def value(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name in variables:
-            return variables[name]
-        if name in os.environ:
-            return os.environ[name]
-        missing.append(name)
-        return match.group(0)
+        name = match.group(1) or match.group(4)
+        found = variables[name] if name in variables else os.environ.get(name)
+        if match.group(3) is not None and (found is None or (match.group(2) and not found)):
+            return _substitute(match.group(3), variables, missing, unsupported)
+        if found is None:
+            missing.append(name)
+            return match.group(0)
+        if unsupported is not None:  # X=$(pwd) was kept as written: the command would get it so
+            unsupported.extend(m.group(0) for m in _OTHER_EXPANSION.finditer(found))
+        return found
 
-    return _VAR.sub(value, line)
+    out: list[str] = []
+    i, double = 0, False
+    while i < len(line):
+        ch = line[i]
+        if ch == "\\":
+            out.append(line[i : i + 2])
+            i += 2
+        elif ch == "'" and not double:  # single quotes: literal up to the closing one
+            end = line.find("'", i + 1)
+            end = len(line) if end < 0 else end + 1
+            out.append(line[i:end])
+            i = end
+        elif ch in "$`":
+            match = _VAR.match(line, i) if ch == "$" else None
+            other = None if match else _OTHER_EXPANSION.match(line, i)
+            if match:
+                out.append(value(match))
+                i = match.end()
+            elif other:
+                if unsupported is not None:
+                    unsupported.append(other.group(0))
+                out.append(other.group(0))
+                i = other.end()
+            else:
+                out.append(ch)
+                i += 1
+        else:
+            double ^= ch == '"'
+            out.append(ch)
+            i += 1
+    return "".join(out)
 
 
 def _script_of(words: list[str]) -> int | None:
@@ -252,26 +293,35 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
         raise ConfigError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
     variables: dict[str, str] = {}
     missing: list[str] = []
+    unsupported: list[str] = []
     for line in _logical_lines(text):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        assign = _ASSIGN.match(stripped)
-        if assign:
-            try:
-                words = shlex.split(_substitute(assign.group(2), variables, missing), comments=True)
-            except ValueError:
-                words = [assign.group(2)]
-            variables[assign.group(1)] = " ".join(words)
-            continue
         try:
-            words = shlex.split(_substitute(stripped, variables, missing), comments=True)
+            words = shlex.split(_substitute(stripped, variables, missing, unsupported), comments=True)
         except ValueError as exc:
+            assign = _ASSIGN.match(stripped)
+            if assign:  # an assignment the shell splitter cannot read: its text as written
+                variables[assign.group(1)] = assign.group(2)
+                continue
             if p.suffix.lower() in SHELL_SUFFIXES:
                 raise ConfigError(f"{p}: cannot split the command into words ({exc})") from None
             return None
+        lead = words[1:] if words[:1] == ["export"] else words
+        assigned = 0
+        while assigned < len(lead) and _NAME_IS.match(lead[assigned]):
+            assigned += 1
+        if lead and assigned == len(lead):  # VAR=value / export A=1 B=2: remembered for the lines below
+            for word in lead:
+                name, _, value = word.partition("=")
+                variables[name] = value
+            unsupported.clear()  # reported where the command uses the value
+            continue
+        words = lead[assigned:]  # VAR=value command ...: an environment prefix of this command only
         at = _script_of(words)
         if at is None:
+            unsupported.clear()  # another command (mkdir -p $(dirname ...)): not what sdcore reads
             continue
         script = Path(words[at]).name
         if script not in SCRIPTS and script not in REFUSED_SCRIPTS and p.suffix.lower() not in SHELL_SUFFIXES:
@@ -281,6 +331,9 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
         command.args = _parse_args(words[at + 1 :], command, launcher=False)
         if missing:
             command.problems.append(f"{p}: variable(s) not set: {', '.join(sorted(set(missing)))}")
+        if unsupported:
+            command.problems.append(f"{p}: shell expansion(s) sdcore does not run: {', '.join(unsupported)} (write "
+                                    "the value)")  # fmt: skip
         return command
     if p.suffix.lower() in SHELL_SUFFIXES:
         raise ConfigError(f"{p}: no diffusers training script (train_*.py) is run in this file")

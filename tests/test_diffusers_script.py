@@ -329,3 +329,20 @@ def test_unsupported_expansion_is_named(tmp_path):
                                "used.sh"))  # fmt: skip
     assert used is not None and used.problems == [f"{tmp_path / 'used.sh'}: shell expansion(s) sdcore does not run: "
                                                   "$(pwd) (write the value)"]  # fmt: skip
+
+
+def test_train_text_encoder_adapts_the_scripts_clip_modules_only(tmp_path, monkeypatch):
+    """--train_text_encoder: the LoRA scripts give CLIP a PEFT config with target_modules q_proj, k_proj, v_proj,
+    out_proj (train_dreambooth_lora_sdxl.py:1237, train_dreambooth_lora_flux.py:1287, train_dreambooth_lora.py:956,
+    train_dreambooth_lora_sd3.py:1283), so the MLP (fc1/fc2) is not adapted."""
+    from sdplugin_lora.targets import list_targets
+
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "dog")
+    path = _write(tmp_path, "accelerate launch train_dreambooth_lora_sdxl.py --pretrained_model_name_or_path=m "
+                            "--instance_data_dir=dog --instance_prompt='a sks dog' --train_text_encoder\n")  # fmt: skip
+    report = list_targets(_load(path, {"model": "tiny:sdxl"}))
+    te = {row.name for row in report.rows if row.text_encoder}
+    assert {re.sub(r"^lora_te\d_text_model_encoder_layers_\d+_", "", n) for n in te} == {
+        "self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj"}  # fmt: skip
+    assert {n[:8] for n in te} == {"lora_te1", "lora_te2"}

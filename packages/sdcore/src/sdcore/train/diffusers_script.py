@@ -619,6 +619,10 @@ TARGETS = {
     "train_text_to_image_lora.py": (("to_k", "to_q", "to_v", "to_out.0"), 537),
     "train_text_to_image_lora_sdxl.py": (("to_k", "to_q", "to_v", "to_out.0"), 705),
 }  # fmt: skip
+#: --module-ranks rule leaving CLIP's MLP (fc1/fc2, kohya names lora_te[12]_..._mlp_fc1) out of a text-encoder LoRA:
+#: the scripts adapt q_proj, k_proj, v_proj and out_proj only (train_dreambooth_lora_sdxl.py:1237,
+#: train_dreambooth_lora.py:956, train_dreambooth_lora_sd3.py:1283, train_text_to_image_lora_sdxl.py:717)
+TEXT_ENCODER_MLP_OFF = r"^lora_te\d?_.*_mlp_fc[12]$=0"
 #: scripts whose LoRA alpha is ``--lora_alpha`` (the others pass lora_alpha=args.rank)
 ALPHA_ARG = {"train_dreambooth_lora_flux.py"}
 
@@ -635,9 +639,8 @@ def _network(a: _Args, script: Script, method: str, w: str, out: JobTranslation)
     v = out.values
     if a.flag("train_text_encoder"):
         v["train_text_encoder"] = True
-        if method == "lora":
-            out.notes.append(f"{w}: --train_text_encoder: sdcore's text-encoder LoRA adapts CLIP's attention and MLP "
-                             "Linears; the script adapts q/k/v/out_proj only")  # fmt: skip
+        if method == "lora":  # CLIP's PEFT target_modules q/k/v/out_proj (train_dreambooth_lora_flux.py:1287)
+            v["module_ranks"] = TEXT_ENCODER_MLP_OFF
         rate = a.num("text_encoder_lr", float)
         if (a.text("optimizer") or "").lower() == "prodigy":  # the scripts give prodigy one rate
             rate = a.num("learning_rate", float)

@@ -346,3 +346,21 @@ def test_train_text_encoder_adapts_the_scripts_clip_modules_only(tmp_path, monke
     assert {re.sub(r"^lora_te\d_text_model_encoder_layers_\d+_", "", n) for n in te} == {
         "self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj"}  # fmt: skip
     assert {n[:8] for n in te} == {"lora_te1", "lora_te2"}
+
+
+def test_text_encoder_weight_decay_default_is_noted(tmp_path, monkeypatch):
+    """The text-encoder group's decay is --adam_weight_decay_text_encoder, default 1e-3 (train_dreambooth_lora_flux.py:590,
+    used at :1396), while the transformer's is 1e-4 (:588): sdcore has one decay, so the note comes without the
+    argument too; none where the script has no such argument (train_dreambooth_lora.py) or the two agree."""
+    monkeypatch.chdir(tmp_path)
+    base = "accelerate launch {} --pretrained_model_name_or_path=m --instance_data_dir=d --instance_prompt=x {}\n"
+    for script, extra, model, expected in (
+        ("train_dreambooth_lora_flux.py", "--train_text_encoder", "tiny:flux", True),
+        ("train_dreambooth_lora_flux.py", "", "tiny:flux", False),
+        ("train_dreambooth_lora_flux.py", "--train_text_encoder --adam_weight_decay_text_encoder=1e-4", "tiny:flux",
+         False),
+        ("train_dreambooth_lora.py", "--train_text_encoder", "tiny:sd1", False),
+    ):  # fmt: skip
+        notes: list[str] = []
+        _load(_write(tmp_path, base.format(script, extra)), {"model": model}, notes=notes)
+        assert any("--adam_weight_decay_text_encoder" in n for n in notes) == expected, (script, extra)

@@ -61,15 +61,18 @@ SCRIPTS: dict[str, Script] = {
     "train_dreambooth_lora_flux.py": Script("flux", "lora", "dreambooth", _d(
         rank=(4, 375), lora_alpha=(4, 381), learning_rate=(1e-4, 489), guidance_scale=(3.5, 496),
         max_sequence_length=(512, 348), weighting_scheme=("none", 542), adam_weight_decay=(1e-4, 588),
+        adam_weight_decay_text_encoder=(1e-3, 590),
         train_batch_size=(4, 440), num_train_epochs=(1, 446), resolution=(512, 412), validation_epochs=(50, 366),
         output_dir=("flux-dreambooth-lora", 405), lr_warmup_steps=(500, 524), checkpointing_steps=(500, 453))),
     "train_dreambooth_lora_sd3.py": Script("sd3", "lora", "dreambooth", _d(
         rank=(4, 365), learning_rate=(1e-4, 475), max_sequence_length=(77, 338), weighting_scheme=("logit_normal", 521),
-        adam_weight_decay=(1e-4, 573), train_batch_size=(4, 426), num_train_epochs=(1, 432), resolution=(512, 397),
+        adam_weight_decay=(1e-4, 573), adam_weight_decay_text_encoder=(1e-3, 575), train_batch_size=(4, 426),
+        num_train_epochs=(1, 432), resolution=(512, 397),
         validation_epochs=(50, 356), output_dir=("sd3-dreambooth", 390), lr_warmup_steps=(500, 503),
         checkpointing_steps=(500, 439), precondition_outputs=(1, 540))),
     "train_dreambooth_lora_sdxl.py": Script("sdxl", "lora", "dreambooth", _d(
-        rank=(4, 657), learning_rate=(1e-4, 490), adam_weight_decay=(1e-4, 572), train_batch_size=(4, 441),
+        rank=(4, 657), learning_rate=(1e-4, 490), adam_weight_decay=(1e-4, 572),
+        adam_weight_decay_text_encoder=(1e-3, 574), train_batch_size=(4, 441),
         num_train_epochs=(1, 447), resolution=(1024, 413), validation_epochs=(50, 370),
         output_dir=("lora-dreambooth-model", 401), lr_warmup_steps=(500, 526), checkpointing_steps=(500, 454))),
     "train_dreambooth_lora.py": Script("sd1", "lora", "dreambooth", _d(
@@ -78,12 +81,14 @@ SCRIPTS: dict[str, Script] = {
         output_dir=("lora-dreambooth-model", 310), lr_warmup_steps=(500, 410), checkpointing_steps=(500, 353))),
     "train_dreambooth_flux.py": Script("flux", "dreambooth", "dreambooth", _d(
         learning_rate=(1e-4, 455), guidance_scale=(3.5, 462), max_sequence_length=(77, 328),
-        weighting_scheme=("none", 508), adam_weight_decay=(1e-4, 554), train_batch_size=(4, 406),
+        weighting_scheme=("none", 508), adam_weight_decay=(1e-4, 554),
+        adam_weight_decay_text_encoder=(1e-3, 556), train_batch_size=(4, 406),
         num_train_epochs=(1, 412), resolution=(512, 378), validation_epochs=(50, 346),
         output_dir=("flux-dreambooth", 371), lr_warmup_steps=(500, 490), checkpointing_steps=(500, 419))),
     "train_dreambooth_sd3.py": Script("sd3", "dreambooth", "dreambooth", _d(
         learning_rate=(1e-4, 441), max_sequence_length=(77, 314), weighting_scheme=("logit_normal", 487),
-        adam_weight_decay=(1e-4, 539), train_batch_size=(4, 392), num_train_epochs=(1, 398), resolution=(512, 364),
+        adam_weight_decay=(1e-4, 539), adam_weight_decay_text_encoder=(1e-3, 541), train_batch_size=(4, 392),
+        num_train_epochs=(1, 398), resolution=(512, 364),
         validation_epochs=(50, 332), output_dir=("sd3-dreambooth", 357), lr_warmup_steps=(500, 469),
         checkpointing_steps=(500, 405), precondition_outputs=(1, 506))),
     "train_dreambooth.py": Script("sd1", "dreambooth", "dreambooth", _d(
@@ -645,8 +650,12 @@ def _network(a: _Args, script: Script, method: str, w: str, out: JobTranslation)
         if (a.text("optimizer") or "").lower() == "prodigy":  # the scripts give prodigy one rate
             rate = a.num("learning_rate", float)
         v["te_lr"] = rate
-        if a.given("adam_weight_decay_text_encoder"):
-            out.notes.append(f"{w}: --adam_weight_decay_text_encoder: sdcore uses one weight decay for every group")
+        # the scripts that have it give the text-encoder group its own decay, default 1e-3
+        # (train_dreambooth_lora_flux.py:590, used at :1396)
+        te_decay = a.num("adam_weight_decay_text_encoder", float)
+        if te_decay is not None and te_decay != a.num("adam_weight_decay", float):
+            out.notes.append(f"{w}: --adam_weight_decay_text_encoder {te_decay:g}: sdcore uses one weight decay for "
+                             f"every group (--adam_weight_decay {a.num('adam_weight_decay', float):g})")  # fmt: skip
     if method != "lora":
         for name in ("rank", "lora_alpha", "lora_layers", "use_dora", "lora_dropout"):
             if a.given(name):

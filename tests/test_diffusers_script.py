@@ -242,3 +242,125 @@ def test_variables_are_substituted_and_unset_ones_named(tmp_path, monkeypatch):
     assert command.args["learning_rate"] == "1e-4" and command.args["instance_data_dir"] == "/data/dog"
     assert command.problems == [f"{path}: variable(s) not set: NOPE"]
     assert read_command(_write(tmp_path, "just some text\n", "notes.txt")) is None
+
+
+def test_sd1_dreambooth_lora_targets_match_as_peft_matches_them(tmp_path, monkeypatch):
+    """train_dreambooth_lora.py:945 lists add_k_proj/add_v_proj, which an SD1.5 UNet lacks: PEFT adapts the names
+    that match (it fails only when none does), so the run adapts to_q/to_k/to_v/to_out.0 and does not fail."""
+    from sdplugin_lora.targets import list_targets
+
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "dog")
+    path = _write(tmp_path, "accelerate launch train_dreambooth_lora.py --pretrained_model_name_or_path=m "
+                            "--instance_data_dir=dog --instance_prompt='a sks dog'\n")  # fmt: skip
+    report = list_targets(_load(path, {"model": "tiny:sd1"}))
+    paths = {p for row in report.rows for p in row.paths}
+    assert paths and {p.rsplit(".", 1)[-1] if not p.endswith("to_out.0") else "to_out.0" for p in paths} == {
+        "to_q", "to_k", "to_v", "to_out.0"}  # fmt: skip
+    # every pattern matches something: one PEFT list is one pattern (nothing matched at all is still refused)
+    assert [m.pattern for m in report.patterns] == [_load(path, {"model": "tiny:sd1"}).layer_filter]
+
+
+def test_text_to_image_lora_sdxl_crops_and_flips_each_time_an_image_is_used(tmp_path, monkeypatch):
+    """train_text_to_image_lora_sdxl.py:942-960 runs preprocess_train through dataset.with_transform (:982): a new
+    RandomCrop and flip coin on every access, as train_text_to_image_lora.py's Compose; no build-time crop."""
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "pics")
+    notes: list[str] = []
+    path = _write(tmp_path, "accelerate launch train_text_to_image_lora_sdxl.py --pretrained_model_name_or_path=m "
+                            "--train_data_dir=pics --random_flip\n")  # fmt: skip
+    o = _load(path, {"model": "tiny:sdxl"}, notes=notes)
+    assert (o.random_crop, o.cache_latents, o.flip) == (True, False, True)
+    assert not any("when it builds the dataset" in n for n in notes)
+    centre = _load(_write(tmp_path, path.read_text().replace("--random_flip", "--center_crop"), "c.sh"),
+                   {"model": "tiny:sdxl"})  # fmt: skip
+    assert (centre.random_crop, centre.flip) == (False, False)
+
+
+def test_control_lora_command_notes_the_stretch_not_a_crop(tmp_path, monkeypatch):
+    """train_control_lora_flux.py:681 resizes both images to a --resolution square (no crop, no --center_crop)."""
+    monkeypatch.chdir(tmp_path)
+    notes: list[str] = []
+    path = _write(tmp_path, "accelerate launch train_control_lora_flux.py --pretrained_model_name_or_path=m "
+                            "--jsonl_for_train=t.jsonl\n")  # fmt: skip
+    _load(path, {"model": "tiny:flux"}, notes=notes)
+    assert not any("random crop" in n for n in notes)
+    assert any("stretches" in n for n in notes)
+
+
+def test_shell_words_as_bash_reads_them(tmp_path, monkeypatch):
+    """bash's own rules: an environment prefix (``VAR=x command``) runs the command; ``${VAR:-default}`` /
+    ``${VAR-default}`` take the default when the variable is unset (``:-`` also when empty); nothing is substituted
+    inside single quotes; ``export A=1 B=2`` sets both."""
+    from sdcore.train.diffusers_script import read_command
+
+    monkeypatch.delenv("RDIFF_UNSET", raising=False)
+    monkeypatch.setenv("RDIFF_EMPTY", "")
+    text = (
+        "export A=1 B='x y'\n"
+        "CUDA_VISIBLE_DEVICES=0 accelerate launch train_dreambooth_lora_flux.py --rank=${RDIFF_UNSET:-8} \\\n"
+        "  --output_dir=${RDIFF_EMPTY:-out} --seed=${RDIFF_EMPTY-7} --repeats=${A:-5} \\\n"
+        "  --instance_prompt='costs $A' --validation_prompt=\"$B\"\n"
+    )
+    command = read_command(_write(tmp_path, text))
+    assert command is not None and command.problems == []
+    assert command.script == "train_dreambooth_lora_flux.py"
+    assert command.args == {"rank": "8", "output_dir": "out", "seed": "", "repeats": "1",
+                            "instance_prompt": "costs $A", "validation_prompt": "x y"}  # fmt: skip
+
+
+def test_continuation_with_trailing_spaces_and_crlf(tmp_path):
+    """A ``\\`` followed by spaces before the line end (a common copy-paste slip, and CRLF files) still continues
+    the command, instead of a cryptic 'No escaped character'."""
+    from sdcore.train.diffusers_script import read_command
+
+    text = "accelerate launch train_dreambooth_lora_flux.py \\  \r\n  --rank=8 \\\t\r\n  --seed=1\r\n"
+    command = read_command(_write(tmp_path, text))
+    assert command is not None and (command.args, command.problems) == ({"rank": "8", "seed": "1"}, [])
+
+
+def test_unsupported_expansion_is_named(tmp_path):
+    from sdcore.train.diffusers_script import read_command
+
+    command = read_command(_write(tmp_path, "python train_dreambooth_lora.py --rank=${R:+4} --seed=$(date +%s)\n"))
+    assert command is not None
+    assert any("${R:+4}" in p and "$(date +%s)" in p for p in command.problems)
+    used = read_command(_write(tmp_path, "D=$(pwd)/dog\nT=$(date)\npython train_dreambooth_lora.py --instance_data_dir=$D\n",
+                               "used.sh"))  # fmt: skip
+    assert used is not None and used.problems == [f"{tmp_path / 'used.sh'}: shell expansion(s) sdcore does not run: "
+                                                  "$(pwd) (write the value)"]  # fmt: skip
+
+
+def test_train_text_encoder_adapts_the_scripts_clip_modules_only(tmp_path, monkeypatch):
+    """--train_text_encoder: the LoRA scripts give CLIP a PEFT config with target_modules q_proj, k_proj, v_proj,
+    out_proj (train_dreambooth_lora_sdxl.py:1237, train_dreambooth_lora_flux.py:1287, train_dreambooth_lora.py:956,
+    train_dreambooth_lora_sd3.py:1283), so the MLP (fc1/fc2) is not adapted."""
+    from sdplugin_lora.targets import list_targets
+
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "dog")
+    path = _write(tmp_path, "accelerate launch train_dreambooth_lora_sdxl.py --pretrained_model_name_or_path=m "
+                            "--instance_data_dir=dog --instance_prompt='a sks dog' --train_text_encoder\n")  # fmt: skip
+    report = list_targets(_load(path, {"model": "tiny:sdxl"}))
+    te = {row.name for row in report.rows if row.text_encoder}
+    assert {re.sub(r"^lora_te\d_text_model_encoder_layers_\d+_", "", n) for n in te} == {
+        "self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj"}  # fmt: skip
+    assert {n[:8] for n in te} == {"lora_te1", "lora_te2"}
+
+
+def test_text_encoder_weight_decay_default_is_noted(tmp_path, monkeypatch):
+    """The text-encoder group's decay is --adam_weight_decay_text_encoder, default 1e-3 (train_dreambooth_lora_flux.py:590,
+    used at :1396), while the transformer's is 1e-4 (:588): sdcore has one decay, so the note comes without the
+    argument too; none where the script has no such argument (train_dreambooth_lora.py) or the two agree."""
+    monkeypatch.chdir(tmp_path)
+    base = "accelerate launch {} --pretrained_model_name_or_path=m --instance_data_dir=d --instance_prompt=x {}\n"
+    for script, extra, model, expected in (
+        ("train_dreambooth_lora_flux.py", "--train_text_encoder", "tiny:flux", True),
+        ("train_dreambooth_lora_flux.py", "", "tiny:flux", False),
+        ("train_dreambooth_lora_flux.py", "--train_text_encoder --adam_weight_decay_text_encoder=1e-4", "tiny:flux",
+         False),
+        ("train_dreambooth_lora.py", "--train_text_encoder", "tiny:sd1", False),
+    ):  # fmt: skip
+        notes: list[str] = []
+        _load(_write(tmp_path, base.format(script, extra)), {"model": model}, notes=notes)
+        assert any("--adam_weight_decay_text_encoder" in n for n in notes) == expected, (script, extra)

@@ -61,15 +61,18 @@ SCRIPTS: dict[str, Script] = {
     "train_dreambooth_lora_flux.py": Script("flux", "lora", "dreambooth", _d(
         rank=(4, 375), lora_alpha=(4, 381), learning_rate=(1e-4, 489), guidance_scale=(3.5, 496),
         max_sequence_length=(512, 348), weighting_scheme=("none", 542), adam_weight_decay=(1e-4, 588),
+        adam_weight_decay_text_encoder=(1e-3, 590),
         train_batch_size=(4, 440), num_train_epochs=(1, 446), resolution=(512, 412), validation_epochs=(50, 366),
         output_dir=("flux-dreambooth-lora", 405), lr_warmup_steps=(500, 524), checkpointing_steps=(500, 453))),
     "train_dreambooth_lora_sd3.py": Script("sd3", "lora", "dreambooth", _d(
         rank=(4, 365), learning_rate=(1e-4, 475), max_sequence_length=(77, 338), weighting_scheme=("logit_normal", 521),
-        adam_weight_decay=(1e-4, 573), train_batch_size=(4, 426), num_train_epochs=(1, 432), resolution=(512, 397),
+        adam_weight_decay=(1e-4, 573), adam_weight_decay_text_encoder=(1e-3, 575), train_batch_size=(4, 426),
+        num_train_epochs=(1, 432), resolution=(512, 397),
         validation_epochs=(50, 356), output_dir=("sd3-dreambooth", 390), lr_warmup_steps=(500, 503),
         checkpointing_steps=(500, 439), precondition_outputs=(1, 540))),
     "train_dreambooth_lora_sdxl.py": Script("sdxl", "lora", "dreambooth", _d(
-        rank=(4, 657), learning_rate=(1e-4, 490), adam_weight_decay=(1e-4, 572), train_batch_size=(4, 441),
+        rank=(4, 657), learning_rate=(1e-4, 490), adam_weight_decay=(1e-4, 572),
+        adam_weight_decay_text_encoder=(1e-3, 574), train_batch_size=(4, 441),
         num_train_epochs=(1, 447), resolution=(1024, 413), validation_epochs=(50, 370),
         output_dir=("lora-dreambooth-model", 401), lr_warmup_steps=(500, 526), checkpointing_steps=(500, 454))),
     "train_dreambooth_lora.py": Script("sd1", "lora", "dreambooth", _d(
@@ -78,12 +81,14 @@ SCRIPTS: dict[str, Script] = {
         output_dir=("lora-dreambooth-model", 310), lr_warmup_steps=(500, 410), checkpointing_steps=(500, 353))),
     "train_dreambooth_flux.py": Script("flux", "dreambooth", "dreambooth", _d(
         learning_rate=(1e-4, 455), guidance_scale=(3.5, 462), max_sequence_length=(77, 328),
-        weighting_scheme=("none", 508), adam_weight_decay=(1e-4, 554), train_batch_size=(4, 406),
+        weighting_scheme=("none", 508), adam_weight_decay=(1e-4, 554),
+        adam_weight_decay_text_encoder=(1e-3, 556), train_batch_size=(4, 406),
         num_train_epochs=(1, 412), resolution=(512, 378), validation_epochs=(50, 346),
         output_dir=("flux-dreambooth", 371), lr_warmup_steps=(500, 490), checkpointing_steps=(500, 419))),
     "train_dreambooth_sd3.py": Script("sd3", "dreambooth", "dreambooth", _d(
         learning_rate=(1e-4, 441), max_sequence_length=(77, 314), weighting_scheme=("logit_normal", 487),
-        adam_weight_decay=(1e-4, 539), train_batch_size=(4, 392), num_train_epochs=(1, 398), resolution=(512, 364),
+        adam_weight_decay=(1e-4, 539), adam_weight_decay_text_encoder=(1e-3, 541), train_batch_size=(4, 392),
+        num_train_epochs=(1, 398), resolution=(512, 364),
         validation_epochs=(50, 332), output_dir=("sd3-dreambooth", 357), lr_warmup_steps=(500, 469),
         checkpointing_steps=(500, 405), precondition_outputs=(1, 506))),
     "train_dreambooth.py": Script("sd1", "dreambooth", "dreambooth", _d(
@@ -211,24 +216,67 @@ class Command:
 
 
 def _logical_lines(text: str) -> list[str]:
-    return re.sub(r"\\\r?\n", " ", text).splitlines()
+    """The file's lines with continuations joined; a ``\\`` followed by spaces or tabs before the line end (a
+    copy-paste slip bash would read as an escaped space ending the command) continues the line too."""
+    return re.sub(r"\\[ \t]*\r?\n", " ", text).splitlines()
 
 
 _ASSIGN = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_NAME_IS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+#: ``$VAR``, ``${VAR}``, ``${VAR:-default}``/``${VAR-default}`` (``=`` forms read alike: the default is used)
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)[-=]([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+#: what bash would expand and sdcore does not: other ``${...}`` forms, ``$(...)``, backquotes
+_OTHER_EXPANSION = re.compile(r"\$\{[^}]*\}?|\$\([^)]*\)?|`[^`]*`?")
 
 
-def _substitute(line: str, variables: dict[str, str], missing: list[str]) -> str:
+def _substitute(line: str, variables: dict[str, str], missing: list[str], unsupported: list[str] | None = None) -> str:
+    """``line`` with its variables filled in as bash fills them: not inside single quotes; a ``${VAR:-x}``
+    default when the variable is unset (``:-`` also when it is empty). Other expansions are left as written and
+    listed in ``unsupported``."""
+
     def value(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        if name in variables:
-            return variables[name]
-        if name in os.environ:
-            return os.environ[name]
-        missing.append(name)
-        return match.group(0)
+        name = match.group(1) or match.group(4)
+        found = variables[name] if name in variables else os.environ.get(name)
+        if match.group(3) is not None and (found is None or (match.group(2) and not found)):
+            return _substitute(match.group(3), variables, missing, unsupported)
+        if found is None:
+            missing.append(name)
+            return match.group(0)
+        if unsupported is not None:  # X=$(pwd) was kept as written: the command would get it so
+            unsupported.extend(m.group(0) for m in _OTHER_EXPANSION.finditer(found))
+        return found
 
-    return _VAR.sub(value, line)
+    out: list[str] = []
+    i, double = 0, False
+    while i < len(line):
+        ch = line[i]
+        if ch == "\\":
+            out.append(line[i : i + 2])
+            i += 2
+        elif ch == "'" and not double:  # single quotes: literal up to the closing one
+            end = line.find("'", i + 1)
+            end = len(line) if end < 0 else end + 1
+            out.append(line[i:end])
+            i = end
+        elif ch in "$`":
+            match = _VAR.match(line, i) if ch == "$" else None
+            other = None if match else _OTHER_EXPANSION.match(line, i)
+            if match:
+                out.append(value(match))
+                i = match.end()
+            elif other:
+                if unsupported is not None:
+                    unsupported.append(other.group(0))
+                out.append(other.group(0))
+                i = other.end()
+            else:
+                out.append(ch)
+                i += 1
+        else:
+            double ^= ch == '"'
+            out.append(ch)
+            i += 1
+    return "".join(out)
 
 
 def _script_of(words: list[str]) -> int | None:
@@ -250,26 +298,35 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
         raise ConfigError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
     variables: dict[str, str] = {}
     missing: list[str] = []
+    unsupported: list[str] = []
     for line in _logical_lines(text):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        assign = _ASSIGN.match(stripped)
-        if assign:
-            try:
-                words = shlex.split(_substitute(assign.group(2), variables, missing), comments=True)
-            except ValueError:
-                words = [assign.group(2)]
-            variables[assign.group(1)] = " ".join(words)
-            continue
         try:
-            words = shlex.split(_substitute(stripped, variables, missing), comments=True)
+            words = shlex.split(_substitute(stripped, variables, missing, unsupported), comments=True)
         except ValueError as exc:
+            assign = _ASSIGN.match(stripped)
+            if assign:  # an assignment the shell splitter cannot read: its text as written
+                variables[assign.group(1)] = assign.group(2)
+                continue
             if p.suffix.lower() in SHELL_SUFFIXES:
                 raise ConfigError(f"{p}: cannot split the command into words ({exc})") from None
             return None
+        lead = words[1:] if words[:1] == ["export"] else words
+        assigned = 0
+        while assigned < len(lead) and _NAME_IS.match(lead[assigned]):
+            assigned += 1
+        if lead and assigned == len(lead):  # VAR=value / export A=1 B=2: remembered for the lines below
+            for word in lead:
+                name, _, value = word.partition("=")
+                variables[name] = value
+            unsupported.clear()  # reported where the command uses the value
+            continue
+        words = lead[assigned:]  # VAR=value command ...: an environment prefix of this command only
         at = _script_of(words)
         if at is None:
+            unsupported.clear()  # another command (mkdir -p $(dirname ...)): not what sdcore reads
             continue
         script = Path(words[at]).name
         if script not in SCRIPTS and script not in REFUSED_SCRIPTS and p.suffix.lower() not in SHELL_SUFFIXES:
@@ -279,6 +336,9 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
         command.args = _parse_args(words[at + 1 :], command, launcher=False)
         if missing:
             command.problems.append(f"{p}: variable(s) not set: {', '.join(sorted(set(missing)))}")
+        if unsupported:
+            command.problems.append(f"{p}: shell expansion(s) sdcore does not run: {', '.join(unsupported)} (write "
+                                    "the value)")  # fmt: skip
         return command
     if p.suffix.lower() in SHELL_SUFFIXES:
         raise ConfigError(f"{p}: no diffusers training script (train_*.py) is run in this file")
@@ -496,7 +556,10 @@ def _data(a: _Args, script: Script, method: str, path: str | os.PathLike[str], w
         v["buckets"] = False
         _prior(a, method, w, out)
     v["resolution"] = a.num("resolution", int)
-    if not a.flag("center_crop"):
+    if script.kind == "control":  # train_control_lora_flux.py:681: Resize((resolution, resolution)), no crop
+        out.notes.append(f"{w}: the script stretches the image and control image to a --resolution square; sdcore "
+                         "resizes, crops and buckets them together")  # fmt: skip
+    elif not a.flag("center_crop"):
         name = next(k for k, s in SCRIPTS.items() if s is script)
         if name in PER_STEP_CROP:  # torchvision RandomCrop in __getitem__: a new crop each time
             v["random_crop"] = True
@@ -544,9 +607,11 @@ def _prior(a: _Args, method: str, w: str, out: JobTranslation) -> None:
                      "instance image in a batch")  # fmt: skip
 
 
-#: scripts that crop each time an image is used (the others draw one crop per image at dataset build, e.g.
-#: train_dreambooth_lora_flux.py:813-839)
-PER_STEP_CROP = {"train_dreambooth_lora.py", "train_dreambooth.py", "train_text_to_image_lora.py"}
+#: scripts that crop each time an image is used (torchvision transforms in __getitem__, or the text_to_image
+#: scripts' preprocess_train through dataset.with_transform: train_text_to_image_lora_sdxl.py:942-982); the others
+#: draw one crop per image at dataset build, e.g. train_dreambooth_lora_flux.py:813-839
+PER_STEP_CROP = {"train_dreambooth_lora.py", "train_dreambooth.py", "train_text_to_image_lora.py",
+                 "train_text_to_image_lora_sdxl.py"}  # fmt: skip
 #: PEFT target modules of each LoRA script without --lora_layers (the file's line of the list)
 TARGETS = {
     "train_dreambooth_lora_flux.py": (("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
@@ -559,29 +624,38 @@ TARGETS = {
     "train_text_to_image_lora.py": (("to_k", "to_q", "to_v", "to_out.0"), 537),
     "train_text_to_image_lora_sdxl.py": (("to_k", "to_q", "to_v", "to_out.0"), 705),
 }  # fmt: skip
+#: --module-ranks rule leaving CLIP's MLP (fc1/fc2, kohya names lora_te[12]_..._mlp_fc1) out of a text-encoder LoRA:
+#: the scripts adapt q_proj, k_proj, v_proj and out_proj only (train_dreambooth_lora_sdxl.py:1237,
+#: train_dreambooth_lora.py:956, train_dreambooth_lora_sd3.py:1283, train_text_to_image_lora_sdxl.py:717)
+TEXT_ENCODER_MLP_OFF = r"^lora_te\d?_.*_mlp_fc[12]$=0"
 #: scripts whose LoRA alpha is ``--lora_alpha`` (the others pass lora_alpha=args.rank)
 ALPHA_ARG = {"train_dreambooth_lora_flux.py"}
 
 
 def peft_target_regex(names: list[str] | tuple[str, ...]) -> str:
-    """``--layer-filter`` regexes matching PEFT's list ``target_modules``: the module path or a path ending in
-    ``.<name>`` (comma-separated, one per name)."""
-    return ",".join(f"(^|\\.){re.escape(name)}$" for name in names)
+    """One ``--layer-filter`` regex matching PEFT's list ``target_modules``: the module path or a path ending in
+    ``.<name>``. One pattern for the whole list, because PEFT fails only when no name matches (a script's list may
+    name modules the model lacks: train_dreambooth_lora.py:945's add_k_proj/add_v_proj on an SD1.5 UNet), while
+    sdcore refuses each pattern that matches nothing."""
+    return f"(^|\\.)({'|'.join(re.escape(name) for name in names)})$"
 
 
 def _network(a: _Args, script: Script, method: str, w: str, out: JobTranslation) -> None:
     v = out.values
     if a.flag("train_text_encoder"):
         v["train_text_encoder"] = True
-        if method == "lora":
-            out.notes.append(f"{w}: --train_text_encoder: sdcore's text-encoder LoRA adapts CLIP's attention and MLP "
-                             "Linears; the script adapts q/k/v/out_proj only")  # fmt: skip
+        if method == "lora":  # CLIP's PEFT target_modules q/k/v/out_proj (train_dreambooth_lora_flux.py:1287)
+            v["module_ranks"] = TEXT_ENCODER_MLP_OFF
         rate = a.num("text_encoder_lr", float)
         if (a.text("optimizer") or "").lower() == "prodigy":  # the scripts give prodigy one rate
             rate = a.num("learning_rate", float)
         v["te_lr"] = rate
-        if a.given("adam_weight_decay_text_encoder"):
-            out.notes.append(f"{w}: --adam_weight_decay_text_encoder: sdcore uses one weight decay for every group")
+        # the scripts that have it give the text-encoder group its own decay, default 1e-3
+        # (train_dreambooth_lora_flux.py:590, used at :1396)
+        te_decay = a.num("adam_weight_decay_text_encoder", float)
+        if te_decay is not None and te_decay != a.num("adam_weight_decay", float):
+            out.notes.append(f"{w}: --adam_weight_decay_text_encoder {te_decay:g}: sdcore uses one weight decay for "
+                             f"every group (--adam_weight_decay {a.num('adam_weight_decay', float):g})")  # fmt: skip
     if method != "lora":
         for name in ("rank", "lora_alpha", "lora_layers", "use_dora", "lora_dropout"):
             if a.given(name):

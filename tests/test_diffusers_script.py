@@ -214,12 +214,12 @@ def test_problems_come_all_at_once_before_any_model_loads(tmp_path):
         tmp_path,
         (
             "accelerate launch train_dreambooth_lora_flux.py --pretrained_model_name_or_path=m "
-            "--dataset_name=org/dogs --instance_prompt=x --lora_dropout=0.1 --frobnicate=3 --prediction_type=epsilon\n"
+            "--dataset_name=org/dogs --instance_prompt=x --frobnicate=3 --prediction_type=epsilon\n"
         ),
     )
     problems = " | ".join(_problems(path))
     assert "--dataset_name 'org/dogs' is a Hugging Face hub dataset" in problems
-    assert "--lora_dropout" in problems and "--frobnicate" in problems
+    assert "--frobnicate" in problems
     assert "--prediction_type" in problems
     other = _write(tmp_path, "accelerate launch train_dreambooth_lora_sana.py --rank=4\n", "sana.sh")
     assert any("model family sdcore does not train" in p for p in _problems(other))
@@ -364,3 +364,17 @@ def test_text_encoder_weight_decay_default_is_noted(tmp_path, monkeypatch):
         notes: list[str] = []
         _load(_write(tmp_path, base.format(script, extra)), {"model": model}, notes=notes)
         assert any("--adam_weight_decay_text_encoder" in n for n in notes) == expected, (script, extra)
+
+
+def test_lora_dropout_is_peft_input_dropout(tmp_path):
+    """The scripts pass --lora_dropout to PEFT's LoraConfig (train_dreambooth_lora_flux.py: default 0.0), whose
+    dropout acts on each LoRA module's input: sdcore's --lora-input-dropout, not kohya's --dropout on the down
+    output."""
+    data = _images(tmp_path / "dog")
+    path = _write(
+        tmp_path,
+        f"accelerate launch train_dreambooth_lora_flux.py --pretrained_model_name_or_path=m --instance_data_dir={data} "
+        "--instance_prompt='a photo of sks dog' --lora_dropout=0.1\n",
+    )
+    o = _load(path, {"model": "tiny:flux"})
+    assert (o.lora_input_dropout, o.dropout) == (0.1, None)

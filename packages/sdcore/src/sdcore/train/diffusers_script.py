@@ -665,9 +665,9 @@ def _network(a: _Args, script: Script, method: str, w: str, out: JobTranslation)
     v["rank"] = rank
     alpha = a.num("lora_alpha", int) if script in (SCRIPTS[s] for s in ALPHA_ARG) else rank
     v["alpha"] = alpha  # PEFT's scale lora_alpha / r, as kohya's alpha / rank
-    if a.num("lora_dropout", float):
-        out.problems.append(f"{w}: --lora_dropout: PEFT drops the LoRA input, sdcore's (kohya's) --dropout the down "
-                            "output")  # fmt: skip
+    dropout = a.num("lora_dropout", float)
+    if dropout:  # PEFT's LoraConfig(lora_dropout=): a dropout on each LoRA module's input, not kohya's --dropout
+        v["lora_input_dropout"] = dropout
     if a.flag("use_dora"):
         v["algo"] = "dora"
     if script.kind == "control":

@@ -43,3 +43,21 @@ def disk_full_at(monkeypatch):
         monkeypatch.setattr(os, "replace", replace)
 
     return arm
+
+
+@pytest.fixture
+def flux_like():
+    """(layout, bundle) of a tiny FluxTransformer2DModel family (2 double + 3 single blocks)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from sdcore.models.flux import FLUX
+    from sdcore.models.layout import layout_of_bundle
+    from sdcore.testing.toyfamily import toy_transformer_bundle
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    with toy_transformer_bundle("toy-flux", transformer, like=FLUX, context_tokens=64) as bundle:
+        yield layout_of_bundle(bundle), bundle

@@ -207,22 +207,6 @@ def test_option_checks_and_family_refusals():
     assert offload_notes(_options(cpu_offload_checkpointing=True, gradient_checkpointing=True)) == []
 
 
-@pytest.fixture
-def flux_like():
-    from diffusers import FluxTransformer2DModel
-    from sdcore.models.flux import FLUX
-    from sdcore.models.layout import layout_of_bundle
-    from sdcore.testing.toyfamily import toy_transformer_bundle
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    )  # fmt: skip
-    with toy_transformer_bundle("toy-flux", transformer, like=FLUX, context_tokens=64) as bundle:
-        yield layout_of_bundle(bundle), bundle
-
-
 def test_memory_plan_moves_the_block_inputs_to_the_host(flux_like):
     from sdcore.models.family import get_family
     from sdcore.train.memory import FLUX_ACTIVATION_CONSTANTS, count_parameters, estimate_memory, transformer_tokens

@@ -299,27 +299,19 @@ def test_lora_trains_on_an_nf4_and_an_int8_base_through_the_runtime(tmp_path, fa
 
 
 @pytest.fixture
-def flux_like():
-    from diffusers import FluxTransformer2DModel
-    from sdcore.models.flux import FLUX
-    from sdcore.models.layout import layout_of_bundle
-    from sdcore.testing.toyfamily import toy_transformer_bundle
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    )  # fmt: skip
-    with toy_transformer_bundle("toy-flux", transformer, like=FLUX, context_tokens=64) as bundle:
-        bundle.transformer.requires_grad_(False)
-        params = []
-        for name, module in bundle.transformer.named_modules():
-            if isinstance(module, nn.Linear) and "transformer_blocks" in name:
-                params += [
-                    nn.Parameter(torch.zeros(4, module.in_features)),
-                    nn.Parameter(torch.zeros(module.out_features, 4)),
-                ]
-        yield layout_of_bundle(bundle), bundle, [{"params": params}]
+def flux_like_frozen(flux_like):
+    """The conftest's tiny Flux family (layout, bundle) with its transformer frozen, and a LoRA-sized group of new
+    parameters on its block Linears."""
+    layout, bundle = flux_like
+    bundle.transformer.requires_grad_(False)
+    params = []
+    for name, module in bundle.transformer.named_modules():
+        if isinstance(module, nn.Linear) and "transformer_blocks" in name:
+            params += [
+                nn.Parameter(torch.zeros(4, module.in_features)),
+                nn.Parameter(torch.zeros(module.out_features, 4)),
+            ]
+    return layout, bundle, [{"params": params}]
 
 
 def _options(**kw):
@@ -330,10 +322,10 @@ def _options(**kw):
     )
 
 
-def test_the_plan_counts_nf4_and_int8_weights_by_their_formulas(flux_like):
+def test_the_plan_counts_nf4_and_int8_weights_by_their_formulas(flux_like_frozen):
     from sdcore.train.memory import count_parameters, estimate_memory
 
-    layout, bundle, groups = flux_like
+    layout, bundle, groups = flux_like_frozen
     plan = count_parameters(bundle, groups, whole_model_result=False)
     linears = [m for m in bundle.transformer.modules() if isinstance(m, nn.Linear)]
     elements, rows = sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
@@ -368,11 +360,11 @@ def test_the_plan_counts_nf4_and_int8_weights_by_their_formulas(flux_like):
 # --- pre-flight and configs --------------------------------------------------------------------------
 
 
-def test_preflight_refusals_one_line_each(flux_like):
+def test_preflight_refusals_one_line_each(flux_like_frozen):
     from sdcore.train.memory import count_parameters
     from sdcore.train.memory_options import model_problems, option_problems
 
-    layout, bundle, groups = flux_like
+    layout, bundle, groups = flux_like_frozen
     assert option_problems(_options(base_weights_dtype="nf4"), "cpu") == []
     assert option_problems(_options(fp8_base=True, base_weights_dtype="fp8"), "cpu") == []
     assert option_problems(_options(fp8_base=True, base_weights_dtype="int8"), "cpu") == [
@@ -394,11 +386,11 @@ def test_preflight_refusals_one_line_each(flux_like):
     ]
 
 
-def test_the_runtime_refuses_a_denoiser_with_nothing_frozen(flux_like):
+def test_the_runtime_refuses_a_denoiser_with_nothing_frozen(flux_like_frozen):
     from sdcore.errors import ConfigError
     from sdcore.train.memory_options import MemorySetup
 
-    _layout, bundle, _groups = flux_like
+    _layout, bundle, _groups = flux_like_frozen
     bundle.transformer.requires_grad_(True)
     with pytest.raises(ConfigError, match=r"^--base-weights-dtype nf4: the denoiser has no frozen Linear/Conv2d"):
         MemorySetup.before_placement(bundle, _options(base_weights_dtype="nf4"))

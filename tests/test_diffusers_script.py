@@ -378,3 +378,24 @@ def test_lora_dropout_is_peft_input_dropout(tmp_path):
     )
     o = _load(path, {"model": "tiny:flux"})
     assert (o.lora_input_dropout, o.dropout) == (0.1, None)
+
+
+def test_arguments_the_script_does_not_define_are_problems_naming_it(tmp_path):
+    """argparse stops a script on an argument it does not define ("unrecognized arguments"): --lora_alpha exists
+    only in train_dreambooth_lora_flux.py, --random_flip not in train_dreambooth_lora.py (58eb52c)."""
+    data = _images(tmp_path / "dog")
+    sdxl = _write(tmp_path, f"accelerate launch train_dreambooth_lora_sdxl.py --pretrained_model_name_or_path=m "
+                            f"--instance_data_dir={data} --instance_prompt=x --lora_alpha=8\n", "sdxl.sh")  # fmt: skip
+    problems = _problems(sdxl)
+    assert any("--lora_alpha" in p and "not argument(s) of train_dreambooth_lora_sdxl.py" in p for p in problems)
+    sd1 = _write(tmp_path, f"accelerate launch train_dreambooth_lora.py --pretrained_model_name_or_path=m "
+                           f"--instance_data_dir={data} --instance_prompt=x --random_flip --rank=8\n", "sd1.sh")  # fmt: skip
+    problems = _problems(sd1)
+    assert [p for p in problems if "not argument(s)" in p] == [
+        f"{sd1}: train_dreambooth_lora.py: --random_flip: not argument(s) of train_dreambooth_lora.py (its argparse "
+        "stops with 'unrecognized arguments')"
+    ]
+    from sdcore.train.diffusers_script import SCRIPT_ARGS
+
+    assert "lora_alpha" in SCRIPT_ARGS["train_dreambooth_lora_flux.py"]
+    assert "random_flip" in SCRIPT_ARGS["train_dreambooth_lora_sdxl.py"]

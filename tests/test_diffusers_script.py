@@ -399,3 +399,24 @@ def test_arguments_the_script_does_not_define_are_problems_naming_it(tmp_path):
 
     assert "lora_alpha" in SCRIPT_ARGS["train_dreambooth_lora_flux.py"]
     assert "random_flip" in SCRIPT_ARGS["train_dreambooth_lora_sdxl.py"]
+
+
+def _script_kept_checkpoints(limit: int | None, saves: int) -> int:
+    """How many checkpoint folders the scripts keep after ``saves`` saves: before each, when len >= limit, they
+    delete the len - limit + 1 oldest (train_dreambooth_lora_flux.py:1869-1876)."""
+    kept: list[int] = []
+    for step in range(saves):
+        if limit is not None and len(kept) >= limit:
+            del kept[: len(kept) - limit + 1]
+        kept.append(step)
+    return len(kept)
+
+
+@pytest.mark.parametrize("limit", [0, -2, 1, 3])
+def test_checkpoints_total_limit_keeps_what_the_script_keeps(tmp_path, limit):
+    data = _images(tmp_path / "dog")
+    path = _write(tmp_path, f"accelerate launch train_dreambooth_lora_flux.py --pretrained_model_name_or_path=m "
+                            f"--instance_data_dir={data} --instance_prompt=x --checkpoints_total_limit={limit}\n")  # fmt: skip
+    o = _load(path, {"model": "tiny:flux"})
+    expected = _script_kept_checkpoints(limit, 10)
+    assert (o.save_limit, o.keep_states) == (expected, expected)

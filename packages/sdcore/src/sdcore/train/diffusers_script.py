@@ -585,7 +585,15 @@ def translate_command(
             )
     v["save_every"] = a.num("checkpointing_steps", int)
     limit = a.num("checkpoints_total_limit", int)
-    v["save_limit"] = 0 if limit is None else limit  # None in the scripts: keep every checkpoint
+    if limit is None:  # None in the scripts: keep every checkpoint
+        v["save_limit"] = 0
+    else:
+        # the scripts delete len(checkpoints) - limit + 1 of the oldest before each save when len >= limit
+        # (train_dreambooth_lora_flux.py:1869-1876), so a limit of 0 or less deletes them all and keeps the newest
+        v["save_limit"] = v["keep_states"] = max(limit, 1)
+        if limit < 1:
+            out.notes.append(f"{w}: --checkpoints_total_limit {limit}: the script removes every earlier checkpoint "
+                             "before each save, keeping the newest: --save-limit 1")  # fmt: skip
     output = a.text("output_dir") or ""
     if method == "lora":  # save_lora_weights' file name
         v["output"] = str(Path(output) / "pytorch_lora_weights.safetensors")

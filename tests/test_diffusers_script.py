@@ -420,3 +420,32 @@ def test_checkpoints_total_limit_keeps_what_the_script_keeps(tmp_path, limit):
     o = _load(path, {"model": "tiny:flux"})
     expected = _script_kept_checkpoints(limit, 10)
     assert (o.save_limit, o.keep_states) == (expected, expected)
+
+
+def test_text_to_image_train_data_dir_metadata_jsonl(tmp_path, monkeypatch):
+    """load_dataset("imagefolder") on --train_data_dir reads metadata.jsonl: file_name relative to the folder,
+    the caption from --caption_column (train_text_to_image_lora.py:613-644); sdcore reads it with its JSONL reader."""
+    import json
+
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.train.kontext_data import has_control
+
+    monkeypatch.chdir(tmp_path)
+    folder = _images(tmp_path / "pics" / "sub")
+    rows = [{"file_name": "sub/0.png", "caption": "a red fox", "text": "unused"},
+            {"file_name": "sub/1.png", "caption": ["short", "the longer caption"], "text": "unused"}]  # fmt: skip
+    (folder.parent / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    notes: list[str] = []
+    path = _write(tmp_path, "accelerate launch train_text_to_image_lora.py --pretrained_model_name_or_path=m "
+                            "--train_data_dir=pics --caption_column=caption\n")  # fmt: skip
+    o = _load(path, {"model": "tiny:sd1"}, notes=notes)
+    assert (o.data, o.image_column, o.conditioning_image_column, o.caption_column) == (
+        str(Path("pics") / "metadata.jsonl"), "file_name", "", "caption")  # fmt: skip
+    index = scan_dataset(o)
+    assert not index.problems
+    found = sorted((e.path.resolve(), e.caption) for e in index.entries)
+    assert found == [((folder / "0.png").resolve(), "a red fox"), ((folder / "1.png").resolve(), "the longer caption")]
+    assert not any(has_control(e) for e in index.entries)
+    assert any("draws one each time" in n for n in notes)
+    other = _write(tmp_path, path.read_text().replace("--caption_column=caption", "--image_column=img"), "o.sh")
+    assert any("--image_column 'img'" in p for p in _problems(other))

@@ -639,12 +639,28 @@ def _data(a: _Args, script: Script, method: str, path: str | os.PathLike[str], w
     elif script.kind == "text_to_image":
         if a.given("train_data_dir"):
             folder = Path(a.text("train_data_dir") or "").expanduser()
-            meta = [m.name for m in (folder / "metadata.jsonl", folder / "metadata.csv") if m.is_file()]
-            if meta:
-                out.problems.append(f"{w}: --train_data_dir {folder}: its {meta[0]} captions are not read yet; give "
-                                    "sdcore a folder with a .txt caption beside each image")  # fmt: skip
-            v["data"] = str(folder)
-            out.notes.append(f"{w}: --train_data_dir: captions from the .txt files beside the images")
+            if (folder / "metadata.jsonl").is_file():
+                # load_dataset("imagefolder"): each row's file_name (relative to the folder) becomes the "image"
+                # column, its other keys columns; --caption_column names the caption (train_text_to_image_lora.py:
+                # 613-644). Read by sdcore's diffusers JSONL reader (sdcore.data.jsonl), no control image column.
+                v["data"] = str(folder / "metadata.jsonl")
+                v["image_column"] = "file_name"
+                v["conditioning_image_column"] = ""
+                v["caption_column"] = a.text("caption_column") or "text"
+                if (a.text("image_column") or "image") != "image":
+                    out.problems.append(f"{w}: --image_column {a.text('image_column')!r}: an imagefolder's images are "
+                                        "its 'image' column (from metadata.jsonl's file_name); the script stops "
+                                        "on another")  # fmt: skip
+                out.notes.append(f"{w}: --train_data_dir: images and captions from {folder / 'metadata.jsonl'}; a "
+                                 "row with a list of captions trains on its longest (the script draws one each "
+                                 "time)")  # fmt: skip
+            else:
+                if (folder / "metadata.csv").is_file():
+                    out.problems.append(f"{w}: --train_data_dir {folder}: its metadata.csv captions are not read; "
+                                        "write them as a metadata.jsonl (file_name and caption keys) or give a "
+                                        ".txt caption beside each image")  # fmt: skip
+                v["data"] = str(folder)
+                out.notes.append(f"{w}: --train_data_dir: captions from the .txt files beside the images")
         elif not a.given("dataset_name"):
             out.problems.append(f"{w}: --train_data_dir (a folder) is needed; --dataset_name is not read offline")
         v["buckets"] = False  # the scripts resize and crop every image to a --resolution square

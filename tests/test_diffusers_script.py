@@ -378,3 +378,74 @@ def test_lora_dropout_is_peft_input_dropout(tmp_path):
     )
     o = _load(path, {"model": "tiny:flux"})
     assert (o.lora_input_dropout, o.dropout) == (0.1, None)
+
+
+def test_arguments_the_script_does_not_define_are_problems_naming_it(tmp_path):
+    """argparse stops a script on an argument it does not define ("unrecognized arguments"): --lora_alpha exists
+    only in train_dreambooth_lora_flux.py, --random_flip not in train_dreambooth_lora.py (58eb52c)."""
+    data = _images(tmp_path / "dog")
+    sdxl = _write(tmp_path, f"accelerate launch train_dreambooth_lora_sdxl.py --pretrained_model_name_or_path=m "
+                            f"--instance_data_dir={data} --instance_prompt=x --lora_alpha=8\n", "sdxl.sh")  # fmt: skip
+    problems = _problems(sdxl)
+    assert any("--lora_alpha" in p and "not argument(s) of train_dreambooth_lora_sdxl.py" in p for p in problems)
+    sd1 = _write(tmp_path, f"accelerate launch train_dreambooth_lora.py --pretrained_model_name_or_path=m "
+                           f"--instance_data_dir={data} --instance_prompt=x --random_flip --rank=8\n", "sd1.sh")  # fmt: skip
+    problems = _problems(sd1)
+    assert [p for p in problems if "not argument(s)" in p] == [
+        f"{sd1}: train_dreambooth_lora.py: --random_flip: not argument(s) of train_dreambooth_lora.py (its argparse "
+        "stops with 'unrecognized arguments')"
+    ]
+    from sdcore.train.diffusers_script import SCRIPT_ARGS
+
+    assert "lora_alpha" in SCRIPT_ARGS["train_dreambooth_lora_flux.py"]
+    assert "random_flip" in SCRIPT_ARGS["train_dreambooth_lora_sdxl.py"]
+
+
+def _script_kept_checkpoints(limit: int | None, saves: int) -> int:
+    """How many checkpoint folders the scripts keep after ``saves`` saves: before each, when len >= limit, they
+    delete the len - limit + 1 oldest (train_dreambooth_lora_flux.py:1869-1876)."""
+    kept: list[int] = []
+    for step in range(saves):
+        if limit is not None and len(kept) >= limit:
+            del kept[: len(kept) - limit + 1]
+        kept.append(step)
+    return len(kept)
+
+
+@pytest.mark.parametrize("limit", [0, -2, 1, 3])
+def test_checkpoints_total_limit_keeps_what_the_script_keeps(tmp_path, limit):
+    data = _images(tmp_path / "dog")
+    path = _write(tmp_path, f"accelerate launch train_dreambooth_lora_flux.py --pretrained_model_name_or_path=m "
+                            f"--instance_data_dir={data} --instance_prompt=x --checkpoints_total_limit={limit}\n")  # fmt: skip
+    o = _load(path, {"model": "tiny:flux"})
+    expected = _script_kept_checkpoints(limit, 10)
+    assert (o.save_limit, o.keep_states) == (expected, expected)
+
+
+def test_text_to_image_train_data_dir_metadata_jsonl(tmp_path, monkeypatch):
+    """load_dataset("imagefolder") on --train_data_dir reads metadata.jsonl: file_name relative to the folder,
+    the caption from --caption_column (train_text_to_image_lora.py:613-644); sdcore reads it with its JSONL reader."""
+    import json
+
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.train.kontext_data import has_control
+
+    monkeypatch.chdir(tmp_path)
+    folder = _images(tmp_path / "pics" / "sub")
+    rows = [{"file_name": "sub/0.png", "caption": "a red fox", "text": "unused"},
+            {"file_name": "sub/1.png", "caption": ["short", "the longer caption"], "text": "unused"}]  # fmt: skip
+    (folder.parent / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    notes: list[str] = []
+    path = _write(tmp_path, "accelerate launch train_text_to_image_lora.py --pretrained_model_name_or_path=m "
+                            "--train_data_dir=pics --caption_column=caption\n")  # fmt: skip
+    o = _load(path, {"model": "tiny:sd1"}, notes=notes)
+    assert (o.data, o.image_column, o.conditioning_image_column, o.caption_column) == (
+        str(Path("pics") / "metadata.jsonl"), "file_name", "", "caption")  # fmt: skip
+    index = scan_dataset(o)
+    assert not index.problems
+    found = sorted((e.path.resolve(), e.caption) for e in index.entries)
+    assert found == [((folder / "0.png").resolve(), "a red fox"), ((folder / "1.png").resolve(), "the longer caption")]
+    assert not any(has_control(e) for e in index.entries)
+    assert any("draws one each time" in n for n in notes)
+    other = _write(tmp_path, path.read_text().replace("--caption_column=caption", "--image_column=img"), "o.sh")
+    assert any("--image_column 'img'" in p for p in _problems(other))

@@ -370,3 +370,29 @@ def test_flux_all_ffs_adapts_what_peft_matches_including_the_final_proj_out(tmp_
     expected = {f"transformer_blocks.{i}.{m}" for i in range(2) for m in double}
     expected |= {f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in single}
     assert paths == expected | {"proj_out"}
+
+
+@pytest.mark.parametrize("strategy", ["filename", "textfile"])
+def test_prepend_instance_prompt_is_the_caption_prefix(tmp_path, strategy):
+    """prompts.py prepare_instance_prompt_from_filename/_textfile with prepend_instance_prompt: instance_prompt +
+    " " + the caption, sdcore's caption_prefix join; without instance_prompt SimpleTuner's factory stops."""
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.testing.datasets import pattern_image
+
+    path = _flux_run(tmp_path)
+    images = tmp_path / "named"
+    images.mkdir()
+    pattern_image(0, 64).save(images / "a_red_fox.png")
+    (images / "a_red_fox.txt").write_text("a fox in snow", encoding="utf-8")
+    caption = {"filename": "a red fox", "textfile": "a fox in snow"}[strategy]
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    entry = {"id": "named", "type": "local", "instance_data_dir": str(images), "caption_strategy": strategy,
+             "prepend_instance_prompt": True, "instance_prompt": "sks"}  # fmt: skip
+    _write(backend, [entry])
+    index = scan_dataset(_lora(path))
+    assert not index.problems
+    assert [e.written_caption for e in index.entries] == ["sks" + " " + caption]
+    _write(backend, [{**entry, "instance_prompt": None}])
+    with pytest.raises(ConfigError) as info:
+        _lora(path)
+    assert "prepend_instance_prompt needs instance_prompt" in str(info.value.args)

@@ -13,6 +13,9 @@ Relative paths are read from the JSONL's folder; a path found only from the work
 opens it: it calls ``Image.open`` on the string) is taken from there too, so a file written for the script trains
 as it is. Rows that cannot train (not an object, a column missing, a file not there) are collected and reported
 together, one line each kind. ``--dataset_name`` (a Hugging Face hub dataset) is not read: sdcore works offline.
+
+The same reader takes an ``imagefolder`` ``metadata.jsonl`` (diffusers' text_to_image scripts' ``--train_data_dir``:
+rows of ``file_name`` relative to the folder and a caption column): the control image column is then ``""``, none.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ DEFAULT_COLUMNS = ("image", "conditioning_image", "text")
 
 @dataclass(frozen=True)
 class JsonlRow:
-    """One usable row: the training image, its control image and its caption (line numbers from 1)."""
+    """One usable row: the training image, its control image (None without a control column) and its caption
+    (line numbers from 1)."""
 
     line: int
     image: Path
-    control: Path
+    control: Path | None
     caption: str
 
 
@@ -62,7 +66,8 @@ def _caption(value: object) -> str | None:
 
 def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> tuple[list[JsonlRow], list[str]]:
     """The usable rows of the JSONL at ``path`` and one problem line per kind of bad row (each listing its
-    lines); ``columns`` are (image, control image, caption). An unreadable file is a :class:`DataError`."""
+    lines); ``columns`` are (image, control image, caption), the control column ``""`` for none (an imagefolder
+    ``metadata.jsonl``). An unreadable file is a :class:`DataError`."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) as pyarrow's read_json
     except (OSError, UnicodeDecodeError) as exc:
@@ -72,7 +77,8 @@ def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> t
     rows: list[JsonlRow] = []
     not_objects: list[str] = []
     no_column: dict[str, list[str]] = {}
-    missing: dict[str, list[str]] = {image_col: [], control_col: []}
+    path_columns = (image_col, control_col) if control_col else (image_col,)
+    missing: dict[str, list[str]] = {column: [] for column in path_columns}
     # records end at "\n" alone (JSON Lines; pyarrow's read_json): str.splitlines would also split a caption at an
     # unescaped U+2028/U+2029/U+0085, which JSON strings may hold
     for number, line in enumerate(text.split("\n"), start=1):
@@ -87,7 +93,7 @@ def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> t
             continue
         found: dict[str, Path] = {}
         bad = False
-        for column in (image_col, control_col):
+        for column in path_columns:
             value = record.get(column)
             if not isinstance(value, str) or not value:
                 no_column.setdefault(column, []).append(str(number))
@@ -105,7 +111,7 @@ def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> t
             bad = True
         if not bad:
             assert caption is not None
-            rows.append(JsonlRow(number, found[image_col], found[control_col], caption))
+            rows.append(JsonlRow(number, found[image_col], found.get(control_col), caption))
     problems: list[str] = []
     if not_objects:
         problems.append(f"{path}: {len(not_objects)} line(s) are not a JSON object: lines {_listed(not_objects)}")

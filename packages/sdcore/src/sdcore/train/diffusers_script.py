@@ -109,6 +109,99 @@ SCRIPTS: dict[str, Script] = {
         validation_steps=(100, 516), output_dir=("control-lora", 256), lr_warmup_steps=(500, 374),
         checkpointing_steps=(500, 288))),
 }  # fmt: skip
+#: the arguments each script's argparse defines (its ``parser.add_argument("--...")`` calls at 58eb52c): one
+#: it does not define stops the script with "unrecognized arguments", so the command is refused
+_ALL_SCRIPTS_ARGS = (
+    "adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 checkpointing_steps "
+    "checkpoints_total_limit dataloader_num_workers gradient_accumulation_steps gradient_checkpointing "
+    "hub_model_id hub_token learning_rate logging_dir lr_scheduler lr_warmup_steps max_grad_norm "
+    "max_train_steps mixed_precision num_train_epochs num_validation_images output_dir "
+    "pretrained_model_name_or_path push_to_hub report_to resolution resume_from_checkpoint revision scale_lr "
+    "seed train_batch_size use_8bit_adam validation_prompt variant"
+)
+SCRIPT_ARGS: dict[str, frozenset[str]] = {
+    "train_dreambooth_lora_flux.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "adam_weight_decay_text_encoder cache_dir cache_latents caption_column center_crop class_data_dir "
+        "class_prompt dataset_config_name dataset_name enable_npu_flash_attention guidance_scale image_column "
+        "instance_data_dir instance_prompt local_rank logit_mean logit_std lora_alpha lora_dropout lora_layers "
+        "lr_num_cycles lr_power max_sequence_length mode_scale num_class_images optimizer "
+        "prior_generation_precision prior_loss_weight prodigy_beta3 prodigy_decouple prodigy_safeguard_warmup "
+        "prodigy_use_bias_correction random_flip rank repeats sample_batch_size text_encoder_lr "
+        "train_text_encoder upcast_before_saving validation_epochs weighting_scheme with_prior_preservation"
+    )).split()),
+    "train_dreambooth_lora_sd3.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "adam_weight_decay_text_encoder cache_dir cache_latents caption_column center_crop class_data_dir "
+        "class_prompt dataset_config_name dataset_name image_column instance_data_dir instance_prompt "
+        "local_rank logit_mean logit_std lora_blocks lora_dropout lora_layers lr_num_cycles lr_power "
+        "max_sequence_length mode_scale num_class_images optimizer precondition_outputs "
+        "prior_generation_precision prior_loss_weight prodigy_beta3 prodigy_decouple prodigy_safeguard_warmup "
+        "prodigy_use_bias_correction random_flip rank repeats sample_batch_size text_encoder_lr "
+        "train_text_encoder upcast_before_saving validation_epochs weighting_scheme with_prior_preservation"
+    )).split()),
+    "train_dreambooth_lora_sdxl.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "adam_weight_decay_text_encoder cache_dir caption_column center_crop class_data_dir class_prompt "
+        "dataset_config_name dataset_name do_edm_style_training enable_xformers_memory_efficient_attention "
+        "image_column image_interpolation_mode instance_data_dir instance_prompt local_rank lora_dropout "
+        "lr_num_cycles lr_power num_class_images optimizer output_kohya_format "
+        "pretrained_vae_model_name_or_path prior_generation_precision prior_loss_weight prodigy_beta3 "
+        "prodigy_decouple prodigy_safeguard_warmup prodigy_use_bias_correction random_flip rank repeats "
+        "sample_batch_size snr_gamma text_encoder_lr train_text_encoder use_dora validation_epochs "
+        "with_prior_preservation"
+    )).split()),
+    "train_dreambooth_lora.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "center_crop class_data_dir class_labels_conditioning class_prompt "
+        "enable_xformers_memory_efficient_attention image_interpolation_mode instance_data_dir instance_prompt "
+        "local_rank lora_dropout lr_num_cycles lr_power num_class_images pre_compute_text_embeddings "
+        "prior_generation_precision prior_loss_weight rank sample_batch_size text_encoder_use_attention_mask "
+        "tokenizer_max_length tokenizer_name train_text_encoder validation_epochs validation_images "
+        "with_prior_preservation"
+    )).split()),
+    "train_dreambooth_flux.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "adam_weight_decay_text_encoder cache_dir caption_column center_crop class_data_dir class_prompt "
+        "dataset_config_name dataset_name enable_npu_flash_attention guidance_scale image_column "
+        "image_interpolation_mode instance_data_dir instance_prompt local_rank logit_mean logit_std "
+        "lr_num_cycles lr_power max_sequence_length mode_scale num_class_images optimizer "
+        "prior_generation_precision prior_loss_weight prodigy_beta3 prodigy_decouple prodigy_safeguard_warmup "
+        "prodigy_use_bias_correction random_flip repeats sample_batch_size text_encoder_lr train_text_encoder "
+        "validation_epochs weighting_scheme with_prior_preservation"
+    )).split()),
+    "train_dreambooth_sd3.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "adam_weight_decay_text_encoder cache_dir caption_column center_crop class_data_dir class_prompt "
+        "dataset_config_name dataset_name image_column instance_data_dir instance_prompt local_rank logit_mean "
+        "logit_std lr_num_cycles lr_power max_sequence_length mode_scale num_class_images optimizer "
+        "precondition_outputs prior_generation_precision prior_loss_weight prodigy_beta3 prodigy_decouple "
+        "prodigy_safeguard_warmup prodigy_use_bias_correction random_flip repeats sample_batch_size "
+        "text_encoder_lr train_text_encoder validation_epochs weighting_scheme with_prior_preservation"
+    )).split()),
+    "train_dreambooth.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "center_crop class_data_dir class_labels_conditioning class_prompt "
+        "enable_xformers_memory_efficient_attention instance_data_dir instance_prompt local_rank lr_num_cycles "
+        "lr_power num_class_images offset_noise pre_compute_text_embeddings prior_generation_precision "
+        "prior_loss_weight sample_batch_size set_grads_to_none skip_save_text_encoder snr_gamma "
+        "text_encoder_use_attention_mask tokenizer_max_length tokenizer_name train_text_encoder "
+        "validation_images validation_scheduler validation_steps with_prior_preservation"
+    )).split()),
+    "train_text_to_image_lora.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "cache_dir caption_column center_crop dataset_config_name dataset_name "
+        "enable_xformers_memory_efficient_attention image_column image_interpolation_mode local_rank "
+        "max_train_samples noise_offset prediction_type random_flip rank snr_gamma train_data_dir "
+        "validation_epochs"
+    )).split()),
+    "train_text_to_image_lora_sdxl.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "cache_dir caption_column center_crop dataset_config_name dataset_name debug_loss "
+        "enable_npu_flash_attention enable_xformers_memory_efficient_attention image_column "
+        "image_interpolation_mode local_rank max_train_samples noise_offset prediction_type "
+        "pretrained_vae_model_name_or_path random_flip rank snr_gamma train_data_dir train_text_encoder "
+        "validation_epochs"
+    )).split()),
+    "train_control_lora_flux.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "cache_dir caption_column conditioning_image_column dataset_config_name dataset_name gaussian_init_lora "
+        "guidance_scale image_column jsonl_for_train log_dataset_samples logit_mean logit_std lora_layers "
+        "lr_num_cycles lr_power max_train_samples mode_scale offload proportion_empty_prompts rank "
+        "tracker_project_name train_norm_layers upcast_before_saving use_lora_bias validation_image "
+        "validation_steps weighting_scheme"
+    )).split()),
+}  # fmt: skip
 #: the same in every script that has the argument: (value, its line in train_dreambooth_lora_flux.py)
 COMMON_DEFAULTS: dict[str, tuple[Any, int]] = {
     "rank": (4, 375), "lr_warmup_steps": (500, 524), "checkpointing_steps": (500, 453), "adam_beta1": (0.9, 574),
@@ -442,7 +535,12 @@ def translate_command(
     a = _Args(command, script, w, out)
     v = out.values
     known = HANDLED | set(NOTED) | set(REFUSED)
-    unknown = [f"--{k}{_nearest(k, known)}" for k in command.args if k not in known]
+    defined = SCRIPT_ARGS[command.script]
+    undefined = [f"--{k}{_nearest(k, defined)}" for k in command.args if k not in defined]
+    if undefined:
+        out.problems.append(f"{w}: {', '.join(undefined)}: not argument(s) of {command.script} (its argparse stops "
+                            "with 'unrecognized arguments')")  # fmt: skip
+    unknown = [f"--{k}{_nearest(k, known)}" for k in command.args if k in defined and k not in known]
     if unknown:
         out.problems.append(f"{w}: unknown or unsupported argument(s): {', '.join(unknown)}")
     for name in command.args:
@@ -487,7 +585,15 @@ def translate_command(
             )
     v["save_every"] = a.num("checkpointing_steps", int)
     limit = a.num("checkpoints_total_limit", int)
-    v["save_limit"] = 0 if limit is None else limit  # None in the scripts: keep every checkpoint
+    if limit is None:  # None in the scripts: keep every checkpoint
+        v["save_limit"] = 0
+    else:
+        # the scripts delete len(checkpoints) - limit + 1 of the oldest before each save when len >= limit
+        # (train_dreambooth_lora_flux.py:1869-1876), so a limit of 0 or less deletes them all and keeps the newest
+        v["save_limit"] = v["keep_states"] = max(limit, 1)
+        if limit < 1:
+            out.notes.append(f"{w}: --checkpoints_total_limit {limit}: the script removes every earlier checkpoint "
+                             "before each save, keeping the newest: --save-limit 1")  # fmt: skip
     output = a.text("output_dir") or ""
     if method == "lora":  # save_lora_weights' file name
         v["output"] = str(Path(output) / "pytorch_lora_weights.safetensors")
@@ -533,12 +639,28 @@ def _data(a: _Args, script: Script, method: str, path: str | os.PathLike[str], w
     elif script.kind == "text_to_image":
         if a.given("train_data_dir"):
             folder = Path(a.text("train_data_dir") or "").expanduser()
-            meta = [m.name for m in (folder / "metadata.jsonl", folder / "metadata.csv") if m.is_file()]
-            if meta:
-                out.problems.append(f"{w}: --train_data_dir {folder}: its {meta[0]} captions are not read yet; give "
-                                    "sdcore a folder with a .txt caption beside each image")  # fmt: skip
-            v["data"] = str(folder)
-            out.notes.append(f"{w}: --train_data_dir: captions from the .txt files beside the images")
+            if (folder / "metadata.jsonl").is_file():
+                # load_dataset("imagefolder"): each row's file_name (relative to the folder) becomes the "image"
+                # column, its other keys columns; --caption_column names the caption (train_text_to_image_lora.py:
+                # 613-644). Read by sdcore's diffusers JSONL reader (sdcore.data.jsonl), no control image column.
+                v["data"] = str(folder / "metadata.jsonl")
+                v["image_column"] = "file_name"
+                v["conditioning_image_column"] = ""
+                v["caption_column"] = a.text("caption_column") or "text"
+                if (a.text("image_column") or "image") != "image":
+                    out.problems.append(f"{w}: --image_column {a.text('image_column')!r}: an imagefolder's images are "
+                                        "its 'image' column (from metadata.jsonl's file_name); the script stops "
+                                        "on another")  # fmt: skip
+                out.notes.append(f"{w}: --train_data_dir: images and captions from {folder / 'metadata.jsonl'}; a "
+                                 "row with a list of captions trains on its longest (the script draws one each "
+                                 "time)")  # fmt: skip
+            else:
+                if (folder / "metadata.csv").is_file():
+                    out.problems.append(f"{w}: --train_data_dir {folder}: its metadata.csv captions are not read; "
+                                        "write them as a metadata.jsonl (file_name and caption keys) or give a "
+                                        ".txt caption beside each image")  # fmt: skip
+                v["data"] = str(folder)
+                out.notes.append(f"{w}: --train_data_dir: captions from the .txt files beside the images")
         elif not a.given("dataset_name"):
             out.problems.append(f"{w}: --train_data_dir (a folder) is needed; --dataset_name is not read offline")
         v["buckets"] = False  # the scripts resize and crop every image to a --resolution square

@@ -48,8 +48,11 @@ def has_control(entry: ImageEntry) -> bool:
 
 
 def _subset_paired(subset: Any) -> bool:
-    """Whether a subset's images come with control images: a control folder, or a JSONL naming one per row."""
-    return getattr(subset, "control_dir", None) is not None or getattr(subset, "jsonl_file", None) is not None
+    """Whether a subset's images come with control images: a control folder, or a JSONL naming one per row (not
+    an imagefolder ``metadata.jsonl``, whose control column is ``""``)."""
+    if getattr(subset, "control_dir", None) is not None:
+        return True
+    return getattr(subset, "jsonl_file", None) is not None and bool(getattr(subset, "jsonl_columns", ("", "x"))[1])
 
 
 #: extensions a control image may have: every image extension sdcore trains on (a training image may be a

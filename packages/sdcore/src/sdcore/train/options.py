@@ -102,7 +102,8 @@ class TrainOptions:
     )
     conditioning_image_column: str = option(
         "conditioning_image",
-        "A .jsonl --data: the column of each row's control image path (diffusers' --conditioning_image_column).",
+        "A .jsonl --data: the column of each row's control image path (diffusers' --conditioning_image_column); "
+        "'' for none (an imagefolder metadata.jsonl).",
         group="data",
     )
     caption_column: str = option(

@@ -976,14 +976,22 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 f"{w}: caption_strategy {strategy!r}: sdcore reads captions from the file name (filename), .txt "
                 "files (textfile) or one prompt for all (instanceprompt)"
             )
+        prefix = base.caption_prefix
         if _bool(backend.get("prepend_instance_prompt", False)) and class_tokens is None:
-            problems.append(f"{w}: prepend_instance_prompt: not translated yet")
+            # prompts.py prepare_instance_prompt_from_filename/_textfile: instance_prompt + " " + caption, as
+            # sdcore's caption_prefix joins (sdcore.data.captions.join_affixes); without an instance_prompt
+            # SimpleTuner's data backend factory stops
+            if prompt is None:
+                problems.append(f"{w}: prepend_instance_prompt needs instance_prompt")
+            else:
+                prefix = f"{prompt} {prefix}" if prefix else str(prompt)
         subsets.append(
             replace(
                 base,
                 image_dir=Path(str(backend["instance_data_dir"])).expanduser(),
                 repeats=int(backend.get("repeats", 0)) + 1,  # DATALOADER.md: 0 = seen once
                 caption_extension=extension,
+                caption_prefix=prefix,
                 class_tokens=class_tokens,
                 caption_from_filename=from_filename,
                 filename_caption_rule="spaces" if from_filename else base.filename_caption_rule,

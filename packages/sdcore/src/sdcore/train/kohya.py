@@ -80,13 +80,13 @@ def _te_rates(value: Any) -> float | str | tuple[float, ...] | None:
     """``text_encoder_lr`` (argparse ``nargs="*"``): one number, or a list whose values are one per text
     encoder. A list of one value (or of equal ones) is that rate; different values stay a tuple, which
     :func:`kohya_text_encoder_rates` gives to the encoders once the model's family is known. A rate of 0
-    keeps the encoders' modules untrained, as in kohya (:func:`_rate_zero_freezes`)."""
+    keeps the encoders' modules untrained, as in kohya (:func:`_zero_is_a_value`)."""
     if isinstance(value, (list, tuple)):
         rates = tuple(float(v) for v in value)
         if not rates:
             return None
-        return _rate_zero_freezes(rates[0]) if len(set(rates)) == 1 else rates
-    return _rate_zero_freezes(value)
+        return _zero_is_a_value(rates[0]) if len(set(rates)) == 1 else rates
+    return _zero_is_a_value(value)
 
 
 def kohya_text_encoder_rates(values: dict[str, Any], family: str | None, where: str) -> tuple[list[str], list[str]]:
@@ -135,24 +135,18 @@ def kohya_text_encoder_rates(values: dict[str, Any], family: str | None, where: 
     return notes, []
 
 
-def _rate_zero_freezes(value: Any) -> float | str:
-    """kohya's rates whose 0 is not "unset" but "keep this part frozen": ``learning_rate_te{1,2,3}``
-    (sdxl_train.py, sd3_train.py: "0 means not train"), ``learning_rate_te`` (train_db.py, fine_tune.py: the
-    text encoder's optimizer group at rate 0) and the LoRA scripts' ``unet_lr`` / ``text_encoder_lr``
-    (networks/lora*.py ``prepare_optimizer_params`` leave a 0-rate group out of the optimizer; only modules a
-    ``network_reg_lrs`` rule gives a rate still train). A 0 is passed on as the text ``"0"``, which the config
-    layer's rule for kohya_ss's untouched fields (a numeric 0 of an optional option means None) leaves as it
-    is; the kohya_ss GUI writes no 0 rate (its presets' 0 is turned into train flags first)."""
-    rate = float(value)
-    return "0" if rate == 0 else rate
-
-
 def _zero_is_a_value(value: Any) -> float | str:
-    """A kohya option whose 0 is a value, not "unset": ``guidance_scale`` (flux_train_network.py / flux_train.py feed
-    ``float(args.guidance_scale)`` to the guidance embedding; kohya's docs ask 0.0 for Chroma). Passed on as the
-    text ``"0"``, as :func:`_rate_zero_freezes` does, so that the config layer's rule for kohya_ss's untouched
-    fields (a numeric 0 of an optional option means None, and ``--guidance-scale``'s None is "not given") leaves
-    it; the kohya_ss GUI's LoRA tab, which writes no 0, drops it first (:mod:`.kohya_gui`)."""
+    """A kohya number whose 0 is a value, not "unset", passed on as the text ``"0"``, which the config layer's rule
+    for kohya_ss's untouched fields (a numeric 0 of an optional option means None) leaves as it is:
+
+    * rates whose 0 freezes a part: ``learning_rate_te{1,2,3}`` (sdxl_train.py, sd3_train.py: "0 means not
+      train"), ``learning_rate_te`` (train_db.py, fine_tune.py: the text encoder's optimizer group at rate 0) and the
+      LoRA scripts' ``unet_lr`` / ``text_encoder_lr`` (networks/lora*.py ``prepare_optimizer_params`` leave a 0-rate
+      group out of the optimizer; only modules a ``network_reg_lrs`` rule gives a rate still train); the kohya_ss
+      GUI writes no 0 rate (its presets' 0 is turned into train flags first);
+    * ``guidance_scale`` (flux_train_network.py / flux_train.py feed ``float(args.guidance_scale)`` to the guidance
+      embedding; kohya's docs ask 0.0 for Chroma; ``--guidance-scale``'s None is "not given"); the kohya_ss GUI's
+      LoRA tab, which writes no 0, drops it first (:mod:`.kohya_gui`)."""
     number = float(value)
     return "0" if number == 0 else number
 
@@ -165,7 +159,7 @@ def _is_zero_rate(value: Any) -> bool:
 
 
 def kohya_zero_rate_notes(values: Mapping[str, Any], origin: Mapping[str, str], fields: Collection[str]) -> list[str]:
-    """A note for each part a kohya rate of 0 keeps frozen (:func:`_rate_zero_freezes`), so that a run whose
+    """A note for each part a kohya rate of 0 keeps frozen (:func:`_zero_is_a_value`), so that a run whose
     U-Net or text encoder does not move says why: LoRA's ``unet_lr`` / ``text_encoder_lr`` (a ``network_reg_lrs``
     rule's rate still trains its modules, as kohya's lora_flux puts those groups first), DreamBooth's
     ``learning_rate_te`` (train_db.py / fine_tune.py)."""
@@ -497,7 +491,7 @@ ALIASES: dict[str, Alias] = {
     "network_weights": _a("network_weights", methods="lora"),
     "network_train_unet_only": _a("unet_only", flag=True, methods="lora"),
     "network_train_text_encoder_only": _a("te_only", flag=True, methods="lora"),
-    "unet_lr": _a("unet_lr", _rate_zero_freezes, methods="lora"),
+    "unet_lr": _a("unet_lr", _zero_is_a_value, methods="lora"),
     "text_encoder_lr": _a("te_lr", _te_rates, methods="lora"),
     "metadata_title": _a("metadata_title"),  # modelspec.title only: kohya's ss_output_name stays output_name
     "no_metadata": _a("minimal_metadata", flag=True, methods="lora"),
@@ -512,14 +506,14 @@ ALIASES: dict[str, Alias] = {
     "dim_from_weights": _a("dim_from_weights", flag=True, methods="lora"),
     # DreamBooth (train_db.py / fine_tune.py)
     "stop_text_encoder_training": _a("stop_text_encoder_at", methods="dreambooth", only_with="instance_prompt"),
-    "learning_rate_te": _a("te_lr", _rate_zero_freezes, methods="dreambooth"),
+    "learning_rate_te": _a("te_lr", _zero_is_a_value, methods="dreambooth"),
     "train_text_encoder": _a("train_text_encoder", flag=True, methods="dreambooth"),
     "no_token_padding": _a("no_token_padding", flag=True, methods="dreambooth"),
     "block_lr": _a("block_lr", _pair_text, methods="dreambooth"),  # sdxl_train.py: 23 U-Net rates ("a,b,..")
     # full fine-tuning of SDXL/SD3 (sdxl_train.py, sd3_train.py): per-encoder rates, T5 training
-    "learning_rate_te1": _a("te1_lr", _rate_zero_freezes, methods="dreambooth"),
-    "learning_rate_te2": _a("te2_lr", _rate_zero_freezes, methods="dreambooth"),
-    "learning_rate_te3": _a("te3_lr", _rate_zero_freezes, methods="dreambooth"),
+    "learning_rate_te1": _a("te1_lr", _zero_is_a_value, methods="dreambooth"),
+    "learning_rate_te2": _a("te2_lr", _zero_is_a_value, methods="dreambooth"),
+    "learning_rate_te3": _a("te3_lr", _zero_is_a_value, methods="dreambooth"),
     "train_t5xxl": _a("train_t5", flag=True, methods="dreambooth"),
     "num_last_block_to_freeze": _a("num_last_block_to_freeze", lambda v: int(v or 0), methods="dreambooth"),
     # textual inversion (train_textual_inversion.py)
@@ -2012,7 +2006,7 @@ def kohya_flux_train_text_encoder(
             or value is None
             or (target.startswith("train") and _is_off(value, _OFF))
         ):
-            continue  # a rate of 0 is dropped too (it is kohya's "frozen", :func:`_rate_zero_freezes`)
+            continue  # a rate of 0 is dropped too (it is kohya's "frozen", :func:`_zero_is_a_value`)
         values.pop(target, None)
         dropped.append(name)
     if not dropped:

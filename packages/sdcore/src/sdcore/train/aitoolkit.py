@@ -639,11 +639,17 @@ def inject_trigger(caption: str, trigger: str | None, *, add_if_not_present: boo
 
 @dataclass
 class JobTranslation:
-    """sdcore option values of a job (``values``), with notes and problems (one line each)."""
+    """sdcore option values of a job (``values``), with notes and problems (one line each).
+
+    ``needs`` holds the problems of values the file lacks that a command-line option can give instead
+    (``{"model": "...: the model to train is needed"}``): :func:`sdcore.train.config.load_options` reports
+    one only when that option is not on the command line, so ``--model`` completes a config without a
+    model path as its help promises ("flags given here override it")."""
 
     values: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    needs: dict[str, str] = field(default_factory=dict)
 
 
 def check_section(table: Any, section: str, where: str, out: JobTranslation) -> dict[str, Any]:
@@ -759,7 +765,7 @@ def translate_job(
 
     # model and output: <training_folder>/<name>/<name>.safetensors, as ai-toolkit names its final save
     if not model.get("name_or_path"):
-        out.problems.append(f"{w}.model.name_or_path: the model to train is needed")
+        out.needs["model"] = f"{w}.model.name_or_path: the model to train is needed (or give --model)"
     else:
         v["model"] = str(model["name_or_path"])
     if model.get("vae_path"):

@@ -148,6 +148,7 @@ def load_options(
     config_values: dict[str, Any] = {}
     config_kohya: dict[str, Any] = {}
     found_notes: list[str] = []
+    needs: dict[str, str] = {}  # problems a command-line option resolves (JobTranslation.needs)
     if config_path is not None:
         unknown = []
         foreign = _other_trainer_config(config_path, fields, where)
@@ -155,6 +156,7 @@ def load_options(
             config_values.update(foreign.values)
             found_notes += foreign.notes
             problems += foreign.problems
+            needs = dict(getattr(foreign, "needs", {}))
         flat = {} if foreign is not None else read_config_file(config_path)
         if kohya_gui.is_gui_preset(flat):
             flat, gui_notes, gui_problems = kohya_gui.gui_preset(flat, where, fields)
@@ -175,6 +177,7 @@ def load_options(
     for name in [n for n in cli_values if n not in types_]:
         problems.append(f"command line: unknown option {name!r} (not an option of {options_class.__name__})")
         cli_values.pop(name)
+    problems += [problem for name, problem in needs.items() if name not in cli_values]
     cli_kohya = dict(kohya or {})
     merged = {**config_kohya, **cli_kohya}
     kohya_where = "command line" if cli_kohya and not config_kohya else where

@@ -558,7 +558,7 @@ def translate_command(
     if a.given("pretrained_model_name_or_path"):
         v["model"] = a.text("pretrained_model_name_or_path")
     else:
-        out.problems.append(f"{w}: --pretrained_model_name_or_path is needed (or give sdcore's --model)")
+        out.needs["model"] = f"{w}: --pretrained_model_name_or_path is needed (or give sdcore's --model)"
     if a.given("pretrained_vae_model_name_or_path"):
         v["vae"] = a.text("pretrained_vae_model_name_or_path")
     if a.given("prediction_type"):

@@ -468,7 +468,7 @@ def translate_config(
     if model_type == "full" and "rank" in fields:
         out.problems.append(f"{where}: model_type full is a full fine-tune: use sdcore train dreambooth")
     if not r.text("pretrained_model_name_or_path"):
-        out.problems.append(f"{where}.pretrained_model_name_or_path: the model to train is needed")
+        out.needs["model"] = f"{where}.pretrained_model_name_or_path: the model to train is needed (or give --model)"
     else:
         v["model"] = r.text("pretrained_model_name_or_path")
     if r.text("prediction_type"):

@@ -80,8 +80,9 @@ def test_flux_lora_config_translates_with_simpletuners_defaults(tmp_path):
         "guidance_scale": 3.5,  # field_registry/flux.py:86 flux_guidance_mode constant
         "model_prediction_type": "raw", "weighting_scheme": "uniform",
         "optimizer": "adamw",  # sections/training.py:107 adamw_bf16
-        # sections/optimizer.py:33,56,168,188: betas 0.9/0.999, weight decay 0.01, eps 1e-8
-        "optimizer_args": "betas=0.9,0.999 weight_decay=0.01 eps=1e-08",
+        # helpers/training/optimizer_param.py:191 adamw_bf16's default_settings (the adam_* options are read only
+        # with DeepSpeed, optimizer_param.py:1188): betas 0.9/0.999, weight decay 0.01, eps 1e-6
+        "optimizer_args": "betas=0.9,0.999 weight_decay=0.01 eps=1e-06",
         "max_grad_norm": 2.0, "grad_clip_method": "norm",  # sections/optimizer.py:227; given norm in _flux_run
         "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0,  # sections/training.py:140,179
         "save_every": 500, "save_limit": 5,  # sections/logging_fields.py:71, sections/training.py:197

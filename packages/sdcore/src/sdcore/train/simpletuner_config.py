@@ -241,19 +241,101 @@ HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name
            "prepend_instance_prompt", "only_instance_prompt", "aspect_bucket_alignment",
            "validation_prompt", "validation_step_interval", "validation_resolution", "validation_guidance",
            "validation_num_inference_steps", "validation_seed", "validation_negative_prompt", "validation_disable",
-           "validation_on_startup", "user_prompt_library", "prediction_type", "checkpoints_total_limit"}  # fmt: skip
+           "validation_on_startup", "user_prompt_library", "prediction_type", "checkpoints_total_limit",
+           "base_model_precision", "disable_bucket_pruning", "tread_config"}  # fmt: skip
 #: ``model_family`` -> sdcore's family (sd1x holds SD 1.x and 2.x: sdcore reads which from the model)
 FAMILIES = {"sd1x": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "chroma": "chroma"}
 FLOW_FAMILIES = ("sd3", "flux", "chroma")
+#: the hub model SimpleTuner loads when a config gives no pretrained_model_name_or_path: the family's
+#: HUGGINGFACE_PATHS at model_flavour, else at its DEFAULT_MODEL_FLAVOUR (helpers/models/<family>/model.py)
+HUB_MODELS: dict[str, tuple[str, dict[str, str]]] = {
+    "flux": ("krea", {"dev": "black-forest-labs/flux.1-dev", "krea": "black-forest-labs/flux.1-krea-dev",
+                      "schnell": "black-forest-labs/flux.1-schnell", "kontext": "black-forest-labs/flux.1-kontext-dev",
+                      "fluxbooru": "terminusresearch/fluxbooru-v0.3", "libreflux": "jimmycarter/LibreFlux-SimpleTuner"}),
+    "chroma": ("base", {"base": "lodestones/Chroma1-Base", "hd": "lodestones/Chroma1-HD",
+                        "flash": "lodestones/Chroma1-Flash"}),
+    "sd3": ("medium", {"medium": "stabilityai/stable-diffusion-3.5-medium",
+                       "large": "stabilityai/stable-diffusion-3.5-large"}),
+    "sdxl": ("base-1.0", {"base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
+                          "refiner-1.0": "stabilityai/stable-diffusion-xl-refiner-1.0",
+                          "base-0.9": "stabilityai/stable-diffusion-xl-base-0.9",
+                          "refiner-0.9": "stabilityai/stable-diffusion-xl-refiner-0.9"}),
+    "sd1x": ("dreamshaper", {"1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                             "1.4": "CompVis/stable-diffusion-v1-4", "dreamshaper": "Lykon/dreamshaper-8",
+                             "realvis": "SG161222/RealVisXL_V5.0"}),
+}  # fmt: skip
 #: ``optimizer`` -> sdcore's optimizer (SimpleTuner's helpers/training/optimizer_param.py names); adamw_bf16 is
-#: AdamW on bf16 weights with stochastic rounding, sdcore's AdamW keeps fp32 weights and moments (a note)
+#: AdamW on bf16 weights with stochastic rounding, sdcore's AdamW keeps fp32 weights and moments (a note).
+#: torch-optimi's AdamW, Adam (L2 decay at its weight_decay 0 is no decay: AdamW's rule), Lion and SGD have the
+#: update rules of torch's AdamW, lion-pytorch's Lion and torch's SGD; their Kahan summation only compensates
+#: the rounding of bf16/fp16 weights, which sdcore's fp32 adapter weights do not have (a note)
 OPTIMIZERS = {"adamw_bf16": "adamw", "adamw": "adamw", "bnb-adamw8bit": "adamw8bit", "bnb-lion8bit": "lion8bit",
               "bnb-lion": "lion", "prodigy": "prodigy", "adafactor": "adafactor",
-              "adamw_schedulefree": "adamwschedulefree"}  # fmt: skip
-#: SimpleTuner optimizers sdcore lacks -> the nearest sdcore optimizer to suggest
-NEAREST_OPTIMIZERS = {"optimi-adamw": "adamw", "optimi-stableadamw": "adamw", "optimi-lion": "lion",
-                      "optimi-adan": "adamw", "optimi-adam": "adamw", "optimi-ranger": "adamw",
-                      "optimi-radam": "radamschedulefree", "optimi-sgd": "sgd", "ao-adamw8bit": "adamw8bit",
+              "adamw_schedulefree": "adamwschedulefree", "optimi-adamw": "adamw", "optimi-adam": "adamw",
+              "optimi-lion": "lion", "optimi-sgd": "sgd", "torch-adamw": "adamw", "torch-sgd": "sgd"}  # fmt: skip
+#: the optimizers' settings SimpleTuner passes (optimizer_param.py ``default_settings``; outside DeepSpeed its
+#: adam_beta1/2, adam_weight_decay and adam_epsilon options are not read), as sdcore --optimizer-args
+OPTIMIZER_SETTINGS = {
+    "adamw_bf16": "betas=0.9,0.999 weight_decay=0.01 eps=1e-06",
+    "adamw": "betas=0.9,0.999 weight_decay=0.01 eps=1e-08",  # an older name: torch-adamw's settings
+    "torch-adamw": "betas=0.9,0.999 weight_decay=0.01 eps=1e-08",
+    "torch-sgd": "momentum=0.0 weight_decay=0.0",
+    "bnb-adamw8bit": "betas=0.9,0.999 weight_decay=0.01 eps=1e-06",
+    "adamw_schedulefree": "betas=0.9,0.999 weight_decay=0.01 eps=1e-08",
+    "optimi-adamw": "betas=0.9,0.99 weight_decay=0.0 eps=1e-06",
+    "optimi-adam": "betas=0.9,0.99 weight_decay=0.0 eps=1e-06",
+    "optimi-lion": "betas=0.9,0.99 weight_decay=0.0",
+    "bnb-lion": "betas=0.9,0.99 weight_decay=0.0",
+    "bnb-lion8bit": "betas=0.9,0.99 weight_decay=0.0",
+    "optimi-sgd": "momentum=0.0 weight_decay=0.0",
+}
+#: ``base_model_precision`` (helpers/training/__init__.py quantised_precision_levels: the denoiser's frozen
+#: weights; the text encoders have their own text_encoder_N_precision) -> sdcore's --base-weights-dtype storage
+#: and what differs. sdcore's int8 is symmetric absmax per output row, fp8 a plain float8_e4m3fn cast,
+#: nf4 QLoRA's NormalFloat4 in blocks of 64 (sdcore.train.base_weights); None: frozen weights kept in the
+#: compute dtype (a 16-bit SimpleTuner storage, no worse than bf16)
+_SAME_KIND = "the same kind of rounding as {}, not the same numbers"
+PRECISIONS: dict[str, tuple[str | None, str]] = {
+    "int8-quanto": ("int8", _SAME_KIND.format("optimum-quanto's qint8 (absmax per row)")),
+    "int8-torchao": ("int8", _SAME_KIND.format("torchao's int8 weight-only (absmax per row)")),
+    "int8dq-torchao": ("int8", "torchao's int8 weights per row, without its int8 dynamic activations (sdcore "
+                               "computes in the compute dtype)"),
+    "int8-sdnq": ("int8", _SAME_KIND.format("SDNQ's int8")),
+    "uint8-sdnq": ("int8", "symmetric int8 per row, not SDNQ's uint8 with a zero point: a few codes differ"),
+    "int6-sdnq": ("int8", "int8 per row, finer than SDNQ's int6: the frozen weights round less"),
+    "int5-sdnq": ("int8", "int8 per row, finer than SDNQ's int5: the frozen weights round less"),
+    "uint5-sdnq": ("int8", "int8 per row, finer than SDNQ's uint5: the frozen weights round less"),
+    "int4-quanto": ("nf4", "QLoRA's NormalFloat4 in blocks of 64, not quanto's uniform int4 with a scale per group: "
+                           "the same memory class, different numbers"),
+    "int4-torchao": ("nf4", "QLoRA's NormalFloat4 in blocks of 64, not torchao's int4 weight-only (uniform codes "
+                            "per group): the same memory class, different numbers"),
+    "uint4-sdnq": ("nf4", "QLoRA's NormalFloat4 in blocks of 64, not SDNQ's uint4: the same memory class, "
+                          "different numbers"),
+    "nf4-bnb": ("nf4", "bitsandbytes' NF4 codes in blocks of 64, absmax kept in fp32 (bitsandbytes may quantize "
+                       "them again): the same codes"),
+    "int8dq-int4-torchao": ("nf4", "NormalFloat4 weights in blocks of 64, not torchao's int4 weights with int8 "
+                                   "dynamic activations"),
+    "fp8-int4-torchao": ("nf4", "NormalFloat4 weights in blocks of 64, not torchao's int4 weights with fp8 "
+                                "dynamic activations"),
+    "fp8-quanto": ("fp8", _SAME_KIND.format("optimum-quanto's qfloat8 (float8_e4m3fn)")),
+    "fp8uz-quanto": ("fp8", "float8_e4m3fn, not quanto's float8_e4m3fnuz: a different fp8 grid"),
+    "fp8-native": ("fp8", _SAME_KIND.format("SimpleTuner's native fp8 (float8_e4m3fn)")),
+    "fp8-torchao": ("fp8", "fp8 weights without torchao's fp8 dynamic activations (sdcore computes in the compute "
+                           "dtype)"),
+    "fp8wo-torchao": ("fp8", _SAME_KIND.format("torchao's fp8 weight-only")),
+    "fp8-sdnq": ("fp8", "fp8 weights without SDNQ's fp8 matmul (sdcore computes in the compute dtype)"),
+    "fp8-transformerengine": ("fp8", "fp8 weights without Transformer Engine's fp8 matmul (sdcore computes in "
+                                     "the compute dtype)"),
+    "int16-sdnq": (None, "kept in the compute dtype (bf16 under mixed precision), not SDNQ's int16"),
+    "uint16-sdnq": (None, "kept in the compute dtype (bf16 under mixed precision), not SDNQ's uint16"),
+    "fp16-sdnq": (None, "kept in the compute dtype (bf16 under mixed precision), not SDNQ's fp16"),
+}  # fmt: skip
+#: below 4 bits: sdcore's nf4 rounds the frozen weights far less, which changes what the adapter learns to make up for
+COARSER_PRECISIONS = ("int2-quanto", "uint3-sdnq", "uint2-sdnq")
+#: SimpleTuner optimizers sdcore lacks -> the nearest sdcore optimizer to suggest (StableAdamW scales each
+#: tensor's step by its gradient's RMS against the second moment; RAdam, Ranger and Adan are other rules)
+NEAREST_OPTIMIZERS = {"optimi-stableadamw": "adamw", "optimi-adan": "adamw", "optimi-ranger": "adamw",
+                      "optimi-radam": "radamschedulefree", "ao-adamw8bit": "adamw8bit",
                       "ao-adamw4bit": "adamw8bit", "ao-adamfp8": "adamw8bit", "ao-adamwfp8": "adamw8bit",
                       "soap": "adamw", "bnb-paged-adamw8bit": "pagedadamw8bit", "bnb-ademamix": "adamw"}  # fmt: skip
 #: ``lr_scheduler`` -> sdcore's (diffusers' get_scheduler names; cosine_with_warmup is SimpleTuner's alias of cosine)
@@ -300,7 +382,7 @@ BACKEND_REFUSED = {"conditioning", "conditioning_data", "conditioning_type", "so
 LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr")
 LYCORIS_KEYS = {"algo", "multiplier", "linear_dim", "linear_alpha", "conv_dim", "conv_alpha", "factor",
                 "full_matrix", "dropout", "rank_dropout", "module_dropout", "apply_preset", "use_tucker",
-                "decompose_both", "rank_dropout_scale"}  # fmt: skip
+                "decompose_both", "rank_dropout_scale", "bypass_mode"}  # fmt: skip
 #: ``apply_preset.target_module`` names -> --layer-filter patterns of the diffusers paths inside such modules
 LYCORIS_MODULES = {"Attention": ("attn",), "FeedForward": ("ff.net", "ff_context.net")}
 CONFIG_SUFFIXES = (".json", ".toml")
@@ -468,7 +550,7 @@ def translate_config(
     if model_type == "full" and "rank" in fields:
         out.problems.append(f"{where}: model_type full is a full fine-tune: use sdcore train dreambooth")
     if not r.text("pretrained_model_name_or_path"):
-        out.needs["model"] = f"{where}.pretrained_model_name_or_path: the model to train is needed (or give --model)"
+        out.needs["model"] = f"{where}.pretrained_model_name_or_path: {_hub_model(r, family_name)}"
     else:
         v["model"] = r.text("pretrained_model_name_or_path")
     if r.text("prediction_type"):
@@ -503,9 +585,45 @@ def translate_config(
     else:
         for problem in _backend_problems(Path(backend).expanduser(), f"{where}.data_backend_config", data):
             out.problems.append(problem)
-        out.notes.extend(_crop_notes(Path(backend).expanduser(), f"{where}.data_backend_config"))
+        out.notes.extend(_crop_notes(Path(backend).expanduser(), f"{where}.data_backend_config", data))
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
+
+
+def _hub_model(r: _Reader, family_name: str) -> str:
+    """What SimpleTuner loads without ``pretrained_model_name_or_path`` and what sdcore needs instead."""
+    need = "sdcore reads no model hub: give a local copy's path (pretrained_model_name_or_path or --model)"
+    if family_name not in HUB_MODELS:
+        return f"not given; {need}"
+    default, paths = HUB_MODELS[family_name]
+    flavour = r.text("model_flavour") or default
+    if flavour not in paths:
+        return f"not given, and model_flavour {flavour!r} is none of {family_name}'s ({', '.join(paths)}); {need}"
+    return (
+        f"not given: SimpleTuner would download {paths[flavour]} (model_family {family_name}, model_flavour "
+        f"{flavour}); {need}"
+    )
+
+
+def _bucket_pruning(r: _Reader, out: JobTranslation) -> None:
+    """SimpleTuner drops an aspect bucket whose images x (repeats + 1) are fewer than train_batch_size
+    (metadata/backends/base.py ``_prune_small_buckets``) unless ``disable_bucket_pruning``; sdcore never drops
+    one (a short last batch is trained: sdcore.data.sampler), so ``true`` is sdcore's behaviour."""
+    batch = r.number("train_batch_size", int) or 1
+    if not r.flag("disable_bucket_pruning") and batch > 1:
+        out.notes.append(
+            f"{r.where}.disable_bucket_pruning false: SimpleTuner leaves out a bucket with fewer images x (repeats "
+            f"+ 1) than train_batch_size {batch}; sdcore trains them in a shorter batch (as disable_bucket_pruning "
+            "true)"
+        )
+
+
+def _tread(r: _Reader, out: JobTranslation) -> None:
+    if r.get("tread_config"):
+        out.problems.append(
+            f"{r.where}.tread_config: TREAD token routing (a share of the image tokens skips a span of transformer "
+            "blocks during training, a speed-up that changes the gradients) is not in sdcore; remove tread_config"
+        )
 
 
 def _training(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -> None:
@@ -533,6 +651,9 @@ def _training(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -
         out.problems.append(f"{w}.mixed_precision {precision!r}: sdcore trains with no, fp16 or bf16 mixed precision")
     _schedule(r, out)
     _optimizer(r, out)
+    _precision(r, out)
+    _bucket_pruning(r, out)
+    _tread(r, out)
     dropout = r.number("caption_dropout_probability")
     if dropout:
         v["caption_dropout"] = dropout
@@ -557,6 +678,31 @@ def _training(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -
     if r.flag("train_text_encoder"):
         out.problems.append(f"{w}.train_text_encoder: not translated yet (train the denoiser only, or use sdcore's "
                             "--train-text-encoder options directly)")  # fmt: skip
+
+
+def _precision(r: _Reader, out: JobTranslation) -> None:
+    """``base_model_precision``: the frozen denoiser weights' storage (the text encoders' own
+    ``text_encoder_N_precision`` are read apart)."""
+    v, w = out.values, r.where
+    name = r.text("base_model_precision") or "no_change"
+    if name == "no_change":
+        return
+    if name in COARSER_PRECISIONS:
+        out.problems.append(
+            f"{w}.base_model_precision {name!r}: sdcore stores frozen weights in 4 bits at the fewest (nearest: "
+            "base_model_precision nf4-bnb, sdcore's --base-weights-dtype nf4)"
+        )
+        return
+    if name not in PRECISIONS:
+        out.problems.append(
+            f"{w}.base_model_precision {name!r}: not one of SimpleTuner's precisions{nearest_field(name, PRECISIONS)}"
+        )
+        return
+    storage, difference = PRECISIONS[name]
+    if storage is not None:
+        v["base_weights_dtype"] = storage
+    shown = f"--base-weights-dtype {storage}" if storage else "no --base-weights-dtype"
+    out.notes.append(f"{w}.base_model_precision {name}: the denoiser's frozen weights: sdcore's {shown} ({difference})")
 
 
 def _schedule(r: _Reader, out: JobTranslation) -> None:
@@ -594,10 +740,20 @@ def _optimizer(r: _Reader, out: JobTranslation) -> None:
             f"{w}.optimizer adamw_bf16: trained with sdcore's AdamW (fp32 weights and moments; SimpleTuner's keeps "
             "bf16 weights with stochastic rounding: the same update, rounded differently)"
         )
-    if name in ("adamw_bf16", "adamw", "bnb-adamw8bit", "adamw_schedulefree"):
-        b1, b2 = r.number("adam_beta1"), r.number("adam_beta2")
-        args = f"betas={b1},{b2} weight_decay={r.number('adam_weight_decay')} eps={r.number('adam_epsilon')}"
-        v["optimizer_args"] = args
+    if name.startswith("optimi-"):
+        out.notes.append(
+            f"{w}.optimizer {name}: sdcore's --optimizer {OPTIMIZERS[name]} has torch-optimi's update rule; optimi's "
+            "Kahan summation makes up for bf16 weights' rounding, sdcore's adapter weights are fp32 (no rounding to "
+            "make up for)"
+        )
+    if name in OPTIMIZER_SETTINGS:
+        v["optimizer_args"] = OPTIMIZER_SETTINGS[name]
+    ignored = [k for k in ("adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon") if r.given(k)]
+    if ignored:
+        out.notes.append(
+            f"{w}: {', '.join(ignored)}: not read by SimpleTuner's optimizers outside DeepSpeed (each uses its own "
+            "settings: optimizer_param.py), nor here"
+        )
     norm = r.number("max_grad_norm") or 0.0
     method = r.text("grad_clip_method")
     if name == "prodigy" or norm <= 0:  # trainer.py: prodigy and optimi-stableadamw are never clipped
@@ -698,6 +854,13 @@ def _lycoris(r: _Reader, family: str | None, out: JobTranslation) -> None:
     for key in ("use_tucker", "decompose_both", "rank_dropout_scale"):
         if config.get(key):
             v[key] = True
+    if _bool(config.get("bypass_mode", False)):
+        # LyCORIS' bypass_forward: org_forward(x) + the adapter's own forward on x, the same sum as the merged
+        # weight's forward (LyCORIS uses it for quantised base weights, which it cannot merge into)
+        out.notes.append(
+            f"{wl}: bypass_mode: LyCORIS adds the adapter's output to the frozen layer's instead of merging the "
+            "weights first; the same result up to rounding, which is how sdcore runs its LyCORIS modules"
+        )
     if float(config.get("multiplier", 1.0)) != 1.0:
         out.problems.append(f"{wl}: multiplier {config['multiplier']}: sdcore trains at multiplier 1")
     preset = config.get("apply_preset")
@@ -844,7 +1007,7 @@ def _backends(path: Path, where: str) -> list[Any]:
     return data
 
 
-def _crop_notes(path: Path, where: str) -> list[str]:
+def _crop_notes(path: Path, where: str, top: dict[str, Any]) -> list[str]:
     """``crop`` false (the default) is not "no crop" in SimpleTuner (training_sample.py ``prepare``/``resize``): the
     image is resized keeping its aspect to an intermediary size covering the aspect bucket
     (``calculate_new_size_by_pixel_area``) and the excess cropped off by the ``crop_style`` handler (default random,
@@ -860,6 +1023,14 @@ def _crop_notes(path: Path, where: str) -> list[str]:
             continue
         style = str(b.get("crop_style", "random"))
         head = f"{where} {path}[{i}] ({b.get('id', '?')})"
+        square = _bool(b.get("crop", False)) and str(b.get("crop_aspect", "square")) == "square"
+        if str(b.get("resolution_type", top.get("resolution_type", "pixel_area"))) == "pixel" and not square:
+            res = b.get("resolution", top.get("resolution", DEFAULTS["resolution"]))
+            notes.append(
+                f"{head}: resolution_type pixel: SimpleTuner sizes each image's shorter edge to {res} (a 2:1 image "
+                f"about {2 * float(res):g}x{res}); sdcore's buckets keep the area {res}x{res} (about "
+                f"{float(res) * math.sqrt(2):.0f}x{float(res) / math.sqrt(2):.0f}): fewer pixels on non-square images"
+            )
         if not _bool(b.get("crop", False)) and style != "center":
             notes.append(
                 f"{head}: crop false: resized to cover its aspect bucket and the few pixels over it cropped at the "
@@ -872,6 +1043,68 @@ def _crop_notes(path: Path, where: str) -> list[str]:
                 "cannot hold)"
             )
     return notes
+
+
+def _megapixels(value: float, res_type: str) -> float:
+    """A size option in area units: pixel_area turns a pixel edge (over 10) into megapixels as SimpleTuner's
+    data backend config does (data_backend/config/image.py)."""
+    return value * value / 1e6 if res_type == "pixel_area" and value > 10 else value
+
+
+def _size_limits(backend: dict[str, Any], w: str, res_type: str, res: float, square: bool) -> list[str]:
+    """``minimum_image_size`` (SimpleTuner skips smaller images: metadata/backends/base.py
+    ``meets_resolution_requirements``), ``maximum_image_size`` with ``target_downsample_size`` (the image
+    resized to the latter before the crop: training_sample.py ``_downsample_before_crop``, only with crop,
+    both given). sdcore filters no image by size, so the folder's images are checked here: none under the
+    minimum is SimpleTuner's result exactly. A square crop's pre-resize to the resolution itself is the
+    resize sdcore does (shorter edge to the side, then the crop)."""
+    problems = []
+    minimum = backend.get("minimum_image_size")
+    if minimum:
+        small = _under_minimum(backend, float(minimum), res_type, square)
+        if small:
+            shown = ", ".join(small[:3]) + (f" and {len(small) - 3} more" if len(small) > 3 else "")
+            problems.append(
+                f"{w}: minimum_image_size {minimum}: SimpleTuner leaves out {shown}; sdcore filters no image by "
+                "size (move them out of instance_data_dir, or drop minimum_image_size to train them)"
+            )
+    target = backend.get("target_downsample_size") or 0
+    resized = bool(target) and bool(backend.get("maximum_image_size")) and _bool(backend.get("crop", False))
+    if resized and not (square and _megapixels(float(target), res_type) == _megapixels(res, res_type)):
+        problems.append(
+            f"{w}: target_downsample_size {target}: SimpleTuner resizes each image to it before cropping; "
+            "sdcore resizes to the resolution (give crop_aspect square with target_downsample_size = "
+            "resolution, or leave maximum_image_size/target_downsample_size out)"
+        )
+    return problems
+
+
+def _under_minimum(backend: dict[str, Any], minimum: float, res_type: str, square: bool) -> list[str]:
+    """The images of ``instance_data_dir`` SimpleTuner's ``minimum_image_size`` leaves out: pixel compares
+    both edges, area (and pixel_area, converted) the area in megapixels and, for a square crop, both edges
+    with the area's square root."""
+    from ..data.images import ImageError, is_image_path, probe_image
+
+    folder = Path(str(backend.get("instance_data_dir", ""))).expanduser()
+    if not folder.is_dir():
+        return []
+    area = _megapixels(minimum, res_type) * 1e6
+    small = []
+    for path in sorted(folder.iterdir()):
+        if not is_image_path(path):
+            continue
+        try:
+            width, height = probe_image(path)
+        except ImageError:
+            continue  # skipped and reported by the dataset scan
+        if res_type == "pixel":
+            below = min(width, height) < minimum
+        else:
+            edge = math.floor(math.sqrt(area))
+            below = width * height < area or (square and min(width, height) < edge)
+        if below:
+            small.append(path.name)
+    return small
 
 
 def _backend_problems(path: Path, where: str, top: dict[str, Any]) -> list[str]:
@@ -915,13 +1148,29 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             continue
         storage = str(backend.get("type", "local")).lower()
         if storage != "local":
-            problems.append(f"{w}: type {storage!r}: sdcore reads local image folders only (no remote backends)")
+            named = f" {backend['dataset_name']}" if storage == "huggingface" and backend.get("dataset_name") else ""
+            problems.append(
+                f"{w}: type {storage!r}: sdcore reads local image folders only: download the dataset{named} to a "
+                "folder (images with .txt captions or instance_prompt), then give type local and instance_data_dir "
+                "(without dataset_name and metadata_backend)"
+            )
             continue
         known = BACKEND_HANDLED | BACKEND_NOTED | BACKEND_REFUSED
         unknown = [f"{k!r}{nearest_field(str(k), known)}" for k in backend if k not in known]
         if unknown:
             problems.append(f"{w}: unknown data backend key(s): {', '.join(unknown)}")
         refused = sorted(k for k in backend if k in BACKEND_REFUSED and backend[k] not in (None, False, "", [], {}))
+        generated = backend.get("conditioning")
+        if generated and "conditioning" in refused:
+            # DATALOADER.md: SimpleTuner generates a conditioning dataset (canny, depth, ...) from these images
+            refused.remove("conditioning")
+            kinds = [str(g.get("type", "?")) for g in (generated if isinstance(generated, list) else [generated])
+                     if isinstance(g, dict)]  # fmt: skip
+            problems.append(
+                f"{w}: conditioning {', '.join(kinds) or generated!r}: SimpleTuner generates conditioning images "
+                "from this dataset; sdcore does not: make them yourself into a folder with the training images' "
+                "file names and give it as --control-dir (FLUX.1 Kontext's reference images), without conditioning"
+            )
         if refused:
             problems.append(f"{w}: {', '.join(refused)}: not implemented in sdcore")
         if _bool(backend.get("is_regularisation_data", backend.get("is_regularization_data", False))):
@@ -935,26 +1184,24 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
         probability = backend.get("probability", 1.0)
         if float(probability) != 1.0:
             problems.append(f"{w}: probability {probability}: sdcore draws every dataset by its size and repeats")
+        crop = _bool(backend.get("crop", False))
+        style = str(backend.get("crop_style", "random"))
+        aspect = str(backend.get("crop_aspect", "square"))
+        square = crop and aspect == "square"
         res_type = str(backend.get("resolution_type", "pixel_area"))
         res = float(backend.get("resolution", DEFAULTS["resolution"]))
         step = int(top.get("aspect_bucket_alignment", DEFAULTS["aspect_bucket_alignment"]))
         # SimpleTuner turns pixel_area E into E*E/1e6 megapixels, and a square of that area into the edge
-        # sqrt(area) rounded to the nearest multiple of the alignment (at least one step): area 1.0 is 1024
-        if res_type in ("pixel_area", "area"):
-            edge = res if res_type == "pixel_area" else math.sqrt(res * 1e6)
+        # sqrt(area) rounded to the nearest multiple of the alignment (at least one step): area 1.0 is 1024.
+        # pixel E sizes the shorter edge to E: with crop_aspect square the square is E x E, as area E*E gives;
+        # otherwise sdcore's bucket keeps the area E*E (a note from _crop_notes)
+        if res_type in ("pixel_area", "area", "pixel"):
+            edge = math.sqrt(res * 1e6) if res_type == "area" else res
             side = max(round(edge / step) * step, step)
         else:
-            problems.append(
-                f"{w}: resolution_type {res_type!r}: sdcore's buckets keep an area (pixel_area or area); "
-                "SimpleTuner's pixel sizes the shorter edge"
-            )
+            problems.append(f"{w}: resolution_type {res_type!r}: SimpleTuner's are pixel, area and pixel_area")
             continue
-        for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size"):
-            if backend.get(key):
-                problems.append(f"{w}: {key}: sdcore does not filter or pre-downsample images by size")
-        crop = _bool(backend.get("crop", False))
-        style = str(backend.get("crop_style", "random"))
-        aspect = str(backend.get("crop_aspect", "square"))
+        problems.extend(_size_limits(backend, w, res_type, res, square))
         if crop and style not in ("random", "center"):
             problems.append(f"{w}: crop_style {style!r}: sdcore crops at random or at the centre")
         if crop and aspect not in ("square", "preserve"):
@@ -996,7 +1243,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 caption_from_filename=from_filename,
                 filename_caption_rule="spaces" if from_filename else base.filename_caption_rule,
                 resolution=side,
-                buckets=not (crop and aspect == "square"),
+                buckets=not square,
                 bucket_step=step,
                 min_bucket_reso=min(base.min_bucket_reso, max(side // step, 1) * step),
                 max_bucket_reso=max(base.max_bucket_reso, -(-side // step) * step),

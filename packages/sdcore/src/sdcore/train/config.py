@@ -149,15 +149,24 @@ def load_options(
     config_kohya: dict[str, Any] = {}
     found_notes: list[str] = []
     needs: dict[str, str] = {}  # problems a command-line option resolves (JobTranslation.needs)
+    kohya_run = None
     if config_path is not None:
         unknown = []
-        foreign = _other_trainer_config(config_path, fields, where)
+        from .kohya_command import read_command
+
+        kohya_run = read_command(config_path, fields)  # a train.sh running a kohya script: kohya's names
+        foreign = None if kohya_run is not None else _other_trainer_config(config_path, fields, where)
         if foreign is not None:  # already in sdcore's names
             config_values.update(foreign.values)
             found_notes += foreign.notes
             problems += foreign.problems
             needs = dict(getattr(foreign, "needs", {}))
-        flat = {} if foreign is not None else read_config_file(config_path)
+        if kohya_run is not None:
+            flat = kohya_run.options
+            found_notes += kohya_run.notes
+            problems += kohya_run.problems
+        else:
+            flat = {} if foreign is not None else read_config_file(config_path)
         if kohya_gui.is_gui_preset(flat):
             flat, gui_notes, gui_problems = kohya_gui.gui_preset(flat, where, fields)
             found_notes += gui_notes
@@ -220,6 +229,8 @@ def load_options(
         found_notes += k.kohya_text_cache_notes(raw, translation.origin, fields, family)
         found_notes += rate_notes + k.kohya_zero_rate_notes(raw, translation.origin, fields)
         problems += rate_problems
+    if kohya_run is not None:
+        problems += _kohya_script_family(kohya_run.script, raw, where)
     for target, source in translation.follow.items():  # e.g. LyCORIS' conv_dim defaulting to network_dim
         if target not in raw and raw.get(source) is not None:
             raw[target] = raw[source]
@@ -296,6 +307,18 @@ def _other_trainer_config(config_path: str | Path, fields: list[str], where: str
         if data is not None:
             return translate(data, fields, where=where, path=config_path)
     return None
+
+
+def _kohya_script_family(script: str, raw: dict[str, Any], where: str) -> list[str]:
+    """A kohya command's script loads another family than its model's (read from the header only)."""
+    from ..models.layout import peek_family
+    from .kohya_command import script_family_problem
+
+    model = str(raw.get("model") or "")
+    if not model or not (model.startswith("tiny:") or Path(model).expanduser().exists()):
+        return []
+    problem = script_family_problem(script, peek_family(model), model, f"{where}: {script}")
+    return [problem] if problem else []
 
 
 def _family_for_kohya_defaults(raw: dict[str, Any], fields: list[str], notes: list[str]) -> str | None:

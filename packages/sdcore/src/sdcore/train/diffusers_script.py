@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,13 +28,11 @@ from ..errors import ConfigError, DataError
 from .aitoolkit import JobTranslation
 from .field_tables import drop_foreign_options
 from .field_tables import nearest_field as _nearest
+from .shell_command import COMMAND_SUFFIXES, command_lines
 
 if TYPE_CHECKING:
     from ..data.dataset import SubsetOptions
     from .options import TrainOptions
-
-#: file suffixes read as a command whatever script they name (a ``.txt`` is read only when it names a known one)
-SHELL_SUFFIXES = (".sh", ".bash")
 
 
 @dataclass(frozen=True)
@@ -308,70 +305,6 @@ class Command:
     path: str = ""
 
 
-def _logical_lines(text: str) -> list[str]:
-    """The file's lines with continuations joined; a ``\\`` followed by spaces or tabs before the line end (a
-    copy-paste slip bash would read as an escaped space ending the command) continues the line too."""
-    return re.sub(r"\\[ \t]*\r?\n", " ", text).splitlines()
-
-
-_ASSIGN = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-_NAME_IS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-#: ``$VAR``, ``${VAR}``, ``${VAR:-default}``/``${VAR-default}`` (``=`` forms read alike: the default is used)
-_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)[-=]([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
-#: what bash would expand and sdcore does not: other ``${...}`` forms, ``$(...)``, backquotes
-_OTHER_EXPANSION = re.compile(r"\$\{[^}]*\}?|\$\([^)]*\)?|`[^`]*`?")
-
-
-def _substitute(line: str, variables: dict[str, str], missing: list[str], unsupported: list[str] | None = None) -> str:
-    """``line`` with its variables filled in as bash fills them: not inside single quotes; a ``${VAR:-x}``
-    default when the variable is unset (``:-`` also when it is empty). Other expansions are left as written and
-    listed in ``unsupported``."""
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(4)
-        found = variables[name] if name in variables else os.environ.get(name)
-        if match.group(3) is not None and (found is None or (match.group(2) and not found)):
-            return _substitute(match.group(3), variables, missing, unsupported)
-        if found is None:
-            missing.append(name)
-            return match.group(0)
-        if unsupported is not None:  # X=$(pwd) was kept as written: the command would get it so
-            unsupported.extend(m.group(0) for m in _OTHER_EXPANSION.finditer(found))
-        return found
-
-    out: list[str] = []
-    i, double = 0, False
-    while i < len(line):
-        ch = line[i]
-        if ch == "\\":
-            out.append(line[i : i + 2])
-            i += 2
-        elif ch == "'" and not double:  # single quotes: literal up to the closing one
-            end = line.find("'", i + 1)
-            end = len(line) if end < 0 else end + 1
-            out.append(line[i:end])
-            i = end
-        elif ch in "$`":
-            match = _VAR.match(line, i) if ch == "$" else None
-            other = None if match else _OTHER_EXPANSION.match(line, i)
-            if match:
-                out.append(value(match))
-                i = match.end()
-            elif other:
-                if unsupported is not None:
-                    unsupported.append(other.group(0))
-                out.append(other.group(0))
-                i = other.end()
-            else:
-                out.append(ch)
-                i += 1
-        else:
-            double ^= ch == '"'
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
 def _script_of(words: list[str]) -> int | None:
     for i, word in enumerate(words):
         if word.endswith(".py") and Path(word).name.startswith("train"):
@@ -383,58 +316,28 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
     """The diffusers command in ``path``, or ``None`` when the file names no diffusers training script (a ``.sh``
     file naming an unknown one is returned, so that its translation says so)."""
     p = Path(path).expanduser()
-    if p.suffix.lower() not in (*SHELL_SUFFIXES, ".txt", ""):
+    if p.suffix.lower() not in (*COMMAND_SUFFIXES, ".txt", ""):
         return None
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
-    variables: dict[str, str] = {}
-    missing: list[str] = []
-    unsupported: list[str] = []
-    for line in _logical_lines(text):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        try:
-            words = shlex.split(_substitute(stripped, variables, missing, unsupported), comments=True)
-        except ValueError as exc:
-            assign = _ASSIGN.match(stripped)
-            if assign:  # an assignment the shell splitter cannot read: its text as written
-                variables[assign.group(1)] = assign.group(2)
-                continue
-            if p.suffix.lower() in SHELL_SUFFIXES:
-                raise ConfigError(f"{p}: cannot split the command into words ({exc})") from None
-            return None
-        lead = words[1:] if words[:1] == ["export"] else words
-        assigned = 0
-        while assigned < len(lead) and _NAME_IS.match(lead[assigned]):
-            assigned += 1
-        if lead and assigned == len(lead):  # VAR=value / export A=1 B=2: remembered for the lines below
-            for word in lead:
-                name, _, value = word.partition("=")
-                variables[name] = value
-            unsupported.clear()  # reported where the command uses the value
-            continue
-        words = lead[assigned:]  # VAR=value command ...: an environment prefix of this command only
+    shell_file = p.suffix.lower() in COMMAND_SUFFIXES
+    for line in command_lines(p):
+        words = line.words
         at = _script_of(words)
         if at is None:
-            unsupported.clear()  # another command (mkdir -p $(dirname ...)): not what sdcore reads
-            continue
+            continue  # another command (mkdir -p $(dirname ...)): not what sdcore reads
         script = Path(words[at]).name
-        if script not in SCRIPTS and script not in REFUSED_SCRIPTS and p.suffix.lower() not in SHELL_SUFFIXES:
+        if script not in SCRIPTS and script not in REFUSED_SCRIPTS and not shell_file:
             return None
         command = Command(script, path=str(p))
         command.launch = _parse_args(words[:at], command, launcher=True)
         command.args = _parse_args(words[at + 1 :], command, launcher=False)
-        if missing:
-            command.problems.append(f"{p}: variable(s) not set: {', '.join(sorted(set(missing)))}")
-        if unsupported:
-            command.problems.append(f"{p}: shell expansion(s) sdcore does not run: {', '.join(unsupported)} (write "
-                                    "the value)")  # fmt: skip
+        if line.missing:
+            command.problems.append(f"{p}: variable(s) not set: {', '.join(sorted(set(line.missing)))}")
+        if line.unsupported:
+            command.problems.append(f"{p}: shell expansion(s) sdcore does not run: {', '.join(line.unsupported)} "
+                                    "(write the value)")  # fmt: skip
         return command
-    if p.suffix.lower() in SHELL_SUFFIXES:
-        raise ConfigError(f"{p}: no diffusers training script (train_*.py) is run in this file")
+    if shell_file:
+        raise ConfigError(f"{p}: no diffusers or kohya training script (train_*.py) is run in this file")
     return None
 
 
@@ -468,7 +371,7 @@ def is_command_file(path: str | os.PathLike[str]) -> bool:
     try:
         return read_command(path) is not None
     except ConfigError:
-        return Path(path).suffix.lower() in SHELL_SUFFIXES
+        return Path(path).suffix.lower() in COMMAND_SUFFIXES
 
 
 class _Args:

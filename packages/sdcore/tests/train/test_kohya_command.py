@@ -1,0 +1,190 @@
+"""kohya sd-scripts command files (``train.sh``, ``train.bat``, ``train.ps1``) as ``--config``.
+
+The contract: a command file gives exactly the options that the same arguments give on sdcore's command line in
+kohya's spelling (one kohya translation), with kohya's argparse rules (flags, several-value options, the last of
+a repeated option, ``--config_file`` read beneath the arguments). The commands follow the shape of kohya's docs
+(docs/flux_train_network.md, docs/train_network.md: ``accelerate launch --num_cpu_threads_per_process 1
+<script> --arg=value ...``); the text is written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from sdcore.errors import ConfigError
+from sdcore.testing.datasets import make_tiny_dataset
+
+ARGS = [
+    "--pretrained_model_name_or_path=tiny:sd1", "--output_dir=OUT", "--output_name=my_lora",
+    "--save_model_as=safetensors", "--network_module=networks.lora", "--network_dim=8", "--network_alpha=4",
+    "--learning_rate=1e-4", "--optimizer_type=AdamW", "--lr_scheduler=cosine", "--max_train_steps=2",
+    "--mixed_precision=no", "--gradient_checkpointing", "--network_args", "conv_dim=4", "conv_alpha=2",
+    "--seed", "7", "--train_data_dir=DATA", "--resolution=64", "--cache_latents",
+]  # fmt: skip
+
+
+def _load(config: Path | None, kohya: dict | None = None, method: str = "lora"):
+    from sdcore.train.config import load_options
+
+    if method == "lora":
+        from sdplugin_lora.method import LoraOptions as cls
+    else:
+        from sdplugin_dreambooth.options import DreamBoothOptions as cls
+    return load_options(cls, config, {}, kohya=kohya, notes=[])
+
+
+def _cli_kohya(words: list[str]) -> dict:
+    """The same words as sdcore's command line hands them to load_options (its click options for kohya's names)."""
+    from sdcore.train.cli import expand_multi_values
+    from sdcore.train.kohya import MULTI_VALUE, flag_names
+
+    out: dict = {}
+    words = expand_multi_values(words)
+    i = 0
+    while i < len(words):
+        name, eq, value = words[i][2:].partition("=")
+        i += 1
+        if not eq and name in flag_names():
+            out[name] = True
+            continue
+        if not eq:
+            value, i = words[i], i + 1
+        if name in MULTI_VALUE:
+            out.setdefault(name, []).append(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _fill(words: list[str], tmp_path: Path) -> list[str]:
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)  # kohya layout: data/1_sks
+    return [w.replace("OUT", str(tmp_path / "out")).replace("DATA", str(data)) for w in words]
+
+
+def _sh(tmp_path: Path, words: list[str], script: str = "train_network.py", name: str = "train.sh") -> Path:
+    body = " \\\n  ".join(words)
+    path = tmp_path / name
+    path.write_text(
+        f"#!/bin/bash\n# my run\nexport SCRIPTS=sd-scripts\naccelerate launch --num_cpu_threads_per_process 1 "
+        f"$SCRIPTS/{script} \\\n  {body}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_a_bash_command_gives_the_options_of_the_same_kohya_arguments_on_the_command_line(tmp_path):
+    words = _fill(ARGS, tmp_path)
+    from_file = _load(_sh(tmp_path, words))
+    from_cli = _load(None, _cli_kohya(words))
+    assert dataclasses.asdict(from_file) == dataclasses.asdict(from_cli)
+    # and the values are kohya's meaning of them
+    assert (from_file.rank, from_file.alpha, from_file.conv_rank, from_file.conv_alpha) == (8, 4.0, 4, 2.0)
+    assert from_file.seed == 7 and from_file.max_steps == 2 and from_file.lr == pytest.approx(1e-4)
+    assert from_file.gradient_checkpointing is True and from_file.lr_scheduler == "cosine"
+    assert from_file.output == str(tmp_path / "out" / "my_lora.safetensors")
+
+
+def test_windows_batch_and_powershell_files_read_the_same(tmp_path):
+    words = _fill(ARGS, tmp_path)
+    expected = dataclasses.asdict(_load(_sh(tmp_path, words)))
+    data = next(w for w in words if w.startswith("--train_data_dir=")).split("=", 1)[1]
+    win = [w if not w.startswith("--train_data_dir=") else "--train_data_dir=%DATA%" for w in words]
+    bat = tmp_path / "train.bat"
+    bat.write_text(
+        "@echo off\r\nREM my run\r\nset DATA="
+        + data
+        + "\r\naccelerate launch sd-scripts\\train_network.py ^\r\n  "
+        + " ^\r\n  ".join(f'"{w}"' if "=" in w else w for w in win)
+        + "\r\n",
+        encoding="utf-8",
+    )
+    assert dataclasses.asdict(_load(bat)) == expected
+    ps = [w if not w.startswith("--train_data_dir=") else "--train_data_dir=$env:DATA" for w in words]
+    ps1 = tmp_path / "train.ps1"
+    ps1.write_text(
+        f'$env:DATA = "{data}"\n& accelerate launch .\\sd-scripts\\train_network.py `\n  ' + " `\n  ".join(ps) + "\n",
+        encoding="utf-8",
+    )
+    assert dataclasses.asdict(_load(ps1)) == expected
+
+
+def test_windows_paths_keep_their_backslashes(tmp_path):
+    bat = tmp_path / "run.bat"
+    bat.write_text(
+        "accelerate launch train_network.py --pretrained_model_name_or_path=tiny:sd1 "
+        '--train_data_dir="D:\\data\\set 1" --network_dim 4 --max_train_steps 1\r\n',
+        encoding="utf-8",
+    )
+    from sdcore.train.kohya_command import read_command
+    from sdplugin_lora.method import LoraOptions
+
+    command = read_command(bat, [f.name for f in dataclasses.fields(LoraOptions)])
+    assert command is not None
+    assert command.options["train_data_dir"] == "D:\\data\\set 1"
+    assert command.options["network_dim"] == "4"
+
+
+def test_config_file_is_read_beneath_the_command(tmp_path):
+    """kohya parses the command line over the TOML's values: the command's rank wins, the TOML's rest stays."""
+    words = _fill(ARGS, tmp_path)
+    (tmp_path / "base.toml").write_text('network_dim = 32\nlearning_rate = 3e-4\nlr_scheduler = "linear"\n')
+    given = [w for w in words if not w.startswith(("--learning_rate", "--lr_scheduler"))]
+    o = _load(_sh(tmp_path, [*given, "--config_file=base"]))  # kohya appends .toml; found beside the file
+    assert o.rank == 8  # the command's
+    assert o.lr == pytest.approx(3e-4) and o.lr_scheduler == "linear"  # the TOML's
+
+
+def test_the_last_of_a_repeated_argument_counts(tmp_path):
+    words = _fill(ARGS, tmp_path)
+    o = _load(_sh(tmp_path, [*words, "--network_dim=16"]))
+    assert o.rank == 16
+
+
+@pytest.mark.parametrize(
+    ("script", "method", "expected"),
+    [
+        ("sdxl_train.py", "lora", "trains a full fine-tune: run it with sdcore train dreambooth --config"),
+        ("train_network.py", "dreambooth", "trains a LoRA/LyCORIS network: run it with sdcore train lora --config"),
+        ("sdxl_train_network.py", "lora", "sdxl_train_network.py trains SDXL models; tiny:sd1 is a sd1 model"),
+        ("train_controlnet.py", "lora", "ControlNet training, which sdcore does not have"),
+        ("lumina_train_network.py", "lora", "a model family sdcore does not train"),
+    ],
+)
+def test_a_script_that_does_not_fit_is_a_problem_before_loading(tmp_path, script, method, expected):
+    words = _fill(ARGS, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        _load(_sh(tmp_path, words, script=script), method=method)
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_argparse_slips_are_problems(tmp_path):
+    words = _fill(ARGS, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        _load(_sh(tmp_path, [*words, "--cache_latents_to_disk", "yes", "--network_dim"]))
+    text = "\n".join(info.value.problems)
+    assert "--cache_latents_to_disk is a flag and takes no value (got 'yes')" in text
+    assert "--network_dim needs a value" in text
+
+
+def test_a_file_without_a_kohya_script_is_left_to_the_other_readers(tmp_path):
+    from sdcore.train.kohya_command import read_command
+
+    path = tmp_path / "run.sh"
+    path.write_text("accelerate launch train_dreambooth_lora.py --instance_data_dir=x\n")
+    assert read_command(path, ["rank"]) is None
+
+
+def test_the_command_file_trains_through_the_cli(tmp_path, sd_cli):
+    from safetensors import safe_open
+    from sdcore.plugins import get_plugin_manager
+
+    words = [w for w in _fill(ARGS, tmp_path) if w != "--cache_latents"]
+    path = _sh(tmp_path, words)
+    result = sd_cli(["train", "lora", "--config", str(path), "--no-progress"], pm=get_plugin_manager())
+    assert result.exit_code == 0, result.output
+    saved = tmp_path / "out" / "my_lora.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 4.0

@@ -291,8 +291,9 @@ def build_train_command(spec: Any) -> click.Command:
         click.Option(
             ["--config", "config"],
             type=click.Path(dir_okay=False, exists=True),
-            help="TOML, JSON or YAML config file (keys = option names, kohya's training TOML, or an ai-toolkit "
-            "job .yaml); flags given here override it.",
+            help="Config file: sdcore's TOML/JSON/YAML (keys = option names), kohya's training TOML or GUI preset, "
+            "a OneTrainer or SimpleTuner config .json, an ai-toolkit job .yaml, or a train.sh/.bat/.ps1 running a "
+            "kohya or diffusers training script; flags given here override it.",
         ),
         click.Option(
             ["--save-config", "save_config"],

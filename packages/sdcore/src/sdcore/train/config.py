@@ -215,6 +215,7 @@ def load_options(
         raw = {**defaults, **{name: v for name, v in raw.items() if not (name in defaults and v is None)}}
         rate_notes, rate_problems = k.kohya_text_encoder_rates(raw, family, kohya_where)  # a text_encoder_lr list
         found_notes += k.kohya_text_cache_notes(raw, translation.origin, fields, family)
+        found_notes += k.kohya_text_encoder_storage(raw, merged, fields, family)  # fp8_base's text encoders
         found_notes += rate_notes + k.kohya_zero_rate_notes(raw, translation.origin, fields)
         problems += rate_problems
     for target, source in translation.follow.items():  # e.g. LyCORIS' conv_dim defaulting to network_dim

@@ -242,6 +242,19 @@ HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name
            "validation_prompt", "validation_step_interval", "validation_resolution", "validation_guidance",
            "validation_num_inference_steps", "validation_seed", "validation_negative_prompt", "validation_disable",
            "validation_on_startup", "user_prompt_library", "prediction_type", "checkpoints_total_limit"}  # fmt: skip
+#: ``text_encoder_N_precision`` (N: the family's text encoders in order) -> ``--text-encoder-weights-dtype``
+HANDLED |= {f"text_encoder_{n}_precision" for n in range(1, 5)}
+#: SimpleTuner's quantisation presets -> sdcore's storage format and how its numbers differ (int2-quanto: none)
+PRECISION_STORAGE = {
+    **dict.fromkeys(("int8-quanto", "int8-torchao"), ("int8", "absmax int8 per output row, weight-only")),
+    "int8dq-torchao": ("int8", "absmax int8 per output row; the activations stay float (torchao quantises them)"),
+    **dict.fromkeys(("fp8-quanto", "fp8-torchao", "fp8wo-torchao", "fp8-native", "fp8-transformerengine"),
+                    ("fp8", "float8_e4m3fn weights upcast per layer")),
+    "fp8uz-quanto": ("fp8", "float8_e4m3fn, not e4m3fnuz"),
+    "nf4-bnb": ("nf4", "NF4 in blocks of 64, no double quantisation"),
+    **dict.fromkeys(("int4-quanto", "int4-torchao", "int8dq-int4-torchao", "fp8-int4-torchao"),
+                    ("nf4", "NOT uniform int4 codes: QLoRA's NormalFloat4 in blocks of 64, the same memory class")),
+}  # fmt: skip
 #: ``model_family`` -> sdcore's family (sd1x holds SD 1.x and 2.x: sdcore reads which from the model)
 FAMILIES = {"sd1x": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "chroma": "chroma"}
 FLOW_FAMILIES = ("sd3", "flux", "chroma")
@@ -493,6 +506,7 @@ def translate_config(
     else:
         out.notes.append(f"{where}.seed: not given (SimpleTuner draws one); sdcore's seed 42 is used")
     _training(r, family, flow, out)
+    _text_encoder_precisions(r, family, out)
     if model_type == "lora":
         _lora(r, family, out)
     _timesteps(r, family, flow, out)
@@ -506,6 +520,40 @@ def translate_config(
         out.notes.extend(_crop_notes(Path(backend).expanduser(), f"{where}.data_backend_config"))
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
+
+
+def _text_encoder_precisions(r: _Reader, family: str | None, out: JobTranslation) -> None:
+    """``text_encoder_N_precision``: SimpleTuner quantises text encoder N (its order is sdcore's) with the preset;
+    sdcore stores that encoder's frozen Linear weights in the nearest format (--text-encoder-weights-dtype, one
+    value when they agree); the numbers differ slightly from quanto's/torchao's kernels (a note)."""
+    from ..models.family import get_family
+
+    count = len(get_family(family).text_encoders) if family else 0
+    chosen = []
+    for n in range(1, 5):
+        preset = r.text(f"text_encoder_{n}_precision") or "no_change"
+        if preset == "no_change":
+            chosen.append("none")
+            continue
+        if n > count:
+            out.notes.append(f"{r.where}.text_encoder_{n}_precision: the model has no text encoder {n}; no effect")
+            continue
+        if preset not in PRECISION_STORAGE:
+            out.problems.append(
+                f"{r.where}.text_encoder_{n}_precision {preset!r}: sdcore stores frozen weights as fp8, int8 or nf4 "
+                "(presets int8-*, fp8-*, nf4-bnb, int4-*), or no_change"
+            )
+            chosen.append("none")
+            continue
+        storage, difference = PRECISION_STORAGE[preset]
+        chosen.append(storage)
+        out.notes.append(
+            f"{r.where}.text_encoder_{n}_precision {preset}: stored as sdcore's {storage} ({difference}; the numbers "
+            "differ slightly from quanto's/torchao's)"
+        )
+    chosen = chosen[:count]
+    if any(value != "none" for value in chosen):
+        out.values["text_encoder_weights_dtype"] = chosen[0] if len(set(chosen)) == 1 else ",".join(chosen)
 
 
 def _training(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -> None:

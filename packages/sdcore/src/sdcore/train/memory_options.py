@@ -162,16 +162,16 @@ def text_encoder_problems(family: Any, params: ParameterPlan | None, options: An
     if not formats or params is None:
         return []
     problems = []
-    kinds = {spec.component: spec.kind for spec in specs}
+    kind_of = {spec.component: spec.kind for spec in specs}
     for component in formats:
         convertible, _rows, trained = params.text_encoders.get(component, (0, 0, 0))
         if trained:
             problems.append(
-                f"{TE_FLAG}: this method trains the {kinds[component]} text encoder's own weights; the option stores "
+                f"{TE_FLAG}: this method trains the {kind_of[component]} text encoder's own weights; the option stores "
                 "frozen weights (keep that encoder at none, e.g. one value per encoder)"
             )
         elif not convertible:
-            problems.append(f"{TE_FLAG}: the {kinds[component]} text encoder has no frozen Linear weights to store")
+            problems.append(f"{TE_FLAG}: the {kind_of[component]} text encoder has no frozen Linear weights to store")
     if params.result >= sum(params.components.values()) > 0:
         problems.append(
             f"{TE_FLAG}: this method saves the whole model, text encoders included, and their stored weights are "

@@ -414,9 +414,12 @@ def test_onetrainer_weight_dtype_of_the_denoiser_maps(tmp_path, dtype, expected)
     o = load_options(LoraOptions, path, notes=notes)
     assert (o.base_weights_dtype, o.fp8_base) == (expected, False)
     assert any(f"transformer.weight_dtype {dtype}" in n and expected in n for n in notes)
-    config["text_encoder"]["weight_dtype"] = dtype  # a text encoder's: still refused, by name
+    config["text_encoder"]["weight_dtype"] = dtype  # a text encoder's: --text-encoder-weights-dtype, per encoder
     path.write_text(json.dumps(config), encoding="utf-8")
-    with pytest.raises(ConfigError, match=f"text_encoder.weight_dtype '{dtype}'"):
+    assert load_options(LoraOptions, path, notes=[]).text_encoder_weights_dtype == f"{expected},none"
+    config["text_encoder"]["weight_dtype"] = "GGUF"  # a type sdcore has no format for: refused, by name
+    path.write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"text_encoder\.weight_dtype 'GGUF'"):
         load_options(LoraOptions, path, notes=[])
 
 

@@ -406,9 +406,7 @@ NOTED: dict[str, dict[str, str]] = {
     "train": {"xformers": "attention kernel", "sdp": "attention kernel", "attention_backend": "attention kernel",
               "unload_text_encoder": "memory", "cache_text_embeddings": "sdcore caches frozen text-encoder outputs",
               "max_loss_debug": "logging", "show_turbo_outputs": "logging"},
-    "model": {"low_vram": "memory", "quantize_te": "sdcore keeps the text encoders in their dtype",
-              "qtype_te": "sdcore keeps the text encoders in their dtype",
-              "text_encoder_bits": "sdcore keeps the text encoders in their dtype", "dtype": "load dtype",
+    "model": {"low_vram": "memory", "text_encoder_bits": "sdcore keeps the text encoders in their dtype", "dtype": "load dtype",
               "vae_device": "placement", "te_device": "placement", "vae_dtype": "load dtype",
               "te_dtype": "load dtype", "compile": "compilation", "block_compile": "compilation",
               "compile_mode": "compilation", "compile_fullgraph": "compilation", "compile_dynamic": "compilation",
@@ -436,7 +434,7 @@ HANDLED: dict[str, set[str]] = {
               "max_denoising_steps", "content_or_style", "linear_timesteps", "linear_timesteps2", "snr_gamma",
               "bypass_guidance_embedding"},
     "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking", "lora_path",
-              "assistant_lora_path", "use_flux_cfg", "quantize_kwargs"}
+              "assistant_lora_path", "use_flux_cfg", "quantize_kwargs", "quantize_te", "qtype_te"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
     "sample": {"prompts", "samples", "sample_every", "sample_steps", "width", "height", "neg", "seed", "walk_seed",
                "guidance_scale"},
@@ -786,6 +784,7 @@ def translate_job(
     if model.get("quantize"):
         _quantize(str(model.get("qtype", "qfloat8")), w, out)
     _quantize_kwargs(model.get("quantize_kwargs"), bool(model.get("quantize")), f"{w}.model.quantize_kwargs", out)
+    _quantize_te(model, family, w, out)
     _merged_loras(model, family, w, out)
     if model.get("attn_masking"):
         if family == "flux":
@@ -912,6 +911,40 @@ def _quantize(qtype: str, where: str, out: JobTranslation) -> None:
     out.notes.append(
         f"{where}.model.quantize: the denoiser's frozen weights are stored as {storage} "
         f"(sdcore's --base-weights-dtype {storage}, {difference})"
+    )
+
+
+def _quantize_te(model: dict[str, Any], family: str | None, where: str, out: JobTranslation) -> None:
+    """ai-toolkit quantises T5-XXL alone, with ``model.qtype``: on FLUX.1 (Kontext) and Chroma when
+    ``quantize_te`` (default: ``quantize``), on SD3 with ``quantize`` itself (stable_diffusion_model.py and the
+    chroma/flux_kontext extensions); CLIP stays, and those models never read ``qtype_te``. sdcore stores T5's
+    frozen Linear weights in the nearest format (--text-encoder-weights-dtype, the other encoders none)."""
+    from ..models.family import get_family
+
+    quantize = bool(model.get("quantize"))
+    asked = quantize if family == "sd3" else bool(model.get("quantize_te", quantize))
+    specs = get_family(family).text_encoders if family else ()
+    t5 = [spec.kind.startswith("t5") for spec in specs]
+    if "qtype_te" in model and any(t5):
+        out.notes.append(f"{where}.model.qtype_te: ai-toolkit's {family} model quantises T5 with qtype; no effect")
+    if not asked:
+        return
+    if not any(t5):
+        if model.get("quantize_te"):
+            out.notes.append(f"{where}.model.quantize_te: ai-toolkit quantises no {family} text encoder; no effect")
+        return
+    qtype = str(model.get("qtype", "qfloat8"))
+    if qtype not in QTYPES:
+        if not quantize:  # model.quantize's own check names a bad qtype already
+            out.problems.append(
+                f"{where}.model.qtype {qtype!r}: sdcore stores T5 as fp8, int8 or nf4 ({', '.join(QTYPES)})"
+            )
+        return
+    storage, difference = QTYPES[qtype]
+    out.values["text_encoder_weights_dtype"] = ",".join(storage if is_t5 else "none" for is_t5 in t5)
+    out.notes.append(
+        f"{where}.model.{'quantize' if family == 'sd3' else 'quantize_te'}: T5-XXL's frozen Linear weights are stored "
+        f"as {storage} (--text-encoder-weights-dtype {out.values['text_encoder_weights_dtype']}; {difference})"
     )
 
 

@@ -393,6 +393,35 @@ def convert_base_weights(
     return converted
 
 
+def convert_text_encoder(encoder: nn.Module, storage: str | StorageFormat, compute_dtype: torch.dtype) -> int:
+    """``--text-encoder-weights-dtype``: a frozen text encoder's Linear weights stored as the denoiser's are
+    (:func:`convert_base_weights`: embeddings, norms and biases keep their dtype, trainable weights are skipped);
+    returns the weight elements converted.
+
+    transformers' T5 feed-forward casts its input to ``wo.weight.dtype`` unless that is int8 (for a checkpoint
+    stored in float32); an fp8 ``wo`` would round every hidden state to fp8 before the layer even runs. So a T5
+    feed-forward whose ``wo`` was converted runs its own ops without that cast, as it does when the dtypes agree."""
+    converted = convert_base_weights(encoder, storage, compute_dtype)
+    for module in encoder.modules():
+        if isinstance(getattr(module, "wo", None), _StoredWeightLayer) and type(module).__name__ in _T5_FEED_FORWARD:
+            module.forward = _T5_FEED_FORWARD[type(module).__name__].__get__(module)  # type: ignore[method-assign]
+    return converted
+
+
+def _t5_gated_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``T5DenseGatedActDense``'s ops: ``wo(dropout(act(wi_0(x)) * wi_1(x)))``, the input left in its dtype."""
+    return self.wo(self.dropout(self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)))  # type: ignore[no-any-return]
+
+
+def _t5_plain_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``T5DenseActDense``'s ops: ``wo(dropout(act(wi(x))))``, the input left in its dtype."""
+    return self.wo(self.dropout(self.act(self.wi(hidden_states))))  # type: ignore[no-any-return]
+
+
+#: transformers' T5 feed-forward classes -> their ops without the cast to ``wo.weight.dtype``
+_T5_FEED_FORWARD = {"T5DenseGatedActDense": _t5_gated_forward, "T5DenseActDense": _t5_plain_forward}
+
+
 def convertible_counts(root: nn.Module, trainable: set[int] | None = None) -> tuple[int, int]:
     """(weight elements, output rows) the option would convert under ``root`` (shapes only: works on
     the meta device). ``trainable``: ids of the parameters that will train (default: ``requires_grad``)."""

@@ -227,6 +227,7 @@ def load_options(
         raw = {**defaults, **{name: v for name, v in raw.items() if not (name in defaults and v is None)}}
         rate_notes, rate_problems = k.kohya_text_encoder_rates(raw, family, kohya_where)  # a text_encoder_lr list
         found_notes += k.kohya_text_cache_notes(raw, translation.origin, fields, family)
+        found_notes += k.kohya_text_encoder_storage(raw, merged, fields, family)  # fp8_base's text encoders
         found_notes += rate_notes + k.kohya_zero_rate_notes(raw, translation.origin, fields)
         problems += rate_problems
     if kohya_run is not None:

@@ -397,7 +397,9 @@ ALIASES: dict[str, Alias] = {
     "full_bf16": _a("full_bf16", flag=True),
     "full_fp16": _a("full_fp16", flag=True),
     "fp8_base": _a("fp8_base", flag=True),
-    "fp8_base_unet": _a("fp8_base", flag=True),  # sdcore's --fp8-base is the denoiser's weights only
+    # sdcore's --fp8-base is the denoiser's weights only; kohya's fp8_base alone also stores the text encoders in
+    # fp8 (kohya_text_encoder_storage, once the family is known), fp8_base_unet keeps them in the compute dtype
+    "fp8_base_unet": _a("fp8_base", flag=True),
     "blocks_to_swap": _a("blocks_to_swap"),
     # accelerate's DDP settings (train_util.prepare_accelerator); kohya: a timeout of 0 is accelerate's default
     "ddp_timeout": _a("ddp_timeout", lambda v: _unless_zero(int(v))),
@@ -2050,6 +2052,45 @@ def kohya_text_cache_notes(
         "cache_text_encoder_outputs: the text encoder trains (kohya's default without --network_train_unet_only), "
         f"so sdcore encodes the captions at every step and caches nothing ({peer}); add --network_train_unet_only "
         "to cache them"
+    ]
+
+
+def kohya_text_encoder_storage(
+    values: dict[str, Any], given: Mapping[str, Any], fields: Collection[str], family: str | None
+) -> list[str]:
+    """kohya's ``--fp8_base`` without ``--fp8_base_unet`` also stores the text encoders that run during training in
+    float8 (train_network.py: ``te_weight_dtype``, each script's ``prepare_text_encoder_fp8`` keeping the embeddings,
+    and T5's norms, in the compute dtype). Encoders whose outputs are cached are not: kohya caches them from the
+    compute dtype (flux/sd3_train_network.py: CLIP "always not fp8", T5 as its file is) and leaves them on the CPU,
+    where the cast is skipped. So ``values`` gets ``text_encoder_weights_dtype`` fp8 for the encoders that run
+    uncached (all without the cache; on SD3/FLUX.1 the training CLIPs beside a cached T5), in place."""
+    if _is_off(given.get("fp8_base"), _OFF) or not _is_off(given.get("fp8_base_unet"), _OFF):
+        return []
+    if "text_encoder_weights_dtype" not in fields or str(values.get("text_encoder_weights_dtype") or "none") != "none":
+        return []
+    cached = values.get("cache_text_encoder_outputs") is True
+    if "unet_only" in fields:  # LoRA: the text encoder trains unless network_train_unet_only
+        trains = not _is_off(values.get("train_text_encoder", True), _OFF) and _is_off(values.get("unet_only"), _OFF)
+    else:
+        trains = not _is_off(values.get("train_text_encoder"), _OFF)
+    from ..models.family import get_family
+
+    specs = get_family(family).text_encoders if family else ()
+    partial = trains and family in ("flux", "sd3") and _is_off(values.get("train_t5"), _OFF)
+    if not cached or (trains and not partial):
+        chosen = ["fp8"]  # every encoder runs at each step (kohya caches nothing while one trains, but T5's)
+    elif partial and specs:
+        chosen = ["none" if spec.kind.startswith("t5") else "fp8" for spec in specs]
+    else:
+        return [
+            "fp8_base with cache_text_encoder_outputs: kohya caches the text encoders' outputs in the compute dtype "
+            "(a T5-XXL file already in fp8 as it is), so they stay unconverted here too"
+        ]
+    values["text_encoder_weights_dtype"] = ",".join(chosen)
+    return [
+        f"fp8_base: the text encoders that run during training are stored in fp8 too, as kohya does "
+        f"(--text-encoder-weights-dtype {values['text_encoder_weights_dtype']}: their Linear weights; kohya also "
+        "rounds their norms and biases to fp8, sdcore keeps those)"
     ]
 
 

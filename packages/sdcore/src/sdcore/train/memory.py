@@ -59,7 +59,8 @@ caches and method.
 - **Memory options**: ``--base-weights-dtype`` counts the denoiser's frozen Linear/Conv2d weights in
   their storage format (:func:`sdcore.dtypes.stored_weight_bytes`: ``fp8``/``--fp8-base`` 1 byte,
   ``nf4`` 0.5 + 4/64 bytes, ``int8`` 1 byte plus 4 per output row), the rest of it at the compute
-  dtype (a bf16 base: 2 bytes);
+  dtype (a bf16 base: 2 bytes); ``--text-encoder-weights-dtype`` counts the chosen frozen text encoders' Linear
+  weights by the same formula (on a GPU only where they stay: not cached, or trained through an adapter);
   ``--blocks-to-swap N`` takes the last N blocks' weights off the device except the two largest
   (copies in flight); on the CPU those copies add to the weights instead.
 
@@ -84,7 +85,7 @@ from ..dtypes import element_bytes, stored_weight_bytes
 from ..models.family import DEFAULT_BLOCK_LISTS, BlockList, get_family
 from .fused import FUSED_OPTIMIZERS, kohya_groups
 from .fused import steps_in_backward as fused_steps
-from .memory_options import base_weights_dtype
+from .memory_options import base_weights_dtype, text_encoder_formats
 from .offload_checkpointing import FLAG as OFFLOAD_FLAG
 from .offload_checkpointing import checkpointing as checkpointing_on
 from .offload_checkpointing import offload_family_problems, offload_option_problems, offloading
@@ -179,6 +180,9 @@ class ParameterPlan:
     result_bytes: int | None = None
     #: the method's lines about what it built (:meth:`~sdcore.train.method.TrainingMethod.plan_notes`)
     notes: tuple[str, ...] = ()
+    #: text-encoder component -> (frozen Linear/Conv2d weight elements, their output rows, trained ones): what
+    #: ``--text-encoder-weights-dtype`` stores, and what it must not (an encoder's own weights that train)
+    text_encoders: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -260,6 +264,12 @@ def count_parameters(
     blocks = tuple(block_sizes(denoiser, trainable=seen, lists=lists))
     block_rows = tuple(convertible_counts(block, unconverted)[1] for block in swappable_blocks(denoiser, lists))
     unused = [pattern for pattern, names in excluded_names(denoiser, exclude, seen).items() if not names]
+    text_encoders = {}
+    for spec in bundle.family_spec.text_encoders:
+        module = bundle.components().get(spec.component)
+        if module is not None:
+            frozen, frozen_rows = convertible_counts(module, seen)
+            text_encoders[spec.component] = (frozen, frozen_rows, convertible_counts(module, set())[0] - frozen)
     return ParameterPlan(
         components,
         trainable,
@@ -275,6 +285,7 @@ def count_parameters(
         block_rows,
         tuple(unused),
         type(denoiser).__name__,
+        text_encoders=text_encoders,
     )
 
 
@@ -541,6 +552,7 @@ def estimate_memory(
     cached_encoders = _cached_encoders(family, o, text_encoder_frozen, partial_text_cache)
     text_cached = bool(cached_encoders)
     stored = base_weights_dtype(o)
+    te_stored = text_encoder_formats(o, [te.component for te in family.text_encoders])
     # --full-bf16/--full-fp16: the trained weights, their gradients and float optimizer states in 2 bytes
     full_half = bool(getattr(o, "full_bf16", False) or getattr(o, "full_fp16", False))
     trained = 2 if full_half else 4
@@ -560,6 +572,10 @@ def estimate_memory(
         if name == family.denoiser and stored:  # converted weights in their format, the rest as before
             weights += stored_weight_bytes(stored, params.denoiser_fp8, params.denoiser_rows)
             weights += (count - params.denoiser_fp8) * per
+            continue
+        if name in te_stored and name in params.text_encoders:  # --text-encoder-weights-dtype: the same formula
+            elements, rows, _ = params.text_encoders[name]
+            weights += stored_weight_bytes(te_stored[name], elements, rows) + (count - elements) * per
             continue
         weights += count * per
     weights += params.added * trained
@@ -643,6 +659,7 @@ def estimate_memory(
             "optimizer": o.optimizer,
             "fp8_base": stored == "fp8",
             "base_weights_dtype": stored or "none",
+            "text_encoder_weights_dtype": dict(te_stored),
             "full_half": full_half,
             "fused_backward_pass": fused,
             "blocks_to_swap": getattr(o, "blocks_to_swap", 0),

@@ -4,6 +4,9 @@
   converted on the CPU after the method prepared the model (so its trainable weights are known and
   skipped) and before placement, so the device only ever receives the stored (1- or 4-bit) weights.
   Block swap moves the stored tensors of a swapped block like its other frozen tensors.
+- ``--text-encoder-weights-dtype fp8|nf4|int8`` (one value, or one per text encoder): the frozen text
+  encoders' Linear weights in the same formats (:func:`sdcore.train.base_weights.convert_text_encoder`), at the
+  same moment, so the text-encoder cache is filled by the converted encoders.
 - ``--blocks-to-swap N`` (:mod:`sdcore.train.block_swap`): the last N transformer blocks are left
   on the CPU by placement and the swap is installed after it.
 - gradient checkpointing and ``--mixed-precision bf16`` (frozen weights stored in bf16) are the
@@ -63,6 +66,46 @@ def base_weights_problem(options: Any) -> str | None:
     return None
 
 
+TE_FLAG = "--text-encoder-weights-dtype"
+
+
+def text_encoder_weights_values(options: Any) -> list[str]:
+    """``--text-encoder-weights-dtype``'s values as given: one, or one per text encoder (comma-separated)."""
+    text = str(getattr(options, "text_encoder_weights_dtype", "none") or "none")
+    return [value.strip() for value in text.split(",")]
+
+
+def text_encoder_formats(options: Any, components: Sequence[str]) -> dict[str, str]:
+    """Text-encoder component -> storage format for the encoders ``--text-encoder-weights-dtype`` converts
+    (``components``: the family's text encoders in order); empty when it converts none or its count of values
+    does not fit (:func:`model_problems` says so)."""
+    values = text_encoder_weights_values(options)
+    if len(values) == 1:
+        values = values * len(components)
+    if len(values) != len(components):
+        return {}
+    return {component: value for component, value in zip(components, values, strict=True) if value != "none"}
+
+
+def _text_encoder_option_problems(options: Any, device: Any) -> list[str]:
+    """Unknown values, and formats this device cannot store."""
+    values = text_encoder_weights_values(options)
+    bad = [value for value in values if value not in BASE_WEIGHTS_DTYPES]
+    if bad:
+        return [
+            f"{TE_FLAG} {','.join(values)}: choose one of {', '.join(BASE_WEIGHTS_DTYPES)}, for every text encoder "
+            "or one per encoder (comma-separated, in the family's order)"
+        ]
+    wanted = sorted({value for value in values if value != "none"})
+    if not wanted:
+        return []
+    from .base_weights import STORAGE_FORMATS
+    from .memory import training_device
+
+    found = (STORAGE_FORMATS[name].problem(device or training_device()) for name in wanted)
+    return [f"{TE_FLAG}: {problem}" for problem in found if problem]
+
+
 def option_problems(options: TrainOptions, device: str | None = None) -> list[str]:
     """What is wrong with the memory options alone (negative counts, ``--fp8-base`` with another
     storage format, a storage format the device cannot hold)."""
@@ -70,6 +113,7 @@ def option_problems(options: TrainOptions, device: str | None = None) -> list[st
     count = getattr(options, "blocks_to_swap", 0)
     if count < 0:
         problems.append(f"--blocks-to-swap must be 0 (off) or more, got {count}")
+    problems.extend(_text_encoder_option_problems(options, device))
     problem = base_weights_problem(options)
     if problem:
         return [*problems, problem]
@@ -99,6 +143,43 @@ def unused_exclude_problem(unused: Sequence[str], denoiser_class: str) -> str:
     )
 
 
+def text_encoder_problems(family: Any, params: ParameterPlan | None, options: Any) -> list[str]:
+    """What ``--text-encoder-weights-dtype`` cannot do on this family with this method: a count of values that is
+    neither one nor the family's encoders, an encoder whose own Linear weights train (a full fine-tune: the option
+    stores frozen weights), one without frozen Linear weights, and a method that saves the whole model (the stored
+    codes would replace the text encoders' weights in the saved file)."""
+    values = text_encoder_weights_values(options)
+    if values == ["none"]:
+        return []
+    specs = family.text_encoders
+    if len(values) not in (1, len(specs)):
+        kinds = ", ".join(spec.kind for spec in specs)
+        return [
+            f"{TE_FLAG} {','.join(values)}: {len(values)} values for the {family.label}'s {len(specs)} text "
+            f"encoder(s) ({kinds}); give one value for all or one per encoder"
+        ]
+    formats = text_encoder_formats(options, [spec.component for spec in specs])
+    if not formats or params is None:
+        return []
+    problems = []
+    kind_of = {spec.component: spec.kind for spec in specs}
+    for component in formats:
+        convertible, _rows, trained = params.text_encoders.get(component, (0, 0, 0))
+        if trained:
+            problems.append(
+                f"{TE_FLAG}: this method trains the {kind_of[component]} text encoder's own weights; the option stores "
+                "frozen weights (keep that encoder at none, e.g. one value per encoder)"
+            )
+        elif not convertible:
+            problems.append(f"{TE_FLAG}: the {kind_of[component]} text encoder has no frozen Linear weights to store")
+    if params.result >= sum(params.components.values()) > 0:
+        problems.append(
+            f"{TE_FLAG}: this method saves the whole model, text encoders included, and their stored weights are "
+            "not the model's; train an adapter (LoRA)"
+        )
+    return problems
+
+
 def model_problems(options: TrainOptions, layout: ModelLayout, params: ParameterPlan | None) -> list[str]:
     """What the memory options cannot do on this model with this method (from its layout and, when
     the plan could size it, the method's trainable parameters)."""
@@ -113,6 +194,7 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
         family = get_family(layout.family)
     except ConfigError:
         return problems
+    problems.extend(text_encoder_problems(family, params, options))
     if params is not None and family.denoiser in params.trainable_in:
         for name, on in ((flag, bool(stored)), (f"--blocks-to-swap {count}", count > 0)):
             if on:
@@ -147,6 +229,8 @@ class MemorySetup:
 
     #: weight elements stored in the ``--base-weights-dtype`` format (``--fp8-base``: fp8)
     fp8_elements: int = 0
+    #: ``--text-encoder-weights-dtype``: text-encoder component -> weight elements stored
+    text_encoder_elements: dict[str, int] = field(default_factory=dict)
     swapped: list[Any] = field(default_factory=list)  # the blocks placement leaves on the CPU
     swap: Any = None  # the installed BlockSwap
 
@@ -175,6 +259,7 @@ class MemorySetup:
                 raise ConfigError(
                     f"{base_weights_flag(options)}: the denoiser has no frozen Linear/Conv2d weights to store in {stored}"
                 )
+        setup.convert_text_encoders(bundle, options)
         count = getattr(options, "blocks_to_swap", 0)
         if count:
             blocks = swappable_blocks(denoiser, block_list_names(bundle))
@@ -185,6 +270,29 @@ class MemorySetup:
             if all(p.requires_grad for b in setup.swapped for p in b.parameters()):
                 raise ConfigError(f"--blocks-to-swap {count}: the swapped blocks train entirely; nothing to swap")
         return setup
+
+    def convert_text_encoders(self, bundle: ModelBundle, options: TrainOptions) -> None:
+        """``--text-encoder-weights-dtype``: each chosen frozen text encoder's Linear weights in its storage format
+        (after the method prepared the model, so a trained encoder's weights are known, and before its outputs
+        are cached); :class:`ConfigError` for an encoder that leaves nothing to convert."""
+        from ..dtypes import torch_dtype
+        from .base_weights import convert_text_encoder
+
+        if text_encoder_weights_values(options) == ["none"]:
+            return
+        specs = bundle.family_spec.text_encoders
+        formats = text_encoder_formats(options, [spec.component for spec in specs])
+        for spec, encoder in zip(specs, bundle.text_encoders, strict=False):
+            stored = formats.get(spec.component)
+            if not stored or encoder is None:
+                continue
+            converted = convert_text_encoder(encoder, stored, torch_dtype(options.mixed_precision))
+            if not converted:
+                raise ConfigError(
+                    f"{TE_FLAG}: the {spec.kind} text encoder has no frozen Linear weights to store in {stored} "
+                    "(its weights train)"
+                )
+            self.text_encoder_elements[spec.component] = converted
 
     def after_placement(self, bundle: ModelBundle, device: Any) -> None:
         """Install the block swap once the rest of the model is on ``device``."""

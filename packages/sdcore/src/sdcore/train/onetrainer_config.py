@@ -227,6 +227,8 @@ SAVE_DTYPES = {"FLOAT_16": "fp16", "BFLOAT_16": "bf16", "FLOAT_32": "fp32"}
 PLAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16", "TFLOAT_32", "NONE")
 #: OneTrainer's bitsandbytes storage types of the denoiser -> ``--base-weights-dtype``
 STORED_DTYPES = {"NFLOAT_4": "nf4", "INT_8": "int8"}
+#: a text encoder's stored types -> ``--text-encoder-weights-dtype`` (its Linear layers, as OneTrainer's quantization)
+TEXT_ENCODER_DTYPES = {"FLOAT_8": "fp8", **STORED_DTYPES}
 #: a fallback that create.py passes as None where the library's default is something else (ProdigyPlus' eps:
 #: None turns on its Adam-atan2 update); a fallback of None leaves the argument to the library's default,
 #: which is create.py's value there (tests/test_onetrainer_config.py checks each against the installed class)
@@ -780,6 +782,7 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
     names = FAMILY_PARTS[family]
     denoiser_name, encoders = names[0], [n for n in names if n.startswith("text_encoder")]
     denoiser = parts[denoiser_name]
+    stored_encoders: dict[str, str] = {}
     for name in names:
         part = parts[name]
         if not part["include"]:
@@ -796,11 +799,14 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
                    "(absmax int8 per output row, weight-only: LLM.int8's fp16 outlier columns are not kept apart, "
                    "so the numbers differ slightly)")
             )  # fmt: skip
+        elif name in encoders and dtype in TEXT_ENCODER_DTYPES:  # --text-encoder-weights-dtype, per encoder
+            stored_encoders[name] = TEXT_ENCODER_DTYPES[dtype]
+            r.note(f"{name}.weight_dtype {dtype}: its frozen Linear weights stored as sdcore's {stored_encoders[name]}")
         elif dtype not in PLAIN_DTYPES:
             r.refuse(
                 f"{name}.weight_dtype",
                 dtype,
-                "sdcore stores frozen weights in float8, nf4 or int8 (the denoiser's) or a float type",
+                "sdcore stores frozen weights in float8, nf4 or int8 (Linear layers) or a float type",
             )
         elif dtype != "FLOAT_32":
             r.note(f"{name}.weight_dtype {dtype}: sdcore keeps frozen weights in the training precision")
@@ -832,6 +838,9 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
                 r.refuse(f"{name}.attention_mask", True, "sdcore masks T5's padding on Flux only")
         if not part["train_embedding"] and method == "ti":
             r.refuse(f"{name}.train_embedding", False, "sdcore trains the embedding in every text encoder")
+    if stored_encoders:  # one value when every encoder agrees, else one per encoder in the family's order
+        chosen = [stored_encoders.get(n, "none") for n in encoders]
+        v["text_encoder_weights_dtype"] = chosen[0] if len(set(chosen)) == 1 else ",".join(chosen)
     if family == "flux" and not same_value(denoiser["guidance_scale"], 1.0):
         v["guidance_scale"] = denoiser["guidance_scale"]
     if family == "chroma":

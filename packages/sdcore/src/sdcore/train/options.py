@@ -448,6 +448,16 @@ class TrainOptions:
         choices=BASE_WEIGHTS_DTYPES,
         group="training",
     )
+    text_encoder_weights_dtype: str = option(
+        "none",
+        "Store the frozen text encoders' Linear weights as --base-weights-dtype stores the denoiser's: fp8, nf4 or "
+        "int8 (embeddings, norms and biases keep their dtype; a text encoder's LoRA stays float). One value for "
+        "every encoder, or one per encoder in the family's order, comma-separated (FLUX.1: 'none,fp8' keeps CLIP-L "
+        "and stores T5-XXL in fp8). Applied before text-encoder outputs are cached (kohya --fp8_base's text "
+        "encoders, OneTrainer's text_encoder weight_dtype, SimpleTuner's text_encoder_N_precision, ai-toolkit's "
+        "quantize_te).",
+        group="training",
+    )
     base_weights_exclude: str | None = option(
         None,
         "With --fp8-base / --base-weights-dtype: comma-separated glob patterns of the denoiser's module names "

@@ -243,6 +243,8 @@ HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name
            "validation_num_inference_steps", "validation_seed", "validation_negative_prompt", "validation_disable",
            "validation_on_startup", "user_prompt_library", "prediction_type", "checkpoints_total_limit",
            "base_model_precision", "disable_bucket_pruning", "tread_config"}  # fmt: skip
+#: ``text_encoder_N_precision`` (N: the family's text encoders in order) -> ``--text-encoder-weights-dtype``
+HANDLED |= {f"text_encoder_{n}_precision" for n in range(1, 5)}
 #: ``model_family`` -> sdcore's family (sd1x holds SD 1.x and 2.x: sdcore reads which from the model)
 FAMILIES = {"sd1x": "sd1", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "chroma": "chroma"}
 FLOW_FAMILIES = ("sd3", "flux", "chroma")
@@ -575,6 +577,7 @@ def translate_config(
     else:
         out.notes.append(f"{where}.seed: not given (SimpleTuner draws one); sdcore's seed 42 is used")
     _training(r, family, flow, out)
+    _text_encoder_precisions(r, family, out)
     if model_type == "lora":
         _lora(r, family, out)
     _timesteps(r, family, flow, out)
@@ -624,6 +627,42 @@ def _tread(r: _Reader, out: JobTranslation) -> None:
             f"{r.where}.tread_config: TREAD token routing (a share of the image tokens skips a span of transformer "
             "blocks during training, a speed-up that changes the gradients) is not in sdcore; remove tread_config"
         )
+
+
+def _text_encoder_precisions(r: _Reader, family: str | None, out: JobTranslation) -> None:
+    """``text_encoder_N_precision``: SimpleTuner quantises text encoder N (its order is sdcore's) with the preset;
+    sdcore stores that encoder's frozen Linear weights in the nearest format (--text-encoder-weights-dtype, one
+    value when they agree); the numbers differ slightly from quanto's/torchao's kernels (a note)."""
+    from ..models.family import get_family
+
+    count = len(get_family(family).text_encoders) if family else 0
+    chosen = []
+    for n in range(1, 5):
+        preset = r.text(f"text_encoder_{n}_precision") or "no_change"
+        if preset == "no_change":
+            chosen.append("none")
+            continue
+        if n > count:
+            out.notes.append(f"{r.where}.text_encoder_{n}_precision: the model has no text encoder {n}; no effect")
+            continue
+        if preset not in PRECISIONS:
+            coarser = preset in COARSER_PRECISIONS
+            out.problems.append(
+                f"{r.where}.text_encoder_{n}_precision {preset!r}: "
+                + ("sdcore stores frozen weights in 4 bits at the fewest (nearest: nf4-bnb)" if coarser else
+                   f"not one of SimpleTuner's precisions{nearest_field(preset, PRECISIONS)}")
+            )  # fmt: skip
+            chosen.append("none")
+            continue
+        storage, difference = PRECISIONS[preset]  # the one table of SimpleTuner's presets (base_model_precision's)
+        chosen.append(storage or "none")
+        out.notes.append(
+            f"{r.where}.text_encoder_{n}_precision {preset}: stored as sdcore's {storage or 'compute dtype'} "
+            f"({difference})"
+        )
+    chosen = chosen[:count]
+    if any(value != "none" for value in chosen):
+        out.values["text_encoder_weights_dtype"] = chosen[0] if len(set(chosen)) == 1 else ",".join(chosen)
 
 
 def _training(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -> None:

@@ -351,6 +351,8 @@ class Command:
     launch: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     path: str = ""
+    #: prefixes of several arguments (already a problem: argparse's "ambiguous option")
+    ambiguous: set[str] = field(default_factory=set)
 
 
 def _logical_lines(text: str) -> list[str]:
@@ -492,6 +494,7 @@ def _full_name(name: str, script: str, command: Command) -> str:
         return name
     matches = sorted(k for k in defined if k.startswith(name))
     if len(matches) > 1:
+        command.ambiguous.add(name)
         command.problems.append(f"{command.path}: ambiguous option: --{name} could match "
                                 f"{', '.join('--' + k for k in matches)} (as {script}'s argparse stops)")  # fmt: skip
     return matches[0] if len(matches) == 1 else name
@@ -629,7 +632,9 @@ def translate_command(
     v = out.values
     known = HANDLED | set(NOTED) | set(REFUSED)
     defined = SCRIPT_ARGS[command.script]
-    undefined = [f"--{k}{_nearest(k, defined)}" for k in command.args if k not in defined]
+    undefined = [
+        f"--{k}{_nearest(k, defined)}" for k in command.args if k not in defined and k not in command.ambiguous
+    ]
     if undefined:
         out.problems.append(f"{w}: {', '.join(undefined)}: not argument(s) of {command.script} (its argparse stops "
                             "with 'unrecognized arguments')")  # fmt: skip

@@ -449,3 +449,160 @@ def test_text_to_image_train_data_dir_metadata_jsonl(tmp_path, monkeypatch):
     assert any("draws one each time" in n for n in notes)
     other = _write(tmp_path, path.read_text().replace("--caption_column=caption", "--image_column=img"), "o.sh")
     assert any("--image_column 'img'" in p for p in _problems(other))
+
+
+T2I_COMMAND = """\
+export MODEL_NAME=m
+accelerate launch --mixed_precision="fp16" train_text_to_image.py \\
+  --pretrained_model_name_or_path=$MODEL_NAME --train_data_dir=pics --use_ema --offload_ema \\
+  --reso=256 --random_flip --input_perturbation 0.1 --snr_gamma=5.0 --noise_offset=0.05 \\
+  --validation_prompts "a red fox" "a blue bird" --checkpoints_total_limit=2
+"""
+
+
+def _diffusers_ema_decay(step: int) -> float:
+    """diffusers' EMAModel.get_decay with its defaults (training_utils.py:745-762: decay 0.9999, min_decay 0,
+    update_after_step 0, no power warm-up) at ``step`` (its optimization_step, counted before get_decay)."""
+    s = max(0, step - 0 - 1)
+    return 0.0 if s <= 0 else max(min((1 + s) / (10 + s), 0.9999), 0.0)
+
+
+def test_text_to_image_full_fine_tune_translates_for_dreambooth(tmp_path, monkeypatch):
+    """train_text_to_image.py is a full UNet fine-tune: sdcore train dreambooth without prior images, its defaults
+    (:333 lr 1e-4, :312 batch 16, :315 100 epochs, :276 output_dir), a diffusers folder with the fp32 UNet."""
+    from sdcore.train.ema import ema_decay_at
+    from sdcore.train.sample_prompts import read_sample_prompts
+
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "pics")
+    notes: list[str] = []
+    path = _write(tmp_path, T2I_COMMAND)
+    o = _load(path, {"model": "tiny:sd1"}, method="dreambooth", notes=notes)
+    assert (o.data, o.lr, o.batch_size, o.epochs, o.resolution) == ("pics", 1e-4, 16, 100, 256)
+    assert (o.output, o.save_format, o.save_dtype, o.instance_prompt) == (
+        "sd-model-finetuned",
+        "diffusers",
+        "fp32",
+        None,
+    )
+    assert (o.ema, o.ema_decay, o.ema_warmup, o.ema_update_every, o.ema_device) == (True, 0.9999, "diffusers", 1, "cpu")
+    for step in range(1, 40):
+        assert ema_decay_at(step, o.ema_decay, o.ema_warmup) == pytest.approx(_diffusers_ema_decay(step))
+    assert (o.ip_noise_gamma, o.min_snr_gamma, o.noise_offset) == (0.1, 5.0, 0.05)
+    assert (o.random_crop, o.cache_latents, o.flip, o.buckets) == (True, False, True, False)  # per access (:746)
+    assert (o.save_limit, o.sample_every_epochs) == (2, 5)  # :487
+    assert [p.prompt for p in read_sample_prompts(o.sample_prompts)] == ["a red fox", "a blue bird"]
+    assert "weight_decay=0.01" in o.optimizer_args  # :412
+    assert any(".txt files beside the images" in n for n in notes)
+
+
+def test_text_to_image_sdxl_full_fine_tune_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "pics")
+    base = ("accelerate launch train_text_to_image_sdxl.py --pretrained_model_name_or_path=m --train_data_dir=pics "
+            "--use_ema --proportion_empty_prompts=0.2 --random_flip --validation_prompt='a cat'")  # fmt: skip
+    notes: list[str] = []
+    o = _load(_write(tmp_path, base + "\n", "x.sh"), {"model": "tiny:sdxl"}, method="dreambooth", notes=notes)
+    assert (o.resolution, o.sample_every_epochs, o.output, o.caption_dropout) == (1024, 1, "sdxl-model-finetuned", 0.2)
+    assert (o.ema, o.ema_warmup, o.random_crop, o.sample_prompts) == (True, "diffusers", False, "a cat")
+    # encoded once before training (train_text_to_image_sdxl.py:919-946): empty prompts, flips and crops fixed
+    assert any("--proportion_empty_prompts" in n and "once for the run" in n for n in notes)
+    assert any("--random_flip" in n and "once for the run" in n for n in notes)
+    assert any("one random crop per image" in n for n in notes)
+    problems = _problems(_write(tmp_path, base + " --timestep_bias_strategy=later --max_train_samples=3\n", "b.sh"),
+                         "dreambooth")  # fmt: skip
+    assert any("--timestep_bias_strategy later" in p and "--min-timestep" in p for p in problems)
+    assert any("--max_train_samples" in p for p in problems)
+    sd1 = _write(tmp_path, "accelerate launch train_text_to_image.py --pretrained_model_name_or_path=m "
+                           "--train_data_dir=pics --dream_training --validation_prompt=x\n", "d.sh")  # fmt: skip
+    problems = _problems(sd1, "dreambooth")
+    assert [p for p in problems if "train_text_to_image.py" in p] == [
+        f"{sd1}: train_text_to_image.py: --dream_training: sdcore has no DREAM training (arXiv 2312.00210's extra "
+        "forward pass); train without it"
+    ]
+    # --validation_prompt is argparse's abbreviation of train_text_to_image.py's --validation_prompts (nargs="+")
+    o = _load(_write(tmp_path, sd1.read_text().replace(" --dream_training", ""), "v.sh"), method="dreambooth")
+    assert o.sample_prompts == "x"
+    assert any("sdcore train dreambooth --config" in p for p in _problems(sd1, "lora"))
+
+
+def test_local_dataset_name_is_an_imagefolder(tmp_path, monkeypatch):
+    """load_dataset(<existing folder>) reads an imagefolder: a local --dataset_name is data, not a hub id."""
+    import json
+
+    from sdcore.data.dataset import scan_dataset
+
+    monkeypatch.chdir(tmp_path)
+    folder = _images(tmp_path / "ds")
+    rows = [{"file_name": "0.png", "text": "zero", "caption": "first"}, {"file_name": "1.png", "text": "one"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lora = _write(tmp_path, "accelerate launch train_text_to_image_lora.py --pretrained_model_name_or_path=m "
+                            "--dataset_name=ds --caption_column=text\n", "l.sh")  # fmt: skip
+    o = _load(lora, {"model": "tiny:sd1"})
+    assert (o.data, o.image_column, o.caption_column) == (str(Path("ds") / "metadata.jsonl"), "file_name", "text")
+    assert sorted(e.caption for e in scan_dataset(o).entries) == ["one", "zero"]
+    hub = _write(tmp_path, lora.read_text().replace("--dataset_name=ds", "--dataset_name=someone/pics"), "h.sh")
+    assert any("'someone/pics' is a Hugging Face hub dataset" in p for p in _problems(hub))
+    # a DreamBooth script: the folder's images, each with --instance_prompt, or its --caption_column
+    db = ("accelerate launch train_dreambooth_lora_sd3.py --pretrained_model_name_or_path=m --dataset_name=ds "
+          "--instance_prompt='a sks dog'")  # fmt: skip
+    o = _load(_write(tmp_path, db + "\n", "db.sh"), {"model": "tiny:sd3"})
+    assert sorted(e.caption for e in scan_dataset(o, verify=False).entries) == ["a sks dog", "a sks dog"]
+    o = _load(_write(tmp_path, db + " --caption_column=text\n", "dbc.sh"), {"model": "tiny:sd3"})
+    assert sorted(e.caption for e in scan_dataset(o, verify=False).entries) == ["one", "zero"]
+
+
+def test_arguments_are_read_as_argparse_reads_them(tmp_path):
+    """nargs="+" takes every value up to the next option; a unique prefix is its argument (allow_abbrev); a prefix
+    of several is argparse's "ambiguous option"; a refused script is refused for what it is, not for its words."""
+    from sdcore.train.diffusers_script import read_command
+
+    path = _write(tmp_path, "accelerate launch train_control_lora_flux.py --pretrained_model_name_or_path m "
+                            "--validation_image a.jpg b.jpg --validation_prompt 'p one' 'p two' --reso 512 "
+                            "--noise_offset -0.5 --gradient_acc 2\n")  # fmt: skip
+    c = read_command(path)
+    assert c is not None and not c.problems
+    assert c.args["validation_image"] == ["a.jpg", "b.jpg"]
+    assert c.args["validation_prompt"] == ["p one", "p two"]
+    assert (c.args["resolution"], c.args["noise_offset"], c.args["gradient_accumulation_steps"]) == ("512", "-0.5", "2")
+    one = read_command(_write(tmp_path, "python train_dreambooth.py --resolution 512 extra --res 1\n", "o.sh"))
+    assert one is not None
+    assert any("'extra': not an argument of train_dreambooth.py" in p for p in one.problems)
+    assert any("ambiguous option: --res could match --resolution, --resume_from_checkpoint" in p for p in one.problems)
+    refused = read_command(_write(tmp_path, "python train_control_flux.py --validation_image a.jpg b.jpg\n", "r.sh"))
+    assert refused is not None and not refused.problems
+
+
+def test_text_to_image_command_trains_with_the_scripts_ema(tmp_path):
+    """Two steps of tiny SD1 from a train_text_to_image.py --use_ema command: a diffusers folder whose UNet is the
+    average EMAModel keeps, d = 0 after step 1 (a copy), 2/11 after step 2, so (2/11) w1 + (9/11) w2."""
+    from safetensors.torch import load_file
+
+    folder = _images(tmp_path / "pics")
+    for i in range(2):
+        (folder / f"{i}.txt").write_text(f"a picture {i}")
+    _write(tmp_path, "accelerate launch train_text_to_image.py --pretrained_model_name_or_path=m "
+                     "--train_data_dir=pics --use_ema --resolution=64 --center_crop --train_batch_size=1 "
+                     "--max_train_steps=2 --learning_rate=1e-3 --lr_scheduler=constant --output_dir=out --seed=1\n")  # fmt: skip
+    base = ["sdcore", "train", "dreambooth", "--config", "train.sh", "--model", "tiny:sd1", "--mixed-precision", "no",
+            "--no-progress"]  # fmt: skip
+    run = subprocess.run(base, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr
+    for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                 "text_encoder/config.json", "scheduler/scheduler_config.json"):  # fmt: skip
+        assert (tmp_path / "out" / name).is_file(), name
+    one = subprocess.run([*base, "--max-steps", "1", "--output", "one"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=400)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    averaged = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    w1 = load_file(tmp_path / "one" / "unet" / "diffusion_pytorch_model.safetensors")  # d = 0: step 1's weights
+    raw = load_file(tmp_path / "out-state" / "step-00000002" / "trainable.safetensors")  # the raw weights, step 2
+    assert set(averaged) == set(w1) and {f"unet.{k}" for k in averaged} == set(raw)
+    moved = 0
+    for key, value in averaged.items():
+        w2 = raw[f"unet.{key}"]
+        expected = (2 / 11) * w1[key] + (9 / 11) * w2
+        assert value.dtype == w2.dtype  # saved in fp32, as the script's unwrapped UNet
+        assert (value - expected).abs().max() <= 1e-5 * (1 + expected.abs().max()), key
+        moved += int(not bool((w2 - w1[key]).abs().max() == 0))
+    assert moved > 100  # the two steps really changed the weights, so the average is not the raw weights

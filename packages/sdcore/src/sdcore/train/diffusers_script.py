@@ -33,6 +33,7 @@ from .shell_command import COMMAND_SUFFIXES, command_lines
 if TYPE_CHECKING:
     from ..data.dataset import SubsetOptions
     from .options import TrainOptions
+    from .sample_prompts import SamplePrompt
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,15 @@ SCRIPTS: dict[str, Script] = {
         rank=(4, 472), learning_rate=(1e-4, 366), adam_weight_decay=(1e-2, 418), train_batch_size=(16, 320),
         num_train_epochs=(100, 323), resolution=(1024, 292), validation_epochs=(1, 261),
         output_dir=("sd-model-finetuned-lora", 279), lr_warmup_steps=(500, 387), checkpointing_steps=(500, 330))),
+    # the full fine-tunes of examples/text_to_image: the UNet alone, sdcore train dreambooth without prior images
+    "train_text_to_image.py": Script("sd1", "dreambooth", "text_to_image", _d(
+        learning_rate=(1e-4, 333), adam_weight_decay=(1e-2, 412), train_batch_size=(16, 312),
+        num_train_epochs=(100, 315), resolution=(512, 289), validation_epochs=(5, 487),
+        output_dir=("sd-model-finetuned", 276), lr_warmup_steps=(500, 354), checkpointing_steps=(500, 459))),
+    "train_text_to_image_sdxl.py": Script("sdxl", "dreambooth", "text_to_image", _d(
+        learning_rate=(1e-4, 317), adam_weight_decay=(1e-2, 419), train_batch_size=(16, 271),
+        num_train_epochs=(100, 274), resolution=(1024, 248), validation_epochs=(1, 211),
+        output_dir=("sdxl-model-finetuned", 235), lr_warmup_steps=(500, 338), checkpointing_steps=(500, 281))),
     "train_control_lora_flux.py": Script("flux", "lora", "control", _d(
         rank=(4, 321), learning_rate=(5e-6, 353), guidance_scale=(30.0, 542), weighting_scheme=("none", 558),
         adam_weight_decay=(1e-2, 398), train_batch_size=(4, 278), num_train_epochs=(1, 281), resolution=(1024, 269),
@@ -115,6 +125,19 @@ _ALL_SCRIPTS_ARGS = (
     "max_train_steps mixed_precision num_train_epochs num_validation_images output_dir "
     "pretrained_model_name_or_path push_to_hub report_to resolution resume_from_checkpoint revision scale_lr "
     "seed train_batch_size use_8bit_adam validation_prompt variant"
+)
+#: train_text_to_image.py's arguments: --validation_prompts (nargs="+"), no --validation_prompt/--num_validation_images
+_TEXT_TO_IMAGE_ARGS = (
+    "adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 cache_dir caption_column center_crop "
+    "checkpointing_steps checkpoints_total_limit dataloader_num_workers dataset_config_name dataset_name "
+    "dream_detail_preservation dream_training enable_xformers_memory_efficient_attention foreach_ema "
+    "gradient_accumulation_steps gradient_checkpointing hub_model_id hub_token image_column "
+    "image_interpolation_mode input_perturbation learning_rate local_rank logging_dir lr_scheduler "
+    "lr_warmup_steps max_grad_norm max_train_samples max_train_steps mixed_precision noise_offset "
+    "non_ema_revision num_train_epochs offload_ema output_dir prediction_type pretrained_model_name_or_path "
+    "push_to_hub random_flip report_to resolution resume_from_checkpoint revision scale_lr seed snr_gamma "
+    "tracker_project_name train_batch_size train_data_dir use_8bit_adam use_ema validation_epochs "
+    "validation_prompts variant"
 )
 SCRIPT_ARGS: dict[str, frozenset[str]] = {
     "train_dreambooth_lora_flux.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
@@ -198,7 +221,23 @@ SCRIPT_ARGS: dict[str, frozenset[str]] = {
         "tracker_project_name train_norm_layers upcast_before_saving use_lora_bias validation_image "
         "validation_steps weighting_scheme"
     )).split()),
+    "train_text_to_image.py": frozenset(_TEXT_TO_IMAGE_ARGS.split()),
+    "train_text_to_image_sdxl.py": frozenset((_ALL_SCRIPTS_ARGS + " " + (
+        "cache_dir caption_column center_crop dataset_config_name dataset_name enable_npu_flash_attention "
+        "enable_xformers_memory_efficient_attention image_column image_interpolation_mode local_rank "
+        "max_train_samples noise_offset prediction_type pretrained_vae_model_name_or_path "
+        "proportion_empty_prompts random_flip snr_gamma timestep_bias_begin timestep_bias_end "
+        "timestep_bias_multiplier timestep_bias_portion timestep_bias_strategy train_data_dir use_ema "
+        "validation_epochs"
+    )).split()),
 }  # fmt: skip
+#: the arguments each script declares with ``nargs="+"`` (a list of values up to the next option), at 58eb52c
+NARGS: dict[str, frozenset[str]] = {
+    "train_dreambooth.py": frozenset({"validation_images"}),  # :567
+    "train_dreambooth_lora.py": frozenset({"validation_images"}),  # :517
+    "train_control_lora_flux.py": frozenset({"validation_prompt", "validation_image"}),  # :491, :502
+    "train_text_to_image.py": frozenset({"validation_prompts"}),  # :273
+}
 #: the same in every script that has the argument: (value, its line in train_dreambooth_lora_flux.py)
 COMMON_DEFAULTS: dict[str, tuple[Any, int]] = {
     "rank": (4, 375), "lr_warmup_steps": (500, 524), "checkpointing_steps": (500, 453), "adam_beta1": (0.9, 574),
@@ -225,8 +264,7 @@ REFUSED_SCRIPTS: dict[str, str] = {
         "train_controlnet.py", "train_controlnet_flux.py", "train_controlnet_sd3.py", "train_controlnet_sdxl.py",
         "train_t2i_adapter_sdxl.py", "train_control_flux.py", "train_control_cogview4.py", "train_instruct_pix2pix.py",
         "train_instruct_pix2pix_sdxl.py", "train_instruct_pix2pix_lora.py", "train_custom_diffusion.py",
-        "train_diffusion_dpo.py", "train_diffusion_dpo_sdxl.py", "train_text_to_image.py",
-        "train_text_to_image_sdxl.py", "train_dreambooth_inpaint.py", "train_dreambooth_inpaint_lora.py",
+        "train_diffusion_dpo.py", "train_diffusion_dpo_sdxl.py", "train_dreambooth_inpaint.py", "train_dreambooth_inpaint_lora.py",
         "train_multi_subject_dreambooth.py", "train_lcm_distill_lora_sdxl.py", "train_unconditional.py",
         "train_amused.py", "train_cogvideox_lora.py")},
 }  # fmt: skip
@@ -238,7 +276,8 @@ FLAGS = {
     "enable_npu_flash_attention", "enable_xformers_memory_efficient_attention", "use_dora", "use_lora_bias",
     "train_norm_layers", "gaussian_init_lora", "offload", "set_grads_to_none", "pre_compute_text_embeddings",
     "text_encoder_use_attention_mask", "skip_save_text_encoder", "output_kohya_format", "debug_loss",
-    "log_dataset_samples", "do_edm_style_training", "offset_noise",
+    "log_dataset_samples", "do_edm_style_training", "offset_noise", "use_ema", "offload_ema", "foreach_ema",
+    "dream_training",
 }  # fmt: skip
 #: accepted with a note: logging, the hub, devices, speed and memory (the value does not change what is learned)
 NOTED = {
@@ -256,6 +295,8 @@ NOTED = {
     "zero lora_B; PEFT's gaussian init also starts from a zero change)",
     "pre_compute_text_embeddings": "sdcore caches frozen text-encoder outputs",
     "skip_save_text_encoder": "what is saved", "debug_loss": "logging",
+    "foreach_ema": "speed (torch._foreach EMA update, same values)",
+    "non_ema_revision": "the hub (the revision of the trained UNet's start)",
 }  # fmt: skip
 #: refused unless at the script's default: what trains would change, and sdcore has no counterpart
 REFUSED = {
@@ -263,7 +304,9 @@ REFUSED = {
     "do_edm_style_training": "sdcore has no EDM-style training",
     "text_encoder_use_attention_mask": "sdcore encodes SD1/SD2 prompts without CLIP's attention mask",
     "tokenizer_max_length": "sdcore pads CLIP prompts to 77 tokens",
-    "max_train_samples": "sdcore trains on every image",
+    "max_train_samples": "sdcore trains on every image (the script keeps a seeded shuffle's first N: copy those "
+    "into a folder)",
+    "dream_training": "sdcore has no DREAM training (arXiv 2312.00210's extra forward pass); train without it",
     "output_kohya_format": "a second file in kohya's names (sdcore's SD/SDXL LoRA is already in kohya's names)",
 }  # fmt: skip
 #: every argument :func:`translate_command` turns into sdcore options
@@ -281,7 +324,9 @@ HANDLED = {
     "gradient_checkpointing", "seed", "guidance_scale", "max_sequence_length", "weighting_scheme", "logit_mean",
     "logit_std", "mode_scale", "precondition_outputs", "snr_gamma", "noise_offset", "prediction_type",
     "validation_prompt", "validation_epochs", "validation_steps", "validation_image", "checkpointing_steps",
-    "checkpoints_total_limit", "output_dir", "proportion_empty_prompts",
+    "checkpoints_total_limit", "output_dir", "proportion_empty_prompts", "use_ema", "offload_ema",
+    "input_perturbation", "validation_prompts", "dream_detail_preservation", "timestep_bias_strategy",
+    "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end", "timestep_bias_portion",
 }  # fmt: skip
 #: diffusers' get_scheduler names (src/diffusers/optimization.py) that sdcore's schedules share
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "polynomial", "cosine_with_restarts")
@@ -303,6 +348,8 @@ class Command:
     launch: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     path: str = ""
+    #: prefixes of several arguments (already a problem: argparse's "ambiguous option")
+    ambiguous: set[str] = field(default_factory=set)
 
 
 def _script_of(words: list[str]) -> int | None:
@@ -341,26 +388,63 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
     return None
 
 
+def _full_name(name: str, script: str, command: Command) -> str:
+    """``name`` as the script's argparse resolves it: itself when the script defines it, else the one argument it
+    is a prefix of (argparse's ``allow_abbrev``, on by default in every script: ``--res 512`` is ``--resolution``);
+    a prefix of several is argparse's "ambiguous option" error."""
+    defined = SCRIPT_ARGS.get(script)
+    if defined is None or name in defined:
+        return name
+    matches = sorted(k for k in defined if k.startswith(name))
+    if len(matches) > 1:
+        command.ambiguous.add(name)
+        command.problems.append(f"{command.path}: ambiguous option: --{name} could match "
+                                f"{', '.join('--' + k for k in matches)} (as {script}'s argparse stops)")  # fmt: skip
+    return matches[0] if len(matches) == 1 else name
+
+
+def _is_option(word: str) -> bool:
+    """argparse's test for an option string here: a leading ``-`` not followed by a number (no script defines an
+    option that looks like a negative number, so ``-0.1`` is a value)."""
+    return word.startswith("-") and not re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?", word)
+
+
 def _parse_args(words: list[str], command: Command, *, launcher: bool) -> dict[str, Any]:
+    """The words after the script (or, ``launcher``, accelerate's before it) as argparse reads them: a unique prefix
+    is its argument, a ``nargs="+"`` argument takes every value up to the next option (a list), others one value
+    (further words are "unrecognized arguments"). A script sdcore refuses by name is read leniently (every
+    value taken): it is refused for what it is, not for its words."""
     out: dict[str, Any] = {}
+    known = not launcher and command.script in SCRIPTS
+    lists = NARGS.get(command.script, frozenset()) if known else frozenset()
     i = 0
     while i < len(words):
         word = words[i]
         i += 1
         if not word.startswith("--"):
-            if not launcher:
+            if known:
                 command.problems.append(f"{command.path}: {word!r}: not an argument of {command.script}")
             continue
         name, eq, value = word[2:].partition("=")
         name = name.replace("-", "_")
-        if not eq:
-            if name in FLAGS or i >= len(words) or words[i].startswith("--"):
-                value_: Any = True
-            else:
-                value_ = words[i]
-                i += 1
-        else:
+        if known:
+            name = _full_name(name, command.script, command)
+        value_: Any
+        if eq:
             value_ = value
+        elif name in FLAGS or i >= len(words) or _is_option(words[i]):
+            value_ = True
+        else:
+            value_ = words[i]
+            i += 1
+        if name in lists or not (known or launcher or name in FLAGS):
+            taken = [] if value_ is True else [value_]
+            while i < len(words) and not _is_option(words[i]):
+                taken.append(words[i])
+                i += 1
+            if name in lists and not taken:
+                command.problems.append(f"{command.path}: --{name}: expected at least one argument")
+            value_ = taken if name in lists else (taken[0] if len(taken) == 1 else taken or True)
         if name in out and not launcher:
             command.problems.append(f"{command.path}: --{name} is given twice")
         out[name] = value_
@@ -391,6 +475,9 @@ class _Args:
 
     def num(self, name: str, kind: type) -> Any:
         value = self.raw(name)
+        if isinstance(value, list):
+            self.out.problems.append(f"{self.where}: --{name} takes one value, got {len(value)}")
+            return None
         if value is None or value is True:
             if value is True:
                 self.out.problems.append(f"{self.where}: --{name} needs a value")
@@ -407,7 +494,16 @@ class _Args:
 
     def text(self, name: str) -> str | None:
         value = self.raw(name)
+        if isinstance(value, list):  # a nargs="+" argument read where one value is meant: its first
+            return str(value[0]) if value else None
         return None if value is None or value is True else str(value)
+
+    def texts(self, name: str) -> list[str]:
+        """A ``nargs="+"`` argument's values (one value is a list of one)."""
+        value = self.raw(name)
+        if value is None or value is True:
+            return []
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _opt_args(args: dict[str, Any]) -> str:
@@ -439,7 +535,9 @@ def translate_command(
     v = out.values
     known = HANDLED | set(NOTED) | set(REFUSED)
     defined = SCRIPT_ARGS[command.script]
-    undefined = [f"--{k}{_nearest(k, defined)}" for k in command.args if k not in defined]
+    undefined = [
+        f"--{k}{_nearest(k, defined)}" for k in command.args if k not in defined and k not in command.ambiguous
+    ]
     if undefined:
         out.problems.append(f"{w}: {', '.join(undefined)}: not argument(s) of {command.script} (its argparse stops "
                             "with 'unrecognized arguments')")  # fmt: skip
@@ -471,13 +569,15 @@ def translate_command(
     _network(a, script, method, w, out)
     _schedule(a, script, method, w, out)
     _objective(a, script, flow, w, out)
+    _fine_tune(a, w, out)
 
     # sampling and saving
-    prompt = a.text("validation_prompt")
-    if prompt:
-        if " --" in f" {prompt}":
-            out.problems.append(f"{w}: --validation_prompt holds ' --': give --sample-prompts a prompt file")
-        v["sample_prompts"] = prompt
+    prompts = validation_prompts(command)
+    if prompts:
+        if any(" --" in f" {prompt}" for prompt in prompts):
+            out.problems.append(f"{w}: a validation prompt holds ' --': give --sample-prompts a prompt file")
+        # several prompts (nargs="+"): the command file itself, read back by read_sample_prompts
+        v["sample_prompts"] = prompts[0] if len(prompts) == 1 else str(path)
         if script.kind == "control" or command.script == "train_dreambooth.py":
             v["sample_every"] = a.num("validation_steps", int)
         else:
@@ -503,6 +603,8 @@ def translate_command(
     else:
         v["output"] = output
         v["save_format"] = "diffusers"  # save_pretrained of the pipeline
+        if script.kind == "text_to_image":  # the trained fp32 UNet saved as it is (train_text_to_image.py:1121-1133)
+            v["save_dtype"] = "fp32"
     if a.given("seed"):
         v["seed"] = a.num("seed", int)
     else:
@@ -521,71 +623,81 @@ def translate_command(
     return out
 
 
+def local_dataset(args: dict[str, Any]) -> Path | None:
+    """``--dataset_name`` naming an existing folder: diffusers' ``load_dataset(folder)`` reads it as an imagefolder
+    (its ``metadata.jsonl`` gives the columns), so it is data on this machine, not a hub id."""
+    name = args.get("dataset_name")
+    if not isinstance(name, str) or not name:
+        return None
+    folder = Path(name).expanduser()
+    return folder if folder.is_dir() else None
+
+
 def _data(a: _Args, script: Script, method: str, path: str | os.PathLike[str], w: str, out: JobTranslation) -> None:
     v = out.values
-    if a.given("dataset_name"):
-        out.problems.append(f"{w}: --dataset_name {a.text('dataset_name')!r} is a Hugging Face hub dataset: sdcore "
-                            "works offline (download it and give a folder of images with .txt captions)")  # fmt: skip
+    local = local_dataset(a.c.args)
+    if a.given("dataset_name") and local is None:
+        out.problems.append(f"{w}: --dataset_name {a.text('dataset_name')!r} is a Hugging Face hub dataset (no such "
+                            "folder here): sdcore works offline (download it and give its folder)")  # fmt: skip
+    name = next(k for k, s in SCRIPTS.items() if s is script)
+    # the SDXL full fine-tune encodes every image and caption once before training (dataset.map of
+    # compute_vae_encodings / encode_prompt, train_text_to_image_sdxl.py:919-946): its flip, crop, caption choice and
+    # empty prompt are drawn once per image for the run
+    once = name == "train_text_to_image_sdxl.py"
     if script.kind == "control":
         v["control_lora"] = True
         if a.given("jsonl_for_train"):
             v["data"] = a.text("jsonl_for_train")
+        elif local is not None:
+            out.problems.append(f"{w}: --dataset_name {local}: give the rows as --jsonl_for_train (image, control "
+                                "image and caption paths)")  # fmt: skip
         elif not a.given("dataset_name"):
             out.problems.append(f"{w}: --jsonl_for_train is needed (the image / control image / caption rows)")
-        for name, option in (("image_column", "image_column"), ("conditioning_image_column",
-                             "conditioning_image_column"), ("caption_column", "caption_column")):  # fmt: skip
-            if a.given(name):
-                v[option] = a.text(name)
-        if a.given("proportion_empty_prompts"):
-            v["caption_dropout"] = a.num("proportion_empty_prompts", float)
-            out.notes.append(f"{w}: --proportion_empty_prompts: sdcore drops captions per sample (--caption-dropout)")
+        for column in ("image_column", "conditioning_image_column", "caption_column"):
+            if a.given(column):
+                v[column] = a.text(column)
     elif script.kind == "text_to_image":
+        folder: Path | None = local
         if a.given("train_data_dir"):
-            folder = Path(a.text("train_data_dir") or "").expanduser()
-            if (folder / "metadata.jsonl").is_file():
-                # load_dataset("imagefolder"): each row's file_name (relative to the folder) becomes the "image"
-                # column, its other keys columns; --caption_column names the caption (train_text_to_image_lora.py:
-                # 613-644). Read by sdcore's diffusers JSONL reader (sdcore.data.jsonl), no control image column.
-                v["data"] = str(folder / "metadata.jsonl")
-                v["image_column"] = "file_name"
-                v["conditioning_image_column"] = ""
-                v["caption_column"] = a.text("caption_column") or "text"
-                if (a.text("image_column") or "image") != "image":
-                    out.problems.append(f"{w}: --image_column {a.text('image_column')!r}: an imagefolder's images are "
-                                        "its 'image' column (from metadata.jsonl's file_name); the script stops "
-                                        "on another")  # fmt: skip
-                out.notes.append(f"{w}: --train_data_dir: images and captions from {folder / 'metadata.jsonl'}; a "
-                                 "row with a list of captions trains on its longest (the script draws one each "
-                                 "time)")  # fmt: skip
-            else:
-                if (folder / "metadata.csv").is_file():
-                    out.problems.append(f"{w}: --train_data_dir {folder}: its metadata.csv captions are not read; "
-                                        "write them as a metadata.jsonl (file_name and caption keys) or give a "
-                                        ".txt caption beside each image")  # fmt: skip
-                v["data"] = str(folder)
-                out.notes.append(f"{w}: --train_data_dir: captions from the .txt files beside the images")
+            data_dir = Path(a.text("train_data_dir") or "").expanduser()
+            # load_dataset(dataset_name, data_dir=train_data_dir): the folder inside the dataset's
+            folder = data_dir if local is None or data_dir.is_absolute() else local / data_dir
+        if folder is not None:
+            _imagefolder(a, folder, once, w, out)
         elif not a.given("dataset_name"):
-            out.problems.append(f"{w}: --train_data_dir (a folder) is needed; --dataset_name is not read offline")
+            out.problems.append(f"{w}: --train_data_dir or --dataset_name (a folder) is needed")
         v["buckets"] = False  # the scripts resize and crop every image to a --resolution square
     else:
-        if a.given("instance_data_dir"):
+        if a.given("instance_data_dir") or local is not None:
             v["data"] = str(path)  # load_datasets: the instance folder captioned with --instance_prompt
         elif not a.given("dataset_name"):
             out.problems.append(f"{w}: --instance_data_dir is needed")
+        captions = local is not None and a.given("caption_column")
+        if local is not None and a.given("instance_data_dir"):
+            out.notes.append(f"{w}: --instance_data_dir is not read with --dataset_name (as in the script)")
+        if captions and local is not None and not (local / "metadata.jsonl").is_file():
+            out.problems.append(f"{w}: --caption_column {a.text('caption_column')!r}: {local} has no metadata.jsonl "
+                                "to give that column (the script stops)")  # fmt: skip
         if not a.given("instance_prompt"):
             out.problems.append(f"{w}: --instance_prompt is needed (the caption of every instance image)")
-        elif method == "dreambooth":
+        elif method == "dreambooth" and not captions:
             v["instance_prompt"] = a.text("instance_prompt")
-        if a.given("caption_column") and not a.given("dataset_name"):
+        if a.given("caption_column") and local is None and not a.given("dataset_name"):
             out.notes.append(f"{w}: --caption_column is read only with --dataset_name: no effect")
         v["buckets"] = False
         _prior(a, method, w, out)
+    if a.given("proportion_empty_prompts"):
+        v["caption_dropout"] = a.num("proportion_empty_prompts", float)
+        if once:
+            out.notes.append(f"{w}: --proportion_empty_prompts: the script empties that share of the captions once "
+                             "for the run; sdcore drops captions per use (--caption-dropout)")  # fmt: skip
+        else:
+            out.notes.append(f"{w}: --proportion_empty_prompts: sdcore drops captions per sample (--caption-dropout)")
     v["resolution"] = a.num("resolution", int)
     if script.kind == "control":  # train_control_lora_flux.py:681: Resize((resolution, resolution)), no crop
         out.notes.append(f"{w}: the script stretches the image and control image to a --resolution square; sdcore "
                          "resizes, crops and buckets them together")  # fmt: skip
     elif not a.flag("center_crop"):
-        name = next(k for k, s in SCRIPTS.items() if s is script)
         if name in PER_STEP_CROP:  # torchvision RandomCrop in __getitem__: a new crop each time
             v["random_crop"] = True
             v["cache_latents"] = False
@@ -593,11 +705,42 @@ def _data(a: _Args, script: Script, method: str, path: str | os.PathLike[str], w
             out.notes.append(f"{w}: no --center_crop: the script draws one random crop per image when it builds the "
                              "dataset (fixed for the run); sdcore crops at the centre")  # fmt: skip
     v["flip"] = a.flag("random_flip")
+    if v["flip"] and name == "train_text_to_image_sdxl.py":
+        out.notes.append(f"{w}: --random_flip: the script flips half the images once for the run (their latents are "
+                         "computed before training); sdcore flips each use with probability 0.5")  # fmt: skip
     interpolation = a.text("image_interpolation_mode")
     if a.given("image_interpolation_mode"):
         v["resize_interpolation"] = interpolation
     if a.given("repeats"):
         v["dataset_repeats"] = a.num("repeats", int)
+
+
+def _imagefolder(a: _Args, folder: Path, once: bool, w: str, out: JobTranslation) -> None:
+    """A text_to_image script's imagefolder (``--train_data_dir``, or a local ``--dataset_name``)."""
+    v = out.values
+    if (folder / "metadata.jsonl").is_file():
+        # load_dataset("imagefolder"): each row's file_name (relative to the folder) becomes the "image"
+        # column, its other keys columns; --caption_column names the caption (train_text_to_image_lora.py:
+        # 613-644). Read by sdcore's diffusers JSONL reader (sdcore.data.jsonl), no control image column.
+        v["data"] = str(folder / "metadata.jsonl")
+        v["image_column"] = "file_name"
+        v["conditioning_image_column"] = ""
+        v["caption_column"] = a.text("caption_column") or "text"
+        if (a.text("image_column") or "image") != "image":
+            out.problems.append(f"{w}: --image_column {a.text('image_column')!r}: an imagefolder's images are "
+                                "its 'image' column (from metadata.jsonl's file_name); the script stops "
+                                "on another")  # fmt: skip
+        drawn = "draws one per image once for the run" if once else "draws one each time"
+        out.notes.append(f"{w}: {folder}: images and captions from its metadata.jsonl; a row with a list of "
+                         f"captions trains on its longest (the script {drawn})")  # fmt: skip
+    else:
+        if (folder / "metadata.csv").is_file():
+            out.problems.append(f"{w}: {folder}: its metadata.csv captions are not read; write them as a "
+                                "metadata.jsonl (file_name and caption keys) or give a .txt caption beside each "
+                                "image")  # fmt: skip
+        v["data"] = str(folder)
+        out.notes.append(f"{w}: {folder} has no metadata.jsonl: captions from the .txt files beside the images "
+                         "(the script's imagefolder would have no caption column)")  # fmt: skip
 
 
 def _prior(a: _Args, method: str, w: str, out: JobTranslation) -> None:
@@ -636,7 +779,7 @@ def _prior(a: _Args, method: str, w: str, out: JobTranslation) -> None:
 #: scripts' preprocess_train through dataset.with_transform: train_text_to_image_lora_sdxl.py:942-982); the others
 #: draw one crop per image at dataset build, e.g. train_dreambooth_lora_flux.py:813-839
 PER_STEP_CROP = {"train_dreambooth_lora.py", "train_dreambooth.py", "train_text_to_image_lora.py",
-                 "train_text_to_image_lora_sdxl.py"}  # fmt: skip
+                 "train_text_to_image_lora_sdxl.py", "train_text_to_image.py"}  # fmt: skip
 #: PEFT target modules of each LoRA script without --lora_layers (the file's line of the list)
 TARGETS = {
     "train_dreambooth_lora_flux.py": (("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
@@ -802,6 +945,64 @@ def _objective(a: _Args, script: Script, flow: bool, w: str, out: JobTranslation
         v["noise_offset"] = a.num("noise_offset", float)
 
 
+def _fine_tune(a: _Args, w: str, out: JobTranslation) -> None:
+    """The text_to_image full fine-tunes' own arguments: EMA, input perturbation, DREAM, timestep bias."""
+    v = out.values
+    if a.flag("use_ema"):
+        # EMAModel(unet.parameters()) with its defaults (diffusers src/diffusers/training_utils.py:639-644:
+        # decay 0.9999, min_decay 0, update_after_step 0, no power warm-up), stepped after each optimizer step
+        # (train_text_to_image.py:1052-1060): get_decay's (1 + s) / (10 + s) capped at 0.9999, 0 at the first
+        # update, is sdcore's --ema-warmup diffusers; the result, the samples and each save use the average
+        # (:1100-1113, :1121-1123), as sdcore's --ema does
+        v["ema"] = True
+        v["ema_decay"] = 0.9999
+        v["ema_warmup"] = "diffusers"
+        v["ema_update_every"] = 1
+        if a.flag("offload_ema"):  # pin_memory + to("cuda") around each step: where the average lives
+            v["ema_device"] = "cpu"
+    elif a.flag("offload_ema") or a.given("non_ema_revision"):
+        out.notes.append(f"{w}: --offload_ema/--non_ema_revision without --use_ema: not used (as in the script)")
+    gamma = a.num("input_perturbation", float)
+    if gamma:  # noise + gamma * randn noises the input, the target keeps the noise (:978-990): kohya's ip_noise_gamma
+        v["ip_noise_gamma"] = gamma
+    if a.given("dream_detail_preservation") and not a.flag("dream_training"):
+        out.notes.append(f"{w}: --dream_detail_preservation without --dream_training: not used (as in the script)")
+    strategy = a.text("timestep_bias_strategy") or "none"
+    bias = [f"--{n}" for n in ("timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end",
+                               "timestep_bias_portion") if a.given(n)]  # fmt: skip
+    if strategy not in ("none", "earlier", "later", "range"):
+        out.problems.append(f"{w}: --timestep_bias_strategy {strategy!r}: choose one of earlier, later, range, none")
+    elif strategy != "none":
+        out.problems.append(f"{w}: --timestep_bias_strategy {strategy}: sdcore has no weighted DDPM timestep draw "
+                            "(nearest: --min-timestep/--max-timestep, which keep only a range)")  # fmt: skip
+    elif bias:
+        out.notes.append(f"{w}: {', '.join(bias)} without --timestep_bias_strategy: not used (as in the script)")
+
+
+def validation_prompts(command: Command) -> list[str]:
+    """The command's validation prompts: ``--validation_prompts`` (train_text_to_image.py, ``nargs="+"``) or
+    ``--validation_prompt`` (one, or several where the script takes ``nargs="+"``)."""
+    for name in ("validation_prompts", "validation_prompt"):
+        value = command.args.get(name)
+        if isinstance(value, list):
+            return [str(v) for v in value if str(v)]
+        if value is not None and value is not True and str(value):
+            return [str(value)]
+    return []
+
+
+def read_sample_prompts(path: str | os.PathLike[str], family: str | None = None) -> list[SamplePrompt]:
+    """``--sample-prompts`` naming a diffusers command file: its validation prompts, one sample each."""
+    from .sample_prompts import parse_prompt_line
+
+    command = read_command(path)
+    if command is None:
+        raise ConfigError(f"--sample-prompts {path}: not a diffusers command")
+    return [
+        parse_prompt_line(p, f"{path}: validation prompt {i}") for i, p in enumerate(validation_prompts(command), 1)
+    ]
+
+
 def load_datasets(path: str | os.PathLike[str], options: TrainOptions | None) -> list[SubsetOptions]:
     """The command's images as sdcore subsets: ``--instance_data_dir`` with ``--repeats``, every image captioned
     with ``--instance_prompt`` (the scripts read no caption files), and with ``--with_prior_preservation`` on a LoRA
@@ -811,12 +1012,23 @@ def load_datasets(path: str | os.PathLike[str], options: TrainOptions | None) ->
     from ..data.dataset import SubsetOptions, subset_defaults
 
     command = read_command(path)
-    if command is None or command.script not in SCRIPTS or "instance_data_dir" not in command.args:
-        raise DataError(f"{path}: not a diffusers DreamBooth command with --instance_data_dir")
+    local = local_dataset(command.args) if command is not None else None
+    if command is None or command.script not in SCRIPTS or ("instance_data_dir" not in command.args and local is None):
+        raise DataError(
+            f"{path}: not a diffusers DreamBooth command with --instance_data_dir or a --dataset_name folder"
+        )
     args = command.args
     base = SubsetOptions(image_dir=Path("."), **subset_defaults(options))
-    instance = replace(base, image_dir=Path(str(args["instance_data_dir"])).expanduser(),
-                       repeats=int(args.get("repeats", 1)), caption_text=str(args.get("instance_prompt", "")))  # fmt: skip
+    repeats = int(args.get("repeats", 1))
+    if local is not None and isinstance(args.get("caption_column"), str):
+        # the dataset's rows (metadata.jsonl's file_name) captioned from --caption_column (DreamBoothDataset's
+        # custom_instance_prompts, train_dreambooth_lora_sd3.py:746-794)
+        columns = ("file_name", "", str(args["caption_column"]))
+        instance = replace(base, image_dir=local, repeats=repeats, jsonl_file=local / "metadata.jsonl",
+                           jsonl_columns=columns)  # fmt: skip
+    else:  # the --dataset_name folder (the script's choice over --instance_data_dir) or the instance folder
+        folder = local if local is not None else Path(str(args["instance_data_dir"])).expanduser()
+        instance = replace(base, image_dir=folder, repeats=repeats, caption_text=str(args.get("instance_prompt", "")))
     subsets = [instance]
     dreambooth = options is not None and hasattr(options, "instance_prompt")
     if args.get("with_prior_preservation") is True and "class_data_dir" in args and not dreambooth:

@@ -276,6 +276,11 @@ def read_sample_prompts(value: str, family: str | None = None) -> list[SamplePro
 
         if onetrainer_config.is_sample_source(path):  # a OneTrainer config or samples list
             return onetrainer_config.read_sample_prompts(path, family=family)
+    if is_file and path.suffix.lower() in (".sh", ".bash", ".txt", ""):
+        from . import diffusers_script
+
+        if diffusers_script.read_command(path) is not None:  # a diffusers command: its validation prompts
+            return diffusers_script.read_sample_prompts(path, family)
     if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
         try:
             text = path.read_text(encoding="utf-8")

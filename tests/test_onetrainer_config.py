@@ -187,7 +187,8 @@ def test_sdxl_embedding(tmp_path):
         "embedding": {"placeholder": "sksemb", "token_count": 4, "initial_embedding_text": "a cat"},
     }  # fmt: skip
     o = _load(tmp_path, config, "ti")
-    assert (o.name, o.vectors, o.init_text, o.lr) == ("sksemb", 4, "a cat", 1e-3)  # embedding_learning_rate wins
+    assert (o.name, o.placeholder) == ("emb", "sksemb")  # the file stem names it, the captions say the placeholder
+    assert (o.vectors, o.init_text, o.lr) == (4, "a cat", 1e-3)  # embedding_learning_rate wins
     assert o.template == "filewords"  # OneTrainer trains on the captions, which hold the placeholder
     assert (o.format, o.output, o.epochs) == ("safetensors", "models/emb.safetensors", 8)
 

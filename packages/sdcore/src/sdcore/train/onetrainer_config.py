@@ -1314,8 +1314,20 @@ def _lora(r: _Reader, family: str) -> None:
 def _embedding(r: _Reader) -> None:
     v = r.out.values
     emb = r.table("embedding", EMBEDDING_DEFAULTS)
-    # OneTrainer trains on the captions as written, the placeholder inside them: sdcore's filewords template
-    v["name"], v["template"] = str(emb["placeholder"]), "filewords"
+    # OneTrainer trains on the captions as written, the placeholder inside them: sdcore's filewords template;
+    # the placeholder (``<embedding>`` by default) is replaced wherever it is written (BaseModel.
+    # _add_embeddings_to_prompt's str.replace, samples too) = --placeholder; the embedding is written to
+    # output_model_destination (the *EmbeddingSaver's save_single), whose stem is the name it answers to in A1111
+    from ..io import file_stem_problem
+
+    placeholder = _text(emb["placeholder"])
+    if not placeholder.strip():
+        r.refuse("embedding.placeholder", emb["placeholder"], "the text the captions use for the embedding is empty")
+    stem = Path(_text(r.get("output_model_destination"))).stem
+    if file_stem_problem(stem):
+        r.refuse("output_model_destination", r.get("output_model_destination"), "its file name is the embedding's "
+                 "name: use letters, digits, '.', '_', '-' and spaces only")  # fmt: skip
+    v["name"], v["placeholder"], v["template"] = stem, placeholder, "filewords"
     v["vectors"] = emb["token_count"] if emb["token_count"] is not None else 1
     v["init_text"] = str(emb["initial_embedding_text"])
     if emb["model_name"]:

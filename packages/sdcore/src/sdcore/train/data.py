@@ -701,11 +701,6 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
         problems.append(
             f"{' and '.join(augmenting)} change(s) the pixels every time an image is used, so latents cannot be "
             "cached (kohya refuses it too): pass --no-cache-latents"
-            + (
-                " (a OneTrainer concept's image.enable_crop_jitter, on by default, is random_crop: or set it false)"
-                if "random_crop" in augmenting and str(options.data).lower().endswith(".json")
-                else ""
-            )
         )
     with_dir = [s for s in subsets if getattr(s, "conditioning_data_dir", None) is not None]
     if with_dir and not options.masked_loss:

@@ -81,6 +81,26 @@ def test_chroma_lora_options(tmp_path):
     assert "quantization: accepted" in text
 
 
+def test_legacy_top_level_weight_dtype_fills_the_parts_that_say_none(tmp_path):
+    """OneTrainer's Chroma presets still carry the top-level ``weight_dtype`` of configs before version 10:
+    ``TrainConfig.__migration_9`` copies it into each part whose ``weight_dtype`` is ``NONE`` and drops it (a
+    built-in preset, loaded unmigrated, ignores it), so a part that gives its own dtype keeps it."""
+    notes: list[str] = []
+    preset = {k: v for k, v in CHROMA_LORA.items() if k != "__version"}  # presets carry no version
+    o = _load(tmp_path, {**preset, "weight_dtype": "BFLOAT_16"}, notes=notes)
+    assert o.fp8_base is True  # the transformer's own FLOAT_8 stays
+    assert any("weight_dtype BFLOAT_16" in n and "no effect, every part gives its own" in n for n in notes)
+    notes.clear()
+    parts = {"transformer": {"train": True, "weight_dtype": "NONE"}, "text_encoder": {"train": False}}
+    o = _load(tmp_path, {**preset, **parts, "weight_dtype": "FLOAT_8"}, notes=notes)
+    assert o.fp8_base is True  # NONE took the legacy FLOAT_8: float8 storage of the frozen transformer
+    assert any("the weight_dtype of transformer, which said NONE" in n for n in notes)
+    o = _load(tmp_path, {**preset, **parts, "weight_dtype": "BFLOAT_16"})
+    assert o.fp8_base is False
+    problems = _problems(tmp_path, {**preset, "weight_dtype": "FLOAT_99"})
+    assert len(problems) == 1 and "weight_dtype 'FLOAT_99': choose one of NONE" in problems[0]
+
+
 def test_chroma_noise_settings_follow_onetrainers_chroma_path(tmp_path):
     notes: list[str] = []
     config = {**CHROMA_LORA, "timestep_distribution": "LOGIT_NORMAL", "noising_weight": 0.5, "noising_bias": -0.3,

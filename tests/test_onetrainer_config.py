@@ -187,7 +187,8 @@ def test_sdxl_embedding(tmp_path):
         "embedding": {"placeholder": "sksemb", "token_count": 4, "initial_embedding_text": "a cat"},
     }  # fmt: skip
     o = _load(tmp_path, config, "ti")
-    assert (o.name, o.vectors, o.init_text, o.lr) == ("sksemb", 4, "a cat", 1e-3)  # embedding_learning_rate wins
+    assert (o.name, o.placeholder) == ("emb", "sksemb")  # the file stem names it, the captions say the placeholder
+    assert (o.vectors, o.init_text, o.lr) == (4, "a cat", 1e-3)  # embedding_learning_rate wins
     assert o.template == "filewords"  # OneTrainer trains on the captions, which hold the placeholder
     assert (o.format, o.output, o.epochs) == ("safetensors", "models/emb.safetensors", 8)
 
@@ -703,3 +704,56 @@ def test_every_resolution_form_onetrainer_reads(tmp_path):
     text = _problems(tmp_path, {**SD15_LORA, "resolution": "1024x768", "aspect_ratio_bucketing": True})
     assert "resolution '1024x768': OneTrainer's fixed size" in text and "(e.g. 832)" in text  # isqrt(1024*768)=886
     assert "'12a'" in _problems(tmp_path, {**SD15_LORA, "resolution": "512,12a"})
+
+
+#: a config with the keys of OneTrainer's SDXL LoRA preset (training_presets/SDXL/#sdxl 1.0 LoRA.json: its field
+#: names, values written here for a tiny run); the preset sets no concepts: OneTrainer's default concept (crop
+#: jitter on) with latent caching on (the default)
+SDXL_LORA_PRESET_KEYS = {
+    "backup_after": 10, "base_model_name": "tiny:sdxl", "batch_size": 2, "layer_filter_preset": "attn-mlp",
+    "learning_rate": 0.0003, "model_type": "STABLE_DIFFUSION_XL_10_BASE", "output_model_destination":
+    "out/sdxl_lora.safetensors", "output_model_format": "KOHYA_LORA", "resolution": "64", "training_method": "LORA",
+    "unet": {"weight_dtype": "FLOAT_16"}, "text_encoder": {"train": False, "weight_dtype": "FLOAT_16"},
+    "text_encoder_2": {"train": False, "weight_dtype": "FLOAT_16"}, "vae": {"weight_dtype": "FLOAT_32"},
+}  # fmt: skip
+
+
+def test_cli_trains_the_sdxl_lora_preset_with_crop_jitter_and_cached_latents(tmp_path, sd_cli, pm, monkeypatch):
+    """The SDXL LoRA preset's keys with a concept whose crop jitter is on (OneTrainer's default) and latents cached
+    (its default): 4 wide images, batch 2, one epoch = 2 steps (``--mixed-precision no``: fp16 needs CUDA). The
+    cache holds each image encoded from one crop drawn in the scaled image's excess (MGDS ``ScaleCropImage``'s
+    ``randint(0, scaled - crop)``, kept by its ``DiskCache``): not every image at the centre crop."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 100, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a photo number {i}", encoding="utf-8")
+    config = {**SDXL_LORA_PRESET_KEYS, "epochs": 1, "learning_rate_warmup_steps": 0, "sample_after_unit": "NEVER",
+              "concepts": [{"path": "data", "name": "c", "image": {"enable_crop_jitter": True}}]}  # fmt: skip
+    path = _write(tmp_path, config)
+    args = ["train", "lora", "--config", str(path), "--mixed-precision", "no", "--no-progress",
+            "--cache-latents-to-disk", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    result = sd_cli(args, pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = tmp_path / "out" / "sdxl_lora.safetensors"
+    with safe_open(str(out), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    # OneTrainer's LoRA defaults (rank 16, alpha 1), the preset's rate, 2 steps; attn-mlp: the attention blocks
+    assert meta["ss_network_dim"] == "16" and float(meta["ss_network_alpha"]) == 1.0
+    assert float(meta["ss_learning_rate"]) == 0.0003 and meta["ss_max_train_steps"] == "2"
+    assert keys and all(k.startswith("lora_unet_") for k in keys)  # no text encoder: its train is false
+    assert not any(part in k for k in keys for part in ("in_layers", "out_layers", "emb_layers", "skip_connection"))
+    files = sorted((tmp_path / "cache").rglob("*.npz"))
+    assert len(files) == 4
+    crops = []
+    for file in files:
+        with np.load(file) as stored:
+            crops.append(tuple(int(x) for x in stored["crop"]))
+    assert all(top == 0 for top, _ in crops)  # wide images: the excess is across
+    assert len({left for _, left in crops}) > 1  # drawn per image, not one centre crop for all

@@ -137,6 +137,32 @@ def test_caption_templates_and_placeholders(tmp_path, make_bundle):
     assert method.expand_prompt("art by Zork") == "art by zork zork__ti1 zork__ti2"
 
 
+def test_a_placeholder_stands_for_the_embedding_where_it_is_written(tmp_path, make_bundle):
+    """--placeholder (OneTrainer's ``<embedding>``): OneTrainer replaces the placeholder text wherever it occurs in
+    a prompt by the embedding's tokens (``BaseModel._add_embeddings_to_prompt``: ``str.replace``), captions and
+    samples alike; ``[name]`` of a template writes the placeholder; the name only names the file."""
+    template = tmp_path / "t.txt"
+    template.write_text("[filewords] by [name]\n", encoding="utf-8")
+    options = {"name": "model", "placeholder": "<embedding>", "vectors": 2, "template": str(template)}
+    method = TIMethod(contract_options(TIMethod, tmp_path, options))
+    method.prepare(make_bundle("sd1"))
+    tokens = "model__ti0 model__ti1"  # "model" is a word of CLIP's vocabulary: its tokens are distinct
+    assert method.caption_for("a <embedding>", is_class=False, rng=random.Random(1)) == "a <embedding> by <embedding>"
+    assert method.expand_prompt("a <embedding>, a model") == f"a {tokens}, a model"  # the name is not the word
+    assert method.expand_prompt("x<embedding>y") == f"x {tokens} y"  # anywhere, as str.replace; kept apart
+    assert method.expand_prompt("a <EMBEDDING>") == "a <EMBEDDING>"  # case-sensitive, as str.replace
+    with pytest.raises(ConfigError, match="--placeholder is blank"):
+        TIMethod(contract_options(TIMethod, tmp_path, {**options, "placeholder": "  "})).validate()
+
+
+def test_a_placeholder_in_the_captions_passes_the_filewords_check(tmp_path):
+    caption = "photo of a <embedding> on a hill"
+    assert _preflight_problems(tmp_path, [caption], template="filewords", name="out", placeholder="<embedding>") == []
+    problems = _preflight_problems(tmp_path, ["a hill"], template="filewords", name="out", placeholder="<embedding>")
+    assert len(problems) == 1 and "contains '<embedding>'" in problems[0]
+    assert "write <embedding> in the captions" in problems[0]
+
+
 def test_lr_schedule_lambda(tmp_path):
     options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, "lr": 5e-3, "lr_schedule": "0.005:10, 1e-3:20, 1e-4"})
     method = TIMethod(options)
@@ -370,7 +396,7 @@ def _imported_problems(tmp_path, config_name, text, captions):
     config = tmp_path / config_name
     config.write_text(text, encoding="utf-8")
     loaded = load_options(TIOptions, config, notes=[])
-    keep = {"name", "template", "vectors", "init_text"}
+    keep = {"name", "placeholder", "template", "vectors", "init_text"}
     options = dataclasses.replace(base, **{k: getattr(loaded, k) for k in keep})
     return options.template, run_preflight(TIMethod(options), options, plan=False).problems
 
@@ -394,8 +420,9 @@ def test_kohya_ti_configs_are_not_refused(tmp_path):
 def test_onetrainer_embedding_configs_follow_onetrainer_s_placeholder_rule(tmp_path):
     """OneTrainer puts the embedding into a prompt only by replacing its placeholder in the caption
     (modules/model/BaseModel.py:252 ``prompt.replace(embedding.placeholder, ...)``): captions holding it train, and
-    sdcore's import (name = placeholder, --template filewords) is not refused for them; captions without it give
-    the embedding no gradient in OneTrainer either, and sdcore says so before loading."""
+    sdcore's import (--placeholder = the placeholder, --name = the output file's stem, --template filewords) is not
+    refused for them; captions without it give the embedding no gradient in OneTrainer either, and sdcore says so
+    before loading. The presets leave the placeholder at its default, ``<embedding>``."""
     import json
 
     config = json.dumps(
@@ -405,3 +432,7 @@ def test_onetrainer_embedding_configs_follow_onetrainer_s_placeholder_rule(tmp_p
     assert _imported_problems(tmp_path / "a", "ot.json", config, "a zork, red stripes") == ("filewords", [])
     template, problems = _imported_problems(tmp_path / "b", "ot.json", config, "red stripes")
     assert template == "filewords" and len(problems) == 1 and "contains 'zork'" in problems[0]
+    preset = json.dumps({"training_method": "EMBEDDING", "model_type": "STABLE_DIFFUSION_15", "base_model_name":
+                         "tiny:sd1", "output_model_destination": "models/my emb.safetensors"})  # fmt: skip
+    assert _imported_problems(tmp_path / "c", "ot.json", preset, "a <embedding>, red stripes") == ("filewords", [])
+    assert _imported_problems(tmp_path / "d", "ot.json", preset, "a photo<embedding>") == ("filewords", [])

@@ -156,7 +156,9 @@ def test_ui_concepts_map_to_subsets_with_onetrainers_repeats_and_prompt_sources(
     assert (sa.shuffle_caption, sa.keep_tokens, sa.tag_dropout, sa.caption_dropout) == (True, 1, 0.0, 0.0)
     assert (sc.shuffle_caption, sc.tag_dropout, sc.caption_dropout) == (False, 0.25, 0.0)
     assert (sa.flip, sb.flip, sc.flip) == (False, True, False)
-    assert (sa.random_crop, sb.random_crop, sc.random_crop) == (True, True, False)  # crop jitter (on by default)
+    # crop jitter (on by default): with latent caching (TrainOptions' default) drawn once, kept in the cache
+    assert (sa.random_crop_once, sb.random_crop_once, sc.random_crop_once) == (True, True, False)
+    assert not (sa.random_crop or sb.random_crop or sc.random_crop)
     assert (sa.loss_weight, sb.loss_weight, sc.loss_weight) == (1.0, 0.5, 1.0)
     assert sb.recursive and not sa.recursive
     assert (sa.enable_wildcard, sb.enable_wildcard, sc.enable_wildcard) == (True, True, False)
@@ -435,3 +437,48 @@ def test_data_check_reads_a_concepts_file(tmp_path):
     result = CliRunner().invoke(build_cli(get_plugin_manager()), ["data", *args[:-1]])
     assert result.exit_code == 1 and "image.enable_random_rotate: sdcore has no rotation" in result.output
     assert "Traceback" not in result.output
+
+
+def test_crop_jitter_draws_at_every_use_without_cache_and_once_per_image_with_it(tmp_path):
+    """MGDS ``ScaleCropImage`` draws the crop jitter offset ``randint(0, scaled - crop)`` per side (uniform in
+    the excess) for each variation it is asked for; without latent caching that is every use (sdcore's
+    ``random_crop``), with it the image ``DiskCache`` keeps the variation it filled for every epoch
+    (``variation % image_variations``): one offset per image for the run (``random_crop_once``), which sdcore
+    keeps in the bucket assignment, so the cached latent is encoded from that crop. Wide images (96x64) at 64
+    square leave 32 pixels of excess across."""
+    import numpy as np
+    from sdcore.data.loading import load_training_image, resize_for_bucket
+    from sdcore.train.data import build_train_data
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = write_concepts(tmp_path / "c.json", [concept(folder)])
+    fixed = {"buckets": False, "resolution": 64}
+    uncached = index_of(cfg, cache_latents=False, **fixed).subsets[0]
+    assert (uncached.random_crop, uncached.random_crop_once) == (True, False)
+
+    def plan(seed: int):
+        options = TrainOptions(data=str(cfg), seed=seed, batch_size=1, **{**BUCKETS, **fixed})
+        return build_train_data(options, balance_class=False)
+
+    data = plan(1)
+    assert (data.index.subsets[0].random_crop, data.index.subsets[0].random_crop_once) == (False, True)
+    crops = [a.crop for a in data.assignments]
+    assert all(a.resized == (96, 64) and a.bucket == (64, 64) for a in data.assignments)
+    assert all(0 <= left <= 32 and top == 0 for left, top in crops)
+    assert len(set(crops)) > 2  # drawn per image, not the centre crop (16, 0) for all
+    assert crops == [a.crop for a in plan(1).assignments]  # the same crop every run (and every epoch)
+    assert crops != [a.crop for a in plan(2).assignments]  # a draw of the run's seed
+    for ref in data.epoch_plan(3)[0]:
+        assert data.crop_of(ref) is None  # no redraw per use: the assignment's crop is the image's
+    # what the latent cache encodes: the resized image cut at the drawn offset
+    entry, assignment = data.entries[0], data.assignments[0]
+    pixels, _, coords = load_training_image(entry, assignment, flip=False)
+    left = assignment.crop[0]
+    resized = np.asarray(resize_for_bucket(Image.open(entry.path).convert("RGB"), (96, 64), None), np.float32)
+    assert coords == (0, left)
+    expected = resized[:, left : left + 64].transpose(2, 0, 1) / 127.5 - 1.0
+    assert np.abs(pixels - expected).max() < 1e-6

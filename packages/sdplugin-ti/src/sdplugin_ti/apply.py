@@ -131,6 +131,22 @@ def expand_prompt(prompt: str, tokens_by_name: dict[str, list[str]]) -> str:
     return pattern.sub(lambda m: lookup[m.group(0).lower()], prompt)
 
 
+def replace_placeholder(prompt: str, placeholder: str, tokens: Sequence[str]) -> str:
+    """Every occurrence of ``placeholder`` (plain text, case-sensitive, anywhere: OneTrainer's ``str.replace`` of
+    its embedding placeholder) replaced by ``tokens``, with a space where a word character touches them so the
+    tokenizer sees them apart."""
+    if not placeholder or placeholder not in prompt:
+        return prompt
+    joined = " ".join(tokens)
+    pieces = prompt.split(placeholder)
+    out = pieces[0]
+    for piece in pieces[1:]:
+        left = " " if out and (out[-1].isalnum() or out[-1] == "_") else ""
+        right = " " if piece and (piece[0].isalnum() or piece[0] == "_") else ""
+        out += left + joined + right + piece
+    return out
+
+
 def find_names(text: str, names: Iterable[str]) -> list[str]:
     """Names (from ``names``) occurring in ``text`` as whole words, case-insensitively, as given in ``names``."""
     by_lower = {n.lower(): n for n in names}
@@ -192,10 +208,18 @@ class EmbeddingHandle:
     groups: list[tuple[Any, list[int]]] = field(default_factory=list)
     #: each embedding's tokens and tables as sdcore added them (:func:`sdcore.models.token_embeddings.add_token_rows`)
     rows: dict[str, TokenRows] = field(default_factory=dict)
+    #: name -> the text that stands for that embedding instead of its name (``--placeholder``)
+    placeholders: dict[str, str] = field(default_factory=dict)
     removed: bool = False
 
     def expand(self, prompt: str) -> str:
-        return expand_prompt(prompt, self.tokens)
+        """``prompt`` with each embedding's tokens: where its placeholder is written, or (without one) its name as
+        a whole word; an embedding with a placeholder does not answer to its name (OneTrainer's meaning)."""
+        by_name = dict(self.tokens)
+        for name, text in self.placeholders.items():
+            if name in by_name:
+                prompt = replace_placeholder(prompt, text, by_name.pop(name))
+        return expand_prompt(prompt, by_name)
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for per_name in self.tables.values() for t in per_name.values()]

@@ -44,6 +44,12 @@ class TIOptions(TrainOptions):
 
     lr: float = option(5e-3, "Learning rate (A1111's TI default 0.005).", group="training")
     name: str = option("", "Embedding name: the word used in prompts and the output file stem.", group="ti")
+    placeholder: str = option(
+        "",
+        "Text standing for the embedding in captions, templates ([name]) and sample prompts instead of --name, "
+        "replaced wherever it occurs (OneTrainer's placeholder, e.g. <embedding>); --name then names the file only.",
+        group="ti",
+    )
     init_text: str = option("*", "Text whose token embeddings initialise the vectors ('' = zeros).", group="ti")
     init_weights: str = option(
         "",
@@ -127,6 +133,8 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         for item in self.trained_embeddings():
             if not item.name.strip():
                 raise ConfigError("--name is required: the embedding's prompt word and file name")
+            if o.placeholder and not o.placeholder.strip():
+                raise ConfigError("--placeholder is blank: give the text the captions use, or leave it empty")
             problem = file_stem_problem(item.name)
             if problem:
                 raise ConfigError(problem)
@@ -201,14 +209,17 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         from .apply import find_names
 
         o = self.options
-        name, entries = o.name.strip(), index.instance_entries
+        name, entries = (o.placeholder or o.name.strip()), index.instance_entries
+
+        def names_it(text: str) -> bool:  # a placeholder is found anywhere, as it is replaced (OneTrainer's way)
+            return "[name]" in text or (name in text if o.placeholder else bool(find_names(text, [name])))
+
         lines = load_template(o.template)
-        if not name or not entries or any("[name]" in line or find_names(line, [name]) for line in lines):
+        if not name or not entries or any(names_it(line) for line in lines):
             return []
         if any("[filewords]" in line for line in lines):
             for entry in entries:
-                text = entry.written_caption
-                if "[name]" in text or find_names(text, [name]):
+                if names_it(entry.written_caption):
                     return []
             why = f"no line has [name], and no caption of the {len(entries)} training images contains {name!r}"
         else:
@@ -257,6 +268,8 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             embeddings.append(Embedding(name=item.name, vectors=vectors, step=0))
         self.bundle = bundle
         self.handle = apply_embeddings(bundle, embeddings, trainable=True)
+        if self.options.placeholder:
+            self.handle.placeholders[self.options.name] = self.options.placeholder
         return self.param_groups()
 
     def trained_keys(self, bundle: ModelBundle) -> list[str]:
@@ -348,7 +361,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         if is_class:
             return caption
         line = pick_line(load_template(self.options.template), rng)
-        return render(line, self.options.name, caption)
+        return render(line, self.options.placeholder or self.options.name, caption)
 
     def encode(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
         return super().encode(bundle, [self.expand_prompt(c) for c in captions])

@@ -83,6 +83,10 @@ class SubsetOptions:
     # kohya's image options (sdcore.data.augment, sdcore.train.data)
     color_aug: bool = False
     random_crop: bool = False
+    #: a random crop drawn once per image for the run (seeded by the image), not at every use: OneTrainer's crop
+    #: jitter with latent caching, whose cache keeps the crop drawn when it was filled (:func:`sdcore.train.data.
+    #: crops_drawn_once`); unlike ``random_crop`` it works with cached latents
+    random_crop_once: bool = False
     #: kohya's ``resize_interpolation``: the filter that resizes to the bucket (None: area/lanczos)
     resize_interpolation: str | None = None
     #: the alpha channel (0..255 -> 0..1) weights the loss

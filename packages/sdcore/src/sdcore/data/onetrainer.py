@@ -24,7 +24,9 @@ OneTrainer's meaning for each field (its data loader and the MGDS pipeline it bu
   ``caption_tag_dropout_rate`` (each non-kept tag dropped independently) and ``FULL`` with no kept
   tag = ``caption_dropout_rate`` (the whole prompt dropped);
 - ``image.enable_random_flip`` = ``flip_aug`` (a 50 % horizontal flip), ``enable_crop_jitter`` (on by
-  default) = ``random_crop`` (a uniform crop offset inside the scaled image's excess),
+  default) = ``random_crop`` (a uniform crop offset inside the scaled image's excess, MGDS ``ScaleCropImage``);
+  with latent caching OneTrainer's cache keeps the offset drawn when it was filled for the whole run, so it is
+  ``random_crop_once`` there (one seeded draw per image, kept in sdcore's latent cache),
   ``resolution_override`` = the subset's resolution, or its list of resolutions ("512,768": each
   image trains at one drawn from it, :mod:`sdcore.data.resolutions`), or a square fixed size
   ("768x768", buckets off; :func:`parse_onetrainer_resolution` reads every form as OneTrainer does);
@@ -479,7 +481,10 @@ def _subset(
     values.update(
         loss_weight=loss_weight,
         flip=image["enable_random_flip"] is True,
-        random_crop=image["enable_crop_jitter"] is True,
+        # crop jitter: a new crop at every use; with latent caching OneTrainer's cache keeps the crop drawn
+        # when it was filled (per image variation), so sdcore draws it once per image for the run
+        random_crop=image["enable_crop_jitter"] is True and not cached,
+        random_crop_once=image["enable_crop_jitter"] is True and cached,
         recursive=f["include_subdirectories"] is True,
         image_suffixes=IMAGE_SUFFIXES,
         excluded_stem_suffixes=EXCLUDED_STEM_SUFFIXES,
@@ -545,8 +550,9 @@ def _image_variations(
     augmented copies of each image (each its own resolution draw, flip, crop jitter and VAE sample) and the
     epochs go through them in turn. Without latent caching there is no such cache and N changes nothing. With
     it, what N varies is, in sdcore: the flip, drawn at every use from the two cached latents (more variety
-    than N fixed copies); crop jitter and the colour augmentations, refused with cached latents anyway; and
-    the resolution draw of a list, which sdcore makes once per image for the run: that case is refused."""
+    than N fixed copies); crop jitter, which sdcore draws once per image (N offsets there: the note says so);
+    the colour augmentations, refused with cached latents anyway; and the resolution draw of a list, which
+    sdcore makes once per image for the run: that case is refused."""
     variations = c.fields["image_variations"]
     if variations == 1:
         return
@@ -565,6 +571,11 @@ def _image_variations(
         notes.append(
             f"{c.label}: image_variations {variations}: sdcore caches each image once (both flips, the flip drawn "
             f"at every use) instead of {variations} fixed copies"
+            + (
+                f", with one crop jitter offset per image where OneTrainer draws {variations}"
+                if values.get("random_crop_once")
+                else ""
+            )
         )
 
 

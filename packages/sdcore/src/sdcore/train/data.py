@@ -580,7 +580,7 @@ def plan_train_data(
     held_out, _ = expand_resolutions(index, held_out, seed=options.seed, draw=options.resolution_draw)
     return TrainData(
         index,
-        assign_buckets(index),
+        crops_drawn_once(index, assign_buckets(index), options.seed),
         batch_size=options.batch_size,
         seed=options.seed,
         balance_class=balance_class,
@@ -589,6 +589,27 @@ def plan_train_data(
         held_out=held_out,
         resolution_draw=options.resolution_draw,
     )
+
+
+def crops_drawn_once(index: DatasetIndex, assignments: list[BucketAssignment], seed: int) -> list[BucketAssignment]:
+    """``assignments`` with the crop of each ``random_crop_once`` image drawn once for the run in place of the
+    bucket's centre crop. OneTrainer's ``ScaleCropImage`` draws a crop jitter offset uniformly in the scaled
+    image's excess per cached variation, and its latent cache (MGDS ``DiskCache``) keeps that crop for every
+    epoch: the same draw (``draw_crop``) made once per image, seeded by the image's place in its folder and its
+    resolution, so the cache, its key and SDXL's crop conditioning all see it like a centre crop."""
+    import dataclasses
+
+    from ..data.augment import draw_crop
+    from .cache import latent_seed
+
+    out = list(assignments)
+    for i, entry in enumerate(index.entries):
+        if not getattr(entry.subset, "random_crop_once", False):
+            continue
+        a = out[i]
+        rng = random.Random(sample_seed(latent_seed(seed, entry, False, "crop-once"), entry.subset.resolution))
+        out[i] = dataclasses.replace(a, crop=draw_crop(rng, a.resized, a.bucket))
+    return out
 
 
 def held_out_for(index: DatasetIndex, options: TrainOptions) -> frozenset[int]:
@@ -680,11 +701,6 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
         problems.append(
             f"{' and '.join(augmenting)} change(s) the pixels every time an image is used, so latents cannot be "
             "cached (kohya refuses it too): pass --no-cache-latents"
-            + (
-                " (a OneTrainer concept's image.enable_crop_jitter, on by default, is random_crop: or set it false)"
-                if "random_crop" in augmenting and str(options.data).lower().endswith(".json")
-                else ""
-            )
         )
     with_dir = [s for s in subsets if getattr(s, "conditioning_data_dir", None) is not None]
     if with_dir and not options.masked_loss:

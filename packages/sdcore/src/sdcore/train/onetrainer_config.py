@@ -406,6 +406,13 @@ HANDLED = frozenset(
      "custom_conditioning_image"}
 )  # fmt: skip
 _NESTED = frozenset({*PARTS, "optimizer", "embedding", "quantization", "cloud", "secrets"})
+#: OneTrainer's top-level ``weight_dtype`` before config version 10 (its built-in Chroma presets still carry it):
+#: ``TrainConfig.__migration_9`` gives it to every part whose ``weight_dtype`` is ``NONE``, then drops it
+LEGACY_WEIGHT_DTYPE = "weight_dtype"
+#: OneTrainer's ``DataType`` names a part's ``weight_dtype`` may hold
+WEIGHT_DTYPES = ("NONE", "FLOAT_8", "FLOAT_16", "FLOAT_32", "BFLOAT_16", "TFLOAT_32", "INT_8", "NFLOAT_4",
+                 "FLOAT_W8A8", "INT_W8A8", "FLOAT_W8A8_COMPRESSED", "INT_W8A8_COMPRESSED", "GGUF", "GGUF_A8_FLOAT",
+                 "GGUF_A8_INT")  # fmt: skip
 
 
 def is_train_config(data: Any) -> bool:
@@ -486,7 +493,7 @@ def translate_config(
     if isinstance(version, int) and version > CONFIG_VERSION:
         r.note(f"__version {version}: newer than the version {CONFIG_VERSION} sdcore knows; new fields are reported")
     unknown = [f"{k!r}{nearest_field(k, [*DEFAULTS, *_NESTED])}" for k in data if k not in DEFAULTS and
-               k not in _NESTED and k != "__version"]  # fmt: skip
+               k not in _NESTED and k not in ("__version", LEGACY_WEIGHT_DTYPE)]  # fmt: skip
     if unknown:
         out.problems.append(f"{where}: unknown OneTrainer field(s): {', '.join(unknown)}")
 
@@ -538,6 +545,7 @@ def translate_config(
         for name in PARTS
         if name in data or name in FAMILY_PARTS[family]
     }
+    _legacy_weight_dtype(r, parts)
     _parts(r, parts, family, method, fields)
     _training(r, family, method)
     _masked(r, method, inpainting=model_type in INPAINTING_TYPES)
@@ -557,6 +565,28 @@ def translate_config(
     _rate_scaler(r)
     drop_foreign_options(v, fields, f"{where}: not options of `sdcore train {method}`", out.problems)
     return out
+
+
+def _legacy_weight_dtype(r: _Reader, parts: dict[str, dict[str, Any]]) -> None:
+    """The top-level ``weight_dtype`` of configs older than version 10 (OneTrainer's Chroma presets still have
+    it): ``TrainConfig.__migration_9`` copies it into each part given in the config whose ``weight_dtype`` is
+    ``NONE`` and drops it, so a part with its own dtype keeps it (a built-in preset, loaded without migration,
+    ignores the field: the same for every part that gives its own). Read before the parts are."""
+    if LEGACY_WEIGHT_DTYPE not in r.data:
+        return
+    value = _text(r.data[LEGACY_WEIGHT_DTYPE])
+    if value not in WEIGHT_DTYPES:
+        r.refuse(LEGACY_WEIGHT_DTYPE, r.data[LEGACY_WEIGHT_DTYPE], f"choose one of {', '.join(WEIGHT_DTYPES)}")
+        return
+    given = [name for name, part in parts.items() if name in r.data and _text(part["weight_dtype"]) == "NONE"]
+    for name in given:
+        parts[name]["weight_dtype"] = value
+    if given:
+        r.note(f"weight_dtype {value} (OneTrainer's field before config version 10): the weight_dtype of "
+               f"{', '.join(given)}, which said NONE, as OneTrainer's config migration gives it")  # fmt: skip
+    else:
+        r.note(f"weight_dtype {value} (OneTrainer's field before config version 10): no effect, every part "
+               "gives its own weight_dtype (as in OneTrainer)")  # fmt: skip
 
 
 def _custom_conditioning(r: _Reader, *, inpainting: bool) -> None:
@@ -1293,8 +1323,20 @@ def _lora(r: _Reader, family: str) -> None:
 def _embedding(r: _Reader) -> None:
     v = r.out.values
     emb = r.table("embedding", EMBEDDING_DEFAULTS)
-    # OneTrainer trains on the captions as written, the placeholder inside them: sdcore's filewords template
-    v["name"], v["template"] = str(emb["placeholder"]), "filewords"
+    # OneTrainer trains on the captions as written, the placeholder inside them: sdcore's filewords template;
+    # the placeholder (``<embedding>`` by default) is replaced wherever it is written (BaseModel.
+    # _add_embeddings_to_prompt's str.replace, samples too) = --placeholder; the embedding is written to
+    # output_model_destination (the *EmbeddingSaver's save_single), whose stem is the name it answers to in A1111
+    from ..io import file_stem_problem
+
+    placeholder = _text(emb["placeholder"])
+    if not placeholder.strip():
+        r.refuse("embedding.placeholder", emb["placeholder"], "the text the captions use for the embedding is empty")
+    stem = Path(_text(r.get("output_model_destination"))).stem
+    if file_stem_problem(stem):
+        r.refuse("output_model_destination", r.get("output_model_destination"), "its file name is the embedding's "
+                 "name: use letters, digits, '.', '_', '-' and spaces only")  # fmt: skip
+    v["name"], v["placeholder"], v["template"] = stem, placeholder, "filewords"
     v["vectors"] = emb["token_count"] if emb["token_count"] is not None else 1
     v["init_text"] = str(emb["initial_embedding_text"])
     if emb["model_name"]:

@@ -234,3 +234,20 @@ def test_cli_trains_a_onetrainer_chroma_lora_two_steps(tmp_path, sd_cli, pm, mon
     assert not any(".proj_out." in k or ".ff_context." in k for k in keys)
     assert all(k.startswith("transformer.") for k in keys)  # no T5 LoRA (text_encoder.train false)
     assert meta["ss_max_train_steps"] == "2" and float(meta["ss_learning_rate"]) == 0.002
+
+
+def test_a_fine_tunes_low_precision_text_encoder_stays_in_the_training_precision(tmp_path):
+    """OneTrainer's Chroma Finetune 8GB/16GB presets store the frozen T5 as FLOAT_8. sdcore's fine-tune writes
+    the whole model, so a T5 stored in fp8 would be written rounded: the translation keeps it in the training
+    precision with a note (a LoRA run stores it: --text-encoder-weights-dtype)."""
+    fine_tune = {**CHROMA_LORA, "training_method": "FINE_TUNE", "output_model_format": "DIFFUSERS",
+                 "output_model_destination": "models/chroma", "layer_filter": "", "layer_filter_preset": "full",
+                 "text_encoder": {"train": False, "weight_dtype": "FLOAT_8"}}  # fmt: skip
+    for key in ("lora_rank", "lora_alpha"):
+        fine_tune.pop(key)
+    notes: list[str] = []
+    o = _load(tmp_path, fine_tune, method="dreambooth", notes=notes)
+    assert o.text_encoder_weights_dtype == "none"
+    assert any("text_encoder.weight_dtype FLOAT_8: kept in the training precision" in n for n in notes)
+    lora = _load(tmp_path, {**CHROMA_LORA, "text_encoder": {"train": False, "weight_dtype": "FLOAT_8"}})
+    assert lora.text_encoder_weights_dtype == "fp8"

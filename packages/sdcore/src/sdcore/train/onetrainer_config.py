@@ -829,6 +829,12 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
                    "(absmax int8 per output row, weight-only: LLM.int8's fp16 outlier columns are not kept apart, "
                    "so the numbers differ slightly)")
             )  # fmt: skip
+        elif name in encoders and dtype in TEXT_ENCODER_DTYPES and method == "dreambooth":
+            r.note(
+                f"{name}.weight_dtype {dtype}: kept in the training precision (sdcore's fine-tune writes the whole "
+                "model, and a text encoder stored in fewer bits would be written rounded; its outputs are cached, "
+                "so it leaves the device after caching)"
+            )
         elif name in encoders and dtype in TEXT_ENCODER_DTYPES:  # --text-encoder-weights-dtype, per encoder
             stored_encoders[name] = TEXT_ENCODER_DTYPES[dtype]
             r.note(f"{name}.weight_dtype {dtype}: its frozen Linear weights stored as sdcore's {stored_encoders[name]}")

@@ -188,3 +188,26 @@ def test_the_command_file_trains_through_the_cli(tmp_path, sd_cli):
     with safe_open(str(saved), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 4.0
+
+
+def _read(path: Path):
+    from sdcore.train.kohya_command import read_command
+    from sdplugin_lora.method import LoraOptions
+
+    command = read_command(path, [f.name for f in dataclasses.fields(LoraOptions)])
+    assert command is not None
+    return command
+
+
+def test_output_config_is_a_flag_and_with_config_file_trains_nothing(tmp_path):
+    """kohya's --output_config is store_true (library/train_util.py:4228); with --config_file, read_config_from_file
+    writes the arguments to that file and exits without training (train_util.py:4706-4738)."""
+    path = tmp_path / "save.sh"
+    path.write_text("accelerate launch train_network.py --network_dim 4 --output_config --config_file my_run\n")
+    command = _read(path)
+    assert not any("needs a value" in p for p in command.problems), command.problems
+    assert any("--output_config" in p and "without training" in p for p in command.problems), command.problems
+    alone = tmp_path / "alone.sh"  # without --config_file kohya ignores it and trains (train_util.py:4701)
+    alone.write_text("accelerate launch train_network.py --network_dim 4 --output_config\n")
+    assert _read(alone).problems == [] and _read(alone).options["output_config"] is True
+

@@ -101,6 +101,9 @@ def read_command(path: str | os.PathLike[str], fields: list[str]) -> KohyaComman
         _check_method(script, fields, where, p, command)
         command.notes += _launcher_notes(line.words[:at], where)
         given = _parse(line.words[at + 1 :], where, command)
+        if given.get("output_config") and given.get("config_file"):  # train_util.py read_config_from_file
+            command.problems.append(f"{where}: --output_config with --config_file: kohya writes the arguments to "
+                                    "that file and exits without training; remove --output_config to train")  # fmt: skip
         base = _config_file(given.pop("config_file", None), p, where, command)
         command.options = {**base, **given}
         return command

@@ -211,3 +211,48 @@ def test_output_config_is_a_flag_and_with_config_file_trains_nothing(tmp_path):
     alone.write_text("accelerate launch train_network.py --network_dim 4 --output_config\n")
     assert _read(alone).problems == [] and _read(alone).options["output_config"] is True
 
+
+def test_cmd_set_with_quotes_and_nested_variables(tmp_path):
+    """cmd.exe: ``set A="x y"`` keeps the quotes in the value (they group the word where %A% is used),
+    ``set "A=x y"`` does not; a value's %VAR% is expanded when the set line runs; single quotes are not quotes."""
+    bat = tmp_path / "run.bat"
+    bat.write_text(
+        'set DATA="D:\\my data\\set 1"\r\nset "ROOT=D:\\runs"\r\nset OUT=%ROOT%\\out\r\n'
+        "accelerate launch train_network.py --train_data_dir=%DATA% --output_dir %OUT% --output_name bob's_lora "
+        "--network_dim 4\r\n",
+        encoding="utf-8",
+    )
+    command = _read(bat)
+    assert command.problems == []
+    assert command.options["train_data_dir"] == "D:\\my data\\set 1"
+    assert command.options["output_dir"] == "D:\\runs\\out"
+    assert command.options["output_name"] == "bob's_lora"
+
+
+def test_batch_file_folder_and_commented_out_commands(tmp_path):
+    """``%~dp0`` is the batch file's own folder with a trailing separator; ``@REM`` lines and ``echo`` lines
+    run nothing (an older command kept commented out is not the run)."""
+    bat = tmp_path / "run.bat"
+    bat.write_text(
+        "@echo off\r\n@REM accelerate launch train_network.py --network_dim 8\r\n"
+        "echo starting train_network.py\r\n"
+        "accelerate launch %~dp0sd-scripts\\train_network.py --train_data_dir=%~dp0data --network_dim 4\r\n",
+        encoding="utf-8",
+    )
+    command = _read(bat)
+    assert command.problems == []
+    assert command.options == {"train_data_dir": str(tmp_path) + ("\\" if "\\" in str(tmp_path) else "/") + "data",
+                               "network_dim": "4"}  # fmt: skip
+
+
+def test_powershell_nested_variables_and_line_end_comments(tmp_path):
+    ps1 = tmp_path / "run.ps1"
+    ps1.write_text(
+        "$root = 'D:\\runs'\n$env:OUT = \"$root\\out\"\n"
+        "accelerate launch train_network.py `\n  --output_dir $env:OUT `\n  --network_dim 4  # my rank\n",
+        encoding="utf-8",
+    )
+    command = _read(ps1)
+    assert command.problems == []
+    assert command.options == {"output_dir": "D:\\runs\\out", "network_dim": "4"}
+

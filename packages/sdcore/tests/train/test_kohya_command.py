@@ -256,3 +256,14 @@ def test_powershell_nested_variables_and_line_end_comments(tmp_path):
     assert command.problems == []
     assert command.options == {"output_dir": "D:\\runs\\out", "network_dim": "4"}
 
+
+def test_one_process_launch_options_are_not_a_note(tmp_path):
+    """The kohya_ss GUI always writes --num_processes 1 --num_machines 1 (kohya_gui/class_accelerate_launch.py:191-197):
+    one process, what sdcore runs; several processes get the note."""
+    gui = "accelerate launch --dynamo_backend no --num_processes 1 --num_machines 1 --num_cpu_threads_per_process 2"
+    one = tmp_path / "one.sh"
+    one.write_text(f"{gui} train_network.py --network_dim 4\n")
+    assert not any("process options" in n for n in _read(one).notes)
+    two = tmp_path / "two.sh"
+    two.write_text("accelerate launch --num_processes=2 train_network.py --network_dim 4\n")
+    assert any("process options" in n for n in _read(two).notes)

@@ -267,3 +267,20 @@ def test_one_process_launch_options_are_not_a_note(tmp_path):
     two = tmp_path / "two.sh"
     two.write_text("accelerate launch --num_processes=2 train_network.py --network_dim 4\n")
     assert any("process options" in n for n in _read(two).notes)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("run.sh", "accelerate launch train_network.py --network_dim 4 --seed 1 2>&1 | tee train.log\n"),
+        ("run.sh", "accelerate launch train_network.py --network_dim 4 --seed 1 >train.log && echo done\n"),
+        ("run.bat", "accelerate launch train_network.py --network_dim 4 --seed 1 > train.log 2>&1\r\n"),
+        ("run.ps1", "accelerate launch train_network.py --network_dim 4 --seed 1 | Tee-Object train.log\n"),
+    ],
+)
+def test_a_pipe_or_redirection_ends_the_arguments(tmp_path, name, text):
+    """The shell hands the script the words before ``|``, ``&&`` or a redirection; they are not kohya arguments."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    command = _read(path)
+    assert command.problems == [] and command.options == {"network_dim": "4", "seed": "1"}

@@ -74,6 +74,9 @@ _CMD_SET_QUOTED = re.compile(r'^\s*@?set\s+"([A-Za-z_][A-Za-z0-9_]*)=(.*)"[^"]*$
 _CMD_SET = re.compile(r"^\s*@?set\s+([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.IGNORECASE)
 _CMD_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
 _CMD_HERE = re.compile(r"%~dp0", re.IGNORECASE)
+#: where the shell ends a command's arguments: a pipe, a list operator or a redirection (``2>&1 | tee log``,
+#: ``> train.log``): what follows is not the script's
+_COMMAND_END = re.compile(r"^(?:\|\|?|\|&|&&?|;|\d*(?:>>?|<)(?:&\d*)?.*)$")
 #: commands that only print: a script name in them runs nothing (``echo Training with train_network.py``)
 _PRINTS = ("echo", "echo.", "printf", "write-host", "write-output")
 #: PowerShell: ``$env:NAME = "value"`` / ``$NAME = "value"``; ``$env:NAME``, ``$NAME``, ``${NAME}``
@@ -164,6 +167,14 @@ def _windows_substitute(line: str, kind: str, variables: dict[str, str], missing
     return "".join(out)
 
 
+def _until_end(words: list[str]) -> list[str]:
+    """The command's own words: those before a pipe, list operator or redirection."""
+    for i, word in enumerate(words):
+        if _COMMAND_END.match(word):
+            return words[:i]
+    return words
+
+
 def _windows_words(line: str, kind: str) -> list[str]:
     """Words as cmd.exe / PowerShell hand them to Python: quotes group (in cmd only double quotes: ``bob's`` is
     one word), a backslash is a path separator."""
@@ -230,7 +241,8 @@ def command_lines(path: Path) -> Iterator[CommandLine]:
                 variables[name] = value
             unsupported.clear()  # reported where the command uses the value
             continue
-        yield CommandLine(lead[assigned:], list(missing), list(unsupported))  # VAR=x cmd: the prefix is cmd's own
+        # VAR=x cmd: the prefix is cmd's own
+        yield CommandLine(_until_end(lead[assigned:]), list(missing), list(unsupported))
         missing.clear()
         unsupported.clear()
 
@@ -269,5 +281,5 @@ def _windows_lines(path: Path, text: str, kind: str) -> Iterator[CommandLine]:
             raise ConfigError(f"{path}: cannot split the command into words ({exc})") from None
         if kind == "powershell" and words[:1] == ["&"]:  # & "python.exe" script.py ...: the call operator
             words = words[1:]
-        yield CommandLine(words, list(missing))
+        yield CommandLine(_until_end(words), list(missing))
         missing.clear()

@@ -188,3 +188,99 @@ def test_the_command_file_trains_through_the_cli(tmp_path, sd_cli):
     with safe_open(str(saved), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 4.0
+
+
+def _read(path: Path):
+    from sdcore.train.kohya_command import read_command
+    from sdplugin_lora.method import LoraOptions
+
+    command = read_command(path, [f.name for f in dataclasses.fields(LoraOptions)])
+    assert command is not None
+    return command
+
+
+def test_output_config_is_a_flag_and_with_config_file_trains_nothing(tmp_path):
+    """kohya's --output_config is store_true (library/train_util.py:4228); with --config_file, read_config_from_file
+    writes the arguments to that file and exits without training (train_util.py:4706-4738)."""
+    path = tmp_path / "save.sh"
+    path.write_text("accelerate launch train_network.py --network_dim 4 --output_config --config_file my_run\n")
+    command = _read(path)
+    assert not any("needs a value" in p for p in command.problems), command.problems
+    assert any("--output_config" in p and "without training" in p for p in command.problems), command.problems
+    alone = tmp_path / "alone.sh"  # without --config_file kohya ignores it and trains (train_util.py:4701)
+    alone.write_text("accelerate launch train_network.py --network_dim 4 --output_config\n")
+    assert _read(alone).problems == [] and _read(alone).options["output_config"] is True
+
+
+def test_cmd_set_with_quotes_and_nested_variables(tmp_path):
+    """cmd.exe: ``set A="x y"`` keeps the quotes in the value (they group the word where %A% is used),
+    ``set "A=x y"`` does not; a value's %VAR% is expanded when the set line runs; single quotes are not quotes."""
+    bat = tmp_path / "run.bat"
+    bat.write_text(
+        'set DATA="D:\\my data\\set 1"\r\nset "ROOT=D:\\runs"\r\nset OUT=%ROOT%\\out\r\n'
+        "accelerate launch train_network.py --train_data_dir=%DATA% --output_dir %OUT% --output_name bob's_lora "
+        "--network_dim 4\r\n",
+        encoding="utf-8",
+    )
+    command = _read(bat)
+    assert command.problems == []
+    assert command.options["train_data_dir"] == "D:\\my data\\set 1"
+    assert command.options["output_dir"] == "D:\\runs\\out"
+    assert command.options["output_name"] == "bob's_lora"
+
+
+def test_batch_file_folder_and_commented_out_commands(tmp_path):
+    """``%~dp0`` is the batch file's own folder with a trailing separator; ``@REM`` lines and ``echo`` lines
+    run nothing (an older command kept commented out is not the run)."""
+    bat = tmp_path / "run.bat"
+    bat.write_text(
+        "@echo off\r\n@REM accelerate launch train_network.py --network_dim 8\r\n"
+        "echo starting train_network.py\r\n"
+        "accelerate launch %~dp0sd-scripts\\train_network.py --train_data_dir=%~dp0data --network_dim 4\r\n",
+        encoding="utf-8",
+    )
+    command = _read(bat)
+    assert command.problems == []
+    assert command.options == {"train_data_dir": str(tmp_path) + ("\\" if "\\" in str(tmp_path) else "/") + "data",
+                               "network_dim": "4"}  # fmt: skip
+
+
+def test_powershell_nested_variables_and_line_end_comments(tmp_path):
+    ps1 = tmp_path / "run.ps1"
+    ps1.write_text(
+        "$root = 'D:\\runs'\n$env:OUT = \"$root\\out\"\n"
+        "accelerate launch train_network.py `\n  --output_dir $env:OUT `\n  --network_dim 4  # my rank\n",
+        encoding="utf-8",
+    )
+    command = _read(ps1)
+    assert command.problems == []
+    assert command.options == {"output_dir": "D:\\runs\\out", "network_dim": "4"}
+
+
+def test_one_process_launch_options_are_not_a_note(tmp_path):
+    """The kohya_ss GUI always writes --num_processes 1 --num_machines 1 (kohya_gui/class_accelerate_launch.py:191-197):
+    one process, what sdcore runs; several processes get the note."""
+    gui = "accelerate launch --dynamo_backend no --num_processes 1 --num_machines 1 --num_cpu_threads_per_process 2"
+    one = tmp_path / "one.sh"
+    one.write_text(f"{gui} train_network.py --network_dim 4\n")
+    assert not any("process options" in n for n in _read(one).notes)
+    two = tmp_path / "two.sh"
+    two.write_text("accelerate launch --num_processes=2 train_network.py --network_dim 4\n")
+    assert any("process options" in n for n in _read(two).notes)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("run.sh", "accelerate launch train_network.py --network_dim 4 --seed 1 2>&1 | tee train.log\n"),
+        ("run.sh", "accelerate launch train_network.py --network_dim 4 --seed 1 >train.log && echo done\n"),
+        ("run.bat", "accelerate launch train_network.py --network_dim 4 --seed 1 > train.log 2>&1\r\n"),
+        ("run.ps1", "accelerate launch train_network.py --network_dim 4 --seed 1 | Tee-Object train.log\n"),
+    ],
+)
+def test_a_pipe_or_redirection_ends_the_arguments(tmp_path, name, text):
+    """The shell hands the script the words before ``|``, ``&&`` or a redirection; they are not kohya arguments."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    command = _read(path)
+    assert command.problems == [] and command.options == {"network_dim": "4", "seed": "1"}

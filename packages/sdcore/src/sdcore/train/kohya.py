@@ -677,6 +677,7 @@ _FLAG_IGNORED = {
     "disable_mmap_load_safetensors",
     "log_config",
     "console_log_simple",
+    "output_config",
     "save_state_on_train_end",
     "save_state_to_huggingface",
     "resume_from_huggingface",

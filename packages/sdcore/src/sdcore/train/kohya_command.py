@@ -101,6 +101,9 @@ def read_command(path: str | os.PathLike[str], fields: list[str]) -> KohyaComman
         _check_method(script, fields, where, p, command)
         command.notes += _launcher_notes(line.words[:at], where)
         given = _parse(line.words[at + 1 :], where, command)
+        if given.get("output_config") and given.get("config_file"):  # train_util.py read_config_from_file
+            command.problems.append(f"{where}: --output_config with --config_file: kohya writes the arguments to "
+                                    "that file and exits without training; remove --output_config to train")  # fmt: skip
         base = _config_file(given.pop("config_file", None), p, where, command)
         command.options = {**base, **given}
         return command
@@ -135,8 +138,15 @@ def script_family_problem(script: str, family: str | None, model: str, where: st
 def _launcher_notes(words: list[str], where: str) -> list[str]:
     """``accelerate launch --num_processes 2 --mixed_precision bf16 ...``: what the launcher's options mean here."""
     notes: list[str] = []
-    options = {w[2:].partition("=")[0].replace("-", "_") for w in words if w.startswith("--")}
-    if options & {"num_processes", "multi_gpu", "num_machines", "gpu_ids", "main_process_port"}:
+    options: dict[str, str] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            following = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
+            options[name.replace("-", "_")] = value if eq else following
+    counts = (options.get(n, "1") for n in ("num_processes", "num_machines"))
+    several = "multi_gpu" in options or any(c and (not c.isdigit() or int(c) > 1) for c in counts)
+    if several:  # the kohya_ss GUI writes --num_processes 1 --num_machines 1 for every run: one process
         notes.append(f"{where}: accelerate launch's process options: run sdcore under `accelerate launch` (or "
                      "--num-processes) for several processes")  # fmt: skip
     if "mixed_precision" in options:

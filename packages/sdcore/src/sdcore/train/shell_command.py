@@ -67,9 +67,18 @@ NAME_IS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)[-=]([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 #: what bash would expand and sdcore does not: other ``${...}`` forms, ``$(...)``, backquotes
 _OTHER_EXPANSION = re.compile(r"\$\{[^}]*\}?|\$\([^)]*\)?|`[^`]*`?")
-#: cmd.exe: ``set NAME=value`` / ``set "NAME=value"``; ``%NAME%``
-_CMD_SET = re.compile(r'^\s*set\s+"?([A-Za-z_][A-Za-z0-9_]*)=([^"]*)"?\s*$', re.IGNORECASE)
+#: cmd.exe: ``set "NAME=value"`` (the value up to the last quote) / ``set NAME=value`` (the rest of the line as
+#: written, quotes included: ``set A="x y"`` then ``%A%`` gives a quoted word); ``%NAME%``; ``%~dp0``, the batch
+#: file's own folder with a trailing separator
+_CMD_SET_QUOTED = re.compile(r'^\s*@?set\s+"([A-Za-z_][A-Za-z0-9_]*)=(.*)"[^"]*$', re.IGNORECASE)
+_CMD_SET = re.compile(r"^\s*@?set\s+([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.IGNORECASE)
 _CMD_VAR = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
+_CMD_HERE = re.compile(r"%~dp0", re.IGNORECASE)
+#: where the shell ends a command's arguments: a pipe, a list operator or a redirection (``2>&1 | tee log``,
+#: ``> train.log``): what follows is not the script's
+_COMMAND_END = re.compile(r"^(?:\|\|?|\|&|&&?|;|\d*(?:>>?|<)(?:&\d*)?.*)$")
+#: commands that only print: a script name in them runs nothing (``echo Training with train_network.py``)
+_PRINTS = ("echo", "echo.", "printf", "write-host", "write-output")
 #: PowerShell: ``$env:NAME = "value"`` / ``$NAME = "value"``; ``$env:NAME``, ``$NAME``, ``${NAME}``
 _PS_SET = re.compile(r"^\s*\$(?:env:)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$", re.IGNORECASE)
 _PS_VAR = re.compile(r"\$(?:env:)?(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))", re.IGNORECASE)
@@ -125,8 +134,9 @@ def substitute(line: str, variables: dict[str, str], missing: list[str], unsuppo
     return "".join(out)
 
 
-def _windows_substitute(line: str, kind: str, variables: dict[str, str], missing: list[str]) -> str:
-    """cmd's ``%NAME%`` or PowerShell's ``$env:NAME``/``$NAME`` filled in (Windows names ignore case)."""
+def _windows_substitute(line: str, kind: str, variables: dict[str, str], missing: list[str], folder: str = "") -> str:
+    """cmd's ``%NAME%`` (and ``%~dp0``: ``folder``) or PowerShell's ``$env:NAME``/``$NAME`` filled in (Windows
+    names ignore case)."""
     folded = {k.lower(): v for k, v in variables.items()}
 
     def value(match: re.Match[str]) -> str:
@@ -138,7 +148,7 @@ def _windows_substitute(line: str, kind: str, variables: dict[str, str], missing
         return found
 
     if kind == "cmd":
-        return _CMD_VAR.sub(value, line)
+        return _CMD_VAR.sub(value, _CMD_HERE.sub(lambda _: folder, line))
     out, i = [], 0
     while i < len(line):  # PowerShell: no expansion inside single quotes
         if line[i] == "'":
@@ -157,13 +167,37 @@ def _windows_substitute(line: str, kind: str, variables: dict[str, str], missing
     return "".join(out)
 
 
-def _windows_words(line: str) -> list[str]:
-    """Words as cmd.exe / PowerShell hand them to Python: quotes group, a backslash is a path separator."""
+def _until_end(words: list[str]) -> list[str]:
+    """The command's own words: those before a pipe, list operator or redirection."""
+    for i, word in enumerate(words):
+        if _COMMAND_END.match(word):
+            return words[:i]
+    return words
+
+
+def _windows_words(line: str, kind: str) -> list[str]:
+    """Words as cmd.exe / PowerShell hand them to Python: quotes group (in cmd only double quotes: ``bob's`` is
+    one word), a backslash is a path separator."""
     lexer = shlex.shlex(line, posix=True)
     lexer.whitespace_split = True
     lexer.escape = ""
     lexer.commenters = ""
+    if kind == "cmd":
+        lexer.quotes = '"'
     return list(lexer)
+
+
+def _powershell_comment_cut(line: str) -> str:
+    """The line without a PowerShell comment: a ``#`` starting a word outside quotes to the line end."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line
 
 
 def command_lines(path: Path) -> Iterator[CommandLine]:
@@ -195,6 +229,8 @@ def command_lines(path: Path) -> Iterator[CommandLine]:
             if path.suffix.lower() in SHELL_SUFFIXES:
                 raise ConfigError(f"{path}: cannot split the command into words ({exc})") from None
             return
+        if words[:1] and words[0] in _PRINTS:
+            continue
         lead = words[1:] if words[:1] == ["export"] else words
         assigned = 0
         while assigned < len(lead) and NAME_IS.match(lead[assigned]):
@@ -205,32 +241,45 @@ def command_lines(path: Path) -> Iterator[CommandLine]:
                 variables[name] = value
             unsupported.clear()  # reported where the command uses the value
             continue
-        yield CommandLine(lead[assigned:], list(missing), list(unsupported))  # VAR=x cmd: the prefix is cmd's own
+        # VAR=x cmd: the prefix is cmd's own
+        yield CommandLine(_until_end(lead[assigned:]), list(missing), list(unsupported))
         missing.clear()
         unsupported.clear()
 
 
 def _windows_lines(path: Path, text: str, kind: str) -> Iterator[CommandLine]:
     variables: dict[str, str] = {}
+    missing: list[str] = []  # variables not set, met since the last command (in its set lines too)
+    folder = str(path.resolve().parent) + os.sep
     for line in logical_lines(text, kind):
-        stripped = line.strip()
-        low = stripped.lower()
-        if not stripped or (kind == "cmd" and (low.startswith(("rem ", "::", "@echo")) or low == "rem")):
+        stripped = _powershell_comment_cut(line).strip() if kind == "powershell" else line.strip()
+        bare = stripped.lower().lstrip("@")
+        if not stripped or (kind == "cmd" and (bare.startswith(("rem ", "::")) or bare == "rem")):
             continue
-        if kind == "powershell" and stripped.startswith("#"):
+        if bare.split(" ", 1)[0] in _PRINTS:  # @echo off, echo ..., Write-Host ...
             continue
-        assign = (_CMD_SET if kind == "cmd" else _PS_SET).match(stripped)
-        if assign:
-            value = assign.group(2)
-            if kind == "powershell" and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            variables[assign.group(1)] = value
-            continue
-        missing: list[str] = []
+        if kind == "cmd":  # cmd expands %VAR% in a set line when it runs
+            assign = _CMD_SET_QUOTED.match(stripped) or _CMD_SET.match(stripped)
+            if assign:
+                variables[assign.group(1)] = _windows_substitute(assign.group(2), kind, variables, missing, folder)
+                continue
+        else:
+            assign = _PS_SET.match(stripped)
+            if assign:
+                value = assign.group(2)
+                if len(value) >= 2 and value[0] == value[-1] == "'":  # single quotes: literal
+                    value = value[1:-1]
+                else:
+                    if len(value) >= 2 and value[0] == value[-1] == '"':
+                        value = value[1:-1]
+                    value = _windows_substitute(value, kind, variables, missing)
+                variables[assign.group(1)] = value
+                continue
         try:
-            words = _windows_words(_windows_substitute(stripped, kind, variables, missing))
+            words = _windows_words(_windows_substitute(stripped, kind, variables, missing, folder), kind)
         except ValueError as exc:
             raise ConfigError(f"{path}: cannot split the command into words ({exc})") from None
         if kind == "powershell" and words[:1] == ["&"]:  # & "python.exe" script.py ...: the call operator
             words = words[1:]
-        yield CommandLine(words, missing)
+        yield CommandLine(_until_end(words), list(missing))
+        missing.clear()

@@ -153,7 +153,6 @@ def test_kontext_example_loads_unmodified_with_its_controls_and_weighted_timeste
         ("train_lora_qwen_image_24gb.yaml", "process.model.arch 'qwen_image'"),
         ("train_lora_hidream_48.yaml", "process.model.arch 'hidream': sdcore does not train this model family"),
         ("train_lora_flux_schnell_24gb.yaml", "sdcore reads no model hub"),
-        ("train_full_fine_tune_flex.yaml", "process.save.save_format = 'diffusers'"),
         ("sd_trainer_train.example.yaml", "process type(s) textual_inversion_trainer"),
     ],
 )

@@ -22,7 +22,10 @@ PRESETS = Path(__file__).parent / "data" / "kohya_ss_gui"
 LORA_FIELDS = list(field_types(LoraOptions))
 
 #: presets refused, with the by-name problem each gets (every other preset loads)
-REFUSED: dict[str, list[str]] = {}
+REFUSED: dict[str, list[str]] = {
+    # Adafactor relative_step=True: sd-scripts runs its adafactor schedule and stops on the GUI's 10 % warmup
+    "finetune/adafactor.json": ["lr_warmup 10 (%) with kohya's adafactor schedule", "set lr_warmup"],
+}
 #: LoRA_type -> sdcore --algo for the types sdcore trains (networks.lora: conv_dim decides lora/locon)
 ALGOS = {
     "LyCORIS/LoCon": "locon",
@@ -315,6 +318,32 @@ def test_t5_rate_without_a_text_encoder_rate_is_refused():
 def test_lr_warmup_percent_becomes_a_ratio_unless_steps_are_given(percent, steps, want):
     items, _, _ = gui_preset(_gui(lr_warmup=percent, lr_warmup_steps=steps), "x")
     assert items.get("lr_warmup_steps") == want and "lr_warmup" not in items
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "optimizer", "args", "percent", "steps", "refused"),
+    [
+        ("adafactor", "Adafactor", "relative_step=True", 10, 0, "lr_warmup 10 (%)"),
+        ("cosine", "Adafactor", "", 5, 0, "lr_warmup 5 (%)"),  # kohya's default relative_step=True
+        ("constant", "Adafactor", "warmup_init=True relative_step=False", 0, 20, "lr_warmup_steps 20"),
+        ("cosine", "Adafactor", "relative_step=False", 5, 0, None),  # a fixed rate: cosine with warmup
+        ("adafactor", "Adafactor", "", 0, 0, None),
+        ("cosine", "AdamW", "", 10, 0, None),
+    ],
+)
+def test_a_warmup_with_kohyas_adafactor_schedule_is_refused_by_gui_name(
+    scheduler, optimizer, args, percent, steps, refused
+):
+    """sd-scripts get_optimizer: Adafactor with relative_step (its default; warmup_init forces it) runs the
+    adafactor schedule, and get_scheduler_fix raises on any warmup with it; the GUI passes the warmup anyway."""
+    gui = _gui(lr_scheduler=scheduler, optimizer=optimizer, optimizer_args=args, lr_warmup=percent,
+               lr_warmup_steps=steps)  # fmt: skip
+    _, _, problems = gui_preset(gui, "x")
+    if refused is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith(f"x: {refused} with kohya's adafactor schedule")
+        assert "set lr_warmup and lr_warmup_steps to 0" in problems[0]
 
 
 def test_empty_lr_cycles_load_as_one_not_the_epoch_count(tmp_path):

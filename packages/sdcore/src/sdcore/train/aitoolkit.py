@@ -425,7 +425,7 @@ HANDLED: dict[str, set[str]] = {
                 "sample", "logging", "training_seed", "log_dir"},
     "network": {"type", "rank", "linear", "alpha", "linear_alpha", "conv", "conv_alpha", "dropout", "lokr_factor",
                 "lokr_full_rank", "pretrained_lora_path", "network_kwargs"},
-    "save": {"dtype", "save_every", "max_step_saves_to_keep"},
+    "save": {"dtype", "save_every", "max_step_saves_to_keep", "save_format"},
     "train": {"steps", "lr", "unet_lr", "text_encoder_lr", "optimizer", "optimizer_params", "lr_scheduler",
               "lr_scheduler_params", "batch_size", "gradient_accumulation_steps", "gradient_accumulation", "dtype",
               "train_unet", "train_text_encoder", "gradient_checkpointing", "noise_scheduler", "timestep_type",
@@ -434,7 +434,8 @@ HANDLED: dict[str, set[str]] = {
               "max_denoising_steps", "content_or_style", "linear_timesteps", "linear_timesteps2", "snr_gamma",
               "bypass_guidance_embedding"},
     "model": {"name_or_path", "arch", "quantize", "qtype", "vae_path", "attn_masking", "lora_path",
-              "assistant_lora_path", "use_flux_cfg", "quantize_kwargs", "quantize_te", "qtype_te"}
+              "assistant_lora_path", "use_flux_cfg", "quantize_kwargs", "quantize_te", "qtype_te", "only_if_contains",
+              "ignore_if_contains"}
     | {name for name in DEFAULTS["model"] if name.startswith("is_")},
     "sample": {"prompts", "samples", "sample_every", "sample_steps", "width", "height", "neg", "seed", "walk_seed",
                "guidance_scale"},
@@ -804,7 +805,12 @@ def translate_job(
     if trigger:
         v["metadata_trigger_phrase"] = str(trigger)
 
-    _network(network, family, f"{w}.network", out)
+    lora_job = "rank" in fields
+    if network and not lora_job:
+        out.problems.append(f"{w}.network: ai-toolkit trains this LoRA network; run the job with `sdcore train lora`")
+    elif network or lora_job:
+        _network(network, family, f"{w}.network", out)
+    _model_filter(model, family, lora_job, w, out)
     _train(train, family, flow, f"{w}.train", out)  # family None: refused above; its rules are skipped
     _bypass_guidance(train, model, family, w, out)
     if v.get("train_text_encoder") and (v.get("layer_filter") is not None or v.get("layer_exclude") is not None):
@@ -822,6 +828,7 @@ def translate_job(
     else:
         v["save_dtype"] = SAVE_DTYPES[dtype]
     v["save_every"] = save.get("save_every", 1000)
+    _save_format(str(save.get("save_format", "safetensors")), family, lora_job, v, w, out)
     v["save_limit"] = save.get("max_step_saves_to_keep", 5)
 
     # sampling: ai-toolkit samples before the first step unless told not to
@@ -860,6 +867,64 @@ def translate_job(
 
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
+
+
+def _model_filter(model: dict[str, Any], family: str | None, lora_job: bool, where: str, out: JobTranslation) -> None:
+    """``model.only_if_contains``/``ignore_if_contains``: the parameter-name filter of a full fine-tune
+    (``StableDiffusion.named_parameters``: the denoiser's ``transformer.<path>``/``unet.<path>`` names, read by
+    ``prepare_optimizer_params`` only when the job has no network). sdcore's DreamBooth trains every denoiser
+    parameter and has no such filter, so a fine-tune's list is refused; a LoRA job never reads it (its filter is
+    ``network.network_kwargs``)."""
+    given = {key: model[key] for key in ("only_if_contains", "ignore_if_contains") if model.get(key) is not None}
+    if not given:
+        return
+    names = ", ".join(f"model.{key}" for key in given)
+    if lora_job:
+        out.notes.append(
+            f"{where}.{names}: ai-toolkit reads it for full fine-tunes only (a LoRA job's filter is "
+            "network.network_kwargs), so it has no effect here either"
+        )
+        return
+    nearest = "; on SDXL --block-lr with 0 for a block freezes whole U-Net blocks" if family == "sdxl" else ""
+    for key, words in given.items():
+        out.problems.append(
+            f"{where}.model.{key} = {words!r}: ai-toolkit's full fine-tune then trains only the denoiser "
+            f"parameters whose name {'contains' if key == 'only_if_contains' else 'lacks'} one of them; sdcore's "
+            f"DreamBooth has no parameter filter and trains them all (drop the list to train every parameter, "
+            f"or train a LoRA on those layers: network.network_kwargs.{key}{nearest})"
+        )
+
+
+def _save_format(
+    fmt: str, family: str | None, lora_job: bool, v: dict[str, Any], where: str, out: JobTranslation
+) -> None:
+    """``save.save_format`` (safetensors or diffusers). A LoRA is written as .safetensors whatever it says
+    (``BaseSDTrainProcess.save``: the format applies to the full model). A full fine-tune: Flux/Flex.1 is always
+    diffusers (``validate_configs`` forces it on is_flux), Kontext's ``save_model`` always writes a diffusers
+    transformer, Chroma's always a .safetensors; SD1/2/XL/SD3 follow the field. sdcore's DreamBooth writes the
+    whole model in that format: a diffusers folder at ``<training_folder>/<name>/<name>``, as ai-toolkit names it."""
+    if fmt not in ("safetensors", "diffusers"):
+        out.problems.append(f"{where}.save.save_format {fmt!r}: ai-toolkit takes safetensors or diffusers")
+        return
+    if lora_job:
+        if fmt == "diffusers" and family not in ("flux", None):
+            out.notes.append(f"{where}.save.save_format diffusers: ai-toolkit writes a LoRA as .safetensors anyway")
+        return
+    forced = {"flux": "diffusers", "chroma": "single-file"}.get(family or "")
+    chosen = forced or ("diffusers" if fmt == "diffusers" else "single-file")
+    if forced and (fmt == "diffusers") != (forced == "diffusers"):
+        out.notes.append(
+            f"{where}.save.save_format {fmt}: ai-toolkit writes a {family} fine-tune as "
+            f"{'a diffusers folder' if chosen == 'diffusers' else 'one .safetensors file'} whatever it says; so does sdcore"
+        )
+    if family == "chroma":
+        out.notes.append(
+            f"{where}.save: ai-toolkit's Chroma file is the transformer alone (BFL keys); sdcore writes a ComfyUI "
+            "checkpoint (with T5 and the VAE): `sdcore model convert --to bfl` writes the transformer alone"
+        )
+    v["save_format"] = chosen
+    if chosen == "diffusers":
+        v["output"] = str(Path(v["output"]).with_suffix(""))
 
 
 def local_lora_file(value: Any, field: str, out: JobTranslation) -> str | None:

@@ -824,6 +824,19 @@ _LYCORIS_LINEAR_PRESETS = ("full-lin", "attn-mlp", "attn-only", "unet-transforme
 _LYCORIS_ONLY_ARGS = ("decompose_both", "rank_dropout_scale", "train_norm")
 _LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "diag-oft": "diag_oft",
                   "boft": "boft", "ia3": "ia3", "glora": "glora", "full": "full"}  # fmt: skip
+#: per LyCORIS algo (sdcore's name), the options its module takes and never uses (LyCORIS f49d30d lycoris/modules):
+#: a kohya run trains without them, so the translation drops them with a note (sdcore's own flags refuse them for
+#: that algo, sdplugin_lora.method.LYCORIS_PLAIN). IA3Module/FullModule/ButterflyOFTModule never apply ``drop``
+#: (dropout), IA3/BOFT never ``rank_drop``; GLoRA's conv branch ANDs use_tucker with "all kernels 1x1" before asking
+#: for a kxk kernel, so it never builds a Tucker core, and ia3/full/diag-oft/boft build none; ia3/full/glora keep
+#: the base ``apply_max_norm`` (returns None: LycorisNetwork.apply_max_norm_regularization skips the module)
+_LYCORIS_UNREAD: dict[str, tuple[str, ...]] = {
+    "ia3": ("dropout", "rank_dropout", "use_tucker", "scale_weight_norms"),
+    "full": ("dropout", "use_tucker", "scale_weight_norms"),
+    "glora": ("use_tucker", "scale_weight_norms"),
+    "diag_oft": ("use_tucker",),
+    "boft": ("dropout", "rank_dropout", "use_tucker"),
+}
 #: LyCORIS algos sdcore does not train -> what each is, and the nearest thing sdcore trains (LyCORIS f49d30d)
 LYCORIS_OTHER_ALGOS = {
     "dylora": "LyCORIS' DyLoRA trains only the first b+1 blocks per step, scaled by alpha/(b+1); kohya's "
@@ -1423,6 +1436,41 @@ def _lycoris_as_kohya_runs_it(
         )
 
 
+def _lycoris_unread(args: dict[str, str], algo: str, out: Translation) -> None:
+    """Drop (with a note) what lycoris.kohya's modules never read, so the config trains what a kohya run trains:
+    ``network_dropout`` for every algo (train_network.py passes it as ``neuron_dropout``; lycoris.kohya's
+    create_network reads network_args ``dropout=`` only), and per algo the options its module ignores
+    (:data:`_LYCORIS_UNREAD`). Taken out of ``args`` and ``out.values``; off values go silently."""
+    if out.origin.get("dropout") == "network_dropout":
+        value = out.values.pop("dropout")
+        out.origin.pop("dropout")
+        if not _is_off(value, _OFF):
+            out.notes.append(
+                f"network_dropout {value}: kohya passes it to the network as neuron_dropout, which lycoris.kohya "
+                "does not read (its dropout is network_args dropout=), so it has no effect in a kohya run; dropped"
+            )
+    unread = _LYCORIS_UNREAD.get(algo, ())
+    dropped: list[str] = []
+    for key in ("dropout", "rank_dropout", *_LYCORIS_TUCKER):
+        target = NETWORK_ARGS.get(key, key)
+        if key in args and target in unread:
+            raw = args.pop(key)
+            on = raw.lower() != "false" if target == "use_tucker" else not _is_off(raw, _OFF)
+            if on:
+                dropped.append(f"network_args {key}={raw}")
+    if "scale_weight_norms" in unread and out.origin.get("scale_weight_norms") == "scale_weight_norms":
+        value = out.values.pop("scale_weight_norms")
+        out.origin.pop("scale_weight_norms")
+        if not _is_off(value, _OFF):
+            dropped.append(f"scale_weight_norms {value}")
+    if dropped:
+        out.notes.append(
+            f"{', '.join(dropped)} with algo={algo}: LyCORIS' {algo} module takes and never uses "
+            f"{'it' if len(dropped) == 1 else 'them'} (a kohya run trains without), so dropped here; sdcore's own "
+            "flags refuse them for this algo"
+        )
+
+
 def _network(
     items: dict[str, Any], present: set[str], out: Translation, where: str, put: Callable[[str, Any, str], None]
 ) -> None:
@@ -1483,6 +1531,7 @@ def _network(
             if chosen != "locon":
                 out.problems.append(f"{where}: dora_wd=True is available with algo=lora only")
             chosen = "dora"
+        _lycoris_unread(args, chosen, out)
         if chosen == "ia3":  # LyCORIS f49d30d lycoris/wrapper.py network_module_dict has no "ia3" (since 9598468)
             out.notes.append(
                 "network_args algo=ia3: lycoris.kohya's algo table has no ia3 (LyCORIS 3.x: network_module_dict), so a "

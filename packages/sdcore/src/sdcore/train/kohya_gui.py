@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Iterable
 from typing import Any
 
-from .kohya import _OFF, _is_off, _text
+from .kohya import _OFF, _args_text, _is_off, _text
 
 #: the GUI tabs whose saved configs are read (tab -> the ``sdcore train`` method that runs them)
 TABS = {"lora": "lora", "dreambooth": "dreambooth", "finetune": "dreambooth", "ti": "ti"}
@@ -427,9 +427,11 @@ def _ti_tab(items: dict[str, Any]) -> None:
         items["no_half_vae"] = items.pop("sdxl_no_half_vae")
 
 
-def _warmup(items: dict[str, Any]) -> None:
+def _warmup(items: dict[str, Any], where: str, problems: list[str]) -> None:
     """common_gui.resolve_lr_warmup_steps: lr_warmup_steps wins when above 0, else lr_warmup percent / 100
-    (a ratio of the total steps, as sd-scripts reads a float below 1)."""
+    (a ratio of the total steps, as sd-scripts reads a float below 1). The GUI passes it whatever the schedule:
+    with kohya's adafactor schedule (``lr_scheduler adafactor``, or forced by Adafactor's relative_step) a warmup
+    stops sd-scripts (get_scheduler_fix: "does not require num_warmup_steps"), so it is a problem by GUI names."""
     percent, steps = _number(items.pop("lr_warmup", 0)), _number(items.get("lr_warmup_steps"))
     if steps > 0:
         items["lr_warmup_steps"] = int(steps)
@@ -437,6 +439,25 @@ def _warmup(items: dict[str, Any]) -> None:
         items["lr_warmup_steps"] = percent / 100
     else:
         items.pop("lr_warmup_steps", None)
+        return
+    if _text(items.get("lr_scheduler") or "").lower() == "adafactor" or _adafactor_schedule(items):
+        given = f"lr_warmup_steps {int(steps)}" if steps > 0 else f"lr_warmup {percent:g} (%)"
+        problems.append(
+            f"{where}: {given} with kohya's adafactor schedule (lr_scheduler adafactor, or Adafactor with "
+            "relative_step): it has no warmup and sd-scripts stops on one ('does not require num_warmup_steps'), "
+            "whatever the GUI passes; set lr_warmup and lr_warmup_steps to 0"
+        )
+
+
+def _adafactor_schedule(items: dict[str, Any]) -> bool:
+    """sd-scripts get_optimizer: Adafactor with relative_step (its default there; warmup_init turns it on)
+    replaces the chosen lr_scheduler by its adafactor schedule."""
+    from .optim import adafactor_relative_step
+
+    if _text(items.get("optimizer_type") or "").lower() != "adafactor":
+        return False
+    args = _args_text(items.get("optimizer_args") or "")
+    return adafactor_relative_step("adafactor", args if "relative_step" in args else f"{args} relative_step=True")
 
 
 #: class_basic_training.py: the "Max train steps" and "Epoch" widgets' defaults, which a config that does not
@@ -571,7 +592,7 @@ def gui_preset(
         items["optimizer_type"] = items.pop("optimizer")
     if "max_resolution" in items:
         items["resolution"] = items.pop("max_resolution")
-    _warmup(items)
+    _warmup(items, where, problems)
     _length(items, tab, where, notes, problems)
     extra = _additional(_text(items.pop("additional_parameters", "") or ""), where, problems)
     if extra:

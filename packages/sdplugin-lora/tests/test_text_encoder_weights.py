@@ -283,6 +283,8 @@ def test_onetrainer_text_encoder_weight_dtypes_map_per_encoder(tmp_path):
     o, notes = _load(tmp_path, "ot.json", json.dumps(config))
     assert (o.fp8_base, o.text_encoder_weights_dtype) == (True, "none,nf4")
     assert any("text_encoder_2.weight_dtype NFLOAT_4" in n and "nf4" in n for n in notes)
+    # OneTrainer keeps T5's wo in the train dtype (HFModelLoaderMixin.py keep_in_fp32_modules): said, not hidden
+    assert any("text_encoder_2.weight_dtype" in n and "wo layers" in n for n in notes)
     config["text_encoder"]["weight_dtype"] = config["text_encoder_2"]["weight_dtype"] = "FLOAT_8"
     o, _ = _load(tmp_path, "ot.json", json.dumps(config))
     assert o.text_encoder_weights_dtype == "fp8"

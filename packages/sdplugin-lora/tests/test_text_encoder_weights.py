@@ -240,6 +240,39 @@ def test_kohya_fp8_base_stores_the_text_encoders_that_run_in_fp8(tmp_path, keys,
     assert said is None or any(said in n for n in notes), notes
 
 
+@pytest.mark.parametrize(
+    ("family", "keys", "expected"),
+    [
+        # flux_train_network.py L71-72: Chroma has no CLIP-L and T5 trains only with train_t5xxl, so with the cache
+        # T5's outputs are cached and T5 goes back to the CPU (L281), where train_network.py L856 never casts it
+        ("chroma", "cache_text_encoder_outputs = true\n", "none"),
+        # SD 1.x/2.x: train_network.py L224-226 only moves the encoders to the device (no cache), and L856-857 casts
+        # them there to te_weight_dtype (fp8, L839)
+        ("sd1", "cache_text_encoder_outputs = true\nnetwork_train_unet_only = true\n", "fp8"),
+        # network_train_text_encoder_only: CLIP-L trains (flux_train_network.py L71), T5's outputs are cached
+        ("flux", "cache_text_encoder_outputs = true\nnetwork_train_text_encoder_only = true\n", "fp8,none"),
+    ],
+)  # fmt: skip
+def test_kohya_fp8_base_text_encoders_per_family(tmp_path, family, keys, expected):
+    text = f'pretrained_model_name_or_path = "tiny:{family}"\ntrain_data_dir = "d"\noutput_dir = "o"\nfp8_base = true\n'
+    o, _ = _load(tmp_path, "kohya.toml", text + keys)
+    assert o.fp8_base is True and o.text_encoder_weights_dtype == expected
+
+
+def test_kohya_fp8_base_leaves_the_text_encoders_of_other_scripts(tmp_path):
+    """Only kohya's network scripts read te_weight_dtype (train_network.py L839); train_textual_inversion.py,
+    sdxl_train.py and flux_train.py never read fp8_base, so their text encoders keep the compute dtype."""
+    from sdcore.train.config import load_options
+    from sdplugin_ti.method import TIOptions
+
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        'pretrained_model_name_or_path = "tiny:sdxl"\ntrain_data_dir = "d"\noutput_dir = "o"\nfp8_base = true\n'
+    )
+    o = load_options(TIOptions, path, notes=[])
+    assert o.text_encoder_weights_dtype == "none"
+
+
 def test_onetrainer_text_encoder_weight_dtypes_map_per_encoder(tmp_path):
     config = {
         "training_method": "LORA", "model_type": "FLUX_DEV_1", "base_model_name": "tiny:flux", "epochs": 1,
@@ -250,6 +283,8 @@ def test_onetrainer_text_encoder_weight_dtypes_map_per_encoder(tmp_path):
     o, notes = _load(tmp_path, "ot.json", json.dumps(config))
     assert (o.fp8_base, o.text_encoder_weights_dtype) == (True, "none,nf4")
     assert any("text_encoder_2.weight_dtype NFLOAT_4" in n and "nf4" in n for n in notes)
+    # OneTrainer keeps T5's wo in the train dtype (HFModelLoaderMixin.py keep_in_fp32_modules): said, not hidden
+    assert any("text_encoder_2.weight_dtype" in n and "wo layers" in n for n in notes)
     config["text_encoder"]["weight_dtype"] = config["text_encoder_2"]["weight_dtype"] = "FLOAT_8"
     o, _ = _load(tmp_path, "ot.json", json.dumps(config))
     assert o.text_encoder_weights_dtype == "fp8"

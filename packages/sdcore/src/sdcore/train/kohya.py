@@ -2113,16 +2113,23 @@ def kohya_text_encoder_storage(
     and T5's norms, in the compute dtype). Encoders whose outputs are cached are not: kohya caches them from the
     compute dtype (flux/sd3_train_network.py: CLIP "always not fp8", T5 as its file is) and leaves them on the CPU,
     where the cast is skipped. So ``values`` gets ``text_encoder_weights_dtype`` fp8 for the encoders that run
-    uncached (all without the cache; on SD3/FLUX.1 the training CLIPs beside a cached T5), in place."""
+    uncached (all without the cache; on SD3/FLUX.1 the training CLIPs beside a cached T5), in place.
+
+    Only kohya's network scripts read ``te_weight_dtype`` (train_network.py and its subclasses; sd-scripts'
+    fine-tune and textual-inversion scripts never read ``fp8_base``), so only LoRA options (``unet_only`` among
+    the ``fields``) get it. SD 1.x/2.x cache nothing (train_network.py's ``cache_text_encoder_outputs_if_needed``
+    only moves the encoders to the device, where they are cast), so their encoders are fp8 with the cache too."""
     if _is_off(given.get("fp8_base"), _OFF) or not _is_off(given.get("fp8_base_unet"), _OFF):
         return []
     if "text_encoder_weights_dtype" not in fields or str(values.get("text_encoder_weights_dtype") or "none") != "none":
         return []
-    cached = values.get("cache_text_encoder_outputs") is True
-    if "unet_only" in fields:  # LoRA: the text encoder trains unless network_train_unet_only
-        trains = not _is_off(values.get("train_text_encoder", True), _OFF) and _is_off(values.get("unet_only"), _OFF)
-    else:
-        trains = not _is_off(values.get("train_text_encoder"), _OFF)
+    if "unet_only" not in fields:
+        return []
+    cached = values.get("cache_text_encoder_outputs") is True and family not in ("sd1", "sd2")
+    # the text encoder trains unless network_train_unet_only (kohya's default, put in values by kohya_defaults
+    # where kohya trains one: not on Chroma, whose CLIP-L is absent and T5 trains only with train_t5xxl)
+    asked = not _is_off(values.get("train_text_encoder"), _OFF) or not _is_off(values.get("te_only"), _OFF)
+    trains = asked and _is_off(values.get("unet_only"), _OFF)
     from ..models.family import get_family
 
     specs = get_family(family).text_encoders if family else ()

@@ -837,7 +837,16 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
             )
         elif name in encoders and dtype in TEXT_ENCODER_DTYPES:  # --text-encoder-weights-dtype, per encoder
             stored_encoders[name] = TEXT_ENCODER_DTYPES[dtype]
-            r.note(f"{name}.weight_dtype {dtype}: its frozen Linear weights stored as sdcore's {stored_encoders[name]}")
+            # OneTrainer leaves transformers' _keep_in_fp32_modules (T5's feed-forward ``wo``) unquantised, in the
+            # train dtype (HFModelLoaderMixin: keep_in_fp32_modules); sdcore stores those too
+            kept = (
+                "; OneTrainer keeps T5's wo layers in the train dtype, sdcore stores them too"
+                if name == T5_PART.get(family)
+                else ""
+            )
+            r.note(
+                f"{name}.weight_dtype {dtype}: its frozen Linear weights stored as sdcore's {stored_encoders[name]}{kept}"
+            )
         elif dtype not in PLAIN_DTYPES:
             r.refuse(
                 f"{name}.weight_dtype",

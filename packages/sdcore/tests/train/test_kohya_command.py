@@ -284,3 +284,40 @@ def test_a_pipe_or_redirection_ends_the_arguments(tmp_path, name, text):
     path.write_text(text, encoding="utf-8")
     command = _read(path)
     assert command.problems == [] and command.options == {"network_dim": "4", "seed": "1"}
+
+
+def test_argument_lines_without_continuation_marks_are_the_commands(tmp_path):
+    """kohya's Japanese/Chinese docs print a command one argument per line with no ``\\``: one command meant.
+    Read so, with a note (a shell would run each ``--`` line as a command of its own)."""
+    words = _fill(ARGS, tmp_path)
+    expected = dataclasses.asdict(_load(_sh(tmp_path, words)))
+    bare = tmp_path / "bare.sh"
+    bare.write_text("accelerate launch --num_cpu_threads_per_process 1 train_network.py\n  " + "\n  ".join(
+        " ".join(group) for group in _argument_groups(words)) + "\n", encoding="utf-8")  # fmt: skip
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    notes: list[str] = []
+    o = load_options(LoraOptions, bare, {}, notes=notes)
+    assert dataclasses.asdict(o) == expected
+    assert any("line(s) starting with -- after the command are read as its arguments" in n for n in notes)
+
+
+def _argument_groups(words: list[str]) -> list[list[str]]:
+    """Each ``--option`` with the values after it, one group per line."""
+    groups: list[list[str]] = []
+    for word in words:
+        if word.startswith("--") or not groups:
+            groups.append([word])
+        else:
+            groups[-1].append(word)
+    return groups
+
+
+def test_the_docs_only_sdxl_text_encoder_rates_say_what_to_write(tmp_path):
+    """kohya's docs/sdxl_train_network.md shows --text_encoder_lr1/--text_encoder_lr2, which its argparse does not
+    define (kohya stops with 'unrecognized arguments'); the problem says to give text_encoder_lr two values."""
+    words = _fill(ARGS, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        _load(_sh(tmp_path, [*words, "--text_encoder_lr1=1e-5", "--text_encoder_lr2=1e-5"]))
+    assert any("give text_encoder_lr two values, one per text encoder" in p for p in info.value.problems)

@@ -348,6 +348,7 @@ class Command:
     launch: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     path: str = ""
+    notes: list[str] = field(default_factory=list)
     #: prefixes of several arguments (already a problem: argparse's "ambiguous option")
     ambiguous: set[str] = field(default_factory=set)
 
@@ -377,6 +378,7 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
         command = Command(script, path=str(p))
         command.launch = _parse_args(words[:at], command, launcher=True)
         command.args = _parse_args(words[at + 1 :], command, launcher=False)
+        command.notes += line.joined_note(p)
         if line.missing:
             command.problems.append(f"{p}: variable(s) not set: {', '.join(sorted(set(line.missing)))}")
         if line.unsupported:
@@ -519,6 +521,7 @@ def translate_command(
     """sdcore option values for ``command`` (``fields``: the method's option names), with notes and problems."""
     out = JobTranslation()
     out.problems += command.problems
+    out.notes += command.notes
     w = f"{where}: {command.script}"
     script = SCRIPTS.get(command.script)
     if script is None:

@@ -2225,8 +2225,20 @@ def nearest_name(name: str, fields: Iterable[str]) -> str | None:
     return match[0]
 
 
+#: names kohya's docs show that its argparse does not define (docs/sdxl_train_network.md's SDXL LoRA example):
+#: kohya itself stops with "unrecognized arguments"; what to write instead
+DOCS_ONLY_NAMES = {
+    "text_encoder_lr1": "kohya's sdxl_train_network.py has no such argument (its docs show one); give "
+    "text_encoder_lr two values, one per text encoder (--text_encoder_lr 1e-5 1e-5)",
+    "text_encoder_lr2": "kohya's sdxl_train_network.py has no such argument (its docs show one); give "
+    "text_encoder_lr two values, one per text encoder (--text_encoder_lr 1e-5 1e-5)",
+}
+
+
 def nearest(name: str, fields: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for an unknown config key (empty when nothing is close)."""
+    if name in DOCS_ONLY_NAMES:
+        return f" ({DOCS_ONLY_NAMES[name]})"
     present = list(fields)
     found = nearest_name(name, present)
     if found is None:

@@ -99,7 +99,7 @@ def read_command(path: str | os.PathLike[str], fields: list[str]) -> KohyaComman
             command.problems.append(f"{p}: shell expansion(s) sdcore does not run: {', '.join(line.unsupported)} "
                                     "(write the value)")  # fmt: skip
         _check_method(script, fields, where, p, command)
-        command.notes += _launcher_notes(line.words[:at], where)
+        command.notes += line.joined_note(p) + _launcher_notes(line.words[:at], where)
         given = _parse(line.words[at + 1 :], where, command)
         if given.get("output_config") and given.get("config_file"):  # train_util.py read_config_from_file
             command.problems.append(f"{where}: --output_config with --config_file: kohya writes the arguments to "

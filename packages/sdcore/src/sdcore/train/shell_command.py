@@ -41,6 +41,18 @@ class CommandLine:
     words: list[str]
     missing: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    #: lines after the command that start with ``--`` and were read as its arguments (see :func:`command_lines`)
+    joined_lines: int = 0
+
+    def joined_note(self, path: Path) -> list[str]:
+        """The note for a command whose arguments came from lines without continuation marks."""
+        if not self.joined_lines:
+            return []
+        mark = {"sh": "\\", "cmd": "^", "powershell": "`"}[dialect(path)]
+        return [
+            f"{path}: {self.joined_lines} line(s) starting with -- after the command are read as its arguments "
+            f"(a shell would run each as a command of its own: end the lines with {mark})"
+        ]
 
 
 def dialect(path: Path) -> str:
@@ -203,7 +215,27 @@ def _powershell_comment_cut(line: str) -> str:
 def command_lines(path: Path) -> Iterator[CommandLine]:
     """Each command of the file at ``path`` (assignments remembered for the lines below, comments and blank lines
     skipped), in order. A line the shell splitter cannot read ends the file for a ``.txt``/no-suffix file and is a
-    :class:`ConfigError` for a shell file."""
+    :class:`ConfigError` for a shell file.
+
+    Lines that start with ``--`` right after a command are taken as more of its arguments (``joined_lines`` counts
+    them): guides print long commands one argument per line without continuation marks (kohya's Japanese and
+    Chinese docs do), meaning one command; a shell would run each such line as a command of its own and fail."""
+    current: CommandLine | None = None
+    for line in _commands(path):
+        if current is not None and line.words[:1] and line.words[0].startswith("--"):
+            current.words += line.words
+            current.missing += line.missing
+            current.unsupported += line.unsupported
+            current.joined_lines += 1
+            continue
+        if current is not None:
+            yield current
+        current = line
+    if current is not None:
+        yield current
+
+
+def _commands(path: Path) -> Iterator[CommandLine]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -606,3 +606,20 @@ def test_text_to_image_command_trains_with_the_scripts_ema(tmp_path):
         assert (value - expected).abs().max() <= 1e-5 * (1 + expected.abs().max()), key
         moved += int(not bool((w2 - w1[key]).abs().max() == 0))
     assert moved > 100  # the two steps really changed the weights, so the average is not the raw weights
+
+
+def test_nargs_arguments_with_an_explicit_value_and_values_that_start_with_a_dash(tmp_path):
+    """Python's argparse: ``--validation_prompts=a b`` gives the list ``["a"]`` and stops on ``b`` ("unrecognized
+    arguments": an explicit ``=`` value is matched alone, argparse.py ``consume_optional``); a word with a space is a
+    value even when it starts with ``-`` (``_parse_optional``: ``if ' ' in arg_string: return None``)."""
+    from sdcore.train.diffusers_script import read_command
+
+    base = "accelerate launch train_text_to_image.py --pretrained_model_name_or_path=m "
+    c = read_command(_write(tmp_path, base + "--validation_prompts=a b\n", "e.sh"))
+    assert c is not None and c.args["validation_prompts"] == ["a"]
+    assert any("'b': not an argument of train_text_to_image.py" in p for p in c.problems)
+    c = read_command(_write(tmp_path, base + "--validation_prompts '-a cat' 'b' --resolution=64\n", "d.sh"))
+    assert c is not None and not c.problems
+    assert (c.args["validation_prompts"], c.args["resolution"]) == (["-a cat", "b"], "64")
+    c = read_command(_write(tmp_path, base + "--validation_prompts -x\n", "x.sh"))
+    assert c is not None and any("--validation_prompts: expected at least one argument" in p for p in c.problems)

@@ -2,8 +2,8 @@
 uses are dropped with a note, so the config trains what kohya trains; sdcore's own flags keep refusing them.
 
 Facts (LyCORIS f49d30d, sd-scripts train_network.py): train_network.py hands ``--network_dropout`` to
-``create_network`` as ``neuron_dropout``, and lycoris/kohya.py reads only ``kwargs["dropout"]`` (network_args
-``dropout=``). Per module: IA3Module never applies ``drop``/``rank_drop`` nor overrides ``apply_max_norm`` (the base
+``create_network`` as ``neuron_dropout`` (which lycoris/kohya.py does not read) and, when network_args has no
+``dropout=``, as ``dropout`` too (its "workaround for LyCORIS"), which lycoris/kohya.py reads. Per module: IA3Module never applies ``drop``/``rank_drop`` nor overrides ``apply_max_norm`` (the base
 returns None and ``LycorisNetwork.apply_max_norm_regularization`` skips it); FullModule uses ``rank_dropout`` only;
 GLoRA's conv branch never builds a Tucker core and keeps the base ``apply_max_norm``; ButterflyOFTModule has its own
 max-norm but no dropout; DiagOFTModule has both dropouts and max-norm but no Tucker core."""
@@ -62,15 +62,24 @@ def test_what_lycoris_uses_stays_refused(algo, args, top, refused):
         LoraMethod(o).validate()
 
 
-def test_network_dropout_never_reaches_lycoris_but_network_args_dropout_does():
+def test_network_dropout_reaches_lycoris_as_dropout_unless_network_args_gives_one():
+    """sd-scripts train_network.py:674-676 ("workaround for LyCORIS", since 025368f): ``net_kwargs["dropout"] =
+    args.network_dropout`` when network_args has no ``dropout``, so lycoris.kohya's create_network (LyCORIS f49d30d
+    lycoris/kohya.py:44 ``kwargs.get("dropout")``) gets it; network_args ``dropout=`` wins over it."""
     o, notes = _load("locon", network_dropout=0.3)
-    assert o.dropout is None
-    assert any("network_dropout 0.3" in n and "neuron_dropout" in n for n in notes)
+    assert o.dropout == pytest.approx(0.3)
+    assert not any("network_dropout" in n for n in notes)
+    o, notes = _load("loha", network_dropout=0.25)  # LoHa applies self.drop too
+    assert o.dropout == pytest.approx(0.25)
     o, notes = _load("locon", "dropout=0.2", network_dropout=0.3)  # no "both set" clash: only one reaches LyCORIS
     assert o.dropout == pytest.approx(0.2)
+    assert any("network_dropout 0.3" in n and "network_args dropout=0.2" in n for n in notes), notes
+    o, notes = _load("ia3", network_dropout=0.3)  # reaches IA3Module as dropout, which never applies it
+    assert o.dropout is None
+    assert any("network_dropout 0.3 with algo=ia3" in n and "never uses" in n for n in notes), notes
     o, notes = _load("loha", network_dropout=0, scale_weight_norms=1)  # LoHa has its own max-norm: kept
     assert (o.dropout, o.scale_weight_norms) == (None, 1)
-    assert not any("neuron_dropout" in n or "never uses" in n for n in notes)
+    assert not any("network_dropout" in n or "never uses" in n for n in notes)
     # kohya's own networks.lora reads neuron_dropout: kept
     kohya = {"network_module": "networks.lora", "network_dropout": 0.3}
     assert load_options(LoraOptions, None, kohya=kohya, notes=[]).dropout == pytest.approx(0.3)
@@ -96,5 +105,4 @@ def test_gui_ia3_prodigy_preset_dry_runs(tmp_path):
     args = ["train", "lora", "--config", str(config), "--dry-run"]
     result = CliRunner().invoke(build_cli(get_plugin_manager()), args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "network_dropout 0.3: kohya passes it to the network as neuron_dropout" in result.output
-    assert "scale_weight_norms 1 with algo=ia3" in result.output
+    assert "network_dropout 0.3, scale_weight_norms 1 with algo=ia3" in result.output

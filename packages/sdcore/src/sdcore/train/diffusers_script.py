@@ -407,7 +407,10 @@ def _full_name(name: str, script: str, command: Command) -> str:
 
 def _is_option(word: str) -> bool:
     """argparse's test for an option string here: a leading ``-`` not followed by a number (no script defines an
-    option that looks like a negative number, so ``-0.1`` is a value)."""
+    option that looks like a negative number, so ``-0.1`` is a value); a word with a space is a value too unless it
+    is ``--name=value`` (argparse's ``_parse_optional``: ``if ' ' in arg_string: return None``, ``"-a cat"``)."""
+    if " " in word and not (word.startswith("--") and "=" in word and " " not in word.partition("=")[0]):
+        return False
     return word.startswith("-") and not re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?", word)
 
 
@@ -441,7 +444,9 @@ def _parse_args(words: list[str], command: Command, *, launcher: bool) -> dict[s
             i += 1
         if name in lists or not (known or launcher or name in FLAGS):
             taken = [] if value_ is True else [value_]
-            while i < len(words) and not _is_option(words[i]):
+            # --name=value is the whole of a nargs="+" argument: argparse matches its explicit value alone, so
+            # further words are "unrecognized arguments" (a known script's loop reports them)
+            while i < len(words) and not _is_option(words[i]) and not (eq and name in lists):
                 taken.append(words[i])
                 i += 1
             if name in lists and not taken:

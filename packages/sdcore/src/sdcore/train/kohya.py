@@ -1438,19 +1438,25 @@ def _lycoris_as_kohya_runs_it(
 
 def _lycoris_unread(args: dict[str, str], algo: str, out: Translation) -> None:
     """Drop (with a note) what lycoris.kohya's modules never read, so the config trains what a kohya run trains:
-    ``network_dropout`` for every algo (train_network.py passes it as ``neuron_dropout``; lycoris.kohya's
-    create_network reads network_args ``dropout=`` only), and per algo the options its module ignores
-    (:data:`_LYCORIS_UNREAD`). Taken out of ``args`` and ``out.values``; off values go silently."""
-    if out.origin.get("dropout") == "network_dropout":
-        value = out.values.pop("dropout")
-        out.origin.pop("dropout")
-        if not _is_off(value, _OFF):
-            out.notes.append(
-                f"network_dropout {value}: kohya passes it to the network as neuron_dropout, which lycoris.kohya "
-                "does not read (its dropout is network_args dropout=), so it has no effect in a kohya run; dropped"
-            )
+    per algo the options its module ignores (:data:`_LYCORIS_UNREAD`). ``network_dropout`` reaches LyCORIS as its
+    ``dropout`` (train_network.py:674-676, "workaround for LyCORIS": ``net_kwargs["dropout"] = network_dropout`` when
+    network_args gives no ``dropout=``; the ``neuron_dropout`` keyword it also passes is not read), so it is dropped
+    only where network_args ``dropout=`` wins over it or the algo ignores dropout. Taken out of ``args`` and
+    ``out.values``; off values go silently."""
     unread = _LYCORIS_UNREAD.get(algo, ())
     dropped: list[str] = []
+    if out.origin.get("dropout") == "network_dropout" and ("dropout" in args or "dropout" in unread):
+        value = out.values.pop("dropout")
+        out.origin.pop("dropout")
+        if _is_off(value, _OFF):
+            pass
+        elif "dropout" in args:
+            out.notes.append(
+                f"network_dropout {value}: kohya gives LyCORIS network_args dropout={args['dropout']} instead "
+                "(train_network.py copies network_dropout into dropout only when network_args has none); dropped"
+            )
+        else:
+            dropped.append(f"network_dropout {value}")
     for key in ("dropout", "rank_dropout", *_LYCORIS_TUCKER):
         target = NETWORK_ARGS.get(key, key)
         if key in args and target in unread:

@@ -214,3 +214,18 @@ def test_the_token_table_is_sdcores_and_the_old_names_still_import():
     assert rows.tokens == handle.tokens["zork"] and rows.tables[0] is handle.tables["zork"]["*"]
     handle.remove()
     assert rows.removed and not isinstance(bundle.text_encoders[0].get_input_embeddings(), core.ExtendedTokenEmbedding)
+
+
+def test_the_trainers_pt_and_format_copy_are_one_embedding_other_twins_are_ambiguous(tmp_path):
+    """``sdcore train ti --format safetensors --output emb`` writes ``emb/mychar.pt`` and its copy
+    ``emb/mychar.safetensors`` (docs/ti-sd3-flux.md); ``--embeddings-dir emb`` must take that pair as the
+    one embedding it is, while two files of one name holding different vectors stay an error."""
+    vectors = {CLIP_L: torch.randn(2, 768), CLIP_G: torch.randn(2, 1280)}
+    save_embedding(Embedding("mychar", {k: v.clone() for k, v in vectors.items()}), tmp_path / "mychar.pt")
+    save_embedding(Embedding("mychar", {k: v.clone() for k, v in vectors.items()}), tmp_path / "mychar.safetensors")
+    assert EmbeddingHandler(tmp_path).names() == {"mychar": tmp_path / "mychar.pt"}
+    other = {k: v + 1 for k, v in vectors.items()}
+    save_embedding(Embedding("twin", vectors), tmp_path / "twin.pt")
+    save_embedding(Embedding("twin", other), tmp_path / "twin.safetensors")
+    with pytest.raises(NetworkMismatchError, match=r"embedding 'twin' is ambiguous: 2 embedding files"):
+        EmbeddingHandler(tmp_path).names()

@@ -122,6 +122,19 @@ def test_missing_model_is_reported_by_dry_run(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_a_batch_size_of_0_is_one_problem_and_the_dataset_is_still_checked(tmp_path):
+    """docs/training.md's pre-flight example: ``--batch-size 0`` is reported once, in the options' words (the
+    dataset's batch planner used to add its own "batch size must be at least 1" line), and the dataset is
+    still read for its own problems."""
+    o = _opts(tmp_path, batch_size=0)
+    assert run_preflight(ConvOutMethod(o), o, plan=False).problems == ["--batch-size must be at least 1, got 0"]
+    (tmp_path / "empty").mkdir()
+    o = _opts(tmp_path, batch_size=0, data=str(tmp_path / "empty"))
+    problems = run_preflight(ConvOutMethod(o), o, plan=False).problems
+    assert problems[0] == "--batch-size must be at least 1, got 0" and len(problems) == 2, problems
+    assert "batch size" not in problems[1]
+
+
 def test_unreadable_model_header_is_reported(tmp_path):
     bad = tmp_path / "fake.safetensors"
     bad.write_text("this is a text file, not a model")

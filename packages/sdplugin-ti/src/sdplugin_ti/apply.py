@@ -381,16 +381,33 @@ class EmbeddingHandler(PromptNetworkHandler):
 
     def pick(self, name: str, paths: list[Path]) -> Path | None:
         """The embedding file among ``paths`` (same prompt word): files of other kinds are ignored;
-        two weight files that are both embeddings are an error listing them."""
+        two weight files that are both embeddings are an error listing them, unless they hold the same
+        vectors: ``sdcore train ti --format X`` writes the ``.pt`` and its ``X`` copy side by side, one
+        embedding (the first file, ``.pt`` before ``.safetensors``, is taken)."""
         mine = [p for p in paths if self.accepts(p)]
         weights = [p for p in mine if p.suffix.lower() not in IMAGE_SUFFIXES]
-        if len(weights) > 1:
+        if len(weights) > 1 and not self._same_vectors(weights):
             listed = ", ".join(str(p) for p in weights)
             raise NetworkMismatchError(
                 f"embedding {name!r} is ambiguous: {len(weights)} embedding files have that name ({listed}); "
                 "rename or move one"
             )
         return mine[0] if mine else None
+
+    def _same_vectors(self, paths: list[Path]) -> bool:
+        """True when every file holds the same encoder keys with equal tensors (a format copy)."""
+        try:
+            first, *rest = [self._read(p, quiet=True) for p in paths]
+        except (ModelFormatError, OSError):  # unreadable: the ambiguity message lists the files
+            return False
+        if first is None:
+            return False
+        for emb in rest:
+            if emb is None or emb.vectors.keys() != first.vectors.keys():
+                return False
+            if not all(torch.equal(emb.vectors[k], first.vectors[k]) for k in first.vectors):
+                return False
+        return True
 
     def words(self) -> dict[str, tuple[str, Path]]:
         """Prompt word (lower-cased) -> (word, its embedding file); see :meth:`pick`."""

@@ -1039,13 +1039,16 @@ def run_preflight(
 
     # the dataset and the step math
     if o.data:
+        # a --batch-size below 1 is already an options problem: plan the dataset's batches at 1 so its own
+        # problems are still found and the batch planner does not report the same value a second time
+        planned = o if o.batch_size >= 1 else replace(o, batch_size=1)
         try:
             if verify_images:
                 data = build_train_data(
-                    o, balance_class=method.capabilities().balance_class, auxiliary=method.is_auxiliary_file
+                    planned, balance_class=method.capabilities().balance_class, auxiliary=method.is_auxiliary_file
                 )
             else:
-                data = _build_unverified(o, method)
+                data = _build_unverified(planned, method)
             report.data = data
             if o.dataset_repeats != 1 and not o.metadata_file and Path(o.data).expanduser().is_dir():
                 report.notes.append(

@@ -1,0 +1,144 @@
+"""--blocks-to-swap on a full fine-tune (kohya's flux_train.py/sd3_train.py with --fused_backward_pass):
+the swapped blocks' trained weights live on the CPU, each steps in backward on a device copy, and the
+weights after N steps equal the unswapped fused run's bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from sdcore.errors import SdcoreError
+from sdcore.train.block_swap import BlockSwap, WeightMover, swappable_blocks
+from sdcore.train.fused import StepInBackward
+from sdcore.train.optim import create_optimizer
+from test_block_swap import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+
+
+class TrainedRecorder(WeightMover):
+    """Records every copy of a trained weight (forward, recompute, step) and keeps weak references to them."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.events: list[tuple[str, int, str]] = []
+        self.copies: list[weakref.ref] = []
+
+    def trained_to_device(self, index, name, tensor):
+        self.events.append(("copy", index, name))
+        copied = super().trained_to_device(index, name, tensor)
+        self.copies.append(weakref.ref(copied))
+        return copied
+
+
+def _run(model, inputs, steps, *, swap=0, checkpointing=False, bf16=False, clip=0.0, mover=None):
+    """``steps`` fused Adafactor steps of the whole transformer (kohya's flux_train.py settings)."""
+    if bf16:
+        model.to(torch.bfloat16)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    params = list(model.parameters())
+    optimizer = create_optimizer(
+        "adafactor", [{"params": params}], lr=1e-3, args="relative_step=False scale_parameter=False warmup_init=False"
+    )
+    hooks = StepInBackward(optimizer, params, max_grad_norm=clip, seed=7, stochastic_bf16=True)
+    installed = None
+    if swap:
+        installed = BlockSwap(model, swap, "cpu", mover=mover, trained=True)
+        installed.stepper = hooks.step_swapped
+    losses = []
+    for step in range(steps):
+        hooks.begin(step)
+        batch = inputs()
+        batch["hidden_states"] = batch["hidden_states"] + 0.1 * step
+        if bf16:
+            batch = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for k, v in batch.items()}  # fmt: skip
+        out = model(**batch)[0]
+        loss = (out.float() - 0.5).square().mean()
+        loss.backward()
+        hooks.end()
+        losses.append(loss.detach())
+    hooks.remove()
+    return losses, optimizer, installed
+
+
+@pytest.mark.parametrize(
+    ("family", "checkpointing", "bf16", "clip"),
+    [("flux", False, False, 0.0), ("flux", True, False, 1.0), ("sd3", False, False, 0.0), ("flux", False, True, 0.0)],
+)
+def test_swapped_trained_weights_equal_the_unswapped_fused_run_bit_for_bit(family, checkpointing, bf16, clip):
+    build, inputs = (tiny_flux, flux_inputs) if family == "flux" else (tiny_sd3, sd3_inputs)
+    base = build()
+    swapped = copy.deepcopy(base)
+    start = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    losses_ref, opt_ref, _ = _run(base, inputs, 2, checkpointing=checkpointing, bf16=bf16, clip=clip)
+    losses, opt, swap = _run(swapped, inputs, 2, swap=3, checkpointing=checkpointing, bf16=bf16, clip=clip)
+    for got, want in zip(losses, losses_ref, strict=True):
+        assert torch.equal(got, want)
+    moved = 0
+    for (name, got), want in zip(swapped.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+        moved += not torch.equal(got, start[name])
+    assert moved > len(start) // 2  # the steps changed the weights, the swapped blocks' among them
+    in_swapped = [p for block in swap.blocks for p in block.parameters()]
+    changed = sum(not torch.equal(p, start[_name(swapped, p)]) for p in in_swapped)
+    assert changed > 0.8 * len(in_swapped)  # (a few get no gradient: SD3's last block drops its context output)
+    assert all(p.grad is None for p in in_swapped)  # the CPU master never holds a gradient
+    # the optimizer state of each weight, under the weight itself (not its copies), equals the unswapped one's
+    ref_states = [opt_ref.state[p] for p in base.parameters()]
+    states = [opt.state[p] for p in swapped.parameters()]
+    assert len(opt.state) == len(opt_ref.state) == len(states)
+    for got, want in zip(states, ref_states, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(want[key]))
+
+
+def _name(model, param):
+    return next(n for n, p in model.named_parameters() if p is param)
+
+
+def test_trained_copies_are_made_per_call_and_die_after_their_step():
+    model = tiny_flux()
+    mover = TrainedRecorder()
+    count = 2
+    blocks = swappable_blocks(model)[-count:]
+    names = [[n for n, _ in block.named_parameters()] for block in blocks]
+    _run(model, flux_inputs, 1, swap=count, mover=mover)
+    gc.collect()
+    forward = [("copy", i, n) for i in range(count) for n in names[i]]
+    assert mover.events[: len(forward)] == forward
+    rest = mover.events[len(forward) :]
+    # backward: each block recomputed (last first, its weights copied in again), then a copy per weight to step
+    for i in reversed(range(count)):
+        recompute = [("copy", i, n) for n in names[i]]
+        assert rest[: len(recompute)] == recompute
+        rest = rest[len(recompute) :]
+        stepped = sorted(e for e in rest if e[1] == i)
+        assert stepped == sorted(recompute)
+        rest = [e for e in rest if e[1] != i]
+    assert rest == []
+    assert mover.copies and all(ref() is None for ref in mover.copies)
+
+
+def test_the_forward_keeps_no_trained_copy_alive():
+    model = tiny_flux()
+    mover = TrainedRecorder()
+    BlockSwap(model, 2, "cpu", mover=mover, trained=True)
+    out = model(**flux_inputs())[0]
+    gc.collect()
+    assert mover.copies and all(ref() is None for ref in mover.copies)
+    assert out.requires_grad
+    # and a backward with nothing to step them is an error, not a silent loss of their gradients
+    with pytest.raises(SdcoreError, match="--fused-backward-pass"):
+        out.square().mean().backward()
+
+
+def test_sampling_without_autograd_uses_the_current_weights():
+    base = tiny_flux()
+    swapped = copy.deepcopy(base)
+    BlockSwap(swapped, 4, "cpu", trained=True)
+    with torch.no_grad():
+        assert torch.equal(swapped(**flux_inputs())[0], base(**flux_inputs())[0])

@@ -142,3 +142,55 @@ def test_sampling_without_autograd_uses_the_current_weights():
     BlockSwap(swapped, 4, "cpu", trained=True)
     with torch.no_grad():
         assert torch.equal(swapped(**flux_inputs())[0], base(**flux_inputs())[0])
+
+
+def _options(**kw):
+    from sdcore.train.options import TrainOptions
+
+    return TrainOptions(**{"model": "m", "data": "d", "output": "o", "resolution": 256, **kw})
+
+
+def test_the_preflight_swaps_trained_weights_only_with_the_fused_backward_pass(flux_like):
+    from sdcore.train.memory import count_parameters
+    from sdcore.train.memory_options import model_problems
+
+    layout, bundle = flux_like
+    bundle.transformer.requires_grad_(True)
+    full = count_parameters(bundle, [{"params": list(bundle.transformer.parameters())}], whole_model_result=True)
+    fused = dict(fused_backward_pass=True, optimizer="adafactor")
+    assert model_problems(_options(blocks_to_swap=5, **fused), layout, full) == []
+    assert model_problems(_options(blocks_to_swap=6, **fused), layout, full) == [
+        "--blocks-to-swap 6: the toy FLUX.1 transformer has only 5 transformer blocks; choose 1 to 5"
+    ]
+    (plain,) = model_problems(_options(blocks_to_swap=2), layout, full)
+    assert plain.startswith("--blocks-to-swap 2: this method trains the swapped blocks' own weights")
+    assert "add --fused-backward-pass with --optimizer adafactor" in plain
+    (blockwise,) = model_problems(_options(blocks_to_swap=2, blockwise_fused_optimizers=True), layout, full)
+    assert "use --fused-backward-pass" in blockwise
+
+
+@pytest.mark.parametrize("full_bf16", [False, True])
+def test_the_memory_plan_moves_the_swapped_trained_weights_to_host_memory(flux_like, full_bf16):
+    import dataclasses
+
+    from sdcore.train.memory import count_parameters, estimate_memory
+
+    layout, bundle = flux_like
+    transformer = bundle.transformer.requires_grad_(True)
+    full = count_parameters(bundle, [{"params": list(transformer.parameters())}], whole_model_result=True)
+    precision = dict(mixed_precision="bf16", full_bf16=True) if full_bf16 else {}
+    base = _options(fused_backward_pass=True, optimizer="adafactor", **precision)
+    plain = estimate_memory(layout, full, base, device="cuda")
+    swapped = estimate_memory(layout, full, dataclasses.replace(base, blocks_to_swap=3), device="cuda")
+    per = 2 if full_bf16 else 4  # the trained weights' bytes
+    last3 = [sum(p.numel() for p in b.parameters()) * per for b in transformer.single_transformer_blocks]
+    # device: the unswapped blocks' weights plus two swapped blocks in flight; host: the swapped weights
+    assert plain.weights - swapped.weights == sum(last3) - sum(sorted(last3)[-2:])
+    assert swapped.swapped_host == sum(last3) and plain.swapped_host == 0
+    assert "MiB of swapped block weights" in swapped.line()
+    # the optimizer states stay on the device (the step runs there, as kohya's); one gradient at a time
+    assert swapped.optimizer == plain.optimizer and swapped.gradients == plain.gradients
+    # without the fused backward pass nothing trained is swapped (the pre-flight refuses it)
+    unfused = estimate_memory(layout, full, dataclasses.replace(base, blocks_to_swap=3, fused_backward_pass=False),
+                              device="cuda")  # fmt: skip
+    assert unfused.swapped_host == 0

@@ -194,3 +194,31 @@ def test_the_memory_plan_moves_the_swapped_trained_weights_to_host_memory(flux_l
     unfused = estimate_memory(layout, full, dataclasses.replace(base, blocks_to_swap=3, fused_backward_pass=False),
                               device="cuda")  # fmt: skip
     assert unfused.swapped_host == 0
+
+
+def test_a_saved_and_loaded_optimizer_state_resumes_the_swapped_run_exactly():
+    """The state is keyed by the CPU weight (saved and loaded like any other); a loaded state sits beside its
+    weight (torch's rule) and moves to the step's device at its first step."""
+    base = tiny_flux()
+    first = copy.deepcopy(base)
+    _run(base, flux_inputs, 2)  # the uninterrupted unswapped run
+    _, opt, swap = _run(first, flux_inputs, 1, swap=3)
+    saved_opt, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(first.state_dict())
+
+    resumed = tiny_flux()
+    resumed.load_state_dict(saved_model)
+    params = list(resumed.parameters())
+    optimizer = create_optimizer(
+        "adafactor", [{"params": params}], lr=1e-3, args="relative_step=False scale_parameter=False warmup_init=False"
+    )
+    optimizer.load_state_dict(saved_opt)
+    hooks = StepInBackward(optimizer, params, max_grad_norm=0.0, seed=7, stochastic_bf16=True)
+    installed = BlockSwap(resumed, 3, "cpu", trained=True)
+    installed.stepper = hooks.step_swapped
+    hooks.begin(1)
+    batch = flux_inputs()
+    batch["hidden_states"] = batch["hidden_states"] + 0.1
+    (resumed(**batch)[0] - 0.5).square().mean().backward()
+    hooks.end()
+    for (name, got), want in zip(resumed.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name

@@ -202,7 +202,7 @@ def test_a_saved_and_loaded_optimizer_state_resumes_the_swapped_run_exactly():
     base = tiny_flux()
     first = copy.deepcopy(base)
     _run(base, flux_inputs, 2)  # the uninterrupted unswapped run
-    _, opt, swap = _run(first, flux_inputs, 1, swap=3)
+    _, opt, _swap = _run(first, flux_inputs, 1, swap=3)
     saved_opt, saved_model = copy.deepcopy(opt.state_dict()), copy.deepcopy(first.state_dict())
 
     resumed = tiny_flux()

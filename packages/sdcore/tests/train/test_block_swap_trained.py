@@ -222,3 +222,17 @@ def test_a_saved_and_loaded_optimizer_state_resumes_the_swapped_run_exactly():
     hooks.end()
     for (name, got), want in zip(resumed.state_dict().items(), base.state_dict().values(), strict=True):
         assert torch.equal(got, want), name
+
+
+def test_the_plan_offers_block_swap_to_a_fused_full_fine_tune(flux_like):
+    from sdcore.train.memory import count_parameters, estimate_memory, suggestions
+
+    layout, bundle = flux_like
+    bundle.transformer.requires_grad_(True)
+    full = count_parameters(bundle, [{"params": list(bundle.transformer.parameters())}], whole_model_result=True)
+    fused = _options(fused_backward_pass=True, optimizer="adafactor", gradient_checkpointing=True)
+    offered = {s.flags: s for s in suggestions(layout, full, fused, 1, device="cuda", steps_in_backward=True)}
+    swap = [f for f in offered if "--blocks-to-swap" in f]
+    assert swap and estimate_memory(layout, full, fused, device="cuda").total > offered[swap[0]].estimate.total
+    plain = _options(gradient_checkpointing=True)  # without it the swap would be refused: not offered
+    assert not any("--blocks-to-swap" in s.flags for s in suggestions(layout, full, plain, 1, device="cuda"))

@@ -832,7 +832,11 @@ def suggestions(
     if not base_weights_dtype(o) and params.denoiser_fp8 and params.trainable_in.isdisjoint({"unet", "transformer"}):
         variants.append(("--fp8-base", {"fp8_base": True}))
     swap: tuple[str, dict[str, Any]] | None = None
-    if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and not params.trainable_in:
+    from .memory_options import swaps_trained
+
+    # frozen blocks, or a full fine-tune's trained ones where they may be swapped (--fused-backward-pass)
+    swappable = not params.trainable_in or swaps_trained(o)
+    if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and swappable:
         # two swapped blocks are in flight anyway: the fewest blocks (3 or more) that fit, else all
         count = next(
             (n for n in range(3, len(params.blocks) + 1) if trial({"blocks_to_swap": n}).total <= budget),

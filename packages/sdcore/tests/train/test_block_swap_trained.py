@@ -236,3 +236,30 @@ def test_the_plan_offers_block_swap_to_a_fused_full_fine_tune(flux_like):
     assert swap and estimate_memory(layout, full, fused, device="cuda").total > offered[swap[0]].estimate.total
     plain = _options(gradient_checkpointing=True)  # without it the swap would be refused: not offered
     assert not any("--blocks-to-swap" in s.flags for s in suggestions(layout, full, plain, 1, device="cuda"))
+
+
+def test_the_memory_plan_counts_the_swapped_weights_ema_in_host_memory(flux_like):
+    """--ema averages each trained weight where it lives (``WeightEMA``: ``--ema-device same`` puts the shadow
+    beside its weight), so the swapped blocks' fp32 averages are host memory, not device memory."""
+    import dataclasses
+
+    from sdcore.train.ema import WeightEMA
+    from sdcore.train.memory import count_parameters, estimate_memory
+
+    layout, bundle = flux_like
+    transformer = bundle.transformer.requires_grad_(True)
+    full = count_parameters(bundle, [{"params": list(transformer.parameters())}], whole_model_result=True)
+    base = _options(fused_backward_pass=True, optimizer="adafactor", ema=True, blocks_to_swap=3)
+    plain = estimate_memory(layout, full, dataclasses.replace(base, blocks_to_swap=0), device="cuda")
+    swapped = estimate_memory(layout, full, base, device="cuda")
+    last3 = sum(p.numel() for b in transformer.single_transformer_blocks for p in b.parameters())
+    # what the runtime does: the average of a weight kept on the CPU is on the CPU
+    on_cpu = torch.nn.Parameter(torch.zeros(2))
+    assert WeightEMA([on_cpu], decay=0.9).shadow[0].device.type == "cpu"
+    assert plain.ema == full.trainable * 4
+    assert swapped.ema == (full.trainable - last3) * 4
+    weights_only = estimate_memory(layout, full, dataclasses.replace(base, ema=False), device="cuda")
+    assert swapped.swapped_host == weights_only.swapped_host + last3 * 4
+    # --ema-device cpu: no EMA on the device either way
+    cpu = estimate_memory(layout, full, dataclasses.replace(base, ema_device="cpu"), device="cuda")
+    assert cpu.ema == 0 and cpu.swapped_host == weights_only.swapped_host

@@ -66,7 +66,8 @@ caches and method.
   ``--fused-backward-pass`` the blocks' trained weights (4 bytes, 2 under ``--full-bf16``) are swapped
   with them; their optimizer states stay on the device (where the step runs, as kohya's), and
   the copy a weight steps on is within the two blocks' in flight. The swapped bytes are host memory
-  (:attr:`MemoryEstimate.swapped_host`).
+  (:attr:`MemoryEstimate.swapped_host`), and so is the ``--ema`` average of those trained weights
+  (:class:`sdcore.train.ema.WeightEMA` keeps each average beside its weight).
 
 - **EMA** (``--ema``): 4 bytes per trainable parameter (the fp32 average), on the device unless
   ``--ema-device cpu`` keeps it in host memory (on a CPU run it counts either way).
@@ -206,7 +207,8 @@ class MemoryEstimate:
     #: bytes the options keep in host memory instead (``--cpu-offload-checkpointing``'s block inputs); not in
     #: :attr:`total`, which is the device's
     host: int = 0
-    #: bytes of the swapped blocks' weights (``--blocks-to-swap``), in host memory; not in :attr:`total`
+    #: bytes of the swapped blocks' weights (``--blocks-to-swap``) and of their ``--ema`` average (a full
+    #: fine-tune's trained weights), in host memory; not in :attr:`total`
     swapped_host: int = 0
 
     @property
@@ -551,6 +553,17 @@ def swapped_block_bytes(
     return math.ceil(sum(sizes)), math.ceil(sum(sorted(sizes)[-2:]))
 
 
+def swapped_trained_elements(params: ParameterPlan, options: TrainOptions) -> int:
+    """The trained elements ``--blocks-to-swap`` keeps in host memory (a full fine-tune with
+    ``--fused-backward-pass``; 0 otherwise)."""
+    from .memory_options import swaps_trained
+
+    count = getattr(options, "blocks_to_swap", 0)
+    if count <= 0 or len(params.block_trained) != len(params.blocks) or not swaps_trained(options):
+        return 0
+    return sum(params.block_trained[-count:])
+
+
 def estimate_memory(
     layout: ModelLayout,
     params: ParameterPlan,
@@ -663,6 +676,10 @@ def estimate_memory(
     # --ema: an fp32 copy of every trained parameter, here unless it lives in host memory (--ema-device cpu)
     ema_here = getattr(o, "ema", False) and (getattr(o, "ema_device", "same") == "same" or device == "cpu")
     ema = params.trainable * 4 if ema_here else 0
+    if ema and swapped and device != "cpu":  # each average lives beside its weight: a swapped one's on the host
+        averaged = swapped_trained_elements(params, o)
+        ema -= averaged * 4
+        swapped_host += averaged * 4
     runtime = 0
     if device == "cpu":
         runtime = CPU_RUNTIME_BYTES + CPU_TOKENIZER_BYTES * len(layout.configs.get("text_encoders") or [])

@@ -32,16 +32,15 @@ class TrainedRecorder(WeightMover):
         return copied
 
 
-def _run(model, inputs, steps, *, swap=0, checkpointing=False, bf16=False, clip=0.0, mover=None):
-    """``steps`` fused Adafactor steps of the whole transformer (kohya's flux_train.py settings)."""
+def _run(model, inputs, steps, *, swap=0, checkpointing=False, bf16=False, clip=0.0, mover=None,
+         optimizer_name="adafactor", optimizer_args="relative_step=False scale_parameter=False warmup_init=False"):  # fmt: skip
+    """``steps`` fused steps of the whole transformer (by default Adafactor: kohya's flux_train.py settings)."""
     if bf16:
         model.to(torch.bfloat16)
     if checkpointing:
         model.enable_gradient_checkpointing()
     params = list(model.parameters())
-    optimizer = create_optimizer(
-        "adafactor", [{"params": params}], lr=1e-3, args="relative_step=False scale_parameter=False warmup_init=False"
-    )
+    optimizer = create_optimizer(optimizer_name, [{"params": params}], lr=1e-3, args=optimizer_args)
     hooks = StepInBackward(optimizer, params, max_grad_norm=clip, seed=7, stochastic_bf16=True)
     installed = None
     if swap:
@@ -94,6 +93,17 @@ def test_swapped_trained_weights_equal_the_unswapped_fused_run_bit_for_bit(famil
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(want[key]))
+
+
+@pytest.mark.parametrize(("name", "args"), [("adamw", ""), ("sgd", "momentum=0.9"), ("sgdnesterov", "momentum=0.9")])
+def test_the_other_fused_optimizers_step_swapped_weights_as_unswapped(name, args):
+    """Every optimizer --fused-backward-pass takes (FUSED_OPTIMIZERS): the same weights bit for bit on one device."""
+    base = tiny_flux()
+    swapped = copy.deepcopy(base)
+    _run(base, flux_inputs, 2, clip=0.5, optimizer_name=name, optimizer_args=args)
+    _run(swapped, flux_inputs, 2, swap=3, clip=0.5, optimizer_name=name, optimizer_args=args)
+    for (key, got), want in zip(swapped.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(got, want), key
 
 
 def _name(model, param):

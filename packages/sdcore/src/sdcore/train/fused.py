@@ -345,6 +345,41 @@ class StepInBackward:
                 self._step_one(p, p)
             p.grad = None
 
+    def step_swapped(self, p: torch.nn.Parameter, copy: torch.Tensor, grad: torch.Tensor) -> None:
+        """Step ``copy`` (the device copy of a swapped block's weight ``p``, whose master stays on the CPU:
+        ``--blocks-to-swap`` on a full fine-tune) in place with ``grad``, exactly as :meth:`_hook` steps an
+        unswapped ``p``: its own clipping, its group's rate, kohya's stochastic rounding for bf16 Adafactor.
+        The optimizer state stays keyed by ``p`` and lives on the device (created like the gradient, as
+        kohya's swapped Adafactor state is); a state loaded onto the CPU (a resume: torch puts it beside
+        ``p``) moves to the device at its first step. The caller copies ``copy`` back into ``p``."""
+        import torch
+
+        if id(p) in self._member:
+            raise RuntimeError("a swapped block's weight cannot step in an optimizer group")  # the pre-flight refuses
+        opt = self.optimizer
+        with self._lock, torch.no_grad():
+            copy.grad = grad
+            if self.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_([copy], self.max_grad_norm)
+                bad = (~torch.isfinite(norm)).to(torch.int32)
+                self._bad = bad if self._bad is None else self._bad + bad.to(self._bad.device)
+            state = opt.state.pop(p, None)
+            if state is not None:
+                for key, value in state.items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.device != copy.device:
+                        state[key] = value.to(copy.device)
+                opt.state[copy] = state
+            try:
+                if self.stochastic_bf16 and copy.dtype == torch.bfloat16:
+                    self._step_rounded(p, copy)
+                else:
+                    self._step_one(p, copy)
+            finally:
+                moved = opt.state.pop(copy, None)
+                if moved is not None:
+                    opt.state[p] = moved
+                copy.grad = None
+
     def _flush(self, number: int) -> None:
         for q in self._pending[number]:
             self._step_one(q, q)
@@ -363,27 +398,29 @@ class StepInBackward:
         finally:
             opt.param_groups = saved
 
-    def _step_rounded(self, p: torch.Tensor) -> None:
-        """kohya's fused Adafactor for a bf16 weight: the step in fp32, then stochastic rounding."""
+    def _step_rounded(self, p: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """kohya's fused Adafactor for a bf16 weight: the step in fp32, then stochastic rounding.
+        ``target``: the tensor holding ``p``'s values, gradient and state (``p`` itself, or its device copy)."""
         import torch
 
+        target = p if target is None else target
         opt = self.optimizer
-        grad = p.grad
+        grad = target.grad
         assert grad is not None
-        shadow = p.detach().float()
+        shadow = target.detach().float()
         shadow.grad = grad.float()
-        state = opt.state.pop(p, None)
+        state = opt.state.pop(target, None)
         if state is not None:
             opt.state[shadow] = state
         try:
             self._step_one(p, shadow)
         finally:
-            opt.state[p] = opt.state.pop(shadow, state if state is not None else {})
+            opt.state[target] = opt.state.pop(shadow, state if state is not None else {})
         from .noise import sample_seed
 
-        gen = torch.Generator(device=p.device)
+        gen = torch.Generator(device=target.device)
         gen.manual_seed(sample_seed(self.seed, "fused-rounding", self.step, self._index[id(p)]))
-        p.copy_(stochastic_round_bf16(shadow, gen))
+        target.copy_(stochastic_round_bf16(shadow, gen))
 
 
 def stochastic_round_bf16(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -300,7 +300,10 @@ class TrainSession:
         if o.full_fp16:
             allow_fp16_gradients(acc)
         self.placement.prepare(
-            TrainedModules(bundle, self.params, self.objective.micro_batch_loss), optimizer, scheduler
+            TrainedModules(bundle, self.params, self.objective.micro_batch_loss),
+            optimizer,
+            scheduler,
+            place=not memory.swap_trained,  # placed above; accelerate would move the swapped trained weights
         )
 
         if o.ema:  # the average starts at the weights training starts from (or the resumed state's)
@@ -329,6 +332,12 @@ class TrainSession:
             if acc.num_processes > 1:  # the pre-flight refuses it from WORLD_SIZE; a launcher may not set it
                 raise ConfigError("stepping in backward does not work in a multi-process run")
             self.fused = install(self.optimizer, self.params, o, self.say, parameter_blocks(bundle))
+        memory.install_stepper(self.fused)  # --blocks-to-swap on a full fine-tune: swapped weights step in backward
+        if memory.swap_trained:
+            self.say(
+                f"block swap: the last {len(memory.swapped)} blocks' trained weights stay in host memory and step "
+                "in backward on a device copy"
+            )
         self.progress.start_trackers(backend)
         self._setup_done = True
 

@@ -62,7 +62,12 @@ caches and method.
   dtype (a bf16 base: 2 bytes); ``--text-encoder-weights-dtype`` counts the chosen frozen text encoders' Linear
   weights by the same formula (on a GPU only where they stay: not cached, or trained through an adapter);
   ``--blocks-to-swap N`` takes the last N blocks' weights off the device except the two largest
-  (copies in flight); on the CPU those copies add to the weights instead.
+  (copies in flight); on the CPU those copies add to the weights instead. On a full fine-tune with
+  ``--fused-backward-pass`` the blocks' trained weights (4 bytes, 2 under ``--full-bf16``) are swapped
+  with them; their optimizer states stay on the device (where the step runs, as kohya's), and
+  the copy a weight steps on is within the two blocks' in flight. The swapped bytes are host memory
+  (:attr:`MemoryEstimate.swapped_host`), and so is the ``--ema`` average of those trained weights
+  (:class:`sdcore.train.ema.WeightEMA` keeps each average beside its weight).
 
 - **EMA** (``--ema``): 4 bytes per trainable parameter (the fp32 average), on the device unless
   ``--ema-device cpu`` keeps it in host memory (on a CPU run it counts either way).
@@ -183,6 +188,9 @@ class ParameterPlan:
     #: text-encoder component -> (frozen Linear/Conv2d weight elements, their output rows, trained ones): what
     #: ``--text-encoder-weights-dtype`` stores, and what it must not (an encoder's own weights that train)
     text_encoders: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: trained elements per swappable block (forward order, as ``blocks``): what ``--blocks-to-swap`` keeps on the
+    #: CPU on a full fine-tune with ``--fused-backward-pass``
+    block_trained: tuple[int, ...] = ()
 
 
 @dataclass
@@ -199,6 +207,9 @@ class MemoryEstimate:
     #: bytes the options keep in host memory instead (``--cpu-offload-checkpointing``'s block inputs); not in
     #: :attr:`total`, which is the device's
     host: int = 0
+    #: bytes of the swapped blocks' weights (``--blocks-to-swap``) and of their ``--ema`` average (a full
+    #: fine-tune's trained weights), in host memory; not in :attr:`total`
+    swapped_host: int = 0
 
     @property
     def total(self) -> int:
@@ -214,6 +225,7 @@ class MemoryEstimate:
             + (f", EMA {mib(self.ema)}" if self.ema else "")
             + (f", runtime {mib(self.runtime)})" if self.runtime else ")")
             + (f"; in host memory: {mib(self.host)} MiB of checkpointed block inputs" if self.host else "")
+            + (f"; in host memory: {mib(self.swapped_host)} MiB of swapped block weights" if self.swapped_host else "")
         )
 
 
@@ -263,6 +275,9 @@ def count_parameters(
     fp8, rows = convertible_counts(denoiser, unconverted)
     blocks = tuple(block_sizes(denoiser, trainable=seen, lists=lists))
     block_rows = tuple(convertible_counts(block, unconverted)[1] for block in swappable_blocks(denoiser, lists))
+    block_trained = tuple(
+        sum(p.numel() for p in block.parameters() if id(p) in seen) for block in swappable_blocks(denoiser, lists)
+    )
     unused = [pattern for pattern, names in excluded_names(denoiser, exclude, seen).items() if not names]
     text_encoders = {}
     # a bundle-like object without a declared family (a method's own test double) has no encoders to count
@@ -287,6 +302,7 @@ def count_parameters(
         tuple(unused),
         type(denoiser).__name__,
         text_encoders=text_encoders,
+        block_trained=block_trained,
     )
 
 
@@ -513,20 +529,40 @@ def _transformer_block_units(
 # the estimate
 
 
-def swapped_block_bytes(params: ParameterPlan, options: TrainOptions, frozen_bytes: int) -> tuple[int, int] | None:
+def swapped_block_bytes(
+    params: ParameterPlan, options: TrainOptions, frozen_bytes: int, trained_bytes: int = 4
+) -> tuple[int, int] | None:
     """``--blocks-to-swap``: (bytes of the swapped blocks' weights, bytes of the two largest of them,
-    the copies in flight on the device), at the stored dtypes (``--base-weights-dtype``)."""
+    the copies in flight on the device), at the stored dtypes (``--base-weights-dtype``). On a full fine-tune
+    with ``--fused-backward-pass`` the blocks' trained weights (``trained_bytes`` each) are swapped too."""
+    from .memory_options import swaps_trained
+
     count = getattr(options, "blocks_to_swap", 0)
     if count <= 0 or not params.blocks:
         return None
     stored = base_weights_dtype(options)
     rows = params.block_rows if len(params.block_rows) == len(params.blocks) else (0,) * len(params.blocks)
+    trained = params.block_trained if len(params.block_trained) == len(params.blocks) and swaps_trained(options) else (
+        (0,) * len(params.blocks)
+    )  # fmt: skip
     sizes = [
         (frozen - convertible) * frozen_bytes
         + (stored_weight_bytes(stored, convertible, n) if stored else convertible * frozen_bytes)
-        for (frozen, convertible), n in zip(params.blocks[-count:], rows[-count:], strict=True)
+        + t * trained_bytes
+        for (frozen, convertible), n, t in zip(params.blocks[-count:], rows[-count:], trained[-count:], strict=True)
     ]
     return math.ceil(sum(sizes)), math.ceil(sum(sorted(sizes)[-2:]))
+
+
+def swapped_trained_elements(params: ParameterPlan, options: TrainOptions) -> int:
+    """The trained elements ``--blocks-to-swap`` keeps in host memory (a full fine-tune with
+    ``--fused-backward-pass``; 0 otherwise)."""
+    from .memory_options import swaps_trained
+
+    count = getattr(options, "blocks_to_swap", 0)
+    if count <= 0 or len(params.block_trained) != len(params.blocks) or not swaps_trained(options):
+        return 0
+    return sum(params.block_trained[-count:])
 
 
 def estimate_memory(
@@ -580,9 +616,11 @@ def estimate_memory(
             continue
         weights += count * per
     weights += params.added * trained
-    swapped = swapped_block_bytes(params, o, frozen_bytes)
+    swapped = swapped_block_bytes(params, o, frozen_bytes, trained)
+    swapped_host = 0
     if swapped:  # in CPU memory; two blocks' copies in flight on the device (on the CPU: beside them)
         weights += (-swapped[0] if device != "cpu" else 0) + swapped[1]
+        swapped_host = swapped[0] if device != "cpu" else 0
     gradients = held_gradient_elements(params, o) * trained
     fused = fused_steps(o)
     optimizer = params.trainable * OPTIMIZER_STATE_BYTES.get(o.optimizer.lower(), 8.0)
@@ -639,6 +677,10 @@ def estimate_memory(
     # --ema: an fp32 copy of every trained parameter, here unless it lives in host memory (--ema-device cpu)
     ema_here = getattr(o, "ema", False) and (getattr(o, "ema_device", "same") == "same" or device == "cpu")
     ema = params.trainable * 4 if ema_here else 0
+    if ema and swapped and device != "cpu":  # each average lives beside its weight: a swapped one's on the host
+        averaged = swapped_trained_elements(params, o)
+        ema -= averaged * 4
+        swapped_host += averaged * 4
     runtime = 0
     if device == "cpu":
         runtime = CPU_RUNTIME_BYTES + CPU_TOKENIZER_BYTES * len(layout.configs.get("text_encoders") or [])
@@ -651,6 +693,7 @@ def estimate_memory(
         activations=activations,
         ema=ema,
         host=host,
+        swapped_host=swapped_host,
         settings={
             "batch_size": o.batch_size,
             "resolution": o.resolution,
@@ -807,7 +850,11 @@ def suggestions(
     if not base_weights_dtype(o) and params.denoiser_fp8 and params.trainable_in.isdisjoint({"unet", "transformer"}):
         variants.append(("--fp8-base", {"fp8_base": True}))
     swap: tuple[str, dict[str, Any]] | None = None
-    if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and not params.trainable_in:
+    from .memory_options import swaps_trained
+
+    # frozen blocks, or a full fine-tune's trained ones where they may be swapped (--fused-backward-pass)
+    swappable = not params.trainable_in or swaps_trained(o)
+    if not getattr(o, "blocks_to_swap", 0) and len(params.blocks) > 2 and swappable:
         # two swapped blocks are in flight anyway: the fewest blocks (3 or more) that fit, else all
         count = next(
             (n for n in range(3, len(params.blocks) + 1) if trial({"blocks_to_swap": n}).total <= budget),

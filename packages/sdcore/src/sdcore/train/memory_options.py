@@ -8,7 +8,8 @@
   encoders' Linear weights in the same formats (:func:`sdcore.train.base_weights.convert_text_encoder`), at the
   same moment, so the text-encoder cache is filled by the converted encoders.
 - ``--blocks-to-swap N`` (:mod:`sdcore.train.block_swap`): the last N transformer blocks are left
-  on the CPU by placement and the swap is installed after it.
+  on the CPU by placement and the swap is installed after it. On a full fine-tune their trained weights
+  stay there too and step in backward (only with ``--fused-backward-pass``, :func:`trained_swap_problem`).
 - gradient checkpointing and ``--mixed-precision bf16`` (frozen weights stored in bf16) are the
   placement's own (:mod:`sdcore.train.placement`).
 
@@ -196,12 +197,17 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
         return problems
     problems.extend(text_encoder_problems(family, params, options))
     if params is not None and family.denoiser in params.trainable_in:
-        for name, on in ((flag, bool(stored)), (f"--blocks-to-swap {count}", count > 0)):
-            if on:
-                problems.append(
-                    f"{name}: this method trains the {family.denoiser}'s own weights; the option applies to frozen "
-                    "base weights (adapter training such as LoRA)"
-                )
+        if stored:
+            problems.append(
+                f"{flag}: this method trains the {family.denoiser}'s own weights; the option applies to frozen "
+                "base weights (adapter training such as LoRA)"
+            )
+        if count > 0:
+            problem = trained_swap_problem(options, count) or blocks_to_swap_problem(
+                count, len(params.blocks), f"the {family.label} {family.denoiser}"
+            )
+            if problem:
+                problems.append(problem)
         return problems
     if count > 0:
         available = len(params.blocks) if params is not None else (0 if family.denoiser == "unet" else count)
@@ -223,6 +229,31 @@ def model_problems(options: TrainOptions, layout: ModelLayout, params: Parameter
     return problems
 
 
+def trained_swap_problem(options: Any, count: int) -> str | None:
+    """Why ``--blocks-to-swap`` cannot swap trained weights (a full fine-tune) with these options: they step
+    only in backward, while a block's weights are on the device (kohya's flux_train.py/sd3_train.py pair the swap
+    with ``--fused_backward_pass``: after backward a swapped weight is back on the CPU, away from its gradient)."""
+    from .fused import steps_in_backward
+
+    if getattr(options, "fused_backward_pass", False):
+        return None
+    if steps_in_backward(options):
+        return (
+            f"--blocks-to-swap {count} on a full fine-tune steps each swapped weight alone in backward: use "
+            "--fused-backward-pass (same weights for these optimizers) instead of the optimizer groups"
+        )
+    return (
+        f"--blocks-to-swap {count}: this method trains the swapped blocks' own weights, which can only step while "
+        "their block is on the device, inside backward: add --fused-backward-pass with --optimizer adafactor "
+        "(as kohya's flux_train.py/sd3_train.py are run), or train an adapter (LoRA)"
+    )
+
+
+def swaps_trained(options: Any) -> bool:
+    """Whether a run that swaps blocks whose weights train may (``--fused-backward-pass``)."""
+    return trained_swap_problem(options, getattr(options, "blocks_to_swap", 0)) is None
+
+
 @dataclass
 class MemorySetup:
     """What the memory options did to one loaded model."""
@@ -233,6 +264,8 @@ class MemorySetup:
     text_encoder_elements: dict[str, int] = field(default_factory=dict)
     swapped: list[Any] = field(default_factory=list)  # the blocks placement leaves on the CPU
     swap: Any = None  # the installed BlockSwap
+    #: the swapped blocks' trained weights stay on the CPU and step in backward (a full fine-tune)
+    swap_trained: bool = False
 
     @classmethod
     def before_placement(cls, bundle: ModelBundle, options: TrainOptions) -> MemorySetup:
@@ -267,8 +300,11 @@ class MemorySetup:
             if problem:
                 raise ConfigError(problem)
             setup.swapped = blocks[len(blocks) - count :]
-            if all(p.requires_grad for b in setup.swapped for p in b.parameters()):
-                raise ConfigError(f"--blocks-to-swap {count}: the swapped blocks train entirely; nothing to swap")
+            if any(p.requires_grad for b in setup.swapped for p in b.parameters()):
+                problem = trained_swap_problem(options, count)
+                if problem and all(p.requires_grad for b in setup.swapped for p in b.parameters()):
+                    raise ConfigError(problem)
+                setup.swap_trained = problem is None
         return setup
 
     def convert_text_encoders(self, bundle: ModelBundle, options: TrainOptions) -> None:
@@ -299,4 +335,13 @@ class MemorySetup:
         if self.swapped:
             from .block_swap import BlockSwap, block_list_names
 
-            self.swap = BlockSwap(bundle.denoiser, len(self.swapped), device, lists=block_list_names(bundle))
+            self.swap = BlockSwap(
+                bundle.denoiser, len(self.swapped), device, lists=block_list_names(bundle), trained=self.swap_trained
+            )
+
+    def install_stepper(self, fused: Any) -> None:
+        """Once the fused backward pass is installed: the swapped trained weights step through it."""
+        if self.swap is not None and self.swap_trained:
+            if fused is None:
+                raise ConfigError("--blocks-to-swap on trained weights needs --fused-backward-pass")
+            self.swap.stepper = fused.step_swapped

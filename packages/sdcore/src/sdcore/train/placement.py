@@ -119,8 +119,9 @@ def place_model(
         _move(module, device, {id(m) for m in stay_on_cpu})
         module.train(module_trains)
     # method-owned parameters outside the bundle's modules (e.g. separate embeddings)
+    swapped = {id(p) for m in stay_on_cpu for p in m.parameters()}
     for p in params:
-        if p.device != device:
+        if p.device != device and id(p) not in swapped:  # a swapped block's trained weights stay (block swap)
             p.data = p.data.to(device)
         if trainable_dtype != torch.float32 and p.dtype != trainable_dtype:
             p.data = p.data.to(trainable_dtype)
@@ -229,8 +230,12 @@ class Placement:
     def device(self) -> Any:
         return self.accelerator.device
 
-    def prepare(self, model: Any, optimizer: Any, scheduler: Any) -> None:
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+    def prepare(self, model: Any, optimizer: Any, scheduler: Any, *, place: bool = True) -> None:
+        """``place`` False: accelerate leaves the model where :func:`place_model` put it (blocks swapped with
+        their trained weights stay on the CPU)."""
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            model, optimizer, scheduler, device_placement=[place, None, None]
+        )
 
     @contextlib.contextmanager
     def no_sync(self, sync: bool) -> Iterator[None]:

@@ -623,3 +623,14 @@ def test_nargs_arguments_with_an_explicit_value_and_values_that_start_with_a_das
     assert (c.args["validation_prompts"], c.args["resolution"]) == (["-a cat", "b"], "64")
     c = read_command(_write(tmp_path, base + "--validation_prompts -x\n", "x.sh"))
     assert c is not None and any("--validation_prompts: expected at least one argument" in p for p in c.problems)
+
+
+def test_an_argument_given_twice_keeps_the_last_as_argparse(tmp_path):
+    """argparse stores each occurrence in turn, so the last one counts (a note says so)."""
+    _images(tmp_path / "dog")
+    text = FLUX_COMMAND.replace('INSTANCE_DIR="dog"', f'INSTANCE_DIR="{tmp_path / "dog"}"')
+    text = text.replace("--rank=16", "--rank=16 --rank=8")
+    notes: list[str] = []
+    o = _load(_write(tmp_path, text), {"model": "tiny:flux"}, notes=notes)
+    assert o.rank == 8
+    assert any("--rank is given twice: the last one counts" in n for n in notes)

@@ -452,8 +452,8 @@ def _parse_args(words: list[str], command: Command, *, launcher: bool) -> dict[s
             if name in lists and not taken:
                 command.problems.append(f"{command.path}: --{name}: expected at least one argument")
             value_ = taken if name in lists else (taken[0] if len(taken) == 1 else taken or True)
-        if name in out and not launcher:
-            command.problems.append(f"{command.path}: --{name} is given twice")
+        if name in out and not launcher:  # argparse keeps the last (kohya command files read alike)
+            command.notes.append(f"{command.path}: --{name} is given twice: the last one counts (as in argparse)")
         out[name] = value_
     return out
 

@@ -263,7 +263,7 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
 
     path = _flux_run(tmp_path)
     data = json.loads(path.read_text())
-    data.update({"--grad_clip_method": "percentile", "--model_family": "hidream", "--use_ema": "true", "--lora_rnak": 8,
+    data.update({"--grad_clip_method": "percentile", "--model_family": "hidream", "--use_soft_min_snr": "true", "--lora_rnak": 8,
                  "--pretrained_model_name_or_path": str(tmp_path / "no-such-model")})  # fmt: skip
     backends = json.loads(Path(data["--data_backend_config"]).read_text())
     backends.append({"id": "s3", "type": "aws", "aws_bucket_name": "x"})
@@ -275,7 +275,7 @@ def test_problems_one_line_each_all_at_once_before_the_model_loads(tmp_path):
     expected = [
         "model_family 'hidream': a model family sdcore does not train",
         "grad_clip_method 'percentile': SimpleTuner clips by value or norm",  # sections/optimizer.py:264 choices
-        "use_ema = 'true': sdcore does not implement this SimpleTuner option",
+        "use_soft_min_snr = 'true': sdcore does not implement this SimpleTuner option",
         "'lora_rnak' (did you mean 'lora_rank'?)",
         "type 'aws': sdcore reads local image folders only",
         "is_regularisation_data: SimpleTuner trains such data towards the base model's own prediction",

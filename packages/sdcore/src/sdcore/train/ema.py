@@ -16,6 +16,9 @@ resumed run continues the same rule), with ``D = --ema-decay``:
                 ``EMAModel.get_decay`` with ``update_after_step=0`` and no power warm-up)
 ``none``        ``D`` at every update (ai-toolkit's trainer: its ``ExponentialMovingAverage`` is built
                 without ``use_num_updates``)
+``copy``        ``0`` (the update copies the weights) while ``n < W``, ``D`` from ``n = W`` on, with
+                ``W = --ema-warmup-steps`` (SimpleTuner's ``ema_warmup_steps``: its ``EMAModel.get_decay``
+                copies before that optimizer step, then switches straight to the fixed decay)
 ==============  =========================================================================================
 
 With ``--ema-update-every N`` the update runs after steps ``N, 2N, ...`` and ``d`` is not adjusted
@@ -42,19 +45,22 @@ if TYPE_CHECKING:
     from .options import TrainOptions
 
 #: the decay warm-up rules (``--ema-warmup``), the first the default
-EMA_WARMUPS = ("onetrainer", "diffusers", "none")
+EMA_WARMUPS = ("onetrainer", "diffusers", "none", "copy")
 #: where the shadow lives: ``same`` = beside the weights it averages, ``cpu`` = host memory (OneTrainer's CPU EMA)
 EMA_DEVICES = ("same", "cpu")
 #: options a resumed run must keep: the average would not equal an uninterrupted run's
-EMA_RESUME_FIXED = ("ema", "ema_decay", "ema_update_every", "ema_warmup")
+EMA_RESUME_FIXED = ("ema", "ema_decay", "ema_update_every", "ema_warmup", "ema_warmup_steps")
 #: the state file holding the shadow tensors
 EMA_STATE_FILE = "ema.safetensors"
 
 
-def ema_decay_at(step: int, decay: float, warmup: str = "onetrainer") -> float:
-    """The decay of the EMA update after optimizer step ``step`` (1-based) for ``--ema-warmup warmup``."""
+def ema_decay_at(step: int, decay: float, warmup: str = "onetrainer", warmup_steps: int = 0) -> float:
+    """The decay of the EMA update after optimizer step ``step`` (1-based) for ``--ema-warmup warmup``
+    (``warmup_steps``: ``--ema-warmup-steps``, read by ``copy`` only)."""
     if warmup == "none":
         return decay
+    if warmup == "copy":
+        return 0.0 if step < warmup_steps else decay
     if warmup == "diffusers" and step <= 1:
         return 0.0
     u = step - 1  # OneTrainer's optimization_step; diffusers' step after update_after_step
@@ -73,6 +79,10 @@ def ema_option_problems(options: TrainOptions) -> list[str]:
         problems.append(f"--ema-update-every must be at least 1, got {o.ema_update_every}")
     if o.ema_warmup not in EMA_WARMUPS:
         problems.append(f"--ema-warmup {o.ema_warmup!r}: choose one of {', '.join(EMA_WARMUPS)}")
+    if o.ema_warmup == "copy" and o.ema_warmup_steps < 1:
+        problems.append(f"--ema-warmup copy needs --ema-warmup-steps of at least 1, got {o.ema_warmup_steps}")
+    elif o.ema_warmup != "copy" and o.ema_warmup_steps:
+        problems.append(f"--ema-warmup-steps {o.ema_warmup_steps}: read only by --ema-warmup copy")
     if o.ema_device not in EMA_DEVICES:
         problems.append(f"--ema-device {o.ema_device!r}: choose one of {', '.join(EMA_DEVICES)}")
     engine = sharded_engine()
@@ -120,11 +130,14 @@ def ema_metadata(options: TrainOptions) -> dict[str, str]:
     o = options
     if not o.ema:
         return {}
-    return {
+    keys = {
         "sdcore_ema_decay": str(o.ema_decay),
         "sdcore_ema_update_every": str(o.ema_update_every),
         "sdcore_ema_warmup": o.ema_warmup,
     }
+    if o.ema_warmup == "copy":
+        keys["sdcore_ema_warmup_steps"] = str(o.ema_warmup_steps)
+    return keys
 
 
 class WeightEMA:
@@ -137,6 +150,7 @@ class WeightEMA:
         decay: float,
         update_every: int = 1,
         warmup: str = "onetrainer",
+        warmup_steps: int = 0,
         device: str = "same",
     ) -> None:
         import torch
@@ -145,6 +159,7 @@ class WeightEMA:
         self.decay = decay
         self.update_every = update_every
         self.warmup = warmup
+        self.warmup_steps = warmup_steps
         self.on_cpu = device == "cpu"
         self.shadow = [
             p.detach().to(device="cpu" if self.on_cpu else p.device, dtype=torch.float32, copy=True)
@@ -156,7 +171,7 @@ class WeightEMA:
     def from_options(cls, options: TrainOptions, params: Sequence[torch.nn.Parameter]) -> WeightEMA:
         o = options
         return cls(params, decay=o.ema_decay, update_every=o.ema_update_every, warmup=o.ema_warmup,
-                   device=o.ema_device)  # fmt: skip
+                   warmup_steps=o.ema_warmup_steps, device=o.ema_device)  # fmt: skip
 
     def update(self, step: int) -> bool:
         """Average after optimizer step ``step`` (1-based) if it is one of the updating steps; True when it was."""
@@ -164,7 +179,7 @@ class WeightEMA:
 
         if step % self.update_every:
             return False
-        keep = ema_decay_at(step, self.decay, self.warmup)
+        keep = ema_decay_at(step, self.decay, self.warmup, self.warmup_steps)
         with torch.no_grad():
             for shadow, param in zip(self.shadow, self.params, strict=True):
                 value = param.detach().to(device=shadow.device, dtype=torch.float32)

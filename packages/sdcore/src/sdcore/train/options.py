@@ -517,8 +517,15 @@ class TrainOptions:
     ema_warmup: str = option(
         "onetrainer",
         "Decay warm-up: onetrainer = min(decay, (1+u)/(10+u)) at the update after u earlier steps; diffusers = "
-        "the same but the first update copies the weights; none = the decay from the start (ai-toolkit).",
+        "the same but the first update copies the weights; none = the decay from the start (ai-toolkit); copy = "
+        "the updates before step --ema-warmup-steps copy the weights, then the decay (SimpleTuner ema_warmup_steps).",
         choices=EMA_WARMUPS,
+        group="ema",
+    )
+    ema_warmup_steps: int = option(
+        0,
+        "With --ema-warmup copy: the optimizer step from which the decay applies; the updates before it copy the "
+        "weights (SimpleTuner's ema_warmup_steps).",
         group="ema",
     )
     ema_device: str = option(

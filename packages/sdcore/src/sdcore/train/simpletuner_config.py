@@ -219,7 +219,7 @@ NOTED = {"report_to", "logging_dir", "resume_from_checkpoint", "checkpoint_epoch
          "skip_file_discovery", "aspect_bucket_disable_rebuild", "disable_benchmark", "disable_tf32",
          "set_grads_to_none", "attention_mechanism", "sageattention_usage", "vae_enable_slicing", "vae_enable_tiling",
          "vae_enable_patch_conv", "vae_enable_temporal_roll", "vae_dtype", "enable_group_offload",
-         "accelerator_cache_clear_interval", "seed_for_each_device", "ema_device", "ema_cpu_only",
+         "accelerator_cache_clear_interval", "seed_for_each_device", "ema_cpu_only",
          "ema_foreach_disable", "num_validation_images", "user_prompt_library", "text_encoder_limit",
          "trust_remote_code", "revision", "variant", "base_model_default_dtype", "unet_attention_slice",
          "find_unused_parameters", "delete_unwanted_images", "delete_problematic_images", "metadata_update_interval",
@@ -236,6 +236,8 @@ HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name
            "noise_offset_probability", "offset_noise", "flow_schedule_shift", "flow_schedule_auto_shift",
            "flow_sigmoid_scale", "flow_use_uniform_schedule", "flux_guidance_mode", "flux_guidance_value",
            "flux_guidance_min", "flux_guidance_max", "flux_attention_masked_training", "train_text_encoder",
+           "text_encoder_lr", "use_ema", "ema_decay", "ema_update_interval", "ema_warmup_steps", "ema_device",
+           "ema_validation",
            "pretrained_vae_model_name_or_path", "resolution", "resolution_type", "minimum_image_size",
            "maximum_image_size", "target_downsample_size", "caption_strategy", "instance_prompt",
            "prepend_instance_prompt", "only_instance_prompt", "aspect_bucket_alignment",
@@ -582,6 +584,7 @@ def translate_config(
         _lora(r, family, out)
     _timesteps(r, family, flow, out)
     _validation(r, family, path, out)
+    _ema(r, out)  # after the validation: its note says what the samples show
     backend = r.text("data_backend_config")
     if not backend:
         out.problems.append(f"{where}.data_backend_config: the data backend JSON is needed")
@@ -714,9 +717,97 @@ def _training(r: _Reader, family: str | None, flow: bool, out: JobTranslation) -
                 f"{w}.noise_offset_probability {probability}: SimpleTuner adds the offset noise to that share of "
                 "the steps; sdcore adds it on every step (set it to 1)"
             )
-    if r.flag("train_text_encoder"):
-        out.problems.append(f"{w}.train_text_encoder: not translated yet (train the denoiser only, or use sdcore's "
-                            "--train-text-encoder options directly)")  # fmt: skip
+    _text_encoder(r, family, out)
+
+
+def _text_encoder(r: _Reader, family: str | None, out: JobTranslation) -> None:
+    """``train_text_encoder`` (+ ``text_encoder_lr``): SimpleTuner documents it as "also train the text encoder
+    (CLIP) model"; its optimizer gets every CLIP encoder's trainable tensors (T5 is skipped: "does not support
+    finetuning"; SD3's third encoder is not trained), in their own group at ``text_encoder_lr`` when given
+    (trainer.py), else at ``learning_rate``; LyCORIS runs refuse it (safety_check.py). sdcore trains the CLIP
+    encoders with ``--train-text-encoder`` (T5 only with ``--train-t5``, not set here): a LoRA on them for a
+    LoRA run, the full encoders for a full run; ``--te-lr`` is ``text_encoder_lr``. SimpleTuner's own trainer
+    (bc8e6ab) adds no adapter to the encoders, keeps them ``requires_grad_(False)`` and encodes the captions
+    under ``no_grad``, so its run leaves them as they were: a note says so."""
+    w = r.where
+    rate = r.number("text_encoder_lr")
+    if not r.flag("train_text_encoder"):
+        if rate is not None:
+            out.notes.append(f"{w}.text_encoder_lr: without train_text_encoder no text encoder trains; not used")
+        return
+    if r.text("lora_type").lower() == "lycoris" and r.text("model_type").lower() == "lora":
+        out.problems.append(f"{w}.train_text_encoder with lora_type lycoris: SimpleTuner refuses it (LyCORIS trains "
+                            "the denoiser only); remove train_text_encoder")  # fmt: skip
+        return
+    if family == "chroma":
+        out.problems.append(f"{w}.train_text_encoder: Chroma's only text encoder is T5, which SimpleTuner does not "
+                            "train (it skips T5 encoders); remove train_text_encoder")  # fmt: skip
+        return
+    out.values["train_text_encoder"] = True
+    if rate is not None:
+        out.values["te_lr"] = rate
+    clip = {"sd3": "CLIP-L and CLIP-G, not T5", "flux": "CLIP-L, not T5"}.get(family or "", "its CLIP encoder(s)")
+    what = "a LoRA on " if r.text("model_type").lower() == "lora" else ""
+    out.notes.append(
+        f"{w}.train_text_encoder: sdcore trains {what}{clip} (--train-text-encoder"
+        + (f", --te-lr {rate:g}" if rate is not None else "")
+        + "), as SimpleTuner documents the option; SimpleTuner's own trainer at bc8e6ab adds no adapter to the "
+        "text encoders and encodes captions without gradients, so its run leaves them unchanged (remove "
+        "train_text_encoder to train as it did)"
+    )
+
+
+def _ema(r: _Reader, out: JobTranslation) -> None:
+    """``use_ema`` (helpers/training/ema.py ``EMAModel``, built with ``decay = ema_decay`` and
+    ``warmup_steps = ema_warmup_steps``, the rest at its defaults: min_decay 0, update_after_step 0, no
+    inv_gamma/power warm-up): stepped after optimizer step n (its global_step, already counted) when
+    ``n % ema_update_interval == 0``, with the decay ``get_decay(n)``: 0 at n = 1, then
+    ``min(ema_decay, (1 + u) / (10 + u))`` with u = n - 1 -- sdcore's ``--ema-warmup diffusers``; with
+    ``ema_warmup_steps`` W > 0, 0 while n < W and ``ema_decay`` from W on -- ``--ema-warmup copy``. The average
+    covers the denoiser's trained tensors (its LoRA, or the full model); validation and the full model's final
+    save use it; a LoRA run saves its raw LoRA as the result and the average beside each checkpoint
+    (``ema/``)."""
+    v, w = out.values, r.where
+    if not r.flag("use_ema"):
+        given = [k for k in ("ema_decay", "ema_update_interval", "ema_warmup_steps", "ema_validation") if r.given(k)]
+        if given:
+            out.notes.append(f"{w}: {', '.join(given)} without use_ema: not used (as in SimpleTuner)")
+        return
+    decay = r.number("ema_decay")
+    interval = r.number("ema_update_interval", int)
+    warmup_steps = r.number("ema_warmup_steps", int) or 0
+    v["ema"] = True
+    if decay is None or not 0.0 < decay < 1.0:
+        out.problems.append(f"{w}.ema_decay {r.get('ema_decay')!r}: a decay between 0 and 1 is needed")
+    else:
+        v["ema_decay"] = decay
+    v["ema_update_every"] = 1 if interval is None else interval  # None: every step (should_update_ema)
+    if warmup_steps > 0:
+        v["ema_warmup"] = "copy"
+        v["ema_warmup_steps"] = warmup_steps
+    else:
+        v["ema_warmup"] = "diffusers"
+    device = r.text("ema_device") or "cpu"
+    if device not in ("cpu", "accelerator"):
+        out.problems.append(f"{w}.ema_device {device!r}: choose cpu or accelerator")
+    else:
+        v["ema_device"] = "cpu" if device == "cpu" else "same"
+    lora = r.text("model_type").lower() == "lora"
+    out.notes.append(
+        f"{w}.use_ema: sdcore saves the average as the result"
+        + (" (SimpleTuner's pytorch_lora_weights.safetensors is the raw LoRA; its average is each checkpoint's "
+           "ema/ file)" if lora else " (as SimpleTuner's final pipeline)")
+        + " and keeps it in fp32 (SimpleTuner stores it in the training weight dtype: bf16 under mixed_precision "
+        "bf16)"
+        + ("; a trained text encoder is averaged too (SimpleTuner averages the denoiser only)"
+           if r.flag("train_text_encoder") else "")
+    )  # fmt: skip
+    mode = r.text("ema_validation") or "comparison"
+    if mode not in ("none", "ema_only", "comparison"):
+        out.problems.append(f"{w}.ema_validation {mode!r}: choose none, ema_only or comparison")
+    elif mode != "ema_only" and "sample_prompts" in v:
+        seen = "the raw weights' images beside them" if mode == "comparison" else "the raw weights instead"
+        out.notes.append(f"{w}.ema_validation {mode}: sdcore's samples use the average (SimpleTuner renders {seen})")
 
 
 def _precision(r: _Reader, out: JobTranslation) -> None:

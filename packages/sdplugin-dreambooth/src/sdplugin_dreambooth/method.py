@@ -251,10 +251,13 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
     # --- state -------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """A host copy of every trained tensor, made one tensor at a time: a clone on the device would hold
+        a second copy of the trained model there (a FLUX.1 transformer: 47 GB in fp32) while the state is
+        written. ``copy=True``: a CPU model's snapshot must not change as training goes on."""
         state: dict[str, torch.Tensor] = {}
         for prefix, module in self._trainables.items():
             for key, value in module.state_dict().items():
-                state[f"{prefix}.{key}"] = value.detach().clone()
+                state[f"{prefix}.{key}"] = value.detach().to("cpu", copy=True)
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:

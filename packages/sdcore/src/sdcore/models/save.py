@@ -91,6 +91,96 @@ def build_metadata(bundle: ModelBundle, path: Path, extra: dict[str, str] | None
     return meta
 
 
+#: a module's forward/backward hook tables: a host copy for writing leaves them behind (a hook held as a bound
+#: method or ``functools.partial`` would be deep-copied with its owner, maybe onto the device)
+_RUN_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def host_copy(module: Any, dtype: Any = None) -> Any:
+    """A copy of ``module`` whose tensors are on the CPU, cast as ``module.to(dtype)`` would cast them,
+    for writing it; ``module`` is left as it was (same parameter objects, same config).
+
+    Why not ``copy.deepcopy(module).to(dtype)``: on a GPU that first copies every tensor on the device (a
+    FLUX.1 transformer in fp32 is 47 GB more device memory) before casting. Here the module's structure
+    (classes, configs, a quantised layer's class switch) is deep-copied with its tensors replaced by
+    ``meta`` tensors, the copy's ``.to(dtype)`` decides each tensor's dtype by the module's own rules
+    (floats only; a quantised base layer keeps its fp32 block maxima), and then each tensor is cast on
+    its own device, moved to the CPU and put in place, one at a time: the extra device memory is one cast
+    tensor, the host holds the converted tensors. Values equal the old path's (the same cast, on the
+    same device). A CPU tensor that needs no cast is shared, not copied. Tied tensors stay tied.
+    """
+    import torch
+
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for name in _RUN_HOOKS:
+            hooks = sub.__dict__.get(name)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+        for tensor in (*sub._parameters.values(), *sub._buffers.values()):
+            if tensor is None or id(tensor) in memo:
+                continue
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = (
+                torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else empty
+            )
+    shell = copy.deepcopy(module, memo)
+    del memo
+    if dtype is not None:  # nn.Module's own: diffusers' ``to`` warns about fp32 modules on every dtype cast
+        torch.nn.Module.to(shell, dtype)
+    done: dict[int, Any] = {}
+    pairs = zip(module.named_modules(remove_duplicate=False), shell.named_modules(remove_duplicate=False), strict=True)
+    for (name, source), (copied_name, target) in pairs:
+        if name != copied_name:  # deepcopy keeps the order; a mismatch would write wrong tensors
+            raise SdcoreError(f"could not copy {type(module).__name__} for writing ({name!r} vs {copied_name!r})")
+        for slot in ("_parameters", "_buffers"):
+            mine, theirs = getattr(target, slot), getattr(source, slot)
+            for key, placeholder in mine.items():
+                if placeholder is None:
+                    continue
+                original = theirs[key]
+                value = done.get(id(original))
+                if value is None:
+                    with torch.no_grad():
+                        tensor = original.detach()
+                        if tensor.dtype != placeholder.dtype:
+                            tensor = tensor.to(placeholder.dtype)  # on its device, as module.to(dtype) casts
+                        tensor = tensor.to("cpu")
+                    is_param = isinstance(placeholder, torch.nn.Parameter)
+                    value = torch.nn.Parameter(tensor, original.requires_grad) if is_param else tensor
+                    done[id(original)] = value
+                mine[key] = value
+    return shell
+
+
+def host_bundle(bundle: ModelBundle, dtype: Any = None) -> ModelBundle:
+    """``bundle`` with every module replaced by its :func:`host_copy` (cast to ``dtype``), for the
+    single-file writers: their key conversions (fused q/k/v, OpenCLIP packing) then make their new
+    tensors in host memory, never a second copy of a trained model on the device. Casting before the
+    conversion gives the values the old order (convert, then cast) gave: the conversions only move,
+    concatenate and reshape elements."""
+    from dataclasses import replace
+
+    def copied(module: Any) -> Any:
+        return None if module is None else host_copy(module, dtype)
+
+    return replace(
+        bundle,
+        unet=copied(bundle.unet),
+        transformer=copied(bundle.transformer),
+        vae=copied(bundle.vae),
+        text_encoders=[copied(module) for module in bundle.text_encoders],
+    )
+
+
 def _dtype_name(dtype: Any) -> str:
     from ..dtypes import short_name
 
@@ -116,7 +206,9 @@ def write_single_file(
     if target.suffix.lower() not in (".safetensors", ".sft"):
         raise SdcoreError(f"{target}: single files are written as .safetensors (pickle .ckpt is unsafe to share)")
     want = resolve_dtype(dtype)
-    state = modules_to_ldm(bundle.family, bundle.unet, bundle.vae, bundle.text_encoders)
+    host = host_bundle(bundle, want)
+    state = modules_to_ldm(host.family, host.unet, host.vae, host.text_encoders)
+    del host
     seen: set[int] = set()
     out: dict[str, Any] = {}
     for key, value in state.items():
@@ -338,7 +430,7 @@ def write_diffusers(
         components = bundle.components()
         for name, module in components.items():
             first = next(iter(module.parameters()))
-            out = copy.deepcopy(module).to(want) if want is not None and first.dtype != want else module
+            out = host_copy(module, want) if want is not None and first.dtype != want else module
             with quiet_transformers_loading():  # no "Writing model shards" bar in a command's output
                 out.save_pretrained(tmp / name, safe_serialization=True)
             if name.startswith("text_encoder") and type(module).__name__.startswith("CLIP"):  # not T5

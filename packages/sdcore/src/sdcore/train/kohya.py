@@ -655,7 +655,8 @@ _IGNORED_NOTES = {
     "t5xxl_dtype": "kohya's SD3 scripts do not read it (their help: [DOES NOT WORK]); T5 runs in the mixed-precision "
     "dtype there as here",
     "t5xxl_device": "kohya's SD3 scripts do not read it (their help: [DOES NOT WORK])",
-    "mem_eff_save": "a memory-saving way to write the same checkpoint; sdcore writes it its own way",
+    "mem_eff_save": "a memory-saving way to write the same checkpoint; sdcore always casts and writes a model "
+    "tensor by tensor from host memory, with no second copy on the GPU",
     "text_encoder_batch_size": "the batch size of text-encoder caching (the same encodings); sdcore uses its own",
     "skip_latents_validity_check": "kohya's old name of skip_cache_check; sdcore's latent cache checks its keys itself",
     "save_clip": "kohya's sd3_train.py does not read it (its help: [DOES NOT WORK]); sdcore's SD3 checkpoint holds "

@@ -100,7 +100,7 @@ def write_flux_single_file(
     from ...io import atomic_path
     from ..load import resolve_dtype
     from ..native import bundle_native_resolution
-    from ..save import _HASH_PLACEHOLDER, SAI_SPEC_VERSION, _dtype_name, _fill_data_hash
+    from ..save import _HASH_PLACEHOLDER, SAI_SPEC_VERSION, _dtype_name, _fill_data_hash, host_bundle
 
     target = Path(path)
     if target.suffix.lower() not in (".safetensors", ".sft"):
@@ -108,7 +108,7 @@ def write_flux_single_file(
     want = resolve_dtype(dtype)
     seen: set[int] = set()
     tensors: dict[str, Any] = {}
-    for key, value in flux_state(bundle, layout).items():
+    for key, value in flux_state(host_bundle(bundle, want), layout).items():  # converted in host memory
         value = value.detach().to("cpu")
         if want is not None and value.is_floating_point():
             value = value.to(want)

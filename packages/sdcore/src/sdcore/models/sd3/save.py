@@ -101,7 +101,7 @@ def write_sd3_single_file(
     from ...dtypes import short_name
     from ...io import atomic_path
     from ..load import resolve_dtype
-    from ..save import _HASH_PLACEHOLDER, _fill_data_hash
+    from ..save import _HASH_PLACEHOLDER, _fill_data_hash, host_bundle
 
     target = Path(path)
     if target.suffix.lower() not in (".safetensors", ".sft"):
@@ -109,7 +109,7 @@ def write_sd3_single_file(
     want = resolve_dtype(dtype)
     seen: set[int] = set()
     out: dict[str, Any] = {}
-    for key, value in sd3_state_dict(bundle).items():
+    for key, value in sd3_state_dict(host_bundle(bundle, want)).items():  # converted in host memory
         value = value.detach().to("cpu")
         if want is not None and value.is_floating_point():
             value = value.to(want)

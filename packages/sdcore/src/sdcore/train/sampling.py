@@ -14,6 +14,7 @@ With cached text-encoder outputs the sample prompts are encoded once at caching 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -184,6 +185,23 @@ def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device:
     return memo if memo.scopes else None
 
 
+def trained_weights_compute(options: TrainOptions, device: Any) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to the trained weights' dtype for the renders under ``--full-bf16``/``--full-fp16``: the
+    denoiser's weights are then bf16/fp16 while its inputs (text encodings of fp32 encoders, latents, the
+    timestep and guidance embeddings) come in fp32, which a layer refuses outside autocast. The training
+    step runs under the accelerator's autocast; kohya's sample_images renders under it too
+    (``accelerator.autocast()``, sd-scripts 48d368f library/train_util.py:6551, flux_train_utils.py:255). Without them
+    nothing changes: each module computes in its own weights' dtype, as ``sdcore generate`` does."""
+    import torch
+
+    from .placement import full_precision_dtype
+
+    dtype = full_precision_dtype(options)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def render_samples(
     bundle: ModelBundle,
     method: TrainingMethod[Any],
@@ -260,7 +278,7 @@ def render_samples(
     calls: list[Any] = []
     defaults: dict[str, Any] = {}
     try:
-        with torch.no_grad(), method.sampling(bundle) as extra:
+        with torch.no_grad(), trained_weights_compute(options, device), method.sampling(bundle) as extra:
             calls, defaults, generations = _generations(bundle, options, prompts, extra)
             memo = conditioning
             if memo is not None and extra:

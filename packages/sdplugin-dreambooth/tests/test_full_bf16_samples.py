@@ -54,14 +54,26 @@ def test_full_bf16_renders_its_samples_at_first_each_step_and_at_the_end(tmp_pat
     assert np.abs(arrays[0] - arrays[2]).max() > 0
 
 
-def test_the_renders_autocast_to_the_trained_weights_dtype_only_under_full_half_precision():
+def test_the_renders_autocast_to_the_trained_weights_dtype_and_the_vae_keeps_its_own():
+    from sdcore.models.tiny import create_tiny_bundle
     from sdcore.train.options import TrainOptions
     from sdcore.train.sampling import trained_weights_compute
 
-    def seen(**kw) -> tuple[bool, torch.dtype]:
-        options = TrainOptions(model="m", data="d", output="o", mixed_precision="bf16", **kw)
-        with trained_weights_compute(options, torch.device("cpu")):
-            return torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    bundle = create_tiny_bundle("sd1")
+    vae = bundle.vae
+    latents = torch.randn(1, int(vae.config.latent_channels), 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = latents.to(torch.bfloat16)  # what a bf16 denoiser hands the VAE
+    with torch.no_grad():
+        want = vae.decode(latents.float()).sample  # the fp32 VAE on those latents, no autocast
 
-    assert seen(full_bf16=True) == (True, torch.bfloat16)
+    def seen(**kw) -> tuple[bool, torch.dtype, torch.Tensor | None]:
+        options = TrainOptions(model="m", data="d", output="o", mixed_precision="bf16", **kw)
+        with torch.no_grad(), trained_weights_compute(bundle, options, torch.device("cpu")):
+            decoded = vae.decode(latents).sample if kw else None
+            return torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), decoded
+
+    enabled, dtype, decoded = seen(full_bf16=True)
+    assert (enabled, dtype) == (True, torch.bfloat16)
+    assert decoded is not None and decoded.dtype == torch.float32 and torch.equal(decoded, want)
+    assert "decode" not in vae.__dict__ and "encode" not in vae.__dict__  # the class's methods again
     assert seen()[0] is False  # mixed precision alone: the weights' own dtypes, as sdcore generate computes

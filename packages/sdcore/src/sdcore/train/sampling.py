@@ -14,6 +14,7 @@ With cached text-encoder outputs the sample prompts are encoded once at caching 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from .method import TrainingMethod, text_encoding_options
 from .options import TrainOptions
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ..generate.conditioning_memo import ConditioningMemo, PartMemo
     from ..models.bundle import ModelBundle
     from .sample_prompts import SamplePrompt
@@ -184,6 +187,51 @@ def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device:
     return memo if memo.scopes else None
 
 
+@contextlib.contextmanager
+def trained_weights_compute(bundle: ModelBundle, options: TrainOptions, device: Any) -> Iterator[None]:
+    """Autocast to the trained weights' dtype for the renders under ``--full-bf16``/``--full-fp16``: the
+    denoiser's weights are then bf16/fp16 while its inputs (text encodings of fp32 encoders, latents, the
+    timestep and guidance embeddings) come in fp32, which a layer refuses outside autocast. The training
+    step runs under the accelerator's autocast; kohya's sample_images renders under it too
+    (``accelerator.autocast()``, sd-scripts 48d368f library/train_util.py:6551, flux_train_utils.py:255).
+    The VAE's encode and decode stay outside it, in the VAE's own dtype (its input cast to it): the VAE
+    is kept fp32 under fp16 because SD/SDXL VAEs overflow there (:func:`.placement.place_model`), and autocast
+    would run its convolutions in fp16 anyway. Without those options nothing changes: each module computes
+    in its own weights' dtype, as ``sdcore generate`` does."""
+    import torch
+
+    from .placement import full_precision_dtype
+
+    dtype = full_precision_dtype(options)
+    vae = bundle.vae
+    if dtype == torch.float32:
+        yield
+        return
+    kind = torch.device(device).type
+    before = {name: vae.__dict__.get(name) for name in ("encode", "decode") if callable(getattr(vae, name, None))}
+
+    def own_dtype(call: Any) -> Any:
+        def run(x: Any, *args: Any, **kwargs: Any) -> Any:
+            with torch.autocast(kind, enabled=False):
+                if torch.is_tensor(x) and x.is_floating_point():
+                    x = x.to(next(vae.parameters()).dtype)
+                return call(x, *args, **kwargs)
+
+        return run
+
+    for name in before:
+        setattr(vae, name, own_dtype(getattr(vae, name)))
+    try:
+        with torch.autocast(kind, dtype=dtype):
+            yield
+    finally:
+        for name, prior in before.items():
+            if prior is None:
+                delattr(vae, name)  # the class's method again
+            else:
+                setattr(vae, name, prior)
+
+
 def render_samples(
     bundle: ModelBundle,
     method: TrainingMethod[Any],
@@ -260,7 +308,7 @@ def render_samples(
     calls: list[Any] = []
     defaults: dict[str, Any] = {}
     try:
-        with torch.no_grad(), method.sampling(bundle) as extra:
+        with torch.no_grad(), trained_weights_compute(bundle, options, device), method.sampling(bundle) as extra:
             calls, defaults, generations = _generations(bundle, options, prompts, extra)
             memo = conditioning
             if memo is not None and extra:

@@ -43,7 +43,10 @@ def _job(tmp_path, process: dict, name: str = "run", suffix: str = ".yaml", text
     return path
 
 
-BASE = {"model": {"name_or_path": "tiny:sd1"}, "datasets": [{"folder_path": "imgs"}]}
+#: a LoRA job: ai-toolkit trains a network only when the job has a network section (none: a full fine-tune)
+LORA = {"type": "lora", "linear": 16, "linear_alpha": 16}
+BASE = {"model": {"name_or_path": "tiny:sd1"}, "network": LORA, "datasets": [{"folder_path": "imgs"}]}
+FLUX = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "network": LORA, "datasets": [{"folder_path": "imgs"}]}
 
 
 def _patched(tmp_path, name: str, old: str, new: str) -> Path:
@@ -97,13 +100,13 @@ def test_flex_example_trains_with_the_guidance_embedding_bypassed():
 def test_use_flux_cfg_bypasses_the_guidance_embedding_on_flux_only(tmp_path):
     """config_modules.validate_configs: model.use_flux_cfg on Flux sets bypass_guidance_embedding (its
     samples differ: a note); on other families neither field has an effect in ai-toolkit (a note)."""
-    flux = {"model": {"name_or_path": "flux.safetensors", "is_flux": True, "use_flux_cfg": True},
+    flux = {"model": {"name_or_path": "flux.safetensors", "is_flux": True, "use_flux_cfg": True}, "network": LORA,
             "datasets": [{"folder_path": "imgs"}]}  # fmt: skip
     notes: list[str] = []
     assert _load(_job(tmp_path, flux), notes).bypass_guidance_embedding
     assert any("model.use_flux_cfg: trains with the guidance embedding bypassed" in n for n in notes), notes
     sd3 = {"model": {"name_or_path": "sd3.safetensors", "is_v3": True}, "train": {"bypass_guidance_embedding": True},
-           "datasets": [{"folder_path": "imgs"}]}  # fmt: skip
+           "network": LORA, "datasets": [{"folder_path": "imgs"}]}  # fmt: skip
     notes = []
     assert not _load(_job(tmp_path, sd3), notes).bypass_guidance_embedding
     assert any("train.bypass_guidance_embedding: no effect on sd3" in n for n in notes), notes
@@ -176,15 +179,17 @@ def test_every_example_file_is_an_ai_toolkit_job():
 
 def test_ai_toolkit_defaults_apply_where_the_job_is_silent(tmp_path):
     """config_modules.py: lr 1e-6, steps 1000, rank 4 with alpha 1.0, fp32, AdamW eps 1e-6, save every
-    1000 keeping 5, float16 files; kohya layout for SD1."""
-    o = _load(_job(tmp_path, BASE))
+    1000 keeping 5, float16 files; kohya layout for SD1. The network section names only its type, so its rank
+    and alpha are NetworkConfig's."""
+    silent = {**BASE, "network": {"type": "lora"}}
+    o = _load(_job(tmp_path, silent))
     assert (o.lr, o.max_steps, o.rank, o.alpha, o.algo) == (1e-6, 1000, 4, 1.0, "lora")
     assert (o.mixed_precision, o.optimizer, o.optimizer_args) == ("no", "adamw", "eps=1e-06")
     assert (o.save_every, o.save_limit, o.save_dtype, o.lr_scheduler) == (1000, 5, "fp16", "constant")
     assert (o.key_layout, o.split_qkv, o.gradient_checkpointing) == ("kohya", False, True)
     assert o.sample_prompts is None or o.sample_prompts == ""  # no prompts: no sampling
     assert Path(o.output) == Path("output/run/run.safetensors")
-    as_json = _load(_job(tmp_path, {**BASE, "train": {"lr": 2e-4}}, suffix=".json"))  # ai-toolkit reads JSON jobs too
+    as_json = _load(_job(tmp_path, {**silent, "train": {"lr": 2e-4}}, suffix=".json"))  # ai-toolkit reads JSON jobs too
     assert (as_json.lr, as_json.rank, as_json.data) == (2e-4, 4, str(tmp_path / "job.json"))
 
 
@@ -212,6 +217,7 @@ def test_yaml_exponents_are_floats_and_placeholders_are_replaced(tmp_path, monke
     text = (
         "job: extension\nconfig:\n  name: cat\n  process:\n  - type: ui_trainer\n"
         "    training_folder: runs/[name]\n    model: {name_or_path: '${AITK_MODEL}'}\n"
+        "    network: {type: lora, linear: 16, linear_alpha: 16}\n"
         "    datasets: [{folder_path: imgs}]\n    train: {lr: 1e-4, steps: 10}\n"
     )
     o = _load(_job(tmp_path, {}, text=text))
@@ -258,8 +264,7 @@ def test_network_rules(tmp_path):
     assert (o.algo, o.lokr_factor) == ("lokr", 4)
     problems = _problems(_job(tmp_path, {**BASE, "network": {"type": "lokr"}}))
     assert any("lokr_full_rank (ai-toolkit's default)" in p for p in problems)
-    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
-    problems = _problems(_job(tmp_path, {**flux, "network": {"type": "locon"}}))
+    problems = _problems(_job(tmp_path, {**FLUX, "network": {"type": "locon"}}))
     assert any("on flux sdcore trains plain LoRA" in p for p in problems)
 
 
@@ -402,8 +407,7 @@ def test_sample_section_becomes_prompts(tmp_path):
     assert (first.prompt, first.width, first.height, first.steps, first.seed) == ("zyx at noon", 96, 64, 12, 40)
     assert (first.negative, first.cfg, first.guidance) == ("blurry", 3.5, None)
     assert (second.prompt, second.width, second.seed) == ("a cat", 128, 7)
-    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
-    path = _job(tmp_path, {**flux, "sample": sample})
+    path = _job(tmp_path, {**FLUX, "sample": sample})
     first, second = read_sample_prompts(str(path))
     assert (first.prompt, first.cfg, first.guidance, second.seed) == ("[trigger] at noon", None, 3.5, 7)
     # a samples table's seed carries over to the next prompts without walk_seed (ai-toolkit's current_seed)
@@ -456,25 +460,24 @@ def test_flux_job_trains_and_saves_ai_toolkit_keys(tmp_path, sd_cli, pm, monkeyp
 
 
 def test_lora_path_fields_need_local_files_and_flux(tmp_path):
-    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
     lora = tmp_path / "adapter"
     lora.mkdir()
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     notes: list[str] = []
-    o = _load(_job(tmp_path, {**flux, "model": {**flux["model"], "assistant_lora_path": str(lora)}}), notes)
+    o = _load(_job(tmp_path, {**FLUX, "model": {**FLUX["model"], "assistant_lora_path": str(lora)}}), notes)
     assert o.base_weights == str(lora / "pytorch_lora_weights.safetensors")  # a folder: ai-toolkit's file in it
     assert any("samples during training include it" in n for n in notes)
-    o = _load(_job(tmp_path, {**flux, "network": {"pretrained_lora_path": str(lora)}}))
+    o = _load(_job(tmp_path, {**FLUX, "network": {"pretrained_lora_path": str(lora)}}))
     assert o.network_weights == str(lora / "pytorch_lora_weights.safetensors") and o.base_weights is None
     problems = _problems(
         _job(
             tmp_path,
-            {**flux, "model": {**flux["model"], "assistant_lora_path": "ostris/FLUX.1-schnell-training-adapter"}},
+            {**FLUX, "model": {**FLUX["model"], "assistant_lora_path": "ostris/FLUX.1-schnell-training-adapter"}},
         )
     )
     assert any("sdcore reads no model hub" in p and "assistant_lora_path" in p for p in problems)
-    both = {**flux["model"], "lora_path": str(lora), "assistant_lora_path": str(lora)}
-    assert any("cannot both be given" in p for p in _problems(_job(tmp_path, {**flux, "model": both})))
+    both = {**FLUX["model"], "lora_path": str(lora), "assistant_lora_path": str(lora)}
+    assert any("cannot both be given" in p for p in _problems(_job(tmp_path, {**FLUX, "model": both})))
     sd1 = {**BASE, "model": {"name_or_path": "tiny:sd1", "lora_path": str(lora)}}
     assert any("into Flux models only" in p for p in _problems(_job(tmp_path, sd1)))
 
@@ -563,10 +566,9 @@ def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
     import torch
     from sdcore.train.loss import elementwise_loss
 
-    flux = {"model": {"name_or_path": "tiny:flux", "is_flux": True}, "datasets": [{"folder_path": "imgs"}]}
     train = {"noise_scheduler": "flowmatch", "linear_timesteps": True, "timestep_type": "weighted",
              "min_denoising_steps": 100, "content_or_style": "style", "loss_type": "pseudo_huber"}  # fmt: skip
-    text = " | ".join(_problems(_job(tmp_path, {**flux, "train": train})))
+    text = " | ".join(_problems(_job(tmp_path, {**FLUX, "train": train})))
     assert "timestep_type" not in text  # weighted: sdcore's linear_table with --timestep-loss-weight weighted_table
     assert "linear_timesteps" not in text and "denoising_steps" not in text  # both translate now
     assert "1 - U^3 (style)" in text
@@ -577,7 +579,7 @@ def test_timestep_and_loss_settings_without_a_counterpart_say_why(tmp_path):
     sdcore = elementwise_loss(pred, target, "smooth_l1", torch.full((2,), 0.01))
     torch.testing.assert_close(sdcore, 2 * ai_toolkit)
     # the flowmatch defaults written out are not refusals
-    o = _load(_job(tmp_path, {**flux, "train": {"noise_scheduler": "flowmatch", "min_denoising_steps": 0}}))
+    o = _load(_job(tmp_path, {**FLUX, "train": {"noise_scheduler": "flowmatch", "min_denoising_steps": 0}}))
     assert (o.timestep_sampling, o.min_table_index, o.max_table_index) == ("sigmoid_table", 0, 999)
 
 

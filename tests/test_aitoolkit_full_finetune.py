@@ -105,6 +105,28 @@ def test_lora_jobs_ignore_the_fine_tune_fields_as_ai_toolkit(tmp_path):
                         "with `sdcore train lora`"]  # fmt: skip
 
 
+def test_a_job_without_network_is_a_fine_tune_refused_by_lora(tmp_path):
+    """BaseSDTrainProcess: get_conf('network', None) is None -> no network, prepare_optimizer_params trains the
+    denoiser (and the text encoders with train.train_text_encoder). `sdcore train lora` refuses it with the right
+    command instead of training a LoRA with NetworkConfig's defaults; dreambooth reads the same job."""
+    process = {"model": {"name_or_path": "tiny:sd1"}, "datasets": [{"folder_path": "imgs"}],
+               "train": {"lr": 2e-5, "train_text_encoder": True}}  # fmt: skip
+    path = _job(tmp_path, process)
+    assert _problems(path, lora=True) == [f"{path}: process: this job fine-tunes the whole model (no network "
+                                          f"section): run it with sdcore train dreambooth --config {path}"]  # fmt: skip
+    o = _load(path)
+    assert (o.lr, o.train_text_encoder, o.model) == (2e-5, True, "tiny:sd1")
+    for section in (None, {}):  # `network:` written empty is null (a fine-tune); `network: {}` is a default LoRA
+        path = _job(tmp_path, {**process, "network": section})
+        if section is None:
+            assert "this job fine-tunes the whole model" in " ".join(_problems(path, lora=True))
+            assert _load(path).lr == 2e-5
+        else:
+            assert (_load(path, lora=True).rank, _load(path, lora=True).alpha) == (4, 1.0)  # NetworkConfig's
+            assert _problems(path) == [f"{path}: process.network: ai-toolkit trains this LoRA network; run the job "
+                                       "with `sdcore train lora`"]  # fmt: skip
+
+
 def test_ignore_if_contains_on_sdxl_names_block_lr(tmp_path):
     model = {"name_or_path": "base", "is_xl": True, "ignore_if_contains": ["unet.up_blocks"]}
     problems = _problems(_job(tmp_path, {"model": model, "datasets": [{"folder_path": "imgs"}]}))
@@ -113,7 +135,7 @@ def test_ignore_if_contains_on_sdxl_names_block_lr(tmp_path):
 
 def test_a_fine_tune_job_trains_and_saves_a_diffusers_folder(tmp_path, sd_cli, pm, monkeypatch):
     """`sdcore train dreambooth --config job.yaml` on a tiny SD1: 2 steps, the model written where ai-toolkit
-    writes its diffusers save (<training_folder>/<name>/<name>/)."""
+    writes its diffusers save (<training_folder>/<name>/<name>/); `sdcore train lora` refuses the job first."""
     from sdcore.testing.datasets import make_tiny_dataset
 
     monkeypatch.chdir(tmp_path)
@@ -126,6 +148,10 @@ def test_a_fine_tune_job_trains_and_saves_a_diffusers_folder(tmp_path, sd_cli, p
         "model": {"name_or_path": "tiny:sd1"},
     }  # fmt: skip
     path = _job(tmp_path, process, name="tinyft")
+    refused = sd_cli(["train", "lora", "--config", str(path), "--no-progress"], pm=pm)  # no network: not a LoRA
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert f"run it with sdcore train dreambooth --config {path}" in refused.output
+    assert not (tmp_path / "out").exists()
     result = sd_cli(["train", "dreambooth", "--config", str(path), "--no-progress"], pm=pm)
     assert result.exit_code == 0, result.output + repr(result.exception)
     folder = tmp_path / "out" / "tinyft" / "tinyft"

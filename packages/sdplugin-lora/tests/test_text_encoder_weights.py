@@ -320,6 +320,7 @@ def _aitoolkit(tmp_path, arch_flag, **model):
     import yaml
 
     process = {"type": "sd_trainer", "datasets": [{"folder_path": "imgs"}],
+               "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
                "model": {"name_or_path": f"tiny:{arch_flag}", f"is_{arch_flag}": True, **model}}  # fmt: skip
     return _load(
         tmp_path, "job.yaml", yaml.safe_dump({"job": "extension", "config": {"name": "run", "process": [process]}})

@@ -153,7 +153,8 @@ def test_the_dynamic_table_follows_the_resolution():
 
 def _job(tmp_path: Path, model: dict, train: dict) -> Path:
     path = tmp_path / "job.json"
-    process = {"type": "sd_trainer", "model": model, "datasets": [{"folder_path": "imgs"}], "train": train}
+    process = {"type": "sd_trainer", "model": model, "datasets": [{"folder_path": "imgs"}], "train": train,
+               "network": {"type": "lora", "linear": 16, "linear_alpha": 16}}  # fmt: skip
     path.write_text(json.dumps({"job": "extension", "config": {"name": "run", "process": [process]}}), encoding="utf-8")
     return path
 

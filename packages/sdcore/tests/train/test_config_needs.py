@@ -44,6 +44,7 @@ def _simpletuner(tmp_path: Path) -> Path:
 def _aitoolkit(tmp_path: Path) -> Path:
     path = tmp_path / "job.json"
     process = {"type": "sd_trainer", "model": {"is_flux": True}, "datasets": [{"folder_path": "imgs"}],
+               "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
                "train": {"noise_scheduler": "flowmatch"}}  # fmt: skip
     path.write_text(json.dumps({"job": "extension", "config": {"name": "run", "process": [process]}}), encoding="utf-8")
     return path

@@ -429,6 +429,7 @@ def _aitoolkit(tmp_path, qtype: str):
     from sdplugin_lora.method import LoraOptions
 
     process = {"type": "sd_trainer", "datasets": [{"folder_path": "imgs"}],
+               "network": {"type": "lora", "linear": 16, "linear_alpha": 16},
                "model": {"name_or_path": "tiny:flux", "is_flux": True, "quantize": True, "qtype": qtype}}  # fmt: skip
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"job": "extension", "config": {"name": "run", "process": [process]}}))

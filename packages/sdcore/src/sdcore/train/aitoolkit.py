@@ -3,7 +3,9 @@
 An ai-toolkit job is ``job: extension`` with ``config: {name, process: [...]}``; a training process
 (``type: sd_trainer``, ``ui_trainer`` or ``diffusion_trainer``) holds the sections ``network``,
 ``save``, ``datasets``, ``train``, ``model``, ``sample`` and ``logging``. ``sdcore train lora --config
-job.yaml`` reads the process through :func:`translate_job`; ``--data job.yaml`` reads its ``datasets``
+job.yaml`` reads the process through :func:`translate_job` when it has a ``network`` section; without one
+ai-toolkit fine-tunes the whole model, which is ``sdcore train dreambooth --config job.yaml`` (each command
+refuses the other kind of job). ``--data job.yaml`` reads its ``datasets``
 (:func:`load_datasets`) and ``--sample-prompts job.yaml`` its ``sample`` section
 (:func:`read_sample_prompts`). The translation sets ``data`` and ``sample_prompts`` to the job file
 itself, so one file drives the run.
@@ -806,9 +808,18 @@ def translate_job(
         v["metadata_trigger_phrase"] = str(trigger)
 
     lora_job = "rank" in fields
-    if network and not lora_job:
+    # BaseSDTrainProcess reads get_conf('network', None): any network section (``{}`` too) trains a LoRA with
+    # NetworkConfig's defaults; none (or null) fine-tunes the whole denoiser (and the text encoders per
+    # train.train_text_encoder), so each kind of job is refused by the other method rather than silently changed
+    has_network = process.get("network") is not None
+    if has_network and not lora_job:
         out.problems.append(f"{w}.network: ai-toolkit trains this LoRA network; run the job with `sdcore train lora`")
-    elif network or lora_job:
+    elif lora_job and not has_network:
+        out.problems.append(
+            f"{w}: this job fine-tunes the whole model (no network section): run it with "
+            f"sdcore train dreambooth --config {path}"
+        )
+    elif has_network:
         _network(network, family, f"{w}.network", out)
     _model_filter(model, family, lora_job, w, out)
     _train(train, family, flow, f"{w}.train", out)  # family None: refused above; its rules are skipped

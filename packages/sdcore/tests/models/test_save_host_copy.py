@@ -184,3 +184,24 @@ def test_quantised_frozen_layers_save_as_before(tmp_path, monkeypatch, storage):
         _same_single_file(
             single, bundle.save(tmp_path / "old" / "model.safetensors", format="single-file", dtype="fp16")
         )
+
+
+def test_a_bfl_file_copies_the_transformer_alone(tmp_path, monkeypatch):
+    """``--to bfl`` writes the FLUX.1 transformer alone (flux/save.py ``flux_state``): a host copy of the VAE and
+    text encoders (T5-XXL: 9.5 GB in bf16) would only be thrown away. The file is the old path's."""
+    bundle = _bundle("flux")
+    copied: list[str] = []
+    real = save_module.host_copy
+
+    def recording(module: Any, dtype: Any = None) -> Any:
+        copied.append(type(module).__name__)
+        return real(module, dtype)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(save_module, "host_copy", recording)
+        new = bundle.save(tmp_path / "new" / "flux.safetensors", format="bfl", dtype="fp16")
+    assert copied == [type(bundle.transformer).__name__]
+    with monkeypatch.context() as patch:
+        _old_path(patch)
+        old = bundle.save(tmp_path / "old" / "flux.safetensors", format="bfl", dtype="fp16")
+    _same_single_file(new, old)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,9 @@ def write_flux_single_file(
     want = resolve_dtype(dtype)
     seen: set[int] = set()
     tensors: dict[str, Any] = {}
-    for key, value in flux_state(host_bundle(bundle, want), layout).items():  # converted in host memory
+    # the BFL layout is the transformer alone: copy only it (FLUX.1's T5-XXL alone is 9.5 GB of host memory in bf16)
+    source = replace(bundle, vae=None, text_encoders=[]) if layout == "bfl" else bundle
+    for key, value in flux_state(host_bundle(source, want), layout).items():  # converted in host memory
         value = value.detach().to("cpu")
         if want is not None and value.is_floating_point():
             value = value.to(want)

@@ -111,7 +111,6 @@ def _dataset_toml(tmp_path, *batch_sizes, general=None):
 
 def test_dataset_toml_batch_size_is_the_runs(tmp_path):
     """kohya reads a dataset's batch_size before --train_batch_size; sdcore used to ignore it in silence."""
-    from sdcore.errors import ConfigError
     from sdcore.train.config import load_options
     from sdcore.train.options import TrainOptions
 
@@ -134,7 +133,9 @@ def test_dataset_toml_batch_size_is_the_runs(tmp_path):
     assert load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, 3)}, notes=notes).batch_size == 1
     assert any("datasets[0] 2, datasets[1] 3" in note for note in notes), notes
     notes = []
-    options = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 4}, notes=notes)
+    options = load_options(
+        TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 4}, notes=notes
+    )
     assert options.batch_size == 4
     assert any("datasets[0] 2, datasets[1] 4 " in note and "--batch-size 4 where" in note for note in notes), notes
     both = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 2})

@@ -111,7 +111,6 @@ def _dataset_toml(tmp_path, *batch_sizes, general=None):
 
 def test_dataset_toml_batch_size_is_the_runs(tmp_path):
     """kohya reads a dataset's batch_size before --train_batch_size; sdcore used to ignore it in silence."""
-    from sdcore.errors import ConfigError
     from sdcore.train.config import load_options
     from sdcore.train.options import TrainOptions
 
@@ -129,11 +128,16 @@ def test_dataset_toml_batch_size_is_the_runs(tmp_path):
         TrainOptions, overrides={"data": _dataset_toml(tmp_path, None), "batch_size": 4}, notes=notes
     )
     assert options.batch_size == 4 and not notes
-    # datasets that would batch differently: one problem, not a silent choice
-    with pytest.raises(ConfigError, match=r"batch sizes 2, 3 .*give every \[\[datasets\]\] the same batch_size"):
-        load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, 3)})
-    with pytest.raises(ConfigError, match=r"batch sizes 1, 2 \(batch_size; --batch-size 1 where one gives none\)"):
-        load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None)})
+    # datasets that batch differently: each keeps its own (the sampler's), the run's fills the one without, a note
+    notes = []
+    assert load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, 3)}, notes=notes).batch_size == 1
+    assert any("datasets[0] 2, datasets[1] 3" in note for note in notes), notes
+    notes = []
+    options = load_options(
+        TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 4}, notes=notes
+    )
+    assert options.batch_size == 4
+    assert any("datasets[0] 2, datasets[1] 4 " in note and "--batch-size 4 where" in note for note in notes), notes
     both = load_options(TrainOptions, overrides={"data": _dataset_toml(tmp_path, 2, None), "batch_size": 2})
     assert both.batch_size == 2
 

@@ -175,10 +175,13 @@ def test_cli_check_counts_batches_at_the_dataset_toml_batch_size(tmp_path):
     assert len(build_train_data(run, balance_class=False).epoch_plan(0)) == data["batches_per_epoch"]
     text = CliRunner().invoke(data_group, args)
     assert "batches per epoch at batch size 2: 2" in text.output and "note: batch size 2 from" in text.output
-    # datasets that batch differently: the run's one-line error, exit 2, no report
-    both = CliRunner().invoke(data_group, ["check", _toml_dataset(tmp_path / "two", 2, 3)])
-    assert both.exit_code == 2 and "Error: " in both.output and "batch sizes 2, 3" in both.output
-    assert "Traceback" not in both.output and "Dataset " not in both.output
+    # datasets that batch differently: each at its own size, as the run (kohya): ceil(4 / 2) + ceil(4 / 3) batches
+    both = CliRunner().invoke(data_group, ["check", _toml_dataset(tmp_path / "two", 2, 3), *args[2:], "--json"])
+    assert both.exit_code == 0, both.output
+    report = json.loads(both.output)
+    assert report["dataset_batch_sizes"] == [2, 3] and report["batches_per_epoch"] == 2 + 2
+    text = CliRunner().invoke(data_group, ["check", _toml_dataset(tmp_path / "two", 2, 3), *args[2:]]).output
+    assert "batches per epoch at batch sizes 2, 3 (per dataset): 4" in text
 
 
 def _run_buckets_by_resolution(data) -> dict[str, dict[str, int]]:

@@ -146,9 +146,10 @@ def test_the_runtime_scales_forward_and_backward(tmp_path):
                          "max_bucket_reso": 64, "cache_latents": False})  # fmt: skip
     method = StrengthRecorder(o)
     train(method, bundle=create_tiny_bundle("sd1"))
-    # one batch of the four images per step: two at +1, two at -1 (the order is the sampler's)
-    assert method.seen and all(sorted(seen) == [-1.0, -1.0, 1.0, 1.0] for seen in method.seen)
-    assert method.backward_inside == [True, True]
+    # a batch never mixes datasets (kohya batches each [[datasets]] alone): the two images at -1 make one batch,
+    # the two at +1 the other (all at 1: no strengths handed over, the usual path)
+    assert method.seen and all(seen == [-1.0, -1.0] for seen in method.seen)
+    assert sorted(method.backward_inside) == [False, True]  # inside the block for the -1 batch only
     assert method.active is None
 
 

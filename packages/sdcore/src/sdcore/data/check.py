@@ -33,6 +33,8 @@ class DatasetReport:
     class_images: int = 0
     samples_per_epoch: int = 0
     batch_size: int = 1
+    #: each kohya ``[[datasets]]``'s batch size where they differ (they batch alone at their own sizes), else empty
+    dataset_batch_sizes: list[int] = field(default_factory=list)
     batches_per_epoch: int = 0
     captions_from_files: int = 0
     class_token_captions: list[str] = field(default_factory=list)
@@ -81,6 +83,7 @@ class DatasetReport:
             "class_images": self.class_images,
             "samples_per_epoch": self.samples_per_epoch,
             "batch_size": self.batch_size,
+            **({"dataset_batch_sizes": self.dataset_batch_sizes} if self.dataset_batch_sizes else {}),
             "batches_per_epoch": self.batches_per_epoch,
             "captions": {
                 "from_files": self.captions_from_files,
@@ -164,7 +167,12 @@ class DatasetReport:
             lines += bucket_lines(self.buckets)
         if self.buckets:
             first = " (the first epoch's draw)" if self.resolution_draw == "epoch" else ""
-            lines.append(f"  batches per epoch at batch size {self.batch_size}: {self.batches_per_epoch}{first}")
+            at = (
+                f"batch sizes {', '.join(map(str, self.dataset_batch_sizes))} (per dataset)"
+                if self.dataset_batch_sizes
+                else f"batch size {self.batch_size}"
+            )
+            lines.append(f"  batches per epoch at {at}: {self.batches_per_epoch}{first}")
         if self.tag_frequencies:
             lines.append(f"  tags: {self.unique_tags} unique; most frequent (images):")
             for tag, count in self.tag_frequencies.items():
@@ -253,6 +261,8 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
                 resolution_draw=options.resolution_draw,
             )
             report.batches_per_epoch = len(sampler)
+            if len(set(sampler.batch_sizes.values())) > 1:
+                report.dataset_batch_sizes = list(sampler.batch_sizes.values())
 
     captions = [e.caption for e in images]
     frequencies = tag_frequencies(captions)

@@ -64,7 +64,11 @@ class SubsetOptions:
     #: trains at one of them, drawn as :mod:`sdcore.data.resolutions` says; ``()``: ``resolution`` alone
     resolutions: tuple[int, ...] = ()
     # additions beyond the shared brief (all optional)
+    #: the kohya ``[[datasets]]`` batch size (``None``: the run's ``--batch-size``); each dataset batches alone
+    #: at its own size (:class:`sdcore.data.sampler.BucketBatchSampler`)
     batch_size: int | None = None
+    #: which ``[[datasets]]`` of a kohya dataset TOML this subset is in (0 otherwise): batches never mix datasets
+    dataset: int = 0
     buckets: bool = True
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
@@ -658,6 +662,7 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
         where = f"datasets[{d_index}]"
         dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS) | {"subsets"}, where, path)
         level = _apply(base, dataset, where, path)
+        level["dataset"] = d_index
         entries = dataset.get("subsets")
         if not isinstance(entries, list) or not entries:
             raise DataError(f"{path}: {where}: no [[datasets.subsets]] defined")
@@ -711,9 +716,10 @@ def toml_batch_sizes(path: str | os.PathLike[str]) -> list[int | None]:
     """Each ``[[datasets]]``'s ``batch_size`` in a kohya dataset TOML (else ``[general]``'s, else ``None``:
     the run's ``--train_batch_size``, as kohya falls back); ``[]`` for a file that is not one.
 
-    kohya batches every dataset with its own size; sdcore's runtime has one batch size for the run,
-    so :func:`sdcore.train.config.load_options` makes the file's value the run's instead of
-    ignoring it. Unreadable files give ``[]`` here: the pre-flight reports them.
+    kohya batches every dataset with its own size, and so does sdcore's sampler (from each subset's
+    ``batch_size``); :func:`sdcore.train.config.load_options` makes a value every dataset shares the run's,
+    so that what reads the run's batch size sees it. Unreadable files give ``[]`` here: the pre-flight
+    reports them.
     """
     try:
         data = _load_toml(Path(path))

@@ -6,6 +6,11 @@ silently lose images). With ``balance_class`` (DreamBooth prior preservation) cl
 drawn to match the number of instance samples, cycling through all class images across epochs.
 An image at several resolutions (:mod:`.resolutions`) has one entry per resolution; each epoch keeps
 the entry its draw names and leaves the others out, so its batches stay single-resolution buckets.
+
+A kohya dataset TOML's ``[[datasets]]`` each batch alone, with their own ``batch_size`` (kohya's
+``DatasetGroup``: every dataset makes whole batches of its own buckets, and the DataLoader shuffles all
+of them together), so batches form within (dataset, bucket) at that dataset's size. With one dataset
+the groups are the buckets alone and the batches are those of a single batch size.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Collection, Sequence
 
 from ..errors import DataError
 from .buckets import BucketAssignment
-from .dataset import DatasetIndex
+from .dataset import DatasetIndex, ImageEntry
 from .resolutions import ResolutionGroup, draw_variation
 
 
@@ -52,8 +57,22 @@ class BucketBatchSampler:
         ]
         self._class = [i for i, e in enumerate(index.entries) for _ in range(e.repeats) if e.is_class]
         self._len: int | None = None
+        #: each entry's (dataset, batch size): a batch never mixes two of them
+        self._group = [self.group_of(e) for e in index.entries]
         self.resolution_groups = list(resolution_groups)
         self.resolution_draw = resolution_draw
+
+    def group_of(self, entry: ImageEntry) -> tuple[int, int]:
+        """``(dataset, batch size)`` of an entry: its kohya ``[[datasets]]`` number and that dataset's own
+        ``batch_size`` (kohya: a dataset's value wins; none given: the run's)."""
+        subset = entry.subset
+        own = getattr(subset, "batch_size", None)
+        return int(getattr(subset, "dataset", 0)), own if own is not None else self.batch_size
+
+    @property
+    def batch_sizes(self) -> dict[int, int]:
+        """Each dataset's batch size (one entry without a dataset TOML, or with one dataset)."""
+        return dict(sorted(set(self._group)))
 
     def resolution_dropped(self, epoch: int) -> frozenset[int]:
         """The entries of ``epoch`` that are another resolution of an image than the one drawn."""
@@ -88,14 +107,16 @@ class BucketBatchSampler:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Shuffled batches for ``epoch`` (0-based); same result for the same seed and epoch."""
         rng = self._rng(epoch, "batches")
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        # keyed (dataset, batch size, bucket): one dataset sorts and shuffles exactly as buckets alone did
+        by_bucket: dict[tuple[int, int, tuple[int, int]], list[int]] = {}
         for i in self.epoch_samples(epoch):
-            by_bucket.setdefault(self.assignments[i].bucket, []).append(i)
+            by_bucket.setdefault((*self._group[i], self.assignments[i].bucket), []).append(i)
         batches: list[list[int]] = []
-        for bucket in sorted(by_bucket):
-            members = by_bucket[bucket]
+        for key in sorted(by_bucket):
+            members = by_bucket[key]
+            size = key[1]
             rng.shuffle(members)
-            batches.extend(members[k : k + self.batch_size] for k in range(0, len(members), self.batch_size))
+            batches.extend(members[k : k + size] for k in range(0, len(members), size))
         rng.shuffle(batches)
         return batches
 

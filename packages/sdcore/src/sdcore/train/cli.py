@@ -338,7 +338,7 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
     for line in report.plan_lines():
         click.echo(line)
     click.echo(
-        f"{per_epoch} batches of {options.batch_size} per epoch, gradient accumulation {options.gradient_accumulation}: "
+        f"{per_epoch} batches of {data.batch_sizes_text} per epoch, gradient accumulation {options.gradient_accumulation}: "
         + steps_text(data, report.total_steps, report.epochs, options.gradient_accumulation)
     )
     caps = method.capabilities()

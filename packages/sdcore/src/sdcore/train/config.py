@@ -263,9 +263,10 @@ def load_options(
 
 
 def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list[str], problems: list[str]) -> None:
-    """A kohya dataset TOML's ``batch_size`` becomes the run's (kohya reads it before ``--train_batch_size``,
-    which only fills datasets that give none); sdcore has one batch size per run, so datasets that
-    would batch differently are a problem rather than a value silently ignored."""
+    """A kohya dataset TOML's ``batch_size`` (kohya: a ``[[datasets]]``'s own, else ``[general]``'s, else
+    ``--train_batch_size``). One size for every dataset becomes the run's; different sizes stay each dataset's
+    own (the sampler batches every dataset alone at its size, as kohya does) and the run's ``--batch-size``
+    fills those that give none, and is what kohya records as ``ss_batch_size_per_device``."""
     data = Path(values["data"]).expanduser()
     if data.suffix.lower() != ".toml" or not data.is_file():
         return
@@ -278,10 +279,10 @@ def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list
     run = values.get("batch_size", default)
     distinct = sorted({run if size is None else size for size in sizes})
     if len(distinct) > 1:
-        problems.append(
-            f"{data}: its [[datasets]] have batch sizes {', '.join(map(str, distinct))} (batch_size; --batch-size "
-            f"{run} where one gives none); sdcore trains with one batch size: give every [[datasets]] the same "
-            "batch_size"
+        each = ", ".join(f"datasets[{i}] {run if size is None else size}" for i, size in enumerate(sizes))
+        notes.append(
+            f"batch sizes per dataset from {data}: {each} (each [[datasets]] batches alone at its own size, "
+            f"as in kohya; --batch-size {run} where one gives none)"
         )
     elif distinct[0] != run:
         notes.append(

@@ -159,6 +159,24 @@ class TrainData:
         return max((e.subset.resolution for e in self.entries), default=0)
 
     @property
+    def batch_shapes(self) -> list[tuple[int, int]]:
+        """``(batch size, largest resolution)`` of each dataset's batches (one pair but with a kohya dataset TOML
+        whose ``[[datasets]]`` batch differently): the memory plan sizes the peak on the worst of them."""
+        largest: dict[tuple[int, int], int] = {}
+        for i, entry in enumerate(self.entries):
+            if i in self.held_out:
+                continue
+            group = self.sampler.group_of(entry)
+            largest[group] = max(largest.get(group, 0), entry.subset.resolution)
+        return sorted({(batch, resolution) for (_, batch), resolution in largest.items()})
+
+    @property
+    def batch_sizes_text(self) -> str:
+        """The batch size for the logs: ``4``, or ``2-4`` where datasets batch differently."""
+        sizes = sorted(set(self.sampler.batch_sizes.values()))
+        return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+    @property
     def held_out_entries(self) -> list[ImageEntry]:
         """The images held out for validation, an image validated at several resolutions once."""
         seen: dict[tuple[Path, bool], ImageEntry] = {}

@@ -136,7 +136,7 @@ def debug_dataset(
     folder.mkdir(parents=True, exist_ok=True)
     say(data.index.summary())
     say(
-        f"{len(data.epoch_plan(0))} micro-batches of {o.batch_size} per epoch, gradient accumulation "
+        f"{len(data.epoch_plan(0))} micro-batches of {data.batch_sizes_text} per epoch, gradient accumulation "
         f"{o.gradient_accumulation}: {total} optimizer steps; showing the first {min(count, total)}"
     )
     samples: list[DebugSample] = []

@@ -370,6 +370,7 @@ class TrainSession:
                     [self.data.index.summary(), *control_summary(self.data.index, channels=self.caps.control_channels)]
                 ),
                 per_epoch=len(self.data.epoch_plan(0)),
+                batch=self.data.batch_sizes_text,
                 total_steps=self.total_steps,
                 max_epochs=self.max_epochs,
                 steps=steps_text(self.data, self.total_steps, self.max_epochs, options.gradient_accumulation),
@@ -397,7 +398,7 @@ class TrainSession:
 
         o, data = self.options, self.data
         self.validation_groups = validation_batches(
-            data.index, data.held_out, data.assignments, o.batch_size, o.max_validation_steps
+            data.index, data.held_out, data.assignments, o.batch_size, o.max_validation_steps, data.sampler.group_of
         )
         training = self.objective.training
         steps = int(getattr(training, "num_timesteps", 1000))  # DDPM: the schedule's; flow matching: 1000

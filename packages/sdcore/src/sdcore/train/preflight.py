@@ -1131,18 +1131,29 @@ def run_preflight(
                     f"{report.disk.line().removeprefix('saves will use ')}, but only {_size(free)} free "
                     "(lower --save-limit, save less often, or use --no-save-state)"
                 )
-            planned = o
+            peaks = [o]
             if report.data is not None:  # the largest training resolution sizes the peak (several: --resolutions)
                 import dataclasses
 
-                planned = dataclasses.replace(o, resolution=max(o.resolution, report.data.largest_resolution))
+                shapes = report.data.batch_shapes
+                if len(shapes) > 1:  # kohya [[datasets]] with their own batch sizes: the worst dataset's batch
+                    peaks = [
+                        dataclasses.replace(o, batch_size=batch, resolution=max(o.resolution, resolution))
+                        for batch, resolution in shapes
+                    ]
+                else:
+                    peaks = [dataclasses.replace(o, resolution=max(o.resolution, report.data.largest_resolution))]
             from .kontext_data import reference_count
 
             # a control LoRA joins its control images on the channels: no extra tokens (:mod:`.control_lora`)
             index = report.data.index if report.data is not None else None
             references = 0 if method.capabilities().control_channels else reference_count(index)
-            report.memory = memory_plan(
-                method, planned, layout=report.layout, params=params, reference_images=references
+            report.memory = max(
+                (
+                    memory_plan(method, p, layout=report.layout, params=params, reference_images=references)
+                    for p in peaks
+                ),
+                key=lambda plan: plan.estimate.total,
             )
     if report.layout is not None:  # --fp8-base / --blocks-to-swap on this model and method
         from .memory_options import model_problems

@@ -197,15 +197,24 @@ class Progress:
         if self.accelerator.is_main_process:
             print(message, file=sys.stderr)
 
-    def plan(self, summary: str, *, per_epoch: int, total_steps: int, max_epochs: int | None, steps: str = "") -> None:
+    def plan(
+        self,
+        summary: str,
+        *,
+        per_epoch: int,
+        total_steps: int,
+        max_epochs: int | None,
+        steps: str = "",
+        batch: str | None = None,
+    ) -> None:
         """The dataset summary and the step math, once before training (shown with --no-progress
-        too: it lists skipped files)."""
+        too: it lists skipped files); ``batch``: the batch size(s) (``2-4`` where datasets batch differently)."""
         o, processes = self.options, self.accelerator.num_processes
         if not self.accelerator.is_main_process:
             return
         print(summary, file=sys.stderr)
         print(
-            f"{per_epoch} batches of up to {o.batch_size} per epoch"
+            f"{per_epoch} batches of up to {batch or o.batch_size} per epoch"
             + (f" per process ({processes} processes)" if processes > 1 else "")
             + f", gradient accumulation {o.gradient_accumulation}: "
             + (steps or f"{total_steps} optimizer steps" + (f" over {max_epochs} epochs" if max_epochs else "")),

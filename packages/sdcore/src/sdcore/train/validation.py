@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -91,19 +91,23 @@ def validation_batches(
     buckets: Sequence[Any],
     batch_size: int,
     max_batches: int | None,
+    group_of: Callable[[Any], tuple[int, int]] | None = None,
 ) -> list[list[SampleRef]]:
     """The held-out samples (each image times its repeats) in batches of one bucket each, in a fixed
-    order (bucket, then image), at most ``max_batches`` of them. ``epoch = -1``: no flips."""
+    order (bucket, then image), at most ``max_batches`` of them. ``epoch = -1``: no flips. ``group_of``: an
+    entry's ``(dataset, batch size)`` (the sampler's): kohya's validation split is one per ``[[datasets]]``, each
+    batched at its dataset's size; without it every entry batches at ``batch_size``."""
     from .data import SampleRef
 
     by_bucket: dict[Any, list[SampleRef]] = {}
     for i in sorted(held_out):
+        group = group_of(index.entries[i]) if group_of is not None else (0, batch_size)
         for occurrence in range(index.entries[i].repeats):
-            by_bucket.setdefault(tuple(buckets[i].bucket), []).append(SampleRef(i, occurrence, -1))
+            by_bucket.setdefault((*group, tuple(buckets[i].bucket)), []).append(SampleRef(i, occurrence, -1))
     batches: list[list[SampleRef]] = []
-    for bucket in sorted(by_bucket):
-        members = by_bucket[bucket]
-        batches.extend(members[k : k + batch_size] for k in range(0, len(members), batch_size))
+    for key in sorted(by_bucket):
+        members, size = by_bucket[key], key[1]
+        batches.extend(members[k : k + size] for k in range(0, len(members), size))
     return batches if max_batches is None else batches[:max_batches]
 
 

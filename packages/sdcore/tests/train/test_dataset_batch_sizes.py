@@ -263,3 +263,19 @@ def test_one_dataset_draws_the_class_images_it_always_drew(tmp_path):
         assert sum(e.is_class for e in index.entries) == (8 if o.reg_data and o.data.endswith(".toml") else 4)
         for epoch in range(4):
             assert sampler.epoch_samples(epoch) == _old_samples(sampler, epoch)
+
+
+def test_lora_metadata_has_no_single_batch_size_when_datasets_differ(tmp_path):
+    """kohya (train_network.py at 48d368f, lines 1069-1184): with a dataset config the per-dataset sizes go into
+    ss_datasets' batch_size_per_device and ss_batch_size_per_device is not written; sdcore must not write
+    --batch-size there when no batch has that size."""
+    from sdcore.train.method import RunFacts, SaveInfo
+    from sdplugin_lora.method import LoraOptions, kohya_training_metadata
+
+    for second, want in ((2, None), (4, "4")):
+        config = _kohya_example(tmp_path / str(second), second_batch=second)
+        o = LoraOptions(data=str(config), batch_size=4 if second == 4 else 1)  # uniform sizes become the run's
+        entries = tuple(build_dataset_index(o).entries)
+        run = RunFacts(total_steps=1, started_at=0.0, entries=entries)
+        info = SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=1, metadata={}, final=True, run=run)
+        assert kohya_training_metadata(o, info).get("ss_batch_size_per_device") == want

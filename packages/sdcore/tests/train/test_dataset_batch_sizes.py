@@ -91,10 +91,10 @@ def test_the_kohya_example_trains_an_epoch_at_each_datasets_batch_size(tmp_path)
     train(method, bundle=create_tiny_bundle("sd1"))
     data = plan_train_data(build_dataset_index(o), o, balance_class=True)  # DreamBooth: class images balanced
     samples = [data.entries[i] for i in data.sampler.epoch_samples(0)]
-    # 5 DreamBooth images + 8 class draws (as many as the run's instance images) in batches of 4: 4 + 4 + 4 + 1;
-    # 3 fine-tuning images in batches of 2: 2 + 1
+    # 5 DreamBooth images + 5 class draws (as many as ITS OWN training images, kohya's DreamBoothDataset) in
+    # batches of 4: 4 + 4 + 2; 3 fine-tuning images in batches of 2: 2 + 1
     expected = _expected_batches(samples, o.batch_size)
-    assert expected == [(1, 64), (1, 96), (2, 96), (4, 64), (4, 64), (4, 64)]
+    assert expected == [(1, 96), (2, 64), (2, 96), (4, 64), (4, 64)]
     assert sorted((b, h * 8) for b, h, _ in method.shapes) == expected
     assert all(h == w for _, h, w in method.shapes)
 
@@ -178,3 +178,104 @@ def test_validation_batches_per_dataset_and_the_memory_plan_sizes_the_worst(tmp_
         assert not report.problems and report.memory is not None, report.problems
         settings = report.memory.estimate.settings
         assert (settings["batch_size"], settings["resolution"]) == want
+
+
+def _kohya_reg_samples(train: int, reg_repeats: list[int]) -> int:
+    """The regularisation samples one kohya ``DreamBoothDataset`` trains per epoch (library/train_util.py,
+    DreamBoothDataset.__init__ at 48d368f, lines 2113-2184): it counts ITS OWN training images with repeats, and
+    registers its reg images in order (each with its repeats, then one more repeat each, round-robin) until
+    as many reg samples as that count are registered; a dataset without training images registers none."""
+    if not train or not reg_repeats:
+        return 0
+    n = 0
+    for repeats in reg_repeats:  # the first pass: every reg image with its own repeats, stopping at the count
+        n += repeats
+        if n >= train:
+            return n
+    return train  # later passes add one repeat at a time and stop exactly at the count
+
+
+def test_class_images_balance_against_their_own_datasets_training_images(tmp_path):
+    """kohya balances each [[datasets]]'s reg images against that dataset's training images, not the run's."""
+    make_tiny_dataset(tmp_path / "a", n=3, size=64, repeats=2, concept="a")
+    make_tiny_dataset(tmp_path / "r0", n=2, size=64, concept="r0")
+    make_tiny_dataset(tmp_path / "b", n=2, size=64, concept="b")
+    make_tiny_dataset(tmp_path / "r1", n=3, size=64, concept="r1")
+    make_tiny_dataset(tmp_path / "r2", n=2, size=64, concept="r2")
+    config = tmp_path / "reg.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = 64\nbatch_size = 2\n"
+        "  [[datasets.subsets]]\n  image_dir = 'a/2_a'\n  num_repeats = 2\n"
+        "  [[datasets.subsets]]\n  is_reg = true\n  image_dir = 'r0/1_r0'\n"
+        "[[datasets]]\nresolution = 64\nbatch_size = 3\n"
+        "  [[datasets.subsets]]\n  image_dir = 'b/1_b'\n"
+        "  [[datasets.subsets]]\n  is_reg = true\n  image_dir = 'r1/1_r1'\n"
+        "[[datasets]]\nresolution = 64\nbatch_size = 1\n"  # regularisation images alone: kohya trains none
+        "  [[datasets.subsets]]\n  is_reg = true\n  image_dir = 'r2/1_r2'\n",
+        encoding="utf-8",
+    )
+    o = TrainOptions(data=str(config), batch_size=1, seed=5)
+    data = plan_train_data(build_dataset_index(o), o, balance_class=True)
+    train = {0: 6, 1: 2, 2: 0}  # a: 3 images x 2 repeats; b: 2 images; none in datasets[2]
+    regs = {0: [1, 1], 1: [1, 1, 1], 2: [1, 1]}
+    for epoch in range(3):
+        samples = [data.entries[i] for i in data.sampler.epoch_samples(epoch)]
+        for dataset in range(3):
+            mine = [e for e in samples if e.subset.dataset == dataset]
+            assert sum(not e.is_class for e in mine) == train[dataset]
+            assert sum(e.is_class for e in mine) == _kohya_reg_samples(train[dataset], regs[dataset])
+    assert [_kohya_reg_samples(train[d], regs[d]) for d in range(3)] == [6, 2, 0]
+    # class images given beside the TOML (--reg-data; kohya ignores reg_data_dir with a dataset config) are in
+    # no [[datasets]]: they balance against all 8 training samples, the [[datasets]]' own as above
+    make_tiny_dataset(tmp_path / "extra", n=3, size=64, concept="x")
+    o = TrainOptions(data=str(config), reg_data=str(tmp_path / "extra"), batch_size=1, seed=5)
+    data = plan_train_data(build_dataset_index(o), o, balance_class=True)
+    samples = [data.entries[i] for i in data.sampler.epoch_samples(1)]
+    beside = [e for e in samples if e.subset.image_dir.name == "1_x"]
+    assert len(beside) == 8 and {e.subset.dataset for e in beside} == {0}
+    assert sum(e.is_class for e in samples) == 8 + 6 + 2
+
+
+def _old_samples(sampler: BucketBatchSampler, epoch: int) -> list[int]:
+    """An epoch's samples as drawn before per-dataset balancing: class draws as many as all training samples."""
+    samples, klass = list(sampler._instance), list(sampler._class)
+    pool = list(klass)
+    random.Random(f"sdcore-sampler:{sampler.seed}:class-order").shuffle(pool)
+    start = (epoch * len(samples)) % len(pool)
+    return samples + [pool[(start + k) % len(pool)] for k in range(len(samples))]
+
+
+def test_one_dataset_draws_the_class_images_it_always_drew(tmp_path):
+    from sdcore.data.dataset import assign_buckets
+
+    make_tiny_dataset(tmp_path / "img", n=5, size=64, repeats=3, concept="a")
+    make_tiny_dataset(tmp_path / "reg", n=4, size=64, repeats=1, concept="r")
+    toml = tmp_path / "one.toml"
+    toml.write_text("[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = 'img/3_a'\n"
+                    "[[datasets.subsets]]\nis_reg = true\nimage_dir = 'reg/1_r'\n")  # fmt: skip
+    for o in (
+        TrainOptions(data=str(tmp_path / "img"), reg_data=str(tmp_path / "reg"), batch_size=2),
+        TrainOptions(data=str(toml), batch_size=2),
+        TrainOptions(data=str(toml), reg_data=str(tmp_path / "reg"), batch_size=2),  # both in one pool
+    ):
+        index = build_dataset_index(o)
+        sampler = BucketBatchSampler(index, assign_buckets(index), 2, 11, balance_class=True)
+        assert sum(e.is_class for e in index.entries) == (8 if o.reg_data and o.data.endswith(".toml") else 4)
+        for epoch in range(4):
+            assert sampler.epoch_samples(epoch) == _old_samples(sampler, epoch)
+
+
+def test_lora_metadata_has_no_single_batch_size_when_datasets_differ(tmp_path):
+    """kohya (train_network.py at 48d368f, lines 1069-1184): with a dataset config the per-dataset sizes go into
+    ss_datasets' batch_size_per_device and ss_batch_size_per_device is not written; sdcore must not write
+    --batch-size there when no batch has that size."""
+    from sdcore.train.method import RunFacts, SaveInfo
+    from sdplugin_lora.method import LoraOptions, kohya_training_metadata
+
+    for second, want in ((2, None), (4, "4")):
+        config = _kohya_example(tmp_path / str(second), second_batch=second)
+        o = LoraOptions(data=str(config), batch_size=4 if second == 4 else 1)  # uniform sizes become the run's
+        entries = tuple(build_dataset_index(o).entries)
+        run = RunFacts(total_steps=1, started_at=0.0, entries=entries)
+        info = SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=1, metadata={}, final=True, run=run)
+        assert kohya_training_metadata(o, info).get("ss_batch_size_per_device") == want

@@ -1928,6 +1928,12 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         strengths = _dataset_strengths(entries)
         if strengths:
             meta["sdcore_dataset_strengths"] = json.dumps(strengths)
+        # kohya [[datasets]] batching at their own sizes: no one size per device. kohya's train_network.py
+        # writes ss_batch_size_per_device only without a dataset config (each dataset's size goes into
+        # ss_datasets instead), so the key is left out rather than holding --batch-size, which no batch has
+        sizes = {o.batch_size if e.subset.batch_size is None else e.subset.batch_size for e in entries}
+        if sizes and sizes != {o.batch_size}:
+            del meta["ss_batch_size_per_device"]
     return meta
 
 

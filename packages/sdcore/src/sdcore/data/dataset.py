@@ -69,6 +69,10 @@ class SubsetOptions:
     batch_size: int | None = None
     #: which ``[[datasets]]`` of a kohya dataset TOML this subset is in (0 otherwise): batches never mix datasets
     dataset: int = 0
+    #: class images given beside the dataset (``--reg-data``, a method's generated class images), in no
+    #: ``[[datasets]]``: the sampler balances them against every dataset's training images, where a
+    #: ``[[datasets]]``'s own ``is_reg`` subsets balance against that dataset's alone (kohya)
+    run_class: bool = False
     buckets: bool = True
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
@@ -1068,7 +1072,8 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
     index.subsets = _subsets_for(source, is_class=False, defaults=defaults, options=options, skipped=index.skipped)
     if options.reg_data:
         reg = Path(options.reg_data).expanduser()
-        index.subsets += _subsets_for(reg, is_class=True, defaults=defaults, options=options, skipped=index.skipped)
+        extra = _subsets_for(reg, is_class=True, defaults=defaults, options=options, skipped=index.skipped)
+        index.subsets += [replace(s, run_class=True) for s in extra]
     roots = {p for p in (source, Path(options.reg_data).expanduser() if options.reg_data else None) if p and p.is_dir()}
     for subset in index.subsets:
         _scan_subset(subset, index, verify=verify, roots=roots)

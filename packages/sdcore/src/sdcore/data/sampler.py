@@ -3,7 +3,8 @@
 Deterministic for ``(seed, epoch)`` so a resumed run sees exactly the batches it would have seen,
 and a partial last batch in a bucket is kept (kohya-derived trainers that drop small buckets
 silently lose images). With ``balance_class`` (DreamBooth prior preservation) class images are
-drawn to match the number of instance samples, cycling through all class images across epochs.
+drawn to match the number of instance samples of their own dataset (each kohya ``[[datasets]]`` apart),
+cycling through all class images across epochs.
 An image at several resolutions (:mod:`.resolutions`) has one entry per resolution; each epoch keeps
 the entry its draw names and leaves the others out, so its batches stay single-resolution buckets.
 
@@ -59,6 +60,10 @@ class BucketBatchSampler:
         self._len: int | None = None
         #: each entry's (dataset, batch size): a batch never mixes two of them
         self._group = [self.group_of(e) for e in index.entries]
+        #: class images outside any [[datasets]] (balanced against the whole run's training images)
+        self._run_class = [bool(getattr(e.subset, "run_class", False)) for e in index.entries]
+        #: one dataset: every class image balances against every training image, as before datasets
+        self._single_pool = len({g[0] for g, run in zip(self._group, self._run_class, strict=True) if not run}) <= 1
         self.resolution_groups = list(resolution_groups)
         self.resolution_draw = resolution_draw
 
@@ -96,13 +101,27 @@ class BucketBatchSampler:
             return samples
         if not self.balance_class:
             return samples + klass
-        # Cycle through a seed-fixed permutation of the class pool, one window per epoch, so that
-        # over several epochs every class image is used about equally often.
-        pool = list(klass)
-        random.Random(f"sdcore-sampler:{self.seed}:class-order").shuffle(pool)
-        want = len(samples)
-        start = (epoch * want) % len(pool)
-        return samples + [pool[(start + k) % len(pool)] for k in range(want)]
+        # Each kohya [[datasets]] balances its own class images against its own training images
+        # (kohya's DreamBoothDataset counts both per dataset): a dataset without training images draws
+        # none, one without class images gets none; class images given beside the datasets (--reg-data,
+        # a method's) balance against all training images. Within a pool, cycle through a seed-fixed
+        # permutation, one window per epoch, so that over several epochs every class image is used about
+        # equally often. With one dataset (no dataset TOML, or one [[datasets]]) every class image is in
+        # one pool with the seed it always had, so the draws are exactly the whole-run balance's.
+        pools: dict[int | None, list[int]] = {}
+        for i in klass:
+            pools.setdefault(None if self._single_pool or self._run_class[i] else self._group[i][0], []).append(i)
+        drawn: list[int] = []
+        for key in sorted(pools, key=lambda k: -1 if k is None else k):
+            want = len(samples) if key is None else sum(1 for i in samples if self._group[i][0] == key)
+            if not want:
+                continue
+            pool = pools[key]
+            order = "class-order" if not key else f"class-order:{key}"
+            random.Random(f"sdcore-sampler:{self.seed}:{order}").shuffle(pool)
+            start = (epoch * want) % len(pool)
+            drawn += [pool[(start + k) % len(pool)] for k in range(want)]
+        return samples + drawn
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Shuffled batches for ``epoch`` (0-based); same result for the same seed and epoch."""

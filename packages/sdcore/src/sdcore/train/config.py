@@ -266,7 +266,7 @@ def _dataset_batch_size(values: dict[str, Any], options_class: type, notes: list
     """A kohya dataset TOML's ``batch_size`` (kohya: a ``[[datasets]]``'s own, else ``[general]``'s, else
     ``--train_batch_size``). One size for every dataset becomes the run's; different sizes stay each dataset's
     own (the sampler batches every dataset alone at its size, as kohya does) and the run's ``--batch-size``
-    fills those that give none, and is what kohya records as ``ss_batch_size_per_device``."""
+    fills those that give none (kohya then writes no ``ss_batch_size_per_device``, and neither does a LoRA)."""
     data = Path(values["data"]).expanduser()
     if data.suffix.lower() != ".toml" or not data.is_file():
         return

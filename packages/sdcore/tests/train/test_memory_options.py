@@ -248,3 +248,18 @@ def test_unet_suggestions_never_offer_cpu_offload_checkpointing():
         flags = [s.flags for s in suggestions(SD15, LORA, _options(gradient_checkpointing=checkpointing), 1,
                                               device="cuda")]  # fmt: skip
         assert flags and not any("--cpu-offload-checkpointing" in f for f in flags), flags
+
+
+def test_no_batch_size_suggestion_when_the_dataset_config_sets_it(flux_like):
+    """A kohya dataset config's batch_size wins over --batch-size (kohya's config_util order), so the plan
+    does not offer a --batch-size change that would change nothing; without one it does."""
+    from sdcore.train.memory import count_parameters, suggestions
+
+    layout, bundle = flux_like
+    plan = count_parameters(bundle, _lora_groups(bundle.transformer), whole_model_result=False)
+    options = _options(mixed_precision="bf16", gradient_checkpointing=True, batch_size=4)
+    offered = [s.flags for s in suggestions(layout, plan, options, 1, device="cuda")]
+    assert "--batch-size 2 --gradient-accumulation 2" in offered
+    from_data = [s.flags for s in suggestions(layout, plan, options, 1, device="cuda", batch_from_data=True)]
+    assert not any("--batch-size" in f for f in from_data)
+    assert any("--blocks-to-swap" in f for f in from_data)  # the other suggestions stay

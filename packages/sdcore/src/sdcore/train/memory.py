@@ -813,6 +813,7 @@ def suggestions(
     steps_in_backward: bool = False,
     reference_images: int = 0,
     partial_text_cache: tuple[str, ...] = (),
+    batch_from_data: bool = False,
 ) -> list[Suggestion]:
     """Option changes that lower the estimate, each with its estimate and whether it fits ``budget``
     (gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, bf16, an fp8 base and block
@@ -820,7 +821,9 @@ def suggestions(
     takes more than the two block inputs in flight off the device (its estimate's ``host`` says what goes to
     host memory: :func:`offloaded_input_bytes`), the fused backward pass where it trains whole weights
     (``steps_in_backward``), smaller batches, all together). Block swap and the offload are refused together:
-    both are offered alone, and "all together" takes the one that saves more."""
+    both are offered alone, and "all together" takes the one that saves more. ``batch_from_data``: the
+    dataset config gives the batch sizes (a kohya ``[[datasets]]``/``[general]`` ``batch_size`` wins over
+    ``--batch-size``, as in kohya), so no ``--batch-size`` change is offered: it would change nothing."""
     o = options
 
     def trial(change: dict[str, Any]) -> MemoryEstimate:
@@ -885,7 +888,7 @@ def suggestions(
         and o.mixed_precision != "fp16"
     ):
         variants.append(("--fused-backward-pass", {"fused_backward_pass": True}))
-    batch = o.batch_size
+    batch = 1 if batch_from_data else o.batch_size
     while batch > 1:
         batch //= 2
         accum = o.gradient_accumulation * (o.batch_size // batch)

@@ -747,9 +747,11 @@ def memory_plan(
     params: ParameterPlan | None = None,
     device: str | None = None,
     reference_images: int = 0,
+    batch_from_data: bool = False,
 ) -> MemoryPlan:
     """The memory estimate (and, when over the device's free memory, the options that would fit);
-    ``reference_images``: FLUX.1 Kontext reference images per sample (their tokens join the latents')."""
+    ``reference_images``: FLUX.1 Kontext reference images per sample (their tokens join the latents');
+    ``batch_from_data``: the dataset config sets the batch sizes (no ``--batch-size`` suggestion)."""
     from ..models.layout import layout_of_bundle
     from .memory import RUNTIME_OVERHEAD, device_free_memory, estimate_memory, suggestions, training_device
 
@@ -778,6 +780,7 @@ def memory_plan(
             budget,
             optimizer_8bit_available=importlib.util.find_spec("bitsandbytes") is not None,
             steps_in_backward=caps.steps_in_backward,
+            batch_from_data=batch_from_data,
             **kwargs,
         )
     return plan
@@ -1148,9 +1151,18 @@ def run_preflight(
             # a control LoRA joins its control images on the channels: no extra tokens (:mod:`.control_lora`)
             index = report.data.index if report.data is not None else None
             references = 0 if method.capabilities().control_channels else reference_count(index)
+            # a dataset config's own batch_size wins over --batch-size (kohya): suggesting one would change nothing
+            own_batch = index is not None and any(e.subset.batch_size is not None for e in index.entries)
             report.memory = max(
                 (
-                    memory_plan(method, p, layout=report.layout, params=params, reference_images=references)
+                    memory_plan(
+                        method,
+                        p,
+                        layout=report.layout,
+                        params=params,
+                        reference_images=references,
+                        batch_from_data=own_batch,
+                    )
                     for p in peaks
                 ),
                 key=lambda plan: plan.estimate.total,

@@ -42,6 +42,7 @@ def _file_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _same_single_file(new: Path, old: Path) -> None:
     got, got_meta = _file_tensors(new)
     want, want_meta = _file_tensors(old)
+    assert want, f"{old}: no tensors written"  # an empty pair of files would compare equal
     assert list(got) == list(want)
     for key, value in want.items():
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key

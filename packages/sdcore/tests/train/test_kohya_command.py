@@ -321,3 +321,17 @@ def test_the_docs_only_sdxl_text_encoder_rates_say_what_to_write(tmp_path):
     with pytest.raises(ConfigError) as info:
         _load(_sh(tmp_path, [*words, "--text_encoder_lr1=1e-5", "--text_encoder_lr2=1e-5"]))
     assert any("give text_encoder_lr two values, one per text encoder" in p for p in info.value.problems)
+
+
+def test_a_negative_number_is_a_value_as_argparse_reads_it(tmp_path):
+    """argparse (and so kohya) takes ``-0.05`` after an option as its value, not as an option
+    (shell_command.is_option_word, the test the diffusers reader uses too)."""
+    from sdcore.train.kohya_command import read_command
+    from sdplugin_lora.method import LoraOptions
+
+    words = _fill(ARGS, tmp_path)
+    path = _sh(tmp_path, [*words, "--noise_offset", "-0.05", "--network_args", "conv_dim=4", "-1e-3"])
+    command = read_command(path, [f.name for f in dataclasses.fields(LoraOptions)])
+    assert command is not None and not command.problems, command and command.problems
+    assert command.options["noise_offset"] == "-0.05"
+    assert command.options["network_args"] == ["conv_dim=4", "-1e-3"]

@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError
 from .aitoolkit import JobTranslation
 from .field_tables import drop_foreign_options
 from .field_tables import nearest_field as _nearest
-from .shell_command import COMMAND_SUFFIXES, command_lines
+from .shell_command import COMMAND_SUFFIXES, command_lines, is_option_word
 
 if TYPE_CHECKING:
     from ..data.dataset import SubsetOptions
@@ -405,15 +405,6 @@ def _full_name(name: str, script: str, command: Command) -> str:
     return matches[0] if len(matches) == 1 else name
 
 
-def _is_option(word: str) -> bool:
-    """argparse's test for an option string here: a leading ``-`` not followed by a number (no script defines an
-    option that looks like a negative number, so ``-0.1`` is a value); a word with a space is a value too unless it
-    is ``--name=value`` (argparse's ``_parse_optional``: ``if ' ' in arg_string: return None``, ``"-a cat"``)."""
-    if " " in word and not (word.startswith("--") and "=" in word and " " not in word.partition("=")[0]):
-        return False
-    return word.startswith("-") and not re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?", word)
-
-
 def _parse_args(words: list[str], command: Command, *, launcher: bool) -> dict[str, Any]:
     """The words after the script (or, ``launcher``, accelerate's before it) as argparse reads them: a unique prefix
     is its argument, a ``nargs="+"`` argument takes every value up to the next option (a list), others one value
@@ -437,7 +428,7 @@ def _parse_args(words: list[str], command: Command, *, launcher: bool) -> dict[s
         value_: Any
         if eq:
             value_ = value
-        elif name in FLAGS or i >= len(words) or _is_option(words[i]):
+        elif name in FLAGS or i >= len(words) or is_option_word(words[i]):
             value_ = True
         else:
             value_ = words[i]
@@ -446,7 +437,7 @@ def _parse_args(words: list[str], command: Command, *, launcher: bool) -> dict[s
             taken = [] if value_ is True else [value_]
             # --name=value is the whole of a nargs="+" argument: argparse matches its explicit value alone, so
             # further words are "unrecognized arguments" (a known script's loop reports them)
-            while i < len(words) and not _is_option(words[i]) and not (eq and name in lists):
+            while i < len(words) and not is_option_word(words[i]) and not (eq and name in lists):
                 taken.append(words[i])
                 i += 1
             if name in lists and not taken:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .shell_command import COMMAND_SUFFIXES, command_lines
+from .shell_command import COMMAND_SUFFIXES, command_lines, is_option_word
 
 #: kohya's training scripts: the sdcore method that runs them and the family kohya loads in each
 #: (None: SD1.x/SD2.x, kohya's scripts without a prefix)
@@ -172,7 +172,7 @@ def _parse(words: list[str], where: str, command: KohyaCommand) -> dict[str, Any
             continue
         name, eq, text = word[2:].partition("=")
         values: list[str] = [text] if eq else []
-        while not eq and i < len(words) and not words[i].startswith("--"):
+        while not eq and i < len(words) and not is_option_word(words[i]):
             values.append(words[i])
             i += 1
             if name not in MULTI_VALUE:

@@ -315,3 +315,12 @@ def _windows_lines(path: Path, text: str, kind: str) -> Iterator[CommandLine]:
             words = words[1:]
         yield CommandLine(_until_end(words), list(missing))
         missing.clear()
+
+
+def is_option_word(word: str) -> bool:
+    """argparse's test for an option string (diffusers' and kohya's scripts both parse with argparse): a leading ``-`` not followed by a number (no script defines an
+    option that looks like a negative number, so ``-0.1`` is a value); a word with a space is a value too unless it
+    is ``--name=value`` (argparse's ``_parse_optional``: ``if ' ' in arg_string: return None``, ``"-a cat"``)."""
+    if " " in word and not (word.startswith("--") and "=" in word and " " not in word.partition("=")[0]):
+        return False
+    return word.startswith("-") and not re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?", word)

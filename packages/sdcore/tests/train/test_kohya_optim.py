@@ -454,5 +454,10 @@ def test_real_schedulefree_result_is_the_eval_weights(tmp_path):
     y = s.method.trainable_state_dict()
     saved = load_file(str(result.output))
     assert any(not torch.equal(x[k], y[k]) for k in x)  # eval (x) and train (y) weights differ ...
-    assert all(torch.equal(saved[k], x[k]) for k in x)  # ... and the result holds x, as kohya saves
+    # ... and the result holds x, as kohya saves. Not bit-equal: x comes from a second eval() after the run's
+    # eval -> train round trip, whose lerps need not undo each other exactly (a CPU saw 3e-11 off, against the
+    # 1e-4 between x and y)
+    for k in x:
+        assert torch.allclose(saved[k], x[k], rtol=0, atol=1e-8), k
+        assert not torch.allclose(saved[k], y[k], rtol=0, atol=1e-8), k
     assert optimizer_metadata("AdamWScheduleFree") == "schedulefree.adamw_schedulefree.AdamWScheduleFree"

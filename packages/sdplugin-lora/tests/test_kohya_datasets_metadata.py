@@ -186,3 +186,25 @@ def test_lora_info_reads_tags_from_ss_datasets(tmp_path):
     meta = network_metadata(family="sd1", rank=2, alpha=2, extra={"ss_datasets": json.dumps(datasets)})
     path = save_lora(tmp_path / "x.safetensors", network.state_dict(), meta)
     assert lora_info(path)["top_tags"] == [("dog", 5), ("cat", 3)]
+
+
+def test_a_datasets_resize_interpolation_is_its_own_not_its_subsets(tmp_path):
+    """kohya's ``ss_datasets[].resize_interpolation`` is the dataset's value (its own, else ``[general]``'s, else
+    the run's), whatever its subsets override; each subset records its own."""
+    _folder(tmp_path / "a", ["x"])
+    _folder(tmp_path / "b", ["y"])
+    config = tmp_path / "d.toml"
+    config.write_text(
+        "[general]\nresize_interpolation = 'lanczos'\n"
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nresize_interpolation = 'area'\n"
+        "[[datasets.subsets]]\nimage_dir = 'b'\n"
+        "[[datasets]]\nresize_interpolation = 'bicubic'\n"
+        "[[datasets.subsets]]\nimage_dir = 'b'\nresize_interpolation = 'area'\n",
+        encoding="utf-8",
+    )
+    meta = _metadata(LoraOptions(data=str(config), resolution=64, min_bucket_reso=64))
+    first, second = json.loads(meta["ss_datasets"])
+    assert first["resize_interpolation"] == "lanczos"
+    assert [s["resize_interpolation"] for s in first["subsets"]] == ["area", "lanczos"]
+    assert second["resize_interpolation"] == "bicubic"
+    assert [s["resize_interpolation"] for s in second["subsets"]] == ["area"]

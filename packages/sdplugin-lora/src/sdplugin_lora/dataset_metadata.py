@@ -203,14 +203,13 @@ def _subset_metadata(subset: SubsetOptions, entries: Sequence[ImageEntry], dream
 
 
 def kohya_datasets(
-    entries: Sequence[ImageEntry], *, batch_size: int, resize_interpolation: str | None
+    entries: Sequence[ImageEntry], *, batch_size: int
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
     """kohya's ``ss_datasets`` list of a dataset-config run, with the merged ``ss_tag_frequency`` and
     ``ss_dataset_dirs`` kohya writes beside it.
 
     One entry per ``[[datasets]]`` with trained images, in the config's order. ``batch_size`` is the
-    run's (a dataset without its own), ``resize_interpolation`` the run's (a dataset whose subsets do not
-    share one). The merged tag frequency keeps the first dataset's table of a folder used by several
+    run's (a dataset without its own). The merged tag frequency keeps the first dataset's table of a folder used by several
     (kohya counts a folder once); the merged folders list training subsets only (not ``is_reg``), a name
     met again as ``name (2)``. Class images given beside the config (``--reg-data``) are in no dataset.
     """
@@ -222,7 +221,6 @@ def kohya_datasets(
         members = [e for e in in_datasets if e.subset.dataset == number]
         first = members[0].subset
         dreambooth = first.metadata_file is None
-        interpolations = {e.subset.resize_interpolation for e in members}
         tags = folder_tag_frequency(members)
         subsets = []
         for subset_entries in _subsets(members).values():
@@ -243,7 +241,8 @@ def kohya_datasets(
                 "max_bucket_reso": first.max_bucket_reso,
                 "tag_frequency": tags,
                 "bucket_info": bucket_info(members),
-                "resize_interpolation": interpolations.pop() if len(interpolations) == 1 else resize_interpolation,
+                # the dataset's own value, not its subsets' (which may each override it)
+                "resize_interpolation": first.dataset_resize_interpolation,
                 "subsets": subsets,
             }
         )

@@ -1952,7 +1952,7 @@ def _dataset_config_metadata(o: LoraOptions, entries: tuple[Any, ...]) -> dict[s
     """kohya's keys of a dataset-config run: ``ss_datasets`` and the merged folders and tag frequency."""
     import json
 
-    datasets, tags, dirs = kohya_datasets(entries, batch_size=o.batch_size, resize_interpolation=o.resize_interpolation)
+    datasets, tags, dirs = kohya_datasets(entries, batch_size=o.batch_size)
     return {
         "ss_datasets": json.dumps(datasets),
         "ss_tag_frequency": json.dumps(tags),

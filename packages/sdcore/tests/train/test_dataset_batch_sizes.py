@@ -265,17 +265,19 @@ def test_one_dataset_draws_the_class_images_it_always_drew(tmp_path):
             assert sampler.epoch_samples(epoch) == _old_samples(sampler, epoch)
 
 
-def test_lora_metadata_has_no_single_batch_size_when_datasets_differ(tmp_path):
+def test_lora_metadata_has_each_datasets_batch_size_in_ss_datasets(tmp_path):
     """kohya (train_network.py at 48d368f, lines 1069-1184): with a dataset config the per-dataset sizes go into
-    ss_datasets' batch_size_per_device and ss_batch_size_per_device is not written; sdcore must not write
-    --batch-size there when no batch has that size."""
+    ss_datasets' batch_size_per_device and ss_batch_size_per_device is not written, whether or not the
+    datasets' sizes differ."""
     from sdcore.train.method import RunFacts, SaveInfo
     from sdplugin_lora.method import LoraOptions, kohya_training_metadata
 
-    for second, want in ((2, None), (4, "4")):
+    for second in (2, 4):
         config = _kohya_example(tmp_path / str(second), second_batch=second)
         o = LoraOptions(data=str(config), batch_size=4 if second == 4 else 1)  # uniform sizes become the run's
         entries = tuple(build_dataset_index(o).entries)
         run = RunFacts(total_steps=1, started_at=0.0, entries=entries)
         info = SaveInfo(path=tmp_path / "x.safetensors", step=1, epoch=1, metadata={}, final=True, run=run)
-        assert kohya_training_metadata(o, info).get("ss_batch_size_per_device") == want
+        meta = kohya_training_metadata(o, info)
+        assert "ss_batch_size_per_device" not in meta
+        assert [d["batch_size_per_device"] for d in json.loads(meta["ss_datasets"])] == [4, second]

@@ -23,6 +23,16 @@ from sdcore.train.options import TrainOptions
 from sdcore.train.te_stop import TextEncoderStopOptions
 
 from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE, network_module
+from .dataset_metadata import (
+    PER_DATASET_KEYS,
+    folder_counts,
+    folder_tag_frequency,
+    from_dataset_config,
+    kohya_datasets,
+    subset_dir_name,
+    subset_identity,
+    unique_name,
+)
 
 #: LyCORIS algos without neuron/rank dropout, Tucker core or max-norm here -> why
 LYCORIS_PLAIN = {
@@ -1848,20 +1858,14 @@ def flow_metadata(options: LoraOptions, family: str) -> dict[str, str]:
 def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, str]:
     """kohya's ``ss_*`` training keys (what sd-scripts writes and A1111/civitai show): the
     settings, the step/epoch of this save and, from the run, the dataset folders, repeats and
-    tag frequencies."""
+    tag frequencies; for a run from a kohya dataset TOML, kohya's ``ss_datasets`` in place of the
+    per-dataset top-level keys (:mod:`.dataset_metadata`)."""
     import json
 
-    from sdcore.data.captions import tag_frequencies
     from sdcore.train.optim import adafactor_relative_step, optimizer_metadata, scheduler_metadata, steps_text
 
     o, run = options, info.run
     entries = run.entries if run is not None else ()
-    dirs: dict[str, dict[str, int]] = {}
-    for entry in entries:
-        d = dirs.setdefault(_dataset_dir_name(entry), {"n_repeats": entry.repeats, "img_count": 0})
-        d["img_count"] += 1
-    tags = {name: tag_frequencies(e.caption for e in entries if _dataset_dir_name(e) == name) for name in dirs}
-    tags.update(_metadata_tag_frequency(entries))
     meta = {
         "ss_steps": str(info.step),
         "ss_epoch": str(info.epoch),
@@ -1921,45 +1925,39 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
                 "ss_num_reg_images": str(sum(e.repeats for e in entries if e.is_class)),
                 "ss_num_validation_images": str(run.validation_images),
                 "ss_v2": str(run.family == "sd2"),
-                "ss_dataset_dirs": json.dumps(dirs),
-                "ss_tag_frequency": json.dumps(tags),
+                "ss_dataset_dirs": json.dumps(folder_counts(entries)),
+                "ss_tag_frequency": json.dumps(folder_tag_frequency(entries)),
             }
         )
         strengths = _dataset_strengths(entries)
         if strengths:
             meta["sdcore_dataset_strengths"] = json.dumps(strengths)
-        # kohya [[datasets]] batching at their own sizes: no one size per device. kohya's train_network.py
-        # writes ss_batch_size_per_device only without a dataset config (each dataset's size goes into
-        # ss_datasets instead), so the key is left out rather than holding --batch-size, which no batch has
-        sizes = {o.batch_size if e.subset.batch_size is None else e.subset.batch_size for e in entries}
-        if sizes and sizes != {o.batch_size}:
-            del meta["ss_batch_size_per_device"]
+        if from_dataset_config(entries):
+            meta.update(_dataset_config_metadata(o, entries))
+            for key in PER_DATASET_KEYS:  # kohya writes them per dataset in ss_datasets instead
+                meta.pop(key, None)
+            reg = [e for e in entries if getattr(e.subset, "run_class", False)]
+            if reg:  # --reg-data beside the config: in no [[datasets]], so kohya's own key for reg folders
+                meta["ss_reg_dataset_dirs"] = json.dumps(folder_counts(reg))
+        else:
+            # datasets batching at their own sizes without a kohya config (none today, but SubsetOptions
+            # allows it): no one size per device, so the key is left out rather than holding --batch-size
+            sizes = {o.batch_size if e.subset.batch_size is None else e.subset.batch_size for e in entries}
+            if sizes and sizes != {o.batch_size}:
+                del meta["ss_batch_size_per_device"]
     return meta
 
 
-def _subset_dir_name(subset: Any) -> str:
-    """kohya's name of a subset in ``ss_dataset_dirs``: the metadata file of a fine-tuning subset
-    (``--in_json``/``metadata_file``), else the image folder."""
-    metadata_file = getattr(subset, "metadata_file", None)
-    return Path(metadata_file).name if metadata_file is not None else Path(subset.image_dir).name
+def _dataset_config_metadata(o: LoraOptions, entries: tuple[Any, ...]) -> dict[str, str]:
+    """kohya's keys of a dataset-config run: ``ss_datasets`` and the merged folders and tag frequency."""
+    import json
 
-
-def _dataset_dir_name(entry: Any) -> str:
-    return _subset_dir_name(entry.subset)
-
-
-def _metadata_tag_frequency(entries: Any) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency`` of fine-tuning subsets: only the metadata's ``tags`` (not the
-    captions), every occurrence, lower-cased, per metadata file (``FineTuningDataset.set_tag_frequency``)."""
-    from .format import tag_frequency
-
-    by_file: dict[str, list[str]] = {}
-    for entry in entries:
-        if getattr(entry.subset, "metadata_file", None) is not None:
-            tags = by_file.setdefault(_dataset_dir_name(entry), [])
-            if entry.tags is not None:
-                tags.append(entry.tags)
-    return tag_frequency(by_file)
+    datasets, tags, dirs = kohya_datasets(entries, batch_size=o.batch_size)
+    return {
+        "ss_datasets": json.dumps(datasets),
+        "ss_tag_frequency": json.dumps(tags),
+        "ss_dataset_dirs": json.dumps(dirs),
+    }
 
 
 def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
@@ -1968,30 +1966,14 @@ def _dataset_strengths(entries: tuple[Any, ...]) -> dict[str, float]:
     value is lost), when any is not 1; else empty. kohya writes the value nowhere in its metadata (``ss_datasets`` has no such
     field), so the key is sdcore's own: a slider LoRA's file still says which folder was trained at -1."""
     # one folder per subset; the copies --resolutions makes of a subset (one per resolution) are that subset
-    subsets = list({_subset_identity(e.subset): e.subset for e in entries}.values())
+    subsets = list({subset_identity(e.subset): e.subset for e in entries}.values())
     values = [float(getattr(s, "network_strength", 1.0)) for s in subsets]
     if all(value == 1.0 for value in values):
         return {}
     out: dict[str, float] = {}
     for subset, value in zip(subsets, values, strict=True):
-        name = base = _subset_dir_name(subset)
-        i = 2
-        while name in out:
-            name = f"{base} ({i})"
-            i += 1
-        out[name] = value
+        out[unique_name(subset_dir_name(subset), out)] = value
     return out
-
-
-def _subset_identity(subset: Any) -> tuple[Any, ...]:
-    """A subset as the dataset config wrote it: its folder (or metadata file), role and strength, not the
-    resolution a ``--resolutions`` copy of it trains at."""
-    return (
-        str(subset.image_dir),
-        str(getattr(subset, "metadata_file", None)),
-        bool(getattr(subset, "is_class", False)),
-        float(getattr(subset, "network_strength", 1.0)),
-    )
 
 
 def _face_range_text(value: str | None) -> str:

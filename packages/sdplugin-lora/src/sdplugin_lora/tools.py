@@ -21,6 +21,7 @@ from sdcore.errors import ConfigError, NetworkMismatchError
 
 from .adapters import LoraVariant, OftVariant, needs_base, weight_change
 from .algos import FAMILY_LORA_MODULE, PLAIN_LORA_MODULES
+from .dataset_metadata import datasets_tag_frequency
 from .format import LoraFile, ModuleWeights, detect_family, family_label, network_metadata, read_lora
 from .naming import ModuleIndex, kohya_component
 
@@ -698,14 +699,21 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
     meta = lora.metadata
     tags: list[tuple[str, int]] = []
     raw = meta.get("ss_tag_frequency")
-    if raw and raw != "None":
-        try:
-            counts: Counter[str] = Counter()
-            for folder in json.loads(raw).values():
-                counts.update({tag: int(n) for tag, n in folder.items()})
-            tags = counts.most_common(top_tags)
-        except (ValueError, AttributeError):
-            tags = []
+    raw_datasets = meta.get("ss_datasets")
+    try:
+        if raw and raw != "None":
+            folders = json.loads(raw)
+        elif raw_datasets and raw_datasets != "None":
+            # a dataset-config file with ss_datasets alone: kohya's per-dataset tables, merged as kohya merges them
+            folders = datasets_tag_frequency(raw_datasets)
+        else:
+            folders = {}
+        counts: Counter[str] = Counter()
+        for folder in folders.values():
+            counts.update({tag: int(n) for tag, n in folder.items()})
+        tags = counts.most_common(top_tags)
+    except (ValueError, AttributeError, TypeError):
+        tags = []
     has_blocks = any(block_dims) or any(conv_block_dims)
     return {
         "file": str(path),

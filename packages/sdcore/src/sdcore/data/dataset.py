@@ -69,6 +69,12 @@ class SubsetOptions:
     batch_size: int | None = None
     #: which ``[[datasets]]`` of a kohya dataset TOML this subset is in (0 otherwise): batches never mix datasets
     dataset: int = 0
+    #: the kohya dataset TOML this subset was read from (``None``: a folder or another config): a LoRA file
+    #: then describes its data per ``[[datasets]]`` (kohya's ``ss_datasets``), as kohya does for such runs
+    dataset_config: Path | None = None
+    #: that ``[[datasets]]``'s own ``resize_interpolation`` (else ``[general]``'s, else the run's), which its
+    #: subsets may override: kohya records it per dataset in ``ss_datasets`` beside each subset's
+    dataset_resize_interpolation: str | None = None
     #: class images given beside the dataset (``--reg-data``, a method's generated class images), in no
     #: ``[[datasets]]``: the sampler balances them against every dataset's training images, where a
     #: ``[[datasets]]``'s own ``is_reg`` subsets balance against that dataset's alone (kohya)
@@ -667,6 +673,8 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
         dataset = _check_keys(dataset, _DATASET_KEYS | (_SUBSET_KEYS - _SUBSET_ONLY_KEYS) | {"subsets"}, where, path)
         level = _apply(base, dataset, where, path)
         level["dataset"] = d_index
+        level["dataset_config"] = path
+        level["dataset_resize_interpolation"] = level.get("resize_interpolation")
         entries = dataset.get("subsets")
         if not isinstance(entries, list) or not entries:
             raise DataError(f"{path}: {where}: no [[datasets.subsets]] defined")

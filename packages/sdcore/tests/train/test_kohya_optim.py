@@ -12,6 +12,7 @@ import pytest
 import torch
 from runtime_methods import ConvOutMethod, ConvOutOptions
 from safetensors.torch import load_file
+from sdcore.errors import ConfigError
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import contract_options
 from sdcore.train.config import load_options
@@ -456,3 +457,24 @@ def test_real_schedulefree_result_is_the_eval_weights(tmp_path):
     assert any(not torch.equal(x[k], y[k]) for k in x)  # eval (x) and train (y) weights differ ...
     assert all(torch.equal(saved[k], x[k]) for k in x)  # ... and the result holds x, as kohya saves
     assert optimizer_metadata("AdamWScheduleFree") == "schedulefree.adamw_schedulefree.AdamWScheduleFree"
+
+
+@pytest.mark.parametrize(("ratio", "refused"), [(0.01, False), (0.1, True), (5, True), (0, False)])
+def test_adafactor_schedule_refuses_a_warmup_exactly_where_kohya_does(ratio, refused):
+    """kohya's get_scheduler_fix: a float lr_warmup_steps below 1 is int(ratio * max_train_steps) steps, and its
+    adafactor schedule stops on a warmup that is not 0: 0.01 of 50 steps is 0 steps and runs, 0.1 of 50 is 5."""
+    from transformers.optimization import Adafactor
+
+    o = _options(optimizer="adafactor", optimizer_args="relative_step=True", lr_scheduler="adafactor",
+                 max_steps=50, lr_warmup_steps=ratio)  # fmt: skip
+    problems = [p for p in optimizer_problems(o) if "no warmup" in p]
+    assert bool(problems) is refused, problems
+    adafactor = Adafactor([torch.nn.Parameter(torch.zeros(2))], lr=None, relative_step=True)
+    if refused:
+        with pytest.raises(ConfigError, match="has no warmup"):
+            scheduler_for(o, adafactor, total_steps=50)
+    else:
+        scheduler_for(o, adafactor, total_steps=50)
+    # without --max-steps a ratio is judged once the run's length is known (the run's own scheduler_for)
+    if 0 < ratio < 1:
+        assert not [p for p in optimizer_problems(dataclasses.replace(o, max_steps=None)) if "no warmup" in p]

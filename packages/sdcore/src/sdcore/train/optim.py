@@ -29,7 +29,7 @@ import contextlib
 import importlib
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -585,8 +585,11 @@ def _schedule_problems(o: Any, name: str) -> list[str]:
     import torch
 
     settings = ScheduleSettings.from_options(o)
+    if 0 < warmup < 1 and not o.max_steps:  # a ratio's steps are known with the run's length (build_scheduler)
+        settings = replace(settings, warmup_steps=0)
     if settings.name == "adafactor" and not settings.scheduler_type:
-        if resolve_steps(warmup, 1000):
+        # kohya refuses a warmup of int(ratio * max_train_steps) != 0: 0.01 of 50 steps is 0 steps and runs
+        if resolve_steps(settings.warmup_steps, o.max_steps or 1):
             problems.append(
                 "--lr-scheduler adafactor has no warmup (kohya refuses --lr-warmup-steps with it): set it to 0"
             )

@@ -24,6 +24,7 @@ from sdcore.train.optim import (
     optimizer_metadata,
     optimizer_notes,
     optimizer_problems,
+    schedule_length_problems,
     scheduler_for,
     scheduler_metadata,
 )
@@ -478,3 +479,35 @@ def test_adafactor_schedule_refuses_a_warmup_exactly_where_kohya_does(ratio, ref
     # without --max-steps a ratio is judged once the run's length is known (the run's own scheduler_for)
     if 0 < ratio < 1:
         assert not [p for p in optimizer_problems(dataclasses.replace(o, max_steps=None)) if "no warmup" in p]
+
+
+def test_a_ratio_phase_without_max_steps_is_judged_at_the_runs_length():
+    """Without --max-steps the run's length comes from the dataset (--epochs): a ratio warmup/decay is judged
+    there, at int(ratio * steps) as kohya counts it, not at a stand-in length."""
+    ada = _options(optimizer="adafactor", optimizer_args="relative_step=True", lr_scheduler="adafactor",
+                   max_steps=None, lr_warmup_steps=0.1)  # fmt: skip
+    assert not [p for p in optimizer_problems(ada) if "no warmup" in p]
+    assert not schedule_length_problems(ada, 9)  # int(0.9) = 0 steps: kohya runs
+    assert any("has no warmup" in p for p in schedule_length_problems(ada, 50))  # 5 steps: kohya refuses
+    assert not schedule_length_problems(dataclasses.replace(ada, max_steps=50), 50)  # judged by optimizer_problems
+    wsd = _options(lr_scheduler="warmup_stable_decay", lr_warmup_steps=0.6, lr_decay_steps=0.6, max_steps=None)
+    assert not optimizer_problems(wsd)
+    assert not schedule_length_problems(wsd, 4)  # 2 + 2 of 4 steps
+    assert any("exceed the run's 10 steps" in p for p in schedule_length_problems(wsd, 10))  # 6 + 6
+    wsd_steps = _options(lr_scheduler="warmup_stable_decay", lr_warmup_steps=800, lr_decay_steps=0.5, max_steps=None)
+    assert not optimizer_problems(wsd_steps)  # 800 + 500 of a stand-in 1000 steps; a 2000-step run fits
+    assert not schedule_length_problems(wsd_steps, 2000)
+    assert schedule_length_problems(wsd_steps, 1000)
+
+
+@pytest.mark.parametrize(("ratio", "refused"), [(0.2, False), (0.5, True)])
+def test_the_preflight_refuses_an_adafactor_warmup_ratio_at_the_epochs_length(tmp_path, ratio, refused):
+    """--epochs 2 of 4 images in batches of 2 is 4 steps: a warmup of 0.2 is 0 steps (kohya runs), 0.5 is 2
+    steps (kohya's adafactor schedule refuses it): said before anything loads, not when the schedule is built."""
+    from sdcore.train.preflight import run_preflight
+
+    o = contract_options(ConvOutMethod, tmp_path, {"optimizer": "adafactor", "optimizer_args": "relative_step=True",
+                         "lr_scheduler": "adafactor", "lr_warmup_steps": ratio, "max_steps": None, "epochs": 2})  # fmt: skip
+    report = run_preflight(ConvOutMethod(o), o, verify_images=False)
+    assert report.total_steps == 4, report.problems
+    assert any("has no warmup" in p for p in report.problems) is refused, report.problems

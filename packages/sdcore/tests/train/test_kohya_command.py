@@ -335,3 +335,79 @@ def test_a_negative_number_is_a_value_as_argparse_reads_it(tmp_path):
     assert command is not None and not command.problems, command and command.problems
     assert command.options["noise_offset"] == "-0.05"
     assert command.options["network_args"] == ["conv_dim=4", "-1e-3"]
+
+
+def _abbreviated(words: list[str], short: dict[str, str]) -> list[str]:
+    out = []
+    for word in words:
+        name, eq, value = word.partition("=")
+        out.append(short.get(name, name) + eq + value)
+    return out
+
+
+def test_a_unique_prefix_is_the_option_argparse_resolves_it_to(tmp_path):
+    """kohya's scripts parse with argparse's allow_abbrev: --network_di 8 is --network_dim 8, a flag and a
+    several-value option too; the options are those of the full names."""
+    words = _fill(ARGS, tmp_path)
+    short = {"--network_dim": "--network_di", "--gradient_checkpointing": "--gradient_check",
+             "--network_args": "--network_ar", "--learning_rate": "--learning_r", "--cache_latents": "--cache_latents"}  # fmt: skip
+    full = _load(_sh(tmp_path, words))
+    abbreviated = _load(_sh(tmp_path, _abbreviated(words, short), name="short.sh"))
+    assert dataclasses.asdict(abbreviated) == dataclasses.asdict(full)
+    assert (abbreviated.rank, abbreviated.conv_rank, abbreviated.gradient_checkpointing) == (8, 4, True)
+
+
+def test_a_prefix_of_several_options_is_argparses_ambiguous_option(tmp_path):
+    words = _fill(ARGS, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        _load(_sh(tmp_path, [w for w in words if not w.startswith("--network_dim")] + ["--network_d", "8"]))
+    problems = [p for p in info.value.problems if "network_d" in p]
+    assert len(problems) == 1, info.value.problems  # named once, not also as an unknown option
+    assert "ambiguous option: --network_d could match --network_dim, --network_dropout" in problems[0]
+    assert "train_network.py" in problems[0]
+
+
+def test_an_exact_name_wins_and_a_prefix_resolves_against_the_scripts_own_options(tmp_path):
+    """--cache_latents is a name of its own (and a prefix of --cache_latents_to_disk); --lr_scheduler begins
+    --lr_scheduler_args. train_db.py defines no network options: there --network_di is not resolved (kohya's
+    argparse stops with 'unrecognized arguments')."""
+    from sdcore.train.kohya_command import read_command
+    from sdplugin_dreambooth.options import DreamBoothOptions
+    from sdplugin_lora.method import LoraOptions
+
+    words = _fill(ARGS, tmp_path)
+    command = read_command(_sh(tmp_path, words), [f.name for f in dataclasses.fields(LoraOptions)])
+    assert command is not None and not command.problems, command and command.problems
+    assert command.options["cache_latents"] is True and command.options["lr_scheduler"] == "cosine"
+    db = read_command(_sh(tmp_path, ["--network_di", "8"], script="train_db.py", name="db.sh"),
+                      [f.name for f in dataclasses.fields(DreamBoothOptions)])  # fmt: skip
+    assert db is not None and db.options == {"network_di": "8"}
+
+
+def test_the_argument_table_covers_every_script_sdcore_runs():
+    from sdcore.train.kohya import MULTI_VALUE
+    from sdcore.train.kohya_command import SCRIPT_ARGS, SCRIPTS
+
+    assert set(SCRIPT_ARGS) == set(SCRIPTS)
+    for script, names in SCRIPT_ARGS.items():
+        assert {"pretrained_model_name_or_path", "output_dir", "config_file", "help"} <= names, script
+        assert all(n and " " not in n and "-" not in n for n in names), script
+    network = SCRIPT_ARGS["train_network.py"]
+    assert set(MULTI_VALUE) <= network and "network_dim" not in SCRIPT_ARGS["train_db.py"]
+    assert {"t5xxl", "guidance_scale"} <= SCRIPT_ARGS["flux_train_network.py"]
+
+
+def test_resolve_option_is_argparses_allow_abbrev():
+    from sdcore.train.shell_command import ambiguous_option, resolve_option
+
+    defined = {"resolution", "resume", "resume_from_huggingface", "rank"}
+    assert resolve_option("resolution", defined) == ("resolution", [])
+    assert resolve_option("resume", defined) == ("resume", [])  # exact wins over resume_from_huggingface
+    assert resolve_option("resume_f", defined) == ("resume_from_huggingface", [])
+    assert resolve_option("reso", defined) == ("resolution", [])
+    assert resolve_option("re", defined) == ("re", ["resolution", "resume", "resume_from_huggingface"])
+    assert resolve_option("nothing", defined) == ("nothing", [])
+    assert resolve_option("re", None) == ("re", [])
+    assert ambiguous_option("x.sh", "res", ["resume", "resolution"], "s.py") == (
+        "x.sh: ambiguous option: --res could match --resolution, --resume (as s.py's argparse stops)"
+    )

@@ -12,6 +12,7 @@ import pytest
 import torch
 from runtime_methods import ConvOutMethod, ConvOutOptions
 from safetensors.torch import load_file
+from sdcore.errors import ConfigError
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import contract_options
 from sdcore.train.config import load_options
@@ -23,6 +24,7 @@ from sdcore.train.optim import (
     optimizer_metadata,
     optimizer_notes,
     optimizer_problems,
+    schedule_length_problems,
     scheduler_for,
     scheduler_metadata,
 )
@@ -461,3 +463,73 @@ def test_real_schedulefree_result_is_the_eval_weights(tmp_path):
         assert torch.allclose(saved[k], x[k], rtol=0, atol=1e-8), k
         assert not torch.allclose(saved[k], y[k], rtol=0, atol=1e-8), k
     assert optimizer_metadata("AdamWScheduleFree") == "schedulefree.adamw_schedulefree.AdamWScheduleFree"
+
+
+@pytest.mark.parametrize(("ratio", "refused"), [(0.01, False), (0.1, True), (5, True), (0, False)])
+def test_adafactor_schedule_refuses_a_warmup_exactly_where_kohya_does(ratio, refused):
+    """kohya's get_scheduler_fix: a float lr_warmup_steps below 1 is int(ratio * max_train_steps) steps, and its
+    adafactor schedule stops on a warmup that is not 0: 0.01 of 50 steps is 0 steps and runs, 0.1 of 50 is 5."""
+    from transformers.optimization import Adafactor
+
+    o = _options(optimizer="adafactor", optimizer_args="relative_step=True", lr_scheduler="adafactor",
+                 max_steps=50, lr_warmup_steps=ratio)  # fmt: skip
+    problems = [p for p in optimizer_problems(o) if "no warmup" in p]
+    assert bool(problems) is refused, problems
+    adafactor = Adafactor([torch.nn.Parameter(torch.zeros(2))], lr=None, relative_step=True)
+    if refused:
+        with pytest.raises(ConfigError, match="has no warmup"):
+            scheduler_for(o, adafactor, total_steps=50)
+    else:
+        scheduler_for(o, adafactor, total_steps=50)
+    # without --max-steps a ratio is judged once the run's length is known (the run's own scheduler_for)
+    if 0 < ratio < 1:
+        assert not [p for p in optimizer_problems(dataclasses.replace(o, max_steps=None)) if "no warmup" in p]
+
+
+def test_a_ratio_phase_without_max_steps_is_judged_at_the_runs_length():
+    """Without --max-steps the run's length comes from the dataset (--epochs): a ratio warmup/decay is judged
+    there, at int(ratio * steps) as kohya counts it, not at a stand-in length."""
+    ada = _options(optimizer="adafactor", optimizer_args="relative_step=True", lr_scheduler="adafactor",
+                   max_steps=None, lr_warmup_steps=0.1)  # fmt: skip
+    assert not [p for p in optimizer_problems(ada) if "no warmup" in p]
+    assert not schedule_length_problems(ada, 9)  # int(0.9) = 0 steps: kohya runs
+    assert any("has no warmup" in p for p in schedule_length_problems(ada, 50))  # 5 steps: kohya refuses
+    assert not schedule_length_problems(dataclasses.replace(ada, max_steps=50), 50)  # judged by optimizer_problems
+    wsd = _options(lr_scheduler="warmup_stable_decay", lr_warmup_steps=0.6, lr_decay_steps=0.6, max_steps=None)
+    assert not optimizer_problems(wsd)
+    assert not schedule_length_problems(wsd, 4)  # 2 + 2 of 4 steps
+    assert any("exceed the run's 10 steps" in p for p in schedule_length_problems(wsd, 10))  # 6 + 6
+    wsd_steps = _options(lr_scheduler="warmup_stable_decay", lr_warmup_steps=800, lr_decay_steps=0.5, max_steps=None)
+    assert not optimizer_problems(wsd_steps)  # 800 + 500 of a stand-in 1000 steps; a 2000-step run fits
+    assert not schedule_length_problems(wsd_steps, 2000)
+    assert schedule_length_problems(wsd_steps, 1000)
+
+
+@pytest.mark.parametrize(("ratio", "refused"), [(0.2, False), (0.5, True)])
+def test_the_preflight_refuses_an_adafactor_warmup_ratio_at_the_epochs_length(tmp_path, ratio, refused):
+    """--epochs 2 of 4 images in batches of 2 is 4 steps: a warmup of 0.2 is 0 steps (kohya runs), 0.5 is 2
+    steps (kohya's adafactor schedule refuses it): said before anything loads, not when the schedule is built."""
+    from sdcore.train.preflight import run_preflight
+
+    o = contract_options(ConvOutMethod, tmp_path, {"optimizer": "adafactor", "optimizer_args": "relative_step=True",
+                         "lr_scheduler": "adafactor", "lr_warmup_steps": ratio, "max_steps": None, "epochs": 2})  # fmt: skip
+    report = run_preflight(ConvOutMethod(o), o, verify_images=False)
+    assert report.total_steps == 4, report.problems
+    assert any("has no warmup" in p for p in report.problems) is refused, report.problems
+
+
+@pytest.mark.parametrize(("warmup", "refused"), [({"lr_warmup": 1}, False), ({"lr_warmup": 10}, True),
+                                                 ({"lr_warmup_steps": 5}, True)])  # fmt: skip
+def test_a_gui_warmup_percentage_with_the_adafactor_schedule_is_refused_where_kohya_refuses(warmup, refused):
+    """The kohya_ss GUI passes lr_warmup 1 (%) as lr_warmup_steps 0.01: of 50 steps that is int(0.5) = 0 steps and
+    sd-scripts runs; 10 % is 5 steps and a step count is always refused (by the GUI's names then)."""
+    from sdcore.train.kohya_gui import gui_preset
+
+    preset = {"LoRA_type": "Standard", "optimizer": "Adafactor", "optimizer_args": "relative_step=True",
+              "lr_scheduler": "adafactor", "lr_warmup": 0, "lr_warmup_steps": 0, **warmup}  # fmt: skip
+    items, _notes, problems = gui_preset(preset, "p.json")
+    by_gui_names = [p for p in problems if "adafactor schedule" in p]
+    assert bool(by_gui_names) is ("lr_warmup_steps" in warmup), problems
+    o = _options(optimizer="adafactor", optimizer_args="relative_step=True", lr_scheduler="adafactor",
+                 max_steps=50, lr_warmup_steps=items["lr_warmup_steps"])  # fmt: skip
+    assert bool(by_gui_names or [p for p in optimizer_problems(o) if "no warmup" in p]) is refused

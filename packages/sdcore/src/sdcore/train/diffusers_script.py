@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError
 from .aitoolkit import JobTranslation
 from .field_tables import drop_foreign_options
 from .field_tables import nearest_field as _nearest
-from .shell_command import COMMAND_SUFFIXES, command_lines, is_option_word
+from .shell_command import COMMAND_SUFFIXES, ambiguous_option, command_lines, is_option_word, resolve_option
 
 if TYPE_CHECKING:
     from ..data.dataset import SubsetOptions
@@ -391,18 +391,13 @@ def read_command(path: str | os.PathLike[str]) -> Command | None:
 
 
 def _full_name(name: str, script: str, command: Command) -> str:
-    """``name`` as the script's argparse resolves it: itself when the script defines it, else the one argument it
-    is a prefix of (argparse's ``allow_abbrev``, on by default in every script: ``--res 512`` is ``--resolution``);
-    a prefix of several is argparse's "ambiguous option" error."""
-    defined = SCRIPT_ARGS.get(script)
-    if defined is None or name in defined:
-        return name
-    matches = sorted(k for k in defined if k.startswith(name))
-    if len(matches) > 1:
+    """``name`` as the script's argparse resolves it (:func:`.shell_command.resolve_option`: ``--res 512`` is
+    ``--resolution``); a prefix of several is argparse's "ambiguous option" error."""
+    full, candidates = resolve_option(name, SCRIPT_ARGS.get(script))
+    if candidates:
         command.ambiguous.add(name)
-        command.problems.append(f"{command.path}: ambiguous option: --{name} could match "
-                                f"{', '.join('--' + k for k in matches)} (as {script}'s argparse stops)")  # fmt: skip
-    return matches[0] if len(matches) == 1 else name
+        command.problems.append(ambiguous_option(command.path, name, candidates, script))
+    return full
 
 
 def _parse_args(words: list[str], command: Command, *, launcher: bool) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .shell_command import COMMAND_SUFFIXES, command_lines, is_option_word
+from .shell_command import COMMAND_SUFFIXES, ambiguous_option, command_lines, is_option_word, resolve_option
 
 #: kohya's training scripts: the sdcore method that runs them and the family kohya loads in each
 #: (None: SD1.x/SD2.x, kohya's scripts without a prefix)
@@ -33,6 +33,135 @@ SCRIPTS: dict[str, tuple[str, str | None]] = {
     "train_db.py": ("dreambooth", None), "fine_tune.py": ("dreambooth", None), "sdxl_train.py": ("dreambooth", "sdxl"),
     "sd3_train.py": ("dreambooth", "sd3"), "flux_train.py": ("dreambooth", "flux"),
     "train_textual_inversion.py": ("ti", None), "sdxl_train_textual_inversion.py": ("ti", "sdxl"),
+}  # fmt: skip
+#: the options each kohya script's argparse defines: the option strings of the parser its ``setup_parser()`` builds
+#: (names only), read from kohya-ss/sd-scripts at 48d368f (2026-02-16) by building each parser. sdcore's kohya tables
+#: (:mod:`.kohya`) are not this set: they hold one union for every script and names of other tools, and miss names
+#: sdcore passes through (``--vae``, ``--t5xxl``). argparse resolves a prefix against the whole set of the script
+#: (``allow_abbrev``), so this is what a prefix is resolved against: ``--network_di`` is ``--network_dim`` in
+#: train_network.py; in train_db.py, which has no network options, it is not an argument.
+_COMMON_ARGS = (
+    "adaptive_noise_scale alpha_mask async_upload bucket_no_upscale bucket_reso_steps cache_info cache_latents "
+    "cache_latents_to_disk caption_extension caption_extention caption_prefix caption_separator caption_suffix "
+    "clip_skip color_aug config_file console_log_file console_log_level console_log_simple dataset_class "
+    "dataset_config ddp_gradient_as_bucket_view ddp_static_graph ddp_timeout debiased_estimation_loss "
+    "debug_dataset deepspeed dynamo_backend enable_bucket enable_wildcard face_crop_aug_range flip_aug "
+    "fp16_master_weights_and_gradients fp8_base full_bf16 full_fp16 fused_backward_pass "
+    "gradient_accumulation_steps gradient_checkpointing help highvram huber_c huber_scale huber_schedule "
+    "huggingface_path_in_repo huggingface_repo_id huggingface_repo_type huggingface_repo_visibility "
+    "huggingface_token ip_noise_gamma ip_noise_gamma_random_strength keep_tokens keep_tokens_separator "
+    "learning_rate log_config log_prefix log_tracker_config log_tracker_name log_with logging_dir loss_type "
+    "lowram lr_decay_steps lr_scheduler lr_scheduler_args lr_scheduler_min_lr_ratio lr_scheduler_num_cycles "
+    "lr_scheduler_power lr_scheduler_timescale lr_scheduler_type lr_warmup_steps max_bucket_reso "
+    "max_data_loader_n_workers max_grad_norm max_timestep max_token_length max_train_epochs max_train_steps "
+    "mem_eff_attn metadata_author metadata_description metadata_is_negative_embedding metadata_license "
+    "metadata_merged_from metadata_preprocessor metadata_tags metadata_thumbnail metadata_title "
+    "metadata_trigger_phrase metadata_usage_hint min_bucket_reso min_snr_gamma min_timestep mixed_precision "
+    "multires_noise_discount multires_noise_iterations noise_offset noise_offset_random_strength "
+    "offload_optimizer_device offload_optimizer_nvme_path offload_param_device offload_param_nvme_path "
+    "optimizer_args optimizer_type output_config output_dir output_name persistent_data_loader_workers "
+    "pretrained_model_name_or_path random_crop resize_interpolation resolution resume resume_from_huggingface "
+    "sample_at_first sample_every_n_epochs sample_every_n_steps sample_prompts sample_sampler save_every_n_epochs "
+    "save_every_n_steps save_last_n_epochs save_last_n_epochs_state save_last_n_steps save_last_n_steps_state "
+    "save_model_as save_n_epoch_ratio save_precision save_state save_state_on_train_end save_state_to_huggingface "
+    "scale_v_pred_loss_like_noise_pred sdpa secondary_separator seed shuffle_caption skip_cache_check "
+    "token_warmup_min token_warmup_step tokenizer_cache_dir torch_compile train_batch_size train_data_dir "
+    "use_8bit_adam use_lion_optimizer v2 v_parameterization v_pred_like_loss vae vae_batch_size wandb_api_key "
+    "wandb_run_name xformers zero3_init_flag zero3_save_16bit_model zero_stage zero_terminal_snr "
+)
+SCRIPT_ARGS: dict[str, frozenset[str]] = {
+    "train_network.py": frozenset((_COMMON_ARGS + (
+        "base_weights base_weights_multiplier caption_dropout_every_n_epochs caption_dropout_rate "
+        "caption_tag_dropout_rate conditioning_data_dir cpu_offload_checkpointing dataset_repeats "
+        "dim_from_weights fp8_base_unet in_json initial_epoch initial_step masked_loss max_validation_steps "
+        "network_alpha network_args network_dim network_dropout network_module network_train_text_encoder_only "
+        "network_train_unet_only network_weights no_half_vae no_metadata prior_loss_weight reg_data_dir "
+        "scale_weight_norms skip_until_initial_step text_encoder_lr training_comment unet_lr "
+        "validate_every_n_epochs validate_every_n_steps validation_seed validation_split weighted_captions "
+    )).split()),
+    "sdxl_train_network.py": frozenset((_COMMON_ARGS + (
+        "base_weights base_weights_multiplier cache_text_encoder_outputs cache_text_encoder_outputs_to_disk "
+        "caption_dropout_every_n_epochs caption_dropout_rate caption_tag_dropout_rate conditioning_data_dir "
+        "cpu_offload_checkpointing dataset_repeats dim_from_weights disable_mmap_load_safetensors fp8_base_unet "
+        "in_json initial_epoch initial_step masked_loss max_validation_steps network_alpha network_args "
+        "network_dim network_dropout network_module network_train_text_encoder_only network_train_unet_only "
+        "network_weights no_half_vae no_metadata prior_loss_weight reg_data_dir scale_weight_norms "
+        "skip_until_initial_step text_encoder_lr training_comment unet_lr validate_every_n_epochs "
+        "validate_every_n_steps validation_seed validation_split weighted_captions "
+    )).split()),
+    "sd3_train_network.py": frozenset((_COMMON_ARGS + (
+        "apply_lg_attn_mask apply_t5_attn_mask base_weights base_weights_multiplier blocks_to_swap "
+        "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk caption_dropout_every_n_epochs "
+        "caption_dropout_rate caption_tag_dropout_rate clip_g clip_g_dropout_rate clip_l clip_l_dropout_rate "
+        "conditioning_data_dir cpu_offload_checkpointing dataset_repeats dim_from_weights "
+        "disable_mmap_load_safetensors enable_scaled_pos_embed fp8_base_unet in_json initial_epoch initial_step "
+        "logit_mean logit_std masked_loss max_validation_steps mode_scale network_alpha network_args network_dim "
+        "network_dropout network_module network_train_text_encoder_only network_train_unet_only network_weights "
+        "no_half_vae no_metadata pos_emb_random_crop_rate prior_loss_weight reg_data_dir save_clip save_t5xxl "
+        "scale_weight_norms skip_until_initial_step t5_dropout_rate t5xxl t5xxl_device t5xxl_dtype "
+        "t5xxl_max_token_length text_encoder_batch_size text_encoder_lr training_comment training_shift unet_lr "
+        "validate_every_n_epochs validate_every_n_steps validation_seed validation_split weighted_captions "
+        "weighting_scheme "
+    )).split()),
+    "flux_train_network.py": frozenset((_COMMON_ARGS + (
+        "ae apply_t5_attn_mask base_weights base_weights_multiplier blocks_to_swap cache_text_encoder_outputs "
+        "cache_text_encoder_outputs_to_disk caption_dropout_every_n_epochs caption_dropout_rate "
+        "caption_tag_dropout_rate clip_l conditioning_data_dir controlnet_model_name_or_path "
+        "cpu_offload_checkpointing dataset_repeats dim_from_weights disable_mmap_load_safetensors "
+        "discrete_flow_shift fp8_base_unet guidance_scale in_json initial_epoch initial_step logit_mean logit_std "
+        "masked_loss max_validation_steps mode_scale model_prediction_type model_type network_alpha network_args "
+        "network_dim network_dropout network_module network_train_text_encoder_only network_train_unet_only "
+        "network_weights no_half_vae no_metadata prior_loss_weight reg_data_dir scale_weight_norms sigmoid_scale "
+        "skip_until_initial_step split_mode t5xxl t5xxl_max_token_length text_encoder_batch_size text_encoder_lr "
+        "timestep_sampling training_comment unet_lr validate_every_n_epochs validate_every_n_steps "
+        "validation_seed validation_split weighted_captions weighting_scheme "
+    )).split()),
+    "train_db.py": frozenset((_COMMON_ARGS + (
+        "caption_dropout_every_n_epochs caption_dropout_rate caption_tag_dropout_rate conditioning_data_dir "
+        "learning_rate_te masked_loss no_half_vae no_token_padding prior_loss_weight reg_data_dir "
+        "stop_text_encoder_training use_safetensors weighted_captions "
+    )).split()),
+    "fine_tune.py": frozenset((_COMMON_ARGS + (
+        "caption_dropout_every_n_epochs caption_dropout_rate caption_tag_dropout_rate dataset_repeats "
+        "diffusers_xformers in_json learning_rate_te no_half_vae train_text_encoder use_safetensors "
+        "weighted_captions "
+    )).split()),
+    "sdxl_train.py": frozenset((_COMMON_ARGS + (
+        "block_lr cache_text_encoder_outputs cache_text_encoder_outputs_to_disk caption_dropout_every_n_epochs "
+        "caption_dropout_rate caption_tag_dropout_rate conditioning_data_dir dataset_repeats diffusers_xformers "
+        "disable_mmap_load_safetensors fused_optimizer_groups in_json learning_rate_te1 learning_rate_te2 "
+        "masked_loss no_half_vae reg_data_dir train_text_encoder use_safetensors weighted_captions "
+    )).split()),
+    "sd3_train.py": frozenset((_COMMON_ARGS + (
+        "apply_lg_attn_mask apply_t5_attn_mask blocks_to_swap blockwise_fused_optimizers "
+        "cache_text_encoder_outputs cache_text_encoder_outputs_to_disk caption_dropout_every_n_epochs "
+        "caption_dropout_rate caption_tag_dropout_rate clip_g clip_g_dropout_rate clip_l clip_l_dropout_rate "
+        "conditioning_data_dir dataset_repeats disable_mmap_load_safetensors enable_scaled_pos_embed "
+        "fused_optimizer_groups in_json learning_rate_te1 learning_rate_te2 learning_rate_te3 logit_mean "
+        "logit_std masked_loss mode_scale num_last_block_to_freeze pos_emb_random_crop_rate reg_data_dir "
+        "save_clip save_t5xxl skip_latents_validity_check t5_dropout_rate t5xxl t5xxl_device t5xxl_dtype "
+        "t5xxl_max_token_length text_encoder_batch_size train_t5xxl train_text_encoder training_shift "
+        "use_safetensors use_t5xxl_cache_only weighted_captions weighting_scheme "
+    )).split()),
+    "flux_train.py": frozenset((_COMMON_ARGS + (
+        "ae apply_t5_attn_mask blocks_to_swap blockwise_fused_optimizers cache_text_encoder_outputs "
+        "cache_text_encoder_outputs_to_disk caption_dropout_every_n_epochs caption_dropout_rate "
+        "caption_tag_dropout_rate clip_l conditioning_data_dir controlnet_model_name_or_path "
+        "cpu_offload_checkpointing dataset_repeats disable_mmap_load_safetensors discrete_flow_shift "
+        "double_blocks_to_swap fused_optimizer_groups guidance_scale in_json logit_mean logit_std masked_loss "
+        "mem_eff_save mode_scale model_prediction_type model_type reg_data_dir sigmoid_scale "
+        "single_blocks_to_swap skip_latents_validity_check t5xxl t5xxl_max_token_length text_encoder_batch_size "
+        "timestep_sampling use_safetensors weighted_captions weighting_scheme "
+    )).split()),
+    "train_textual_inversion.py": frozenset((_COMMON_ARGS + (
+        "conditioning_data_dir dataset_repeats in_json init_word masked_loss no_half_vae num_vectors_per_token "
+        "prior_loss_weight reg_data_dir token_string use_object_template use_style_template weights "
+    )).split()),
+    "sdxl_train_textual_inversion.py": frozenset((_COMMON_ARGS + (
+        "conditioning_data_dir dataset_repeats disable_mmap_load_safetensors in_json init_word masked_loss "
+        "no_half_vae num_vectors_per_token prior_loss_weight reg_data_dir token_string use_object_template "
+        "use_style_template weights "
+    )).split()),
 }  # fmt: skip
 _OTHER_FAMILY = "a model family sdcore does not train"
 #: kohya scripts sdcore does not run, with the reason
@@ -157,7 +286,8 @@ def _launcher_notes(words: list[str], where: str) -> list[str]:
 
 def _parse(words: list[str], where: str, command: KohyaCommand) -> dict[str, Any]:
     """The words after the script as kohya's argparse reads them: ``--name value`` / ``--name=value``, a
-    store_true flag without a value, several values after a several-value option (``--network_args a=1 b=2``)."""
+    store_true flag without a value, several values after a several-value option (``--network_args a=1 b=2``), a
+    unique prefix of one of the script's options (:data:`SCRIPT_ARGS`) as that option (``--network_di 8``)."""
     from .kohya import MULTI_VALUE, flag_names
 
     flags = flag_names()
@@ -171,6 +301,12 @@ def _parse(words: list[str], where: str, command: KohyaCommand) -> dict[str, Any
                                     "arguments')")  # fmt: skip
             continue
         name, eq, text = word[2:].partition("=")
+        name, candidates = resolve_option(name, SCRIPT_ARGS.get(command.script))
+        if candidates:  # argparse stops here; the values are skipped, the name is reported once
+            command.problems.append(ambiguous_option(where, name, candidates, command.script))
+            while not eq and i < len(words) and not is_option_word(words[i]):
+                i += 1
+            continue
         values: list[str] = [text] if eq else []
         while not eq and i < len(words) and not is_option_word(words[i]):
             values.append(words[i])

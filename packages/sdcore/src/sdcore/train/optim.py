@@ -29,7 +29,7 @@ import contextlib
 import importlib
 import importlib.util
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -558,8 +558,12 @@ def optimizer_problems(o: Any) -> list[str]:
     return _schedule_problems(o, name)
 
 
-def _schedule_problems(o: Any, name: str) -> list[str]:
+def _schedule_problems(o: Any, name: str, total_steps: int | None = None) -> list[str]:
+    """The schedule's problems; ``total_steps`` is the run's length when known (else ``--max-steps``): a ratio
+    warmup/decay is ``int(ratio * steps)`` of it (kohya), so without a length it is judged later
+    (:func:`schedule_length_problems`)."""
     problems: list[str] = []
+    steps = o.max_steps or total_steps
     warmup, decay = o.lr_warmup_steps, o.lr_decay_steps
     for flag, value in (("--lr-warmup-steps", warmup), ("--lr-decay-steps", decay)):
         if not value >= 0 or (value >= 1 and not float(value).is_integer()):
@@ -585,19 +589,38 @@ def _schedule_problems(o: Any, name: str) -> list[str]:
     import torch
 
     settings = ScheduleSettings.from_options(o)
+    if not steps:  # a ratio's steps are known with the run's length (schedule_length_problems, build_scheduler)
+        settings = replace(
+            settings, warmup_steps=0 if 0 < warmup < 1 else warmup, decay_steps=0 if 0 < decay < 1 else decay
+        )
     if settings.name == "adafactor" and not settings.scheduler_type:
-        if resolve_steps(warmup, 1000):
+        # kohya refuses a warmup of int(ratio * max_train_steps) != 0: 0.01 of 50 steps is 0 steps and runs
+        if resolve_steps(settings.warmup_steps, steps or 1):
             problems.append(
                 "--lr-scheduler adafactor has no warmup (kohya refuses --lr-warmup-steps with it): set it to 0"
             )
         return problems
     stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # a bad --lr is reported apart
     try:  # without --max-steps the length is known after the dataset is read: no overlong-phase check then
-        total = o.max_steps or max(1000, int(warmup) + int(decay))
+        total = steps or max(1000, int(warmup) + int(decay))
         build_scheduler(settings, stand_in, total_steps=total)
     except ConfigError as exc:
         problems.append(str(exc))
     return problems
+
+
+def schedule_length_problems(o: Any, total_steps: int) -> list[str]:
+    """The schedule's problems at the run's length, once the dataset gives it (``--epochs`` without
+    ``--max-steps``): a ratio warmup/decay is then ``int(ratio * total_steps)`` steps, as kohya's
+    ``get_scheduler_fix`` counts it, which :func:`optimizer_problems` could not judge without the length (the
+    Adafactor schedule's warmup refusal, warmup_stable_decay's phases). Empty with ``--max-steps`` (judged there)."""
+    if o.max_steps or total_steps < 1:
+        return []
+    ratios = (o.lr_warmup_steps, o.lr_decay_steps)
+    if not any(0 < value < 1 for value in ratios):
+        return []
+    name = normalize_optimizer(o.optimizer)
+    return [p for p in _schedule_problems(o, name, total_steps) if p not in _schedule_problems(o, name)]
 
 
 def optimizer_notes(o: Any) -> list[str]:
@@ -678,6 +701,7 @@ __all__ = [
     "optimizer_metadata",
     "optimizer_problems",
     "parse_optimizer_args",
+    "schedule_length_problems",
     "scheduler_for",
     "scheduler_metadata",
 ]

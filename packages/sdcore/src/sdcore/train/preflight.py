@@ -1096,8 +1096,10 @@ def run_preflight(
                 if limit_problem:
                     report.problems.append(limit_problem)
             if report.total_steps >= 1:
+                from .optim import schedule_length_problems
                 from .te_stop import stop_notes
 
+                report.problems.extend(schedule_length_problems(o, report.total_steps))  # a ratio warmup, --epochs
                 report.notes.extend(stop_notes(o, data, report.total_steps, report.epochs))  # where it stops
         except DatasetProblems as exc:  # e.g. every missing image of a metadata file, one line each
             report.problems.extend(exc.problems)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,3 +324,24 @@ def is_option_word(word: str) -> bool:
     if " " in word and not (word.startswith("--") and "=" in word and " " not in word.partition("=")[0]):
         return False
     return word.startswith("-") and not re.fullmatch(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?", word)
+
+
+def resolve_option(name: str, defined: Collection[str] | None) -> tuple[str, list[str]]:
+    """``name`` (an option without its ``--``) as a script's argparse resolves it against the options it
+    ``defined``: ``(name, [])`` when it is defined, or when it is a prefix of none (argparse's "unrecognized
+    arguments", left to the caller) or nothing is known of the script (``defined`` None); ``(full, [])`` when it is
+    a prefix of exactly one (``allow_abbrev``, on in every script sdcore reads: ``--network_di 8`` is
+    ``--network_dim 8``); ``(name, candidates)`` when it is a prefix of several, argparse's "ambiguous option"
+    error (:func:`ambiguous_option` words it). An exact name always wins over the longer names it begins."""
+    if defined is None or not name or name in defined:
+        return name, []
+    matches = sorted(k for k in defined if k.startswith(name))
+    if len(matches) == 1:
+        return matches[0], []
+    return name, matches
+
+
+def ambiguous_option(where: str, name: str, candidates: Collection[str], script: str) -> str:
+    """The problem for a prefix of several options (argparse stops with "ambiguous option: --x could match ...")."""
+    listed = ", ".join("--" + k for k in sorted(candidates))
+    return f"{where}: ambiguous option: --{name} could match {listed} (as {script}'s argparse stops)"

@@ -516,20 +516,3 @@ def test_the_preflight_refuses_an_adafactor_warmup_ratio_at_the_epochs_length(tm
     report = run_preflight(ConvOutMethod(o), o, verify_images=False)
     assert report.total_steps == 4, report.problems
     assert any("has no warmup" in p for p in report.problems) is refused, report.problems
-
-
-@pytest.mark.parametrize(("warmup", "refused"), [({"lr_warmup": 1}, False), ({"lr_warmup": 10}, True),
-                                                 ({"lr_warmup_steps": 5}, True)])  # fmt: skip
-def test_a_gui_warmup_percentage_with_the_adafactor_schedule_is_refused_where_kohya_refuses(warmup, refused):
-    """The kohya_ss GUI passes lr_warmup 1 (%) as lr_warmup_steps 0.01: of 50 steps that is int(0.5) = 0 steps and
-    sd-scripts runs; 10 % is 5 steps and a step count is always refused (by the GUI's names then)."""
-    from sdcore.train.kohya_gui import gui_preset
-
-    preset = {"LoRA_type": "Standard", "optimizer": "Adafactor", "optimizer_args": "relative_step=True",
-              "lr_scheduler": "adafactor", "lr_warmup": 0, "lr_warmup_steps": 0, **warmup}  # fmt: skip
-    items, _notes, problems = gui_preset(preset, "p.json")
-    by_gui_names = [p for p in problems if "adafactor schedule" in p]
-    assert bool(by_gui_names) is ("lr_warmup_steps" in warmup), problems
-    o = _options(optimizer="adafactor", optimizer_args="relative_step=True", lr_scheduler="adafactor",
-                 max_steps=50, lr_warmup_steps=items["lr_warmup_steps"])  # fmt: skip
-    assert bool(by_gui_names or [p for p in optimizer_problems(o) if "no warmup" in p]) is refused

@@ -431,9 +431,7 @@ def _warmup(items: dict[str, Any], where: str, problems: list[str]) -> None:
     """common_gui.resolve_lr_warmup_steps: lr_warmup_steps wins when above 0, else lr_warmup percent / 100
     (a ratio of the total steps, as sd-scripts reads a float below 1). The GUI passes it whatever the schedule:
     with kohya's adafactor schedule (``lr_scheduler adafactor``, or forced by Adafactor's relative_step) a warmup
-    stops sd-scripts (get_scheduler_fix: "does not require num_warmup_steps"), so it is a problem by GUI names.
-    A percentage is a ratio that sd-scripts counts as ``int(ratio * max_train_steps)`` steps, 0 (it runs) in a short
-    run: that is judged at the run's length with the schedule (:func:`.optim.schedule_length_problems`)."""
+    stops sd-scripts (get_scheduler_fix: "does not require num_warmup_steps"), so it is a problem by GUI names."""
     percent, steps = _number(items.pop("lr_warmup", 0)), _number(items.get("lr_warmup_steps"))
     if steps > 0:
         items["lr_warmup_steps"] = int(steps)
@@ -442,11 +440,12 @@ def _warmup(items: dict[str, Any], where: str, problems: list[str]) -> None:
     else:
         items.pop("lr_warmup_steps", None)
         return
-    if steps > 0 and (_text(items.get("lr_scheduler") or "").lower() == "adafactor" or _adafactor_schedule(items)):
+    if _text(items.get("lr_scheduler") or "").lower() == "adafactor" or _adafactor_schedule(items):
+        given = f"lr_warmup_steps {int(steps)}" if steps > 0 else f"lr_warmup {percent:g} (%)"
         problems.append(
-            f"{where}: lr_warmup_steps {int(steps)} with kohya's adafactor schedule (lr_scheduler adafactor, or "
-            "Adafactor with relative_step): it has no warmup and sd-scripts stops on one ('does not require "
-            "num_warmup_steps'), whatever the GUI passes; set lr_warmup and lr_warmup_steps to 0"
+            f"{where}: {given} with kohya's adafactor schedule (lr_scheduler adafactor, or Adafactor with "
+            "relative_step): it has no warmup and sd-scripts stops on one ('does not require num_warmup_steps'), "
+            "whatever the GUI passes; set lr_warmup and lr_warmup_steps to 0"
         )
 
 

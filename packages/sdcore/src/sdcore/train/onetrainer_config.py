@@ -1050,10 +1050,9 @@ def _loss(r: _Reader, family: str) -> None:
         _zero_terminal_snr_note(r, weight, "min(snr, gamma) / snr (/ (snr + 1) on v-prediction)")
     elif weight == "DEBIASED_ESTIMATION" and not flow:
         v["debiased_estimation_loss"] = True  # 1 / sqrt(min(snr, 1000)) for epsilon prediction, as kohya's
+        # (with rescale_noise_scheduler_to_zero_terminal_snr OneTrainer forces v: config_prediction_type)
         if v_prediction(r):  # 1 / sqrt(min(snr, 1000) + 1), not kohya's 1 / (min(snr, 1000) + 1)
             v["debiased_estimation_sqrt"] = True  # on the rescaled schedule, as OneTrainer's (sdcore.train.loss)
-        else:
-            _zero_terminal_snr_note(r, weight, "1 / sqrt(min(snr, 1000))")
     elif weight == "P2" and not flow:
         v["p2_loss_gamma"] = strength  # (1 + snr)^-strength, snr + 1 for v-prediction
     elif weight == "SIGMA":
@@ -1078,8 +1077,9 @@ def _zero_terminal_snr_note(r: _Reader, weight: str, formula: str) -> None:
     OneTrainer rescales the model's scheduler and its loss weights read the rescaled SNR (lower at every
     timestep, 0 at the last). sdcore's ``--min-snr-gamma`` and epsilon ``--debiased-estimation-loss`` are
     kohya's, whose SNR table is taken before the betas are fixed; following OneTrainer would need an option
-    of its own, so the translation says what differs instead (P2 and the v-prediction debiased weight are
-    OneTrainer's only and read the rescaled schedule, :mod:`sdcore.train.loss`)."""
+    of its own, so the translation says what differs instead (P2 and the v-prediction debiased weight, the only
+    debiased weight with the rescale, which forces v, are OneTrainer's only and read the rescaled schedule,
+    :mod:`sdcore.train.loss`)."""
     if not r.get("rescale_noise_scheduler_to_zero_terminal_snr"):
         return
     r.note(

@@ -168,3 +168,19 @@ def test_kohya_v_parameterization_maps_to_the_option(tmp_path):
     o = load_options(ConvOutOptions, cfg, notes=notes)
     assert o.prediction_type == "v_prediction"
     assert any(n.startswith("v2: the model family is read") for n in notes)
+
+
+def test_resolution_zero_takes_the_native_size_of_the_chosen_type(tmp_path):
+    """An SD2 file that declares nothing is built as SD2-768-v (96 latent) or, with epsilon, as SD2-512 (64):
+    --resolution 0 peeks the size the loader will build."""
+    from safetensors.torch import load_file, save_file
+    from sdcore.models.native import peek_native_resolution
+    from sdcore.train.options import apply_model_defaults
+
+    path = tmp_path / "sd2.safetensors"
+    write_single_file(create_tiny_bundle("sd2"), path)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(path), bare)
+    assert (peek_native_resolution(bare), peek_native_resolution(bare, "epsilon")) == (768, 512)
+    o = contract_options(ConvOutMethod, tmp_path, {"model": str(bare), "resolution": 0, "prediction_type": "epsilon"})
+    assert apply_model_defaults(o) and o.resolution == 512

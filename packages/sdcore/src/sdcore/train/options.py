@@ -940,7 +940,8 @@ def apply_model_defaults(options: TrainOptions, bundle: Any = None) -> bool:
         return True
     from ..models.native import bundle_native_resolution, peek_native_resolution
 
-    native = bundle_native_resolution(bundle) if bundle is not None else peek_native_resolution(options.model)
+    chosen = None if options.prediction_type == "auto" else options.prediction_type
+    native = bundle_native_resolution(bundle) if bundle is not None else peek_native_resolution(options.model, chosen)
     if native is None:
         return False
     options.resolution = native

@@ -56,6 +56,26 @@ def test_kohya_gui_checkbox(tmp_path):
     assert (on.prediction_type, off.prediction_type) == ("v_prediction", "auto")
 
 
+def test_kohya_flag_on_a_flow_family_is_ignored_as_kohya_ignores_it(tmp_path):
+    """kohya's flux_train_network.py computes its own flow target and never reads --v_parameterization: the run
+    keeps auto (a note says so) instead of the refusal sdcore's own --prediction-type gets on Flux."""
+    line = ("accelerate launch flux_train_network.py --pretrained_model_name_or_path=tiny:flux --train_data_dir=d "
+            "--output_dir=o --network_module=networks.lora_flux --v_parameterization\n")  # fmt: skip
+    notes: list[str] = []
+    assert _lora(_write(tmp_path, "flux.sh", line), notes).prediction_type == "auto"
+    assert any(n.startswith("v_parameterization: flux trains with flow matching") for n in notes), notes
+    # on a DDPM family it stays v, and sdcore's own option on the command line is not rewritten
+    sd = line.replace("flux_train_network.py", "train_network.py").replace("tiny:flux", "tiny:sd2")
+    assert _lora(_write(tmp_path, "sd.sh", sd.replace("networks.lora_flux", "networks.lora"))).prediction_type == (
+        "v_prediction"
+    )
+    from sdcore.train.config import load_options
+    from sdplugin_lora.method import LoraOptions
+
+    given = load_options(LoraOptions, _write(tmp_path, "cli.sh", line), {"prediction_type": "epsilon"}, notes=[])
+    assert given.prediction_type == "epsilon"
+
+
 # --- diffusers example scripts ---------------------------------------------------------------------------
 
 

@@ -2016,6 +2016,26 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
     ]
 
 
+def kohya_v_parameterization(values: dict[str, Any], origin: Mapping[str, str], family: str | None) -> list[str]:
+    """``v_parameterization`` once the model's family is known: kohya's Flux and SD3 scripts compute their own
+    flow-matching target and never read it, so a kohya config that carries it (copied from an SD2/SDXL one)
+    still trains there; the run keeps ``auto`` (where ``--prediction-type`` itself would be refused) and says so.
+    ``values`` is changed in place. None (family unread): left as given."""
+    if origin.get("prediction_type") != "v_parameterization" or values.get("prediction_type") in (None, "auto"):
+        return []
+    from ..errors import SdcoreError
+    from ..models.family import get_family
+
+    try:
+        objective = get_family(family).objective if family else "ddpm"
+    except SdcoreError:
+        return []
+    if objective == "ddpm":
+        return []
+    values["prediction_type"] = "auto"
+    return [f"v_parameterization: {family} trains with flow matching; kohya's {family} script does not read it"]
+
+
 #: why kohya_t5_cache_only ignores ``use_t5xxl_cache_only`` outside sd3_train.py
 _T5_CACHE_ONLY_UNREAD = (
     "sd3_train.py's option, which kohya's other scripts do not define (a config file's unknown keys stay unread)"
@@ -2277,6 +2297,7 @@ __all__ = [
     "kohya_defaults",
     "kohya_flow_semantics",
     "kohya_text_encoder_rates",
+    "kohya_v_parameterization",
     "nearest",
     "nearest_name",
     "translate",

@@ -184,3 +184,23 @@ def test_resolution_zero_takes_the_native_size_of_the_chosen_type(tmp_path):
     assert (peek_native_resolution(bare), peek_native_resolution(bare, "epsilon")) == (768, 512)
     o = contract_options(ConvOutMethod, tmp_path, {"model": str(bare), "resolution": 0, "prediction_type": "epsilon"})
     assert apply_model_defaults(o) and o.resolution == 512
+
+
+def test_a_resume_that_would_train_another_prediction_type_warns(tmp_path, capsys):
+    """The state records what the run trained (as resolved): resuming a --prediction-type v_prediction state
+    without the option (tiny:sd1 is epsilon by itself) switches the loss target, and says so; the same resolved
+    type (sd2's own v given explicitly or not) says nothing."""
+    from dataclasses import replace
+
+    from sdcore.train.loop import train
+
+    o = contract_options(ConvOutMethod, tmp_path, {"max_steps": 1, "prediction_type": "v_prediction"})
+    train(ConvOutMethod(o))
+    capsys.readouterr()
+    train(ConvOutMethod(replace(o, resume="latest", max_steps=2, prediction_type="auto", progress=True)))
+    assert "resuming with changed prediction_type" in capsys.readouterr().err
+    v = contract_options(ConvOutMethod, tmp_path, {"max_steps": 1}, family="sd2", tag="sd2")
+    train(ConvOutMethod(v))
+    capsys.readouterr()
+    train(ConvOutMethod(replace(v, resume="latest", max_steps=2, prediction_type="v_prediction", progress=True)))
+    assert "resuming with changed" not in capsys.readouterr().err

@@ -324,7 +324,12 @@ class TrainSession:
         self.position = TrainPosition()
         if o.resume:
             self.position, self.losses = self.checkpoints.restore(
-                o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device, ema=self.ema
+                o.resume,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                device=self.device,
+                ema=self.ema,
+                prediction_type=self.bundle.prediction_type,
             )
         self._apply_start(resumed=self.position if o.resume else None)
         from .te_stop import TextEncoderStop
@@ -762,6 +767,7 @@ class TrainSession:
                 losses=self.losses,
                 total_steps=self.total_steps,
                 ema=self.ema,
+                prediction_type=self.bundle.prediction_type,
             )
 
     def render_samples(self, tag: str, *, epoch: int | None = None) -> Path | None:

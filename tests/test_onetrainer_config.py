@@ -481,11 +481,13 @@ def test_zero_terminal_snr_loss_weights_follow_onetrainer_or_say_what_differs(tm
         snr = abar / (1 - abar)
         want = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr  # OneTrainer's __min_snr_weight, epsilon
         assert torch.allclose(got, want, rtol=1e-4) is same
-    # DEBIASED_ESTIMATION: the epsilon weight keeps kohya's schedule (noted), the v-prediction one follows
+    # DEBIASED_ESTIMATION: every SD setup forces v with the rescale (force_v_prediction), so its weight is the
+    # v-prediction one, which follows the rescaled schedule (nothing to note), on an SD1.5 model too
     debiased = {**SD15_LORA, **rescale, "loss_weight_fn": "DEBIASED_ESTIMATION"}
     notes = []
-    _load(tmp_path, debiased, notes=notes)
-    assert any("loss_weight_fn DEBIASED_ESTIMATION with rescale_noise" in n for n in notes), notes
+    o = _load(tmp_path, debiased, notes=notes)
+    assert (o.prediction_type, o.debiased_estimation_sqrt) == ("v_prediction", True)
+    assert not any("DEBIASED_ESTIMATION with" in n for n in notes), notes
     notes = []
     o = _load(tmp_path, {**debiased, "model_type": "STABLE_DIFFUSION_21", "base_model_name": ""}, notes=notes)
     assert o.debiased_estimation_sqrt and not any("DEBIASED_ESTIMATION with" in n for n in notes), notes

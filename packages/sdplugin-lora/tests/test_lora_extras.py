@@ -436,3 +436,17 @@ def test_resume_with_other_block_dims_is_refused_in_the_preflight(tmp_path):
     assert len(problems) == 1 and "--block-dims" in problems[0], problems
     same = dataclasses.replace(first, resume="latest")
     assert resume_problems(LoraMethod(same), same, output_paths(LoraMethod(first), first)[1]) == []
+
+
+def test_prediction_type_override_is_what_the_trained_file_says(tmp_path):
+    """--prediction-type v_prediction on an epsilon SD1 model (kohya's --v_parameterization): the LoRA's metadata
+    says v as kohya's sai_model_spec and get_model_version_str_for_sd1_sd2 write it (prediction_type v, sd_v1_v)."""
+    from sdcore.train.loop import train
+
+    options = contract_options(LoraMethod, tmp_path, {"max_steps": 1, "rank": 2, "prediction_type": "v_prediction"})
+    result = train(LoraMethod(options))
+    meta = read_lora(result.output).metadata
+    assert (meta["modelspec.prediction_type"], meta["ss_base_model_version"]) == ("v", "sd_v1_v")
+    plain = contract_options(LoraMethod, tmp_path, {"max_steps": 1, "rank": 2}, tag="plain")
+    meta = read_lora(train(LoraMethod(plain)).output).metadata
+    assert (meta["modelspec.prediction_type"], meta["ss_base_model_version"]) == ("epsilon", "sd_v1")

@@ -33,6 +33,9 @@ class ModelLayout:
     stored_bytes_per_weight: float = 4.0
     inpainting: bool = False
     notes: list[str] = field(default_factory=list)
+    #: where ``prediction_type`` comes from: what the model declares (``modelspec``, ``sdcore.config``,
+    #: ``v_pred key``, ``scheduler config``, ``loaded model``) or ``default`` (nothing declares it: a guess)
+    prediction_source: str = "default"
 
 
 def _bytes_per_weight(header: dict[str, Any]) -> float:
@@ -115,7 +118,10 @@ def _single_file_layout(path: Path, parts: dict[str, Any] | None = None) -> Mode
     finally:
         source.close()
     stored = _bytes_per_weight(read_safetensors_header(path)[0]) if source.format == "safetensors" else 4.0
-    return ModelLayout(str(path), found.family, found.prediction_type, configs, "single-file", stored, found.inpainting)
+    return ModelLayout(
+        str(path), found.family, found.prediction_type, configs, "single-file", stored, found.inpainting,
+        prediction_source=found.prediction_source,
+    )  # fmt: skip
 
 
 def _diffusers_layout(folder: Path, source: str, source_format: str) -> ModelLayout:
@@ -148,7 +154,10 @@ def _diffusers_layout(folder: Path, source: str, source_format: str) -> ModelLay
 
         stored = _bytes_per_weight(read_safetensors_header(first)[0])
     inpainting = other is None and int(configs["unet"].get("in_channels", 4)) == 9
-    return ModelLayout(source, family, prediction, configs, source_format, stored, inpainting)
+    declared = "scheduler config" if sched.get("prediction_type") else "default"
+    return ModelLayout(
+        source, family, prediction, configs, source_format, stored, inpainting, prediction_source=declared
+    )
 
 
 def _family_folder_configs(folder: Path, index: dict[str, Any], family_name: str) -> dict[str, Any]:
@@ -262,6 +271,7 @@ def layout_of_bundle(bundle: ModelBundle) -> ModelLayout:
         bundle.source_format or "bundle",
         stored,
         bundle.inpainting,
+        prediction_source="loaded model",
     )
 
 

@@ -273,6 +273,34 @@ def _noise_scheduler(scheduler_config: dict[str, Any], prediction_type: str) -> 
     return DDPMScheduler(**base)
 
 
+def override_prediction_type(bundle: ModelBundle, prediction_type: str | None) -> ModelBundle:
+    """Make ``bundle`` train and save as ``prediction_type`` (``epsilon``/``v_prediction``; None or ``auto``
+    keeps what it was loaded as): its ``prediction_type`` and its noise scheduler's, the rest of the schedule
+    (betas, zero-terminal SNR) as it was. This is what a loader's ``prediction_type=`` gives a file that does
+    not declare it, for a bundle already in memory (kohya's ``--v_parameterization`` on a loaded model).
+
+    Only the DDPM families have the choice; a flow-matching family's bundle raises
+    :class:`~sdcore.errors.ConfigError` (its objective is not epsilon or v).
+    """
+    from ..errors import ConfigError
+    from .detect import _normalise_prediction
+
+    if prediction_type in (None, "auto"):
+        return bundle
+    chosen = _normalise_prediction(str(prediction_type))
+    if chosen is None:
+        raise ConfigError(f"unknown prediction type {prediction_type!r} (use auto, epsilon or v_prediction)")
+    if bundle.family_spec.objective != "ddpm":
+        raise ConfigError(
+            f"--prediction-type {prediction_type}: {bundle.family} trains with flow matching, not epsilon or "
+            "v-prediction (use auto)"
+        )
+    if bundle.prediction_type != chosen or bundle.noise_scheduler.config.prediction_type != chosen:
+        bundle.prediction_type = chosen
+        bundle.noise_scheduler = _noise_scheduler(dict(bundle.noise_scheduler.config), chosen)
+    return bundle
+
+
 def _finish(bundle: ModelBundle, device: Any) -> ModelBundle:
     if device is not None:
         bundle.to(device=device)

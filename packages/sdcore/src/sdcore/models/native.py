@@ -81,8 +81,11 @@ def bundle_native_resolution(bundle: Any) -> int | None:
     return found if found is not None else bundle.family_spec.native_resolution
 
 
-def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
-    """Native size of a model source without loading weights; ``None`` when that needs the model."""
+def peek_native_resolution(source: str | os.PathLike[str], prediction_type: str | None = None) -> int | None:
+    """Native size of a model source without loading weights; ``None`` when that needs the model.
+
+    ``prediction_type`` is the loader's override (``--prediction-type``): an SD2 single file without its own
+    configs is 768 as v-prediction and 512 as epsilon, as the loader builds it."""
     text = str(source)
     try:
         if text.startswith("tiny:"):
@@ -103,7 +106,7 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
             vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
             return native_resolution(unet, vae)
         if path.is_file() and path.suffix.lower() in (".safetensors", ".sft"):
-            return _single_file(path)
+            return _single_file(path, prediction_type)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     except Exception as exc:  # a model-format error: the loader reports it properly later
@@ -115,7 +118,7 @@ def peek_native_resolution(source: str | os.PathLike[str]) -> int | None:
     return None
 
 
-def _single_file(path: Path) -> int | None:
+def _single_file(path: Path, prediction_type: str | None = None) -> int | None:
     from .detect import CONFIG_METADATA_KEY, detect, detect_family
     from .load import bundled_config
     from .source import CheckpointSource
@@ -136,8 +139,9 @@ def _single_file(path: Path) -> int | None:
         if family.denoiser != "unet":  # no ldm configs to read: the file's modelspec, else the family's size
             return modelspec_side(source.metadata) or tiny_side(source.metadata) or family.native_resolution
         found = detect(
-            source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
-        )
+            source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras,
+            prediction_type=prediction_type,
+        )  # fmt: skip
     finally:
         source.close()
     configs = bundled_config(found.family, found.prediction_type)

@@ -778,7 +778,12 @@ def translate_job(
     v["output"] = str(folder / name / f"{name}.safetensors")
     v["data"] = str(path)
     if model.get("is_v_pred"):
-        out.notes.append(f"{w}.model.is_v_pred: sdcore reads the prediction type from the model")
+        # stable_diffusion_model.py: prediction_type = "v_prediction" if is_v_pred else "epsilon" (the noise
+        # scheduler's and the target); false stays sdcore's auto, which also reads a file's own v marker
+        if flow:
+            out.notes.append(f"{w}.model.is_v_pred: {family} trains with flow matching here; not applied")
+        else:
+            v["prediction_type"] = "v_prediction"
         if (train.get("min_snr_gamma") or 0) > 1e-6:
             out.problems.append(
                 f"{w}.train.min_snr_gamma with model.is_v_pred: ai-toolkit weighs min(gamma / snr, 1) for every "

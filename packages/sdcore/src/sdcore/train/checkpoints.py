@@ -220,9 +220,11 @@ class Checkpoints:
         losses: list[float],
         total_steps: int,
         ema: WeightEMA | None = None,
+        prediction_type: str | None = None,
     ) -> Path:
         """A resumable state (every process waits for the main one to write it); ``ema``: the
-        ``--ema`` average, saved beside the raw tensors."""
+        ``--ema`` average, saved beside the raw tensors; ``prediction_type``: what the run trains (the bundle's,
+        as ``--prediction-type`` resolved it), for :meth:`restore` to compare."""
         from .state import prune_states, save_state
 
         acc = self.accelerator
@@ -242,6 +244,7 @@ class Checkpoints:
                     "total_steps": total_steps,
                     "options": asdict(self.options),
                     "world_size": acc.num_processes,
+                    **({"prediction_type": prediction_type} if prediction_type else {}),
                 },
                 ema=None if ema is None else ema.state_dict(),
             )
@@ -252,10 +255,19 @@ class Checkpoints:
         return folder
 
     def restore(
-        self, resume: str, *, optimizer: Any, scheduler: Any, device: Any, ema: WeightEMA | None = None
+        self,
+        resume: str,
+        *,
+        optimizer: Any,
+        scheduler: Any,
+        device: Any,
+        ema: WeightEMA | None = None,
+        prediction_type: str | None = None,
     ) -> tuple[TrainPosition, list[float]]:
         """Load the state ``resume`` names (``latest`` or a folder): (position, losses so far); ``ema``
-        (``--ema``) gets the saved average."""
+        (``--ema``) gets the saved average. ``prediction_type`` (what this run trains) is compared, as resolved,
+        with the state's: a resume without the ``--prediction-type v_prediction`` the state was trained with
+        would silently switch the loss target (states saved before it was recorded are not compared)."""
         from .state import load_ema, load_state, read_position, resolve_resume
 
         folder = resolve_resume(resume, self.state_root)
@@ -276,6 +288,10 @@ class Checkpoints:
         if guidance is not None:
             changed.append("guidance_scale")
             described.append(f"guidance_scale ({guidance[0]:g} -> {guidance[1]:g})")
+        was = record.get("prediction_type")
+        if was and prediction_type and was != prediction_type:
+            changed.append("prediction_type")
+            described.append(f"prediction_type ({was!r} -> {prediction_type!r}: the loss target changes)")
         if changed:
             log.warning(
                 "resuming with changed %s: the run continues but will not match an uninterrupted one",

@@ -219,6 +219,8 @@ def load_options(
         sampling = merged.get("timestep_sampling") if from_kohya and "timestep_sampling" not in cli_values else None
         found_notes += k.kohya_flow_semantics(raw, sampling, family)
         found_notes += k.kohya_t5_cache_only(raw, merged, translation.origin, family)  # sd3_train.py's alone
+        if "prediction_type" not in cli_values:  # sdcore's own --prediction-type keeps its refusal
+            found_notes += k.kohya_v_parameterization(raw, translation.origin, family)
         found_notes += k.kohya_flux_train_text_encoder(raw, translation.origin, set(cli_values), fields, family)
         defaults, applied = k.kohya_defaults(fields, set(raw), raw, family=family)
         if applied:

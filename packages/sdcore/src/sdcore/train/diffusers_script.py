@@ -557,7 +557,14 @@ def translate_command(
     if a.given("pretrained_vae_model_name_or_path"):
         v["vae"] = a.text("pretrained_vae_model_name_or_path")
     if a.given("prediction_type"):
-        out.problems.append(f"{w}: --prediction_type: sdcore reads the prediction type from the model")
+        # train_text_to_image*.py: noise_scheduler.register_to_config(prediction_type=...) before each step's
+        # target, so the run trains it whatever the model's scheduler says; any other value stops the first
+        # step ("Unknown prediction type")
+        chosen = a.text("prediction_type")
+        if chosen in ("epsilon", "v_prediction"):
+            v["prediction_type"] = chosen
+        else:
+            out.problems.append(f"{w}: --prediction_type {chosen}: the script trains epsilon or v_prediction only")
 
     _data(a, script, method, path, w, out)
     _network(a, script, method, w, out)

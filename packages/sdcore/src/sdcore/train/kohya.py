@@ -259,6 +259,12 @@ _loss_type = _named(LOSS_TYPES)
 _huber_schedule = _named(HUBER_SCHEDULES)
 
 
+def _v_parameterization(value: Any) -> str:
+    """kohya's ``--v_parameterization`` (store_true; the GUI writes false) -> ``--prediction-type``: v, or the
+    model's own (auto) where it is off; sdcore, unlike kohya, also reads a v-prediction file's own marker."""
+    return "auto" if _is_off(value, _OFF) else "v_prediction"
+
+
 def _off_is_zero(value: Any) -> float:
     """kohya's ``v_pred_like_loss`` defaults to None (off); the GUI writes 0 for off."""
     if isinstance(value, str) and value.strip().lower() in ("", "none", "false"):
@@ -430,6 +436,9 @@ ALIASES: dict[str, Alias] = {
     "timestep_sampling": _a("timestep_sampling", _flow_sampling),
     "weighting_scheme": _a("weighting_scheme", _weighting_scheme),
     "model_prediction_type": _a("model_prediction_type", _model_prediction_type),
+    # train_util.py: the flag sets the noise scheduler's prediction_type and the loss target (v), and the saved
+    # metadata (sai_model_spec prediction_type "v", ss_base_model_version "..._v"); off leaves the model's own
+    "v_parameterization": _a("prediction_type", _v_parameterization, flag=True),
     "training_shift": _a("discrete_flow_shift"),
     "discrete_flow_shift": _a("discrete_flow_shift", float),
     "sigmoid_scale": _a("sigmoid_scale", float),
@@ -541,7 +550,6 @@ COMPOSITE: dict[str, str] = {
     "save_last_n_epochs_state": "with save_state: --keep-states N (default save_last_n_epochs)",
     "epoch": "kohya_ss GUI field: --epochs when neither max_train_epochs nor max_train_steps is given",
     "v2": "accepted: the model family is read from the model",
-    "v_parameterization": "accepted: the prediction type is read from the model",
     "cache_text_encoder_outputs_to_disk": "--cache-text-encoder-outputs --cache-text-encoder-outputs-to-disk (one "
     ".safetensors per dataset folder, not kohya's per-image npz)",
     "deepspeed": "refused: give DeepSpeed to `accelerate launch --config_file` (docs/accelerate/deepspeed-zero2.yaml)",
@@ -572,7 +580,6 @@ _FLAG_COMPOSITES = {
     "use_8bit_adam",
     "use_lion_optimizer",
     "v2",
-    "v_parameterization",
     "cache_text_encoder_outputs_to_disk",
     "deepspeed",
     "zero3_init_flag",
@@ -1228,10 +1235,8 @@ def _composites(
             # families' scripts do not read it: kohya_t5_cache_only, once the model's family is known
             out.values["cache_text_encoder_outputs"] = True
             out.origin["cache_text_encoder_outputs"] = "use_t5xxl_cache_only"
-    for name in ("v2", "v_parameterization"):
-        if items.get(name):
-            what = "family" if name == "v2" else "prediction type"
-            out.notes.append(f"{name}: the model {what} is read from the model itself (see `sdcore model info`)")
+    if items.get("v2"):
+        out.notes.append("v2: the model family is read from the model itself (see `sdcore model info`)")
     if out.values.get("no_token_padding") is True:
         out.notes.append(
             "no_token_padding: captions are padded to the batch's longest (at most 77 tokens), as its help says and "
@@ -2011,6 +2016,26 @@ def kohya_flow_semantics(values: dict[str, Any], kohya_sampling: Any, family: st
     ]
 
 
+def kohya_v_parameterization(values: dict[str, Any], origin: Mapping[str, str], family: str | None) -> list[str]:
+    """``v_parameterization`` once the model's family is known: kohya's Flux and SD3 scripts compute their own
+    flow-matching target and never read it, so a kohya config that carries it (copied from an SD2/SDXL one)
+    still trains there; the run keeps ``auto`` (where ``--prediction-type`` itself would be refused) and says so.
+    ``values`` is changed in place. None (family unread): left as given."""
+    if origin.get("prediction_type") != "v_parameterization" or values.get("prediction_type") in (None, "auto"):
+        return []
+    from ..errors import SdcoreError
+    from ..models.family import get_family
+
+    try:
+        objective = get_family(family).objective if family else "ddpm"
+    except SdcoreError:
+        return []
+    if objective == "ddpm":
+        return []
+    values["prediction_type"] = "auto"
+    return [f"v_parameterization: {family} trains with flow matching; kohya's {family} script does not read it"]
+
+
 #: why kohya_t5_cache_only ignores ``use_t5xxl_cache_only`` outside sd3_train.py
 _T5_CACHE_ONLY_UNREAD = (
     "sd3_train.py's option, which kohya's other scripts do not define (a config file's unknown keys stay unread)"
@@ -2272,6 +2297,7 @@ __all__ = [
     "kohya_defaults",
     "kohya_flow_semantics",
     "kohya_text_encoder_rates",
+    "kohya_v_parameterization",
     "nearest",
     "nearest_name",
     "translate",

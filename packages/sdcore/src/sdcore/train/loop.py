@@ -125,12 +125,16 @@ class TrainResult:
 
 def load_bundle(options: TrainOptions, plugin_manager: Any = None) -> ModelBundle:
     """Load ``options.model`` (any source ``load_model`` reads; ``tiny:<family>`` for tests and demos)
-    with the parts given separately (``--clip-l``, ``--t5xxl``, ``--vae``...: what the file lacks)."""
-    from ..models.load import load_model
+    with the parts given separately (``--clip-l``, ``--t5xxl``, ``--vae``...: what the file lacks) and
+    ``--prediction-type`` (auto: what the model declares)."""
+    from ..models.load import load_model, override_prediction_type
     from ..models.parts import given_parts
 
     pm = plugin_manager if hasattr(plugin_manager, "registrations") else None
-    return load_model(options.model, pm=pm, **given_parts(options))
+    chosen = None if options.prediction_type == "auto" else options.prediction_type
+    bundle = load_model(options.model, pm=pm, prediction_type=chosen, **given_parts(options))
+    # a format plugin or a flow family's reader may not take the choice: the bundle says it either way
+    return override_prediction_type(bundle, chosen)
 
 
 #: the phase (:meth:`TrainSession._during`) of the work after a step's update: ``on_step_end``, the EMA update
@@ -214,6 +218,10 @@ class TrainSession:
         if not native_known:
             self.bundle = load_bundle(o, self.plugin_manager)
             apply_model_defaults(o, self.bundle)
+        elif self.bundle is not None:  # a bundle given by the caller: --prediction-type as a loaded one gets it
+            from ..models.load import override_prediction_type
+
+            override_prediction_type(self.bundle, o.prediction_type)
         self.caps = method.capabilities()
         backend = tracker_backend(o)
         self.accelerator = acc = create_accelerator(o, log_with=backend)
@@ -316,7 +324,12 @@ class TrainSession:
         self.position = TrainPosition()
         if o.resume:
             self.position, self.losses = self.checkpoints.restore(
-                o.resume, optimizer=self.optimizer, scheduler=self.scheduler, device=self.device, ema=self.ema
+                o.resume,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                device=self.device,
+                ema=self.ema,
+                prediction_type=self.bundle.prediction_type,
             )
         self._apply_start(resumed=self.position if o.resume else None)
         from .te_stop import TextEncoderStop
@@ -754,6 +767,7 @@ class TrainSession:
                 losses=self.losses,
                 total_steps=self.total_steps,
                 ema=self.ema,
+                prediction_type=self.bundle.prediction_type,
             )
 
     def render_samples(self, tag: str, *, epoch: int | None = None) -> Path | None:

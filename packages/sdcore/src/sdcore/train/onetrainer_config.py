@@ -376,8 +376,6 @@ REFUSED: dict[str, str] = {
     "sdcore's --noise-offset is the same at every timestep",
     "loss_scaler": "OneTrainer multiplies the loss by the batch size and/or the accumulation steps; sdcore has no "
     "loss scale (it changes gradient clipping and non-adaptive optimizers)",
-    "force_v_prediction": "sdcore trains with the model's own prediction type",
-    "force_epsilon_prediction": "sdcore trains with the model's own prediction type",
 }
 #: ``learning_rate_scaler`` -> what ``get_scale`` multiplies (every parameter group's rate is multiplied by
 #: the square root, ``NamedParameterGroup.parameters_for_optimizer``); GLOBAL_*: times the world size, 1 here
@@ -395,7 +393,8 @@ HANDLED = frozenset(
      "learning_rate_min_factor", "epochs", "batch_size", "gradient_accumulation_steps", "ema", "ema_decay",
      "ema_update_step_interval", "train_dtype", "resolution", "mse_strength", "mae_strength", "log_cosh_strength",
      "huber_strength", "loss_weight_fn", "loss_weight_strength", "dropout_probability", "clip_grad_norm",
-     "offset_noise_weight", "rescale_noise_scheduler_to_zero_terminal_snr", "min_noising_strength",
+     "offset_noise_weight", "rescale_noise_scheduler_to_zero_terminal_snr", "force_v_prediction",
+     "force_epsilon_prediction", "min_noising_strength",
      "max_noising_strength", "timestep_distribution", "noising_weight", "noising_bias", "timestep_shift",
      "dynamic_timestep_shifting", "text_encoder_layer_skip", "text_encoder_2_layer_skip", "layer_filter_preset",
      "layer_filter", "layer_filter_regex",
@@ -551,6 +550,7 @@ def translate_config(
     _masked(r, method, inpainting=model_type in INPAINTING_TYPES)
     _custom_conditioning(r, inpainting=model_type in INPAINTING_TYPES)
     _noise(r, family)
+    _prediction(r, family, method)
     if method == "lora":
         _lora(r, family)
     elif _text(r.get("layer_filter")) and method == "ti":  # no *EmbeddingSetup reads it
@@ -1050,10 +1050,9 @@ def _loss(r: _Reader, family: str) -> None:
         _zero_terminal_snr_note(r, weight, "min(snr, gamma) / snr (/ (snr + 1) on v-prediction)")
     elif weight == "DEBIASED_ESTIMATION" and not flow:
         v["debiased_estimation_loss"] = True  # 1 / sqrt(min(snr, 1000)) for epsilon prediction, as kohya's
+        # (with rescale_noise_scheduler_to_zero_terminal_snr OneTrainer forces v: config_prediction_type)
         if v_prediction(r):  # 1 / sqrt(min(snr, 1000) + 1), not kohya's 1 / (min(snr, 1000) + 1)
             v["debiased_estimation_sqrt"] = True  # on the rescaled schedule, as OneTrainer's (sdcore.train.loss)
-        else:
-            _zero_terminal_snr_note(r, weight, "1 / sqrt(min(snr, 1000))")
     elif weight == "P2" and not flow:
         v["p2_loss_gamma"] = strength  # (1 + snr)^-strength, snr + 1 for v-prediction
     elif weight == "SIGMA":
@@ -1078,8 +1077,9 @@ def _zero_terminal_snr_note(r: _Reader, weight: str, formula: str) -> None:
     OneTrainer rescales the model's scheduler and its loss weights read the rescaled SNR (lower at every
     timestep, 0 at the last). sdcore's ``--min-snr-gamma`` and epsilon ``--debiased-estimation-loss`` are
     kohya's, whose SNR table is taken before the betas are fixed; following OneTrainer would need an option
-    of its own, so the translation says what differs instead (P2 and the v-prediction debiased weight are
-    OneTrainer's only and read the rescaled schedule, :mod:`sdcore.train.loss`)."""
+    of its own, so the translation says what differs instead (P2 and the v-prediction debiased weight, the only
+    debiased weight with the rescale, which forces v, are OneTrainer's only and read the rescaled schedule,
+    :mod:`sdcore.train.loss`)."""
     if not r.get("rescale_noise_scheduler_to_zero_terminal_snr"):
         return
     r.note(
@@ -1091,9 +1091,54 @@ def _zero_terminal_snr_note(r: _Reader, weight: str, formula: str) -> None:
 
 
 def v_prediction(r: _Reader) -> bool:
-    """Whether the model predicts v: OneTrainer reads it from the model's scheduler; its SD2 768 model types are
-    the v-prediction models, and ``force_v_prediction`` forces it (refused, so only the type counts here)."""
-    return _text(r.get("model_type")) in V_PREDICTION_TYPES
+    """Whether the model predicts v: what the config decides (:func:`config_prediction_type`), else the SD2 768
+    model types (OneTrainer reads the rest from the model's scheduler, as sdcore does)."""
+    method = METHODS.get(_text(r.get("training_method")), "")
+    family = FAMILIES.get(_text(r.get("model_type")), "")
+    decided = config_prediction_type(r, family, method)
+    return decided == "v_prediction" if decided else _text(r.get("model_type")) in V_PREDICTION_TYPES
+
+
+#: the single-file suffixes OneTrainer converts with its model type's ldm YAML (StableDiffusionModelLoader)
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def config_prediction_type(r: _Reader, family: str, method: str) -> str | None:
+    """The prediction type a OneTrainer config trains whatever the model says, or None where the model decides.
+
+    Every SD/SDXL setup calls ``force_v_prediction`` after ``rescale_noise_scheduler_to_zero_terminal_snr``;
+    only the fine-tune setups (``StableDiffusion[XL]FineTuneSetup``) read ``force_v_prediction`` and
+    ``force_epsilon_prediction``; a single SD2 ``_BASE`` file is read with ``v2-inference.yaml`` (epsilon)."""
+    if family in FLOW_FAMILIES or not family:
+        return None
+    if r.get("rescale_noise_scheduler_to_zero_terminal_snr"):
+        return "v_prediction"
+    if method == "dreambooth" and r.get("force_v_prediction"):
+        return "v_prediction"
+    if method == "dreambooth" and r.get("force_epsilon_prediction"):
+        return "epsilon"
+    model = _text(r.get("base_model_name")).lower()
+    if _text(r.get("model_type")).endswith("_BASE") and family == "sd2" and model.endswith(_SINGLE_FILE_SUFFIXES):
+        return "epsilon"
+    return None
+
+
+def _prediction(r: _Reader, family: str, method: str) -> None:
+    """``--prediction-type`` where the config decides it; the force flags noted where OneTrainer ignores them."""
+    decided = config_prediction_type(r, family, method)
+    if decided is not None:
+        r.out.values["prediction_type"] = decided
+    for key in ("force_v_prediction", "force_epsilon_prediction"):
+        if not r.get(key):
+            continue
+        if family in FLOW_FAMILIES:
+            r.note(f"{key}: {family} trains with flow matching; not applied (OneTrainer's {family} setups ignore it)")
+        elif method != "dreambooth":
+            r.note(f"{key}: accepted, no effect (OneTrainer reads it in its fine-tune setups only)")
+        elif r.get("rescale_noise_scheduler_to_zero_terminal_snr") and key == "force_epsilon_prediction":
+            r.note(
+                f"{key}: no effect with rescale_noise_scheduler_to_zero_terminal_snr, which forces v (as OneTrainer)"
+            )
 
 
 def _schedule(r: _Reader, accumulation: int) -> None:

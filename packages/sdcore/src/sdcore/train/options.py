@@ -35,6 +35,8 @@ TIMESTEP_SAMPLINGS = (
 )
 #: how the flow-matching denoiser's output is read (kohya's --model_prediction_type, plus SD3's "x0")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled", "x0")
+#: ``--prediction-type``: ``auto`` reads the model (:mod:`sdcore.models.detect`), the others override it
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 #: kohya's --weighting_scheme: the density of the "sigma" sampling, or a loss weight (sigma_sqrt, cosmap)
 WEIGHTING_SCHEMES = ("uniform", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
@@ -83,6 +85,15 @@ class TrainOptions:
     # what and where
     model: str = option(
         "", "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:<family>.", group="model"
+    )
+    prediction_type: str = option(
+        "auto",
+        "What the DDPM families' (SD1/SD2/SDXL) denoiser predicts: auto (what the model declares: modelspec, "
+        "its scheduler config, the v_pred key; SD2 files without one are v), epsilon or v_prediction (kohya's "
+        "--v_parameterization, diffusers' --prediction_type), for files that do not say it; the trained files "
+        "say what was trained. Flow-matching families refuse it.",
+        choices=PREDICTION_TYPES,
+        group="model",
     )
     # parts of a model file that lacks them (SD3 without text encoders/VAE, BFL's flux1-dev.safetensors)
     clip_l: str | None = _part("clip_l")
@@ -929,7 +940,8 @@ def apply_model_defaults(options: TrainOptions, bundle: Any = None) -> bool:
         return True
     from ..models.native import bundle_native_resolution, peek_native_resolution
 
-    native = bundle_native_resolution(bundle) if bundle is not None else peek_native_resolution(options.model)
+    chosen = None if options.prediction_type == "auto" else options.prediction_type
+    native = bundle_native_resolution(bundle) if bundle is not None else peek_native_resolution(options.model, chosen)
     if native is None:
         return False
     options.resolution = native

@@ -418,7 +418,7 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
     if family.objective == "ddpm" and options.model_prediction_type != "raw":
         problems.append(
             f"--model-prediction-type {options.model_prediction_type}: how a flow-matching denoiser's output is read "
-            f"(kohya's Flux option); {family.name} trains with DDPM (its prediction type is read from the model)"
+            f"(kohya's Flux option); {family.name} trains with DDPM (epsilon or v: --prediction-type)"
         )
     if family.objective == "ddpm":
         defaults = {f.name: f.default for f in fields(type(options)) if f.name in _FLOW_OPTIONS}
@@ -429,6 +429,34 @@ def objective_option_checks(options: TrainOptions, family_name: str) -> tuple[li
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
             notes.append(f"{flags}: flow-matching options, without effect on {family.name} (a DDPM family)")
     return problems, notes
+
+
+def prediction_type_checks(options: TrainOptions, layout: ModelLayout) -> tuple[list[str], list[str]]:
+    """``--prediction-type`` against the model: a problem on a flow-matching family (no epsilon or v there), a
+    note where it overrides what the model itself declares (the run follows the option, as kohya follows its
+    ``--v_parameterization``: the note is there because one of the two is likely a mistake)."""
+    from ..models.family import get_family
+
+    chosen = options.prediction_type
+    if chosen == "auto":
+        return [], []
+    try:
+        family = get_family(layout.family)
+    except SdcoreError as exc:
+        return [str(exc)], []
+    if family.objective != "ddpm":
+        return [
+            f"--prediction-type {chosen}: {family.name} trains with flow matching, not epsilon or v-prediction "
+            "(leave it at auto; kohya's --v_parameterization and diffusers' --prediction_type are SD1/SD2/SDXL "
+            "options)"
+        ], []
+    if chosen != layout.prediction_type and layout.prediction_source != "default":
+        return [], [
+            f"--prediction-type {chosen}: the model declares {layout.prediction_type} ({layout.prediction_source}); "
+            f"training follows --prediction-type (as kohya follows --v_parameterization) and the trained files say "
+            f"{chosen}"
+        ]
+    return [], []
 
 
 def guidance_bypass_problems(options: TrainOptions, layout: ModelLayout) -> list[str]:
@@ -975,6 +1003,11 @@ def run_preflight(
     report.notes.extend(notes)
 
     if report.layout is not None:
+        problems, notes = prediction_type_checks(o, report.layout)
+        report.problems.extend(problems)
+        report.notes.extend(notes)
+        if not problems and o.prediction_type != "auto":  # the checks below and the plans see what will train
+            report.layout = replace(report.layout, prediction_type=o.prediction_type, prediction_source="user")
         problems, notes = objective_option_checks(o, report.layout.family)
         report.problems.extend(problems)
         report.notes.extend(notes)

@@ -557,8 +557,15 @@ def translate_config(
         out.needs["model"] = f"{where}.pretrained_model_name_or_path: {_hub_model(r, family_name)}"
     else:
         v["model"] = r.text("pretrained_model_name_or_path")
-    if r.text("prediction_type"):
-        out.notes.append(f"{where}.prediction_type: sdcore reads the prediction type from the model")
+    predicts = r.text("prediction_type").lower()
+    if predicts and flow:
+        out.notes.append(f"{where}.prediction_type {predicts}: {family} trains with flow matching here; not applied")
+    elif predicts in ("epsilon", "v_prediction"):
+        # models/sd1x, sdxl: PREDICTION_TYPE = PredictionTypes.from_str(prediction_type), which picks the loss
+        # target (get_prediction_target: get_velocity for v) whatever the model's scheduler says
+        v["prediction_type"] = predicts
+    elif predicts:
+        out.problems.append(f"{where}.prediction_type {predicts}: sdcore trains SD models as epsilon or v_prediction")
     vae = r.text("pretrained_vae_model_name_or_path")
     if family in ("sdxl", "sd1") and r.given("pretrained_vae_model_name_or_path") and Path(vae).expanduser().exists():
         v["vae"] = vae

@@ -37,8 +37,9 @@ def _random_up(module: torch.nn.Module, seed: int) -> None:
 
 
 def _same_run(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.Tensor, seed: int) -> None:
-    """Forward and backward of both at one seed: outputs and the input's gradient agree exactly (bitwise up to
-    float rounding: the same mask, the same products)."""
+    """Forward and backward of both at one seed: outputs and the input's gradient agree up to float rounding (the
+    same mask, the same products, summed in another order: an AMD EPYC CPU left 7e-6 on a gradient of about 3; a
+    mask drawn differently moves them by O(1))."""
     results = []
     for model in (ours, theirs):
         xi = x.clone().requires_grad_(True)
@@ -47,8 +48,8 @@ def _same_run(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.Tensor, s
         (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
         results.append((out.detach(), xi.grad))
     (out_a, grad_a), (out_b, grad_b) = results
-    torch.testing.assert_close(out_a, out_b, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_a, grad_b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-5, atol=1e-5)
 
 
 def test_each_module_draws_its_own_mask_as_peft_on_separate_projections():

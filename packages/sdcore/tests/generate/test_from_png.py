@@ -127,7 +127,13 @@ def test_variation_seed_fields_are_recalled_and_the_image_regenerates(tmp_path):
     assert result.exit_code == 0, result.output
     assert "ignored" not in result.stderr
     again_pixels, again_params = _pixels(again)
-    assert again_params == params and np.array_equal(pixels, again_pixels)
+    assert again_params == params
+    # Regenerated alone, not as a batch of 2: an AMD EPYC CPU rounded the two batch sizes' matmuls differently
+    # (1 uint8 level here and there), so nearly equal; the first image of the batch, another seed, is far away
+    diff = np.abs(pixels.astype(int) - again_pixels.astype(int))
+    other = np.abs(pixels.astype(int) - _pixels(tmp_path / "first-0.png")[0].astype(int))
+    print("regenerated: max", diff.max(), "mean", diff.mean(), "| other seed mean", other.mean())
+    assert diff.max() <= 2 and diff.mean() < 0.05 and other.mean() > 5
 
 
 def test_a1111_documented_infotext_maps_to_options(sd1):

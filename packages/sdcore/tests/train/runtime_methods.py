@@ -109,3 +109,24 @@ class RecordsProcesses(ConvOutMethod):
         with record.open("a", encoding="utf-8") as f:
             f.write(f"{p.process_index}/{p.num_processes}\n")
         return super().prepare(bundle)
+
+
+def loss_target(session: Any) -> tuple[Any, Any, Any, Any]:
+    """The loss target the method sees for one batch at fixed noise and timesteps [100, 600], with the batch's
+    latents, the noise and the timesteps (the loss-target tests of test_loop and test_prediction_type)."""
+    import torch
+    from sdcore.train.noise import sample_noise
+
+    batch = session.make_batch(session.data.epoch_plan(0)[0])
+    noise, _ = sample_noise([1, 2], batch.latents.shape[1:])
+    t = torch.tensor([100, 600])
+    seen: dict[str, Any] = {}
+
+    def compute_loss(ctx: Any) -> None:
+        seen["target"] = ctx.target
+        return None
+
+    session.method.compute_loss = compute_loss
+    with torch.no_grad():
+        session.sample_loss(batch, noise, t, 0)
+    return seen["target"], batch.latents, noise, t

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from runtime_methods import ConvOutMethod
+from runtime_methods import ConvOutMethod, loss_target
 from sdcore.errors import ConfigError
 from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import (
@@ -116,20 +116,9 @@ def test_v_prediction_target_is_the_velocity(tmp_path):
     s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd2"))
     s.setup()
     assert s.bundle.noise_scheduler.config.prediction_type == "v_prediction"
-    batch = s.make_batch(s.data.epoch_plan(0)[0])
-    noise, _ = sample_noise([1, 2], batch.latents.shape[1:])
-    t = torch.tensor([100, 600])
-    seen = {}
-
-    def compute_loss(ctx):
-        seen["target"] = ctx.target
-        return None
-
-    s.method.compute_loss = compute_loss
-    with torch.no_grad():
-        s.sample_loss(batch, noise, t, 0)
-    velocity = s.bundle.noise_scheduler.get_velocity(batch.latents, noise, t)
-    assert torch.allclose(seen["target"], velocity)
+    target, latents, noise, t = loss_target(s)
+    velocity = s.bundle.noise_scheduler.get_velocity(latents, noise, t)
+    assert torch.allclose(target, velocity)
 
 
 def test_noise_offset_changes_training(tmp_path):

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from runtime_methods import ConvOutMethod
+from runtime_methods import ConvOutMethod, loss_target
 from sdcore.errors import ConfigError
 from sdcore.models.load import load_model, override_prediction_type
 from sdcore.models.save import write_single_file
@@ -15,28 +15,10 @@ from sdcore.models.tiny import create_tiny_bundle
 from sdcore.testing.contract import contract_options
 from sdcore.train import kohya
 from sdcore.train.loop import TrainSession
-from sdcore.train.noise import sample_noise
 from sdcore.train.options import TrainOptions
 from sdcore.train.preflight import run_preflight
 
 PRESENT = [f.name for f in fields(TrainOptions)]
-
-
-def _target(session: TrainSession) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss target of one batch at fixed noise and timesteps, with the latents, noise and timesteps."""
-    batch = session.make_batch(session.data.epoch_plan(0)[0])
-    noise, _ = sample_noise([1, 2], batch.latents.shape[1:])
-    t = torch.tensor([100, 600])
-    seen = {}
-
-    def compute_loss(ctx):
-        seen["target"] = ctx.target
-        return None
-
-    session.method.compute_loss = compute_loss
-    with torch.no_grad():
-        session.sample_loss(batch, noise, t, 0)
-    return seen["target"], batch.latents, noise, t
 
 
 @pytest.mark.parametrize("chosen", ["v_prediction", "epsilon"])
@@ -47,7 +29,7 @@ def test_the_option_reaches_the_loaded_model_and_the_loss_target(tmp_path, chose
     s.setup()
     assert s.bundle.prediction_type == chosen
     assert s.bundle.noise_scheduler.config.prediction_type == chosen
-    target, latents, noise, t = _target(s)
+    target, latents, noise, t = loss_target(s)
     if chosen == "v_prediction":
         velocity = s.bundle.noise_scheduler.get_velocity(latents, noise, t)
         assert torch.allclose(target, velocity) and not torch.allclose(target, noise)
@@ -61,7 +43,7 @@ def test_a_given_bundle_follows_the_option_too(tmp_path):
     s = TrainSession(ConvOutMethod(o), bundle=create_tiny_bundle("sd2"))
     s.setup()
     assert s.bundle.prediction_type == "epsilon"
-    target, _, noise, _ = _target(s)
+    target, _, noise, _ = loss_target(s)
     assert torch.equal(target, noise)
 
 

@@ -132,6 +132,69 @@ def test_v_pred_marker_without_modelspec(tiny_files, tmp_path):
     assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
 
 
+LDM_V = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n"
+LDM_EPS = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"
+
+
+def _sgm(scaling: str) -> str:
+    return (
+        "model:\n  target: sgm.models.diffusion.DiffusionEngine\n  params:\n    denoiser_config:\n"
+        "      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser\n      params:\n"
+        f"        scaling_config:\n          target: sgm.modules.diffusionmodules.denoiser_scaling.{scaling}\n"
+    )
+
+
+def _beside(tmp_path, text: str | None, keys=SD2, **kw):
+    """Detection of a file named model.safetensors with ``text`` as the model.yaml beside it."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"")
+    (tmp_path / "model.yaml").unlink(missing_ok=True)
+    if text is not None:
+        (tmp_path / "model.yaml").write_text(text)
+    return _fake(keys, path=model, **kw)
+
+
+def test_the_a1111_config_beside_the_file_declares_the_prediction_type(tmp_path):
+    assert (_beside(tmp_path, None).prediction_type, _beside(tmp_path, None).prediction_source) == (
+        "v_prediction", "default")  # fmt: skip
+    # SD2-512-base ships v2-inference.yaml without parameterization: ldm's default, eps
+    found = _beside(tmp_path, LDM_EPS)
+    assert (found.prediction_type, found.prediction_source) == ("epsilon", "model.yaml")
+    assert _beside(tmp_path, LDM_V, keys=SD1).prediction_type == "v_prediction"
+    # A1111 reads the config before everything the file says; the user's option still wins
+    assert _beside(tmp_path, LDM_EPS, metadata={"modelspec.prediction_type": "v"}).prediction_type == "epsilon"
+    assert _beside(tmp_path, LDM_EPS, keys=XL, markers={"v_pred"}).prediction_type == "epsilon"
+    assert _beside(tmp_path, LDM_EPS, prediction_type="v").prediction_source == "user"
+    assert _beside(tmp_path, _sgm("VScaling"), keys=XL).prediction_type == "v_prediction"
+    assert _beside(tmp_path, _sgm("VScalingWithEDMcNoise"), keys=XL).prediction_type == "v_prediction"
+    assert _beside(tmp_path, _sgm("EpsScaling"), keys=XL, markers={"v_pred"}).prediction_type == "epsilon"
+    # a yaml that is not a model config declares nothing
+    assert _beside(tmp_path, "prompt: a cat\n").prediction_source == "default"
+
+
+def test_a_config_beside_the_file_that_cannot_be_used_is_named(tmp_path):
+    with pytest.raises(ModelFormatError, match=r"model\.yaml: denoiser scaling .*EDMScaling"):
+        _beside(tmp_path, _sgm("EDMScaling"), keys=XL)
+    with pytest.raises(ModelFormatError, match=r"model\.yaml: parameterization 'x0'"):
+        _beside(tmp_path, LDM_EPS.replace("linear_start: 0.00085", "parameterization: x0"))
+    with pytest.raises(ModelFormatError, match=r"model\.yaml: the model config beside model\.safetensors cannot be read"):
+        _beside(tmp_path, "model: [unclosed\n")
+
+
+def test_a_loaded_sd2_file_trains_as_its_config_says(tiny_files, tmp_path, sd_cli):
+    path = tmp_path / "sd2-base.safetensors"
+    path.write_bytes(tiny_files["sd2"].read_bytes())  # our file: modelspec and v_pred marker say v
+    assert load_model(path).prediction_type == "v_prediction"
+    info = sd_cli(["model", "info", str(path), "--no-hash"])
+    assert "prediction type: v_prediction (its modelspec.prediction_type)\n" in info.output, info.output
+    (tmp_path / "sd2-base.yaml").write_text(LDM_EPS)
+    bundle = load_model(path)
+    assert bundle.prediction_type == "epsilon"
+    assert bundle.noise_scheduler.config.prediction_type == "epsilon"
+    info = sd_cli(["model", "info", str(path), "--no-hash"])
+    assert "prediction type: epsilon (sd2-base.yaml beside the file)\n" in info.output, info.output
+
+
 def test_family_mismatch(tiny_files):
     with pytest.raises(ModelFormatError, match="not sdxl"):
         load_model(tiny_files["sd1"], family="sdxl")

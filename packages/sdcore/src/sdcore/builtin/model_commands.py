@@ -24,6 +24,32 @@ def _dtypes(module: Any) -> str:
     return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()}))
 
 
+_SOURCE_WORDS = {
+    "modelspec": "its modelspec.prediction_type",
+    "sdcore.config": "its sdcore.config",
+    "v_pred key": "its v_pred key",
+    "scheduler config": "its scheduler config",
+    "default": "not declared: the family's default",
+}
+
+
+def _prediction_source(path: str, chosen: str | None, bundle: Any) -> str:
+    """`` (why)``: what made an SD1/SD2/SDXL model epsilon or v, read from the file's header (a v-prediction
+    merge that declares nothing loads as epsilon, and a user needs to see that it was a guess)."""
+    if chosen is not None:
+        return " (--prediction-type)"
+    if bundle.family_spec.objective != "ddpm":
+        return ""
+    from ..errors import SdcoreError
+    from ..models.layout import read_layout
+
+    try:
+        source = read_layout(path).prediction_source
+    except SdcoreError:
+        return ""
+    return f" ({_SOURCE_WORDS.get(source, f'{source} beside the file' if source.endswith('.yaml') else source)})"
+
+
 @model_group.command("info")
 @click.argument("path")
 @click.option(
@@ -49,7 +75,7 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
     variant = _variant(bundle)
     if variant:
         click.echo(f"variant:         {variant}")
-    click.echo(f"prediction type: {bundle.prediction_type}")
+    click.echo(f"prediction type: {bundle.prediction_type}{_prediction_source(path, prediction_type, bundle)}")
     click.echo("components:")
     parts = bundle.components()
     for name, module in parts.items():

@@ -2,10 +2,11 @@
 
 Family comes from the text-encoder keys (they differ per family); inpainting from the UNet's
 input channels (9). v-prediction is not in the weights: the sources, in priority order, are an
-explicit user setting, ``modelspec.prediction_type``, our ``sdcore.config`` entry, the ``v_pred``
-marker key (A1111 >= 1.10, ComfyUI), and finally a default: SD2 files are v-prediction (SD2.x-768
-is the common SD2 release; diffusers assumes the same) unless the ``.ckpt`` says
-``global_step == 875000`` (the SD2-512-base release); everything else is epsilon.
+explicit user setting, the A1111 config beside the file (``<name>.yaml``: A1111 reads it before
+anything else; :func:`sidecar_prediction`), ``modelspec.prediction_type``, our ``sdcore.config``
+entry, the ``v_pred`` marker key (A1111 >= 1.10, ComfyUI), and finally a default: SD2 files are
+v-prediction (SD2.x-768 is the common SD2 release; diffusers assumes the same) unless the ``.ckpt``
+says ``global_step == 875000`` (the SD2-512-base release); everything else is epsilon.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Detection:
     family: str
     inpainting: bool
     prediction_type: str
-    prediction_source: str  # "user", "modelspec", "sdcore.config", "v_pred key", "default"
+    prediction_source: str  # "user", "<name>.yaml", "modelspec", "sdcore.config", "v_pred key", "default"
 
 
 def _normalise_prediction(value: str) -> str | None:
@@ -46,6 +47,58 @@ def _normalise_prediction(value: str) -> str | None:
     if value in ("epsilon", "eps", "noise"):
         return "epsilon"
     return None
+
+
+def sidecar_config(path: str | Path) -> Path | None:
+    """The A1111 model config of a single file: ``<name>.yaml`` beside ``<name>.safetensors``/``.ckpt``
+    (A1111 uses it instead of the config it would guess; SD2-768 and v-prediction SDXL releases ship one)."""
+    candidate = Path(path).with_suffix(".yaml")
+    return candidate if Path(path).suffix and candidate.is_file() else None
+
+
+#: the SGM (SDXL) denoiser scalings: A1111 treats ``VScaling`` and its subclasses as v-prediction
+_SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v_prediction", "VScalingWithEDMcNoise": "v_prediction"}
+
+
+def sidecar_prediction(path: str | Path) -> tuple[str, str] | None:
+    """``(prediction type, source)`` declared by the A1111 config beside the file, or ``None`` when there is
+    none or it is not a model config.
+
+    An ldm config (SD1/SD2) declares ``model.params.parameterization`` (``v``; absent means ``eps``, as
+    ldm's default: SD2-512-base ships ``v2-inference.yaml`` without it). An SGM config (SDXL) declares
+    its denoiser's scaling class (``model.params.denoiser_config.params.scaling_config.target``). An EDM
+    scaling (Playground v2.5, CosXL) is refused: its noise schedule is not a DDPM one sdcore trains.
+    """
+    config = sidecar_config(path)
+    if config is None:
+        return None
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise ModelFormatError(f"{config}: the model config beside {Path(path).name} cannot be read: {reason}") from None
+    model = loaded.get("model") if isinstance(loaded, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(params, dict):
+        return None
+    source = config.name
+    denoiser = params.get("denoiser_config")
+    if isinstance(denoiser, dict):
+        scaling = ((denoiser.get("params") or {}).get("scaling_config") or {}).get("target")
+        name = str(scaling or "").rsplit(".", 1)[-1]
+        if name in _SGM_SCALINGS:
+            return _SGM_SCALINGS[name], source
+        raise ModelFormatError(
+            f"{config}: denoiser scaling {scaling!r}: sdcore trains epsilon and v-prediction models "
+            "(EpsScaling, VScaling); an EDM model is not one"
+        )
+    declared = str(params.get("parameterization", "eps"))
+    chosen = _normalise_prediction(declared)
+    if chosen is None:
+        raise ModelFormatError(f"{config}: parameterization {declared!r}: sdcore trains eps and v models")
+    return chosen, source
 
 
 #: one key only a single file of each UNet family has (checked together with :data:`UNET_IN`)
@@ -105,6 +158,9 @@ def detect(
         if chosen is None:
             raise ModelFormatError(f"{path}: unknown prediction type {prediction_type!r} (use epsilon or v_prediction)")
         return Detection(family, inpainting, chosen, "user")
+    beside = sidecar_prediction(path)
+    if beside is not None:
+        return Detection(family, inpainting, *beside)
     spec = _normalise_prediction(metadata.get("modelspec.prediction_type", ""))
     if spec:
         return Detection(family, inpainting, spec, "modelspec")

@@ -132,7 +132,7 @@ def test_v_pred_marker_without_modelspec(tiny_files, tmp_path):
     assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
 
 
-LDM_V = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n"
+LDM_V = 'model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: "v"\n'
 LDM_EPS = "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    linear_start: 0.00085\n"
 
 
@@ -177,7 +177,9 @@ def test_a_config_beside_the_file_that_cannot_be_used_is_named(tmp_path):
         _beside(tmp_path, _sgm("EDMScaling"), keys=XL)
     with pytest.raises(ModelFormatError, match=r"model\.yaml: parameterization 'x0'"):
         _beside(tmp_path, LDM_EPS.replace("linear_start: 0.00085", "parameterization: x0"))
-    with pytest.raises(ModelFormatError, match=r"model\.yaml: the model config beside model\.safetensors cannot be read"):
+    with pytest.raises(
+        ModelFormatError, match=r"model\.yaml: the model config beside model\.safetensors cannot be read"
+    ):
         _beside(tmp_path, "model: [unclosed\n")
 
 

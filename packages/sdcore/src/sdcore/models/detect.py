@@ -78,7 +78,9 @@ def sidecar_prediction(path: str | Path) -> tuple[str, str] | None:
         loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise ModelFormatError(f"{config}: the model config beside {Path(path).name} cannot be read: {reason}") from None
+        raise ModelFormatError(
+            f"{config}: the model config beside {Path(path).name} cannot be read: {reason}"
+        ) from None
     model = loaded.get("model") if isinstance(loaded, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
     if not isinstance(params, dict):

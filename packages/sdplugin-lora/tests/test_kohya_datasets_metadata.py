@@ -99,13 +99,15 @@ def test_a_two_dataset_config_writes_ss_datasets_as_kohya(tmp_path):
 
 
 def test_a_folder_run_keeps_the_top_level_keys(tmp_path):
-    _folder(tmp_path / "data" / "3_a", ["sks, red", "sks"])
+    _folder(tmp_path / "data" / "3_a", ["sks, Red, red", "sks"])
     meta = _train(tmp_path, tmp_path / "data")
     assert "ss_datasets" not in meta
     assert meta["ss_batch_size_per_device"] == "4" and meta["ss_resolution"] == "(64, 64)"
     assert meta["ss_shuffle_caption"] == "False" and meta["ss_flip_aug"] == "False"
     assert json.loads(meta["ss_dataset_dirs"]) == {"3_a": {"n_repeats": 3, "img_count": 2}}
-    assert json.loads(meta["ss_tag_frequency"]) == {"3_a": {"sks": 2, "red": 1}}
+    # kohya's set_tag_frequency: every occurrence, lower-cased, in the order first met (repeats not counted)
+    tags = json.loads(meta["ss_tag_frequency"])
+    assert tags == {"3_a": {"sks": 2, "red": 2}} and list(tags["3_a"]) == ["sks", "red"]
 
 
 def _metadata(o: LoraOptions) -> dict[str, str]:

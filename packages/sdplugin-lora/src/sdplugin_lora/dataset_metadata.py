@@ -75,12 +75,16 @@ def folder_counts(entries: Iterable[ImageEntry]) -> dict[str, dict[str, int]]:
 
 
 def folder_tag_frequency(entries: Sequence[ImageEntry]) -> dict[str, dict[str, int]]:
-    """``ss_tag_frequency``: per folder name the caption tags' counts (fine-tuning subsets: the metadata's
-    ``tags``, :func:`metadata_tag_frequency`)."""
-    from sdcore.data.captions import tag_frequencies
+    """``ss_tag_frequency``: per folder name the caption tags' counts as kohya counts them
+    (``BaseDataset.set_tag_frequency``: every occurrence, lower-cased, in the order first seen; one caption per
+    image, repeats not counted); fine-tuning subsets count the metadata's ``tags``
+    (:func:`metadata_tag_frequency`)."""
+    from .format import tag_frequency
 
-    names = list(dict.fromkeys(entry_dir_name(e) for e in entries))
-    tags = {name: tag_frequencies(e.caption for e in entries if entry_dir_name(e) == name) for name in names}
+    by_folder: dict[str, list[str]] = {}
+    for entry in entries:
+        by_folder.setdefault(entry_dir_name(entry), []).append(entry.caption)
+    tags = tag_frequency(by_folder)
     tags.update(metadata_tag_frequency(entries))
     return tags
 

@@ -266,7 +266,8 @@ def test_one_process_launch_options_are_not_a_note(tmp_path):
     assert not any("process options" in n for n in _read(one).notes)
     two = tmp_path / "two.sh"
     two.write_text("accelerate launch --num_processes=2 train_network.py --network_dim 4\n")
-    assert any("process options" in n for n in _read(two).notes)
+    (note,) = [n for n in _read(two).notes if "process options" in n]
+    assert "--lr_warmup_steps/--lr_decay_steps lasts 1/2 as many optimizer steps in kohya's 2-process run" in note
 
 
 @pytest.mark.parametrize(

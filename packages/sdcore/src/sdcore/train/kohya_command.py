@@ -276,8 +276,14 @@ def _launcher_notes(words: list[str], where: str) -> list[str]:
     counts = (options.get(n, "1") for n in ("num_processes", "num_machines"))
     several = "multi_gpu" in options or any(c and (not c.isdigit() or int(c) > 1) for c in counts)
     if several:  # the kohya_ss GUI writes --num_processes 1 --num_machines 1 for every run: one process
+        count = options.get("num_processes", "")
+        n = count if count.isdigit() and int(count) > 1 else "N"
+        # kohya's get_scheduler_fix counts num_processes scheduler steps per optimizer step (accelerate's
+        # AcceleratedScheduler): a ratio stays a ratio, a whole number of steps shrinks by the process count
         notes.append(f"{where}: accelerate launch's process options: run sdcore under `accelerate launch` (or "
-                     "--num-processes) for several processes")  # fmt: skip
+                     "--num-processes) for several processes; a whole-number --lr_warmup_steps/--lr_decay_steps lasts "
+                     f"1/{n} as many optimizer steps in kohya's {n}-process run (its scheduler steps once per "
+                     "process), in sdcore the number given")  # fmt: skip
     if "mixed_precision" in options:
         notes.append(f"{where}: accelerate launch --mixed_precision has no effect (kohya hands its own "
                      "--mixed_precision, default no, to accelerate); give it to the script")  # fmt: skip

@@ -51,6 +51,7 @@ RESUME_SENSITIVE = (
     "optimizer",
     "optimizer_args",
     "resolution",
+    "resolution_size",
     "flip",
     "shuffle_caption",
     "caption_variants",

@@ -129,3 +129,18 @@ def test_the_runs_pair_reaches_folder_subsets_and_a_resolution_list_drops_it(tmp
         TrainOptions(data=o.data, resolution=627, resolution_size=(768, 512), resolutions="512,768"),
     ):
         assert {e.subset.resolution_size for e in build_dataset_index(stale).entries} == {None}
+
+
+def test_data_check_reads_resolution_w_h_as_the_run_does(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from sdcore.builtin.data_commands import data_group
+
+    _image(tmp_path / "data" / "1_sks" / "wide.png", (900, 600))
+    args = ["check", str(tmp_path / "data"), "--json"]
+    result = CliRunner().invoke(data_group, [*args, "--resolution", "768,512"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["buckets"] == {"768x512": 1}
+    bad = CliRunner().invoke(data_group, [*args, "--resolution", "768x512"])
+    assert bad.exit_code == 2 and "resolution must be a side (512) or W,H (768,512)" in bad.output

@@ -144,3 +144,20 @@ def test_data_check_reads_resolution_w_h_as_the_run_does(tmp_path):
     assert json.loads(result.output)["buckets"] == {"768x512": 1}
     bad = CliRunner().invoke(data_group, [*args, "--resolution", "768x512"])
     assert bad.exit_code == 2 and "resolution must be a side (512) or W,H (768,512)" in bad.output
+
+
+def test_a_subset_resolution_set_on_its_own_replaces_the_runs_pair(tmp_path):
+    """Readers (ai-toolkit, SimpleTuner, diffusers) build subsets from the run's defaults and set their own
+    ``resolution``: the run's kohya pair (``--resolution 768,512``) must not survive beside it and decide the
+    buckets, the crop (buckets off) or the metadata."""
+    from dataclasses import replace
+
+    from sdcore.data.dataset import SubsetOptions, subset_defaults
+
+    options = TrainOptions(data=str(tmp_path), resolution=627, resolution_size=(768, 512))
+    base = SubsetOptions(image_dir=tmp_path, **subset_defaults(options))
+    assert base.bucket_resolution == (768, 512)
+    own = replace(base, resolution=1024)
+    assert own.bucket_resolution == 1024
+    assert replace(own, buckets=False).bucket_resolution == 1024
+    assert square_assignment((2000, 2000), own.bucket_resolution).bucket == (1024, 1024)

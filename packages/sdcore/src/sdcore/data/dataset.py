@@ -25,6 +25,7 @@ from .buckets import (
     Resolution,
     assign_bucket,
     make_buckets,
+    resolution_pair,
     square_assignment,
 )
 from .captions import CAPTION_EXTENSIONS, filename_caption, read_caption
@@ -170,8 +171,10 @@ class SubsetOptions:
 
     @property
     def bucket_resolution(self) -> Resolution:
-        """What the buckets are built around: ``resolution_size`` where kohya gave ``(w, h)``, else the side."""
-        return self.resolution_size if self.resolution_size is not None else self.resolution
+        """What the buckets are built around: ``resolution_size`` where kohya gave ``(w, h)``, else the side.
+        The pair counts only while ``resolution`` is still its side: a reader that sets its own ``resolution`` on
+        a subset built from the run's defaults (ai-toolkit, SimpleTuner, a TOML's own value) replaces it."""
+        return _size_of_side(self.resolution_size, self.resolution) or self.resolution
 
 
 @dataclass(frozen=True)
@@ -367,11 +370,18 @@ def run_resolution_pair(options: TrainOptions) -> tuple[int, int]:
 def _run_resolution_size(options: TrainOptions) -> tuple[int, int] | None:
     """The run's kohya ``(w, h)`` (``--resolution 768,512``), where its ``resolution`` is still that pair's side
     (the Python API may replace ``resolution`` alone: the side then wins) and no ``--resolutions`` list is given."""
-    size = getattr(options, "resolution_size", None)
-    if size is None or _run_resolutions(options):
+    if _run_resolutions(options):
+        return None
+    return _size_of_side(getattr(options, "resolution_size", None), options.resolution)
+
+
+def _size_of_side(size: Any, side: int) -> tuple[int, int] | None:
+    """``size`` as ``(w, h)`` where ``side`` is still its side ``isqrt(w * h)``, else ``None`` (``side`` was set
+    on its own since: it wins)."""
+    if size is None:
         return None
     width, height = (int(v) for v in size)
-    return (width, height) if options.resolution == math.isqrt(width * height) else None
+    return (width, height) if side == math.isqrt(width * height) else None
 
 
 def _face_range_or_none(value: Any) -> tuple[float, float] | None:
@@ -854,7 +864,7 @@ def _too_small(subset: SubsetOptions, size: tuple[int, int]) -> str | None:
         return f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)"
     resolutions: tuple[Resolution, ...] = tuple(subset.resolutions) or (subset.bucket_resolution,)
     for resolution in resolutions:
-        width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+        width, height = resolution_pair(resolution)
         if width <= 0:
             continue
         try:

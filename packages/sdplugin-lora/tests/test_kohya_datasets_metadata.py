@@ -210,3 +210,41 @@ def test_a_datasets_resize_interpolation_is_its_own_not_its_subsets(tmp_path):
     assert [s["resize_interpolation"] for s in first["subsets"]] == ["area", "lanczos"]
     assert second["resize_interpolation"] == "bicubic"
     assert [s["resize_interpolation"] for s in second["subsets"]] == ["area"]
+
+
+def _train_with(tmp_path, data, **values) -> dict[str, str]:
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import train
+    from sdplugin_lora.format import read_lora
+
+    values = {"data": str(data), "rank": 2, "max_steps": 1, "batch_size": 2, **values}
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, values))
+    return read_lora(train(method, bundle=create_tiny_bundle("sd1")).output).metadata
+
+
+def test_a_non_square_dataset_resolution_is_recorded_as_kohyas_w_h(tmp_path):
+    """kohya's ss_datasets ``"resolution": (dataset.width, dataset.height)``: ``[96, 64]`` for a ``[96, 64]``
+    dataset, whose buckets are on the area 96*64 (the 3:2 image in the 96x64 bucket, which the square of the
+    side, 78**2, would not hold: 6084 // 96 -> 32)."""
+    _folder(tmp_path / "data" / "2_a", ["sks, wide", "sks"], sizes=[(96, 64), 64])
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[[datasets]]\nresolution = [96, 64]\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 32\n"
+        "[[datasets.subsets]]\nimage_dir = 'data/2_a'\n",
+        encoding="utf-8",
+    )
+    (dataset,) = json.loads(_train_with(tmp_path, config)["ss_datasets"])
+    assert dataset["resolution"] == [96, 64]
+    buckets = [b["resolution"] for b in dataset["bucket_info"]["buckets"].values()]
+    assert [96, 64] in buckets and [64, 64] in buckets
+
+
+def test_a_non_square_run_resolution_is_recorded_as_kohyas_w_h(tmp_path):
+    """kohya's ``ss_resolution`` is ``str(args.resolution)``, the tuple ``(w, h)`` of ``--resolution w,h``, and
+    its modelspec.resolution ``"{w}x{h}"`` (sai_model_spec.determine_resolution)."""
+    _folder(tmp_path / "data" / "1_a", ["sks, wide"], sizes=[(96, 64)])
+    meta = _train_with(
+        tmp_path, tmp_path / "data", resolution=78, resolution_size=(96, 64), min_bucket_reso=32, bucket_step=32
+    )
+    assert meta["ss_resolution"] == "(96, 64)" and meta["modelspec.resolution"] == "96x64"

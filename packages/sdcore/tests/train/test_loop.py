@@ -453,6 +453,17 @@ def test_resume_with_changed_batch_size_warns(tmp_path, capsys):
     assert "resuming with changed batch_size" in capsys.readouterr().err
 
 
+def test_resume_of_a_non_square_kohya_resolution_does_not_warn(tmp_path, capsys, caplog):
+    """kohya's --resolution W,H is kept as the tuple resolution_size; the state records it as a JSON list, so the
+    resume compares the options as the state records them (a tuple against the list would warn on every resume)."""
+    o = _opts(tmp_path, max_steps=2, resolution=78, resolution_size=(96, 64), buckets=False)
+    _run(o)
+    _run(dataclasses.replace(o, resume="latest", max_steps=3, progress=True))
+    assert "resuming with changed" not in capsys.readouterr().err + caplog.text
+    _run(dataclasses.replace(o, resume="latest", max_steps=4, resolution=80, resolution_size=(100, 64), progress=True))
+    assert "resuming with changed resolution (78 -> 80), resolution_size ([96, 64] -> [100, 64])" in caplog.text
+
+
 def test_resume_errors_are_clear(tmp_path):
     o = _opts(tmp_path, max_steps=1, resume="latest")
     with pytest.raises(ConfigError, match="no saved state"):

@@ -217,6 +217,8 @@ def kohya_datasets(
     (kohya counts a folder once); the merged folders list training subsets only (not ``is_reg``), a name
     met again as ``name (2)``. Class images given beside the config (``--reg-data``) are in no dataset.
     """
+    from sdcore.data.buckets import resolution_pair
+
     in_datasets = [e for e in entries if not getattr(e.subset, "run_class", False)]
     datasets: list[dict[str, Any]] = []
     merged_tags: dict[str, dict[str, int]] = {}
@@ -239,7 +241,7 @@ def kohya_datasets(
                 "batch_size_per_device": batch_size if first.batch_size is None else first.batch_size,
                 "num_train_images": sum(e.repeats for e in members if not e.is_class),
                 "num_reg_images": sum(e.repeats for e in members if e.is_class),
-                "resolution": [first.resolution, first.resolution],
+                "resolution": list(resolution_pair(first.bucket_resolution)),  # kohya's (width, height)
                 "enable_bucket": bool(first.buckets),
                 "min_bucket_reso": first.min_bucket_reso,
                 "max_bucket_reso": first.max_bucket_reso,

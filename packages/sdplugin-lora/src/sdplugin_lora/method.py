@@ -1659,6 +1659,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         return rates if len(set(rates)) > 1 else self.te_rate(trained[0] if trained else 1)
 
     def metadata(self, bundle: ModelBundle, info: SaveInfo) -> dict[str, str]:
+        from sdcore.data.dataset import run_resolution_pair
+
         from .format import network_metadata
 
         o = self.options
@@ -1755,7 +1757,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             conv_alpha=self.conv_alpha,
             network_args=args,
             title=o.title or self._output_name(),
-            resolution=o.resolution,
+            resolution=run_resolution_pair(o),  # kohya's W,H as given ("768x512"), else the square
             clip_skip=o.clip_skip,
             extra=extra,
         )
@@ -1862,6 +1864,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
     per-dataset top-level keys (:mod:`.dataset_metadata`)."""
     import json
 
+    from sdcore.data.dataset import run_resolution_pair
     from sdcore.train.optim import adafactor_relative_step, optimizer_metadata, scheduler_metadata, steps_text
 
     o, run = options, info.run
@@ -1882,7 +1885,7 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
         "ss_full_fp16": str(o.full_fp16),  # kohya records full_fp16 only (no ss_full_bf16)
         "ss_seed": str(o.seed),
         "ss_clip_skip": str(o.clip_skip),
-        "ss_resolution": f"({o.resolution}, {o.resolution})",
+        "ss_resolution": "({}, {})".format(*run_resolution_pair(o)),  # kohya's str() of its (w, h) tuple
         "ss_noise_offset": str(o.noise_offset),
         "ss_min_snr_gamma": str(o.min_snr_gamma),
         "ss_debiased_estimation": str(o.debiased_estimation_loss),

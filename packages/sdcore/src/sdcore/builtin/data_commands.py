@@ -25,9 +25,11 @@ def data_group() -> None:
 @click.argument("path", type=click.Path(exists=True))
 @click.option(
     "--resolution",
-    type=int,
+    type=str,  # read as the run reads it (load_options): 512, or kohya's W,H
     default=None,
-    help="Training resolution buckets are built around  [default: 512, or the largest of --resolutions].",
+    metavar="N|W,H",
+    help="Training resolution buckets are built around, or kohya's W,H (buckets on the area W*H, no buckets: "
+    "W x H crops)  [default: 512, or the largest of --resolutions].",
 )
 @click.option(
     "--resolutions",
@@ -81,7 +83,7 @@ def data_group() -> None:
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any problem is found.")
 def check_command(
     path: str,
-    resolution: int | None,
+    resolution: str | None,
     resolutions: str,
     resolution_draw: str,
     min_bucket_reso: int,

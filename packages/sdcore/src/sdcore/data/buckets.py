@@ -1,7 +1,8 @@
 """Aspect-ratio buckets (kohya style): train on many aspect ratios at a roughly constant pixel area.
 
 A bucket is a ``(width, height)`` whose sides are multiples of ``step`` and whose area is at most
-``resolution**2``. Each image goes to the bucket with the nearest aspect ratio, is resized so it
+``resolution**2``, or ``w * h`` for kohya's non-square resolution ``(w, h)`` (``[768, 512]`` / ``"768,512"``,
+kept as a pair because kohya's area is exactly ``w * h``, larger than the square of its integer side). Each image goes to the bucket with the nearest aspect ratio, is resized so it
 covers the bucket and is center-cropped; the crop offset is kept for SDXL's size conditioning.
 """
 
@@ -10,9 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from ..errors import ConfigError, DataError
+
+#: a training resolution: the side of a square, or kohya's ``(width, height)``
+Resolution: TypeAlias = int | tuple[int, int]
 
 
 class ImageTooSmallError(DataError):
@@ -32,10 +36,23 @@ class BucketAssignment:
     augment: Any = None
 
 
-def _check_bucket_settings(resolution: int, min_reso: int, max_reso: int, step: int) -> None:
+def resolution_pair(resolution: Resolution) -> tuple[int, int]:
+    """``(width, height)`` of a resolution: ``512`` -> ``(512, 512)``; a pair as it is."""
+    if isinstance(resolution, tuple):
+        return int(resolution[0]), int(resolution[1])
+    return int(resolution), int(resolution)
+
+
+def resolution_area(resolution: Resolution) -> int:
+    """The bucket area of a resolution: ``side**2``, or kohya's ``w * h`` (its ``max_area``)."""
+    width, height = resolution_pair(resolution)
+    return width * height
+
+
+def _check_bucket_settings(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> None:
     if step <= 0:
         raise ConfigError(f"bucket step must be positive, got {step}")
-    if resolution < step:
+    if min(resolution_pair(resolution)) < step:
         raise ConfigError(f"resolution {resolution} is smaller than the bucket step {step}")
     if min_reso <= 0 or max_reso < min_reso:
         raise ConfigError(f"bucket sides need 0 < min_bucket_reso <= max_bucket_reso, got {min_reso} and {max_reso}")
@@ -46,18 +63,20 @@ def _check_bucket_settings(resolution: int, min_reso: int, max_reso: int, step: 
 
 
 def make_buckets(
-    resolution: int, *, min_reso: int = 256, max_reso: int = 1024, step: int = 64
+    resolution: Resolution, *, min_reso: int = 256, max_reso: int = 1024, step: int = 64
 ) -> list[tuple[int, int]]:
     """All buckets for ``resolution`` (sorted, unique), as kohya's ``make_bucket_resolutions``.
 
-    The square bucket ``floor(resolution / step) * step`` is always present; then for each width
+    The area is ``resolution**2``, or ``w * h`` for a pair ``(w, h)`` (kohya's ``max_area``: for
+    ``(768, 512)`` that keeps the 768x512 bucket, which the square of the integer side, 627**2, would
+    lose). The square bucket ``floor(sqrt(area) / step) * step`` is always present; then for each width
     from ``min_reso`` to ``max_reso`` the tallest multiple-of-step height within the area (capped
     at ``max_reso``) is added with its transpose when it is at least ``min_reso``.
     For 512 (defaults) that gives kohya's 17 buckets.
     """
     _check_bucket_settings(resolution, min_reso, max_reso, step)
-    max_area = resolution * resolution
-    side = resolution // step * step
+    max_area = resolution_area(resolution)
+    side = math.isqrt(max_area) // step * step
     buckets = {(side, side)}
     for width in range(min_reso, max_reso + 1, step):
         height = min(max_reso, max_area // width // step * step)
@@ -114,14 +133,14 @@ def assign_bucket(
     buckets: Sequence[tuple[int, int]],
     *,
     no_upscale: bool = False,
-    resolution: int,
+    resolution: Resolution,
     step: int = 64,
 ) -> BucketAssignment:
     """The bucket, resize and crop for an image of ``size`` = (w, h).
 
     Normally the bucket with the nearest aspect ratio (kohya's plain difference of ``w / h``, not
     a log ratio, so the buckets are kohya's for every image) is chosen. With ``no_upscale`` the
-    image gets a bucket of its own: if its area exceeds ``resolution**2`` it is first scaled down
+    image gets a bucket of its own: if its area exceeds ``resolution**2`` (``w * h`` for a pair) it is first scaled down
     to about that area (kohya's rounding, :func:`_no_upscale_size`); the sides are then rounded
     *down* to ``step`` (an image within the area is not resampled at all, only center-cropped to
     the rounded size). An image smaller
@@ -131,7 +150,7 @@ def assign_bucket(
     if width <= 0 or height <= 0:
         raise DataError(f"invalid image size {width}x{height}")
     if no_upscale:
-        max_area = resolution * resolution
+        max_area = resolution_area(resolution)
         resized = (width, height) if width * height <= max_area else _no_upscale_size(width, height, max_area, step)
         bucket_w = resized[0] - resized[0] % step
         bucket_h = resized[1] - resized[1] % step
@@ -155,6 +174,7 @@ def assign_bucket(
     return _cover(size, best)
 
 
-def square_assignment(size: tuple[int, int], resolution: int) -> BucketAssignment:
-    """Buckets off: every image is resized to cover ``resolution`` x ``resolution`` and center-cropped."""
-    return _cover(size, (resolution, resolution))
+def square_assignment(size: tuple[int, int], resolution: Resolution) -> BucketAssignment:
+    """Buckets off: every image is resized to cover ``resolution`` x ``resolution`` (kohya's ``(w, h)``:
+    its one predefined bucket, so exactly ``w`` x ``h``) and center-cropped."""
+    return _cover(size, resolution_pair(resolution))

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
-from .buckets import BucketAssignment, ImageTooSmallError, assign_bucket, make_buckets, square_assignment
+from .buckets import (
+    BucketAssignment,
+    ImageTooSmallError,
+    Resolution,
+    assign_bucket,
+    make_buckets,
+    resolution_pair,
+    square_assignment,
+)
 from .captions import CAPTION_EXTENSIONS, filename_caption, read_caption
 from .images import ImageError, is_image_path, probe_image, verify_image
 
@@ -60,6 +68,10 @@ class SubsetOptions:
     flip: bool = False
     class_tokens: str | None = None
     resolution: int = 512
+    #: kohya's non-square resolution (``[768, 512]`` / ``"768,512"``) as ``(width, height)``; ``resolution`` is
+    #: then the side of the same area (memory plan, sample size). Buckets use its exact area ``w * h`` and, buckets
+    #: off, images are cropped to exactly ``w`` x ``h``, as kohya does. ``None``: the square ``resolution``
+    resolution_size: tuple[int, int] | None = None
     #: several resolutions (OneTrainer's "512,768,1024"; ``resolution`` is then the largest): each image
     #: trains at one of them, drawn as :mod:`sdcore.data.resolutions` says; ``()``: ``resolution`` alone
     resolutions: tuple[int, ...] = ()
@@ -156,6 +168,13 @@ class SubsetOptions:
     #: ai-toolkit datasets (:mod:`sdcore.train.aitoolkit`): ``[trigger]``/``[name]`` in captions become this
     #: word and a training caption without it gets it in front (``None``: not an ai-toolkit dataset)
     trigger_word: str | None = None
+
+    @property
+    def bucket_resolution(self) -> Resolution:
+        """What the buckets are built around: ``resolution_size`` where kohya gave ``(w, h)``, else the side.
+        The pair counts only while ``resolution`` is still its side: a reader that sets its own ``resolution`` on
+        a subset built from the run's defaults (ai-toolkit, SimpleTuner, a TOML's own value) replaces it."""
+        return _size_of_side(self.resolution_size, self.resolution) or self.resolution
 
 
 @dataclass(frozen=True)
@@ -320,6 +339,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         # 0 (the model's size) is resolved by the runtime first; with --resolutions the largest
         "resolution": options.resolution or max(_run_resolutions(options), default=512),
         "resolutions": _run_resolutions(options),
+        "resolution_size": _run_resolution_size(options),
         "buckets": options.buckets,
         "min_bucket_reso": options.min_bucket_reso,
         "max_bucket_reso": options.max_bucket_reso,
@@ -338,6 +358,30 @@ def _run_resolutions(options: TrainOptions) -> tuple[int, ...]:
         return parse_resolutions(getattr(options, "resolutions", ""))
     except ConfigError:
         return ()
+
+
+def run_resolution_pair(options: TrainOptions) -> tuple[int, int]:
+    """The run's resolution as ``(width, height)``: kohya's ``--resolution W,H`` as given (what kohya records as
+    ``ss_resolution`` and ``modelspec.resolution``), else ``(resolution, resolution)``."""
+    size = _run_resolution_size(options)
+    return size if size is not None else (options.resolution, options.resolution)
+
+
+def _run_resolution_size(options: TrainOptions) -> tuple[int, int] | None:
+    """The run's kohya ``(w, h)`` (``--resolution 768,512``), where its ``resolution`` is still that pair's side
+    (the Python API may replace ``resolution`` alone: the side then wins) and no ``--resolutions`` list is given."""
+    if _run_resolutions(options):
+        return None
+    return _size_of_side(getattr(options, "resolution_size", None), options.resolution)
+
+
+def _size_of_side(size: Any, side: int) -> tuple[int, int] | None:
+    """``size`` as ``(w, h)`` where ``side`` is still its side ``isqrt(w * h)``, else ``None`` (``side`` was set
+    on its own since: it wins)."""
+    if size is None:
+        return None
+    width, height = (int(v) for v in size)
+    return (width, height) if side == math.isqrt(width * height) else None
 
 
 def _face_range_or_none(value: Any) -> tuple[float, float] | None:
@@ -540,16 +584,18 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
     return value
 
 
-def _resolution(value: Any, where: str, path: Path) -> int:
-    """kohya accepts ``512`` or ``[w, h]``; buckets are area-based, so ``[w, h]`` means sqrt(w*h)."""
+def _resolution(value: Any, where: str, path: Path) -> tuple[int, tuple[int, int] | None]:
+    """kohya accepts ``512`` or ``[w, h]``: ``(side, None)``, or for a non-square ``[w, h]`` ``(isqrt(w*h),
+    (w, h))`` (the side where one number is needed, the pair for buckets and crops; ``[w, w]`` is ``w``)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+        return value, None
     if (
         isinstance(value, list)
         and len(value) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
-        return math.isqrt(value[0] * value[1])
+        width, height = value
+        return (width, None) if width == height else (math.isqrt(width * height), (width, height))
     raise DataError(f"{path}: {where}: 'resolution' must be a positive integer or [width, height], got {value!r}")
 
 
@@ -609,7 +655,7 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
         if key in ("subsets", "datasets", "image_dir", "conditioning_data_dir", "control_directory", "metadata_file"):
             continue
         if key == "resolution":
-            out["resolution"] = _resolution(value, where, path)
+            out["resolution"], out["resolution_size"] = _resolution(value, where, path)
             out["resolutions"] = ()  # the TOML's own (single) resolution replaces --resolutions
             continue
         if key == "network_multiplier":
@@ -816,14 +862,16 @@ def _too_small(subset: SubsetOptions, size: tuple[int, int]) -> str | None:
         return None
     if min(size) < subset.bucket_step:
         return f"{size[0]}x{size[1]} is smaller than the bucket step {subset.bucket_step} (no-upscale)"
-    for resolution in tuple(subset.resolutions) or (subset.resolution,):
-        if resolution <= 0:
+    resolutions: tuple[Resolution, ...] = tuple(subset.resolutions) or (subset.bucket_resolution,)
+    for resolution in resolutions:
+        width, height = resolution_pair(resolution)
+        if width <= 0:
             continue
         try:
             assign_bucket(size, (), no_upscale=True, resolution=resolution, step=subset.bucket_step)
         except ImageTooSmallError:
             return (
-                f"{size[0]}x{size[1]} shrunk to the area of {resolution}x{resolution} is under the bucket step "
+                f"{size[0]}x{size[1]} shrunk to the area of {width}x{height} is under the bucket step "
                 f"{subset.bucket_step} on a side (no-upscale)"
             )
     return None
@@ -1124,21 +1172,22 @@ def build_dataset_index(options: TrainOptions, *, verify: bool = True) -> Datase
 def assign_buckets(index: DatasetIndex) -> list[BucketAssignment]:
     """One :class:`BucketAssignment` per entry of ``index`` (same order), using each entry's
     subset settings (resolution, bucket sides and step, no-upscale, buckets on/off)."""
-    cache: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
+    cache: dict[tuple[Resolution, int, int, int], list[tuple[int, int]]] = {}
     out: list[BucketAssignment] = []
     for entry in index.entries:
         s = entry.subset
+        resolution = s.bucket_resolution
         if not s.buckets:
-            out.append(square_assignment(entry.size, s.resolution))
+            out.append(square_assignment(entry.size, resolution))
             continue
-        key = (s.resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
+        key = (resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
         if key not in cache:
             cache[key] = make_buckets(
-                s.resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step
+                resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step
             )
         out.append(
             assign_bucket(
-                entry.size, cache[key], no_upscale=s.bucket_no_upscale, resolution=s.resolution, step=s.bucket_step
+                entry.size, cache[key], no_upscale=s.bucket_no_upscale, resolution=resolution, step=s.bucket_step
             )
         )
     return out
@@ -1155,6 +1204,7 @@ __all__ = [
     "build_dataset_index",
     "folder_subsets",
     "load_toml_dataset_config",
+    "run_resolution_pair",
     "scan_dataset",
     "subset_defaults",
     "toml_batch_sizes",

@@ -127,7 +127,7 @@ def expand_resolutions(
             if sub_key not in subsets:
                 # OneTrainer's rotated mask crop is at least the list's lowest resolution at every size it trains
                 kept = {"mask_crop_min_size": getattr(entry.subset, "mask_crop_min_size", None) or min(choices)}
-                subsets[sub_key] = replace(entry.subset, resolution=size, resolutions=(), **kept)
+                subsets[sub_key] = replace(entry.subset, resolution=size, resolution_size=None, resolutions=(), **kept)
             if i in held_out:
                 new_held.add(len(entries))
             members.append(len(entries))

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -51,6 +52,7 @@ RESUME_SENSITIVE = (
     "optimizer",
     "optimizer_args",
     "resolution",
+    "resolution_size",
     "flip",
     "shuffle_caption",
     "caption_variants",
@@ -281,7 +283,8 @@ class Checkpoints:
         if ema is not None:
             ema.load_state_dict(load_ema(folder), where=str(folder))
         saved = record.get("options") or {}
-        current = asdict(self.options)
+        # compared as the state records them (JSON: a tuple such as resolution_size comes back as a list)
+        current = json.loads(json.dumps(asdict(self.options), default=str))
         changed = [k for k in RESUME_SENSITIVE if k in saved and saved[k] != current.get(k)]
         described = [f"{k} ({saved[k]!r} -> {current.get(k)!r})" for k in changed]
         guidance = resumed_guidance_change(saved, self.options, control=self.method.capabilities().control_channels)

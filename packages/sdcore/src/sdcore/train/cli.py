@@ -23,17 +23,18 @@ _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
 
 
 class ResolutionType(click.ParamType):
-    """``512``, or kohya's ``512,512`` / ``768,512`` (the side of a square of the same area)."""
+    """``512``, or kohya's ``512,512`` / ``768,512``: a side, or a non-square ``(w, h)`` that
+    :func:`sdcore.train.config.load_options` turns into the side of the same area plus ``resolution_size``."""
 
     name = "integer"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        from .kohya import resolution_side
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | tuple[int, int]:
+        from .kohya import resolution_value
 
         if isinstance(value, int):
             return value
         try:
-            return resolution_side(value)
+            return resolution_value(value)
         except (TypeError, ValueError):
             self.fail(
                 f"{value!r} is not a resolution (512, or kohya's 512,512; several: --resolutions 512,768,1024)",

@@ -208,6 +208,18 @@ def load_options(
             continue
         translated[name] = value
     raw = {**config_values, **translated, **cli_values}
+    if "resolution_size" in types_ and raw.get("resolution") is not None:
+        # kohya's "W,H" / [W, H] in any source: the side of the same area plus the pair (buckets, crops, metadata);
+        # a side given on the command line replaces a config's pair
+        size = (
+            None if "resolution" in cli_values and "resolution_size" not in cli_values else raw.get("resolution_size")
+        )
+        try:
+            raw["resolution"], raw["resolution_size"] = k.split_resolution(raw["resolution"], size)
+        except (TypeError, ValueError):
+            source = "command line" if "resolution" in cli_values else where
+            problems.append(f"{source}: resolution must be a side (512) or W,H (768,512), got {raw['resolution']!r}")
+            raw.pop("resolution")
     for name, value in translation.implied.items():
         raw.setdefault(name, value)
     found_notes += translation.notes

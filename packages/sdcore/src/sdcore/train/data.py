@@ -697,6 +697,7 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
     problems: list[str] = []
     subsets = index.subsets or list({id(e.subset): e.subset for e in index.entries}.values())
     from ..data.augment import face_info
+    from ..data.buckets import resolution_pair
 
     augmenting = sorted({name for s in subsets for name in ("random_crop", "color_aug") if getattr(s, name, False)})
     faces = [e for e in index.entries if _face_cropped(e) and face_info(e.path) is not None]
@@ -709,10 +710,18 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
                 "add --no-buckets (enable_bucket = false)"
             )
             break
-    small = [f"{e.path} ({e.size[0]}x{e.size[1]})" for e in faces if min(e.size) < e.subset.resolution]
+    # kohya's crop_target never enlarges: each side must reach the target's (w x h for its non-square resolution)
+    target = {id(e.subset): resolution_pair(e.subset.bucket_resolution) for e in faces}
+    small = [
+        f"{e.path} ({e.size[0]}x{e.size[1]})"
+        for e in faces
+        if e.size[0] < target[id(e.subset)][0] or e.size[1] < target[id(e.subset)][1]
+    ]
     if small:
+        width, height = target[id(faces[0].subset)]
+        named = str(width) if width == height else f"{width}x{height}"
         problems.append(
-            f"face_crop_aug_range: {len(small)} image(s) smaller than the resolution {faces[0].subset.resolution} "
+            f"face_crop_aug_range: {len(small)} image(s) smaller than the resolution {named} "
             f"(kohya never enlarges them and stops): {_listed(small)}"
         )
     if augmenting and options.cache_latents:

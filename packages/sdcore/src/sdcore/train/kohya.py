@@ -40,8 +40,11 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def resolution_side(value: Any) -> int:
-    """kohya: ``512``, ``"512"``, ``"512,768"`` or ``[512, 768]`` -> the side of the same area (0 stays 0)."""
+def resolution_value(value: Any) -> int | tuple[int, int]:
+    """kohya: ``512``, ``"512"``, ``"512,512"`` -> ``512``; ``"768,512"`` or ``[768, 512]`` -> ``(768, 512)``
+    (0 stays 0, sdcore's "the model's native size"). The pair is kept because kohya builds its buckets on the
+    exact area ``w * h`` and crops to ``w`` x ``h`` with buckets off (:func:`split_resolution` makes it
+    ``resolution`` = its side plus ``resolution_size``); a square pair is its side, as kohya trains it the same."""
     if isinstance(value, bool):
         raise ValueError
     if isinstance(value, (list, tuple)):
@@ -54,7 +57,29 @@ def resolution_side(value: Any) -> int:
         return 0  # sdcore's own spelling of "the model's native size"
     if len(parts) != 2 or min(parts) < 1:
         raise ValueError
-    return math.isqrt(parts[0] * parts[1])
+    return parts[0] if parts[0] == parts[1] else (parts[0], parts[1])
+
+
+def resolution_side(value: Any) -> int:
+    """kohya: ``512``, ``"512"``, ``"512,768"`` or ``[512, 768]`` -> the side of the same area (0 stays 0)."""
+    read = resolution_value(value)
+    return read if isinstance(read, int) else math.isqrt(read[0] * read[1])
+
+
+def split_resolution(resolution: Any, size: Any) -> tuple[int, tuple[int, int] | None]:
+    """``(resolution, resolution_size)`` of the options from a ``resolution`` in any spelling (int, ``"W,H"``,
+    ``[W, H]``) and a ``resolution_size`` given beside it (a dumped config's ``[W, H]``, else ``None``): a pair
+    becomes its side ``isqrt(W*H)`` and the pair; a plain side keeps a given size only where it is that size's
+    side. Raises ``ValueError`` for what is not a resolution."""
+    read = resolution_value(resolution)
+    if not isinstance(read, int):
+        return math.isqrt(read[0] * read[1]), read
+    if size is None:
+        return read, None
+    given = resolution_value(size)
+    if isinstance(given, int) or math.isqrt(given[0] * given[1]) != read:
+        return read, None
+    return read, given
 
 
 def _args_text(value: Any) -> str:
@@ -338,7 +363,7 @@ ALIASES: dict[str, Alias] = {
     "reg_data_dir": _a("reg_data"),
     "in_json": _a("metadata_file"),
     "dataset_repeats": _a("dataset_repeats"),
-    "resolution": _a("resolution", resolution_side),
+    "resolution": _a("resolution", resolution_value),
     "caption_extension": _a("caption_extension"),
     "caption_extention": _a("caption_extension"),  # kohya keeps the old misspelling
     "shuffle_caption": _a("shuffle_caption", flag=True),

@@ -144,8 +144,19 @@ class TrainOptions:
     resolution: int = option(
         0,
         "Training resolution (side of the square area buckets are built around); 0 = the model's native size "
-        "(SD1 512, SD2-768 768, SDXL 1024, tiny models 64).",
+        "(SD1 512, SD2-768 768, SDXL 1024, tiny models 64). kohya's W,H (e.g. 768,512) is accepted: buckets then use "
+        "the area W*H and, with buckets off, images are cropped to W x H, as kohya does; this option is then the side "
+        "of the same area (isqrt(W*H): memory plan, sample size).",
         group="data",
+    )
+    #: kohya's non-square ``(width, height)``, filled from ``--resolution W,H`` (or ``resolution = [W, H]`` /
+    #: ``"W,H"`` in a config) by :func:`sdcore.train.config.load_options`, with ``resolution`` its side
+    #: ``isqrt(W*H)``; config-only so that the one ``--resolution`` flag stays the way to give it. ``None``: square
+    resolution_size: tuple[int, int] | None = option(
+        None,
+        "kohya's non-square resolution (W, H): set by --resolution W,H, with --resolution the side of the same area.",
+        group="data",
+        cli=False,
     )
     resolutions: str = option(
         "",

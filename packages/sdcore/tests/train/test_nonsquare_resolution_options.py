@@ -87,7 +87,12 @@ def test_sdcore_command_line_resolution_w_h(tmp_path):
     o = load_options(ConvOutOptions, out)
     assert (o.resolution, o.resolution_size) == (627, (768, 512))
     assert _bucket(o) == (768, 512)
-    bad = CliRunner().invoke(command, [*args[:4], "--resolution", "768x512", "--dry-run"])
+    assert "resolution: 627 (the side of 768x512: " in result.output
+    typed = tmp_path / "typed.toml"
+    result = CliRunner().invoke(command, [*args, "--resolution", "768x512", "--dry-run", "--save-config", str(typed)])
+    assert result.exit_code == 0, result.output
+    assert load_options(ConvOutOptions, typed) == o
+    bad = CliRunner().invoke(command, [*args[:4], "--resolution", "768;512", "--dry-run"])
     assert bad.exit_code == 2 and "is not a resolution" in bad.output
 
 

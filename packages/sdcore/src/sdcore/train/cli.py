@@ -23,10 +23,10 @@ _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
 
 
 class ResolutionType(click.ParamType):
-    """``512``, or kohya's ``512,512`` / ``768,512``: a side, or a non-square ``(w, h)`` that
-    :func:`sdcore.train.config.load_options` turns into the side of the same area plus ``resolution_size``."""
+    """``512``, or kohya's ``512,512`` / ``768,512`` (also typed ``768x512``): a side, or a non-square ``(w, h)``
+    that :func:`sdcore.train.config.load_options` turns into the side of the same area plus ``resolution_size``."""
 
-    name = "integer"
+    name = "SIDE|W,H"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | tuple[int, int]:
         from .kohya import resolution_value
@@ -34,10 +34,10 @@ class ResolutionType(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return resolution_value(value)
+            return resolution_value(str(value).lower().replace("x", ","))
         except (TypeError, ValueError):
             self.fail(
-                f"{value!r} is not a resolution (512, or kohya's 512,512; several: --resolutions 512,768,1024)",
+                f"{value!r} is not a resolution (512, or W,H as kohya's 768,512; several: --resolutions 512,768,1024)",
                 param,
                 ctx,
             )
@@ -327,7 +327,9 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
     from .preflight import run_preflight
 
     if apply_model_defaults(options):
-        click.echo(f"resolution: {options.resolution}")
+        size = options.resolution_size
+        pair = f" (the side of {size[0]}x{size[1]}: buckets on its area, that crop with buckets off)" if size else ""
+        click.echo(f"resolution: {options.resolution}{pair}")
     else:
         options = dc.replace(options, resolution=512)
         click.echo("resolution: the model's native size, known once it loads (the numbers below assume 512)")

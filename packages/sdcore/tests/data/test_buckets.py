@@ -5,7 +5,13 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sdcore.data.buckets import ImageTooSmallError, assign_bucket, make_buckets, square_assignment
+from sdcore.data.buckets import (
+    ImageTooSmallError,
+    assign_bucket,
+    bucket_sides_note,
+    make_buckets,
+    square_assignment,
+)
 from sdcore.errors import ConfigError
 
 KOHYA_512 = {
@@ -35,11 +41,39 @@ def test_bucket_invariants(resolution, lo, hi, step):
 
 def test_bad_settings():
     with pytest.raises(ConfigError):
-        make_buckets(512, min_reso=250)
-    with pytest.raises(ConfigError):
         make_buckets(512, min_reso=1024, max_reso=256)
     with pytest.raises(ConfigError):
         make_buckets(512, step=0)
+    with pytest.raises(ConfigError, match=r"got 40 and 1024 \(0 and 1024 on the step 64\)"):
+        make_buckets(512, min_reso=40)  # kohya's rounding leaves no smallest side
+
+
+def test_sides_off_the_step_are_put_on_it_as_kohya_does():
+    """kohya's adjust_min_max_bucket_reso_by_steps: min_bucket_reso rounds down to the step, max up (a warning)."""
+    assert make_buckets(512, min_reso=250, max_reso=1000) == make_buckets(512, min_reso=192, max_reso=1024)
+    assert make_buckets(512, min_reso=250, max_reso=1000) != make_buckets(512, min_reso=256, max_reso=960)
+    assert bucket_sides_note(250, 1000, 64) == (
+        "min_bucket_reso 250 / max_bucket_reso 1000 are not on the bucket step 64: buckets use 192 / 1024 "
+        "(kohya rounds the smallest side down and the largest up the same way)"
+    )
+    assert bucket_sides_note(256, 1024, 64) is None
+
+
+def test_the_preflight_notes_the_adjustment_once(tmp_path):
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.preflight import bucket_side_notes
+
+    make_tiny_dataset(tmp_path / "data", n=2)
+    index = build_dataset_index(
+        TrainOptions(data=str(tmp_path / "data"), resolution=64, min_bucket_reso=40, max_bucket_reso=72, bucket_step=16)
+    )
+    assert bucket_side_notes(index) == [bucket_sides_note(40, 72, 16)]
+    index = build_dataset_index(
+        TrainOptions(data=str(tmp_path / "data"), resolution=64, buckets=False, min_bucket_reso=40)
+    )
+    assert bucket_side_notes(index) == []  # kohya adjusts (and checks) them with buckets on only
 
 
 BUCKETS_512 = make_buckets(512)

@@ -49,16 +49,35 @@ def resolution_area(resolution: Resolution) -> int:
     return width * height
 
 
+def kohya_bucket_sides(min_reso: int, max_reso: int, step: int) -> tuple[int, int]:
+    """``(min_bucket_reso, max_bucket_reso)`` on the bucket step as kohya's ``adjust_min_max_bucket_reso_by_steps``
+    puts them (with a warning, where sdcore prints a note): the smallest side rounds down, the largest up."""
+    if step <= 0:
+        return min_reso, max_reso
+    return min_reso - min_reso % step, max_reso + (-max_reso) % step
+
+
+def bucket_sides_note(min_reso: int, max_reso: int, step: int) -> str | None:
+    """What :func:`kohya_bucket_sides` changed, for the pre-flight's notes (``None``: nothing)."""
+    adjusted = kohya_bucket_sides(min_reso, max_reso, step)
+    if adjusted == (min_reso, max_reso):
+        return None
+    return (
+        f"min_bucket_reso {min_reso} / max_bucket_reso {max_reso} are not on the bucket step {step}: buckets use "
+        f"{adjusted[0]} / {adjusted[1]} (kohya rounds the smallest side down and the largest up the same way)"
+    )
+
+
 def _check_bucket_settings(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> None:
     if step <= 0:
         raise ConfigError(f"bucket step must be positive, got {step}")
     if min(resolution_pair(resolution)) < step:
         raise ConfigError(f"resolution {resolution} is smaller than the bucket step {step}")
-    if min_reso <= 0 or max_reso < min_reso:
-        raise ConfigError(f"bucket sides need 0 < min_bucket_reso <= max_bucket_reso, got {min_reso} and {max_reso}")
-    if min_reso % step or max_reso % step:
+    low, high = kohya_bucket_sides(min_reso, max_reso, step)
+    if low <= 0 or high < low:
+        on_step = f" ({low} and {high} on the step {step})" if (low, high) != (min_reso, max_reso) else ""
         raise ConfigError(
-            f"min_bucket_reso {min_reso} and max_bucket_reso {max_reso} must be multiples of the step {step}"
+            f"bucket sides need 0 < min_bucket_reso <= max_bucket_reso, got {min_reso} and {max_reso}{on_step}"
         )
 
 
@@ -71,10 +90,11 @@ def make_buckets(
     ``(768, 512)`` that keeps the 768x512 bucket, which the square of the integer side, 627**2, would
     lose). The square bucket ``floor(sqrt(area) / step) * step`` is always present; then for each width
     from ``min_reso`` to ``max_reso`` the tallest multiple-of-step height within the area (capped
-    at ``max_reso``) is added with its transpose when it is at least ``min_reso``.
-    For 512 (defaults) that gives kohya's 17 buckets.
+    at ``max_reso``) is added with its transpose when it is at least ``min_reso``; sides off the step are
+    first put on it as kohya does (:func:`kohya_bucket_sides`). For 512 (defaults) that gives kohya's 17 buckets.
     """
     _check_bucket_settings(resolution, min_reso, max_reso, step)
+    min_reso, max_reso = kohya_bucket_sides(min_reso, max_reso, step)
     max_area = resolution_area(resolution)
     side = math.isqrt(max_area) // step * step
     buckets = {(side, side)}

@@ -1092,6 +1092,7 @@ def run_preflight(
                     "the folder names (as in kohya)"
                 )
             report.problems.extend(image_option_problems(o, data.index))
+            report.notes.extend(bucket_side_notes(data.index))
             from .data import mask_augment_checks
             from .inpainting import layout_kind
 
@@ -1220,6 +1221,15 @@ def method_dataset_checks(method: TrainingMethod[Any], index: Any) -> tuple[list
         except SdcoreError as exc:
             out[0].append(str(exc))
     return out
+
+
+def bucket_side_notes(index: Any) -> list[str]:
+    """One note per distinct bucket setting whose sides are off the step (kohya's adjustment, applied)."""
+    from ..data.buckets import bucket_sides_note
+
+    sides = {(e.subset.min_bucket_reso, e.subset.max_bucket_reso, e.subset.bucket_step) for e in index.entries
+             if e.subset.buckets}  # fmt: skip
+    return [note for note in (bucket_sides_note(*side) for side in sorted(sides)) if note]
 
 
 def resolutions_problems(o: TrainOptions) -> list[str]:

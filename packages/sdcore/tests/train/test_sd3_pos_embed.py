@@ -116,3 +116,21 @@ def test_preflight_checks():
     on = TrainOptions(pos_emb_random_crop_rate=0.1, enable_scaled_pos_embed=True)
     assert family_problems(on, "sd3") == []
     assert len(family_problems(on, "flux")) == 2
+
+
+def test_a_w_h_resolution_sizes_the_tables_as_kohya(tmp_path, monkeypatch):
+    """kohya: ``round(sqrt(w * h)) // 8`` per resolution; for 80x64 that is 9 (sqrt 71.55), where the side of
+    the same area floored (71) would give 8."""
+    import sdcore.models.sd3.pos_embed as pos_embed
+
+    seen = []
+    real = pos_embed.install
+
+    def spy(transformer, latent_sizes=None, **kw):
+        seen.append(latent_sizes)
+        return real(transformer, latent_sizes=latent_sizes, **kw)
+
+    monkeypatch.setattr(pos_embed, "install", spy)
+    _session(tmp_path, enable_scaled_pos_embed=True, resolution=71, resolution_size=(80, 64), bucket_step=8)
+    _session(tmp_path / "side", enable_scaled_pos_embed=True, resolution=64)
+    assert seen == [[9], [8]]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -555,10 +556,16 @@ class TrainSession:
         o = self.options
         if not (o.enable_scaled_pos_embed or o.pos_emb_random_crop_rate > 0) or bundle.family != "sd3":
             return
+        from ..data.buckets import resolution_area
         from ..models.sd3.pos_embed import install
 
         downscale = bundle.family_spec.latent.downscale
-        sizes = sorted({int(entry.subset.resolution or o.resolution) // downscale for entry in self.data.entries})
+
+        def latent_side(subset: Any) -> int:  # kohya's round(sqrt(w * h)): a W,H pair's, not its floored side's
+            area = resolution_area(subset.bucket_resolution) if subset.resolution else o.resolution**2
+            return round(math.sqrt(area)) // downscale
+
+        sizes = sorted({latent_side(entry.subset) for entry in self.data.entries})
         install(bundle.transformer, latent_sizes=sizes if o.enable_scaled_pos_embed else None)
 
     # -- the run --------------------------------------------------------------------------------

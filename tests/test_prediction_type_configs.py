@@ -139,6 +139,26 @@ def test_onetrainer_sd2_base_single_file_is_epsilon(tmp_path):
     assert decided("STABLE_DIFFUSION_21", "sd21.safetensors") is None  # v unless global_step 875000: the default
 
 
+def test_onetrainer_notes_a_v_prediction_sd_file_it_would_train_as_epsilon(tmp_path):
+    """OneTrainer converts SD1.5/SDXL single files with v1-inference.yaml / sd_xl_base.yaml (epsilon) whatever they
+    declare; sdcore's auto follows the file, and the translation says so where the file declares v."""
+    from sdcore.models.load import override_prediction_type
+    from sdcore.models.tiny import create_tiny_bundle
+
+    eps = create_tiny_bundle("sdxl").save(tmp_path / "xl.safetensors")
+    vpred = override_prediction_type(create_tiny_bundle("sdxl"), "v_prediction").save(tmp_path / "xl-v.safetensors")
+    run = {**ONETRAINER, "model_type": "STABLE_DIFFUSION_XL_10_BASE", "training_method": "LORA", "resolution": "64"}
+    found = {}
+    for path in (eps, vpred):
+        notes: list[str] = []
+        options = _lora(_write(tmp_path, "c.json", json.dumps({**run, "base_model_name": str(path)})), notes)
+        assert options.prediction_type == "auto"
+        found[path.name] = [n for n in notes if "declares v-prediction" in n]
+    assert found["xl.safetensors"] == []
+    (note,) = found["xl-v.safetensors"]
+    assert "(modelspec) and sdcore trains it as v; OneTrainer converts SD1.5/SDXL files with its epsilon config" in note
+
+
 # --- SimpleTuner and ai-toolkit -------------------------------------------------------------------------
 
 

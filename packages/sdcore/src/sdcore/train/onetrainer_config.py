@@ -1123,11 +1123,34 @@ def config_prediction_type(r: _Reader, family: str, method: str) -> str | None:
     return None
 
 
+def _declared_v_note(r: _Reader) -> None:
+    """A single SD1.5/SDXL file that declares v-prediction: OneTrainer converts it with its model type's epsilon
+    config (v1-inference.yaml, sd_xl_base.yaml) whatever it declares, sdcore's ``auto`` follows the file."""
+    model = _text(r.get("base_model_name"))
+    if not model.lower().endswith(_SINGLE_FILE_SUFFIXES) or not Path(model).expanduser().is_file():
+        return
+    from ..errors import SdcoreError
+    from ..models.layout import read_layout
+
+    try:
+        layout = read_layout(Path(model).expanduser())
+    except SdcoreError:
+        return  # the pre-flight reports a file that cannot be read
+    if layout.prediction_type == "v_prediction" and layout.prediction_source != "default":
+        r.note(
+            f"base_model_name {model}: the file declares v-prediction ({layout.prediction_source}) and sdcore trains "
+            "it as v; OneTrainer converts SD1.5/SDXL files with its epsilon config and would train it as epsilon "
+            "(give --prediction-type epsilon for OneTrainer's run, or force_v_prediction in a OneTrainer fine-tune)"
+        )
+
+
 def _prediction(r: _Reader, family: str, method: str) -> None:
     """``--prediction-type`` where the config decides it; the force flags noted where OneTrainer ignores them."""
     decided = config_prediction_type(r, family, method)
     if decided is not None:
         r.out.values["prediction_type"] = decided
+    elif family in ("sd1", "sdxl"):
+        _declared_v_note(r)
     for key in ("force_v_prediction", "force_epsilon_prediction"):
         if not r.get(key):
             continue

@@ -246,3 +246,22 @@ def test_inpainting_roundtrip(tmp_path):
     folder = bundle.save(tmp_path / "inpaint-folder")
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
     assert load_model(folder).family_label == "sd1-inpainting"
+
+
+def test_an_a1111_vae_beside_the_file_is_named_by_the_preflight(tiny_files, tmp_path):
+    from sdcore.models.detect import sidecar_vae
+    from sdcore.models.layout import read_layout
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.preflight import sidecar_vae_notes
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(tiny_files["sd1"].read_bytes())
+    layout = read_layout(path)
+    assert sidecar_vae(path) is None and sidecar_vae_notes(TrainOptions(), layout) == []
+    (tmp_path / "model.vae.pt").write_bytes(b"")
+    (tmp_path / "model.vae.safetensors").write_bytes(b"")  # sdcore names the .safetensors first
+    assert sidecar_vae(path) == tmp_path / "model.vae.safetensors"
+    (note,) = sidecar_vae_notes(TrainOptions(), layout)
+    assert note.startswith("model.vae.safetensors is beside the model: A1111 (its Automatic VAE) encodes with it")
+    assert note.endswith(f"give --vae {tmp_path / 'model.vae.safetensors'} to train on A1111's latents")
+    assert sidecar_vae_notes(TrainOptions(vae=str(tmp_path / "model.vae.pt")), layout) == []

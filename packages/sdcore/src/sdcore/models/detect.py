@@ -56,6 +56,21 @@ def sidecar_config(path: str | Path) -> Path | None:
     return candidate if Path(path).suffix and candidate.is_file() else None
 
 
+#: the VAE file names A1111 takes for ``<name>.safetensors`` when its VAE setting is Automatic (its default)
+A1111_VAE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
+
+
+def sidecar_vae(path: str | Path) -> Path | None:
+    """``<name>.vae.safetensors`` (``.pt``, ``.ckpt``) beside a single file: the VAE A1111 loads with that model
+    ("found near the checkpoint"). kohya, ComfyUI and diffusers do not, and neither does sdcore without
+    ``--vae``; the pre-flight says so where one is there, since the latents would differ from A1111's."""
+    model = Path(path)
+    if not model.suffix:
+        return None
+    found = (model.with_name(model.stem + suffix) for suffix in A1111_VAE_SUFFIXES)
+    return next((candidate for candidate in found if candidate.is_file()), None)
+
+
 #: the SGM (SDXL) denoiser scalings: A1111 treats ``VScaling`` and its subclasses as v-prediction
 _SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v_prediction", "VScalingWithEDMcNoise": "v_prediction"}
 

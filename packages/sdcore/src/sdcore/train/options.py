@@ -88,8 +88,8 @@ class TrainOptions:
     )
     prediction_type: str = option(
         "auto",
-        "What the DDPM families' (SD1/SD2/SDXL) denoiser predicts: auto (what the model declares: modelspec, "
-        "its scheduler config, the v_pred key; SD2 files without one are v), epsilon or v_prediction (kohya's "
+        "What the DDPM families' (SD1/SD2/SDXL) denoiser predicts: auto (what the model declares: the A1111 "
+        "model.yaml beside a single file, modelspec, its scheduler config, the v_pred key; SD2 files without one are v), epsilon or v_prediction (kohya's "
         "--v_parameterization, diffusers' --prediction_type), for files that do not say it; the trained files "
         "say what was trained. Flow-matching families refuse it.",
         choices=PREDICTION_TYPES,

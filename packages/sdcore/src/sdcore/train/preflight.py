@@ -474,6 +474,22 @@ def guidance_bypass_problems(options: TrainOptions, layout: ModelLayout) -> list
     ]
 
 
+def sidecar_vae_notes(options: TrainOptions, layout: Any) -> list[str]:
+    """A VAE that A1111 would load with this SD1/SD2/SDXL file (``<name>.vae.safetensors`` beside it) where
+    no ``--vae`` is given: sdcore trains with the file's own VAE, as kohya does, and says how to match A1111."""
+    from ..models.detect import FAMILY_MARKERS, sidecar_vae
+
+    if options.vae or layout.source_format != "single-file" or layout.family not in FAMILY_MARKERS:
+        return []
+    found = sidecar_vae(layout.source)
+    if found is None:
+        return []
+    return [
+        f"{found.name} is beside the model: A1111 (its Automatic VAE) encodes with it; sdcore, like kohya, trains with "
+        f"the model's own VAE: give --vae {found} to train on A1111's latents"
+    ]
+
+
 def guidance_scale_notes(options: TrainOptions, family_name: str) -> list[str]:
     """``--guidance-scale`` given on a family whose adapter says its denoiser has no guidance input
     (``guidance_input = False``, the default of a plugin's adapter): one note, since the run would take the
@@ -1036,6 +1052,7 @@ def run_preflight(
             report.problems.extend(control_lora_family_problems(report.layout))
             report.notes.extend(control_lora_notes(o))
         report.notes.extend(guidance_scale_notes(o, report.layout.family))
+        report.notes.extend(sidecar_vae_notes(o, report.layout))
 
     # folders
     if o.output:

@@ -19,6 +19,8 @@ Flux guidance 1.0, a shift of 3 on flow-matching models), not sdcore's: a defaul
 is a problem like any other value. An option is translated, accepted with a note (no effect on what is
 learned: trackers, the hub, caches, compilation, devices), accepted at SimpleTuner's default and refused by
 name otherwise, or unknown (with the nearest SimpleTuner name). All problems are reported at once.
+A FLUX.1 Kontext run's (``model_flavour kontext``) conditioning dataset, named by a training dataset's
+``conditioning_data``, is that subset's control folder (:func:`_conditioning_folder`).
 SimpleTuner is AGPL-3.0: only facts (names, defaults, meanings) are taken from it here.
 """
 

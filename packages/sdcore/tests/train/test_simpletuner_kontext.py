@@ -216,3 +216,59 @@ def test_two_step_kontext_run_through_the_config(tmp_path):
     assert "FLUX.1 Kontext: every sample paired with its control image" in run.output
     weights = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_B" in k)
+
+
+def _second_edit_dataset(tmp_path: Path, backends: list[dict], *, with_reference: bool) -> tuple[Path, Path]:
+    """A second edit dataset (and its own reference dataset, named in its conditioning_data or not)."""
+    edits = make_tiny_dataset(tmp_path / "edits2", n=2, size=64) / "1_sks"
+    refs = write_inverted_controls(edits, tmp_path / "refs2")
+    second = dict(backends[0], id="edited2", instance_data_dir=str(edits))
+    second.pop("conditioning_data")
+    if with_reference:
+        second["conditioning_data"] = "references2"
+    backends[2:2] = [second, dict(backends[1], id="references2", instance_data_dir=str(refs))]
+    return edits, refs
+
+
+def test_two_training_datasets_each_pair_with_their_own_conditioning_dataset(tmp_path):
+    """Each training dataset's conditioning_data is its own subset's control folder (a list or a plain id)."""
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.train.kontext_data import control_image_path
+
+    path, edits, refs = _kontext_run(tmp_path)
+    backends = _backends(tmp_path)
+    edits2, refs2 = _second_edit_dataset(tmp_path, backends, with_reference=True)
+    _rewrite(tmp_path, backends)
+    index = scan_dataset(_lora(path))
+    pairs = {(e.subset.image_dir, control_image_path(e).parent) for e in index.entries}  # type: ignore[union-attr]
+    assert pairs == {(edits, refs), (edits2, refs2)}
+    assert len(index.entries) == 5
+
+
+def test_a_kontext_training_dataset_without_conditioning_data_beside_one_with_is_refused_by_name(tmp_path):
+    """SimpleTuner needs one conditioning dataset in all and trains the other dataset's batches without a
+    reference (text-to-image steps); sdcore's Kontext run pairs every image, so the config names the dataset."""
+    path, _, _ = _kontext_run(tmp_path)
+    backends = _backends(tmp_path)
+    _second_edit_dataset(tmp_path, backends, with_reference=False)
+    _rewrite(tmp_path, backends)
+    with pytest.raises(ConfigError) as caught:
+        _lora(path)
+    text = str(caught.value)
+    assert "(edited2): no conditioning_data while" in text and "(edited) names one" in text, text
+    assert "SimpleTuner needs a conditioning dataset" not in text
+
+
+def test_a_refused_conditioning_data_is_not_also_reported_as_missing(tmp_path):
+    """Several conditioning datasets are one problem; the dataset does name conditioning data, so the Kontext run's
+    'needs a conditioning dataset' line would be false."""
+    path, _, _ = _kontext_run(tmp_path)
+    backends = _backends(tmp_path)
+    backends[0]["conditioning_data"] = ["references", "more"]
+    backends.append(dict(backends[1], id="more"))
+    _rewrite(tmp_path, backends)
+    with pytest.raises(ConfigError) as caught:
+        _lora(path)
+    text = str(caught.value)
+    assert "several conditioning datasets" in text
+    assert "SimpleTuner needs a conditioning dataset" not in text, text

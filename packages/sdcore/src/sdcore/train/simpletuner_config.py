@@ -1507,6 +1507,8 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
     base = SubsetOptions(image_dir=Path("."), **subset_defaults(options))
     subsets: list[SubsetOptions] = []
     conditioning = _conditioning_backends(backends, path, where)
+    paired: list[str] = []  # the training datasets naming conditioning_data, and those naming none
+    unpaired: list[str] = []
     for i, backend in enumerate(backends):
         w = f"{where} {path}[{i}]"
         if not isinstance(backend, dict):
@@ -1568,6 +1570,8 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 "dataset_type conditioning); a training dataset names its conditioning dataset with conditioning_data"
             )
         control = _conditioning_folder(backend, w, conditioning, top, problems)
+        if not generated:
+            (paired if _conditioning_ids(backend) else unpaired).append(w)
         probability = backend.get("probability", 1.0)
         if float(probability) != 1.0:
             problems.append(f"{w}: probability {probability}: sdcore draws every dataset by its size and repeats")
@@ -1639,12 +1643,21 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             )
         )
     generated = any(isinstance(b, dict) and b.get("conditioning") for b in backends)
-    if _is_kontext(top) and subsets and all(s.control_dir is None for s in subsets) and not generated:
+    if _is_kontext(top) and subsets and not paired and not generated:
         # factory.py: requires_conditioning_dataset (flux/model.py: true for kontext) without a training dataset's
         # conditioning_data stops SimpleTuner: "Model requires a conditioning dataset, but none was found"
         problems.append(
             f"{where} {path}: model_flavour kontext trains on pairs: SimpleTuner needs a conditioning dataset "
             "(dataset_type conditioning) named by a training dataset's conditioning_data, and stops without one"
+        )
+    elif _is_kontext(top) and paired and unpaired:
+        # SimpleTuner needs one such dataset in all (factory.py); a batch of the others has no conditioning latents
+        # and flux/model.py prepare_batch_conditions then builds no Kontext inputs: a text-to-image step
+        problems.append(
+            f"{where} {path}: {', '.join(unpaired)}: no conditioning_data while {', '.join(paired)} names one: "
+            "SimpleTuner trains this dataset's batches without a reference image (text-to-image steps of the Kontext "
+            "model); sdcore's FLUX.1 Kontext run pairs every training image: name a conditioning dataset for it too, "
+            "or train it in a run of its own"
         )
     if not subsets and not problems:
         problems.append(f"{where} {path}: no local image dataset")

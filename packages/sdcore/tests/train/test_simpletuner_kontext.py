@@ -4,8 +4,8 @@ The facts are SimpleTuner's (bghira/SimpleTuner bc8e6ab; AGPL-3.0, so nothing of
 ``helpers/data_backend/factory.py`` (``_configure_single_data_backend``: a ``conditioning_type`` makes a backend a
 conditioning dataset; ``_connect_conditioning_datasets``: ``conditioning_data`` must name one, else "Conditioning
 data backend ... not found"; a model that ``requires_conditioning_dataset`` stops without one),
-``helpers/multiaspect/sampler.py`` (``get_conditioning_sample``: the training image's path relative to its
-``instance_data_dir`` joined to the conditioning dataset's: same name, same extension), ``helpers/training/collate.py``
+``helpers/multiaspect/sampler.py`` (``get_conditioning_sample``: the training image's base name joined to the
+conditioning dataset's folder: same name, same extension), ``helpers/training/collate.py``
 (a missing pair stops the step), ``helpers/models/flux/model.py`` (Kontext is ``model_flavour kontext``; ``control``
 forces ControlNet LoRA targets) and ``documentation/quickstart/FLUX_KONTEXT.md``, ``DATALOADER.md``.
 """

@@ -1347,8 +1347,10 @@ def _conditioning_folder(
 ) -> Path | None:
     """A training dataset's ``conditioning_data`` as its subset's control folder (FLUX.1 Kontext's reference
     images), or None with the reasons in ``problems``. SimpleTuner's pairing (multiaspect/sampler.py
-    ``get_conditioning_sample``): the training image's path relative to its ``instance_data_dir``, joined to the
-    conditioning dataset's: the same file name, extension included; a missing pair stops the step (collate.py:
+    ``connect_conditioning_samples`` / ``get_conditioning_sample``): the training image's path after its
+    ``instance_data_dir`` starts with "/", so it reads as absolute and only its base name is joined to the
+    conditioning dataset's folder: the same file name, extension included, at the folder's top (sdcore reads
+    a SimpleTuner dataset's top folder only); a missing pair stops the step (collate.py:
     "Each conditioning backend must supply one sample per training example"). sdcore pairs by file stem with any
     image extension (:mod:`sdcore.train.kontext_data`), so names that would pair differently are problems
     (:func:`_pairing_problems`) and a missing pair is the pre-flight's (as any control folder's)."""

@@ -19,6 +19,8 @@ Flux guidance 1.0, a shift of 3 on flow-matching models), not sdcore's: a defaul
 is a problem like any other value. An option is translated, accepted with a note (no effect on what is
 learned: trackers, the hub, caches, compilation, devices), accepted at SimpleTuner's default and refused by
 name otherwise, or unknown (with the nearest SimpleTuner name). All problems are reported at once.
+A FLUX.1 Kontext run's (``model_flavour kontext``) conditioning dataset, named by a training dataset's
+``conditioning_data``, is that subset's control folder (:func:`_conditioning_folder`).
 SimpleTuner is AGPL-3.0: only facts (names, defaults, meanings) are taken from it here.
 """
 
@@ -227,6 +229,7 @@ NOTED = {"report_to", "logging_dir", "resume_from_checkpoint", "checkpoint_epoch
          "fuse_optimizer", "optimizer_release_gradients", "data_aesthetic_score", "lora_format"}  # fmt: skip
 #: options :func:`translate_config` (or the dataset and sample readers) turn into sdcore settings
 HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name_or_path", "output_dir",
+           "conditioning_multidataset_sampling",
            "data_backend_config", "seed", "max_train_steps", "num_train_epochs", "train_batch_size", "learning_rate",
            "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "lr_end", "optimizer", "adam_beta1",
            "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "grad_clip_method",
@@ -370,14 +373,14 @@ BACKEND_HANDLED = {"id", "type", "dataset_type", "instance_data_dir", "repeats",
                    "minimum_image_size", "maximum_image_size", "target_downsample_size", "crop", "crop_style",
                    "crop_aspect", "caption_strategy", "instance_prompt", "prepend_instance_prompt",
                    "only_instance_prompt", "probability", "is_regularisation_data", "is_regularization_data",
-                   "disabled", "default"}  # fmt: skip
+                   "disabled", "default", "conditioning_data", "conditioning_type", "source_dataset_id"}  # fmt: skip
 BACKEND_NOTED = {"cache_dir_vae", "vae_cache_clear_each_epoch", "text_embeds", "image_embeds", "skip_file_discovery",
                  "preserve_data_backend_cache", "cache_dir", "metadata_backend", "hash_filenames",
                  "write_batch_size", "vae_cache_ondemand", "vae_cache_disable", "cache_file_suffix",
                  "metadata_update_interval", "ignore_epochs", "delete_unwanted_images",
                  "delete_problematic_images"}  # fmt: skip
 #: data backend keys that change what trains and that sdcore does not implement (refused when given)
-BACKEND_REFUSED = {"conditioning", "conditioning_data", "conditioning_type", "source_dataset_id", "caption_shuffle",
+BACKEND_REFUSED = {"conditioning", "caption_shuffle",
                    "minimum_aspect_ratio", "maximum_aspect_ratio", "max_upscale_threshold", "max_num_samples",
                    "start_epoch", "start_step", "end_epoch", "end_step", "timestep_sampling_offset",
                    "slider_strength", "crop_aspect_buckets", "train_batch_size", "parquet", "huggingface",
@@ -509,6 +512,23 @@ class _Reader:
         return "" if value is None else str(value).strip()
 
 
+#: why an option sdcore refuses away from its default is not what an sdcore option of a like name does
+REFUSED_WHY = {
+    # helpers/models/flux/model.py: controlnet_init builds a FluxControlNetModel beside the frozen transformer
+    "controlnet": "SimpleTuner trains a ControlNet (a separate FluxControlNetModel / ControlNetModel, or a LoRA on "
+    "it) fed by the conditioning dataset; sdcore trains no ControlNet (sdcore's --control-lora is diffusers' FLUX.1 "
+    "control LoRA, whose control image enters the transformer's own widened img_in)",
+    # flux/model.py control_init widens x_embedder (and reads pos_embed.proj, which diffusers' FLUX.1 transformer
+    # lacks); get_lora_target_layers then forces flux_lora_target "controlnet", whose modules (controlnet_x_embedder,
+    # controlnet_blocks.N, controlnet_single_blocks.N) exist in a FluxControlNetModel only; the field registry
+    # (sections/model.py) marks it disabled, "Currently disabled for all architectures"
+    "control": "SimpleTuner's channel-wise control training widens the transformer's input like diffusers' control "
+    "LoRA but puts its LoRA on ControlNet module names (flux_lora_target forced to controlnet) and is disabled in "
+    "its own option registry; it is not what sdcore's --control-lora trains (diffusers' train_control_lora_flux.py: "
+    "give sdcore's own options, --control-lora with --control-dir, instead of this config)",
+}
+
+
 def _check_options(data: dict[str, Any], where: str, out: JobTranslation) -> None:
     """Unknown names (with the nearest), noted options away from their default, and refused options."""
     unknown = [f"{k!r}{nearest_field(k, DEFAULTS)}" for k in data if k not in DEFAULTS]
@@ -522,6 +542,8 @@ def _check_options(data: dict[str, Any], where: str, out: JobTranslation) -> Non
         if key in NOTED or key.startswith(NOTED_PREFIXES):
             if not same:
                 out.notes.append(f"{where}.{key}: accepted, no effect on what is learned here")
+        elif not same and key in REFUSED_WHY:
+            out.problems.append(f"{where}.{key} = {value!r}: {REFUSED_WHY[key]}")
         elif not same:
             out.problems.append(
                 f"{where}.{key} = {value!r}: sdcore does not implement this SimpleTuner option (only its default "
@@ -592,6 +614,7 @@ def translate_config(
     _timesteps(r, family, flow, out)
     _validation(r, family, path, out)
     _ema(r, out)  # after the validation: its note says what the samples show
+    _kontext(r, out)
     backend = r.text("data_backend_config")
     if not backend:
         out.problems.append(f"{where}.data_backend_config: the data backend JSON is needed")
@@ -599,8 +622,37 @@ def translate_config(
         for problem in _backend_problems(Path(backend).expanduser(), f"{where}.data_backend_config", data):
             out.problems.append(problem)
         out.notes.extend(_crop_notes(Path(backend).expanduser(), f"{where}.data_backend_config", data))
+        out.notes.extend(_conditioning_notes(Path(backend).expanduser(), f"{where}.data_backend_config", data))
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
+
+
+def _is_kontext(top: dict[str, Any]) -> bool:
+    """A FLUX.1 Kontext run: ``model_family flux`` with ``model_flavour kontext`` (flux/model.py keys every Kontext
+    behaviour, its need of a conditioning dataset included, on that flavour)."""
+    family = str(top.get("model_family", "")).strip().lower()
+    return family == "flux" and str(top.get("model_flavour", "")).strip().lower() == "kontext"
+
+
+def _kontext(r: _Reader, out: JobTranslation) -> None:
+    """``conditioning_multidataset_sampling`` (how SimpleTuner mixes several conditioning datasets of one training
+    dataset: sampler.py ``connect_conditioning_samples``) and a Kontext run's validation."""
+    sampling = r.text("conditioning_multidataset_sampling").lower()
+    if sampling and sampling not in ("random", "combined"):
+        out.problems.append(
+            f"{r.where}.conditioning_multidataset_sampling {sampling!r}: SimpleTuner's are random and combined"
+        )
+    elif sampling == "combined":
+        out.notes.append(
+            f"{r.where}.conditioning_multidataset_sampling combined: with the one conditioning dataset per training "
+            "dataset sdcore reads, combined and random pair each image with the same reference"
+        )
+    if _is_kontext(r.data) and (r.given("validation_prompt") or r.given("user_prompt_library")):
+        out.notes.append(
+            f"{r.where}: model_flavour kontext: SimpleTuner's validation edits the paired reference images of its "
+            "datasets; sdcore's samples from validation_prompt have none and render text-to-image (a sample prompt "
+            "file line's --ctrl_img PATH gives one)"
+        )
 
 
 def _hub_model(r: _Reader, family_name: str) -> str:
@@ -1156,7 +1208,7 @@ def _crop_notes(path: Path, where: str, top: dict[str, Any]) -> list[str]:
         return []  # reported with the backend's problems
     notes = []
     for i, b in enumerate(backends):
-        if not isinstance(b, dict) or str(b.get("dataset_type", "image")).lower() != "image":
+        if not isinstance(b, dict) or str(b.get("dataset_type", "image")).lower() != "image" or _is_conditioning(b):
             continue
         style = str(b.get("crop_style", "random"))
         head = f"{where} {path}[{i}] ({b.get('id', '?')})"
@@ -1258,6 +1310,195 @@ INHERITED = ("resolution", "resolution_type", "caption_strategy", "instance_prom
              "only_instance_prompt", "minimum_image_size", "maximum_image_size", "target_downsample_size")  # fmt: skip
 
 
+def _is_conditioning(backend: dict[str, Any]) -> bool:
+    """A conditioning dataset: ``dataset_type conditioning``, or any ``conditioning_type`` (factory.py
+    ``_configure_single_data_backend`` makes a backend with one a conditioning dataset whatever its type says)."""
+    kind = str(backend.get("dataset_type", "image")).lower()
+    return kind == "conditioning" or backend.get("conditioning_type") is not None
+
+
+def _conditioning_backends(backends: list[Any], path: Path, where: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The enabled conditioning datasets by id, each with its place in the backend JSON (for messages)."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for i, b in enumerate(backends):
+        if isinstance(b, dict) and _is_conditioning(b) and not _bool(b.get("disabled", b.get("disable", False))):
+            found[str(b.get("id", ""))] = (f"{where} {path}[{i}] ({b.get('id', '?')})", b)
+    return found
+
+
+def _conditioning_ids(backend: dict[str, Any]) -> list[Any]:
+    value = backend.get("conditioning_data")
+    if value in (None, "", []):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+#: the conditioning types whose images are reference images (DATALOADER.md conditioning_type); ``None``: a
+#: ``dataset_type conditioning`` without one, and ``controlnet``: both scanned and cropped on their own, as loose
+REFERENCE_TYPES = ("reference_strict", "reference_loose", "controlnet", None)
+
+
+def _conditioning_folder(
+    backend: dict[str, Any],
+    w: str,
+    conditioning: dict[str, tuple[str, dict[str, Any]]],
+    top: dict[str, Any],
+    problems: list[str],
+) -> Path | None:
+    """A training dataset's ``conditioning_data`` as its subset's control folder (FLUX.1 Kontext's reference
+    images), or None with the reasons in ``problems``. SimpleTuner's pairing (multiaspect/sampler.py
+    ``connect_conditioning_samples`` / ``get_conditioning_sample``): the training image's path after its
+    ``instance_data_dir`` starts with "/", so it reads as absolute and only its base name is joined to the
+    conditioning dataset's folder: the same file name, extension included, at the folder's top (sdcore reads
+    a SimpleTuner dataset's top folder only); a missing pair stops the step (collate.py:
+    "Each conditioning backend must supply one sample per training example"). sdcore pairs by file stem with any
+    image extension (:mod:`sdcore.train.kontext_data`), so names that would pair differently are problems
+    (:func:`_pairing_problems`) and a missing pair is the pre-flight's (as any control folder's)."""
+    ids = _conditioning_ids(backend)
+    if not ids:
+        return None
+    given = backend.get("conditioning_data")
+    if len(ids) > 1:
+        problems.append(
+            f"{w}: conditioning_data {given!r}: several conditioning datasets (SimpleTuner's "
+            "conditioning_multidataset_sampling: random takes one per image and epoch, combined gives them all as "
+            "references); sdcore trains FLUX.1 Kontext with one reference image per sample: name one"
+        )
+        return None
+    ref = str(ids[0])
+    if ref not in conditioning:
+        problems.append(
+            f"{w}: conditioning_data {ref!r}: no enabled dataset of that id with dataset_type conditioning (or a "
+            'conditioning_type); SimpleTuner stops: "Conditioning data backend ... not found"'
+        )
+        return None
+    cw, cond = conditioning[ref]
+    if not (_bool(top.get("controlnet", False)) or _bool(top.get("control", False))) and not _is_kontext(top):
+        problems.append(
+            f"{w}: conditioning_data {ref!r}: sdcore reads conditioning datasets as FLUX.1 Kontext's reference "
+            f"images (model_family flux, model_flavour kontext); this run is model_family "
+            f"{top.get('model_family')!r}, model_flavour {top.get('model_flavour')!r}"
+        )
+        return None
+    kind = cond.get("conditioning_type")
+    if kind not in REFERENCE_TYPES:
+        problems.append(
+            f"{cw}: conditioning_type {kind!r}: sdcore reads conditioning datasets of reference images "
+            "(reference_strict, reference_loose) as FLUX.1 Kontext's; SimpleTuner's mask/segmentation images are "
+            "loss or inpainting masks, not read from this config (sdcore's mask folder is --conditioning-data-dir "
+            "with --masked-loss)"
+        )
+        return None
+    source = cond.get("source_dataset_id")
+    if source not in (None, "") and str(source) != str(backend.get("id")):
+        problems.append(
+            f"{cw}: source_dataset_id {source!r}, but conditioning_data of {backend.get('id')!r} names it: sdcore "
+            "fits each reference image to the training image it pairs with (give the same id, or leave it out)"
+        )
+    storage = str(cond.get("type", "local")).lower()
+    known = BACKEND_HANDLED | BACKEND_NOTED | BACKEND_REFUSED
+    unknown = [f"{k!r}{nearest_field(str(k), known)}" for k in cond if k not in known]
+    if unknown:
+        problems.append(f"{cw}: unknown data backend key(s): {', '.join(unknown)}")
+    if storage != "local":
+        problems.append(f"{cw}: type {storage!r}: sdcore reads local image folders only (conditioning datasets too)")
+        return None
+    if not cond.get("instance_data_dir"):
+        problems.append(f"{cw}: instance_data_dir is needed")
+        return None
+    folder = Path(str(cond["instance_data_dir"])).expanduser()
+    images = Path(str(backend.get("instance_data_dir", ""))).expanduser()
+    problems.extend(_pairing_problems(images, folder, cw, kind))
+    return folder
+
+
+def _pairing_problems(images: Path, folder: Path, w: str, kind: str | None) -> list[str]:
+    """Training images SimpleTuner and sdcore would pair differently: a reference of the same file name that
+    sdcore's stem search passes over (another extension sorts first), or only one of another extension (sdcore
+    pairs it, SimpleTuner finds none). Unless ``kind`` is ``reference_strict`` (the training image's bucket and
+    crop copied), SimpleTuner buckets and crops each reference on its own: sdcore fits it to its training image's
+    crop, the same bucket when the two have one aspect ratio, so pairs whose aspect ratios differ are listed
+    too. Missing pairs are the pre-flight's."""
+    from ..data.images import ImageError, is_image_path, probe_image
+    from .kontext_data import CONTROL_EXTENSIONS
+
+    if not images.is_dir() or not folder.is_dir():
+        return []  # the scan and the pre-flight report them
+    other: list[str] = []
+    shapes: list[str] = []
+    for image in sorted(images.iterdir()):
+        if not is_image_path(image):
+            continue
+        same = folder / image.name
+        candidates = sorted({str(folder / f"{image.stem}{ext}") for ext in CONTROL_EXTENSIONS})
+        pick = next((Path(c) for c in candidates if Path(c).is_file()), None)
+        if pick is None:
+            continue
+        if not same.is_file() or pick.name != same.name:
+            other.append(f"{image.name} -> {pick.name}")
+            continue
+        if kind == "reference_strict":
+            continue
+        try:
+            (a, b), (c, d) = probe_image(image), probe_image(pick)
+        except ImageError:
+            continue  # reported by the scan / the pre-flight
+        if abs(a / b - c / d) > 0.01 * (a / b):
+            shapes.append(f"{image.name} ({a}x{b}) -> {pick.name} ({c}x{d})")
+    problems = []
+    if other:
+        problems.append(
+            f"{w}: SimpleTuner pairs a training image with the file of the same name and extension; sdcore "
+            f"pairs by file stem and would take another file: {', '.join(other[:5])}"
+            + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+            + " (rename them to the training images' names)"
+        )
+    if shapes:
+        problems.append(
+            f"{w}: conditioning_type {kind or 'not given'}: SimpleTuner buckets and crops these "
+            "references on their own; sdcore fits each to its training image's crop (reference_strict), which "
+            f"changes their aspect ratio: {', '.join(shapes[:5])}"
+            + (f" and {len(shapes) - 5} more" if len(shapes) > 5 else "")
+            + " (give references of the training images' aspect ratios, or conditioning_type reference_strict)"
+        )
+    return problems
+
+
+def _conditioning_notes(path: Path, where: str, top: dict[str, Any]) -> list[str]:
+    """What a read conditioning dataset does differently in detail, and the conditioning datasets nothing names
+    (SimpleTuner configures them and no training dataset draws from them: DATALOADER.md, a conditioning dataset
+    makes no training batch of its own)."""
+    try:
+        backends = _backends(path, where)
+    except ConfigError:
+        return []
+    conditioning = _conditioning_backends(backends, path, where)
+    named = {str(ref) for b in backends if isinstance(b, dict) and not _bool(b.get("disabled", False))
+             for ref in _conditioning_ids(b)}  # fmt: skip
+    notes = []
+    for ref, (cw, cond) in conditioning.items():
+        if ref not in named:
+            notes.append(f"{cw}: a conditioning dataset no training dataset names in conditioning_data: not read")
+            continue
+        kind = cond.get("conditioning_type")
+        if kind != "reference_strict" and kind in REFERENCE_TYPES:
+            notes.append(
+                f"{cw}: conditioning_type {kind or 'not given'}: SimpleTuner buckets and crops these references on "
+                "their own; sdcore fits each to its training image's bucket and crop (reference_strict's geometry): "
+                "the same bucket for a reference of its training image's aspect ratio, cropped at the same spot"
+            )
+        set_here = [k for k in ("resolution", "resolution_type", "maximum_image_size", "target_downsample_size",
+                                "minimum_image_size", "caption_strategy", "instance_prompt") if k in cond]  # fmt: skip
+        if set_here:
+            # factory.py synchronize_conditioning_settings copies the training dataset's sizes over; collate.py
+            # uses a conditioning dataset's captions only in random mode with several conditioning datasets
+            notes.append(
+                f"{cw}: {', '.join(set_here)}: not read (SimpleTuner gives a conditioning dataset its training "
+                "dataset's sizes, and with one conditioning dataset trains on the training dataset's captions)"
+            )
+    return notes
+
+
 def _image_backends(path: Path, where: str, options: TrainOptions | None, top: dict[str, Any]) -> list[SubsetOptions]:
     from dataclasses import replace
 
@@ -1267,6 +1508,9 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
     problems: list[str] = []
     base = SubsetOptions(image_dir=Path("."), **subset_defaults(options))
     subsets: list[SubsetOptions] = []
+    conditioning = _conditioning_backends(backends, path, where)
+    paired: list[str] = []  # the training datasets naming conditioning_data, and those naming none
+    unpaired: list[str] = []
     for i, backend in enumerate(backends):
         w = f"{where} {path}[{i}]"
         if not isinstance(backend, dict):
@@ -1279,6 +1523,8 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
         kind = str(backend.get("dataset_type", "image")).lower()
         if kind in ("text_embeds", "image_embeds", "conditioning_image_embeds"):
             continue  # SimpleTuner's caches: sdcore caches text-encoder outputs and latents itself
+        if _is_conditioning(backend):
+            continue  # read as the control folder of the training dataset naming it (_conditioning_folder)
         if kind != "image":
             problems.append(f"{w}: dataset_type {kind!r}: sdcore trains on image datasets (conditioning, video and "
                             "audio datasets are not read)")  # fmt: skip
@@ -1306,7 +1552,9 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             problems.append(
                 f"{w}: conditioning {', '.join(kinds) or generated!r}: SimpleTuner generates conditioning images "
                 "from this dataset; sdcore does not: make them yourself into a folder with the training images' "
-                "file names and give it as --control-dir (FLUX.1 Kontext's reference images), without conditioning"
+                "file names, give it as a dataset of its own (dataset_type conditioning, conditioning_type "
+                "reference_strict) and name its id in this dataset's conditioning_data (FLUX.1 Kontext's reference "
+                "images), without conditioning"
             )
         if refused:
             problems.append(f"{w}: {', '.join(refused)}: not implemented in sdcore")
@@ -1318,6 +1566,14 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
         if not backend.get("instance_data_dir"):
             problems.append(f"{w}: instance_data_dir is needed")
             continue
+        if backend.get("source_dataset_id") not in (None, ""):
+            problems.append(
+                f"{w}: source_dataset_id: names a conditioning dataset's source (DATALOADER.md: only for "
+                "dataset_type conditioning); a training dataset names its conditioning dataset with conditioning_data"
+            )
+        control = _conditioning_folder(backend, w, conditioning, top, problems)
+        if not generated:
+            (paired if _conditioning_ids(backend) else unpaired).append(w)
         probability = backend.get("probability", 1.0)
         if float(probability) != 1.0:
             problems.append(f"{w}: probability {probability}: sdcore draws every dataset by its size and repeats")
@@ -1385,7 +1641,25 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 min_bucket_reso=min(base.min_bucket_reso, max(side // step, 1) * step),
                 max_bucket_reso=max(base.max_bucket_reso, -(-side // step) * step),
                 random_crop=False,  # SimpleTuner's random spot is fixed when it caches latents: _crop_notes
+                control_dir=control,
             )
+        )
+    generated = any(isinstance(b, dict) and b.get("conditioning") for b in backends)
+    if _is_kontext(top) and subsets and not paired and not generated:
+        # factory.py: requires_conditioning_dataset (flux/model.py: true for kontext) without a training dataset's
+        # conditioning_data stops SimpleTuner: "Model requires a conditioning dataset, but none was found"
+        problems.append(
+            f"{where} {path}: model_flavour kontext trains on pairs: SimpleTuner needs a conditioning dataset "
+            "(dataset_type conditioning) named by a training dataset's conditioning_data, and stops without one"
+        )
+    elif _is_kontext(top) and paired and unpaired:
+        # SimpleTuner needs one such dataset in all (factory.py); a batch of the others has no conditioning latents
+        # and flux/model.py prepare_batch_conditions then builds no Kontext inputs: a text-to-image step
+        problems.append(
+            f"{where} {path}: {', '.join(unpaired)}: no conditioning_data while {', '.join(paired)} names one: "
+            "SimpleTuner trains this dataset's batches without a reference image (text-to-image steps of the Kontext "
+            "model); sdcore's FLUX.1 Kontext run pairs every training image: name a conditioning dataset for it too, "
+            "or train it in a run of its own"
         )
     if not subsets and not problems:
         problems.append(f"{where} {path}: no local image dataset")

@@ -397,3 +397,30 @@ def test_prepend_instance_prompt_is_the_caption_prefix(tmp_path, strategy):
     with pytest.raises(ConfigError) as info:
         _lora(path)
     assert "prepend_instance_prompt needs instance_prompt" in str(info.value.args)
+
+
+def test_images_in_sub_folders_train_as_simpletuners_os_walk_finds_them(tmp_path):
+    """LocalDataBackend.list_files walks instance_data_dir with os.walk: images in sub-folders are the dataset's
+    too, each with the caption file beside it."""
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.testing.datasets import pattern_image
+
+    path = _flux_run(tmp_path)
+    images = tmp_path / "nested"
+    (images / "set2" / "deeper").mkdir(parents=True)
+    (images / ".hidden").mkdir()
+    for i, rel in enumerate(("top.png", "set2/mid.png", "set2/deeper/low.png", ".hidden/skip.png")):
+        pattern_image(i, 64).save(images / rel)
+        (images / rel).with_suffix(".txt").write_text(f"caption {Path(rel).stem}", encoding="utf-8")
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    _write(
+        backend, [{"id": "nested", "type": "local", "instance_data_dir": str(images), "caption_strategy": "textfile"}]
+    )
+    index = scan_dataset(_lora(path))
+    found = sorted((e.path.relative_to(images).as_posix(), e.caption) for e in index.entries)
+    assert found == [
+        ("set2/deeper/low.png", "caption low"),
+        ("set2/mid.png", "caption mid"),
+        ("top.png", "caption top"),
+    ]
+    assert not index.skipped and not index.problems

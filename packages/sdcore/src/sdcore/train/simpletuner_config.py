@@ -1268,20 +1268,30 @@ def _size_limits(backend: dict[str, Any], w: str, res_type: str, res: float, squ
     return problems
 
 
+def _dataset_images(folder: Path) -> list[Path]:
+    """The images of a local dataset as SimpleTuner's ``LocalDataBackend.list_files`` finds them: every
+    sub-folder too (``os.walk``), sorted; hidden names are left out, as sdcore's scan leaves them out."""
+    from ..data.images import is_image_path
+
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / name for name in files if not name.startswith(".") and is_image_path(name)]
+    return sorted(found)
+
+
 def _under_minimum(backend: dict[str, Any], minimum: float, res_type: str, square: bool) -> list[str]:
     """The images of ``instance_data_dir`` SimpleTuner's ``minimum_image_size`` leaves out: pixel compares
     both edges, area (and pixel_area, converted) the area in megapixels and, for a square crop, both edges
     with the area's square root."""
-    from ..data.images import ImageError, is_image_path, probe_image
+    from ..data.images import ImageError, probe_image
 
     folder = Path(str(backend.get("instance_data_dir", ""))).expanduser()
     if not folder.is_dir():
         return []
     area = _megapixels(minimum, res_type) * 1e6
     small = []
-    for path in sorted(folder.iterdir()):
-        if not is_image_path(path):
-            continue
+    for path in _dataset_images(folder):
         try:
             width, height = probe_image(path)
         except ImageError:
@@ -1419,17 +1429,15 @@ def _pairing_problems(images: Path, folder: Path, w: str, kind: str | None) -> l
     crop copied), SimpleTuner buckets and crops each reference on its own: sdcore fits it to its training image's
     crop, the same bucket when the two have one aspect ratio, so pairs whose aspect ratios differ are listed
     too. Missing pairs are the pre-flight's."""
-    from ..data.images import ImageError, is_image_path, probe_image
+    from ..data.images import ImageError, probe_image
     from .kontext_data import CONTROL_EXTENSIONS
 
     if not images.is_dir() or not folder.is_dir():
         return []  # the scan and the pre-flight report them
     other: list[str] = []
     shapes: list[str] = []
-    for image in sorted(images.iterdir()):
-        if not is_image_path(image):
-            continue
-        same = folder / image.name
+    for image in _dataset_images(images):
+        same = folder / image.name  # SimpleTuner joins the file name alone onto the conditioning folder
         candidates = sorted({str(folder / f"{image.stem}{ext}") for ext in CONTROL_EXTENSIONS})
         pick = next((Path(c) for c in candidates if Path(c).is_file()), None)
         if pick is None:
@@ -1642,6 +1650,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 max_bucket_reso=max(base.max_bucket_reso, -(-side // step) * step),
                 random_crop=False,  # SimpleTuner's random spot is fixed when it caches latents: _crop_notes
                 control_dir=control,
+                recursive=True,  # LocalDataBackend.list_files walks every sub-folder
             )
         )
     generated = any(isinstance(b, dict) and b.get("conditioning") for b in backends)

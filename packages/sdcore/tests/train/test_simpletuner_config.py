@@ -424,3 +424,17 @@ def test_images_in_sub_folders_train_as_simpletuners_os_walk_finds_them(tmp_path
         ("top.png", "caption top"),
     ]
     assert not index.skipped and not index.problems
+
+
+@pytest.mark.parametrize("key", ["disabled", "disable"])
+def test_a_disabled_dataset_is_skipped_under_either_name(tmp_path, key):
+    """factory.py skips a backend whose ``disabled`` or ``disable`` is true."""
+    from sdcore.data.dataset import scan_dataset
+
+    path = _flux_run(tmp_path)
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    datasets = json.loads(backend.read_text())
+    datasets[1][key] = True
+    _write(backend, datasets)
+    index = scan_dataset(_lora(path))
+    assert {e.path.parent.parent.name for e in index.entries} == {"a"}

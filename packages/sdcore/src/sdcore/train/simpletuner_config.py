@@ -373,7 +373,8 @@ BACKEND_HANDLED = {"id", "type", "dataset_type", "instance_data_dir", "repeats",
                    "minimum_image_size", "maximum_image_size", "target_downsample_size", "crop", "crop_style",
                    "crop_aspect", "caption_strategy", "instance_prompt", "prepend_instance_prompt",
                    "only_instance_prompt", "probability", "is_regularisation_data", "is_regularization_data",
-                   "disabled", "default", "conditioning_data", "conditioning_type", "source_dataset_id"}  # fmt: skip
+                   "disabled", "disable", "default", "conditioning_data", "conditioning_type",
+                   "source_dataset_id"}  # fmt: skip
 BACKEND_NOTED = {"cache_dir_vae", "vae_cache_clear_each_epoch", "text_embeds", "image_embeds", "skip_file_discovery",
                  "preserve_data_backend_cache", "cache_dir", "metadata_backend", "hash_filenames",
                  "write_batch_size", "vae_cache_ondemand", "vae_cache_disable", "cache_file_suffix",
@@ -1268,6 +1269,11 @@ def _size_limits(backend: dict[str, Any], w: str, res_type: str, res: float, squ
     return problems
 
 
+def _disabled(backend: dict[str, Any]) -> bool:
+    """A data backend SimpleTuner skips: ``disabled`` or ``disable`` true (factory.py reads both)."""
+    return _bool(backend.get("disabled", False)) or _bool(backend.get("disable", False))
+
+
 def _dataset_images(folder: Path) -> list[Path]:
     """The images of a local dataset as SimpleTuner's ``LocalDataBackend.list_files`` finds them: every
     sub-folder too (``os.walk``), sorted; hidden names are left out, as sdcore's scan leaves them out."""
@@ -1331,7 +1337,7 @@ def _conditioning_backends(backends: list[Any], path: Path, where: str) -> dict[
     """The enabled conditioning datasets by id, each with its place in the backend JSON (for messages)."""
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for i, b in enumerate(backends):
-        if isinstance(b, dict) and _is_conditioning(b) and not _bool(b.get("disabled", b.get("disable", False))):
+        if isinstance(b, dict) and _is_conditioning(b) and not _disabled(b):
             found[str(b.get("id", ""))] = (f"{where} {path}[{i}] ({b.get('id', '?')})", b)
     return found
 
@@ -1481,7 +1487,7 @@ def _conditioning_notes(path: Path, where: str, top: dict[str, Any]) -> list[str
     except ConfigError:
         return []
     conditioning = _conditioning_backends(backends, path, where)
-    named = {str(ref) for b in backends if isinstance(b, dict) and not _bool(b.get("disabled", False))
+    named = {str(ref) for b in backends if isinstance(b, dict) and not _disabled(b)
              for ref in _conditioning_ids(b)}  # fmt: skip
     notes = []
     for ref, (cw, cond) in conditioning.items():
@@ -1526,7 +1532,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
             continue
         w = f"{where} {path}[{i}] ({backend.get('id', '?')})"
         backend = {**{k: top[k] for k in INHERITED if k in top}, **backend}
-        if _bool(backend.get("disabled", False)):
+        if _disabled(backend):
             continue
         kind = str(backend.get("dataset_type", "image")).lower()
         if kind in ("text_embeds", "image_embeds", "conditioning_image_embeds"):

@@ -265,3 +265,19 @@ def test_an_a1111_vae_beside_the_file_is_named_by_the_preflight(tiny_files, tmp_
     assert note.startswith("model.vae.safetensors is beside the model: A1111 (its Automatic VAE) encodes with it")
     assert note.endswith(f"give --vae {tmp_path / 'model.vae.safetensors'} to train on A1111's latents")
     assert sidecar_vae_notes(TrainOptions(vae=str(tmp_path / "model.vae.pt")), layout) == []
+
+
+def test_generate_names_an_a1111_vae_beside_the_model(tiny_files, tmp_path, sd_cli):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(tiny_files["sd1"].read_bytes())
+    args = ["generate", "a cat", "--model", str(path), "--steps", "1", "--size", "64", "--output", str(tmp_path / "o")]
+    plain = sd_cli(args)
+    assert plain.exit_code == 0, plain.output
+    assert "beside the model" not in plain.output
+    (tmp_path / "model.vae.pt").write_bytes(b"")
+    noted = sd_cli([*args, "--overwrite"])
+    assert noted.exit_code == 0, noted.output
+    assert (
+        f"note: model.vae.pt is beside the model: A1111 (its Automatic VAE) decodes with it; sdcore uses the "
+        f"model's own VAE: give --vae {tmp_path / 'model.vae.pt'} for A1111's images" in noted.output
+    )

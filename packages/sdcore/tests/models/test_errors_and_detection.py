@@ -195,6 +195,10 @@ def test_a_loaded_sd2_file_trains_as_its_config_says(tiny_files, tmp_path, sd_cl
     assert bundle.noise_scheduler.config.prediction_type == "epsilon"
     info = sd_cli(["model", "info", str(path), "--no-hash"])
     assert "prediction type: epsilon (sd2-base.yaml beside the file)\n" in info.output, info.output
+    assert "VAE beside it" not in info.output
+    (tmp_path / "sd2-base.vae.safetensors").write_bytes(b"")
+    info = sd_cli(["model", "info", str(path), "--no-hash"])
+    assert "VAE beside it:   sd2-base.vae.safetensors (A1111 uses it; sdcore only with --vae)\n" in info.output
 
 
 def test_family_mismatch(tiny_files):

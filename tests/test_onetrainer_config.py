@@ -207,14 +207,14 @@ def test_refusals_by_name_all_at_once(tmp_path):
     config = {
         **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "LINEAR", "masked_training": True,
         "masked_prior_preservation_weight": 0.5,
-        "loss_weight_fn": "SIGMA", "mse_strength": 0.0, "peft_type": "OFT_2", "resolution": "1024x768",
+        "loss_weight_fn": "SIGMA", "mse_strength": 0.0, "peft_type": "OFT_2", "resolution": "1000x768",
         "unet": {"weight_dtype": "FLOAT_W8A8"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
         "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
     }  # fmt: skip
     text = _problems(tmp_path, config)
     for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'LINEAR'",
                      "masked_prior_preservation_weight 0.5",
-                     "loss_weight_fn 'SIGMA'", "every loss strength is 0", "peft_type 'OFT_2'", "resolution '1024x768'",
+                     "loss_weight_fn 'SIGMA'", "every loss strength is 0", "peft_type 'OFT_2'", "resolution '1000x768'",
                      "unet.weight_dtype 'FLOAT_W8A8'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
                      "dropout_probability 0.1"):  # fmt: skip
         assert expected in text, expected
@@ -703,8 +703,12 @@ def test_every_resolution_form_onetrainer_reads(tmp_path):
     assert (o.resolution, o.resolutions, o.buckets) == (1024, "", False)
     text = _problems(tmp_path, {**SD15_LORA, "resolution": "1024x1024", "aspect_ratio_bucketing": False})
     assert "resolution '1024x1024': OneTrainer reads a fixed size only with aspect_ratio_bucketing" in text
-    text = _problems(tmp_path, {**SD15_LORA, "resolution": "1024x768", "aspect_ratio_bucketing": True})
-    assert "resolution '1024x768': OneTrainer's fixed size" in text and "(e.g. 832)" in text  # isqrt(1024*768)=886
+    # AspectBucketing reads "1024x768" as width 1024, height 768 (target (h, w) = (768, 1024)): every image covers
+    # it and is cropped to it, sdcore's kohya W,H without buckets (the side of the area, isqrt(1024*768) = 886)
+    o = _load(tmp_path, {**SD15_LORA, "resolution": "1024x768", "aspect_ratio_bucketing": True})
+    assert (o.resolution, o.resolution_size, o.buckets) == (886, (1024, 768), False)
+    text = _problems(tmp_path, {**SD15_LORA, "resolution": "1000x768", "aspect_ratio_bucketing": True})
+    assert "resolution '1000x768': OneTrainer's fixed size" in text and "multiples of 64" in text
     assert "'12a'" in _problems(tmp_path, {**SD15_LORA, "resolution": "512,12a"})
 
 

@@ -247,21 +247,30 @@ def test_onetrainer_resolution_lists_map_to_resolutions(tmp_path):
     subsets = {s.image_dir: s for s in build_dataset_index(o).subsets}
     assert (subsets[a].resolution, subsets[a].resolutions) == (96, (64, 96))
     assert (subsets[b].resolution, subsets[b].resolutions) == (80, ())
-    with pytest.raises(
-        ConfigError, match=r"resolution '1024x768': OneTrainer's fixed size .* no sdcore equivalent but a square one"
-    ):
-        _onetrainer(tmp_path, [{"path": str(a)}], resolution="1024x768")
+    with pytest.raises(ConfigError, match=r"resolution '1024x760': OneTrainer's fixed size .* multiples of 64"):
+        _onetrainer(tmp_path, [{"path": str(a)}], resolution="1024x760")
 
 
-def test_onetrainer_fixed_size_override_is_refused(tmp_path):
-    from sdcore.data.dataset import DatasetProblems, build_dataset_index
+def test_onetrainer_fixed_size_override_is_a_w_h_crop(tmp_path):
+    """A concept's ``resolution_override`` "128x64" (MGDS AspectBucketing: width 128, height 64): every image covers
+    128x64 and is cropped to it, sdcore's W,H without buckets; a size off the 64 grid is refused."""
+    from sdcore.data.dataset import DatasetProblems, assign_buckets, build_dataset_index
 
     a = make_tiny_dataset(tmp_path / "a", n=2) / "1_sks"
+    o = _onetrainer(
+        tmp_path, [{"path": str(a), "image__enable_resolution_override": True, "image__resolution_override": "128x64"}]
+    )
+    index = build_dataset_index(o)
+    (subset,) = index.subsets
+    assert (subset.resolution, subset.resolution_size, subset.buckets) == (90, (128, 64), False)
+    assignment = assign_buckets(index)[0]
+    assert index.entries[0].size == (64, 64)
+    assert (assignment.bucket, assignment.resized, assignment.crop) == ((128, 64), (128, 128), (0, 32))
     o = _onetrainer(
         tmp_path, [{"path": str(a), "image__enable_resolution_override": True, "image__resolution_override": "96x64"}]
     )
     with pytest.raises(
-        DatasetProblems, match=r"resolution_override '96x64': OneTrainer's fixed size .*no sdcore equivalent"
+        DatasetProblems, match=r"resolution_override '96x64': OneTrainer's fixed size .*multiples of 64"
     ):
         build_dataset_index(o)
 

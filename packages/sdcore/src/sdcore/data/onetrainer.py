@@ -28,8 +28,9 @@ OneTrainer's meaning for each field (its data loader and the MGDS pipeline it bu
   with latent caching OneTrainer's cache keeps the offset drawn when it was filled for the whole run, so it is
   ``random_crop_once`` there (one seeded draw per image, kept in sdcore's latent cache),
   ``resolution_override`` = the subset's resolution, or its list of resolutions ("512,768": each
-  image trains at one drawn from it, :mod:`sdcore.data.resolutions`), or a square fixed size
-  ("768x768", buckets off; :func:`parse_onetrainer_resolution` reads every form as OneTrainer does);
+  image trains at one drawn from it, :mod:`sdcore.data.resolutions`), or a fixed size ("768x768",
+  "1024x768": width x height, buckets off, every image covering it and cropped to it;
+  :func:`parse_onetrainer_resolution` reads every form as OneTrainer does);
 - ``image_variations`` (OneTrainer's cached augmented copies): see :func:`_image_variations`;
 - ``loss_weight`` multiplies each sample's loss; ``type`` ``VALIDATION`` holds the whole concept
   out for sdcore's validation loss (never trained), as OneTrainer keeps it out of training;
@@ -392,6 +393,15 @@ class OneTrainerResolution:
     fixed: tuple[int, int] | None = None
 
 
+def _fixed_size_values(fixed: tuple[int, int]) -> dict[str, Any]:
+    """A concept's fixed ``WxH`` as :class:`SubsetOptions` values: a square is its side; otherwise the side of
+    the same area plus the pair, which sdcore's buckets-off crop covers and crops to (kohya's ``W,H``)."""
+    from ..train.kohya import split_resolution
+
+    side, size = split_resolution(fixed, None)
+    return {"resolution": side, "resolution_size": size}
+
+
 def parse_onetrainer_resolution(raw: object, what: str, *, buckets: bool) -> OneTrainerResolution:
     """Read a ``resolution`` / ``image.resolution_override`` as MGDS does (``AspectBucketing`` with
     ``aspect_ratio_bucketing``, ``SingleAspectCalculation`` without): text with an ``x`` and no comma is
@@ -410,12 +420,11 @@ def parse_onetrainer_resolution(raw: object, what: str, *, buckets: bool) -> One
                 f"{what} {text!r}: OneTrainer reads a fixed size only with aspect_ratio_bucketing on (without "
                 "it its data loader fails on it); give one number or a list"
             )
-        if width != height or width <= 0 or width % FIXED_SIZE_GRID:
-            area = math.isqrt(max(width, 0) * max(height, 0)) // FIXED_SIZE_GRID * FIXED_SIZE_GRID
+        if min(width, height) <= 0 or width % FIXED_SIZE_GRID or height % FIXED_SIZE_GRID:
             raise ConfigError(
                 f"{what} {text!r}: OneTrainer's fixed size (every image scaled to cover {width}x{height} and "
-                f"cropped to it) has no sdcore equivalent but a square one, NxN with N a multiple of "
-                f"{FIXED_SIZE_GRID}; give one number for buckets of that area (e.g. {area or FIXED_SIZE_GRID})"
+                f"cropped to it) is sdcore's W,H without buckets where both sides are multiples of "
+                f"{FIXED_SIZE_GRID} (OneTrainer rounds others to its family's grid); give such a size"
             )
         return OneTrainerResolution(fixed=(width, height))
     sizes: list[int] = []
@@ -505,8 +514,8 @@ def _subset(
         except ConfigError as exc:
             problems.append(f"{c.label}: {exc}")
         else:
-            if read.fixed is not None:  # NxN: every image covers the square and is cropped, no buckets
-                values.update(resolution=read.fixed[0], resolutions=(), buckets=False)
+            if read.fixed is not None:  # WxH: every image covers it and is cropped to it, no buckets
+                values.update(_fixed_size_values(read.fixed), resolutions=(), buckets=False)
             else:
                 values.update(resolution=max(read.sizes), resolutions=read.sizes if len(read.sizes) > 1 else ())
     _image_variations(c, values, problems, notes, cached=cached)

@@ -767,12 +767,13 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     v["buckets"] = bool(r.get("aspect_ratio_bucketing"))
     try:
         read = parse_onetrainer_resolution(_text(r.get("resolution")), "resolution", buckets=v["buckets"])
-    except ConfigError as exc:  # a fixed WxH that is not square, or no number
+    except ConfigError as exc:  # a fixed WxH off the grid, or no number
         r.out.problems.append(f"{r.where}: {exc}")
     else:
         sizes = read.sizes
-        if read.fixed is not None:  # NxN: every image covers the square and is cropped to it, no buckets
-            v.update(resolution=read.fixed[0], buckets=False)
+        if read.fixed is not None:  # WxH: every image covers it and is cropped to it, no buckets; load_options
+            # turns a non-square pair into the side of its area plus resolution_size, as for kohya's W,H
+            v.update(resolution=read.fixed if read.fixed[0] != read.fixed[1] else read.fixed[0], buckets=False)
         elif len(sizes) == 1:
             v["resolution"] = sizes[0]
         else:  # one uniform draw per image: per epoch, or once for the run with cached latents

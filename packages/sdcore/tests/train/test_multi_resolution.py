@@ -260,12 +260,15 @@ def test_onetrainer_fixed_size_override_is_a_w_h_crop(tmp_path):
     o = _onetrainer(
         tmp_path, [{"path": str(a), "image__enable_resolution_override": True, "image__resolution_override": "128x64"}]
     )
-    index = build_dataset_index(o)
-    (subset,) = index.subsets
-    assert (subset.resolution, subset.resolution_size, subset.buckets) == (90, (128, 64), False)
-    assignment = assign_buckets(index)[0]
-    assert index.entries[0].size == (64, 64)
-    assert (assignment.bucket, assignment.resized, assignment.crop) == ((128, 64), (128, 128), (0, 32))
+    (tmp_path / "run").mkdir()
+    run = _onetrainer(tmp_path / "run", [{"path": str(a)}], resolution="128x64", aspect_ratio_bucketing=True)
+    for options in (o, run):  # the concept's override, and the run's own resolution
+        index = build_dataset_index(options)
+        (subset,) = index.subsets
+        assert (subset.resolution, subset.resolution_size, subset.buckets) == (90, (128, 64), False)
+        assignment = assign_buckets(index)[0]
+        assert index.entries[0].size == (64, 64)
+        assert (assignment.bucket, assignment.resized, assignment.crop) == ((128, 64), (128, 128), (0, 32))
     o = _onetrainer(
         tmp_path, [{"path": str(a), "image__enable_resolution_override": True, "image__resolution_override": "96x64"}]
     )

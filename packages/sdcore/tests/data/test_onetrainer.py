@@ -280,7 +280,7 @@ def test_everything_sdcore_cannot_reproduce_is_refused_by_name_at_once(tmp_path)
             concept(folder, text__tag_dropout_enable=True, text__tag_dropout_probability=0.3),  # FULL, keeps 1
             concept(folder, text__enable_tag_shuffling=True, text__tag_delimiter=";"),
             concept(folder, text__prompt_source="concept", text__prompt_path=str(tmp_path / "missing.txt")),
-            concept(folder, image__enable_resolution_override=True, image__resolution_override="512x768"),
+            concept(folder, image__enable_resolution_override=True, image__resolution_override="512x760"),
             concept(tmp_path / "nowhere"),
             concept(folder, loss_weight=-1),
         ],
@@ -300,7 +300,7 @@ def test_everything_sdcore_cannot_reproduce_is_refused_by_name_at_once(tmp_path)
         "concept 4 ('f'): text.tag_dropout_mode FULL with keep_tags_count 1",
         "concept 5 ('f'): text.tag_delimiter ';'",
         "concept 6 ('f'): text.prompt_path",
-        "concept 7 ('f'): image.resolution_override '512x768'",
+        "concept 7 ('f'): image.resolution_override '512x760'",
         "concept 8 ('nowhere'): image folder",
         "concept 9 ('f'): loss_weight",
     ]:
@@ -345,9 +345,11 @@ def test_resolution_override_forms_read_as_onetrainer(tmp_path):
     assert (override(" 64, 96").resolution, override(" 64, 96").resolutions) == (96, (64, 96))
     square = override("128x128")
     assert (square.resolution, square.resolutions, square.buckets) == (128, (), False)
+    wide = override("192x128")  # width 192, height 128: the side of the area and the pair, buckets off
+    assert (wide.resolution, wide.resolution_size, wide.resolutions, wide.buckets) == (156, (192, 128), (), False)
     for value, options, needle in [
         ("96x64", {}, "'96x64': OneTrainer's fixed size (every image scaled to cover 96x64"),
-        ("100x100", {}, "NxN with N a multiple of 64"),
+        ("100x100", {}, "both sides are multiples of 64"),
         ("128x128", {"buckets": False}, "'128x128': OneTrainer reads a fixed size only with aspect_ratio_bucketing"),
         ("64,", {}, "'' is not a number"),
     ]:

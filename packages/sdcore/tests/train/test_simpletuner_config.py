@@ -438,3 +438,22 @@ def test_a_disabled_dataset_is_skipped_under_either_name(tmp_path, key):
     _write(backend, datasets)
     index = scan_dataset(_lora(path))
     assert {e.path.parent.parent.name for e in index.entries} == {"a"}
+
+
+def test_a_link_back_to_a_parent_folder_is_read_once(tmp_path):
+    """os.walk(followlinks=True) with SimpleTuner's seen_directories: a folder reached again through a link is not
+    read again (without the guard sdcore's scan went round the loop, each image once per level)."""
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.testing.datasets import pattern_image
+
+    path = _flux_run(tmp_path)
+    images = tmp_path / "looped"
+    (images / "sub").mkdir(parents=True)
+    pattern_image(0, 64).save(images / "top.png")
+    pattern_image(1, 64).save(images / "sub" / "low.png")
+    (images / "sub" / "back").symlink_to(images, target_is_directory=True)
+    backend = Path(json.loads(path.read_text())["--data_backend_config"])
+    _write(backend, [{"id": "looped", "type": "local", "instance_data_dir": str(images)}])
+    index = scan_dataset(_lora(path))
+    assert sorted(e.path.relative_to(images).as_posix() for e in index.entries) == ["sub/low.png", "top.png"]
+    assert [s.reason for s in index.skipped] == ["folder already read (a link to a folder read before)"]

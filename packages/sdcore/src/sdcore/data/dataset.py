@@ -987,12 +987,17 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         return
     images: list[Path] = []
     pending = list(children)
+    walked = {directory.resolve()}  # a linked folder is read once: a link to a parent would loop for ever
     while pending:
         path = pending.pop(0)
         if path.name.startswith("."):
             continue
         if path.is_dir():
             if subset.recursive:
+                if path.resolve() in walked:
+                    index.skipped.append(SkippedFile(path, "folder already read (a link to a folder read before)"))
+                    continue
+                walked.add(path.resolve())
                 try:
                     pending.extend(sorted(path.iterdir()))
                 except OSError as exc:

@@ -1280,7 +1280,12 @@ def _dataset_images(folder: Path) -> list[Path]:
     from ..data.images import is_image_path
 
     found: list[Path] = []
+    walked: set[Path] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        if Path(root).resolve() in walked:  # a link back to a folder read before (SimpleTuner's seen_directories)
+            dirs.clear()
+            continue
+        walked.add(Path(root).resolve())
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / name for name in files if not name.startswith(".") and is_image_path(name)]
     return sorted(found)

@@ -181,6 +181,9 @@ def test_a_config_beside_the_file_that_cannot_be_used_is_named(tmp_path):
         ModelFormatError, match=r"model\.yaml: the model config beside model\.safetensors cannot be read"
     ):
         _beside(tmp_path, "model: [unclosed\n")
+    # a denoiser_config whose params are not a mapping is named too (it raised AttributeError)
+    with pytest.raises(ModelFormatError, match=r"model\.yaml: denoiser scaling None"):
+        _beside(tmp_path, "model:\n  params:\n    denoiser_config:\n      params: [1, 2]\n", keys=XL)
 
 
 def test_a_loaded_sd2_file_trains_as_its_config_says(tiny_files, tmp_path, sd_cli):

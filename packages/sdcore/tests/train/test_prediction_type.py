@@ -186,3 +186,20 @@ def test_a_resume_that_would_train_another_prediction_type_warns(tmp_path, capsy
     capsys.readouterr()
     train(ConvOutMethod(replace(v, resume="latest", max_steps=2, prediction_type="v_prediction", progress=True)))
     assert "resuming with changed" not in capsys.readouterr().err
+
+
+def test_an_unusable_a1111_config_beside_the_file_gives_way_to_the_option(tmp_path):
+    """An EDM model.yaml beside a single file refuses auto (sdcore cannot tell its type), but --prediction-type
+    loads the file without reading it: the pre-flight reads the layout the same way, not refusing the run."""
+    path = _single_file(tmp_path, "epsilon")
+    path.with_suffix(".yaml").write_text(
+        "model:\n  params:\n    denoiser_config:\n      params:\n        scaling_config:\n"
+        "          target: sgm.modules.diffusionmodules.denoiser_scaling.EDMScaling\n"
+    )
+    auto = contract_options(ConvOutMethod, tmp_path, {"model": str(path)})
+    assert any("EDMScaling" in p for p in run_preflight(ConvOutMethod(auto), auto, plan=False).problems)
+    o = contract_options(ConvOutMethod, tmp_path, {"model": str(path), "prediction_type": "v_prediction"})
+    report = run_preflight(ConvOutMethod(o), o, plan=False)
+    assert not report.problems, report.problems
+    assert (report.layout.prediction_type, report.layout.prediction_source) == ("v_prediction", "user")
+    assert load_model(path, prediction_type="v_prediction").prediction_type == "v_prediction"

@@ -103,7 +103,9 @@ def sidecar_prediction(path: str | Path) -> tuple[str, str] | None:
     source = config.name
     denoiser = params.get("denoiser_config")
     if isinstance(denoiser, dict):
-        scaling = ((denoiser.get("params") or {}).get("scaling_config") or {}).get("target")
+        inner = denoiser.get("params")
+        scaling_config = inner.get("scaling_config") if isinstance(inner, dict) else None
+        scaling = scaling_config.get("target") if isinstance(scaling_config, dict) else None
         name = str(scaling or "").rsplit(".", 1)[-1]
         if name in _SGM_SCALINGS:
             return _SGM_SCALINGS[name], source

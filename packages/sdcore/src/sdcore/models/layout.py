@@ -94,7 +94,9 @@ def _takes_parts(read: Any) -> bool:
     return any(param.kind is inspect.Parameter.VAR_KEYWORD for param in params)
 
 
-def _single_file_layout(path: Path, parts: dict[str, Any] | None = None) -> ModelLayout:
+def _single_file_layout(
+    path: Path, parts: dict[str, Any] | None = None, prediction_type: str | None = None
+) -> ModelLayout:
     from .detect import detect, detect_family
     from .family import family_adapter
     from .load import single_file_configs
@@ -112,8 +114,9 @@ def _single_file_layout(path: Path, parts: dict[str, Any] | None = None) -> Mode
                 raise LayoutUnavailableError(f"{path}: the {name} family cannot tell its layout without loading")
             return read(path, **parts) if parts and _takes_parts(read) else read(path)  # type: ignore[no-any-return]
         found = detect(
-            source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras
-        )
+            source.keys, source.shape, source.metadata, path=path, markers=source.markers, extras=source.extras,
+            prediction_type=prediction_type,
+        )  # fmt: skip
         configs = single_file_configs(source, found)
     finally:
         source.close()
@@ -182,10 +185,14 @@ def _family_folder_configs(folder: Path, index: dict[str, Any], family_name: str
     return configs
 
 
-def read_layout(path_or_hub_id: str | os.PathLike[str], parts: dict[str, Any] | None = None) -> ModelLayout:
+def read_layout(
+    path_or_hub_id: str | os.PathLike[str], parts: dict[str, Any] | None = None, *, prediction_type: str | None = None
+) -> ModelLayout:
     """The layout of a model source, reading headers and configs only; ``parts`` (``load_model``'s part
     keywords, e.g. ``{"t5xxl": "t5xxl_fp16.safetensors"}``) describe what a single file lacks (the family
-    adapter's ``read_layout(path, **parts)``).
+    adapter's ``read_layout(path, **parts)``). ``prediction_type`` is the user's choice for an SD single file,
+    as ``load_model`` takes it: what the file (or the A1111 config beside it) declares is then not read, so a
+    declaration sdcore refuses (an EDM ``model.yaml``) does not stop a run the loader would load.
 
     Raises :class:`~sdcore.errors.ModelFormatError` (or another :class:`~sdcore.errors.SdcoreError`)
     with the same one-line message ``load_model`` would give for a missing or unreadable model.
@@ -213,7 +220,7 @@ def read_layout(path_or_hub_id: str | os.PathLike[str], parts: dict[str, Any] | 
             raise ModelFormatError(f"{path}: folder is not a diffusers model (no model_index.json)")
         return _diffusers_layout(path, str(path), "diffusers")
     if path.is_file():
-        return _single_file_layout(path, parts)
+        return _single_file_layout(path, parts, prediction_type)
     if sniff_hub(text):
         return _diffusers_layout(cached_hub_folder(text), text, "hub")
     raise missing_model_error(text)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import element_bytes
-from ..errors import ConfigError, SdcoreError
+from ..errors import ConfigError, ModelFormatError, SdcoreError
 from .options import MIXED_PRECISION, SAVE_DTYPES, TrainOptions
 
 if TYPE_CHECKING:
@@ -997,7 +997,14 @@ def run_preflight(
             from ..models.parts import given_parts
 
             try:
-                report.layout = read_layout(o.model, given_parts(o))
+                try:
+                    report.layout = read_layout(o.model, given_parts(o))
+                except ModelFormatError:
+                    if o.prediction_type == "auto":
+                        raise
+                    # what the file declares cannot be used (an EDM model.yaml beside it), but the loader takes
+                    # --prediction-type instead: the layout is read as it will load
+                    report.layout = read_layout(o.model, given_parts(o), prediction_type=o.prediction_type)
             except LayoutUnavailableError as exc:
                 report.notes.append(f"memory plan unavailable: {exc}")
             except SdcoreError as exc:

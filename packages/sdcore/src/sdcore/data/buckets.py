@@ -49,6 +49,12 @@ def resolution_area(resolution: Resolution) -> int:
     return width * height
 
 
+def area_side(resolution: Resolution) -> int:
+    """The side of a square of the resolution's area, ``isqrt(w * h)``: what ``--resolution`` holds for kohya's
+    ``(w, h)`` (the memory plan's and the samples' size); a side is itself."""
+    return math.isqrt(resolution_area(resolution))
+
+
 def kohya_bucket_sides(min_reso: int, max_reso: int, step: int) -> tuple[int, int]:
     """``(min_bucket_reso, max_bucket_reso)`` on the bucket step as kohya's ``adjust_min_max_bucket_reso_by_steps``
     puts them (with a warning, where sdcore prints a note): the smallest side rounds down, the largest up."""

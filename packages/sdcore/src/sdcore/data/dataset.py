@@ -23,6 +23,7 @@ from .buckets import (
     BucketAssignment,
     ImageTooSmallError,
     Resolution,
+    area_side,
     assign_bucket,
     make_buckets,
     resolution_pair,
@@ -381,7 +382,7 @@ def _size_of_side(size: Any, side: int) -> tuple[int, int] | None:
     if size is None:
         return None
     width, height = (int(v) for v in size)
-    return (width, height) if side == math.isqrt(width * height) else None
+    return (width, height) if side == area_side((width, height)) else None
 
 
 def _face_range_or_none(value: Any) -> tuple[float, float] | None:
@@ -595,7 +596,7 @@ def _resolution(value: Any, where: str, path: Path) -> tuple[int, tuple[int, int
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         width, height = value
-        return (width, None) if width == height else (math.isqrt(width * height), (width, height))
+        return (width, None) if width == height else (area_side((width, height)), (width, height))
     raise DataError(f"{path}: {where}: 'resolution' must be a positive integer or [width, height], got {value!r}")
 
 

@@ -26,7 +26,6 @@ work unchanged: every kohya name is translated to sdcore's option here, once.
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -63,7 +62,9 @@ def resolution_value(value: Any) -> int | tuple[int, int]:
 def resolution_side(value: Any) -> int:
     """kohya: ``512``, ``"512"``, ``"512,768"`` or ``[512, 768]`` -> the side of the same area (0 stays 0)."""
     read = resolution_value(value)
-    return read if isinstance(read, int) else math.isqrt(read[0] * read[1])
+    from ..data.buckets import area_side
+
+    return area_side(read)
 
 
 def split_resolution(resolution: Any, size: Any) -> tuple[int, tuple[int, int] | None]:
@@ -71,13 +72,15 @@ def split_resolution(resolution: Any, size: Any) -> tuple[int, tuple[int, int] |
     ``[W, H]``) and a ``resolution_size`` given beside it (a dumped config's ``[W, H]``, else ``None``): a pair
     becomes its side ``isqrt(W*H)`` and the pair; a plain side keeps a given size only where it is that size's
     side. Raises ``ValueError`` for what is not a resolution."""
+    from ..data.buckets import area_side
+
     read = resolution_value(resolution)
     if not isinstance(read, int):
-        return math.isqrt(read[0] * read[1]), read
+        return area_side(read), read
     if size is None:
         return read, None
     given = resolution_value(size)
-    if isinstance(given, int) or math.isqrt(given[0] * given[1]) != read:
+    if isinstance(given, int) or area_side(given) != read:
         return read, None
     return read, given
 

@@ -274,6 +274,20 @@ def test_an_a1111_vae_beside_the_file_is_named_by_the_preflight(tiny_files, tmp_
     assert sidecar_vae_notes(TrainOptions(vae=str(tmp_path / "model.vae.pt")), layout) == []
 
 
+def test_the_a1111_vae_rule_holds_for_sd_single_files_without_a_vae_only(tmp_path):
+    """One rule for the three notes: an SD1/SD2/SDXL single file, no --vae; folders and FLUX.1 files never."""
+    from sdcore.models.detect import unused_a1111_vae
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    (tmp_path / "model.vae.ckpt").write_bytes(b"")
+    assert unused_a1111_vae(path, "single-file", "sdxl", vae_given=False) == tmp_path / "model.vae.ckpt"
+    assert unused_a1111_vae(path, "single-file", "sdxl", vae_given=True) is None
+    assert unused_a1111_vae(path, "single-file", "flux", vae_given=False) is None
+    assert unused_a1111_vae(path, "diffusers", "sd1", vae_given=False) is None
+    assert unused_a1111_vae(None, "single-file", "sd1", vae_given=False) is None
+
+
 def test_generate_names_an_a1111_vae_beside_the_model(tiny_files, tmp_path, sd_cli):
     path = tmp_path / "model.safetensors"
     path.write_bytes(tiny_files["sd1"].read_bytes())

@@ -570,7 +570,7 @@ def _ignored_option_warnings(params: dict[str, Any], adapter: Any, bundle: Any, 
     guidance embedding; Forge prints that it is ignored) and a clip skip on FLUX.1 and Chroma (the adapter's
     ``clip_skip_ignored``: no CLIP hidden states reach the transformer). The PNG still says them, as Forge's.
     Also a note where an A1111 VAE sits beside an SD file and no ``--vae`` is given (A1111 would decode with it)."""
-    from ..models.detect import FAMILY_MARKERS, sidecar_vae
+    from ..models.detect import unused_a1111_vae
     from ..models.flux.variants import embeds_guidance
 
     given = _given(params)
@@ -582,13 +582,12 @@ def _ignored_option_warnings(params: dict[str, Any], adapter: Any, bundle: Any, 
                 f"warning: {' and '.join(typed)} set the distilled guidance, which FLUX.1 schnell has not "
                 "(no guidance embedding): ignored, as Forge ignores it; --true-cfg-scale is its CFG"
             )
-    if not params.get("vae") and bundle.source_format == "single-file" and bundle.family in FAMILY_MARKERS:
-        beside = sidecar_vae(bundle.source) if bundle.source else None
-        if beside is not None:  # A1111's Automatic VAE ("found near the checkpoint"); sdcore decodes with the model's
-            warnings.append(
-                f"note: {beside.name} is beside the model: A1111 (its Automatic VAE) decodes with it; sdcore uses the "
-                f"model's own VAE: give --vae {beside} for A1111's images"
-            )
+    beside = unused_a1111_vae(bundle.source, bundle.source_format, bundle.family, bool(params.get("vae")))
+    if beside is not None:  # A1111's Automatic VAE ("found near the checkpoint"); sdcore decodes with the model's
+        warnings.append(
+            f"note: {beside.name} is beside the model: A1111 (its Automatic VAE) decodes with it; sdcore uses the "
+            f"model's own VAE: give --vae {beside} for A1111's images"
+        )
     if params["clip_skip"] > 1 and getattr(adapter, "clip_skip_ignored", False):
         warnings.append(
             f"warning: --clip-skip {params['clip_skip']} changes nothing on {bundle.family_spec.label} models "

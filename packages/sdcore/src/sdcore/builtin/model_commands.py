@@ -76,10 +76,9 @@ def info_command(path: str, prediction_type: str | None, config: str | None, no_
     if variant:
         click.echo(f"variant:         {variant}")
     click.echo(f"prediction type: {bundle.prediction_type}{_prediction_source(path, prediction_type, bundle)}")
-    from ..models.detect import FAMILY_MARKERS, sidecar_vae
+    from ..models.detect import unused_a1111_vae
 
-    single_sd = bundle.source_format == "single-file" and bundle.family in FAMILY_MARKERS
-    beside = sidecar_vae(path) if single_sd and not parts.get("vae") else None
+    beside = unused_a1111_vae(path, bundle.source_format, bundle.family, bool(parts.get("vae")))
     if beside is not None:
         click.echo(f"VAE beside it:   {beside.name} (A1111 uses it; sdcore only with --vae)")
     click.echo("components:")

@@ -71,6 +71,16 @@ def sidecar_vae(path: str | Path) -> Path | None:
     return next((candidate for candidate in found if candidate.is_file()), None)
 
 
+def unused_a1111_vae(source: str | Path | None, source_format: str | None, family: str, vae_given: bool) -> Path | None:
+    """The A1111 VAE (:func:`sidecar_vae`) beside an SD1/SD2/SDXL single file that sdcore will not use because
+    no ``--vae`` names it: the one rule behind the notes of the pre-flight, ``sdcore generate`` and
+    ``sdcore model info`` (each says it in its own words). Folders and the transformer families have no such
+    file in A1111; ``None`` where there is nothing to say."""
+    if vae_given or not source or source_format != "single-file" or family not in FAMILY_MARKERS:
+        return None
+    return sidecar_vae(source)
+
+
 #: the SGM (SDXL) denoiser scalings: A1111 treats ``VScaling`` and its subclasses as v-prediction
 _SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v_prediction", "VScalingWithEDMcNoise": "v_prediction"}
 

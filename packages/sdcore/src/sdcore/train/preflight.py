@@ -477,11 +477,9 @@ def guidance_bypass_problems(options: TrainOptions, layout: ModelLayout) -> list
 def sidecar_vae_notes(options: TrainOptions, layout: Any) -> list[str]:
     """A VAE that A1111 would load with this SD1/SD2/SDXL file (``<name>.vae.safetensors`` beside it) where
     no ``--vae`` is given: sdcore trains with the file's own VAE, as kohya does, and says how to match A1111."""
-    from ..models.detect import FAMILY_MARKERS, sidecar_vae
+    from ..models.detect import unused_a1111_vae
 
-    if options.vae or layout.source_format != "single-file" or layout.family not in FAMILY_MARKERS:
-        return []
-    found = sidecar_vae(layout.source)
+    found = unused_a1111_vae(layout.source, layout.source_format, layout.family, bool(options.vae))
     if found is None:
         return []
     return [

@@ -647,8 +647,9 @@ def _kontext(r: _Reader, out: JobTranslation) -> None:
         )
     elif sampling == "combined":
         out.notes.append(
-            f"{r.where}.conditioning_multidataset_sampling combined: with the one conditioning dataset per training "
-            "dataset sdcore reads, combined and random pair each image with the same reference"
+            f"{r.where}.conditioning_multidataset_sampling combined: sdcore reads one reference (and one mask) dataset "
+            "per training dataset and gives each image both; with one conditioning dataset, combined and random are "
+            "the same"
         )
     if _is_kontext(r.data) and (r.given("validation_prompt") or r.given("user_prompt_library")):
         out.notes.append(

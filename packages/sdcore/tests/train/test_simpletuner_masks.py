@@ -339,3 +339,53 @@ def test_a_reference_dataset_on_a_run_that_is_not_kontext_stays_refused(tmp_path
     _rewrite(tmp_path, backends)
     with pytest.raises(ConfigError, match=r"sdcore reads reference conditioning datasets as FLUX\.1 Kontext's"):
         _lora(path)
+
+
+def _nest(images: Path, name: str = "001.png") -> Path:
+    """Move one training image (and its caption) into a sub-folder ``sub`` of its dataset."""
+    sub = images / "sub"
+    sub.mkdir()
+    (images / name).rename(sub / name)
+    caption = (images / name).with_suffix(".txt")
+    if caption.is_file():
+        caption.rename((sub / name).with_suffix(".txt"))
+    return sub / name
+
+
+def test_an_image_in_a_sub_folder_pairs_with_the_mask_of_its_name_at_the_mask_folders_top(tmp_path):
+    """sampler.py get_conditioning_sample: the image's path after instance_data_dir ("/sub/001.png") reads as
+    absolute, so only its file name is joined to the mask folder: masks/001.png, as sdcore's stem search."""
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.train.data import mask_image_path
+
+    path, images, masks = _run(tmp_path)
+    nested = _nest(images)
+    entry = next(e for e in scan_dataset(_lora(path)).entries if e.path == nested)
+    assert mask_image_path(entry) == masks / "001.png"
+    result = _cli("--config", str(path), "--dry-run")
+    assert result.exit_code == 0, result.output
+
+
+def test_an_instance_data_dir_ending_in_a_slash_pairs_sub_folders_by_their_path(tmp_path):
+    """With instance_data_dir ".../images/" the path after it ("sub/001.png") is relative: SimpleTuner reads
+    masks/sub/001.png, which sdcore's search at the folder's top does not find: a problem naming the file, not
+    the pre-flight's "without a mask"."""
+    path, images, masks = _run(tmp_path)
+    _nest(images)
+    (masks / "sub").mkdir()
+    (masks / "001.png").rename(masks / "sub" / "001.png")
+    backends = _backends(tmp_path)
+    backends[0]["instance_data_dir"] = str(images) + "/"
+    _rewrite(tmp_path, backends)
+    with pytest.raises(ConfigError, match=r"SimpleTuner reads .*sub/001\.png for sub/001\.png"):
+        _lora(path)
+
+
+def test_a_mask_of_an_extension_sdcores_mask_search_skips_is_named(tmp_path):
+    """SimpleTuner reads a training image's mask under the image's own file name, a .tif too; sdcore's mask search
+    (kohya's extensions) does not read .tif: the problem names the file instead of calling it missing."""
+    path, images, masks = _run(tmp_path)
+    Image.open(images / "000.png").save(images / "005.tif")
+    Image.open(masks / "000.png").save(masks / "005.tif")
+    with pytest.raises(ConfigError, match=r"SimpleTuner reads .*005\.tif for 005\.tif"):
+        _lora(path)

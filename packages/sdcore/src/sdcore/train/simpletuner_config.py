@@ -1406,7 +1406,8 @@ def _conditioning_folders(
     SimpleTuner's pairing (multiaspect/sampler.py ``connect_conditioning_samples`` / ``get_conditioning_sample``):
     the training image's path after its ``instance_data_dir`` starts with "/", so it reads as absolute and only its
     base name is joined to the conditioning dataset's folder: the same file name, extension included, at the
-    folder's top (sdcore reads a SimpleTuner dataset's top folder only); a missing pair stops the step (collate.py:
+    folder's top, for an image in a sub-folder too (unless ``instance_data_dir`` ends in "/":
+    :func:`_simpletuner_pair`); a missing pair stops the step (collate.py:
     "Each conditioning backend must supply one sample per training example"). sdcore pairs by file stem
     (:mod:`sdcore.train.kontext_data`, :func:`sdcore.train.data.mask_image_path`), so names that would pair
     differently are problems (:func:`_pairing_problems`) and a missing pair is the pre-flight's.
@@ -1502,8 +1503,7 @@ def _reference_folder(
     folder = _conditioning_dir(backend, cw, cond, problems)
     if folder is None:
         return None
-    images = Path(str(backend.get("instance_data_dir", ""))).expanduser()
-    problems.extend(_pairing_problems(images, folder, cw, kind))
+    problems.extend(_pairing_problems(str(backend.get("instance_data_dir", "")), folder, cw, kind))
     return folder
 
 
@@ -1526,12 +1526,24 @@ def _mask_folder(
     folder = _conditioning_dir(backend, cw, cond, problems)
     if folder is None:
         return None
-    images = Path(str(backend.get("instance_data_dir", ""))).expanduser()
-    problems.extend(_pairing_problems(images, folder, cw, "mask"))
+    problems.extend(_pairing_problems(str(backend.get("instance_data_dir", "")), folder, cw, "mask"))
     return folder
 
 
-def _pairing_problems(images: Path, folder: Path, w: str, kind: str | None) -> list[str]:
+def _simpletuner_pair(image: Path, given: str, folder: Path) -> Path:
+    """The conditioning file SimpleTuner reads for ``image`` of a dataset whose ``instance_data_dir`` is
+    ``given`` (multiaspect/sampler.py): the image's absolute path (``list_files``) split at ``given``, the last
+    piece kept; absolute ("/sub/cat.png", the usual case) joins only the file name onto the conditioning folder,
+    relative ("sub/cat.png": ``given`` ends in "/") the whole piece, so sub-folders pair by their path there."""
+    listed = os.path.join(os.path.abspath(image.parent), image.name)
+    rest = listed.split(given)[-1] if given else listed
+    if os.path.isabs(rest):
+        inside = os.path.abspath(folder)
+        return Path(rest) if rest.startswith(inside) else folder / os.path.basename(rest)
+    return folder / rest.lstrip("/")
+
+
+def _pairing_problems(given: str, folder: Path, w: str, kind: str | None) -> list[str]:
     """Training images SimpleTuner and sdcore would pair differently: a reference of the same file name that
     sdcore's stem search passes over (another extension sorts first), or only one of another extension (sdcore
     pairs it, SimpleTuner finds none). Unless ``kind`` is ``reference_strict`` (the training image's bucket and
@@ -1543,19 +1555,23 @@ def _pairing_problems(images: Path, folder: Path, w: str, kind: str | None) -> l
     from .data import MASK_EXTENSIONS
     from .kontext_data import CONTROL_EXTENSIONS
 
+    images = Path(given).expanduser()
     if not images.is_dir() or not folder.is_dir():
         return []  # the scan and the pre-flight report them
     other: list[str] = []
+    unread: list[str] = []
     shapes: list[str] = []
     extensions = MASK_EXTENSIONS if kind == "mask" else CONTROL_EXTENSIONS
     for image in _dataset_images(images):
-        same = folder / image.name  # SimpleTuner joins the file name alone onto the conditioning folder
+        same = _simpletuner_pair(image, os.path.expanduser(given), folder)
         candidates = sorted({str(folder / f"{image.stem}{ext}") for ext in extensions})
         pick = next((Path(c) for c in candidates if Path(c).is_file()), None)
         if pick is None:
+            if same.is_file():  # a sub-folder's path, or an extension sdcore's search does not spell
+                unread.append(f"{same} for {image.relative_to(images).as_posix()}")
             continue
-        if not same.is_file() or pick.name != same.name:
-            other.append(f"{image.name} -> {pick.name}")
+        if not same.is_file() or os.path.abspath(pick) != os.path.abspath(same):
+            other.append(f"{image.relative_to(images).as_posix()} -> {pick.name}")
             continue
         if kind in ("reference_strict", "mask"):
             continue
@@ -1568,10 +1584,18 @@ def _pairing_problems(images: Path, folder: Path, w: str, kind: str | None) -> l
     problems = []
     if other:
         problems.append(
-            f"{w}: SimpleTuner pairs a training image with the file of the same name and extension; sdcore "
+            f"{w}: SimpleTuner pairs a training image with the file of the same name and extension (a sub-folder's "
+            "path too when instance_data_dir ends in '/'); sdcore "
             f"pairs by file stem and would take another file: {', '.join(other[:5])}"
             + (f" and {len(other) - 5} more" if len(other) > 5 else "")
             + " (rename them to the training images' names)"
+        )
+    if unread:
+        problems.append(
+            f"{w}: SimpleTuner reads {', '.join(unread[:5])}"
+            + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+            + f"; sdcore looks for the file stem at the folder's top with the extensions {' '.join(extensions)} "
+            "(give each image its conditioning file of the same name there, in one of those formats)"
         )
     if shapes:
         problems.append(

@@ -169,7 +169,7 @@ def test_reference_loose_is_noted_and_refused_for_references_of_another_aspect_r
     [
         ({"controlnet": True}, "controlnet = True: SimpleTuner trains a ControlNet"),
         ({"control": True}, "control = True: SimpleTuner's channel-wise control training"),
-        ({"model_flavour": "dev"}, "sdcore reads conditioning datasets as FLUX.1 Kontext's reference images"),
+        ({"model_flavour": "dev"}, "sdcore reads reference conditioning datasets as FLUX.1 Kontext's reference"),
     ],
 )
 def test_controlnet_control_and_a_non_kontext_run_stay_refused(tmp_path, change, expected):
@@ -186,7 +186,7 @@ def test_controlnet_control_and_a_non_kontext_run_stay_refused(tmp_path, change,
          "several conditioning datasets"),
         (lambda b: b[0].update(conditioning_data="embeds"), "conditioning_data 'embeds': no enabled dataset of that id"),
         (lambda b: b[1].update(type="huggingface", dataset_name="x/y"), "type 'huggingface': sdcore reads local"),
-        (lambda b: b[1].update(conditioning_type="mask"), "conditioning_type 'mask': sdcore reads conditioning datasets"),
+        (lambda b: b[1].update(conditioning_type="mask"), "model_flavour kontext with a loss mask and no reference"),
         (lambda b: b[1].update(source_dataset_id="other"), "source_dataset_id 'other', but conditioning_data of"),
         (lambda b: b[0].pop("conditioning_data"), "model_flavour kontext trains on pairs: SimpleTuner needs a"),
     ],
@@ -255,7 +255,7 @@ def test_a_kontext_training_dataset_without_conditioning_data_beside_one_with_is
     with pytest.raises(ConfigError) as caught:
         _lora(path)
     text = str(caught.value)
-    assert "(edited2): no conditioning_data while" in text and "(edited) names one" in text, text
+    assert "(edited2): no reference in conditioning_data while" in text and "(edited) names one" in text, text
     assert "SimpleTuner needs a conditioning dataset" not in text
 
 

@@ -120,6 +120,9 @@ class SubsetOptions:
     alpha_mask: bool = False
     #: ``--masked-loss``: a same-named mask image here weights the loss by its R channel
     conditioning_data_dir: Path | None = None
+    #: mask images in ``conditioning_data_dir`` that pair with no training image are left alone (SimpleTuner's
+    #: mask datasets look up each image's mask and never read the rest) instead of refused (kohya's check)
+    mask_extras_allowed: bool = False
     #: FLUX.1 Kontext: each image's control (reference) image, the file of the same stem in this folder
     #: (musubi-tuner's ``control_directory``, ai-toolkit's ``control_path``; :mod:`sdcore.train.kontext_data`)
     control_dir: Path | None = None

@@ -826,7 +826,12 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
             f"asserts): {_listed(mismatched)}"
         )
     extra: list[str] = []
-    folders = {s.conditioning_data_dir for s in with_dir if s.conditioning_data_dir is not None}
+    # a folder a kohya subset reads keeps kohya's check; SimpleTuner's mask datasets never read their extra files
+    folders = {
+        s.conditioning_data_dir
+        for s in with_dir
+        if s.conditioning_data_dir is not None and not getattr(s, "mask_extras_allowed", False)
+    }
     for folder in sorted(f for f in folders if f.is_dir()):
         for child in sorted(folder.iterdir()):
             if child.is_file() and is_image_path(child) and os.path.splitext(os.path.abspath(child))[0] not in used:

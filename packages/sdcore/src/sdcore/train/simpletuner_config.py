@@ -19,8 +19,9 @@ Flux guidance 1.0, a shift of 3 on flow-matching models), not sdcore's: a defaul
 is a problem like any other value. An option is translated, accepted with a note (no effect on what is
 learned: trackers, the hub, caches, compilation, devices), accepted at SimpleTuner's default and refused by
 name otherwise, or unknown (with the nearest SimpleTuner name). All problems are reported at once.
-A FLUX.1 Kontext run's (``model_flavour kontext``) conditioning dataset, named by a training dataset's
-``conditioning_data``, is that subset's control folder (:func:`_conditioning_folder`).
+A FLUX.1 Kontext run's (``model_flavour kontext``) reference dataset, named by a training dataset's
+``conditioning_data``, is that subset's control folder; a mask dataset (``conditioning_type mask``, any family) its
+``conditioning_data_dir`` with ``--masked-loss`` (:func:`_conditioning_folders`).
 SimpleTuner is AGPL-3.0: only facts (names, defaults, meanings) are taken from it here.
 """
 
@@ -229,7 +230,7 @@ NOTED = {"report_to", "logging_dir", "resume_from_checkpoint", "checkpoint_epoch
          "fuse_optimizer", "optimizer_release_gradients", "data_aesthetic_score", "lora_format"}  # fmt: skip
 #: options :func:`translate_config` (or the dataset and sample readers) turn into sdcore settings
 HANDLED = {"model_family", "model_type", "model_flavour", "pretrained_model_name_or_path", "output_dir",
-           "conditioning_multidataset_sampling",
+           "conditioning_multidataset_sampling", "masked_loss_probability",
            "data_backend_config", "seed", "max_train_steps", "num_train_epochs", "train_batch_size", "learning_rate",
            "lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "lr_end", "optimizer", "adam_beta1",
            "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "grad_clip_method",
@@ -624,6 +625,7 @@ def translate_config(
             out.problems.append(problem)
         out.notes.extend(_crop_notes(Path(backend).expanduser(), f"{where}.data_backend_config", data))
         out.notes.extend(_conditioning_notes(Path(backend).expanduser(), f"{where}.data_backend_config", data))
+    _masked_loss(r, Path(backend).expanduser() if backend else None, out)
     drop_foreign_options(v, fields, f"{where}: not options of this training method", out.problems)
     return out
 
@@ -645,14 +647,43 @@ def _kontext(r: _Reader, out: JobTranslation) -> None:
         )
     elif sampling == "combined":
         out.notes.append(
-            f"{r.where}.conditioning_multidataset_sampling combined: with the one conditioning dataset per training "
-            "dataset sdcore reads, combined and random pair each image with the same reference"
+            f"{r.where}.conditioning_multidataset_sampling combined: sdcore reads one reference (and one mask) dataset "
+            "per training dataset and gives each image both; with one conditioning dataset, combined and random are "
+            "the same"
         )
     if _is_kontext(r.data) and (r.given("validation_prompt") or r.given("user_prompt_library")):
         out.notes.append(
             f"{r.where}: model_flavour kontext: SimpleTuner's validation edits the paired reference images of its "
             "datasets; sdcore's samples from validation_prompt have none and render text-to-image (a sample prompt "
             "file line's --ctrl_img PATH gives one)"
+        )
+
+
+def _masked_loss(r: _Reader, backend: Path | None, out: JobTranslation) -> None:
+    """``--masked-loss`` when a training dataset names a ``conditioning_type mask`` dataset (its subset's
+    ``conditioning_data_dir``: :func:`_conditioning_folders`); the other subsets have no mask, so their loss is
+    unweighted, as SimpleTuner's batches without one. ``masked_loss_probability`` is drawn for segmentation
+    masks only (models/common.py ``loss``): a mask weighs every step."""
+    masks = False
+    if backend is not None:
+        try:
+            backends = _backends(backend, f"{r.where}.data_backend_config")
+        except ConfigError:
+            backends = []  # reported by the data backend's reading
+        conditioning = _conditioning_backends(backends, backend, "")
+        masks = any(
+            conditioning.get(str(i), ("", {}))[1].get("conditioning_type") == "mask"
+            for b in backends
+            if isinstance(b, dict) and not _disabled(b) and not _is_conditioning(b)
+            for i in _conditioning_ids(b)
+        )
+    if masks:
+        out.values["masked_loss"] = True
+    probability = r.number("masked_loss_probability")
+    if probability is not None and probability != DEFAULTS["masked_loss_probability"]:
+        out.notes.append(
+            f"{r.where}.masked_loss_probability {probability}: SimpleTuner draws it for segmentation masks only; "
+            "mask datasets (conditioning_type mask) weigh every step's loss: no effect here"
         )
 
 
@@ -1357,64 +1388,82 @@ def _conditioning_ids(backend: dict[str, Any]) -> list[Any]:
 #: the conditioning types whose images are reference images (DATALOADER.md conditioning_type); ``None``: a
 #: ``dataset_type conditioning`` without one, and ``controlnet``: both scanned and cropped on their own, as loose
 REFERENCE_TYPES = ("reference_strict", "reference_loose", "controlnet", None)
+#: the conditioning types whose images weigh the loss, not the model's input (collate.py MASK_CONDITIONING_TYPES)
+MASK_TYPES = ("mask", "segmentation")
 
 
-def _conditioning_folder(
+def _conditioning_folders(
     backend: dict[str, Any],
     w: str,
     conditioning: dict[str, tuple[str, dict[str, Any]]],
     top: dict[str, Any],
     problems: list[str],
-) -> Path | None:
+) -> tuple[Path | None, Path | None]:
     """A training dataset's ``conditioning_data`` as its subset's control folder (FLUX.1 Kontext's reference
-    images), or None with the reasons in ``problems``. SimpleTuner's pairing (multiaspect/sampler.py
-    ``connect_conditioning_samples`` / ``get_conditioning_sample``): the training image's path after its
-    ``instance_data_dir`` starts with "/", so it reads as absolute and only its base name is joined to the
-    conditioning dataset's folder: the same file name, extension included, at the folder's top (sdcore reads
-    a SimpleTuner dataset's top folder only); a missing pair stops the step (collate.py:
-    "Each conditioning backend must supply one sample per training example"). sdcore pairs by file stem with any
-    image extension (:mod:`sdcore.train.kontext_data`), so names that would pair differently are problems
-    (:func:`_pairing_problems`) and a missing pair is the pre-flight's (as any control folder's)."""
+    images) and its mask folder (``conditioning_type mask``: sdcore's ``conditioning_data_dir`` with
+    ``--masked-loss``), each None when not named or refused (the reasons in ``problems``).
+
+    SimpleTuner's pairing (multiaspect/sampler.py ``connect_conditioning_samples`` / ``get_conditioning_sample``):
+    the training image's path after its ``instance_data_dir`` starts with "/", so it reads as absolute and only its
+    base name is joined to the conditioning dataset's folder: the same file name, extension included, at the
+    folder's top, for an image in a sub-folder too (unless ``instance_data_dir`` ends in "/":
+    :func:`_simpletuner_pair`); a missing pair stops the step (collate.py:
+    "Each conditioning backend must supply one sample per training example"). sdcore pairs by file stem
+    (:mod:`sdcore.train.kontext_data`, :func:`sdcore.train.data.mask_image_path`), so names that would pair
+    differently are problems (:func:`_pairing_problems`) and a missing pair is the pre-flight's.
+
+    A mask dataset (collate.py: its pixels are ``prepare_like`` the training image, so the same crop and size;
+    models/common.py ``loss``: the red channel in [-1, 1], area-interpolated to the latent size, ``/ 2 + 0.5``,
+    times the loss, the plain mean) is what sdcore's mask images do with its defaults, in every model family and
+    beside a Kontext reference (collate.py keeps references for the model's input and masks for the loss)."""
     ids = _conditioning_ids(backend)
     if not ids:
-        return None
+        return None, None
     given = backend.get("conditioning_data")
-    if len(ids) > 1:
+    found: list[tuple[str, str, dict[str, Any]]] = []
+    for ref in (str(i) for i in ids):
+        if ref not in conditioning:
+            problems.append(
+                f"{w}: conditioning_data {ref!r}: no enabled dataset of that id with dataset_type conditioning (or a "
+                'conditioning_type); SimpleTuner stops: "Conditioning data backend ... not found"'
+            )
+            continue
+        found.append((ref, *conditioning[ref]))
+    masks = [f for f in found if f[2].get("conditioning_type") in MASK_TYPES]
+    references = [f for f in found if f[2].get("conditioning_type") not in MASK_TYPES]
+    if len(references) > 1:
         problems.append(
             f"{w}: conditioning_data {given!r}: several conditioning datasets (SimpleTuner's "
             "conditioning_multidataset_sampling: random takes one per image and epoch, combined gives them all as "
             "references); sdcore trains FLUX.1 Kontext with one reference image per sample: name one"
         )
-        return None
-    ref = str(ids[0])
-    if ref not in conditioning:
+        return None, None
+    if len(masks) > 1:
         problems.append(
-            f"{w}: conditioning_data {ref!r}: no enabled dataset of that id with dataset_type conditioning (or a "
-            'conditioning_type); SimpleTuner stops: "Conditioning data backend ... not found"'
+            f"{w}: conditioning_data {given!r}: several mask datasets ({', '.join(m[0] for m in masks)}); sdcore "
+            "weighs each image's loss by one mask image: name one"
         )
-        return None
-    cw, cond = conditioning[ref]
-    if not (_bool(top.get("controlnet", False)) or _bool(top.get("control", False))) and not _is_kontext(top):
+        return None, None
+    sampling = str(top.get("conditioning_multidataset_sampling", DEFAULTS["conditioning_multidataset_sampling"]))
+    if masks and references and sampling.strip().lower() != "combined":
         problems.append(
-            f"{w}: conditioning_data {ref!r}: sdcore reads conditioning datasets as FLUX.1 Kontext's reference "
-            f"images (model_family flux, model_flavour kontext); this run is model_family "
-            f"{top.get('model_family')!r}, model_flavour {top.get('model_flavour')!r}"
+            f"{w}: conditioning_data {given!r}: a reference and a mask dataset with conditioning_multidataset_sampling "
+            f"{sampling}: SimpleTuner then takes one of the two per image and epoch (the reference or the mask); "
+            "sdcore gives each image both: set conditioning_multidataset_sampling combined"
         )
-        return None
-    kind = cond.get("conditioning_type")
-    if kind not in REFERENCE_TYPES:
-        problems.append(
-            f"{cw}: conditioning_type {kind!r}: sdcore reads conditioning datasets of reference images "
-            "(reference_strict, reference_loose) as FLUX.1 Kontext's; SimpleTuner's mask/segmentation images are "
-            "loss or inpainting masks, not read from this config (sdcore's mask folder is --conditioning-data-dir "
-            "with --masked-loss)"
-        )
-        return None
+        return None, None
+    control = _reference_folder(backend, w, references[0][1:], top, problems) if references else None
+    mask = _mask_folder(backend, w, masks[0][1:], problems) if masks else None
+    return control, mask
+
+
+def _conditioning_dir(backend: dict[str, Any], cw: str, cond: dict[str, Any], problems: list[str]) -> Path | None:
+    """A conditioning dataset's folder: its keys known, ``source_dataset_id`` its training dataset's, local."""
     source = cond.get("source_dataset_id")
     if source not in (None, "") and str(source) != str(backend.get("id")):
         problems.append(
             f"{cw}: source_dataset_id {source!r}, but conditioning_data of {backend.get('id')!r} names it: sdcore "
-            "fits each reference image to the training image it pairs with (give the same id, or leave it out)"
+            "fits each conditioning image to the training image it pairs with (give the same id, or leave it out)"
         )
     storage = str(cond.get("type", "local")).lower()
     known = BACKEND_HANDLED | BACKEND_NOTED | BACKEND_REFUSED
@@ -1427,36 +1476,104 @@ def _conditioning_folder(
     if not cond.get("instance_data_dir"):
         problems.append(f"{cw}: instance_data_dir is needed")
         return None
-    folder = Path(str(cond["instance_data_dir"])).expanduser()
-    images = Path(str(backend.get("instance_data_dir", ""))).expanduser()
-    problems.extend(_pairing_problems(images, folder, cw, kind))
+    return Path(str(cond["instance_data_dir"])).expanduser()
+
+
+def _reference_folder(
+    backend: dict[str, Any], w: str, named: tuple[str, dict[str, Any]], top: dict[str, Any], problems: list[str]
+) -> Path | None:
+    """A reference dataset as the training subset's control folder (FLUX.1 Kontext runs only)."""
+    cw, cond = named
+    ref = cond.get("id")
+    if not (_bool(top.get("controlnet", False)) or _bool(top.get("control", False))) and not _is_kontext(top):
+        problems.append(
+            f"{w}: conditioning_data {ref!r}: sdcore reads reference conditioning datasets as FLUX.1 Kontext's "
+            f"reference images (model_family flux, model_flavour kontext); this run is model_family "
+            f"{top.get('model_family')!r}, model_flavour {top.get('model_flavour')!r} (a loss mask is a dataset "
+            "with conditioning_type mask)"
+        )
+        return None
+    kind = cond.get("conditioning_type")
+    if kind not in REFERENCE_TYPES:
+        problems.append(
+            f"{cw}: conditioning_type {kind!r}: SimpleTuner's are reference_strict, reference_loose (FLUX.1 Kontext's "
+            "reference images here), mask, segmentation and controlnet"
+        )
+        return None
+    folder = _conditioning_dir(backend, cw, cond, problems)
+    if folder is None:
+        return None
+    problems.extend(_pairing_problems(str(backend.get("instance_data_dir", "")), folder, cw, kind))
     return folder
 
 
-def _pairing_problems(images: Path, folder: Path, w: str, kind: str | None) -> list[str]:
+def _mask_folder(
+    backend: dict[str, Any], w: str, named: tuple[str, dict[str, Any]], problems: list[str]
+) -> Path | None:
+    """A ``conditioning_type mask`` dataset as the training subset's ``conditioning_data_dir``; ``segmentation``
+    is refused: SimpleTuner averages its three channels, sets every latent cell whose average is above black to 1
+    (``> 0`` after area interpolation and ``/ 2 + 0.5``) and applies it with probability
+    ``masked_loss_probability``, none of which sdcore's mask images can say."""
+    cw, cond = named
+    if cond.get("conditioning_type") == "segmentation":
+        problems.append(
+            f"{cw}: conditioning_type segmentation: SimpleTuner's segmentation mask is the mean of the three "
+            "channels, 1 wherever a latent cell is not black, applied with probability masked_loss_probability; "
+            "sdcore weighs the loss by a mask image's red channel as it is (SimpleTuner's conditioning_type mask): "
+            "give mask images (white: learned, black: not) with conditioning_type mask"
+        )
+        return None
+    folder = _conditioning_dir(backend, cw, cond, problems)
+    if folder is None:
+        return None
+    problems.extend(_pairing_problems(str(backend.get("instance_data_dir", "")), folder, cw, "mask"))
+    return folder
+
+
+def _simpletuner_pair(image: Path, given: str, folder: Path) -> Path:
+    """The conditioning file SimpleTuner reads for ``image`` of a dataset whose ``instance_data_dir`` is
+    ``given`` (multiaspect/sampler.py): the image's absolute path (``list_files``) split at ``given``, the last
+    piece kept; absolute ("/sub/cat.png", the usual case) joins only the file name onto the conditioning folder,
+    relative ("sub/cat.png": ``given`` ends in "/") the whole piece, so sub-folders pair by their path there."""
+    listed = os.path.join(os.path.abspath(image.parent), image.name)
+    rest = listed.split(given)[-1] if given else listed
+    if os.path.isabs(rest):
+        inside = os.path.abspath(folder)
+        return Path(rest) if rest.startswith(inside) else folder / os.path.basename(rest)
+    return folder / rest.lstrip("/")
+
+
+def _pairing_problems(given: str, folder: Path, w: str, kind: str | None) -> list[str]:
     """Training images SimpleTuner and sdcore would pair differently: a reference of the same file name that
     sdcore's stem search passes over (another extension sorts first), or only one of another extension (sdcore
     pairs it, SimpleTuner finds none). Unless ``kind`` is ``reference_strict`` (the training image's bucket and
     crop copied), SimpleTuner buckets and crops each reference on its own: sdcore fits it to its training image's
     crop, the same bucket when the two have one aspect ratio, so pairs whose aspect ratios differ are listed
-    too. Missing pairs are the pre-flight's."""
+    too. A ``mask`` follows its training image's crop in both (sdcore's stem search: kohya's mask extensions,
+    :data:`sdcore.train.data.MASK_EXTENSIONS`). Missing pairs are the pre-flight's."""
     from ..data.images import ImageError, probe_image
+    from .data import MASK_EXTENSIONS
     from .kontext_data import CONTROL_EXTENSIONS
 
+    images = Path(given).expanduser()
     if not images.is_dir() or not folder.is_dir():
         return []  # the scan and the pre-flight report them
     other: list[str] = []
+    unread: list[str] = []
     shapes: list[str] = []
+    extensions = MASK_EXTENSIONS if kind == "mask" else CONTROL_EXTENSIONS
     for image in _dataset_images(images):
-        same = folder / image.name  # SimpleTuner joins the file name alone onto the conditioning folder
-        candidates = sorted({str(folder / f"{image.stem}{ext}") for ext in CONTROL_EXTENSIONS})
+        same = _simpletuner_pair(image, os.path.expanduser(given), folder)
+        candidates = sorted({str(folder / f"{image.stem}{ext}") for ext in extensions})
         pick = next((Path(c) for c in candidates if Path(c).is_file()), None)
         if pick is None:
+            if same.is_file():  # a sub-folder's path, or an extension sdcore's search does not spell
+                unread.append(f"{same} for {image.relative_to(images).as_posix()}")
             continue
-        if not same.is_file() or pick.name != same.name:
-            other.append(f"{image.name} -> {pick.name}")
+        if not same.is_file() or os.path.abspath(pick) != os.path.abspath(same):
+            other.append(f"{image.relative_to(images).as_posix()} -> {pick.name}")
             continue
-        if kind == "reference_strict":
+        if kind in ("reference_strict", "mask"):
             continue
         try:
             (a, b), (c, d) = probe_image(image), probe_image(pick)
@@ -1467,10 +1584,18 @@ def _pairing_problems(images: Path, folder: Path, w: str, kind: str | None) -> l
     problems = []
     if other:
         problems.append(
-            f"{w}: SimpleTuner pairs a training image with the file of the same name and extension; sdcore "
+            f"{w}: SimpleTuner pairs a training image with the file of the same name and extension (a sub-folder's "
+            "path too when instance_data_dir ends in '/'); sdcore "
             f"pairs by file stem and would take another file: {', '.join(other[:5])}"
             + (f" and {len(other) - 5} more" if len(other) > 5 else "")
             + " (rename them to the training images' names)"
+        )
+    if unread:
+        problems.append(
+            f"{w}: SimpleTuner reads {', '.join(unread[:5])}"
+            + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+            + f"; sdcore looks for the file stem at the folder's top with the extensions {' '.join(extensions)} "
+            "(give each image its conditioning file of the same name there, in one of those formats)"
         )
     if shapes:
         problems.append(
@@ -1528,8 +1653,9 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
     base = SubsetOptions(image_dir=Path("."), **subset_defaults(options))
     subsets: list[SubsetOptions] = []
     conditioning = _conditioning_backends(backends, path, where)
-    paired: list[str] = []  # the training datasets naming conditioning_data, and those naming none
+    paired: list[str] = []  # the training datasets naming a reference in conditioning_data, and those naming none
     unpaired: list[str] = []
+    masks_only = 0  # the unpaired naming a loss mask
     for i, backend in enumerate(backends):
         w = f"{where} {path}[{i}]"
         if not isinstance(backend, dict):
@@ -1543,7 +1669,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
         if kind in ("text_embeds", "image_embeds", "conditioning_image_embeds"):
             continue  # SimpleTuner's caches: sdcore caches text-encoder outputs and latents itself
         if _is_conditioning(backend):
-            continue  # read as the control folder of the training dataset naming it (_conditioning_folder)
+            continue  # read as the control or mask folder of the training dataset naming it (_conditioning_folders)
         if kind != "image":
             problems.append(f"{w}: dataset_type {kind!r}: sdcore trains on image datasets (conditioning, video and "
                             "audio datasets are not read)")  # fmt: skip
@@ -1590,9 +1716,15 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 f"{w}: source_dataset_id: names a conditioning dataset's source (DATALOADER.md: only for "
                 "dataset_type conditioning); a training dataset names its conditioning dataset with conditioning_data"
             )
-        control = _conditioning_folder(backend, w, conditioning, top, problems)
+        control, mask = _conditioning_folders(backend, w, conditioning, top, problems)
         if not generated:
-            (paired if _conditioning_ids(backend) else unpaired).append(w)
+            # a Kontext run's pairs: a reference named (or refused: reported once, above), not a loss mask alone
+            if any(conditioning.get(str(i), ("", {}))[1].get("conditioning_type") not in MASK_TYPES
+                   for i in _conditioning_ids(backend)):  # fmt: skip
+                paired.append(w)
+            else:
+                unpaired.append(f"{w}{' (a loss mask only)' if mask is not None else ''}")
+                masks_only += mask is not None
         probability = backend.get("probability", 1.0)
         if float(probability) != 1.0:
             problems.append(f"{w}: probability {probability}: sdcore draws every dataset by its size and repeats")
@@ -1661,11 +1793,22 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 max_bucket_reso=max(base.max_bucket_reso, -(-side // step) * step),
                 random_crop=False,  # SimpleTuner's random spot is fixed when it caches latents: _crop_notes
                 control_dir=control,
+                conditioning_data_dir=mask,
+                mask_extras_allowed=mask is not None,
                 recursive=True,  # LocalDataBackend.list_files walks every sub-folder
             )
         )
     generated = any(isinstance(b, dict) and b.get("conditioning") for b in backends)
-    if _is_kontext(top) and subsets and not paired and not generated:
+    if _is_kontext(top) and subsets and not paired and not generated and masks_only:
+        # factory.py counts a mask dataset as the conditioning dataset Kontext needs; collate.py then builds no
+        # reference latents, and flux/model.py trains text-to-image steps of the Kontext model
+        problems.append(
+            f"{where} {path}: model_flavour kontext with a loss mask and no reference image: SimpleTuner trains "
+            "text-to-image steps of the Kontext model; sdcore's FLUX.1 Kontext run pairs every training image with "
+            "a reference: name a reference dataset (conditioning_type reference_strict) beside the mask "
+            "(conditioning_multidataset_sampling combined)"
+        )
+    elif _is_kontext(top) and subsets and not paired and not generated:
         # factory.py: requires_conditioning_dataset (flux/model.py: true for kontext) without a training dataset's
         # conditioning_data stops SimpleTuner: "Model requires a conditioning dataset, but none was found"
         problems.append(
@@ -1676,7 +1819,8 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
         # SimpleTuner needs one such dataset in all (factory.py); a batch of the others has no conditioning latents
         # and flux/model.py prepare_batch_conditions then builds no Kontext inputs: a text-to-image step
         problems.append(
-            f"{where} {path}: {', '.join(unpaired)}: no conditioning_data while {', '.join(paired)} names one: "
+            f"{where} {path}: {', '.join(unpaired)}: no reference in conditioning_data while {', '.join(paired)} "
+            "names one: "
             "SimpleTuner trains this dataset's batches without a reference image (text-to-image steps of the Kontext "
             "model); sdcore's FLUX.1 Kontext run pairs every training image: name a conditioning dataset for it too, "
             "or train it in a run of its own"

@@ -44,7 +44,7 @@ def test_a_route_keeps_s_minus_round_s_times_ratio_tokens_each_once_in_order(tok
     assert kept_tokens(tokens, ratio) == kept and selection.keep.shape == (3, kept)
     for row in selection.keep:
         assert torch.equal(row, torch.sort(row).values) and len(set(row.tolist())) == kept
-        assert 0 <= int(row.min()) and int(row.max()) < tokens
+        assert int(row.min()) >= 0 and int(row.max()) < tokens
 
 
 def test_start_then_end_with_identity_blocks_gives_back_x_bit_for_bit():

@@ -712,8 +712,10 @@ def _tread(r: _Reader, out: JobTranslation) -> None:
             out.problems.append(f"{where}.routes[{number}]: needs {', '.join(keys)}")
             continue
         ratio, start, end = (route[key] for key in keys)
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or any(
-            isinstance(i, bool) or not isinstance(i, int) for i in (start, end)
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in (start, end))
         ):
             out.problems.append(f"{where}.routes[{number}]: selection_ratio must be a number, the indexes integers")
             continue

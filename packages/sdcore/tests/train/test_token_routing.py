@@ -160,6 +160,13 @@ def test_routing_composes_with_gradient_checkpointing_and_block_swap(name):
     model.enable_gradient_checkpointing()
     runs["swap+checkpointing"] = step(model, inputs(), lora)
     swap.remove()
+    from sdcore.train.offload_checkpointing import ActivationOffload
+
+    routing.router = TokenRouter(3)
+    offload = ActivationOffload("cpu")
+    offload.always_copy = True  # --cpu-offload-checkpointing: the tokens the recompute gets are other tensors
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=offload)
+    runs["offload checkpointing"] = step(model, inputs(), lora)
     for label, (loss, grads) in runs.items():
         assert torch.equal(loss, reference[0]), label
         assert all(torch.equal(a, b) for a, b in zip(grads, reference[1], strict=True)), label
@@ -331,3 +338,51 @@ def test_simpletuner_tread_config_becomes_the_same_routes(tmp_path):
     ]
     assert any("must be in [0, 1), got 1.5" in p for p in bad.problems)
     assert any('needs "routes"' in p for p in translated({"route": []}).problems)
+
+
+def test_a_new_step_forgets_the_last_steps_spans_and_their_tokens():
+    """A span keeps its route's start tokens (and through them the forward's graph) until its forward's tensors
+    die; a backward that leaves part of the graph unrun (autograd.grad of some tensors) keeps them alive, so
+    each optimizer step starts without the spans of the steps before it."""
+    model = tiny_sd3()
+    lora = Lora(model)
+    routing = _route(model, SD3)
+    for number in range(3):
+        routing.new_step(42, number, 0)
+        step(model, sd3_inputs(), lora)
+        assert len(routing._spans[0]) == 1
+    first = routing.router.select(1, 64, 0.5).keep
+    routing.new_step(42, 7, 0)
+    again = routing.router.select(1, 64, 0.5).keep
+    routing.new_step(42, 7, 0)
+    assert torch.equal(routing.router.select(1, 64, 0.5).keep, again) and not torch.equal(first, again)
+
+
+def test_loss_masks_of_the_dataset_are_refused_with_a_route(tmp_path):
+    """SimpleTuner keeps every token inside a loss mask; sdcore's routing does not, so alpha_mask (and the other
+    dataset masks that weigh the loss) are refused like --masked-loss."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = _data(tmp_path)
+    for path in data.glob("*.png"):
+        Image.open(path).convert("RGBA").save(path)
+    args = ["train", "lora", "--model", "tiny:flux", "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+            "--resolution", "64", "--tread-route", "0.5:1:-1", "--dry-run"]  # fmt: skip
+    cli = build_cli(get_plugin_manager())
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    run = CliRunner().invoke(cli, [*args, "--alpha-mask"])
+    assert run.exit_code == 2
+    assert "--tread-route with loss masks (alpha_mask" in run.output, run.output
+
+
+def test_simpletuner_tread_config_as_python_literal_text(tmp_path):
+    """SimpleTuner reads a tread_config string with ast.literal_eval: single quotes, True/False."""
+    from sdcore.train.simpletuner_config import translate_config
+
+    text = "{'routes': [{'selection_ratio': 0.25, 'start_layer_idx': 2, 'end_layer_idx': -2}]}"
+    data = {"model_family": "flux", "model_type": "lora", "tread_config": text}
+    out = translate_config(data, ["tread_route", "model", "seed"], where="config.json", path=tmp_path / "c.json")
+    assert out.values["tread_route"] == ("0.25:2:-2",)

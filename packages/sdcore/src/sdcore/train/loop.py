@@ -648,7 +648,7 @@ class TrainSession:
                 self._phase = None
                 self.batches.prefetch(plan[pos.batch + len(group) : pos.batch + len(group) + accum])
                 if self.token_routing is not None:  # --tread-route: the step's draws from (seed, step): resumable
-                    self.token_routing.router.reseed(o.seed, pos.step, self.accelerator.process_index)
+                    self.token_routing.new_step(o.seed, pos.step, self.accelerator.process_index)
                 outcome = optimizer_step(
                     group,
                     step=pos.step,

@@ -1119,6 +1119,9 @@ def run_preflight(
                     "the folder names (as in kohya)"
                 )
             report.problems.extend(image_option_problems(o, data.index))
+            from .token_routing import dataset_problems as routing_dataset_problems
+
+            report.problems.extend(routing_dataset_problems(o, data.index))  # --tread-route with loss masks
             report.notes.extend(bucket_side_notes(data.index))
             from .data import mask_augment_checks
             from .inpainting import layout_kind

@@ -693,12 +693,17 @@ def _tread(r: _Reader, out: JobTranslation) -> None:
     if not config:
         return
     where = f"{r.where}.tread_config"
-    if isinstance(config, str):
+    if isinstance(config, str):  # SimpleTuner reads the text with ast.literal_eval: JSON or a Python literal
+        import ast
+
         try:
             config = json.loads(config)
         except ValueError:
-            out.problems.append(f"{where}: not a JSON object")
-            return
+            try:
+                config = ast.literal_eval(config.strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                out.problems.append(f"{where}: not a JSON object or Python dict literal")
+                return
     routes = config.get("routes") if isinstance(config, dict) else None
     if not isinstance(routes, list) or not routes:
         out.problems.append(f'{where}: needs "routes", a list of {{selection_ratio, start_layer_idx, end_layer_idx}}')

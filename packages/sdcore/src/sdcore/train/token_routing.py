@@ -267,6 +267,14 @@ class TokenRouting:
             for index in range(route.start, route.end + 1):
                 self._install(blocks[index], number, index == route.start, index == route.end)
 
+    def new_step(self, *parts: Any) -> None:
+        """Start an optimizer step: draws from a seed made of ``parts`` (run seed, step, process: a resumed run
+        draws what the uninterrupted one drew) and no span of an earlier step. A span is otherwise dropped once
+        its forward's tensors die; a backward that leaves part of a graph unrun keeps them (and the span's start
+        tokens) alive, and nothing recomputes a block of an earlier step."""
+        self.router.reseed(*parts)
+        self._spans = [[] for _ in self.routes]
+
     def active(self) -> bool:
         """Whether a block call now routes: enabled, and gradients are being computed."""
         import torch
@@ -374,6 +382,21 @@ def option_problems(options: Any) -> list[str]:
             "sdcore's routing does not do; train without one of them"
         )
     return problems
+
+
+def dataset_problems(options: Any, index: Any) -> list[str]:
+    """``--tread-route`` on this dataset: loss masks (``alpha_mask``, OneTrainer's ``-masklabel.png``) are refused
+    as ``--masked-loss`` is (:func:`option_problems` reports that one), for the same reason."""
+    if not tuple(getattr(options, "tread_route", ()) or ()) or getattr(options, "masked_loss", False):
+        return []
+    from .data import has_dataset_mask
+
+    if not any(has_dataset_mask(entry) for entry in index.entries):
+        return []
+    return [
+        f"{FLAG} with loss masks (alpha_mask, -masklabel.png mask images): SimpleTuner keeps every token inside "
+        "the loss mask in each route, which sdcore's routing does not do; train without one of them"
+    ]
 
 
 def model_problems(options: Any, layout: Any) -> list[str]:

@@ -167,15 +167,17 @@ def test_torch_optimi_optimizers_with_the_same_rule(tmp_path, name, sdcore, args
     assert any("adam_beta2: not read by SimpleTuner's optimizers outside DeepSpeed" in n for n in notes)
 
 
-def test_stableadamw_tread_huggingface_and_hub_models_are_refused_with_the_way_forward(tmp_path):
+def test_stableadamw_huggingface_and_hub_models_are_refused_with_the_way_forward_and_tread_translates(tmp_path):
     images = _images(tmp_path)
+    tread = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}  # TREAD.md's
+    assert _lora(_config(tmp_path, _backend(tmp_path, images), tread_config=tread)).tread_route == ("0.5:2:-2",)
     backend = _backend(tmp_path, images, type="huggingface", dataset_name="RareConcepts/Domokun")
     text = _problems(
         _config(tmp_path, backend, optimizer="optimi-stableadamw", pretrained_model_name_or_path=None,
-                tread_config={"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]})
+                tread_config=tread)
     )  # fmt: skip
     assert "optimizer 'optimi-stableadamw': not in sdcore (the nearest: --optimizer adamw)" in text
-    assert "tread_config: TREAD token routing" in text
+    assert "tread_config" not in text
     # flux/model.py DEFAULT_MODEL_FLAVOUR krea and its HUGGINGFACE_PATHS
     assert (
         "SimpleTuner would download black-forest-labs/flux.1-krea-dev (model_family flux, model_flavour krea)" in text

@@ -108,6 +108,28 @@ DEFAULT_BLOCK_LISTS: tuple[BlockList, ...] = (
 
 
 @dataclass(frozen=True)
+class RoutedInputs:
+    """Which arguments of a transformer family's blocks carry what TREAD token routing (``--tread-route``,
+    :mod:`sdcore.train.token_routing`) shortens, so a family (a third party's too) opts in by declaring them.
+
+    Every block of the family's :attr:`ModelFamily.block_lists` takes the image tokens [B, N, D] as ``image`` and
+    the text tokens [B, T, D] as ``text`` and returns a tuple whose item ``output`` is the image tokens; those
+    keep the same arguments in a forward's every block (the routing finds a span's state again by them when a
+    checkpointed block is recomputed). ``rope``: the argument with the rotary embedding, a ``(cos, sin)`` pair
+    of ``[T + N, d]`` tables whose text rows come first (Flux); its image rows are routed with the tokens.
+    ``mask``: ``"argument.key"``, an attention mask ``[..., T + N]`` inside a mapping argument (Flux's T5
+    padding mask in ``joint_attention_kwargs``), whose image columns are routed the same way. A family whose
+    blocks take text and image in one concatenated sequence (diffusers' Chroma single blocks) cannot declare it.
+    """
+
+    image: str = "hidden_states"
+    text: str = "encoder_hidden_states"
+    rope: str | None = None
+    mask: str | None = None
+    output: int = 1
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """A model family as the rest of sdcore reads it. Frozen and torch-free; see the module doc."""
 
@@ -139,6 +161,9 @@ class ModelFamily:
     #: flow matching: the time shift training uses when ``--discrete-flow-shift`` is not given (1.0 = none, the
     #: value SD3, Flux and Chroma train with by default; AuraFlow's scheduler says 1.73)
     flow_shift: float = 1.0
+    #: TREAD token routing (``--tread-route``): which block arguments carry the image tokens (and RoPE, mask); None:
+    #: the family's blocks cannot be routed (UNets; Chroma's concatenated single blocks) and the pre-flight refuses it
+    token_routing: RoutedInputs | None = None
 
     def __post_init__(self) -> None:
         from ..specs import _check_import_string, _check_name
@@ -158,6 +183,8 @@ class ModelFamily:
             for b in self.block_lists
             if not isinstance(b, BlockList) or b.stream not in BLOCK_STREAMS
         ]
+        if self.token_routing is not None and not isinstance(self.token_routing, RoutedInputs):
+            problems.append(f"token_routing must be a RoutedInputs, not {self.token_routing!r}")
         unknown = set(self.partial_text_cache) - {te.component for te in self.text_encoders}
         if unknown:
             problems.append(f"partial_text_cache names no text encoder of it: {sorted(unknown)}")
@@ -480,6 +507,7 @@ __all__ = [
     "FamilyAdapter",
     "LatentFormat",
     "ModelFamily",
+    "RoutedInputs",
     "TextEncoderSpec",
     "families",
     "family_adapter",

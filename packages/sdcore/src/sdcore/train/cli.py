@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import ConfigError, SdcoreError, debug_enabled, expected_error_message
-from .config import field_types, unwrap_optional
+from .config import field_types, is_text_list, unwrap_optional
 
 _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
 
@@ -69,7 +69,15 @@ def options_to_click(options_class: type) -> list[click.Option]:
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = meta.get("help", "")
         base, _ = unwrap_optional(types_[f.name])
-        if base is bool:
+        if is_text_list(base):  # a repeatable flag: --tread-route A --tread-route B
+            option = click.Option(
+                [flag, *meta.get("aliases", ()), f.name],
+                type=click.STRING,
+                multiple=True,
+                help=help_text,
+                metavar=meta.get("metavar"),
+            )
+        elif base is bool:
             negative = "--no-" + flag[2:]
             option = click.Option([f"{flag}/{negative}", f.name], default=default, show_default=True, help=help_text)
         else:

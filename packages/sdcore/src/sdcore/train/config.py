@@ -51,6 +51,11 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def is_text_list(tp: Any) -> bool:
+    """Whether a field type is ``tuple[str, ...]``: a repeatable flag, a list of strings in a config file."""
+    return typing.get_origin(tp) is tuple and typing.get_args(tp) == (str, ...)
+
+
 def coerce(value: Any, tp: Any, *, name: str, where: str) -> Any:
     """Check/convert one config value to the field type; errors say which key and file."""
     base, optional = unwrap_optional(tp)
@@ -58,6 +63,11 @@ def coerce(value: Any, tp: Any, *, name: str, where: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: {name} cannot be empty")
+    if is_text_list(base):  # one string, or a list of them
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{where}: {name} must be a string or a list of strings, got {value!r}")
+        return tuple(items)
     try:
         if base is bool:
             if isinstance(value, bool):

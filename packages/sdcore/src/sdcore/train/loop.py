@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from .state import TrainPosition
     from .step import StepOutcome
     from .te_stop import TextEncoderStop
+    from .token_routing import TokenRouting
 
 log = logging.getLogger("sdcore.train")
 
@@ -167,6 +168,7 @@ class TrainSession:
         self._setup_done = False
         self._restore_attention: Callable[[], None] = lambda: None
         self.fused: StepInBackward | None = None
+        self.token_routing: TokenRouting | None = None  # --tread-route (sdcore.train.token_routing)
         self.ema: WeightEMA | None = None  # --ema: the average of self.params (sdcore.train.ema)
         self.te_stop: TextEncoderStop | None = None  # until the text encoder stops (sdcore.train.te_stop)
         self.preflight: PreflightReport | None = None
@@ -263,6 +265,10 @@ class TrainSession:
             stay_on_cpu=memory.swapped,
             trainable_dtype=full_precision_dtype(o),
         )
+        from .token_routing import install_token_routing
+
+        # --tread-route: installed before the block swap, which then wraps (and recomputes) the routed blocks
+        self.token_routing = install_token_routing(bundle, o)
         memory.after_placement(bundle, self.device)  # --blocks-to-swap
         self._install_pos_embed(bundle)  # kohya's SD3 --enable_scaled_pos_embed / --pos_emb_random_crop_rate
         if o.cpu_offload_checkpointing:  # checkpointing with the block inputs in host memory
@@ -610,6 +616,8 @@ class TrainSession:
                 uninstall(self.bundle.transformer)  # the model's own positional embedding again
             if self.fused is not None:
                 self.fused.remove()
+            if self.token_routing is not None:  # off, not removed: a block swap installed later wraps it
+                self.token_routing.enabled = False
             self.progress.end_trackers()
         self.hook("sdcore_after_train", context=self.context(), result=result)
         return result
@@ -639,6 +647,8 @@ class TrainSession:
                 group = plan[pos.batch : pos.batch + accum]
                 self._phase = None
                 self.batches.prefetch(plan[pos.batch + len(group) : pos.batch + len(group) + accum])
+                if self.token_routing is not None:  # --tread-route: the step's draws from (seed, step): resumable
+                    self.token_routing.new_step(o.seed, pos.step, self.accelerator.process_index)
                 outcome = optimizer_step(
                     group,
                     step=pos.step,

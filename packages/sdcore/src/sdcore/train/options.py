@@ -493,6 +493,14 @@ class TrainOptions:
         "visit the GPU only while it computes (SD3/Flux; kohya --blocks_to_swap).",
         group="training",
     )
+    tread_route: tuple[str, ...] = option(
+        (),
+        "TREAD token routing, repeatable: RATIO:START:END sends only 1 - RATIO of the image tokens through "
+        "transformer blocks START to END (inclusive; negative from the end; FLUX.1 counts its double then single "
+        "blocks), the others skip them; faster steps on large images (SD3/FLUX.1; SimpleTuner's tread_config).",
+        group="training",
+        metavar="RATIO:START:END",
+    )
     cpu_offload_checkpointing: bool = option(
         False,
         "Gradient checkpointing (turned on) whose kept block inputs live in CPU memory; each transformer block "

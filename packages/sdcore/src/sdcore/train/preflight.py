@@ -224,6 +224,9 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     from .offload_checkpointing import offload_option_problems
 
     problems.extend(offload_option_problems(o))  # --cpu-offload-checkpointing with --blocks-to-swap
+    from .token_routing import option_problems as routing_option_problems
+
+    problems.extend(routing_option_problems(o))  # --tread-route: syntax, ratio, --masked-loss
     from .validation import precision_option_problems, validation_option_problems
 
     problems.extend(validation_option_problems(o))
@@ -1114,6 +1117,9 @@ def run_preflight(
                     "the folder names (as in kohya)"
                 )
             report.problems.extend(image_option_problems(o, data.index))
+            from .token_routing import dataset_problems as routing_dataset_problems
+
+            report.problems.extend(routing_dataset_problems(o, data.index))  # --tread-route with loss masks
             report.notes.extend(bucket_side_notes(data.index))
             from .data import mask_augment_checks
             from .inpainting import layout_kind
@@ -1229,6 +1235,9 @@ def run_preflight(
         from .memory_options import model_problems
 
         report.problems.extend(model_problems(o, report.layout, params))
+        from .token_routing import model_problems as routing_model_problems
+
+        report.problems.extend(routing_model_problems(o, report.layout))  # --tread-route: family, block count
     return report
 
 

@@ -716,11 +716,54 @@ def _bucket_pruning(r: _Reader, out: JobTranslation) -> None:
 
 
 def _tread(r: _Reader, out: JobTranslation) -> None:
-    if r.get("tread_config"):
-        out.problems.append(
-            f"{r.where}.tread_config: TREAD token routing (a share of the image tokens skips a span of transformer "
-            "blocks during training, a speed-up that changes the gradients) is not in sdcore; remove tread_config"
-        )
+    """``tread_config`` ``{"routes": [{"selection_ratio", "start_layer_idx", "end_layer_idx"}, ...]}`` (a mapping,
+    or its JSON text as SimpleTuner's command line takes it) -> ``--tread-route RATIO:START:END`` each: the same
+    meaning (the share dropped; global block indexes, negative from the end, the end inclusive:
+    helpers/training/tread.py and the FLUX.1/SD3 transformers' forwards). Each malformed route is one problem."""
+    config = r.get("tread_config")
+    if not config:
+        return
+    where = f"{r.where}.tread_config"
+    if isinstance(config, str):  # SimpleTuner reads the text with ast.literal_eval: JSON or a Python literal
+        import ast
+
+        try:
+            config = json.loads(config)
+        except ValueError:
+            try:
+                config = ast.literal_eval(config.strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                out.problems.append(f"{where}: not a JSON object or Python dict literal")
+                return
+    routes = config.get("routes") if isinstance(config, dict) else None
+    if not isinstance(routes, list) or not routes:
+        out.problems.append(f'{where}: needs "routes", a list of {{selection_ratio, start_layer_idx, end_layer_idx}}')
+        return
+    from .token_routing import parse_route
+
+    values = []
+    for number, route in enumerate(routes):
+        keys = ("selection_ratio", "start_layer_idx", "end_layer_idx")
+        if not isinstance(route, dict) or any(key not in route for key in keys):
+            out.problems.append(f"{where}.routes[{number}]: needs {', '.join(keys)}")
+            continue
+        ratio, start, end = (route[key] for key in keys)
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in (start, end))
+        ):
+            out.problems.append(f"{where}.routes[{number}]: selection_ratio must be a number, the indexes integers")
+            continue
+        text = f"{float(ratio):g}:{start}:{end}"
+        try:
+            parse_route(text)
+        except ConfigError as exc:
+            out.problems.append(f"{where}.routes[{number}]: {exc}")
+            continue
+        values.append(text)
+    if values and len(values) == len(routes):
+        out.values["tread_route"] = tuple(values)
 
 
 def _text_encoder_precisions(r: _Reader, family: str | None, out: JobTranslation) -> None:

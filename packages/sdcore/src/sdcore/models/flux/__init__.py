@@ -8,7 +8,7 @@ and the single files users have, ``adapter`` is the family's
 
 from __future__ import annotations
 
-from ..family import LatentFormat, ModelFamily, TextEncoderSpec
+from ..family import LatentFormat, ModelFamily, RoutedInputs, TextEncoderSpec
 
 FLUX = ModelFamily(
     name="flux",
@@ -25,6 +25,9 @@ FLUX = ModelFamily(
     inpaints=True,
     # kohya caches T5-XXL's outputs while CLIP trains (cache_text_encoder_outputs without network_train_unet_only)
     partial_text_cache=("text_encoder_2",),
+    # diffusers' double and single blocks both take (hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+    # joint_attention_kwargs) and return (encoder_hidden_states, hidden_states); RoPE rows are [text | image]
+    token_routing=RoutedInputs(rope="image_rotary_emb", mask="joint_attention_kwargs.attention_mask"),
 )
 
 __all__ = ["FLUX"]

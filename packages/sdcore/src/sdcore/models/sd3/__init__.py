@@ -10,7 +10,7 @@ depth, QK norm and SD3.5 medium's dual attention, which the configs carry.
 
 from __future__ import annotations
 
-from ..family import LatentFormat, ModelFamily, TextEncoderSpec
+from ..family import LatentFormat, ModelFamily, RoutedInputs, TextEncoderSpec
 
 #: diffusers' default T5 sequence length for SD3 (``max_sequence_length``); SAI trained with 77 + 256 tokens
 T5_MAX_LENGTH = 256
@@ -38,6 +38,9 @@ SD3 = ModelFamily(
     inpaints=True,
     # kohya caches T5-XXL's outputs while CLIP trains (cache_text_encoder_outputs without network_train_unet_only)
     partial_text_cache=("text_encoder_3",),
+    # JointTransformerBlock(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs) -> (context, image);
+    # positions are added once by the patch embedding, so the blocks take no RoPE
+    token_routing=RoutedInputs(),
 )
 
 __all__ = ["SD3", "T5_MAX_LENGTH"]

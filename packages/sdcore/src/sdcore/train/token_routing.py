@@ -1,0 +1,440 @@
+"""TREAD token routing (``--tread-route RATIO:START:END``; SimpleTuner's ``tread_config``; Krause et al. 2025,
+arXiv 2501.04765): while training, a share of the image tokens skips a span of transformer blocks.
+
+What a route does, as SimpleTuner's router does it (its ``helpers/training/tread.py`` and the FLUX.1/SD3
+transformers' forwards; only facts are taken from it):
+
+- ``RATIO`` is the share of the image tokens *dropped* from the span: of ``S`` image tokens ``K = S -
+  round(S * RATIO)`` go through it. Blocks are counted over the family's block lists in forward order (FLUX.1:
+  the double blocks, then the single blocks, as one sequence); a negative index counts from the end
+  (``total + index``), and the span includes its ``END`` block.
+- At the span's first block the kept tokens are gathered (the text tokens are always kept); at the end of its
+  last block the processed kept tokens go back to their places and every skipped token takes the
+  representation it had when the span began. Gradients reach both paths.
+- Which tokens are kept: SimpleTuner's router mixes a random draw with an importance score by ``l1_reg``, which
+  its models never pass (0: a purely random draw), so the draw here is random: uniform noise from the run's own
+  generator (:class:`TokenRouter`, seeded from ``--seed``; SimpleTuner's ``seed or 42``), argsorted. Two
+  deliberate differences, neither changing which set of tokens a draw keeps on average: the kept tokens keep
+  their order in the sequence (so a ratio of 0 computes exactly what an unrouted forward computes), and a family
+  that routes a rotary embedding (FLUX.1) draws one selection for the whole batch, because diffusers' attention
+  applies one ``[tokens, d]`` RoPE table to every sample (SimpleTuner's own transformer takes one per sample;
+  with FLUX.1's usual batch of one there is no difference).
+- Only while gradients are computed (``torch.is_grad_enabled()``) and the routing is :attr:`TokenRouting.enabled`:
+  samples, validation and generation run under ``no_grad`` and see the whole model. SimpleTuner also asks for
+  the denoiser's train mode; sdcore keeps a frozen denoiser in eval mode while a LoRA on it trains, so that
+  flag cannot tell training from generation here.
+
+How: the family declares which block arguments carry the image tokens, the text tokens, the RoPE and a mask
+(:class:`sdcore.models.family.RoutedInputs`); the blocks are the ones block swap finds
+(:func:`sdcore.train.block_swap.swappable_blocks` over ``ModelFamily.block_lists``). Each block inside a route
+gets a wrapper ``forward`` (diffusers' forward is not copied): the first gathers the kept tokens, every one
+passes the routed RoPE rows and mask columns, the last puts the sequence back together. Install it before
+block swap, which then wraps these wrappers (the swap's recompute reruns them inside its checkpoint).
+
+Gradient checkpointing (diffusers', ``--cpu-offload-checkpointing``, block swap's own) recomputes a block in
+backward by calling it again: the wrapper must then use the selection of the forward it recomputes, not draw a
+new one (nor the selection of a later forward, e.g. APT's second pass before the backward). A forward's span is
+therefore found by the identity of the block's other tensor arguments (the timestep embedding, the RoPE
+tables), which every block of one forward gets and which the checkpoints pass again unchanged; a new forward
+has new ones and draws anew.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, SdcoreError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..models.family import RoutedInputs
+
+FLAG = "--tread-route"
+#: SimpleTuner's router seed when its config has none (``seed or 42``)
+DEFAULT_SEED = 42
+
+
+@dataclass(frozen=True)
+class Route:
+    """One span: ``ratio`` of the image tokens skip blocks ``start`` to ``end`` (inclusive; negative from the end)."""
+
+    ratio: float
+    start: int
+    end: int
+
+    def text(self) -> str:
+        """The ``--tread-route`` spelling."""
+        return f"{self.ratio:g}:{self.start}:{self.end}"
+
+
+def parse_route(text: str) -> Route:
+    """``"0.5:2:-2"`` -> :class:`Route`; a :class:`ConfigError` naming the value otherwise."""
+    parts = str(text).strip().split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        ratio, start, end = float(parts[0]), int(parts[1]), int(parts[2])
+    except ValueError:
+        raise ConfigError(
+            f"{FLAG} {text!r}: write RATIO:START:END, e.g. 0.5:2:-2 (RATIO the share of image tokens dropped, "
+            "START and END block indexes, negative from the end)"
+        ) from None
+    route = Route(ratio, start, end)
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(
+            f"{FLAG} {text!r}: the ratio (share of image tokens dropped) must be in [0, 1), got {ratio:g}"
+        )
+    return route
+
+
+def parse_routes(texts: Sequence[str]) -> tuple[list[Route], list[str]]:
+    """(routes, problems): each malformed value is one problem line."""
+    routes, problems = [], []
+    for text in texts:
+        try:
+            routes.append(parse_route(text))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return routes, problems
+
+
+def resolve_routes(routes: Sequence[Route], total: int, what: str = "the denoiser") -> tuple[list[Route], list[str]]:
+    """The routes with non-negative indexes for a denoiser of ``total`` blocks, and what is wrong with them:
+    an index outside the blocks, a start after its end, routes that overlap or are not in forward order."""
+    resolved: list[Route] = []
+    problems: list[str] = []
+    for route in routes:
+        start = route.start + total if route.start < 0 else route.start
+        end = route.end + total if route.end < 0 else route.end
+        if not (0 <= start < total and 0 <= end < total):
+            problems.append(
+                f"{FLAG} {route.text()}: {what} has {total} transformer blocks (indexes 0 to {total - 1}, or "
+                f"-{total} to -1 from the end)"
+            )
+            continue
+        if start > end:
+            problems.append(f"{FLAG} {route.text()}: its start block {start} comes after its end block {end}")
+            continue
+        if resolved and start <= resolved[-1].end:
+            problems.append(
+                f"{FLAG} {route.text()}: routes must not overlap and must come in forward order (it starts at block "
+                f"{start}, the route before it ends at block {resolved[-1].end})"
+            )
+            continue
+        resolved.append(Route(route.ratio, start, end))
+    return resolved, problems
+
+
+def kept_tokens(tokens: int, ratio: float) -> int:
+    """How many of ``tokens`` image tokens a route with ``ratio`` keeps (SimpleTuner's ``S - round(S * ratio)``)."""
+    return tokens - round(tokens * float(ratio))
+
+
+@dataclass
+class Selection:
+    """Which image tokens one route keeps: ``keep`` [B or 1, K] positions, ascending; ``tokens`` = S."""
+
+    keep: torch.Tensor
+    tokens: int
+
+
+class TokenRouter:
+    """Draws the kept tokens from its own generator (a CPU one: the same draws on every device), seeded by the run."""
+
+    def __init__(self, seed: int = DEFAULT_SEED) -> None:
+        import torch
+
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(int(seed))
+
+    def reseed(self, *parts: Any) -> None:
+        """Restart the draws from a seed made of ``parts`` (the runtime: run seed, step, process), so a resumed
+        run draws what the uninterrupted one drew at the same step."""
+        from .noise import sample_seed
+
+        self.generator.manual_seed(sample_seed("tread", *parts))
+
+    def select(self, batch: int, tokens: int, ratio: float, device: Any = None, *, shared: bool = False) -> Selection:
+        """A random ``kept_tokens(tokens, ratio)``-subset of ``tokens`` per sample (one for all with ``shared``)."""
+        import torch
+
+        noise = torch.rand((1 if shared else batch, tokens), generator=self.generator)
+        order = torch.argsort(noise, dim=1)
+        keep = torch.sort(order[:, : kept_tokens(tokens, ratio)], dim=1).values
+        return Selection(keep.to(device) if device is not None else keep, tokens)
+
+
+def start_route(x: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The kept tokens of ``x`` [B, S, D], in sequence order: [B, K, D]."""
+    index = selection.keep.unsqueeze(-1).expand(x.shape[0], -1, x.shape[-1])
+    return x.gather(1, index)
+
+
+def end_route(routed: torch.Tensor, selection: Selection, original: torch.Tensor) -> torch.Tensor:
+    """The whole sequence [B, S, D] again: ``routed`` [B, K, D] at the kept places, ``original`` (the tokens at
+    the route's start) everywhere else."""
+    index = selection.keep.unsqueeze(-1).expand(routed.shape[0], -1, routed.shape[-1])
+    return original.to(routed.dtype).scatter(1, index, routed)
+
+
+def _route_columns(x: torch.Tensor, selection: Selection, text: int, dim: int) -> torch.Tensor:
+    """``x`` with its image part along ``dim`` (after the first ``text`` entries) cut to the kept tokens."""
+    import torch
+
+    x = x.movedim(dim, -1)
+    head, image = x[..., :text], x[..., text:]
+    if selection.keep.shape[0] == 1:
+        image = image.index_select(-1, selection.keep[0].to(x.device))
+    else:  # one selection per sample: the batch is the leading dimension
+        keep = selection.keep.to(x.device).reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        image = torch.take_along_dim(image, keep.expand(*image.shape[:-1], keep.shape[-1]), dim=-1)
+    return torch.cat([head, image], dim=-1).movedim(-1, dim)
+
+
+def route_rope(rope: Any, selection: Selection, text: int) -> Any:
+    """RoPE rows ``[text | image]`` (a tensor or a tuple of them, ``[T + S, d]``) with the image rows kept."""
+    if isinstance(rope, (tuple, list)):
+        return type(rope)(route_rope(r, selection, text) for r in rope)
+    if selection.keep.shape[0] != 1:
+        raise SdcoreError("token routing: a shared RoPE table needs one selection for the whole batch")
+    return _route_columns(rope, selection, text, dim=0)
+
+
+def route_mask(mask: torch.Tensor, selection: Selection, text: int) -> torch.Tensor:
+    """An attention mask ``[..., T + S]`` (keys last) with the image columns kept."""
+    return _route_columns(mask, selection, text, dim=mask.dim() - 1)
+
+
+def _tensors(value: Any) -> list[Any]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+class _Span:
+    """One forward's pass through one route: its selection and the image tokens at its start."""
+
+    def __init__(self, key: list[Any], selection: Selection, saved: torch.Tensor) -> None:
+        self.refs = [weakref.ref(t, self._forget) for t in key]
+        self.selection = selection
+        self.saved: torch.Tensor | None = saved
+
+    def _forget(self, _ref: Any) -> None:
+        """The forward's tensors are gone (its backward is done): so are its recomputes; free the tokens."""
+        self.saved = None
+
+    def matches(self, key: list[Any]) -> bool:
+        return len(key) == len(self.refs) and all(ref() is t for ref, t in zip(self.refs, key, strict=True))
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.refs)
+
+
+class TokenRouting:
+    """Routes installed on one denoiser's blocks; :meth:`remove` undoes it (after a block swap installed later
+    was removed). ``enabled`` switches it off without removing it."""
+
+    def __init__(self, denoiser: nn.Module, routes: Sequence[Route], inputs: RoutedInputs,
+                 lists: Sequence[str], router: TokenRouter | None = None) -> None:  # fmt: skip
+        from .block_swap import swappable_blocks
+
+        blocks = swappable_blocks(denoiser, lists)
+        resolved, problems = resolve_routes(routes, len(blocks), type(denoiser).__name__)
+        if not blocks:
+            problems = [f"{FLAG}: {type(denoiser).__name__} has no transformer blocks to route tokens through"]
+        if problems:
+            raise ConfigError("; ".join(problems), problems)
+        self.denoiser = denoiser
+        self.routes = resolved
+        self.inputs = inputs
+        self.router = router or TokenRouter()
+        self.enabled = True
+        self._spans: list[list[_Span]] = [[] for _ in resolved]
+        self._installed: list[tuple[nn.Module, Callable[..., Any]]] = []
+        for number, route in enumerate(resolved):
+            for index in range(route.start, route.end + 1):
+                self._install(blocks[index], number, index == route.start, index == route.end)
+
+    def new_step(self, *parts: Any) -> None:
+        """Start an optimizer step: draws from a seed made of ``parts`` (run seed, step, process: a resumed run
+        draws what the uninterrupted one drew) and no span of an earlier step. A span is otherwise dropped once
+        its forward's tensors die; a backward that leaves part of a graph unrun keeps them (and the span's start
+        tokens) alive, and nothing recomputes a block of an earlier step."""
+        self.router.reseed(*parts)
+        self._spans = [[] for _ in self.routes]
+
+    def active(self) -> bool:
+        """Whether a block call now routes: enabled, and gradients are being computed."""
+        import torch
+
+        return self.enabled and torch.is_grad_enabled()
+
+    def _install(self, block: nn.Module, number: int, first: bool, last: bool) -> None:
+        original = block.forward
+        signature = inspect.signature(original)
+        inputs = self.inputs
+        mask_arg, _, mask_key = (inputs.mask or "").partition(".")
+        routed_names = {inputs.image, inputs.text}
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not self.active():
+                return original(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            values = bound.arguments
+            image, text = values[inputs.image], values.get(inputs.text)
+            key = [t for name, v in values.items() if name not in routed_names for t in _tensors(v)]
+            span = self._span(number, key, image, first)
+            selection = span.selection
+            text_len = int(text.shape[1]) if text is not None else 0
+            if first:
+                values[inputs.image] = start_route(image, selection)
+            if inputs.rope and values.get(inputs.rope) is not None:
+                values[inputs.rope] = route_rope(values[inputs.rope], selection, text_len)
+            holder = values.get(mask_arg) if mask_arg else None
+            if isinstance(holder, dict) and holder.get(mask_key) is not None:
+                values[mask_arg] = {**holder, mask_key: route_mask(holder[mask_key], selection, text_len)}
+            out = original(*bound.args, **bound.kwargs)
+            if last:
+                parts = list(out)
+                if span.saved is None:
+                    raise SdcoreError(f"{FLAG}: a route's tokens were freed before its last block ran")
+                parts[inputs.output] = end_route(parts[inputs.output], selection, span.saved)
+                out = type(out)(parts) if isinstance(out, tuple) else parts
+            return out
+
+        block.forward = forward  # type: ignore[method-assign]
+        self._installed.append((block, original))
+
+    def _span(self, number: int, key: list[Any], image: torch.Tensor, first: bool) -> _Span:
+        """The span of the forward this call belongs to: found again by ``key`` (a recompute, or a later block
+        of the route), or, at the route's first block, a new one with a new draw."""
+        if not key:
+            raise SdcoreError(
+                f"{FLAG}: the routed blocks take no tensor besides the tokens, so a recomputed block cannot be told "
+                "from a new forward"
+            )
+        spans = self._spans[number] = [s for s in self._spans[number] if s.alive()]
+        for span in reversed(spans):
+            if span.matches(key):
+                return span
+        if not first:
+            raise SdcoreError(
+                f"{FLAG}: a block inside route {self.routes[number].text()} was called without its route's first "
+                "block (or with other arguments than it): the family's blocks cannot be routed this way"
+            )
+        route = self.routes[number]
+        shared = self.inputs.rope is not None
+        selection = self.router.select(image.shape[0], image.shape[1], route.ratio, image.device, shared=shared)
+        span = _Span(key, selection, image)
+        spans.append(span)
+        return span
+
+    def remove(self) -> None:
+        """Every routed block's own forward back."""
+        for block, original in reversed(self._installed):
+            block.forward = original  # type: ignore[method-assign]
+        self._installed = []
+        self._spans = [[] for _ in self.routes]
+
+
+def family_routing_problem(family: Any) -> str | None:
+    """Why ``--tread-route`` cannot apply to ``family`` (a :class:`~sdcore.models.family.ModelFamily`)."""
+    if getattr(family, "token_routing", None) is None:
+        return (
+            f"{FLAG}: TREAD token routing needs a transformer family that declares its routed block inputs "
+            f"(FLUX.1, SD3); the {family.label} {family.denoiser} does not"
+        )
+    return None
+
+
+def block_count(family: Any, config: dict[str, Any]) -> int | None:
+    """The blocks a denoiser ``config`` of ``family`` has over its block lists (None: the config does not say)."""
+    depths = [config.get(block.depth_key) for block in family.block_lists]
+    if not any(isinstance(d, int) for d in depths):
+        return None
+    return sum(int(d) for d in depths if isinstance(d, int))
+
+
+def option_problems(options: Any) -> list[str]:
+    """``--tread-route`` on its own: each value's syntax and ratio, and the options it cannot train with."""
+    texts = tuple(getattr(options, "tread_route", ()) or ())
+    if not texts:
+        return []
+    routes, problems = parse_routes(texts)
+    if any(r.start >= 0 and r.end >= 0 and r.start > r.end for r in routes):
+        problems += [f"{FLAG} {r.text()}: its start block comes after its end block"
+                     for r in routes if r.start >= 0 and r.end >= 0 and r.start > r.end]  # fmt: skip
+    if getattr(options, "masked_loss", False):
+        problems.append(
+            f"{FLAG} with --masked-loss: SimpleTuner keeps every token inside the loss mask in each route, which "
+            "sdcore's routing does not do; train without one of them"
+        )
+    return problems
+
+
+def dataset_problems(options: Any, index: Any) -> list[str]:
+    """``--tread-route`` on this dataset: loss masks (``alpha_mask``, OneTrainer's ``-masklabel.png``) are refused
+    as ``--masked-loss`` is (:func:`option_problems` reports that one), for the same reason."""
+    if not tuple(getattr(options, "tread_route", ()) or ()) or getattr(options, "masked_loss", False):
+        return []
+    from .data import has_dataset_mask
+
+    if not any(has_dataset_mask(entry) for entry in index.entries):
+        return []
+    return [
+        f"{FLAG} with loss masks (alpha_mask, -masklabel.png mask images): SimpleTuner keeps every token inside "
+        "the loss mask in each route, which sdcore's routing does not do; train without one of them"
+    ]
+
+
+def model_problems(options: Any, layout: Any) -> list[str]:
+    """``--tread-route`` on this model (its family and block count, from the pre-flight's layout)."""
+    texts = tuple(getattr(options, "tread_route", ()) or ())
+    if not texts:
+        return []
+    from ..models.family import get_family
+
+    try:
+        family = get_family(layout.family)
+    except ConfigError:
+        return []
+    problem = family_routing_problem(family)
+    if problem:
+        return [problem]
+    routes, problems = parse_routes(texts)
+    config = layout.configs.get(family.denoiser) if isinstance(layout.configs, dict) else None
+    total = block_count(family, config) if isinstance(config, dict) else None
+    if total is None or problems:
+        return []  # the syntax is option_problems' to report; the count is checked again once the model loads
+    return resolve_routes(routes, total, f"the {family.label} {family.denoiser}")[1]
+
+
+def install_token_routing(bundle: Any, options: Any) -> TokenRouting | None:
+    """``--tread-route`` on a loaded bundle's denoiser (before block swap), its router seeded by ``--seed``."""
+    texts = tuple(getattr(options, "tread_route", ()) or ())
+    if not texts:
+        return None
+    family = bundle.family_spec
+    problem = family_routing_problem(family)
+    if problem:
+        raise ConfigError(problem)
+    routes, problems = parse_routes(texts)
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+    from .block_swap import block_list_names
+
+    seed = getattr(options, "seed", None)
+    return TokenRouting(bundle.denoiser, routes, family.token_routing, block_list_names(bundle),
+                        TokenRouter(DEFAULT_SEED if seed is None else seed))  # fmt: skip

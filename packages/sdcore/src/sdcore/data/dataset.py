@@ -25,7 +25,9 @@ from .buckets import (
     Resolution,
     area_side,
     assign_bucket,
+    assign_onetrainer_bucket,
     make_buckets,
+    onetrainer_buckets,
     resolution_pair,
     square_assignment,
 )
@@ -93,6 +95,9 @@ class SubsetOptions:
     #: ``[[datasets]]``'s own ``is_reg`` subsets balance against that dataset's alone (kohya)
     run_class: bool = False
     buckets: bool = True
+    #: how buckets are built and filled (:data:`sdcore.data.buckets.BUCKET_RULES`): kohya's, or OneTrainer's
+    #: (``bucket_step`` is then its quantization; ``min/max_bucket_reso`` and ``bucket_no_upscale`` unused)
+    bucket_rule: str = "kohya"
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_step: int = 64
@@ -342,6 +347,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "resolutions": _run_resolutions(options),
         "resolution_size": _run_resolution_size(options),
         "buckets": options.buckets,
+        "bucket_rule": options.bucket_rule,
         "min_bucket_reso": options.min_bucket_reso,
         "max_bucket_reso": options.max_bucket_reso,
         "bucket_step": options.bucket_step,
@@ -1177,20 +1183,28 @@ def build_dataset_index(options: TrainOptions, *, verify: bool = True) -> Datase
 
 def assign_buckets(index: DatasetIndex) -> list[BucketAssignment]:
     """One :class:`BucketAssignment` per entry of ``index`` (same order), using each entry's
-    subset settings (resolution, bucket sides and step, no-upscale, buckets on/off)."""
-    cache: dict[tuple[Resolution, int, int, int], list[tuple[int, int]]] = {}
+    subset settings (bucket rule, resolution, bucket sides and step, no-upscale, buckets on/off)."""
+    cache: dict[tuple[str, Resolution, int, int, int], list[tuple[int, int]]] = {}
     out: list[BucketAssignment] = []
     for entry in index.entries:
         s = entry.subset
         resolution = s.bucket_resolution
+        rule = getattr(s, "bucket_rule", "kohya")
         if not s.buckets:
-            out.append(square_assignment(entry.size, resolution))
+            out.append(square_assignment(entry.size, resolution, rule=rule))
             continue
-        key = (resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
+        key = (rule, resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
         if key not in cache:
-            cache[key] = make_buckets(
-                resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step
+            cache[key] = (
+                onetrainer_buckets(resolution, s.bucket_step)
+                if rule == "onetrainer"
+                else make_buckets(
+                    resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step
+                )
             )
+        if rule == "onetrainer":
+            out.append(assign_onetrainer_bucket(entry.size, cache[key]))
+            continue
         out.append(
             assign_bucket(
                 entry.size, cache[key], no_upscale=s.bucket_no_upscale, resolution=resolution, step=s.bucket_step

@@ -131,7 +131,16 @@ def test_rounding_is_pythons_not_kohyas():
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="quantization must be positive"):
         onetrainer_buckets(512, 0)
-    with pytest.raises(ConfigError, match="rounds to 0"):
-        onetrainer_buckets(64, 128)
+    with pytest.raises(ConfigError, match="every bucket side rounds to 0"):
+        onetrainer_buckets(32, 128)
+
+
+def test_a_resolution_up_to_the_grid_leaves_out_the_buckets_with_a_side_of_0():
+    """64 on the 64 grid (tiny SDXL runs): MGDS's list holds (128, 0) and (0, 128), on which it divides by zero;
+    sdcore keeps the rest, in MGDS's order."""
+    want = [(w, h) for h, w in mgds_buckets(64, 64) if h and w]
+    assert len(want) < len(mgds_buckets(64, 64))
+    assert onetrainer_buckets(64, 64) == want and set(want) == {(64, 64), (128, 64), (64, 128)}
+    assert assign_onetrainer_bucket((100, 64), want).bucket == (128, 64)
     with pytest.raises(ConfigError, match="one positive side"):
         onetrainer_buckets((768, 512), 64)

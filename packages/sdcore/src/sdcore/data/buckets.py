@@ -246,7 +246,7 @@ def onetrainer_buckets(resolution: Resolution, quantization: int) -> list[tuple[
     Each of :data:`ONETRAINER_ASPECTS` and its transpose scaled to the area ``resolution**2`` (``h / sqrt(h * w) *
     resolution``), each side put on the grid with Python's ``round(x / quantization) * quantization`` (half to
     even), duplicates dropped: 17 buckets for 512 on OneTrainer's SD grid of 8. There is no smallest or largest
-    side. The list keeps the order MGDS holds them in (that of its ``list(set(...))`` of ``(h, w)``), because the
+    side; a side rounded to 0 (only at a resolution up to the grid) drops its bucket. The list keeps the order MGDS holds them in (that of its ``list(set(...))`` of ``(h, w)``), because the
     bucket choice takes the first of equally near aspect ratios (:func:`assign_onetrainer_bucket`), which real
     image sizes hit."""
     if quantization <= 0:
@@ -262,12 +262,15 @@ def onetrainer_buckets(resolution: Resolution, quantization: int) -> list[tuple[
         scaled.append((h / norm * resolution, w / norm * resolution))
     scaled += [(w, h) for h, w in scaled]
     on_grid = [(round(h / quantization) * quantization, round(w / quantization) * quantization) for h, w in scaled]
-    if any(min(hw) <= 0 for hw in on_grid):
+    # a side that rounds to 0 (a resolution up to the grid: SDXL's 64 at 64) is a bucket MGDS divides by zero
+    # on, so OneTrainer cannot train there at all; sdcore leaves such buckets out (tiny test models train at 64)
+    buckets = [(w, h) for h, w in list(set(on_grid)) if h > 0 and w > 0]
+    if not buckets:
         raise ConfigError(
-            f"resolution {resolution} on the bucket grid {quantization}: the 1:4 bucket's short side "
-            f"({resolution // 2}) rounds to 0; use a resolution above {quantization}"
+            f"resolution {resolution} on the bucket grid {quantization}: every bucket side rounds to 0; use a "
+            f"resolution of at least {quantization}"
         )
-    return [(w, h) for h, w in list(set(on_grid))]
+    return buckets
 
 
 def onetrainer_scale(size: tuple[int, int], bucket: tuple[int, int]) -> BucketAssignment:

@@ -712,6 +712,27 @@ def test_every_resolution_form_onetrainer_reads(tmp_path):
     assert "'12a'" in _problems(tmp_path, {**SD15_LORA, "resolution": "512,12a"})
 
 
+def test_the_bucket_rule_and_grid_follow_the_family(tmp_path):
+    """OneTrainer's buckets on its family loader's ``aspect_bucketing_quantization``: 8 for SD, 64 for SDXL, also
+    with bucketing off (its square crop rounds as its buckets do)."""
+    o = _load(tmp_path, SD15_LORA)
+    assert (o.bucket_rule, o.bucket_step, o.buckets) == ("onetrainer", 8, True)
+    o = _load(tmp_path, {**SDXL_LORA_PRESET_KEYS, "aspect_ratio_bucketing": False})
+    assert (o.bucket_rule, o.bucket_step, o.buckets) == ("onetrainer", 64, False)
+
+
+def test_kohyas_no_upscale_with_onetrainers_buckets_is_a_preflight_problem():
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.preflight import bucket_rule_problems
+
+    assert bucket_rule_problems(TrainOptions(bucket_rule="onetrainer")) == []
+    assert bucket_rule_problems(TrainOptions(bucket_no_upscale=True)) == []  # kohya's own
+    (problem,) = bucket_rule_problems(TrainOptions(bucket_rule="onetrainer", bucket_no_upscale=True))
+    assert "--bucket-no-upscale" in problem and "--bucket-rule onetrainer" in problem
+    (problem,) = bucket_rule_problems(TrainOptions(bucket_rule="onetrainer", bucket_step=0))
+    assert "must be positive" in problem
+
+
 #: a config with the keys of OneTrainer's SDXL LoRA preset (training_presets/SDXL/#sdxl 1.0 LoRA.json: its field
 #: names, values written here for a tiny run); the preset sets no concepts: OneTrainer's default concept (crop
 #: jitter on) with latent caching on (the default)

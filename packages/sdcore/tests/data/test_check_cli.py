@@ -256,3 +256,27 @@ def test_cli_check_counts_images_as_a_conditioning_image_run(tmp_path):
     result = runner.invoke(data_group, [*args, "--inpainting-conditioning-images"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["images"] == 2
+
+
+def test_cli_check_shows_onetrainers_buckets(tmp_path):
+    """``--bucket-rule onetrainer --bucket-step 8``: the report's buckets are OneTrainer's (80x56 for a 100x64
+    image at 64, off kohya's step); a bad rule and kohya's no-upscale with it are one-line errors (exit 2)."""
+    from sdcore.data.buckets import assign_onetrainer_bucket, onetrainer_buckets
+
+    for name, size in (("wide", (100, 64)), ("tall", (64, 120))):
+        Image.new("RGB", size).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text("x", encoding="utf-8")
+    cli = click.Group()
+    sdcore_register_commands(cli)
+    args = ["data", "check", str(tmp_path), "--resolution", "64", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--bucket-rule", "onetrainer", "--bucket-step", "8"])
+    assert result.exit_code == 0, result.output
+    buckets = json.loads(result.output)["buckets"]
+    want = [assign_onetrainer_bucket(s, onetrainer_buckets(64, 8)).bucket for s in ((100, 64), (64, 120))]
+    assert buckets == {f"{w}x{h}": 1 for w, h in want} and "80x56" in buckets
+    kohya = json.loads(CliRunner().invoke(cli, [*args, "--min-bucket-reso", "64"]).output)["buckets"]
+    assert kohya != buckets
+    bad = CliRunner().invoke(cli, [*args, "--bucket-rule", "simpletuner"])
+    assert bad.exit_code == 2 and "choose one of kohya, onetrainer" in bad.output
+    bad = CliRunner().invoke(cli, [*args, "--bucket-rule", "onetrainer", "--no-upscale"])
+    assert bad.exit_code == 2 and "--bucket-no-upscale" in bad.output

@@ -280,3 +280,26 @@ def test_cli_check_shows_onetrainers_buckets(tmp_path):
     assert bad.exit_code == 2 and "choose one of kohya, onetrainer" in bad.output
     bad = CliRunner().invoke(cli, [*args, "--bucket-rule", "onetrainer", "--no-upscale"])
     assert bad.exit_code == 2 and "--bucket-no-upscale" in bad.output
+
+
+def test_a_dataset_tomls_no_upscale_with_onetrainers_buckets_is_a_problem(tmp_path):
+    """A kohya dataset TOML's ``bucket_no_upscale`` under ``--bucket-rule onetrainer`` would be silently ignored
+    (OneTrainer's buckets always upscale): one line naming the TOML key, exit 1, as the run's own flag is refused."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name, size in (("a", (100, 64)), ("b", (30, 20))):
+        Image.new("RGB", size).save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text("x", encoding="utf-8")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(
+        '[[datasets]]\nresolution = 64\nbucket_no_upscale = true\n[[datasets.subsets]]\nimage_dir = "imgs"\n'
+    )
+    cli = click.Group()
+    sdcore_register_commands(cli)
+    args = ["data", "check", str(toml), "--bucket-step", "8", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--bucket-rule", "onetrainer"])
+    assert result.exit_code == 1, result.output
+    (error,) = json.loads(result.output)["errors"]
+    assert "bucket_no_upscale" in error and "onetrainer" in error
+    kohya = CliRunner().invoke(cli, [*args, "--min-bucket-reso", "8"])  # kohya's own setting: no such problem
+    assert kohya.exit_code == 0 and json.loads(kohya.output)["errors"] == [], kohya.output

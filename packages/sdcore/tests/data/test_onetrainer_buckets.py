@@ -144,3 +144,19 @@ def test_a_resolution_up_to_the_grid_leaves_out_the_buckets_with_a_side_of_0():
     assert assign_onetrainer_bucket((100, 64), want).bucket == (128, 64)
     with pytest.raises(ConfigError, match="one positive side"):
         onetrainer_buckets((768, 512), 64)
+
+
+def test_mgds_order_does_not_depend_on_the_hash_seed():
+    """The tie-breaking order is that of a set of int tuples, whose hashes Python does not randomise: the same list
+    in a process with any ``PYTHONHASHSEED`` (OneTrainer's process and sdcore's agree), not an accident of this
+    one. Strings would be randomised; this guards against bucket keys turning into them."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from sdcore.data.buckets import onetrainer_buckets as b; print(b(512, 8), b(1024, 64))"
+    here = f"{onetrainer_buckets(512, 8)} {onetrainer_buckets(1024, 64)}"
+    for seed in ("0", "1", "4242"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == here

@@ -1144,6 +1144,14 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
         index.subsets += [replace(s, run_class=True) for s in extra]
     roots = {p for p in (source, Path(options.reg_data).expanduser() if options.reg_data else None) if p and p.is_dir()}
     for subset in index.subsets:
+        # a dataset TOML's own no-upscale would be ignored by OneTrainer's buckets (the run's flag is a pre-flight
+        # problem, bucket_rule_problems); said once per subset, before kohya's no-upscale skips any image
+        if subset.buckets and subset.bucket_no_upscale and getattr(subset, "bucket_rule", "kohya") == "onetrainer":
+            index.problems.append(
+                f"{subset.image_dir}: bucket_no_upscale is kohya's; OneTrainer's buckets (--bucket-rule onetrainer) "
+                "always scale an image to cover its bucket: leave one of them out"
+            )
+    for subset in index.subsets:
         _scan_subset(subset, index, verify=verify, roots=roots)
     from ..train.aitoolkit import is_job_file
     from ..train.simpletuner_config import is_config_file

@@ -712,6 +712,27 @@ def test_every_resolution_form_onetrainer_reads(tmp_path):
     assert "'12a'" in _problems(tmp_path, {**SD15_LORA, "resolution": "512,12a"})
 
 
+def test_the_bucket_rule_and_grid_follow_the_family(tmp_path):
+    """OneTrainer's buckets on its family loader's ``aspect_bucketing_quantization``: 8 for SD, 64 for SDXL, also
+    with bucketing off (its square crop rounds as its buckets do)."""
+    o = _load(tmp_path, SD15_LORA)
+    assert (o.bucket_rule, o.bucket_step, o.buckets) == ("onetrainer", 8, True)
+    o = _load(tmp_path, {**SDXL_LORA_PRESET_KEYS, "aspect_ratio_bucketing": False})
+    assert (o.bucket_rule, o.bucket_step, o.buckets) == ("onetrainer", 64, False)
+
+
+def test_kohyas_no_upscale_with_onetrainers_buckets_is_a_preflight_problem():
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.preflight import bucket_rule_problems
+
+    assert bucket_rule_problems(TrainOptions(bucket_rule="onetrainer")) == []
+    assert bucket_rule_problems(TrainOptions(bucket_no_upscale=True)) == []  # kohya's own
+    (problem,) = bucket_rule_problems(TrainOptions(bucket_rule="onetrainer", bucket_no_upscale=True))
+    assert "--bucket-no-upscale" in problem and "--bucket-rule onetrainer" in problem
+    (problem,) = bucket_rule_problems(TrainOptions(bucket_rule="onetrainer", bucket_step=0))
+    assert "must be positive" in problem
+
+
 #: a config with the keys of OneTrainer's SDXL LoRA preset (training_presets/SDXL/#sdxl 1.0 LoRA.json: its field
 #: names, values written here for a tiny run); the preset sets no concepts: OneTrainer's default concept (crop
 #: jitter on) with latent caching on (the default)
@@ -761,5 +782,65 @@ def test_cli_trains_the_sdxl_lora_preset_with_crop_jitter_and_cached_latents(tmp
     for file in files:
         with np.load(file) as stored:
             crops.append(tuple(int(x) for x in stored["crop"]))
-    assert all(top == 0 for top, _ in crops)  # wide images: the excess is across
-    assert len({left for _, left in crops}) > 1  # drawn per image, not one centre crop for all
+    # OneTrainer's buckets at 64 on SDXL's grid of 64: a 100x64 image goes to 128x64 and is scaled to 128x82, so
+    # the excess is top and bottom
+    assert all(left == 0 for _, left in crops)
+    assert len({top for top, _ in crops}) > 1  # drawn per image, not one centre crop for all
+
+
+def test_cli_trains_a_onetrainer_config_in_onetrainers_buckets(tmp_path, sd_cli, pm, monkeypatch):
+    """An SD1 config with aspect_ratio_bucketing (OneTrainer's default) trains each image in the bucket MGDS's
+    ``AspectBucketing`` gives it on SD's grid of 8 (80x56 for a 100x64 image, no kohya bucket: its sides step by
+    64), scaled as MGDS scales it and centre-cropped (crop jitter off): the cached latents have those sizes, the
+    dry run lists those buckets."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "packages" / "sdcore" / "tests" / "data"))
+    from test_onetrainer_buckets import mgds_assign  # MGDS's rule written out
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"wide": (100, 64), "tall": (64, 120), "square": (64, 64), "near": (90, 70)}
+    for stem, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(data / f"{stem}.png")
+        (data / f"{stem}.txt").write_text(f"a {stem} photo", encoding="utf-8")
+    config = {
+        "training_method": "LORA", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+        "learning_rate": 0.002, "epochs": 1, "batch_size": 1, "resolution": "64", "lora_rank": 2,
+        "layer_filter_preset": "attn-mlp", "train_dtype": "FLOAT_32", "output_model_format": "KOHYA_LORA",
+        "output_model_destination": "out/ot.safetensors", "learning_rate_warmup_steps": 0,
+        "text_encoder": {"train": False}, "unet": {"gradient_checkpointing": False}, "sample_after_unit": "NEVER",
+        "aspect_ratio_bucketing": True,
+        "concepts": [{"path": "data", "name": "c", "image": {"enable_crop_jitter": False}}],
+    }  # fmt: skip
+    path = _write(tmp_path, config)
+    want = {}  # stem -> (bucket (w, h), centre crop (top, left))
+    for stem, (w, h) in sizes.items():
+        (scale_h, scale_w), (crop_h, crop_w) = mgds_assign(h, w, 64, 8)
+        want[stem] = ((crop_w, crop_h), ((scale_h - crop_h) // 2, (scale_w - crop_w) // 2))
+    assert any(bw % 64 or bh % 64 for (bw, bh), _ in want.values())  # not on kohya's 64 step
+    assert len({bucket for bucket, _ in want.values()}) == 4
+
+    dry = sd_cli(["train", "lora", "--config", str(path), "--dry-run"], pm=pm)
+    assert dry.exit_code == 0, dry.output
+    (line,) = [line for line in dry.output.splitlines() if line.startswith("buckets:")]
+    assert all(f"{bw}x{bh}: 1" in line for (bw, bh), _ in want.values()), line
+
+    args = ["train", "lora", "--config", str(path), "--no-progress", "--cache-latents-to-disk",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    result = sd_cli(args, pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    files = sorted((tmp_path / "cache").rglob("*.npz"))
+    assert len(files) == 4
+    for file in files:
+        stem = file.name.split("_")[0]
+        (bw, bh), crop = want[stem]
+        with np.load(file) as stored:
+            assert stored["latents"].shape[-2:] == (bh // 8, bw // 8), file.name
+            assert tuple(int(x) for x in stored["crop"]) == crop, file.name
+            assert tuple(int(x) for x in stored["original_size"]) == sizes[stem][::-1]

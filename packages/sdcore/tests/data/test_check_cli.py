@@ -256,3 +256,50 @@ def test_cli_check_counts_images_as_a_conditioning_image_run(tmp_path):
     result = runner.invoke(data_group, [*args, "--inpainting-conditioning-images"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["images"] == 2
+
+
+def test_cli_check_shows_onetrainers_buckets(tmp_path):
+    """``--bucket-rule onetrainer --bucket-step 8``: the report's buckets are OneTrainer's (80x56 for a 100x64
+    image at 64, off kohya's step); a bad rule and kohya's no-upscale with it are one-line errors (exit 2)."""
+    from sdcore.data.buckets import assign_onetrainer_bucket, onetrainer_buckets
+
+    for name, size in (("wide", (100, 64)), ("tall", (64, 120))):
+        Image.new("RGB", size).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text("x", encoding="utf-8")
+    cli = click.Group()
+    sdcore_register_commands(cli)
+    args = ["data", "check", str(tmp_path), "--resolution", "64", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--bucket-rule", "onetrainer", "--bucket-step", "8"])
+    assert result.exit_code == 0, result.output
+    buckets = json.loads(result.output)["buckets"]
+    want = [assign_onetrainer_bucket(s, onetrainer_buckets(64, 8)).bucket for s in ((100, 64), (64, 120))]
+    assert buckets == {f"{w}x{h}": 1 for w, h in want} and "80x56" in buckets
+    kohya = json.loads(CliRunner().invoke(cli, [*args, "--min-bucket-reso", "64"]).output)["buckets"]
+    assert kohya != buckets
+    bad = CliRunner().invoke(cli, [*args, "--bucket-rule", "simpletuner"])
+    assert bad.exit_code == 2 and "choose one of kohya, onetrainer" in bad.output
+    bad = CliRunner().invoke(cli, [*args, "--bucket-rule", "onetrainer", "--no-upscale"])
+    assert bad.exit_code == 2 and "--bucket-no-upscale" in bad.output
+
+
+def test_a_dataset_tomls_no_upscale_with_onetrainers_buckets_is_a_problem(tmp_path):
+    """A kohya dataset TOML's ``bucket_no_upscale`` under ``--bucket-rule onetrainer`` would be silently ignored
+    (OneTrainer's buckets always upscale): one line naming the TOML key, exit 1, as the run's own flag is refused."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name, size in (("a", (100, 64)), ("b", (30, 20))):
+        Image.new("RGB", size).save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text("x", encoding="utf-8")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(
+        '[[datasets]]\nresolution = 64\nbucket_no_upscale = true\n[[datasets.subsets]]\nimage_dir = "imgs"\n'
+    )
+    cli = click.Group()
+    sdcore_register_commands(cli)
+    args = ["data", "check", str(toml), "--bucket-step", "8", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--bucket-rule", "onetrainer"])
+    assert result.exit_code == 1, result.output
+    (error,) = json.loads(result.output)["errors"]
+    assert "bucket_no_upscale" in error and "onetrainer" in error
+    kohya = CliRunner().invoke(cli, [*args, "--min-bucket-reso", "8"])  # kohya's own setting: no such problem
+    assert kohya.exit_code == 0 and json.loads(kohya.output)["errors"] == [], kohya.output

@@ -48,6 +48,13 @@ def data_group() -> None:
 @click.option("--bucket-step", type=int, default=64, show_default=True, help="Bucket side step in pixels.")
 @click.option("--no-upscale", is_flag=True, help="Never upscale images (kohya bucket_no_upscale).")
 @click.option("--no-buckets", is_flag=True, help="Square center crops instead of aspect-ratio buckets.")
+@click.option(
+    "--bucket-rule",
+    default="kohya",  # checked as the run checks --bucket-rule (load_options), keeping this module import-light
+    show_default=True,
+    help="kohya or onetrainer: kohya's buckets, or OneTrainer's (--bucket-step is then its grid: 8 for SD1/SD2, "
+    "64 for SDXL and the flow models).",
+)
 @click.option("--caption-extension", default=".txt", show_default=True, help="Caption file extension.")
 @click.option("--reg-data", type=click.Path(exists=True), default=None, help="Regularisation/class images folder.")
 @click.option(
@@ -91,6 +98,7 @@ def check_command(
     bucket_step: int,
     no_upscale: bool,
     no_buckets: bool,
+    bucket_rule: str,
     caption_extension: str,
     reg_data: str | None,
     metadata_file: str | None,
@@ -115,7 +123,7 @@ def check_command(
     from ..errors import ConfigError
     from ..train.config import load_options
     from ..train.options import TrainOptions
-    from ..train.preflight import resolutions_problems
+    from ..train.preflight import bucket_rule_problems, resolutions_problems
 
     values: dict[str, Any] = dict(
         data=path,
@@ -128,6 +136,7 @@ def check_command(
         bucket_step=bucket_step,
         bucket_no_upscale=no_upscale,
         buckets=not no_buckets,
+        bucket_rule=bucket_rule,
         caption_extension=caption_extension,
         metadata_file=metadata_file,
         dataset_repeats=dataset_repeats,
@@ -141,7 +150,7 @@ def check_command(
         # the run's own reading of the options, so the counts are the run's (a dataset TOML's
         # batch_size wins over --batch-size there); problems are one line each, exit 2, as a run's
         options = load_options(TrainOptions, overrides=values, notes=notes)
-        problems = resolutions_problems(options)
+        problems = resolutions_problems(options) + bucket_rule_problems(options)
     except ConfigError as exc:
         problems = exc.problems
     if problems:

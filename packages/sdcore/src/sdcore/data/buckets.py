@@ -1,4 +1,8 @@
-"""Aspect-ratio buckets (kohya style): train on many aspect ratios at a roughly constant pixel area.
+"""Aspect-ratio buckets: train on many aspect ratios at a roughly constant pixel area.
+
+Two rules (:data:`BUCKET_RULES`): kohya's (sd-scripts, sdcore's default, below) and OneTrainer's (MGDS
+``AspectBucketing``, :func:`onetrainer_buckets`), so a OneTrainer config trains its images at OneTrainer's sizes
+and crops.
 
 A bucket is a ``(width, height)`` whose sides are multiples of ``step`` and whose area is at most
 ``resolution**2``, or ``w * h`` for kohya's non-square resolution ``(w, h)`` (``[768, 512]`` / ``"768,512"``,
@@ -17,6 +21,25 @@ from ..errors import ConfigError, DataError
 
 #: a training resolution: the side of a square, or kohya's ``(width, height)``
 Resolution: TypeAlias = int | tuple[int, int]
+
+#: how buckets are built and filled: kohya's (sd-scripts' ``BucketManager``) or OneTrainer's (MGDS
+#: ``AspectBucketing``: a fixed list of aspect ratios on the quantization grid, no smallest/largest side, no
+#: no-upscale)
+BUCKET_RULES: tuple[str, ...] = ("kohya", "onetrainer")
+
+#: OneTrainer's bucket aspect ratios as (height, width) (MGDS ``AspectBucketing.all_possible_input_aspects``);
+#: each is also used transposed
+ONETRAINER_ASPECTS: tuple[tuple[float, float], ...] = (
+    (1.0, 1.0),
+    (1.0, 1.25),
+    (1.0, 1.5),
+    (1.0, 1.75),
+    (1.0, 2.0),
+    (1.0, 2.5),
+    (1.0, 3.0),
+    (1.0, 3.5),
+    (1.0, 4.0),
+)
 
 
 class ImageTooSmallError(DataError):
@@ -200,7 +223,83 @@ def assign_bucket(
     return _cover(size, best)
 
 
-def square_assignment(size: tuple[int, int], resolution: Resolution) -> BucketAssignment:
+def square_assignment(size: tuple[int, int], resolution: Resolution, *, rule: str = "kohya") -> BucketAssignment:
     """Buckets off: every image is resized to cover ``resolution`` x ``resolution`` (kohya's ``(w, h)``:
-    its one predefined bucket, so exactly ``w`` x ``h``) and center-cropped."""
-    return _cover(size, resolution_pair(resolution))
+    its one predefined bucket, so exactly ``w`` x ``h``) and center-cropped, with ``rule``'s rounding (OneTrainer's
+    ``SingleAspectCalculation`` and fixed ``WxH`` scale as its buckets do, :func:`onetrainer_scale`)."""
+    return fit_to_bucket(size, resolution_pair(resolution), rule=rule)
+
+
+def fit_to_bucket(size: tuple[int, int], bucket: tuple[int, int], *, rule: str = "kohya") -> BucketAssignment:
+    """The resize of ``size`` that covers ``bucket`` and its center crop, rounded as ``rule`` rounds (kohya: half
+    up; OneTrainer: Python's ``round``): the two differ by a pixel where a side lands on .5."""
+    return onetrainer_scale(size, bucket) if rule == "onetrainer" else _cover(size, bucket)
+
+
+# --------------------------------------------------------------------------------------------
+# OneTrainer's rule (MGDS AspectBucketing)
+
+
+def onetrainer_buckets(resolution: Resolution, quantization: int) -> list[tuple[int, int]]:
+    """OneTrainer's buckets for a target ``resolution`` as ``(width, height)``.
+
+    Each of :data:`ONETRAINER_ASPECTS` and its transpose scaled to the area ``resolution**2`` (``h / sqrt(h * w) *
+    resolution``), each side put on the grid with Python's ``round(x / quantization) * quantization`` (half to
+    even), duplicates dropped: 17 buckets for 512 on OneTrainer's SD grid of 8. There is no smallest or largest
+    side; a side rounded to 0 (only at a resolution up to the grid) drops its bucket. The list keeps the order MGDS holds them in (that of its ``list(set(...))`` of ``(h, w)``), because the
+    bucket choice takes the first of equally near aspect ratios (:func:`assign_onetrainer_bucket`), which real
+    image sizes hit."""
+    if quantization <= 0:
+        raise ConfigError(f"bucket quantization must be positive, got {quantization}")
+    if isinstance(resolution, tuple) or resolution <= 0:
+        raise ConfigError(
+            f"OneTrainer's buckets are built around one positive side, got {resolution!r} (a W,H size is a fixed "
+            "size: buckets off)"
+        )
+    scaled: list[tuple[float, float]] = []
+    for h, w in ONETRAINER_ASPECTS:
+        norm = math.sqrt(h * w)
+        scaled.append((h / norm * resolution, w / norm * resolution))
+    scaled += [(w, h) for h, w in scaled]
+    on_grid = [(round(h / quantization) * quantization, round(w / quantization) * quantization) for h, w in scaled]
+    # a side that rounds to 0 (a resolution up to the grid: SDXL's 64 at 64) is a bucket MGDS divides by zero
+    # on, so OneTrainer cannot train there at all; sdcore leaves such buckets out (tiny test models train at 64)
+    buckets = [(w, h) for h, w in list(set(on_grid)) if h > 0 and w > 0]
+    if not buckets:
+        raise ConfigError(
+            f"resolution {resolution} on the bucket grid {quantization}: every bucket side rounds to 0; use a "
+            f"resolution of at least {quantization}"
+        )
+    return buckets
+
+
+def onetrainer_scale(size: tuple[int, int], bucket: tuple[int, int]) -> BucketAssignment:
+    """OneTrainer's resize of an image of ``size`` = (w, h) to cover ``bucket`` (MGDS ``AspectBucketing`` /
+    ``SingleAspectCalculation``): an image relatively taller than the bucket takes the bucket's width and its
+    height follows (``round(h * bucket_w / w)``), any other the bucket's height; Python's ``round``, no floor at
+    the bucket (the followed side is never below it). Smaller images are upscaled (OneTrainer has no no-upscale).
+    The crop is the center (``ScaleCropImage`` without crop jitter: the excess ``// 2``)."""
+    width, height = size
+    bucket_w, bucket_h = bucket
+    if width <= 0 or height <= 0:
+        raise DataError(f"invalid image size {width}x{height}")
+    if height / width > bucket_h / bucket_w:
+        resized = (bucket_w, round(height * (bucket_w / width)))
+    else:
+        resized = (round(width * (bucket_h / height)), bucket_h)
+    crop = ((resized[0] - bucket_w) // 2, (resized[1] - bucket_h) // 2)
+    return BucketAssignment(bucket=(bucket_w, bucket_h), resized=resized, crop=crop)
+
+
+def assign_onetrainer_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> BucketAssignment:
+    """OneTrainer's bucket for an image of ``size`` = (w, h) among ``buckets`` (:func:`onetrainer_buckets`, in
+    its order): the one whose ``h / w`` is nearest the image's by plain difference (MGDS's ``np.argmin``: the
+    first of equal distances), then :func:`onetrainer_scale`."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise DataError(f"invalid image size {width}x{height}")
+    if not buckets:
+        raise ConfigError("no buckets to assign images to (check the bucket settings)")
+    aspect = height / width
+    best = min(range(len(buckets)), key=lambda i: abs(buckets[i][1] / buckets[i][0] - aspect))
+    return onetrainer_scale(size, buckets[best])

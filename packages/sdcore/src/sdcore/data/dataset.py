@@ -25,7 +25,9 @@ from .buckets import (
     Resolution,
     area_side,
     assign_bucket,
+    assign_onetrainer_bucket,
     make_buckets,
+    onetrainer_buckets,
     resolution_pair,
     square_assignment,
 )
@@ -93,6 +95,9 @@ class SubsetOptions:
     #: ``[[datasets]]``'s own ``is_reg`` subsets balance against that dataset's alone (kohya)
     run_class: bool = False
     buckets: bool = True
+    #: how buckets are built and filled (:data:`sdcore.data.buckets.BUCKET_RULES`): kohya's, or OneTrainer's
+    #: (``bucket_step`` is then its quantization; ``min/max_bucket_reso`` and ``bucket_no_upscale`` unused)
+    bucket_rule: str = "kohya"
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_step: int = 64
@@ -345,6 +350,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "resolutions": _run_resolutions(options),
         "resolution_size": _run_resolution_size(options),
         "buckets": options.buckets,
+        "bucket_rule": options.bucket_rule,
         "min_bucket_reso": options.min_bucket_reso,
         "max_bucket_reso": options.max_bucket_reso,
         "bucket_step": options.bucket_step,
@@ -1141,6 +1147,14 @@ def scan_dataset(options: TrainOptions, *, verify: bool = True) -> DatasetIndex:
         index.subsets += [replace(s, run_class=True) for s in extra]
     roots = {p for p in (source, Path(options.reg_data).expanduser() if options.reg_data else None) if p and p.is_dir()}
     for subset in index.subsets:
+        # a dataset TOML's own no-upscale would be ignored by OneTrainer's buckets (the run's flag is a pre-flight
+        # problem, bucket_rule_problems); said once per subset, before kohya's no-upscale skips any image
+        if subset.buckets and subset.bucket_no_upscale and getattr(subset, "bucket_rule", "kohya") == "onetrainer":
+            index.problems.append(
+                f"{subset.image_dir}: bucket_no_upscale is kohya's; OneTrainer's buckets (--bucket-rule onetrainer) "
+                "always scale an image to cover its bucket: leave one of them out"
+            )
+    for subset in index.subsets:
         _scan_subset(subset, index, verify=verify, roots=roots)
     from ..train.aitoolkit import is_job_file
     from ..train.simpletuner_config import is_config_file
@@ -1180,20 +1194,28 @@ def build_dataset_index(options: TrainOptions, *, verify: bool = True) -> Datase
 
 def assign_buckets(index: DatasetIndex) -> list[BucketAssignment]:
     """One :class:`BucketAssignment` per entry of ``index`` (same order), using each entry's
-    subset settings (resolution, bucket sides and step, no-upscale, buckets on/off)."""
-    cache: dict[tuple[Resolution, int, int, int], list[tuple[int, int]]] = {}
+    subset settings (bucket rule, resolution, bucket sides and step, no-upscale, buckets on/off)."""
+    cache: dict[tuple[str, Resolution, int, int, int], list[tuple[int, int]]] = {}
     out: list[BucketAssignment] = []
     for entry in index.entries:
         s = entry.subset
         resolution = s.bucket_resolution
+        rule = getattr(s, "bucket_rule", "kohya")
         if not s.buckets:
-            out.append(square_assignment(entry.size, resolution))
+            out.append(square_assignment(entry.size, resolution, rule=rule))
             continue
-        key = (resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
+        key = (rule, resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
         if key not in cache:
-            cache[key] = make_buckets(
-                resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step
+            cache[key] = (
+                onetrainer_buckets(resolution, s.bucket_step)
+                if rule == "onetrainer"
+                else make_buckets(
+                    resolution, min_reso=s.min_bucket_reso, max_reso=s.max_bucket_reso, step=s.bucket_step
+                )
             )
+        if rule == "onetrainer":
+            out.append(assign_onetrainer_bucket(entry.size, cache[key]))
+            continue
         out.append(
             assign_bucket(
                 entry.size, cache[key], no_upscale=s.bucket_no_upscale, resolution=resolution, step=s.bucket_step

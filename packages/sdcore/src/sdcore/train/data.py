@@ -261,10 +261,11 @@ class TrainData:
         if augment is None or augment.box == (0, augment.size[1], 0, augment.size[0]):  # no crop: the image's own
             resized, crop = self.geometry_of(ref)
             return SampleView(self.flip_of(ref), crop, self.color_of(ref), resized, augment)
-        from ..data.buckets import _cover
+        from ..data.buckets import fit_to_bucket
 
         bucket = self.assignments[ref.entry].bucket
-        cover = _cover(augment.cropped_size, bucket)
+        rule = getattr(self.entries[ref.entry].subset, "bucket_rule", "kohya")
+        cover = fit_to_bucket(augment.cropped_size, bucket, rule=rule)
         crop = cover.crop
         if getattr(self.entries[ref.entry].subset, "random_crop", False):
             from ..data.augment import draw_crop

@@ -196,6 +196,9 @@ FAMILY_PARTS = {
 }
 #: the T5 encoder's part (sdcore's ``train_t5``)
 T5_PART = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}
+#: OneTrainer's bucket grid per family (the ``aspect_bucketing_quantization`` its ``*BaseDataLoader`` gives MGDS's
+#: ``AspectBucketing``): sdcore's ``--bucket-step`` under ``--bucket-rule onetrainer``
+BUCKET_QUANTIZATION = {"sd1": 8, "sd2": 8, "sdxl": 64, "sd3": 64, "flux": 64, "chroma": 64}
 #: the families OneTrainer trains with flow matching (``ModelType.is_flow_matching``; its flow noise and loss)
 FLOW_FAMILIES = ("sd3", "flux", "chroma")
 #: ``LAYER_PRESETS`` of each family's ``Base*Setup``: ``layer_filter_preset`` -> the ``layer_filter`` patterns
@@ -765,6 +768,8 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     from ..data.onetrainer import parse_onetrainer_resolution
 
     v["buckets"] = bool(r.get("aspect_ratio_bucketing"))
+    # OneTrainer's buckets on its family's grid; buckets off (or a fixed WxH), its rounding of the cover resize
+    v.update(bucket_rule="onetrainer", bucket_step=BUCKET_QUANTIZATION.get(family, 64))
     try:
         read = parse_onetrainer_resolution(_text(r.get("resolution")), "resolution", buckets=v["buckets"])
     except ConfigError as exc:  # a fixed WxH off the grid, or no number

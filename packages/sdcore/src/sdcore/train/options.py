@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..builtin.part_options import PART_OPTIONS
+from ..data.buckets import BUCKET_RULES
 from ..data.resolutions import RESOLUTION_DRAWS
 from ..errors import ConfigError
 from ..options import option
@@ -318,6 +319,14 @@ class TrainOptions:
         group="data",
     )
     buckets: bool = option(True, "Aspect-ratio buckets; off means center-crop to a square.", group="data")
+    bucket_rule: str = option(
+        "kohya",
+        "How buckets are built and images put in them: 'kohya' (sd-scripts) or 'onetrainer' (OneTrainer's "
+        "aspect ratios 1:1 to 1:4 scaled to the resolution's area, sides rounded to --bucket-step, its grid: 8 for "
+        "SD1/SD2, 64 for SDXL and the flow models; no smallest or largest side, small images upscaled).",
+        choices=BUCKET_RULES,
+        group="data",
+    )
     min_bucket_reso: int = option(256, "Smallest bucket side.", group="data")
     max_bucket_reso: int = option(1024, "Largest bucket side.", group="data")
     bucket_step: int = option(64, "Bucket side step in pixels.", group="data")

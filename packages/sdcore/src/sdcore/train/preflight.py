@@ -128,6 +128,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     if o.resolution < 0:
         problems.append(f"--resolution must be positive (or 0 for the model's native size), got {o.resolution}")
     problems.extend(resolutions_problems(o))
+    problems.extend(bucket_rule_problems(o))
     if o.lr <= 0:
         problems.append(f"--lr must be positive, got {o.lr}")
     if o.sample_cfg is not None and o.sample_cfg <= 0:
@@ -1259,8 +1260,24 @@ def bucket_side_notes(index: Any) -> list[str]:
     from ..data.buckets import bucket_sides_note
 
     sides = {(e.subset.min_bucket_reso, e.subset.max_bucket_reso, e.subset.bucket_step) for e in index.entries
-             if e.subset.buckets}  # fmt: skip
+             if e.subset.buckets and getattr(e.subset, "bucket_rule", "kohya") == "kohya"}  # fmt: skip
     return [note for note in (bucket_sides_note(*side) for side in sorted(sides)) if note]
+
+
+def bucket_rule_problems(o: TrainOptions) -> list[str]:
+    """``--bucket-rule onetrainer`` with what OneTrainer's buckets do not have: kohya's no-upscale (OneTrainer
+    always scales an image to cover its bucket) or a bucket grid that is not positive."""
+    if o.bucket_rule != "onetrainer":
+        return []
+    problems = []
+    if o.bucket_no_upscale:
+        problems.append(
+            "--bucket-no-upscale is kohya's; OneTrainer's buckets (--bucket-rule onetrainer) always scale an image "
+            "to cover its bucket: leave one of them out"
+        )
+    if o.bucket_step <= 0:
+        problems.append(f"--bucket-step (OneTrainer's bucket quantization) must be positive, got {o.bucket_step}")
+    return problems
 
 
 def resolutions_problems(o: TrainOptions) -> list[str]:

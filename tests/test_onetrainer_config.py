@@ -207,14 +207,14 @@ def test_refusals_by_name_all_at_once(tmp_path):
     config = {
         **SD15_LORA, "perturbation_noise_weight": 0.1, "timestep_distribution": "LINEAR", "masked_training": True,
         "masked_prior_preservation_weight": 0.5,
-        "loss_weight_fn": "SIGMA", "mse_strength": 0.0, "peft_type": "OFT_2", "resolution": "1000x768",
+        "loss_weight_fn": "SIGMA", "mse_strength": 0.0, "peft_type": "OFT_2", "resolution": "1000x2",
         "unet": {"weight_dtype": "FLOAT_W8A8"}, "optimizer": {"optimizer": "CAME"}, "dropout_probability": 0.1,
         "learning_rate_scheduler": "REX", "save_every_unit": "EPOCH", "save_every": 2,
     }  # fmt: skip
     text = _problems(tmp_path, config)
     for expected in ("perturbation_noise_weight 0.1", "timestep_distribution 'LINEAR'",
                      "masked_prior_preservation_weight 0.5",
-                     "loss_weight_fn 'SIGMA'", "every loss strength is 0", "peft_type 'OFT_2'", "resolution '1000x768'",
+                     "loss_weight_fn 'SIGMA'", "every loss strength is 0", "peft_type 'OFT_2'", "resolution '1000x2'",
                      "unet.weight_dtype 'FLOAT_W8A8'", "optimizer.optimizer 'CAME'", "learning_rate_scheduler 'REX'",
                      "dropout_probability 0.1"):  # fmt: skip
         assert expected in text, expected
@@ -707,8 +707,23 @@ def test_every_resolution_form_onetrainer_reads(tmp_path):
     # it and is cropped to it, sdcore's kohya W,H without buckets (the side of the area, isqrt(1024*768) = 886)
     o = _load(tmp_path, {**SD15_LORA, "resolution": "1024x768", "aspect_ratio_bucketing": True})
     assert (o.resolution, o.resolution_size, o.buckets) == (886, (1024, 768), False)
-    text = _problems(tmp_path, {**SD15_LORA, "resolution": "1000x768", "aspect_ratio_bucketing": True})
-    assert "resolution '1000x768': OneTrainer's fixed size" in text and "multiples of 64" in text
+    # AspectBucketing puts a fixed size on the family's grid with Python's round (8 for SD1.5: 1000 stays, 1003 ->
+    # 1000, 1004 -> 1008 and 764, 772 -> 768 (round half to even: 125.5 -> 126, 96.5 -> 96); 64 for SDXL: 1000 -> 1024), with a note where it moved
+    notes: list[str] = []
+    o = _load(tmp_path, {**SD15_LORA, "resolution": "1000x768", "aspect_ratio_bucketing": True}, notes=notes)
+    assert (o.resolution_size, o.buckets) == ((1000, 768), False)
+    assert not any("rounds a fixed size" in note for note in notes)
+    for written, fixed in (("1003x764", (1000, 768)), ("1004x772", (1008, 768))):
+        notes = []
+        o = _load(tmp_path, {**SD15_LORA, "resolution": written, "aspect_ratio_bucketing": True}, notes=notes)
+        assert o.resolution_size == fixed
+        assert any(f"resolution {written}: OneTrainer rounds a fixed size to its grid, so the images are cropped "
+                   f"to {fixed[0]}x{fixed[1]}" in note for note in notes), notes  # fmt: skip
+    sdxl = {**SD15_LORA, "model_type": "STABLE_DIFFUSION_XL_10_BASE", "base_model_name": "tiny:sdxl"}
+    o = _load(tmp_path, {**sdxl, "resolution": "1000x768", "aspect_ratio_bucketing": True})
+    assert o.resolution_size == (1024, 768)
+    text = _problems(tmp_path, {**sdxl, "resolution": "30x768", "aspect_ratio_bucketing": True})
+    assert "resolution '30x768': on OneTrainer's grid of 64 this size has a side of 0" in text
     assert "'12a'" in _problems(tmp_path, {**SD15_LORA, "resolution": "512,12a"})
 
 

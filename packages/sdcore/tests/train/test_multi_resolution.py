@@ -247,14 +247,16 @@ def test_onetrainer_resolution_lists_map_to_resolutions(tmp_path):
     subsets = {s.image_dir: s for s in build_dataset_index(o).subsets}
     assert (subsets[a].resolution, subsets[a].resolutions) == (96, (64, 96))
     assert (subsets[b].resolution, subsets[b].resolutions) == (80, ())
-    with pytest.raises(ConfigError, match=r"resolution '1024x760': OneTrainer's fixed size .* multiples of 64"):
-        _onetrainer(tmp_path, [{"path": str(a)}], resolution="1024x760")
+    # SD1.5's grid is 8: 1024x760 is on it (OneTrainer trains it as written); 1024x2 rounds to a side of 0
+    assert _onetrainer(tmp_path, [{"path": str(a)}], resolution="1024x760").resolution_size == (1024, 760)
+    with pytest.raises(ConfigError, match=r"resolution '1024x2': on OneTrainer's grid of 8 this size has a side of 0"):
+        _onetrainer(tmp_path, [{"path": str(a)}], resolution="1024x2")
 
 
 def test_onetrainer_fixed_size_override_is_a_w_h_crop(tmp_path):
     """A concept's ``resolution_override`` "128x64" (MGDS AspectBucketing: width 128, height 64): every image covers
-    128x64 and is cropped to it, sdcore's W,H without buckets; a size off the 64 grid is refused."""
-    from sdcore.data.dataset import DatasetProblems, assign_buckets, build_dataset_index
+    128x64 and is cropped to it, sdcore's W,H without buckets; a size off the family's grid is rounded onto it."""
+    from sdcore.data.dataset import assign_buckets, build_dataset_index
 
     a = make_tiny_dataset(tmp_path / "a", n=2) / "1_sks"
     o = _onetrainer(
@@ -269,13 +271,21 @@ def test_onetrainer_fixed_size_override_is_a_w_h_crop(tmp_path):
         assignment = assign_buckets(index)[0]
         assert index.entries[0].size == (64, 64)
         assert (assignment.bucket, assignment.resized, assignment.crop) == ((128, 64), (128, 128), (0, 32))
-    o = _onetrainer(
-        tmp_path, [{"path": str(a), "image__enable_resolution_override": True, "image__resolution_override": "96x64"}]
-    )
-    with pytest.raises(
-        DatasetProblems, match=r"resolution_override '96x64': OneTrainer's fixed size .*multiples of 64"
-    ):
-        build_dataset_index(o)
+    # off the 64 grid but on SD1.5's grid of 8 (OneTrainer's AspectBucketing quantization): trained as written;
+    # 97x64 is rounded to 96x64, as OneTrainer rounds it
+    for written in ("96x64", "97x64"):
+        o = _onetrainer(
+            tmp_path,
+            [{"path": str(a), "image__enable_resolution_override": True, "image__resolution_override": written}],
+        )
+        (subset,) = build_dataset_index(o).subsets
+        assert (subset.resolution_size, subset.buckets) == ((96, 64), False)
+    # a concepts file given alone names no family, so no grid: only sizes on every family's grid (64)
+    from sdcore.data.onetrainer import parse_onetrainer_resolution
+
+    with pytest.raises(ConfigError, match=r"'96x64': .*multiples of 64 .*--bucket-rule onetrainer --bucket-step GRID"):
+        parse_onetrainer_resolution("96x64", "resolution_override", buckets=True)
+    assert parse_onetrainer_resolution("97x64", "r", buckets=True, grid=8).fixed == (96, 64)
 
 
 def test_aitoolkit_lists_train_every_image_at_every_resolution(tmp_path):

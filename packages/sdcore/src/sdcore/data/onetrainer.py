@@ -380,7 +380,8 @@ def load_concepts(
 
 
 #: OneTrainer rounds a fixed size to its bucket grid (``AspectBucketing``'s quantization: 8 for SD1/SD2,
-#: 64 for SDXL, SD3, FLUX.1 and Chroma); a multiple of 64 is kept as written by every family
+#: 64 for SDXL, SD3, FLUX.1 and Chroma); a multiple of 64 is kept as written by every family, so where the grid
+#: is not known (a concepts file given alone) sdcore takes such sizes only
 FIXED_SIZE_GRID = 64
 
 
@@ -391,6 +392,15 @@ class OneTrainerResolution:
 
     sizes: tuple[int, ...] = ()
     fixed: tuple[int, int] | None = None
+    #: the fixed size as written, where OneTrainer's grid moved it (else ``None``)
+    written: tuple[int, int] | None = None
+
+    def rounding_note(self, what: str) -> str | None:
+        """A note where OneTrainer's grid moved a fixed size, which the run then trains at as OneTrainer does."""
+        if self.written is None or self.fixed is None:
+            return None
+        (w, h), (fw, fh) = self.written, self.fixed
+        return f"{what} {w}x{h}: OneTrainer rounds a fixed size to its grid, so the images are cropped to {fw}x{fh}"
 
 
 def _fixed_size_values(fixed: tuple[int, int]) -> dict[str, Any]:
@@ -402,11 +412,15 @@ def _fixed_size_values(fixed: tuple[int, int]) -> dict[str, Any]:
     return {"resolution": side, "resolution_size": size}
 
 
-def parse_onetrainer_resolution(raw: object, what: str, *, buckets: bool) -> OneTrainerResolution:
+def parse_onetrainer_resolution(
+    raw: object, what: str, *, buckets: bool, grid: int | None = None
+) -> OneTrainerResolution:
     """Read a ``resolution`` / ``image.resolution_override`` as MGDS does (``AspectBucketing`` with
     ``aspect_ratio_bucketing``, ``SingleAspectCalculation`` without): text with an ``x`` and no comma is
     a fixed size ``W x H`` (bucketing only; without it MGDS fails on it), anything else a comma list read
-    with Python's ``int`` (so `` 512``, ``+512`` and ``1_024`` are numbers there too). Raises
+    with Python's ``int`` (so `` 512``, ``+512`` and ``1_024`` are numbers there too). A fixed size is put on
+    ``grid``, the family's bucket grid, with Python's ``round(side / grid) * grid`` as ``AspectBucketing``'s
+    quantization does; without a grid only sizes on :data:`FIXED_SIZE_GRID` (every family's) are taken. Raises
     :class:`~sdcore.errors.ConfigError` with one line for what sdcore cannot train the same way."""
     text = str(raw).strip()
     if "x" in text and "," not in text:
@@ -420,11 +434,20 @@ def parse_onetrainer_resolution(raw: object, what: str, *, buckets: bool) -> One
                 f"{what} {text!r}: OneTrainer reads a fixed size only with aspect_ratio_bucketing on (without "
                 "it its data loader fails on it); give one number or a list"
             )
+        if grid is not None and grid > 0:
+            fixed = (round(width / grid) * grid, round(height / grid) * grid)
+            if min(fixed) <= 0:
+                raise ConfigError(
+                    f"{what} {text!r}: on OneTrainer's grid of {grid} this size has a side of 0 (OneTrainer fails "
+                    "on it); give sides of at least the grid"
+                )
+            return OneTrainerResolution(fixed=fixed, written=(width, height) if fixed != (width, height) else None)
         if min(width, height) <= 0 or width % FIXED_SIZE_GRID or height % FIXED_SIZE_GRID:
             raise ConfigError(
                 f"{what} {text!r}: OneTrainer's fixed size (every image scaled to cover {width}x{height} and "
                 f"cropped to it) is sdcore's W,H without buckets where both sides are multiples of "
-                f"{FIXED_SIZE_GRID} (OneTrainer rounds others to its family's grid); give such a size"
+                f"{FIXED_SIZE_GRID} (OneTrainer rounds others to its family's grid, which a concepts file alone "
+                "does not name: give --bucket-rule onetrainer --bucket-step GRID, or such a size)"
             )
         return OneTrainerResolution(fixed=(width, height))
     sizes: list[int] = []
@@ -509,11 +532,15 @@ def _subset(
     if image["enable_resolution_override"] is True:
         try:  # the concept's list replaces the run's (a single number: that resolution alone)
             read = parse_onetrainer_resolution(
-                image["resolution_override"], "image.resolution_override", buckets=bool(base.get("buckets", True))
-            )
+                image["resolution_override"], "image.resolution_override", buckets=bool(base.get("buckets", True)),
+                grid=base.get("bucket_step") if base.get("bucket_rule") == "onetrainer" else None,
+            )  # fmt: skip
         except ConfigError as exc:
             problems.append(f"{c.label}: {exc}")
         else:
+            rounded = read.rounding_note("image.resolution_override")
+            if rounded:
+                notes.append(f"{c.label}: {rounded}")
             if read.fixed is not None:  # WxH: every image covers it and is cropped to it, no buckets
                 values.update(_fixed_size_values(read.fixed), resolutions=(), buckets=False)
             else:

@@ -771,10 +771,15 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     # OneTrainer's buckets on its family's grid; buckets off (or a fixed WxH), its rounding of the cover resize
     v.update(bucket_rule="onetrainer", bucket_step=BUCKET_QUANTIZATION.get(family, 64))
     try:
-        read = parse_onetrainer_resolution(_text(r.get("resolution")), "resolution", buckets=v["buckets"])
-    except ConfigError as exc:  # a fixed WxH off the grid, or no number
+        read = parse_onetrainer_resolution(
+            _text(r.get("resolution")), "resolution", buckets=v["buckets"], grid=v["bucket_step"]
+        )
+    except ConfigError as exc:  # a fixed WxH with a side of 0 on the grid, or no number
         r.out.problems.append(f"{r.where}: {exc}")
     else:
+        rounded = read.rounding_note("resolution")
+        if rounded:
+            r.note(rounded)
         sizes = read.sizes
         if read.fixed is not None:  # WxH: every image covers it and is cropped to it, no buckets; load_options
             # turns a non-square pair into the side of its area plus resolution_size, as for kohya's W,H

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from sdcore.data.buckets import (
     ImageTooSmallError,
     assign_bucket,
+    bucket_range_note,
     bucket_sides_note,
     make_buckets,
     square_assignment,
@@ -74,6 +75,46 @@ def test_the_preflight_notes_the_adjustment_once(tmp_path):
         TrainOptions(data=str(tmp_path / "data"), resolution=64, buckets=False, min_bucket_reso=40)
     )
     assert bucket_side_notes(index) == []  # kohya adjusts (and checks) them with buckets on only
+
+
+def test_a_resolution_outside_the_bucket_sides_is_noted_where_kohya_stops():
+    """kohya asserts min(resolution) >= min_bucket_reso and max(resolution) <= max_bucket_reso (after putting them on
+    the step); sdcore trains on, and the note says what the buckets then are (checked against make_buckets)."""
+    assert bucket_range_note(512, 256, 1024, 64) is None
+    assert bucket_range_note((1024, 256), 256, 1024, 64) is None  # both sides inside: kohya passes
+    above = bucket_range_note(1536, 256, 1024, 64)
+    assert above == (
+        "resolution 1536 is above max_bucket_reso 1024: no bucket side but the square's goes past 1024 (kohya stops "
+        "on this): give --max-bucket-reso 1536 or more"
+    )
+    assert max(side for bucket in make_buckets(1536) if bucket != (1536, 1536) for side in bucket) == 1024
+    below = bucket_range_note((768, 200), 256, 1024, 64)
+    assert below is not None and below.startswith("resolution 768x200 is below min_bucket_reso 256")
+    assert make_buckets(64) == [(64, 64)]  # below 256: the square alone, every image cropped square
+    assert bucket_range_note(64, 256, 1024, 64) == (
+        "resolution 64 is below min_bucket_reso 256: the buckets hold only the square of its area, so every image "
+        "is cropped square (kohya stops on this): give --min-bucket-reso 64 or less"
+    )
+    # the sides are put on the step first, as kohya does before its assert: 1000 -> 1024 admits 1024
+    assert bucket_range_note(1024, 256, 1000, 64) is None
+    assert bucket_range_note(1050, 256, 1000, 64) == (
+        "resolution 1050 is above max_bucket_reso 1024: no bucket side but the square's goes past 1024 (kohya stops "
+        "on this): give --max-bucket-reso 1088 or more"
+    )
+
+
+def test_the_preflight_notes_each_resolution_outside_the_sides_once(tmp_path):
+    from sdcore.data.dataset import build_dataset_index
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.preflight import bucket_side_notes
+
+    make_tiny_dataset(tmp_path / "data", n=2)
+    options = TrainOptions(data=str(tmp_path / "data"), resolution=128, resolutions="64,96,128", min_bucket_reso=96,
+                           max_bucket_reso=128, bucket_step=32)  # fmt: skip
+    assert bucket_side_notes(build_dataset_index(options)) == [bucket_range_note(64, 96, 128, 32)]
+    options = TrainOptions(data=str(tmp_path / "data"), resolution=64, min_bucket_reso=64, max_bucket_reso=128)
+    assert bucket_side_notes(build_dataset_index(options)) == []
 
 
 BUCKETS_512 = make_buckets(512)

@@ -97,6 +97,27 @@ def bucket_sides_note(min_reso: int, max_reso: int, step: int) -> str | None:
     )
 
 
+def bucket_range_note(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> str | None:
+    """What kohya's ``adjust_min_max_bucket_reso_by_steps`` asserts and sdcore lets through, said as a note:
+    a resolution side below ``min_bucket_reso`` or above ``max_bucket_reso`` (on the step). :func:`make_buckets`
+    then keeps the square bucket of the area and no other within the sides (below: every image is cropped
+    square) or every other side stops at the maximum (above). ``None`` where the resolution fits."""
+    low, high = kohya_bucket_sides(min_reso, max_reso, step)
+    width, height = resolution_pair(resolution)
+    shown = f"{width}x{height}" if width != height else str(width)
+    if min(width, height) < low:
+        return (
+            f"resolution {shown} is below min_bucket_reso {low}: the buckets hold only the square of its area, so "
+            f"every image is cropped square (kohya stops on this): give --min-bucket-reso {min(width, height)} or less"
+        )
+    if max(width, height) > high:
+        return (
+            f"resolution {shown} is above max_bucket_reso {high}: no bucket side but the square's goes past {high} "
+            f"(kohya stops on this): give --max-bucket-reso {-(-max(width, height) // step) * step} or more"
+        )
+    return None
+
+
 def _check_bucket_settings(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> None:
     if step <= 0:
         raise ConfigError(f"bucket step must be positive, got {step}")

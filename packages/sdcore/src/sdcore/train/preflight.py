@@ -1256,12 +1256,19 @@ def method_dataset_checks(method: TrainingMethod[Any], index: Any) -> tuple[list
 
 
 def bucket_side_notes(index: Any) -> list[str]:
-    """One note per distinct bucket setting whose sides are off the step (kohya's adjustment, applied)."""
-    from ..data.buckets import bucket_sides_note
+    """One note per distinct bucket setting whose sides are off the step (kohya's adjustment, applied), and one
+    per resolution outside its subset's bucket sides (kohya's assert, :func:`~sdcore.data.buckets.bucket_range_note`;
+    each of a subset's ``resolutions`` counts)."""
+    from ..data.buckets import bucket_range_note, bucket_sides_note
 
-    sides = {(e.subset.min_bucket_reso, e.subset.max_bucket_reso, e.subset.bucket_step) for e in index.entries
-             if e.subset.buckets and getattr(e.subset, "bucket_rule", "kohya") == "kohya"}  # fmt: skip
-    return [note for note in (bucket_sides_note(*side) for side in sorted(sides)) if note]
+    kohya = [e.subset for e in index.entries
+             if e.subset.buckets and getattr(e.subset, "bucket_rule", "kohya") == "kohya"]  # fmt: skip
+    sides = {(s.min_bucket_reso, s.max_bucket_reso, s.bucket_step) for s in kohya}
+    notes = [note for note in (bucket_sides_note(*side) for side in sorted(sides)) if note]
+    ranges = {(resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
+              for s in kohya for resolution in (tuple(s.resolutions) or (s.bucket_resolution,))}  # fmt: skip
+    found = (bucket_range_note(*each) for each in sorted(ranges, key=repr))
+    return notes + list(dict.fromkeys(note for note in found if note))
 
 
 def bucket_rule_problems(o: TrainOptions) -> list[str]:

@@ -443,10 +443,29 @@ def test_text_to_image_train_data_dir_metadata_jsonl(tmp_path, monkeypatch):
         str(Path("pics") / "metadata.jsonl"), "file_name", "", "caption")  # fmt: skip
     index = scan_dataset(o)
     assert not index.problems
-    found = sorted((e.path.resolve(), e.caption) for e in index.entries)
-    assert found == [((folder / "0.png").resolve(), "a red fox"), ((folder / "1.png").resolve(), "the longer caption")]
+    found = sorted((e.path.resolve(), e.caption, e.captions) for e in index.entries)
+    assert found == [((folder / "0.png").resolve(), "a red fox", ()),
+                     ((folder / "1.png").resolve(), "short", ("short", "the longer caption"))]  # fmt: skip
     assert not any(has_control(e) for e in index.entries)
-    assert any("draws one each time" in n for n in notes)
+    assert any("a list of captions trains on one drawn at random each time" in n for n in notes)
+    # the script's random.choice(caption) at each use: sdcore draws from the sample's generator, so both occur,
+    # a seeded generator repeats its draw, and a single caption draws nothing (the rng is left as it was)
+    import random
+
+    from sdcore.train.data import caption_is_random, make_caption
+
+    class Plain:
+        def caption_for(self, caption, *, is_class, rng):
+            return caption
+
+    listed = next(e for e in index.entries if e.captions)
+    drawn = {make_caption(Plain(), listed, random.Random(seed)) for seed in range(40)}
+    assert drawn == {"short", "the longer caption"}
+    assert make_caption(Plain(), listed, random.Random(3)) == make_caption(Plain(), listed, random.Random(3))
+    single = next(e for e in index.entries if not e.captions)
+    rng = random.Random(5)
+    assert make_caption(Plain(), single, rng) == "a red fox" and rng.random() == random.Random(5).random()
+    assert caption_is_random(listed) and not caption_is_random(single)
     other = _write(tmp_path, path.read_text().replace("--caption_column=caption", "--image_column=img"), "o.sh")
     assert any("--image_column 'img'" in p for p in _problems(other))
 

@@ -51,3 +51,20 @@ def test_unicode_line_separators_inside_a_caption_do_not_split_its_row(tmp_path)
         (2, "next\u0085line and\u2029paragraph"),
         (3, "caption 2"),
     ]
+
+
+def test_a_caption_list_is_its_longest_for_the_control_scripts_and_kept_whole_in_an_imagefolder(tmp_path):
+    """flux-control's train_control_lora_flux.py takes ``max(captions, key=len)``; the text_to_image scripts'
+    imagefolder (no control column) draw ``random.choice(caption)`` at each use, so the row keeps the list."""
+    rows = _files(tmp_path, 2)
+    rows[0]["text"] = ["short", "the longest one", "mid one"]
+    rows[1]["text"] = ["only"]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    control, _ = jsonl_rows(path)
+    assert [(r.caption, r.captions) for r in control] == [("the longest one", ()), ("only", ())]
+    folder, _ = jsonl_rows(path, ("image", "", "text"))
+    assert [(r.caption, r.captions) for r in folder] == [
+        ("short", ("short", "the longest one", "mid one")),
+        ("only", ()),  # one caption: nothing to draw
+    ]

@@ -202,6 +202,9 @@ class ImageEntry:
     tags: str | None = None
     #: this image's own control image (a JSONL row's); ``None``: the subset's ``control_dir`` pairs by stem
     control_path: Path | None = None
+    #: captions to draw one from at each use (an imagefolder ``metadata.jsonl`` row's list, as diffusers'
+    #: text_to_image scripts draw); ``caption`` is the first. Empty: ``caption`` alone
+    captions: tuple[str, ...] = ()
 
     @property
     def written_caption(self) -> str:
@@ -975,6 +978,7 @@ def _scan_jsonl_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bo
                 size=size,
                 subset=subset,
                 control_path=row.control,
+                captions=row.captions,
             )
         )
 

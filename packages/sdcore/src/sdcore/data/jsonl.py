@@ -16,6 +16,8 @@ together, one line each kind. ``--dataset_name`` (a Hugging Face hub dataset) is
 
 The same reader takes an ``imagefolder`` ``metadata.jsonl`` (diffusers' text_to_image scripts' ``--train_data_dir``:
 rows of ``file_name`` relative to the folder and a caption column): the control image column is then ``""``, none.
+There a list of captions is kept whole (:attr:`JsonlRow.captions`): those scripts train each use on one of them
+drawn at random (``random.choice(caption) if is_train``), which sdcore does with the sample's seeded generator.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class JsonlRow:
     image: Path
     control: Path | None
     caption: str
+    #: an imagefolder row's list of captions, each use drawing one (``caption`` is its first); empty otherwise
+    captions: tuple[str, ...] = ()
 
 
 def _listed(items: list[str], limit: int = 5) -> str:
@@ -55,12 +59,16 @@ def _resolve(value: str, folder: Path) -> Path | None:
     return None
 
 
-def _caption(value: object) -> str | None:
-    """A caption cell: a string, or the longest of a list of strings (the script's ``max(example, key=len)``)."""
+def _caption(value: object, *, keep_list: bool) -> tuple[str, tuple[str, ...]] | None:
+    """A caption cell as ``(caption, captions)``: a string is itself; a list of strings is its longest (the control
+    scripts' ``max(example, key=len)``) or, with ``keep_list`` (an imagefolder: the text_to_image scripts'
+    ``random.choice``), its first plus the whole list to draw from. ``None``: not a caption."""
     if isinstance(value, str):
-        return value
+        return value, ()
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return max(value, key=len)
+        if keep_list and len(value) > 1:
+            return value[0], tuple(value)
+        return max(value, key=len), ()
     return None
 
 
@@ -105,13 +113,13 @@ def jsonl_rows(path: Path, columns: tuple[str, str, str] = DEFAULT_COLUMNS) -> t
                 bad = True
             else:
                 found[column] = resolved
-        caption = _caption(record.get(caption_col))
-        if caption is None:
+        read = _caption(record.get(caption_col), keep_list=not control_col)
+        if read is None:
             no_column.setdefault(caption_col, []).append(str(number))
             bad = True
         if not bad:
-            assert caption is not None
-            rows.append(JsonlRow(number, found[image_col], found.get(control_col), caption))
+            assert read is not None
+            rows.append(JsonlRow(number, found[image_col], found.get(control_col), *read))
     problems: list[str] = []
     if not_objects:
         problems.append(f"{path}: {len(not_objects)} line(s) are not a JSON object: lines {_listed(not_objects)}")

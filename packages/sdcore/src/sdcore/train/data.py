@@ -288,7 +288,8 @@ def caption_is_random(entry: ImageEntry) -> bool:
 
     s = entry.subset
     wildcards = getattr(s, "enable_wildcard", False) and has_wildcards(entry.caption)
-    return bool(s.shuffle_caption or s.caption_dropout > 0 or s.tag_dropout > 0 or wildcards)
+    listed = len(getattr(entry, "captions", ())) > 1
+    return bool(s.shuffle_caption or s.caption_dropout > 0 or s.tag_dropout > 0 or wildcards or listed)
 
 
 def caption_depends_on_step(entry: ImageEntry, total_steps: int) -> bool:
@@ -315,13 +316,15 @@ def make_caption(
     it draws nothing, so the per-sample ``rng`` sees the same draws with the option on or off.
     ``step`` (optimizer steps done) and ``total_steps`` drive kohya's token warm-up. The wildcard
     choices draw from ``rng`` where kohya draws them (after the caption-dropout draw, before the
-    shuffle); with ``enable_wildcard`` off nothing is drawn for them.
+    shuffle); with ``enable_wildcard`` off nothing is drawn for them. An entry with a list of captions (an
+    imagefolder row's, :attr:`ImageEntry.captions`) draws one first, as diffusers' text_to_image scripts do.
     """
     from ..data.captions import process_caption
 
     s = entry.subset
+    listed = getattr(entry, "captions", ())
     caption = process_caption(
-        entry.caption,
+        rng.choice(listed) if listed else entry.caption,
         shuffle=s.shuffle_caption,
         keep_tokens=s.keep_tokens,
         tag_dropout=s.tag_dropout,

@@ -731,9 +731,9 @@ def _imagefolder(a: _Args, folder: Path, once: bool, w: str, out: JobTranslation
             out.problems.append(f"{w}: --image_column {a.text('image_column')!r}: an imagefolder's images are "
                                 "its 'image' column (from metadata.jsonl's file_name); the script stops "
                                 "on another")  # fmt: skip
-        drawn = "draws one per image once for the run" if once else "draws one each time"
+        drawn = " (the script draws one per image once for the run, when it encodes them)" if once else ""
         out.notes.append(f"{w}: {folder}: images and captions from its metadata.jsonl; a row with a list of "
-                         f"captions trains on its longest (the script {drawn})")  # fmt: skip
+                         f"captions trains on one drawn at random each time{drawn}")  # fmt: skip
     else:
         if (folder / "metadata.csv").is_file():
             out.problems.append(f"{w}: {folder}: its metadata.csv captions are not read; write them as a "

@@ -225,9 +225,9 @@ def encode_mean(bundle: ModelBundle, pixels: Any) -> torch.Tensor:
 def unmasked_draw(seed: int, probability: float) -> bool:
     """Whether a sample trains with the full mask and a blank masked image (``unmasked_probability``), drawn from
     the sample's own generator (so a resumed or cached run draws the same)."""
-    import random
+    from .data import seeded_draw
 
-    return probability > 0 and random.Random(seed).random() < probability
+    return seeded_draw(seed, probability)
 
 
 def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:

@@ -247,3 +247,55 @@ def test_segmentation_beside_alpha_masks_is_a_problem(tmp_path):
                   "--dry-run")  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "mask_kind segmentation reads mask images of a conditioning_data_dir" in result.output
+
+
+def test_mask_kind_segmentation_without_mask_images_is_a_problem(tmp_path):
+    """--mask-kind segmentation acts on conditioning_data_dir mask images only; without any it would do nothing."""
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    args = ["--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "out.safetensors"),
+            "--resolution", "64", "--dry-run"]  # fmt: skip
+    assert _cli(*args).exit_code == 0
+    result = _cli(*args, "--mask-kind", "segmentation")
+    assert result.exit_code == 2, result.output
+    assert "mask_kind segmentation" in result.output and "but no subset has them" in result.output
+
+
+def test_segmentation_masks_with_a_tread_route_are_refused(tmp_path):
+    """SimpleTuner keeps the tokens inside a loss mask in every route; sdcore's routing does not, so a translated
+    segmentation dataset with tread_config is refused as a mask dataset is."""
+    routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]}
+    path, _, _ = _segmentation(tmp_path, family="flux", tread_config=routes)
+    result = _cli("--config", str(path), "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert "--tread-route with --masked-loss" in result.output
+
+
+def test_segmentation_masks_on_an_inpainting_model_are_a_problem(tmp_path):
+    """An inpainting model takes the dataset's masks as its mask input; a segmentation mask only weighs the loss."""
+    from types import SimpleNamespace
+
+    from sdcore.data.dataset import scan_dataset
+    from sdcore.train.inpainting import inpainting_problems
+
+    path, _, _ = _segmentation(tmp_path)
+    o = _lora(path)
+    layout = SimpleNamespace(inpainting=True, family="sd1", configs={}, source="tiny:sd1-inpainting")
+    index = scan_dataset(o)
+    assert any("mask_kind segmentation" in p for p in inpainting_problems(o, layout, index))  # type: ignore[arg-type]
+    plain, _, _ = _run(tmp_path / "red")
+    red = _lora(plain)
+    assert not any("mask_kind" in p for p in inpainting_problems(red, layout, scan_dataset(red)))  # type: ignore[arg-type]
+
+
+def test_the_inpainting_unmasked_draw_is_unchanged_by_the_shared_helper():
+    """unmasked_draw now goes through seeded_draw; every draw is the one it made before (``p > 0`` and the seed's
+    first ``random()`` below ``p``), p=0 and p=1 included."""
+    import random
+
+    from sdcore.train.inpainting import unmasked_draw
+
+    for seed in range(300):
+        for p in (0.0, 1e-9, 0.3, 0.5, 0.999, 1.0):
+            assert unmasked_draw(seed, p) == (p > 0 and random.Random(seed).random() < p)

@@ -118,10 +118,10 @@ def load_training_channel(
     interpolation: str | None = None,
 ) -> np.ndarray:
     """One channel (0..3 of RGBA, colours as stored; ``"L"``: PIL's greyscale of the RGB) of the image at
-    ``path`` as uint8 ``[H, W]`` (``"RGB"``: the three colour channels, ``[H, W, 3]``: segmentation masks), resized, cropped and flipped exactly like a training image with the same
-    ``assignment``: kohya's alpha masks (channel 3 of the image) and mask images (channel 0, R, of
-    ``conditioning_data_dir``), OneTrainer's greyscale ``-masklabel.png`` masks, with the image's
-    ``interpolation`` (its subset's ``resize_interpolation``)."""
+    ``path`` as uint8 ``[H, W]`` (``"RGB"``: the three colour channels, ``[H, W, 3]``: segmentation masks),
+    resized, cropped and flipped exactly like a training image with the same ``assignment``: kohya's alpha masks
+    (channel 3 of the image) and mask images (channel 0, R, of ``conditioning_data_dir``), OneTrainer's greyscale
+    ``-masklabel.png`` masks, with the image's ``interpolation`` (its subset's ``resize_interpolation``)."""
     import numpy as np
 
     rgba = open_image_rgb(path, keep_alpha=True)

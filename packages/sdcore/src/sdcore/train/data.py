@@ -4,7 +4,9 @@ A *sample* is one use of one image in one epoch: ``(entry index, occurrence)`` w
 counts the repeats of that image within the epoch. Every random choice about a sample (flip,
 caption variant, noise, timestep, VAE posterior draw) is seeded from ``(seed, epoch, entry,
 occurrence)`` alone. Batching, gradient accumulation, the number of processes and resuming
-therefore never change what a sample looks like.
+therefore never change what a sample looks like. The one per-batch draw, ``--masked-loss-probability``
+(SimpleTuner's, once per loss call), is seeded by the micro-batch's first sample: resuming keeps it, another
+batch size or process count makes other batches and so other draws.
 """
 
 from __future__ import annotations
@@ -423,10 +425,10 @@ def load_mask(
     Values: ``alpha_mask``: the alpha channel ``/ 255``; a ``conditioning_data_dir`` mask image: its
     R channel through kohya's path (``ToTensor`` then ``Normalize(0.5, 0.5)`` then ``/ 2 + 0.5``,
     in float32), or with ``mask_kind segmentation`` the mean of its three channels the same way
-    (:func:`segmentation_grey`, binarised later at the loss's size); OneTrainer's ``-masklabel.png``: greyscale (its ``LoadImage(channels=1)``; the masks
-    its editor writes are grey RGB, read the same by PIL's ``L``) ``/ 255``, and a missing one is None,
-    the whole image (its ``GenerateImageLike`` fills the mask with 255). A missing kohya mask image
-    is a pre-flight problem; here it raises :class:`DataError`.
+    (:func:`segmentation_grey`, binarised later at the loss's size); OneTrainer's ``-masklabel.png``: greyscale
+    (its ``LoadImage(channels=1)``; the masks its editor writes are grey RGB, read the same by PIL's ``L``)
+    ``/ 255``, and a missing one is None, the whole image (its ``GenerateImageLike`` fills the mask with 255).
+    A missing kohya mask image is a pre-flight problem; here it raises :class:`DataError`.
     """
     import numpy as np
 
@@ -823,7 +825,15 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
             f"datasets); {_listed(odd_kind)} weigh(s) the loss by alpha_mask or -masklabel.png masks, which are read "
             "as they are: leave out mask_kind (or --mask-kind) there"
         )
-    if options.masked_loss_probability != 1.0 and not any(is_segmentation(e) for e in index.entries):
+    segmented = any(is_segmentation(e) for e in index.entries)
+    asked = [str(s.image_dir) for s in subsets if getattr(s, "mask_kind", "red") == "segmentation"]
+    if asked and not segmented and not odd_kind:
+        problems.append(
+            f"mask_kind segmentation ({_listed(asked)}) reads --masked-loss mask images of a conditioning_data_dir "
+            "(SimpleTuner's segmentation datasets), but no subset has them: give --conditioning-data-dir (or "
+            "conditioning_data_dir in the dataset TOML's subsets) with --masked-loss, or leave out mask_kind"
+        )
+    if options.masked_loss_probability != 1.0 and not segmented:
         problems.append(
             f"--masked-loss-probability {options.masked_loss_probability:g} draws whether segmentation masks weigh "
             "a batch (SimpleTuner's masked_loss_probability), but the dataset has none: add --mask-kind segmentation "

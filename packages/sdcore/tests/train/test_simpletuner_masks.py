@@ -263,19 +263,15 @@ def test_flow_matching_families_read_the_mask_the_same_way(tmp_path, family):
     assert result.exit_code == 0, result.output
 
 
-def test_segmentation_and_several_masks_are_refused_by_name(tmp_path):
-    path, _, _ = _run(tmp_path, mask={"conditioning_type": "segmentation"})
-    with pytest.raises(ConfigError) as caught:
-        _lora(path)
-    text = str(caught.value)
-    assert "(subject-masks): conditioning_type segmentation: SimpleTuner's segmentation mask is the mean" in text
-    assert "masked_loss_probability" in text
+def test_several_masks_are_refused_by_name_a_segmentation_beside_a_mask_too(tmp_path):
+    """sdcore weighs each image's loss by one mask image; SimpleTuner's collate.py picks one loss-mask type per
+    batch (mask before segmentation) and stacks both datasets' pixels."""
+    path, _, _ = _run(tmp_path)
     backends = _backends(tmp_path)
-    backends[1]["conditioning_type"] = "mask"
     backends[0]["conditioning_data"] = ["subject-masks", "more-masks"]
-    backends.append(dict(backends[1], id="more-masks"))
+    backends.append(dict(backends[1], id="more-masks", conditioning_type="segmentation"))
     _rewrite(tmp_path, backends)
-    with pytest.raises(ConfigError, match="several mask datasets"):
+    with pytest.raises(ConfigError, match=r"several mask datasets \(subject-masks, more-masks\)"):
         _lora(path)
 
 

@@ -128,6 +128,9 @@ class SubsetOptions:
     #: mask images in ``conditioning_data_dir`` that pair with no training image are left alone (SimpleTuner's
     #: mask datasets look up each image's mask and never read the rest) instead of refused (kohya's check)
     mask_extras_allowed: bool = False
+    #: how those mask images weigh the loss (:data:`sdcore.train.options.MASK_KINDS`): ``red`` the R channel as it
+    #: is, ``segmentation`` SimpleTuner's binary mask of the channels' mean, drawn with ``--masked-loss-probability``
+    mask_kind: str = "red"
     #: FLUX.1 Kontext: each image's control (reference) image, the file of the same stem in this folder
     #: (musubi-tuner's ``control_directory``, ai-toolkit's ``control_path``; :mod:`sdcore.train.kontext_data`)
     control_dir: Path | None = None
@@ -342,6 +345,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         "mask_rotate_crop": options.mask_rotate_crop,
         "resize_interpolation": options.resize_interpolation,
         "alpha_mask": options.alpha_mask,
+        "mask_kind": options.mask_kind,
         "conditioning_data_dir": Path(options.conditioning_data_dir).expanduser()
         if options.conditioning_data_dir
         else None,
@@ -495,6 +499,7 @@ _SUBSET_KEYS = {
     "mask_rotate_crop",
     "resize_interpolation",
     "alpha_mask",
+    "mask_kind",  # sdcore's: how the conditioning_data_dir masks weigh the loss (--mask-kind)
     "conditioning_data_dir",
     "control_directory",  # musubi-tuner's key: FLUX.1 Kontext's control images (sdcore.train.kontext_data)
     "face_crop_aug_range",
@@ -571,6 +576,11 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
             raise DataError(
                 f"{path}: {where}: '{key}' must be one of {', '.join(RESIZE_INTERPOLATIONS)}, got {value!r}"
             )
+    elif kind == "a mask kind":
+        from ..train.options import MASK_KINDS
+
+        if value not in MASK_KINDS:
+            raise DataError(f"{path}: {where}: '{key}' must be one of {', '.join(MASK_KINDS)}, got {value!r}")
     elif kind == "a non-empty string":
         if not isinstance(value, str) or not value:
             raise bad
@@ -648,6 +658,7 @@ _FIELD_OF = {
     "mask_rotate_crop": ("mask_rotate_crop", "a boolean"),
     "resize_interpolation": ("resize_interpolation", "a resize interpolation"),
     "alpha_mask": ("alpha_mask", "a boolean"),
+    "mask_kind": ("mask_kind", "a mask kind"),
     "enable_wildcard": ("enable_wildcard", "a boolean"),
     "token_warmup_min": ("token_warmup_min", "a non-negative integer"),
     "token_warmup_step": ("token_warmup_step", "a non-negative number"),

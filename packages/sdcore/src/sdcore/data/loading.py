@@ -112,19 +112,22 @@ def load_training_channel(
     path: str | os.PathLike[str],
     assignment: BucketAssignment,
     *,
-    channel: int | Literal["L"],
+    channel: int | Literal["L", "RGB"],
     flip: bool,
     crop: tuple[int, int] | None = None,
     interpolation: str | None = None,
 ) -> np.ndarray:
     """One channel (0..3 of RGBA, colours as stored; ``"L"``: PIL's greyscale of the RGB) of the image at
-    ``path`` as uint8 ``[H, W]``, resized, cropped and flipped exactly like a training image with the same
-    ``assignment``: kohya's alpha masks (channel 3 of the image) and mask images (channel 0, R, of
-    ``conditioning_data_dir``), OneTrainer's greyscale ``-masklabel.png`` masks, with the image's
-    ``interpolation`` (its subset's ``resize_interpolation``)."""
+    ``path`` as uint8 ``[H, W]`` (``"RGB"``: the three colour channels, ``[H, W, 3]``: segmentation masks),
+    resized, cropped and flipped exactly like a training image with the same ``assignment``: kohya's alpha masks
+    (channel 3 of the image) and mask images (channel 0, R, of ``conditioning_data_dir``), OneTrainer's greyscale
+    ``-masklabel.png`` masks, with the image's ``interpolation`` (its subset's ``resize_interpolation``)."""
     import numpy as np
 
     rgba = open_image_rgb(path, keep_alpha=True)
-    image = rgba.convert("RGB").convert("L") if channel == "L" else rgba.getchannel(channel)
+    if channel == "RGB":
+        image = rgba.convert("RGB")
+    else:
+        image = rgba.convert("RGB").convert("L") if channel == "L" else rgba.getchannel(channel)
     image, _ = fit_to_bucket(image, assignment, flip=flip, crop=crop, interpolation=interpolation)
     return np.asarray(image, dtype=np.uint8)

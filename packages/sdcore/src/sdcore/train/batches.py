@@ -315,14 +315,21 @@ class BatchMaker:
         (:func:`~sdcore.train.data.weigh_by_mask`).
         Cached per image and view (flip; not for random crops, which differ every time). The positions in
         ``unmasked`` (an inpainting model's full-mask draws) leave out the dataset's mask, as OneTrainer's loss
-        reads the replaced mask."""
+        reads the replaced mask; so do segmentation masks when the batch's ``--masked-loss-probability`` draw
+        (:func:`~sdcore.train.data.seeded_draw`, one per batch, as SimpleTuner's per loss call) fails."""
         import torch
 
+        from .data import is_segmentation, seeded_draw
+
         size = (int(latent_size[0]), int(latent_size[1]))
+        segmentation = [is_segmentation(self.data.entries[ref.entry]) for ref in refs]
+        skip = any(segmentation) and not seeded_draw(
+            refs[0].seed(self.options.seed, "masked-loss-probability"), float(self.options.masked_loss_probability)
+        )
         masks = []
         for i, ref in enumerate(refs):
             view = self.data.view_of(ref)
-            if unmasked and i in unmasked:
+            if (unmasked and i in unmasked) or (skip and segmentation[i]):
                 masks.append(self.sample_mask(ref.entry, view, size, dataset_mask=False))
                 continue
             key = (ref.entry, dataclasses.replace(view, color=None))  # colour: same mask
@@ -340,7 +347,7 @@ class BatchMaker:
     def sample_mask(self, index: int, view: SampleView, size: tuple[int, int], *, dataset_mask: bool = True) -> Any:
         """The method's mask times the dataset's (unless not ``dataset_mask``) for one sample view, ``[1, h, w]``
         or None."""
-        from .data import clamp_unmasked, has_dataset_mask, load_mask, mask_filter, mask_to_latent, normalize_mask_area
+        from .data import clamp_unmasked, dataset_mask_at_latent, has_dataset_mask, load_mask, normalize_mask_area
 
         entry = self.data.entries[index]
         assignment = view.apply(self.data.assignments[index])  # a random crop: the maps are cropped there too
@@ -349,7 +356,7 @@ class BatchMaker:
             pixel_mask = load_mask(entry, assignment, flip=view.flip)
             if pixel_mask is not None:
                 own = clamp_unmasked(
-                    mask_to_latent(pixel_mask, size, mask_filter(entry)), self.options.masked_loss_unmasked_weight
+                    dataset_mask_at_latent(entry, pixel_mask, size), self.options.masked_loss_unmasked_weight
                 )
                 if self.options.masked_loss_normalize:  # by the dataset mask's area, not the method's map
                     own = normalize_mask_area(own)

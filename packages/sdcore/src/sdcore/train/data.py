@@ -4,7 +4,9 @@ A *sample* is one use of one image in one epoch: ``(entry index, occurrence)`` w
 counts the repeats of that image within the epoch. Every random choice about a sample (flip,
 caption variant, noise, timestep, VAE posterior draw) is seeded from ``(seed, epoch, entry,
 occurrence)`` alone. Batching, gradient accumulation, the number of processes and resuming
-therefore never change what a sample looks like.
+therefore never change what a sample looks like. The one per-batch draw, ``--masked-loss-probability``
+(SimpleTuner's, once per loss call), is seeded by the micro-batch's first sample: resuming keeps it, another
+batch size or process count makes other batches and so other draws.
 """
 
 from __future__ import annotations
@@ -391,6 +393,32 @@ def has_dataset_mask(entry: ImageEntry) -> bool:
     )
 
 
+def is_segmentation(entry: ImageEntry) -> bool:
+    """Whether ``entry``'s mask is a segmentation mask (its subset's ``mask_kind``): a ``conditioning_data_dir``
+    mask image read as SimpleTuner's ``conditioning_type segmentation``, binary at the loss's size
+    (:func:`dataset_mask_at_latent`) and drawn per batch with ``--masked-loss-probability``."""
+    s = entry.subset
+    return (
+        getattr(s, "mask_kind", "red") == "segmentation"
+        and getattr(s, "conditioning_data_dir", None) is not None
+        and getattr(s, "mask_suffix", None) is None
+    )
+
+
+def segmentation_grey(rgb: Any) -> Any:
+    """A segmentation mask image's pixels (uint8 ``[H, W, 3]``) as float32 ``[H, W]`` in 0..1: SimpleTuner's
+    pixels in [-1, 1] (``ToTensor`` then ``Normalize(0.5, 0.5)``), the sum of the three channels ``/ 3``, then
+    ``/ 2 + 0.5``: 0 exactly where a pixel is black, above 0 where any channel is not. The binarisation waits for
+    the loss's size (:func:`dataset_mask_at_latent`): SimpleTuner averages areas first, so a latent cell with
+    one coloured pixel counts as inside."""
+    import numpy as np
+
+    t = rgb.astype(np.float32) / np.float32(255.0)
+    t = (t - np.float32(0.5)) / np.float32(0.5)
+    mean = (t[..., 0] + t[..., 1] + t[..., 2]) / np.float32(3.0)
+    return mean / np.float32(2.0) + np.float32(0.5)
+
+
 def load_mask(
     entry: ImageEntry, assignment: BucketAssignment, *, flip: bool, crop: tuple[int, int] | None = None
 ) -> Any:
@@ -400,10 +428,11 @@ def load_mask(
     mask follows every random crop and flip of its image (and the cached latents' centre crop).
     Values: ``alpha_mask``: the alpha channel ``/ 255``; a ``conditioning_data_dir`` mask image: its
     R channel through kohya's path (``ToTensor`` then ``Normalize(0.5, 0.5)`` then ``/ 2 + 0.5``,
-    in float32); OneTrainer's ``-masklabel.png``: greyscale (its ``LoadImage(channels=1)``; the masks
-    its editor writes are grey RGB, read the same by PIL's ``L``) ``/ 255``, and a missing one is None,
-    the whole image (its ``GenerateImageLike`` fills the mask with 255). A missing kohya mask image
-    is a pre-flight problem; here it raises :class:`DataError`.
+    in float32), or with ``mask_kind segmentation`` the mean of its three channels the same way
+    (:func:`segmentation_grey`, binarised later at the loss's size); OneTrainer's ``-masklabel.png``: greyscale
+    (its ``LoadImage(channels=1)``; the masks its editor writes are grey RGB, read the same by PIL's ``L``)
+    ``/ 255``, and a missing one is None, the whole image (its ``GenerateImageLike`` fills the mask with 255).
+    A missing kohya mask image is a pre-flight problem; here it raises :class:`DataError`.
     """
     import numpy as np
 
@@ -431,6 +460,11 @@ def load_mask(
         path = mask_image_path(entry)
         if path is None:
             raise DataError(f"{entry.path}: no mask image named {entry.path.stem}.* in {s.conditioning_data_dir}")
+        if is_segmentation(entry):
+            rgb = load_training_channel(
+                path, assignment, channel="RGB", flip=flip, crop=crop, interpolation=interpolation
+            )
+            return segmentation_grey(rgb)
         red = load_training_channel(path, assignment, channel=0, flip=flip, crop=crop, interpolation=interpolation)
         t = red.astype(np.float32) / np.float32(255.0)
         t = (t - np.float32(0.5)) / np.float32(0.5)
@@ -468,8 +502,12 @@ def mask_at_image_size(entry: ImageEntry) -> Any:
     if path is None:
         return np.ones((height, width), dtype=np.float32)
     rgba = open_image_rgb(path, keep_alpha=True)
-    image = rgba.convert("RGB").convert("L") if channel == "L" else rgba.getchannel(channel)
-    values = Image.fromarray(np.asarray(image, dtype=np.float32) / np.float32(255.0), mode="F")
+    if is_segmentation(entry):
+        grey = segmentation_grey(np.asarray(rgba.convert("RGB"), dtype=np.uint8))
+    else:
+        image = rgba.convert("RGB").convert("L") if channel == "L" else rgba.getchannel(channel)
+        grey = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    values = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), mode="F")
     if values.size != (width, height):
         values = values.resize((width, height), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
@@ -531,6 +569,26 @@ def mask_to_latent(mask: Any, latent_size: tuple[int, int], mode: str = "area") 
         )
         return shrunk[0]
     return torch.nn.functional.interpolate(tensor, size=latent_size, mode="area")[0]
+
+
+def dataset_mask_at_latent(entry: ImageEntry, pixel_mask: Any, latent_size: tuple[int, int]) -> Any:
+    """``entry``'s pixel mask (:func:`load_mask`) as loss weights ``[1, h, w]``: shrunk with its
+    :func:`mask_filter`, and for a segmentation mask (:func:`is_segmentation`) 1 wherever the shrunk value is
+    above 0, else 0 (SimpleTuner's ``(mask > 0)`` after ``interpolate(mode="area")`` and ``/ 2 + 0.5``)."""
+    shrunk = mask_to_latent(pixel_mask, latent_size, mask_filter(entry))
+    if is_segmentation(entry):
+        return (shrunk > 0).to(shrunk.dtype)
+    return shrunk
+
+
+def seeded_draw(seed: int, probability: float) -> bool:
+    """``random() < probability`` from a generator of its own seeded by ``seed`` (1 always, 0 never): the draws
+    that SimpleTuner and OneTrainer make from a global generator, made from the sample's or batch's own seed so a
+    run, and a resumed run, draws the same. Whether a batch's segmentation masks weigh its loss
+    (``--masked-loss-probability``: SimpleTuner's ``random.random() < masked_loss_probability`` once per loss
+    call; the seed is the batch's first sample's) and an inpainting sample's full-mask draw
+    (:func:`sdcore.train.inpainting.unmasked_draw`)."""
+    return random.Random(seed).random() < probability
 
 
 def clamp_unmasked(mask: Any, unmasked_weight: float) -> Any:
@@ -756,6 +814,34 @@ def image_option_problems(options: TrainOptions, index: DatasetIndex) -> list[st
         problems.append(
             f"{' and '.join(weighing)} change(s) how loss masks weigh the loss, but the dataset has none: add "
             "--masked-loss with mask images (or a OneTrainer concepts file's -masklabel.png masks) or alpha_mask"
+        )
+    # segmentation masks are read from conditioning_data_dir mask images only
+    odd_kind = [
+        str(s.image_dir)
+        for s in subsets
+        if getattr(s, "mask_kind", "red") == "segmentation"
+        and getattr(s, "conditioning_data_dir", None) is None
+        and (getattr(s, "alpha_mask", False) or getattr(s, "mask_suffix", None) is not None)
+    ]
+    if odd_kind:
+        problems.append(
+            f"mask_kind segmentation reads mask images of a conditioning_data_dir (SimpleTuner's segmentation "
+            f"datasets); {_listed(odd_kind)} weigh(s) the loss by alpha_mask or -masklabel.png masks, which are read "
+            "as they are: leave out mask_kind (or --mask-kind) there"
+        )
+    segmented = any(is_segmentation(e) for e in index.entries)
+    asked = [str(s.image_dir) for s in subsets if getattr(s, "mask_kind", "red") == "segmentation"]
+    if asked and not segmented and not odd_kind:
+        problems.append(
+            f"mask_kind segmentation ({_listed(asked)}) reads --masked-loss mask images of a conditioning_data_dir "
+            "(SimpleTuner's segmentation datasets), but no subset has them: give --conditioning-data-dir (or "
+            "conditioning_data_dir in the dataset TOML's subsets) with --masked-loss, or leave out mask_kind"
+        )
+    if options.masked_loss_probability != 1.0 and not segmented:
+        problems.append(
+            f"--masked-loss-probability {options.masked_loss_probability:g} draws whether segmentation masks weigh "
+            "a batch (SimpleTuner's masked_loss_probability), but the dataset has none: add --mask-kind segmentation "
+            '(or mask_kind = "segmentation" in the dataset TOML) with --masked-loss mask images, or leave it at 1'
         )
     for s in subsets:
         if getattr(s, "mask_suffix", None) is None:

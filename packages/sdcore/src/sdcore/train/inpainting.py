@@ -225,9 +225,9 @@ def encode_mean(bundle: ModelBundle, pixels: Any) -> torch.Tensor:
 def unmasked_draw(seed: int, probability: float) -> bool:
     """Whether a sample trains with the full mask and a blank masked image (``unmasked_probability``), drawn from
     the sample's own generator (so a resumed or cached run draws the same)."""
-    import random
+    from .data import seeded_draw
 
-    return probability > 0 and random.Random(seed).random() < probability
+    return seeded_draw(seed, probability)
 
 
 def mask_identity(entry: ImageEntry) -> tuple[str, int, int] | None:
@@ -355,7 +355,15 @@ def inpainting_problems(options: TrainOptions, layout: ModelLayout | None, index
             )
         return problems
     if index is not None:
+        from .data import is_segmentation
         from .kontext_data import has_control
+
+        if any(is_segmentation(e) for e in index.entries):
+            problems.append(
+                "mask_kind segmentation: SimpleTuner's segmentation masks weigh the loss only, drawn per batch with "
+                "--masked-loss-probability; an inpainting model takes its dataset masks as the mask input (white: "
+                "repaint), which a segmentation mask does not say (give those images red masks: leave out mask_kind)"
+            )
 
         if any(has_control(e) for e in index.entries):
             problems.append(

@@ -393,6 +393,9 @@ def loss_option_problems(options: TrainOptions) -> list[str]:
     weight = o.masked_loss_unmasked_weight
     if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
         problems.append(f"--masked-loss-unmasked-weight must be in [0, 1] (0: kohya's mask as it is), got {weight}")
+    chance = o.masked_loss_probability
+    if not (math.isfinite(chance) and 0.0 <= chance <= 1.0):
+        problems.append(f"--masked-loss-probability must be in [0, 1] (1: every batch masked), got {chance}")
     if not (math.isfinite(o.v_pred_like_loss) and o.v_pred_like_loss >= 0):
         problems.append(f"--v-pred-like-loss must be 0 (off) or positive, got {o.v_pred_like_loss}")
     return problems

@@ -68,6 +68,10 @@ LR_SCHEDULERS = LR_SCHEDULES
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 #: where an inpainting model's training masks come from (``--inpainting-masks``: :mod:`sdcore.train.inpainting`)
 INPAINTING_MASKS = ("dataset", "random")
+#: how a ``--masked-loss`` mask image becomes loss weights (``--mask-kind``, the dataset TOML's ``mask_kind``:
+#: :func:`sdcore.train.data.load_mask`): ``red`` its R channel as it is (kohya, SimpleTuner's ``mask``),
+#: ``segmentation`` the mean of its channels, 1 wherever a latent cell is not all black (SimpleTuner's)
+MASK_KINDS = ("red", "segmentation")
 #: intermediate results kept by default (``--save-every`` without ``--save-limit``)
 DEFAULT_SAVE_LIMIT = 5
 
@@ -295,6 +299,21 @@ class TrainOptions:
         "Divide each sample's masked loss by its mask's mean (OneTrainer's normalize_masked_area_loss; "
         "kohya does not).",
         group="loss",
+    )
+    mask_kind: str = option(
+        "red",
+        "How --masked-loss mask images weigh the loss: 'red' (the R channel, 0..255 -> 0..1: kohya, SimpleTuner's "
+        "mask datasets) or 'segmentation' (SimpleTuner's: the mean of the three channels, 1 for every latent cell "
+        "not all black, 0 elsewhere). Per subset: mask_kind.",
+        choices=MASK_KINDS,
+        group="loss",
+    )
+    masked_loss_probability: float = option(
+        1.0,
+        "The share of batches whose segmentation masks (--mask-kind segmentation) weigh the loss; the others train "
+        "unmasked (SimpleTuner's masked_loss_probability). One draw per batch, seeded by --seed.",
+        group="loss",
+        metavar="P",
     )
     inpainting_unmasked_probability: float = option(
         0.0,

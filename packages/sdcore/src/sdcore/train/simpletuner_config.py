@@ -20,8 +20,9 @@ is a problem like any other value. An option is translated, accepted with a note
 learned: trackers, the hub, caches, compilation, devices), accepted at SimpleTuner's default and refused by
 name otherwise, or unknown (with the nearest SimpleTuner name). All problems are reported at once.
 A FLUX.1 Kontext run's (``model_flavour kontext``) reference dataset, named by a training dataset's
-``conditioning_data``, is that subset's control folder; a mask dataset (``conditioning_type mask``, any family) its
-``conditioning_data_dir`` with ``--masked-loss`` (:func:`_conditioning_folders`).
+``conditioning_data``, is that subset's control folder; a mask dataset (``conditioning_type mask`` or
+``segmentation``, any family) its ``conditioning_data_dir`` with ``--masked-loss`` and the subset's ``mask_kind``
+(:func:`_conditioning_folders`).
 SimpleTuner is AGPL-3.0: only facts (names, defaults, meanings) are taken from it here.
 """
 
@@ -660,27 +661,32 @@ def _kontext(r: _Reader, out: JobTranslation) -> None:
 
 
 def _masked_loss(r: _Reader, backend: Path | None, out: JobTranslation) -> None:
-    """``--masked-loss`` when a training dataset names a ``conditioning_type mask`` dataset (its subset's
-    ``conditioning_data_dir``: :func:`_conditioning_folders`); the other subsets have no mask, so their loss is
-    unweighted, as SimpleTuner's batches without one. ``masked_loss_probability`` is drawn for segmentation
-    masks only (models/common.py ``loss``): a mask weighs every step."""
-    masks = False
+    """``--masked-loss`` when a training dataset names a ``conditioning_type mask`` or ``segmentation`` dataset (its
+    subset's ``conditioning_data_dir`` and ``mask_kind``: :func:`_conditioning_folders`); the other subsets have no
+    mask, so their loss is unweighted, as SimpleTuner's batches without one. ``masked_loss_probability`` is drawn
+    for segmentation masks only (models/common.py ``loss``): ``--masked-loss-probability`` with a segmentation
+    dataset, a note otherwise (a mask weighs every step)."""
+    kinds: set[str] = set()
     if backend is not None:
         try:
             backends = _backends(backend, f"{r.where}.data_backend_config")
         except ConfigError:
             backends = []  # reported by the data backend's reading
         conditioning = _conditioning_backends(backends, backend, "")
-        masks = any(
-            conditioning.get(str(i), ("", {}))[1].get("conditioning_type") == "mask"
+        kinds = {
+            str(conditioning.get(str(i), ("", {}))[1].get("conditioning_type"))
             for b in backends
             if isinstance(b, dict) and not _disabled(b) and not _is_conditioning(b)
             for i in _conditioning_ids(b)
-        )
-    if masks:
+        } & set(MASK_TYPES)
+    if kinds:
         out.values["masked_loss"] = True
     probability = r.number("masked_loss_probability")
-    if probability is not None and probability != DEFAULTS["masked_loss_probability"]:
+    if probability is None or probability == DEFAULTS["masked_loss_probability"]:
+        return
+    if "segmentation" in kinds:
+        out.values["masked_loss_probability"] = float(probability)
+    else:
         out.notes.append(
             f"{r.where}.masked_loss_probability {probability}: SimpleTuner draws it for segmentation masks only; "
             "mask datasets (conditioning_type mask) weigh every step's loss: no effect here"
@@ -1441,10 +1447,11 @@ def _conditioning_folders(
     conditioning: dict[str, tuple[str, dict[str, Any]]],
     top: dict[str, Any],
     problems: list[str],
-) -> tuple[Path | None, Path | None]:
+) -> tuple[Path | None, Path | None, str]:
     """A training dataset's ``conditioning_data`` as its subset's control folder (FLUX.1 Kontext's reference
-    images) and its mask folder (``conditioning_type mask``: sdcore's ``conditioning_data_dir`` with
-    ``--masked-loss``), each None when not named or refused (the reasons in ``problems``).
+    images), its mask folder (``conditioning_type mask`` or ``segmentation``: sdcore's ``conditioning_data_dir``
+    with ``--masked-loss``), each None when not named or refused (the reasons in ``problems``), and the mask's
+    ``mask_kind`` (:func:`_mask_folder`).
 
     SimpleTuner's pairing (multiaspect/sampler.py ``connect_conditioning_samples`` / ``get_conditioning_sample``):
     the training image's path after its ``instance_data_dir`` starts with "/", so it reads as absolute and only its
@@ -1461,7 +1468,7 @@ def _conditioning_folders(
     beside a Kontext reference (collate.py keeps references for the model's input and masks for the loss)."""
     ids = _conditioning_ids(backend)
     if not ids:
-        return None, None
+        return None, None, "red"
     given = backend.get("conditioning_data")
     found: list[tuple[str, str, dict[str, Any]]] = []
     for ref in (str(i) for i in ids):
@@ -1480,13 +1487,13 @@ def _conditioning_folders(
             "conditioning_multidataset_sampling: random takes one per image and epoch, combined gives them all as "
             "references); sdcore trains FLUX.1 Kontext with one reference image per sample: name one"
         )
-        return None, None
+        return None, None, "red"
     if len(masks) > 1:
         problems.append(
             f"{w}: conditioning_data {given!r}: several mask datasets ({', '.join(m[0] for m in masks)}); sdcore "
             "weighs each image's loss by one mask image: name one"
         )
-        return None, None
+        return None, None, "red"
     sampling = str(top.get("conditioning_multidataset_sampling", DEFAULTS["conditioning_multidataset_sampling"]))
     if masks and references and sampling.strip().lower() != "combined":
         problems.append(
@@ -1494,10 +1501,10 @@ def _conditioning_folders(
             f"{sampling}: SimpleTuner then takes one of the two per image and epoch (the reference or the mask); "
             "sdcore gives each image both: set conditioning_multidataset_sampling combined"
         )
-        return None, None
+        return None, None, "red"
     control = _reference_folder(backend, w, references[0][1:], top, problems) if references else None
-    mask = _mask_folder(backend, w, masks[0][1:], problems) if masks else None
-    return control, mask
+    mask, kind = _mask_folder(backend, w, masks[0][1:], problems) if masks else (None, "red")
+    return control, mask, kind
 
 
 def _conditioning_dir(backend: dict[str, Any], cw: str, cond: dict[str, Any], problems: list[str]) -> Path | None:
@@ -1552,25 +1559,20 @@ def _reference_folder(
 
 def _mask_folder(
     backend: dict[str, Any], w: str, named: tuple[str, dict[str, Any]], problems: list[str]
-) -> Path | None:
-    """A ``conditioning_type mask`` dataset as the training subset's ``conditioning_data_dir``; ``segmentation``
-    is refused: SimpleTuner averages its three channels, sets every latent cell whose average is above black to 1
-    (``> 0`` after area interpolation and ``/ 2 + 0.5``) and applies it with probability
-    ``masked_loss_probability``, none of which sdcore's mask images can say."""
+) -> tuple[Path | None, str]:
+    """A ``conditioning_type mask`` or ``segmentation`` dataset as the training subset's ``conditioning_data_dir``
+    and its ``mask_kind``: ``red`` for a mask (its red channel as it is), ``segmentation`` for SimpleTuner's
+    segmentation mask (models/common.py ``loss``: the mean of the three channels, area-interpolated to the loss's
+    size, ``/ 2 + 0.5``, ``> 0``: 1 wherever a latent cell is not all black; applied to a batch with probability
+    ``masked_loss_probability``: :func:`sdcore.train.data.dataset_mask_at_latent`). Both are ``prepare_like`` the
+    training image (collate.py), as sdcore's mask images follow theirs."""
     cw, cond = named
-    if cond.get("conditioning_type") == "segmentation":
-        problems.append(
-            f"{cw}: conditioning_type segmentation: SimpleTuner's segmentation mask is the mean of the three "
-            "channels, 1 wherever a latent cell is not black, applied with probability masked_loss_probability; "
-            "sdcore weighs the loss by a mask image's red channel as it is (SimpleTuner's conditioning_type mask): "
-            "give mask images (white: learned, black: not) with conditioning_type mask"
-        )
-        return None
+    kind = "segmentation" if cond.get("conditioning_type") == "segmentation" else "red"
     folder = _conditioning_dir(backend, cw, cond, problems)
     if folder is None:
-        return None
+        return None, kind
     problems.extend(_pairing_problems(str(backend.get("instance_data_dir", "")), folder, cw, "mask"))
-    return folder
+    return folder, kind
 
 
 def _simpletuner_pair(image: Path, given: str, folder: Path) -> Path:
@@ -1759,7 +1761,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 f"{w}: source_dataset_id: names a conditioning dataset's source (DATALOADER.md: only for "
                 "dataset_type conditioning); a training dataset names its conditioning dataset with conditioning_data"
             )
-        control, mask = _conditioning_folders(backend, w, conditioning, top, problems)
+        control, mask, mask_kind = _conditioning_folders(backend, w, conditioning, top, problems)
         if not generated:
             # a Kontext run's pairs: a reference named (or refused: reported once, above), not a loss mask alone
             if any(conditioning.get(str(i), ("", {}))[1].get("conditioning_type") not in MASK_TYPES
@@ -1838,6 +1840,7 @@ def _image_backends(path: Path, where: str, options: TrainOptions | None, top: d
                 control_dir=control,
                 conditioning_data_dir=mask,
                 mask_extras_allowed=mask is not None,
+                mask_kind=mask_kind,
                 recursive=True,  # LocalDataBackend.list_files walks every sub-folder
             )
         )

@@ -258,8 +258,7 @@ def test_the_preflight_checks_the_family_and_the_model_block_count():
     assert "the FLUX.1 transformer has 5 transformer blocks" in problem
     sd3 = SimpleNamespace(family="sd3", configs={"transformer": {"num_layers": 3}})
     assert "has 3 transformer blocks" in model_problems(SimpleNamespace(tread_route=("0.5:-4:-1",)), sd3)[0]
-    masked = option_problems(SimpleNamespace(tread_route=("0.5:1:-1",), masked_loss=True))
-    assert masked and "--tread-route with --masked-loss" in masked[0]
+    assert option_problems(SimpleNamespace(tread_route=("0.5:1:-1",), masked_loss=True)) == []  # masks: kept
 
 
 def test_tread_route_is_repeatable_and_a_config_list(tmp_path):
@@ -358,24 +357,25 @@ def test_a_new_step_forgets_the_last_steps_spans_and_their_tokens():
     assert torch.equal(routing.router.select(1, 64, 0.5).keep, again) and not torch.equal(first, again)
 
 
-def test_loss_masks_of_the_dataset_are_refused_with_a_route(tmp_path):
-    """SimpleTuner keeps every token inside a loss mask; sdcore's routing does not, so alpha_mask (and the other
-    dataset masks that weigh the loss) are refused like --masked-loss."""
+def test_loss_masks_of_the_dataset_train_with_a_route_and_a_note(tmp_path):
+    """alpha_mask (and the other dataset masks that weigh the loss) go with a route: the pre-flight says the
+    masked tokens are never dropped, and refuses nothing."""
     from click.testing import CliRunner
     from PIL import Image
     from sdcore.cli import build_cli
     from sdcore.plugins import get_plugin_manager
 
     data = _data(tmp_path)
-    for path in data.glob("*.png"):
+    for path in data.glob("*/*.png"):
         Image.open(path).convert("RGBA").save(path)
     args = ["train", "lora", "--model", "tiny:flux", "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
             "--resolution", "64", "--tread-route", "0.5:1:-1", "--dry-run"]  # fmt: skip
     cli = build_cli(get_plugin_manager())
-    assert CliRunner().invoke(cli, args).exit_code == 0
+    plain = CliRunner().invoke(cli, args)
+    assert plain.exit_code == 0 and "never dropped" not in plain.output, plain.output
     run = CliRunner().invoke(cli, [*args, "--alpha-mask"])
-    assert run.exit_code == 2
-    assert "--tread-route with loss masks (alpha_mask" in run.output, run.output
+    assert run.exit_code == 0, run.output
+    assert "--tread-route with loss masks: the image tokens inside a sample's mask" in run.output, run.output
 
 
 def test_simpletuner_tread_config_as_python_literal_text(tmp_path):
@@ -386,3 +386,179 @@ def test_simpletuner_tread_config_as_python_literal_text(tmp_path):
     data = {"model_family": "flux", "model_type": "lora", "tread_config": text}
     out = translate_config(data, ["tread_route", "model", "seed"], where="config.json", path=tmp_path / "c.json")
     assert out.values["tread_route"] == ("0.25:2:-2",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss masks: the tokens inside them are never dropped (SimpleTuner's force_keep)
+
+
+def test_force_kept_tokens_are_always_kept_over_many_seeds():
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        force = torch.rand(3, 20, generator=g) < torch.rand(3, 1, generator=g)  # 0 to 20 forced tokens per sample
+        for shared in (False, True):
+            keep = TokenRouter(seed).select(3, 20, 0.6, shared=shared, force_keep=force).keep
+            kept = torch.zeros(keep.shape[0], 20, dtype=torch.bool).scatter(1, keep, True)
+            forced = force.any(0, keepdim=True) if shared else force  # FLUX.1's one draw: the batch's union
+            assert not (forced & ~kept).any(), (seed, shared)
+            assert all(torch.equal(row, torch.sort(row).values) for row in keep)
+
+
+def test_the_keep_budget_is_the_routes_or_the_most_forced_tokens_of_the_batch():
+    force = torch.zeros(2, 20, dtype=torch.bool)
+    force[0, :3] = True
+    assert TokenRouter(0).select(2, 20, 0.75, force_keep=force).keep.shape == (2, 5)  # 20 - round(15) = 5 > 3
+    force[1, 5:17] = True  # 12 forced in sample 1: both samples keep 12, sample 0 its 3 and 9 drawn
+    keep = TokenRouter(0).select(2, 20, 0.75, force_keep=force).keep
+    assert keep.shape == (2, 12) and set(range(3)) <= set(keep[0].tolist())
+    assert keep[1].tolist() == list(range(5, 17))
+    force[0, 3:10] = True  # the union of [0, 10) and [5, 17): 17 tokens for the shared draw
+    assert TokenRouter(0).select(2, 20, 0.75, shared=True, force_keep=force).keep.tolist() == [list(range(17))]
+    # the same noise with and without a mask: a mask that forces nothing draws what no mask draws
+    plain = TokenRouter(4).select(2, 20, 0.5).keep
+    assert torch.equal(TokenRouter(4).select(2, 20, 0.5, force_keep=torch.zeros(2, 20, dtype=torch.bool)).keep, plain)
+
+
+def test_the_token_keep_mask_is_simpletuners_area_average_of_the_mask_image_above_a_half():
+    """SimpleTuner: the mask image's RGB in [-1, 1], (sum / 3 + 1) / 2, area-downsampled to latent H/2 x W/2,
+    > 0.5. sdcore's loss mask (kohya's: area to latent size) then area to the 2x2 token grid gives the same."""
+    from sdcore.train.data import mask_to_latent
+    from sdcore.train.token_routing import pad_keep_mask, token_keep_mask
+
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(96, 128, generator=g) ** 2  # a grey mask image, values 0..1
+    grey[:48, :64] = (torch.rand(48, 64, generator=g) > 0.5).float()  # and a binary part (exact halves too)
+    rgb = (grey * 2 - 1).expand(1, 3, 96, 128)
+    theirs = torch.nn.functional.interpolate((rgb.sum(1, keepdim=True) / 3 + 1) / 2, size=(6, 8), mode="area")
+    expected = theirs.flatten(2).squeeze(1) > 0.5
+    ours = token_keep_mask(mask_to_latent(grey.numpy(), (12, 16))[None], 2)
+    assert ours.shape == (1, 48) and torch.equal(ours, expected)
+    assert 5 < int(ours.sum()) < 43
+    assert torch.equal(pad_keep_mask(ours, 96)[:, :48], ours) and not pad_keep_mask(ours, 96)[:, 48:].any()
+    with pytest.raises(Exception, match="covers 48 image tokens"):
+        pad_keep_mask(ours, 40)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_routed_blocks_never_drop_the_tokens_inside_the_loss_mask(name):
+    make, inputs, family = FAMILIES[name]
+    model = make()
+    lora = Lora(model)
+    routing = _route(model, family, ratio=0.75, start=0, end=-1)
+    selections: list = []
+    tokens = 16
+    for seed in range(12):
+        mask = torch.zeros(2, 1, 8, 8)  # latent-size masks: a different rectangle per sample
+        mask[0, :, seed % 4 : seed % 4 + 4, 2:6] = 1.0
+        mask[1, :, 4:, : 2 + seed % 6] = 1.0
+        keep_mask = _token_mask(mask, family)
+        routing.router = TokenRouter(seed)
+        selections.clear()
+        routing.router.select = _recorded_select(routing.router, selections)  # type: ignore[method-assign]
+        with routing.keeping(keep_mask):
+            step(model, inputs(), lora)
+        ((force, selection),) = selections
+        assert force is not None and force.shape == (2, tokens)
+        kept = torch.zeros(selection.keep.shape[0], tokens, dtype=torch.bool).scatter(1, selection.keep, True)
+        wanted = keep_mask.any(0, keepdim=True) if family is FLUX else keep_mask
+        assert wanted.any() and not (wanted & ~kept).any()
+        assert selection.keep.shape[1] == max(kept_tokens(tokens, 0.75), int(wanted.sum(1).max()))
+    selections.clear()
+    step(model, inputs(), lora)  # outside keeping(): no mask, a plain draw
+    assert selections[0][0] is None
+
+
+def _token_mask(mask: torch.Tensor, family) -> torch.Tensor:
+    from sdcore.train.token_routing import token_keep_mask
+
+    return token_keep_mask(mask, family.token_routing.patch)
+
+
+def _recorded_select(router, selections):
+    """``router.select`` that records (its force_keep, its selection)."""
+    select = router.select
+
+    def recording(*args, **kwargs):
+        selections.append((kwargs.get("force_keep"), select(*args, **kwargs)))
+        return selections[-1][1]
+
+    return recording
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_mask_that_keeps_every_token_computes_what_the_unrouted_step_computes(name):
+    make, inputs, family = FAMILIES[name]
+    model = make()
+    lora = Lora(model)
+    plain_loss, plain_grads = step(model, inputs(), lora)
+    routing = _route(model, family, ratio=0.5, start=1, end=-1)
+    with routing.keeping(torch.ones(2, 16, dtype=torch.bool)):
+        loss, grads = step(model, inputs(), lora)
+    assert torch.equal(loss, plain_loss) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads, strict=True))
+    half = torch.zeros(2, 16, dtype=torch.bool)
+    half[:, :8] = True
+    with routing.keeping(half):  # the budget (8 of 16) is the mask: routed, not the plain step
+        assert not torch.equal(step(model, inputs(), lora)[0], plain_loss)
+
+
+def _masks(tmp_path, data, fill) -> str:
+    from PIL import Image
+
+    folder = tmp_path / "masks"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(data.glob("*/*.png")):
+        mask = Image.new("RGB", (64, 64), 0)
+        mask.paste((255, 255, 255), fill)
+        mask.save(folder / path.name)
+    return str(folder)
+
+
+def _train(tmp_path, name, extra):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    out = tmp_path / f"{name}.safetensors"
+    args = ["train", "lora", "--model", "tiny:flux", "--data", str(tmp_path / "data"), "--output", str(out),
+            "--resolution", "64", "--max-steps", "2", "--lr", "1e-2", "--no-progress", "--batch-size", "2", *extra]  # fmt: skip
+    run = CliRunner().invoke(build_cli(get_plugin_manager()), args)
+    assert run.exit_code == 0, run.output
+    return load_file(str(out)), run.output
+
+
+def test_a_tiny_flux_lora_trains_with_masked_loss_and_a_route_keeping_the_masked_tokens(tmp_path, monkeypatch):
+    data = _data(tmp_path)
+    masks = _masks(tmp_path, data, (0, 0, 32, 64))  # the left half: token columns 0-1 of the 4x4 grid
+    draws = []
+    select = TokenRouter.select
+
+    def recording(self, *args, **kwargs):
+        draws.append((args, kwargs, select(self, *args, **kwargs)))
+        return draws[-1][2]
+
+    monkeypatch.setattr(TokenRouter, "select", recording)
+    weights, output = _train(tmp_path, "masked", ["--masked-loss", "--conditioning-data-dir", masks,
+                                                  "--tread-route", "0.75:0:-1"])  # fmt: skip
+    assert "never dropped" in output
+    assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_up" in k or "lora_B" in k)
+    assert len(draws) == 2
+    left = torch.tensor([[c < 2 for r in range(4) for c in range(4)]])
+    for args, kwargs, selection in draws:
+        assert args[1] == 16 and torch.equal(kwargs["force_keep"].cpu(), left.expand(2, -1))
+        keep = selection.keep
+        assert keep.shape == (1, 8) and keep[0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13]  # the budget: the mask
+
+
+def test_white_masks_with_a_route_train_what_the_unrouted_masked_run_trains(tmp_path):
+    """Every token inside the mask: the route keeps them all, and the LoRA is the unrouted run's bit for bit."""
+    data = _data(tmp_path)
+    masks = _masks(tmp_path, data, (0, 0, 64, 64))
+    base = ["--masked-loss", "--conditioning-data-dir", masks]
+    routed, _ = _train(tmp_path, "routed", [*base, "--tread-route", "0.5:1:-1"])
+    plain, _ = _train(tmp_path, "plain", base)
+    assert routed.keys() == plain.keys()
+    assert all(torch.equal(routed[k], plain[k]) for k in plain)
+    other, _ = _train(tmp_path, "half", ["--masked-loss", "--conditioning-data-dir",
+                                         _masks(tmp_path / "h", data, (0, 0, 32, 64)), "--tread-route", "0.5:1:-1"])  # fmt: skip
+    assert any(not torch.equal(other[k], plain[k]) for k in plain)

@@ -118,8 +118,12 @@ class RoutedInputs:
     checkpointed block is recomputed). ``rope``: the argument with the rotary embedding, a ``(cos, sin)`` pair
     of ``[T + N, d]`` tables whose text rows come first (Flux); its image rows are routed with the tokens.
     ``mask``: ``"argument.key"``, an attention mask ``[..., T + N]`` inside a mapping argument (Flux's T5
-    padding mask in ``joint_attention_kwargs``), whose image columns are routed the same way. A family whose
-    blocks take text and image in one concatenated sequence (diffusers' Chroma single blocks) cannot declare it.
+    padding mask in ``joint_attention_kwargs``), whose image columns are routed the same way. ``patch``: the
+    latent pixels per side of one image token (FLUX.1's 2x2 packing, SD3's ``patch_size``); the image tokens
+    start with the target image's, row-major over that grid (tokens after them, FLUX.1 Kontext's reference
+    image, are routed too), which is how a loss mask at latent size becomes the tokens routing never drops.
+    A family whose blocks take text and image in one concatenated sequence (diffusers' Chroma single blocks)
+    cannot declare it.
     """
 
     image: str = "hidden_states"
@@ -127,6 +131,7 @@ class RoutedInputs:
     rope: str | None = None
     mask: str | None = None
     output: int = 1
+    patch: int = 2
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,10 @@ class ModelFamily:
         ]
         if self.token_routing is not None and not isinstance(self.token_routing, RoutedInputs):
             problems.append(f"token_routing must be a RoutedInputs, not {self.token_routing!r}")
+        elif self.token_routing is not None and not (
+            isinstance(self.token_routing.patch, int) and self.token_routing.patch >= 1
+        ):
+            problems.append(f"token_routing.patch must be a positive int, not {self.token_routing.patch!r}")
         unknown = set(self.partial_text_cache) - {te.component for te in self.text_encoders}
         if unknown:
             problems.append(f"partial_text_cache names no text encoder of it: {sorted(unknown)}")

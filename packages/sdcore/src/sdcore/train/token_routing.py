@@ -41,9 +41,10 @@ has new ones and draws anew.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
     from ..models.family import RoutedInputs
 
 FLAG = "--tread-route"
+#: ``Batch.extra`` key of a batch's force-keep mask (``[B, tokens]`` bool over the target image's tokens), set by
+#: the batch maker from the batch's dataset loss masks and handed to the routing around the prediction
+KEEP_MASK = "tread_keep_mask"
 #: SimpleTuner's router seed when its config has none (``seed or 42``)
 DEFAULT_SEED = 42
 
@@ -160,14 +164,65 @@ class TokenRouter:
 
         self.generator.manual_seed(sample_seed("tread", *parts))
 
-    def select(self, batch: int, tokens: int, ratio: float, device: Any = None, *, shared: bool = False) -> Selection:
-        """A random ``kept_tokens(tokens, ratio)``-subset of ``tokens`` per sample (one for all with ``shared``)."""
+    def select(
+        self,
+        batch: int,
+        tokens: int,
+        ratio: float,
+        device: Any = None,
+        *,
+        shared: bool = False,
+        force_keep: torch.Tensor | None = None,
+    ) -> Selection:
+        """A random ``kept_tokens(tokens, ratio)``-subset of ``tokens`` per sample (one for all with ``shared``).
+
+        ``force_keep`` [B, tokens] (bool): tokens never dropped (SimpleTuner's ``get_mask(force_keep=...)``): they
+        rank before every other token, and the keep budget grows to the most forced tokens of any sample
+        (``max(S - round(S * ratio), max forced)``, one budget for the batch); the rest of it is the random draw.
+        With ``shared`` the forced tokens are the union over the batch. The noise drawn is the same with or
+        without it, so a run without masks draws what it always drew."""
         import torch
 
-        noise = torch.rand((1 if shared else batch, tokens), generator=self.generator)
+        rows = 1 if shared else batch
+        noise = torch.rand((rows, tokens), generator=self.generator)
+        count = kept_tokens(tokens, ratio)
+        if force_keep is not None:
+            force = force_keep.detach().to("cpu", torch.bool).reshape(-1, tokens)
+            if shared:
+                force = force.any(dim=0, keepdim=True)
+            elif force.shape[0] != rows:
+                raise SdcoreError(f"{FLAG}: a force-keep mask for {force.shape[0]} samples in a batch of {rows}")
+            noise = noise.masked_fill(force, -1.0)  # below every draw in [0, 1): ranked first
+            count = max(count, int(force.sum(dim=1).max()))
         order = torch.argsort(noise, dim=1)
-        keep = torch.sort(order[:, : kept_tokens(tokens, ratio)], dim=1).values
+        keep = torch.sort(order[:, :count], dim=1).values
         return Selection(keep.to(device) if device is not None else keep, tokens)
+
+
+def token_keep_mask(masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """Which image tokens a loss mask force-keeps, as SimpleTuner decides it: the mask ``[B, 1, h, w]`` (values
+    in 0..1, at latent size) averaged over each token's ``patch x patch`` latent square (area downsampling to the
+    token grid) and ``> 0.5``; ``[B, h/patch * w/patch]`` bool in the tokens' row-major order."""
+    import torch
+
+    grid = masks.float().reshape(masks.shape[0], 1, masks.shape[-2], masks.shape[-1])
+    size = (grid.shape[-2] // patch, grid.shape[-1] // patch)
+    pooled = torch.nn.functional.interpolate(grid, size=size, mode="area")
+    return pooled.flatten(1) > 0.5
+
+
+def pad_keep_mask(keep: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A target image's force-keep mask ``[B, n]`` over a sequence of ``tokens`` image tokens whose first ``n``
+    are the target's: the tokens after them (FLUX.1 Kontext's reference image) are not force-kept."""
+    import torch
+
+    if keep.shape[1] > tokens:
+        raise SdcoreError(
+            f"{FLAG}: the loss mask covers {keep.shape[1]} image tokens, the denoiser's blocks see only {tokens}"
+        )
+    if keep.shape[1] == tokens:
+        return keep
+    return torch.cat([keep, keep.new_zeros(keep.shape[0], tokens - keep.shape[1])], dim=1)
 
 
 def start_route(x: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -261,6 +316,9 @@ class TokenRouting:
         self.inputs = inputs
         self.router = router or TokenRouter()
         self.enabled = True
+        #: the force-keep mask of the batch being predicted (:meth:`keeping`), ``[B, n]`` over the target image's
+        #: tokens; None: a purely random draw
+        self.keep_mask: torch.Tensor | None = None
         self._spans: list[list[_Span]] = [[] for _ in resolved]
         self._installed: list[tuple[nn.Module, Callable[..., Any]]] = []
         for number, route in enumerate(resolved):
@@ -274,6 +332,18 @@ class TokenRouting:
         tokens) alive, and nothing recomputes a block of an earlier step."""
         self.router.reseed(*parts)
         self._spans = [[] for _ in self.routes]
+
+    @contextlib.contextmanager
+    def keeping(self, keep_mask: torch.Tensor | None) -> Iterator[None]:
+        """Inside the block, routes drawn anew never drop the tokens ``keep_mask`` marks (``[B, n]`` bool over the
+        target image's tokens, :func:`token_keep_mask` of the batch's loss masks; None: nothing forced). A
+        recompute in backward (outside the block) reuses its forward's draw, so it needs no mask."""
+        before = self.keep_mask
+        self.keep_mask = keep_mask
+        try:
+            yield
+        finally:
+            self.keep_mask = before
 
     def active(self) -> bool:
         """Whether a block call now routes: enabled, and gradients are being computed."""
@@ -336,7 +406,10 @@ class TokenRouting:
             )
         route = self.routes[number]
         shared = self.inputs.rope is not None
-        selection = self.router.select(image.shape[0], image.shape[1], route.ratio, image.device, shared=shared)
+        force = None if self.keep_mask is None else pad_keep_mask(self.keep_mask, image.shape[1])
+        selection = self.router.select(
+            image.shape[0], image.shape[1], route.ratio, image.device, shared=shared, force_keep=force
+        )
         span = _Span(key, selection, image)
         spans.append(span)
         return span
@@ -368,7 +441,7 @@ def block_count(family: Any, config: dict[str, Any]) -> int | None:
 
 
 def option_problems(options: Any) -> list[str]:
-    """``--tread-route`` on its own: each value's syntax and ratio, and the options it cannot train with."""
+    """``--tread-route`` on its own: each value's syntax and ratio, and a start after its end."""
     texts = tuple(getattr(options, "tread_route", ()) or ())
     if not texts:
         return []
@@ -376,26 +449,22 @@ def option_problems(options: Any) -> list[str]:
     if any(r.start >= 0 and r.end >= 0 and r.start > r.end for r in routes):
         problems += [f"{FLAG} {r.text()}: its start block comes after its end block"
                      for r in routes if r.start >= 0 and r.end >= 0 and r.start > r.end]  # fmt: skip
-    if getattr(options, "masked_loss", False):
-        problems.append(
-            f"{FLAG} with --masked-loss: SimpleTuner keeps every token inside the loss mask in each route, which "
-            "sdcore's routing does not do; train without one of them"
-        )
     return problems
 
 
-def dataset_problems(options: Any, index: Any) -> list[str]:
-    """``--tread-route`` on this dataset: loss masks (``alpha_mask``, OneTrainer's ``-masklabel.png``) are refused
-    as ``--masked-loss`` is (:func:`option_problems` reports that one), for the same reason."""
-    if not tuple(getattr(options, "tread_route", ()) or ()) or getattr(options, "masked_loss", False):
+def dataset_notes(options: Any, index: Any) -> list[str]:
+    """``--tread-route`` with loss masks (``--masked-loss`` images, ``alpha_mask``, OneTrainer's
+    ``-masklabel.png``): what the routing does with them, one note."""
+    if not tuple(getattr(options, "tread_route", ()) or ()):
         return []
     from .data import has_dataset_mask
 
     if not any(has_dataset_mask(entry) for entry in index.entries):
         return []
     return [
-        f"{FLAG} with loss masks (alpha_mask, -masklabel.png mask images): SimpleTuner keeps every token inside "
-        "the loss mask in each route, which sdcore's routing does not do; train without one of them"
+        f"{FLAG} with loss masks: the image tokens inside a sample's mask (more than half of the token's latent "
+        "square) are never dropped, as SimpleTuner keeps them; a route keeps at least those (on FLUX.1 the union "
+        "over the batch, which shares one draw)"
     ]
 
 

@@ -562,3 +562,40 @@ def test_white_masks_with_a_route_train_what_the_unrouted_masked_run_trains(tmp_
     other, _ = _train(tmp_path, "half", ["--masked-loss", "--conditioning-data-dir",
                                          _masks(tmp_path / "h", data, (0, 0, 32, 64)), "--tread-route", "0.5:1:-1"])  # fmt: skip
     assert any(not torch.equal(other[k], plain[k]) for k in plain)
+
+
+def test_flux_kontext_routes_the_reference_tokens_too_and_never_force_keeps_them(tmp_path, monkeypatch):
+    """SimpleTuner draws over the transformer's whole image sequence, which on Kontext is [target | reference]
+    tokens; so does sdcore. A loss mask covers the target image: the reference tokens are never force-kept
+    (SimpleTuner's mask of the target's tokens would not fit that sequence)."""
+    from sdcore.testing.datasets import write_inverted_controls
+
+    data = _data(tmp_path)
+    controls = str(write_inverted_controls(data, tmp_path / "controls"))
+    masks = _masks(tmp_path, data, (0, 0, 32, 64))
+    draws = []
+    select = TokenRouter.select
+
+    def recording(self, *args, **kwargs):
+        draws.append((args, kwargs, select(self, *args, **kwargs)))
+        return draws[-1][2]
+
+    monkeypatch.setattr(TokenRouter, "select", recording)
+    weights, _ = _train(tmp_path, "kontext", ["--control-dir", controls, "--tread-route", "0.5:0:-1"])
+    assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_up" in k or "lora_B" in k)
+    assert [args[1] for args, _, _ in draws] == [32, 32]  # 16 target + 16 reference tokens
+    assert all(kwargs["force_keep"] is None for _, kwargs, _ in draws)
+    kept = torch.zeros(32, dtype=torch.bool)
+    for _, _, selection in draws:
+        assert selection.keep.shape == (1, 16)
+        kept[selection.keep[0]] = True
+    assert kept[16:].any()  # reference tokens go through the span (and others skip it)
+    draws.clear()
+    _train(tmp_path, "kontext-masked", ["--control-dir", controls, "--masked-loss", "--conditioning-data-dir", masks,
+                                        "--tread-route", "0.75:0:-1"])  # fmt: skip
+    left = torch.tensor([c < 2 for r in range(4) for c in range(4)] + [False] * 16)
+    assert len(draws) == 2
+    for args, kwargs, selection in draws:
+        assert args[1] == 32 and torch.equal(kwargs["force_keep"].cpu(), left.expand(2, -1))
+        assert set(torch.nonzero(left).flatten().tolist()) <= set(selection.keep[0].tolist())
+        assert selection.keep.shape == (1, 8)  # 32 - round(24) = 8: the mask's 8 tokens are the budget

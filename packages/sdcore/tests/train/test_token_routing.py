@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from sdcore.errors import ConfigError
+from sdcore.models.chroma import CHROMA
 from sdcore.models.flux import FLUX
 from sdcore.models.sd3 import SD3
 from sdcore.train.block_swap import BLOCK_LISTS, BlockSwap
@@ -27,7 +28,54 @@ from sdcore.train.token_routing import (
 )
 from test_block_swap import Lora, flux_inputs, sd3_inputs, step, tiny_flux, tiny_sd3
 
-FAMILIES = {"flux": (tiny_flux, flux_inputs, FLUX), "sd3": (tiny_sd3, sd3_inputs, SD3)}
+
+def tiny_chroma() -> torch.nn.Module:
+    from diffusers import ChromaTransformer2DModel
+    from sdcore.models.chroma.load import quiet_chroma_construction
+    from sdcore.models.chroma.tiny import transformer_config
+
+    torch.manual_seed(0)
+    with quiet_chroma_construction():
+        return ChromaTransformer2DModel(**{**transformer_config(), "num_single_layers": 3})
+
+
+def chroma_inputs() -> dict:
+    """Chroma's call as sdcore's adapter makes it: the mask [B, T + N], T5 padding in the second sample."""
+    g = torch.Generator().manual_seed(1)
+    img, txt = 16, 5
+    text = torch.tensor([[True] * 5, [True, True, True, True, False]])
+    return {
+        "hidden_states": torch.randn(2, img, 64, generator=g),
+        "encoder_hidden_states": torch.randn(2, txt, 32, generator=g),
+        "timestep": torch.tensor([0.3, 0.8]),
+        "img_ids": torch.stack(
+            torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1
+        ).reshape(-1, 3),
+        "txt_ids": torch.zeros(txt, 3),
+        "attention_mask": torch.cat([text, torch.ones(2, img, dtype=torch.bool)], dim=1),
+        "return_dict": False,
+    }
+
+
+FAMILIES = {
+    "flux": (tiny_flux, flux_inputs, FLUX),
+    "sd3": (tiny_sd3, sd3_inputs, SD3),
+    "chroma": (tiny_chroma, chroma_inputs, CHROMA),
+}
+
+
+def _checkpointing(model, func=None) -> None:
+    """diffusers' gradient checkpointing; on Chroma as sdcore enables it (its single blocks keep the mask)."""
+    from diffusers import ChromaTransformer2DModel
+
+    if isinstance(model, ChromaTransformer2DModel):
+        from sdcore.models.chroma.checkpointing import enable_masked_checkpointing
+
+        enable_masked_checkpointing(model, func)
+    elif func is None:
+        model.enable_gradient_checkpointing()
+    else:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=func)
 
 
 def _route(model, family, ratio=0.5, start=1, end=-1, seed=3) -> TokenRouting:
@@ -120,8 +168,9 @@ def test_skipped_tokens_leave_the_route_as_they_entered_it(name):
     def at_start(module, args, kwargs):  # the block's input as the diffusers loop passes it: the whole sequence
         seen["start"] = (args[0] if args else kwargs["hidden_states"]).detach()
 
-    def at_end(module, args, output):
-        seen["end"] = output[1].detach()
+    def at_end(module, args, output):  # the image tokens (of a joint [text | image] sequence: its image part)
+        text = inputs()["encoder_hidden_states"].shape[1]
+        seen["end"] = (output[1] if isinstance(output, tuple) else output[:, text:]).detach()
 
     pre = blocks[1].register_forward_pre_hook(at_start, with_kwargs=True)
     post = blocks[2].register_forward_hook(at_end)
@@ -150,14 +199,14 @@ def test_routing_composes_with_gradient_checkpointing_and_block_swap(name):
     reference = step(model, inputs(), lora)
     runs = {}
     routing.router = TokenRouter(3)
-    model.enable_gradient_checkpointing()  # the routed blocks are recomputed in backward: the same draw
+    _checkpointing(model)  # the routed blocks are recomputed in backward: the same draw
     runs["checkpointing"] = step(model, inputs(), lora)
     model.disable_gradient_checkpointing()
     routing.router = TokenRouter(3)
     swap = BlockSwap(model, 2, "cpu")  # installed after the routing, as the runtime does: it wraps the routed blocks
     runs["swap"] = step(model, inputs(), lora)
     routing.router = TokenRouter(3)
-    model.enable_gradient_checkpointing()
+    _checkpointing(model)
     runs["swap+checkpointing"] = step(model, inputs(), lora)
     swap.remove()
     from sdcore.train.offload_checkpointing import ActivationOffload
@@ -165,7 +214,7 @@ def test_routing_composes_with_gradient_checkpointing_and_block_swap(name):
     routing.router = TokenRouter(3)
     offload = ActivationOffload("cpu")
     offload.always_copy = True  # --cpu-offload-checkpointing: the tokens the recompute gets are other tensors
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=offload)
+    _checkpointing(model, offload)
     runs["offload checkpointing"] = step(model, inputs(), lora)
     for label, (loss, grads) in runs.items():
         assert torch.equal(loss, reference[0]), label
@@ -244,14 +293,18 @@ def test_routes_resolve_against_the_block_count():
 
 
 def test_the_preflight_checks_the_family_and_the_model_block_count():
-    from sdcore.models.chroma import CHROMA
     from sdcore.models.family import SD1
 
     options = SimpleNamespace(tread_route=("0.5:1:-1",), masked_loss=False)
-    for family in (SD1, CHROMA):
-        (problem,) = model_problems(options, SimpleNamespace(family=family.name, configs={}))
-        assert problem.startswith("--tread-route: TREAD token routing needs a transformer family")
-        assert family.label in problem
+    (problem,) = model_problems(options, SimpleNamespace(family=SD1.name, configs={}))
+    assert problem.startswith("--tread-route: TREAD token routing needs a transformer family")
+    assert SD1.label in problem
+    chroma = SimpleNamespace(family="chroma", configs={"transformer": {"num_layers": 2, "num_single_layers": 2}})
+    assert model_problems(options, chroma) == []
+    assert (
+        "the Chroma transformer has 4 transformer blocks"
+        in model_problems(SimpleNamespace(tread_route=("0.5:0:4",)), chroma)[0]
+    )
     flux = SimpleNamespace(family="flux", configs={"transformer": {"num_layers": 2, "num_single_layers": 3}})
     assert model_problems(options, flux) == []
     (problem,) = model_problems(SimpleNamespace(tread_route=("0.5:1:6",)), flux)
@@ -460,7 +513,7 @@ def test_routed_blocks_never_drop_the_tokens_inside_the_loss_mask(name):
         ((force, selection),) = selections
         assert force is not None and force.shape == (2, tokens)
         kept = torch.zeros(selection.keep.shape[0], tokens, dtype=torch.bool).scatter(1, selection.keep, True)
-        wanted = keep_mask.any(0, keepdim=True) if family is FLUX else keep_mask
+        wanted = keep_mask.any(0, keepdim=True) if family.token_routing.rope else keep_mask  # one draw: union
         assert wanted.any() and not (wanted & ~kept).any()
         assert selection.keep.shape[1] == max(kept_tokens(tokens, 0.75), int(wanted.sum(1).max()))
     selections.clear()
@@ -599,3 +652,56 @@ def test_flux_kontext_routes_the_reference_tokens_too_and_never_force_keeps_them
         assert args[1] == 32 and torch.equal(kwargs["force_keep"].cpu(), left.expand(2, -1))
         assert set(torch.nonzero(left).flatten().tolist()) <= set(selection.keep[0].tolist())
         assert selection.keep.shape == (1, 8)  # 32 - round(24) = 8: the mask's 8 tokens are the budget
+
+
+def test_a_chroma_route_inside_the_single_blocks_splits_the_joint_sequence_at_the_text(tmp_path):
+    """Chroma's single blocks take [text | image] as one sequence: a route starting there keeps the text (its
+    length from the transformer's own call), routes the image part, its mask columns and RoPE rows."""
+    model = tiny_chroma()
+    lora = Lora(model)
+    plain = step(model, chroma_inputs(), lora)
+    zero = _route(model, CHROMA, ratio=0.0, start=2, end=-1)
+    assert _same(step(model, chroma_inputs(), lora), plain)
+    zero.remove()
+    routing = _route(model, CHROMA, ratio=0.5, start=3, end=3)
+    seen = {}
+    block = model.single_transformer_blocks[1]
+    pre = block.register_forward_pre_hook(lambda m, a, k: seen.update(start=(a[0] if a else k["hidden_states"])),
+                                          with_kwargs=True)  # fmt: skip
+    post = block.register_forward_hook(lambda m, a, out: seen.update(end=out))
+    routed = step(model, chroma_inputs(), lora)
+    pre.remove()
+    post.remove()
+    assert seen["start"].shape == seen["end"].shape == (2, 5 + 16, 32)
+    assert not torch.equal(seen["end"][:, :5], seen["start"][:, :5])  # the text went through the block
+    unchanged = (seen["end"][0, 5:] == seen["start"][0, 5:]).all(dim=-1)
+    assert int(unchanged.sum()) == 8  # half the image tokens skipped the block
+    assert not torch.equal(routed[0], plain[0])
+    routing.router = TokenRouter(3)
+    reference = step(model, chroma_inputs(), lora)
+    routing.router = TokenRouter(3)
+    _checkpointing(model)
+    assert _same(step(model, chroma_inputs(), lora), reference)
+
+
+def _same(a, b) -> bool:
+    """Two ``step`` results (loss, gradients) equal bit for bit."""
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
+
+
+def test_a_tiny_chroma_lora_trains_with_a_route_and_a_mask_through_the_cli(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = _data(tmp_path)
+    masks = _masks(tmp_path, data, (0, 0, 32, 64))
+    out = tmp_path / "c.safetensors"
+    args = ["train", "lora", "--model", "tiny:chroma", "--data", str(data), "--output", str(out), "--resolution",
+            "64", "--max-steps", "2", "--lr", "1e-2", "--no-progress", "--gradient-checkpointing", "--masked-loss",
+            "--conditioning-data-dir", masks, "--tread-route", "0.5:1:-2"]  # fmt: skip
+    run = CliRunner().invoke(build_cli(get_plugin_manager()), args)
+    assert run.exit_code == 0, run.output
+    weights = load_file(str(out))
+    assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_up" in k or "lora_B" in k)

@@ -278,13 +278,25 @@ def _tensors(value: Any) -> list[Any]:
     return []
 
 
+def _length(text: Any) -> int:
+    """The text tokens of a block's ``[B, T, D]`` text argument (none: 0)."""
+    return int(text.shape[1]) if text is not None else 0
+
+
+def _join(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.cat([text, image], dim=1)
+
+
 class _Span:
     """One forward's pass through one route: its selection and the image tokens at its start."""
 
-    def __init__(self, key: list[Any], selection: Selection, saved: torch.Tensor) -> None:
+    def __init__(self, key: list[Any], selection: Selection, saved: torch.Tensor, text: int) -> None:
         self.refs = [weakref.ref(t, self._forget) for t in key]
         self.selection = selection
         self.saved: torch.Tensor | None = saved
+        self.text = text  # the text tokens before the image tokens in a joint sequence, RoPE table or mask
 
     def _forget(self, _ref: Any) -> None:
         """The forward's tensors are gone (its backward is done): so are its recomputes; free the tokens."""
@@ -321,9 +333,23 @@ class TokenRouting:
         self.keep_mask: torch.Tensor | None = None
         self._spans: list[list[_Span]] = [[] for _ in resolved]
         self._installed: list[tuple[nn.Module, Callable[..., Any]]] = []
+        joint = {id(b) for name in inputs.joint for b in getattr(denoiser, name, None) or ()}
+        #: the text length of the denoiser's latest forward (its ``inputs.text`` argument), for the blocks that
+        #: take ``[text | image]`` as one sequence (``RoutedInputs.joint``)
+        self._text_len: int | None = None
+        self._hook = denoiser.register_forward_pre_hook(self._remember_text, with_kwargs=True) if joint else None
         for number, route in enumerate(resolved):
             for index in range(route.start, route.end + 1):
-                self._install(blocks[index], number, index == route.start, index == route.end)
+                block = blocks[index]
+                self._install(block, number, index == route.start, index == route.end, id(block) in joint)
+
+    def _remember_text(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The denoiser's text tokens, ``[B, T, ...]``: how many of a joint sequence's first tokens are text."""
+        text = kwargs.get(self.inputs.text)
+        if text is None:
+            found = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            text = found.get(self.inputs.text)
+        self._text_len = int(text.shape[1]) if text is not None else None
 
     def new_step(self, *parts: Any) -> None:
         """Start an optimizer step: draws from a seed made of ``parts`` (run seed, step, process: a resumed run
@@ -351,7 +377,7 @@ class TokenRouting:
 
         return self.enabled and torch.is_grad_enabled()
 
-    def _install(self, block: nn.Module, number: int, first: bool, last: bool) -> None:
+    def _install(self, block: nn.Module, number: int, first: bool, last: bool, joint: bool) -> None:
         original = block.forward
         signature = inspect.signature(original)
         inputs = self.inputs
@@ -363,23 +389,34 @@ class TokenRouting:
                 return original(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
             values = bound.arguments
-            image, text = values[inputs.image], values.get(inputs.text)
-            key = [t for name, v in values.items() if name not in routed_names for t in _tensors(v)]
-            span = self._span(number, key, image, first)
-            selection = span.selection
-            text_len = int(text.shape[1]) if text is not None else 0
-            if first:
-                values[inputs.image] = start_route(image, selection)
+            tokens = values[inputs.image]
+            if inputs.key is not None:
+                key = [t for name in inputs.key for t in _tensors(values.get(name))]
+            else:
+                key = [t for name, v in values.items() if name not in routed_names for t in _tensors(v)]
+            span = self._find(number, key)
+            if span is None:
+                text = self._joint_text() if joint else _length(values.get(inputs.text))
+                span = self._new_span(number, key, tokens[:, text:] if joint else tokens, text, first)
+            selection, text_len = span.selection, span.text
+            if first and joint:  # [text | image]: the kept image tokens behind the text
+                values[inputs.image] = _join(tokens[:, :text_len], start_route(tokens[:, text_len:], selection))
+            elif first:
+                values[inputs.image] = start_route(tokens, selection)
             if inputs.rope and values.get(inputs.rope) is not None:
                 values[inputs.rope] = route_rope(values[inputs.rope], selection, text_len)
             holder = values.get(mask_arg) if mask_arg else None
-            if isinstance(holder, dict) and holder.get(mask_key) is not None:
+            if mask_key and isinstance(holder, dict) and holder.get(mask_key) is not None:
                 values[mask_arg] = {**holder, mask_key: route_mask(holder[mask_key], selection, text_len)}
+            elif not mask_key and holder is not None:  # the mask is the argument itself
+                values[mask_arg] = route_mask(holder, selection, text_len)
             out = original(*bound.args, **bound.kwargs)
             if last:
-                parts = list(out)
                 if span.saved is None:
                     raise SdcoreError(f"{FLAG}: a route's tokens were freed before its last block ran")
+                if joint:  # the block returns the joint sequence itself
+                    return _join(out[:, :text_len], end_route(out[:, text_len:], selection, span.saved))
+                parts = list(out)
                 parts[inputs.output] = end_route(parts[inputs.output], selection, span.saved)
                 out = type(out)(parts) if isinstance(out, tuple) else parts
             return out
@@ -387,9 +424,17 @@ class TokenRouting:
         block.forward = forward  # type: ignore[method-assign]
         self._installed.append((block, original))
 
-    def _span(self, number: int, key: list[Any], image: torch.Tensor, first: bool) -> _Span:
-        """The span of the forward this call belongs to: found again by ``key`` (a recompute, or a later block
-        of the route), or, at the route's first block, a new one with a new draw."""
+    def _joint_text(self) -> int:
+        if self._text_len is None:
+            raise SdcoreError(
+                f"{FLAG}: a block takes text and image as one sequence, but the denoiser's forward gave no "
+                f"{self.inputs.text!r} to tell how many of its tokens are text"
+            )
+        return self._text_len
+
+    def _find(self, number: int, key: list[Any]) -> _Span | None:
+        """The span of the forward this call belongs to, found again by ``key`` (a recompute, or a later block
+        of the route); None: a new forward."""
         if not key:
             raise SdcoreError(
                 f"{FLAG}: the routed blocks take no tensor besides the tokens, so a recomputed block cannot be told "
@@ -399,6 +444,10 @@ class TokenRouting:
         for span in reversed(spans):
             if span.matches(key):
                 return span
+        return None
+
+    def _new_span(self, number: int, key: list[Any], image: torch.Tensor, text: int, first: bool) -> _Span:
+        """A new forward at the route's first block: a new draw over ``image`` [B, S, D]."""
         if not first:
             raise SdcoreError(
                 f"{FLAG}: a block inside route {self.routes[number].text()} was called without its route's first "
@@ -410,8 +459,8 @@ class TokenRouting:
         selection = self.router.select(
             image.shape[0], image.shape[1], route.ratio, image.device, shared=shared, force_keep=force
         )
-        span = _Span(key, selection, image)
-        spans.append(span)
+        span = _Span(key, selection, image, text)
+        self._spans[number].append(span)
         return span
 
     def remove(self) -> None:
@@ -419,6 +468,9 @@ class TokenRouting:
         for block, original in reversed(self._installed):
             block.forward = original  # type: ignore[method-assign]
         self._installed = []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self._spans = [[] for _ in self.routes]
 
 
@@ -427,7 +479,7 @@ def family_routing_problem(family: Any) -> str | None:
     if getattr(family, "token_routing", None) is None:
         return (
             f"{FLAG}: TREAD token routing needs a transformer family that declares its routed block inputs "
-            f"(FLUX.1, SD3); the {family.label} {family.denoiser} does not"
+            f"(FLUX.1, SD3, Chroma); the {family.label} {family.denoiser} does not"
         )
     return None
 

@@ -19,13 +19,19 @@ transformers' forwards; only facts are taken from it):
   that routes a rotary embedding (FLUX.1) draws one selection for the whole batch, because diffusers' attention
   applies one ``[tokens, d]`` RoPE table to every sample (SimpleTuner's own transformer takes one per sample;
   with FLUX.1's usual batch of one there is no difference).
+- Loss masks: as SimpleTuner's ``force_keep``, the image tokens inside a sample's loss mask (its mask averaged
+  over the token's latent square above 0.5, :func:`token_keep_mask`) are kept in every route and the budget
+  grows to hold them (:meth:`TokenRouter.select`); the batch maker puts them in ``Batch.extra[KEEP_MASK]`` and
+  the step hands them over around its prediction (:meth:`TokenRouting.keeping`). A shared draw keeps the
+  batch's union. Tokens after the target image's (FLUX.1 Kontext's reference) are routed but never forced.
 - Only while gradients are computed (``torch.is_grad_enabled()``) and the routing is :attr:`TokenRouting.enabled`:
   samples, validation and generation run under ``no_grad`` and see the whole model. SimpleTuner also asks for
   the denoiser's train mode; sdcore keeps a frozen denoiser in eval mode while a LoRA on it trains, so that
   flag cannot tell training from generation here.
 
 How: the family declares which block arguments carry the image tokens, the text tokens, the RoPE and a mask
-(:class:`sdcore.models.family.RoutedInputs`); the blocks are the ones block swap finds
+(:class:`sdcore.models.family.RoutedInputs`; a family whose blocks take ``[text | image]`` as one sequence,
+Chroma's single blocks, declares them ``joint`` and the text part always goes through); the blocks are the ones block swap finds
 (:func:`sdcore.train.block_swap.swappable_blocks` over ``ModelFamily.block_lists``). Each block inside a route
 gets a wrapper ``forward`` (diffusers' forward is not copied): the first gathers the kept tokens, every one
 passes the routed RoPE rows and mask columns, the last puts the sequence back together. Install it before

@@ -1,5 +1,6 @@
 """--tread-route (TREAD token routing): the router, the routed FLUX.1 and SD3 blocks, their composition with
-gradient checkpointing and block swap, the options, SimpleTuner's tread_config and the refusals."""
+gradient checkpointing and block swap (FLUX.1, SD3, Chroma), loss masks kept (FLUX.1 Kontext too), the options,
+SimpleTuner's tread_config and the refusals."""
 
 from __future__ import annotations
 
@@ -705,3 +706,16 @@ def test_a_tiny_chroma_lora_trains_with_a_route_and_a_mask_through_the_cli(tmp_p
     assert run.exit_code == 0, run.output
     weights = load_file(str(out))
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_up" in k or "lora_B" in k)
+
+
+def test_a_family_declaration_names_its_joint_block_lists_and_a_positive_patch():
+    from dataclasses import replace
+
+    from sdcore.errors import PluginError
+    from sdcore.models.family import RoutedInputs
+
+    with pytest.raises(PluginError, match=re.escape("token_routing.joint names no block list of it: 'single_blocks'")):
+        replace(CHROMA, token_routing=RoutedInputs(joint=("single_blocks",)))
+    with pytest.raises(PluginError, match=re.escape("token_routing.patch must be a positive int, not 0")):
+        replace(FLUX, token_routing=RoutedInputs(patch=0))
+    assert replace(CHROMA, token_routing=RoutedInputs(joint=("single_transformer_blocks",))).token_routing

@@ -30,9 +30,9 @@ transformers' forwards; only facts are taken from it):
   flag cannot tell training from generation here.
 
 How: the family declares which block arguments carry the image tokens, the text tokens, the RoPE and a mask
-(:class:`sdcore.models.family.RoutedInputs`; a family whose blocks take ``[text | image]`` as one sequence,
-Chroma's single blocks, declares them ``joint`` and the text part always goes through); the blocks are the ones block swap finds
-(:func:`sdcore.train.block_swap.swappable_blocks` over ``ModelFamily.block_lists``). Each block inside a route
+(:class:`sdcore.models.family.RoutedInputs`; blocks that take ``[text | image]`` as one sequence, Chroma's
+single blocks, are declared ``joint`` and their text part always goes through); the blocks are the ones block
+swap finds (:func:`sdcore.train.block_swap.swappable_blocks` over ``ModelFamily.block_lists``). Each block inside a route
 gets a wrapper ``forward`` (diffusers' forward is not copied): the first gathers the kept tokens, every one
 passes the routed RoPE rows and mask columns, the last puts the sequence back together. Install it before
 block swap, which then wraps these wrappers (the swap's recompute reruns them inside its checkpoint).
@@ -367,7 +367,7 @@ class TokenRouting:
 
     @contextlib.contextmanager
     def keeping(self, keep_mask: torch.Tensor | None) -> Iterator[None]:
-        """Inside the block, routes drawn anew never drop the tokens ``keep_mask`` marks (``[B, n]`` bool over the
+        """Inside the ``with`` block, routes drawn anew never drop the tokens ``keep_mask`` marks (``[B, n]`` bool over the
         target image's tokens, :func:`token_keep_mask` of the batch's loss masks; None: nothing forced). A
         recompute in backward (outside the block) reuses its forward's draw, so it needs no mask."""
         before = self.keep_mask
@@ -521,8 +521,8 @@ def dataset_notes(options: Any, index: Any) -> list[str]:
         return []
     return [
         f"{FLAG} with loss masks: the image tokens inside a sample's mask (more than half of the token's latent "
-        "square) are never dropped, as SimpleTuner keeps them; a route keeps at least those (on FLUX.1 the union "
-        "over the batch, which shares one draw)"
+        "square) are never dropped, as SimpleTuner keeps them; a route keeps at least those (on FLUX.1 and Chroma "
+        "the union over the batch, which shares one draw)"
     ]
 
 

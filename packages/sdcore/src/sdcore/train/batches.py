@@ -356,31 +356,34 @@ class BatchMaker:
         from .data import has_dataset_mask, load_mask, mask_filter, mask_to_latent
         from .token_routing import token_keep_mask
 
+        routed = self.bundle.family_spec.token_routing
+        if routed is None:  # the pre-flight refuses --tread-route for such a family
+            return None
         size = (int(latent_size[0]), int(latent_size[1]))
-        masks: list[Any] = []
+        keeps: list[Any] = []
         for i, ref in enumerate(refs):
             entry = self.data.entries[ref.entry]
             if i in unmasked or not has_dataset_mask(entry):
-                masks.append(None)
+                keeps.append(None)
                 continue
             view = self.data.view_of(ref)
             key = (ref.entry, dataclasses.replace(view, color=None), size)  # colour: same mask
             if key not in self._keep_cache:
                 pixel = load_mask(entry, view.apply(self.data.assignments[ref.entry]), flip=view.flip)
-                latent = None if pixel is None else mask_to_latent(pixel, size, mask_filter(entry))
+                # cached as the token grid's bools (1/16 of a patch-2 latent mask's floats, a byte each)
+                keep = None
+                if pixel is not None:
+                    keep = token_keep_mask(mask_to_latent(pixel, size, mask_filter(entry))[None], routed.patch)[0]
                 if view.crop is not None or view.resized is not None or view.augment is not None:
-                    masks.append(latent)  # a random crop or augmentation: another mask every time
+                    keeps.append(keep)  # a random crop or augmentation: another mask every time
                     continue
-                self._keep_cache[key] = latent
-            masks.append(self._keep_cache[key])
-        if all(mask is None for mask in masks):
+                self._keep_cache[key] = keep
+            keeps.append(self._keep_cache[key])
+        if all(keep is None for keep in keeps):
             return None
-        routed = self.bundle.family_spec.token_routing
-        if routed is None:  # the pre-flight refuses --tread-route for such a family
-            return None
-        zeros = torch.zeros(1, *size)
-        stacked = torch.stack([zeros if mask is None else mask.reshape(1, *size).float() for mask in masks])
-        return token_keep_mask(stacked, routed.patch).to(self.device)
+        tokens = (size[0] // routed.patch) * (size[1] // routed.patch)
+        nothing = torch.zeros(tokens, dtype=torch.bool)
+        return torch.stack([nothing if keep is None else keep for keep in keeps]).to(self.device)
 
     def sample_mask(self, index: int, view: SampleView, size: tuple[int, int], *, dataset_mask: bool = True) -> Any:
         """The method's mask times the dataset's (unless not ``dataset_mask``) for one sample view, ``[1, h, w]``

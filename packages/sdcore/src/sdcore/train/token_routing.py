@@ -343,7 +343,12 @@ class TokenRouting:
         #: the text length of the denoiser's latest forward (its ``inputs.text`` argument), for the blocks that
         #: take ``[text | image]`` as one sequence (``RoutedInputs.joint``)
         self._text_len: int | None = None
-        self._hook = denoiser.register_forward_pre_hook(self._remember_text, with_kwargs=True) if joint else None
+        self._hooks: list[Any] = []
+        if joint:  # the length is the running forward's only: a joint block called outside one is an error
+            self._hooks = [
+                denoiser.register_forward_pre_hook(self._remember_text, with_kwargs=True),
+                denoiser.register_forward_hook(self._forget_text, always_call=True),
+            ]
         for number, route in enumerate(resolved):
             for index in range(route.start, route.end + 1):
                 block = blocks[index]
@@ -356,6 +361,9 @@ class TokenRouting:
             found = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
             text = found.get(self.inputs.text)
         self._text_len = int(text.shape[1]) if text is not None else None
+
+    def _forget_text(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._text_len = None
 
     def new_step(self, *parts: Any) -> None:
         """Start an optimizer step: draws from a seed made of ``parts`` (run seed, step, process: a resumed run
@@ -474,9 +482,9 @@ class TokenRouting:
         for block, original in reversed(self._installed):
             block.forward = original  # type: ignore[method-assign]
         self._installed = []
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._spans = [[] for _ in self.routes]
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sdcore.errors import ConfigError
+from sdcore.errors import ConfigError, SdcoreError
 from sdcore.models.chroma import CHROMA
 from sdcore.models.flux import FLUX
 from sdcore.models.sd3 import SD3
@@ -222,20 +222,30 @@ def test_routing_composes_with_gradient_checkpointing_and_block_swap(name):
         assert all(torch.equal(a, b) for a, b in zip(grads, reference[1], strict=True)), label
 
 
-def test_two_forwards_before_one_backward_keep_their_own_draws_under_checkpointing():
-    """APT's two passes: each recompute uses the selection of the forward it belongs to."""
-    model = tiny_flux()
+@pytest.mark.parametrize("name", ["flux", "chroma"])
+def test_two_forwards_before_one_backward_keep_their_own_draws_under_checkpointing(name):
+    """APT's two passes: each recompute uses the selection of the forward it belongs to (Chroma: found by the
+    forward's own RoPE tables, new in each forward)."""
+    make, inputs_of, family = FAMILIES[name]
+    model = make()
     lora = Lora(model)
-    routing = _route(model, FLUX)
+    routing = _route(model, family, start=0)
+    draws: list = []
 
     def two_pass(checkpointing: bool):
         routing.router = TokenRouter(5)
-        (model.enable_gradient_checkpointing if checkpointing else model.disable_gradient_checkpointing)()
-        outs = [model(**inputs)[0] for inputs in (flux_inputs(), flux_inputs())]
+        routing.router.select = _recorded_select(routing.router, draws)  # type: ignore[method-assign]
+        if checkpointing:
+            _checkpointing(model)
+        else:
+            model.disable_gradient_checkpointing()
+        outs = [model(**inputs)[0] for inputs in (inputs_of(), inputs_of())]
         loss = (outs[0] - 0.5).square().mean() + (outs[1] + 0.5).square().mean()
         return loss.detach(), torch.autograd.grad(loss, lora.params)
 
     plain, checkpointed = two_pass(False), two_pass(True)
+    assert len(draws) == 4  # one per forward: no recompute draws anew
+    assert not torch.equal(draws[0][1].keep, draws[1][1].keep)  # the two forwards route other tokens
     assert torch.equal(plain[0], checkpointed[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], checkpointed[1], strict=True))
 
@@ -683,6 +693,10 @@ def test_a_chroma_route_inside_the_single_blocks_splits_the_joint_sequence_at_th
     routing.router = TokenRouter(3)
     _checkpointing(model)
     assert _same(step(model, chroma_inputs(), lora), reference)
+    # the text length is the running forward's: after it, a routed single block called alone cannot be split
+    rope = model.pos_embed(torch.zeros(21, 3))
+    with pytest.raises(SdcoreError, match="gave no 'encoder_hidden_states'"):
+        block(torch.randn(2, 21, 32), torch.randn(2, 3, 32), rope)
 
 
 def _same(a, b) -> bool:
@@ -690,7 +704,7 @@ def _same(a, b) -> bool:
     return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
 
 
-def test_a_tiny_chroma_lora_trains_with_a_route_and_a_mask_through_the_cli(tmp_path):
+def test_a_tiny_chroma_lora_trains_with_a_route_and_a_mask_through_the_cli(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from safetensors.torch import load_file
     from sdcore.cli import build_cli
@@ -702,10 +716,23 @@ def test_a_tiny_chroma_lora_trains_with_a_route_and_a_mask_through_the_cli(tmp_p
     args = ["train", "lora", "--model", "tiny:chroma", "--data", str(data), "--output", str(out), "--resolution",
             "64", "--max-steps", "2", "--lr", "1e-2", "--no-progress", "--gradient-checkpointing", "--masked-loss",
             "--conditioning-data-dir", masks, "--tread-route", "0.5:1:-2"]  # fmt: skip
+    draws = []
+    select = TokenRouter.select
+
+    def recording(self, *args, **kwargs):
+        draws.append((args, kwargs, select(self, *args, **kwargs)))
+        return draws[-1][2]
+
+    monkeypatch.setattr(TokenRouter, "select", recording)
     run = CliRunner().invoke(build_cli(get_plugin_manager()), args)
     assert run.exit_code == 0, run.output
     weights = load_file(str(out))
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_up" in k or "lora_B" in k)
+    left = [c < 2 for r in range(4) for c in range(4)]  # the mask's left half: token columns 0-1 of the 4x4 grid
+    assert len(draws) == 2  # one per step: the checkpointed recompute reuses it
+    for args, kwargs, selection in draws:
+        assert args[1] == 16 and kwargs["force_keep"].cpu().tolist() == [left]
+        assert selection.keep[0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13]  # the budget (8 of 16) is the mask
 
 
 def test_a_family_declaration_names_its_joint_block_lists_and_a_positive_patch():

@@ -117,9 +117,16 @@ class RoutedInputs:
     keep the same arguments in a forward's every block (the routing finds a span's state again by them when a
     checkpointed block is recomputed). ``rope``: the argument with the rotary embedding, a ``(cos, sin)`` pair
     of ``[T + N, d]`` tables whose text rows come first (Flux); its image rows are routed with the tokens.
-    ``mask``: ``"argument.key"``, an attention mask ``[..., T + N]`` inside a mapping argument (Flux's T5
-    padding mask in ``joint_attention_kwargs``), whose image columns are routed the same way. A family whose
-    blocks take text and image in one concatenated sequence (diffusers' Chroma single blocks) cannot declare it.
+    ``mask``: an attention mask ``[..., T + N]`` whose image columns are routed the same way: ``"argument"``
+    (Chroma's ``attention_mask``) or ``"argument.key"`` inside a mapping argument (Flux's T5 padding mask in
+    ``joint_attention_kwargs``). ``patch``: the latent pixels per side of one image token (FLUX.1's 2x2
+    packing, SD3's ``patch_size``); the image tokens start with the target image's, row-major over that grid
+    (tokens after them, FLUX.1 Kontext's reference image, are routed too), which is how a loss mask at latent
+    size becomes the tokens routing never drops. ``joint``: the block lists whose blocks take text and image
+    as one sequence ``[T + N, D]`` in ``image`` (no ``text`` argument) and return that sequence alone
+    (diffusers' Chroma single blocks); ``T`` is the length of the denoiser forward's own ``text`` argument.
+    ``key``: the arguments whose tensors are the same object in every block of one forward (None: all but
+    the tokens), for a family whose blocks also get a new tensor each (Chroma's per-block modulation).
     """
 
     image: str = "hidden_states"
@@ -127,6 +134,9 @@ class RoutedInputs:
     rope: str | None = None
     mask: str | None = None
     output: int = 1
+    patch: int = 2
+    joint: tuple[str, ...] = ()
+    key: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,14 @@ class ModelFamily:
         ]
         if self.token_routing is not None and not isinstance(self.token_routing, RoutedInputs):
             problems.append(f"token_routing must be a RoutedInputs, not {self.token_routing!r}")
+        elif self.token_routing is not None and not (
+            isinstance(self.token_routing.patch, int) and self.token_routing.patch >= 1
+        ):
+            problems.append(f"token_routing.patch must be a positive int, not {self.token_routing.patch!r}")
+        if self.token_routing is not None and isinstance(self.token_routing, RoutedInputs):
+            lists = {b.attribute for b in self.block_lists if isinstance(b, BlockList)}
+            problems += [f"token_routing.joint names no block list of it: {name!r}"
+                         for name in self.token_routing.joint if name not in lists]  # fmt: skip
         unknown = set(self.partial_text_cache) - {te.component for te in self.text_encoders}
         if unknown:
             problems.append(f"partial_text_cache names no text encoder of it: {sorted(unknown)}")

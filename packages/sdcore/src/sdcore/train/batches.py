@@ -68,6 +68,7 @@ class BatchMaker:
         self.total_steps = total_steps  # kohya's max_train_steps, for the token warm-up
         self.prefetcher: Prefetcher | None = None
         self._mask_cache: dict[tuple[int, SampleView], Any] = {}
+        self._keep_cache: dict[tuple[int, SampleView, tuple[int, int]], Any] = {}  # --tread-route's mask reads
         from .inpainting import bundle_kind
 
         #: ``"unet"``/``"fill"`` for an inpainting model (its batches carry the mask and masked image), else None
@@ -170,6 +171,12 @@ class BatchMaker:
             batch.network_strength = torch.tensor(strengths, dtype=torch.float32, device=self.device)
         unmasked = self.unmasked(refs)
         batch.masks = self.loss_masks(refs, latent_batch.shape[-2:], unmasked=unmasked)
+        if self.options.tread_route and batch.masks is not None:  # --tread-route never drops the masked tokens
+            from .token_routing import KEEP_MASK
+
+            keep = self.routing_keep_masks(refs, latent_batch.shape[-2:], unmasked)
+            if keep is not None:
+                batch.extra[KEEP_MASK] = keep
         if self.inpainting is not None:
             batch.inpainting_mask, batch.masked_latents = self.inpainting_conditioning(
                 refs, latent_batch.shape[-2:], loaded, unmasked
@@ -343,6 +350,47 @@ class BatchMaker:
             return None
         ones = torch.ones(1, *size)
         return torch.stack([ones if mask is None else mask.reshape(1, *size).float() for mask in masks]).to(self.device)
+
+    def routing_keep_masks(self, refs: list[SampleRef], latent_size: Any, unmasked: set[int]) -> Any:
+        """``--tread-route``: the image tokens each sample's dataset mask force-keeps, ``[B, tokens]`` bool
+        (:func:`~sdcore.train.token_routing.token_keep_mask` at the family's token grid), or None when no sample
+        has a mask. The mask is the one the loss reads, at latent size and in 0..1, before
+        ``--masked-loss-unmasked-weight`` and ``--masked-loss-normalize`` reshape it into weights (SimpleTuner
+        thresholds the mask image itself). A sample without a dataset mask (or an inpainting model's full-mask
+        draw) forces no token: nothing in it weighs more than the rest."""
+        import torch
+
+        from .data import has_dataset_mask, load_mask, mask_filter, mask_to_latent
+        from .token_routing import token_keep_mask
+
+        routed = self.bundle.family_spec.token_routing
+        if routed is None:  # the pre-flight refuses --tread-route for such a family
+            return None
+        size = (int(latent_size[0]), int(latent_size[1]))
+        keeps: list[Any] = []
+        for i, ref in enumerate(refs):
+            entry = self.data.entries[ref.entry]
+            if i in unmasked or not has_dataset_mask(entry):
+                keeps.append(None)
+                continue
+            view = self.data.view_of(ref)
+            key = (ref.entry, dataclasses.replace(view, color=None), size)  # colour: same mask
+            if key not in self._keep_cache:
+                pixel = load_mask(entry, view.apply(self.data.assignments[ref.entry]), flip=view.flip)
+                # cached as the token grid's bools (1/16 of a patch-2 latent mask's floats, a byte each)
+                keep = None
+                if pixel is not None:
+                    keep = token_keep_mask(mask_to_latent(pixel, size, mask_filter(entry))[None], routed.patch)[0]
+                if view.crop is not None or view.resized is not None or view.augment is not None:
+                    keeps.append(keep)  # a random crop or augmentation: another mask every time
+                    continue
+                self._keep_cache[key] = keep
+            keeps.append(self._keep_cache[key])
+        if all(keep is None for keep in keeps):
+            return None
+        tokens = (size[0] // routed.patch) * (size[1] // routed.patch)
+        nothing = torch.zeros(tokens, dtype=torch.bool)
+        return torch.stack([nothing if keep is None else keep for keep in keeps]).to(self.device)
 
     def sample_mask(self, index: int, view: SampleView, size: tuple[int, int], *, dataset_mask: bool = True) -> Any:
         """The method's mask times the dataset's (unless not ``dataset_mask``) for one sample view, ``[1, h, w]``

@@ -303,6 +303,7 @@ class TrainSession:
             total_steps=self.total_steps,
         )
         self.objective = Objective(bundle, method, o)
+        self.objective.token_routing = self.token_routing  # --tread-route: hands it each batch's loss masks
         self._plan_validation()
 
         optimizer = create_optimizer(o.optimizer, groups, lr=o.lr, args=o.optimizer_args, say=self.say)

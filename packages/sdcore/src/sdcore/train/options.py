@@ -525,7 +525,8 @@ class TrainOptions:
         (),
         "TREAD token routing, repeatable: RATIO:START:END sends only 1 - RATIO of the image tokens through "
         "transformer blocks START to END (inclusive; negative from the end; FLUX.1 counts its double then single "
-        "blocks), the others skip them; faster steps on large images (SD3/FLUX.1; SimpleTuner's tread_config).",
+        "blocks), the others skip them; tokens inside a loss mask never do; faster steps on large images "
+        "(SD3/FLUX.1/Chroma; SimpleTuner's tread_config).",
         group="training",
         metavar="RATIO:START:END",
     )

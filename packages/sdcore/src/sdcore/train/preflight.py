@@ -227,7 +227,7 @@ def option_problems(options: TrainOptions, method: TrainingMethod[Any] | None = 
     problems.extend(offload_option_problems(o))  # --cpu-offload-checkpointing with --blocks-to-swap
     from .token_routing import option_problems as routing_option_problems
 
-    problems.extend(routing_option_problems(o))  # --tread-route: syntax, ratio, --masked-loss
+    problems.extend(routing_option_problems(o))  # --tread-route: syntax, ratio, block order
     from .validation import precision_option_problems, validation_option_problems
 
     problems.extend(validation_option_problems(o))
@@ -1118,9 +1118,9 @@ def run_preflight(
                     "the folder names (as in kohya)"
                 )
             report.problems.extend(image_option_problems(o, data.index))
-            from .token_routing import dataset_problems as routing_dataset_problems
+            from .token_routing import dataset_notes as routing_dataset_notes
 
-            report.problems.extend(routing_dataset_problems(o, data.index))  # --tread-route with loss masks
+            report.notes.extend(routing_dataset_notes(o, data.index))  # --tread-route keeps the masked tokens
             report.notes.extend(bucket_side_notes(data.index))
             from .data import mask_augment_checks
             from .inpainting import layout_kind

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .fused import StepInBackward
     from .objectives import TrainingObjective
     from .placement import Placement
+    from .token_routing import TokenRouting
 
 
 class Objective:
@@ -46,6 +47,9 @@ class Objective:
         self.method = method
         self.options = options
         self.adapter = family_adapter(bundle.family)
+        #: ``--tread-route``'s routing on the denoiser (the session sets it): each prediction hands it the batch's
+        #: force-keep mask (:data:`sdcore.train.token_routing.KEEP_MASK`)
+        self.token_routing: TokenRouting | None = None
 
     @property
     def training(self) -> TrainingObjective:
@@ -116,9 +120,15 @@ class Objective:
         from .objectives import training_guidance
 
         guidance = training_guidance(self.options, control=self.method.capabilities().control_channels)
-        return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch, guidance=guidance,
-                                    bypass_guidance_embedding=self.options.bypass_guidance_embedding,
-                                    **reference)  # fmt: skip
+        routing: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.token_routing is not None:  # the tokens inside the batch's loss masks are never dropped
+            from .token_routing import KEEP_MASK
+
+            routing = self.token_routing.keeping(batch.extra.get(KEEP_MASK))
+        with routing:
+            return self.adapter.predict(self.bundle, noisy, timesteps, cond, batch=batch, guidance=guidance,
+                                        bypass_guidance_embedding=self.options.bypass_guidance_embedding,
+                                        **reference)  # fmt: skip
 
     def sample_loss(
         self,

@@ -19,14 +19,20 @@ transformers' forwards; only facts are taken from it):
   that routes a rotary embedding (FLUX.1) draws one selection for the whole batch, because diffusers' attention
   applies one ``[tokens, d]`` RoPE table to every sample (SimpleTuner's own transformer takes one per sample;
   with FLUX.1's usual batch of one there is no difference).
+- Loss masks: as SimpleTuner's ``force_keep``, the image tokens inside a sample's loss mask (its mask averaged
+  over the token's latent square above 0.5, :func:`token_keep_mask`) are kept in every route and the budget
+  grows to hold them (:meth:`TokenRouter.select`); the batch maker puts them in ``Batch.extra[KEEP_MASK]`` and
+  the step hands them over around its prediction (:meth:`TokenRouting.keeping`). A shared draw keeps the
+  batch's union. Tokens after the target image's (FLUX.1 Kontext's reference) are routed but never forced.
 - Only while gradients are computed (``torch.is_grad_enabled()``) and the routing is :attr:`TokenRouting.enabled`:
   samples, validation and generation run under ``no_grad`` and see the whole model. SimpleTuner also asks for
   the denoiser's train mode; sdcore keeps a frozen denoiser in eval mode while a LoRA on it trains, so that
   flag cannot tell training from generation here.
 
 How: the family declares which block arguments carry the image tokens, the text tokens, the RoPE and a mask
-(:class:`sdcore.models.family.RoutedInputs`); the blocks are the ones block swap finds
-(:func:`sdcore.train.block_swap.swappable_blocks` over ``ModelFamily.block_lists``). Each block inside a route
+(:class:`sdcore.models.family.RoutedInputs`; blocks that take ``[text | image]`` as one sequence, Chroma's
+single blocks, are declared ``joint`` and their text part always goes through); the blocks are the ones block
+swap finds (:func:`sdcore.train.block_swap.swappable_blocks` over ``ModelFamily.block_lists``). Each block inside a route
 gets a wrapper ``forward`` (diffusers' forward is not copied): the first gathers the kept tokens, every one
 passes the routed RoPE rows and mask columns, the last puts the sequence back together. Install it before
 block swap, which then wraps these wrappers (the swap's recompute reruns them inside its checkpoint).
@@ -41,9 +47,10 @@ has new ones and draws anew.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +63,9 @@ if TYPE_CHECKING:
     from ..models.family import RoutedInputs
 
 FLAG = "--tread-route"
+#: ``Batch.extra`` key of a batch's force-keep mask (``[B, tokens]`` bool over the target image's tokens), set by
+#: the batch maker from the batch's dataset loss masks and handed to the routing around the prediction
+KEEP_MASK = "tread_keep_mask"
 #: SimpleTuner's router seed when its config has none (``seed or 42``)
 DEFAULT_SEED = 42
 
@@ -160,14 +170,65 @@ class TokenRouter:
 
         self.generator.manual_seed(sample_seed("tread", *parts))
 
-    def select(self, batch: int, tokens: int, ratio: float, device: Any = None, *, shared: bool = False) -> Selection:
-        """A random ``kept_tokens(tokens, ratio)``-subset of ``tokens`` per sample (one for all with ``shared``)."""
+    def select(
+        self,
+        batch: int,
+        tokens: int,
+        ratio: float,
+        device: Any = None,
+        *,
+        shared: bool = False,
+        force_keep: torch.Tensor | None = None,
+    ) -> Selection:
+        """A random ``kept_tokens(tokens, ratio)``-subset of ``tokens`` per sample (one for all with ``shared``).
+
+        ``force_keep`` [B, tokens] (bool): tokens never dropped (SimpleTuner's ``get_mask(force_keep=...)``): they
+        rank before every other token, and the keep budget grows to the most forced tokens of any sample
+        (``max(S - round(S * ratio), max forced)``, one budget for the batch); the rest of it is the random draw.
+        With ``shared`` the forced tokens are the union over the batch. The noise drawn is the same with or
+        without it, so a run without masks draws what it always drew."""
         import torch
 
-        noise = torch.rand((1 if shared else batch, tokens), generator=self.generator)
+        rows = 1 if shared else batch
+        noise = torch.rand((rows, tokens), generator=self.generator)
+        count = kept_tokens(tokens, ratio)
+        if force_keep is not None:
+            force = force_keep.detach().to("cpu", torch.bool).reshape(-1, tokens)
+            if shared:
+                force = force.any(dim=0, keepdim=True)
+            elif force.shape[0] != rows:
+                raise SdcoreError(f"{FLAG}: a force-keep mask for {force.shape[0]} samples in a batch of {rows}")
+            noise = noise.masked_fill(force, -1.0)  # below every draw in [0, 1): ranked first
+            count = max(count, int(force.sum(dim=1).max()))
         order = torch.argsort(noise, dim=1)
-        keep = torch.sort(order[:, : kept_tokens(tokens, ratio)], dim=1).values
+        keep = torch.sort(order[:, :count], dim=1).values
         return Selection(keep.to(device) if device is not None else keep, tokens)
+
+
+def token_keep_mask(masks: torch.Tensor, patch: int) -> torch.Tensor:
+    """Which image tokens a loss mask force-keeps, as SimpleTuner decides it: the mask ``[B, 1, h, w]`` (values
+    in 0..1, at latent size) averaged over each token's ``patch x patch`` latent square (area downsampling to the
+    token grid) and ``> 0.5``; ``[B, h/patch * w/patch]`` bool in the tokens' row-major order."""
+    import torch
+
+    grid = masks.float().reshape(masks.shape[0], 1, masks.shape[-2], masks.shape[-1])
+    size = (grid.shape[-2] // patch, grid.shape[-1] // patch)
+    pooled = torch.nn.functional.interpolate(grid, size=size, mode="area")
+    return pooled.flatten(1) > 0.5
+
+
+def pad_keep_mask(keep: torch.Tensor, tokens: int) -> torch.Tensor:
+    """A target image's force-keep mask ``[B, n]`` over a sequence of ``tokens`` image tokens whose first ``n``
+    are the target's: the tokens after them (FLUX.1 Kontext's reference image) are not force-kept."""
+    import torch
+
+    if keep.shape[1] > tokens:
+        raise SdcoreError(
+            f"{FLAG}: the loss mask covers {keep.shape[1]} image tokens, the denoiser's blocks see only {tokens}"
+        )
+    if keep.shape[1] == tokens:
+        return keep
+    return torch.cat([keep, keep.new_zeros(keep.shape[0], tokens - keep.shape[1])], dim=1)
 
 
 def start_route(x: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -223,13 +284,25 @@ def _tensors(value: Any) -> list[Any]:
     return []
 
 
+def _length(text: Any) -> int:
+    """The text tokens of a block's ``[B, T, D]`` text argument (none: 0)."""
+    return int(text.shape[1]) if text is not None else 0
+
+
+def _join(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.cat([text, image], dim=1)
+
+
 class _Span:
     """One forward's pass through one route: its selection and the image tokens at its start."""
 
-    def __init__(self, key: list[Any], selection: Selection, saved: torch.Tensor) -> None:
+    def __init__(self, key: list[Any], selection: Selection, saved: torch.Tensor, text: int) -> None:
         self.refs = [weakref.ref(t, self._forget) for t in key]
         self.selection = selection
         self.saved: torch.Tensor | None = saved
+        self.text = text  # the text tokens before the image tokens in a joint sequence, RoPE table or mask
 
     def _forget(self, _ref: Any) -> None:
         """The forward's tensors are gone (its backward is done): so are its recomputes; free the tokens."""
@@ -261,11 +334,36 @@ class TokenRouting:
         self.inputs = inputs
         self.router = router or TokenRouter()
         self.enabled = True
+        #: the force-keep mask of the batch being predicted (:meth:`keeping`), ``[B, n]`` over the target image's
+        #: tokens; None: a purely random draw
+        self.keep_mask: torch.Tensor | None = None
         self._spans: list[list[_Span]] = [[] for _ in resolved]
         self._installed: list[tuple[nn.Module, Callable[..., Any]]] = []
+        joint = {id(b) for name in inputs.joint for b in getattr(denoiser, name, None) or ()}
+        #: the text length of the denoiser's latest forward (its ``inputs.text`` argument), for the blocks that
+        #: take ``[text | image]`` as one sequence (``RoutedInputs.joint``)
+        self._text_len: int | None = None
+        self._hooks: list[Any] = []
+        if joint:  # the length is the running forward's only: a joint block called outside one is an error
+            self._hooks = [
+                denoiser.register_forward_pre_hook(self._remember_text, with_kwargs=True),
+                denoiser.register_forward_hook(self._forget_text, always_call=True),
+            ]
         for number, route in enumerate(resolved):
             for index in range(route.start, route.end + 1):
-                self._install(blocks[index], number, index == route.start, index == route.end)
+                block = blocks[index]
+                self._install(block, number, index == route.start, index == route.end, id(block) in joint)
+
+    def _remember_text(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The denoiser's text tokens, ``[B, T, ...]``: how many of a joint sequence's first tokens are text."""
+        text = kwargs.get(self.inputs.text)
+        if text is None:
+            found = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            text = found.get(self.inputs.text)
+        self._text_len = int(text.shape[1]) if text is not None else None
+
+    def _forget_text(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._text_len = None
 
     def new_step(self, *parts: Any) -> None:
         """Start an optimizer step: draws from a seed made of ``parts`` (run seed, step, process: a resumed run
@@ -275,13 +373,25 @@ class TokenRouting:
         self.router.reseed(*parts)
         self._spans = [[] for _ in self.routes]
 
+    @contextlib.contextmanager
+    def keeping(self, keep_mask: torch.Tensor | None) -> Iterator[None]:
+        """Inside the ``with`` block, routes drawn anew never drop the tokens ``keep_mask`` marks (``[B, n]`` bool over the
+        target image's tokens, :func:`token_keep_mask` of the batch's loss masks; None: nothing forced). A
+        recompute in backward (outside the block) reuses its forward's draw, so it needs no mask."""
+        before = self.keep_mask
+        self.keep_mask = keep_mask
+        try:
+            yield
+        finally:
+            self.keep_mask = before
+
     def active(self) -> bool:
         """Whether a block call now routes: enabled, and gradients are being computed."""
         import torch
 
         return self.enabled and torch.is_grad_enabled()
 
-    def _install(self, block: nn.Module, number: int, first: bool, last: bool) -> None:
+    def _install(self, block: nn.Module, number: int, first: bool, last: bool, joint: bool) -> None:
         original = block.forward
         signature = inspect.signature(original)
         inputs = self.inputs
@@ -293,23 +403,34 @@ class TokenRouting:
                 return original(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
             values = bound.arguments
-            image, text = values[inputs.image], values.get(inputs.text)
-            key = [t for name, v in values.items() if name not in routed_names for t in _tensors(v)]
-            span = self._span(number, key, image, first)
-            selection = span.selection
-            text_len = int(text.shape[1]) if text is not None else 0
-            if first:
-                values[inputs.image] = start_route(image, selection)
+            tokens = values[inputs.image]
+            if inputs.key is not None:
+                key = [t for name in inputs.key for t in _tensors(values.get(name))]
+            else:
+                key = [t for name, v in values.items() if name not in routed_names for t in _tensors(v)]
+            span = self._find(number, key)
+            if span is None:
+                text = self._joint_text() if joint else _length(values.get(inputs.text))
+                span = self._new_span(number, key, tokens[:, text:] if joint else tokens, text, first)
+            selection, text_len = span.selection, span.text
+            if first and joint:  # [text | image]: the kept image tokens behind the text
+                values[inputs.image] = _join(tokens[:, :text_len], start_route(tokens[:, text_len:], selection))
+            elif first:
+                values[inputs.image] = start_route(tokens, selection)
             if inputs.rope and values.get(inputs.rope) is not None:
                 values[inputs.rope] = route_rope(values[inputs.rope], selection, text_len)
             holder = values.get(mask_arg) if mask_arg else None
-            if isinstance(holder, dict) and holder.get(mask_key) is not None:
+            if mask_key and isinstance(holder, dict) and holder.get(mask_key) is not None:
                 values[mask_arg] = {**holder, mask_key: route_mask(holder[mask_key], selection, text_len)}
+            elif not mask_key and holder is not None:  # the mask is the argument itself
+                values[mask_arg] = route_mask(holder, selection, text_len)
             out = original(*bound.args, **bound.kwargs)
             if last:
-                parts = list(out)
                 if span.saved is None:
                     raise SdcoreError(f"{FLAG}: a route's tokens were freed before its last block ran")
+                if joint:  # the block returns the joint sequence itself
+                    return _join(out[:, :text_len], end_route(out[:, text_len:], selection, span.saved))
+                parts = list(out)
                 parts[inputs.output] = end_route(parts[inputs.output], selection, span.saved)
                 out = type(out)(parts) if isinstance(out, tuple) else parts
             return out
@@ -317,9 +438,17 @@ class TokenRouting:
         block.forward = forward  # type: ignore[method-assign]
         self._installed.append((block, original))
 
-    def _span(self, number: int, key: list[Any], image: torch.Tensor, first: bool) -> _Span:
-        """The span of the forward this call belongs to: found again by ``key`` (a recompute, or a later block
-        of the route), or, at the route's first block, a new one with a new draw."""
+    def _joint_text(self) -> int:
+        if self._text_len is None:
+            raise SdcoreError(
+                f"{FLAG}: a block takes text and image as one sequence, but the denoiser's forward gave no "
+                f"{self.inputs.text!r} to tell how many of its tokens are text"
+            )
+        return self._text_len
+
+    def _find(self, number: int, key: list[Any]) -> _Span | None:
+        """The span of the forward this call belongs to, found again by ``key`` (a recompute, or a later block
+        of the route); None: a new forward."""
         if not key:
             raise SdcoreError(
                 f"{FLAG}: the routed blocks take no tensor besides the tokens, so a recomputed block cannot be told "
@@ -329,6 +458,10 @@ class TokenRouting:
         for span in reversed(spans):
             if span.matches(key):
                 return span
+        return None
+
+    def _new_span(self, number: int, key: list[Any], image: torch.Tensor, text: int, first: bool) -> _Span:
+        """A new forward at the route's first block: a new draw over ``image`` [B, S, D]."""
         if not first:
             raise SdcoreError(
                 f"{FLAG}: a block inside route {self.routes[number].text()} was called without its route's first "
@@ -336,9 +469,12 @@ class TokenRouting:
             )
         route = self.routes[number]
         shared = self.inputs.rope is not None
-        selection = self.router.select(image.shape[0], image.shape[1], route.ratio, image.device, shared=shared)
-        span = _Span(key, selection, image)
-        spans.append(span)
+        force = None if self.keep_mask is None else pad_keep_mask(self.keep_mask, image.shape[1])
+        selection = self.router.select(
+            image.shape[0], image.shape[1], route.ratio, image.device, shared=shared, force_keep=force
+        )
+        span = _Span(key, selection, image, text)
+        self._spans[number].append(span)
         return span
 
     def remove(self) -> None:
@@ -346,6 +482,9 @@ class TokenRouting:
         for block, original in reversed(self._installed):
             block.forward = original  # type: ignore[method-assign]
         self._installed = []
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._spans = [[] for _ in self.routes]
 
 
@@ -354,7 +493,7 @@ def family_routing_problem(family: Any) -> str | None:
     if getattr(family, "token_routing", None) is None:
         return (
             f"{FLAG}: TREAD token routing needs a transformer family that declares its routed block inputs "
-            f"(FLUX.1, SD3); the {family.label} {family.denoiser} does not"
+            f"(FLUX.1, SD3, Chroma); the {family.label} {family.denoiser} does not"
         )
     return None
 
@@ -368,7 +507,7 @@ def block_count(family: Any, config: dict[str, Any]) -> int | None:
 
 
 def option_problems(options: Any) -> list[str]:
-    """``--tread-route`` on its own: each value's syntax and ratio, and the options it cannot train with."""
+    """``--tread-route`` on its own: each value's syntax and ratio, and a start after its end."""
     texts = tuple(getattr(options, "tread_route", ()) or ())
     if not texts:
         return []
@@ -376,26 +515,22 @@ def option_problems(options: Any) -> list[str]:
     if any(r.start >= 0 and r.end >= 0 and r.start > r.end for r in routes):
         problems += [f"{FLAG} {r.text()}: its start block comes after its end block"
                      for r in routes if r.start >= 0 and r.end >= 0 and r.start > r.end]  # fmt: skip
-    if getattr(options, "masked_loss", False):
-        problems.append(
-            f"{FLAG} with --masked-loss: SimpleTuner keeps every token inside the loss mask in each route, which "
-            "sdcore's routing does not do; train without one of them"
-        )
     return problems
 
 
-def dataset_problems(options: Any, index: Any) -> list[str]:
-    """``--tread-route`` on this dataset: loss masks (``alpha_mask``, OneTrainer's ``-masklabel.png``) are refused
-    as ``--masked-loss`` is (:func:`option_problems` reports that one), for the same reason."""
-    if not tuple(getattr(options, "tread_route", ()) or ()) or getattr(options, "masked_loss", False):
+def dataset_notes(options: Any, index: Any) -> list[str]:
+    """``--tread-route`` with loss masks (``--masked-loss`` images, ``alpha_mask``, OneTrainer's
+    ``-masklabel.png``): what the routing does with them, one note."""
+    if not tuple(getattr(options, "tread_route", ()) or ()):
         return []
     from .data import has_dataset_mask
 
     if not any(has_dataset_mask(entry) for entry in index.entries):
         return []
     return [
-        f"{FLAG} with loss masks (alpha_mask, -masklabel.png mask images): SimpleTuner keeps every token inside "
-        "the loss mask in each route, which sdcore's routing does not do; train without one of them"
+        f"{FLAG} with loss masks: the image tokens inside a sample's mask (more than half of the token's latent "
+        "square) are never dropped, as SimpleTuner keeps them; a route keeps at least those (on FLUX.1 and Chroma "
+        "the union over the batch, which shares one draw)"
     ]
 
 

@@ -16,7 +16,7 @@ latent packing, the VAE, T5, the single-file layouts):
 
 from __future__ import annotations
 
-from ..family import LatentFormat, ModelFamily, TextEncoderSpec
+from ..family import LatentFormat, ModelFamily, RoutedInputs, TextEncoderSpec
 
 CHROMA = ModelFamily(
     name="chroma",
@@ -32,6 +32,17 @@ CHROMA = ModelFamily(
     lora_prefixes={"transformer": "lora_unet", "text_encoder": "lora_te3"},
     context_tokens=512,
     inpaints=True,
+    # diffusers' double blocks take (hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask)
+    # and return (encoder_hidden_states, hidden_states); its single blocks take [text | image] as hidden_states
+    # and return it; the mask is [B, T + N] (rows and columns), the RoPE rows [text | image]; each block gets
+    # its own modulation slice (temb), so a forward is known by its RoPE tables
+    token_routing=RoutedInputs(
+        rope="image_rotary_emb",
+        mask="attention_mask",
+        patch=2,
+        joint=("single_transformer_blocks",),
+        key=("image_rotary_emb",),
+    ),
 )
 
 __all__ = ["CHROMA"]

@@ -27,7 +27,7 @@ FLUX = ModelFamily(
     partial_text_cache=("text_encoder_2",),
     # diffusers' double and single blocks both take (hidden_states, encoder_hidden_states, temb, image_rotary_emb,
     # joint_attention_kwargs) and return (encoder_hidden_states, hidden_states); RoPE rows are [text | image]
-    token_routing=RoutedInputs(rope="image_rotary_emb", mask="joint_attention_kwargs.attention_mask"),
+    token_routing=RoutedInputs(rope="image_rotary_emb", mask="joint_attention_kwargs.attention_mask", patch=2),
 )
 
 __all__ = ["FLUX"]

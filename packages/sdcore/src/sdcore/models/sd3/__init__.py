@@ -40,7 +40,7 @@ SD3 = ModelFamily(
     partial_text_cache=("text_encoder_3",),
     # JointTransformerBlock(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs) -> (context, image);
     # positions are added once by the patch embedding, so the blocks take no RoPE
-    token_routing=RoutedInputs(),
+    token_routing=RoutedInputs(patch=2),  # its patch_size: a token is a 2x2 latent square
 )
 
 __all__ = ["SD3", "T5_MAX_LENGTH"]

@@ -262,14 +262,32 @@ def test_mask_kind_segmentation_without_mask_images_is_a_problem(tmp_path):
     assert "mask_kind segmentation" in result.output and "but no subset has them" in result.output
 
 
-def test_segmentation_masks_with_a_tread_route_are_refused(tmp_path):
-    """SimpleTuner keeps the tokens inside a loss mask in every route; sdcore's routing does not, so a translated
-    segmentation dataset with tread_config is refused as a mask dataset is."""
+def test_segmentation_masks_with_a_tread_route_keep_simpletuners_tokens(tmp_path):
+    """SimpleTuner's Flux force-keeps, under tread_config, the tokens whose mask image (the RGB mean of pixels in
+    [-1, 1], ``(sum / 3 + 1) / 2``, area-shrunk to the token grid) is above 0.5, for mask and segmentation datasets
+    alike (flux/model.py). sdcore's routing reads the mask the loss reads: for a segmentation mask that is the
+    same grey mean, so a pure red region (grey 1/3) is not force-kept there, where a red-channel mask keeps it."""
+    import numpy as np
+    import torch
+    from sdcore.train.data import mask_to_latent, segmentation_grey
+    from sdcore.train.token_routing import token_keep_mask
+
     routes = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]}
     path, _, _ = _segmentation(tmp_path, family="flux", tread_config=routes)
     result = _cli("--config", str(path), "--dry-run")
-    assert result.exit_code == 2, result.output
-    assert "--tread-route with --masked-loss" in result.output
+    assert result.exit_code == 0, result.output
+    assert "--tread-route with loss masks: the image tokens inside a sample's mask" in result.output
+
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:, :32] = (255, 0, 0)  # left half pure red
+    pixels[:32, 32:] = (255, 255, 255)  # top right white
+    grey = torch.from_numpy(segmentation_grey(pixels))
+    keep = token_keep_mask(mask_to_latent(grey, (8, 8), "area")[None], 2)[0].reshape(4, 4)
+    rgb = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255 * 2 - 1  # SimpleTuner's pixels
+    simpletuner = (torch.nn.functional.interpolate((rgb.sum(1, keepdim=True) / 3 + 1) / 2, size=(4, 4), mode="area")
+                   > 0.5).reshape(4, 4)  # fmt: skip
+    assert torch.equal(keep, simpletuner)
+    assert not keep[:, :2].any() and keep[:2, 2:].all() and not keep[2:, 2:].any()
 
 
 def test_segmentation_masks_on_an_inpainting_model_are_a_problem(tmp_path):

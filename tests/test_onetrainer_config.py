@@ -736,6 +736,30 @@ def test_the_bucket_rule_and_grid_follow_the_family(tmp_path):
     assert (o.bucket_rule, o.bucket_step, o.buckets) == ("onetrainer", 64, False)
 
 
+def test_images_resize_as_mgds_scale_crop_image(tmp_path):
+    """MGDS ScaleCropImage resizes with torchvision's Resize(BILINEAR, antialias=True) on float tensors; a OneTrainer
+    config resizes with PIL's bilinear, which antialiases too: the same pixels within a level of rounding, where
+    sdcore's default (area when shrinking, as kohya) is several levels away."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageFilter
+    from sdcore.data.loading import resize_for_bucket
+
+    o = _load(tmp_path, SD15_LORA)
+    assert o.resize_interpolation == "bilinear"
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2))
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255
+    for size in ((96, 64), (600, 400)):  # shrinking and enlarging
+        mgds = torch.nn.functional.interpolate(tensor, size=size[::-1], mode="bilinear", antialias=True)
+        mgds = mgds[0].permute(1, 2, 0).numpy() * 255
+        ours = np.asarray(resize_for_bucket(image, size, o.resize_interpolation), dtype=np.float64)
+        assert np.abs(ours - mgds).max() <= 1.0 + 1e-3  # float32 rounding of the reference
+        if size == (96, 64):
+            kohya = np.asarray(resize_for_bucket(image, size, None), dtype=np.float64)
+            assert np.abs(kohya - mgds).max() > 3.0
+
+
 def test_kohyas_no_upscale_with_onetrainers_buckets_is_a_preflight_problem():
     from sdcore.train.options import TrainOptions
     from sdcore.train.preflight import bucket_rule_problems

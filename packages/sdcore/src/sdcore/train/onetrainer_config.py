@@ -770,6 +770,9 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     v["buckets"] = bool(r.get("aspect_ratio_bucketing"))
     # OneTrainer's buckets on its family's grid; buckets off (or a fixed WxH), its rounding of the cover resize
     v.update(bucket_rule="onetrainer", bucket_step=BUCKET_QUANTIZATION.get(family, 64))
+    # MGDS ScaleCropImage resizes with torchvision's Resize(BILINEAR, antialias=True) on float tensors: PIL's
+    # bilinear (antialiased when shrinking too) gives the same pixels within a level of rounding
+    v["resize_interpolation"] = "bilinear"
     try:
         read = parse_onetrainer_resolution(
             _text(r.get("resolution")), "resolution", buckets=v["buckets"], grid=v["bucket_step"]

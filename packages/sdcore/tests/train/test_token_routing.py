@@ -591,10 +591,9 @@ def _train(tmp_path, name, extra):
     return load_file(str(out)), run.output
 
 
-def test_a_tiny_flux_lora_trains_with_masked_loss_and_a_route_keeping_the_masked_tokens(tmp_path, monkeypatch):
-    data = _data(tmp_path)
-    masks = _masks(tmp_path, data, (0, 0, 32, 64))  # the left half: token columns 0-1 of the 4x4 grid
-    draws = []
+def _record_draws(monkeypatch) -> list:
+    """Every ``TokenRouter.select`` of the run as ``(args, kwargs, selection)``, in order."""
+    draws: list = []
     select = TokenRouter.select
 
     def recording(self, *args, **kwargs):
@@ -602,6 +601,13 @@ def test_a_tiny_flux_lora_trains_with_masked_loss_and_a_route_keeping_the_masked
         return draws[-1][2]
 
     monkeypatch.setattr(TokenRouter, "select", recording)
+    return draws
+
+
+def test_a_tiny_flux_lora_trains_with_masked_loss_and_a_route_keeping_the_masked_tokens(tmp_path, monkeypatch):
+    data = _data(tmp_path)
+    masks = _masks(tmp_path, data, (0, 0, 32, 64))  # the left half: token columns 0-1 of the 4x4 grid
+    draws = _record_draws(monkeypatch)
     weights, output = _train(tmp_path, "masked", ["--masked-loss", "--conditioning-data-dir", masks,
                                                   "--tread-route", "0.75:0:-1"])  # fmt: skip
     assert "never dropped" in output
@@ -637,14 +643,7 @@ def test_flux_kontext_routes_the_reference_tokens_too_and_never_force_keeps_them
     data = _data(tmp_path)
     controls = str(write_inverted_controls(data, tmp_path / "controls"))
     masks = _masks(tmp_path, data, (0, 0, 32, 64))
-    draws = []
-    select = TokenRouter.select
-
-    def recording(self, *args, **kwargs):
-        draws.append((args, kwargs, select(self, *args, **kwargs)))
-        return draws[-1][2]
-
-    monkeypatch.setattr(TokenRouter, "select", recording)
+    draws = _record_draws(monkeypatch)
     weights, _ = _train(tmp_path, "kontext", ["--control-dir", controls, "--tread-route", "0.5:0:-1"])
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_up" in k or "lora_B" in k)
     assert [args[1] for args, _, _ in draws] == [32, 32]  # 16 target + 16 reference tokens
@@ -716,14 +715,7 @@ def test_a_tiny_chroma_lora_trains_with_a_route_and_a_mask_through_the_cli(tmp_p
     args = ["train", "lora", "--model", "tiny:chroma", "--data", str(data), "--output", str(out), "--resolution",
             "64", "--max-steps", "2", "--lr", "1e-2", "--no-progress", "--gradient-checkpointing", "--masked-loss",
             "--conditioning-data-dir", masks, "--tread-route", "0.5:1:-2"]  # fmt: skip
-    draws = []
-    select = TokenRouter.select
-
-    def recording(self, *args, **kwargs):
-        draws.append((args, kwargs, select(self, *args, **kwargs)))
-        return draws[-1][2]
-
-    monkeypatch.setattr(TokenRouter, "select", recording)
+    draws = _record_draws(monkeypatch)
     run = CliRunner().invoke(build_cli(get_plugin_manager()), args)
     assert run.exit_code == 0, run.output
     weights = load_file(str(out))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 15 and 19 (and of the NF4/INT8 base weights and the sampling change cache)
-# in one call of the device tool (a bare H100/H200 machine):
+# The GPU checks of issues 15 and 19 (and of the NF4/INT8 base weights, the sampling change cache and
+# TREAD token routing) in one call of the device tool (a bare H100/H200 machine):
 #   bash benchmarks/gpu_prepare.sh        # here, once: .gpu/site with sdcore, plugins, diffusers, bitsandbytes
 #   device run, carry [".gpu"]:  bash benchmarks/gpu_session.sh [BUDGET_SECONDS] [CHECK ...]
 # Each check runs in its own process with its own time limit, in priority order, inside one total
@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 budget=${1:-430}
 shift || true
-checks=${*:-flux_fp8 flux_offload flux_nf4 sample_cache flux_int8 flux_precision flux_bf16 probe precision train_sdxl train_sd15}
+checks=${*:-flux_fp8 flux_offload flux_nf4 sample_cache flux_int8 tread flux_precision flux_bf16 probe precision train_sdxl train_sd15}
 out=${OUT:-benchmarks/out/gpu}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -46,7 +46,12 @@ sdpa=no-cudnn  # as the runtime trains (sdcore.train.attention); the probe compa
 # - flux_offload (--cpu-offload-checkpointing, <= 40 s): 12 FLUX.1 blocks (2.5B bf16 weights, made on the
 #   device) at 1024 px, 2 steps with plain checkpointing then 2 with the offload in one process: ~15 s of
 #   imports and CUDA start, ~1 s a step (the offload adds ~0.3 GB of copies each way), the rest setup.
-declare -A limit=([flux_offload]=40 [probe]=150 [flux_fp8]=150 [flux_nf4]=110 [sample_cache]=120 [flux_int8]=100 [flux_precision]=60 [precision]=110 [train_sd15]=120 [train_sdxl]=160 [flux_bf16]=90)
+# - tread (<= 120 s): TREAD token routing on FLUX.1-dev's transformer (bf16 weights made on the device, sdcore's
+#   rank-16 LoRA, 1024 px: 4608 image + 512 text tokens, no checkpointing: ~55 GB of activations plain), a step
+#   without routes and with 0.5:2:-2 and 0.25:2:-2 interleaved: per variant 1 sanity forward, 1 warm-up, 3 timed
+#   and 1 memory step, ~1 s a plain step: ~20 s of steps, ~40 s of imports, CUDA start and weights; the table
+#   prints at the end, so the limit errs high. It runs after flux_int8, on what the first five leave.
+declare -A limit=([tread]=120 [flux_offload]=40 [probe]=150 [flux_fp8]=150 [flux_nf4]=110 [sample_cache]=120 [flux_int8]=100 [flux_precision]=60 [precision]=110 [train_sd15]=120 [train_sdxl]=160 [flux_bf16]=90)
 command_of() {
   case $1 in
     probe) echo "python3 benchmarks/gpu_sdpa_probe.py --json $out/probe.json" ;;
@@ -55,6 +60,7 @@ command_of() {
     flux_int8) echo "python3 benchmarks/gpu_flux_memory.py --base-weights-dtype int8 --steps 2 --json --sdpa $sdpa" ;;
     flux_offload) echo "python3 benchmarks/gpu_flux_memory.py --size stack --no-fp8 --steps 2 --compare-offload --json --sdpa $sdpa" ;;
     flux_bf16) echo "python3 benchmarks/gpu_flux_memory.py --no-fp8 --steps 2 --json --sdpa $sdpa" ;;
+    tread) echo "python3 -m benchmarks tread -- --device cuda --dtype bf16 --sizes flux_dev --steps 3 --sdpa $sdpa" ;;
     sample_cache) echo "python3 -m benchmarks sample_cache -- --device cuda --sizes sd15_512 --dtype bf16 --steps 20 --repeat 2" ;;
     flux_precision) echo "python3 benchmarks/gpu_precision.py --only flux_memory_options --sdpa $sdpa" ;;
     precision) echo "python3 benchmarks/gpu_precision.py --json $out/precision.json" ;;
@@ -74,6 +80,6 @@ for name in $checks; do
   timeout "$allowed" $(command_of "$name") >"$out/$name.log" 2>&1
   rc=$?
   echo "== $name: rc=$rc in $(($(date +%s) - t0)) s (limit $allowed s)"
-  grep -E "peak|estimate|^weights as stored|^step [0-9]+:|^## [0-9]+ denoising|^size +algo|^sd15|^sdxl|size +ours|^(sd15_512|sdxl) |_precisions|memory_options|dreambooth|^attention|^flux blocks|^offload:|Error|error" "$out/$name.log" | grep -v '^ ' | tail -12
+  grep -E "peak|estimate|^weights as stored|^step [0-9]+:|^## [0-9]+ denoising|^size +algo|^sd15|^sdxl|size +ours|^(sd15_512|sdxl) |_precisions|memory_options|dreambooth|^attention|^flux blocks|^offload:|^flux_dev|routed/plain|Error|error" "$out/$name.log" | grep -v '^ ' | tail -12
 done
 echo "== total $(($(date +%s) - start)) s"

@@ -193,6 +193,9 @@ def test_gpu_session_commands_parse_here(monkeypatch):
         raise Parsed(args)
 
     monkeypatch.setattr(bench_sample_cache, "measure", measure)
+    from benchmarks import bench_tread
+
+    monkeypatch.setattr(bench_tread, "measure", measure)
     for name in names:
         words = commands[name].replace("$sdpa", "no-cudnn").replace("$out", "/tmp").split()
         if words[1] == "benchmarks/gpu_flux_memory.py":
@@ -203,6 +206,13 @@ def test_gpu_session_commands_parse_here(monkeypatch):
                 bench_sample_cache.main(words[5:])
             size, _algo, steps, _repeat, device, dtype = parsed.value.args[0]
             assert (size, steps, device, dtype) == ("sd15_512", 20, "cuda", "bf16")
+        elif words[1:4] == ["-m", "benchmarks", "tread"]:
+            assert words[4] == "--"
+            with pytest.raises(Parsed) as parsed:
+                bench_tread.main(words[5:])
+            size, routes, steps, _warmup, device, dtype, _batch = parsed.value.args[0]
+            assert (size, steps, device, dtype) == ("flux_dev", 3, "cuda", "bf16")
+            assert routes == ["0.5:2:-2", "0.25:2:-2"]
 
 
 def test_sample_cache_network_builds_where_the_unet_is():

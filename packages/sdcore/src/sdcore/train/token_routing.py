@@ -518,20 +518,37 @@ def option_problems(options: Any) -> list[str]:
     return problems
 
 
-def dataset_notes(options: Any, index: Any) -> list[str]:
+#: the SimpleTuner commit whose SD3 model was read for :func:`dataset_notes`' SD3 sentence
+SIMPLETUNER_SD3_COMMIT = "bc8e6ab7"
+
+
+def dataset_notes(options: Any, index: Any, family: str | None = None) -> list[str]:
     """``--tread-route`` with loss masks (``--masked-loss`` images, ``alpha_mask``, OneTrainer's
-    ``-masklabel.png``): what the routing does with them, one note."""
+    ``-masklabel.png``, SimpleTuner's mask datasets): what the routing does with them, one note.
+
+    On SD3 (``family``, the model's, when the pre-flight knows it) the note also says where SimpleTuner differs:
+    its TREAD guide (documentation/TREAD.md) says masked regions are preserved and its SD3 transformer takes a
+    ``force_keep_mask``, but its SD3 model (``helpers/models/sd3/model.py`` at :data:`SIMPLETUNER_SD3_COMMIT`,
+    unlike FLUX.1's, Chroma's, FLUX.2's and Wan's) never passes one, so its SD3 drops masked tokens. sdcore keeps
+    them on every family, as the guide says: an SD3 run with masks then routes fewer tokens than SimpleTuner's."""
     if not tuple(getattr(options, "tread_route", ()) or ()):
         return []
     from .data import has_dataset_mask
 
     if not any(has_dataset_mask(entry) for entry in index.entries):
         return []
-    return [
+    note = (
         f"{FLAG} with loss masks: the image tokens inside a sample's mask (more than half of the token's latent "
         "square) are never dropped, as SimpleTuner keeps them; a route keeps at least those (on FLUX.1 and Chroma "
         "the union over the batch, which shares one draw)"
-    ]
+    )
+    if family == "sd3":
+        note += (
+            f". SimpleTuner's own SD3 model passes no mask to its router (at {SIMPLETUNER_SD3_COMMIT}; its TREAD "
+            "guide says masked regions are kept, as sdcore does on every family), so it drops masked tokens that "
+            "sdcore computes: expect a smaller speed-up than SimpleTuner's SD3 with the same route"
+        )
+    return [note]
 
 
 def model_problems(options: Any, layout: Any) -> list[str]:

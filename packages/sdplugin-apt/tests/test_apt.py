@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -465,3 +466,47 @@ def test_preflight_result_size_is_both_embedding_files(tmp_path):
     assert len(files) == 2 and all(p.is_file() for p in files)
     assert disk is not None
     assert disk.result_bytes == pytest.approx(sum(p.stat().st_size for p in files), rel=0.1)
+
+
+def test_tread_never_drops_the_tokens_an_attention_map_weighs_above_normal(tmp_path):
+    """--tread-route with DreamArtist maps (per-pixel loss weights 0..5, 1 = a sample without a map): the tokens
+    whose map weight averages above 1 are force-kept as a dataset mask's are (Batch.extra[KEEP_MASK]); a map of
+    DreamArtist's normal mid-grey forces nothing, as no map does."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdcore.train.data import SampleRef
+    from sdcore.train.loop import TrainSession
+    from sdcore.train.token_routing import KEEP_MASK
+    from sdplugin_apt.method import APTMethod, APTOptions
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64, repeats=1)
+    folder = data / "1_sks"
+    grey = np.zeros((64, 64), dtype=np.uint8)
+    grey[:, 32:] = 255  # left half ignored (weight 0), right half 5x: token columns 2-3 of the 4x4 grid
+    Image.fromarray(grey, "L").save(folder / "000_att.png")
+    Image.fromarray(np.full((64, 64), 127, dtype=np.uint8), "L").save(folder / "001_att.png")  # weight 1
+    options = APTOptions(
+        model="tiny:flux",
+        data=str(data),
+        output=str(tmp_path / "out"),
+        name="sks",
+        resolution=64,
+        min_bucket_reso=64,
+        max_steps=1,
+        progress=False,
+        tread_route=("0.5:0:-1",),
+    )
+    session = TrainSession(APTMethod(options), bundle=create_tiny_bundle("flux"))
+    session.setup()
+    names = [e.path.name for e in session.data.entries]
+    marked, plain = names.index("000.png"), names.index("001.png")
+    batch = session.make_batch([SampleRef(marked, 0, 0), SampleRef(plain, 0, 0)])
+    right = torch.tensor([c >= 2 for r in range(4) for c in range(4)])
+    assert torch.equal(batch.extra[KEEP_MASK].cpu(), torch.stack([right, torch.zeros(16, dtype=torch.bool)]))
+    alone = session.make_batch([SampleRef(plain, 0, 0)])
+    assert alone.masks is not None and not alone.extra[KEEP_MASK].any()  # weighted 1 everywhere: nothing forced
+    (note,) = [n for n in session.method.dataset_notes(session.data.index) if "--tread-route" in n]
+    assert "above normal" in note and "never dropped" in note
+    assert not APTMethod(replace(options, tread_route=())).dataset_notes(session.data.index)

@@ -205,16 +205,22 @@ class TokenRouter:
         return Selection(keep.to(device) if device is not None else keep, tokens)
 
 
-def token_keep_mask(masks: torch.Tensor, patch: int) -> torch.Tensor:
+#: a method's loss map (:meth:`sdcore.train.method.TrainingMethod.loss_mask`) force-keeps the tokens it weighs
+#: above this: the weight of a sample without a map, so a map at its normal weight routes as no map does
+METHOD_MAP_KEEP_ABOVE = 1.0
+
+
+def token_keep_mask(masks: torch.Tensor, patch: int, above: float = 0.5) -> torch.Tensor:
     """Which image tokens a loss mask force-keeps, as SimpleTuner decides it: the mask ``[B, 1, h, w]`` (values
     in 0..1, at latent size) averaged over each token's ``patch x patch`` latent square (area downsampling to the
-    token grid) and ``> 0.5``; ``[B, h/patch * w/patch]`` bool in the tokens' row-major order."""
+    token grid) and ``> 0.5``; ``[B, h/patch * w/patch]`` bool in the tokens' row-major order. ``above``: another
+    threshold, for weights on another scale (a method's loss map, :data:`METHOD_MAP_KEEP_ABOVE`)."""
     import torch
 
     grid = masks.float().reshape(masks.shape[0], 1, masks.shape[-2], masks.shape[-1])
     size = (grid.shape[-2] // patch, grid.shape[-1] // patch)
     pooled = torch.nn.functional.interpolate(grid, size=size, mode="area")
-    return pooled.flatten(1) > 0.5
+    return pooled.flatten(1) > above
 
 
 def pad_keep_mask(keep: torch.Tensor, tokens: int) -> torch.Tensor:

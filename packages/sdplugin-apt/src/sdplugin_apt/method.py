@@ -208,21 +208,22 @@ class APTMethod(TIMethod[APTOptions]):
 
     def dataset_notes(self, index: Any) -> list[str]:
         """With ``--tread-route`` and attention maps: which tokens the routing never drops (the runtime force-keeps
-        the tokens a method's loss map weighs above a sample without one, :func:`sdcore.train.batches`'
+        the tokens a method's loss map weighs more than a tenth above a sample without one, :func:`sdcore.train.batches`'
         ``routing_keep_masks``)."""
         notes = super().dataset_notes(index)
         o = self.options
         if o.tread_route and o.attention_masks and any(mask_path_for(e.path) for e in index.instance_entries):
             notes.append(
                 "--tread-route with attention maps (<image>_att.png): the image tokens a map weighs above normal "
-                "(brighter than mid-grey on average over the token) are never dropped; normal and darker ones route "
+                "(brighter than grey 130 of 255 on average over the token) are never dropped; mid-grey and darker ones route "
                 "as an image without a map"
             )
         return notes
 
     def loss_mask(self, entry: Any, assignment: Any, *, flipped: bool, latent_size: tuple[int, int]) -> Any:
         """DreamArtist's loss weights (0..5) from ``<image>_att.*``, cropped and flipped like the image.
-        Per pixel, so ``--tread-route`` never drops the tokens it weighs above 1 (a sample without a map)."""
+        Per pixel, so ``--tread-route`` never drops the tokens it weighs clearly above 1 (a sample without a map,
+        :data:`sdcore.train.token_routing.METHOD_MAP_KEEP_ABOVE`)."""
         if not self.options.attention_masks:
             return None
         import dataclasses

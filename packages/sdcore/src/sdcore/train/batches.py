@@ -359,9 +359,9 @@ class BatchMaker:
         ``--masked-loss-unmasked-weight`` and ``--masked-loss-normalize`` reshape it into weights (SimpleTuner
         thresholds the mask image itself): above 0.5. The method's own per-pixel loss map
         (:meth:`~sdcore.train.method.TrainingMethod.loss_mask`, DreamArtist's attention maps) is a weight whose
-        normal value is 1 (a sample without a map): the tokens it weighs above that
+        normal value is 1 (a sample without a map): the tokens it weighs more than a tenth above that
         (:data:`~sdcore.train.token_routing.METHOD_MAP_KEEP_ABOVE`) are kept too, so a map at its normal weight
-        forces nothing, as no map does. A sample without either (or an inpainting model's full-mask draw, for
+        (as an image file rounds it) forces nothing, as no map does. A sample without either (or an inpainting model's full-mask draw, for
         the dataset mask) forces no token: nothing in it weighs more than the rest."""
         import torch
 

@@ -206,8 +206,12 @@ class TokenRouter:
 
 
 #: a method's loss map (:meth:`sdcore.train.method.TrainingMethod.loss_mask`) force-keeps the tokens it weighs
-#: above this: the weight of a sample without a map, so a map at its normal weight routes as no map does
-METHOD_MAP_KEEP_ABOVE = 1.0
+#: above this: a tenth above the weight of a sample without a map (1), so a map at its normal weight routes as no
+#: map does even as an image file rounds it. DreamArtist's normal is grey 127 (weight 1), but the "50 %" grey an
+#: editor paints is 128, which its formula weighs 1.03 (DreamArtist's own example map's background is 128), and a
+#: JPEG map wobbles a level or two: above 1 exactly, such a map would keep every token and turn the route off for
+#: the image. Grey 131 (1.125) and brighter is kept, grey 130 (1.09) and darker routes.
+METHOD_MAP_KEEP_ABOVE = 1.1
 
 
 def token_keep_mask(masks: torch.Tensor, patch: int, above: float = 0.5) -> torch.Tensor:

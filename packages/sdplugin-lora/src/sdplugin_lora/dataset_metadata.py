@@ -169,22 +169,26 @@ def bucket_rule(entries: Iterable[ImageEntry]) -> str:
     return "onetrainer" if "onetrainer" in rules else "kohya"
 
 
-def kohya_bucket_sides(entries: Sequence[ImageEntry], min_reso: int, max_reso: int) -> dict[str, int]:
-    """kohya's ``min_bucket_reso``/``max_bucket_reso`` of these images, or nothing where OneTrainer's rule put
-    them in buckets: that rule has no smallest or largest side, so the values would describe a rule that did
-    not run. Left out rather than ``None``: kohya never writes ``None`` there, but leaves both out of every
-    dataset-config file (the top-level keys), so readers already meet files without them."""
-    if bucket_rule(entries) == "onetrainer":
-        return {}
+def kohya_bucket_sides(entries: Sequence[ImageEntry], min_reso: int, max_reso: int) -> dict[str, int | None]:
+    """kohya's ``min_bucket_reso``/``max_bucket_reso`` of these images: ``None`` where kohya's sides played no
+    part, as kohya writes them then. kohya sets both to ``None`` with buckets off (train_util.py 48d368f,
+    ``DreamBoothDataset``/``FineTuningDataset``: ``self.min_bucket_reso = None``), which its metadata writes as
+    ``"None"`` at the top level (``str()``) and ``null`` in ``ss_datasets``, and every kohya file of either shape
+    holds the keys, so readers meet ``None`` there (lora-inspector parses ``"None"`` for these int keys). Under
+    OneTrainer's rule the sides played no part either (its buckets have no smallest or largest side), so they
+    are ``None`` too rather than values that describe a rule that did not run."""
+    if not entries or not entries[0].subset.buckets or bucket_rule(entries) == "onetrainer":
+        return {"min_bucket_reso": None, "max_bucket_reso": None}
     return {"min_bucket_reso": min_reso, "max_bucket_reso": max_reso}
 
 
 def folder_bucket_metadata(entries: Sequence[ImageEntry]) -> dict[str, str]:
     """kohya's bucket keys of a run without a dataset config (train_network.py 48d368f, 1190-1198):
-    ``ss_enable_bucket``, ``ss_bucket_no_upscale``, ``ss_min_bucket_reso``/``ss_max_bucket_reso`` (kohya's rule
-    only, :func:`kohya_bucket_sides`) and ``ss_bucket_info`` (:func:`bucket_info`, ``null`` with buckets off,
-    as kohya's ``json.dumps(None)``), from the images' own subset settings (a folder run's are all the run's);
-    nothing without images."""
+    ``ss_enable_bucket``, ``ss_bucket_no_upscale`` (``False`` with buckets off, as kohya sets it then),
+    ``ss_min_bucket_reso``/``ss_max_bucket_reso`` (:func:`kohya_bucket_sides`, ``"None"`` where kohya's rule did
+    not run) and ``ss_bucket_info`` (:func:`bucket_info`, ``null`` with buckets off, as kohya's
+    ``json.dumps(None)``), from the images' own subset settings (a folder run's are all the run's); nothing
+    without images."""
     import json
 
     if not entries:
@@ -193,7 +197,7 @@ def folder_bucket_metadata(entries: Sequence[ImageEntry]) -> dict[str, str]:
     sides = kohya_bucket_sides(entries, first.min_bucket_reso, first.max_bucket_reso)
     return {
         "ss_enable_bucket": str(bool(first.buckets)),
-        "ss_bucket_no_upscale": str(bool(first.bucket_no_upscale)),
+        "ss_bucket_no_upscale": str(bool(first.buckets and first.bucket_no_upscale)),
         **{f"ss_{key}": str(value) for key, value in sides.items()},
         "ss_bucket_info": json.dumps(bucket_info(entries)),
     }

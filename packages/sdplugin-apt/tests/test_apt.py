@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -465,3 +466,55 @@ def test_preflight_result_size_is_both_embedding_files(tmp_path):
     assert len(files) == 2 and all(p.is_file() for p in files)
     assert disk is not None
     assert disk.result_bytes == pytest.approx(sum(p.stat().st_size for p in files), rel=0.1)
+
+
+def test_tread_never_drops_the_tokens_an_attention_map_weighs_above_normal(tmp_path):
+    """--tread-route with DreamArtist maps (per-pixel loss weights 0..5, 1 = a sample without a map): the tokens
+    whose map weight averages clearly above 1 are force-kept as a dataset mask's are (Batch.extra[KEEP_MASK]); a
+    map at DreamArtist's normal forces nothing, as no map does: grey 127 (weight 1) and grey 128, the "50 %" an
+    editor paints (weight 1.03; DreamArtist's own example map's background), which must not keep every token."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.models.tiny import create_tiny_bundle
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdcore.train.data import SampleRef
+    from sdcore.train.loop import TrainSession
+    from sdcore.train.token_routing import KEEP_MASK
+    from sdplugin_apt.method import APTMethod, APTOptions
+
+    data = make_tiny_dataset(tmp_path / "data", n=4, size=64, repeats=1)
+    folder = data / "1_sks"
+    grey = np.zeros((64, 64), dtype=np.uint8)
+    grey[:, 32:] = 255  # left half ignored (weight 0), right half 5x: token columns 2-3 of the 4x4 grid
+    Image.fromarray(grey, "L").save(folder / "000_att.png")
+    Image.fromarray(np.full((64, 64), 127, dtype=np.uint8), "L").save(folder / "001_att.png")  # weight 1
+    Image.fromarray(np.full((64, 64), 128, dtype=np.uint8), "L").save(folder / "002_att.png")  # weight 1.03
+    face = np.full((64, 64), 128, dtype=np.uint8)
+    face[:16, :16] = 140  # a mild emphasis (weight 1.41) on the top-left token
+    Image.fromarray(face, "L").save(folder / "003_att.png")
+    options = APTOptions(
+        model="tiny:flux",
+        data=str(data),
+        output=str(tmp_path / "out"),
+        name="sks",
+        resolution=64,
+        min_bucket_reso=64,
+        max_steps=1,
+        progress=False,
+        tread_route=("0.5:0:-1",),
+    )
+    session = TrainSession(APTMethod(options), bundle=create_tiny_bundle("flux"))
+    session.setup()
+    names = [e.path.name for e in session.data.entries]
+    marked, plain, editor, mild = (names.index(f"00{i}.png") for i in range(4))
+    batch = session.make_batch([SampleRef(marked, 0, 0), SampleRef(plain, 0, 0)])
+    right = torch.tensor([c >= 2 for r in range(4) for c in range(4)])
+    assert torch.equal(batch.extra[KEEP_MASK].cpu(), torch.stack([right, torch.zeros(16, dtype=torch.bool)]))
+    for normal in (plain, editor):
+        alone = session.make_batch([SampleRef(normal, 0, 0)])
+        assert alone.masks is not None and not alone.extra[KEEP_MASK].any()  # normal everywhere: nothing forced
+    top_left = session.make_batch([SampleRef(mild, 0, 0)]).extra[KEEP_MASK].cpu()
+    assert torch.equal(top_left[0], torch.arange(16) == 0)
+    (note,) = [n for n in session.method.dataset_notes(session.data.index) if "--tread-route" in n]
+    assert "above normal" in note and "never dropped" in note
+    assert not APTMethod(replace(options, tread_route=())).dataset_notes(session.data.index)

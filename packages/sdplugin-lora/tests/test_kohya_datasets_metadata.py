@@ -248,3 +248,70 @@ def test_a_non_square_run_resolution_is_recorded_as_kohyas_w_h(tmp_path):
         tmp_path, tmp_path / "data", resolution=78, resolution_size=(96, 64), min_bucket_reso=32, bucket_step=32
     )
     assert meta["ss_resolution"] == "(96, 64)" and meta["modelspec.resolution"] == "96x64"
+
+
+def test_a_folder_run_records_its_buckets_as_kohya(tmp_path):
+    """kohya's folder-run bucket keys (train_network.py 48d368f, 1190-1198): ``ss_enable_bucket``,
+    ``ss_bucket_no_upscale``, ``ss_min_bucket_reso``/``ss_max_bucket_reso`` and ``ss_bucket_info`` (the buckets
+    the images use with their counts times repeats); sdcore's ``sdcore_bucket_rule`` says kohya's rule ran."""
+    _folder(tmp_path / "data" / "2_a", ["sks", "sks"], sizes=[(96, 32), 64])
+    o = LoraOptions(data=str(tmp_path / "data"), resolution=64, min_bucket_reso=32, bucket_step=32)
+    meta = _metadata(o)
+    assert _pick(meta, "ss_enable_bucket", "ss_bucket_no_upscale") == ("True", "False")
+    assert _pick(meta, "ss_min_bucket_reso", "ss_max_bucket_reso") == ("32", "1024")
+    assert meta["sdcore_bucket_rule"] == "kohya"
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert sorted((tuple(b["resolution"]), b["count"]) for b in buckets.values()) == [((64, 64), 2), ((96, 32), 2)]
+
+
+def test_the_onetrainer_rule_writes_no_kohya_bucket_sides(tmp_path):
+    """Under ``--bucket-rule onetrainer`` kohya's smallest and largest bucket sides played no part (OneTrainer's
+    buckets are its aspect ratios on the --bucket-step grid): ``ss_min_bucket_reso``/``ss_max_bucket_reso`` are
+    ``"None"``, what kohya writes when its sides play no part (buckets off) and every kohya folder-run file
+    holds; ``sdcore_bucket_rule`` names the rule and ``ss_bucket_info`` holds OneTrainer's buckets: the 2:1
+    image in its 88x48 (the 64 px area on the 8 px grid), which kohya's rule (sides 64..1024 on 64) has no room
+    for."""
+    _folder(tmp_path / "data" / "2_a", ["sks", "sks"], sizes=[(96, 48), 64])
+    o = LoraOptions(data=str(tmp_path / "data"), resolution=64, bucket_rule="onetrainer", bucket_step=8)
+    meta = _metadata(o)
+    assert _pick(meta, "ss_min_bucket_reso", "ss_max_bucket_reso") == ("None", "None")
+    assert _pick(meta, "ss_enable_bucket", "ss_bucket_no_upscale", "sdcore_bucket_rule") == (
+        "True",
+        "False",  # OneTrainer always scales an image to cover its bucket
+        "onetrainer",
+    )
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert sorted((tuple(b["resolution"]), b["count"]) for b in buckets.values()) == [((64, 64), 2), ((88, 48), 2)]
+
+
+def test_buckets_off_write_kohyas_none_sides(tmp_path):
+    """kohya with buckets off (train_util.py 48d368f, DreamBoothDataset): ``min_bucket_reso``/``max_bucket_reso``
+    ``None`` and ``bucket_no_upscale`` False whatever was asked, so its folder-run metadata says ``"None"``,
+    ``"None"``, ``"False"`` and ``ss_bucket_info`` ``null`` (``json.dumps(None)``), not the unused options."""
+    _folder(tmp_path / "data" / "2_a", ["sks", "sks"], sizes=[(96, 48), 64])
+    o = LoraOptions(data=str(tmp_path / "data"), resolution=64, buckets=False, bucket_no_upscale=True)
+    meta = _metadata(o)
+    assert _pick(meta, "ss_enable_bucket", "ss_bucket_no_upscale", "ss_min_bucket_reso", "ss_max_bucket_reso") == (
+        "False",
+        "False",
+        "None",
+        "None",
+    )
+    assert meta["ss_bucket_info"] == "null" and meta["sdcore_bucket_rule"] == "kohya"
+
+
+def test_the_onetrainer_rule_in_ss_datasets(tmp_path):
+    """A dataset TOML trained under the OneTrainer rule: each ``ss_datasets`` entry has kohya's
+    ``min_bucket_reso``/``max_bucket_reso`` as ``null`` (kohya's value when its sides play no part; kohya's
+    entries always hold both keys) and its ``bucket_info`` holds the buckets OneTrainer's rule used; the
+    top-level ``sdcore_bucket_rule`` names the rule (the per-dataset bucket keys stay out)."""
+    _folder(tmp_path / "2_a", ["sks", "sks"], sizes=[(96, 48), 64])
+    config = tmp_path / "d.toml"
+    config.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '2_a'\n", encoding="utf-8")
+    meta = _metadata(LoraOptions(data=str(config), resolution=64, bucket_rule="onetrainer", bucket_step=8))
+    (dataset,) = json.loads(meta["ss_datasets"])
+    assert dataset["min_bucket_reso"] is None and dataset["max_bucket_reso"] is None
+    assert dataset["enable_bucket"] is True
+    assert sorted(tuple(b["resolution"]) for b in dataset["bucket_info"]["buckets"].values()) == [(64, 64), (88, 48)]
+    assert meta["sdcore_bucket_rule"] == "onetrainer"
+    assert not {"ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_info"} & set(meta)

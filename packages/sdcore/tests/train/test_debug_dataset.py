@@ -181,3 +181,25 @@ def test_native_resolution_needs_the_model_or_resolution(tmp_path):
     o = contract_options(ConvOutMethod, tmp_path, {"model": str(tmp_path / "none"), "resolution": 0})
     with pytest.raises(ConfigError, match="give --resolution"):
         debug_dataset(ConvOutMethod(o))
+
+
+@pytest.mark.parametrize("kind", ["red", "segmentation"])
+def test_a_mask_image_is_previewed_as_its_mask_kind_trains_it(tmp_path, kind):
+    """A --masked-loss mask image (top left red, top right blue, bottom black): ``mask_kind red`` trains its R
+    channel (kohya), so the preview is the red quadrant alone; ``segmentation`` trains 1 wherever a pixel is not
+    black (SimpleTuner's ``mask > 0``), so the preview is the whole top half in white, not the channels' grey
+    mean (85 for the blue quadrant) the loader hands over before the binarisation."""
+    data = make_tiny_dataset(tmp_path / "d", n=1, size=64, repeats=1)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    rgb = np.zeros((64, 64, 3), dtype=np.uint8)
+    rgb[:32, :32] = (255, 0, 0)
+    rgb[:32, 32:] = (0, 0, 255)
+    Image.fromarray(rgb, "RGB").save(masks / "000.png")
+    values = {"data": str(data), "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 64, "max_steps": 1}
+    extra = {"masked_loss": True, "conditioning_data_dir": str(masks), "mask_kind": kind}
+    (sample,) = debug_dataset(ConvOutMethod(contract_options(ConvOutMethod, tmp_path, {**values, **extra})), steps=1)
+    assert sample.mask_file is not None
+    preview = np.asarray(Image.open(sample.mask_file))
+    assert preview.shape == (64, 64) and (preview[32:] == 0).all() and (preview[:32, :32] == 255).all()
+    assert (preview[:32, 32:] == (255 if kind == "segmentation" else 0)).all()

@@ -442,6 +442,28 @@ def test_loss_masks_of_the_dataset_train_with_a_route_and_a_note(tmp_path):
     assert "--tread-route with loss masks: the image tokens inside a sample's mask" in run.output, run.output
 
 
+@pytest.mark.parametrize("model", ["tiny:sd3", "tiny:flux"])
+def test_on_sd3_the_note_says_simpletuners_sd3_drops_the_masked_tokens(tmp_path, model):
+    """sdcore force-keeps the masked tokens on SD3 as on FLUX.1 (SimpleTuner's TREAD guide: masked regions are
+    preserved), where SimpleTuner's own SD3 model (bc8e6ab7, helpers/models/sd3/model.py) hands its transformer
+    no force_keep_mask: on SD3 the pre-flight note says so, since a run there routes fewer tokens than
+    SimpleTuner's; on FLUX.1, where both keep them, it does not."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = _data(tmp_path)
+    for path in data.glob("*/*.png"):
+        Image.open(path).convert("RGBA").save(path)
+    args = ["train", "lora", "--model", model, "--data", str(data), "--output", str(tmp_path / "o.safetensors"),
+            "--resolution", "64", "--tread-route", "0.5:1:-1", "--dry-run", "--alpha-mask"]  # fmt: skip
+    run = CliRunner().invoke(build_cli(get_plugin_manager()), args)
+    assert run.exit_code == 0, run.output
+    assert "--tread-route with loss masks: the image tokens inside a sample's mask" in run.output, run.output
+    assert ("SimpleTuner's own SD3 model passes no mask" in run.output) == (model == "tiny:sd3"), run.output
+
+
 def test_simpletuner_tread_config_as_python_literal_text(tmp_path):
     """SimpleTuner reads a tread_config string with ast.literal_eval: single quotes, True/False."""
     from sdcore.train.simpletuner_config import translate_config

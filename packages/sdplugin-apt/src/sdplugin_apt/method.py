@@ -26,6 +26,7 @@ from sdplugin_ti.method import TIMethod, TIOptions, TrainedEmbedding
 from sdplugin_ti.templates import load_template, pick_line, render
 
 from .guidance import GuidanceSchedule, parse_guidance
+from .masks import mask_path_for
 
 if TYPE_CHECKING:
     import torch
@@ -205,8 +206,24 @@ class APTMethod(TIMethod[APTOptions]):
 
         return is_mask_file(path)
 
+    def dataset_notes(self, index: Any) -> list[str]:
+        """With ``--tread-route`` and attention maps: which tokens the routing never drops (the runtime force-keeps
+        the tokens a method's loss map weighs more than a tenth above a sample without one, :func:`sdcore.train.batches`'
+        ``routing_keep_masks``)."""
+        notes = super().dataset_notes(index)
+        o = self.options
+        if o.tread_route and o.attention_masks and any(mask_path_for(e.path) for e in index.instance_entries):
+            notes.append(
+                "--tread-route with attention maps (<image>_att.png): the image tokens a map weighs above normal "
+                "(brighter than grey 130 of 255 on average over the token) are never dropped; mid-grey and darker ones route "
+                "as an image without a map"
+            )
+        return notes
+
     def loss_mask(self, entry: Any, assignment: Any, *, flipped: bool, latent_size: tuple[int, int]) -> Any:
-        """DreamArtist's loss weights (0..5) from ``<image>_att.*``, cropped and flipped like the image."""
+        """DreamArtist's loss weights (0..5) from ``<image>_att.*``, cropped and flipped like the image.
+        Per pixel, so ``--tread-route`` never drops the tokens it weighs clearly above 1 (a sample without a map,
+        :data:`sdcore.train.token_routing.METHOD_MAP_KEEP_ABOVE`)."""
         if not self.options.attention_masks:
             return None
         import dataclasses
@@ -214,7 +231,7 @@ class APTMethod(TIMethod[APTOptions]):
         import torch
         from sdcore.train.data import load_pixels
 
-        from .masks import intensity, mask_path_for
+        from .masks import intensity
 
         path = mask_path_for(entry.path)
         if path is None:

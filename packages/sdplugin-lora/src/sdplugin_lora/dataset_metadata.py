@@ -161,6 +161,48 @@ def bucket_info(entries: Sequence[ImageEntry]) -> dict[str, Any] | None:
     return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
 
+def bucket_rule(entries: Iterable[ImageEntry]) -> str:
+    """The bucket rule the run's images were put in buckets (or cropped square) by: ``"kohya"`` or
+    ``"onetrainer"`` (:data:`sdcore.data.buckets.BUCKET_RULES`; one per run, ``--bucket-rule``), kohya's when
+    there are no entries."""
+    rules = {getattr(e.subset, "bucket_rule", "kohya") for e in entries}
+    return "onetrainer" if "onetrainer" in rules else "kohya"
+
+
+def kohya_bucket_sides(entries: Sequence[ImageEntry], min_reso: int, max_reso: int) -> dict[str, int | None]:
+    """kohya's ``min_bucket_reso``/``max_bucket_reso`` of these images: ``None`` where kohya's sides played no
+    part, as kohya writes them then. kohya sets both to ``None`` with buckets off (train_util.py 48d368f,
+    ``DreamBoothDataset``/``FineTuningDataset``: ``self.min_bucket_reso = None``), which its metadata writes as
+    ``"None"`` at the top level (``str()``) and ``null`` in ``ss_datasets``, and every kohya file of either shape
+    holds the keys, so readers meet ``None`` there (lora-inspector parses ``"None"`` for these int keys). Under
+    OneTrainer's rule the sides played no part either (its buckets have no smallest or largest side), so they
+    are ``None`` too rather than values that describe a rule that did not run."""
+    if not entries or not entries[0].subset.buckets or bucket_rule(entries) == "onetrainer":
+        return {"min_bucket_reso": None, "max_bucket_reso": None}
+    return {"min_bucket_reso": min_reso, "max_bucket_reso": max_reso}
+
+
+def folder_bucket_metadata(entries: Sequence[ImageEntry]) -> dict[str, str]:
+    """kohya's bucket keys of a run without a dataset config (train_network.py 48d368f, 1190-1198):
+    ``ss_enable_bucket``, ``ss_bucket_no_upscale`` (``False`` with buckets off, as kohya sets it then),
+    ``ss_min_bucket_reso``/``ss_max_bucket_reso`` (:func:`kohya_bucket_sides`, ``"None"`` where kohya's rule did
+    not run) and ``ss_bucket_info`` (:func:`bucket_info`, ``null`` with buckets off, as kohya's
+    ``json.dumps(None)``), from the images' own subset settings (a folder run's are all the run's); nothing
+    without images."""
+    import json
+
+    if not entries:
+        return {}
+    first = entries[0].subset
+    sides = kohya_bucket_sides(entries, first.min_bucket_reso, first.max_bucket_reso)
+    return {
+        "ss_enable_bucket": str(bool(first.buckets)),
+        "ss_bucket_no_upscale": str(bool(first.buckets and first.bucket_no_upscale)),
+        **{f"ss_{key}": str(value) for key, value in sides.items()},
+        "ss_bucket_info": json.dumps(bucket_info(entries)),
+    }
+
+
 def _subsets(entries: Sequence[ImageEntry]) -> dict[tuple[Any, ...], list[ImageEntry]]:
     """The entries of each subset (the copies ``--resolutions`` makes of a subset are that subset), in order."""
     out: dict[tuple[Any, ...], list[ImageEntry]] = {}
@@ -243,8 +285,7 @@ def kohya_datasets(
                 "num_reg_images": sum(e.repeats for e in members if e.is_class),
                 "resolution": list(resolution_pair(first.bucket_resolution)),  # kohya's (width, height)
                 "enable_bucket": bool(first.buckets),
-                "min_bucket_reso": first.min_bucket_reso,
-                "max_bucket_reso": first.max_bucket_reso,
+                **kohya_bucket_sides(members, first.min_bucket_reso, first.max_bucket_reso),
                 "tag_frequency": tags,
                 "bucket_info": bucket_info(members),
                 # the dataset's own value, not its subsets' (which may each override it)
@@ -276,10 +317,13 @@ def datasets_tag_frequency(raw: str) -> dict[str, dict[str, int]]:
 __all__ = [
     "PER_DATASET_KEYS",
     "bucket_info",
+    "bucket_rule",
     "datasets_tag_frequency",
+    "folder_bucket_metadata",
     "folder_counts",
     "folder_tag_frequency",
     "from_dataset_config",
+    "kohya_bucket_sides",
     "kohya_datasets",
     "kohya_reg_uses",
     "metadata_tag_frequency",

@@ -25,6 +25,8 @@ from sdcore.train.te_stop import TextEncoderStopOptions
 from .algos import ALGO_HELP, ALGOS, NETWORK_MODULE, network_module
 from .dataset_metadata import (
     PER_DATASET_KEYS,
+    bucket_rule,
+    folder_bucket_metadata,
     folder_counts,
     folder_tag_frequency,
     from_dataset_config,
@@ -1930,6 +1932,9 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
                 "ss_v2": str(run.family == "sd2"),
                 "ss_dataset_dirs": json.dumps(folder_counts(entries)),
                 "ss_tag_frequency": json.dumps(folder_tag_frequency(entries)),
+                **folder_bucket_metadata(entries),
+                # the rule that built the buckets (or the square crop): kohya's keys cannot say it
+                "sdcore_bucket_rule": bucket_rule(entries),
             }
         )
         strengths = _dataset_strengths(entries)

@@ -68,7 +68,8 @@ class BatchMaker:
         self.total_steps = total_steps  # kohya's max_train_steps, for the token warm-up
         self.prefetcher: Prefetcher | None = None
         self._mask_cache: dict[tuple[int, SampleView], Any] = {}
-        self._keep_cache: dict[tuple[int, SampleView, tuple[int, int]], Any] = {}  # --tread-route's mask reads
+        #: --tread-route's mask reads, by image, view, latent size and whether the dataset mask counts
+        self._keep_cache: dict[tuple[int, SampleView, tuple[int, int], bool], Any] = {}
         from .inpainting import bundle_kind
 
         #: ``"unet"``/``"fill"`` for an inpainting model (its batches carry the mask and masked image), else None
@@ -352,16 +353,20 @@ class BatchMaker:
         return torch.stack([ones if mask is None else mask.reshape(1, *size).float() for mask in masks]).to(self.device)
 
     def routing_keep_masks(self, refs: list[SampleRef], latent_size: Any, unmasked: set[int]) -> Any:
-        """``--tread-route``: the image tokens each sample's dataset mask force-keeps, ``[B, tokens]`` bool
+        """``--tread-route``: the image tokens each sample's masks force-keep, ``[B, tokens]`` bool
         (:func:`~sdcore.train.token_routing.token_keep_mask` at the family's token grid), or None when no sample
-        has a mask. The mask is the one the loss reads, at latent size and in 0..1, before
+        forces any. The dataset mask is the one the loss reads, at latent size and in 0..1, before
         ``--masked-loss-unmasked-weight`` and ``--masked-loss-normalize`` reshape it into weights (SimpleTuner
-        thresholds the mask image itself). A sample without a dataset mask (or an inpainting model's full-mask
-        draw) forces no token: nothing in it weighs more than the rest."""
+        thresholds the mask image itself): above 0.5. The method's own per-pixel loss map
+        (:meth:`~sdcore.train.method.TrainingMethod.loss_mask`, DreamArtist's attention maps) is a weight whose
+        normal value is 1 (a sample without a map): the tokens it weighs more than a tenth above that
+        (:data:`~sdcore.train.token_routing.METHOD_MAP_KEEP_ABOVE`) are kept too, so a map at its normal weight
+        (as an image file rounds it) forces nothing, as no map does. A sample without either (or an inpainting model's full-mask draw, for
+        the dataset mask) forces no token: nothing in it weighs more than the rest."""
         import torch
 
         from .data import has_dataset_mask, load_mask, mask_filter, mask_to_latent
-        from .token_routing import token_keep_mask
+        from .token_routing import METHOD_MAP_KEEP_ABOVE, token_keep_mask
 
         routed = self.bundle.family_spec.token_routing
         if routed is None:  # the pre-flight refuses --tread-route for such a family
@@ -370,17 +375,20 @@ class BatchMaker:
         keeps: list[Any] = []
         for i, ref in enumerate(refs):
             entry = self.data.entries[ref.entry]
-            if i in unmasked or not has_dataset_mask(entry):
-                keeps.append(None)
-                continue
+            dataset_mask = i not in unmasked and has_dataset_mask(entry)
             view = self.data.view_of(ref)
-            key = (ref.entry, dataclasses.replace(view, color=None), size)  # colour: same mask
+            key = (ref.entry, dataclasses.replace(view, color=None), size, dataset_mask)  # colour: same mask
             if key not in self._keep_cache:
-                pixel = load_mask(entry, view.apply(self.data.assignments[ref.entry]), flip=view.flip)
+                assignment = view.apply(self.data.assignments[ref.entry])
                 # cached as the token grid's bools (1/16 of a patch-2 latent mask's floats, a byte each)
                 keep = None
+                pixel = load_mask(entry, assignment, flip=view.flip) if dataset_mask else None
                 if pixel is not None:
                     keep = token_keep_mask(mask_to_latent(pixel, size, mask_filter(entry))[None], routed.patch)[0]
+                weights = self.method.loss_mask(entry, assignment, flipped=view.flip, latent_size=size)
+                if weights is not None:
+                    own = token_keep_mask(weights.reshape(1, 1, *size), routed.patch, METHOD_MAP_KEEP_ABOVE)[0]
+                    keep = own if keep is None else keep | own
                 if view.crop is not None or view.resized is not None or view.augment is not None:
                     keeps.append(keep)  # a random crop or augmentation: another mask every time
                     continue

@@ -571,14 +571,30 @@ def mask_to_latent(mask: Any, latent_size: tuple[int, int], mode: str = "area") 
     return torch.nn.functional.interpolate(tensor, size=latent_size, mode="area")[0]
 
 
+def segmentation_inside(values: Any) -> Any:
+    """A segmentation mask's values (numpy or torch, 0..1) as SimpleTuner's ``(mask > 0)``: 1 wherever above 0,
+    else 0, in the values' own dtype."""
+    inside = values > 0
+    return inside.to(values.dtype) if hasattr(inside, "to") else inside.astype(values.dtype)
+
+
 def dataset_mask_at_latent(entry: ImageEntry, pixel_mask: Any, latent_size: tuple[int, int]) -> Any:
     """``entry``'s pixel mask (:func:`load_mask`) as loss weights ``[1, h, w]``: shrunk with its
     :func:`mask_filter`, and for a segmentation mask (:func:`is_segmentation`) 1 wherever the shrunk value is
     above 0, else 0 (SimpleTuner's ``(mask > 0)`` after ``interpolate(mode="area")`` and ``/ 2 + 0.5``)."""
     shrunk = mask_to_latent(pixel_mask, latent_size, mask_filter(entry))
     if is_segmentation(entry):
-        return (shrunk > 0).to(shrunk.dtype)
+        return segmentation_inside(shrunk)
     return shrunk
+
+
+def trained_pixel_mask(entry: ImageEntry, pixel_mask: Any) -> Any:
+    """``entry``'s pixel mask (:func:`load_mask`) with the values the loss gives it, at pixel size: a
+    segmentation mask binarised (:func:`segmentation_inside`), other kinds as they are (``red``: the R channel).
+    The loss binarises after shrinking to the latent, but a cell's area average of these values (all >= 0) is
+    above 0 exactly where some pixel is, so shrinking this gives the same inside cells: what a preview
+    (``--debug-dataset``) shows."""
+    return segmentation_inside(pixel_mask) if is_segmentation(entry) else pixel_mask
 
 
 def seeded_draw(seed: int, probability: float) -> bool:

@@ -164,7 +164,7 @@ def debug_dataset(
 
 
 def _sample(batches: Any, ref: Any, *, step: int, micro: int, slot: int, folder: Path) -> DebugSample:
-    from .data import has_dataset_mask, load_mask
+    from .data import has_dataset_mask, load_mask, trained_pixel_mask
 
     data, options = batches.data, batches.options
     entry, assignment = data.entries[ref.entry], data.assignments[ref.entry]
@@ -176,8 +176,8 @@ def _sample(batches: Any, ref: Any, *, step: int, micro: int, slot: int, folder:
     mask_file = None
     if has_dataset_mask(entry):
         mask = load_mask(entry, view.apply(assignment), flip=view.flip)  # the loss mask's own loader
-        if mask is not None:
-            mask_file = _write_png(folder / f"{stem}_mask.png", mask * 255.0)
+        if mask is not None:  # with the values the loss gives it (a segmentation mask: binary)
+            mask_file = _write_png(folder / f"{stem}_mask.png", trained_pixel_mask(entry, mask) * 255.0)
     return DebugSample(
         step=step + 1,
         epoch=ref.epoch + 1,

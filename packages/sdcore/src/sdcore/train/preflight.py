@@ -1120,7 +1120,8 @@ def run_preflight(
             report.problems.extend(image_option_problems(o, data.index))
             from .token_routing import dataset_notes as routing_dataset_notes
 
-            report.notes.extend(routing_dataset_notes(o, data.index))  # --tread-route keeps the masked tokens
+            family = report.layout.family if report.layout is not None else None
+            report.notes.extend(routing_dataset_notes(o, data.index, family))  # --tread-route keeps masked tokens
             report.notes.extend(bucket_side_notes(data.index))
             from .data import mask_augment_checks
             from .inpainting import layout_kind

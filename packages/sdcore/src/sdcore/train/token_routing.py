@@ -205,16 +205,26 @@ class TokenRouter:
         return Selection(keep.to(device) if device is not None else keep, tokens)
 
 
-def token_keep_mask(masks: torch.Tensor, patch: int) -> torch.Tensor:
+#: a method's loss map (:meth:`sdcore.train.method.TrainingMethod.loss_mask`) force-keeps the tokens it weighs
+#: above this: a tenth above the weight of a sample without a map (1), so a map at its normal weight routes as no
+#: map does even as an image file rounds it. DreamArtist's normal is grey 127 (weight 1), but the "50 %" grey an
+#: editor paints is 128, which its formula weighs 1.03 (DreamArtist's own example map's background is 128), and a
+#: JPEG map wobbles a level or two: above 1 exactly, such a map would keep every token and turn the route off for
+#: the image. Grey 131 (1.125) and brighter is kept, grey 130 (1.09) and darker routes.
+METHOD_MAP_KEEP_ABOVE = 1.1
+
+
+def token_keep_mask(masks: torch.Tensor, patch: int, above: float = 0.5) -> torch.Tensor:
     """Which image tokens a loss mask force-keeps, as SimpleTuner decides it: the mask ``[B, 1, h, w]`` (values
     in 0..1, at latent size) averaged over each token's ``patch x patch`` latent square (area downsampling to the
-    token grid) and ``> 0.5``; ``[B, h/patch * w/patch]`` bool in the tokens' row-major order."""
+    token grid) and ``> 0.5``; ``[B, h/patch * w/patch]`` bool in the tokens' row-major order. ``above``: another
+    threshold, for weights on another scale (a method's loss map, :data:`METHOD_MAP_KEEP_ABOVE`)."""
     import torch
 
     grid = masks.float().reshape(masks.shape[0], 1, masks.shape[-2], masks.shape[-1])
     size = (grid.shape[-2] // patch, grid.shape[-1] // patch)
     pooled = torch.nn.functional.interpolate(grid, size=size, mode="area")
-    return pooled.flatten(1) > 0.5
+    return pooled.flatten(1) > above
 
 
 def pad_keep_mask(keep: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -518,20 +528,37 @@ def option_problems(options: Any) -> list[str]:
     return problems
 
 
-def dataset_notes(options: Any, index: Any) -> list[str]:
+#: the SimpleTuner commit whose SD3 model was read for :func:`dataset_notes`' SD3 sentence
+SIMPLETUNER_SD3_COMMIT = "bc8e6ab7"
+
+
+def dataset_notes(options: Any, index: Any, family: str | None = None) -> list[str]:
     """``--tread-route`` with loss masks (``--masked-loss`` images, ``alpha_mask``, OneTrainer's
-    ``-masklabel.png``): what the routing does with them, one note."""
+    ``-masklabel.png``, SimpleTuner's mask datasets): what the routing does with them, one note.
+
+    On SD3 (``family``, the model's, when the pre-flight knows it) the note also says where SimpleTuner differs:
+    its TREAD guide (documentation/TREAD.md) says masked regions are preserved and its SD3 transformer takes a
+    ``force_keep_mask``, but its SD3 model (``helpers/models/sd3/model.py`` at :data:`SIMPLETUNER_SD3_COMMIT`,
+    unlike FLUX.1's, Chroma's, FLUX.2's and Wan's) never passes one, so its SD3 drops masked tokens. sdcore keeps
+    them on every family, as the guide says: an SD3 run with masks then routes fewer tokens than SimpleTuner's."""
     if not tuple(getattr(options, "tread_route", ()) or ()):
         return []
     from .data import has_dataset_mask
 
     if not any(has_dataset_mask(entry) for entry in index.entries):
         return []
-    return [
+    note = (
         f"{FLAG} with loss masks: the image tokens inside a sample's mask (more than half of the token's latent "
         "square) are never dropped, as SimpleTuner keeps them; a route keeps at least those (on FLUX.1 and Chroma "
         "the union over the batch, which shares one draw)"
-    ]
+    )
+    if family == "sd3":
+        note += (
+            f". SimpleTuner's own SD3 model passes no mask to its router (at {SIMPLETUNER_SD3_COMMIT}; its TREAD "
+            "guide says masked regions are kept, as sdcore does on every family), so it drops masked tokens that "
+            "sdcore computes: expect a smaller speed-up than SimpleTuner's SD3 with the same route"
+        )
+    return [note]
 
 
 def model_problems(options: Any, layout: Any) -> list[str]:

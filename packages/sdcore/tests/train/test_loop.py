@@ -264,6 +264,121 @@ def test_ctrl_c_saves_a_resumable_state_then_reraises(tmp_path):
     assert r.steps == 5 and len(r.losses) == 5
 
 
+class _InterruptAt(_Recorder):
+    """Raises KeyboardInterrupt (Ctrl-C) once step ``at`` is reported, keeping the method's weights of that step."""
+
+    def __init__(self, method_box, at=2):
+        super().__init__()
+        self.method_box, self.at, self.weights = method_box, at, None
+
+    def sdcore_on_train_step(self, context, step, logs):
+        super().sdcore_on_train_step(context, step, logs)
+        if step == self.at:
+            self.weights = self.method_box[0].trainable_state_dict()
+            raise KeyboardInterrupt
+
+
+def _interrupted(o, at=2):
+    """Train ``o`` until a Ctrl-C after step ``at``: (the KeyboardInterrupt, the network's weights at that step)."""
+    method = ConvOutMethod(o)
+    rec = _InterruptAt([method], at)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(method, bundle=create_tiny_bundle("sd1"), plugin_manager=plugin_manager_with(rec))
+    return caught.value, rec.weights
+
+
+def _assert_file_holds(path, weights):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    assert saved.keys() == weights.keys()
+    for key in weights:
+        assert torch.equal(saved[key], weights[key]), key
+
+
+@pytest.mark.parametrize("save_state", [True, False])
+def test_ctrl_c_writes_the_weights_of_the_last_step_as_a_step_save_names_them(tmp_path, save_state):
+    """An interrupted run leaves a file A1111/ComfyUI load right away (kohya writes nothing; OneTrainer's stop
+    writes the model): the weights after the last finished step, where ``--save-every`` would have put them,
+    with a state (the default) and without one (``--no-save-state``: before, nothing at all was kept)."""
+    o = _opts(tmp_path, max_steps=5, save_state=save_state)
+    error, weights = _interrupted(o)
+    path = tmp_path / "run" / "result-step00000002.safetensors"
+    assert error.sdcore_weights == path
+    _assert_file_holds(path, weights)
+    # the same bytes an uninterrupted run's --save-every 2 writes at step 2
+    _run(_opts(tmp_path, "straight", max_steps=5, save_every=2, save_state=save_state))
+    _assert_file_holds(path, _load(tmp_path / "straight" / "result-step00000002.safetensors"))
+    assert not (tmp_path / "run" / "result.safetensors").exists()  # nothing pretends to be the finished result
+    state = tmp_path / "run" / "result-state" / "step-00000002"
+    assert (state / "train_state.json").exists() is save_state
+    assert getattr(error, "sdcore_state", None) == (state if save_state else None)
+    assert ("state saved in" in error.sdcore_saved) is save_state
+    assert ("--resume latest" in error.sdcore_saved) is save_state
+    assert str(path) in error.sdcore_saved
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_ctrl_c_with_ema_writes_the_average_as_a_step_save_does(tmp_path):
+    values = {"max_steps": 5, "ema": True, "ema_decay": 0.5, "lr": 1e-2}
+    _interrupted(_opts(tmp_path, **values))
+    _run(_opts(tmp_path, "straight", save_every=2, **values))
+    want = _load(tmp_path / "straight" / "result-step00000002.safetensors")
+    _assert_file_holds(tmp_path / "run" / "result-step00000002.safetensors", want)
+
+
+def test_ctrl_c_before_the_first_step_writes_nothing_and_offers_no_resume(tmp_path, monkeypatch):
+    def interrupted_loop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainSession, "_loop", interrupted_loop)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _run(_opts(tmp_path, max_steps=3))
+    assert list((tmp_path / "run").glob("result*")) == []
+    assert "nothing was saved" in caught.value.sdcore_saved and "--resume" not in caught.value.sdcore_saved
+
+
+def test_ctrl_c_right_after_a_step_save_keeps_that_file(tmp_path, monkeypatch):
+    """--save-every 2 has just written step 2's result: the interrupt names it instead of writing it again."""
+    saves = []
+    real = ConvOutMethod.save
+
+    def counting(self, bundle, info):
+        saves.append(info.path.name)
+        return real(self, bundle, info)
+
+    monkeypatch.setattr(ConvOutMethod, "save", counting)
+    error, weights = _interrupted(_opts(tmp_path, max_steps=5, save_every=2))
+    assert saves == ["result-step00000002.safetensors"]
+    assert error.sdcore_weights == tmp_path / "run" / "result-step00000002.safetensors"
+    _assert_file_holds(error.sdcore_weights, weights)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failing_weights_file_never_hides_the_interrupt_nor_loses_the_state(tmp_path, monkeypatch, failure):
+    """Writing the weights fails (a full disk, or a second Ctrl-C while it writes): the run still ends with the
+    first interrupt, the state is kept and the summary says the file could not be written."""
+
+    def fails(self, bundle, info):
+        raise failure
+
+    monkeypatch.setattr(ConvOutMethod, "save", fails)
+    o = _opts(tmp_path, max_steps=5)
+    error, _ = _interrupted(o)
+    state = tmp_path / "run" / "result-state" / "step-00000002"
+    assert error.sdcore_state == state and (state / "train_state.json").exists()
+    assert error.sdcore_weights is None
+    assert "could not be written" in error.sdcore_saved and "--resume latest" in error.sdcore_saved
+    monkeypatch.undo()
+    _, r = _run(dataclasses.replace(o, resume="latest"))
+    assert r.steps == 5
+
+
 class _NanAtStep3(ConvOutMethod):
     def compute_loss(self, ctx):
         if ctx.step == 2:

@@ -122,6 +122,7 @@ try:
     train(ConvOutMethod(options), plugin_manager=plugin_manager_with(Ui()), stop=stop)
 except TrainingStopped as stopped:  # the app handles it and ends well
     print(f"rank {{os.environ['RANK']}} stopped after {{stopped.step}} steps; state {{stopped.state}}", flush=True)
+    print(f"rank {{os.environ['RANK']}} weights {{stopped.weights}}", flush=True)
 """
 
 
@@ -152,3 +153,11 @@ def test_a_stop_set_in_one_process_stops_every_process_together(tmp_path):
         assert f"rank {rank} stopped after 2 steps; state {state}" in done.stdout, done.stdout + done.stderr[-2000:]
     assert (state / "train_state.json").exists()
     assert not (tmp_path / "multi" / "result.safetensors").exists()
+    # the main process writes the weights of step 2 beside the state (the other one waits for it, writes nothing)
+    weights = tmp_path / "multi" / "result-step00000002.safetensors"
+    assert f"rank 0 weights {weights}" in done.stdout and "rank 1 weights None" in done.stdout, done.stdout
+    import torch
+    from safetensors.torch import load_file
+
+    saved, trained = load_file(str(weights)), load_file(str(state / "trainable.safetensors"))
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k].float()) for k in saved)

@@ -281,9 +281,10 @@ def build_train_command(spec: Any) -> click.Command:
                 click.echo(f"Error: {problem}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            state = getattr(exc, "sdcore_state", None)
-            saved = f"resumable state saved in {state}; " if state is not None else ""
-            click.echo(f"interrupted: {saved}continue with the same command plus --resume latest", err=True)
+            # what the run kept (the weights file, the state, or why nothing), said once: by the main process
+            if getattr(exc, "sdcore_main", True):
+                kept = getattr(exc, "sdcore_saved", None) or "training had not started, so nothing was saved"
+                click.echo(f"interrupted: {kept}", err=True)
             sys.exit(130)
         except (SdcoreError, OSError) as exc:
             message = expected_error_message(exc)

@@ -270,6 +270,9 @@ def load_options(
         _dataset_batch_size(values, options_class, found_notes, problems)
     for f in dataclasses.fields(options_class):  # type: ignore[arg-type]
         choices = f.metadata.get("choices") if f.metadata else None
+        normalize = f.metadata.get("normalize") if f.metadata else None
+        if normalize is not None and isinstance(values.get(f.name), str):  # another tool's spelling of a choice
+            values[f.name] = normalize(values[f.name])
         if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
             source = "command line" if f.name in cli_values else where
             problems.append(f"{source}: {f.name} {values[f.name]!r}: choose one of {', '.join(choices)}")

@@ -160,3 +160,85 @@ def test_numpy_object_arrays_do_not_open_the_door_to_code(tmp_path):
     with pytest.raises(UnsafeFileError, match="system"):
         load_model(path)
     assert not marker.exists()
+
+
+def _not_torch_files(tiny_files, tmp_path):
+    """What users end up with under a ``.pt``/``.ckpt`` name: (file, what the message must say about it)."""
+    from sdcore.models.load import load_model
+
+    vae = load_model(tiny_files["sd1"]).vae
+    from safetensors.torch import save_file
+
+    renamed = tmp_path / "renamed.vae.pt"  # a safetensors VAE given a .pt name
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(renamed))
+    page = tmp_path / "page.vae.pt"  # "Save link as" on a download page that wanted a login
+    page.write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n")
+    pointer = tmp_path / "pointer.vae.ckpt"  # a git clone without git-lfs
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 334643238\n")
+    empty = tmp_path / "empty.vae.pt"
+    empty.write_bytes(b"")
+    return {
+        renamed: "a safetensors file: rename it to renamed.vae.safetensors",
+        page: "a web page (HTML)",
+        pointer: "a Git LFS pointer",
+        empty: "the file is empty",
+    }
+
+
+def test_a_file_that_is_not_a_torch_file_says_what_it_is(tiny_files, tmp_path):
+    """A renamed safetensors file or a saved web page used to read "refuses to run code in pickle: Unsupported
+    operand 8": a security refusal for a file that is no pickle at all."""
+    from sdcore.models.parts import load_vae_like
+    from sdcore.models.safe_pickle import load_pickle
+
+    like = load_model(tiny_files["sd1"]).vae
+    for path, what in _not_torch_files(tiny_files, tmp_path).items():
+        for load in (load_pickle, lambda p: load_vae_like(p, like)):
+            with pytest.raises(ModelFormatError) as caught:
+                load(path)
+            assert not isinstance(caught.value, UnsafeFileError)
+            message = str(caught.value)
+            assert message.startswith(f"{path}: not a torch file (") and what in message, message
+            assert "\n" not in message
+
+
+def test_a_vae_that_is_not_a_torch_file_is_one_line_in_the_preflight_and_at_load(tiny_files, tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.contract import make_tiny_dataset
+
+    cli = build_cli(get_plugin_manager())
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    for path, what in _not_torch_files(tiny_files, tmp_path).items():
+        args = ["train", "lora", "--model", str(tiny_files["sd1"]), "--vae", str(path), "--data", str(data),
+                "--output", str(tmp_path / "out.safetensors"), "--resolution", "64", "--max-steps", "1", "--dry-run"]  # fmt: skip
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert errors == [f"Error: --vae {path}: not a torch file ({errors[0].split('(', 1)[1]}"], result.output
+        assert what in errors[0] and "Traceback" not in result.output
+    page = tmp_path / "page.vae.pt"
+    images = str(tmp_path / "images")
+    args = ["generate", "a cat", "--model", str(tiny_files["sd1"]), "--vae", str(page), "--steps", "1", "--size", "64"]
+    generated = CliRunner().invoke(cli, [*args, "--output", images])
+    assert generated.exit_code == 1, generated.output
+    assert (
+        generated.output.strip()
+        .splitlines()[-1]
+        .startswith(f"Error: {page}: not a torch file (it is a web page (HTML)")
+    )
+
+
+def test_a_broken_a1111_vae_beside_the_model_is_named_as_such(tiny_files, tmp_path):
+    """The pre-flight note no longer advises ``--vae`` for a sidecar that is no torch file."""
+    from sdcore.models.layout import read_layout
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.preflight import sidecar_vae_notes
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(tiny_files["sd1"].read_bytes())
+    (tmp_path / "model.vae.pt").write_text("<html><body>Just a moment...</body></html>")
+    (note,) = sidecar_vae_notes(TrainOptions(), read_layout(path))
+    assert note.startswith("model.vae.pt is beside the model, where A1111 looks for a VAE, but it is not a torch file")
+    assert "a web page (HTML)" in note and "--vae" not in note

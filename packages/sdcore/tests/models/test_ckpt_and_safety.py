@@ -242,3 +242,83 @@ def test_a_broken_a1111_vae_beside_the_model_is_named_as_such(tiny_files, tmp_pa
     (note,) = sidecar_vae_notes(TrainOptions(), read_layout(path))
     assert note.startswith("model.vae.pt is beside the model, where A1111 looks for a VAE, but it is not a torch file")
     assert "a web page (HTML)" in note and "--vae" not in note
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_genuine_torch_saves_pass_the_first_bytes_check_and_load(tmp_path, zipped):
+    """The check of the first bytes lets every real torch file through to torch: the zip format (torch >= 1.6)
+    and the old bare pickle (``_use_new_zipfile_serialization=False``, what A1111-era embeddings and
+    hypernetworks often are), nested containers and plain values included."""
+    from sdcore.models.safe_pickle import load_pickle, not_torch_file
+
+    data = {
+        "string_to_param": {"*": torch.randn(2, 8)},
+        "nested": [torch.arange(3), {"half": torch.ones(2, dtype=torch.float16)}],
+        "step": 500,
+        "name": "emb",
+        "sd_checkpoint": None,
+    }
+    path = tmp_path / "file.pt"
+    torch.save(data, path, _use_new_zipfile_serialization=zipped)
+    assert path.read_bytes()[:2] == (b"PK" if zipped else b"\x80\x02")
+    assert not_torch_file(path) is None
+    loaded = load_pickle(path)
+    assert torch.equal(loaded["string_to_param"]["*"], data["string_to_param"]["*"])
+    assert torch.equal(loaded["nested"][0], data["nested"][0])
+    assert torch.equal(loaded["nested"][1]["half"], data["nested"][1]["half"])
+    assert loaded["nested"][1]["half"].dtype == torch.float16
+    assert (loaded["step"], loaded["name"], loaded["sd_checkpoint"]) == (500, "emb", None)
+
+
+def test_a_legacy_tar_torch_file_goes_to_torch_not_to_the_first_bytes_check(tmp_path):
+    """torch < 0.4's tar format (members sys_info, pickle, storages, tensors) is no safetensors file, page or
+    pointer: torch itself reports it (its weights-only reader does not read the tar format, on main as here)."""
+    import io
+    import tarfile
+
+    from sdcore.models.safe_pickle import load_pickle, not_torch_file
+
+    path = tmp_path / "old.pt"
+    with tarfile.open(path, "w") as tar:
+        for name in ("sys_info", "pickle", "storages", "tensors"):
+            payload = pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2)
+            member = tarfile.TarInfo(name)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    assert not_torch_file(path) is None
+    with pytest.raises(ModelFormatError) as caught:
+        load_pickle(path)
+    assert "not a torch file" not in str(caught.value) and "legacy .tar format" in str(caught.value)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_a_planted_pickle_of_any_protocol_is_refused_as_code_not_called_junk(tmp_path, protocol):
+    """``pickle.dump``'s default protocol (4, 5) asks for its function with STACK_GLOBAL, protocol 0 builds with
+    INST-like opcodes: instructions torch's weights-only reader leaves out, which must stay a refusal to run code,
+    not "not a torch file (no zip and no pickle)"."""
+    from sdcore.models.safe_pickle import load_pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"evil{protocol}.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"hook": _Exploit(str(marker))}, handle, protocol=protocol)
+    with pytest.raises(UnsafeFileError, match="refuses to run code in pickle"):
+        load_pickle(path)
+    inst = tmp_path / "inst.pt"  # the INST opcode: ``i`` module, name, called with the marked arguments
+    inst.write_bytes(b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n.")
+    with pytest.raises(UnsafeFileError, match="refuses to run code in pickle"):
+        load_pickle(inst)
+    assert not marker.exists()
+
+
+def test_bytes_no_pickle_has_are_not_a_torch_file(tmp_path):
+    import gzip
+
+    from sdcore.models.safe_pickle import load_pickle
+
+    path = tmp_path / "packed.pt"  # a gzip (or any binary) the first bytes check does not know
+    path.write_bytes(gzip.compress(b"weights" * 100))
+    with pytest.raises(ModelFormatError) as caught:
+        load_pickle(path)
+    assert not isinstance(caught.value, UnsafeFileError)
+    assert str(caught.value) == f"{path}: not a torch file (no zip and no pickle: byte 0x1f is no pickle instruction)"

@@ -112,8 +112,11 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         message = str(exc)
-        if "unsupported operand" in message.lower():  # not pickle opcodes: no code was asked for
-            raise ModelFormatError(f"{file}: not a torch file (no zip and no pickle: {_first_line(exc)})") from None
+        junk = _no_pickle_instruction(message)
+        if junk is not None:  # a byte no pickle has: not a pickle at all, so no code was asked for
+            raise ModelFormatError(
+                f"{file}: not a torch file (no zip and no pickle: byte {junk:#04x} is no pickle instruction)"
+            ) from None
         if "weights only" in message.lower() or "unsupported" in message.lower() or "GLOBAL" in message:
             raise UnsafeFileError(f"{file}: refuses to run code in pickle: {_global_name(message)}") from None
         raise ModelFormatError(f"{file}: not a readable torch file ({_first_line(exc)})") from None
@@ -121,6 +124,19 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
         raise ModelFormatError(f"{file}: no such file") from None
     except Exception as exc:  # truncated zips and junk make torch raise anything (IndexError, EOFError, ...)
         raise ModelFormatError(f"{file}: not a readable torch file ({_first_line(exc)})") from None
+
+
+def _no_pickle_instruction(message: str) -> int | None:
+    """The byte of torch's "Unsupported operand N" when N is no pickle opcode at all (the file is junk, not a
+    pickle), else ``None``: a real opcode torch's weights-only reader leaves out (``INST``, ``OBJ``, protocol 4's
+    ``STACK_GLOBAL``, which ``pickle.dump`` writes by default) is how a planted pickle asks for code, a refusal."""
+    import pickletools
+
+    match = re.search(r"Unsupported operand (\d+)", message)
+    if match is None:
+        return None
+    byte = int(match.group(1))
+    return None if byte in {ord(op.code) for op in pickletools.opcodes} else byte
 
 
 def _first_line(exc: BaseException) -> str:

@@ -379,6 +379,105 @@ def test_a_failing_weights_file_never_hides_the_interrupt_nor_loses_the_state(tm
     assert r.steps == 5
 
 
+@pytest.mark.parametrize("save_state", [True, False])
+def test_a_second_ctrl_c_while_the_state_is_written_quits_saying_nothing_was_saved(tmp_path, monkeypatch, save_state):
+    """Ctrl-C, then Ctrl-C again while the state is written (a big DreamBooth state takes a while): the user wants
+    out. Nothing more is written (no weights file after it), the run ends with the first interrupt, and its
+    summary says nothing was saved instead of a second KeyboardInterrupt that carries no summary at all."""
+    from sdcore.train.checkpoints import Checkpoints
+
+    def interrupted_again(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "save_state", interrupted_again)
+    error, _ = _interrupted(_opts(tmp_path, max_steps=5, save_state=save_state))
+    run = tmp_path / "run"
+    if save_state:
+        assert error.sdcore_saved == "interrupted again while the resumable state was written, so nothing was saved"
+        assert error.sdcore_weights is None and not list(run.glob("result-step*"))
+        assert getattr(error, "sdcore_state", None) is None
+    else:  # no state to write: the second Ctrl-C never comes in between, and the weights are written
+        assert error.sdcore_weights == run / "result-step00000002.safetensors" and error.sdcore_weights.is_file()
+    assert "--resume" not in error.sdcore_saved
+
+
+def test_a_failed_state_names_its_reason(tmp_path, monkeypatch):
+    from sdcore.train.checkpoints import Checkpoints
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Checkpoints, "save_state", full)
+    error, weights = _interrupted(_opts(tmp_path, max_steps=5))
+    assert "the resumable state could not be saved (No space left on device" in error.sdcore_saved
+    assert "--resume" not in error.sdcore_saved
+    _assert_file_holds(error.sdcore_weights, weights)  # the weights file is still written
+
+
+class _Processes:
+    """An accelerator of two processes that records its barriers; ``interrupt_wait`` makes one raise Ctrl-C."""
+
+    num_processes = 2
+
+    def __init__(self, main, interrupt_wait=False):
+        self.is_main_process, self.interrupt_wait, self.waits = main, interrupt_wait, 0
+
+    def wait_for_everyone(self):
+        self.waits += 1
+        if self.interrupt_wait:
+            raise KeyboardInterrupt
+
+
+def _stopping_process(tmp_path, accelerator, save):
+    """A session of ``accelerator``'s process, stopped after step 2, whose method writes with ``save``."""
+    import contextlib
+
+    method = types.SimpleNamespace(save=save, start_from_result=None, name="m")
+    checkpoints = types.SimpleNamespace(last_step_result=None, save_info=lambda *a, **k: None)
+    return types.SimpleNamespace(
+        position=types.SimpleNamespace(step=2),
+        _setup_done=True,
+        is_main=accelerator.is_main_process,
+        accelerator=accelerator,
+        checkpoints=checkpoints,
+        options=types.SimpleNamespace(save_state=False),
+        method=method,
+        output=tmp_path / "result.safetensors",
+        bundle=None,
+        _during=lambda phase: contextlib.nullcontext(),
+        result_weights=contextlib.nullcontext,
+        run_facts=lambda: None,
+    )
+
+
+def test_only_the_main_process_writes_the_stopped_weights_and_every_process_waits(tmp_path):
+    """Under several processes the main one writes the file and the others wait for it (a launcher ending the job
+    once one process exits must not cut the file off); a failing write still reaches that barrier, and a Ctrl-C
+    while a process waits there ends the wait, not the first interrupt (so its summary is kept)."""
+    written = []
+
+    def save(bundle, info):
+        written.append(info)
+        return tmp_path / "result-step00000002.safetensors"
+
+    def fails(bundle, info):
+        raise OSError(28, "No space left on device")
+
+    for main, save_with, interrupt_wait in [(True, save, False), (False, save, True), (True, fails, False)]:
+        written.clear()
+        accelerator = _Processes(main, interrupt_wait)
+        session = _stopping_process(tmp_path, accelerator, save_with)
+        error = KeyboardInterrupt()
+        TrainSession._keep_stopped_weights(session, error, "interrupted", mixed=None, state_failed=None)
+        assert accelerator.waits == 1
+        assert error.sdcore_main is main
+        assert len(written) == (1 if main and save_with is save else 0)
+        if save_with is fails:
+            assert error.sdcore_weights is None and "could not be written (No space left" in error.sdcore_saved
+        else:
+            assert error.sdcore_weights == (tmp_path / "result-step00000002.safetensors" if main else None)
+
+
 class _NanAtStep3(ConvOutMethod):
     def compute_loss(self, ctx):
         if ctx.step == 2:

@@ -56,6 +56,19 @@ class SpelledChoice(click.Choice):  # type: ignore[type-arg]
         return super().convert(self.normalize(value) if isinstance(value, str) else value, param, ctx)
 
 
+def _saved_by(exc: BaseException) -> BaseException:
+    """The interrupt whose ``sdcore_saved`` says what the run kept: ``exc``, or the one it came during (a second
+    Ctrl-C while the run was ending, e.g. while a tracker closed, leaves the first one's summary in its context)."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        if hasattr(current, "sdcore_saved"):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return exc
+
+
 def _click_type(
     tp: Any, choices: tuple[str, ...] | None, name: str = "", normalize: Callable[[str], str] | None = None
 ) -> Any:
@@ -297,8 +310,9 @@ def build_train_command(spec: Any) -> click.Command:
             sys.exit(2)
         except KeyboardInterrupt as exc:
             # what the run kept (the weights file, the state, or why nothing), said once: by the main process
-            if getattr(exc, "sdcore_main", True):
-                kept = getattr(exc, "sdcore_saved", None) or "training had not started, so nothing was saved"
+            first = _saved_by(exc)
+            if getattr(first, "sdcore_main", True):
+                kept = getattr(first, "sdcore_saved", None) or "training had not started, so nothing was saved"
                 click.echo(f"interrupted: {kept}", err=True)
             sys.exit(130)
         except (SdcoreError, OSError) as exc:

@@ -55,7 +55,16 @@ from .memory_watch import MemoryWatch, TrainingOutOfMemoryError, is_out_of_memor
 from .method import Batch, ProcessInfo, RunFacts, TrainingMethod
 from .options import TrainOptions, apply_model_defaults
 from .preflight import validate_options
-from .save_fallback import SaveTargetError, guard, guarded, mixed_message, mixed_step, rescue, save_alone
+from .save_fallback import (
+    SaveTargetError,
+    guard,
+    guarded,
+    mixed_message,
+    mixed_step,
+    reason,
+    rescue,
+    save_alone,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +103,10 @@ class StopFlag(Protocol):
     """What ``train(..., stop=...)`` polls: a :class:`threading.Event` (or anything with ``is_set()``)."""
 
     def is_set(self) -> bool: ...
+
+
+#: why nothing more is saved after a Ctrl-C: another one came while saving (the user wants to quit now)
+AGAIN = "interrupted again"
 
 
 class TrainingStopped(SdcoreError):
@@ -885,7 +898,7 @@ class TrainSession:
             message = save_alone(self, why)
             log.info(message)
             print(message, file=sys.stderr)  # this process's own line: say() prints on the main process only
-        state_failed = False
+        state_failed: str | None = None  # why the state could not be saved
         if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed and not alone:
             try:
                 from .state import state_name
@@ -905,14 +918,19 @@ class TrainSession:
                     self.say(message)
                 with contextlib.suppress(AttributeError, TypeError):
                     exc.sdcore_state = folder  # type: ignore[attr-defined]
+            except KeyboardInterrupt:  # a second Ctrl-C while it is written: stop saving, end with the first error
+                state_failed = AGAIN
+                log.error("could not save the training state: %s", AGAIN)
             except Exception as save_exc:  # never hide the original error
-                state_failed = True
+                state_failed = reason(save_exc)
                 log.error("could not save the training state: %s", save_exc)
         if why in ("interrupted", "stopped"):
             self._keep_stopped_weights(exc, why, mixed=where, state_failed=state_failed)
         self._error_hook(exc)
 
-    def _keep_stopped_weights(self, exc: BaseException, why: str, *, mixed: str | None, state_failed: bool) -> None:
+    def _keep_stopped_weights(
+        self, exc: BaseException, why: str, *, mixed: str | None, state_failed: str | None
+    ) -> None:
         """On Ctrl-C, SIGTERM or a stop flag: write the weights after the last finished step where ``--save-every``
         puts that step's result (``NAME-stepNNNNNNNN``, as the method saves it there, ``--ema``'s average
         included), after the state, so the user has a file A1111/ComfyUI load at once, and with
@@ -923,15 +941,17 @@ class TrainSession:
         only the main one writes, and the others wait for it, as they do for a state, so a launcher that ends
         the job once one process has exited does not cut the file off. A failure here (a full disk, a second
         Ctrl-C) is logged and named in the line: it never replaces the interrupt, and the state is written first.
+        A second Ctrl-C while the state was written (``state_failed`` :data:`AGAIN`) means "quit now": nothing
+        more is written or waited for (a launcher ends the other processes once this one has exited).
         """
         from .checkpoints import intermediate_path
-        from .save_fallback import reason, write_result
+        from .save_fallback import write_result
 
         step = self.position.step
         state: Path | None = getattr(exc, "sdcore_state", None)
         weights: Path | None = None
         failure: str | None = None
-        if self._setup_done and step > 0 and mixed is None:
+        if self._setup_done and step > 0 and mixed is None and state_failed != AGAIN:
             try:
                 if self.is_main:
                     done = self.checkpoints.last_step_result  # --save-every wrote this step's result just now
@@ -942,10 +962,11 @@ class TrainSession:
                             weights = write_result(self, intermediate_path(self.output, step=step), final=False)
                     log.info(f"{why}: the weights after step {step} are in {weights}")
             except (Exception, KeyboardInterrupt) as write_exc:  # the first interrupt is what ends the run
-                failure = "interrupted again" if isinstance(write_exc, KeyboardInterrupt) else reason(write_exc)
+                failure = AGAIN if isinstance(write_exc, KeyboardInterrupt) else reason(write_exc)
                 log.error("could not write the weights after step %d: %s", step, failure)
             if self.accelerator.num_processes > 1:
-                with contextlib.suppress(Exception):
+                # a Ctrl-C while this process waits for the main one's file ends the wait, not the first interrupt
+                with contextlib.suppress(Exception, KeyboardInterrupt):
                     self.accelerator.wait_for_everyone()
         parts: list[str] = []
         if weights is not None:
@@ -958,8 +979,10 @@ class TrainSession:
             parts.append("no step had finished, so nothing was saved")
         elif mixed is not None:
             parts.append(f"stopped {mixed}, so nothing was saved")
-        elif state_failed:
-            parts.append("the resumable state could not be saved (see the log)")
+        elif state_failed == AGAIN:
+            parts.append(f"{AGAIN} while the resumable state was written, so nothing was saved")
+        elif state_failed is not None:
+            parts.append(f"the resumable state could not be saved ({state_failed})")
         elif not self.options.save_state:
             again = getattr(self.method, "start_from_result", None)
             start = f"; a new run can start from them with {again} {weights}" if again and weights else ""

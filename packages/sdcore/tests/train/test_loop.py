@@ -875,6 +875,31 @@ def test_run_method_contract_helper_and_a_method_that_does_not_learn(tmp_path, m
         check_learning(Lazy, tmp_path / "lazy", steps=5)
 
 
+def test_the_resume_contract_fails_a_ctrl_c_that_keeps_no_weights_or_other_ones(tmp_path, monkeypatch):
+    """check_resume holds every method's Ctrl-C to the files its --save-every writes at that step."""
+    from sdcore.testing.contract import check_resume
+
+    def keeps_nothing(self, exc, why, **kwargs):
+        exc.sdcore_weights, exc.sdcore_saved = None, "nothing"
+
+    with monkeypatch.context() as patched:
+        patched.setattr(TrainSession, "_keep_stopped_weights", keeps_nothing)
+        with pytest.raises(AssertionError, match="Ctrl-C after step 2 wrote no weights file"):
+            check_resume(ConvOutMethod, tmp_path / "none")
+
+    class Stale(ConvOutMethod):  # writes the weights it started with instead of those of the step
+        def save(self, bundle, info):
+            if info.final or info.path.parent.name != "parts":
+                return super().save(bundle, info)
+            from safetensors.torch import save_file
+
+            save_file({k: torch.zeros_like(v) for k, v in self.trainable_state_dict().items()}, str(info.path))
+            return info.path
+
+    with pytest.raises(AssertionError, match="differs from --save-every's file"):
+        check_resume(Stale, tmp_path / "stale")
+
+
 def test_resume_warns_when_the_guidance_the_run_trains_at_changes(tmp_path, capsys, caplog):
     """--guidance-scale (the value FLUX.1 dev's guidance embedding gets: what the run learns to predict at) compared
     as the run resolves it (:func:`sdcore.train.objectives.training_guidance`): a state saved when the option's

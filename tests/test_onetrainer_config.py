@@ -883,3 +883,46 @@ def test_cli_trains_a_onetrainer_config_in_onetrainers_buckets(tmp_path, sd_cli,
             assert stored["latents"].shape[-2:] == (bh // 8, bw // 8), file.name
             assert tuple(int(x) for x in stored["crop"]) == crop, file.name
             assert tuple(int(x) for x in stored["original_size"]) == sizes[stem][::-1]
+
+
+def test_a_config_without_train_dtype_says_fp16_is_onetrainers_default(tmp_path, sd_cli, pm, monkeypatch):
+    """OneTrainer's TrainConfig defaults train_dtype to FLOAT_16 (its UI saves the field; a hand-written config
+    may leave it out): sdcore keeps that precision (never changed in silence) and says where it came from and what
+    to set instead, since on a machine without CUDA the pre-flight then refuses an fp16 the user never typed."""
+    from sdcore.testing.datasets import make_tiny_dataset
+
+    notes: list[str] = []
+    o = _load(tmp_path, SD15_LORA, notes=notes)
+    assert o.mixed_precision == "fp16"  # OneTrainer's default, kept
+    (said,) = [note for note in notes if "train_dtype" in note]
+    assert "train_dtype is not set" in said and "OneTrainer's default FLOAT_16" in said
+    assert '"train_dtype": "FLOAT_32"' in said and "--mixed-precision no" in said
+    given: list[str] = []  # the config sets it: nothing to say
+    assert _load(tmp_path, {**SD15_LORA, "train_dtype": "FLOAT_16"}, notes=given).mixed_precision == "fp16"
+    assert not [note for note in given if "train_dtype" in note]
+    from sdcore.train.config import load_options
+
+    overridden: list[str] = []  # --mixed-precision on the command line replaces it: nothing to say either
+    path = _write(tmp_path, SD15_LORA)
+    o = load_options(_options_class("lora"), path, {"mixed_precision": "no"}, notes=overridden)
+    assert o.mixed_precision == "no" and not [note for note in overridden if "train_dtype" in note]
+
+    # the CPU run: the note names the cause right above the pre-flight's refusal
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    config = {**SD15_LORA, "resolution": "64", "epochs": 1, "batch_size": 1, "output_model_destination": "out/l.safetensors",
+              "concepts": [{"path": "data/1_sks", "name": "sks"}]}  # fmt: skip
+    config.pop("unet"), config.pop("text_encoder"), config.pop("vae")
+    result = sd_cli(["train", "lora", "--config", str(_write(tmp_path, config, "ot.json")), "--dry-run"], pm=pm)
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    note = next(i for i, line in enumerate(lines) if "train_dtype is not set" in line)
+    error = next(i for i, line in enumerate(lines) if line.startswith("Error: --mixed-precision fp16"))
+    assert lines[note].startswith("note: ") and note < error
+    with_flag = sd_cli(
+        ["train", "lora", "--config", str(tmp_path / "ot.json"), "--mixed-precision", "no", "--dry-run"], pm=pm
+    )
+    assert with_flag.exit_code == 0, with_flag.output

@@ -214,3 +214,77 @@ def test_preflight_result_size_is_the_written_file(tmp_path: Path) -> None:
     output = Path(check_one_step(HNMethod, tmp_path / "run", overrides).output)
     assert disk is not None
     assert disk.result_bytes == pytest.approx(output.stat().st_size, rel=0.03)
+
+
+def _cli():
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    return build_cli(get_plugin_manager())
+
+
+def _hn_args(tmp_path: Path, *extra: str) -> list[str]:
+    from sdcore.testing.contract import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    return ["train", "hn", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "out"),
+            "--name", "net", "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "128",
+            "--no-progress", *extra]  # fmt: skip
+
+
+#: A1111's Train tab values (hypernetworks/ui.py: "Normal", "XavierUniform", ...) and how users type them
+A1111_INIT_SPELLINGS = [
+    ("Normal", "normal"),
+    ("XavierUniform", "xavier-uniform"),
+    ("XavierNormal", "xavier-normal"),
+    ("KaimingUniform", "kaiming-uniform"),
+    ("KaimingNormal", "kaiming-normal"),
+    ("Xavier Normal", "xavier-normal"),
+    ("kaiming normal", "kaiming-normal"),
+    ("xavier_uniform", "xavier-uniform"),
+    ("KAIMING-UNIFORM", "kaiming-uniform"),
+    ("xavier-normal", "xavier-normal"),
+]
+
+
+@pytest.mark.parametrize(("typed", "internal"), A1111_INIT_SPELLINGS)
+def test_init_takes_a1111s_spellings_on_the_command_line_and_in_configs(
+    tmp_path: Path, typed: str, internal: str
+) -> None:
+    import tomllib
+    from click.testing import CliRunner
+    from sdcore.train.config import load_options
+
+    saved = tmp_path / "effective.toml"
+    result = CliRunner().invoke(_cli(), _hn_args(tmp_path, "--init", typed, "--save-config", str(saved), "--dry-run"))
+    assert result.exit_code == 0, result.output
+    assert tomllib.loads(saved.read_text(encoding="utf-8"))["init"] == internal
+    config = tmp_path / "hn.toml"
+    config.write_text(f'init = "{typed}"\n', encoding="utf-8")
+    assert load_options(HNOptions, str(config), notes=[]).init == internal
+    HNMethod(HNOptions(init=typed)).validate()  # the Python API takes them as well
+
+
+def test_an_a1111_spelled_init_trains_and_is_stored_as_a1111_names_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(_cli(), _hn_args(tmp_path, "--init", "Xavier Normal", "--max-steps", "1"))
+    assert result.exit_code == 0, result.output
+    assert load_hypernetwork(tmp_path / "out" / "net.pt").weight_init == "XavierNormal"
+
+
+def test_an_unknown_init_lists_the_accepted_values(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from sdcore.train.config import load_options
+
+    result = CliRunner().invoke(_cli(), _hn_args(tmp_path, "--init", "Xavier Gaussian", "--dry-run"))
+    assert result.exit_code == 2
+    assert "Xavier Gaussian" in result.output
+    for name in ("normal", "xavier-uniform", "xavier-normal", "kaiming-uniform", "kaiming-normal"):
+        assert name in result.output
+    config = tmp_path / "hn.toml"
+    config.write_text('init = "orthogonal"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"orthogonal.*choose one of normal, xavier-uniform, xavier-normal"):
+        load_options(HNOptions, str(config), notes=[])
+    with pytest.raises(ConfigError, match=r"orthogonal.*normal, xavier-uniform, xavier-normal, kaiming-uniform"):
+        HNMethod(HNOptions(init="orthogonal")).validate()

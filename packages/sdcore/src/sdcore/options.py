@@ -8,6 +8,7 @@ drift apart. Use :func:`option` instead of ``dataclasses.field`` in option datac
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 
@@ -22,15 +23,20 @@ def option(
     default_factory: Any = dataclasses.MISSING,
     metavar: str | None = None,
     aliases: tuple[str, ...] = (),
+    normalize: Callable[[str], str] | None = None,
 ) -> Any:
     """A dataclass field that also describes its command-line flag.
 
     ``flag`` overrides the generated ``--field-name``; for booleans the generated flag is the pair
     ``--name/--no-name``. ``aliases`` are more flags for the same option (``--ae`` for ``--vae``, as
     kohya's Flux script names it). ``group`` only orders ``--help``; ``cli=False`` keeps a field config-only.
+    ``normalize`` maps other spellings of a text value to one of ``choices`` before they are checked, on
+    the command line and in config files (A1111's ``XavierNormal`` for ``xavier-normal``), so users coming
+    from another tool type what they know; it returns a value it does not know unchanged, and the choices
+    check then lists the accepted ones.
     """
     metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "cli": cli, "metavar": metavar,
-                "aliases": tuple(aliases)}  # fmt: skip
+                "aliases": tuple(aliases), "normalize": normalize}  # fmt: skip
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

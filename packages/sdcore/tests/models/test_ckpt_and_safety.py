@@ -160,3 +160,165 @@ def test_numpy_object_arrays_do_not_open_the_door_to_code(tmp_path):
     with pytest.raises(UnsafeFileError, match="system"):
         load_model(path)
     assert not marker.exists()
+
+
+def _not_torch_files(tiny_files, tmp_path):
+    """What users end up with under a ``.pt``/``.ckpt`` name: (file, what the message must say about it)."""
+    from sdcore.models.load import load_model
+
+    vae = load_model(tiny_files["sd1"]).vae
+    from safetensors.torch import save_file
+
+    renamed = tmp_path / "renamed.vae.pt"  # a safetensors VAE given a .pt name
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(renamed))
+    page = tmp_path / "page.vae.pt"  # "Save link as" on a download page that wanted a login
+    page.write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n")
+    pointer = tmp_path / "pointer.vae.ckpt"  # a git clone without git-lfs
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 334643238\n")
+    empty = tmp_path / "empty.vae.pt"
+    empty.write_bytes(b"")
+    return {
+        renamed: "a safetensors file: rename it to renamed.vae.safetensors",
+        page: "a web page (HTML)",
+        pointer: "a Git LFS pointer",
+        empty: "the file is empty",
+    }
+
+
+def test_a_file_that_is_not_a_torch_file_says_what_it_is(tiny_files, tmp_path):
+    """A renamed safetensors file or a saved web page used to read "refuses to run code in pickle: Unsupported
+    operand 8": a security refusal for a file that is no pickle at all."""
+    from sdcore.models.parts import load_vae_like
+    from sdcore.models.safe_pickle import load_pickle
+
+    like = load_model(tiny_files["sd1"]).vae
+    for path, what in _not_torch_files(tiny_files, tmp_path).items():
+        for load in (load_pickle, lambda p: load_vae_like(p, like)):
+            with pytest.raises(ModelFormatError) as caught:
+                load(path)
+            assert not isinstance(caught.value, UnsafeFileError)
+            message = str(caught.value)
+            assert message.startswith(f"{path}: not a torch file (") and what in message, message
+            assert "\n" not in message
+
+
+def test_a_vae_that_is_not_a_torch_file_is_one_line_in_the_preflight_and_at_load(tiny_files, tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.contract import make_tiny_dataset
+
+    cli = build_cli(get_plugin_manager())
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    for path, what in _not_torch_files(tiny_files, tmp_path).items():
+        args = ["train", "lora", "--model", str(tiny_files["sd1"]), "--vae", str(path), "--data", str(data),
+                "--output", str(tmp_path / "out.safetensors"), "--resolution", "64", "--max-steps", "1", "--dry-run"]  # fmt: skip
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert errors == [f"Error: --vae {path}: not a torch file ({errors[0].split('(', 1)[1]}"], result.output
+        assert what in errors[0] and "Traceback" not in result.output
+    page = tmp_path / "page.vae.pt"
+    images = str(tmp_path / "images")
+    args = ["generate", "a cat", "--model", str(tiny_files["sd1"]), "--vae", str(page), "--steps", "1", "--size", "64"]
+    generated = CliRunner().invoke(cli, [*args, "--output", images])
+    assert generated.exit_code == 1, generated.output
+    assert (
+        generated.output.strip()
+        .splitlines()[-1]
+        .startswith(f"Error: {page}: not a torch file (it is a web page (HTML)")
+    )
+
+
+def test_a_broken_a1111_vae_beside_the_model_is_named_as_such(tiny_files, tmp_path):
+    """The pre-flight note no longer advises ``--vae`` for a sidecar that is no torch file."""
+    from sdcore.models.layout import read_layout
+    from sdcore.train.options import TrainOptions
+    from sdcore.train.preflight import sidecar_vae_notes
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(tiny_files["sd1"].read_bytes())
+    (tmp_path / "model.vae.pt").write_text("<html><body>Just a moment...</body></html>")
+    (note,) = sidecar_vae_notes(TrainOptions(), read_layout(path))
+    assert note.startswith("model.vae.pt is beside the model, where A1111 looks for a VAE, but it is not a torch file")
+    assert "a web page (HTML)" in note and "--vae" not in note
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_genuine_torch_saves_pass_the_first_bytes_check_and_load(tmp_path, zipped):
+    """The check of the first bytes lets every real torch file through to torch: the zip format (torch >= 1.6)
+    and the old bare pickle (``_use_new_zipfile_serialization=False``, what A1111-era embeddings and
+    hypernetworks often are), nested containers and plain values included."""
+    from sdcore.models.safe_pickle import load_pickle, not_torch_file
+
+    data = {
+        "string_to_param": {"*": torch.randn(2, 8)},
+        "nested": [torch.arange(3), {"half": torch.ones(2, dtype=torch.float16)}],
+        "step": 500,
+        "name": "emb",
+        "sd_checkpoint": None,
+    }
+    path = tmp_path / "file.pt"
+    torch.save(data, path, _use_new_zipfile_serialization=zipped)
+    assert path.read_bytes()[:2] == (b"PK" if zipped else b"\x80\x02")
+    assert not_torch_file(path) is None
+    loaded = load_pickle(path)
+    assert torch.equal(loaded["string_to_param"]["*"], data["string_to_param"]["*"])
+    assert torch.equal(loaded["nested"][0], data["nested"][0])
+    assert torch.equal(loaded["nested"][1]["half"], data["nested"][1]["half"])
+    assert loaded["nested"][1]["half"].dtype == torch.float16
+    assert (loaded["step"], loaded["name"], loaded["sd_checkpoint"]) == (500, "emb", None)
+
+
+def test_a_legacy_tar_torch_file_goes_to_torch_not_to_the_first_bytes_check(tmp_path):
+    """torch < 0.4's tar format (members sys_info, pickle, storages, tensors) is no safetensors file, page or
+    pointer: torch itself reports it (its weights-only reader does not read the tar format, on main as here)."""
+    import io
+    import tarfile
+
+    from sdcore.models.safe_pickle import load_pickle, not_torch_file
+
+    path = tmp_path / "old.pt"
+    with tarfile.open(path, "w") as tar:
+        for name in ("sys_info", "pickle", "storages", "tensors"):
+            payload = pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2)
+            member = tarfile.TarInfo(name)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    assert not_torch_file(path) is None
+    with pytest.raises(ModelFormatError) as caught:
+        load_pickle(path)
+    assert "not a torch file" not in str(caught.value) and "legacy .tar format" in str(caught.value)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
+def test_a_planted_pickle_of_any_protocol_is_refused_as_code_not_called_junk(tmp_path, protocol):
+    """``pickle.dump``'s default protocol (4, 5) asks for its function with STACK_GLOBAL, protocol 0 builds with
+    INST-like opcodes: instructions torch's weights-only reader leaves out, which must stay a refusal to run code,
+    not "not a torch file (no zip and no pickle)"."""
+    from sdcore.models.safe_pickle import load_pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"evil{protocol}.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"hook": _Exploit(str(marker))}, handle, protocol=protocol)
+    with pytest.raises(UnsafeFileError, match="refuses to run code in pickle"):
+        load_pickle(path)
+    inst = tmp_path / "inst.pt"  # the INST opcode: ``i`` module, name, called with the marked arguments
+    inst.write_bytes(b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n.")
+    with pytest.raises(UnsafeFileError, match="refuses to run code in pickle"):
+        load_pickle(inst)
+    assert not marker.exists()
+
+
+def test_bytes_no_pickle_has_are_not_a_torch_file(tmp_path):
+    import gzip
+
+    from sdcore.models.safe_pickle import load_pickle
+
+    path = tmp_path / "packed.pt"  # a gzip (or any binary) the first bytes check does not know
+    path.write_bytes(gzip.compress(b"weights" * 100))
+    with pytest.raises(ModelFormatError) as caught:
+        load_pickle(path)
+    assert not isinstance(caught.value, UnsafeFileError)
+    assert str(caught.value) == f"{path}: not a torch file (no zip and no pickle: byte 0x1f is no pickle instruction)"

@@ -565,8 +565,10 @@ def test_an_interrupt_during_backward_saves_no_state(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         _session_run(tmp_path, "stop", _InterruptInBackward, fused_backward_pass=True, max_steps=5)
     assert not list((tmp_path / "stop").glob("result-state/step-*"))  # the weights may be half-stepped
+    assert not list((tmp_path / "stop").glob("result-step*"))  # nor a weights file from them
     assert "interrupted during a fused backward pass" in capsys.readouterr().err
-    # without the fused pass the same interrupt keeps the state of step 2
+    # without the fused pass the same interrupt keeps the state of step 2, and its weights file
     with pytest.raises(KeyboardInterrupt):
         _session_run(tmp_path, "plain", _InterruptInBackward, max_steps=5)
     assert [p.name for p in (tmp_path / "plain").glob("result-state/step-*")] == ["step-00000002"]
+    assert [p.name for p in (tmp_path / "plain").glob("result-step*")] == ["result-step00000002.safetensors"]

@@ -264,6 +264,220 @@ def test_ctrl_c_saves_a_resumable_state_then_reraises(tmp_path):
     assert r.steps == 5 and len(r.losses) == 5
 
 
+class _InterruptAt(_Recorder):
+    """Raises KeyboardInterrupt (Ctrl-C) once step ``at`` is reported, keeping the method's weights of that step."""
+
+    def __init__(self, method_box, at=2):
+        super().__init__()
+        self.method_box, self.at, self.weights = method_box, at, None
+
+    def sdcore_on_train_step(self, context, step, logs):
+        super().sdcore_on_train_step(context, step, logs)
+        if step == self.at:
+            self.weights = self.method_box[0].trainable_state_dict()
+            raise KeyboardInterrupt
+
+
+def _interrupted(o, at=2):
+    """Train ``o`` until a Ctrl-C after step ``at``: (the KeyboardInterrupt, the network's weights at that step)."""
+    method = ConvOutMethod(o)
+    rec = _InterruptAt([method], at)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(method, bundle=create_tiny_bundle("sd1"), plugin_manager=plugin_manager_with(rec))
+    return caught.value, rec.weights
+
+
+def _assert_file_holds(path, weights):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    assert saved.keys() == weights.keys()
+    for key in weights:
+        assert torch.equal(saved[key], weights[key]), key
+
+
+@pytest.mark.parametrize("save_state", [True, False])
+def test_ctrl_c_writes_the_weights_of_the_last_step_as_a_step_save_names_them(tmp_path, save_state):
+    """An interrupted run leaves a file A1111/ComfyUI load right away (kohya writes nothing; OneTrainer's stop
+    writes the model): the weights after the last finished step, where ``--save-every`` would have put them,
+    with a state (the default) and without one (``--no-save-state``: before, nothing at all was kept)."""
+    o = _opts(tmp_path, max_steps=5, save_state=save_state)
+    error, weights = _interrupted(o)
+    path = tmp_path / "run" / "result-step00000002.safetensors"
+    assert error.sdcore_weights == path
+    _assert_file_holds(path, weights)
+    # the same bytes an uninterrupted run's --save-every 2 writes at step 2
+    _run(_opts(tmp_path, "straight", max_steps=5, save_every=2, save_state=save_state))
+    _assert_file_holds(path, _load(tmp_path / "straight" / "result-step00000002.safetensors"))
+    assert not (tmp_path / "run" / "result.safetensors").exists()  # nothing pretends to be the finished result
+    state = tmp_path / "run" / "result-state" / "step-00000002"
+    assert (state / "train_state.json").exists() is save_state
+    assert getattr(error, "sdcore_state", None) == (state if save_state else None)
+    assert ("state saved in" in error.sdcore_saved) is save_state
+    assert ("--resume latest" in error.sdcore_saved) is save_state
+    assert str(path) in error.sdcore_saved
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_ctrl_c_with_ema_writes_the_average_as_a_step_save_does(tmp_path):
+    values = {"max_steps": 5, "ema": True, "ema_decay": 0.5, "lr": 1e-2}
+    _interrupted(_opts(tmp_path, **values))
+    _run(_opts(tmp_path, "straight", save_every=2, **values))
+    want = _load(tmp_path / "straight" / "result-step00000002.safetensors")
+    _assert_file_holds(tmp_path / "run" / "result-step00000002.safetensors", want)
+
+
+def test_ctrl_c_before_the_first_step_writes_nothing_and_offers_no_resume(tmp_path, monkeypatch):
+    def interrupted_loop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainSession, "_loop", interrupted_loop)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _run(_opts(tmp_path, max_steps=3))
+    assert list((tmp_path / "run").glob("result*")) == []
+    assert "nothing was saved" in caught.value.sdcore_saved and "--resume" not in caught.value.sdcore_saved
+
+
+def test_ctrl_c_right_after_a_step_save_keeps_that_file(tmp_path, monkeypatch):
+    """--save-every 2 has just written step 2's result: the interrupt names it instead of writing it again."""
+    saves = []
+    real = ConvOutMethod.save
+
+    def counting(self, bundle, info):
+        saves.append(info.path.name)
+        return real(self, bundle, info)
+
+    monkeypatch.setattr(ConvOutMethod, "save", counting)
+    error, weights = _interrupted(_opts(tmp_path, max_steps=5, save_every=2))
+    assert saves == ["result-step00000002.safetensors"]
+    assert error.sdcore_weights == tmp_path / "run" / "result-step00000002.safetensors"
+    _assert_file_holds(error.sdcore_weights, weights)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failing_weights_file_never_hides_the_interrupt_nor_loses_the_state(tmp_path, monkeypatch, failure):
+    """Writing the weights fails (a full disk, or a second Ctrl-C while it writes): the run still ends with the
+    first interrupt, the state is kept and the summary says the file could not be written."""
+
+    def fails(self, bundle, info):
+        raise failure
+
+    monkeypatch.setattr(ConvOutMethod, "save", fails)
+    o = _opts(tmp_path, max_steps=5)
+    error, _ = _interrupted(o)
+    state = tmp_path / "run" / "result-state" / "step-00000002"
+    assert error.sdcore_state == state and (state / "train_state.json").exists()
+    assert error.sdcore_weights is None
+    assert "could not be written" in error.sdcore_saved and "--resume latest" in error.sdcore_saved
+    monkeypatch.undo()
+    _, r = _run(dataclasses.replace(o, resume="latest"))
+    assert r.steps == 5
+
+
+@pytest.mark.parametrize("save_state", [True, False])
+def test_a_second_ctrl_c_while_the_state_is_written_quits_saying_nothing_was_saved(tmp_path, monkeypatch, save_state):
+    """Ctrl-C, then Ctrl-C again while the state is written (a big DreamBooth state takes a while): the user wants
+    out. Nothing more is written (no weights file after it), the run ends with the first interrupt, and its
+    summary says nothing was saved instead of a second KeyboardInterrupt that carries no summary at all."""
+    from sdcore.train.checkpoints import Checkpoints
+
+    def interrupted_again(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "save_state", interrupted_again)
+    error, _ = _interrupted(_opts(tmp_path, max_steps=5, save_state=save_state))
+    run = tmp_path / "run"
+    if save_state:
+        assert error.sdcore_saved == "interrupted again while the resumable state was written, so nothing was saved"
+        assert error.sdcore_weights is None and not list(run.glob("result-step*"))
+        assert getattr(error, "sdcore_state", None) is None
+    else:  # no state to write: the second Ctrl-C never comes in between, and the weights are written
+        assert error.sdcore_weights == run / "result-step00000002.safetensors" and error.sdcore_weights.is_file()
+    assert "--resume" not in error.sdcore_saved
+
+
+def test_a_failed_state_names_its_reason(tmp_path, monkeypatch):
+    from sdcore.train.checkpoints import Checkpoints
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Checkpoints, "save_state", full)
+    error, weights = _interrupted(_opts(tmp_path, max_steps=5))
+    assert "the resumable state could not be saved (No space left on device" in error.sdcore_saved
+    assert "--resume" not in error.sdcore_saved
+    _assert_file_holds(error.sdcore_weights, weights)  # the weights file is still written
+
+
+class _Processes:
+    """An accelerator of two processes that records its barriers; ``interrupt_wait`` makes one raise Ctrl-C."""
+
+    num_processes = 2
+
+    def __init__(self, main, interrupt_wait=False):
+        self.is_main_process, self.interrupt_wait, self.waits = main, interrupt_wait, 0
+
+    def wait_for_everyone(self):
+        self.waits += 1
+        if self.interrupt_wait:
+            raise KeyboardInterrupt
+
+
+def _stopping_process(tmp_path, accelerator, save):
+    """A session of ``accelerator``'s process, stopped after step 2, whose method writes with ``save``."""
+    import contextlib
+
+    method = types.SimpleNamespace(save=save, start_from_result=None, name="m")
+    checkpoints = types.SimpleNamespace(last_step_result=None, save_info=lambda *a, **k: None)
+    return types.SimpleNamespace(
+        position=types.SimpleNamespace(step=2),
+        _setup_done=True,
+        is_main=accelerator.is_main_process,
+        accelerator=accelerator,
+        checkpoints=checkpoints,
+        options=types.SimpleNamespace(save_state=False),
+        method=method,
+        output=tmp_path / "result.safetensors",
+        bundle=None,
+        _during=lambda phase: contextlib.nullcontext(),
+        result_weights=contextlib.nullcontext,
+        run_facts=lambda: None,
+    )
+
+
+def test_only_the_main_process_writes_the_stopped_weights_and_every_process_waits(tmp_path):
+    """Under several processes the main one writes the file and the others wait for it (a launcher ending the job
+    once one process exits must not cut the file off); a failing write still reaches that barrier, and a Ctrl-C
+    while a process waits there ends the wait, not the first interrupt (so its summary is kept)."""
+    written = []
+
+    def save(bundle, info):
+        written.append(info)
+        return tmp_path / "result-step00000002.safetensors"
+
+    def fails(bundle, info):
+        raise OSError(28, "No space left on device")
+
+    for main, save_with, interrupt_wait in [(True, save, False), (False, save, True), (True, fails, False)]:
+        written.clear()
+        accelerator = _Processes(main, interrupt_wait)
+        session = _stopping_process(tmp_path, accelerator, save_with)
+        error = KeyboardInterrupt()
+        TrainSession._keep_stopped_weights(session, error, "interrupted", mixed=None, state_failed=None)
+        assert accelerator.waits == 1
+        assert error.sdcore_main is main
+        assert len(written) == (1 if main and save_with is save else 0)
+        if save_with is fails:
+            assert error.sdcore_weights is None and "could not be written (No space left" in error.sdcore_saved
+        else:
+            assert error.sdcore_weights == (tmp_path / "result-step00000002.safetensors" if main else None)
+
+
 class _NanAtStep3(ConvOutMethod):
     def compute_loss(self, ctx):
         if ctx.step == 2:
@@ -659,6 +873,31 @@ def test_run_method_contract_helper_and_a_method_that_does_not_learn(tmp_path, m
 
     with pytest.raises(AssertionError, match="did not learn"):
         check_learning(Lazy, tmp_path / "lazy", steps=5)
+
+
+def test_the_resume_contract_fails_a_ctrl_c_that_keeps_no_weights_or_other_ones(tmp_path, monkeypatch):
+    """check_resume holds every method's Ctrl-C to the files its --save-every writes at that step."""
+    from sdcore.testing.contract import check_resume
+
+    def keeps_nothing(self, exc, why, **kwargs):
+        exc.sdcore_weights, exc.sdcore_saved = None, "nothing"
+
+    with monkeypatch.context() as patched:
+        patched.setattr(TrainSession, "_keep_stopped_weights", keeps_nothing)
+        with pytest.raises(AssertionError, match="Ctrl-C after step 2 wrote no weights file"):
+            check_resume(ConvOutMethod, tmp_path / "none")
+
+    class Stale(ConvOutMethod):  # writes the weights it started with instead of those of the step
+        def save(self, bundle, info):
+            if info.final or info.path.parent.name != "parts":
+                return super().save(bundle, info)
+            from safetensors.torch import save_file
+
+            save_file({k: torch.zeros_like(v) for k, v in self.trainable_state_dict().items()}, str(info.path))
+            return info.path
+
+    with pytest.raises(AssertionError, match="differs from --save-every's file"):
+        check_resume(Stale, tmp_path / "stale")
 
 
 def test_resume_warns_when_the_guidance_the_run_trains_at_changes(tmp_path, capsys, caplog):

@@ -122,6 +122,7 @@ try:
     train(ConvOutMethod(options), plugin_manager=plugin_manager_with(Ui()), stop=stop)
 except TrainingStopped as stopped:  # the app handles it and ends well
     print(f"rank {{os.environ['RANK']}} stopped after {{stopped.step}} steps; state {{stopped.state}}", flush=True)
+    print(f"rank {{os.environ['RANK']}} weights {{stopped.weights}}", flush=True)
 """
 
 
@@ -152,3 +153,105 @@ def test_a_stop_set_in_one_process_stops_every_process_together(tmp_path):
         assert f"rank {rank} stopped after 2 steps; state {state}" in done.stdout, done.stdout + done.stderr[-2000:]
     assert (state / "train_state.json").exists()
     assert not (tmp_path / "multi" / "result.safetensors").exists()
+    # the main process writes the weights of step 2 beside the state (the other one waits for it, writes nothing)
+    weights = tmp_path / "multi" / "result-step00000002.safetensors"
+    assert f"rank 0 weights {weights}" in done.stdout and "rank 1 weights None" in done.stdout, done.stdout
+    import torch
+    from safetensors.torch import load_file
+
+    saved, trained = load_file(str(weights)), load_file(str(state / "trainable.safetensors"))
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k].float()) for k in saved)
+
+
+_CTRL_C_WORKER = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from runtime_methods import ConvOutMethod
+from sdcore.testing.contract import contract_options, plugin_manager_with
+from sdcore.train import train
+from pathlib import Path
+
+class Waits:  # every process waits after step 2 until the launcher passes Ctrl-C on
+    def sdcore_on_train_step(self, context, step, logs):
+        if step == 2:
+            Path({tmp!r}, "ready-" + os.environ["RANK"]).touch()
+            while True:
+                time.sleep(0.05)
+
+options = contract_options(ConvOutMethod, Path({tmp!r}), {{"batch_size": 1, "max_steps": 5, **{extra!r}}}, tag="multi")
+try:
+    train(ConvOutMethod(options), plugin_manager=plugin_manager_with(Waits()))
+except KeyboardInterrupt as interrupted:
+    rank = os.environ["RANK"]
+    print(f"rank {{rank}} weights {{interrupted.sdcore_weights}}", flush=True)
+    print(f"rank {{rank}} main {{interrupted.sdcore_main}} saved {{interrupted.sdcore_saved}}", flush=True)
+"""
+
+
+@pytest.mark.skipif(torchrun_command() is None, reason="torchrun not available")
+@pytest.mark.slow
+@pytest.mark.parametrize("save_state", [True, False])
+def test_ctrl_c_under_torchrun_keeps_the_weights_once_and_every_process_ends(tmp_path, save_state):
+    """Ctrl-C reaches torchrun, which passes SIGINT on to every process (they run in their own session): the state
+    is saved together, the main process writes the weights of the last step while the other waits for it, and
+    every process ends well inside the launcher's 30 s before it kills them (no barrier left unmatched)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    extra = {} if save_state else {"save_state": False}
+    script = tmp_path / "app.py"
+    script.write_text(
+        _CTRL_C_WORKER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), extra=extra), encoding="utf-8"
+    )
+    command = torchrun_command()
+    assert command is not None
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*command, "--standalone", "--nproc_per_node", "2", str(script)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the processes never reached step 2"
+            time.sleep(0.1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does: torchrun gets it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.monotonic() - started < 25, f"the processes took too long to end: {err[-3000:]}"
+    weights = tmp_path / "multi" / "result-step00000002.safetensors"
+    assert f"rank 0 weights {weights}" in out and "rank 1 weights None" in out, out + err[-3000:]
+    assert "rank 0 main True saved the weights after step 2 are in" in out, out
+    assert "rank 1 main False" in out, out
+    state = tmp_path / "multi" / "result-state" / "step-00000002"
+    assert (state / "train_state.json").exists() is save_state
+    assert ("--resume latest" in out) is save_state, out
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(weights))
+    if save_state:
+        trained = load_file(str(state / "trainable.safetensors"))
+        assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k].float()) for k in saved)
+    single = _one_process_after_step_two(tmp_path)
+    assert saved.keys() == single.keys()
+    for key, value in single.items():
+        assert torch.allclose(saved[key], value, atol=1e-6), key
+
+
+def _one_process_after_step_two(tmp_path):
+    """The weights after step 2 of one process accumulating the two processes' micro-batches."""
+    from safetensors.torch import load_file
+    from sdcore.testing.contract import contract_options
+    from sdcore.train.loop import train
+
+    values = {"batch_size": 1, "max_steps": 2, "gradient_accumulation": 2}
+    train(ConvOutMethod(contract_options(ConvOutMethod, tmp_path, values, tag="single")))
+    return load_file(str(tmp_path / "single" / "result.safetensors"))

@@ -107,6 +107,67 @@ def test_interrupted_is_printed_once_with_the_state(tmp_path, monkeypatch):
     assert len(said) == 1, result.output
     line = said[0]
     assert "r-state" in line and "step-00000002" in line and "--resume latest" in line
+    weights = tmp_path / "r-step00000002.safetensors"  # beside the state: a file A1111/ComfyUI load right away
+    assert str(weights) in line and weights.is_file()
+
+
+def test_interrupted_without_a_state_names_the_weights_and_offers_no_resume(tmp_path, monkeypatch):
+    """``--no-save-state``: before, Ctrl-C kept nothing and the line still said "--resume latest"."""
+    o = contract_options(ConvOutMethod, tmp_path)
+
+    def stop(self, bundle, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConvOutMethod, "on_step_end", stop)
+    result = CliRunner().invoke(_command(), [*_args(tmp_path, o), "--no-save-state"])
+    assert result.exit_code == 130, result.output
+    said = [line for line in result.output.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1, result.output
+    weights = tmp_path / "r-step00000002.safetensors"
+    assert str(weights) in said[0] and weights.is_file()
+    assert "--resume" not in said[0] and "--no-save-state" in said[0]
+    assert not (tmp_path / "r-state").exists()
+
+
+def test_a_second_ctrl_c_while_the_run_ends_still_names_what_the_first_kept(tmp_path, monkeypatch):
+    """The state and the weights file are written, then a second Ctrl-C comes while the run closes (a tracker
+    finishing, say): the line still names both, not "training had not started, so nothing was saved"."""
+    from sdcore.train.progress import Progress
+
+    o = contract_options(ConvOutMethod, tmp_path)
+
+    def stop(self, bundle, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    def again(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConvOutMethod, "on_step_end", stop)
+    monkeypatch.setattr(Progress, "end_trackers", again)  # runs in the run's `finally`
+    result = CliRunner().invoke(_command(), _args(tmp_path, o))
+    assert result.exit_code == 130, result.output
+    said = [line for line in result.output.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1, result.output
+    weights = tmp_path / "r-step00000002.safetensors"
+    assert str(weights) in said[0] and weights.is_file()
+    assert "step-00000002" in said[0] and "--resume latest" in said[0]
+    assert "not started" not in said[0]
+
+
+def test_interrupted_while_loading_says_nothing_was_saved(tmp_path, monkeypatch):
+    from sdcore.train.loop import TrainSession
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainSession, "setup", interrupted)
+    o = contract_options(ConvOutMethod, tmp_path)
+    result = CliRunner().invoke(_command(), _args(tmp_path, o))
+    assert result.exit_code == 130, result.output
+    assert "interrupted: training had not started, so nothing was saved" in result.output
+    assert "--resume" not in result.output
 
 
 @pytest.mark.parametrize("progress", [True, False])

@@ -62,6 +62,8 @@ def test_a_run_stopped_from_another_thread_keeps_its_state_and_resumes(tmp_path,
     state = tmp_path / "run" / "result-state" / "step-00000002"
     assert error.state == state and (state / "train_state.json").exists()
     assert not (tmp_path / "run" / "result.safetensors").exists()  # no result pretending to be finished
+    # the weights after step 2, where --save-every puts that step's result, ready to load (as OneTrainer's stop)
+    assert error.weights == tmp_path / "run" / "result-step00000002.safetensors" and error.weights.is_file()
     assert ui.events == [("step", 1), ("step", 2), ("error", "TrainingStopped")]
     assert capsys.readouterr().out == ""  # a library call prints nothing on stdout
 
@@ -76,7 +78,7 @@ def test_a_stop_set_before_the_first_step_trains_nothing(tmp_path):
     method = ConvOutMethod(_opts(tmp_path))
     with pytest.raises(TrainingStopped, match="after 0 steps") as caught:
         train(method, bundle=create_tiny_bundle("sd1"), stop=stop)
-    assert caught.value.step == 0 and caught.value.state is None
+    assert caught.value.step == 0 and caught.value.state is None and caught.value.weights is None
     assert not (tmp_path / "run" / "result-state").exists()
 
 
@@ -144,3 +146,4 @@ def test_a_stop_right_after_a_periodic_save_writes_that_state_once(tmp_path, mon
     assert caught.value.state == folder and (folder / "train_state.json").exists()
     assert written == [2]
     assert (tmp_path / "run" / "result-step00000002.safetensors").exists()  # the periodic save's result stays
+    assert caught.value.weights == tmp_path / "run" / "result-step00000002.safetensors"  # named, not rewritten

@@ -21,6 +21,8 @@ from sdcore.train.method import Capabilities, SaveInfo, TrainingMethod
 from sdcore.train.options import TrainOptions
 from sdcore.train.templates import pick_line, render
 
+from .init_names import WEIGHT_INIT_CHOICES, weight_init_choice
+
 if TYPE_CHECKING:
     import torch
     from sdcore.models.bundle import ModelBundle
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
     from .apply import HypernetworkHooks
     from .modules import Hypernetwork
 
-WEIGHT_INIT_CHOICES = ("normal", "xavier-uniform", "xavier-normal", "kaiming-uniform", "kaiming-normal")
 BUILTIN_TEMPLATES = ("hypernetwork", "none", "style_filewords", "subject_filewords")
 
 
@@ -63,7 +64,13 @@ class HNOptions(TrainOptions):
         group="hypernetwork",
     )
     activate_output: bool = option(False, "Also apply the activation after the last Linear.", group="hypernetwork")
-    init: str = option("normal", "Weight initialisation.", choices=WEIGHT_INIT_CHOICES, group="hypernetwork")
+    init: str = option(
+        "normal",
+        "Weight initialisation; A1111's spellings (XavierNormal, 'Xavier Normal', any case) are accepted too.",
+        choices=WEIGHT_INIT_CHOICES,
+        normalize=weight_init_choice,
+        group="hypernetwork",
+    )
     sizes: str = option(
         "", "Context widths to train (e.g. 768,320,640,1280); default: every width of the model.", group="hypernetwork"
     )
@@ -124,7 +131,7 @@ class HNMethod(TrainingMethod[HNOptions]):
         return layers, dropout
 
     def validate(self) -> None:
-        from .modules import check_structure, make_activation
+        from .modules import canonical_weight_init, check_structure, make_activation
 
         name = self.options.name
         problem = file_stem_problem(name) if name else None  # A1111's create_hypernetwork rule
@@ -133,6 +140,7 @@ class HNMethod(TrainingMethod[HNOptions]):
         layers, dropout = self._structures()
         check_structure(layers, dropout)
         make_activation(self.options.activation)
+        canonical_weight_init(self.options.init)  # the Python API's value: the CLI and configs checked theirs
         if self.options.sizes.strip():
             for value in parse_floats(self.options.sizes, "sizes"):
                 if value != int(value) or value <= 0:

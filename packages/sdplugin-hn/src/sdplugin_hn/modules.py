@@ -17,6 +17,8 @@ import torch
 from sdcore.errors import ConfigError
 from torch import nn
 
+from .init_names import accepted_weight_inits, stored_weight_init
+
 #: A1111's own names; any other lower-cased ``torch.nn`` activation class name also works.
 BASE_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "linear": None,
@@ -26,17 +28,6 @@ BASE_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "swish": nn.Hardswish,  # A1111 maps "swish" to Hardswish, not SiLU
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
-}
-
-#: Canonical weight-init names as stored in files, keyed by the spellings we accept.
-WEIGHT_INITS: dict[str, str] = {
-    "normal": "Normal",
-    "xavieruniform": "XavierUniform",
-    "xaviernormal": "XavierNormal",
-    "xavier": "XavierUniform",
-    "kaiminguniform": "KaimingUniform",
-    "kaimingnormal": "KaimingNormal",
-    "kaiming": "KaimingUniform",
 }
 
 _NOT_ACTIVATIONS = {"multiheadattention"}
@@ -72,13 +63,11 @@ def make_activation(name: str | None) -> nn.Module | None:
 
 
 def canonical_weight_init(name: str | None) -> str:
-    """Map ``normal``/``xavier-uniform``/``KaimingNormal``... to the name A1111 stores."""
-    key = (name or "Normal").lower().replace("-", "").replace("_", "")
-    if key not in WEIGHT_INITS:
-        raise ConfigError(
-            f"unknown weight initialisation {name!r}; choose normal, xavier-uniform, xavier-normal, kaiming-uniform or kaiming-normal"
-        )
-    return WEIGHT_INITS[key]
+    """Map ``normal``/``xavier-uniform``/``KaimingNormal``/``Xavier Normal``... to the name A1111 stores."""
+    stored = stored_weight_init(name or "Normal")
+    if stored is None:
+        raise ConfigError(f"unknown weight initialisation {name!r}; choose one of {accepted_weight_inits()}")
+    return stored
 
 
 def default_dropout_structure(

@@ -60,8 +60,9 @@ def given_parts(options: Any) -> dict[str, Any]:
 
 
 def part_file_problems(parts: Mapping[str, Any]) -> list[str]:
-    """Each given part that is not there, not readable, or (from its header) not that part: one line each."""
-    from .source import read_safetensors_header
+    """Each given part that is not there, not readable, or (from its header or first bytes) not that part: one line
+    each."""
+    from .source import PICKLE_SUFFIXES, read_safetensors_header
 
     problems: list[str] = []
     for name, value in parts.items():
@@ -85,6 +86,16 @@ def part_file_problems(parts: Mapping[str, Any]) -> list[str]:
             probes = _PROBES.get(name, ())
             if probes and not any(key.endswith(probe) for key in header for probe in probes):
                 problems.append(f"{head}: not a {PART_LABELS[name]} file (no tensor named like ...{probes[0]})")
+        elif where.suffix.lower() in PICKLE_SUFFIXES:  # a renamed safetensors file, a saved web page...
+            from .safe_pickle import not_torch_file
+
+            try:
+                what = not_torch_file(where)
+            except OSError as exc:
+                problems.append(f"{head}: {exc}")
+                continue
+            if what is not None:
+                problems.append(f"{head}: not a torch file ({what})")
     return problems
 
 

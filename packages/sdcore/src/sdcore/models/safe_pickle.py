@@ -56,19 +56,67 @@ def _extra_safe_globals() -> list[Any]:
     return extra
 
 
+#: how many bytes :func:`not_torch_file` reads
+_SNIFF = 1024
+
+
+def not_torch_file(path: str | os.PathLike[str]) -> str | None:
+    """What a file named like a torch file (``.pt``/``.ckpt``/``.pth``/``.bin``) is instead, from its first bytes,
+    for the one-line error ``FILE: not a torch file (...)``; ``None`` when it may be one (a zip, a pickle, or
+    bytes this does not recognise: torch then decides).
+
+    What users end up with under such names: a safetensors file renamed (``x.vae.pt``), a web page a browser
+    saved in place of the download (a login or "are you human" page), a Git LFS pointer from a clone without
+    git-lfs, an empty file from a failed download. torch would read any of them as a pickle with an
+    unknown opcode, which :func:`load_pickle` reported as a refusal to run code.
+    """
+    file = Path(path)
+    with file.open("rb") as handle:
+        head = handle.read(_SNIFF)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") or head[:1] == b"\x80":  # torch's zip format, or a pickle (protocol 2+)
+        return None
+    size = file.stat().st_size
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return f"it is a safetensors file: rename it to {file.with_suffix('.safetensors').name}"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file: fetch the file itself (git lfs pull)"
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text:
+        return "it is a web page (HTML), not a model: the browser saved a download page; download the file itself"
+    if text[:1] in (b"{", b"["):
+        return "it is a JSON text file, not a model"
+    return None
+
+
 def load_pickle(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, memory-mapped when the file allows it."""
+    """``torch.load(path, weights_only=True)`` on CPU, memory-mapped when the file allows it. A file that is no
+    torch file at all (:func:`not_torch_file`) is a :class:`ModelFormatError` ``FILE: not a torch file (...)``."""
     import pickle
 
     import torch
 
     file = Path(path)
+    try:
+        what = not_torch_file(file)
+    except FileNotFoundError:
+        raise ModelFormatError(f"{file}: no such file") from None
+    except OSError:
+        what = None  # torch.load reports it below
+    if what is not None:
+        raise ModelFormatError(f"{file}: not a torch file ({what})")
     use_mmap = mmap and zipfile.is_zipfile(file)  # mmap needs the zip format (torch >= 1.6 files)
     try:
         with torch.serialization.safe_globals(_extra_safe_globals()):
             return torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         message = str(exc)
+        junk = _no_pickle_instruction(message)
+        if junk is not None:  # a byte no pickle has: not a pickle at all, so no code was asked for
+            raise ModelFormatError(
+                f"{file}: not a torch file (no zip and no pickle: byte {junk:#04x} is no pickle instruction)"
+            ) from None
         if "weights only" in message.lower() or "unsupported" in message.lower() or "GLOBAL" in message:
             raise UnsafeFileError(f"{file}: refuses to run code in pickle: {_global_name(message)}") from None
         raise ModelFormatError(f"{file}: not a readable torch file ({_first_line(exc)})") from None
@@ -76,6 +124,19 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
         raise ModelFormatError(f"{file}: no such file") from None
     except Exception as exc:  # truncated zips and junk make torch raise anything (IndexError, EOFError, ...)
         raise ModelFormatError(f"{file}: not a readable torch file ({_first_line(exc)})") from None
+
+
+def _no_pickle_instruction(message: str) -> int | None:
+    """The byte of torch's "Unsupported operand N" when N is no pickle opcode at all (the file is junk, not a
+    pickle), else ``None``: a real opcode torch's weights-only reader leaves out (``INST``, ``OBJ``, protocol 4's
+    ``STACK_GLOBAL``, which ``pickle.dump`` writes by default) is how a planted pickle asks for code, a refusal."""
+    import pickletools
+
+    match = re.search(r"Unsupported operand (\d+)", message)
+    if match is None:
+        return None
+    byte = int(match.group(1))
+    return None if byte in {ord(op.code) for op in pickletools.opcodes} else byte
 
 
 def _first_line(exc: BaseException) -> str:

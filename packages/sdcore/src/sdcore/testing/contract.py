@@ -17,7 +17,8 @@ a tiny random model (:func:`sdcore.models.tiny.create_tiny_bundle`) and a tiny g
 - one step: training runs a step, writes the result and a resumable state;
 - learning: the loss on the training images at *fixed* noise and timesteps falls clearly;
 - save -> load: ``method.load_result`` on a fresh model reproduces the trained model's outputs;
-- resume: N steps in one go equal N/2 steps, Ctrl-C, ``--resume latest`` to N (bit for bit);
+- resume: N steps in one go equal N/2 steps, Ctrl-C, ``--resume latest`` to N (bit for bit); the Ctrl-C
+  leaves the files ``--save-every`` writes at step N/2, with the same tensors;
 - determinism: two runs with the same seed give bit-identical trained tensors;
 - concept learning (opt-in, ``toyworld_concept``): on the toy world's trained base model
   (``toyworld:``), the share of samples showing a concept (a new object, a known composition under
@@ -429,28 +430,43 @@ def plugin_manager_with(*plugins: Any) -> Any:
 def check_resume(
     method_class: type, tmp_path: Path, overrides: dict[str, Any] | None = None, *, family: str = "sd1", steps: int = 4
 ) -> None:
-    """``steps`` steps in one go == ``steps/2``, Ctrl-C, ``--resume latest``: identical weights."""
+    """``steps`` steps in one go == ``steps/2``, Ctrl-C, ``--resume latest``: identical weights. The Ctrl-C also
+    leaves the weights of step ``steps/2`` where ``--save-every`` puts them, in the method's own files (TI's
+    ``embeddings/NAME-STEP.pt``, APT's pair with its ``-neg``, a hypernetwork's ``.pt``, a whole DreamBooth model):
+    each holds the tensors the uninterrupted run's ``--save-every`` file of that step holds."""
     import torch
 
     from ..train.loop import train
 
     base = {"max_steps": steps, "lr": 5e-3, "batch_size": 1, **(overrides or {})}
-    full_opts = contract_options(method_class, tmp_path, base, family=family, tag="full")
+    half = max(1, steps // 2)
+    full_opts = contract_options(method_class, tmp_path, {"save_every": half, **base}, family=family, tag="full")
     full = method_class(full_opts)
+    step_files: set[Path] = set()  # what the method's --save-every save of step ``half`` wrote (all its files)
+    save = full.save
+
+    def recording_save(bundle: Any, info: Any) -> Any:
+        before = _result_files(tmp_path / "full")
+        written = save(bundle, info)
+        if not info.final:
+            step_files.update(_result_files(tmp_path / "full") - before)
+        return written
+
+    full.save = recording_save  # type: ignore[method-assign]
     train(full, bundle=_bundle(family))
 
     part_opts = contract_options(method_class, tmp_path, base, family=family, tag="parts")
-    half = max(1, steps // 2)
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         train(
             method_class(part_opts),
             bundle=_bundle(family),
             plugin_manager=plugin_manager_with(_StopAt(half)),
         )
-    except KeyboardInterrupt:
-        interrupted = True
-    assert interrupted, "the KeyboardInterrupt raised in a hook did not propagate"
+    except KeyboardInterrupt as exc:
+        interrupted = exc
+    assert interrupted is not None, "the KeyboardInterrupt raised in a hook did not propagate"
+    _check_interrupt_weights(interrupted, tmp_path / "parts", tmp_path / "full", half, step_files)
     resume_opts = dataclasses.replace(part_opts, resume="latest")
     resumed = method_class(resume_opts)
     result = train(resumed, bundle=_bundle(family))
@@ -459,6 +475,64 @@ def check_resume(
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key].cpu(), b[key].cpu()), f"resumed run differs at {key}"
+
+
+def _saved_tensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a saved result (safetensors, or a torch pickle of nested dicts and lists), by its key path."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    from ..models.safe_pickle import load_pickle
+
+    found: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[key] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}/{i}")
+
+    walk(load_pickle(path), "")
+    return found
+
+
+def _result_files(folder: Path) -> set[Path]:
+    """The files under ``folder`` outside the state folders, relative to it."""
+    return {
+        path.relative_to(folder)
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.endswith("-state") for part in path.relative_to(folder).parts)
+    }
+
+
+def _check_interrupt_weights(
+    interrupted: BaseException, parts: Path, full: Path, step: int, step_files: set[Path]
+) -> None:
+    """The interrupted run (folder ``parts``) wrote the weights of ``step`` as the uninterrupted ``full`` run's
+    ``--save-every`` did (``step_files``): the same files beside the result, with the same tensors."""
+    import torch
+
+    weights = getattr(interrupted, "sdcore_weights", None)
+    assert weights is not None and Path(weights).is_file(), (
+        f"Ctrl-C after step {step} wrote no weights file: {getattr(interrupted, 'sdcore_saved', None)}"
+    )
+    assert str(weights) in interrupted.sdcore_saved, interrupted.sdcore_saved  # type: ignore[attr-defined]
+    written = _result_files(parts)
+    assert Path(weights).relative_to(parts) in written
+    assert written == step_files, f"Ctrl-C wrote {sorted(written)}, --save-every {step} {sorted(step_files)}"
+    for relative in sorted(written):
+        step_save = full / relative
+        got, want = _saved_tensors(parts / relative), _saved_tensors(step_save)
+        assert got.keys() == want.keys(), f"{relative}: other tensors than --save-every's"
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"{relative}: {key} differs from --save-every's file"
 
 
 def check_determinism(

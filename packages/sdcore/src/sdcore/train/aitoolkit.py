@@ -645,12 +645,17 @@ class JobTranslation:
     ``needs`` holds the problems of values the file lacks that a command-line option can give instead
     (``{"model": "...: the model to train is needed"}``): :func:`sdcore.train.config.load_options` reports
     one only when that option is not on the command line, so ``--model`` completes a config without a
-    model path as its help promises ("flags given here override it")."""
+    model path as its help promises ("flags given here override it").
+
+    ``advice`` holds the notes about a value the file lacks and the reader filled with its trainer's default
+    (``{"mixed_precision": "...: train_dtype is not set, so OneTrainer's default FLOAT_16 applies..."}``): shown
+    only when that option is not on the command line, where the user's own value replaces the default."""
 
     values: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     needs: dict[str, str] = field(default_factory=dict)
+    advice: dict[str, str] = field(default_factory=dict)
 
 
 def check_section(table: Any, section: str, where: str, out: JobTranslation) -> dict[str, Any]:

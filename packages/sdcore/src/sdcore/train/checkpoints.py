@@ -149,6 +149,8 @@ class Checkpoints:
         self.say = say
         self.output, self.state_root = output_paths(method, options)
         self.saved_results: list[Path] = []
+        #: (step, file) of the newest ``--save-every`` result (main process), so a stop right after it names that file
+        self.last_step_result: tuple[int, Path] | None = None
         self.last_state: Path | None = None
         self.started_at = time.time()
         from .modelspec import user_metadata
@@ -206,6 +208,8 @@ class Checkpoints:
         path = intermediate_path(self.output, step=step, epoch=epoch)
         saved = Path(self.method.save(bundle, self.save_info(bundle, path, position, run, final=False)))
         self.saved_results.append(saved)
+        if step is not None:
+            self.last_step_result = (step, saved)
         limit = self.options.save_limit
         if limit:
             while len(self.saved_results) > limit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -43,10 +44,37 @@ class ResolutionType(click.ParamType):
             )
 
 
-def _click_type(tp: Any, choices: tuple[str, ...] | None, name: str = "") -> Any:
+class SpelledChoice(click.Choice):  # type: ignore[type-arg]
+    """A click choice whose value is first passed through the option's ``normalize`` (:func:`sdcore.options.option`):
+    other tools' spellings of a choice are accepted as that choice; an unknown value is refused listing the choices."""
+
+    def __init__(self, choices: tuple[str, ...], normalize: Callable[[str], str]) -> None:
+        super().__init__(list(choices))
+        self.normalize = normalize
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return super().convert(self.normalize(value) if isinstance(value, str) else value, param, ctx)
+
+
+def _saved_by(exc: BaseException) -> BaseException:
+    """The interrupt whose ``sdcore_saved`` says what the run kept: ``exc``, or the one it came during (a second
+    Ctrl-C while the run was ending, e.g. while a tracker closed, leaves the first one's summary in its context)."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        if hasattr(current, "sdcore_saved"):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return exc
+
+
+def _click_type(
+    tp: Any, choices: tuple[str, ...] | None, name: str = "", normalize: Callable[[str], str] | None = None
+) -> Any:
     base, _ = unwrap_optional(tp)
     if choices:
-        return click.Choice(list(choices))
+        return SpelledChoice(choices, normalize) if normalize is not None else click.Choice(list(choices))
     if name == "resolution":
         return ResolutionType()
     return {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}.get(base, click.STRING)
@@ -83,7 +111,7 @@ def options_to_click(options_class: type) -> list[click.Option]:
         else:
             option = click.Option(
                 [flag, *meta.get("aliases", ()), f.name],
-                type=_click_type(types_[f.name], meta.get("choices"), f.name),
+                type=_click_type(types_[f.name], meta.get("choices"), f.name, meta.get("normalize")),
                 default=default,
                 show_default=default not in (None, ""),
                 help=help_text,
@@ -281,9 +309,11 @@ def build_train_command(spec: Any) -> click.Command:
                 click.echo(f"Error: {problem}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            state = getattr(exc, "sdcore_state", None)
-            saved = f"resumable state saved in {state}; " if state is not None else ""
-            click.echo(f"interrupted: {saved}continue with the same command plus --resume latest", err=True)
+            # what the run kept (the weights file, the state, or why nothing), said once: by the main process
+            first = _saved_by(exc)
+            if getattr(first, "sdcore_main", True):
+                kept = getattr(first, "sdcore_saved", None) or "training had not started, so nothing was saved"
+                click.echo(f"interrupted: {kept}", err=True)
             sys.exit(130)
         except (SdcoreError, OSError) as exc:
             message = expected_error_message(exc)

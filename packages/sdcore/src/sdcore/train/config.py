@@ -159,6 +159,7 @@ def load_options(
     config_kohya: dict[str, Any] = {}
     found_notes: list[str] = []
     needs: dict[str, str] = {}  # problems a command-line option resolves (JobTranslation.needs)
+    advice: dict[str, str] = {}  # notes on a trainer's default a command-line option replaces (JobTranslation.advice)
     kohya_run = None
     if config_path is not None:
         unknown = []
@@ -171,6 +172,7 @@ def load_options(
             found_notes += foreign.notes
             problems += foreign.problems
             needs = dict(getattr(foreign, "needs", {}))
+            advice = dict(getattr(foreign, "advice", {}))
         if kohya_run is not None:
             flat = kohya_run.options
             found_notes += kohya_run.notes
@@ -197,6 +199,7 @@ def load_options(
         problems.append(f"command line: unknown option {name!r} (not an option of {options_class.__name__})")
         cli_values.pop(name)
     problems += [problem for name, problem in needs.items() if name not in cli_values]
+    found_notes += [note for name, note in advice.items() if name not in cli_values]
     cli_kohya = dict(kohya or {})
     merged = {**config_kohya, **cli_kohya}
     kohya_where = "command line" if cli_kohya and not config_kohya else where
@@ -270,6 +273,9 @@ def load_options(
         _dataset_batch_size(values, options_class, found_notes, problems)
     for f in dataclasses.fields(options_class):  # type: ignore[arg-type]
         choices = f.metadata.get("choices") if f.metadata else None
+        normalize = f.metadata.get("normalize") if f.metadata else None
+        if normalize is not None and isinstance(values.get(f.name), str):  # another tool's spelling of a choice
+            values[f.name] = normalize(values[f.name])
         if choices and f.name in values and values[f.name] is not None and values[f.name] not in choices:
             source = "command line" if f.name in cli_values else where
             problems.append(f"{source}: {f.name} {values[f.name]!r}: choose one of {', '.join(choices)}")

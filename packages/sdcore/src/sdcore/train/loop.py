@@ -55,7 +55,16 @@ from .memory_watch import MemoryWatch, TrainingOutOfMemoryError, is_out_of_memor
 from .method import Batch, ProcessInfo, RunFacts, TrainingMethod
 from .options import TrainOptions, apply_model_defaults
 from .preflight import validate_options
-from .save_fallback import SaveTargetError, guarded, mixed_message, mixed_step, rescue, save_alone
+from .save_fallback import (
+    SaveTargetError,
+    guard,
+    guarded,
+    mixed_message,
+    mixed_step,
+    reason,
+    rescue,
+    save_alone,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -96,19 +105,26 @@ class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
+#: why nothing more is saved after a Ctrl-C: another one came while saving (the user wants to quit now)
+AGAIN = "interrupted again"
+
+
 class TrainingStopped(SdcoreError):
     """The run was stopped through ``train(..., stop=flag)``: an application's cancel button, set from
     another thread. As on Ctrl-C, the weights trained so far are kept in a resumable state.
 
     ``step`` is the number of optimizer steps done; ``state`` the state folder written (``None`` when no
     step had finished or ``save_state`` is off); the same options with ``resume=str(state)`` (or
-    ``"latest"``) continue the run.
+    ``"latest"``) continue the run. ``weights`` is the file of the weights after that step, written where
+    ``save_every`` puts a step's result (``NAME-stepNNNNNNNN``), ready to load; ``None`` when no step had
+    finished or writing it failed.
     """
 
     def __init__(self, step: int) -> None:
         super().__init__(f"training stopped on request after {step} steps")
         self.step = step
         self.state: Path | None = None
+        self.weights: Path | None = None
 
 
 @dataclass
@@ -596,6 +612,7 @@ class TrainSession:
         except TrainingStopped as exc:  # the caller asked for it: no message, the state saved as on Ctrl-C
             self._save_on_error(exc, "stopped", quiet=True)
             exc.state = getattr(exc, "sdcore_state", None)
+            exc.weights = getattr(exc, "sdcore_weights", None)
             raise
         except TrainingDivergedError as exc:
             self._error_hook(exc)
@@ -881,6 +898,7 @@ class TrainSession:
             message = save_alone(self, why)
             log.info(message)
             print(message, file=sys.stderr)  # this process's own line: say() prints on the main process only
+        state_failed: str | None = None  # why the state could not be saved
         if self._setup_done and self.position.step > 0 and self.options.save_state and not mixed and not alone:
             try:
                 from .state import state_name
@@ -900,9 +918,79 @@ class TrainSession:
                     self.say(message)
                 with contextlib.suppress(AttributeError, TypeError):
                     exc.sdcore_state = folder  # type: ignore[attr-defined]
+            except KeyboardInterrupt:  # a second Ctrl-C while it is written: stop saving, end with the first error
+                state_failed = AGAIN
+                log.error("could not save the training state: %s", AGAIN)
             except Exception as save_exc:  # never hide the original error
+                state_failed = reason(save_exc)
                 log.error("could not save the training state: %s", save_exc)
+        if why in ("interrupted", "stopped"):
+            self._keep_stopped_weights(exc, why, mixed=where, state_failed=state_failed)
         self._error_hook(exc)
+
+    def _keep_stopped_weights(
+        self, exc: BaseException, why: str, *, mixed: str | None, state_failed: str | None
+    ) -> None:
+        """On Ctrl-C, SIGTERM or a stop flag: write the weights after the last finished step where ``--save-every``
+        puts that step's result (``NAME-stepNNNNNNNN``, as the method saves it there, ``--ema``'s average
+        included), after the state, so the user has a file A1111/ComfyUI load at once, and with
+        ``--no-save-state`` the steps trained are not lost. ``exc`` gets ``sdcore_weights`` (the file or
+        ``None``) and ``sdcore_saved``, the one line of what was kept (the CLI prints it after "interrupted: ").
+
+        Every process comes here (an interrupt reaches them all; a stop flag is shared before it is acted on);
+        only the main one writes, and the others wait for it, as they do for a state, so a launcher that ends
+        the job once one process has exited does not cut the file off. A failure here (a full disk, a second
+        Ctrl-C) is logged and named in the line: it never replaces the interrupt, and the state is written first.
+        A second Ctrl-C while the state was written (``state_failed`` :data:`AGAIN`) means "quit now": nothing
+        more is written or waited for (a launcher ends the other processes once this one has exited).
+        """
+        from .checkpoints import intermediate_path
+        from .save_fallback import write_result
+
+        step = self.position.step
+        state: Path | None = getattr(exc, "sdcore_state", None)
+        weights: Path | None = None
+        failure: str | None = None
+        if self._setup_done and step > 0 and mixed is None and state_failed != AGAIN:
+            try:
+                if self.is_main:
+                    done = self.checkpoints.last_step_result  # --save-every wrote this step's result just now
+                    if done is not None and done[0] == step:
+                        weights = done[1]
+                    else:
+                        with guard(), self._during("saving"):
+                            weights = write_result(self, intermediate_path(self.output, step=step), final=False)
+                    log.info(f"{why}: the weights after step {step} are in {weights}")
+            except (Exception, KeyboardInterrupt) as write_exc:  # the first interrupt is what ends the run
+                failure = AGAIN if isinstance(write_exc, KeyboardInterrupt) else reason(write_exc)
+                log.error("could not write the weights after step %d: %s", step, failure)
+            if self.accelerator.num_processes > 1:
+                # a Ctrl-C while this process waits for the main one's file ends the wait, not the first interrupt
+                with contextlib.suppress(Exception, KeyboardInterrupt):
+                    self.accelerator.wait_for_everyone()
+        parts: list[str] = []
+        if weights is not None:
+            parts.append(f"the weights after step {step} are in {weights}")
+        elif failure is not None:
+            parts.append(f"the weights after step {step} could not be written ({failure})")
+        if state is not None:
+            parts.append(f"resumable state saved in {state} (continue with the same command plus --resume latest)")
+        elif step == 0 or not self._setup_done:
+            parts.append("no step had finished, so nothing was saved")
+        elif mixed is not None:
+            parts.append(f"stopped {mixed}, so nothing was saved")
+        elif state_failed == AGAIN:
+            parts.append(f"{AGAIN} while the resumable state was written, so nothing was saved")
+        elif state_failed is not None:
+            parts.append(f"the resumable state could not be saved ({state_failed})")
+        elif not self.options.save_state:
+            again = getattr(self.method, "start_from_result", None)
+            start = f"; a new run can start from them with {again} {weights}" if again and weights else ""
+            parts.append(f"no resumable state (--no-save-state), so the run cannot continue where it stopped{start}")
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.sdcore_weights = weights  # type: ignore[attr-defined]
+            exc.sdcore_saved = "; ".join(parts)  # type: ignore[attr-defined]
+            exc.sdcore_main = self.is_main  # type: ignore[attr-defined]
 
     def _error_hook(self, exc: BaseException) -> None:
         if not self._setup_done:

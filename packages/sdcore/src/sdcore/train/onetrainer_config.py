@@ -720,6 +720,12 @@ def _model(r: _Reader, family: str, method: str, fields: list[str]) -> None:
     train_dtype = _text(r.get("train_dtype"))
     if train_dtype in PRECISIONS:
         v["mixed_precision"] = PRECISIONS[train_dtype]
+        if "train_dtype" not in r.data and PRECISIONS[train_dtype] == "fp16":  # a hand-written config (the UI saves it)
+            r.out.advice["mixed_precision"] = (
+                f"{r.where}: train_dtype is not set, so OneTrainer's default {train_dtype} applies "
+                f"(--mixed-precision {PRECISIONS[train_dtype]}, which needs a CUDA GPU); without one set "
+                '"train_dtype": "FLOAT_32" (or "BFLOAT_16") in the config, or give --mixed-precision no (or bf16)'
+            )
     else:
         r.refuse("train_dtype", train_dtype, f"choose one of {', '.join(PRECISIONS)}")
     output_dtype = _text(r.get("output_dtype"))

@@ -486,6 +486,18 @@ def sidecar_vae_notes(options: TrainOptions, layout: Any) -> list[str]:
     found = unused_a1111_vae(layout.source, layout.source_format, layout.family, bool(options.vae))
     if found is None:
         return []
+    from ..models.safe_pickle import not_torch_file
+    from ..models.source import PICKLE_SUFFIXES
+
+    broken = None
+    if found.suffix.lower() in PICKLE_SUFFIXES:
+        with contextlib.suppress(OSError):
+            broken = not_torch_file(found)
+    if broken is not None:  # A1111 would fail on it too: no advice to pass it
+        return [
+            f"{found.name} is beside the model, where A1111 looks for a VAE, but it is not a torch file ({broken}); "
+            "sdcore trains with the model's own VAE"
+        ]
     return [
         f"{found.name} is beside the model: A1111 (its Automatic VAE) encodes with it; sdcore, like kohya, trains with "
         f"the model's own VAE: give --vae {found} to train on A1111's latents"

@@ -98,24 +98,40 @@ def bucket_sides_note(min_reso: int, max_reso: int, step: int) -> str | None:
 
 
 def bucket_range_note(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> str | None:
-    """What kohya's ``adjust_min_max_bucket_reso_by_steps`` asserts and sdcore lets through, said as a note:
-    a resolution side below ``min_bucket_reso`` or above ``max_bucket_reso`` (on the step). :func:`make_buckets`
-    then keeps the square bucket of the area and no other within the sides (below: every image is cropped
-    square) or every other side stops at the maximum (above). ``None`` where the resolution fits."""
+    """A note for a resolution side outside ``[min_bucket_reso, max_bucket_reso]`` (both on the step, as
+    :func:`kohya_bucket_sides` puts them), ``None`` where it fits. kohya's ``adjust_min_max_bucket_reso_by_steps``
+    asserts the range, so such a run never starts there; sdcore trains on with the buckets :func:`make_buckets`
+    builds, and the note says which they are, so the user knows what was trained and how to match kohya."""
     low, high = kohya_bucket_sides(min_reso, max_reso, step)
     width, height = resolution_pair(resolution)
     shown = f"{width}x{height}" if width != height else str(width)
     if min(width, height) < low:
-        return (
-            f"resolution {shown} is below min_bucket_reso {low}: the buckets hold only the square of its area, so "
-            f"every image is cropped square (kohya stops on this): give --min-bucket-reso {min(width, height)} or less"
+        outside, fix = f"{min(width, height)} < {low}", f"--min-bucket-reso {min(width, height)} or less"
+    elif max(width, height) > high:
+        outside, fix = (
+            f"{max(width, height)} > {high}",
+            f"--max-bucket-reso {-(-max(width, height) // step) * step} or more",
         )
-    if max(width, height) > high:
-        return (
-            f"resolution {shown} is above max_bucket_reso {high}: no bucket side but the square's goes past {high} "
-            f"(kohya stops on this): give --max-bucket-reso {-(-max(width, height) // step) * step} or more"
+    else:
+        return None
+    try:
+        buckets = make_buckets(resolution, min_reso=min_reso, max_reso=max_reso, step=step)
+    except ConfigError:  # no buckets at all: the dataset's own error says why
+        return None
+    side = math.isqrt(resolution_area(resolution)) // step * step
+    others = [bucket for bucket in buckets if bucket != (side, side)]
+    if others:
+        trained = (
+            f"the {side}x{side} square bucket of its area and {len(others)} other bucket"
+            f"{'s' if len(others) > 1 else ''} with sides in [{low}, {high}]"
         )
-    return None
+    else:
+        trained = f"a single bucket, the {side}x{side} square of its area, so every image is cropped square"
+    return (
+        f"resolution {shown} lies outside [min_bucket_reso, max_bucket_reso] = [{low}, {high}] ({outside}); "
+        f"kohya refuses this (an assert when it builds the dataset); sdcore trains on with {trained}; "
+        f"give {fix} to bring it inside"
+    )
 
 
 def _check_bucket_settings(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> None:

@@ -64,7 +64,10 @@ def test_missing_files_of_the_prompt_and_of_a_prompt_sr_cell_in_one_line_before_
         *("--lora-dir", str(lora_dir), "--x-type", "Prompt S/R", "--x-values", "ep-000004,ep-000009"),
     )
     # one handler's missing names share the line the session gives for one, with the names it offers
-    assert _error(result) == f"lora 'gone', 'ep-000009' not found in {lora_dir}; available: ep-000004"
+    assert _error(result) == (
+        f"lora 'gone', 'ep-000009' not found in {lora_dir} and its subfolders; available: ep-000004; "
+        "point --lora-dir at the folder with your LoRA files"
+    )
 
 
 def test_hires_prompts_styles_and_every_handler_are_checked_with_an_unknown_tag_in_todays_words(tmp_path, no_load, sd1):
@@ -80,11 +83,14 @@ def test_hires_prompts_styles_and_every_handler_are_checked_with_an_unknown_tag_
     )
     message = _error(result)
     lora = models / "Lora"
+    tip = "point --lora-dir at the folder with your LoRA files (the default is the Lora folder of --models-dir, as in A1111)"
     for line in (
         "no handler for <lorra:typo:1> (tag 'lorra'); known tags: hypernet, lora, lyco",
-        f"lora 'hires-only' not found in {lora}; available: present",  # the hires pass's own prompt
-        f"lyco 'styled' not found in {lora}; available: present",  # brought in by --style
-        f"hypernet 'hn' not found in {models / 'hypernetworks'}; available: none",
+        f"lora 'hires-only' not found in {lora} and its subfolders; available: present; {tip}",  # the hires pass's
+        f"lyco 'styled' not found in {lora} and its subfolders; available: present; {tip}",  # brought in by --style
+        f"hypernet 'hn' not found in {models / 'hypernetworks'} and its subfolders; available: none; point "
+        "--hypernetwork-dir at the folder with your hypernetwork files (the default is the hypernetworks folder of "
+        "--models-dir, as in A1111)",
     ):
         assert line in message
         message = message.replace(line, "", 1)
@@ -177,4 +183,27 @@ def test_a_name_too_long_for_the_filesystem_is_not_found_not_a_traceback(tmp_pat
     _lora(sd1, lora_dir, "present.safetensors")
     name = "x" * 300
     result = _sdcore(tmp_path, f"castle <lora:{name}:1>", "--lora-dir", str(lora_dir))
-    assert _error(result) == f"lora {name!r} not found in {lora_dir}; available: present"
+    assert _error(result) == (
+        f"lora {name!r} not found in {lora_dir} and its subfolders; available: present; "
+        "point --lora-dir at the folder with your LoRA files"
+    )
+
+
+def test_a_lora_missing_from_the_default_folder_says_where_it_looked_and_names_lora_dir(tmp_path, no_load, monkeypatch):
+    """An A1111 user runs ``sdcore generate "<lora:mychar:1>"`` from a folder without A1111's ``models/Lora``: the
+    error gives the folder searched as an absolute path (the default, relative to the current folder), says it does
+    not exist, and names --lora-dir (and --models-dir, whose Lora folder is the default)."""
+    monkeypatch.chdir(tmp_path)
+    result = _sdcore(tmp_path, "castle <lora:mychar:1>")
+    assert _error(result) == (
+        f"lora 'mychar' not found in {tmp_path / 'models' / 'Lora'} and its subfolders, which does not exist; "
+        "available: none; point --lora-dir at the folder with your LoRA files (the default is the Lora folder of "
+        "--models-dir, as in A1111)"
+    )
+    # a folder given with --lora-dir, relative: shown as the absolute path it is
+    (tmp_path / "loras").mkdir()
+    result = _sdcore(tmp_path, "castle <lora:mychar:1>", "--lora-dir", "loras")
+    assert _error(result) == (
+        f"lora 'mychar' not found in {tmp_path / 'loras'} and its subfolders; available: none; "
+        "point --lora-dir at the folder with your LoRA files"
+    )

@@ -110,6 +110,11 @@ class PromptNetworkHandler:
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        # The ``sdcore generate`` option that sets the folder (``"lora_dir"``: ``--lora-dir``) and whether the
+        # folder is its default (``--models-dir``'s A1111 subfolder), set by
+        # :func:`sdcore.generate.session.handlers_from_plugin_manager` so "not found" can say how to point at it.
+        self.directory_option: str | None = None
+        self.directory_is_default = False
         # Extra generation options (``sdcore generate -O key=value`` and plugin-added flags), set by
         # :func:`sdcore.generate.session.handlers_from_plugin_manager`; handlers read what they need.
         self.options: dict[str, Any] = {}
@@ -160,12 +165,25 @@ class PromptNetworkHandler:
         raise _NotFoundError(self._not_found([name]))
 
     def _not_found(self, names: Sequence[str]) -> str:
-        """The message for ``names`` that match no file, with the names there are (one line for them all)."""
+        """The message for ``names`` that match no file, with the names there are (one line for them all): where
+        it looked (the folder as an absolute path, and whether it exists) and the option that sets the folder,
+        as A1111 users expect their files in its ``models/Lora`` and need to be told how to point there."""
         label = self.tag or self.kind
-        where = self.directory or "(no directory set)"
         # only files of this kind: a training state's optimizer.pt or rng.safetensors is no name to offer
         known = ", ".join(itertools.islice((p.stem for p in self.available() if self.accepts(p)), 20)) or "none"
-        return f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
+        if self.directory is None:
+            where = "(no directory set)"
+        else:
+            missing = "" if self.directory.is_dir() else ", which does not exist"
+            where = f"{self.directory.absolute()} and its subfolders{missing}"
+        message = f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
+        if self.directory_option:
+            flag = "--" + self.directory_option.replace("_", "-")
+            default = ""
+            if self.directory_is_default and self.directory is not None:
+                default = f" (the default is the {self.directory.name} folder of --models-dir, as in A1111)"
+            message += f"; point {flag} at the folder with your {self.kind} files{default}"
+        return message
 
     def check(self, names: Iterable[str]) -> list[str]:
         """Why :meth:`find` would fail for each of ``names``, as :meth:`activate` will call it, without loading

@@ -207,3 +207,25 @@ def test_a_lora_missing_from_the_default_folder_says_where_it_looked_and_names_l
         f"lora 'mychar' not found in {tmp_path / 'loras'} and its subfolders; available: none; "
         "point --lora-dir at the folder with your LoRA files"
     )
+
+
+def test_the_same_file_found_twice_is_one_candidate(tmp_path, sd1):
+    """``<lyco:...>`` searches the LoRA folder and a ``LyCORIS`` folder beside it: with that folder a symlink to the
+    LoRA folder (or a file symlinked into a subfolder) each file was found twice, so a unique name was "ambiguous"
+    and an ambiguous one listed a file twice. Candidates are deduplicated by resolved path, in the order found."""
+    from sdplugin_lora.apply import LycoHandler
+
+    lora_dir = tmp_path / "models" / "Lora"
+    solo = _lora(sd1, lora_dir, "solo.safetensors")
+    first, second = _lora(sd1, lora_dir / "a", "twin.safetensors"), _lora(sd1, lora_dir / "b", "twin.safetensors")
+    (tmp_path / "models" / "LyCORIS").symlink_to(lora_dir, target_is_directory=True)
+    (lora_dir / "c").mkdir()
+    (lora_dir / "c" / "twin.safetensors").symlink_to(first)  # the same file under another name
+    handler = LycoHandler(lora_dir)
+    assert handler.find("solo") == solo
+    with pytest.raises(NetworkMismatchError) as info:
+        handler.find("twin")
+    assert str(info.value) == (
+        f"lyco 'twin' is ambiguous: 2 LoRA files have that name ({first}, {second}); "
+        "rename one or give the path of the one you mean"
+    )

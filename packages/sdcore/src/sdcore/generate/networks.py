@@ -31,6 +31,23 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _distinct_files(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` without the ones that are the same file as an earlier one (found through two search folders, a
+    symlinked folder or file, or two spellings of one path), by resolved path, in the order given: one file is
+    one candidate, never an "ambiguous" name or a name listed twice."""
+    seen: set[Path] = set()
+    out = []
+    for path in paths:
+        try:
+            key = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: its own spelling
+            key = path.absolute()
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+    return out
+
+
 @dataclass(frozen=True)
 class NetworkRef:
     """One ``<tag:name:w1[:w2...]>`` occurrence. A1111 allows a second weight (LoRA: text encoder
@@ -144,7 +161,7 @@ class PromptNetworkHandler:
         direct = Path(name)
         if _is_file(direct):
             return direct
-        named = [p for p in self.available() if p.stem == name or p.name == name]
+        named = _distinct_files(p for p in self.available() if p.stem == name or p.name == name)
         mine = [p for p in named if self.accepts(p)]
         if len(mine) == 1:
             return mine[0]
@@ -170,7 +187,8 @@ class PromptNetworkHandler:
         as A1111 users expect their files in its ``models/Lora`` and need to be told how to point there."""
         label = self.tag or self.kind
         # only files of this kind: a training state's optimizer.pt or rng.safetensors is no name to offer
-        known = ", ".join(itertools.islice((p.stem for p in self.available() if self.accepts(p)), 20)) or "none"
+        files = (p for p in _distinct_files(self.available()) if self.accepts(p))
+        known = ", ".join(itertools.islice(dict.fromkeys(p.stem for p in files), 20)) or "none"
         if self.directory is None:
             where = "(no directory set)"
         else:

@@ -243,3 +243,37 @@ def test_output_rule_is_one_for_every_command(tmp_path, monkeypatch):
     result = _invoke(["-m", "tiny:sd1", "cat", "--init-image", str(src), "-o", str(src), "--overwrite"])
     assert isinstance(result.exception, sdcore.ConfigError) and "is the input" in str(result.exception)
     assert src.read_bytes() == b"image"
+
+
+def test_ctrl_c_says_what_was_written_and_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C printed click's bare "Aborted!" (exit 1): the interrupt is caught, the images already written are
+    counted and located, the exit status is 130 (128 + SIGINT, as a shell reports it) and there is no traceback."""
+    from sdcore.generate import pnginfo
+
+    real_save, calls = pnginfo.save_png, []
+
+    def save_then_interrupt(image, path, parameters):
+        calls.append(path)
+        if len(calls) > 1:  # Ctrl-C while the second image is written, after the first is on disk
+            raise KeyboardInterrupt
+        return real_save(image, path, parameters)
+
+    monkeypatch.setattr(pnginfo, "save_png", save_then_interrupt)
+    out = str(tmp_path / "img.png")
+    args = ["-m", "tiny:sd1", "a cat", "--steps", "1", "--batch", "2", "--device", "cpu", "-o", out]
+    result = _invoke(args)
+    assert result.exit_code == 130, result.output
+    assert result.stdout.split() == [str(tmp_path / "img-0.png")]
+    assert result.stderr.strip() == f"Interrupted: 1 image written in {tmp_path}: img-0.png"
+    assert "Aborted" not in result.output and "Traceback" not in result.output
+    assert (tmp_path / "img-0.png").is_file() and not (tmp_path / "img-1.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["img-0.png"]  # no temporary file left of the second
+
+    # Ctrl-C before any image (while the model loads): said as such, same status
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_command, "_load_bundle", interrupted)
+    result = _invoke([*args[:-1], str(tmp_path / "other.png")])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "Interrupted: no image was written" and "Traceback" not in result.output

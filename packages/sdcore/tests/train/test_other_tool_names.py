@@ -124,3 +124,19 @@ def test_the_table_never_shadows_an_accepted_name_and_its_targets_exist():
         assert all(hint.target in fields[m] for m in named), (name, hint.target)
         if hint.methods:
             assert all(hint.target not in fields[m] for m in fields if m not in named), (name, hint.target)
+
+
+@pytest.mark.parametrize("method", ["lora", "ti"])
+def test_a_family_flag_says_the_family_comes_from_the_model(method):
+    """``--sdxl`` (kohya's tools, other trainers) got click's "Did you mean one of: '--sdpa', '--seed', '--t5xxl'?"."""
+    assert _error(method, "--sdxl") == (
+        "Error: No such option: --sdxl (not needed: sdcore reads the model family (SD1, SD2, SDXL, SD3, FLUX.1 ...) "
+        "from the model itself; kohya picks it by script (sdxl_train_network.py) and some tools by a flag)"
+    )
+    assert "(not needed: sdcore reads the model family" in _error(method, "--flux")
+    # kohya's own --v2 and --v_parameterization are accepted (the family from the model, v-prediction as kohya's)
+    from sdcore.cli import build_cli
+
+    for flag in ("--v2", "--v_parameterization"):
+        result = CliRunner().invoke(build_cli(_pm()), ["train", method, flag, "--help"])
+        assert result.exit_code == 0, result.output

@@ -2309,6 +2309,10 @@ _DOCS_ONLY = (
     "kohya's sdxl_train_network.py has no such argument (its docs show one); give text_encoder_lr two values, "
     "one per text encoder (--text_encoder_lr 1e-5 1e-5)"
 )
+_FAMILY_FLAG = (
+    "not needed: sdcore reads the model family (SD1, SD2, SDXL, SD3, FLUX.1 ...) from the model itself; kohya "
+    "picks it by script (sdxl_train_network.py) and some tools by a flag"
+)
 _A1111_SCHEDULE = "A1111's 'rate:step, rate' schedule strings are --lr-schedule of `sdcore train ti, hn, apt`"
 _A1111_SIZE = (
     "A1111 resizes each image to W x H; sdcore builds aspect-ratio buckets of that area, or crops with --no-buckets"
@@ -2323,6 +2327,9 @@ NAME_HINTS: dict[str, NameHint] = {
     # kohya itself stops with "unrecognized arguments"
     "text_encoder_lr1": NameHint(note=_DOCS_ONLY),
     "text_encoder_lr2": NameHint(note=_DOCS_ONLY),
+    # a model family flag (kohya's tools: extract_lora_from_models.py --sdxl; some scripts --sdxl/--flux; kohya's own
+    # --v2 and --v_parameterization are accepted, see COMPOSITE and ALIASES): no flag needed
+    **dict.fromkeys(("sdxl", "sd3", "flux"), NameHint(note=_FAMILY_FLAG)),
     # A1111's Train tab (Textual Inversion, Hypernetwork)
     "learn_rate": _a1111("learn_rate", "lr", _A1111_SCHEDULE),
     "embedding_learn_rate": _a1111("embedding_learn_rate", "lr", _A1111_SCHEDULE),

@@ -229,3 +229,30 @@ def test_the_same_file_found_twice_is_one_candidate(tmp_path, sd1):
         f"lyco 'twin' is ambiguous: 2 LoRA files have that name ({first}, {second}); "
         "rename one or give the path of the one you mean"
     )
+
+
+def test_one_file_under_two_spellings_resolve_keeps_apart_is_one_candidate(tmp_path, sd1):
+    """On macOS's case-insensitive disk ``--lora-dir models/lycoris`` and the ``LyCORIS`` folder searched beside it
+    are one folder, and ``resolve()`` keeps each spelling's case, so deduplicating by resolved path left each file
+    twice ("ambiguous"). A hard link is the same situation on this disk: one file, two paths ``resolve()`` does not
+    unify; the file's identity (device, inode) makes it one candidate."""
+    import os
+
+    from sdcore.generate.networks import _distinct_files
+    from sdplugin_lora.apply import LoraHandler
+
+    lora_dir = tmp_path / "Lora"
+    first = _lora(sd1, lora_dir / "a", "twin.safetensors")
+    (lora_dir / "b").mkdir()
+    os.link(first, lora_dir / "b" / "twin.safetensors")
+    assert (lora_dir / "b" / "twin.safetensors").resolve() != first.resolve()
+    assert LoraHandler(lora_dir).find("twin") == first
+    # paths that cannot be looked up keep their order and count once per spelling, without a traceback
+    gone = tmp_path / "gone.safetensors"
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    assert _distinct_files([gone, first, tmp_path / "x" / ".." / "gone.safetensors", loop, loop]) == [
+        gone,
+        first,
+        loop,
+    ]

@@ -11,6 +11,7 @@ rewrite the prompt text (for example, register embedding tokens found in it).
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +34,26 @@ def _is_file(path: Path) -> bool:
 
 def _distinct_files(paths: Iterable[Path]) -> list[Path]:
     """``paths`` without the ones that are the same file as an earlier one (found through two search folders, a
-    symlinked folder or file, or two spellings of one path), by resolved path, in the order given: one file is
-    one candidate, never an "ambiguous" name or a name listed twice."""
-    seen: set[Path] = set()
+    symlinked folder or file, or two spellings of one path), in the order given: one file is one candidate, never
+    an "ambiguous" name or a name listed twice. Sameness is the file's identity (device and inode, as
+    :func:`os.path.samefile`), because ``resolve()`` keeps the case it is given on macOS: on a case-insensitive
+    disk ``models/lycoris`` and the ``LyCORIS`` folder searched beside it are one folder it does not unify. A
+    path that cannot be looked up (missing, a symlink loop) is compared by its resolved, case-normalised spelling."""
+    seen: set[object] = set()
     out = []
     for path in paths:
+        key: object = None
         try:
-            key = path.resolve()
-        except (OSError, RuntimeError):  # a symlink loop: its own spelling
-            key = path.absolute()
+            info = path.stat()
+            if info.st_ino:  # 0 where a filesystem has no file ids (some network and FAT drives)
+                key = (info.st_dev, info.st_ino)
+        except (OSError, ValueError):
+            pass
+        if key is None:
+            try:
+                key = os.path.normcase(path.resolve())
+            except (OSError, RuntimeError, ValueError):  # a symlink loop: its own spelling
+                key = os.path.normcase(path.absolute())
         if key not in seen:
             seen.add(key)
             out.append(path)

@@ -114,6 +114,20 @@ def test_a_resolution_outside_the_bucket_sides_is_noted_where_kohya_stops():
     assert note.endswith("give --max-bucket-reso 1088 or more to bring it inside")
 
 
+def test_the_range_note_names_both_sides_and_no_upscale_buckets():
+    """A resolution out on both sides needs both options (the note named only the first, so the fix met kohya's
+    assert again); with --bucket-no-upscale the sides build no buckets at all, so no count of them is said."""
+    both = bucket_range_note((2048, 128), 256, 1024, 64)
+    assert both is not None and "(128 < 256, 2048 > 1024)" in both
+    assert both.endswith("give --min-bucket-reso 128 or less and --max-bucket-reso 2048 or more to bring it inside")
+    own = bucket_range_note(1536, 256, 1024, 64, no_upscale=True)
+    assert own == (
+        "resolution 1536 lies outside [min_bucket_reso, max_bucket_reso] = [256, 1024] (1536 > 1024); kohya refuses "
+        "this (an assert when it builds the dataset); sdcore trains on with each image's own bucket "
+        "(--bucket-no-upscale: the bucket sides play no part); give --max-bucket-reso 1536 or more to bring it inside"
+    )
+
+
 def test_the_preflight_notes_each_resolution_outside_the_sides_once(tmp_path):
     from sdcore.data.dataset import build_dataset_index
     from sdcore.testing.datasets import make_tiny_dataset
@@ -126,6 +140,9 @@ def test_the_preflight_notes_each_resolution_outside_the_sides_once(tmp_path):
     assert bucket_side_notes(build_dataset_index(options)) == [bucket_range_note(64, 96, 128, 32)]
     options = TrainOptions(data=str(tmp_path / "data"), resolution=64, min_bucket_reso=64, max_bucket_reso=128)
     assert bucket_side_notes(build_dataset_index(options)) == []
+    options = TrainOptions(data=str(tmp_path / "data"), resolution=256, min_bucket_reso=64, max_bucket_reso=128,
+                           bucket_no_upscale=True)  # fmt: skip
+    assert bucket_side_notes(build_dataset_index(options)) == [bucket_range_note(256, 64, 128, 64, no_upscale=True)]
 
 
 BUCKETS_512 = make_buckets(512)

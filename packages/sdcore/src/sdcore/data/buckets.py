@@ -97,40 +97,46 @@ def bucket_sides_note(min_reso: int, max_reso: int, step: int) -> str | None:
     )
 
 
-def bucket_range_note(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> str | None:
+def bucket_range_note(
+    resolution: Resolution, min_reso: int, max_reso: int, step: int, *, no_upscale: bool = False
+) -> str | None:
     """A note for a resolution side outside ``[min_bucket_reso, max_bucket_reso]`` (both on the step, as
     :func:`kohya_bucket_sides` puts them), ``None`` where it fits. kohya's ``adjust_min_max_bucket_reso_by_steps``
-    asserts the range, so such a run never starts there; sdcore trains on with the buckets :func:`make_buckets`
-    builds, and the note says which they are, so the user knows what was trained and how to match kohya."""
+    asserts the range (with ``bucket_no_upscale`` too), so such a run never starts there; sdcore trains on with the
+    buckets :func:`make_buckets` builds (each image's own with ``no_upscale``, where the sides play no part), and
+    the note says which they are and every option that brings the resolution inside (both sides can be out)."""
     low, high = kohya_bucket_sides(min_reso, max_reso, step)
     width, height = resolution_pair(resolution)
     shown = f"{width}x{height}" if width != height else str(width)
+    outside, fixes = [], []
     if min(width, height) < low:
-        outside, fix = f"{min(width, height)} < {low}", f"--min-bucket-reso {min(width, height)} or less"
-    elif max(width, height) > high:
-        outside, fix = (
-            f"{max(width, height)} > {high}",
-            f"--max-bucket-reso {-(-max(width, height) // step) * step} or more",
-        )
-    else:
-        return None
-    try:
-        buckets = make_buckets(resolution, min_reso=min_reso, max_reso=max_reso, step=step)
-    except ConfigError:  # no buckets at all: the dataset's own error says why
+        outside.append(f"{min(width, height)} < {low}")
+        fixes.append(f"--min-bucket-reso {min(width, height)} or less")
+    if max(width, height) > high:
+        outside.append(f"{max(width, height)} > {high}")
+        fixes.append(f"--max-bucket-reso {-(-max(width, height) // step) * step} or more")
+    if not outside:
         return None
     side = math.isqrt(resolution_area(resolution)) // step * step
-    others = [bucket for bucket in buckets if bucket != (side, side)]
-    if others:
-        trained = (
-            f"the {side}x{side} square bucket of its area and {len(others)} other bucket"
-            f"{'s' if len(others) > 1 else ''} with sides in [{low}, {high}]"
-        )
+    if no_upscale:
+        trained = "each image's own bucket (--bucket-no-upscale: the bucket sides play no part)"
     else:
-        trained = f"a single bucket, the {side}x{side} square of its area, so every image is cropped square"
+        try:
+            buckets = make_buckets(resolution, min_reso=min_reso, max_reso=max_reso, step=step)
+        except ConfigError:  # no buckets at all: the dataset's own error says why
+            return None
+        others = [bucket for bucket in buckets if bucket != (side, side)]
+        if others:
+            trained = (
+                f"the {side}x{side} square bucket of its area and {len(others)} other bucket"
+                f"{'s' if len(others) > 1 else ''} with sides in [{low}, {high}]"
+            )
+        else:
+            trained = f"a single bucket, the {side}x{side} square of its area, so every image is cropped square"
     return (
-        f"resolution {shown} lies outside [min_bucket_reso, max_bucket_reso] = [{low}, {high}] ({outside}); "
+        f"resolution {shown} lies outside [min_bucket_reso, max_bucket_reso] = [{low}, {high}] ({', '.join(outside)}); "
         f"kohya refuses this (an assert when it builds the dataset); sdcore trains on with {trained}; "
-        f"give {fix} to bring it inside"
+        f"give {' and '.join(fixes)} to bring it inside"
     )
 
 

@@ -84,6 +84,11 @@ def test_names_without_an_equivalent_say_so_and_method_options_name_their_method
         "--output, and TensorBoard logs to --log-dir)"
     )
     assert "(A1111's varsize: no equivalent:" in _error("ti", "--varsize")
+    # alpha weighting is kohya's --alpha-mask, with A1111's per-image rescaling said, not passed over
+    assert _error("ti", "--use-weight").startswith(
+        "Error: No such option: --use-weight (did you mean --alpha-mask (A1111's use_weight)? kohya's alpha weighting, "
+        "the same within an image whose alpha reaches 0; A1111 also rescales each image's weights to a mean of 1"
+    )
     assert _error("lora", "--initialization-text", "cat") == (
         "Error: No such option: --initialization-text (A1111's initialization_text is --init-text of "
         "`sdcore train ti, apt`, not of this method)"

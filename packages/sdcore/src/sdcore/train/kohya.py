@@ -2362,7 +2362,8 @@ NAME_HINTS: dict[str, NameHint] = {
     "use_weight": _a1111(
         "use_weight",
         "alpha_mask",
-        "kohya's alpha weighting: A1111 first rescales the alpha to (alpha - min) / mean, sdcore uses it as it is",
+        "kohya's alpha weighting, the same within an image whose alpha reaches 0; A1111 also rescales each "
+        "image's weights to a mean of 1 (alpha - its minimum, divided by the mean of that), sdcore uses alpha/255",
     ),
     "create_image_every": _a1111(
         "create_image_every", "sample_every", "it renders --sample-prompts (A1111 the batch's first prompt)"

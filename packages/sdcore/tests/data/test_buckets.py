@@ -79,27 +79,52 @@ def test_the_preflight_notes_the_adjustment_once(tmp_path):
 
 def test_a_resolution_outside_the_bucket_sides_is_noted_where_kohya_stops():
     """kohya asserts min(resolution) >= min_bucket_reso and max(resolution) <= max_bucket_reso (after putting them on
-    the step); sdcore trains on, and the note says what the buckets then are (checked against make_buckets)."""
+    the step); sdcore trains on, and the note says it plainly: the range, that kohya refuses it, the buckets sdcore
+    then builds (checked against make_buckets) and the option that brings the resolution inside."""
     assert bucket_range_note(512, 256, 1024, 64) is None
     assert bucket_range_note((1024, 256), 256, 1024, 64) is None  # both sides inside: kohya passes
     above = bucket_range_note(1536, 256, 1024, 64)
     assert above == (
-        "resolution 1536 is above max_bucket_reso 1024: no bucket side but the square's goes past 1024 (kohya stops "
-        "on this): give --max-bucket-reso 1536 or more"
+        "resolution 1536 lies outside [min_bucket_reso, max_bucket_reso] = [256, 1024] (1536 > 1024); kohya refuses "
+        "this (an assert when it builds the dataset); sdcore trains on with the 1536x1536 square bucket of its area "
+        "and 25 other buckets with sides in [256, 1024]; give --max-bucket-reso 1536 or more to bring it inside"
     )
-    assert max(side for bucket in make_buckets(1536) if bucket != (1536, 1536) for side in bucket) == 1024
+    others = [bucket for bucket in make_buckets(1536) if bucket != (1536, 1536)]
+    assert len(others) == 25 and max(side for bucket in others for side in bucket) == 1024
+    # a non-square resolution below the smallest side still gets buckets of its area (not only the square)
     below = bucket_range_note((768, 200), 256, 1024, 64)
-    assert below is not None and below.startswith("resolution 768x200 is below min_bucket_reso 256")
-    assert make_buckets(64) == [(64, 64)]  # below 256: the square alone, every image cropped square
+    assert below == (
+        "resolution 768x200 lies outside [min_bucket_reso, max_bucket_reso] = [256, 1024] (200 < 256); kohya refuses "
+        "this (an assert when it builds the dataset); sdcore trains on with the 384x384 square bucket of its area "
+        "and 6 other buckets with sides in [256, 1024]; give --min-bucket-reso 200 or less to bring it inside"
+    )
+    assert len(make_buckets((768, 200))) == 7 and (384, 384) in make_buckets((768, 200))
+    assert make_buckets(64) == [(64, 64)]  # a square below 256: the square alone, every image cropped square
     assert bucket_range_note(64, 256, 1024, 64) == (
-        "resolution 64 is below min_bucket_reso 256: the buckets hold only the square of its area, so every image "
-        "is cropped square (kohya stops on this): give --min-bucket-reso 64 or less"
+        "resolution 64 lies outside [min_bucket_reso, max_bucket_reso] = [256, 1024] (64 < 256); kohya refuses this "
+        "(an assert when it builds the dataset); sdcore trains on with a single bucket, the 64x64 square of its "
+        "area, so every image is cropped square; give --min-bucket-reso 64 or less to bring it inside"
     )
     # the sides are put on the step first, as kohya does before its assert: 1000 -> 1024 admits 1024
     assert bucket_range_note(1024, 256, 1000, 64) is None
-    assert bucket_range_note(1050, 256, 1000, 64) == (
-        "resolution 1050 is above max_bucket_reso 1024: no bucket side but the square's goes past 1024 (kohya stops "
-        "on this): give --max-bucket-reso 1088 or more"
+    note = bucket_range_note(1050, 256, 1000, 64)
+    assert note is not None and note.startswith(
+        "resolution 1050 lies outside [min_bucket_reso, max_bucket_reso] = [256, 1024] (1050 > 1024)"
+    )
+    assert note.endswith("give --max-bucket-reso 1088 or more to bring it inside")
+
+
+def test_the_range_note_names_both_sides_and_no_upscale_buckets():
+    """A resolution out on both sides needs both options (the note named only the first, so the fix met kohya's
+    assert again); with --bucket-no-upscale the sides build no buckets at all, so no count of them is said."""
+    both = bucket_range_note((2048, 128), 256, 1024, 64)
+    assert both is not None and "(128 < 256, 2048 > 1024)" in both
+    assert both.endswith("give --min-bucket-reso 128 or less and --max-bucket-reso 2048 or more to bring it inside")
+    own = bucket_range_note(1536, 256, 1024, 64, no_upscale=True)
+    assert own == (
+        "resolution 1536 lies outside [min_bucket_reso, max_bucket_reso] = [256, 1024] (1536 > 1024); kohya refuses "
+        "this (an assert when it builds the dataset); sdcore trains on with each image's own bucket "
+        "(--bucket-no-upscale: the bucket sides play no part); give --max-bucket-reso 1536 or more to bring it inside"
     )
 
 
@@ -115,6 +140,9 @@ def test_the_preflight_notes_each_resolution_outside_the_sides_once(tmp_path):
     assert bucket_side_notes(build_dataset_index(options)) == [bucket_range_note(64, 96, 128, 32)]
     options = TrainOptions(data=str(tmp_path / "data"), resolution=64, min_bucket_reso=64, max_bucket_reso=128)
     assert bucket_side_notes(build_dataset_index(options)) == []
+    options = TrainOptions(data=str(tmp_path / "data"), resolution=256, min_bucket_reso=64, max_bucket_reso=128,
+                           bucket_no_upscale=True)  # fmt: skip
+    assert bucket_side_notes(build_dataset_index(options)) == [bucket_range_note(256, 64, 128, 64, no_upscale=True)]
 
 
 BUCKETS_512 = make_buckets(512)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -243,3 +244,38 @@ def test_output_rule_is_one_for_every_command(tmp_path, monkeypatch):
     result = _invoke(["-m", "tiny:sd1", "cat", "--init-image", str(src), "-o", str(src), "--overwrite"])
     assert isinstance(result.exception, sdcore.ConfigError) and "is the input" in str(result.exception)
     assert src.read_bytes() == b"image"
+
+
+def test_ctrl_c_says_what_was_written_and_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C printed click's bare "Aborted!" (exit 1): the interrupt is caught, the images already written are
+    counted and located, the exit status is 130 (128 + SIGINT, as a shell reports it) and there is no traceback."""
+    real_save, calls = Image.Image.save, []
+
+    def save_then_interrupt(image, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) > 1:  # Ctrl-C halfway through writing the second image, after the first is on disk
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n partial")
+            raise KeyboardInterrupt
+        return real_save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_interrupt)
+    out = str(tmp_path / "img.png")
+    args = ["-m", "tiny:sd1", "a cat", "--steps", "1", "--batch", "2", "--device", "cpu", "-o", out]
+    result = _invoke(args)
+    assert result.exit_code == 130, result.output
+    assert result.stdout.split() == [str(tmp_path / "img-0.png")]
+    assert result.stderr.strip() == f"Interrupted: 1 image written in {tmp_path}: img-0.png"
+    assert "Aborted" not in result.output and "Traceback" not in result.output
+    assert (tmp_path / "img-0.png").is_file() and not (tmp_path / "img-1.png").exists()
+    # the second image's half-written temporary file is removed, not left beside the first
+    assert len(calls) == 2 and Path(calls[1]).parent == tmp_path and not Path(calls[1]).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["img-0.png"]
+
+    # Ctrl-C before any image (while the model loads): said as such, same status
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_command, "_load_bundle", interrupted)
+    result = _invoke([*args[:-1], str(tmp_path / "other.png")])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == "Interrupted: no image was written" and "Traceback" not in result.output

@@ -64,7 +64,10 @@ def test_missing_files_of_the_prompt_and_of_a_prompt_sr_cell_in_one_line_before_
         *("--lora-dir", str(lora_dir), "--x-type", "Prompt S/R", "--x-values", "ep-000004,ep-000009"),
     )
     # one handler's missing names share the line the session gives for one, with the names it offers
-    assert _error(result) == f"lora 'gone', 'ep-000009' not found in {lora_dir}; available: ep-000004"
+    assert _error(result) == (
+        f"lora 'gone', 'ep-000009' not found in {lora_dir} and its subfolders; available: ep-000004; "
+        "point --lora-dir at the folder with your LoRA files"
+    )
 
 
 def test_hires_prompts_styles_and_every_handler_are_checked_with_an_unknown_tag_in_todays_words(tmp_path, no_load, sd1):
@@ -80,11 +83,14 @@ def test_hires_prompts_styles_and_every_handler_are_checked_with_an_unknown_tag_
     )
     message = _error(result)
     lora = models / "Lora"
+    tip = "point --lora-dir at the folder with your LoRA files (the default is the Lora folder of --models-dir, as in A1111)"
     for line in (
         "no handler for <lorra:typo:1> (tag 'lorra'); known tags: hypernet, lora, lyco",
-        f"lora 'hires-only' not found in {lora}; available: present",  # the hires pass's own prompt
-        f"lyco 'styled' not found in {lora}; available: present",  # brought in by --style
-        f"hypernet 'hn' not found in {models / 'hypernetworks'}; available: none",
+        f"lora 'hires-only' not found in {lora} and its subfolders; available: present; {tip}",  # the hires pass's
+        f"lyco 'styled' not found in {lora} and its subfolders; available: present; {tip}",  # brought in by --style
+        f"hypernet 'hn' not found in {models / 'hypernetworks'} and its subfolders; available: none; point "
+        "--hypernetwork-dir at the folder with your hypernetwork files (the default is the hypernetworks folder of "
+        "--models-dir, as in A1111)",
     ):
         assert line in message
         message = message.replace(line, "", 1)
@@ -177,4 +183,76 @@ def test_a_name_too_long_for_the_filesystem_is_not_found_not_a_traceback(tmp_pat
     _lora(sd1, lora_dir, "present.safetensors")
     name = "x" * 300
     result = _sdcore(tmp_path, f"castle <lora:{name}:1>", "--lora-dir", str(lora_dir))
-    assert _error(result) == f"lora {name!r} not found in {lora_dir}; available: present"
+    assert _error(result) == (
+        f"lora {name!r} not found in {lora_dir} and its subfolders; available: present; "
+        "point --lora-dir at the folder with your LoRA files"
+    )
+
+
+def test_a_lora_missing_from_the_default_folder_says_where_it_looked_and_names_lora_dir(tmp_path, no_load, monkeypatch):
+    """An A1111 user runs ``sdcore generate "<lora:mychar:1>"`` from a folder without A1111's ``models/Lora``: the
+    error gives the folder searched as an absolute path (the default, relative to the current folder), says it does
+    not exist, and names --lora-dir (and --models-dir, whose Lora folder is the default)."""
+    monkeypatch.chdir(tmp_path)
+    result = _sdcore(tmp_path, "castle <lora:mychar:1>")
+    assert _error(result) == (
+        f"lora 'mychar' not found in {tmp_path / 'models' / 'Lora'} and its subfolders, which does not exist; "
+        "available: none; point --lora-dir at the folder with your LoRA files (the default is the Lora folder of "
+        "--models-dir, as in A1111)"
+    )
+    # a folder given with --lora-dir, relative: shown as the absolute path it is
+    (tmp_path / "loras").mkdir()
+    result = _sdcore(tmp_path, "castle <lora:mychar:1>", "--lora-dir", "loras")
+    assert _error(result) == (
+        f"lora 'mychar' not found in {tmp_path / 'loras'} and its subfolders; available: none; "
+        "point --lora-dir at the folder with your LoRA files"
+    )
+
+
+def test_the_same_file_found_twice_is_one_candidate(tmp_path, sd1):
+    """``<lyco:...>`` searches the LoRA folder and a ``LyCORIS`` folder beside it: with that folder a symlink to the
+    LoRA folder (or a file symlinked into a subfolder) each file was found twice, so a unique name was "ambiguous"
+    and an ambiguous one listed a file twice. Candidates are deduplicated by resolved path, in the order found."""
+    from sdplugin_lora.apply import LycoHandler
+
+    lora_dir = tmp_path / "models" / "Lora"
+    solo = _lora(sd1, lora_dir, "solo.safetensors")
+    first, second = _lora(sd1, lora_dir / "a", "twin.safetensors"), _lora(sd1, lora_dir / "b", "twin.safetensors")
+    (tmp_path / "models" / "LyCORIS").symlink_to(lora_dir, target_is_directory=True)
+    (lora_dir / "c").mkdir()
+    (lora_dir / "c" / "twin.safetensors").symlink_to(first)  # the same file under another name
+    handler = LycoHandler(lora_dir)
+    assert handler.find("solo") == solo
+    with pytest.raises(NetworkMismatchError) as info:
+        handler.find("twin")
+    assert str(info.value) == (
+        f"lyco 'twin' is ambiguous: 2 LoRA files have that name ({first}, {second}); "
+        "rename one or give the path of the one you mean"
+    )
+
+
+def test_one_file_under_two_spellings_resolve_keeps_apart_is_one_candidate(tmp_path, sd1):
+    """On macOS's case-insensitive disk ``--lora-dir models/lycoris`` and the ``LyCORIS`` folder searched beside it
+    are one folder, and ``resolve()`` keeps each spelling's case, so deduplicating by resolved path left each file
+    twice ("ambiguous"). A hard link is the same situation on this disk: one file, two paths ``resolve()`` does not
+    unify; the file's identity (device, inode) makes it one candidate."""
+    import os
+
+    from sdcore.generate.networks import _distinct_files
+    from sdplugin_lora.apply import LoraHandler
+
+    lora_dir = tmp_path / "Lora"
+    first = _lora(sd1, lora_dir / "a", "twin.safetensors")
+    (lora_dir / "b").mkdir()
+    os.link(first, lora_dir / "b" / "twin.safetensors")
+    assert (lora_dir / "b" / "twin.safetensors").resolve() != first.resolve()
+    assert LoraHandler(lora_dir).find("twin") == first
+    # paths that cannot be looked up keep their order and count once per spelling, without a traceback
+    gone = tmp_path / "gone.safetensors"
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    assert _distinct_files([gone, first, tmp_path / "x" / ".." / "gone.safetensors", loop, loop]) == [
+        gone,
+        first,
+        loop,
+    ]

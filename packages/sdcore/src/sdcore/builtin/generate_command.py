@@ -382,7 +382,27 @@ def generate(**params: Any) -> None:
         styles, early = _chosen_styles(params), []
     except ConfigError as exc:  # reported with every other problem found before the model loads
         styles, early = [], [str(exc)]
-    _run_generate(params, recalled, styles, early)
+    written: list[Path] = []
+    try:
+        _run_generate(params, recalled, styles, early, written)
+    except KeyboardInterrupt:  # Ctrl-C: what is on disk and where, instead of click's bare "Aborted!"
+        click.echo(_interrupted_message(written), err=True)
+        click.get_current_context().exit(130)  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
+
+
+def _interrupted_message(written: Sequence[Path]) -> str:
+    """The line ``sdcore generate`` ends with on Ctrl-C: how many images were written (each is complete:
+    :func:`~sdcore.generate.pnginfo.save_png` writes atomically) and where."""
+    if not written:
+        return "Interrupted: no image was written"
+    folders = list(dict.fromkeys(path.parent for path in written))
+    if len(folders) == 1:
+        names = [path.name for path in written]
+        shown = ", ".join(names) if len(names) <= 5 else f"{names[0]} ... {names[-1]}"
+        where = f"in {folders[0]}: {shown}"
+    else:
+        where = ", ".join(str(path) for path in written)
+    return f"Interrupted: {len(written)} image{'s' if len(written) > 1 else ''} written {where}"
 
 
 _CORE_PARAMS = frozenset(p.name for p in generate.params if p.name)
@@ -441,7 +461,15 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     return torch.device(device), chosen
 
 
-def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = (), early: Sequence[str] = ()) -> None:
+def _run_generate(
+    params: dict[str, Any],
+    recalled: Any = None,
+    styles: Any = (),
+    early: Sequence[str] = (),
+    written: list[Path] | None = None,
+) -> None:
+    """Check, load and render; each image written is added to ``written`` (for the line said on Ctrl-C)."""
+    written = [] if written is None else written
     import random
 
     from ..errors import ConfigError
@@ -523,11 +551,12 @@ def _run_generate(params: dict[str, Any], recalled: Any = None, styles: Any = ()
 
         for image, path, text in _render(runs[0], bundle, session, adapter, distilled):
             save_png(image, path, text({}))
+            written.append(Path(path))
             click.echo(str(path))
         return
     if trouble := _flow_sampler_problems(runs, bundle, adapter):  # before the first cell, not at its cell
         raise ConfigError("; ".join(dict.fromkeys(trouble)))
-    _run_plot(plot, params, runs, bundle, session, adapter, distilled)
+    _run_plot(plot, params, runs, written, bundle, session, adapter, distilled)
 
 
 def _flow_sampler_problems(runs: list[_Run], bundle: Any, adapter: Any) -> list[str]:
@@ -1008,9 +1037,12 @@ def _cell_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}") for index in range(count)]
 
 
-def _run_plot(plot: Any, params: dict[str, Any], runs: list[_Run], bundle: Any, *context: Any) -> None:
+def _run_plot(
+    plot: Any, params: dict[str, Any], runs: list[_Run], written: list[Path], bundle: Any, *context: Any
+) -> None:
     """Render every cell (one ``generate_images`` call each), write the cells when asked and the grid,
-    which carries the first cell's infotext and the plot's fields (A1111's xyz_grid)."""
+    which carries the first cell's infotext and the plot's fields (A1111's xyz_grid); each file written is
+    added to ``written``."""
     from ..generate.pnginfo import save_png
     from ..generate.xyz_plot import xyz_grid
 
@@ -1025,9 +1057,11 @@ def _run_plot(plot: Any, params: dict[str, Any], runs: list[_Run], bundle: Any, 
         if params["grid_cells"]:
             path = _cell_paths(params["output"], len(runs))[index]
             save_png(image, path, text({}))
+            written.append(Path(path))
             click.echo(str(path))
     grid = xyz_grid(images, plot, legend=params["grid_legend"], margin=params["grid_margin"])
     save_png(grid, params["output"], first_text)
+    written.append(Path(params["output"]))
     click.echo(str(params["output"]))
 
 

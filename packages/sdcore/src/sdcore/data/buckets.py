@@ -97,25 +97,47 @@ def bucket_sides_note(min_reso: int, max_reso: int, step: int) -> str | None:
     )
 
 
-def bucket_range_note(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> str | None:
-    """What kohya's ``adjust_min_max_bucket_reso_by_steps`` asserts and sdcore lets through, said as a note:
-    a resolution side below ``min_bucket_reso`` or above ``max_bucket_reso`` (on the step). :func:`make_buckets`
-    then keeps the square bucket of the area and no other within the sides (below: every image is cropped
-    square) or every other side stops at the maximum (above). ``None`` where the resolution fits."""
+def bucket_range_note(
+    resolution: Resolution, min_reso: int, max_reso: int, step: int, *, no_upscale: bool = False
+) -> str | None:
+    """A note for a resolution side outside ``[min_bucket_reso, max_bucket_reso]`` (both on the step, as
+    :func:`kohya_bucket_sides` puts them), ``None`` where it fits. kohya's ``adjust_min_max_bucket_reso_by_steps``
+    asserts the range (with ``bucket_no_upscale`` too), so such a run never starts there; sdcore trains on with the
+    buckets :func:`make_buckets` builds (each image's own with ``no_upscale``, where the sides play no part), and
+    the note says which they are and every option that brings the resolution inside (both sides can be out)."""
     low, high = kohya_bucket_sides(min_reso, max_reso, step)
     width, height = resolution_pair(resolution)
     shown = f"{width}x{height}" if width != height else str(width)
+    outside, fixes = [], []
     if min(width, height) < low:
-        return (
-            f"resolution {shown} is below min_bucket_reso {low}: the buckets hold only the square of its area, so "
-            f"every image is cropped square (kohya stops on this): give --min-bucket-reso {min(width, height)} or less"
-        )
+        outside.append(f"{min(width, height)} < {low}")
+        fixes.append(f"--min-bucket-reso {min(width, height)} or less")
     if max(width, height) > high:
-        return (
-            f"resolution {shown} is above max_bucket_reso {high}: no bucket side but the square's goes past {high} "
-            f"(kohya stops on this): give --max-bucket-reso {-(-max(width, height) // step) * step} or more"
-        )
-    return None
+        outside.append(f"{max(width, height)} > {high}")
+        fixes.append(f"--max-bucket-reso {-(-max(width, height) // step) * step} or more")
+    if not outside:
+        return None
+    side = math.isqrt(resolution_area(resolution)) // step * step
+    if no_upscale:
+        trained = "each image's own bucket (--bucket-no-upscale: the bucket sides play no part)"
+    else:
+        try:
+            buckets = make_buckets(resolution, min_reso=min_reso, max_reso=max_reso, step=step)
+        except ConfigError:  # no buckets at all: the dataset's own error says why
+            return None
+        others = [bucket for bucket in buckets if bucket != (side, side)]
+        if others:
+            trained = (
+                f"the {side}x{side} square bucket of its area and {len(others)} other bucket"
+                f"{'s' if len(others) > 1 else ''} with sides in [{low}, {high}]"
+            )
+        else:
+            trained = f"a single bucket, the {side}x{side} square of its area, so every image is cropped square"
+    return (
+        f"resolution {shown} lies outside [min_bucket_reso, max_bucket_reso] = [{low}, {high}] ({', '.join(outside)}); "
+        f"kohya refuses this (an assert when it builds the dataset); sdcore trains on with {trained}; "
+        f"give {' and '.join(fixes)} to bring it inside"
+    )
 
 
 def _check_bucket_settings(resolution: Resolution, min_reso: int, max_reso: int, step: int) -> None:

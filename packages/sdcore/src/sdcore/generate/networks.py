@@ -11,6 +11,7 @@ rewrite the prompt text (for example, register embedding tokens found in it).
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,34 @@ def _is_file(path: Path) -> bool:
         return path.is_file()
     except (OSError, ValueError):
         return False
+
+
+def _distinct_files(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` without the ones that are the same file as an earlier one (found through two search folders, a
+    symlinked folder or file, or two spellings of one path), in the order given: one file is one candidate, never
+    an "ambiguous" name or a name listed twice. Sameness is the file's identity (device and inode, as
+    :func:`os.path.samefile`), because ``resolve()`` keeps the case it is given on macOS: on a case-insensitive
+    disk ``models/lycoris`` and the ``LyCORIS`` folder searched beside it are one folder it does not unify. A
+    path that cannot be looked up (missing, a symlink loop) is compared by its resolved, case-normalised spelling."""
+    seen: set[object] = set()
+    out = []
+    for path in paths:
+        key: object = None
+        try:
+            info = path.stat()
+            if info.st_ino:  # 0 where a filesystem has no file ids (some network and FAT drives)
+                key = (info.st_dev, info.st_ino)
+        except (OSError, ValueError):
+            pass
+        if key is None:
+            try:
+                key = os.path.normcase(path.resolve())
+            except (OSError, RuntimeError, ValueError):  # a symlink loop: its own spelling
+                key = os.path.normcase(path.absolute())
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,11 @@ class PromptNetworkHandler:
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        # The ``sdcore generate`` option that sets the folder (``"lora_dir"``: ``--lora-dir``) and whether the
+        # folder is its default (``--models-dir``'s A1111 subfolder), set by
+        # :func:`sdcore.generate.session.handlers_from_plugin_manager` so "not found" can say how to point at it.
+        self.directory_option: str | None = None
+        self.directory_is_default = False
         # Extra generation options (``sdcore generate -O key=value`` and plugin-added flags), set by
         # :func:`sdcore.generate.session.handlers_from_plugin_manager`; handlers read what they need.
         self.options: dict[str, Any] = {}
@@ -139,7 +173,7 @@ class PromptNetworkHandler:
         direct = Path(name)
         if _is_file(direct):
             return direct
-        named = [p for p in self.available() if p.stem == name or p.name == name]
+        named = _distinct_files(p for p in self.available() if p.stem == name or p.name == name)
         mine = [p for p in named if self.accepts(p)]
         if len(mine) == 1:
             return mine[0]
@@ -160,12 +194,26 @@ class PromptNetworkHandler:
         raise _NotFoundError(self._not_found([name]))
 
     def _not_found(self, names: Sequence[str]) -> str:
-        """The message for ``names`` that match no file, with the names there are (one line for them all)."""
+        """The message for ``names`` that match no file, with the names there are (one line for them all): where
+        it looked (the folder as an absolute path, and whether it exists) and the option that sets the folder,
+        as A1111 users expect their files in its ``models/Lora`` and need to be told how to point there."""
         label = self.tag or self.kind
-        where = self.directory or "(no directory set)"
         # only files of this kind: a training state's optimizer.pt or rng.safetensors is no name to offer
-        known = ", ".join(itertools.islice((p.stem for p in self.available() if self.accepts(p)), 20)) or "none"
-        return f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
+        files = (p for p in _distinct_files(self.available()) if self.accepts(p))
+        known = ", ".join(itertools.islice(dict.fromkeys(p.stem for p in files), 20)) or "none"
+        if self.directory is None:
+            where = "(no directory set)"
+        else:
+            missing = "" if self.directory.is_dir() else ", which does not exist"
+            where = f"{self.directory.absolute()} and its subfolders{missing}"
+        message = f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
+        if self.directory_option:
+            flag = "--" + self.directory_option.replace("_", "-")
+            default = ""
+            if self.directory_is_default and self.directory is not None:
+                default = f" (the default is the {self.directory.name} folder of --models-dir, as in A1111)"
+            message += f"; point {flag} at the folder with your {self.kind} files{default}"
+        return message
 
     def check(self, names: Iterable[str]) -> list[str]:
         """Why :meth:`find` would fail for each of ``names``, as :meth:`activate` will call it, without loading

@@ -221,9 +221,11 @@ def handlers_from_plugin_manager(
         if not (isinstance(cls, type) and issubclass(cls, PromptNetworkHandler)):
             raise PluginError(f"prompt network {spec.name!r}: {spec.handler} is not a PromptNetworkHandler subclass")
         directory = chosen.get(spec.directory_option) if spec.directory_option else None
-        if directory is None and spec.default_subdir:
-            directory = Path(models_dir) / spec.default_subdir
+        default = directory is None and bool(spec.default_subdir)
+        if default:
+            directory = Path(models_dir) / str(spec.default_subdir)
         handler = cls(directory)
+        handler.directory_option, handler.directory_is_default = spec.directory_option, default
         handler.suffixes = tuple(spec.file_suffixes)  # type: ignore[misc]
         handler.options = dict(options or {})
         if spec.tag is None:

@@ -213,11 +213,15 @@ class GroupedCommand(click.Command):
             ) from None
 
     def _hint(self, option: str) -> str | None:
-        """``--network-dim`` / ``--network_dimm`` -> `` (did you mean --rank?)``."""
+        """``--network-dim`` / ``--network_dimm`` -> `` (did you mean --rank?)``; another tool's name from
+        :data:`~.kohya.NAME_HINTS` (A1111's ``--save-embedding-every``) says what it is here."""
         if self.kohya_fields is None:
             return None
-        from .kohya import ALIASES, nearest_name
+        from .kohya import ALIASES, name_hint, nearest_name
 
+        hinted = name_hint(option, self.kohya_fields, lambda name: f"--{name.replace('_', '-')}")
+        if hinted is not None:
+            return hinted
         found = nearest_name(option, self.kohya_fields)
         if found is None:
             return None

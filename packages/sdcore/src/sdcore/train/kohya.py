@@ -2285,21 +2285,123 @@ def nearest_name(name: str, fields: Iterable[str]) -> str | None:
     return match[0]
 
 
-#: names kohya's docs show that its argparse does not define (docs/sdxl_train_network.md's SDXL LoRA example):
-#: kohya itself stops with "unrecognized arguments"; what to write instead
-DOCS_ONLY_NAMES = {
-    "text_encoder_lr1": "kohya's sdxl_train_network.py has no such argument (its docs show one); give "
-    "text_encoder_lr two values, one per text encoder (--text_encoder_lr 1e-5 1e-5)",
-    "text_encoder_lr2": "kohya's sdxl_train_network.py has no such argument (its docs show one); give "
-    "text_encoder_lr two values, one per text encoder (--text_encoder_lr 1e-5 1e-5)",
+@dataclass(frozen=True)
+class NameHint:
+    """A name another tool uses that sdcore does not take (typing it stays an error: a near name must not run
+    with a different meaning), with what to write instead, said by the unknown-option error of ``sdcore train``
+    and the unknown-key error of a config file (:func:`name_hint`)."""
+
+    #: whose name it is, for the message ("A1111's save_embedding_every"); "" where ``note`` says it all
+    source: str = ""
+    #: the sdcore option that means the same; "" where none does
+    target: str = ""
+    #: what else to know: how it differs, or why no option is needed
+    note: str = ""
+    #: the methods that have ``target`` where not all do ("ti, apt"), for the message on the others
+    methods: str = ""
+
+
+def _a1111(name: str, target: str = "", note: str = "", methods: str = "") -> NameHint:
+    return NameHint(f"A1111's {name}", target, note, methods)
+
+
+_DOCS_ONLY = (
+    "kohya's sdxl_train_network.py has no such argument (its docs show one); give text_encoder_lr two values, "
+    "one per text encoder (--text_encoder_lr 1e-5 1e-5)"
+)
+_FAMILY_FLAG = (
+    "not needed: sdcore reads the model family (SD1, SD2, SDXL, SD3, FLUX.1 ...) from the model itself; kohya "
+    "picks it by script (sdxl_train_network.py) and some tools by a flag"
+)
+_A1111_SCHEDULE = "A1111's 'rate:step, rate' schedule strings are --lr-schedule of `sdcore train ti, hn, apt`"
+_A1111_SIZE = (
+    "A1111 resizes each image to W x H; sdcore builds aspect-ratio buckets of that area, or crops with --no-buckets"
+)
+
+#: other tools' names that are no option of sdcore, by the name as typed with underscores: the unknown-option hint
+#: says what they are here. Keys are never kohya names or sdcore options (those are accepted as they are), and a
+#: target only where the meaning is the same; the A1111 names are the Train tab's fields (modules/ui.py and
+#: textual_inversion.train_embedding / hypernetwork.train_hypernetwork's parameters).
+NAME_HINTS: dict[str, NameHint] = {
+    # names kohya's docs show that its argparse does not define (docs/sdxl_train_network.md's SDXL LoRA example):
+    # kohya itself stops with "unrecognized arguments"
+    "text_encoder_lr1": NameHint(note=_DOCS_ONLY),
+    "text_encoder_lr2": NameHint(note=_DOCS_ONLY),
+    # a model family flag (kohya's tools: extract_lora_from_models.py --sdxl; some scripts --sdxl/--flux; kohya's own
+    # --v2 and --v_parameterization are accepted, see COMPOSITE and ALIASES): no flag needed
+    **dict.fromkeys(("sdxl", "sd3", "flux"), NameHint(note=_FAMILY_FLAG)),
+    # A1111's Train tab (Textual Inversion, Hypernetwork)
+    "learn_rate": _a1111("learn_rate", "lr", _A1111_SCHEDULE),
+    "embedding_learn_rate": _a1111("embedding_learn_rate", "lr", _A1111_SCHEDULE),
+    "hypernetwork_learn_rate": _a1111("hypernetwork_learn_rate", "lr", _A1111_SCHEDULE),
+    "gradient_step": _a1111("gradient_step", "gradient_accumulation"),
+    "data_root": _a1111("data_root", "data"),
+    "dataset_directory": _a1111("dataset_directory", "data"),
+    "log_directory": _a1111(
+        "log_directory",
+        note="no single equivalent: A1111 writes its saves, previews and loss log there; sdcore writes the saves "
+        "(--save-every) and the previews beside --output, and TensorBoard logs to --log-dir",
+    ),
+    "training_width": _a1111("training_width", "resolution", f"--resolution W,H; {_A1111_SIZE}"),
+    "training_height": _a1111("training_height", "resolution", f"--resolution W,H; {_A1111_SIZE}"),
+    "varsize": _a1111(
+        "varsize",
+        note="no equivalent: A1111 then trains each image at its own size; sdcore resizes images to aspect-ratio "
+        "buckets (--buckets, the default)",
+    ),
+    "steps": _a1111("steps", "max_steps"),
+    "clip_grad_mode": _a1111(
+        "clip_grad_mode", "grad_clip_method", "norm or value; A1111's 'disabled' (its default) is --max-grad-norm 0"
+    ),
+    "clip_grad_value": _a1111(
+        "clip_grad_value", "max_grad_norm", "one number: A1111's 'value:step' schedule strings are not taken"
+    ),
+    "shuffle_tags": _a1111("shuffle_tags", "shuffle_caption"),
+    "tag_drop_out": _a1111("tag_drop_out", "tag_dropout"),
+    "latent_sampling_method": _a1111("latent_sampling_method", "latent_sampling", methods="ti, apt"),
+    "use_weight": _a1111(
+        "use_weight",
+        "alpha_mask",
+        "kohya's alpha weighting, the same within an image whose alpha reaches 0; A1111 also rescales each "
+        "image's weights to a mean of 1 (alpha - its minimum, divided by the mean of that), sdcore uses alpha/255",
+    ),
+    "create_image_every": _a1111(
+        "create_image_every", "sample_every", "it renders --sample-prompts (A1111 the batch's first prompt)"
+    ),
+    "save_embedding_every": _a1111("save_embedding_every", "save_every"),
+    "save_hypernetwork_every": _a1111("save_hypernetwork_every", "save_every"),
+    "template_file": _a1111("template_file", "template", methods="ti, hn, apt"),
+    "template_filename": _a1111("template_filename", "template", methods="ti, hn, apt"),
+    "initialization_text": _a1111("initialization_text", "init_text", methods="ti, apt"),
 }
+
+
+def name_hint(name: str, fields: Collection[str], flag: Callable[[str], str]) -> str | None:
+    """What to say after "No such option: NAME" (or an unknown config key) when ``name`` is in
+    :data:`NAME_HINTS`: `` (did you mean --save-every (A1111's save_embedding_every)?)``, the method that has the
+    option, or why there is none. ``fields`` are the method's options; ``flag`` writes an option's name as the
+    user would type it (``--save-every`` on the command line, ``'save_every'`` in a config). ``None``: not a
+    name of the table (or its target is in none of the methods named), so the nearest name is the hint."""
+    hint = NAME_HINTS.get(name.strip().lstrip("-").replace("-", "_"))
+    if hint is None:
+        return None
+    source = f" ({hint.source})" if hint.source else ""
+    note = f" {hint.note}" if hint.note else ""
+    if hint.target and hint.target in fields:
+        return f" (did you mean {flag(hint.target)}{source}?{note})"
+    if hint.target and hint.methods:
+        return f" ({hint.source} is {flag(hint.target)} of `sdcore train {hint.methods}`, not of this method)"
+    if hint.target:
+        return None
+    return f" ({hint.source}: {hint.note})" if hint.source else f" ({hint.note})"
 
 
 def nearest(name: str, fields: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for an unknown config key (empty when nothing is close)."""
-    if name in DOCS_ONLY_NAMES:
-        return f" ({DOCS_ONLY_NAMES[name]})"
     present = list(fields)
+    hinted = name_hint(name, present, repr)
+    if hinted is not None:
+        return hinted
     found = nearest_name(name, present)
     if found is None:
         return ""
@@ -2315,6 +2417,7 @@ __all__ = [
     "KOHYA_DEFAULTS",
     "KOHYA_FAMILY_DEFAULTS",
     "MULTI_VALUE",
+    "NAME_HINTS",
     "UNSUPPORTED",
     "Translation",
     "cli_names",
@@ -2326,6 +2429,7 @@ __all__ = [
     "kohya_flow_semantics",
     "kohya_text_encoder_rates",
     "kohya_v_parameterization",
+    "name_hint",
     "nearest",
     "nearest_name",
     "translate",

@@ -1278,9 +1278,9 @@ def bucket_side_notes(index: Any) -> list[str]:
              if e.subset.buckets and getattr(e.subset, "bucket_rule", "kohya") == "kohya"]  # fmt: skip
     sides = {(s.min_bucket_reso, s.max_bucket_reso, s.bucket_step) for s in kohya}
     notes = [note for note in (bucket_sides_note(*side) for side in sorted(sides)) if note]
-    ranges = {(resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step)
+    ranges = {(resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_step, bool(s.bucket_no_upscale))
               for s in kohya for resolution in (tuple(s.resolutions) or (s.bucket_resolution,))}  # fmt: skip
-    found = (bucket_range_note(*each) for each in sorted(ranges, key=repr))
+    found = (bucket_range_note(*each[:4], no_upscale=each[4]) for each in sorted(ranges, key=repr))
     return notes + list(dict.fromkeys(note for note in found if note))
 
 

@@ -145,3 +145,20 @@ def test_a_family_flag_says_the_family_comes_from_the_model(method):
     for flag in ("--v2", "--v_parameterization"):
         result = CliRunner().invoke(build_cli(_pm()), ["train", method, flag, "--help"])
         assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("flag", ["--sdxl", "--sd3", "--flux", "--v2"])
+def test_sdcore_generate_says_a_family_flag_is_not_needed(flag):
+    """``sdcore generate --sdxl`` got click's "Did you mean one of: '--seed', '--style', '--t5xxl'?"; generate has
+    no --v2 either (only the training commands accept kohya's). Other unknown options keep click's suggestion."""
+    from sdcore.cli import build_cli
+
+    result = CliRunner().invoke(build_cli(_pm()), ["generate", "-m", "tiny:sd1", flag, "a cat"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: No such option: {flag} (not needed: sdcore reads the model family (SD1, SD2, SDXL, SD3, FLUX.1 ...) "
+        "from the model itself; kohya picks it by script (sdxl_train_network.py) and some tools by a flag)"
+    )
+    typo = CliRunner().invoke(build_cli(_pm()), ["generate", "-m", "tiny:sd1", "--sedd", "3", "a cat"])
+    assert typo.exit_code == 2 and "Did you mean" in typo.output and "--seed" in typo.output

@@ -79,7 +79,25 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}") for index in range(count)]
 
 
-@click.command("generate")
+class _GenerateCommand(click.Command):
+    """``sdcore generate``: an unknown model-family flag (``--sdxl``, from kohya's tools and other UIs) says that the
+    family is read from the model, where click would suggest a near option name (``--seed``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            from ..train.kohya import family_flag_hint
+
+            hint = family_flag_hint(exc.option_name)
+            if hint is None:
+                raise
+            raise click.NoSuchOption(
+                exc.option_name, message=f"No such option: {exc.option_name}{hint}", ctx=ctx
+            ) from None
+
+
+@click.command("generate", cls=_GenerateCommand)
 @click.argument("prompt", required=False)
 @click.option(
     "-m",

@@ -2313,6 +2313,18 @@ _FAMILY_FLAG = (
     "not needed: sdcore reads the model family (SD1, SD2, SDXL, SD3, FLUX.1 ...) from the model itself; kohya "
     "picks it by script (sdxl_train_network.py) and some tools by a flag"
 )
+#: the family flags of other tools (kohya's extract_lora_from_models.py --sdxl, some scripts' --sd3/--flux); sdcore
+#: reads the family from the model, so none is an option (kohya's --v2 is accepted by the training commands)
+FAMILY_FLAGS = ("sdxl", "sd3", "flux")
+
+
+def family_flag_hint(option: str) -> str | None:
+    """`` (not needed: ...)`` for ``--sdxl``, ``--sd3``, ``--flux`` (and kohya's ``--v2``, which only the training
+    commands accept) on a command that has no such option, e.g. ``sdcore generate``; ``None`` for any other name."""
+    name = option.strip().lstrip("-").replace("-", "_")
+    return f" ({_FAMILY_FLAG})" if name in (*FAMILY_FLAGS, "v2") else None
+
+
 _A1111_SCHEDULE = "A1111's 'rate:step, rate' schedule strings are --lr-schedule of `sdcore train ti, hn, apt`"
 _A1111_SIZE = (
     "A1111 resizes each image to W x H; sdcore builds aspect-ratio buckets of that area, or crops with --no-buckets"
@@ -2329,7 +2341,7 @@ NAME_HINTS: dict[str, NameHint] = {
     "text_encoder_lr2": NameHint(note=_DOCS_ONLY),
     # a model family flag (kohya's tools: extract_lora_from_models.py --sdxl; some scripts --sdxl/--flux; kohya's own
     # --v2 and --v_parameterization are accepted, see COMPOSITE and ALIASES): no flag needed
-    **dict.fromkeys(("sdxl", "sd3", "flux"), NameHint(note=_FAMILY_FLAG)),
+    **dict.fromkeys(FAMILY_FLAGS, NameHint(note=_FAMILY_FLAG)),
     # A1111's Train tab (Textual Inversion, Hypernetwork)
     "learn_rate": _a1111("learn_rate", "lr", _A1111_SCHEDULE),
     "embedding_learn_rate": _a1111("embedding_learn_rate", "lr", _A1111_SCHEDULE),

@@ -516,6 +516,126 @@ def test_save_every_with_retention_and_epoch_saves(tmp_path):
     assert names == ["result-000002.safetensors", "result.safetensors"]
 
 
+def _step_files(folder):
+    """The intermediate step results in ``folder``, by step."""
+    return sorted(int(p.stem.rsplit("step", 1)[1]) for p in folder.glob("result-step*.safetensors"))
+
+
+def test_save_limit_holds_across_a_ctrl_c_and_a_resume(tmp_path):
+    """--save-every 1 --save-limit 2, Ctrl-C after step 3, --resume latest to step 5: the newest two step results
+    of the whole run remain (kohya's save_last_n_steps deletes old files by their step's name, so it holds across
+    resumes too). Before, the resumed run knew only its own saves and step 2's file stayed for good."""
+    o = _opts(tmp_path, max_steps=5, save_every=1, save_limit=2)
+    _interrupted(o, at=3)
+    out = tmp_path / "run"
+    assert _step_files(out) == [2, 3]
+    _, r = _run(dataclasses.replace(o, resume="latest"))
+    assert r.steps == 5
+    assert _step_files(out) == [3, 4] and (out / "result.safetensors").is_file()
+
+
+def test_a_ctrl_c_weights_file_counts_in_save_limit_across_resumes(tmp_path):
+    """The weights a Ctrl-C writes between --save-every steps count among the --save-limit newest: the Ctrl-C
+    itself deletes nothing, the resumed run prunes them in turn, and a resume that saves no further result
+    still ends with the newest N (the oldest pruned when it starts)."""
+    import json
+
+    o = _opts(tmp_path, max_steps=9, save_every=2, save_limit=2)
+    out = tmp_path / "run"
+    first, _ = _interrupted(o, at=3)
+    assert first.sdcore_weights == out / "result-step00000003.safetensors"
+    assert _step_files(out) == [2, 3]
+    sidecar = json.loads((out / "result-state" / "step-00000003" / "stopped_weights.json").read_text())
+    assert sidecar == {"step": 3, "files": ["result-step00000003.safetensors"]}
+    resumed = dataclasses.replace(o, resume="latest")
+    _interrupted(resumed, at=5)  # step 4 saved (step 2 pruned), then Ctrl-C writes step 5: nothing deleted by it
+    assert _step_files(out) == [3, 4, 5]
+    state = json.loads((out / "result-state" / "step-00000005" / "train_state.json").read_text())
+    assert state["intermediate_results"] == [["result-step00000003.safetensors"], ["result-step00000004.safetensors"]]
+    _, r = _run(resumed)
+    assert r.steps == 9
+    assert _step_files(out) == [6, 8] and (out / "result.safetensors").is_file()
+    # a resume with no save left: the interrupted file joins the list, the oldest goes at the start
+    o = _opts(tmp_path, "short", max_steps=6, save_every=2, save_limit=2)
+    _interrupted(o, at=5)
+    assert _step_files(tmp_path / "short") == [2, 4, 5]
+    _run(dataclasses.replace(o, resume="latest"))
+    assert _step_files(tmp_path / "short") == [4, 5]
+
+
+def test_save_limit_after_a_resume_skips_files_the_user_moved_and_never_deletes_elsewhere(tmp_path):
+    """Between the runs the user deleted one step result, renamed another and put a file of their own under an
+    old step's name: the resumed run counts only the recorded files that still exist and never touches the
+    others (no name pattern). A state edited by hand that lists paths outside the result's folder, the result
+    itself or the state folder's files makes nothing of them."""
+    import json
+    import types
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    o = _opts(tmp_path, max_steps=8, save_every=1, save_limit=3)
+    _interrupted(o, at=4)
+    out = tmp_path / "run"
+    assert _step_files(out) == [2, 3, 4]
+    (out / "result-step00000002.safetensors").unlink()
+    (out / "result-step00000003.safetensors").rename(out / "kept.safetensors")
+    mine = out / "result-step00000001.safetensors"  # the run wrote and pruned this name; now it is the user's
+    mine.write_bytes(b"mine")
+    folder = out / "result-state" / "step-00000004"
+    record = json.loads((folder / "train_state.json").read_text())
+    recorded = record["intermediate_results"]
+    assert recorded == [[f"result-step0000000{n}.safetensors"] for n in (2, 3, 4)]
+
+    # the hand-edited state, adopted with --save-limit 1: only step 4's file is the run's and still there
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"not the run's")
+    (out / "result.safetensors").write_bytes(b"an older result")
+    hostile = [
+        ["../outside.safetensors"],
+        [str(outside)],
+        ["result.safetensors"],
+        ["result-state/step-00000004/optimizer.pt"],
+        "junk",
+        [7, None],
+    ]
+    one = dataclasses.replace(o, save_limit=1)
+    checkpoints = Checkpoints(ConvOutMethod(one), one, types.SimpleNamespace(is_main_process=True))
+    checkpoints.adopt_results(folder, {"intermediate_results": [*hostile, *recorded]})
+    assert checkpoints.saved_results == [out.absolute() / "result-step00000004.safetensors"]
+    assert outside.is_file() and (out / "result.safetensors").is_file() and (folder / "optimizer.pt").is_file()
+    assert (out / "kept.safetensors").is_file()  # renamed by the user: no longer the run's
+    _, r = _run(dataclasses.replace(o, resume="latest"))
+    assert r.steps == 8
+    assert _step_files(out) == [1, 5, 6, 7]  # 4 pruned after 5, 6, 7; 1 is the user's file
+    assert mine.read_bytes() == b"mine" and outside.is_file()
+
+
+def test_save_limit_deletes_every_file_a_save_wrote(tmp_path, monkeypatch):
+    """A method whose save writes a companion (TI's --format copy, APT's -neg pair) names it in saved_files:
+    retention deletes both, within a run and after a resume (the state records the pair)."""
+    from safetensors.torch import save_file
+
+    real = ConvOutMethod.save
+
+    def with_companion(self, bundle, info):
+        path = real(self, bundle, info)
+        save_file({"x": torch.zeros(1)}, str(path.with_name(path.stem + "-extra.safetensors")))
+        return path
+
+    monkeypatch.setattr(ConvOutMethod, "save", with_companion)
+    monkeypatch.setattr(
+        ConvOutMethod, "saved_files", lambda self, path: [path, path.with_name(path.stem + "-extra.safetensors")]
+    )
+    o = _opts(tmp_path, max_steps=5, save_every=1, save_limit=1)
+    _interrupted(o, at=2)
+    out = tmp_path / "run"
+    names = sorted(p.name for p in out.glob("result-step*"))
+    assert names == ["result-step00000002-extra.safetensors", "result-step00000002.safetensors"]
+    _run(dataclasses.replace(o, resume="latest"))
+    names = sorted(p.name for p in out.glob("result-step*"))
+    assert names == ["result-step00000004-extra.safetensors", "result-step00000004.safetensors"]
+
+
 def test_output_folder_gets_method_name_and_metadata(tmp_path):
     o = _opts(tmp_path, max_steps=1, output=str(tmp_path / "outdir"))
     _, r = _run(o)

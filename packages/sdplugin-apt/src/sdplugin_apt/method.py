@@ -365,6 +365,10 @@ class APTMethod(TIMethod[APTOptions]):
         path = Path(path)
         return [path, path.with_name(f"{path.stem}{NEG_SUFFIX}{path.suffix}")]
 
+    def saved_files(self, path: Path) -> list[Path]:
+        """The positive file and its ``-neg`` pair, each with its ``--format`` copy."""
+        return [f for p in self.result_files(path) for f in super().saved_files(p)]
+
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         folder = self.output_dir(info)
         o = self.options

@@ -367,7 +367,8 @@ class APTMethod(TIMethod[APTOptions]):
 
     def saved_files(self, path: Path) -> list[Path]:
         """The positive file and its ``-neg`` pair, each with its ``--format`` copy."""
-        return [f for p in self.result_files(path) for f in super().saved_files(p)]
+        each = super().saved_files  # bound here: a bare super() inside the comprehension has no class cell
+        return [f for p in self.result_files(path) for f in each(p)]
 
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         folder = self.output_dir(info)

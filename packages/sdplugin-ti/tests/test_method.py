@@ -77,6 +77,16 @@ def test_learns_when_conditioning_matters(tmp_path, make_bundle, family):
         assert all(torch.equal(v, te.state_dict()[k]) for k, v in saved.items())
 
 
+def test_save_limit_deletes_the_format_copy_with_the_pt_across_a_resume(tmp_path):
+    """--format safetensors writes each save twice (the A1111 .pt and the copy): saved_files names both, so the
+    contract's Ctrl-C + --save-limit 1 + resume leaves neither of the interrupted step's files behind."""
+    from sdcore.testing.contract import check_resume
+
+    check_resume(TIMethod, tmp_path, {**TI_OPTIONS, "format": "safetensors"})
+    left = sorted(p.name for p in (tmp_path / "parts" / "embeddings").iterdir())
+    assert left == ["tiny-3.pt", "tiny-3.safetensors"]
+
+
 def test_sdxl_one_step_writes_clip_l_and_clip_g(tmp_path):
     result = check_one_step(TIMethod, tmp_path, {**TI_OPTIONS, "format": "safetensors"}, family="sdxl")
     emb = load_embedding(result.output)

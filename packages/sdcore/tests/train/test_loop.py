@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 import sys
 import types
 from dataclasses import replace
@@ -514,6 +515,237 @@ def test_save_every_with_retention_and_epoch_saves(tmp_path):
     _run(o)
     names = sorted(p.name for p in (tmp_path / "ep1").glob("*.safetensors"))
     assert names == ["result-000002.safetensors", "result.safetensors"]
+
+
+def _step_files(folder):
+    """The intermediate step results in ``folder``, by step."""
+    return sorted(int(p.stem.rsplit("step", 1)[1]) for p in folder.glob("result-step*.safetensors"))
+
+
+def _recorded_names(state):
+    """A train_state.json's intermediate results, by path only."""
+    return [[f["path"] for f in files] for files in state["intermediate_results"]]
+
+
+def test_save_limit_holds_across_a_ctrl_c_and_a_resume(tmp_path):
+    """--save-every 1 --save-limit 2, Ctrl-C after step 3, --resume latest to step 5: the newest two step results
+    of the whole run remain (kohya's save_last_n_steps deletes old files by their step's name, so it holds across
+    resumes too). Before, the resumed run knew only its own saves and step 2's file stayed for good."""
+    o = _opts(tmp_path, max_steps=5, save_every=1, save_limit=2)
+    _interrupted(o, at=3)
+    out = tmp_path / "run"
+    assert _step_files(out) == [2, 3]
+    _, r = _run(dataclasses.replace(o, resume="latest"))
+    assert r.steps == 5
+    assert _step_files(out) == [3, 4] and (out / "result.safetensors").is_file()
+
+
+def test_a_ctrl_c_weights_file_counts_in_save_limit_across_resumes(tmp_path):
+    """The weights a Ctrl-C writes between --save-every steps count among the --save-limit newest: the Ctrl-C
+    itself deletes nothing, the resumed run prunes them in turn, and a resume that saves no further result
+    still ends with the newest N (the oldest pruned when it starts)."""
+    import json
+
+    o = _opts(tmp_path, max_steps=9, save_every=2, save_limit=2)
+    out = tmp_path / "run"
+    first, _ = _interrupted(o, at=3)
+    assert first.sdcore_weights == out / "result-step00000003.safetensors"
+    assert _step_files(out) == [2, 3]
+    sidecar = json.loads((out / "result-state" / "step-00000003" / "stopped_weights.json").read_text())
+    assert sidecar["step"] == 3 and [f["path"] for f in sidecar["files"]] == ["result-step00000003.safetensors"]
+    assert sidecar["files"][0]["size"] == (out / "result-step00000003.safetensors").stat().st_size
+    resumed = dataclasses.replace(o, resume="latest")
+    _interrupted(resumed, at=5)  # step 4 saved (step 2 pruned), then Ctrl-C writes step 5: nothing deleted by it
+    assert _step_files(out) == [3, 4, 5]
+    state = json.loads((out / "result-state" / "step-00000005" / "train_state.json").read_text())
+    assert _recorded_names(state) == [["result-step00000003.safetensors"], ["result-step00000004.safetensors"]]
+    _, r = _run(resumed)
+    assert r.steps == 9
+    assert _step_files(out) == [6, 8] and (out / "result.safetensors").is_file()
+    # a resume with no save left: the interrupted file joins the list, the oldest goes at the start
+    o = _opts(tmp_path, "short", max_steps=6, save_every=2, save_limit=2)
+    _interrupted(o, at=5)
+    assert _step_files(tmp_path / "short") == [2, 4, 5]
+    _run(dataclasses.replace(o, resume="latest"))
+    assert _step_files(tmp_path / "short") == [4, 5]
+
+
+def test_save_limit_after_a_resume_skips_files_the_user_moved_and_never_deletes_elsewhere(tmp_path):
+    """Between the runs the user deleted one step result, renamed another, replaced a third with a file of their
+    own under its name and put one under a pruned step's name: the resumed run counts only the recorded files
+    that are still as the run wrote them (size and mtime) and never touches the others (no name pattern)."""
+    import json
+
+    o = _opts(tmp_path, max_steps=9, save_every=1, save_limit=4)
+    _interrupted(o, at=5)
+    out = tmp_path / "run"
+    assert _step_files(out) == [2, 3, 4, 5]
+    folder = out / "result-state" / "step-00000005"
+    record = json.loads((folder / "train_state.json").read_text())
+    assert _recorded_names(record) == [[f"result-step0000000{n}.safetensors"] for n in (2, 3, 4, 5)]
+    (out / "result-step00000002.safetensors").unlink()
+    (out / "result-step00000003.safetensors").rename(out / "kept.safetensors")
+    replaced = out / "result-step00000004.safetensors"  # recorded, but now the user's own file
+    replaced.unlink()
+    replaced.write_bytes(b"the user's own file")
+    mine = out / "result-step00000001.safetensors"  # the run wrote and pruned this name; now it is the user's
+    mine.write_bytes(b"mine")
+    _, r = _run(dataclasses.replace(o, resume="latest", save_limit=1))
+    assert r.steps == 9
+    # 5 adopted and pruned by 6, 6 by 7, 7 by 8 (the limit now 1); 1 and 4 are the user's
+    assert _step_files(out) == [1, 4, 8]
+    assert mine.read_bytes() == b"mine" and replaced.read_bytes() == b"the user's own file"
+    assert (out / "kept.safetensors").is_file()
+
+
+def _hand_edited(tmp_path, entries, *, output=None, sidecar=None):
+    """Checkpoints of a --save-limit 1 run adopting a state of ``run/result`` whose list is ``entries``: the
+    results it would keep. Each entry names a file as the run records it, with that file's true size and mtime
+    when it exists (so only the path decides)."""
+    import json
+    import types
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    out = tmp_path / "run"
+    folder = out / "result-state" / "step-00000004"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def as_recorded(item):
+        if not isinstance(item, str):
+            return item
+        st = (out / item).lstat() if os.path.lexists(out / item) else None
+        return {"path": item, "size": st.st_size if st else 0, "mtime_ns": st.st_mtime_ns if st else 0}
+
+    recorded = entries
+    if isinstance(entries, list):
+        recorded = [[as_recorded(i) for i in e] if isinstance(e, list) else e for e in entries]
+    (folder / "stopped_weights.json").unlink(missing_ok=True)
+    if sidecar is not None:
+        (folder / "stopped_weights.json").write_text(json.dumps({"step": 4, "files": [as_recorded(sidecar)]}))
+    o = _opts(tmp_path, max_steps=8, save_limit=1, output=str(output or out / "result.safetensors"))
+    checkpoints = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    checkpoints.adopt_results(folder, {"intermediate_results": recorded})
+    return checkpoints
+
+
+def test_a_hand_edited_state_never_makes_the_run_delete_what_it_did_not_write(tmp_path):
+    """train_state.json / stopped_weights.json edited by hand (or written on Windows and read here): paths outside
+    the result's folder, through a link out of it, Windows spellings, the folder itself, the result, the state or
+    samples folder, junk values: none is adopted, nothing is deleted; only the plain step file that is the run's
+    is kept (one, with --save-limit 1)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.safetensors").write_bytes(b"not the run's")
+    (out / "link").symlink_to(outside, target_is_directory=True)
+    (out / "linked.safetensors").symlink_to(outside / "x.safetensors")
+    (out / "result.safetensors").write_bytes(b"the result")
+    (out / "result-samples").mkdir()
+    (out / "result-samples" / "s.png").write_bytes(b"png")
+    (out / "data").mkdir()
+    (out / "data" / "img.png").write_bytes(b"png")
+    for n in (3, 4):
+        (out / f"result-step0000000{n}.safetensors").write_bytes(b"step")
+    hostile = [
+        ["../elsewhere/x.safetensors"],
+        [str(outside / "x.safetensors")],
+        ["link/x.safetensors"],
+        ["link"],
+        ["."],
+        [""],
+        [{"path": "data", "size": 4096, "mtime_ns": 1}],  # a path typed in by hand: not the file the run wrote
+        ["data/../data"],
+        ["..\\elsewhere\\x.safetensors"],
+        ["C:/elsewhere/x.safetensors"],
+        ["C:x.safetensors"],
+        ["\\\\server\\share\\x.safetensors"],
+        ["result.safetensors"],
+        ["result-state"],
+        ["result-state/step-00000004/train_state.json"],
+        ["result-samples/s.png"],
+        ["result-samples"],
+        "junk",
+        [7, None, {"path": "result-step00000003.safetensors"}],  # no size/mtime: not adopted
+        ["result-step00000003.safetensors"],
+    ]
+    checkpoints = _hand_edited(tmp_path, hostile, sidecar="result-step00000004.safetensors")
+    # the one kept: step 4 (from the sidecar); step 3 was pruned, it being a plain step file with its fingerprint
+    assert checkpoints.saved_results == [out.absolute() / "result-step00000004.safetensors"]
+    assert not (out / "result-step00000003.safetensors").exists()
+    assert (outside / "x.safetensors").read_bytes() == b"not the run's"
+    assert (out / "link").is_symlink() and (out / "data" / "img.png").is_file()
+    assert (out / "result.safetensors").is_file() and (out / "result-samples" / "s.png").is_file()
+    assert (out / "result-state" / "step-00000004").is_dir()
+    # a link recorded as a result (the run never writes one, but it may be listed by hand): left, not followed
+    checkpoints = _hand_edited(tmp_path, [["linked.safetensors"], ["result-step00000004.safetensors"]])
+    assert checkpoints.saved_results == [out.absolute() / "result-step00000004.safetensors"]
+    assert (out / "linked.safetensors").is_symlink()
+    assert (outside / "x.safetensors").read_bytes() == b"not the run's"
+    # a record that is no list at all (a number, a dict) is ignored, not a traceback
+    for junk in (5, {"a": 1}, "text"):
+        assert _hand_edited(tmp_path, junk).saved_results == []  # type: ignore[arg-type]
+
+
+def test_a_resume_into_another_output_adopts_nothing(tmp_path):
+    """--resume of one run's state with another --output (in the same folder or elsewhere): the recorded names
+    are not this result's, whoever wrote the files under them there; nothing earlier is pruned."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result-step00000003.safetensors").write_bytes(b"step")
+    (out / "other-step00000003.safetensors").write_bytes(b"another run's")
+    for output in (out / "other.safetensors", tmp_path / "moved" / "result.safetensors"):
+        checkpoints = _hand_edited(
+            tmp_path, [["result-step00000003.safetensors"], ["other-step00000003.safetensors"]], output=output
+        )
+        assert checkpoints.saved_results == []
+    assert (out / "result-step00000003.safetensors").is_file() and (out / "other-step00000003.safetensors").is_file()
+
+
+def test_a_state_without_the_results_list_still_resumes(tmp_path):
+    """A state written before the list existed (no intermediate_results, no sidecar): the run resumes, prunes only
+    what it writes itself and leaves the earlier results."""
+    import json
+
+    o = _opts(tmp_path, max_steps=6, save_every=1, save_limit=2)
+    _interrupted(o, at=3)
+    out = tmp_path / "run"
+    for state in (out / "result-state").iterdir():
+        path = state / "train_state.json"
+        record = json.loads(path.read_text())
+        del record["intermediate_results"]
+        path.write_text(json.dumps(record))
+        (state / "stopped_weights.json").unlink(missing_ok=True)
+    _, r = _run(dataclasses.replace(o, resume="latest"))
+    assert r.steps == 6
+    assert _step_files(out) == [2, 3, 4, 5]
+
+
+def test_save_limit_deletes_every_file_a_save_wrote(tmp_path, monkeypatch):
+    """A method whose save writes a companion (TI's --format copy, APT's -neg pair) names it in saved_files:
+    retention deletes both, within a run and after a resume (the state records the pair)."""
+    from safetensors.torch import save_file
+
+    real = ConvOutMethod.save
+
+    def with_companion(self, bundle, info):
+        path = real(self, bundle, info)
+        save_file({"x": torch.zeros(1)}, str(path.with_name(path.stem + "-extra.safetensors")))
+        return path
+
+    monkeypatch.setattr(ConvOutMethod, "save", with_companion)
+    monkeypatch.setattr(
+        ConvOutMethod, "saved_files", lambda self, path: [path, path.with_name(path.stem + "-extra.safetensors")]
+    )
+    o = _opts(tmp_path, max_steps=5, save_every=1, save_limit=1)
+    _interrupted(o, at=2)
+    out = tmp_path / "run"
+    names = sorted(p.name for p in out.glob("result-step*"))
+    assert names == ["result-step00000002-extra.safetensors", "result-step00000002.safetensors"]
+    _run(dataclasses.replace(o, resume="latest"))
+    names = sorted(p.name for p in out.glob("result-step*"))
+    assert names == ["result-step00000004-extra.safetensors", "result-step00000004.safetensors"]
 
 
 def test_output_folder_gets_method_name_and_metadata(tmp_path):

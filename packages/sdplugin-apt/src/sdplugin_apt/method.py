@@ -365,6 +365,11 @@ class APTMethod(TIMethod[APTOptions]):
         path = Path(path)
         return [path, path.with_name(f"{path.stem}{NEG_SUFFIX}{path.suffix}")]
 
+    def saved_files(self, path: Path) -> list[Path]:
+        """The positive file and its ``-neg`` pair, each with its ``--format`` copy."""
+        each = super().saved_files  # bound here: a bare super() inside the comprehension has no class cell
+        return [f for p in self.result_files(path) for f in each(p)]
+
     def save(self, bundle: ModelBundle, info: SaveInfo) -> Path:
         folder = self.output_dir(info)
         o = self.options

@@ -424,6 +424,13 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         """The files :meth:`save` wrote for ``path`` (one per trained embedding)."""
         return [Path(path)]
 
+    def saved_files(self, path: Path) -> list[Path]:
+        """The ``.pt`` :meth:`save` returns plus the ``--format`` copy :meth:`write` puts beside it."""
+        path = Path(path)
+        if self.options.format == "pt":
+            return [path]
+        return [path, path.with_name(f"{path.stem}.{self.options.format}")]
+
     def _copy_into_tables(self, embeddings: list[Embedding], path: str | Path) -> None:
         import torch
 

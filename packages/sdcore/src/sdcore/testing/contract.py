@@ -433,7 +433,9 @@ def check_resume(
     """``steps`` steps in one go == ``steps/2``, Ctrl-C, ``--resume latest``: identical weights. The Ctrl-C also
     leaves the weights of step ``steps/2`` where ``--save-every`` puts them, in the method's own files (TI's
     ``embeddings/NAME-STEP.pt``, APT's pair with its ``-neg``, a hypernetwork's ``.pt``, a whole DreamBooth model):
-    each holds the tensors the uninterrupted run's ``--save-every`` file of that step holds."""
+    each holds the tensors the uninterrupted run's ``--save-every`` file of that step holds. With ``--save-limit 1``
+    and a ``--save-every`` step after the Ctrl-C, the resumed run deletes every one of those files (the method's
+    :meth:`~sdcore.train.method.TrainingMethod.saved_files` names them all) and keeps its own step's."""
     import torch
 
     from ..train.loop import train
@@ -455,7 +457,11 @@ def check_resume(
     full.save = recording_save  # type: ignore[method-assign]
     train(full, bundle=_bundle(family))
 
-    part_opts = contract_options(method_class, tmp_path, base, family=family, tag="parts")
+    # a --save-every step after the Ctrl-C (none when the run has no step left between): --save-limit 1 then
+    # prunes the Ctrl-C's files in the resumed run
+    later = half + 1 if half + 1 < steps else None
+    retention = {"save_every": later, "save_limit": 1} if later else {}
+    part_opts = contract_options(method_class, tmp_path, {**retention, **base}, family=family, tag="parts")
     interrupted: KeyboardInterrupt | None = None
     try:
         train(
@@ -469,8 +475,26 @@ def check_resume(
     _check_interrupt_weights(interrupted, tmp_path / "parts", tmp_path / "full", half, step_files)
     resume_opts = dataclasses.replace(part_opts, resume="latest")
     resumed = method_class(resume_opts)
+    later_files: set[Path] = set()  # what the resumed run's --save-every save of step ``later`` wrote
+    resumed_save = resumed.save
+
+    def recording_resumed_save(bundle: Any, info: Any) -> Any:
+        before = _result_files(tmp_path / "parts")
+        written = resumed_save(bundle, info)
+        if not info.final:
+            later_files.update(_result_files(tmp_path / "parts") - before)
+        return written
+
+    resumed.save = recording_resumed_save  # type: ignore[method-assign]
     result = train(resumed, bundle=_bundle(family))
     assert result.steps == steps
+    if later and part_opts.save_every == later and part_opts.save_limit == 1:
+        left = _result_files(tmp_path / "parts")
+        assert not left & step_files, (
+            f"--save-limit 1 kept the Ctrl-C's files of step {half} after the resumed run saved step {later}: "
+            f"{sorted(left & step_files)} (saved_files must name every file save writes)"
+        )
+        assert later_files and later_files <= left, f"step {later}'s save {sorted(later_files)}, left {sorted(left)}"
     a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
     assert a.keys() == b.keys()
     for key in a:

@@ -4,7 +4,12 @@
   ``<result stem>-state`` beside it (one ``step-NNNNNNNN`` folder per save, see :mod:`.state`).
 - Intermediate results (``--save-every``/``--save-every-epochs``) are named
   :func:`intermediate_path` and, with ``--save-limit N``, only the newest N are kept; states keep
-  the newest ``--keep-states``.
+  the newest ``--keep-states``. The results written so far (every file of each save, as
+  :meth:`~.method.TrainingMethod.saved_files` names them) are listed in each state (:data:`RESULTS_KEY`), and the
+  weights a Ctrl-C or stop writes after its state in a sidecar beside it (:data:`STOPPED_WEIGHTS`), so a resumed
+  run keeps counting them: ``--save-limit`` holds across resumes and interrupts, not only within one process.
+  Nothing is found by a name pattern: only what the run recorded is ever deleted, and only under the result's
+  folder (a file the user removed or renamed simply drops out of the list).
 - Every write runs under :func:`~.save_fallback.guard`: a disk error (permissions, disk full, a
   removed folder) becomes :class:`~.save_fallback.SaveTargetError`, which the loop answers by
   rescuing the result (:func:`~.save_fallback.rescue`).
@@ -22,10 +27,11 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ..io import atomic_write_text
 from .method import RunFacts, SaveInfo, TrainingMethod
 from .options import TrainOptions
 from .save_fallback import guarded
@@ -36,6 +42,13 @@ if TYPE_CHECKING:
     from .ema import WeightEMA
 
 log = logging.getLogger("sdcore.train")
+
+#: ``train_state.json``'s list of the intermediate results written before the state, oldest first: one list per
+#: save of its files (the path the method returned first), relative to the result's folder
+RESULTS_KEY = "intermediate_results"
+#: a state folder's sidecar naming the weights a Ctrl-C/SIGTERM/stop wrote after that state (the state comes
+#: first, on purpose, so it cannot list them itself); written atomically once the weights are complete
+STOPPED_WEIGHTS = "stopped_weights.json"
 
 #: options that change the data order, the samples or the schedule: changing them on resume is
 #: allowed but warned about (the result no longer equals an uninterrupted run)
@@ -108,10 +121,37 @@ def samples_dir(state_root: Path) -> Path:
 
 
 def remove_path(path: Path) -> None:
-    if path.is_dir():
+    """Delete a file or folder; a symbolic link is unlinked, never followed (what it points to stays)."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _recorded_path(base: Path, item: Any) -> Path | None:
+    """A state's recorded result file (relative to the result's folder ``base``) as a path, or ``None`` when it
+    is not a plain relative path inside ``base`` on every platform (a state edited by hand never makes a run
+    delete elsewhere): no root or drive, no ``..``, no backslash (a Windows spelling on POSIX, written as_posix)."""
+    if not isinstance(item, str) or not item or "\\" in item:
+        return None
+    windows = PureWindowsPath(item)
+    if windows.anchor or Path(item).anchor or ".." in windows.parts or not Path(item).parts:
+        return None
+    return base / item
+
+
+def _fingerprint(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of ``path`` itself (a link not followed), or ``None`` when it is gone: what a state
+    records with each result so a resumed run deletes the file the run wrote, not one put under its name."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +188,13 @@ class Checkpoints:
         self.accelerator = accelerator
         self.say = say
         self.output, self.state_root = output_paths(method, options)
+        #: the intermediate results kept so far, oldest first, as the method returned their paths (a resumed run
+        #: starts from those its state recorded that still exist, :meth:`restore`)
         self.saved_results: list[Path] = []
+        #: every file or folder each of them wrote (:meth:`~.method.TrainingMethod.saved_files`), deleted together
+        self.saved_files: dict[Path, list[Path]] = {}
+        #: (size, mtime_ns) of each of those files as the run wrote it: only a file still so is ever deleted
+        self.fingerprints: dict[Path, tuple[int, int] | None] = {}
         #: (step, file) of the newest ``--save-every`` result (main process), so a stop right after it names that file
         self.last_step_result: tuple[int, Path] | None = None
         self.last_state: Path | None = None
@@ -207,14 +253,150 @@ class Checkpoints:
             return None
         path = intermediate_path(self.output, step=step, epoch=epoch)
         saved = Path(self.method.save(bundle, self.save_info(bundle, path, position, run, final=False)))
-        self.saved_results.append(saved)
+        self.record_result(saved)
         if step is not None:
             self.last_step_result = (step, saved)
-        limit = self.options.save_limit
-        if limit:
-            while len(self.saved_results) > limit:
-                remove_path(self.saved_results.pop(0))
+        self.prune_results()
         return saved
+
+    # -- retention across resumes --------------------------------------------------------------
+    def record_result(self, saved: Path) -> None:
+        """Count ``saved`` (a path :meth:`~.method.TrainingMethod.save` returned for an intermediate result, or the
+        weights a Ctrl-C wrote) among the results ``--save-limit`` keeps, with every file its save wrote and each
+        one's size and mtime as written (:func:`_fingerprint`). A path already listed was just overwritten (a resume
+        from an earlier state saving the same step again): it moves to the newest place, so pruning the old entry
+        can never delete the new file."""
+        saved = Path(saved)
+        if saved in self.saved_files:
+            self.saved_results.remove(saved)
+        files = [Path(p) for p in self.method.saved_files(saved)]
+        self.saved_files[saved] = [p for p in files if p.exists() or p == saved] or [saved]
+        for path in self.saved_files[saved]:
+            self.fingerprints[path] = _fingerprint(path)
+        self.saved_results.append(saved)
+
+    def prune_results(self) -> None:
+        """Delete the oldest recorded results beyond ``--save-limit`` (0: keep all), main process only. A file
+        whose size or mtime is no longer what the run wrote (replaced by the user) is left alone, and one that
+        cannot be deleted is named in the log: retention never ends a run."""
+        limit = self.options.save_limit
+        if not limit or not self.is_main:
+            return
+        while len(self.saved_results) > limit:
+            old = self.saved_results.pop(0)
+            for path in self.saved_files.pop(old, [old]):
+                written = self.fingerprints.pop(path, None)
+                if written is None or _fingerprint(path) != written:
+                    continue  # gone, or no longer the file the run wrote
+                try:
+                    remove_path(path)
+                except OSError as exc:
+                    log.warning("--save-limit: could not delete %s (%s)", path, exc)
+
+    def _record(self, files: list[Path]) -> list[dict[str, Any]]:
+        """``files`` as a state lists them: relative to the result's folder (a run folder moved as a whole keeps
+        its retention) with the size and mtime the run wrote; a file outside that folder is left out (a resumed
+        run never deletes it)."""
+        base = self.output.parent.absolute()
+        recorded = []
+        for path in files:
+            written = self.fingerprints.get(path)
+            try:
+                relative = path.absolute().relative_to(base).as_posix()
+            except ValueError:
+                continue
+            if written is not None:
+                recorded.append({"path": relative, "size": written[0], "mtime_ns": written[1]})
+        return recorded
+
+    def recorded_results(self) -> list[list[dict[str, Any]]]:
+        """:attr:`saved_results` as a state lists them (:data:`RESULTS_KEY`), oldest first, one list per save."""
+        recorded = [self._record(self.saved_files.get(saved, [saved])) for saved in self.saved_results]
+        return [files for files in recorded if files]
+
+    def record_stopped(self, weights: Path, state: Path | None, step: int) -> None:
+        """The weights a Ctrl-C, SIGTERM or stop wrote after ``state`` (main process): counted from now on, and
+        named in the state's :data:`STOPPED_WEIGHTS` sidecar (written after the weights are complete), so the
+        resumed run counts them too. Nothing is deleted here: a Ctrl-C only adds a file; the resume prunes to
+        ``--save-limit``. A failure writing the sidecar is logged only (the weights and the state are what
+        matter)."""
+        self.record_result(weights)
+        if state is None:
+            return
+        files = self._record(self.saved_files[Path(weights)])
+        if not files:  # written outside the result's folder: never deleted by a resumed run
+            return
+        try:
+            atomic_write_text(state / STOPPED_WEIGHTS, json.dumps({"step": step, "files": files}, indent=2))
+        except OSError as exc:
+            log.warning("could not note the stopped weights in %s (%s): --save-limit will not count them", state, exc)
+
+    def adopt_results(self, folder: Path, record: dict[str, Any]) -> None:
+        """Continue the retention of the run the state ``folder`` belongs to: the results it recorded
+        (:data:`RESULTS_KEY`) and the weights a Ctrl-C wrote after it (:data:`STOPPED_WEIGHTS`) become
+        :attr:`saved_results`, oldest first, pruned to ``--save-limit`` at once (a resume that saves no more
+        results still ends with the newest N).
+
+        Only what is surely the run's own is taken, so a state edited by hand, a folder shared with another run or
+        a resume into another ``--output`` never deletes a file the run did not write: the state must be one of
+        this result's (in its ``<stem>-state`` folder; from another ``--output`` nothing is adopted); each file a
+        plain relative path whose folder, links resolved, is inside the result's folder, and no link; never the result (with
+        its companions), the state or samples folder, or a folder holding them; and still the size and mtime the
+        run wrote (a file deleted, renamed or replaced by the user drops out of the list). States written before
+        the list existed have none: nothing earlier is pruned."""
+        try:
+            ours = folder.resolve().parent == self.state_root.resolve()
+        except OSError:
+            ours = False
+        if not ours:
+            log.info("--resume %s: a state of another --output; its intermediate results are not pruned", folder)
+            return
+        recorded = record.get(RESULTS_KEY)
+        entries: list[Any] = list(recorded) if isinstance(recorded, list) else []
+        sidecar = folder / STOPPED_WEIGHTS
+        if sidecar.is_file():
+            try:
+                stopped = json.loads(sidecar.read_text(encoding="utf-8"))
+                entries.append(stopped.get("files") or [])
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("%s: unreadable (%s); the weights it names are not counted by --save-limit", sidecar, exc)
+        base = self.output.parent.absolute()
+        real_base = base.resolve()
+        protected = [
+            p.absolute().resolve()
+            for p in [*self.method.saved_files(self.output), self.output, self.state_root, samples_dir(self.state_root)]
+        ]
+        for entry in entries:
+            if not isinstance(entry, list):
+                continue
+            files: list[Path] = []
+            for item in entry:
+                if not isinstance(item, dict):
+                    continue
+                path = _recorded_path(base, item.get("path"))
+                written = (item.get("size"), item.get("mtime_ns"))
+                if path is None or not all(type(v) is int for v in written) or path.is_symlink():
+                    continue  # the run never writes a link as a result
+                try:
+                    real = path.parent.resolve() / path.name
+                except OSError:
+                    continue
+                if not _inside(real.parent, real_base) or real == real_base:
+                    continue
+                if any(_inside(real, p) or _inside(p, real) for p in protected):
+                    continue
+                if _fingerprint(path) != written:
+                    continue  # deleted, renamed or replaced since: not the run's file any more
+                files.append(path)
+                self.fingerprints[path] = (int(written[0]), int(written[1]))  # type: ignore[arg-type]
+            if not files:
+                continue
+            saved = files[0]
+            if saved in self.saved_files:
+                self.saved_results.remove(saved)
+            self.saved_results.append(saved)
+            self.saved_files[saved] = files
+        self.prune_results()
 
     @guarded
     def save_state(
@@ -250,6 +432,7 @@ class Checkpoints:
                     "total_steps": total_steps,
                     "options": asdict(self.options),
                     "world_size": acc.num_processes,
+                    RESULTS_KEY: self.recorded_results(),
                     **({"prediction_type": prediction_type} if prediction_type else {}),
                 },
                 ema=None if ema is None else ema.state_dict(),
@@ -283,6 +466,8 @@ class Checkpoints:
                 f"--resume {folder}: the state is from method {record.get('method')!r}, not {self.method.name!r}"
             )
         trainable = load_state(folder, optimizer=optimizer, scheduler=scheduler, scaler=self.accelerator.scaler)
+        if self.is_main:  # only the main process writes and deletes results
+            self.adopt_results(folder, record)
         self.method.load_trainable_state_dict({k: v.to(device) for k, v in trainable.items()})
         if ema is not None:
             ema.load_state_dict(load_ema(folder), where=str(folder))

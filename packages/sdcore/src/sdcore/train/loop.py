@@ -943,6 +943,8 @@ class TrainSession:
         Ctrl-C) is logged and named in the line: it never replaces the interrupt, and the state is written first.
         A second Ctrl-C while the state was written (``state_failed`` :data:`AGAIN`) means "quit now": nothing
         more is written or waited for (a launcher ends the other processes once this one has exited).
+        The file counts among the results ``--save-limit`` keeps: the state's sidecar names it
+        (:meth:`.Checkpoints.record_stopped`), so the resumed run prunes it in turn; nothing is deleted here.
         """
         from .checkpoints import intermediate_path
         from .save_fallback import write_result
@@ -960,6 +962,8 @@ class TrainSession:
                     else:
                         with guard(), self._during("saving"):
                             weights = write_result(self, intermediate_path(self.output, step=step), final=False)
+                        # --save-limit counts it, in a resumed run too: named beside the state written before it
+                        self.checkpoints.record_stopped(weights, state, step)
                     log.info(f"{why}: the weights after step {step} are in {weights}")
             except (Exception, KeyboardInterrupt) as write_exc:  # the first interrupt is what ends the run
                 failure = AGAIN if isinstance(write_exc, KeyboardInterrupt) else reason(write_exc)

@@ -503,6 +503,13 @@ class TrainingMethod(Generic[OptionsT]):
         """Write the result in the user-facing format (atomically) and return its path."""
         raise NotImplementedError
 
+    def saved_files(self, path: Path) -> list[Path]:
+        """Every file or folder :meth:`save` wrote when it returned ``path`` (``path`` first): what ``--save-limit``
+        deletes together when that intermediate result is pruned, and what a state records for a resumed run.
+        One by default; a method whose save writes companions (TI's ``--format`` copy, APT's ``-neg`` pair) names
+        them here, so nothing is ever found by a name pattern."""
+        return [Path(path)]
+
     def load_result(self, bundle: ModelBundle, path: Path) -> None:
         """Apply a result written by :meth:`save` to a fresh ``bundle`` (optional, but the
         contract suite in :mod:`sdcore.testing.contract` requires it: save -> load must give the

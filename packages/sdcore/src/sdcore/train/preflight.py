@@ -637,7 +637,13 @@ def planned_saves(options: TrainOptions, total_steps: int, steps_per_epoch: int)
     """(intermediate results kept, states kept) at the end of the run, following the runtime's
     save points (every ``save_every`` steps and ``save_every_epochs`` epochs, not at the last one)
     and retention (the newest ``save_limit`` results and ``keep_states`` states; a state with each save
-    and at the end). Epoch saves follow ``save_n_epoch_ratio`` when given (:func:`.checkpoints.epoch_save_interval`)."""
+    and at the end). Epoch saves follow ``save_n_epoch_ratio`` when given (:func:`.checkpoints.epoch_save_interval`).
+
+    The weights file a Ctrl-C/SIGTERM/stop writes is not counted: no run plans one, and with ``--save-limit`` it
+    is one of the N newest (the resumed run prunes to N as it starts), so it adds nothing at the end and one
+    result between the Ctrl-C and the resume, the same one result over N every save holds for a moment (it
+    writes the new file before deleting the oldest). Without a limit each interrupt keeps one more result, as
+    each ``--save-every`` save does."""
     from .checkpoints import epoch_save_interval
 
     o = options

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sdcore.data.dataset import build_dataset_index
 from sdcore.testing.datasets import pattern_image
 from sdcore.train.method import RunFacts, SaveInfo
@@ -315,3 +316,17 @@ def test_the_onetrainer_rule_in_ss_datasets(tmp_path):
     assert sorted(tuple(b["resolution"]) for b in dataset["bucket_info"]["buckets"].values()) == [(64, 64), (88, 48)]
     assert meta["sdcore_bucket_rule"] == "onetrainer"
     assert not {"ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_info"} & set(meta)
+
+
+@pytest.mark.parametrize(
+    ("length", "epochs"),
+    [({"max_steps": 3}, "2"), ({"max_steps": None, "epochs": 1}, "1"), ({"max_steps": 5, "epochs": 2}, "2")],
+)
+def test_the_epoch_keys_are_kohyas(tmp_path, length, epochs):
+    """kohya's ss_num_batches_per_epoch is its dataloader's length (micro-batches of an epoch) and ss_num_epochs
+    ``ceil(max_train_steps / ceil(batches / accumulation))``: 2 images x 3 repeats at batch 2 are 3 batches, 2
+    optimizer steps an epoch with accumulation 2, so 3 steps last 2 epochs; --epochs bounds it."""
+    _folder(tmp_path / "data" / "3_a", ["sks, red", "sks"])
+    meta = _train_with(tmp_path, tmp_path / "data", gradient_accumulation=2, **length)
+    assert meta["ss_num_batches_per_epoch"] == "3"
+    assert meta["ss_num_epochs"] == epochs

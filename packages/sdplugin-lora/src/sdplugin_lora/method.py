@@ -1926,6 +1926,8 @@ def kohya_training_metadata(options: LoraOptions, info: SaveInfo) -> dict[str, s
             {
                 "ss_training_started_at": str(int(run.started_at)),
                 "ss_max_train_steps": str(run.total_steps),
+                "ss_num_epochs": str(run.epochs),
+                "ss_num_batches_per_epoch": str(run.batches_per_epoch),
                 "ss_num_train_images": str(sum(e.repeats for e in entries if not e.is_class)),
                 "ss_num_reg_images": str(sum(e.repeats for e in entries if e.is_class)),
                 "ss_num_validation_images": str(run.validation_images),

@@ -546,12 +546,19 @@ class TrainSession:
             yield
 
     def run_facts(self) -> RunFacts:
+        per_epoch = self.data.steps_in_epoch(0, self.options.gradient_accumulation)
+        # kohya's num_train_epochs: ceil(max_train_steps / update steps per epoch); --epochs bounds it
+        epochs = math.ceil(self.total_steps / per_epoch) if per_epoch else 0
+        if self.max_epochs is not None:
+            epochs = min(epochs, self.max_epochs) if epochs else self.max_epochs
         return RunFacts(
             total_steps=self.total_steps,
             started_at=self.checkpoints.started_at,
             entries=tuple(self.data.trained_entries),
             family=self.bundle.family,
             validation_images=sum(entry.repeats for entry in self.data.held_out_entries),
+            batches_per_epoch=len(self.data.epoch_plan(0)),
+            epochs=epochs,
         )
 
     def context(self) -> TrainEventContext:

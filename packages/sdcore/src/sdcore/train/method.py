@@ -205,6 +205,12 @@ class RunFacts:
     family: str = ""
     #: held-out images times repeats (``--validation-split``; kohya's ``ss_num_validation_images``)
     validation_images: int = 0
+    #: micro-batches of the first epoch on this process (kohya's ``ss_num_batches_per_epoch``, the length of
+    #: its prepared dataloader); 0 where unknown
+    batches_per_epoch: int = 0
+    #: epochs the run lasts: ``--epochs``, or the epochs ``--max-steps`` reaches (kohya's ``ss_num_epochs``,
+    #: ``ceil(max_train_steps / steps per epoch)``); 0 where unknown
+    epochs: int = 0
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,20 @@ def test_pointing_at_a_concept_folder_uses_its_name(tmp_path, make):
     assert entry.repeats == 1 and entry.caption == "" and entry.subset.class_tokens is None
 
 
+def test_folder_names_are_parsed_as_kohya_parses_them(tmp_path, make):
+    """kohya's extract_dreambooth_params (config_util.py): ``int(name.split("_")[0])`` is the repeats and the
+    rest, joined with ``_``, the class tokens; so a folder named just ``10`` trains with 10 repeats and no
+    class tokens, and a name whose first ``_`` part is not a number is ignored."""
+    for name in ("10", "5_x_y", "3_my char", "_bad", "abc", "10 x", "0_zero"):
+        (tmp_path / name).mkdir()
+        make.noise().save(tmp_path / name / "a.png")
+    index = build_dataset_index(TrainOptions(data=str(tmp_path)))
+    got = {e.path.parent.name: (e.repeats, e.subset.class_tokens, e.caption) for e in index.entries}
+    assert got == {"10": (10, None, ""), "5_x_y": (5, "x_y", "x_y"), "3_my char": (3, "my char", "my char")}
+    assert _names(s.path for s in index.skipped) == {"_bad", "abc", "10 x", "0_zero"}
+    assert index.samples_per_epoch == 10 + 5 + 3
+
+
 def test_no_upscale_skips_a_long_thin_image_its_area_shrink_takes_under_the_step(tmp_path):
     """8000x70 at 512 with no-upscale: kohya's select_bucket (sd-scripts train_util.py:309-338) shrinks it to
     the 512x512 area, about 4000x35, whose bucket height is 0. It is skipped with its reason, not an error

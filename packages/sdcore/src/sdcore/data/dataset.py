@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 #: kohya folder names: ``<repeats>_<class tokens>``, e.g. ``10_mychar woman``.
 _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
+#: A sub-folder of a kohya dataset root: kohya's ``int(name.split("_")[0])`` repeats, the rest the class
+#: tokens, so a folder named just ``10`` has 10 repeats and none (the root's own name keeps needing
+#: the ``_``: a folder pointed at, e.g. ``2024``, is not read as 2024 repeats).
+_SUBFOLDER_RE = re.compile(r"^(\d+)(?:_(.*))?$")
 
 #: Files that legitimately sit beside images and are not reported as skipped.
 _SIDECAR_SUFFIXES = frozenset(CAPTION_EXTENSIONS) | {".npz", ".json", ".toml", ".yaml", ".yml", ".md", ".db", ".ini"}
@@ -416,7 +420,7 @@ def folder_subsets(
 ) -> list[SubsetOptions]:
     """Subsets of a kohya dataset folder.
 
-    Sub-folders named ``N_tokens`` become subsets with ``N`` repeats and class tokens
+    Sub-folders named ``N_tokens`` (or just ``N``, as kohya) become subsets with ``N`` repeats and class tokens
     ``tokens``; images directly inside ``root`` form a subset with 1 repeat (or, when ``root``
     itself is named ``N_tokens``, with its repeats and class tokens). Other sub-folders are
     reported in ``skipped`` (kohya ignores them silently, which hides mistakes).
@@ -428,7 +432,7 @@ def folder_subsets(
         if child.is_dir():
             if child.name.startswith("."):
                 continue
-            match = _FOLDER_RE.match(child.name)
+            match = _SUBFOLDER_RE.match(child.name)
             if not match:
                 if skipped is not None:
                     skipped.append(
@@ -440,7 +444,7 @@ def folder_subsets(
                 if skipped is not None:
                     skipped.append(SkippedFile(child, "folder has 0 repeats; ignored"))
                 continue
-            tokens = match.group(2).strip() or None
+            tokens = (match.group(2) or "").strip() or None
             subsets.append(
                 SubsetOptions(image_dir=child, repeats=repeats, is_class=is_class, class_tokens=tokens, **defaults)
             )

@@ -268,6 +268,32 @@ def test_folder_names_are_parsed_as_kohya_parses_them(tmp_path, make):
     assert index.samples_per_epoch == 10 + 5 + 3
 
 
+def test_a_caption_file_no_image_reads_is_listed_by_check_dry_run_and_run(tmp_path, make):
+    """A caption whose image was renamed or deleted trains nothing; kohya ignores it silently, sdcore lists
+    it with the skipped files (the one list check, the pre-flight and the run print). Captions an image
+    reads, a face-crop image's shared ``name.txt`` included, and an unreadable image's caption are not listed."""
+    from sdcore.data.check import check_dataset
+
+    folder = tmp_path / "10_x"
+    folder.mkdir()
+    make.noise().save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    make.noise().save(folder / "face_10_20_30_40.png")
+    (folder / "face.txt").write_text("shared by the crop")
+    (folder / "broken.jpg").write_bytes(b"")
+    (folder / "broken.txt").write_text("its image is listed")
+    (folder / "orphan.txt").write_text("no image")
+    (folder / "old.caption").write_text("no image either")
+    index = build_dataset_index(TrainOptions(data=str(tmp_path)))
+    reasons = {s.path.name: s.reason for s in index.skipped}
+    assert set(reasons) == {"broken.jpg", "orphan.txt", "old.caption"}
+    assert "caption file with no image named 'orphan'" in reasons["orphan.txt"]
+    assert "orphan.txt" in index.summary()
+    report = check_dataset(tmp_path, TrainOptions())
+    assert ("10_x/orphan.txt", reasons["orphan.txt"]) in report.skipped
+    assert report.problems - len(report.upscaled) == 3  # counted as problems (--strict)
+
+
 def test_no_upscale_skips_a_long_thin_image_its_area_shrink_takes_under_the_step(tmp_path):
     """8000x70 at 512 with no-upscale: kohya's select_bucket (sd-scripts train_util.py:309-338) shrinks it to
     the 512x512 area, about 4000x35, whose bucket height is 0. It is skipped with its reason, not an error

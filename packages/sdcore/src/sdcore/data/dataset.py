@@ -31,7 +31,7 @@ from .buckets import (
     resolution_pair,
     square_assignment,
 )
-from .captions import CAPTION_EXTENSIONS, filename_caption, read_caption
+from .captions import CAPTION_EXTENSIONS, _normalise_extension, caption_path_candidates, filename_caption, read_caption
 from .images import ImageError, is_image_path, probe_image, verify_image
 
 if TYPE_CHECKING:
@@ -1015,6 +1015,7 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         index.skipped.append(SkippedFile(directory, f"cannot list folder: {exc.strerror or exc}"))
         return
     images: list[Path] = []
+    caption_files: list[Path] = []  # caption-like files, to list those no image reads
     pending = list(children)
     walked = {directory.resolve()}  # a linked folder is read once: a link to a parent would loop for ever
     while pending:
@@ -1040,6 +1041,8 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             continue
         suffixes = subset.image_suffixes
         if not (is_image_path(path) if suffixes is None else path.suffix.lower() in suffixes):
+            if path.suffix.lower() in {*CAPTION_EXTENSIONS, _normalise_extension(subset.caption_extension).lower()}:
+                caption_files.append(path)
             if (
                 path.suffix.lower() not in _SIDECAR_SUFFIXES
                 and path.suffix.lower() != subset.caption_extension.lower()
@@ -1053,6 +1056,8 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             continue  # a conditioning image (OneTrainer skips every '-condlabel' stem, whatever its suffix)
         images.append(path)
     images.sort()
+    if not subset.caption_from_filename and subset.caption_text is None:
+        index.skipped.extend(_orphan_captions(caption_files, images, subset.caption_extension))
     for position, size in _usable_sizes(subset, images, index, verify):
         path = images[position]
         try:
@@ -1084,6 +1089,19 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
                 path=path, caption=caption, repeats=subset.repeats, is_class=subset.is_class, size=size, subset=subset
             )
         )
+
+
+def _orphan_captions(caption_files: list[Path], images: list[Path], extension: str) -> list[SkippedFile]:
+    """Caption files no image of the folder reads (its image renamed, deleted or of a type not read).
+
+    kohya ignores them silently; listing them shows a caption that trains nothing. An image that turns
+    out unreadable still owns its caption (the image itself is listed)."""
+    read = {candidate for image in images for candidate in caption_path_candidates(image, extension)}
+    return [
+        SkippedFile(path, f"caption file with no image named '{path.stem}' beside it; not used")
+        for path in sorted(caption_files)
+        if path not in read
+    ]
 
 
 def _reason(exc: Exception, path: Path) -> str:

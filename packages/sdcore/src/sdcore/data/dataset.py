@@ -436,7 +436,9 @@ def folder_subsets(
             if not match:
                 if skipped is not None:
                     skipped.append(
-                        SkippedFile(child, "folder name does not start with '<repeats>_' (e.g. 10_name); ignored")
+                        SkippedFile(
+                            child, "folder name does not start with a number of repeats (10_name, or just 10); ignored"
+                        )
                     )
                 continue
             repeats = int(match.group(1))

@@ -257,15 +257,26 @@ def test_pointing_at_a_concept_folder_uses_its_name(tmp_path, make):
 def test_folder_names_are_parsed_as_kohya_parses_them(tmp_path, make):
     """kohya's extract_dreambooth_params (config_util.py): ``int(name.split("_")[0])`` is the repeats and the
     rest, joined with ``_``, the class tokens; so a folder named just ``10`` trains with 10 repeats and no
-    class tokens, and a name whose first ``_`` part is not a number is ignored."""
-    for name in ("10", "5_x_y", "3_my char", "_bad", "abc", "10 x", "0_zero"):
+    class tokens, ``int`` strips spaces (`` 2_s``), a name whose first ``_`` part is not a number is ignored
+    and so is one under 1 repeat (``-1_x``, ``0_zero``). A file named like a folder is no folder (kohya
+    skips non-directories)."""
+    for name in ("10", "5_x_y", "3_my char", "4_", " 2_s", "_bad", "abc", "10 x", "0_zero", "-1_x", "1.5_x"):
         (tmp_path / name).mkdir()
         make.noise().save(tmp_path / name / "a.png")
+    (tmp_path / "7_file").write_text("not a folder")
     index = build_dataset_index(TrainOptions(data=str(tmp_path)))
     got = {e.path.parent.name: (e.repeats, e.subset.class_tokens, e.caption) for e in index.entries}
-    assert got == {"10": (10, None, ""), "5_x_y": (5, "x_y", "x_y"), "3_my char": (3, "my char", "my char")}
-    assert _names(s.path for s in index.skipped) == {"_bad", "abc", "10 x", "0_zero"}
-    assert index.samples_per_epoch == 10 + 5 + 3
+    assert got == {
+        "10": (10, None, ""),
+        "5_x_y": (5, "x_y", "x_y"),
+        "3_my char": (3, "my char", "my char"),
+        "4_": (4, None, ""),
+        " 2_s": (2, "s", "s"),
+    }
+    reasons = {s.path.name: s.reason for s in index.skipped}
+    assert set(reasons) == {"_bad", "abc", "10 x", "0_zero", "-1_x", "1.5_x"}
+    assert "-1 repeats" in reasons["-1_x"] and "0 repeats" in reasons["0_zero"]
+    assert index.samples_per_epoch == 10 + 5 + 3 + 4 + 2
 
 
 def test_a_caption_file_no_image_reads_is_listed_by_check_dry_run_and_run(tmp_path, make):

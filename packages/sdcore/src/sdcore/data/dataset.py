@@ -40,10 +40,22 @@ if TYPE_CHECKING:
 
 #: kohya folder names: ``<repeats>_<class tokens>``, e.g. ``10_mychar woman``.
 _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
-#: A sub-folder of a kohya dataset root: kohya's ``int(name.split("_")[0])`` repeats, the rest the class
-#: tokens, so a folder named just ``10`` has 10 repeats and none (the root's own name keeps needing
-#: the ``_``: a folder pointed at, e.g. ``2024``, is not read as 2024 repeats).
-_SUBFOLDER_RE = re.compile(r"^(\d+)(?:_(.*))?$")
+
+
+def _kohya_folder_params(name: str) -> tuple[int, str] | None:
+    """A sub-folder name read as kohya's ``extract_dreambooth_params`` (sd-scripts config_util.py) reads it.
+
+    ``int(name.split("_")[0])`` is the repeats and the rest, joined with ``_``, the class tokens: ``10``
+    is 10 repeats and no tokens, ``1_a_b`` 1 and ``a_b``, `` 10_x`` 10 (``int`` strips spaces), ``-1_x``
+    -1. ``None`` where that ``int`` fails (``abc``, ``_bad``, ``10 x``): kohya ignores the folder. The
+    root's own name keeps needing the ``_`` (:data:`_FOLDER_RE`): a folder pointed at, e.g. ``2024``, is
+    not read as 2024 repeats."""
+    head, _, rest = name.partition("_")
+    try:
+        return int(head), rest
+    except ValueError:
+        return None
+
 
 #: Files that legitimately sit beside images and are not reported as skipped.
 _SIDECAR_SUFFIXES = frozenset(CAPTION_EXTENSIONS) | {".npz", ".json", ".toml", ".yaml", ".yml", ".md", ".db", ".ini"}
@@ -432,8 +444,8 @@ def folder_subsets(
         if child.is_dir():
             if child.name.startswith("."):
                 continue
-            match = _SUBFOLDER_RE.match(child.name)
-            if not match:
+            params = _kohya_folder_params(child.name)
+            if params is None:
                 if skipped is not None:
                     skipped.append(
                         SkippedFile(
@@ -441,12 +453,14 @@ def folder_subsets(
                         )
                     )
                 continue
-            repeats = int(match.group(1))
+            repeats, rest = params
             if repeats < 1:
                 if skipped is not None:
-                    skipped.append(SkippedFile(child, "folder has 0 repeats; ignored"))
+                    skipped.append(
+                        SkippedFile(child, f"folder has {repeats} repeats (kohya reads under 1 as none); ignored")
+                    )
                 continue
-            tokens = (match.group(2) or "").strip() or None
+            tokens = rest.strip() or None
             subsets.append(
                 SubsetOptions(image_dir=child, repeats=repeats, is_class=is_class, class_tokens=tokens, **defaults)
             )

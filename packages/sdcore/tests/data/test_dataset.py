@@ -279,30 +279,68 @@ def test_folder_names_are_parsed_as_kohya_parses_them(tmp_path, make):
     assert index.samples_per_epoch == 10 + 5 + 3 + 4 + 2
 
 
-def test_a_caption_file_no_image_reads_is_listed_by_check_dry_run_and_run(tmp_path, make):
+def test_a_caption_file_no_image_reads_is_listed_not_counted_as_a_problem(tmp_path, make):
     """A caption whose image was renamed or deleted trains nothing; kohya ignores it silently, sdcore lists
-    it with the skipped files (the one list check, the pre-flight and the run print). Captions an image
-    reads, a face-crop image's shared ``name.txt`` included, and an unreadable image's caption are not listed."""
+    it (check, the pre-flight and the run) but does not count it as a problem: a renamed image is listed
+    already as uncaptioned, and a prompt list or notes file in the folder is harmless (``--strict`` passed
+    on such a folder before the listing). Captions an image reads, a face-crop image's shared ``name.txt``
+    and an upper-case suffix's included, and an unreadable image's caption are not listed."""
     from sdcore.data.check import check_dataset
 
     folder = tmp_path / "10_x"
     folder.mkdir()
     make.noise().save(folder / "a.png")
     (folder / "a.txt").write_text("a")
+    make.noise().save(folder / "up.JPG")
+    (folder / "up.txt").write_text("upper-case suffix")
     make.noise().save(folder / "face_10_20_30_40.png")
     (folder / "face.txt").write_text("shared by the crop")
     (folder / "broken.jpg").write_bytes(b"")
     (folder / "broken.txt").write_text("its image is listed")
     (folder / "orphan.txt").write_text("no image")
     (folder / "old.caption").write_text("no image either")
+    (folder / "meta_cap.json").write_text("{}")  # kohya's metadata: a sidecar, not a caption
     index = build_dataset_index(TrainOptions(data=str(tmp_path)))
-    reasons = {s.path.name: s.reason for s in index.skipped}
-    assert set(reasons) == {"broken.jpg", "orphan.txt", "old.caption"}
-    assert "caption file with no image named 'orphan'" in reasons["orphan.txt"]
-    assert "orphan.txt" in index.summary()
+    assert {s.path.name for s in index.skipped} == {"broken.jpg"}
+    assert [p.name for p in index.unused_captions] == ["old.caption", "orphan.txt"]
+    assert "2 caption files no image reads (not used): old.caption, orphan.txt" in index.summary()
     report = check_dataset(tmp_path, TrainOptions())
-    assert ("10_x/orphan.txt", reasons["orphan.txt"]) in report.skipped
-    assert report.problems - len(report.upscaled) == 3  # counted as problems (--strict)
+    assert report.unused_captions == ["10_x/old.caption", "10_x/orphan.txt"]
+    assert report.to_dict()["unused_captions"] == report.unused_captions
+    assert "10_x/orphan.txt" in report.to_text()
+    assert report.problems == len(report.skipped) + len(report.upscaled)  # broken.jpg (+ small images) only
+
+
+def test_an_upper_case_caption_a_case_blind_file_system_reads_is_not_listed(tmp_path, make):
+    """On Windows/macOS ``B.TXT`` is the ``B.txt`` that ``B.png`` reads; a link stands in for that here (the
+    test file system sees case). Where the file system sees case, ``C.TXT`` is not read and is listed."""
+    from sdcore.data.dataset import _unused_captions
+
+    for name in ("B", "C"):
+        make.noise().save(tmp_path / f"{name}.png")
+    (tmp_path / "B.TXT").write_text("b")
+    (tmp_path / "B.txt").symlink_to(tmp_path / "B.TXT")
+    (tmp_path / "C.TXT").write_text("c")
+    files = [tmp_path / n for n in ("B.TXT", "B.txt", "C.TXT")]
+    images = [tmp_path / "B.png", tmp_path / "C.png"]
+    assert _unused_captions(files, images, ".txt") == [tmp_path / "C.TXT"]
+
+
+def test_a_prompt_file_in_a_clean_dataset_keeps_check_strict_passing(tmp_path, make):
+    """kohya's --sample_prompts file (or notes) kept in the dataset folder trains nothing and harms nothing:
+    `sdcore data check --strict` passes as it did before unused captions were listed, and names it."""
+    from click.testing import CliRunner
+    from sdcore.builtin.data_commands import data_group
+
+    folder = tmp_path / "10_x"
+    folder.mkdir()
+    make.noise(64, 64).save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    (folder / "sample_prompts.txt").write_text("a photo of x --n blurry\n")
+    args = ["check", str(tmp_path), "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "64"]
+    result = CliRunner().invoke(data_group, [*args, "--strict"])
+    assert result.exit_code == 0, result.output
+    assert "OK: no problems found" in result.output and "10_x/sample_prompts.txt" in result.output
 
 
 def test_no_upscale_skips_a_long_thin_image_its_area_shrink_takes_under_the_step(tmp_path):

@@ -253,6 +253,10 @@ class DatasetIndex:
     empty_captions: list[Path] = field(default_factory=list)
     #: images without a caption file whose caption came from the folder's class tokens
     class_token_captions: list[Path] = field(default_factory=list)
+    #: caption-like files (``.txt``, ``.caption``) no image of their folder reads: listed, not a problem (an
+    #: image renamed away from its caption is listed already as uncaptioned; a prompt list or notes file is
+    #: harmless, and kohya ignores both)
+    unused_captions: list[Path] = field(default_factory=list)
     subsets: list[SubsetOptions] = field(default_factory=list)
     source: Path | None = None
     #: files the training method claimed (e.g. DreamArtist attention maps): kept out of ``entries``
@@ -311,6 +315,10 @@ class DatasetIndex:
             )
         if self.empty_captions:
             lines.append(f"  {len(self.empty_captions)} with an empty caption file")
+        if self.unused_captions:
+            shown = ", ".join(p.name for p in self.unused_captions[:5])
+            more = f" and {len(self.unused_captions) - 5} more" if len(self.unused_captions) > 5 else ""
+            lines.append(f"  {len(self.unused_captions)} caption files no image reads (not used): {shown}{more}")
         if self.skipped:
             lines.append(f"  {len(self.skipped)} files skipped:")
             for item in self.skipped[:20]:
@@ -1073,7 +1081,7 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         images.append(path)
     images.sort()
     if not subset.caption_from_filename and subset.caption_text is None:
-        index.skipped.extend(_orphan_captions(caption_files, images, subset.caption_extension))
+        index.unused_captions.extend(_unused_captions(caption_files, images, subset.caption_extension))
     for position, size in _usable_sizes(subset, images, index, verify):
         path = images[position]
         try:
@@ -1107,17 +1115,31 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         )
 
 
-def _orphan_captions(caption_files: list[Path], images: list[Path], extension: str) -> list[SkippedFile]:
-    """Caption files no image of the folder reads (its image renamed, deleted or of a type not read).
+def _unused_captions(caption_files: list[Path], images: list[Path], extension: str) -> list[Path]:
+    """Caption files no image of the folder reads (its image renamed, deleted or of a type not read, or a
+    text file that is no caption: a prompt list, notes).
 
     kohya ignores them silently; listing them shows a caption that trains nothing. An image that turns
-    out unreadable still owns its caption (the image itself is listed)."""
+    out unreadable still owns its caption (the image itself is listed). On a file system that ignores
+    case (Windows, macOS) ``A.TXT`` is the caption ``A.png`` reads as ``A.txt``."""
     read = {candidate for image in images for candidate in caption_path_candidates(image, extension)}
-    return [
-        SkippedFile(path, f"caption file with no image named '{path.stem}' beside it; not used")
-        for path in sorted(caption_files)
-        if path not in read
-    ]
+    by_name = {(c.parent, c.name.lower()): c for c in read}
+    unused = []
+    for path in sorted(caption_files):
+        if path in read:
+            continue
+        twin = by_name.get((path.parent, path.name.lower()))
+        if twin is not None and _same_file(twin, path):
+            continue
+        unused.append(path)
+    return unused
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _reason(exc: Exception, path: Path) -> str:

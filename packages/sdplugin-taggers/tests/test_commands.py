@@ -113,3 +113,29 @@ def test_command_module_is_import_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_a_kohya_dataset_root_without_recursive_says_to_add_it(wd_v3: Path, tmp_path: Path) -> None:
+    # kohya's layout keeps the images in data/10_name/; tagging data/ itself found 0 images and exited 0
+    # with nothing written. It stops (exit 1 as the tagger's other folder errors, one line) naming --recursive;
+    # --recursive tags them.
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    root = tmp_path / "data"
+    (root / "10_my char").mkdir(parents=True)
+    save_image(root / "10_my char" / "a.png")
+    cli = build_cli(get_plugin_manager())
+    args = ["tag", "wd14", str(root), "--model-dir", str(wd_v3), "--providers", "cpu", "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "no image directly in it, 1 in its sub-folders" in result.output and "--recursive" in result.output
+    assert not (root / "10_my char" / "a.txt").exists()
+    result = CliRunner().invoke(cli, [*args, "--recursive"])
+    assert result.exit_code == 0, result.output
+    assert (root / "10_my char" / "a.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["tag", "wd14", str(empty), "--model-dir", str(wd_v3), "--no-progress"])
+    assert result.exit_code == 0 and "images found: 0" in result.output  # nothing anywhere: nothing to say

@@ -89,3 +89,25 @@ def test_jsonl_output_is_atomic(tmp_path: Path) -> None:
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
         {"image_path": "a.png", "caption": "x"}
     ]
+
+
+@pytest.mark.parametrize("content", [b"", b"\r\n", b"\xef\xbb\xbf", b"  \n\n"])
+def test_skip_mode_fills_an_empty_caption_file(tmp_path: Path, content: bytes) -> None:
+    # `sdcore data check` lists an empty caption file as a problem (training falls back to the
+    # folder's class tokens); the tagger's default mode must fill it, not leave it empty as
+    # "caption exists". Only blank files count as empty: a BOM, spaces and line ends carry no tag.
+    image = tmp_path / "e.jpg"
+    (tmp_path / "e.txt").write_bytes(content)
+    writer = CaptionWriter("skip")
+    assert writer.skips(image) is False
+    assert writer.write(image, ["1girl", "solo"]) == "written"
+    assert (tmp_path / "e.txt").read_text(encoding="utf-8") == "1girl, solo\n"
+
+
+def test_skip_mode_keeps_a_non_blank_or_unreadable_caption(tmp_path: Path) -> None:
+    for name, content in (("a", b"\xef\xbb\xbfmytag\r\n"), ("b", b"\xff\xfe\x00binary\x80")):
+        (tmp_path / f"{name}.txt").write_bytes(content)
+        writer = CaptionWriter("skip")
+        assert writer.skips(tmp_path / f"{name}.png") is True
+        assert writer.write(tmp_path / f"{name}.png", ["new"]) == "skipped"
+        assert (tmp_path / f"{name}.txt").read_bytes() == content

@@ -254,6 +254,95 @@ def test_pointing_at_a_concept_folder_uses_its_name(tmp_path, make):
     assert entry.repeats == 1 and entry.caption == "" and entry.subset.class_tokens is None
 
 
+def test_folder_names_are_parsed_as_kohya_parses_them(tmp_path, make):
+    """kohya's extract_dreambooth_params (config_util.py): ``int(name.split("_")[0])`` is the repeats and the
+    rest, joined with ``_``, the class tokens; so a folder named just ``10`` trains with 10 repeats and no
+    class tokens, ``int`` strips spaces (`` 2_s``), a name whose first ``_`` part is not a number is ignored
+    and so is one under 1 repeat (``-1_x``, ``0_zero``). A file named like a folder is no folder (kohya
+    skips non-directories)."""
+    for name in ("10", "5_x_y", "3_my char", "4_", " 2_s", "_bad", "abc", "10 x", "0_zero", "-1_x", "1.5_x"):
+        (tmp_path / name).mkdir()
+        make.noise().save(tmp_path / name / "a.png")
+    (tmp_path / "7_file").write_text("not a folder")
+    index = build_dataset_index(TrainOptions(data=str(tmp_path)))
+    got = {e.path.parent.name: (e.repeats, e.subset.class_tokens, e.caption) for e in index.entries}
+    assert got == {
+        "10": (10, None, ""),
+        "5_x_y": (5, "x_y", "x_y"),
+        "3_my char": (3, "my char", "my char"),
+        "4_": (4, None, ""),
+        " 2_s": (2, "s", "s"),
+    }
+    reasons = {s.path.name: s.reason for s in index.skipped}
+    assert set(reasons) == {"_bad", "abc", "10 x", "0_zero", "-1_x", "1.5_x"}
+    assert "-1 repeats" in reasons["-1_x"] and "0 repeats" in reasons["0_zero"]
+    assert index.samples_per_epoch == 10 + 5 + 3 + 4 + 2
+
+
+def test_a_caption_file_no_image_reads_is_listed_not_counted_as_a_problem(tmp_path, make):
+    """A caption whose image was renamed or deleted trains nothing; kohya ignores it silently, sdcore lists
+    it (check, the pre-flight and the run) but does not count it as a problem: a renamed image is listed
+    already as uncaptioned, and a prompt list or notes file in the folder is harmless (``--strict`` passed
+    on such a folder before the listing). Captions an image reads, a face-crop image's shared ``name.txt``
+    and an upper-case suffix's included, and an unreadable image's caption are not listed."""
+    from sdcore.data.check import check_dataset
+
+    folder = tmp_path / "10_x"
+    folder.mkdir()
+    make.noise().save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    make.noise().save(folder / "up.JPG")
+    (folder / "up.txt").write_text("upper-case suffix")
+    make.noise().save(folder / "face_10_20_30_40.png")
+    (folder / "face.txt").write_text("shared by the crop")
+    (folder / "broken.jpg").write_bytes(b"")
+    (folder / "broken.txt").write_text("its image is listed")
+    (folder / "orphan.txt").write_text("no image")
+    (folder / "old.caption").write_text("no image either")
+    (folder / "meta_cap.json").write_text("{}")  # kohya's metadata: a sidecar, not a caption
+    index = build_dataset_index(TrainOptions(data=str(tmp_path)))
+    assert {s.path.name for s in index.skipped} == {"broken.jpg"}
+    assert [p.name for p in index.unused_captions] == ["old.caption", "orphan.txt"]
+    assert "2 caption files no image reads (not used): old.caption, orphan.txt" in index.summary()
+    report = check_dataset(tmp_path, TrainOptions())
+    assert report.unused_captions == ["10_x/old.caption", "10_x/orphan.txt"]
+    assert report.to_dict()["unused_captions"] == report.unused_captions
+    assert "10_x/orphan.txt" in report.to_text()
+    assert report.problems == len(report.skipped) + len(report.upscaled)  # broken.jpg (+ small images) only
+
+
+def test_an_upper_case_caption_a_case_blind_file_system_reads_is_not_listed(tmp_path, make):
+    """On Windows/macOS ``B.TXT`` is the ``B.txt`` that ``B.png`` reads; a link stands in for that here (the
+    test file system sees case). Where the file system sees case, ``C.TXT`` is not read and is listed."""
+    from sdcore.data.dataset import _unused_captions
+
+    for name in ("B", "C"):
+        make.noise().save(tmp_path / f"{name}.png")
+    (tmp_path / "B.TXT").write_text("b")
+    (tmp_path / "B.txt").symlink_to(tmp_path / "B.TXT")
+    (tmp_path / "C.TXT").write_text("c")
+    files = [tmp_path / n for n in ("B.TXT", "B.txt", "C.TXT")]
+    images = [tmp_path / "B.png", tmp_path / "C.png"]
+    assert _unused_captions(files, images, ".txt") == [tmp_path / "C.TXT"]
+
+
+def test_a_prompt_file_in_a_clean_dataset_keeps_check_strict_passing(tmp_path, make):
+    """kohya's --sample_prompts file (or notes) kept in the dataset folder trains nothing and harms nothing:
+    `sdcore data check --strict` passes as it did before unused captions were listed, and names it."""
+    from click.testing import CliRunner
+    from sdcore.builtin.data_commands import data_group
+
+    folder = tmp_path / "10_x"
+    folder.mkdir()
+    make.noise(64, 64).save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    (folder / "sample_prompts.txt").write_text("a photo of x --n blurry\n")
+    args = ["check", str(tmp_path), "--resolution", "64", "--min-bucket-reso", "64", "--max-bucket-reso", "64"]
+    result = CliRunner().invoke(data_group, [*args, "--strict"])
+    assert result.exit_code == 0, result.output
+    assert "OK: no problems found" in result.output and "10_x/sample_prompts.txt" in result.output
+
+
 def test_no_upscale_skips_a_long_thin_image_its_area_shrink_takes_under_the_step(tmp_path):
     """8000x70 at 512 with no-upscale: kohya's select_bucket (sd-scripts train_util.py:309-338) shrinks it to
     the 512x512 area, about 4000x35, whose bucket height is 0. It is skipped with its reason, not an error

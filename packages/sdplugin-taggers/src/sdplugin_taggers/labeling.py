@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sdcore.errors import DataError
+
 from .images import list_images
 from .tags import TagResult
 from .writer import CaptionWriter, jsonl_output
@@ -71,6 +73,14 @@ def label_folder(
 
     summary = Summary()
     images = list_images(folder, recursive=recursive)
+    if not images and not recursive and Path(folder).is_dir():
+        nested = len(list_images(folder, recursive=True))
+        if nested:
+            # kohya's layout keeps the images in DIR/10_name/: tagging DIR itself would write nothing
+            raise DataError(
+                f"{folder}: no image directly in it, {nested} in its sub-folders (a kohya dataset folder "
+                "such as data/10_name?): add --recursive (kohya's tagger flag too) or name a sub-folder"
+            )
     summary.found = len(images)
     todo: list[Path] = []
     for image in images:

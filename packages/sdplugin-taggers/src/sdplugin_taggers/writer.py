@@ -1,6 +1,7 @@
 """Caption files next to images, written so an existing caption is never lost by accident.
 
-Modes: ``skip`` leaves images that already have a caption alone (they are not even tagged),
+Modes: ``skip`` leaves images that already have a caption alone (they are not even tagged; a
+blank caption file counts as none),
 ``overwrite`` replaces, ``append`` keeps the existing tags first and adds only new ones,
 ``prepend`` puts the new tags first and keeps the existing ones not repeated. Tags compare by
 :func:`~sdplugin_taggers.tags.normalize_tag`, so ``long_hair`` and ``long hair`` are one tag.
@@ -74,6 +75,21 @@ def split_caption(text: str, separator: str = ",") -> list[str]:
     return [part.strip() for part in text.replace("\n", sep).split(sep) if part.strip()]
 
 
+def _has_caption(path: Path) -> bool:
+    """Whether ``path`` holds a caption ``skip`` must keep: it exists and is not blank.
+
+    A blank file (empty, or only a BOM, spaces and line ends) carries no tag: training treats it as
+    an empty caption (``sdcore data check`` lists it; kohya stops on it), so ``skip`` fills it. A file
+    that cannot be read or decoded is kept, as never destroying a caption matters more.
+    """
+    if not path.exists():
+        return False
+    try:
+        return bool(path.read_text(encoding="utf-8-sig").strip())
+    except (OSError, UnicodeDecodeError):
+        return True
+
+
 class CaptionWriter:
     """Writes one caption file per image according to ``mode``; counts what it did."""
 
@@ -96,12 +112,12 @@ class CaptionWriter:
 
     def skips(self, image: str | os.PathLike[str]) -> bool:
         """True when ``skip`` mode and a caption already exists (the image need not be tagged)."""
-        return self.mode == "skip" and self.path_for(image).exists()
+        return self.mode == "skip" and _has_caption(self.path_for(image))
 
     def write(self, image: str | os.PathLike[str], tags: list[str]) -> str:
         """Write the caption for ``image``; returns ``written``, ``skipped`` or ``kept``."""
         target = self.path_for(image)
-        if target.exists() and self.mode == "skip":
+        if self.mode == "skip" and _has_caption(target):
             self.counts["skipped"] += 1
             return "skipped"
         if target.exists() and self.mode in ("append", "prepend"):

@@ -41,6 +41,8 @@ class DatasetReport:
     missing_captions: list[str] = field(default_factory=list)
     empty_captions: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: caption files no image reads: listed, not counted as a problem (see ``DatasetIndex.unused_captions``)
+    unused_captions: list[str] = field(default_factory=list)
     upscaled: list[tuple[str, float]] = field(default_factory=list)
     buckets: dict[str, int] = field(default_factory=dict)
     #: with several training resolutions (``--resolutions``, a concepts file's resolution list, datasets
@@ -95,6 +97,7 @@ class DatasetReport:
             "missing_captions": self.missing_captions,
             "empty_captions": self.empty_captions,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "unused_captions": self.unused_captions,
             "upscaled": [{"path": p, "factor": round(f, 2)} for p, f in self.upscaled],
             "buckets": self.buckets,
             **(
@@ -142,6 +145,7 @@ class DatasetReport:
             )
             lines += listing("images without a mask", self.unmasked)
         lines += listing("skipped files", [f"{p}: {r}" for p, r in self.skipped])
+        lines += listing("caption files no image reads (not used; not counted as problems)", self.unused_captions)
         lines += listing(
             "missing captions (no caption file, no class tokens: trained uncaptioned)", self.missing_captions
         )
@@ -214,6 +218,7 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
     report.missing_captions = [rel(p) for p in index.missing_captions]
     report.empty_captions = [rel(p) for p in index.empty_captions]
     report.skipped = [(rel(s.path), s.reason) for s in index.skipped]
+    report.unused_captions = [rel(p) for p in index.unused_captions]
     report.errors.extend(index.problems)  # e.g. images a metadata file lists that are not there
     if not index.instance_entries:
         report.errors.append("no usable training images")

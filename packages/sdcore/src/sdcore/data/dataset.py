@@ -31,7 +31,7 @@ from .buckets import (
     resolution_pair,
     square_assignment,
 )
-from .captions import CAPTION_EXTENSIONS, filename_caption, read_caption
+from .captions import CAPTION_EXTENSIONS, _normalise_extension, caption_path_candidates, filename_caption, read_caption
 from .images import ImageError, is_image_path, probe_image, verify_image
 
 if TYPE_CHECKING:
@@ -40,6 +40,22 @@ if TYPE_CHECKING:
 
 #: kohya folder names: ``<repeats>_<class tokens>``, e.g. ``10_mychar woman``.
 _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
+
+
+def _kohya_folder_params(name: str) -> tuple[int, str] | None:
+    """A sub-folder name read as kohya's ``extract_dreambooth_params`` (sd-scripts config_util.py) reads it.
+
+    ``int(name.split("_")[0])`` is the repeats and the rest, joined with ``_``, the class tokens: ``10``
+    is 10 repeats and no tokens, ``1_a_b`` 1 and ``a_b``, `` 10_x`` 10 (``int`` strips spaces), ``-1_x``
+    -1. ``None`` where that ``int`` fails (``abc``, ``_bad``, ``10 x``): kohya ignores the folder. The
+    root's own name keeps needing the ``_`` (:data:`_FOLDER_RE`): a folder pointed at, e.g. ``2024``, is
+    not read as 2024 repeats."""
+    head, _, rest = name.partition("_")
+    try:
+        return int(head), rest
+    except ValueError:
+        return None
+
 
 #: Files that legitimately sit beside images and are not reported as skipped.
 _SIDECAR_SUFFIXES = frozenset(CAPTION_EXTENSIONS) | {".npz", ".json", ".toml", ".yaml", ".yml", ".md", ".db", ".ini"}
@@ -237,6 +253,10 @@ class DatasetIndex:
     empty_captions: list[Path] = field(default_factory=list)
     #: images without a caption file whose caption came from the folder's class tokens
     class_token_captions: list[Path] = field(default_factory=list)
+    #: caption-like files (``.txt``, ``.caption``) no image of their folder reads: listed, not a problem (an
+    #: image renamed away from its caption is listed already as uncaptioned; a prompt list or notes file is
+    #: harmless, and kohya ignores both)
+    unused_captions: list[Path] = field(default_factory=list)
     subsets: list[SubsetOptions] = field(default_factory=list)
     source: Path | None = None
     #: files the training method claimed (e.g. DreamArtist attention maps): kept out of ``entries``
@@ -295,6 +315,10 @@ class DatasetIndex:
             )
         if self.empty_captions:
             lines.append(f"  {len(self.empty_captions)} with an empty caption file")
+        if self.unused_captions:
+            shown = ", ".join(p.name for p in self.unused_captions[:5])
+            more = f" and {len(self.unused_captions) - 5} more" if len(self.unused_captions) > 5 else ""
+            lines.append(f"  {len(self.unused_captions)} caption files no image reads (not used): {shown}{more}")
         if self.skipped:
             lines.append(f"  {len(self.skipped)} files skipped:")
             for item in self.skipped[:20]:
@@ -416,7 +440,7 @@ def folder_subsets(
 ) -> list[SubsetOptions]:
     """Subsets of a kohya dataset folder.
 
-    Sub-folders named ``N_tokens`` become subsets with ``N`` repeats and class tokens
+    Sub-folders named ``N_tokens`` (or just ``N``, as kohya) become subsets with ``N`` repeats and class tokens
     ``tokens``; images directly inside ``root`` form a subset with 1 repeat (or, when ``root``
     itself is named ``N_tokens``, with its repeats and class tokens). Other sub-folders are
     reported in ``skipped`` (kohya ignores them silently, which hides mistakes).
@@ -428,19 +452,23 @@ def folder_subsets(
         if child.is_dir():
             if child.name.startswith("."):
                 continue
-            match = _FOLDER_RE.match(child.name)
-            if not match:
+            params = _kohya_folder_params(child.name)
+            if params is None:
                 if skipped is not None:
                     skipped.append(
-                        SkippedFile(child, "folder name does not start with '<repeats>_' (e.g. 10_name); ignored")
+                        SkippedFile(
+                            child, "folder name does not start with a number of repeats (10_name, or just 10); ignored"
+                        )
                     )
                 continue
-            repeats = int(match.group(1))
+            repeats, rest = params
             if repeats < 1:
                 if skipped is not None:
-                    skipped.append(SkippedFile(child, "folder has 0 repeats; ignored"))
+                    skipped.append(
+                        SkippedFile(child, f"folder has {repeats} repeats (kohya reads under 1 as none); ignored")
+                    )
                 continue
-            tokens = match.group(2).strip() or None
+            tokens = rest.strip() or None
             subsets.append(
                 SubsetOptions(image_dir=child, repeats=repeats, is_class=is_class, class_tokens=tokens, **defaults)
             )
@@ -1011,6 +1039,7 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         index.skipped.append(SkippedFile(directory, f"cannot list folder: {exc.strerror or exc}"))
         return
     images: list[Path] = []
+    caption_files: list[Path] = []  # caption-like files, to list those no image reads
     pending = list(children)
     walked = {directory.resolve()}  # a linked folder is read once: a link to a parent would loop for ever
     while pending:
@@ -1036,6 +1065,8 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             continue
         suffixes = subset.image_suffixes
         if not (is_image_path(path) if suffixes is None else path.suffix.lower() in suffixes):
+            if path.suffix.lower() in {*CAPTION_EXTENSIONS, _normalise_extension(subset.caption_extension).lower()}:
+                caption_files.append(path)
             if (
                 path.suffix.lower() not in _SIDECAR_SUFFIXES
                 and path.suffix.lower() != subset.caption_extension.lower()
@@ -1049,6 +1080,8 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             continue  # a conditioning image (OneTrainer skips every '-condlabel' stem, whatever its suffix)
         images.append(path)
     images.sort()
+    if not subset.caption_from_filename and subset.caption_text is None:
+        index.unused_captions.extend(_unused_captions(caption_files, images, subset.caption_extension))
     for position, size in _usable_sizes(subset, images, index, verify):
         path = images[position]
         try:
@@ -1080,6 +1113,33 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
                 path=path, caption=caption, repeats=subset.repeats, is_class=subset.is_class, size=size, subset=subset
             )
         )
+
+
+def _unused_captions(caption_files: list[Path], images: list[Path], extension: str) -> list[Path]:
+    """Caption files no image of the folder reads (its image renamed, deleted or of a type not read, or a
+    text file that is no caption: a prompt list, notes).
+
+    kohya ignores them silently; listing them shows a caption that trains nothing. An image that turns
+    out unreadable still owns its caption (the image itself is listed). On a file system that ignores
+    case (Windows, macOS) ``A.TXT`` is the caption ``A.png`` reads as ``A.txt``."""
+    read = {candidate for image in images for candidate in caption_path_candidates(image, extension)}
+    by_name = {(c.parent, c.name.lower()): c for c in read}
+    unused = []
+    for path in sorted(caption_files):
+        if path in read:
+            continue
+        twin = by_name.get((path.parent, path.name.lower()))
+        if twin is not None and _same_file(twin, path):
+            continue
+        unused.append(path)
+    return unused
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _reason(exc: Exception, path: Path) -> str:

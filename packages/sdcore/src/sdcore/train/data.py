@@ -656,6 +656,10 @@ def build_train_data(
         kept = [entry for entry in index.entries if not auxiliary(entry.path)]
         index.auxiliary_files = [entry.path for entry in index.entries if auxiliary(entry.path)]
         index.entries = kept
+        # the summary's caption counts are of training images: a method file is none
+        aux = set(index.auxiliary_files)
+        for listed in (index.missing_captions, index.empty_captions, index.class_token_captions):
+            listed[:] = [path for path in listed if path not in aux]
         if not kept:
             raise ConfigError(
                 f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on"

@@ -207,3 +207,30 @@ def test_spec_must_point_at_a_handler():
     pm = _pm_with(sdcore.PromptNetworkSpec(name="bad", handler=f"{HERE}:Activation", tag="bad"))
     with pytest.raises(PluginError, match="not a PromptNetworkHandler"):
         handlers_from_plugin_manager(pm)
+
+
+def test_a1111_root_folder_beside_models_dir(tmp_path):
+    """A1111 keeps ``embeddings/`` in its root, beside ``models/``: with ``--models-dir webui/models`` a spec's
+    ``root_subdir`` is ``webui/embeddings`` when that exists, else ``webui/models/<default_subdir>``."""
+    pm = _pm_with(
+        sdcore.PromptNetworkSpec(
+            name="rewrite", handler=f"{HERE}:Rewrite", default_subdir="embeddings", root_subdir="embeddings"
+        )
+    )
+    models = tmp_path / "webui" / "models"
+    models.mkdir(parents=True)
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir=models)[None]
+    assert untagged.directory == models / "embeddings"  # no A1111 root folder: sdcore's (and ComfyUI's) place
+    (tmp_path / "webui" / "embeddings").mkdir()
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir=models)[None]
+    assert untagged.directory == tmp_path / "webui" / "embeddings" and untagged.directory_is_default
+
+
+def test_ti_embeddings_default_to_the_a1111_root(tmp_path):
+    """The installed TI plugin declares A1111's root ``embeddings/`` folder."""
+    from sdcore.plugins import get_plugin_manager
+
+    (tmp_path / "embeddings").mkdir()
+    handlers = handlers_from_plugin_manager(get_plugin_manager(), {}, models_dir=tmp_path / "models")
+    folders = [h.directory for h in handlers[None] if h.directory_option == "embeddings_dir"]
+    assert folders == [tmp_path / "embeddings"]

@@ -210,7 +210,9 @@ def handlers_from_plugin_manager(
 
     ``directories`` maps a spec's ``directory_option`` (``"lora_dir"``) to the folder the user
     chose; otherwise the folder is ``models_dir / spec.default_subdir`` (A1111 layout:
-    ``models/Lora``, ``models/hypernetworks``; ``embeddings`` is relative to ``models_dir`` too).
+    ``models/Lora``, ``models/hypernetworks``); a spec's ``root_subdir`` is looked for beside ``models_dir``
+    first (A1111 keeps ``embeddings/`` in its root, next to ``models/``), and ``models_dir / default_subdir``
+    (``models/embeddings``, ComfyUI's place) is used when that folder does not exist.
     Two plugins claiming the same tag is a :class:`~sdcore.errors.PluginError`.
     """
     chosen = dict(directories or {})
@@ -221,9 +223,11 @@ def handlers_from_plugin_manager(
         if not (isinstance(cls, type) and issubclass(cls, PromptNetworkHandler)):
             raise PluginError(f"prompt network {spec.name!r}: {spec.handler} is not a PromptNetworkHandler subclass")
         directory = chosen.get(spec.directory_option) if spec.directory_option else None
-        default = directory is None and bool(spec.default_subdir)
+        default = directory is None and bool(spec.default_subdir or spec.root_subdir)
         if default:
-            directory = Path(models_dir) / str(spec.default_subdir)
+            root = Path(models_dir).parent / str(spec.root_subdir) if spec.root_subdir else None
+            directory = root if root is not None and (root.is_dir() or not spec.default_subdir) else None
+            directory = directory or Path(models_dir) / str(spec.default_subdir)
         handler = cls(directory)
         handler.directory_option, handler.directory_is_default = spec.directory_option, default
         handler.suffixes = tuple(spec.file_suffixes)  # type: ignore[misc]

@@ -436,3 +436,23 @@ def test_onetrainer_embedding_configs_follow_onetrainer_s_placeholder_rule(tmp_p
                          "tiny:sd1", "output_model_destination": "models/my emb.safetensors"})  # fmt: skip
     assert _imported_problems(tmp_path / "c", "ot.json", preset, "a <embedding>, red stripes") == ("filewords", [])
     assert _imported_problems(tmp_path / "d", "ot.json", preset, "a photo<embedding>") == ("filewords", [])
+
+
+def test_an_existing_embedding_is_not_silently_replaced(tmp_path):
+    """A1111 continues training an embedding file that exists; sdcore starts new vectors, so the pre-flight says
+    the file will be replaced and how to continue it (--resume latest, --init-weights)."""
+    from sdcore.train.preflight import run_preflight
+
+    def notes(**overrides):
+        options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, **overrides})
+        return [n for n in run_preflight(TIMethod(options), options, plan=False).notes if "exists" in n]
+
+    options = contract_options(TIMethod, tmp_path, TI_OPTIONS)
+    existing = TIMethod(options).resolve_output(Path(options.output))
+    assert notes() == []
+    existing.parent.mkdir(parents=True, exist_ok=True)
+    existing.write_bytes(b"old")
+    (note,) = notes()
+    assert note.startswith(f"{existing} exists: this run trains a new embedding") and "A1111 would continue" in note
+    assert f"--init-weights {existing}" in note and "--resume latest" in note
+    assert notes(resume="latest") == []

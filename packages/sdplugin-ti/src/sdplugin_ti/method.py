@@ -229,6 +229,28 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             f"(write {name} in the captions, or choose a template with [name])"
         ]
 
+    def dataset_notes(self, index: DatasetIndex) -> list[str]:
+        """An embedding file the run's final save would replace: A1111 continues training an embedding that
+        exists (from the step stored in it); a new run here starts fresh vectors, so it is said, with the two
+        ways to continue, before anything is written."""
+        notes = super().dataset_notes(index)
+        o = self.options
+        if o.resume or o.init_weights or not o.output:
+            return notes
+        output = Path(o.output)
+        folder = output.parent if output.suffix else output
+        first = output if output.suffix.lower() == ".pt" else None
+        for position, item in enumerate(self.trained_embeddings()):
+            path = first if position == 0 and first is not None else folder / f"{item.name}{self.output_suffix}"
+            if path.is_file():
+                notes.append(
+                    f"{path} exists: this run trains a new embedding from --init-text and replaces it at the end "
+                    "(A1111 would continue training it); to continue it, pass --resume latest (the run's saved "
+                    f"state, exactly) or --init-weights {path} (its vectors, a fresh optimizer)"
+                )
+                break
+        return notes
+
     def _initial_vectors(self, bundle: ModelBundle, item: TrainedEmbedding, keys: list[str]) -> dict[str, torch.Tensor]:
         """The starting vectors: ``--init-weights`` when given (checked against the model's widths),
         else the init text's token rows (A1111)."""

@@ -106,8 +106,8 @@ class PromptNetworkSpec:
     ``handler`` points at a :class:`sdcore.generate.networks.PromptNetworkHandler` subclass.
     ``directory_option`` names the folder option (``"lora_dir"``) the user sets once.
     ``default_subdir`` is the folder under ``--models-dir`` used when the user sets none; ``root_subdir`` a
-    folder of the A1111 root (``--models-dir``'s parent) used instead when it exists, for files A1111 keeps
-    beside ``models/`` rather than in it (``embeddings/``).
+    folder of the A1111 root (``--models-dir``'s parent), searched first when it exists (both when both exist),
+    for files A1111 keeps beside ``models/`` rather than in it (``embeddings/``).
     """
 
     name: str

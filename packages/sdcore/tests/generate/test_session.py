@@ -234,3 +234,27 @@ def test_ti_embeddings_default_to_the_a1111_root(tmp_path):
     handlers = handlers_from_plugin_manager(get_plugin_manager(), {}, models_dir=tmp_path / "models")
     folders = [h.directory for h in handlers[None] if h.directory_option == "embeddings_dir"]
     assert folders == [tmp_path / "embeddings"]
+
+
+def test_both_embeddings_folders_are_searched_when_both_exist(tmp_path, monkeypatch):
+    """``webui/embeddings`` (A1111's) and ``webui/models/embeddings`` (ComfyUI's, and sdcore's earlier default)
+    both existing: the files of both are found, so an embedding kept in either one is not silently left as text.
+    A relative ``--models-dir ..`` finds the root beside the folder it names, not beside the working folder."""
+    pm = _pm_with(
+        sdcore.PromptNetworkSpec(
+            name="rewrite", handler=f"{HERE}:Rewrite", default_subdir="embeddings", root_subdir="embeddings"
+        )
+    )
+    models = tmp_path / "webui" / "models"
+    for folder, name in ((tmp_path / "webui" / "embeddings", "a1111"), (models / "embeddings", "comfy")):
+        folder.mkdir(parents=True)
+        (folder / f"{name}.pt").write_bytes(b"x")
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir=models)[None]
+    assert sorted(p.name for p in untagged.available()) == ["a1111.pt", "comfy.pt"]
+    assert untagged.directory == tmp_path / "webui" / "embeddings"
+    assert untagged.more_directories == (models / "embeddings",)
+    (tmp_path / "cwd" / "inner" / "embeddings").mkdir(parents=True)  # beside the working folder: not the root
+    (tmp_path / "embeddings").mkdir()  # beside --models-dir .. (= cwd): A1111's root folder
+    monkeypatch.chdir(tmp_path / "cwd" / "inner")
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir="..")[None]
+    assert untagged.directory == tmp_path / "embeddings" and untagged.more_directories == ()

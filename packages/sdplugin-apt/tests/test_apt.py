@@ -518,3 +518,23 @@ def test_tread_never_drops_the_tokens_an_attention_map_weighs_above_normal(tmp_p
     (note,) = [n for n in session.method.dataset_notes(session.data.index) if "--tread-route" in n]
     assert "above normal" in note and "never dropped" in note
     assert not APTMethod(replace(options, tread_route=())).dataset_notes(session.data.index)
+
+
+def test_existing_positive_and_negative_files_are_both_named(tmp_path):
+    """An APT run replaces both ``<name>.pt`` and ``<name>-neg.pt``; --init-weights continues only the positive
+    (the negative starts from --neg-init-text), so the note says so."""
+    from sdcore.train.preflight import run_preflight
+
+    def notes(**overrides):
+        options = contract_options(APTMethod, tmp_path, {**APT_OPTIONS, **overrides})
+        return [n for n in run_preflight(APTMethod(options), options, plan=False).notes if " exist" in n]
+
+    output = tmp_path / "dream.pt"
+    negative = tmp_path / "dream-neg.pt"
+    negative.write_bytes(b"old")
+    (note,) = notes(output=str(output))
+    assert note.startswith(f"{negative} exists: this run trains new embeddings")
+    output.write_bytes(b"old")
+    (note,) = notes(output=str(output))
+    assert note.startswith(f"{output} and {negative} exist: this run trains new embeddings") and "replaces them" in note
+    assert f"--init-weights {output} (that file's vectors only" in note

@@ -446,3 +446,36 @@ def test_onetrainer_embedding_configs_follow_onetrainer_s_placeholder_rule(tmp_p
                          "tiny:sd1", "output_model_destination": "models/my emb.safetensors"})  # fmt: skip
     assert _imported_problems(tmp_path / "c", "ot.json", preset, "a <embedding>, red stripes") == ("filewords", [])
     assert _imported_problems(tmp_path / "d", "ot.json", preset, "a photo<embedding>") == ("filewords", [])
+
+
+def test_an_existing_embedding_is_not_silently_replaced(tmp_path):
+    """A1111 continues training an embedding file that exists; sdcore starts new vectors, so the pre-flight says
+    the file will be replaced and how to continue it: --init-weights, and --resume latest only where a saved state
+    is (a file copied from A1111 has none). The run's own intermediates (``embeddings/<name>-<step>.pt``) and a
+    --resume or --init-weights run say nothing."""
+    from sdcore.train.checkpoints import output_paths
+    from sdcore.train.preflight import run_preflight
+
+    def notes(**overrides):
+        options = contract_options(TIMethod, tmp_path, {**TI_OPTIONS, **overrides})
+        return [n for n in run_preflight(TIMethod(options), options, plan=False).notes if "exists" in n]
+
+    options = contract_options(TIMethod, tmp_path, TI_OPTIONS)
+    existing, state_root = output_paths(TIMethod(options), options)
+    intermediate = existing.parent / "embeddings" / f"{existing.stem}-500.pt"
+    intermediate.parent.mkdir(parents=True, exist_ok=True)
+    intermediate.write_bytes(b"old")
+    assert notes() == []
+    existing.write_bytes(b"old")
+    (note,) = notes()
+    assert note.startswith(f"{existing} exists: this run trains a new embedding") and "A1111 would continue" in note
+    assert note.endswith(f"to continue, pass --init-weights {existing} (its vectors, a fresh optimizer and step count)")
+    (state_root / "step-00000500").mkdir(parents=True)
+    (state_root / "step-00000500" / "train_state.json").write_text("{}")
+    (note,) = notes()
+    assert "pass --resume latest (the saved state of the run that wrote it, exactly) or --init-weights" in note
+    assert notes(resume="latest") == [] and notes(init_weights=str(existing)) == []
+    output = tmp_path / "mine.pt"  # --output naming the file: that file is the one replaced
+    output.write_bytes(b"old")
+    (note,) = notes(output=str(output))
+    assert note.startswith(f"{output} exists:")

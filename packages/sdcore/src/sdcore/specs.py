@@ -105,6 +105,9 @@ class PromptNetworkSpec:
     ``None`` for handlers that look at plain words (textual-inversion embedding names).
     ``handler`` points at a :class:`sdcore.generate.networks.PromptNetworkHandler` subclass.
     ``directory_option`` names the folder option (``"lora_dir"``) the user sets once.
+    ``default_subdir`` is the folder under ``--models-dir`` used when the user sets none; ``root_subdir`` a
+    folder of the A1111 root (``--models-dir``'s parent), searched first when it exists (both when both exist),
+    for files A1111 keeps beside ``models/`` rather than in it (``embeddings/``).
     """
 
     name: str
@@ -112,6 +115,7 @@ class PromptNetworkSpec:
     tag: str | None = None
     directory_option: str | None = None
     default_subdir: str | None = None
+    root_subdir: str | None = None
     file_suffixes: tuple[str, ...] = (".safetensors", ".pt", ".ckpt", ".bin")
 
     def __post_init__(self) -> None:

@@ -207,3 +207,54 @@ def test_spec_must_point_at_a_handler():
     pm = _pm_with(sdcore.PromptNetworkSpec(name="bad", handler=f"{HERE}:Activation", tag="bad"))
     with pytest.raises(PluginError, match="not a PromptNetworkHandler"):
         handlers_from_plugin_manager(pm)
+
+
+def test_a1111_root_folder_beside_models_dir(tmp_path):
+    """A1111 keeps ``embeddings/`` in its root, beside ``models/``: with ``--models-dir webui/models`` a spec's
+    ``root_subdir`` is ``webui/embeddings`` when that exists, else ``webui/models/<default_subdir>``."""
+    pm = _pm_with(
+        sdcore.PromptNetworkSpec(
+            name="rewrite", handler=f"{HERE}:Rewrite", default_subdir="embeddings", root_subdir="embeddings"
+        )
+    )
+    models = tmp_path / "webui" / "models"
+    models.mkdir(parents=True)
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir=models)[None]
+    assert untagged.directory == models / "embeddings"  # no A1111 root folder: sdcore's (and ComfyUI's) place
+    (tmp_path / "webui" / "embeddings").mkdir()
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir=models)[None]
+    assert untagged.directory == tmp_path / "webui" / "embeddings" and untagged.directory_is_default
+
+
+def test_ti_embeddings_default_to_the_a1111_root(tmp_path):
+    """The installed TI plugin declares A1111's root ``embeddings/`` folder."""
+    from sdcore.plugins import get_plugin_manager
+
+    (tmp_path / "embeddings").mkdir()
+    handlers = handlers_from_plugin_manager(get_plugin_manager(), {}, models_dir=tmp_path / "models")
+    folders = [h.directory for h in handlers[None] if h.directory_option == "embeddings_dir"]
+    assert folders == [tmp_path / "embeddings"]
+
+
+def test_both_embeddings_folders_are_searched_when_both_exist(tmp_path, monkeypatch):
+    """``webui/embeddings`` (A1111's) and ``webui/models/embeddings`` (ComfyUI's, and sdcore's earlier default)
+    both existing: the files of both are found, so an embedding kept in either one is not silently left as text.
+    A relative ``--models-dir ..`` finds the root beside the folder it names, not beside the working folder."""
+    pm = _pm_with(
+        sdcore.PromptNetworkSpec(
+            name="rewrite", handler=f"{HERE}:Rewrite", default_subdir="embeddings", root_subdir="embeddings"
+        )
+    )
+    models = tmp_path / "webui" / "models"
+    for folder, name in ((tmp_path / "webui" / "embeddings", "a1111"), (models / "embeddings", "comfy")):
+        folder.mkdir(parents=True)
+        (folder / f"{name}.pt").write_bytes(b"x")
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir=models)[None]
+    assert sorted(p.name for p in untagged.available()) == ["a1111.pt", "comfy.pt"]
+    assert untagged.directory == tmp_path / "webui" / "embeddings"
+    assert untagged.more_directories == (models / "embeddings",)
+    (tmp_path / "cwd" / "inner" / "embeddings").mkdir(parents=True)  # beside the working folder: not the root
+    (tmp_path / "embeddings").mkdir()  # beside --models-dir .. (= cwd): A1111's root folder
+    monkeypatch.chdir(tmp_path / "cwd" / "inner")
+    (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir="..")[None]
+    assert untagged.directory == tmp_path / "embeddings" and untagged.more_directories == ()

@@ -162,3 +162,28 @@ def test_sdcore_generate_says_a_family_flag_is_not_needed(flag):
     )
     typo = CliRunner().invoke(build_cli(_pm()), ["generate", "-m", "tiny:sd1", "--sedd", "3", "a cat"])
     assert typo.exit_code == 2 and "Did you mean" in typo.output and "--seed" in typo.output
+
+
+def test_a1111_preview_and_create_hypernetwork_fields():
+    """The Train tab's preview fields and the Create hypernetwork fields: each says what sdcore has, where the
+    nearest spelling was wrong (--weight-init suggested kohya's --weights of ti, --dropout-structure
+    --t5-dropout-rate, --nvpt --t5)."""
+    assert "(A1111's save_image_with_stored_embedding: no equivalent:" in _error(
+        "ti", "--save-image-with-stored-embedding"
+    )
+    assert "(A1111's preview_from_txt2img: no equivalent: write the preview's prompt and settings as a " in _error(
+        "ti", "--preview-from-txt2img"
+    )
+    assert "(did you mean --vectors (A1111's nvpt)?)" in _error("ti", "--nvpt", "2")
+    assert "(did you mean --init (A1111's weight_init)? A1111's names" in _error("hn", "--weight-init", "Normal")
+    assert _error("hn", "--dropout-structure", "0,0.1,0").endswith(
+        "(A1111's dropout_structure: the hypernetwork's dropout is --dropout of `sdcore train hn`, the structure "
+        "itself (e.g. 0,0.1,0))"
+    )
+    assert "(A1111's use_dropout: a checkbox in A1111; the hypernetwork's dropout is --dropout" in _error(
+        "lora", "--use-dropout"
+    )
+    assert "(did you mean --layer-norm (A1111's add_layer_norm)?)" in _error("hn", "--add-layer-norm")
+    assert "(A1111's weight_init is --init of `sdcore train hn`, not of this method)" in _error(
+        "ti", "--weight-init", "Normal"
+    )

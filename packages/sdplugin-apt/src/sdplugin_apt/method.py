@@ -110,6 +110,11 @@ class APTMethod(TIMethod[APTOptions]):
             TrainedEmbedding(self.neg_name, o.neg_init_text, o.neg_vectors),
         ]
 
+    def final_files(self) -> list[Path]:
+        """The positive ``.pt`` and its ``-neg.pt`` beside it (:meth:`save`)."""
+        (positive,) = super().final_files()
+        return [positive, positive.parent / f"{positive.stem}{NEG_SUFFIX}.pt"]
+
     # --- setup -------------------------------------------------------------------------------------
     def validate(self) -> None:
         super().validate()

@@ -229,6 +229,43 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             f"(write {name} in the captions, or choose a template with [name])"
         ]
 
+    def final_files(self) -> list[Path]:
+        """The ``.pt`` files the final save writes (:meth:`save`; ``--format``'s copy lies beside each): the
+        ``--output`` file when it ends in ``.pt``, else ``<folder>/<name>.pt``."""
+        output = Path(self.options.output).expanduser()
+        final = self.resolve_output(output)
+        return [final if final.suffix.lower() == ".pt" else final.parent / f"{self.options.name}.pt"]
+
+    def dataset_notes(self, index: DatasetIndex) -> list[str]:
+        """Embedding files the run's final save would replace: A1111 continues training an embedding that
+        exists (from the step stored in it); a new run here starts fresh vectors, so it is said, with the ways
+        to continue, before anything is written. ``--resume latest`` is offered only where a saved state is
+        (a file copied from A1111 has none)."""
+        from sdcore.train.checkpoints import output_paths
+        from sdcore.train.state import list_states
+
+        notes = super().dataset_notes(index)
+        o = self.options
+        if o.resume or o.init_weights or not o.output:
+            return notes
+        files = self.final_files()
+        existing = [path for path in files if path.is_file()]
+        if not existing:
+            return notes
+        listed = " and ".join(str(path) for path in existing)
+        one = len(existing) == 1
+        ways = [f"--init-weights {files[0]} (its vectors, a fresh optimizer and step count)"]
+        if len(files) > 1:
+            ways[0] = f"--init-weights {files[0]} (that file's vectors only, a fresh optimizer and step count)"
+        if list_states(output_paths(self, o)[1]):
+            ways.insert(0, "--resume latest (the saved state of the run that wrote it, exactly)")
+        notes.append(
+            f"{listed} {'exists' if one else 'exist'}: this run trains {'a new embedding' if len(files) == 1 else 'new embeddings'} "
+            f"from --init-text and replaces {'it' if one else 'them'} at the end (A1111 would continue training "
+            f"{'it' if one else 'them'}); to continue, pass {' or '.join(ways)}"
+        )
+        return notes
+
     def _initial_vectors(self, bundle: ModelBundle, item: TrainedEmbedding, keys: list[str]) -> dict[str, torch.Tensor]:
         """The starting vectors: ``--init-weights`` when given (checked against the model's widths),
         else the init text's token rows (A1111)."""

@@ -29,6 +29,7 @@ def sdcore_register_prompt_networks(register: Callable[[PromptNetworkSpec], None
             handler="sdplugin_ti.apply:EmbeddingHandler",
             directory_option="embeddings_dir",
             default_subdir="embeddings",
+            root_subdir="embeddings",  # A1111's stable-diffusion-webui/embeddings, beside models/
             file_suffixes=(".pt", ".bin", ".safetensors", ".png", ".webp"),
         )
     )

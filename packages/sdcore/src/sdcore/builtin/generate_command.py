@@ -306,7 +306,8 @@ class _GenerateCommand(click.Command):
     default="models",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="A1111-style models folder: Lora/, embeddings/, hypernetworks/ are looked up below it.",
+    help="A1111's models folder: Lora/ and hypernetworks/ are looked up below it, embeddings/ beside it (the "
+    "A1111 root's) and below it (ComfyUI's).",
 )
 @click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of <lora:...> files.")
 @click.option("--embeddings-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of embeddings.")

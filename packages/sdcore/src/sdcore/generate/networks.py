@@ -144,17 +144,24 @@ class PromptNetworkHandler:
         # :func:`sdcore.generate.session.handlers_from_plugin_manager` so "not found" can say how to point at it.
         self.directory_option: str | None = None
         self.directory_is_default = False
+        # Further default folders searched after ``directory`` (A1111's root ``embeddings/`` and
+        # ``models/embeddings`` when both exist), set by :func:`sdcore.generate.session.handlers_from_plugin_manager`.
+        self.more_directories: tuple[Path, ...] = ()
         # Extra generation options (``sdcore generate -O key=value`` and plugin-added flags), set by
         # :func:`sdcore.generate.session.handlers_from_plugin_manager`; handlers read what they need.
         self.options: dict[str, Any] = {}
 
     def available(self) -> list[Path]:
-        """Files this handler could load from its directory (recursively), leaving out resumable
+        """Files this handler could load from its directory and :attr:`more_directories` (recursively), leaving out resumable
         training states (a folder with ``train_state.json``: its ``trainable.safetensors`` has a
         network's keys but is no network to name in a prompt)."""
-        if self.directory is None or not self.directory.is_dir():
-            return []
-        files = [p for p in self.directory.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file()]
+        folders = [f for f in (self.directory, *self.more_directories) if f is not None and f.is_dir()]
+        files = _distinct_files(
+            p
+            for folder in folders
+            for p in sorted(folder.rglob("*"))
+            if p.suffix.lower() in self.suffixes and p.is_file()
+        )
         states = {folder for folder in {p.parent for p in files} if (folder / "train_state.json").is_file()}
         return sorted(p for p in files if p.parent not in states)
 
@@ -205,7 +212,8 @@ class PromptNetworkHandler:
             where = "(no directory set)"
         else:
             missing = "" if self.directory.is_dir() else ", which does not exist"
-            where = f"{self.directory.absolute()} and its subfolders{missing}"
+            more = "".join(f" and {folder.absolute()}" for folder in self.more_directories)
+            where = f"{self.directory.absolute()}{more} and its subfolders{missing}"
         message = f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
         if self.directory_option:
             flag = "--" + self.directory_option.replace("_", "-")

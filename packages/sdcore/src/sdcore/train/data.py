@@ -653,14 +653,22 @@ def build_train_data(
 
     index = build_dataset_index(options)
     if auxiliary is not None:
-        kept = [entry for entry in index.entries if not auxiliary(entry.path)]
-        index.auxiliary_files = [entry.path for entry in index.entries if auxiliary(entry.path)]
-        index.entries = kept
-        if not kept:
-            raise ConfigError(
-                f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on"
-            )
+        drop_method_files(index, auxiliary, options.data)
     return plan_train_data(index, options, balance_class=balance_class, rank=rank, world_size=world_size)
+
+
+def drop_method_files(index: DatasetIndex, auxiliary: Any, data: str | None) -> None:
+    """Move the files ``auxiliary(path)`` claims (a method's files, e.g. DreamArtist's attention maps) from the
+    index's images to ``auxiliary_files``, and out of its caption counts: those count training images.
+    Nothing left to train on is a :class:`ConfigError`."""
+    aux = [entry.path for entry in index.entries if auxiliary(entry.path)]
+    index.auxiliary_files = aux
+    claimed = set(aux)
+    index.entries = [entry for entry in index.entries if entry.path not in claimed]
+    for listed in (index.missing_captions, index.empty_captions, index.class_token_captions):
+        listed[:] = [path for path in listed if path not in claimed]
+    if not index.entries:
+        raise ConfigError(f"{data}: every image is a method file (e.g. an attention map); nothing to train on")
 
 
 def plan_train_data(

@@ -2326,6 +2326,7 @@ def family_flag_hint(option: str) -> str | None:
 
 
 _A1111_SCHEDULE = "A1111's 'rate:step, rate' schedule strings are --lr-schedule of `sdcore train ti, hn, apt`"
+_HN_DROPOUT = "dropout is --dropout of `sdcore train hn`, the structure itself (e.g. 0,0.1,0)"
 _A1111_SIZE = (
     "A1111 resizes each image to W x H; sdcore builds aspect-ratio buckets of that area, or crops with --no-buckets"
 )
@@ -2385,6 +2386,24 @@ NAME_HINTS: dict[str, NameHint] = {
     "template_file": _a1111("template_file", "template", methods="ti, hn, apt"),
     "template_filename": _a1111("template_filename", "template", methods="ti, hn, apt"),
     "initialization_text": _a1111("initialization_text", "init_text", methods="ti, apt"),
+    "nvpt": _a1111("nvpt", "vectors", methods="ti, apt"),
+    "save_image_with_stored_embedding": _a1111(
+        "save_image_with_stored_embedding",
+        note="no equivalent: training writes no preview PNG carrying the embedding; the .pt (and --format's copy) "
+        "is the embedding, and sdplugin_ti.formats.save_embedding(emb, 'x.png', preview=image) writes such a PNG",
+    ),
+    "preview_from_txt2img": _a1111(
+        "preview_from_txt2img",
+        note="no equivalent: write the preview's prompt and settings as a --sample-prompts line (--n negative, --w "
+        "--h size, --s steps, --l CFG, --d seed, --ss sampler), rendered every --sample-every steps",
+    ),
+    # A1111's Create hypernetwork fields
+    "add_layer_norm": _a1111("add_layer_norm", "layer_norm", methods="hn"),
+    "activation_func": _a1111("activation_func", "activation", methods="hn"),
+    "weight_init": _a1111("weight_init", "init", "A1111's names (Normal, XavierUniform ...) are accepted", "hn"),
+    # no target: LoRA's --dropout is another thing (a dropout of its down output)
+    "dropout_structure": _a1111("dropout_structure", note=f"the hypernetwork's {_HN_DROPOUT}"),
+    "use_dropout": _a1111("use_dropout", note=f"a checkbox in A1111; the hypernetwork's {_HN_DROPOUT}"),
 }
 
 

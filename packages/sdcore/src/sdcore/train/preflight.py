@@ -1327,12 +1327,10 @@ def resolutions_problems(o: TrainOptions) -> list[str]:
 def _build_unverified(options: TrainOptions, method: TrainingMethod[Any]) -> TrainData:
     """The data plan without the per-image completeness check (the runtime verifies right after)."""
     from ..data.dataset import build_dataset_index
-    from .data import plan_train_data
+    from .data import drop_method_files, plan_train_data
 
     index = build_dataset_index(options, verify=False)
-    index.entries = [entry for entry in index.entries if not method.is_auxiliary_file(entry.path)]
-    if not index.entries:
-        raise ConfigError(f"{options.data}: every image is a method file (e.g. an attention map); nothing to train on")
+    drop_method_files(index, method.is_auxiliary_file, options.data)
     return plan_train_data(index, options, balance_class=method.capabilities().balance_class)
 
 

@@ -44,12 +44,39 @@ def create_command(images_dir: Path, clip: str, output: Path, batch_size: int, d
     click.echo(f"wrote {path} ({count} images, {embedding.shape[-1]} dims)")
 
 
+_NEGATIVE_TEXT = (
+    "the extension's 'Is negative text' is --aesthetic-text-negative; --aesthetic-negative is another switch: it "
+    "personalises the negative prompt too"
+)
+_EMBEDDING = "the extension's 'Aesthetic imgs embedding' (vicgalle's --aesthetic_embedding) is --aesthetic NAME or PATH"
+
+#: the A1111 extension's UI fields (and vicgalle's txt2img.py arguments) typed as options of ``sdcore generate``:
+#: click's nearest spelling would offer --aesthetic-negative for "Is negative text", which means something else
+EXTENSION_NAMES: dict[str, str] = {
+    "aesthetic-embedding": _EMBEDDING,
+    "aesthetic-imgs": _EMBEDDING,
+    "aesthetic-imgs-embedding": _EMBEDDING,
+    "aesthetic-learning-rate": "the extension's 'Aesthetic learning rate' is --aesthetic-lr",
+    "aesthetic-imgs-text": "the extension's 'Aesthetic text for imgs' is --aesthetic-text",
+    "aesthetic-text-for-imgs": "the extension's 'Aesthetic text for imgs' is --aesthetic-text",
+    "slerp-angle": "the extension's 'Slerp angle' is --aesthetic-slerp-angle",
+    "is-negative-text": _NEGATIVE_TEXT,
+    "aesthetic-is-negative-text": _NEGATIVE_TEXT,
+    "negative-text": _NEGATIVE_TEXT,
+    "slerp-interpolation": "the extension's 'Slerp interpolation' is --aesthetic-slerp",
+    "aesthetic-slerp-interpolation": "the extension's 'Slerp interpolation' is --aesthetic-slerp",
+}
+
+
 def register_generate_options() -> None:
-    """Add the ``--aesthetic*`` flags to ``sdcore generate`` (values reach the handler's ``options``)."""
+    """Add the ``--aesthetic*`` flags to ``sdcore generate`` (values reach the handler's ``options``), and
+    :data:`EXTENSION_NAMES` as hints for the extension's names."""
     try:
-        from sdcore.builtin.generate_command import add_generate_option
+        from sdcore.builtin.generate_command import add_generate_option, add_generate_option_hint
     except ImportError:  # an sdcore without the generate command
         return
+    for name, hint in EXTENSION_NAMES.items():
+        add_generate_option_hint(name, hint)
     add_generate_option("--aesthetic", default=None, help="Aesthetic embedding (.pt path or name in --aesthetic-dir).")
     add_generate_option("--aesthetic-dir", default=None, help="Folder of aesthetic embeddings.")
     add_generate_option("--aesthetic-weight", type=float, default=0.9, show_default=True, help="Blend weight (0: off).")

@@ -1,0 +1,56 @@
+"""An A1111 aesthetic-gradients extension user's walk: the extension's names and habits on sdcore's commands."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+
+def _cli():
+    import sdplugin_aesthetic.plugin
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    return build_cli(get_plugin_manager(entrypoints=False, extra=[sdplugin_aesthetic.plugin]))
+
+
+def _generate_error(*args: str) -> str:
+    result = CliRunner().invoke(_cli(), ["generate", "-m", "tiny:sd1", "--aesthetic", "style", *args, "a castle"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.output.strip().splitlines()[-1]
+
+
+# the extension's UI fields (scripts/aesthetic.py, aesthetic_clip.create_ui) and vicgalle's txt2img.py arguments
+# as a user types them -> the sdcore option that means the same
+SAME_MEANING = {
+    "--is-negative-text": "--aesthetic-text-negative",
+    "--aesthetic-is-negative-text": "--aesthetic-text-negative",
+    "--aesthetic-learning-rate": "--aesthetic-lr",
+    "--aesthetic-imgs": "--aesthetic NAME",
+    "--aesthetic-embedding": "--aesthetic NAME",
+    "--aesthetic-imgs-text": "--aesthetic-text",
+    "--slerp-angle": "--aesthetic-slerp-angle",
+    "--slerp-interpolation": "--aesthetic-slerp",
+    "--aesthetic_steps": "--aesthetic-steps",
+    "--aesthetic_lr": "--aesthetic-lr",
+    "--aesthetic_embedding": "--aesthetic NAME",
+}
+
+
+@pytest.mark.parametrize("typed", sorted(SAME_MEANING))
+def test_extension_names_on_generate_name_the_option_that_means_the_same(typed: str) -> None:
+    """``--is-negative-text`` got click's "Did you mean one of: '--aesthetic-negative', ...": a switch that
+    personalises the negative prompt, not the one that moves away from the aesthetic text."""
+    args = [typed] if "negative" in typed or "interpolation" in typed else [typed, "1"]
+    line = _generate_error(*args)
+    assert line.startswith(f"Error: No such option: {typed} (")
+    assert SAME_MEANING[typed] in line
+    assert "Did you mean one of" not in line
+    if "negative" in typed:
+        assert "--aesthetic-negative is another switch" in line
+
+
+def test_other_unknown_generate_options_keep_clicks_suggestion() -> None:
+    line = _generate_error("--aesthetic-wieght", "0.5")
+    assert "Did you mean" in line and "--aesthetic-weight" in line

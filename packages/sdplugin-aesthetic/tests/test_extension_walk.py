@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 
 def _cli():
@@ -54,3 +55,21 @@ def test_extension_names_on_generate_name_the_option_that_means_the_same(typed: 
 def test_other_unknown_generate_options_keep_clicks_suggestion() -> None:
     line = _generate_error("--aesthetic-wieght", "0.5")
     assert "Did you mean" in line and "--aesthetic-weight" in line
+
+
+def test_create_refuses_an_existing_output_before_loading_clip(tmp_path) -> None:
+    """``sdcore aesthetic create ... -o style.pt`` replaced an existing style.pt in silence (sdcore's rule for every
+    written file: an error unless --overwrite, found before any model loads)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    out = tmp_path / "style.pt"
+    out.write_bytes(b"keep me")
+    args = ["aesthetic", "create", str(images), "--clip", str(tmp_path / "no-clip"), "-o", str(out)]
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{out} already exists; pass --overwrite to replace it" in result.output
+    assert out.read_bytes() == b"keep me"
+    # with --overwrite it goes on (and fails here on the missing CLIP model, not on the output)
+    again = CliRunner().invoke(_cli(), [*args, "--overwrite"])
+    assert "already exists" not in again.output and "no-clip" in again.output

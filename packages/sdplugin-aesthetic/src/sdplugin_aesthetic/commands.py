@@ -30,12 +30,22 @@ def aesthetic_group() -> None:
 )
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per CLIP batch.")
 @click.option("--device", default=None, help="torch device for CLIP (default: cuda when available, else cpu).")
-def create_command(images_dir: Path, clip: str, output: Path, batch_size: int, device: str | None) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the output if it already exists (else that is an error, found first)."
+)
+def create_command(
+    images_dir: Path, clip: str, output: Path, batch_size: int, device: str | None, overwrite: bool
+) -> None:
     """Write the mean CLIP image embedding of IMAGES_DIR as an aesthetic embedding."""
     import torch
+    from sdcore.errors import ConfigError
+    from sdcore.io import output_problems
 
     from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding
 
+    problems = output_problems([output], overwrite=overwrite)  # before CLIP loads: sdcore's rule for every output
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     count = len(list_images(images_dir))

@@ -339,3 +339,37 @@ def test_generate_applies_aesthetic_gradients_end_to_end(tmp_path: Path) -> None
     base = render(None)
     assert np.array_equal(render("0"), base)
     assert np.abs(render("0.9") - base).mean() > 0.5
+
+
+def test_create_by_name_writes_where_generate_finds_it(clip_dir: Path, images_dir: Path, tmp_path: Path) -> None:
+    """The extension's "Create aesthetic embedding" tab takes a name (its aesthetic_embeddings/NAME.pt);
+    ``--name`` was "No such option". It writes under --models-dir, where the generate handler looks."""
+    import sdplugin_aesthetic.plugin
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.session import handlers_from_plugin_manager
+    from sdcore.plugins import get_plugin_manager
+
+    pm = get_plugin_manager(entrypoints=False, extra=[sdplugin_aesthetic.plugin])
+    models = tmp_path / "models"
+    args = ["aesthetic", "create", str(images_dir), "--clip", str(clip_dir), "--device", "cpu"]
+    result = CliRunner().invoke(build_cli(pm), [*args, "--name", "gloomcore", "--models-dir", str(models)])
+    assert result.exit_code == 0, result.output
+    written = models / "aesthetic_embeddings" / "gloomcore.pt"
+    assert f"wrote {written}" in result.output
+    torch.testing.assert_close(
+        load_aesthetic_embedding(written), load_aesthetic_embedding(_saved(images_dir, clip_dir, tmp_path))
+    )
+    (handler,) = handlers_from_plugin_manager(pm, models_dir=models)[None]
+    assert handler.find("gloomcore") == written
+    for extra, message in (
+        ([], "give -o PATH, or --name NAME"),
+        (["--name", "a", "-o", str(tmp_path / "b.pt")], "give -o PATH, or --name NAME"),
+        (["--name", "../up"], "--name '../up': use letters, digits"),
+    ):
+        bad = CliRunner().invoke(build_cli(pm), [*args, *extra])
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output
+
+
+def _saved(images_dir: Path, clip_dir: Path, tmp_path: Path) -> Path:
+    return save_aesthetic_embedding(create_aesthetic_embedding(images_dir, clip_dir), tmp_path / "direct.pt")

@@ -24,9 +24,22 @@ def aesthetic_group() -> None:
 @click.option(
     "--output",
     "-o",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the embedding (.pt).",
+    help="Where to write the embedding (.pt); or give --name.",
+)
+@click.option(
+    "--name",
+    default=None,
+    help="The extension's 'Name': write aesthetic_embeddings/NAME.pt under --models-dir, where "
+    "`sdcore generate --aesthetic NAME` finds it.",
+)
+@click.option(
+    "--models-dir",
+    default="models",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="sdcore generate's --models-dir (with --name).",
 )
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per CLIP batch.")
 @click.option("--device", default=None, help="torch device for CLIP (default: cuda when available, else cpu).")
@@ -34,15 +47,33 @@ def aesthetic_group() -> None:
     "--overwrite", is_flag=True, help="Replace the output if it already exists (else that is an error, found first)."
 )
 def create_command(
-    images_dir: Path, clip: str, output: Path, batch_size: int, device: str | None, overwrite: bool
+    images_dir: Path,
+    clip: str,
+    output: Path | None,
+    name: str | None,
+    models_dir: Path,
+    batch_size: int,
+    device: str | None,
+    overwrite: bool,
 ) -> None:
-    """Write the mean CLIP image embedding of IMAGES_DIR as an aesthetic embedding."""
+    """Write the mean CLIP image embedding of IMAGES_DIR as an aesthetic embedding (-o PATH or --name NAME)."""
     import torch
     from sdcore.errors import ConfigError
-    from sdcore.io import output_problems
+    from sdcore.io import file_stem_problem, output_problems
 
     from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding
 
+    if (output is None) == (name is None):
+        raise ConfigError(
+            "give -o PATH, or --name NAME (the extension's Name) to write aesthetic_embeddings/NAME.pt under "
+            "--models-dir, where `sdcore generate --aesthetic NAME` finds it"
+        )
+    if name is not None:
+        problem = file_stem_problem(name)
+        if problem:
+            raise ConfigError(problem)
+        output = models_dir / "aesthetic_embeddings" / f"{name}.pt"
+    assert output is not None
     problems = output_problems([output], overwrite=overwrite)  # before CLIP loads: sdcore's rule for every output
     if problems:
         raise ConfigError("; ".join(problems), problems)

@@ -373,3 +373,31 @@ def test_create_by_name_writes_where_generate_finds_it(clip_dir: Path, images_di
 
 def _saved(images_dir: Path, clip_dir: Path, tmp_path: Path) -> Path:
     return save_aesthetic_embedding(create_aesthetic_embedding(images_dir, clip_dir), tmp_path / "direct.pt")
+
+
+def test_create_reads_the_folders_own_images_like_the_extension(
+    clip_dir: Path, images_dir: Path, tmp_path: Path
+) -> None:
+    """The extension lists the source directory's own files (os.listdir); sdcore read its subfolders too, so a
+    folder with e.g. a rejected/ subfolder gave another embedding than the extension's, without a word."""
+    import shutil
+
+    from click.testing import CliRunner
+    from sdplugin_aesthetic.commands import aesthetic_group
+
+    folder = tmp_path / "set"
+    shutil.copytree(images_dir, folder)
+    (folder / "rejected").mkdir()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "rejected" / "red.png")
+    torch.testing.assert_close(
+        create_aesthetic_embedding(folder, clip_dir), create_aesthetic_embedding(images_dir, clip_dir)
+    )
+    out = tmp_path / "s.pt"
+    result = CliRunner().invoke(aesthetic_group, ["create", str(folder), "--clip", str(clip_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(3 images, 16 dims; 1 images in subfolders left out, as the extension leaves them)" in result.output
+    only_below = tmp_path / "only"
+    (only_below / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(only_below / "sub" / "a.png")
+    with pytest.raises(DataError, match="1 in its subfolders, which are not read"):
+        create_aesthetic_embedding(only_below, clip_dir)

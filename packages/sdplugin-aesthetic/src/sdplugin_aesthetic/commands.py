@@ -61,7 +61,7 @@ def create_command(
     from sdcore.errors import ConfigError
     from sdcore.io import file_stem_problem, output_problems
 
-    from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding
+    from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding, subfolder_images
 
     if (output is None) == (name is None):
         raise ConfigError(
@@ -82,7 +82,9 @@ def create_command(
     count = len(list_images(images_dir))
     embedding = create_aesthetic_embedding(images_dir, clip, batch_size, device=device)
     path = save_aesthetic_embedding(embedding, output)
-    click.echo(f"wrote {path} ({count} images, {embedding.shape[-1]} dims)")
+    below = subfolder_images(images_dir)
+    skipped = f"; {below} images in subfolders left out, as the extension leaves them" if below else ""
+    click.echo(f"wrote {path} ({count} images, {embedding.shape[-1]} dims{skipped})")
 
 
 _NEGATIVE_TEXT = (

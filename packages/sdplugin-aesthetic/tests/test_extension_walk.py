@@ -73,3 +73,16 @@ def test_create_refuses_an_existing_output_before_loading_clip(tmp_path) -> None
     # with --overwrite it goes on (and fails here on the missing CLIP model, not on the output)
     again = CliRunner().invoke(_cli(), [*args, "--overwrite"])
     assert "already exists" not in again.output and "no-clip" in again.output
+
+
+def test_a_missing_embedding_says_where_the_extension_keeps_its_files(tmp_path) -> None:
+    """The not-found message said the default folder is "the aesthetic_embeddings folder of --models-dir, as in
+    A1111", but the extension keeps its files in its own folder (scripts.basedir()/aesthetic_embeddings)."""
+    (tmp_path / "models" / "aesthetic_embeddings").mkdir(parents=True)
+    args = ["generate", "-m", "tiny:sd1", "--models-dir", str(tmp_path / "models"), "--aesthetic", "gloomcore"]
+    result = CliRunner().invoke(_cli(), [*args, "-o", str(tmp_path / "x.png"), "a castle"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "aesthetic embedding 'gloomcore' not found" in result.output
+    assert "as in A1111" not in result.output
+    assert "extensions/stable-diffusion-webui-aesthetic-gradients/aesthetic_embeddings" in result.output
+    assert "--aesthetic-dir" in result.output

@@ -339,3 +339,65 @@ def test_generate_applies_aesthetic_gradients_end_to_end(tmp_path: Path) -> None
     base = render(None)
     assert np.array_equal(render("0"), base)
     assert np.abs(render("0.9") - base).mean() > 0.5
+
+
+def test_create_by_name_writes_where_generate_finds_it(clip_dir: Path, images_dir: Path, tmp_path: Path) -> None:
+    """The extension's "Create aesthetic embedding" tab takes a name (its aesthetic_embeddings/NAME.pt);
+    ``--name`` was "No such option". It writes under --models-dir, where the generate handler looks."""
+    import sdplugin_aesthetic.plugin
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.generate.session import handlers_from_plugin_manager
+    from sdcore.plugins import get_plugin_manager
+
+    pm = get_plugin_manager(entrypoints=False, extra=[sdplugin_aesthetic.plugin])
+    models = tmp_path / "models"
+    args = ["aesthetic", "create", str(images_dir), "--clip", str(clip_dir), "--device", "cpu"]
+    result = CliRunner().invoke(build_cli(pm), [*args, "--name", "gloomcore", "--models-dir", str(models)])
+    assert result.exit_code == 0, result.output
+    written = models / "aesthetic_embeddings" / "gloomcore.pt"
+    assert f"wrote {written}" in result.output
+    torch.testing.assert_close(
+        load_aesthetic_embedding(written), load_aesthetic_embedding(_saved(images_dir, clip_dir, tmp_path))
+    )
+    (handler,) = handlers_from_plugin_manager(pm, models_dir=models)[None]
+    assert handler.find("gloomcore") == written
+    for extra, message in (
+        ([], "give -o PATH, or --name NAME"),
+        (["--name", "a", "-o", str(tmp_path / "b.pt")], "give -o PATH, or --name NAME"),
+        (["--name", "../up"], "--name '../up': use letters, digits"),
+    ):
+        bad = CliRunner().invoke(build_cli(pm), [*args, *extra])
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output
+
+
+def _saved(images_dir: Path, clip_dir: Path, tmp_path: Path) -> Path:
+    return save_aesthetic_embedding(create_aesthetic_embedding(images_dir, clip_dir), tmp_path / "direct.pt")
+
+
+def test_create_reads_the_folders_own_images_like_the_extension(
+    clip_dir: Path, images_dir: Path, tmp_path: Path
+) -> None:
+    """The extension lists the source directory's own files (os.listdir); sdcore read its subfolders too, so a
+    folder with e.g. a rejected/ subfolder gave another embedding than the extension's, without a word."""
+    import shutil
+
+    from click.testing import CliRunner
+    from sdplugin_aesthetic.commands import aesthetic_group
+
+    folder = tmp_path / "set"
+    shutil.copytree(images_dir, folder)
+    (folder / "rejected").mkdir()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "rejected" / "red.png")
+    torch.testing.assert_close(
+        create_aesthetic_embedding(folder, clip_dir), create_aesthetic_embedding(images_dir, clip_dir)
+    )
+    out = tmp_path / "s.pt"
+    result = CliRunner().invoke(aesthetic_group, ["create", str(folder), "--clip", str(clip_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(3 images, 16 dims; 1 images in subfolders left out, as the extension leaves them)" in result.output
+    only_below = tmp_path / "only"
+    (only_below / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(only_below / "sub" / "a.png")
+    with pytest.raises(DataError, match="1 in its subfolders, which are not read"):
+        create_aesthetic_embedding(only_below, clip_dir)

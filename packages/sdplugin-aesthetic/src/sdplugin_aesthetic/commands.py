@@ -24,32 +24,102 @@ def aesthetic_group() -> None:
 @click.option(
     "--output",
     "-o",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the embedding (.pt).",
+    help="Where to write the embedding (.pt); or give --name.",
+)
+@click.option(
+    "--name",
+    default=None,
+    help="The extension's 'Name': write aesthetic_embeddings/NAME.pt under --models-dir, where "
+    "`sdcore generate --aesthetic NAME` finds it.",
+)
+@click.option(
+    "--models-dir",
+    default="models",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="sdcore generate's --models-dir (with --name).",
 )
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per CLIP batch.")
 @click.option("--device", default=None, help="torch device for CLIP (default: cuda when available, else cpu).")
-def create_command(images_dir: Path, clip: str, output: Path, batch_size: int, device: str | None) -> None:
-    """Write the mean CLIP image embedding of IMAGES_DIR as an aesthetic embedding."""
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the output if it already exists (else that is an error, found first)."
+)
+def create_command(
+    images_dir: Path,
+    clip: str,
+    output: Path | None,
+    name: str | None,
+    models_dir: Path,
+    batch_size: int,
+    device: str | None,
+    overwrite: bool,
+) -> None:
+    """Write the mean CLIP image embedding of IMAGES_DIR as an aesthetic embedding (-o PATH or --name NAME)."""
     import torch
+    from sdcore.errors import ConfigError
+    from sdcore.io import file_stem_problem, output_problems
 
-    from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding
+    from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding, subfolder_images
 
+    if (output is None) == (name is None):
+        raise ConfigError(
+            "give -o PATH, or --name NAME (the extension's Name) to write aesthetic_embeddings/NAME.pt under "
+            "--models-dir, where `sdcore generate --aesthetic NAME` finds it"
+        )
+    if name is not None:
+        problem = file_stem_problem(name)
+        if problem:
+            raise ConfigError(problem)
+        output = models_dir / "aesthetic_embeddings" / f"{name}.pt"
+    assert output is not None
+    problems = output_problems([output], overwrite=overwrite)  # before CLIP loads: sdcore's rule for every output
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     count = len(list_images(images_dir))
     embedding = create_aesthetic_embedding(images_dir, clip, batch_size, device=device)
     path = save_aesthetic_embedding(embedding, output)
-    click.echo(f"wrote {path} ({count} images, {embedding.shape[-1]} dims)")
+    below = subfolder_images(images_dir)
+    skipped = f"; {below} images in subfolders left out, as the extension leaves them" if below else ""
+    click.echo(f"wrote {path} ({count} images, {embedding.shape[-1]} dims{skipped})")
+
+
+_NEGATIVE_TEXT = (
+    "the extension's 'Is negative text' is --aesthetic-text-negative; --aesthetic-negative is another switch: it "
+    "personalises the negative prompt too"
+)
+_EMBEDDING = "the extension's 'Aesthetic imgs embedding' (vicgalle's --aesthetic_embedding) is --aesthetic NAME or PATH"
+
+#: the A1111 extension's UI fields (and vicgalle's txt2img.py arguments) typed as options of ``sdcore generate``:
+#: click's nearest spelling would offer --aesthetic-negative for "Is negative text", which means something else
+EXTENSION_NAMES: dict[str, str] = {
+    "aesthetic-embedding": _EMBEDDING,
+    "aesthetic-imgs": _EMBEDDING,
+    "aesthetic-imgs-embedding": _EMBEDDING,
+    "aesthetic-learning-rate": "the extension's 'Aesthetic learning rate' is --aesthetic-lr",
+    "aesthetic-imgs-text": "the extension's 'Aesthetic text for imgs' is --aesthetic-text",
+    "aesthetic-text-for-imgs": "the extension's 'Aesthetic text for imgs' is --aesthetic-text",
+    "slerp-angle": "the extension's 'Slerp angle' is --aesthetic-slerp-angle",
+    "is-negative-text": _NEGATIVE_TEXT,
+    "aesthetic-is-negative-text": _NEGATIVE_TEXT,
+    "negative-text": _NEGATIVE_TEXT,
+    "slerp-interpolation": "the extension's 'Slerp interpolation' is --aesthetic-slerp",
+    "aesthetic-slerp-interpolation": "the extension's 'Slerp interpolation' is --aesthetic-slerp",
+}
 
 
 def register_generate_options() -> None:
-    """Add the ``--aesthetic*`` flags to ``sdcore generate`` (values reach the handler's ``options``)."""
+    """Add the ``--aesthetic*`` flags to ``sdcore generate`` (values reach the handler's ``options``), and
+    :data:`EXTENSION_NAMES` as hints for the extension's names."""
     try:
-        from sdcore.builtin.generate_command import add_generate_option
+        from sdcore.builtin.generate_command import add_generate_option, add_generate_option_hint
     except ImportError:  # an sdcore without the generate command
         return
+    for name, hint in EXTENSION_NAMES.items():
+        add_generate_option_hint(name, hint)
     add_generate_option("--aesthetic", default=None, help="Aesthetic embedding (.pt path or name in --aesthetic-dir).")
     add_generate_option("--aesthetic-dir", default=None, help="Folder of aesthetic embeddings.")
     add_generate_option("--aesthetic-weight", type=float, default=0.9, show_default=True, help="Blend weight (0: off).")

@@ -79,14 +79,28 @@ def load_clip(clip_path_or_id: str | Path, *, vision_only: bool = False) -> tupl
     return model, processor
 
 
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def list_images(images_dir: str | Path) -> list[Path]:
+    """The images directly in ``images_dir``, not in its subfolders: the extension (and vicgalle's script) read
+    the folder's own files only, so a folder keeps the same embedding it had there."""
     folder = Path(images_dir)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder of images")
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if _is_image(p))
     if not images:
-        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        below = subfolder_images(folder)
+        where = f"; {below} in its subfolders, which are not read (as in the extension)" if below else ""
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found{where}")
     return images
+
+
+def subfolder_images(images_dir: str | Path) -> int:
+    """How many images lie in ``images_dir``'s subfolders (left out of the embedding; said so on the console)."""
+    folder = Path(images_dir)
+    return sum(1 for p in folder.rglob("*") if p.parent != folder and _is_image(p))
 
 
 def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:

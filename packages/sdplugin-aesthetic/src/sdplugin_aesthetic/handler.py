@@ -46,6 +46,10 @@ class AestheticHandler(PromptNetworkHandler):
 
     tag = None
     kind = "aesthetic embedding"
+    a1111_folder_note = (
+        "where `sdcore aesthetic create --name` writes; the A1111 extension keeps its .pt files in "
+        "extensions/stable-diffusion-webui-aesthetic-gradients/aesthetic_embeddings"
+    )
     suffixes = (".pt",)
 
     def accepts(self, path: Path) -> bool:

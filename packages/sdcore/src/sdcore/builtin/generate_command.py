@@ -79,9 +79,39 @@ def _output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{index}{output.suffix or '.png'}") for index in range(count)]
 
 
+#: what other tools' option names are here, keyed by :func:`_hint_key` (plugins add theirs with
+#: :func:`add_generate_option_hint`): click's nearest spelling can name an option that means something else
+_OPTION_HINTS: dict[str, str] = {}
+
+
+def _hint_key(option: str) -> str:
+    return option.strip().lstrip("-").lower().replace("_", "-")
+
+
+def add_generate_option_hint(option: str, hint: str) -> None:
+    """Make ``sdcore generate OPTION`` (no such option; another tool's name for one, e.g. the A1111 aesthetic
+    extension's "Is negative text") say `` (HINT)`` instead of click's nearest spellings. Dashes, case and
+    underscores do not matter (``--is_negative_text`` matches ``is-negative-text``)."""
+    _OPTION_HINTS[_hint_key(option)] = hint
+
+
+def _option_hint(command: click.Command, ctx: click.Context, option: str) -> str | None:
+    """`` (HINT)`` for a registered name; for an option typed with underscores (vicgalle's ``--aesthetic_steps``,
+    Python scripts' habit) the option of that name with hyphens; else ``None`` (click's suggestion stays)."""
+    key = _hint_key(option)
+    if key in _OPTION_HINTS:
+        return f" ({_OPTION_HINTS[key]})"
+    if "_" in option:
+        flags = {flag for param in command.get_params(ctx) for flag in param.opts}
+        if f"--{key}" in flags:
+            return f" (did you mean --{key}? sdcore's options are written with hyphens)"
+    return None
+
+
 class _GenerateCommand(click.Command):
     """``sdcore generate``: an unknown model-family flag (``--sdxl``, from kohya's tools and other UIs) says that the
-    family is read from the model, where click would suggest a near option name (``--seed``)."""
+    family is read from the model, where click would suggest a near option name (``--seed``); another tool's name
+    registered with :func:`add_generate_option_hint`, or an option typed with underscores, names sdcore's option."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -89,7 +119,7 @@ class _GenerateCommand(click.Command):
         except click.NoSuchOption as exc:
             from ..train.kohya import family_flag_hint
 
-            hint = family_flag_hint(exc.option_name)
+            hint = family_flag_hint(exc.option_name) or _option_hint(self, ctx, exc.option_name)
             if hint is None:
                 raise
             raise click.NoSuchOption(
@@ -1240,4 +1270,4 @@ def sdcore_register_commands(cli: click.Group) -> None:
     cli.add_command(generate)
 
 
-__all__ = ["add_generate_option", "generate", "sdcore_register_commands"]
+__all__ = ["add_generate_option", "add_generate_option_hint", "generate", "sdcore_register_commands"]

@@ -132,6 +132,9 @@ class PromptNetworkHandler:
     suffixes: ClassVar[tuple[str, ...]] = (".safetensors", ".pt", ".ckpt", ".bin")
     #: what the user calls these files, for messages ("LoRA", "hypernetwork")
     kind: ClassVar[str] = "network"
+    #: where A1111 keeps these files, said when a name is not found in the default folder (an extension's
+    #: folder is not below ``models/``, so a handler can say where it is instead)
+    a1111_folder_note: ClassVar[str] = "as in A1111"
     #: ``True`` when :meth:`activate` resolves each ref's name with :meth:`find` (LoRA, hypernetworks): then
     #: :meth:`check` resolves them the same way before the model loads. A handler whose names are no files,
     #: or that resolves them otherwise, leaves it ``False`` (or overrides :meth:`check`).
@@ -219,7 +222,9 @@ class PromptNetworkHandler:
             flag = "--" + self.directory_option.replace("_", "-")
             default = ""
             if self.directory_is_default and self.directory is not None:
-                default = f" (the default is the {self.directory.name} folder of --models-dir, as in A1111)"
+                default = (
+                    f" (the default is the {self.directory.name} folder of --models-dir, {self.a1111_folder_note})"
+                )
             message += f"; point {flag} at the folder with your {self.kind} files{default}"
         return message
 

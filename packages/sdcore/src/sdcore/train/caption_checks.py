@@ -80,9 +80,13 @@ def filename_caption_notes(index: Any) -> list[str]:
     if not named:
         return []
     count = len(dict.fromkeys(path for path, _ in named))  # an image at several resolutions counts once
-    have, them = ("1 image has", "it") if count == 1 else (f"{count} images have", "them")
+    have, them = (
+        ("1 image has", "it from its file name")
+        if count == 1
+        else (f"{count} images have", "them from their file names")
+    )
     return [
-        f"{have} no caption file; A1111 would caption {them} from their file names (e.g. {named[0][1]!r}): give "
-        "--filename-captions a1111 to train them as A1111's TI/hypernetwork training did (in a dataset TOML: "
+        f"{have} no caption file; A1111 would caption {them} (e.g. {named[0][1]!r}): give "
+        "--filename-captions a1111 for the captions A1111's TI/hypernetwork training used (in a dataset TOML: "
         "filename_captions = 'a1111')"
     ]

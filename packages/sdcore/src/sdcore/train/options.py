@@ -187,8 +187,8 @@ class TrainOptions:
         "none",
         "Caption an image that has no caption file from its file name: a1111 as A1111's Train tab (TI, "
         "hypernetworks) does, the name without its leading numbers and dashes ('00001-0-a circle.png' -> 'a "
-        "circle'); stem the name as it is; spaces with '_' as spaces. A caption file always wins; a name that "
-        "gives no text (0001.png) falls back to the folder's class tokens (kohya's 10_name), as before.",
+        "circle'); stem the name as it is; spaces with '_' as spaces. A caption file always wins; the name comes "
+        "before a kohya folder's class tokens (10_name), which a name that gives no text (0001.png) still gets.",
         choices=FILENAME_CAPTIONS,
         group="data",
     )

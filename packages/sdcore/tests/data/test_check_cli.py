@@ -34,7 +34,7 @@ def test_check_report_lists_every_problem(messy_dataset):
         assert needle in text
     data = report.to_dict()
     json.dumps(data)
-    assert data["captions"] == {"from_files": 1, "from_class_tokens": 6, "missing": 1, "empty": 1}
+    assert data["captions"] == {"from_files": 1, "from_file_names": 0, "from_class_tokens": 6, "missing": 1, "empty": 1}
 
 
 def test_cli_check_json_and_text(messy_dataset):

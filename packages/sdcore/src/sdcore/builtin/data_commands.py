@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from ..data.captions import FILENAME_CAPTION_RULES
 from ..hookspecs import hookimpl
 
 
@@ -56,6 +57,14 @@ def data_group() -> None:
     "64 for SDXL and the flow models).",
 )
 @click.option("--caption-extension", default=".txt", show_default=True, help="Caption file extension.")
+@click.option(
+    "--filename-captions",
+    type=click.Choice(("none", *FILENAME_CAPTION_RULES)),  # the run's --filename-captions choices
+    default="none",
+    show_default=True,
+    help="Caption images that have no caption file from their file names, as a run with this option does "
+    "(a1111: A1111's Train tab, '00001-0-a circle.png' -> 'a circle'); a caption file always wins.",
+)
 @click.option("--reg-data", type=click.Path(exists=True), default=None, help="Regularisation/class images folder.")
 @click.option(
     "--metadata-file",
@@ -100,6 +109,7 @@ def check_command(
     no_buckets: bool,
     bucket_rule: str,
     caption_extension: str,
+    filename_captions: str,
     reg_data: str | None,
     metadata_file: str | None,
     dataset_repeats: int,
@@ -138,6 +148,7 @@ def check_command(
         buckets=not no_buckets,
         bucket_rule=bucket_rule,
         caption_extension=caption_extension,
+        filename_captions=filename_captions,
         metadata_file=metadata_file,
         dataset_repeats=dataset_repeats,
         batch_size=batch_size,

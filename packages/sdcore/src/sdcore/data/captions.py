@@ -50,18 +50,29 @@ def caption_path_candidates(image_path: str | os.PathLike[str], extension: str =
 
 
 #: how :func:`filename_caption` turns a file name into a caption: ``stem`` (OneTrainer's ``prompt_source
-#: filename``: mgds ``GetFilename(include_extension=False)``, the name without its last suffix, as it is) or
-#: ``spaces`` (SimpleTuner's ``caption_strategy filename``: the same stem with every ``_`` a space). Neither strips
+#: filename``: mgds ``GetFilename(include_extension=False)``, the name without its last suffix, as it is),
+#: ``spaces`` (SimpleTuner's ``caption_strategy filename``: the same stem with every ``_`` a space) or ``a1111``
+#: (A1111's Train tab, TI/hypernetwork/DreamArtist, for an image without ``<stem>.txt``: the stem without its
+#: leading run of digits and dashes and the blanks after it, so the numbers its Preprocess tab puts in front go:
+#: ``00001-0-a circle.png`` is ``a circle``, ``0001.png`` is ``""``). Neither ``stem`` nor ``spaces`` strips
 #: trailing numbers, hashes or dashes: ``a_photo_of_a_cat-123.png`` is ``a_photo_of_a_cat-123`` or
 #: ``a photo of a cat-123``.
-FILENAME_CAPTION_RULES = ("stem", "spaces")
+FILENAME_CAPTION_RULES = ("stem", "spaces", "a1111")
+
+#: A1111's ``re_numbers_at_start`` (modules/textual_inversion/dataset.py), removed from the stem by ``a1111``
+_A1111_NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")
 
 
 def filename_caption(image_path: str | os.PathLike[str], rule: str = "stem") -> str:
-    """The caption a trainer reads from the image's file name by ``rule`` (:data:`FILENAME_CAPTION_RULES`)."""
+    """The caption a trainer reads from the image's file name by ``rule`` (:data:`FILENAME_CAPTION_RULES`).
+
+    ``a1111`` leaves out A1111's optional ``dataset_filename_word_regex`` / ``dataset_filename_join_string``
+    (off by default there: no word filter, the text as it is)."""
     stem = Path(image_path).stem
     if rule == "spaces":
         return stem.replace("_", " ")
+    if rule == "a1111":
+        return _A1111_NUMBERS_AT_START.sub("", stem)
     if rule != "stem":
         raise ValueError(f"filename caption rule {rule!r}: choose one of {', '.join(FILENAME_CAPTION_RULES)}")
     return stem

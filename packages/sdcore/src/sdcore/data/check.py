@@ -38,6 +38,8 @@ class DatasetReport:
     batches_per_epoch: int = 0
     captions_from_files: int = 0
     class_token_captions: list[str] = field(default_factory=list)
+    #: images without a caption file captioned from their file names (``--filename-captions``)
+    filename_captions: list[str] = field(default_factory=list)
     missing_captions: list[str] = field(default_factory=list)
     empty_captions: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -89,10 +91,12 @@ class DatasetReport:
             "batches_per_epoch": self.batches_per_epoch,
             "captions": {
                 "from_files": self.captions_from_files,
+                "from_file_names": len(self.filename_captions),
                 "from_class_tokens": len(self.class_token_captions),
                 "missing": len(self.missing_captions),
                 "empty": len(self.empty_captions),
             },
+            "filename_captions": self.filename_captions,
             "class_token_captions": self.class_token_captions,
             "missing_captions": self.missing_captions,
             "empty_captions": self.empty_captions,
@@ -135,7 +139,9 @@ class DatasetReport:
             f"{self.samples_per_epoch} samples per epoch with repeats"
         )
         lines.append(
-            f"  captions: {self.captions_from_files} from files, {len(self.class_token_captions)} from class tokens, "
+            f"  captions: {self.captions_from_files} from files, "
+            + (f"{len(self.filename_captions)} from file names, " if self.filename_captions else "")
+            + f"{len(self.class_token_captions)} from class tokens, "
             f"{len(self.missing_captions)} missing, {len(self.empty_captions)} empty"
         )
         if self.masks is not None:
@@ -212,14 +218,18 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
     report.instance_images = len(index.instance_entries)
     report.class_images = len(index.class_entries)
     report.samples_per_epoch = index.samples_per_epoch
-    no_file = {*index.missing_captions, *index.class_token_captions, *index.empty_captions}
+    no_file = {*index.missing_captions, *index.class_token_captions, *index.empty_captions, *index.filename_captions}
     report.captions_from_files = sum(1 for e in index.entries if e.path not in no_file)
+    report.filename_captions = [rel(p) for p in index.filename_captions]
     report.class_token_captions = [rel(p) for p in index.class_token_captions]
     report.missing_captions = [rel(p) for p in index.missing_captions]
     report.empty_captions = [rel(p) for p in index.empty_captions]
     report.skipped = [(rel(s.path), s.reason) for s in index.skipped]
     report.unused_captions = [rel(p) for p in index.unused_captions]
     report.errors.extend(index.problems)  # e.g. images a metadata file lists that are not there
+    from ..train.caption_checks import filename_caption_notes
+
+    report.notes.extend(filename_caption_notes(index))  # the run's pre-flight note, word for word
     if not index.instance_entries:
         report.errors.append("no usable training images")
     from .onetrainer import mask_counts

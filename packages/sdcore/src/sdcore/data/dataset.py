@@ -178,6 +178,10 @@ class SubsetOptions:
     #: the file-name caption's rule (:data:`sdcore.data.captions.FILENAME_CAPTION_RULES`): OneTrainer's stem as it
     #: is, or SimpleTuner's (``caption_strategy filename``) with underscores as spaces
     filename_caption_rule: str = "stem"
+    #: an image without a caption file is captioned from its file name by this rule (``--filename-captions``,
+    #: the dataset TOML's ``filename_captions``; ``none``: off), before the class tokens; unlike
+    #: ``caption_from_filename`` a caption file still wins (A1111's Train tab reads ``<stem>.txt`` first)
+    filename_captions: str = "none"
     loss_weight: float = 1.0
     #: OneTrainer's masked training: each image's mask is the file beside it named ``<stem><mask_suffix>``
     #: (its ``-masklabel.png``), greyscale, a missing one weighting the whole image (``None``: no such masks)
@@ -257,6 +261,8 @@ class DatasetIndex:
     #: image renamed away from its caption is listed already as uncaptioned; a prompt list or notes file is
     #: harmless, and kohya ignores both)
     unused_captions: list[Path] = field(default_factory=list)
+    #: images without a caption file captioned from their file names (``filename_captions``)
+    filename_captions: list[Path] = field(default_factory=list)
     subsets: list[SubsetOptions] = field(default_factory=list)
     source: Path | None = None
     #: files the training method claimed (e.g. DreamArtist attention maps): kept out of ``entries``
@@ -307,6 +313,13 @@ class DatasetIndex:
             lines.append(
                 f"  {len(self.auxiliary_files)} method files (e.g. attention maps) used alongside, not trained on"
             )
+        if self.filename_captions:
+            named = set(self.filename_captions)
+            rules = sorted({getattr(e.subset, "filename_captions", "none") for e in self.entries if e.path in named})
+            lines.append(
+                f"  {len(self.filename_captions)} without caption file: captioned from their file names "
+                f"(--filename-captions {', '.join(rules)})"
+            )
         if self.class_token_captions:
             lines.append(f"  {len(self.class_token_captions)} without caption file: captioned with class tokens")
         if self.missing_captions:
@@ -349,6 +362,7 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
         options = TrainOptions()
     return {
         "caption_extension": options.caption_extension,
+        "filename_captions": options.filename_captions,
         "keep_tokens": options.keep_tokens,
         "shuffle_caption": options.shuffle_caption,
         "caption_dropout": options.caption_dropout,
@@ -506,6 +520,7 @@ _SUBSET_KEYS = {
     "class_tokens",
     "caption_extension",
     "caption_extention",  # kohya keeps the old misspelling
+    "filename_captions",  # sdcore's: caption an image without a caption file from its name (--filename-captions)
     "is_reg",
     "shuffle_caption",
     "keep_tokens",
@@ -540,7 +555,7 @@ _SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "contro
 #: ``metadata_file`` subset (captions come from the metadata; no class images there); the ones a
 #: fine-tuning ``[[datasets]]`` table refuses too are those that are not subset-only
 _NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir",
-                         "cache_info"}  # fmt: skip
+                         "cache_info", "filename_captions"}  # fmt: skip
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
     "debug_dataset",
@@ -604,6 +619,11 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
             raise DataError(
                 f"{path}: {where}: '{key}' must be one of {', '.join(RESIZE_INTERPOLATIONS)}, got {value!r}"
             )
+    elif kind == "a file-name caption rule":
+        from ..train.options import FILENAME_CAPTIONS
+
+        if value not in FILENAME_CAPTIONS:
+            raise DataError(f"{path}: {where}: '{key}' must be one of {', '.join(FILENAME_CAPTIONS)}, got {value!r}")
     elif kind == "a mask kind":
         from ..train.options import MASK_KINDS
 
@@ -668,6 +688,7 @@ _FIELD_OF = {
     "class_tokens": ("class_tokens", "a string"),
     "caption_extension": ("caption_extension", "a string"),
     "caption_extention": ("caption_extension", "a string"),
+    "filename_captions": ("filename_captions", "a file-name caption rule"),
     "is_reg": ("is_class", "a boolean"),
     "shuffle_caption": ("shuffle_caption", "a boolean"),
     "keep_tokens": ("keep_tokens", "a non-negative integer"),
@@ -1094,6 +1115,11 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
         except DataError as exc:
             index.skipped.append(SkippedFile(path, _reason(exc, path)))
             continue
+        if caption is None and subset.filename_captions != "none":  # a caption file always wins
+            named = filename_caption(path, subset.filename_captions)
+            if named.strip():  # a name of numbers only gives nothing: the class tokens, or uncaptioned
+                index.filename_captions.append(path)
+                caption = named
         if caption is None:
             if subset.class_tokens:
                 index.class_token_captions.append(path)

@@ -57,3 +57,36 @@ def caption_family_problems(options: TrainOptions, family_name: str) -> list[str
             "caption tokens); it works with SD1, SD2 and SDXL"
         ]
     return []
+
+
+def filename_caption_notes(index: Any) -> list[str]:
+    """A hint for datasets made in A1111's Train tab: images with no caption file (and no class tokens, which
+    caption them instead) that A1111 would have captioned from their file names (``00001-0-a circle.png`` ->
+    ``a circle``) but that train uncaptioned here unless ``--filename-captions a1111`` is given.
+
+    Nothing when the names give no text (``00012.png``: A1111 trains those uncaptioned too), when a subset
+    has class tokens (kohya's ``10_mychar`` folders: their numbered files are captioned by the folder), or when
+    ``--filename-captions`` is already on. The same words in the run's pre-flight and ``sdcore data check``."""
+    from ..data.captions import filename_caption
+
+    missing = set(index.missing_captions)
+    named = [
+        (entry.path, text)
+        for entry in index.entries
+        if entry.path in missing
+        and getattr(entry.subset, "filename_captions", "none") == "none"
+        and (text := filename_caption(entry.path, "a1111").strip())
+    ]
+    if not named:
+        return []
+    count = len(dict.fromkeys(path for path, _ in named))  # an image at several resolutions counts once
+    have, them = (
+        ("1 image has", "it from its file name")
+        if count == 1
+        else (f"{count} images have", "them from their file names")
+    )
+    return [
+        f"{have} no caption file; A1111 would caption {them} (e.g. {named[0][1]!r}): give "
+        "--filename-captions a1111 for the captions A1111's TI/hypernetwork training used (in a dataset TOML: "
+        "filename_captions = 'a1111')"
+    ]

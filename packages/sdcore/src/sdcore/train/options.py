@@ -12,6 +12,7 @@ from typing import Any
 
 from ..builtin.part_options import PART_OPTIONS
 from ..data.buckets import BUCKET_RULES
+from ..data.captions import FILENAME_CAPTION_RULES
 from ..data.resolutions import RESOLUTION_DRAWS
 from ..errors import ConfigError
 from ..options import option
@@ -72,6 +73,9 @@ INPAINTING_MASKS = ("dataset", "random")
 #: :func:`sdcore.train.data.load_mask`): ``red`` its R channel as it is (kohya, SimpleTuner's ``mask``),
 #: ``segmentation`` the mean of its channels, 1 wherever a latent cell is not all black (SimpleTuner's)
 MASK_KINDS = ("red", "segmentation")
+#: ``--filename-captions``: ``none`` (off) or a file-name rule (:data:`sdcore.data.captions.FILENAME_CAPTION_RULES`)
+#: that captions the images without a caption file
+FILENAME_CAPTIONS = ("none", *FILENAME_CAPTION_RULES)
 #: intermediate results kept by default (``--save-every`` without ``--save-limit``)
 DEFAULT_SAVE_LIMIT = 5
 
@@ -179,6 +183,15 @@ class TrainOptions:
         group="data",
     )
     caption_extension: str = option(".txt", "Caption file extension (.txt or .caption).", group="data")
+    filename_captions: str = option(
+        "none",
+        "Caption an image that has no caption file from its file name: a1111 as A1111's Train tab (TI, "
+        "hypernetworks) does, the name without its leading numbers and dashes ('00001-0-a circle.png' -> 'a "
+        "circle'); stem the name as it is; spaces with '_' as spaces. A caption file always wins; the name comes "
+        "before a kohya folder's class tokens (10_name), which a name that gives no text (0001.png) still gets.",
+        choices=FILENAME_CAPTIONS,
+        group="data",
+    )
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
     keep_tokens: int = option(0, "Keep the first N tags in place when shuffling or dropping.", group="data")
     caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", group="data")

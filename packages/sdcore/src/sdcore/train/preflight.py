@@ -1141,6 +1141,9 @@ def run_preflight(
             family = report.layout.family if report.layout is not None else None
             report.notes.extend(routing_dataset_notes(o, data.index, family))  # --tread-route keeps masked tokens
             report.notes.extend(bucket_side_notes(data.index))
+            from .caption_checks import filename_caption_notes
+
+            report.notes.extend(filename_caption_notes(data.index))  # an A1111 dataset's file-name captions
             from .data import mask_augment_checks
             from .inpainting import layout_kind
 

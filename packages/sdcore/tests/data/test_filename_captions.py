@@ -1,0 +1,238 @@
+"""A1111's file-name captions (``--filename-captions a1111``): an image with no caption file is captioned from its
+file name, the stem less its leading digits and dashes (A1111's ``re_numbers_at_start``, ``^[-\\d]+\\s*``), as
+its Train tab (TI, hypernetworks, DreamArtist) does; a caption file always wins."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+from sdcore.data.captions import FILENAME_CAPTION_RULES, filename_caption
+from sdcore.data.check import check_dataset
+from sdcore.data.dataset import build_dataset_index, load_toml_dataset_config, scan_dataset
+from sdcore.errors import DataError
+from sdcore.train.caption_checks import filename_caption_notes
+from sdcore.train.options import FILENAME_CAPTIONS, TrainOptions
+
+
+@pytest.mark.parametrize(
+    ("name", "caption"),
+    [
+        ("00001-0-a circle.png", "a circle"),  # A1111's Preprocess tab: {index:05}-{subindex}-{stem}.png
+        ("00012-3-a red barn, at dusk.jpg", "a red barn, at dusk"),
+        ("12 a cat.jpg", "a cat"),  # the blanks after the numbers go too
+        ("-3-x.png", "x"),  # dashes alone, or before digits
+        ("abc.png", "abc"),  # nothing to remove
+        ("0001.png", ""),  # numbers only: no caption
+        ("00001-0-.png", ""),
+        ("a1 2b.png", "a1 2b"),  # digits only at the start count
+        ("00001-0-a_b.c.webp", "a_b.c"),  # the last suffix only; '_' kept (A1111 does not touch it)
+        ("7-  lots  of  space .png", "lots  of  space "),  # as A1111: only the leading blanks go
+        ("d/sub/00003-1-in a folder.png", "in a folder"),  # the file name, not the folders
+    ],
+)
+def test_the_a1111_rule(name, caption):
+    assert filename_caption(name, "a1111") == caption
+    # A1111's own expression on its own stem (os.path.splitext of the base name)
+    stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    assert re.sub(r"^[-\d]+\s*", "", stem) == caption
+
+
+def test_the_rules_and_the_option_choices_are_one_list():
+    assert "a1111" in FILENAME_CAPTION_RULES
+    assert ("none", *FILENAME_CAPTION_RULES) == FILENAME_CAPTIONS
+    with pytest.raises(ValueError, match="a1111"):
+        filename_caption("x.png", "kohya")
+
+
+def _image(path, colour=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), colour).save(path)
+    return path
+
+
+def _a1111_folder(root):
+    """An A1111 Preprocess output: two named images without captions, one numbered only, one with a .txt."""
+    for name in ("00001-0-a circle.png", "00002-0-a red square.png", "00003.png", "00004-0-captioned.png"):
+        _image(root / name)
+    (root / "00004-0-captioned.txt").write_text("from the file", encoding="utf-8")
+    return root
+
+
+def _options(data, **kw):
+    return TrainOptions(data=str(data), resolution=64, min_bucket_reso=64, max_bucket_reso=128, **kw)
+
+
+def _captions(index):
+    return {e.path.name: e.caption for e in index.entries}
+
+
+def test_off_by_default_and_a_caption_file_always_wins(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    off = build_dataset_index(_options(data))
+    assert _captions(off) == {
+        "00001-0-a circle.png": "",
+        "00002-0-a red square.png": "",
+        "00003.png": "",
+        "00004-0-captioned.png": "from the file",
+    }
+    assert len(off.missing_captions) == 3 and off.filename_captions == []
+    on = build_dataset_index(_options(data, filename_captions="a1111"))
+    assert _captions(on) == {
+        "00001-0-a circle.png": "a circle",
+        "00002-0-a red square.png": "a red square",
+        "00003.png": "",  # nothing left of the name: uncaptioned, as in A1111
+        "00004-0-captioned.png": "from the file",  # the caption file, not its name's 'captioned'
+    }
+    assert sorted(p.name for p in on.filename_captions) == ["00001-0-a circle.png", "00002-0-a red square.png"]
+    assert [p.name for p in on.missing_captions] == ["00003.png"]
+    assert "  2 without caption file: captioned from their file names (--filename-captions a1111)" in on.summary()
+    assert "  1 without caption file and no class tokens: trained uncaptioned" in on.summary()
+
+
+def test_an_empty_caption_file_is_still_a_caption_file(tmp_path):
+    """A1111 reads an existing ``<stem>.txt`` whatever it holds: the name does not replace an empty one."""
+    data = tmp_path / "d"
+    _image(data / "00001-0-a circle.png")
+    (data / "00001-0-a circle.txt").write_text("", encoding="utf-8")
+    index = build_dataset_index(_options(data, filename_captions="a1111"))
+    assert _captions(index) == {"00001-0-a circle.png": ""}
+    assert index.filename_captions == [] and len(index.empty_captions) == 1
+
+
+def test_before_class_tokens_and_the_class_tokens_for_numbered_names(tmp_path):
+    """kohya's ``10_mychar`` folder captions an image without a caption file with 'mychar'; a file name that gives
+    text comes first (the option asks for it), one that gives none still gets the class tokens."""
+    data = tmp_path / "d"
+    _image(data / "10_mychar" / "00001-0-a circle.png")
+    _image(data / "10_mychar" / "0002.png")
+    off = build_dataset_index(_options(data))
+    assert _captions(off) == {"00001-0-a circle.png": "mychar", "0002.png": "mychar"}
+    assert filename_caption_notes(off) == []  # kohya users: the folder captions them, no noise
+    on = build_dataset_index(_options(data, filename_captions="a1111"))
+    assert _captions(on) == {"00001-0-a circle.png": "a circle", "0002.png": "mychar"}
+    assert [p.name for p in on.class_token_captions] == ["0002.png"]
+
+
+def test_the_other_rules_as_a_fallback(tmp_path):
+    data = tmp_path / "d"
+    _image(data / "00001-0-a_circle.png")
+    assert _captions(build_dataset_index(_options(data, filename_captions="stem"))) == {
+        "00001-0-a_circle.png": "00001-0-a_circle"
+    }
+    assert _captions(build_dataset_index(_options(data, filename_captions="spaces"))) == {
+        "00001-0-a_circle.png": "00001-0-a circle"
+    }
+
+
+def test_the_note_and_its_absence(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    notes = filename_caption_notes(build_dataset_index(_options(data)))
+    assert notes == [
+        "2 images have no caption file; A1111 would caption them from their file names (e.g. 'a circle'): give "
+        "--filename-captions a1111 for the captions A1111's TI/hypernetwork training used (in a dataset TOML: "
+        "filename_captions = 'a1111')"
+    ]
+    assert filename_caption_notes(build_dataset_index(_options(data, filename_captions="a1111"))) == []
+    numbered = tmp_path / "n"
+    for i in range(3):
+        _image(numbered / f"{i:05}.png")  # A1111 gives nothing for these either
+    assert filename_caption_notes(build_dataset_index(_options(numbered))) == []
+    one = tmp_path / "one"
+    _image(one / "12 a cat.png")
+    assert filename_caption_notes(build_dataset_index(_options(one)))[0].startswith(
+        "1 image has no caption file; A1111 would caption it from its file name (e.g. 'a cat')"
+    )
+
+
+def test_an_image_at_several_resolutions_counts_once_in_the_note(tmp_path):
+    from sdcore.data.resolutions import expand_resolutions
+
+    data = tmp_path / "d"
+    _image(data / "00001-0-a circle.png")
+    index = build_dataset_index(
+        TrainOptions(data=str(data), resolution=0, resolutions="64,128", min_bucket_reso=64, max_bucket_reso=256)
+    )
+    expand_resolutions(index, frozenset(), seed=1, draw="epoch")
+    assert len(index.entries) == 2
+    assert filename_caption_notes(index)[0].startswith("1 image has no caption file")
+
+
+def test_the_dataset_toml_key_at_every_level(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    other = tmp_path / "e"
+    _image(other / "00009-0-a green star.png")
+    config = tmp_path / "data.toml"
+    config.write_text(
+        "[general]\nfilename_captions = 'a1111'\n\n"
+        f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\n\n"
+        f"[[datasets.subsets]]\nimage_dir = '{other}'\nfilename_captions = 'none'\n",
+        encoding="utf-8",
+    )
+    subsets = load_toml_dataset_config(config, _options(config))
+    assert [s.filename_captions for s in subsets] == ["a1111", "none"]
+    index = scan_dataset(_options(config))
+    assert sorted(p.name for p in index.filename_captions) == ["00001-0-a circle.png", "00002-0-a red square.png"]
+    assert _captions(index)["00009-0-a green star.png"] == ""
+    # the run's option is the default of a TOML that does not say
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{other}'\n", encoding="utf-8")
+    index = scan_dataset(_options(plain, filename_captions="a1111"))
+    assert _captions(index) == {"00009-0-a green star.png": "a green star"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{other}'\nfilename_captions = 'yes'\n")
+    with pytest.raises(DataError, match="'filename_captions' must be one of none, stem, spaces, a1111, got 'yes'"):
+        load_toml_dataset_config(bad, _options(bad))
+
+
+def test_a_metadata_file_subset_refuses_the_key(tmp_path):
+    """A fine-tuning subset's captions come from its metadata file (kohya), so the key means nothing there."""
+    data = tmp_path / "d"
+    _image(data / "00001-0-a circle.png")
+    (tmp_path / "meta.json").write_text(json.dumps({"00001-0-a circle": {"caption": "x"}}), encoding="utf-8")
+    config = tmp_path / "data.toml"
+    config.write_text(
+        f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\nmetadata_file = '{tmp_path / 'meta.json'}'\n"
+        "filename_captions = 'a1111'\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match="'filename_captions': not used by a metadata_file subset"):
+        load_toml_dataset_config(config, _options(config))
+
+
+def test_data_check_counts_them_as_the_index_does(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    report = check_dataset(data, _options(data, filename_captions="a1111"))
+    assert report.captions_from_files == 1
+    assert sorted(report.filename_captions) == ["00001-0-a circle.png", "00002-0-a red square.png"]
+    assert report.missing_captions == ["00003.png"]
+    assert report.to_dict()["captions"] == {"from_files": 1, "from_file_names": 2, "from_class_tokens": 0,
+                                            "missing": 1, "empty": 0}  # fmt: skip
+    assert "  captions: 1 from files, 2 from file names, 0 from class tokens, 1 missing, 0 empty" in report.to_text()
+    assert report.notes == []
+    off = check_dataset(data, _options(data))
+    assert (off.captions_from_files, off.filename_captions, len(off.missing_captions)) == (1, [], 3)
+    assert "  captions: 1 from files, 0 from class tokens, 3 missing, 0 empty" in off.to_text()
+    assert off.notes == filename_caption_notes(build_dataset_index(_options(data)))
+
+
+def test_data_check_cli_option(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = _a1111_folder(tmp_path / "d")
+    cli = build_cli(get_plugin_manager())
+    args = ["data", "check", str(data), "--resolution", "64", "--min-bucket-reso", "64", "--json"]
+    on = CliRunner().invoke(cli, [*args, "--filename-captions", "a1111"])
+    assert on.exit_code == 0, on.output
+    assert json.loads(on.output)["captions"]["from_file_names"] == 2
+    off = CliRunner().invoke(cli, args)
+    assert off.exit_code == 0, off.output
+    report = json.loads(off.output)
+    assert report["captions"]["from_file_names"] == 0 and report["captions"]["missing"] == 3
+    assert any("--filename-captions a1111" in note for note in report["notes"])
+    wrong = CliRunner().invoke(cli, [*args, "--filename-captions", "yes"])
+    assert wrong.exit_code == 2 and "'yes' is not one of" in wrong.output

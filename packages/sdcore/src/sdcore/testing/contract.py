@@ -427,6 +427,24 @@ def plugin_manager_with(*plugins: Any) -> Any:
     return pm
 
 
+def _record_intermediate_saves(method: Any, folder: Path) -> set[Path]:
+    """Wrap ``method.save`` so that the returned set fills with every file its intermediate (``--save-every``)
+    saves write under ``folder``: what the method's :meth:`~sdcore.train.method.TrainingMethod.saved_files` must
+    name, companions included (APT's ``-neg``, TI's ``--format`` copy)."""
+    written: set[Path] = set()
+    save = method.save
+
+    def recording_save(bundle: Any, info: Any) -> Any:
+        before = _result_files(folder)
+        result = save(bundle, info)
+        if not info.final:
+            written.update(_result_files(folder) - before)
+        return result
+
+    method.save = recording_save
+    return written
+
+
 def check_resume(
     method_class: type, tmp_path: Path, overrides: dict[str, Any] | None = None, *, family: str = "sd1", steps: int = 4
 ) -> None:
@@ -444,17 +462,7 @@ def check_resume(
     half = max(1, steps // 2)
     full_opts = contract_options(method_class, tmp_path, {"save_every": half, **base}, family=family, tag="full")
     full = method_class(full_opts)
-    step_files: set[Path] = set()  # what the method's --save-every save of step ``half`` wrote (all its files)
-    save = full.save
-
-    def recording_save(bundle: Any, info: Any) -> Any:
-        before = _result_files(tmp_path / "full")
-        written = save(bundle, info)
-        if not info.final:
-            step_files.update(_result_files(tmp_path / "full") - before)
-        return written
-
-    full.save = recording_save  # type: ignore[method-assign]
+    step_files = _record_intermediate_saves(full, tmp_path / "full")  # all the files of step ``half``'s save
     train(full, bundle=_bundle(family))
 
     # a --save-every step after the Ctrl-C (none when the run has no step left between): --save-limit 1 then
@@ -475,17 +483,7 @@ def check_resume(
     _check_interrupt_weights(interrupted, tmp_path / "parts", tmp_path / "full", half, step_files)
     resume_opts = dataclasses.replace(part_opts, resume="latest")
     resumed = method_class(resume_opts)
-    later_files: set[Path] = set()  # what the resumed run's --save-every save of step ``later`` wrote
-    resumed_save = resumed.save
-
-    def recording_resumed_save(bundle: Any, info: Any) -> Any:
-        before = _result_files(tmp_path / "parts")
-        written = resumed_save(bundle, info)
-        if not info.final:
-            later_files.update(_result_files(tmp_path / "parts") - before)
-        return written
-
-    resumed.save = recording_resumed_save  # type: ignore[method-assign]
+    later_files = _record_intermediate_saves(resumed, tmp_path / "parts")  # the resumed run's step ``later``
     result = train(resumed, bundle=_bundle(family))
     assert result.steps == steps
     if later and part_opts.save_every == later and part_opts.save_limit == 1:

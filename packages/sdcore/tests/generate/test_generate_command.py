@@ -279,3 +279,10 @@ def test_ctrl_c_says_what_was_written_and_exits_130(tmp_path, monkeypatch):
     result = _invoke([*args[:-1], str(tmp_path / "other.png")])
     assert result.exit_code == 130, result.output
     assert result.stderr.strip() == "Interrupted: no image was written" and "Traceback" not in result.output
+
+    # Ctrl-C while --from-png / the styles file is read (before the model): it printed click's "Aborted!"
+    for reader in ("_recall", "_chosen_styles"):
+        monkeypatch.setattr(generate_command, reader, interrupted)
+        result = _invoke([*args[:-1], str(tmp_path / f"{reader}.png")])
+        assert result.exit_code == 130, result.output
+        assert result.stderr.strip() == "Interrupted: no image was written" and "Aborted" not in result.output

@@ -426,13 +426,13 @@ def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
     from ..errors import ConfigError
 
-    recalled = _recall(params)
-    try:
-        styles, early = _chosen_styles(params), []
-    except ConfigError as exc:  # reported with every other problem found before the model loads
-        styles, early = [], [str(exc)]
     written: list[Path] = []
-    try:
+    try:  # Ctrl-C while --from-png or the styles file is read too
+        recalled = _recall(params)
+        try:
+            styles, early = _chosen_styles(params), []
+        except ConfigError as exc:  # reported with every other problem found before the model loads
+            styles, early = [], [str(exc)]
         _run_generate(params, recalled, styles, early, written)
     except KeyboardInterrupt:  # Ctrl-C: what is on disk and where, instead of click's bare "Aborted!"
         click.echo(_interrupted_message(written), err=True)

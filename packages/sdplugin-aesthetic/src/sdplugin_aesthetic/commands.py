@@ -12,6 +12,25 @@ def aesthetic_group() -> None:
     """Aesthetic-gradient embeddings (arXiv 2209.12330, the A1111 extension's format)."""
 
 
+def _output_path(output: Path | None, name: str | None, models_dir: Path) -> Path:
+    """``-o PATH`` as given, or ``--name NAME`` as the extension's ``aesthetic_embeddings/NAME.pt`` under
+    ``--models-dir`` (where ``sdcore generate --aesthetic NAME`` finds it); exactly one of the two."""
+    from sdcore.errors import ConfigError
+    from sdcore.io import file_stem_problem
+
+    if name is not None and output is None:
+        problem = file_stem_problem(name)
+        if problem:
+            raise ConfigError(problem)
+        return models_dir / "aesthetic_embeddings" / f"{name}.pt"
+    if output is not None and name is None:
+        return output
+    raise ConfigError(
+        "give -o PATH, or --name NAME (the extension's Name) to write aesthetic_embeddings/NAME.pt under "
+        "--models-dir, where `sdcore generate --aesthetic NAME` finds it"
+    )
+
+
 @aesthetic_group.command(name="create")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -57,23 +76,13 @@ def create_command(
     overwrite: bool,
 ) -> None:
     """Write the mean CLIP image embedding of IMAGES_DIR as an aesthetic embedding (-o PATH or --name NAME)."""
+    output = _output_path(output, name, models_dir)  # before torch and CLIP load
     import torch
     from sdcore.errors import ConfigError
-    from sdcore.io import file_stem_problem, output_problems
+    from sdcore.io import output_problems
 
     from .create import create_aesthetic_embedding, list_images, save_aesthetic_embedding, subfolder_images
 
-    if (output is None) == (name is None):
-        raise ConfigError(
-            "give -o PATH, or --name NAME (the extension's Name) to write aesthetic_embeddings/NAME.pt under "
-            "--models-dir, where `sdcore generate --aesthetic NAME` finds it"
-        )
-    if name is not None:
-        problem = file_stem_problem(name)
-        if problem:
-            raise ConfigError(problem)
-        output = models_dir / "aesthetic_embeddings" / f"{name}.pt"
-    assert output is not None
     problems = output_problems([output], overwrite=overwrite)  # before CLIP loads: sdcore's rule for every output
     if problems:
         raise ConfigError("; ".join(problems), problems)

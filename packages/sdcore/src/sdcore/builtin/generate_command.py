@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from ..hinted_command import HintedCommand
 from ..hookspecs import hookimpl
 from .part_options import part_kwargs, part_options
 
@@ -108,23 +109,15 @@ def _option_hint(command: click.Command, ctx: click.Context, option: str) -> str
     return None
 
 
-class _GenerateCommand(click.Command):
+class _GenerateCommand(HintedCommand):
     """``sdcore generate``: an unknown model-family flag (``--sdxl``, from kohya's tools and other UIs) says that the
     family is read from the model, where click would suggest a near option name (``--seed``); another tool's name
     registered with :func:`add_generate_option_hint`, or an option typed with underscores, names sdcore's option."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.NoSuchOption as exc:
-            from ..train.kohya import family_flag_hint
+    def option_hint(self, ctx: click.Context, option: str) -> str | None:
+        from ..train.kohya import family_flag_hint
 
-            hint = family_flag_hint(exc.option_name) or _option_hint(self, ctx, exc.option_name)
-            if hint is None:
-                raise
-            raise click.NoSuchOption(
-                exc.option_name, message=f"No such option: {exc.option_name}{hint}", ctx=ctx
-            ) from None
+        return family_flag_hint(option) or _option_hint(self, ctx, option)
 
 
 @click.command("generate", cls=_GenerateCommand)

@@ -18,6 +18,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import ConfigError, SdcoreError, debug_enabled, expected_error_message
+from ..hinted_command import HintedCommand
 from .config import field_types, is_text_list, unwrap_optional
 
 _GROUP_ORDER = ("model", "data", "training", "loss", "cache", "output")
@@ -196,21 +197,17 @@ def underscores_to_hyphens(command: click.Command, ctx: click.Context, args: lis
     return out
 
 
-class GroupedCommand(click.Command):
+class GroupedCommand(HintedCommand):
     """``--help`` with one section per option group (Model, Data, Training, ...), then kohya's names."""
 
     kohya_fields: list[str] | None = None
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, underscores_to_hyphens(self, ctx, expand_multi_values(list(args))))
-        except click.NoSuchOption as exc:
-            hint = self._hint(exc.option_name)
-            if hint is None:
-                raise
-            raise click.NoSuchOption(
-                exc.option_name, message=f"No such option: {exc.option_name}{hint}", ctx=ctx
-            ) from None
+    def prepare_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """kohya's ``--network_dim`` spelled ``--network-dim``, ``--resolution 512 768`` as one value."""
+        return underscores_to_hyphens(self, ctx, expand_multi_values(list(args)))
+
+    def option_hint(self, ctx: click.Context, option: str) -> str | None:
+        return self._hint(option)
 
     def _hint(self, option: str) -> str | None:
         """``--network-dim`` / ``--network_dimm`` -> `` (did you mean --rank?)``; another tool's name from

@@ -236,3 +236,93 @@ def test_data_check_cli_option(tmp_path):
     assert any("--filename-captions a1111" in note for note in report["notes"])
     wrong = CliRunner().invoke(cli, [*args, "--filename-captions", "yes"])
     assert wrong.exit_code == 2 and "'yes' is not one of" in wrong.output
+
+
+# A1111's "Filename word regex" / "Filename join string" settings (dataset_filename_word_regex, default '';
+# dataset_filename_join_string, default ' '): for an image without <stem>.txt, textual_inversion/dataset.py takes
+# the stem less re_numbers_at_start, then, with a regex, join_string.join(re.findall(regex, text)).
+def _a1111_reference(name, regex, join):
+    """A1111's own steps on a file name (modules/textual_inversion/dataset.py), for comparison."""
+    text = re.sub(r"^[-\d]+\s*", "", name.rsplit(".", 1)[0])
+    return (join or "").join(re.compile(regex).findall(text)) if regex else text
+
+
+@pytest.mark.parametrize(
+    ("name", "regex", "join", "caption"),
+    [
+        ("00012-3-a_red circle.png", "[a-z]+", "_", "a_red_circle"),
+        ("00012-3-a_red circle.png", "[a-z]+", " ", "a red circle"),  # the join setting's default
+        ("00012-3-a_red circle.png", "[a-z]+", "", "aredcircle"),  # an empty join string (A1111: `or ""`)
+        ("00012-3-a_red circle.png", "", "_", "a_red circle"),  # no regex: the join string does nothing
+        ("00001-0-Cat, sitting (2).png", r"\w+", ", ", "Cat, sitting, 2"),  # digits after the prefix stay words
+        ("00001-0-tag1_tag2.jpg", r"([a-z]+)\d", "+", "tag+tag"),  # one group: findall gives the group's text
+        ("00001-0-ABC.png", "[a-z]+", " ", ""),  # nothing matches: no text
+    ],
+)
+def test_the_word_regex_as_a1111(name, regex, join, caption):
+    assert filename_caption(name, "a1111", word_regex=regex, join_string=join) == caption
+    assert _a1111_reference(name, regex, join) == caption
+
+
+def test_the_word_regex_only_for_captions_made_from_names(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    (data / "00004-0-captioned.txt").write_text("from the file, 42", encoding="utf-8")
+    on = build_dataset_index(
+        _options(data, filename_captions="a1111", filename_word_regex="[a-z]+", filename_join_string="_")
+    )
+    assert _captions(on) == {
+        "00001-0-a circle.png": "a_circle",
+        "00002-0-a red square.png": "a_red_square",
+        "00003.png": "",
+        "00004-0-captioned.png": "from the file, 42",  # a caption file's text is never filtered
+    }
+    # without a file-name fallback the regex does nothing, and a note says so
+    off = build_dataset_index(_options(data, filename_word_regex="[a-z]+", filename_join_string="_"))
+    assert _captions(off) == _captions(build_dataset_index(_options(data)))
+    notes = filename_caption_notes(off)
+    assert notes[0] == (
+        "filename_word_regex '[a-z]+' has no effect: it only filters captions made from file names; give "
+        "--filename-captions a1111 too (A1111's Filename word regex applies to images without a caption file)"
+    )
+    assert "(e.g. 'a_circle')" in notes[1]  # what A1111 would make with that regex
+    assert filename_caption_notes(on) == []
+
+
+def test_a_name_with_no_word_falls_back_to_the_class_tokens(tmp_path):
+    data = tmp_path / "d"
+    _image(data / "10_mychar" / "00001-0-ABC.png")
+    index = build_dataset_index(_options(data, filename_captions="a1111", filename_word_regex="[a-z]+"))
+    assert _captions(index) == {"00001-0-ABC.png": "mychar"}
+
+
+def test_a_bad_word_regex_in_a_dataset_toml(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    config = tmp_path / "data.toml"
+    config.write_text(
+        "[general]\nfilename_captions = 'a1111'\nfilename_word_regex = '[a-z'\nfilename_join_string = '_'\n\n"
+        f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=r"\[general\]: 'filename_word_regex' '\[a-z': not a valid regular expression"):
+        load_toml_dataset_config(config, _options(config))
+    config.write_text(config.read_text().replace("'[a-z'", "'[a-z]+'"), encoding="utf-8")
+    subsets = load_toml_dataset_config(config, _options(config))
+    assert [(s.filename_word_regex, s.filename_join_string) for s in subsets] == [("[a-z]+", "_")]
+    assert _captions(scan_dataset(_options(config)))["00002-0-a red square.png"] == "a_red_square"
+
+
+def test_data_check_cli_word_regex(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = _a1111_folder(tmp_path / "d")
+    cli = build_cli(get_plugin_manager())
+    args = ["data", "check", str(data), "--resolution", "64", "--min-bucket-reso", "64", "--json"]
+    args += ["--filename-captions", "a1111", "--filename-join-string", "_"]
+    on = CliRunner().invoke(cli, [*args, "--filename-word-regex", "[a-z]+"])
+    assert on.exit_code == 0, on.output
+    assert json.loads(on.output)["captions"]["from_file_names"] == 2
+    bad = CliRunner().invoke(cli, [*args, "--filename-word-regex", "(a)(b)"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "Error: --filename-word-regex '(a)(b)': has 2 groups" in bad.output

@@ -9,7 +9,7 @@ import re
 
 import pytest
 from PIL import Image
-from sdcore.data.captions import FILENAME_CAPTION_RULES, filename_caption
+from sdcore.data.captions import FILENAME_CAPTION_RULES, filename_caption, word_regex_problem
 from sdcore.data.check import check_dataset
 from sdcore.data.dataset import build_dataset_index, load_toml_dataset_config, scan_dataset
 from sdcore.errors import DataError
@@ -326,3 +326,24 @@ def test_data_check_cli_word_regex(tmp_path):
     bad = CliRunner().invoke(cli, [*args, "--filename-word-regex", "(a)(b)"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
     assert "Error: --filename-word-regex '(a)(b)': has 2 groups" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("regex", "why"),
+    [
+        ("a{4294967296}", "not a valid regular expression (the repetition number is too large)"),  # OverflowError
+        ("(?:" * 1000 + "a" + ")" * 1000, "not a valid regular expression (its groups are nested too deep)"),
+    ],
+)
+def test_a_regex_re_refuses_without_re_error_is_a_problem_not_a_traceback(tmp_path, regex, why):
+    """``re.compile`` raises OverflowError / RecursionError, not ``re.error``, for these: still one clear line."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    assert word_regex_problem(regex) == why
+    data = _a1111_folder(tmp_path / "d")
+    args = ["data", "check", str(data), "--resolution", "64", "--min-bucket-reso", "64"]
+    bad = CliRunner().invoke(build_cli(get_plugin_manager()), [*args, "--filename-word-regex", regex])
+    assert bad.exit_code == 2 and bad.exception is not None and isinstance(bad.exception, SystemExit), bad.output
+    assert f"Error: --filename-word-regex {regex!r}: {why}" in bad.output

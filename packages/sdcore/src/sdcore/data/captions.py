@@ -91,14 +91,18 @@ def filename_caption(
 def word_regex_problem(pattern: str) -> str | None:
     """Why ``pattern`` cannot be a file-name word regex (``None``: it can, or it is empty, i.e. off).
 
-    A pattern Python's ``re`` cannot compile fails; so does one with two or more groups, whose ``findall``
-    gives tuples that A1111's ``join`` stops on (``TypeError``) mid-training: write the others ``(?:...)``."""
+    A pattern Python's ``re`` cannot compile fails (``re.error``, and the ``OverflowError`` of a repeat count past
+    its limit, ``a{4294967296}``, or the ``RecursionError`` of parentheses nested too deep, which ``re`` raises
+    instead); so does one with two or more groups, whose ``findall`` gives tuples that A1111's ``join`` stops on
+    (``TypeError``) mid-training: write the others ``(?:...)``."""
     if not pattern:
         return None
     try:
         compiled = re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError) as exc:
         return f"not a valid regular expression ({exc})"
+    except RecursionError:
+        return "not a valid regular expression (its groups are nested too deep)"
     if compiled.groups > 1:
         return (
             f"has {compiled.groups} groups: the words are the whole matches or one group's text; make the other "

@@ -281,7 +281,8 @@ def test_the_word_regex_only_for_captions_made_from_names(tmp_path):
     assert _captions(off) == _captions(build_dataset_index(_options(data)))
     notes = filename_caption_notes(off)
     assert notes[0] == (
-        "filename_word_regex '[a-z]+' has no effect: it only filters captions made from file names; give "
+        "filename_word_regex '[a-z]+' has no effect: it only filters the captions --filename-captions makes "
+        "from file names; give "
         "--filename-captions a1111 too (A1111's Filename word regex applies to images without a caption file)"
     )
     assert "(e.g. 'a_circle')" in notes[1]  # what A1111 would make with that regex
@@ -347,3 +348,17 @@ def test_a_regex_re_refuses_without_re_error_is_a_problem_not_a_traceback(tmp_pa
     bad = CliRunner().invoke(build_cli(get_plugin_manager()), [*args, "--filename-word-regex", regex])
     assert bad.exit_code == 2 and bad.exception is not None and isinstance(bad.exception, SystemExit), bad.output
     assert f"Error: --filename-word-regex {regex!r}: {why}" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("rule", "regex", "join", "caption"),
+    [
+        ("stem", "[a-z]+", "_", "a_red_circle"),  # the numbers stay in stem's text; this regex drops them
+        ("stem", r"\w+", " ", "00012 3 a_red circle"),  # \w keeps them, and the '_' inside a word
+        ("spaces", r"\w+", ",", "00012,3,a,red,circle"),  # after spaces made '_' a space
+    ],
+)
+def test_the_word_regex_on_the_other_rules_filters_their_text(rule, regex, join, caption):
+    """sdcore's own (OneTrainer's and SimpleTuner's file-name captions have no such filter): the rule's text, then
+    A1111's join(findall) on it."""
+    assert filename_caption("00012-3-a_red circle.png", rule, word_regex=regex, join_string=join) == caption

@@ -84,7 +84,8 @@ def filename_caption_notes(index: Any) -> list[str]:
         return filename_caption(entry.path, "a1111", word_regex=regex, join_string=join).strip()
 
     notes = [
-        f"filename_word_regex {regex!r} has no effect: it only filters captions made from file names; give "
+        f"filename_word_regex {regex!r} has no effect: it only filters the captions --filename-captions makes "
+        "from file names; give "
         "--filename-captions a1111 too (A1111's Filename word regex applies to images without a caption file)"
         for regex in dict.fromkeys(
             getattr(s, "filename_word_regex", "")

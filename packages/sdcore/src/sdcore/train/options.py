@@ -196,7 +196,7 @@ class TrainOptions:
         "",
         "With --filename-captions: keep only this regex's matches in a caption made from a file name, joined with "
         "--filename-join-string (A1111's 'Filename word regex' setting: '00012-3-a_red circle.png' with "
-        "--filename-captions a1111 and [a-z]+ -> 'a red circle'). Empty (the default): the name's text as it is. "
+        "--filename-captions a1111 and [a-z]+ -> 'a red circle'). With stem/spaces it filters their text (sdcore's own). Empty (the default): the name's text as it is. "
         "Captions from caption files are never touched.",
         group="data",
         metavar="REGEX",

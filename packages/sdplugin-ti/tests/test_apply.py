@@ -229,3 +229,30 @@ def test_the_trainers_pt_and_format_copy_are_one_embedding_other_twins_are_ambig
     save_embedding(Embedding("twin", other), tmp_path / "twin.safetensors")
     with pytest.raises(NetworkMismatchError, match=r"embedding 'twin' is ambiguous: 2 embedding files"):
         EmbeddingHandler(tmp_path).names()
+
+
+def test_one_file_reached_through_two_folders_is_one_embedding(tmp_path):
+    """A1111's root ``embeddings/`` and ``models/embeddings`` are both searched when both exist; one of them a
+    symlink to the other (or a file linked into a second folder) is the same file, one candidate: neither an
+    "ambiguous" name nor two entries (the base handler's ``available`` dedupes by device and inode)."""
+    import os
+
+    root = tmp_path / "embeddings"
+    root.mkdir()
+    save_embedding(Embedding("mychar", {SINGLE: torch.randn(2, 768)}), root / "mychar.pt")
+    save_embedding(Embedding("other", {SINGLE: torch.randn(1, 768)}), root / "other.safetensors")
+    linked = tmp_path / "models" / "embeddings"
+    linked.parent.mkdir()
+    try:
+        os.symlink(root, linked, target_is_directory=True)
+        (tmp_path / "more").mkdir()
+        os.symlink(root / "other.safetensors", tmp_path / "more" / "other.safetensors")
+    except (OSError, NotImplementedError):
+        pytest.skip("no symlinks here")
+    handler = EmbeddingHandler(root)
+    handler.more_directories = (linked, tmp_path / "more")
+    assert {key: paths for key, (_, paths) in handler.candidates().items()} == {
+        "mychar": [root / "mychar.pt"],
+        "other": [root / "other.safetensors"],
+    }
+    assert handler.names() == {"mychar": root / "mychar.pt", "other": root / "other.safetensors"}

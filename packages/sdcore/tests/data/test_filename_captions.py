@@ -9,7 +9,7 @@ import re
 
 import pytest
 from PIL import Image
-from sdcore.data.captions import FILENAME_CAPTION_RULES, filename_caption
+from sdcore.data.captions import FILENAME_CAPTION_RULES, filename_caption, word_regex_problem
 from sdcore.data.check import check_dataset
 from sdcore.data.dataset import build_dataset_index, load_toml_dataset_config, scan_dataset
 from sdcore.errors import DataError
@@ -236,3 +236,129 @@ def test_data_check_cli_option(tmp_path):
     assert any("--filename-captions a1111" in note for note in report["notes"])
     wrong = CliRunner().invoke(cli, [*args, "--filename-captions", "yes"])
     assert wrong.exit_code == 2 and "'yes' is not one of" in wrong.output
+
+
+# A1111's "Filename word regex" / "Filename join string" settings (dataset_filename_word_regex, default '';
+# dataset_filename_join_string, default ' '): for an image without <stem>.txt, textual_inversion/dataset.py takes
+# the stem less re_numbers_at_start, then, with a regex, join_string.join(re.findall(regex, text)).
+def _a1111_reference(name, regex, join):
+    """A1111's own steps on a file name (modules/textual_inversion/dataset.py), for comparison."""
+    text = re.sub(r"^[-\d]+\s*", "", name.rsplit(".", 1)[0])
+    return (join or "").join(re.compile(regex).findall(text)) if regex else text
+
+
+@pytest.mark.parametrize(
+    ("name", "regex", "join", "caption"),
+    [
+        ("00012-3-a_red circle.png", "[a-z]+", "_", "a_red_circle"),
+        ("00012-3-a_red circle.png", "[a-z]+", " ", "a red circle"),  # the join setting's default
+        ("00012-3-a_red circle.png", "[a-z]+", "", "aredcircle"),  # an empty join string (A1111: `or ""`)
+        ("00012-3-a_red circle.png", "", "_", "a_red circle"),  # no regex: the join string does nothing
+        ("00001-0-Cat, sitting (2).png", r"\w+", ", ", "Cat, sitting, 2"),  # digits after the prefix stay words
+        ("00001-0-tag1_tag2.jpg", r"([a-z]+)\d", "+", "tag+tag"),  # one group: findall gives the group's text
+        ("00001-0-ABC.png", "[a-z]+", " ", ""),  # nothing matches: no text
+    ],
+)
+def test_the_word_regex_as_a1111(name, regex, join, caption):
+    assert filename_caption(name, "a1111", word_regex=regex, join_string=join) == caption
+    assert _a1111_reference(name, regex, join) == caption
+
+
+def test_the_word_regex_only_for_captions_made_from_names(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    (data / "00004-0-captioned.txt").write_text("from the file, 42", encoding="utf-8")
+    on = build_dataset_index(
+        _options(data, filename_captions="a1111", filename_word_regex="[a-z]+", filename_join_string="_")
+    )
+    assert _captions(on) == {
+        "00001-0-a circle.png": "a_circle",
+        "00002-0-a red square.png": "a_red_square",
+        "00003.png": "",
+        "00004-0-captioned.png": "from the file, 42",  # a caption file's text is never filtered
+    }
+    # without a file-name fallback the regex does nothing, and a note says so
+    off = build_dataset_index(_options(data, filename_word_regex="[a-z]+", filename_join_string="_"))
+    assert _captions(off) == _captions(build_dataset_index(_options(data)))
+    notes = filename_caption_notes(off)
+    assert notes[0] == (
+        "filename_word_regex '[a-z]+' has no effect: it only filters the captions --filename-captions makes "
+        "from file names; give "
+        "--filename-captions a1111 too (A1111's Filename word regex applies to images without a caption file)"
+    )
+    assert "(e.g. 'a_circle')" in notes[1]  # what A1111 would make with that regex
+    assert filename_caption_notes(on) == []
+
+
+def test_a_name_with_no_word_falls_back_to_the_class_tokens(tmp_path):
+    data = tmp_path / "d"
+    _image(data / "10_mychar" / "00001-0-ABC.png")
+    index = build_dataset_index(_options(data, filename_captions="a1111", filename_word_regex="[a-z]+"))
+    assert _captions(index) == {"00001-0-ABC.png": "mychar"}
+
+
+def test_a_bad_word_regex_in_a_dataset_toml(tmp_path):
+    data = _a1111_folder(tmp_path / "d")
+    config = tmp_path / "data.toml"
+    config.write_text(
+        "[general]\nfilename_captions = 'a1111'\nfilename_word_regex = '[a-z'\nfilename_join_string = '_'\n\n"
+        f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=r"\[general\]: 'filename_word_regex' '\[a-z': not a valid regular expression"):
+        load_toml_dataset_config(config, _options(config))
+    config.write_text(config.read_text().replace("'[a-z'", "'[a-z]+'"), encoding="utf-8")
+    subsets = load_toml_dataset_config(config, _options(config))
+    assert [(s.filename_word_regex, s.filename_join_string) for s in subsets] == [("[a-z]+", "_")]
+    assert _captions(scan_dataset(_options(config)))["00002-0-a red square.png"] == "a_red_square"
+
+
+def test_data_check_cli_word_regex(tmp_path):
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    data = _a1111_folder(tmp_path / "d")
+    cli = build_cli(get_plugin_manager())
+    args = ["data", "check", str(data), "--resolution", "64", "--min-bucket-reso", "64", "--json"]
+    args += ["--filename-captions", "a1111", "--filename-join-string", "_"]
+    on = CliRunner().invoke(cli, [*args, "--filename-word-regex", "[a-z]+"])
+    assert on.exit_code == 0, on.output
+    assert json.loads(on.output)["captions"]["from_file_names"] == 2
+    bad = CliRunner().invoke(cli, [*args, "--filename-word-regex", "(a)(b)"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "Error: --filename-word-regex '(a)(b)': has 2 groups" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("regex", "why"),
+    [
+        ("a{4294967296}", "not a valid regular expression (the repetition number is too large)"),  # OverflowError
+        ("(?:" * 1000 + "a" + ")" * 1000, "not a valid regular expression (its groups are nested too deep)"),
+    ],
+)
+def test_a_regex_re_refuses_without_re_error_is_a_problem_not_a_traceback(tmp_path, regex, why):
+    """``re.compile`` raises OverflowError / RecursionError, not ``re.error``, for these: still one clear line."""
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    assert word_regex_problem(regex) == why
+    data = _a1111_folder(tmp_path / "d")
+    args = ["data", "check", str(data), "--resolution", "64", "--min-bucket-reso", "64"]
+    bad = CliRunner().invoke(build_cli(get_plugin_manager()), [*args, "--filename-word-regex", regex])
+    assert bad.exit_code == 2 and bad.exception is not None and isinstance(bad.exception, SystemExit), bad.output
+    assert f"Error: --filename-word-regex {regex!r}: {why}" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("rule", "regex", "join", "caption"),
+    [
+        ("stem", "[a-z]+", "_", "a_red_circle"),  # the numbers stay in stem's text; this regex drops them
+        ("stem", r"\w+", " ", "00012 3 a_red circle"),  # \w keeps them, and the '_' inside a word
+        ("spaces", r"\w+", ",", "00012,3,a,red,circle"),  # after spaces made '_' a space
+    ],
+)
+def test_the_word_regex_on_the_other_rules_filters_their_text(rule, regex, join, caption):
+    """sdcore's own (OneTrainer's and SimpleTuner's file-name captions have no such filter): the rule's text, then
+    A1111's join(findall) on it."""
+    assert filename_caption("00012-3-a_red circle.png", rule, word_regex=regex, join_string=join) == caption

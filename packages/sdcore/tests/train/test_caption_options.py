@@ -243,3 +243,33 @@ def test_the_training_loop_tells_captions_its_step(tmp_path):
     s.run()
     # one caption per optimizer step: 1 + floor(step * 9 / 4) tags, all 10 from step 4 on
     assert [len(c.split(", ")) for c in seen] == [1, 3, 5, 7, 10, 10]
+
+
+@pytest.mark.parametrize(
+    ("regex", "why"),
+    [
+        ("[a-z", "not a valid regular expression (unterminated character set at position 0)"),
+        (
+            "(a)(b)",
+            "has 2 groups: the words are the whole matches or one group's text; make the other groups "
+            "non-capturing, (?:...)",
+        ),
+    ],
+)
+def test_a_bad_word_regex_is_a_preflight_problem_with_the_others(tmp_path, regex, why):
+    """--filename-word-regex (A1111's Filename word regex) that cannot run is found in the pre-flight, before any
+    model is read (the model here does not even exist), once although every subset inherits it, beside the rest."""
+    from sdcore.train.preflight import run_preflight
+
+    data = make_tiny_dataset(tmp_path / "named", n=2)
+    (data / "2_more").mkdir()
+    for image in (data / "1_tiny").glob("*.png"):
+        (data / "2_more" / image.name).write_bytes(image.read_bytes())
+    missing = tmp_path / "missing.safetensors"
+    values = {"data": str(data), "model": str(missing), "filename_captions": "a1111", "filename_word_regex": regex,
+              "lr": -1.0}  # fmt: skip
+    o = contract_options(ConvOutMethod, tmp_path, values)
+    problems = run_preflight(ConvOutMethod(o), o, plan=False).problems
+    assert problems.count(f"--filename-word-regex {regex!r}: {why}") == 1, problems
+    assert "--lr must be positive, got -1.0" in problems  # all at once
+    assert any(str(missing) in p for p in problems), problems

@@ -53,6 +53,8 @@ SAME_MEANING = {
     "--latent-sampling-method": "--latent-sampling",
     "--clip-grad-mode": "--grad-clip-method",
     "--clip-grad-value": "--max-grad-norm",
+    "--dataset-filename-word-regex": "--filename-word-regex",  # A1111's Settings > Training, for the Train tab
+    "--dataset-filename-join-string": "--filename-join-string",
 }
 
 

@@ -130,7 +130,11 @@ def register_generate_options() -> None:
     for name, hint in EXTENSION_NAMES.items():
         add_generate_option_hint(name, hint)
     add_generate_option("--aesthetic", default=None, help="Aesthetic embedding (.pt path or name in --aesthetic-dir).")
-    add_generate_option("--aesthetic-dir", default=None, help="Folder of aesthetic embeddings.")
+    add_generate_option(
+        "--aesthetic-dir",
+        default=None,
+        help="Folder of aesthetic embeddings (default: aesthetic_embeddings/ below --models-dir).",
+    )
     add_generate_option("--aesthetic-weight", type=float, default=0.9, show_default=True, help="Blend weight (0: off).")
     add_generate_option("--aesthetic-steps", type=int, default=5, show_default=True, help="Text-encoder tuning steps.")
     add_generate_option("--aesthetic-lr", type=float, default=1e-4, show_default=True, help="Tuning learning rate.")

@@ -65,6 +65,20 @@ def data_group() -> None:
     help="Caption images that have no caption file from their file names, as a run with this option does "
     "(a1111: A1111's Train tab, '00001-0-a circle.png' -> 'a circle'); a caption file always wins.",
 )
+@click.option(
+    "--filename-word-regex",
+    default="",
+    metavar="REGEX",
+    help="With --filename-captions: keep only this regex's matches in a caption made from a file name, as a run "
+    "with this option does (A1111's 'Filename word regex' setting). Default: off.",
+)
+@click.option(
+    "--filename-join-string",
+    default=" ",
+    metavar="TEXT",
+    help="With --filename-word-regex: the text between the words it finds (A1111's 'Filename join string'). "
+    "Default: one space.",
+)
 @click.option("--reg-data", type=click.Path(exists=True), default=None, help="Regularisation/class images folder.")
 @click.option(
     "--metadata-file",
@@ -110,6 +124,8 @@ def check_command(
     bucket_rule: str,
     caption_extension: str,
     filename_captions: str,
+    filename_word_regex: str,
+    filename_join_string: str,
     reg_data: str | None,
     metadata_file: str | None,
     dataset_repeats: int,
@@ -130,6 +146,7 @@ def check_command(
     import sys
 
     from ..data.check import check_dataset
+    from ..data.dataset import filename_word_regex_problem
     from ..errors import ConfigError
     from ..train.config import load_options
     from ..train.options import TrainOptions
@@ -149,6 +166,8 @@ def check_command(
         bucket_rule=bucket_rule,
         caption_extension=caption_extension,
         filename_captions=filename_captions,
+        filename_word_regex=filename_word_regex,
+        filename_join_string=filename_join_string,
         metadata_file=metadata_file,
         dataset_repeats=dataset_repeats,
         batch_size=batch_size,
@@ -162,6 +181,9 @@ def check_command(
         # batch_size wins over --batch-size there); problems are one line each, exit 2, as a run's
         options = load_options(TrainOptions, overrides=values, notes=notes)
         problems = resolutions_problems(options) + bucket_rule_problems(options)
+        regex_problem = filename_word_regex_problem(options.filename_word_regex)
+        if regex_problem:
+            problems.append(regex_problem)
     except ConfigError as exc:
         problems = exc.problems
     if problems:

@@ -149,7 +149,7 @@ class _GenerateCommand(HintedCommand):
     default=None,
     metavar="7,8,9",
     help="SD3/SD3.5: Skip Layer Guidance, skipping these transformer blocks in an extra pass on some steps "
-    "(Stability's for SD3.5 Medium: 7,8,9); needs --cfg above 1.",
+    "(Stability's for SD3.5 Medium: 7,8,9); needs --cfg above 1. Default: none (off).",
 )
 @click.option(
     "--slg-scale",
@@ -237,7 +237,8 @@ class _GenerateCommand(HintedCommand):
 @click.option(
     "--inpaint-full-res/--inpaint-whole-picture",
     default=False,
-    help="A1111's Inpaint area: Only masked (generate the masked region at --size, paste it back) or Whole picture.",
+    help="A1111's Inpaint area: Only masked (generate the masked region at --size, paste it back) or Whole picture "
+    "(the default, as A1111's).",
 )
 @click.option(
     "--inpaint-full-res-padding",
@@ -263,7 +264,7 @@ class _GenerateCommand(HintedCommand):
     "--reference-resize/--no-reference-resize",
     default=True,
     help="Kontext: resize the reference to the trained resolution nearest its aspect ratio (diffusers', ComfyUI's "
-    "FluxKontextImageScale), or keep its own size (floored to 16).",
+    "FluxKontextImageScale; the default), or keep its own size (floored to 16).",
 )
 @click.option(
     "--control-image",
@@ -284,7 +285,7 @@ class _GenerateCommand(HintedCommand):
     "--hires/--no-hires",
     default=False,
     help="A1111's Hires. fix: txt2img at --size, upscale, img2img at the large size (also on SD3/Flux/Chroma, as Forge). "
-    "Any --hr-* option turns it on too; --no-hires drops a --from-png image's.",
+    "Off by default; any --hr-* option turns it on too; --no-hires drops a --from-png image's.",
 )
 @click.option("--hr-scale", default=None, type=click.FloatRange(min=1.0), help="Hires: upscale by (default 2).")
 @click.option(
@@ -332,10 +333,21 @@ class _GenerateCommand(HintedCommand):
     help="A1111's models folder: Lora/ and hypernetworks/ are looked up below it, embeddings/ beside it (the "
     "A1111 root's) and below it (ComfyUI's).",
 )
-@click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of <lora:...> files.")
-@click.option("--embeddings-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of embeddings.")
 @click.option(
-    "--hypernetwork-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder of <hypernet:...> files."
+    "--lora-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of <lora:...> and <lyco:...> files (default: Lora/ below --models-dir).",
+)
+@click.option(
+    "--embeddings-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of embeddings (default: embeddings/ beside --models-dir, A1111's, and below it, ComfyUI's; both "
+    "when both exist).",
+)
+@click.option(
+    "--hypernetwork-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of <hypernet:...> files (default: hypernetworks/ below --models-dir).",
 )
 @click.option(
     "-O",
@@ -377,7 +389,9 @@ class _GenerateCommand(HintedCommand):
     type=click.Path(dir_okay=False, path_type=Path),
     help="A1111 styles.csv (default: styles.csv in the parent of --models-dir, the A1111 root).",
 )
-@click.option("--tiling/--no-tiling", default=False, help="A1111's Tiling: seamless textures (circular padding).")
+@click.option(
+    "--tiling/--no-tiling", default=False, help="A1111's Tiling: seamless textures (circular padding); default off."
+)
 @click.option(
     "--x-type",
     default=None,
@@ -400,7 +414,9 @@ class _GenerateCommand(HintedCommand):
     help="A1111's 'Keep -1 for seeds': each plot cell draws its own random seed (else -1 is fixed once for all).",
 )
 @click.option(
-    "--grid-legend/--no-grid-legend", default=True, help="A1111's 'Draw legend': label the plot's columns and rows."
+    "--grid-legend/--no-grid-legend",
+    default=True,
+    help="A1111's 'Draw legend': label the plot's columns and rows (default: on).",
 )
 @click.option(
     "--grid-margin",
@@ -412,7 +428,8 @@ class _GenerateCommand(HintedCommand):
 @click.option(
     "--grid-cells/--no-grid-cells",
     default=True,
-    help="Also write each plot cell with its own infotext, as NAME-0.png, NAME-1.png ... (X varies fastest).",
+    help="Also write each plot cell with its own infotext, as NAME-0.png, NAME-1.png ... (X varies fastest; "
+    "default: on).",
 )
 @part_options
 def generate(**params: Any) -> None:

@@ -63,19 +63,52 @@ FILENAME_CAPTION_RULES = ("stem", "spaces", "a1111")
 _A1111_NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")
 
 
-def filename_caption(image_path: str | os.PathLike[str], rule: str = "stem") -> str:
+def filename_caption(
+    image_path: str | os.PathLike[str], rule: str = "stem", *, word_regex: str = "", join_string: str = " "
+) -> str:
     """The caption a trainer reads from the image's file name by ``rule`` (:data:`FILENAME_CAPTION_RULES`).
 
-    ``a1111`` leaves out A1111's optional ``dataset_filename_word_regex`` / ``dataset_filename_join_string``
-    (off by default there: no word filter, the text as it is)."""
+    ``word_regex`` (A1111's ``dataset_filename_word_regex`` setting, "Filename word regex"; ``""``, its default,
+    is off) then keeps only the regex's matches, joined with ``join_string`` (its ``dataset_filename_join_string``,
+    default ``" "``), as A1111's textual_inversion/dataset.py does with ``re.findall`` on the text left after
+    its number prefix: ``00012-3-a_red circle.png`` with ``[a-z]+`` and ``_`` is ``a_red_circle``. A regex with
+    one group joins what the group caught (``findall``'s rule); check a user's regex with
+    :func:`word_regex_problem` first."""
     stem = Path(image_path).stem
     if rule == "spaces":
-        return stem.replace("_", " ")
-    if rule == "a1111":
-        return _A1111_NUMBERS_AT_START.sub("", stem)
-    if rule != "stem":
+        text = stem.replace("_", " ")
+    elif rule == "a1111":
+        text = _A1111_NUMBERS_AT_START.sub("", stem)
+    elif rule == "stem":
+        text = stem
+    else:
         raise ValueError(f"filename caption rule {rule!r}: choose one of {', '.join(FILENAME_CAPTION_RULES)}")
-    return stem
+    if word_regex:
+        text = join_string.join(re.findall(word_regex, text))
+    return text
+
+
+def word_regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be a file-name word regex (``None``: it can, or it is empty, i.e. off).
+
+    A pattern Python's ``re`` cannot compile fails (``re.error``, and the ``OverflowError`` of a repeat count past
+    its limit, ``a{4294967296}``, or the ``RecursionError`` of parentheses nested too deep, which ``re`` raises
+    instead); so does one with two or more groups, whose ``findall`` gives tuples that A1111's ``join`` stops on
+    (``TypeError``) mid-training: write the others ``(?:...)``."""
+    if not pattern:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except (re.error, OverflowError) as exc:
+        return f"not a valid regular expression ({exc})"
+    except RecursionError:
+        return "not a valid regular expression (its groups are nested too deep)"
+    if compiled.groups > 1:
+        return (
+            f"has {compiled.groups} groups: the words are the whole matches or one group's text; make the other "
+            "groups non-capturing, (?:...)"
+        )
+    return None
 
 
 def find_caption_file(image_path: str | os.PathLike[str], extension: str = ".txt") -> Path | None:

@@ -182,6 +182,10 @@ class SubsetOptions:
     #: the dataset TOML's ``filename_captions``; ``none``: off), before the class tokens; unlike
     #: ``caption_from_filename`` a caption file still wins (A1111's Train tab reads ``<stem>.txt`` first)
     filename_captions: str = "none"
+    #: with ``filename_captions``: a file-name caption keeps only this regex's matches, joined with
+    #: ``filename_join_string`` (A1111's "Filename word regex" / "Filename join string" settings; ``""``: off)
+    filename_word_regex: str = ""
+    filename_join_string: str = " "
     loss_weight: float = 1.0
     #: OneTrainer's masked training: each image's mask is the file beside it named ``<stem><mask_suffix>``
     #: (its ``-masklabel.png``), greyscale, a missing one weighting the whole image (``None``: no such masks)
@@ -363,6 +367,8 @@ def subset_defaults(options: TrainOptions | None) -> dict[str, Any]:
     return {
         "caption_extension": options.caption_extension,
         "filename_captions": options.filename_captions,
+        "filename_word_regex": options.filename_word_regex,
+        "filename_join_string": options.filename_join_string,
         "keep_tokens": options.keep_tokens,
         "shuffle_caption": options.shuffle_caption,
         "caption_dropout": options.caption_dropout,
@@ -521,6 +527,8 @@ _SUBSET_KEYS = {
     "caption_extension",
     "caption_extention",  # kohya keeps the old misspelling
     "filename_captions",  # sdcore's: caption an image without a caption file from its name (--filename-captions)
+    "filename_word_regex",  # sdcore's: the words kept of such a caption (--filename-word-regex, A1111's setting)
+    "filename_join_string",  # sdcore's: what joins them (--filename-join-string)
     "is_reg",
     "shuffle_caption",
     "keep_tokens",
@@ -555,7 +563,8 @@ _SUBSET_ONLY_KEYS = {"image_dir", "alpha_mask", "conditioning_data_dir", "contro
 #: ``metadata_file`` subset (captions come from the metadata; no class images there); the ones a
 #: fine-tuning ``[[datasets]]`` table refuses too are those that are not subset-only
 _NOT_FINE_TUNING_KEYS = {"class_tokens", "caption_extension", "caption_extention", "is_reg", "conditioning_data_dir",
-                         "cache_info", "filename_captions"}  # fmt: skip
+                         "cache_info", "filename_captions", "filename_word_regex",
+                         "filename_join_string"}  # fmt: skip
 #: kohya keys sdcore recognises but does not implement: an explicit error beats silently ignoring them
 _UNSUPPORTED_KEYS = {
     "debug_dataset",
@@ -624,6 +633,14 @@ def _typed(value: Any, kind: str, key: str, where: str, path: Path) -> Any:
 
         if value not in FILENAME_CAPTIONS:
             raise DataError(f"{path}: {where}: '{key}' must be one of {', '.join(FILENAME_CAPTIONS)}, got {value!r}")
+    elif kind == "a file-name word regex":
+        from .captions import word_regex_problem
+
+        if not isinstance(value, str):
+            raise bad
+        problem = word_regex_problem(value)
+        if problem:
+            raise DataError(f"{path}: {where}: '{key}' {value!r}: {problem}")
     elif kind == "a mask kind":
         from ..train.options import MASK_KINDS
 
@@ -689,6 +706,8 @@ _FIELD_OF = {
     "caption_extension": ("caption_extension", "a string"),
     "caption_extention": ("caption_extension", "a string"),
     "filename_captions": ("filename_captions", "a file-name caption rule"),
+    "filename_word_regex": ("filename_word_regex", "a file-name word regex"),
+    "filename_join_string": ("filename_join_string", "a string"),
     "is_reg": ("is_class", "a boolean"),
     "shuffle_caption": ("shuffle_caption", "a boolean"),
     "keep_tokens": ("keep_tokens", "a non-negative integer"),
@@ -1043,6 +1062,14 @@ def _scan_jsonl_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bo
         )
 
 
+def filename_word_regex_problem(pattern: str) -> str | None:
+    """``--filename-word-regex``'s problem, one wording wherever it is found (the run's options, its dataset)."""
+    from .captions import word_regex_problem
+
+    problem = word_regex_problem(pattern)
+    return f"--filename-word-regex {pattern!r}: {problem}" if problem else None
+
+
 def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, roots: set[Path]) -> None:
     if subset.metadata_file is not None:
         _scan_metadata_subset(subset, index, verify=verify)
@@ -1053,6 +1080,10 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
     directory = subset.image_dir
     if not directory.is_dir():
         index.skipped.append(SkippedFile(directory, "image folder does not exist"))
+        return
+    if subset.filename_captions != "none" and (problem := filename_word_regex_problem(subset.filename_word_regex)):
+        if problem not in index.problems:  # one line for every subset that inherits --filename-word-regex
+            index.problems.append(problem)
         return
     try:
         children = sorted(directory.iterdir())
@@ -1116,7 +1147,12 @@ def _scan_subset(subset: SubsetOptions, index: DatasetIndex, *, verify: bool, ro
             index.skipped.append(SkippedFile(path, _reason(exc, path)))
             continue
         if caption is None and subset.filename_captions != "none":  # a caption file always wins
-            named = filename_caption(path, subset.filename_captions)
+            named = filename_caption(
+                path,
+                subset.filename_captions,
+                word_regex=subset.filename_word_regex,
+                join_string=subset.filename_join_string,
+            )
             if named.strip():  # a name of numbers only gives nothing: the class tokens, or uncaptioned
                 index.filename_captions.append(path)
                 caption = named

@@ -28,6 +28,11 @@ def caption_option_problems(options: TrainOptions, method: TrainingMethod[Any] |
         )
     if o.keep_tokens_separator is not None and o.keep_tokens_separator and not o.keep_tokens_separator.strip():
         problems.append("--keep-tokens-separator is only whitespace: it would split every caption (use e.g. '|||')")
+    from ..data.dataset import filename_word_regex_problem
+
+    regex_problem = filename_word_regex_problem(o.filename_word_regex)  # the words of file-name captions (A1111)
+    if regex_problem:
+        problems.append(regex_problem)
     if not o.caption_separator:
         problems.append("--caption-separator is empty: give the text between tags (kohya's default is ',')")
     # the family's encoding reads the emphasis (DreamBooth's, padded, too): one rule, the method's declaration
@@ -66,19 +71,39 @@ def filename_caption_notes(index: Any) -> list[str]:
 
     Nothing when the names give no text (``00012.png``: A1111 trains those uncaptioned too), when a subset
     has class tokens (kohya's ``10_mychar`` folders: their numbered files are captioned by the folder), or when
-    ``--filename-captions`` is already on. The same words in the run's pre-flight and ``sdcore data check``."""
-    from ..data.captions import filename_caption
+    ``--filename-captions`` is already on. The example is the caption A1111 would make, with the subset's
+    ``--filename-word-regex`` when it has one; that regex alone, without ``--filename-captions``, does nothing and
+    gets a note of its own. The same words in the run's pre-flight and ``sdcore data check``."""
+    from ..data.captions import filename_caption, word_regex_problem
 
+    def a1111_caption(entry: Any) -> str:
+        regex = getattr(entry.subset, "filename_word_regex", "")
+        if word_regex_problem(regex):  # reported as a problem: the plain rule here
+            regex = ""
+        join = getattr(entry.subset, "filename_join_string", " ")
+        return filename_caption(entry.path, "a1111", word_regex=regex, join_string=join).strip()
+
+    notes = [
+        f"filename_word_regex {regex!r} has no effect: it only filters the captions --filename-captions makes "
+        "from file names; give "
+        "--filename-captions a1111 too (A1111's Filename word regex applies to images without a caption file)"
+        for regex in dict.fromkeys(
+            getattr(s, "filename_word_regex", "")
+            for s in getattr(index, "subsets", ())
+            if getattr(s, "filename_captions", "none") == "none"
+        )
+        if regex
+    ]
     missing = set(index.missing_captions)
     named = [
         (entry.path, text)
         for entry in index.entries
         if entry.path in missing
         and getattr(entry.subset, "filename_captions", "none") == "none"
-        and (text := filename_caption(entry.path, "a1111").strip())
+        and (text := a1111_caption(entry))
     ]
     if not named:
-        return []
+        return notes
     count = len(dict.fromkeys(path for path, _ in named))  # an image at several resolutions counts once
     have, them = (
         ("1 image has", "it from its file name")
@@ -86,7 +111,8 @@ def filename_caption_notes(index: Any) -> list[str]:
         else (f"{count} images have", "them from their file names")
     )
     return [
+        *notes,
         f"{have} no caption file; A1111 would caption {them} (e.g. {named[0][1]!r}): give "
         "--filename-captions a1111 for the captions A1111's TI/hypernetwork training used (in a dataset TOML: "
-        "filename_captions = 'a1111')"
+        "filename_captions = 'a1111')",
     ]

@@ -2381,6 +2381,11 @@ NAME_HINTS: dict[str, NameHint] = {
     "create_image_every": _a1111(
         "create_image_every", "sample_every", "it renders --sample-prompts (A1111 the batch's first prompt)"
     ),
+    # A1111's Settings > Training, read by the Train tab's dataset (modules/textual_inversion/dataset.py)
+    "dataset_filename_word_regex": _a1111(
+        "dataset_filename_word_regex", "filename_word_regex", "with --filename-captions a1111, as A1111 applies it"
+    ),
+    "dataset_filename_join_string": _a1111("dataset_filename_join_string", "filename_join_string"),
     "save_embedding_every": _a1111("save_embedding_every", "save_every"),
     "save_hypernetwork_every": _a1111("save_hypernetwork_every", "save_every"),
     "template_file": _a1111("template_file", "template", methods="ti, hn, apt"),

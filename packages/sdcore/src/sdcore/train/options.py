@@ -192,6 +192,22 @@ class TrainOptions:
         choices=FILENAME_CAPTIONS,
         group="data",
     )
+    filename_word_regex: str = option(
+        "",
+        "With --filename-captions: keep only this regex's matches in a caption made from a file name, joined with "
+        "--filename-join-string (A1111's 'Filename word regex' setting: '00012-3-a_red circle.png' with "
+        "--filename-captions a1111 and [a-z]+ -> 'a red circle'). With stem/spaces it filters their text (sdcore's own). Empty (the default): the name's text as it is. "
+        "Captions from caption files are never touched.",
+        group="data",
+        metavar="REGEX",
+    )
+    filename_join_string: str = option(
+        " ",
+        "With --filename-word-regex: the text between the words it finds (A1111's 'Filename join string' "
+        "setting; default: one space).",
+        group="data",
+        metavar="TEXT",
+    )
     shuffle_caption: bool = option(False, "Shuffle comma-separated tags each time a caption is used.", group="data")
     keep_tokens: int = option(0, "Keep the first N tags in place when shuffling or dropping.", group="data")
     caption_dropout: float = option(0.0, "Probability of training a sample with an empty caption.", group="data")

@@ -1187,7 +1187,8 @@ def run_preflight(
                 report.problems.extend(schedule_length_problems(o, report.total_steps))  # a ratio warmup, --epochs
                 report.notes.extend(stop_notes(o, data, report.total_steps, report.epochs))  # where it stops
         except DatasetProblems as exc:  # e.g. every missing image of a metadata file, one line each
-            report.problems.extend(exc.problems)
+            # a problem of an option the subsets inherit (--filename-word-regex) is already among the options'
+            report.problems.extend(p for p in exc.problems if p not in report.problems)
         except SdcoreError as exc:
             report.problems.append(str(exc))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ..errors import ConfigError
+from ..windows_paths import check_windows_path
 
 T = TypeVar("T")
 log = logging.getLogger("sdcore.train")
@@ -269,6 +270,12 @@ def load_options(
             values[name] = coerce(value, types_[name], name=name, where=source)
         except ConfigError as exc:
             problems.append(str(exc))
+            continue
+        if source != "command line" and isinstance(values[name], str):  # a config written on Windows
+            checked = check_windows_path(values[name], translation.origin.get(name, name))
+            values[name] = checked.value
+            found_notes += [f"{where}: {checked.note}"] if checked.note else []
+            problems += [f"{where}: {checked.problem}"] if checked.problem else []
     if "batch_size" in types_ and isinstance(values.get("data"), str):
         _dataset_batch_size(values, options_class, found_notes, problems)
     for f in dataclasses.fields(options_class):  # type: ignore[arg-type]

@@ -133,10 +133,14 @@ def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") 
     except OSError as exc:
         raise DataError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        codec = "utf-16-le" if raw.startswith(codecs.BOM_UTF16_LE) else "utf-16-be"
         try:
-            return raw.decode("utf-16")
+            if len(raw) % 2:  # Python's decoder drops a trailing odd byte: a binary file, not text
+                raise UnicodeDecodeError(codec, raw, len(raw) - 1, len(raw), "odd number of bytes")
+            text = raw[2:].decode(codec)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: {what} starts with a UTF-16 BOM but is not UTF-16 ({exc.reason})") from None
+        return text
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -5,7 +5,7 @@ and run it on a Linux box (a cloud GPU, WSL). There ``C:\\train\\img``, ``C:/tra
 name nothing, and ``C:\\train\\out`` as an output is worse: POSIX takes it as one relative file name and writes a
 folder called ``C:\\train\\out`` in the working directory. So a config value spelled as a Windows path that does not
 exist here is a problem that names the key and the path; a *relative* one written with backslashes
-(``.\\img``, ``img\\10_x``) is read with ``/`` instead when that path exists (what the user meant, and the only
+(``.\\img``, ``img\\10_x``) is read with ``/`` instead when that path (or, for an output, its folder) exists (what the user meant, and the only
 reading that names something), with a note.
 """
 
@@ -21,8 +21,8 @@ _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 #: ``\\\\server\\share``
 _UNC = re.compile(r"^\\\\[^\\/]+")
 #: a relative path with backslashes and nothing a prompt or an option string would have (no commas, brackets,
-#: parentheses): ``.\\img``, ``..\\data\\10_x``, ``img\\10_x``
-_RELATIVE = re.compile(r"^[\w .~-]*(?:\\[\w .~-]*)+$")
+#: parentheses): ``.\\img``, ``..\\data\\10_x``, ``img\\10_x``, ``.\\out/x.safetensors`` (kohya's output_dir + output_name)
+_RELATIVE = re.compile(r"^[\w .~/-]*(?:\\[\w .~/-]*)+$")
 
 
 def windows_path_kind(value: str) -> str | None:
@@ -56,11 +56,11 @@ def check_windows_path(value: str, key: str, bases: Sequence[Path] = (Path(),)) 
         return WindowsPath(value)
     posix = value.replace("\\", "/")
     if kind == "relative":
-        if any((base / posix).exists() for base in bases):
+        if any((base / posix).exists() or (base / posix).parent.exists() for base in bases):  # outputs too
             return WindowsPath(posix, note=f"{key} '{value}' is read as '{posix}' (a Windows path: \\ as /)")
         return WindowsPath(
             value,
-            problem=f"{key} '{value}' looks like a Windows path (backslashes) and '{posix}' does not exist either: "
+            problem=f"{key} '{value}' looks like a Windows path (backslashes) and neither '{posix}' nor its folder exists: "
             f"write it with / as it is on this machine",
         )
     what = "a drive letter" if kind == "drive" else "a network share"

@@ -97,8 +97,12 @@ def test_relative_backslash_path_is_read_with_slashes_when_it_exists(tmp_path: P
     assert options.data == "./data"
     assert options.sample_prompts == "mychar \\(smile\\)"  # a prompt is not a path
     assert any("train_data_dir '.\\data' is read as './data'" in n for n in notes)
-    config.write_text(config.read_text().replace(".\\data", ".\\missing"), encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"train_data_dir '\.\\missing' looks like a Windows path \(backslashes\)"):
+    # kohya joins output_dir and output_name with "/": the output's folder exists, so it is read with "/"
+    (tmp_path / "out").mkdir()
+    config.write_text(config.read_text().replace("output_dir = 'out'", "output_dir = '.\\out'"), encoding="utf-8")
+    assert _load(config).output.startswith("./out/")
+    config.write_text(config.read_text().replace(".\\data", ".\\missing\\10_x"), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"train_data_dir '\.\\missing\\10_x' looks like a Windows path \(backslash"):
         _load(config)
 
 

@@ -26,14 +26,15 @@ _RELATIVE = re.compile(r"^[\w .~/-]*(?:\\[\w .~/-]*)+$")
 
 
 def windows_path_kind(value: str) -> str | None:
-    """``drive`` (``C:\\x``, ``C:/x``), ``share`` (``\\\\server\\x``), ``relative`` (``.\\img``, ``img\\10_x``) or
-    ``None`` when ``value`` does not look like a path only Windows would write."""
+    """``drive`` (``C:\\x``, ``C:/x``), ``share`` (``\\\\server\\x``), ``root`` (``\\train\\img``), ``relative``
+    (``.\\img``, ``img\\10_x``) or ``None`` when ``value`` does not look like a path only Windows would write."""
     if _DRIVE.match(value):
         return "drive"
     if _UNC.match(value):
         return "share"
     if "\\" in value and _RELATIVE.match(value) and re.search(r"\w", value):
-        return "relative"
+        # \train\img is the current drive's root: not /train/img, which is another folder
+        return "root" if value.startswith("\\") else "relative"
     return None
 
 
@@ -63,7 +64,7 @@ def check_windows_path(value: str, key: str, bases: Sequence[Path] = (Path(),)) 
             problem=f"{key} '{value}' looks like a Windows path (backslashes) and neither '{posix}' nor its folder exists: "
             f"write it with / as it is on this machine",
         )
-    what = "a drive letter" if kind == "drive" else "a network share"
+    what = {"drive": "a drive letter", "share": "a network share", "root": "the root of a Windows drive"}[kind]
     name = PureWindowsPath(value).name
     example = f"/path/to/{name}" if name else "/path/to/it"
     return WindowsPath(

@@ -34,6 +34,7 @@ def _load(config: Path, notes: list[str] | None = None):
         ("\\\\server\\share\\out", "share"),
         (".\\img", "relative"),
         ("img\\10_x", "relative"),
+        ("\\train\\img", "root"),  # the current drive's root: not /train/img
         ("data/10_x", None),
         ("/data/img", None),
         ("mychar \\(smile\\), portrait", None),  # a prompt with A1111's escaped brackets
@@ -139,3 +140,33 @@ def test_dataset_toml_with_windows_paths(tmp_path: Path, monkeypatch) -> None:
 def test_a_posix_name_with_a_backslash_that_exists_is_kept(tmp_path: Path) -> None:
     (tmp_path / "a\\b").mkdir()
     assert check_windows_path("a\\b", "image_dir", (tmp_path,)).value == "a\\b"
+
+
+def test_only_path_options_are_checked(tmp_path: Path, monkeypatch) -> None:
+    """A regex, a separator, a prompt or free text with a backslash is not a Windows path: left as written."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "train.toml"
+    config.write_text(
+        'model = "tiny:sd1"\ndata = "data"\noutput = "out"\n'
+        "layer_filter = 'attn1\\.to_q'\nlayer_filter_regex = true\n"  # OneTrainer's regex layer filter
+        "caption_separator = '\\w'\n"  # would have become '/w' (its folder '/' exists)
+        "training_comment = 'D:\\models\\sd15 + my set'\n"
+        "metadata_description = 'img\\10_x'\n",
+        encoding="utf-8",
+    )
+    notes: list[str] = []
+    options = _load(config, notes)
+    assert options.layer_filter == "attn1\\.to_q"
+    assert options.caption_separator == "\\w"
+    assert options.training_comment == "D:\\models\\sd15 + my set"
+    assert options.metadata_description == "img\\10_x"
+    assert not [n for n in notes if "Windows" in n]
+
+
+def test_drive_root_path_is_refused_not_read_as_posix_root(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "train.toml"
+    config.write_text('model = "tiny:sd1"\ndata = \'\\train\\img\'\noutput = "out"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        _load(config)
+    assert "data '\\train\\img' looks like a Windows path (the root of a Windows drive)" in str(info.value)

@@ -264,6 +264,8 @@ def load_options(
         if target not in raw and raw.get(source) is not None:
             raw[target] = raw[source]
     values: dict[str, Any] = {}
+    # only files and folders: a prompt, a separator or a regex (attn1\\.to_q, \\w) is not a Windows path
+    path_fields = {f.name for f in dataclasses.fields(options_class) if f.metadata.get("path")}  # type: ignore[arg-type]
     for name, value in raw.items():
         source = "command line" if name in cli_values else where
         try:
@@ -271,7 +273,7 @@ def load_options(
         except ConfigError as exc:
             problems.append(str(exc))
             continue
-        if source != "command line" and isinstance(values[name], str):  # a config written on Windows
+        if source != "command line" and name in path_fields and isinstance(values[name], str):  # written on Windows
             checked = check_windows_path(values[name], translation.origin.get(name, name))
             values[name] = checked.value
             found_notes += [f"{where}: {checked.note}"] if checked.note else []

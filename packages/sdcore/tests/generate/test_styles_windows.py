@@ -35,3 +35,12 @@ def test_cp1252_styles_refused_with_the_fix(tmp_path: Path) -> None:
         read_styles(path)
     with pytest.raises(ConfigError, match="does not exist"):
         read_styles(tmp_path / "missing.csv")
+
+
+def test_comma_styles_whose_prompts_hold_semicolons_stay_comma_separated(tmp_path: Path) -> None:
+    """The ';' reading is chosen by the header row only: a prompt with ';' in a comma file does not switch it."""
+    path = tmp_path / "styles.csv"
+    path.write_bytes(b'name,prompt,negative_prompt\r\nmoody,"{prompt}; dark; rain",bright;sunny\r\n')
+    styles = read_styles(path)
+    assert styles["moody"].prompt == "{prompt}; dark; rain"
+    assert styles["moody"].negative_prompt == "bright;sunny"

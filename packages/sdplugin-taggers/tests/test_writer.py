@@ -56,12 +56,13 @@ def test_modes_without_existing_caption_write(tmp_path: Path, mode: str) -> None
 
 def test_unreadable_existing_caption_is_never_destroyed(tmp_path: Path) -> None:
     target = tmp_path / "z.txt"
-    target.write_bytes(b"\xff\xfe\x00binary\x80")
+    # not UTF-8 and no BOM (a BOM FF FE now reads as UTF-16: Notepad's "Unicode", read since it is unambiguous)
+    target.write_bytes(b"\xfe\x00binary\x80")
     for mode in ("append", "prepend"):
         writer = CaptionWriter(mode)
         assert writer.write(tmp_path / "z.png", ["1girl"]) == "kept"
-        assert target.read_bytes() == b"\xff\xfe\x00binary\x80"
-        assert "unreadable" in writer.problems[0]
+        assert target.read_bytes() == b"\xfe\x00binary\x80"
+        assert "is not UTF-8" in writer.problems[0] and "left as is" in writer.problems[0]
 
 
 def test_failed_write_keeps_old_caption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ def option(
     metavar: str | None = None,
     aliases: tuple[str, ...] = (),
     normalize: Callable[[str], str] | None = None,
+    path: bool = False,
 ) -> Any:
     """A dataclass field that also describes its command-line flag.
 
@@ -33,10 +34,11 @@ def option(
     ``normalize`` maps other spellings of a text value to one of ``choices`` before they are checked, on
     the command line and in config files (A1111's ``XavierNormal`` for ``xavier-normal``), so users coming
     from another tool type what they know; it returns a value it does not know unchanged, and the choices
-    check then lists the accepted ones.
+    check then lists the accepted ones. ``path`` marks a file or folder a config may name: only those values are
+    checked for a Windows spelling (:mod:`sdcore.windows_paths`), never a prompt, a separator or a regex.
     """
     metadata = {"help": help, "choices": choices, "flag": flag, "group": group, "cli": cli, "metavar": metavar,
-                "aliases": tuple(aliases), "normalize": normalize}  # fmt: skip
+                "aliases": tuple(aliases), "normalize": normalize, "path": path}  # fmt: skip
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

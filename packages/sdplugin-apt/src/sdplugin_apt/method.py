@@ -72,6 +72,7 @@ class APTOptions(TIOptions):
         "ConvNeXt 'good image' classifier weights (.safetensors or .pt); when set its score REPLACES the "
         "diffusion loss, as in DreamArtist.",
         group="apt",
+        path=True,
     )
     discriminator_size: int = option(384, "Input size of the classifier (pixels).", group="apt")
     attention_masks: bool = option(

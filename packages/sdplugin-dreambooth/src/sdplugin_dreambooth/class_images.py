@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdcore.data.captions import read_caption_text
 from sdcore.data.images import IMAGE_SUFFIXES
+from sdcore.errors import ConfigError, DataError
 from sdcore.io import atomic_save, atomic_write_text
 
 MANIFEST = "class_images.json"
@@ -26,8 +28,12 @@ def existing_class_images(folder: Path, prompt: str) -> list[Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         caption = path.with_suffix(".txt")
-        if caption.exists() and caption.read_text(encoding="utf-8").strip() != prompt.strip():
-            continue
+        if caption.exists():
+            try:  # the captions' one decoding rule (a BOM, UTF-16 from Notepad)
+                if read_caption_text(caption).strip() != prompt.strip():
+                    continue
+            except DataError as exc:
+                raise ConfigError(f"class images: {exc}") from None
         found.append(path)
     return found
 

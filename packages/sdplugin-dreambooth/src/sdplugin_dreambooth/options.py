@@ -26,7 +26,7 @@ class DreamBoothOptions(TrainOptions, TextEncoderStopOptions):
         group="dreambooth",
     )
     class_data: str | None = option(
-        None, "Folder of class (prior-preservation) images; generated here when short.", group="dreambooth"
+        None, "Folder of class (prior-preservation) images; generated here when short.", group="dreambooth", path=True
     )
     class_prompt: str | None = option(None, "Prompt of the class images (e.g. 'photo of a dog').", group="dreambooth")
     num_class_images: int = option(

@@ -87,6 +87,7 @@ class HNOptions(TrainOptions):
         "Prompt template: a .txt file or one of hypernetwork, none, style_filewords, subject_filewords; "
         "[filewords] is the caption, [name] the name. Default: the caption as is.",
         group="hypernetwork",
+        path=True,
     )
 
 

@@ -128,7 +128,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         group="lora",
     )
     network_weights: str | None = option(
-        None, "Start from an existing LoRA file (same rank; kohya --network_weights).", group="lora"
+        None, "Start from an existing LoRA file (same rank; kohya --network_weights).", group="lora", path=True
     )
     dim_from_weights: bool = option(
         False,
@@ -141,6 +141,7 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "LoRA files merged into the model before training, comma-separated (kohya --base_weights): the result "
         "is the difference on top of them.",
         group="lora",
+        path=True,
     )
     base_weights_multiplier: str | None = option(
         None,

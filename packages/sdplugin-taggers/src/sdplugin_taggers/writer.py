@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from sdcore.errors import ConfigError
+from sdcore.data.captions import read_caption_text
+from sdcore.errors import ConfigError, DataError
 from sdcore.io import atomic_open, atomic_write_text
 
 from .tags import normalize_tag
@@ -85,8 +86,8 @@ def _has_caption(path: Path) -> bool:
     if not path.exists():
         return False
     try:
-        return bool(path.read_text(encoding="utf-8-sig").strip())
-    except (OSError, UnicodeDecodeError):
+        return bool(read_caption_text(path).strip())
+    except DataError:
         return True
 
 
@@ -122,9 +123,9 @@ class CaptionWriter:
             return "skipped"
         if target.exists() and self.mode in ("append", "prepend"):
             try:
-                existing = split_caption(target.read_text(encoding="utf-8-sig"), self.separator)
-            except (OSError, UnicodeDecodeError) as exc:
-                self.problems.append(f"{target}: existing caption unreadable ({exc}); left as is")
+                existing = split_caption(read_caption_text(target, "existing caption"), self.separator)
+            except DataError as exc:
+                self.problems.append(f"{exc}; left as is")
                 self.counts["kept"] += 1
                 return "kept"
             tags = merge_tags(existing, tags, self.mode)

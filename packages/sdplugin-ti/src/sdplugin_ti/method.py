@@ -56,6 +56,7 @@ class TIOptions(TrainOptions):
         "Start from the vectors of this embedding file (A1111 .pt, .safetensors, diffusers .bin; SDXL: clip_l "
         "and clip_g) instead of --init-text; its vector count must equal --vectors (kohya's --weights).",
         group="ti",
+        path=True,
     )
     vectors: int = option(1, "Vectors per token (1-75): how many prompt tokens the embedding uses.", group="ti")
     template: str = option(

@@ -9,6 +9,7 @@ whole caption with ``""`` (trains the unconditional case).
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import random
@@ -123,20 +124,15 @@ def read_caption(image_path: str | os.PathLike[str], extension: str = ".txt", *,
     """The caption of ``image_path``: ``None`` when no caption file exists, ``""`` when it is empty.
 
     Reads ``<stem><extension>`` and falls back to the other of ``.txt``/``.caption``. The file is
-    UTF-8 (a BOM is accepted); like kohya only the first line counts, but leading blank lines are
+    decoded by :func:`read_caption_text` (UTF-8, a BOM accepted, or UTF-16 with its BOM); like kohya only the first line counts, but leading blank lines are
     skipped. ``all_lines`` (kohya's ``enable_wildcard``) keeps every non-blank line, stripped and
     joined with ``"\\n"``, so that training picks one line per use. Raises :class:`DataError` for an
-    unreadable or non-UTF-8 caption file.
+    unreadable or undecodable caption file.
     """
     path = find_caption_file(image_path, extension)
     if path is None:
         return None
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: caption file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read caption file: {exc.strerror or exc}") from None
+    text = read_caption_text(path, "caption file")
     if all_lines:
         return _joined_lines(text)
     for line in text.splitlines():
@@ -153,13 +149,40 @@ def read_caption_lines(path: str | os.PathLike[str]) -> str:
     """Every non-blank line of the text file ``path``, stripped, joined with ``"\\n"`` (what
     ``read_caption(..., all_lines=True)`` returns for a caption file; used for one prompt file that
     captions a whole folder, OneTrainer's ``prompt_source`` ``concept``)."""
+    return _joined_lines(read_caption_text(Path(path), "text file"))
+
+
+def read_caption_text(path: str | os.PathLike[str], what: str = "caption file") -> str:
+    """The text of a caption (or prompt) file, decoded as the one rule every reader of captions shares.
+
+    UTF-8, with or without a BOM (Notepad's "UTF-8 with BOM"); UTF-16 with its BOM (Notepad's "Unicode" /
+    "UTF-16 LE", which the BOM names without doubt; kohya's ``open(encoding="utf-8")`` stops on it). Anything else
+    (a Windows code page such as cp1252, where ``café`` is the byte 0xE9) is ambiguous and raises
+    :class:`DataError` naming the byte, what it would be in Windows-1252, and the fix, rather than training
+    a guess. Line ends (CRLF, a lone CR) are left to ``str.splitlines``, which reads all of them."""
     path = Path(path)
     try:
-        return _joined_lines(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: text file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read text file: {exc.strerror or exc}") from None
+        raise DataError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        codec = "utf-16-le" if raw.startswith(codecs.BOM_UTF16_LE) else "utf-16-be"
+        try:
+            if len(raw) % 2:  # Python's decoder drops a trailing odd byte: a binary file, not text
+                raise UnicodeDecodeError(codec, raw, len(raw) - 1, len(raw), "odd number of bytes")
+            text = raw[2:].decode(codec)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: {what} starts with a UTF-16 BOM but is not UTF-16 ({exc.reason})") from None
+        return text
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        byte = raw[exc.start]
+        as_1252 = raw[exc.start : exc.start + 1].decode("cp1252", errors="replace")
+        raise DataError(
+            f"{path}: {what} is not UTF-8 (byte 0x{byte:02X} at {exc.start}, {as_1252!r} in Windows-1252: saved in a "
+            f"Windows code page?): save it as UTF-8 (Notepad: Save as, Encoding UTF-8)"
+        ) from None
 
 
 def _split_separator(separator: str) -> str:

@@ -9,6 +9,7 @@ and caption files, and never drops a file silently: everything it cannot use is 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError
+from ..windows_paths import check_windows_path
 from .buckets import (
     BucketAssignment,
     ImageTooSmallError,
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 
 #: kohya folder names: ``<repeats>_<class tokens>``, e.g. ``10_mychar woman``.
 _FOLDER_RE = re.compile(r"^(\d+)_(.*)$")
+
+log = logging.getLogger(__name__)
 
 
 def _kohya_folder_params(name: str) -> tuple[int, str] | None:
@@ -769,9 +773,17 @@ def _apply(values: dict[str, Any], table: dict[str, Any], where: str, path: Path
     return out
 
 
-def _resolve_dir(raw: str, config: Path) -> Path:
-    """Absolute paths as given; relative ones against the config's folder, else the working dir (kohya)."""
-    candidate = Path(raw).expanduser()
+def _resolve_dir(raw: str, config: Path, key: str, where: str) -> Path:
+    """Absolute paths as given; relative ones against the config's folder, else the working dir (kohya).
+
+    A TOML written on Windows (``'C:\\train\\img'``) is refused naming the key; a relative path with backslashes
+    is read with ``/`` when that exists (:func:`sdcore.windows_paths.check_windows_path`)."""
+    checked = check_windows_path(raw, key, (config.parent, Path()))
+    if checked.problem:
+        raise DataError(f"{config}: {where}: {checked.problem}")
+    if checked.note:
+        log.warning("%s: %s: %s", config, where, checked.note)
+    candidate = Path(checked.value).expanduser()
     if candidate.is_absolute():
         return candidate
     beside = config.parent / candidate
@@ -827,14 +839,14 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
                 _refuse_keys(subset, _NOT_FINE_TUNING_KEYS, s_where, path)
                 values = _apply(level, subset, s_where, path)
                 raw_meta = _typed(subset["metadata_file"], "a string", "metadata_file", s_where, path)
-                metadata_file = _resolve_dir(raw_meta, path)
+                metadata_file = _resolve_dir(raw_meta, path, "metadata_file", s_where)
                 if metadata_file.resolve() in seen_metadata:
                     continue  # kohya: a dataset uses a metadata file once (the first subset naming it)
                 seen_metadata.add(metadata_file.resolve())
                 raw_dir = subset.get("image_dir")
                 # without image_dir, relative keys are looked up from the working directory (older kohya)
                 image_dir = (
-                    _resolve_dir(_typed(raw_dir, "a string", "image_dir", s_where, path), path)
+                    _resolve_dir(_typed(raw_dir, "a string", "image_dir", s_where, path), path, "image_dir", s_where)
                     if raw_dir is not None
                     else Path()
                 )
@@ -844,11 +856,13 @@ def load_toml_dataset_config(path: str | os.PathLike[str], defaults: TrainOption
                 continue
             if "image_dir" not in subset:
                 raise DataError(f"{path}: {s_where}: 'image_dir' is required")
-            image_dir = _resolve_dir(_typed(subset["image_dir"], "a string", "image_dir", s_where, path), path)
+            image_dir = _resolve_dir(
+                _typed(subset["image_dir"], "a string", "image_dir", s_where, path), path, "image_dir", s_where
+            )
             values = _apply(level, subset, s_where, path)
             if "conditioning_data_dir" in subset:
                 raw = _typed(subset["conditioning_data_dir"], "a string", "conditioning_data_dir", s_where, path)
-                values["conditioning_data_dir"] = _resolve_dir(raw, path)
+                values["conditioning_data_dir"] = _resolve_dir(raw, path, "conditioning_data_dir", s_where)
             values.update(_control_dir(subset, s_where, path))
             subsets.append(SubsetOptions(image_dir=image_dir, **values))
     return subsets
@@ -859,7 +873,7 @@ def _control_dir(subset: dict[str, Any], where: str, path: Path) -> dict[str, An
     if "control_directory" not in subset:
         return {}
     raw = _typed(subset["control_directory"], "a string", "control_directory", where, path)
-    return {"control_dir": _resolve_dir(raw, path)}
+    return {"control_dir": _resolve_dir(raw, path, "control_directory", where)}
 
 
 def toml_batch_sizes(path: str | os.PathLike[str]) -> list[int | None]:

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import DataError
+from .captions import read_caption_text
 from .images import ImageError, is_image_path, open_image_rgb
 
 if TYPE_CHECKING:
@@ -554,9 +556,17 @@ def preprocess(
             if say is not None:
                 say(f"skipped: {exc}")
             continue
-        report.sources += 1
         caption_file = path.with_suffix(".txt")
-        existing = caption_file.read_text(encoding="utf-8-sig", errors="replace") if caption_file.is_file() else None
+        existing = None
+        if options.captions != "ignore" and caption_file.is_file():
+            try:  # the one caption decoding rule; a cp1252 caption is reported, not copied with U+FFFD in it
+                existing = read_caption_text(caption_file, "existing caption")
+            except DataError as exc:
+                report.unreadable.append((path, str(exc)))
+                if say is not None:
+                    say(f"skipped: {exc}")
+                continue
+        report.sources += 1
         outputs, no_size = process_image(image, options)
         if no_size:
             report.no_auto_size.append(path)

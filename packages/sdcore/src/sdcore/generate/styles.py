@@ -16,11 +16,13 @@ Facts from A1111 ``modules/styles.py`` (rewritten here):
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..data.captions import read_caption_text
+from ..errors import ConfigError, DataError
 
 #: A1111's styles file name (in its root folder, the parent of ``models``)
 STYLES_FILE = "styles.csv"
@@ -51,8 +53,14 @@ def read_styles(path: str | os.PathLike[str]) -> dict[str, PromptStyle]:
     """The styles of an A1111 ``styles.csv``, by name, in file order; a one-line error when it cannot be read."""
     file = Path(path)
     try:
-        with open(file, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle, skipinitialspace=True)
+        # Excel saves UTF-8 with a BOM, UTF-16 or the Windows code page: the captions' one decoding rule, which
+        # reads the first two and refuses the last with what to do; in locales whose decimal mark is a comma it
+        # separates the columns with ";" (its "CSV (semicolon)"), read as such when the header row says so
+        text = read_caption_text(file, "styles file")
+        header = text.split("\n", 1)[0]
+        delimiter = ";" if "name" in [c.strip().strip('"') for c in header.split(";")] else ","
+        with io.StringIO(text, newline="") as handle:
+            reader = csv.DictReader(handle, skipinitialspace=True, delimiter=delimiter)
             fields = reader.fieldnames or []
             if "name" not in fields or not ({"prompt", "text"} & set(fields)):
                 raise ConfigError(
@@ -66,9 +74,11 @@ def read_styles(path: str | os.PathLike[str]) -> dict[str, PromptStyle]:
                     continue
                 prompt = row.get("prompt") if "prompt" in row else row.get("text")
                 styles[name] = PromptStyle(name, prompt or "", row.get("negative_prompt") or "")
-    except FileNotFoundError:
-        raise ConfigError(f"styles file {file} does not exist (pass --styles-file)") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except DataError as exc:
+        if not file.exists():
+            raise ConfigError(f"styles file {file} does not exist (pass --styles-file)") from None
+        raise ConfigError(str(exc)) from None
+    except (OSError, csv.Error) as exc:
         raise ConfigError(f"cannot read styles file {file}: {exc}") from None
     return styles
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ..errors import ConfigError
+from ..windows_paths import check_windows_path
 
 T = TypeVar("T")
 log = logging.getLogger("sdcore.train")
@@ -263,12 +264,20 @@ def load_options(
         if target not in raw and raw.get(source) is not None:
             raw[target] = raw[source]
     values: dict[str, Any] = {}
+    # only files and folders: a prompt, a separator or a regex (attn1\\.to_q, \\w) is not a Windows path
+    path_fields = {f.name for f in dataclasses.fields(options_class) if f.metadata.get("path")}  # type: ignore[arg-type]
     for name, value in raw.items():
         source = "command line" if name in cli_values else where
         try:
             values[name] = coerce(value, types_[name], name=name, where=source)
         except ConfigError as exc:
             problems.append(str(exc))
+            continue
+        if source != "command line" and name in path_fields and isinstance(values[name], str):  # written on Windows
+            checked = check_windows_path(values[name], translation.origin.get(name, name))
+            values[name] = checked.value
+            found_notes += [f"{where}: {checked.note}"] if checked.note else []
+            problems += [f"{where}: {checked.problem}"] if checked.problem else []
     if "batch_size" in types_ and isinstance(values.get("data"), str):
         _dataset_batch_size(values, options_class, found_notes, problems)
     for f in dataclasses.fields(options_class):  # type: ignore[arg-type]

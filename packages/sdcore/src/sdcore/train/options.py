@@ -84,7 +84,7 @@ def _part(name: str) -> Any:
     """A model-part option (``--clip-l``, ``--t5xxl``/``--t5``, ``--vae``/``--ae``...): the flags and help of
     :data:`sdcore.builtin.part_options.PART_OPTIONS`, the one table ``generate`` and ``model info/convert`` use."""
     flags, text = next((flags, text) for flags, field_name, text in PART_OPTIONS if field_name == name)
-    return option(None, text, flag=flags[0], aliases=flags[1:], group="model", metavar="PATH")
+    return option(None, text, flag=flags[0], aliases=flags[1:], group="model", metavar="PATH", path=True)
 
 
 @dataclass
@@ -93,7 +93,10 @@ class TrainOptions:
 
     # what and where
     model: str = option(
-        "", "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:<family>.", group="model"
+        "",
+        "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:<family>.",
+        group="model",
+        path=True,
     )
     prediction_type: str = option(
         "auto",
@@ -116,6 +119,7 @@ class TrainOptions:
         "concepts .json, or a diffusers .jsonl of image / control image / caption rows (diffusers' "
         "--jsonl_for_train; see --image-column).",
         group="data",
+        path=True,
     )
     image_column: str = option(
         "image", "A .jsonl --data: the column of each row's image path (diffusers' --image_column).", group="data"
@@ -132,14 +136,17 @@ class TrainOptions:
         "(diffusers' --caption_column).",
         group="data",
     )
-    output: str = option("", "Where to write the result (a file or a folder, per method).", group="output")
-    reg_data: str | None = option(None, "Regularisation/class images folder (kohya N_name subfolders).", group="data")
+    output: str = option("", "Where to write the result (a file or a folder, per method).", group="output", path=True)
+    reg_data: str | None = option(
+        None, "Regularisation/class images folder (kohya N_name subfolders).", group="data", path=True
+    )
     metadata_file: str | None = option(
         None,
         "kohya fine-tuning metadata JSON/JSONL (captions and tags per image, from kohya's finetune/ scripts; "
         "kohya's --in_json): --data is then the folder its image keys are in.",
         group="data",
         metavar="FILE",
+        path=True,
     )
     dataset_repeats: int = option(
         1,
@@ -307,7 +314,7 @@ class TrainOptions:
         group="loss",
     )
     conditioning_data_dir: str | None = option(
-        None, "Folder of --masked-loss mask images, same base names as the images (kohya).", group="data"
+        None, "Folder of --masked-loss mask images, same base names as the images (kohya).", group="data", path=True
     )
     control_dir: str | None = option(
         None,
@@ -316,6 +323,7 @@ class TrainOptions:
         "With --control-lora: the control images (poses, edges, depth maps) a FLUX.1 dev control LoRA learns from.",
         group="data",
         metavar="DIR",
+        path=True,
     )
     masked_loss_unmasked_weight: float = option(
         0.0,
@@ -387,7 +395,10 @@ class TrainOptions:
     )
     debug_dataset_steps: int = option(10, "Optimizer steps --debug-dataset walks.", group="data")
     debug_dataset_dir: str = option(
-        "", "Folder for the --debug-dataset images (default: debug_dataset/ beside the output).", group="data"
+        "",
+        "Folder for the --debug-dataset images (default: debug_dataset/ beside the output).",
+        group="data",
+        path=True,
     )
     cache_latents: bool = option(True, "Encode images once with the VAE and reuse the latents.", group="cache")
     cache_latents_to_disk: bool = option(
@@ -406,7 +417,7 @@ class TrainOptions:
         group="cache",
     )
     cache_dir: str | None = option(
-        None, "Folder for latent and text-encoder cache files (default: beside each image).", group="cache"
+        None, "Folder for latent and text-encoder cache files (default: beside each image).", group="cache", path=True
     )
     caption_variants: int = option(4, "Cached caption variants per image when shuffling/dropping tags.", group="cache")
     # schedule
@@ -898,7 +909,7 @@ class TrainOptions:
         group="output",
     )
     resume: str | None = option(
-        None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output"
+        None, "Resume from a state folder (or 'latest' in the output's state dir).", group="output", path=True
     )
     initial_step: int | None = option(
         None,
@@ -923,6 +934,7 @@ class TrainOptions:
         "A prompt, or a prompt file (.txt one per line with kohya's --n --w --h --s --d --l --ss options; "
         ".json/.toml as kohya), to render while training.",
         group="output",
+        path=True,
     )
     sample_at_first: bool = option(
         False, "Also render the sample prompts before the first step (kohya's --sample_at_first).", group="output"
@@ -985,6 +997,7 @@ class TrainOptions:
         "modelspec.thumbnail: an image file (written as a base64 data: URL, as kohya does) or a data: URL.",
         group="metadata",
         metavar="FILE",
+        path=True,
     )
     metadata_merged_from: str | None = option(None, "modelspec.merged_from of the saved file.", group="metadata")
     metadata_trigger_phrase: str | None = option(None, "modelspec.trigger_phrase of the saved file.", group="metadata")
@@ -995,7 +1008,9 @@ class TrainOptions:
     training_comment: str | None = option(
         None, "Free text stored as ss_training_comment in the saved file (kohya).", group="metadata"
     )
-    log_dir: str | None = option(None, "TensorBoard log folder (when tensorboard is installed).", group="output")
+    log_dir: str | None = option(
+        None, "TensorBoard log folder (when tensorboard is installed).", group="output", path=True
+    )
     progress: bool = option(True, "Show a progress bar.", group="output")
 
 

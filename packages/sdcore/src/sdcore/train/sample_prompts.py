@@ -71,7 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..data.captions import read_caption_text
+from ..errors import ConfigError, DataError
 
 #: the tools whose sample prompt formats sdcore reads (:attr:`SamplePrompt.source`)
 KOHYA, ONETRAINER, AITOOLKIT = "kohya", "onetrainer", "ai-toolkit"
@@ -282,11 +283,10 @@ def read_sample_prompts(value: str, family: str | None = None) -> list[SamplePro
         if diffusers_script.read_command(path) is not None:  # a diffusers command: its validation prompts
             return diffusers_script.read_sample_prompts(path, family)
     if is_file or path.suffix.lower() in (".txt", ".json", ".toml"):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ConfigError(f"--sample-prompts {value}: {reason}") from exc
+        try:  # the captions' one decoding rule: a prompt file from Notepad (a BOM, UTF-16) reads as written
+            text = read_caption_text(path, "prompt file")
+        except DataError as exc:
+            raise ConfigError(f"--sample-prompts {value}: {exc}") from None
         return parse_prompt_file(text, path.suffix, str(path))
     return [parse_prompt_line(value, "--sample-prompts")]
 

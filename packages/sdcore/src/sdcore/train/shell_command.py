@@ -22,7 +22,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..data.captions import read_caption_text
+from ..errors import ConfigError, DataError
 
 #: file suffixes read as a command file whatever script they name (a ``.txt`` is read only when it names a
 #: script its reader knows)
@@ -236,10 +237,10 @@ def command_lines(path: Path) -> Iterator[CommandLine]:
 
 
 def _commands(path: Path) -> Iterator[CommandLine]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    try:  # the captions' one decoding rule: PowerShell 5's "> train.ps1" writes UTF-16, Notepad a BOM
+        text = read_caption_text(path, "command file")
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
     kind = dialect(path)
     if kind != "sh":
         yield from _windows_lines(path, text, kind)

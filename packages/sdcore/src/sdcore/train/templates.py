@@ -12,7 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..data.captions import read_caption_text
+from ..errors import ConfigError, DataError
 
 
 def template_text(spec: str, *, package: str, builtin: tuple[str, ...]) -> tuple[str, str]:
@@ -24,10 +25,10 @@ def template_text(spec: str, *, package: str, builtin: tuple[str, ...]) -> tuple
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"template {spec!r}: no such file and not a built-in ({', '.join(builtin)})")
-    try:
-        return str(path), path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"template {path}: cannot read: {exc}") from exc
+    try:  # the captions' one decoding rule: a template saved by Notepad (a BOM, UTF-16) reads as written
+        return str(path), read_caption_text(path, "template")
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @lru_cache(maxsize=32)

@@ -570,6 +570,97 @@ def test_a_ctrl_c_weights_file_counts_in_save_limit_across_resumes(tmp_path):
     assert _step_files(tmp_path / "short") == [4, 5]
 
 
+def test_the_disk_estimate_of_a_resume_counts_the_ctrl_c_file_as_the_run_keeps_it(tmp_path):
+    """The pre-flight of a --resume counts the results its state recorded (the Ctrl-C's weights file included) with
+    those still to come: without --save-limit the Ctrl-C file stays beside every save to the end (one result more
+    than a run never stopped), with --save-limit N it is one of the N; the recorded ones still kept at the end are
+    on disk already, so only the rest must be free. The run then keeps exactly what the estimate said."""
+    from sdcore.train.preflight import run_preflight
+
+    out = tmp_path / "run"
+    o = _opts(tmp_path, max_steps=9, save_every=2, save_limit=0)
+    fresh = run_preflight(ConvOutMethod(o), o).disk
+    assert fresh is not None and fresh.intermediate_results == 4 and fresh.written_results == 0  # steps 2, 4, 6, 8
+    _interrupted(o, at=3)
+    assert _step_files(out) == [2, 3]
+    resumed = dataclasses.replace(o, resume="latest")
+    disk = run_preflight(ConvOutMethod(resumed), resumed).disk
+    assert disk is not None
+    assert (disk.intermediate_results, disk.written_results) == (5, 2)  # 2 and the Ctrl-C's 3 written; 4, 6, 8 to come
+    assert disk.needed == disk.total - 2 * disk.result_bytes
+    assert "5 intermediate results" in disk.line() and "(2 already written)" in disk.line()
+    limited = dataclasses.replace(resumed, save_limit=2)  # the same state, now with a limit: the newest 2 of 5
+    plan = run_preflight(ConvOutMethod(limited), limited).disk
+    assert plan is not None and (plan.intermediate_results, plan.written_results) == (2, 0)  # 3 saves still to come
+    _run(resumed)
+    assert len(_step_files(out)) == disk.intermediate_results == 5
+    o = _opts(tmp_path, "late", max_steps=9, save_every=2, save_limit=3)
+    _interrupted(o, at=7)  # 2, 4, 6 and the Ctrl-C's 7; 8 still to come: 6 and 7 stay
+    late = dataclasses.replace(o, resume="latest")
+    disk = run_preflight(ConvOutMethod(late), late).disk
+    assert disk is not None and (disk.intermediate_results, disk.written_results) == (3, 2)
+    _run(late)
+    assert _step_files(tmp_path / "late") == [6, 7, 8]
+
+
+def test_a_lone_processs_weights_count_in_save_limit_as_a_ctrl_c_file_does(tmp_path, monkeypatch):
+    """An error that stops one process of several writes the weights alone (save_alone: no state, which needs every
+    process); that file is named in the newest state's stopped_weights.json, so the run resumed from that state
+    prunes it in turn, as a Ctrl-C's. Before, it stayed for good beside the --save-limit newest."""
+    import json
+
+    from accelerate import Accelerator
+
+    class FailsAtStep3(ConvOutMethod):
+        def on_step_end(self, bundle, step):
+            if step == 3:
+                raise RuntimeError("failed in one process")
+            return super().on_step_end(bundle, step)
+
+    out = tmp_path / "run"
+    o = _opts(tmp_path, max_steps=6, save_every=2, save_limit=1)
+    session = TrainSession(FailsAtStep3(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    with monkeypatch.context() as patched:
+        patched.setattr(Accelerator, "num_processes", property(lambda self: 2))
+        with pytest.raises(RuntimeError, match="one process"):
+            session.run()
+    assert _step_files(out) == [2, 3]
+    sidecar = json.loads((out / "result-state" / "step-00000002" / "stopped_weights.json").read_text())
+    assert sidecar["step"] == 3 and [f["path"] for f in sidecar["files"]] == ["result-step00000003.safetensors"]
+    _, r = _run(dataclasses.replace(o, resume="latest"))  # adopts 2 and 3, keeps 3; step 4 replaces it
+    assert r.steps == 6 and _step_files(out) == [4]
+
+
+def test_a_second_stop_after_the_same_state_keeps_the_first_in_its_sidecar(tmp_path):
+    """Two stops' weights noted after one state (a lone process's file, then a Ctrl-C of the run resumed from that
+    state before it saved another): the sidecar keeps the first as an earlier save, and a resume counts both,
+    oldest first; the same file noted again is listed once."""
+    import json
+    import types
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    out = tmp_path / "run"
+    state = out / "result-state" / "step-00000002"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text("{}")
+    o = _opts(tmp_path, max_steps=8, save_limit=1)
+    checkpoints = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    first, second = out / "result-step00000003.safetensors", out / "result-step00000004.safetensors"
+    first.write_bytes(b"3")
+    checkpoints.record_stopped(first, state, 3)
+    second.write_bytes(b"44")
+    checkpoints.record_stopped(second, state, 4)
+    checkpoints.record_stopped(second, state, 4)
+    sidecar = json.loads((state / "stopped_weights.json").read_text())
+    assert [f["path"] for f in sidecar["files"]] == [second.name]
+    assert [[f["path"] for f in e["files"]] for e in sidecar["earlier"]] == [[first.name]]
+    resumed = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    resumed.adopt_results(state, {})
+    assert resumed.saved_results == [second] and not first.exists() and second.exists()  # --save-limit 1
+
+
 def test_save_limit_after_a_resume_skips_files_the_user_moved_and_never_deletes_elsewhere(tmp_path):
     """Between the runs the user deleted one step result, renamed another, replaced a third with a file of their
     own under its name and put one under a pruned step's name: the resumed run counts only the recorded files

@@ -6,7 +6,7 @@
   :func:`intermediate_path` and, with ``--save-limit N``, only the newest N are kept; states keep
   the newest ``--keep-states``. The results written so far (every file of each save, as
   :meth:`~.method.TrainingMethod.saved_files` names them) are listed in each state (:data:`RESULTS_KEY`), and the
-  weights a Ctrl-C or stop writes after its state in a sidecar beside it (:data:`STOPPED_WEIGHTS`), so a resumed
+  weights a Ctrl-C, stop or lone failing process writes after its state in a sidecar beside it (:data:`STOPPED_WEIGHTS`), so a resumed
   run keeps counting them: ``--save-limit`` holds across resumes and interrupts, not only within one process.
   Nothing is found by a name pattern: only what the run recorded is ever deleted, and only under the result's
   folder (a file the user removed or renamed simply drops out of the list).

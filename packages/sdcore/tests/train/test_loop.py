@@ -661,6 +661,35 @@ def test_a_second_stop_after_the_same_state_keeps_the_first_in_its_sidecar(tmp_p
     assert resumed.saved_results == [second] and not first.exists() and second.exists()  # --save-limit 1
 
 
+def test_a_lone_process_after_resuming_another_outputs_state_notes_nothing_there(tmp_path, monkeypatch):
+    """A run resumed from another --output's state (same folder) whose process then fails alone writes its weights
+    under its own name; the state it resumed from is not its own, so its sidecar stays unwritten: that state's run,
+    resumed with --save-limit, would otherwise delete a file of another output's run."""
+    from accelerate import Accelerator
+
+    class FailsAtStep3(ConvOutMethod):
+        def on_step_end(self, bundle, step):
+            if step == 3:
+                raise RuntimeError("failed in one process")
+            return super().on_step_end(bundle, step)
+
+    out = tmp_path / "run"
+    o = _opts(tmp_path, max_steps=4, save_every=2, save_limit=1, keep_states=0)
+    _run(o)
+    state = out / "result-state" / "step-00000002"
+    other = dataclasses.replace(o, output=str(out / "other.safetensors"), resume=str(state))
+    session = TrainSession(FailsAtStep3(other), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    with monkeypatch.context() as patched:
+        patched.setattr(Accelerator, "num_processes", property(lambda self: 2))
+        with pytest.raises(RuntimeError, match="one process"):
+            session.run()
+    lone = out / "other-step00000003.safetensors"
+    assert lone.exists() and not (state / "stopped_weights.json").exists()
+    _run(dataclasses.replace(o, resume=str(state)))  # the first run again from step 2, --save-limit 1
+    assert lone.exists()
+
+
 def test_save_limit_after_a_resume_skips_files_the_user_moved_and_never_deletes_elsewhere(tmp_path):
     """Between the runs the user deleted one step result, renamed another, replaced a third with a file of their
     own under its name and put one under a pruned step's name: the resumed run counts only the recorded files

@@ -408,8 +408,8 @@ class Checkpoints:
         resume prunes to ``--save-limit``. A failure writing the sidecar is logged only (the weights and the state
         are what matter)."""
         self.record_result(weights)
-        if state is None:
-            return
+        if state is None or not _state_of(state, self.state_root):
+            return  # a state of another --output (a lone process after resuming from it): its run never prunes this
         files = self._record(self.saved_files[Path(weights)])
         if not files:  # written outside the result's folder: never deleted by a resumed run
             return

@@ -690,6 +690,32 @@ def test_a_lone_process_after_resuming_another_outputs_state_notes_nothing_there
     assert lone.exists()
 
 
+def test_a_hand_edited_sidecar_counts_nothing_and_deletes_nothing(tmp_path, caplog):
+    """A stopped_weights.json whose 'earlier' is no list (edited by hand) is named in the log and counted as no
+    sidecar: the resume neither fails with a traceback nor deletes the files it names."""
+    import json
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    out = tmp_path / "run"
+    state = out / "result-state" / "step-00000002"
+    state.mkdir(parents=True)
+    o = _opts(tmp_path, max_steps=8, save_limit=1)
+    checkpoints = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    first, second = out / "result-step00000003.safetensors", out / "result-step00000004.safetensors"
+    first.write_bytes(b"3")
+    checkpoints.record_stopped(first, state, 3)
+    second.write_bytes(b"44")
+    checkpoints.record_stopped(second, state, 4)
+    sidecar = json.loads((state / "stopped_weights.json").read_text())
+    for earlier in (5, True, "result-step00000003.safetensors", {"files": sidecar["earlier"][0]["files"]}):
+        (state / "stopped_weights.json").write_text(json.dumps({**sidecar, "earlier": earlier}))
+        resumed = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+        resumed.adopt_results(state, {})
+        assert resumed.saved_results == [] and first.exists() and second.exists(), earlier
+    assert "unreadable" in caplog.text
+
+
 def test_save_limit_after_a_resume_skips_files_the_user_moved_and_never_deletes_elsewhere(tmp_path):
     """Between the runs the user deleted one step result, renamed another, replaced a third with a file of their
     own under its name and put one under a pruned step's name: the resumed run counts only the recorded files

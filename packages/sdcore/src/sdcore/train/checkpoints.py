@@ -188,6 +188,8 @@ def _sidecar_saves(sidecar: Path) -> list[Any]:
     try:
         stopped = json.loads(sidecar.read_text(encoding="utf-8"))
         earlier = stopped.get("earlier") or []
+        if not isinstance(earlier, list):  # edited by hand: a number or a mapping there is no list of saves
+            raise ValueError("'earlier' is not a list")
         return [*(e.get("files") or [] for e in earlier if isinstance(e, dict)), stopped.get("files") or []]
     except (OSError, ValueError, AttributeError) as exc:
         log.warning("%s: unreadable (%s); the weights it names are not counted by --save-limit", sidecar, exc)

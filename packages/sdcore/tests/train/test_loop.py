@@ -716,6 +716,27 @@ def test_a_hand_edited_sidecar_counts_nothing_and_deletes_nothing(tmp_path, capl
     assert "unreadable" in caplog.text
 
 
+def test_a_ctrl_c_after_the_final_result_names_it_and_writes_no_step_copy(tmp_path, monkeypatch):
+    """Ctrl-C in the moment after the final result was written (the peak line, waiting for the other processes):
+    the weights of the last step are that file, so the line names it and no NAME-stepNNNNNNNN copy is written."""
+    from sdcore.train.checkpoints import Checkpoints
+
+    written = Checkpoints.save_result
+
+    def then_interrupted(self, *args, **kwargs):
+        written(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "save_result", then_interrupted)
+    o = _opts(tmp_path, max_steps=3)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _run(o)
+    out = tmp_path / "run"
+    assert (out / "result.safetensors").exists() and _step_files(out) == []
+    assert caught.value.sdcore_weights == out / "result.safetensors"
+    assert not (out / "result-state" / "step-00000003" / "stopped_weights.json").exists()
+
+
 def test_save_limit_after_a_resume_skips_files_the_user_moved_and_never_deletes_elsewhere(tmp_path):
     """Between the runs the user deleted one step result, renamed another, replaced a third with a file of their
     own under its name and put one under a pruned step's name: the resumed run counts only the recorded files

@@ -282,6 +282,8 @@ class Checkpoints:
         self.fingerprints: dict[Path, tuple[int, int] | None] = {}
         #: (step, file) of the newest ``--save-every`` result (main process), so a stop right after it names that file
         self.last_step_result: tuple[int, Path] | None = None
+        #: (step, file) of the final result once written (main process), so a stop after it writes no copy
+        self.final_result: tuple[int, Path] | None = None
         self.last_state: Path | None = None
         #: the state this run resumed from (:meth:`restore`): the newest one until the run saves another
         self.resumed_from: Path | None = None
@@ -329,6 +331,7 @@ class Checkpoints:
         output = self.output
         if self.is_main:
             output = Path(self.method.save(bundle, self.save_info(bundle, self.output, position, run, final=True)))
+            self.final_result = (position.step, output)
         return output
 
     @guarded

@@ -716,6 +716,31 @@ def test_a_hand_edited_sidecar_counts_nothing_and_deletes_nothing(tmp_path, capl
     assert "unreadable" in caplog.text
 
 
+def test_a_recorded_path_through_a_symlink_loop_is_skipped_not_a_traceback(tmp_path):
+    """A state naming a file under a folder that is a symlink loop (edited by hand): Path.resolve raises
+    RuntimeError there (Python < 3.13), which ended the resume and the pre-flight with a traceback; the entry is
+    skipped like any path the run cannot vouch for."""
+    import json
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    out = tmp_path / "run"
+    state = out / "result-state" / "step-00000002"
+    state.mkdir(parents=True)
+    (out / "a").symlink_to("b")
+    (out / "b").symlink_to("a")
+    mine = out / "result-step00000003.safetensors"
+    mine.write_bytes(b"3")
+    st = mine.lstat()
+    files = [{"path": "a/x.safetensors", "size": 1, "mtime_ns": 1}]
+    ok = [{"path": mine.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}]
+    (state / "stopped_weights.json").write_text(json.dumps({"step": 3, "files": files, "earlier": [{"files": ok}]}))
+    o = _opts(tmp_path, max_steps=8, save_limit=2)
+    resumed = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    resumed.adopt_results(state, {})
+    assert resumed.saved_results == [mine] and mine.exists()
+
+
 def test_a_ctrl_c_after_the_final_result_names_it_and_writes_no_step_copy(tmp_path, monkeypatch):
     """Ctrl-C in the moment after the final result was written (the peak line, waiting for the other processes):
     the weights of the last step are that file, so the line names it and no NAME-stepNNNNNNNN copy is written."""

@@ -175,7 +175,7 @@ def _state_of(folder: Path, state_root: Path) -> bool:
     """Whether the state ``folder`` is one of ``state_root``'s (this result's ``<stem>-state`` folder)."""
     try:
         return folder.resolve().parent == state_root.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
 
@@ -241,7 +241,7 @@ def recorded_saves(
                 continue  # the run never writes a link as a result
             try:
                 real = path.parent.resolve() / path.name
-            except OSError:
+            except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
                 continue
             if not _inside(real.parent, real_base) or real == real_base:
                 continue

@@ -434,7 +434,9 @@ def _stopping_process(tmp_path, accelerator, save):
     import contextlib
 
     method = types.SimpleNamespace(save=save, start_from_result=None, name="m")
-    checkpoints = types.SimpleNamespace(last_step_result=None, save_info=lambda *a, **k: None)
+    checkpoints = types.SimpleNamespace(
+        last_step_result=None, final_result=None, save_info=lambda *a, **k: None, record_stopped=lambda *a: None
+    )
     return types.SimpleNamespace(
         position=types.SimpleNamespace(step=2),
         _setup_done=True,

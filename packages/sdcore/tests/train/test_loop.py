@@ -434,7 +434,9 @@ def _stopping_process(tmp_path, accelerator, save):
     import contextlib
 
     method = types.SimpleNamespace(save=save, start_from_result=None, name="m")
-    checkpoints = types.SimpleNamespace(last_step_result=None, save_info=lambda *a, **k: None)
+    checkpoints = types.SimpleNamespace(
+        last_step_result=None, final_result=None, save_info=lambda *a, **k: None, record_stopped=lambda *a: None
+    )
     return types.SimpleNamespace(
         position=types.SimpleNamespace(step=2),
         _setup_done=True,
@@ -568,6 +570,198 @@ def test_a_ctrl_c_weights_file_counts_in_save_limit_across_resumes(tmp_path):
     assert _step_files(tmp_path / "short") == [2, 4, 5]
     _run(dataclasses.replace(o, resume="latest"))
     assert _step_files(tmp_path / "short") == [4, 5]
+
+
+def test_the_disk_estimate_of_a_resume_counts_the_ctrl_c_file_as_the_run_keeps_it(tmp_path):
+    """The pre-flight of a --resume counts the results its state recorded (the Ctrl-C's weights file included) with
+    those still to come: without --save-limit the Ctrl-C file stays beside every save to the end (one result more
+    than a run never stopped), with --save-limit N it is one of the N; the recorded ones still kept at the end are
+    on disk already, so only the rest must be free. The run then keeps exactly what the estimate said."""
+    from sdcore.train.preflight import run_preflight
+
+    out = tmp_path / "run"
+    o = _opts(tmp_path, max_steps=9, save_every=2, save_limit=0)
+    fresh = run_preflight(ConvOutMethod(o), o).disk
+    assert fresh is not None and fresh.intermediate_results == 4 and fresh.written_results == 0  # steps 2, 4, 6, 8
+    _interrupted(o, at=3)
+    assert _step_files(out) == [2, 3]
+    resumed = dataclasses.replace(o, resume="latest")
+    disk = run_preflight(ConvOutMethod(resumed), resumed).disk
+    assert disk is not None
+    assert (disk.intermediate_results, disk.written_results) == (5, 2)  # 2 and the Ctrl-C's 3 written; 4, 6, 8 to come
+    assert disk.needed == disk.total - 2 * disk.result_bytes
+    assert "5 intermediate results" in disk.line() and "(2 already written)" in disk.line()
+    limited = dataclasses.replace(resumed, save_limit=2)  # the same state, now with a limit: the newest 2 of 5
+    plan = run_preflight(ConvOutMethod(limited), limited).disk
+    assert plan is not None and (plan.intermediate_results, plan.written_results) == (2, 0)  # 3 saves still to come
+    _run(resumed)
+    assert len(_step_files(out)) == disk.intermediate_results == 5
+    o = _opts(tmp_path, "late", max_steps=9, save_every=2, save_limit=3)
+    _interrupted(o, at=7)  # 2, 4, 6 and the Ctrl-C's 7; 8 still to come: 6 and 7 stay
+    late = dataclasses.replace(o, resume="latest")
+    disk = run_preflight(ConvOutMethod(late), late).disk
+    assert disk is not None and (disk.intermediate_results, disk.written_results) == (3, 2)
+    _run(late)
+    assert _step_files(tmp_path / "late") == [6, 7, 8]
+
+
+def test_a_lone_processs_weights_count_in_save_limit_as_a_ctrl_c_file_does(tmp_path, monkeypatch):
+    """An error that stops one process of several writes the weights alone (save_alone: no state, which needs every
+    process); that file is named in the newest state's stopped_weights.json, so the run resumed from that state
+    prunes it in turn, as a Ctrl-C's. Before, it stayed for good beside the --save-limit newest."""
+    import json
+
+    from accelerate import Accelerator
+
+    class FailsAtStep3(ConvOutMethod):
+        def on_step_end(self, bundle, step):
+            if step == 3:
+                raise RuntimeError("failed in one process")
+            return super().on_step_end(bundle, step)
+
+    out = tmp_path / "run"
+    o = _opts(tmp_path, max_steps=6, save_every=2, save_limit=1)
+    session = TrainSession(FailsAtStep3(o), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    with monkeypatch.context() as patched:
+        patched.setattr(Accelerator, "num_processes", property(lambda self: 2))
+        with pytest.raises(RuntimeError, match="one process"):
+            session.run()
+    assert _step_files(out) == [2, 3]
+    sidecar = json.loads((out / "result-state" / "step-00000002" / "stopped_weights.json").read_text())
+    assert sidecar["step"] == 3 and [f["path"] for f in sidecar["files"]] == ["result-step00000003.safetensors"]
+    _, r = _run(dataclasses.replace(o, resume="latest"))  # adopts 2 and 3, keeps 3; step 4 replaces it
+    assert r.steps == 6 and _step_files(out) == [4]
+
+
+def test_a_second_stop_after_the_same_state_keeps_the_first_in_its_sidecar(tmp_path):
+    """Two stops' weights noted after one state (a lone process's file, then a Ctrl-C of the run resumed from that
+    state before it saved another): the sidecar keeps the first as an earlier save, and a resume counts both,
+    oldest first; the same file noted again is listed once."""
+    import json
+    import types
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    out = tmp_path / "run"
+    state = out / "result-state" / "step-00000002"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text("{}")
+    o = _opts(tmp_path, max_steps=8, save_limit=1)
+    checkpoints = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    first, second = out / "result-step00000003.safetensors", out / "result-step00000004.safetensors"
+    first.write_bytes(b"3")
+    checkpoints.record_stopped(first, state, 3)
+    second.write_bytes(b"44")
+    checkpoints.record_stopped(second, state, 4)
+    checkpoints.record_stopped(second, state, 4)
+    sidecar = json.loads((state / "stopped_weights.json").read_text())
+    assert [f["path"] for f in sidecar["files"]] == [second.name]
+    assert [[f["path"] for f in e["files"]] for e in sidecar["earlier"]] == [[first.name]]
+    resumed = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    resumed.adopt_results(state, {})
+    assert resumed.saved_results == [second] and not first.exists() and second.exists()  # --save-limit 1
+
+
+def test_a_lone_process_after_resuming_another_outputs_state_notes_nothing_there(tmp_path, monkeypatch):
+    """A run resumed from another --output's state (same folder) whose process then fails alone writes its weights
+    under its own name; the state it resumed from is not its own, so its sidecar stays unwritten: that state's run,
+    resumed with --save-limit, would otherwise delete a file of another output's run."""
+    from accelerate import Accelerator
+
+    class FailsAtStep3(ConvOutMethod):
+        def on_step_end(self, bundle, step):
+            if step == 3:
+                raise RuntimeError("failed in one process")
+            return super().on_step_end(bundle, step)
+
+    out = tmp_path / "run"
+    o = _opts(tmp_path, max_steps=4, save_every=2, save_limit=1, keep_states=0)
+    _run(o)
+    state = out / "result-state" / "step-00000002"
+    other = dataclasses.replace(o, output=str(out / "other.safetensors"), resume=str(state))
+    session = TrainSession(FailsAtStep3(other), bundle=create_tiny_bundle("sd1"))
+    session.setup()
+    with monkeypatch.context() as patched:
+        patched.setattr(Accelerator, "num_processes", property(lambda self: 2))
+        with pytest.raises(RuntimeError, match="one process"):
+            session.run()
+    lone = out / "other-step00000003.safetensors"
+    assert lone.exists() and not (state / "stopped_weights.json").exists()
+    _run(dataclasses.replace(o, resume=str(state)))  # the first run again from step 2, --save-limit 1
+    assert lone.exists()
+
+
+def test_a_hand_edited_sidecar_counts_nothing_and_deletes_nothing(tmp_path, caplog):
+    """A stopped_weights.json whose 'earlier' is no list (edited by hand) is named in the log and counted as no
+    sidecar: the resume neither fails with a traceback nor deletes the files it names."""
+    import json
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    out = tmp_path / "run"
+    state = out / "result-state" / "step-00000002"
+    state.mkdir(parents=True)
+    o = _opts(tmp_path, max_steps=8, save_limit=1)
+    checkpoints = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    first, second = out / "result-step00000003.safetensors", out / "result-step00000004.safetensors"
+    first.write_bytes(b"3")
+    checkpoints.record_stopped(first, state, 3)
+    second.write_bytes(b"44")
+    checkpoints.record_stopped(second, state, 4)
+    sidecar = json.loads((state / "stopped_weights.json").read_text())
+    for earlier in (5, True, "result-step00000003.safetensors", {"files": sidecar["earlier"][0]["files"]}):
+        (state / "stopped_weights.json").write_text(json.dumps({**sidecar, "earlier": earlier}))
+        resumed = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+        resumed.adopt_results(state, {})
+        assert resumed.saved_results == [] and first.exists() and second.exists(), earlier
+    assert "unreadable" in caplog.text
+
+
+def test_a_recorded_path_through_a_symlink_loop_is_skipped_not_a_traceback(tmp_path):
+    """A state naming a file under a folder that is a symlink loop (edited by hand): Path.resolve raises
+    RuntimeError there (Python < 3.13), which ended the resume and the pre-flight with a traceback; the entry is
+    skipped like any path the run cannot vouch for."""
+    import json
+
+    from sdcore.train.checkpoints import Checkpoints
+
+    out = tmp_path / "run"
+    state = out / "result-state" / "step-00000002"
+    state.mkdir(parents=True)
+    (out / "a").symlink_to("b")
+    (out / "b").symlink_to("a")
+    mine = out / "result-step00000003.safetensors"
+    mine.write_bytes(b"3")
+    st = mine.lstat()
+    files = [{"path": "a/x.safetensors", "size": 1, "mtime_ns": 1}]
+    ok = [{"path": mine.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}]
+    (state / "stopped_weights.json").write_text(json.dumps({"step": 3, "files": files, "earlier": [{"files": ok}]}))
+    o = _opts(tmp_path, max_steps=8, save_limit=2)
+    resumed = Checkpoints(ConvOutMethod(o), o, types.SimpleNamespace(is_main_process=True))
+    resumed.adopt_results(state, {})
+    assert resumed.saved_results == [mine] and mine.exists()
+
+
+def test_a_ctrl_c_after_the_final_result_names_it_and_writes_no_step_copy(tmp_path, monkeypatch):
+    """Ctrl-C in the moment after the final result was written (the peak line, waiting for the other processes):
+    the weights of the last step are that file, so the line names it and no NAME-stepNNNNNNNN copy is written."""
+    from sdcore.train.checkpoints import Checkpoints
+
+    written = Checkpoints.save_result
+
+    def then_interrupted(self, *args, **kwargs):
+        written(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "save_result", then_interrupted)
+    o = _opts(tmp_path, max_steps=3)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _run(o)
+    out = tmp_path / "run"
+    assert (out / "result.safetensors").exists() and _step_files(out) == []
+    assert caught.value.sdcore_weights == out / "result.safetensors"
+    assert not (out / "result-state" / "step-00000003" / "stopped_weights.json").exists()
 
 
 def test_save_limit_after_a_resume_skips_files_the_user_moved_and_never_deletes_elsewhere(tmp_path):

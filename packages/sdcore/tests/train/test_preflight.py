@@ -272,6 +272,15 @@ def test_disk_plan_follows_the_save_settings(tmp_path):
     assert planned_saves(o, 10, 5) == (2, 3)
     o = _opts(tmp_path, max_steps=10, save_every_epochs=1, save_state=False)
     assert planned_saves(o, 10, 5) == (1, 0)
+    # a --resume from step 3 whose state recorded 2 results (step 2 and a Ctrl-C's 3): steps 4, 6, 8 to come
+    o = _opts(tmp_path, max_steps=9, save_every=2, save_limit=0)
+    assert planned_saves(o, 9, 5) == (4, 1)  # a fresh run: 2, 4, 6, 8 (a Ctrl-C file stands in for the result)
+    assert planned_saves(o, 9, 5, start_step=3, kept=2) == (5, 1)  # the Ctrl-C file stays beside them all
+    assert planned_saves(dataclasses.replace(o, save_limit=2), 9, 5, start_step=3, kept=2) == (2, 1)
+    assert planned_saves(o, 9, 5, start_step=3) == (3, 1)  # a state without the list: only what is to come
+    o = _opts(tmp_path, max_steps=20, save_every_epochs=1, save_limit=0)  # epochs end at steps 5, 10, 15
+    assert planned_saves(o, 20, 5, start_step=7, kept=2) == (4, 1)  # epoch 1 and a Ctrl-C's 7; epochs 2, 3 to come
+    assert planned_saves(o, 20, 5, start_step=10, kept=2) == (3, 1)  # epoch 2's save already among the kept
     o = _opts(tmp_path, max_steps=10, save_every=3)
     report = run_preflight(ConvOutMethod(o), o)
     disk = report.disk

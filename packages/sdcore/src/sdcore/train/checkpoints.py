@@ -6,7 +6,7 @@
   :func:`intermediate_path` and, with ``--save-limit N``, only the newest N are kept; states keep
   the newest ``--keep-states``. The results written so far (every file of each save, as
   :meth:`~.method.TrainingMethod.saved_files` names them) are listed in each state (:data:`RESULTS_KEY`), and the
-  weights a Ctrl-C or stop writes after its state in a sidecar beside it (:data:`STOPPED_WEIGHTS`), so a resumed
+  weights a Ctrl-C, stop or lone failing process writes after its state in a sidecar beside it (:data:`STOPPED_WEIGHTS`), so a resumed
   run keeps counting them: ``--save-limit`` holds across resumes and interrupts, not only within one process.
   Nothing is found by a name pattern: only what the run recorded is ever deleted, and only under the result's
   folder (a file the user removed or renamed simply drops out of the list).
@@ -171,6 +171,91 @@ def epoch_save_interval(options: TrainOptions, total_steps: int, steps_per_epoch
     return max(1, math.ceil(total_steps / steps_per_epoch) // ratio)
 
 
+def _state_of(folder: Path, state_root: Path) -> bool:
+    """Whether the state ``folder`` is one of ``state_root``'s (this result's ``<stem>-state`` folder)."""
+    try:
+        return folder.resolve().parent == state_root.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False
+
+
+def _sidecar_saves(sidecar: Path) -> list[Any]:
+    """The saves a state's :data:`STOPPED_WEIGHTS` names, oldest first, each a list of recorded files: its
+    ``files`` (the newest), after any ``earlier`` ones (a lone process's weights, then a Ctrl-C's, after the same
+    state). Nothing when there is no sidecar; an unreadable one is named in the log."""
+    if not sidecar.is_file():
+        return []
+    try:
+        stopped = json.loads(sidecar.read_text(encoding="utf-8"))
+        earlier = stopped.get("earlier") or []
+        if not isinstance(earlier, list):  # edited by hand: a number or a mapping there is no list of saves
+            raise ValueError("'earlier' is not a list")
+        return [*(e.get("files") or [] for e in earlier if isinstance(e, dict)), stopped.get("files") or []]
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s: unreadable (%s); the weights it names are not counted by --save-limit", sidecar, exc)
+        return []
+
+
+def _first_path(saved: list[Any]) -> Any:
+    """The path a recorded save names first (``None`` when it names none)."""
+    return saved[0].get("path") if isinstance(saved[0], dict) else None
+
+
+def recorded_saves(
+    method: TrainingMethod[Any], options: TrainOptions, folder: Path, record: dict[str, Any]
+) -> list[list[tuple[Path, tuple[int, int]]]]:
+    """The results the state ``folder`` (its ``train_state.json`` read as ``record``) recorded that are surely still
+    the run's own, oldest first: one list per save of (file, (size, mtime_ns) as written), the path the method
+    returned first. What a resumed run adopts (:meth:`Checkpoints.adopt_results`) and what the pre-flight's disk
+    estimate counts for a ``--resume``.
+
+    Only what is surely the run's own is taken, so a state edited by hand, a folder shared with another run or
+    a resume into another ``--output`` never deletes a file the run did not write: the state must be one of
+    this result's (in its ``<stem>-state`` folder; from another ``--output`` nothing is taken); each file a
+    plain relative path whose folder, links resolved, is inside the result's folder, and no link; never the result
+    (with its companions), the state or samples folder, or a folder holding them; and still the size and mtime the
+    run wrote (a file deleted, renamed or replaced by the user drops out of the list). States written before
+    the list existed have none: nothing earlier is counted."""
+    output, state_root = output_paths(method, options)
+    if not _state_of(folder, state_root):
+        return []
+    recorded = record.get(RESULTS_KEY)
+    entries: list[Any] = list(recorded) if isinstance(recorded, list) else []
+    entries.extend(_sidecar_saves(folder / STOPPED_WEIGHTS))
+    base = output.parent.absolute()
+    real_base = base.resolve()
+    protected = [
+        p.absolute().resolve() for p in [*method.saved_files(output), output, state_root, samples_dir(state_root)]
+    ]
+    saves: list[list[tuple[Path, tuple[int, int]]]] = []
+    for entry in entries:
+        if not isinstance(entry, list):
+            continue
+        files: list[tuple[Path, tuple[int, int]]] = []
+        for item in entry:
+            if not isinstance(item, dict):
+                continue
+            path = _recorded_path(base, item.get("path"))
+            size, mtime = item.get("size"), item.get("mtime_ns")
+            if path is None or type(size) is not int or type(mtime) is not int or path.is_symlink():
+                continue  # the run never writes a link as a result
+            try:
+                real = path.parent.resolve() / path.name
+            except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+                continue
+            if not _inside(real.parent, real_base) or real == real_base:
+                continue
+            if any(_inside(real, p) or _inside(p, real) for p in protected):
+                continue
+            if _fingerprint(path) != (size, mtime):
+                continue  # deleted, renamed or replaced since: not the run's file any more
+            files.append((path, (size, mtime)))
+        if files:
+            saves = [s for s in saves if s[0][0] != files[0][0]]  # a name saved again: the newer record counts
+            saves.append(files)
+    return saves
+
+
 class Checkpoints:
     """Results and states of one run. ``accelerator`` synchronises processes; only the main
     process writes results, every process takes part in saving a state."""
@@ -197,7 +282,11 @@ class Checkpoints:
         self.fingerprints: dict[Path, tuple[int, int] | None] = {}
         #: (step, file) of the newest ``--save-every`` result (main process), so a stop right after it names that file
         self.last_step_result: tuple[int, Path] | None = None
+        #: (step, file) of the final result once written (main process), so a stop after it writes no copy
+        self.final_result: tuple[int, Path] | None = None
         self.last_state: Path | None = None
+        #: the state this run resumed from (:meth:`restore`): the newest one until the run saves another
+        self.resumed_from: Path | None = None
         self.started_at = time.time()
         from .modelspec import user_metadata
 
@@ -242,6 +331,7 @@ class Checkpoints:
         output = self.output
         if self.is_main:
             output = Path(self.method.save(bundle, self.save_info(bundle, self.output, position, run, final=True)))
+            self.final_result = (position.step, output)
         return output
 
     @guarded
@@ -315,87 +405,47 @@ class Checkpoints:
         return [files for files in recorded if files]
 
     def record_stopped(self, weights: Path, state: Path | None, step: int) -> None:
-        """The weights a Ctrl-C, SIGTERM or stop wrote after ``state`` (main process): counted from now on, and
-        named in the state's :data:`STOPPED_WEIGHTS` sidecar (written after the weights are complete), so the
-        resumed run counts them too. Nothing is deleted here: a Ctrl-C only adds a file; the resume prunes to
-        ``--save-limit``. A failure writing the sidecar is logged only (the weights and the state are what
-        matter)."""
+        """The weights a Ctrl-C, SIGTERM or stop (main process), or a process failing alone
+        (:func:`~.save_fallback.save_alone`), wrote after ``state``: counted from now on, and named in the state's
+        :data:`STOPPED_WEIGHTS` sidecar (written after the weights are complete), so the run resumed from that state
+        counts them too. A sidecar already there (a lone process's file, then a Ctrl-C in the resumed run before
+        its next state) keeps its saves as ``earlier`` ones. Nothing is deleted here: a stop only adds a file; the
+        resume prunes to ``--save-limit``. A failure writing the sidecar is logged only (the weights and the state
+        are what matter)."""
         self.record_result(weights)
-        if state is None:
-            return
+        if state is None or not _state_of(state, self.state_root):
+            return  # a state of another --output (a lone process after resuming from it): its run never prunes this
         files = self._record(self.saved_files[Path(weights)])
         if not files:  # written outside the result's folder: never deleted by a resumed run
             return
+        sidecar = state / STOPPED_WEIGHTS
+        earlier = [
+            {"files": saved}
+            for saved in _sidecar_saves(sidecar)
+            if isinstance(saved, list) and saved and _first_path(saved) != files[0]["path"]
+        ]
+        record: dict[str, Any] = {"step": step, "files": files, **({"earlier": earlier} if earlier else {})}
         try:
-            atomic_write_text(state / STOPPED_WEIGHTS, json.dumps({"step": step, "files": files}, indent=2))
+            atomic_write_text(sidecar, json.dumps(record, indent=2))
         except OSError as exc:
             log.warning("could not note the stopped weights in %s (%s): --save-limit will not count them", state, exc)
 
     def adopt_results(self, folder: Path, record: dict[str, Any]) -> None:
         """Continue the retention of the run the state ``folder`` belongs to: the results it recorded
-        (:data:`RESULTS_KEY`) and the weights a Ctrl-C wrote after it (:data:`STOPPED_WEIGHTS`) become
-        :attr:`saved_results`, oldest first, pruned to ``--save-limit`` at once (a resume that saves no more
-        results still ends with the newest N).
-
-        Only what is surely the run's own is taken, so a state edited by hand, a folder shared with another run or
-        a resume into another ``--output`` never deletes a file the run did not write: the state must be one of
-        this result's (in its ``<stem>-state`` folder; from another ``--output`` nothing is adopted); each file a
-        plain relative path whose folder, links resolved, is inside the result's folder, and no link; never the result (with
-        its companions), the state or samples folder, or a folder holding them; and still the size and mtime the
-        run wrote (a file deleted, renamed or replaced by the user drops out of the list). States written before
-        the list existed have none: nothing earlier is pruned."""
-        try:
-            ours = folder.resolve().parent == self.state_root.resolve()
-        except OSError:
-            ours = False
-        if not ours:
+        (:func:`recorded_saves`: its :data:`RESULTS_KEY` and the weights a Ctrl-C or a lone process wrote after it,
+        :data:`STOPPED_WEIGHTS`) become :attr:`saved_results`, oldest first, pruned to ``--save-limit`` at once (a
+        resume that saves no more results still ends with the newest N). A state of another ``--output`` adds
+        nothing (said in the log)."""
+        if not _state_of(folder, self.state_root):
             log.info("--resume %s: a state of another --output; its intermediate results are not pruned", folder)
             return
-        recorded = record.get(RESULTS_KEY)
-        entries: list[Any] = list(recorded) if isinstance(recorded, list) else []
-        sidecar = folder / STOPPED_WEIGHTS
-        if sidecar.is_file():
-            try:
-                stopped = json.loads(sidecar.read_text(encoding="utf-8"))
-                entries.append(stopped.get("files") or [])
-            except (OSError, ValueError, AttributeError) as exc:
-                log.warning("%s: unreadable (%s); the weights it names are not counted by --save-limit", sidecar, exc)
-        base = self.output.parent.absolute()
-        real_base = base.resolve()
-        protected = [
-            p.absolute().resolve()
-            for p in [*self.method.saved_files(self.output), self.output, self.state_root, samples_dir(self.state_root)]
-        ]
-        for entry in entries:
-            if not isinstance(entry, list):
-                continue
-            files: list[Path] = []
-            for item in entry:
-                if not isinstance(item, dict):
-                    continue
-                path = _recorded_path(base, item.get("path"))
-                written = (item.get("size"), item.get("mtime_ns"))
-                if path is None or not all(type(v) is int for v in written) or path.is_symlink():
-                    continue  # the run never writes a link as a result
-                try:
-                    real = path.parent.resolve() / path.name
-                except OSError:
-                    continue
-                if not _inside(real.parent, real_base) or real == real_base:
-                    continue
-                if any(_inside(real, p) or _inside(p, real) for p in protected):
-                    continue
-                if _fingerprint(path) != written:
-                    continue  # deleted, renamed or replaced since: not the run's file any more
-                files.append(path)
-                self.fingerprints[path] = (int(written[0]), int(written[1]))  # type: ignore[arg-type]
-            if not files:
-                continue
-            saved = files[0]
+        for files in recorded_saves(self.method, self.options, folder, record):
+            saved = files[0][0]
             if saved in self.saved_files:
                 self.saved_results.remove(saved)
             self.saved_results.append(saved)
-            self.saved_files[saved] = files
+            self.saved_files[saved] = [path for path, _ in files]
+            self.fingerprints.update(files)
         self.prune_results()
 
     @guarded
@@ -466,6 +516,7 @@ class Checkpoints:
                 f"--resume {folder}: the state is from method {record.get('method')!r}, not {self.method.name!r}"
             )
         trainable = load_state(folder, optimizer=optimizer, scheduler=scheduler, scaler=self.accelerator.scaler)
+        self.resumed_from = folder
         if self.is_main:  # only the main process writes and deletes results
             self.adopt_results(folder, record)
         self.method.load_trainable_state_dict({k: v.to(device) for k, v in trainable.items()})

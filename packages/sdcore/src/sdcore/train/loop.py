@@ -952,6 +952,8 @@ class TrainSession:
         more is written or waited for (a launcher ends the other processes once this one has exited).
         The file counts among the results ``--save-limit`` keeps: the state's sidecar names it
         (:meth:`.Checkpoints.record_stopped`), so the resumed run prunes it in turn; nothing is deleted here.
+        A stop after this step's ``--save-every`` result or the final result names that file instead of writing
+        the same weights again under a step name.
         """
         from .checkpoints import intermediate_path
         from .save_fallback import write_result
@@ -964,7 +966,10 @@ class TrainSession:
             try:
                 if self.is_main:
                     done = self.checkpoints.last_step_result  # --save-every wrote this step's result just now
-                    if done is not None and done[0] == step:
+                    final = self.checkpoints.final_result  # a stop after the final result: no copy under a step name
+                    if final is not None and final[0] == step:
+                        weights = final[1]
+                    elif done is not None and done[0] == step:
                         weights = done[1]
                     else:
                         with guard(), self._during("saving"):

@@ -611,7 +611,9 @@ def _size(n: int) -> str:
 
 @dataclass(frozen=True)
 class DiskPlan:
-    """What the run's saves will keep on disk at most, and the free space where they go."""
+    """What the run's saves will keep on disk at most, and the free space where they go. ``written_results``: the
+    intermediate results among them a resumed run's state recorded that are on disk already (their bytes are not
+    free now, so only :attr:`needed` must be)."""
 
     result_bytes: int
     intermediate_results: int
@@ -619,48 +621,86 @@ class DiskPlan:
     states: int
     free_bytes: int | None
     folder: Path
+    written_results: int = 0
 
     @property
     def total(self) -> int:
         return self.result_bytes * (1 + self.intermediate_results) + self.state_bytes * self.states
 
+    @property
+    def needed(self) -> int:
+        """What the saves still have to write: :attr:`total` less the results already on disk."""
+        return self.total - self.result_bytes * self.written_results
+
     def line(self) -> str:
         mib = _size
         parts = [f"result {mib(self.result_bytes)}"]
         if self.intermediate_results:
-            parts.append(f"{self.intermediate_results} intermediate results x {mib(self.result_bytes)}")
+            written = f" ({self.written_results} already written)" if self.written_results else ""
+            parts.append(f"{self.intermediate_results} intermediate results x {mib(self.result_bytes)}{written}")
         parts.append(f"{self.states} states x {mib(self.state_bytes)}")
         return f"saves will use about {mib(self.total)} ({', '.join(parts)})"
 
 
-def planned_saves(options: TrainOptions, total_steps: int, steps_per_epoch: int) -> tuple[int, int]:
+def planned_saves(
+    options: TrainOptions, total_steps: int, steps_per_epoch: int, *, start_step: int = 0, kept: int = 0
+) -> tuple[int, int]:
     """(intermediate results kept, states kept) at the end of the run, following the runtime's
     save points (every ``save_every`` steps and ``save_every_epochs`` epochs, not at the last one)
     and retention (the newest ``save_limit`` results and ``keep_states`` states; a state with each save
     and at the end). Epoch saves follow ``save_n_epoch_ratio`` when given (:func:`.checkpoints.epoch_save_interval`).
 
-    The weights file a Ctrl-C/SIGTERM/stop writes is not counted: no run plans one, and with ``--save-limit`` it
-    is one of the N newest (the resumed run prunes to N as it starts), so it adds nothing at the end and one
-    result between the Ctrl-C and the resume, the same one result over N every save holds for a moment (it
-    writes the new file before deleting the oldest). Without a limit each interrupt keeps one more result, as
-    each ``--save-every`` save does."""
+    A ``--resume`` from step ``start_step`` adds the results still to come to the ``kept`` ones its state recorded
+    (:func:`.checkpoints.recorded_saves`: every earlier save still on disk as the run wrote it, and the weights a
+    Ctrl-C/SIGTERM/stop or a process failing alone wrote after the state): with ``--save-limit N`` the newest N of
+    them, without a limit all of them, so each earlier stop's weights file counts as the one more result it is.
+
+    A run not resumed plans no stop's weights file: a stopped run has not written its final result, and that file
+    (the same weights, the same size) stands in for it, so a run stopped and never resumed holds no more than
+    planned (N results and that file, no final result; without a state nothing is recorded and nothing pruned,
+    the file is the user's). The saves' transient one more result (each writes its file before the oldest goes)
+    is the final result's place too."""
     from .checkpoints import epoch_save_interval
 
     o = options
-    saves = 0
+    saves = later = 0
     if o.save_every:
         saves += max(0, (total_steps - 1) // o.save_every)
+        later += max(0, (total_steps - 1) // o.save_every - start_step // o.save_every)
     every_epochs = epoch_save_interval(o, total_steps, steps_per_epoch)
     if every_epochs and steps_per_epoch > 0:
         epochs = math.ceil(total_steps / steps_per_epoch)
         saves += max(0, (epochs - 1) // every_epochs)
-    results = min(saves, o.save_limit) if o.save_limit else saves
+        later += max(0, (epochs - 1) // every_epochs - (start_step // steps_per_epoch) // every_epochs)
+    if start_step or kept:
+        saves_kept = kept + later
+    else:
+        saves_kept = saves
+    results = min(saves_kept, o.save_limit) if o.save_limit else saves_kept
     states = 0
     if o.save_state:
         states = saves + 1
         if o.keep_states:
             states = min(states, o.keep_states)
     return results, states
+
+
+def resumed_saves(method: TrainingMethod[Any], options: TrainOptions, state_root: Path) -> tuple[int, int]:
+    """(step, recorded results) of the state ``--resume`` names, for the disk estimate: the step it continues
+    from and how many results its run recorded that are still the run's own
+    (:func:`.checkpoints.recorded_saves`, what the resumed run adopts). (0, 0) without ``--resume`` or with a
+    state that cannot be read (:func:`resume_problems` says why)."""
+    from .checkpoints import recorded_saves
+    from .state import read_position, resolve_resume
+
+    if not options.resume:
+        return 0, 0
+    try:
+        folder = resolve_resume(options.resume, state_root)
+        position, record = read_position(folder)
+    except SdcoreError:
+        return 0, 0
+    return position.step, len(recorded_saves(method, options, folder, record))
 
 
 def disk_plan(
@@ -670,11 +710,15 @@ def disk_plan(
     total_steps: int,
     steps_per_epoch: int,
     folder: Path,
+    start_step: int = 0,
+    kept: int = 0,
 ) -> DiskPlan:
     """Sizes from the parameter plan: a result is what the method says it writes
     (:meth:`~sdcore.train.method.TrainingMethod.result_bytes`), else its parameters at ``--save-dtype``; a
     state holds the trainable tensors in fp32 (twice with ``--ema``: the average too) and the optimizer's
-    moments (:data:`.memory.OPTIMIZER_STATE_BYTES`)."""
+    moments (:data:`.memory.OPTIMIZER_STATE_BYTES`). ``start_step``/``kept``: a ``--resume``'s step and the results
+    its state recorded (:func:`resumed_saves`), counted as :func:`planned_saves` says; those still kept at the end
+    are on disk already (:attr:`DiskPlan.written_results`)."""
     from .memory import OPTIMIZER_STATE_BYTES
 
     result = params.result_bytes
@@ -682,12 +726,13 @@ def disk_plan(
         result = params.result * (element_bytes(options.save_dtype) if options.save_dtype in SAVE_DTYPES else 2)
     tensors = 8 if getattr(options, "ema", False) else 4
     state = int(params.trainable * (tensors + OPTIMIZER_STATE_BYTES.get(options.optimizer.lower(), 8.0)))
-    results, states = planned_saves(options, total_steps, steps_per_epoch)
+    results, states = planned_saves(options, total_steps, steps_per_epoch, start_step=start_step, kept=kept)
+    new_only, _ = planned_saves(options, total_steps, steps_per_epoch, start_step=start_step)
     try:
         free: int | None = shutil.disk_usage(nearest_existing(folder)).free
     except OSError:
         free = None
-    return DiskPlan(result, results, state, states, free, folder)
+    return DiskPlan(result, results, state, states, free, folder, written_results=max(0, results - new_only))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1212,14 +1257,23 @@ def run_preflight(
             per_epoch = 0
             if report.data is not None:
                 per_epoch = report.data.steps_in_epoch(0, o.gradient_accumulation)
+            start_step, kept = resumed_saves(method, o, report.state_root) if report.state_root else (0, 0)
             report.disk = disk_plan(
-                o, params, total_steps=report.total_steps, steps_per_epoch=per_epoch, folder=report.output.parent
+                o,
+                params,
+                total_steps=report.total_steps,
+                steps_per_epoch=per_epoch,
+                folder=report.output.parent,
+                start_step=start_step,
+                kept=kept,
             )
             free = report.disk.free_bytes
-            if free is not None and report.disk.total > free:
+            if free is not None and report.disk.needed > free:
+                disk = report.disk
+                written = f", {_size(disk.needed)} of it still to write" if disk.needed != disk.total else ""
                 report.problems.append(
                     f"not enough free disk in {nearest_existing(report.output.parent)}: "
-                    f"{report.disk.line().removeprefix('saves will use ')}, but only {_size(free)} free "
+                    f"{disk.line().removeprefix('saves will use ')}{written}, but only {_size(free)} free "
                     "(lower --save-limit, save less often, or use --no-save-state)"
                 )
             peaks = [o]

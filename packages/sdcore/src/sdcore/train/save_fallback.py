@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import tempfile
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from ..errors import SaveFailedError, SdcoreError, describe_os_error, is_disk_error
+
+log = logging.getLogger("sdcore.train")
 
 #: the folder made beside the state folder (or in the temp folder) for rescued files
 RESCUE_PREFIX = "sdcore-rescue"
@@ -188,7 +191,8 @@ def save_alone(session: Any, why: str) -> str:
     ``name-stepNNNNNNNN``; written atomically through a temporary name of this process's own, so several
     processes failing at once each replace the file whole with the same bytes). Under a sharding engine
     this process holds a shard only, or the error came part-way through a step (:func:`mixed_step`): nothing
-    is written and the line says why.
+    is written and the line says why. The file counts among the results ``--save-limit`` keeps as a Ctrl-C's
+    does (:func:`_record_alone`).
     """
     from .checkpoints import intermediate_path
 
@@ -215,6 +219,7 @@ def save_alone(session: Any, why: str) -> str:
         what = f"the step-{step} result of {getattr(session.method, 'name', '') or 'the method'}"
         failed = f"{head}: the weights after step {step} ({what}) could not be written ({reason(exc)})"
         return failed + (f"; {resume}" if resume else "")
+    _record_alone(session, written, step)
     option = getattr(session.method, "start_from_result", None)
     again = [f"continue from it with {option} {written}"] if option else []
     if resume:
@@ -223,6 +228,25 @@ def save_alone(session: Any, why: str) -> str:
         f"{head}: this process wrote the weights after step {step} to {written} (a result, not a resumable "
         "state: saving one needs every process)" + (f"; {', or '.join(again)}" if again else "")
     )
+
+
+def _record_alone(session: Any, written: Path, step: int) -> None:
+    """Count the file :func:`save_alone` wrote among the results ``--save-limit`` keeps, as a Ctrl-C's is: named in
+    the :data:`~.checkpoints.STOPPED_WEIGHTS` sidecar of the newest state (the last one this run saved, else the
+    one it resumed from), so the run resumed from it prunes the file in turn. It is an intermediate-style result
+    (``name-stepNNNNNNNN``, or the method's own step name), written after that state. Without a state
+    (``--no-save-state``, or none saved yet) there is nothing to resume and nothing to record. Several processes
+    failing at once each write the same file and note it; a note whose size and mtime are not the file's last
+    writer's leaves the file alone on resume (never deleted, as any file the run cannot vouch for). A failure
+    here is logged only: the error that stopped the run is what it ends with."""
+    checkpoints = getattr(session, "checkpoints", None)
+    if checkpoints is None:
+        return
+    state = checkpoints.last_state or checkpoints.resumed_from
+    try:
+        checkpoints.record_stopped(written, state, step)
+    except Exception as exc:  # never hide the original error
+        log.warning("--save-limit will not count %s (%s)", written, exc)
 
 
 def _rescue_state(session: Any, folder: Path) -> Path | None:

@@ -358,7 +358,7 @@ def test_layouts_of_every_source_without_weights(tmp_path, no_model_load):
 def test_missing_sample_prompts_file_and_unwritable_latent_cache_are_reported(tmp_path, read_only):
     o = _opts(tmp_path, sample_prompts=str(tmp_path / "prompts.txt"), sample_every=2)
     assert run_preflight(ConvOutMethod(o), o, plan=False).problems == [
-        f"--sample-prompts {o.sample_prompts}: No such file or directory"
+        f"--sample-prompts {o.sample_prompts}: cannot read prompt file: No such file or directory"
     ]
     o = _opts(tmp_path, cache_latents_to_disk=True, cache_dir=str(read_only / "latents"))
     problems = run_preflight(ConvOutMethod(o), o, plan=False).problems

@@ -286,7 +286,7 @@ def read_sample_prompts(value: str, family: str | None = None) -> list[SamplePro
         try:  # the captions' one decoding rule: a prompt file from Notepad (a BOM, UTF-16) reads as written
             text = read_caption_text(path, "prompt file")
         except DataError as exc:
-            raise ConfigError(f"--sample-prompts {value}: {exc}") from None
+            raise ConfigError(f"--sample-prompts {exc}") from None  # the message starts with the path
         return parse_prompt_file(text, path.suffix, str(path))
     return [parse_prompt_line(value, "--sample-prompts")]
 

@@ -229,3 +229,26 @@ def test_the_trainers_pt_and_format_copy_are_one_embedding_other_twins_are_ambig
     save_embedding(Embedding("twin", other), tmp_path / "twin.safetensors")
     with pytest.raises(NetworkMismatchError, match=r"embedding 'twin' is ambiguous: 2 embedding files"):
         EmbeddingHandler(tmp_path).names()
+
+
+def test_comfyui_embedding_spelling(make_bundle, tmp_path):
+    """ComfyUI's prompts name an embedding as ``embedding:NAME`` (``comfy/sd1_clip.py``: the file under the embeddings
+    folder or a subfolder, with its suffix or without; ``(embedding:NAME:1.2)`` weights it). The vectors stand where
+    the word stood, without the tokens of ``embedding`` and ``:`` that reading it as A1111 words would leave; an
+    ``embedding:NAME`` with no file is one line naming it (ComfyUI only logs a warning and drops it: here the
+    image would silently differ)."""
+    bundle = make_bundle("sd1")
+    save_embedding(Embedding("mychar", {SINGLE: _vectors(2, 32, 3)}), tmp_path / "mychar.pt")
+    save_embedding(Embedding("ugly", {SINGLE: _vectors(1, 32, 4)}), tmp_path / "sub" / "Ugly.safetensors")
+    handler = EmbeddingHandler(tmp_path)
+    act = handler.activate(
+        bundle, [], "a photo of embedding:mychar, (embedding:mychar.pt:1.2)", "embedding:sub/Ugly.safetensors blurry"
+    )
+    try:
+        assert act.prompt == "a photo of mychar mychar__ti1, (mychar mychar__ti1:1.2)"
+        assert act.negative_prompt == "ugly__ti0 blurry"
+    finally:
+        act.undo()
+    with pytest.raises(NetworkMismatchError, match="'embedding:nosuch' not found in"):
+        handler.activate(bundle, [], "a embedding:nosuch cat", "")
+    assert len(bundle.tokenizers[0]) == 49408

@@ -160,6 +160,36 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
     return list(found)
 
 
+#: ComfyUI's spelling of an embedding in a prompt (``comfy/sd1_clip.py``: a word starting with ``embedding:``, the
+#: rest a file name under an embeddings folder or any subfolder, with its suffix or without one); the name ends
+#: where A1111's emphasis syntax or a separator starts, as ComfyUI parses ``(embedding:name:1.2)`` first
+_COMFY_EMBEDDING = re.compile(r"(?<![\w:])embedding:([^\s,:()\[\]{}<>|]+)", re.IGNORECASE)
+
+
+def comfy_embedding_words(text: str) -> list[tuple[str, str]]:
+    """``(written, word)`` for each ComfyUI ``embedding:NAME`` in ``text``: the text as written and the prompt word
+    (A1111's: the file stem) it names. ``embedding:sub/name.safetensors`` and ``embedding:name`` both name ``name``,
+    as ComfyUI finds either in any subfolder of its embeddings folders."""
+    out: list[tuple[str, str]] = []
+    for match in _COMFY_EMBEDDING.finditer(text):
+        name = re.split(r"[\\/]", match.group(1))[-1]
+        stem, dot, suffix = name.rpartition(".")
+        if dot and "." + suffix.lower() in EMBEDDING_SUFFIXES:
+            name = stem
+        out.append((match.group(0), name))
+    return out
+
+
+def replace_comfy_embeddings(text: str, words: dict[str, str]) -> str:
+    """``text`` with each ComfyUI ``embedding:NAME`` replaced by its prompt word (``words``: lower-cased word ->
+    word), so the embedding's vectors stand alone where ComfyUI puts them, not after the tokens of
+    ``embedding`` and ``:``; a name ``words`` lacks is left as written."""
+    for written, name in comfy_embedding_words(text):
+        if name.lower() in words:
+            text = text.replace(written, words[name.lower()], 1)
+    return text
+
+
 # --- applying --------------------------------------------------------------------------------------
 def _source(emb: Embedding, key: str) -> torch.Tensor | None:
     """The tensor of ``emb`` for encoder ``key``. Per-encoder files (``clip_l``...) never stand in for
@@ -447,6 +477,14 @@ class EmbeddingHandler(PromptNetworkHandler):
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         candidates = self.candidates()
+        comfy = comfy_embedding_words(prompt + "\n" + negative_prompt)
+        if comfy:  # ComfyUI's embedding:NAME: the word alone, or one line saying what is not there
+            missing = [written for written, name in comfy if name.lower() not in candidates]
+            if missing:
+                raise NetworkMismatchError(self._not_found(list(dict.fromkeys(missing))))
+            spelled = {key: word for key, (word, _paths) in candidates.items()}
+            prompt = replace_comfy_embeddings(prompt, spelled)
+            negative_prompt = replace_comfy_embeddings(negative_prompt, spelled)
         text = prompt + "\n" + negative_prompt
         files: dict[str, tuple[str, Path]] = {}
         # only the words that occur in the prompt are checked (cheap for big embedding folders)
@@ -489,11 +527,13 @@ __all__ = [
     "ExtendedTokenEmbedding",
     "apply_embeddings",
     "check_fits",
+    "comfy_embedding_words",
     "encoder_keys",
     "expand_prompt",
     "find_names",
     "init_vectors",
     "placeholder_tokens",
+    "replace_comfy_embeddings",
 ]
 
 

@@ -252,3 +252,40 @@ def test_comfyui_embedding_spelling(make_bundle, tmp_path):
     with pytest.raises(NetworkMismatchError, match="'embedding:nosuch' not found in"):
         handler.activate(bundle, [], "a embedding:nosuch cat", "")
     assert len(bundle.tokenizers[0]) == 49408
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("(embedding:foo:1.2), embedding:bar,", ["foo", "bar"]),  # weight off first; trailing comma is no name
+        ("x)embedding:foo", ["foo"]),  # ComfyUI splits segments at parentheses
+        ("(embedding:1.2) and (embedding:2)", []),  # the word 'embedding' at a weight (ComfyUI and A1111)
+        ("Embedding:foo EMBEDDING:bar", []),  # ComfyUI's startswith is case-sensitive: plain text there
+        ("a,embedding:foo myembedding:bar", []),  # not a space-separated word starting with embedding:
+        ("[embedding:foo:5] [dog:embedding:foo:0.5] <lora:embedding:1>", []),  # A1111 prompt editing, tags
+        ("the embedding: foo", []),
+    ],
+)
+def test_what_comfyui_reads_as_an_embedding(text, words):
+    """Only what ComfyUI's tokenizer (``comfy/sd1_clip.py``) reads as an embedding counts: otherwise an ordinary
+    A1111 prompt would fail with "embedding ... not found" or lose the word ``embedding``."""
+    from sdplugin_ti.apply import comfy_embedding_words, replace_comfy_embeddings
+
+    assert [word for _written, word in comfy_embedding_words(text)] == words
+    known = {"foo": "Foo", "bar": "bar"}
+    expected = text
+    for written, word in comfy_embedding_words(text):
+        expected = expected.replace(written, known[word])
+    assert replace_comfy_embeddings(text, known) == expected
+
+
+def test_comfyui_embedding_replaced_where_it_stands():
+    """The replacement takes the ``embedding:NAME`` that was matched, not the first same text in the prompt (A1111's
+    ``[dog:embedding:foo:3]`` before it stays as written)."""
+    from sdplugin_ti.apply import replace_comfy_embeddings
+
+    text = "[dog:embedding:foo:3] embedding:foo (embedding:sub/Foo.pt:1.1) (embedding:1.2) embedding:nosuch"
+    assert (
+        replace_comfy_embeddings(text, {"foo": "Foo"})
+        == "[dog:embedding:foo:3] Foo (Foo:1.1) (embedding:1.2) embedding:nosuch"
+    )

@@ -160,34 +160,57 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
     return list(found)
 
 
-#: ComfyUI's spelling of an embedding in a prompt (``comfy/sd1_clip.py``: a word starting with ``embedding:``, the
-#: rest a file name under an embeddings folder or any subfolder, with its suffix or without one); the name ends
-#: where A1111's emphasis syntax or a separator starts, as ComfyUI parses ``(embedding:name:1.2)`` first
-_COMFY_EMBEDDING = re.compile(r"(?<![\w:])embedding:([^\s,:()\[\]{}<>|]+)", re.IGNORECASE)
+#: ComfyUI's spelling of an embedding in a prompt (``comfy/sd1_clip.py``: a space-separated word starting with
+#: ``embedding:``, case-sensitive, the rest a file name under an embeddings folder or any subfolder, with its suffix
+#: or without one). ComfyUI takes the weight of ``(embedding:name:1.2)`` off first and splits segments at
+#: parentheses, so the word may follow ``(`` or ``)``; the name ends where a separator or A1111's syntax starts. A
+#: word glued to other text (``a,embedding:x``, A1111's ``[embedding:x:5]``) is no embedding there either.
+_COMFY_EMBEDDING = re.compile(r"(?<![^\s()])embedding:([^\s,:()\[\]{}<>|]+)")
+
+
+def _comfy_matches(text: str) -> list[re.Match[str]]:
+    """The ``embedding:NAME`` matches of ``text`` that ComfyUI reads as embeddings: ``(embedding:1.2)`` is the word
+    ``embedding`` at weight 1.2 in ComfyUI and A1111 alike (the number after the last ``:`` is the weight)."""
+    out = []
+    for match in _COMFY_EMBEDDING.finditer(text):
+        if text[match.end() : match.end() + 1] == ")":
+            try:
+                float(match.group(1))
+            except ValueError:
+                pass
+            else:
+                continue
+        out.append(match)
+    return out
+
+
+def _comfy_word(match: re.Match[str]) -> str:
+    """The prompt word (A1111's: the file stem) an ``embedding:NAME`` match names: ``embedding:sub/name.safetensors``
+    and ``embedding:name`` both name ``name``, as ComfyUI finds either in any subfolder of its embeddings folders."""
+    name = re.split(r"[\\/]", match.group(1))[-1]
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and "." + suffix.lower() in EMBEDDING_SUFFIXES else name
 
 
 def comfy_embedding_words(text: str) -> list[tuple[str, str]]:
     """``(written, word)`` for each ComfyUI ``embedding:NAME`` in ``text``: the text as written and the prompt word
-    (A1111's: the file stem) it names. ``embedding:sub/name.safetensors`` and ``embedding:name`` both name ``name``,
-    as ComfyUI finds either in any subfolder of its embeddings folders."""
-    out: list[tuple[str, str]] = []
-    for match in _COMFY_EMBEDDING.finditer(text):
-        name = re.split(r"[\\/]", match.group(1))[-1]
-        stem, dot, suffix = name.rpartition(".")
-        if dot and "." + suffix.lower() in EMBEDDING_SUFFIXES:
-            name = stem
-        out.append((match.group(0), name))
-    return out
+    (A1111's: the file stem) it names."""
+    return [(match.group(0), _comfy_word(match)) for match in _comfy_matches(text)]
 
 
 def replace_comfy_embeddings(text: str, words: dict[str, str]) -> str:
     """``text`` with each ComfyUI ``embedding:NAME`` replaced by its prompt word (``words``: lower-cased word ->
     word), so the embedding's vectors stand alone where ComfyUI puts them, not after the tokens of
-    ``embedding`` and ``:``; a name ``words`` lacks is left as written."""
-    for written, name in comfy_embedding_words(text):
-        if name.lower() in words:
-            text = text.replace(written, words[name.lower()], 1)
-    return text
+    ``embedding`` and ``:``; a name ``words`` lacks is left as written, and so is every other text (the same
+    characters in A1111's ``[embedding:x:5]`` elsewhere in the prompt stay)."""
+    out: list[str] = []
+    last = 0
+    for match in _comfy_matches(text):
+        word = words.get(_comfy_word(match).lower())
+        if word is not None:
+            out += [text[last : match.start()], word]
+            last = match.end()
+    return "".join(out) + text[last:]
 
 
 # --- applying --------------------------------------------------------------------------------------

@@ -289,3 +289,25 @@ def test_comfyui_embedding_replaced_where_it_stands():
         replace_comfy_embeddings(text, {"foo": "Foo"})
         == "[dog:embedding:foo:3] Foo (Foo:1.1) (embedding:1.2) embedding:nosuch"
     )
+
+
+def test_a_missing_comfyui_embedding_stops_generate_before_the_model_loads(tmp_path, monkeypatch):
+    """``sdcore generate "embedding:nosuch"`` says so in one line, naming the folder searched, and exits 2 without
+    loading the model (as a missing ``<lora:...>`` does); a present one passes that check."""
+    from click.testing import CliRunner
+    from sdcore.builtin import generate_command
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("the model must not load"))
+    folder = tmp_path / "embeddings"
+    save_embedding(Embedding("mychar", {SINGLE: _vectors(2, 32, 3)}), folder / "mychar.pt")
+    cli = build_cli(get_plugin_manager())
+    args = ["generate", "-m", "tiny:sd1", "--embeddings-dir", str(folder), "-o", str(tmp_path / "o.png")]
+    result = CliRunner().invoke(cli, [*args, "a (embedding:mychar:1.2), embedding:nosuch", "-n", "embedding:bad,"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"Error: embedding 'embedding:nosuch', 'embedding:bad' not found in {folder} and its subfolders; "
+        "available: mychar; point --embeddings-dir at the folder with your embedding files"
+    )

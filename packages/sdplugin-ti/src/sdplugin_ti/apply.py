@@ -498,13 +498,28 @@ class EmbeddingHandler(PromptNetworkHandler):
             raise ModelFormatError(f"{path}: image carries no embedding")
         return emb
 
+    def _comfy_missing(self, texts: Iterable[str], candidates: dict[str, tuple[str, list[Path]]] | None) -> str | None:
+        """One line for the ComfyUI ``embedding:NAME`` words of ``texts`` that name no file, else ``None``
+        (``candidates`` is :meth:`candidates`, read here only when some text has such a word)."""
+        comfy = [pair for text in texts for pair in comfy_embedding_words(text)]
+        if not comfy:
+            return None
+        known = self.candidates() if candidates is None else candidates
+        missing = [written for written, name in comfy if name.lower() not in known]
+        return self._not_found(list(dict.fromkeys(missing))) if missing else None
+
+    def check_prompts(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
+        """A ComfyUI ``embedding:NAME`` without a file, said before the model loads (ComfyUI only logs a warning
+        and drops the word: here the image would silently differ)."""
+        missing = self._comfy_missing((text for pair in prompts for text in pair), None)
+        return [missing] if missing else []
+
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         candidates = self.candidates()
-        comfy = comfy_embedding_words(prompt + "\n" + negative_prompt)
-        if comfy:  # ComfyUI's embedding:NAME: the word alone, or one line saying what is not there
-            missing = [written for written, name in comfy if name.lower() not in candidates]
+        if comfy_embedding_words(prompt + "\n" + negative_prompt):  # ComfyUI's embedding:NAME: the word alone
+            missing = self._comfy_missing((prompt, negative_prompt), candidates)
             if missing:
-                raise NetworkMismatchError(self._not_found(list(dict.fromkeys(missing))))
+                raise NetworkMismatchError(missing)
             spelled = {key: word for key, (word, _paths) in candidates.items()}
             prompt = replace_comfy_embeddings(prompt, spelled)
             negative_prompt = replace_comfy_embeddings(negative_prompt, spelled)

@@ -251,6 +251,13 @@ class PromptNetworkHandler:
             problems.append(self._not_found(missing))
         return problems
 
+    def check_prompts(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
+        """Why :meth:`activate` would fail on the words of ``prompts`` (``(prompt, negative prompt)`` pairs, tags
+        removed), one line each, without loading a model: for a handler that reads names from the prompt text
+        itself rather than from tags. :meth:`sdcore.generate.session.NetworkSession.check` calls it before the model
+        loads, so a missing file is said then, with the tags' missing files. The default finds nothing."""
+        return []
+
     def check_ref(self, ref: NetworkRef) -> str | None:
         """Why ``ref``'s arguments are wrong for this handler (one line), else ``None``; needs no file or model:
         :meth:`sdcore.generate.session.NetworkSession.check` calls it before the model loads, so an unknown

@@ -95,20 +95,24 @@ class NetworkSession:
         """Every problem with the networks ``prompts`` (``(prompt, negative prompt)`` pairs) name, without
         loading a model or a network: malformed tags, tags in a negative prompt, tags no handler claims (the
         messages :meth:`parse` raises), arguments the handler does not take (its ``check_ref``) and names each handler cannot resolve to a file
-        (:meth:`~sdcore.generate.networks.PromptNetworkHandler.check`, the lookup :meth:`apply` makes).
+        (:meth:`~sdcore.generate.networks.PromptNetworkHandler.check`, the lookup :meth:`apply` makes), and what the
+        untagged handlers cannot resolve in the prompts' words (their
+        :meth:`~sdcore.generate.networks.PromptNetworkHandler.check_prompts`).
 
         ``sdcore generate`` passes every prompt it will render (hires prompts, each X/Y/Z plot cell's after
         Prompt S/R and ``--style``), so a missing epoch file is found before the first cell, not at its own.
         Returns one line per problem; a handler's missing names share one line."""
         problems: list[str] = []
         names: dict[str, list[str]] = {}
+        texts: list[tuple[str, str]] = []
         for prompt, negative_prompt in prompts:
             try:
-                _, refs = parse_networks(prompt)
-                _, negative_refs = parse_networks(negative_prompt)
+                clean, refs = parse_networks(prompt)
+                clean_negative, negative_refs = parse_networks(negative_prompt)
             except SdcoreError as exc:  # a malformed tag
                 problems.append(str(exc))
                 continue
+            texts.append((clean, clean_negative))
             problems += [str(problem) for problem in self._tag_problems(refs, negative_refs)]
             for ref in refs:
                 if ref.tag in self.tagged:
@@ -118,6 +122,9 @@ class NetworkSession:
                         problems.append(wrong)
         for tag, tag_names in names.items():
             problems += self.tagged[tag].check(tag_names)
+        texts = list(dict.fromkeys(texts))
+        for handler in self.untagged:  # names written in the prompt's words (embeddings)
+            problems += handler.check_prompts(texts)
         return list(dict.fromkeys(problems))
 
     def control_networks(self, prompts: Iterable[tuple[str, str]]) -> list[ControlNetwork]:

@@ -221,8 +221,8 @@ def test_a_lora_missing_from_the_default_folder_says_where_it_looked_and_names_l
     monkeypatch.chdir(tmp_path)
     result = _sdcore(tmp_path, "castle <lora:mychar:1>")
     assert _error(result) == (
-        f"lora 'mychar' not found in {tmp_path / 'models' / 'Lora'} and its subfolders, which does not exist; "
-        "available: none; point --lora-dir at the folder with your LoRA files (the default is the Lora folder of "
+        f"lora 'mychar' not found in {tmp_path / 'models' / 'Lora'} and its subfolders, which does not exist (nor "
+        f"does {tmp_path / 'models' / 'loras'}); available: none; point --lora-dir at the folder with your LoRA files (the default is the Lora folder of "
         "--models-dir, as in A1111)"
     )
     # a folder given with --lora-dir, relative: shown as the absolute path it is

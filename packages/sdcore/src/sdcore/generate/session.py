@@ -257,6 +257,11 @@ def handlers_from_plugin_manager(
         handler = cls(directory)
         handler.directory_option, handler.directory_is_default = spec.directory_option, default
         handler.more_directories = tuple(more)
+        if (
+            default and handler.directory is not None and not handler.directory.is_dir()
+        ):  # none exists: "not found" names them all
+            others = [Path(models_dir) / str(name) for name in spec.more_subdirs]
+            handler.absent_directories = tuple(folder for folder in others if folder != handler.directory)
         handler.suffixes = tuple(spec.file_suffixes)  # type: ignore[misc]
         handler.options = dict(options or {})
         if spec.tag is None:

@@ -256,3 +256,85 @@ def test_one_file_reached_through_two_folders_is_one_embedding(tmp_path):
         "other": [root / "other.safetensors"],
     }
     assert handler.names() == {"mychar": root / "mychar.pt", "other": root / "other.safetensors"}
+
+
+def test_comfyui_embedding_spelling(make_bundle, tmp_path):
+    """ComfyUI's prompts name an embedding as ``embedding:NAME`` (``comfy/sd1_clip.py``: the file under the embeddings
+    folder or a subfolder, with its suffix or without; ``(embedding:NAME:1.2)`` weights it). The vectors stand where
+    the word stood, without the tokens of ``embedding`` and ``:`` that reading it as A1111 words would leave; an
+    ``embedding:NAME`` with no file is one line naming it (ComfyUI only logs a warning and drops it: here the
+    image would silently differ)."""
+    bundle = make_bundle("sd1")
+    save_embedding(Embedding("mychar", {SINGLE: _vectors(2, 32, 3)}), tmp_path / "mychar.pt")
+    save_embedding(Embedding("ugly", {SINGLE: _vectors(1, 32, 4)}), tmp_path / "sub" / "Ugly.safetensors")
+    handler = EmbeddingHandler(tmp_path)
+    act = handler.activate(
+        bundle, [], "a photo of embedding:mychar, (embedding:mychar.pt:1.2)", "embedding:sub/Ugly.safetensors blurry"
+    )
+    try:
+        assert act.prompt == "a photo of mychar mychar__ti1, (mychar mychar__ti1:1.2)"
+        assert act.negative_prompt == "ugly__ti0 blurry"
+    finally:
+        act.undo()
+    with pytest.raises(NetworkMismatchError, match="'embedding:nosuch' not found in"):
+        handler.activate(bundle, [], "a embedding:nosuch cat", "")
+    assert len(bundle.tokenizers[0]) == 49408
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("(embedding:foo:1.2), embedding:bar,", ["foo", "bar"]),  # weight off first; trailing comma is no name
+        ("x)embedding:foo", ["foo"]),  # ComfyUI splits segments at parentheses
+        ("(embedding:1.2) and (embedding:2)", []),  # the word 'embedding' at a weight (ComfyUI and A1111)
+        ("Embedding:foo EMBEDDING:bar", []),  # ComfyUI's startswith is case-sensitive: plain text there
+        ("a,embedding:foo myembedding:bar", []),  # not a space-separated word starting with embedding:
+        ("[embedding:foo:5] [dog:embedding:foo:0.5] <lora:embedding:1>", []),  # A1111 prompt editing, tags
+        ("the embedding: foo", []),
+    ],
+)
+def test_what_comfyui_reads_as_an_embedding(text, words):
+    """Only what ComfyUI's tokenizer (``comfy/sd1_clip.py``) reads as an embedding counts: otherwise an ordinary
+    A1111 prompt would fail with "embedding ... not found" or lose the word ``embedding``."""
+    from sdplugin_ti.apply import comfy_embedding_words, replace_comfy_embeddings
+
+    assert [word for _written, word in comfy_embedding_words(text)] == words
+    known = {"foo": "Foo", "bar": "bar"}
+    expected = text
+    for written, word in comfy_embedding_words(text):
+        expected = expected.replace(written, known[word])
+    assert replace_comfy_embeddings(text, known) == expected
+
+
+def test_comfyui_embedding_replaced_where_it_stands():
+    """The replacement takes the ``embedding:NAME`` that was matched, not the first same text in the prompt (A1111's
+    ``[dog:embedding:foo:3]`` before it stays as written)."""
+    from sdplugin_ti.apply import replace_comfy_embeddings
+
+    text = "[dog:embedding:foo:3] embedding:foo (embedding:sub/Foo.pt:1.1) (embedding:1.2) embedding:nosuch"
+    assert (
+        replace_comfy_embeddings(text, {"foo": "Foo"})
+        == "[dog:embedding:foo:3] Foo (Foo:1.1) (embedding:1.2) embedding:nosuch"
+    )
+
+
+def test_a_missing_comfyui_embedding_stops_generate_before_the_model_loads(tmp_path, monkeypatch):
+    """``sdcore generate "embedding:nosuch"`` says so in one line, naming the folder searched, and exits 2 without
+    loading the model (as a missing ``<lora:...>`` does); a present one passes that check."""
+    from click.testing import CliRunner
+    from sdcore.builtin import generate_command
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    monkeypatch.setattr(generate_command, "_load_bundle", lambda *a, **k: pytest.fail("the model must not load"))
+    folder = tmp_path / "embeddings"
+    save_embedding(Embedding("mychar", {SINGLE: _vectors(2, 32, 3)}), folder / "mychar.pt")
+    cli = build_cli(get_plugin_manager())
+    args = ["generate", "-m", "tiny:sd1", "--embeddings-dir", str(folder), "-o", str(tmp_path / "o.png")]
+    result = CliRunner().invoke(cli, [*args, "a (embedding:mychar:1.2), embedding:nosuch", "-n", "embedding:bad,"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"Error: embedding 'embedding:nosuch', 'embedding:bad' not found in {folder} and its subfolders; "
+        "available: mychar; point --embeddings-dir at the folder with your embedding files"
+    )

@@ -192,6 +192,9 @@ def test_lr_schedule_lambda(tmp_path):
         ({"template": "/nope.txt"}, "no such file"),
         ({"latent_sampling": "random"}, "--no-cache-latents"),
         ({"latent_sampling": "deterministic"}, "not supported"),
+        # no silent <folder>/<name>.pt for a .safetensors output: the .pt and its --format copy
+        ({"output": "x.safetensors"}, r"^--output x.safetensors: .* give --output x.pt --format safetensors$"),
+        ({"output": "out/x.ckpt"}, r"give --output out/x.pt$"),
     ],
 )
 def test_validation(tmp_path, overrides, message):

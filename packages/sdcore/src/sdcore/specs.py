@@ -107,7 +107,10 @@ class PromptNetworkSpec:
     ``directory_option`` names the folder option (``"lora_dir"``) the user sets once.
     ``default_subdir`` is the folder under ``--models-dir`` used when the user sets none; ``root_subdir`` a
     folder of the A1111 root (``--models-dir``'s parent), searched first when it exists (both when both exist),
-    for files A1111 keeps beside ``models/`` rather than in it (``embeddings/``).
+    for files A1111 keeps beside ``models/`` rather than in it (``embeddings/``). ``more_subdirs`` are further
+    folders under ``--models-dir`` searched too when they exist, for other tools' names of the same folder
+    (ComfyUI's lower-case ``loras`` beside A1111's ``Lora``): a file in any of them is found, so a user of either
+    tool needs no folder option.
     """
 
     name: str
@@ -116,6 +119,7 @@ class PromptNetworkSpec:
     directory_option: str | None = None
     default_subdir: str | None = None
     root_subdir: str | None = None
+    more_subdirs: tuple[str, ...] = ()
     file_suffixes: tuple[str, ...] = (".safetensors", ".pt", ".ckpt", ".bin")
 
     def __post_init__(self) -> None:

@@ -176,6 +176,31 @@ def test_check_collects_syntax_negative_and_tag_problems_and_leaves_other_resolv
         session.parse("d <odd:z:1>")  # the message the session raises itself
 
 
+class _Words(PromptNetworkHandler):
+    """An untagged handler reading names from the prompt's words (as embeddings are), checking them early."""
+
+    def __init__(self, directory=None):
+        super().__init__(directory)
+        self.seen: list[tuple[str, str]] = []
+
+    def check_prompts(self, prompts):
+        self.seen += prompts
+        return [f"{word!r} is missing" for pair in prompts for text in pair for word in text.split() if "?" in word]
+
+    def activate(self, bundle, refs, prompt, negative_prompt):
+        return Activation(prompt, negative_prompt)
+
+
+def test_untagged_handlers_check_the_prompt_words_before_loading(tmp_path):
+    """An untagged handler's ``check_prompts`` sees every prompt once, tags removed, with the tagged checks: a
+    missing ComfyUI ``embedding:NAME`` is said before the model loads like a missing LoRA."""
+    words = _Words()
+    session = NetworkSession({"wild": _Names(tmp_path), None: [words]})
+    problems = session.check([("a <wild:x:1> b?", "neg?"), ("a <wild:x:1> b?", "neg?"), ("c", "")])
+    assert words.seen == [("a  b?", "neg?"), ("c", "")]
+    assert problems == ["'b?' is missing", "'neg?' is missing"]
+
+
 def test_a_name_too_long_for_the_filesystem_is_not_found_not_a_traceback(tmp_path, no_load, sd1):
     """``<lora:xxx...:1>`` with a name past the OS's file-name limit used to raise ``OSError: File name too long``
     from the lookup; it is a name that matches no file."""
@@ -196,8 +221,8 @@ def test_a_lora_missing_from_the_default_folder_says_where_it_looked_and_names_l
     monkeypatch.chdir(tmp_path)
     result = _sdcore(tmp_path, "castle <lora:mychar:1>")
     assert _error(result) == (
-        f"lora 'mychar' not found in {tmp_path / 'models' / 'Lora'} and its subfolders, which does not exist; "
-        "available: none; point --lora-dir at the folder with your LoRA files (the default is the Lora folder of "
+        f"lora 'mychar' not found in {tmp_path / 'models' / 'Lora'} and its subfolders, which does not exist (nor "
+        f"does {tmp_path / 'models' / 'loras'}); available: none; point --lora-dir at the folder with your LoRA files (the default is the Lora folder of "
         "--models-dir, as in A1111)"
     )
     # a folder given with --lora-dir, relative: shown as the absolute path it is

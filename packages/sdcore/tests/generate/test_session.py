@@ -258,3 +258,45 @@ def test_both_embeddings_folders_are_searched_when_both_exist(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "cwd" / "inner")
     (untagged,) = handlers_from_plugin_manager(pm, {}, models_dir="..")[None]
     assert untagged.directory == tmp_path / "embeddings" and untagged.more_directories == ()
+
+
+def test_more_subdirs_are_searched_when_they_exist(tmp_path):
+    """A spec's ``more_subdirs`` are other tools' names of its folder (ComfyUI's ``models/loras`` beside A1111's
+    ``models/Lora``): each that exists is searched with the default one, none existing leaves the default one
+    (the folder "not found" names)."""
+    pm = _pm_with(
+        sdcore.PromptNetworkSpec(
+            name="shift",
+            handler=f"{HERE}:ShiftUnet",
+            tag="test",
+            directory_option="lora_dir",
+            default_subdir="Lora",
+            more_subdirs=("loras",),
+        )
+    )
+    models = tmp_path / "models"
+    models.mkdir()
+    assert handlers_from_plugin_manager(pm, {}, models_dir=models)["test"].directory == models / "Lora"
+    (models / "loras").mkdir()
+    (models / "loras" / "comfy.safetensors").write_bytes(b"x")
+    handler = handlers_from_plugin_manager(pm, {}, models_dir=models)["test"]
+    assert handler.directory == models / "loras" and handler.directory_is_default
+    assert [p.name for p in handler.available()] == ["comfy.safetensors"]
+    (models / "Lora").mkdir()
+    (models / "Lora" / "a1111.safetensors").write_bytes(b"x")
+    handler = handlers_from_plugin_manager(pm, {}, models_dir=models)["test"]
+    assert (handler.directory, handler.more_directories) == (models / "Lora", (models / "loras",))
+    assert sorted(p.name for p in handler.available()) == ["a1111.safetensors", "comfy.safetensors"]
+    chosen = handlers_from_plugin_manager(pm, {"lora_dir": tmp_path}, models_dir=models)["test"]
+    assert (chosen.directory, chosen.more_directories) == (tmp_path, ())
+
+
+def test_lora_files_in_comfyui_loras_folder_are_found(tmp_path):
+    """The installed LoRA plugin reads ComfyUI's lower-case ``models/loras`` as well as A1111's ``models/Lora``:
+    ``sdcore generate --models-dir ComfyUI/models "<lora:name>"`` finds the file ComfyUI lists."""
+    from sdcore.plugins import get_plugin_manager
+
+    models = tmp_path / "ComfyUI" / "models"
+    (models / "loras").mkdir(parents=True)
+    handlers = handlers_from_plugin_manager(get_plugin_manager(), {}, models_dir=models)
+    assert handlers["lora"].directory == models / "loras" and handlers["lyco"].directory == models / "loras"

@@ -302,3 +302,28 @@ def test_generate_names_an_a1111_vae_beside_the_model(tiny_files, tmp_path, sd_c
         f"note: model.vae.pt is beside the model: A1111 (its Automatic VAE) decodes with it; sdcore uses the "
         f"model's own VAE: give --vae {tmp_path / 'model.vae.pt'} for A1111's images" in noted.output
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("decoder.conv_in.weight|encoder.conv_in.weight", "a VAE alone: give it with --vae"),
+        (
+            "text_model.final_layer_norm.weight",
+            "CLIP-L text encoder / CLIP-G text encoder alone: give it with --clip-l",
+        ),
+        ("encoder.block.0.layer.0.SelfAttention.q.weight", "a T5-XXL text encoder alone: give it with --t5xxl"),
+    ],
+)
+def test_a_part_file_is_named_with_its_option(key, says):
+    """A ComfyUI ``vae/``, ``clip/`` or ``text_encoders/`` file given where a model goes (``model info``, ``--model``):
+    the error says what the file holds and which option takes it, not only what it is not."""
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.detect import detect_family
+
+    with pytest.raises(ModelFormatError, match="not a Stable Diffusion checkpoint") as raised:
+        detect_family(set(key.split("|")), "part.safetensors")
+    assert says in str(raised.value)
+    with pytest.raises(ModelFormatError) as plain:
+        detect_family({"something.else"}, "x.safetensors")
+    assert "alone" not in str(plain.value)

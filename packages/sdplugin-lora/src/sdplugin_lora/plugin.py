@@ -34,7 +34,8 @@ def sdcore_register_prompt_networks(register: Any) -> None:
             tag="lora",
             handler="sdplugin_lora.apply:LoraHandler",
             directory_option="lora_dir",
-            default_subdir="Lora",
+            default_subdir="Lora",  # A1111's models/Lora
+            more_subdirs=("loras",),  # ComfyUI's models/loras
         )
     )
     register(
@@ -43,7 +44,8 @@ def sdcore_register_prompt_networks(register: Any) -> None:
             tag="lyco",
             handler="sdplugin_lora.apply:LycoHandler",
             directory_option="lora_dir",
-            default_subdir="Lora",
+            default_subdir="Lora",  # A1111's models/Lora
+            more_subdirs=("loras",),  # ComfyUI's models/loras
         )
     )
 

@@ -160,6 +160,59 @@ def find_names(text: str, names: Iterable[str]) -> list[str]:
     return list(found)
 
 
+#: ComfyUI's spelling of an embedding in a prompt (``comfy/sd1_clip.py``: a space-separated word starting with
+#: ``embedding:``, case-sensitive, the rest a file name under an embeddings folder or any subfolder, with its suffix
+#: or without one). ComfyUI takes the weight of ``(embedding:name:1.2)`` off first and splits segments at
+#: parentheses, so the word may follow ``(`` or ``)``; the name ends where a separator or A1111's syntax starts. A
+#: word glued to other text (``a,embedding:x``, A1111's ``[embedding:x:5]``) is no embedding there either.
+_COMFY_EMBEDDING = re.compile(r"(?<![^\s()])embedding:([^\s,:()\[\]{}<>|]+)")
+
+
+def _comfy_matches(text: str) -> list[re.Match[str]]:
+    """The ``embedding:NAME`` matches of ``text`` that ComfyUI reads as embeddings: ``(embedding:1.2)`` is the word
+    ``embedding`` at weight 1.2 in ComfyUI and A1111 alike (the number after the last ``:`` is the weight)."""
+    out = []
+    for match in _COMFY_EMBEDDING.finditer(text):
+        if text[match.end() : match.end() + 1] == ")":
+            try:
+                float(match.group(1))
+            except ValueError:
+                pass
+            else:
+                continue
+        out.append(match)
+    return out
+
+
+def _comfy_word(match: re.Match[str]) -> str:
+    """The prompt word (A1111's: the file stem) an ``embedding:NAME`` match names: ``embedding:sub/name.safetensors``
+    and ``embedding:name`` both name ``name``, as ComfyUI finds either in any subfolder of its embeddings folders."""
+    name = re.split(r"[\\/]", match.group(1))[-1]
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and "." + suffix.lower() in EMBEDDING_SUFFIXES else name
+
+
+def comfy_embedding_words(text: str) -> list[tuple[str, str]]:
+    """``(written, word)`` for each ComfyUI ``embedding:NAME`` in ``text``: the text as written and the prompt word
+    (A1111's: the file stem) it names."""
+    return [(match.group(0), _comfy_word(match)) for match in _comfy_matches(text)]
+
+
+def replace_comfy_embeddings(text: str, words: dict[str, str]) -> str:
+    """``text`` with each ComfyUI ``embedding:NAME`` replaced by its prompt word (``words``: lower-cased word ->
+    word), so the embedding's vectors stand alone where ComfyUI puts them, not after the tokens of
+    ``embedding`` and ``:``; a name ``words`` lacks is left as written, and so is every other text (the same
+    characters in A1111's ``[embedding:x:5]`` elsewhere in the prompt stay)."""
+    out: list[str] = []
+    last = 0
+    for match in _comfy_matches(text):
+        word = words.get(_comfy_word(match).lower())
+        if word is not None:
+            out += [text[last : match.start()], word]
+            last = match.end()
+    return "".join(out) + text[last:]
+
+
 # --- applying --------------------------------------------------------------------------------------
 def _source(emb: Embedding, key: str) -> torch.Tensor | None:
     """The tensor of ``emb`` for encoder ``key``. Per-encoder files (``clip_l``...) never stand in for
@@ -445,8 +498,31 @@ class EmbeddingHandler(PromptNetworkHandler):
             raise ModelFormatError(f"{path}: image carries no embedding")
         return emb
 
+    def _comfy_missing(self, texts: Iterable[str], candidates: dict[str, tuple[str, list[Path]]] | None) -> str | None:
+        """One line for the ComfyUI ``embedding:NAME`` words of ``texts`` that name no file, else ``None``
+        (``candidates`` is :meth:`candidates`, read here only when some text has such a word)."""
+        comfy = [pair for text in texts for pair in comfy_embedding_words(text)]
+        if not comfy:
+            return None
+        known = self.candidates() if candidates is None else candidates
+        missing = [written for written, name in comfy if name.lower() not in known]
+        return self._not_found(list(dict.fromkeys(missing))) if missing else None
+
+    def check_prompts(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
+        """A ComfyUI ``embedding:NAME`` without a file, said before the model loads (ComfyUI only logs a warning
+        and drops the word: here the image would silently differ)."""
+        missing = self._comfy_missing((text for pair in prompts for text in pair), None)
+        return [missing] if missing else []
+
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         candidates = self.candidates()
+        if comfy_embedding_words(prompt + "\n" + negative_prompt):  # ComfyUI's embedding:NAME: the word alone
+            missing = self._comfy_missing((prompt, negative_prompt), candidates)
+            if missing:
+                raise NetworkMismatchError(missing)
+            spelled = {key: word for key, (word, _paths) in candidates.items()}
+            prompt = replace_comfy_embeddings(prompt, spelled)
+            negative_prompt = replace_comfy_embeddings(negative_prompt, spelled)
         text = prompt + "\n" + negative_prompt
         files: dict[str, tuple[str, Path]] = {}
         # only the words that occur in the prompt are checked (cheap for big embedding folders)
@@ -489,11 +565,13 @@ __all__ = [
     "ExtendedTokenEmbedding",
     "apply_embeddings",
     "check_fits",
+    "comfy_embedding_words",
     "encoder_keys",
     "expand_prompt",
     "find_names",
     "init_vectors",
     "placeholder_tokens",
+    "replace_comfy_embeddings",
 ]
 
 

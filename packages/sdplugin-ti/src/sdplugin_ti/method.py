@@ -141,6 +141,16 @@ class TIMethod(TrainingMethod[TIOptionsT]):
                 raise ConfigError(problem)
             if not 1 <= item.vectors <= 75:
                 raise ConfigError(f"embedding {item.name!r}: vectors must be between 1 and 75, got {item.vectors}")
+        suffix = Path(o.output).suffix.lower() if o.output else ""
+        if suffix in {".safetensors", ".bin", ".ckpt"} and not Path(o.output).expanduser().is_dir():
+            # the final save names a file only by its .pt (A1111's file, always written): another suffix would
+            # otherwise be dropped in silence and the embedding written as <folder>/<name>.pt
+            stem = str(Path(o.output).with_suffix(".pt"))
+            extra = f" --format {suffix[1:]}" if suffix[1:] in EXTRA_FORMATS else ""
+            raise ConfigError(
+                f"--output {o.output}: the embedding is written as A1111's .pt (always) plus the --format copy "
+                f"beside it; give --output {stem}{extra}"
+            )
         self.schedule = parse_schedule(o.lr_schedule) if o.lr_schedule.strip() else None
         if self.schedule is not None:
             schedule_lambda(self.schedule, o.lr)  # checks --lr

@@ -330,8 +330,8 @@ class _GenerateCommand(HintedCommand):
     default="models",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="A1111's models folder: Lora/ and hypernetworks/ are looked up below it, embeddings/ beside it (the "
-    "A1111 root's) and below it (ComfyUI's).",
+    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/) and hypernetworks/ are looked up below "
+    "it, embeddings/ beside it (the A1111 root's) and below it (ComfyUI's).",
 )
 @click.option(
     "--lora-dir",

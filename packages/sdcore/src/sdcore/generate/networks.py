@@ -150,6 +150,9 @@ class PromptNetworkHandler:
         # Further default folders searched after ``directory`` (A1111's root ``embeddings/`` and
         # ``models/embeddings`` when both exist), set by :func:`sdcore.generate.session.handlers_from_plugin_manager`.
         self.more_directories: tuple[Path, ...] = ()
+        # Other default folders, none of which exists either (ComfyUI's ``models/loras`` when A1111's
+        # ``models/Lora`` is missing too), named by "not found" so the user sees every folder it would read.
+        self.absent_directories: tuple[Path, ...] = ()
         # Extra generation options (``sdcore generate -O key=value`` and plugin-added flags), set by
         # :func:`sdcore.generate.session.handlers_from_plugin_manager`; handlers read what they need.
         self.options: dict[str, Any] = {}
@@ -215,6 +218,9 @@ class PromptNetworkHandler:
             where = "(no directory set)"
         else:
             missing = "" if self.directory.is_dir() else ", which does not exist"
+            if missing and self.absent_directories:
+                absent = ", ".join(str(folder.absolute()) for folder in self.absent_directories)
+                missing = f", which does not exist (nor does {absent})"
             more = "".join(f" and {folder.absolute()}" for folder in self.more_directories)
             where = f"{self.directory.absolute()}{more} and its subfolders{missing}"
         message = f"{label} {', '.join(repr(name) for name in names)} not found in {where}; available: {known}"
@@ -250,6 +256,13 @@ class PromptNetworkHandler:
         if missing:
             problems.append(self._not_found(missing))
         return problems
+
+    def check_prompts(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
+        """Why :meth:`activate` would fail on the words of ``prompts`` (``(prompt, negative prompt)`` pairs, tags
+        removed), one line each, without loading a model: for a handler that reads names from the prompt text
+        itself rather than from tags. :meth:`sdcore.generate.session.NetworkSession.check` calls it before the model
+        loads, so a missing file is said then, with the tags' missing files. The default finds nothing."""
+        return []
 
     def check_ref(self, ref: NetworkRef) -> str | None:
         """Why ``ref``'s arguments are wrong for this handler (one line), else ``None``; needs no file or model:

@@ -95,20 +95,24 @@ class NetworkSession:
         """Every problem with the networks ``prompts`` (``(prompt, negative prompt)`` pairs) name, without
         loading a model or a network: malformed tags, tags in a negative prompt, tags no handler claims (the
         messages :meth:`parse` raises), arguments the handler does not take (its ``check_ref``) and names each handler cannot resolve to a file
-        (:meth:`~sdcore.generate.networks.PromptNetworkHandler.check`, the lookup :meth:`apply` makes).
+        (:meth:`~sdcore.generate.networks.PromptNetworkHandler.check`, the lookup :meth:`apply` makes), and what the
+        untagged handlers cannot resolve in the prompts' words (their
+        :meth:`~sdcore.generate.networks.PromptNetworkHandler.check_prompts`).
 
         ``sdcore generate`` passes every prompt it will render (hires prompts, each X/Y/Z plot cell's after
         Prompt S/R and ``--style``), so a missing epoch file is found before the first cell, not at its own.
         Returns one line per problem; a handler's missing names share one line."""
         problems: list[str] = []
         names: dict[str, list[str]] = {}
+        texts: list[tuple[str, str]] = []
         for prompt, negative_prompt in prompts:
             try:
-                _, refs = parse_networks(prompt)
-                _, negative_refs = parse_networks(negative_prompt)
+                clean, refs = parse_networks(prompt)
+                clean_negative, negative_refs = parse_networks(negative_prompt)
             except SdcoreError as exc:  # a malformed tag
                 problems.append(str(exc))
                 continue
+            texts.append((clean, clean_negative))
             problems += [str(problem) for problem in self._tag_problems(refs, negative_refs)]
             for ref in refs:
                 if ref.tag in self.tagged:
@@ -118,6 +122,9 @@ class NetworkSession:
                         problems.append(wrong)
         for tag, tag_names in names.items():
             problems += self.tagged[tag].check(tag_names)
+        texts = list(dict.fromkeys(texts))
+        for handler in self.untagged:  # names written in the prompt's words (embeddings)
+            problems += handler.check_prompts(texts)
         return list(dict.fromkeys(problems))
 
     def control_networks(self, prompts: Iterable[tuple[str, str]]) -> list[ControlNetwork]:
@@ -203,15 +210,17 @@ def collect_prompt_network_specs(pm: Any) -> list[Any]:
 def _default_folders(spec: Any, models_dir: Path) -> list[Path]:
     """The folders a spec's files are looked for in without a folder option, first one first: its
     ``root_subdir`` beside ``models_dir`` (A1111's root, found from the absolute path so ``--models-dir ..``
-    means the parent's parent) and its ``default_subdir`` under it. Where both exist both are searched: A1111
-    reads only ``webui/embeddings`` and ComfyUI only ``models/embeddings``, and a user may keep files in either;
-    reading one of them alone would leave the other's words silently unapplied. Neither existing: the
-    ``default_subdir`` (the folder "not found" names)."""
+    means the parent's parent), its ``default_subdir`` under it, then its ``more_subdirs`` under it. All that
+    exist are searched: A1111 reads only ``webui/embeddings`` and ComfyUI only ``models/embeddings`` (A1111
+    ``models/Lora``, ComfyUI ``models/loras``), and a user may keep files in either; reading one of them alone
+    would leave the other's words silently unapplied. None existing: the ``default_subdir`` (the folder "not
+    found" names)."""
     under = models_dir / str(spec.default_subdir) if spec.default_subdir else None
     beside = Path(os.path.abspath(models_dir)).parent / str(spec.root_subdir) if spec.root_subdir else None
     if under is not None and beside is not None and os.path.abspath(under) == str(beside):
         beside = None  # --models-dir names the root itself (its parent is itself: "/")
-    candidates = [folder for folder in (beside, under) if folder is not None]
+    others = [models_dir / str(name) for name in spec.more_subdirs]
+    candidates = [folder for folder in (beside, under, *others) if folder is not None]
     existing = [folder for folder in candidates if folder.is_dir()]
     return existing or [under or candidates[0]]
 
@@ -229,7 +238,8 @@ def handlers_from_plugin_manager(
     chose; otherwise the folder is ``models_dir / spec.default_subdir`` (A1111 layout:
     ``models/Lora``, ``models/hypernetworks``); a spec's ``root_subdir`` is looked for beside ``models_dir``
     first (A1111 keeps ``embeddings/`` in its root, next to ``models/``), then ``models_dir / default_subdir``
-    (``models/embeddings``, ComfyUI's place); both are searched when both exist (:func:`_default_folders`).
+    (``models/embeddings``, ComfyUI's place), then the spec's ``more_subdirs`` (``models/loras``); all that exist
+    are searched (:func:`_default_folders`).
     Two plugins claiming the same tag is a :class:`~sdcore.errors.PluginError`.
     """
     chosen = dict(directories or {})
@@ -240,13 +250,18 @@ def handlers_from_plugin_manager(
         if not (isinstance(cls, type) and issubclass(cls, PromptNetworkHandler)):
             raise PluginError(f"prompt network {spec.name!r}: {spec.handler} is not a PromptNetworkHandler subclass")
         directory = chosen.get(spec.directory_option) if spec.directory_option else None
-        default = directory is None and bool(spec.default_subdir or spec.root_subdir)
+        default = directory is None and bool(spec.default_subdir or spec.root_subdir or spec.more_subdirs)
         more: list[Path] = []
         if default:
             directory, *more = _default_folders(spec, Path(models_dir))
         handler = cls(directory)
         handler.directory_option, handler.directory_is_default = spec.directory_option, default
         handler.more_directories = tuple(more)
+        if (
+            default and handler.directory is not None and not handler.directory.is_dir()
+        ):  # none exists: "not found" names them all
+            others = [Path(models_dir) / str(name) for name in spec.more_subdirs]
+            handler.absent_directories = tuple(folder for folder in others if folder != handler.directory)
         handler.suffixes = tuple(spec.file_suffixes)  # type: ignore[misc]
         handler.options = dict(options or {})
         if spec.tag is None:

@@ -166,7 +166,21 @@ def detect_family(keys: Collection[str], path: str | Path = "<checkpoint>") -> s
     known = ", ".join(f.name for f in families())
     raise ModelFormatError(
         f"{path}: not a Stable Diffusion checkpoint (no {UNET_IN}, and no other known family's keys: {known}){note}"
+        + _part_hint(keys)
     )
+
+
+def _part_hint(keys: Collection[str]) -> str:
+    """What a file that is no checkpoint is, when its keys are a model part's (ComfyUI keeps them in ``clip/``,
+    ``text_encoders/`` and ``vae/``), and the option that takes it, so the message says what to do with it."""
+    from .parts import _PROBES, PART_LABELS, flag
+
+    found = [name for name, probes in _PROBES.items() if any(k.endswith(p) for k in keys for p in probes)]
+    if not found:
+        return ""
+    options = " or ".join(flag(name) for name in found)
+    labels = " / ".join(dict.fromkeys(PART_LABELS[name] for name in found))
+    return f"; it holds a {labels} alone: give it with {options} to a model file that lacks it"
 
 
 def detect(

@@ -24,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sdcore.errors import ConfigError, ModelFormatError
+from sdcore.data.captions import read_caption_text
+from sdcore.errors import ConfigError, DataError, ModelFormatError
 from sdcore.io import atomic_path, cache_dir
 
 from .runner import BatchTagger, default_workers
@@ -39,11 +40,10 @@ TRENDING_SITES = (
 
 def load_list(path: str | os.PathLike[str]) -> list[str]:
     """One phrase per line, blank lines dropped, order kept, duplicates removed."""
-    file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read phrase list ({exc})") from exc
+    try:  # the captions' one decoding rule: a list saved by Notepad (a BOM, UTF-16) reads as written
+        lines = read_caption_text(path, "phrase list").splitlines()
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
     return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
 
 

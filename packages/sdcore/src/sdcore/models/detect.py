@@ -173,9 +173,9 @@ def detect_family(keys: Collection[str], path: str | Path = "<checkpoint>") -> s
 def _part_hint(keys: Collection[str]) -> str:
     """What a file that is no checkpoint is, when its keys are a model part's (ComfyUI keeps them in ``clip/``,
     ``text_encoders/`` and ``vae/``), and the option that takes it, so the message says what to do with it."""
-    from .parts import _PROBES, PART_LABELS, flag
+    from .parts import PART_LABELS, flag, parts_in
 
-    found = [name for name, probes in _PROBES.items() if any(k.endswith(p) for k in keys for p in probes)]
+    found = parts_in(keys)
     if not found:
         return ""
     options = " or ".join(flag(name) for name in found)

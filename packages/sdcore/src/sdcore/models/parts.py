@@ -15,7 +15,7 @@ Which parts a model takes, and which its file lacks, is the family's knowledge: 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,12 @@ _PROBES = {
     "t5xxl": ("encoder.block.0.layer.0.SelfAttention.q.weight",),
     "vae": ("encoder.conv_in.weight",),
 }
+
+
+def parts_in(keys: Collection[str]) -> list[str]:
+    """The parts whose probe tensor ``keys`` hold (a CLIP file is both ``clip_l`` and ``clip_g``), in the order
+    of :data:`PART_LABELS`; empty for a file that is no model part."""
+    return [name for name, probes in _PROBES.items() if any(key.endswith(p) for key in keys for p in probes)]
 
 
 def part_names() -> tuple[str, ...]:
@@ -84,7 +90,7 @@ def part_file_problems(parts: Mapping[str, Any]) -> list[str]:
                 problems.append(f"{head}: {exc}")
                 continue
             probes = _PROBES.get(name, ())
-            if probes and not any(key.endswith(probe) for key in header for probe in probes):
+            if probes and name not in parts_in(header):
                 problems.append(f"{head}: not a {PART_LABELS[name]} file (no tensor named like ...{probes[0]})")
         elif where.suffix.lower() in PICKLE_SUFFIXES:  # a renamed safetensors file, a saved web page...
             from .safe_pickle import not_torch_file

@@ -164,3 +164,19 @@ def test_without_any_method_claiming_files_there_is_no_note(sd_cli, pm, data):
     (data / "a_mark.png").rename(data / "b.png")
     out = sd_cli(["data", "check", str(data), *CHECK], pm=pm).output
     assert "own files" not in out and "images: 2 usable" in out
+
+
+class _Twice:
+    @sdcore.hookimpl
+    def sdcore_register_methods(self, register: Any) -> None:
+        register(MethodSpec(name="mark", summary="the same name again", method="checkmethod_fake:MarkMethod"))
+
+
+def test_a_broken_plugin_set_stops_only_the_method_asked_for(sd_cli, sd_pm_factory, pm, data):
+    broken = sd_pm_factory([_Plugin(), _Twice()])
+    plain = sd_cli(["data", "check", str(data), *CHECK], pm=broken)
+    assert plain.exit_code == 0, plain.output  # as before --method existed: checked, without the note
+    assert "images: 2 usable" in plain.output and "own files" not in plain.output
+    asked = sd_cli(["data", "check", str(data), *CHECK, "--method", "mark"], pm=broken)
+    assert asked.exit_code == 1 and isinstance(asked.exception, SystemExit)
+    assert "Error: method name 'mark' is registered twice" in asked.output

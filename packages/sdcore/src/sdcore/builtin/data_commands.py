@@ -153,7 +153,14 @@ def check_command(
     OneTrainer concepts .json.
     Exits with status 1 when there is no usable image (or on any problem with --strict).
     """
-    method_specs = _method_specs()
+    from ..errors import PluginError
+
+    try:
+        method_specs = _method_specs()
+    except PluginError:  # a broken plugin: `--method` says it in one line; a plain check goes on without the note
+        if method is not None:
+            raise
+        method_specs = {}
     chosen = None
     if method is not None:
         chosen = method_specs.get(method)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from sdcore.errors import ConfigError
 from sdcore.models.family import text_encoder_slot
 from sdcore.train.method import Capabilities, Conditioning, SaveInfo, TrainingMethod
@@ -21,7 +20,8 @@ from sdcore.train.options import TrainOptions
 from .class_images import ensure_class_images
 from .options import DreamBoothOptions
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it is used: the class loads without it (`sdcore data check`)
+    import torch
     from sdcore.models.bundle import ModelBundle
 
 
@@ -274,6 +274,7 @@ class DreamBoothMethod(TrainingMethod[DreamBoothOptions]):
 
     def load_result(self, bundle: Any, path: str | Path) -> None:
         """Load a saved DreamBooth checkpoint's weights into ``bundle`` (same architecture)."""
+        import torch
         from sdcore.models.load import load_model
 
         trained = load_model(str(path))
@@ -287,6 +288,8 @@ def unpadded_input_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
     """kohya's ``tokenizer(captions, padding=True, truncation=True)``: ``BOS + tokens + EOS`` cut at
     ``model_max_length`` (77), then padded with the pad token (EOS when the tokenizer has none) only up
     to the batch's longest row. A batch of one is not padded at all."""
+    import torch
+
     limit = int(tokenizer.model_max_length)
     rows = tokenizer(list(captions), truncation=True, max_length=limit, padding=False, verbose=False).input_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

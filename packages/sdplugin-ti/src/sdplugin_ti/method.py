@@ -217,16 +217,17 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         captions too), its vectors would never get a gradient. A line that spells the name itself (``a photo of
         zork`` in a template file) puts it in the prompt as ``[name]`` does: :meth:`encode` expands it there.
         Said before the model loads."""
-        from .apply import find_names
-
         o = self.options
         name, entries = (o.placeholder or o.name.strip()), index.instance_entries
+        if not name or not entries:  # nothing to look for (`sdcore data check --method ti` has no --name): no torch
+            return []
+        from .apply import find_names
 
         def names_it(text: str) -> bool:  # a placeholder is found anywhere, as it is replaced (OneTrainer's way)
             return "[name]" in text or (name in text if o.placeholder else bool(find_names(text, [name])))
 
         lines = load_template(o.template)
-        if not name or not entries or any(names_it(line) for line in lines):
+        if any(names_it(line) for line in lines):
             return []
         if any("[filewords]" in line for line in lines):
             for entry in entries:

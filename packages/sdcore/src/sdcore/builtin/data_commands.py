@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -109,6 +110,14 @@ def data_group() -> None:
     is_flag=True,
     help="Leave out the <name>-condlabel images, as a run with this option does (they are masked images).",
 )
+@click.option(
+    "--method",
+    default=None,
+    metavar="NAME",
+    help="Read the dataset as `sdcore train NAME` does: the method's own files beside the images (e.g. "
+    "attention maps) are not counted as images, and its dataset checks run too "
+    "(with its default options; no model is loaded).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any problem is found.")
 def check_command(
@@ -134,6 +143,7 @@ def check_command(
     top: int,
     masked_loss: bool,
     inpainting_conditioning_images: bool,
+    method: str | None,
     as_json: bool,
     strict: bool,
 ) -> None:
@@ -143,6 +153,23 @@ def check_command(
     OneTrainer concepts .json.
     Exits with status 1 when there is no usable image (or on any problem with --strict).
     """
+    from ..errors import PluginError
+
+    try:
+        method_specs = _method_specs()
+    except PluginError:  # a broken plugin: `--method` says it in one line; a plain check goes on without the note
+        if method is not None:
+            raise
+        method_specs = {}
+    chosen = None
+    if method is not None:
+        chosen = method_specs.get(method)
+        if chosen is None:  # the words of `sdcore train NAME` for an unknown method
+            known = ", ".join(sorted(method_specs)) or "none installed"
+            raise click.BadParameter(
+                f"unknown training method {method!r} (available: {known}; see `sdcore plugins`)",
+                param_hint="'--method'",
+            )
     import sys
 
     from ..data.check import check_dataset
@@ -176,10 +203,16 @@ def check_command(
         **({} if seed is None else {"seed": seed}),
     )
     notes: list[str] = []
+    training_method = None
     try:
         # the run's own reading of the options, so the counts are the run's (a dataset TOML's
         # batch_size wins over --batch-size there); problems are one line each, exit 2, as a run's
-        options = load_options(TrainOptions, overrides=values, notes=notes)
+        if chosen is None:
+            options = load_options(TrainOptions, overrides=values, notes=notes)
+        else:  # the method's own options class and instance, as `sdcore train NAME` builds them (no model)
+            method_class = chosen.load()
+            options = load_options(method_class.options_class, overrides=values, notes=notes)
+            training_method = method_class(options)
         problems = resolutions_problems(options) + bucket_rule_problems(options)
         regex_problem = filename_word_regex_problem(options.filename_word_regex)
         if regex_problem:
@@ -190,7 +223,8 @@ def check_command(
         for problem in problems:
             click.echo(f"Error: {problem}", err=True)
         sys.exit(2)
-    report = check_dataset(path, options, top=top)
+    others = _method_files_checks(method_specs, values, skip=None if chosen is None else chosen.name)
+    report = check_dataset(path, options, top=top, method=training_method, other_methods=others)
     report.notes[:0] = notes
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
@@ -425,6 +459,41 @@ def preprocess_command(
         for path in sorted(report.images_written + report.captions_written):
             click.echo(f"would write {path}")
     click.echo(report.summary())
+
+
+def _method_specs() -> dict[str, Any]:
+    """The installed training methods by name and alias, from the CLI's plugin manager (as `sdcore train`)."""
+    from ..plugins import get_plugin_manager
+
+    ctx = click.get_current_context()
+    pm = getattr(ctx.find_root().obj, "pm", None) or get_plugin_manager()
+    return dict(pm.methods())
+
+
+def _method_files_checks(
+    specs: dict[str, Any], values: dict[str, Any], *, skip: str | None
+) -> dict[str, Callable[[Path], bool]]:
+    """Each installed method's ``is_auxiliary_file`` (by its primary name, ``skip`` left out), from an instance built
+    with the check's options: only the method class is imported (plugins keep torch out of it, as ``--dry-run``
+    needs), no model. A method that cannot be built is left out (a broken plugin is reported when it is asked for)."""
+    import logging
+
+    from ..train.config import load_options
+    from ..train.method import TrainingMethod
+
+    out: dict[str, Callable[[Path], bool]] = {}
+    for spec in {spec.name: spec for spec in specs.values()}.values():
+        if spec.name == skip:
+            continue
+        try:
+            method_class = spec.load()
+            if method_class.is_auxiliary_file is TrainingMethod.is_auxiliary_file:  # claims nothing: not built
+                continue
+            options = load_options(method_class.options_class, overrides=values, notes=[])
+            out[spec.name] = method_class(options).is_auxiliary_file
+        except Exception:
+            logging.getLogger(__name__).debug("method %r left out of the method-files note", spec.name, exc_info=True)
+    return out
 
 
 def _tagger_captioner(spec: Any, model: str, *, eager: bool) -> Callable[[list[Any]], list[str]]:

@@ -8,6 +8,7 @@ images spread over buckets; plus a tag overview (frequencies and which images ca
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from .captions import split_tags, tag_frequencies
 from .dataset import assign_buckets, scan_dataset
 
 if TYPE_CHECKING:
+    from ..train.method import TrainingMethod
     from ..train.options import TrainOptions
 
 #: An image enlarged by more than this factor to reach its bucket is reported (it will look soft).
@@ -63,6 +65,11 @@ class DatasetReport:
     unmasked: list[str] = field(default_factory=list)
     #: how the options were read (e.g. a dataset TOML's batch_size replacing --batch-size)
     notes: list[str] = field(default_factory=list)
+    #: the training method the dataset was read for (``--method``), or ``None``
+    method: str | None = None
+    #: files that method reads with their images and does not train on (DreamArtist's ``<image>_att.png``):
+    #: not images, not missing captions, not problems
+    method_files: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -118,6 +125,8 @@ class DatasetReport:
             "errors": self.errors,
             "problems": self.problems,
             "notes": self.notes,
+            "method": self.method,
+            "method_files": self.method_files,
             **({} if self.masks is None else {"masks": {"with_mask": self.masks, "without_mask": self.unmasked}}),
         }
 
@@ -144,6 +153,11 @@ class DatasetReport:
             + f"{len(self.class_token_captions)} from class tokens, "
             f"{len(self.missing_captions)} missing, {len(self.empty_captions)} empty"
         )
+        if self.method_files:
+            lines += listing(
+                f"{self.method}'s own files, read with their images (not trained on; not images, not problems)",
+                self.method_files,
+            )
         if self.masks is not None:
             lines.append(
                 f"  masks (-masklabel.png): {self.masks} image(s) with one, {len(self.unmasked)} without "
@@ -200,8 +214,42 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = None, *, top: int = 30) -> DatasetReport:
+def method_file_notes(index: Any, others: Mapping[str, Callable[[Path], bool]], root: Path) -> list[str]:
+    """A note per training method (``others``: name -> its ``is_auxiliary_file``) that claims some of ``index``'s
+    images as its own files (DreamArtist's ``<image>_att.png``): a run of that method reads them with their images
+    and does not train on them, so ``--method NAME`` reports the dataset as that run sees it. A method whose check
+    raises is left out: a broken plugin must not break the report."""
+    notes = []
+    for name, auxiliary in others.items():
+        try:
+            claimed = [entry.path for entry in index.entries if auxiliary(entry.path)]
+        except Exception:  # a plugin's own bug: said when that method is asked for (--method), not here
+            continue
+        claimed = list(dict.fromkeys(claimed))  # an image at several resolutions counts once
+        if claimed:
+            many = len(claimed) > 1
+            notes.append(
+                f"{len(claimed)} file{'s' if many else ''} (e.g. {_relative(claimed[0], root)}) "
+                f"{'look' if many else 'looks'} like {name}'s own files, which `sdcore train {name}` reads with "
+                f"their images and does not train on: give --method {name} to check the dataset as that run reads it"
+            )
+    return notes
+
+
+def check_dataset(
+    path: str | os.PathLike[str],
+    options: TrainOptions | None = None,
+    *,
+    top: int = 30,
+    method: TrainingMethod[Any] | None = None,
+    other_methods: Mapping[str, Callable[[Path], bool]] | None = None,
+) -> DatasetReport:
     """Scan ``path`` (folder or dataset TOML) with ``options`` (bucket and caption settings).
+
+    With ``method`` (a training method built from ``options``, no model loaded) the dataset is read as a run of
+    that method reads it: the files its ``is_auxiliary_file`` claims are its own, not images (as in the run), and
+    its ``dataset_problems``/``dataset_notes`` are reported too. ``other_methods`` (name -> ``is_auxiliary_file``)
+    are asked whether some images are their files, for a note suggesting ``--method``.
 
     Raises :class:`DataError` only when the dataset cannot be read at all (missing path, broken
     TOML); an empty dataset is reported as an error inside the report.
@@ -214,6 +262,12 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
     rel = lambda p: _relative(p, root)  # noqa: E731
 
     report = DatasetReport(path=str(path), batch_size=options.batch_size)
+    if method is not None:
+        report.method = method.name
+        index.claim_method_files(method.is_auxiliary_file)  # as the run (sdcore.train.data.drop_method_files)
+        report.method_files = [rel(p) for p in index.auxiliary_files]
+    if other_methods:  # of the images left: those the chosen method claimed are not asked about again
+        report.notes.extend(method_file_notes(index, other_methods, root))
     report.images = len(index.entries)
     report.instance_images = len(index.instance_entries)
     report.class_images = len(index.class_entries)
@@ -232,6 +286,12 @@ def check_dataset(path: str | os.PathLike[str], options: TrainOptions | None = N
     report.notes.extend(filename_caption_notes(index))  # the run's pre-flight note, word for word
     if not index.instance_entries:
         report.errors.append("no usable training images")
+    elif method is not None:  # the method's own checks, as the run's pre-flight makes them (no model needed)
+        from ..train.preflight import method_dataset_checks
+
+        problems, notes = method_dataset_checks(method, index)
+        report.errors.extend(problems)
+        report.notes.extend(notes)
     from .onetrainer import mask_counts
 
     counted = mask_counts(index)

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,6 +281,18 @@ class DatasetIndex:
     #: images expanded to one entry per resolution (:func:`sdcore.data.resolutions.expand_resolutions`):
     #: the epoch plan trains one entry of each group (``ResolutionGroup``), empty otherwise
     resolution_groups: list[ResolutionGroup] = field(default_factory=list)
+
+    def claim_method_files(self, auxiliary: Callable[[Path], bool]) -> None:
+        """Move the images ``auxiliary(path)`` claims (a training method's own files, e.g. DreamArtist's
+        ``<image>_att.png`` attention maps) from ``entries`` to ``auxiliary_files``, and out of the caption lists:
+        those describe training images. One rule for the run (:func:`sdcore.train.data.drop_method_files`) and
+        ``sdcore data check --method``, so both count the same images."""
+        claimed = [entry.path for entry in self.entries if auxiliary(entry.path)]
+        self.auxiliary_files = claimed
+        gone = set(claimed)
+        self.entries = [entry for entry in self.entries if entry.path not in gone]
+        for listed in (self.missing_captions, self.empty_captions, self.class_token_captions, self.filename_captions):
+            listed[:] = [path for path in listed if path not in gone]
 
     @property
     def instance_entries(self) -> list[ImageEntry]:

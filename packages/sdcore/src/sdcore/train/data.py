@@ -661,12 +661,7 @@ def drop_method_files(index: DatasetIndex, auxiliary: Any, data: str | None) -> 
     """Move the files ``auxiliary(path)`` claims (a method's files, e.g. DreamArtist's attention maps) from the
     index's images to ``auxiliary_files``, and out of its caption counts: those count training images.
     Nothing left to train on is a :class:`ConfigError`."""
-    aux = [entry.path for entry in index.entries if auxiliary(entry.path)]
-    index.auxiliary_files = aux
-    claimed = set(aux)
-    index.entries = [entry for entry in index.entries if entry.path not in claimed]
-    for listed in (index.missing_captions, index.empty_captions, index.class_token_captions):
-        listed[:] = [path for path in listed if path not in claimed]
+    index.claim_method_files(auxiliary)
     if not index.entries:
         raise ConfigError(f"{data}: every image is a method file (e.g. an attention map); nothing to train on")
 

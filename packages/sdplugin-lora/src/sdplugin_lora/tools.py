@@ -741,7 +741,11 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         # a widened img_in (BFL's Depth/Canny control LoRAs, sdcore's --control-lora results) needs a control image
         "control": _control_label(lora),
         "unknown_keys": lora.unknown_keys,
-        "embeddings": len(lora.embedding_keys),
+        # bundled embeddings (OneTrainer's pivotal tuning): their prompt words work while the LoRA is in the prompt
+        "embeddings": [
+            {"name": emb.name, "vectors": emb.num_vectors, "encoders": emb.parts, "description": emb.describe()}
+            for emb in lora.bundled
+        ],
         "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
         "base_model": meta.get("ss_sd_model_name") or meta.get("sdcore_base_model"),
         "network_module": meta.get("ss_network_module"),

@@ -349,11 +349,12 @@ class LoraHandler(PromptNetworkHandler):
         return Activation(prompt, negative_prompt, undo=applied.remove, info=info, embeddings=offered)
 
     def offered_embeddings(self, name: str) -> list[BundledEmbedding]:
-        """The embeddings bundled in the file ``name`` resolves to, from its header (names and shapes), so the
-        pre-load check knows their prompt words; a pickle file is not opened here (its words are known once
-        the LoRA is applied)."""
+        """The embeddings bundled in the file ``name`` resolves to, so the pre-load check knows their prompt words:
+        from a safetensors header (names and shapes, nothing loaded); a pickle file has no header, so it is read."""
         path = self.find(name)
-        return bundled_embeddings(header_shapes(path), source=path, network=name)
+        if path.suffix.lower() == ".safetensors":
+            return bundled_embeddings(header_shapes(path), source=path, network=name)
+        return [replace(emb, network=name) for emb in read_lora(path).bundled]
 
 
 class LycoHandler(LoraHandler):

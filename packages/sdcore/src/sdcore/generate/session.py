@@ -89,7 +89,7 @@ class NetworkSession:
                 "textual inversion (embeddings) plugin, which is not installed or enabled, so those prompt words stay "
                 "plain text; the network's weights are applied",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=2,  # the session's line, not contextlib's (apply runs inside a context manager)
             )
 
     def handlers(self) -> list[PromptNetworkHandler]:
@@ -136,9 +136,9 @@ class NetworkSession:
         Returns one line per problem; a handler's missing names share one line."""
         problems: list[str] = []
         names: dict[str, list[str]] = {}
-        texts: list[tuple[str, str]] = []
-        # each prompt's words with the embeddings its networks offer (names: a word bundled in a LoRA is known)
-        offered: dict[tuple[str, str], tuple[Any, ...]] = {}
+        # each prompt's words with the embeddings its own networks offer (a word bundled in a LoRA is known there,
+        # and only there: the same words with another LoRA are checked apart)
+        entries: dict[tuple[tuple[str, str], tuple[str, ...]], tuple[Any, ...]] = {}
         for prompt, negative_prompt in prompts:
             try:
                 clean, refs = parse_networks(prompt)
@@ -146,7 +146,6 @@ class NetworkSession:
             except SdcoreError as exc:  # a malformed tag
                 problems.append(str(exc))
                 continue
-            texts.append((clean, clean_negative))
             problems += [str(problem) for problem in self._tag_problems(refs, negative_refs)]
             extra: list[Any] = []
             for ref in refs:
@@ -157,19 +156,20 @@ class NetworkSession:
                         problems.append(wrong)
                     with contextlib.suppress(SdcoreError):  # a name that resolves to no file: check() says so below
                         extra += self.tagged[ref.tag].offered_embeddings(ref.name)
-            offered[(clean, clean_negative)] = (*offered.get((clean, clean_negative), ()), *extra)
+            words = tuple(dict.fromkeys(emb.name for emb in extra))
+            entries.setdefault(((clean, clean_negative), words), tuple(extra))
         for tag, tag_names in names.items():
             problems += self.tagged[tag].check(tag_names)
-        texts = list(dict.fromkeys(texts))
-        groups: dict[tuple[str, ...], list[tuple[str, str]]] = {}
-        for text in texts:  # prompts whose networks offer the same words are checked together
-            groups.setdefault(tuple(dict.fromkeys(emb.name for emb in offered.get(text, ()))), []).append(text)
+        texts = list(dict.fromkeys(text for text, _words in entries))
+        groups: dict[tuple[str, ...], tuple[list[tuple[str, str]], tuple[Any, ...]]] = {}
+        for (text, words), embeddings in entries.items():  # prompts whose networks offer the same words: together
+            groups.setdefault(words, ([], embeddings))[0].append(text)
         for handler in self.untagged:  # names written in the prompt's words (embeddings)
             if not handler.accepts_embeddings:
                 problems += handler.check_prompts(texts)
                 continue
-            for group in groups.values():
-                handler.extra_embeddings = tuple(emb for text in group[:1] for emb in offered.get(text, ()))
+            for group, embeddings in groups.values():
+                handler.extra_embeddings = embeddings
                 try:
                     problems += handler.check_prompts(group)
                 finally:

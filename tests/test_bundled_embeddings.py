@@ -130,8 +130,12 @@ def test_without_the_ti_plugin_the_lora_applies_and_says_once(tmp_path):
                 assert applied.prompt.strip() == PROMPT
                 changed = any(not torch.equal(v, before[k]) for k, v in bundle.unet.state_dict().items())
                 assert changed  # the LoRA's weights are applied
-    said = [str(w.message) for w in caught if "carries the embedding" in str(w.message)]
-    assert len(said) == 1 and "'mychar'" in said[0] and "pivot" in said[0] and "textual inversion" in said[0]
+    said = [w for w in caught if "carries the embedding" in str(w.message)]
+    assert len(said) == 1
+    message = str(said[0].message)
+    assert "'mychar'" in message and "pivot" in message and "textual inversion" in message
+    # shown on the CLI as "FILE:LINE: UserWarning: ...": the session's line, not contextlib's __enter__
+    assert Path(said[0].filename).name == "session.py"
 
 
 def test_the_pre_load_check_knows_bundled_words(tmp_path):
@@ -142,6 +146,11 @@ def test_the_pre_load_check_knows_bundled_words(tmp_path):
     session = _session(tmp_path / "loras", tmp_path / "emb")
     assert session.check([("<lora:pivot> a photo of embedding:mychar", "")]) == []
     problems = session.check([("<lora:plain> a photo of embedding:mychar", "")])
+    assert len(problems) == 1 and "embedding:mychar" in problems[0]
+    # the same words with a LoRA that bundles the name and with one that does not: the second still fails
+    problems = session.check(
+        [("<lora:pivot> a photo of embedding:mychar", ""), ("<lora:plain> a photo of embedding:mychar", "")]
+    )
     assert len(problems) == 1 and "embedding:mychar" in problems[0]
 
 
@@ -163,3 +172,21 @@ def test_lora_info_lists_the_bundled_embeddings(tmp_path):
     assert found["name"] == "my char" and found["vectors"] == 3
     assert found["encoders"] == [CLIP_L, CLIP_G]
     assert "clip_l 32" in found["description"] and "clip_g 64" in found["description"]
+
+
+def test_a_merge_says_the_bundled_embeddings_are_left_out(tmp_path):
+    """Merging keeps module weights only: the embeddings would silently stop answering to their word."""
+    from sdplugin_lora.apply import LoraWarning
+    from sdplugin_lora.format import read_lora
+    from sdplugin_lora.tools import merge_into_model, merge_loras
+
+    bundle = fresh_bundle("sd1")
+    path = _lora(bundle, tmp_path / "pivot.safetensors", {"bundle_emb.mychar.string_to_param.*": _vectors(2, 32, 1)})
+    plain = _lora(bundle, tmp_path / "plain.safetensors", {})
+    with pytest.warns(LoraWarning, match=r"pivot\.safetensors: its bundled embedding 'mychar' is not in the merged"):
+        assert merge_into_model(bundle, [(path, 1.0)]) > 0
+    with pytest.warns(LoraWarning, match=r"'mychar' is not in the merged LoRA"):
+        merge_loras([(read_lora(path), 1.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoraWarning)  # a file without a bundle merges without a word
+        merge_into_model(fresh_bundle("sd1"), [(plain, 1.0)])

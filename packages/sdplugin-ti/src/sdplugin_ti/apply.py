@@ -516,7 +516,8 @@ class EmbeddingHandler(PromptNetworkHandler):
         by A1111's rules (``Lora/networks.py`` ``load_networks``): an embedding in the embeddings folders keeps its
         word (the bundled one is skipped with a warning), so does the first LoRA of the prompt that bundles it; one
         that does not fit the model is skipped with a warning (A1111 lists it as skipped); the LoRA's weight does
-        not matter. Words are compared case-insensitively, as every prompt word here is (A1111: exact names).
+        not matter. Words are compared case-insensitively, as every prompt word here is (A1111's tokenizer lower-cases
+        the prompt; its clash test compares exact names, yet its folder embedding is found first all the same).
         OneTrainer's newer SD1 files spell the one tensor ``clip_l``: on SD1/SD2 a lone ``clip_l`` is that tensor,
         as A1111 reads a one-tensor dict."""
         out: dict[str, tuple[Embedding, str]] = {}

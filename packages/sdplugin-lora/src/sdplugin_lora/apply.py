@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from sdcore.errors import ConfigError, NetworkMismatchError
 from sdcore.generate.networks import Activation, ControlNetwork, NetworkRef, PromptNetworkHandler
+from sdcore.models.bundled_embeddings import BundledEmbedding, bundled_embeddings, header_shapes
 
 from .adapters import Adapter, adapter_from_tensors
 from .format import LoraFile, Match, ModuleWeights, match_modules, patch_input_width, read_lora
@@ -317,9 +318,13 @@ class LoraHandler(PromptNetworkHandler):
             raise ConfigError("; ".join(problems))
         specs: list[LoraSpec] = []
         hashes: dict[str, str] = {}
+        offered: list[BundledEmbedding] = []
         for ref in refs:
             path = self.find(ref.name)
             lora = read_lora(path)
+            # A1111 registers the bundled embeddings of every LoRA in the prompt, whatever its weights (even 0);
+            # its infotext names the LoRA as the prompt wrote it in their "TI hashes" entries
+            offered += [replace(emb, network=ref.name) for emb in lora.bundled]
             # A1111: <lora:x:te_w:unet_w:dyn> or the named form <lora:x:te=0.5:unet=1:dyn=16>
             te_weight = ref.arg(0, "te", 1.0)
             unet_weight = ref.arg(1, "unet", te_weight)
@@ -341,7 +346,15 @@ class LoraHandler(PromptNetworkHandler):
         # a FLUX.1 control LoRA widens dev's img_in for the call: the generation then runs on FluxControlPipeline
         applied = apply_loras(bundle, specs, merge=merge, widen=True)
         info = {"Lora hashes": ", ".join(f"{name}: {short}" for name, short in hashes.items())} if hashes else {}
-        return Activation(prompt, negative_prompt, undo=applied.remove, info=info)
+        return Activation(prompt, negative_prompt, undo=applied.remove, info=info, embeddings=offered)
+
+    def offered_embeddings(self, name: str) -> list[BundledEmbedding]:
+        """The embeddings bundled in the file ``name`` resolves to, so the pre-load check knows their prompt words:
+        from a safetensors header (names and shapes, nothing loaded); a pickle file has no header, so it is read."""
+        path = self.find(name)
+        if path.suffix.lower() == ".safetensors":
+            return bundled_embeddings(header_shapes(path), source=path, network=name)
+        return [replace(emb, network=name) for emb in read_lora(path).bundled]
 
 
 class LycoHandler(LoraHandler):

@@ -108,6 +108,8 @@ def info_command(file: str, top_tags: int, as_json: bool) -> None:
     if info["conv_block_dims"]:
         click.echo(f"conv blocks: {','.join(map(str, info['conv_block_dims']))}")
     click.echo(f"hash:        {(info['hash'] or '')[:12] or 'none'}")
+    for emb in info["embeddings"]:  # the prompt word works while the LoRA is in the prompt (A1111 1.7+)
+        click.echo(f"embedding:   {emb['name']}: {emb['description']}")
     if info["unknown_keys"]:
         click.echo(f"unknown keys ({len(info['unknown_keys'])}): {', '.join(info['unknown_keys'][:10])}")
     if info["top_tags"]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from sdcore.errors import ModelFormatError, NetworkMismatchError
+from sdcore.models.bundled_embeddings import BundledEmbedding, bundled_embeddings, is_bundle_key
 from sdcore.models.hashes import sshs_hashes
 
 from .adapters import VARIANTS, GloraVariant, Variant, variant_of
@@ -156,6 +157,9 @@ class LoraFile:
     #: trainer wrote), by the file's key; applied as diffusers' ``load_lora_weights``
     #: applies them, replacing the model's for as long as the file is applied (:func:`match_modules` resolves them)
     norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the embeddings bundled in the file (``bundle_emb.*``, OneTrainer's pivotal tuning), read by sdcore's one
+    #: parser; the LoRA loader applies none of them: ``sdcore generate`` offers them to the embedding handler
+    bundled: list[BundledEmbedding] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -181,7 +185,7 @@ def parse_state_dict(
     embeddings: list[str] = []
     norm_scales: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if key.startswith("bundle_emb."):
+        if is_bundle_key(key):
             embeddings.append(key)
             continue
         if key.endswith(".weight") and key[: -len(".weight")] + ".on_input" in state:  # LyCORIS (IA)^3's vector
@@ -210,7 +214,8 @@ def parse_state_dict(
         else:
             unknown.extend(f"{key}.{part}" for part in tensors)
     _peft_alphas(modules, (metadata or {}).get("lora_adapter_metadata"))
-    return LoraFile(modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales)
+    bundled = bundled_embeddings({key: state[key] for key in embeddings}, source=path)
+    return LoraFile(modules, dict(metadata or {}), path, sorted(unknown), sorted(embeddings), norm_scales, bundled)
 
 
 #: BFL's names of FLUX.1's attention RMSNorms (``<block>.img_attn.norm.query_norm``), whose ``scale`` a control LoRA
@@ -619,7 +624,7 @@ def match_modules(lora: LoraFile, index: ModuleIndex, *, check: bool = True) -> 
         matched[target.name] = (target, weights)
     scales = _match_scales(lora, index, unmatched)
     unmatched.extend(lora.unknown_keys)
-    unmatched.extend(f"{key} (bundled embedding: not applied by the LoRA loader)" for key in lora.embedding_keys)
+    # bundled embeddings (lora.bundled) are no modules: ``sdcore generate`` hands them to the embedding handler
     if not matched:
         made_for, why = detect_family(lora)
         hint = f" (it looks made for {made_for}, from {why})" if made_for else ""

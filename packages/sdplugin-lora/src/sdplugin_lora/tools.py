@@ -458,12 +458,34 @@ def in_control_layout(lora: LoraFile) -> bool:
 # --- merge -------------------------------------------------------------------------------------
 
 
+def _warn_bundled_left_out(loras: Sequence[LoraFile], into: str) -> None:
+    """Say which bundled embeddings (``bundle_emb.*``) a merge leaves out: they are no module weights, so neither a
+    checkpoint nor a merged LoRA gets them, and without a word the prompt word would silently stop working."""
+    import warnings
+
+    from .apply import LoraWarning
+
+    for lora in loras:
+        if lora.bundled:
+            names = ", ".join(repr(emb.name) for emb in lora.bundled)
+            warnings.warn(
+                f"{lora.label}: its bundled embedding{'s' if len(lora.bundled) != 1 else ''} {names} "
+                f"{'are' if len(lora.bundled) != 1 else 'is'} not in {into} (only module weights merge); keep the "
+                "LoRA file in the prompt to use them",
+                LoraWarning,
+                stacklevel=3,
+            )
+
+
 def merge_into_model(bundle: Any, loras: Sequence[tuple[str | Path | LoraFile, float]], *, strict: bool = False) -> int:
-    """Bake LoRA-family files into ``bundle``'s weights (``W += ratio * (W' - W)``); returns modules touched."""
+    """Bake LoRA-family files into ``bundle``'s weights (``W += ratio * (W' - W)``); returns modules touched.
+    Bundled embeddings are left out, with a :class:`~sdplugin_lora.apply.LoraWarning`."""
     from .apply import LoraSpec, apply_loras
 
     check_ratios(loras)
-    applied = apply_loras(bundle, [LoraSpec(lora, ratio) for lora, ratio in loras], merge=True, strict=strict)
+    parsed = [(lora if isinstance(lora, LoraFile) else read_lora(lora), ratio) for lora, ratio in loras]
+    _warn_bundled_left_out([lora for lora, _ in parsed], "the merged model")
+    applied = apply_loras(bundle, [LoraSpec(lora, ratio) for lora, ratio in parsed], merge=True, strict=strict)
     touched = applied.touched
     applied.backups.clear()  # nothing to restore: the merge is permanent
     return touched
@@ -495,6 +517,7 @@ def merge_loras(
     check_ranks(rank=rank, conv_rank=conv_rank)
     check_quantile(clamp_quantile)
     check_ratios(loras)
+    _warn_bundled_left_out([lora for lora, _ in loras], "the merged LoRA")
     families = {family for family in (detect_family(lora)[0] for lora, _ in loras) if family is not None}
     if len(families) > 1:
         raise NetworkMismatchError(f"cannot merge LoRAs of different families: {', '.join(sorted(families))}")
@@ -741,7 +764,11 @@ def lora_info(path: str | Path, *, top_tags: int = 20) -> dict[str, Any]:
         # a widened img_in (BFL's Depth/Canny control LoRAs, sdcore's --control-lora results) needs a control image
         "control": _control_label(lora),
         "unknown_keys": lora.unknown_keys,
-        "embeddings": len(lora.embedding_keys),
+        # bundled embeddings (OneTrainer's pivotal tuning): their prompt words work while the LoRA is in the prompt
+        "embeddings": [
+            {"name": emb.name, "vectors": emb.num_vectors, "encoders": emb.parts, "description": emb.describe()}
+            for emb in lora.bundled
+        ],
         "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
         "base_model": meta.get("ss_sd_model_name") or meta.get("sdcore_base_model"),
         "network_module": meta.get("ss_network_module"),

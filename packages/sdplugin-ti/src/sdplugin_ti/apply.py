@@ -22,6 +22,7 @@ Which tensor feeds which encoder follows the family: SD1/SD2 the single tensor, 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from sdcore.models.token_embeddings import (
 )
 
 from .embedding import CLIP_G, CLIP_L, SINGLE, T5, Embedding
-from .formats import EMBEDDING_SUFFIXES, IMAGE_SUFFIXES, load_embedding
+from .formats import EMBEDDING_SUFFIXES, IMAGE_SUFFIXES, embedding_from_bundled, load_embedding
 
 if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
@@ -385,10 +386,14 @@ class EmbeddingHandler(PromptNetworkHandler):
 
     tag: ClassVar[str | None] = None
     suffixes: ClassVar[tuple[str, ...]] = EMBEDDING_SUFFIXES
+    #: a LoRA's bundled embeddings (:attr:`extra_embeddings`) answer to their names while the LoRA is in the prompt
+    accepts_embeddings: ClassVar[bool] = True
 
     def __init__(self, directory: str | Path | None = None) -> None:
         super().__init__(directory)
         self._cache: dict[Path, tuple[float, Embedding | None]] = {}
+        # warnings about bundled embeddings already given (a batch or plot activates the same LoRA many times)
+        self._said: set[str] = set()
         # embeddings this handler activated and not yet undone, per bundle (a session may ask
         # again for further prompts of a batch while the first activation is still live)
         self._active: dict[int, dict[str, list[str]]] = {}
@@ -498,13 +503,59 @@ class EmbeddingHandler(PromptNetworkHandler):
             raise ModelFormatError(f"{path}: image carries no embedding")
         return emb
 
+    def _say(self, message: str) -> None:
+        """A warning about a bundled embedding, once for this handler."""
+        if message not in self._said:
+            self._said.add(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def bundled(
+        self, bundle: ModelBundle, candidates: dict[str, tuple[str, list[Path]]]
+    ) -> dict[str, tuple[Embedding, str]]:
+        """Lower-cased word -> (embedding, the network that carries it) for the :attr:`extra_embeddings` that apply,
+        by A1111's rules (``Lora/networks.py`` ``load_networks``): an embedding in the embeddings folders keeps its
+        word (the bundled one is skipped with a warning), so does the first LoRA of the prompt that bundles it; one
+        that does not fit the model is skipped with a warning (A1111 lists it as skipped); the LoRA's weight does
+        not matter. Words are compared case-insensitively, as every prompt word here is (A1111's tokenizer lower-cases
+        the prompt; its clash test compares exact names, yet its folder embedding is found first all the same).
+        OneTrainer's newer SD1 files spell the one tensor ``clip_l``: on SD1/SD2 a lone ``clip_l`` is that tensor,
+        as A1111 reads a one-tensor dict."""
+        out: dict[str, tuple[Embedding, str]] = {}
+        keys = encoder_keys(bundle) if self.extra_embeddings else []
+        for offered in self.extra_embeddings:
+            word, network = offered.name.lower(), offered.network or "a LoRA"
+            if word in candidates and self.pick(word, candidates[word][1]) is not None:
+                self._say(f"{network}: bundled embedding {offered.name!r} skipped: an embedding file of that name is "
+                          f"in the embeddings folder, and it is used (as A1111 does)")  # fmt: skip
+                continue
+            if word in out:
+                self._say(f"{network}: bundled embedding {offered.name!r} skipped: {out[word][1]}, earlier in the "
+                          "prompt, bundles one of that name, and it is used (as A1111 does)")  # fmt: skip
+                continue
+            try:
+                emb = embedding_from_bundled(offered)
+                if keys == [SINGLE] and set(emb.vectors) == {CLIP_L}:
+                    emb.vectors = {SINGLE: emb.vectors[CLIP_L]}
+                check_fits(bundle, emb)
+            except (ModelFormatError, NetworkMismatchError) as exc:
+                self._say(f"{network}: bundled embedding {offered.name!r} skipped: {exc}")
+                continue
+            if offered.output_vectors:
+                parts = ", ".join(offered.output_vectors)
+                self._say(f"{network}: bundled embedding {offered.name!r}: its output vectors ({parts}) are not applied "
+                          "(A1111 does not apply them either); its input vectors are")  # fmt: skip
+            out[word] = (emb, network)
+        return out
+
     def _comfy_missing(self, texts: Iterable[str], candidates: dict[str, tuple[str, list[Path]]] | None) -> str | None:
-        """One line for the ComfyUI ``embedding:NAME`` words of ``texts`` that name no file, else ``None``
-        (``candidates`` is :meth:`candidates`, read here only when some text has such a word)."""
+        """One line for the ComfyUI ``embedding:NAME`` words of ``texts`` that name no file and no embedding the
+        prompt's networks bundle (:attr:`extra_embeddings`), else ``None`` (``candidates`` is :meth:`candidates`,
+        read here only when some text has such a word)."""
         comfy = [pair for text in texts for pair in comfy_embedding_words(text)]
         if not comfy:
             return None
-        known = self.candidates() if candidates is None else candidates
+        known = set(self.candidates() if candidates is None else candidates)
+        known.update(emb.name.lower() for emb in self.extra_embeddings)
         missing = [written for written, name in comfy if name.lower() not in known]
         return self._not_found(list(dict.fromkeys(missing))) if missing else None
 
@@ -516,11 +567,13 @@ class EmbeddingHandler(PromptNetworkHandler):
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
         candidates = self.candidates()
+        bundled = self.bundled(bundle, candidates)
         if comfy_embedding_words(prompt + "\n" + negative_prompt):  # ComfyUI's embedding:NAME: the word alone
             missing = self._comfy_missing((prompt, negative_prompt), candidates)
             if missing:
                 raise NetworkMismatchError(missing)
             spelled = {key: word for key, (word, _paths) in candidates.items()}
+            spelled.update((key, emb.name) for key, (emb, _network) in bundled.items())
             prompt = replace_comfy_embeddings(prompt, spelled)
             negative_prompt = replace_comfy_embeddings(negative_prompt, spelled)
         text = prompt + "\n" + negative_prompt
@@ -530,11 +583,16 @@ class EmbeddingHandler(PromptNetworkHandler):
             picked = self.pick(word, candidates[word.lower()][1])
             if picked is not None:
                 files[word.lower()] = (candidates[word.lower()][0], picked)
-        wanted = find_names(text, [word for word, _ in files.values()])
+        words = [word for word, _ in files.values()] + [emb.name for emb, _network in bundled.values()]
+        wanted = find_names(text, words)
         if not wanted:
             return Activation(prompt=prompt, negative_prompt=negative_prompt)
         active = self._active.setdefault(id(bundle), {})
-        fresh = [self.load(files[name.lower()][1]) for name in wanted if name not in active]
+        fresh = [
+            self.load(files[name.lower()][1]) if name.lower() in files else bundled[name.lower()][0]
+            for name in wanted
+            if name not in active
+        ]
         handle = apply_embeddings(bundle, fresh) if fresh else None
         if handle is not None:
             active.update(handle.tokens)
@@ -546,9 +604,12 @@ class EmbeddingHandler(PromptNetworkHandler):
                 for name in handle.tokens:
                     active.pop(name, None)
 
-        # A1111 (sd_hijack_clip.py): each name once, without ':' and ',' (they would split the field)
+        # A1111 (sd_hijack_clip.py): each name once, without ':' and ',' (they would split the field); a bundled
+        # embedding's "hash" is the LoRA's name as the prompt wrote it (Lora/networks.py BundledTIHash, by default)
         hashes = ", ".join(
-            f"{name.replace(':', '').replace(',', '')}: {short_hash(files[name.lower()][1])}" for name in wanted
+            f"{name.replace(':', '').replace(',', '')}: "
+            + (short_hash(files[name.lower()][1]) if name.lower() in files else bundled[name.lower()][1])
+            for name in wanted
         )
         return Activation(
             prompt=expand_prompt(prompt, tokens),

@@ -132,20 +132,31 @@ def _load_safetensors(path: Path, name: str) -> Embedding:
     return emb
 
 
+def embedding_from_bundled(bundled: Any) -> Embedding:
+    """A :class:`sdcore.models.bundled_embeddings.BundledEmbedding` (read by sdcore's one parser of ``bundle_emb.*``
+    keys) as an :class:`Embedding`: ``string_to_param.*`` is the single tensor, ``clip_l``/``clip_g``/``t5`` (or
+    ComfyUI's ``t5xxl``) the per-encoder ones; OneTrainer's output vectors (``*_out``) are left out (A1111 ignores
+    them too). ModelFormatError for a part no model here has (``llama``, ``gemma``: OneTrainer's other families)."""
+    where = str(bundled.source or "LoRA file")
+    vectors: dict[str, Any] = {}
+    for part, tensor in bundled.vectors.items():
+        key = T5 if part in T5_ALIASES else part
+        if key not in (SINGLE, *ENCODER_KEYS):
+            raise ModelFormatError(
+                f"{where}: unknown bundled embedding part {part!r} of {bundled.name!r} (no text encoder here reads it)"
+            )
+        vectors[key] = _as_tensor(tensor, f"{where} [bundle_emb.{bundled.name}.{part}]")
+    source = Path(f"{bundled.source}/{bundled.name}") if bundled.source else None  # A1111's filename for it
+    return Embedding(name=bundled.name, vectors=vectors, source=source)
+
+
 def embeddings_in_lora(state: Mapping[str, Any], *, source: Path | None = None) -> list[Embedding]:
-    """Embeddings bundled in a LoRA state dict (OneTrainer writes them; A1111 1.7+ and ComfyUI read them):
-    ``bundle_emb.<name>.string_to_param.*`` or ``bundle_emb.<name>.clip_l`` / ``.clip_g`` / ``.t5``."""
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, value in state.items():
-        if not key.startswith("bundle_emb."):
-            continue
-        name, _, rest = key[len("bundle_emb.") :].partition(".")
-        if rest == "string_to_param.*":
-            rest = SINGLE
-        if rest not in (SINGLE, *ENCODER_KEYS):
-            raise ModelFormatError(f"{source or 'LoRA file'}: unknown bundled embedding key {key!r}")
-        grouped.setdefault(name, {})[rest] = _as_tensor(value, f"{source or 'LoRA file'} [{key}]")
-    return [Embedding(name=name, vectors=vectors, source=source) for name, vectors in grouped.items()]
+    """Embeddings bundled in a LoRA state dict (OneTrainer writes them; A1111 1.7+ reads them):
+    ``bundle_emb.<name>.string_to_param.*`` or ``bundle_emb.<name>.clip_l`` / ``.clip_g`` / ``.t5``, parsed by sdcore
+    (:func:`sdcore.models.bundled_embeddings.bundled_embeddings`)."""
+    from sdcore.models.bundled_embeddings import bundled_embeddings
+
+    return [embedding_from_bundled(emb) for emb in bundled_embeddings(state, source=source)]
 
 
 # ----------------------------------------------------------------------------------------------

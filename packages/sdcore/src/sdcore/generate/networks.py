@@ -6,6 +6,11 @@ the core into :class:`NetworkRef` items. Each registered handler (see
 the bundle for one generation and returns an :class:`Activation` whose ``undo`` restores the
 model exactly. Handlers with ``tag = None`` (textual-inversion embeddings) receive no refs but may
 rewrite the prompt text (for example, register embedding tokens found in it).
+
+A tagged handler may offer embeddings for the rest of the activation (a LoRA file with bundled embeddings, as A1111
+reads them): it lists them in :attr:`Activation.embeddings`, and the session hands them to the untagged handlers that
+set :attr:`PromptNetworkHandler.accepts_embeddings` (in :attr:`PromptNetworkHandler.extra_embeddings`), so the
+prompt word works while that network is in the prompt, and neither plugin imports the other.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..errors import NetworkMismatchError
 
 if TYPE_CHECKING:
     from ..models.bundle import ModelBundle
+    from ..models.bundled_embeddings import BundledEmbedding
 
 
 def _is_file(path: Path) -> bool:
@@ -119,6 +125,9 @@ class Activation:
     negative_prompt: str
     undo: Callable[[], None] = _noop
     info: dict[str, str] = field(default_factory=dict)
+    #: embeddings this (tagged) activation offers to the embedding handlers for as long as it is active (a LoRA's
+    #: bundled embeddings, each with ``network`` set to the name the prompt gave it)
+    embeddings: list[BundledEmbedding] = field(default_factory=list)
 
 
 class PromptNetworkHandler:
@@ -139,6 +148,9 @@ class PromptNetworkHandler:
     #: :meth:`check` resolves them the same way before the model loads. A handler whose names are no files,
     #: or that resolves them otherwise, leaves it ``False`` (or overrides :meth:`check`).
     resolves_names: ClassVar[bool] = False
+    #: ``True`` for an untagged handler that applies embeddings offered by tagged ones (:attr:`extra_embeddings`);
+    #: when none does, the session says once that a network's bundled embeddings are not applied
+    accepts_embeddings: ClassVar[bool] = False
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
@@ -156,6 +168,10 @@ class PromptNetworkHandler:
         # Extra generation options (``sdcore generate -O key=value`` and plugin-added flags), set by
         # :func:`sdcore.generate.session.handlers_from_plugin_manager`; handlers read what they need.
         self.options: dict[str, Any] = {}
+        # Embeddings the prompt's tagged networks offer (bundled in a LoRA file), set by
+        # :class:`sdcore.generate.session.NetworkSession` for a handler that :attr:`accepts_embeddings` while it calls
+        # :meth:`activate` (with vectors) or :meth:`check_prompts` (names and shapes only), in prompt order.
+        self.extra_embeddings: tuple[BundledEmbedding, ...] = ()
 
     def available(self) -> list[Path]:
         """Files this handler could load from its directory and :attr:`more_directories` (recursively), leaving out resumable
@@ -269,6 +285,13 @@ class PromptNetworkHandler:
         :meth:`sdcore.generate.session.NetworkSession.check` calls it before the model loads, so an unknown
         argument is an error there instead of being dropped in silence. The default accepts anything."""
         return None
+
+    def offered_embeddings(self, name: str) -> list[BundledEmbedding]:
+        """The embeddings the file ``name`` resolves to carries (names and shapes, read from its header, no tensor
+        loaded), for :meth:`sdcore.generate.session.NetworkSession.check`, so a bundled word counts as known
+        before the model loads. The default: none. A name that does not resolve may raise; the check ignores it
+        (:meth:`check` reports it)."""
+        return []
 
     def control_network(self, name: str) -> ControlNetwork | None:
         """The file ``name`` resolves to when applying it makes the model take a control image (its header tells:

@@ -9,12 +9,17 @@ them in reverse order when the generation ends, also when it fails.
 
 Extra generation options (``sdcore generate -O key=value`` and flags that plugins add to the
 command) reach handlers as ``handler.options``.
+
+Embeddings a tagged network offers (a LoRA's bundled ones: :attr:`Activation.embeddings`) go to the untagged
+handlers that accept embeddings, as A1111 registers a LoRA's bundled embeddings while the LoRA is in the prompt;
+without such a handler the session says once that those words stay plain text.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +64,33 @@ class NetworkSession:
         if options is not None:
             for handler in self.handlers():
                 handler.options = dict(options)
+        # the embeddings offered by the networks of the ``apply`` now active (its further prompts: ``networks=False``)
+        self._live_embeddings: list[Any] = []
+        # (network, names) already said to need an embedding handler: said once a session
+        self._unapplied_said: set[tuple[str, tuple[str, ...]]] = set()
+
+    def _embedding_handlers(self) -> list[PromptNetworkHandler]:
+        return [handler for handler in self.untagged if handler.accepts_embeddings]
+
+    def _say_unapplied(self, embeddings: Sequence[Any]) -> None:
+        """Once a session per network: its bundled embeddings are not applied, as no installed plugin applies
+        embeddings (its weights are)."""
+        by_network: dict[str, list[str]] = {}
+        for emb in embeddings:
+            by_network.setdefault(emb.network or "a network", []).append(emb.name)
+        for network, names in by_network.items():
+            key = (network, tuple(names))
+            if key in self._unapplied_said:
+                continue
+            self._unapplied_said.add(key)
+            listed = ", ".join(repr(name) for name in names)
+            warnings.warn(
+                f"{network} carries the embedding{'s' if len(names) != 1 else ''} {listed}: applying them needs the "
+                "textual inversion (embeddings) plugin, which is not installed or enabled, so those prompt words stay "
+                "plain text; the network's weights are applied",
+                UserWarning,
+                stacklevel=2,  # the session's line, not contextlib's (apply runs inside a context manager)
+            )
 
     def handlers(self) -> list[PromptNetworkHandler]:
         return [*self.tagged.values(), *self.untagged]
@@ -104,7 +136,9 @@ class NetworkSession:
         Returns one line per problem; a handler's missing names share one line."""
         problems: list[str] = []
         names: dict[str, list[str]] = {}
-        texts: list[tuple[str, str]] = []
+        # each prompt's words with the embeddings its own networks offer (a word bundled in a LoRA is known there,
+        # and only there: the same words with another LoRA are checked apart)
+        entries: dict[tuple[tuple[str, str], tuple[str, ...]], tuple[Any, ...]] = {}
         for prompt, negative_prompt in prompts:
             try:
                 clean, refs = parse_networks(prompt)
@@ -112,19 +146,34 @@ class NetworkSession:
             except SdcoreError as exc:  # a malformed tag
                 problems.append(str(exc))
                 continue
-            texts.append((clean, clean_negative))
             problems += [str(problem) for problem in self._tag_problems(refs, negative_refs)]
+            extra: list[Any] = []
             for ref in refs:
                 if ref.tag in self.tagged:
                     names.setdefault(ref.tag, []).append(ref.name)
                     wrong = self.tagged[ref.tag].check_ref(ref)
                     if wrong:
                         problems.append(wrong)
+                    with contextlib.suppress(SdcoreError):  # a name that resolves to no file: check() says so below
+                        extra += self.tagged[ref.tag].offered_embeddings(ref.name)
+            words = tuple(dict.fromkeys(emb.name for emb in extra))
+            entries.setdefault(((clean, clean_negative), words), tuple(extra))
         for tag, tag_names in names.items():
             problems += self.tagged[tag].check(tag_names)
-        texts = list(dict.fromkeys(texts))
+        texts = list(dict.fromkeys(text for text, _words in entries))
+        groups: dict[tuple[str, ...], tuple[list[tuple[str, str]], tuple[Any, ...]]] = {}
+        for (text, words), embeddings in entries.items():  # prompts whose networks offer the same words: together
+            groups.setdefault(words, ([], embeddings))[0].append(text)
         for handler in self.untagged:  # names written in the prompt's words (embeddings)
-            problems += handler.check_prompts(texts)
+            if not handler.accepts_embeddings:
+                problems += handler.check_prompts(texts)
+                continue
+            for group, embeddings in groups.values():
+                handler.extra_embeddings = embeddings
+                try:
+                    problems += handler.check_prompts(group)
+                finally:
+                    handler.extra_embeddings = ()
         return list(dict.fromkeys(problems))
 
     def control_networks(self, prompts: Iterable[tuple[str, str]]) -> list[ControlNetwork]:
@@ -157,6 +206,27 @@ class NetworkSession:
         return [f"{control.what}: it needs a control image (a depth map or canny edges): add --control-image"
                 for control in self.control_networks(prompts)]  # fmt: skip
 
+    @staticmethod
+    def _activate(
+        handler: PromptNetworkHandler,
+        bundle: Any,
+        refs: list[NetworkRef],
+        current: AppliedNetworks,
+        activations: list[Activation],
+    ) -> Activation:
+        """One handler's activation on the prompts as the previous handler left them; its undo and infotext kept."""
+        activation = handler.activate(bundle, refs, current.prompt, current.negative_prompt)
+        if not isinstance(activation, Activation):
+            raise PluginError(
+                f"{type(handler).__name__}.activate returned {type(activation).__name__}, not an Activation"
+            )
+        activations.append(activation)
+        current.prompt = activation.prompt
+        current.negative_prompt = activation.negative_prompt
+        for key, value in activation.info.items():
+            current.info[key] = f"{current.info[key]}, {value}" if key in current.info else value
+        return activation
+
     @contextlib.contextmanager
     def apply(
         self, bundle: Any, prompt: str, negative_prompt: str = "", *, networks: bool = True
@@ -172,24 +242,28 @@ class NetworkSession:
             grouped.setdefault(ref.tag, []).append(ref)
         activations: list[Activation] = []
         current = AppliedNetworks(prompt=clean, negative_prompt=clean_negative, refs=refs)
+        outer_embeddings = self._live_embeddings
+        # embeddings offered by this prompt's networks (or, for a further prompt, by the outer apply's), in order
+        offered: list[Any] = [] if networks else list(outer_embeddings)
         try:
-            steps: list[tuple[PromptNetworkHandler, list[NetworkRef]]] = []
+            tagged_steps = [(self.tagged[tag], tag_refs) for tag, tag_refs in grouped.items()] if networks else []
+            for handler, handler_refs in tagged_steps:
+                activation = self._activate(handler, bundle, handler_refs, current, activations)
+                offered += activation.embeddings
             if networks:
-                steps += [(self.tagged[tag], tag_refs) for tag, tag_refs in grouped.items()]
-            steps += [(handler, []) for handler in self.untagged]
-            for handler, handler_refs in steps:
-                activation = handler.activate(bundle, handler_refs, current.prompt, current.negative_prompt)
-                if not isinstance(activation, Activation):
-                    raise PluginError(
-                        f"{type(handler).__name__}.activate returned {type(activation).__name__}, not an Activation"
-                    )
-                activations.append(activation)
-                current.prompt = activation.prompt
-                current.negative_prompt = activation.negative_prompt
-                for key, value in activation.info.items():
-                    current.info[key] = f"{current.info[key]}, {value}" if key in current.info else value
+                self._live_embeddings = list(offered)
+                if offered and not self._embedding_handlers():
+                    self._say_unapplied(offered)
+            for handler in self.untagged:
+                if handler.accepts_embeddings:
+                    handler.extra_embeddings = tuple(offered)
+                try:
+                    self._activate(handler, bundle, [], current, activations)
+                finally:
+                    handler.extra_embeddings = ()
             yield current
         finally:
+            self._live_embeddings = outer_embeddings
             undo_all(activations)
 
 

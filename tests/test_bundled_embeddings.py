@@ -1,0 +1,192 @@
+"""A LoRA's bundled embeddings (OneTrainer's ``bundle_emb.*`` keys) in generation, as A1111 1.7+ reads them
+(extensions-builtin/Lora/networks.py ``load_network``/``load_networks``): the word works while the LoRA is in the
+prompt, a folder embedding of that name wins, the LoRA's weight does not matter, "TI hashes" names the LoRA."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "sdplugin-lora" / "tests"))
+
+from lora_testutil import fresh_bundle, random_network
+from safetensors.torch import save_file
+from sdcore.generate.session import NetworkSession
+from sdcore.models.text import encode_prompts
+from sdplugin_lora.apply import LoraHandler
+from sdplugin_ti.apply import EmbeddingHandler, short_hash
+from sdplugin_ti.embedding import CLIP_G, CLIP_L, SINGLE, Embedding
+from sdplugin_ti.formats import save_embedding
+
+PROMPT = "a photo of mychar, standing"
+
+
+def _vectors(n: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def _lora(bundle, path: Path, bundled: dict[str, torch.Tensor]) -> Path:
+    """A UNet-only LoRA (so the text encoder output depends on the embedding alone) with OneTrainer's bundle keys."""
+    state = {k: v.contiguous() for k, v in random_network(bundle, text_encoder=False, conv_rank=0).state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({**state, **bundled}, str(path))
+    return path
+
+
+def _hidden(bundle, prompt: str) -> list[torch.Tensor]:
+    cond = encode_prompts(bundle, [prompt])
+    return [cond.hidden_states] + ([cond.pooled] if getattr(cond, "pooled", None) is not None else [])
+
+
+def _as_normal_embedding(family: str, tmp_path: Path, emb: Embedding) -> list[torch.Tensor]:
+    """The text-encoder output for PROMPT with ``emb`` loaded as a normal embedding file."""
+    bundle = fresh_bundle(family)
+    save_embedding(emb, tmp_path / "ref" / f"{emb.name}.pt")
+    act = EmbeddingHandler(tmp_path / "ref").activate(bundle, [], PROMPT, "")
+    try:
+        return _hidden(bundle, act.prompt)
+    finally:
+        act.undo()
+
+
+def _session(loras: Path, embeddings: Path | None) -> NetworkSession:
+    handlers: dict = {"lora": LoraHandler(loras)}
+    if embeddings is not None:
+        handlers[None] = [EmbeddingHandler(embeddings)]
+    return NetworkSession(handlers)
+
+
+@pytest.mark.parametrize(
+    ("family", "keys"),
+    [
+        ("sd1", {"bundle_emb.mychar.string_to_param.*": _vectors(2, 32, 1)}),  # A1111 layout, older OneTrainer
+        ("sd1", {"bundle_emb.mychar.clip_l": _vectors(2, 32, 1)}),  # newer OneTrainer's SD1 spelling
+        ("sdxl", {"bundle_emb.mychar.clip_l": _vectors(2, 32, 1), "bundle_emb.mychar.clip_g": _vectors(2, 64, 2)}),
+    ],
+)
+def test_bundled_word_equals_the_same_vectors_as_an_embedding_file(tmp_path, family, keys):
+    bundle = fresh_bundle(family)
+    _lora(bundle, tmp_path / "loras" / "pivot.safetensors", keys)
+    (tmp_path / "emb").mkdir()
+    vectors = {(SINGLE if k.endswith((".*", ".clip_l")) and family == "sd1" else k.rsplit(".", 1)[1]): v
+               for k, v in keys.items()}  # fmt: skip
+    expected = _as_normal_embedding(family, tmp_path, Embedding("mychar", vectors))
+    plain = _hidden(bundle, PROMPT)
+    session = _session(tmp_path / "loras", tmp_path / "emb")
+    tokens = len(bundle.tokenizers[0])
+    with session.apply(bundle, "<lora:pivot:0> " + PROMPT) as applied:  # weight 0: the embedding still applies
+        ours = _hidden(bundle, applied.prompt)
+        assert applied.info["TI hashes"] == "mychar: pivot"  # A1111: BundledTIHash(<the LoRA's prompt name>)
+    for a, b in zip(ours, expected, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0], plain[0])
+    # the LoRA left the prompt: the word is plain text again, tokens and tables gone
+    assert len(bundle.tokenizers[0]) == tokens
+    with session.apply(bundle, PROMPT) as applied:
+        assert applied.prompt == PROMPT and "TI hashes" not in applied.info
+        assert torch.equal(_hidden(bundle, applied.prompt)[0], plain[0])
+
+
+def test_a_folder_embedding_of_that_name_wins_and_the_first_lora_wins(tmp_path):
+    """A1111 load_networks: 'Skip bundle embedding: "x" as it was already loaded from embeddings folder'; a second
+    LoRA bundling a name the first registered is skipped by the same test."""
+    bundle = fresh_bundle("sd1")
+    _lora(bundle, tmp_path / "loras" / "a.safetensors", {"bundle_emb.mychar.string_to_param.*": _vectors(2, 32, 1)})
+    _lora(bundle, tmp_path / "loras" / "b.safetensors", {"bundle_emb.mychar.string_to_param.*": _vectors(2, 32, 7)})
+    folder = Embedding("mychar", {SINGLE: _vectors(1, 32, 9)})
+    save_embedding(folder, tmp_path / "emb" / "mychar.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _session(tmp_path / "loras", tmp_path / "emb").apply(bundle, "<lora:a> " + PROMPT) as applied:
+            ours = _hidden(bundle, applied.prompt)
+            assert applied.info["TI hashes"] == f"mychar: {short_hash(tmp_path / 'emb' / 'mychar.pt')}"
+    assert torch.equal(ours[0], _as_normal_embedding("sd1", tmp_path, folder)[0])
+    assert any("embeddings folder" in str(w.message) for w in caught)
+
+    (tmp_path / "emb" / "mychar.pt").unlink()
+    first = _as_normal_embedding("sd1", tmp_path, Embedding("mychar", {SINGLE: _vectors(2, 32, 1)}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _session(tmp_path / "loras", tmp_path / "emb").apply(bundle, "<lora:a> <lora:b> " + PROMPT) as applied:
+            ours = _hidden(bundle, applied.prompt)
+            assert applied.info["TI hashes"] == "mychar: a"
+    assert torch.equal(ours[0], first[0])
+    assert any("'mychar' skipped" in str(w.message) and "earlier in the prompt" in str(w.message) for w in caught)
+
+
+def test_without_the_ti_plugin_the_lora_applies_and_says_once(tmp_path):
+    bundle = fresh_bundle("sd1")
+    _lora(bundle, tmp_path / "loras" / "pivot.safetensors", {"bundle_emb.mychar.string_to_param.*": _vectors(2, 32, 1)})
+    session = _session(tmp_path / "loras", None)
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with session.apply(bundle, "<lora:pivot> " + PROMPT) as applied:
+                assert applied.prompt.strip() == PROMPT
+                changed = any(not torch.equal(v, before[k]) for k, v in bundle.unet.state_dict().items())
+                assert changed  # the LoRA's weights are applied
+    said = [w for w in caught if "carries the embedding" in str(w.message)]
+    assert len(said) == 1
+    message = str(said[0].message)
+    assert "'mychar'" in message and "pivot" in message and "textual inversion" in message
+    # shown on the CLI as "FILE:LINE: UserWarning: ...": the session's line, not contextlib's __enter__
+    assert Path(said[0].filename).name == "session.py"
+
+
+def test_the_pre_load_check_knows_bundled_words(tmp_path):
+    bundle = fresh_bundle("sd1")
+    _lora(bundle, tmp_path / "loras" / "pivot.safetensors", {"bundle_emb.mychar.string_to_param.*": _vectors(2, 32, 1)})
+    _lora(bundle, tmp_path / "loras" / "plain.safetensors", {})
+    (tmp_path / "emb").mkdir()
+    session = _session(tmp_path / "loras", tmp_path / "emb")
+    assert session.check([("<lora:pivot> a photo of embedding:mychar", "")]) == []
+    problems = session.check([("<lora:plain> a photo of embedding:mychar", "")])
+    assert len(problems) == 1 and "embedding:mychar" in problems[0]
+    # the same words with a LoRA that bundles the name and with one that does not: the second still fails
+    problems = session.check(
+        [("<lora:pivot> a photo of embedding:mychar", ""), ("<lora:plain> a photo of embedding:mychar", "")]
+    )
+    assert len(problems) == 1 and "embedding:mychar" in problems[0]
+
+
+def test_lora_info_lists_the_bundled_embeddings(tmp_path):
+    from sdplugin_lora.format import match_modules  # noqa: F401  (the loader no longer calls them unmatched)
+    from sdplugin_lora.tools import lora_info
+
+    bundle = fresh_bundle("sdxl")
+    path = _lora(
+        bundle,
+        tmp_path / "pivot.safetensors",
+        {
+            "bundle_emb.my char.clip_l": _vectors(3, 32, 1),
+            "bundle_emb.my char.clip_g": _vectors(3, 64, 2),
+            "bundle_emb.my char.clip_l_out": _vectors(1, 32, 3),
+        },
+    )
+    (found,) = lora_info(path)["embeddings"]
+    assert found["name"] == "my char" and found["vectors"] == 3
+    assert found["encoders"] == [CLIP_L, CLIP_G]
+    assert "clip_l 32" in found["description"] and "clip_g 64" in found["description"]
+
+
+def test_a_merge_says_the_bundled_embeddings_are_left_out(tmp_path):
+    """Merging keeps module weights only: the embeddings would silently stop answering to their word."""
+    from sdplugin_lora.apply import LoraWarning
+    from sdplugin_lora.format import read_lora
+    from sdplugin_lora.tools import merge_into_model, merge_loras
+
+    bundle = fresh_bundle("sd1")
+    path = _lora(bundle, tmp_path / "pivot.safetensors", {"bundle_emb.mychar.string_to_param.*": _vectors(2, 32, 1)})
+    plain = _lora(bundle, tmp_path / "plain.safetensors", {})
+    with pytest.warns(LoraWarning, match=r"pivot\.safetensors: its bundled embedding 'mychar' is not in the merged"):
+        assert merge_into_model(bundle, [(path, 1.0)]) > 0
+    with pytest.warns(LoraWarning, match=r"'mychar' is not in the merged LoRA"):
+        merge_loras([(read_lora(path), 1.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoraWarning)  # a file without a bundle merges without a word
+        merge_into_model(fresh_bundle("sd1"), [(plain, 1.0)])

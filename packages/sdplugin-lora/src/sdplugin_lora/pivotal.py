@@ -47,12 +47,6 @@ FAMILY_KEYS: dict[str, tuple[str, ...]] = {
 }
 #: the resumable state's prefix of the vectors (``sdcore_emb.<name>.<encoder key>``)
 STATE_PREFIX = "sdcore_emb."
-SPEC_HELP = (
-    "A new embedding trained with the LoRA (pivotal tuning; OneTrainer's additional embeddings), repeatable: "
-    "NAME[:TOKENS[:INIT_TEXT]]. NAME is the placeholder the captions use (replaced wherever it is written, as "
-    "OneTrainer does) and the embedding's name in the file (bundle_emb.NAME.*, which A1111 1.7+ loads); TOKENS "
-    "vectors (default 1), started from INIT_TEXT's token vectors (default '*')."
-)
 
 
 @dataclass(frozen=True)

@@ -1905,10 +1905,28 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         )
 
     def load_result(self, bundle: ModelBundle, path: Path) -> None:
-        """Hook the saved file onto a fresh bundle (same forward as during training)."""
+        """Hook the saved file onto a fresh bundle (same forward as during training); --embedding: its bundled
+        vectors added back with sdcore's token API, so :meth:`caption_for` writes the names as the same tokens."""
         from .apply import apply_lora
 
-        apply_lora(bundle, path, 1.0, merge=False, strict=True, widen=self.options.control_lora)
+        lora: Any = path
+        if self.options.embedding:
+            import dataclasses
+
+            from safetensors import safe_open
+
+            from .format import read_lora
+            from .pivotal import BUNDLE_PREFIX, PivotalEmbeddings, parse_specs
+
+            with safe_open(str(path), framework="pt") as handle:
+                saved = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(BUNDLE_PREFIX)}  # noqa: SIM118
+            # the LoRA loader leaves the bundle keys alone (strict would count them as unmatched)
+            lora = dataclasses.replace(read_lora(path), embedding_keys=[])
+            if self.pivotal is not None:
+                self.pivotal.remove()
+            self.pivotal = PivotalEmbeddings(parse_specs(self.options.embedding))
+            self.pivotal.add(bundle, saved)
+        apply_lora(bundle, lora, 1.0, merge=False, strict=True, widen=self.options.control_lora)
 
 
 def kohya_timestep_sampling(options: LoraOptions) -> str:

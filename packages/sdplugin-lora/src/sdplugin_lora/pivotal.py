@@ -12,9 +12,11 @@ Here one ``--embedding NAME:TOKENS:INIT_TEXT`` per embedding:
   case-sensitive, anywhere) becomes the tokens, OneTrainer's ``str.replace`` of its placeholder;
 - the vectors are one optimizer group (``--embedding-lr``, no weight decay), in the resumable state and, with
   ``--ema``, in the average like every trained tensor; ``--embedding-stop-at N`` trains them in steps ``1..N``;
-- they are written into the LoRA file as OneTrainer bundles them and A1111 1.7+ reads them:
-  ``bundle_emb.NAME.string_to_param.*`` (SD1/SD2: A1111's textual-inversion layout) or ``bundle_emb.NAME.clip_l``
-  and ``bundle_emb.NAME.clip_g`` (SDXL), ``[TOKENS, width]`` each.
+- they are written into the LoRA file as OneTrainer bundles them (``StableDiffusionLoRASaver`` /
+  ``StableDiffusionXLLoRASaver``) and A1111 1.7+ reads them: ``bundle_emb.NAME.clip_l`` (SD1/SD2: one tensor;
+  A1111's ``Lora/networks.py`` makes it ``{"clip_l": tensor}``, which ``create_embedding_from_data`` reads as a
+  one-tensor dict) or ``bundle_emb.NAME.clip_l`` and ``bundle_emb.NAME.clip_g`` (SDXL), ``[TOKENS, width]`` each.
+  Older OneTrainer wrote SD1/SD2's tensor as ``bundle_emb.NAME.string_to_param.*``, which A1111 reads too.
 
 This module does not import the textual-inversion plugin (plugins are installed apart); the shared parts are
 sdcore's.
@@ -37,12 +39,11 @@ if TYPE_CHECKING:
 
 #: the key of an embedding's vectors inside a LoRA file (OneTrainer's ``bundle_emb.<placeholder>.<encoder>``)
 BUNDLE_PREFIX = "bundle_emb."
-#: SD1/SD2: A1111's textual-inversion dict, flattened (its loader reads ``string_to_param.*`` back)
-SINGLE_KEY = "string_to_param.*"
-#: the families whose embeddings sdcore bundles, and their per-encoder keys in ``bundle.text_encoders`` order
+#: the families whose embeddings sdcore bundles, and their per-encoder keys in ``bundle.text_encoders`` order:
+#: current OneTrainer's (SD1/SD2's one tensor is ``clip_l`` there, also on SD2's OpenCLIP encoder)
 FAMILY_KEYS: dict[str, tuple[str, ...]] = {
-    "sd1": (SINGLE_KEY,),
-    "sd2": (SINGLE_KEY,),
+    "sd1": ("clip_l",),
+    "sd2": ("clip_l",),
     "sdxl": ("clip_l", "clip_g"),
 }
 #: the resumable state's prefix of the vectors (``sdcore_emb.<name>.<encoder key>``)
@@ -123,22 +124,29 @@ class PivotalEmbeddings:
         self.keys: tuple[str, ...] = ()
         self.frozen = False
 
-    def add(self, bundle: ModelBundle) -> None:
-        """Add the tokens to ``bundle``'s tokenizers with trainable rows (the init text's vectors)."""
+    def add(self, bundle: ModelBundle, saved: dict[str, torch.Tensor] | None = None) -> None:
+        """Add the tokens to ``bundle``'s tokenizers with trainable rows: the init text's vectors, or the
+        ``bundle_emb.*`` tensors of ``saved`` (a written LoRA file's, for :meth:`LoraMethod.load_result`;
+        NetworkMismatchError when one is missing or has another shape)."""
         from sdcore.models.token_embeddings import add_token_rows, init_rows
 
         keys = family_keys(bundle.family)
         if keys is None or len(keys) != len(bundle.text_encoders):
             raise ConfigError(f"--embedding: sdcore bundles embeddings for SD1, SD2 and SDXL, not {bundle.family}")
         self.keys = keys
+        # A1111 cuts the init text to TOKENS tokens on CLIP-L encoders (SD1's, SDXL's first), not on OpenCLIP
+        cuts = [encoder.kind == "clip-l" for encoder in bundle.family_spec.text_encoders]
         try:
             for spec in self.specs:
-                rows = [
-                    init_rows(encoder, tokenizer, spec.init_text, spec.tokens, cut=key in (SINGLE_KEY, "clip_l"))
-                    for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, keys, strict=True)
-                ]
+                if saved is not None:
+                    rows = [_saved_rows(saved, spec, key) for key in keys]
+                else:
+                    rows = [
+                        init_rows(encoder, tokenizer, spec.init_text, spec.tokens, cut=cut)
+                        for encoder, tokenizer, cut in zip(bundle.text_encoders, bundle.tokenizers, cuts, strict=True)
+                    ]
                 self.rows[spec.name] = add_token_rows(
-                    bundle, f"pivotal:{spec.name}", self.tokens[spec.name], rows, trainable=True
+                    bundle, f"pivotal:{spec.name}", self.tokens[spec.name], rows, trainable=saved is None
                 )
         except BaseException:
             self.remove()
@@ -208,6 +216,21 @@ class PivotalEmbeddings:
             if step > stop_at:
                 table.grad = None
         self.frozen = True
+
+
+def _saved_rows(saved: dict[str, torch.Tensor], spec: EmbeddingSpec, key: str) -> torch.Tensor:
+    """``bundle_emb.<name>.<key>`` of a written file, checked against ``spec``'s vector count."""
+    from sdcore.errors import NetworkMismatchError
+
+    tensor = saved.get(f"{BUNDLE_PREFIX}{spec.name}.{key}")
+    if tensor is None:
+        raise NetworkMismatchError(f"the LoRA file has no {BUNDLE_PREFIX}{spec.name}.{key} (--embedding {spec.spec()})")
+    if tensor.dim() != 2 or int(tensor.shape[0]) != spec.tokens:
+        raise NetworkMismatchError(
+            f"the LoRA file's {BUNDLE_PREFIX}{spec.name}.{key} has shape {tuple(tensor.shape)}, "
+            f"--embedding {spec.spec()} needs {spec.tokens} vectors"
+        )
+    return tensor
 
 
 class LivePivotal(PromptNetworkHandler):

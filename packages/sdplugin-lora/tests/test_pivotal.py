@@ -197,8 +197,9 @@ def test_onetrainer_refuses_what_it_cannot_do(tmp_path, change, message):
 def test_load_result_adds_the_bundled_vectors_back(tmp_path):
     """save -> load_result on a fresh model: the LoRA and the embeddings, so the captions' names give the trained
     model's outputs (and not the LoRA-only model's)."""
-    from sdcore.testing.contract import _reference_outputs
+    import dataclasses
 
+    from sdcore.testing.contract import _reference_outputs
     from sdplugin_lora.apply import apply_lora
     from sdplugin_lora.format import read_lora
 
@@ -215,7 +216,9 @@ def test_load_result_adds_the_bundled_vectors_back(tmp_path):
     loader, fresh = LoraMethod(options), _bundle("sd1")
     loader.load_result(fresh, result.output)
     assert loader.pivotal is not None
-    assert [loader.caption_for(c, is_class=False, rng=None) for c in ("tiny, red stripes", "tiny, blue checks")] == captions
+    assert [
+        loader.caption_for(c, is_class=False, rng=None) for c in ("tiny, red stripes", "tiny, blue checks")
+    ] == captions
     got = _reference_outputs(loader, fresh, captions)
     assert torch.allclose(expected, got, atol=1e-4), f"max |diff| {float((expected - got).abs().max()):.3g}"
     saved = load_file(str(result.output))["bundle_emb.tiny.clip_l"]
@@ -225,8 +228,6 @@ def test_load_result_adds_the_bundled_vectors_back(tmp_path):
     # the LoRA alone (its embeddings' names read as plain text) gives other outputs: the vectors mattered
     lora_only = _bundle("sd1")
     lora = read_lora(result.output)
-    import dataclasses
-
     apply_lora(lora_only, dataclasses.replace(lora, embedding_keys=[]), 1.0, strict=True)
     plain = _reference_outputs(loader, lora_only, ["tiny, red stripes", "tiny, blue checks"])
     assert not torch.allclose(expected, plain, atol=1e-4)
@@ -249,14 +250,16 @@ def test_init_rows_cut_only_on_clip_l_encoders():
     """A1111 cuts the init text to TOKENS tokens on CLIP-L (SD1, SDXL's first encoder), not on SD2's OpenCLIP:
     the same rule as textual inversion's init."""
     from sdcore.models.token_embeddings import init_rows
-
     from sdplugin_lora.pivotal import PivotalEmbeddings
 
     text = "red stripes and blue checks"
     for family, cuts in (("sd1", [True]), ("sd2", [False]), ("sdxl", [True, False])):
         bundle = _bundle(family)
         pivotal = PivotalEmbeddings([EmbeddingSpec("x", 2, text)])
-        expected = [init_rows(e, t, text, 2, cut=c) for e, t, c in zip(bundle.text_encoders, bundle.tokenizers, cuts)]
+        expected = [
+            init_rows(e, t, text, 2, cut=c)
+            for e, t, c in zip(bundle.text_encoders, bundle.tokenizers, cuts, strict=True)
+        ]
         pivotal.add(bundle)
         try:
             for index, rows in enumerate(expected):

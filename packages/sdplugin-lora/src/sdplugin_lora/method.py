@@ -45,6 +45,15 @@ LYCORIS_PLAIN = {
     "boft": "butterfly rotation blocks, no Tucker core; its dropouts and max-norm on the blocks are not reproduced",
 }
 
+#: ``--embedding``'s help (sdplugin_lora.pivotal.SPEC_HELP, kept here so --help imports nothing more)
+EMBEDDING_HELP = (
+    "A new embedding trained with the LoRA (pivotal tuning; OneTrainer's additional embeddings), repeatable: "
+    "NAME[:TOKENS[:INIT_TEXT]]. NAME is the placeholder the captions and sample prompts use (replaced wherever "
+    "it is written, as OneTrainer does) and the embedding's name in the LoRA file (bundle_emb.NAME.*, which "
+    "A1111 1.7+ loads with the LoRA); TOKENS vectors (default 1), started from INIT_TEXT's token vectors "
+    "(default '*'). SD1, SD2, SDXL."
+)
+
 if TYPE_CHECKING:
     import torch
     from sdcore.models.bundle import ModelBundle
@@ -52,6 +61,7 @@ if TYPE_CHECKING:
     from .blocks import BlockPlan
     from .naming import ModuleIndex, Target
     from .network import LoraNetwork
+    from .pivotal import PivotalEmbeddings
     from .presets import Choice, LycorisPreset
 
 
@@ -361,6 +371,19 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "the attention projections and the double blocks' feed-forwards).",
         group="lora",
     )
+    embedding: tuple[str, ...] = option((), EMBEDDING_HELP, group="lora", metavar="NAME:TOKENS:INIT_TEXT")
+    embedding_lr: float | None = option(
+        None,
+        "Learning rate of the --embedding vectors (default --lr; OneTrainer embedding_learning_rate).",
+        group="lora",
+    )
+    embedding_stop_at: int | None = option(
+        None,
+        "Train the --embedding vectors in the first N optimizer steps only, then freeze them while the LoRA "
+        "trains on (pivotal tuning's switch: OneTrainer's stop_training_after in STEP, diffusers' "
+        "--train_text_encoder_ti_frac as a step count).",
+        group="lora",
+    )
 
 
 @dataclass
@@ -397,7 +420,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
         "layer_filter", "layer_filter_regex", "layer_exclude", "control_lora", "train_norm_layers",
         "module_ranks", "extra_module_ranks",
-        "lora_bias", "lora_layers",
+        "lora_bias", "lora_layers", "embedding",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -408,6 +431,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         self._preset: LycorisPreset | None = None
         #: text-encoder module name -> kohya's number of its encoder (1 CLIP-L/OpenCLIP, 2 CLIP-G, 3 T5)
         self._te_slots: dict[str, int] = {}
+        #: --embedding: the new embeddings in the bundle (sdplugin_lora.pivotal), after prepare
+        self.pivotal: PivotalEmbeddings | None = None
 
     # --- resolved settings ------------------------------------------------------------------------
     @property
@@ -460,6 +485,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
     def validate(self) -> None:
         o = self.options
+        self._embedding_checks()
         if o.unet_only and o.te_only:
             raise ConfigError("--unet-only and --te-only contradict each other")
         if o.unet_only and o.train_text_encoder:
@@ -986,12 +1012,36 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "UNets, SD3/FLUX.1/Chroma transformers and CLIP encoders (full on other families: kohya's blocks)"
             )
         problems += self._te_rate_family_problems(family)
+        if o.embedding:
+            from .pivotal import family_keys
+
+            if family_keys(family) is None:
+                problems.append(
+                    f"--embedding on {family}: sdcore trains and bundles new embeddings for SD1, SD2 and SDXL "
+                    "(A1111's bundle_emb layouts)"
+                )
         if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
             problems.append(
                 f"--train-norm on {family}: sdcore trains LyCORIS' norm modules on the SD1/SD2/SDXL UNet's "
                 "GroupNorm/LayerNorm layers only"
             )
         return problems
+
+    def _embedding_checks(self) -> None:
+        """--embedding specs, and its rate and stop only with it."""
+        o = self.options
+        if not o.embedding:
+            for flag, value in (("--embedding-lr", o.embedding_lr), ("--embedding-stop-at", o.embedding_stop_at)):
+                if value is not None:
+                    raise ConfigError(f"{flag} applies to --embedding vectors; this run trains none")
+            return
+        from .pivotal import parse_specs
+
+        parse_specs(o.embedding)
+        if o.embedding_lr is not None and not o.embedding_lr >= 0:
+            raise ConfigError(f"--embedding-lr must be 0 or more (got {o.embedding_lr})")
+        if o.embedding_stop_at is not None and o.embedding_stop_at < 1:
+            raise ConfigError(f"--embedding-stop-at must be at least 1 step (got {o.embedding_stop_at})")
 
     def _te_rate_family_problems(self, family: str) -> list[str]:
         """A --te{n}-lr for an encoder the family does not have."""
@@ -1010,10 +1060,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         ]
 
     def capabilities(self) -> Capabilities:
-        # kohya's slots: the CLIP encoders train with the text encoder, T5 only with train_t5 (so a cached T5)
-        trained = frozenset({1, 2, 3} if self.options.train_t5 else {1, 2}) if self.train_te else None
-        return Capabilities(trains_text_encoder=self.train_te, per_sample_strength=True, trained_text_encoders=trained,
-                            control_channels=self.options.control_lora)  # fmt: skip
+        # kohya's slots: the CLIP encoders train with the text encoder, T5 only with train_t5 (so a cached T5);
+        # --embedding vectors live in the CLIP encoders' input embeddings, so those encode every step
+        if self.train_te:
+            trained: frozenset[int] | None = frozenset({1, 2, 3} if self.options.train_t5 else {1, 2})
+        else:
+            trained = frozenset({1, 2}) if self.options.embedding else None
+        return Capabilities(trains_text_encoder=self.train_te or bool(self.options.embedding), per_sample_strength=True,
+                            trained_text_encoders=trained, control_channels=self.options.control_lora)  # fmt: skip
 
     # --- setup -----------------------------------------------------------------------------------
     def block_options(self) -> dict[str, str | None]:
@@ -1209,7 +1263,27 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         network.attach()
         self.network = network
         self.index = index
-        return self.param_groups(network, plan)
+        groups = self.param_groups(network, plan)
+        if self.options.embedding:
+            groups.append(self._add_embeddings(bundle))
+        return groups
+
+    def _add_embeddings(self, bundle: ModelBundle) -> dict[str, Any]:
+        """--embedding: the new tokens in ``bundle`` (sdcore's token API), their optimizer group at
+        --embedding-lr (else --lr)."""
+        from .pivotal import PivotalEmbeddings, parse_specs
+
+        if self.pivotal is not None:  # a second prepare (the pre-flight's plan, then the run) starts afresh
+            self.pivotal.remove()
+        self.pivotal = PivotalEmbeddings(parse_specs(self.options.embedding))
+        self.pivotal.add(bundle)
+        lr = self.options.embedding_lr if self.options.embedding_lr is not None else self.options.lr
+        return self.pivotal.param_group(float(lr))
+
+    def caption_for(self, caption: str, *, is_class: bool, rng: Any) -> str:
+        """--embedding: each name in a caption becomes its tokens (OneTrainer replaces the placeholder in every
+        caption, class images' too)."""
+        return caption if self.pivotal is None else self.pivotal.expand(caption)
 
     def _preset_network(self, bundle: ModelBundle, index: ModuleIndex, preset: LycorisPreset) -> LoraNetwork:
         """The modules :func:`sdplugin_lora.presets.select` picks, each with its map entry's algo, rank, alpha,
@@ -1561,6 +1635,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             from .ggpo import update
 
             update(self._require_network())
+        if self.pivotal is not None:
+            self.pivotal.stop(step, self.options.embedding_stop_at)
 
     def stop_text_encoder(self, bundle: ModelBundle) -> None:
         """Freeze the ``lora_te*`` modules (the runtime's text-encoder stop, :mod:`sdcore.train.te_stop`):
@@ -1593,9 +1669,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         was_training = bool(network is not None and network.training)
         if network is not None:
             network.eval()
+        extra: dict[str, Any] = {}
+        if self.pivotal is not None:  # sample prompts name the embeddings as the captions do
+            from sdcore.generate.session import NetworkSession
+
+            from .pivotal import LivePivotal
+
+            extra["networks"] = NetworkSession({None: [LivePivotal(self.pivotal)]})
         try:
             with network.cached_changes() if network is not None else contextlib.nullcontext():
-                yield {}
+                yield extra
         finally:
             if network is not None and was_training:
                 network.train()
@@ -1627,6 +1710,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             from .ggpo import state_dict
 
             state.update(state_dict(network, _GGPO_KEY))
+        if self.pivotal is not None:
+            state.update(self.pivotal.state_dict())
         return state
 
     def _norms(self) -> dict[str, torch.Tensor]:
@@ -1640,6 +1725,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
         network = self._require_network()
         norms, state = self._norms(), dict(state)
+        from .pivotal import STATE_PREFIX
+
+        vectors = {k: state.pop(k) for k in [k for k in state if k.startswith(STATE_PREFIX)]}
+        if self.pivotal is not None:
+            self.pivotal.load_state_dict(vectors)
         with torch.no_grad():
             for key in [k for k in state if k.startswith(_NORM_STATE)]:
                 norms[key[len(_NORM_STATE) :]].copy_(state.pop(key))
@@ -1808,15 +1898,35 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 metadata.update(header)
             else:
                 state = kohya_state_dict(state, self.index)
+        if self.pivotal is not None:  # OneTrainer's bundle_additional_embeddings: A1111 1.7+ loads them with the LoRA
+            state = {**state, **self.pivotal.bundle_state()}
         return save_lora(
             info.path, state, metadata, dtype=self.options.save_dtype, minimal=self.options.minimal_metadata
         )
 
     def load_result(self, bundle: ModelBundle, path: Path) -> None:
-        """Hook the saved file onto a fresh bundle (same forward as during training)."""
+        """Hook the saved file onto a fresh bundle (same forward as during training); --embedding: its bundled
+        vectors added back with sdcore's token API, so :meth:`caption_for` writes the names as the same tokens."""
         from .apply import apply_lora
 
-        apply_lora(bundle, path, 1.0, merge=False, strict=True, widen=self.options.control_lora)
+        lora: Any = path
+        if self.options.embedding:
+            import dataclasses
+
+            from safetensors import safe_open
+
+            from .format import read_lora
+            from .pivotal import BUNDLE_PREFIX, PivotalEmbeddings, parse_specs
+
+            with safe_open(str(path), framework="pt") as handle:
+                saved = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(BUNDLE_PREFIX)}  # noqa: SIM118
+            # the LoRA loader leaves the bundle keys alone (strict would count them as unmatched)
+            lora = dataclasses.replace(read_lora(path), embedding_keys=[])
+            if self.pivotal is not None:
+                self.pivotal.remove()
+            self.pivotal = PivotalEmbeddings(parse_specs(self.options.embedding))
+            self.pivotal.add(bundle, saved)
+        apply_lora(bundle, lora, 1.0, merge=False, strict=True, widen=self.options.control_lora)
 
 
 def kohya_timestep_sampling(options: LoraOptions) -> str:

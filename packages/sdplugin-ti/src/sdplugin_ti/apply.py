@@ -38,9 +38,11 @@ from sdcore.models.token_embeddings import (
     add_token_rows,
     add_tokens,
     extend_input_embeddings,
+    init_rows,
     pool_at_eos,
     release_input_embeddings,
     remove_tokens,
+    replace_placeholder,
 )
 
 from .embedding import CLIP_G, CLIP_L, SINGLE, T5, Embedding
@@ -130,22 +132,6 @@ def expand_prompt(prompt: str, tokens_by_name: dict[str, list[str]]) -> str:
     names = sorted(lookup, key=len, reverse=True)
     pattern = re.compile(_SEPARATE.format("|".join(re.escape(n) for n in names)), re.IGNORECASE)
     return pattern.sub(lambda m: lookup[m.group(0).lower()], prompt)
-
-
-def replace_placeholder(prompt: str, placeholder: str, tokens: Sequence[str]) -> str:
-    """Every occurrence of ``placeholder`` (plain text, case-sensitive, anywhere: OneTrainer's ``str.replace`` of
-    its embedding placeholder) replaced by ``tokens``, with a space where a word character touches them so the
-    tokenizer sees them apart."""
-    if not placeholder or placeholder not in prompt:
-        return prompt
-    joined = " ".join(tokens)
-    pieces = prompt.split(placeholder)
-    out = pieces[0]
-    for piece in pieces[1:]:
-        left = " " if out and (out[-1].isalnum() or out[-1] == "_") else ""
-        right = " " if piece and (piece[0].isalnum() or piece[0] == "_") else ""
-        out += left + joined + right + piece
-    return out
 
 
 def find_names(text: str, names: Iterable[str]) -> list[str]:
@@ -353,18 +339,7 @@ def init_vectors(
     for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, encoder_keys(bundle), strict=True):
         if wanted is not None and key not in wanted:
             continue
-        table = encoder.get_input_embeddings()
-        weight = table.weight.detach()
-        ids = tokenizer(init_text, add_special_tokens=False).input_ids if init_text.strip() else []
-        ids = [i for i in ids if i < int(table.num_embeddings)]
-        if key == "clip_l" or bundle.family == "sd1":
-            ids = ids[:count]
-        vectors = torch.zeros(count, weight.shape[1], dtype=torch.float32)
-        if ids:
-            rows = weight[torch.tensor(ids, device=weight.device)].float().cpu()
-            for i in range(count):
-                vectors[i] = rows[i * len(ids) // count]
-        out[key] = vectors
+        out[key] = init_rows(encoder, tokenizer, init_text, count, cut=key == "clip_l" or bundle.family == "sd1")
     return out
 
 

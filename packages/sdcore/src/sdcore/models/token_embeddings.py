@@ -81,6 +81,46 @@ def remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
         tokenizer._update_trie()
 
 
+def replace_placeholder(prompt: str, placeholder: str, tokens: Sequence[str]) -> str:
+    """Every occurrence of ``placeholder`` (plain text, case-sensitive, anywhere: OneTrainer's ``str.replace`` of
+    an embedding's placeholder in captions and sample prompts) replaced by ``tokens``, with a space where a word
+    character touches them so the tokenizer sees them apart."""
+    if not placeholder or placeholder not in prompt:
+        return prompt
+    joined = " ".join(tokens)
+    pieces = prompt.split(placeholder)
+    out = pieces[0]
+    for piece in pieces[1:]:
+        left = " " if out and (out[-1].isalnum() or out[-1] == "_") else ""
+        right = " " if piece and (piece[0].isalnum() or piece[0] == "_") else ""
+        out += left + joined + right + piece
+    return out
+
+
+def init_rows(encoder: Any, tokenizer: Any, init_text: str, count: int, *, cut: bool) -> torch.Tensor:
+    """A1111's starting vectors of a new embedding in one text encoder: the init text's raw token-embedding rows
+    spread over ``count`` vectors, ``vec[i] = rows[i * L // count]`` (repeated when L < count, sampled when
+    L > count); zeros for an empty init text. ``cut`` first keeps ``count`` tokens (A1111 tokenizes SD1's encoder
+    and every CLIP-L with ``max_length=count``; its OpenCLIP path does not cut). On a shapes-only (meta) encoder,
+    for the pre-flight's plan, an empty meta tensor of the shape."""
+    import torch
+
+    table = encoder.get_input_embeddings()
+    weight = table.weight.detach()
+    if weight.is_meta:
+        return torch.empty(count, weight.shape[1], dtype=torch.float32, device="meta")
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids if init_text.strip() else []
+    ids = [i for i in ids if i < int(table.num_embeddings)]
+    if cut:
+        ids = ids[:count]
+    vectors = torch.zeros(count, weight.shape[1], dtype=torch.float32)
+    if ids:
+        rows = weight[torch.tensor(ids, device=weight.device)].float().cpu()
+        for i in range(count):
+            vectors[i] = rows[i * len(ids) // count]
+    return vectors
+
+
 # --- a bundle's tokenizers and text encoders --------------------------------------------------------
 @dataclass
 class TokenRows:
@@ -187,7 +227,9 @@ __all__ = [
     "add_token_rows",
     "add_tokens",
     "extend_input_embeddings",
+    "init_rows",
     "pool_at_eos",
     "release_input_embeddings",
     "remove_tokens",
+    "replace_placeholder",
 ]

@@ -387,7 +387,7 @@ LR_SCALERS: dict[str, tuple[bool, bool]] = {  # (batch size, accumulation)
     "GRADIENT_ACCUMULATION": (False, True), "BOTH": (True, True), "GLOBAL_BOTH": (True, True),
 }  # fmt: skip
 #: the option values that are learning rates (scaled by ``learning_rate_scaler``)
-RATE_OPTIONS = ("lr", "unet_lr", "te_lr", "te1_lr", "te2_lr", "te3_lr")
+RATE_OPTIONS = ("lr", "unet_lr", "te_lr", "te1_lr", "te2_lr", "te3_lr", "embedding_lr")
 #: top-level fields :func:`translate_config` turns into sdcore settings (or refuses with its own message)
 HANDLED = frozenset(
     {"training_method", "model_type", "base_model_name", "output_dtype", "output_model_format",
@@ -401,7 +401,7 @@ HANDLED = frozenset(
      "max_noising_strength", "timestep_distribution", "noising_weight", "noising_bias", "timestep_shift",
      "dynamic_timestep_shifting", "text_encoder_layer_skip", "text_encoder_2_layer_skip", "layer_filter_preset",
      "layer_filter", "layer_filter_regex",
-     "embedding_learning_rate", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
+     "embedding_learning_rate", "additional_embeddings", "bundle_additional_embeddings", "peft_type", "lora_model_name", "lora_rank", "lora_alpha", "lora_decompose",
      "lokr_dim", "lokr_decompose_factor", "lokr_decompose_both", "lokr_use_tucker", "sample_definition_file_name", "samples", "sample_after",
      "sample_after_unit", "sample_skip_first", "save_every", "save_every_unit", "save_skip_first",
      "huber_delta", "lora_decompose_norm_epsilon", "learning_rate_scaler", "masked_training", *MASK_FIELDS,
@@ -463,6 +463,10 @@ class _Reader:
         if not isinstance(raw, dict):
             self.out.problems.append(f"{self.where}: {key} must be an object, got {raw!r}")
             return dict(defaults)
+        return self.table_value(key, raw, defaults)
+
+    def table_value(self, key: str, raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        """A nested object given as a value (a list item) over its defaults; unknown names are problems."""
         unknown = [f"{k!r}{nearest_field(str(k), defaults)}" for k in raw if k not in defaults]
         if unknown:
             self.out.problems.append(f"{self.where}: unknown OneTrainer field(s) in {key}: {', '.join(unknown)}")
@@ -554,6 +558,7 @@ def translate_config(
     _custom_conditioning(r, inpainting=model_type in INPAINTING_TYPES)
     _noise(r, family)
     _prediction(r, family, method)
+    _additional_embeddings(r, method)
     if method == "lora":
         _lora(r, family)
     elif _text(r.get("layer_filter")) and method == "ti":  # no *EmbeddingSetup reads it
@@ -1421,6 +1426,58 @@ def _lora(r: _Reader, family: str) -> None:
         what = "the UNet, as LoCon (conv rank = rank)" if family in ("sd1", "sd2", "sdxl") else f"the {family} blocks"
         r.note(f"layer_filter_preset full: sdcore adapts every Linear and Conv2d of {what}; OneTrainer also adapts "
                f"{FULL_PRESET_OUTSIDE[family]}")  # fmt: skip
+
+
+def _additional_embeddings(r: _Reader, method: str) -> None:
+    """``additional_embeddings`` of a LORA run: new embeddings trained with it (``TrainEmbeddingConfig`` each),
+    bundled in the LoRA file (``bundle_additional_embeddings``, the default): the LoRA's ``--embedding
+    PLACEHOLDER:TOKEN_COUNT:INITIAL_EMBEDDING_TEXT``, ``embedding_learning_rate`` its ``--embedding-lr`` and a
+    STEP ``stop_training_after`` its ``--embedding-stop-at``. What sdcore cannot do is refused by name."""
+    v = r.out.values
+    raw = r.get("additional_embeddings")
+    if raw in (None, []):
+        return
+    if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
+        r.refuse("additional_embeddings", raw, "must be a list of embedding objects")
+        return
+    if method != "lora":
+        r.refuse("additional_embeddings", f"{len(raw)} embedding(s)", "sdcore trains additional embeddings with "
+                 "a LoRA only (sdcore train lora --embedding)")  # fmt: skip
+        return
+    if r.get("bundle_additional_embeddings") is False:
+        r.refuse("bundle_additional_embeddings", False, "sdcore writes the embeddings into the LoRA file only "
+                 "(bundle_emb.*, which A1111 1.7+ loads); leave it true")  # fmt: skip
+    specs, stops = [], set()
+    for i, item in enumerate(raw):
+        name = f"additional_embeddings[{i}]"
+        emb = r.table_value(name, item, EMBEDDING_DEFAULTS)
+        placeholder = _text(emb["placeholder"])
+        if not placeholder.strip() or ":" in placeholder or "." in placeholder:
+            r.refuse(f"{name}.placeholder", emb["placeholder"], "sdcore names the embedding by its placeholder "
+                     "(the file's bundle_emb.<placeholder> keys): a non-empty text without ':' or '.'")  # fmt: skip
+        if emb["model_name"]:
+            r.refuse(f"{name}.model_name", emb["model_name"], "sdcore starts additional embeddings from their "
+                     "initial_embedding_text (not from a file)")  # fmt: skip
+        if not emb["train"]:
+            r.refuse(f"{name}.train", False, "sdcore trains every additional embedding")
+        if emb["is_output_embedding"]:
+            r.refuse(f"{name}.is_output_embedding", True, "sdcore trains input embeddings")
+        stop = _stop(r, name, emb)
+        if stop is not None and stop[0] == "EPOCH":
+            r.refuse(f"{name}.stop_training_after_unit", "EPOCH", "sdcore stops the embeddings after a step count "
+                     "(--embedding-stop-at): give the unit STEP")  # fmt: skip
+        stops.add(stop[1] if stop is not None else None)
+        count = emb["token_count"] if emb["token_count"] is not None else 1
+        specs.append(f"{placeholder}:{count}:{_text(emb['initial_embedding_text'])}")
+    if len(stops) > 1:
+        r.refuse("additional_embeddings", "stop_training_after", "sdcore stops every embedding at one step count "
+                 "(--embedding-stop-at): give them the same stop")  # fmt: skip
+    v["embedding"] = tuple(specs)
+    if r.get("embedding_learning_rate") is not None:
+        v["embedding_lr"] = r.get("embedding_learning_rate")
+    (stop_at,) = stops if len(stops) == 1 else (None,)
+    if stop_at is not None:
+        v["embedding_stop_at"] = stop_at
 
 
 def _embedding(r: _Reader) -> None:

@@ -756,7 +756,10 @@ def resume_problems(method: TrainingMethod[Any], options: TrainOptions, state_ro
         return problems
     saved = record.get("options") or {}
     for name in method.resume_shape_options:
-        if name in saved and saved[name] != getattr(options, name, None):
+        current = getattr(options, name, None)
+        if isinstance(current, tuple):  # a repeatable option is a JSON list in the state's record
+            current = list(current)
+        if name in saved and saved[name] != current:
             flag = "--" + name.replace("_", "-")
             problems.append(
                 f"--resume {folder}: the state was trained with {flag} {saved[name]!r}, this run has "

@@ -1,0 +1,268 @@
+"""Pivotal tuning (``--embedding NAME:TOKENS:INIT_TEXT``): new embeddings trained with the LoRA and bundled in its
+file as current OneTrainer writes them (``bundle_emb.NAME.clip_l`` for SD1/SD2, ``.clip_l``/``.clip_g`` for SDXL;
+A1111 1.7+ reads them), resumable, with their own rate and stop, and loaded back with the LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from sdcore.errors import ConfigError
+from sdcore.testing.contract import (
+    _bundle,
+    check_learning,
+    check_resume,
+    contract_options,
+    plugin_manager_with,
+)
+from sdcore.train.loop import train
+from sdplugin_lora.format import parse_state_dict
+from sdplugin_lora.method import LoraMethod, LoraOptions
+from sdplugin_lora.pivotal import EmbeddingSpec, parse_spec, parse_specs
+
+# every caption of the contract dataset starts with "tiny, "
+SPEC = "tiny:2:red stripes"
+
+
+class _Watch:
+    """The embedding vectors after every optimizer step."""
+
+    def __init__(self, method: LoraMethod) -> None:
+        self.method = method
+        self.vectors: dict[int, dict[str, torch.Tensor]] = {}
+
+    def sdcore_on_train_step(self, context, step, logs):
+        assert self.method.pivotal is not None
+        self.vectors[step] = self.method.pivotal.state_dict()
+
+
+def _run(tmp_path, family="sd1", **overrides):
+    values = {"embedding": (SPEC,), "rank": 4, "lr": 1e-2, "max_steps": 3, "save_state": False, **overrides}
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, values, family=family))
+    bundle = _bundle(family)
+    keys = ("clip_l",) if family == "sd1" else ("clip_l", "clip_g")
+    start = {}
+    for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, keys, strict=True):
+        from sdcore.models.token_embeddings import init_rows
+
+        start[key] = init_rows(encoder, tokenizer, "red stripes", 2, cut=key == "clip_l")
+    watch = _Watch(method)
+    result = train(method, bundle=bundle, plugin_manager=plugin_manager_with(watch))
+    return method, watch, result, start
+
+
+def test_parse_spec_defaults_and_errors():
+    assert parse_spec("sks") == EmbeddingSpec("sks", 1, "*")
+    assert parse_spec("sks:3") == EmbeddingSpec("sks", 3, "*")
+    assert parse_spec("<embedding>:2:a photo: of a dog") == EmbeddingSpec("<embedding>", 2, "a photo: of a dog")
+    assert parse_spec("sks:2:") == EmbeddingSpec("sks", 2, "")
+    for bad, why in (("", "name is empty"), ("sks:two", "not a whole number"), ("sks:0", "1 to 75"),
+                     ("a.b:1", "may not contain '.'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=why):
+            parse_spec(bad)
+    with pytest.raises(ConfigError, match="one is part of the other"):
+        parse_specs(["sks", "sks2"])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_specs(["sks", "sks:2"])
+
+
+def test_options_without_embedding_and_bad_family(tmp_path):
+    o = contract_options(LoraMethod, tmp_path, {"embedding_lr": 1e-3})
+    with pytest.raises(ConfigError, match="--embedding-lr applies to --embedding vectors"):
+        LoraMethod(o).validate()
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, {"embedding": ("sks",)}))
+    assert method.family_problems("sd1") == []
+    assert any("--embedding on flux" in p for p in method.family_problems("flux"))
+
+
+def test_sd1_run_trains_vectors_and_lora_and_bundles_them(tmp_path):
+    method, watch, result, start = _run(tmp_path)
+    assert sorted(watch.vectors) == [1, 2, 3]
+    key = "sdcore_emb.tiny.clip_l"
+    assert not torch.equal(watch.vectors[1][key], start["clip_l"]), "step 1 did not move the vectors"
+    assert not torch.equal(watch.vectors[3][key], watch.vectors[2][key]), "step 3 did not move the vectors"
+    state = load_file(str(result.output))
+    emb = state["bundle_emb.tiny.clip_l"]
+    width = _bundle("sd1").text_encoders[0].get_input_embeddings().weight.shape[1]
+    assert tuple(emb.shape) == (2, width)
+    assert torch.equal(emb, watch.vectors[3][key])  # fp32 save: exactly the trained vectors
+    assert not [k for k in state if k.startswith("bundle_emb.") and k != "bundle_emb.tiny.clip_l"]
+    ups = [v for k, v in state.items() if k.endswith("lora_up.weight")]
+    assert ups and any(torch.count_nonzero(u) for u in ups), "the LoRA did not train"
+    with safe_open(str(result.output), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_module"] == "networks.lora"
+    lora = parse_state_dict(state, meta)
+    assert lora.embedding_keys == ["bundle_emb.tiny.clip_l"] and not lora.unknown_keys
+    assert lora.modules and all(not k.startswith("bundle_emb") for k in lora.modules)
+    # the captions' "tiny" became the tokens, and the run left the model's tokenizer as it was
+    assert method.caption_for("tiny, red", is_class=False, rng=None) == "<pt0_tiny_0> <pt0_tiny_1>, red"
+
+
+def test_sdxl_run_bundles_clip_l_and_clip_g(tmp_path):
+    _method, _watch, result, start = _run(tmp_path, family="sdxl", max_steps=2)
+    state = load_file(str(result.output))
+    bundle = _bundle("sdxl")
+    widths = [e.get_input_embeddings().weight.shape[1] for e in bundle.text_encoders]
+    assert tuple(state["bundle_emb.tiny.clip_l"].shape) == (2, widths[0])
+    assert tuple(state["bundle_emb.tiny.clip_g"].shape) == (2, widths[1])
+    for key in ("clip_l", "clip_g"):
+        assert not torch.equal(state[f"bundle_emb.tiny.{key}"], start[key]), f"{key} vectors did not train"
+    assert sorted(parse_state_dict(state).embedding_keys) == ["bundle_emb.tiny.clip_g", "bundle_emb.tiny.clip_l"]
+
+
+def test_embedding_lr_zero_leaves_vectors_and_stop_at_freezes_them(tmp_path):
+    _m, watch, _r, start = _run(tmp_path / "zero", embedding_lr=0.0, max_steps=2)
+    assert torch.equal(watch.vectors[2]["sdcore_emb.tiny.clip_l"], start["clip_l"])
+    method, watch, _r, _s = _run(tmp_path / "stop", embedding_stop_at=2, max_steps=4)
+    v = {s: watch.vectors[s]["sdcore_emb.tiny.clip_l"] for s in watch.vectors}
+    assert not torch.equal(v[2], v[1]), "step 2 (<= --embedding-stop-at) trains the vectors"
+    assert torch.equal(v[3], v[2]) and torch.equal(v[4], v[2]), "frozen after --embedding-stop-at"
+    assert all(not p.requires_grad and p.grad is None for p in method.pivotal.parameters())
+
+
+def test_resume_continues_exactly(tmp_path):
+    check_resume(LoraMethod, tmp_path, {"embedding": (SPEC,), "rank": 4, "embedding_stop_at": 3}, steps=4)
+
+
+def test_resume_with_ema_continues_exactly(tmp_path):
+    check_resume(LoraMethod, tmp_path, {"embedding": ("tiny",), "rank": 4, "ema": True}, steps=2)
+
+
+def test_learns(tmp_path):
+    """Contract-style: the fixed-noise loss falls with the embedding and LoRA training together."""
+    check_learning(LoraMethod, tmp_path, {"embedding": (SPEC,), "rank": 4, "embedding_lr": 5e-2}, steps=25,
+                   min_drop=0.1)  # fmt: skip
+
+
+# --- OneTrainer configs ------------------------------------------------------------------------------------------
+def _ot(tmp_path, config, notes=None):
+    from sdcore.train.config import load_options
+
+    path = tmp_path / "ot.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return load_options(LoraOptions, path, notes=notes if notes is not None else [])
+
+
+BASE = {"training_method": "LORA", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "tiny:sd1",
+        "resolution": "64", "learning_rate": 1e-4}  # fmt: skip
+
+
+def test_onetrainer_additional_embeddings_translate(tmp_path):
+    config = {**BASE, "embedding_learning_rate": 3e-3, "additional_embeddings": [
+        {"placeholder": "<sks>", "token_count": 2, "initial_embedding_text": "a dog", "stop_training_after": 50,
+         "stop_training_after_unit": "STEP", "uuid": "x"},
+        {"placeholder": "<style>", "stop_training_after": 50, "stop_training_after_unit": "STEP"},
+    ]}  # fmt: skip
+    o = _ot(tmp_path, config)
+    assert o.embedding == ("<sks>:2:a dog", "<style>:1:*")
+    assert (o.embedding_lr, o.embedding_stop_at, o.lr) == (3e-3, 50, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"additional_embeddings": [{"placeholder": "a", "model_name": "a.safetensors"}]}, "model_name"),
+        ({"additional_embeddings": [{"placeholder": "a", "train": False}]}, "train"),
+        ({"additional_embeddings": [{"placeholder": "a", "is_output_embedding": True}]}, "is_output_embedding"),
+        (
+            {
+                "additional_embeddings": [
+                    {"placeholder": "a", "stop_training_after": 3, "stop_training_after_unit": "EPOCH"}
+                ]
+            },
+            "EPOCH",
+        ),
+        (
+            {
+                "additional_embeddings": [
+                    {"placeholder": "a", "stop_training_after": 3, "stop_training_after_unit": "STEP"},
+                    {"placeholder": "b"},
+                ]
+            },
+            "one step count",
+        ),
+        ({"additional_embeddings": [{"placeholder": "a:b"}]}, "':'"),
+        ({"additional_embeddings": [{"placeholder": "a"}], "bundle_additional_embeddings": False}, "bundle"),
+    ],
+)
+def test_onetrainer_refuses_what_it_cannot_do(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        _ot(tmp_path, {**BASE, **change})
+
+
+def test_load_result_adds_the_bundled_vectors_back(tmp_path):
+    """save -> load_result on a fresh model: the LoRA and the embeddings, so the captions' names give the trained
+    model's outputs (and not the LoRA-only model's)."""
+    import dataclasses
+
+    from sdcore.testing.contract import _reference_outputs
+    from sdplugin_lora.apply import apply_lora
+    from sdplugin_lora.format import read_lora
+
+    options = contract_options(LoraMethod, tmp_path, {"embedding": (SPEC,), "rank": 4, "lr": 1e-2, "max_steps": 3,
+                                                      "embedding_lr": 5e-2, "save_state": False})  # fmt: skip
+    method, trained = LoraMethod(options), _bundle("sd1")
+    result = train(method, bundle=trained)
+    for module in trained.components().values():
+        module.eval()
+    captions = [method.caption_for(c, is_class=False, rng=None) for c in ("tiny, red stripes", "tiny, blue checks")]
+    assert captions[0].startswith("<pt0_tiny_0> <pt0_tiny_1>")
+    expected = _reference_outputs(method, trained, captions)
+
+    loader, fresh = LoraMethod(options), _bundle("sd1")
+    loader.load_result(fresh, result.output)
+    assert loader.pivotal is not None
+    assert [
+        loader.caption_for(c, is_class=False, rng=None) for c in ("tiny, red stripes", "tiny, blue checks")
+    ] == captions
+    got = _reference_outputs(loader, fresh, captions)
+    assert torch.allclose(expected, got, atol=1e-4), f"max |diff| {float((expected - got).abs().max()):.3g}"
+    saved = load_file(str(result.output))["bundle_emb.tiny.clip_l"]
+    assert torch.equal(loader.pivotal.rows["tiny"].tables[0], saved)
+    assert not any(t.requires_grad for t in loader.pivotal.parameters())
+
+    # the LoRA alone (its embeddings' names read as plain text) gives other outputs: the vectors mattered
+    lora_only = _bundle("sd1")
+    lora = read_lora(result.output)
+    apply_lora(lora_only, dataclasses.replace(lora, embedding_keys=[]), 1.0, strict=True)
+    plain = _reference_outputs(loader, lora_only, ["tiny, red stripes", "tiny, blue checks"])
+    assert not torch.allclose(expected, plain, atol=1e-4)
+
+
+def test_load_result_refuses_a_file_without_the_embedding(tmp_path):
+    """A file whose bundle lacks an --embedding of the options: a clear mismatch, the bundle left clean."""
+    from sdcore.errors import NetworkMismatchError
+
+    _m, _w, result, _s = _run(tmp_path, max_steps=1)
+    options = contract_options(LoraMethod, tmp_path / "other", {"embedding": ("other:2",), "rank": 4})
+    fresh = _bundle("sd1")
+    vocab = len(fresh.tokenizers[0])
+    with pytest.raises(NetworkMismatchError, match=r"no bundle_emb\.other\.clip_l"):
+        LoraMethod(options).load_result(fresh, result.output)
+    assert len(fresh.tokenizers[0]) == vocab
+
+
+def test_init_rows_cut_only_on_clip_l_encoders():
+    """A1111 cuts the init text to TOKENS tokens on CLIP-L (SD1, SDXL's first encoder), not on SD2's OpenCLIP:
+    the same rule as textual inversion's init."""
+    from sdcore.models.token_embeddings import init_rows
+    from sdplugin_lora.pivotal import PivotalEmbeddings
+
+    text = "red stripes and blue checks"
+    for family, cuts in (("sd1", [True]), ("sd2", [False]), ("sdxl", [True, False])):
+        bundle = _bundle(family)
+        pivotal = PivotalEmbeddings([EmbeddingSpec("x", 2, text)])
+        expected = [
+            init_rows(e, t, text, 2, cut=c)
+            for e, t, c in zip(bundle.text_encoders, bundle.tokenizers, cuts, strict=True)
+        ]
+        pivotal.add(bundle)
+        try:
+            for index, rows in enumerate(expected):
+                assert torch.equal(pivotal.rows["x"].tables[index].detach().cpu(), rows), (family, index)
+        finally:
+            pivotal.remove()

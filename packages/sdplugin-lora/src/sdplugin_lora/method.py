@@ -1911,17 +1911,11 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
         lora: Any = path
         if self.options.embedding:
-            import dataclasses
-
-            from safetensors import safe_open
-
             from .format import read_lora
             from .pivotal import BUNDLE_PREFIX, PivotalEmbeddings, parse_specs
 
-            with safe_open(str(path), framework="pt") as handle:
-                saved = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(BUNDLE_PREFIX)}  # noqa: SIM118
-            # the LoRA loader leaves the bundle keys alone (strict would count them as unmatched)
-            lora = dataclasses.replace(read_lora(path), embedding_keys=[])
+            lora = read_lora(path)  # its bundled embeddings read by sdcore's one parser; the loader applies none
+            saved = {f"{BUNDLE_PREFIX}{e.name}.{part}": t for e in lora.bundled for part, t in e.vectors.items()}
             if self.pivotal is not None:
                 self.pivotal.remove()
             self.pivotal = PivotalEmbeddings(parse_specs(self.options.embedding))

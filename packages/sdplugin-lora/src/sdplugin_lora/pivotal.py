@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
+from sdcore.models.bundled_embeddings import PREFIX
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from sdcore.models.token_embeddings import TokenRows
 
 #: the key of an embedding's vectors inside a LoRA file (OneTrainer's ``bundle_emb.<placeholder>.<encoder>``)
-BUNDLE_PREFIX = "bundle_emb."
+BUNDLE_PREFIX = PREFIX
 #: the families whose embeddings sdcore bundles, and their per-encoder keys in ``bundle.text_encoders`` order:
 #: current OneTrainer's (SD1/SD2's one tensor is ``clip_l`` there, also on SD2's OpenCLIP encoder)
 FAMILY_KEYS: dict[str, tuple[str, ...]] = {

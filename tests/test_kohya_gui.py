@@ -63,21 +63,39 @@ def test_presets_are_the_guis_whole_set():
     assert set(REFUSED) <= set(names)
 
 
+def _paths_moved_here(data: dict[str, Any]) -> dict[str, Any]:
+    """The preset as a user has it after sdcore named its Windows paths (``E:/models/sd3.safetensors``, which
+    cannot exist here and which sdcore refuses rather than read as a relative folder): each moved to ``/data``."""
+    from sdcore.windows_paths import windows_path_kind
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and windows_path_kind(value):
+            return "/data/" + value.replace("\\", "/").rsplit("/", 1)[-1]
+        return value
+
+    return {key: moved(value) for key, value in data.items()}
+
+
 @pytest.mark.parametrize("name", _presets())
-def test_every_gui_preset_loads_or_is_refused_by_name(name):
+def test_every_gui_preset_loads_or_is_refused_by_name(name, tmp_path):
     data = json.loads((PRESETS / name).read_text())
     assert is_gui_preset(data)
+    if _paths_moved_here(data) != data:  # written on Windows: each such path named, then the preset as fixed
+        with pytest.raises(ConfigError, match="looks like a Windows path"):
+            load_options(LoraOptions if name.startswith("lora/") else DreamBoothOptions, PRESETS / name, notes=[])
+        data = _paths_moved_here(data)
+    preset = _write(tmp_path, data, Path(name).name)
     lora = name.startswith("lora/")
     assert gui_tab(data) == ("lora" if lora else name.split("/")[0])
     options_class = LoraOptions if lora else DreamBoothOptions
     if name in REFUSED:
         with pytest.raises(ConfigError) as info:
-            load_options(options_class, PRESETS / name, notes=[])
+            load_options(options_class, preset, notes=[])
         assert all(part in str(info.value) for part in REFUSED[name]), str(info.value)
         assert "unknown option" not in str(info.value)
         return
     notes: list[str] = []
-    o = load_options(options_class, PRESETS / name, notes=notes)
+    o = load_options(options_class, preset, notes=notes)
     assert o.lr == pytest.approx(_number(data["learning_rate"]))
     assert o.optimizer == data["optimizer"].lower()
     # common_gui.resolve_lr_warmup_steps: steps above 0 win, else percent / 100 (a ratio of the steps)

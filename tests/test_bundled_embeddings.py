@@ -190,3 +190,37 @@ def test_a_merge_says_the_bundled_embeddings_are_left_out(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LoraWarning)  # a file without a bundle merges without a word
         merge_into_model(fresh_bundle("sd1"), [(plain, 1.0)])
+
+
+def test_a_pivotal_lora_trained_here_gives_its_word_in_generate(tmp_path):
+    """End to end: ``sdcore train lora --embedding tiny:2:...`` writes the bundle; ``<lora:NAME> ... tiny`` in
+    generation gives the text encoder's output the run's own ``load_result`` gives for the expanded caption (the
+    LoRA's text-encoder part and the two trained vectors both), and the plain word without the LoRA does not."""
+    from sdcore.testing.contract import _bundle, contract_options
+    from sdcore.train.loop import train
+    from sdplugin_lora.method import LoraMethod
+
+    values = {"embedding": ("tiny:2:red stripes",), "rank": 4, "lr": 1e-2, "embedding_lr": 5e-2, "max_steps": 3,
+              "save_state": False, "save_dtype": "fp32"}  # fmt: skip
+    options = contract_options(LoraMethod, tmp_path / "run", values, family="sd1")
+    result = train(LoraMethod(options), bundle=_bundle("sd1"))
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "pivot.safetensors").write_bytes(Path(result.output).read_bytes())
+
+    loader, loaded = LoraMethod(options), _bundle("sd1")
+    loader.load_result(loaded, result.output)
+    for module in loaded.components().values():
+        module.eval()
+    expected = _hidden(loaded, loader.caption_for("a photo of tiny", is_class=False, rng=None))
+
+    bundle = _bundle("sd1")
+    for module in bundle.components().values():
+        module.eval()
+    plain = _hidden(bundle, "a photo of tiny")
+    (tmp_path / "emb").mkdir()
+    with _session(loras, tmp_path / "emb").apply(bundle, "<lora:pivot> a photo of tiny") as applied:
+        ours = _hidden(bundle, applied.prompt)
+        assert applied.info["TI hashes"] == "tiny: pivot"
+    assert torch.allclose(ours[0], expected[0], atol=1e-5), float((ours[0] - expected[0]).abs().max())
+    assert not torch.allclose(ours[0], plain[0], atol=1e-3)

@@ -266,3 +266,68 @@ def test_init_rows_cut_only_on_clip_l_encoders():
                 assert torch.equal(pivotal.rows["x"].tables[index].detach().cpu(), rows), (family, index)
         finally:
             pivotal.remove()
+
+
+def _dry_run(tmp_path, monkeypatch, data, *extra):
+    """``sdcore train lora --dry-run`` with the model load forbidden: the check must come before any model."""
+    import sdcore.models.load as load
+    from click.testing import CliRunner
+    from sdcore.cli import build_cli
+    from sdcore.plugins import get_plugin_manager
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pre-flight must not load the model")
+
+    monkeypatch.setattr(load, "load_model", no_load)
+    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "out")]
+    return CliRunner().invoke(build_cli(get_plugin_manager()), [*args, "--dry-run", *extra])
+
+
+def _uncaptioned(root, folder, names):
+    from PIL import Image
+
+    (root / folder).mkdir(parents=True)
+    for name in names:
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(root / folder / name)
+    return root
+
+
+def test_no_caption_with_the_name_is_a_problem_before_any_model_loads(tmp_path, monkeypatch):
+    """The contract captions read "tiny, ...": --embedding Tiny (the replacement is case-sensitive) would
+    never train, said with the other problems at once, exit 2 and no traceback."""
+    from sdcore.testing.contract import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    refused = _dry_run(tmp_path, monkeypatch, data, "--embedding", "Tiny:2", "--rank", "0")
+    assert refused.exit_code == 2, refused.output
+    assert "--embedding 'Tiny': no caption of the 2 training images contains the name" in refused.output
+    assert "--rank must be at least 1" in refused.output  # reported together
+    assert "Traceback" not in refused.output
+    planned = _dry_run(tmp_path, monkeypatch, data, "--embedding", "tiny:2")
+    assert planned.exit_code == 0, planned.output
+    assert "no caption" not in planned.output and "no training caption" not in planned.output
+
+
+def test_some_names_unused_is_a_note(tmp_path, monkeypatch):
+    from sdcore.testing.contract import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    planned = _dry_run(tmp_path, monkeypatch, data, "--embedding", "tiny", "--embedding", "zork", "--embedding", "qux")
+    assert planned.exit_code == 0, planned.output
+    assert "--embedding 'zork', 'qux': no training caption contains these names" in planned.output
+    assert "'tiny'" not in planned.output.split("no training caption")[0].rsplit("\n", 1)[-1]
+
+
+def test_kohya_class_tokens_and_filename_captions_are_the_captions(tmp_path, monkeypatch):
+    """Images without caption files are captioned by their folder's class tokens (kohya), or by their file names
+    with --filename-captions: the check reads those captions, as the run does."""
+    data = _uncaptioned(tmp_path / "data", "1_zork dog", ["00001-0-a qux cat.png", "00002-0-a qux bird.png"])
+    assert _dry_run(tmp_path, monkeypatch, data, "--embedding", "zork").exit_code == 0
+    refused = _dry_run(tmp_path, monkeypatch, data, "--embedding", "qux")
+    assert refused.exit_code == 2 and "no caption of the 2 training images contains the name" in refused.output
+    named = _dry_run(tmp_path, monkeypatch, data, "--embedding", "qux", "--filename-captions", "a1111")
+    assert named.exit_code == 0, named.output
+    both = _dry_run(
+        tmp_path, monkeypatch, data, "--embedding", "qux", "--embedding", "zork", "--filename-captions", "a1111"
+    )
+    assert both.exit_code == 0 and "--embedding 'zork': no training caption contains this name" in both.output

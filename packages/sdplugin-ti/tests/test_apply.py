@@ -338,3 +338,27 @@ def test_a_missing_comfyui_embedding_stops_generate_before_the_model_loads(tmp_p
         f"Error: embedding 'embedding:nosuch', 'embedding:bad' not found in {folder} and its subfolders; "
         "available: mychar; point --embeddings-dir at the folder with your embedding files"
     )
+
+
+def test_training_samples_read_comfyui_embedding_spelling(make_bundle):
+    """A TI run's sample prompts (the trainer's LiveEmbeddings) read ComfyUI's ``embedding:NAME`` as ``sdcore
+    generate`` does: the active embedding's tokens where the word stood (a ``--placeholder`` embedding's too), not
+    the tokens of ``embedding`` and ``:``; a name the run has no embedding for stays as written."""
+    from sdplugin_ti.apply import LiveEmbeddings
+
+    bundle = make_bundle("sd1")
+    embeddings = [Embedding("mychar", {SINGLE: _vectors(2, 32, 3)}), Embedding("Ugly", {SINGLE: _vectors(1, 32, 4)})]
+    handle = apply_embeddings(bundle, embeddings)
+    handle.placeholders["Ugly"] = "<ugly>"
+    try:
+        live = LiveEmbeddings(handle)
+        act = live.activate(
+            bundle, [], "a photo of embedding:mychar, (embedding:mychar.pt:1.2)", "embedding:sub/ugly.safetensors, x"
+        )
+        assert act.prompt == "a photo of mychar mychar__ti1, (mychar mychar__ti1:1.2)"
+        assert act.negative_prompt == "ugly__ti0, x"
+        plain = live.activate(bundle, [], "a photo of mychar, (mychar:1.2)", "<ugly>, x")
+        assert (plain.prompt, plain.negative_prompt) == (act.prompt, act.negative_prompt)
+        assert live.activate(bundle, [], "embedding:nosuch cat", "").prompt == "embedding:nosuch cat"
+    finally:
+        handle.remove()

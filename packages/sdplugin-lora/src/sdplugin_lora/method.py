@@ -56,6 +56,7 @@ EMBEDDING_HELP = (
 
 if TYPE_CHECKING:
     import torch
+    from sdcore.data.dataset import DatasetIndex
     from sdcore.models.bundle import ModelBundle
 
     from .blocks import BlockPlan
@@ -1026,6 +1027,26 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "GroupNorm/LayerNorm layers only"
             )
         return problems
+
+    def dataset_problems(self, index: DatasetIndex) -> list[str]:
+        """--embedding: no caption (instance or class image's, as written: kohya's class tokens, file-name
+        captions, prefix and suffix) holds any embedding's name, so its vectors would never get a gradient."""
+        return self._embedding_dataset_check(index)[0]
+
+    def dataset_notes(self, index: DatasetIndex) -> list[str]:
+        """--embedding: the embeddings no caption names, when others are named (they are written untrained)."""
+        return [*super().dataset_notes(index), *self._embedding_dataset_check(index)[1]]
+
+    def _embedding_dataset_check(self, index: DatasetIndex) -> tuple[list[str], list[str]]:
+        if not self.options.embedding:
+            return [], []
+        from .pivotal import caption_problems, parse_specs
+
+        try:
+            specs = parse_specs(self.options.embedding)
+        except ConfigError:  # reported by the options' own check
+            return [], []
+        return caption_problems(specs, [entry.written_caption for entry in index.entries])
 
     def _embedding_checks(self) -> None:
         """--embedding specs, and its rate and stop only with it."""

@@ -103,6 +103,31 @@ def parse_specs(texts: Sequence[str]) -> list[EmbeddingSpec]:
     return specs
 
 
+def caption_problems(specs: Sequence[EmbeddingSpec], captions: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the run's captions for its embeddings: a vector trains only through captions that hold
+    its name (the run's replacement rule, :func:`sdcore.models.token_embeddings.has_placeholder`), so no caption
+    with any name is a problem (nothing but the LoRA would train) and names no caption holds are a note (those
+    vectors stay at their init text). Torch-free: said by the pre-flight before any model loads."""
+    from sdcore.models.token_embeddings import has_placeholder
+
+    if not specs or not captions:
+        return [], []
+    unused = [s.name for s in specs if not any(has_placeholder(c, s.name) for c in captions)]
+    if not unused:
+        return [], []
+    listed = ", ".join(repr(n) for n in unused)
+    if len(unused) == len(specs):
+        return [
+            f"--embedding {listed}: no caption of the {len(captions)} training images contains "
+            f"{'the name' if len(unused) == 1 else 'any of the names'} (case-sensitive, as the run replaces it), "
+            "so the embedding vectors would never train; write the name in the captions"
+        ], []
+    return [], [
+        f"--embedding {listed}: no training caption contains {'this name' if len(unused) == 1 else 'these names'} "
+        "(case-sensitive), so those vectors stay at their init text and are written as they started"
+    ]
+
+
 def family_keys(family: str) -> tuple[str, ...] | None:
     """The bundle keys of ``family``'s text encoders, or ``None`` where sdcore does not bundle embeddings."""
     return FAMILY_KEYS.get(family)

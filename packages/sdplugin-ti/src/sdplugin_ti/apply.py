@@ -622,4 +622,9 @@ class LiveEmbeddings(PromptNetworkHandler):
         self.handle = handle
 
     def activate(self, bundle: ModelBundle, refs: list[NetworkRef], prompt: str, negative_prompt: str) -> Activation:
+        """ComfyUI's ``embedding:NAME`` of an active embedding becomes the text that stands for it (its name, or its
+        ``--placeholder``) first, as :meth:`EmbeddingHandler.activate` does in ``sdcore generate``, so a sample
+        prompt written for ComfyUI shows the embedding, not the words ``embedding`` and ``:``."""
+        spelled = {name.lower(): self.handle.placeholders.get(name, name) for name in self.handle.tokens}
+        prompt, negative_prompt = (replace_comfy_embeddings(text, spelled) for text in (prompt, negative_prompt))
         return Activation(prompt=self.handle.expand(prompt), negative_prompt=self.handle.expand(negative_prompt))

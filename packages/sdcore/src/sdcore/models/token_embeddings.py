@@ -81,11 +81,17 @@ def remove_tokens(tokenizer: Any, tokens: Iterable[str]) -> None:
         tokenizer._update_trie()
 
 
+def has_placeholder(prompt: str, placeholder: str) -> bool:
+    """Whether :func:`replace_placeholder` changes ``prompt``: the one rule a dataset check uses to say which
+    captions an embedding trains on (plain text, case-sensitive, anywhere)."""
+    return bool(placeholder) and placeholder in prompt
+
+
 def replace_placeholder(prompt: str, placeholder: str, tokens: Sequence[str]) -> str:
     """Every occurrence of ``placeholder`` (plain text, case-sensitive, anywhere: OneTrainer's ``str.replace`` of
     an embedding's placeholder in captions and sample prompts) replaced by ``tokens``, with a space where a word
     character touches them so the tokenizer sees them apart."""
-    if not placeholder or placeholder not in prompt:
+    if not has_placeholder(prompt, placeholder):
         return prompt
     joined = " ".join(tokens)
     pieces = prompt.split(placeholder)

@@ -224,3 +224,25 @@ def test_a_pivotal_lora_trained_here_gives_its_word_in_generate(tmp_path):
         assert applied.info["TI hashes"] == "tiny: pivot"
     assert torch.allclose(ours[0], expected[0], atol=1e-5), float((ours[0] - expected[0]).abs().max())
     assert not torch.allclose(ours[0], plain[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_family_bundles_apply_as_their_embedding_files(tmp_path, family):
+    """OneTrainer's FLUX.1 (``clip_l`` + ``t5``) and SD3 (``clip_l`` + ``clip_g`` + ``t5``) bundles: the word gives
+    the text encoders' output the same vectors give as a normal embedding file (sdcore's SD3/FLUX.1 TI format)."""
+    bundle = fresh_bundle(family)
+    widths = {"clip_l": bundle.text_encoders[0].get_input_embeddings().weight.shape[1]}
+    if family == "sd3":
+        widths["clip_g"] = bundle.text_encoders[1].get_input_embeddings().weight.shape[1]
+    widths["t5"] = bundle.text_encoders[-1].get_input_embeddings().weight.shape[1]
+    vectors = {part: _vectors(2, width, seed) for seed, (part, width) in enumerate(widths.items(), start=1)}
+    _lora(bundle, tmp_path / "loras" / "pivot.safetensors", {f"bundle_emb.mychar.{p}": v for p, v in vectors.items()})
+    (tmp_path / "emb").mkdir()
+    expected = _as_normal_embedding(family, tmp_path, Embedding("mychar", dict(vectors)))
+    plain = _hidden(bundle, PROMPT)
+    with _session(tmp_path / "loras", tmp_path / "emb").apply(bundle, "<lora:pivot> " + PROMPT) as applied:
+        ours = _hidden(bundle, applied.prompt)
+        assert applied.info["TI hashes"] == "mychar: pivot"
+    for a, b in zip(ours, expected, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0], plain[0])

@@ -605,6 +605,15 @@ def test_the_disk_estimate_of_a_resume_counts_the_ctrl_c_file_as_the_run_keeps_i
     assert _step_files(tmp_path / "late") == [6, 7, 8]
 
 
+class FailsAtStep3(ConvOutMethod):
+    """Raises in step 3, as one process of several failing alone (its save_alone path)."""
+
+    def on_step_end(self, bundle, step):
+        if step == 3:
+            raise RuntimeError("failed in one process")
+        return super().on_step_end(bundle, step)
+
+
 def test_a_lone_processs_weights_count_in_save_limit_as_a_ctrl_c_file_does(tmp_path, monkeypatch):
     """An error that stops one process of several writes the weights alone (save_alone: no state, which needs every
     process); that file is named in the newest state's stopped_weights.json, so the run resumed from that state
@@ -612,12 +621,6 @@ def test_a_lone_processs_weights_count_in_save_limit_as_a_ctrl_c_file_does(tmp_p
     import json
 
     from accelerate import Accelerator
-
-    class FailsAtStep3(ConvOutMethod):
-        def on_step_end(self, bundle, step):
-            if step == 3:
-                raise RuntimeError("failed in one process")
-            return super().on_step_end(bundle, step)
 
     out = tmp_path / "run"
     o = _opts(tmp_path, max_steps=6, save_every=2, save_limit=1)
@@ -668,12 +671,6 @@ def test_a_lone_process_after_resuming_another_outputs_state_notes_nothing_there
     under its own name; the state it resumed from is not its own, so its sidecar stays unwritten: that state's run,
     resumed with --save-limit, would otherwise delete a file of another output's run."""
     from accelerate import Accelerator
-
-    class FailsAtStep3(ConvOutMethod):
-        def on_step_end(self, bundle, step):
-            if step == 3:
-                raise RuntimeError("failed in one process")
-            return super().on_step_end(bundle, step)
 
     out = tmp_path / "run"
     o = _opts(tmp_path, max_steps=4, save_every=2, save_limit=1, keep_states=0)

@@ -336,7 +336,8 @@ class _GenerateCommand(HintedCommand):
 @click.option(
     "--lora-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of <lora:...> and <lyco:...> files (default: Lora/ below --models-dir).",
+    help="Folder of <lora:...> and <lyco:...> files (default: Lora/ below --models-dir, and ComfyUI's loras/ "
+    "when it exists).",
 )
 @click.option(
     "--embeddings-dir",

@@ -118,23 +118,65 @@ def test_every_spelling_of_a_name_and_its_precedence(comfy, tmp_path, monkeypatc
     x = str(models / "checkpoints" / "sub" / "x.safetensors")
     for name in ("sub/x.safetensors", "sub/x", "x.safetensors", "x", "sub\\x"):
         assert resolve_model_name(name, models) == x, name
-    # sources that are no names stay as given: another scheme, a cached Hub id with no such file, a path
-    for text in ("tiny:sd1", "toyworld:", "org/model", "/nowhere/x.safetensors", "./x.safetensors", "~/x"):
+    # sources that are no names stay as given: another scheme, a path
+    for text in ("tiny:sd1", "toyworld:", "/nowhere/x.safetensors", "./x.safetensors", "~/x"):
         assert resolve_model_name(text, models) == text
-    # an existing path wins over a name; a file named org/model below checkpoints/ over the Hub cache
+    # an existing path wins over a name
     monkeypatch.chdir(tmp_path)
     Path("x.safetensors").write_bytes(b"a file here")
     assert resolve_model_name("x.safetensors", models) == "x.safetensors"
-    hub_like = models / "checkpoints" / "org" / "model.safetensors"
-    hub_like.parent.mkdir()
-    hub_like.write_bytes(b"local")
-    try:
-        assert resolve_model_name("org/model", models) == str(hub_like)
-    finally:
-        hub_like.unlink()
-        hub_like.parent.rmdir()
     assert model_folders(models) == [models / "checkpoints", models / "Stable-diffusion", models / "unet",
                                      models / "diffusion_models"]  # fmt: skip
+
+
+def _hub_cache(tmp_path: Path, monkeypatch, repo_id: str) -> None:
+    """A Hugging Face cache (its real layout, read by huggingface_hub) holding ``repo_id``."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "snapshots" / revision / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+
+def test_a_hub_id_in_the_cache_wins_over_a_file_of_that_name_and_says_so(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    local = models / "checkpoints" / "org" / "model.safetensors"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b"local")
+    # not in the Hub cache: the file below checkpoints/ (ComfyUI's ckpt_name without its extension)
+    _hub_cache(tmp_path, monkeypatch, "someone/else")
+    notes: list[str] = []
+    assert resolve_model_name("org/model", models, notes=notes) == str(local)
+    assert notes == []
+    # in the cache: the Hub id, as before model names existed, and a line saying which one was taken
+    _hub_cache(tmp_path, monkeypatch, "org/model")
+    assert resolve_model_name("org/model", models, notes=notes) == "org/model"
+    assert notes == [
+        f"--model org/model: the Hugging Face Hub repo in the cache, not {local} below --models-dir (give that "
+        "file's name with its extension, or its path, to load it)"
+    ]
+    assert resolve_model_name("org/model.safetensors", models) == str(local)  # the file, by its full name
+
+
+def test_a_mistyped_name_of_a_hub_ids_form_is_refused_with_the_close_names(comfy, tmp_path, monkeypatch, no_load):
+    """``sub/y`` has a Hub id's form: in neither the cache nor the model folders it is one error before the
+    load, naming both places and the close names (before model names, the load said only "not in the cache")."""
+    _hub_cache(tmp_path, monkeypatch, "someone/else")
+    monkeypatch.chdir(tmp_path)
+    models = comfy / "models"
+    folders = ", ".join(str(models / name) for name in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models"))
+    message = _error(_sdcore("-m", "sub/y", "--models-dir", str(models), "a", "-o", "o.png"))
+    assert message == (
+        "sub/y: not a local file or folder, and not in the Hugging Face cache (sdcore never downloads: fetch it "
+        "first with `hf download sub/y`, or give the path of a model file or folder); nor is it a model name in "
+        f"{folders} and their subfolders; close names: sub/x"
+    )
 
 
 def test_ambiguous_names_are_refused_with_the_candidates(tmp_path, no_load):
@@ -237,6 +279,22 @@ def test_comfyui_order_is_default_sections_first_others_after():
         Path("/c"), Path("/b"), Path("/m/Lora"), Path("/m/loras"), Path("/a"), Path("/d")
     ]  # fmt: skip
     assert extra.order("embeddings", [Path("/m/embeddings")]) == [Path("/m/embeddings")]
+    # a folder listed again is listed once; an is_default section moves it first (add_model_folder_path)
+    again = ExtraModelPaths((folder("/m/Lora", False), folder("/m/loras", True), folder("/a", False),
+                             folder("/a", False)))  # fmt: skip
+    assert again.order("loras", [Path("/m/Lora"), Path("/m/loras")]) == [Path("/m/loras"), Path("/m/Lora"),
+                                                                         Path("/a")]  # fmt: skip
+
+
+def test_a_spec_with_only_a_comfy_folder_and_no_file_listing_it_has_no_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from sdcore.generate.session import _default_folders
+
+    spec = SimpleNamespace(default_subdir=None, root_subdir=None, more_subdirs=(), comfy_folder="style_models")
+    assert _default_folders(spec, tmp_path / "models", ExtraModelPaths()) == ([], [])
+    listed = ExtraModelPaths((ExtraFolder("style_models", tmp_path / "styles", False, tmp_path / "f.yaml"),))
+    assert _default_folders(spec, tmp_path / "models", listed) == ([tmp_path / "styles"], [])
 
 
 def _lora(bundle, path: Path) -> Path:
@@ -321,16 +379,61 @@ def test_extra_model_paths_option_and_a_bad_file(tmp_path, sd1, no_load):
         read_extra_model_paths(bad)
 
 
-def test_a_linked_folder_is_followed_and_a_link_loop_ends(tmp_path):
+def test_a_broken_root_yaml_is_a_warning_not_a_stop(tmp_path, sd1, no_load):
+    """The root's file is read unasked: a run that worked without it still runs (the file left unread, said
+    once); the same file given with --extra-model-paths is an error."""
+    root_file = tmp_path / "ComfyUI" / "extra_model_paths.yaml"
+    (tmp_path / "ComfyUI" / "models").mkdir(parents=True)
+    root_file.write_text("a111:\n  loras: models/Lora\n bad indent: x\n")
+    models = tmp_path / "ComfyUI" / "models"
+    notes: list[str] = []
+    assert load_extra_model_paths(models, notes=notes) == ExtraModelPaths()
+    problem = f"{root_file}: not valid YAML at line 3 (expected <block end>, but found '<block mapping start>')"
+    assert notes == [f"{problem}; that file (ComfyUI's, beside --models-dir) is left unread"]
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load_extra_model_paths(models)  # without notes to collect it: raised
+    (tmp_path / "o.png").write_bytes(b"")  # the one problem of the run: the -o that exists
+    result = _sdcore("-m", "tiny:sd1", "--models-dir", str(models), "a cat", "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[0] == f"warning: {notes[0]}"
+    assert result.stderr.splitlines()[1].startswith(f"Error: {tmp_path / 'o.png'} already exists")
+    message = _error(_sdcore("-m", "tiny:sd1", "--models-dir", str(models), "--extra-model-paths", str(root_file),
+                             "a cat", "-o", str(tmp_path / "p.png")))  # fmt: skip
+    assert message == problem
+
+
+def test_linked_folders_are_followed_as_comfyui_follows_them(tmp_path):
+    """Two links to one folder give each file two names, both ComfyUI's (its get_full_path joins the name to
+    the folder); one file through both links is one candidate, not an ambiguous name."""
     models = tmp_path / "models"
     shared = tmp_path / "shared"
     (shared / "deep").mkdir(parents=True)
-    model = shared / "deep" / "m.safetensors"
-    model.write_bytes(b"m")
+    (shared / "deep" / "m.safetensors").write_bytes(b"m")
     (models / "checkpoints").mkdir(parents=True)
-    (models / "checkpoints" / "linked").symlink_to(shared, target_is_directory=True)
-    (shared / "deep" / "up").symlink_to(shared, target_is_directory=True)  # a loop back up
-    assert resolve_model_name("linked/deep/m", models) == str(
-        models / "checkpoints" / "linked" / "deep" / "m.safetensors"
-    )
-    assert resolve_model_name("m", models) == str(models / "checkpoints" / "linked" / "deep" / "m.safetensors")
+    for name in ("a", "b"):
+        (models / "checkpoints" / name).symlink_to(shared, target_is_directory=True)
+    b = str(models / "checkpoints" / "b" / "deep" / "m.safetensors")
+    assert resolve_model_name("b/deep/m.safetensors", models) == b
+    assert resolve_model_name("b/deep/m", models) == b
+    assert resolve_model_name("m", models) == str(models / "checkpoints" / "a" / "deep" / "m.safetensors")
+
+
+def test_a_link_loop_ends(tmp_path):
+    """Links back up to an ancestor are not followed: two of them in one folder would make an unguarded walk
+    branch twice at each of the ~40 levels the OS allows (never ending); here it ends at once."""
+    import threading
+
+    from sdcore.generate.model_paths import _listing
+
+    checkpoints = tmp_path / "models" / "checkpoints"
+    (checkpoints / "deep").mkdir(parents=True)
+    (checkpoints / "deep" / "m.safetensors").write_bytes(b"m")
+    (checkpoints / "deep" / "up").symlink_to(checkpoints, target_is_directory=True)
+    (checkpoints / "deep" / "up2").symlink_to(checkpoints / "deep", target_is_directory=True)
+    found: list = []
+    walk = threading.Thread(target=lambda: found.extend(_listing([checkpoints])), daemon=True)
+    walk.start()
+    walk.join(timeout=30)
+    assert not walk.is_alive(), "the walk followed the link loop"
+    assert found == [(checkpoints / "deep" / "m.safetensors", "deep/m.safetensors")]
+    assert resolve_model_name("m", tmp_path / "models") == str(checkpoints / "deep" / "m.safetensors")

@@ -129,7 +129,7 @@ class _GenerateCommand(HintedCommand):
     help="Model: diffusers folder, .safetensors/.ckpt file, a model's name in --models-dir's checkpoints/ "
     "(ComfyUI's ckpt_name: sub/name.safetensors, sub/name or name; A1111's Stable-diffusion/, ComfyUI's unet/ and "
     "diffusion_models/ too), a cached Hub id, tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:. An "
-    "existing path wins over a name, a name over a Hub id.",
+    "existing path wins over a name; a cached Hub id (org/name) over a name without extension.",
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
@@ -519,22 +519,25 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
     (:func:`~sdcore.generate.model_paths.resolve_model_name`); what is wrong joins ``problems`` (said before
-    the model loads). A source a plugin's model format claims is left to it. Returns the extra folders, for the
+    the model loads), except a problem with the root's file, read unasked, which is a warning line. A source a plugin's model format claims is left to it. Returns the extra folders, for the
     network folders."""
     from ..errors import ConfigError
     from ..generate.model_paths import ExtraModelPaths, load_extra_model_paths, resolve_model_name
     from ..models.load import plugin_format_for
 
+    notes: list[str] = []  # the root's file unreadable, a Hub id chosen over a file of that name: said, not fatal
     try:
-        extra = load_extra_model_paths(params["models_dir"], params["extra_model_paths"])
+        extra = load_extra_model_paths(params["models_dir"], params["extra_model_paths"], notes)
     except ConfigError as exc:
         problems.append(str(exc))
         extra = ExtraModelPaths()
     if plugin_format_for(pm, params["model"]) is None:
         try:
-            params["model"] = resolve_model_name(params["model"], params["models_dir"], extra)
+            params["model"] = resolve_model_name(params["model"], params["models_dir"], extra, notes)
         except ConfigError as exc:
             problems.append(str(exc))
+    for line in notes:
+        click.echo(f"warning: {line}", err=True)
     return extra
 
 

@@ -64,18 +64,24 @@ class ExtraModelPaths:
 
     def order(self, kind: str | None, defaults: Sequence[Path]) -> list[Path]:
         """``defaults`` (sdcore's folders below ``--models-dir`` for ``kind``) with this file's folders of that kind
-        where ComfyUI puts them: a folder of an ``is_default`` section before all (each one before the ones
-        added earlier, as ComfyUI inserts it first), any other after all, in file order."""
+        where ComfyUI puts them (``folder_paths.add_model_folder_path``): a folder of an ``is_default`` section
+        before all (each one before the ones added earlier, as ComfyUI inserts it first), any other after all, in
+        file order; a folder already listed stays listed once (an ``is_default`` one moves first)."""
         ordered = list(defaults)
         if kind is None:
             return ordered
         kind = comfy_folder_name(kind)
         for folder in self.folders:
-            if folder.kind == kind:
-                if folder.is_default:
-                    ordered.insert(0, folder.path)
-                else:
-                    ordered.append(folder.path)
+            if folder.kind != kind:
+                continue
+            known = [i for i, path in enumerate(ordered) if os.path.abspath(path) == os.path.abspath(folder.path)]
+            if known:  # a folder listed again: once, moved first by an is_default section (as ComfyUI does)
+                if folder.is_default and known[0] != 0:
+                    ordered.insert(0, ordered.pop(known[0]))
+            elif folder.is_default:
+                ordered.insert(0, folder.path)
+            else:
+                ordered.append(folder.path)
         return ordered
 
 
@@ -145,19 +151,36 @@ def read_extra_model_paths(path: str | os.PathLike[str]) -> list[ExtraFolder]:
 
 
 def load_extra_model_paths(
-    models_dir: str | os.PathLike[str] | None, files: Iterable[str | os.PathLike[str]] = ()
+    models_dir: str | os.PathLike[str] | None,
+    files: Iterable[str | os.PathLike[str]] = (),
+    notes: list[str] | None = None,
 ) -> ExtraModelPaths:
     """The extra folders ComfyUI would search for an install whose ``models/`` is ``models_dir``: the
     ``extra_model_paths.yaml`` of its root (``models_dir``'s parent, where ComfyUI's ``main.py`` reads it) when
     there is one, then ``files`` (``--extra-model-paths``, as ComfyUI's ``--extra-model-paths-config``), in that
-    order."""
+    order.
+
+    A file named in ``files`` that cannot be read is a :class:`~sdcore.errors.ConfigError`. The root's file is
+    read without being asked for, so a problem with it must not stop a run that worked without it: with
+    ``notes`` it is left out and the problem joins ``notes`` (one line to show the user), without it the error
+    is raised."""
     chosen = [Path(file) for file in files]
+    folders: list[ExtraFolder] = []
+    read: list[Path] = []
     if models_dir is not None:
         root_file = Path(os.path.abspath(models_dir)).parent / EXTRA_MODEL_PATHS_FILE
         if root_file.is_file() and not any(_same(root_file, file) for file in chosen):
-            chosen.insert(0, root_file)
-    folders = [folder for file in chosen for folder in read_extra_model_paths(file)]
-    return ExtraModelPaths(tuple(folders), tuple(chosen))
+            try:
+                folders += read_extra_model_paths(root_file)
+                read.append(root_file)
+            except ConfigError as exc:
+                if notes is None:
+                    raise
+                notes.append(f"{exc}; that file (ComfyUI's, beside --models-dir) is left unread")
+    for file in chosen:
+        folders += read_extra_model_paths(file)
+        read.append(file)
+    return ExtraModelPaths(tuple(folders), tuple(read))
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -180,49 +203,70 @@ def model_folders(models_dir: str | os.PathLike[str], extra: ExtraModelPaths | N
 
 def _listing(folders: Sequence[Path]) -> list[tuple[Path, str]]:
     """(file, name relative to its folder, with ``/``) for every model file below ``folders``, in folder order
-    (``.git`` left out, as ComfyUI's list does); one file reached through two folders is listed once."""
+    (``.git`` left out, as ComfyUI's list does). Linked folders are followed, as ComfyUI follows them (two links
+    to one folder list its files under both names, each a name ComfyUI takes); a link to a folder that is
+    already one of the current folder's ancestors is not, as it would never end."""
     from ..models.load import MODEL_FILE_SUFFIXES
-    from .networks import _distinct_files
 
     found: list[tuple[Path, str]] = []
     for folder in folders:
         if not folder.is_dir():
             continue
-        seen: set[str] = set()  # linked folders are followed (as ComfyUI does), a link back up only once
+        above: dict[str, frozenset[str]] = {}  # a folder's path -> the real paths of it and its ancestors
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            dirnames[:] = sorted(name for name in dirnames if name != ".git")
+            chain = above.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
+            kept = []
+            for name in sorted(dirnames):
+                child = os.path.join(dirpath, name)
+                if name != ".git" and os.path.realpath(child) not in chain:
+                    kept.append(name)
+                    above[child] = chain
+            dirnames[:] = kept
             for filename in sorted(filenames):
                 if filename.lower().endswith(MODEL_FILE_SUFFIXES):
                     file = Path(dirpath) / filename
                     found.append((file, file.relative_to(folder).as_posix()))
-    keep = {id(path) for path in _distinct_files(path for path, _ in found)}
-    return [(path, rel) for path, rel in found if id(path) in keep]
+    return found
 
 
 def _stem(rel: str) -> str:
     return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds ``repo_id`` (no network: ``local_files_only``)."""
+    from ..errors import SdcoreError
+    from ..models.load import cached_hub_folder
+
+    try:
+        cached_hub_folder(repo_id)
+    except SdcoreError:
+        return False
+    return True
+
+
 def resolve_model_name(
-    text: str, models_dir: str | os.PathLike[str] | None, extra: ExtraModelPaths | None = None
+    text: str,
+    models_dir: str | os.PathLike[str] | None,
+    extra: ExtraModelPaths | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     """What ``--model text`` loads: ``text`` itself when it is a path or another source, else the file its name
     picks below ``models_dir``'s model folders (:func:`model_folders`).
 
     Precedence: a ``scheme:`` source (``tiny:sd1``, ``toyworld:``, a plugin's) and an existing file or folder are
     ``text`` unchanged, so is a path written as one (absolute, ``./``, ``~``). Otherwise the name is looked up
-    as ComfyUI's ``ckpt_name``: a file whose path relative to a model folder is ``text`` (the first folder that
-    has it wins, as in ComfyUI), else the one file whose relative path without its extension is ``text``
-    (``sdxl/juggernaut``), else the one file named ``text`` with or without extension in any subfolder
-    (``juggernaut.safetensors``, ``juggernaut``). A Hugging Face id (``org/name``) that names no such file is
-    ``text`` unchanged, for the Hub cache. Several files for a name, or none, is a
-    :class:`~sdcore.errors.ConfigError` that lists them, or the folders searched and the close names."""
-    from ..models.load import looks_like_path, missing_model_error
+    as ComfyUI's ``ckpt_name``: the file whose path relative to a model folder is ``text`` (the first folder that
+    has it wins, as ComfyUI's ``get_full_path``), else the one file whose relative path without its extension is
+    ``text`` (``sdxl/juggernaut``), else the one file named ``text`` with or without extension in any subfolder
+    (``juggernaut.safetensors``, ``juggernaut``). A name of a Hugging Face id's form (``org/name``, no
+    extension) that is in the Hub cache stays the Hub id, as it was before names existed, even where a
+    ``checkpoints/org/name.safetensors`` exists too: that file is then reached by its name with the extension,
+    and ``notes`` gets a line saying so. Several files for a name is a :class:`~sdcore.errors.ConfigError`
+    listing them; no file (and no cached Hub id) is one naming the folders searched and the close names, before
+    anything loads."""
+    from ..models.load import MODEL_FILE_SUFFIXES, looks_like_path, missing_model_error
+    from .networks import _distinct_files
 
     if ":" in text:  # tiny:sd1, toyworld:, a plugin format's scheme, a Windows drive
         return text
@@ -233,14 +277,26 @@ def resolve_model_name(
         pass
     if text.startswith(("/", "~", ".")) or os.path.isabs(text) or models_dir is None:
         return text
-    name = text.replace("\\", "/").strip("/")
+    hub_id = not looks_like_path(text)
+    name = os.path.relpath(os.path.join("/", text.replace("\\", "/")), "/").replace(os.sep, "/")  # as ComfyUI
     folders = model_folders(models_dir, extra)
+    for folder in folders:  # ComfyUI's get_full_path: the first folder with that file
+        file = folder / name
+        if name.lower().endswith(MODEL_FILE_SUFFIXES) and file.is_file():
+            return str(file)
     files = _listing(folders)
-    exact = [path for path, rel in files if rel == name]
-    if exact:
-        return str(exact[0])
-    by_stem = [path for path, rel in files if _stem(rel) == name]
-    by_file_name = [path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))]
+    by_stem = _distinct_files(path for path, rel in files if _stem(rel) == name)
+    by_file_name = _distinct_files(
+        path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))
+    )
+    if hub_id and _in_hub_cache(text):
+        if by_stem and notes is not None:
+            listed = ", ".join(str(path) for path in by_stem)
+            notes.append(
+                f"--model {text}: the Hugging Face Hub repo in the cache, not {listed} below --models-dir "
+                "(give that file's name with its extension, or its path, to load it)"
+            )
+        return text
     for tier in (by_stem, by_file_name):
         if len(tier) == 1:
             return str(tier[0])
@@ -250,13 +306,11 @@ def resolve_model_name(
                 f"--model {text!r} is ambiguous: {len(tier)} model files have that name ({listed}); give the "
                 "name with its subfolder and extension as listed there, or the file's path"
             )
-    if not looks_like_path(text):
-        return text  # org/name: the Hugging Face cache, as before (its own error says how to fetch it)
     where = ", ".join(str(folder.absolute()) for folder in folders)
     absent = [folder for folder in folders if not folder.is_dir()]
     if len(absent) == len(folders):
         where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
-    names = [rel for _, rel in files]
+    names = list(dict.fromkeys(rel for _, rel in files))
     close = difflib.get_close_matches(name, names + [_stem(rel) for rel in names], n=5, cutoff=0.6)
     hint = ""
     if close:

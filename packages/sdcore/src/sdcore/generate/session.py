@@ -303,7 +303,7 @@ def _default_folders(
     if extra is not None:
         candidates = extra.order(getattr(spec, "comfy_folder", None), candidates)
     existing = [folder for folder in candidates if folder.is_dir()]
-    if existing:
+    if existing or not candidates:  # none: a spec with only a comfy_folder no extra file lists
         return existing, []
     first = under or candidates[0]
     absent = [folder for folder in candidates if folder != first and folder != beside]
@@ -344,7 +344,8 @@ def handlers_from_plugin_manager(
         more: list[Path] = []
         absent: list[Path] = []
         if default:
-            (directory, *more), absent = _default_folders(spec, Path(models_dir), extra_paths)
+            folders, absent = _default_folders(spec, Path(models_dir), extra_paths)
+            directory, more = (folders[0], folders[1:]) if folders else (None, [])
         handler = cls(directory)
         handler.directory_option, handler.directory_is_default = spec.directory_option, default
         handler.more_directories = tuple(more)

@@ -110,7 +110,9 @@ class PromptNetworkSpec:
     for files A1111 keeps beside ``models/`` rather than in it (``embeddings/``). ``more_subdirs`` are further
     folders under ``--models-dir`` searched too when they exist, for other tools' names of the same folder
     (ComfyUI's lower-case ``loras`` beside A1111's ``Lora``): a file in any of them is found, so a user of either
-    tool needs no folder option.
+    tool needs no folder option. ``comfy_folder`` is ComfyUI's name for the kind (its ``folder_paths`` key and
+    ``extra_model_paths.yaml`` key: ``loras``, ``embeddings``, ``hypernetworks``): the folders such a file lists
+    for that key are searched too (:mod:`sdcore.generate.model_paths`).
     """
 
     name: str
@@ -120,6 +122,7 @@ class PromptNetworkSpec:
     default_subdir: str | None = None
     root_subdir: str | None = None
     more_subdirs: tuple[str, ...] = ()
+    comfy_folder: str | None = None
     file_suffixes: tuple[str, ...] = (".safetensors", ".pt", ".ckpt", ".bin")
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ def sdcore_register_prompt_networks(register: Any) -> None:
             handler="sdplugin_hn.apply:HypernetworkHandler",
             directory_option="hypernetwork_dir",
             default_subdir="hypernetworks",
+            comfy_folder="hypernetworks",  # and the hypernetworks: folders of ComfyUI's extra_model_paths.yaml
             file_suffixes=(".pt",),
         )
     )

@@ -36,6 +36,7 @@ def sdcore_register_prompt_networks(register: Any) -> None:
             directory_option="lora_dir",
             default_subdir="Lora",  # A1111's models/Lora
             more_subdirs=("loras",),  # ComfyUI's models/loras
+            comfy_folder="loras",  # and the loras: folders of ComfyUI's extra_model_paths.yaml
         )
     )
     register(
@@ -46,6 +47,7 @@ def sdcore_register_prompt_networks(register: Any) -> None:
             directory_option="lora_dir",
             default_subdir="Lora",  # A1111's models/Lora
             more_subdirs=("loras",),  # ComfyUI's models/loras
+            comfy_folder="loras",  # and the loras: folders of ComfyUI's extra_model_paths.yaml
         )
     )
 

@@ -30,6 +30,7 @@ def sdcore_register_prompt_networks(register: Callable[[PromptNetworkSpec], None
             directory_option="embeddings_dir",
             default_subdir="embeddings",
             root_subdir="embeddings",  # A1111's stable-diffusion-webui/embeddings, beside models/
+            comfy_folder="embeddings",  # and the embeddings: folders of ComfyUI's extra_model_paths.yaml
             file_suffixes=(".pt", ".bin", ".safetensors", ".png", ".webp"),
         )
     )

@@ -126,7 +126,10 @@ class _GenerateCommand(HintedCommand):
     "-m",
     "--model",
     required=True,
-    help="Model: diffusers folder, .safetensors/.ckpt file, tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:.",
+    help="Model: diffusers folder, .safetensors/.ckpt file, a model's name in --models-dir's checkpoints/ "
+    "(ComfyUI's ckpt_name: sub/name.safetensors, sub/name or name; A1111's Stable-diffusion/, ComfyUI's unet/ and "
+    "diffusion_models/ too), a cached Hub id, tiny:<family> (sd1, sd2, sdxl, sd3, flux, ...) or toyworld:. An "
+    "existing path wins over a name; a cached Hub id (org/name) over a name without extension.",
 )
 @click.option("-n", "--negative", default="", help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampling steps.")
@@ -330,8 +333,18 @@ class _GenerateCommand(HintedCommand):
     default="models",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/) and hypernetworks/ are looked up below "
-    "it, embeddings/ beside it (the A1111 root's) and below it (ComfyUI's).",
+    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/), hypernetworks/ and --model names "
+    "(checkpoints/, Stable-diffusion/) are looked up below it, embeddings/ beside it (the A1111 root's) and below "
+    "it (ComfyUI's); an extra_model_paths.yaml beside it (in ComfyUI's root) is read as ComfyUI reads it.",
+)
+@click.option(
+    "--extra-model-paths",
+    "extra_model_paths",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="FILE.yaml",
+    help="ComfyUI's extra_model_paths.yaml (repeatable; as its --extra-model-paths-config): the checkpoints, "
+    "loras, embeddings, hypernetworks, unet/diffusion_models folders it lists are searched too, in ComfyUI's order.",
 )
 @click.option(
     "--lora-dir",
@@ -502,6 +515,32 @@ def _load_bundle(source: str, pm: Any, **parts: Any) -> Any:
     return load_model(source, pm=pm, **parts)
 
 
+def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
+    """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
+    ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
+    (:func:`~sdcore.generate.model_paths.resolve_model_name`); what is wrong joins ``problems`` (said before
+    the model loads), except a problem with the root's file, read unasked, which is a warning line. A source a plugin's model format claims is left to it. Returns the extra folders, for the
+    network folders."""
+    from ..errors import ConfigError
+    from ..generate.model_paths import ExtraModelPaths, load_extra_model_paths, resolve_model_name
+    from ..models.load import plugin_format_for
+
+    notes: list[str] = []  # the root's file unreadable, a Hub id chosen over a file of that name: said, not fatal
+    try:
+        extra = load_extra_model_paths(params["models_dir"], params["extra_model_paths"], notes)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        extra = ExtraModelPaths()
+    if plugin_format_for(pm, params["model"]) is None:
+        try:
+            params["model"] = resolve_model_name(params["model"], params["models_dir"], extra, notes)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for line in notes:
+        click.echo(f"warning: {line}", err=True)
+    return extra
+
+
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     import torch
 
@@ -536,6 +575,8 @@ def _run_generate(
     from ..generate.session import NetworkSession, handlers_from_plugin_manager
 
     problems: list[str] = list(early)  # found before this point (a styles file); all are said at once
+    pm = _plugin_manager()
+    extra_paths = _model_names(params, pm, problems)  # --model NAME becomes its file before anything reads it
     plot = _xyz_plot(params, problems)
     if plot is None or not plot.keep_random_seeds:  # A1111 fixes -1 seeds once, so every cell shares them
         for name in ("seed", "subseed") if plot is not None else ("seed",):
@@ -544,10 +585,10 @@ def _run_generate(
     extra_options = {name: value for name, value in params.items() if name not in _CORE_PARAMS}
     extra_options.update(params["extra_pairs"])
 
-    pm = _plugin_manager()
     directories: dict[str, Any] = {name: params[name] for name in _DIRECTORY_OPTIONS if params.get(name)}
     directories.update({k: v for k, v in extra_options.items() if k.endswith("_dir") and v})
-    handlers = handlers_from_plugin_manager(pm, directories, models_dir=params["models_dir"], options=extra_options)
+    handlers = handlers_from_plugin_manager(pm, directories, models_dir=params["models_dir"], options=extra_options,
+                                            extra_paths=extra_paths)  # fmt: skip
     session = NetworkSession(handlers)
     cells = [params] if plot is None else _plot_cells(plot, params, problems)
     for cell in cells:  # after Prompt S/R, as A1111 applies styles in process_images (setup_prompts)

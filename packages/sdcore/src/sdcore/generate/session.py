@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, NetworkMismatchError, PluginError, SdcoreError
+from .model_paths import ExtraModelPaths
 from .networks import Activation, ControlNetwork, NetworkRef, PromptNetworkHandler, undo_all
 from .prompt_syntax import parse_networks
 
@@ -281,22 +282,32 @@ def collect_prompt_network_specs(pm: Any) -> list[Any]:
     return specs
 
 
-def _default_folders(spec: Any, models_dir: Path) -> list[Path]:
-    """The folders a spec's files are looked for in without a folder option, first one first: its
-    ``root_subdir`` beside ``models_dir`` (A1111's root, found from the absolute path so ``--models-dir ..``
-    means the parent's parent), its ``default_subdir`` under it, then its ``more_subdirs`` under it. All that
-    exist are searched: A1111 reads only ``webui/embeddings`` and ComfyUI only ``models/embeddings`` (A1111
-    ``models/Lora``, ComfyUI ``models/loras``), and a user may keep files in either; reading one of them alone
-    would leave the other's words silently unapplied. None existing: the ``default_subdir`` (the folder "not
-    found" names)."""
+def _default_folders(
+    spec: Any, models_dir: Path, extra: ExtraModelPaths | None = None
+) -> tuple[list[Path], list[Path]]:
+    """The folders a spec's files are looked for in without a folder option, first one first, and the ones of
+    them that do not exist. Its ``root_subdir`` beside ``models_dir`` (A1111's root, found from the absolute path
+    so ``--models-dir ..`` means the parent's parent), its ``default_subdir`` under it, then its ``more_subdirs``
+    under it, with the folders ``extra`` (ComfyUI's ``extra_model_paths.yaml``) lists for its ``comfy_folder``
+    where ComfyUI puts them (:meth:`~sdcore.generate.model_paths.ExtraModelPaths.order`). All that exist are
+    searched: A1111 reads only ``webui/embeddings`` and ComfyUI only ``models/embeddings`` (A1111 ``models/Lora``,
+    ComfyUI ``models/loras``), and a user may keep files in either; reading one of them alone would leave the
+    other's words silently unapplied. None existing: the ``default_subdir`` (the folder "not found" names), and
+    the others as absent."""
     under = models_dir / str(spec.default_subdir) if spec.default_subdir else None
     beside = Path(os.path.abspath(models_dir)).parent / str(spec.root_subdir) if spec.root_subdir else None
     if under is not None and beside is not None and os.path.abspath(under) == str(beside):
         beside = None  # --models-dir names the root itself (its parent is itself: "/")
     others = [models_dir / str(name) for name in spec.more_subdirs]
     candidates = [folder for folder in (beside, under, *others) if folder is not None]
+    if extra is not None:
+        candidates = extra.order(getattr(spec, "comfy_folder", None), candidates)
     existing = [folder for folder in candidates if folder.is_dir()]
-    return existing or [under or candidates[0]]
+    if existing or not candidates:  # none: a spec with only a comfy_folder no extra file lists
+        return existing, []
+    first = under or candidates[0]
+    absent = [folder for folder in candidates if folder != first and folder != beside]
+    return [first], absent
 
 
 def handlers_from_plugin_manager(
@@ -305,15 +316,18 @@ def handlers_from_plugin_manager(
     *,
     models_dir: str | Path = DEFAULT_MODELS_DIR,
     options: Mapping[str, Any] | None = None,
+    extra_paths: ExtraModelPaths | None = None,
 ) -> dict[str | None, PromptNetworkHandler | list[PromptNetworkHandler]]:
     """Instantiate each registered handler with its folder.
 
     ``directories`` maps a spec's ``directory_option`` (``"lora_dir"``) to the folder the user
-    chose; otherwise the folder is ``models_dir / spec.default_subdir`` (A1111 layout:
-    ``models/Lora``, ``models/hypernetworks``); a spec's ``root_subdir`` is looked for beside ``models_dir``
-    first (A1111 keeps ``embeddings/`` in its root, next to ``models/``), then ``models_dir / default_subdir``
-    (``models/embeddings``, ComfyUI's place), then the spec's ``more_subdirs`` (``models/loras``); all that exist
-    are searched (:func:`_default_folders`).
+    chose (then that folder alone is searched); otherwise the folder is ``models_dir / spec.default_subdir``
+    (A1111 layout: ``models/Lora``, ``models/hypernetworks``); a spec's ``root_subdir`` is looked for beside
+    ``models_dir`` first (A1111 keeps ``embeddings/`` in its root, next to ``models/``), then
+    ``models_dir / default_subdir`` (``models/embeddings``, ComfyUI's place), then the spec's ``more_subdirs``
+    (``models/loras``), and the folders ``extra_paths`` (ComfyUI's ``extra_model_paths.yaml``,
+    :func:`sdcore.generate.model_paths.load_extra_model_paths`) lists for the spec's ``comfy_folder``, in
+    ComfyUI's order; all that exist are searched (:func:`_default_folders`).
     Two plugins claiming the same tag is a :class:`~sdcore.errors.PluginError`.
     """
     chosen = dict(directories or {})
@@ -324,18 +338,18 @@ def handlers_from_plugin_manager(
         if not (isinstance(cls, type) and issubclass(cls, PromptNetworkHandler)):
             raise PluginError(f"prompt network {spec.name!r}: {spec.handler} is not a PromptNetworkHandler subclass")
         directory = chosen.get(spec.directory_option) if spec.directory_option else None
-        default = directory is None and bool(spec.default_subdir or spec.root_subdir or spec.more_subdirs)
+        default = directory is None and bool(
+            spec.default_subdir or spec.root_subdir or spec.more_subdirs or getattr(spec, "comfy_folder", None)
+        )
         more: list[Path] = []
+        absent: list[Path] = []
         if default:
-            directory, *more = _default_folders(spec, Path(models_dir))
+            folders, absent = _default_folders(spec, Path(models_dir), extra_paths)
+            directory, more = (folders[0], folders[1:]) if folders else (None, [])
         handler = cls(directory)
         handler.directory_option, handler.directory_is_default = spec.directory_option, default
         handler.more_directories = tuple(more)
-        if (
-            default and handler.directory is not None and not handler.directory.is_dir()
-        ):  # none exists: "not found" names them all
-            others = [Path(models_dir) / str(name) for name in spec.more_subdirs]
-            handler.absent_directories = tuple(folder for folder in others if folder != handler.directory)
+        handler.absent_directories = tuple(absent)  # none exists: "not found" names them all
         handler.suffixes = tuple(spec.file_suffixes)  # type: ignore[misc]
         handler.options = dict(options or {})
         if spec.tag is None:
@@ -356,9 +370,12 @@ def session_from_plugin_manager(
     *,
     models_dir: str | Path = DEFAULT_MODELS_DIR,
     options: Mapping[str, Any] | None = None,
+    extra_paths: ExtraModelPaths | None = None,
 ) -> NetworkSession:
     """Shortcut: :func:`handlers_from_plugin_manager` wrapped in a :class:`NetworkSession`."""
-    return NetworkSession(handlers_from_plugin_manager(pm, directories, models_dir=models_dir, options=options))
+    handlers = handlers_from_plugin_manager(pm, directories, models_dir=models_dir, options=options,
+                                            extra_paths=extra_paths)  # fmt: skip
+    return NetworkSession(handlers)
 
 
 __all__ = [

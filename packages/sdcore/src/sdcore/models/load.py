@@ -699,14 +699,15 @@ def sniff_single_file(path: str) -> bool:
     return Path(path).is_file()
 
 
-#: suffixes that make a name a file path, never a Hub id (``models/v1-5.safetensors``)
-_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+#: suffixes of model files: they make a name a file path, never a Hub id (``models/v1-5.safetensors``), and
+#: are the files ``--model NAME`` looks for in the model folders (:mod:`sdcore.generate.model_paths`)
+MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
 def looks_like_path(text: str) -> bool:
     """Whether ``text`` is meant as a file or folder path rather than a Hub id ``owner/name``."""
     return (
-        text.lower().endswith(_FILE_SUFFIXES)
+        text.lower().endswith(MODEL_FILE_SUFFIXES)
         or text.startswith((".", "/", "~"))
         or "\\" in text
         or text.count("/") != 1
@@ -731,7 +732,9 @@ def missing_model_error(text: str) -> ModelFormatError:
     if not parent.is_dir():
         return ModelFormatError(f"{path}: no such model file or folder (the folder {parent} does not exist either)")
     nearby = sorted(
-        p.name for p in parent.iterdir() if p.suffix.lower() in _FILE_SUFFIXES or (p / "model_index.json").is_file()
+        p.name
+        for p in parent.iterdir()
+        if p.suffix.lower() in MODEL_FILE_SUFFIXES or (p / "model_index.json").is_file()
     )
     hint = f"; models in {parent}: {', '.join(nearby[:8])}" + (" ..." if len(nearby) > 8 else "") if nearby else ""
     return ModelFormatError(f"{path}: no such model file or folder{hint}")
@@ -792,21 +795,28 @@ def load_model(
     raise missing_model_error(text)
 
 
-def _read_with_plugin_formats(pm: Any, text: str, options: dict[str, Any]) -> ModelBundle | None:
-    """Ask formats registered by plugins (not sdcore's own) whether they read ``text``."""
+def plugin_format_for(pm: Any, text: str) -> Any:
+    """The first format registered by a plugin (not sdcore's own) whose sniffer claims ``text``, or ``None``:
+    such a source is read by that plugin, never looked up as a model name (:mod:`sdcore.generate.model_paths`)."""
     from ..specs import resolve
 
     registrations = pm.registrations("model format")
     for spec in pm.model_formats():
-        registration = registrations[spec.name]
-        if registration.distribution == "sdcore":
-            continue
-        name = spec.name
-        if resolve(spec.sniff)(text):
-            bundle = resolve(spec.reader)(text, **options)
-            if not isinstance(bundle, ModelBundle):
-                raise ModelFormatError(
-                    f"{text}: model format {name!r} returned {type(bundle).__name__}, not a ModelBundle"
-                )
-            return bundle
+        if registrations[spec.name].distribution != "sdcore" and resolve(spec.sniff)(text):
+            return spec
     return None
+
+
+def _read_with_plugin_formats(pm: Any, text: str, options: dict[str, Any]) -> ModelBundle | None:
+    """Ask formats registered by plugins (not sdcore's own) whether they read ``text``."""
+    from ..specs import resolve
+
+    spec = plugin_format_for(pm, text)
+    if spec is None:
+        return None
+    bundle = resolve(spec.reader)(text, **options)
+    if not isinstance(bundle, ModelBundle):
+        raise ModelFormatError(
+            f"{text}: model format {spec.name!r} returned {type(bundle).__name__}, not a ModelBundle"
+        )
+    return bundle

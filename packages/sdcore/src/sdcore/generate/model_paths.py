@@ -1,0 +1,334 @@
+"""Model folders as A1111 and ComfyUI lay them out: ComfyUI's ``extra_model_paths.yaml`` and ``--model NAME``.
+
+ComfyUI users name a checkpoint the way its loader node does (``ckpt_name``: the file's path relative to a
+``checkpoints`` folder, ``sdxl/juggernaut.safetensors``), and A1111 users by its title in
+``models/Stable-diffusion``; :func:`resolve_model_name` turns such a name into the file below ``--models-dir``
+before anything loads. ComfyUI installs that share another install's files list its folders in an
+``extra_model_paths.yaml`` (ComfyUI reads the one in its root, beside ``models/``, and the files given to
+``--extra-model-paths-config``); :func:`read_extra_model_paths` reads that file as ComfyUI's
+``utils/extra_config.py`` does, and :meth:`ExtraModelPaths.order` puts its folders where ComfyUI's
+``folder_paths.add_model_folder_path`` does. The LoRA, embedding and hypernetwork folders
+(:func:`sdcore.generate.session.handlers_from_plugin_manager`) and the checkpoint folders use the same order.
+
+Import-light: no torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+#: the file ComfyUI reads from its root folder (the parent of its ``models/``) at start
+EXTRA_MODEL_PATHS_FILE = "extra_model_paths.yaml"
+
+#: ComfyUI's old folder names, read as the current ones (``folder_paths.map_legacy``)
+LEGACY_FOLDER_NAMES = {"unet": "diffusion_models", "clip": "text_encoders"}
+
+#: the folders below ``--models-dir`` a ``--model NAME`` is looked for in, by ComfyUI's folder name, in search
+#: order: whole checkpoints (ComfyUI's ``checkpoints/``, A1111's ``Stable-diffusion/``), then transformer-only
+#: files (ComfyUI's ``unet/`` and ``diffusion_models/``, in the order ComfyUI lists them), which ``--model`` reads
+#: with their parts given as ``--clip-l``/``--t5xxl``/``--ae``
+MODEL_FOLDERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("checkpoints", ("checkpoints", "Stable-diffusion")),
+    ("diffusion_models", ("unet", "diffusion_models")),
+)
+
+
+def comfy_folder_name(name: str) -> str:
+    """ComfyUI's current name for a folder key (``unet`` -> ``diffusion_models``, ``clip`` -> ``text_encoders``)."""
+    return LEGACY_FOLDER_NAMES.get(name, name)
+
+
+@dataclass(frozen=True)
+class ExtraFolder:
+    """One folder an ``extra_model_paths.yaml`` adds: ``kind`` is ComfyUI's folder name (legacy names mapped),
+    ``is_default`` its section's flag (ComfyUI searches such folders before its own), ``source`` the file."""
+
+    kind: str
+    path: Path
+    is_default: bool
+    source: Path
+
+
+@dataclass(frozen=True)
+class ExtraModelPaths:
+    """The folders of one or more ``extra_model_paths.yaml`` files, in the order they were read."""
+
+    folders: tuple[ExtraFolder, ...] = ()
+    files: tuple[Path, ...] = ()
+
+    def order(self, kind: str | None, defaults: Sequence[Path]) -> list[Path]:
+        """``defaults`` (sdcore's folders below ``--models-dir`` for ``kind``) with this file's folders of that kind
+        where ComfyUI puts them (``folder_paths.add_model_folder_path``): a folder of an ``is_default`` section
+        before all (each one before the ones added earlier, as ComfyUI inserts it first), any other after all, in
+        file order; a folder already listed stays listed once (an ``is_default`` one moves first)."""
+        ordered = list(defaults)
+        if kind is None:
+            return ordered
+        kind = comfy_folder_name(kind)
+        for folder in self.folders:
+            if folder.kind != kind:
+                continue
+            known = [i for i, path in enumerate(ordered) if os.path.abspath(path) == os.path.abspath(folder.path)]
+            if known:  # a folder listed again: once, moved first by an is_default section (as ComfyUI does)
+                if folder.is_default and known[0] != 0:
+                    ordered.insert(0, ordered.pop(known[0]))
+            elif folder.is_default:
+                ordered.insert(0, folder.path)
+            else:
+                ordered.append(folder.path)
+        return ordered
+
+
+def _text(value: object, where: str, path: Path) -> str:
+    if not isinstance(value, str):
+        kind = "nothing" if value is None else f"a {type(value).__name__}"
+        raise ConfigError(f"{path}: {where} should be folder paths (one per line), got {kind}")
+    return value
+
+
+def read_extra_model_paths(path: str | os.PathLike[str]) -> list[ExtraFolder]:
+    """The folders ``path`` (ComfyUI's ``extra_model_paths.yaml`` format) adds, read as ComfyUI reads it.
+
+    Each top-level section (``a111:``, ``comfyui:``) maps ComfyUI folder names (``checkpoints``, ``loras``,
+    ``embeddings`` ...) to one folder or several, one per line (a ``|`` block). ``base_path`` (``~`` and
+    ``$VARS`` expanded; relative to the file's folder) is joined before each of them; without one a relative
+    folder is relative to the file's folder. ``is_default: true`` puts the section's folders before the default
+    ones. A section left empty is skipped; anything else that is no mapping of text is a
+    :class:`~sdcore.errors.ConfigError` (ComfyUI stops with a traceback there)."""
+    import yaml
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the extra model paths file ({exc.strerror or exc})") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}: not valid YAML{line} ({getattr(exc, 'problem', None) or exc})") from None
+    if config is None:
+        return []
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{file}: expected sections (a1111:, comfyui: ...) of folder names, got a {type(config).__name__}"
+        )
+    here = os.path.dirname(os.path.abspath(file))
+    folders: list[ExtraFolder] = []
+    for section, conf in config.items():
+        if conf is None:
+            continue
+        if not isinstance(conf, dict):
+            raise ConfigError(f"{file}: section {section!r} should map folder names to paths")
+        conf = dict(conf)
+        base = None
+        if "base_path" in conf:
+            base = os.path.expandvars(os.path.expanduser(_text(conf.pop("base_path"), f"{section}.base_path", file)))
+            if not os.path.isabs(base):
+                base = os.path.abspath(os.path.join(here, base))
+        is_default = bool(conf.pop("is_default", False))
+        for key, value in conf.items():
+            for line in _text(value, f"{section}.{key}", file).split("\n"):
+                line = line.strip()
+                if not line:
+                    continue
+                if base:
+                    full = os.path.join(base, line)
+                elif os.path.isabs(line):
+                    full = line
+                else:
+                    full = os.path.join(here, line)
+                folder = ExtraFolder(comfy_folder_name(str(key)), Path(os.path.normpath(full)), is_default, file)
+                folders.append(folder)
+    return folders
+
+
+def load_extra_model_paths(
+    models_dir: str | os.PathLike[str] | None,
+    files: Iterable[str | os.PathLike[str]] = (),
+    notes: list[str] | None = None,
+) -> ExtraModelPaths:
+    """The extra folders ComfyUI would search for an install whose ``models/`` is ``models_dir``: the
+    ``extra_model_paths.yaml`` of its root (``models_dir``'s parent, where ComfyUI's ``main.py`` reads it) when
+    there is one, then ``files`` (``--extra-model-paths``, as ComfyUI's ``--extra-model-paths-config``), in that
+    order.
+
+    A file named in ``files`` that cannot be read is a :class:`~sdcore.errors.ConfigError`. The root's file is
+    read without being asked for, so a problem with it must not stop a run that worked without it: with
+    ``notes`` it is left out and the problem joins ``notes`` (one line to show the user), without it the error
+    is raised."""
+    chosen = [Path(file) for file in files]
+    folders: list[ExtraFolder] = []
+    read: list[Path] = []
+    if models_dir is not None:
+        root_file = Path(os.path.abspath(models_dir)).parent / EXTRA_MODEL_PATHS_FILE
+        if root_file.is_file() and not any(_same(root_file, file) for file in chosen):
+            try:
+                folders += read_extra_model_paths(root_file)
+                read.append(root_file)
+            except ConfigError as exc:
+                if notes is None:
+                    raise
+                notes.append(f"{exc}; that file (ComfyUI's, beside --models-dir) is left unread")
+    for file in chosen:
+        folders += read_extra_model_paths(file)
+        read.append(file)
+    return ExtraModelPaths(tuple(folders), tuple(read))
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def model_folders(models_dir: str | os.PathLike[str], extra: ExtraModelPaths | None = None) -> list[Path]:
+    """Every folder a ``--model NAME`` is looked for in, first one first (existing or not): :data:`MODEL_FOLDERS`
+    below ``models_dir``, each kind with its extra folders where ComfyUI puts them."""
+    extra = extra or ExtraModelPaths()
+    base = Path(models_dir)
+    folders: list[Path] = []
+    for kind, subdirs in MODEL_FOLDERS:
+        folders += extra.order(kind, [base / name for name in subdirs])
+    return folders
+
+
+def _listing(folders: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(file, name relative to its folder, with ``/``) for every model file below ``folders``, in folder order
+    (``.git`` left out, as ComfyUI's list does). Linked folders are followed, as ComfyUI follows them (two links
+    to one folder list its files under both names, each a name ComfyUI takes); a link to a folder that is
+    already one of the current folder's ancestors is not, as it would never end."""
+    from ..models.load import MODEL_FILE_SUFFIXES
+
+    found: list[tuple[Path, str]] = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        above: dict[str, frozenset[str]] = {}  # a folder's path -> the real paths of it and its ancestors
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            chain = above.pop(dirpath, frozenset()) | {os.path.realpath(dirpath)}
+            kept = []
+            for name in sorted(dirnames):
+                child = os.path.join(dirpath, name)
+                if name != ".git" and os.path.realpath(child) not in chain:
+                    kept.append(name)
+                    above[child] = chain
+            dirnames[:] = kept
+            for filename in sorted(filenames):
+                if filename.lower().endswith(MODEL_FILE_SUFFIXES):
+                    file = Path(dirpath) / filename
+                    found.append((file, file.relative_to(folder).as_posix()))
+    return found
+
+
+def _stem(rel: str) -> str:
+    return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds ``repo_id`` (no network: ``local_files_only``)."""
+    from ..errors import SdcoreError
+    from ..models.load import cached_hub_folder
+
+    try:
+        cached_hub_folder(repo_id)
+    except SdcoreError:
+        return False
+    return True
+
+
+def resolve_model_name(
+    text: str,
+    models_dir: str | os.PathLike[str] | None,
+    extra: ExtraModelPaths | None = None,
+    notes: list[str] | None = None,
+) -> str:
+    """What ``--model text`` loads: ``text`` itself when it is a path or another source, else the file its name
+    picks below ``models_dir``'s model folders (:func:`model_folders`).
+
+    Precedence: a ``scheme:`` source (``tiny:sd1``, ``toyworld:``, a plugin's) and an existing file or folder are
+    ``text`` unchanged, so is a path written as one (absolute, ``./``, ``~``). Otherwise the name is looked up
+    as ComfyUI's ``ckpt_name``: the file whose path relative to a model folder is ``text`` (the first folder that
+    has it wins, as ComfyUI's ``get_full_path``), else the one file whose relative path without its extension is
+    ``text`` (``sdxl/juggernaut``), else the one file named ``text`` with or without extension in any subfolder
+    (``juggernaut.safetensors``, ``juggernaut``). A name of a Hugging Face id's form (``org/name``, no
+    extension) that is in the Hub cache stays the Hub id, as it was before names existed, even where a
+    ``checkpoints/org/name.safetensors`` exists too: that file is then reached by its name with the extension,
+    and ``notes`` gets a line saying so. Several files for a name is a :class:`~sdcore.errors.ConfigError`
+    listing them; no file (and no cached Hub id) is one naming the folders searched and the close names, before
+    anything loads."""
+    from ..models.load import MODEL_FILE_SUFFIXES, looks_like_path, missing_model_error
+    from .networks import _distinct_files
+
+    if ":" in text:  # tiny:sd1, toyworld:, a plugin format's scheme, a Windows drive
+        return text
+    try:
+        if Path(text).expanduser().exists():
+            return text
+    except (OSError, ValueError):  # a name the OS cannot look up (too long): not found below
+        pass
+    if text.startswith(("/", "~", ".")) or os.path.isabs(text) or models_dir is None:
+        return text
+    hub_id = not looks_like_path(text)
+    name = os.path.relpath(os.path.join("/", text.replace("\\", "/")), "/").replace(os.sep, "/")  # as ComfyUI
+    folders = model_folders(models_dir, extra)
+    for folder in folders:  # ComfyUI's get_full_path: the first folder with that file
+        file = folder / name
+        if name.lower().endswith(MODEL_FILE_SUFFIXES) and file.is_file():
+            return str(file)
+    files = _listing(folders)
+    by_stem = _distinct_files(path for path, rel in files if _stem(rel) == name)
+    by_file_name = _distinct_files(
+        path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))
+    )
+    if hub_id and _in_hub_cache(text):
+        if by_stem and notes is not None:
+            listed = ", ".join(str(path) for path in by_stem)
+            notes.append(
+                f"--model {text}: the Hugging Face Hub repo in the cache, not {listed} below --models-dir "
+                "(give that file's name with its extension, or its path, to load it)"
+            )
+        return text
+    for tier in (by_stem, by_file_name):
+        if len(tier) == 1:
+            return str(tier[0])
+        if tier:
+            listed = ", ".join(str(path) for path in tier)
+            raise ConfigError(
+                f"--model {text!r} is ambiguous: {len(tier)} model files have that name ({listed}); give the "
+                "name with its subfolder and extension as listed there, or the file's path"
+            )
+    where = ", ".join(str(folder.absolute()) for folder in folders)
+    absent = [folder for folder in folders if not folder.is_dir()]
+    if len(absent) == len(folders):
+        where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
+    names = list(dict.fromkeys(rel for _, rel in files))
+    close = difflib.get_close_matches(name, names + [_stem(rel) for rel in names], n=5, cutoff=0.6)
+    hint = ""
+    if close:
+        hint = "; close names: " + ", ".join(dict.fromkeys(close))
+    elif names:
+        hint = "; models there: " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    raise ConfigError(f"{missing_model_error(text)}; nor is it a model name in {where} and their subfolders{hint}")
+
+
+__all__ = [
+    "EXTRA_MODEL_PATHS_FILE",
+    "LEGACY_FOLDER_NAMES",
+    "MODEL_FOLDERS",
+    "ExtraFolder",
+    "ExtraModelPaths",
+    "comfy_folder_name",
+    "load_extra_model_paths",
+    "model_folders",
+    "read_extra_model_paths",
+    "resolve_model_name",
+]

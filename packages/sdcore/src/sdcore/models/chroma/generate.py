@@ -92,33 +92,17 @@ def run_chroma(
     from ...generate.hires import flow_img2img_strength
     from ...generate.pipeline import posterior_mean
     from ...generate.prompt_editing import StepPrompts, schedule_steps
-    from ...generate.prompt_syntax import parse_emphasis, plain_text
-    from ...generate.step_conditioning import ChromaSlots, StepConditioning, TextRows
-    from ..flux.adapter import T5_MASK
-    from ..flux.generate import run_packed
+    from ...generate.step_conditioning import ChromaSlots, StepConditioning
+    from ..flux.generate import run_packed, t5_text_encoder
     from .adapter import ChromaAdapter
 
     if width % 16 or height % 16:
         raise ConfigError(f"Chroma image sides must be multiples of 16, got {width}x{height}")
-    adapter = ChromaAdapter()
     first_steps = None if hires_start is None else hires_start.first_steps
     edits = StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps)
     guided = cfg > 1.0  # the pipeline's condition for CFG
     needs_uncond = guided or edits.composed  # AND without CFG runs the uncond itself, as A1111 does
-
-    encoding = dict(text_encoding or {})
-
-    def encode(texts: list[str], negative_texts: list[str]) -> tuple[TextRows, TextRows | None]:
-        # emphasis is read after the schedule rendered the text (its brackets are the schedule's first)
-        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts], **encoding)
-        rows = TextRows(cond.hidden_states, mask=cond.extra[T5_MASK])
-        if not needs_uncond:
-            return rows, None
-        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negative_texts],
-                                        **{**encoding, "t5_max_length": cond.hidden_states.shape[1]})  # fmt: skip
-        return rows, TextRows(uncond.hidden_states, mask=uncond.extra[T5_MASK])
-
-    per_call = StepConditioning(edits, encode)
+    per_call = StepConditioning(edits, t5_text_encoder(ChromaAdapter(), bundle, text_encoding, negatives=needs_uncond))
     cond, uncond = per_call.first_parts(0)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     kwargs: dict[str, Any] = {

@@ -29,7 +29,7 @@ What differs from the SD families, as Forge and ComfyUI users know it:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError
@@ -37,6 +37,7 @@ from ...errors import ConfigError
 if TYPE_CHECKING:
     from ...generate.hires import FlowStart
     from ...generate.inpaint import ImageConditioning, PreparedInpaint
+    from ...generate.step_conditioning import TextRows
     from ...generate.variation import ImageNoise
     from ..bundle import ModelBundle
 
@@ -129,6 +130,40 @@ def build_flux_pipeline(
     )
 
 
+def t5_text_encoder(
+    adapter: Any,
+    bundle: ModelBundle,
+    text_encoding: Mapping[str, Any] | None,
+    *,
+    negatives: bool,
+    **prompt_options: Any,
+) -> Callable[[list[str], list[str]], tuple[TextRows, TextRows | None]]:
+    """The ``encode`` that :class:`~sdcore.generate.step_conditioning.StepConditioning` calls on a T5 family's
+    texts (FLUX.1, Chroma: one rule, so both render prompt editing's texts alike): each text's A1111 emphasis
+    dropped, read after the schedule rendered it (its brackets are the schedule's first), then
+    ``adapter.encode_prompts`` with ``text_encoding`` (a training run's T5 options) and, for the prompts only,
+    ``prompt_options``; with ``negatives`` (true CFG), the negatives too, at the prompts' T5 length, as the
+    pipelines require. Each side's rows carry the adapter's pooled vector and ``extra[T5_MASK]`` where it gives
+    them (Chroma: no pooled vector, always the mask)."""
+    from ...generate.prompt_syntax import parse_emphasis, plain_text
+    from ...generate.step_conditioning import TextRows
+    from .adapter import T5_MASK
+
+    encoding = dict(text_encoding or {})
+
+    def encode(texts: list[str], negative_texts: list[str]) -> tuple[TextRows, TextRows | None]:
+        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(t)) for t in texts],
+                                      **{**encoding, **prompt_options})  # fmt: skip
+        rows = TextRows(cond.hidden_states, cond.pooled, cond.extra.get(T5_MASK))
+        if not negatives:
+            return rows, None
+        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negative_texts],
+                                        **{**encoding, "t5_max_length": cond.hidden_states.shape[1]})  # fmt: skip
+        return rows, TextRows(uncond.hidden_states, uncond.pooled, uncond.extra.get(T5_MASK))
+
+    return encode
+
+
 def run_flux(
     pipe: Any,
     bundle: ModelBundle,
@@ -184,9 +219,8 @@ def run_flux(
     from ...generate.hires import flow_img2img_strength
     from ...generate.pipeline import posterior_mean
     from ...generate.prompt_editing import StepPrompts, schedule_steps
-    from ...generate.prompt_syntax import parse_emphasis, plain_text
-    from ...generate.step_conditioning import FluxSlots, StepConditioning, TextRows
-    from .adapter import T5_MASK, FluxAdapter
+    from ...generate.step_conditioning import FluxSlots, StepConditioning
+    from .adapter import FluxAdapter
     from .variants import bundle_variant
 
     check_true_cfg(negatives, true_cfg_scale)
@@ -199,23 +233,9 @@ def run_flux(
         raise ConfigError(CONTROL_TRUE_CFG)
     if width % 16 or height % 16:
         raise ConfigError(f"Flux image sides must be multiples of 16, got {width}x{height}")
-    adapter = FluxAdapter()
     true_cfg = true_cfg_scale > 1.0
-
-    encoding = dict(text_encoding or {})
-
-    def encode(texts: list[str], negative_texts: list[str]) -> tuple[TextRows, TextRows | None]:
-        # emphasis is read after the schedule rendered the text (its brackets are the schedule's first)
-        cond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(text)) for text in texts],
-                                      control=control is not None, **encoding)  # fmt: skip
-        rows = TextRows(cond.hidden_states, cond.pooled, cond.extra.get(T5_MASK))
-        if not true_cfg:
-            return rows, None
-        # the same T5 length as the prompt's, as the pipeline requires
-        uncond = adapter.encode_prompts(bundle, [plain_text(parse_emphasis(n)) for n in negative_texts],
-                                        **{**encoding, "t5_max_length": cond.hidden_states.shape[1]})  # fmt: skip
-        return rows, TextRows(uncond.hidden_states, uncond.pooled, uncond.extra.get(T5_MASK))
-
+    # `control` for the prompts only: true CFG, the only negative encoding, is refused with a control image above
+    encode = t5_text_encoder(FluxAdapter(), bundle, text_encoding, negatives=true_cfg, control=control is not None)
     first_steps = None if hires_start is None else hires_start.first_steps
     per_call = StepConditioning(
         StepPrompts.build(prompts, negatives, schedule_steps(steps, pipe.scheduler), first_steps=first_steps), encode

@@ -118,3 +118,17 @@ def test_onetrainer_file_names_and_folder(tmp_path):
         with pytest.raises(ModelFormatError, match="no letter or digit"):
             embedding_file_name(bad)
     assert embeddings_folder(tmp_path / "out" / "x.safetensors") == tmp_path / "out" / "x.safetensors_embeddings"
+
+
+@pytest.mark.parametrize("name", ["CON", "nul", "Aux.v2", "com1", "LPT9", "COM¹", "<prn>"])
+def test_windows_device_names_are_refused(name):
+    """Windows reserves these stems whatever the extension (``nul.safetensors`` is the NUL device there): a file
+    sdcore writes under such a name could never be copied to or loaded on Windows."""
+    with pytest.raises(ModelFormatError, match="a device name Windows reserves"):
+        embedding_file_name(name)
+
+
+@pytest.mark.parametrize(("name", "file"), [("console", "console.safetensors"), ("com10", "com10.safetensors"),
+                                            ("nulla", "nulla.safetensors"), ("my con", "my_con.safetensors")])  # fmt: skip
+def test_names_only_resembling_devices_are_kept(name, file):
+    assert embedding_file_name(name) == file

@@ -41,6 +41,12 @@ T5_ALIAS = "t5xxl"
 FOLDER_SUFFIX = "_embeddings"
 #: the characters OneTrainer's ``safe_filename`` keeps besides letters and digits (spaces become ``_`` first)
 _KEPT = frozenset("._-#")
+#: the device names Windows reserves whatever the extension (``CON.safetensors`` opens the console there), compared
+#: case-insensitively with the part of the stem before its first dot; ``str.isalnum`` keeps the superscript digits
+#: of ``COM¹``, which Windows reserves too
+_WINDOWS_DEVICES = frozenset(
+    {"con", "prn", "aux", "nul"} | {f"{port}{digit}" for port in ("com", "lpt") for digit in "0123456789¹²³"}
+)
 
 
 def _clean(tensor: torch.Tensor) -> torch.Tensor:
@@ -136,12 +142,18 @@ def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]
 def embedding_file_name(name: str) -> str:
     """``NAME.safetensors`` as OneTrainer names an embedding's own file: spaces become ``_``, then only letters,
     digits and ``._-#`` are kept (``<sks>`` -> ``sks.safetensors``); the prompt word in A1111 and ComfyUI is that
-    stem. ModelFormatError when nothing is left."""
+    stem. ModelFormatError when nothing is left, or when the stem is a device name Windows reserves (``CON``,
+    ``nul.x``, ``COM1``...: the file could not be written or copied there)."""
     stem = "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in _KEPT).strip()
     if not stem.strip("."):
         raise ModelFormatError(
             f"embedding {name!r}: no letter or digit is left for its file name (OneTrainer's rule: letters, digits "
             "and ._-#)"
+        )
+    if stem.split(".")[0].lower() in _WINDOWS_DEVICES:
+        raise ModelFormatError(
+            f"embedding {name!r}: its file name {stem}.safetensors is a device name Windows reserves (CON, PRN, AUX, "
+            "NUL, COM0-9, LPT0-9; NUL.x.y too), which no Windows client can load"
         )
     return f"{stem}.safetensors"
 

@@ -101,6 +101,9 @@ def test_options_checks(tmp_path):
     options = contract_options(LoraMethod, tmp_path, {"embedding": ("<>",), "embedding_files": True})
     with pytest.raises(ConfigError, match="--embedding-files: embedding '<>': no letter or digit"):
         LoraMethod(options).validate()
+    options = contract_options(LoraMethod, tmp_path, {"embedding": ("nul",), "embedding_files": True})
+    with pytest.raises(ConfigError, match=r"--embedding-files: embedding 'nul': .* a device name Windows reserves"):
+        LoraMethod(options).validate()
     LoraMethod(contract_options(LoraMethod, tmp_path, {"embedding": ("<>",)})).validate()  # bundled: any name
 
 
@@ -242,3 +245,56 @@ def test_diffusers_refuses_bundled_embeddings_and_loads_the_strip(tmp_path):
     ids = pipe.tokenizer(prompt).input_ids[4:6]
     rows = pipe.text_encoder.get_input_embeddings().weight.detach()[ids]
     assert torch.equal(rows, load_file(str(bundled.output))["bundle_emb.tiny.clip_l"])
+
+
+def test_interrupted_resave_never_pairs_the_old_lora_with_new_vectors(tmp_path, monkeypatch):
+    """The same path saved again (a resumed run's step, a rerun into one --output) with a Ctrl-C after the embedding
+    files and before the LoRA: the old LoRA is gone rather than left beside vectors of another step."""
+    import sdplugin_lora.format as lora_format
+    from sdcore.train.method import SaveInfo
+
+    method, result = _train(tmp_path, embedding_files=True)
+    folder = result.output.parent / f"{result.output.name}_embeddings"
+    with torch.no_grad():
+        method.pivotal.rows["tiny"].tables[0].add_(1.0)  # the vectors of a later step
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_format, "save_lora", interrupted)
+    info = SaveInfo(path=result.output, step=3, epoch=1, metadata={}, final=True)
+    with pytest.raises(KeyboardInterrupt):
+        method.save(_bundle("sd1"), info)
+    assert not result.output.exists()
+    assert torch.equal(load_file(str(folder / "tiny.safetensors"))["emb_params"], method.pivotal.rows["tiny"].tables[0])
+
+
+def test_file_vectors_keep_the_key_of_a_one_encoder_family_other_than_clip_l():
+    """Only SD1/SD2's CLIP-L tensor becomes the one-tensor ``emb_params`` file; a family whose one encoder is T5
+    (Chroma, once pivotal tuning covers it) keeps ``t5``, which ComfyUI and OneTrainer look up by name."""
+    from types import SimpleNamespace
+
+    from sdplugin_lora.pivotal import EmbeddingSpec, PivotalEmbeddings
+
+    pivotal = PivotalEmbeddings([EmbeddingSpec("x", 1, "*")])
+    table = _v(1, 16, 1)
+    pivotal.rows = {"x": SimpleNamespace(tables={0: table})}  # type: ignore[dict-item]
+    pivotal.keys = ("clip_l",)
+    assert list(pivotal.file_vectors()["x"]) == [SINGLE]
+    pivotal.keys = ("t5",)
+    assert list(pivotal.file_vectors()["x"]) == [T5]
+    pivotal.rows = {"x": SimpleNamespace(tables={0: table, 1: _v(1, 32, 2)})}  # type: ignore[dict-item]
+    pivotal.keys = ("clip_l", "t5")
+    assert sorted(pivotal.file_vectors()["x"]) == [CLIP_L, T5]
+
+
+def test_strip_of_a_pickle_lora_is_refused_before_any_file(tmp_path):
+    torch.save({"bundle_emb.a.string_to_param.*": _v(1, 768, 1), "lora_unet_x.lora_down.weight": _v(4, 8, 2),
+                "lora_unet_x.lora_up.weight": _v(8, 4, 3)}, tmp_path / "old.pt")  # fmt: skip
+    run = _cli("lora", "extract-embeddings", tmp_path / "old.pt", "-o", tmp_path / "out",
+               "--strip", tmp_path / "plain.safetensors")  # fmt: skip
+    assert run.exit_code == 1 and "--strip: " in run.output and "is no .safetensors file" in run.output, run.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "plain.safetensors").exists()
+    run = _cli("lora", "extract-embeddings", tmp_path / "old.pt", "-o", tmp_path / "out")
+    assert run.exit_code == 0, run.output
+    assert torch.equal(load_embedding(tmp_path / "out" / "a.safetensors").vectors[SINGLE], _v(1, 768, 1))

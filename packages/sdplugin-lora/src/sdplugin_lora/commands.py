@@ -331,8 +331,10 @@ def extract_embeddings_command(file: str, output: str | None, strip: str | None,
     from sdcore.errors import ConfigError
     from sdcore.io import output_problems
 
-    from .embedding_files import plan_files, strip_bundle, write_files
+    from .embedding_files import check_strip, plan_files, strip_bundle, write_files
 
+    if strip:
+        check_strip(file)  # before any embedding file is written
     planned = plan_files(file, output)  # ConfigError: none bundled, an unknown part, two names on one file
     outputs = [item.path for item in planned] + ([Path(strip)] if strip else [])
     found = output_problems(outputs, inputs=[file], overwrite=overwrite)  # every file, before any is written

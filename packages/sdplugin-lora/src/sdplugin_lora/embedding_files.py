@@ -112,6 +112,12 @@ def write_files(planned: list[EmbeddingFile]) -> list[Path]:
     return written
 
 
+def check_strip(lora: str | Path) -> None:
+    """ConfigError when ``--strip`` cannot copy ``lora`` (not a ``.safetensors``): asked before any file is written."""
+    if Path(lora).suffix.lower() != ".safetensors":
+        raise ConfigError(f"--strip: {lora} is no .safetensors file (sdcore writes the stripped copy as one)")
+
+
 def strip_bundle(lora: str | Path, output: str | Path) -> int:
     """A copy of the LoRA ``.safetensors`` ``lora`` without its ``bundle_emb.*`` tensors, at ``output``
     (atomic): the other tensors as stored (dtype included) and the header, its ``sshs_*`` hashes recomputed for
@@ -123,8 +129,7 @@ def strip_bundle(lora: str | Path, output: str | Path) -> int:
     from sdcore.models.hashes import sshs_hashes
 
     lora = Path(lora)
-    if lora.suffix.lower() != ".safetensors":
-        raise ConfigError(f"--strip: {lora} is no .safetensors file (sdcore writes the stripped copy as one)")
+    check_strip(lora)
     with safe_open(str(lora), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
         keys = list(handle.keys())
@@ -138,4 +143,4 @@ def strip_bundle(lora: str | Path, output: str | Path) -> int:
     return len(keys) - len(kept)
 
 
-__all__ = ["EmbeddingFile", "plan_files", "read_bundled", "strip_bundle", "write_files"]
+__all__ = ["EmbeddingFile", "check_strip", "plan_files", "read_bundled", "strip_bundle", "write_files"]

@@ -1933,9 +1933,12 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 state = kohya_state_dict(state, self.index)
         if self.pivotal is not None and self.options.embedding_files:
             # OneTrainer's bundle_additional_embeddings: false: the files first, so a LoRA file that exists always
-            # has its embeddings beside it (each file atomic; the folder belongs to this save, see saved_files)
+            # has its embeddings beside it (each file atomic; the folder belongs to this save, see saved_files).
+            # A LoRA already at this path (a resumed run saving the step again, a rerun into the same --output) goes
+            # first: a Ctrl-C between the files and the new LoRA must not leave the old LoRA beside new vectors
             from sdcore.models.embedding_files import embeddings_folder
 
+            Path(info.path).unlink(missing_ok=True)
             emb_meta = {"sdcore.method": "lora --embedding", "sdcore.family": bundle.family, "step": str(info.step)}
             self.pivotal.write_files(embeddings_folder(info.path), emb_meta)
         elif self.pivotal is not None:  # OneTrainer's bundle_additional_embeddings: A1111 1.7+ loads them with the LoRA

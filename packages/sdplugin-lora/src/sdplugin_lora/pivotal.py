@@ -262,13 +262,15 @@ class PivotalEmbeddings:
 
     def file_vectors(self) -> dict[str, dict[str, torch.Tensor]]:
         """Each embedding's vectors as its own file holds them (:mod:`sdcore.models.embedding_files`): SD1/SD2's
-        one tensor under ``"*"`` (written ``emb_params``), SDXL's ``clip_l`` and ``clip_g``."""
+        one CLIP-L tensor under ``"*"`` (written ``emb_params``), every other family's per encoder key (SDXL's
+        ``clip_l`` and ``clip_g``; a one-encoder family other than SD1/SD2, Chroma's ``t5``, keeps its key)."""
         from sdcore.models.bundled_embeddings import SINGLE
 
+        single = self.keys == ("clip_l",)  # SD1/SD2 (FAMILY_KEYS): A1111's and kohya's one-tensor file
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, rows in self.rows.items():
             parts = {self.keys[index]: table.detach() for index, table in sorted(rows.tables.items())}
-            out[name] = {SINGLE: next(iter(parts.values()))} if len(self.keys) == 1 else parts
+            out[name] = {SINGLE: next(iter(parts.values()))} if single else parts
         return out
 
     def write_files(self, folder: Path, metadata: dict[str, str]) -> list[Path]:

@@ -246,3 +246,39 @@ def test_flow_family_bundles_apply_as_their_embedding_files(tmp_path, family):
     for a, b in zip(ours, expected, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(ours[0], plain[0])
+
+
+def test_embedding_files_in_generate_equal_the_bundled_lora(tmp_path):
+    """End to end: the same run with the embeddings bundled and with ``--embedding-files``; ``<lora:pivot> a photo
+    of tiny`` with the bundled LoRA gives the text encoder's output that the files-run's LoRA gives with its
+    ``NAME_embeddings`` folder as the embeddings folder (``--embeddings-dir``): the file is the same embedding."""
+    from sdcore.testing.contract import _bundle, contract_options
+    from sdcore.train.loop import train
+    from sdplugin_lora.method import LoraMethod
+
+    values = {"embedding": ("tiny:2:red stripes",), "rank": 4, "lr": 1e-2, "embedding_lr": 5e-2, "max_steps": 2,
+              "save_state": False, "save_dtype": "fp32", "train_text_encoder": True}  # fmt: skip
+    outputs = {}
+    for tag, extra in (("bundled", {}), ("files", {"embedding_files": True})):
+        options = contract_options(LoraMethod, tmp_path / tag, {**values, **extra}, family="sd1")
+        result = Path(train(LoraMethod(options), bundle=_bundle("sd1")).output)
+        loras = tmp_path / tag / "loras"
+        loras.mkdir()
+        (loras / "pivot.safetensors").write_bytes(result.read_bytes())
+        embeddings = result.parent / f"{result.name}_embeddings"
+        if tag == "bundled":
+            assert not embeddings.exists()
+            embeddings = tmp_path / tag / "emb"
+            embeddings.mkdir()
+        else:
+            assert sorted(p.name for p in embeddings.iterdir()) == ["tiny.safetensors"]
+        bundle = _bundle("sd1")
+        for module in bundle.components().values():
+            module.eval()
+        with _session(loras, embeddings).apply(bundle, "<lora:pivot> a photo of tiny") as applied:
+            outputs[tag] = _hidden(bundle, applied.prompt)
+            hashes = applied.info["TI hashes"]
+        outputs[tag + " plain"] = _hidden(bundle, "a photo of tiny")
+        assert hashes == ("tiny: pivot" if tag == "bundled" else f"tiny: {short_hash(embeddings / 'tiny.safetensors')}")
+    assert torch.equal(outputs["files"][0], outputs["bundled"][0])
+    assert not torch.allclose(outputs["files"][0], outputs["files plain"][0], atol=1e-3)

@@ -186,7 +186,6 @@ def test_onetrainer_additional_embeddings_translate(tmp_path):
             "one step count",
         ),
         ({"additional_embeddings": [{"placeholder": "a:b"}]}, "':'"),
-        ({"additional_embeddings": [{"placeholder": "a"}], "bundle_additional_embeddings": False}, "bundle"),
     ],
 )
 def test_onetrainer_refuses_what_it_cannot_do(tmp_path, change, message):

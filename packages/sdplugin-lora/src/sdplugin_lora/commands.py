@@ -56,7 +56,8 @@ def _check_output(output: str, inputs: list[str], overwrite: bool, problems: lis
 
 @click.group("lora")
 def lora_group() -> None:
-    """LoRA files: merge, extract, resize, convert, info (kohya format); targets: what a training run adapts."""
+    """LoRA files: merge, extract, resize, convert, info (kohya format), extract-embeddings (a bundle as embedding
+    files); targets: what a training run adapts."""
 
 
 @lora_group.command("info")
@@ -303,6 +304,48 @@ def convert_command(file: str, output: str, target: str, save_dtype: str, overwr
     tensors, meta = oft_for_comfyui(read_lora(file))
     path = save_lora(output, tensors, meta, dtype=save_dtype)
     click.echo(f"wrote {path}: {len(tensors) // 2} OFT modules for {target}")
+
+
+@lora_group.command("extract-embeddings")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for the NAME.safetensors files (default: FILE_embeddings beside FILE, where OneTrainer and "
+    "--embedding-files put them); e.g. ComfyUI's models/embeddings.",
+)
+@click.option(
+    "--strip",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write a copy of FILE without the bundled embeddings here (diffusers' load_lora_weights refuses "
+    "a file with them).",
+)
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
+def extract_embeddings_command(file: str, output: str | None, strip: str | None, overwrite: bool) -> None:
+    """Write the embeddings bundled in the LoRA FILE (bundle_emb.*: OneTrainer's, sdcore's --embedding) as
+    separate embedding files NAME.safetensors (SD1/SD2 emb_params; SDXL/SD3/FLUX.1 clip_l/clip_g/t5), which
+    ComfyUI, Forge and diffusers load as embeddings; they skip bundled ones."""
+    from sdcore.errors import ConfigError
+    from sdcore.io import output_problems
+
+    from .embedding_files import check_strip, plan_files, strip_bundle, write_files
+
+    if strip:
+        check_strip(file)  # before any embedding file is written
+    planned = plan_files(file, output)  # ConfigError: none bundled, an unknown part, two names on one file
+    outputs = [item.path for item in planned] + ([Path(strip)] if strip else [])
+    found = output_problems(outputs, inputs=[file], overwrite=overwrite)  # every file, before any is written
+    if found:
+        raise ConfigError("; ".join(found), found)
+    for item, path in zip(planned, write_files(planned), strict=True):
+        word = f"; prompt word {item.word!r}" if item.word != item.embedding.name else ""
+        click.echo(f"wrote {path}: {item.embedding.name!r}, {item.embedding.describe()}{word}")
+    if strip:
+        dropped = strip_bundle(file, strip)
+        click.echo(f"wrote {strip}: {file} without its {dropped} bundle_emb tensors")
 
 
 #: the option groups of ``sdcore train lora`` that decide what is adapted (the model and its parts, the LoRA

@@ -50,8 +50,8 @@ EMBEDDING_HELP = (
     "A new embedding trained with the LoRA (pivotal tuning; OneTrainer's additional embeddings), repeatable: "
     "NAME[:TOKENS[:INIT_TEXT]]. NAME is the placeholder the captions and sample prompts use (replaced wherever "
     "it is written, as OneTrainer does) and the embedding's name in the LoRA file (bundle_emb.NAME.*, which "
-    "A1111 1.7+ loads with the LoRA); TOKENS vectors (default 1), started from INIT_TEXT's token vectors "
-    "(default '*'). SD1, SD2, SDXL."
+    "A1111 1.7+ loads with the LoRA; --embedding-files: separate files instead); TOKENS vectors (default 1), "
+    "started from INIT_TEXT's token vectors (default '*'). SD1, SD2, SDXL."
 )
 
 if TYPE_CHECKING:
@@ -383,6 +383,14 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "Train the --embedding vectors in the first N optimizer steps only, then freeze them while the LoRA "
         "trains on (pivotal tuning's switch: OneTrainer's stop_training_after in STEP, diffusers' "
         "--train_text_encoder_ti_frac as a step count).",
+        group="lora",
+    )
+    embedding_files: bool = option(
+        False,
+        "Write the --embedding vectors as separate embedding files instead of into the LoRA file: "
+        "<LoRA file>_embeddings/NAME.safetensors beside every save (OneTrainer's bundle_additional_embeddings: "
+        "false, its folder and names). For ComfyUI, Forge and diffusers, which skip or refuse bundled embeddings: "
+        "put the files in their embeddings folder.",
         group="lora",
     )
 
@@ -1055,10 +1063,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             for flag, value in (("--embedding-lr", o.embedding_lr), ("--embedding-stop-at", o.embedding_stop_at)):
                 if value is not None:
                     raise ConfigError(f"{flag} applies to --embedding vectors; this run trains none")
+            if o.embedding_files:
+                raise ConfigError("--embedding-files writes the --embedding vectors; this run trains none")
             return
-        from .pivotal import parse_specs
+        from .pivotal import file_names, parse_specs
 
-        parse_specs(o.embedding)
+        specs = parse_specs(o.embedding)
+        if o.embedding_files:
+            file_names(specs)  # every name gives its own file name
         if o.embedding_lr is not None and not o.embedding_lr >= 0:
             raise ConfigError(f"--embedding-lr must be 0 or more (got {o.embedding_lr})")
         if o.embedding_stop_at is not None and o.embedding_stop_at < 1:
@@ -1919,11 +1931,30 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 metadata.update(header)
             else:
                 state = kohya_state_dict(state, self.index)
-        if self.pivotal is not None:  # OneTrainer's bundle_additional_embeddings: A1111 1.7+ loads them with the LoRA
+        if self.pivotal is not None and self.options.embedding_files:
+            # OneTrainer's bundle_additional_embeddings: false: the files first, so a LoRA file that exists always
+            # has its embeddings beside it (each file atomic; the folder belongs to this save, see saved_files).
+            # A LoRA already at this path (a resumed run saving the step again, a rerun into the same --output) goes
+            # first: a Ctrl-C between the files and the new LoRA must not leave the old LoRA beside new vectors
+            from sdcore.models.embedding_files import embeddings_folder
+
+            Path(info.path).unlink(missing_ok=True)
+            emb_meta = {"sdcore.method": "lora --embedding", "sdcore.family": bundle.family, "step": str(info.step)}
+            self.pivotal.write_files(embeddings_folder(info.path), emb_meta)
+        elif self.pivotal is not None:  # OneTrainer's bundle_additional_embeddings: A1111 1.7+ loads them with the LoRA
             state = {**state, **self.pivotal.bundle_state()}
         return save_lora(
             info.path, state, metadata, dtype=self.options.save_dtype, minimal=self.options.minimal_metadata
         )
+
+    def saved_files(self, path: Path) -> list[Path]:
+        """The LoRA file; with ``--embedding-files`` also its ``<file>_embeddings`` folder (written by this save
+        alone: ``--save-limit`` removes it with the LoRA it belongs to)."""
+        if self.options.embedding and self.options.embedding_files:
+            from sdcore.models.embedding_files import embeddings_folder
+
+            return [Path(path), embeddings_folder(path)]
+        return [Path(path)]
 
     def load_result(self, bundle: ModelBundle, path: Path) -> None:
         """Hook the saved file onto a fresh bundle (same forward as during training); --embedding: its bundled
@@ -1937,9 +1968,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
             lora = read_lora(path)  # its bundled embeddings read by sdcore's one parser; the loader applies none
             saved = {f"{BUNDLE_PREFIX}{e.name}.{part}": t for e in lora.bundled for part, t in e.vectors.items()}
+            specs = parse_specs(self.options.embedding)
+            if self.options.embedding_files:  # the files beside it, in the keys the bundle would have
+                from sdcore.models.embedding_files import embeddings_folder
+
+                from .pivotal import family_keys, saved_from_files
+
+                saved = saved_from_files(embeddings_folder(path), specs, family_keys(bundle.family) or ())
             if self.pivotal is not None:
                 self.pivotal.remove()
-            self.pivotal = PivotalEmbeddings(parse_specs(self.options.embedding))
+            self.pivotal = PivotalEmbeddings(specs)
             self.pivotal.add(bundle, saved)
         apply_lora(bundle, lora, 1.0, merge=False, strict=True, widen=self.options.control_lora)
 

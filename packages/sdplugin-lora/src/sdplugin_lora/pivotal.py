@@ -17,6 +17,10 @@ Here one ``--embedding NAME:TOKENS:INIT_TEXT`` per embedding:
   A1111's ``Lora/networks.py`` makes it ``{"clip_l": tensor}``, which ``create_embedding_from_data`` reads as a
   one-tensor dict) or ``bundle_emb.NAME.clip_l`` and ``bundle_emb.NAME.clip_g`` (SDXL), ``[TOKENS, width]`` each.
   Older OneTrainer wrote SD1/SD2's tensor as ``bundle_emb.NAME.string_to_param.*``, which A1111 reads too.
+- with ``--embedding-files`` (OneTrainer's ``bundle_additional_embeddings: false``) they are written instead as
+  textual-inversion files, ``<LoRA file>_embeddings/NAME.safetensors`` (OneTrainer's folder and file names; sdcore's
+  one embedding-file layout, :mod:`sdcore.models.embedding_files`), for ComfyUI, Forge and diffusers, which skip or
+  refuse ``bundle_emb.*`` keys; the LoRA file then holds none.
 
 This module does not import the textual-inversion plugin (plugins are installed apart); the shared parts are
 sdcore's.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
@@ -126,6 +131,30 @@ def caption_problems(specs: Sequence[EmbeddingSpec], captions: Sequence[str]) ->
         f"--embedding {listed}: no training caption contains {'this name' if len(unused) == 1 else 'these names'} "
         "(case-sensitive), so those vectors stay at their init text and are written as they started"
     ]
+
+
+def file_names(specs: Sequence[EmbeddingSpec]) -> dict[str, str]:
+    """``--embedding-files``: each embedding's file name (OneTrainer's rule,
+    :func:`sdcore.models.embedding_files.embedding_file_name`); ConfigError when a name leaves no file name or two
+    give the same one (one file would replace the other). Torch-free: checked with the options."""
+    from sdcore.errors import ModelFormatError
+    from sdcore.models.embedding_files import embedding_file_name
+
+    names: dict[str, str] = {}
+    for spec in specs:
+        try:
+            names[spec.name] = embedding_file_name(spec.name)
+        except ModelFormatError as exc:
+            raise ConfigError(f"--embedding-files: {exc}") from None
+    seen: dict[str, str] = {}
+    for name, file in names.items():
+        if file.lower() in seen:  # one file on a case-insensitive disk (Windows, macOS) too
+            raise ConfigError(
+                f"--embedding-files: --embedding {seen[file.lower()]!r} and {name!r} would both be written as "
+                f"{file}; choose names that differ in letters or digits"
+            )
+        seen[file.lower()] = name
+    return names
 
 
 def family_keys(family: str) -> tuple[str, ...] | None:
@@ -231,6 +260,31 @@ class PivotalEmbeddings:
         """The tensors written into the LoRA file: ``bundle_emb.<name>.<key>``, ``[TOKENS, width]``."""
         return {BUNDLE_PREFIX + k: t.detach().float().cpu().clone() for k, t in self._tables().items()}
 
+    def file_vectors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each embedding's vectors as its own file holds them (:mod:`sdcore.models.embedding_files`): SD1/SD2's
+        one CLIP-L tensor under ``"*"`` (written ``emb_params``), every other family's per encoder key (SDXL's
+        ``clip_l`` and ``clip_g``; a one-encoder family other than SD1/SD2, Chroma's ``t5``, keeps its key)."""
+        from sdcore.models.bundled_embeddings import SINGLE
+
+        single = self.keys == ("clip_l",)  # SD1/SD2 (FAMILY_KEYS): A1111's and kohya's one-tensor file
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, rows in self.rows.items():
+            parts = {self.keys[index]: table.detach() for index, table in sorted(rows.tables.items())}
+            out[name] = {SINGLE: next(iter(parts.values()))} if single else parts
+        return out
+
+    def write_files(self, folder: Path, metadata: dict[str, str]) -> list[Path]:
+        """``--embedding-files``: every embedding as ``folder/NAME.safetensors`` (atomic each), ``metadata`` and its
+        name in the header; the files, in --embedding order."""
+        from sdcore.models.embedding_files import save_embedding_file
+
+        names = file_names(self.specs)
+        folder.mkdir(parents=True, exist_ok=True)
+        return [
+            save_embedding_file(folder / names[name], vectors, {**metadata, "name": name})
+            for name, vectors in self.file_vectors().items()
+        ]
+
     def stop(self, step: int, stop_at: int | None) -> None:
         """``--embedding-stop-at N``, before optimizer step ``step``: step ``N`` still updates the vectors (their
         gradient stays) but computes none from then on; a later step drops any gradient, so a run resumed past
@@ -257,6 +311,28 @@ def _saved_rows(saved: dict[str, torch.Tensor], spec: EmbeddingSpec, key: str) -
             f"--embedding {spec.spec()} needs {spec.tokens} vectors"
         )
     return tensor
+
+
+def saved_from_files(folder: Path, specs: Sequence[EmbeddingSpec], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The vectors of ``--embedding-files``' files in ``folder`` as ``bundle_emb.<name>.<key>`` (what
+    :meth:`PivotalEmbeddings.add` takes from a written LoRA); NetworkMismatchError naming a missing file."""
+    from sdcore.errors import ModelFormatError, NetworkMismatchError
+    from sdcore.models.bundled_embeddings import SINGLE
+    from sdcore.models.embedding_files import read_embedding_file
+
+    saved: dict[str, torch.Tensor] = {}
+    for spec, file in zip(specs, file_names(specs).values(), strict=True):
+        path = folder / file
+        if not path.is_file():
+            raise NetworkMismatchError(f"{path}: no such file (--embedding {spec.spec()} with --embedding-files)")
+        try:
+            vectors = read_embedding_file(path)
+        except ModelFormatError as exc:
+            raise NetworkMismatchError(str(exc)) from None
+        if SINGLE in vectors and len(keys) == 1:
+            vectors = {keys[0]: vectors[SINGLE]}
+        saved.update({f"{BUNDLE_PREFIX}{spec.name}.{key}": tensor for key, tensor in vectors.items()})
+    return saved
 
 
 class LivePivotal(PromptNetworkHandler):

@@ -198,12 +198,11 @@ def _header(emb: Embedding) -> dict[str, str]:
 
 
 def _per_encoder(emb: Embedding) -> dict[str, Any]:
-    """One key per encoder; a T5 part also under ComfyUI's ``t5xxl`` (its T5 tokenizer looks the vectors
-    up by that key), so one file loads its T5 part in OneTrainer (``t5``) and ComfyUI alike."""
-    tensors = {k: _clean(t) for k, t in emb.vectors.items()}
-    if T5 in tensors:
-        tensors[T5_ALIASES[0]] = tensors[T5].clone()  # safetensors refuses two keys sharing memory
-    return tensors
+    """One key per encoder; a T5 part also under ComfyUI's ``t5xxl`` (sdcore's one writer of the layout,
+    :func:`sdcore.models.embedding_files.per_encoder_tensors`)."""
+    from sdcore.models.embedding_files import per_encoder_tensors
+
+    return per_encoder_tensors(emb.vectors)
 
 
 def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = None, preview: Any = None) -> Path:
@@ -225,12 +224,10 @@ def save_embedding(emb: Embedding, path: str | Path, *, format: str | None = Non
         data = a1111_dict(emb)
         with atomic_path(path) as tmp:
             torch.save(data, tmp)
-    elif fmt == "safetensors":
-        from safetensors.torch import save_file
+    elif fmt == "safetensors":  # sdcore's layout (emb_params, or clip_l/clip_g/t5 + t5xxl), shared with the LoRA's
+        from sdcore.models.embedding_files import save_embedding_file
 
-        tensors = _per_encoder(emb) if emb.is_sdxl else {"emb_params": _clean(emb.vectors[SINGLE])}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=_header(emb))
+        save_embedding_file(path, emb.vectors, _header(emb))
     elif fmt == "bin":
         tensors = _per_encoder(emb) if emb.is_sdxl else {emb.name: _clean(emb.vectors[SINGLE])}
         with atomic_path(path) as tmp:

@@ -1430,9 +1430,11 @@ def _lora(r: _Reader, family: str) -> None:
 
 def _additional_embeddings(r: _Reader, method: str) -> None:
     """``additional_embeddings`` of a LORA run: new embeddings trained with it (``TrainEmbeddingConfig`` each),
-    bundled in the LoRA file (``bundle_additional_embeddings``, the default): the LoRA's ``--embedding
-    PLACEHOLDER:TOKEN_COUNT:INITIAL_EMBEDDING_TEXT``, ``embedding_learning_rate`` its ``--embedding-lr`` and a
-    STEP ``stop_training_after`` its ``--embedding-stop-at``. What sdcore cannot do is refused by name."""
+    bundled in the LoRA file (``bundle_additional_embeddings``, the default) or, with it false, written as separate
+    files instead (``--embedding-files``: OneTrainer's ``<LoRA file>_embeddings/<placeholder>.safetensors``): the
+    LoRA's ``--embedding PLACEHOLDER:TOKEN_COUNT:INITIAL_EMBEDDING_TEXT``, ``embedding_learning_rate`` its
+    ``--embedding-lr`` and a STEP ``stop_training_after`` its ``--embedding-stop-at``. What sdcore cannot do is
+    refused by name."""
     v = r.out.values
     raw = r.get("additional_embeddings")
     if raw in (None, []):
@@ -1444,9 +1446,8 @@ def _additional_embeddings(r: _Reader, method: str) -> None:
         r.refuse("additional_embeddings", f"{len(raw)} embedding(s)", "sdcore trains additional embeddings with "
                  "a LoRA only (sdcore train lora --embedding)")  # fmt: skip
         return
-    if r.get("bundle_additional_embeddings") is False:
-        r.refuse("bundle_additional_embeddings", False, "sdcore writes the embeddings into the LoRA file only "
-                 "(bundle_emb.*, which A1111 1.7+ loads); leave it true")  # fmt: skip
+    if r.get("bundle_additional_embeddings") is False:  # OneTrainer: separate files instead, not both
+        v["embedding_files"] = True
     specs, stops = [], set()
     for i, item in enumerate(raw):
         name = f"additional_embeddings[{i}]"

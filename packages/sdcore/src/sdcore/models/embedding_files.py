@@ -1,0 +1,180 @@
+"""The ``.safetensors`` layout of a textual-inversion embedding file, written by every plugin that writes one.
+
+A1111, ComfyUI, kohya and diffusers read an embedding from its own file, the prompt word being the file stem:
+
+- SD1/SD2 (one text encoder): ``{"emb_params": [n, width]}`` (kohya ``train_textual_inversion.py``'s key). A1111's
+  ``create_embedding_from_data`` takes the one tensor of a one-key dict; ComfyUI's ``load_embed`` takes its
+  encoder's key if present, else the first value; diffusers' ``load_textual_inversion`` takes a one-key dict's
+  tensor (with ``token=``).
+- SDXL, SD3, FLUX.1: one ``[n, width]`` tensor per text encoder, ``clip_l`` / ``clip_g`` / ``t5`` (OneTrainer's and
+  kohya SDXL's names; A1111's SDXL branch needs ``clip_l`` and ``clip_g``; ComfyUI's tokenizers look up ``clip_l``,
+  ``clip_g`` and ``t5xxl``, so a T5 part is written under both ``t5`` and ``t5xxl``).
+
+The textual-inversion plugin writes its ``.safetensors`` files through :func:`file_tensors`, and the LoRA plugin
+writes the embeddings it trains with a LoRA (and those bundled in a LoRA file, ``sdcore lora extract-embeddings``)
+through :func:`save_embedding_file`, so neither plugin imports the other. OneTrainer's own separate files
+(``bundle_additional_embeddings: false``) go to ``<LoRA file>_embeddings/<placeholder>.safetensors`` with the
+placeholder's spaces as ``_`` and only letters, digits and ``._-#`` kept (its ``safe_filename``):
+:func:`embeddings_folder` and :func:`embedding_file_name` give those names. Importing this module does not import
+torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ModelFormatError
+from .bundled_embeddings import SINGLE, BundledEmbedding
+
+if TYPE_CHECKING:
+    import torch
+
+#: the key of SD1/SD2's one tensor in a ``.safetensors`` embedding (kohya's; A1111 and ComfyUI read any one key)
+EMB_PARAMS = "emb_params"
+#: the per-encoder keys, in text-encoder order
+ENCODER_KEYS = ("clip_l", "clip_g", "t5")
+#: ComfyUI's key of the T5 part (``t5xxl``), written beside OneTrainer's ``t5``
+T5_ALIAS = "t5xxl"
+#: the folder OneTrainer writes a LoRA's separate embeddings to: ``<the LoRA file's path>_embeddings``
+FOLDER_SUFFIX = "_embeddings"
+#: the characters OneTrainer's ``safe_filename`` keeps besides letters and digits (spaces become ``_`` first)
+_KEPT = frozenset("._-#")
+#: the device names Windows reserves whatever the extension (``CON.safetensors`` opens the console there), compared
+#: case-insensitively with the part of the stem before its first dot; ``str.isalnum`` keeps the superscript digits
+#: of ``COM¹``, which Windows reserves too
+_WINDOWS_DEVICES = frozenset(
+    {"con", "prn", "aux", "nul"} | {f"{port}{digit}" for port in ("com", "lpt") for digit in "0123456789¹²³"}
+)
+
+
+def _clean(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+
+def per_encoder_tensors(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One float32 tensor per encoder key; a ``t5`` part also under ComfyUI's ``t5xxl`` (a copy: safetensors refuses
+    two keys sharing memory), so one file loads its T5 part in OneTrainer and ComfyUI alike."""
+    tensors = {key: _clean(tensor) for key, tensor in vectors.items()}
+    if "t5" in tensors:
+        tensors[T5_ALIAS] = tensors["t5"].clone()
+    return tensors
+
+
+def file_tensors(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of an embedding's ``.safetensors`` file: ``emb_params`` for SD1/SD2's single tensor (key
+    ``"*"``), else :func:`per_encoder_tensors`. ``vectors`` maps ``"*"`` or encoder keys to ``[n, width]``."""
+    if SINGLE in vectors:
+        if len(vectors) != 1:
+            raise ModelFormatError(f"an embedding has either one tensor or one per encoder, not {sorted(vectors)}")
+        return {EMB_PARAMS: _clean(vectors[SINGLE])}
+    unknown = [key for key in vectors if key not in ENCODER_KEYS]
+    if unknown or not vectors:
+        raise ModelFormatError(f"embedding parts {sorted(vectors)}: want '*' or {', '.join(ENCODER_KEYS)}")
+    return per_encoder_tensors(vectors)
+
+
+def save_embedding_file(
+    path: str | Path, vectors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``vectors`` (see :func:`file_tensors`) as an embedding ``.safetensors`` at ``path``, atomically, with
+    ``metadata`` (strings) in its header."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path
+
+    path = Path(path)
+    tensors = file_tensors(vectors)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+    return path
+
+
+def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The vectors of an embedding ``.safetensors`` as :func:`file_tensors` writes them back: ``{"*": tensor}`` for a
+    one-tensor file (``emb_params`` or any one key), else the ``clip_l``/``clip_g``/``t5`` parts (``t5xxl`` read as
+    ``t5``). ModelFormatError for a file that is neither."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        data = load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFormatError(f"{path}: not a readable embedding file: {exc}") from exc
+    parts = {key: data[key] for key in ENCODER_KEYS if key in data}
+    if "t5" not in parts and T5_ALIAS in data:
+        parts["t5"] = data[T5_ALIAS]
+    if parts:
+        return {key: t.unsqueeze(0) if t.dim() == 1 else t for key, t in parts.items()}
+    if len(data) == 1:
+        tensor = next(iter(data.values()))
+        return {SINGLE: tensor.unsqueeze(0) if tensor.dim() == 1 else tensor}
+    raise ModelFormatError(f"{path}: not an embedding file (keys: {', '.join(sorted(data)[:8]) or 'none'})")
+
+
+def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]:
+    """The vectors of a LoRA's bundled embedding (read with tensors) as its own file holds them: SD1/SD2's one
+    tensor (``string_to_param.*``, or ``clip_l`` alone as newer OneTrainer writes SD1's) is ``"*"``, written as
+    ``emb_params`` (a FLUX.1 bundle with ``clip_l`` alone reads the same in A1111 and ComfyUI: the one tensor); SDXL/SD3/FLUX.1 parts keep their keys (``t5xxl`` as ``t5``). OneTrainer's output vectors
+    (``*_out``) are left out, as A1111 and ComfyUI apply none. ModelFormatError for a part no text encoder here
+    reads (OneTrainer's ``llama``, ``gemma``...), naming it."""
+    vectors = dict(embedding.vectors)
+    if not vectors:
+        raise ModelFormatError(f"bundled embedding {embedding.name!r} has no input vectors")
+    if set(vectors) in ({SINGLE}, {"clip_l"}):
+        return {SINGLE: next(iter(vectors.values()))}
+    out = {}
+    for part, tensor in vectors.items():
+        key = "t5" if part == T5_ALIAS else part
+        if key not in ENCODER_KEYS:
+            where = f"{embedding.source}: " if embedding.source else ""
+            raise ModelFormatError(
+                f"{where}bundled embedding {embedding.name!r} has a {part!r} part, which no embedding file format "
+                f"here holds (want {', '.join(ENCODER_KEYS)})"
+            )
+        out[key] = tensor
+    return out
+
+
+def embedding_file_name(name: str) -> str:
+    """``NAME.safetensors`` as OneTrainer names an embedding's own file: spaces become ``_``, then only letters,
+    digits and ``._-#`` are kept (``<sks>`` -> ``sks.safetensors``); the prompt word in A1111 and ComfyUI is that
+    stem. ModelFormatError when nothing is left, or when the stem is a device name Windows reserves (``CON``,
+    ``nul.x``, ``COM1``...: the file could not be written or copied there)."""
+    stem = "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in _KEPT).strip()
+    if not stem.strip("."):
+        raise ModelFormatError(
+            f"embedding {name!r}: no letter or digit is left for its file name (OneTrainer's rule: letters, digits "
+            "and ._-#)"
+        )
+    if stem.split(".")[0].lower() in _WINDOWS_DEVICES:
+        raise ModelFormatError(
+            f"embedding {name!r}: its file name {stem}.safetensors is a device name Windows reserves (CON, PRN, AUX, "
+            "NUL, COM0-9, LPT0-9; NUL.x.y too), which no Windows client can load"
+        )
+    return f"{stem}.safetensors"
+
+
+def embeddings_folder(lora_path: str | Path) -> Path:
+    """Where the embeddings trained with the LoRA ``lora_path`` go as separate files: ``<lora_path>_embeddings``
+    (``out/x.safetensors`` -> ``out/x.safetensors_embeddings/``), OneTrainer's folder for the same setting."""
+    path = Path(lora_path)
+    return path.with_name(path.name + FOLDER_SUFFIX)
+
+
+__all__ = [
+    "EMB_PARAMS",
+    "ENCODER_KEYS",
+    "FOLDER_SUFFIX",
+    "T5_ALIAS",
+    "bundled_file_vectors",
+    "embedding_file_name",
+    "embeddings_folder",
+    "file_tensors",
+    "per_encoder_tensors",
+    "read_embedding_file",
+    "save_embedding_file",
+]

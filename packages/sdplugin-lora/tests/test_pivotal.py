@@ -443,6 +443,35 @@ def test_text_cache_keeps_the_rule_encoders_with_training_vectors_run_every_step
     assert not torch.allclose(full.hidden_states, plain.hidden_states)  # T5 reads the tokens' own vectors
 
 
+def test_text_store_on_disk_is_keyed_by_the_untrained_t5_vectors(tmp_path):
+    """--cache-text-encoder-outputs-to-disk: the store's probe prompts hold no embedding token, so the cached T5's
+    rows for the tokens are part of its key: a run whose init text differs (same NAME, same captions, other T5
+    vectors) encodes afresh and its cached conditioning is its own full encoding; the same spec again reuses."""
+    from sdcore.train.loop import TrainSession
+
+    def session(spec, tag):
+        values = {"embedding": (spec,), "rank": 2, "max_steps": 1, "batch_size": 2, "save_state": False,
+                  "cache_text_encoder_outputs": True, "cache_text_encoder_outputs_to_disk": True,
+                  "cache_dir": str(tmp_path / "cache"), "t5xxl_max_token_length": 16}  # fmt: skip
+        options = contract_options(LoraMethod, tmp_path, values, family="flux", tag=tag)
+        run = TrainSession(LoraMethod(options), bundle=_bundle("flux"))
+        run.setup()
+        assert run.text_cache is not None and run.text_cache.partial == ("text_encoder_2",)
+        return run
+
+    first = session("tiny:2:red stripes", "a")
+    assert (first.text_cache.encoded, first.text_cache.reused) == (4, 0)
+    other = session("tiny:2:blue checks", "b")
+    assert (other.text_cache.encoded, other.text_cache.reused) == (4, 0)  # not the first run's T5 rows
+    batch = other.make_batch(other.data.epoch_plan(0)[0])
+    with torch.no_grad():
+        cached = other.objective.conditioning_for(batch)
+        full = other.method.encode(other.bundle, batch.captions)
+    assert torch.equal(cached.hidden_states, full.hidden_states)
+    again = session("tiny:2:red stripes", "c")
+    assert (again.text_cache.encoded, again.text_cache.reused) == (0, 4)
+
+
 # --- OneTrainer: T5's train_embedding is --embedding-t5 ---------------------------------------------------------
 FLUX = {**BASE, "model_type": "FLUX_DEV_1", "base_model_name": "tiny:flux", "output_model_format": "KOHYA_LORA",
         "additional_embeddings": [{"placeholder": "<sks>", "token_count": 2}]}  # fmt: skip

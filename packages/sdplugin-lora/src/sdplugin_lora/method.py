@@ -1021,14 +1021,15 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         problems += self._te_rate_family_problems(family)
         if o.embedding:
-            from .pivotal import family_keys
+            from .pivotal import FAMILY_LABEL, T5, family_keys
 
-            if family_keys(family) is None:
+            keys = family_keys(family)
+            if keys is None:
                 problems.append(
-                    f"--embedding on {family}: sdcore trains and bundles new embeddings for SD1, SD2, SDXL, "
-                    "SD3/SD3.5, FLUX.1 and Chroma (OneTrainer's bundle_emb layouts)"
+                    f"--embedding on {family}: sdcore trains and bundles new embeddings for {FAMILY_LABEL} "
+                    "(OneTrainer's bundle_emb layouts)"
                 )
-            elif o.embedding_t5 and "t5" not in (family_keys(family) or ()):
+            elif o.embedding_t5 and T5 not in keys:
                 problems.append(f"--embedding-t5 on {family}: this model has no T5-XXL text encoder")
         if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
             problems.append(

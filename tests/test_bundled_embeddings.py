@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "sdplu
 from lora_testutil import fresh_bundle, random_network
 from safetensors.torch import save_file
 from sdcore.generate.session import NetworkSession
-from sdcore.models.text import encode_prompts
 from sdplugin_lora.apply import LoraHandler
 from sdplugin_ti.apply import EmbeddingHandler, short_hash
 from sdplugin_ti.embedding import CLIP_G, CLIP_L, SINGLE, Embedding
@@ -38,7 +37,10 @@ def _lora(bundle, path: Path, bundled: dict[str, torch.Tensor]) -> Path:
 
 
 def _hidden(bundle, prompt: str) -> list[torch.Tensor]:
-    cond = encode_prompts(bundle, [prompt])
+    """The text encoders' output for ``prompt`` as the family's generation encodes it (SD3/FLUX.1: CLIP and T5)."""
+    from sdcore.models.family import family_adapter
+
+    cond = family_adapter(bundle.family).encode_prompts(bundle, [prompt])
     return [cond.hidden_states] + ([cond.pooled] if getattr(cond, "pooled", None) is not None else [])
 
 
@@ -192,29 +194,31 @@ def test_a_merge_says_the_bundled_embeddings_are_left_out(tmp_path):
         merge_into_model(fresh_bundle("sd1"), [(plain, 1.0)])
 
 
-def test_a_pivotal_lora_trained_here_gives_its_word_in_generate(tmp_path):
+@pytest.mark.parametrize(("family", "t5"), [("sd1", False), ("sd3", False), ("flux", True), ("chroma", False)])
+def test_a_pivotal_lora_trained_here_gives_its_word_in_generate(tmp_path, family, t5):
     """End to end: ``sdcore train lora --embedding tiny:2:...`` writes the bundle; ``<lora:NAME> ... tiny`` in
-    generation gives the text encoder's output the run's own ``load_result`` gives for the expanded caption (the
-    LoRA's text-encoder part and the two trained vectors both), and the plain word without the LoRA does not."""
+    generation gives the text encoders' output the run's own ``load_result`` gives for the expanded caption (the
+    LoRA's text-encoder part and the two trained vectors both), and the plain word without the LoRA does not.
+    SD3 (T5's vectors written untrained), FLUX.1 (trained with --embedding-t5) and Chroma (T5 only) too."""
     from sdcore.testing.contract import _bundle, contract_options
     from sdcore.train.loop import train
     from sdplugin_lora.method import LoraMethod
 
     values = {"embedding": ("tiny:2:red stripes",), "rank": 4, "lr": 1e-2, "embedding_lr": 5e-2, "max_steps": 3,
-              "save_state": False, "save_dtype": "fp32"}  # fmt: skip
-    options = contract_options(LoraMethod, tmp_path / "run", values, family="sd1")
-    result = train(LoraMethod(options), bundle=_bundle("sd1"))
+              "save_state": False, "save_dtype": "fp32", "embedding_t5": t5}  # fmt: skip
+    options = contract_options(LoraMethod, tmp_path / "run", values, family=family)
+    result = train(LoraMethod(options), bundle=_bundle(family))
     loras = tmp_path / "loras"
     loras.mkdir()
     (loras / "pivot.safetensors").write_bytes(Path(result.output).read_bytes())
 
-    loader, loaded = LoraMethod(options), _bundle("sd1")
+    loader, loaded = LoraMethod(options), _bundle(family)
     loader.load_result(loaded, result.output)
     for module in loaded.components().values():
         module.eval()
     expected = _hidden(loaded, loader.caption_for("a photo of tiny", is_class=False, rng=None))
 
-    bundle = _bundle("sd1")
+    bundle = _bundle(family)
     for module in bundle.components().values():
         module.eval()
     plain = _hidden(bundle, "a photo of tiny")
@@ -222,7 +226,8 @@ def test_a_pivotal_lora_trained_here_gives_its_word_in_generate(tmp_path):
     with _session(loras, tmp_path / "emb").apply(bundle, "<lora:pivot> a photo of tiny") as applied:
         ours = _hidden(bundle, applied.prompt)
         assert applied.info["TI hashes"] == "tiny: pivot"
-    assert torch.allclose(ours[0], expected[0], atol=1e-5), float((ours[0] - expected[0]).abs().max())
+    for got, want in zip(ours, expected, strict=True):  # hidden states (and FLUX.1/SD3's pooled vector)
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     assert not torch.allclose(ours[0], plain[0], atol=1e-3)
 
 

@@ -36,7 +36,15 @@ def _cli(*args):
     return CliRunner().invoke(build_cli(get_plugin_manager()), [str(a) for a in args])
 
 
-@pytest.mark.parametrize(("family", "keys"), [("sd1", ("emb_params",)), ("sdxl", ("clip_g", "clip_l"))])
+@pytest.mark.parametrize(
+    ("family", "keys"),
+    [
+        ("sd1", ("emb_params",)),
+        ("sdxl", ("clip_g", "clip_l")),
+        ("flux", ("clip_l", "t5", "t5xxl")),  # T5's vectors untrained (no --embedding-t5) and still written
+        ("chroma", ("t5", "t5xxl")),  # T5 only, trained
+    ],
+)
 def test_files_hold_exactly_the_bundled_vectors(tmp_path, family, keys):
     """The same run bundled and with --embedding-files: the LoRA file has no bundle_emb key, the embedding file has
     A1111's/ComfyUI's keys, float32, and exactly the vectors the bundled run wrote (and the same LoRA tensors)."""
@@ -59,9 +67,10 @@ def test_files_hold_exactly_the_bundled_vectors(tmp_path, family, keys):
         assert list(emb.vectors) == [SINGLE]
         assert torch.equal(emb.vectors[SINGLE], bundle_state["bundle_emb.tiny.clip_l"])
     else:
-        assert sorted(emb.vectors) == [CLIP_G, CLIP_L]
-        for key in (CLIP_L, CLIP_G):
-            assert torch.equal(emb.vectors[key], bundle_state[f"bundle_emb.tiny.{key}"])
+        parts = sorted({key if key != "t5xxl" else T5 for key in keys})
+        assert sorted(emb.vectors) == parts
+        for key in parts:
+            assert torch.equal(emb.vectors[key], bundle_state[f"bundle_emb.tiny.{key}"].float())
 
 
 def test_load_result_reads_the_files_back(tmp_path):

@@ -39,16 +39,24 @@ class _Watch:
         self.vectors[step] = self.method.pivotal.state_dict()
 
 
+def _start(bundle) -> dict[str, torch.Tensor]:
+    """SPEC's starting vectors by bundle key: the init text's rows, cut to 2 tokens on CLIP-L encoders only."""
+    from sdcore.models.token_embeddings import init_rows
+    from sdplugin_lora.pivotal import family_keys
+
+    keys = family_keys(bundle.family)
+    kinds = [e.kind for e in bundle.family_spec.text_encoders]
+    return {
+        key: init_rows(encoder, tokenizer, "red stripes", 2, cut=kind == "clip-l")
+        for encoder, tokenizer, key, kind in zip(bundle.text_encoders, bundle.tokenizers, keys, kinds, strict=True)
+    }
+
+
 def _run(tmp_path, family="sd1", **overrides):
     values = {"embedding": (SPEC,), "rank": 4, "lr": 1e-2, "max_steps": 3, "save_state": False, **overrides}
     method = LoraMethod(contract_options(LoraMethod, tmp_path, values, family=family))
     bundle = _bundle(family)
-    keys = ("clip_l",) if family == "sd1" else ("clip_l", "clip_g")
-    start = {}
-    for encoder, tokenizer, key in zip(bundle.text_encoders, bundle.tokenizers, keys, strict=True):
-        from sdcore.models.token_embeddings import init_rows
-
-        start[key] = init_rows(encoder, tokenizer, "red stripes", 2, cut=key == "clip_l")
+    start = _start(bundle)
     watch = _Watch(method)
     result = train(method, bundle=bundle, plugin_manager=plugin_manager_with(watch))
     return method, watch, result, start
@@ -73,9 +81,18 @@ def test_options_without_embedding_and_bad_family(tmp_path):
     o = contract_options(LoraMethod, tmp_path, {"embedding_lr": 1e-3})
     with pytest.raises(ConfigError, match="--embedding-lr applies to --embedding vectors"):
         LoraMethod(o).validate()
+    o = contract_options(LoraMethod, tmp_path, {"embedding_t5": True})
+    with pytest.raises(ConfigError, match=r"^--embedding-t5 applies to --embedding vectors; this run trains none$"):
+        LoraMethod(o).validate()
     method = LoraMethod(contract_options(LoraMethod, tmp_path, {"embedding": ("sks",)}))
-    assert method.family_problems("sd1") == []
-    assert any("--embedding on flux" in p for p in method.family_problems("flux"))
+    assert [method.family_problems(f) for f in ("sd1", "sdxl", "sd3", "flux", "chroma")] == [[]] * 5
+    assert (
+        "--embedding on sdxl-refiner: sdcore trains and bundles new embeddings for SD1, SD2, SDXL, SD3/SD3.5, "
+        "FLUX.1 and Chroma (OneTrainer's bundle_emb layouts)"
+    ) in method.family_problems("sdxl-refiner")
+    t5 = LoraMethod(contract_options(LoraMethod, tmp_path, {"embedding": ("sks",), "embedding_t5": True}))
+    assert [t5.family_problems(f) for f in ("sd3", "flux", "chroma")] == [[]] * 3
+    assert "--embedding-t5 on sdxl: this model has no T5-XXL text encoder" in t5.family_problems("sdxl")
 
 
 def test_sd1_run_trains_vectors_and_lora_and_bundles_them(tmp_path):
@@ -114,6 +131,44 @@ def test_sdxl_run_bundles_clip_l_and_clip_g(tmp_path):
     assert sorted(parse_state_dict(state).embedding_keys) == ["bundle_emb.tiny.clip_g", "bundle_emb.tiny.clip_l"]
 
 
+@pytest.mark.parametrize(
+    ("family", "t5", "keys", "trained"),
+    [
+        ("sd3", False, ("clip_l", "clip_g", "t5"), ("clip_l", "clip_g")),
+        ("flux", True, ("clip_l", "t5"), ("clip_l", "t5")),
+        ("chroma", False, ("t5",), ("t5",)),  # T5 is Chroma's only encoder: it trains without --embedding-t5
+    ],
+)
+def test_dit_runs_bundle_every_encoders_part_as_onetrainer(tmp_path, family, t5, keys, trained):
+    """SD3/SD3.5, FLUX.1, Chroma: the parts OneTrainer's StableDiffusion3/Flux/ChromaLoRASaver write, one per loaded
+    encoder whether its vectors trained or not; T5's train with --embedding-t5 only (Chroma's always), else they
+    are written exactly as they started."""
+    method, watch, result, start = _run(tmp_path, family=family, embedding_t5=t5, max_steps=2)
+    state = load_file(str(result.output))
+    widths = [int(e.get_input_embeddings().weight.shape[1]) for e in _bundle(family).text_encoders]
+    assert {k: tuple(v.shape) for k, v in state.items() if k.startswith("bundle_emb.")} == {
+        f"bundle_emb.tiny.{key}": (2, width) for key, width in zip(keys, widths, strict=True)
+    }
+    for key in keys:
+        saved = state[f"bundle_emb.tiny.{key}"]
+        assert torch.equal(saved, watch.vectors[2][f"sdcore_emb.tiny.{key}"])  # fp32 save: the run's vectors
+        if key in trained:
+            assert float((saved - start[key]).abs().max()) > 1e-4, f"{key} vectors did not train"
+            assert not torch.equal(
+                watch.vectors[2][f"sdcore_emb.tiny.{key}"], watch.vectors[1][f"sdcore_emb.tiny.{key}"]
+            )
+        else:
+            assert torch.equal(saved, start[key]), f"untrained {key} vectors moved"
+    assert len(method.pivotal.parameters()) == len(trained)  # the optimizer group: the trained tables only
+    tables = method.pivotal.rows["tiny"].tables
+    assert [tables[i].requires_grad for i in range(len(keys))] == [k in trained for k in keys]
+    parsed = parse_state_dict(state)
+    assert sorted(parsed.embedding_keys) == sorted(f"bundle_emb.tiny.{k}" for k in keys) and not parsed.unknown_keys
+    ups = [v for k, v in state.items() if k.endswith("lora_up.weight")]
+    assert ups and any(torch.count_nonzero(u) for u in ups), "the LoRA did not train"
+    assert method.caption_for("tiny, red", is_class=False, rng=None) == "<pt0_tiny_0> <pt0_tiny_1>, red"
+
+
 def test_embedding_lr_zero_leaves_vectors_and_stop_at_freezes_them(tmp_path):
     _m, watch, _r, start = _run(tmp_path / "zero", embedding_lr=0.0, max_steps=2)
     assert torch.equal(watch.vectors[2]["sdcore_emb.tiny.clip_l"], start["clip_l"])
@@ -124,12 +179,17 @@ def test_embedding_lr_zero_leaves_vectors_and_stop_at_freezes_them(tmp_path):
     assert all(not p.requires_grad and p.grad is None for p in method.pivotal.parameters())
 
 
-def test_resume_continues_exactly(tmp_path):
-    check_resume(LoraMethod, tmp_path, {"embedding": (SPEC,), "rank": 4, "embedding_stop_at": 3}, steps=4)
+@pytest.mark.parametrize(
+    ("family", "extra", "steps"),
+    [("sd1", {"embedding_stop_at": 3}, 4), ("flux", {"embedding_t5": True}, 2), ("sd3", {}, 2)],
+)
+def test_resume_continues_exactly(tmp_path, family, extra, steps):
+    check_resume(LoraMethod, tmp_path, {"embedding": (SPEC,), "rank": 4, **extra}, family=family, steps=steps)
 
 
-def test_resume_with_ema_continues_exactly(tmp_path):
-    check_resume(LoraMethod, tmp_path, {"embedding": ("tiny",), "rank": 4, "ema": True}, steps=2)
+@pytest.mark.parametrize("family", ["sd1", "flux"])  # FLUX.1: CLIP's vectors averaged, T5's untrained ones not
+def test_resume_with_ema_continues_exactly(tmp_path, family):
+    check_resume(LoraMethod, tmp_path, {"embedding": ("tiny",), "rank": 4, "ema": True}, family=family, steps=2)
 
 
 def test_learns(tmp_path):
@@ -193,7 +253,8 @@ def test_onetrainer_refuses_what_it_cannot_do(tmp_path, change, message):
         _ot(tmp_path, {**BASE, **change})
 
 
-def test_load_result_adds_the_bundled_vectors_back(tmp_path):
+@pytest.mark.parametrize(("family", "t5"), [("sd1", False), ("sd3", False), ("flux", True), ("chroma", False)])
+def test_load_result_adds_the_bundled_vectors_back(tmp_path, family, t5):
     """save -> load_result on a fresh model: the LoRA and the embeddings, so the captions' names give the trained
     model's outputs (and not the LoRA-only model's)."""
     import dataclasses
@@ -201,10 +262,12 @@ def test_load_result_adds_the_bundled_vectors_back(tmp_path):
     from sdcore.testing.contract import _reference_outputs
     from sdplugin_lora.apply import apply_lora
     from sdplugin_lora.format import read_lora
+    from sdplugin_lora.pivotal import family_keys
 
     options = contract_options(LoraMethod, tmp_path, {"embedding": (SPEC,), "rank": 4, "lr": 1e-2, "max_steps": 3,
-                                                      "embedding_lr": 5e-2, "save_state": False})  # fmt: skip
-    method, trained = LoraMethod(options), _bundle("sd1")
+                                                      "embedding_lr": 5e-2, "save_state": False, "embedding_t5": t5},
+                               family=family)  # fmt: skip
+    method, trained = LoraMethod(options), _bundle(family)
     result = train(method, bundle=trained)
     for module in trained.components().values():
         module.eval()
@@ -212,7 +275,7 @@ def test_load_result_adds_the_bundled_vectors_back(tmp_path):
     assert captions[0].startswith("<pt0_tiny_0> <pt0_tiny_1>")
     expected = _reference_outputs(method, trained, captions)
 
-    loader, fresh = LoraMethod(options), _bundle("sd1")
+    loader, fresh = LoraMethod(options), _bundle(family)
     loader.load_result(fresh, result.output)
     assert loader.pivotal is not None
     assert [
@@ -220,12 +283,13 @@ def test_load_result_adds_the_bundled_vectors_back(tmp_path):
     ] == captions
     got = _reference_outputs(loader, fresh, captions)
     assert torch.allclose(expected, got, atol=1e-4), f"max |diff| {float((expected - got).abs().max()):.3g}"
-    saved = load_file(str(result.output))["bundle_emb.tiny.clip_l"]
-    assert torch.equal(loader.pivotal.rows["tiny"].tables[0], saved)
-    assert not any(t.requires_grad for t in loader.pivotal.parameters())
+    saved = load_file(str(result.output))
+    for index, key in enumerate(family_keys(family)):
+        assert torch.equal(loader.pivotal.rows["tiny"].tables[index], saved[f"bundle_emb.tiny.{key}"]), key
+    assert not any(t.requires_grad for t in loader.pivotal.rows["tiny"].tables.values())
 
     # the LoRA alone (its embeddings' names read as plain text) gives other outputs: the vectors mattered
-    lora_only = _bundle("sd1")
+    lora_only = _bundle(family)
     lora = read_lora(result.output)
     apply_lora(lora_only, dataclasses.replace(lora, embedding_keys=[]), 1.0, strict=True)
     plain = _reference_outputs(loader, lora_only, ["tiny, red stripes", "tiny, blue checks"])
@@ -267,7 +331,7 @@ def test_init_rows_cut_only_on_clip_l_encoders():
             pivotal.remove()
 
 
-def _dry_run(tmp_path, monkeypatch, data, *extra):
+def _dry_run(tmp_path, monkeypatch, data, *extra, model="tiny:sd1"):
     """``sdcore train lora --dry-run`` with the model load forbidden: the check must come before any model."""
     import sdcore.models.load as load
     from click.testing import CliRunner
@@ -278,7 +342,7 @@ def _dry_run(tmp_path, monkeypatch, data, *extra):
         raise AssertionError("the pre-flight must not load the model")
 
     monkeypatch.setattr(load, "load_model", no_load)
-    args = ["train", "lora", "--model", "tiny:sd1", "--data", str(data), "--output", str(tmp_path / "out")]
+    args = ["train", "lora", "--model", model, "--data", str(data), "--output", str(tmp_path / "out")]
     return CliRunner().invoke(build_cli(get_plugin_manager()), [*args, "--dry-run", *extra])
 
 
@@ -307,6 +371,20 @@ def test_no_caption_with_the_name_is_a_problem_before_any_model_loads(tmp_path, 
     assert "no caption" not in planned.output and "no training caption" not in planned.output
 
 
+def test_dry_run_plans_dit_embeddings_and_refuses_t5_without_t5(tmp_path, monkeypatch):
+    """FLUX.1 with --embedding-t5 is planned; --embedding-t5 on SDXL (no T5-XXL) is refused by the pre-flight with
+    its one line, before any model loads, exit 2 and no traceback."""
+    from sdcore.testing.contract import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    planned = _dry_run(tmp_path, monkeypatch, data, "--embedding", "tiny:2", "--embedding-t5", model="tiny:flux")
+    assert planned.exit_code == 0, planned.output
+    refused = _dry_run(tmp_path, monkeypatch, data, "--embedding", "tiny:2", "--embedding-t5", model="tiny:sdxl")
+    assert refused.exit_code == 2, refused.output
+    assert "--embedding-t5 on sdxl: this model has no T5-XXL text encoder" in refused.output
+    assert "Traceback" not in refused.output
+
+
 def test_some_names_unused_is_a_note(tmp_path, monkeypatch):
     from sdcore.testing.contract import make_tiny_dataset
 
@@ -330,3 +408,88 @@ def test_kohya_class_tokens_and_filename_captions_are_the_captions(tmp_path, mon
         tmp_path, monkeypatch, data, "--embedding", "qux", "--embedding", "zork", "--filename-captions", "a1111"
     )
     assert both.exit_code == 0 and "--embedding 'zork': no training caption contains this name" in both.output
+
+
+# --- --cache-text-encoder-outputs: the encoders whose vectors train encode every step -----------------------------
+def test_text_cache_keeps_the_rule_encoders_with_training_vectors_run_every_step(tmp_path):
+    """As on SDXL (both CLIP encoders hold training vectors: nothing cached), an encoder whose vectors train is
+    never cached; FLUX.1's T5 without --embedding-t5 reads constant vectors, so it is cached as for a CLIP-trained
+    LoRA (kohya's partial cache) and a step's conditioning is the full encoding's of the expanded captions."""
+    from sdcore.train.loop import TrainSession
+
+    def session(family, **extra):
+        values = {"embedding": (SPEC,), "rank": 2, "max_steps": 1, "batch_size": 2, "save_state": False,
+                  "cache_text_encoder_outputs": True, "t5xxl_max_token_length": 16, **extra}  # fmt: skip
+        run = TrainSession(LoraMethod(contract_options(LoraMethod, tmp_path / family, values, family=family)),
+                           bundle=_bundle(family))  # fmt: skip
+        run.setup()
+        return run
+
+    assert session("sdxl").text_cache is None
+    assert session("flux", embedding_t5=True).text_cache is None
+    assert session("chroma").text_cache is None  # its only encoder holds training vectors
+    flux = session("flux")
+    assert flux.text_cache is not None and flux.text_cache.partial == ("text_encoder_2",)
+    batch = flux.make_batch(flux.data.epoch_plan(0)[0])
+    assert batch.conditioning is None and batch.cached_text is not None
+    assert all(c.startswith("<pt0_tiny_0> <pt0_tiny_1>") for c in batch.captions)
+    with torch.no_grad():
+        partial = flux.objective.conditioning_for(batch)
+        full = flux.method.encode(flux.bundle, batch.captions)
+        plain = flux.method.encode(
+            flux.bundle, [c.replace("<pt0_tiny_0> <pt0_tiny_1>", "tiny") for c in batch.captions]
+        )
+    assert torch.equal(partial.hidden_states, full.hidden_states) and torch.equal(partial.pooled, full.pooled)
+    assert not torch.allclose(full.hidden_states, plain.hidden_states)  # T5 reads the tokens' own vectors
+
+
+def test_text_store_on_disk_is_keyed_by_the_untrained_t5_vectors(tmp_path):
+    """--cache-text-encoder-outputs-to-disk: the store's probe prompts hold no embedding token, so the cached T5's
+    rows for the tokens are part of its key: a run whose init text differs (same NAME, same captions, other T5
+    vectors) encodes afresh and its cached conditioning is its own full encoding; the same spec again reuses."""
+    from sdcore.train.loop import TrainSession
+
+    def session(spec, tag):
+        values = {"embedding": (spec,), "rank": 2, "max_steps": 1, "batch_size": 2, "save_state": False,
+                  "cache_text_encoder_outputs": True, "cache_text_encoder_outputs_to_disk": True,
+                  "cache_dir": str(tmp_path / "cache"), "t5xxl_max_token_length": 16}  # fmt: skip
+        options = contract_options(LoraMethod, tmp_path, values, family="flux", tag=tag)
+        run = TrainSession(LoraMethod(options), bundle=_bundle("flux"))
+        run.setup()
+        assert run.text_cache is not None and run.text_cache.partial == ("text_encoder_2",)
+        return run
+
+    first = session("tiny:2:red stripes", "a")
+    assert (first.text_cache.encoded, first.text_cache.reused) == (4, 0)
+    other = session("tiny:2:blue checks", "b")
+    assert (other.text_cache.encoded, other.text_cache.reused) == (4, 0)  # not the first run's T5 rows
+    batch = other.make_batch(other.data.epoch_plan(0)[0])
+    with torch.no_grad():
+        cached = other.objective.conditioning_for(batch)
+        full = other.method.encode(other.bundle, batch.captions)
+    assert torch.equal(cached.hidden_states, full.hidden_states)
+    again = session("tiny:2:red stripes", "c")
+    assert (again.text_cache.encoded, again.text_cache.reused) == (0, 4)
+
+
+# --- OneTrainer: T5's train_embedding is --embedding-t5 ---------------------------------------------------------
+FLUX = {**BASE, "model_type": "FLUX_DEV_1", "base_model_name": "tiny:flux", "output_model_format": "KOHYA_LORA",
+        "additional_embeddings": [{"placeholder": "<sks>", "token_count": 2}]}  # fmt: skip
+
+
+def test_onetrainer_t5_train_embedding_is_embedding_t5(tmp_path):
+    """OneTrainer trains every encoder's vectors of an additional embedding by default (train_embedding true):
+    FLUX.1's text_encoder_2 (T5) then becomes --embedding-t5; false leaves T5's vectors untrained, as here; a CLIP
+    encoder's false, or Chroma's (its T5 is its only encoder), is refused (sdcore always trains those)."""
+    assert _ot(tmp_path, FLUX).embedding_t5 is True
+    assert _ot(tmp_path, {**FLUX, "text_encoder_2": {"train_embedding": False}}).embedding_t5 is False
+    sd3 = {**FLUX, "model_type": "STABLE_DIFFUSION_35", "base_model_name": "tiny:sd3",
+           "text_encoder_3": {"train_embedding": False}}  # fmt: skip
+    assert _ot(tmp_path, sd3).embedding_t5 is False
+    with pytest.raises(ConfigError, match=r"text_encoder\.train_embedding.*every CLIP text encoder"):
+        _ot(tmp_path, {**FLUX, "text_encoder": {"train_embedding": False}})
+    chroma = {**FLUX, "model_type": "CHROMA_1", "base_model_name": "tiny:chroma"}
+    assert _ot(tmp_path, chroma).embedding_t5 is False  # Chroma's lone T5 trains anyway
+    with pytest.raises(ConfigError, match=r"text_encoder\.train_embedding.*Chroma's T5"):
+        _ot(tmp_path, {**chroma, "text_encoder": {"train_embedding": False}})
+    assert _ot(tmp_path, {k: v for k, v in FLUX.items() if k != "additional_embeddings"}).embedding_t5 is False

@@ -51,7 +51,8 @@ EMBEDDING_HELP = (
     "NAME[:TOKENS[:INIT_TEXT]]. NAME is the placeholder the captions and sample prompts use (replaced wherever "
     "it is written, as OneTrainer does) and the embedding's name in the LoRA file (bundle_emb.NAME.*, which "
     "A1111 1.7+ loads with the LoRA; --embedding-files: separate files instead); TOKENS vectors (default 1), "
-    "started from INIT_TEXT's token vectors (default '*'). SD1, SD2, SDXL."
+    "started from INIT_TEXT's token vectors (default '*'). SD1, SD2, SDXL, SD3/SD3.5, FLUX.1 (CLIP and T5-XXL "
+    "vectors) and Chroma (T5-XXL)."
 )
 
 if TYPE_CHECKING:
@@ -393,6 +394,13 @@ class LoraOptions(TrainOptions, TextEncoderStopOptions):
         "put the files in their embeddings folder.",
         group="lora",
     )
+    embedding_t5: bool = option(
+        False,
+        "SD3/FLUX.1: also train the --embedding vectors of T5-XXL (OneTrainer's train_embedding of T5, as "
+        "train ti --train-t5). Off: they stay at the init text's vectors, written so (bundle_emb.NAME.t5, as "
+        "OneTrainer writes it). Chroma's T5, its only encoder, always trains.",
+        group="lora",
+    )
 
 
 @dataclass
@@ -429,7 +437,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         "block_dims", "conv_block_dims", "dim_from_weights", "decompose_both", "train_norm", "rescaled", "lycoris_preset",
         "layer_filter", "layer_filter_regex", "layer_exclude", "control_lora", "train_norm_layers",
         "module_ranks", "extra_module_ranks",
-        "lora_bias", "lora_layers", "embedding",
+        "lora_bias", "lora_layers", "embedding", "embedding_t5",
     )  # fmt: skip
 
     def __init__(self, options: LoraOptions) -> None:
@@ -1022,13 +1030,16 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             )
         problems += self._te_rate_family_problems(family)
         if o.embedding:
-            from .pivotal import family_keys
+            from .pivotal import FAMILY_LABEL, T5, family_keys
 
-            if family_keys(family) is None:
+            keys = family_keys(family)
+            if keys is None:
                 problems.append(
-                    f"--embedding on {family}: sdcore trains and bundles new embeddings for SD1, SD2 and SDXL "
-                    "(A1111's bundle_emb layouts)"
+                    f"--embedding on {family}: sdcore trains and bundles new embeddings for {FAMILY_LABEL} "
+                    "(OneTrainer's bundle_emb layouts)"
                 )
+            elif o.embedding_t5 and T5 not in keys:
+                problems.append(f"--embedding-t5 on {family}: this model has no T5-XXL text encoder")
         if o.train_norm and not family.startswith(("sd1", "sd2", "sdxl")):
             problems.append(
                 f"--train-norm on {family}: sdcore trains LyCORIS' norm modules on the SD1/SD2/SDXL UNet's "
@@ -1060,7 +1071,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         """--embedding specs, and its rate and stop only with it."""
         o = self.options
         if not o.embedding:
-            for flag, value in (("--embedding-lr", o.embedding_lr), ("--embedding-stop-at", o.embedding_stop_at)):
+            for flag, value in (("--embedding-lr", o.embedding_lr), ("--embedding-stop-at", o.embedding_stop_at),
+                                ("--embedding-t5", o.embedding_t5 or None)):  # fmt: skip
                 if value is not None:
                     raise ConfigError(f"{flag} applies to --embedding vectors; this run trains none")
             if o.embedding_files:
@@ -1094,11 +1106,14 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
     def capabilities(self) -> Capabilities:
         # kohya's slots: the CLIP encoders train with the text encoder, T5 only with train_t5 (so a cached T5);
-        # --embedding vectors live in the CLIP encoders' input embeddings, so those encode every step
-        if self.train_te:
-            trained: frozenset[int] | None = frozenset({1, 2, 3} if self.options.train_t5 else {1, 2})
+        # --embedding vectors live in the encoders' input embeddings, so the encoders whose vectors train encode
+        # every step: the CLIP ones, T5 with --embedding-t5 (an untrained T5's vectors are constant: it may be
+        # cached as for a CLIP-only LoRA; Chroma's lone T5 always trains, and Chroma caches no encoder apart)
+        t5 = self.options.train_t5 or (bool(self.options.embedding) and self.options.embedding_t5)
+        if self.train_te or self.options.embedding:
+            trained: frozenset[int] | None = frozenset({1, 2, 3} if t5 else {1, 2})
         else:
-            trained = frozenset({1, 2}) if self.options.embedding else None
+            trained = None
         return Capabilities(trains_text_encoder=self.train_te or bool(self.options.embedding), per_sample_strength=True,
                             trained_text_encoders=trained, control_channels=self.options.control_lora)  # fmt: skip
 
@@ -1308,7 +1323,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
 
         if self.pivotal is not None:  # a second prepare (the pre-flight's plan, then the run) starts afresh
             self.pivotal.remove()
-        self.pivotal = PivotalEmbeddings(parse_specs(self.options.embedding))
+        self.pivotal = PivotalEmbeddings(parse_specs(self.options.embedding), train_t5=self.options.embedding_t5)
         self.pivotal.add(bundle)
         lr = self.options.embedding_lr if self.options.embedding_lr is not None else self.options.lr
         return self.pivotal.param_group(float(lr))
@@ -1977,7 +1992,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 saved = saved_from_files(embeddings_folder(path), specs, family_keys(bundle.family) or ())
             if self.pivotal is not None:
                 self.pivotal.remove()
-            self.pivotal = PivotalEmbeddings(specs)
+            self.pivotal = PivotalEmbeddings(specs, train_t5=self.options.embedding_t5)
             self.pivotal.add(bundle, saved)
         apply_lora(bundle, lora, 1.0, merge=False, strict=True, widen=self.options.control_lora)
 

@@ -7,16 +7,25 @@ OneTrainer's "additional embeddings" (``additional_embeddings``: ``placeholder``
 Here one ``--embedding NAME:TOKENS:INIT_TEXT`` per embedding:
 
 - the tokens are added with sdcore's token API (:func:`sdcore.models.token_embeddings.add_token_rows`), in every
-  CLIP text encoder of the model, starting from the init text's token rows (A1111's spread, as textual inversion);
+  text encoder of the model (SD3/FLUX.1's T5-XXL too, Chroma's only one), starting from the init text's token rows
+  (A1111's spread, as textual inversion);
 - ``NAME`` is the caption's placeholder: every occurrence in a caption or sample prompt (plain text,
   case-sensitive, anywhere) becomes the tokens, OneTrainer's ``str.replace`` of its placeholder;
 - the vectors are one optimizer group (``--embedding-lr``, no weight decay), in the resumable state and, with
   ``--ema``, in the average like every trained tensor; ``--embedding-stop-at N`` trains them in steps ``1..N``;
+  T5-XXL's vectors train only with ``--embedding-t5`` (OneTrainer's ``text_encoder_N.train_embedding`` of T5;
+  off by default as ``sdcore train ti --train-t5``: T5's backward pass costs the whole T5-XXL) or where T5 is the
+  only encoder (Chroma: untrained vectors would leave it nothing to learn; OneTrainer's default trains them).
+  Untrained, they stay at the init text's rows and T5 reads the tokens as those, in training and in the written
+  file alike;
 - they are written into the LoRA file as OneTrainer bundles them (``StableDiffusionLoRASaver`` /
   ``StableDiffusionXLLoRASaver``) and A1111 1.7+ reads them: ``bundle_emb.NAME.clip_l`` (SD1/SD2: one tensor;
   A1111's ``Lora/networks.py`` makes it ``{"clip_l": tensor}``, which ``create_embedding_from_data`` reads as a
   one-tensor dict) or ``bundle_emb.NAME.clip_l`` and ``bundle_emb.NAME.clip_g`` (SDXL), ``[TOKENS, width]`` each.
   Older OneTrainer wrote SD1/SD2's tensor as ``bundle_emb.NAME.string_to_param.*``, which A1111 reads too.
+  SD3/SD3.5: ``clip_l``, ``clip_g`` and ``t5``; FLUX.1: ``clip_l`` and ``t5``; Chroma: ``t5``
+  (``StableDiffusion3LoRASaver``, ``FluxLoRASaver``, ``ChromaLoRASaver``: a part is written whenever its encoder
+  is loaded, trained or not); sdcore's generate applies them, A1111 has no such families.
 - with ``--embedding-files`` (OneTrainer's ``bundle_additional_embeddings: false``) they are written instead as
   textual-inversion files, ``<LoRA file>_embeddings/NAME.safetensors`` (OneTrainer's folder and file names; sdcore's
   one embedding-file layout, :mod:`sdcore.models.embedding_files`), for ComfyUI, Forge and diffusers, which skip or
@@ -36,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdcore.errors import ConfigError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
-from sdcore.models.bundled_embeddings import PREFIX
+from sdcore.models.bundled_embeddings import PART_BY_KIND, PREFIX
 
 if TYPE_CHECKING:
     import torch
@@ -45,13 +54,20 @@ if TYPE_CHECKING:
 
 #: the key of an embedding's vectors inside a LoRA file (OneTrainer's ``bundle_emb.<placeholder>.<encoder>``)
 BUNDLE_PREFIX = PREFIX
-#: the families whose embeddings sdcore bundles, and their per-encoder keys in ``bundle.text_encoders`` order:
+#: the UNet families whose embeddings sdcore bundles, and their per-encoder keys in ``bundle.text_encoders`` order:
 #: current OneTrainer's (SD1/SD2's one tensor is ``clip_l`` there, also on SD2's OpenCLIP encoder)
 FAMILY_KEYS: dict[str, tuple[str, ...]] = {
     "sd1": ("clip_l",),
     "sd2": ("clip_l",),
     "sdxl": ("clip_l", "clip_g"),
 }
+#: the transformer families whose embeddings sdcore bundles: their keys are their encoders' kinds in sdcore's one
+#: table (:data:`sdcore.models.bundled_embeddings.PART_BY_KIND`, OneTrainer's savers' names)
+DIT_FAMILIES = ("sd3", "flux", "chroma")
+#: the key of T5-XXL's vectors
+T5 = PART_BY_KIND["t5-xxl"]
+#: the families, as the refusal names them
+FAMILY_LABEL = "SD1, SD2, SDXL, SD3/SD3.5, FLUX.1 and Chroma"
 #: the resumable state's prefix of the vectors (``sdcore_emb.<name>.<encoder key>``)
 STATE_PREFIX = "sdcore_emb."
 
@@ -158,8 +174,22 @@ def file_names(specs: Sequence[EmbeddingSpec]) -> dict[str, str]:
 
 
 def family_keys(family: str) -> tuple[str, ...] | None:
-    """The bundle keys of ``family``'s text encoders, or ``None`` where sdcore does not bundle embeddings."""
-    return FAMILY_KEYS.get(family)
+    """The bundle keys of ``family``'s text encoders (``bundle.text_encoders`` order), or ``None`` where sdcore does
+    not bundle embeddings (the SDXL refiner, plugin families). Torch-free: the pre-flight asks it."""
+    if family in FAMILY_KEYS:
+        return FAMILY_KEYS[family]
+    if family not in DIT_FAMILIES:
+        return None
+    from sdcore.models.family import get_family
+
+    return tuple(PART_BY_KIND[encoder.kind] for encoder in get_family(family).text_encoders)
+
+
+def trained_keys(keys: Sequence[str], train_t5: bool) -> tuple[str, ...]:
+    """The keys whose vectors train: every CLIP encoder's; T5's with ``train_t5`` (``--embedding-t5``) or where it
+    is the only encoder (Chroma: frozen vectors there would be a plain placeholder; OneTrainer's
+    ``text_encoder.train_embedding`` defaults to true)."""
+    return tuple(key for key in keys if key != T5 or train_t5 or len(keys) == 1)
 
 
 def token_strings(index: int, spec: EmbeddingSpec) -> list[str]:
@@ -172,11 +202,14 @@ def token_strings(index: int, spec: EmbeddingSpec) -> list[str]:
 class PivotalEmbeddings:
     """The run's new embeddings in a bundle: added by :meth:`add`, removed by :meth:`remove`."""
 
-    def __init__(self, specs: Sequence[EmbeddingSpec]) -> None:
+    def __init__(self, specs: Sequence[EmbeddingSpec], *, train_t5: bool = False) -> None:
         self.specs = list(specs)
+        self.train_t5 = train_t5
         self.tokens = {spec.name: token_strings(i, spec) for i, spec in enumerate(self.specs)}
         self.rows: dict[str, TokenRows] = {}
         self.keys: tuple[str, ...] = ()
+        #: the encoder indexes whose tables train (the others are written as they started)
+        self.trained: tuple[int, ...] = ()
         self.frozen = False
 
     def add(self, bundle: ModelBundle, saved: dict[str, torch.Tensor] | None = None) -> None:
@@ -187,8 +220,10 @@ class PivotalEmbeddings:
 
         keys = family_keys(bundle.family)
         if keys is None or len(keys) != len(bundle.text_encoders):
-            raise ConfigError(f"--embedding: sdcore bundles embeddings for SD1, SD2 and SDXL, not {bundle.family}")
+            raise ConfigError(f"--embedding: sdcore bundles embeddings for {FAMILY_LABEL}, not {bundle.family}")
         self.keys = keys
+        trained = trained_keys(keys, self.train_t5)
+        self.trained = tuple(i for i, key in enumerate(keys) if key in trained)
         # A1111 cuts the init text to TOKENS tokens on CLIP-L encoders (SD1's, SDXL's first), not on OpenCLIP
         cuts = [encoder.kind == "clip-l" for encoder in bundle.family_spec.text_encoders]
         try:
@@ -200,9 +235,12 @@ class PivotalEmbeddings:
                         init_rows(encoder, tokenizer, spec.init_text, spec.tokens, cut=cut)
                         for encoder, tokenizer, cut in zip(bundle.text_encoders, bundle.tokenizers, cuts, strict=True)
                     ]
-                self.rows[spec.name] = add_token_rows(
+                self.rows[spec.name] = added = add_token_rows(
                     bundle, f"pivotal:{spec.name}", self.tokens[spec.name], rows, trainable=saved is None
                 )
+                for index, table in added.tables.items():
+                    if index not in self.trained:  # T5 without --embedding-t5: read, never updated
+                        table.requires_grad_(False)
         except BaseException:
             self.remove()
             raise
@@ -213,7 +251,9 @@ class PivotalEmbeddings:
         self.rows.clear()
 
     def parameters(self) -> list[torch.Tensor]:
-        return [table for rows in self.rows.values() for table in rows.parameters()]
+        """The tables that train (every encoder's but an untrained T5's), for the optimizer, EMA and the stop."""
+        return [table for rows in self.rows.values() for index, table in sorted(rows.tables.items())
+                if index in self.trained]  # fmt: skip
 
     def param_group(self, lr: float) -> dict[str, Any]:
         """One optimizer group over every table; no weight decay (it would pull the vectors to zero), as A1111's
@@ -237,7 +277,8 @@ class PivotalEmbeddings:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The vectors for the resumable state (``sdcore_emb.<name>.<key>``, float32 copies)."""
+        """The vectors for the resumable state (``sdcore_emb.<name>.<key>``, float32 copies; an untrained T5's
+        too: a resumed run reads the same file layout)."""
         return {STATE_PREFIX + k: t.detach().float().cpu().clone() for k, t in self._tables().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from sdcore.errors import ConfigError, ModelFormatError, NetworkMismatchError
 from sdcore.generate.networks import Activation, NetworkRef, PromptNetworkHandler
+from sdcore.models.bundled_embeddings import PART_BY_KIND
 from sdcore.models.token_embeddings import (
     LEGACY_EOS,
     ExtendedTokenEmbedding,
@@ -52,8 +53,9 @@ if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
 
 
-#: embedding key of each text-encoder kind of the transformer families (SD3/SD3.5, Flux.1)
-_KEY_BY_KIND = {"clip-l": CLIP_L, "clip-g": CLIP_G, "t5-xxl": T5}
+#: embedding key of each text-encoder kind of the transformer families (SD3/SD3.5, Flux.1): sdcore's one table,
+#: shared with the LoRA plugin's pivotal tuning
+_KEY_BY_KIND = PART_BY_KIND
 #: keys an embedding may leave out: T5 then reads the prompt word as plain text (OneTrainer makes
 #: the T5 part optional; kohya and A1111 never train one)
 OPTIONAL_KEYS = frozenset({T5})

@@ -67,7 +67,7 @@ def embedding_from_dict(data: Any, name: str, *, source: Path | None = None) -> 
             stored_name=_str_or_none(data.get("name")),
             source=source,
         )
-    if CLIP_L in data or CLIP_G in data:
+    if any(key in data for key in (CLIP_L, CLIP_G, T5, *T5_ALIASES)):  # T5 alone: Chroma's one encoder
         vectors = {key: _as_tensor(data[key], f"{where} [{key}]") for key in ENCODER_KEYS if key in data}
         alias = next((key for key in T5_ALIASES if key in data), None)  # ComfyUI's name for the T5 part
         if T5 not in vectors and alias is not None:

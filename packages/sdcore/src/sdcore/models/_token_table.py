@@ -63,6 +63,10 @@ class ExtendedTokenEmbedding(nn.Embedding):
     def empty(self) -> bool:
         return not self._tables
 
+    def table_items(self) -> list[tuple[str, list[int], torch.Tensor]]:
+        """The active tables as ``(key, ids, vectors)``, by key (what a text cache's store digest hashes)."""
+        return [(key, list(ids), vectors) for key, (ids, vectors) in sorted(self._tables.items())]
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the tables for their ids, the original rows for every other id.
 

@@ -29,6 +29,12 @@ OUTPUT_SUFFIX = "_out"
 
 V = TypeVar("V")
 
+#: the part name of each text-encoder kind of the transformer families (SD3/SD3.5, FLUX.1, Chroma), as OneTrainer's
+#: savers write them (``StableDiffusion3LoRASaver``, ``FluxLoRASaver``, ``ChromaLoRASaver``): the one table of the
+#: textual-inversion plugin's files and the LoRA plugin's pivotal tuning. The UNet families differ (SD1/SD2's one
+#: tensor is ``clip_l`` or ``*`` whatever its encoder), so each plugin keeps its own rule for those.
+PART_BY_KIND: dict[str, str] = {"clip-l": "clip_l", "clip-g": "clip_g", "t5-xxl": "t5"}
+
 #: the input parts in text-encoder order (a safetensors file stores its keys sorted: ``clip_g`` before ``clip_l``)
 _PART_ORDER = (SINGLE, "clip_l", "clip_g", "t5", "t5xxl")
 
@@ -152,6 +158,7 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 __all__ = [
     "OUTPUT_SUFFIX",
+    "PART_BY_KIND",
     "PREFIX",
     "SINGLE",
     "BundledEmbedding",

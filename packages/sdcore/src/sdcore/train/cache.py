@@ -373,7 +373,11 @@ class TextCache:
 
             with torch.no_grad():
                 # a partial cache's files are told apart from a full cache's (and the reverse) by the encoders named
-                digest = probe_digest([self._run([p]).to("cpu", dtype) for p in PROBE_PROMPTS], part=self.partial)
+                digest = probe_digest(
+                    [self._run([p]).to("cpu", dtype) for p in PROBE_PROMPTS],
+                    part=self.partial,
+                    added=added_rows_identity(self.bundle, self.partial),
+                )
             for folder, members in self.prompts_by_folder().items():
                 stores.setdefault(store_file(folder, digest, self.cache_dir), set()).update(members)
             for path, members in stores.items():
@@ -581,6 +585,34 @@ def build_caches(
 
                 torch.cuda.empty_cache()  # T5's blocks back to the driver, so the device's free memory shows it
     return latent_cache, text_cache
+
+
+def added_rows_identity(bundle: ModelBundle, partial: tuple[str, ...] = ()) -> str:
+    """A digest of the tokens added with their own rows (:mod:`sdcore.models.token_embeddings`) to the encoders a
+    text cache holds: each table's key, its tokens and ids in the encoder's tokenizer and its vectors' bytes; ``""``
+    when none has any (the store digests of every run without added tokens stay as they were). A caption holding
+    such a token encodes to what its vectors are, e.g. a LoRA's ``--embedding`` tokens in SD3/FLUX.1's untrained
+    T5, whose cache is partial: another init text gives other vectors under the same token names."""
+    import torch
+
+    from ..models.token_embeddings import ExtendedTokenEmbedding
+
+    cached = cached_text_encoders(bundle, partial)
+    digest = hashlib.sha256()
+    found = False
+    for index, (encoder, tokenizer) in enumerate(zip(bundle.text_encoders, bundle.tokenizers, strict=False)):
+        if encoder is None or all(encoder is not c for c in cached):
+            continue
+        lookup = encoder.get_input_embeddings()
+        if not isinstance(lookup, ExtendedTokenEmbedding):
+            continue
+        for key, ids, vectors in lookup.table_items():
+            found = True
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            digest.update(json.dumps([index, key, ids, tokens, list(vectors.shape)]).encode())
+            flat = vectors.detach().to("cpu", torch.float32).contiguous()
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest() if found else ""
 
 
 def cached_text_encoders(bundle: ModelBundle, partial: tuple[str, ...] = ()) -> list[Any]:

@@ -908,6 +908,15 @@ def _parts(r: _Reader, parts: dict[str, dict[str, Any]], family: str, method: st
                 r.refuse(f"{name}.attention_mask", True, "sdcore masks T5's padding on Flux only")
         if not part["train_embedding"] and method == "ti":
             r.refuse(f"{name}.train_embedding", False, "sdcore trains the embedding in every text encoder")
+        elif method == "lora" and name in encoders and r.get("additional_embeddings") and family not in ("sd1", "sd2"):
+            # a LORA run's additional embeddings (--embedding): OneTrainer trains each text encoder's vectors per its
+            # train_embedding (default true; SD1/SD2's setups ignore it); sdcore's CLIP vectors and Chroma's T5
+            # always train, SD3/FLUX.1's T5 with --embedding-t5
+            if name == T5_PART.get(family) and family != "chroma":
+                v["embedding_t5"] = bool(part["train_embedding"])
+            elif not part["train_embedding"]:
+                r.refuse(f"{name}.train_embedding", False, "sdcore trains the additional embeddings' vectors in "
+                         "every CLIP text encoder and in Chroma's T5 (SD3/FLUX.1's T5: --embedding-t5)")  # fmt: skip
     if stored_encoders:  # one value when every encoder agrees, else one per encoder in the family's order
         chosen = [stored_encoders.get(n, "none") for n in encoders]
         v["text_encoder_weights_dtype"] = chosen[0] if len(set(chosen)) == 1 else ",".join(chosen)

@@ -10,7 +10,9 @@ syntax, one longer than a CLIP window) encoded by this run's method and encoders
 the cache stores. A file is reused only when its probe digest equals this run's, so another model,
 another clip skip, T5 length or attention-mask setting, weighted captions switched on or off, or
 another mixed precision never feed stale encodings (a partial cache, T5's outputs alone while CLIP
-trains, hashes the encoders it holds too, so it and a full cache never read each other's files); what no
+trains, hashes the encoders it holds too, so it and a full cache never read each other's files; tokens a method
+added to a cached encoder with their own vectors, e.g. a LoRA's ``--embedding`` tokens in an untrained T5, are hashed
+with their vectors, since a caption holding them encodes to what those vectors are); what no
 valid file holds is encoded and the file rewritten (atomically) with exactly this run's prompts. A digest that differs only because the
 GPU computed a bit differently costs one re-encode, never a wrong result.
 """
@@ -36,15 +38,19 @@ PROBE_PROMPTS = (
 )
 
 
-def probe_digest(encodings: list[Conditioning], *, part: tuple[str, ...] = ()) -> str:
+def probe_digest(encodings: list[Conditioning], *, part: tuple[str, ...] = (), added: str = "") -> str:
     """A digest of the probe prompts' encodings: shapes, dtypes and every byte; ``part``: the text encoders of a
     partial cache (:func:`sdcore.train.cache.partial_text_encoders`), so its files and a full cache's never
-    serve each other even where the encodings' bytes could agree (a full cache's digest is as before)."""
+    serve each other even where the encodings' bytes could agree (a full cache's digest is as before);
+    ``added``: :func:`sdcore.train.cache.added_rows_identity` of the cached encoders (no probe prompt holds an
+    added token, so two runs whose tokens of the same name have other vectors would otherwise share files)."""
     import torch
 
     digest = hashlib.sha256(STORE_FORMAT.encode())
     if part:
         digest.update(f"partial:{','.join(part)}".encode())
+    if added:
+        digest.update(f"added:{added}".encode())
     for cond in encodings:
         parts = [("hidden_states", cond.hidden_states), ("pooled", cond.pooled), *sorted(cond.extra.items())]
         for name, tensor in parts:

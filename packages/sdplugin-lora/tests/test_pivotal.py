@@ -493,3 +493,44 @@ def test_onetrainer_t5_train_embedding_is_embedding_t5(tmp_path):
     with pytest.raises(ConfigError, match=r"text_encoder\.train_embedding.*Chroma's T5"):
         _ot(tmp_path, {**chroma, "text_encoder": {"train_embedding": False}})
     assert _ot(tmp_path, {k: v for k, v in FLUX.items() if k != "additional_embeddings"}).embedding_t5 is False
+
+
+# --- sample prompts with the partial cache: encoded at caching time as they render ------------------------------
+def test_sample_prompts_naming_the_embedding_render_from_t5s_kept_outputs(tmp_path):
+    """FLUX.1 with --embedding (T5's vectors untrained), --cache-text-encoder-outputs and a sample prompt holding
+    the NAME: T5's part of the sample prompt is kept at caching time for the prompt as it renders (the NAME
+    written as its tokens, as the method's sampling context does), so a render takes it from the kept outputs,
+    T5 never runs, and the image equals the one rendered with T5 live."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.train.loop import TrainSession
+    from sdcore.train.sampling import render_samples
+
+    values = {"embedding": (SPEC,), "rank": 2, "max_steps": 1, "batch_size": 2, "save_state": False,
+              "cache_text_encoder_outputs": True, "t5xxl_max_token_length": 16,
+              "sample_prompts": "tiny, a red cube", "sample_steps": 2}  # fmt: skip
+    run = TrainSession(LoraMethod(contract_options(LoraMethod, tmp_path, values, family="flux")),
+                       bundle=_bundle("flux"))  # fmt: skip
+    run.setup()
+    assert run.text_cache is not None and run.text_cache.partial == ("text_encoder_2",)
+    parts = run.text_cache.sample_parts
+    assert parts is not None
+    assert [key[1] for key in parts.entries] == [("<pt0_tiny_0> <pt0_tiny_1>, a red cube",)]
+    t5 = run.bundle.text_encoders[1]
+    calls = {"n": 0}
+    handle = t5.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+
+    def render(tag, kept):
+        path = render_samples(run.bundle, run.method, run.options, device=run.device, folder=tmp_path / "s", tag=tag,
+                              step=0, say=lambda _: None, parts=kept)  # fmt: skip
+        assert path is not None
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    try:
+        kept = render("kept", parts)
+        assert calls["n"] == 0  # T5's part came from the caching pass
+        live = render("live", None)
+        assert calls["n"] > 0  # the reference render ran T5
+    finally:
+        handle.remove()
+    assert np.array_equal(kept, live)

@@ -534,3 +534,36 @@ def test_sample_prompts_naming_the_embedding_render_from_t5s_kept_outputs(tmp_pa
     finally:
         handle.remove()
     assert np.array_equal(kept, live)
+
+
+# --- Chroma: which encoders the capabilities name, and who reads them ----------------------------------------------
+def test_chroma_lone_t5_runs_every_step_whatever_slots_the_capabilities_name(tmp_path, monkeypatch):
+    """A method's capabilities know no family: --embedding without --embedding-t5 names the CLIP slots {1, 2} as
+    trained on every family, Chroma too, whose lone T5 (slot 3) is what trains there. Their one reader,
+    partial_text_encoders (the run's cache, the --dry-run plan, the memory plan, --debug-dataset), splits a family
+    only where another encoder trains beside the cached one: on Chroma it answers the same for the named set and
+    the true one (nothing cached apart, T5 runs every step), while on FLUX.1 the same set caches T5."""
+    import dataclasses
+
+    from sdcore.testing.contract import make_tiny_dataset
+    from sdcore.train.cache import partial_text_encoders
+    from sdcore.train.preflight import _estimate_settings
+
+    values = {"embedding": (SPEC,), "cache_text_encoder_outputs": True}
+    chroma = contract_options(LoraMethod, tmp_path, values, family="chroma")
+    method = LoraMethod(chroma)
+    caps = method.capabilities()
+    assert caps.trains_text_encoder and caps.trained_text_encoders == frozenset({1, 2})
+    true = dataclasses.replace(caps, trained_text_encoders=frozenset({3}))
+    assert partial_text_encoders(chroma, caps, "chroma", method) == ()
+    assert partial_text_encoders(chroma, true, "chroma", method) == ()
+    flux = contract_options(LoraMethod, tmp_path, values, family="flux")
+    assert partial_text_encoders(flux, caps, "flux", method) == ("text_encoder_2",)
+    _, plan = _estimate_settings(method, chroma, "cpu", "chroma")  # the memory plan: T5 trains, stays on
+    assert plan["text_encoder_frozen"] is False and "partial_text_cache" not in plan
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    dry = {family: _dry_run(tmp_path, monkeypatch, data, "--embedding", "tiny:2", "--cache-text-encoder-outputs",
+                            model=f"tiny:{family}") for family in ("chroma", "flux")}  # fmt: skip
+    assert all(result.exit_code == 0 for result in dry.values()), [r.output for r in dry.values()]
+    assert "text-encoder outputs no (the text encoder runs every step)" in dry["chroma"].output
+    assert "text-encoder outputs in memory, T5-XXL only" in dry["flux"].output

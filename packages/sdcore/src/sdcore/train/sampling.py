@@ -185,7 +185,9 @@ def encode_sample_prompts(
         for module in bundle.text_encoders:  # where a render puts them, so the encodings are the render's
             if module is not None and next(module.parameters()).device != device:
                 module.to(device)
-        sampling = method.sampling(bundle) if method is not None else contextlib.nullcontext({})
+        sampling: contextlib.AbstractContextManager[dict[str, Any]] = (
+            method.sampling(bundle) if method is not None else contextlib.nullcontext({})
+        )
         with torch.no_grad(), sampling as extra:
             for index, (texts, arguments) in enumerate(_generations(bundle, options, prompts, extra)[2]):
                 record_encodings(memo, _memo_scope(index, texts, arguments), bundle, texts, **arguments)

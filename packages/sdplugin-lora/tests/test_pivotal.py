@@ -493,3 +493,77 @@ def test_onetrainer_t5_train_embedding_is_embedding_t5(tmp_path):
     with pytest.raises(ConfigError, match=r"text_encoder\.train_embedding.*Chroma's T5"):
         _ot(tmp_path, {**chroma, "text_encoder": {"train_embedding": False}})
     assert _ot(tmp_path, {k: v for k, v in FLUX.items() if k != "additional_embeddings"}).embedding_t5 is False
+
+
+# --- sample prompts with the partial cache: encoded at caching time as they render ------------------------------
+def test_sample_prompts_naming_the_embedding_render_from_t5s_kept_outputs(tmp_path):
+    """FLUX.1 with --embedding (T5's vectors untrained), --cache-text-encoder-outputs and a sample prompt holding
+    the NAME: T5's part of the sample prompt is kept at caching time for the prompt as it renders (the NAME
+    written as its tokens, as the method's sampling context does), so a render takes it from the kept outputs,
+    T5 never runs, and the image equals the one rendered with T5 live."""
+    import numpy as np
+    from PIL import Image
+    from sdcore.train.loop import TrainSession
+    from sdcore.train.sampling import render_samples
+
+    values = {"embedding": (SPEC,), "rank": 2, "max_steps": 1, "batch_size": 2, "save_state": False,
+              "cache_text_encoder_outputs": True, "t5xxl_max_token_length": 16,
+              "sample_prompts": "tiny, a red cube", "sample_steps": 2}  # fmt: skip
+    run = TrainSession(LoraMethod(contract_options(LoraMethod, tmp_path, values, family="flux")),
+                       bundle=_bundle("flux"))  # fmt: skip
+    run.setup()
+    assert run.text_cache is not None and run.text_cache.partial == ("text_encoder_2",)
+    parts = run.text_cache.sample_parts
+    assert parts is not None
+    assert [key[1] for key in parts.entries] == [("<pt0_tiny_0> <pt0_tiny_1>, a red cube",)]
+    t5 = run.bundle.text_encoders[1]
+    calls = {"n": 0}
+    handle = t5.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+
+    def render(tag, kept):
+        path = render_samples(run.bundle, run.method, run.options, device=run.device, folder=tmp_path / "s", tag=tag,
+                              step=0, say=lambda _: None, parts=kept)  # fmt: skip
+        assert path is not None
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    try:
+        kept = render("kept", parts)
+        assert calls["n"] == 0  # T5's part came from the caching pass
+        live = render("live", None)
+        assert calls["n"] > 0  # the reference render ran T5
+    finally:
+        handle.remove()
+    assert np.array_equal(kept, live)
+
+
+# --- Chroma: which encoders the capabilities name, and who reads them ----------------------------------------------
+def test_chroma_lone_t5_runs_every_step_whatever_slots_the_capabilities_name(tmp_path, monkeypatch):
+    """A method's capabilities know no family: --embedding without --embedding-t5 names the CLIP slots {1, 2} as
+    trained on every family, Chroma too, whose lone T5 (slot 3) is what trains there. Their one reader,
+    partial_text_encoders (the run's cache, the --dry-run plan, the memory plan, --debug-dataset), splits a family
+    only where another encoder trains beside the cached one: on Chroma it answers the same for the named set and
+    the true one (nothing cached apart, T5 runs every step), while on FLUX.1 the same set caches T5."""
+    import dataclasses
+
+    from sdcore.testing.contract import make_tiny_dataset
+    from sdcore.train.cache import partial_text_encoders
+    from sdcore.train.preflight import _estimate_settings
+
+    values = {"embedding": (SPEC,), "cache_text_encoder_outputs": True}
+    chroma = contract_options(LoraMethod, tmp_path, values, family="chroma")
+    method = LoraMethod(chroma)
+    caps = method.capabilities()
+    assert caps.trains_text_encoder and caps.trained_text_encoders == frozenset({1, 2})
+    true = dataclasses.replace(caps, trained_text_encoders=frozenset({3}))
+    assert partial_text_encoders(chroma, caps, "chroma", method) == ()
+    assert partial_text_encoders(chroma, true, "chroma", method) == ()
+    flux = contract_options(LoraMethod, tmp_path, values, family="flux")
+    assert partial_text_encoders(flux, caps, "flux", method) == ("text_encoder_2",)
+    _, plan = _estimate_settings(method, chroma, "cpu", "chroma")  # the memory plan: T5 trains, stays on
+    assert plan["text_encoder_frozen"] is False and "partial_text_cache" not in plan
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    dry = {family: _dry_run(tmp_path, monkeypatch, data, "--embedding", "tiny:2", "--cache-text-encoder-outputs",
+                            model=f"tiny:{family}") for family in ("chroma", "flux")}  # fmt: skip
+    assert all(result.exit_code == 0 for result in dry.values()), [r.output for r in dry.values()]
+    assert "text-encoder outputs no (the text encoder runs every step)" in dry["chroma"].output
+    assert "text-encoder outputs in memory, T5-XXL only" in dry["flux"].output

@@ -1108,7 +1108,9 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         # kohya's slots: the CLIP encoders train with the text encoder, T5 only with train_t5 (so a cached T5);
         # --embedding vectors live in the encoders' input embeddings, so the encoders whose vectors train encode
         # every step: the CLIP ones, T5 with --embedding-t5 (an untrained T5's vectors are constant: it may be
-        # cached as for a CLIP-only LoRA; Chroma's lone T5 always trains, and Chroma caches no encoder apart)
+        # cached as for a CLIP-only LoRA). The family is unknown here, so Chroma gets {1, 2} too, though its lone
+        # T5 is what trains (pivotal.trained_keys): the slots' one reader, partial_text_encoders, never splits a
+        # one-encoder family, and trains_text_encoder keeps Chroma's T5 running every step (tests/test_pivotal.py)
         t5 = self.options.train_t5 or (bool(self.options.embedding) and self.options.embedding_t5)
         if self.train_te or self.options.embedding:
             trained: frozenset[int] | None = frozenset({1, 2, 3} if t5 else {1, 2})

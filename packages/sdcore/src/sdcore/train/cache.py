@@ -569,12 +569,12 @@ def build_caches(
 
                 parts = PartMemo()
                 with parts.recording():
-                    recorded = encode_sample_prompts(bundle, options, device=device)
+                    recorded = encode_sample_prompts(bundle, options, device=device, method=method)
                 text_cache.sample_parts = parts if recorded is not None and parts.entries else None
                 if text_cache.sample_parts is not None:
                     progress.say(f"sample prompts: {len(parts.entries)} encodings of the cached text encoders kept")
             else:
-                text_cache.sample_conditioning = encode_sample_prompts(bundle, options, device=device)
+                text_cache.sample_conditioning = encode_sample_prompts(bundle, options, device=device, method=method)
                 if text_cache.sample_conditioning is not None:
                     progress.say(f"sample prompts: {len(text_cache.sample_conditioning.texts())} texts encoded")
         if device.type != "cpu":

@@ -78,7 +78,9 @@ class Capabilities:
     #: 3 T5; :func:`sdcore.models.family.text_encoder_slot`); ``None``: every one. A family's
     #: ``partial_text_cache`` encoders outside this set may then have their outputs cached while the others
     #: train (:func:`sdcore.train.cache.partial_text_encoders`; the method's encoding must be the family's,
-    #: :meth:`TrainingMethod.encodes_as_family`). Since 0.1.
+    #: :meth:`TrainingMethod.encodes_as_family`). Since 0.1. Named without the family (a method's capabilities know
+    #: none): slots the family lacks mean nothing, and a family with one text encoder is never split, so for it
+    #: ``trains_text_encoder`` alone says that its encoder trains (Chroma's lone T5 under a method naming {1, 2}).
     trained_text_encoders: frozenset[int] | None = None
     #: False: a sample's conditioning depends on the other captions of its batch (kohya's
     #: ``no_token_padding`` pads to the longest one), so captions are encoded every step even when

@@ -155,14 +155,21 @@ def _memo_scope(index: int, texts: list[str], arguments: dict[str, Any]) -> tupl
     return (index, tuple(texts), repr(sorted(arguments.items())))
 
 
-def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device: Any) -> ConditioningMemo | None:
+def encode_sample_prompts(
+    bundle: ModelBundle, options: TrainOptions, *, device: Any, method: TrainingMethod[Any] | None = None
+) -> ConditioningMemo | None:
     """Encode every text the sample renders will encode, once, while the text encoders are on ``device`` for
     caching (kohya's ``sample_prompts_te_outputs``): the prompts, negatives and each text A1111 prompt
     editing, alternation and ``AND`` produce, with generation's own encoding settings (a recording pass of
     the renders' calls, :mod:`sdcore.generate.conditioning_memo`). Kept on the CPU; renders then leave the
     text encoders where the cache put them (the caller moves them off ``device`` afterwards, as
     :func:`.cache.build_caches` does). None when there is nothing to render, or when the pass failed (the
-    renders then encode live and report the problem, as without it)."""
+    renders then encode live and report the problem, as without it).
+
+    ``method``: the pass runs inside its :meth:`~.method.TrainingMethod.sampling` context with its extras, as
+    :func:`render_samples` does, so the texts are those the renders encode: a LoRA's ``--embedding`` NAME in a
+    sample prompt is written as its tokens there (a partial cache's kept T5 parts are keyed by the text; recorded
+    for the NAME they would never match, and T5 would run at every render)."""
     import torch
 
     from ..generate.conditioning_memo import ConditioningMemo
@@ -178,8 +185,11 @@ def encode_sample_prompts(bundle: ModelBundle, options: TrainOptions, *, device:
         for module in bundle.text_encoders:  # where a render puts them, so the encodings are the render's
             if module is not None and next(module.parameters()).device != device:
                 module.to(device)
-        with torch.no_grad():
-            for index, (texts, arguments) in enumerate(_generations(bundle, options, prompts, {})[2]):
+        sampling: contextlib.AbstractContextManager[dict[str, Any]] = (
+            method.sampling(bundle) if method is not None else contextlib.nullcontext({})
+        )
+        with torch.no_grad(), sampling as extra:
+            for index, (texts, arguments) in enumerate(_generations(bundle, options, prompts, extra)[2]):
                 record_encodings(memo, _memo_scope(index, texts, arguments), bundle, texts, **arguments)
     except Exception:  # the render will meet the same problem and report it; until then, no memo
         log.debug("sample prompts: not encoded ahead (the renders encode them live)", exc_info=True)

@@ -165,3 +165,33 @@ def test_full_finetune_saves_a_chroma_that_loads_back(trained):
     assert changed  # the transformer trained
     for k, v in tuned.vae.state_dict().items():
         assert torch.equal(v, base.vae.state_dict()[k]), k  # the VAE did not
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"train_text_encoder": True}, "--train-text-encoder on chroma"),
+        ({"te_only": True}, "--te-only on chroma"),
+        ({"train_text_encoder": True, "train_t5": True}, None),
+        ({}, None),
+    ],
+)
+def test_text_encoder_training_on_chroma_needs_train_t5(tmp_path, options, problem):
+    """Chroma's only text encoder is T5-XXL, which the text-encoder LoRA covers with --train-t5 alone: without it
+    the network would hold no text-encoder module (checked: prepare builds none), so the pre-flight refuses it;
+    FLUX.1, which has CLIP-L, is not refused."""
+    from sdcore.testing.contract import _bundle, contract_options
+    from sdplugin_lora.method import LoraMethod
+
+    method = LoraMethod(contract_options(LoraMethod, tmp_path, {"rank": 4, **options}, family="chroma"))
+    problems = [p for p in method.family_problems("chroma") if "text encoder is T5-XXL" in p]
+    if problem is None:
+        assert problems == []
+    else:
+        assert problems == [
+            f"{problem}: its only text encoder is T5-XXL, which a LoRA trains with --train-t5 (kohya train_t5xxl); "
+            "without it no text-encoder module would train"
+        ]
+        assert method.family_problems("flux") == []
+        method.prepare(_bundle("chroma"))
+        assert not [k for k in method.network.state_dict() if k.startswith("lora_te")]

@@ -1029,6 +1029,7 @@ class LoraMethod(TrainingMethod[LoraOptions]):
                 "UNets, SD3/FLUX.1/Chroma transformers and CLIP encoders (full on other families: kohya's blocks)"
             )
         problems += self._te_rate_family_problems(family)
+        problems += self._t5_only_family_problems(family)
         if o.embedding:
             from .pivotal import FAMILY_LABEL, T5, family_keys
 
@@ -1102,6 +1103,28 @@ class LoraMethod(TrainingMethod[LoraOptions]):
             f"--te{slot}-lr: a {family} model has no {what[slot]} text encoder"
             for slot, rate in self.te_rate_options().items()
             if rate is not None and slot not in slots
+        ]
+
+    def _t5_only_family_problems(self, family: str) -> list[str]:
+        """--train-text-encoder/--te-only on a family whose only text encoder is T5-XXL (Chroma) without --train-t5:
+        the text-encoder LoRA covers T5 only with --train-t5 (kohya's train_t5xxl), so no text-encoder module would
+        exist, and the run would encode every step for nothing (--te-only: train nothing at all)."""
+        from sdcore.errors import SdcoreError
+        from sdcore.models.family import get_family
+
+        o = self.options
+        if not ((o.train_text_encoder or o.te_only) and not o.unet_only) or o.train_t5:
+            return []
+        try:
+            slots = {spec.slot for spec in get_family(family).text_encoders}
+        except SdcoreError:
+            return []  # the pre-flight reports an unknown family itself
+        if slots != {3}:
+            return []
+        flag = "--te-only" if o.te_only else "--train-text-encoder"
+        return [
+            f"{flag} on {family}: its only text encoder is T5-XXL, which a LoRA trains with --train-t5 (kohya "
+            "train_t5xxl); without it no text-encoder module would train"
         ]
 
     def capabilities(self) -> Capabilities:

@@ -445,7 +445,7 @@ class _GenerateCommand(HintedCommand):
     help="Also write each plot cell with its own infotext, as NAME-0.png, NAME-1.png ... (X varies fastest; "
     "default: on).",
 )
-@part_options
+@part_options(names=True)
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
     from ..errors import ConfigError
@@ -518,12 +518,19 @@ def _load_bundle(source: str, pm: Any, **parts: Any) -> Any:
 def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
-    (:func:`~sdcore.generate.model_paths.resolve_model_name`); what is wrong joins ``problems`` (said before
+    (:func:`~sdcore.generate.model_paths.resolve_model_name`), and the part options' names (``--vae ae``) into
+    theirs (:func:`~sdcore.generate.model_paths.resolve_part_names`); what is wrong joins ``problems`` (said before
     the model loads), except a problem with the root's file, read unasked, which is a warning line. A source a plugin's model format claims is left to it. Returns the extra folders, for the
     network folders."""
     from ..errors import ConfigError
-    from ..generate.model_paths import ExtraModelPaths, load_extra_model_paths, resolve_model_name
+    from ..generate.model_paths import (
+        ExtraModelPaths,
+        load_extra_model_paths,
+        resolve_model_name,
+        resolve_part_names,
+    )
     from ..models.load import plugin_format_for
+    from ..models.parts import part_file_problems
 
     notes: list[str] = []  # the root's file unreadable, a Hub id chosen over a file of that name: said, not fatal
     try:
@@ -536,6 +543,11 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
             params["model"] = resolve_model_name(params["model"], params["models_dir"], extra, notes)
         except ConfigError as exc:
             problems.append(str(exc))
+    # --vae ae, --t5xxl t5xxl_fp16: the part files by name too; each found part is then checked as train's
+    # pre-flight checks it (there, readable, that part from its header)
+    parts, wrong = resolve_part_names(part_kwargs(params), params["models_dir"], extra)
+    params.update(parts)
+    problems += wrong + part_file_problems(parts)
     for line in notes:
         click.echo(f"warning: {line}", err=True)
     return extra

@@ -333,9 +333,10 @@ class _GenerateCommand(HintedCommand):
     default="models",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/), hypernetworks/ and --model names "
-    "(checkpoints/, Stable-diffusion/) are looked up below it, embeddings/ beside it (the A1111 root's) and below "
-    "it (ComfyUI's); an extra_model_paths.yaml beside it (in ComfyUI's root) is read as ComfyUI reads it.",
+    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/), hypernetworks/, --model names "
+    "(checkpoints/, Stable-diffusion/) and --vae/--clip-l/--t5xxl names (vae/, text_encoders/, clip/) are looked up "
+    "below it, embeddings/ beside it (the A1111 root's) and below it (ComfyUI's); an extra_model_paths.yaml beside "
+    "it (in ComfyUI's root) is read as ComfyUI reads it.",
 )
 @click.option(
     "--extra-model-paths",
@@ -344,7 +345,8 @@ class _GenerateCommand(HintedCommand):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     metavar="FILE.yaml",
     help="ComfyUI's extra_model_paths.yaml (repeatable; as its --extra-model-paths-config): the checkpoints, "
-    "loras, embeddings, hypernetworks, unet/diffusion_models folders it lists are searched too, in ComfyUI's order.",
+    "loras, embeddings, hypernetworks, unet/diffusion_models, vae and clip/text_encoders folders it lists are "
+    "searched too, in ComfyUI's order.",
 )
 @click.option(
     "--lora-dir",
@@ -522,35 +524,19 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     theirs (:func:`~sdcore.generate.model_paths.resolve_part_names`); what is wrong joins ``problems`` (said before
     the model loads), except a problem with the root's file, read unasked, which is a warning line. A source a plugin's model format claims is left to it. Returns the extra folders, for the
     network folders."""
-    from ..errors import ConfigError
-    from ..generate.model_paths import (
-        ExtraModelPaths,
-        load_extra_model_paths,
-        resolve_model_name,
-        resolve_part_names,
-    )
+    from ..generate.model_paths import resolve_sources
     from ..models.load import plugin_format_for
     from ..models.parts import part_file_problems
 
-    notes: list[str] = []  # the root's file unreadable, a Hub id chosen over a file of that name: said, not fatal
-    try:
-        extra = load_extra_model_paths(params["models_dir"], params["extra_model_paths"], notes)
-    except ConfigError as exc:
-        problems.append(str(exc))
-        extra = ExtraModelPaths()
-    if plugin_format_for(pm, params["model"]) is None:
-        try:
-            params["model"] = resolve_model_name(params["model"], params["models_dir"], extra, notes)
-        except ConfigError as exc:
-            problems.append(str(exc))
-    # --vae ae, --t5xxl t5xxl_fp16: the part files by name too; each found part is then checked as train's
-    # pre-flight checks it (there, readable, that part from its header)
-    parts, wrong = resolve_part_names(part_kwargs(params), params["models_dir"], extra)
-    params.update(parts)
-    problems += wrong + part_file_problems(parts)
-    for line in notes:
+    found = resolve_sources(params["model"], part_kwargs(params), params["models_dir"], params["extra_model_paths"],
+                            plugin_format=plugin_format_for(pm, params["model"]) is not None)  # fmt: skip
+    params["model"] = found.model
+    params.update(found.parts)
+    # each part found is checked as train's pre-flight checks it (there, readable, that part from its header)
+    problems += found.problems + part_file_problems(found.parts)
+    for line in found.notes:
         click.echo(f"warning: {line}", err=True)
-    return extra
+    return found.extra
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:

@@ -444,6 +444,47 @@ def resolve_part_names(
     return resolved, problems
 
 
+@dataclass
+class ResolvedSources:
+    """What :func:`resolve_sources` made of a command's ``--model`` and part options."""
+
+    model: str
+    parts: dict[str, str]
+    extra: ExtraModelPaths
+    problems: list[str]
+    notes: list[str]
+
+
+def resolve_sources(
+    model: str,
+    parts: Mapping[str, object],
+    models_dir: str | os.PathLike[str] | None,
+    extra_files: Iterable[str | os.PathLike[str]] = (),
+    *,
+    plugin_format: bool = False,
+) -> ResolvedSources:
+    """The model and part names of one run, for ``sdcore generate`` and ``sdcore train`` alike, before anything
+    loads: ComfyUI's ``extra_model_paths.yaml`` files read (the root's beside ``models_dir``, then ``extra_files``:
+    :func:`load_extra_model_paths`), ``model`` resolved (:func:`resolve_model_name`; not when a plugin's model
+    format claims it: ``plugin_format``) and each given part (:func:`resolve_part_names`). Every problem is one
+    line of ``problems`` (all are said at once; an unresolved model or part keeps its text); ``notes`` are lines
+    to show without stopping (the root's file unreadable, a Hub id chosen over a file of its name)."""
+    notes: list[str] = []
+    problems: list[str] = []
+    try:
+        extra = load_extra_model_paths(models_dir, extra_files, notes)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        extra = ExtraModelPaths()
+    if not plugin_format:
+        try:
+            model = resolve_model_name(model, models_dir, extra, notes)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    resolved, wrong = resolve_part_names(parts, models_dir, extra)
+    return ResolvedSources(model, resolved, extra, problems + wrong, notes)
+
+
 __all__ = [
     "EXTRA_MODEL_PATHS_FILE",
     "LEGACY_FOLDER_NAMES",
@@ -451,6 +492,7 @@ __all__ = [
     "PART_FOLDERS",
     "ExtraFolder",
     "ExtraModelPaths",
+    "ResolvedSources",
     "comfy_folder_name",
     "list_model_files",
     "load_extra_model_paths",
@@ -460,4 +502,5 @@ __all__ = [
     "resolve_model_name",
     "resolve_part_name",
     "resolve_part_names",
+    "resolve_sources",
 ]

@@ -251,3 +251,25 @@ def test_networks_in_linked_folders_are_found(tmp_path):
         loras / "linked" / "styles" / "ink.safetensors",
         tmp_path / "models" / "LyCORIS" / "mine" / "loha.safetensors",
     ]
+
+
+def test_network_listing_of_a_plain_tree_is_kept(tmp_path):
+    """Following links changed nothing for a tree without them: each folder's files in path order (of two hard
+    links to one file the first of that order is the candidate, as before), extensions in any case, a file named
+    only ``.pt`` no network (it has no extension for ComfyUI's and A1111's listings either), states left out."""
+    import os
+
+    from sdcore.generate.networks import PromptNetworkHandler
+
+    loras, more = tmp_path / "loras", tmp_path / "more"
+    files = [loras / "a" / "x.safetensors", loras / "b" / "Y.SAFETENSORS", loras / ".pt", loras / "z.txt",
+             loras / "state" / "trainable.safetensors", more / "w.pt"]  # fmt: skip
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (loras / "state" / "train_state.json").write_text("{}")
+    os.link(loras / "a" / "x.safetensors", loras / "top.safetensors")  # after a/x.safetensors in path order
+    handler = PromptNetworkHandler(loras)
+    handler.more_directories = (more,)
+    assert handler.available() == [loras / "a" / "x.safetensors", loras / "b" / "Y.SAFETENSORS", more / "w.pt"]
+    assert handler.find("x") == loras / "a" / "x.safetensors"

@@ -286,7 +286,7 @@ def test_comfyui_order_is_default_sections_first_others_after():
                                                                          Path("/a")]  # fmt: skip
 
 
-def test_a_spec_with_only_a_comfy_folder_and_no_filelist_model_files_it_has_no_folder(tmp_path):
+def test_a_spec_with_only_a_comfy_folder_and_no_file_listing_it_has_no_folder(tmp_path):
     from types import SimpleNamespace
 
     from sdcore.generate.session import _default_folders

@@ -202,12 +202,13 @@ def model_folders(models_dir: str | os.PathLike[str], extra: ExtraModelPaths | N
 
 
 def list_model_files(folders: Sequence[Path], suffixes: Sequence[str] | None = None) -> list[tuple[Path, str]]:
-    """(file, name relative to its folder, with ``/``) for every file with one of ``suffixes`` (any case; default
+    """(file, name relative to its folder, with ``/``) for every file whose extension (``os.path.splitext``'s, any
+    case, as ComfyUI and A1111 take it: a file named ``.pt`` has none) is one of ``suffixes`` (default
     :data:`sdcore.models.load.MODEL_FILE_SUFFIXES`) below ``folders``, in folder order (``.git`` left out, as
-    ComfyUI's list does). Linked folders are followed, as ComfyUI follows them (two links to one folder list its
-    files under both names, each a name ComfyUI takes; ``Path.rglob`` before Python 3.13 does not descend into
-    them); a link to a folder that is already one of the current folder's ancestors is not, as it would never
-    end. The model names here and the prompt networks' folders
+    ComfyUI's list does). Linked folders are followed, as ComfyUI and A1111 follow them (two links to one folder
+    list its files under both names, each a name ComfyUI takes; ``Path.rglob`` does not descend into them, nor
+    does 3.13's by default); a link to a folder that is already one of the current folder's ancestors is not, as
+    it would never end. The model names here and the prompt networks' folders
     (:meth:`sdcore.generate.networks.PromptNetworkHandler.available`) are both listed with it."""
     if suffixes is None:
         from ..models.load import MODEL_FILE_SUFFIXES
@@ -229,7 +230,7 @@ def list_model_files(folders: Sequence[Path], suffixes: Sequence[str] | None = N
                     above[child] = chain
             dirnames[:] = kept
             for filename in sorted(filenames):
-                if filename.lower().endswith(wanted):
+                if os.path.splitext(filename)[1].lower() in wanted:
                     file = Path(dirpath) / filename
                     found.append((file, file.relative_to(folder).as_posix()))
     return found

@@ -181,7 +181,14 @@ class PromptNetworkHandler:
         from .model_paths import list_model_files
 
         folders = [f for f in (self.directory, *self.more_directories) if f is not None]
-        files = _distinct_files(p for p, _ in list_model_files(folders, self.suffixes) if p.is_file())
+        # each folder's files in path order, as the listing was before it followed links: of two hard links to
+        # one file (one candidate) the first in that order is kept
+        files = _distinct_files(
+            p
+            for folder in folders
+            for p in sorted(q for q, _ in list_model_files([folder], self.suffixes))
+            if p.is_file()
+        )
         states = {folder for folder in {p.parent for p in files} if (folder / "train_state.json").is_file()}
         return sorted(p for p in files if p.parent not in states)
 

@@ -132,3 +132,31 @@ def test_the_yaml_checkpoints_folder(webui, tmp_path):
     resolve_model_names(o)
     assert o.model == str(webui / "Stable-diffusion" / "sd15" / "tiny.safetensors")
     assert o.vae == str(webui / "VAE" / "tiny-vae.safetensors")
+
+
+def test_a_run_by_names_records_the_files_and_resumes_by_names(webui, tmp_path, capsys):
+    """The state records the files the names picked (as a run given their paths records them), and the same
+    names with ``--resume latest`` pick them again: the resumed run continues as the uninterrupted run by paths
+    does, loss for loss, with no "changed" warning."""
+    import dataclasses
+    import json
+
+    model = str(webui / "Stable-diffusion" / "sd15" / "tiny.safetensors")
+    vae = str(webui / "VAE" / "tiny-vae.safetensors")
+    common = {"batch_size": 1, "max_steps": 4}
+    straight = train(ConvOutMethod(contract_options(ConvOutMethod, tmp_path, {**common, "model": model, "vae": vae},
+                                                    tag="straight")))  # fmt: skip
+    names = {**common, "model": "sd15/tiny", "vae": "tiny-vae", "models_dir": str(webui)}
+    first = contract_options(ConvOutMethod, tmp_path, {**names, "max_steps": 2}, tag="names")
+    part = train(ConvOutMethod(first))
+    (state,) = [p for p in part.state_dir.iterdir() if (p / "train_state.json").is_file()]
+    recorded = json.loads((state / "train_state.json").read_text())["options"]
+    assert (recorded["model"], recorded["vae"], recorded["models_dir"]) == (model, vae, str(webui))
+    again = dataclasses.replace(first, model="sd15/tiny", vae="tiny-vae", max_steps=4, resume="latest")
+    capsys.readouterr()
+    resumed = train(ConvOutMethod(again))
+    assert (again.model, again.vae) == (model, vae)
+    assert len(straight.losses) == 4 and resumed.losses == straight.losses
+    said = capsys.readouterr()
+    assert f"resumed from {state} at step 2" in said.out + said.err
+    assert "resuming with changed" not in said.out + said.err

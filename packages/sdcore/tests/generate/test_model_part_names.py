@@ -273,3 +273,20 @@ def test_network_listing_of_a_plain_tree_is_kept(tmp_path):
     handler.more_directories = (more,)
     assert handler.available() == [loras / "a" / "x.safetensors", loras / "b" / "Y.SAFETENSORS", more / "w.pt"]
     assert handler.find("x") == loras / "a" / "x.safetensors"
+
+
+def test_vae_folders_that_are_one_folder_are_searched_once(tmp_path):
+    """On a disk that ignores case (Windows, macOS) ``models/vae`` and ``models/VAE`` are one folder: searched
+    once, named once in the "not found" line, its files no "ambiguous" pair. A link stands in for that here."""
+    models = tmp_path / "models"
+    (models / "vae").mkdir(parents=True)
+    (models / "vae" / "ae.safetensors").write_bytes(b"x")
+    (models / "VAE").symlink_to(models / "vae", target_is_directory=True)
+    assert part_folders("vae", models) == [models / "vae"]
+    assert resolve_part_name("vae", "ae", models) == str(models / "vae" / "ae.safetensors")
+    with pytest.raises(ConfigError) as info:
+        resolve_part_name("vae", "sdxl_vae", models)
+    assert str(info.value) == (
+        f"--vae sdxl_vae: no such file or folder (the VAE), nor a file of that name in {models / 'vae'} and their "
+        "subfolders; models there: ae.safetensors"
+    )

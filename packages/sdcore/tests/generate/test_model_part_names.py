@@ -290,3 +290,15 @@ def test_vae_folders_that_are_one_folder_are_searched_once(tmp_path):
         f"--vae sdxl_vae: no such file or folder (the VAE), nor a file of that name in {models / 'vae'} and their "
         "subfolders; models there: ae.safetensors"
     )
+
+
+def test_an_empty_part_option_is_not_given(comfy, tmp_path, monkeypatch):
+    """``--ae ""`` (a script's unset variable) is no part, as train's ``given_parts`` and kohya's ``if args.vae``
+    take an empty value, not the current folder read as a VAE folder."""
+    asked = _stop_at_load(monkeypatch)
+    result = _sdcore("-m", "flux1-dev", "--ae", "", "--t5xxl", "t5xxl_fp16", "--clip-l", "clip_l",
+                     "--models-dir", str(comfy), "a ring", "-o", str(tmp_path / "o.png"))  # fmt: skip
+    assert isinstance(result.exception, _Stop), result.output
+    assert asked == [(str(comfy / "diffusion_models" / "flux1-dev.safetensors"),
+                      {"clip_l": str(comfy / "clip" / "clip_l.safetensors"),
+                       "t5xxl": str(comfy / "text_encoders" / "t5xxl_fp16.safetensors")})]  # fmt: skip

@@ -528,6 +528,9 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     from ..models.load import plugin_format_for
     from ..models.parts import part_file_problems
 
+    for name in part_kwargs(params):  # --vae "" (an unset shell variable): not given, as train and kohya take it
+        if params[name] == "":
+            params[name] = None
     found = resolve_sources(params["model"], part_kwargs(params), params["models_dir"], params["extra_model_paths"],
                             plugin_format=plugin_format_for(pm, params["model"]) is not None)  # fmt: skip
     params["model"] = found.model

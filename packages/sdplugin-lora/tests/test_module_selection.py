@@ -312,3 +312,26 @@ def test_ai_toolkit_flux_job_with_contains_lists_trains_the_selected_modules(tmp
     expected = {n for n in layers if n.startswith("single_transformer_blocks.") and "proj_out" not in n}
     assert modules == expected
     assert all(torch.count_nonzero(t) > 0 for k, t in tensors.items() if "lora_B" in k), "both steps trained them"
+
+
+def test_targets_takes_model_names_from_models_dir(tmp_path, sd_cli_lora):
+    """``--models-dir`` is one of the training model options ``lora targets`` takes: ``--model NAME`` is looked up
+    there as ``sdcore train lora`` looks it up, and lists what the file's path lists; a name found nowhere is the
+    training pre-flight's one line, exit status 2."""
+    from sdcore.models.load import load_model
+
+    models = tmp_path / "models"
+    path = load_model("tiny:sd1").save(models / "Stable-diffusion" / "sd15" / "tiny.safetensors")
+    by_path = sd_cli_lora(["lora", "targets", "--model", str(path), "--json"])
+    by_name = sd_cli_lora(["lora", "targets", "--models-dir", str(models), "--model", "tiny", "--json"])
+    assert by_path.exit_code == 0 and by_name.exit_code == 0, by_name.output
+    listed = json.loads(by_name.stdout[by_name.stdout.index("{") :])
+    assert listed["family"] == "sd1" and listed["modules"]
+    assert listed == json.loads(by_path.stdout[by_path.stdout.index("{") :])
+    missing = sd_cli_lora(["lora", "targets", "--models-dir", str(models), "--model", "tiyn"])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    checkpoints = ", ".join(str(models / n) for n in ("checkpoints", "Stable-diffusion", "unet", "diffusion_models"))
+    assert missing.output.splitlines() == [
+        f"Error: tiyn: no such model file or folder; nor is it a model name in {checkpoints} and their subfolders; "
+        "models there: sd15/tiny.safetensors"
+    ]

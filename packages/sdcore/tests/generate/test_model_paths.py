@@ -423,7 +423,7 @@ def test_a_link_loop_ends(tmp_path):
     branch twice at each of the ~40 levels the OS allows (never ending); here it ends at once."""
     import threading
 
-    from sdcore.generate.model_paths import _listing
+    from sdcore.generate.model_paths import list_model_files
 
     checkpoints = tmp_path / "models" / "checkpoints"
     (checkpoints / "deep").mkdir(parents=True)
@@ -431,7 +431,7 @@ def test_a_link_loop_ends(tmp_path):
     (checkpoints / "deep" / "up").symlink_to(checkpoints, target_is_directory=True)
     (checkpoints / "deep" / "up2").symlink_to(checkpoints / "deep", target_is_directory=True)
     found: list = []
-    walk = threading.Thread(target=lambda: found.extend(_listing([checkpoints])), daemon=True)
+    walk = threading.Thread(target=lambda: found.extend(list_model_files([checkpoints])), daemon=True)
     walk.start()
     walk.join(timeout=30)
     assert not walk.is_alive(), "the walk followed the link loop"

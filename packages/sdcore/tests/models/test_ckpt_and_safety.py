@@ -222,11 +222,16 @@ def test_a_vae_that_is_not_a_torch_file_is_one_line_in_the_preflight_and_at_load
     images = str(tmp_path / "images")
     args = ["generate", "a cat", "--model", str(tiny_files["sd1"]), "--vae", str(page), "--steps", "1", "--size", "64"]
     generated = CliRunner().invoke(cli, [*args, "--output", images])
-    assert generated.exit_code == 1, generated.output
+    assert generated.exit_code == 2, generated.output  # generate's pre-flight, as train's
+    assert generated.output.strip().splitlines() == [
+        f"Error: --vae {page}: not a torch file (it is a web page (HTML), not a model: the browser saved a download "
+        "page; download the file itself)"
+    ]
+    # at load (model info has no pre-flight): the loader's own line
+    loaded = CliRunner().invoke(cli, ["model", "info", str(tiny_files["sd1"]), "--no-hash", "--vae", str(page)])
+    assert loaded.exit_code == 1, loaded.output
     assert (
-        generated.output.strip()
-        .splitlines()[-1]
-        .startswith(f"Error: {page}: not a torch file (it is a web page (HTML)")
+        loaded.output.strip().splitlines()[-1].startswith(f"Error: {page}: not a torch file (it is a web page (HTML)")
     )
 
 

@@ -369,7 +369,9 @@ class LycoHandler(LoraHandler):
         if self.directory is not None:
             sibling = self.directory.parent / "LyCORIS"
             if sibling.is_dir() and sibling != self.directory:
-                found += sorted(p for p in sibling.rglob("*") if p.suffix.lower() in self.suffixes and p.is_file())
+                from sdcore.generate.model_paths import list_model_files  # into linked folders too
+
+                found += sorted(p for p, _ in list_model_files([sibling], self.suffixes) if p.is_file())
         return found
 
 

@@ -389,6 +389,7 @@ def targets_command(ctx: click.Context, config: str | None, as_json: bool, **kwa
     from sdcore.errors import ConfigError
     from sdcore.train.cli import command_line_overrides
     from sdcore.train.config import load_options
+    from sdcore.train.preflight import resolve_model_names
 
     from .method import LoraOptions
     from .targets import format_report, list_targets
@@ -396,6 +397,10 @@ def targets_command(ctx: click.Context, config: str | None, as_json: bool, **kwa
     notes: list[str] = []
     try:
         options = load_options(LoraOptions, config, command_line_overrides(ctx, kwargs), notes=notes)
+        # --models-dir (one of the training model options taken here): --model NAME and --vae NAME ... become
+        # their files before the header is read, as `sdcore train lora` finds them
+        pm = getattr(ctx.find_root().obj, "pm", None)
+        resolve_model_names(options, pm, say=lambda line: click.echo(line, err=True))
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"Error: {problem}", err=True)

@@ -333,9 +333,10 @@ class _GenerateCommand(HintedCommand):
     default="models",
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/), hypernetworks/ and --model names "
-    "(checkpoints/, Stable-diffusion/) are looked up below it, embeddings/ beside it (the A1111 root's) and below "
-    "it (ComfyUI's); an extra_model_paths.yaml beside it (in ComfyUI's root) is read as ComfyUI reads it.",
+    help="A1111's (or ComfyUI's) models folder: Lora/ (ComfyUI's loras/), hypernetworks/, --model names "
+    "(checkpoints/, Stable-diffusion/) and --vae/--clip-l/--t5xxl names (vae/, text_encoders/, clip/) are looked up "
+    "below it, embeddings/ beside it (the A1111 root's) and below it (ComfyUI's); an extra_model_paths.yaml beside "
+    "it (in ComfyUI's root) is read as ComfyUI reads it.",
 )
 @click.option(
     "--extra-model-paths",
@@ -344,7 +345,8 @@ class _GenerateCommand(HintedCommand):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     metavar="FILE.yaml",
     help="ComfyUI's extra_model_paths.yaml (repeatable; as its --extra-model-paths-config): the checkpoints, "
-    "loras, embeddings, hypernetworks, unet/diffusion_models folders it lists are searched too, in ComfyUI's order.",
+    "loras, embeddings, hypernetworks, unet/diffusion_models, vae and clip/text_encoders folders it lists are "
+    "searched too, in ComfyUI's order.",
 )
 @click.option(
     "--lora-dir",
@@ -445,7 +447,7 @@ class _GenerateCommand(HintedCommand):
     help="Also write each plot cell with its own infotext, as NAME-0.png, NAME-1.png ... (X varies fastest; "
     "default: on).",
 )
-@part_options
+@part_options(names=True)
 def generate(**params: Any) -> None:
     """Generate images from PROMPT (A1111 syntax: (emphasis:1.2), [less], BREAK, <lora:name:0.8>)."""
     from ..errors import ConfigError
@@ -518,27 +520,26 @@ def _load_bundle(source: str, pm: Any, **parts: Any) -> Any:
 def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
-    (:func:`~sdcore.generate.model_paths.resolve_model_name`); what is wrong joins ``problems`` (said before
+    (:func:`~sdcore.generate.model_paths.resolve_model_name`), and the part options' names (``--vae ae``) into
+    theirs (:func:`~sdcore.generate.model_paths.resolve_part_names`); what is wrong joins ``problems`` (said before
     the model loads), except a problem with the root's file, read unasked, which is a warning line. A source a plugin's model format claims is left to it. Returns the extra folders, for the
     network folders."""
-    from ..errors import ConfigError
-    from ..generate.model_paths import ExtraModelPaths, load_extra_model_paths, resolve_model_name
+    from ..generate.model_paths import resolve_sources
     from ..models.load import plugin_format_for
+    from ..models.parts import part_file_problems
 
-    notes: list[str] = []  # the root's file unreadable, a Hub id chosen over a file of that name: said, not fatal
-    try:
-        extra = load_extra_model_paths(params["models_dir"], params["extra_model_paths"], notes)
-    except ConfigError as exc:
-        problems.append(str(exc))
-        extra = ExtraModelPaths()
-    if plugin_format_for(pm, params["model"]) is None:
-        try:
-            params["model"] = resolve_model_name(params["model"], params["models_dir"], extra, notes)
-        except ConfigError as exc:
-            problems.append(str(exc))
-    for line in notes:
+    for name in part_kwargs(params):  # --vae "" (an unset shell variable): not given, as train and kohya take it
+        if params[name] == "":
+            params[name] = None
+    found = resolve_sources(params["model"], part_kwargs(params), params["models_dir"], params["extra_model_paths"],
+                            plugin_format=plugin_format_for(pm, params["model"]) is not None)  # fmt: skip
+    params["model"] = found.model
+    params.update(found.parts)
+    # each part found is checked as train's pre-flight checks it (there, readable, that part from its header)
+    problems += found.problems + part_file_problems(found.parts)
+    for line in found.notes:
         click.echo(f"warning: {line}", err=True)
-    return extra
+    return found.extra
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[Any, Any]:

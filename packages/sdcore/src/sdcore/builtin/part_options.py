@@ -27,12 +27,34 @@ PART_OPTIONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
 )  # fmt: skip
 
 
-def part_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the part options to a click command (they arrive under their ``load_model`` keywords)."""
-    for flags, name, text in reversed(PART_OPTIONS):
-        option = click.option(*flags, name, default=None, type=click.Path(exists=True), metavar="PATH", help=text)
-        command = option(command)
-    return command
+def name_help(name: str) -> str:
+    """The help's sentence on looking up a part option's NAME (empty for a part without folders): the folders
+    of :data:`sdcore.generate.model_paths.PART_FOLDERS` and the ``extra_model_paths.yaml`` key."""
+    from ..generate.model_paths import PART_FOLDERS
+
+    if name not in PART_FOLDERS:
+        return ""
+    kind, subdirs = PART_FOLDERS[name]
+    folders = ", ".join(f"{folder}/" for folder in subdirs)
+    return f" Or a file's name in --models-dir's {folders} (and extra_model_paths.yaml's {kind}:)."
+
+
+def part_options(command: Callable[..., Any] | None = None, *, names: bool = False) -> Any:
+    """Add the part options to a click command (they arrive under their ``load_model`` keywords). With ``names``
+    (a command with ``--models-dir``, which resolves them with
+    :func:`sdcore.generate.model_paths.resolve_part_names` before the model loads) a part may also be a name in
+    the models folder, so the value is text; otherwise click checks the path exists."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for flags, name, text in reversed(PART_OPTIONS):
+            extra = name_help(name) if names else ""
+            kind: Any = click.STRING if extra else click.Path(exists=True)
+            metavar = "PATH|NAME" if extra else "PATH"
+            option = click.option(*flags, name, default=None, type=kind, metavar=metavar, help=text + extra)
+            command = option(command)
+        return command
+
+    return decorate(command) if command is not None else decorate
 
 
 def part_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:

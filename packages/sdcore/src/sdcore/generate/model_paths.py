@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,13 +201,20 @@ def model_folders(models_dir: str | os.PathLike[str], extra: ExtraModelPaths | N
     return folders
 
 
-def _listing(folders: Sequence[Path]) -> list[tuple[Path, str]]:
-    """(file, name relative to its folder, with ``/``) for every model file below ``folders``, in folder order
-    (``.git`` left out, as ComfyUI's list does). Linked folders are followed, as ComfyUI follows them (two links
-    to one folder list its files under both names, each a name ComfyUI takes); a link to a folder that is
-    already one of the current folder's ancestors is not, as it would never end."""
-    from ..models.load import MODEL_FILE_SUFFIXES
+def list_model_files(folders: Sequence[Path], suffixes: Sequence[str] | None = None) -> list[tuple[Path, str]]:
+    """(file, name relative to its folder, with ``/``) for every file whose extension (``os.path.splitext``'s, any
+    case, as ComfyUI and A1111 take it: a file named ``.pt`` has none) is one of ``suffixes`` (default
+    :data:`sdcore.models.load.MODEL_FILE_SUFFIXES`) below ``folders``, in folder order (``.git`` left out, as
+    ComfyUI's list does). Linked folders are followed, as ComfyUI and A1111 follow them (two links to one folder
+    list its files under both names, each a name ComfyUI takes; ``Path.rglob`` does not descend into them, nor
+    does 3.13's by default); a link to a folder that is already one of the current folder's ancestors is not, as
+    it would never end. The model names here and the prompt networks' folders
+    (:meth:`sdcore.generate.networks.PromptNetworkHandler.available`) are both listed with it."""
+    if suffixes is None:
+        from ..models.load import MODEL_FILE_SUFFIXES
 
+        suffixes = MODEL_FILE_SUFFIXES
+    wanted = tuple(suffix.lower() for suffix in suffixes)
     found: list[tuple[Path, str]] = []
     for folder in folders:
         if not folder.is_dir():
@@ -223,7 +230,7 @@ def _listing(folders: Sequence[Path]) -> list[tuple[Path, str]]:
                     above[child] = chain
             dirnames[:] = kept
             for filename in sorted(filenames):
-                if filename.lower().endswith(MODEL_FILE_SUFFIXES):
+                if os.path.splitext(filename)[1].lower() in wanted:
                     file = Path(dirpath) / filename
                     found.append((file, file.relative_to(folder).as_posix()))
     return found
@@ -243,6 +250,78 @@ def _in_hub_cache(repo_id: str) -> bool:
     except SdcoreError:
         return False
     return True
+
+
+def _named_files(
+    name: str, folders: Sequence[Path]
+) -> tuple[Path | None, list[Path], list[Path], list[tuple[Path, str]]]:
+    """What ``name`` (ComfyUI's relative name, ``/``-separated) picks below ``folders``: the file of that relative
+    path in the first folder that has it (ComfyUI's ``get_full_path``; a name with a model file's extension only),
+    the distinct files whose relative path without extension is ``name``, those whose file name is ``name`` with
+    or without extension (a name without ``/``), and the whole listing (for the "not found" hint)."""
+    from ..models.load import MODEL_FILE_SUFFIXES
+    from .networks import _distinct_files
+
+    if name.lower().endswith(MODEL_FILE_SUFFIXES):
+        for folder in folders:
+            file = folder / name
+            if file.is_file():
+                return file, [], [], []
+    files = list_model_files(folders)
+    by_stem = _distinct_files(path for path, rel in files if _stem(rel) == name)
+    by_file_name = _distinct_files(
+        path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))
+    )
+    return None, by_stem, by_file_name, files
+
+
+def _pick(option: str, text: str, tiers: Sequence[Sequence[Path]]) -> Path | None:
+    """The one file of the first tier that has any; several there is a :class:`~sdcore.errors.ConfigError`."""
+    for tier in tiers:
+        if len(tier) == 1:
+            return tier[0]
+        if tier:
+            listed = ", ".join(str(path) for path in tier)
+            raise ConfigError(
+                f"{option} {text!r} is ambiguous: {len(tier)} model files have that name ({listed}); give the "
+                "name with its subfolder and extension as listed there, or the file's path"
+            )
+    return None
+
+
+def _searched(name: str, folders: Sequence[Path], files: Sequence[tuple[Path, str]]) -> str:
+    """``in FOLDERS and their subfolders`` with the close names there (or the first names), for "not found"."""
+    where = ", ".join(str(folder.absolute()) for folder in folders)
+    absent = [folder for folder in folders if not folder.is_dir()]
+    if len(absent) == len(folders):
+        where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
+    names = list(dict.fromkeys(rel for _, rel in files))
+    close = difflib.get_close_matches(name, names + [_stem(rel) for rel in names], n=5, cutoff=0.6)
+    hint = ""
+    if close:
+        hint = "; close names: " + ", ".join(dict.fromkeys(close))
+    elif names:
+        hint = "; models there: " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    return f"in {where} and their subfolders{hint}"
+
+
+def _comfy_name(text: str) -> str:
+    """``text`` as ComfyUI normalises a file name it is given (``a/../b`` -> ``b``, ``\\`` -> ``/``)."""
+    return os.path.relpath(os.path.join("/", text.replace("\\", "/")), "/").replace(os.sep, "/")
+
+
+def _is_path(text: str, models_dir: str | os.PathLike[str] | None) -> bool:
+    """Whether ``text`` is taken as it is, never as a name: a ``scheme:`` source (``tiny:sd1``, a plugin
+    format's, a Windows drive), an existing file or folder, a path written as one (absolute, ``./``, ``~``), or
+    any text when there is no models folder to look in."""
+    if ":" in text:
+        return True
+    try:
+        if Path(text).expanduser().exists():
+            return True
+    except (OSError, ValueError):  # a name the OS cannot look up (too long): not found below
+        pass
+    return text.startswith(("/", "~", ".")) or os.path.isabs(text) or models_dir is None
 
 
 def resolve_model_name(
@@ -265,30 +344,17 @@ def resolve_model_name(
     and ``notes`` gets a line saying so. Several files for a name is a :class:`~sdcore.errors.ConfigError`
     listing them; no file (and no cached Hub id) is one naming the folders searched and the close names, before
     anything loads."""
-    from ..models.load import MODEL_FILE_SUFFIXES, looks_like_path, missing_model_error
-    from .networks import _distinct_files
+    from ..models.load import looks_like_path, missing_model_error
 
-    if ":" in text:  # tiny:sd1, toyworld:, a plugin format's scheme, a Windows drive
+    if _is_path(text, models_dir):
         return text
-    try:
-        if Path(text).expanduser().exists():
-            return text
-    except (OSError, ValueError):  # a name the OS cannot look up (too long): not found below
-        pass
-    if text.startswith(("/", "~", ".")) or os.path.isabs(text) or models_dir is None:
-        return text
+    assert models_dir is not None
     hub_id = not looks_like_path(text)
-    name = os.path.relpath(os.path.join("/", text.replace("\\", "/")), "/").replace(os.sep, "/")  # as ComfyUI
+    name = _comfy_name(text)
     folders = model_folders(models_dir, extra)
-    for folder in folders:  # ComfyUI's get_full_path: the first folder with that file
-        file = folder / name
-        if name.lower().endswith(MODEL_FILE_SUFFIXES) and file.is_file():
-            return str(file)
-    files = _listing(folders)
-    by_stem = _distinct_files(path for path, rel in files if _stem(rel) == name)
-    by_file_name = _distinct_files(
-        path for path, _ in files if "/" not in name and name in (path.name, _stem(path.name))
-    )
+    direct, by_stem, by_file_name, files = _named_files(name, folders)
+    if direct is not None:
+        return str(direct)
     if hub_id and _in_hub_cache(text):
         if by_stem and notes is not None:
             listed = ", ".join(str(path) for path in by_stem)
@@ -297,38 +363,145 @@ def resolve_model_name(
                 "(give that file's name with its extension, or its path, to load it)"
             )
         return text
-    for tier in (by_stem, by_file_name):
-        if len(tier) == 1:
-            return str(tier[0])
-        if tier:
-            listed = ", ".join(str(path) for path in tier)
-            raise ConfigError(
-                f"--model {text!r} is ambiguous: {len(tier)} model files have that name ({listed}); give the "
-                "name with its subfolder and extension as listed there, or the file's path"
-            )
-    where = ", ".join(str(folder.absolute()) for folder in folders)
-    absent = [folder for folder in folders if not folder.is_dir()]
-    if len(absent) == len(folders):
-        where += " (none of which exists: point --models-dir at A1111's or ComfyUI's models folder)"
-    names = list(dict.fromkeys(rel for _, rel in files))
-    close = difflib.get_close_matches(name, names + [_stem(rel) for rel in names], n=5, cutoff=0.6)
-    hint = ""
-    if close:
-        hint = "; close names: " + ", ".join(dict.fromkeys(close))
-    elif names:
-        hint = "; models there: " + ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-    raise ConfigError(f"{missing_model_error(text)}; nor is it a model name in {where} and their subfolders{hint}")
+    found = _pick("--model", text, (by_stem, by_file_name))
+    if found is not None:
+        return str(found)
+    raise ConfigError(f"{missing_model_error(text)}; nor is it a model name {_searched(name, folders, files)}")
+
+
+#: the folders below ``--models-dir`` a part option's NAME (``--vae ae``, ``--t5xxl t5xxl_fp16``) is looked for
+#: in, by part (``load_model`` keyword): ComfyUI's folder name (the ``extra_model_paths.yaml`` key, legacy
+#: ``clip`` read as ``text_encoders``) and the subfolders in search order: ComfyUI's (``vae/``; ``text_encoders/``
+#: then its legacy ``clip/``, as its ``folder_paths``), then A1111's and Forge's (``VAE/``, Forge's
+#: ``text_encoder/``). The T5 tokenizer is a folder, which no UI keeps in a models folder: paths only.
+PART_FOLDERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "clip_l": ("text_encoders", ("text_encoders", "clip", "text_encoder")),
+    "clip_g": ("text_encoders", ("text_encoders", "clip", "text_encoder")),
+    "t5xxl": ("text_encoders", ("text_encoders", "clip", "text_encoder")),
+    "vae": ("vae", ("vae", "VAE")),
+}
+
+
+def part_folders(part: str, models_dir: str | os.PathLike[str], extra: ExtraModelPaths | None = None) -> list[Path]:
+    """Every folder a ``part`` option's NAME is looked for in, first one first (existing or not):
+    :data:`PART_FOLDERS` below ``models_dir`` (one folder once: ``vae/`` and ``VAE/`` are one on a disk that
+    ignores case), with the ``extra_model_paths.yaml`` folders of its kind where ComfyUI puts them."""
+    kind, subdirs = PART_FOLDERS[part]
+    defaults: list[Path] = []
+    for name in subdirs:
+        folder = Path(models_dir) / name
+        if not any(_same(folder, known) for known in defaults):
+            defaults.append(folder)
+    return (extra or ExtraModelPaths()).order(kind, defaults)
+
+
+def resolve_part_name(
+    part: str,
+    text: str,
+    models_dir: str | os.PathLike[str] | None,
+    extra: ExtraModelPaths | None = None,
+) -> str:
+    """What a part option (``--vae``, ``--clip-l``, ``--clip-g``, ``--t5xxl``: ``part`` is its ``load_model``
+    keyword) given ``text`` loads: ``text`` when it is a path (as :func:`resolve_model_name` tells them), else the
+    file its name picks below the part's folders (:func:`part_folders`), looked up as ComfyUI's ``vae_name`` and
+    ``clip_name`` are and as :func:`resolve_model_name` looks up a checkpoint (``flux/ae.safetensors``,
+    ``flux/ae``, ``ae.safetensors``, ``ae``). An ambiguous or unknown name is a
+    :class:`~sdcore.errors.ConfigError` naming the files, or the folders searched and the close names; a part
+    without folders (the T5 tokenizer) is ``text`` unchanged."""
+    from ..models.parts import PART_LABELS, flag
+
+    if part not in PART_FOLDERS or _is_path(text, models_dir):
+        return text
+    assert models_dir is not None
+    name = _comfy_name(text)
+    folders = part_folders(part, models_dir, extra)
+    direct, by_stem, by_file_name, files = _named_files(name, folders)
+    found = direct or _pick(flag(part), text, (by_stem, by_file_name))
+    if found is not None:
+        return str(found)
+    raise ConfigError(
+        f"{flag(part)} {text}: no such file or folder (the {PART_LABELS[part]}), nor a file of that name "
+        + _searched(name, folders, files)
+    )
+
+
+def resolve_part_names(
+    parts: Mapping[str, object],
+    models_dir: str | os.PathLike[str] | None,
+    extra: ExtraModelPaths | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """:func:`resolve_part_name` for each given part of ``parts`` (``load_model`` keywords to values; ``None``
+    and ``""`` are not given): the parts that resolved (a part without folders unchanged), and a problem line
+    for each that did not (every part is tried, so all are said at once)."""
+    resolved: dict[str, str] = {}
+    problems: list[str] = []
+    for part, value in parts.items():
+        if value is None or value == "":
+            continue
+        try:
+            resolved[part] = resolve_part_name(part, str(value), models_dir, extra)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return resolved, problems
+
+
+@dataclass
+class ResolvedSources:
+    """What :func:`resolve_sources` made of a command's ``--model`` and part options."""
+
+    model: str
+    parts: dict[str, str]
+    extra: ExtraModelPaths
+    problems: list[str]
+    notes: list[str]
+
+
+def resolve_sources(
+    model: str,
+    parts: Mapping[str, object],
+    models_dir: str | os.PathLike[str] | None,
+    extra_files: Iterable[str | os.PathLike[str]] = (),
+    *,
+    plugin_format: bool = False,
+) -> ResolvedSources:
+    """The model and part names of one run, for ``sdcore generate`` and ``sdcore train`` alike, before anything
+    loads: ComfyUI's ``extra_model_paths.yaml`` files read (the root's beside ``models_dir``, then ``extra_files``:
+    :func:`load_extra_model_paths`), ``model`` resolved (:func:`resolve_model_name`; not when a plugin's model
+    format claims it: ``plugin_format``) and each given part (:func:`resolve_part_names`). Every problem is one
+    line of ``problems`` (all are said at once; an unresolved model or part keeps its text); ``notes`` are lines
+    to show without stopping (the root's file unreadable, a Hub id chosen over a file of its name)."""
+    notes: list[str] = []
+    problems: list[str] = []
+    try:
+        extra = load_extra_model_paths(models_dir, extra_files, notes)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        extra = ExtraModelPaths()
+    if not plugin_format:
+        try:
+            model = resolve_model_name(model, models_dir, extra, notes)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    resolved, wrong = resolve_part_names(parts, models_dir, extra)
+    return ResolvedSources(model, resolved, extra, problems + wrong, notes)
 
 
 __all__ = [
     "EXTRA_MODEL_PATHS_FILE",
     "LEGACY_FOLDER_NAMES",
     "MODEL_FOLDERS",
+    "PART_FOLDERS",
     "ExtraFolder",
     "ExtraModelPaths",
+    "ResolvedSources",
     "comfy_folder_name",
+    "list_model_files",
     "load_extra_model_paths",
     "model_folders",
+    "part_folders",
     "read_extra_model_paths",
     "resolve_model_name",
+    "resolve_part_name",
+    "resolve_part_names",
+    "resolve_sources",
 ]

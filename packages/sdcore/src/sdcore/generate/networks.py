@@ -174,15 +174,20 @@ class PromptNetworkHandler:
         self.extra_embeddings: tuple[BundledEmbedding, ...] = ()
 
     def available(self) -> list[Path]:
-        """Files this handler could load from its directory and :attr:`more_directories` (recursively), leaving out resumable
-        training states (a folder with ``train_state.json``: its ``trainable.safetensors`` has a
+        """Files this handler could load from its directory and :attr:`more_directories` (recursively, into linked
+        folders as ComfyUI and A1111 follow them: :func:`sdcore.generate.model_paths.list_model_files`), leaving
+        out resumable training states (a folder with ``train_state.json``: its ``trainable.safetensors`` has a
         network's keys but is no network to name in a prompt)."""
-        folders = [f for f in (self.directory, *self.more_directories) if f is not None and f.is_dir()]
+        from .model_paths import list_model_files
+
+        folders = [f for f in (self.directory, *self.more_directories) if f is not None]
+        # each folder's files in path order, as the listing was before it followed links: of two hard links to
+        # one file (one candidate) the first in that order is kept
         files = _distinct_files(
             p
             for folder in folders
-            for p in sorted(folder.rglob("*"))
-            if p.suffix.lower() in self.suffixes and p.is_file()
+            for p in sorted(q for q, _ in list_model_files([folder], self.suffixes))
+            if p.is_file()
         )
         states = {folder for folder in {p.parent for p in files} if (folder / "train_state.json").is_file()}
         return sorted(p for p in files if p.parent not in states)

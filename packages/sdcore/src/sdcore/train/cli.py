@@ -363,8 +363,9 @@ def _describe(method: Any, options: Any, pm: Any = None) -> None:
     from .data import steps_text
     from .loop import output_paths
     from .options import apply_model_defaults
-    from .preflight import run_preflight
+    from .preflight import resolve_model_names, run_preflight
 
+    resolve_model_names(options, pm, say=lambda line: click.echo(line, err=True))  # --model NAME: its file
     if apply_model_defaults(options):
         size = options.resolution_size
         pair = f" (the side of {size[0]}x{size[1]}: buckets on its area, that crop with buckets off)" if size else ""

@@ -105,6 +105,9 @@ def debug_dataset(
         problems.append(f"--debug-dataset-steps must be at least 1, got {count}")
     if problems:
         raise PreflightError(problems)
+    from .preflight import resolve_model_names
+
+    resolve_model_names(o, say=say)  # --model NAME with --models-dir: the header read below is its file's
     if not apply_model_defaults(o):  # only a model's header tells its native size
         raise ConfigError(
             "--debug-dataset loads no model, so the model's native size is unknown here: give --resolution"

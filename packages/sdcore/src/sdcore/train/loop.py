@@ -226,6 +226,10 @@ class TrainSession:
         from .step import Objective
 
         o, method = self.options, self.method
+        if self.bundle is None:  # --model NAME (and --vae NAME ...) with --models-dir: their files, before any read
+            from .preflight import resolve_model_names
+
+            resolve_model_names(o, self.plugin_manager, say=self.say)
         # --resolution 0: the model's native size, peeked from its header; where only loading tells,
         # the pre-flight plans with 512 and the size is set once the model is loaded
         native_known = apply_model_defaults(o, self.bundle)

@@ -83,8 +83,12 @@ DEFAULT_SAVE_LIMIT = 5
 def _part(name: str) -> Any:
     """A model-part option (``--clip-l``, ``--t5xxl``/``--t5``, ``--vae``/``--ae``...): the flags and help of
     :data:`sdcore.builtin.part_options.PART_OPTIONS`, the one table ``generate`` and ``model info/convert`` use."""
+    from ..builtin.part_options import name_help
+
     flags, text = next((flags, text) for flags, field_name, text in PART_OPTIONS if field_name == name)
-    return option(None, text, flag=flags[0], aliases=flags[1:], group="model", metavar="PATH", path=True)
+    named = name_help(name)  # with --models-dir, as generate's
+    metavar = "PATH|NAME" if named else "PATH"
+    return option(None, text + named, flag=flags[0], aliases=flags[1:], group="model", metavar=metavar, path=True)
 
 
 @dataclass
@@ -94,8 +98,27 @@ class TrainOptions:
     # what and where
     model: str = option(
         "",
-        "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, or tiny:<family>.",
+        "Base model: diffusers folder, single .safetensors/.ckpt file, hub id, tiny:<family>, or with --models-dir "
+        "a model's name there (ComfyUI's ckpt_name, as sdcore generate's --model).",
         group="model",
+        path=True,
+    )
+    models_dir: str = option(
+        "",
+        "A1111's or ComfyUI's models folder: --model and the part options may then be a file's name there "
+        "(checkpoints/, Stable-diffusion/, unet/, diffusion_models/; vae/, VAE/; text_encoders/, clip/, "
+        "text_encoder/), looked up before anything loads as sdcore generate does; an extra_model_paths.yaml beside "
+        "it (ComfyUI's root) is read too. Default: none (paths only).",
+        group="model",
+        metavar="DIR",
+        path=True,
+    )
+    extra_model_paths: tuple[str, ...] = option(
+        (),
+        "ComfyUI's extra_model_paths.yaml (repeatable; needs --models-dir): the checkpoints, diffusion_models, vae "
+        "and text_encoders folders it lists are searched for names too, in ComfyUI's order.",
+        group="model",
+        metavar="FILE.yaml",
         path=True,
     )
     prediction_type: str = option(

@@ -1395,6 +1395,38 @@ def _build_unverified(options: TrainOptions, method: TrainingMethod[Any]) -> Tra
     return plan_train_data(index, options, balance_class=method.capabilities().balance_class)
 
 
+def resolve_model_names(
+    options: TrainOptions, plugin_manager: Any = None, say: Callable[[str], None] | None = None
+) -> None:
+    """``--model`` and the part options (``--vae``, ``--clip-l``, ``--t5xxl`` ...) given as names in
+    ``--models-dir`` (and the folders of ComfyUI's ``extra_model_paths.yaml``) become their files, in place,
+    before the pre-flight reads a header and before any model loads: the lookup and the messages of ``sdcore
+    generate`` (:func:`sdcore.generate.model_paths.resolve_sources`). Without ``--models-dir`` the options are
+    paths, as kohya's (nothing changes). Every name not found (or ambiguous) is one line of a
+    :class:`PreflightError`; a note (the root's ``extra_model_paths.yaml`` unreadable) goes to ``say``."""
+    o = options
+    if not o.models_dir:
+        if o.extra_model_paths:
+            raise PreflightError(
+                ["--extra-model-paths needs --models-dir (names are looked up below it and in the file's folders)"]
+            )
+        return
+    from ..generate.model_paths import resolve_sources
+    from ..models.parts import given_parts
+
+    claimed = bool(o.model) and _plugin_format(plugin_manager, o.model) is not None
+    found = resolve_sources(o.model, given_parts(o), o.models_dir, o.extra_model_paths, plugin_format=claimed)
+    if found.problems:
+        raise PreflightError(found.problems)
+    if o.model:
+        o.model = found.model
+    for name, value in found.parts.items():
+        setattr(o, name, value)
+    if say is not None and _is_main_process():
+        for line in found.notes:
+            say(f"warning: {line}")
+
+
 def _plugin_format(pm: Any, path: str) -> str | None:
     """The name of a plugin (not sdcore) model format that claims ``path``, if any."""
     if pm is None or not hasattr(pm, "registrations"):

@@ -378,8 +378,10 @@ class EmbeddingHandler(PromptNetworkHandler):
     kind = "embedding"
 
     def accepts(self, path: Path) -> bool:
-        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, SDXL ``clip_l``/``clip_g``,
-        a diffusers one-tensor dict, or an image (A1111 PNG embeddings are checked when loaded)."""
+        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, one tensor per encoder (``clip_l``,
+        ``clip_g``, ``t5`` or ComfyUI's ``t5xxl``: SDXL's, SD3's, FLUX.1's, Chroma's T5 alone), a diffusers
+        one-tensor dict, or an image (A1111 PNG embeddings are checked when loaded)."""
+        from sdcore.models.embedding_files import EMB_PARAMS, encoder_part_keys
         from sdcore.models.peek import peek_file
 
         found = peek_file(path)
@@ -388,7 +390,7 @@ class EmbeddingHandler(PromptNetworkHandler):
         if found.top == "image":
             return True
         keys = set(found.keys)
-        if keys & {"string_to_param", "emb_params", "clip_l", "clip_g"}:
+        if "string_to_param" in keys or EMB_PARAMS in keys or encoder_part_keys(keys):
             return True
         return found.top == "dict" and len(keys) == 1 and list(found.nested.values()) in ([], ["Tensor"])
 

@@ -130,6 +130,12 @@ def test_bundled_parts_map_to_file_parts():
     assert sorted(found["new"]) == ["*"] and torch.equal(found["new"]["*"], state["bundle_emb.new.clip_l"])
     assert sorted(found["xl"]) == ["clip_g", "clip_l"]
     assert sorted(found["f"]) == ["clip_l", "t5"]
+    # ComfyUI's t5xxl beside OneTrainer's t5: t5 is read, as encoder_part_keys reads a file; alone it is the T5 part
+    (both,) = bundled_embeddings({"bundle_emb.c.t5": _t(1, 8, 1), "bundle_emb.c.t5xxl": _t(1, 8, 2)})
+    (comfy,) = bundled_embeddings({"bundle_emb.c.clip_l": _t(1, 8, 3), "bundle_emb.c.t5xxl": _t(1, 8, 2)})
+    assert list(bundled_file_vectors(both)) == ["t5"] and torch.equal(bundled_file_vectors(both)["t5"], _t(1, 8, 1))
+    assert sorted(bundled_file_vectors(comfy)) == ["clip_l", "t5"]
+    assert torch.equal(bundled_file_vectors(comfy)["t5"], _t(1, 8, 2))
     (llama,) = bundled_embeddings({"bundle_emb.h.llama": _t(1, 8, 1), "bundle_emb.h.clip_l": _t(1, 8, 2)})
     with pytest.raises(ModelFormatError, match="'h' has a 'llama' part"):
         bundled_file_vectors(llama)

@@ -138,13 +138,15 @@ def embedding_from_bundled(bundled: Any) -> Embedding:
     them too). ModelFormatError for a part no model here has (``llama``, ``gemma``: OneTrainer's other families)."""
     where = str(bundled.source or "LoRA file")
     vectors: dict[str, Any] = {}
+    chosen = encoder_part_keys(bundled.vectors)  # with both t5 and t5xxl, t5 is read, as from a file
     for part, tensor in bundled.vectors.items():
         key = T5 if part == T5_ALIAS else part
         if key not in (SINGLE, *ENCODER_KEYS):
             raise ModelFormatError(
                 f"{where}: unknown bundled embedding part {part!r} of {bundled.name!r} (no text encoder here reads it)"
             )
-        vectors[key] = _as_tensor(tensor, f"{where} [bundle_emb.{bundled.name}.{part}]")
+        if chosen.get(key, part) == part:
+            vectors[key] = _as_tensor(tensor, f"{where} [bundle_emb.{bundled.name}.{part}]")
     source = Path(f"{bundled.source}/{bundled.name}") if bundled.source else None  # A1111's filename for it
     return Embedding(name=bundled.name, vectors=vectors, source=source)
 

@@ -136,7 +136,7 @@ def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
 def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]:
     """The vectors of a LoRA's bundled embedding (read with tensors) as its own file holds them: SD1/SD2's one
     tensor (``string_to_param.*``, or ``clip_l`` alone as newer OneTrainer writes SD1's) is ``"*"``, written as
-    ``emb_params`` (a FLUX.1 bundle with ``clip_l`` alone reads the same in A1111 and ComfyUI: the one tensor); SDXL/SD3/FLUX.1 parts keep their keys (``t5xxl`` as ``t5``). OneTrainer's output vectors
+    ``emb_params`` (a FLUX.1 bundle with ``clip_l`` alone reads the same in A1111 and ComfyUI: the one tensor); SDXL/SD3/FLUX.1 parts keep their keys (``t5xxl`` as ``t5``, :func:`encoder_part_keys`). OneTrainer's output vectors
     (``*_out``) are left out, as A1111 and ComfyUI apply none. ModelFormatError for a part no text encoder here
     reads (OneTrainer's ``llama``, ``gemma``...), naming it."""
     vectors = dict(embedding.vectors)
@@ -145,6 +145,7 @@ def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]
     if set(vectors) in ({SINGLE}, {CLIP_L}):
         return {SINGLE: next(iter(vectors.values()))}
     out = {}
+    chosen = encoder_part_keys(vectors)  # with both t5 and t5xxl, t5 is read, as from a file
     for part, tensor in vectors.items():
         key = T5 if part == T5_ALIAS else part
         if key not in ENCODER_KEYS:
@@ -153,7 +154,8 @@ def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]
                 f"{where}bundled embedding {embedding.name!r} has a {part!r} part, which no embedding file format "
                 f"here holds (want {', '.join(ENCODER_KEYS)})"
             )
-        out[key] = tensor
+        if chosen[key] == part:
+            out[key] = tensor
     return out
 
 

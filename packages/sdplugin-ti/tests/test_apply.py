@@ -231,6 +231,38 @@ def test_the_trainers_pt_and_format_copy_are_one_embedding_other_twins_are_ambig
         EmbeddingHandler(tmp_path).names()
 
 
+def test_which_files_in_an_embeddings_folder_are_embeddings(tmp_path):
+    """``EmbeddingHandler.accepts`` takes a file by its top-level keys: one tensor per encoder (``clip_l``,
+    ``clip_g``, ``t5`` or ComfyUI's ``t5xxl``, by sdcore's one reading of the layout), so Chroma's T5-only file
+    (``t5`` + ``t5xxl``, two keys) is an embedding; a LoRA, a T5 encoder's weights or a two-key file of other names
+    are not, however many keys merely start with an encoder's name."""
+    from safetensors.torch import save_file
+
+    save_embedding(Embedding("chroma", {"t5": torch.randn(2, 32)}), tmp_path / "chroma.safetensors")
+    save_file({"t5xxl": torch.randn(2, 32), "t5xxl_out": torch.randn(2, 32)}, str(tmp_path / "comfy.safetensors"))
+    save_embedding(Embedding("sdxl", {CLIP_L: torch.randn(1, 8), CLIP_G: torch.randn(1, 8)}), tmp_path / "x.pt")
+    save_file(
+        {"lora_unet_a.lora_down.weight": torch.zeros(4, 4), "lora_unet_a.lora_up.weight": torch.zeros(4, 4)},
+        str(tmp_path / "l.safetensors"),
+    )
+    save_file(
+        {"t5.encoder.block.0.weight": torch.zeros(4, 4), "t5.shared.weight": torch.zeros(4, 4)},
+        str(tmp_path / "te.safetensors"),
+    )
+    save_file({"t5_out": torch.zeros(2, 4), "clip_l_out": torch.zeros(2, 4)}, str(tmp_path / "outs.safetensors"))
+    handler = EmbeddingHandler(tmp_path)
+    found = {path.name: handler.accepts(path) for path in sorted(tmp_path.iterdir())}
+    assert found == {
+        "chroma.safetensors": True,
+        "comfy.safetensors": True,
+        "l.safetensors": False,
+        "outs.safetensors": False,
+        "te.safetensors": False,
+        "x.pt": True,
+    }
+    assert sorted(handler.names()) == ["chroma", "comfy", "x"]
+
+
 def test_one_file_reached_through_two_folders_is_one_embedding(tmp_path):
     """A1111's root ``embeddings/`` and ``models/embeddings`` are both searched when both exist; one of them a
     symlink to the other (or a file linked into a second folder) is the same file, one candidate: neither an

@@ -247,3 +247,8 @@ def test_embeddings_bundled_in_a_lora_state_dict():
     assert flux[0].widths == {CLIP_L: 768, "t5": 4096}  # SD3/Flux embeddings carry a T5 part
     with pytest.raises(ModelFormatError, match="unknown bundled"):
         embeddings_in_lora({"bundle_emb.a.llama": torch.ones(1, 4)})
+    # ComfyUI's t5xxl is the T5 part; beside OneTrainer's t5 it is a copy and t5 is read, as from a file
+    (both,) = embeddings_in_lora({"bundle_emb.c.t5": torch.ones(1, 8), "bundle_emb.c.t5xxl": torch.zeros(1, 8)})
+    (comfy,) = embeddings_in_lora({"bundle_emb.c.t5xxl": torch.zeros(1, 8)})
+    assert list(both.vectors) == ["t5"] and torch.equal(both.vectors["t5"], torch.ones(1, 8))
+    assert list(comfy.vectors) == ["t5"] and torch.equal(comfy.vectors["t5"], torch.zeros(1, 8))

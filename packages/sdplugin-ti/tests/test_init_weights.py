@@ -122,3 +122,32 @@ def test_a_long_init_text_gives_its_first_words_where_a1111_cuts_it(make_bundle,
         picked = ids[:2] if cut else [ids[0], ids[3]]
         rows = encoder.get_input_embeddings().weight[picked].detach().float()
         assert torch.equal(vectors[key], rows), (family, key)
+
+
+def test_chroma_needs_t5_and_starts_from_comfy_t5xxl(tmp_path, make_bundle):
+    """Chroma's one encoder is T5-XXL, whose vectors always train: a file without them (a FLUX.1 ``clip_l`` one) is
+    a pre-flight problem, ``--train-t5`` or not; a ComfyUI file holding ``t5xxl`` alone is read as ``t5`` and the
+    training starts exactly from it."""
+    from safetensors.torch import save_file
+
+    flux_file = _file(tmp_path, "safetensors", {"clip_l": torch.zeros(2, 32)})
+    for extra in ({}, {"train_t5": True}):
+        options = contract_options(TIMethod, tmp_path, {**TI, "init_weights": flux_file, **extra}, family="chroma")
+        report = run_preflight(TIMethod(options), options, plan=False)
+        assert report.problems == [
+            f"--init-weights {flux_file}: this chroma model needs t5; the file has clip_l: 2 vectors of width 32 "
+            "(FLUX.1)"
+        ]
+    bundle = make_bundle("chroma")
+    width = int(bundle.text_encoders[0].get_input_embeddings().weight.shape[1])
+    start = torch.randn(2, width, generator=torch.Generator().manual_seed(11))
+    comfy = tmp_path / "comfy.safetensors"
+    save_file({"t5xxl": start}, str(comfy))
+    options = contract_options(TIMethod, tmp_path, {**TI, "init_weights": str(comfy)}, family="chroma")
+    assert run_preflight(TIMethod(options), options, plan=False).problems == []
+    method = TIMethod(options)
+    method.validate()
+    method.prepare(bundle)
+    assert method.handle is not None
+    tables = method.handle.tables["tiny"]
+    assert list(tables) == ["t5"] and torch.equal(tables["t5"].detach().cpu(), start)

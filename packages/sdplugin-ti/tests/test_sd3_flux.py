@@ -1,10 +1,10 @@
-"""Textual Inversion on SD3/SD3.5 and Flux.1 (issue 19).
+"""Textual Inversion on SD3/SD3.5, Flux.1 (issue 19) and Chroma (T5-XXL alone).
 
 Interop: an embedding applied in sdcore gives the prompt embeds of diffusers' own pipeline
 ``encode_prompt`` into which the same vectors were put by hand (``tokenizer.add_tokens``, the
 embedding matrix grown where the new ids lie past it, the rows set). Training: a few steps on the
 tiny models change only the new token's vectors, the loss is finite and the file has one key per
-trained encoder (OneTrainer's ``clip_l``/``clip_g``/``t5``).
+trained encoder (OneTrainer's ``clip_l``/``clip_g``/``t5``, the T5 part also under ComfyUI's ``t5xxl``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ PROMPT = "a photo of mychar, standing"
 COMPONENTS = {
     "sd3": (["text_encoder", "text_encoder_2", "text_encoder_3"], ["tokenizer", "tokenizer_2", "tokenizer_3"]),
     "flux": (["text_encoder", "text_encoder_2"], ["tokenizer", "tokenizer_2"]),
+    "chroma": (["text_encoder"], ["tokenizer"]),
 }
 
 
@@ -58,7 +59,12 @@ def _pipeline(family: str, bundle):
     encoders, tokenizers = COMPONENTS[family]
     parts = {name: copy.deepcopy(module) for name, module in zip(encoders, bundle.text_encoders, strict=True)}
     parts.update({name: copy.deepcopy(tok) for name, tok in zip(tokenizers, bundle.tokenizers, strict=True)})
-    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    classes = {
+        "sd3": diffusers.StableDiffusion3Pipeline,
+        "flux": diffusers.FluxPipeline,
+        "chroma": diffusers.ChromaPipeline,
+    }
+    cls = classes[family]
     return cls(transformer=bundle.transformer, vae=bundle.vae, scheduler=bundle.noise_scheduler, **parts)
 
 
@@ -83,6 +89,11 @@ def _diffusers_embeds(family: str, bundle, emb: Embedding, tokens: list[str], pr
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=max_length
             )
+        elif family == "chroma":  # T5 alone: no pooled vector
+            embeds, _ids, _mask, *_ = pipe.encode_prompt(
+                prompt, device="cpu", do_classifier_free_guidance=False, max_sequence_length=max_length
+            )
+            pooled = None
         else:
             embeds, pooled, _ = pipe.encode_prompt(prompt, None, device="cpu", max_sequence_length=max_length)
     return embeds, pooled
@@ -131,9 +142,10 @@ def test_prompt_embeds_equal_diffusers_with_tokens_added_by_hand(family, t5, tmp
 def test_wrong_family_files_are_refused_with_both_named(tmp_path):
     from sdcore.models.tiny import create_tiny_bundle
 
-    sd3, flux = _tiny("sd3"), _tiny("flux")
+    sd3, flux, chroma = _tiny("sd3"), _tiny("flux"), _tiny("chroma")
     sd3_emb = _embedding(sd3, t5=True)
     flux_emb = _embedding(flux, t5=False)
+    chroma_emb = _embedding(chroma, t5=True)
     cases = [
         (flux, sd3_emb, r"has clip_l: 2 vectors of width 32, clip_g: 2 vectors of width 64, t5: .*\(SD3\); "
                         r"this flux model needs clip_l vectors of width 32 \(optionally t5 vectors of width"),
@@ -142,6 +154,12 @@ def test_wrong_family_files_are_refused_with_both_named(tmp_path):
         (sd3, Embedding("mychar", {SINGLE: torch.zeros(1, 768)}), r"has 1 vector of width 768 \(SD1\); this sd3 model"),
         # tiny SD1's CLIP is 32 wide as tiny Flux's CLIP-L: refused for its family, not its width
         (create_tiny_bundle("sd1"), flux_emb, r"\(FLUX\.1\); this sd1 model needs vectors of width 32$"),
+        # Chroma's T5 is its only encoder: required there (no "optionally"), a CLIP part refused
+        (chroma, sd3_emb, r"\(SD3\); this chroma model needs t5 vectors of width 32$"),
+        (chroma, Embedding("mychar", {T5: torch.zeros(2, 48)}), r"has t5: 2 vectors of width 48 \(Chroma\); this "
+                                                                 r"chroma model needs t5 vectors of width 32$"),
+        (flux, chroma_emb, r"has t5: 2 vectors of width 32 \(Chroma\); this flux model needs clip_l vectors of width "
+                           r"32 \(optionally t5"),
     ]  # fmt: skip
     for bundle, emb, message in cases:
         path = save_embedding(emb, tmp_path / "mychar.safetensors")
@@ -168,8 +186,11 @@ def test_sdxl_clip_pair_fits_sd3_and_comfy_t5xxl_key_reads(tmp_path):
     handle.remove()
 
 
-@pytest.mark.parametrize(("family", "train_t5"), [("sd3", False), ("flux", False), ("flux", True)])
+@pytest.mark.parametrize(
+    ("family", "train_t5"), [("sd3", False), ("flux", False), ("flux", True), ("chroma", False), ("chroma", True)]
+)
 def test_training_changes_only_the_new_vectors(family, train_t5, tmp_path):
+    """Chroma's T5 is its only encoder: its vectors train with or without ``--train-t5``."""
     from sdcore.testing.contract import contract_options
     from sdcore.train.loop import train
     from sdplugin_ti.method import TIMethod
@@ -192,7 +213,13 @@ def test_training_changes_only_the_new_vectors(family, train_t5, tmp_path):
     widths = {
         key: int(e.get_input_embeddings().embedding_dim) for key, e in zip(keys, bundle.text_encoders, strict=True)
     }
-    expected = [key for key in keys if key != T5 or train_t5]
+    expected = {  # OneTrainer's keys; T5 trains beside CLIP only on request, on Chroma (T5 alone) always
+        ("sd3", False): [CLIP_L, CLIP_G],
+        ("flux", False): [CLIP_L],
+        ("flux", True): [CLIP_L, T5],
+        ("chroma", False): [T5],
+        ("chroma", True): [T5],
+    }[(family, train_t5)]
     saved = load_embedding(result.output.with_suffix(".safetensors"))
     assert list(saved.vectors) == expected
     assert {k: tuple(v.shape) for k, v in saved.vectors.items()} == {k: (2, widths[k]) for k in expected}
@@ -271,6 +298,83 @@ def test_cli_trains_on_sd3_and_generate_uses_the_word_and_flux_refuses_it(tmp_pa
     assert "(sd3); this flux model needs clip_l vectors of width 32" in output, output
 
 
+def test_chroma_cli_trains_t5_and_generate_applies_the_trained_vectors(tmp_path, sd_cli):
+    """``sdcore train ti`` on tiny Chroma (T5-XXL its one encoder): the file holds T5's vectors under OneTrainer's
+    ``t5`` and ComfyUI's ``t5xxl`` alone, moved from the init text's rows; ``sdcore generate --embeddings-dir`` changes
+    the image, and the embedding handler's T5 hidden states are diffusers' ``ChromaPipeline.encode_prompt`` with the
+    file's ``t5xxl`` vectors (as ComfyUI's Chroma tokenizer reads them) put in T5's token table by hand. FLUX.1
+    refuses the file in one line."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from sdcore.plugins import get_plugin_manager
+    from sdcore.testing.datasets import make_tiny_dataset
+    from sdplugin_ti.apply import EmbeddingHandler, init_vectors
+
+    pm = get_plugin_manager()
+    data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
+    emb_dir = tmp_path / "emb"
+    args = ["train", "ti", "--model", "tiny:chroma", "--data", str(data), "--output", str(emb_dir / "mychar.pt"),
+            "--name", "mychar", "--vectors", "2", "--max-steps", "2", "--lr", "5e-2", "--resolution", "64",
+            "--min-bucket-reso", "64", "--no-progress", "--seed", "0", "--format", "safetensors",
+            "--init-text", "red cat"]  # fmt: skip
+    result = sd_cli(args, pm=pm)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    with safe_open(str(emb_dir / "mychar.safetensors"), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        meta = handle.metadata()
+    assert {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} == {
+        "t5": ((2, 32), torch.float32),
+        "t5xxl": ((2, 32), torch.float32),
+    }
+    assert torch.equal(tensors["t5"], tensors["t5xxl"]) and meta["sdcore.family"] == "chroma" and meta["step"] == "2"
+    bundle = _tiny("chroma")
+    start = init_vectors(bundle, "red cat", 2, keys=[T5])
+    assert float((tensors["t5"] - start[T5]).abs().max()) > 1e-4  # trained away from the init text's rows
+    assert list(load_embedding(emb_dir / "mychar.pt").vectors) == [T5]  # the A1111 .pt beside it: the same part
+    (emb_dir / "mychar.pt").unlink()  # the .safetensors alone (t5 + t5xxl) must be found as an embedding
+
+    def generate(model: str, folder, out) -> tuple[int, str, np.ndarray | None]:
+        run = sd_cli(["generate", "a photo of mychar", "--model", model, "--output", str(out), "--steps", "2",
+                      "--size", "64x64", "--seed", "7", "--embeddings-dir", str(folder)], pm=pm)  # fmt: skip
+        image = np.asarray(Image.open(out), dtype=np.int16) if run.exit_code == 0 else None
+        return run.exit_code, run.output, image
+
+    empty = tmp_path / "none"
+    empty.mkdir()
+    code, output, plain = generate("tiny:chroma", empty, tmp_path / "plain.png")
+    assert code == 0, output
+    code, output, with_emb = generate("tiny:chroma", emb_dir, tmp_path / "emb.png")
+    assert code == 0, output
+    assert plain is not None and with_emb is not None and np.abs(plain - with_emb).max() > 0
+
+    before, _ = _sdcore_embeds(bundle, PROMPT, 32)
+    activation = EmbeddingHandler(emb_dir).activate(bundle, [], PROMPT, "")
+    assert activation.prompt == "a photo of mychar mychar__ti1, standing"
+    ours, _ = _sdcore_embeds(bundle, activation.prompt, 32)
+    trained = Embedding("mychar", {T5: tensors["t5xxl"]})
+    theirs, _ = _diffusers_embeds("chroma", bundle, trained, ["mychar", "mychar__ti1"], activation.prompt, 32)
+    assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) <= 1e-6
+    assert float((ours - before).abs().max()) > 1e-3  # the trained vectors reached T5's sequence
+    activation.undo()
+    assert torch.equal(_sdcore_embeds(bundle, PROMPT, 32)[0], before)
+
+    code, output, _ = generate("tiny:flux", emb_dir, tmp_path / "flux.png")
+    assert code != 0 and "Traceback" not in output
+    assert "t5: 2 vectors of width 32 (chroma); this flux model needs clip_l vectors of width 32" in output, output
+
+
+@pytest.mark.parametrize(("family", "extra"), [("chroma", {}), ("flux", {"train_t5": True})])
+def test_resume_continues_exactly(family, extra, tmp_path):
+    """4 steps in one go == 2 steps, Ctrl-C, ``--resume latest`` (the runtime contract's check) with T5's vectors
+    training: Chroma's one set, FLUX.1's CLIP and T5 sets."""
+    from sdcore.testing.contract import check_resume
+    from sdplugin_ti.method import TIMethod
+
+    check_resume(TIMethod, tmp_path, {"name": "tiny", "vectors": 2, "template": "subject_filewords", "lr": 5e-2,
+                                      **extra}, family=family)  # fmt: skip
+
+
 def test_legacy_clip_config_pools_at_eos_not_at_the_placeholder(tmp_path):
     """OpenAI's CLIP-L config (shipped in Flux/SD3/SDXL folders) has ``eos_token_id = 2``: transformers
     then pools at the largest id, which a placeholder (>= 49408) would be. While an embedding is
@@ -299,7 +403,11 @@ def test_legacy_clip_config_pools_at_eos_not_at_the_placeholder(tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "extra"),
-    [("flux", {"gradient_checkpointing": True, "train_t5": True}), ("sd3", {"mixed_precision": "bf16"})],
+    [
+        ("flux", {"gradient_checkpointing": True, "train_t5": True}),
+        ("sd3", {"mixed_precision": "bf16"}),
+        ("chroma", {"gradient_checkpointing": True}),
+    ],
 )
 def test_trains_with_checkpointing_and_bf16(family, extra, tmp_path):
     """Gradients reach every trained table through checkpointed text encoders and under bf16 autocast."""
@@ -313,7 +421,7 @@ def test_trains_with_checkpointing_and_bf16(family, extra, tmp_path):
     result = train(TIMethod(contract_options(TIMethod, tmp_path, values, family=family)), bundle=bundle)
     trained = load_embedding(result.output).vectors
     start = init_vectors(bundle, "red", 1, keys=list(trained))
-    assert set(trained) == ({CLIP_L, T5} if family == "flux" else {CLIP_L, CLIP_G})
+    assert set(trained) == {"flux": {CLIP_L, T5}, "sd3": {CLIP_L, CLIP_G}, "chroma": {T5}}[family]
     for key, vectors in trained.items():
         assert torch.isfinite(vectors).all() and float((vectors - start[key]).abs().max()) > 1e-3, key
 

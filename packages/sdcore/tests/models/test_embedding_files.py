@@ -1,7 +1,7 @@
 """sdcore's one embedding-file layout (sdcore.models.embedding_files), checked against the documented readers:
 kohya's ``emb_params`` for SD1/SD2 (A1111's ``create_embedding_from_data`` takes a one-key dict's tensor; ComfyUI's
 ``load_embed`` its encoder key, else the first value), ``clip_l``/``clip_g`` for SDXL (A1111's SDXL branch),
-``t5`` plus ComfyUI's ``t5xxl`` for SD3/FLUX.1; and OneTrainer's names for separate files
+``t5`` plus ComfyUI's ``t5xxl`` for SD3/FLUX.1 and Chroma (``t5`` alone: OneTrainer's ``ChromaEmbeddingSaver``); and OneTrainer's names for separate files
 (``<LoRA file>_embeddings/<safe_filename(placeholder, allow_spaces=False)>.safetensors``)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sdcore.models.embedding_files import (
     bundled_file_vectors,
     embedding_file_name,
     embeddings_folder,
+    encoder_part_keys,
     read_embedding_file,
     save_embedding_file,
 )
@@ -80,6 +81,33 @@ def test_sdxl_sd3_flux_files_have_one_key_per_encoder(tmp_path):
     assert sorted(back) == ["clip_l", "t5"] and torch.equal(back["t5"], flux["t5"].float())
 
 
+def test_chroma_file_is_t5_alone_under_both_names(tmp_path):
+    """Chroma's one encoder is T5-XXL: OneTrainer writes ``t5``, ComfyUI's Chroma tokenizer (its T5-XXL one) looks up
+    ``t5xxl``; a file holding either (or both) reads back as ``t5`` alone."""
+    from safetensors.torch import load_file, save_file
+
+    vectors = _t(3, 4096, 5)
+    path = save_embedding_file(tmp_path / "c.safetensors", {"t5": vectors})
+    assert _header(path)[0] == {"t5": ((3, 4096), torch.float32), "t5xxl": ((3, 4096), torch.float32)}
+    assert torch.equal(_comfy_load_embed(load_file(str(path)), "t5xxl"), vectors)
+    assert list(read_embedding_file(path)) == ["t5"] and torch.equal(read_embedding_file(path)["t5"], vectors)
+    save_file({"t5xxl": _t(3, 4096, 6)}, str(tmp_path / "comfy.safetensors"))  # a file with ComfyUI's key only
+    assert list(read_embedding_file(tmp_path / "comfy.safetensors")) == ["t5"]
+
+
+def test_encoder_part_keys_is_the_one_reading_of_the_layout():
+    assert encoder_part_keys(["t5", "clip_g", "t5xxl", "clip_l"]) == {
+        "clip_l": "clip_l",
+        "clip_g": "clip_g",
+        "t5": "t5",
+    }
+    assert list(encoder_part_keys(["clip_g", "clip_l"])) == ["clip_l", "clip_g"]  # text-encoder order, not the file's
+    assert encoder_part_keys(["t5xxl", "clip_l"]) == {"clip_l": "clip_l", "t5": "t5xxl"}
+    assert encoder_part_keys(["t5xxl"]) == {"t5": "t5xxl"}
+    assert encoder_part_keys(["emb_params"]) == {} and encoder_part_keys(["string_to_param", "name"]) == {}
+    assert encoder_part_keys(["llama", "clip_l_out"]) == {}
+
+
 def test_bad_parts_are_refused():
     with pytest.raises(ModelFormatError, match="want '\\*' or clip_l, clip_g, t5"):
         save_embedding_file("unused.safetensors", {"llama": _t(1, 8, 1)})
@@ -102,6 +130,12 @@ def test_bundled_parts_map_to_file_parts():
     assert sorted(found["new"]) == ["*"] and torch.equal(found["new"]["*"], state["bundle_emb.new.clip_l"])
     assert sorted(found["xl"]) == ["clip_g", "clip_l"]
     assert sorted(found["f"]) == ["clip_l", "t5"]
+    # ComfyUI's t5xxl beside OneTrainer's t5: t5 is read, as encoder_part_keys reads a file; alone it is the T5 part
+    (both,) = bundled_embeddings({"bundle_emb.c.t5": _t(1, 8, 1), "bundle_emb.c.t5xxl": _t(1, 8, 2)})
+    (comfy,) = bundled_embeddings({"bundle_emb.c.clip_l": _t(1, 8, 3), "bundle_emb.c.t5xxl": _t(1, 8, 2)})
+    assert list(bundled_file_vectors(both)) == ["t5"] and torch.equal(bundled_file_vectors(both)["t5"], _t(1, 8, 1))
+    assert sorted(bundled_file_vectors(comfy)) == ["clip_l", "t5"]
+    assert torch.equal(bundled_file_vectors(comfy)["t5"], _t(1, 8, 2))
     (llama,) = bundled_embeddings({"bundle_emb.h.llama": _t(1, 8, 1), "bundle_emb.h.clip_l": _t(1, 8, 2)})
     with pytest.raises(ModelFormatError, match="'h' has a 'llama' part"):
         bundled_file_vectors(llama)

@@ -15,8 +15,8 @@ The first placeholder is the name itself (lower-cased) when that is not already 
 vocabulary, so a one-vector embedding also works in prompts that were never expanded.
 
 Which tensor feeds which encoder follows the family: SD1/SD2 the single tensor, SDXL ``clip_l`` and
-``clip_g``, SD3 ``clip_l``, ``clip_g`` and optionally ``t5``, Flux.1 ``clip_l`` and optionally ``t5``
-(OneTrainer's keys). Without a ``t5`` part, T5 gets no tokens and reads the prompt words as text.
+``clip_g``, SD3 ``clip_l``, ``clip_g`` and optionally ``t5``, Flux.1 ``clip_l`` and optionally ``t5``, Chroma
+``t5`` (OneTrainer's keys). Without a ``t5`` part, T5 gets no tokens and reads the prompt words as text.
 """
 
 from __future__ import annotations
@@ -53,12 +53,21 @@ if TYPE_CHECKING:
     from sdcore.models.bundle import ModelBundle
 
 
-#: embedding key of each text-encoder kind of the transformer families (SD3/SD3.5, Flux.1): sdcore's one table,
+#: embedding key of each text-encoder kind of the transformer families (SD3/SD3.5, Flux.1, Chroma): sdcore's one table,
 #: shared with the LoRA plugin's pivotal tuning
 _KEY_BY_KIND = PART_BY_KIND
-#: keys an embedding may leave out: T5 then reads the prompt word as plain text (OneTrainer makes
-#: the T5 part optional; kohya and A1111 never train one)
+#: keys an embedding may leave out beside a CLIP part: T5 then reads the prompt word as plain text (OneTrainer makes
+#: the T5 part optional; kohya and A1111 never train one). Where T5 is the only encoder (Chroma) it is no option:
+#: :func:`optional_keys`
 OPTIONAL_KEYS = frozenset({T5})
+
+
+def optional_keys(keys: Sequence[str]) -> frozenset[str]:
+    """The parts of a model with encoder ``keys`` (:func:`encoder_keys`) that an embedding may leave out and that
+    train only on request (``--train-t5``): T5 beside a CLIP encoder (SD3, FLUX.1); none where T5 is the only encoder
+    (Chroma: without T5 vectors the embedding would be nothing, so its file must have them and they always train, as
+    OneTrainer and the LoRA plugin's pivotal tuning train them there)."""
+    return OPTIONAL_KEYS & frozenset(keys) if len(keys) > 1 else frozenset()
 
 
 def family_encoder_keys(family: str) -> list[str]:
@@ -215,24 +224,25 @@ def check_fits(bundle: ModelBundle, emb: Embedding) -> None:
     an SDXL/SD3 file on Flux, a Flux file on SD3 or an SD1 file on either is refused, not half applied."""
     where = emb.source or emb.name
     keys = encoder_keys(bundle)
+    optional = optional_keys(keys)
     widths = [int(e.get_input_embeddings().embedding_dim) for e in bundle.text_encoders]
     fits = True
     for key, expected in zip(keys, widths, strict=True):
         tensor = _source(emb, key)
         if tensor is None:
-            fits = fits and key in OPTIONAL_KEYS
+            fits = fits and key in optional
         elif int(tensor.shape[1]) != expected:
             fits = False
     if any(key not in keys for key in emb.vectors):
         fits = False  # e.g. clip_g on Flux, t5 on SDXL, clip_l on SD1: made for another family
     if not fits:
-        needed = [(k, w) for k, w in zip(keys, widths, strict=True) if k not in OPTIONAL_KEYS]
-        optional = [(k, w) for k, w in zip(keys, widths, strict=True) if k in OPTIONAL_KEYS]
+        needed = [(k, w) for k, w in zip(keys, widths, strict=True) if k not in optional]
+        may = [(k, w) for k, w in zip(keys, widths, strict=True) if k in optional]
         wanted = " and ".join(
             f"vectors of width {w}" if k == SINGLE else f"{k} vectors of width {w}" for k, w in needed
         )
-        if optional:
-            wanted += "".join(f" (optionally {k} vectors of width {w})" for k, w in optional)
+        if may:
+            wanted += "".join(f" (optionally {k} vectors of width {w})" for k, w in may)
         raise NetworkMismatchError(
             f"embedding {emb.name!r} ({where}) has {emb.describe()}; this {bundle.family} model needs {wanted}"
         )
@@ -378,8 +388,10 @@ class EmbeddingHandler(PromptNetworkHandler):
     kind = "embedding"
 
     def accepts(self, path: Path) -> bool:
-        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, SDXL ``clip_l``/``clip_g``,
-        a diffusers one-tensor dict, or an image (A1111 PNG embeddings are checked when loaded)."""
+        """An embedding: A1111 ``string_to_param``, kohya ``emb_params``, one tensor per encoder (``clip_l``,
+        ``clip_g``, ``t5`` or ComfyUI's ``t5xxl``: SDXL's, SD3's, FLUX.1's, Chroma's T5 alone), a diffusers
+        one-tensor dict, or an image (A1111 PNG embeddings are checked when loaded)."""
+        from sdcore.models.embedding_files import EMB_PARAMS, encoder_part_keys
         from sdcore.models.peek import peek_file
 
         found = peek_file(path)
@@ -388,7 +400,7 @@ class EmbeddingHandler(PromptNetworkHandler):
         if found.top == "image":
             return True
         keys = set(found.keys)
-        if keys & {"string_to_param", "emb_params", "clip_l", "clip_g"}:
+        if "string_to_param" in keys or EMB_PARAMS in keys or encoder_part_keys(keys):
             return True
         return found.top == "dict" and len(keys) == 1 and list(found.nested.values()) in ([], ["Tensor"])
 
@@ -608,6 +620,7 @@ __all__ = [
     "expand_prompt",
     "find_names",
     "init_vectors",
+    "optional_keys",
     "placeholder_tokens",
     "replace_comfy_embeddings",
 ]

@@ -6,20 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sdcore.models.bundled_embeddings import SINGLE
+from sdcore.models.embedding_files import CLIP_G, CLIP_L, ENCODER_KEYS, T5, T5_ALIAS
+
 if TYPE_CHECKING:
     import torch
 
-#: key of the single tensor of SD1/SD2 embeddings (A1111 ``string_to_param['*']``)
-SINGLE = "*"
-#: keys of SDXL embeddings: CLIP-L (text encoder 1) and OpenCLIP-bigG (text encoder 2)
-CLIP_L = "clip_l"
-CLIP_G = "clip_g"
-#: key of the T5-XXL vectors of SD3/Flux embeddings, as OneTrainer writes them (ComfyUI reads ``t5xxl``,
-#: accepted as an alias when loading)
-T5 = "t5"
-T5_ALIASES = ("t5xxl",)
-#: every per-encoder key, in file order
-ENCODER_KEYS = (CLIP_L, CLIP_G, T5)
+# the keys are sdcore's (:mod:`sdcore.models.embedding_files`, the layout every embedding file here is written in):
+# ``SINGLE`` ("*") is SD1/SD2's one tensor (A1111's ``string_to_param['*']``), ``clip_l``/``clip_g`` SDXL's encoders,
+# ``t5`` the T5-XXL vectors of SD3, FLUX.1 and Chroma (OneTrainer's key; ComfyUI's ``t5xxl``, ``T5_ALIAS``, is read
+# as it: :func:`sdcore.models.embedding_files.encoder_part_keys`)
 
 
 #: the family an embedding of one text-encoder width was made for (SDXL ones have clip_l + clip_g)
@@ -32,7 +28,7 @@ class Embedding:
 
     SD1/SD2 embeddings have the single key ``"*"``; SDXL ones ``"clip_l"`` and ``"clip_g"``
     (the refiner uses only ``"clip_g"``); SD3 ones ``"clip_l"``, ``"clip_g"`` and optionally ``"t5"``;
-    Flux.1 ones ``"clip_l"`` and optionally ``"t5"``. ``name`` is the word typed in prompts (the file stem,
+    Flux.1 ones ``"clip_l"`` and optionally ``"t5"``; Chroma ones ``"t5"``. ``name`` is the word typed in prompts (the file stem,
     as A1111 does); the name stored inside the file is kept in ``stored_name``.
     """
 
@@ -55,7 +51,7 @@ class Embedding:
 
     @property
     def is_sdxl(self) -> bool:
-        """True for the per-encoder layout (``clip_l``/``clip_g``/``t5`` keys, SDXL's and SD3/Flux's),
+        """True for the per-encoder layout (``clip_l``/``clip_g``/``t5`` keys, SDXL's, SD3/Flux's and Chroma's),
         False for SD1/SD2's single tensor; the name is kept from when SDXL was the only such family."""
         return any(key in self.vectors for key in ENCODER_KEYS)
 
@@ -69,6 +65,8 @@ class Embedding:
         keys = set(self.vectors)
         if keys == {SINGLE}:
             return _FAMILY_BY_WIDTH.get(next(iter(self.widths.values()), 0))
+        if keys == {T5}:
+            return "Chroma"  # its one encoder; OneTrainer's ChromaEmbeddingSaver writes t5 alone
         if T5 in keys:
             return "SD3" if CLIP_G in keys else "FLUX.1"
         if keys == {CLIP_L, CLIP_G}:
@@ -99,3 +97,6 @@ class Embedding:
             parts.append(text if key == SINGLE else f"{key}: {text}")
         family = self.family_hint
         return ", ".join(parts) + (f" ({family})" if family else "")
+
+
+__all__ = ["CLIP_G", "CLIP_L", "ENCODER_KEYS", "SINGLE", "T5", "T5_ALIAS", "Embedding"]

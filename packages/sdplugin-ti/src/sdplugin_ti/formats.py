@@ -15,8 +15,9 @@ from typing import Any
 
 from sdcore.errors import ModelFormatError
 from sdcore.io import atomic_path
+from sdcore.models.embedding_files import EMB_PARAMS, ENCODER_KEYS, T5, T5_ALIAS, encoder_part_keys
 
-from .embedding import CLIP_G, CLIP_L, ENCODER_KEYS, SINGLE, T5, T5_ALIASES, Embedding
+from .embedding import SINGLE, Embedding
 
 #: A1111 writes the CLIP id of "*" here; it is a constant that loaders ignore
 A1111_STAR_TOKEN = 265
@@ -67,14 +68,12 @@ def embedding_from_dict(data: Any, name: str, *, source: Path | None = None) -> 
             stored_name=_str_or_none(data.get("name")),
             source=source,
         )
-    if any(key in data for key in (CLIP_L, CLIP_G, T5, *T5_ALIASES)):  # T5 alone: Chroma's one encoder
-        vectors = {key: _as_tensor(data[key], f"{where} [{key}]") for key in ENCODER_KEYS if key in data}
-        alias = next((key for key in T5_ALIASES if key in data), None)  # ComfyUI's name for the T5 part
-        if T5 not in vectors and alias is not None:
-            vectors[T5] = _as_tensor(data[alias], f"{where} [{alias}]")
+    parts = encoder_part_keys(key for key in data if isinstance(key, str))  # sdcore's reading of the layout
+    if parts:  # clip_l/clip_g/t5 (ComfyUI's t5xxl as t5); T5 alone is Chroma's one encoder
+        vectors = {part: _as_tensor(data[key], f"{where} [{key}]") for part, key in parts.items()}
         return Embedding(name=name, vectors=vectors, source=source, stored_name=_str_or_none(data.get("name")))
-    if "emb_params" in data:
-        return Embedding(name=name, vectors={SINGLE: _as_tensor(data["emb_params"], where)}, source=source)
+    if EMB_PARAMS in data:
+        return Embedding(name=name, vectors={SINGLE: _as_tensor(data[EMB_PARAMS], where)}, source=source)
     tensors = {k: v for k, v in data.items() if not isinstance(v, (str, int, float, type(None)))}
     if len(tensors) == 1:  # diffusers {token: tensor}
         token, value = next(iter(tensors.items()))
@@ -139,13 +138,15 @@ def embedding_from_bundled(bundled: Any) -> Embedding:
     them too). ModelFormatError for a part no model here has (``llama``, ``gemma``: OneTrainer's other families)."""
     where = str(bundled.source or "LoRA file")
     vectors: dict[str, Any] = {}
+    chosen = encoder_part_keys(bundled.vectors)  # with both t5 and t5xxl, t5 is read, as from a file
     for part, tensor in bundled.vectors.items():
-        key = T5 if part in T5_ALIASES else part
+        key = T5 if part == T5_ALIAS else part
         if key not in (SINGLE, *ENCODER_KEYS):
             raise ModelFormatError(
                 f"{where}: unknown bundled embedding part {part!r} of {bundled.name!r} (no text encoder here reads it)"
             )
-        vectors[key] = _as_tensor(tensor, f"{where} [bundle_emb.{bundled.name}.{part}]")
+        if chosen.get(key, part) == part:
+            vectors[key] = _as_tensor(tensor, f"{where} [bundle_emb.{bundled.name}.{part}]")
     source = Path(f"{bundled.source}/{bundled.name}") if bundled.source else None  # A1111's filename for it
     return Embedding(name=bundled.name, vectors=vectors, source=source)
 

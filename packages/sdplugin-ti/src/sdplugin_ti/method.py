@@ -1,7 +1,8 @@
 """``sdcore train ti``: Textual Inversion as A1111 trains it, on SD1, SD2 and SDXL, and on the CLIP
 encoders of SD3/SD3.5 (CLIP-L and CLIP-G, one vector set each, as SDXL) and Flux.1 (CLIP-L, whose
-pooled output conditions the transformer), optionally with a T5-XXL vector set too (``--train-t5``).
-The flow-matching loss of those families comes from the runtime, as for their LoRA training.
+pooled output conditions the transformer), optionally with a T5-XXL vector set too (``--train-t5``),
+and on Chroma's one encoder, T5-XXL (its vectors always train; the file holds ``t5``, OneTrainer's key, and
+ComfyUI's ``t5xxl``). The flow-matching loss of those families comes from the runtime, as for their LoRA training.
 
 Only the new embedding vectors train: they live in small tables looked up next to the frozen
 input embedding (see :mod:`.apply`), so there is no full-matrix copy or row restore per step. The
@@ -78,7 +79,8 @@ class TIOptions(TrainOptions):
     train_t5: bool = option(
         False,
         "SD3/Flux: also train a T5-XXL vector set (file key t5, as OneTrainer writes). Off by default: the "
-        "CLIP vectors carry the concept and T5's gradient pass costs memory of the whole T5-XXL.",
+        "CLIP vectors carry the concept and T5's gradient pass costs memory of the whole T5-XXL. Chroma: T5 is "
+        "its only encoder, so its vectors always train (with or without this flag).",
         group="ti",
     )
     latent_sampling: str = option(
@@ -190,8 +192,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
     def family_problems(self, family: str) -> list[str]:
         """``--init-weights`` must hold a tensor for every text encoder that trains on this family
         (SD1/SD2 one tensor, SDXL ``clip_l`` and ``clip_g``, ...), checked before the model loads."""
-        from .apply import OPTIONAL_KEYS, family_encoder_keys
-        from .embedding import T5
+        from .apply import family_encoder_keys
 
         loaded = self._init_weights
         if loaded is None:
@@ -200,7 +201,7 @@ class TIMethod(TrainingMethod[TIOptionsT]):
             keys = family_encoder_keys(family)
         except ConfigError as exc:
             return [str(exc)]
-        wanted = [k for k in keys if k not in OPTIONAL_KEYS or (k == T5 and self.options.train_t5)]
+        wanted = self._trained(keys)
         missing = [k for k in wanted if k not in loaded.vectors]
         if not missing:
             return []
@@ -322,14 +323,22 @@ class TIMethod(TrainingMethod[TIOptionsT]):
         return self.param_groups()
 
     def trained_keys(self, bundle: ModelBundle) -> list[str]:
-        """The encoder keys whose vectors train: every encoder of the model, T5 only with ``--train-t5``."""
-        from .apply import OPTIONAL_KEYS, encoder_keys
+        """The encoder keys whose vectors train: every encoder of the model; T5 beside CLIP (SD3, FLUX.1) only with
+        ``--train-t5``, T5 alone (Chroma) always (``--train-t5`` there says what happens anyway)."""
+        from .apply import encoder_keys
         from .embedding import T5
 
         keys = encoder_keys(bundle)
         if self.options.train_t5 and T5 not in keys:
             raise ConfigError(f"--train-t5: this {bundle.family} model has no T5 text encoder")
-        return [key for key in keys if key not in OPTIONAL_KEYS or (key == T5 and self.options.train_t5)]
+        return self._trained(keys)
+
+    def _trained(self, keys: list[str]) -> list[str]:
+        """Of a model's encoder ``keys``, those that train (:func:`.apply.optional_keys` only with ``--train-t5``)."""
+        from .apply import optional_keys
+
+        optional = optional_keys(keys)
+        return [key for key in keys if key not in optional or self.options.train_t5]
 
     def plan_groups(self, bundle: ModelBundle) -> list[dict[str, Any]]:
         """The trained vectors' shapes (one table per embedding and text encoder), for the pre-flight:

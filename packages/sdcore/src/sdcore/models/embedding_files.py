@@ -6,9 +6,10 @@ A1111, ComfyUI, kohya and diffusers read an embedding from its own file, the pro
   ``create_embedding_from_data`` takes the one tensor of a one-key dict; ComfyUI's ``load_embed`` takes its
   encoder's key if present, else the first value; diffusers' ``load_textual_inversion`` takes a one-key dict's
   tensor (with ``token=``).
-- SDXL, SD3, FLUX.1: one ``[n, width]`` tensor per text encoder, ``clip_l`` / ``clip_g`` / ``t5`` (OneTrainer's and
-  kohya SDXL's names; A1111's SDXL branch needs ``clip_l`` and ``clip_g``; ComfyUI's tokenizers look up ``clip_l``,
-  ``clip_g`` and ``t5xxl``, so a T5 part is written under both ``t5`` and ``t5xxl``).
+- SDXL, SD3, FLUX.1, Chroma: one ``[n, width]`` tensor per text encoder, ``clip_l`` / ``clip_g`` / ``t5`` (OneTrainer's
+  and kohya SDXL's names; Chroma's file has ``t5`` alone, OneTrainer's ``ChromaEmbeddingSaver``; A1111's SDXL branch
+  needs ``clip_l`` and ``clip_g``; ComfyUI's tokenizers look up ``clip_l``, ``clip_g`` and ``t5xxl``, Chroma's T5 one
+  too, so a T5 part is written under both ``t5`` and ``t5xxl``). :func:`encoder_part_keys` is the one reading of it.
 
 The textual-inversion plugin writes its ``.safetensors`` files through :func:`file_tensors`, and the LoRA plugin
 writes the embeddings it trains with a LoRA (and those bundled in a LoRA file, ``sdcore lora extract-embeddings``)
@@ -21,7 +22,7 @@ torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,9 +34,16 @@ if TYPE_CHECKING:
 
 #: the key of SD1/SD2's one tensor in a ``.safetensors`` embedding (kohya's; A1111 and ComfyUI read any one key)
 EMB_PARAMS = "emb_params"
+#: the key of CLIP-L's vectors (SDXL's text encoder 1, SD3's and FLUX.1's CLIP)
+CLIP_L = "clip_l"
+#: the key of OpenCLIP-bigG's vectors (SDXL's text encoder 2, SD3's second CLIP, the SDXL refiner's one encoder)
+CLIP_G = "clip_g"
+#: the key of T5-XXL's vectors (SD3, FLUX.1, Chroma), as OneTrainer writes it
+T5 = "t5"
 #: the per-encoder keys, in text-encoder order
-ENCODER_KEYS = ("clip_l", "clip_g", "t5")
-#: ComfyUI's key of the T5 part (``t5xxl``), written beside OneTrainer's ``t5``
+ENCODER_KEYS = (CLIP_L, CLIP_G, T5)
+#: ComfyUI's key of the T5 part (``t5xxl``: its T5-XXL tokenizers' ``embedding_key``), written beside OneTrainer's
+#: ``t5`` and read as ``t5``
 T5_ALIAS = "t5xxl"
 #: the folder OneTrainer writes a LoRA's separate embeddings to: ``<the LoRA file's path>_embeddings``
 FOLDER_SUFFIX = "_embeddings"
@@ -49,6 +57,18 @@ _WINDOWS_DEVICES = frozenset(
 )
 
 
+def encoder_part_keys(keys: Iterable[str]) -> dict[str, str]:
+    """The per-encoder parts a file (or dict) with ``keys`` holds, as ``{part: key}`` in text-encoder order:
+    ``clip_l``/``clip_g``/``t5`` under their own keys, ``t5`` under ComfyUI's ``t5xxl`` when ``t5`` is absent (a file
+    with both reads ``t5``, OneTrainer's). Empty for another layout (``emb_params``, A1111's ``string_to_param``...).
+    Every reader of the layout asks this, so which keys count, and which wins, is said once."""
+    present = set(keys)
+    parts = {key: key for key in ENCODER_KEYS if key in present}
+    if T5 not in parts and T5_ALIAS in present:
+        parts[T5] = T5_ALIAS
+    return parts
+
+
 def _clean(tensor: torch.Tensor) -> torch.Tensor:
     import torch
 
@@ -59,8 +79,8 @@ def per_encoder_tensors(vectors: Mapping[str, torch.Tensor]) -> dict[str, torch.
     """One float32 tensor per encoder key; a ``t5`` part also under ComfyUI's ``t5xxl`` (a copy: safetensors refuses
     two keys sharing memory), so one file loads its T5 part in OneTrainer and ComfyUI alike."""
     tensors = {key: _clean(tensor) for key, tensor in vectors.items()}
-    if "t5" in tensors:
-        tensors[T5_ALIAS] = tensors["t5"].clone()
+    if T5 in tensors:
+        tensors[T5_ALIAS] = tensors[T5].clone()
     return tensors
 
 
@@ -104,9 +124,7 @@ def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
         data = load_file(str(path))
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelFormatError(f"{path}: not a readable embedding file: {exc}") from exc
-    parts = {key: data[key] for key in ENCODER_KEYS if key in data}
-    if "t5" not in parts and T5_ALIAS in data:
-        parts["t5"] = data[T5_ALIAS]
+    parts = {part: data[key] for part, key in encoder_part_keys(data).items()}
     if parts:
         return {key: t.unsqueeze(0) if t.dim() == 1 else t for key, t in parts.items()}
     if len(data) == 1:
@@ -118,24 +136,26 @@ def read_embedding_file(path: str | Path) -> dict[str, torch.Tensor]:
 def bundled_file_vectors(embedding: BundledEmbedding) -> dict[str, torch.Tensor]:
     """The vectors of a LoRA's bundled embedding (read with tensors) as its own file holds them: SD1/SD2's one
     tensor (``string_to_param.*``, or ``clip_l`` alone as newer OneTrainer writes SD1's) is ``"*"``, written as
-    ``emb_params`` (a FLUX.1 bundle with ``clip_l`` alone reads the same in A1111 and ComfyUI: the one tensor); SDXL/SD3/FLUX.1 parts keep their keys (``t5xxl`` as ``t5``). OneTrainer's output vectors
+    ``emb_params`` (a FLUX.1 bundle with ``clip_l`` alone reads the same in A1111 and ComfyUI: the one tensor); SDXL/SD3/FLUX.1 parts keep their keys (``t5xxl`` as ``t5``, :func:`encoder_part_keys`). OneTrainer's output vectors
     (``*_out``) are left out, as A1111 and ComfyUI apply none. ModelFormatError for a part no text encoder here
     reads (OneTrainer's ``llama``, ``gemma``...), naming it."""
     vectors = dict(embedding.vectors)
     if not vectors:
         raise ModelFormatError(f"bundled embedding {embedding.name!r} has no input vectors")
-    if set(vectors) in ({SINGLE}, {"clip_l"}):
+    if set(vectors) in ({SINGLE}, {CLIP_L}):
         return {SINGLE: next(iter(vectors.values()))}
     out = {}
+    chosen = encoder_part_keys(vectors)  # with both t5 and t5xxl, t5 is read, as from a file
     for part, tensor in vectors.items():
-        key = "t5" if part == T5_ALIAS else part
+        key = T5 if part == T5_ALIAS else part
         if key not in ENCODER_KEYS:
             where = f"{embedding.source}: " if embedding.source else ""
             raise ModelFormatError(
                 f"{where}bundled embedding {embedding.name!r} has a {part!r} part, which no embedding file format "
                 f"here holds (want {', '.join(ENCODER_KEYS)})"
             )
-        out[key] = tensor
+        if chosen[key] == part:
+            out[key] = tensor
     return out
 
 
@@ -166,13 +186,17 @@ def embeddings_folder(lora_path: str | Path) -> Path:
 
 
 __all__ = [
+    "CLIP_G",
+    "CLIP_L",
     "EMB_PARAMS",
     "ENCODER_KEYS",
     "FOLDER_SUFFIX",
+    "T5",
     "T5_ALIAS",
     "bundled_file_vectors",
     "embedding_file_name",
     "embeddings_folder",
+    "encoder_part_keys",
     "file_tensors",
     "per_encoder_tensors",
     "read_embedding_file",

@@ -178,7 +178,15 @@ def test_plugin_registration():
     assert networks[0].load().tag == "lora"
     cli = click.Group("sdcore")
     plugin.sdcore_register_commands(cli)
-    assert set(cli.commands["lora"].commands) == {"info", "extract", "resize", "merge", "convert", "targets"}
+    assert set(cli.commands["lora"].commands) == {
+        "info",
+        "extract",
+        "resize",
+        "merge",
+        "convert",
+        "targets",
+        "extract-embeddings",
+    }
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])

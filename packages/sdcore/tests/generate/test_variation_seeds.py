@@ -181,8 +181,12 @@ def test_batch_seeds_follow_a1111(bundles):
     images, _ = _run(bundle, ("a cat",) * 3, seed=9, sampler="euler", variation=VariationSeeds(50, 0.4))
     for index, image in enumerate(images):
         (alone,), _ = _run(bundle, seed=9, sampler="euler", variation=VariationSeeds(50 + index, 0.4))
-        assert np.array_equal(_arr(image), _arr(alone))
-    assert not np.array_equal(_arr(images[0]), _arr(images[1]))
+        # the same noise: equal up to the float rounding a batch of 3 may do otherwise than a batch of 1 on some
+        # CPUs (seen: one channel value of 3072 off by 1 on an AMD EPYC), where another subseed moves most pixels
+        off = np.abs(_arr(image) - _arr(alone))
+        assert off.max() <= 1 and (off > 0).mean() < 0.005, (off.max(), (off > 0).mean())
+    between = np.abs(_arr(images[0]) - _arr(images[1]))
+    assert between.max() > 20 and (between > 1).mean() > 0.3
 
 
 def test_bad_settings_are_one_line_errors(bundles):

@@ -517,6 +517,15 @@ def _load_bundle(source: str, pm: Any, **parts: Any) -> Any:
     return load_model(source, pm=pm, **parts)
 
 
+def _defaulted(name: str) -> bool:
+    """Whether option ``name`` of the running command has its default (not given on the command line or by the
+    environment)."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context(silent=True)
+    return context is None or context.get_parameter_source(name) in (ParameterSource.DEFAULT, None)
+
+
 def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     """Read ComfyUI's ``extra_model_paths.yaml`` files (the one of ``--models-dir``'s root, then
     ``--extra-model-paths``) and turn a ``--model`` name into its file below the model folders
@@ -531,7 +540,10 @@ def _model_names(params: dict[str, Any], pm: Any, problems: list[str]) -> Any:
     for name in part_kwargs(params):  # --vae "" (an unset shell variable): not given, as train and kohya take it
         if params[name] == "":
             params[name] = None
-    found = resolve_sources(params["model"], part_kwargs(params), params["models_dir"], params["extra_model_paths"],
+    models_dir = params["models_dir"]
+    if not params["extra_model_paths"] and not Path(models_dir).is_dir() and _defaulted("models_dir"):
+        models_dir = None  # no --models-dir and no models/ here: no names, so the loader's message, as every command
+    found = resolve_sources(params["model"], part_kwargs(params), models_dir, params["extra_model_paths"],
                             plugin_format=plugin_format_for(pm, params["model"]) is not None)  # fmt: skip
     params["model"] = found.model
     params.update(found.parts)

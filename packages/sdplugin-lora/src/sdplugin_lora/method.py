@@ -1113,8 +1113,8 @@ class LoraMethod(TrainingMethod[LoraOptions]):
         from sdcore.models.family import get_family
 
         o = self.options
-        if not ((o.train_text_encoder or o.te_only) and not o.unet_only) or o.train_t5:
-            return []
+        if not ((o.train_text_encoder or o.te_only) and not o.unet_only) or o.train_t5 or o.lycoris_preset:
+            return []  # a LyCORIS preset picks its own text-encoder classes (CLIP's; none on Chroma), --train-t5 or not
         try:
             slots = {spec.slot for spec in get_family(family).text_encoders}
         except SdcoreError:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_errors import one_error_line
 from click.testing import CliRunner
 from PIL import Image
 from sdcore.builtin import generate_command
@@ -64,12 +65,7 @@ def _sdcore(*args: str):
     return CliRunner().invoke(build_cli(_pm()), ["generate", *args])
 
 
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0].removeprefix("Error: ")
+_error = one_error_line  # exit 2, one Error: line, no traceback
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_errors import one_error_line
 from click.testing import CliRunner
 from sdcore.builtin import generate_command
 from sdcore.errors import NetworkMismatchError
@@ -47,12 +48,7 @@ def _sdcore(tmp_path, *args):
     return CliRunner().invoke(build_cli(_pm()), ["generate", "-m", "tiny:sd1", *args, "-o", out])
 
 
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0].removeprefix("Error: ")
+_error = one_error_line  # exit 2, one Error: line, no traceback
 
 
 def test_missing_files_of_the_prompt_and_of_a_prompt_sr_cell_in_one_line_before_loading(tmp_path, no_load, sd1):

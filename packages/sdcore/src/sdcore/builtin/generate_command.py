@@ -603,6 +603,10 @@ def _run_generate(
     handlers = handlers_from_plugin_manager(pm, directories, models_dir=params["models_dir"], options=extra_options,
                                             extra_paths=extra_paths)  # fmt: skip
     session = NetworkSession(handlers)
+    if recalled is not None:  # the PNG's "Lora hashes" find its LoRAs saved under other names
+        from ..generate.recall_networks import relink_recalled_loras
+
+        relink_recalled_loras(params, recalled, handlers, _given(params), lambda line: click.echo(line, err=True))
     cells = [params] if plot is None else _plot_cells(plot, params, problems)
     for cell in cells:  # after Prompt S/R, as A1111 applies styles in process_images (setup_prompts)
         _apply_styles(cell, styles)

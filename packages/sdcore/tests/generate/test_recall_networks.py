@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,72 @@ def test_addnet_png_applies_its_lora_found_by_the_addnet_hash(cli, sd1, tmp_path
     pixels, info = _read(out)
     assert info.prompt == "a cat\n<lora:mine:0.7>"
     assert np.array_equal(pixels, _read(made)[0])
+
+
+def test_prompt_sr_searches_the_pngs_prompt_as_written_and_each_cell_is_relinked(cli, sd1, tmp_path):
+    # the trainer's epoch comparison on a recalled image: S/R names the tag the PNG shows (what `sdcore pnginfo`
+    # prints), even when its hash now finds the LoRA under another name; each cell's prompt is relinked after it
+    loras = tmp_path / "Lora"
+    _lora(sd1, loras / "style.safetensors", 3)
+    first = tmp_path / "first.png"
+    assert cli("a cat <lora:style:1>", *BASE, "--lora-dir", str(loras), "-o", str(first)).exit_code == 0
+    (loras / "style.safetensors").rename(loras / "style_v1.safetensors")
+    _lora(sd1, loras / "style.safetensors", 9)  # retrained under the old name
+    _lora(sd1, loras / "style-000004.safetensors", 4)  # an epoch: no entry in the PNG's Lora hashes
+    grid = tmp_path / "grid.png"
+    result = cli("--from-png", str(first), "--lora-dir", str(loras), "-o", str(grid),
+                 "--x-type", "Prompt S/R", "--x-values", "<lora:style:1>,<lora:style:0.5>,<lora:style-000004:1>")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines().count("<lora:style> -> <lora:style_v1> (hash " + network_short_hash(
+        loras / "style_v1.safetensors") + ", from the PNG's Lora hashes)") == 1  # fmt: skip
+    prompts = [_read(tmp_path / f"grid-{i}.png")[1].prompt for i in range(3)]
+    assert prompts == ["a cat <lora:style_v1:1>", "a cat <lora:style_v1:0.5>", "a cat <lora:style-000004:1>"]
+
+
+def test_the_new_tag_names_the_file_by_the_first_text_that_resolves_to_it_and_never_holds_a_colon(
+    sd1, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+    from sdcore.generate.recall_networks import _HashFinder, relink_loras
+    from sdplugin_lora.apply import LoraHandler
+
+    root = tmp_path / "a:b"  # a ":" in the folder: as a Windows path's drive letter, it ends a tag's name
+    loras = root / "Lora"
+    one = _lora(sd1, loras / "one" / "x.safetensors", 2)
+    _lora(sd1, loras / "two" / "x.safetensors", 3)
+    torch.save(load_file(_lora(sd1, tmp_path / "y.safetensors", 4)), loras / "two" / "y.pt")
+    _lora(sd1, loras / "y.safetensors", 5)
+    short, pt_short = network_short_hash(one), network_short_hash(loras / "two" / "y.pt")
+    hashes_ = {"old": short, "older": pt_short}
+    monkeypatch.chdir(root)  # from here the file's path holds no ":"
+    text, lines = relink_loras("<lora:old:1> <lora:older:0.5>", hashes_, _HashFinder(LoraHandler(loras)))
+    # "x" and "x.safetensors" are both files' names, the absolute path holds ":"; "y.pt" is one file's name
+    assert text == f"<lora:{Path('Lora', 'one', 'x.safetensors')}:1> <lora:y.pt:0.5>"
+    assert lines[1] == f"<lora:older> -> <lora:y.pt> (hash {pt_short}, from the PNG's Lora hashes)"
+    monkeypatch.chdir(tmp_path)  # every path to it holds ":": no tag can name it, the tag stays
+    text, lines = relink_loras("<lora:old:1>", hashes_, _HashFinder(LoraHandler(loras)))
+    assert text == "<lora:old:1>"
+    assert lines == [
+        f"warning: the PNG's <lora:old> has the hash of {one}, which no <lora:...> tag can name (rename the file); "
+        "left as written"
+    ]
+
+
+def test_nothing_is_hashed_without_the_pngs_lora_hashes_or_when_the_prompts_are_typed(cli, sd1, tmp_path, monkeypatch):
+    loras = tmp_path / "Lora"
+    _lora(sd1, loras / "style.safetensors", 3)
+    calls = []
+    monkeypatch.setattr(hashes, "network_short_hash", lambda path: calls.append(path.name) or network_short_hash(path))
+    png = tmp_path / "a1111.png"
+    save_png(Image.new("RGB", (8, 8)), png, "a cat <lora:style:1>\nSteps: 1, Seed: 1, Size: 32x32, RNG: CPU")
+    result = cli("--from-png", str(png), "--lora-dir", str(loras), "-o", str(tmp_path / "o.png"))
+    assert result.exit_code == 0, result.output
+    assert calls == [] and _read(tmp_path / "o.png")[1].prompt == "a cat <lora:style:1>"
+    save_png(Image.new("RGB", (8, 8)), png, "a cat <lora:style:1>\nSteps: 1, Seed: 1, Size: 32x32, RNG: CPU, "
+             'Lora hashes: "style: 0123456789ab"')  # fmt: skip
+    result = cli(
+        "a dog <lora:style:1>", "--from-png", str(png), "--lora-dir", str(loras), "-o", str(tmp_path / "p.png")
+    )
+    assert result.exit_code == 0, result.output
+    assert calls == [] and "warning" not in result.stderr
+    assert _read(tmp_path / "p.png")[1].prompt == "a dog <lora:style:1>"

@@ -18,15 +18,19 @@ sdcore differs in what it cannot do otherwise or does for free: it hashes lazily
 has cached; sdcore hashes the file the name resolves to, then the other LoRA files, until one matches, so a
 folder of hundreds is read only when a tag needs it); the tag becomes the file's name, or its path when that
 name is ambiguous in the folders (sdcore resolves names by file name, not by ``ss_output_name``); the hires
-prompt is rewritten too (A1111 only rewrites the prompt); the hash in an AddNet ``name(hash)`` counts as a
-"Lora hashes" entry for that name (it is kohya's ``sshs_model_hash``, the same 12 digits); a ``Weight B``
-other than ``Weight A`` stays in the "ignored" line.
+prompt is rewritten too (A1111 only rewrites the prompt); an X/Y/Z plot's Prompt S/R searches the prompt as the
+PNG writes it, each cell being rewritten after (A1111's user sees the pasted prompt before typing the S/R; the
+sdcore user sees the PNG's); ``<lora:NAME>`` without a weight counts too (A1111's ``re_lora`` wants a ``:``);
+the hash in an AddNet ``name(hash)`` counts as a "Lora hashes" entry for that name (it is kohya's
+``sshs_model_hash``, the same 12 digits); a ``Weight B`` other than ``Weight A`` stays in the "ignored" line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,10 +138,20 @@ class _HashFinder:
                 return path
         return None
 
-    def tag_name(self, path: Path) -> str:
-        """What a tag calls ``path``: its file name when that resolves to it, else the path itself."""
-        found = self.named(path.stem)
-        return path.stem if found is not None and found.samefile(path) else str(path)
+    def tag_name(self, path: Path) -> str | None:
+        """What a tag calls ``path``: the first of its stem, its file name, its absolute path and its path from the
+        working folder that resolves to it, ``None`` when none does (a tag's name ends at ``:``, so a Windows
+        path with its drive letter, ``C:\\loras\\x.safetensors``, cannot be one)."""
+        candidates = [path.stem, path.name, str(path.absolute())]
+        with contextlib.suppress(ValueError):  # Windows: another drive than the working folder's
+            candidates.append(os.path.relpath(path))
+        for text in dict.fromkeys(candidates):
+            if any(c in text for c in ":<>") or text != text.strip():
+                continue
+            found = self.named(text)
+            if found is not None and found.samefile(path):
+                return text
+        return None
 
 
 def relink_loras(prompt: str, hashes: Mapping[str, str], finder: _HashFinder) -> tuple[str, list[str]]:
@@ -167,6 +181,12 @@ def relink_loras(prompt: str, hashes: Mapping[str, str], finder: _HashFinder) ->
                 )
             return match.group(0)
         new = finder.tag_name(found)
+        if new is None:
+            lines.append(
+                f"warning: the PNG's <lora:{name}> has the hash of {found}, which no <lora:...> tag can name "
+                "(rename the file); left as written"
+            )
+            return match.group(0)
         lines.append(f"<lora:{name}> -> <lora:{new}> (hash {short}, from the PNG's {LORA_HASHES})")
         return f"<{LORA_TAG}:{new}{body[len(written) :]}>"
 
@@ -174,15 +194,18 @@ def relink_loras(prompt: str, hashes: Mapping[str, str], finder: _HashFinder) ->
 
 
 def relink_recalled_loras(
-    params: dict[str, Any],
+    params: Mapping[str, Any],
+    cells: Sequence[dict[str, Any]],
     recalled: Any,
     handlers: Mapping[str | None, Any],
     given: Collection[str],
     echo: Callable[[str], None],
 ) -> None:
-    """``--from-png``: the prompt and hires prompt taken from the PNG (not the ones ``given`` on the command line)
-    with their LoRA tags found by hash (:func:`relink_loras`); each line goes to ``echo``. Nothing is hashed when
-    the infotext has no LoRA hashes or no LoRA handler is registered."""
+    """``--from-png``: each cell's prompt and hires prompt that came from the PNG (``params``' value is the PNG's,
+    and not ``given`` on the command line) with their LoRA tags found by hash (:func:`relink_loras`); each line
+    goes to ``echo`` once. ``cells`` are the X/Y/Z plot's (``[params]`` without one), after Prompt S/R: a search
+    string names the tags as the PNG writes them. Nothing is hashed when the infotext has no LoRA hashes or no
+    LoRA handler is registered."""
     handler = handlers.get(LORA_TAG)
     hashes = png_lora_hashes(recalled.parameters.extra)
     if handler is None or not hashes:
@@ -190,10 +213,14 @@ def relink_recalled_loras(
     finder = _HashFinder(handler)
     for name in ("prompt", "hr_prompt"):
         taken = recalled.values.get(name)
-        if taken and name not in given and params.get(name) == taken:
-            params[name], lines = relink_loras(taken, hashes, finder)
-            for line in lines:
-                echo(line)
+        if not taken or name in given or params.get(name) != taken:
+            continue
+        said: dict[str, None] = {}
+        for cell in cells:
+            cell[name], lines = relink_loras(cell[name], hashes, finder)
+            said.update(dict.fromkeys(lines))
+        for line in said:
+            echo(line)
 
 
 __all__ = [
